@@ -1,0 +1,25 @@
+# Two commands a new user needs: `make demo` and `make test`.
+# Each creates .venv (if missing) and installs the pinned stack from constraints.txt.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.transferkit-installed
+
+.PHONY: demo test docs bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,docs]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/transferkit demo --out demo-output
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+clean:
+	rm -rf $(VENV) site demo-output .pytest_cache

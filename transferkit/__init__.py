@@ -1,0 +1,36 @@
+"""transferkit: transfer learning on torchvision, timm and torchaudio backbones.
+
+Example:
+    >>> import transferkit
+    >>> result = transferkit.finetune("tv:resnet18", data="images/", policy="feature_extraction",
+    ...                               export="model.pt")  # doctest: +SKIP
+    >>> transferkit.load("model.pt").predict("cat.jpg")[0].label  # doctest: +SKIP
+"""
+
+__version__ = "0.1.0"
+
+from transferkit.api import FinetuneResult, build_model, finetune, seed_everything
+from transferkit.backbones import Backbone, Block, InputSpec, get_backbone, list_backbones
+from transferkit.errors import (
+    BackboneError,
+    ConfigError,
+    DataError,
+    ExportError,
+    PolicyError,
+    TrainingError,
+    TransferkitError,
+    UnknownBackboneError,
+    WeightsError,
+)
+from transferkit.export import Prediction, Predictor, export_torchscript, load
+from transferkit.heads import build_head
+from transferkit.model import ImagePreprocess, TransferModel
+from transferkit.policies import Policy, apply_policy, set_train_mode, trainable_parameter_names
+
+__all__ = [
+    "Backbone", "BackboneError", "Block", "ConfigError", "DataError", "ExportError", "FinetuneResult",
+    "InputSpec", "Policy", "PolicyError", "Prediction", "Predictor", "TrainingError", "TransferModel",
+    "TransferkitError", "UnknownBackboneError", "WeightsError", "ImagePreprocess", "apply_policy", "build_head",
+    "build_model", "export_torchscript", "finetune", "get_backbone", "list_backbones", "load", "seed_everything",
+    "set_train_mode", "trainable_parameter_names",
+]

@@ -1,0 +1,22 @@
+"""Backbones: the registry, the :class:`Backbone` record and its sources."""
+
+from transferkit.backbones._base import Backbone, Block, InputSpec, check_blocks
+from transferkit.backbones.registry import (
+    BackboneSource,
+    get_backbone,
+    list_backbones,
+    register_source,
+    resolve_name,
+)
+
+__all__ = [
+    "Backbone",
+    "BackboneSource",
+    "Block",
+    "InputSpec",
+    "check_blocks",
+    "get_backbone",
+    "list_backbones",
+    "register_source",
+    "resolve_name",
+]

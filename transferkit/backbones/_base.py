@@ -1,0 +1,133 @@
+"""The :class:`Backbone` record every adapter returns, and helpers over its blocks."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from transferkit.errors import BackboneError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a backbone expects as input.
+
+    For images: square crop ``image_size``, the shorter side resized to
+    ``resize_size`` first (``None``: resize straight to ``image_size``), the
+    interpolation, and the per-channel ``mean``/``std`` applied to pixels in [0, 1].
+    For audio: ``sample_rate`` (and ``kind="audio"``).
+    """
+
+    kind: str = "image"
+    image_size: int = 224
+    resize_size: int | None = None
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    channels: int = 3
+    sample_rate: int | None = None
+    clip_seconds: float | None = None
+
+    def replace(self, **changes: Any) -> InputSpec:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        for key in ("mean", "std"):
+            if key in kw:
+                kw[key] = tuple(float(x) for x in kw[key])
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A named group of the trunk's parameters.
+
+    ``members`` are parameter or module names inside the trunk; a parameter belongs to
+    the block when its name equals a member or starts with ``member + "."``.
+    """
+
+    name: str
+    members: tuple[str, ...]
+
+    def owns(self, qualified_name: str) -> bool:
+        return any(qualified_name == m or qualified_name.startswith(m + ".") for m in self.members)
+
+
+@dataclass
+class Backbone:
+    """A feature extractor ready for transfer.
+
+    ``trunk(x)`` maps a normalised input batch to pooled features ``[N, num_features]``.
+    ``blocks`` are ordered from input to output and partition the trunk's parameters.
+    """
+
+    name: str
+    trunk: nn.Module
+    num_features: int
+    blocks: tuple[Block, ...]
+    input_spec: InputSpec
+    weights: str | None = None
+    categories: tuple[str, ...] | None = field(default=None, repr=False)
+
+    @property
+    def block_names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    def block_of(self, parameter_name: str) -> str:
+        for b in self.blocks:
+            if b.owns(parameter_name):
+                return b.name
+        raise KeyError(parameter_name)
+
+
+def blocks_from_members(spec: list[tuple[str, list[str]]]) -> tuple[Block, ...]:
+    """Build blocks from ``[(name, [member, ...]), ...]``, dropping empty ones."""
+    return tuple(Block(name, tuple(m)) for name, m in spec if m)
+
+
+def check_blocks(trunk: nn.Module, blocks: tuple[Block, ...], *, name: str = "backbone") -> None:
+    """Raise BackboneError unless ``blocks`` cover every parameter of ``trunk`` exactly once."""
+    names = [b.name for b in blocks]
+    if len(set(names)) != len(names):
+        raise BackboneError(f"{name}: duplicate block names in {names}")
+    missing, doubled = [], []
+    for pname, _ in trunk.named_parameters():
+        owners = [b.name for b in blocks if b.owns(pname)]
+        if not owners:
+            missing.append(pname)
+        elif len(owners) > 1:
+            doubled.append(f"{pname} -> {owners}")
+    if missing or doubled:
+        parts = []
+        if missing:
+            parts.append(f"not in any block: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if doubled:
+            parts.append(f"in several blocks: {doubled[:8]}")
+        raise BackboneError(f"{name}: blocks do not partition the parameters; " + "; ".join(parts))
+
+
+def children_blocks(trunk: nn.Module) -> tuple[Block, ...]:
+    """Fallback block map: one block per top-level child that holds parameters,
+    with parameters registered directly on the trunk in a leading ``"params"`` block."""
+    spec: list[tuple[str, list[str]]] = []
+    direct = [n for n, _ in trunk.named_parameters(recurse=False)]
+    if direct:
+        spec.append(("params", direct))
+    for cname, child in trunk.named_children():
+        if any(True for _ in child.parameters()):
+            spec.append((cname, [cname]))
+    return blocks_from_members(spec)

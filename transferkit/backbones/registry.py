@@ -1,0 +1,128 @@
+"""One registry of backbone sources, each owning a name prefix (``tv:``, ``timm:``, ``tk:``...)."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from transferkit.backbones._base import Backbone
+from transferkit.errors import ConfigError, UnknownBackboneError, suggest
+
+
+class BackboneSource(Protocol):
+    """A family of backbones: lists its names and builds one by name."""
+
+    prefix: str
+
+    def names(self) -> list[str]: ...
+
+    def build(self, name: str, *, weights: Any, **kwargs: Any) -> Backbone: ...
+
+
+_SOURCES: dict[str, BackboneSource] = {}
+
+
+def register_source(source: BackboneSource) -> None:
+    """Register a source under its prefix; registering a prefix twice raises."""
+    if source.prefix in _SOURCES:
+        raise ConfigError(f"A backbone source with prefix {source.prefix!r} is already registered.")
+    _SOURCES[source.prefix] = source
+
+
+class BuilderSource:
+    """A source made of explicitly registered builder functions."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._builders: dict[str, Callable[..., Backbone]] = {}
+
+    def names(self) -> list[str]:
+        return list(self._builders)
+
+    def add(self, name: str, builder: Callable[..., Backbone]) -> None:
+        if name in self._builders:
+            raise ConfigError(f"Backbone '{self.prefix}:{name}' is already registered.")
+        self._builders[name] = builder
+
+    def build(self, name: str, *, weights: Any, **kwargs: Any) -> Backbone:
+        return self._builders[name](weights=weights, **kwargs)
+
+
+def _split(name: str) -> tuple[str | None, str]:
+    if ":" in name:
+        prefix, rest = name.split(":", 1)
+        return prefix, rest
+    return None, name
+
+
+def list_backbones(pattern: str | None = None) -> list[str]:
+    """All registered backbone names (``prefix:name``), filtered by a glob ``pattern``.
+
+    Example:
+        >>> "tv:resnet18" in list_backbones("tv:resnet*")
+        True
+    """
+    _ensure_sources()
+    out = [f"{p}:{n}" for p, s in _SOURCES.items() for n in s.names()]
+    if pattern:
+        pat = pattern if ":" in pattern else "*:" + pattern
+        out = [n for n in out if fnmatch.fnmatchcase(n, pat)]
+    return sorted(out)
+
+
+def resolve_name(name: str) -> tuple[str, str]:
+    """Resolve ``name`` to ``(prefix, model_name)``; a plain name must be unambiguous."""
+    if not isinstance(name, str) or not name:
+        raise UnknownBackboneError(f"A backbone name must be a non-empty string, got {name!r}.")
+    _ensure_sources()
+    prefix, rest = _split(name)
+    if prefix is not None:
+        source = _SOURCES.get(prefix)
+        if source is None:
+            raise UnknownBackboneError(f"Unknown backbone source {prefix!r} in {name!r}.{suggest(prefix, _SOURCES)} "
+                                       f"Known sources: {', '.join(sorted(_SOURCES))}.")
+        names = source.names()
+        if rest not in names:
+            raise UnknownBackboneError(
+                f"Unknown backbone {name!r}.{suggest(name, [f'{prefix}:{n}' for n in names])} "
+                f"See transferkit.list_backbones('{prefix}:*').")
+        return prefix, rest
+    hits = [p for p, s in _SOURCES.items() if rest in s.names()]
+    if len(hits) == 1:
+        return hits[0], rest
+    if len(hits) > 1:
+        raise UnknownBackboneError(f"Backbone name {name!r} is ambiguous: it exists as "
+                                   f"{', '.join(f'{p}:{rest}' for p in hits)}. Pass one of these.")
+    everything = list_backbones()
+    raise UnknownBackboneError(f"Unknown backbone {name!r}.{suggest(name, everything + [n.split(':', 1)[1] for n in everything])} "
+                               "See transferkit.list_backbones().")
+
+
+def get_backbone(name: str, *, weights: str | Path | None = "DEFAULT", **kwargs: Any) -> Backbone:
+    """Build the backbone ``name`` with ``weights`` and return a :class:`Backbone`.
+
+    ``weights``: ``"DEFAULT"`` (the source's recommended pretrained weights), a source tag
+    (a torchvision enum name such as ``"IMAGENET1K_V2"``), the path of a local file, or
+    ``None`` for random initialisation. Pretrained weights that cannot be had raise
+    :class:`~transferkit.errors.WeightsError`; transferkit never falls back to random weights.
+
+    Example:
+        >>> bb = get_backbone("tv:resnet18", weights=None)
+        >>> bb.num_features, bb.block_names[:2]
+        (512, ['stem', 'layer1'])
+    """
+    prefix, rest = resolve_name(name)
+    return _SOURCES[prefix].build(rest, weights=weights, **kwargs)
+
+
+_loaded = False
+
+
+def _ensure_sources() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from transferkit.backbones import builtin, torchvision_source  # noqa: F401  (register on import)

@@ -1,0 +1,102 @@
+"""Loading weights from local files into a trunk, strictly and with readable errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from transferkit.errors import WeightsError
+
+_NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
+
+
+def is_weights_path(weights: object) -> bool:
+    """True when ``weights`` names a local file rather than a tag such as ``"DEFAULT"``."""
+    if isinstance(weights, Path):
+        return True
+    if not isinstance(weights, str):
+        return False
+    return os.sep in weights or weights.endswith((".pt", ".pth", ".th", ".bin", ".ckpt", ".safetensors")) or os.path.exists(weights)
+
+
+def read_state_dict(path: str | Path, *, weights_only: bool = True) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``path``: a plain state dict, ``{"state_dict": ...}``,
+    ``{"model": ...}``, a transferkit checkpoint (its trunk is taken), or ``.safetensors``.
+    ``module.`` prefixes (DataParallel/DDP) are removed.
+
+    Example:
+        >>> sd = read_state_dict("resnet20.th")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Weights file {str(path)!r} does not exist. Pass the path of a "
+                           "state-dict file (.pt/.pth/.th/.safetensors), a weights tag such as 'DEFAULT', or None.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj: object = load_file(str(path), device="cpu")
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError ...
+            hint = ""
+            if weights_only and "weights_only" in str(exc):
+                hint = (" The file holds Python objects beyond tensors; if you trust its source, "
+                        "load it with weights_only=False (for example get_backbone(..., weights_only=False)).")
+            raise WeightsError(f"Cannot read weights file {str(path)!r}: {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}{hint}") from exc
+    return _extract_state_dict(obj, path)
+
+
+def _extract_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and "transferkit" in obj and "model" in obj:
+        model_sd = obj["model"]
+        sd = {k[len("trunk."):]: v for k, v in model_sd.items() if k.startswith("trunk.")}
+        if not sd:
+            raise WeightsError(f"{str(path)!r} is a transferkit checkpoint without trunk weights.")
+        return sd
+    for _ in range(3):  # unwrap {"state_dict": {"model": ...}} and friends
+        if isinstance(obj, Mapping):
+            nested = next((obj[k] for k in _NESTED_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+            if nested is not None and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+                obj = nested
+                continue
+        break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        kind = type(obj).__name__
+        keys = list(obj.keys())[:6] if isinstance(obj, Mapping) else []
+        raise WeightsError(f"{str(path)!r} does not hold a state dict of tensors (found {kind}"
+                           f"{' with keys ' + str(keys) if keys else ''}). Save weights with "
+                           "torch.save(model.state_dict(), path).")
+    sd = dict(obj)
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True,
+              ignore: tuple[str, ...] = (), source: str = "weights") -> None:
+    """Copy ``state_dict`` into ``module``; a mismatch raises one readable WeightsError.
+
+    Keys starting with a prefix in ``ignore`` are dropped first (e.g. the old classifier).
+    ``num_batches_tracked`` buffers missing from old checkpoints are not an error.
+    """
+    sd = {k: v for k, v in state_dict.items() if not any(k == p or k.startswith(p + ".") for p in ignore)}
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if strict and (missing or unexpected) or shapes:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                parts.append(f"{len(items)} {label}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}")
+        raise WeightsError(f"{source} do not fit the model ({'; '.join(parts)}). Check that the file was saved "
+                           "from the same architecture; pass strict=False to load the matching keys only.")
+    module.load_state_dict(sd, strict=False)

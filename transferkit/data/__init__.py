@@ -1,0 +1,128 @@
+"""Data: folders and datasets of images, splits, and transforms from the input spec."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from transferkit.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageFolderDataset,
+    TransformedDataset,
+    dataset_targets,
+    load_image,
+    scan_image_folder,
+)
+from transferkit.data.transforms import eval_transform, train_transform
+from transferkit.errors import DataError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DataBundle",
+    "ImageFolderDataset",
+    "TransformedDataset",
+    "dataset_targets",
+    "eval_transform",
+    "load_image",
+    "prepare_data",
+    "scan_image_folder",
+    "stratified_split",
+    "train_transform",
+]
+
+_VAL_NAMES = ("val", "valid", "validation")
+
+
+@dataclass
+class DataBundle:
+    """Training and validation data without transforms, and the class names.
+
+    ``train.view(transform=...)`` gives the dataset seen through a transform.
+    """
+
+    train: ImageFolderDataset | TransformedDataset
+    val: ImageFolderDataset | TransformedDataset | None
+    classes: list[str]
+
+
+def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Split indices so that every class keeps its proportion in both parts
+    (at least one sample of each class with two or more samples goes to each part)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_split must be between 0 and 1 (exclusive), got {val_fraction!r}.")
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(int(t), []).append(i)
+    train_idx, val_idx = [], []
+    for _, idx in sorted(by_class.items()):
+        idx = list(rng.permutation(idx))
+        n_val = int(round(len(idx) * val_fraction))
+        n_val = min(max(n_val, 1 if len(idx) >= 2 else 0), len(idx) - 1)
+        val_idx += idx[:n_val]
+        train_idx += idx[n_val:]
+    return sorted(int(i) for i in train_idx), sorted(int(i) for i in val_idx)
+
+
+def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what: str):
+    if isinstance(data, (str, Path)):
+        return ImageFolderDataset(data, classes=classes, min_size=min_size)
+    if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        if len(data) == 0:
+            raise DataError(f"The {what} dataset is empty.")
+        return TransformedDataset(data)
+    raise DataError(f"{what} must be a folder path or a torch Dataset of (image, label), got {type(data).__name__}.")
+
+
+def _split_dirs(root: Path) -> tuple[Path, Path] | None:
+    subdirs = {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
+    val_name = next((v for v in _VAL_NAMES if v in subdirs), None)
+    if "train" in subdirs and val_name:
+        return root / "train", root / val_name
+    return None
+
+
+def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, seed: int = 0,
+                 classes: Sequence[str] | None = None, min_size: int | None = None) -> DataBundle:
+    """Resolve training and validation data.
+
+    ``data`` is a folder ``root/<class>/<image>`` (or a folder holding ``train/`` and
+    ``val/``), or a Dataset of ``(image, label)``. Without ``val_data``, a stratified
+    ``val_split`` of the training data is held out (``val_split=0``: no validation).
+
+    Example:
+        >>> bundle = prepare_data("hymenoptera")  # doctest: +SKIP
+        >>> bundle.classes
+        ['ants', 'bees']
+    """
+    if isinstance(data, (str, Path)) and val_data is None and (pair := _split_dirs(Path(data))):
+        data, val_data = pair
+    train = _as_dataset(data, list(classes) if classes else None, min_size, "training")
+    names = list(classes) if classes else list(getattr(train, "classes", []) or getattr(getattr(train, "base", None), "classes", []) or [])
+    targets = dataset_targets(train)
+    if not names:
+        names = [str(i) for i in range(max(targets) + 1)]
+    bad = sorted({t for t in targets if not 0 <= t < len(names)})
+    if bad:
+        raise DataError(f"Training labels {bad[:5]} are outside 0..{len(names) - 1} for classes {names[:10]}.")
+    counts = Counter(targets)
+    if len(counts) < 2:
+        raise DataError(f"Training data has a single class ({names[next(iter(counts))]!r}); "
+                        "a classifier needs at least two.")
+    val = None
+    if val_data is not None:
+        val = _as_dataset(val_data, names, min_size, "validation")
+        vt = dataset_targets(val)
+        bad = sorted({t for t in vt if not 0 <= t < len(names)})
+        if bad:
+            raise DataError(f"Validation labels {bad[:5]} are outside the training classes 0..{len(names) - 1}.")
+    elif val_split:
+        tr_idx, va_idx = stratified_split(targets, val_split, seed)
+        train, val = train.view(tr_idx), train.view(va_idx)
+    return DataBundle(train=train, val=val, classes=names)

@@ -1,0 +1,66 @@
+"""Image transforms derived from a backbone's :class:`InputSpec`.
+
+Transforms end in a ``uint8`` tensor ``[3, H, W]``: normalisation (mean/std) happens
+inside the model, so the exported file takes raw pixels and no one can forget it.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from transferkit.backbones._base import InputSpec
+from transferkit.errors import check_choice
+
+AUGMENTATIONS = ("none", "flip", "standard")
+
+
+class ToRGB(torch.nn.Module):
+    """PIL image of any mode, or a tensor with 1 or 4 channels, to 3-channel RGB."""
+
+    def forward(self, img):
+        if isinstance(img, Image.Image):
+            return img if img.mode == "RGB" else img.convert("RGB")
+        if isinstance(img, torch.Tensor):
+            if img.ndim == 2:
+                img = img.unsqueeze(0)
+            if img.shape[0] == 1:
+                return img.expand(3, -1, -1).contiguous()
+            if img.shape[0] == 4:
+                return img[:3]
+        return img
+
+
+class ToImageTensor(torch.nn.Module):
+    """PIL image or tensor to a tensor image; numpy arrays HWC are accepted too."""
+
+    def forward(self, img):
+        if isinstance(img, torch.Tensor):
+            return img
+        return T.functional.pil_to_tensor(img) if isinstance(img, Image.Image) else T.functional.to_image(img)
+
+
+def _interp(spec: InputSpec) -> InterpolationMode:
+    return InterpolationMode(spec.interpolation)
+
+
+def eval_transform(spec: InputSpec) -> T.Compose:
+    """Resize the shorter side to ``resize_size`` (or straight to the crop size), centre-crop."""
+    size = spec.image_size
+    resize = [T.Resize(spec.resize_size, interpolation=_interp(spec), antialias=True), T.CenterCrop(size)] \
+        if spec.resize_size else [T.Resize((size, size), interpolation=_interp(spec), antialias=True)]
+    return T.Compose([ToRGB(), *resize, ToImageTensor()])
+
+
+def train_transform(spec: InputSpec, augment: str = "standard") -> T.Compose:
+    """Training transform: ``"standard"`` is random-resized crop + horizontal flip (the
+    torchvision recipe), ``"flip"`` the eval crop + flip, ``"none"`` the eval transform."""
+    check_choice("augment", augment, AUGMENTATIONS)
+    if augment == "none":
+        return eval_transform(spec)
+    if augment == "flip":
+        return T.Compose([*eval_transform(spec).transforms[:-1], T.RandomHorizontalFlip(), ToImageTensor()])
+    return T.Compose([ToRGB(), T.RandomResizedCrop(spec.image_size, interpolation=_interp(spec), antialias=True),
+                      T.RandomHorizontalFlip(), ToImageTensor()])

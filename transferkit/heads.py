@@ -1,0 +1,41 @@
+"""Heads: the new layers put on top of a backbone's pooled features."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from transferkit.errors import ConfigError, check_choice
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
+
+def build_head(num_features: int, num_outputs: int, *, hidden: Sequence[int] = (), activation: str = "relu",
+               dropout: float = 0.0) -> nn.Sequential:
+    """A linear head, or an MLP with ``hidden`` layer widths, ending in ``num_outputs`` logits.
+
+    Example:
+        >>> build_head(512, 2)
+        Sequential(
+          (0): Linear(in_features=512, out_features=2, bias=True)
+        )
+    """
+    check_choice("activation", activation, ACTIVATIONS)
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}.")
+    if num_outputs < 1 or num_features < 1:
+        raise ConfigError(f"A head needs num_features >= 1 and num_outputs >= 1, got {num_features}, {num_outputs}.")
+    layers: list[nn.Module] = []
+    width = num_features
+    for h in hidden:
+        if int(h) < 1:
+            raise ConfigError(f"Hidden layer widths must be positive integers, got {list(hidden)}.")
+        layers += [nn.Linear(width, int(h)), ACTIVATIONS[activation]()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = int(h)
+    if dropout and not hidden:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(width, num_outputs))
+    return nn.Sequential(*layers)

@@ -1,0 +1,53 @@
+"""TransferModel: preprocessing + backbone trunk + head in one scriptable module."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class ImagePreprocess(nn.Module):
+    """Raw pixels to the backbone's normalised input.
+
+    Accepts ``uint8`` images in [0, 255] or floating-point images in [0, 1], shape
+    ``[N, C, H, W]``; subtracts ``mean`` and divides by ``std`` per channel.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        elif not x.is_floating_point():
+            x = x.float()
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+class TransferModel(nn.Module):
+    """``head(trunk(preprocess(x)))``: one module to train, evaluate and export.
+
+    Example:
+        >>> from transferkit import get_backbone, build_head
+        >>> bb = get_backbone("tk:small_cnn", weights=None)
+        >>> m = TransferModel(ImagePreprocess(bb.input_spec.mean, bb.input_spec.std), bb.trunk, build_head(bb.num_features, 3))
+        >>> m(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(self, preprocess: nn.Module, trunk: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.preprocess = preprocess
+        self.trunk = trunk
+        self.head = head
+
+    @torch.jit.export
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.preprocess(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

@@ -1,0 +1,116 @@
+"""LoRA (Hu et al. 2021): low-rank updates ``W + (alpha / r) * B @ A`` on linear weights.
+
+The factors are attached with :mod:`torch.nn.utils.parametrize`, so every access to the
+weight sees the adapted value. That is what makes LoRA work on torchvision's ViT: its
+``nn.MultiheadAttention`` never calls ``out_proj.forward`` and keeps the q/k/v projection
+as a bare ``in_proj_weight`` parameter; both are read as tensors, and a parametrization
+adapts them where a wrapper module could not. Targets:
+
+- every ``nn.Linear`` (including ``MultiheadAttention.out_proj``) whose qualified name
+  matches the pattern, e.g. timm's ``blocks.0.attn.qkv``, ``blocks.0.mlp.fc1``;
+- the packed ``in_proj_weight`` of an ``nn.MultiheadAttention`` whose name + ``".in_proj"``
+  matches (one rank-r update of the [3E, E] q/k/v weight, as timm's ``qkv`` Linear gets).
+
+A parametrized module is not scriptable: :func:`merge_lora` returns a plain copy with
+the factors folded into the weights (same state-dict keys as before LoRA), which is what
+gets exported.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from transferkit.errors import PolicyError
+
+
+class LoRADelta(nn.Module):
+    """The parametrization ``W -> W + scale * B @ A``; ``B`` starts at zero, so the
+    adapted model equals the pretrained one until the first step."""
+
+    def __init__(self, out_features: int, in_features: int, *, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = float(alpha) / rank
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.lora_B @ self.lora_A).to(weight.dtype) * self.scale
+
+
+def lora_targets(module: nn.Module, pattern: str) -> list[tuple[str, nn.Module, str]]:
+    """``(display name, owner module, parameter name)`` of every weight LoRA can adapt
+    whose display name matches ``pattern`` (``re.search``)."""
+    rx = re.compile(pattern)
+    found = []
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            found.append((name, m, "weight"))
+        elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+            found.append((f"{name}.in_proj", m, "in_proj_weight"))
+    return [t for t in found if rx.search(t[0])]
+
+
+def add_lora(module: nn.Module, *, rank: int, alpha: float | None = None,
+             targets: str = r"attn|attention|mlp") -> list[str]:
+    """Attach rank-``rank`` LoRA factors, in place, to the linear weights of ``module``
+    whose names match ``targets``; return their names. Does not change requires_grad.
+
+    Example:
+        >>> import torch
+        >>> m = nn.Sequential(nn.Linear(4, 4))
+        >>> add_lora(m, rank=2, targets="0")
+        ['0']
+        >>> torch.equal(m(torch.ones(1, 4)), merge_lora(m)(torch.ones(1, 4)))
+        True
+    """
+    if has_lora(module):
+        raise PolicyError("This model already has LoRA factors; add them once (merge_lora gives a plain copy).")
+    found = lora_targets(module, targets)
+    if not found:
+        names = [n for n, _, _ in lora_targets(module, ".*")]
+        raise PolicyError(f"LoRA: no linear layer matches targets={targets!r}. Layers LoRA can adapt here: "
+                          f"{names[:10]}{' ...' if len(names) > 10 else ''}"
+                          f"{'' if names else ' (none: LoRA needs nn.Linear or nn.MultiheadAttention layers)'}.")
+    for _, owner, pname in found:
+        w = getattr(owner, pname)
+        delta = LoRADelta(w.shape[0], w.shape[1], rank=rank, alpha=rank if alpha is None else alpha)
+        parametrize.register_parametrization(owner, pname, delta.to(device=w.device, dtype=w.dtype))
+    return [n for n, _, _ in found]
+
+
+def has_lora(module: nn.Module) -> bool:
+    """True when some submodule of ``module`` carries LoRA factors."""
+    return any(isinstance(m, LoRADelta) for m in module.modules())
+
+
+def is_lora_parameter(name: str) -> bool:
+    """True for the qualified name of a LoRA factor."""
+    return name.endswith((".lora_A", ".lora_B"))
+
+
+def merge_lora(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every LoRA factor folded into its weight (plain modules,
+    scriptable, the state-dict keys of the model before LoRA). ``module`` is unchanged;
+    a module without LoRA is returned as is.
+
+    Example:
+        >>> merge_lora(nn.Linear(2, 2)).weight.shape
+        torch.Size([2, 2])
+    """
+    if not has_lora(module):
+        return module
+    merged = copy.deepcopy(module)
+    for m in list(merged.modules()):
+        if parametrize.is_parametrized(m):
+            for pname in list(m.parametrizations.keys()):
+                if any(isinstance(p, LoRADelta) for p in m.parametrizations[pname]):
+                    with torch.no_grad():
+                        parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
+    return merged

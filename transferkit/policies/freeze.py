@@ -1,0 +1,111 @@
+"""Applying a policy to a model: ``requires_grad`` flags and train/eval modes.
+
+BatchNorm modes (see ``docs/policies.md`` for the reasoning behind the default):
+
+============  ================================  ===================================
+``bn``        BN in trainable blocks            BN in frozen blocks
+============  ================================  ===================================
+``train``     statistics update, gamma/beta     frozen entirely (eval statistics)
+``affine``    statistics frozen, gamma/beta     statistics frozen, gamma/beta train
+``frozen``    frozen entirely (eval statistics) frozen entirely (eval statistics)
+============  ================================  ===================================
+
+"Statistics frozen" means the layer runs in eval mode (normalises with the stored
+running mean/var, never updates them). A frozen block is bit-for-bit unchanged by
+training except under ``affine``, which trains gamma/beta everywhere (fastai's
+``train_bn``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from transferkit.backbones._base import Backbone
+from transferkit.errors import PolicyError
+from transferkit.lora import add_lora, has_lora, is_lora_parameter
+from transferkit.policies.spec import Policy
+
+
+def _bn_param_names(trunk: nn.Module) -> set[str]:
+    return {f"{mn}.{pn}" if mn else pn for mn, m in trunk.named_modules() if isinstance(m, _BatchNorm)
+            for pn, _ in m.named_parameters(recurse=False)}
+
+
+def _block_of(backbone: Backbone, name: str) -> str:
+    try:
+        return backbone.block_of(name)
+    except KeyError:
+        raise PolicyError(f"Trunk parameter {name!r} belongs to none of the blocks {backbone.block_names}; the "
+                          "backbone's block map does not cover its trunk (was the trunk changed after building?).") from None
+
+
+def trainable_flags(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int = 0) -> dict[str, bool]:
+    """``{parameter name: trains at epoch}`` over ``model.trunk`` (names relative to the trunk),
+    as the policy says; a query, nothing is changed."""
+    blocks = set(policy.trainable_blocks(backbone.block_names, epoch))
+    bn_params = _bn_param_names(model.trunk)
+    flags = {}
+    for name, _ in model.trunk.named_parameters():
+        if is_lora_parameter(name):
+            flags[name] = True
+        elif name in bn_params and policy.bn != "train":
+            flags[name] = policy.bn == "affine"
+        else:
+            flags[name] = _block_of(backbone, name) in blocks
+    return flags
+
+
+def apply_policy(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int = 0) -> None:
+    """Set ``requires_grad`` on ``model.trunk`` as ``policy`` says at ``epoch``; the head always
+    trains. A LoRA policy adds its factors to the trunk the first time (in place).
+
+    Example:
+        >>> from transferkit import get_backbone, build_head
+        >>> from transferkit.model import TransferModel, ImagePreprocess
+        >>> bb = get_backbone("tk:small_cnn", weights=None)
+        >>> m = TransferModel(ImagePreprocess((0.5,) * 3, (0.5,) * 3), bb.trunk, build_head(bb.num_features, 2))
+        >>> apply_policy(m, bb, Policy.parse("unfreeze:last=1"))
+        >>> sorted({n.split(".")[1] for n in trainable_parameter_names(m)})
+        ['0', 'stage3']
+    """
+    if policy.lora is not None and not has_lora(model.trunk):
+        add_lora(model.trunk, rank=policy.lora, alpha=policy.lora_alpha, targets=policy.lora_targets)
+    flags = trainable_flags(model, backbone, policy, epoch)
+    for name, p in model.trunk.named_parameters():
+        p.requires_grad_(flags[name])
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+
+
+def _modules_of(trunk: nn.Module, backbone: Backbone, blocks: set[str]) -> Iterator[nn.Module]:
+    for name, m in trunk.named_modules():
+        if name and any(b.owns(name) for b in backbone.blocks if b.name in blocks):
+            yield m
+
+
+def set_train_mode(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int = 0) -> None:
+    """``model.train()``, then eval mode for what must not change: every module of a block
+    whose weights do not train at ``epoch`` (so its BatchNorm statistics stay put and its
+    dropout is off; a block holding LoRA factors counts as training), and all BatchNorm
+    layers under ``bn="affine"`` or ``"frozen"``."""
+    model.train()
+    active = set(policy.trainable_blocks(backbone.block_names, epoch))
+    if policy.lora is not None:
+        active |= {_block_of(backbone, n) for n, _ in model.trunk.named_parameters() if is_lora_parameter(n)}
+    if not active:
+        model.trunk.eval()
+        return
+    for m in _modules_of(model.trunk, backbone, set(backbone.block_names) - active):
+        m.eval()
+    if policy.bn != "train":
+        for m in model.trunk.modules():
+            if isinstance(m, _BatchNorm):
+                m.eval()
+
+
+def trainable_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that currently require a gradient."""
+    return {n for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,356 @@
+"""The :class:`Policy` record and its short string form.
+
+A policy names *which backbone blocks train at which epoch*, how BatchNorm behaves,
+how the learning rate varies with depth, and the optional L2-SP and LoRA regularisers.
+It acts on the backbone's named blocks (``stem, layer1 .. layer4`` for a ResNet,
+``embed, blocks.0 .. blocks.11, norm`` for a ViT), so it means the same thing on every
+architecture. Epochs count from 0: ``milestones=(2,)`` unfreezes a block after two
+full epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from transferkit.errors import PolicyError, check_choice
+
+BN_MODES = ("train", "affine", "frozen")
+DEFAULT_LORA_TARGETS = r"attn|attention|mlp"
+_FEATURE_EXTRACTION = ("feature_extraction", "frozen", "linear_probe", "head", "none")
+_FULL = ("full", "finetune", "fine_tune", "all")
+
+
+@dataclass(frozen=True, repr=False)
+class Policy:
+    """A fine-tuning policy (all fields optional; the default is feature extraction).
+
+    Which blocks train:
+        ``unfreeze``: ``"none"`` (only the head trains), ``"all"``, an int N (the last N
+        blocks) or a tuple of block names. ``unfreeze_from``: a block name; it and every
+        later block train. Gradual unfreezing (ULMFiT): ``every=k`` adds one more block
+        (from the top) every k epochs, or ``milestones=(e1, e2, ..)`` adds one at each of
+        those epochs, starting from ``unfreeze`` blocks (an int, default 0) and never
+        beyond ``max_blocks``.
+    BatchNorm: ``bn`` is ``"train"``, ``"affine"`` or ``"frozen"`` (see ``docs/policies.md``).
+    Learning rates: ``discriminative=r`` scales block i of B by ``r ** ((B - i) / B)``
+        (the stem gets ``lr * r``, the head ``lr``: fastai's ``slice(lr * r, lr)``);
+        ``layer_decay=d`` scales it by ``d ** (B - i)`` (timm's ``layer_decay``).
+        Norm, bias and token/position-embedding parameters get no weight decay unless
+        ``decay_norm_bias``.
+    L2-SP: ``l2sp=alpha`` adds ``alpha/2 ||w - w0||^2`` over the trainable pretrained weights
+        and ``l2sp_beta/2 ||w||^2`` over the new weights (head, LoRA factors); weight decay
+        is then off.
+    LoRA: ``lora=r`` adds rank-r factors to the linear layers whose names match the regular
+        expression ``lora_targets``; only they (and the head, and blocks named by
+        ``unfreeze``) train. ``lora_alpha`` defaults to r (scale 1).
+
+    Example:
+        >>> Policy.parse("unfreeze:last=2,bn=affine")
+        Policy(unfreeze=2, bn='affine')
+        >>> str(Policy(every=2, layer_decay=0.7))
+        'gradual:every=2,layer_decay=0.7'
+    """
+
+    unfreeze: str | int | tuple[str, ...] = "none"
+    unfreeze_from: str | None = None
+    every: int | None = None
+    milestones: tuple[int, ...] = ()
+    max_blocks: int | None = None
+    bn: str = "train"
+    discriminative: float | None = None
+    layer_decay: float | None = None
+    decay_norm_bias: bool = False
+    l2sp: float | None = None
+    l2sp_beta: float = 0.01
+    lora: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: str = DEFAULT_LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.unfreeze, list):
+            object.__setattr__(self, "unfreeze", tuple(self.unfreeze))
+        if isinstance(self.milestones, (list, int)):
+            object.__setattr__(self, "milestones", tuple(self.milestones) if isinstance(self.milestones, list)
+                               else (self.milestones,))
+        check_choice("BatchNorm mode", self.bn, BN_MODES)
+        self._check_unfreeze()
+        self._check_gradual()
+        self._check_rates()
+        self._check_lora()
+
+    def _check_unfreeze(self) -> None:
+        u = self.unfreeze
+        if isinstance(u, str) and u not in ("none", "all"):
+            raise PolicyError(f"Policy.unfreeze must be 'none', 'all', an int or a tuple of block names, got {u!r}.")
+        if isinstance(u, bool) or (isinstance(u, int) and u < 0):
+            raise PolicyError(f"Policy.unfreeze=N needs an integer N >= 0, got {u!r}.")
+        if isinstance(u, tuple) and (not u or not all(isinstance(b, str) and b for b in u)):
+            raise PolicyError(f"Policy.unfreeze as block names needs a non-empty tuple of names, got {u!r}.")
+        if not isinstance(u, (str, int, tuple)):
+            raise PolicyError(f"Policy.unfreeze must be 'none', 'all', an int or a tuple of block names, got {u!r}.")
+        if self.unfreeze_from is not None:
+            if not isinstance(self.unfreeze_from, str) or not self.unfreeze_from:
+                raise PolicyError(f"Policy.unfreeze_from must be a block name, got {self.unfreeze_from!r}.")
+            if u != "none":
+                raise PolicyError(f"Give either unfreeze={u!r} or unfreeze_from={self.unfreeze_from!r}, not both.")
+
+    def _check_gradual(self) -> None:
+        if self.every is not None and (isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1):
+            raise PolicyError(f"Policy.every (gradual unfreezing) must be an integer >= 1, got {self.every!r}.")
+        ms = self.milestones
+        if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in ms) or list(ms) != sorted(set(ms)):
+            raise PolicyError(f"Policy.milestones must be strictly increasing epochs >= 0, got {ms!r}.")
+        if self.every is not None and ms:
+            raise PolicyError("Gradual unfreezing takes either every=k or milestones=(..), not both.")
+        if self.is_gradual:
+            if not (self.unfreeze == "none" or isinstance(self.unfreeze, int)) or self.unfreeze_from is not None:
+                raise PolicyError("Gradual unfreezing starts from a number of top blocks (unfreeze=N, default 0); "
+                                  f"got unfreeze={self.unfreeze!r}, unfreeze_from={self.unfreeze_from!r}.")
+        if self.max_blocks is not None:
+            if not self.is_gradual:
+                raise PolicyError("Policy.max_blocks only applies to gradual unfreezing (every=k or milestones).")
+            if isinstance(self.max_blocks, bool) or not isinstance(self.max_blocks, int) or self.max_blocks < self.start:
+                raise PolicyError(f"Policy.max_blocks must be an integer >= the starting blocks ({self.start}), "
+                                  f"got {self.max_blocks!r}.")
+
+    def _check_rates(self) -> None:
+        for name in ("discriminative", "layer_decay"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
+                raise PolicyError(f"Policy.{name} must be a number in (0, 1] (the lr ratio), got {v!r}.")
+        if self.discriminative is not None and self.layer_decay is not None:
+            raise PolicyError("Give either discriminative=r or layer_decay=d, not both: both set the lr per block.")
+        for name in ("l2sp", "l2sp_beta"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and v >= 0):
+                raise PolicyError(f"Policy.{name} must be a number >= 0, got {v!r}.")
+
+    def _check_lora(self) -> None:
+        r = self.lora
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise PolicyError(f"Policy.lora (the LoRA rank) must be an integer >= 1, got {r!r}.")
+        if self.lora_alpha is not None and not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
+            raise PolicyError(f"Policy.lora_alpha must be a number > 0, got {self.lora_alpha!r}.")
+        try:
+            re.compile(self.lora_targets)
+        except (re.error, TypeError) as exc:
+            raise PolicyError(f"Policy.lora_targets must be a regular expression, got {self.lora_targets!r}: {exc}") from exc
+
+    # ---- queries -------------------------------------------------------------------
+    @property
+    def is_gradual(self) -> bool:
+        return self.every is not None or bool(self.milestones)
+
+    @property
+    def start(self) -> int:
+        """The number of top blocks unfrozen at epoch 0 for a count-based policy."""
+        return self.unfreeze if isinstance(self.unfreeze, int) else 0
+
+    def trainable_blocks(self, block_names: Sequence[str], epoch: int = 0) -> list[str]:
+        """The names of the blocks whose weights train at ``epoch`` (in block order).
+
+        Example:
+            >>> Policy(every=2).trainable_blocks(["stem", "layer1", "layer2"], epoch=3)
+            ['layer2']
+        """
+        names = list(block_names)
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise PolicyError(f"epoch must be an integer >= 0, got {epoch!r}.")
+        if self.unfreeze_from is not None:
+            _check_known([self.unfreeze_from], names)
+            return names[names.index(self.unfreeze_from):]
+        u = self.unfreeze
+        if u == "all":
+            return names
+        if isinstance(u, tuple):
+            _check_known(u, names)
+            return [b for b in names if b in u]
+        n = self.start
+        if n > len(names):
+            raise PolicyError(f"The policy unfreezes the last {n} blocks but this backbone has {len(names)}: {names}.")
+        if self.is_gradual:
+            steps = epoch // self.every if self.every else sum(m <= epoch for m in self.milestones)
+            n = min(n + steps, len(names) if self.max_blocks is None else min(self.max_blocks, len(names)))
+        return names[len(names) - n:] if n else []
+
+    def schedule(self, block_names: Sequence[str], epochs: int) -> list[list[str]]:
+        """The trainable blocks of each epoch ``0 .. epochs-1``."""
+        return [self.trainable_blocks(block_names, e) for e in range(max(int(epochs), 1))]
+
+    def frozen_throughout(self, block_names: Sequence[str], epochs: int) -> bool:
+        """True when no backbone parameter ever trains: features can then be computed once.
+        (``bn="affine"`` trains BatchNorm gamma/beta in frozen blocks, LoRA trains factors.)"""
+        if self.lora is not None or self.bn == "affine":
+            return False
+        return all(not blocks for blocks in self.schedule(block_names, epochs))
+
+    # ---- string form -----------------------------------------------------------------
+    @classmethod
+    def parse(cls, spec: str | Policy) -> Policy:
+        """Parse a policy string ``kind[:option][,option]*``.
+
+        Kinds: ``feature_extraction``, ``full`` (``finetune``), ``unfreeze:last=N``,
+        ``unfreeze:blocks=a+b``, ``unfreeze:from=layer3``, ``gradual:every=k``,
+        ``gradual:milestones=2+4`` (options ``start=N``, ``max=N``), ``lora:r=8`` (options
+        ``alpha=16``, ``targets=<regex>``, ``last/blocks/from``). Options for every kind:
+        ``bn=train|affine|frozen``, ``discriminative=r``, ``layer_decay=d``, ``l2sp=alpha``,
+        ``l2sp_beta=beta``, ``decay_norm_bias=true``. ``Policy.parse(str(p)) == p``.
+
+        Example:
+            >>> Policy.parse("gradual:milestones=1+3,layer_decay=0.75")
+            Policy(milestones=(1, 3), layer_decay=0.75)
+        """
+        if isinstance(spec, Policy):
+            return spec
+        if not isinstance(spec, str) or not spec.strip():
+            raise PolicyError(f"A policy is a Policy object or a string such as 'feature_extraction', got {spec!r}.")
+        head, *opts = [p.strip() for p in spec.strip().split(",")]
+        kind, _, first = head.partition(":")
+        kind = kind.strip()
+        if kind not in _KINDS:
+            raise PolicyError(f"Unknown policy {spec!r}. Valid kinds: 'feature_extraction', 'full', "
+                              "'unfreeze:last=N', 'unfreeze:blocks=a+b', 'unfreeze:from=BLOCK', 'gradual:every=K', "
+                              "'gradual:milestones=E1+E2', 'lora:r=R'; options after commas, e.g. ',bn=affine'.")
+        kw: dict[str, Any] = dict(_KINDS[kind][0])
+        seen: set[str] = set()
+        for opt in ([first] if first else []) + opts:
+            key, eq, value = (s.strip() for s in opt.partition("="))
+            if key not in _OPTIONS or not eq or not value:
+                raise PolicyError(f"Unknown or empty policy option {opt!r} in {spec!r}; valid options: "
+                                  f"{', '.join(k + '=' for k in _OPTIONS)}.")
+            field, conv, kinds = _OPTIONS[key]
+            if kinds and kind not in kinds:
+                raise PolicyError(f"Option {key!r} in {spec!r} only applies to {'/'.join(kinds)} policies.")
+            if key in seen or (field in kw and field not in _KINDS[kind][0]):
+                raise PolicyError(f"Option {key!r} conflicts with another option in {spec!r}.")
+            seen.add(key)
+            kw[field] = conv(key, value)
+        needed = _KINDS[kind][1]
+        if needed and not seen & set(needed):
+            raise PolicyError(f"Policy {spec!r} needs one of {', '.join(k + '=' for k in needed)} "
+                              f"(e.g. '{kind}:{needed[0]}=2').")
+        return cls(**kw)
+
+    def __str__(self) -> str:
+        parts = [self._kind_str()]
+        if self.is_gradual and self.start:
+            parts.append(f"start={self.start}")
+        if self.max_blocks is not None:
+            parts.append(f"max={self.max_blocks}")
+        if self.lora is not None:
+            if self.lora_alpha is not None:
+                parts.append(f"alpha={self.lora_alpha!r}")
+            if self.lora_targets != DEFAULT_LORA_TARGETS:
+                parts.append(f"targets={self.lora_targets}")
+            parts += self._unfreeze_opts()
+        for key in ("bn", "discriminative", "layer_decay", "decay_norm_bias", "l2sp"):
+            v = getattr(self, key)
+            if v != _DEFAULTS[key]:
+                parts.append(f"{key}={str(v).lower() if isinstance(v, bool) else v}")
+        if self.l2sp is not None and self.l2sp_beta != _DEFAULTS["l2sp_beta"]:
+            parts.append(f"l2sp_beta={self.l2sp_beta!r}")
+        return ",".join(parts)
+
+    def _unfreeze_opts(self) -> list[str]:
+        if self.unfreeze_from is not None:
+            return [f"from={self.unfreeze_from}"]
+        if isinstance(self.unfreeze, tuple):
+            return ["blocks=" + "+".join(self.unfreeze)]
+        if self.unfreeze == "all":
+            raise PolicyError("LoRA with unfreeze='all' has no string form; use a Policy object.")
+        return [f"last={self.unfreeze}"] if self.unfreeze else []
+
+    def _kind_str(self) -> str:
+        if self.lora is not None:
+            return f"lora:r={self.lora}"
+        if self.is_gradual:
+            return f"gradual:every={self.every}" if self.every else "gradual:milestones=" + "+".join(map(str, self.milestones))
+        if self.unfreeze == "all":
+            return "full"
+        if self.unfreeze == "none" and self.unfreeze_from is None:
+            return "feature_extraction"
+        return "unfreeze:" + self._unfreeze_opts()[0]
+
+    def __repr__(self) -> str:
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != _DEFAULTS[f.name]]
+        return f"Policy({', '.join(changed)})"
+
+    def replace(self, **changes: Any) -> Policy:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_known(wanted: Sequence[str], names: list[str]) -> None:
+    from transferkit.errors import suggest
+
+    unknown = [b for b in wanted if b not in names]
+    if unknown:
+        hint = suggest(unknown[0], names)
+        raise PolicyError(f"Unknown block(s) {unknown} in the policy.{hint} This backbone's blocks are {names}.")
+
+
+def _int(key: str, v: str) -> int:
+    if not v.isdigit():
+        raise PolicyError(f"Policy option {key}= needs a non-negative integer, got {v!r}.")
+    return int(v)
+
+
+def _float(key: str, v: str) -> float:
+    try:
+        return float(v)
+    except ValueError:
+        raise PolicyError(f"Policy option {key}= needs a number, got {v!r}.") from None
+
+
+def _names(key: str, v: str) -> tuple[str, ...]:
+    return tuple(b.strip() for b in v.split("+") if b.strip())
+
+
+def _ints(key: str, v: str) -> tuple[int, ...]:
+    return tuple(_int(key, b.strip()) for b in v.split("+"))
+
+
+def _bool(key: str, v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise PolicyError(f"Policy option {key}= needs true or false, got {v!r}.")
+
+
+def _str(key: str, v: str) -> str:
+    return v
+
+
+_KINDS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    **{k: ({}, ()) for k in _FEATURE_EXTRACTION},
+    **{k: ({"unfreeze": "all"}, ()) for k in _FULL},
+    "unfreeze": ({}, ("last", "blocks", "from")),
+    "gradual": ({}, ("every", "milestones")),
+    "lora": ({}, ("r",)),
+}
+_Conv = Callable[[str, str], Any]
+_OPTIONS: dict[str, tuple[str, _Conv, tuple[str, ...]]] = {
+    "last": ("unfreeze", _int, ("unfreeze", "lora")),
+    "blocks": ("unfreeze", _names, ("unfreeze", "lora")),
+    "from": ("unfreeze_from", _str, ("unfreeze", "lora")),
+    "every": ("every", _int, ("gradual",)),
+    "milestones": ("milestones", _ints, ("gradual",)),
+    "start": ("unfreeze", _int, ("gradual",)),
+    "max": ("max_blocks", _int, ("gradual",)),
+    "r": ("lora", _int, ("lora",)),
+    "alpha": ("lora_alpha", _float, ("lora",)),
+    "targets": ("lora_targets", _str, ("lora",)),
+    "bn": ("bn", _str, ()),
+    "discriminative": ("discriminative", _float, ()),
+    "layer_decay": ("layer_decay", _float, ()),
+    "decay_norm_bias": ("decay_norm_bias", _bool, ()),
+    "l2sp": ("l2sp", _float, ()),
+    "l2sp_beta": ("l2sp_beta", _float, ()),
+}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Policy)}

@@ -1,34 +1,245 @@
-"""Feature caching: a frozen backbone runs once per image, not once per epoch."""
+"""Feature caching: a frozen backbone runs once per image (or once per augmented view), not once per epoch.
+
+Features live in memory, or with ``cache_dir`` in a memory-mapped ``.npy`` file on disk
+(data larger than RAM; reused across runs). A cache entry is keyed by everything that
+changes the features: the backbone name, a hash of its weights (every tensor of the
+preprocessing and the trunk, BatchNorm statistics included), the transform, the number
+of views and their seed, and the data (file paths, sizes and modification times for
+image folders; the content of in-memory datasets). A changed input gets a new key,
+so stale features are never reused.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
-from transferkit.model import TransferModel
+from transferkit.train.loaders import EpochSampler, make_loader, mix_seed
+
+CACHE_FORMAT = 1
 
 
-@torch.no_grad()
-def extract_features(model: TransferModel, loader: DataLoader, device: torch.device,
-                     progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model.features`` over ``loader`` in eval mode; return CPU ``(features, labels)``."""
+def _hash_tensor(h: Any, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer of ``module`` (names, dtypes, shapes, values)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        _hash_tensor(h, t)
+    return h.hexdigest()
+
+
+def _hash_item(h: Any, x: Any) -> None:
+    if isinstance(x, torch.Tensor):
+        _hash_tensor(h, x)
+    elif isinstance(x, np.ndarray):
+        _hash_tensor(h, torch.from_numpy(np.ascontiguousarray(x)))
+    elif hasattr(x, "tobytes") and hasattr(x, "mode"):  # PIL image
+        h.update(f"{x.mode}{x.size}".encode())
+        h.update(x.tobytes())
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            _hash_item(h, v)
+    else:
+        h.update(repr(x).encode())
+
+
+def data_fingerprint(ds: Any) -> str:
+    """A hash of a dataset's identity: ``(path, label, size, mtime)`` of every file for image
+    folders, the tensors of a ``TensorDataset``, else the content of every raw item."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(ds).__name__.encode())
+    if hasattr(ds, "samples"):  # ImageFolderDataset (or anything listing (path, label) files)
+        h.update(repr(getattr(ds, "min_size", None)).encode())
+        for path, label in ds.samples:
+            st = os.stat(path)
+            h.update(f"{os.path.abspath(path)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+    base, indices = getattr(ds, "base", ds), getattr(ds, "indices", None)
+    if indices is None:
+        indices = range(len(base))
+    h.update(repr(list(indices)).encode())
+    tensors = getattr(base, "tensors", None)
+    if tensors is not None:
+        for t in tensors:
+            _hash_tensor(h, t)
+    else:
+        for i in indices:
+            _hash_item(h, base[i])
+    return h.hexdigest()
+
+
+def cache_key(*, backbone: str, model: torch.nn.Module, transform: Any, dataset: Any, views: int, seed: int) -> str:
+    """The key of a feature-cache entry (see the module docstring for what it covers)."""
+    parts = {"format": CACHE_FORMAT, "backbone": backbone, "weights": module_fingerprint(model),
+             "transform": repr(transform), "data": data_fingerprint(dataset), "views": views,
+             "seed": seed if views > 1 else None}
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+@dataclass
+class FeatureStore:
+    """Cached features ``[views, N, F]`` (a numpy array, memory-mapped when on disk) and targets."""
+
+    features: np.ndarray
+    targets: np.ndarray
+    key: str
+    path: Path | None = None
+    reused: bool = False
+
+    @property
+    def num_views(self) -> int:
+        return int(self.features.shape[0])
+
+    def __len__(self) -> int:
+        return int(self.features.shape[1])
+
+
+def extract_features(model: Any, loader: DataLoader, device: torch.device, progress: Any = None,
+                     forward: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model.features`` (or ``forward(x)``) over ``loader`` in eval mode; return CPU ``(features, targets)``."""
     was_training = model.training
     model.eval()
-    feats, labels = [], []
+    feats, targets = [], []
+    fwd = forward or (lambda x: model.features(x.to(device, non_blocking=True)))
     try:
-        for x, y in loader:
-            f = model.features(x.to(device, non_blocking=True))
-            feats.append(f.float().cpu())
-            labels.append(torch.as_tensor(y))
-            if progress is not None:
-                progress.update(len(y))
+        with torch.no_grad():
+            for x, y in loader:
+                feats.append(fwd(x).float().cpu())
+                targets.append(torch.as_tensor(y))
+                if progress is not None:
+                    progress.update(len(feats[-1]))
     finally:
         model.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    return torch.cat(feats), torch.cat(targets)
 
 
-def feature_loader(features: torch.Tensor, labels: torch.Tensor, *, batch_size: int, shuffle: bool,
-                   seed: int = 0) -> DataLoader:
-    """A loader over cached features (no workers needed: the data are in memory)."""
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(features, labels), batch_size=batch_size, shuffle=shuffle, generator=g)
+def compute_features(model: Any, dataset: Dataset, *, key: str, views: int, batch_size: int, device: torch.device,
+                     num_workers: int | None, seed: int, cache_dir: str | Path | None = None,
+                     forward: Callable | None = None, progress: Any = None) -> FeatureStore:
+    """Features of ``dataset`` (already seen through its transform) for ``views`` passes.
+
+    View ``v`` draws its random augmentations as epoch ``v`` of the loader would, so views
+    are reproducible. With ``cache_dir`` the result is stored under ``cache_dir/<key>/``
+    (written to a temporary folder, then renamed: a crash never leaves a half entry) and a
+    later call with the same key memory-maps it instead of recomputing.
+    """
+    if cache_dir is not None:
+        hit = load_cached(cache_dir, key)
+        if hit is not None:
+            return hit
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, device=device, num_workers=num_workers,
+                         seed=seed)
+    n = len(dataset)  # type: ignore[arg-type]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=_mkdir(cache_dir))) if cache_dir is not None else None
+    try:
+        arr, targets = None, None
+        for v in range(views):
+            loader.sampler.set_epoch(v)  # type: ignore[attr-defined]
+            f, t = extract_features(model, loader, device, progress, forward)
+            if arr is None:
+                shape = (views, n, f.shape[1])
+                arr = (np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=shape)
+                       if tmp is not None else np.empty(shape, dtype=np.float32))
+                targets = t.numpy()
+            arr[v] = f.numpy()
+        assert arr is not None and targets is not None  # n >= 1 is checked by the data layer
+        if tmp is None:
+            return FeatureStore(arr, targets, key)
+        arr.flush()
+        del arr
+        np.save(tmp / "targets.npy", targets)
+        (tmp / "meta.json").write_text(json.dumps({"key": key, "views": views, "n": n, "format": CACHE_FORMAT}))
+        final = Path(cache_dir) / key  # type: ignore[arg-type]
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process wrote the same entry first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        store = load_cached(cache_dir, key)  # type: ignore[arg-type]
+        assert store is not None
+        store.reused = False
+        return store
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _mkdir(d: str | Path | None) -> str:
+    Path(d).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
+    return str(d)
+
+
+def load_cached(cache_dir: str | Path, key: str) -> FeatureStore | None:
+    """The entry ``key`` in ``cache_dir``, memory-mapped, or None when absent or incomplete."""
+    d = Path(cache_dir) / key
+    if not (d / "meta.json").exists():
+        return None
+    try:
+        feats = np.load(d / "features.npy", mmap_mode="r")
+        targets = np.load(d / "targets.npy")
+    except (OSError, ValueError):
+        return None
+    return FeatureStore(feats, targets, key, path=d, reused=True)
+
+
+class FeatureDataset(Dataset):
+    """Batches from a :class:`FeatureStore`: each sample's view is picked from ``(seed, epoch, index)``.
+
+    ``__getitems__`` reads a whole batch at once (one fancy-indexing read from the memory map).
+    """
+
+    def __init__(self, store: FeatureStore, seed: int = 0) -> None:
+        self.store, self.seed = store, seed
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.fromiter((k[0] for k in keys), dtype=np.int64, count=len(keys))
+        v = self.store.num_views
+        views = (np.zeros_like(idx) if v == 1 else
+                 np.fromiter((mix_seed(self.seed, e, i) % v for i, e in keys), dtype=np.int64, count=len(keys)))
+        x = torch.from_numpy(np.ascontiguousarray(self.store.features[views, idx]))
+        return x, torch.from_numpy(np.asarray(self.store.targets[idx]))
+
+    def __getitem__(self, key: tuple[int, int]):
+        x, y = self.__getitems__([key])
+        return x[0], y[0]
+
+
+def _batch_identity(batch):
+    return batch
+
+
+def feature_loader(store: FeatureStore | torch.Tensor, targets: torch.Tensor | None = None, *, batch_size: int,
+                   shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """A loader over cached features (in-process: the data are in memory or memory-mapped).
+
+    Example:
+        >>> dl = feature_loader(torch.randn(10, 4), torch.arange(10), batch_size=4, shuffle=True)
+        >>> [len(y) for _, y in dl]
+        [4, 4, 2]
+    """
+    if isinstance(store, torch.Tensor):
+        store = FeatureStore(store.numpy()[None], torch.as_tensor(targets).numpy(), key="")
+    sampler = EpochSampler(len(store), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    return DataLoader(FeatureDataset(store, seed), batch_size=batch_size, sampler=sampler, num_workers=0,
+                      collate_fn=_batch_identity)

@@ -7,6 +7,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,6 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transferkit.errors import TrainingError
+from transferkit.train.distributed import DistInfo, all_reduce_sum
+from transferkit.train.speed import SpeedConfig
+from transferkit.train.tasks import count_correct, monitor_default
 
 
 def _progress(total: int, desc: str, verbose: bool):
@@ -24,91 +28,201 @@ def _progress(total: int, desc: str, verbose: bool):
     return tqdm(total=total, desc=desc, leave=False, unit="img")
 
 
+def _cpu_speed(device: torch.device) -> SpeedConfig:
+    return SpeedConfig(device=device)
+
+
 def train_one_epoch(module: nn.Module, loader: DataLoader, *, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, loss_fn: Callable, device: torch.device,
-                    desc: str = "train", verbose: bool = True) -> dict[str, float]:
-    """One pass over ``loader`` updating ``module``; the caller sets train/eval modes first."""
-    total_loss, correct, seen = 0.0, 0, 0
-    bar = _progress(len(loader.dataset), desc, verbose)  # type: ignore[arg-type]
+                    scheduler: Any, loss_fn: Callable, device: torch.device, task: str = "multiclass",
+                    speed: SpeedConfig | None = None, scaler: Any = None, desc: str = "train",
+                    verbose: bool = True, penalty: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
+    """One pass over ``loader`` updating ``module``; the caller sets train/eval modes first.
+    ``penalty()`` (e.g. L2-SP) is added to the loss that is minimised, not to the loss reported.
+
+    Returns the summed loss, the correct-prediction count and the number of samples
+    (``loss``/``acc`` are the per-sample means on this process).
+    """
+    speed = speed or _cpu_speed(device)
+    total_loss, correct, seen = 0.0, 0.0, 0
+    bar = _progress(len(loader.sampler), desc, verbose)  # type: ignore[arg-type]
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = module(x)
-        loss = loss_fn(logits, y)
-        if not torch.isfinite(loss):
+        x, y = speed.to_device(x), y.to(speed.device, non_blocking=True)
+        with speed.autocast():
+            logits = module(x)
+            loss = loss_fn(logits.float(), y)
+        objective = loss if penalty is None else loss + penalty()
+        if not torch.isfinite(objective):
             raise TrainingError(f"The training loss became {loss.item()} at {desc}. The learning rate "
                                 f"({optimizer.param_groups[0]['lr']:.3g}) is probably too high: lower it, "
                                 "or check the inputs for NaN/inf.")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(objective).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            objective.backward()
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         n = y.shape[0]
         total_loss += loss.item() * n
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += count_correct(task, logits.detach().float(), y)
         seen += n
         if bar is not None:
             bar.update(n)
     if bar is not None:
         bar.close()
-    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
+    return {"loss_sum": total_loss, "correct": correct, "seen": seen,
+            "loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, loader: DataLoader, *, loss_fn: Callable, device: torch.device) -> dict[str, Any]:
-    """Loss, accuracy, predictions and labels of ``module`` (in eval mode) over ``loader``."""
+def evaluate(module: nn.Module, loader: DataLoader, *, loss_fn: Callable, device: torch.device,
+             task: str = "multiclass", speed: SpeedConfig | None = None) -> dict[str, Any]:
+    """Loss, accuracy, logits, predictions and targets of ``module`` (in eval mode) over ``loader``."""
+    speed = speed or _cpu_speed(device)
     was_training = module.training
     module.eval()
-    total_loss, preds, labels = 0.0, [], []
+    total_loss, correct, outs, targets = 0.0, 0.0, [], []
     try:
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = module(x)
+            x, y = speed.to_device(x), y.to(speed.device, non_blocking=True)
+            with speed.autocast():
+                logits = module(x).float()
             total_loss += loss_fn(logits, y).item() * y.shape[0]
-            preds.append(logits.argmax(1).cpu())
-            labels.append(y.cpu())
+            correct += count_correct(task, logits, y)
+            outs.append(logits.cpu())
+            targets.append(y.cpu())
     finally:
         module.train(was_training)
-    p, t = torch.cat(preds), torch.cat(labels)
-    return {"loss": total_loss / max(len(t), 1), "acc": (p == t).float().mean().item(), "preds": p, "labels": t}
+    logits, t = torch.cat(outs), torch.cat(targets)
+    n = max(len(t), 1)
+    preds = logits.argmax(1) if task == "multiclass" else logits
+    return {"loss": total_loss / n, "acc": correct / n, "logits": logits, "preds": preds, "labels": t}
+
+
+@dataclass
+class TrainState:
+    """Where training stands after ``epoch`` completed epochs (saved in checkpoints for resume)."""
+
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": None})
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs: int = 0
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "history": self.history, "best": self.best, "best_state": self.best_state,
+                "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        return cls(**{k: d[k] for k in ("epoch", "history", "best", "best_state", "bad_epochs", "stopped_early")})
+
+
+def _improved(value: float, best: dict[str, Any], monitor: str, mode: str) -> bool:
+    if best.get("epoch") is None or monitor not in best:
+        return math.isfinite(value)
+    return value > best[monitor] if mode == "max" else value < best[monitor]
+
+
+def _runner(module: nn.Module, wrap: Callable[[nn.Module], nn.Module] | None, cache: dict[str, Any]) -> nn.Module:
+    """The module to run this epoch: ``wrap(module)`` (DDP, compile), rebuilt when the set of
+    trainable parameters changed (gradual unfreezing)."""
+    if wrap is None:
+        return module
+    sig = tuple(p.requires_grad for p in module.parameters())
+    if cache.get("sig") != sig:
+        cache["sig"], cache["runner"] = sig, wrap(module)
+    return cache["runner"]
 
 
 def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None, *, epochs: int,
         optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: Callable, device: torch.device,
-        set_mode: Callable[[int], None], restore_best: bool = True, verbose: bool = True,
+        set_mode: Callable[[int], None], task: str = "multiclass", restore_best: bool = True,
+        early_stopping: int | None = None, monitor: str | None = None, state: TrainState | None = None,
+        on_epoch_end: Callable[[TrainState], None] | None = None, speed: SpeedConfig | None = None,
+        dist: DistInfo | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None,
+        penalty: Callable[[], torch.Tensor] | None = None, verbose: bool = True,
         log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Train ``module`` for ``epochs``; return the per-epoch history and the best epoch's metrics.
+    """Train ``module`` from ``state.epoch`` to ``epochs``; return the per-epoch history and the best epoch.
 
-    ``set_mode(epoch)`` puts the module in the right train/eval modes for that epoch
-    (the policy decides what stays frozen). With validation data and ``restore_best``,
-    the weights of the epoch with the best validation accuracy are restored at the end.
+    ``set_mode(epoch)`` sets trainable parameters and train/eval modes for that epoch (the
+    policy decides). The best epoch is the one with the best ``monitor`` (``"val_acc"``, or
+    ``"val_loss"`` for regression); ``early_stopping=N`` stops after N epochs without
+    improvement; with ``restore_best`` the best weights are loaded at the end.
+    ``on_epoch_end(state)`` runs after every epoch (checkpointing, callbacks); an
+    exception there stops training, and ``state`` (saved by the callback) resumes it.
+
+    Example:
+        >>> history, best = fit(head, train_dl, val_dl, epochs=5, optimizer=opt, scheduler=None,
+        ...                     loss_fn=nn.CrossEntropyLoss(), device=torch.device("cpu"),
+        ...                     set_mode=lambda e: head.train())  # doctest: +SKIP
     """
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"epoch": None, "val_acc": -math.inf}
-    best_state = None
-    for epoch in range(epochs):
+    state = state if state is not None else TrainState()
+    speed = speed or _cpu_speed(device)
+    dist = dist or DistInfo()
+    monitor, mode = (monitor, "min" if "loss" in monitor or "mse" in monitor else "max") if monitor \
+        else monitor_default(task)
+    scaler, cache = speed.grad_scaler(), {}
+    while state.epoch < epochs and not state.stopped_early:
+        epoch = state.epoch
         t0 = time.perf_counter()
         set_mode(epoch)
-        tr = train_one_epoch(module, train_loader, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
-                             device=device, desc=f"epoch {epoch + 1}/{epochs}", verbose=verbose)
-        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
+        runner = _runner(module, wrap, cache)
+        for dl in (train_loader, val_loader):
+            if dl is not None and hasattr(dl.sampler, "set_epoch"):
+                dl.sampler.set_epoch(epoch)
+        tr = train_one_epoch(runner, train_loader, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+                             device=device, task=task, speed=speed, scaler=scaler,
+                             desc=f"epoch {epoch + 1}/{epochs}", verbose=verbose and dist.is_main, penalty=penalty)
+        loss_sum, correct, seen = all_reduce_sum([tr["loss_sum"], tr["correct"], tr["seen"]], dist)
+        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                                "lr": optimizer.param_groups[0]["lr"]}
+        if task != "regression":
+            row["train_acc"] = correct / max(seen, 1)
         if val_loader is not None:
-            ev = evaluate(module, val_loader, loss_fn=loss_fn, device=device)
-            row.update(val_loss=ev["loss"], val_acc=ev["acc"])
-            if ev["acc"] > best["val_acc"]:
-                best = {"epoch": epoch + 1, "val_acc": ev["acc"], "val_loss": ev["loss"]}
-                if restore_best:
-                    best_state = copy.deepcopy(module.state_dict())
+            ev = evaluate(module, val_loader, loss_fn=loss_fn, device=device, task=task, speed=speed)
+            row["val_loss"] = ev["loss"]
+            if task != "regression":
+                row["val_acc"] = ev["acc"]
+        _end_epoch(state, row, module, monitor, mode, restore_best, early_stopping, scheduler)
         row["time_s"] = time.perf_counter() - t0
-        history.append(row)
-        if verbose:
-            val = f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}" if "val_acc" in row else ""
-            log(f"epoch {epoch + 1:>3}/{epochs}  train_loss {tr['loss']:.4f}  train_acc {tr['acc']:.4f}{val}  "
-                f"({row['time_s']:.1f}s)")
-    if best_state is not None:
-        module.load_state_dict(best_state)
-    if best["epoch"] is None:
-        last = history[-1] if history else {}
-        best = {"epoch": len(history), "train_acc": last.get("train_acc"), "train_loss": last.get("train_loss")}
-    return history, best
+        if verbose and dist.is_main:
+            log(f"epoch {epoch + 1:>3}/{epochs}  " + "  ".join(
+                f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "time_s", "lr")) + f"  ({row['time_s']:.1f}s)")
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+    if restore_best and state.best_state is not None:
+        module.load_state_dict(state.best_state)
+    return state.history, _best_summary(state)
+
+
+def _end_epoch(state: TrainState, row: dict[str, Any], module: nn.Module, monitor: str, mode: str,
+               restore_best: bool, early_stopping: int | None, scheduler: Any) -> None:
+    """Best-epoch tracking, early stopping and the plateau schedule, after one epoch."""
+    state.history.append(row)
+    state.epoch += 1
+    value = row.get(monitor)
+    if hasattr(scheduler, "epoch_end"):
+        scheduler.epoch_end(row.get("val_loss", row["train_loss"]))
+    if value is None:
+        return
+    if _improved(value, state.best, monitor, mode):
+        state.best = {"epoch": row["epoch"], **{k: v for k, v in row.items() if k.startswith("val_")}}
+        state.bad_epochs = 0
+        if restore_best:
+            state.best_state = copy.deepcopy(module.state_dict())
+    else:
+        state.bad_epochs += 1
+        if early_stopping is not None and state.bad_epochs >= early_stopping:
+            state.stopped_early = True
+
+
+def _best_summary(state: TrainState) -> dict[str, Any]:
+    if state.best.get("epoch") is not None:
+        return dict(state.best)
+    last = state.history[-1] if state.history else {}
+    return {"epoch": len(state.history), **{k: v for k, v in last.items() if k.startswith("train_")}}

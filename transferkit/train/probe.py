@@ -1,0 +1,110 @@
+"""The standard linear-probe protocol: scikit-learn logistic regression (L-BFGS) on frozen
+features, with the inverse regularisation strength ``C`` chosen on the validation set.
+
+The fitted classifier is copied into the model's linear head, so a probe exports and
+predicts like any other transferkit model (softmax of the head's logits equals
+scikit-learn's ``predict_proba``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from transferkit.errors import ConfigError
+
+DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 2, 13))
+
+
+@dataclass
+class ProbeResult:
+    """The chosen ``C``, its validation accuracy, the accuracy of every ``C`` tried, the classifier."""
+
+    C: float
+    val_acc: float | None
+    scores: dict[float, float] = field(default_factory=dict)
+    classifier: Any = None
+
+
+def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x.mean(0)
+    std = x.std(0)
+    std[std < 1e-6] = 1.0
+    return mean, std
+
+
+def fit_logistic_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None = None,
+                       val_y: np.ndarray | None = None, *, Cs: Sequence[float] = DEFAULT_CS, max_iter: int = 1000,
+                       seed: int = 0, class_weight: Any = None) -> tuple[ProbeResult, np.ndarray, np.ndarray]:
+    """Fit ``LogisticRegression(solver="lbfgs")`` on standardised features for each ``C`` and
+    keep the best on the validation set (without one, the largest ``C``), refit on the
+    training data. Returns the result and the equivalent ``(weight [K, F], bias [K])`` of a
+    linear layer acting on the *raw* features.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> x = np.concatenate([rng.normal(-1, 1, (20, 3)), rng.normal(1, 1, (20, 3))]); y = np.repeat([0, 1], 20)
+        >>> res, w, b = fit_logistic_probe(x, y, x, y, Cs=[0.1, 1.0])
+        >>> w.shape, res.val_acc > 0.8
+        ((2, 3), True)
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    Cs = [float(c) for c in Cs]
+    if not Cs or any(not c > 0 for c in Cs):
+        raise ConfigError(f"probe Cs must be positive numbers, got {Cs!r}.")
+    mean, std = _standardiser(train_x)
+    tx = (train_x - mean) / std
+
+    def make(c: float) -> Any:
+        return LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter, random_state=seed,
+                                  class_weight=class_weight).fit(tx, train_y)
+
+    scores: dict[float, float] = {}
+    best_c, best_clf = Cs[-1], None
+    if val_x is not None and val_y is not None and len(val_y):
+        vx = (val_x - mean) / std
+        for c in Cs:
+            clf = make(c)
+            scores[c] = float((clf.predict(vx) == val_y).mean())
+            if best_clf is None or scores[c] > scores[best_c]:
+                best_c, best_clf = c, clf
+    clf = best_clf or make(best_c)
+    w, b = _as_linear(clf, mean, std)
+    return ProbeResult(C=best_c, val_acc=scores.get(best_c), scores=scores, classifier=clf), w, b
+
+
+def _as_linear(clf: Any, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fold the standardisation into the weights; a binary classifier becomes two logits
+    ``[0, w.x + b]`` whose softmax is the sigmoid scikit-learn uses."""
+    coef, intercept = clf.coef_ / std, clf.intercept_ - (clf.coef_ / std) @ mean
+    if coef.shape[0] == 1:
+        coef = np.concatenate([np.zeros_like(coef), coef])
+        intercept = np.concatenate([np.zeros(1), intercept])
+    classes = list(clf.classes_)
+    k = max(int(max(classes)) + 1, coef.shape[0])
+    w, b = np.zeros((k, coef.shape[1])), np.full(k, -1e4)  # classes absent from training: never predicted
+    for row, c in enumerate(classes if len(classes) == coef.shape[0] else range(coef.shape[0])):
+        w[int(c)], b[int(c)] = coef[row], intercept[row]
+    return w.astype(np.float32), b.astype(np.float32)
+
+
+def set_linear_head(head: nn.Module, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Copy ``weight``/``bias`` into the last ``nn.Linear`` of ``head`` (in place)."""
+    linear = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if len(linear) != 1 or linear[0].weight.shape[1] != weight.shape[1]:
+        raise ConfigError("head='logistic' needs a single linear layer on the features; "
+                          "drop head_hidden.")
+    lin = linear[0]
+    if lin.weight.shape[0] < weight.shape[0]:
+        raise ConfigError(f"The probe has {weight.shape[0]} classes but the head {lin.weight.shape[0]} outputs.")
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.fill_(-1e4)
+        lin.weight[: weight.shape[0]] = torch.from_numpy(weight)
+        lin.bias[: bias.shape[0]] = torch.from_numpy(bias)

@@ -1,0 +1,104 @@
+"""Reporting: TensorBoard scalars and PNG plots of training curves and the confusion matrix.
+
+Both are optional extras: ``pip install transferkit[tensorboard]`` / ``transferkit[plots]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transferkit._io import atomic_write
+from transferkit.errors import ConfigError
+
+
+class TensorBoardLogger:
+    """Writes every numeric field of each history row as a scalar under ``log_dir``.
+
+    Example:
+        >>> tb = TensorBoardLogger("runs/exp1")  # doctest: +SKIP
+        >>> tb.log_epoch({"epoch": 1, "train_loss": 0.7})  # doctest: +SKIP
+    """
+
+    def __init__(self, log_dir: str | Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ConfigError("log_dir= needs TensorBoard: pip install 'transferkit[tensorboard]'.") from exc
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        step = int(row["epoch"])
+        for k, v in row.items():
+            if k != "epoch" and isinstance(v, (int, float)):
+                group = "loss" if "loss" in k else ("accuracy" if "acc" in k else "misc")
+                self.writer.add_scalar(f"{group}/{k}", float(v), step)
+        self.writer.flush()
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self.writer.add_scalar(f"final/{k}", float(v), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ConfigError("Plots need matplotlib: pip install 'transferkit[plots]'.") from exc
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    plt = _pyplot()
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return out
+
+
+def plot_history(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Loss (and accuracy, when present) per epoch for training and validation, as a PNG.
+
+    Example:
+        >>> plot_history([{"epoch": 1, "train_loss": 0.9}, {"epoch": 2, "train_loss": 0.5}], "curves.png")  # doctest: +SKIP
+    """
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in history]
+    panels = [p for p in ("loss", "acc") if any(f"train_{p}" in r or f"val_{p}" in r for r in history)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        for split in ("train", "val"):
+            ys = [r.get(f"{split}_{p}") for r in history]
+            if any(y is not None for y in ys):
+                ax.plot(epochs, ys, marker="o", label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if p == "acc" else "loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path) -> Path:
+    """The confusion matrix (rows: true class, columns: predicted) with counts, as a PNG."""
+    plt = _pyplot()
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.6 * n))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), list(classes), rotation=45, ha="right")
+    ax.set_yticks(range(n), list(classes))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = max((max(r) for r in matrix), default=0)
+    for i in range(n):
+        for j in range(n):
+            v = matrix[i][j]
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+    return _save(fig, path)

@@ -1,0 +1,131 @@
+"""Tasks: what the head predicts, the loss it trains with, and how its outputs read.
+
+Three tasks, stored as ``metadata["task"]`` in checkpoints and exports so that a
+predictor applies the right output function:
+
+- ``"multiclass"``: one label per sample, integer targets; cross-entropy (label smoothing,
+  class weights); softmax at inference.
+- ``"multilabel"``: any number of labels per sample, multi-hot float targets ``[C]``;
+  binary cross-entropy with logits (``pos_weight`` from ``class_weights``); sigmoid.
+- ``"regression"``: float targets ``[D]`` (or scalars); mean squared error; identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from transferkit.data.images import TransformedDataset
+from transferkit.errors import ConfigError, DataError, check_choice
+
+TASKS = ("multiclass", "multilabel", "regression")
+OUTPUT_ACTIVATION = {"multiclass": "softmax", "multilabel": "sigmoid", "regression": "identity"}
+
+
+def check_task(task: str) -> str:
+    """Validate a task name."""
+    return check_choice("task", task, TASKS)
+
+
+def make_loss(task: str, *, label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None) -> nn.Module:
+    """The training loss of ``task``.
+
+    Example:
+        >>> make_loss("multiclass", label_smoothing=0.1)
+        CrossEntropyLoss()
+    """
+    check_task(task)
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+    if label_smoothing and task != "multiclass":
+        raise ConfigError(f"label_smoothing applies to task='multiclass' only, got task={task!r}.")
+    weight = None
+    if class_weights is not None:
+        weight = torch.as_tensor(list(class_weights), dtype=torch.float32)
+        if weight.ndim != 1 or not torch.isfinite(weight).all() or (weight < 0).any():
+            raise ConfigError(f"class_weights must be a list of non-negative numbers, got {class_weights!r}.")
+    if task == "multiclass":
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=float(label_smoothing))
+    if task == "multilabel":
+        return nn.BCEWithLogitsLoss(pos_weight=weight)
+    if weight is not None:
+        raise ConfigError("class_weights do not apply to task='regression'.")
+    return nn.MSELoss()
+
+
+def balanced_class_weights(targets: Sequence[int], num_classes: int) -> list[float]:
+    """``n_samples / (n_classes * count)`` per class (scikit-learn's ``"balanced"``)."""
+    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    return [float(len(targets) / (num_classes * c)) if c else 0.0 for c in counts]
+
+
+def output_activation(task: str, logits: torch.Tensor) -> torch.Tensor:
+    """Softmax, sigmoid or identity, as the task needs."""
+    if task == "multiclass":
+        return torch.softmax(logits.float(), dim=1)
+    if task == "multilabel":
+        return torch.sigmoid(logits.float())
+    return logits.float()
+
+
+def count_correct(task: str, logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Correct predictions in a batch: argmax for multiclass, per-label (threshold 0.5) for
+    multilabel (counted as a fraction of labels per sample), 0 for regression."""
+    if task == "multiclass":
+        return float((logits.argmax(1) == y).sum().item())
+    if task == "multilabel":
+        return float(((logits > 0).to(y.dtype) == y).float().mean(1).sum().item())
+    return 0.0
+
+
+def predictions(task: str, logits: torch.Tensor) -> torch.Tensor:
+    """Hard predictions: class indices, multi-hot 0/1, or the regressed values."""
+    if task == "multiclass":
+        return logits.argmax(1)
+    if task == "multilabel":
+        return (logits > 0).to(torch.int64)
+    return logits.float()
+
+
+def monitor_default(task: str) -> tuple[str, str]:
+    """The validation metric that picks the best epoch, and whether higher is better."""
+    return ("val_loss", "min") if task == "regression" else ("val_acc", "max")
+
+
+class TargetDataset(TransformedDataset):
+    """A dataset of ``(image, target)`` keeping float targets (multi-hot or regression values).
+
+    Example:
+        >>> import torch
+        >>> ds = TargetDataset([(torch.zeros(3, 8, 8, dtype=torch.uint8), [1, 0, 1])])
+        >>> ds[0][1]
+        tensor([1., 0., 1.])
+    """
+
+    def __getitem__(self, i: int) -> tuple[Any, torch.Tensor]:
+        item = self.base[self.indices[i]]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise DataError(f"A dataset item must be (input, target); item {self.indices[i]} is {type(item).__name__}.")
+        img, target = item[0], item[1]
+        if isinstance(img, np.ndarray):
+            from PIL import Image
+
+            img = Image.fromarray(img)
+        y = torch.as_tensor(np.asarray(target), dtype=torch.float32).reshape(-1)  # scalars become [1]
+        return (self.transform(img) if self.transform else img), y
+
+    def view(self, indices: Sequence[int] | None = None, transform: Any = None) -> TargetDataset:
+        idx = self.indices if indices is None else [self.indices[i] for i in indices]
+        return TargetDataset(self.base, transform, idx)
+
+
+def target_width(ds: TargetDataset) -> int:
+    """Number of outputs implied by the first target (1 for scalar regression targets)."""
+    t = torch.as_tensor(np.asarray(ds.base[ds.indices[0]][1]), dtype=torch.float32)
+    if t.ndim > 1:
+        raise DataError(f"Targets must be scalars or 1-d vectors, got shape {tuple(t.shape)}.")
+    return max(int(t.numel()), 1)

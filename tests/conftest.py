@@ -1,0 +1,50 @@
+"""Shared fixtures: the real data folder (skipped when absent) and tiny synthetic image folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("TRANSFERKIT_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (or $TRANSFERKIT_DATA); skips the test when it is absent."""
+    d = shared_data_dir()
+    if not (d / "README.md").exists():
+        pytest.skip(f"real data folder {d} not found (set TRANSFERKIT_DATA)")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+    yield
+
+
+def make_image_folder(root: Path, classes=("dark", "light"), per_class: int = 12, size: int = 24, seed: int = 0) -> Path:
+    """Two trivially separable classes: dark vs light images with noise; saved as PNG and JPEG."""
+    rng = np.random.default_rng(seed)
+    for ci, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        base = 40 + ci * 170 // max(len(classes) - 1, 1)
+        for i in range(per_class):
+            arr = np.clip(base + rng.normal(0, 20, (size, size + 4 * (i % 3), 3)), 0, 255).astype(np.uint8)
+            ext = "png" if i % 2 else "jpg"
+            Image.fromarray(arr).save(root / c / f"{c}_{i}.{ext}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images")

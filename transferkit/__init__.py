@@ -9,7 +9,7 @@ Example:
 
 __version__ = "0.1.0"
 
-from transferkit.api import FinetuneResult, build_model, finetune, seed_everything
+from transferkit.api import FinetuneResult, build_model, finetune, linear_probe, lr_find, resume, seed_everything
 from transferkit.backbones import Backbone, Block, InputSpec, get_backbone, list_backbones
 from transferkit.errors import (
     BackboneError,
@@ -32,5 +32,5 @@ __all__ = [
     "InputSpec", "Policy", "PolicyError", "Prediction", "Predictor", "TrainingError", "TransferModel",
     "TransferkitError", "UnknownBackboneError", "WeightsError", "ImagePreprocess", "apply_policy", "build_head",
     "build_model", "export_torchscript", "finetune", "get_backbone", "list_backbones", "load", "seed_everything",
-    "set_train_mode", "trainable_parameter_names",
+    "set_train_mode", "trainable_parameter_names", "linear_probe", "lr_find", "resume",
 ]

@@ -39,3 +39,29 @@ def build_head(num_features: int, num_outputs: int, *, hidden: Sequence[int] = (
         layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(width, num_outputs))
     return nn.Sequential(*layers)
+
+
+HEADS = ("linear", "mlp", "logistic")
+DEFAULT_MLP_HIDDEN = (256,)
+
+
+def resolve_head(head: str | None, hidden: Sequence[int] = ()) -> tuple[str, tuple[int, ...]]:
+    """The head kind and its hidden widths from ``finetune``'s ``head`` and ``head_hidden``.
+
+    ``None``: ``"mlp"`` when ``hidden`` is given, else ``"linear"``. ``"mlp"`` without widths
+    gets one hidden layer of 256. ``"logistic"``: a linear head fitted by scikit-learn's
+    logistic regression on cached features (see :mod:`transferkit.train.probe`).
+
+    Example:
+        >>> resolve_head(None, (128,))
+        ('mlp', (128,))
+        >>> resolve_head("mlp")
+        ('mlp', (256,))
+    """
+    hidden = tuple(int(h) for h in hidden)
+    if head is None:
+        return ("mlp" if hidden else "linear"), hidden
+    check_choice("head", head, HEADS)
+    if head != "mlp" and hidden:
+        raise ConfigError(f"head={head!r} takes no head_hidden (got {list(hidden)}); use head='mlp'.")
+    return head, (hidden or DEFAULT_MLP_HIDDEN) if head == "mlp" else ()

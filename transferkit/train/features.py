@@ -69,8 +69,11 @@ def data_fingerprint(ds: Any) -> str:
     if hasattr(ds, "samples"):  # ImageFolderDataset (or anything listing (path, label) files)
         h.update(repr(getattr(ds, "min_size", None)).encode())
         for path, label in ds.samples:
-            st = os.stat(path)
-            h.update(f"{os.path.abspath(path)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            if isinstance(path, (str, os.PathLike)):
+                st = os.stat(path)
+                h.update(f"{os.path.abspath(path)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            else:  # in-memory item (e.g. a waveform)
+                _hash_item(h, (path, label))
         return h.hexdigest()
     base, indices = getattr(ds, "base", ds), getattr(ds, "indices", None)
     if indices is None:

@@ -112,6 +112,7 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: tor
     sampler = EpochSampler(n, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
                            drop_last=drop_last and n > batch_size * world_size)
     return DataLoader(SeededItems(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=getattr(dataset, "collate_fn", None),  # audio: pads clips of different lengths
                       pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
                       drop_last=drop_last and len(sampler) > batch_size,
                       prefetch_factor=4 if num_workers > 0 else None)

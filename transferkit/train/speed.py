@@ -68,17 +68,19 @@ class SpeedConfig:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Move ``module`` to channels_last when asked (in place); return it compiled when asked.
-
-        The returned module shares its parameters with ``module``: checkpoints and exports use ``module``."""
+    def prepare(self, module: torch.nn.Module) -> None:
+        """Move ``module`` to channels_last when asked (in place, parameters keep their identity)."""
         if self.channels_last:
             module.to(memory_format=torch.channels_last)
-        if self.compile:
-            if not hasattr(torch, "compile"):
-                raise ConfigError("compile=True needs torch >= 2.0.")
-            return torch.compile(module)
-        return module
+
+    def maybe_compile(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``torch.compile(module)`` when asked (sharing its parameters), else ``module``.
+        Checkpoints and exports keep using the uncompiled module."""
+        if not self.compile:
+            return module
+        if not hasattr(torch, "compile"):
+            raise ConfigError("compile=True needs torch >= 2.0.")
+        return torch.compile(module)
 
 
 def set_deterministic(enabled: bool) -> None:

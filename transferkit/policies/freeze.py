@@ -18,8 +18,6 @@ training except under ``affine``, which trains gamma/beta everywhere (fastai's
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -80,10 +78,19 @@ def apply_policy(model: nn.Module, backbone: Backbone, policy: Policy, epoch: in
         p.requires_grad_(True)
 
 
-def _modules_of(trunk: nn.Module, backbone: Backbone, blocks: set[str]) -> Iterator[nn.Module]:
+def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]:
+    """``{module name: block}`` for every submodule of ``trunk``: the block owning all the
+    parameters under it (block maps may name modules or single parameters); a module without
+    parameters (dropout, activation) takes its parent's; ``None`` for containers that span
+    several blocks (the trunk itself, a ViT's encoder)."""
+    out: dict[str, str | None] = {}
     for name, m in trunk.named_modules():
-        if name and any(b.owns(name) for b in backbone.blocks if b.name in blocks):
-            yield m
+        owners = {_block_of(backbone, f"{name}.{pn}" if name else pn) for pn, _ in m.named_parameters()}
+        if not owners and name:
+            out[name] = out.get(name.rpartition(".")[0]) if "." in name else None
+        else:
+            out[name] = owners.pop() if len(owners) == 1 else None
+    return out
 
 
 def set_train_mode(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int = 0) -> None:
@@ -98,8 +105,10 @@ def set_train_mode(model: nn.Module, backbone: Backbone, policy: Policy, epoch: 
     if not active:
         model.trunk.eval()
         return
-    for m in _modules_of(model.trunk, backbone, set(backbone.block_names) - active):
-        m.eval()
+    owner = module_blocks(model.trunk, backbone)
+    for name, m in model.trunk.named_modules():
+        if owner[name] is not None and owner[name] not in active:
+            m.eval()
     if policy.bn != "train":
         for m in model.trunk.modules():
             if isinstance(m, _BatchNorm):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from transferkit.errors import PolicyError, check_choice
+from transferkit.errors import PolicyError
 
 BN_MODES = ("train", "affine", "frozen")
 DEFAULT_LORA_TARGETS = r"attn|attention|mlp"
@@ -73,10 +73,14 @@ class Policy:
     def __post_init__(self) -> None:
         if isinstance(self.unfreeze, list):
             object.__setattr__(self, "unfreeze", tuple(self.unfreeze))
+        if self.unfreeze == 0 and not isinstance(self.unfreeze, bool):  # no block: one spelling
+            object.__setattr__(self, "unfreeze", "none")
         if isinstance(self.milestones, (list, int)):
             object.__setattr__(self, "milestones", tuple(self.milestones) if isinstance(self.milestones, list)
                                else (self.milestones,))
-        check_choice("BatchNorm mode", self.bn, BN_MODES)
+        if self.bn not in BN_MODES:
+            raise PolicyError(f"Unknown BatchNorm mode bn={self.bn!r}. Valid: 'train' (statistics and gamma/beta "
+                              "train), 'affine' (statistics frozen, gamma/beta train), 'frozen' (nothing trains).")
         self._check_unfreeze()
         self._check_gradual()
         self._check_rates()

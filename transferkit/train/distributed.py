@@ -79,6 +79,15 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
+def broadcast_buffers(module: nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank. DDP does the same at
+    the start of each forward; doing it after an epoch makes validation and checkpoints agree."""
+    if not info.enabled:
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src=0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.barrier()

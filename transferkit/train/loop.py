@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transferkit.errors import TrainingError
-from transferkit.train.distributed import DistInfo, all_reduce_sum
+from transferkit.train.distributed import DistInfo, all_reduce_sum, broadcast_buffers
 from transferkit.train.speed import SpeedConfig
 from transferkit.train.tasks import count_correct, monitor_default
 
@@ -179,6 +179,7 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
                              device=device, task=task, speed=speed, scaler=scaler,
                              desc=f"epoch {epoch + 1}/{epochs}", verbose=verbose and dist.is_main, penalty=penalty)
         loss_sum, correct, seen = all_reduce_sum([tr["loss_sum"], tr["correct"], tr["seen"]], dist)
+        broadcast_buffers(module, dist)
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                                "lr": optimizer.param_groups[0]["lr"]}
         if task != "regression":

@@ -1,0 +1,105 @@
+"""Checkpoints and exact resume: an interrupted-and-resumed CPU run ends bit-identical to an
+uninterrupted one (model, optimizer, schedule, RNG states, best epoch, early-stopping state)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import transferkit as tk
+from transferkit.errors import ConfigError
+from transferkit.train import load_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest, and immune to spin-waiting on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _stop_after(k: int):
+    def cb(row: dict) -> None:
+        if row["epoch"] == k:
+            raise Interrupt(f"simulated kill after epoch {k}")
+    return cb
+
+
+# dropout in the head and random crops make the run consume RNG every epoch; a cosine schedule with
+# warmup and AdamW moments must come back too.
+RUNS = {
+    "images": dict(policy="unfreeze:last=1", augment="standard", head_hidden=(16,), head_dropout=0.3, epochs=4,
+                   schedule="cosine", warmup_epochs=1),
+    "cached": dict(policy="feature_extraction", head_hidden=(16,), head_dropout=0.3, epochs=5, schedule="one_cycle",
+                   cache_views=2, augment="flip"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RUNS))
+def test_interrupted_and_resumed_run_is_bit_identical(image_folder, tmp_path, kind):
+    common = dict(weights=None, data=image_folder, image_size=32, device="cpu", num_workers=0, seed=3, batch_size=4,
+                  lr=3e-3, verbose=False, **RUNS[kind])
+    full = tk.finetune("tk:small_cnn", checkpoint=tmp_path / "full.pt", **common)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Interrupt):
+        tk.finetune("tk:small_cnn", checkpoint=ckpt, callbacks=[_stop_after(2)], **common)
+    saved = load_checkpoint(ckpt)
+    assert saved["epoch"] == 2 and not saved["complete"]
+    resumed = tk.finetune("tk:small_cnn", checkpoint=ckpt, resume=True, **common)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    strip = lambda h: [{k: v for k, v in r.items() if k != "time_s"} for r in h]  # noqa: E731
+    assert strip(full.history) == strip(resumed.history)
+    assert full.best == resumed.best
+    assert load_checkpoint(ckpt)["complete"]
+
+
+def test_resume_function_reads_the_stored_settings(image_folder, tmp_path):
+    common = dict(weights=None, data=str(image_folder), image_size=32, device="cpu", num_workers=0, seed=1, epochs=3,
+                  batch_size=4, verbose=False, policy="feature_extraction")
+    full = tk.finetune("tk:small_cnn", **common)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Interrupt):
+        tk.finetune("tk:small_cnn", checkpoint=ckpt, callbacks=[_stop_after(1)], **common)
+    resumed = tk.resume(ckpt)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_resume_refuses_a_checkpoint_from_other_settings(image_folder, tmp_path):
+    common = dict(weights=None, data=image_folder, image_size=32, device="cpu", num_workers=0, epochs=2, batch_size=4,
+                  verbose=False)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Interrupt):
+        tk.finetune("tk:small_cnn", checkpoint=ckpt, callbacks=[_stop_after(1)], lr=1e-3, **common)
+    with pytest.raises(ConfigError, match="lr"):
+        tk.finetune("tk:small_cnn", checkpoint=ckpt, resume=True, lr=5e-3, **common)
+
+
+def test_checkpoint_write_is_atomic(image_folder, tmp_path, monkeypatch):
+    """A crash while writing leaves the previous checkpoint readable."""
+    common = dict(weights=None, data=image_folder, image_size=32, device="cpu", num_workers=0, epochs=2, batch_size=4,
+                  verbose=False)
+    ckpt = tmp_path / "run.pt"
+    tk.finetune("tk:small_cnn", checkpoint=ckpt, **common)
+    before = ckpt.read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        tk.finetune("tk:small_cnn", checkpoint=ckpt, **common)
+    assert ckpt.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["run.pt"]  # no temporary left behind

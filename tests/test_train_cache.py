@@ -1,0 +1,148 @@
+"""Feature cache: keyed by backbone + weights + transform + data; memory or memory-mapped disk;
+K augmented views; reuse across runs with cache_dir; the logistic-regression probe."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import transferkit as tk
+from transferkit.data import ImageFolderDataset, eval_transform, train_transform
+from transferkit.train.features import cache_key, compute_features, data_fingerprint, feature_loader, load_cached
+from transferkit.train.probe import fit_logistic_probe
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    bb = tk.get_backbone("tk:small_cnn", weights=None, widths=(8, 8, 16))
+    return bb, tk.build_model(bb, 2).eval()
+
+
+def test_key_changes_with_weights_transform_and_data(image_folder):
+    bb, model = _model()
+    ds = ImageFolderDataset(image_folder)
+    tf = eval_transform(bb.input_spec)
+    key = cache_key(backbone=bb.name, model=model, transform=tf, dataset=ds, views=1, seed=0)
+    assert key == cache_key(backbone=bb.name, model=model, transform=tf, dataset=ds, views=1, seed=0)
+    _, other = _model(seed=1)
+    assert key != cache_key(backbone=bb.name, model=other, transform=tf, dataset=ds, views=1, seed=0)
+    with torch.no_grad():  # a BatchNorm statistic is part of the weights too
+        next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean[0] += 1
+    assert key != cache_key(backbone=bb.name, model=model, transform=tf, dataset=ds, views=1, seed=0)
+    bb2 = tk.InputSpec(**{**bb.input_spec.to_dict(), "image_size": 24})
+    assert key != cache_key(backbone=bb.name, model=model, transform=eval_transform(bb2), dataset=ds, views=1, seed=0)
+    before = data_fingerprint(ds)
+    f = ds.samples[0][0]
+    st = os.stat(f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # the file was rewritten
+    assert data_fingerprint(ds) != before
+    assert data_fingerprint(ds.view([0, 1, 2])) != data_fingerprint(ds)
+
+
+def test_in_memory_dataset_fingerprint_follows_content():
+    x = torch.randint(0, 255, (6, 3, 8, 8), dtype=torch.uint8)
+    a = data_fingerprint(TensorDataset(x, torch.arange(6)))
+    x2 = x.clone()
+    x2[0, 0, 0, 0] ^= 1
+    assert a == data_fingerprint(TensorDataset(x.clone(), torch.arange(6)))
+    assert a != data_fingerprint(TensorDataset(x2, torch.arange(6)))
+
+
+def test_disk_cache_is_memory_mapped_and_reused(image_folder, tmp_path):
+    bb, model = _model()
+    ds = ImageFolderDataset(image_folder).view(transform=eval_transform(bb.input_spec))
+    cache = tmp_path / "cache"
+    kw = dict(key="k1", views=1, batch_size=8, device=torch.device("cpu"), num_workers=0, seed=0, cache_dir=cache)
+    first = compute_features(model, ds, **kw)
+    assert not first.reused and isinstance(first.features, np.memmap)
+    assert first.features.shape == (1, len(ds), 16)
+    mem = compute_features(model, ds, **{**kw, "cache_dir": None})
+    np.testing.assert_array_equal(np.asarray(first.features), mem.features)  # same numbers on disk and in RAM
+    again = compute_features(model, ds, **kw)
+    assert again.reused
+    np.testing.assert_array_equal(np.asarray(again.features), np.asarray(first.features))
+    assert [p.name for p in cache.iterdir()] == ["k1"]  # no temporary folder left
+    assert load_cached(cache, "absent") is None
+
+
+def test_augmented_views_differ_and_are_reproducible(image_folder):
+    bb, model = _model()
+    ds = ImageFolderDataset(image_folder).view(transform=train_transform(bb.input_spec, "standard"))
+    kw = dict(key="k", views=3, batch_size=8, device=torch.device("cpu"), num_workers=0, seed=0)
+    a = compute_features(model, ds, **kw)
+    b = compute_features(model, ds, **kw)
+    np.testing.assert_array_equal(a.features, b.features)
+    assert not np.allclose(a.features[0], a.features[1])
+    dl = feature_loader(a, batch_size=4, shuffle=True, seed=0)
+    dl.sampler.set_epoch(0)
+    x, y = next(iter(dl))
+    assert x.shape == (4, 16) and y.shape == (4,)
+
+
+def test_finetune_cache_dir_reuses_features_across_runs(image_folder, tmp_path, monkeypatch):
+    common = dict(weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0, epochs=2,
+                  batch_size=4, verbose=False, cache_dir=tmp_path / "cache")
+    r1 = tk.finetune("tk:small_cnn", **common)
+    entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(entries) == 2  # train and val
+    import transferkit.train.features as features
+
+    calls = []
+    real = features.extract_features
+    monkeypatch.setattr(features, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    r2 = tk.finetune("tk:small_cnn", **common)
+    assert calls == []  # read back from disk, the backbone did not run
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == entries
+    for k, v in r1.model.state_dict().items():
+        assert torch.equal(v, r2.model.state_dict()[k])
+    r3 = tk.finetune("tk:small_cnn", **{**common, "seed": 5})  # other weights: new entries
+    assert r3.used_feature_cache and len(list((tmp_path / "cache").iterdir())) == 4 and len(calls) == 2
+
+
+def test_probe_chooses_C_on_validation_and_matches_sklearn():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(-0.5, 1, (40, 5)), rng.normal(0.5, 1, (40, 5)), rng.normal(0, 1, (40, 5)) + 2])
+    y = np.repeat([0, 1, 2], 40)
+    res, w, b = fit_logistic_probe(x[::2], y[::2], x[1::2], y[1::2], Cs=[1e-4, 1e-2, 1.0])
+    assert res.C in (1e-4, 1e-2, 1.0) and res.scores[res.C] == max(res.scores.values())
+    probs = torch.softmax(torch.from_numpy(x[1::2]).float() @ torch.from_numpy(w).T + torch.from_numpy(b), 1)
+    np.testing.assert_allclose(probs.numpy(), res.classifier.predict_proba((x[1::2] - x[::2].mean(0)) / x[::2].std(0)),
+                               atol=1e-4)
+
+
+def test_linear_probe_end_to_end_exports(image_folder, tmp_path):
+    r = tk.linear_probe("tk:small_cnn", weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0,
+                        verbose=False, Cs=[0.01, 1.0], export=tmp_path / "probe.pt")
+    assert r.used_feature_cache and r.history == []
+    assert r.metrics["probe"]["C"] in (0.01, 1.0)
+    assert r.metrics["val_acc"] == r.best["val_acc"]  # the head computes what sklearn chose
+    assert r.export_path.exists()
+
+
+def test_cache_is_faster_than_rerunning_the_backbone(image_folder):
+    """Behaviour, not a benchmark: with the cache, later epochs do not touch the backbone."""
+    calls = []
+    bb = tk.get_backbone("tk:small_cnn", weights=None, widths=(8, 8, 16))
+    bb.trunk.register_forward_hook(lambda *a: calls.append(1))
+    tk.finetune(bb, data=image_folder, image_size=16, device="cpu", num_workers=0, epochs=5, batch_size=4,
+                verbose=False)
+    n_batches_once = len(calls)
+    assert 0 < n_batches_once <= 2 + 2  # one pass over train and one over val (batches of 64), not 5 epochs
+
+
+def test_cache_with_views_needs_augmentation(image_folder):
+    with pytest.raises(tk.ConfigError, match="augment"):
+        tk.finetune("tk:small_cnn", weights=None, data=image_folder, image_size=16, cache_views=2, augment="none",
+                    verbose=False, num_workers=0)

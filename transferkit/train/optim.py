@@ -103,7 +103,7 @@ class LRSchedule:
         lo, end = 1.0 / o["div_factor"], 1.0 / (o["div_factor"] * o["final_div_factor"])
         if step < up:
             return lo + (1 - lo) * 0.5 * (1 - math.cos(math.pi * step / up))
-        t = min((step - up) / max(self.total_steps - up, 1), 1.0)
+        t = min((step - up) / max(self.total_steps - 1 - up, 1), 1.0)  # the last step reaches the floor
         return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * t))
 
     def _apply(self) -> None:

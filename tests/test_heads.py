@@ -1,0 +1,57 @@
+"""Heads, tasks and losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from transferkit.errors import ConfigError
+from transferkit.heads import build_head, resolve_head
+from transferkit.train.tasks import balanced_class_weights, make_loss, output_activation
+
+
+@pytest.mark.parametrize("activation,cls", [("relu", nn.ReLU), ("gelu", nn.GELU), ("tanh", nn.Tanh),
+                                            ("sigmoid", nn.Sigmoid)])
+def test_mlp_head_layers(activation, cls):
+    head = build_head(10, 3, hidden=(8, 4), activation=activation, dropout=0.2)
+    kinds = [type(m) for m in head]
+    assert kinds == [nn.Linear, cls, nn.Dropout, nn.Linear, cls, nn.Dropout, nn.Linear]
+    assert head(torch.zeros(5, 10)).shape == (5, 3)
+
+
+def test_linear_head_and_resolution():
+    assert [type(m) for m in build_head(10, 2)] == [nn.Linear]
+    assert resolve_head(None) == ("linear", ())
+    assert resolve_head("mlp", (32,)) == ("mlp", (32,))
+    with pytest.raises(ConfigError, match="head_hidden"):
+        resolve_head("linear", (8,))
+    with pytest.raises(ConfigError, match="Did you mean 'mlp'"):
+        resolve_head("mlpp")
+    with pytest.raises(ConfigError, match="dropout"):
+        build_head(4, 2, dropout=1.5)
+
+
+def test_losses_per_task():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 1])
+    plain = make_loss("multiclass")(logits, y)
+    smooth = make_loss("multiclass", label_smoothing=0.2)(logits, y)
+    assert smooth > plain  # smoothing penalises confident correct predictions
+    weighted = make_loss("multiclass", class_weights=[0.0, 1.0])(logits, y)
+    assert torch.isclose(weighted, nn.functional.cross_entropy(logits[1:], y[1:]))
+    mh = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    assert torch.isclose(make_loss("multilabel")(logits, mh), nn.functional.binary_cross_entropy_with_logits(logits, mh))
+    assert torch.isclose(make_loss("regression")(logits, mh), ((logits - mh) ** 2).mean())
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        make_loss("regression", label_smoothing=0.1)
+    with pytest.raises(ConfigError, match="Unknown task"):
+        make_loss("segmentation")
+
+
+def test_output_activation_and_balanced_weights():
+    z = torch.tensor([[0.0, 0.0]])
+    assert torch.allclose(output_activation("multiclass", z), torch.tensor([[0.5, 0.5]]))
+    assert torch.allclose(output_activation("multilabel", z), torch.tensor([[0.5, 0.5]]))
+    assert torch.equal(output_activation("regression", z), z)
+    assert balanced_class_weights([0, 0, 0, 1], 2) == [4 / 6, 2.0]

@@ -1,0 +1,119 @@
+"""Optimizers, schedules with warmup, reduce-on-plateau, and the LR range test."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import transferkit as tk
+from transferkit.errors import ConfigError
+from transferkit.train.lr_find import suggest_lr
+from transferkit.train.optim import LRSchedule, make_optimizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _lrs(name, steps=20, per_epoch=5, warmup=0, **opts):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p], "lr": 1.0}], lr=1.0)
+    s = LRSchedule(name, opt, total_steps=steps, steps_per_epoch=per_epoch, warmup_steps=warmup, options=opts or None)
+    out = [opt.param_groups[0]["lr"]]
+    for _ in range(steps - 1):
+        s.step()
+        out.append(opt.param_groups[0]["lr"])
+    return out, s, opt
+
+
+def test_schedule_shapes():
+    const, *_ = _lrs("constant")
+    assert const == [1.0] * 20
+    step, *_ = _lrs("step", step_epochs=2, gamma=0.1)
+    assert step[0] == 1.0 and step[9] == 1.0 and math.isclose(step[10], 0.1) and math.isclose(step[19], 0.1)
+    exp, *_ = _lrs("exponential", gamma=0.5)
+    assert math.isclose(exp[5], 0.5) and math.isclose(exp[15], 0.125)
+    cos, *_ = _lrs("cosine")
+    assert cos[0] == 1.0 and all(a >= b for a, b in zip(cos, cos[1:])) and cos[-1] < 0.01
+    oc, *_ = _lrs("one_cycle", pct_start=0.25)
+    peak = oc.index(max(oc))
+    assert peak == 5 and math.isclose(oc[0], 1 / 25) and oc[-1] < 1e-3
+
+
+def test_warmup_is_linear_then_schedule():
+    lrs, *_ = _lrs("cosine", warmup=4)
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[5] < 1.0
+
+
+def test_reduce_on_plateau_and_state_roundtrip():
+    _, s, opt = _lrs("plateau", patience=1, factor=0.5)
+    for loss in (1.0, 0.9, 0.95, 0.95):  # two epochs without improvement > patience 1
+        s.epoch_end(loss)
+    assert math.isclose(opt.param_groups[0]["lr"], 0.5)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt2 = torch.optim.SGD([p], lr=1.0)
+    s2 = LRSchedule("plateau", opt2, total_steps=20, steps_per_epoch=5, options={"patience": 1, "factor": 0.5})
+    s2.load_state_dict(s.state_dict())
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_group_learning_rate_ratios_are_kept():
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 1.0}], lr=1.0)
+    s = LRSchedule("cosine", opt, total_steps=10, steps_per_epoch=5)
+    for _ in range(5):
+        s.step()
+    assert math.isclose(opt.param_groups[0]["lr"] * 10, opt.param_groups[1]["lr"])
+
+
+def test_bad_values_raise_readable_errors():
+    p = [{"params": [torch.nn.Parameter(torch.zeros(1))]}]
+    with pytest.raises(ConfigError, match="Did you mean .*'adamw'"):
+        make_optimizer("adamv", p, lr=1e-3)
+    with pytest.raises(ConfigError, match="lr must be"):
+        make_optimizer("sgd", p, lr=-1)
+    with pytest.raises(ConfigError, match="schedule_options"):
+        _lrs("cosine", gamma=0.5)
+    with pytest.raises(ConfigError, match="Unknown schedule"):
+        _lrs("linear")
+
+
+def test_suggestion_is_at_the_steepest_descent():
+    lrs = [10 ** (-6 + i / 10) for i in range(60)]
+    losses = [1.0 / (1 + math.exp(4 * (math.log10(lr) + 3))) + (0 if lr < 1 else 10) for lr in lrs]
+    assert round(math.log10(suggest_lr(lrs, losses))) == -3
+
+
+def test_lr_find_runs_and_plots(image_folder, tmp_path):
+    res = tk.lr_find("tk:small_cnn", weights=None, data=image_folder, image_size=16, num_workers=0, device="cpu",
+                     batch_size=4, num_steps=25, start_lr=1e-5, end_lr=10, plot=tmp_path / "lr.png")
+    assert 1e-5 <= res.suggestion <= 10
+    assert len(res.lrs) == len(res.losses) and 2 <= len(res.lrs) <= 25
+    assert all(b > a for a, b in zip(res.lrs, res.lrs[1:]))
+    assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_range_test_restores_weights_and_optimizer():
+    from transferkit.train.features import feature_loader
+    from transferkit.train.lr_find import lr_range_test
+    from transferkit.train.speed import SpeedConfig
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6), torch.randint(0, 2, (64,))
+    head = torch.nn.Linear(6, 2)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    res = lr_range_test(head, feature_loader(x, y, batch_size=8, shuffle=True), optimizer=opt,
+                        loss_fn=torch.nn.CrossEntropyLoss(), speed=SpeedConfig(torch.device("cpu")),
+                        set_mode=lambda e: head.train(), num_steps=30, end_lr=100.0)
+    assert len(res.lrs) >= 10  # several epochs of 8 batches
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert opt.state_dict()["state"] == {} and opt.param_groups[0]["lr"] == 1e-3

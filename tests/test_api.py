@@ -1,0 +1,127 @@
+"""finetune() end to end: tasks, metrics and reports, early stopping, determinism, speed options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import transferkit as tk
+from transferkit.errors import ConfigError, DataError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+COMMON = dict(weights=None, image_size=16, device="cpu", num_workers=0, batch_size=8, verbose=False)
+
+
+class Colours(Dataset):
+    """Images whose mean red/green/blue intensities are the targets (regression) or their
+    thresholds (multi-label: 'red', 'green', 'blue' present)."""
+
+    def __init__(self, n: int, task: str, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.levels = rng.uniform(0, 1, (n, 3)).astype(np.float32)
+        self.task = task
+
+    def __len__(self) -> int:
+        return len(self.levels)
+
+    def __getitem__(self, i: int):
+        img = (np.ones((12, 12, 3)) * self.levels[i] * 255).astype(np.uint8)
+        target = self.levels[i] if self.task == "regression" else (self.levels[i] > 0.5).astype(np.float32)
+        return img, target
+
+
+def test_multiclass_metrics_and_reports(image_folder, tmp_path):
+    r = tk.finetune("tk:small_cnn", data=image_folder, epochs=3, lr=1e-2, log_dir=tmp_path / "tb",
+                    plots_dir=tmp_path / "plots", **COMMON)
+    m = r.metrics
+    assert {"val_acc", "val_loss", "accuracy", "macro_f1", "per_class", "confusion_matrix"} <= set(m)
+    assert m["val_acc"] == m["accuracy"]
+    cm = np.array(m["confusion_matrix"])
+    assert cm.shape == (2, 2) and cm.sum() == sum(m["per_class"][c]["support"] for c in r.classes)
+    assert np.trace(cm) / cm.sum() == pytest.approx(m["accuracy"])
+    assert [row["epoch"] for row in r.history] == [1, 2, 3]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr"} <= set(r.history[0])
+    for name in ("training_curves.png", "confusion_matrix.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_top_k_reported_with_many_classes(tmp_path):
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "six", classes=tuple("abcdef"), per_class=5)
+    r = tk.finetune("tk:small_cnn", data=root, epochs=1, top_k=3, **COMMON)
+    assert 0.0 <= r.metrics["accuracy"] <= r.metrics["top3_accuracy"] <= 1.0
+
+
+def test_multilabel_task_trains_and_exports_sigmoid_metadata(tmp_path):
+    r = tk.finetune("tk:small_cnn", data=Colours(48, "multilabel"), val_data=Colours(16, "multilabel", seed=1),
+                    task="multilabel", classes=["red", "green", "blue"], policy="full", epochs=6, lr=3e-2,
+                    export=tmp_path / "ml.pt", **COMMON)
+    assert r.task == "multilabel" and r.classes == ["red", "green", "blue"]
+    assert {"subset_accuracy", "label_accuracy", "micro_f1", "macro_f1"} <= set(r.metrics)
+    assert r.metrics["label_accuracy"] > 0.6  # better than always predicting one value
+    assert tk.load(r.export_path).metadata["task"] == "multilabel"
+
+
+def test_regression_task_beats_predicting_the_mean():
+    train, val = Colours(64, "regression"), Colours(24, "regression", seed=2)
+    r = tk.finetune("tk:small_cnn", data=train, val_data=val, task="regression", policy="full", epochs=8, lr=1e-2,
+                    **COMMON)
+    assert "train_acc" not in r.history[0] and "val_acc" not in r.metrics
+    assert r.best["epoch"] is not None and r.best["val_loss"] == min(h["val_loss"] for h in r.history)
+    baseline = float(((val.levels - train.levels.mean(0)) ** 2).mean())
+    assert r.metrics["mse"] < baseline
+
+
+def test_tasks_need_matching_data(image_folder):
+    with pytest.raises(DataError, match="multilabel"):
+        tk.finetune("tk:small_cnn", data=image_folder, task="multilabel", **COMMON)
+    with pytest.raises(ConfigError, match="Unknown task"):
+        tk.finetune("tk:small_cnn", data=image_folder, task="detection", **COMMON)
+
+
+def test_label_smoothing_and_balanced_class_weights_run(image_folder):
+    r = tk.finetune("tk:small_cnn", data=image_folder, epochs=2, label_smoothing=0.1, class_weights="balanced",
+                    **COMMON)
+    assert len(r.history) == 2
+
+
+def test_early_stopping_stops_and_restores_the_best_epoch(image_folder):
+    # lr 0: nothing changes, val_acc never improves after epoch 1
+    r = tk.finetune("tk:small_cnn", data=image_folder, epochs=20, lr=1e-12, early_stopping=2, **COMMON)
+    assert r.stopped_early and len(r.history) == 3 and r.best["epoch"] == 1
+
+
+def test_seed_gives_identical_runs_and_deterministic_mode(image_folder):
+    kw = dict(data=image_folder, epochs=2, policy="full", augment="standard", seed=7, deterministic=True, **COMMON)
+    try:
+        a, b = tk.finetune("tk:small_cnn", **kw), tk.finetune("tk:small_cnn", **kw)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k])
+    c = tk.finetune("tk:small_cnn", **{**kw, "seed": 8, "deterministic": False})
+    assert any(not torch.equal(v, c.model.state_dict()[k]) for k, v in a.model.state_dict().items())
+
+
+def test_gpu_options_are_checked_on_cpu(image_folder):
+    with pytest.raises(ConfigError, match="fp16"):
+        tk.finetune("tk:small_cnn", data=image_folder, precision="fp16", **COMMON)
+    with pytest.raises(ConfigError, match="precision"):
+        tk.finetune("tk:small_cnn", data=image_folder, precision="fp8", **COMMON)
+
+
+def test_cpu_bf16_autocast_trains(image_folder):
+    r = tk.finetune("tk:small_cnn", data=image_folder, epochs=1, policy="full", precision="bf16", **COMMON)
+    assert np.isfinite(r.history[0]["train_loss"])

@@ -109,8 +109,21 @@ def merge_lora(module: nn.Module) -> nn.Module:
     merged = copy.deepcopy(module)
     for m in list(merged.modules()):
         if parametrize.is_parametrized(m):
-            for pname in list(m.parametrizations.keys()):
-                if any(isinstance(p, LoRADelta) for p in m.parametrizations[pname]):
-                    with torch.no_grad():
-                        parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
+            _fold(m)
     return merged
+
+
+def _fold(m: nn.Module) -> None:
+    """Replace the parametrized tensors of ``m`` (a deep copy) by plain parameters holding their
+    current value. ``parametrize.remove_parametrizations`` cannot be used on a copy: the copy
+    shares its dynamically made class with the original, and removing the property from that
+    class would break the original."""
+    plists = m.parametrizations
+    if not all(isinstance(p, LoRADelta) for name in plists for p in plists[name]):
+        raise PolicyError(f"Cannot merge LoRA into {type(m).__name__}: it carries other parametrizations too.")
+    with torch.no_grad():
+        values = {name: nn.Parameter(getattr(m, name).detach().clone(), requires_grad=plists[name].original.requires_grad)
+                  for name in plists}
+    m.__class__ = m.__class__.__bases__[0]  # the module's own class, without the properties
+    del m._modules["parametrizations"]
+    m._parameters = {**values, **m._parameters}  # weights first, as nn.Linear and MultiheadAttention register them

@@ -18,6 +18,7 @@ training except under ``affine``, which trains gamma/beta everywhere (fastai's
 
 from __future__ import annotations
 
+import re
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -32,7 +33,13 @@ def _bn_param_names(trunk: nn.Module) -> set[str]:
             for pn, _ in m.named_parameters(recurse=False)}
 
 
+_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.(original|\d+\..+)$")
+
+
 def _block_of(backbone: Backbone, name: str) -> str:
+    """The block of a trunk parameter; a parametrized weight (LoRA) and its factors belong to the
+    block of the weight (``a.parametrizations.weight.original`` -> ``a.weight``)."""
+    name = _PARAMETRIZED.sub(lambda m: f"{m.group(1)}{m.group(2)}", name)
     try:
         return backbone.block_of(name)
     except KeyError:

@@ -1,0 +1,112 @@
+"""LoRA: which layers get factors, what trains, and the merged export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_policies_models import build, snapshot, train_steps
+
+from transferkit.errors import PolicyError
+from transferkit.export.torchscript import export_torchscript
+from transferkit.lora import add_lora, has_lora, merge_lora
+from transferkit.policies import Policy, apply_policy, trainable_parameter_names
+
+
+def _lora_names(model):
+    return {n for n, _ in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+
+
+def _adapted(model):
+    """The adapted layers: ``<linear>`` or ``<attention>.in_proj`` for each pair of factors."""
+    out = set()
+    for n in _lora_names(model):
+        owner, _, rest = n.partition(".parametrizations.")
+        out.add(owner + (".in_proj" if rest.startswith("in_proj_weight.") else ""))
+    return out
+
+
+@pytest.mark.parametrize("arch, per_layer", [("tv-vit", {"in_proj", "out_proj", "mlp.0", "mlp.3"}),
+                                             ("timm-vit", {"qkv", "proj", "fc1", "fc2"})])
+def test_lora_trains_only_factors_and_head_and_merges_exactly(arch, per_layer, tmp_path):
+    model, bb = build(arch)
+    keys_before_lora = set(model.state_dict())
+    before = snapshot(model)
+    policy = Policy.parse("lora:r=4,alpha=8")
+    had_grad = train_steps(model, bb, policy, steps=3, lr=3e-2)
+    lora = _lora_names(model)
+    head = {n for n, _ in model.named_parameters() if n.startswith("head.")}
+    assert trainable_parameter_names(model) == lora | head
+    # every attention and MLP projection of every transformer layer got factors
+    adapted = _adapted(model)
+    assert len(adapted) == 3 * 4  # 3 layers x 4 projections
+    for suffix in per_layer:
+        assert sum(a.endswith(suffix) for a in adapted) == 3, (suffix, sorted(adapted))
+    after = model.state_dict()
+    for n, p in model.named_parameters():
+        if n in lora or n in head:
+            assert had_grad[n], n
+        else:
+            assert not had_grad[n] and torch.equal(p, before[n.replace(".parametrizations.", ".")
+                                                                .replace("weight.original", "weight")
+                                                                .replace("in_proj_weight.original", "in_proj_weight")])
+    assert any(not torch.equal(after[n], torch.zeros_like(after[n])) for n in lora if n.endswith("lora_B"))
+
+    merged = merge_lora(model)
+    assert has_lora(model) and not has_lora(merged)
+    assert set(merged.state_dict()) == keys_before_lora  # same layout as the model before LoRA
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    model.eval()
+    merged.eval()
+    with torch.no_grad():
+        ref, out = model(x), merged(x)
+        assert (ref - out).abs().max().item() <= 1e-5
+        # the merged weights really differ from the pretrained ones
+        assert any(not torch.equal(merged.state_dict()[k], before[k]) for k in keys_before_lora if "trunk" in k)
+    report = export_torchscript(merged, tmp_path / "lora.pt", metadata={"labels": ["a", "b", "c"],
+                                                                        "input_spec": {}}, example_inputs=x)
+    assert report.mode == "script"
+    scripted = torch.jit.load(str(tmp_path / "lora.pt"))
+    with torch.no_grad():
+        assert (scripted(x) - ref).abs().max().item() <= 1e-5
+
+
+def test_lora_with_an_unfrozen_block_and_pattern():
+    model, bb = build("timm-vit")
+    policy = Policy.parse(f"lora:r=2,targets=qkv,blocks={bb.block_names[-1]}")
+    apply_policy(model, bb, policy)
+    adapted = _adapted(model)
+    assert adapted and all(a.endswith("attn.qkv") for a in adapted)
+    last = bb.blocks[-1]
+    trunk_trainable = {n for n in trainable_parameter_names(model) if n.startswith("trunk.")}
+    # the unfrozen block trains whole (its qkv base weight too), elsewhere only the factors
+    in_last = {f"trunk.{n}" for n, _ in bb.trunk.named_parameters()
+               if last.owns(n.replace(".parametrizations.weight.original", ".weight"))
+               and not n.endswith(("lora_A", "lora_B"))}
+    assert "trunk.blocks.2.attn.qkv.parametrizations.weight.original" in in_last
+    assert trunk_trainable == _lora_names(model) | in_last
+    apply_policy(model, bb, policy, epoch=1)  # idempotent: factors are added once
+    assert _adapted(model) == adapted
+
+
+def test_lora_errors_are_clear():
+    model, bb = build("tv-resnet")
+    with pytest.raises(PolicyError, match="no linear layer matches"):
+        apply_policy(model, bb, Policy.parse("lora:r=2"))
+    vit, _ = build("tv-vit")
+    add_lora(vit.trunk, rank=2)
+    with pytest.raises(PolicyError, match="already has LoRA"):
+        add_lora(vit.trunk, rank=2)
+
+
+def test_finetune_with_lora_exports_the_merged_model(image_folder, tmp_path):
+    from transferkit import finetune
+
+    model, bb = build("tv-vit")
+    result = finetune(bb, data=image_folder, policy="lora:r=2", epochs=1, batch_size=8, image_size=32,
+                      export=tmp_path / "m.pt", verbose=False, num_workers=0)
+    assert has_lora(result.model) and result.export_report.mode == "script"
+    scripted = torch.jit.load(str(result.export_path))
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    result.model.eval()
+    with torch.no_grad():
+        assert (scripted(x) - result.model(x)).abs().max().item() <= 1e-5

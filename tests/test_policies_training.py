@@ -1,0 +1,157 @@
+"""Policies during training: gradual unfreezing with schedules and resume, L2-SP, and finetune()."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from transferkit.backbones import get_backbone
+from transferkit.heads import build_head
+from transferkit.model import ImagePreprocess, TransferModel
+from transferkit.policies import L2SP, Policy, apply_policy, param_groups, policy_penalty, set_train_mode
+from transferkit.train.loop import TrainState, fit
+from transferkit.train.optim import make_optimizer, make_scheduler
+
+EPOCHS = 6
+
+
+def small(seed: int = 0):
+    torch.manual_seed(seed)
+    bb = get_backbone("tk:small_cnn", weights=None, widths=(8, 8, 16))
+    return TransferModel(ImagePreprocess((0.5,) * 3, (0.5,) * 3), bb.trunk, build_head(bb.num_features, 3)), bb
+
+
+def loader() -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=g)
+    return DataLoader(TensorDataset(x, torch.randint(0, 3, (16,), generator=g)), batch_size=8, shuffle=False)
+
+
+def setup(spec: str, schedule: str, seed: int = 0):
+    """Model, optimizer and schedule built the way finetune() builds them: groups for the whole run."""
+    model, bb = small(seed)
+    policy = Policy.parse(spec)
+    apply_policy(model, bb, policy, epoch=0)
+    opt = make_optimizer("adamw", param_groups(model, lr=1e-2, weight_decay=0.05, backbone=bb, policy=policy,
+                                               epochs=EPOCHS), lr=1e-2)
+    sched = make_scheduler(schedule, opt, total_steps=EPOCHS * 2, steps_per_epoch=2)
+
+    def set_mode(epoch: int) -> None:
+        apply_policy(model, bb, policy, epoch=epoch)
+        set_train_mode(model, bb, policy, epoch=epoch)
+
+    return model, bb, policy, opt, sched, set_mode
+
+
+def run(model, opt, sched, set_mode, *, until: int, state: TrainState | None = None):
+    """fit() up to epoch ``until``; return the trunk parameters that changed in each epoch."""
+    changed: list[set[str]] = []
+    prev = {n: p.detach().clone() for n, p in model.trunk.named_parameters()}
+
+    def on_end(_state):
+        changed.append({n for n, p in model.trunk.named_parameters() if not torch.equal(prev[n], p)})
+        prev.update({n: p.detach().clone() for n, p in model.trunk.named_parameters()})
+
+    fit(model, loader(), None, epochs=until, optimizer=opt, scheduler=sched, loss_fn=nn.CrossEntropyLoss(),
+        device=torch.device("cpu"), set_mode=set_mode, state=state, on_epoch_end=on_end, verbose=False)
+    return changed
+
+
+CASES = [("gradual:every=2", "cosine"), ("gradual:milestones=1+4,discriminative=0.1", "one_cycle"),
+         ("gradual:every=2,layer_decay=0.5", "one_cycle")]
+
+
+@pytest.mark.parametrize("spec, schedule", CASES)
+def test_gradual_unfreezing_trains_exactly_the_scheduled_blocks_each_epoch(spec, schedule):
+    model, bb, policy, opt, sched, set_mode = setup(spec, schedule)
+    changed = run(model, opt, sched, set_mode, until=EPOCHS)
+    for epoch, names in enumerate(changed):
+        blocks = [b for b in bb.blocks if b.name in policy.trainable_blocks(bb.block_names, epoch)]
+        expected = {n for n, _ in model.trunk.named_parameters() if any(b.owns(n) for b in blocks)}
+        assert names == expected, f"epoch {epoch}: trained {sorted(names)}, expected {sorted(expected)}"
+    assert changed[0] == set() or policy.milestones and 0 in policy.milestones
+    assert changed[-1]  # something did unfreeze
+
+
+@pytest.mark.parametrize("spec, schedule", CASES[:2])
+def test_gradual_unfreezing_resumed_mid_schedule_matches_an_uninterrupted_run(spec, schedule):
+    model, _, _, opt, sched, set_mode = setup(spec, schedule)
+    full_changes = run(model, opt, sched, set_mode, until=EPOCHS)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, _, _, opt, sched, set_mode = setup(spec, schedule)
+    first = run(model, opt, sched, set_mode, until=3)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+
+    model, _, _, opt, sched, set_mode = setup(spec, schedule, seed=123)  # other init: everything comes from the file
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    sched.load_state_dict(saved["sched"])
+    rest = run(model, opt, sched, set_mode, until=EPOCHS, state=TrainState(epoch=3))
+    assert first + rest == full_changes
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, reference[k], atol=1e-6, rtol=0), k
+
+
+def test_l2sp_is_zero_at_start_and_pulls_toward_the_pretrained_weights():
+    model, bb = small()
+    policy = Policy.parse("unfreeze:last=2,l2sp=0.5,l2sp_beta=0.0")
+    apply_policy(model, bb, policy)
+    reg = policy_penalty(model, bb, policy)
+    assert reg() == 0.0
+    w0 = {n: p.detach().clone() for n, p in model.trunk.named_parameters()}
+    with torch.no_grad():
+        for p in model.trunk.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.zero_grad(set_to_none=True)
+    value = reg()
+    value.backward()
+    sq = sum(((p - w0[n]) ** 2).sum() for n, p in model.trunk.named_parameters() if p.requires_grad)
+    assert value.item() == pytest.approx(0.25 * sq.item(), rel=1e-5)
+    for n, p in model.trunk.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, n  # frozen weights are not part of the penalty
+            continue
+        assert torch.allclose(p.grad, 0.5 * (p.detach() - w0[n]), atol=1e-7), n
+        # the descent direction -grad points from w toward w0 (positive inner product)
+        assert torch.sum(-p.grad * (w0[n] - p.detach())) > 0, n
+
+
+def test_l2sp_penalises_new_weights_with_beta():
+    model, _ = small()
+    reg = L2SP(model, alpha=0.0, beta=0.2)
+    expected = 0.1 * sum((p ** 2).sum() for p in model.head.parameters() if p.ndim >= 2)
+    assert reg().item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_finetune_with_l2sp_stays_closer_to_the_start(image_folder):
+    from transferkit import finetune
+
+    dist = {}
+    for spec in ("full", "full,l2sp=5.0"):
+        model, bb = small()
+        w0 = {n: p.detach().clone() for n, p in bb.trunk.named_parameters()}
+        finetune(bb, data=image_folder, policy=spec, epochs=2, batch_size=8, lr=3e-3, image_size=16,
+                 restore_best=False, verbose=False, num_workers=0)
+        dist[spec] = sum(((p.detach() - w0[n]) ** 2).sum().item() for n, p in bb.trunk.named_parameters())
+    assert 0 < dist["full,l2sp=5.0"] < dist["full"]
+
+
+def test_finetune_gradual_leaves_never_unfrozen_blocks_bit_for_bit_equal(image_folder):
+    from transferkit import finetune
+
+    _, bb = small()
+    before = {k: v.clone() for k, v in bb.trunk.state_dict().items()}
+    result = finetune(bb, data=image_folder, policy="gradual:every=1", epochs=2, batch_size=8, image_size=16,
+                      restore_best=False, verbose=False, num_workers=0)
+    assert not result.used_feature_cache
+    after = bb.trunk.state_dict()
+    for k, v in after.items():  # epoch 0: head only; epoch 1: stage3 too (weights and BN statistics)
+        assert torch.equal(before[k], v) == (not k.startswith("stage3.")), k

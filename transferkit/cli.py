@@ -1,12 +1,19 @@
-"""The ``transferkit`` command line: ``demo``, ``backbones``, ``predict``, ``inspect``."""
+"""The ``transferkit`` command line: ``demo``, ``backbones``, ``predict``, ``export``, ``inspect``.
+
+Every failure transferkit can explain exits with status 2 and one line on stderr
+(``transferkit: error: ...``), like argparse's own usage errors.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from transferkit.errors import TransferkitError
+
+HELP = argparse.ArgumentDefaultsHelpFormatter
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -24,58 +31,121 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def _expand_inputs(predictor, inputs: list[str]) -> list[str]:
+    """Files stay as given; a folder stands for every file of the model's input kind below it."""
+    out: list[str] = []
+    for item in inputs:
+        out += predictor.inputs.list_files(item) if Path(item).is_dir() else [item]
+    return out
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from transferkit.export import load
 
-    predictor = load(args.model)
-    preds = predictor.predict(args.inputs, top_k=args.top_k)
+    predictor = load(args.model, device=args.device)
+    files = _expand_inputs(predictor, args.inputs)
+    preds = predictor.predict(files, top_k=args.top_k, batch_size=args.batch_size, threshold=args.threshold,
+                              progress=None if not args.json else False)
     if args.json:
         print(json.dumps([p.to_dict() for p in preds], indent=1))
     else:
         for p in preds:
-            alts = ", ".join(f"{lab} {prob:.3f}" for lab, prob in p.top_k)
-            print(f"{p.source}\t{alts}")
+            print(f"{p.source}\t{p}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from transferkit.export import export_checkpoint
+
+    reports, origin = export_checkpoint(args.checkpoint, args.out, examples=args.examples, onnx=args.onnx,
+                                        num_examples=args.num_examples, optimize=args.optimize, mode=args.mode,
+                                        atol=args.atol, rtol=args.rtol)
+    for r in reports:
+        print(r.summary())
+        for note in r.notes:
+            print(f"  note: {note}")
+    print(f"parity checked after reloading from disk, on {origin}")
     return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from transferkit.export import read_metadata
 
-    print(json.dumps(read_metadata(args.model), indent=1, sort_keys=True))
+    meta = read_metadata(args.model)
+    if args.json:
+        print(json.dumps(meta, indent=1, sort_keys=True))
+        return 0
+    spec, train, exp = meta["input_spec"], meta.get("training", {}), meta.get("export", {})
+    shape = (f"waveform [N, T] at {spec.get('sample_rate')} Hz" if spec.get("kind") == "audio"
+             else f"image [N, 3, {spec.get('image_size')}, {spec.get('image_size')}] uint8 or float in [0, 1]")
+    lines = [f"file:        {args.model}", f"task:        {meta['task']} ({meta['num_outputs']} outputs)",
+             f"labels:      {', '.join(meta['labels'][:20])}{' ...' if len(meta['labels']) > 20 else ''}",
+             f"input:       {shape}", f"input_spec:  {json.dumps(spec, sort_keys=True)}",
+             f"written by:  transferkit {meta['transferkit_version']}, torch {meta['torch_version']}"]
+    if exp:
+        lines.append(f"export:      {exp.get('mode')}, optimization={exp.get('optimization')}, max_abs_diff="
+                     f"{exp.get('max_abs_diff')} at batch sizes {exp.get('batch_sizes')}")
+    if train:
+        lines.append(f"training:    {json.dumps(train, sort_keys=True)}")
+    print("\n".join(lines))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="transferkit", description="Transfer learning with verified exports.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HELP)
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="offline transfer demo on scikit-learn's digits",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = sub.add_parser("demo", help="offline transfer demo on scikit-learn's digits", formatter_class=HELP)
     d.add_argument("--out", default="demo-output", help="folder for the checkpoint, export and report")
     d.add_argument("--quick", action="store_true", help="fewer epochs (for tests)")
     d.set_defaults(fn=_cmd_demo)
-    b = sub.add_parser("backbones", help="list registered backbones")
+    b = sub.add_parser("backbones", help="list registered backbones", formatter_class=HELP)
     b.add_argument("pattern", nargs="?", default=None, help="glob pattern, e.g. 'tv:resnet*'")
     b.set_defaults(fn=_cmd_backbones)
-    pr = sub.add_parser("predict", help="predict labels with an exported model",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pr.add_argument("model")
-    pr.add_argument("inputs", nargs="+")
-    pr.add_argument("--top-k", type=int, default=1)
-    pr.add_argument("--json", action="store_true")
+
+    pr = sub.add_parser("predict", help="predict with an exported model", formatter_class=HELP,
+                        description="Predict labels for image (or audio) files and folders with an exported model.")
+    pr.add_argument("model", help="exported TorchScript file (.pt)")
+    pr.add_argument("inputs", nargs="+", help="files, or folders (every readable file below them)")
+    pr.add_argument("--top-k", type=int, default=1, help="labels to show per input")
+    pr.add_argument("--json", action="store_true", help="print a JSON list instead of one line per input")
+    pr.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass")
+    pr.add_argument("--threshold", type=float, default=0.5, help="probability threshold of multi-label models")
+    pr.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda")
     pr.set_defaults(fn=_cmd_predict)
-    i = sub.add_parser("inspect", help="print an exported model's metadata")
-    i.add_argument("model")
+
+    ex = sub.add_parser("export", help="export a checkpoint to a verified TorchScript file", formatter_class=HELP,
+                        description="Rebuild the model of a transferkit checkpoint, export it to TorchScript, "
+                                    "reload the file and check it against the model at batch size 1 and N.")
+    ex.add_argument("checkpoint", help="checkpoint written by finetune(checkpoint=...)")
+    ex.add_argument("--out", required=True, help="path of the exported TorchScript file")
+    ex.add_argument("--examples", default=None,
+                    help="folder of real inputs for the parity check (default: seeded random inputs)")
+    ex.add_argument("--num-examples", type=int, default=8, help="inputs used in the parity check")
+    ex.add_argument("--mode", choices=("auto", "script", "trace"), default="auto",
+                    help="auto: script, trace when scripting fails")
+    ex.add_argument("--optimize", action="store_true",
+                    help="freeze / optimize_for_inference, kept only when the reloaded file keeps parity")
+    ex.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of the parity check")
+    ex.add_argument("--rtol", type=float, default=1e-5, help="tolerance relative to max |output|")
+    ex.add_argument("--onnx", default=None, help="also write an ONNX file here, checked with onnxruntime")
+    ex.set_defaults(fn=_cmd_export)
+
+    i = sub.add_parser("inspect", help="print an exported model's metadata", formatter_class=HELP)
+    i.add_argument("model", help="exported TorchScript file (.pt)")
+    i.add_argument("--json", action="store_true", help="print the full metadata as JSON")
     i.set_defaults(fn=_cmd_inspect)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 on errors, with one line on stderr)."""
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except TransferkitError as exc:
-        print(f"transferkit: error: {exc}", file=sys.stderr)
+    except (TransferkitError, OSError) as exc:
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"transferkit: error: {msg}", file=sys.stderr)
         return 2
 
 

@@ -1,40 +1,60 @@
-"""Load an exported model and predict labels for files, PIL images, arrays or tensors."""
+"""Load an exported model and predict from files, PIL images, numpy arrays, tensors or waveforms."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from transferkit.backbones._base import InputSpec
-from transferkit.data.images import IMAGE_EXTENSIONS, load_image
-from transferkit.data.transforms import eval_transform
-from transferkit.errors import DataError
-from transferkit.export.torchscript import load_scripted
+from transferkit.errors import ConfigError, ExportError
+from transferkit.export.inputs import InputPipeline
+from transferkit.export.torchscript import load_scripted, quiet_jit
+from transferkit.train.tasks import output_activation
 
 
 @dataclass
 class Prediction:
-    """The top label, its probability, and the ``top_k`` (label, probability) pairs."""
+    """One input's prediction.
 
-    label: str
-    index: int
-    probability: float
+    ``multiclass``: ``label``/``index``/``probability`` of the top class, ``top_k`` pairs.
+    ``multilabel``: ``labels`` holds every label whose probability >= the threshold;
+    ``label`` is the most probable one. ``regression``: ``values`` maps output names to values
+    (``label``, ``index`` and ``probability`` are None, ``top_k`` is empty).
+    """
+
+    label: str | None
+    index: int | None
+    probability: float | None
     top_k: list[tuple[str, float]] = field(default_factory=list)
     source: str | None = None
+    task: str = "multiclass"
+    labels: list[str] | None = None
+    values: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "label": self.label, "index": self.index, "probability": self.probability,
-                "top_k": [{"label": lab, "probability": p} for lab, p in self.top_k]}
+        d: dict[str, Any] = {"source": self.source, "task": self.task}
+        if self.task == "regression":
+            return {**d, "values": self.values}
+        d.update(label=self.label, index=self.index, probability=self.probability,
+                 top_k=[{"label": lab, "probability": p} for lab, p in self.top_k])
+        if self.task == "multilabel":
+            d["labels"] = self.labels
+        return d
+
+    def __str__(self) -> str:
+        if self.task == "regression":
+            return ", ".join(f"{k}={v:.4g}" for k, v in (self.values or {}).items())
+        alts = ", ".join(f"{lab} {p:.3f}" for lab, p in self.top_k)
+        return f"[{', '.join(self.labels or [])}] {alts}" if self.task == "multilabel" else alts
 
 
 class Predictor:
-    """An exported model with its labels and preprocessing.
+    """An exported model with its labels, task and preprocessing.
 
     Example:
         >>> p = transferkit.load("model.pt")  # doctest: +SKIP
@@ -42,73 +62,118 @@ class Predictor:
         'ants'
     """
 
-    def __init__(self, module: torch.jit.ScriptModule, metadata: dict[str, Any], device: str | torch.device = "cpu") -> None:
+    def __init__(self, module: torch.jit.ScriptModule, metadata: dict[str, Any], device: str | torch.device = "cpu",
+                 source: str = "the model") -> None:
         self.module = module.eval()
         self.metadata = metadata
         self.labels: list[str] = list(metadata["labels"])
+        self.task: str = metadata["task"]
         self.input_spec = InputSpec.from_dict(metadata["input_spec"])
         self.device = torch.device(device)
-        self._transform = eval_transform(self.input_spec)
+        self.source = source
+        self.inputs = InputPipeline(self.input_spec)
 
-    def _to_tensor(self, item: Any) -> torch.Tensor:
-        if isinstance(item, (str, Path)):
-            item = load_image(item, min_size=self.input_spec.resize_size or self.input_spec.image_size)
-        elif isinstance(item, np.ndarray):
-            item = Image.fromarray(item)
-        if not isinstance(item, (Image.Image, torch.Tensor)):
-            raise DataError(f"Cannot predict on a {type(item).__name__}; pass file paths, PIL images, "
-                            "HWC uint8 numpy arrays or [C,H,W] tensors.")
-        return self._transform(item)
+    def __repr__(self) -> str:
+        return (f"Predictor({self.source}, task={self.task!r}, {len(self.labels)} outputs, "
+                f"input={self.input_spec.kind}, device={self.device})")
 
-    def _batches(self, inputs: Any) -> list[torch.Tensor]:
-        if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
-            return [self._to_tensor(x) for x in inputs]
-        if isinstance(inputs, (str, Path, Image.Image, np.ndarray, torch.Tensor)):
-            inputs = [inputs]
-        return [self._to_tensor(x) for x in inputs]
+    # -- running the model --------------------------------------------------------------
+    def _run(self, xb: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), quiet_jit():
+            out = self.module(xb.to(self.device))
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != len(self.labels):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ExportError(f"{self.source} returns {shape} but its metadata lists {len(self.labels)} labels: the "
+                              "model and its metadata do not belong together. Re-export the model.")
+        return output_activation(self.task, out).cpu()
 
-    @torch.no_grad()
+    def outputs(self, inputs: Any, *, batch_size: int = 32, progress: bool | None = False) -> torch.Tensor:
+        """``[N, num_outputs]``: probabilities (softmax for multiclass, sigmoid for multilabel)
+        or values (regression), in the order of ``inputs``."""
+        items = self.inputs.split(inputs)
+        _check_batch_size(batch_size)
+        out = [self._run(self.inputs.batch(chunk))
+               for chunk in _progress(_chunks(items, batch_size), len(items), progress)]
+        return torch.cat(out) if out else torch.empty(0, len(self.labels))
+
     def predict_proba(self, inputs: Any, *, batch_size: int = 32) -> torch.Tensor:
-        """Class probabilities ``[N, num_classes]`` (softmax of the logits)."""
-        items = self._batches(inputs)
-        if not items:
-            return torch.empty(0, len(self.labels))
-        out = []
-        for i in range(0, len(items), batch_size):
-            xb = torch.stack(items[i:i + batch_size]).to(self.device)
-            out.append(torch.softmax(self.module(xb).float(), dim=1).cpu())
-        return torch.cat(out)
+        """Class probabilities ``[N, num_classes]``; regression models have none (use :meth:`outputs`)."""
+        if self.task == "regression":
+            raise ConfigError("A regression model has no class probabilities; use Predictor.outputs() or predict().")
+        return self.outputs(inputs, batch_size=batch_size)
 
-    def predict(self, inputs: Any, *, top_k: int = 1, batch_size: int = 32) -> list[Prediction]:
-        """Predict labels; ``inputs`` is one item or a sequence of paths, PIL images,
-        numpy arrays or tensors (a ``[N, C, H, W]`` tensor is N items)."""
-        probs = self.predict_proba(inputs, batch_size=batch_size)
-        sources = _sources(inputs, len(probs))
-        k = max(1, min(int(top_k), len(self.labels)))
-        preds = []
-        for row, src in zip(probs, sources):
-            p, idx = row.topk(k)
-            pairs = [(self.labels[j], float(q)) for q, j in zip(p.tolist(), idx.tolist())]
-            preds.append(Prediction(pairs[0][0], int(idx[0]), pairs[0][1], pairs, src))
-        return preds
+    def predict(self, inputs: Any, *, top_k: int = 1, batch_size: int = 32, threshold: float = 0.5,
+                progress: bool | None = False) -> list[Prediction]:
+        """Predict one item or a sequence of them: file paths, PIL images, numpy arrays,
+        tensors (a ``[N, C, H, W]`` tensor is N images), or for audio models audio files and
+        waveforms (a ``[N, T]`` tensor is N clips). Returns one :class:`Prediction` per item.
 
-    def predict_folder(self, folder: str | Path, *, top_k: int = 1, batch_size: int = 32) -> list[Prediction]:
-        """Predict every image file below ``folder`` (sorted by path)."""
-        files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not files:
-            raise DataError(f"No image files under {str(folder)!r}.")
-        return self.predict([str(f) for f in files], top_k=top_k, batch_size=batch_size)
+        Example:
+            >>> predictor.predict(["a.jpg", "b.png"], top_k=3)[0].top_k  # doctest: +SKIP
+            [('ants', 0.91), ('bees', 0.09)]
+        """
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ConfigError(f"top_k must be a positive integer, got {top_k!r}.")
+        items = self.inputs.split(inputs)
+        scores = self.outputs(items, batch_size=batch_size, progress=progress)
+        return [self._prediction(row, _source(x), top_k, threshold) for row, x in zip(scores, items)]
+
+    def _prediction(self, row: torch.Tensor, source: str | None, top_k: int, threshold: float) -> Prediction:
+        if self.task == "regression":
+            return Prediction(None, None, None, [], source, self.task,
+                              values={lab: float(v) for lab, v in zip(self.labels, row.tolist())})
+        p, idx = row.topk(min(top_k, len(self.labels)))
+        pairs = [(self.labels[j], float(q)) for q, j in zip(p.tolist(), idx.tolist())]
+        best = int(row.argmax())
+        positives = [self.labels[j] for j in range(len(self.labels)) if row[j] >= threshold] \
+            if self.task == "multilabel" else None
+        return Prediction(self.labels[best], best, float(row[best]), pairs, source, self.task, positives)
+
+    def predict_folder(self, folder: str | Path, *, top_k: int = 1, batch_size: int = 32, threshold: float = 0.5,
+                       progress: bool | None = None) -> list[Prediction]:
+        """Predict every image (or audio) file below ``folder``, sorted by path, with a progress
+        bar on a terminal (``progress=True/False`` forces it on/off)."""
+        files = self.inputs.list_files(folder)
+        return self.predict(files, top_k=top_k, batch_size=batch_size, threshold=threshold, progress=progress)
 
 
-def _sources(inputs: Any, n: int) -> list[str | None]:
-    if isinstance(inputs, (str, Path)):
-        return [str(inputs)]
-    if isinstance(inputs, Iterable) and not isinstance(inputs, (torch.Tensor, np.ndarray, Image.Image)):
-        return [str(x) if isinstance(x, (str, Path)) else None for x in inputs]  # type: ignore[union-attr]
-    return [None] * n
+def _source(item: Any) -> str | None:
+    return str(item) if isinstance(item, (str, Path)) else None
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _progress(chunks: Iterator[list[Any]], total: int, progress: bool | None) -> Iterator[list[Any]]:
+    """Yield ``chunks``, advancing a tqdm bar by their sizes (on a terminal when ``progress`` is None)."""
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    if not show:
+        yield from chunks
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, unit="file", desc="predict", file=sys.stderr) as bar:
+        for chunk in chunks:
+            yield chunk
+            bar.update(len(chunk))
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> Predictor:
-    """Load an exported transferkit model as a :class:`Predictor`."""
+    """Load an exported transferkit model as a :class:`Predictor`.
+
+    The file and its metadata are checked: a truncated file, missing or edited metadata
+    raises :class:`~transferkit.ExportError` naming the problem.
+
+    Example:
+        >>> predictor = transferkit.load("model.pt")  # doctest: +SKIP
+        >>> predictor.predict("cat.jpg", top_k=3)[0].top_k  # doctest: +SKIP
+    """
     module, meta = load_scripted(path, map_location=device)
-    return Predictor(module, meta, device=device)
+    return Predictor(module, meta, device=device, source=repr(str(path)))

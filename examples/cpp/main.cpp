@@ -1,0 +1,143 @@
+// transferkit_predict: run a transferkit TorchScript export from C++ with libtorch.
+//
+//   transferkit_predict MODEL.pt INPUT [--all]
+//
+// INPUT is a binary PPM image (P6, 8-bit RGB) whose size is the model's crop size
+// (input_spec.image_size in the metadata), or, for audio models, raw little-endian float32
+// samples at the model's sample rate (a file ending in .f32). The program reads the
+// metadata the export carries (transferkit.json and labels.txt), runs the model on the raw
+// input (normalisation is inside the model), applies softmax / sigmoid / identity as the
+// task says and prints the top-1 label and its score as "label<TAB>score". With --all it
+// then prints every "label<TAB>score" line in label order.
+#include <torch/script.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+// The value of a top-level "key": <number or "string"> in the metadata JSON. A minimal
+// reader: the exporter writes flat keys with json.dumps(indent=1, sort_keys=True).
+std::string json_value(const std::string& json, const std::string& key) {
+  const std::string needle = "\"" + key + "\":";
+  const auto at = json.find(needle);
+  if (at == std::string::npos) return "";
+  auto i = json.find_first_not_of(" \t\n", at + needle.size());
+  if (i == std::string::npos) return "";
+  if (json[i] == '"') {
+    const auto end = json.find('"', i + 1);
+    return json.substr(i + 1, end - i - 1);
+  }
+  const auto end = json.find_first_of(",\n}", i);
+  return json.substr(i, end - i);
+}
+
+std::vector<std::string> split_lines(const std::string& text) {
+  std::vector<std::string> out;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) out.push_back(line);
+  return out;
+}
+
+std::string next_token(std::istream& in) {
+  std::string tok;
+  while (in >> tok) {
+    if (tok[0] != '#') return tok;
+    std::string rest;
+    std::getline(in, rest);  // a comment runs to the end of the line
+  }
+  throw std::runtime_error("truncated PPM header");
+}
+
+// A binary PPM (P6, maxval 255) as a uint8 tensor [1, 3, H, W].
+torch::Tensor read_ppm(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot open " + path);
+  if (next_token(in) != "P6") throw std::runtime_error(path + " is not a binary PPM (P6) image");
+  const int width = std::stoi(next_token(in));
+  const int height = std::stoi(next_token(in));
+  if (std::stoi(next_token(in)) != 255) throw std::runtime_error(path + ": only 8-bit PPM is supported");
+  in.get();  // the single whitespace byte after maxval
+  std::vector<uint8_t> pixels(static_cast<size_t>(width) * height * 3);
+  in.read(reinterpret_cast<char*>(pixels.data()), static_cast<std::streamsize>(pixels.size()));
+  if (in.gcount() != static_cast<std::streamsize>(pixels.size())) throw std::runtime_error(path + ": truncated pixels");
+  auto hwc = torch::from_blob(pixels.data(), {height, width, 3}, torch::kUInt8);
+  return hwc.permute({2, 0, 1}).unsqueeze(0).contiguous();  // copies out of the vector
+}
+
+// Raw little-endian float32 samples as a waveform tensor [1, T].
+torch::Tensor read_f32(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot open " + path);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (bytes.empty() || bytes.size() % 4 != 0) throw std::runtime_error(path + ": not a float32 sample file");
+  const auto n = static_cast<int64_t>(bytes.size() / 4);
+  return torch::from_blob(bytes.data(), {1, n}, torch::kFloat32).clone();
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::cerr << "usage: " << argv[0] << " MODEL.pt INPUT.ppm|INPUT.f32 [--all]\n";
+    return 2;
+  }
+  const std::string model_path = argv[1], input_path = argv[2];
+  const bool all = argc > 3 && std::string(argv[3]) == "--all";
+  try {
+    torch::jit::ExtraFilesMap extra{{"transferkit.json", ""}, {"labels.txt", ""}};
+    torch::jit::script::Module module = torch::jit::load(model_path, torch::kCPU, extra);
+    module.eval();
+    const std::string& meta = extra["transferkit.json"];
+    const auto labels = split_lines(extra["labels.txt"]);
+    if (meta.empty() || labels.empty())
+      throw std::runtime_error(model_path + " has no transferkit metadata (transferkit.json / labels.txt)");
+    const std::string task = json_value(meta, "task");
+    const std::string kind = json_value(meta, "kind");
+
+    torch::Tensor input;
+    if (kind == "audio") {
+      if (!ends_with(input_path, ".f32")) throw std::runtime_error("an audio model takes a raw float32 .f32 file");
+      input = read_f32(input_path);
+    } else {
+      input = read_ppm(input_path);
+      const std::string size = json_value(meta, "image_size");
+      if (!size.empty() && (input.size(2) != std::stoi(size) || input.size(3) != std::stoi(size)))
+        throw std::runtime_error("the image is " + std::to_string(input.size(3)) + "x" +
+                                 std::to_string(input.size(2)) + " but the model takes " + size + "x" + size +
+                                 "; resize and crop it first as the Python predictor does");
+    }
+
+    torch::InferenceMode guard;
+    torch::Tensor out = module.forward({input}).toTensor().to(torch::kFloat32);
+    if (out.dim() != 2 || out.size(1) != static_cast<int64_t>(labels.size()))
+      throw std::runtime_error("the model output does not match the " + std::to_string(labels.size()) + " labels");
+    torch::Tensor scores = task == "multilabel" ? torch::sigmoid(out)
+                           : task == "regression" ? out
+                                                  : torch::softmax(out, 1);
+    scores = scores[0];
+    const int64_t best = scores.argmax().item<int64_t>();
+    std::cerr << "task=" << task << " input=" << input.sizes() << " outputs=" << labels.size()
+              << " transferkit=" << json_value(meta, "transferkit_version") << "\n";
+    std::cout.precision(7);
+    std::cout << labels[best] << "\t" << scores[best].item<float>() << "\n";
+    if (all)
+      for (size_t i = 0; i < labels.size(); ++i) std::cout << labels[i] << "\t" << scores[i].item<float>() << "\n";
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,44 @@
+"""Helpers for the export, predictor, CLI and C++ tests: tiny models and file tampering."""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import transferkit
+from transferkit.export import export_torchscript
+
+
+def tiny_model(num_outputs: int = 3, backbone: str = "tk:small_cnn", seed: int = 0):
+    """An untrained model over a tiny backbone (weights=None) and its backbone."""
+    torch.manual_seed(seed)
+    bb = transferkit.get_backbone(backbone, weights=None)
+    return transferkit.build_model(bb, num_outputs).eval(), bb
+
+
+def images(n: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+
+
+def export_tiny(path: Path, *, task: str = "multiclass", labels=("ant", "bee", "cat"), size: int = 16, **kw):
+    """Export an untrained tk:small_cnn; returns (report, eager model)."""
+    model, bb = tiny_model(len(labels))
+    spec = bb.input_spec.replace(image_size=size).to_dict()
+    meta = {"labels": list(labels), "input_spec": spec, "task": task,
+            "training": {"backbone": bb.name, "epochs": 0}}
+    return export_torchscript(model, path, metadata=meta, example_inputs=images(3, size), **kw), model
+
+
+def rewrite_zip(src: Path, dst: Path, edit: Callable[[str, bytes], bytes | None]) -> Path:
+    """Copy a TorchScript zip entry by entry through ``edit(name, data)`` (name without the
+    archive folder; returning None drops the entry), as a hand edit of the file would."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            new = edit(info.filename.split("/", 1)[1], zin.read(info.filename))
+            if new is not None:
+                zout.writestr(info, new)
+    return dst

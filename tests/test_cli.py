@@ -1,0 +1,136 @@
+"""The command line: export from a finetune checkpoint, predict, inspect, errors, --help, a fresh process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_image_folder
+
+import transferkit
+from transferkit.cli import main
+from transferkit.export import read_metadata
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finetune run on two separable classes, saved as a checkpoint (MLP head, 16 px)."""
+    root = tmp_path_factory.mktemp("cli")
+    data = make_image_folder(root / "images", per_class=8, size=20)
+    result = transferkit.finetune("tk:small_cnn", weights=None, data=str(data), epochs=2, batch_size=8,
+                                  image_size=16, head_hidden=(8,), lr=1e-2, checkpoint=root / "run.ckpt",
+                                  verbose=False, num_workers=0)
+    return root, data, result
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    """``transferkit export run.ckpt --out model.pt --examples images --num-examples 4``, and its stdout."""
+    import contextlib
+    import io
+
+    root, data, _ = trained
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["export", str(root / "run.ckpt"), "--out", str(root / "model.pt"), "--examples", str(data),
+                     "--num-examples", "4"])
+    assert code == 0
+    return root / "model.pt", buf.getvalue()
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_export_predict_inspect_round_trip(trained, exported, capsys):
+    root, data, result = trained
+    out, stdout = exported
+    assert "max |exported - eager|" in stdout and "4 image files from" in stdout
+    meta = read_metadata(out)
+    assert meta["labels"] == result.classes and meta["config"]["head_hidden"] == [8]
+    assert meta["input_spec"]["image_size"] == 16 and meta["export"]["batch_sizes"] == [1, 4, 1, 4]
+
+    files = sorted(str(p) for p in data.rglob("*.png"))[:3]
+    code, stdout, _ = _run(capsys, "predict", out, *files, "--top-k", "2", "--json")
+    assert code == 0
+    got = json.loads(stdout)
+    want = transferkit.load(out).predict(files, top_k=2)
+    assert [g["source"] for g in got] == files and [g["label"] for g in got] == [w.label for w in want]
+    assert [len(g["top_k"]) for g in got] == [2, 2, 2]
+    # the exported file computes what the trained model computes on the same preprocessed inputs
+    x = transferkit.export.InputPipeline(transferkit.InputSpec(image_size=16)).batch(files)
+    with torch.no_grad():
+        probs = torch.softmax(result.model.cpu().eval()(x), 1)
+    assert [g["probability"] for g in got] == pytest.approx(probs.max(1).values.tolist(), abs=1e-5)
+
+    code, stdout, _ = _run(capsys, "predict", out, data / "dark")  # a folder: every image below it
+    assert code == 0 and len(stdout.strip().splitlines()) == 8 and all("\t" in line for line in stdout.splitlines())
+
+    code, stdout, _ = _run(capsys, "inspect", out)
+    assert code == 0 and "task:        multiclass (2 outputs)" in stdout and "dark, light" in stdout
+    code, stdout, _ = _run(capsys, "inspect", out, "--json")
+    assert code == 0 and json.loads(stdout) == meta
+
+
+def test_export_with_random_examples_optimize_and_onnx(trained, capsys, tmp_path):
+    pytest.importorskip("onnxruntime")
+    root, _, _ = trained
+    code, stdout, _ = _run(capsys, "export", root / "run.ckpt", "--out", tmp_path / "m.pt", "--optimize",
+                           "--onnx", tmp_path / "m.onnx")
+    assert code == 0 and "random uint8 images" in stdout and "(onnx, " in stdout
+    assert read_metadata(tmp_path / "m.pt")["export"]["optimization"] in ("freeze", "optimize_for_inference")
+    from transferkit.export import read_onnx_metadata
+
+    assert read_onnx_metadata(tmp_path / "m.onnx")["labels"] == ["dark", "light"]
+
+
+def test_errors_exit_2_with_one_line(trained, capsys, tmp_path):
+    root, data, _ = trained
+    (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 truncated")
+    cases = [
+        (["predict", tmp_path / "missing.pt", "a.jpg"], "does not exist"),
+        (["predict", tmp_path / "broken.pt", "a.jpg"], "Cannot load"),
+        (["inspect", tmp_path / "broken.pt"], "Cannot load"),
+        (["export", tmp_path / "broken.pt", "--out", tmp_path / "x.pt"], "Cannot read checkpoint"),
+        (["export", root / "run.ckpt", "--out", tmp_path / "x.pt", "--examples", tmp_path / "nothing"],
+         "is not a folder"),
+    ]
+    for argv, message in cases:
+        code, stdout, err = _run(capsys, *argv)
+        assert code == 2 and message in err, (argv, err)
+        assert err.startswith("transferkit: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "x.pt").exists()
+    with pytest.raises(SystemExit) as exc:  # argparse usage errors exit 2 as well
+        main(["predict", "--top-k", "x"])
+    assert exc.value.code == 2
+
+
+def test_help_shows_defaults_and_old_commands_work(capsys):
+    for cmd, default in (("predict", "(default: 1)"), ("export", "(default: 1e-05)"), ("inspect", "--json")):
+        with pytest.raises(SystemExit) as exc:
+            main([cmd, "--help"])
+        assert exc.value.code == 0 and default in capsys.readouterr().out
+    code, stdout, _ = _run(capsys, "backbones", "tk:*")
+    assert code == 0 and "tk:small_cnn" in stdout.split()
+
+
+def test_predict_in_a_fresh_process(trained, exported):
+    """A new interpreter loads the export and prints the same predictions."""
+    _, data, _ = trained
+    out = exported[0]
+    files = sorted(str(p) for p in data.rglob("*.jpg"))[:2]
+    proc = subprocess.run([sys.executable, "-m", "transferkit.cli", "predict", str(out), *files, "--json"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    want = transferkit.load(out).predict(files)
+    got = json.loads(proc.stdout)
+    assert [g["label"] for g in got] == [w.label for w in want]
+    assert [g["probability"] for g in got] == pytest.approx([w.probability for w in want], abs=1e-6)

@@ -1,0 +1,231 @@
+"""TorchScript / ONNX export: parity after reload, modes, optimization, metadata schema and tampering."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+
+import pytest
+import torch
+from export_helpers import export_tiny, images, rewrite_zip, tiny_model
+from torch import nn
+
+import transferkit
+from transferkit.errors import ExportError
+from transferkit.export import export_torchscript, load_scripted, read_metadata, update_metadata
+from transferkit.export.metadata import FORMAT, complete_metadata
+from transferkit.model import ImagePreprocess, TransferModel
+
+
+def test_script_export_reloads_with_parity_and_metadata(tmp_path):
+    path = tmp_path / "m.pt"
+    report, model = export_tiny(path)
+    assert report.mode == "script" and report.optimization == "none"
+    assert 0.0 <= report.max_abs_diff <= report.tolerance
+    assert report.batch_sizes == (1, 3, 1, 3) and report.input_dtypes == ("uint8", "float32")
+    module, meta = load_scripted(path)
+    x = images(5, 16, seed=7)  # inputs the export never saw, uint8 and float
+    with torch.no_grad():
+        assert torch.allclose(module(x), model(x), atol=1e-5)
+        assert torch.allclose(module(x.float() / 255), model(x.float() / 255), atol=1e-5)
+    assert meta["format"] == FORMAT and meta["labels"] == ["ant", "bee", "cat"] and meta["num_outputs"] == 3
+    assert meta["task"] == "multiclass" and meta["torch_version"] == torch.__version__
+    assert meta["transferkit_version"] == transferkit.__version__ and meta["training"]["backbone"] == "tk:small_cnn"
+    assert meta["export"]["max_abs_diff"] == report.max_abs_diff and meta["export"]["mode"] == "script"
+    assert not list(tmp_path.glob(".m.pt.*")), "temporary files must not be left behind"
+
+
+class _VarArgs(nn.Module):
+    """Not scriptable (``*args``), with data-dependent control flow."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, n)
+
+    def forward(self, x, *args):
+        pooled = x.mean((2, 3))
+        if float(pooled.mean()) > 0.0:  # a branch tracing freezes
+            return self.fc(pooled)
+        return -self.fc(pooled)
+
+
+def test_trace_fallback_warns_and_keeps_the_scripted_preprocessing(tmp_path):
+    model = TransferModel(ImagePreprocess((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), nn.Identity(), nn.Identity())
+    model.trunk = _VarArgs(2)
+    model.head = nn.Identity()
+    meta = {"labels": ["a", "b"], "input_spec": {"image_size": 8}}
+    with pytest.warns(UserWarning, match="falling back to torch.jit.trace"):
+        report = export_torchscript(model, tmp_path / "t.pt", metadata=meta, example_inputs=images(3, 8))
+    assert report.mode == "trace"
+    module, _ = load_scripted(tmp_path / "t.pt")
+    x = images(2, 8, seed=3)
+    # uint8 and float inputs both right: the preprocessing's dtype branch was scripted, not traced
+    assert torch.allclose(module(x.float() / 255), model(x.float() / 255), atol=1e-6)
+    assert torch.allclose(module(x), model(x), atol=1e-6)
+
+
+def test_trace_that_breaks_parity_raises_and_leaves_the_previous_file(tmp_path):
+    model = TransferModel(nn.Identity(), _VarArgs(2), nn.Identity())
+    path = tmp_path / "t.pt"
+    path.write_bytes(b"previous export")
+    x = torch.cat([torch.ones(1, 3, 4, 4), -torch.ones(2, 3, 4, 4)])  # batch 1 takes the other branch
+    with pytest.raises(ExportError, match=r"differs from the eager model by .* tolerance"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_torchscript(model, path, metadata={"labels": ["a", "b"], "input_spec": {}}, example_inputs=x)
+    assert path.read_bytes() == b"previous export"
+    assert not list(tmp_path.glob(".t.pt.*"))
+
+
+def test_mode_script_raises_when_scripting_fails(tmp_path):
+    model = TransferModel(nn.Identity(), _VarArgs(2), nn.Identity())
+    with pytest.raises(ExportError, match="torch.jit.script failed"):
+        export_torchscript(model, tmp_path / "s.pt", metadata={"labels": ["a", "b"], "input_spec": {}},
+                           example_inputs=torch.rand(2, 3, 4, 4), mode="script")
+
+
+def test_optimize_keeps_an_optimization_only_with_parity(tmp_path):
+    report, model = export_tiny(tmp_path / "o.pt", optimize=True)
+    assert report.optimization in ("optimize_for_inference", "freeze")
+    assert report.max_abs_diff <= report.tolerance
+    module, meta = load_scripted(tmp_path / "o.pt")
+    assert meta["export"]["optimization"] == report.optimization
+    x = images(3, 16, seed=11)
+    with torch.no_grad():
+        assert torch.allclose(module(x), model(x), atol=1e-4)
+    for note in report.notes:  # every rejected optimization says why
+        assert "rejected" in note
+
+
+def test_export_checks_each_example_batch_and_the_output_shape(tmp_path):
+    model, bb = tiny_model(2)
+    meta = {"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()}
+    r = export_torchscript(model, tmp_path / "m.pt", metadata=meta, example_inputs=[images(3, 32), images(2, 40)])
+    assert r.batch_sizes == (1, 3, 1, 3, 1, 2, 1, 2)
+    with pytest.raises(ExportError, match="2 labels"):  # labels do not match the 3 outputs
+        export_torchscript(tiny_model(3)[0], tmp_path / "x.pt", metadata=meta, example_inputs=images(2))
+    with pytest.raises(ExportError, match="example_inputs"):
+        export_torchscript(model, tmp_path / "x.pt", metadata=meta, example_inputs=torch.zeros(0, 3, 8, 8))
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"task": "multi-class"}, "task is 'multi-class'; valid tasks"),
+    ({"labels": ["a", "a"]}, "not unique"),
+    ({"labels": []}, "non-empty list"),
+    ({"input_spec": {"kind": "video"}}, "input_spec.kind is 'video'"),
+    ({"input_spec": {"kind": "audio"}}, "sample_rate must be a positive integer"),
+    ({"input_spec": {"image_size": 0}}, "image_size must be a positive integer"),
+    ({"input_spec": {"mean": [0.5]}}, "mean must be a list of 3 numbers"),
+    ({"training": "yes"}, "'training' must be a dict"),
+    ({"labels": ["x"], "extra": object()}, "JSON-serialisable"),
+])
+def test_metadata_schema_rejects_bad_metadata_before_writing(change, message):
+    meta = {"labels": ["a", "b"], "input_spec": {"image_size": 32}, **change}
+    with pytest.raises(ExportError, match=message):
+        complete_metadata(meta, num_outputs=len(meta["labels"]) or 1)
+
+
+def _set_metadata(name, data, new_meta, *, digest=True, labels=True):
+    """A forger who rewrites the metadata and (optionally) recomputes digest and labels.txt."""
+    text = json.dumps(new_meta, indent=1, sort_keys=True).encode()
+    if name == "extra/transferkit.json":
+        return text
+    if name == "extra/transferkit.sha256" and digest:
+        return hashlib.sha256(text).hexdigest().encode()
+    if name == "extra/labels.txt" and labels and isinstance(new_meta, dict) and "labels" in new_meta:
+        return ("\n".join(new_meta["labels"]) + "\n").encode()
+    return data
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "m.pt"
+    export_tiny(path)
+    return path, read_metadata(path)
+
+
+def test_untampered_copy_loads(exported, tmp_path):
+    path, meta = exported
+    assert read_metadata(rewrite_zip(path, tmp_path / "copy.pt", lambda n, d: d)) == meta
+
+
+def test_tampering_is_detected_with_a_clear_error(exported, tmp_path):
+    path, meta = exported
+    cases = {
+        "edited label": (lambda n, d: d.replace(b'"ant"', b'"ent"') if n == "extra/transferkit.json" else d,
+                         "modified after export: its SHA-256 does not match"),
+        "no metadata": (lambda n, d: None if n.startswith("extra/") else d, "has no transferkit metadata"),
+        "no digest": (lambda n, d: None if n == "extra/transferkit.sha256" else d, "no digest"),
+        "labels.txt": (lambda n, d: b"ant\nbee\ndog\n" if n == "extra/labels.txt" else d,
+                       "labels.txt of .* does not match"),
+        "forged, task missing": (lambda n, d: _set_metadata(n, d, {k: v for k, v in meta.items() if k != "task"}),
+                                 "the field 'task' is missing"),
+        "forged, wrong format": (lambda n, d: _set_metadata(n, d, {**meta, "format": "transferkit.torchscript/9"}),
+                                 "has export format 'transferkit.torchscript/9'"),
+        "forged, num_outputs": (lambda n, d: _set_metadata(n, d, {**meta, "num_outputs": 4}),
+                                "num_outputs is 4 but there are 3 labels"),
+    }
+    for name, (edit, message) in cases.items():
+        bad = rewrite_zip(path, tmp_path / f"{name}.pt", edit)
+        with pytest.raises(ExportError, match=message):
+            transferkit.load(bad)
+        assert str(bad) in str(pytest.raises(ExportError, read_metadata, bad).value), name
+
+
+def test_forged_json_that_is_not_json_says_so(exported, tmp_path):
+    path, _ = exported
+    raw = b"{not json"
+
+    def edit(n, d):
+        if n == "extra/transferkit.json":
+            return raw
+        return hashlib.sha256(raw).hexdigest().encode() if n == "extra/transferkit.sha256" else d
+
+    with pytest.raises(ExportError, match="corrupt \\(not valid JSON"):
+        read_metadata(rewrite_zip(path, tmp_path / "j.pt", edit))
+
+
+def test_truncated_missing_and_foreign_files(exported, tmp_path):
+    path, _ = exported
+    data = path.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ExportError, match="Cannot load .*trunc.pt.* as TorchScript \\(truncated"):
+        transferkit.load(tmp_path / "trunc.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(ExportError, match="Cannot load"):
+        transferkit.load(tmp_path / "text.pt")
+    with pytest.raises(ExportError, match="does not exist"):
+        transferkit.load(tmp_path / "nope.pt")
+    plain = torch.jit.script(nn.Linear(2, 2))
+    torch.jit.save(plain, str(tmp_path / "plain.pt"))
+    with pytest.raises(ExportError, match="no transferkit metadata"):
+        transferkit.load(tmp_path / "plain.pt")
+
+
+def test_update_metadata_keeps_the_digest_valid(tmp_path):
+    path = tmp_path / "m.pt"
+    export_tiny(path)
+    new = update_metadata(path, {"labels": ["ant", "bee", "wasp"], "training": {"note": "renamed"}})
+    assert read_metadata(path)["labels"] == ["ant", "bee", "wasp"] == new["labels"]
+    with pytest.raises(ExportError, match="cannot change \\['num_outputs'\\]"):
+        update_metadata(path, {"num_outputs": 4})
+    with pytest.raises(ExportError, match="num_outputs is 3 but there are 2 labels"):
+        update_metadata(path, {"labels": ["a", "b"]})
+
+
+def test_onnx_export_matches_under_onnxruntime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from transferkit.export import export_onnx, read_onnx_metadata
+
+    model, bb = tiny_model(2)
+    meta = {"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict(), "task": "multilabel"}
+    report = export_onnx(model, tmp_path / "m.onnx", metadata=meta, example_inputs=images(4))
+    assert report.mode == "onnx" and report.max_abs_diff <= report.tolerance and report.batch_sizes == (1, 4)
+    got = read_onnx_metadata(tmp_path / "m.onnx")
+    assert got["format"] == "transferkit.onnx/1" and got["labels"] == ["a", "b"] and got["task"] == "multilabel"
+    import onnxruntime as ort
+
+    x = images(3, seed=5)
+    out = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(out), model(x).detach(), atol=1e-4)

@@ -1,0 +1,178 @@
+"""The predictor: every input kind, resize/crop from the metadata, batching, top-k, tasks, folders, audio."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from export_helpers import export_tiny, rewrite_zip
+from PIL import Image
+
+import transferkit
+from transferkit.data.transforms import eval_transform
+from transferkit.errors import ConfigError, DataError, ExportError
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pred") / "m.pt"
+    _, model = export_tiny(path, size=16)
+    return path, model
+
+
+def _pictures(n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (20 + 4 * i, 24, 3), dtype=np.uint8) for i in range(n)]
+
+
+def _expected(model, pictures, size=16):
+    """The eager model on the metadata's evaluation transform, softmaxed."""
+    spec = transferkit.InputSpec(image_size=size)
+    x = torch.stack([eval_transform(spec)(Image.fromarray(p)) for p in pictures])
+    with torch.no_grad():
+        return torch.softmax(model(x), 1)
+
+
+def test_every_input_kind_gives_the_eager_models_probabilities(exported, tmp_path):
+    path, model = exported
+    pred = transferkit.load(path)
+    pics = _pictures()
+    want = _expected(model, pics)
+    files = []
+    for i, p in enumerate(pics):
+        files.append(tmp_path / f"p{i}.png")
+        Image.fromarray(p).save(files[-1])
+    kinds = {
+        "str paths": [str(f) for f in files],
+        "Path objects": files,
+        "PIL": [Image.fromarray(p) for p in pics],
+        "numpy uint8 HWC": pics,
+        "tensor uint8 CHW": [torch.from_numpy(p).permute(2, 0, 1) for p in pics],
+    }
+    for kind, items in kinds.items():
+        got = pred.predict_proba(items)
+        assert got.shape == (3, 3) and torch.allclose(got, want, atol=1e-5), kind
+    # float inputs in [0, 1]: same pictures, resized in float, so equal up to rounding
+    floats = [torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in pics]
+    assert torch.allclose(pred.predict_proba(floats), want, atol=2e-2)
+    assert torch.allclose(pred.predict_proba([p.astype(np.float32) / 255 for p in pics]), want, atol=2e-2)
+    # one item alone, and a batch tensor [N, C, H, W] as N items
+    assert torch.allclose(pred.predict_proba(str(files[0])), want[:1], atol=1e-5)
+    batch = torch.stack([torch.from_numpy(p[:20, :24]).permute(2, 0, 1) for p in pics])
+    assert pred.predict_proba(batch).shape == (3, 3)
+    # grayscale and RGBA inputs become RGB
+    assert pred.predict_proba([pics[0][..., 0], np.dstack([pics[0], pics[0][..., :1]])]).shape == (2, 3)
+
+
+def test_predict_top_k_batching_and_sources(exported, tmp_path):
+    path, _ = exported
+    pred = transferkit.load(path)
+    files = []
+    for i, p in enumerate(_pictures(5, seed=1)):
+        files.append(str(tmp_path / f"{i}.jpg"))
+        Image.fromarray(p).save(files[-1])
+    preds = pred.predict(files, top_k=2, batch_size=2)
+    assert [p.source for p in preds] == files
+    for p in preds:
+        assert len(p.top_k) == 2 and p.top_k[0] == (p.label, p.probability)
+        assert p.top_k[0][1] >= p.top_k[1][1] and p.label in pred.labels and pred.labels[p.index] == p.label
+    assert torch.allclose(pred.predict_proba(files, batch_size=2), pred.predict_proba(files, batch_size=32))
+    assert len(pred.predict(files, top_k=10)[0].top_k) == 3  # capped at the number of labels
+    d = preds[0].to_dict()
+    assert d["source"] == files[0] and d["label"] == preds[0].label and len(d["top_k"]) == 2
+    with pytest.raises(ConfigError, match="top_k"):
+        pred.predict(files, top_k=0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        pred.predict(files, batch_size=0)
+
+
+def test_bad_inputs_raise_clear_errors(exported, tmp_path):
+    pred = transferkit.load(exported[0])
+    with pytest.raises(DataError, match="values in \\[0, 1\\]"):
+        pred.predict(torch.full((3, 8, 8), 255.0))
+    with pytest.raises(DataError, match="Cannot predict on a dict"):
+        pred.predict([{"x": 1}])
+    with pytest.raises(DataError, match="channels last"):
+        pred.predict(np.zeros((3, 20, 20), np.uint8))
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match="broken.jpg"):
+        pred.predict(str(tmp_path / "broken.jpg"))
+    with pytest.raises(DataError, match="missing.png"):
+        pred.predict(str(tmp_path / "missing.png"))
+
+
+def test_predict_folder_sorted_with_progress_bar(exported, tmp_path, capsys):
+    pred = transferkit.load(exported[0])
+    for i, p in enumerate(_pictures(3, seed=2)):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray(p).save(tmp_path / f"c{i % 2}" / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / ".hidden.png").write_bytes(b"junk")
+    preds = pred.predict_folder(tmp_path, top_k=2, progress=True)
+    assert [p.source for p in preds] == sorted(str(f) for f in tmp_path.rglob("[0-9].png"))
+    assert "3/3" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="No image files"):
+        pred.predict_folder(tmp_path / "empty", progress=False)
+
+
+@pytest.mark.parametrize("task", ["multilabel", "regression"])
+def test_task_sets_the_output_function(task, tmp_path):
+    path = tmp_path / f"{task}.pt"
+    _, model = export_tiny(path, task=task, labels=("a", "b", "c"), size=16)
+    pred = transferkit.load(path)
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = model(x)
+    preds = pred.predict(x, top_k=2, threshold=0.5)
+    if task == "multilabel":
+        probs = torch.sigmoid(logits)
+        assert torch.allclose(pred.predict_proba(x), probs, atol=1e-5)
+        for p, row in zip(preds, probs):
+            assert p.labels == [lab for lab, q in zip("abc", row) if q >= 0.5]
+            assert p.to_dict()["labels"] == p.labels
+    else:
+        assert torch.allclose(pred.outputs(x), logits, atol=1e-5)
+        assert preds[0].values == pytest.approx(dict(zip("abc", logits[0].tolist())), abs=1e-5)
+        assert preds[0].label is None and "values" in preds[0].to_dict()
+        with pytest.raises(ConfigError, match="regression"):
+            pred.predict_proba(x)
+
+
+def test_model_and_metadata_that_do_not_belong_together(exported, tmp_path):
+    """A forger with a valid digest still cannot make 2 labels fit a 3-output model."""
+    import hashlib
+    import json
+
+    path, _ = exported
+    meta = transferkit.export.read_metadata(path)
+    forged = json.dumps({**meta, "labels": ["x", "y"], "num_outputs": 2}, indent=1, sort_keys=True).encode()
+    files = {"extra/transferkit.json": forged, "extra/labels.txt": b"x\ny\n",
+             "extra/transferkit.sha256": hashlib.sha256(forged).hexdigest().encode()}
+    bad = rewrite_zip(path, tmp_path / "f.pt", lambda n, d: files.get(n, d))
+    pred = transferkit.load(bad)
+    with pytest.raises(ExportError, match="returns \\(1, 3\\) but its metadata lists 2 labels"):
+        pred.predict(np.zeros((16, 16, 3), np.uint8))
+
+
+def test_audio_model_predicts_from_files_and_waveforms(tmp_path):
+    sf = pytest.importorskip("soundfile")
+    audio = pytest.importorskip("transferkit.data.audio")
+    bb = transferkit.get_backbone("spec:tk:small_cnn", weights=None)
+    spec = bb.input_spec.replace(sample_rate=8000)
+    torch.manual_seed(0)
+    model = transferkit.build_model(bb, 2, spec=spec).eval()
+    waves = [torch.sin(torch.arange(n) * f) * 0.3 for n, f in ((4000, 0.05), (2400, 0.2), (3000, 0.1))]
+    example = audio.pad_waveforms(waves)
+    transferkit.export_torchscript(model, tmp_path / "a.pt", example_inputs=example,
+                                   metadata={"labels": ["lo", "hi"], "input_spec": spec.to_dict()})
+    pred = transferkit.load(tmp_path / "a.pt")
+    assert pred.input_spec.kind == "audio"
+    sf.write(tmp_path / "w.wav", waves[1].numpy(), 8000)
+    with torch.no_grad():
+        want = torch.softmax(model(audio.pad_waveforms(waves)), 1)
+    got = pred.predict_proba([waves[0], waves[1].numpy(), waves[2]])
+    assert torch.allclose(got, want, atol=1e-5)
+    from_file = pred.predict_proba(str(tmp_path / "w.wav"))  # 16-bit PCM on disk: equal up to quantisation
+    assert torch.allclose(from_file, want[1:2], atol=1e-2)
+    assert pred.predict_folder(tmp_path, progress=False)[0].source == str(tmp_path / "w.wav")

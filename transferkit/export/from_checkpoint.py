@@ -1,0 +1,106 @@
+"""Rebuild a model from a transferkit checkpoint and export it (``transferkit export``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from transferkit.backbones._base import InputSpec
+from transferkit.backbones.weights import load_into
+from transferkit.errors import ExportError
+from transferkit.export.inputs import InputPipeline
+from transferkit.export.torchscript import ExportReport, export_torchscript
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the trained model of a checkpoint written by ``finetune(checkpoint=...)``
+    (or :func:`transferkit.train.save_checkpoint`) from its metadata: backbone name, input
+    spec, labels and head configuration; the weights are loaded strictly.
+
+    Example:
+        >>> model, meta = model_from_checkpoint("run.pt")  # doctest: +SKIP
+    """
+    from transferkit.api import build_model
+    from transferkit.backbones import get_backbone
+    from transferkit.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    meta = ckpt["transferkit"]
+    where = f"checkpoint {str(path)!r}"
+    training = meta.get("training") if isinstance(meta, dict) else None
+    if not isinstance(training, dict) or not isinstance(training.get("backbone"), str):
+        raise ExportError(f"The {where} does not record its backbone (metadata 'training.backbone'); it cannot be "
+                          "rebuilt. Export the model in Python with transferkit.export_torchscript(model, ...).")
+    for key in ("labels", "input_spec"):
+        if key not in meta:
+            raise ExportError(f"The {where} lacks metadata {key!r}; it cannot be exported on its own.")
+    head = _head_config(meta)
+    spec = InputSpec.from_dict(meta["input_spec"])
+    num_outputs = int(meta.get("num_outputs") or len(meta["labels"]))
+    backbone = get_backbone(training["backbone"], weights=None)
+    model = build_model(backbone, num_outputs, spec=spec, head_hidden=head["hidden"],
+                        head_activation=head["activation"], head_dropout=head["dropout"])
+    hint = "" if head["recorded"] else " (the checkpoint records no head configuration, so a linear head was assumed)"
+    load_into(model, ckpt["model"], strict=True, source=f"The weights of {where}{hint}")
+    return model.eval(), meta
+
+
+def _head_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """The head of a checkpoint: from finetune's recorded ``config`` (head, head_hidden,
+    head_activation, head_dropout), else ``training.head``, else a linear head."""
+    from transferkit.heads import resolve_head
+
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else None
+    if config is not None:
+        _, hidden = resolve_head(config.get("head"), config.get("head_hidden") or ())
+        return {"hidden": hidden, "activation": config.get("head_activation", "relu"),
+                "dropout": float(config.get("head_dropout") or 0.0), "recorded": True}
+    head = (meta.get("training") or {}).get("head")
+    if isinstance(head, dict):
+        return {"hidden": tuple(head.get("hidden", ())), "activation": head.get("activation", "relu"),
+                "dropout": float(head.get("dropout", 0.0)), "recorded": True}
+    return {"hidden": (), "activation": "relu", "dropout": 0.0, "recorded": False}
+
+
+def example_batch(spec: InputSpec, *, examples: str | Path | None = None, n: int = 8,
+                  seed: int = 0) -> tuple[torch.Tensor, str]:
+    """Inputs for the parity check: up to ``n`` files from the folder ``examples``
+    (preprocessed as the predictor does), or seeded random ones; returns the batch and a
+    description of where it came from."""
+    pipe = InputPipeline(spec)
+    if examples is not None:
+        files = pipe.list_files(examples)[:n]
+        return pipe.batch(files), f"{len(files)} {spec.kind} files from {str(examples)!r}"
+    g = torch.Generator().manual_seed(seed)
+    if spec.kind == "audio":
+        length = int(round((spec.clip_seconds or 1.0) * int(spec.sample_rate or 16000)))
+        waves = [torch.rand(length if i % 2 == 0 else length // 2, generator=g) * 0.2 - 0.1 for i in range(n)]
+        return pipe.batch(waves), f"{n} random waveforms (pass examples= for real inputs)"
+    size = spec.image_size
+    batch = torch.randint(0, 256, (n, spec.channels, size, size), dtype=torch.uint8, generator=g)
+    return batch, f"{n} random uint8 images (pass examples= for real inputs)"
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str | Path | None = None,
+                      num_examples: int = 8, onnx: str | Path | None = None,
+                      **export_kwargs: Any) -> tuple[list[ExportReport], str]:
+    """Export a checkpoint to a verified TorchScript file (and an ONNX file when ``onnx`` is
+    a path); returns the reports and a line saying which inputs the parity checks used.
+    ``export_kwargs`` go to :func:`~transferkit.export_torchscript` (``optimize``, ``mode``,
+    ``atol``, ``rtol``).
+
+    Example:
+        >>> reports, origin = export_checkpoint("run.pt", "model.pt", examples="images/val")  # doctest: +SKIP
+    """
+    model, meta = model_from_checkpoint(checkpoint)
+    batch, origin = example_batch(InputSpec.from_dict(meta["input_spec"]), examples=examples, n=num_examples)
+    keep = {k: v for k, v in meta.items() if k not in ("format", "num_outputs", "torch_version", "export")}
+    reports = [export_torchscript(model, out, metadata=keep, example_inputs=batch, **export_kwargs)]
+    if onnx is not None:
+        from transferkit.export.onnx import export_onnx
+
+        reports.append(export_onnx(model, onnx, metadata=keep, example_inputs=batch))
+    return reports, origin

@@ -1,0 +1,145 @@
+"""Turning user inputs into the raw batches an exported model takes, from its input spec.
+
+Images: file paths, PIL images, numpy arrays (HxW or HxWxC, uint8 or float in [0, 1]) and
+tensors ([C,H,W] or [N,C,H,W]) are resized and cropped as the spec says (the evaluation
+transform used in training) and stacked into a uint8 (or float) batch ``[N, 3, H, W]``.
+Audio: file paths, waveforms ``[T]`` at the model's rate (a ``[N, T]`` tensor is N clips) and
+``(waveform, sample_rate)`` pairs go through the audio module's evaluation transform and are
+NaN-padded into ``[N, T]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from transferkit.backbones._base import InputSpec
+from transferkit.data.images import IMAGE_EXTENSIONS, load_image
+from transferkit.data.transforms import eval_transform
+from transferkit.errors import DataError, ExportError
+
+
+class InputPipeline:
+    """Single items -> model batches for one :class:`~transferkit.InputSpec`.
+
+    Example:
+        >>> pipe = InputPipeline(InputSpec(image_size=32))
+        >>> pipe.batch([np.zeros((40, 50, 3), np.uint8), torch.ones(3, 20, 20)]).shape
+        torch.Size([2, 3, 32, 32])
+    """
+
+    def __init__(self, spec: InputSpec) -> None:
+        self.spec = spec
+        self.audio = spec.kind == "audio"
+        if self.audio:
+            self._audio, self._to_waveform = _audio_helpers()
+            self._transform = self._audio.AudioTransform(spec)
+            self.extensions: tuple[str, ...] = tuple(self._audio.AUDIO_EXTENSIONS)
+        else:
+            self._transform = eval_transform(spec)
+            self.extensions = IMAGE_EXTENSIONS
+
+    def split(self, inputs: Any) -> list[Any]:
+        """One input or many -> a list of single items (a batch tensor/array is several)."""
+        batch_ndim = 2 if self.audio else 4
+        if isinstance(inputs, (torch.Tensor, np.ndarray)) and inputs.ndim == batch_ndim:
+            return list(inputs)
+        pair = self.audio and isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], int)
+        if isinstance(inputs, (str, Path, Image.Image, torch.Tensor, np.ndarray)) or pair:
+            return [inputs]
+        if isinstance(inputs, Sequence) or hasattr(inputs, "__iter__"):
+            return list(inputs)
+        raise DataError(f"Cannot predict on a {type(inputs).__name__}; pass one input or a list of them.")
+
+    def prepare(self, item: Any) -> torch.Tensor:
+        """One item -> ``[3, H, W]`` image tensor or ``[T]`` waveform."""
+        return self._waveform(item) if self.audio else self._image(item)
+
+    def batch(self, items: Sequence[Any]) -> torch.Tensor:
+        """Items -> one model batch."""
+        xs = [self.prepare(x) for x in items]
+        if self.audio:
+            return self._audio.pad_waveforms(xs)
+        if len({x.dtype for x in xs}) > 1:  # mixed uint8 and float images: go to float in [0, 1]
+            xs = [x.float() / 255.0 if x.dtype == torch.uint8 else x.float() for x in xs]
+        return torch.stack(xs)
+
+    def list_files(self, folder: str | Path) -> list[str]:
+        """The files below ``folder`` of this input kind, sorted by path (hidden files skipped)."""
+        root = Path(folder)
+        if not root.is_dir():
+            raise DataError(f"{str(folder)!r} is not a folder.")
+        files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in self.extensions and p.is_file()
+                       and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"No {self.spec.kind} files under {str(folder)!r} (looked for "
+                            f"{', '.join(self.extensions)}).")
+        return files
+
+    def _image(self, item: Any) -> torch.Tensor:
+        if isinstance(item, (str, Path)):
+            item = load_image(item, min_size=self.spec.resize_size or self.spec.image_size)
+        elif isinstance(item, np.ndarray):
+            item = _array_to_image(item)
+        elif isinstance(item, torch.Tensor):
+            item = _check_image_tensor(item)
+        elif not isinstance(item, Image.Image):
+            raise DataError(f"Cannot predict on a {type(item).__name__}; pass file paths, PIL images, numpy arrays "
+                            "HxWx3 (or HxW) or tensors [3,H,W] / [N,3,H,W], uint8 or float in [0, 1].")
+        return self._transform(item)
+
+    def _waveform(self, item: Any) -> torch.Tensor:
+        if not isinstance(item, (str, Path, np.ndarray, torch.Tensor, tuple)):
+            raise DataError(f"Cannot predict on a {type(item).__name__} with an audio model; pass audio file paths, "
+                            "waveforms [T] at the model's sample rate, or (waveform, sample_rate) pairs.")
+        return self._transform(self._to_waveform(item, int(self.spec.sample_rate)))  # type: ignore[arg-type]
+
+
+def _audio_helpers() -> tuple[Any, Any]:
+    """The audio data module (issue 6) and its waveform reader; a clear error where missing."""
+    try:
+        from transferkit.data import audio
+    except ImportError as exc:
+        raise ExportError("This model takes audio, but transferkit.data.audio is not available in this "
+                          f"installation ({exc}); upgrade transferkit.") from exc
+    to_waveform = getattr(audio, "to_waveform", None) or getattr(audio, "_to_waveform", None)
+    missing = [n for n in ("AudioTransform", "pad_waveforms", "AUDIO_EXTENSIONS") if not hasattr(audio, n)]
+    if missing or to_waveform is None:
+        raise ExportError(f"This model takes audio, but transferkit.data.audio lacks {missing or ['to_waveform']}; "
+                          "audio input is not supported by this version yet.")
+    return audio, to_waveform
+
+
+def _array_to_image(arr: np.ndarray) -> Image.Image | torch.Tensor:
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        raise DataError(f"A numpy image must be HxWxC (channels last), got shape {arr.shape}; use "
+                        "arr.transpose(1, 2, 0) or pass a torch tensor [C,H,W].")
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
+        raise DataError(f"A numpy image must be HxW or HxWxC with C in 1, 3, 4, got shape {arr.shape}.")
+    if arr.dtype == np.uint8:
+        return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return _check_image_tensor(t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1))
+
+
+def _check_image_tensor(t: torch.Tensor) -> torch.Tensor:
+    if t.ndim == 2:
+        t = t.unsqueeze(0)
+    if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
+        raise DataError(f"An image tensor must be [C,H,W] with C in 1, 3, 4 (or [N,C,H,W] for several), got "
+                        f"{tuple(t.shape)}.")
+    if t.dtype == torch.uint8:
+        return t.cpu()
+    if not t.is_floating_point():
+        raise DataError(f"An image tensor must be uint8 in [0, 255] or float in [0, 1], got {t.dtype}.")
+    t = t.detach().float().cpu()
+    lo, hi = (float(t.min()), float(t.max())) if t.numel() else (0.0, 0.0)
+    if lo < -1e-3 or hi > 1.0 + 1e-3:
+        raise DataError(f"A float image must hold values in [0, 1], got [{lo:.3g}, {hi:.3g}]; pass uint8 pixels or "
+                        "divide by 255.")
+    return t

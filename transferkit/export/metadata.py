@@ -1,0 +1,181 @@
+"""The metadata schema of an exported file: defined, written and validated here only.
+
+An export carries three extra files beside the TorchScript code and weights:
+
+- ``transferkit.json``: the metadata below, as JSON;
+- ``transferkit.sha256``: the SHA-256 of ``transferkit.json`` at export time, so that a
+  hand-edited or damaged metadata file is detected on load;
+- ``labels.txt``: the labels, one per line, so a C++ or mobile consumer needs no JSON parser.
+
+Metadata fields (all required):
+
+=====================  ==========================================================
+``format``             ``"transferkit.torchscript/1"``
+``labels``             output names: class names (multiclass / multilabel) or value
+                       names (regression); unique non-empty strings
+``num_outputs``        width of the model's output, ``== len(labels)``
+``task``               ``"multiclass"`` (softmax), ``"multilabel"`` (sigmoid) or
+                       ``"regression"`` (identity)
+``input_spec``         :class:`~transferkit.InputSpec` as a dict: ``kind`` ``"image"``
+                       (``image_size``, ``resize_size``, ``mean``, ``std``, ...) or
+                       ``"audio"`` (``sample_rate``, ``clip_seconds``)
+``transferkit_version``  version that wrote the file
+``torch_version``      torch version that wrote the file
+``training``           summary dict: backbone, weights, policy, epochs, best metric...
+                       (may be empty for models trained elsewhere)
+=====================  ==========================================================
+
+Written by the exporter: ``export`` (mode, optimization, max_abs_diff, tolerance, batch sizes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from transferkit.errors import ExportError
+from transferkit.train.tasks import TASKS
+
+FORMAT = "transferkit.torchscript/1"
+ONNX_FORMAT = "transferkit.onnx/1"
+METADATA_FILE = "transferkit.json"
+DIGEST_FILE = "transferkit.sha256"
+LABELS_FILE = "labels.txt"
+EXTRA_FILES = (METADATA_FILE, DIGEST_FILE, LABELS_FILE)
+INPUT_KINDS = ("image", "audio")
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+REQUIRED = {"format": str, "labels": list, "num_outputs": int, "task": str, "input_spec": dict,
+            "transferkit_version": str, "torch_version": str, "training": dict}
+
+
+def transferkit_version() -> str:
+    from transferkit import __version__
+
+    return __version__
+
+
+def complete_metadata(metadata: dict[str, Any], *, num_outputs: int, fmt: str = FORMAT) -> dict[str, Any]:
+    """Fill the fields the exporter knows (format, versions, ``num_outputs``, task and
+    training defaults) and validate the result.
+
+    Example:
+        >>> meta = complete_metadata({"labels": ["cat", "dog"], "input_spec": {"image_size": 32}}, num_outputs=2)
+        >>> meta["task"], meta["format"]
+        ('multiclass', 'transferkit.torchscript/1')
+    """
+    if not isinstance(metadata, dict):
+        raise ExportError(f"Export metadata must be a dict, got {type(metadata).__name__}.")
+    meta = {"task": "multiclass", "training": {}, **metadata, "format": fmt, "num_outputs": int(num_outputs),
+            "transferkit_version": transferkit_version(), "torch_version": torch.__version__}
+    try:
+        meta = json.loads(json.dumps(meta))  # tuples -> lists, and proof it serialises
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"Export metadata must be JSON-serialisable: {exc}") from exc
+    return validate_metadata(meta, source="the metadata to export", fmt=fmt)
+
+
+def _fail(source: str, problem: str) -> ExportError:
+    return ExportError(f"The metadata of {source} is invalid: {problem}. It was not written by this version of "
+                       "transferkit or was edited by hand; re-export the model.")
+
+
+def _check_input_spec(spec: dict[str, Any], source: str) -> None:
+    kind = spec.get("kind", "image")
+    if kind not in INPUT_KINDS:
+        raise _fail(source, f"input_spec.kind is {kind!r}; valid kinds: {', '.join(map(repr, INPUT_KINDS))}")
+    if kind == "audio":
+        sr = spec.get("sample_rate")
+        if isinstance(sr, bool) or not isinstance(sr, int) or sr < 1:
+            raise _fail(source, f"input_spec.sample_rate must be a positive integer for audio, got {sr!r}")
+        clip = spec.get("clip_seconds")
+        if clip is not None and (not isinstance(clip, (int, float)) or clip <= 0):
+            raise _fail(source, f"input_spec.clip_seconds must be a positive number or null, got {clip!r}")
+        return
+    for key in ("image_size", "resize_size"):
+        v = spec.get(key, 224 if key == "image_size" else None)
+        if (v is not None or key == "image_size") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise _fail(source, f"input_spec.{key} must be a positive integer, got {v!r}")
+    channels = spec.get("channels", 3)
+    for key in ("mean", "std"):
+        v = spec.get(key)
+        if v is not None and (not isinstance(v, list) or len(v) != channels
+                              or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+            raise _fail(source, f"input_spec.{key} must be a list of {channels} numbers, got {v!r}")
+    if any(s <= 0 for s in spec.get("std") or []):
+        raise _fail(source, f"input_spec.std must be positive, got {spec['std']!r}")
+    interp = spec.get("interpolation", "bilinear")
+    if interp not in INTERPOLATIONS:
+        raise _fail(source, f"input_spec.interpolation is {interp!r}; valid: {', '.join(INTERPOLATIONS)}")
+
+
+def validate_metadata(meta: Any, *, source: str, fmt: str = FORMAT) -> dict[str, Any]:
+    """Check ``meta`` against the schema; raise ExportError naming the first problem."""
+    if not isinstance(meta, dict):
+        raise _fail(source, f"it is a JSON {type(meta).__name__}, not an object")
+    found = meta.get("format")
+    if isinstance(found, str) and found.split("/")[0] == fmt.split("/")[0] and found != fmt:
+        raise ExportError(f"{source} has export format {found!r}; this transferkit ({transferkit_version()}) reads "
+                          f"{fmt!r}. Load it with the transferkit version that wrote it "
+                          f"({meta.get('transferkit_version', 'unknown')}) or re-export it.")
+    for key, typ in REQUIRED.items():
+        if key not in meta:
+            raise _fail(source, f"the field {key!r} is missing")
+        if not isinstance(meta[key], typ) or isinstance(meta[key], bool):
+            raise _fail(source, f"the field {key!r} must be a {typ.__name__}, got {type(meta[key]).__name__}")
+    if found != fmt:
+        raise _fail(source, f"format is {found!r}, expected {fmt!r}")
+    labels = meta["labels"]
+    if not labels or not all(isinstance(x, str) and x and "\n" not in x for x in labels):
+        raise _fail(source, "labels must be a non-empty list of non-empty one-line strings")
+    if len(set(labels)) != len(labels):
+        dups = sorted({x for x in labels if labels.count(x) > 1})
+        raise _fail(source, f"labels are not unique (repeated: {dups[:5]})")
+    if meta["num_outputs"] != len(labels):
+        raise _fail(source, f"num_outputs is {meta['num_outputs']} but there are {len(labels)} labels")
+    if meta["task"] not in TASKS:
+        raise _fail(source, f"task is {meta['task']!r}; valid tasks: {', '.join(map(repr, TASKS))}")
+    _check_input_spec(meta["input_spec"], source)
+    return meta
+
+
+def encode_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """The extra files of an export: JSON metadata, its SHA-256, and ``labels.txt``."""
+    text = json.dumps(meta, indent=1, sort_keys=True)
+    return {METADATA_FILE: text, DIGEST_FILE: _digest(text.encode()), LABELS_FILE: "\n".join(meta["labels"]) + "\n"}
+
+
+def _digest(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _as_bytes(v: Any) -> bytes:
+    return v if isinstance(v, bytes) else str(v).encode()
+
+
+def decode_metadata(extra: dict[str, Any], *, source: str, fmt: str = FORMAT) -> dict[str, Any]:
+    """Read and check the extra files of an export (as filled by ``torch.jit.load``)."""
+    raw = _as_bytes(extra.get(METADATA_FILE, b""))
+    if not raw:
+        raise ExportError(f"{source} is TorchScript but has no transferkit metadata ({METADATA_FILE}); export it "
+                          "with transferkit.export_torchscript or finetune(export=...).")
+    digest = _as_bytes(extra.get(DIGEST_FILE, b"")).decode(errors="replace").strip()
+    if not digest:
+        raise ExportError(f"{source} has transferkit metadata but no digest ({DIGEST_FILE}): the file was altered "
+                          "after export or not written by transferkit; re-export the model.")
+    if digest != _digest(raw):
+        raise ExportError(f"The metadata of {source} was modified after export: its SHA-256 does not match the digest "
+                          f"recorded at export ({DIGEST_FILE}). Re-export the model, or change metadata with "
+                          "transferkit.export.update_metadata().")
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ExportError(f"The metadata of {source} is corrupt (not valid JSON: {exc}).") from exc
+    meta = validate_metadata(meta, source=source, fmt=fmt)
+    labels_txt = _as_bytes(extra.get(LABELS_FILE, b"")).decode(errors="replace")
+    if labels_txt.splitlines() != meta["labels"]:
+        raise ExportError(f"The {LABELS_FILE} of {source} does not match the labels in {METADATA_FILE}: the file "
+                          "was altered after export. Re-export the model.")
+    return meta

@@ -1,0 +1,119 @@
+"""ONNX export (optional extra ``pip install transferkit[onnx]``), checked with onnxruntime.
+
+The ONNX file takes the same raw input as the TorchScript export, in the dtype of the
+example inputs (uint8 images, or float waveforms), with a dynamic batch axis (and a
+dynamic time axis for audio). The metadata, its digest and the labels are stored as the
+model's ``metadata_props``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from transferkit._io import atomic_write
+from transferkit.errors import ExportError
+from transferkit.export.metadata import (
+    DIGEST_FILE,
+    METADATA_FILE,
+    ONNX_FORMAT,
+    complete_metadata,
+    decode_metadata,
+    encode_metadata,
+)
+from transferkit.export.torchscript import ExportReport, _examples
+
+
+def _require_onnx() -> tuple[Any, Any]:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise ExportError(f"ONNX export needs the optional packages onnx and onnxruntime ({exc}). Install them with "
+                          "pip install 'transferkit[onnx]'.") from exc
+    return onnx, onnxruntime
+
+
+def _batches(examples: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for ex in examples:
+        out += [ex[:1], ex] if ex.shape[0] > 1 else [ex]
+    return out
+
+
+def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
+                example_inputs: torch.Tensor | Sequence[torch.Tensor], opset: int = 17, atol: float = 1e-4,
+                rtol: float = 1e-4) -> ExportReport:
+    """Export ``model`` to ONNX with ``metadata``, run the file with onnxruntime and compare it
+    with the eager model at batch size 1 and N (tolerance ``atol + rtol * max|eager|``).
+
+    Example:
+        >>> import torch, transferkit
+        >>> bb = transferkit.get_backbone("tk:small_cnn", weights=None)
+        >>> images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+        >>> r = export_onnx(transferkit.build_model(bb, 2), "/tmp/tk-doctest.onnx", example_inputs=images,
+        ...                 metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()})
+        >>> r.max_abs_diff <= r.tolerance
+        True
+    """
+    onnx, ort = _require_onnx()
+    t0 = time.perf_counter()
+    examples = _examples(example_inputs)
+    eager = copy.deepcopy(model).cpu().eval()
+    batches = _batches(examples)
+    with torch.no_grad():
+        width = int(eager(examples[0][:1]).shape[1])
+    meta = complete_metadata(metadata, num_outputs=width, fmt=ONNX_FORMAT)
+    dynamic = {0: "batch"} if examples[0].ndim != 2 else {0: "batch", 1: "time"}
+    report = ExportReport(Path(path), "onnx", 0.0, tuple(int(b.shape[0]) for b in batches),
+                          input_dtypes=(str(examples[0].dtype).replace("torch.", ""),))
+
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
+            torch.onnx.export(eager, (examples[0],), tmp, dynamo=False, opset_version=opset, input_names=["input"],
+                              output_names=["output"], dynamic_axes={"input": dynamic, "output": {0: "batch"}})
+        proto = onnx.load(tmp)
+        for key, value in encode_metadata(meta).items():
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save(proto, tmp)
+        session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        diff, scale = 0.0, 0.0
+        with torch.no_grad():
+            for xb in batches:
+                ref = eager(xb).float().numpy()
+                got = session.run(None, {"input": xb.numpy()})[0]
+                if got.shape != ref.shape:
+                    raise ExportError(f"The ONNX model returns {got.shape} for {tuple(xb.shape)}, eager {ref.shape}.")
+                diff = max(diff, float(np.abs(got - ref).max()))
+                scale = max(scale, float(np.abs(ref).max()))
+        tol = atol + rtol * scale
+        if not diff <= tol:
+            raise ExportError(f"The ONNX model differs from the eager model by {diff:.3g} under onnxruntime "
+                              f"(> tolerance {tol:.3g}); the file was not written.")
+        report.max_abs_diff, report.tolerance = diff, tol
+
+    atomic_write(path, write)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The validated transferkit metadata of an ONNX export."""
+    onnx, _ = _require_onnx()
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ExportError(f"Cannot read {str(path)!r} as ONNX: {type(exc).__name__}: {exc}") from exc
+    props = {p.key: p.value for p in proto.metadata_props}
+    if METADATA_FILE not in props and DIGEST_FILE not in props:
+        raise ExportError(f"{str(path)!r} is ONNX but has no transferkit metadata.")
+    return decode_metadata(props, source=repr(str(path)), fmt=ONNX_FORMAT)

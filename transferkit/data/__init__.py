@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
+from transferkit.data.checks import DataReport, check_image_file, find_duplicates
 from transferkit.data.images import (
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
     TransformedDataset,
     dataset_targets,
     load_image,
+    scan_csv,
     scan_image_folder,
 )
 from transferkit.data.transforms import eval_transform, train_transform
@@ -25,12 +27,16 @@ from transferkit.errors import DataError
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataBundle",
+    "DataReport",
+    "check_image_file",
+    "find_duplicates",
     "ImageFolderDataset",
     "TransformedDataset",
     "dataset_targets",
     "eval_transform",
     "load_image",
     "prepare_data",
+    "scan_csv",
     "scan_image_folder",
     "stratified_split",
     "train_transform",
@@ -49,6 +55,7 @@ class DataBundle:
     train: ImageFolderDataset | TransformedDataset
     val: ImageFolderDataset | TransformedDataset | None
     classes: list[str]
+    report: DataReport = field(default_factory=DataReport)
 
 
 def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -70,9 +77,9 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0)
     return sorted(int(i) for i in train_idx), sorted(int(i) for i in val_idx)
 
 
-def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what: str):
+def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what: str, **checks: Any):
     if isinstance(data, (str, Path)):
-        return ImageFolderDataset(data, classes=classes, min_size=min_size)
+        return ImageFolderDataset(data, classes=classes, min_size=min_size, **checks)
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         if len(data) == 0:
             raise DataError(f"The {what} dataset is empty.")
@@ -89,12 +96,17 @@ def _split_dirs(root: Path) -> tuple[Path, Path] | None:
 
 
 def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, seed: int = 0,
-                 classes: Sequence[str] | None = None, min_size: int | None = None) -> DataBundle:
+                 classes: Sequence[str] | None = None, min_size: int | None = None, on_bad_file: str = "skip",
+                 scan: str = "quick") -> DataBundle:
     """Resolve training and validation data.
 
     ``data`` is a folder ``root/<class>/<image>`` (or a folder holding ``train/`` and
-    ``val/``), or a Dataset of ``(image, label)``. Without ``val_data``, a stratified
-    ``val_split`` of the training data is held out (``val_split=0``: no validation).
+    ``val/``), a CSV file of ``path,label`` rows, or a Dataset of ``(image, label)``.
+    Without ``val_data``, a stratified ``val_split`` of the training data is held out
+    (``val_split=0``: no validation). Image files are checked before training
+    (``scan="quick"``: headers and truncation, ``"full"``: decode everything, ``"none"``);
+    bad ones are left out and listed in ``bundle.report`` (``on_bad_file="skip"``) or
+    raise (``"raise"``). The validation data always use the training class mapping.
 
     Example:
         >>> bundle = prepare_data("hymenoptera")  # doctest: +SKIP
@@ -103,7 +115,10 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
     """
     if isinstance(data, (str, Path)) and val_data is None and (pair := _split_dirs(Path(data))):
         data, val_data = pair
-    train = _as_dataset(data, list(classes) if classes else None, min_size, "training")
+    checks = {"on_bad_file": on_bad_file, "scan": scan}
+    train = _as_dataset(data, list(classes) if classes else None, min_size, "training", **checks)
+    report = DataReport()
+    report.merge(getattr(train, "report", DataReport()))
     names = list(classes) if classes else list(getattr(train, "classes", []) or getattr(getattr(train, "base", None), "classes", []) or [])
     targets = dataset_targets(train)
     if not names:
@@ -117,12 +132,18 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
                         "a classifier needs at least two.")
     val = None
     if val_data is not None:
-        val = _as_dataset(val_data, names, min_size, "validation")
+        val = _as_dataset(val_data, names, min_size, "validation", **checks)
+        report.merge(getattr(val, "report", DataReport()))
         vt = dataset_targets(val)
         bad = sorted({t for t in vt if not 0 <= t < len(names)})
         if bad:
             raise DataError(f"Validation labels {bad[:5]} are outside the training classes 0..{len(names) - 1}.")
+        if isinstance(train, ImageFolderDataset) and isinstance(val, ImageFolderDataset):
+            dups = find_duplicates([p for p, _ in train.samples], [p for p, _ in val.samples])
+            if dups:
+                report.warn(f"{len(dups)} validation file(s) are byte-identical to training files, which inflates "
+                            f"validation accuracy: e.g. {dups[0][1]} = {dups[0][0]}.")
     elif val_split:
         tr_idx, va_idx = stratified_split(targets, val_split, seed)
         train, val = train.view(tr_idx), train.view(va_idx)
-    return DataBundle(train=train, val=val, classes=names)
+    return DataBundle(train=train, val=val, classes=names, report=report)

@@ -12,39 +12,67 @@ import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from transferkit.data.checks import DataReport, filter_bad_images
 from transferkit.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 def load_image(path: str | Path, *, min_size: int | None = None) -> Image.Image:
-    """Open an image as RGB, applying its EXIF orientation.
+    """Open an image as 8-bit RGB, applying its EXIF orientation.
 
-    With ``min_size``, JPEG decoding uses Pillow's draft mode to decode directly at the
-    smallest power-of-two reduction whose shorter side stays >= ``min_size``: several
-    times faster for large photos fed to small models, and the same for both training
-    and prediction.
+    Grayscale, palette, CMYK and 16-bit images are converted; transparent pixels (RGBA,
+    LA, palette with transparency) are composited onto white, since dropping the alpha
+    channel would show whatever colour happens to be stored under it. Animated images
+    give their first frame. With ``min_size``, JPEG decoding uses Pillow's draft mode to
+    decode directly at the smallest power-of-two reduction whose shorter side stays
+    >= ``min_size``: several times faster for large photos fed to small models, and the
+    same for training and prediction.
     """
     try:
-        with Image.open(path) as img:
-            if min_size and img.format == "JPEG":
-                img.draft("RGB", (min_size, min_size))
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"Cannot read image {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if min_size and img.format == "JPEG":
+                    img.draft("RGB", (min_size, min_size))
+                img = ImageOps.exif_transpose(img)
+                return to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"Cannot read image {str(path)!r}: {type(exc).__name__}: {exc}. Remove the file, or pass "
+                        "on_bad_file='skip' to leave unreadable files out.") from exc
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow image mode to 8-bit RGB (see :func:`load_image`)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def _is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None, *,
+                      report: DataReport | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """List ``(path, class_index)`` for ``root/<class>/**/<image>``.
 
-    ``classes`` fixes the class-to-index mapping (use the training folder's for a
-    validation folder); folders not in it raise.
+    ``classes`` fixes the class-to-index mapping (pass the training folder's for a
+    validation folder): a class folder not in it is left out and reported, a class of it
+    without a folder is reported. Files that are not images by their extension
+    (``.DS_Store``, ``Thumbs.db``, notes) are ignored and listed in ``report``.
     """
+    report = report if report is not None else DataReport()
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"Data folder {str(root)!r} does not exist or is not a folder. "
@@ -56,22 +84,66 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
         classes = found
     else:
         extra = [c for c in found if c not in classes]
+        missing = [c for c in classes if c not in found]
         if extra:
-            raise DataError(f"Folder {str(root)!r} has classes {extra} that the training data does not have "
-                            f"(training classes: {list(classes)}).")
+            report.warn(f"{str(root)!r} has class folders {extra} that the training data does not have; their images "
+                        f"are left out (training classes: {list(classes)}).")
+        if missing:
+            report.warn(f"{str(root)!r} has no folder for training classes {missing}.")
+        found = [c for c in found if c in classes]
     index = {c: i for i, c in enumerate(classes)}
     samples: list[tuple[str, int]] = []
     empty = []
     for c in found:
-        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root / c) for f in fs if _is_image_file(f))
+        files = []
+        for dp, _, fs in os.walk(root / c):
+            for f in fs:
+                (files if _is_image_file(f) else report.ignored_files).append(os.path.join(dp, f))
         if not files:
             empty.append(c)
-        samples.extend((f, index[c]) for f in files)
+        samples.extend((f, index[c]) for f in sorted(files))
     if not samples:
         raise DataError(f"No images found under {str(root)!r} (looked for {', '.join(IMAGE_EXTENSIONS)} in "
                         f"{len(found)} class folders). Expected root/<class>/<image>.jpg.")
     if empty:
-        warnings.warn(f"Class folders without images in {str(root)!r}: {empty}.", stacklevel=2)
+        report.warn(f"Class folders without images in {str(root)!r}: {empty}.")
+    return samples, list(classes)
+
+
+def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
+             report: DataReport | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """Read ``path,label`` rows (a header row naming ``path`` and ``label`` is optional;
+    relative paths are relative to the CSV's folder). With ``classes`` given, rows whose
+    label is not one of them are left out and reported."""
+    import csv
+
+    report = report if report is not None else DataReport()
+    csv_path = Path(csv_path)
+    with open(csv_path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
+    if rows and [x.strip().lower() for x in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    bad = [i for i, r in enumerate(rows) if len(r) < 2 or not r[0].strip() or not r[1].strip()]
+    if bad:
+        raise DataError(f"{str(csv_path)!r}: rows {[i + 1 for i in bad[:5]]} do not have the form 'path,label'.")
+    if not rows:
+        raise DataError(f"{str(csv_path)!r} has no 'path,label' rows.")
+    labels = [r[1].strip() for r in rows]
+    if classes is None:
+        classes = sorted(set(labels))
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({lab for lab in labels if lab not in index})
+    if unknown:
+        report.warn(f"{str(csv_path)!r} has labels {unknown[:10]} that are not training classes; those rows are "
+                    "left out.")
+    samples = []
+    for (p, _), lab in zip(rows, labels):
+        if lab in index:
+            path = Path(p.strip())
+            samples.append((str(path if path.is_absolute() else csv_path.parent / path), index[lab]))
+    missing = [p for p, _ in samples if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{str(csv_path)!r} lists {len(missing)} file(s) that do not exist, e.g. {missing[:3]}.")
     return samples, list(classes)
 
 
@@ -86,11 +158,18 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | Path | None = None, *, classes: Sequence[str] | None = None,
                  transform: Callable | None = None, samples: list[tuple[str, int]] | None = None,
-                 min_size: int | None = None) -> None:
+                 min_size: int | None = None, on_bad_file: str = "skip", scan: str = "quick",
+                 report: DataReport | None = None) -> None:
+        self.report = report if report is not None else DataReport()
         if samples is None:
             if root is None:
-                raise DataError("ImageFolderDataset needs a root folder or a list of samples.")
-            samples, classes = scan_image_folder(root, classes)
+                raise DataError("ImageFolderDataset needs a root folder (or a .csv file of path,label rows).")
+            scanner = scan_csv if str(root).lower().endswith(".csv") else scan_image_folder
+            samples, classes = scanner(root, classes, report=self.report)
+            samples = filter_bad_images(samples, on_bad_file=on_bad_file, scan=scan, report=self.report)
+            if not samples:
+                raise DataError(f"No readable images under {str(root)!r}: every image file was bad "
+                                f"(e.g. {self.report.bad_files[:2]}).")
         self.root = None if root is None else str(root)
         self.samples = samples
         self.classes = list(classes or [])
@@ -113,7 +192,7 @@ class ImageFolderDataset(Dataset):
         """The same files (or a subset) with another transform."""
         samples = self.samples if indices is None else [self.samples[i] for i in indices]
         return ImageFolderDataset(self.root, classes=self.classes, transform=transform, samples=samples,
-                                  min_size=self.min_size)
+                                  min_size=self.min_size, report=self.report)
 
 
 class TransformedDataset(Dataset):

@@ -1,0 +1,185 @@
+"""Messy real-world image folders: every hostile input gets a defined, reported outcome."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import transferkit as tk
+from transferkit.data import DataReport, check_image_file, load_image, prepare_data
+
+
+def _rgb(size=(20, 16), value=128):
+    return Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8))
+
+
+def build_hostile_folder(root: Path) -> dict[str, Path]:
+    """One class of good images in every odd format, one class of bad files."""
+    good, bad = root / "good", root / "bad"
+    good.mkdir(parents=True)
+    bad.mkdir(parents=True)
+    files = {}
+    _rgb().save(good / "plain.jpg")
+    _rgb().convert("L").save(good / "gray.png")
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
+    rgba.save(good / "transparent.png")
+    files["transparent"] = good / "transparent.png"
+    _rgb().convert("P").save(good / "palette.gif")
+    _rgb().convert("CMYK").save(good / "cmyk.jpg")
+    Image.fromarray(np.full((6, 6), 65535, np.uint16)).save(good / "sixteen.png")
+    files["sixteen"] = good / "sixteen.png"
+    Image.new("RGB", (1, 1), (0, 255, 0)).save(good / "tiny.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    _rgb((30, 10)).save(good / "rotated.jpg", exif=exif)
+    files["rotated"] = good / "rotated.jpg"
+    # bad files with image extensions
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_text("this is not a JPEG")
+    data = (good / "plain.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    png = (good / "gray.png").read_bytes()
+    (bad / "truncated.png").write_bytes(png[:-20])
+    # non-image files that should be ignored, not counted as bad
+    (good / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (good / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (good / "notes.txt").write_text("labels checked by Ann")
+    return files
+
+
+def test_load_image_normalises_modes(tmp_path):
+    files = build_hostile_folder(tmp_path / "d")
+    images = [f for f in sorted((tmp_path / "d" / "good").iterdir()) if f.suffix in tk.data.IMAGE_EXTENSIONS]
+    assert len(images) == 8
+    for f in images:
+        img = load_image(f)
+        assert img.mode == "RGB", f
+    assert load_image(files["transparent"]).getpixel((0, 0)) == (255, 255, 255)  # composited on white
+    assert load_image(files["sixteen"]).getpixel((0, 0)) == (255, 255, 255)      # 16-bit full scale -> 255
+    assert load_image(files["rotated"]).size == (10, 30)                         # EXIF orientation applied
+
+
+def test_bad_files_are_found_before_training_and_listed(tmp_path):
+    build_hostile_folder(tmp_path / "d")
+    (tmp_path / "d" / "bad" / "ok.png").write_bytes((tmp_path / "d" / "good" / "gray.png").read_bytes())
+    with pytest.warns(UserWarning, match="Left out 4 bad image"):
+        bundle = prepare_data(tmp_path / "d", val_split=0)
+    reasons = dict(bundle.report.bad_files)
+    names = {Path(p).name for p in reasons}
+    assert names == {"empty.jpg", "text.jpg", "truncated.jpg", "truncated.png"}
+    assert "truncated" in reasons[str(tmp_path / "d" / "bad" / "truncated.jpg")].lower()
+    ignored = {Path(p).name for p in bundle.report.ignored_files}
+    assert ignored == {".DS_Store", "Thumbs.db", "notes.txt"}
+    assert len(bundle.train) == 9  # 8 good + ok.png
+    for i in range(len(bundle.train)):  # everything left decodes
+        bundle.train.view(transform=tk.data.eval_transform(tk.InputSpec(image_size=8)))[i]
+
+
+def test_on_bad_file_raise_names_the_file(tmp_path):
+    build_hostile_folder(tmp_path / "d")
+    with pytest.raises(tk.DataError, match=r"(empty|text|truncated)\.(jpg|png).*on_bad_file='skip'"):
+        prepare_data(tmp_path / "d", on_bad_file="raise")
+    with pytest.raises(tk.ConfigError, match="on_bad_file"):
+        prepare_data(tmp_path / "d", on_bad_file="ignore")
+
+
+def test_decompression_bomb_is_reported(tmp_path, monkeypatch):
+    _rgb((200, 200)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert "decompression-bomb" in check_image_file(str(tmp_path / "big.png"))
+    with pytest.raises(tk.DataError, match="DecompressionBomb"):
+        load_image(tmp_path / "big.png")
+
+
+def test_validation_folder_uses_training_mapping_and_reports_mismatch(tmp_path):
+    for split, classes in (("train", ["ant", "bee", "wasp"]), ("val", ["bee", "ant", "moth"])):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                _rgb(value=20 * i + 30).save(tmp_path / split / c / f"{c}{i}.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bundle = prepare_data(tmp_path / "train", tmp_path / "val")
+    text = " ".join(str(w.message) for w in caught)
+    assert "['moth']" in text and "left out" in text and "['wasp']" in text
+    assert bundle.classes == ["ant", "bee", "wasp"]
+    val_labels = {Path(p).parent.name: t for p, t in bundle.val.samples}
+    assert val_labels == {"ant": 0, "bee": 1}
+
+
+def test_duplicates_across_train_and_val_warn(tmp_path):
+    for split in ("train", "val"):
+        for c, v in (("a", 10), ("b", 240)):
+            (tmp_path / split / c).mkdir(parents=True)
+            _rgb(value=v).save(tmp_path / split / c / "x.png")
+            _rgb(value=v + (3 if split == "train" else 5)).save(tmp_path / split / c / "y.png")
+    with pytest.warns(UserWarning, match="2 validation file.*byte-identical"):
+        prepare_data(tmp_path)
+
+
+def test_csv_labels_with_unknown_classes(tmp_path):
+    for i in range(4):
+        _rgb(value=40 * i).save(tmp_path / f"{i}.png")
+    (tmp_path / "train.csv").write_text("path,label\n0.png,cat\n1.png,dog\n2.png,cat\n3.png,dog\n")
+    (tmp_path / "val.csv").write_text("0.png,cat\n1.png,dog\n2.png,horse\n")
+    with pytest.warns(UserWarning, match="horse"):
+        bundle = prepare_data(tmp_path / "train.csv", tmp_path / "val.csv")
+    assert bundle.classes == ["cat", "dog"] and len(bundle.val) == 2
+    (tmp_path / "broken.csv").write_text("0.png\n")
+    with pytest.raises(tk.DataError, match="path,label"):
+        prepare_data(tmp_path / "broken.csv")
+    (tmp_path / "missing.csv").write_text("0.png,cat\nnope.png,dog\n")
+    with pytest.raises(tk.DataError, match="do not exist"):
+        prepare_data(tmp_path / "missing.csv")
+
+
+def test_single_class_and_empty_folders(tmp_path):
+    (tmp_path / "only").mkdir()
+    _rgb().save(tmp_path / "only" / "a.png")
+    with pytest.raises(tk.DataError, match="single class"):
+        prepare_data(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.warns(UserWarning, match="without images"), pytest.raises(tk.DataError, match="single class"):
+        prepare_data(tmp_path)
+
+
+layouts = st.dictionaries(
+    keys=st.text(alphabet="abcdefgh_", min_size=1, max_size=5),
+    values=st.lists(st.sampled_from(["ok", "empty", "text", "note"]), max_size=4),
+    max_size=4,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=layouts)
+def test_any_folder_layout_gives_a_bundle_or_a_data_error(tmp_path_factory, layout):
+    root = tmp_path_factory.mktemp("layout")
+    for c, kinds in layout.items():
+        (root / c).mkdir()
+        for i, kind in enumerate(kinds):
+            if kind == "ok":
+                _rgb(value=30 * i).save(root / c / f"{i}.png")
+            elif kind == "empty":
+                (root / c / f"{i}.jpg").write_bytes(b"")
+            elif kind == "text":
+                (root / c / f"{i}.png").write_text("no")
+            else:
+                (root / c / f"{i}.txt").write_text("note")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bundle = prepare_data(root, val_split=0)
+    except tk.DataError:
+        return
+    labels = tk.data.dataset_targets(bundle.train)
+    assert len(set(labels)) >= 2 and all(0 <= t < len(bundle.classes) for t in labels)
+    assert all(Path(p).suffix in (".png",) for p, _ in bundle.train.samples)

@@ -1,0 +1,133 @@
+"""Cheap checks that find bad image files before training starts.
+
+The quick check opens each file's header (format, size: catches non-images, empty files,
+decompression-bomb sizes) and, for JPEG and PNG, looks for the end-of-image marker in the
+last bytes (catches truncated downloads) - without decoding pixels. ``scan="full"``
+decodes every image as well, for the rare file whose header and ending are fine but
+whose pixels are not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from transferkit.errors import DataError, check_choice
+
+ON_BAD_FILE = ("skip", "raise")
+SCANS = ("quick", "full", "none")
+IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+
+
+@dataclass
+class DataReport:
+    """What the data checks found: files left out (with reasons) and warnings."""
+
+    bad_files: list[tuple[str, str]] = field(default_factory=list)
+    ignored_files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        warnings.warn(message, stacklevel=3)
+
+    def merge(self, other: DataReport) -> None:
+        self.bad_files += other.bad_files
+        self.ignored_files += other.ignored_files
+        self.warnings += other.warnings
+
+
+def _tail_ok(path: str, fmt: str | None) -> bool:
+    markers = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+    marker = markers.get(fmt or "")
+    if marker is None:
+        return True
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 1024))
+        return marker in f.read()
+
+
+def check_image_file(path: str, *, full: bool = False) -> str | None:
+    """Return why ``path`` cannot be used as an image, or ``None`` when it looks fine."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                fmt = img.format
+                if w < 1 or h < 1:
+                    return f"image has no pixels ({w}x{h})"
+                if full:
+                    img.load()
+        if not _tail_ok(path, fmt):
+            return f"truncated {fmt} file (no end-of-image marker)"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return (f"decompression-bomb size ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine")
+    except Exception as exc:  # Pillow raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"cannot be read as an image ({type(exc).__name__}: {first})"
+    return None
+
+
+def filter_bad_images(samples: Sequence[tuple[str, int]], *, on_bad_file: str = "skip", scan: str = "quick",
+                      report: DataReport | None = None) -> list[tuple[str, int]]:
+    """Drop (``"skip"``) or reject (``"raise"``) samples whose file fails :func:`check_image_file`."""
+    check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
+    check_choice("scan", scan, SCANS)
+    if scan == "none":
+        return list(samples)
+    good = []
+    for path, target in samples:
+        reason = check_image_file(path, full=scan == "full")
+        if reason is None:
+            good.append((path, target))
+            continue
+        if on_bad_file == "raise":
+            raise DataError(f"Bad image file {path!r}: {reason}. Remove it, or pass on_bad_file='skip' to leave "
+                            "bad files out (they are listed in the result).")
+        if report is not None:
+            report.bad_files.append((path, reason))
+    if report is not None and report.bad_files:
+        shown = "; ".join(f"{p} ({r})" for p, r in report.bad_files[:5])
+        report.warn(f"Left out {len(report.bad_files)} bad image file(s): {shown}"
+                    f"{' ...' if len(report.bad_files) > 5 else ''}")
+    return good
+
+
+def _digest(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_duplicates(a: Iterable[str], b: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs of files with identical bytes, one from ``a`` and one from ``b`` (hashing only
+    files whose sizes collide)."""
+    by_size: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    for side, paths in ((0, a), (1, b)):
+        for p in paths:
+            by_size[os.path.getsize(p)].append((side, p))
+    pairs = []
+    for group in by_size.values():
+        if len({s for s, _ in group}) < 2:
+            continue
+        by_hash: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        for side, p in group:
+            by_hash[_digest(p)].append((side, p))
+        for items in by_hash.values():
+            left = [p for s, p in items if s == 0]
+            right = [p for s, p in items if s == 1]
+            pairs += [(x, y) for x in left for y in right]
+    return pairs

@@ -114,7 +114,8 @@ def cached_training_data(model: nn.Module, backbone_name: str, bundle: DataBundl
     if bundle.val is not None:
         parts.append(("val", bundle.val, eval_transform(spec), 1))
     for name, ds, tf, v in parts:
-        key = cache_key(backbone=backbone_name, model=model, transform=tf, dataset=ds, views=v, seed=seed)
+        key = "in-memory" if cache_dir is None else \
+            cache_key(backbone=backbone_name, model=model, transform=tf, dataset=ds, views=v, seed=seed)
         if info.enabled and cache_dir is not None and not info.is_main:
             barrier(info)  # rank 0 writes the shared cache entry first
         stores[name] = compute_features(model, ds.view(transform=tf), key=key, views=v, batch_size=max(batch_size, 64),

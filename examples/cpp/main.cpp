@@ -1,14 +1,14 @@
 // transferkit_predict: run a transferkit TorchScript export from C++ with libtorch.
 //
-//   transferkit_predict MODEL.pt INPUT [--all]
+//   transferkit_predict MODEL.pt [--all] INPUT...
 //
-// INPUT is a binary PPM image (P6, 8-bit RGB) whose size is the model's crop size
+// Each INPUT is a binary PPM image (P6, 8-bit RGB) whose size is the model's crop size
 // (input_spec.image_size in the metadata), or, for audio models, raw little-endian float32
 // samples at the model's sample rate (a file ending in .f32). The program reads the
 // metadata the export carries (transferkit.json and labels.txt), runs the model on the raw
 // input (normalisation is inside the model), applies softmax / sigmoid / identity as the
-// task says and prints the top-1 label and its score as "label<TAB>score". With --all it
-// then prints every "label<TAB>score" line in label order.
+// task says and prints one line per input, "INPUT<TAB>top-1 label<TAB>score". With --all
+// each is followed by one "<TAB>label<TAB>score" line per label, in label order.
 #include <torch/script.h>
 
 #include <algorithm>
@@ -89,13 +89,32 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 
 }  // namespace
 
+torch::Tensor read_input(const std::string& path, const std::string& meta) {
+  if (json_value(meta, "kind") == "audio") {
+    if (!ends_with(path, ".f32")) throw std::runtime_error("an audio model takes raw float32 .f32 files, got " + path);
+    return read_f32(path);
+  }
+  torch::Tensor input = read_ppm(path);
+  const std::string size = json_value(meta, "image_size");
+  if (!size.empty() && (input.size(2) != std::stoi(size) || input.size(3) != std::stoi(size)))
+    throw std::runtime_error(path + " is " + std::to_string(input.size(3)) + "x" + std::to_string(input.size(2)) +
+                             " but the model takes " + size + "x" + size +
+                             "; resize and crop it first as the Python predictor does");
+  return input;
+}
+
 int main(int argc, char** argv) {
-  if (argc < 3) {
-    std::cerr << "usage: " << argv[0] << " MODEL.pt INPUT.ppm|INPUT.f32 [--all]\n";
+  std::vector<std::string> inputs;
+  bool all = false;
+  for (int i = 2; i < argc; ++i) {
+    if (std::string(argv[i]) == "--all") all = true;
+    else inputs.emplace_back(argv[i]);
+  }
+  if (argc < 3 || inputs.empty()) {
+    std::cerr << "usage: " << argv[0] << " MODEL.pt [--all] INPUT.ppm|INPUT.f32...\n";
     return 2;
   }
-  const std::string model_path = argv[1], input_path = argv[2];
-  const bool all = argc > 3 && std::string(argv[3]) == "--all";
+  const std::string model_path = argv[1];
   try {
     torch::jit::ExtraFilesMap extra{{"transferkit.json", ""}, {"labels.txt", ""}};
     torch::jit::script::Module module = torch::jit::load(model_path, torch::kCPU, extra);
@@ -105,38 +124,27 @@ int main(int argc, char** argv) {
     if (meta.empty() || labels.empty())
       throw std::runtime_error(model_path + " has no transferkit metadata (transferkit.json / labels.txt)");
     const std::string task = json_value(meta, "task");
-    const std::string kind = json_value(meta, "kind");
-
-    torch::Tensor input;
-    if (kind == "audio") {
-      if (!ends_with(input_path, ".f32")) throw std::runtime_error("an audio model takes a raw float32 .f32 file");
-      input = read_f32(input_path);
-    } else {
-      input = read_ppm(input_path);
-      const std::string size = json_value(meta, "image_size");
-      if (!size.empty() && (input.size(2) != std::stoi(size) || input.size(3) != std::stoi(size)))
-        throw std::runtime_error("the image is " + std::to_string(input.size(3)) + "x" +
-                                 std::to_string(input.size(2)) + " but the model takes " + size + "x" + size +
-                                 "; resize and crop it first as the Python predictor does");
-    }
-
-    torch::InferenceMode guard;
-    torch::Tensor out = module.forward({input}).toTensor().to(torch::kFloat32);
-    if (out.dim() != 2 || out.size(1) != static_cast<int64_t>(labels.size()))
-      throw std::runtime_error("the model output does not match the " + std::to_string(labels.size()) + " labels");
-    torch::Tensor scores = task == "multilabel" ? torch::sigmoid(out)
-                           : task == "regression" ? out
-                                                  : torch::softmax(out, 1);
-    scores = scores[0];
-    const int64_t best = scores.argmax().item<int64_t>();
-    std::cerr << "task=" << task << " input=" << input.sizes() << " outputs=" << labels.size()
-              << " transferkit=" << json_value(meta, "transferkit_version") << "\n";
+    std::cerr << "task=" << task << " outputs=" << labels.size()
+              << " written by transferkit " << json_value(meta, "transferkit_version") << "\n";
     std::cout.precision(7);
-    std::cout << labels[best] << "\t" << scores[best].item<float>() << "\n";
-    if (all)
-      for (size_t i = 0; i < labels.size(); ++i) std::cout << labels[i] << "\t" << scores[i].item<float>() << "\n";
+    torch::InferenceMode guard;
+    for (const auto& path : inputs) {
+      torch::Tensor out = module.forward({read_input(path, meta)}).toTensor().to(torch::kFloat32);
+      if (out.dim() != 2 || out.size(1) != static_cast<int64_t>(labels.size()))
+        throw std::runtime_error("the model output does not match the " + std::to_string(labels.size()) + " labels");
+      torch::Tensor scores = task == "multilabel" ? torch::sigmoid(out)
+                             : task == "regression" ? out
+                                                    : torch::softmax(out, 1);
+      scores = scores[0];
+      const int64_t best = scores.argmax().item<int64_t>();
+      std::cout << path << "\t" << labels[best] << "\t" << scores[best].item<float>() << "\n";
+      if (all)
+        for (size_t i = 0; i < labels.size(); ++i)
+          std::cout << "\t" << labels[i] << "\t" << scores[static_cast<int64_t>(i)].item<float>() << "\n";
+    }
   } catch (const std::exception& e) {
-    std::cerr << "error: " << e.what() << "\n";
+    const std::string what = e.what();  // libtorch appends a C++ stack trace: keep the message
+    std::cerr << "error: " << what.substr(0, what.find('\n')) << "\n";
     return 1;
   }
   return 0;

@@ -28,6 +28,26 @@ class ImagePreprocess(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
+class AudioPreprocess(nn.Module):
+    """Raw waveforms to the audio trunk's input ``[N, T]`` float.
+
+    Accepts float waveforms in [-1, 1] or ``int16`` PCM, shaped ``[N, T]``, ``[N, C, T]``
+    (mixed down to mono) or ``[T]`` (one clip). NaN padding at the end of shorter clips
+    marks their length and is kept (see ``transferkit.data.audio.pad_waveforms``).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.int16:
+            x = x.float() / 32768.0
+        elif not x.is_floating_point():
+            x = x.float()
+        if x.dim() == 3:
+            x = x.mean(1)
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return x
+
+
 class TransferModel(nn.Module):
     """``head(trunk(preprocess(x)))``: one module to train, evaluate and export.
 

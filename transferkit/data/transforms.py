@@ -46,8 +46,16 @@ def _interp(spec: InputSpec) -> InterpolationMode:
     return InterpolationMode(spec.interpolation)
 
 
+def _audio_transform(spec: InputSpec, augment):
+    from transferkit.data.audio import AudioTransform
+
+    return AudioTransform(spec, augment)
+
+
 def eval_transform(spec: InputSpec) -> T.Compose:
     """Resize the shorter side to ``resize_size`` (or straight to the crop size), centre-crop."""
+    if spec.kind == "audio":  # waveforms: see transferkit.data.audio
+        return _audio_transform(spec, "none")
     size = spec.image_size
     resize = [T.Resize(spec.resize_size, interpolation=_interp(spec), antialias=True), T.CenterCrop(size)] \
         if spec.resize_size else [T.Resize((size, size), interpolation=_interp(spec), antialias=True)]
@@ -57,6 +65,8 @@ def eval_transform(spec: InputSpec) -> T.Compose:
 def train_transform(spec: InputSpec, augment: str = "standard") -> T.Compose:
     """Training transform: ``"standard"`` is random-resized crop + horizontal flip (the
     torchvision recipe), ``"flip"`` the eval crop + flip, ``"none"`` the eval transform."""
+    if spec.kind == "audio":
+        return _audio_transform(spec, augment)
     check_choice("augment", augment, AUGMENTATIONS)
     if augment == "none":
         return eval_transform(spec)

@@ -1,0 +1,222 @@
+"""Speech (``ta:``) and spectrogram (``spec:``) backbones: blocks, policies, padding-aware
+pooling, weights handling and TorchScript export parity with clips of different lengths."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import torch
+import torchaudio
+
+from transferkit import Policy, WeightsError, apply_policy, build_model, get_backbone, list_backbones
+from transferkit.backbones.spectrogram import SpecAugment, spectrogram_backbone
+from transferkit.backbones.torchaudio_source import TINY
+from transferkit.data.audio import pad_waveforms
+from transferkit.export.torchscript import export_torchscript, load_scripted
+from transferkit.policies import set_train_mode, trainable_parameter_names
+
+SPEECH = ["ta:wav2vec2_tiny", "ta:wavlm_tiny"]
+# A pre-norm variant (like the large models): LayerNorm in every CNN block, final norm after the last layer.
+PRE_NORM = {"extractor_mode": "layer_norm", "encoder_layer_norm_first": True}
+
+
+def _clips(*lengths: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [0.1 * torch.randn(n, generator=g) for n in lengths]
+
+
+def test_registry_lists_speech_and_spectrogram_backbones():
+    names = list_backbones("ta:*")
+    for n in ("ta:wav2vec2_base", "ta:hubert_base", "ta:wavlm_base", "ta:wav2vec2_large", "ta:hubert_large",
+              "ta:wavlm_large", "ta:wav2vec2_tiny"):
+        assert n in names
+    assert "spec:tv:resnet18" in list_backbones("spec:*")
+
+
+@pytest.mark.parametrize("name", SPEECH)
+def test_speech_blocks_in_order_and_cover_parameters(name):
+    bb = get_backbone(name, weights=None, layer_weighting="learned")
+    # post-norm (base) models apply the encoder LayerNorm before the layers: it belongs to feature_projection
+    assert bb.block_names == ["feature_extractor", "feature_projection", "layers.0", "layers.1", "layer_weights"]
+    assert bb.block_of("encoder.transformer.layer_norm.weight") == "feature_projection"
+    pre = get_backbone(name, weights=None, config=PRE_NORM)
+    assert pre.block_names == ["feature_extractor", "feature_projection", "layers.0", "layers.1", "norm"]
+    assert pre.block_of("encoder.transformer.layer_norm.weight") == "norm"
+    owners = {p: bb.block_of(p) for p, _ in bb.trunk.named_parameters()}
+    assert owners["layer_weights"] == "layer_weights"
+    assert all(b in owners.values() for b in bb.block_names)
+    assert bb.input_spec.kind == "audio" and bb.input_spec.sample_rate == 16000
+
+
+def test_base_architecture_without_weights_has_twelve_layers():
+    bb = get_backbone("ta:hubert_base", weights=None)
+    assert bb.num_features == 768
+    assert [b for b in bb.block_names if b.startswith("layers.")] == [f"layers.{i}" for i in range(12)]
+
+
+@pytest.mark.parametrize("name,config", [(n, None) for n in SPEECH] + [("ta:wav2vec2_tiny", PRE_NORM)])
+def test_pooled_features_ignore_padding(name, config):
+    torch.manual_seed(0)
+    trunk = get_backbone(name, weights=None, config=config).trunk.eval()
+    a, b, c = _clips(3000, 1700, 2400)
+    with torch.no_grad():
+        batch = trunk(pad_waveforms([a, b, c]))
+        alone = torch.cat([trunk(w[None]) for w in (a, b, c)])
+    torch.testing.assert_close(batch, alone, atol=2e-5, rtol=1e-4)
+    # Padding is not silence: zero-padding the short clip instead changes its features.
+    with torch.no_grad():
+        zero_padded = trunk(torch.nn.functional.pad(b, (0, 1300))[None])
+    assert (zero_padded - alone[1]).abs().max() > 1e-3
+
+
+def test_speech_trunk_matches_torchaudio_model_on_unpadded_clip(tmp_path):
+    torch.manual_seed(1)
+    ref = torchaudio.models.wav2vec2_model(**TINY["wav2vec2_tiny"][1]).eval()
+    torch.save(ref.state_dict(), tmp_path / "ref.pt")  # torchaudio keys, weight norm included
+    bb = get_backbone("ta:wav2vec2_tiny", weights=str(tmp_path / "ref.pt"))
+    x = _clips(4000)[0][None]
+    with torch.no_grad():
+        expected = ref(x)[0].mean(1)
+        torch.testing.assert_close(bb.trunk.eval()(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_learned_layer_weights_start_uniform_and_receive_gradient():
+    torch.manual_seed(0)
+    bb = get_backbone("ta:wav2vec2_tiny", weights=None, layer_weighting="learned")
+    states, valid = bb.trunk.eval().hidden_states(pad_waveforms(_clips(2000, 1500)))
+    assert len(states) == 3  # input of layer 0, layer 0 output, final output
+    uniform = sum(states) / 3
+    expected = (uniform * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True)
+    out = bb.trunk(pad_waveforms(_clips(2000, 1500)))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    out.pow(2).sum().backward()
+    assert bb.trunk.layer_weights.grad is not None and bb.trunk.layer_weights.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("policy,trainable", [
+    ("feature_extraction", set()),
+    ("unfreeze:last=2", {"layers.0", "layers.1"}),
+    ("unfreeze:blocks=feature_projection+layers.0", {"feature_projection", "layers.0"}),
+    ("full", {"feature_extractor", "feature_projection", "layers.0", "layers.1"}),
+])
+def test_policies_act_on_speech_blocks(policy, trainable):
+    bb = get_backbone("ta:wav2vec2_tiny", weights=None)
+    model = build_model(bb, 3)
+    pol = Policy.parse(policy)
+    apply_policy(model, bb, pol)
+    set_train_mode(model, bb, pol)
+    names = trainable_parameter_names(model)
+    assert {bb.block_of(n[len("trunk."):]) for n in names if n.startswith("trunk.")} == trainable
+    assert {n for n in names if n.startswith("head.")} == {"head.0.weight", "head.0.bias"}
+    # A frozen block is in eval mode, so dropout and layer drop never touch it.
+    for name, module in model.trunk.named_modules():
+        owner = next((b for b in bb.blocks if name and b.owns(name)), None)
+        if owner is not None and any(True for _ in module.parameters(recurse=False)):
+            assert module.training == (owner.name in trainable), name
+    x = pad_waveforms(_clips(1600, 1200))
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == (n in names), n
+
+
+def test_frozen_feature_encoder_keeps_weights_bit_for_bit():
+    torch.manual_seed(0)
+    bb = get_backbone("ta:wav2vec2_tiny", weights=None)
+    model = build_model(bb, 2)
+    pol = Policy.parse("unfreeze:blocks=layers.0+layers.1")
+    apply_policy(model, bb, pol)
+    set_train_mode(model, bb, pol)
+    before = {k: v.clone() for k, v in model.trunk.feature_extractor.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(pad_waveforms(_clips(1600, 1000))), torch.tensor([0, 1]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for k, v in model.trunk.feature_extractor.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("name", SPEECH + ["spec:tk:small_cnn"])
+def test_export_parity_with_clips_of_different_lengths(tmp_path, name):
+    torch.manual_seed(0)
+    kw = {"n_mels": 32} if name.startswith("spec:") else {}
+    bb = get_backbone(name, weights=None, sample_rate=8000, **kw)
+    model = build_model(bb, 3).eval()
+    clips = _clips(4000, 2500, 1200, 3300, seed=3)
+    x = pad_waveforms(clips)
+    report = export_torchscript(model, tmp_path / "m.pt", example_inputs=x,
+                                metadata={"labels": ["a", "b", "c"], "input_spec": bb.input_spec.to_dict()})
+    assert report.mode == "script"
+    scripted, meta = load_scripted(tmp_path / "m.pt")
+    assert meta["input_spec"]["kind"] == "audio" and meta["input_spec"]["sample_rate"] == 8000
+    with torch.no_grad():
+        eager, exported = model(x), scripted(x)
+        torch.testing.assert_close(exported, eager, atol=1e-5, rtol=1e-4)
+        if name.startswith("ta:"):  # each clip alone gives its row of the padded batch
+            alone = torch.cat([scripted(c[None]) for c in clips])
+            torch.testing.assert_close(alone, eager, atol=5e-5, rtol=1e-4)
+        # int16 PCM goes through the same preprocessing
+        pcm = (clips[0] * 32767).round().to(torch.int16)[None]
+        torch.testing.assert_close(scripted(pcm), model(pcm.float() / 32768.0), atol=1e-5, rtol=1e-4)
+
+
+def test_default_weights_offline_raise_weights_error_naming_file_and_cache(monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsError) as err:
+        get_backbone("ta:wav2vec2_base")
+    msg = str(err.value)
+    assert "wav2vec2_fairseq_base_ls960.pth" in msg and torch.hub.get_dir() in msg and "weights=None" in msg
+
+
+def test_tiny_config_has_no_default_weights_and_loads_a_local_file(tmp_path):
+    with pytest.raises(WeightsError, match="local state-dict file"):
+        get_backbone("ta:wav2vec2_tiny")
+    torch.manual_seed(5)
+    src = get_backbone("ta:wav2vec2_tiny", weights=None, layer_weighting="learned")
+    with torch.no_grad():
+        src.trunk.layer_weights.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    torch.save(src.trunk.state_dict(), tmp_path / "w.pt")
+    dst = get_backbone("ta:wav2vec2_tiny", weights=str(tmp_path / "w.pt"), layer_weighting="learned")
+    for (k, a), (_, b) in zip(src.trunk.state_dict().items(), dst.trunk.state_dict().items()):
+        assert torch.equal(a, b), k
+    # A torchaudio state dict (Wav2Vec2Model keys) loads too.
+    ref = torchaudio.models.wav2vec2_model(**TINY["wav2vec2_tiny"][1])
+    torch.save(ref.state_dict(), tmp_path / "ta.pt")
+    bb = get_backbone("ta:wav2vec2_tiny", weights=str(tmp_path / "ta.pt"))
+    assert torch.equal(bb.trunk.encoder.feature_projection.projection.weight, ref.encoder.feature_projection.projection.weight)
+
+
+def test_config_override_builds_random_architecture_and_refuses_default_weights():
+    bb = get_backbone("ta:wav2vec2_tiny", weights=None, config={"encoder_num_layers": 3})
+    assert [b for b in bb.block_names if b.startswith("layers.")] == ["layers.0", "layers.1", "layers.2"]
+    with pytest.raises(WeightsError, match="custom config"):
+        get_backbone("ta:hubert_base", config={"encoder_num_layers": 2})
+
+
+def test_spectrogram_backbone_keeps_image_blocks_and_resamples_inside():
+    img = get_backbone("tk:small_cnn", weights=None)
+    bb = spectrogram_backbone(img, sample_rate=16000, input_sample_rate=8000, n_mels=32)
+    assert bb.block_names == img.block_names and bb.name == "spec:tk:small_cnn"
+    assert bb.input_spec.sample_rate == 8000 and bb.input_spec.kind == "audio"
+    mel, frames = bb.trunk.log_mel(pad_waveforms(_clips(8000, 4000)))
+    assert mel.shape[1] == 32 and frames.tolist() == [101, 51]  # 1 s and 0.5 s, hop 10 ms
+    assert mel[1, :, 51:].abs().sum() == 0  # padding frames are neutral
+    assert bb.trunk.eval()(pad_waveforms(_clips(8000, 4000))).shape == (2, img.num_features)
+
+
+def test_spec_augment_masks_only_in_training_mode():
+    torch.manual_seed(0)
+    bb = spectrogram_backbone("tk:small_cnn", sample_rate=8000, n_mels=32,
+                              spec_augment=dict(freq_masks=2, freq_width=8, time_masks=2, time_width=10))
+    x = pad_waveforms(_clips(4000, 4000))
+    sa = bb.trunk.spec_augment
+    mel, frames = bb.trunk.log_mel(x)
+    assert torch.equal(sa.eval()(mel, frames), mel)
+    masked = sa.train()(mel, frames)
+    assert (masked == 0).sum() > (mel == 0).sum()
+    assert isinstance(sa, SpecAugment)

@@ -1,0 +1,202 @@
+"""Spectrogram backbones: waveform -> (resample) -> log-mel -> any image backbone.
+
+Everything runs inside one scriptable module, so the exported model takes raw
+waveforms at the declared sample rate. Names: ``spec:<image backbone>``, e.g.
+``spec:tv:resnet18`` or ``spec:tk:small_cnn``; any other image backbone is wrapped with
+:func:`spectrogram_backbone`.
+
+Input convention (shared with the speech trunks): a float ``[N, T]`` batch in [-1, 1],
+clips shorter than T padded at the end with NaN (see ``transferkit.data.audio``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torchaudio
+from torch import Tensor, nn
+
+from transferkit.backbones._base import Backbone, Block, InputSpec, check_blocks
+from transferkit.backbones.registry import get_backbone, register_source
+from transferkit.errors import BackboneError, ConfigError
+
+
+def split_padding(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(waveforms with NaN padding replaced by 0, valid lengths [N])`` of a ``[N, T]`` batch."""
+    valid = ~torch.isnan(x)
+    return torch.where(valid, x, torch.zeros_like(x)), valid.sum(-1)
+
+
+def resampler(orig_rate: int, new_rate: int) -> nn.Module:
+    """A scriptable resampling module (identity when the rates match)."""
+    if int(orig_rate) == int(new_rate):
+        return nn.Identity()
+    return torchaudio.transforms.Resample(int(orig_rate), int(new_rate))
+
+
+def _band_masks(x: Tensor, dim: int, limits: Tensor, num: int, max_width: int) -> Tensor:
+    """Zero ``num`` random bands of up to ``max_width`` along ``dim`` (1 or 2) of ``[N, A, B]``,
+    each inside the first ``limits[n]`` positions of example n."""
+    n, size = x.shape[0], x.shape[dim]
+    idx = torch.arange(size, device=x.device).unsqueeze(0)
+    for _ in range(num):
+        width = torch.floor(torch.rand(n, device=x.device) * (max_width + 1))
+        width = torch.minimum(width, limits.to(width.dtype))
+        start = torch.floor(torch.rand(n, device=x.device) * (limits.to(width.dtype) - width + 1))
+        band = (idx >= start.unsqueeze(1)) & (idx < (start + width).unsqueeze(1))
+        x = x.masked_fill(band.unsqueeze(1) if dim == 2 else band.unsqueeze(2), 0.0)
+    return x
+
+
+class SpecAugment(nn.Module):
+    """SpecAugment (Park et al. 2019) on ``[N, freq, time]`` features, active only in
+    training mode: ``freq_masks`` bands of up to ``freq_width`` bins and ``time_masks``
+    bands of up to ``time_width`` frames (inside each clip's valid frames) set to 0.
+
+    Example:
+        >>> sa = SpecAugment(freq_masks=1, freq_width=4, time_masks=1, time_width=5).train()
+        >>> sa(torch.ones(2, 16, 20), torch.tensor([20, 10])).shape
+        torch.Size([2, 16, 20])
+    """
+
+    def __init__(self, *, freq_masks: int = 2, freq_width: int = 8, time_masks: int = 2, time_width: int = 10) -> None:
+        super().__init__()
+        if min(freq_masks, freq_width, time_masks, time_width) < 0:
+            raise ConfigError("SpecAugment counts and widths must be >= 0.")
+        self.freq_masks, self.freq_width = int(freq_masks), int(freq_width)
+        self.time_masks, self.time_width = int(time_masks), int(time_width)
+
+    def forward(self, x: Tensor, frames: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        bins = torch.full_like(frames, x.shape[1])
+        x = _band_masks(x, 1, bins, self.freq_masks, self.freq_width)
+        return _band_masks(x, 2, frames, self.time_masks, self.time_width)
+
+
+def as_spec_augment(value: Any) -> SpecAugment | None:
+    """``None``/``False`` (off), ``True`` (defaults), a dict of SpecAugment kwargs, or a SpecAugment."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return SpecAugment()
+    if isinstance(value, dict):
+        return SpecAugment(**value)
+    if isinstance(value, SpecAugment):
+        return value
+    raise ConfigError(f"spec_augment must be None, True, a dict of SpecAugment options or a SpecAugment, got {value!r}.")
+
+
+class SpectrogramTrunk(nn.Module):
+    """NaN-padded waveforms ``[N, T]`` -> log-mel ``[N, C, n_mels, frames]``, standardised
+    per clip over its valid frames (padding set to 0) -> ``image`` trunk -> ``[N, F]``."""
+
+    def __init__(self, image: nn.Module, *, sample_rate: int, input_sample_rate: int, n_mels: int, n_fft: int,
+                 hop_length: int, f_min: float, f_max: float | None, channels: int,
+                 image_size: tuple[int, int] | None, spec_augment: SpecAugment | None) -> None:
+        super().__init__()
+        self.resample = resampler(input_sample_rate, sample_rate)
+        self.ratio = float(sample_rate) / float(input_sample_rate)
+        self.melspec = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=n_fft, hop_length=hop_length,
+                                                            f_min=f_min, f_max=f_max, n_mels=n_mels)
+        self.hop_length, self.channels = int(hop_length), int(channels)
+        self.out_h, self.out_w = (int(image_size[0]), int(image_size[1])) if image_size else (0, 0)
+        self.spec_augment = spec_augment or SpecAugment(freq_masks=0, time_masks=0)
+        self.image = image
+
+    def log_mel(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Standardised log-mel ``[N, n_mels, frames]`` and the valid frames per clip."""
+        x, lengths = split_padding(x)
+        if self.ratio != 1.0:
+            x = self.resample(x)
+            lengths = torch.ceil(lengths.to(torch.float64) * self.ratio).to(lengths.dtype)
+        mel = torch.log(self.melspec(x) + 1e-6)
+        frames = torch.clamp(torch.div(lengths, self.hop_length, rounding_mode="floor") + 1, 1, mel.shape[-1])
+        valid = (torch.arange(mel.shape[-1], device=mel.device).unsqueeze(0) < frames.unsqueeze(1)).unsqueeze(1)
+        count = (frames * mel.shape[1]).to(mel.dtype).view(-1, 1, 1)
+        mean = (mel * valid).sum((1, 2), keepdim=True) / count
+        var = ((mel - mean).pow(2) * valid).sum((1, 2), keepdim=True) / count
+        return torch.where(valid, (mel - mean) / torch.sqrt(var + 1e-5), torch.zeros_like(mel)), frames
+
+    def forward(self, x: Tensor) -> Tensor:
+        mel, frames = self.log_mel(x)
+        mel = self.spec_augment(mel, frames)
+        img = mel.unsqueeze(1).expand(-1, self.channels, -1, -1)
+        if self.out_h > 0:
+            img = nn.functional.interpolate(img, size=[self.out_h, self.out_w], mode="bilinear", align_corners=False)
+        return self.image(img)
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_rate: int = 16000,
+                         input_sample_rate: int | None = None, n_mels: int = 64, n_fft: int | None = None,
+                         hop_length: int | None = None, f_min: float = 0.0, f_max: float | None = None,
+                         image_size: int | tuple[int, int] | None = None, clip_seconds: float | None = None,
+                         spec_augment: Any = None) -> Backbone:
+    """Wrap an image backbone (a :class:`Backbone` or a name built with ``weights``) into an
+    audio backbone taking waveforms at ``input_sample_rate`` (default ``sample_rate``).
+
+    The mel frontend works at ``sample_rate`` (resampling inside when the rates differ);
+    ``n_fft`` defaults to 25 ms rounded up to a power of two, ``hop_length`` to 10 ms.
+    ``image_size`` resizes the spectrogram image (None: keep n_mels x frames). The image
+    backbone's blocks are kept (members under ``image.``), so every policy applies.
+
+    Example:
+        >>> bb = spectrogram_backbone("tk:small_cnn", sample_rate=8000, n_mels=32)
+        >>> bb.trunk(torch.randn(2, 4000)).shape, bb.input_spec.kind
+        (torch.Size([2, 128]), 'audio')
+    """
+    img = get_backbone(image, weights=weights) if isinstance(image, str) else image
+    if img.input_spec.kind != "image":
+        raise BackboneError(f"spectrogram_backbone wraps an image backbone; {img.name} takes {img.input_spec.kind}.")
+    if sample_rate <= 0 or n_mels < 1:
+        raise ConfigError(f"sample_rate and n_mels must be positive, got {sample_rate!r}, {n_mels!r}.")
+    in_rate = int(input_sample_rate or sample_rate)
+    n_fft = int(n_fft or _pow2_at_least(int(0.025 * sample_rate)))
+    hop = int(hop_length or round(0.010 * sample_rate))
+    size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    trunk = SpectrogramTrunk(img.trunk, sample_rate=int(sample_rate), input_sample_rate=in_rate, n_mels=int(n_mels),
+                             n_fft=n_fft, hop_length=hop, f_min=f_min, f_max=f_max, channels=img.input_spec.channels,
+                             image_size=size, spec_augment=as_spec_augment(spec_augment))
+    blocks = tuple(Block(b.name, tuple(f"image.{m}" for m in b.members)) for b in img.blocks)
+    name = f"spec:{img.name}"
+    check_blocks(trunk, blocks, name=name)
+    spec = InputSpec(kind="audio", sample_rate=in_rate, clip_seconds=clip_seconds, channels=1)
+    return Backbone(name=name, trunk=trunk, num_features=img.num_features, blocks=blocks, input_spec=spec,
+                    weights=img.weights)
+
+
+# Image backbones offered as ``spec:<name>``; any other one works through spectrogram_backbone().
+SPEC_IMAGE_BACKBONES = ("tk:small_cnn", "tk:cifar_resnet20", "tk:cifar_resnet32", "tk:cifar_resnet44",
+                        "tk:cifar_resnet56", "tv:resnet18", "tv:resnet34", "tv:resnet50", "tv:mobilenet_v3_small",
+                        "tv:mobilenet_v3_large", "tv:efficientnet_b0", "timm:resnet18", "timm:efficientnet_b0")
+
+
+class SpectrogramSource:
+    """``spec:<image backbone>``: the registered image backbones of :data:`SPEC_IMAGE_BACKBONES`."""
+
+    prefix = "spec"
+
+    def names(self) -> list[str]:
+        from transferkit.backbones.registry import _SOURCES
+
+        out = []
+        for full in SPEC_IMAGE_BACKBONES:
+            prefix, rest = full.split(":", 1)
+            source = _SOURCES.get(prefix)
+            if source is not None and rest in source.names():
+                out.append(full)
+        return out
+
+    def build(self, name: str, *, weights: Any = "DEFAULT", **kwargs: Any) -> Backbone:
+        return spectrogram_backbone(name, weights=weights, **kwargs)
+
+
+register_source(SpectrogramSource())

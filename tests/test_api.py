@@ -125,3 +125,10 @@ def test_gpu_options_are_checked_on_cpu(image_folder):
 def test_cpu_bf16_autocast_trains(image_folder):
     r = tk.finetune("tk:small_cnn", data=image_folder, epochs=1, policy="full", precision="bf16", **COMMON)
     assert np.isfinite(r.history[0]["train_loss"])
+
+
+def test_stopping_options_are_checked(image_folder):
+    with pytest.raises(ConfigError, match="early_stopping"):
+        tk.finetune("tk:small_cnn", data=image_folder, early_stopping=0, **COMMON)
+    with pytest.raises(ConfigError, match="monitor"):
+        tk.finetune("tk:small_cnn", data=image_folder, monitor="val_f1", **COMMON)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from transferkit.errors import TrainingError
+from transferkit.errors import ConfigError, TrainingError, check_choice
 from transferkit.train.distributed import DistInfo, all_reduce_sum, broadcast_buffers
 from transferkit.train.speed import SpeedConfig
 from transferkit.train.tasks import count_correct, monitor_default
@@ -161,6 +161,7 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
         ...                     loss_fn=nn.CrossEntropyLoss(), device=torch.device("cpu"),
         ...                     set_mode=lambda e: head.train())  # doctest: +SKIP
     """
+    _check_stopping(early_stopping, monitor, task)
     state = state if state is not None else TrainState()
     speed = speed or _cpu_speed(device)
     dist = dist or DistInfo()
@@ -199,6 +200,19 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
     if restore_best and state.best_state is not None:
         module.load_state_dict(state.best_state)
     return state.history, _best_summary(state)
+
+
+MONITORS = ("val_loss", "val_acc", "train_loss", "train_acc")
+
+
+def _check_stopping(early_stopping: int | None, monitor: str | None, task: str) -> None:
+    if early_stopping is not None and (isinstance(early_stopping, bool) or not isinstance(early_stopping, int)
+                                       or early_stopping < 1):
+        raise ConfigError(f"early_stopping must be None or a number of epochs >= 1, got {early_stopping!r}.")
+    if monitor is not None:
+        check_choice("monitor", monitor, MONITORS)
+        if task == "regression" and monitor.endswith("_acc"):
+            raise ConfigError(f"monitor={monitor!r} does not exist for task='regression'; use 'val_loss'.")
 
 
 def _end_epoch(state: TrainState, row: dict[str, Any], module: nn.Module, monitor: str, mode: str,

@@ -220,12 +220,24 @@ class TransformedDataset(Dataset):
 
 
 def dataset_targets(ds: Dataset) -> list[int]:
-    """The labels of a dataset, read from ``targets`` when present, else by iterating."""
+    """The labels of a dataset, read from a ``targets`` (or torchvision's ``_labels``)
+    attribute when present, else by iterating (which decodes every item)."""
     if isinstance(ds, ImageFolderDataset):
         return ds.targets
     if isinstance(ds, TransformedDataset):
-        base_t = getattr(ds.base, "targets", None)
-        if base_t is not None and len(base_t) == len(ds.base):  # type: ignore[arg-type]
+        base_t = _label_attr(ds.base)
+        if base_t is not None:
             return [int(base_t[i]) for i in ds.indices]
         return [int(ds.base[i][1]) for i in ds.indices]
+    own = _label_attr(ds)
+    if own is not None:
+        return [int(t) for t in own]
     return [int(ds[i][1]) for i in range(len(ds))]  # type: ignore[arg-type]
+
+
+def _label_attr(ds: Any) -> list[int] | None:
+    for attr in ("targets", "_labels"):
+        t = getattr(ds, attr, None)
+        if t is not None and len(t) == len(ds):
+            return [int(x) for x in t]
+    return None

@@ -1,0 +1,238 @@
+"""The shared runner behind ``recipes/*.py``: arguments, config files, data, results.
+
+A recipe script only says where its data come from (a function returning datasets) and
+its defaults; this module turns that into a command line::
+
+    python recipes/<name>.py --data-dir DIR [--config FILE] [--backbone B] [--policy P]
+                             [--epochs N] [--set key=value ...] [--out DIR] [--limit N]
+
+Precedence: the recipe's YAML config (``recipes/<name>.yaml`` unless ``--config``), then
+the flags. Every key is checked against :func:`transferkit.finetune`'s signature.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit.config import RECIPE_KEYS, load_config, parse_overrides, validate_config
+from transferkit.errors import ConfigError, DataError, TransferkitError
+
+
+@dataclass
+class RecipeData:
+    """What a recipe's data function returns: training data, validation data (or None:
+    a stratified split of the training data), an optional held-out test set, class names."""
+
+    train: Any
+    val: Any = None
+    test: Any = None
+    classes: list[str] | None = None
+
+
+def expand_vars(value: Any) -> Any:
+    """``${TRANSFERKIT_DATA}`` (defaulting to :func:`default_data_root`), other environment
+    variables and ``~`` expanded in string values."""
+    if not isinstance(value, str) or ("$" not in value and not value.startswith("~")):
+        return value
+    env = {**os.environ, "TRANSFERKIT_DATA": str(default_data_root())}
+    out = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), m.group(0)), value)
+    return os.path.expanduser(out)
+
+
+def default_data_root() -> Path:
+    """``$TRANSFERKIT_DATA``, else ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("TRANSFERKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def image_folder_splits(root: Path, test_names: tuple[str, ...] = ("test", "val", "valid", "validation")) -> RecipeData | None:
+    """``root/train/<class>/*`` with ``root/val`` and/or ``root/test``, or None when ``root`` has no ``train/``."""
+    if not (root / "train").is_dir():
+        return None
+    held = [root / n for n in test_names if (root / n).is_dir()]
+    val = root / "val" if (root / "val").is_dir() else None
+    test = next((h for h in held if h != val), None)
+    return RecipeData(train=root / "train", val=val, test=test)
+
+
+def limit_per_class(dataset: Any, limit: int | None, seed: int = 0) -> Any:
+    """At most ``limit`` items of each class (for smoke tests on a slice of the data)."""
+    if not limit or isinstance(dataset, (str, Path)):
+        return dataset
+    from torch.utils.data import Subset
+
+    from transferkit.data import dataset_targets
+
+    targets = np.asarray(dataset_targets(dataset))
+    rng = np.random.default_rng(seed)
+    keep = sorted(int(i) for c in np.unique(targets) for i in rng.permutation(np.flatnonzero(targets == c))[:limit])
+    if hasattr(dataset, "view"):  # transferkit datasets keep their type (and fast decoding)
+        return dataset.view(keep)
+    sub = Subset(dataset, keep)
+    sub.targets = [int(targets[i]) for i in keep]  # type: ignore[attr-defined]
+    sub.classes = getattr(dataset, "classes", None)  # type: ignore[attr-defined]
+    return sub
+
+
+def torchvision_dataset(cls_name: str, root: Path, *, download: bool, **kwargs: Any) -> Any:
+    """``torchvision.datasets.<cls_name>(root, download=download, **kwargs)`` with an error
+    that says how to get the data when it is not there."""
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        return cls(str(root), download=download, **kwargs)
+    except RuntimeError as exc:
+        raise DataError(f"{cls_name} not found under {str(root)!r} ({exc}). Pass --download to fetch it (needs "
+                        f"internet), or --data-dir pointing at a folder with train/ and val/ or test/ class "
+                        f"sub-folders.") from exc
+
+
+def torchvision_data(cls_name: str, train_kwargs: dict[str, Any], test_kwargs: dict[str, Any],
+                     val_kwargs: dict[str, Any] | None = None) -> Callable[[Path, dict[str, Any]], RecipeData]:
+    """A recipe data function: a local ``train/`` + ``val|test/`` folder when ``root`` has
+    one, else the torchvision data set ``cls_name`` (downloaded with ``--download``)."""
+
+    def data(root: Path, options: dict[str, Any]) -> RecipeData:
+        local = image_folder_splits(root)
+        if local is not None:
+            return local
+        dl = bool(options.get("download"))
+        train = torchvision_dataset(cls_name, root, download=dl, **train_kwargs)
+        val = torchvision_dataset(cls_name, root, download=dl, **val_kwargs) if val_kwargs else None
+        test = torchvision_dataset(cls_name, root, download=dl, **test_kwargs)
+        classes = getattr(train, "classes", None)
+        return RecipeData(train=train, val=val, test=test, classes=list(classes) if classes else None)
+
+    return data
+
+
+def build_parser(name: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"recipes/{name}.py", description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, help=f"YAML config (default: recipes/{name}.yaml)")
+    p.add_argument("--data-dir", default=None, help="the data folder (default from the config)")
+    p.add_argument("--download", action="store_true", help="download through torchvision/torchaudio when online")
+    p.add_argument("--out", default=None, help="output folder for model.pt and results.json")
+    p.add_argument("--backbone", default=None)
+    p.add_argument("--weights", default=None, help="'DEFAULT', a tag, a file path, or 'none'")
+    p.add_argument("--policy", default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="use at most N items per class (smoke tests)")
+    p.add_argument("--run", default=None, help="run only this one of the config's runs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any finetune() argument")
+    return p
+
+
+def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData], *, description: str,
+               argv: list[str] | None = None, recipe_dir: Path | None = None) -> dict[str, Any]:
+    """Parse arguments, merge the config, build the data, run :func:`finetune`, evaluate the
+    exported file on the test set (when there is one), print and write ``results.json``."""
+    from transferkit.api import finetune
+
+    args = build_parser(name, description).parse_args(argv)
+    recipe_dir = recipe_dir or Path.cwd() / "recipes"
+    cfg_path = Path(args.config) if args.config else recipe_dir / f"{name}.yaml"
+    file_cfg = load_config(cfg_path) if cfg_path.exists() else {}
+    # command-line values are the most specific: they override the file and every run in it
+    cli = {k: v for k, v in {"backbone": args.backbone, "policy": args.policy, "epochs": args.epochs,
+                             "limit": args.limit, "data_dir": args.data_dir, "out_dir": args.out}.items() if v is not None}
+    if args.weights is not None:
+        cli["weights"] = None if args.weights.lower() == "none" else args.weights
+    if args.download:
+        cli["download"] = True
+    cli.update(parse_overrides(args.set))
+    cfg = {k: expand_vars(v) for k, v in validate_config({**file_cfg, **cli}, source=f"{name} recipe").items()}
+    recipe = {k: cfg.pop(k) for k in list(cfg) if k in RECIPE_KEYS}
+    cli = {k: expand_vars(v) for k, v in cli.items() if k not in RECIPE_KEYS}
+    runs = recipe.get("runs") or {"": {}}
+    if args.run:
+        if args.run not in runs:
+            raise ConfigError(f"Unknown run {args.run!r}; this recipe's runs: {list(runs)}.")
+        runs = {args.run: runs[args.run]}
+    data_dir = Path(recipe.get("data_dir") or default_data_root() / name).expanduser()
+    out = Path(recipe.get("out_dir") or f"runs/{name}")
+    data = data_fn(data_dir, recipe)
+    train, val, test, classes = _sliced(data, recipe.get("limit"), cfg.get("seed", 0))
+    summaries = []
+    for run_name, overrides in runs.items():
+        run_cfg = validate_config({**cfg, **(overrides or {}), **cli}, source=f"{name} recipe, run {run_name!r}")
+        run_cfg = {k: expand_vars(v) for k, v in run_cfg.items()}
+        run_out = out / run_name if run_name else out
+        t0 = time.perf_counter()
+        result = finetune(data=train, val_data=val, classes=classes, export=run_out / "model.pt", **run_cfg)
+        summary: dict[str, Any] = {"recipe": name, "run": run_name or None, "config": run_cfg,
+                                   "data_dir": str(data_dir), "best": result.best,
+                                   "seconds": round(time.perf_counter() - t0, 1), "export": str(result.export_path)}
+        if test is not None:
+            summary["test_acc"] = evaluate_export(result.export_path, test)
+        run_out.mkdir(parents=True, exist_ok=True)
+        (run_out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+        print(json.dumps({k: summary[k] for k in ("recipe", "run", "best", "test_acc", "seconds") if k in summary},
+                         default=str), flush=True)
+        summaries.append(summary)
+    if len(summaries) > 1:
+        print(results_table(summaries))
+    return summaries[0] if len(summaries) == 1 else {"recipe": name, "runs": summaries}
+
+
+def results_table(summaries: list[dict[str, Any]]) -> str:
+    """A Markdown table of runs: validation and test accuracy, seconds."""
+    lines = ["| run | best val acc | test acc | seconds |", "|---|---:|---:|---:|"]
+    for s in summaries:
+        val = s["best"].get("val_acc")
+        test = s.get("test_acc")
+        lines.append(f"| {s['run']} | {'' if val is None else f'{val:.4f}'} | "
+                     f"{'' if test is None else f'{test:.4f}'} | {s['seconds']} |")
+    return "\n".join(lines)
+
+
+def _sliced(data: RecipeData, limit: int | None, seed: int) -> tuple[Any, Any, Any, list[str] | None]:
+    """The recipe's data, cut to ``limit`` items per class when asked (folders included)."""
+    if not limit:
+        return data.train, data.val, data.test, data.classes
+    from transferkit.data import ImageFolderDataset
+
+    classes = data.classes
+    parts = []
+    for d in (data.train, data.val, data.test):
+        if isinstance(d, (str, Path)):
+            d = ImageFolderDataset(d, classes=classes)
+            classes = classes or d.classes
+        parts.append(limit_per_class(d, limit, seed) if d is not None else None)
+    return parts[0], parts[1], parts[2], classes
+
+
+def evaluate_export(model_path: Path, test: Any) -> float:
+    """Accuracy of the exported file (reloaded from disk) on a folder or Dataset of (input, label)."""
+    from transferkit.data import prepare_data
+    from transferkit.export import load
+
+    predictor = load(model_path)
+    if isinstance(test, (str, Path)):
+        ds = prepare_data(test, val_split=0, classes=predictor.labels).train
+        items, labels = [p for p, _ in ds.samples], [t for _, t in ds.samples]
+    else:
+        pairs = [test[i] for i in range(len(test))]
+        items, labels = [x for x, _ in pairs], [int(y) for _, y in pairs]
+    preds = predictor.predict(items, batch_size=64)
+    return float(np.mean([p.index == y for p, y in zip(preds, labels)]))
+
+
+def main_guard(fn: Callable[[], Any]) -> int:
+    """Run a recipe's main; a TransferkitError prints one line and exits with status 2."""
+    try:
+        fn()
+    except TransferkitError as exc:
+        print(f"error: {exc}")
+        return 2
+    return 0

@@ -126,4 +126,5 @@ def _ensure_sources() -> None:
         return
     _loaded = True
     from transferkit.backbones import builtin, torchvision_source  # noqa: F401  (register on import)
+    from transferkit.backbones import mlp  # noqa: F401  (tk:mlp)
     from transferkit.backbones import spectrogram, torchaudio_source  # noqa: F401  (audio: spec:, ta:)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder
+from tests.conftest import make_image_folder
 
 import transferkit
 from transferkit.cli import main

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from export_helpers import export_tiny
+from tests.export_helpers import export_tiny
 from PIL import Image
 
 import transferkit

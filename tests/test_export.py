@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from export_helpers import export_tiny, images, rewrite_zip, tiny_model
+from tests.export_helpers import export_tiny, images, rewrite_zip, tiny_model
 from torch import nn
 
 import transferkit

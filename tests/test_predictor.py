@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from export_helpers import export_tiny, rewrite_zip
+from tests.export_helpers import export_tiny, rewrite_zip
 from PIL import Image
 
 import transferkit

@@ -1,0 +1,89 @@
+"""CPU latency of the exported TorchScript module vs the eager model, side by side.
+
+For each backbone, the model (preprocessing + trunk + a 10-class head) is exported twice
+with :func:`transferkit.export_torchscript` (plain, and ``optimize=True``), each file is
+reloaded from disk, and the median time of a forward pass on raw uint8 images is measured
+at batch size 1 and 32 for eager, exported and exported+optimized, interleaved round by
+round so that machine load hits all three alike. Goal: exported no slower than eager
+(ratio eager/exported >= 1.0).
+
+    python benchmarks/export_latency.py                      # tk:small_cnn@32, tv:resnet18@224
+    python benchmarks/export_latency.py --models tv:resnet50@224 --repeats 10 --threads 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import transferkit
+from transferkit.export import export_torchscript, load_scripted
+
+
+def _time(fn, x: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - t0
+
+
+def measure(name: str, size: int, *, batches: tuple[int, ...], repeats: int, warmup: int, folder: Path) -> list[dict]:
+    torch.manual_seed(0)
+    bb = transferkit.get_backbone(name, weights=None)
+    model = transferkit.build_model(bb, 10, spec=bb.input_spec.replace(image_size=size)).eval()
+    meta = {"labels": [f"c{i}" for i in range(10)], "input_spec": bb.input_spec.replace(image_size=size).to_dict()}
+    example = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
+    variants = {"eager": model}
+    for tag, optimize in (("exported", False), ("exported+opt", True)):
+        path = folder / f"{name.replace(':', '_')}_{tag}.pt"
+        report = export_torchscript(model, path, metadata=meta, example_inputs=example, optimize=optimize)
+        variants[f"{tag}" if not optimize else f"exported+{report.optimization}"] = load_scripted(path)[0]
+    rows = []
+    with torch.inference_mode():
+        for bs in batches:
+            x = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8)
+            for fn in variants.values():  # warm-up: the TorchScript profiling executor specialises here
+                for _ in range(warmup):
+                    fn(x)
+            times: dict[str, list[float]] = {k: [] for k in variants}
+            for _ in range(repeats):  # interleaved rounds
+                for k, fn in variants.items():
+                    times[k].append(_time(fn, x))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            for k, t in med.items():
+                rows.append({"model": f"{name}@{size}", "batch": bs, "variant": k, "ms": t * 1e3,
+                             "img_s": bs / t, "speedup": med["eager"] / t})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["tk:small_cnn@32", "tv:resnet18@224"],
+                   help="backbone@image_size, weights=None")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    p.add_argument("--repeats", type=int, default=15, help="timed rounds per batch size (median reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; median of {args.repeats} rounds")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.models:
+            name, _, size = spec.partition("@")
+            rows += measure(name, int(size or 224), batches=tuple(args.batches), repeats=args.repeats,
+                            warmup=args.warmup, folder=Path(tmp))
+    print(f"\n{'model':<22}{'batch':>6}  {'variant':<32}{'ms/batch':>10}{'img/s':>10}{'eager/this':>12}")
+    for r in rows:
+        print(f"{r['model']:<22}{r['batch']:>6}  {r['variant']:<32}{r['ms']:>10.2f}{r['img_s']:>10.1f}"
+              f"{r['speedup']:>11.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -95,7 +95,7 @@ def plain_frozen(cfg: dict, epochs: int, workers: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "best_val_acc": best, "peak_rss_mb": _peak_rss_mb()}
 
 
-def forward_floor(cfg: dict, workers: int) -> dict:
+def forward_floor(cfg: dict, epochs: int, workers: int) -> dict:  # noqa: ARG001 (one pass, whatever epochs)
     """One forward pass of the frozen backbone over train + val, decoding included
     (the same transferkit pipeline: draft-mode decoding, uint8 tensors, batches of 64)."""
     import torch
@@ -175,7 +175,9 @@ def _child(name: str, part: str, epochs: int, workers: int, threads: int) -> dic
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  [{part}] {name}: {json.dumps(res)}", file=sys.stderr, flush=True)
+    return res
 
 
 def main() -> None:
@@ -184,7 +186,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--ft-epochs", type=int, default=1, help="epochs of the fine-tuning throughput runs")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per process (1: robust on a shared, loaded machine)")
     ap.add_argument("--child", choices=sorted(FUNCS))
     args = ap.parse_args()
     if args.child:

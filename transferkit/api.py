@@ -105,6 +105,7 @@ def _check_positive_int(name: str, value: Any) -> int:
 
 
 def finetune(backbone: str | Backbone = "tv:resnet18", *, weights: str | Path | None = "DEFAULT", data: Any,
+             backbone_options: dict[str, Any] | None = None,
              val_data: Any = None, classes: Sequence[str] | None = None, val_split: float = 0.2,
              task: str = "multiclass", policy: str | Policy = "feature_extraction", epochs: int = 10,
              batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4, optimizer: str = "adamw",
@@ -122,6 +123,8 @@ def finetune(backbone: str | Backbone = "tv:resnet18", *, weights: str | Path | 
              callbacks: Sequence[Callable[[dict], Any]] = (), verbose: bool = True) -> FinetuneResult:
     """Fine-tune ``backbone`` on ``data`` with ``policy`` and return a :class:`FinetuneResult`.
 
+    ``backbone_options``: extra keyword arguments of :func:`get_backbone` (e.g.
+    ``{"sample_rate": 8000, "n_mels": 32}`` for a ``spec:`` audio backbone).
     ``data``: a folder ``root/<class>/<image>`` (a folder with ``train/`` and ``val/``
     works too) or a Dataset of ``(image, label)``; for ``task="multilabel"`` /
     ``"regression"`` a Dataset of ``(image, target vector)``. Without ``val_data`` a
@@ -139,7 +142,7 @@ def finetune(backbone: str | Backbone = "tv:resnet18", *, weights: str | Path | 
         >>> result.best["val_acc"]  # doctest: +SKIP
     """
     config = jsonable({k: (str(v) if isinstance(v, Policy) else v) for k, v in locals().items() if k != "callbacks"})
-    run = _prepare(config, backbone=backbone, weights=weights, data=data, val_data=val_data, classes=classes,
+    run = _prepare(config, backbone=backbone, weights=weights, backbone_options=backbone_options, data=data, val_data=val_data, classes=classes,
                    val_split=val_split, task=task, policy=policy, epochs=epochs, batch_size=batch_size,
                    head=head, head_hidden=head_hidden, head_activation=head_activation, head_dropout=head_dropout,
                    label_smoothing=label_smoothing, class_weights=class_weights, image_size=image_size,
@@ -213,7 +216,7 @@ class _Run:
     timings: dict[str, float]
 
 
-def _prepare(config: dict[str, Any], *, backbone, weights, data, val_data, classes, val_split, task, policy, epochs,
+def _prepare(config: dict[str, Any], *, backbone, weights, backbone_options, data, val_data, classes, val_split, task, policy, epochs,
              batch_size, head, head_hidden, head_activation, head_dropout, label_smoothing, class_weights, image_size,
              augment, cache_features, cache_dir, cache_views, device, precision, channels_last, compile, num_workers,
              seed, deterministic) -> _Run:
@@ -229,7 +232,8 @@ def _prepare(config: dict[str, Any], *, backbone, weights, data, val_data, class
     info, dev = init_distributed(resolve_device(device))
     speed = SpeedConfig.make(dev, precision=precision, channels_last=channels_last, compile=compile)
     pol = Policy.parse(policy)
-    bb = backbone if isinstance(backbone, Backbone) else get_backbone(backbone, weights=weights)
+    bb = backbone if isinstance(backbone, Backbone) else get_backbone(backbone, weights=weights,
+                                                                      **(backbone_options or {}))
     spec = resolve_input_spec(bb.input_spec, image_size)
     if spec.kind == "audio":
         bundle = prepare_audio_data(data, val_data, spec=spec, val_split=val_split, seed=seed, classes=classes)

@@ -139,7 +139,7 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
                          input_sample_rate: int | None = None, n_mels: int = 64, n_fft: int | None = None,
                          hop_length: int | None = None, f_min: float = 0.0, f_max: float | None = None,
                          image_size: int | tuple[int, int] | None = None, clip_seconds: float | None = None,
-                         spec_augment: Any = None) -> Backbone:
+                         spec_augment: Any = None, image_options: dict[str, Any] | None = None) -> Backbone:
     """Wrap an image backbone (a :class:`Backbone` or a name built with ``weights``) into an
     audio backbone taking waveforms at ``input_sample_rate`` (default ``sample_rate``).
 
@@ -147,13 +147,16 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
     ``n_fft`` defaults to 25 ms rounded up to a power of two, ``hop_length`` to 10 ms.
     ``image_size`` resizes the spectrogram image (None: keep n_mels x frames). The image
     backbone's blocks are kept (members under ``image.``), so every policy applies.
+    ``image_options`` go to :func:`get_backbone` when ``image`` is a name (e.g.
+    ``{"widths": [16, 32, 64]}`` for ``tk:small_cnn``); ``spec_augment``: None, True,
+    or a dict of :class:`SpecAugment` options (masks applied in training mode only).
 
     Example:
         >>> bb = spectrogram_backbone("tk:small_cnn", sample_rate=8000, n_mels=32)
         >>> bb.trunk(torch.randn(2, 4000)).shape, bb.input_spec.kind
         (torch.Size([2, 128]), 'audio')
     """
-    img = get_backbone(image, weights=weights) if isinstance(image, str) else image
+    img = get_backbone(image, weights=weights, **(image_options or {})) if isinstance(image, str) else image
     if img.input_spec.kind != "image":
         raise BackboneError(f"spectrogram_backbone wraps an image backbone; {img.name} takes {img.input_spec.kind}.")
     if sample_rate <= 0 or n_mels < 1:

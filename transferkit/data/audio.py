@@ -273,8 +273,10 @@ def to_waveform(item: Any, sample_rate: int) -> torch.Tensor:
 
 
 def _audio_dataset(data: Any, spec: InputSpec, classes: list[str] | None, what: str) -> AudioDataset:
-    if isinstance(data, AudioDataset):
-        return data
+    if isinstance(data, AudioDataset):  # decoded again at the backbone's rate when it differs
+        if data.sample_rate == int(spec.sample_rate):  # type: ignore[arg-type]
+            return data
+        return AudioDataset(data.samples, data.classes, sample_rate=int(spec.sample_rate), cache=data.cache)  # type: ignore[arg-type]
     if isinstance(data, (str, Path)):
         return AudioDataset.from_source(data, sample_rate=int(spec.sample_rate), classes=classes)  # type: ignore[arg-type]
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):

@@ -1,0 +1,150 @@
+"""Audio data: reading, mono mix-down, resampling, folders and CSV lists, pad/crop,
+augmentations, and fine-tuning + export end to end on synthetic tones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import transferkit
+from transferkit import DataError, get_backbone
+from transferkit.backbones import InputSpec
+from transferkit.data.audio import (
+    AudioAugment,
+    AudioDataset,
+    AudioTransform,
+    load_audio,
+    pad_collate,
+    pad_waveforms,
+    prepare_audio_data,
+    valid_lengths,
+)
+from transferkit.export.torchscript import load_scripted
+
+SPEC8K = InputSpec(kind="audio", sample_rate=8000)
+
+
+def _tone(freq: float, n: int, rate: int = 8000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / rate
+    return (0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(n)).astype(np.float32)
+
+
+def make_audio_folder(root: Path, per_class: int = 8, rate: int = 8000) -> Path:
+    """Two classes of tones (low, high) of different lengths, as 16-bit WAV and FLAC."""
+    for c, freq in (("high", 2000.0), ("low", 300.0)):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            ext = "flac" if i % 2 else "wav"
+            sf.write(root / c / f"{c}_{i}.{ext}", _tone(freq, 1600 + 300 * i, rate, seed=i), rate, subtype="PCM_16")
+    return root
+
+
+def test_load_audio_mixes_down_and_resamples(tmp_path):
+    stereo = np.stack([_tone(440, 4410, 44100), np.zeros(4410, np.float32)], 1)
+    sf.write(tmp_path / "s.flac", stereo, 44100, subtype="PCM_16")
+    wav = load_audio(tmp_path / "s.flac", 16000)
+    assert wav.dtype == torch.float32 and wav.shape == (1600,)  # 0.1 s at 16 kHz
+    native = load_audio(tmp_path / "s.flac")
+    assert native.shape == (4410,)
+    np.testing.assert_allclose(native.numpy(), stereo.mean(1), atol=1e-4)  # mean of the channels, 16-bit PCM
+    assert load_audio(tmp_path / "s.flac", mono=False).shape == (2, 4410)
+
+
+def test_unreadable_audio_raises_data_error(tmp_path):
+    (tmp_path / "bad.wav").write_bytes(b"not a wav file")
+    with pytest.raises(DataError, match="bad.wav"):
+        load_audio(tmp_path / "bad.wav")
+
+
+def test_pad_waveforms_marks_lengths_with_nan_and_collates():
+    x = pad_waveforms([torch.ones(5), torch.ones(3)])
+    assert x.shape == (2, 5) and valid_lengths(x).tolist() == [5, 3]
+    assert torch.isnan(x[1, 3:]).all() and not torch.isnan(x[0]).any()
+    xb, yb = pad_collate([(torch.ones(2), 1), (torch.ones(4), 0)])
+    assert xb.shape == (2, 4) and yb.tolist() == [1, 0]
+    assert pad_waveforms([torch.ones(6)], length=4).shape == (1, 4)
+
+
+def test_transform_crops_or_pads_to_clip_length():
+    spec = InputSpec(kind="audio", sample_rate=100, clip_seconds=0.5)
+    ev = AudioTransform(spec)
+    long = torch.arange(80, dtype=torch.float32)
+    assert torch.equal(ev(long), long[15:65])  # centred crop, deterministic
+    short = ev(torch.ones(20))
+    assert short.shape == (50,) and valid_lengths(short[None]).item() == 20
+    torch.manual_seed(0)
+    tr = AudioTransform(spec, "standard")
+    outs = [tr(long) for _ in range(4)]
+    assert all(o.shape == (50,) for o in outs) and not all(torch.equal(outs[0], o) for o in outs[1:])
+    assert AudioTransform(SPEC8K)(torch.ones(2, 30)).shape == (30,)  # [C, T] mixed down; no clip: unchanged
+
+
+def test_augment_noise_follows_snr_and_gain_stays_in_range():
+    torch.manual_seed(0)
+    wav = torch.from_numpy(_tone(500, 8000))
+    noisy = AudioAugment(shift_seconds=0, gain_db=0, snr_db=(20.0, 20.0), p=1.0)(wav, 8000)
+    snr = 10 * torch.log10(wav.pow(2).mean() / (noisy - wav).pow(2).mean())
+    assert abs(snr.item() - 20.0) < 0.5
+    louder = AudioAugment(shift_seconds=0, gain_db=6, snr_db=(), p=1.0)(wav, 8000)
+    ratio = (louder.abs().max() / wav.abs().max()).item()
+    assert 10 ** (-6 / 20) - 1e-4 <= ratio <= 10 ** (6 / 20) + 1e-4
+
+
+def test_folder_and_csv_give_the_same_clips(tmp_path):
+    root = make_audio_folder(tmp_path / "clips", per_class=3)
+    ds = AudioDataset.from_source(root, sample_rate=16000)
+    assert ds.classes == ["high", "low"] and ds.targets == [0, 0, 0, 1, 1, 1]
+    lines = ["path,label"] + [f"{Path(p).relative_to(root).as_posix()},{ds.classes[t]}" for p, t in ds.samples]
+    (root / "list.csv").write_text("\n".join(lines) + "\n")
+    csv_ds = AudioDataset.from_source(root / "list.csv", sample_rate=16000)
+    assert csv_ds.classes == ds.classes and csv_ds.targets == ds.targets
+    wav, label = csv_ds[4]
+    assert label == 1 and wav.shape == (2 * (1600 + 300),)  # resampled 8 kHz -> 16 kHz
+    torch.testing.assert_close(wav, ds[4][0])
+    (root / "bad.csv").write_text("file,class\nx.wav,low\n")
+    with pytest.raises(DataError, match="'path' and 'label'"):
+        AudioDataset.from_source(root / "bad.csv", sample_rate=8000)
+
+
+def test_prepare_audio_data_from_waveforms_with_their_own_rate():
+    items = [(torch.from_numpy(_tone(300 + 1000 * (i % 2), 1600)), 16000, i % 2) for i in range(10)]
+    bundle = prepare_audio_data(items, spec=SPEC8K, val_split=0.2)
+    assert len(bundle.train) == 8 and len(bundle.val) == 2
+    wav, _ = bundle.train[0]
+    assert wav.shape == (800,)  # 16 kHz input resampled to the backbone's 8 kHz
+    with pytest.raises(DataError, match="single class"):
+        prepare_audio_data([(torch.zeros(100), 0)] * 4, spec=SPEC8K, val_split=0)
+
+
+def test_finetune_spectrogram_model_end_to_end_and_export(tmp_path):
+    root = make_audio_folder(tmp_path / "clips")
+    result = transferkit.finetune("spec:tk:small_cnn", weights=None, data=str(root), val_split=0.25,
+                                  backbone_options={"sample_rate": 8000, "n_mels": 16, "image_options": {"widths": [8, 16, 16]}},
+                                  policy="finetune", epochs=4, batch_size=4, lr=3e-3, export=tmp_path / "m.pt",
+                                  verbose=False)
+    assert result.best["val_acc"] == 1.0  # 300 Hz vs 2 kHz tones
+    scripted, meta = load_scripted(tmp_path / "m.pt")
+    assert meta["labels"] == ["high", "low"]
+    assert meta["input_spec"]["kind"] == "audio" and meta["input_spec"]["sample_rate"] == 8000
+    clips = [load_audio(p, 8000) for p in (root / "low" / "low_1.flac", root / "high" / "high_6.wav")]
+    with torch.no_grad():
+        assert scripted(pad_waveforms(clips)).argmax(1).tolist() == [1, 0]
+
+
+def test_feature_cache_runs_speech_backbone_once_over_padded_batches(tmp_path):
+    root = make_audio_folder(tmp_path / "clips", per_class=4)
+    bb = get_backbone("ta:wav2vec2_tiny", weights=None, sample_rate=8000)
+    result = transferkit.finetune(bb, data=str(root), val_split=0.25, policy="feature_extraction", epochs=2,
+                                  batch_size=3, verbose=False)
+    assert result.used_feature_cache
+    # The cached features are the pooled features of each clip alone (padding-aware).
+    model = result.model.eval()
+    a, b = (load_audio(root / "low" / f"low_{i}.{e}", 8000) for i, e in ((0, "wav"), (3, "flac")))
+    with torch.no_grad():
+        torch.testing.assert_close(model.features(pad_waveforms([a, b]))[0], model.features(a[None])[0],
+                                   atol=2e-5, rtol=1e-4)

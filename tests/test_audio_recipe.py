@@ -1,0 +1,53 @@
+"""The FSDD recipe: its splits, and a run end to end on a tiny slice of the real data."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+from transferkit import DataError
+from transferkit.config import load_config, validate_config
+from transferkit.export.torchscript import load_scripted
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fsdd.py"
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return runpy.run_path(str(RECIPE), run_name="recipe_under_test")
+
+
+def test_fsdd_config_fits_finetune():
+    cfg = validate_config(load_config(RECIPE.with_suffix(".yaml")), source="fsdd.yaml")
+    assert cfg["backbone"].startswith("spec:") and cfg["backbone_options"]["sample_rate"] == 8000
+
+
+def test_official_and_speaker_splits(recipe, shared_data):
+    files = recipe["fsdd_files"](shared_data / "fsdd")
+    train, test = recipe["split_fsdd"](files, "official")
+    assert (len(train), len(test)) == (2700, 300)
+    assert all(int(Path(p).stem.split("_")[2]) < 5 for p, _ in test)
+    train, test = recipe["split_fsdd"](files, "speaker:theo")
+    assert (len(train), len(test)) == (2500, 500)
+    assert all("_theo_" in p for p, _ in test) and not any("_theo_" in p for p, _ in train)
+    assert sorted({d for _, d in test}) == list(range(10))
+    with pytest.raises(DataError, match="george"):
+        recipe["split_fsdd"](files, "speaker:nobody")
+
+
+def test_recipe_runs_on_a_tiny_slice(recipe, shared_data, tmp_path):
+    out = tmp_path / "out"
+    summary = recipe["main"](["--data-dir", str(shared_data / "fsdd"), "--limit", "3", "--epochs", "1",
+                              "--out", str(out), "--set", "batch_size=8", "--set", "verbose=false"])
+    assert 0.0 <= summary["test_acc"] <= 1.0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["backbone"] == "spec:tk:small_cnn"
+    module, meta = load_scripted(out / "model.pt")
+    assert meta["input_spec"]["kind"] == "audio" and meta["input_spec"]["sample_rate"] == 8000
+    assert meta["labels"] == [str(d) for d in range(10)]
+    with torch.no_grad():
+        assert module(torch.zeros(2, 4000)).shape == (2, 10)

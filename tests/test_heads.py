@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -55,3 +56,24 @@ def test_output_activation_and_balanced_weights():
     assert torch.allclose(output_activation("multilabel", z), torch.tensor([[0.5, 0.5]]))
     assert torch.equal(output_activation("regression", z), z)
     assert balanced_class_weights([0, 0, 0, 1], 2) == [4 / 6, 2.0]
+
+
+def test_classification_metrics_match_scikit_learn():
+    from sklearn import metrics as skm
+
+    from transferkit.train.metrics import classification_metrics
+
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(size=(60, 4)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 3, 60))  # class 3 never occurs: zero support
+    m = classification_metrics(logits, labels, ["a", "b", "c", "d"], top_k=2)
+    y, p = labels.numpy(), logits.argmax(1).numpy()
+    ref = skm.classification_report(y, p, labels=[0, 1, 2, 3], target_names=list("abcd"), output_dict=True,
+                                    zero_division=0)
+    for k in "abcd":
+        for field in ("precision", "recall", "f1-score", "support"):
+            assert m["per_class"][k][field] == pytest.approx(ref[k][field])
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, p, labels=[0, 1, 2, 3], average="macro", zero_division=0))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, p))
+    assert m["confusion_matrix"] == skm.confusion_matrix(y, p, labels=[0, 1, 2, 3]).tolist()
+    assert m["top2_accuracy"] == pytest.approx(skm.top_k_accuracy_score(y, logits.numpy(), k=2, labels=[0, 1, 2, 3]))

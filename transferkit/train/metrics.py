@@ -1,4 +1,4 @@
-"""Validation metrics per task, computed with scikit-learn from logits and targets."""
+"""Validation metrics per task, from logits and targets (NumPy for multiclass, scikit-learn for the rest)."""
 
 from __future__ import annotations
 
@@ -21,21 +21,56 @@ def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     return float((top == labels.view(-1, 1)).any(1).float().mean().item())
 
 
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[true, predicted]`` counts (scikit-learn's layout).
+
+    Example:
+        >>> confusion_matrix(np.array([0, 1, 1]), np.array([0, 0, 1]), 2).tolist()
+        [[1, 0], [1, 1]]
+    """
+    return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def classification_report(cm: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Per-class precision, recall, F1 and support, plus accuracy and macro/weighted averages,
+    from a confusion matrix; the same numbers and keys as scikit-learn's
+    ``classification_report(..., output_dict=True, zero_division=0)`` (computed with NumPy: importing
+    scikit-learn costs seconds, more than training a head on cached features)."""
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(1).astype(np.float64)
+    predicted = cm.sum(0).astype(np.float64)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    out: dict[str, Any] = {c: {"precision": float(p), "recall": float(r), "f1-score": float(f), "support": float(n)}
+                           for c, p, r, f, n in zip(classes, precision, recall, f1, support)}
+    total = support.sum()
+    out["accuracy"] = float(tp.sum() / total) if total else 0.0
+    out["macro avg"] = {"precision": float(precision.mean()), "recall": float(recall.mean()),
+                        "f1-score": float(f1.mean()), "support": float(total)}
+    w = support / total if total else np.zeros_like(support)
+    out["weighted avg"] = {"precision": float(precision @ w), "recall": float(recall @ w), "f1-score": float(f1 @ w),
+                           "support": float(total)}
+    return out
+
+
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], *,
                            top_k: int = 5) -> dict[str, Any]:
     """Accuracy, top-k accuracy (when there are more than ``top_k`` classes), macro F1,
-    balanced accuracy, the per-class report and the confusion matrix."""
-    from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix, f1_score
-
-    y, p = labels.numpy(), logits.argmax(1).numpy()
-    idx = list(range(len(classes)))
+    balanced accuracy (mean recall over the classes present), the per-class report and the
+    confusion matrix."""
+    y, p = labels.numpy().astype(np.int64), logits.argmax(1).numpy().astype(np.int64)
+    cm = confusion_matrix(y, p, len(classes))
+    report = classification_report(cm, classes)
+    present = cm.sum(1) > 0
+    recalls = np.diag(cm)[present] / cm.sum(1)[present]
     out: dict[str, Any] = {
-        "accuracy": float((p == y).mean()),
-        "macro_f1": float(f1_score(y, p, labels=idx, average="macro", zero_division=0)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, p)),
-        "per_class": classification_report(y, p, labels=idx, target_names=list(classes), output_dict=True,
-                                           zero_division=0),
-        "confusion_matrix": confusion_matrix(y, p, labels=idx).tolist(),
+        "accuracy": float((p == y).mean()) if len(y) else 0.0,
+        "macro_f1": report["macro avg"]["f1-score"],
+        "balanced_accuracy": float(recalls.mean()) if len(recalls) else 0.0,
+        "per_class": report,
+        "confusion_matrix": cm.tolist(),
     }
     if len(classes) > top_k > 1:
         out[f"top{top_k}_accuracy"] = top_k_accuracy(logits, labels, top_k)

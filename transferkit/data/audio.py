@@ -11,7 +11,6 @@ file and the predictor. A batch without NaN is a batch of full-length clips.
 from __future__ import annotations
 
 import csv
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -325,13 +324,6 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
         tr_idx, va_idx = stratified_split(train.targets, val_split, seed)
         train, val = train.view(tr_idx), train.view(va_idx)
     return DataBundle(train=train, val=val, classes=names)  # type: ignore[arg-type]
-
-
-def clip_seconds_for(durations: Sequence[float], quantile: float = 0.95) -> float:
-    """A fixed clip length covering ``quantile`` of the clips, rounded up to 0.1 s."""
-    if not durations:
-        raise DataError("clip_seconds_for needs at least one duration.")
-    return math.ceil(float(np.quantile(np.asarray(durations), quantile)) * 10) / 10
 
 
 _to_waveform = to_waveform  # the name the predictor looked for first

@@ -136,6 +136,7 @@ class SpeechTrunk(nn.Module):
         """The input of the first transformer layer, then each layer's output (the last one
         after the final norm), and the valid frames ``[N, frames]`` mask."""
         h, lengths = self.frames(x)
+        lengths = torch.clamp(lengths, min=1)  # a clip shorter than the CNN's receptive field keeps one frame
         t = self.encoder.transformer
         h = self.encoder.feature_projection(h)
         valid = torch.arange(h.shape[1], device=h.device).unsqueeze(0) < lengths.unsqueeze(1)

@@ -31,10 +31,11 @@ def _stop_after(k: int):
     return cb
 
 
-# dropout in the head and random crops make the run consume RNG every epoch; a cosine schedule with
+# dropout in the head and random crops make the run consume RNG every epoch; gradual unfreezing changes
+# what trains at each epoch (the resumed run must pick the policy up at epoch 2); a cosine schedule with
 # warmup and AdamW moments must come back too.
 RUNS = {
-    "images": dict(policy="unfreeze:last=1", augment="standard", head_hidden=(16,), head_dropout=0.3, epochs=4,
+    "images": dict(policy="gradual:every=1", augment="standard", head_hidden=(16,), head_dropout=0.3, epochs=4,
                    schedule="cosine", warmup_epochs=1),
     "cached": dict(policy="feature_extraction", head_hidden=(16,), head_dropout=0.3, epochs=5, schedule="one_cycle",
                    cache_views=2, augment="flip"),

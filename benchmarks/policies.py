@@ -86,7 +86,7 @@ def bench_steps(batch_size: int, image_size: int, rounds: int) -> None:
     print("| --- | ---: | ---: | ---: |")
     for name in STEP_POLICIES:
         t = times[name]
-        print(f"| {name} | {statistics.median(t):.3f} | {min(t):.3f}-{max(t):.3f} | {statistics.median(t) / full:.2f} |")
+        print(f"| {name} | {statistics.median(t):.3f} | {min(t):.3f}-{max(t):.3f} | {statistics.median(t) / full:.3f} |")
 
 
 ACC_RUNS = [  # (label, policy, pretrained, lr)

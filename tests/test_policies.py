@@ -76,6 +76,8 @@ def test_bad_fields_are_rejected():
         Policy(unfreeze=2, max_blocks=3)
     with pytest.raises(PolicyError, match="Gradual unfreezing starts"):
         Policy(unfreeze="all", every=2)
+    with pytest.raises(PolicyError, match="not with full fine-tuning"):
+        Policy(lora=4, unfreeze="all")
 
 
 @given(start=st.integers(0, 5), every=st.one_of(st.none(), st.integers(1, 4)),

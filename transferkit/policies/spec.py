@@ -137,6 +137,9 @@ class Policy:
         r = self.lora
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
             raise PolicyError(f"Policy.lora (the LoRA rank) must be an integer >= 1, got {r!r}.")
+        if r is not None and (self.unfreeze == "all" or self.is_gradual):
+            raise PolicyError("LoRA trains low-rank factors instead of the backbone: it combines with unfreezing "
+                              "some blocks (last=, blocks=, from=), not with full fine-tuning or gradual unfreezing.")
         if self.lora_alpha is not None and not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
             raise PolicyError(f"Policy.lora_alpha must be a number > 0, got {self.lora_alpha!r}.")
         try:
@@ -264,8 +267,6 @@ class Policy:
             return [f"from={self.unfreeze_from}"]
         if isinstance(self.unfreeze, tuple):
             return ["blocks=" + "+".join(self.unfreeze)]
-        if self.unfreeze == "all":
-            raise PolicyError("LoRA with unfreeze='all' has no string form; use a Policy object.")
         return [f"last={self.unfreeze}"] if self.unfreeze else []
 
     def _kind_str(self) -> str:

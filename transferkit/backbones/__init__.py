@@ -1,6 +1,7 @@
 """Backbones: the registry, the :class:`Backbone` record and its sources."""
 
 from transferkit.backbones._base import Backbone, Block, InputSpec, check_blocks
+from transferkit.backbones.custom import from_module, from_torchscript
 from transferkit.backbones.registry import (
     BackboneSource,
     get_backbone,
@@ -15,6 +16,8 @@ __all__ = [
     "Block",
     "InputSpec",
     "check_blocks",
+    "from_module",
+    "from_torchscript",
     "get_backbone",
     "list_backbones",
     "register_source",

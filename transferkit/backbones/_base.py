@@ -72,7 +72,9 @@ class Backbone:
     """A feature extractor ready for transfer.
 
     ``trunk(x)`` maps a normalised input batch to pooled features ``[N, num_features]``.
-    ``blocks`` are ordered from input to output and partition the trunk's parameters.
+    ``blocks`` are ordered from input to output and, with ``frozen``, partition the trunk's
+    parameters. ``frozen`` blocks (e.g. a TorchScript feature extractor) are never trainable:
+    they are not in ``block_names``, so no policy can name or unfreeze them.
     """
 
     name: str
@@ -82,13 +84,14 @@ class Backbone:
     input_spec: InputSpec
     weights: str | None = None
     categories: tuple[str, ...] | None = field(default=None, repr=False)
+    frozen: tuple[Block, ...] = ()
 
     @property
     def block_names(self) -> list[str]:
         return [b.name for b in self.blocks]
 
     def block_of(self, parameter_name: str) -> str:
-        for b in self.blocks:
+        for b in (*self.blocks, *self.frozen):
             if b.owns(parameter_name):
                 return b.name
         raise KeyError(parameter_name)
@@ -130,4 +133,45 @@ def children_blocks(trunk: nn.Module) -> tuple[Block, ...]:
     for cname, child in trunk.named_children():
         if any(True for _ in child.parameters()):
             spec.append((cname, [cname]))
+    return blocks_from_members(spec)
+
+
+def blocks_from_param_groups(trunk: nn.Module, groups: list[tuple[str, list[str]]]) -> tuple[Block, ...]:
+    """Blocks from groups of *parameter* names, with members compressed to the largest modules
+    whose parameters all lie in one group (so that module-level queries such as
+    :meth:`Block.owns` on a module name, used to switch frozen blocks to eval mode, work).
+    Parameters of a module shared between groups stay as parameter-name members."""
+    owner = {p: i for i, (_, params) in enumerate(groups) for p in params}
+    members: list[list[str]] = [[] for _ in groups]
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        found = {owner.get(prefix + n, -1) for n, _ in module.named_parameters()}
+        if prefix and len(found) == 1 and -1 not in found:
+            members[found.pop()].append(prefix[:-1])
+            return
+        for n, _ in module.named_parameters(recurse=False):
+            if prefix + n in owner:
+                members[owner[prefix + n]].append(prefix + n)
+        for cname, child in module.named_children():
+            visit(f"{prefix}{cname}.", child)
+
+    visit("", trunk)
+    return blocks_from_members([(name, m) for (name, _), m in zip(groups, members)])
+
+
+CONTAINER_NAMES = ("stages", "blocks", "layers", "features", "levels", "network")
+
+
+def container_blocks(trunk: nn.Module) -> tuple[Block, ...]:
+    """Like :func:`children_blocks`, but a container child (``stages``, ``blocks``, ``layers``,
+    ``features`` ...: a Sequential or ModuleList) is split into one block per element
+    (``stages.0``, ``stages.1`` ...)."""
+    spec: list[tuple[str, list[str]]] = []
+    for blk in children_blocks(trunk):
+        child = getattr(trunk, blk.name, None)
+        if blk.name in CONTAINER_NAMES and isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
+            spec += [(f"{blk.name}.{i}", [f"{blk.name}.{i}"]) for i, m in child.named_children()
+                     if any(True for _ in m.parameters())]
+        else:
+            spec.append((blk.name, list(blk.members)))
     return blocks_from_members(spec)

@@ -72,4 +72,16 @@ def small_cnn(*, weights: Any = None, widths: tuple[int, int, int] = (32, 64, 12
     return load_file_weights(bb, weights, weights_only=weights_only, strict=strict)
 
 
+def _register_cifar_resnets() -> None:
+    from transferkit.backbones.cifar_resnet import DEPTHS, cifar_resnet
+
+    for depth in DEPTHS:
+        def build(*, weights: Any = None, weights_only: bool = True, strict: bool = True, _depth: int = depth) -> Backbone:
+            return cifar_resnet(_depth, weights=weights, weights_only=weights_only, strict=strict)
+
+        build.__doc__ = f"CIFAR ResNet-{depth} (He et al. 2016, option-A shortcuts), 32 px, 64 features."
+        builtin.add(f"cifar_resnet{depth}", build)
+
+
+_register_cifar_resnets()
 register_source(builtin)

@@ -50,6 +50,36 @@ class BuilderSource:
         return self._builders[name](weights=weights, **kwargs)
 
 
+class LazySource:
+    """A source whose module (and its heavy imports, e.g. timm) loads on first use."""
+
+    def __init__(self, prefix: str, module: str, cls: str) -> None:
+        self.prefix, self._module, self._cls = prefix, module, cls
+        self._source: BackboneSource | None = None
+
+    def _get(self) -> BackboneSource:
+        if self._source is None:
+            import importlib
+
+            self._source = getattr(importlib.import_module(self._module), self._cls)()
+        return self._source
+
+    def names(self) -> list[str]:
+        return self._get().names()
+
+    def has(self, name: str) -> bool:
+        return _has(self._get(), name)
+
+    def build(self, name: str, *, weights: Any, **kwargs: Any) -> Backbone:
+        return self._get().build(name, weights=weights, **kwargs)
+
+
+def _has(source: BackboneSource, name: str) -> bool:
+    """Whether ``source`` builds ``name``: its own ``has`` (names with tags) or membership in ``names()``."""
+    has = getattr(source, "has", None)
+    return has(name) if callable(has) else name in source.names()
+
+
 def _split(name: str) -> tuple[str | None, str]:
     if ":" in name:
         prefix, rest = name.split(":", 1)
@@ -83,13 +113,13 @@ def resolve_name(name: str) -> tuple[str, str]:
         if source is None:
             raise UnknownBackboneError(f"Unknown backbone source {prefix!r} in {name!r}.{suggest(prefix, _SOURCES)} "
                                        f"Known sources: {', '.join(sorted(_SOURCES))}.")
-        names = source.names()
-        if rest not in names:
+        if not _has(source, rest):
+            names = source.names()
             raise UnknownBackboneError(
                 f"Unknown backbone {name!r}.{suggest(name, [f'{prefix}:{n}' for n in names])} "
                 f"See transferkit.list_backbones('{prefix}:*').")
         return prefix, rest
-    hits = [p for p, s in _SOURCES.items() if rest in s.names()]
+    hits = [p for p, s in _SOURCES.items() if _has(s, rest)]
     if len(hits) == 1:
         return hits[0], rest
     if len(hits) > 1:
@@ -128,3 +158,5 @@ def _ensure_sources() -> None:
     from transferkit.backbones import builtin, torchvision_source  # noqa: F401  (register on import)
     from transferkit.backbones import mlp  # noqa: F401  (tk:mlp)
     from transferkit.backbones import spectrogram, torchaudio_source  # noqa: F401  (audio: spec:, ta:)
+    if "timm" not in _SOURCES:
+        register_source(LazySource("timm", "transferkit.backbones.timm_source", "TimmSource"))

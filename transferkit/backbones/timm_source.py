@@ -1,0 +1,278 @@
+"""Every timm model as a backbone (``timm:<name>`` or ``timm:<name>.<pretrained tag>``).
+
+The trunk is ``timm.create_model(name, pretrained=..., num_classes=0)``: timm removes the
+classifier and returns pooled features. Blocks come from the model's own ``group_matcher``
+(coarse: one block per stage), preprocessing from its ``pretrained_cfg``.
+
+Example:
+    >>> from transferkit import get_backbone
+    >>> bb = get_backbone("timm:resnet10t", weights=None)
+    >>> bb.num_features, bb.block_names
+    (512, ['stem', 'layer1', 'layer2', 'layer3', 'layer4'])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models import group_parameters
+from torch import nn
+
+from transferkit.backbones._base import (
+    Backbone,
+    Block,
+    InputSpec,
+    blocks_from_members,
+    blocks_from_param_groups,
+    check_blocks,
+    container_blocks,
+)
+from transferkit.backbones.weights import is_weights_path, load_into, read_state_dict
+from transferkit.errors import UnknownBackboneError, WeightsError, suggest
+
+_MATCH_PREV = 99999  # timm's MATCH_PREV_GROUP: "merge into the group before"
+_EMBED_PREFIXES = ("patch_embed", "pos_embed", "cls_token", "reg_token", "absolute_pos_embed", "dist_token")
+
+
+# ---------------------------------------------------------------- names and weights
+
+def split_tag(name: str) -> tuple[str, str | None]:
+    """``"vit_small_patch16_224.augreg_in1k"`` -> ``("vit_small_patch16_224", "augreg_in1k")``."""
+    arch, _, tag = name.partition(".")
+    return arch, tag or None
+
+
+def _pretrained_tags(arch: str) -> list[str]:
+    return [split_tag(n)[1] or "" for n in timm.list_pretrained(arch + ".*")] or \
+        ([""] if timm.is_model_pretrained(arch) else [])
+
+
+def resolve_model_name(name: str, weights: Any) -> tuple[str, bool]:
+    """The timm name to create (tag included) and whether timm should load pretrained weights.
+
+    ``weights``: ``None``; ``"DEFAULT"`` (the tag in ``name``, else timm's default tag); a
+    pretrained tag such as ``"augreg_in21k_ft_in1k"``; or a local file (handled by the caller).
+    """
+    arch, tag = split_tag(name)
+    if weights is None or is_weights_path(weights):
+        return name, False
+    if not isinstance(weights, str):
+        raise WeightsError(f"weights for timm:{name} must be None, 'DEFAULT', a pretrained tag or a file path, "
+                           f"got {type(weights).__name__}.")
+    tags = _pretrained_tags(arch)
+    wanted = tag if weights == "DEFAULT" else weights
+    if weights != "DEFAULT" and tag is not None and weights != tag:
+        raise WeightsError(f"timm:{name} names the tag {tag!r} but weights={weights!r}. Pass one of them: "
+                           f"timm:{arch} with weights={weights!r}, or timm:{name} with weights='DEFAULT'.")
+    if not tags:
+        raise WeightsError(f"timm:{arch} has no pretrained weights in timm {timm.__version__}. "
+                           "Use weights=None, or pass the path of a state-dict file.")
+    if wanted is not None and wanted not in tags:
+        raise WeightsError(f"Unknown pretrained tag {wanted!r} for timm:{arch}.{suggest(wanted, tags)} Valid tags: "
+                           f"{', '.join(map(repr, tags))} (or 'DEFAULT', a file path, None).")
+    return (f"{arch}.{wanted}" if wanted else arch), True
+
+
+def _download_hint(model_name: str) -> str:
+    """Where the pretrained file comes from and where to put it when offline."""
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    hf_id = getattr(cfg, "hf_hub_id", None)
+    if hf_id:
+        from huggingface_hub import constants
+
+        hf_id = hf_id.split("@")[0]
+        folder = os.path.join(constants.HF_HUB_CACHE, "models--" + hf_id.replace("/", "--"))
+        return (f"timm looks for it on the Hugging Face hub as {hf_id} (model.safetensors or pytorch_model.bin) "
+                f"and in the HF cache folder {folder}. On a machine with internet run "
+                f"`hf download {hf_id}` (or `huggingface-cli download {hf_id}`) and copy that folder to the same place "
+                "here (set HF_HUB_OFFLINE=1 to skip the network), or download "
+                f"https://huggingface.co/{hf_id}/resolve/main/model.safetensors and pass its path as weights=...")
+    url = getattr(cfg, "url", None) or "?"
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    return (f"timm downloads it from {url}. Put that file at {cache}, or pass its path as weights=...")
+
+
+def _is_download_error(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):  # URLError, LocalEntryNotFoundError, ConnectionError, ... are OSErrors
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(s in text for s in ("connection", "offline", "resolve", "urlopen", "hub", "download"))
+
+
+def create(model_name: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(model_name, pretrained=..., num_classes=0)``; a failed download raises
+    :class:`WeightsError` saying where to put the file - never random weights instead."""
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+    except Exception as exc:
+        if pretrained and _is_download_error(exc):
+            raise WeightsError(f"Could not get the pretrained weights of timm:{model_name} "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                               f"{_download_hint(model_name)} Or use weights=None for random initialisation.") from exc
+        raise
+
+
+def load_file(model: nn.Module, path: str | Path, *, weights_only: bool = True, strict: bool = True) -> None:
+    """Load a local weights file into a timm trunk: a ``model.state_dict()`` file (the hub's
+    ``model.safetensors`` / ``pytorch_model.bin``), passed through the model's own
+    ``checkpoint_filter_fn`` when timm has one for the architecture (e.g. to resize position
+    embeddings), then loaded strictly; the old classifier's keys are ignored."""
+    sd = read_state_dict(path, weights_only=weights_only)
+    module = __import__(type(model).__module__, fromlist=["_"])
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if callable(filter_fn):
+        try:
+            sd = filter_fn(sd, model)
+        except Exception:  # the filter targets original checkpoints; a plain state dict needs none
+            pass
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    ignore = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    load_into(model, sd, strict=strict, ignore=ignore, source=f"Weights file {str(path)!r}")
+
+
+# ---------------------------------------------------------------- blocks
+
+def _split_trailing_groups(matcher: dict[str, Any]) -> dict[str, Any]:
+    """timm merges trailing layers (a ViT's final ``norm``, an EfficientNet's ``conv_head``) into the
+    last stage (suffix ``(99999,)``, for layer decay). For unfreezing they are blocks of their own:
+    a pattern without a stage number gets the suffix 99998 instead, which sorts after every stage."""
+    out: dict[str, Any] = {}
+    for key, spec in matcher.items():
+        if isinstance(spec, (list, tuple)):
+            spec = [(pat, (_MATCH_PREV - 1,) if suffix == (_MATCH_PREV,) and re.compile(pat).groups == 0 else suffix)
+                    for pat, suffix in spec]
+        out[key] = spec
+    return out
+
+
+def _common_prefix(params: list[str]) -> str:
+    parts = [p.split(".")[:-1] for p in params]
+    common: list[str] = []
+    for seg in zip(*parts):
+        if any(s != seg[0] for s in seg):
+            break
+        common.append(seg[0])
+    return ".".join(common)
+
+
+def _compile(matcher: dict[str, Any]) -> list[tuple[re.Pattern, int]]:
+    """``[(regex, index of the matcher key), ...]`` in timm's matching order."""
+    out = []
+    for i, spec in enumerate(matcher.values()):
+        if spec is None:
+            continue
+        for pat in ([p for p, _ in spec] if isinstance(spec, (list, tuple)) else [spec]):
+            out.append((re.compile(pat), i))
+    return out
+
+
+def _group_name(params: list[str], patterns: list[tuple[re.Pattern, int]]) -> str:
+    """Name a group after the text its pattern matched, up to the stage number
+    (``^layer(\\d+)`` -> ``layer1``, ``^stages\\.(\\d+)`` -> ``stages.0``, ``^norm`` -> ``norm``);
+    the first key's group (timm calls it ``stem``) is ``embed`` for a patch embedding."""
+    first = params[0]
+    for rx, key_index in patterns:
+        m = rx.match(first)
+        if m is None:
+            continue
+        if key_index == 0 and not m.lastindex:
+            tops = {p.split(".")[0] for p in params}
+            return "embed" if any(t.startswith(_EMBED_PREFIXES) for t in tops) else "stem"
+        text = first[:m.end(m.lastindex)] if m.lastindex else m.group(0)
+        return text.rstrip("._") or "stem"
+    return _common_prefix(params) or first.split(".")[0]  # unmatched layers (neck, pooling head)
+
+
+def timm_blocks(model: nn.Module) -> tuple[Block, ...]:
+    """Blocks from the model's ``group_matcher(coarse=True)`` (stem/embed, one block per stage,
+    the final norm/conv head on their own), falling back to top-level children (containers
+    such as ``stages`` split into their children) for models without one."""
+    try:
+        matcher = model.group_matcher(coarse=True)
+    except (AttributeError, NotImplementedError, AssertionError, TypeError):
+        return container_blocks(model)
+    patterns: list[tuple[re.Pattern, int]] = []
+    if isinstance(matcher, dict):
+        matcher = _split_trailing_groups(matcher)
+        patterns = _compile(matcher)
+    grouped = group_parameters(model, matcher)
+    groups, taken = [], set()
+    for i, (_, params) in enumerate(sorted(grouped.items())):
+        name = _group_name(params, patterns)
+        if name in taken:
+            name = f"{name}_{i}"
+        taken.add(name)
+        groups.append((name, params))
+    return blocks_from_param_groups(model, groups)
+
+
+# ---------------------------------------------------------------- input spec
+
+def timm_input_spec(model: nn.Module, *, img_size: Any = None) -> InputSpec:
+    """Preprocessing from the model's ``pretrained_cfg``: crop ``input_size``, resize to
+    ``floor(size / crop_pct)`` (timm's eval transform), mean, std, interpolation."""
+    cfg = timm.data.resolve_model_data_config(model)
+    channels, h, _ = cfg["input_size"]
+    size = int(h)
+    if img_size is not None:  # a model built at another size (a tiny test config, a ViT at 384 ...)
+        size = int(img_size if isinstance(img_size, int) else img_size[0])
+    crop_pct = cfg.get("crop_pct") or 1.0
+    resize = math.floor(size / crop_pct)
+    interp = cfg.get("interpolation") or "bilinear"
+    if interp not in ("nearest", "bilinear", "bicubic"):
+        interp = "bilinear"
+    return InputSpec(image_size=size, resize_size=resize if resize != size else None, mean=tuple(cfg["mean"]),
+                     std=tuple(cfg["std"]), interpolation=interp, channels=int(channels))
+
+
+def _num_features(model: nn.Module) -> int:
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+# ---------------------------------------------------------------- the source
+
+class TimmSource:
+    """``timm:<name>`` for every model of ``timm.list_models()``, optionally with a pretrained
+    tag (``timm:vit_small_patch16_224.augreg_in21k_ft_in1k``).
+
+    ``weights``: ``"DEFAULT"`` (pretrained: the name's tag or timm's default), a pretrained
+    tag, a local file, or ``None``. Extra keyword arguments go to ``timm.create_model``
+    (``img_size=``, ``drop_path_rate=``, ``pretrained_cfg_overlay=dict(file=...)`` ...).
+    """
+
+    prefix = "timm"
+
+    def names(self) -> list[str]:
+        return list(timm.list_models())
+
+    def has(self, name: str) -> bool:
+        arch, tag = split_tag(name)
+        return timm.is_model(arch) and (tag is None or name in timm.list_pretrained(name))
+
+    def build(self, name: str, *, weights: Any = "DEFAULT", weights_only: bool = True, strict: bool = True,
+              **kwargs: Any) -> Backbone:
+        if not self.has(name):
+            arch, tag = split_tag(name)
+            raise UnknownBackboneError(f"Unknown pretrained tag {tag!r} in timm:{name}."
+                                       f"{suggest(name, timm.list_pretrained(arch + '.*'))} "
+                                       f"See timm.list_pretrained('{arch}.*').")
+        model_name, pretrained = resolve_model_name(name, weights)
+        model = create(model_name, pretrained=pretrained, **kwargs)
+        desc = f"timm:{model_name}" if pretrained else None
+        if is_weights_path(weights):
+            load_file(model, weights, weights_only=weights_only, strict=strict)
+            desc = str(Path(weights))
+        blocks = timm_blocks(model)
+        check_blocks(model, blocks, name=f"timm:{name}")
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        labels = cfg.get("label_names")
+        return Backbone(name=f"timm:{name}", trunk=model, num_features=_num_features(model), blocks=blocks,
+                        input_spec=timm_input_spec(model, img_size=kwargs.get("img_size")), weights=desc,
+                        categories=tuple(labels) if pretrained and labels else None)
+

@@ -58,6 +58,7 @@ def test_output_activation_and_balanced_weights():
     assert balanced_class_weights([0, 0, 0, 1], 2) == [4 / 6, 2.0]
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_classification_metrics_match_scikit_learn():
     from sklearn import metrics as skm
 

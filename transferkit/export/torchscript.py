@@ -129,20 +129,33 @@ def _optimized(scripted: torch.jit.ScriptModule, how: str) -> torch.jit.ScriptMo
     return torch.jit.optimize_for_inference(frozen, other_methods=keep) if how == "optimize_for_inference" else frozen
 
 
-def _check_batches(examples: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Batch 1 and batch N of each example set; uint8 images are also checked as floats in [0, 1]."""
-    batches: list[torch.Tensor] = []
+def _check_batches(examples: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, bool]]:
+    """Batch 1 and batch N of each example set; uint8 images are also checked as floats in
+    [0, 1] (``True``: such a derived batch, dropped for models that take uint8 only)."""
+    batches: list[tuple[torch.Tensor, bool]] = []
     for ex in examples:
-        variants = [ex] + ([ex.float() / 255.0] if ex.dtype == torch.uint8 else [])
-        for v in variants:
-            batches += [v[:1], v] if v.shape[0] > 1 else [v]
+        variants = [(ex, False)] + ([(ex.float() / 255.0, True)] if ex.dtype == torch.uint8 else [])
+        for v, derived in variants:
+            batches += [(v[:1], derived), (v, derived)] if v.shape[0] > 1 else [(v, derived)]
     return batches
 
 
-def reference_outputs(eager: nn.Module, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The eager model's outputs on ``batches`` (computed once, compared with every candidate)."""
+def reference_outputs(eager: nn.Module, batches: Sequence[tuple[torch.Tensor, bool]]
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The batches the eager model accepts and its outputs on them (computed once, compared
+    with every candidate). A derived float batch the model rejects is left out."""
+    kept, outputs = [], []
     with torch.no_grad():
-        return [eager(xb) for xb in batches]
+        for xb, derived in batches:
+            try:
+                out = eager(xb)
+            except Exception:  # noqa: BLE001 - e.g. a model written for uint8 input only
+                if derived:
+                    continue
+                raise
+            kept.append(xb)
+            outputs.append(out)
+    return kept, outputs
 
 
 def max_abs_diff(reference: Sequence[torch.Tensor], exported: torch.jit.ScriptModule,
@@ -193,8 +206,7 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
     check_choice("export mode", mode, MODES)
     examples = _examples(example_inputs)
     eager = copy.deepcopy(model).cpu().eval()
-    batches = _check_batches(examples)
-    reference = reference_outputs(eager, batches)
+    batches, reference = reference_outputs(eager, _check_batches(examples))
     out = reference[0]
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise ExportError(f"The model must return a [N, num_outputs] tensor; it returns "

@@ -176,3 +176,20 @@ def test_audio_model_predicts_from_files_and_waveforms(tmp_path):
     from_file = pred.predict_proba(str(tmp_path / "w.wav"))  # 16-bit PCM on disk: equal up to quantisation
     assert torch.allclose(from_file, want[1:2], atol=1e-2)
     assert pred.predict_folder(tmp_path, progress=False)[0].source == str(tmp_path / "w.wav")
+
+
+def test_input_pipeline_and_parity_examples_for_each_kind(tmp_path):
+    from transferkit.export import InputPipeline, example_batch
+
+    spec = transferkit.InputSpec(image_size=16, resize_size=20)
+    pipe = InputPipeline(spec)
+    x = pipe.batch([np.zeros((30, 50, 3), np.uint8), torch.zeros(3, 10, 10), Image.new("L", (40, 40))])
+    assert x.shape == (3, 3, 16, 16) and x.dtype == torch.float32  # mixed uint8/float inputs -> float
+    batch, origin = example_batch(spec, n=4)
+    assert batch.shape == (4, 3, 16, 16) and batch.dtype == torch.uint8 and "random" in origin
+    pytest.importorskip("transferkit.data.audio")
+    audio_spec = transferkit.InputSpec(kind="audio", sample_rate=8000)
+    waves, origin = example_batch(audio_spec, n=4)
+    assert waves.shape == (4, 8000) and torch.isnan(waves[1]).sum() == 4000  # shorter clips NaN-padded
+    clipped = InputPipeline(audio_spec.replace(clip_seconds=0.5)).batch([torch.zeros(100), np.zeros(9000, np.float32)])
+    assert clipped.shape == (2, 4000)

@@ -172,20 +172,25 @@ def _compile(matcher: dict[str, Any]) -> list[tuple[re.Pattern, int]]:
     return out
 
 
-def _group_name(params: list[str], patterns: list[tuple[re.Pattern, int]]) -> str:
+def _group_name(params: list[str], patterns: list[tuple[re.Pattern, int]], index: int) -> str:
     """Name a group after the text its pattern matched, up to the stage number
-    (``^layer(\\d+)`` -> ``layer1``, ``^stages\\.(\\d+)`` -> ``stages.0``, ``^norm`` -> ``norm``);
-    the first key's group (timm calls it ``stem``) is ``embed`` for a patch embedding."""
+    (``^layer(\\d+)`` -> ``layer1``, ``^stages\\.(\\d+)`` -> ``stages.0``, ``^norm`` -> ``norm``),
+    else after the modules its parameters share; the first group without a stage number (timm's
+    ``stem``) is ``embed`` for a patch embedding."""
     first = params[0]
     for rx, key_index in patterns:
         m = rx.match(first)
         if m is None:
             continue
-        if key_index == 0 and not m.lastindex:
-            tops = {p.split(".")[0] for p in params}
-            return "embed" if any(t.startswith(_EMBED_PREFIXES) for t in tops) else "stem"
-        text = first[:m.end(m.lastindex)] if m.lastindex else m.group(0)
-        return text.rstrip("._") or "stem"
+        if m.lastindex:
+            return first[:m.end(m.lastindex)]
+        if key_index > 0:  # a named trailing layer: extend the match to the whole module name
+            end = first.find(".", m.end())
+            return first[:end] if end != -1 else first
+        break
+    if index == 0:
+        tops = {p.split(".")[0] for p in params}
+        return "embed" if any(t.startswith(_EMBED_PREFIXES) for t in tops) else "stem"
     return _common_prefix(params) or first.split(".")[0]  # unmatched layers (neck, pooling head)
 
 
@@ -204,7 +209,7 @@ def timm_blocks(model: nn.Module) -> tuple[Block, ...]:
     grouped = group_parameters(model, matcher)
     groups, taken = [], set()
     for i, (_, params) in enumerate(sorted(grouped.items())):
-        name = _group_name(params, patterns)
+        name = _group_name(params, patterns, i)
         if name in taken:
             name = f"{name}_{i}"
         taken.add(name)

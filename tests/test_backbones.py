@@ -1,0 +1,289 @@
+"""Backbone conventions over a fast subset of the registry (one model of every torchvision
+family, several timm families, transferkit's own), names, weights and bring-your-own.
+
+Most models are built on the ``meta`` device: the same modules and block maps without
+allocating or initialising weights, so the forward pass checks shapes and order quickly. A
+smaller set runs on the CPU for real and makes the TorchScript round trip. The exhaustive
+versions are in test_backbones_slow.py (``pytest -m slow``)."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.backbone_checks import check_conventions, script_round_trip
+from transferkit.backbones import get_backbone, list_backbones
+from transferkit.backbones.custom import from_module, from_torchscript
+from transferkit.errors import BackboneError, UnknownBackboneError, WeightsError
+from transferkit.policies import Policy, apply_policy, trainable_parameter_names
+
+# One model of every torchvision family, with the block names expected at both ends.
+TV_FAMILIES = {
+    "alexnet": ["stage1", "fc7"], "convnext_tiny": ["stem", "norm"], "densenet121": ["stem", "norm"],
+    "efficientnet_b0": ["stem", "conv_head"], "efficientnet_v2_s": ["stem", "conv_head"],
+    "googlenet": ["stem", "inception5"], "inception_v3": ["stem", "mixed7"], "maxvit_t": ["stem", "pre_logits"],
+    "mnasnet0_5": ["stem", "conv_head"], "mobilenet_v2": ["stem", "conv_head"],
+    "mobilenet_v3_small": ["stem", "pre_logits"], "regnet_x_400mf": ["stem", "stages.3"],
+    "resnet18": ["stem", "layer4"], "resnext50_32x4d": ["stem", "layer4"], "shufflenet_v2_x0_5": ["stem", "conv5"],
+    "squeezenet1_1": ["conv1", "fire9"], "swin_t": ["embed", "norm"], "swin_v2_t": ["embed", "norm"],
+    "vgg11_bn": ["stage1", "fc7"], "vit_b_16": ["embed", "norm"], "wide_resnet50_2": ["stem", "layer4"],
+}
+# timm families: (name, create_model kwargs for a tiny/fast configuration, expected first/last block names).
+TIMM_FAMILIES = {
+    "resnet10t": ({}, ["stem", "layer4"]),
+    "vit_tiny_patch16_224": ({"img_size": 32, "patch_size": 8, "depth": 3}, ["embed", "norm"]),
+    "convnext_atto": ({}, ["stem", "head.norm"]),
+    "efficientnet_b0": ({}, ["stem", "conv_head"]),
+    "mobilenetv3_small_050": ({}, ["stem", "conv_head"]),
+    "swin_tiny_patch4_window7_224": ({}, ["embed", "norm"]),
+    "regnetx_002": ({}, ["stem", "s4"]),
+    "densenet121": ({}, ["stem", "features.norm5"]),
+    "deit_tiny_patch16_224": ({}, ["embed", "norm"]),
+    "poolformer_s12": ({}, ["stem", "head"]),  # no group_matcher: top-level children, stages split
+}
+# Real CPU forward + TorchScript round trip of backbone + head: (name, kwargs, input size).
+SCRIPTED = [
+    ("tv:resnet18", {}, 64), ("tv:squeezenet1_1", {}, 64),
+    ("timm:resnet10t", {}, 64), ("timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}, 32),
+    ("tk:cifar_resnet20", {}, 32), ("tk:small_cnn", {}, 32),
+]
+
+
+def _meta_backbone(name: str, **kwargs):
+    device = "cpu" if "regnet_" in name else "meta"  # torchvision's RegNet computes its widths with tensors
+    with torch.device(device):
+        return get_backbone(name, weights=None, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(TV_FAMILIES))
+def test_torchvision_family_conventions(name):
+    bb = _meta_backbone(f"tv:{name}")
+    check_conventions(bb)
+    first, last = TV_FAMILIES[name]
+    assert (bb.block_names[0], bb.block_names[-1]) == (first, last)
+    assert len(bb.blocks) >= 4
+
+
+def test_every_torchvision_classifier_is_registered():
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    assert set(list_backbones("tv:*")) == {f"tv:{n}" for n in names}
+    families = {type(torchvision.models.get_model_builder(n)).__name__ for n in names}
+    assert families and len(TV_FAMILIES) >= 17
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_FAMILIES))
+def test_timm_family_conventions(name):
+    kwargs, (first, last) = TIMM_FAMILIES[name]
+    bb = _meta_backbone(f"timm:{name}", **kwargs)
+    check_conventions(bb)
+    assert (bb.block_names[0], bb.block_names[-1]) == (first, last)
+
+
+def test_vit_blocks_are_embed_blocks_norm():
+    for name, kw, depth in (("tv:vit_b_16", {"image_size": 32}, 12),
+                            ("timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 3}, 3)):
+        bb = _meta_backbone(name, **kw)
+        assert bb.block_names == ["embed", *[f"blocks.{i}" for i in range(depth)], "norm"], name
+        check_conventions(bb)
+
+
+@pytest.mark.parametrize("name,kwargs,size", SCRIPTED, ids=[s[0] for s in SCRIPTED])
+def test_forward_and_torchscript_round_trip(name, kwargs, size):
+    torch.manual_seed(0)
+    bb = get_backbone(name, weights=None, **kwargs)
+    feats = check_conventions(bb, size=size)
+    assert torch.isfinite(feats).all()
+    script_round_trip(bb, size=size)
+
+
+@pytest.mark.parametrize("name", ["tv:googlenet", "tv:inception_v3"])
+def test_inception_and_googlenet_trunks_script_to_a_plain_tensor(name):
+    """torchvision's own forward returns a namedtuple when scripted; the trunk must not. (The real
+    round trip of these two is in the slow tests: scripting them takes long on a small CPU.)"""
+    bb = _meta_backbone(name)
+    assert all("aux" not in n.lower() for n, _ in bb.trunk.named_parameters()) and not bb.trunk.aux_logits
+    scripted = torch.jit.script(bb.trunk)
+    assert str(next(scripted.graph.outputs()).type()) == "Tensor"
+
+
+def test_input_spec_comes_from_the_weights():
+    assert get_backbone.__name__  # the specs below need no download
+    tv = _meta_backbone("tv:inception_v3").input_spec
+    assert (tv.image_size, tv.resize_size) == (299, 342)
+    timm_spec = _meta_backbone("timm:vit_small_patch16_224.augreg_in21k_ft_in1k").input_spec
+    assert (timm_spec.image_size, timm_spec.resize_size, timm_spec.mean) == (224, 248, (0.5, 0.5, 0.5))
+    assert timm_spec.interpolation == "bicubic"
+    cifar = get_backbone("tk:cifar_resnet20", weights=None).input_spec
+    assert (cifar.image_size, cifar.resize_size, cifar.mean) == (32, None, (0.485, 0.456, 0.406))
+
+
+# ---------------------------------------------------------------- names
+
+def test_unknown_names_suggest_close_ones():
+    with pytest.raises(UnknownBackboneError, match=r"Did you mean 'tv:resnet50'.*list_backbones\('tv:\*'\)"):
+        get_backbone("tv:resnet5", weights=None)
+    with pytest.raises(UnknownBackboneError, match="cifar_resnet20"):
+        get_backbone("cifar_resnet2", weights=None)
+    with pytest.raises(UnknownBackboneError, match="Unknown backbone source 'tvv'.*'tv'"):
+        get_backbone("tvv:resnet18", weights=None)
+    with pytest.raises(UnknownBackboneError, match="vit_small_patch16_224"):
+        get_backbone("timm:vit_small_patch16_224.no_such_tag", weights=None)
+
+
+def test_plain_names_resolve_only_when_unambiguous():
+    with pytest.raises(UnknownBackboneError, match="ambiguous.*tv:resnet18.*timm:resnet18|ambiguous.*timm:resnet18.*tv:resnet18"):
+        get_backbone("resnet18", weights=None)
+    assert get_backbone("cifar_resnet20", weights=None).name == "tk:cifar_resnet20"
+    assert "tk:cifar_resnet56" in list_backbones("cifar_resnet*")
+    assert "timm:convnext_atto" in list_backbones("timm:convnext_a*")
+
+
+# ---------------------------------------------------------------- weights
+
+def _save(obj, path: Path) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+def test_weights_files_in_every_layout_load_strictly(tmp_path):
+    torch.manual_seed(1)
+    src = get_backbone("tk:cifar_resnet20", weights=None).trunk.state_dict()
+    ref = {k: v for k, v in src.items() if not k.endswith("num_batches_tracked")}
+    ref.update({"linear.weight": torch.randn(10, 64), "linear.bias": torch.randn(10)})
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp_path / "w.safetensors"))
+    files = [_save(ref, tmp_path / "plain.pt"), _save({"state_dict": ref, "epoch": 3}, tmp_path / "nested.pth"),
+             _save({"model": {f"module.{k}": v for k, v in ref.items()}}, tmp_path / "ddp.th"),
+             tmp_path / "w.safetensors"]
+    for f in files:
+        bb = get_backbone("tk:cifar_resnet20", weights=f)
+        assert torch.equal(bb.trunk.state_dict()["layer3.2.conv2.weight"], ref["layer3.2.conv2.weight"]), f
+        assert bb.weights == str(f)
+
+
+def test_mismatched_weights_report_missing_unexpected_and_shapes(tmp_path):
+    sd = get_backbone("tk:small_cnn", weights=None).trunk.state_dict()
+    sd["renamed.weight"] = sd.pop("stem.0.weight")
+    sd["stage3.0.1.weight"] = torch.zeros(7)
+    f = _save(sd, tmp_path / "bad.pt")
+    with pytest.raises(WeightsError) as info:
+        get_backbone("tk:small_cnn", weights=f)
+    msg = str(info.value)
+    assert "1 missing keys: stem.0.weight" in msg and "1 unexpected keys: renamed.weight" in msg
+    assert "stage3.0.1.weight: file (7,) vs model (128,)" in msg and "strict=False" in msg
+
+
+def test_missing_file_and_default_without_download(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        get_backbone("tk:cifar_resnet20", weights=tmp_path / "nope.th")
+    with pytest.raises(WeightsError, match="no downloadable weights.*weights=None"):
+        get_backbone("tk:cifar_resnet20", weights="DEFAULT")
+
+
+def test_pickles_with_objects_need_an_explicit_opt_in(tmp_path):
+    sd = get_backbone("tk:small_cnn", weights=None).trunk.state_dict()
+    f = _save({"state_dict": sd, "args": Path("x")}, tmp_path / "old.pt")  # a non-tensor Python object
+    with pytest.raises(WeightsError, match="weights_only=False"):
+        get_backbone("tk:small_cnn", weights=f)
+    assert get_backbone("tk:small_cnn", weights=f, weights_only=False).weights == str(f)
+
+
+def test_torchvision_file_weights_skip_the_old_classifier(tmp_path):
+    torch.manual_seed(2)
+    import torchvision
+
+    full = torchvision.models.resnet18(weights=None)
+    f = _save(full.state_dict(), tmp_path / "r18.pth")
+    bb = get_backbone("tv:resnet18", weights=f)
+    assert torch.equal(bb.trunk.layer4[1].conv2.weight, full.layer4[1].conv2.weight)
+
+
+def test_offline_torchvision_download_names_the_cache_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsError) as info:
+        get_backbone("tv:squeezenet1_1", weights="DEFAULT")
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "squeezenet1_1-b8a52dc0.pth") in str(info.value)
+    with pytest.raises(WeightsError, match="Unknown weights 'IMAGENET9K'.*IMAGENET1K_V1"):
+        get_backbone("tv:squeezenet1_1", weights="IMAGENET9K")
+
+
+def test_offline_timm_download_names_the_hf_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(WeightsError) as info:
+        get_backbone("timm:resnet10t", weights="DEFAULT")
+    msg = str(info.value)
+    assert str(tmp_path / "hf" / "models--timm--resnet10t.c3_in1k") in msg and "weights=None" in msg
+    with pytest.raises(WeightsError, match="Unknown pretrained tag 'nope'.*c3_in1k"):
+        get_backbone("timm:resnet10t", weights="nope")
+
+
+def test_timm_local_file_loads_strictly(tmp_path):
+    import timm
+
+    torch.manual_seed(3)
+    src = timm.create_model("resnet10t", pretrained=False)  # with its 1000-class classifier, as on the hub
+    from safetensors.torch import save_file
+
+    save_file(src.state_dict(), str(tmp_path / "model.safetensors"))
+    bb = get_backbone("timm:resnet10t", weights=tmp_path / "model.safetensors")
+    assert torch.equal(bb.trunk.layer4[0].conv2.weight, src.layer4[0].conv2.weight)
+    bad = {k: v for k, v in src.state_dict().items() if not k.startswith("layer4.0.conv1")}
+    with pytest.raises(WeightsError, match="missing keys: layer4.0.conv1.weight"):
+        get_backbone("timm:resnet10t", weights=_save(bad, tmp_path / "bad.pth"))
+
+
+# ---------------------------------------------------------------- bring your own
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stages = nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3))
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        return self.pool(self.stages(self.stem(x)))
+
+
+def test_from_module_infers_width_and_blocks():
+    bb = from_module(_Net(), input_spec={"image_size": 16}, name="mine")
+    assert bb.num_features == 16 and bb.block_names == ["stem", "stages.0", "stages.2"]
+    check_conventions(bb)
+    custom = from_module(_Net(), blocks={"early": ["stem", "stages.0"], "late": ["stages.2"]}, num_features=16)
+    assert custom.block_names == ["early", "late"]
+    with pytest.raises(BackboneError, match="not in any block.*stages.2.weight"):
+        from_module(_Net(), blocks=["stem", "stages.0"])
+    with pytest.raises(BackboneError, match=r"returns \(2, 8, 16, 16\).*AdaptiveAvgPool2d"):
+        from_module(nn.Conv2d(3, 8, 3, padding=1), input_spec={"image_size": 16})
+
+
+def test_from_torchscript_is_a_frozen_extractor(tmp_path):
+    torch.manual_seed(4)
+    path = tmp_path / "extractor.pt"
+    torch.jit.save(torch.jit.script(_Net()), str(path))
+    bb = from_torchscript(path, input_spec={"image_size": 16})
+    assert bb.num_features == 16 and bb.block_names == [] and bb.frozen
+    script_round_trip(bb)
+    from transferkit.api import build_model
+
+    model = build_model(bb, 2)
+    apply_policy(model, bb, Policy.parse("finetune"))
+    assert trainable_parameter_names(model) == {"head.0.weight", "head.0.bias"}
+    assert Policy.parse("finetune").frozen_throughout(bb.block_names, 3)  # finetune() caches its features
+    with pytest.raises(BackboneError, match="from_module"):
+        from_torchscript(_Net())

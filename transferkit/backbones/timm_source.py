@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -124,13 +125,12 @@ def load_file(model: nn.Module, path: str | Path, *, weights_only: bool = True, 
     ``checkpoint_filter_fn`` when timm has one for the architecture (e.g. to resize position
     embeddings), then loaded strictly; the old classifier's keys are ignored."""
     sd = read_state_dict(path, weights_only=weights_only)
-    module = __import__(type(model).__module__, fromlist=["_"])
-    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if callable(filter_fn):
         try:
             sd = filter_fn(sd, model)
-        except Exception:  # the filter targets original checkpoints; a plain state dict needs none
-            pass
+        except Exception:  # noqa: BLE001  the filter targets original checkpoints; a timm state dict needs none,
+            pass           # and the strict load below still reports any mismatch
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
     ignore = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     load_into(model, sd, strict=strict, ignore=ignore, source=f"Weights file {str(path)!r}")

@@ -132,11 +132,11 @@ def _mobilenet(t: nn.Module) -> Spec:
 
 def _mnasnet(t: nn.Module) -> Spec:
     """MNASNet: ``layers = [8 stem layers, 6 stacks (Sequential), 1x1 conv, bn, relu]``."""
-    layers = _seq(t, "layers")
-    stacks = [q for q, m in layers if isinstance(m, nn.Sequential)]
-    first, last = layers.index(next(x for x in layers if x[0] == stacks[0])), len(stacks)
-    return ([("stem", [q for q, _ in layers[:first]])] + [(f"stages.{i}", [q]) for i, q in enumerate(stacks)]
-            + [("conv_head", [q for q, _ in layers[first + last:]])])
+    names = [q for q, _ in _seq(t, "layers")]
+    stacks = [q for q, m in _seq(t, "layers") if isinstance(m, nn.Sequential)]
+    first, after = names.index(stacks[0]), names.index(stacks[-1]) + 1
+    return ([("stem", names[:first])] + [(f"stages.{i}", [q]) for i, q in enumerate(stacks)]
+            + [("conv_head", names[after:])])
 
 
 def _regnet(t: nn.Module) -> Spec:

@@ -47,7 +47,9 @@ class LRFindResult:
 
 
 def suggest_lr(lrs: list[float], losses: list[float]) -> float:
-    """The learning rate of the steepest descent of the loss (in log-lr), before its minimum.
+    """The learning rate of the steepest descent of the loss (in log-lr) before its minimum,
+    capped at a tenth of the rate with the lowest loss (fastai's two rules of thumb combined:
+    on easy data the loss may fall until the largest rate tried, which is never a safe choice).
 
     Example:
         >>> lrs = [10 ** (-6 + i / 10) for i in range(50)]
@@ -56,13 +58,14 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> float:
         -3
     """
     if len(lrs) < 3:
-        return lrs[0] if lrs else 1e-3
+        return lrs[0] / 10 if lrs else 1e-3
     end = int(np.argmin(losses)) + 1
+    cap = lrs[end - 1] / 10
+    if end < 3:
+        return float(cap)
     x, y = np.log10(np.asarray(lrs[:end])), np.asarray(losses[:end])
-    if len(x) < 3:
-        return float(lrs[max(end - 1, 0)] / 10)
-    grads = np.gradient(y, x)
-    return float(lrs[int(np.argmin(grads))])
+    steepest = float(lrs[int(np.argmin(np.gradient(y, x)))])
+    return min(steepest, float(cap))
 
 
 def lr_range_test(module: nn.Module, loader: DataLoader, *, optimizer: torch.optim.Optimizer, loss_fn: Callable,

@@ -89,7 +89,7 @@ def test_suggestion_is_at_the_steepest_descent():
     lrs = [10 ** (-6 + i / 10) for i in range(60)]
     losses = [1.0 / (1 + math.exp(4 * (math.log10(lr) + 3))) + (0 if lr < 1 else 10) for lr in lrs]
     assert round(math.log10(suggest_lr(lrs, losses))) == -3
-    falling = [1.0 - i / 100 for i in range(60)]  # still falling at the largest lr tried: never suggest it
+    falling = [1.0 - (i / 60) ** 2 for i in range(60)]  # steepest at the largest lr tried: never suggest it
     assert suggest_lr(lrs, falling) == pytest.approx(lrs[-1] / 10)
 
 

@@ -163,7 +163,7 @@ def finetune(backbone: str | Backbone = "tv:resnet18", *, weights: str | Path | 
         groups = param_groups(td.module, lr=lr, weight_decay=weight_decay) if td.cached else \
             param_groups(model, lr=lr, weight_decay=weight_decay, backbone=bb, policy=pol, epochs=epochs)
         opt = make_optimizer(optimizer, groups, lr=lr, momentum=momentum)
-        penalty = None if td.cached else policy_penalty(model, bb, pol, epochs=epochs)  # L2-SP, None unless asked
+        penalty = policy_penalty(model, bb, pol, epochs=epochs)  # L2-SP (the head term too when cached), or None
         steps = len(td.train_loader)
         sched = make_scheduler(schedule, opt, total_steps=epochs * steps, steps_per_epoch=steps,
                                warmup_steps=round(warmup_epochs * steps), options=schedule_options)

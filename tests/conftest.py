@@ -28,7 +28,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(autouse=True)
 def _few_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny test models: more threads only add overhead (and oversubscribe with workers)
     yield
 
 

@@ -183,3 +183,16 @@ def test_any_folder_layout_gives_a_bundle_or_a_data_error(tmp_path_factory, layo
     labels = tk.data.dataset_targets(bundle.train)
     assert len(set(labels)) >= 2 and all(0 <= t < len(bundle.classes) for t in labels)
     assert all(Path(p).suffix in (".png",) for p, _ in bundle.train.samples)
+
+
+def test_finetune_reports_left_out_files(tmp_path):
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "imgs", per_class=6)
+    (root / "dark" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    with pytest.warns(UserWarning, match="Left out 1 bad image"):
+        r = tk.finetune("tk:small_cnn", weights=None, data=root, epochs=1, batch_size=4, image_size=16,
+                        verbose=False, num_workers=0)
+    assert [p.endswith("broken.jpg") for p, _ in r.data_report.bad_files] == [True]
+    with pytest.raises(tk.DataError, match="broken.jpg"):
+        tk.finetune("tk:small_cnn", weights=None, data=root, epochs=1, on_bad_file="raise", verbose=False)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from transferkit.backbones import Backbone, InputSpec, get_backbone
-from transferkit.data import DataBundle, eval_transform, prepare_data  # noqa: F401  (prepare_data: used by recipes)
+from transferkit.data import DataBundle, DataReport, eval_transform, prepare_data  # noqa: F401  (prepare_data: recipes)
 from transferkit.data.audio import pad_waveforms, prepare_audio_data
 from transferkit.errors import ConfigError
 from transferkit.export.torchscript import ExportReport, export_torchscript
@@ -26,6 +26,7 @@ from transferkit.policies import Policy, apply_policy, merge_lora, param_groups,
 from transferkit.train.checkpoint import load_checkpoint, save_checkpoint
 from transferkit.train.device import resolve_device
 from transferkit.train.distributed import DistInfo, barrier, init_distributed, wrap_ddp
+from transferkit.train.faults import training_faults
 from transferkit.train.loaders import make_loader  # noqa: F401  (public helper, re-exported)
 from transferkit.train.loop import TrainState, fit
 from transferkit.train.lr_find import LRFindResult, lr_range_test
@@ -68,6 +69,7 @@ class FinetuneResult:
     task: str = "multiclass"
     stopped_early: bool = False
     plots: dict[str, Path] = field(default_factory=dict)
+    data_report: DataReport = field(default_factory=DataReport)  # bad files left out, warnings
 
 
 def seed_everything(seed: int) -> None:
@@ -107,7 +109,7 @@ def _check_positive_int(name: str, value: Any) -> int:
 def finetune(backbone: str | Backbone = "tv:resnet18", *, weights: str | Path | None = "DEFAULT", data: Any,
              backbone_options: dict[str, Any] | None = None,
              val_data: Any = None, classes: Sequence[str] | None = None, val_split: float = 0.2,
-             task: str = "multiclass", policy: str | Policy = "feature_extraction", epochs: int = 10,
+             on_bad_file: str = "skip", task: str = "multiclass", policy: str | Policy = "feature_extraction", epochs: int = 10,
              batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4, optimizer: str = "adamw",
              momentum: float = 0.9, schedule: str = "cosine", warmup_epochs: float = 0,
              schedule_options: dict[str, float] | None = None, head: str | None = None,
@@ -143,7 +145,7 @@ def finetune(backbone: str | Backbone = "tv:resnet18", *, weights: str | Path | 
     """
     config = jsonable({k: (str(v) if isinstance(v, Policy) else v) for k, v in locals().items() if k != "callbacks"})
     run = _prepare(config, backbone=backbone, weights=weights, backbone_options=backbone_options, data=data, val_data=val_data, classes=classes,
-                   val_split=val_split, task=task, policy=policy, epochs=epochs, batch_size=batch_size,
+                   val_split=val_split, on_bad_file=on_bad_file, task=task, policy=policy, epochs=epochs, batch_size=batch_size,
                    head=head, head_hidden=head_hidden, head_activation=head_activation, head_dropout=head_dropout,
                    label_smoothing=label_smoothing, class_weights=class_weights, image_size=image_size,
                    augment=augment, cache_features=cache_features, cache_dir=cache_dir, cache_views=cache_views,
@@ -174,11 +176,14 @@ def finetune(backbone: str | Backbone = "tv:resnet18", *, weights: str | Path | 
                                     info=info, callbacks=callbacks, tensorboard=tb)
         wrap = None if not (info.enabled or run.speed.compile) else \
             (lambda m: run.speed.maybe_compile(wrap_ddp(m, info, run.speed.device)))
-        history, best = fit(td.module, td.train_loader, td.val_loader, epochs=epochs, optimizer=opt, scheduler=sched,
-                            loss_fn=run.loss_fn, device=run.speed.device, set_mode=run.set_mode, task=task,
-                            restore_best=restore_best, early_stopping=early_stopping, monitor=monitor, state=state,
-                            on_epoch_end=on_end, speed=run.speed, dist=info, wrap=wrap, penalty=penalty,
-                            verbose=verbose)
+        with training_faults(checkpoint=checkpoint, batch_size=batch_size,
+                             save_interrupted=lambda: _save_interrupted(run, meta, export),
+                             probe_step=lambda bs: _probe_step(run, bs)):
+            history, best = fit(td.module, td.train_loader, td.val_loader, epochs=epochs, optimizer=opt,
+                                scheduler=sched, loss_fn=run.loss_fn, device=run.speed.device, set_mode=run.set_mode,
+                                task=task, restore_best=restore_best, early_stopping=early_stopping, monitor=monitor,
+                                state=state, on_epoch_end=on_end, speed=run.speed, dist=info, wrap=wrap,
+                                penalty=penalty, verbose=verbose)
     run.timings["train_s"] = time.perf_counter() - t1
     model.eval()
     metrics = final_metrics(td.module, td.val_loader, task=task, classes=run.bundle.classes, loss_fn=run.loss_fn,
@@ -188,7 +193,7 @@ def finetune(backbone: str | Backbone = "tv:resnet18", *, weights: str | Path | 
     meta["training"]["best"] = jsonable(best)
     result = FinetuneResult(model=model, backbone=bb, classes=run.bundle.classes, policy=pol, history=history,
                             best=best, metrics=metrics, used_feature_cache=td.cached, timings=run.timings, task=task,
-                            stopped_early=state.stopped_early)
+                            stopped_early=state.stopped_early, data_report=run.bundle.report)
     if info.is_main:
         _finish_outputs(result, run, meta, checkpoint=checkpoint, export=export, plots_dir=plots_dir, tb=tb,
                         state=state, opt_sched=None if probe is not None else (opt, sched))
@@ -216,7 +221,8 @@ class _Run:
     timings: dict[str, float]
 
 
-def _prepare(config: dict[str, Any], *, backbone, weights, backbone_options, data, val_data, classes, val_split, task, policy, epochs,
+def _prepare(config: dict[str, Any], *, backbone, weights, backbone_options, data, val_data, classes, val_split,
+             on_bad_file, task, policy, epochs,
              batch_size, head, head_hidden, head_activation, head_dropout, label_smoothing, class_weights, image_size,
              augment, cache_features, cache_dir, cache_views, device, precision, channels_last, compile, num_workers,
              seed, deterministic) -> _Run:
@@ -240,7 +246,7 @@ def _prepare(config: dict[str, Any], *, backbone, weights, backbone_options, dat
         n_out = len(bundle.classes)
     else:
         bundle, n_out = prepare_task_data(data, val_data, task=task, val_split=val_split, seed=seed, classes=classes,
-                                          min_size=spec.resize_size or spec.image_size)
+                                          min_size=spec.resize_size or spec.image_size, on_bad_file=on_bad_file)
     model = build_model(bb, n_out, spec=spec, head_hidden=hidden, head_activation=head_activation,
                         head_dropout=head_dropout).to(dev)
     apply_policy(model, bb, pol, epoch=0)
@@ -294,6 +300,24 @@ def _finish_outputs(result: FinetuneResult, run: _Run, meta: dict[str, Any], *, 
         result.export_report = export_torchscript(merge_lora(model), export, metadata=meta, example_inputs=example)
         result.export_path = result.export_report.path
         run.timings["export_s"] = time.perf_counter() - t2
+
+
+def _save_interrupted(run: _Run, meta: dict[str, Any], export: str | Path | None) -> Path:
+    """Ctrl-C without a checkpoint path: keep the current weights beside the export (or here)."""
+    path = Path(export).with_suffix(".interrupted.pt") if export is not None else Path("transferkit-interrupted.pt")
+    return save_checkpoint(path, model=merge_lora(run.model), meta=meta, epoch=None, history=[], complete=False)
+
+
+def _probe_step(run: _Run, batch_size: int) -> None:
+    """One forward and backward pass at ``batch_size`` (to find a batch size that fits in memory)."""
+    x, y = next(iter(run.data.train_loader))
+    reps = -(-batch_size // x.shape[0])
+    x, y = x.repeat(reps, *([1] * (x.ndim - 1)))[:batch_size], y.repeat(reps, *([1] * (y.ndim - 1)))[:batch_size]
+    module = run.data.module
+    with run.speed.autocast():
+        loss = run.loss_fn(module(run.speed.to_device(x)).float(), y.to(run.speed.device))
+    loss.backward()
+    module.zero_grad(set_to_none=True)
 
 
 def linear_probe(backbone: str | Backbone = "tv:resnet18", *, data: Any, Cs: Sequence[float] | None = None,

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transferkit.data import DataBundle, eval_transform, prepare_data, train_transform
-from transferkit.errors import ConfigError, DataError
+from transferkit.errors import ConfigError, DataError, TrainingError
 from transferkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from transferkit.train.distributed import DistInfo, barrier
 from transferkit.train.features import FeatureStore, cache_key, compute_features, feature_loader
@@ -34,12 +34,14 @@ RESUME_KEYS = ("backbone", "task", "policy", "batch_size", "lr", "optimizer", "s
 
 
 def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, seed: int,
-                      classes: Sequence[str] | None, min_size: int | None) -> tuple[DataBundle, int]:
+                      classes: Sequence[str] | None, min_size: int | None,
+                      on_bad_file: str = "skip") -> tuple[DataBundle, int]:
     """The training/validation data and the number of outputs. Multiclass data are folders or
     datasets of ``(image, int)``; multilabel and regression data are datasets of
     ``(image, target vector)`` (multi-hot, or values), split at random when no ``val_data``."""
     if task == "multiclass":
-        bundle = prepare_data(data, val_data, val_split=val_split, seed=seed, classes=classes, min_size=min_size)
+        bundle = prepare_data(data, val_data, val_split=val_split, seed=seed, classes=classes, min_size=min_size,
+                              on_bad_file=on_bad_file)
         return bundle, len(bundle.classes)
     if isinstance(data, (str, Path)) or not hasattr(data, "__getitem__"):
         raise DataError(f"task={task!r} needs a Dataset of (image, target vector) pairs, got {type(data).__name__}; "
@@ -179,6 +181,11 @@ def epoch_end_callback(*, path: str | Path | None, model: nn.Module, optimizer: 
     then run the user's ``callbacks(row)`` (one may raise to stop the run; it resumes from there)."""
     def on_epoch_end(state: TrainState) -> None:
         row = state.history[-1]
+        bad = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+               if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:  # never write a checkpoint of diverged weights over the last good one
+            raise TrainingError(f"The weights became NaN/inf during epoch {state.epoch} (e.g. {bad[0]}). The learning "
+                                f"rate ({optimizer.param_groups[0]['lr']:.3g}) is probably too high: lower it.")
         if info.is_main:
             if tensorboard is not None:
                 tensorboard.log_epoch(row)

@@ -1,0 +1,77 @@
+"""Ctrl-C, a diverging loss and running out of memory: the work is kept and the message says what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import transferkit as tk
+from transferkit.backbones import InputSpec, from_module
+from transferkit.train.faults import TrainingInterrupted
+
+FAST = dict(weights=None, policy="finetune", batch_size=8, augment="none", verbose=False, num_workers=0,
+            image_size=16, lr=3e-3)
+
+
+def _interrupt_after(epoch: int):
+    def callback(row: dict) -> None:
+        if row["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    return callback
+
+
+def test_ctrl_c_with_checkpoint_resumes_to_the_same_weights(image_folder, tmp_path):
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(TrainingInterrupted, match="resume") as info:
+        tk.finetune("tk:small_cnn", data=image_folder, epochs=3, checkpoint=ckpt, callbacks=[_interrupt_after(1)],
+                    **FAST)
+    assert info.value.checkpoint == ckpt
+    resumed = tk.resume(ckpt)
+    straight = tk.finetune("tk:small_cnn", data=image_folder, epochs=3, **FAST)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    for (name, a), (_, b) in zip(resumed.model.state_dict().items(), straight.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_ctrl_c_without_checkpoint_keeps_the_weights(image_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrainingInterrupted, match="transferkit-interrupted.pt") as info:
+        tk.finetune("tk:small_cnn", data=image_folder, epochs=2, callbacks=[_interrupt_after(1)], **FAST)
+    saved = info.value.checkpoint
+    assert saved.is_file()
+    bb = tk.get_backbone("tk:small_cnn", weights=saved)  # the trunk of the interrupted run
+    assert bb.weights == str(saved)
+
+
+def test_diverging_loss_points_at_the_lr_and_keeps_the_last_good_checkpoint(image_folder, tmp_path):
+    from transferkit.train.checkpoint import load_checkpoint
+
+    ckpt = tmp_path / "run.pt"
+    tk.finetune("tk:small_cnn", data=image_folder, epochs=1, checkpoint=ckpt, **FAST)
+    with pytest.raises(tk.TrainingError, match=r"(?s)learning rate.*last good checkpoint"):
+        tk.finetune("tk:small_cnn", data=image_folder, epochs=3, checkpoint=ckpt,
+                    **{**FAST, "lr": 1e12, "optimizer": "sgd"})
+    kept = load_checkpoint(ckpt)  # whichever epoch it holds, it is whole and finite
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+class _SmallMemory(nn.Module):
+    """Pretends the device runs out of memory for batches larger than 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return self.pool(self.conv(x)).flatten(1)
+
+
+def test_out_of_memory_suggests_a_batch_size_that_fits(image_folder):
+    bb = from_module(_SmallMemory(), num_features=4, input_spec=InputSpec(image_size=16), name="small-memory")
+    with pytest.raises(tk.TrainingError, match="batch_size=2 fits"):
+        tk.finetune(bb, data=image_folder, epochs=1, **{k: v for k, v in FAST.items() if k != "weights"})

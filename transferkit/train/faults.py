@@ -1,0 +1,84 @@
+"""What happens when training fails: Ctrl-C, a non-finite loss, running out of GPU memory.
+
+The rule: never lose the user's work, and say what to do next. The per-epoch checkpoint
+(``finetune(checkpoint=...)``) is written atomically at the end of every epoch, so a fault
+mid-epoch leaves the last good one on disk untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from transferkit.errors import TrainingError
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`transferkit.finetune`; ``checkpoint`` is where the work is."""
+
+    def __init__(self, message: str, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def suggest_batch_size(step: Callable[[int], None], start: int) -> int | None:
+    """The largest of ``start // 2, start // 4, ..., 1`` for which ``step(batch_size)`` (one
+    forward and backward pass) runs without running out of memory; None if none does."""
+    bs = start // 2
+    while bs >= 1:
+        try:
+            step(bs)
+            return bs
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_oom(exc):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        bs //= 2
+    return None
+
+
+@contextlib.contextmanager
+def training_faults(*, checkpoint: str | Path | None, batch_size: int,
+                    save_interrupted: Callable[[], Path], probe_step: Callable[[int], None] | None) -> Iterator[None]:
+    """Turn faults inside the block into errors that say where the work is and what to do.
+
+    - Ctrl-C: with ``checkpoint``, the file holds the last completed epoch and
+      ``transferkit.resume(path)`` continues exactly; without it, the current weights are
+      saved by ``save_interrupted()``. Raises :class:`TrainingInterrupted`.
+    - A non-finite loss (TrainingError from the loop): the message names the last good checkpoint.
+    - Out of memory: a TrainingError suggesting a batch size that fits (probed with ``probe_step``).
+    """
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, TrainingInterrupted):
+            raise
+        if checkpoint is not None and Path(checkpoint).exists():
+            raise TrainingInterrupted(f"Interrupted. The checkpoint {str(checkpoint)!r} holds the last completed "
+                                      f"epoch; continue exactly with transferkit.resume({str(checkpoint)!r}).",
+                                      Path(checkpoint)) from exc
+        saved = save_interrupted()
+        raise TrainingInterrupted(f"Interrupted. The current weights were saved to {str(saved)!r} (usable as "
+                                  "weights=... or with `transferkit export`). Pass checkpoint=... to finetune() to "
+                                  "be able to resume a run exactly.", saved) from exc
+    except TrainingError as exc:
+        if checkpoint is not None and Path(checkpoint).exists():
+            raise TrainingError(f"{exc} The last good checkpoint, {str(checkpoint)!r}, was kept.") from exc
+        raise
+    except RuntimeError as exc:
+        if not _is_oom(exc):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        fits = suggest_batch_size(probe_step, batch_size) if probe_step is not None else None
+        hint = (f"batch_size={fits} fits" if fits else f"try batch_size={max(batch_size // 2, 1)}")
+        raise TrainingError(f"Out of memory with batch_size={batch_size}: {hint}. Also consider "
+                            "precision='bf16', a smaller image_size, or policy='feature_extraction'.") from exc

@@ -27,9 +27,12 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    torch.set_num_threads(1)  # tiny test models: more threads only add overhead (and oversubscribe with workers)
+def _one_thread():
+    """Tiny test models: one thread is fastest, and immune to spin-waiting on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(n)
 
 
 def make_image_folder(root: Path, classes=("dark", "light"), per_class: int = 12, size: int = 24, seed: int = 0) -> Path:

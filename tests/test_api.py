@@ -11,14 +11,6 @@ import transferkit as tk
 from transferkit.errors import ConfigError, DataError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 COMMON = dict(weights=None, image_size=16, device="cpu", num_workers=0, batch_size=8, verbose=False)
 
 

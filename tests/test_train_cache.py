@@ -16,14 +16,6 @@ from transferkit.train.features import cache_key, compute_features, data_fingerp
 from transferkit.train.probe import fit_logistic_probe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(seed=0):
     torch.manual_seed(seed)
     bb = tk.get_backbone("tk:small_cnn", weights=None, widths=(8, 8, 16))

@@ -13,14 +13,6 @@ from transferkit.train.lr_find import suggest_lr
 from transferkit.train.optim import LRSchedule, make_optimizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _lrs(name, steps=20, per_epoch=5, warmup=0, **opts):
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [p], "lr": 1.0}], lr=1.0)

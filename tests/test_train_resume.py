@@ -11,15 +11,6 @@ from transferkit.errors import ConfigError
 from transferkit.train import load_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and immune to spin-waiting on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Interrupt(Exception):
     pass
 

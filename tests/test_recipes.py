@@ -80,3 +80,54 @@ def test_recipe_script_runs_standalone(tmp_path):
     bad = subprocess.run([sys.executable, str(RECIPES / "hymenoptera.py"), "--data-dir", str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no train/ folder" in bad.stdout
+
+
+def _tone(path: Path, freq: float, rate: int, seconds: float = 0.3) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(rate * seconds)) / rate
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), (0.4 * np.sin(2 * np.pi * freq * t)).astype("float32"), rate)
+
+
+AUDIO_TINY = ["--limit", "2", "--epochs", "1", "--backbone", "spec:tk:small_cnn", "--weights", "none",
+              "--set", "backbone_options={sample_rate: 8000, n_mels: 16, n_fft: 256, hop_length: 128, clip_seconds: 0.3}",
+              "--set", "batch_size=4", "--set", "verbose=false", "--set", "val_split=0.34"]
+
+
+def test_speech_commands_recipe_on_the_official_layout(tmp_path):
+    root = tmp_path / "SpeechCommands" / "speech_commands_v0.02"
+    for w, f in (("yes", 300.0), ("no", 900.0)):
+        for i in range(6):
+            _tone(root / w / f"spk{i}_nohash_0.wav", f + 10 * i, 16000)
+    _tone(root / "_background_noise_" / "white.wav", 50.0, 16000)
+    (root / "validation_list.txt").write_text("yes/spk4_nohash_0.wav\nno/spk4_nohash_0.wav\n")
+    (root / "testing_list.txt").write_text("yes/spk5_nohash_0.wav\nno/spk5_nohash_0.wav\n")
+    mod = runpy.run_path(str(RECIPES / "speech_commands.py"), run_name="recipe_under_test")
+    split = mod["data"](tmp_path, {})
+    assert split.classes == ["no", "yes"] and (len(split.train), len(split.val), len(split.test)) == (8, 2, 2)
+    summary = run_recipe("speech_commands", mod["data"], description="", recipe_dir=RECIPES,
+                         argv=["--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), *AUDIO_TINY])
+    assert 0.0 <= summary["test_acc"] <= 1.0
+    with pytest.raises(DataError, match="--download"):
+        mod["data"](tmp_path / "empty", {})
+
+
+def test_esc50_recipe_on_its_layout(tmp_path):
+    root = tmp_path / "ESC-50"
+    rows = ["filename,fold,target,category,esc10,src_file,take"]
+    for i in range(10):
+        target, fold = i % 2, 1 + i % 5
+        name = f"{fold}-{i}-A-{target}.wav"
+        _tone(root / "audio" / name, 400.0 + 500 * target + 7 * i, 44100, seconds=0.3)
+        rows.append(f"{name},{fold},{target},{['dog', 'rain'][target]},False,{i},A")
+    (root / "meta").mkdir()
+    (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
+    mod = runpy.run_path(str(RECIPES / "esc50.py"), run_name="recipe_under_test")
+    split = mod["read_esc50"](root, 5)
+    assert split.classes == ["dog", "rain"] and len(split.test) == 2 and len(split.train) == 8
+    summary = mod["main"](["--data-dir", str(root), "--out", str(tmp_path / "out"), *AUDIO_TINY])
+    assert 0.0 <= summary["test_acc"] <= 1.0
+    with pytest.raises(DataError, match="not one of the folds"):
+        mod["read_esc50"](root, 9)

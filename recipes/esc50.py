@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""ESC-50: 2,000 five-second environmental recordings in 50 classes, 5 folds.
+Fold 5 is the test set by default (``--set`` cannot change it: use ``--fold N``); the
+others train, with 10 % held out for validation.
+
+Default: a log-mel CIFAR ResNet-20 initialised from the CIFAR-10 weights in
+../shared/data (``spec:tk:cifar_resnet20``): transfer from images to sound.
+Data: --data-dir holding ``audio/*.wav`` and ``meta/esc50.csv`` (the ESC-50 GitHub
+repository's layout). See docs/recipes/esc50.md.
+"""
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+from transferkit.errors import DataError
+from transferkit.recipes import RecipeData, main_guard, run_recipe
+
+
+def read_esc50(root: Path, fold: int) -> RecipeData:
+    meta = root / "meta" / "esc50.csv"
+    if not meta.is_file():
+        raise DataError(f"No ESC-50 metadata at {str(meta)!r}. Clone or download the ESC-50 repository "
+                        "(karolpiczak/ESC-50) and pass --data-dir pointing at it.")
+    with open(meta, newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = {int(r["target"]): r["category"] for r in rows}
+    classes = [names[i] for i in sorted(names)]
+    folds = sorted({int(r["fold"]) for r in rows})
+    if fold not in folds:
+        raise DataError(f"--fold {fold} is not one of the folds in {str(meta)!r}: {folds}.")
+    train, test = [], []
+    for r in rows:
+        item = (str(root / "audio" / r["filename"]), int(r["target"]))
+        (test if int(r["fold"]) == fold else train).append(item)
+    return RecipeData(train=train, val=None, test=test, classes=classes)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--fold", type=int, default=5)
+    own, rest = pre.parse_known_args(argv)
+    return run_recipe("esc50", lambda root, options: read_esc50(root, own.fold), description=__doc__,
+                      argv=rest, recipe_dir=Path(__file__).resolve().parent)
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main))

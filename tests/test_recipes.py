@@ -131,3 +131,25 @@ def test_esc50_recipe_on_its_layout(tmp_path):
     assert 0.0 <= summary["test_acc"] <= 1.0
     with pytest.raises(DataError, match="not one of the folds"):
         mod["read_esc50"](root, 9)
+
+
+def test_cli_finetune_with_config_and_overrides(tmp_path, capsys):
+    from transferkit.cli import main
+
+    data = make_image_folder(tmp_path / "imgs", per_class=6, size=16)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("backbone: tk:small_cnn\nweights: null\npolicy: finetune\nepochs: 3\nimage_size: 16\n"
+                   "augment: none\nverbose: false\n")
+    code = main(["finetune", "--config", str(cfg), "--data", str(data), "--epochs", "1", "--set", "batch_size=4",
+                 "--export", str(tmp_path / "m.pt")])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["export"] == str(tmp_path / "m.pt") and (tmp_path / "m.pt").is_file()
+    from transferkit.export import read_metadata
+
+    assert read_metadata(tmp_path / "m.pt")["config"]["epochs"] == 1  # the flag won over the file
+    assert main(["finetune", "--config", str(cfg), "--data", str(data), "--set", "epoch=2"]) == 2
+    assert "Did you mean 'epochs'" in capsys.readouterr().err
+    assert main(["lr-find", "--config", str(cfg), "--data", str(data), "--num-steps", "5",
+                 "--plot", str(tmp_path / "lr.png")]) == 0
+    assert (tmp_path / "lr.png").is_file() and "suggested_lr" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""The ``transferkit`` command line: ``demo``, ``backbones``, ``predict``, ``export``, ``inspect``.
+"""The ``transferkit`` command line: ``finetune``, ``lr-find``, ``predict``, ``export``, ``inspect``,
+``backbones``, ``demo``.
 
 Every failure transferkit can explain exits with status 2 and one line on stderr
 (``transferkit: error: ...``), like argparse's own usage errors.
@@ -91,6 +92,80 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# finetune() arguments that get their own flag; every other one is reachable with --set key=value
+_COMMON = ("backbone", "weights", "policy", "epochs", "batch_size", "lr", "image_size", "optimizer", "schedule",
+           "augment", "device", "seed", "export", "checkpoint")
+
+
+def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
+    import inspect
+
+    from transferkit.api import finetune
+
+    params = inspect.signature(finetune).parameters
+    p.add_argument("--config", default=None, help="YAML file of finetune() arguments")
+    p.add_argument("--data", default=None, help="training data: a folder root/<class>/<image> (or with train/ and "
+                   "val/), or a CSV of path,label; default: the config's data_dir")
+    p.add_argument("--val-data", default=None, help="validation data (default: a stratified split)")
+    for key in _COMMON:
+        if not outputs and key in ("export", "checkpoint"):
+            continue
+        default = params[key].default
+        kind = type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else str
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None,
+                       help=f"default: {default!r}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other finetune() argument, the value parsed as YAML (e.g. --set head_hidden=[256])")
+
+
+def _finetune_kwargs(args: argparse.Namespace) -> dict:
+    from transferkit.config import RECIPE_KEYS, load_config, parse_overrides, validate_config
+    from transferkit.recipes import expand_vars
+
+    cfg = load_config(args.config) if args.config else {}
+    cfg.update({k: getattr(args, k) for k in _COMMON if getattr(args, k, None) is not None})
+    if isinstance(cfg.get("weights"), str) and cfg["weights"].lower() == "none":
+        cfg["weights"] = None
+    cfg.update(parse_overrides(args.set))
+    cfg = {k: expand_vars(v) for k, v in validate_config(cfg, source="finetune options").items()}
+    data = args.data or cfg.get("data_dir")
+    if not data:
+        raise TransferkitError("No training data: pass --data DIR (or data_dir in the config).")
+    kwargs = {k: v for k, v in cfg.items() if k not in RECIPE_KEYS}
+    return {**kwargs, "data": data, "val_data": args.val_data}
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from transferkit.api import finetune
+
+    result = finetune(**_finetune_kwargs(args))
+    summary = {"best": result.best, "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+               "export": str(result.export_path) if result.export_path else None,
+               "checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
+               "bad_files": len(result.data_report.bad_files), "seconds": round(result.timings.get("total_s", 0), 1)}
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    from transferkit.api import lr_find
+
+    import inspect
+
+    from transferkit import api
+
+    kwargs = _finetune_kwargs(args)
+    used = set(inspect.signature(api._prepare).parameters) | set(inspect.signature(api.lr_find).parameters)
+    ignored = sorted(k for k in kwargs if k not in used)
+    if ignored:  # a config written for finetune() also holds training-loop settings
+        print(f"transferkit: lr-find ignores {', '.join(ignored)}", file=sys.stderr)
+    kwargs = {k: v for k, v in kwargs.items() if k in used}
+    backbone = kwargs.pop("backbone", "tv:resnet18")
+    res = lr_find(backbone, num_steps=args.num_steps, plot=args.plot, **kwargs)
+    print(json.dumps({"suggested_lr": res.suggestion, "plot": args.plot}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="transferkit", description="Transfer learning with verified exports.",
                                 formatter_class=HELP)
@@ -131,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--onnx", default=None, help="also write an ONNX file here, checked with onnxruntime")
     ex.set_defaults(fn=_cmd_export)
 
+    ft = sub.add_parser("finetune", help="fine-tune a backbone on a folder of data and export it",
+                        description="transferkit.finetune() from the command line: --config file.yaml (keys are "
+                                    "finetune()'s argument names) plus flags and --set overrides.")
+    _finetune_args(ft)
+    ft.set_defaults(fn=_cmd_finetune)
+    lf = sub.add_parser("lr-find", help="learning-rate range test; suggests an lr")
+    _finetune_args(lf, outputs=False)
+    lf.add_argument("--num-steps", type=int, default=100, help="steps of the range test (default: 100)")
+    lf.add_argument("--plot", default=None, help="write the loss-vs-lr curve to this PNG (default: no plot)")
+    lf.set_defaults(fn=_cmd_lr_find)
     i = sub.add_parser("inspect", help="print an exported model's metadata", formatter_class=HELP)
     i.add_argument("model", help="exported TorchScript file (.pt)")
     i.add_argument("--json", action="store_true", help="print the full metadata as JSON")

@@ -99,7 +99,8 @@ ACC_RUNS = [  # (label, policy, pretrained, lr)
 ]
 
 
-def bench_accuracy(seeds: int, epochs: int, image_size: int, batch_size: int, only: list[str] | None) -> None:
+def bench_accuracy(seeds: int, epochs: int, image_size: int, batch_size: int, only: list[str] | None,
+                   first_seed: int = 0) -> None:
     hym = DATA / "hymenoptera"
     weights = DATA / "weights" / "cifar-resnet" / "resnet20-12fca82f.th"
     if not hym.is_dir() or not weights.is_file():
@@ -108,7 +109,7 @@ def bench_accuracy(seeds: int, epochs: int, image_size: int, batch_size: int, on
     runs = [r for r in ACC_RUNS if not only or r[1] in only or r[0] in only]
     accs: dict[str, list[float]] = {r[0]: [] for r in runs}
     secs: dict[str, list[float]] = {r[0]: [] for r in runs}
-    for seed in range(seeds):  # seed-major: a cut-short run still covers every policy
+    for seed in range(first_seed, first_seed + seeds):  # seed-major: a cut-short run still covers every policy
         for label, spec, pretrained, lr in runs:
             t0 = time.perf_counter()
             r = finetune("tk:cifar_resnet20", weights=str(weights) if pretrained else None, data=hym / "train",
@@ -136,6 +137,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="batch size of the step-time part")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--image-size", type=int, default=32, help="image size of the accuracy part")
     ap.add_argument("--only", nargs="*", help="accuracy part: only these policies or labels")
@@ -147,7 +149,7 @@ def main() -> None:
     if args.part in ("steps", "all"):
         bench_steps(args.batch_size, 224, args.rounds)
     if args.part in ("accuracy", "all"):
-        bench_accuracy(args.seeds, args.epochs, args.image_size, 32, args.only)
+        bench_accuracy(args.seeds, args.epochs, args.image_size, 32, args.only, args.first_seed)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from transferkit.backbones._base import (
     Backbone,
     Block,
     InputSpec,
-    blocks_from_members,
     blocks_from_param_groups,
     check_blocks,
     container_blocks,

@@ -212,11 +212,16 @@ class TransformedDataset(Dataset):
         img, target = item[0], item[1]
         if isinstance(img, np.ndarray):
             img = Image.fromarray(img)
-        return (self.transform(img) if self.transform else img), int(target)
+        return (self.transform(img) if self.transform else img), self.convert_target(target)
+
+    @staticmethod
+    def convert_target(target: Any) -> Any:
+        """A class index; subclasses keep other targets (vectors, values)."""
+        return int(target)
 
     def view(self, indices: Sequence[int] | None = None, transform: Callable | None = None) -> TransformedDataset:
         idx = self.indices if indices is None else [self.indices[i] for i in indices]
-        return TransformedDataset(self.base, transform, idx)
+        return type(self)(self.base, transform, idx)
 
 
 def dataset_targets(ds: Dataset) -> list[int]:

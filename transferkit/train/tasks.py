@@ -106,21 +106,9 @@ class TargetDataset(TransformedDataset):
         tensor([1., 0., 1.])
     """
 
-    def __getitem__(self, i: int) -> tuple[Any, torch.Tensor]:
-        item = self.base[self.indices[i]]
-        if not isinstance(item, (tuple, list)) or len(item) < 2:
-            raise DataError(f"A dataset item must be (input, target); item {self.indices[i]} is {type(item).__name__}.")
-        img, target = item[0], item[1]
-        if isinstance(img, np.ndarray):
-            from PIL import Image
-
-            img = Image.fromarray(img)
-        y = torch.as_tensor(np.asarray(target), dtype=torch.float32).reshape(-1)  # scalars become [1]
-        return (self.transform(img) if self.transform else img), y
-
-    def view(self, indices: Sequence[int] | None = None, transform: Any = None) -> TargetDataset:
-        idx = self.indices if indices is None else [self.indices[i] for i in indices]
-        return TargetDataset(self.base, transform, idx)
+    @staticmethod
+    def convert_target(target: Any) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(target), dtype=torch.float32).reshape(-1)  # scalars become [1]
 
 
 def target_width(ds: TargetDataset) -> int:

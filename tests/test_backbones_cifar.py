@@ -1,6 +1,6 @@
 """The CIFAR ResNets against the real checkpoints in ../shared/data/weights/cifar-resnet
 (skipped when the folder is absent): strict loading as given, sensible logits of the full
-pretrained network, and transfer to hymenoptera at 32 px (slow)."""
+pretrained network, and transfer to hymenoptera at 32 px."""
 
 from __future__ import annotations
 
@@ -66,19 +66,23 @@ def _probe(features_train, y_train, features_val, y_val) -> float:
     return float(LogisticRegression(C=1.0, max_iter=5000).fit(features_train, y_train).score(features_val, y_val))
 
 
-@pytest.mark.slow
 def test_transfer_beats_random_weights_and_matches_a_probe(shared_data):
-    """Feature extraction through finetune() at 32 px (seed 0). Measured on this data: pretrained
-    0.68-0.69 vs random (He init) 0.60-0.63 over seeds 0-2; sklearn probe 0.68. With finetune's
-    defaults (lr=1e-3, 10 epochs) the head is under-trained (0.57-0.61), hence lr/epochs here."""
+    """Feature extraction through finetune() at 32 px with its defaults, seeds 0-4. Measured
+    on this data (153 val images): pretrained 0.667-0.712, random weights (the reference He
+    init, one network per seed) 0.59-0.67; the mean gap is 6 points, per seed 1-10 (the seed-0
+    random network is a good one: 0.64). A logistic-regression probe on the same features: 0.69."""
+    import numpy as np
+
     import transferkit
 
     data = shared_data / "hymenoptera"
-    kw = dict(data=data, image_size=32, policy="feature_extraction", seed=0, verbose=False, lr=1e-2, epochs=30)
-    pre = transferkit.finetune("tk:cifar_resnet20", weights=_checkpoint(shared_data, 20), **kw)
-    rand = transferkit.finetune("tk:cifar_resnet20", weights=None, **kw)
-    acc_pre, acc_rand = pre.metrics["val_acc"], rand.metrics["val_acc"]
-    assert pre.used_feature_cache and acc_pre >= 0.66 and acc_pre - acc_rand >= 0.05, (acc_pre, acc_rand)
+    kw = dict(data=data, image_size=32, policy="feature_extraction", verbose=False, num_workers=0)
+    pre = [transferkit.finetune("tk:cifar_resnet20", weights=_checkpoint(shared_data, 20), seed=s, **kw)
+           for s in range(5)]
+    rand = [transferkit.finetune("tk:cifar_resnet20", weights=None, seed=s, **kw).metrics["val_acc"] for s in range(5)]
+    acc_pre = [r.metrics["val_acc"] for r in pre]
+    assert all(r.used_feature_cache for r in pre)
+    assert min(acc_pre) >= 0.66 and np.mean(acc_pre) - np.mean(rand) >= 0.04, (acc_pre, rand)
 
     bb = get_backbone("tk:cifar_resnet20", weights=_checkpoint(shared_data, 20))
     pre_fn = ImagePreprocess(bb.input_spec.mean, bb.input_spec.std)
@@ -86,4 +90,4 @@ def test_transfer_beats_random_weights_and_matches_a_probe(shared_data):
         (xt, yt), (xv, yv) = (_images(data / s, bb.input_spec) for s in ("train", "val"))
         ft, fv = bb.trunk.eval()(pre_fn(xt)), bb.trunk(pre_fn(xv))
     probe = _probe(ft.numpy(), yt.numpy(), fv.numpy(), yv.numpy())
-    assert probe >= 0.66 and acc_pre >= probe - 0.03, (acc_pre, probe)
+    assert probe >= 0.66 and np.mean(acc_pre) >= probe - 0.02, (acc_pre, probe)

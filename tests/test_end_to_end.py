@@ -26,7 +26,7 @@ def test_feature_extraction_leaves_backbone_bit_for_bit_unchanged(image_folder, 
     assert all(torch.equal(before[k], after[k]) for k in before), "a frozen backbone changed"
     assert head_probe.used_feature_cache is (cache == "auto")
     fresh_head = tk.build_head(bb.num_features, 2)
-    assert head_probe.model.head[0].weight.shape == fresh_head[0].weight.shape
+    assert head_probe.model.head[-1].weight.shape == fresh_head[-1].weight.shape
     assert len(head_probe.history) == 2
 
 
@@ -37,7 +37,7 @@ def test_feature_extraction_trains_the_head(image_folder):
                     restore_best=False, num_workers=0)
     tk.seed_everything(0)
     untouched = tk.build_head(bb.num_features, 2)  # the same initial head: seeded identically
-    assert not torch.equal(r.model.head[0].weight, untouched[0].weight)
+    assert not torch.equal(r.model.head[-1].weight, untouched[-1].weight)
 
 
 def test_finetune_changes_backbone_weights(image_folder):

@@ -138,3 +138,54 @@ def test_cache_with_views_needs_augmentation(image_folder):
     with pytest.raises(tk.ConfigError, match="augment"):
         tk.finetune("tk:small_cnn", weights=None, data=image_folder, image_size=16, cache_views=2, augment="none",
                     verbose=False, num_workers=0)
+
+
+def test_cached_head_trains_on_standardised_features_and_exports_them(image_folder, tmp_path):
+    """head_norm="auto": the head starts with a FeatureNorm holding the training features'
+    exact mean and std; the checkpoint rebuilds it and the export carries it."""
+    from tests.conftest import make_image_folder
+    from transferkit.export.from_checkpoint import model_from_checkpoint
+    from transferkit.heads import FeatureNorm
+
+    val = make_image_folder(tmp_path / "val", per_class=4, seed=1)
+    r = tk.finetune("tk:small_cnn", weights=None, data=image_folder, val_data=val, image_size=16, epochs=2,
+                    batch_size=4, device="cpu", num_workers=0, verbose=False, checkpoint=tmp_path / "run.pt",
+                    export=tmp_path / "model.pt")
+    norm = r.model.head[0]
+    assert r.used_feature_cache and isinstance(norm, FeatureNorm)
+    from transferkit.api import resolve_input_spec
+
+    ds = ImageFolderDataset(image_folder, transform=eval_transform(resolve_input_spec(r.backbone.input_spec, 16)))
+    with torch.no_grad():
+        feats = r.model.eval().features(torch.stack([ds[i][0] for i in range(len(ds))]))
+    torch.testing.assert_close(norm.mean, feats.mean(0), rtol=1e-4, atol=1e-5)
+    std = feats.std(0, unbiased=False)
+    torch.testing.assert_close(norm.std, torch.where(std < 1e-6, 1.0, std), rtol=1e-4, atol=1e-5)  # dead: kept
+    rebuilt, meta = model_from_checkpoint(tmp_path / "run.pt")
+    assert meta["training"]["head_norm"] is True and isinstance(rebuilt.head[0], FeatureNorm)
+    torch.testing.assert_close(rebuilt.head[0].std, norm.std)
+    assert r.export_report.max_abs_diff < 1e-4
+
+
+def test_head_norm_off_and_its_errors(image_folder):
+    kw = dict(weights=None, data=image_folder, image_size=16, epochs=1, batch_size=4, device="cpu", num_workers=0,
+              verbose=False)
+    r = tk.finetune("tk:small_cnn", head_norm=False, **kw)
+    assert isinstance(r.model.head[0], torch.nn.Linear) and len(r.model.head) == 1
+    full = tk.finetune("tk:small_cnn", policy="full", **kw)  # the backbone trains: features are not fixed
+    assert isinstance(full.model.head[0], torch.nn.Linear)
+    with pytest.raises(tk.ConfigError, match="head_norm=True"):
+        tk.finetune("tk:small_cnn", policy="full", head_norm=True, **kw)
+    with pytest.raises(tk.ConfigError, match="head_norm must be"):
+        tk.finetune("tk:small_cnn", head_norm="yes", **kw)
+
+
+def test_default_lr_depends_on_what_trains(image_folder, tmp_path):
+    kw = dict(weights=None, data=image_folder, image_size=16, epochs=1, batch_size=4, device="cpu", num_workers=0,
+              verbose=False)
+    for policy, lr in (("feature_extraction", 1e-2), ("full", 1e-3)):
+        r = tk.finetune("tk:small_cnn", policy=policy, checkpoint=tmp_path / f"{policy}.pt", **kw)
+        meta = torch.load(r.checkpoint_path, weights_only=False)["transferkit"]
+        assert meta["training"]["lr"] == lr and meta["config"]["lr"] is None
+    r = tk.finetune("tk:small_cnn", lr=0.05, checkpoint=tmp_path / "given.pt", **kw)
+    assert torch.load(r.checkpoint_path, weights_only=False)["transferkit"]["training"]["lr"] == 0.05

@@ -29,7 +29,7 @@ from transferkit.train.faults import training_faults
 from transferkit.train.loaders import make_loader  # noqa: F401  (public helper, re-exported)
 from transferkit.train.loop import TrainState, fit
 from transferkit.train.lr_find import LRFindResult, lr_range_test
-from transferkit.train.optim import make_optimizer, make_scheduler
+from transferkit.train.optim import default_lr, make_optimizer, make_scheduler
 from transferkit.train.reporting import TensorBoardLogger
 from transferkit.train.session import (
     TrainingData,
@@ -90,11 +90,12 @@ def resolve_input_spec(spec: InputSpec, image_size: int | None) -> InputSpec:
 
 
 def build_model(backbone: Backbone, num_outputs: int, *, spec: InputSpec | None = None, head_hidden: Sequence[int] = (),
-                head_activation: str = "relu", head_dropout: float = 0.0) -> TransferModel:
-    """Preprocessing from the input spec + the backbone's trunk + a new head."""
+                head_activation: str = "relu", head_dropout: float = 0.0, head_norm: bool = False) -> TransferModel:
+    """Preprocessing from the input spec + the backbone's trunk + a new head (``head_norm``:
+    starting with a :class:`~transferkit.heads.FeatureNorm`)."""
     spec = spec or backbone.input_spec
     head = build_head(backbone.num_features, num_outputs, hidden=head_hidden, activation=head_activation,
-                      dropout=head_dropout)
+                      dropout=head_dropout, norm=head_norm)
     pre = AudioPreprocess() if spec.kind == "audio" else ImagePreprocess(spec.mean, spec.std)
     return TransferModel(pre, backbone.trunk, head)
 
@@ -109,11 +110,11 @@ def finetune(backbone: str | Backbone = "tv:resnet18", *, weights: str | Path | 
              backbone_options: dict[str, Any] | None = None,
              val_data: Any = None, classes: Sequence[str] | None = None, val_split: float = 0.2,
              on_bad_file: str = "skip", task: str = "multiclass", policy: str | Policy = "feature_extraction", epochs: int = 10,
-             batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4, optimizer: str = "adamw",
+             batch_size: int = 32, lr: float | None = None, weight_decay: float = 1e-4, optimizer: str = "adamw",
              momentum: float = 0.9, schedule: str = "cosine", warmup_epochs: float = 0,
              schedule_options: dict[str, float] | None = None, head: str | None = None,
              head_hidden: Sequence[int] = (), head_activation: str = "relu", head_dropout: float = 0.0,
-             label_smoothing: float = 0.0, class_weights: Sequence[float] | str | None = None,
+             head_norm: bool | str = "auto", label_smoothing: float = 0.0, class_weights: Sequence[float] | str | None = None,
              probe_Cs: Sequence[float] | None = None, image_size: int | None = None, augment: str | None = None,
              cache_features: bool | str = "auto", cache_dir: str | Path | None = None, cache_views: int = 1,
              device: str = "auto", precision: str = "fp32", channels_last: bool | str = "auto",
@@ -132,8 +133,11 @@ def finetune(backbone: str | Backbone = "tv:resnet18", *, weights: str | Path | 
     ``val_split`` is held out. When the policy keeps the whole backbone frozen, features
     are computed once (``cache_views`` augmented passes) and only the head trains on them
     (``cache_features="auto"``); ``cache_dir`` keeps them on disk, memory-mapped, for later
-    runs. ``head="logistic"`` fits scikit-learn's logistic regression instead (C chosen on
-    validation). ``checkpoint`` is rewritten after every epoch; ``resume=True`` continues
+    runs; the head then trains on standardised features (``head_norm="auto"``: its first
+    layer is a fixed :class:`~transferkit.heads.FeatureNorm` holding the training features'
+    mean and std, exported with it). ``lr=None`` is 1e-2 when only the head trains and 1e-3
+    when backbone weights train too. ``head="logistic"`` fits scikit-learn's logistic
+    regression instead (C chosen on validation). ``checkpoint`` is rewritten after every epoch; ``resume=True`` continues
     from it exactly. Launched by ``torchrun``, training is distributed (DDP). See
     ``docs/training.md`` for every option.
 
@@ -146,15 +150,16 @@ def finetune(backbone: str | Backbone = "tv:resnet18", *, weights: str | Path | 
     run = _prepare(config, backbone=backbone, weights=weights, backbone_options=backbone_options, data=data, val_data=val_data, classes=classes,
                    val_split=val_split, on_bad_file=on_bad_file, task=task, policy=policy, epochs=epochs, batch_size=batch_size,
                    head=head, head_hidden=head_hidden, head_activation=head_activation, head_dropout=head_dropout,
-                   label_smoothing=label_smoothing, class_weights=class_weights, image_size=image_size,
+                   head_norm=head_norm, label_smoothing=label_smoothing, class_weights=class_weights, image_size=image_size,
                    augment=augment, cache_features=cache_features, cache_dir=cache_dir, cache_views=cache_views,
                    device=device, precision=precision, channels_last=channels_last, compile=compile,
                    num_workers=num_workers, seed=seed, deterministic=deterministic)
     model, bb, pol, info, td = run.model, run.backbone, run.policy, run.info, run.data
+    lr = default_lr(head_only=run.head_only) if lr is None else lr
     meta = {"labels": run.bundle.classes, "input_spec": run.spec.to_dict(), "task": task,
             "transferkit_version": _version(), "config": config,
             "training": {"backbone": bb.name, "weights": bb.weights, "policy": str(pol), "epochs": epochs,
-                         "feature_cache": td.cached}}
+                         "lr": lr, "feature_cache": td.cached, "head_norm": run.head_norm}}
     t1 = time.perf_counter()
     probe, tb, state = None, None, TrainState()
     if run.head_kind == "logistic":
@@ -214,6 +219,8 @@ class _Run:
     bundle: DataBundle
     model: TransferModel
     head_kind: str
+    head_only: bool  # no backbone parameter ever trains
+    head_norm: bool  # the head starts with a FeatureNorm
     data: TrainingData
     set_mode: Callable[[int], None]
     loss_fn: nn.Module
@@ -222,7 +229,7 @@ class _Run:
 
 def _prepare(config: dict[str, Any], *, backbone, weights, backbone_options, data, val_data, classes, val_split,
              on_bad_file, task, policy, epochs,
-             batch_size, head, head_hidden, head_activation, head_dropout, label_smoothing, class_weights, image_size,
+             batch_size, head, head_hidden, head_activation, head_dropout, head_norm, label_smoothing, class_weights, image_size,
              augment, cache_features, cache_dir, cache_views, device, precision, channels_last, compile, num_workers,
              seed, deterministic) -> _Run:
     t_start = time.perf_counter()
@@ -246,14 +253,15 @@ def _prepare(config: dict[str, Any], *, backbone, weights, backbone_options, dat
     else:
         bundle, n_out = prepare_task_data(data, val_data, task=task, val_split=val_split, seed=seed, classes=classes,
                                           min_size=spec.resize_size or spec.image_size, on_bad_file=on_bad_file)
-    model = build_model(bb, n_out, spec=spec, head_hidden=hidden, head_activation=head_activation,
-                        head_dropout=head_dropout).to(dev)
-    apply_policy(model, bb, pol, epoch=0)
     frozen = pol.frozen_throughout(bb.block_names, epochs)
     if (cache_features is True or head_kind == "logistic") and not frozen:
         raise ConfigError(f"cache_features=True and head='logistic' need a policy that keeps the backbone frozen; "
                           f"{pol} trains it. Use policy='feature_extraction' (or cache_features='auto').")
     use_cache = frozen and (cache_features in (True, "auto") or head_kind == "logistic")
+    norm = resolve_head_norm(head_norm, cached=use_cache, head_kind=head_kind)
+    model = build_model(bb, n_out, spec=spec, head_hidden=hidden, head_activation=head_activation,
+                        head_dropout=head_dropout, head_norm=norm).to(dev)
+    apply_policy(model, bb, pol, epoch=0)
     augment = augment or ("standard" if not use_cache or cache_views > 1 else "none")
     speed.prepare(model)
     timings: dict[str, float] = {"setup_s": time.perf_counter() - t_start}
@@ -262,6 +270,8 @@ def _prepare(config: dict[str, Any], *, backbone, weights, backbone_options, dat
         td = cached_training_data(model, bb.name, bundle, spec, augment=augment, views=cache_views,
                                   batch_size=batch_size, seed=seed, speed=speed, num_workers=num_workers,
                                   cache_dir=cache_dir, info=info)
+        if norm:
+            model.head[0].set_stats(*(t.to(dev) for t in td.stores["train"].stats()))
         set_mode: Callable[[int], None] = lambda epoch: model.head.train()  # noqa: E731
         timings["features_s"] = time.perf_counter() - t0
     else:
@@ -275,7 +285,19 @@ def _prepare(config: dict[str, Any], *, backbone, weights, backbone_options, dat
     weights_ = resolve_class_weights(class_weights, task, bundle)
     loss_fn = make_loss(task, label_smoothing=label_smoothing, class_weights=weights_).to(dev)
     return _Run(t_start=t_start, info=info, speed=speed, policy=pol, backbone=bb, spec=spec, bundle=bundle,
-                model=model, head_kind=head_kind, data=td, set_mode=set_mode, loss_fn=loss_fn, timings=timings)
+                model=model, head_kind=head_kind, head_only=frozen, head_norm=norm, data=td, set_mode=set_mode, loss_fn=loss_fn, timings=timings)
+
+
+def resolve_head_norm(head_norm: bool | str, *, cached: bool, head_kind: str) -> bool:
+    """``head_norm="auto"``: a FeatureNorm when the head trains by gradient on cached features
+    (their statistics are then exact and free); ``True`` asks for it and needs cached features."""
+    if head_norm not in (True, False, "auto"):
+        raise ConfigError(f"head_norm must be True, False or 'auto', got {head_norm!r}.")
+    if head_norm is True and (not cached or head_kind == "logistic"):
+        why = "head='logistic' standardises the features itself" if head_kind == "logistic" else \
+            "its statistics come from cached features; use a frozen backbone (policy='feature_extraction')"
+        raise ConfigError(f"head_norm=True cannot be used here: {why}.")
+    return cached and head_kind != "logistic" and head_norm in (True, "auto")
 
 
 def _finish_outputs(result: FinetuneResult, run: _Run, meta: dict[str, Any], *, checkpoint, export, plots_dir, tb,

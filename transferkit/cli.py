@@ -101,6 +101,7 @@ def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
     import inspect
 
     from transferkit.api import finetune
+    from transferkit.config import allowed_types
 
     params = inspect.signature(finetune).parameters
     p.add_argument("--config", default=None, help="YAML file of finetune() arguments")
@@ -111,7 +112,8 @@ def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
         if not outputs and key in ("export", "checkpoint"):
             continue
         default = params[key].default
-        kind = type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else str
+        allowed = allowed_types(params[key].annotation) or ()
+        kind = float if float in allowed else int if int in allowed and bool not in allowed else str
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None,
                        help=f"default: {default!r}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -31,7 +31,7 @@ def finetune_parameters() -> dict[str, inspect.Parameter]:
     return {n: p for n, p in inspect.signature(finetune).parameters.items() if n not in _NOT_FROM_CONFIG}
 
 
-def _allowed_types(annotation: Any) -> tuple[type, ...] | None:
+def allowed_types(annotation: Any) -> tuple[type, ...] | None:
     """Plain runtime types admitted by an annotation string such as ``'int | None'``, or None (unchecked)."""
     from transferkit import api
 
@@ -73,7 +73,7 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
                               "Python API.")
         if key not in params and key not in RECIPE_KEYS:
             raise ConfigError(f"{source}: unknown key {key!r}.{suggest(str(key), valid)} Valid keys: {', '.join(valid)}.")
-        allowed = RECIPE_KEYS.get(key) or _allowed_types(params[key].annotation)
+        allowed = RECIPE_KEYS.get(key) or allowed_types(params[key].annotation)
         if allowed is not None and (not isinstance(value, allowed) or isinstance(value, bool) and bool not in allowed):
             names = sorted({t.__name__ for t in allowed}) if allowed else []
             raise ConfigError(f"{source}: {key}={value!r} has type {type(value).__name__}; expected {' or '.join(names)}.")

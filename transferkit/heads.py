@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from transferkit.errors import ConfigError, check_choice
@@ -11,9 +12,44 @@ from transferkit.errors import ConfigError, check_choice
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
+class FeatureNorm(nn.Module):
+    """``(x - mean) / std`` with fixed statistics (buffers, not trained): the first layer of a
+    head trained on cached features, so that it trains on standardised features (every
+    feature on the same scale: one learning rate and one weight decay suit them all).
+    ``set_stats`` fills in the training features' statistics; until then it is the identity.
+
+    Example:
+        >>> norm = FeatureNorm(2)
+        >>> norm.set_stats(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 4.0]))
+        >>> norm(torch.tensor([[3.0, 2.0]]))
+        tensor([[1., 0.]])
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("std", torch.ones(num_features))
+
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
+        """Copy ``mean`` and ``std`` in (a feature with ``std < eps``, constant, is only centred)."""
+        if mean.shape != self.mean.shape or std.shape != self.std.shape:
+            raise ConfigError(f"FeatureNorm has {self.mean.numel()} features; got statistics of shapes "
+                              f"{tuple(mean.shape)} and {tuple(std.shape)}.")
+        with torch.no_grad():
+            self.mean.copy_(mean)
+            self.std.copy_(torch.where(std < eps, torch.ones_like(std), std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return str(self.mean.numel())
+
+
 def build_head(num_features: int, num_outputs: int, *, hidden: Sequence[int] = (), activation: str = "relu",
-               dropout: float = 0.0) -> nn.Sequential:
-    """A linear head, or an MLP with ``hidden`` layer widths, ending in ``num_outputs`` logits.
+               dropout: float = 0.0, norm: bool = False) -> nn.Sequential:
+    """A linear head, or an MLP with ``hidden`` layer widths, ending in ``num_outputs`` logits;
+    ``norm=True`` starts it with a :class:`FeatureNorm`.
 
     Example:
         >>> build_head(512, 2)
@@ -26,7 +62,7 @@ def build_head(num_features: int, num_outputs: int, *, hidden: Sequence[int] = (
         raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}.")
     if num_outputs < 1 or num_features < 1:
         raise ConfigError(f"A head needs num_features >= 1 and num_outputs >= 1, got {num_features}, {num_outputs}.")
-    layers: list[nn.Module] = []
+    layers: list[nn.Module] = [FeatureNorm(num_features)] if norm else []
     width = num_features
     for h in hidden:
         if int(h) < 1:

@@ -42,7 +42,8 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     num_outputs = int(meta.get("num_outputs") or len(meta["labels"]))
     backbone = get_backbone(training["backbone"], weights=None)
     model = build_model(backbone, num_outputs, spec=spec, head_hidden=head["hidden"],
-                        head_activation=head["activation"], head_dropout=head["dropout"])
+                        head_activation=head["activation"], head_dropout=head["dropout"],
+                        head_norm=bool(training.get("head_norm", False)))
     hint = "" if head["recorded"] else " (the checkpoint records no head configuration, so a linear head was assumed)"
     load_into(model, ckpt["model"], strict=True, source=f"The weights of {where}{hint}")
     return model.eval(), meta

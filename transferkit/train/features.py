@@ -114,6 +114,20 @@ class FeatureStore:
     def __len__(self) -> int:
         return int(self.features.shape[1])
 
+    def stats(self, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of every feature over all views and items, accumulated
+        in float64 a chunk at a time (a memory-mapped store is never read whole)."""
+        flat = self.features.reshape(-1, self.features.shape[-1])
+        n, total, sq = 0, np.zeros(flat.shape[1]), np.zeros(flat.shape[1])
+        for i in range(0, len(flat), chunk):
+            part = np.asarray(flat[i:i + chunk], dtype=np.float64)
+            n, total, sq = n + len(part), total + part.sum(0), sq + np.square(part).sum(0)
+        if n == 0:
+            raise ValueError("No features to take statistics of: the training set is empty.")
+        mean = total / n
+        var = np.maximum(sq / n - np.square(mean), 0.0)
+        return torch.from_numpy(mean).float(), torch.from_numpy(np.sqrt(var)).float()
+
 
 def extract_features(model: Any, loader: DataLoader, device: torch.device, progress: Any = None,
                      forward: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:

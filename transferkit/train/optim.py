@@ -28,6 +28,20 @@ _DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
+DEFAULT_LR = 1e-3  # backbone weights train: fine-tuning rate (AdamW)
+DEFAULT_HEAD_LR = 1e-2  # only a new head trains (on standardised features when they are cached)
+
+
+def default_lr(*, head_only: bool) -> float:
+    """The learning rate ``finetune(lr=None)`` uses.
+
+    Example:
+        >>> default_lr(head_only=True), default_lr(head_only=False)
+        (0.01, 0.001)
+    """
+    return DEFAULT_HEAD_LR if head_only else DEFAULT_LR
+
+
 def make_optimizer(name: str, groups: list[dict[str, Any]], *, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
     """``"adamw"`` (default), ``"adam"`` or ``"sgd"`` (Nesterov momentum) over parameter ``groups``.
 

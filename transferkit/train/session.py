@@ -30,7 +30,7 @@ from transferkit.train.tasks import TargetDataset, balanced_class_weights, targe
 
 # finetune() arguments that must match between a checkpoint and the run resuming it
 RESUME_KEYS = ("backbone", "task", "policy", "batch_size", "lr", "optimizer", "schedule", "seed", "head",
-               "head_hidden", "image_size", "cache_views")
+               "head_hidden", "head_norm", "image_size", "cache_views")
 
 
 def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, seed: int,

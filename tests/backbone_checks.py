@@ -39,9 +39,14 @@ def first_use_ranks(trunk: nn.Module, x: torch.Tensor) -> tuple[dict[str, int | 
     return ranks, out
 
 
-def check_conventions(bb: Backbone, *, batch: int = 2, size: int | None = None) -> torch.Tensor:
+def check_conventions(bb: Backbone, *, batch: int = 2, size: int | None = None,
+                      output_side: tuple[str, ...] = ()) -> torch.Tensor:
     """Forward shape ``[N, num_features]``, blocks partition the parameters, blocks ordered as
-    the forward pass first uses them, an input spec. Returns the features."""
+    the forward pass first uses them, an input spec. Returns the features.
+
+    ``output_side``: blocks whose layers run between stages but feed only the output
+    features (EfficientViM normalises each stage's state for its multi-scale features); they
+    must come last, whenever they are first called."""
     spec = bb.input_spec
     assert spec.kind == "image" and spec.image_size >= 8 and len(spec.mean) == len(spec.std) == spec.channels
     assert all(s > 0 for s in spec.std) and spec.interpolation in ("nearest", "bilinear", "bicubic")
@@ -52,8 +57,12 @@ def check_conventions(bb: Backbone, *, batch: int = 2, size: int | None = None) 
     bb.trunk.eval()
     ranks, out = first_use_ranks(bb.trunk, torch.randn(batch, spec.channels, size, size, device=device))
     assert tuple(out.shape) == (batch, bb.num_features), f"{bb.name}: {tuple(out.shape)} != {(batch, bb.num_features)}"
+    names = [b.name for b in bb.blocks]
+    assert names[len(names) - len(output_side):] == list(output_side) if output_side else True, names
     firsts = []
     for b in bb.blocks:
+        if b.name in output_side:
+            continue
         used = [r for p, r in ranks.items() if r is not None and b.owns(p)]
         if used:
             firsts.append((min(used), b.name))

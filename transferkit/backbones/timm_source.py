@@ -171,11 +171,14 @@ def _compile(matcher: dict[str, Any]) -> list[tuple[re.Pattern, int]]:
     return out
 
 
-def _group_name(params: list[str], patterns: list[tuple[re.Pattern, int]], index: int) -> str:
+def _group_name(params: list[str], patterns: list[tuple[re.Pattern, int]], index: int,
+                trainable: set[str] | frozenset[str] = frozenset()) -> str:
     """Name a group after the text its pattern matched, up to the stage number
     (``^layer(\\d+)`` -> ``layer1``, ``^stages\\.(\\d+)`` -> ``stages.0``, ``^norm`` -> ``norm``),
     else after the modules its parameters share; the first group without a stage number (timm's
-    ``stem``) is ``embed`` for a patch embedding."""
+    ``stem``) is ``embed`` for a patch embedding. Parameters that do not train (``trainable``
+    lists those that do; EfficientViM's unused classifier-fusion ``weights``) do not name a group."""
+    params = [p for p in params if p in trainable] or params
     first = params[0]
     for rx, key_index in patterns:
         m = rx.match(first)
@@ -207,8 +210,9 @@ def timm_blocks(model: nn.Module) -> tuple[Block, ...]:
         patterns = _compile(matcher)
     grouped = group_parameters(model, matcher)
     groups, taken = [], set()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     for i, (_, params) in enumerate(sorted(grouped.items())):
-        name = _group_name(params, patterns, i)
+        name = _group_name(params, patterns, i, trainable)
         if name in taken:
             name = f"{name}_{i}"
         taken.add(name)

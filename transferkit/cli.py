@@ -102,7 +102,9 @@ def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
 
     from transferkit.api import finetune
     from transferkit.config import allowed_types
+    from transferkit.train.optim import DEFAULT_HEAD_LR, DEFAULT_LR
 
+    helps = {"lr": f"default: {DEFAULT_HEAD_LR:g} when only the head trains, else {DEFAULT_LR:g}"}
     params = inspect.signature(finetune).parameters
     p.add_argument("--config", default=None, help="YAML file of finetune() arguments")
     p.add_argument("--data", default=None, help="training data: a folder root/<class>/<image> (or with train/ and "
@@ -115,7 +117,7 @@ def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
         allowed = allowed_types(params[key].annotation) or ()
         kind = float if float in allowed else int if int in allowed and bool not in allowed else str
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None,
-                       help=f"default: {default!r}")
+                       help=helps.get(key, f"default: {default!r}"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other finetune() argument, the value parsed as YAML (e.g. --set head_hidden=[256])")
 

@@ -137,8 +137,8 @@ def finetune(backbone: str | Backbone = "tv:resnet18", *, weights: str | Path | 
     layer is a fixed :class:`~transferkit.heads.FeatureNorm` holding the training features'
     mean and std, exported with it). ``lr=None`` is 1e-2 when only the head trains and 1e-3
     when backbone weights train too. ``head="logistic"`` fits scikit-learn's logistic
-    regression instead (C chosen on validation). ``checkpoint`` is rewritten after every epoch; ``resume=True`` continues
-    from it exactly. Launched by ``torchrun``, training is distributed (DDP). See
+    regression instead (C chosen on validation). ``checkpoint`` is rewritten after every
+    epoch; ``resume=True`` continues from it exactly. Launched by ``torchrun``, training is distributed (DDP). See
     ``docs/training.md`` for every option.
 
     Example:
@@ -271,7 +271,7 @@ def _prepare(config: dict[str, Any], *, backbone, weights, backbone_options, dat
                                   batch_size=batch_size, seed=seed, speed=speed, num_workers=num_workers,
                                   cache_dir=cache_dir, info=info)
         if norm:
-            model.head[0].set_stats(*(t.to(dev) for t in td.stores["train"].stats()))
+            model.head[0].set_stats(*td.stores["train"].stats())  # the exact statistics of what the head sees
         set_mode: Callable[[int], None] = lambda epoch: model.head.train()  # noqa: E731
         timings["features_s"] = time.perf_counter() - t0
     else:
@@ -285,7 +285,8 @@ def _prepare(config: dict[str, Any], *, backbone, weights, backbone_options, dat
     weights_ = resolve_class_weights(class_weights, task, bundle)
     loss_fn = make_loss(task, label_smoothing=label_smoothing, class_weights=weights_).to(dev)
     return _Run(t_start=t_start, info=info, speed=speed, policy=pol, backbone=bb, spec=spec, bundle=bundle,
-                model=model, head_kind=head_kind, head_only=frozen, head_norm=norm, data=td, set_mode=set_mode, loss_fn=loss_fn, timings=timings)
+                model=model, head_kind=head_kind, head_only=frozen, head_norm=norm, data=td, set_mode=set_mode,
+                loss_fn=loss_fn, timings=timings)
 
 
 def resolve_head_norm(head_norm: bool | str, *, cached: bool, head_kind: str) -> bool:

@@ -88,6 +88,16 @@ def test_timm_family_conventions(name):
     assert (bb.block_names[0], bb.block_names[-1]) == (first, last)
 
 
+def test_timm_encoders_that_return_tokens_are_pooled_or_refused():
+    """Vision encoders of multimodal models (timm's ``*_enc``) return tokens by default: the
+    backbone asks for average pooling; one that still returns a map is refused clearly."""
+    bb = _meta_backbone("timm:qwen3_vit_88m_enc", depth=2)
+    check_conventions(bb)
+    assert bb.trunk.global_pool == "avg"
+    with pytest.raises(BackboneError, match=r"mobilenetv5_300m_enc returns features of shape \[1, 2048, 16, 16\]"):
+        _meta_backbone("timm:mobilenetv5_300m_enc")
+
+
 def test_vit_blocks_are_embed_blocks_norm():
     for name, kw, depth in (("tv:vit_b_16", {"image_size": 32}, 12),
                             ("timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 3}, 3)):

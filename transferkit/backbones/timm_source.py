@@ -34,7 +34,7 @@ from transferkit.backbones._base import (
     container_blocks,
 )
 from transferkit.backbones.weights import is_weights_path, load_into, read_state_dict
-from transferkit.errors import UnknownBackboneError, WeightsError, suggest
+from transferkit.errors import BackboneError, UnknownBackboneError, WeightsError, suggest
 
 _MATCH_PREV = 99999  # timm's MATCH_PREV_GROUP: "merge into the group before"
 _EMBED_PREFIXES = ("patch_embed", "pos_embed", "cls_token", "reg_token", "absolute_pos_embed", "dist_token")
@@ -239,6 +239,24 @@ def timm_input_spec(model: nn.Module, *, img_size: Any = None) -> InputSpec:
                      std=tuple(cfg["std"]), interpolation=interp, channels=int(channels))
 
 
+def output_shape(model: nn.Module, *, img_size: Any = None) -> tuple[int, ...] | None:
+    """The shape of ``model``'s output for one image at its input size, computed with fake
+    tensors (no arithmetic, no memory; eval mode, so no statistic changes), or None when an
+    operation cannot run on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    spec = timm_input_spec(model, img_size=img_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            return tuple(model(torch.empty(1, spec.channels, spec.image_size, spec.image_size)).shape)
+    except Exception:  # noqa: BLE001  unsupported under fake tensors: the caller cannot check, nothing else
+        return None
+    finally:
+        model.train(was_training)
+
+
 def _num_features(model: nn.Module) -> int:
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
@@ -271,11 +289,24 @@ class TimmSource:
                                        f"{suggest(name, timm.list_pretrained(arch + '.*'))} "
                                        f"See timm.list_pretrained('{arch}.*').")
         model_name, pretrained = resolve_model_name(name, weights)
-        model = create(model_name, pretrained=pretrained, **kwargs)
-        desc = f"timm:{model_name}" if pretrained else None
-        if is_weights_path(weights):
-            load_file(model, weights, weights_only=weights_only, strict=strict)
-            desc = str(Path(weights))
+
+        def make(**extra: Any) -> nn.Module:
+            model = create(model_name, pretrained=pretrained, **kwargs, **extra)
+            if is_weights_path(weights):
+                load_file(model, weights, weights_only=weights_only, strict=strict)
+            return model
+
+        model = make()
+        shape = output_shape(model, img_size=kwargs.get("img_size"))
+        if shape is not None and len(shape) != 2 and "global_pool" not in kwargs:
+            # vision encoders of multimodal models (timm's *_enc) return tokens by default
+            model = make(global_pool="avg")
+            shape = output_shape(model, img_size=kwargs.get("img_size"))
+        if shape is not None and (len(shape) != 2 or shape[1] != _num_features(model)):
+            raise BackboneError(f"timm:{name} returns features of shape {list(shape)} for one image, not pooled "
+                                f"[1, {_num_features(model)}], even with global_pool='avg'; transferkit cannot use it "
+                                "as it is. Wrap a module that pools it with transferkit.backbones.from_module(...).")
+        desc = f"timm:{model_name}" if pretrained else (str(Path(weights)) if is_weights_path(weights) else None)
         blocks = timm_blocks(model)
         check_blocks(model, blocks, name=f"timm:{name}")
         cfg = getattr(model, "pretrained_cfg", {}) or {}

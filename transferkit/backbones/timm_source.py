@@ -38,6 +38,8 @@ from transferkit.errors import BackboneError, UnknownBackboneError, WeightsError
 
 _MATCH_PREV = 99999  # timm's MATCH_PREV_GROUP: "merge into the group before"
 _EMBED_PREFIXES = ("patch_embed", "pos_embed", "cls_token", "reg_token", "absolute_pos_embed", "dist_token")
+# position encodings computed once before the blocks and shared by all of them
+_SHARED_POSITION_PREFIXES = ("shared_rel_pos", "rel_pos", "pos_embed", "rope")
 
 
 # ---------------------------------------------------------------- names and weights
@@ -196,6 +198,22 @@ def _group_name(params: list[str], patterns: list[tuple[re.Pattern, int]], index
     return _common_prefix(params) or first.split(".")[0]  # unmatched layers (neck, pooling head)
 
 
+def _shared_positions_first(grouped: dict[Any, list[str]], patterns: list[tuple[re.Pattern, int]]) -> dict[Any, list[str]]:
+    """Parameters no pattern of the matcher names and that are position encodings shared by
+    all blocks (the ``shared_rel_pos`` MLP of timm's ``vit_srelpos_*``, run before block 0) join
+    the first group (stem/embed) instead of trailing after the final norm."""
+    if not patterns or len(grouped) < 2:
+        return grouped
+    keys = sorted(grouped)
+    moved = [p for k in keys[1:] for p in grouped[k]
+             if p.startswith(_SHARED_POSITION_PREFIXES) and not any(rx.match(p) for rx, _ in patterns)]
+    if not moved:
+        return grouped
+    out = {k: [p for p in grouped[k] if p not in moved] for k in keys}
+    out[keys[0]] = grouped[keys[0]] + moved
+    return {k: v for k, v in out.items() if v}
+
+
 def timm_blocks(model: nn.Module) -> tuple[Block, ...]:
     """Blocks from the model's ``group_matcher(coarse=True)`` (stem/embed, one block per stage,
     the final norm/conv head on their own), falling back to top-level children (containers
@@ -208,7 +226,7 @@ def timm_blocks(model: nn.Module) -> tuple[Block, ...]:
     if isinstance(matcher, dict):
         matcher = _split_trailing_groups(matcher)
         patterns = _compile(matcher)
-    grouped = group_parameters(model, matcher)
+    grouped = _shared_positions_first(group_parameters(model, matcher), patterns)
     groups, taken = [], set()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     for i, (_, params) in enumerate(sorted(grouped.items())):

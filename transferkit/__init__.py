@@ -23,12 +23,12 @@ from transferkit.errors import (
     WeightsError,
 )
 from transferkit.export import Prediction, Predictor, export_torchscript, load
-from transferkit.heads import build_head
+from transferkit.heads import FeatureNorm, build_head
 from transferkit.model import ImagePreprocess, TransferModel
 from transferkit.policies import Policy, apply_policy, set_train_mode, trainable_parameter_names
 
 __all__ = [
-    "Backbone", "BackboneError", "Block", "ConfigError", "DataError", "ExportError", "FinetuneResult",
+    "Backbone", "BackboneError", "Block", "ConfigError", "DataError", "ExportError", "FeatureNorm", "FinetuneResult",
     "InputSpec", "Policy", "PolicyError", "Prediction", "Predictor", "TrainingError", "TransferModel",
     "TransferkitError", "UnknownBackboneError", "WeightsError", "ImagePreprocess", "apply_policy", "build_head",
     "build_model", "export_torchscript", "finetune", "get_backbone", "list_backbones", "load", "seed_everything",

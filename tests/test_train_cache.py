@@ -144,17 +144,15 @@ def test_cached_head_trains_on_standardised_features_and_exports_them(image_fold
     """head_norm="auto": the head starts with a FeatureNorm holding the training features'
     exact mean and std; the checkpoint rebuilds it and the export carries it."""
     from tests.conftest import make_image_folder
+    from transferkit.api import resolve_input_spec
     from transferkit.export.from_checkpoint import model_from_checkpoint
-    from transferkit.heads import FeatureNorm
 
     val = make_image_folder(tmp_path / "val", per_class=4, seed=1)
     r = tk.finetune("tk:small_cnn", weights=None, data=image_folder, val_data=val, image_size=16, epochs=2,
                     batch_size=4, device="cpu", num_workers=0, verbose=False, checkpoint=tmp_path / "run.pt",
                     export=tmp_path / "model.pt")
     norm = r.model.head[0]
-    assert r.used_feature_cache and isinstance(norm, FeatureNorm)
-    from transferkit.api import resolve_input_spec
-
+    assert r.used_feature_cache and isinstance(norm, tk.FeatureNorm)
     ds = ImageFolderDataset(image_folder, transform=eval_transform(resolve_input_spec(r.backbone.input_spec, 16)))
     with torch.no_grad():
         feats = r.model.eval().features(torch.stack([ds[i][0] for i in range(len(ds))]))
@@ -162,7 +160,7 @@ def test_cached_head_trains_on_standardised_features_and_exports_them(image_fold
     std = feats.std(0, unbiased=False)
     torch.testing.assert_close(norm.std, torch.where(std < 1e-6, 1.0, std), rtol=1e-4, atol=1e-5)  # dead: kept
     rebuilt, meta = model_from_checkpoint(tmp_path / "run.pt")
-    assert meta["training"]["head_norm"] is True and isinstance(rebuilt.head[0], FeatureNorm)
+    assert meta["training"]["head_norm"] is True and isinstance(rebuilt.head[0], tk.FeatureNorm)
     torch.testing.assert_close(rebuilt.head[0].std, norm.std)
     assert r.export_report.max_abs_diff < 1e-4
 

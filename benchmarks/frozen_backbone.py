@@ -6,7 +6,8 @@ The plain loop is written the way the PyTorch transfer-learning tutorial writes 
 Both sides use the same backbone module, the same eval transform (resize + centre crop,
 no augmentation, so accuracies are comparable), the same head, optimizer and schedule
 (SGD lr 1e-3, momentum 0.9, batch 4, learning rate x0.1 after 7 epochs, as in the tutorial),
-and the same thread count. One deliberate difference from the tutorial, in its favour:
+and the same thread count; transferkit's default ``FeatureNorm`` at the head's input is turned
+off (``head_norm=False``) so that both sides train the same head and the accuracies must agree. One deliberate difference from the tutorial, in its favour:
 its backbone stays in eval mode (the tutorial's ``model.train()`` lets frozen BatchNorm
 statistics drift). transferkit decodes JPEGs with Pillow's draft mode (at reduced size)
 and computes the features once; that is the point being measured.
@@ -97,7 +98,8 @@ def plain_frozen(cfg: dict, epochs: int, workers: int) -> dict:
 
 def forward_floor(cfg: dict, epochs: int, workers: int) -> dict:  # noqa: ARG001 (one pass, whatever epochs)
     """One forward pass of the frozen backbone over train + val, decoding included
-    (the same transferkit pipeline: draft-mode decoding, uint8 tensors, batches of 64)."""
+    (the same transferkit pipeline: draft-mode decoding, uint8 tensors, and on a CPU the
+    run's batch size, 4)."""
     import torch
 
     import transferkit as tk
@@ -111,7 +113,7 @@ def forward_floor(cfg: dict, epochs: int, workers: int) -> dict:  # noqa: ARG001
     with torch.no_grad():
         for part in ("train", "val"):
             ds = ImageFolderDataset(DATA / "hymenoptera" / part, min_size=bb.input_spec.resize_size or bb.input_spec.image_size)
-            dl = make_loader(ds.view(transform=eval_transform(bb.input_spec)), batch_size=64, shuffle=False,
+            dl = make_loader(ds.view(transform=eval_transform(bb.input_spec)), batch_size=4, shuffle=False,
                              device=torch.device("cpu"), num_workers=workers)
             for x, _ in dl:
                 model.features(x)
@@ -126,7 +128,7 @@ def transferkit_frozen(cfg: dict, epochs: int, workers: int) -> dict:
     r = tk.finetune(cfg["backbone"], weights=cfg["weights"], data=DATA / "hymenoptera", policy="feature_extraction",
                     epochs=epochs, batch_size=4, lr=1e-3, optimizer="sgd", momentum=0.9, weight_decay=0.0,
                     schedule="step", schedule_options={"step_epochs": 7, "gamma": 0.1}, num_workers=workers,
-                    device="cpu", verbose=False, restore_best=False)
+                    device="cpu", verbose=False, restore_best=False, head_norm=False)
     return {"seconds": time.perf_counter() - t0, "best_val_acc": r.best["val_acc"], "peak_rss_mb": _peak_rss_mb(),
             "features_s": r.timings.get("features_s"), "train_s": r.timings.get("train_s")}
 

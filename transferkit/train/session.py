@@ -111,6 +111,9 @@ def cached_training_data(model: nn.Module, backbone_name: str, bundle: DataBundl
         with speed.autocast():
             return model.features(speed.to_device(x))
 
+    # inference batches: larger on an accelerator; on a CPU large batches overflow the caches
+    # (ResNet-18 at 224 px, one thread: 57 ms/image at batch 4-8, 63 at 32, 70 at 64)
+    extract_batch = batch_size if speed.device.type == "cpu" else max(batch_size, 64)
     stores = {}
     parts = [("train", bundle.train, train_transform(spec, augment), views)]
     if bundle.val is not None:
@@ -120,7 +123,7 @@ def cached_training_data(model: nn.Module, backbone_name: str, bundle: DataBundl
             cache_key(backbone=backbone_name, model=model, transform=tf, dataset=ds, views=v, seed=seed)
         if info.enabled and cache_dir is not None and not info.is_main:
             barrier(info)  # rank 0 writes the shared cache entry first
-        stores[name] = compute_features(model, ds.view(transform=tf), key=key, views=v, batch_size=max(batch_size, 64),
+        stores[name] = compute_features(model, ds.view(transform=tf), key=key, views=v, batch_size=extract_batch,
                                         device=speed.device, num_workers=num_workers, seed=seed, cache_dir=cache_dir,
                                         forward=forward, progress=progress)
         if info.enabled and cache_dir is not None and info.is_main:

@@ -58,7 +58,8 @@ def check_conventions(bb: Backbone, *, batch: int = 2, size: int | None = None,
     ranks, out = first_use_ranks(bb.trunk, torch.randn(batch, spec.channels, size, size, device=device))
     assert tuple(out.shape) == (batch, bb.num_features), f"{bb.name}: {tuple(out.shape)} != {(batch, bb.num_features)}"
     names = [b.name for b in bb.blocks]
-    assert names[len(names) - len(output_side):] == list(output_side) if output_side else True, names
+    if output_side:
+        assert names[-len(output_side):] == list(output_side), names
     firsts = []
     for b in bb.blocks:
         if b.name in output_side:

@@ -19,7 +19,7 @@ from transferkit.data import DataBundle, DataReport, eval_transform, prepare_dat
 from transferkit.data.audio import pad_waveforms, prepare_audio_data
 from transferkit.errors import ConfigError
 from transferkit.export.torchscript import ExportReport, export_torchscript
-from transferkit.heads import build_head, resolve_head
+from transferkit.heads import build_head, resolve_head, resolve_head_norm
 from transferkit.model import AudioPreprocess, ImagePreprocess, TransferModel
 from transferkit.policies import Policy, apply_policy, merge_lora, param_groups, policy_penalty, set_train_mode
 from transferkit.train.checkpoint import load_checkpoint, save_checkpoint
@@ -287,18 +287,6 @@ def _prepare(config: dict[str, Any], *, backbone, weights, backbone_options, dat
     return _Run(t_start=t_start, info=info, speed=speed, policy=pol, backbone=bb, spec=spec, bundle=bundle,
                 model=model, head_kind=head_kind, head_only=frozen, head_norm=norm, data=td, set_mode=set_mode,
                 loss_fn=loss_fn, timings=timings)
-
-
-def resolve_head_norm(head_norm: bool | str, *, cached: bool, head_kind: str) -> bool:
-    """``head_norm="auto"``: a FeatureNorm when the head trains by gradient on cached features
-    (their statistics are then exact and free); ``True`` asks for it and needs cached features."""
-    if head_norm not in (True, False, "auto"):
-        raise ConfigError(f"head_norm must be True, False or 'auto', got {head_norm!r}.")
-    if head_norm is True and (not cached or head_kind == "logistic"):
-        why = "head='logistic' standardises the features itself" if head_kind == "logistic" else \
-            "its statistics come from cached features; use a frozen backbone (policy='feature_extraction')"
-        raise ConfigError(f"head_norm=True cannot be used here: {why}.")
-    return cached and head_kind != "logistic" and head_norm in (True, "auto")
 
 
 def _finish_outputs(result: FinetuneResult, run: _Run, meta: dict[str, Any], *, checkpoint, export, plots_dir, tb,

@@ -101,3 +101,15 @@ def resolve_head(head: str | None, hidden: Sequence[int] = ()) -> tuple[str, tup
     if head != "mlp" and hidden:
         raise ConfigError(f"head={head!r} takes no head_hidden (got {list(hidden)}); use head='mlp'.")
     return head, (hidden or DEFAULT_MLP_HIDDEN) if head == "mlp" else ()
+
+
+def resolve_head_norm(head_norm: bool | str, *, cached: bool, head_kind: str) -> bool:
+    """``head_norm="auto"``: a FeatureNorm when the head trains by gradient on cached features
+    (their statistics are then exact and free); ``True`` asks for it and needs cached features."""
+    if head_norm not in (True, False, "auto"):
+        raise ConfigError(f"head_norm must be True, False or 'auto', got {head_norm!r}.")
+    if head_norm is True and (not cached or head_kind == "logistic"):
+        why = "head='logistic' standardises the features itself" if head_kind == "logistic" else \
+            "its statistics come from cached features; use a frozen backbone (policy='feature_extraction')"
+        raise ConfigError(f"head_norm=True cannot be used here: {why}.")
+    return cached and head_kind != "logistic" and head_norm in (True, "auto")

@@ -79,7 +79,7 @@ def test_regression_task_beats_predicting_the_mean():
 def test_tasks_need_matching_data(image_folder):
     with pytest.raises(DataError, match="multilabel"):
         tk.finetune("tk:small_cnn", data=image_folder, task="multilabel", **COMMON)
-    with pytest.raises(ConfigError, match="Unknown task"):
+    with pytest.raises(ConfigError, match="unknown task"):
         tk.finetune("tk:small_cnn", data=image_folder, task="detection", **COMMON)
 
 

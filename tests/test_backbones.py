@@ -292,7 +292,7 @@ def test_from_torchscript_is_a_frozen_extractor(tmp_path):
     bb = from_torchscript(path, input_spec={"image_size": 16})
     assert bb.num_features == 16 and bb.block_names == [] and bb.frozen
     script_round_trip(bb)
-    from transferkit.api import build_model
+    from transferkit.model import build_model
 
     model = build_model(bb, 2)
     apply_policy(model, bb, Policy.parse("finetune"))

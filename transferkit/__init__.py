@@ -9,7 +9,7 @@ Example:
 
 __version__ = "0.1.0"
 
-from transferkit.api import FinetuneResult, build_model, finetune, linear_probe, lr_find, resume, seed_everything
+from transferkit.api import FinetuneResult, finetune, linear_probe, lr_find, resume
 from transferkit.backbones import Backbone, Block, InputSpec, get_backbone, list_backbones
 from transferkit.errors import (
     BackboneError,
@@ -24,7 +24,9 @@ from transferkit.errors import (
 )
 from transferkit.export import Prediction, Predictor, export_torchscript, load
 from transferkit.heads import FeatureNorm, build_head
-from transferkit.model import ImagePreprocess, TransferModel
+from transferkit.config import FinetuneConfig, load_config
+from transferkit.model import ImagePreprocess, TransferModel, build_model
+from transferkit.plan import RunPlan, plan, seed_everything
 from transferkit.policies import Policy, apply_policy, set_train_mode, trainable_parameter_names
 
 __all__ = [
@@ -32,5 +34,6 @@ __all__ = [
     "InputSpec", "Policy", "PolicyError", "Prediction", "Predictor", "TrainingError", "TransferModel",
     "TransferkitError", "UnknownBackboneError", "WeightsError", "ImagePreprocess", "apply_policy", "build_head",
     "build_model", "export_torchscript", "finetune", "get_backbone", "list_backbones", "load", "seed_everything",
-    "set_train_mode", "trainable_parameter_names", "linear_probe", "lr_find", "resume",
+    "set_train_mode", "trainable_parameter_names", "linear_probe", "lr_find", "resume", "FinetuneConfig",
+    "load_config", "RunPlan", "plan",
 ]

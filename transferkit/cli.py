@@ -8,13 +8,30 @@ Every failure transferkit can explain exits with status 2 and one line on stderr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import re
 import sys
+import traceback
+import warnings
 from pathlib import Path
+from typing import Any
 
 from transferkit.errors import TransferkitError
 
-HELP = argparse.ArgumentDefaultsHelpFormatter
+class HELP(argparse.RawDescriptionHelpFormatter):
+    """Help text with each default stated once: added unless the help already says it, or
+    there is none to state (None, False)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=100)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -92,60 +109,70 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-# finetune() arguments that get their own flag; every other one is reachable with --set key=value
-_COMMON = ("backbone", "weights", "policy", "epochs", "batch_size", "lr", "image_size", "optimizer", "schedule",
-           "augment", "device", "seed", "export", "checkpoint")
+POLICY_KINDS = ("feature_extraction", "full", "fine_tune[:frozen=K]", "unfreeze:last=N|blocks=a+b|from=BLOCK",
+                "gradual:every=K|milestones=E1+E2", "lora:r=R")
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
-    import inspect
+    """Flags for FinetuneConfig's common settings (each with its documented default), plus
+    --config and --set for every other one: the same keys, checks and errors as the Python API."""
+    from transferkit.config import config_fields
 
-    from transferkit.api import finetune
-    from transferkit.config import allowed_types
-    from transferkit.train.optim import DEFAULT_HEAD_LR, DEFAULT_LR
-
-    helps = {"lr": f"default: {DEFAULT_HEAD_LR:g} when only the head trains, else {DEFAULT_LR:g}"}
-    params = inspect.signature(finetune).parameters
-    p.add_argument("--config", default=None, help="YAML file of finetune() arguments")
-    p.add_argument("--data", default=None, help="training data: a folder root/<class>/<image> (or with train/ and "
-                   "val/), or a CSV of path,label; default: the config's data_dir")
+    p.add_argument("--config", default=None, help="YAML file of finetune settings (keys as in FinetuneConfig)")
+    p.add_argument("--data", default=None, help="training data: a folder root/<class>/<file> (or with train/ and "
+                   "val/ or test/), or a CSV of path,label (default: the config's data_dir)")
     p.add_argument("--val-data", default=None, help="validation data (default: a stratified split)")
-    for key in _COMMON:
-        if not outputs and key in ("export", "checkpoint"):
+    for key, f in config_fields().items():
+        m = f.metadata
+        if not m["flag"] or key == "data" or (not outputs and m["group"] == "outputs"):
             continue
-        default = params[key].default
-        allowed = allowed_types(params[key].annotation) or ()
-        kind = float if float in allowed else int if int in allowed and bool not in allowed else str
-        p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None,
-                       help=helps.get(key, f"default: {default!r}"))
+        types = m["types"]
+        kind = int if types == (int,) else float if float in types else str
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = m["help"].split(" or a ")[0] if key in ("backbone", "policy") else m["help"]
+        help_text += f"; kinds: {', '.join(POLICY_KINDS)}" if key == "policy" else ""
+        if "default" not in help_text and default is not None:
+            help_text += f" (default: {default})"
+        p.add_argument(_flag(key), dest=key, type=kind, default=None, help=help_text,
+                       metavar=key.upper() if not m["choices"] else None,
+                       choices=[c for c in m["choices"] if isinstance(c, str)] if m["choices"] and kind is str
+                       and all(isinstance(c, str) or c is None for c in m["choices"]) else None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other finetune() argument, the value parsed as YAML (e.g. --set head_hidden=[256])")
+                   help="any other setting, the value parsed as YAML (e.g. --set head_hidden=[256]; "
+                        "repeatable; no default)")
 
 
-def _finetune_kwargs(args: argparse.Namespace) -> dict:
-    from transferkit.config import RECIPE_KEYS, load_config, parse_overrides, validate_config
+def _finetune_kwargs(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) -> dict:
+    """The config file, then the flags, then --set, merged and checked by one function."""
+    from transferkit.config import RECIPE_KEYS, config_fields, load_config, merge_config, parse_overrides
     from transferkit.recipes import expand_vars
 
-    cfg = load_config(args.config) if args.config else {}
-    cfg.update({k: getattr(args, k) for k in _COMMON if getattr(args, k, None) is not None})
-    if isinstance(cfg.get("weights"), str) and cfg["weights"].lower() == "none":
-        cfg["weights"] = None
-    cfg.update(parse_overrides(args.set))
-    cfg = {k: expand_vars(v) for k, v in validate_config(cfg, source="finetune options").items()}
+    flags = {k: getattr(args, k) for k in config_fields() if getattr(args, k, None) is not None}
+    if isinstance(flags.get("weights"), str) and flags["weights"].lower() == "none":
+        flags["weights"] = None
+    file_cfg = load_config(args.config) if args.config else {}
+    cfg = merge_config(file_cfg, flags, parse_overrides(args.set), source="finetune options")
+    cfg = {k: expand_vars(v) for k, v in cfg.items() if k not in skip}
     data = args.data or cfg.get("data_dir")
     if not data:
         raise TransferkitError("No training data: pass --data DIR (or data_dir in the config).")
     kwargs = {k: v for k, v in cfg.items() if k not in RECIPE_KEYS}
-    return {**kwargs, "data": data, "val_data": args.val_data}
+    return {**kwargs, "data": data, "val_data": args.val_data or kwargs.get("val_data")}
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from transferkit.api import finetune
 
-    result = finetune(**_finetune_kwargs(args))
+    with contextlib.redirect_stdout(sys.stderr):  # logs on stderr: stdout holds the JSON result alone
+        result = finetune(**_finetune_kwargs(args))
     summary = {"best": result.best, "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
                "export": str(result.export_path) if result.export_path else None,
                "checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
+               "plots": {k: str(v) for k, v in result.plots.items()},
                "bad_files": len(result.data_report.bad_files), "seconds": round(result.timings.get("total_s", 0), 1)}
     print(json.dumps(summary, default=str))
     return 0
@@ -154,36 +181,40 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_lr_find(args: argparse.Namespace) -> int:
     from transferkit.api import lr_find
 
-    import inspect
-
-    from transferkit import api
-
-    kwargs = _finetune_kwargs(args)
-    used = set(inspect.signature(api._prepare).parameters) | set(inspect.signature(api.lr_find).parameters)
-    ignored = sorted(k for k in kwargs if k not in used)
-    if ignored:  # a config written for finetune() also holds training-loop settings
-        print(f"transferkit: lr-find ignores {', '.join(ignored)}", file=sys.stderr)
-    kwargs = {k: v for k, v in kwargs.items() if k in used}
-    backbone = kwargs.pop("backbone", "tv:resnet18")
-    res = lr_find(backbone, num_steps=args.num_steps, plot=args.plot, **kwargs)
-    print(json.dumps({"suggested_lr": res.suggestion, "plot": args.plot}))
+    with contextlib.redirect_stdout(sys.stderr):
+        res = lr_find(start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.num_steps, plot=args.plot,
+                      **_finetune_kwargs(args, skip=("export", "checkpoint", "plots_dir", "log_dir", "resume")))
+    print(json.dumps({"suggested_lr": res.suggestion, "plot": args.plot, "notes": res.notes}))
     return 0
 
 
+def _sub(sub: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, formatter_class=HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="transferkit", description="Transfer learning with verified exports.",
-                                formatter_class=HELP)
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="offline transfer demo on scikit-learn's digits", formatter_class=HELP)
+    from transferkit import __version__
+
+    p = argparse.ArgumentParser(prog="transferkit", formatter_class=HELP,
+                                description="Transfer learning on torchvision, timm and torchaudio backbones, with "
+                                            "verified TorchScript exports. `transferkit COMMAND --help` for each.")
+    p.add_argument("--version", action="version", version=f"transferkit {__version__}")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    d = _sub(sub, "demo", "offline transfer demo on scikit-learn's digits",
+             "Train a small CNN on digits 0-4, transfer it to digits 5-9 with ten labels per class (feature "
+             "extraction and fine-tuning, beside training from scratch), export, reload, predict, print a table.")
     d.add_argument("--out", default="demo-output", help="folder for the checkpoint, export and report")
     d.add_argument("--quick", action="store_true", help="fewer epochs (for tests)")
     d.set_defaults(fn=_cmd_demo)
-    b = sub.add_parser("backbones", help="list registered backbones", formatter_class=HELP)
+    b = _sub(sub, "backbones", "list registered backbones",
+             "List the registered backbone names (tv: torchvision, timm:, ta: torchaudio, spec: spectrogram "
+             "wrappers, tk: transferkit's own), optionally filtered by a glob pattern.")
     b.add_argument("pattern", nargs="?", default=None, help="glob pattern, e.g. 'tv:resnet*'")
     b.set_defaults(fn=_cmd_backbones)
 
-    pr = sub.add_parser("predict", help="predict with an exported model", formatter_class=HELP,
-                        description="Predict labels for image (or audio) files and folders with an exported model.")
+    pr = _sub(sub, "predict", "predict with an exported model",
+              "Predict labels for image (or audio) files and folders with an exported model.")
     pr.add_argument("model", help="exported TorchScript file (.pt)")
     pr.add_argument("inputs", nargs="+", help="files, or folders (every readable file below them)")
     pr.add_argument("--top-k", type=int, default=1, help="labels to show per input")
@@ -193,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda")
     pr.set_defaults(fn=_cmd_predict)
 
-    ex = sub.add_parser("export", help="export a checkpoint to a verified TorchScript file", formatter_class=HELP,
-                        description="Rebuild the model of a transferkit checkpoint, export it to TorchScript, "
-                                    "reload the file and check it against the model at batch size 1 and N.")
+    ex = _sub(sub, "export", "export a checkpoint to a verified TorchScript file",
+              "Rebuild the model of a transferkit checkpoint, export it to TorchScript, reload the file and check "
+              "it against the model at batch size 1 and N.")
     ex.add_argument("checkpoint", help="checkpoint written by finetune(checkpoint=...)")
     ex.add_argument("--out", required=True, help="path of the exported TorchScript file")
     ex.add_argument("--examples", default=None,
@@ -210,32 +241,80 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--onnx", default=None, help="also write an ONNX file here, checked with onnxruntime")
     ex.set_defaults(fn=_cmd_export)
 
-    ft = sub.add_parser("finetune", help="fine-tune a backbone on a folder of data and export it",
-                        description="transferkit.finetune() from the command line: --config file.yaml (keys are "
-                                    "finetune()'s argument names) plus flags and --set overrides.")
+    ft = _sub(sub, "finetune", "fine-tune a backbone on a folder of data and export it",
+              "transferkit.finetune() from the command line: --config file.yaml (keys as in FinetuneConfig), then "
+              "the flags below, then --set key=value overrides. The plan and the epoch log go to stderr; stdout "
+              "holds one JSON object with the result.")
     _finetune_args(ft)
     ft.set_defaults(fn=_cmd_finetune)
-    lf = sub.add_parser("lr-find", help="learning-rate range test; suggests an lr")
+    lf = _sub(sub, "lr-find", "learning-rate range test; suggests an lr",
+              "The learning-rate range test on the run `transferkit finetune` would do with the same options "
+              "(model, policy, data, feature cache, optimizer). Prints a JSON object with the suggested lr.")
     _finetune_args(lf, outputs=False)
-    lf.add_argument("--num-steps", type=int, default=100, help="steps of the range test (default: 100)")
-    lf.add_argument("--plot", default=None, help="write the loss-vs-lr curve to this PNG (default: no plot)")
+    lf.add_argument("--num-steps", type=int, default=100, help="steps of the range test")
+    lf.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate tried")
+    lf.add_argument("--end-lr", type=float, default=10.0, help="last learning rate tried")
+    lf.add_argument("--plot", default=None, help="write the loss-vs-lr curve to this PNG")
     lf.set_defaults(fn=_cmd_lr_find)
-    i = sub.add_parser("inspect", help="print an exported model's metadata", formatter_class=HELP)
+    i = _sub(sub, "inspect", "print an exported model's metadata",
+             "Print what an exported file holds: task, labels, input, the export's parity check, how it was trained.")
     i.add_argument("model", help="exported TorchScript file (.pt)")
     i.add_argument("--json", action="store_true", help="print the full metadata as JSON")
     i.set_defaults(fn=_cmd_inspect)
+    for cmd in sub.choices.values():  # --debug after the command works too
+        cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="print the full traceback of an error")
     return p
+
+
+def cli_spelling(message: str) -> str:
+    """Rewrite Python spellings in an error for a CLI user: ``weights='x'`` -> ``--weights x``
+    (``--set key=value`` for settings without a flag), ``transferkit.list_backbones(..)`` ->
+    ``transferkit backbones``."""
+    from transferkit.config import config_fields
+
+    fields = config_fields()
+
+    def flag(m: re.Match) -> str:
+        key, value = m.group(1), m.group(2).strip("'\"")
+        f = fields.get(key)
+        if f is None or not f.metadata["serial"]:
+            return m.group(0)
+        return f"{_flag(key)} {value}" if f.metadata["flag"] else f"--set {key}={value}"
+
+    message = re.sub(r"(?<![\w.-])([a-z_]+)=('[^']*'|\"[^\"]*\"|[^\s,;)]+?)(?=[\s,;)]|\.(?:\s|$)|$)", flag, message)
+    message = re.sub(r"transferkit\.list_backbones\(([^)]*)\)",
+                     lambda m: "`transferkit backbones" + (f" {m.group(1).strip(chr(39))}`" if m.group(1) else "`"),
+                     message)
+    return message
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 on errors, with one line on stderr)."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except (TransferkitError, OSError) as exc:
-        msg = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"transferkit: error: {msg}", file=sys.stderr)
-        return 2
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"transferkit: warning: {cli_spelling(_one_line(message))}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            return args.fn(args)
+        except (TransferkitError, OSError) as exc:
+            if getattr(args, "debug", False):
+                traceback.print_exc()
+            msg = _one_line(exc) or type(exc).__name__
+            print(f"transferkit: error: {cli_spelling(msg)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:
+            if getattr(args, "debug", False):
+                traceback.print_exc()
+            print(f"transferkit: interrupted: {cli_spelling(_one_line(exc))}", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -1,16 +1,25 @@
-"""Configuration files: YAML whose keys are :func:`transferkit.finetune`'s argument names.
+"""What the user asked for: :class:`FinetuneConfig`, one typed, validated, serialisable record.
 
-A recipe or ``transferkit finetune --config file.yaml`` reads the file, applies
-command-line overrides (``--set key=value``, values parsed as YAML), and checks every key
-and value against ``finetune``'s signature before anything runs.
+The same keys are ``finetune()``'s keyword arguments, the keys of a YAML config file, the
+CLI's flags (``--batch-size``) and ``--set key=value`` overrides, and a recipe's settings.
+All of them go through :func:`merge_config`, so they share one set of checks and one error
+format (``<source>: <key>=<value> ...; expected ...``).
+
+Example:
+    >>> cfg = FinetuneConfig(backbone="tk:small_cnn", weights=None, data="images/", epochs=3)
+    >>> cfg.epochs, cfg.policy
+    (3, 'feature_extraction')
+    >>> merge_config({"epochs": 3}, {"lr": "1e-3"}, source="example")["lr"]
+    0.001
 """
 
 from __future__ import annotations
 
-import inspect
-import types
-import typing
-from collections.abc import Iterable, Mapping
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,71 +27,348 @@ import yaml
 
 from transferkit.errors import ConfigError, suggest
 
-# keys a config may hold besides finetune()'s arguments: where the data live and what to run
+# keys a config file may hold besides FinetuneConfig's: where the data live and what to run (recipes)
 RECIPE_KEYS = {"data_dir": (str, type(None)), "download": (bool,), "out_dir": (str, type(None)),
                "limit": (int, type(None)), "runs": (dict, type(None))}
-_NOT_FROM_CONFIG = {"data", "val_data", "callbacks"}  # Python objects: given by the recipe, not a file
+
+GROUPS = ("model", "data", "task", "policy", "optimisation", "features", "runtime", "outputs")
+_NUM = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_PY_ONLY = "python"  # a field that a file or the CLI cannot set (a Python object)
 
 
-def finetune_parameters() -> dict[str, inspect.Parameter]:
-    """``finetune``'s keyword parameters that a config file may set."""
-    from transferkit.api import finetune
-
-    return {n: p for n, p in inspect.signature(finetune).parameters.items() if n not in _NOT_FROM_CONFIG}
-
-
-def allowed_types(annotation: Any) -> tuple[type, ...] | None:
-    """Plain runtime types admitted by an annotation string such as ``'int | None'``, or None (unchecked)."""
-    from transferkit import api
-
-    if isinstance(annotation, str):
-        try:
-            annotation = eval(annotation, vars(api))  # annotations are postponed strings (PEP 563)
-        except Exception:
-            return None
-    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else (annotation,)
-    out: list[type] = []
-    for a in args:
-        origin = typing.get_origin(a) or a
-        if a is None or a is type(None):
-            out.append(type(None))
-        elif origin in (list, tuple, typing.Sequence) or getattr(origin, "__name__", "") == "Sequence":
-            out += [list, tuple]
-        elif origin is dict or getattr(origin, "__name__", "") in ("Mapping", "dict"):
-            out.append(dict)
-        elif origin is float:
-            out += [float, int]
-        elif isinstance(origin, type) and origin.__module__ in ("builtins", "pathlib"):
-            out.append(str if origin is Path else origin)
-        else:
-            return None  # a transferkit object (Policy, Backbone): accept the string form, checked later
-    return tuple(out)
+def _opt(default: Any, help: str, *, group: str, types: tuple[type, ...], check: Callable[[Any], str | None] | None = None,
+         choices: tuple[Any, ...] | None = None, flag: bool = False, serial: bool = True) -> Any:
+    """A config field: its default, documentation, admitted types, range check and CLI flag."""
+    meta = {"help": help, "group": group, "types": types, "check": check, "choices": choices, "flag": flag,
+            "serial": serial}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dict[str, Any]:
-    """Check keys against ``finetune``'s signature (and the recipe keys) and value types;
-    return a plain dict. Raises ConfigError naming the key, the value and what is valid."""
-    if not isinstance(config, Mapping):
-        raise ConfigError(f"{source} must be a mapping of finetune() arguments, got {type(config).__name__}.")
-    params = finetune_parameters()
-    valid = sorted(set(params) | set(RECIPE_KEYS))
+def _positive_int(v: Any) -> str | None:
+    return None if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else "a positive integer"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if math.isfinite(v) and v >= 0 else "a number >= 0"
+
+
+def _positive(v: Any) -> str | None:
+    return None if v is None or (math.isfinite(v) and v > 0) else "a number > 0 (or None for the default)"
+
+
+def _fraction(v: Any) -> str | None:
+    return None if 0 <= v < 1 else "a number in [0, 1)"
+
+
+def _seed(v: Any) -> str | None:
+    return None if 0 <= v < 2**63 else "an integer >= 0"
+
+
+def _opt_positive_int(v: Any) -> str | None:
+    return None if v is None else _positive_int(v)
+
+
+def _image_size(v: Any) -> str | None:
+    return None if v is None or v >= 8 else "an integer >= 8 (or None: the backbone's own size)"
+
+
+def _workers(v: Any) -> str | None:
+    return None if v is None or v >= 0 else "an integer >= 0 (or None: chosen for the machine)"
+
+
+def _device(v: Any) -> str | None:
+    ok = re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?", v)
+    return None if ok else "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+
+
+def _class_weights(v: Any) -> str | None:
+    if v is None or v == "balanced":
+        return None
+    if isinstance(v, str) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in v):
+        return "None, 'balanced' or a list of numbers >= 0, one per class"
+    return None
+
+
+def _hidden(v: Any) -> str | None:
+    return None if all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in v) else \
+        "a list of positive integers (hidden layer widths)"
+
+
+_S, _I, _F, _B, _N = (str,), (int,), (float, int), (bool,), (type(None),)
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of :func:`transferkit.finetune`, with its default.
+
+    Build it with keywords (``FinetuneConfig(backbone=..., data=...)``), from a dict
+    (:meth:`from_dict`, which also reads YAML-style strings such as ``"1e-3"``), or from a
+    file (:func:`load_config`); ``to_dict()`` gives plain JSON data (Python objects such as
+    a Dataset appear as ``"<Dataset>"``). Values are checked when the record is made:
+    a wrong type or a value out of range raises :class:`~transferkit.errors.ConfigError`
+    naming the key, the value and what is valid. Settings that depend on the data or the
+    backbone (``class_weights`` length, ``image_size`` against the backbone) are checked by
+    :func:`transferkit.plan`.
+
+    Example:
+        >>> FinetuneConfig(data="images/", epochs=0)
+        Traceback (most recent call last):
+        ...
+        transferkit.errors.ConfigError: finetune(): epochs=0 is out of range; expected a positive integer.
+    """
+
+    # --- model
+    backbone: Any = _opt("tv:resnet18", "registered backbone name (see `transferkit backbones`) or a Backbone object",
+                         group="model", types=(str, object), flag=True)
+    weights: Any = _opt("DEFAULT", "pretrained weights: 'DEFAULT', a tag, a file path, or None for random init",
+                        group="model", types=(str, Path) + _N, flag=True)
+    backbone_options: Any = _opt(None, "extra keyword arguments of get_backbone()", group="model", types=(dict,) + _N)
+    head: Any = _opt(None, "'linear', 'mlp' or 'logistic' (scikit-learn probe); None: linear, or mlp with head_hidden",
+                     group="model", types=_S + _N, choices=(None, "linear", "mlp", "logistic"))
+    head_hidden: Any = _opt((), "hidden layer widths of an MLP head", group="model", types=(list, tuple), check=_hidden)
+    head_activation: Any = _opt("relu", "activation of an MLP head", group="model", types=_S)
+    head_dropout: Any = _opt(0.0, "dropout before each head layer", group="model", types=_F, check=_fraction)
+    head_norm: Any = _opt("auto", "start the head with a fixed FeatureNorm (auto: when features are cached)",
+                          group="model", types=_B + _S, choices=("auto", True, False))
+    # --- data
+    data: Any = _opt(None, "training data: a folder root/<class>/<file> (or with train/ and val/), a CSV, or a Dataset",
+                     group="data", types=(str, Path, object))
+    val_data: Any = _opt(None, "validation data (default: a stratified split of data)", group="data",
+                         types=(str, Path, object) + _N)
+    classes: Any = _opt(None, "class names, in output order (default: from the data)", group="data",
+                        types=(list, tuple) + _N)
+    val_split: Any = _opt(0.2, "fraction held out for validation when there is no val_data", group="data",
+                          types=_F, check=_fraction)
+    on_bad_file: Any = _opt("skip", "unreadable files: 'skip' (reported) or 'raise'", group="data", types=_S,
+                            choices=("skip", "raise"), flag=True)
+    image_size: Any = _opt(None, "crop size in pixels (default: the backbone's)", group="data", types=_I + _N,
+                           check=_image_size, flag=True)
+    augment: Any = _opt(None, "'standard', 'flip' or 'none' (default: standard when the backbone trains)",
+                        group="data", types=_S + _N, choices=(None, "standard", "flip", "none"), flag=True)
+    # --- task
+    task: Any = _opt("multiclass", "'multiclass', 'multilabel' or 'regression'", group="task", types=_S,
+                     choices=("multiclass", "multilabel", "regression"))
+    label_smoothing: Any = _opt(0.0, "label smoothing of the cross-entropy loss", group="task", types=_F,
+                                check=_fraction)
+    class_weights: Any = _opt(None, "loss weight per class: a list, or 'balanced'", group="task",
+                              types=(list, tuple, str) + _N, check=_class_weights)
+    # --- policy
+    policy: Any = _opt("feature_extraction", "fine-tuning policy (see docs/policies.md) or a Policy",
+                       group="policy", types=(str, object), flag=True)
+    # --- optimisation
+    epochs: Any = _opt(10, "training epochs", group="optimisation", types=_I, check=_positive_int, flag=True)
+    batch_size: Any = _opt(32, "training batch size (per process under DDP)", group="optimisation", types=_I,
+                           check=_positive_int, flag=True)
+    lr: Any = _opt(None, "base learning rate (default: 1e-2 when only the head trains, else 1e-3)",
+                   group="optimisation", types=_F + _N, check=_positive, flag=True)
+    weight_decay: Any = _opt(1e-4, "weight decay (not on biases and norms; none with L2-SP)", group="optimisation",
+                             types=_F, check=_non_negative)
+    optimizer: Any = _opt("adamw", "'adamw', 'adam' or 'sgd'", group="optimisation", types=_S,
+                          choices=("adamw", "adam", "sgd"), flag=True)
+    momentum: Any = _opt(0.9, "SGD momentum (Nesterov)", group="optimisation", types=_F, check=_fraction)
+    schedule: Any = _opt("cosine", "learning-rate schedule", group="optimisation", types=_S, flag=True,
+                         choices=("cosine", "constant", "step", "exponential", "one_cycle", "plateau"))
+    warmup_epochs: Any = _opt(0, "linear warmup, in epochs (fractions allowed)", group="optimisation", types=_F,
+                              check=_non_negative)
+    schedule_options: Any = _opt(None, "options of the schedule, e.g. {'min_factor': 0.01}", group="optimisation",
+                                 types=(dict,) + _N)
+    probe_Cs: Any = _opt(None, "head='logistic': the C values tried", group="optimisation", types=(list, tuple) + _N)
+    early_stopping: Any = _opt(None, "stop after N epochs without improvement", group="optimisation",
+                               types=_I + _N, check=_opt_positive_int)
+    monitor: Any = _opt(None, "metric of the best epoch (default: val_acc, val_loss for regression)",
+                        group="optimisation", types=_S + _N,
+                        choices=(None, "val_loss", "val_acc", "train_loss", "train_acc"))
+    restore_best: Any = _opt(True, "return the best epoch's weights", group="optimisation", types=_B)
+    # --- features
+    cache_features: Any = _opt("auto", "compute a frozen backbone's features once (auto: whenever it stays frozen)",
+                               group="features", types=_B + _S, choices=("auto", True, False))
+    cache_dir: Any = _opt(None, "keep feature-cache entries on disk here, for later runs", group="features",
+                          types=(str, Path) + _N)
+    cache_views: Any = _opt(1, "augmented views per training image in the feature cache", group="features",
+                            types=_I, check=_positive_int)
+    # --- runtime
+    device: Any = _opt("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'", group="runtime", types=_S,
+                       check=_device, flag=True)
+    precision: Any = _opt("auto", "'auto', 'fp32', 'bf16' or 'fp16' (auto: see docs/training.md)", group="runtime",
+                          types=_S, choices=("auto", "fp32", "bf16", "fp16"), flag=True)
+    channels_last: Any = _opt("auto", "channels_last memory format (auto: where it is faster)", group="runtime",
+                              types=_B + _S, choices=("auto", True, False))
+    compile: Any = _opt(False, "torch.compile the trained module", group="runtime", types=_B)
+    num_workers: Any = _opt(None, "DataLoader workers (default: chosen for the machine)", group="runtime",
+                            types=_I + _N, check=_workers)
+    seed: Any = _opt(0, "random seed (data split, order, augmentation, head init)", group="runtime", types=_I,
+                     check=_seed, flag=True)
+    deterministic: Any = _opt(False, "deterministic kernels (slower on GPUs)", group="runtime", types=_B)
+    # --- outputs
+    export: Any = _opt(None, "write a verified TorchScript file here", group="outputs", types=(str, Path) + _N,
+                       flag=True)
+    checkpoint: Any = _opt(None, "rewrite a resumable checkpoint here after every epoch", group="outputs",
+                           types=(str, Path) + _N, flag=True)
+    resume: Any = _opt(False, "continue the run in `checkpoint`", group="outputs", types=_B)
+    log_dir: Any = _opt(None, "TensorBoard log folder", group="outputs", types=(str, Path) + _N)
+    plots_dir: Any = _opt(None, "write training curves, confusion matrix and example grids (PNG) here",
+                          group="outputs", types=(str, Path) + _N, flag=True)
+    top_k: Any = _opt(5, "k of the top-k accuracy", group="outputs", types=_I, check=_positive_int)
+    callbacks: Any = _opt((), "functions called with each epoch's row", group="outputs", types=(list, tuple),
+                          serial=False)
+    verbose: Any = _opt(True, "print the plan and progress", group="outputs", types=_B)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked(f, getattr(self, f.name), "finetune()"))
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"finetune(): warmup_epochs={self.warmup_epochs!r} is longer than the run (epochs="
+                              f"{self.epochs!r}); use at most {self.epochs}.")
+        if self.data is None:
+            raise ConfigError("finetune(): data is required: a folder root/<class>/<file>, a CSV of path,label, or a "
+                              "Dataset of (input, label).")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> FinetuneConfig:
+        """A config from plain data (YAML, JSON, CLI): keys checked, numeric strings read as numbers."""
+        return cls(**merge_config(values, source=source))
+
+    def to_dict(self, *, portable: bool = False) -> dict[str, Any]:
+        """Plain JSON data; Python objects appear as ``"<TypeName>"``. ``portable=True``
+        keeps only the file names of paths (for exports shipped to other machines)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.metadata["serial"]:
+                v = getattr(self, f.name)
+                out[f.name] = jsonable(Path(v).name if portable and isinstance(v, (str, Path)) and _is_path(f.name)
+                                       else v)
+        return out
+
+    def replace(self, **changes: Any) -> FinetuneConfig:
+        """A copy with ``changes`` (checked like the constructor's arguments)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise _unknown(sorted(unknown)[0], "finetune()")
+        return dataclasses.replace(self, **changes)
+
+
+_PATH_KEYS = {"data", "val_data", "weights", "cache_dir", "export", "checkpoint", "log_dir", "plots_dir"}
+
+
+def _is_path(key: str) -> bool:
+    return key in _PATH_KEYS
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    """FinetuneConfig's fields by name (their metadata holds help, group, types, flag)."""
+    return {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+
+
+def _unknown(key: str, source: str) -> ConfigError:
+    valid = sorted(set(config_fields()) | set(RECIPE_KEYS))
+    return ConfigError(f"{source}: unknown key {key!r}.{suggest(str(key), valid)} Valid keys: {', '.join(valid)}.")
+
+
+def _checked(f: dataclasses.Field, value: Any, source: str, *, text: bool = False) -> Any:
+    """``value`` for field ``f``, type- and range-checked (``text``: read numeric strings as numbers)."""
+    m = f.metadata
+    types = m["types"]
+    if text and isinstance(value, str) and (float in types or int in types) and _NUM.match(value.strip()):
+        digits = value.strip().lstrip("+-").isdigit()
+        if digits and int in types:
+            value = int(value)
+        elif float in types:
+            value = float(value)
+    if object not in types and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+        names = " or ".join(sorted({"None" if t is type(None) else t.__name__ for t in types}))
+        raise ConfigError(f"{source}: {f.name}={value!r} has type {type(value).__name__}; expected {names}.")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: {f.name}={value!r} is not a finite number.")
+    if m["choices"] is not None and value not in m["choices"]:
+        hint = suggest(value, [c for c in m["choices"] if isinstance(c, str)]) if isinstance(value, str) else ""
+        raise ConfigError(f"{source}: unknown {f.name} {value!r}.{hint} Valid values: "
+                          f"{', '.join(map(repr, m['choices']))}.")
+    problem = m["check"](value) if m["check"] is not None and value is not None else None
+    if problem:
+        raise ConfigError(f"{source}: {f.name}={value!r} is out of range; expected {problem}.")
+    if isinstance(value, list) and f.name in ("head_hidden",):
+        value = tuple(value)
+    return value
+
+
+def merge_config(*layers: Mapping[str, Any] | None, source: str = "config") -> dict[str, Any]:
+    """Later layers override earlier ones; every key and value is checked (numeric strings
+    such as ``"1e-3"`` become numbers). Returns the merged plain dict (recipe keys included).
+    The one function YAML files, CLI flags, ``--set`` overrides and recipes go through."""
+    fields = config_fields()
     out: dict[str, Any] = {}
-    for key, value in config.items():
-        if key in _NOT_FROM_CONFIG:
-            raise ConfigError(f"{source}: {key!r} cannot be set in a config file; use data_dir (recipes) or the "
-                              "Python API.")
-        if key not in params and key not in RECIPE_KEYS:
-            raise ConfigError(f"{source}: unknown key {key!r}.{suggest(str(key), valid)} Valid keys: {', '.join(valid)}.")
-        allowed = RECIPE_KEYS.get(key) or allowed_types(params[key].annotation)
-        if allowed is not None and (not isinstance(value, allowed) or isinstance(value, bool) and bool not in allowed):
-            names = sorted({t.__name__ for t in allowed}) if allowed else []
-            raise ConfigError(f"{source}: {key}={value!r} has type {type(value).__name__}; expected {' or '.join(names)}.")
-        out[key] = value
+    for layer in layers:
+        if layer is None:
+            continue
+        if not isinstance(layer, Mapping):
+            raise ConfigError(f"{source} must be a mapping of finetune() settings, got {type(layer).__name__}.")
+        for key, value in layer.items():
+            if key in RECIPE_KEYS:
+                allowed = RECIPE_KEYS[key]
+                if not isinstance(value, allowed) or isinstance(value, bool) and bool not in allowed:
+                    raise ConfigError(f"{source}: {key}={value!r} has type {type(value).__name__}; expected "
+                                      f"{' or '.join(sorted('None' if t is type(None) else t.__name__ for t in allowed))}.")
+                out[key] = value
+            elif key in fields:
+                if not fields[key].metadata["serial"]:
+                    raise ConfigError(f"{source}: {key!r} is a Python object; pass it through the Python API.")
+                out[key] = _checked(fields[key], value, source, text=True)
+            else:
+                raise _unknown(key, source)
     return out
 
 
+def jsonable(value: Any) -> Any:
+    """Plain JSON data from configs and metrics (paths to str, tuples to lists, numpy to Python)."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return f"<{type(value).__name__}>"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first at line "
+                              f"{seen[key] + 1}); a YAML mapping must name each key once.")
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(text: str, *, source: str) -> Any:
+    """Parse YAML safely, refusing duplicate keys."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {exc}") from exc
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read and validate a YAML config file.
+    """Read and check a YAML config file; returns its settings as a plain dict.
 
     Example:
         >>> load_config("recipes/hymenoptera.yaml")["policy"]  # doctest: +SKIP
@@ -90,23 +376,25 @@ def load_config(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError as exc:
         raise ConfigError(f"Config file {str(path)!r} does not exist.") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {exc}") from exc
-    return validate_config(raw or {}, source=str(path))
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Cannot read config file {str(path)!r}: {exc}") from exc
+    return merge_config(read_yaml(text, source=f"Config file {str(path)!r}") or {}, source=str(path))
 
 
-def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """``["epochs=3", "head_hidden=[256]"]`` -> ``{"epochs": 3, "head_hidden": [256]}`` (values are YAML)."""
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["epochs=3", "head_hidden=[256]"]`` -> ``{"epochs": 3, "head_hidden": (256,)}`` (values are YAML)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"An override must look like key=value, got {item!r}.")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Cannot parse the value of override {item!r}: {exc}") from exc
-    return validate_config(out, source="command-line overrides")
+        out[key.strip()] = read_yaml(value, source=f"override {item!r}") if value.strip() else None
+    return merge_config(out, source="command-line overrides")
+
+
+def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dict[str, Any]:
+    """Check a partial config (keys, types, ranges) and return it as a plain dict."""
+    return merge_config(config, source=source)

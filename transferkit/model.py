@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,3 +72,23 @@ class TransferModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def build_model(backbone: Any, num_outputs: int, *, spec: Any = None, head_hidden: Sequence[int] = (),
+                head_activation: str = "relu", head_dropout: float = 0.0, head_norm: bool = False) -> TransferModel:
+    """Preprocessing from the input spec + the backbone's trunk + a new head (``head_norm``:
+    starting with a :class:`~transferkit.heads.FeatureNorm`). The trunk is used, not copied.
+
+    Example:
+        >>> from transferkit import get_backbone
+        >>> m = build_model(get_backbone("tk:small_cnn", weights=None), 3)
+        >>> m(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 3])
+    """
+    from transferkit.heads import build_head
+
+    spec = spec or backbone.input_spec
+    head = build_head(backbone.num_features, num_outputs, hidden=head_hidden, activation=head_activation,
+                      dropout=head_dropout, norm=head_norm)
+    pre = AudioPreprocess() if spec.kind == "audio" else ImagePreprocess(spec.mean, spec.std)
+    return TransferModel(pre, backbone.trunk, head)

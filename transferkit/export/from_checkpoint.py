@@ -23,7 +23,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     Example:
         >>> model, meta = model_from_checkpoint("run.pt")  # doctest: +SKIP
     """
-    from transferkit.api import build_model
+    from transferkit.model import build_model
     from transferkit.backbones import get_backbone
     from transferkit.train.checkpoint import load_checkpoint
 

@@ -2,11 +2,15 @@
 
 Features live in memory, or with ``cache_dir`` in a memory-mapped ``.npy`` file on disk
 (data larger than RAM; reused across runs). A cache entry is keyed by everything that
-changes the features: the backbone name, a hash of its weights (every tensor of the
-preprocessing and the trunk, BatchNorm statistics included), the transform, the number
-of views and their seed, and the data (file paths, sizes and modification times for
-image folders; the content of in-memory datasets). A changed input gets a new key,
-so stale features are never reused.
+changes the features (:meth:`transferkit.plan.RunPlan.feature_key_parts`): the backbone
+name, a hash of the preprocessing and trunk weights (every tensor, BatchNorm statistics
+included; not the head), the transform, the precision, memory layout and device type of
+the extraction, the number of views and, whenever the transform is random, their seed,
+and the data (path, label, size, modification and status-change times of every file for
+file-based datasets; the content of in-memory datasets). A changed input gets a new key,
+so stale features are never reused: replacing a file with ``cp -p`` or ``rsync -a`` keeps
+its mtime but not its ctime. An entry also records a digest of its arrays; a damaged or
+truncated entry is recomputed and replaced.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from transferkit.train.loaders import EpochSampler, make_loader, mix_seed
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def _hash_tensor(h: Any, t: torch.Tensor) -> None:
@@ -62,8 +67,8 @@ def _hash_item(h: Any, x: Any) -> None:
 
 
 def data_fingerprint(ds: Any) -> str:
-    """A hash of a dataset's identity: ``(path, label, size, mtime)`` of every file for image
-    folders, the tensors of a ``TensorDataset``, else the content of every raw item."""
+    """A hash of a dataset's identity: ``(path, label, size, mtime, ctime)`` of every file for
+    file-based datasets, the tensors of a ``TensorDataset``, else the content of every raw item."""
     h = hashlib.blake2b(digest_size=16)
     h.update(type(ds).__name__.encode())
     if hasattr(ds, "samples"):  # ImageFolderDataset (or anything listing (path, label) files)
@@ -71,7 +76,8 @@ def data_fingerprint(ds: Any) -> str:
         for path, label in ds.samples:
             if isinstance(path, (str, os.PathLike)):
                 st = os.stat(path)
-                h.update(f"{os.path.abspath(path)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                h.update(f"{os.path.abspath(path)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n"
+                         .encode())
             else:  # in-memory item (e.g. a waveform)
                 _hash_item(h, (path, label))
         return h.hexdigest()
@@ -89,12 +95,42 @@ def data_fingerprint(ds: Any) -> str:
     return h.hexdigest()
 
 
-def cache_key(*, backbone: str, model: torch.nn.Module, transform: Any, dataset: Any, views: int, seed: int) -> str:
-    """The key of a feature-cache entry (see the module docstring for what it covers)."""
-    parts = {"format": CACHE_FORMAT, "backbone": backbone, "weights": module_fingerprint(model),
-             "transform": repr(transform), "data": data_fingerprint(dataset), "views": views,
-             "seed": seed if views > 1 else None}
-    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
+def quick_fingerprint(ds: Any, samples: int = 16) -> str:
+    """A cheap identity of a dataset: :func:`data_fingerprint` for file-based and tensor
+    datasets (file metadata, no decoding); for other in-memory datasets their type, length
+    and the content of ``samples`` evenly spaced items."""
+    base = getattr(ds, "base", ds)
+    if hasattr(ds, "samples") or getattr(base, "tensors", None) is not None:
+        return data_fingerprint(ds)
+    h = hashlib.blake2b(digest_size=16)
+    n = len(ds)
+    h.update(f"{type(base).__name__}:{n}".encode())
+    indices = getattr(ds, "indices", None)
+    h.update(repr(list(indices) if indices is not None else n).encode())
+    for i in sorted({round(j * (n - 1) / max(samples - 1, 1)) for j in range(min(samples, n))}):
+        _hash_item(h, base[indices[i]] if indices is not None else base[i])
+    return h.hexdigest()
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """The key of a feature-cache entry: a digest of ``parts`` (see
+    :meth:`transferkit.plan.RunPlan.feature_key_parts` for what they cover)."""
+    return hashlib.blake2b(json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True, default=str).encode(),
+                           digest_size=16).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_entry_meta(d: Path, *, key: str, views: int, n: int) -> None:
+    digests = {name: _file_digest(d / name) for name in ("features.npy", "targets.npy")}
+    (d / "meta.json").write_text(json.dumps({"key": key, "views": views, "n": n, "format": CACHE_FORMAT,
+                                             "digests": digests}))
 
 
 @dataclass
@@ -183,14 +219,16 @@ def compute_features(model: Any, dataset: Dataset, *, key: str, views: int, batc
         arr.flush()
         del arr
         np.save(tmp / "targets.npy", targets)
-        (tmp / "meta.json").write_text(json.dumps({"key": key, "views": views, "n": n, "format": CACHE_FORMAT}))
+        _write_entry_meta(tmp, key=key, views=views, n=n)
         final = Path(cache_dir) / key  # type: ignore[arg-type]
         try:
             os.replace(tmp, final)
         except OSError:  # another process wrote the same entry first: use theirs
             shutil.rmtree(tmp, ignore_errors=True)
         store = load_cached(cache_dir, key)  # type: ignore[arg-type]
-        assert store is not None
+        if store is None:
+            raise OSError(f"The feature-cache entry {str(final)!r} could not be written or read back; check the "
+                          "disk (space, permissions) or use another cache_dir.")
         store.reused = False
         return store
     except BaseException:
@@ -205,16 +243,40 @@ def _mkdir(d: str | Path | None) -> str:
 
 
 def load_cached(cache_dir: str | Path, key: str) -> FeatureStore | None:
-    """The entry ``key`` in ``cache_dir``, memory-mapped, or None when absent or incomplete."""
+    """The entry ``key`` in ``cache_dir``, memory-mapped; None when absent. An entry that is
+    incomplete, damaged (a digest or a shape disagrees with its meta.json) or of another
+    format is removed (with a warning) and None returned, so the caller recomputes it."""
     d = Path(cache_dir) / key
-    if not (d / "meta.json").exists():
+    if not d.exists():
         return None
-    try:
-        feats = np.load(d / "features.npy", mmap_mode="r")
-        targets = np.load(d / "targets.npy")
-    except (OSError, ValueError):
+    problem = _entry_problem(d, key)
+    if problem is None:
+        try:
+            feats = np.load(d / "features.npy", mmap_mode="r")
+            targets = np.load(d / "targets.npy")
+            meta = json.loads((d / "meta.json").read_text())
+            if feats.shape[:2] != (meta["views"], meta["n"]) or len(targets) != meta["n"]:
+                problem = f"arrays of shape {feats.shape} / {targets.shape} for {meta['views']} views of {meta['n']}"
+        except (OSError, ValueError, KeyError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+    if problem is not None:
+        warnings.warn(f"Feature-cache entry {str(d)!r} is damaged ({problem}); recomputing it.", stacklevel=2)
+        shutil.rmtree(d, ignore_errors=True)
         return None
     return FeatureStore(feats, targets, key, path=d, reused=True)
+
+
+def _entry_problem(d: Path, key: str) -> str | None:
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"no readable meta.json: {exc}"
+    if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+        return f"format {meta.get('format')} / key {meta.get('key')}, expected {CACHE_FORMAT} / {key}"
+    for name, digest in (meta.get("digests") or {}).items():
+        if not (d / name).exists() or _file_digest(d / name) != digest:
+            return f"{name} does not match its digest"
+    return None if meta.get("digests") else "no digests"
 
 
 class FeatureDataset(Dataset):

@@ -145,7 +145,7 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
         early_stopping: int | None = None, monitor: str | None = None, state: TrainState | None = None,
         on_epoch_end: Callable[[TrainState], None] | None = None, speed: SpeedConfig | None = None,
         dist: DistInfo | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None,
-        penalty: Callable[[], torch.Tensor] | None = None, verbose: bool = True,
+        penalty: Callable[[], torch.Tensor] | None = None, scaler: Any = None, verbose: bool = True,
         log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Train ``module`` from ``state.epoch`` to ``epochs``; return the per-epoch history and the best epoch.
 
@@ -167,7 +167,8 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
     dist = dist or DistInfo()
     monitor, mode = (monitor, "min" if "loss" in monitor or "mse" in monitor else "max") if monitor \
         else monitor_default(task)
-    scaler, cache = speed.grad_scaler(), {}
+    scaler = scaler if scaler is not None else speed.grad_scaler()  # passed in to be checkpointed
+    cache: dict[str, Any] = {}
     while state.epoch < epochs and not state.stopped_early:
         epoch = state.epoch
         t0 = time.perf_counter()

@@ -113,3 +113,19 @@ def task_metrics(task: str, logits: torch.Tensor, targets: torch.Tensor, classes
 def summary_line(metrics: dict[str, Any]) -> str:
     """The scalar metrics as ``name value`` pairs, for logs."""
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (float, int, np.floating)))
+
+
+def final_metrics(module: nn.Module, val_loader: DataLoader | None, *, task: str, classes: Sequence[str],
+                  loss_fn: Any, speed: SpeedConfig, top_k: int = 5) -> dict[str, Any]:
+    """Validation loss and the task's metrics (accuracy, top-k, macro F1, per-class report,
+    confusion matrix; or F1 for multilabel; MSE/MAE/R^2 for regression)."""
+    from transferkit.train.loop import evaluate
+
+    if val_loader is None:
+        return {}
+    ev = evaluate(module, val_loader, loss_fn=loss_fn, device=speed.device, task=task, speed=speed)
+    out: dict[str, Any] = {"val_loss": ev["loss"]}
+    if task != "regression":
+        out["val_acc"] = ev["acc"]
+    out.update(task_metrics(task, ev["logits"], ev["labels"], classes, top_k=top_k))
+    return out

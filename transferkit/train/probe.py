@@ -108,3 +108,25 @@ def set_linear_head(head: nn.Module, weight: np.ndarray, bias: np.ndarray) -> No
         lin.bias.fill_(-1e4)
         lin.weight[: weight.shape[0]] = torch.from_numpy(weight)
         lin.bias[: bias.shape[0]] = torch.from_numpy(bias)
+
+
+def run_probe(data: TrainingData, head: nn.Module, *, task: str, Cs: Sequence[float] | None, seed: int,
+              balanced: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
+    """``head="logistic"``: fit the scikit-learn probe on the cached features (every view of
+    every training image), choose ``C`` on the validation features, copy it into ``head``."""
+    from transferkit.train.probe import DEFAULT_CS, fit_logistic_probe, set_linear_head
+
+    if task != "multiclass" or not data.cached:
+        raise ConfigError("head='logistic' needs task='multiclass' and a frozen backbone (cached features); "
+                          "use policy='feature_extraction'.")
+    tr = data.stores["train"]
+    x = np.asarray(tr.features).reshape(-1, tr.features.shape[-1])
+    y = np.tile(np.asarray(tr.targets), tr.num_views)
+    va = data.stores.get("val")
+    vx = np.asarray(va.features[0]) if va is not None else None
+    vy = np.asarray(va.targets) if va is not None else None
+    res, w, b = fit_logistic_probe(x, y, vx, vy, Cs=Cs or DEFAULT_CS, seed=seed,
+                                   class_weight="balanced" if balanced else None)
+    set_linear_head(head, w, b)
+    best = {"epoch": None, "C": res.C, "val_acc": res.val_acc}
+    return [], best, res

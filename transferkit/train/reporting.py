@@ -102,3 +102,19 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
             v = matrix[i][j]
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
     return _save(fig, path)
+
+
+def write_reports(plots_dir: str | Path | None, history: list[dict[str, Any]], metrics: dict[str, Any],
+                  classes: Sequence[str]) -> dict[str, Path]:
+    """PNG training curves and confusion matrix into ``plots_dir`` (needs matplotlib)."""
+    if plots_dir is None:
+        return {}
+    from transferkit.train.reporting import plot_confusion_matrix, plot_history
+
+    out = {}
+    if history:
+        out["curves"] = plot_history(history, Path(plots_dir) / "training_curves.png")
+    if "confusion_matrix" in metrics:
+        out["confusion_matrix"] = plot_confusion_matrix(metrics["confusion_matrix"], classes,
+                                                        Path(plots_dir) / "confusion_matrix.png")
+    return out

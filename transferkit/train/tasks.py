@@ -13,6 +13,7 @@ predictor applies the right output function:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -117,3 +118,65 @@ def target_width(ds: TargetDataset) -> int:
     if t.ndim > 1:
         raise DataError(f"Targets must be scalars or 1-d vectors, got shape {tuple(t.shape)}.")
     return max(int(t.numel()), 1)
+
+
+def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, seed: int,
+                      classes: Sequence[str] | None, min_size: int | None,
+                      on_bad_file: str = "skip") -> tuple[DataBundle, int]:
+    """The training/validation data and the number of outputs. Multiclass data are folders or
+    datasets of ``(image, int)``; multilabel and regression data are datasets of
+    ``(image, target vector)`` (multi-hot, or values), split at random when no ``val_data``."""
+    from transferkit.data import DataBundle, prepare_data
+
+    if task == "multiclass":
+        bundle = prepare_data(data, val_data, val_split=val_split, seed=seed, classes=classes, min_size=min_size,
+                              on_bad_file=on_bad_file)
+        return bundle, len(bundle.classes)
+    if isinstance(data, (str, Path)) or not hasattr(data, "__getitem__"):
+        raise DataError(f"task={task!r} needs a Dataset of (image, target vector) pairs, got {type(data).__name__}; "
+                        "folders of class sub-folders are single-label (task='multiclass').")
+    train = TargetDataset(data)
+    if len(train) == 0:
+        raise DataError("The training dataset is empty.")
+    width = target_width(train)
+    names = list(classes) if classes else [str(i) for i in range(width)]
+    if len(names) != width:
+        raise DataError(f"classes has {len(names)} names but the targets have {width} values.")
+    val = TargetDataset(val_data) if val_data is not None else None
+    if val is None and val_split:
+        if not 0.0 < val_split < 1.0:
+            raise DataError(f"val_split must be between 0 and 1 (exclusive), got {val_split!r}.")
+        order = np.random.default_rng(seed).permutation(len(train)).tolist()
+        n_val = max(1, int(round(len(train) * val_split)))
+        train, val = train.view(sorted(order[n_val:])), train.view(sorted(order[:n_val]))
+    return DataBundle(train=train, val=val, classes=names), width
+
+
+def resolve_class_weights(class_weights: Any, task: str, bundle: DataBundle) -> list[float] | None:
+    """``None``, a list, or ``"balanced"`` (multiclass: inverse class frequency; multilabel:
+    negatives / positives per label, as ``pos_weight``)."""
+    if class_weights is None:
+        return None
+    n = len(bundle.classes)
+    if not isinstance(class_weights, str):
+        if len(class_weights) != n:
+            raise ConfigError(f"class_weights has {len(class_weights)} values but the data have {n} classes "
+                              f"({', '.join(bundle.classes[:10])}{', ...' if n > 10 else ''}); give one weight per "
+                              "class, in that order, or class_weights='balanced'.")
+        return [float(w) for w in class_weights]
+    if class_weights != "balanced":
+        raise ConfigError(f"class_weights must be None, a list of numbers or 'balanced', got {class_weights!r}.")
+    if task == "multiclass":
+        from transferkit.data import dataset_targets
+
+        return balanced_class_weights(dataset_targets(bundle.train), len(bundle.classes))
+    if task == "multilabel":
+        y = _targets(bundle.train)  # type: ignore[arg-type]
+        pos = y.sum(0).clamp(min=1)
+        return ((len(y) - y.sum(0)) / pos).tolist()
+    raise ConfigError("class_weights do not apply to task='regression'.")
+
+
+def _targets(ds: TargetDataset) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(np.asarray(ds.base[i][1]), dtype=torch.float32).reshape(-1)
+                        for i in ds.indices])

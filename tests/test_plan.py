@@ -1,0 +1,213 @@
+"""The config -> plan flow: one validated config, one resolved plan that the cache key, the
+resume check, the metadata and the logs derive from (issue 13's cases, each as it was reported)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tests.conftest import make_image_folder
+
+import transferkit as tk
+from transferkit.config import FinetuneConfig, load_config, merge_config
+from transferkit.data import eval_transform, train_transform
+from transferkit.errors import ConfigError
+from transferkit.train.features import cache_key, data_fingerprint
+
+KW = dict(weights=None, image_size=16, epochs=2, batch_size=4, device="cpu", num_workers=0, verbose=False)
+
+
+@pytest.fixture
+def split_folders(tmp_path):
+    """Separate train/ and val/ folders, so that the seed changes nothing about the data."""
+    make_image_folder(tmp_path / "d" / "train", per_class=6, size=20)
+    make_image_folder(tmp_path / "d" / "val", per_class=3, size=20, seed=1)
+    return tmp_path / "d"
+
+
+def _backbone():
+    torch.manual_seed(0)
+    return tk.get_backbone("tk:small_cnn", weights=None, widths=(8, 8, 16))
+
+
+def _key(p: tk.RunPlan, part: str = "train") -> str:
+    ds = p.bundle.train if part == "train" else p.bundle.val
+    tf = train_transform(p.spec, p.augment) if part == "train" else eval_transform(p.spec)
+    return cache_key(p.feature_key_parts(part=part, transform=tf, views=p.config.cache_views,
+                                         fingerprint=data_fingerprint, dataset=ds))
+
+
+def _plan(data, **kw):
+    return tk.plan(FinetuneConfig(backbone=kw.pop("backbone", None) or _backbone(), data=data, **{**KW, **kw}))
+
+
+def test_config_is_one_validated_record_for_python_yaml_and_cli(tmp_path):
+    cfg = FinetuneConfig(data="x", lr=1e-3)
+    assert FinetuneConfig.from_dict(cfg.to_dict()) == cfg  # serialisable round trip
+    (tmp_path / "a.yaml").write_text("lr: 1e-3\nepochs: 3\n")  # PyYAML reads 1e-3 as a string
+    assert load_config(tmp_path / "a.yaml") == {"lr": 0.001, "epochs": 3}
+    (tmp_path / "b.yaml").write_text("lr: 0.1\nlr: 0.2\n")
+    with pytest.raises(ConfigError, match="duplicate key 'lr'"):
+        load_config(tmp_path / "b.yaml")
+    for bad, msg in [({"seed": -1}, "seed=-1 is out of range"), ({"seed": "a"}, "seed='a' has type str"),
+                     ({"weight_decay": -1}, "weight_decay=-1"), ({"warmup_epochs": 20}, "longer than the run"),
+                     ({"top_k": 0}, "top_k=0"), ({"device": "gpu"}, "device='gpu'")]:
+        with pytest.raises(ConfigError, match=msg):
+            FinetuneConfig(data="x", **bad)
+    with pytest.raises(ConfigError, match="Did you mean 'epochs'"):
+        tk.finetune("tk:small_cnn", data="x", epoch=2)
+    assert merge_config({"epochs": 5}, {"epochs": "2"}, source="t") == {"epochs": 2}  # later layers win
+
+
+def test_finetune_takes_a_config_or_keywords(split_folders):
+    cfg = FinetuneConfig(backbone="tk:small_cnn", data=split_folders / "train", val_data=split_folders / "val", **KW)
+    a = tk.finetune(cfg)
+    b = tk.finetune("tk:small_cnn", data=split_folders / "train", val_data=split_folders / "val", **KW)
+    assert a.history == [{**r, "time_s": a.history[i]["time_s"]} for i, r in enumerate(b.history)]
+    assert tk.finetune(cfg, epochs=1).plan.config.epochs == 1
+    assert "FinetuneResult(tk:small_cnn" in repr(a) and len(repr(a)) < 400
+
+
+def test_plan_summary_and_dict_state_every_decision(split_folders):
+    p = _plan(split_folders / "train", val_data=split_folders / "val", policy="unfreeze:last=1")
+    d = p.to_dict()
+    for key in ("device", "precision", "channels_last", "feature_cache", "cache_reason", "head", "head_norm", "lr",
+                "groups", "bn", "trainable", "seeds", "augment", "data"):
+        assert key in d, key
+    assert d["feature_cache"] is False and "trains backbone weights" in d["cache_reason"]
+    assert {g["name"] for g in d["groups"]} >= {"head", "stage3"}
+    text = p.summary()
+    assert "features: not cached" in text and "base lr 0.001 (default)" in text and "stage3" in text
+    assert str(split_folders) not in str(d["data"])  # names and digests, no absolute paths
+
+
+def test_cache_key_covers_trunk_not_head(split_folders):
+    """Two runs that differ only in seed or head share features; trunk weights change the key."""
+    data = dict(val_data=split_folders / "val")
+    base = _plan(split_folders / "train", **data)
+    assert _key(base) == _key(_plan(split_folders / "train", seed=3, **data))
+    assert _key(base) == _key(_plan(split_folders / "train", head_hidden=(8,), **data))
+    other = _backbone()
+    with torch.no_grad():
+        next(m for m in other.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean[0] += 1
+    assert _key(base) != _key(_plan(split_folders / "train", backbone=other, **data))
+
+
+def test_cache_key_covers_precision_layout_and_random_views(split_folders):
+    data = dict(val_data=split_folders / "val")
+    fp32 = _plan(split_folders / "train", precision="fp32", **data)
+    assert _key(fp32) != _key(_plan(split_folders / "train", precision="bf16", **data))
+    assert _key(fp32) != _key(_plan(split_folders / "train", precision="fp32", channels_last=True, **data))
+    flip = [_plan(split_folders / "train", augment="flip", seed=s, **data) for s in (0, 1)]
+    assert _key(flip[0]) != _key(flip[1])  # one random view, but drawn from the seed
+    assert _key(flip[0], "val") == _key(flip[1], "val")  # the eval view is not random
+
+
+def test_cache_key_sees_a_file_replaced_with_its_mtime_kept(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", per_class=3, size=12)
+    ds = tk.data.ImageFolderDataset(root)
+    before = data_fingerprint(ds)
+    f = Path(ds.samples[0][0])
+    st = os.stat(f)
+    other = Path(ds.samples[1][0]) if Path(ds.samples[1][0]).stat().st_size == st.st_size else None
+    data = f.read_bytes()
+    f.write_bytes(bytes([data[0] ^ 1]) + data[1:] if other is None else other.read_bytes())  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # like cp -p / rsync -a / tar x
+    assert os.stat(f).st_size == st.st_size and os.stat(f).st_mtime_ns == st.st_mtime_ns
+    assert data_fingerprint(ds) != before
+
+
+def test_damaged_cache_entry_is_recomputed_and_replaced(split_folders, tmp_path):
+    kw = dict(data=split_folders / "train", val_data=split_folders / "val", cache_dir=tmp_path / "cache", **KW)
+    first = tk.finetune("tk:small_cnn", **kw)
+    entries = sorted((tmp_path / "cache").iterdir())
+    feats = entries[0] / "features.npy"
+    feats.write_bytes(feats.read_bytes()[:-40])  # truncated
+    with pytest.warns(UserWarning, match="damaged"):
+        again = tk.finetune("tk:small_cnn", **kw)
+    assert again.best == first.best and sorted((tmp_path / "cache").iterdir()) == entries
+    raw = bytearray((entries[1] / "features.npy").read_bytes())
+    raw[-5] ^= 0xFF  # a flipped byte inside the array
+    (entries[1] / "features.npy").write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="damaged"):
+        assert tk.finetune("tk:small_cnn", **kw).best == first.best
+
+
+def test_resume_refuses_a_different_plan_and_lists_the_differences(split_folders, tmp_path):
+    ckpt = tmp_path / "run.pt"
+    kw = dict(data=split_folders / "train", val_data=split_folders / "val", checkpoint=ckpt, **{**KW, "epochs": 3})
+
+    def stop_after_first(row):
+        if row["epoch"] == 1:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        tk.finetune("tk:small_cnn", policy="gradual:every=1", callbacks=[stop_after_first], **kw)
+    for change, listed in [({"cache_features": False}, "config.cache_features"),
+                           ({"epochs": 5}, "config.epochs"), ({"weight_decay": 0.1}, "config.weight_decay"),
+                           ({"augment": "none"}, "augment"), ({"label_smoothing": 0.1}, "label_smoothing"),
+                           ({"warmup_epochs": 1}, "warmup_epochs"), ({"momentum": 0.5}, "momentum")]:
+        with pytest.raises(ConfigError, match="plan differs") as exc:
+            tk.finetune("tk:small_cnn", policy="gradual:every=1", resume=True, **{**kw, **change})
+        assert listed in str(exc.value)
+    other = tmp_path / "other"
+    shutil.copytree(split_folders, other)
+    next((other / "train").rglob("*.png")).unlink()  # the data changed
+    with pytest.raises(ConfigError, match="data"):
+        tk.finetune("tk:small_cnn", policy="gradual:every=1", resume=True,
+                    **{**kw, "data": other / "train", "val_data": other / "val"})
+    resumed = tk.finetune("tk:small_cnn", policy="gradual:every=1", resume=True, **kw)
+    straight = tk.finetune("tk:small_cnn", policy="gradual:every=1", **{**kw, "checkpoint": tmp_path / "b.pt"})
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    with pytest.raises(ConfigError, match="complete"):  # the final checkpoint holds a finished run
+        tk.resume(ckpt)
+
+
+def test_scaler_state_is_saved_and_restored(tmp_path):
+    from transferkit.train.checkpoint import load_checkpoint, save_checkpoint
+    from transferkit.train.loop import TrainState
+    from transferkit.train.resume import training_state
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=123.0)
+    scaler.scale(model(torch.ones(1, 2)).sum()).backward()
+    save_checkpoint(tmp_path / "c.pt", model=model, meta={},
+                    training=training_state(optimizer=opt, scheduler=None, state=TrainState(), scaler=scaler))
+    again = torch.amp.GradScaler("cpu")
+    again.load_state_dict(load_checkpoint(tmp_path / "c.pt")["training"]["scaler"])
+    assert again.get_scale() == 123.0
+
+
+def test_callers_backbone_is_never_changed(split_folders):
+    bb = tk.get_backbone("tk:mlp", weights=None, hidden=(8, 8), image_size=8)
+    before = {k: v.clone() for k, v in bb.trunk.state_dict().items()}
+    names = {n for n, _ in bb.trunk.named_parameters()}
+    tk.lr_find(bb, data=split_folders / "train", policy="lora:r=2,targets=layers", num_steps=4, **KW)
+    r = tk.finetune(bb, data=split_folders / "train", policy="full", **KW)
+    assert r.model.trunk is not bb.trunk
+    assert {n for n, _ in bb.trunk.named_parameters()} == names  # no LoRA left on it
+    assert all(torch.equal(before[k], v) for k, v in bb.trunk.state_dict().items())
+
+
+def test_global_torch_settings_are_restored(split_folders):
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        tk.finetune("tk:small_cnn", data=split_folders / "train", deterministic=False, **KW)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    tk.finetune("tk:small_cnn", data=split_folders / "train", deterministic=True, **KW)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_class_weights_must_match_the_classes(split_folders):
+    with pytest.raises(ConfigError, match="class_weights has 3 values but the data have 2 classes"):
+        tk.finetune("tk:small_cnn", data=split_folders / "train", class_weights=[1, 2, 3], **KW)
+    assert np.allclose(_plan(split_folders / "train", class_weights=[1, 2]).class_weights, [1.0, 2.0])

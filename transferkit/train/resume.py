@@ -1,0 +1,101 @@
+"""Resumable checkpoints: what is saved after every epoch, and the check that a resume is exact.
+
+After each epoch the checkpoint holds that epoch's model with its optimizer, schedule,
+gradient-scaler and RNG states, the loop state (history, best epoch and its weights,
+early-stopping counter) and the run plan. ``resume`` rebuilds the plan from the stored
+configuration, compares it with the stored plan, and refuses with the list of differences
+when they disagree: a resumed run computes exactly what the uninterrupted run would have.
+Training longer than planned is a new run (``weights=<checkpoint>``), not a resume: the
+schedule of the first run was built for its number of epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from transferkit.errors import ConfigError, TrainingError
+from transferkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from transferkit.train.distributed import DistInfo, barrier
+from transferkit.train.loop import TrainState
+
+
+def training_state(*, optimizer: Any, scheduler: Any, state: TrainState, scaler: Any = None) -> dict[str, Any]:
+    """Everything besides the model that an exact resume needs."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+            "scaler": scaler.state_dict() if scaler is not None else None, "state": state.to_dict(),
+            "rng": rng_state()}
+
+
+def _format_diff(diff: dict[str, tuple[Any, Any]], limit: int = 12) -> str:
+    items = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:limit]]
+    more = f"; and {len(diff) - limit} more" if len(diff) > limit else ""
+    return "; ".join(items) + more
+
+
+def resume_from(path: str | Path, *, plan_dict: dict[str, Any], model: nn.Module, optimizer: Any, scheduler: Any,
+                scaler: Any = None) -> TrainState:
+    """Load model, optimizer, schedule, scaler, RNG states and the loop state from ``path``;
+    raise ConfigError listing the differences when the stored plan differs from ``plan_dict``."""
+    from transferkit.plan import plan_differences
+
+    ckpt = load_checkpoint(path)
+    tr = ckpt.get("training")
+    if not isinstance(tr, dict) or "state" not in tr:
+        done = ckpt.get("complete")
+        why = (f"the run it holds is complete ({ckpt.get('epoch')} epochs); to train further start a new run "
+               f"from its weights: finetune(..., weights={str(path)!r})") if done else \
+            "it holds final weights but no training state (written by an older version or by save_checkpoint)"
+        raise ConfigError(f"Cannot resume from {str(path)!r}: {why}.")
+    saved = ckpt["transferkit"].get("plan")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"Cannot resume from {str(path)!r}: it has no stored run plan (written by an older "
+                          "transferkit); start a new run from its weights with weights=...")
+    diff = plan_differences(saved, plan_dict)
+    if diff:
+        raise ConfigError(f"Cannot resume from {str(path)!r}: this run's plan differs from the checkpoint's "
+                          f"(checkpoint -> now): {_format_diff(diff)}. Use the same settings, or start a new run "
+                          "without resume (weights=<checkpoint> keeps the trained weights).")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(tr["optimizer"])
+    if scheduler is not None and tr.get("scheduler") is not None:
+        scheduler.load_state_dict(tr["scheduler"])
+    if scaler is not None and tr.get("scaler") is not None:
+        scaler.load_state_dict(tr["scaler"])
+    set_rng_state(tr["rng"])
+    return TrainState.from_dict(tr["state"])
+
+
+def check_weights_finite(model: nn.Module, epoch: int, lr: float) -> None:
+    """Raise TrainingError when a parameter or buffer became NaN/inf (never checkpoint diverged weights)."""
+    bad = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise TrainingError(f"The weights became NaN/inf during epoch {epoch} (e.g. {bad[0]}). The learning "
+                            f"rate (base {lr:.3g}) is probably too high: lower it.")
+
+
+def epoch_end_callback(*, path: str | Path | None, model: nn.Module, optimizer: Any, scheduler: Any,
+                       scaler: Any = None, meta: dict[str, Any], info: DistInfo, base_lr: float,
+                       callbacks: Sequence[Callable[[dict], Any]] = (),
+                       tensorboard: Any = None) -> Callable[[TrainState], None]:
+    """After each epoch: log to TensorBoard, write the resume checkpoint (rank 0, atomically),
+    then run the user's ``callbacks(row)`` (one may raise to stop the run; it resumes from there)."""
+    def on_epoch_end(state: TrainState) -> None:
+        row = state.history[-1]
+        check_weights_finite(model, state.epoch, base_lr)
+        if info.is_main:
+            if tensorboard is not None:
+                tensorboard.log_epoch(row)
+            if path is not None:
+                save_checkpoint(path, model=model, meta=meta, epoch=state.epoch, history=state.history,
+                                training=training_state(optimizer=optimizer, scheduler=scheduler, state=state,
+                                                        scaler=scaler), complete=False)
+        barrier(info)
+        for cb in callbacks:
+            cb(dict(row))
+    return on_epoch_end

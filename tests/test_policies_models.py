@@ -12,7 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from transferkit.backbones import Backbone, InputSpec, check_blocks, get_backbone
 from transferkit.backbones._base import blocks_from_members
-from transferkit.backbones.torchvision_source import _tv_blocks, strip_classifier
+from transferkit.backbones.torchvision_source import strip_classifier, tv_blocks
 from transferkit.heads import build_head
 from transferkit.model import ImagePreprocess, TransferModel
 from transferkit.policies import Policy, apply_policy, param_groups, set_train_mode, trainable_parameter_names
@@ -27,18 +27,15 @@ def tv_backbone(kind: str) -> Backbone:
         return get_backbone("tv:resnet18", weights=None)
     if kind == "resnet":  # ResNet-10: torchvision's ResNet class with one BasicBlock per stage
         trunk = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
-        block_name = "resnet10"
     elif kind == "vit":
         trunk = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2,
                                                      hidden_dim=32, mlp_dim=64)
-        block_name = "vit_tiny"
     else:
         from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
         trunk = ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1), CNBlockConfig(64, None, 1)])
-        block_name = "convnext_tiny"
     _, width = strip_classifier(trunk)
-    blocks = _tv_blocks(block_name, trunk)
+    blocks = tv_blocks(trunk)
     check_blocks(trunk, blocks)
     return Backbone(name=f"tv:{kind}-tiny", trunk=trunk, num_features=width, blocks=blocks,
                     input_spec=InputSpec(image_size=32))

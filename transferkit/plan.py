@@ -131,12 +131,15 @@ class RunPlan:
         return {"train": "statistics update in training blocks, eval elsewhere",
                 "affine": "statistics frozen, gamma/beta train", "frozen": "frozen entirely"}[self.policy.bn]
 
-    def to_dict(self) -> dict[str, Any]:
-        """The decisions as plain JSON data (saved in checkpoints and exports)."""
+    def to_dict(self, *, portable: bool = False) -> dict[str, Any]:
+        """The decisions as plain JSON data (saved in checkpoints and exports). ``portable``:
+        paths reduced to file names, weight files to ``name@digest`` (for files shipped to
+        other machines: no absolute paths of the training machine)."""
         s, f = self.speed, self.feature_speed
         return jsonable({
-            "format": PLAN_FORMAT, "config": self.config.to_dict(),
-            "backbone": self.backbone.name, "weights": self.backbone.weights, "input_spec": self.spec.to_dict(),
+            "format": PLAN_FORMAT, "config": self.config.to_dict(portable=portable),
+            "backbone": self.backbone.name, "weights": weights_identity(self.backbone.weights, portable=portable),
+            "input_spec": self.spec.to_dict(),
             "task": self.config.task, "classes": self.classes, "num_outputs": self.num_outputs,
             "device": s.device.type, "world_size": self.dist.world_size, "seeds": self.seeds,
             "precision": s.precision, "feature_precision": f.precision, "channels_last": s.channels_last,
@@ -246,6 +249,17 @@ def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen: bool, head_kind
     where = f"on disk in {cfg.cache_dir}" if cfg.cache_dir is not None else "in memory"
     views = f"{cfg.cache_views} augmented views" if cfg.cache_views > 1 else "one view"
     return True, f"backbone frozen for all {cfg.epochs} epochs: computed once, {views}, {where}"
+
+
+def weights_identity(weights: Any, *, portable: bool) -> Any:
+    """``weights`` as recorded: as given, or (``portable``) a file's name and content digest."""
+    from pathlib import Path
+
+    if not portable or not isinstance(weights, (str, Path)) or not Path(weights).is_file():
+        return weights
+    from transferkit.train.features import _file_digest
+
+    return f"{Path(weights).name}@blake2b:{_file_digest(Path(weights))}"
 
 
 def data_identity(bundle: DataBundle) -> dict[str, Any]:

@@ -128,14 +128,15 @@ class TrainOutcome:
     optimizer: Any = None
 
 
-def metadata(plan: RunPlan) -> dict[str, Any]:
-    """The metadata checkpoints and exports carry: labels, input spec, task and the plan."""
+def metadata(plan: RunPlan, *, portable: bool = False) -> dict[str, Any]:
+    """The metadata checkpoints and exports carry: labels, input spec, task and the plan
+    (``portable``, for exports: file names and digests instead of the training machine's paths)."""
     from transferkit import __version__
 
-    p = plan.to_dict()
+    p = plan.to_dict(portable=portable)
     return {"labels": plan.classes, "input_spec": plan.spec.to_dict(), "task": plan.config.task,
             "transferkit_version": __version__, "plan": p, "config": p["config"],
-            "training": {"backbone": plan.backbone.name, "weights": plan.backbone.weights, "policy": str(plan.policy),
+            "training": {"backbone": plan.backbone.name, "weights": p["weights"], "policy": str(plan.policy),
                          "epochs": plan.epochs, "lr": plan.lr, "feature_cache": plan.cache,
                          "head_norm": plan.head_norm}}
 
@@ -210,7 +211,9 @@ def write_outputs(plan: RunPlan, outcome: TrainOutcome, metrics: dict[str, Any],
     if cfg.export is not None:
         t2 = time.perf_counter()
         example = example_inputs(plan)
-        out["export_report"] = export_torchscript(merge_lora(plan.model), cfg.export, metadata=meta,
+        portable = {**metadata(plan, portable=True), "training": {**meta["training"]}}
+        portable["training"]["weights"] = portable["plan"]["weights"]
+        out["export_report"] = export_torchscript(merge_lora(plan.model), cfg.export, metadata=portable,
                                                   example_inputs=example)
         plan.timings["export_s"] = time.perf_counter() - t2
     return out

@@ -87,6 +87,17 @@ def _split(name: str) -> tuple[str | None, str]:
     return None, name
 
 
+def get_source(prefix: str) -> BackboneSource | None:
+    """The registered source of ``prefix`` (``"tv"``, ``"timm"``, ...), or None.
+
+    Example:
+        >>> "resnet18" in get_source("tv").names()
+        True
+    """
+    _ensure_sources()
+    return _SOURCES.get(prefix)
+
+
 def list_backbones(pattern: str | None = None) -> list[str]:
     """All registered backbone names (``prefix:name``), filtered by a glob ``pattern``.
 

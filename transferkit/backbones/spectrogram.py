@@ -188,12 +188,12 @@ class SpectrogramSource:
     prefix = "spec"
 
     def names(self) -> list[str]:
-        from transferkit.backbones.registry import _SOURCES
+        from transferkit.backbones.registry import get_source
 
         out = []
         for full in SPEC_IMAGE_BACKBONES:
             prefix, rest = full.split(":", 1)
-            source = _SOURCES.get(prefix)
+            source = get_source(prefix)
             if source is not None and rest in source.names():
                 out.append(full)
         return out

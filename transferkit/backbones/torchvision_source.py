@@ -218,11 +218,6 @@ def tv_blocks(trunk: nn.Module) -> tuple[Block, ...]:
     return container_blocks(trunk)
 
 
-def _tv_blocks(name: str, trunk: nn.Module) -> tuple[Block, ...]:
-    """Backward-compatible alias of :func:`tv_blocks` (``name`` is not needed any more)."""
-    return tv_blocks(trunk)
-
-
 def _input_spec(weights_enum: Any) -> InputSpec:
     t = weights_enum.transforms()
     interp = getattr(t, "interpolation", None)

@@ -45,6 +45,20 @@ def test_ctrl_c_without_checkpoint_keeps_the_weights(image_folder, tmp_path, mon
     assert bb.weights == str(saved)
 
 
+def test_ctrl_c_before_the_first_epoch_with_a_checkpoint_path_says_it_was_not_written(image_folder, tmp_path,
+                                                                                     monkeypatch):
+    import transferkit.train.loop as loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train_one_epoch", interrupted)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrainingInterrupted, match="was not written yet") as info:
+        tk.finetune("tk:small_cnn", data=image_folder, epochs=2, checkpoint=tmp_path / "run.pt", **FAST)
+    assert "Pass checkpoint=" not in str(info.value) and info.value.checkpoint.is_file()
+
+
 def test_diverging_loss_points_at_the_lr_and_keeps_the_last_good_checkpoint(image_folder, tmp_path):
     from transferkit.train.checkpoint import load_checkpoint
 

@@ -137,7 +137,8 @@ def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
         help_text += f"; kinds: {', '.join(POLICY_KINDS)}" if key == "policy" else ""
         if "default" not in help_text and default is not None:
             help_text += f" (default: {default})"
-        p.add_argument(_flag(key), dest=key, type=kind, default=None, help=help_text,
+        names = (_flag(key), "--plots") if key == "plots_dir" else (_flag(key),)
+        p.add_argument(*names, dest=key, type=kind, default=None, help=help_text,
                        metavar=key.upper() if not m["choices"] else None,
                        choices=[c for c in m["choices"] if isinstance(c, str)] if m["choices"] and kind is str
                        and all(isinstance(c, str) or c is None for c in m["choices"]) else None)

@@ -66,9 +66,11 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
                                       f"epoch; continue exactly with transferkit.resume({str(checkpoint)!r}).",
                                       Path(checkpoint)) from exc
         saved = save_interrupted()
+        advice = (f"No epoch had completed, so the checkpoint {str(checkpoint)!r} was not written yet; start the "
+                  "run again to train from the beginning." if checkpoint is not None else
+                  "Pass checkpoint=... to finetune() to be able to resume a run exactly.")
         raise TrainingInterrupted(f"Interrupted. The current weights were saved to {str(saved)!r} (usable as "
-                                  "weights=... or with `transferkit export`). Pass checkpoint=... to finetune() to "
-                                  "be able to resume a run exactly.", saved) from exc
+                                  f"weights=... or with `transferkit export`). {advice}", saved) from exc
     except TrainingError as exc:
         if checkpoint is not None and Path(checkpoint).exists():
             raise TrainingError(f"{exc} The last good checkpoint, {str(checkpoint)!r}, was kept.") from exc

@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.transferkit-installed
 
-.PHONY: demo test docs bench clean
+.PHONY: demo test docs readme bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/transferkit demo --out demo-output
+
+readme: $(STAMP)
+	$(VENV)/bin/transferkit demo --out demo-output --update-readme README.md
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -37,7 +37,12 @@ class HELP(argparse.RawDescriptionHelpFormatter):
 def _cmd_demo(args: argparse.Namespace) -> int:
     from transferkit.demo import run_demo
 
-    run_demo(out_dir=args.out, quick=args.quick)
+    summary = run_demo(out_dir=args.out, quick=args.quick)
+    if args.update_readme:
+        from transferkit.demo import update_readme
+
+        update_readme(args.update_readme, summary)
+        print(f"updated the demo table in {args.update_readme}")
     return 0
 
 
@@ -207,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
              "extraction and fine-tuning, beside training from scratch), export, reload, predict, print a table.")
     d.add_argument("--out", default="demo-output", help="folder for the checkpoint, export and report")
     d.add_argument("--quick", action="store_true", help="fewer epochs (for tests)")
+    d.add_argument("--update-readme", default=None, metavar="README",
+                   help="write the printed table into this file's demo-table block (make readme)")
     d.set_defaults(fn=_cmd_demo)
     b = _sub(sub, "backbones", "list registered backbones",
              "List the registered backbone names (tv: torchvision, timm:, ta: torchaudio, spec: spectrogram "

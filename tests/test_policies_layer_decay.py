@@ -67,6 +67,15 @@ def test_torchvision_resnet_layer_decay_equals_timms_on_the_same_architecture():
     compare(bb, timm.create_model("resnet18", pretrained=False, num_classes=3), ("fc.weight", "fc.bias"))
 
 
+def test_timm_efficientnet_layer_decay_equals_timms():
+    # the recommended pretrained backbone: timm groups its conv_head with the last stage's
+    # last block and numbers the stages' blocks one by one, which blocks alone cannot say
+    bb = get_backbone("timm:tf_efficientnet_lite0", weights=None)
+    trunk = compare(bb, timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3),
+                    ("classifier.weight", "classifier.bias"))
+    assert trunk["conv_head.weight"] == trunk["blocks.6.0.conv_pw.weight"] == pytest.approx(0.75)
+
+
 def test_torchvision_vit_layers_follow_timms_rules():
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2,
                                                hidden_dim=16, mlp_dim=32)

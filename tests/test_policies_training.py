@@ -62,7 +62,9 @@ def run(model, opt, sched, set_mode, *, until: int, state: TrainState | None = N
 
 
 CASES = [("gradual:every=2", "cosine"), ("gradual:milestones=1+4,discriminative=0.1", "one_cycle"),
-         ("gradual:every=2,layer_decay=0.5", "one_cycle")]
+         ("gradual:every=2,layer_decay=0.5", "one_cycle"), ("fine_tune:frozen=2", "cosine"),
+         ("fine_tune:frozen=3,layer_decay=0.5", "one_cycle")]
+RESUMED = [CASES[0], CASES[1], CASES[3], CASES[4]]  # fine_tune: resumed after, and right at the end of, its frozen phase
 
 
 @pytest.mark.parametrize("spec, schedule", CASES)
@@ -77,7 +79,7 @@ def test_gradual_unfreezing_trains_exactly_the_scheduled_blocks_each_epoch(spec,
     assert changed[-1]  # something did unfreeze
 
 
-@pytest.mark.parametrize("spec, schedule", CASES[:2])
+@pytest.mark.parametrize("spec, schedule", RESUMED)
 def test_gradual_unfreezing_resumed_mid_schedule_matches_an_uninterrupted_run(spec, schedule):
     model, _, _, opt, sched, set_mode = setup(spec, schedule)
     full_changes = run(model, opt, sched, set_mode, until=EPOCHS)

@@ -58,6 +58,8 @@ class Policy:
         Policy(unfreeze=2, bn='affine')
         >>> str(Policy(every=2, layer_decay=0.7))
         'gradual:every=2,layer_decay=0.7'
+        >>> Policy.parse("fine_tune")
+        Policy(unfreeze='all', discriminative=0.01, frozen_epochs=1)
     """
 
     unfreeze: str | int | tuple[str, ...] = "none"
@@ -245,7 +247,8 @@ class Policy:
         names with ``has_batchnorm``); LoRA trains factors.
 
         Example:
-            >>> Policy.parse("feature_extraction,bn=affine").frozen_throughout(["embed", "blocks.0"], 3, has_batchnorm=False)
+            >>> affine = Policy.parse("feature_extraction,bn=affine")
+            >>> affine.frozen_throughout(["embed", "blocks.0"], 3, has_batchnorm=False)  # a ViT: nothing to train
             True
         """
         return self.frozen_phase_epochs(backbone, epochs, has_batchnorm=has_batchnorm) >= max(int(epochs), 1)
@@ -279,7 +282,8 @@ class Policy:
         if kind not in _KINDS:
             raise PolicyError(f"Unknown policy {spec!r}. Valid kinds: 'feature_extraction', 'full', "
                               "'unfreeze:last=N', 'unfreeze:blocks=a+b', 'unfreeze:from=BLOCK', 'gradual:every=K', "
-                              "'gradual:milestones=E1+E2', 'lora:r=R', 'fine_tune:frozen=K'; options after commas, e.g. ',bn=affine'.")
+                              "'gradual:milestones=E1+E2', 'lora:r=R', 'fine_tune:frozen=K'; options after commas, "
+                              "e.g. ',bn=affine'.")
         kw: dict[str, Any] = dict(_KINDS[kind][0])
         seen: set[str] = set()
         for opt in ([first] if first else []) + opts:

@@ -298,3 +298,14 @@ def test_fine_tune_groups_hold_the_backbone_only_when_it_trains_in_the_run():
     lrs = {g["name"]: g["lr"] for g in groups}
     assert lrs["stem"] == pytest.approx(1e-5) and lrs["head"] == 1e-3  # fastai's slice(lr / 100, lr)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+@given(unfreeze=st.sampled_from(["all", 2, ("layer3", "layer4")]), frozen=st.integers(0, 4),
+       rate=st.one_of(st.none(), st.sampled_from([0.01, 0.1]), st.floats(0.01, 1.0)),
+       kind=st.sampled_from(["discriminative", "layer_decay"]), bn=st.sampled_from(["train", "affine", "frozen"]))
+@settings(max_examples=60, deadline=None)
+def test_every_frozen_epochs_policy_round_trips_through_its_string(unfreeze, frozen, rate, kind, bn):
+    p = Policy(unfreeze=unfreeze, frozen_epochs=frozen, bn=bn, **{kind: rate})
+    assert Policy.parse(str(p)) == p
+    sched = p.schedule(BLOCKS, 6)
+    assert sched[:frozen] == [[]] * min(frozen, 6) and all(s for s in sched[frozen:])

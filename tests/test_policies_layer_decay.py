@@ -118,3 +118,28 @@ def test_layer_decay_with_lora_numbers_the_factors_with_their_weight():
     assert factors and {ids[n] for n in factors} == {2} and head == 3
     groups = param_groups(model, lr=1e-3, weight_decay=0.0, backbone=bb, policy=policy)
     assert {g["name"]: g["lr_scale"] for g in groups}["blocks.1"] == pytest.approx(0.5)
+
+
+class _Unit(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4)
+
+
+def test_a_stage_with_its_downsampling_counts_one_layer_per_unit():
+    """As timm groups ConvNeXt/Swin stages: the downsampling joins the stage's first block."""
+    trunk = torch.nn.Module()
+    trunk.stem = torch.nn.Conv2d(3, 4, 3)
+    trunk.down = torch.nn.Sequential(torch.nn.GroupNorm(1, 4), torch.nn.Conv2d(4, 4, 2, stride=2))
+    trunk.stage = torch.nn.Sequential(_Unit(), _Unit(), torch.nn.ReLU())
+    trunk.flat = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4))  # single layers: one layer
+    trunk.norm = torch.nn.LayerNorm(4)
+    blocks = (Block("stem", ("stem",)), Block("stage1", ("down", "stage")), Block("stage2", ("flat",)),
+              Block("norm", ("norm",)))
+    bb = Backbone(name="toy", trunk=trunk, num_features=4, blocks=blocks, input_spec=InputSpec(image_size=8))
+    ids, head = layer_ids(transfer_model(bb), bb)
+    assert {n: ids[n] for n in ("stem.weight", "down.1.weight", "stage.0.conv.weight", "stage.1.bn.weight",
+                                "flat.0.weight", "flat.1.weight", "norm.weight")} == {
+        "stem.weight": 0, "down.1.weight": 1, "stage.0.conv.weight": 1, "stage.1.bn.weight": 2,
+        "flat.0.weight": 3, "flat.1.weight": 3, "norm.weight": 3}
+    assert head == 4

@@ -84,32 +84,48 @@ def _timm_layer_ids(trunk: nn.Module, matcher: Any) -> tuple[dict[str, int], int
     return {n: ids[_plain_name(n)] for n in names}, ids[head_probe]
 
 
-def _units(trunk: nn.Module, block: Block) -> list[str] | None:
-    """The residual units a block is made of (``layer1.0``, ``layer1.1`` of a ResNet stage):
-    two or more modules of one class that are neither containers nor single layers, given as
-    the block's members or as the children of its one Sequential/ModuleList member; else None."""
-    def module(name: str) -> nn.Module | None:
+def _has_params(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters())
+
+
+def _homogeneous_units(mods: list[nn.Module]) -> bool:
+    """Residual units: modules of one class that are neither containers nor single layers
+    (each holds sub-layers with parameters, LoRA's ``parametrizations`` aside)."""
+    if not mods or len({type(m) for m in mods}) != 1 or isinstance(mods[0], _CONTAINERS):
+        return False
+    return all(any(_has_params(c) for n, c in m.named_children() if n != "parametrizations") for m in mods)
+
+
+def _units(trunk: nn.Module, block: Block) -> list[list[str]] | None:
+    """The residual units a block is made of, each as the module names of one layer: the
+    children of a member that is a stage (a Sequential/ModuleList/ModuleDict of units, such
+    as a ResNet's ``layer1`` -> ``layer1.0``, ``layer1.1``), the other members joining the
+    unit next to them (a ConvNeXt stage's downsampling joins its first block, a DenseNet
+    transition the last dense layer, as timm groups them); else two or more members that are
+    themselves units (MobileNet's inverted residuals); else None (the block is one layer)."""
+    members = []
+    for name in block.members:
         try:
-            return trunk.get_submodule(name)
+            members.append((name, trunk.get_submodule(name)))
         except AttributeError:
-            return None  # a parameter name
-
-    def has_params(m: nn.Module) -> bool:
-        return any(True for _ in m.parameters())
-
-    members = [(name, module(name)) for name in block.members]
-    if len(members) == 1 and isinstance(members[0][1], (nn.Sequential, nn.ModuleList)):
-        name, seq = members[0]
-        members = [(f"{name}.{c}", m) for c, m in seq.named_children()]
-    members = [(n, m) for n, m in members if m is None or has_params(m)]
-    if len(members) < 2 or any(m is None for _, m in members):
-        return None
-    mods = [m for _, m in members]
-    if len({type(m) for m in mods}) != 1 or isinstance(mods[0], _CONTAINERS):
-        return None
-    if not all(any(has_params(c) for c in m.children()) for m in mods):
-        return None  # single layers (a stack of convolutions) are one layer together
-    return [n for n, _ in members]
+            return None  # a member naming a parameter: the block is one layer
+    members = [(n, m) for n, m in members if _has_params(m)]
+    layers: list[list[str]] = []
+    pending: list[str] = []
+    for name, m in members:
+        kids = [(f"{name}.{c}", k) for c, k in m.named_children() if _has_params(k)]
+        if isinstance(m, _CONTAINERS) and _homogeneous_units([k for _, k in kids]):
+            for i, (kid, _) in enumerate(kids):
+                layers.append((pending if i == 0 else []) + [kid])
+            pending = []
+        else:
+            pending.append(name)
+    if layers:
+        layers[-1] += pending
+        return layers if len(layers) > 1 else None
+    if len(members) >= 2 and _homogeneous_units([m for _, m in members]):
+        return [[n] for n, _ in members]
+    return None
 
 
 def _block_layer_ids(trunk: nn.Module, backbone: Backbone) -> tuple[dict[str, int], int]:
@@ -130,12 +146,13 @@ def _block_layer_ids(trunk: nn.Module, backbone: Backbone) -> tuple[dict[str, in
         if i == len(blocks) - 1 and i > 0 and all(n in norm_names for n in names):
             ids.update({n: layer for n in names})  # a final norm: timm's MATCH_PREV_GROUP
             continue
-        units = _units(trunk, blk) or [""]
+        units = _units(trunk, blk) or [[]]
         first = layer + 1
         layer += len(units)
         for n in names:
             plain = _plain_name(n)
-            ids[n] = first + next((i for i, u in enumerate(units) if u and plain.startswith(u + ".")), 0)
+            ids[n] = first + next((i for i, unit in enumerate(units)
+                                   if any(plain == u or plain.startswith(u + ".") for u in unit)), 0)
     for n, _ in trunk.named_parameters():
         ids.setdefault(n, 0)  # frozen blocks (a TorchScript extractor) never train: their layer is unused
     return ids, layer + 1

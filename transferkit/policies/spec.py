@@ -237,7 +237,7 @@ class Policy:
             if self.trainable_blocks(names, epoch):
                 break
             n += 1
-        return min(n, max(int(epochs), 0))
+        return n
 
     def frozen_throughout(self, backbone: Backbone | Sequence[str], epochs: int, *,
                           has_batchnorm: bool | None = None) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,7 +13,7 @@ from transferkit.backbones import get_backbone
 from transferkit.errors import ConfigError, PolicyError
 from transferkit.heads import build_head
 from transferkit.model import ImagePreprocess, TransferModel
-from transferkit.policies import Policy, apply_policy, lr_multipliers, param_groups, trainable_parameter_names
+from transferkit.policies import Policy, apply_policy, lr_multipliers, lr_scales, param_groups, trainable_parameter_names
 from transferkit.train.optim import make_optimizer, make_scheduler
 
 BLOCKS = ["stem", "layer1", "layer2", "layer3", "layer4"]
@@ -118,9 +120,82 @@ def test_frozen_throughout_decides_feature_caching():
     assert Policy.parse("feature_extraction").frozen_throughout(BLOCKS, 10)
     assert Policy.parse("gradual:every=5").frozen_throughout(BLOCKS, 5)
     assert not Policy.parse("gradual:every=5").frozen_throughout(BLOCKS, 6)
-    assert not Policy.parse("feature_extraction,bn=affine").frozen_throughout(BLOCKS, 1)  # gamma/beta train
+    affine = Policy.parse("feature_extraction,bn=affine")
+    assert not affine.frozen_throughout(BLOCKS, 1, has_batchnorm=True)  # gamma/beta train
+    assert affine.frozen_throughout(BLOCKS, 1, has_batchnorm=False)  # nothing to train: still frozen
+    with pytest.raises(PolicyError, match="pass the Backbone"):
+        affine.frozen_throughout(BLOCKS, 1)  # names alone cannot say
     assert not Policy.parse("lora:r=2").frozen_throughout(BLOCKS, 1)
     assert not Policy.parse("unfreeze:last=1").frozen_throughout(BLOCKS, 1)
+
+
+def test_affine_bn_counts_as_frozen_on_a_trunk_without_batchnorm():
+    vit = get_backbone("timm:vit_tiny_patch16_224", weights=None, img_size=32, depth=2)
+    cnn = get_backbone("tk:small_cnn", weights=None, widths=(8, 8, 16))
+    affine = Policy.parse("feature_extraction,bn=affine")
+    assert affine.frozen_throughout(vit, 3)  # a ViT has LayerNorms only: the features can be cached
+    assert not affine.frozen_throughout(cnn, 3)  # BatchNorm gamma/beta train
+    assert Policy.parse("feature_extraction").frozen_throughout(cnn, 3)
+    assert Policy.parse("fine_tune:frozen=2,bn=affine").frozen_phase_epochs(vit, 5) == 2
+    assert Policy.parse("fine_tune:frozen=2,bn=affine").frozen_phase_epochs(cnn, 5) == 0
+    with pytest.raises(PolicyError, match="contradicts"):
+        affine.frozen_throughout(vit, 3, has_batchnorm=True)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("fine_tune", Policy(unfreeze="all", frozen_epochs=1, discriminative=0.01)),
+    ("fine_tune:frozen=2", Policy(unfreeze="all", frozen_epochs=2, discriminative=0.01)),
+    ("fine_tune:frozen=1,discriminative=0.1", Policy(unfreeze="all", frozen_epochs=1, discriminative=0.1)),
+    ("fine_tune:frozen=1,layer_decay=0.75", Policy(unfreeze="all", frozen_epochs=1, layer_decay=0.75)),
+    ("fine_tune:frozen=0", Policy(unfreeze="all", discriminative=0.01)),
+    ("fine_tune,bn=frozen,l2sp=0.1", Policy(unfreeze="all", frozen_epochs=1, discriminative=0.01, bn="frozen", l2sp=0.1)),
+    ("full,frozen=2", Policy(unfreeze="all", frozen_epochs=2)),
+    ("unfreeze:last=2,frozen=1", Policy(unfreeze=2, frozen_epochs=1)),
+    ("unfreeze:from=layer3,frozen=3", Policy(unfreeze_from="layer3", frozen_epochs=3)),
+])
+def test_fine_tune_policy_strings_round_trip(spec, expected):
+    p = Policy.parse(spec)
+    assert p == expected
+    assert Policy.parse(str(p)) == p
+
+
+def test_fine_tune_freezes_everything_for_k_epochs_then_trains_all_blocks():
+    p = Policy.parse("fine_tune:frozen=2")
+    assert p.schedule(BLOCKS, 4) == [[], [], BLOCKS, BLOCKS]
+    assert p.frozen_phase_epochs(BLOCKS, 4) == 2
+    assert p.frozen_phase_epochs(BLOCKS, 1) == 1 and p.frozen_throughout(BLOCKS, 2)
+    assert not p.frozen_throughout(BLOCKS, 3)
+    assert Policy.parse("full").frozen_phase_epochs(BLOCKS, 4) == 0
+    assert Policy.parse("gradual:every=3").frozen_phase_epochs(BLOCKS, 10) == 3
+    assert Policy.parse("feature_extraction").frozen_phase_epochs(BLOCKS, 4) == 4
+    assert Policy.parse("lora:r=2").frozen_phase_epochs(BLOCKS, 4) == 0
+    with pytest.raises(PolicyError, match="has 5"):
+        Policy.parse("unfreeze:last=6,frozen=1").trainable_blocks(BLOCKS, 0)  # checked during the frozen epochs too
+
+
+def test_fine_tune_is_no_longer_an_alias_of_full():
+    assert Policy.parse("fine_tune") != Policy.parse("full")
+    assert Policy.parse("finetune") == Policy.parse("full")
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("feature_extraction,frozen=1", "only applies to"),
+    ("gradual:every=2,frozen=1", "only applies to"),
+    ("fine_tune:frozen=1,discriminative=0.1,layer_decay=0.5", "not both"),
+    ("fine_tune:frozen=x", "non-negative integer"),
+])
+def test_bad_fine_tune_strings_say_what_is_wrong(spec, fragment):
+    with pytest.raises(PolicyError, match=re.escape(fragment)):
+        Policy.parse(spec)
+
+
+def test_bad_frozen_epochs_fields_are_rejected():
+    with pytest.raises(PolicyError, match="never trains the backbone"):
+        Policy(frozen_epochs=1)
+    with pytest.raises(PolicyError, match="not with gradual"):
+        Policy(every=2, frozen_epochs=1)
+    with pytest.raises(PolicyError, match="integer >= 0"):
+        Policy(unfreeze="all", frozen_epochs=-1)
 
 
 def test_lr_multipliers_are_geometric_from_head_to_stem():
@@ -128,9 +203,16 @@ def test_lr_multipliers_are_geometric_from_head_to_stem():
     assert disc["head"] == 1.0 and disc["stem"] == pytest.approx(0.01)  # fastai slice(lr/100, lr)
     ratios = [disc[b] / disc[a] for a, b in zip(BLOCKS, BLOCKS[1:] + ["head"])]
     assert ratios == pytest.approx([0.01 ** -0.2] * 5)
-    ld = lr_multipliers(BLOCKS, Policy(unfreeze="all", layer_decay=0.5))
-    assert [ld[b] for b in BLOCKS + ["head"]] == pytest.approx([1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1])
     assert set(lr_multipliers(BLOCKS, Policy()).values()) == {1.0}
+    with pytest.raises(PolicyError, match="lr_scales"):
+        lr_multipliers(BLOCKS, Policy(unfreeze="all", layer_decay=0.5))  # layers, not blocks
+
+
+def test_layer_decay_on_a_cnn_without_residual_units_is_per_block():
+    model, bb = small_model()
+    ld = lr_scales(model, bb, Policy(unfreeze="all", layer_decay=0.5))
+    per_block = {bb.block_of(n[len("trunk."):]) if n.startswith("trunk.") else "head": v for n, v in ld.items()}
+    assert [per_block[b] for b in bb.block_names + ["head"]] == pytest.approx([1 / 16, 1 / 8, 1 / 4, 1 / 2, 1])
 
 
 @pytest.mark.parametrize("spec", ["unfreeze:last=2,discriminative=0.1", "full,layer_decay=0.6", "feature_extraction",
@@ -149,12 +231,11 @@ def test_optimizer_holds_exactly_the_trainable_parameters_once_with_the_policy_l
         ever |= trainable_parameter_names(model)
     by_id = {id(p): n for n, p in model.named_parameters()}
     assert {by_id[id(p)] for p in held} == ever
-    mult = lr_multipliers(bb.block_names, policy)
+    scales = lr_scales(model, bb, policy)
     for g in opt.param_groups:
         for p in g["params"]:
             name = by_id[id(p)]
-            block = "head" if name.startswith("head.") else bb.block_of(name[len("trunk."):])
-            assert g["lr"] == pytest.approx(1e-3 * mult[block]), name
+            assert g["lr"] == pytest.approx(1e-3 * scales[name]) and g["lr_scale"] == scales[name], name
             assert (g["weight_decay"] == 0.0) == (p.ndim <= 1), name  # small_cnn: 1-d = BN and biases
 
 
@@ -187,3 +268,44 @@ def test_plain_param_groups_follow_requires_grad():
     assert [g["name"] for g in groups] == ["decay", "no_decay"]
     with pytest.raises(ConfigError, match="lr must be"):
         param_groups(model, lr=0, weight_decay=0.1)
+
+
+def test_head_only_groups_follow_the_policy():
+    """The cached-features path trains the head alone: L2-SP means no weight decay there either."""
+    model, _ = small_model()
+    head = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 3))
+    plain = param_groups(head, lr=1e-2, weight_decay=0.1)
+    assert {g["name"]: g["weight_decay"] for g in plain} == {"decay": 0.1, "no_decay": 0.0}
+    sp = param_groups(head, lr=1e-2, weight_decay=0.1, policy=Policy.parse("feature_extraction,l2sp=0.1"))
+    assert {g["name"]: g["weight_decay"] for g in sp} == {"head": 0.0, "head/no_decay": 0.0}
+    decay_all = param_groups(head, lr=1e-2, weight_decay=0.1, policy=Policy.parse("feature_extraction,decay_norm_bias=true"))
+    assert [(g["name"], g["weight_decay"], len(g["params"])) for g in decay_all] == [("head", 0.1, 4)]
+    default = param_groups(head, lr=1e-2, weight_decay=0.1, policy=Policy())
+    assert {g["name"]: (g["weight_decay"], g["lr"], g["lr_scale"]) for g in default} == {
+        "head": (0.1, 1e-2, 1.0), "head/no_decay": (0.0, 1e-2, 1.0)}
+    with pytest.raises(ConfigError, match="pass backbone"):
+        param_groups(model, lr=1e-3, weight_decay=0.1, policy=Policy.parse("full"))  # a trunk trains here
+    with pytest.raises(ConfigError, match="also needs policy"):
+        param_groups(model, lr=1e-3, weight_decay=0.1, backbone=get_backbone("tk:small_cnn", weights=None))
+
+
+def test_fine_tune_groups_hold_the_backbone_only_when_it_trains_in_the_run():
+    model, bb = small_model()
+    p = Policy.parse("fine_tune:frozen=1")
+    assert [g["name"] for g in param_groups(model, lr=1e-3, weight_decay=0.0, backbone=bb, policy=p, epochs=1)] == \
+        ["head", "head/no_decay"]
+    groups = param_groups(model, lr=1e-3, weight_decay=0.0, backbone=bb, policy=p, epochs=2)
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs["stem"] == pytest.approx(1e-5) and lrs["head"] == 1e-3  # fastai's slice(lr / 100, lr)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+@given(unfreeze=st.sampled_from(["all", 2, ("layer3", "layer4")]), frozen=st.integers(0, 4),
+       rate=st.one_of(st.none(), st.sampled_from([0.01, 0.1]), st.floats(0.01, 1.0)),
+       kind=st.sampled_from(["discriminative", "layer_decay"]), bn=st.sampled_from(["train", "affine", "frozen"]))
+@settings(max_examples=60, deadline=None)
+def test_every_frozen_epochs_policy_round_trips_through_its_string(unfreeze, frozen, rate, kind, bn):
+    p = Policy(unfreeze=unfreeze, frozen_epochs=frozen, bn=bn, **{kind: rate})
+    assert Policy.parse(str(p)) == p
+    sched = p.schedule(BLOCKS, 6)
+    assert sched[:frozen] == [[]] * min(frozen, 6) and all(s for s in sched[frozen:])

@@ -62,7 +62,9 @@ def run(model, opt, sched, set_mode, *, until: int, state: TrainState | None = N
 
 
 CASES = [("gradual:every=2", "cosine"), ("gradual:milestones=1+4,discriminative=0.1", "one_cycle"),
-         ("gradual:every=2,layer_decay=0.5", "one_cycle")]
+         ("gradual:every=2,layer_decay=0.5", "one_cycle"), ("fine_tune:frozen=2", "cosine"),
+         ("fine_tune:frozen=3,layer_decay=0.5", "one_cycle")]
+RESUMED = [CASES[0], CASES[1], CASES[3], CASES[4]]  # fine_tune: resumed after, and right at the end of, its frozen phase
 
 
 @pytest.mark.parametrize("spec, schedule", CASES)
@@ -77,7 +79,7 @@ def test_gradual_unfreezing_trains_exactly_the_scheduled_blocks_each_epoch(spec,
     assert changed[-1]  # something did unfreeze
 
 
-@pytest.mark.parametrize("spec, schedule", CASES[:2])
+@pytest.mark.parametrize("spec, schedule", RESUMED)
 def test_gradual_unfreezing_resumed_mid_schedule_matches_an_uninterrupted_run(spec, schedule):
     model, _, _, opt, sched, set_mode = setup(spec, schedule)
     full_changes = run(model, opt, sched, set_mode, until=EPOCHS)
@@ -157,3 +159,39 @@ def test_finetune_gradual_leaves_never_unfrozen_blocks_bit_for_bit_equal(image_f
     after = result.model.trunk.state_dict()
     for k, v in after.items():  # epoch 0: head only; epoch 1: stage3 too (weights and BN statistics)
         assert torch.equal(before[k], v) == (not k.startswith("stage3.")), k
+
+
+def test_finetune_with_fastais_fine_tune_trains_the_head_first_then_everything(image_folder, tmp_path):
+    """``fine_tune:frozen=1``: epoch 1 leaves the whole trunk (weights and BN statistics)
+    bit-for-bit unchanged, epoch 2 trains every parameter, the stem at lr / 100."""
+    from transferkit import finetune
+    from transferkit.train.checkpoint import load_checkpoint
+
+    _, bb = small()
+    start = {k: v.clone() for k, v in bb.trunk.state_dict().items()}
+    ckpt, states = tmp_path / "run.pt", []
+    result = finetune(bb, data=image_folder, policy="fine_tune:frozen=1", epochs=2, batch_size=8, image_size=16,
+                      lr=1e-3, schedule="constant", restore_best=False, verbose=False, num_workers=0,
+                      checkpoint=ckpt, callbacks=[lambda row: states.append(load_checkpoint(ckpt)["model"])])
+    assert not result.used_feature_cache
+    first, second = states
+    trunk = [k for k in first if k.startswith("trunk.")]
+    assert trunk and all(torch.equal(first[k], start[k[len("trunk."):]]) for k in trunk)
+    params = {f"trunk.{n}" for n, _ in bb.trunk.named_parameters()}
+    moved = {k for k in trunk if not torch.equal(first[k], second[k])}
+    assert params <= moved  # every block trains in epoch 2
+    assert any(k.endswith("running_mean") for k in moved)  # BN statistics follow the data once unfrozen
+    head = [k for k in first if k.startswith("head.") and first[k].is_floating_point()]
+    assert any(not torch.equal(first[k], second[k]) for k in head)
+    assert [r["lr"] for r in result.history] == [1e-3, 1e-3]  # the base lr, not the stem's
+    assert result.history[-1]["lr_groups"]["stem"] == pytest.approx(1e-5)
+    assert result.history[-1]["lr_groups"]["head"] == pytest.approx(1e-3)
+
+
+def test_finetune_fine_tune_for_its_frozen_epochs_only_caches_features(image_folder):
+    from transferkit import finetune
+
+    _, bb = small()
+    result = finetune(bb, data=image_folder, policy="fine_tune", epochs=1, batch_size=8, image_size=16,
+                      verbose=False, num_workers=0)
+    assert result.used_feature_cache  # the backbone never trains in a 1-epoch fine_tune:frozen=1

@@ -111,3 +111,65 @@ def test_range_test_restores_weights_and_optimizer():
     for k, v in head.state_dict().items():
         assert torch.equal(v, before[k])
     assert opt.state_dict()["state"] == {} and opt.param_groups[0]["lr"] == 1e-3
+
+
+def _discriminative_run(lr: float, *, schedule: str = "constant", x: torch.Tensor | None = None):
+    """A small CNN fine-tuned for 2 epochs with ``discriminative=0.01``: the stem's group runs at lr / 100."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from transferkit.heads import build_head
+    from transferkit.model import TransferModel
+    from transferkit.policies import Policy, param_groups
+    from transferkit.train.loop import fit
+    from transferkit.train.optim import make_scheduler
+
+    torch.manual_seed(0)
+    bb = tk.get_backbone("tk:small_cnn", weights=None, widths=(4, 4, 8))
+    model = TransferModel(torch.nn.Identity(), bb.trunk, build_head(bb.num_features, 2))
+    policy = Policy.parse("full,discriminative=0.01")
+    opt = make_optimizer("adamw", param_groups(model, lr=lr, weight_decay=0.0, backbone=bb, policy=policy), lr=lr)
+    assert opt.param_groups[0]["name"] == "stem" and opt.param_groups[0]["lr"] == pytest.approx(lr / 100)
+    x = torch.randn(8, 3, 8, 8) if x is None else x
+    loader = DataLoader(TensorDataset(x, torch.randint(0, 2, (8,))), batch_size=4)
+    sched = make_scheduler(schedule, opt, total_steps=4, steps_per_epoch=2)
+    history, _ = fit(model, loader, None, epochs=2, optimizer=opt, scheduler=sched, loss_fn=torch.nn.CrossEntropyLoss(),
+                     device=torch.device("cpu"), set_mode=lambda e: model.train(), verbose=False)
+    return history, opt
+
+
+def test_history_reports_the_base_lr_not_the_stems():
+    history, _ = _discriminative_run(1e-3)
+    assert [r["lr"] for r in history] == [1e-3, 1e-3]
+    assert history[0]["lr_groups"]["stem"] == pytest.approx(1e-5) and history[0]["lr_groups"]["head"] == 1e-3
+    cosine, opt = _discriminative_run(1e-3, schedule="cosine")
+    head = next(g for g in opt.param_groups if g["name"] == "head")
+    assert cosine[-1]["lr"] == pytest.approx(head["lr"]) and cosine[0]["lr"] == pytest.approx(5e-4)  # lr x the schedule
+
+
+def test_a_diverged_loss_quotes_the_base_lr():
+    from transferkit.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"learning rate \(0\.001\)"):
+        _discriminative_run(1e-3, x=torch.full((8, 3, 8, 8), float("nan")))
+
+
+def test_base_lr_of_groups_without_scales_is_the_largest():
+    from transferkit.train.loop import base_lr
+
+    p, q = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    assert base_lr(torch.optim.SGD([{"params": [p], "lr": 1e-4}, {"params": [q], "lr": 1e-2}], lr=1.0)) == 1e-2
+
+
+def test_tensorboard_gets_every_groups_lr(image_folder, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tk.finetune("tk:small_cnn", weights=None, data=image_folder, policy="full,discriminative=0.01", epochs=1,
+                batch_size=8, image_size=16, lr=1e-3, schedule="constant", verbose=False, num_workers=0,
+                log_dir=tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"lr/base", "lr/stem", "lr/stage1", "lr/stage3", "lr/head", "lr/head/no_decay"} <= tags
+    assert events.Scalars("lr/base")[0].value == pytest.approx(1e-3)
+    assert events.Scalars("lr/stem")[0].value == pytest.approx(1e-5)

@@ -8,8 +8,14 @@ Example:
 """
 
 from transferkit.lora import add_lora, has_lora, merge_lora
-from transferkit.policies.freeze import apply_policy, set_train_mode, trainable_flags, trainable_parameter_names
-from transferkit.policies.groups import lr_multipliers, param_groups
+from transferkit.policies.freeze import (
+    apply_policy,
+    has_batchnorm,
+    set_train_mode,
+    trainable_flags,
+    trainable_parameter_names,
+)
+from transferkit.policies.groups import layer_ids, lr_multipliers, lr_scales, param_groups
 from transferkit.policies.l2sp import L2SP, policy_penalty
 from transferkit.policies.spec import BN_MODES, Policy
 
@@ -19,8 +25,11 @@ __all__ = [
     "Policy",
     "add_lora",
     "apply_policy",
+    "has_batchnorm",
     "has_lora",
+    "layer_ids",
     "lr_multipliers",
+    "lr_scales",
     "merge_lora",
     "param_groups",
     "policy_penalty",

@@ -33,6 +33,20 @@ def _bn_param_names(trunk: nn.Module) -> set[str]:
             for pn, _ in m.named_parameters(recurse=False)}
 
 
+def has_batchnorm(backbone: Backbone) -> bool:
+    """Whether the backbone's trainable blocks hold BatchNorm gamma/beta (what ``bn="affine"``
+    trains in frozen blocks). A ViT has none; neither has a TorchScript trunk, whose compiled
+    layers are not ``nn.BatchNorm*`` modules and sit in frozen blocks.
+
+    Example:
+        >>> from transferkit import get_backbone
+        >>> has_batchnorm(get_backbone("tk:small_cnn", weights=None))
+        True
+    """
+    trainable = set(backbone.block_names)
+    return any(backbone.block_of(n) in trainable for n in _bn_param_names(backbone.trunk))
+
+
 _PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.(original|\d+\..+)$")
 
 

@@ -16,12 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from transferkit.backbones._base import Backbone
 from transferkit.errors import PolicyError
 
 BN_MODES = ("train", "affine", "frozen")
 DEFAULT_LORA_TARGETS = r"attn|attention|mlp"
 _FEATURE_EXTRACTION = ("feature_extraction", "frozen", "linear_probe", "head", "none")
-_FULL = ("full", "finetune", "fine_tune", "all")
+_FULL = ("full", "finetune", "all")
+FINE_TUNE_DISCRIMINATIVE = 0.01  # fastai's fine_tune: lr_mult=100, i.e. slice(lr / 100, lr)
 
 
 @dataclass(frozen=True, repr=False)
@@ -44,6 +46,9 @@ class Policy:
     L2-SP: ``l2sp=alpha`` adds ``alpha/2 ||w - w0||^2`` over the trainable pretrained weights
         and ``l2sp_beta/2 ||w||^2`` over the new weights (head, LoRA factors); weight decay
         is then off.
+    fastai's ``fine_tune``: ``frozen_epochs=k`` keeps the whole backbone frozen (BatchNorm in
+        eval mode) for epochs ``0 .. k-1``; from epoch k the policy's blocks train.
+        ``"fine_tune:frozen=k"`` is ``Policy(unfreeze="all", frozen_epochs=k, discriminative=0.01)``.
     LoRA: ``lora=r`` adds rank-r factors to the linear layers whose names match the regular
         expression ``lora_targets``; only they (and the head, and blocks named by
         ``unfreeze``) train. ``lora_alpha`` defaults to r (scale 1).
@@ -53,6 +58,8 @@ class Policy:
         Policy(unfreeze=2, bn='affine')
         >>> str(Policy(every=2, layer_decay=0.7))
         'gradual:every=2,layer_decay=0.7'
+        >>> Policy.parse("fine_tune")
+        Policy(unfreeze='all', discriminative=0.01, frozen_epochs=1)
     """
 
     unfreeze: str | int | tuple[str, ...] = "none"
@@ -69,6 +76,7 @@ class Policy:
     lora: int | None = None
     lora_alpha: float | None = None
     lora_targets: str = DEFAULT_LORA_TARGETS
+    frozen_epochs: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.unfreeze, list):
@@ -85,6 +93,21 @@ class Policy:
         self._check_gradual()
         self._check_rates()
         self._check_lora()
+        self._check_frozen_epochs()
+
+    def _check_frozen_epochs(self) -> None:
+        k = self.frozen_epochs
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise PolicyError(f"Policy.frozen_epochs (epochs with the whole backbone frozen) must be an integer >= 0, "
+                              f"got {k!r}.")
+        if k and (self.is_gradual or self.lora is not None):
+            raise PolicyError("frozen_epochs (fine_tune's frozen=k) combines with unfreezing blocks (full, last=, "
+                              "blocks=, from=), not with gradual unfreezing (whose start=0 and milestones already "
+                              "freeze the first epochs) nor with LoRA.")
+        if k and self.unfreeze == "none" and self.unfreeze_from is None:
+            raise PolicyError(f"frozen_epochs={k} needs a policy that unfreezes blocks after the frozen epochs "
+                              "(e.g. 'fine_tune:frozen=1', 'unfreeze:last=2,frozen=1'); this one never trains the "
+                              "backbone.")
 
     def _check_unfreeze(self) -> None:
         u = self.unfreeze
@@ -167,6 +190,10 @@ class Policy:
         names = list(block_names)
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise PolicyError(f"epoch must be an integer >= 0, got {epoch!r}.")
+        blocks = self._blocks_after_frozen_phase(names, epoch)
+        return [] if epoch < self.frozen_epochs else blocks
+
+    def _blocks_after_frozen_phase(self, names: list[str], epoch: int) -> list[str]:
         if self.unfreeze_from is not None:
             _check_known([self.unfreeze_from], names)
             return names[names.index(self.unfreeze_from):]
@@ -188,12 +215,43 @@ class Policy:
         """The trainable blocks of each epoch ``0 .. epochs-1``."""
         return [self.trainable_blocks(block_names, e) for e in range(max(int(epochs), 1))]
 
-    def frozen_throughout(self, block_names: Sequence[str], epochs: int) -> bool:
-        """True when no backbone parameter ever trains: features can then be computed once.
-        (``bn="affine"`` trains BatchNorm gamma/beta in frozen blocks, LoRA trains factors.)"""
-        if self.lora is not None or self.bn == "affine":
-            return False
-        return all(not blocks for blocks in self.schedule(block_names, epochs))
+    def frozen_phase_epochs(self, backbone: Backbone | Sequence[str], epochs: int, *,
+                            has_batchnorm: bool | None = None) -> int:
+        """The number of leading epochs (of ``0 .. epochs-1``) in which no backbone parameter
+        trains: those epochs can run on features computed once (``fine_tune:frozen=k``: k,
+        ``gradual:every=k``: k, ``full``: 0, ``feature_extraction``: ``epochs``).
+
+        ``backbone``: the :class:`~transferkit.backbones.Backbone` (whose trunk says whether
+        ``bn="affine"`` has BatchNorm gamma/beta to train), or its block names with
+        ``has_batchnorm`` (required with ``bn="affine"``). LoRA factors train from epoch 0.
+
+        Example:
+            >>> Policy.parse("fine_tune:frozen=2").frozen_phase_epochs(["stem", "layer1"], 5)
+            2
+        """
+        names = _block_names(backbone)
+        if self.lora is not None or (self.bn == "affine" and _has_batchnorm(backbone, has_batchnorm, self)):
+            return 0
+        n = 0
+        for epoch in range(max(int(epochs), 1)):
+            if self.trainable_blocks(names, epoch):
+                break
+            n += 1
+        return n
+
+    def frozen_throughout(self, backbone: Backbone | Sequence[str], epochs: int, *,
+                          has_batchnorm: bool | None = None) -> bool:
+        """True when no backbone parameter trains in any of the ``epochs``: features can then be
+        computed once. ``bn="affine"`` trains BatchNorm gamma/beta in frozen blocks, so it counts
+        as training only when the trunk has BatchNorm layers (pass the ``Backbone``, or block
+        names with ``has_batchnorm``); LoRA trains factors.
+
+        Example:
+            >>> affine = Policy.parse("feature_extraction,bn=affine")
+            >>> affine.frozen_throughout(["embed", "blocks.0"], 3, has_batchnorm=False)  # a ViT: nothing to train
+            True
+        """
+        return self.frozen_phase_epochs(backbone, epochs, has_batchnorm=has_batchnorm) >= max(int(epochs), 1)
 
     # ---- string form -----------------------------------------------------------------
     @classmethod
@@ -203,7 +261,10 @@ class Policy:
         Kinds: ``feature_extraction``, ``full`` (``finetune``), ``unfreeze:last=N``,
         ``unfreeze:blocks=a+b``, ``unfreeze:from=layer3``, ``gradual:every=k``,
         ``gradual:milestones=2+4`` (options ``start=N``, ``max=N``), ``lora:r=8`` (options
-        ``alpha=16``, ``targets=<regex>``, ``last/blocks/from``). Options for every kind:
+        ``alpha=16``, ``targets=<regex>``, ``last/blocks/from``), ``fine_tune:frozen=k``
+        (fastai's: k epochs with the backbone frozen, then everything at
+        ``discriminative=0.01``; bare ``fine_tune`` is ``frozen=1``; ``frozen=k`` also
+        applies to ``full`` and ``unfreeze``). Options for every kind:
         ``bn=train|affine|frozen``, ``discriminative=r``, ``layer_decay=d``, ``l2sp=alpha``,
         ``l2sp_beta=beta``, ``decay_norm_bias=true``. ``Policy.parse(str(p)) == p``.
 
@@ -221,7 +282,8 @@ class Policy:
         if kind not in _KINDS:
             raise PolicyError(f"Unknown policy {spec!r}. Valid kinds: 'feature_extraction', 'full', "
                               "'unfreeze:last=N', 'unfreeze:blocks=a+b', 'unfreeze:from=BLOCK', 'gradual:every=K', "
-                              "'gradual:milestones=E1+E2', 'lora:r=R'; options after commas, e.g. ',bn=affine'.")
+                              "'gradual:milestones=E1+E2', 'lora:r=R', 'fine_tune:frozen=K'; options after commas, "
+                              "e.g. ',bn=affine'.")
         kw: dict[str, Any] = dict(_KINDS[kind][0])
         seen: set[str] = set()
         for opt in ([first] if first else []) + opts:
@@ -236,6 +298,8 @@ class Policy:
                 raise PolicyError(f"Option {key!r} conflicts with another option in {spec!r}.")
             seen.add(key)
             kw[field] = conv(key, value)
+        if kind == "fine_tune" and "layer_decay" in seen and "discriminative" not in seen:
+            del kw["discriminative"]  # layer_decay replaces fine_tune's default discriminative rates
         needed = _KINDS[kind][1]
         if needed and not seen & set(needed):
             raise PolicyError(f"Policy {spec!r} needs one of {', '.join(k + '=' for k in needed)} "
@@ -254,8 +318,12 @@ class Policy:
             if self.lora_targets != DEFAULT_LORA_TARGETS:
                 parts.append(f"targets={self.lora_targets}")
             parts += self._unfreeze_opts()
+        if self.frozen_epochs and not self._is_fine_tune:
+            parts.append(f"frozen={self.frozen_epochs}")
         for key in ("bn", "discriminative", "layer_decay", "decay_norm_bias", "l2sp"):
             v = getattr(self, key)
+            if key == "discriminative" and self._is_fine_tune and v == FINE_TUNE_DISCRIMINATIVE:
+                continue
             if v != _DEFAULTS[key]:
                 parts.append(f"{key}={str(v).lower() if isinstance(v, bool) else v}")
         if self.l2sp is not None and self.l2sp_beta != _DEFAULTS["l2sp_beta"]:
@@ -269,7 +337,15 @@ class Policy:
             return ["blocks=" + "+".join(self.unfreeze)]
         return [f"last={self.unfreeze}"] if self.unfreeze else []
 
+    @property
+    def _is_fine_tune(self) -> bool:
+        """Written as ``fine_tune:frozen=k``: everything unfreezes after k frozen epochs, at per-block rates."""
+        return (self.unfreeze == "all" and self.frozen_epochs > 0
+                and (self.discriminative is not None or self.layer_decay is not None))
+
     def _kind_str(self) -> str:
+        if self._is_fine_tune:
+            return f"fine_tune:frozen={self.frozen_epochs}"
         if self.lora is not None:
             return f"lora:r={self.lora}"
         if self.is_gradual:
@@ -288,6 +364,31 @@ class Policy:
     def replace(self, **changes: Any) -> Policy:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _block_names(backbone: Backbone | Sequence[str]) -> list[str]:
+    if isinstance(backbone, Backbone):
+        return backbone.block_names
+    if isinstance(backbone, str) or not isinstance(backbone, Sequence):
+        raise PolicyError(f"Expected a Backbone or a list of block names, got {type(backbone).__name__} {backbone!r}.")
+    return list(backbone)
+
+
+def _has_batchnorm(backbone: Backbone | Sequence[str], has_batchnorm: bool | None, policy: Policy) -> bool:
+    """Whether ``bn="affine"`` finds BatchNorm gamma/beta to train in the backbone's blocks."""
+    if isinstance(backbone, Backbone):
+        from transferkit.policies.freeze import has_batchnorm as trunk_has_batchnorm
+
+        found = trunk_has_batchnorm(backbone)
+        if has_batchnorm is not None and has_batchnorm != found:
+            raise PolicyError(f"has_batchnorm={has_batchnorm} contradicts the trunk of {backbone.name}, which "
+                              f"{'has' if found else 'has no'} trainable BatchNorm layers; omit has_batchnorm.")
+        return found
+    if has_batchnorm is None:
+        raise PolicyError(f"Policy {policy} trains BatchNorm gamma/beta wherever the trunk has BatchNorm layers, "
+                          "so whether the backbone stays frozen depends on the trunk: pass the Backbone instead of "
+                          "its block names, or has_batchnorm=True/False.")
+    return bool(has_batchnorm)
 
 
 def _check_known(wanted: Sequence[str], names: list[str]) -> None:
@@ -338,6 +439,7 @@ _KINDS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "unfreeze": ({}, ("last", "blocks", "from")),
     "gradual": ({}, ("every", "milestones")),
     "lora": ({}, ("r",)),
+    "fine_tune": ({"unfreeze": "all", "frozen_epochs": 1, "discriminative": FINE_TUNE_DISCRIMINATIVE}, ()),
 }
 _Conv = Callable[[str, str], Any]
 _OPTIONS: dict[str, tuple[str, _Conv, tuple[str, ...]]] = {
@@ -357,5 +459,6 @@ _OPTIONS: dict[str, tuple[str, _Conv, tuple[str, ...]]] = {
     "decay_norm_bias": ("decay_norm_bias", _bool, ()),
     "l2sp": ("l2sp", _float, ()),
     "l2sp_beta": ("l2sp_beta", _float, ()),
+    "frozen": ("frozen_epochs", _int, ("fine_tune", "full", "finetune", "all", "unfreeze")),
 }
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Policy)}

@@ -28,6 +28,31 @@ def _progress(total: int, desc: str, verbose: bool):
     return tqdm(total=total, desc=desc, leave=False, unit="img")
 
 
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The run's learning rate now, before per-block multipliers: ``lr / lr_scale`` of the
+    group with the largest ``lr_scale`` (the head's, 1.0, in :func:`~transferkit.policies.param_groups`
+    groups), i.e. ``lr`` times the schedule's factor. Groups without ``lr_scale`` (an optimizer
+    built by hand): the largest group lr.
+
+    Example:
+        >>> p, q = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+        >>> opt = torch.optim.SGD([{"params": [p], "lr": 1e-5, "lr_scale": 0.01},
+        ...                        {"params": [q], "lr": 1e-3, "lr_scale": 1.0}], lr=1e-3)
+        >>> base_lr(opt)
+        0.001
+    """
+    scaled = [g for g in optimizer.param_groups if g.get("lr_scale")]
+    if scaled:
+        top = max(scaled, key=lambda g: g["lr_scale"])
+        return float(top["lr"]) / float(top["lr_scale"])
+    return max(float(g["lr"]) for g in optimizer.param_groups)
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """``{group name: lr}`` of every parameter group (``group<i>`` for a group without a name)."""
+    return {str(g.get("name", f"group{i}")): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+
+
 def _cpu_speed(device: torch.device) -> SpeedConfig:
     return SpeedConfig(device=device)
 
@@ -53,7 +78,7 @@ def train_one_epoch(module: nn.Module, loader: DataLoader, *, optimizer: torch.o
         objective = loss if penalty is None else loss + penalty()
         if not torch.isfinite(objective):
             raise TrainingError(f"The training loss became {loss.item()} at {desc}. The learning rate "
-                                f"({optimizer.param_groups[0]['lr']:.3g}) is probably too high: lower it, "
+                                f"({base_lr(optimizer):.3g}) is probably too high: lower it, "
                                 "or check the inputs for NaN/inf.")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -155,6 +180,9 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
     improvement; with ``restore_best`` the best weights are loaded at the end.
     ``on_epoch_end(state)`` runs after every epoch (checkpointing, callbacks); an
     exception there stops training, and ``state`` (saved by the callback) resumes it.
+    Each history row holds ``epoch``, ``train_loss`` (``train_acc``), ``val_loss``
+    (``val_acc``), ``lr``: the base learning rate at the end of the epoch (:func:`base_lr`, not
+    a block's scaled rate), ``lr_groups``: ``{group name: lr}``, and ``time_s``.
 
     Example:
         >>> history, best = fit(head, train_dl, val_dl, epochs=5, optimizer=opt, scheduler=None,
@@ -183,7 +211,7 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
         loss_sum, correct, seen = all_reduce_sum([tr["loss_sum"], tr["correct"], tr["seen"]], dist)
         broadcast_buffers(module, dist)
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                               "lr": optimizer.param_groups[0]["lr"]}
+                               "lr": base_lr(optimizer), "lr_groups": group_lrs(optimizer)}
         if task != "regression":
             row["train_acc"] = correct / max(seen, 1)
         if val_loader is not None:
@@ -195,7 +223,8 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
         row["time_s"] = time.perf_counter() - t0
         if verbose and dist.is_main:
             log(f"epoch {epoch + 1:>3}/{epochs}  " + "  ".join(
-                f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "time_s", "lr")) + f"  ({row['time_s']:.1f}s)")
+                f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "time_s", "lr", "lr_groups"))
+                + f"  ({row['time_s']:.1f}s)")
         if on_epoch_end is not None:
             on_epoch_end(state)
     if restore_best and state.best_state is not None:

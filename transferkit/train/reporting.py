@@ -14,11 +14,13 @@ from transferkit.errors import ConfigError
 
 
 class TensorBoardLogger:
-    """Writes every numeric field of each history row as a scalar under ``log_dir``.
+    """Writes every numeric field of each history row as a scalar under ``log_dir``: losses
+    under ``loss/``, accuracies under ``accuracy/``, the base learning rate as ``lr/base`` and
+    each optimizer group's rate (the row's ``lr_groups``) as ``lr/<group name>``.
 
     Example:
         >>> tb = TensorBoardLogger("runs/exp1")  # doctest: +SKIP
-        >>> tb.log_epoch({"epoch": 1, "train_loss": 0.7})  # doctest: +SKIP
+        >>> tb.log_epoch({"epoch": 1, "train_loss": 0.7, "lr": 1e-3, "lr_groups": {"stem": 1e-5, "head": 1e-3}})  # doctest: +SKIP
     """
 
     def __init__(self, log_dir: str | Path) -> None:
@@ -31,7 +33,12 @@ class TensorBoardLogger:
     def log_epoch(self, row: dict[str, Any]) -> None:
         step = int(row["epoch"])
         for k, v in row.items():
-            if k != "epoch" and isinstance(v, (int, float)):
+            if k == "lr" and isinstance(v, (int, float)):
+                self.writer.add_scalar("lr/base", float(v), step)
+            elif k == "lr_groups" and isinstance(v, dict):
+                for name, lr in v.items():
+                    self.writer.add_scalar(f"lr/{name}", float(lr), step)
+            elif k != "epoch" and isinstance(v, (int, float)):
                 group = "loss" if "loss" in k else ("accuracy" if "acc" in k else "misc")
                 self.writer.add_scalar(f"{group}/{k}", float(v), step)
         self.writer.flush()

@@ -57,14 +57,15 @@ def find_split_folders(root: str | Path) -> SplitFolders | None:
     """The split layout of ``root``, or None when ``root`` is a plain class folder.
 
     ``root`` is a split layout when it holds ``train/`` and a validation or test folder
-    (``val/``, ``valid/``, ``validation/``, ``test/``), or ``train/`` alone. Two
-    validation folders (``val/`` and ``valid/``) are ambiguous: a :class:`DataError`.
+    (``val/``, ``valid/``, ``validation/``, ``test/``), or ``train/`` alone, and ``train/``
+    holds class sub-folders (a ``train/`` of image files is a class). Two validation
+    folders (``val/`` and ``valid/``) are ambiguous: a :class:`DataError`.
 
     Example:
         >>> import tempfile
         >>> root = Path(tempfile.mkdtemp())
-        >>> for d in ("train", "test"):
-        ...     (root / d).mkdir()
+        >>> for d in ("train/ants", "test/ants"):
+        ...     (root / d).mkdir(parents=True)
         >>> s = find_split_folders(root)
         >>> s.train.name, s.val, s.test.name, s.held_out.name
         ('train', None, 'test', 'test')
@@ -80,6 +81,8 @@ def find_split_folders(root: str | Path) -> SplitFolders | None:
     others = [n for n in names if n not in SPLIT_NAMES]
     if not vals and not tests and others:
         return None  # 'train' is one class among others (a warning says so: split_like_names)
+    if not any(not is_hidden(n) for n in _subfolders(root / "train")):
+        return None  # train/ holds files, not class folders: it is a class (named like a split)
     if len(vals) > 1:
         raise DataError(f"{str(root)!r} holds several validation folders {vals} next to train/; keep one, or pass "
                         "the training and validation folders explicitly (data=.../train, val_data=.../val).")

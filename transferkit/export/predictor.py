@@ -128,8 +128,9 @@ class Predictor:
         Example:
             >>> predictor.predict(["a.jpg", "b.png"], top_k=3)[0].top_k  # doctest: +SKIP
             [('ants', 0.91), ('bees', 0.09)]
-            >>> [p.error for p in predictor.predict(["a.jpg", "broken.jpg"])]  # doctest: +SKIP
-            [None, "Cannot read image 'broken.jpg': ..."]
+            >>> preds = predictor.predict(["a.jpg", "broken.jpg"])  # doctest: +SKIP
+            >>> preds[1].ok, preds[1].error  # doctest: +SKIP
+            (False, "Cannot read image 'broken.jpg': ...")
         """
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ConfigError(f"top_k must be a positive integer, got {top_k!r}.")

@@ -84,7 +84,8 @@ def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what
         return ImageFolderDataset(data, classes=classes, min_size=min_size, report=report, **checks)
     if isinstance(data, ImageFolderDataset):  # keeps its files and checks; reports into this bundle's report
         report.merge(data.report)
-        return ImageFolderDataset(data.root, classes=data.classes, samples=data.samples, min_size=data.min_size,
+        return ImageFolderDataset(data.root, classes=data.classes, samples=data.samples,
+                                  min_size=data.min_size if min_size is None else min_size,
                                   on_bad_file=checks["on_bad_file"], report=report)
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         if len(data) == 0:

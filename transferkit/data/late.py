@@ -115,7 +115,10 @@ def _deliver(batch: Any, token: str, pending: list[tuple[str, str]]) -> Any:
     report = _REPORTS.get(token)
     if report is not None:
         for path, reason in pending:
-            record_bad_at_load(report, path, reason)
+            try:
+                record_bad_at_load(report, path, reason)
+            except Warning:  # warnings turned into errors (-W error): the report holds the file and the message
+                pass  # already; raising here, possibly in the pin-memory thread, would kill the loader
     return batch
 
 

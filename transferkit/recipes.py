@@ -54,14 +54,18 @@ def default_data_root() -> Path:
     return Path(os.environ.get("TRANSFERKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def image_folder_splits(root: Path, test_names: tuple[str, ...] = ("test", "val", "valid", "validation")) -> RecipeData | None:
-    """``root/train/<class>/*`` with ``root/val`` and/or ``root/test``, or None when ``root`` has no ``train/``."""
-    if not (root / "train").is_dir():
-        return None
-    held = [root / n for n in test_names if (root / n).is_dir()]
-    val = root / "val" if (root / "val").is_dir() else None
-    test = next((h for h in held if h != val), None)
-    return RecipeData(train=root / "train", val=val, test=test)
+def image_folder_splits(root: Path) -> RecipeData | None:
+    """``root/train/<class>/*`` with ``root/val`` (or ``valid/``, ``validation/``) as the
+    validation data and ``root/test`` as the test set, or None when ``root`` has no
+    ``train/``. The same rule as :func:`transferkit.finetune` on such a folder
+    (:func:`transferkit.data.find_split_folders`); ``finetune`` alone validates on
+    ``test/`` when there is no validation folder, where a recipe scores the test set."""
+    from transferkit.data import find_split_folders
+
+    splits = find_split_folders(root)
+    if splits is None:  # train/ beside other folders: a recipe's data folder is a split layout
+        return RecipeData(train=root / "train") if (root / "train").is_dir() else None
+    return RecipeData(train=splits.train, val=splits.val, test=splits.test)
 
 
 def limit_per_class(dataset: Any, limit: int | None, seed: int = 0) -> Any:

@@ -12,6 +12,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from transferkit.data.checks import DataReport, check_image_file, find_duplicates
+from transferkit.data.folders import SplitFolders, find_split_folders, warn_split_like_classes
 from transferkit.data.images import (
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
@@ -36,14 +37,14 @@ __all__ = [
     "eval_transform",
     "load_image",
     "prepare_data",
+    "resolve_split_folders",
+    "SplitFolders",
+    "find_split_folders",
     "scan_csv",
     "scan_image_folder",
     "stratified_split",
     "train_transform",
 ]
-
-_VAL_NAMES = ("val", "valid", "validation")
-
 
 @dataclass
 class DataBundle:
@@ -77,9 +78,15 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0)
     return sorted(int(i) for i in train_idx), sorted(int(i) for i in val_idx)
 
 
-def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what: str, **checks: Any):
+def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what: str, report: DataReport,
+                **checks: Any):
     if isinstance(data, (str, Path)):
-        return ImageFolderDataset(data, classes=classes, min_size=min_size, **checks)
+        return ImageFolderDataset(data, classes=classes, min_size=min_size, report=report, **checks)
+    if isinstance(data, ImageFolderDataset):  # keeps its files and checks; reports into this bundle's report
+        report.merge(data.report)
+        return ImageFolderDataset(data.root, classes=data.classes, samples=data.samples,
+                                  min_size=data.min_size if min_size is None else min_size,
+                                  on_bad_file=checks["on_bad_file"], report=report)
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         if len(data) == 0:
             raise DataError(f"The {what} dataset is empty.")
@@ -87,12 +94,30 @@ def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what
     raise DataError(f"{what} must be a folder path or a torch Dataset of (image, label), got {type(data).__name__}.")
 
 
-def _split_dirs(root: Path) -> tuple[Path, Path] | None:
-    subdirs = {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
-    val_name = next((v for v in _VAL_NAMES if v in subdirs), None)
-    if "train" in subdirs and val_name:
-        return root / "train", root / val_name
-    return None
+def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple[Any, Any]:
+    """``(data, val_data)`` with a split layout resolved: a folder holding ``train/`` and
+    ``val/`` (or ``valid/``, ``validation/``, else ``test/``) trains on ``train/`` and
+    validates on the other; ``train/`` alone trains on it (see
+    :func:`~transferkit.data.folders.find_split_folders`, the rule the recipes use too).
+    Anything else is returned as it is.
+
+    Example:
+        >>> resolve_split_folders("no/such/folder", None, DataReport())
+        ('no/such/folder', None)
+    """
+    if not isinstance(data, (str, Path)) or val_data is not None:
+        return data, val_data
+    splits = find_split_folders(data)
+    if splits is None:
+        return data, val_data
+    if splits.val is not None and splits.test is not None:
+        report.warn(f"{str(data)!r} holds {splits.val.name}/ and test/: training uses train/ and validates on "
+                    f"{splits.val.name}/; test/ is not used (score the exported model on it, e.g. with "
+                    "`transferkit predict`).")
+    if splits.others:
+        used = ", ".join(f"{p.name}/" for p in (splits.train, splits.val, splits.test) if p is not None)
+        report.warn(f"{str(data)!r} is a split layout ({used}); its other folders are not used: {splits.others[:10]}.")
+    return splits.train, splits.held_out
 
 
 def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, seed: int = 0,
@@ -101,24 +126,27 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
     """Resolve training and validation data.
 
     ``data`` is a folder ``root/<class>/<image>`` (or a folder holding ``train/`` and
-    ``val/``), a CSV file of ``path,label`` rows, or a Dataset of ``(image, label)``.
+    ``val/``, ``valid/``, ``validation/`` or ``test/``: see :func:`resolve_split_folders`),
+    a CSV file of ``path,label`` rows, or a Dataset of ``(image, label)``.
     Without ``val_data``, a stratified ``val_split`` of the training data is held out
     (``val_split=0``: no validation). Image files are checked before training
     (``scan="quick"``: headers and truncation, ``"full"``: decode everything, ``"none"``);
     bad ones are left out and listed in ``bundle.report`` (``on_bad_file="skip"``) or
-    raise (``"raise"``). The validation data always use the training class mapping.
+    raise (``"raise"``); files that fail to decode later are handled as
+    :mod:`transferkit.data.late` says. The validation data always use the training class
+    mapping. Class folders named like splits (``train``, ``test``, ...) give a warning.
 
     Example:
         >>> bundle = prepare_data("hymenoptera")  # doctest: +SKIP
         >>> bundle.classes
         ['ants', 'bees']
     """
-    if isinstance(data, (str, Path)) and val_data is None and (pair := _split_dirs(Path(data))):
-        data, val_data = pair
-    checks = {"on_bad_file": on_bad_file, "scan": scan}
-    train = _as_dataset(data, list(classes) if classes else None, min_size, "training", **checks)
     report = DataReport()
-    report.merge(getattr(train, "report", DataReport()))
+    data, val_data = resolve_split_folders(data, val_data, report)
+    checks = {"on_bad_file": on_bad_file, "scan": scan}
+    train = _as_dataset(data, list(classes) if classes else None, min_size, "training", report, **checks)
+    if not isinstance(train, ImageFolderDataset):
+        report.merge(getattr(train, "report", DataReport()))
     names = list(classes) if classes else list(getattr(train, "classes", []) or getattr(getattr(train, "base", None), "classes", []) or [])
     targets = dataset_targets(train)
     if not names:
@@ -126,14 +154,17 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
     bad = sorted({t for t in targets if not 0 <= t < len(names)})
     if bad:
         raise DataError(f"Training labels {bad[:5]} are outside 0..{len(names) - 1} for classes {names[:10]}.")
+    if isinstance(data, (str, Path)):
+        warn_split_like_classes(names, repr(str(data)), report)
     counts = Counter(targets)
     if len(counts) < 2:
         raise DataError(f"Training data has a single class ({names[next(iter(counts))]!r}); "
                         "a classifier needs at least two.")
     val = None
     if val_data is not None:
-        val = _as_dataset(val_data, names, min_size, "validation", **checks)
-        report.merge(getattr(val, "report", DataReport()))
+        val = _as_dataset(val_data, names, min_size, "validation", report, **checks)
+        if not isinstance(val, ImageFolderDataset):
+            report.merge(getattr(val, "report", DataReport()))
         vt = dataset_targets(val)
         bad = sorted({t for t in vt if not 0 <= t < len(names)})
         if bad:

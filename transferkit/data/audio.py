@@ -22,40 +22,85 @@ import torch
 from torch.utils.data import Dataset
 
 from transferkit.backbones._base import InputSpec
+from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport
+from transferkit.data.folders import class_folders, list_class_files, warn_split_like_classes
+from transferkit.data.late import ReportingCollate, load_or_replace
 from transferkit.errors import ConfigError, DataError, check_choice
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif")
 PAD_VALUE = float("nan")
 AUDIO_AUGMENTATIONS = ("none", "standard")
+# clips longer than this are cropped to their middle (see prepare_audio_data): a 10-minute
+# clip at 16 kHz is 38 MB of float32, and a batch of 32 of them 1.2 GB before the model runs
+DEFAULT_MAX_SECONDS = 30.0
 
 
-def load_audio(path: str | Path, sample_rate: int | None = None, *, mono: bool = True) -> torch.Tensor:
+def load_audio(path: str | Path, sample_rate: int | None = None, *, mono: bool = True,
+               max_seconds: float | None = None) -> torch.Tensor:
     """Read a WAV/FLAC/OGG file as float32 in [-1, 1], mixed down to mono ``[T]``
     (``mono=False``: ``[C, T]``) and resampled to ``sample_rate`` (None: keep the file's rate).
+    ``max_seconds``: read only the middle ``max_seconds`` of a longer file.
 
     Example:
         >>> wav = load_audio("../shared/data/fsdd/recordings/0_george_0.wav", 16000)  # doctest: +SKIP
         >>> wav.shape  # doctest: +SKIP
         torch.Size([4768])
     """
-    wav, sr = read_audio(path)
+    wav, sr = read_audio(path, max_seconds=max_seconds)
     if mono:
         wav = wav.mean(0)
     return resample(wav, sr, sample_rate) if sample_rate else wav
 
 
-def read_audio(path: str | Path) -> tuple[torch.Tensor, int]:
-    """Read an audio file with soundfile: ``([C, T] float32 tensor, sample_rate)``."""
+def _cannot_read(path: str | Path, exc: BaseException) -> DataError:
+    return DataError(f"Cannot read audio file {str(path)!r}: {type(exc).__name__}: {exc}. Supported: "
+                     f"{', '.join(AUDIO_EXTENSIONS)} (read with soundfile/libsndfile).")
+
+
+def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[torch.Tensor, int]:
+    """Read an audio file with soundfile: ``([C, T] float32 tensor, sample_rate)``; with
+    ``max_seconds``, only the middle ``max_seconds`` of a longer file are read. A file with
+    no samples, or with NaN/inf samples (NaN marks padding in transferkit batches), raises
+    :class:`DataError` naming the file."""
     import soundfile as sf
 
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            sr, frames = int(f.samplerate), int(f.frames)
+            keep = frames if max_seconds is None else min(frames, max(1, int(round(max_seconds * sr))))
+            if keep < frames:
+                f.seek((frames - keep) // 2)
+            data = f.read(keep, dtype="float32", always_2d=True)
     except (RuntimeError, OSError, ValueError, TypeError) as exc:  # sf.LibsndfileError is a RuntimeError
-        raise DataError(f"Cannot read audio file {str(path)!r}: {type(exc).__name__}: {exc}. Supported: "
-                        f"{', '.join(AUDIO_EXTENSIONS)} (read with soundfile/libsndfile).") from exc
+        raise _cannot_read(path, exc) from exc
     if data.shape[0] == 0:
-        raise DataError(f"Audio file {str(path)!r} is empty (0 samples).")
-    return torch.from_numpy(np.ascontiguousarray(data.T)), int(sr)
+        raise DataError(f"Audio file {str(path)!r} is empty (0 samples): a header without audio data.")
+    check_finite(data, f"audio file {str(path)!r}")
+    return torch.from_numpy(np.ascontiguousarray(data.T)), sr
+
+
+def check_finite(samples: np.ndarray | torch.Tensor, what: str) -> None:
+    """Raise :class:`DataError` when ``samples`` hold NaN or inf."""
+    arr = samples.numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        n_nan, n_inf = int(np.isnan(arr).sum()), int((~finite).sum() - np.isnan(arr).sum())
+        raise DataError(f"The {what} holds non-finite samples ({n_nan} NaN, {n_inf} inf of {arr.size}); audio must "
+                        "be finite (NaN marks padding in transferkit batches). Remove or repair it.")
+
+
+def crop_centre(wav: torch.Tensor, max_samples: int | None) -> torch.Tensor:
+    """The middle ``max_samples`` of a ``[T]`` (or ``[C, T]``) waveform; shorter ones unchanged.
+
+    Example:
+        >>> crop_centre(torch.arange(10.0), 4).tolist()
+        [3.0, 4.0, 5.0, 6.0]
+    """
+    t = int(wav.shape[-1])
+    if max_samples is None or t <= max_samples:
+        return wav
+    start = (t - max_samples) // 2
+    return wav[..., start:start + max_samples]
 
 
 def resample(wav: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
@@ -155,30 +200,51 @@ class AudioTransform:
         return f"AudioTransform(sample_rate={self.sample_rate}, clip={self.clip}, augment={self.augment})"
 
 
-def scan_audio_folder(root: str | Path, classes: Sequence[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
-    """``(path, class_index)`` for ``root/<class>/**/<audio file>``."""
+def _is_audio_file(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(AUDIO_EXTENSIONS)
+
+
+def scan_audio_folder(root: str | Path, classes: Sequence[str] | None = None, *,
+                      report: DataReport | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(path, class_index)`` for ``root/<class>/**/<audio file>``, with the same rules as
+    image folders (:func:`transferkit.data.scan_image_folder`): hidden sub-folders are not
+    walked and are listed as ignored, unreadable folders are reported, a class folder the
+    training ``classes`` lack is left out with a warning, and a folder sharing no class with
+    them is an error."""
+    report = report if report is not None else DataReport()
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"Audio folder {str(root)!r} does not exist. Expected root/<class>/<clip>.wav "
                         "or a CSV file list with columns path,label.")
-    found = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    found = class_folders(root, report)
     classes = list(classes) if classes else found
     extra = [c for c in found if c not in classes]
+    if found and len(extra) == len(found):
+        raise DataError(f"{str(root)!r} shares no class with the training data: its class folders are {extra[:10]}, "
+                        f"the training classes {classes[:10]}. Validation folders need class sub-folders named like "
+                        "the training ones.")
     if extra:
-        raise DataError(f"Folder {str(root)!r} has classes {extra} that the training data does not have "
-                        f"(training classes: {classes}).")
-    samples = [(os.path.join(dp, f), classes.index(c)) for c in found
-               for dp, _, fs in sorted(os.walk(root / c)) for f in sorted(fs)
-               if f.lower().endswith(AUDIO_EXTENSIONS) and not f.startswith(".")]
+        report.warn(f"{str(root)!r} has class folders {extra} that the training data does not have; their clips are "
+                    f"left out (training classes: {classes}).")
+    samples, empty = [], []
+    for c in (c for c in found if c in classes):
+        files = list_class_files(root / c, _is_audio_file, report)
+        if not files:
+            empty.append(c)
+        samples += [(f, classes.index(c)) for f in files]
     if not samples:
         raise DataError(f"No audio files ({', '.join(AUDIO_EXTENSIONS)}) under {str(root)!r} in "
                         f"{len(found)} class folders. Expected root/<class>/<clip>.wav.")
+    if empty:
+        report.warn(f"Class folders without audio files in {str(root)!r}: {empty}.")
     return samples, classes
 
 
-def read_file_list(path: str | Path, classes: Sequence[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+def read_file_list(path: str | Path, classes: Sequence[str] | None = None, *,
+                   report: DataReport | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """A CSV file list with a header holding ``path`` and ``label`` columns; relative paths
-    are relative to the CSV's folder. Classes are the sorted labels unless given."""
+    are relative to the CSV's folder. Classes are the sorted labels unless given. Files
+    that are missing or unreadable are found by the pre-scan (:func:`filter_bad_audio`)."""
     path = Path(path)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -193,70 +259,209 @@ def read_file_list(path: str | Path, classes: Sequence[str] | None = None) -> tu
     return [(str(path.parent / r["path"]), classes.index(r["label"])) for r in rows], classes
 
 
+@dataclass(frozen=True)
+class AudioFileInfo:
+    """What the pre-scan learns from an audio file's header."""
+
+    frames: int
+    channels: int
+    sample_rate: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def probe_audio_file(path: str | Path, *, full: bool = False) -> AudioFileInfo | str:
+    """The header of ``path`` (soundfile.info: format, frame count, channels, rate), or why
+    the file cannot be used: empty, not audio, a header without samples; with ``full``,
+    the file is decoded too (finds NaN/inf samples and broken data)."""
+    import soundfile as sf
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        info = sf.info(str(path))
+    except (RuntimeError, OSError, ValueError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"cannot be read as audio ({type(exc).__name__}: {first})"
+    if info.frames <= 0:
+        return "a header without audio data (0 frames)"
+    if info.channels < 1 or info.samplerate <= 0:
+        return f"invalid header ({info.channels} channels at {info.samplerate} Hz)"
+    if full:
+        try:
+            read_audio(path)
+        except DataError as exc:
+            cause = exc.__cause__
+            return f"cannot be decoded ({type(cause).__name__}: {cause})" if cause is not None else str(exc)
+    return AudioFileInfo(frames=int(info.frames), channels=int(info.channels), sample_rate=int(info.samplerate))
+
+
+def check_audio_file(path: str | Path, *, full: bool = False) -> str | None:
+    """Why ``path`` cannot be used as audio, or ``None`` when it looks fine (:func:`probe_audio_file`).
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "notes.wav"
+        >>> _ = path.write_text("not audio")
+        >>> check_audio_file(path).startswith("cannot be read as audio (LibsndfileError")
+        True
+    """
+    found = probe_audio_file(path, full=full)
+    return found if isinstance(found, str) else None
+
+
+def filter_bad_audio(samples: Sequence[tuple[Any, int]], *, on_bad_file: str = "skip", scan: str = "quick",
+                     report: DataReport | None = None,
+                     max_seconds: float | None = None) -> list[tuple[Any, int]]:
+    """The audio counterpart of :func:`transferkit.data.checks.filter_bad_images`: drop
+    (``"skip"``, listed in ``report``) or reject (``"raise"``) file samples that fail
+    :func:`probe_audio_file` (``scan="quick"``: headers; ``"full"``: decode every file;
+    ``"none"``: no check). In-memory samples pass through. Clips longer than
+    ``max_seconds`` are counted in one warning (they will be cropped)."""
+    check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
+    check_choice("scan", scan, SCANS)
+    if scan == "none":
+        return list(samples)
+    good, bad, long = [], [], []
+    for source, target in samples:
+        if not isinstance(source, (str, Path)):
+            good.append((source, target))
+            continue
+        found = probe_audio_file(source, full=scan == "full")
+        if isinstance(found, AudioFileInfo):
+            good.append((source, target))
+            if max_seconds is not None and found.seconds > max_seconds:
+                long.append((found.seconds, str(source)))
+            continue
+        if on_bad_file == "raise":
+            raise DataError(f"Bad audio file {str(source)!r}: {found}. Remove it, or pass on_bad_file='skip' to leave "
+                            "bad files out (they are listed in the result).")
+        bad.append((str(source), found))
+    if report is not None and bad:
+        report.bad_files += bad
+        shown = "; ".join(f"{p} ({r})" for p, r in bad[:5])
+        report.warn(f"Left out {len(bad)} bad audio file(s): {shown}{' ...' if len(bad) > 5 else ''}")
+    if report is not None and long:
+        _warn_long(report, long, max_seconds)  # type: ignore[arg-type]
+    return good
+
+
+def check_max_seconds(max_seconds: Any) -> float | None:
+    """``max_seconds`` if it is a positive number or None, else a :class:`ConfigError`."""
+    if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
+                                    or not max_seconds > 0):
+        raise ConfigError(f"max_seconds must be a positive number of seconds or None, got {max_seconds!r}.")
+    return max_seconds
+
+
+def _warn_long(report: DataReport, long: list[tuple[float, str]], max_seconds: float) -> None:
+    secs, where = max(long)
+    report.warn(f"{len(long)} clip(s) are longer than max_seconds={max_seconds:g} and are cropped to their middle "
+                f"{max_seconds:g} s (the longest: {secs:.1f} s, {where}); pass a larger max_seconds (or None) to keep "
+                "more, at the cost of memory per batch.")
+
+
 class AudioDataset(Dataset):
     """Audio files as ``(transform(waveform), class_index)``; waveforms are mono float32
-    at ``sample_rate``. Decoded clips are cached in memory (shared by all views) when
-    ``cache=True``. Clips of different lengths are batched by :attr:`collate_fn`.
+    at ``sample_rate``, at most ``max_seconds`` long (the middle of a longer clip). Decoded
+    clips are cached in memory (shared by all views) when ``cache=True``. Clips of
+    different lengths are batched by :attr:`collate_fn`. A clip that fails to load
+    (unreadable, NaN/inf samples) raises with ``on_bad_file="raise"``; with ``"skip"`` the
+    next readable clip of its class takes its place and the file is listed in ``report``
+    (see :mod:`transferkit.data.late`).
 
     Example:
         >>> ds = AudioDataset.from_source("clips/", sample_rate=16000)  # doctest: +SKIP
         >>> wav, label = ds[0]  # doctest: +SKIP
     """
 
-    collate_fn = staticmethod(pad_collate)
-
     def __init__(self, samples: list[tuple[Any, int]], classes: Sequence[str], *, sample_rate: int,
-                 transform: Callable | None = None, cache: bool = True, _store: dict | None = None) -> None:
+                 transform: Callable | None = None, cache: bool = True, max_seconds: float | None = DEFAULT_MAX_SECONDS,
+                 on_bad_file: str = "skip", report: DataReport | None = None, _store: dict | None = None,
+                 _known_bad: dict | None = None) -> None:
+        check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
+        check_max_seconds(max_seconds)
         self.samples, self.classes, self.sample_rate = samples, list(classes), int(sample_rate)
-        self.transform, self.cache = transform, cache
+        self.transform, self.cache, self.max_seconds, self.on_bad_file = transform, cache, max_seconds, on_bad_file
+        self.report = report if report is not None else DataReport()
         self._store: dict[int, torch.Tensor] = {} if _store is None else _store
+        self._known_bad: dict = {} if _known_bad is None else _known_bad
 
     @classmethod
     def from_source(cls, source: str | Path, *, sample_rate: int, classes: Sequence[str] | None = None,
-                    **kw: Any) -> AudioDataset:
-        """A class folder or a ``.csv`` file list."""
-        scan = read_file_list if str(source).lower().endswith(".csv") else scan_audio_folder
-        samples, names = scan(source, classes)
-        return cls(samples, names, sample_rate=sample_rate, **kw)
+                    scan: str = "quick", **kw: Any) -> AudioDataset:
+        """A class folder or a ``.csv`` file list, pre-scanned (``scan``, see :func:`filter_bad_audio`)."""
+        report = kw.pop("report", None) or DataReport()
+        lister = read_file_list if str(source).lower().endswith(".csv") else scan_audio_folder
+        samples, names = lister(source, classes, report=report)
+        listed = {t for _, t in samples}
+        samples = filter_bad_audio(samples, on_bad_file=kw.get("on_bad_file", "skip"), scan=scan, report=report,
+                                   max_seconds=kw.get("max_seconds", DEFAULT_MAX_SECONDS))
+        if not samples:
+            raise DataError(f"No readable audio files under {str(source)!r}: every file was bad "
+                            f"(e.g. {report.bad_files[:2]}).")
+        emptied = [names[t] for t in sorted(listed - {t for _, t in samples})]
+        if emptied:
+            report.warn(f"Class folders without readable audio in {str(source)!r}: {emptied} (every file in them "
+                        "was bad, see the left-out files).")
+        return cls(samples, names, sample_rate=sample_rate, report=report, **kw)
 
     @property
     def targets(self) -> list[int]:
         return [t for _, t in self.samples]
 
+    @property
+    def collate_fn(self) -> ReportingCollate:
+        """The DataLoader collate function: :func:`pad_collate`, reporting replaced files."""
+        return ReportingCollate(self.report.token, pad_collate)
+
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _decode(self, source: Any) -> torch.Tensor:
+        return to_waveform(source, self.sample_rate, max_seconds=self.max_seconds)
+
     def waveform(self, i: int) -> torch.Tensor:
-        """The decoded, mono, resampled clip ``i`` (no transform)."""
-        key = id(self.samples[i])  # the sample tuples are shared by all views
+        """The decoded, mono, resampled (and cropped to ``max_seconds``) clip ``i`` (no transform);
+        raises :class:`DataError` when it cannot be loaded."""
+        return self._cached(self.samples[i])
+
+    def _cached(self, sample: tuple[Any, int]) -> torch.Tensor:
+        key = id(sample)  # the sample tuples are shared by all views
         wav = self._store.get(key)
         if wav is None:
-            wav = to_waveform(self.samples[i][0], self.sample_rate)
+            wav = self._decode(sample[0])
             if self.cache:
                 self._store[key] = wav
         return wav
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        wav = self.waveform(i)
-        return (self.transform(wav) if self.transform else wav), self.samples[i][1]
+        wav, target = load_or_replace(self.samples, i, lambda j: self._cached(self.samples[j]),
+                                      on_bad_file=self.on_bad_file, report=self.report, known_bad=self._known_bad)
+        return (self.transform(wav) if self.transform else wav), target
 
     def view(self, indices: Sequence[int] | None = None, transform: Callable | None = None) -> AudioDataset:
-        """The same clips (or a subset) through another transform, sharing the cache."""
+        """The same clips (or a subset) through another transform, sharing the cache and the report."""
         samples = self.samples if indices is None else [self.samples[i] for i in indices]
         return AudioDataset(samples, self.classes, sample_rate=self.sample_rate, transform=transform,
-                            cache=self.cache, _store=self._store)
+                            cache=self.cache, max_seconds=self.max_seconds, on_bad_file=self.on_bad_file,
+                            report=self.report, _store=self._store, _known_bad=self._known_bad)
 
 
-def to_waveform(item: Any, sample_rate: int) -> torch.Tensor:
+def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None) -> torch.Tensor:
     """A path, a ``(waveform, rate)`` pair or a waveform already at ``sample_rate`` -> mono
-    float32 ``[T]`` at ``sample_rate`` (int16 PCM is scaled to [-1, 1]).
+    float32 ``[T]`` at ``sample_rate`` (int16 PCM is scaled to [-1, 1]), at most
+    ``max_seconds`` long (the middle of a longer clip). NaN at the end of an in-memory
+    waveform is padding and is removed; NaN elsewhere, or inf, raises :class:`DataError`.
 
     Example:
         >>> to_waveform((torch.zeros(2, 800), 8000), 16000).shape
         torch.Size([1600])
     """
     if isinstance(item, (str, Path)):
-        return load_audio(item, sample_rate)
+        return load_audio(item, sample_rate, max_seconds=max_seconds)
     rate = sample_rate
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (int, float)):
         item, rate = item
@@ -266,18 +471,26 @@ def to_waveform(item: Any, sample_rate: int) -> torch.Tensor:
     wav = wav.float()
     if wav.ndim == 2:
         wav = wav.mean(0)
+    if wav.ndim == 1:
+        wav = wav[: int(valid_lengths(wav[None])[0])] if torch.isnan(wav[-1:]).any() else wav  # trailing padding
     if wav.ndim != 1 or wav.shape[0] == 0:
         raise DataError(f"A waveform must be a non-empty [T] or [C, T] array, got shape {tuple(wav.shape)}.")
+    check_finite(wav, "waveform")
+    wav = crop_centre(wav, None if max_seconds is None else max(1, int(round(max_seconds * float(rate)))))
     return resample(wav, int(rate), sample_rate)
 
 
-def _audio_dataset(data: Any, spec: InputSpec, classes: list[str] | None, what: str) -> AudioDataset:
+def _audio_dataset(data: Any, spec: InputSpec, classes: list[str] | None, what: str, *, report: DataReport,
+                   on_bad_file: str, scan: str, max_seconds: float | None) -> AudioDataset:
+    rate = int(spec.sample_rate)  # type: ignore[arg-type]
+    opts = {"on_bad_file": on_bad_file, "max_seconds": max_seconds, "report": report}
     if isinstance(data, AudioDataset):  # decoded again at the backbone's rate when it differs
-        if data.sample_rate == int(spec.sample_rate):  # type: ignore[arg-type]
-            return data
-        return AudioDataset(data.samples, data.classes, sample_rate=int(spec.sample_rate), cache=data.cache)  # type: ignore[arg-type]
+        report.merge(data.report)
+        return AudioDataset(data.samples, data.classes, sample_rate=rate, cache=data.cache,
+                            _store=data._store if data.sample_rate == rate and data.max_seconds == max_seconds else None,
+                            **opts)
     if isinstance(data, (str, Path)):
-        return AudioDataset.from_source(data, sample_rate=int(spec.sample_rate), classes=classes)  # type: ignore[arg-type]
+        return AudioDataset.from_source(data, sample_rate=rate, classes=classes, scan=scan, **opts)
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
         if len(data) == 0:
             raise DataError(f"The {what} dataset is empty.")
@@ -285,17 +498,47 @@ def _audio_dataset(data: Any, spec: InputSpec, classes: list[str] | None, what: 
         if not all(isinstance(it, (tuple, list)) and len(it) in (2, 3) for it in items):
             raise DataError(f"A {what} audio dataset must hold (waveform, label) or (waveform, sample_rate, label).")
         samples = [((it[0], it[1]) if len(it) == 3 else it[0], int(it[-1])) for it in items]
+        samples = filter_bad_audio(samples, on_bad_file=on_bad_file, scan=scan, report=report, max_seconds=max_seconds)
+        if not samples:
+            raise DataError(f"No readable clips in the {what} dataset (e.g. {report.bad_files[:2]}).")
+        if max_seconds is not None:
+            long = [(n / r, f"in-memory item {i}") for i, (n, r) in enumerate(_lengths(samples, rate))
+                    if n > max_seconds * r]
+            if long:
+                _warn_long(report, long, max_seconds)
         names = classes or [str(i) for i in range(max(t for _, t in samples) + 1)]
-        return AudioDataset(samples, names, sample_rate=int(spec.sample_rate))  # type: ignore[arg-type]
+        return AudioDataset(samples, names, sample_rate=rate, **opts)
     raise DataError(f"{what} audio data must be a folder, a .csv file list or a dataset of (waveform, label), "
                     f"got {type(data).__name__}.")
 
 
+def _lengths(samples: Sequence[tuple[Any, int]], rate: int) -> list[tuple[int, float]]:
+    """``(samples, sample_rate)`` of in-memory clips (0 for files; they are probed by the scan)."""
+    out = []
+    for source, _ in samples:
+        r = rate
+        if isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], (int, float)):
+            source, r = source
+        out.append((0, float(r)) if isinstance(source, (str, Path)) else (int(np.shape(source)[-1]), float(r)))
+    return out
+
+
 def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_split: float = 0.2, seed: int = 0,
-                       classes: Sequence[str] | None = None):
+                       classes: Sequence[str] | None = None, on_bad_file: str = "skip", scan: str = "quick",
+                       max_seconds: float | None = DEFAULT_MAX_SECONDS):
     """The audio counterpart of :func:`transferkit.data.prepare_data`: a folder
-    ``root/<class>/<clip>.wav`` (or one holding ``train/`` and ``val/``), a CSV file list,
-    or a dataset of ``(waveform, label)`` / ``(waveform, sample_rate, label)``.
+    ``root/<class>/<clip>.wav`` (or one holding ``train/`` and ``val/``, ``valid/``,
+    ``validation/`` or ``test/``), a CSV file list, or a dataset of ``(waveform, label)`` /
+    ``(waveform, sample_rate, label)``.
+
+    Every file is pre-scanned (``scan="quick"``: its header with ``soundfile.info``, frame
+    count, channels, rate; ``"full"``: decoded too, which finds NaN/inf samples before
+    training; ``"none"``). Bad files are left out and listed in ``bundle.report``
+    (``on_bad_file="skip"``) or raise (``"raise"``); a file that fails when it is loaded
+    later (NaN/inf samples, broken data) is handled as :mod:`transferkit.data.late` says.
+    Clips longer than ``max_seconds`` (default 30; at least the backbone's
+    ``clip_seconds``) are cropped to their middle, which bounds the memory of a batch;
+    ``max_seconds=None`` keeps whole clips.
 
     Example:
         >>> from transferkit.backbones import InputSpec
@@ -304,14 +547,22 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
         >>> len(bundle.train), len(bundle.val), bundle.classes
         (6, 2, ['0', '1'])
     """
-    from transferkit.data import DataBundle, _split_dirs, stratified_split
+    from transferkit.data import DataBundle, resolve_split_folders, stratified_split
 
     if not spec.sample_rate:
         raise ConfigError(f"Audio data needs a backbone input spec with a sample_rate; got {spec}.")
-    if isinstance(data, (str, Path)) and val_data is None and (pair := _split_dirs(Path(data))):
-        data, val_data = pair
-    train = _audio_dataset(data, spec, list(classes) if classes else None, "training")
+    check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
+    check_choice("scan", scan, SCANS)
+    check_max_seconds(max_seconds)
+    if max_seconds is not None and spec.clip_seconds:
+        max_seconds = max(float(max_seconds), float(spec.clip_seconds))
+    report = DataReport()
+    data, val_data = resolve_split_folders(data, val_data, report)
+    opts = {"report": report, "on_bad_file": on_bad_file, "scan": scan, "max_seconds": max_seconds}
+    train = _audio_dataset(data, spec, list(classes) if classes else None, "training", **opts)
     names = list(classes) if classes else train.classes
+    if isinstance(data, (str, Path)):
+        warn_split_like_classes(names, repr(str(data)), report)
     if len(set(train.targets)) < 2:
         raise DataError("Training data has a single class; a classifier needs at least two.")
     bad = sorted({t for t in train.targets if not 0 <= t < len(names)})
@@ -319,11 +570,11 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
         raise DataError(f"Training labels {bad[:5]} are outside 0..{len(names) - 1} for classes {names[:10]}.")
     val = None
     if val_data is not None:
-        val = _audio_dataset(val_data, spec, names, "validation")
+        val = _audio_dataset(val_data, spec, names, "validation", **opts)
     elif val_split:
         tr_idx, va_idx = stratified_split(train.targets, val_split, seed)
         train, val = train.view(tr_idx), train.view(va_idx)
-    return DataBundle(train=train, val=val, classes=names)  # type: ignore[arg-type]
+    return DataBundle(train=train, val=val, classes=names, report=report)  # type: ignore[arg-type]
 
 
 _to_waveform = to_waveform  # the name the predictor looked for first

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -27,20 +28,63 @@ IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 
 @dataclass
 class DataReport:
-    """What the data checks found: files left out (with reasons) and warnings."""
+    """What the data checks found: files left out (with reasons), what was ignored, and warnings.
+
+    ``bad_files``: ``(path, reason)`` of every file left out, found before training (the
+    pre-scan) or while loading it during training (also in ``bad_at_load``; its place in
+    the batch is taken by another file, see :func:`transferkit.data.late.load_or_replace`).
+    ``ignored_files``: files that are not data by their name or extension;
+    ``ignored_folders``: hidden sub-folders (``.thumbnails``, ``.ipynb_checkpoints``) that
+    were not walked; ``unreadable_folders``: ``(path, reason)`` of folders that could not
+    be listed; ``warnings``: every warning issued (each also went through ``warnings.warn``).
+
+    Example:
+        >>> r = DataReport()
+        >>> r.bad_files.append(("a.jpg", "empty file (0 bytes)"))
+        >>> r.summary()
+        '1 bad file left out'
+    """
 
     bad_files: list[tuple[str, str]] = field(default_factory=list)
     ignored_files: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    ignored_folders: list[str] = field(default_factory=list)
+    unreadable_folders: list[tuple[str, str]] = field(default_factory=list)
+    bad_at_load: list[str] = field(default_factory=list)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from transferkit.data.late import register_report
+
+        register_report(self)
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
         warnings.warn(message, stacklevel=3)
 
     def merge(self, other: DataReport) -> None:
+        if other is self:
+            return
         self.bad_files += other.bad_files
         self.ignored_files += other.ignored_files
         self.warnings += other.warnings
+        self.ignored_folders += other.ignored_folders
+        self.unreadable_folders += other.unreadable_folders
+        self.bad_at_load += other.bad_at_load
+
+    def summary(self) -> str:
+        """One line: what was left out or ignored ('' when nothing was)."""
+        n_late = len(self.bad_at_load)
+        parts = []
+        if self.bad_files:
+            n = len(self.bad_files)
+            late = f" ({n_late} of them failed to load during training)" if n_late else ""
+            parts.append(f"{n} bad file{'s' if n != 1 else ''} left out{late}")
+        if self.unreadable_folders:
+            parts.append(f"{len(self.unreadable_folders)} unreadable folder(s) skipped")
+        if self.ignored_folders:
+            parts.append(f"{len(self.ignored_folders)} hidden folder(s) ignored")
+        return ", ".join(parts)
 
 
 def _tail_ok(path: str, fmt: str | None) -> bool:
@@ -86,7 +130,7 @@ def filter_bad_images(samples: Sequence[tuple[str, int]], *, on_bad_file: str = 
     check_choice("scan", scan, SCANS)
     if scan == "none":
         return list(samples)
-    good = []
+    good, bad = [], []
     for path, target in samples:
         reason = check_image_file(path, full=scan == "full")
         if reason is None:
@@ -95,12 +139,11 @@ def filter_bad_images(samples: Sequence[tuple[str, int]], *, on_bad_file: str = 
         if on_bad_file == "raise":
             raise DataError(f"Bad image file {path!r}: {reason}. Remove it, or pass on_bad_file='skip' to leave "
                             "bad files out (they are listed in the result).")
-        if report is not None:
-            report.bad_files.append((path, reason))
-    if report is not None and report.bad_files:
-        shown = "; ".join(f"{p} ({r})" for p, r in report.bad_files[:5])
-        report.warn(f"Left out {len(report.bad_files)} bad image file(s): {shown}"
-                    f"{' ...' if len(report.bad_files) > 5 else ''}")
+        bad.append((path, reason))
+    if report is not None and bad:
+        report.bad_files += bad
+        shown = "; ".join(f"{p} ({r})" for p, r in bad[:5])
+        report.warn(f"Left out {len(bad)} bad image file(s): {shown}{' ...' if len(bad) > 5 else ''}")
     return good
 
 

@@ -10,10 +10,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-from transferkit.data.checks import DataReport, filter_bad_images
-from transferkit.errors import DataError
+from transferkit.data.checks import ON_BAD_FILE, DataReport, filter_bad_images
+from transferkit.data.folders import class_folders, list_class_files
+from transferkit.data.late import ReportingCollate, load_or_replace
+from transferkit.errors import DataError, check_choice
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -69,15 +71,18 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None, *,
 
     ``classes`` fixes the class-to-index mapping (pass the training folder's for a
     validation folder): a class folder not in it is left out and reported, a class of it
-    without a folder is reported. Files that are not images by their extension
-    (``.DS_Store``, ``Thumbs.db``, notes) are ignored and listed in ``report``.
+    without a folder is reported, and a folder sharing no class with it is an error.
+    Files that are not images by their extension (``.DS_Store``, ``Thumbs.db``, notes)
+    are ignored and listed in ``report.ignored_files``; hidden sub-folders
+    (``.thumbnails``, ``.ipynb_checkpoints``) are not walked and are listed in
+    ``report.ignored_folders``; folders that cannot be read are reported.
     """
     report = report if report is not None else DataReport()
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"Data folder {str(root)!r} does not exist or is not a folder. "
                         "Expected a folder with one sub-folder of images per class: root/<class>/<image>.jpg.")
-    found = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    found = class_folders(root, report)
     if not found:
         raise DataError(f"Data folder {str(root)!r} has no class sub-folders. Expected root/<class>/<image>.jpg.")
     if classes is None:
@@ -85,6 +90,10 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None, *,
     else:
         extra = [c for c in found if c not in classes]
         missing = [c for c in classes if c not in found]
+        if len(extra) == len(found):
+            raise DataError(f"{str(root)!r} shares no class with the training data: its class folders are "
+                            f"{extra[:10]}, the training classes {list(classes)[:10]}. Validation folders need "
+                            "class sub-folders named like the training ones.")
         if extra:
             report.warn(f"{str(root)!r} has class folders {extra} that the training data does not have; their images "
                         f"are left out (training classes: {list(classes)}).")
@@ -95,13 +104,10 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None, *,
     samples: list[tuple[str, int]] = []
     empty = []
     for c in found:
-        files = []
-        for dp, _, fs in os.walk(root / c):
-            for f in fs:
-                (files if _is_image_file(f) else report.ignored_files).append(os.path.join(dp, f))
+        files = list_class_files(root / c, _is_image_file, report)
         if not files:
             empty.append(c)
-        samples.extend((f, index[c]) for f in sorted(files))
+        samples.extend((f, index[c]) for f in files)
     if not samples:
         raise DataError(f"No images found under {str(root)!r} (looked for {', '.join(IMAGE_EXTENSIONS)} in "
                         f"{len(found)} class folders). Expected root/<class>/<image>.jpg.")
@@ -150,6 +156,12 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
 class ImageFolderDataset(Dataset):
     """``root/<class>/<image>`` as a dataset of ``(transform(image), class_index)``.
 
+    Files are checked when the dataset is built (``scan``; bad ones are left out or raise,
+    ``on_bad_file``). A file that passes that check but fails to decode later (during
+    training) raises with ``on_bad_file="raise"``; with ``"skip"`` the next readable image
+    of its class takes its place and the file is listed in ``report`` (see
+    :mod:`transferkit.data.late`). ``report`` is shared by every :meth:`view`.
+
     Example:
         >>> ds = ImageFolderDataset("hymenoptera/train")  # doctest: +SKIP
         >>> ds.classes
@@ -159,40 +171,57 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | Path | None = None, *, classes: Sequence[str] | None = None,
                  transform: Callable | None = None, samples: list[tuple[str, int]] | None = None,
                  min_size: int | None = None, on_bad_file: str = "skip", scan: str = "quick",
-                 report: DataReport | None = None) -> None:
+                 report: DataReport | None = None, _known_bad: dict | None = None) -> None:
+        check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
         self.report = report if report is not None else DataReport()
         if samples is None:
             if root is None:
                 raise DataError("ImageFolderDataset needs a root folder (or a .csv file of path,label rows).")
             scanner = scan_csv if str(root).lower().endswith(".csv") else scan_image_folder
             samples, classes = scanner(root, classes, report=self.report)
+            listed = {t for _, t in samples}
             samples = filter_bad_images(samples, on_bad_file=on_bad_file, scan=scan, report=self.report)
             if not samples:
                 raise DataError(f"No readable images under {str(root)!r}: every image file was bad "
                                 f"(e.g. {self.report.bad_files[:2]}).")
+            emptied = [classes[t] for t in sorted(listed - {t for _, t in samples})]  # type: ignore[index]
+            if emptied:
+                self.report.warn(f"Class folders without readable images in {str(root)!r}: {emptied} (every file "
+                                 "in them was bad, see the left-out files).")
         self.root = None if root is None else str(root)
         self.samples = samples
         self.classes = list(classes or [])
         self.transform = transform
         self.min_size = min_size
+        self.on_bad_file = on_bad_file
+        self._known_bad: dict = {} if _known_bad is None else _known_bad  # files that failed in this process
 
     @property
     def targets(self) -> list[int]:
         return [t for _, t in self.samples]
 
+    @property
+    def collate_fn(self) -> ReportingCollate:
+        """The DataLoader collate function: torch's default, reporting replaced files."""
+        return ReportingCollate(self.report.token, default_collate)
+
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _load(self, j: int) -> Image.Image:
+        return load_image(self.samples[j][0], min_size=self.min_size)
+
     def __getitem__(self, i: int) -> tuple[Any, int]:
-        path, target = self.samples[i]
-        img = load_image(path, min_size=self.min_size)
+        img, target = load_or_replace(self.samples, i, self._load, on_bad_file=self.on_bad_file,
+                                      report=self.report, known_bad=self._known_bad)
         return (self.transform(img) if self.transform else img), target
 
     def view(self, indices: Sequence[int] | None = None, transform: Callable | None = None) -> ImageFolderDataset:
         """The same files (or a subset) with another transform."""
         samples = self.samples if indices is None else [self.samples[i] for i in indices]
         return ImageFolderDataset(self.root, classes=self.classes, transform=transform, samples=samples,
-                                  min_size=self.min_size, report=self.report)
+                                  min_size=self.min_size, on_bad_file=self.on_bad_file, report=self.report,
+                                  _known_bad=self._known_bad)
 
 
 class TransformedDataset(Dataset):

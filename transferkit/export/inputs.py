@@ -62,7 +62,10 @@ class InputPipeline:
 
     def batch(self, items: Sequence[Any]) -> torch.Tensor:
         """Items -> one model batch."""
-        xs = [self.prepare(x) for x in items]
+        return self.collate([self.prepare(x) for x in items])
+
+    def collate(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Prepared items (:meth:`prepare`) -> one model batch."""
         if self.audio:
             return self._audio.pad_waveforms(xs)
         if len({x.dtype for x in xs}) > 1:  # mixed uint8 and float images: go to float in [0, 1]

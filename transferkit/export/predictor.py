@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from transferkit.backbones._base import InputSpec
-from transferkit.errors import ConfigError, ExportError
+from transferkit.errors import ConfigError, DataError, ExportError
 from transferkit.export.inputs import InputPipeline
 from transferkit.export.torchscript import load_scripted, quiet_jit
 from transferkit.train.tasks import output_activation
@@ -24,7 +24,9 @@ class Prediction:
     ``multiclass``: ``label``/``index``/``probability`` of the top class, ``top_k`` pairs.
     ``multilabel``: ``labels`` holds every label whose probability >= the threshold;
     ``label`` is the most probable one. ``regression``: ``values`` maps output names to values
-    (``label``, ``index`` and ``probability`` are None, ``top_k`` is empty).
+    (``label``, ``index`` and ``probability`` are None, ``top_k`` is empty). An input file
+    that could not be read (or gave non-finite outputs) has ``error`` set to why, and no
+    label or values (``ok`` is False).
     """
 
     label: str | None
@@ -35,9 +37,17 @@ class Prediction:
     task: str = "multiclass"
     labels: list[str] | None = None
     values: dict[str, float] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """False when this input could not be predicted (see ``error``)."""
+        return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"source": self.source, "task": self.task}
+        if self.error is not None:
+            return {**d, "error": self.error}
         if self.task == "regression":
             return {**d, "values": self.values}
         d.update(label=self.label, index=self.index, probability=self.probability,
@@ -47,6 +57,8 @@ class Prediction:
         return d
 
     def __str__(self) -> str:
+        if self.error is not None:
+            return f"error: {self.error}"
         if self.task == "regression":
             return ", ".join(f"{k}={v:.4g}" for k, v in (self.values or {}).items())
         alts = ", ".join(f"{lab} {p:.3f}" for lab, p in self.top_k)
@@ -108,15 +120,43 @@ class Predictor:
         tensors (a ``[N, C, H, W]`` tensor is N images), or for audio models audio files and
         waveforms (a ``[N, T]`` tensor is N clips). Returns one :class:`Prediction` per item.
 
+        A file that cannot be read (missing, not an image or audio, broken, NaN/inf audio
+        samples) does not stop the others: its prediction has ``error`` set to why (and
+        ``ok`` False); so does any input for which the model returns NaN/inf. Other bad
+        inputs (an array of the wrong shape, an unsupported type) raise.
+
         Example:
             >>> predictor.predict(["a.jpg", "b.png"], top_k=3)[0].top_k  # doctest: +SKIP
             [('ants', 0.91), ('bees', 0.09)]
+            >>> preds = predictor.predict(["a.jpg", "broken.jpg"])  # doctest: +SKIP
+            >>> preds[1].ok, preds[1].error  # doctest: +SKIP
+            (False, "Cannot read image 'broken.jpg': ...")
         """
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ConfigError(f"top_k must be a positive integer, got {top_k!r}.")
+        _check_batch_size(batch_size)
         items = self.inputs.split(inputs)
-        scores = self.outputs(items, batch_size=batch_size, progress=progress)
-        return [self._prediction(row, _source(x), top_k, threshold) for row, x in zip(scores, items)]
+        preds: list[Prediction | None] = [None] * len(items)
+        for chunk in _progress(_chunks(list(enumerate(items)), batch_size), len(items), progress):
+            ready, xs = [], []
+            for i, x in chunk:
+                try:
+                    xs.append(self.inputs.prepare(x))
+                    ready.append(i)
+                except DataError as exc:
+                    if not isinstance(x, (str, Path)):
+                        raise
+                    preds[i] = Prediction(None, None, None, [], _source(x), self.task, error=str(exc))
+            if not xs:
+                continue
+            for i, row in zip(ready, self._run(self.inputs.collate(xs))):
+                if not torch.isfinite(row).all():
+                    preds[i] = Prediction(None, None, None, [], _source(items[i]), self.task,
+                                          error=f"the model returned non-finite outputs ({row.tolist()}) for this "
+                                                "input; check that it holds finite values")
+                else:
+                    preds[i] = self._prediction(row, _source(items[i]), top_k, threshold)
+        return preds  # type: ignore[return-value]
 
     def _prediction(self, row: torch.Tensor, source: str | None, top_k: int, threshold: float) -> Prediction:
         if self.task == "regression":

@@ -1,0 +1,239 @@
+"""Bad audio, built from scratch: every broken WAV gets a defined, reported outcome
+(``on_bad_file`` as for images), NaN/inf samples are bad input named at load, and
+``max_seconds`` bounds the memory of a batch."""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import transferkit as tk
+from transferkit.backbones import InputSpec
+from transferkit.data.audio import (
+    DEFAULT_MAX_SECONDS,
+    AudioDataset,
+    check_audio_file,
+    load_audio,
+    pad_collate,
+    prepare_audio_data,
+    to_waveform,
+)
+from transferkit.data.late import BadFileError
+from transferkit.train.loaders import make_loader
+
+SPEC = InputSpec(kind="audio", sample_rate=8000)
+RATE = 8000
+
+
+def _tone(freq: float, n: int = 1600, seed: int = 0) -> np.ndarray:
+    t = np.arange(n) / RATE
+    rng = np.random.default_rng(seed)
+    return (0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(n)).astype(np.float32)
+
+
+def _good_folder(root: Path, per_class: int = 4) -> Path:
+    for c, f in (("high", 2000.0), ("low", 300.0)):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            sf.write(root / c / f"{c}_{i}.wav", _tone(f, 1600 + 200 * i, seed=i), RATE, subtype="PCM_16")
+    return root
+
+
+def _bad_wavs(folder: Path) -> dict[str, Path]:
+    """Every kind of broken .wav (and an MP3 renamed .wav, which libsndfile >= 1.1 decodes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sf.write(folder / "ok.wav", _tone(300), RATE, subtype="PCM_16")
+    full = (folder / "ok.wav").read_bytes()
+    files = {
+        "zero": folder / "zero.wav",
+        "header_only": folder / "header_only.wav",
+        "text": folder / "text.wav",
+        "no_channels": folder / "no_channels.wav",
+    }
+    files["zero"].write_bytes(b"")
+    files["header_only"].write_bytes(full[:44])  # RIFF header, data chunk of 0 bytes
+    files["text"].write_text("this is not a WAV file\n")
+    bad = bytearray(full)
+    bad[22:24] = struct.pack("<H", 0)  # channel count 0
+    files["no_channels"].write_bytes(bytes(bad))
+    return files
+
+
+def _float_wav(path: Path, values: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, values.astype(np.float32), RATE, subtype="FLOAT")  # only float WAVs can hold NaN/inf
+    return path
+
+
+def test_every_broken_wav_is_found_by_the_header_scan(tmp_path):
+    files = _bad_wavs(tmp_path)
+    reasons = {k: check_audio_file(p) for k, p in files.items()}
+    assert reasons["zero"] == "empty file (0 bytes)"
+    assert reasons["header_only"] == "a header without audio data (0 frames)"
+    assert reasons["text"].startswith("cannot be read as audio")
+    assert reasons["no_channels"].startswith("cannot be read as audio")
+    assert check_audio_file(tmp_path / "ok.wav") is None
+    assert check_audio_file(tmp_path / "missing.wav").startswith("cannot be read as audio")
+
+
+def test_an_mp3_renamed_wav_is_not_bad_when_libsndfile_decodes_it(tmp_path):
+    if "MP3" not in sf.available_formats():
+        pytest.skip("this libsndfile has no MP3 support")
+    sf.write(tmp_path / "tone.mp3", _tone(300, 8000), RATE, format="MP3")
+    os.rename(tmp_path / "tone.mp3", tmp_path / "tone.wav")
+    assert check_audio_file(tmp_path / "tone.wav") is None
+    wav = load_audio(tmp_path / "tone.wav", RATE)
+    assert wav.shape[0] >= 8000 and torch.isfinite(wav).all()
+
+
+def test_bad_audio_files_are_skipped_and_listed_or_raise(tmp_path):
+    root = _good_folder(tmp_path / "clips")
+    _bad_wavs(tmp_path / "clips" / "low")
+    with pytest.warns(UserWarning, match="Left out 4 bad audio file"):
+        bundle = prepare_audio_data(root, spec=SPEC, val_split=0)
+    names = {Path(p).name for p, _ in bundle.report.bad_files}
+    assert names == {"zero.wav", "header_only.wav", "text.wav", "no_channels.wav"}
+    assert len(bundle.train) == 9  # 8 good + ok.wav
+    for i in range(len(bundle.train)):  # every clip left decodes
+        assert torch.isfinite(bundle.train[i][0]).all()
+    with pytest.raises(tk.DataError, match=r"Bad audio file .*(zero|header_only|text|no_channels)\.wav"):
+        prepare_audio_data(root, spec=SPEC, val_split=0, on_bad_file="raise")
+    with pytest.raises(tk.ConfigError, match="on_bad_file"):
+        prepare_audio_data(root, spec=SPEC, on_bad_file="ignore")
+
+
+def test_unreadable_audio_file_is_a_bad_file(tmp_path, monkeypatch):
+    root = _good_folder(tmp_path / "clips")
+    locked = root / "low" / "locked.wav"
+    sf.write(locked, _tone(300), RATE)
+    import soundfile
+
+    real_info = soundfile.info
+
+    def info(path, *a, **k):  # what chmod 000 does for a user who is not root
+        if Path(path).name == "locked.wav":
+            raise soundfile.LibsndfileError(0, prefix="Error opening 'locked.wav': System error : Permission denied.")
+        return real_info(path, *a, **k)
+
+    monkeypatch.setattr(soundfile, "info", info)
+    with pytest.warns(UserWarning, match="locked.wav"):
+        bundle = prepare_audio_data(root, spec=SPEC, val_split=0)
+    assert [Path(p).name for p, _ in bundle.report.bad_files] == ["locked.wav"]
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "one_nan"])
+def test_non_finite_samples_are_bad_input_named_at_load(tmp_path, kind):
+    values = {"nan": np.full(1600, np.nan), "inf": np.full(1600, np.inf),
+              "one_nan": np.where(np.arange(1600) == 700, np.nan, _tone(300))}[kind]
+    path = _float_wav(tmp_path / f"{kind}.wav", values)
+    assert check_audio_file(path) is None  # the header is fine: only decoding finds it
+    assert "non-finite" in check_audio_file(path, full=True)
+    with pytest.raises(tk.DataError, match=f"{kind}.wav.*non-finite samples"):
+        load_audio(path)
+    with pytest.raises(tk.DataError, match="non-finite"):
+        to_waveform(torch.tensor([0.1, float("inf"), 0.2]), RATE)
+    # NaN at the end of an in-memory waveform is padding, not data
+    assert to_waveform(torch.tensor([0.1, 0.2, float("nan")]), RATE).tolist() == pytest.approx([0.1, 0.2])
+
+
+def test_nan_clip_during_training_is_replaced_and_reported_or_raises(tmp_path):
+    root = _good_folder(tmp_path / "clips")
+    _float_wav(root / "low" / "silence_nan.wav", np.full(1600, np.nan))
+    bundle = prepare_audio_data(root, spec=SPEC, val_split=0)  # the quick scan cannot see NaN
+    assert bundle.report.bad_files == []
+    i = [Path(p).name for p, _ in bundle.train.samples].index("silence_nan.wav")
+    with pytest.warns(UserWarning, match="silence_nan.wav.*failed to load during training"):
+        wav, label = bundle.train[i]
+    assert label == bundle.classes.index("low") and torch.isfinite(wav).all()
+    assert [Path(p).name for p in bundle.report.bad_at_load] == ["silence_nan.wav"]
+    assert "non-finite" in dict(bundle.report.bad_files)[str(root / "low" / "silence_nan.wav")]
+    # the same item gives the same replacement every time (reproducible epochs)
+    torch.testing.assert_close(bundle.train[i][0], wav)
+    loader = make_loader(bundle.train, batch_size=4, shuffle=False, device=torch.device("cpu"), num_workers=0)
+    batches = [x for x, _ in loader]
+    assert sum(len(x) for x in batches) == len(bundle.train) and not any(torch.isinf(x).any() for x in batches)
+    assert len(bundle.report.bad_at_load) == 1  # reported once, not once per epoch or batch
+
+    raising = prepare_audio_data(root, spec=SPEC, val_split=0, on_bad_file="raise")
+    with pytest.raises(BadFileError, match="silence_nan.wav.*non-finite"):
+        raising.train[i]
+    with pytest.warns(UserWarning, match="Left out 1 bad audio file.*silence_nan.wav"):
+        full = prepare_audio_data(root, spec=SPEC, val_split=0, scan="full")
+    assert len(full.train) == 8
+
+
+def test_finetune_on_audio_with_bad_files_trains_and_reports_them(tmp_path):
+    root = _good_folder(tmp_path / "clips", per_class=6)
+    _bad_wavs(tmp_path / "clips" / "high")
+    _float_wav(root / "low" / "inf.wav", np.full(1600, np.inf))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = tk.finetune("spec:tk:small_cnn", weights=None, data=str(root), val_split=0.25,
+                             backbone_options={"sample_rate": RATE, "n_mels": 16,
+                                               "image_options": {"widths": [8, 8, 8]}},
+                             policy="finetune", epochs=1, batch_size=4, verbose=False, num_workers=0)
+    names = {Path(p).name for p, _ in result.data_report.bad_files}
+    assert names == {"zero.wav", "header_only.wav", "text.wav", "no_channels.wav", "inf.wav"}
+    assert [Path(p).name for p in result.data_report.bad_at_load] == ["inf.wav"]
+    assert all(np.isfinite(row["train_loss"]) for row in result.history)
+
+
+def test_long_clips_are_cropped_to_max_seconds_which_bounds_the_batch(tmp_path):
+    root = _good_folder(tmp_path / "clips", per_class=2)
+    long = _tone(300, RATE * 600)  # a 10-minute clip
+    long[: RATE * 285] = 0.0  # silence, then the tone: the middle is kept
+    sf.write(root / "low" / "long.wav", long, RATE, subtype="PCM_16")
+    with pytest.warns(UserWarning, match=r"1 clip\(s\) are longer than max_seconds=30.*600\.0 s"):
+        bundle = prepare_audio_data(root, spec=SPEC, val_split=0)
+    assert DEFAULT_MAX_SECONDS == 30.0
+    i = [Path(p).name for p, _ in bundle.train.samples].index("long.wav")
+    wav, _ = bundle.train[i]
+    assert wav.shape == (30 * RATE,) and wav.abs().max() > 0.2  # the middle 30 s (the tone), not the silence
+    batch, _ = pad_collate([bundle.train[j] for j in range(len(bundle.train))])
+    assert batch.shape == (5, 30 * RATE)  # 4.8 MB for 5 clips instead of 96 MB
+    whole = prepare_audio_data(root, spec=SPEC, val_split=0, max_seconds=None)
+    assert whole.train[i][0].shape == (600 * RATE,)
+    with pytest.warns(UserWarning, match="max_seconds=40"):  # never shorter than the backbone's clip_seconds
+        longer = prepare_audio_data(root, spec=SPEC.replace(clip_seconds=40.0), val_split=0)
+    assert longer.train[i][0].shape == (40 * RATE,)
+    with pytest.raises(tk.ConfigError, match="max_seconds"):
+        prepare_audio_data(root, spec=SPEC, max_seconds=0)
+    # in-memory clips are cropped the same way
+    clips = [(torch.from_numpy(_tone(300 + 1000 * (k % 2), RATE * (45 if k == 0 else 1))), k % 2) for k in range(4)]
+    with pytest.warns(UserWarning, match="longer than max_seconds"):
+        mem = prepare_audio_data(clips, spec=SPEC, val_split=0)
+    assert mem.train[0][0].shape == (30 * RATE,)
+
+
+def test_audio_folders_follow_the_image_folder_rules(tmp_path):
+    root = tmp_path / "data"
+    _good_folder(root / "train")
+    _good_folder(root / "test", per_class=2)
+    (root / "train" / "low" / ".backup").mkdir()
+    sf.write(root / "train" / "low" / ".backup" / "old.wav", _tone(2000), RATE)  # would teach "low" a high tone
+    bundle = prepare_audio_data(root, spec=SPEC)
+    assert len(bundle.train) == 8 and len(bundle.val) == 4  # test/ is the validation split
+    assert [Path(p).name for p in bundle.report.ignored_folders] == [".backup"]
+    other = tmp_path / "other"
+    for c in ("cat", "dog"):
+        (other / c).mkdir(parents=True)
+        sf.write(other / c / "a.wav", _tone(500), RATE)
+    with pytest.raises(tk.DataError, match="shares no class with the training data"):
+        prepare_audio_data(root / "train", other, spec=SPEC)
+
+
+def test_dataset_with_reporting_collate_survives_worker_processes(tmp_path):
+    root = _good_folder(tmp_path / "clips")
+    _float_wav(root / "high" / "nan.wav", np.full(1200, np.nan))
+    ds = AudioDataset.from_source(root, sample_rate=RATE)
+    loader = make_loader(ds, batch_size=3, shuffle=False, device=torch.device("cpu"), num_workers=2)
+    with pytest.warns(UserWarning, match="nan.wav"):
+        n = sum(len(y) for _, y in loader)
+    assert n == len(ds) and [Path(p).name for p in ds.report.bad_at_load] == ["nan.wav"]

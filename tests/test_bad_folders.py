@@ -1,0 +1,202 @@
+"""Hostile image folders built from scratch: hidden and unreadable sub-folders, classes
+emptied by bad files, files that break after the pre-scan, and split layouts
+(``train/`` + ``test/``, ``valid/``, ...) resolved by the one rule the recipes share."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image_folder
+from PIL import Image
+
+import transferkit as tk
+from transferkit.data import check_image_file, eval_transform, find_split_folders, prepare_data
+from transferkit.data.late import BadFileError
+from transferkit.recipes import image_folder_splits
+from transferkit.train.loaders import make_loader
+
+SPEC = tk.InputSpec(image_size=16)
+
+
+def _png(path: Path, value: int = 128, size: int = 20) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
+    return path
+
+
+def _damaged_png(path: Path) -> Path:
+    """A PNG whose header and IEND marker are intact but whose pixel data are not: it passes
+    the quick scan and fails to decode (as a file damaged after the scan would)."""
+    arr = np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    i = data.index(b"IDAT")
+    data[i + 20:i + 40] = b"\0" * 20
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _quiet(fn, *a, **k):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*a, **k)
+
+
+def test_hidden_folders_are_ignored_and_listed(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=4)
+    thumbs = [_png(root / "dark" / ".thumbnails" / f"t{i}.png", 250) for i in range(3)]  # light pixels in 'dark'
+    _png(root / "dark" / ".ipynb_checkpoints" / "x.png")
+    _png(root / ".ipynb_checkpoints" / "y.png")  # at the top: not a class either
+    _png(root / "__MACOSX" / "dark" / "z.png")
+    bundle = prepare_data(root, val_split=0)
+    assert bundle.classes == ["dark", "light"] and len(bundle.train) == 8
+    assert not any(str(t) in {p for p, _ in bundle.train.samples} for t in thumbs)
+    ignored = {str(Path(p).relative_to(root)) for p in bundle.report.ignored_folders}
+    assert ignored == {"dark/.thumbnails", "dark/.ipynb_checkpoints", ".ipynb_checkpoints", "__MACOSX"}
+    assert "2 hidden" not in bundle.report.summary() and "4 hidden folder(s) ignored" in bundle.report.summary()
+
+
+def test_unreadable_folder_is_reported(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "d", per_class=4)
+    locked = root / "light" / "more"
+    _png(locked / "a.png")
+    real = os.scandir
+
+    def scandir(path="."):  # what chmod 000 does for a user who is not root
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.warns(UserWarning, match=r"Cannot read folder .*more.*Permission denied"):
+        bundle = prepare_data(root, val_split=0)
+    assert [(Path(p).name, r) for p, r in bundle.report.unreadable_folders] == [("more", "PermissionError: "
+                                                                                         "Permission denied")]
+    assert len(bundle.train) == 8 and "1 unreadable folder(s) skipped" in bundle.report.summary()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads chmod-000 folders")
+def test_chmod_000_folder_is_reported(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=4)
+    _png(root / "light" / "locked" / "a.png")
+    os.chmod(root / "light" / "locked", 0)
+    try:
+        with pytest.warns(UserWarning, match="Cannot read folder"):
+            bundle = prepare_data(root, val_split=0)
+        assert [Path(p).name for p, _ in bundle.report.unreadable_folders] == ["locked"]
+    finally:
+        os.chmod(root / "light" / "locked", 0o755)
+
+
+def test_class_left_empty_by_bad_files_is_reported_like_an_empty_class(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=3)
+    for f in (root / "c").iterdir():
+        f.write_bytes(b"")  # every file of class c is bad
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bundle = prepare_data(root, val_split=0)
+    text = " | ".join(str(w.message) for w in caught)
+    assert "Class folders without readable images" in text and "['c']" in text
+    assert bundle.classes == ["a", "b", "c"]  # like an empty class folder: kept, with the warning
+    two = make_image_folder(tmp_path / "e", classes=("a", "b"), per_class=2)
+    for f in (two / "b").iterdir():
+        f.write_bytes(b"junk")
+    with pytest.raises(tk.DataError, match="single class"):
+        _quiet(prepare_data, two, val_split=0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decode_failure_during_training_is_replaced_counted_and_reported(tmp_path, workers):
+    root = make_image_folder(tmp_path / "d", per_class=4)
+    damaged = _damaged_png(root / "dark" / "damaged.png")
+    assert check_image_file(str(damaged)) is None and check_image_file(str(damaged), full=True)
+    bundle = prepare_data(root, val_split=0)
+    ds = bundle.train.view(transform=eval_transform(SPEC))
+    loader = make_loader(ds, batch_size=3, shuffle=False, device=torch.device("cpu"), num_workers=workers)
+    with pytest.warns(UserWarning, match="damaged.png.*failed to load during training"):
+        labels = [y for _ in range(2) for _, y in loader]  # two epochs
+    assert [len(y) for y in labels[:3]] == [3, 3, 3]  # batch sizes are kept
+    assert torch.cat(labels[:3]).tolist() == [0] * 5 + [1] * 4  # its place is taken by its own class
+    assert bundle.report.bad_at_load == [str(damaged)]  # once, though it failed in two epochs
+    assert "OSError" in dict(bundle.report.bad_files)[str(damaged)]
+    assert "1 of them failed to load during training" in bundle.report.summary()
+
+
+def test_decode_failure_in_raise_mode_names_the_file_in_one_line(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=4)
+    _damaged_png(root / "dark" / "damaged.png")
+    bundle = prepare_data(root, val_split=0, on_bad_file="raise")
+    ds = bundle.train.view(transform=eval_transform(SPEC))
+    loader = make_loader(ds, batch_size=3, shuffle=False, device=torch.device("cpu"), num_workers=1)
+    with pytest.raises(BadFileError) as err:
+        list(loader)
+    assert str(err.value).startswith("Cannot read image ") and "damaged.png" in str(err.value)
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+    assert isinstance(err.value, tk.DataError)
+
+
+def test_finetune_result_lists_a_file_that_broke_after_the_scan(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=6)
+    _damaged_png(root / "light" / "damaged.png")
+    r = _quiet(tk.finetune, "tk:small_cnn", weights=None, data=root, epochs=1, batch_size=4, image_size=16,
+               policy="finetune", verbose=False, num_workers=0, val_split=0.25)
+    assert [Path(p).name for p in r.data_report.bad_at_load] == ["damaged.png"]
+    assert np.isfinite(r.history[-1]["train_loss"])
+
+
+def _split_layout(root: Path, *splits: str, classes=("ants", "bees")) -> Path:
+    for i, s in enumerate(splits):
+        make_image_folder(root / s, classes=classes, per_class=3, seed=i)
+    return root
+
+
+@pytest.mark.parametrize("held_out", ["val", "valid", "validation", "test"])
+def test_a_held_out_folder_next_to_train_is_the_validation_split(tmp_path, held_out):
+    root = _split_layout(tmp_path / "data", "train", held_out)
+    bundle = prepare_data(root)
+    assert bundle.classes == ["ants", "bees"]  # not ["test", "train"]
+    assert {Path(p).parts[-3] for p, _ in bundle.val.samples} == {held_out}
+    assert {Path(p).parts[-3] for p, _ in bundle.train.samples} == {"train"}
+    recipe = image_folder_splits(root)  # the recipes use the same rule
+    assert recipe.train == root / "train"
+    assert (recipe.test if held_out == "test" else recipe.val) == root / held_out
+
+
+def test_split_layout_edge_cases(tmp_path):
+    both = _split_layout(tmp_path / "both", "train", "val", "test")
+    with pytest.warns(UserWarning, match="test/ is not used"):
+        bundle = prepare_data(both)
+    assert {Path(p).parts[-3] for p, _ in bundle.val.samples} == {"val"}
+    assert image_folder_splits(both).test == both / "test"
+    two = _split_layout(tmp_path / "two", "train", "val", "valid")
+    with pytest.raises(tk.DataError, match=r"several validation folders \['val', 'valid'\]"):
+        prepare_data(two)
+    alone = _split_layout(tmp_path / "alone", "train")
+    assert find_split_folders(alone).held_out is None
+    assert prepare_data(alone).classes == ["ants", "bees"]  # train/ alone: a split of it validates
+
+
+def test_class_names_that_look_like_splits_warn(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=("bus", "car", "train"), per_class=2)
+    assert find_split_folders(root) is None  # 'train' among other classes is a class
+    with pytest.warns(UserWarning, match=r"Class folder\(s\) \['train'\] .* look like split names"):
+        bundle = prepare_data(root, val_split=0)
+    assert bundle.classes == ["bus", "car", "train"]
+    nested = _split_layout(tmp_path / "nested", "train", "test", classes=("train", "test"))
+    with pytest.warns(UserWarning, match="look like split names"):
+        prepare_data(nested / "train", val_split=0)
+
+
+def test_validation_folder_sharing_no_class_is_a_clear_error(tmp_path):
+    make_image_folder(tmp_path / "train", classes=("ants", "bees"), per_class=3)
+    make_image_folder(tmp_path / "val", classes=("cats", "dogs"), per_class=3)
+    with pytest.raises(tk.DataError, match=r"shares no class with the training data: its class folders are "
+                                           r"\['cats', 'dogs'\], the training classes \['ants', 'bees'\]"):
+        prepare_data(tmp_path / "train", tmp_path / "val")

@@ -1,0 +1,82 @@
+"""``predict`` on many files, some of them bad: each bad file gets its own error, the
+others are predicted as if the bad ones were not there."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import soundfile as sf
+import torch
+from PIL import Image
+
+from transferkit.backbones import InputSpec
+from transferkit.export.predictor import Predictor
+
+
+class _MeanImage(torch.nn.Module):
+    """[N, 3, H, W] uint8 -> two logits from the mean pixel; NaN for an all-white image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.float().mean((1, 2, 3)) / 255.0
+        out = torch.stack([m, 1.0 - m], 1)
+        return torch.where((m > 0.999)[:, None], torch.full_like(out, float("nan")), out)
+
+
+class _MeanAudio(torch.nn.Module):
+    """[N, T] NaN-padded -> two logits from the mean absolute value of the valid samples."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        valid = ~torch.isnan(x)
+        m = torch.where(valid, x.abs(), torch.zeros_like(x)).sum(1) / valid.sum(1).clamp(min=1)
+        return torch.stack([m, -m], 1)
+
+
+def _predictor(module: torch.nn.Module, spec: InputSpec) -> Predictor:
+    meta = {"labels": ["a", "b"], "task": "multiclass", "input_spec": spec.to_dict()}
+    return Predictor(torch.jit.script(module), meta, source="test model")
+
+
+def test_bad_image_files_get_an_error_each_and_the_rest_is_predicted(tmp_path):
+    pred = _predictor(_MeanImage(), InputSpec(image_size=8))
+    files = []
+    for i, v in enumerate((30, 200, 90)):
+        files.append(str(tmp_path / f"good{i}.png"))
+        Image.fromarray(np.full((10, 10, 3), v, np.uint8)).save(files[-1])
+    (tmp_path / "text.jpg").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    Image.fromarray(np.full((10, 10, 3), 255, np.uint8)).save(tmp_path / "white.png")  # the model returns NaN
+    inputs = [files[0], str(tmp_path / "text.jpg"), files[1], str(tmp_path / "missing.png"),
+              str(tmp_path / "empty.png"), str(tmp_path / "white.png"), files[2]]
+    preds = pred.predict(inputs, batch_size=2)
+    assert [p.source for p in preds] == inputs
+    assert [p.ok for p in preds] == [True, False, True, False, False, False, True]
+    assert "text.jpg" in preds[1].error and "missing.png" in preds[3].error and "empty.png" in preds[4].error
+    assert "non-finite" in preds[5].error
+    alone = pred.predict([files[0], files[1], files[2]])
+    assert [p.probability for p in alone] == [preds[i].probability for i in (0, 2, 6)]
+    assert str(preds[1]).startswith("error: ") and preds[1].label is None
+    d = json.loads(json.dumps([p.to_dict() for p in preds]))
+    assert d[1]["error"] == preds[1].error and "label" not in d[1] and "error" not in d[0]
+
+
+def test_bad_audio_files_get_an_error_each_and_the_rest_is_predicted(tmp_path):
+    pred = _predictor(_MeanAudio(), InputSpec(kind="audio", sample_rate=8000))
+    good = [str(tmp_path / f"g{i}.wav") for i in range(2)]
+    for i, g in enumerate(good):
+        sf.write(g, np.full(800 + 100 * i, 0.1 * (i + 1), np.float32), 8000)
+    sf.write(tmp_path / "nan.wav", np.full(800, np.nan, np.float32), 8000, subtype="FLOAT")
+    sf.write(tmp_path / "inf.wav", np.full(800, np.inf, np.float32), 8000, subtype="FLOAT")
+    (tmp_path / "header.wav").write_bytes((tmp_path / "g0.wav").read_bytes()[:44])
+    (tmp_path / "text.wav").write_text("hello")
+    inputs = [good[0], str(tmp_path / "nan.wav"), str(tmp_path / "inf.wav"), str(tmp_path / "header.wav"),
+              str(tmp_path / "text.wav"), good[1]]
+    preds = pred.predict(inputs)
+    assert [p.ok for p in preds] == [True, False, False, False, False, True]
+    assert "nan.wav" in preds[1].error and "non-finite" in preds[1].error
+    assert "inf.wav" in preds[2].error and "non-finite" in preds[2].error
+    assert "header.wav" in preds[3].error and "text.wav" in preds[4].error
+    want = pred.predict(good)
+    assert [p.probability for p in want] == [preds[0].probability, preds[5].probability]
+    assert [p.source for p in pred.predict_folder(tmp_path) if not p.ok] == \
+        sorted(str(tmp_path / n) for n in ("header.wav", "inf.wav", "nan.wav", "text.wav"))

@@ -1,0 +1,136 @@
+"""Folder layouts shared by image and audio data: split folders (``train/`` next to
+``val/`` or ``test/``), class folders, and walking them without hidden or unreadable
+sub-folders slipping through unnoticed.
+
+One rule finds the splits for :func:`transferkit.data.prepare_data`, the audio data and
+the recipes (:func:`find_split_folders`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transferkit.data.checks import DataReport
+from transferkit.errors import DataError
+
+VAL_NAMES = ("val", "valid", "validation")
+TEST_NAMES = ("test",)
+SPLIT_NAMES = ("train", *VAL_NAMES, *TEST_NAMES)
+# folders that archivers and notebooks leave behind; never data
+IGNORED_FOLDERS = {"__macosx", "__pycache__"}
+
+
+@dataclass
+class SplitFolders:
+    """``root/train`` with the validation folder (``val/``, ``valid/`` or ``validation/``)
+    and the test folder (``test/``) found beside it, and the other sub-folders there."""
+
+    train: Path
+    val: Path | None = None
+    test: Path | None = None
+    others: list[str] = field(default_factory=list)
+
+    @property
+    def held_out(self) -> Path | None:
+        """The folder :func:`~transferkit.finetune` validates on: ``val/`` (or ``valid/``,
+        ``validation/``), else ``test/``."""
+        return self.val or self.test
+
+
+def is_hidden(name: str) -> bool:
+    """Hidden (``.thumbnails``, ``.ipynb_checkpoints``) or archiver litter (``__MACOSX``)."""
+    return name.startswith(".") or name.lower() in IGNORED_FOLDERS
+
+
+def _subfolders(root: Path) -> list[str]:
+    try:
+        return sorted(d.name for d in os.scandir(root) if d.is_dir())
+    except OSError as exc:
+        raise DataError(f"Cannot list the data folder {str(root)!r}: {type(exc).__name__}: {exc.strerror or exc}. "
+                        "Check that it exists and that you may read it.") from exc
+
+
+def find_split_folders(root: str | Path) -> SplitFolders | None:
+    """The split layout of ``root``, or None when ``root`` is a plain class folder.
+
+    ``root`` is a split layout when it holds ``train/`` and a validation or test folder
+    (``val/``, ``valid/``, ``validation/``, ``test/``), or ``train/`` alone, and ``train/``
+    holds class sub-folders (a ``train/`` of image files is a class). Two validation
+    folders (``val/`` and ``valid/``) are ambiguous: a :class:`DataError`.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for d in ("train/ants", "test/ants"):
+        ...     (root / d).mkdir(parents=True)
+        >>> s = find_split_folders(root)
+        >>> s.train.name, s.val, s.test.name, s.held_out.name
+        ('train', None, 'test', 'test')
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    names = [n for n in _subfolders(root) if not is_hidden(n)]
+    if "train" not in names:
+        return None
+    vals = [n for n in VAL_NAMES if n in names]
+    tests = [n for n in TEST_NAMES if n in names]
+    others = [n for n in names if n not in SPLIT_NAMES]
+    if not vals and not tests and others:
+        return None  # 'train' is one class among others (a warning says so: split_like_names)
+    if not any(not is_hidden(n) for n in _subfolders(root / "train")):
+        return None  # train/ holds files, not class folders: it is a class (named like a split)
+    if len(vals) > 1:
+        raise DataError(f"{str(root)!r} holds several validation folders {vals} next to train/; keep one, or pass "
+                        "the training and validation folders explicitly (data=.../train, val_data=.../val).")
+    return SplitFolders(train=root / "train", val=root / vals[0] if vals else None,
+                        test=root / tests[0] if tests else None, others=others)
+
+
+def split_like_names(classes: Sequence[str]) -> list[str]:
+    """The class names that are split names (``train``, ``val``, ``test``, ...)."""
+    return [c for c in classes if c.lower() in SPLIT_NAMES]
+
+
+def warn_split_like_classes(classes: Sequence[str], where: str, report: DataReport) -> None:
+    """Warn when class folders are named like splits: a ``train/`` + ``test/`` layout one level
+    too deep or too shallow trains a "train vs test" classifier."""
+    odd = split_like_names(classes)
+    if odd:
+        report.warn(f"Class folder(s) {odd} in {where} look like split names, so they are trained on as classes "
+                    f"{list(classes)[:10]}. If they are splits, point data at the folder holding train/ and "
+                    "val/ (or test/), each with one sub-folder per class.")
+
+
+def list_class_files(folder: Path, is_data: Callable[[str], bool], report: DataReport) -> list[str]:
+    """The data files below one class folder, sorted. Hidden sub-folders (``.thumbnails``,
+    ``.ipynb_checkpoints``, ``__MACOSX``) are not walked and are listed in
+    ``report.ignored_folders``; sub-folders that cannot be read are listed in
+    ``report.unreadable_folders`` (and warned about); files that ``is_data`` rejects are
+    listed in ``report.ignored_files``."""
+    files: list[str] = []
+
+    def unreadable(exc: OSError) -> None:
+        path = exc.filename if exc.filename is not None else str(folder)
+        reason = f"{type(exc).__name__}: {exc.strerror or exc}"
+        report.unreadable_folders.append((str(path), reason))
+        report.warn(f"Cannot read folder {str(path)!r} ({reason}); the files in it are left out. "
+                    "Fix its permissions (chmod +rx) or move it out of the data folder.")
+
+    for dp, dirs, fs in os.walk(folder, onerror=unreadable):
+        hidden = [d for d in dirs if is_hidden(d)]
+        report.ignored_folders += [os.path.join(dp, d) for d in hidden]
+        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+        for f in fs:
+            (files if is_data(f) else report.ignored_files).append(os.path.join(dp, f))
+    return sorted(files)
+
+
+def class_folders(root: Path, report: DataReport) -> list[str]:
+    """The class sub-folders of ``root`` (sorted); hidden ones are listed as ignored."""
+    names = _subfolders(root)
+    report.ignored_folders += [str(root / n) for n in names if is_hidden(n)]
+    return [n for n in names if not is_hidden(n)]

@@ -1,0 +1,167 @@
+"""Files that pass the pre-scan but fail when they are loaded during training.
+
+With ``on_bad_file="skip"`` such a file never stops the run. Its item is replaced by the
+next readable file of the **same class** (the next one in the dataset's order, of any
+class when none of its class can be read), and the file is added to the
+:class:`~transferkit.data.DataReport` that the result carries (``bad_files`` and
+``bad_at_load``), with a warning. Why replace rather than drop: the replacement depends
+only on the item's index, so every epoch, every resumed run and every number of workers
+sees the same batches; batch sizes stay what was asked (no batch of one for BatchNorm, no
+empty batch); and the feature cache keeps one row per item. The cost is that the
+replacement file counts twice in that epoch (training) or in the validation metrics,
+which the report makes visible. With ``on_bad_file="raise"`` the error names the file.
+
+DataLoader workers are other processes, and what they write into their copy of the report
+is lost. So a worker remembers the files it replaced, and the collate function
+(:class:`ReportingCollate`) sends them back with the batch: the batch travels as a small
+carrier whose unpickling, in the main process, records the files in the main process's
+report (found through its ``token``) and hands the loop the plain batch.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch.utils.data import get_worker_info
+
+from transferkit.errors import DataError
+
+if TYPE_CHECKING:
+    from transferkit.data.checks import DataReport
+
+# main process: the reports that datasets record into, by token
+_REPORTS: weakref.WeakValueDictionary[str, DataReport] = weakref.WeakValueDictionary()
+# a worker process: files replaced since its last collate, by report token
+_PENDING: dict[str, list[tuple[str, str]]] = {}
+
+
+class BadFileError(DataError):
+    """A file that cannot be loaded during training (``on_bad_file="raise"``).
+
+    Raised in a DataLoader worker, torch re-raises it in the main process as
+    ``BadFileError(<its wrapped worker traceback>)``; the constructor keeps only the
+    original message, so the user sees one line naming the file.
+
+    Example:
+        >>> str(BadFileError("Caught BadFileError in DataLoader worker process 0.\\nOriginal Traceback ...\\n"
+        ...                  "transferkit.data.late.BadFileError: Cannot read image 'a.png'\\n"))
+        "Cannot read image 'a.png'"
+    """
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            message = message.rsplit(f"{type(self).__name__}: ", 1)[-1].strip()
+        super().__init__(message)
+
+
+def register_report(report: DataReport) -> None:
+    """Make ``report`` reachable by its token (done by ``DataReport`` itself)."""
+    _REPORTS[report.token] = report
+
+
+def record_bad_at_load(report: DataReport, path: str, reason: str) -> None:
+    """Add a file that failed while loading to ``report`` (once per file) and warn."""
+    if path in report.bad_at_load:
+        return
+    report.bad_at_load.append(path)
+    report.bad_files.append((path, reason))
+    report.warn(f"Left out {path!r}, which failed to load during training ({reason}); another file of its class "
+                "takes its place. Remove or replace the file (scan='full' finds such files before training).")
+
+
+def note_bad_at_load(report: DataReport, path: str, reason: str) -> None:
+    """Record now (main process) or when the batch reaches the main process (worker)."""
+    if get_worker_info() is None:
+        record_bad_at_load(report, path, reason)
+    else:
+        _PENDING.setdefault(report.token, []).append((path, reason))
+
+
+class ReportingCollate:
+    """A DataLoader ``collate_fn``: ``collate(items)``, carrying the files that the worker
+    replaced while loading these items back to the main process's report.
+
+    Example:
+        >>> from torch.utils.data import default_collate
+        >>> ReportingCollate("no-report", default_collate)([(1, 0), (2, 1)])
+        [tensor([1, 2]), tensor([0, 1])]
+    """
+
+    def __init__(self, token: str, collate: Callable[[Sequence[Any]], Any]) -> None:
+        self.token, self.collate = token, collate
+
+    def __call__(self, items: Sequence[Any]) -> Any:
+        batch = self.collate(items)
+        pending = _PENDING.pop(self.token, None)  # only ever set in a worker process
+        return _Carrier(batch, self.token, pending) if pending else batch
+
+
+class _Carrier:
+    """A batch on its way from a worker; unpickled in the main process as the plain batch."""
+
+    __slots__ = ("batch", "token", "pending")
+
+    def __init__(self, batch: Any, token: str, pending: list[tuple[str, str]]) -> None:
+        self.batch, self.token, self.pending = batch, token, pending
+
+    def __reduce__(self):
+        return _deliver, (self.batch, self.token, self.pending)
+
+
+def _deliver(batch: Any, token: str, pending: list[tuple[str, str]]) -> Any:
+    report = _REPORTS.get(token)
+    if report is not None:
+        for path, reason in pending:
+            try:
+                record_bad_at_load(report, path, reason)
+            except Warning:  # warnings turned into errors (-W error): the report holds the file and the message
+                pass  # already; raising here, possibly in the pin-memory thread, would kill the loader
+    return batch
+
+
+def source_name(source: Any, index: int) -> str:
+    """A file's path, or ``in-memory item <index>``."""
+    return str(source) if isinstance(source, (str, Path)) else f"in-memory item {index}"
+
+
+def _reason(exc: DataError) -> str:
+    cause = exc.__cause__
+    return f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+
+
+def load_or_replace(samples: Sequence[tuple[Any, int]], i: int, load: Callable[[int], Any], *, on_bad_file: str,
+                    report: DataReport, known_bad: dict[Any, str]) -> tuple[Any, int]:
+    """``(load(i), target)`` for ``samples[i] = (source, target)``. When ``load`` raises a :class:`DataError`:
+    raise it (``on_bad_file="raise"``), or record the file in ``report`` and load the next
+    readable sample of the same class instead (of any class when none of its class reads).
+    ``known_bad`` remembers failed sources in this process, so they are not decoded again."""
+    source, target = samples[i]
+    key = source if isinstance(source, (str, Path)) else id(samples[i])
+    if key not in known_bad:
+        try:
+            return load(i), target
+        except DataError as exc:
+            if on_bad_file == "raise":
+                raise BadFileError(str(exc)) from exc
+            known_bad[key] = _reason(exc)
+            note_bad_at_load(report, source_name(source, i), known_bad[key])
+    n = len(samples)
+    for same_class in (True, False):
+        for k in range(1, n):
+            j = (i + k) % n
+            src, tgt = samples[j]
+            if (tgt == target) != same_class:
+                continue
+            kj = src if isinstance(src, (str, Path)) else id(samples[j])
+            if kj in known_bad:
+                continue
+            try:
+                return load(j), tgt
+            except DataError as exc:
+                known_bad[kj] = _reason(exc)
+                note_bad_at_load(report, source_name(src, j), known_bad[kj])
+    raise DataError(f"None of the {n} files of this dataset can be loaded any more (e.g. "
+                    f"{source_name(source, i)!r}: {known_bad[key]}). Was the data folder moved or unmounted?")

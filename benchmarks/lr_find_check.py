@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--num-steps", type=int, default=100)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0: in the main process)")
     ap.add_argument("--plot", default=None, help="where to write the lr-finder plot (PNG)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -45,7 +46,7 @@ def main() -> None:
         raise SystemExit(f"{data} or {weights} not found; set TRANSFERKIT_DATA")
     warnings.filterwarnings("ignore")
     common = dict(weights=weights, data=data / "train", val_data=data / "val", policy=args.policy,
-                  image_size=args.image_size, device=args.device, num_workers=0)
+                  image_size=args.image_size, device=args.device, num_workers=args.num_workers)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as cache:
         res = tk.lr_find("timm:tf_efficientnet_lite0", num_steps=args.num_steps, plot=args.plot, cache_dir=cache,
@@ -64,7 +65,7 @@ def main() -> None:
                 losses.append(r.metrics["val_loss"])
             rows.append((label, lr, accs, losses))
     print(f"\n{args.policy}, {args.image_size} px, {args.epochs} epochs, seeds 0..{args.seeds - 1}")
-    print(f"| lr | rate | val acc (mean, min-max) | val loss (mean) |\n| --- | --- | --- | --- |")
+    print("| lr | rate | val acc (mean, min-max) | val loss (mean) |\n| --- | --- | --- | --- |")
     for label, lr, accs, losses in rows:
         print(f"| {label} | {lr:.2e} | {statistics.mean(accs):.3f} ({min(accs):.3f}-{max(accs):.3f}) | "
               f"{statistics.mean(losses):.3f} |")

@@ -263,7 +263,8 @@ def write_interpretation(plots_dir: str | Path, source: Any, dataset: Any, class
         PosixPath('plots/top_losses.png')
     """
     if isinstance(source, nn.Module):
-        source = predict_logits(source, dataset, batch_size=kwargs.pop("batch_size", 32), device=kwargs.pop("device", None))
+        source = predict_logits(source, dataset, batch_size=kwargs.pop("batch_size", 32),
+                                device=kwargs.pop("device", None))
     out = Path(plots_dir)
     return {"show_results": show_results(source, dataset, classes, out / "show_results.png", n=n, **kwargs),
             "top_losses": plot_top_losses(source, dataset, classes, out / "top_losses.png", k=k),

@@ -184,7 +184,8 @@ class LRFindResult:
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(6, 3.8))
         v = self.valley
-        ax.plot(self.lrs, self.raw_losses or self.losses, color="0.72", linewidth=0.8, label="loss per batch")
+        if self.raw_losses:
+            ax.plot(self.lrs, self.raw_losses, color="0.72", linewidth=0.8, label="loss per batch")
         curve_lrs, curve = (self.lrs[v.skip:], list(v.smoothed)) if v is not None and v.smoothed else \
             (self.lrs, self.losses)
         ax.plot(curve_lrs, curve, color="tab:blue", label="smoothed loss")

@@ -9,7 +9,6 @@ import torch
 
 import transferkit as tk
 from transferkit.errors import ConfigError
-from transferkit.train.lr_find import suggest_lr
 from transferkit.train.optim import LRSchedule, make_optimizer
 
 
@@ -75,14 +74,6 @@ def test_bad_values_raise_readable_errors():
         _lrs("cosine", gamma=0.5)
     with pytest.raises(ConfigError, match="Unknown schedule"):
         _lrs("linear")
-
-
-def test_suggestion_is_at_the_steepest_descent():
-    lrs = [10 ** (-6 + i / 10) for i in range(60)]
-    losses = [1.0 / (1 + math.exp(4 * (math.log10(lr) + 3))) + (0 if lr < 1 else 10) for lr in lrs]
-    assert round(math.log10(suggest_lr(lrs, losses))) == -3
-    falling = [1.0 - (i / 60) ** 2 for i in range(60)]  # steepest at the largest lr tried: never suggest it
-    assert suggest_lr(lrs, falling) == pytest.approx(lrs[-1] / 10)
 
 
 def test_lr_find_runs_and_plots(image_folder, tmp_path):

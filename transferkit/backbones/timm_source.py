@@ -33,6 +33,7 @@ from transferkit.backbones._base import (
     check_blocks,
     container_blocks,
 )
+from transferkit.backbones._hub import hf_offline, hf_offline_requested, hub_unreachable
 from transferkit.backbones.weights import is_weights_path, load_into, read_state_dict
 from transferkit.errors import BackboneError, UnknownBackboneError, WeightsError, suggest
 
@@ -107,11 +108,68 @@ def _is_download_error(exc: BaseException) -> bool:
     return any(s in text for s in ("connection", "offline", "resolve", "urlopen", "hub", "download"))
 
 
+def _weights_source(model_name: str, kwargs: dict[str, Any]) -> tuple[str, Any]:
+    """Where timm will read the pretrained weights from: ``("hf-hub", (hub id, filename or None))``,
+    ``("url", url)`` or a local source (``("file", path)``, ``("state_dict", ...)``), as timm's
+    own ``_resolve_pretrained_source`` decides from the model's ``pretrained_cfg`` and the
+    ``pretrained_cfg`` / ``pretrained_cfg_overlay`` arguments."""
+    from timm.models._builder import _resolve_pretrained_source
+
+    base = kwargs.get("pretrained_cfg")
+    if not isinstance(base, dict) and not hasattr(base, "to_dict"):
+        base = timm.models.get_pretrained_cfg(model_name)
+    cfg = dict(base if isinstance(base, dict) else base.to_dict())
+    cfg.update(kwargs.get("pretrained_cfg_overlay") or {})
+    load_from, loc = _resolve_pretrained_source(cfg)
+    if load_from == "hf-hub":
+        return load_from, (loc if isinstance(loc, tuple) else (loc, None))
+    return load_from, loc
+
+
+def _is_cached(load_from: str, loc: Any) -> bool:
+    """The weights are on this machine already (HF cache, torch hub cache or a local file)."""
+    if load_from == "hf-hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        hub_id, filename = loc
+        repo, _, revision = hub_id.partition("@")
+        names = [filename] if filename else ["model.safetensors", "pytorch_model.bin"]
+        return any(isinstance(try_to_load_from_cache(repo, n, revision=revision or None), str) for n in names)
+    if load_from == "url":
+        return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(str(loc))))
+    return True  # a file, a state dict, a local folder: no network involved
+
+
+def _offline_reason(model_name: str, kwargs: dict[str, Any]) -> str | None:
+    """Why the weights of ``model_name`` cannot come from the network right now (``HF_HUB_OFFLINE``,
+    or the hub does not answer a connection within a second or two), or None when they can
+    or need not. Checked before timm tries, so an offline machine fails in about a second."""
+    load_from, loc = _weights_source(model_name, kwargs)
+    if load_from == "hf-hub":
+        if hf_offline_requested():
+            return "HF_HUB_OFFLINE is set"
+        from huggingface_hub import constants
+
+        return hub_unreachable(constants.ENDPOINT)
+    if load_from == "url":
+        return hub_unreachable(str(loc))
+    return None
+
+
 def create(model_name: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
     """``timm.create_model(model_name, pretrained=..., num_classes=0)``; a failed download raises
-    :class:`WeightsError` saying where to put the file - never random weights instead."""
+    :class:`WeightsError` saying where to put the file - never random weights instead.
+
+    When the hub cannot be reached (or ``HF_HUB_OFFLINE`` is set) the weights come from the
+    local cache without any network retry, and the error comes at once when they are not there."""
+    offline = _offline_reason(model_name, kwargs) if pretrained else None
+    if offline is not None and not _is_cached(*_weights_source(model_name, kwargs)):
+        raise WeightsError(f"Could not get the pretrained weights of timm:{model_name} ({offline}; they are not "
+                           f"in the local cache either). {_download_hint(model_name)} "
+                           "Or use weights=None for random initialisation.")
     try:
-        return timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+        with hf_offline(offline is not None):
+            return timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
     except Exception as exc:
         if pretrained and _is_download_error(exc):
             raise WeightsError(f"Could not get the pretrained weights of timm:{model_name} "

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from transferkit.backbones._base import Backbone, InputSpec, blocks_from_members, check_blocks
+from transferkit.backbones._hub import hub_unreachable
 from transferkit.backbones.registry import register_source
 from transferkit.backbones.spectrogram import SpecAugment, as_spec_augment, resampler, split_padding
 from transferkit.backbones.weights import is_weights_path, load_into, read_state_dict
@@ -205,13 +206,16 @@ def _bundle_url(bundle: Any) -> str:
 def _download_state_dict(name: str, bundle: Any) -> dict[str, Tensor]:
     url = _bundle_url(bundle)
     cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    advice = (f"If you are offline, download that file on a machine with internet and put it at {cache}, or pass "
+              "its local path as weights=..., or use weights=None for random initialisation.")
+    offline = None if os.path.isfile(cache) else hub_unreachable(url)  # once per process, about a second at most
+    if offline is not None:
+        raise WeightsError(f"Could not get the pretrained weights of ta:{name} ({url}): {offline}. {advice}")
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False)
     except Exception as exc:  # URLError (offline), HTTPError, a truncated cache file ...
         raise WeightsError(f"Could not get the pretrained weights of ta:{name} ({url}): {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}. If you are offline, download that file "
-                           f"on a machine with internet and put it at {cache}, or pass its local path as "
-                           "weights=..., or use weights=None for random initialisation.") from exc
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}. {advice}") from exc
 
 
 def _load_file(target: nn.Module, sd: dict[str, Tensor], path: Any, *, strict: bool) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import torch
 
+from transferkit._progress import progress as progress_bar
 from transferkit.backbones._base import InputSpec
 from transferkit.errors import ConfigError, DataError, ExportError
 from transferkit.export.inputs import InputPipeline
@@ -192,14 +192,10 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 
 def _progress(chunks: Iterator[list[Any]], total: int, progress: bool | None) -> Iterator[list[Any]]:
-    """Yield ``chunks``, advancing a tqdm bar by their sizes (on a terminal when ``progress`` is None)."""
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    if not show:
-        yield from chunks
-        return
-    from tqdm.auto import tqdm
-
-    with tqdm(total=total, unit="file", desc="predict", file=sys.stderr) as bar:
+    """Yield ``chunks``, advancing a bar by their sizes: on a terminal when ``progress`` is None,
+    always when True, never when False (transferkit._progress)."""
+    with progress_bar(total, "predict", unit="file", verbose=progress is not False, force=progress is True,
+                      leave=True) as bar:
         for chunk in chunks:
             yield chunk
             bar.update(len(chunk))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from transferkit._progress import progress
 from transferkit.errors import ConfigError, TrainingError, check_choice
 from transferkit.train.distributed import DistInfo, all_reduce_sum, broadcast_buffers
 from transferkit.train.speed import SpeedConfig
@@ -21,11 +21,8 @@ from transferkit.train.tasks import count_correct, monitor_default
 
 
 def _progress(total: int, desc: str, verbose: bool):
-    if not verbose or not sys.stderr.isatty():
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, unit="img")
+    """The epoch's bar (images seen) on a terminal, a no-op bar otherwise: transferkit._progress."""
+    return progress(total, desc, verbose=verbose, unit="img")
 
 
 def base_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -1,0 +1,179 @@
+"""The lr finder (issue 15, item 3): a suggestion inside the descent of the loss, before its
+minimum, on noisy curves, and a rate that trains."""
+
+import io
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from transferkit.errors import ConfigError
+from transferkit.train.features import feature_loader
+from transferkit.train.lr_find import find_valley, lr_range_test, smooth_losses, suggest_lr, zero_lag_smooth
+from transferkit.train.speed import SpeedConfig
+
+
+def _curve(*, x0=-3.0, explode_at=-1.0, noise=0.05, startup=0, seed=0, n=100):
+    """A range test's loss per batch on lrs 1e-7..10: flat at 0.7, an S-shaped descent centred
+    at 10**x0 down to 0.1, an explosion past 10**explode_at; Gaussian noise, and optionally
+    ``startup`` wild first points (the noise the old rule took for a descent)."""
+    rng = np.random.default_rng(seed)
+    lrs = [10 ** (-7 + 8 * i / (n - 1)) for i in range(n)]
+    losses = []
+    for i, lr in enumerate(lrs):
+        x = math.log10(lr)
+        v = 0.1 + 0.6 / (1 + math.exp(4 * (x - x0)))
+        if x > explode_at:
+            v += 10 ** (2 * (x - explode_at)) - 1
+        v += noise * rng.standard_normal()
+        if i < startup:
+            v += 2 * rng.random() - 1.0 * (i % 2)
+        losses.append(v)
+    return lrs, losses
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_flat_then_descent_then_explode(seed):
+    lrs, losses = _curve(seed=seed)
+    v = find_valley(lrs, losses)
+    lo, hi = math.log10(lrs[v.start]), math.log10(lrs[v.end])
+    x = math.log10(v.suggestion)
+    # the descent found is the true one (90 % .. 10 % of the drop: 10**-3.55 .. 10**-2.45), blurred by noise
+    assert -4.3 < lo < -3.3 and -2.7 < hi < -1.9
+    assert lo < x < hi and -3.3 < x < -2.5  # inside it, near its steepest part (10**-3)
+    assert x < math.log10(v.min_lr) - 0.4  # well before the minimum
+    assert v.notes == ()
+    assert suggest_lr(lrs, losses) == v.suggestion
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_noisy_start_is_not_a_descent(seed):
+    """The old rule took the steepest slope from the first point: on start-up noise it
+    suggested 1e-7-ish rates (issue 15). Skipping and smoothing keep the suggestion in the descent."""
+    lrs, losses = _curve(seed=seed, startup=12, noise=0.12)
+    x = math.log10(suggest_lr(lrs, losses))
+    assert -3.4 < x < -2.4
+    raw_steepest = lrs[int(np.argmin(np.gradient(losses, np.log10(lrs))))]  # the old rule, on this curve
+    assert raw_steepest < 1e-5
+
+
+def test_a_curve_that_does_not_fall_or_still_falls_says_so():
+    lrs = [10 ** (-7 + 8 * i / 99) for i in range(100)]
+    flat = [0.7 + 0.001 * math.sin(i) for i in range(100)]
+    v = find_valley(lrs, flat)
+    assert "does not fall" in v.notes[0] and lrs[0] <= v.suggestion <= lrs[-1]
+    falling = [1.0 - 0.09 * math.log10(lr / 1e-7) for lr in lrs]  # still falling at 10
+    v = find_valley(lrs, falling)
+    assert "still falls at the largest rate" in v.notes[0] and v.suggestion < lrs[-1] / 10
+    short = find_valley(lrs[:2], [1.0, 9.0])
+    assert short.suggestion == lrs[0] and "lower start_lr" in short.notes[0]
+    with pytest.raises(ConfigError, match="as many learning rates as losses"):
+        find_valley(lrs, flat[:3])
+
+
+def test_smoothing_is_bias_corrected_and_the_centred_one_has_no_lag():
+    assert smooth_losses([2.0, 2.0, 2.0], 0.05) == pytest.approx([2.0, 2.0, 2.0])  # no pull towards 0
+    ramp = [float(i) for i in range(60)]
+    centred, causal = zero_lag_smooth(ramp, 0.1), smooth_losses(ramp, 0.1)
+    assert centred[30] == pytest.approx(30.0, abs=0.1) and causal[30] < 23  # the one-way average lags ~8 steps
+
+
+def _blobs(seed: int, n: int = 240):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(3, 16, generator=g)[y] + torch.randn(n, 16, generator=g)
+    return x, y
+
+
+def test_the_suggestion_trains_a_tiny_real_problem():
+    """A linear head on three Gaussian blobs: the suggested rate learns, a tenth of it hardly
+    does, ten times it is not better by much; the finder leaves the head as it was."""
+    x, y = _blobs(0)
+    xt, yt, xv, yv = x[:180], y[:180], x[180:], y[180:]
+    torch.manual_seed(0)
+    head = nn.Linear(16, 3)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    res = lr_range_test(head, feature_loader(xt, yt, batch_size=16, shuffle=True), optimizer=opt,
+                        loss_fn=nn.CrossEntropyLoss(), speed=SpeedConfig(torch.device("cpu")),
+                        set_mode=lambda e: head.train(), start_lr=1e-6, end_lr=10.0, num_steps=100, verbose=False)
+    assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
+    assert res.lrs[res.valley.start] < res.suggestion < res.lrs[res.valley.end] < res.valley.min_lr
+
+    def val_loss(lr: float) -> float:
+        torch.manual_seed(1)
+        h = nn.Linear(16, 3)
+        o = torch.optim.AdamW(h.parameters(), lr=lr)
+        for _ in range(3):
+            for xb, yb in feature_loader(xt, yt, batch_size=16, shuffle=True):
+                loss = nn.functional.cross_entropy(h(xb), yb)
+                o.zero_grad()
+                loss.backward()
+                o.step()
+        with torch.no_grad():
+            return nn.functional.cross_entropy(h(xv), yv).item()
+
+    at, below, above = val_loss(res.suggestion), val_loss(res.suggestion / 10), val_loss(res.suggestion * 10)
+    assert at < 0.5 * below  # the suggestion learns; a tenth of it barely starts
+    assert max(at, below, above) != at  # not the worst of the three
+
+
+def test_the_range_test_stops_when_the_loss_explodes_and_shows_progress(monkeypatch):
+    class _Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+    model = _Squeeze(nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # plain SGD on least squares diverges past lr ~ 1
+    res = lr_range_test(model, feature_loader(x, y, batch_size=8, shuffle=True), optimizer=opt,
+                        loss_fn=nn.MSELoss(), speed=SpeedConfig(torch.device("cpu")),
+                        set_mode=lambda e: model.train(), start_lr=1e-5, end_lr=1e3, num_steps=200)
+    assert len(res.lrs) < 200 and any("exploded" in n for n in res.notes)
+    assert all(math.isfinite(v) for v in res.losses + res.raw_losses)
+    assert res.suggestion < 1.0
+    assert "lr-find" in term.getvalue()
+    quiet = _Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    lr_range_test(model, feature_loader(x, y, batch_size=8, shuffle=False), optimizer=opt, loss_fn=nn.MSELoss(),
+                  speed=SpeedConfig(torch.device("cpu")), set_mode=lambda e: None, num_steps=5, verbose=False)
+    assert quiet.getvalue() == ""
+
+
+class _Squeeze(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x).squeeze(-1)
+
+
+def test_the_plot_marks_the_suggestion(monkeypatch, tmp_path):
+    from transferkit.train import reporting
+    from transferkit.train.lr_find import LRFindResult
+
+    lrs, losses = _curve(seed=1)
+    v = find_valley(lrs, losses)
+    res = LRFindResult(lrs=lrs, losses=smooth_losses(losses), suggestion=v.suggestion, raw_losses=losses, valley=v)
+    seen = {}
+    real_save = reporting._save
+
+    def spy(fig, path):
+        ax = fig.axes[0]
+        seen["legend"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        seen["vlines"] = [ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+        return real_save(fig, path)
+
+    monkeypatch.setattr(reporting, "_save", spy)
+    out = res.plot(tmp_path / "lr.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert f"suggested lr {v.suggestion:.1e}" in seen["legend"] and "descent" in seen["legend"]
+    assert seen["vlines"] == [pytest.approx(v.suggestion)]

@@ -211,3 +211,29 @@ def test_class_weights_must_match_the_classes(split_folders):
     with pytest.raises(ConfigError, match="class_weights has 3 values but the data have 2 classes"):
         tk.finetune("tk:small_cnn", data=split_folders / "train", class_weights=[1, 2, 3], **KW)
     assert np.allclose(_plan(split_folders / "train", class_weights=[1, 2]).class_weights, [1.0, 2.0])
+
+
+@pytest.mark.parametrize("stop", [1, 2])
+def test_fine_tune_resumed_in_either_phase_matches_an_uninterrupted_run(split_folders, tmp_path, monkeypatch, stop):
+    """fine_tune:frozen=1: epoch 1 on cached features, then end to end; a resume after epoch 1
+    (the end of the cached phase) or 2 (inside the end-to-end phase) ends bit-identical."""
+    import transferkit.train.features as features
+
+    kw = dict(data=split_folders / "train", val_data=split_folders / "val", policy="fine_tune:frozen=1",
+              head_dropout=0.2, **{**KW, "epochs": 3})
+
+    def stop_after(row):
+        if row["epoch"] == stop:
+            raise RuntimeError("stop")
+
+    full = tk.finetune("tk:small_cnn", **kw)
+    with pytest.raises(RuntimeError):
+        tk.finetune("tk:small_cnn", checkpoint=tmp_path / "r.pt", callbacks=[stop_after], **kw)
+    calls = []
+    real = features.extract_features
+    monkeypatch.setattr(features, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = tk.finetune("tk:small_cnn", checkpoint=tmp_path / "r.pt", resume=True, **kw)
+    assert calls == []  # the cached phase was over: no features computed again
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k

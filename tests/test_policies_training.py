@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import transferkit as tk
+
 from transferkit.backbones import get_backbone
 from transferkit.heads import build_head
 from transferkit.model import ImagePreprocess, TransferModel
@@ -174,6 +176,8 @@ def test_finetune_with_fastais_fine_tune_trains_the_head_first_then_everything(i
                       lr=1e-3, schedule="constant", restore_best=False, verbose=False, num_workers=0,
                       checkpoint=ckpt, callbacks=[lambda row: states.append(load_checkpoint(ckpt)["model"])])
     assert not result.used_feature_cache
+    assert result.plan.cached_epochs == 1 and "features_s" in result.timings  # epoch 1 ran on cached features
+    assert isinstance(result.model.head[0], tk.FeatureNorm)
     first, second = states
     trunk = [k for k in first if k.startswith("trunk.")]
     assert trunk and all(torch.equal(first[k], start[k[len("trunk."):]]) for k in trunk)

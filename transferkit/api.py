@@ -18,8 +18,8 @@ from transferkit.config import FinetuneConfig
 from transferkit.data import DataReport
 from transferkit.errors import ConfigError
 from transferkit.export.torchscript import ExportReport
-from transferkit.model import TransferModel, build_model  # noqa: F401  (re-exported: transferkit.build_model)
-from transferkit.plan import RunPlan, plan, seed_everything  # noqa: F401  (seed_everything: re-exported)
+from transferkit.model import TransferModel
+from transferkit.plan import RunPlan, plan
 from transferkit.policies import Policy
 from transferkit.steps import evaluate, metadata, train, training_data, write_outputs
 from transferkit.train.checkpoint import load_checkpoint
@@ -51,6 +51,37 @@ class FinetuneResult:
     stopped_early: bool = False
     plots: dict[str, Path] = field(default_factory=dict)
     data_report: DataReport = field(default_factory=DataReport)  # bad files left out, warnings
+    val_logits: Any = None  # the trained model's outputs on the validation set, in its order
+
+    def _interpretable(self) -> tuple[Any, Any]:
+        from transferkit.steps import validation_images
+
+        if self.val_logits is None or self.plan is None or self.task != "multiclass":
+            raise ConfigError("show_results, plot_top_losses and most_confused need a multiclass run with "
+                              "validation data.")
+        return self.val_logits, validation_images(self.plan)
+
+    def show_results(self, n: int = 9, path: str | Path = "show_results.png") -> Path:
+        """A PNG grid of ``n`` validation images with true label, prediction and probability
+        (green right, red wrong); returns its path. See :mod:`transferkit.train.interpret`."""
+        from transferkit.train.interpret import show_results
+
+        logits, images = self._interpretable()
+        return show_results(logits, images, self.classes, path, n=n)
+
+    def plot_top_losses(self, k: int = 9, path: str | Path = "top_losses.png") -> Path:
+        """A PNG grid of the ``k`` validation images with the highest loss (predicted / true / loss)."""
+        from transferkit.train.interpret import plot_top_losses
+
+        logits, images = self._interpretable()
+        return plot_top_losses(logits, images, self.classes, path, k=k)
+
+    def most_confused(self, min_count: int = 1) -> list[tuple[str, str, int]]:
+        """``[(true, predicted, count), ...]`` over the validation set, most frequent first."""
+        from transferkit.train.interpret import most_confused
+
+        logits, images = self._interpretable()
+        return most_confused(logits, images, self.classes, min_count=min_count)
 
     def __repr__(self) -> str:
         score = {k: round(v, 4) for k, v in self.best.items() if isinstance(v, float)}
@@ -99,19 +130,20 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
         p.timings["setup_s"] = time.perf_counter() - t_start
         if cfg.verbose and p.dist.is_main:
             print(p.summary(), file=sys.stderr, flush=True)
-        td = training_data(p)
         meta = metadata(p)
-        outcome = train(p, td, meta=meta)
-        metrics = evaluate(p, td)
+        outcome = train(p, meta=meta)
+        outputs: dict[str, Any] = {}
+        metrics = evaluate(p, outcome.data, outputs=outputs)
         if outcome.probe is not None:
             metrics["probe"] = {"C": outcome.probe.C,
                                 "val_acc_by_C": {str(c): a for c, a in outcome.probe.scores.items()}}
         result = FinetuneResult(model=p.model, backbone=p.backbone, classes=p.classes, policy=p.policy,
                                 history=outcome.history, best=outcome.best, metrics=metrics, plan=p,
                                 used_feature_cache=p.cache, timings=p.timings, task=cfg.task,
-                                stopped_early=outcome.state.stopped_early, data_report=p.bundle.report)
+                                stopped_early=outcome.state.stopped_early, data_report=p.bundle.report,
+                                val_logits=outputs.get("logits"))
         if p.dist.is_main:
-            out = write_outputs(p, outcome, metrics, meta=meta)
+            out = write_outputs(p, outcome, metrics, meta=meta, logits=outputs.get("logits"))
             result.plots, result.checkpoint_path = out["plots"], out["checkpoint"]
             if out["export_report"] is not None:
                 result.export_report, result.export_path = out["export_report"], out["export_report"].path
@@ -179,9 +211,10 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
         opt = make_optimizer(cfg.optimizer, p.param_groups(lr=start_lr), lr=start_lr, momentum=cfg.momentum)
         from transferkit.steps import set_epoch_mode
 
+        first = 0 if p.cache else p.cached_epochs  # fine_tune: the rate of the phase that trains the backbone
         result = lr_range_test(td.module, td.train_loader, optimizer=opt, loss_fn=p.loss_fn, speed=p.speed,
-                               set_mode=lambda e: set_epoch_mode(p, e), start_lr=start_lr, end_lr=end_lr,
-                               num_steps=num_steps)
+                               set_mode=lambda e: set_epoch_mode(p, first + e), start_lr=start_lr, end_lr=end_lr,
+                               num_steps=num_steps, verbose=cfg.verbose and p.dist.is_main)
     if plot is not None and p.dist.is_main:
         result.plot(plot)
     return result

@@ -74,6 +74,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:
         for p in preds:
             print(f"{p.source}\t{p}")
+    failed = [p for p in preds if not getattr(p, "ok", True)]
+    for p in failed:
+        print(f"transferkit: warning: {p.source}: {_one_line(p.error)}", file=sys.stderr)
+    if failed:
+        print(f"transferkit: error: {len(failed)} of {len(preds)} inputs could not be predicted (listed above)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

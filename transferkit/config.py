@@ -143,6 +143,11 @@ class FinetuneConfig:
                           types=_F, check=_fraction)
     on_bad_file: Any = _opt("skip", "unreadable files: 'skip' (reported) or 'raise'", group="data", types=_S,
                             choices=("skip", "raise"), flag=True)
+    scan: Any = _opt("quick", "check files before training: 'quick' (headers), 'full' (decode all) or 'none'",
+                     group="data", types=_S, choices=("quick", "full", "none"))
+    max_seconds: Any = _opt(30.0, "audio: longer clips are cropped to their middle this many seconds (None: whole "
+                            "clips; memory grows with the longest)", group="data", types=_F + _N, check=_positive,
+                            flag=True)
     image_size: Any = _opt(None, "crop size in pixels (default: the backbone's)", group="data", types=_I + _N,
                            check=_image_size, flag=True)
     augment: Any = _opt(None, "'standard', 'flip' or 'none' (default: standard when the backbone trains)",

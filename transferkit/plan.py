@@ -89,7 +89,8 @@ class RunPlan:
     head_hidden: tuple[int, ...]
     head_norm: bool
     frozen: bool
-    cache: bool
+    cache: bool  # every epoch trains the head alone on cached features
+    cached_epochs: int  # leading epochs on cached features (all of them when `cache`; fine_tune:frozen=k: k)
     cache_reason: str
     augment: str
     lr: float
@@ -144,6 +145,7 @@ class RunPlan:
             "device": s.device.type, "world_size": self.dist.world_size, "seeds": self.seeds,
             "precision": s.precision, "feature_precision": f.precision, "channels_last": s.channels_last,
             "compile": s.compile, "policy": str(self.policy), "frozen": self.frozen, "feature_cache": self.cache,
+            "cached_epochs": self.cached_epochs,
             "cache_reason": self.cache_reason, "head": self.head_kind, "head_hidden": list(self.head_hidden),
             "head_norm": self.head_norm, "augment": self.augment, "lr": self.lr, "class_weights": self.class_weights,
             "bn": self.bn_mode(), "trainable": _epoch_ranges(self.trainable),
@@ -157,7 +159,7 @@ class RunPlan:
         n_train = len(self.bundle.train)
         n_val = len(self.bundle.val) if self.bundle.val is not None else 0
         where = f"{s.device}" + (f", rank {self.dist.rank} of {self.dist.world_size}" if self.dist.enabled else "")
-        prec = s.precision if f.precision == s.precision or not self.cache else \
+        prec = s.precision if f.precision == s.precision or not self.cached_epochs else \
             f"features {f.precision}, head {s.precision}"
         lines = [
             f"plan: {self.backbone.name} ({self.backbone.weights or 'random init'}) -> {self.head_kind} head, "
@@ -165,7 +167,8 @@ class RunPlan:
             f"  data:     {n_train} train / {n_val} val, {len(self.classes)} classes, input {_input(self.spec)}, "
             f"augment {self.augment}",
             f"  policy:   {self.policy}; {_epoch_text(self.trainable, cfg.epochs)}; BatchNorm: {self.bn_mode()}",
-            f"  features: {'cached' if self.cache else 'not cached'} ({self.cache_reason})",
+            f"  features: {'cached' if self.cache else 'cached, then not' if self.cached_epochs else 'not cached'} "
+            f"({self.cache_reason})",
             f"  optim:    {cfg.optimizer}, base lr {self.lr:.3g}{' (default)' if cfg.lr is None else ''}, "
             f"{cfg.schedule} schedule, {cfg.epochs} epochs x batch {cfg.batch_size}; "
             + ", ".join(f"{g['name']} lr {g['lr']:.3g} wd {g['weight_decay']:g}" for g in self.groups[:6])
@@ -230,25 +233,32 @@ def _own_backbone(backbone: Any, cfg: FinetuneConfig) -> Backbone:
 def _data(cfg: FinetuneConfig, spec: InputSpec) -> tuple[DataBundle, int]:
     if spec.kind == "audio":
         bundle = prepare_audio_data(cfg.data, cfg.val_data, spec=spec, val_split=cfg.val_split, seed=cfg.seed,
-                                    classes=cfg.classes)
+                                    classes=cfg.classes, on_bad_file=cfg.on_bad_file, scan=cfg.scan,
+                                    max_seconds=cfg.max_seconds)
         return bundle, len(bundle.classes)
     return prepare_task_data(cfg.data, cfg.val_data, task=cfg.task, val_split=cfg.val_split, seed=cfg.seed,
                              classes=cfg.classes, min_size=spec.resize_size or spec.image_size,
-                             on_bad_file=cfg.on_bad_file)
+                             on_bad_file=cfg.on_bad_file, scan=cfg.scan)
 
 
-def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen: bool, head_kind: str) -> tuple[bool, str]:
+def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen_epochs: int, head_kind: str) -> tuple[int, str]:
+    """How many leading epochs run on cached features (all, the frozen phase, or none), and why."""
+    frozen = frozen_epochs >= cfg.epochs
     if (cfg.cache_features is True or head_kind == "logistic") and not frozen:
         what = "head='logistic'" if head_kind == "logistic" else "cache_features=True"
         raise ConfigError(f"{what} needs a policy that keeps the backbone frozen; {policy} trains it. Use "
                           "policy='feature_extraction' (or cache_features='auto').")
-    if not frozen:
-        return False, f"policy {policy} trains backbone weights"
+    if frozen_epochs == 0:
+        return 0, f"policy {policy} trains backbone weights from epoch 1"
     if cfg.cache_features is False:
-        return False, "cache_features=False"
+        return 0, "cache_features=False"
     where = f"on disk in {cfg.cache_dir}" if cfg.cache_dir is not None else "in memory"
-    views = f"{cfg.cache_views} augmented views" if cfg.cache_views > 1 else "one view"
-    return True, f"backbone frozen for all {cfg.epochs} epochs: computed once, {views}, {where}"
+    views = f"{cfg.cache_views} augmented views" if cfg.cache_views > 1 else \
+        "one view" + (" (augmented)" if cfg.augment not in (None, "none") or not frozen else "")
+    if frozen:
+        return cfg.epochs, f"backbone frozen for all {cfg.epochs} epochs: computed once, {views}, {where}"
+    return frozen_epochs, (f"backbone frozen for the first {frozen_epochs} epoch(s): the head trains on features "
+                           f"computed once ({views}, {where}), then the backbone trains end to end")
 
 
 def weights_identity(weights: Any, *, portable: bool) -> Any:
@@ -289,9 +299,11 @@ def plan(config: FinetuneConfig) -> RunPlan:
     bb = _own_backbone(cfg.backbone, cfg)
     spec = resolve_input_spec(bb.input_spec, cfg.image_size)
     bundle, n_out = _data(cfg, spec)
-    frozen = pol.frozen_throughout(bb.block_names, cfg.epochs)
-    cache, reason = _cache_decision(cfg, pol, frozen, head_kind)
-    norm = resolve_head_norm(cfg.head_norm, cached=cache, head_kind=head_kind)
+    frozen_epochs = pol.frozen_phase_epochs(bb, cfg.epochs)
+    frozen = frozen_epochs >= cfg.epochs
+    cached_epochs, reason = _cache_decision(cfg, pol, frozen_epochs, head_kind)
+    cache = cached_epochs >= cfg.epochs
+    norm = resolve_head_norm(cfg.head_norm, cached=cached_epochs > 0, head_kind=head_kind)
     speed = SpeedConfig.make(dev, precision=_train_precision(cfg.precision, dev), channels_last=cfg.channels_last,
                              compile=cfg.compile)
     feature_speed = speed
@@ -306,7 +318,7 @@ def plan(config: FinetuneConfig) -> RunPlan:
                 bundle=bundle, model=model, loss_fn=make_loss(cfg.task, label_smoothing=cfg.label_smoothing,
                                                               class_weights=weights).to(dev),
                 num_outputs=n_out, head_kind=head_kind, head_hidden=hidden, head_norm=norm, frozen=frozen, cache=cache,
-                cache_reason=reason, augment=cfg.augment or ("standard" if not cache or cfg.cache_views > 1 else "none"),
+                cached_epochs=cached_epochs, cache_reason=reason, augment=cfg.augment or ("standard" if not cache or cfg.cache_views > 1 else "none"),
                 lr=default_lr(head_only=frozen) if cfg.lr is None else cfg.lr, class_weights=weights, seeds=seeds,
                 trainable=pol.schedule(bb.block_names, cfg.epochs), data_identity=data_identity(bundle))
     if p.augment == "none" and cfg.cache_views > 1:

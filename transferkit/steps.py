@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from transferkit._progress import progress as progress_bar
 from transferkit.data import eval_transform, train_transform
 from transferkit.data.audio import pad_waveforms
 from transferkit.plan import RunPlan
@@ -50,15 +51,19 @@ class TrainingData:
     stores: dict[str, FeatureStore] = field(default_factory=dict)
 
 
-def training_data(plan: RunPlan, *, progress: Any = None) -> TrainingData:
-    """Cached features when the plan caches them (and the head's FeatureNorm statistics set
-    from them), else loaders over decoded, transformed inputs."""
+def training_data(plan: RunPlan, *, cached: bool | None = None, progress: Any = None) -> TrainingData:
+    """Cached features (``cached``, default: when the whole run trains on them; the head's
+    FeatureNorm statistics are set from them), else loaders over decoded, transformed inputs."""
+    cached = plan.cache if cached is None else cached
+    if not cached:
+        return input_loaders(plan)
     t0 = time.perf_counter()
-    td = cached_features(plan, progress=progress) if plan.cache else input_loaders(plan)
-    if plan.cache:
-        plan.timings["features_s"] = time.perf_counter() - t0
-        if plan.head_norm:
-            plan.model.head[0].set_stats(*td.stores["train"].stats())  # the exact statistics the head sees
+    cuda = [plan.feature_speed.device] if plan.feature_speed.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # extraction leaves the RNG as it was: a resume is exact
+        td = cached_features(plan, progress=progress)
+    plan.timings["features_s"] = time.perf_counter() - t0
+    if plan.head_norm:
+        plan.model.head[0].set_stats(*td.stores["train"].stats())  # the exact statistics the head sees
     return td
 
 
@@ -83,9 +88,12 @@ def cached_features(plan: RunPlan, *, progress: Any = None) -> TrainingData:
             part=name, transform=tf, views=views, fingerprint=data_fingerprint, dataset=ds))
         if info.enabled and cfg.cache_dir is not None and not info.is_main:
             barrier(info)  # rank 0 writes the shared cache entry first
-        stores[name] = compute_features(model, ds.view(transform=tf), key=key, views=views, batch_size=extract_batch,
-                                        device=fs.device, num_workers=cfg.num_workers, seed=cfg.seed,
-                                        cache_dir=cfg.cache_dir, forward=forward, progress=progress)
+        with progress_bar(len(ds) * views, f"features ({name})", verbose=cfg.verbose and info.is_main,
+                          unit="img") as bar:
+            stores[name] = compute_features(model, ds.view(transform=tf), key=key, views=views,
+                                            batch_size=extract_batch, device=fs.device, num_workers=cfg.num_workers,
+                                            seed=cfg.seed, cache_dir=cfg.cache_dir, forward=forward,
+                                            progress=progress or bar)
         if info.enabled and cfg.cache_dir is not None and info.is_main:
             barrier(info)
     train_dl = feature_loader(stores["train"], batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
@@ -110,7 +118,7 @@ def input_loaders(plan: RunPlan) -> TrainingData:
 
 def set_epoch_mode(plan: RunPlan, epoch: int) -> None:
     """Trainable parameters and train/eval modes at ``epoch``, as the plan's policy says."""
-    if plan.cache:
+    if epoch < plan.cached_epochs:
         plan.model.head.train()
         return
     apply_policy(plan.model, plan.backbone, plan.policy, epoch=epoch)
@@ -124,6 +132,7 @@ class TrainOutcome:
     history: list[dict[str, Any]]
     best: dict[str, Any]
     state: TrainState
+    data: TrainingData  # what the last phase trained on (evaluate on it)
     probe: Any = None
     optimizer: Any = None
 
@@ -141,70 +150,121 @@ def metadata(plan: RunPlan, *, portable: bool = False) -> dict[str, Any]:
                          "head_norm": plan.head_norm}}
 
 
-def train(plan: RunPlan, td: TrainingData, *, meta: dict[str, Any] | None = None) -> TrainOutcome:
+def train(plan: RunPlan, *, meta: dict[str, Any] | None = None, progress: Any = None) -> TrainOutcome:
     """Train what the plan says: the scikit-learn probe (``head="logistic"``), or the loop with
-    its optimizer, schedule, gradient scaler, L2-SP penalty, per-epoch checkpoint and resume."""
-    cfg = plan.config
+    one optimizer, schedule, gradient scaler and L2-SP penalty over the whole run, the
+    per-epoch checkpoint and resume. A run whose first ``plan.cached_epochs`` epochs keep the
+    backbone frozen (``fine_tune:frozen=k``) trains the head on cached features for those
+    epochs, then the whole model on decoded inputs (features are not computed when a resume
+    starts after that phase)."""
+    cfg, k, total = plan.config, plan.cached_epochs, plan.config.epochs
     t1 = time.perf_counter()
     if plan.head_kind == "logistic":
         from transferkit.train.probe import run_probe
 
+        td = training_data(plan, cached=True, progress=progress)
         history, best, probe = run_probe(td, plan.model.head, task=cfg.task, Cs=cfg.probe_Cs, seed=cfg.seed,
                                          balanced=cfg.class_weights == "balanced")
         plan.timings["train_s"] = time.perf_counter() - t1
-        return TrainOutcome(history=history, best=best, state=TrainState(), probe=probe)
+        return TrainOutcome(history=history, best=best, state=TrainState(), data=td, probe=probe)
     meta = meta if meta is not None else metadata(plan)
+    inputs = training_data(plan, cached=False) if k < total else None
+    steps = [_cached_steps(plan)] * k + [len(inputs.train_loader) if inputs else 0] * (total - k)
     opt = make_optimizer(cfg.optimizer, plan.param_groups(), lr=plan.lr, momentum=cfg.momentum)
-    steps = len(td.train_loader)
-    sched = make_scheduler(cfg.schedule, opt, total_steps=cfg.epochs * steps, steps_per_epoch=steps,
-                           warmup_steps=round(cfg.warmup_epochs * steps), options=cfg.schedule_options)
+    sched = make_scheduler(cfg.schedule, opt, total_steps=sum(steps), steps_per_epoch=steps[-1],
+                           warmup_steps=round(cfg.warmup_epochs * steps[0]), options=cfg.schedule_options)
     scaler = plan.speed.grad_scaler()
-    penalty = policy_penalty(plan.model, plan.backbone, plan.policy, epochs=cfg.epochs)
     state = TrainState()
     if cfg.resume and cfg.checkpoint is not None and Path(cfg.checkpoint).exists():
         state = resume_from(cfg.checkpoint, plan_dict=meta["plan"], model=plan.model, optimizer=opt, scheduler=sched,
                             scaler=scaler)
     info = plan.dist
     tb = TensorBoardLogger(cfg.log_dir) if cfg.log_dir is not None and info.is_main else None
-    on_end = epoch_end_callback(path=cfg.checkpoint, model=plan.model, optimizer=opt, scheduler=sched, scaler=scaler,
-                                meta=meta, info=info, base_lr=plan.lr, callbacks=cfg.callbacks, tensorboard=tb)
-    speed = plan.speed
-    wrap = None if not (info.enabled or speed.compile) else (lambda m: speed.maybe_compile(wrap_ddp(m, info, speed.device)))
+    loop = dict(optimizer=opt, scheduler=sched, loss_fn=plan.loss_fn, device=plan.speed.device,
+                set_mode=lambda e: set_epoch_mode(plan, e), task=cfg.task, restore_best=cfg.restore_best,
+                early_stopping=cfg.early_stopping, monitor=cfg.monitor, state=state, speed=plan.speed, dist=info,
+                penalty=policy_penalty(plan.model, plan.backbone, plan.policy, epochs=total), scaler=scaler,
+                verbose=cfg.verbose, total_epochs=total,
+                on_epoch_end=epoch_end_callback(path=cfg.checkpoint, model=plan.model, optimizer=opt, scheduler=sched,
+                                                scaler=scaler, meta=meta, info=info, base_lr=plan.lr,
+                                                callbacks=cfg.callbacks, tensorboard=tb))
+    current: dict[str, TrainingData | None] = {"data": inputs}
     try:
         with training_faults(checkpoint=cfg.checkpoint, batch_size=cfg.batch_size,
                              save_interrupted=lambda: _save_interrupted(plan, meta),
-                             probe_step=lambda bs: _probe_step(plan, td, bs)):
-            history, best = fit(td.module, td.train_loader, td.val_loader, epochs=cfg.epochs, optimizer=opt,
-                                scheduler=sched, loss_fn=plan.loss_fn, device=speed.device,
-                                set_mode=lambda e: set_epoch_mode(plan, e), task=cfg.task,
-                                restore_best=cfg.restore_best, early_stopping=cfg.early_stopping, monitor=cfg.monitor,
-                                state=state, on_epoch_end=on_end, speed=speed, dist=info, wrap=wrap, penalty=penalty,
-                                scaler=scaler, verbose=cfg.verbose)
+                             probe_step=lambda bs: _probe_step(plan, current["data"], bs)):
+            if state.epoch < k or inputs is None:  # the frozen phase, on features computed once
+                td = current["data"] = training_data(plan, cached=True, progress=progress)
+                history, best = fit(td.module, td.train_loader, td.val_loader, epochs=k, wrap=_wrapper(plan), **loop)
+            if inputs is not None:
+                state.best_state = _whole_model_state(plan, state.best_state)
+                td = current["data"] = inputs
+                history, best = fit(td.module, td.train_loader, td.val_loader, epochs=total, wrap=_wrapper(plan),
+                                    **loop)
     finally:
         if tb is not None:
             tb.close()
     plan.timings["train_s"] = time.perf_counter() - t1
-    return TrainOutcome(history=history, best=best, state=state, optimizer=opt)
+    return TrainOutcome(history=history, best=best, state=state, data=td, optimizer=opt)
 
 
-def evaluate(plan: RunPlan, td: TrainingData) -> dict[str, Any]:
-    """Validation loss and the task's metrics of the trained model (see :func:`final_metrics`)."""
+def _wrapper(plan: RunPlan) -> Any:
+    """DDP (and torch.compile) around the trained module, or None."""
+    speed, info = plan.speed, plan.dist
+    if not (info.enabled or speed.compile):
+        return None
+    return lambda m: speed.maybe_compile(wrap_ddp(m, info, speed.device))
+
+
+def _cached_steps(plan: RunPlan) -> int:
+    """Optimizer steps per epoch on cached features (the feature loader keeps the last, short batch)."""
+    from transferkit.train.loaders import EpochSampler
+
+    n = len(EpochSampler(len(plan.bundle.train), shuffle=True, rank=plan.dist.rank, world_size=plan.dist.world_size))
+    return -(-n // plan.config.batch_size)
+
+
+def _whole_model_state(plan: RunPlan, best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """The best weights of a frozen phase (the head's state) as the whole model's: the trunk did
+    not change in that phase, so its current state is exact."""
+    if best is None or any(k.startswith("head.") for k in best):
+        return best
+    whole = {k: v.detach().clone() for k, v in plan.model.state_dict().items() if not k.startswith("head.")}
+    return {**whole, **{f"head.{k}": v for k, v in best.items()}}
+
+
+def evaluate(plan: RunPlan, td: TrainingData, *, outputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validation loss and the task's metrics of the trained model (see :func:`final_metrics`);
+    ``outputs`` receives the validation logits and labels."""
     plan.model.eval()
     return final_metrics(td.module, td.val_loader, task=plan.config.task, classes=plan.classes, loss_fn=plan.loss_fn,
-                         speed=plan.speed, top_k=plan.config.top_k)
+                         speed=plan.speed, top_k=plan.config.top_k, outputs=outputs)
+
+
+def validation_images(plan: RunPlan) -> Any:
+    """The validation set as the model sees it (eval transform, uint8), in the order of its logits."""
+    return None if plan.bundle.val is None else plan.bundle.val.view(transform=eval_transform(plan.spec))
 
 
 def write_outputs(plan: RunPlan, outcome: TrainOutcome, metrics: dict[str, Any], *,
-                  meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Rank 0: plots, the final checkpoint (complete: weights, plan, history; nothing to
-    resume) and the verified export. Returns ``{"plots", "checkpoint", "export_report"}``."""
+                  meta: dict[str, Any] | None = None, logits: torch.Tensor | None = None) -> dict[str, Any]:
+    """Rank 0: plots (curves, confusion matrix, and with the validation ``logits`` the
+    show-results and top-losses grids), the final checkpoint (complete: weights, plan,
+    history; nothing to resume) and the verified export.
+    Returns ``{"plots", "checkpoint", "export_report"}``."""
     from transferkit.export.torchscript import export_torchscript
 
     cfg = plan.config
     meta = meta if meta is not None else metadata(plan)
     meta["training"]["best"] = outcome.best
-    out: dict[str, Any] = {"plots": write_reports(cfg.plots_dir, outcome.history, metrics, plan.classes),
-                           "checkpoint": None, "export_report": None}
+    plots = write_reports(cfg.plots_dir, outcome.history, metrics, plan.classes)
+    if cfg.plots_dir is not None and logits is not None and cfg.task == "multiclass":
+        from transferkit.train.interpret import write_interpretation
+
+        pictures = write_interpretation(cfg.plots_dir, logits, validation_images(plan), plan.classes)
+        pictures.pop("most_confused")
+        plots.update(pictures)
+    out: dict[str, Any] = {"plots": plots, "checkpoint": None, "export_report": None}
     if cfg.checkpoint is not None:
         out["checkpoint"] = save_checkpoint(cfg.checkpoint, model=merge_lora(plan.model), meta=meta,
                                             epoch=len(outcome.history), history=outcome.history, complete=True)
@@ -234,8 +294,10 @@ def _save_interrupted(plan: RunPlan, meta: dict[str, Any]) -> Path:
     return save_checkpoint(path, model=merge_lora(plan.model), meta=meta, epoch=None, history=[], complete=False)
 
 
-def _probe_step(plan: RunPlan, td: TrainingData, batch_size: int) -> None:
+def _probe_step(plan: RunPlan, td: TrainingData | None, batch_size: int) -> None:
     """One forward and backward pass at ``batch_size`` (to find a batch size that fits in memory)."""
+    if td is None:
+        raise RuntimeError("out of memory before the training data were ready")
     x, y = next(iter(td.train_loader))
     reps = -(-batch_size // x.shape[0])
     x, y = x.repeat(reps, *([1] * (x.ndim - 1)))[:batch_size], y.repeat(reps, *([1] * (y.ndim - 1)))[:batch_size]

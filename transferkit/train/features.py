@@ -72,7 +72,7 @@ def data_fingerprint(ds: Any) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(type(ds).__name__.encode())
     if hasattr(ds, "samples"):  # ImageFolderDataset (or anything listing (path, label) files)
-        h.update(repr(getattr(ds, "min_size", None)).encode())
+        h.update(repr((getattr(ds, "min_size", None), getattr(ds, "max_seconds", None))).encode())
         for path, label in ds.samples:
             if isinstance(path, (str, os.PathLike)):
                 st = os.stat(path)

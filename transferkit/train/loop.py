@@ -168,7 +168,7 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
         on_epoch_end: Callable[[TrainState], None] | None = None, speed: SpeedConfig | None = None,
         dist: DistInfo | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None,
         penalty: Callable[[], torch.Tensor] | None = None, scaler: Any = None, verbose: bool = True,
-        log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        log: Callable[[str], None] = print, total_epochs: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Train ``module`` from ``state.epoch`` to ``epochs``; return the per-epoch history and the best epoch.
 
     ``set_mode(epoch)`` sets trainable parameters and train/eval modes for that epoch (the
@@ -177,6 +177,8 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
     improvement; with ``restore_best`` the best weights are loaded at the end.
     ``on_epoch_end(state)`` runs after every epoch (checkpointing, callbacks); an
     exception there stops training, and ``state`` (saved by the callback) resumes it.
+    ``total_epochs``: when this call is one phase of a longer run (epochs ``state.epoch ..
+    epochs`` of ``total_epochs``), the best weights are restored only at the run's end.
     Each history row holds ``epoch``, ``train_loss`` (``train_acc``), ``val_loss``
     (``val_acc``), ``lr``: the base learning rate at the end of the epoch (:func:`base_lr`, not
     a block's scaled rate), ``lr_groups``: ``{group name: lr}``, and ``time_s``.
@@ -194,6 +196,7 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
         else monitor_default(task)
     scaler = scaler if scaler is not None else speed.grad_scaler()  # passed in to be checkpointed
     cache: dict[str, Any] = {}
+    shown = total_epochs or epochs  # a run of several phases (fine_tune) counts its epochs as one
     while state.epoch < epochs and not state.stopped_early:
         epoch = state.epoch
         t0 = time.perf_counter()
@@ -204,7 +207,7 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
                 dl.sampler.set_epoch(epoch)
         tr = train_one_epoch(runner, train_loader, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
                              device=device, task=task, speed=speed, scaler=scaler,
-                             desc=f"epoch {epoch + 1}/{epochs}", verbose=verbose and dist.is_main, penalty=penalty)
+                             desc=f"epoch {epoch + 1}/{shown}", verbose=verbose and dist.is_main, penalty=penalty)
         loss_sum, correct, seen = all_reduce_sum([tr["loss_sum"], tr["correct"], tr["seen"]], dist)
         broadcast_buffers(module, dist)
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
@@ -219,12 +222,12 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
         _end_epoch(state, row, module, monitor, mode, restore_best, early_stopping, scheduler)
         row["time_s"] = time.perf_counter() - t0
         if verbose and dist.is_main:
-            log(f"epoch {epoch + 1:>3}/{epochs}  " + "  ".join(
+            log(f"epoch {epoch + 1:>3}/{shown}  " + "  ".join(
                 f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "time_s", "lr", "lr_groups"))
                 + f"  ({row['time_s']:.1f}s)")
         if on_epoch_end is not None:
             on_epoch_end(state)
-    if restore_best and state.best_state is not None:
+    if restore_best and state.best_state is not None and (state.stopped_early or state.epoch >= shown):
         module.load_state_dict(state.best_state)
     return state.history, _best_summary(state)
 

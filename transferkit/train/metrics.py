@@ -116,9 +116,10 @@ def summary_line(metrics: dict[str, Any]) -> str:
 
 
 def final_metrics(module: nn.Module, val_loader: DataLoader | None, *, task: str, classes: Sequence[str],
-                  loss_fn: Any, speed: SpeedConfig, top_k: int = 5) -> dict[str, Any]:
+                  loss_fn: Any, speed: SpeedConfig, top_k: int = 5, outputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validation loss and the task's metrics (accuracy, top-k, macro F1, per-class report,
-    confusion matrix; or F1 for multilabel; MSE/MAE/R^2 for regression)."""
+    confusion matrix; or F1 for multilabel; MSE/MAE/R^2 for regression). ``outputs``, when
+    given, receives the raw ``logits`` and ``labels`` (in validation-set order)."""
     from transferkit.train.loop import evaluate
 
     if val_loader is None:
@@ -128,4 +129,6 @@ def final_metrics(module: nn.Module, val_loader: DataLoader | None, *, task: str
     if task != "regression":
         out["val_acc"] = ev["acc"]
     out.update(task_metrics(task, ev["logits"], ev["labels"], classes, top_k=top_k))
+    if outputs is not None:
+        outputs.update(logits=ev["logits"], labels=ev["labels"])
     return out

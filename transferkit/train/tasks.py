@@ -122,7 +122,7 @@ def target_width(ds: TargetDataset) -> int:
 
 def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, seed: int,
                       classes: Sequence[str] | None, min_size: int | None,
-                      on_bad_file: str = "skip") -> tuple[DataBundle, int]:
+                      on_bad_file: str = "skip", scan: str = "quick") -> tuple[DataBundle, int]:
     """The training/validation data and the number of outputs. Multiclass data are folders or
     datasets of ``(image, int)``; multilabel and regression data are datasets of
     ``(image, target vector)`` (multi-hot, or values), split at random when no ``val_data``."""
@@ -130,7 +130,7 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
 
     if task == "multiclass":
         bundle = prepare_data(data, val_data, val_split=val_split, seed=seed, classes=classes, min_size=min_size,
-                              on_bad_file=on_bad_file)
+                              on_bad_file=on_bad_file, scan=scan)
         return bundle, len(bundle.classes)
     if isinstance(data, (str, Path)) or not hasattr(data, "__getitem__"):
         raise DataError(f"task={task!r} needs a Dataset of (image, target vector) pairs, got {type(data).__name__}; "

@@ -170,3 +170,9 @@ def test_describe_lists_every_choice_with_its_reason(monkeypatch):
     assert lines[1] == "feature precision: bf16 (autocast: CPU has AVX512-BF16; frozen feature extraction)"
     assert lines[2].startswith("layout: channels_last (convolutional trunk")
     assert len(lines) == 4
+
+
+def test_feature_batch_size_is_small_on_a_cpu_and_large_on_a_gpu():
+    assert SpeedConfig(device=CPU).feature_batch_size(4) == SpeedConfig(device=CPU).feature_batch_size(256) == 16
+    assert SpeedConfig(device=torch.device("cuda")).feature_batch_size(32) == 128
+    assert SpeedConfig(device=torch.device("cuda")).feature_batch_size(512) == 512

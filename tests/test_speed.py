@@ -176,3 +176,22 @@ def test_feature_batch_size_is_small_on_a_cpu_and_large_on_a_gpu():
     assert SpeedConfig(device=CPU).feature_batch_size(4) == SpeedConfig(device=CPU).feature_batch_size(256) == 16
     assert SpeedConfig(device=torch.device("cuda")).feature_batch_size(32) == 128
     assert SpeedConfig(device=torch.device("cuda")).feature_batch_size(512) == 512
+
+
+def test_for_features_carries_the_feature_precision_into_autocast(monkeypatch):
+    _native(monkeypatch, True)
+    s = SpeedConfig.make(CPU, frozen=True, trunk=nn.Conv2d(3, 4, 3))
+    f = s.for_features()
+    assert (s.autocast_dtype, f.autocast_dtype) == (None, torch.bfloat16)
+    assert f.channels_last == s.channels_last and f.feature_key() == s.feature_key()
+    assert "AVX512-BF16" in f.reasons["precision"]
+
+
+def test_cuda_auto_uses_bf16_tensor_cores_only_from_compute_capability_8(monkeypatch):
+    gpu = torch.device("cuda")
+    for cap, expect in (((8, 0), "bf16"), ((7, 5), "fp32")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        trains = SpeedConfig.make(gpu)
+        frozen = SpeedConfig.make(gpu, frozen=True)
+        assert (trains.precision, frozen.feature_precision_resolved, frozen.precision) == (expect, expect, "fp32")
+        assert f"{cap[0]}.{cap[1]}" in trains.reasons["precision"]

@@ -11,9 +11,10 @@ records why in ``reasons`` (:meth:`SpeedConfig.describe` prints it):
   and the faster is kept (cached per trunk class, device type and image size).
 - ``precision="auto"``: bf16 autocast for *frozen feature extraction* where the device runs
   bf16 natively (a CPU with AMX or AVX512-BF16 and a oneDNN build of torch, or a CUDA GPU
-  of compute capability >= 8.0), fp32 elsewhere. Training (the head on cached features,
-  or a trainable backbone) stays fp32 unless ``precision="bf16"`` is asked for.
-  ``precision="fp32"`` is always the exact fp32 path.
+  of compute capability >= 8.0), fp32 elsewhere. Training a backbone: bf16 autocast on such
+  a GPU (fp32 master weights), fp32 on a CPU unless ``precision="bf16"`` is asked for; the
+  head on cached features always trains in fp32. ``precision="fp32"`` is always the exact
+  fp32 path.
 
 Two precisions are kept apart: ``feature_precision`` (the frozen backbone's pass that fills
 the feature cache; :meth:`SpeedConfig.feature_autocast`) and ``precision`` (the training
@@ -23,6 +24,7 @@ loop and evaluation; :meth:`SpeedConfig.autocast`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -98,8 +100,7 @@ class SpeedConfig:
             raise ConfigError("precision='bf16' is not supported by this GPU; use 'fp16' or 'fp32'.")
         reasons: dict[str, str] = {}
         if precision == "auto":
-            train, reasons["precision"] = "fp32", ("the head trains on cached fp32 features" if frozen else
-                                                   "training stays fp32 unless precision='bf16' is asked for")
+            train, reasons["precision"] = _auto_train_precision(device, frozen=frozen)
             feat, why = _auto_feature_precision(device, frozen=frozen, kind=kind)
             reasons["feature_precision"] = why
         else:
@@ -137,6 +138,14 @@ class SpeedConfig:
     def feature_autocast(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` of the feature-extraction precision, a no-op context for fp32."""
         return _autocast(self.device, self.feature_autocast_dtype)
+
+    def for_features(self) -> SpeedConfig:
+        """This configuration with ``precision`` set to the feature precision: its
+        ``autocast()`` is the feature-extraction pass's (for code that takes one SpeedConfig
+        per pass)."""
+        feat = self.feature_precision_resolved
+        return dataclasses.replace(self, precision=feat, feature_precision=feat,
+                                   reasons={**self.reasons, "precision": self.reasons.get("feature_precision", "")})
 
     def as_dict(self) -> dict[str, Any]:
         """The resolved choices as plain values (for a run plan, a summary, a cache key)."""
@@ -247,6 +256,21 @@ def cpu_bf16_native() -> tuple[bool, str]:
     return True, f"oneDNN runs bf16 natively on this {platform.machine()} CPU"
 
 
+def _cuda_bf16(device: torch.device) -> tuple[bool, str]:
+    cap = torch.cuda.get_device_capability(device)
+    has = cap >= (8, 0)
+    return has, f"GPU of compute capability {cap[0]}.{cap[1]} {'has' if has else 'has no'} bf16 tensor cores"
+
+
+def _auto_train_precision(device: torch.device, *, frozen: bool) -> tuple[str, str]:
+    if frozen:
+        return "fp32", "the head trains on cached fp32 features"
+    if device.type == "cuda":
+        has, why = _cuda_bf16(device)
+        return ("bf16", f"autocast: {why}; fp32 master weights") if has else ("fp32", why)
+    return "fp32", f"training on {device.type} stays fp32 unless precision='bf16' is asked for"
+
+
 def _auto_feature_precision(device: torch.device, *, frozen: bool, kind: str) -> tuple[str, str]:
     if not frozen:
         return "fp32", "the backbone trains: no separate feature extraction"
@@ -258,11 +282,8 @@ def _auto_feature_precision(device: torch.device, *, frozen: bool, kind: str) ->
             return "bf16", f"autocast: {why}; frozen feature extraction"
         return "fp32", why
     if device.type == "cuda":
-        cap = torch.cuda.get_device_capability(device)
-        if cap >= (8, 0):
-            return "bf16", f"autocast: GPU of compute capability {cap[0]}.{cap[1]} has bf16 tensor cores; " \
-                           "frozen feature extraction"
-        return "fp32", f"GPU of compute capability {cap[0]}.{cap[1]} has no bf16 tensor cores"
+        has, why = _cuda_bf16(device)
+        return ("bf16", f"autocast: {why}; frozen feature extraction") if has else ("fp32", why)
     return "fp32", f"no bf16 fast path known for device type {device.type!r}"
 
 

@@ -195,3 +195,35 @@ def test_cuda_auto_uses_bf16_tensor_cores_only_from_compute_capability_8(monkeyp
         frozen = SpeedConfig.make(gpu, frozen=True)
         assert (trains.precision, frozen.feature_precision_resolved, frozen.precision) == (expect, expect, "fp32")
         assert f"{cap[0]}.{cap[1]}" in trains.reasons["precision"]
+
+
+def _conv_constants(module) -> list[torch.Tensor]:
+    graphs = [module.graph] + ([module.features.graph] if hasattr(module, "features") else [])
+    out = []
+    for g in graphs:
+        for node in g.nodes():
+            if node.kind() == "prim::Constant" and node.output().type().kind() == "TensorType":
+                t = node.output().toIValue()
+                if t.ndim == 4 and t.shape[-1] > 1:
+                    out.append(t)
+    return out
+
+
+def test_optimized_export_freezes_conv_weights_in_channels_last_and_keeps_parity(tmp_path):
+    from export_helpers import export_tiny
+
+    from transferkit.export import export_torchscript, load_scripted
+
+    report, model = export_tiny(tmp_path / "o.pt", optimize=True)
+    assert report.optimization == "freeze_channels_last" and report.max_abs_diff <= report.tolerance
+    module, meta = load_scripted(tmp_path / "o.pt")
+    consts = _conv_constants(module)
+    assert consts and all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+                          for t in consts)  # the reloaded file keeps the layout
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(module(x), model(x), atol=1e-5)
+    vit = transferkit.model.TransferModel(nn.Identity(), _VitLike(), nn.Linear(16, 2)).eval()
+    r = export_torchscript(vit, tmp_path / "v.pt", metadata={"labels": ["a", "b"], "input_spec": {}},
+                           example_inputs=torch.rand(2, 3, 16, 16), optimize=True)
+    assert r.optimization in ("optimize_for_inference", "freeze")  # ViT-style: no channels_last candidate

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,15 +31,6 @@ CASES = {
               None),
     "resnet20": ("tk:cifar_resnet20", DATA / "weights" / "cifar-resnet" / "resnet20-12fca82f.th", 32),
 }
-
-
-def machine_line() -> str:
-    from transferkit.train.speed import cpu_bf16_native
-
-    native, why = cpu_bf16_native()
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-            f"native bf16: {native} ({why}), load average {os.getloadavg()[0]:.1f}")
 
 
 def decoded(bb, image_size: int | None) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
@@ -120,7 +111,10 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     if not (DATA / "hymenoptera").is_dir():
         raise SystemExit(f"{DATA / 'hymenoptera'} not found (set TRANSFERKIT_DATA)")
-    print(f"# bf16 features vs fp32: {machine_line()}\n")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _machine import machine_line
+
+    print(f"# bf16 features vs fp32: {machine_line(args.threads)}\n")
     print("| case | variant | precision / layout | features img/s | probe val acc (C on val) | probe val acc (C=1) "
           "| rel. error vs fp32 |")
     print("|---|---|---|---:|---:|---:|---:|")

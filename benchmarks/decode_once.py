@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,9 +56,11 @@ def main() -> None:
     spec = tk.get_backbone("tv:resnet18", weights=None).input_spec
     ds = ImageFolderDataset(root, min_size=spec.resize_size)
     cpu = torch.device("cpu")
-    print(f"# decode once vs every epoch: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{args.threads} threads, {args.workers} workers, batch {args.batch}, load average "
-          f"{os.getloadavg()[0]:.1f}; {len(ds)} images at {spec.image_size} px (stored at {spec.resize_size})\n")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _machine import machine_line
+
+    print(f"# decode once vs every epoch: {len(ds)} images at {spec.image_size} px (stored at {spec.resize_size}), "
+          f"{args.workers} workers, batch {args.batch}\n# {machine_line(args.threads)}\n")
     every = make_loader(ds.view(transform=train_transform(spec, "standard")), batch_size=args.batch, shuffle=True,
                         device=cpu, num_workers=args.workers)
     t_every = epoch_seconds(every, args.epochs)

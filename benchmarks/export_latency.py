@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -96,9 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{platform.machine()}, {os.cpu_count()} CPUs, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}; "
-          f"median of {args.repeats} rounds")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _machine import machine_line
+
+    print(f"# {machine_line()}; median of {args.repeats} rounds")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.models:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -31,20 +31,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("TRANSFERKIT_DATA", REPO.parent / "shared" / "data"))
 LITE0 = DATA / "weights" / "efficientnet-lite0" / "tf_efficientnet_lite0_in1k.pth"
-
-
-def machine_line(threads: int) -> str:
-    from transferkit.train.speed import cpu_bf16_native
-
-    return (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} torch threads, "
-            f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {cpu_bf16_native()}, "
-            f"load average {os.getloadavg()[0]:.1f}")
-
-
-def _concat(parts):
-    from torch.utils.data import ConcatDataset
-
-    return ConcatDataset(parts)
 
 
 def datasets(spec):
@@ -111,6 +97,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not (DATA / "hymenoptera").is_dir():
         raise SystemExit(f"{DATA / 'hymenoptera'} not found (set TRANSFERKIT_DATA)")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _machine import machine_line
+
     print(f"# feature-extraction pipeline: {machine_line(args.threads)}\n")
     cpu = torch.device("cpu")
     print("| backbone | stage | setting | images/s |\n|---|---|---|---:|")
@@ -128,8 +117,8 @@ def main() -> None:
         images = torch.stack([ds[i][0] for ds in datasets(spec) for i in range(len(ds))])[:args.limit]
         for tag, sp in (("fp32, contiguous", fp32), (f"{fast.feature_precision_resolved}, "
                         f"{'channels_last' if fast.channels_last else 'contiguous'} (auto)", fast)):
-            print(f"| {label} | backbone alone | {tag}, batch {batch} | {backbone_alone(model, images, sp, batch):.1f} |",
-                  flush=True)
+            ips = backbone_alone(model, images, sp, batch)
+            print(f"| {label} | backbone alone | {tag}, batch {batch} | {ips:.1f} |", flush=True)
         print(f"| {label} | pipeline (compute_features) | auto, {args.workers} workers, batch {batch} | "
               f"{pipeline(model, spec, fast, args.workers, batch):.1f} |", flush=True)
     print("\nauto: " + "; ".join(fast.describe()[1:3]))

@@ -190,7 +190,8 @@ def main() -> None:
         d, f = run["transferkit_defaults"], run["transferkit_fp32"]
         print(f"\ndefaults vs tutorial loop: **{p['seconds'] / d['seconds']:.1f}x** (goal >= 15x), accuracy "
               f"{100 * (d['best_val_acc'] - p['best_val_acc']):+.1f} points (goal within 1); defaults vs fp32: "
-              f"{f['seconds'] / d['seconds']:.2f}x, accuracy {100 * (d['best_val_acc'] - f['best_val_acc']):+.1f} points")
+              f"{f['seconds'] / d['seconds']:.2f}x, accuracy "
+              f"{100 * (d['best_val_acc'] - f['best_val_acc']):+.1f} points")
         print(f"\ntransferkit defaults resolved to: {d['speed']}")
         sys.stdout.flush()
 

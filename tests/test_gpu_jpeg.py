@@ -35,8 +35,10 @@ def test_batches_match_the_cpu_eval_pipeline_for_jpeg_and_png(image_folder):
 
 def test_random_crops_are_seeded_by_epoch_and_index(image_folder):
     ds = ImageFolderDataset(image_folder)
-    mk = lambda: DeviceDecodedLoader(ds, SPEC, augment="standard", batch_size=6, device=torch.device("cpu"),  # noqa: E731
-                                     shuffle=True, seed=3, num_workers=0)
+    def mk():
+        return DeviceDecodedLoader(ds, SPEC, augment="standard", batch_size=6, device=torch.device("cpu"),
+                                   shuffle=True, seed=3, num_workers=0)
+
     a, b = mk(), mk()
     a.set_epoch(1)
     b.set_epoch(1)

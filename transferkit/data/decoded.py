@@ -84,8 +84,9 @@ def stored_short_side(spec: InputSpec) -> int:
 def _store_transform(spec: InputSpec, augment: str) -> T.Compose:
     """Decode-time part of the training transform (deterministic), ending in a uint8 tensor."""
     if augment == "standard":
-        return T.Compose([ToRGB(), T.Resize(stored_short_side(spec), interpolation=InterpolationMode(spec.interpolation),
-                                            antialias=True), ToImageTensor()])
+        interp = InterpolationMode(spec.interpolation)
+        return T.Compose([ToRGB(), T.Resize(stored_short_side(spec), interpolation=interp, antialias=True),
+                          ToImageTensor()])
     return eval_transform(spec)
 
 

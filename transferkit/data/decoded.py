@@ -34,7 +34,7 @@ Example:
     >>> spec = get_backbone("tk:small_cnn", weights=None).input_spec
     >>> ds, plan = decoded_dataset(ImageFolderDataset("images"), spec, augment="standard")  # doctest: +SKIP
     >>> plan.mode, plan.reason  # doctest: +SKIP
-    ('memory', 'decoded once: 0.4 MB in memory (budget 2048 MB)')
+    ('memory', 'decoded once: 63 MB in memory (budget 2048 MB)')
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ class DecodePlan:
     reason: str
     key: str | None = None
     path: Path | None = None
+    capacity_bytes: int | None = None  # what to allocate for image files (an upper bound)
 
 
 def stored_short_side(spec: InputSpec) -> int:
@@ -127,13 +128,15 @@ def _stored_shape(w: int, h: int, spec: InputSpec, augment: str) -> tuple[int, i
     return s, int(s * long / short)  # torchvision's Resize: the long side truncated
 
 
-def estimate_bytes(dataset: Any, spec: InputSpec, augment: str) -> int:
+def estimate_bytes(dataset: Any, spec: InputSpec, augment: str) -> tuple[int, int | None]:
     """The bytes of the stored pixels, from the image headers (no decoding) for image files,
-    from the items themselves for in-memory data."""
-    total = 0
+    from the items themselves for in-memory data; and for image files an upper bound to
+    allocate (draft-mode decoding rounds sizes: two columns of slack per image), else None."""
+    total, bound = 0, 0
     samples = getattr(dataset, "samples", None)
+    files = samples is not None and all(isinstance(p, (str, os.PathLike)) for p, _ in samples)
     for i in range(len(dataset)):
-        if samples is not None and isinstance(samples[i][0], (str, os.PathLike)):
+        if files:
             with Image.open(samples[i][0]) as img:
                 w, h = img.size
         elif augment != "standard":
@@ -142,8 +145,8 @@ def estimate_bytes(dataset: Any, spec: InputSpec, augment: str) -> int:
             item = dataset[i][0]
             w, h = item.size if isinstance(item, Image.Image) else (item.shape[-1], item.shape[-2])
         a, b = _stored_shape(w, h, spec, augment)
-        total += 3 * a * b
-    return total
+        total, bound = total + 3 * a * b, bound + 3 * a * (b + 2)
+    return total, (bound if files else None)
 
 
 def plan_decode(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: str | Path | None = None,
@@ -152,21 +155,22 @@ def plan_decode(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: str |
     check_choice("augment", augment, AUGMENTATIONS)
     if spec.kind != "image":
         return DecodePlan("off", 0, f"decoding every epoch: {spec.kind} input is not decoded once")
-    need = estimate_bytes(dataset, spec, augment)
+    need, cap = estimate_bytes(dataset, spec, augment)
     mb = need / 2**20
     if cache_dir is not None:
         key = decoded_key(dataset, spec, augment)
         path = Path(cache_dir) / "decoded" / key
         if (path / "meta.json").exists():
-            return DecodePlan("disk", need, f"decoded once: {mb:.0f} MB read back from {path}", key, path)
+            return DecodePlan("disk", need, f"decoded once: {mb:.0f} MB read back from {path}", key, path, cap)
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(cache_dir).free
         if need * 1.1 + 2**26 <= free:
-            return DecodePlan("disk", need, f"decoded once: {mb:.0f} MB memory-mapped under {path}", key, path)
+            return DecodePlan("disk", need, f"decoded once: {mb:.0f} MB memory-mapped under {path}", key, path, cap)
         return DecodePlan("off", need, f"decoding every epoch: {mb:.0f} MB of decoded pixels do not fit the "
                                        f"{free / 2**20:.0f} MB free in {cache_dir}")
     if need <= budget_bytes:
-        return DecodePlan("memory", need, f"decoded once: {mb:.0f} MB in memory (budget {budget_bytes / 2**20:.0f} MB)")
+        return DecodePlan("memory", need, f"decoded once: {mb:.0f} MB in memory (budget {budget_bytes / 2**20:.0f} MB)",
+                          capacity_bytes=cap)
     return DecodePlan("off", need, f"decoding every epoch: {mb:.0f} MB of decoded pixels exceed the memory budget of "
                                    f"{budget_bytes / 2**20:.0f} MB; pass cache_dir to keep them memory-mapped on disk")
 
@@ -223,7 +227,7 @@ def decoded_dataset(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: s
             return DecodedDataset(*stored, transform=tf), plan
     view = dataset.view(transform=_store_transform(spec, augment))
     workers = default_num_workers(dataset) if num_workers is None else num_workers
-    capacity = _capacity(dataset, spec, augment)
+    capacity = plan.capacity_bytes
     if plan.mode == "memory":
         buf = np.empty(capacity, dtype=np.uint8) if capacity is not None else None
         pixels, index, targets = _decode_into(view, workers, buf)
@@ -234,20 +238,6 @@ def decoded_dataset(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: s
     if stored is None:
         raise OSError(f"The decoded entry {plan.path} was written but cannot be read back.")
     return DecodedDataset(*stored, transform=tf), plan
-
-
-def _capacity(dataset: Any, spec: InputSpec, augment: str) -> int | None:
-    """An upper bound of the stored bytes from the image headers (``None`` for in-memory
-    data). Draft-mode decoding rounds sizes, so each image gets two columns of slack."""
-    samples = getattr(dataset, "samples", None)
-    if samples is None or not all(isinstance(p, (str, os.PathLike)) for p, _ in samples):
-        return None
-    total = 0
-    for p, _ in samples:
-        with Image.open(p) as img:
-            a, b = _stored_shape(*img.size, spec, augment)
-        total += 3 * a * (b + 2)
-    return total
 
 
 def _decode_into(view: Dataset, workers: int, pixels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, list[Any]]:

@@ -1,11 +1,12 @@
 """CPU latency of the exported TorchScript module vs the eager model, side by side.
 
-For each backbone, the model (preprocessing + trunk + a 10-class head) is exported twice
-with :func:`transferkit.export_torchscript` (plain, and ``optimize=True``), each file is
-reloaded from disk, and the median time of a forward pass on raw uint8 images is measured
-at batch size 1 and 32 for eager, exported and exported+optimized, interleaved round by
-round so that machine load hits all three alike. Goal: exported no slower than eager
-(ratio eager/exported >= 1.0).
+For each backbone, the model (preprocessing + trunk + a 10-class head) is exported with
+:func:`transferkit.export_torchscript`: plain, ``optimize=True`` (for convolutional trunks
+``freeze_channels_last``: frozen, weights in channels_last), and ``optimize=True`` without
+the channels_last candidate (plain ``freeze``, for comparison). Each file is reloaded from
+disk, and the median time of a forward pass on raw uint8 images is measured at batch size
+1 and 32 for eager and every export, interleaved round by round so that machine load hits
+all alike. Goal: exported no slower than eager (ratio eager/exported >= 1.0).
 
     python benchmarks/export_latency.py                      # tk:small_cnn@32, tv:resnet18@224
     python benchmarks/export_latency.py --models tv:resnet50@224 --repeats 10 --threads 4
@@ -14,7 +15,9 @@ round so that machine load hits all three alike. Goal: exported no slower than e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +25,23 @@ from pathlib import Path
 import torch
 
 import transferkit
-from transferkit.export import export_torchscript, load_scripted
+from transferkit.export import export_torchscript, load_scripted, torchscript
+
+
+@contextlib.contextmanager
+def _without_channels_last(active: bool):
+    """Export with optimize=True but without the channels_last candidate (what optimize=True
+    gave before it existed), to show the layout's share of the speed-up."""
+    if not active:
+        yield
+        return
+    original = torchscript._optimizations
+    torchscript._optimizations = lambda model, ex: tuple(o for o in original(model, ex)
+                                                         if o != "freeze_channels_last")
+    try:
+        yield
+    finally:
+        torchscript._optimizations = original
 
 
 def _time(fn, x: torch.Tensor) -> float:
@@ -38,10 +57,14 @@ def measure(name: str, size: int, *, batches: tuple[int, ...], repeats: int, war
     meta = {"labels": [f"c{i}" for i in range(10)], "input_spec": bb.input_spec.replace(image_size=size).to_dict()}
     example = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
     variants = {"eager": model}
-    for tag, optimize in (("exported", False), ("exported+opt", True)):
-        path = folder / f"{name.replace(':', '_')}_{tag}.pt"
-        report = export_torchscript(model, path, metadata=meta, example_inputs=example, optimize=optimize)
-        variants[f"{tag}" if not optimize else f"exported+{report.optimization}"] = load_scripted(path)[0]
+    for tag, optimize, layouts in (("exported", False, True), ("exported+opt", True, False),
+                                   ("exported+opt", True, True)):
+        path = folder / f"{name.replace(':', '_')}_{tag}_{layouts}.pt"
+        with _without_channels_last(not layouts):  # the frozen contiguous file, for comparison
+            report = export_torchscript(model, path, metadata=meta, example_inputs=example, optimize=optimize)
+        label = tag if not optimize else f"exported+{report.optimization}"
+        if label not in variants:
+            variants[label] = load_scripted(path)[0]
     rows = []
     with torch.inference_mode():
         for bs in batches:
@@ -72,7 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; median of {args.repeats} rounds")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _machine import machine_line
+
+    print(f"# {machine_line()}; median of {args.repeats} rounds")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.models:

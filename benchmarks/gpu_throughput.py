@@ -1,11 +1,19 @@
-"""GPU fine-tuning throughput of ResNet-50 through transferkit's training step:
-fp32 vs bf16 autocast + channels_last (+ torch.compile), images/s and fraction of the card's peak.
+"""GPU throughput in one call: ResNet-50 fine-tuning images/s (fp32 vs bf16 + channels_last,
++ torch.compile), the fraction of the card's peak, and the input pipeline alone, so a
+starved GPU shows.
 
-Synthetic uint8 batches already on the GPU, so the number is the model's training speed
-(decoding is measured by benchmarks/frozen_backbone.py). FLOPs per step are counted with
-torch.utils.flop_counter on the real model, not assumed. One call, about 3-5 minutes:
+1. Training: ResNet-50 at 224 px through transferkit's training step (``train_one_epoch``
+   with a ``SpeedConfig``) on synthetic uint8 batches already on the GPU: the model's speed
+   alone. FLOPs per step are counted with ``torch.utils.flop_counter`` on the real model.
+2. Input pipeline: a JPEG folder (hymenoptera from ``$TRANSFERKIT_DATA`` when present, else
+   a synthetic folder of 500x375 JPEGs written to a temporary directory) decoded to 224 px
+   uint8 batches (a) by transferkit's CPU loader (Pillow, draft mode) with 0..N workers,
+   (b) by :mod:`transferkit.data.gpu_jpeg` (workers read bytes, nvJPEG decodes each batch on
+   the GPU, resize and crop there), (c) nvJPEG alone on bytes in memory.
 
-    python benchmarks/gpu_throughput.py                  # writes $OUT/gpu_throughput.json when $OUT is set
+On a machine without CUDA it measures (2a) only, says so, and exits with status 0.
+
+    python benchmarks/gpu_throughput.py                  # about 3-5 minutes on a GPU; $OUT/gpu_throughput.json
     python benchmarks/gpu_throughput.py --no-compile --batch 64 --steps 20
 """
 
@@ -14,18 +22,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-import transferkit as tk
-from transferkit.train.loop import train_one_epoch
-from transferkit.train.speed import SpeedConfig
-
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("TRANSFERKIT_DATA", REPO.parent / "shared" / "data"))
 # dense peak TFLOP/s (no sparsity) by card name fragment: (fp32 non-tensor, tf32 tensor, bf16 tensor)
 PEAKS = {"H200": (67.0, 494.7, 989.4), "H100 SXM": (67.0, 494.7, 989.4), "H100 PCIe": (51.2, 378.0, 756.0),
-         "H100": (67.0, 494.7, 989.4), "A100": (19.5, 156.0, 312.0), "L4": (30.3, 120.0, 242.0)}
+         "H100": (67.0, 494.7, 989.4), "A100": (19.5, 156.0, 312.0), "L4": (30.3, 120.0, 242.0),
+         "L40S": (91.6, 183.0, 362.0), "A10": (31.2, 62.5, 125.0)}
 
 
 class _Batches:
@@ -52,7 +61,11 @@ def step_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> floa
     return float(fc.get_total_flops())
 
 
-def run(variant: str, *, batch: int, steps: int, warmup: int) -> dict:
+def train_variant(variant: str, *, batch: int, steps: int, warmup: int) -> dict:
+    import transferkit as tk
+    from transferkit.train.loop import train_one_epoch
+    from transferkit.train.speed import SpeedConfig
+
     dev = torch.device("cuda")
     torch.manual_seed(0)
     bb = tk.get_backbone("tv:resnet50", weights=None)
@@ -64,20 +77,104 @@ def run(variant: str, *, batch: int, steps: int, warmup: int) -> dict:
     x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    loss = torch.nn.CrossEntropyLoss()
-    kw = dict(optimizer=opt, scheduler=None, loss_fn=loss, device=dev, speed=speed, scaler=speed.grad_scaler(),
-              verbose=False)
-    t_compile = time.perf_counter()
+    kw = dict(optimizer=opt, scheduler=None, loss_fn=torch.nn.CrossEntropyLoss(), device=dev, speed=speed,
+              scaler=speed.grad_scaler(), verbose=False)
+    t_warm = time.perf_counter()
     train_one_epoch(runner, _Batches(x, y, warmup), **kw)  # warm-up (and compilation)
     torch.cuda.synchronize()
-    t_compile = time.perf_counter() - t_compile
+    t_warm = time.perf_counter() - t_warm
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     train_one_epoch(runner, _Batches(x, y, steps), **kw)
     torch.cuda.synchronize()
     s = time.perf_counter() - t0
-    return {"variant": variant, "images_per_s": batch * steps / s, "step_ms": 1000 * s / steps,
-            "warmup_s": t_compile, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+    return {"variant": variant, "images_per_s": batch * steps / s, "step_ms": 1000 * s / steps, "warmup_s": t_warm,
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def jpeg_folder(tmp: str, n: int = 512) -> tuple[Path, str]:
+    """hymenoptera/train + val when present, else ``n`` synthetic 500x375 JPEGs (smooth
+    gradients plus noise, about the size of real photos) in two classes under ``tmp``."""
+    real = DATA / "hymenoptera"
+    if (real / "train").is_dir():
+        return real / "train", f"{real / 'train'} (real JPEGs)"
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:375, 0:500]
+    for i in range(n):
+        d = Path(tmp, "jpegs", f"c{i % 2}")
+        d.mkdir(parents=True, exist_ok=True)
+        base = np.stack([(xx * (1 + i % 5) + yy) % 256, (yy * 2 + i) % 256, (xx + yy * 3) % 256], -1)
+        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(d / f"{i}.jpg", quality=90)
+    return Path(tmp, "jpegs"), f"{n} synthetic 500x375 JPEGs (no {real})"
+
+
+def cpu_decoding(folder: Path, workers: list[int], batch: int, passes: int) -> list[dict]:
+    import transferkit as tk
+    from transferkit.data import ImageFolderDataset, eval_transform
+    from transferkit.train.loaders import make_loader
+
+    spec = tk.get_backbone("tv:resnet50", weights=None).input_spec
+    ds = ImageFolderDataset(folder, transform=eval_transform(spec), min_size=spec.resize_size)
+    rows = []
+    for w in workers:
+        loader = make_loader(ds, batch_size=batch, shuffle=False, device=torch.device("cpu"), num_workers=w)
+        next(iter(loader))  # start the workers
+        t0, n = time.perf_counter(), 0
+        for e in range(passes):
+            loader.sampler.set_epoch(e)
+            n += sum(len(y) for _, y in loader)
+        rows.append({"pipeline": f"CPU loader (Pillow, draft mode), {w} workers",
+                     "images_per_s": n / (time.perf_counter() - t0)})
+        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
+def _is_jpeg(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(3) == b"\xff\xd8\xff"
+
+
+def gpu_decoding(folder: Path, workers: list[int], batch: int, passes: int) -> list[dict]:
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    import transferkit as tk
+    from transferkit.data import ImageFolderDataset
+    from transferkit.data.gpu_jpeg import gpu_jpeg_available, gpu_jpeg_loader
+
+    dev = torch.device("cuda")
+    ok, why = gpu_jpeg_available(dev)
+    if not ok:
+        return [{"pipeline": "GPU JPEG decoding", "error": why}]
+    spec = tk.get_backbone("tv:resnet50", weights=None).input_spec
+    ds = ImageFolderDataset(folder)
+    rows = []
+    for w in workers:
+        loader = gpu_jpeg_loader(ds, spec, augment="none", batch_size=batch, device=dev, num_workers=w)
+        next(iter(loader))
+        torch.cuda.synchronize()
+        t0, n = time.perf_counter(), 0
+        for e in range(passes):
+            loader.set_epoch(e)
+            n += sum(len(y) for _, y in loader)
+        torch.cuda.synchronize()
+        rows.append({"pipeline": f"transferkit gpu_jpeg loader (nvJPEG + resize/crop on GPU), {w} workers",
+                     "images_per_s": n / (time.perf_counter() - t0)})
+        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    data = [read_file(p) for p, _ in ds.samples if _is_jpeg(p)]
+    decode_jpeg(data[:batch], device=dev, mode=ImageReadMode.RGB)
+    torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 0
+    for _ in range(passes):
+        for i in range(0, len(data), batch):
+            n += len(decode_jpeg(data[i:i + batch], device=dev, mode=ImageReadMode.RGB))
+    torch.cuda.synchronize()
+    rows.append({"pipeline": "nvJPEG alone (bytes in memory, full size, no resize)",
+                 "images_per_s": n / (time.perf_counter() - t0)})
+    return rows
 
 
 def main() -> None:
@@ -86,49 +183,82 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--passes", type=int, default=3, help="passes over the JPEG folder per decoding measurement")
+    ap.add_argument("--workers", type=int, nargs="+", default=None,
+                    help="decoding worker counts (default: 0, 2, and the CPUs up to 16)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("No CUDA device: this benchmark needs a GPU.")
-    torch.backends.cudnn.benchmark = True
-    name = torch.cuda.get_device_name()
-    variants = ["fp32", "bf16+channels_last"] + ([] if args.no_compile else ["bf16+channels_last+compile"])
-    bb = tk.get_backbone("tv:resnet50", weights=None)
-    probe = tk.build_model(bb, 10).cuda()
-    xs = torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8, device="cuda")
-    flops_per_image = step_flops(probe, xs, torch.zeros(8, dtype=torch.long, device="cuda")) / 8
-    del probe
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _machine import machine_line
+
+    print(f"# {machine_line()}")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = args.workers or sorted({0, min(2, cpus), min(16, cpus)})
+    cuda = torch.cuda.is_available()
+    report: dict = {"machine": machine_line(), "torch": torch.__version__, "batch": args.batch}
     rows = []
-    for v in variants:
-        try:
-            rows.append(run(v, batch=args.batch, steps=args.steps, warmup=args.warmup))
-        except Exception as exc:  # report, keep measuring the other variants
-            rows.append({"variant": v, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
-        torch.cuda.empty_cache()
-    peak = _peak(name)
-    print(f"# ResNet-50 fine-tuning at 224 px, batch {args.batch}, {args.steps} timed steps; card: {name}; "
-          f"torch {torch.__version__}; {flops_per_image / 1e9:.1f} GFLOP per image per training step (counted)")
-    print("| variant | images/s | step ms | TFLOP/s | fraction of peak | peak mem GB | warm-up s |")
-    print("|---|---|---|---|---|---|---|")
-    base = None
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['variant']} | failed: {r['error']} |||||")
-            continue
-        tflops = r["images_per_s"] * flops_per_image / 1e12
-        ref = None if peak is None else (peak[1] if r["variant"] == "fp32" else peak[2])
-        r.update(tflops=tflops, fraction_of_peak=None if ref is None else tflops / ref)
-        frac = "n/a" if ref is None else f"{tflops / ref:.1%} of {ref:.0f}"
-        print(f"| {r['variant']} | {r['images_per_s']:.0f} | {r['step_ms']:.1f} | {tflops:.1f} | {frac} | "
-              f"{r['peak_mem_gb']:.1f} | {r['warmup_s']:.1f} |")
-        base = base or r["images_per_s"]
-    if base:
-        print("\nspeed-up over fp32: " + ", ".join(f"{r['variant']} {r['images_per_s'] / base:.2f}x"
-                                                   for r in rows if "error" not in r))
-    print("(fp32 peak shown is the TF32 tensor-core peak, since cuDNN convolutions use TF32 by default)")
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        import transferkit as tk
+
+        name = torch.cuda.get_device_name()
+        variants = ["fp32", "bf16+channels_last"] + ([] if args.no_compile else ["bf16+channels_last+compile"])
+        probe = tk.build_model(tk.get_backbone("tv:resnet50", weights=None), 10).cuda()
+        xs = torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8, device="cuda")
+        flops_per_image = step_flops(probe, xs, torch.zeros(8, dtype=torch.long, device="cuda")) / 8
+        del probe
+        for v in variants:
+            try:
+                rows.append(train_variant(v, batch=args.batch, steps=args.steps, warmup=args.warmup))
+            except Exception as exc:  # report, keep measuring the other variants
+                rows.append({"variant": v, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+            print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+            torch.cuda.empty_cache()
+        peak = _peak(name)
+        print(f"\n## ResNet-50 fine-tuning at 224 px, batch {args.batch}, {args.steps} timed steps; card: {name}; "
+              f"{flops_per_image / 1e9:.1f} GFLOP per image per training step (counted)\n")
+        print("| variant | images/s | step ms | TFLOP/s | fraction of peak | peak mem GB | warm-up s |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        base = None
+        for r in rows:
+            if "error" in r:
+                print(f"| {r['variant']} | failed: {r['error']} |||||")
+                continue
+            tflops = r["images_per_s"] * flops_per_image / 1e12
+            ref = None if peak is None else (peak[1] if r["variant"] == "fp32" else peak[2])
+            r.update(tflops=tflops, fraction_of_peak=None if ref is None else tflops / ref)
+            frac = "n/a (card not in PEAKS)" if ref is None else f"{tflops / ref:.1%} of {ref:.0f}"
+            print(f"| {r['variant']} | {r['images_per_s']:.0f} | {r['step_ms']:.1f} | {tflops:.1f} | {frac} | "
+                  f"{r['peak_mem_gb']:.1f} | {r['warmup_s']:.1f} |")
+            base = base or r["images_per_s"]
+        if base:
+            print("\nspeed-up over fp32: " + ", ".join(f"{r['variant']} {r['images_per_s'] / base:.2f}x"
+                                                       for r in rows if "error" not in r))
+        print("(the fp32 row's peak is the TF32 tensor-core peak: cuDNN convolutions use TF32 by default)")
+        report.update(card=name, flops_per_image=flops_per_image, training=rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, what = jpeg_folder(tmp)
+        pipe = cpu_decoding(folder, workers, min(args.batch, 64), args.passes)
+        if cuda:
+            pipe += gpu_decoding(folder, [w for w in workers if w > 0] or [2], args.batch, args.passes)
+    print(f"\n## Input pipeline alone: {what} to uint8 224 px batches, {args.passes} passes\n")
+    print("| pipeline | images/s |\n|---|---:|")
+    for r in pipe:
+        print(f"| {r['pipeline']} | {r['images_per_s']:.0f} |" if "error" not in r else
+              f"| {r['pipeline']} | unavailable: {r['error']} |")
+    report["input_pipeline"] = pipe
+    trained = [r["images_per_s"] for r in rows if "error" not in r]
+    if trained:
+        best_cpu = max(r["images_per_s"] for r in pipe if r["pipeline"].startswith("CPU"))
+        gpu_rows = [r["images_per_s"] for r in pipe if "error" not in r and "gpu_jpeg" in r["pipeline"]]
+        print(f"\nfastest training variant {max(trained):.0f} images/s vs CPU decoding {best_cpu:.0f} images/s: "
+              f"{'the GPU is starved by CPU decoding' if best_cpu < max(trained) else 'CPU decoding keeps up'}"
+              + (f"; GPU decoding {max(gpu_rows):.0f} images/s" if gpu_rows else ""))
+    else:
+        print("\nNo CUDA device on this machine: the training and GPU decoding parts were skipped (CPU decoding "
+              "above). Run this script on a machine with an NVIDIA GPU for the full table.")
     out = os.environ.get("OUT")
     if out:
-        Path(out, "gpu_throughput.json").write_text(json.dumps({"card": name, "torch": torch.__version__,
-                                                                "batch": args.batch, "rows": rows}, indent=1))
+        Path(out, "gpu_throughput.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

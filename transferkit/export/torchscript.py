@@ -3,8 +3,10 @@ reloading it from disk.
 
 Modes: ``torch.jit.script`` first; when scripting fails, ``torch.jit.trace`` with a warning
 (the children that do script, e.g. the preprocessing with its uint8/float branch, stay
-scripted inside the trace). ``optimize=True`` tries ``optimize_for_inference`` then
-``freeze`` and keeps the first one whose reloaded file still matches the eager model.
+scripted inside the trace). ``optimize=True`` tries ``freeze`` with
+the weights in channels_last (convolutional trunks: the faster CPU layout), then
+``optimize_for_inference``, then ``freeze``, and keeps the first one whose reloaded file
+still matches the eager model.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def quiet_jit() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_JIT_DEPRECATION)
         yield
-OPTIMIZATIONS = ("optimize_for_inference", "freeze")
+OPTIMIZATIONS = ("freeze_channels_last", "optimize_for_inference", "freeze")
 
 
 @dataclass
@@ -123,9 +125,28 @@ def _to_script(model: nn.Module, example: torch.Tensor, mode: str) -> tuple[torc
         return torch.jit.trace(model, example, check_trace=False), "trace"
 
 
+def _optimizations(model: nn.Module, example: torch.Tensor) -> tuple[str, ...]:
+    """The optimizations to try, in order: ``freeze_channels_last`` first when channels_last
+    is the faster CPU layout for the model's trunk (:mod:`transferkit.train.speed`: convolutional
+    trunks; 4-d image inputs only)."""
+    from transferkit.train.speed import SpeedConfig
+
+    if example.ndim == 4:
+        cpu = SpeedConfig.make(torch.device("cpu"), precision="fp32", trunk=getattr(model, "trunk", model),
+                               image_size=int(example.shape[-1]))
+        if cpu.channels_last:
+            return OPTIMIZATIONS
+    return tuple(o for o in OPTIMIZATIONS if o != "freeze_channels_last")
+
+
 def _optimized(scripted: torch.jit.ScriptModule, how: str) -> torch.jit.ScriptModule:
     keep = ["features"] if hasattr(scripted, "features") else []
-    frozen = torch.jit.freeze(copy.deepcopy(scripted).eval(), preserved_attrs=keep)
+    source = copy.deepcopy(scripted).eval()
+    if how == "freeze_channels_last":  # the weights (frozen into constants) in channels_last: the convolutions
+        with warnings.catch_warnings():  # run in that layout on contiguous inputs too
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+            source.to(memory_format=torch.channels_last)
+    frozen = torch.jit.freeze(source, preserved_attrs=keep)
     return torch.jit.optimize_for_inference(frozen, other_methods=keep) if how == "optimize_for_inference" else frozen
 
 
@@ -214,7 +235,8 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
     meta = complete_metadata(metadata, num_outputs=int(out.shape[1]))
     with quiet_jit():
         scripted, kind = _to_script(eager, examples[0][:1], mode)
-    candidates = [(how, scripted) for how in (OPTIMIZATIONS if optimize else ())] + [("none", scripted)]
+    candidates = [(how, scripted) for how in (_optimizations(eager, examples[0]) if optimize else ())] + \
+        [("none", scripted)]
     report = ExportReport(Path(path), kind, 0.0, tuple(int(b.shape[0]) for b in batches),
                           input_dtypes=tuple(dict.fromkeys(str(b.dtype).replace("torch.", "") for b in batches)))
 

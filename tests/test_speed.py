@@ -1,0 +1,229 @@
+"""SpeedConfig: "auto" precision and layout resolved from the device and the trunk, with reasons."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+from torch import nn
+
+import transferkit
+from transferkit.errors import ConfigError
+from transferkit.train import speed as speed_mod
+from transferkit.train.speed import SpeedConfig, conv_share, cpu_bf16_native, measure_layout
+
+CPU = torch.device("cpu")
+
+
+class _VitLike(nn.Module):
+    """A patch-embedding Conv2d and a stack of big Linear layers (the shape of a ViT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 8, stride=8)
+        self.mlp = nn.Sequential(nn.Linear(16, 256), nn.GELU(), nn.Linear(256, 256), nn.Linear(256, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.patch(x).flatten(2).transpose(1, 2)).mean(1)
+
+
+class _Hybrid(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.lin = nn.Linear(32, 32)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.lin(self.conv(x).mean((2, 3)))
+
+
+def _native(monkeypatch, value: bool) -> None:
+    monkeypatch.setattr(speed_mod, "cpu_bf16_native", lambda: (value, "CPU has AVX512-BF16" if value else "no bf16"))
+
+
+def test_make_without_arguments_is_the_fp32_path_of_earlier_versions():
+    s = SpeedConfig.make(CPU)
+    assert (s.precision, s.feature_precision_resolved, s.channels_last) == ("fp32", "fp32", False)
+    assert s.autocast_dtype is None and s.feature_autocast_dtype is None
+    assert SpeedConfig(device=CPU).as_dict() == {"device": "cpu", "precision": "fp32", "feature_precision": "fp32",
+                                                 "channels_last": False, "compile": False}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_for_frozen_features_only_where_the_cpu_runs_bf16_natively(monkeypatch, native):
+    _native(monkeypatch, native)
+    frozen = SpeedConfig.make(CPU, frozen=True)
+    assert frozen.feature_precision_resolved == ("bf16" if native else "fp32")
+    assert frozen.precision == "fp32"  # the head trains in fp32 on the cached features
+    assert ("AVX512-BF16" if native else "no bf16") in frozen.reasons["feature_precision"]
+    trains = SpeedConfig.make(CPU, frozen=False)
+    assert (trains.precision, trains.feature_precision_resolved) == ("fp32", "fp32")
+    assert "backbone trains" in trains.reasons["feature_precision"]
+
+
+def test_audio_keeps_fp32_and_the_contiguous_layout(monkeypatch):
+    _native(monkeypatch, True)
+    s = SpeedConfig.make(CPU, frozen=True, kind="audio", trunk=nn.Conv2d(3, 4, 3))
+    assert (s.feature_precision_resolved, s.channels_last) == ("fp32", False)
+    assert "audio" in s.reasons["feature_precision"] and "audio" in s.reasons["channels_last"]
+
+
+def test_fp32_asked_is_the_exact_fp32_path(monkeypatch):
+    _native(monkeypatch, True)
+    torch.manual_seed(0)
+    bb = transferkit.get_backbone("tk:small_cnn", weights=None)
+    model = transferkit.build_model(bb, 3).eval()
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        ref = model.features(x)
+        s = SpeedConfig.make(CPU, precision="fp32", channels_last=False, trunk=bb.trunk, frozen=True)
+        with s.feature_autocast(), s.autocast():
+            out = model.features(s.to_device(x))
+        assert torch.equal(out, ref)
+        bf = SpeedConfig.make(CPU, trunk=bb.trunk, frozen=True)
+        with bf.feature_autocast():
+            low = model.features(bf.to_device(x))
+    assert bf.feature_key() != s.feature_key()
+    assert low.dtype == torch.bfloat16  # the autocast really ran in bf16
+    assert (low.float() - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_explicit_precisions_apply_to_both_passes_and_are_checked(monkeypatch):
+    _native(monkeypatch, False)
+    s = SpeedConfig.make(CPU, precision="bf16")
+    assert (s.precision, s.feature_precision_resolved) == ("bf16", "bf16")
+    assert "slower than fp32" in s.reasons["precision"]
+    with pytest.raises(ConfigError, match="fp16.*CUDA"):
+        SpeedConfig.make(CPU, precision="fp16")
+    with pytest.raises(ConfigError, match="precision"):
+        SpeedConfig.make(CPU, precision="float32")
+    with pytest.raises(ConfigError, match="channels_last"):
+        SpeedConfig.make(CPU, channels_last="yes")
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 instruction checks")
+def test_cpu_bf16_native_needs_amx_or_avx512_bf16_not_just_onednn(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    for amx, avx, expect in ((True, False, True), (False, True, True), (False, False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx: v, raising=False)
+        native, why = cpu_bf16_native()
+        assert native is expect, why
+    assert "emulate" in why
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
+    assert cpu_bf16_native()[0] is False
+
+
+def test_layout_by_the_trunks_modules():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    s = SpeedConfig.make(CPU, precision="fp32", trunk=conv)
+    assert s.channels_last and "convolutional" in s.reasons["channels_last"]
+    vit = SpeedConfig.make(CPU, precision="fp32", trunk=_VitLike())
+    assert not vit.channels_last and "ViT-style" in vit.reasons["channels_last"]
+    mlp = SpeedConfig.make(CPU, precision="fp32", trunk=nn.Sequential(nn.Linear(4, 4)))
+    assert not mlp.channels_last and "no Conv2d" in mlp.reasons["channels_last"]
+    assert conv_share(_VitLike())[0] < 0.1
+    assert SpeedConfig.make(CPU, precision="fp32", trunk=conv, channels_last=False).channels_last is False
+
+
+def test_hybrid_trunks_are_timed_once_and_the_verdict_is_kept(monkeypatch, tmp_path):
+    monkeypatch.setattr(speed_mod, "_LAYOUT_CACHE", {})
+    trunk = _Hybrid().train()
+    assert 0.1 <= conv_share(trunk)[0] < 0.9
+    store = tmp_path / "layouts.json"
+    s = SpeedConfig.make(CPU, precision="fp32", trunk=trunk, image_size=16, layout_cache=store)
+    assert "timed on cpu" in s.reasons["channels_last"]
+    assert trunk.calls == 12 and trunk.training  # 1 warm-up + 5 rounds, both layouts; the mode is restored
+    assert trunk.conv.weight.is_contiguous()  # the layout is restored too
+    SpeedConfig.make(CPU, precision="fp32", trunk=trunk, image_size=16)
+    assert trunk.calls == 12  # cached in the process
+    monkeypatch.setattr(speed_mod, "_LAYOUT_CACHE", {})  # a new process: read back from the file
+    again = SpeedConfig.make(CPU, precision="fp32", trunk=trunk, image_size=16, layout_cache=store)
+    assert trunk.calls == 12 and again.channels_last == s.channels_last
+    assert str(store) in again.reasons["channels_last"]
+
+
+def test_measured_verdict_follows_the_timings(monkeypatch):
+    monkeypatch.setattr(speed_mod, "_LAYOUT_CACHE", {})
+    clock = iter(range(1000))
+    # contiguous rounds take 2 ticks (the trunk advances the clock once more), channels_last rounds 1
+    trunk = _Hybrid()
+    fwd = trunk.forward
+
+    def slow_when_contiguous(x):
+        if x.is_contiguous():
+            next(clock)
+        return fwd(x)
+
+    trunk.forward = slow_when_contiguous
+    monkeypatch.setattr(speed_mod.time, "perf_counter", lambda: next(clock))
+    on, why = measure_layout(trunk, CPU, image_size=8)
+    assert on and "2.00x" in why
+
+
+def test_describe_lists_every_choice_with_its_reason(monkeypatch):
+    _native(monkeypatch, True)
+    lines = SpeedConfig.make(CPU, frozen=True, trunk=nn.Conv2d(3, 4, 3)).describe()
+    assert lines[1] == "feature precision: bf16 (autocast: CPU has AVX512-BF16; frozen feature extraction)"
+    assert lines[2].startswith("layout: channels_last (convolutional trunk")
+    assert len(lines) == 4
+
+
+def test_feature_batch_size_is_small_on_a_cpu_and_large_on_a_gpu():
+    assert SpeedConfig(device=CPU).feature_batch_size(4) == SpeedConfig(device=CPU).feature_batch_size(256) == 16
+    assert SpeedConfig(device=torch.device("cuda")).feature_batch_size(32) == 128
+    assert SpeedConfig(device=torch.device("cuda")).feature_batch_size(512) == 512
+
+
+def test_for_features_carries_the_feature_precision_into_autocast(monkeypatch):
+    _native(monkeypatch, True)
+    s = SpeedConfig.make(CPU, frozen=True, trunk=nn.Conv2d(3, 4, 3))
+    f = s.for_features()
+    assert (s.autocast_dtype, f.autocast_dtype) == (None, torch.bfloat16)
+    assert f.channels_last == s.channels_last and f.feature_key() == s.feature_key()
+    assert "AVX512-BF16" in f.reasons["precision"]
+
+
+def test_cuda_auto_uses_bf16_tensor_cores_only_from_compute_capability_8(monkeypatch):
+    gpu = torch.device("cuda")
+    for cap, expect in (((8, 0), "bf16"), ((7, 5), "fp32")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        trains = SpeedConfig.make(gpu)
+        frozen = SpeedConfig.make(gpu, frozen=True)
+        assert (trains.precision, frozen.feature_precision_resolved, frozen.precision) == (expect, expect, "fp32")
+        assert f"{cap[0]}.{cap[1]}" in trains.reasons["precision"]
+
+
+def _conv_constants(module) -> list[torch.Tensor]:
+    graphs = [module.graph] + ([module.features.graph] if hasattr(module, "features") else [])
+    out = []
+    for g in graphs:
+        for node in g.nodes():
+            if node.kind() == "prim::Constant" and node.output().type().kind() == "TensorType":
+                t = node.output().toIValue()
+                if t.ndim == 4 and t.shape[-1] > 1:
+                    out.append(t)
+    return out
+
+
+def test_optimized_export_freezes_conv_weights_in_channels_last_and_keeps_parity(tmp_path):
+    from export_helpers import export_tiny
+
+    from transferkit.export import export_torchscript, load_scripted
+
+    report, model = export_tiny(tmp_path / "o.pt", optimize=True)
+    assert report.optimization == "freeze_channels_last" and report.max_abs_diff <= report.tolerance
+    module, meta = load_scripted(tmp_path / "o.pt")
+    consts = _conv_constants(module)
+    assert consts and all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+                          for t in consts)  # the reloaded file keeps the layout
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(module(x), model(x), atol=1e-5)
+    vit = transferkit.model.TransferModel(nn.Identity(), _VitLike(), nn.Linear(16, 2)).eval()
+    r = export_torchscript(vit, tmp_path / "v.pt", metadata={"labels": ["a", "b"], "input_spec": {}},
+                           example_inputs=torch.rand(2, 3, 16, 16), optimize=True)
+    assert r.optimization in ("optimize_for_inference", "freeze")  # ViT-style: no channels_last candidate

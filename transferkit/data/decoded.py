@@ -1,0 +1,313 @@
+"""Decode once: images decoded and resized a single time for multi-epoch training.
+
+When the backbone trains, every epoch used to decode every JPEG again and resize it before
+the random crop. :func:`decoded_dataset` decodes each image once into ``uint8`` pixels and
+applies only the per-epoch random part of the training transform to them:
+
+- ``augment="standard"`` (random-resized crop + flip): each image is kept with its shorter
+  side resized to the transform's ``resize_size`` (``image_size / 0.875`` when the spec has
+  none), aspect ratio kept; every epoch draws the crop and the flip from that. The crop's
+  position and size relative to the image follow the same distribution as before; pixels
+  differ from cropping the full-resolution decode only by resampling (a crop smaller than
+  the output is upscaled from the stored image instead of from the original).
+- ``augment="flip"``: the eval crop is kept; every epoch flips it (the same items as the
+  training transform, bit for bit, under the same seed).
+- ``augment="none"``: the eval transform's output is kept (identical items).
+
+Where the pixels live (:func:`plan_decode` decides and says why):
+
+- with ``cache_dir``: a memory-mapped entry ``cache_dir/decoded/<key>/`` (written to a
+  temporary folder and renamed, reused by later runs; the operating system's page cache
+  keeps it in memory when it fits), if the disk has room;
+- without: in memory, if the estimate (from the image headers) is at most
+  ``budget_bytes`` (default :data:`DEFAULT_BUDGET_BYTES`, 2 GiB);
+- otherwise not at all: the returned dataset decodes every epoch, as before.
+
+The key (:func:`decoded_key`) covers the data (``data_fingerprint``: paths, sizes and
+modification times of image files, the content of in-memory data), the stored size and
+interpolation, the draft-mode decoding size and the Pillow version; a changed input gets a
+new entry.
+
+Example:
+    >>> from transferkit.backbones import get_backbone
+    >>> from transferkit.data import ImageFolderDataset
+    >>> spec = get_backbone("tk:small_cnn", weights=None).input_spec
+    >>> ds, plan = decoded_dataset(ImageFolderDataset("images"), spec, augment="standard")  # doctest: +SKIP
+    >>> plan.mode, plan.reason  # doctest: +SKIP
+    ('memory', 'decoded once: 63 MB in memory (budget 2048 MB)')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from transferkit.backbones._base import InputSpec
+from transferkit.data.transforms import AUGMENTATIONS, ToImageTensor, ToRGB, eval_transform
+from transferkit.errors import check_choice
+
+DECODED_FORMAT = 1
+DEFAULT_BUDGET_BYTES = 2 * 2**30
+STANDARD_CROP_FRACTION = 0.875  # resize_size = image_size / 0.875 when the spec has no resize_size
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Where decoded pixels go (``"memory"``, ``"disk"`` or ``"off"``), the estimate, and why."""
+
+    mode: str
+    estimate_bytes: int
+    reason: str
+    key: str | None = None
+    path: Path | None = None
+    capacity_bytes: int | None = None  # what to allocate for image files (an upper bound)
+
+
+def stored_short_side(spec: InputSpec) -> int:
+    """The shorter side images are kept at for ``augment="standard"``."""
+    return int(spec.resize_size or round(spec.image_size / STANDARD_CROP_FRACTION))
+
+
+def _store_transform(spec: InputSpec, augment: str) -> T.Compose:
+    """Decode-time part of the training transform (deterministic), ending in a uint8 tensor."""
+    if augment == "standard":
+        interp = InterpolationMode(spec.interpolation)
+        return T.Compose([ToRGB(), T.Resize(stored_short_side(spec), interpolation=interp, antialias=True),
+                          ToImageTensor()])
+    return eval_transform(spec)
+
+
+def epoch_transform(spec: InputSpec, augment: str) -> T.Compose | None:
+    """The per-epoch random part applied to the stored pixels (``None`` for ``"none"``)."""
+    if augment == "standard":
+        return T.Compose([T.RandomResizedCrop(spec.image_size, interpolation=InterpolationMode(spec.interpolation),
+                                              antialias=True), T.RandomHorizontalFlip()])
+    if augment == "flip":
+        return T.RandomHorizontalFlip()
+    return None
+
+
+def decoded_key(dataset: Any, spec: InputSpec, augment: str) -> str:
+    """The key of a decoded entry: the data, what is stored, and the decoder.
+
+    Example:
+        >>> from transferkit.data import TransformedDataset
+        >>> ds = TransformedDataset(torch.utils.data.TensorDataset(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1])))
+        >>> decoded_key(ds, InputSpec(image_size=8), "flip") != decoded_key(ds, InputSpec(image_size=8), "standard")
+        True
+    """
+    from transferkit.train.features import data_fingerprint
+
+    stored = "resized" if augment == "standard" else "eval-crop"
+    parts = {"format": DECODED_FORMAT, "data": data_fingerprint(dataset), "stored": stored,
+             "size": stored_short_side(spec) if stored == "resized" else [spec.resize_size, spec.image_size],
+             "interpolation": spec.interpolation, "draft": getattr(dataset, "min_size", None),
+             "pillow": PIL.__version__}
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _stored_shape(w: int, h: int, spec: InputSpec, augment: str) -> tuple[int, int]:
+    if augment != "standard":
+        return spec.image_size, spec.image_size
+    s = stored_short_side(spec)
+    short, long = min(w, h), max(w, h)
+    return s, int(s * long / short)  # torchvision's Resize: the long side truncated
+
+
+def estimate_bytes(dataset: Any, spec: InputSpec, augment: str) -> tuple[int, int | None]:
+    """The bytes of the stored pixels, from the image headers (no decoding) for image files,
+    from the items themselves for in-memory data; and for image files an upper bound to
+    allocate (draft-mode decoding rounds sizes: two columns of slack per image), else None."""
+    total, bound = 0, 0
+    samples = getattr(dataset, "samples", None)
+    files = samples is not None and all(isinstance(p, (str, os.PathLike)) for p, _ in samples)
+    for i in range(len(dataset)):
+        if files:
+            with Image.open(samples[i][0]) as img:
+                w, h = img.size
+        elif augment != "standard":
+            w = h = spec.image_size
+        else:
+            item = dataset[i][0]
+            w, h = item.size if isinstance(item, Image.Image) else (item.shape[-1], item.shape[-2])
+        a, b = _stored_shape(w, h, spec, augment)
+        total, bound = total + 3 * a * b, bound + 3 * a * (b + 2)
+    return total, (bound if files else None)
+
+
+def plan_decode(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: str | Path | None = None,
+                budget_bytes: int = DEFAULT_BUDGET_BYTES) -> DecodePlan:
+    """Decide where the decoded pixels of ``dataset`` go, and say why (see the module docstring)."""
+    check_choice("augment", augment, AUGMENTATIONS)
+    if spec.kind != "image":
+        return DecodePlan("off", 0, f"decoding every epoch: {spec.kind} input is not decoded once")
+    need, cap = estimate_bytes(dataset, spec, augment)
+    mb = need / 2**20
+    if cache_dir is not None:
+        key = decoded_key(dataset, spec, augment)
+        path = Path(cache_dir) / "decoded" / key
+        if (path / "meta.json").exists():
+            return DecodePlan("disk", need, f"decoded once: {mb:.0f} MB read back from {path}", key, path, cap)
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(cache_dir).free
+        if need * 1.1 + 2**26 <= free:
+            return DecodePlan("disk", need, f"decoded once: {mb:.0f} MB memory-mapped under {path}", key, path, cap)
+        return DecodePlan("off", need, f"decoding every epoch: {mb:.0f} MB of decoded pixels do not fit the "
+                                       f"{free / 2**20:.0f} MB free in {cache_dir}")
+    if need <= budget_bytes:
+        return DecodePlan("memory", need, f"decoded once: {mb:.0f} MB in memory (budget {budget_bytes / 2**20:.0f} MB)",
+                          capacity_bytes=cap)
+    return DecodePlan("off", need, f"decoding every epoch: {mb:.0f} MB of decoded pixels exceed the memory budget of "
+                                   f"{budget_bytes / 2**20:.0f} MB; pass cache_dir to keep them memory-mapped on disk")
+
+
+class DecodedDataset(Dataset):
+    """Stored ``uint8`` images ``[3, h, w]`` (one flat array, memory-mapped or in memory, and
+    an index of ``(offset, h, w)``) seen through a per-epoch random ``transform``."""
+
+    def __init__(self, pixels: np.ndarray, index: np.ndarray, targets: list[Any], transform: Any = None) -> None:
+        self.pixels, self.index, self.targets_, self.transform = pixels, index, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def image(self, i: int) -> torch.Tensor:
+        off, h, w = (int(v) for v in self.index[i])
+        return torch.from_numpy(np.array(self.pixels[off:off + 3 * h * w])).view(3, h, w)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
+        img = self.image(i)
+        return (self.transform(img) if self.transform is not None else img), self.targets_[i]
+
+    @property
+    def targets(self) -> list[Any]:
+        return list(self.targets_)
+
+
+def _first(batch: list) -> Any:
+    return batch[0]
+
+
+def decoded_dataset(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: str | Path | None = None,
+                    budget_bytes: int = DEFAULT_BUDGET_BYTES, num_workers: int | None = None
+                    ) -> tuple[Dataset, DecodePlan]:
+    """``dataset`` (training data without a transform: an ``ImageFolderDataset`` or a
+    ``TransformedDataset``) seen through ``train_transform(spec, augment)``, decoded once
+    when :func:`plan_decode` allows it. Returns the dataset to load from and the plan (log
+    ``plan.reason``). Items: ``(uint8 [3, image_size, image_size], target)``.
+
+    Random transforms draw from torch's generator, so under
+    :class:`~transferkit.train.loaders.SeededItems` each ``(seed, epoch, index)`` gives the same crop.
+    Decoding runs in ``num_workers`` processes (default: as for training loaders).
+    """
+    from transferkit.data.transforms import train_transform
+    from transferkit.train.loaders import default_num_workers
+
+    plan = plan_decode(dataset, spec, augment=augment, cache_dir=cache_dir, budget_bytes=budget_bytes)
+    if plan.mode == "off":
+        return dataset.view(transform=train_transform(spec, augment)), plan
+    tf = epoch_transform(spec, augment)
+    if plan.path is not None and (plan.path / "meta.json").exists():
+        stored = _load_entry(plan.path)
+        if stored is not None:
+            return DecodedDataset(*stored, transform=tf), plan
+    view = dataset.view(transform=_store_transform(spec, augment))
+    workers = default_num_workers(dataset) if num_workers is None else num_workers
+    capacity = plan.capacity_bytes
+    if plan.mode == "memory":
+        buf = np.empty(capacity, dtype=np.uint8) if capacity is not None else None
+        pixels, index, targets = _decode_into(view, workers, buf)
+        return DecodedDataset(pixels, index, targets, transform=tf), plan
+    assert plan.path is not None
+    _write_entry(plan.path, view, workers, capacity, plan.estimate_bytes)
+    stored = _load_entry(plan.path)
+    if stored is None:
+        raise OSError(f"The decoded entry {plan.path} was written but cannot be read back.")
+    return DecodedDataset(*stored, transform=tf), plan
+
+
+def _decode_into(view: Dataset, workers: int, pixels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+    """Decode every item of ``view`` in order (``workers`` processes) into ``pixels`` (a flat
+    preallocated uint8 array or memory map), or into a new array when ``None``."""
+    loader = DataLoader(view, batch_size=1, shuffle=False, num_workers=workers, collate_fn=_first)
+    index = np.zeros((len(view), 3), dtype=np.int64)  # type: ignore[arg-type]
+    chunks: list[np.ndarray] = []
+    targets, offset = [], 0
+    for i, (img, target) in enumerate(loader):
+        if not (isinstance(img, torch.Tensor) and img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3):
+            raise TypeError(f"Item {i} decoded to {type(img).__name__} {getattr(img, 'shape', '')}, not a uint8 "
+                            "image [3, H, W].")
+        _, h, w = img.shape
+        flat = img.contiguous().numpy().reshape(-1)
+        if pixels is None:
+            chunks.append(flat)
+        elif offset + flat.size > pixels.shape[0]:
+            raise OSError(f"Image {i} decoded to {tuple(img.shape)}: more pixels than its header promised.")
+        else:
+            pixels[offset:offset + flat.size] = flat
+        index[i] = (offset, h, w)
+        offset += flat.size
+        targets.append(target)
+    if pixels is None:
+        pixels = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
+    return pixels, index, targets
+
+
+def _write_entry(final: Path, view: Dataset, workers: int, capacity: int | None, estimate: int) -> None:
+    """Write ``pixels.npy`` (flat uint8), ``index.npy``, ``targets.npy`` and ``meta.json`` into a
+    temporary folder beside ``final``, then rename it (a crash never leaves a half entry)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        if capacity is not None:  # sizes known from the headers: decode straight into the memory map
+            mm = np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=np.uint8, shape=(max(capacity, 1),))
+            _, index, targets = _decode_into(view, workers, mm)
+            mm.flush()
+            del mm
+        else:
+            flat, index, targets = _decode_into(view, workers, None)
+            np.save(tmp / "pixels.npy", flat)
+        np.save(tmp / "index.npy", index)
+        np.save(tmp / "targets.npy", np.asarray([_plain_target(t) for t in targets]))
+        (tmp / "meta.json").write_text(json.dumps({"format": DECODED_FORMAT, "n": len(index),
+                                                   "estimate_bytes": estimate}))
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process wrote the same entry first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _plain_target(t: Any) -> Any:
+    return t.numpy() if isinstance(t, torch.Tensor) else t
+
+
+def _load_entry(path: Path) -> tuple[np.ndarray, np.ndarray, list[Any]] | None:
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        pixels = np.load(path / "pixels.npy", mmap_mode="r")
+        index = np.load(path / "index.npy")
+        raw = np.load(path / "targets.npy")
+    except (OSError, ValueError):
+        return None
+    if meta.get("format") != DECODED_FORMAT or len(index) != meta.get("n"):
+        return None
+    ints = raw.ndim == 1 and np.issubdtype(raw.dtype, np.integer)
+    targets = [int(t) if ints else torch.from_numpy(np.array(t)) for t in raw]
+    return pixels, index, targets

@@ -1,39 +1,121 @@
 """Worker for tests/test_train_ddp.py, launched by ``torchrun --nproc_per_node=2`` (gloo, CPU).
 
-Usage: ``torchrun --nproc_per_node=2 tests/ddp_worker.py <image folder> <out dir>``. Each rank
-runs two finetune() calls and saves its final weights to ``<out>/<name>_rank<r>.pt``:
-``cached`` (frozen backbone, cached features, head under DDP) and ``gradual`` (images every
-epoch, gradual unfreezing: one more block per epoch, the DDP wrapper rebuilt at each unfreeze).
+Usage: ``torchrun --nproc_per_node=2 tests/ddp_worker.py <image folder> <out dir> [mode]``.
+
+``train`` (default): each rank runs three finetune() calls and saves its results to
+``<out>/<name>_rank<r>.pt``: ``cached`` (frozen backbone, cached features, head under DDP),
+``gradual`` (images every epoch, gradual unfreezing: one more block per epoch, the DDP
+wrapper rebuilt at each unfreeze) and ``dropout`` (the first dropout mask each rank draws).
+Then ``features_rank<r>.pt``: compute_features sharded over the ranks (augmented views, in
+memory and through a shared ``cache_dir``).
+
+``fail``: rank 1's epoch-end callback raises ``ValueError("boom from rank 1")`` and the
+process then lingers for 120 s instead of exiting (as a process stuck in its own cleanup
+would); rank 0 must end by itself with that error.
+
+``stall``: rank 1's callback sleeps for 120 s without failing; with a short
+``TRANSFERKIT_DIST_TIMEOUT`` rank 0's next collective times out and both ranks end.
 """
 
+import dataclasses
 import os
 import sys
+import time
+import traceback
 
 import torch
 
 import transferkit as tk
-from transferkit.train.distributed import exit_cleanly
+from transferkit.backbones import get_backbone
+from transferkit.data import prepare_data, train_transform
+from transferkit.train.distributed import dist_info, exit_cleanly
+from transferkit.train.features import compute_features
+
+RANK = int(os.environ.get("RANK", "0"))
+
+
+def common(data: str) -> dict:
+    return dict(weights=None, data=data, image_size=32, device="cpu", num_workers=0, seed=0, verbose=False)
+
+
+def first_dropout_mask() -> tuple[dict, object]:
+    """A global forward hook that keeps the first training-mode dropout call's input and output."""
+    seen: dict = {}
+
+    def hook(module, args, output):
+        if isinstance(module, torch.nn.Dropout) and module.training and "mask" not in seen:
+            seen["mask"] = torch.stack([args[0] != 0, output == 0])  # [kept-able, zero out]
+
+    return seen, torch.nn.modules.module.register_module_forward_hook(hook)
+
+
+def feature_setup(data: str) -> tuple[torch.nn.Module, object]:
+    """A seeded small_cnn and the training images with random augmentation (also used by the test)."""
+    torch.manual_seed(0)
+    bb = get_backbone("tk:small_cnn", weights=None)
+    spec = dataclasses.replace(bb.input_spec, image_size=32, resize_size=None)
+    bundle = prepare_data(data, None, val_split=0.2, seed=0)
+    ds = bundle.train.view(transform=train_transform(spec, "standard"))
+    odd = len(ds) // 2 * 2 - 1  # an odd count: the last shard is padded
+    return tk.build_model(bb, 2, spec=spec), torch.utils.data.Subset(ds, range(odd))
+
+
+def sharded_features(data: str, out: str) -> None:
+    """The training set's features (2 augmented views) computed with the shards of both ranks."""
+    torch.manual_seed(0)
+    model, ds = feature_setup(data)
+    args = dict(key="k", views=2, batch_size=4, device=torch.device("cpu"), num_workers=0, seed=3, info=dist_info())
+    mem = compute_features(model, ds, **args)
+    disk = compute_features(model, ds, cache_dir=os.path.join(out, "cache"), **args)
+    again = compute_features(model, ds, cache_dir=os.path.join(out, "cache"), **args)
+    torch.save({"n": len(ds), "memory": torch.from_numpy(mem.features.copy()), "targets": torch.from_numpy(mem.targets),
+                "disk": torch.from_numpy(disk.features.copy()), "disk_reused": disk.reused,
+                "again_reused": again.reused}, os.path.join(out, f"features_rank{RANK}.pt"))
+
+
+def train(data: str, out: str) -> None:
+    r = tk.finetune("tk:small_cnn", policy="feature_extraction", epochs=3, batch_size=4, lr=0.05, optimizer="sgd",
+                    restore_best=False, **common(data))
+    torch.save({"state": r.model.state_dict(), "history": r.history}, os.path.join(out, f"cached_rank{RANK}.pt"))
+    r = tk.finetune("tk:small_cnn", policy="gradual:every=1", epochs=3, batch_size=4, lr=0.01, restore_best=False,
+                    checkpoint=os.path.join(out, "gradual.pt"), **common(data))
+    torch.save({"state": r.model.state_dict(), "history": r.history}, os.path.join(out, f"gradual_rank{RANK}.pt"))
+    seen, handle = first_dropout_mask()
+    r = tk.finetune("tk:small_cnn", policy="feature_extraction", epochs=1, batch_size=4, head_hidden=[64],
+                    head_dropout=0.5, **common(data))
+    handle.remove()
+    torch.save({"mask": seen["mask"], "state": r.model.state_dict()}, os.path.join(out, f"dropout_rank{RANK}.pt"))
+    sharded_features(data, out)
+
+
+def fail_or_stall(data: str, mode: str) -> None:
+    def callback(row: dict) -> None:
+        if RANK == 1 and row["epoch"] == 1:
+            if mode == "fail":
+                raise ValueError("boom from rank 1")
+            time.sleep(120)
+
+    tk.finetune("tk:small_cnn", policy="feature_extraction", epochs=3, batch_size=4, callbacks=[callback],
+                **common(data))
 
 
 def main() -> None:
     torch.set_num_threads(1)
     data, out = sys.argv[1], sys.argv[2]
-    rank = int(os.environ["RANK"])
-    common = dict(weights=None, data=data, image_size=32, device="cpu", num_workers=0, seed=0, verbose=False)
-    r = tk.finetune("tk:small_cnn", policy="feature_extraction", epochs=3, batch_size=4, lr=0.05, optimizer="sgd",
-                    restore_best=False, **common)
-    torch.save({"state": r.model.state_dict(), "history": r.history}, os.path.join(out, f"cached_rank{rank}.pt"))
-    r = tk.finetune("tk:small_cnn", policy="gradual:every=1", epochs=3, batch_size=4, lr=0.01, restore_best=False,
-                    checkpoint=os.path.join(out, "gradual.pt"), **common)
-    torch.save({"state": r.model.state_dict(), "history": r.history}, os.path.join(out, f"gradual_rank{rank}.pt"))
+    mode = sys.argv[3] if len(sys.argv) > 3 else "train"
+    if mode == "train":
+        train(data, out)
+    else:
+        fail_or_stall(data, mode)
 
 
 if __name__ == "__main__":
     try:
         main()
     except BaseException:
-        import traceback
-
         traceback.print_exc()
+        sys.stderr.flush()
+        if RANK == 1 and len(sys.argv) > 3 and sys.argv[3] == "fail":
+            time.sleep(float(os.environ.get("LINGER", "120")))  # a failed rank that does not exit
         exit_cleanly(1)
     exit_cleanly(0)

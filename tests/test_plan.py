@@ -99,9 +99,13 @@ def test_cache_key_covers_trunk_not_head(split_folders):
 
 def test_cache_key_covers_precision_layout_and_random_views(split_folders):
     data = dict(val_data=split_folders / "val")
-    fp32 = _plan(split_folders / "train", precision="fp32", **data)
-    assert _key(fp32) != _key(_plan(split_folders / "train", precision="bf16", **data))
+    fp32 = _plan(split_folders / "train", precision="fp32", channels_last=False, **data)
+    assert _key(fp32) != _key(_plan(split_folders / "train", precision="bf16", channels_last=False, **data))
     assert _key(fp32) != _key(_plan(split_folders / "train", precision="fp32", channels_last=True, **data))
+    auto = _plan(split_folders / "train", **data)  # the default: what this machine does fastest, and so keyed
+    assert auto.to_dict()["feature_precision"] in ("fp32", "bf16") and _key(auto) in (
+        _key(_plan(split_folders / "train", precision=auto.feature_speed.precision,
+                   channels_last=auto.feature_speed.channels_last, **data)),)
     flip = [_plan(split_folders / "train", augment="flip", seed=s, **data) for s in (0, 1)]
     assert _key(flip[0]) != _key(flip[1])  # one random view, but drawn from the seed
     assert _key(flip[0], "val") == _key(flip[1], "val")  # the eval view is not random

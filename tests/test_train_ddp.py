@@ -1,10 +1,17 @@
-"""DDP through torchrun: 2 CPU processes with gloo (see tests/ddp_worker.py)."""
+"""DDP through torchrun: 2 CPU processes with gloo (see tests/ddp_worker.py).
+
+Three torchrun jobs: a correct one (shared by most tests), one where rank 1 raises and then
+does not exit, and one where rank 1 stalls past a short collective timeout. Each must end
+with the right error in bounded time.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,23 +21,48 @@ import transferkit as tk
 from transferkit.backbones import get_backbone
 
 from conftest import make_image_folder
+from ddp_worker import feature_setup
+from transferkit.train.distributed import DistInfo, collective_timeout, gather_rows, rank_guard, rank_seed, rank_seeds
+from transferkit.train.features import compute_features
+from transferkit.train.loaders import make_loader
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
+def torchrun(data: Path, out: Path, mode: str = "train", timeout: float = 240, **env: str):
+    """Run the worker on 2 gloo ranks; return the finished process and its wall time."""
+    runner = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **env}
+    cmd = [str(runner), "--nproc_per_node=2", "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
+           str(WORKER), str(data), str(out), mode]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun passes SIGTERM on to its workers (each in its own session)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun {mode} did not end within {timeout} s:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), time.perf_counter() - t0
+
+
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    data = make_image_folder(tmp / "images", per_class=12, size=28)
-    out = tmp / "out"
-    out.mkdir()
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [str(torchrun), "--nproc_per_node=2", "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
-           str(WORKER), str(data), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+def images(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("ddp") / "images", per_class=12, size=28)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    proc, _ = torchrun(images, out)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return data, out
+    return images, out
 
 
 def _load(out: Path, name: str, rank: int) -> dict:
@@ -85,3 +117,116 @@ def test_gradual_unfreezing_under_ddp(ddp_run):
     assert not changed("stage1") and not changed("stem")
     ckpt = tk.train.load_checkpoint(out / "gradual.pt")  # written by rank 0 only, complete
     assert ckpt["complete"] and ckpt["epoch"] == 3
+
+
+def test_features_are_extracted_in_shards_and_gathered_like_one_process(ddp_run):
+    """Each rank extracted half the images (2 augmented views, an odd count: the last shard is
+    padded); after the gather both ranks hold the single-process array, in memory and on disk."""
+    data, out = ddp_run
+    r0, r1 = torch.load(out / "features_rank0.pt"), torch.load(out / "features_rank1.pt")
+    assert r0["n"] % 2 == 1
+    model, ds = feature_setup(str(data))
+    single = compute_features(model, ds, key="k", views=2, batch_size=4, device=torch.device("cpu"), num_workers=0,
+                              seed=3)
+    assert single.features.shape == tuple(r0["memory"].shape) and single.features.shape[:2] == (2, r0["n"])
+    for r in (r0, r1):
+        assert torch.allclose(r["memory"], torch.from_numpy(single.features), atol=1e-5)
+        assert torch.equal(r["targets"], torch.from_numpy(single.targets))
+        assert torch.equal(r["disk"], r["memory"])
+        assert not r["disk_reused"] and r["again_reused"]  # written once by rank 0, then read by both
+    assert torch.equal(r0["memory"], r1["memory"])
+    assert not torch.equal(r0["memory"][0], r0["memory"][1])  # the two views are different augmentations
+    assert sorted(p.name for p in (out / "cache").iterdir()) == ["k"]  # one entry, no temporary folder left
+
+
+def test_dropout_masks_differ_between_ranks(ddp_run):
+    """The global RNG is seeded with rank_seed(seed, rank) before training: the ranks' first dropout
+    masks differ, while DDP keeps their weights identical."""
+    _, out = ddp_run
+    a, b = _load(out, "dropout", 0), _load(out, "dropout", 1)
+    both = a["mask"][0] & b["mask"][0]  # units whose input is non-zero on both ranks (after the ReLU)
+    dropped_a, dropped_b = a["mask"][1][both], b["mask"][1][both]
+    assert both.sum() >= 16 and 0 < dropped_a.float().mean() < 1
+    assert not torch.equal(dropped_a, dropped_b)
+    for k in a["state"]:
+        assert torch.equal(a["state"][k], b["state"][k]), k
+
+
+def test_one_rank_failing_ends_every_rank_with_its_error(images, tmp_path):
+    """Rank 1 raises in a callback after epoch 1 and then lingers instead of exiting; rank 0, blocked
+    in the next epoch's gradient all-reduce, ends by itself with rank 1's error (the collective
+    timeout is 300 s, so it is not what ends it)."""
+    proc, seconds = torchrun(images, tmp_path, "fail", timeout=90, TRANSFERKIT_DIST_TIMEOUT="300")  # lingers 120 s
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "rank 0 stops because rank 1 failed: ValueError: boom from rank 1" in output, output[-3000:]
+    assert seconds < 60, seconds  # start-up included (about 10 s on 2 cores)
+
+
+def test_a_stalled_rank_ends_the_job_after_the_collective_timeout(images, tmp_path):
+    """Rank 1 sleeps 120 s in a callback; with TRANSFERKIT_DIST_TIMEOUT=3 rank 0's next collective
+    fails after 3 s with an error that says how to raise the limit, and rank 1 is ended too."""
+    proc, seconds = torchrun(images, tmp_path, "stall", timeout=90, TRANSFERKIT_DIST_TIMEOUT="3")  # sleeps 120 s
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "Rank 0: a collective operation waited more than 3 s" in output, output[-3000:]
+    assert "TRANSFERKIT_DIST_TIMEOUT=<seconds>" in output
+    assert seconds < 60, seconds
+
+
+def test_rank_seeds_are_distinct_and_rank_0_keeps_the_seed():
+    seeds = rank_seeds(5, 8)
+    assert seeds[0] == 5 and len(set(seeds)) == 8
+    assert rank_seed(5, DistInfo(rank=3, world_size=8)) == rank_seed(5, 3) == seeds[3] == rank_seeds(5, 4)[3]
+    assert rank_seeds(6, 2)[1] not in seeds  # no "seed + rank" overlap between runs of neighbouring seeds
+
+
+def test_augmentation_depends_on_the_item_not_the_rank():
+    """The per-item augmentation seed is (seed, epoch, index): two ranks augment their (disjoint)
+    items differently, and each rank's item is augmented exactly as in a single-process run."""
+    from PIL import Image
+
+    from transferkit.backbones import InputSpec
+    from transferkit.data import train_transform
+
+    img = Image.new("RGB", (40, 40))
+    img.putdata([(x * 6, y * 6, (x * y) % 256) for y in range(40) for x in range(40)])
+    tf = train_transform(InputSpec(image_size=16, resize_size=None), "standard")
+
+    class Same(torch.utils.data.Dataset):  # 8 copies of one image: only the augmentation differs
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return tf(img), 0
+
+    def first_batch(rank: int, world: int) -> torch.Tensor:
+        dl = make_loader(Same(), batch_size=8 // world, shuffle=True, device=torch.device("cpu"), num_workers=0,
+                         seed=0, rank=rank, world_size=world)
+        dl.sampler.set_epoch(1)
+        return next(iter(dl))[0]
+
+    r0, r1, single = first_batch(0, 2), first_batch(1, 2), first_batch(0, 1)
+    assert not torch.equal(r0, r1)
+    assert torch.equal(torch.stack([r0, r1], 1).reshape(single.shape), single)  # the shards interleave
+
+
+def test_collective_timeout_default_env_and_errors(monkeypatch):
+    monkeypatch.delenv("TRANSFERKIT_DIST_TIMEOUT", raising=False)
+    assert collective_timeout() == 1800.0 and DistInfo().timeout_s == 1800.0
+    monkeypatch.setenv("TRANSFERKIT_DIST_TIMEOUT", "90")
+    assert collective_timeout() == 90.0 and collective_timeout(5) == 5.0
+    monkeypatch.setenv("TRANSFERKIT_DIST_TIMEOUT", "soon")
+    with pytest.raises(tk.ConfigError, match="TRANSFERKIT_DIST_TIMEOUT must be a positive number of seconds, got 'soon'"):
+        collective_timeout()
+    with pytest.raises(tk.ConfigError, match="timeout must be a positive number"):
+        collective_timeout(0)
+
+
+def test_single_process_helpers_are_plain():
+    blocks = list(gather_rows(torch.arange(10).reshape(5, 2), 5, DistInfo()))
+    assert len(blocks) == 1 and blocks[0][0] == 0 and blocks[0][1].shape == (5, 2)
+    with pytest.raises(KeyError), rank_guard(DistInfo()):  # not distributed: exceptions pass through unchanged
+        raise KeyError("x")
+    with pytest.raises(tk.TrainingError, match="call init_distributed"), rank_guard(DistInfo(rank=1, world_size=2)):
+        pass  # distributed but no process group: an error, not a guard that silently does nothing

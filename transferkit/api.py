@@ -23,7 +23,8 @@ from transferkit.plan import RunPlan, plan
 from transferkit.policies import Policy
 from transferkit.steps import evaluate, metadata, train, training_data, write_outputs
 from transferkit.train.checkpoint import load_checkpoint
-from transferkit.train.device import preserved_torch_settings
+from transferkit.train.device import preserved_torch_settings, resolve_device
+from transferkit.train.distributed import barrier, init_distributed, rank_guard
 from transferkit.train.lr_find import LRFindResult, lr_range_test
 from transferkit.train.optim import make_optimizer
 from transferkit.train.speed import set_deterministic
@@ -126,30 +127,31 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
     t_start = time.perf_counter()
     with preserved_torch_settings():
         set_deterministic(cfg.deterministic)
-        p = plan(cfg)
-        p.timings["setup_s"] = time.perf_counter() - t_start
-        if cfg.verbose and p.dist.is_main:
-            print(p.summary(), file=sys.stderr, flush=True)
-        meta = metadata(p)
-        outcome = train(p, meta=meta)
-        outputs: dict[str, Any] = {}
-        metrics = evaluate(p, outcome.data, outputs=outputs)
-        if outcome.probe is not None:
-            metrics["probe"] = {"C": outcome.probe.C,
-                                "val_acc_by_C": {str(c): a for c, a in outcome.probe.scores.items()}}
-        result = FinetuneResult(model=p.model, backbone=p.backbone, classes=p.classes, policy=p.policy,
-                                history=outcome.history, best=outcome.best, metrics=metrics, plan=p,
-                                used_feature_cache=p.cache, timings=p.timings, task=cfg.task,
-                                stopped_early=outcome.state.stopped_early, data_report=p.bundle.report,
-                                val_logits=outputs.get("logits"))
-        if p.dist.is_main:
-            out = write_outputs(p, outcome, metrics, meta=meta, logits=outputs.get("logits"))
-            result.plots, result.checkpoint_path = out["plots"], out["checkpoint"]
-            if out["export_report"] is not None:
-                result.export_report, result.export_path = out["export_report"], out["export_report"].path
-        from transferkit.train.distributed import barrier
+        with rank_guard(init_distributed(resolve_device(cfg.device))[0]):  # one rank's error ends every rank
+            p = plan(cfg)
+            p.timings["setup_s"] = time.perf_counter() - t_start
+            if cfg.verbose and p.dist.is_main:
+                print(p.summary(), file=sys.stderr, flush=True)
+            meta = metadata(p)
+            outcome = train(p, meta=meta)
+            outputs: dict[str, Any] = {}
+            metrics = evaluate(p, outcome.data, outputs=outputs)
+            if outcome.probe is not None:
+                metrics["probe"] = {"C": outcome.probe.C,
+                                    "val_acc_by_C": {str(c): a for c, a in outcome.probe.scores.items()}}
+            result = FinetuneResult(model=p.model, backbone=p.backbone, classes=p.classes, policy=p.policy,
+                                    history=outcome.history, best=outcome.best, metrics=metrics, plan=p,
+                                    used_feature_cache=p.cache, timings=p.timings, task=cfg.task,
+                                    stopped_early=outcome.state.stopped_early, data_report=p.bundle.report,
+                                    val_logits=outputs.get("logits"))
+            if p.dist.is_main:
+                out = write_outputs(p, outcome, metrics, meta=meta, logits=outputs.get("logits"))
+                result.plots, result.checkpoint_path = out["plots"], out["checkpoint"]
+                if out["export_report"] is not None:
+                    result.export_report, result.export_path = out["export_report"], out["export_report"].path
+            from transferkit.train.distributed import barrier
 
-        barrier(p.dist)
+            barrier(p.dist)
     p.timings["total_s"] = time.perf_counter() - t_start
     return result
 

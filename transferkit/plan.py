@@ -21,6 +21,7 @@ import copy
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ from transferkit.model import TransferModel, build_model
 from transferkit.policies import Policy, apply_policy, param_groups
 from transferkit.policies.freeze import _bn_param_names
 from transferkit.train.device import resolve_device
-from transferkit.train.distributed import DistInfo, init_distributed
+from transferkit.train.distributed import DistInfo, init_distributed, rank_seeds
 from transferkit.train.optim import default_lr
 from transferkit.train.speed import SpeedConfig
 from transferkit.train.tasks import make_loss, prepare_task_data, resolve_class_weights
@@ -53,11 +54,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # seeds every CUDA device too
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of process ``rank`` for dropout and augmentation (data order uses ``seed`` on every rank)."""
-    return seed + 1_000_003 * rank
 
 
 def resolve_input_spec(spec: InputSpec, image_size: int | None) -> InputSpec:
@@ -159,8 +155,6 @@ class RunPlan:
         n_train = len(self.bundle.train)
         n_val = len(self.bundle.val) if self.bundle.val is not None else 0
         where = f"{s.device}" + (f", rank {self.dist.rank} of {self.dist.world_size}" if self.dist.enabled else "")
-        prec = s.precision if f.precision == s.precision or not self.cached_epochs else \
-            f"features {f.precision}, head {s.precision}"
         lines = [
             f"plan: {self.backbone.name} ({self.backbone.weights or 'random init'}) -> {self.head_kind} head, "
             f"{self.num_outputs} outputs ({cfg.task})",
@@ -173,8 +167,9 @@ class RunPlan:
             f"{cfg.schedule} schedule, {cfg.epochs} epochs x batch {cfg.batch_size}; "
             + ", ".join(f"{g['name']} lr {g['lr']:.3g} wd {g['weight_decay']:g}" for g in self.groups[:6])
             + (f", ... ({len(self.groups)} groups)" if len(self.groups) > 6 else ""),
-            f"  runtime:  {where}, {prec}, channels_last {'on' if s.channels_last else 'off'}, "
+            f"  runtime:  {where}, {'channels_last' if s.channels_last else 'contiguous'}, "
             f"seed {cfg.seed}" + (f" (ranks: {self.seeds})" if self.dist.enabled else ""),
+            f"  speed:    " + "; ".join(_speed_reasons(s, f if self.cached_epochs else None)),
         ]
         return "\n".join(lines)
 
@@ -191,6 +186,17 @@ class RunPlan:
                 + module_fingerprint(self.model.trunk), "transform": repr(transform), "precision": f.precision,
                 "channels_last": f.channels_last, "device": f.device.type, "views": views,
                 "seed": self.config.seed if random_views else None, "data": fingerprint(dataset)}
+
+
+def _speed_reasons(train: SpeedConfig, features: SpeedConfig | None) -> list[str]:
+    """Why each speed choice was made, in a few words each."""
+    r = train.reasons
+    out = []
+    if features is not None:
+        out.append(f"features {features.precision} ({features.reasons.get('feature_precision', 'set directly')})")
+    out.append(f"training {train.precision} ({r.get('precision', 'set directly')})")
+    out.append(f"layout ({r.get('channels_last', 'set directly')})")
+    return out
 
 
 def _input(spec: InputSpec) -> str:
@@ -263,8 +269,6 @@ def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen_epochs: int, hea
 
 def weights_identity(weights: Any, *, portable: bool) -> Any:
     """``weights`` as recorded: as given, or (``portable``) a file's name and content digest."""
-    from pathlib import Path
-
     if not portable or not isinstance(weights, (str, Path)) or not Path(weights).is_file():
         return weights
     from transferkit.train.features import _file_digest
@@ -304,15 +308,17 @@ def plan(config: FinetuneConfig) -> RunPlan:
     cached_epochs, reason = _cache_decision(cfg, pol, frozen_epochs, head_kind)
     cache = cached_epochs >= cfg.epochs
     norm = resolve_head_norm(cfg.head_norm, cached=cached_epochs > 0, head_kind=head_kind)
-    speed = SpeedConfig.make(dev, precision=_train_precision(cfg.precision, dev), channels_last=cfg.channels_last,
-                             compile=cfg.compile)
-    feature_speed = speed
+    speed_args = dict(precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile, trunk=bb.trunk,
+                      kind=spec.kind, image_size=spec.image_size,
+                      layout_cache=Path(cfg.cache_dir) / "layouts.json" if cfg.cache_dir is not None else None)
+    speed = SpeedConfig.make(dev, frozen=frozen, **speed_args)
+    feature_speed = SpeedConfig.make(dev, frozen=True, **speed_args).for_features() if cached_epochs else speed
     model = build_model(bb, n_out, spec=spec, head_hidden=hidden, head_activation=cfg.head_activation,
                         head_dropout=cfg.head_dropout, head_norm=norm).to(dev)
     apply_policy(model, bb, pol, epoch=0)
     speed.prepare(model)
-    seeds = [rank_seed(cfg.seed, r) for r in range(info.world_size)]
-    seed_everything(seeds[info.rank])  # dropout and augmentation differ per rank; the model is the same
+    seeds = rank_seeds(cfg.seed, info.world_size)
+    seed_everything(seeds[info.rank])  # dropout etc. differ per rank; the model, data order and augmentation do not
     weights = resolve_class_weights(cfg.class_weights, cfg.task, bundle)
     p = RunPlan(config=cfg, dist=info, speed=speed, feature_speed=feature_speed, policy=pol, backbone=bb, spec=spec,
                 bundle=bundle, model=model, loss_fn=make_loss(cfg.task, label_smoothing=cfg.label_smoothing,
@@ -326,15 +332,6 @@ def plan(config: FinetuneConfig) -> RunPlan:
     if head_kind != "logistic":
         p.groups = [{**g, "params": sum(t.numel() for t in g["params"])} for g in p.param_groups()]
     return p
-
-
-def _train_precision(precision: str, device: torch.device) -> str:
-    """The precision the trained module runs in ("auto": fp32 on CPU, bf16 where CUDA supports it)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
 
 
 def plan_differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -29,7 +29,7 @@ from transferkit.data.audio import pad_waveforms
 from transferkit.plan import RunPlan
 from transferkit.policies import apply_policy, merge_lora, policy_penalty, set_train_mode
 from transferkit.train.checkpoint import save_checkpoint
-from transferkit.train.distributed import barrier, wrap_ddp
+from transferkit.train.distributed import wrap_ddp
 from transferkit.train.faults import training_faults
 from transferkit.train.features import FeatureStore, cache_key, compute_features, data_fingerprint, feature_loader
 from transferkit.train.loaders import make_loader
@@ -76,9 +76,7 @@ def cached_features(plan: RunPlan, *, progress: Any = None) -> TrainingData:
         with fs.autocast():
             return model.features(fs.to_device(x))
 
-    # inference batches: larger on an accelerator; on a CPU large batches overflow the caches
-    # (ResNet-18 at 224 px, one thread: 57 ms/image at batch 4-8, 63 at 32, 70 at 64)
-    extract_batch = cfg.batch_size if fs.device.type == "cpu" else max(cfg.batch_size, 64)
+    extract_batch = fs.feature_batch_size(cfg.batch_size)  # small on a CPU (caches), large on a GPU
     parts = [("train", plan.bundle.train, train_transform(plan.spec, plan.augment), cfg.cache_views)]
     if plan.bundle.val is not None:
         parts.append(("val", plan.bundle.val, eval_transform(plan.spec), 1))
@@ -86,16 +84,12 @@ def cached_features(plan: RunPlan, *, progress: Any = None) -> TrainingData:
     for name, ds, tf, views in parts:
         key = "in-memory" if cfg.cache_dir is None else cache_key(plan.feature_key_parts(
             part=name, transform=tf, views=views, fingerprint=data_fingerprint, dataset=ds))
-        if info.enabled and cfg.cache_dir is not None and not info.is_main:
-            barrier(info)  # rank 0 writes the shared cache entry first
         with progress_bar(len(ds) * views, f"features ({name})", verbose=cfg.verbose and info.is_main,
                           unit="img") as bar:
             stores[name] = compute_features(model, ds.view(transform=tf), key=key, views=views,
                                             batch_size=extract_batch, device=fs.device, num_workers=cfg.num_workers,
                                             seed=cfg.seed, cache_dir=cfg.cache_dir, forward=forward,
-                                            progress=progress or bar)
-        if info.enabled and cfg.cache_dir is not None and info.is_main:
-            barrier(info)
+                                            progress=progress or bar, info=info)  # sharded, gathered under DDP
     train_dl = feature_loader(stores["train"], batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
                               rank=info.rank, world_size=info.world_size)
     val_dl = feature_loader(stores["val"], batch_size=256, shuffle=False) if "val" in stores else None
@@ -123,6 +117,16 @@ def set_epoch_mode(plan: RunPlan, epoch: int) -> None:
         return
     apply_policy(plan.model, plan.backbone, plan.policy, epoch=epoch)
     set_train_mode(plan.model, plan.backbone, plan.policy, epoch=epoch)
+
+
+def start_epoch(plan: RunPlan, epoch: int) -> None:
+    """Seed this rank's RNG from ``(rank seed, epoch)`` (dropout; so a resumed run, on every
+    rank, draws what the uninterrupted one drew), then set the epoch's modes."""
+    from transferkit.plan import seed_everything
+    from transferkit.train.loaders import mix_seed
+
+    seed_everything(mix_seed(plan.seeds[plan.dist.rank], epoch))
+    set_epoch_mode(plan, epoch)
 
 
 @dataclass
@@ -181,7 +185,7 @@ def train(plan: RunPlan, *, meta: dict[str, Any] | None = None, progress: Any = 
     info = plan.dist
     tb = TensorBoardLogger(cfg.log_dir) if cfg.log_dir is not None and info.is_main else None
     loop = dict(optimizer=opt, scheduler=sched, loss_fn=plan.loss_fn, device=plan.speed.device,
-                set_mode=lambda e: set_epoch_mode(plan, e), task=cfg.task, restore_best=cfg.restore_best,
+                set_mode=lambda e: start_epoch(plan, e), task=cfg.task, restore_best=cfg.restore_best,
                 early_stopping=cfg.early_stopping, monitor=cfg.monitor, state=state, speed=plan.speed, dist=info,
                 penalty=policy_penalty(plan.model, plan.backbone, plan.policy, epochs=total), scaler=scaler,
                 verbose=cfg.verbose, total_epochs=total,

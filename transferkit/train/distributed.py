@@ -7,6 +7,22 @@ when features are cached), and only rank 0 writes checkpoints and exports. When 
 policy unfreezes blocks during training, the DDP wrapper is rebuilt at that epoch
 (DDP registers the parameters that require gradients when it is built).
 
+What the ranks share and what they do not:
+
+- **Seeds.** The data order (the :class:`~transferkit.train.loaders.EpochSampler`
+  permutation), the per-item augmentation seeds ``(seed, epoch, index)``, the model's
+  initialisation and the cached features use the run's ``seed`` on every rank, so the
+  shards are disjoint and each image is augmented as in a single-process run. The
+  global RNGs that training draws from (dropout, anything using ``random`` / NumPy,
+  DataLoader worker seeds) are seeded with :func:`rank_seed` before training, so the
+  ranks' dropout masks differ.
+- **Timeouts.** Every collective (and :func:`barrier`) fails after
+  :data:`DEFAULT_TIMEOUT_S` seconds (30 min) instead of waiting forever; set
+  ``TRANSFERKIT_DIST_TIMEOUT`` (seconds) or ``init_distributed(timeout=...)``.
+- **Failures.** Inside :func:`rank_guard`, an exception on one rank is recorded in the
+  process group's store; every other rank ends within a few seconds with an error that
+  names the failing rank and its message, even when it is blocked in a collective.
+
 Launch::
 
     torchrun --nproc_per_node=2 train.py      # train.py calls finetune(...) then exit_cleanly()
@@ -14,22 +30,66 @@ Launch::
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import math
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from transferkit.errors import ConfigError, TrainingError
+from transferkit.train.loaders import mix_seed
+
+DEFAULT_TIMEOUT_S = 1800.0
+"""Seconds a collective operation or barrier may wait for the other ranks (30 min: long
+enough for rank 0 to write a large export while the others wait)."""
+
+TIMEOUT_ENV = "TRANSFERKIT_DIST_TIMEOUT"
+
+
+class DistributedError(TrainingError):
+    """Another rank failed, or the ranks stopped meeting in collective operations."""
+
+
+def collective_timeout(seconds: float | None = None) -> float:
+    """The collective timeout in seconds: ``seconds``, else ``$TRANSFERKIT_DIST_TIMEOUT``, else
+    :data:`DEFAULT_TIMEOUT_S`.
+
+    Example:
+        >>> collective_timeout(60)
+        60.0
+    """
+    source = "timeout"
+    if seconds is None and os.environ.get(TIMEOUT_ENV):
+        seconds, source = os.environ[TIMEOUT_ENV], TIMEOUT_ENV  # type: ignore[assignment]
+    if seconds is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(seconds, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{source} must be a positive number of seconds, got {seconds!r} "
+                          f"(default {DEFAULT_TIMEOUT_S:g}: 30 minutes).")
+    return value
+
 
 @dataclass(frozen=True)
 class DistInfo:
-    """This process's place in the job (``world_size == 1``: not distributed)."""
+    """This process's place in the job (``world_size == 1``: not distributed) and the
+    seconds a collective may wait for the other ranks."""
 
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     @property
     def enabled(self) -> bool:
@@ -40,25 +100,53 @@ class DistInfo:
         return self.rank == 0
 
 
-def dist_info() -> DistInfo:
-    """Read torchrun's environment variables."""
+def dist_info(timeout: float | None = None) -> DistInfo:
+    """Read torchrun's environment variables (and the collective timeout, see :func:`collective_timeout`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return DistInfo(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                    world_size=world)
+                    world_size=world, timeout_s=collective_timeout(timeout))
 
 
-def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
-    """Join the process group when launched by torchrun (NCCL for CUDA, gloo otherwise) and
-    return the info and this process's device (``cuda:LOCAL_RANK`` on GPUs)."""
-    info = dist_info()
+def init_distributed(device: torch.device, *, timeout: float | None = None) -> tuple[DistInfo, torch.device]:
+    """Join the process group when launched by torchrun and return the info and this process's
+    device (``cuda:LOCAL_RANK`` on GPUs). On CUDA the group is ``cuda:nccl,cpu:gloo`` (NCCL for
+    GPU tensors, gloo for the small CPU reductions); otherwise gloo. Collectives time out after
+    ``timeout`` seconds (see :func:`collective_timeout`)."""
+    info = dist_info(timeout)
     if not info.enabled:
         return info, device
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=info.timeout_s))
     return info, device
+
+
+def rank_seed(seed: int, rank: DistInfo | int) -> int:
+    """The seed of the global RNGs (dropout, ``random``, NumPy) on ``rank`` (a rank number or a
+    :class:`DistInfo`): ``seed`` on rank 0 (a single-process run is rank 0), a distinct mix of
+    ``(seed, rank)`` on the others, so no rank of one run shares a stream with a rank of a run
+    with a neighbouring seed (as ``seed + rank`` would). The data order and the per-item
+    augmentation seeds keep ``seed`` on every rank.
+
+    Example:
+        >>> rank_seed(0, 0), rank_seed(0, DistInfo(rank=1, world_size=2)) == rank_seed(0, 1) != rank_seed(1, 0)
+        (0, True)
+    """
+    r = rank.rank if isinstance(rank, DistInfo) else int(rank)
+    return int(seed) if r == 0 else mix_seed(seed, r)
+
+
+def rank_seeds(seed: int, world_size: int) -> list[int]:
+    """:func:`rank_seed` of every rank of a job (for a run plan or a log).
+
+    Example:
+        >>> rank_seeds(7, 1)
+        [7]
+    """
+    return [rank_seed(seed, r) for r in range(world_size)]
 
 
 def wrap_ddp(module: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
@@ -70,11 +158,18 @@ def wrap_ddp(module: nn.Module, info: DistInfo, device: torch.device) -> nn.Modu
     return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
+def _collective_device() -> torch.device:
+    """Where small tensors must live for a collective: CPU when the group has gloo, else the GPU."""
+    if "gloo" in str(dist.get_backend()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     """Sum numbers over ranks (identity when not distributed)."""
     if not info.enabled:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return t.tolist()
 
@@ -88,21 +183,199 @@ def broadcast_buffers(module: nn.Module, info: DistInfo) -> None:
         dist.broadcast(buf.data, src=0)
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+def all_ranks(flag: bool, info: DistInfo) -> bool:
+    """True when ``flag`` is true on every rank (``flag`` itself when not distributed).
+
+    Example:
+        >>> all_ranks(True, DistInfo())
+        True
+    """
+    if not info.enabled:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def shard_size(n: int, world_size: int) -> int:
+    """Rows each rank holds when ``n`` rows are dealt round-robin and padded (``ceil(n / world_size)``)."""
+    return -(-n // world_size)
+
+
+def gather_rows(shard: torch.Tensor, n: int, info: DistInfo, *,
+                chunk_bytes: int = 16 << 20) -> Iterator[tuple[int, torch.Tensor]]:
+    """Assemble an ``n``-row array dealt round-robin over the ranks, on every rank, a block at a time.
+
+    Rank ``r`` holds rows ``r, r + W, r + 2W, ...`` (``W = world_size``), padded to
+    :func:`shard_size` rows, which is the order of
+    ``EpochSampler(n, shuffle=False, rank=r, world_size=W)``. Yields ``(start, rows)``: rows
+    ``start .. start + len(rows)`` of the full array, in order, the same on every rank
+    (CPU tensors); padding rows are dropped. Each block moves about ``chunk_bytes`` per rank,
+    so the whole array is never held twice. Not distributed: yields ``(0, shard[:n])``.
+
+    Example:
+        >>> [(s, b.tolist()) for s, b in gather_rows(torch.arange(3), 3, DistInfo())]
+        [(0, [0, 1, 2])]
+    """
+    if not info.enabled:
+        yield 0, shard[:n]
+        return
+    per_rank, world = shard_size(n, info.world_size), info.world_size
+    if shard.shape[0] != per_rank:
+        raise DistributedError(f"Rank {info.rank} holds {shard.shape[0]} rows of a {n}-row array over {world} ranks; "
+                               f"every rank must hold ceil(n / world_size) = {per_rank} (round-robin, padded).")
+    row_bytes = max(1, shard[:1].numel() * shard.element_size())
+    step = max(1, chunk_bytes // row_bytes)
+    dev = _collective_device()
+    for j in range(0, per_rank, step):
+        part = shard[j:j + step].contiguous().to(dev)
+        parts = [torch.empty_like(part) for _ in range(world)]
+        dist.all_gather(parts, part)
+        # row j*W + r of the full array is row j of rank r
+        block = torch.stack(parts, 1).reshape(-1, *part.shape[1:]).cpu()
+        start = j * world
+        if start < n:
+            yield start, block[: n - start]
+
+
+def barrier(info: DistInfo, *, timeout: float | None = None) -> None:
+    """Wait for every rank, at most ``timeout`` seconds (default: ``info.timeout_s``).
+
+    With gloo this is ``monitored_barrier``: on a timeout the error names the ranks that
+    did not arrive. With NCCL it is ``dist.barrier()``, bounded by the group's timeout.
+    """
+    if not (info.enabled and dist.is_initialized()):
+        return
+    seconds = info.timeout_s if timeout is None else collective_timeout(timeout)
+    if dist.get_backend() != "gloo":
         dist.barrier()
+        return
+    try:
+        dist.monitored_barrier(timeout=timedelta(seconds=seconds), wait_all_ranks=True)
+    except RuntimeError as exc:
+        raise DistributedError(f"Rank {info.rank}: the ranks did not all reach a barrier within {seconds:g} s: {exc}. "
+                               f"If a rank is legitimately slower (a long export, a slow disk), raise the timeout "
+                               f"with {TIMEOUT_ENV}=<seconds>.") from exc
+
+
+# --- one rank's failure ends every rank ---------------------------------------------------------
+
+_generation = itertools.count()
+_failed = threading.Event()  # this process recorded or saw a rank's failure: skip the exit barrier
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 2000 else text[:2000] + "..."
+
+
+class _Watchdog(threading.Thread):
+    """Polls the store for another rank's failure; if this rank's own code has not raised
+    within ``grace_s`` (it is blocked in a collective, which nothing else can interrupt),
+    prints the failure and ends the process with ``os._exit(1)``."""
+
+    def __init__(self, store: dist.Store, prefix: str, info: DistInfo, poll_s: float, grace_s: float) -> None:
+        super().__init__(name="transferkit-rank-guard", daemon=True)
+        self.store, self.prefix, self.info, self.poll_s, self.grace_s = store, prefix, info, poll_s, grace_s
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        key = self.prefix + "first"
+        try:
+            while not self.done.wait(self.poll_s):
+                if self.store.check([key]):
+                    break
+            else:
+                return
+            message = self.store.get(key).decode()
+        except Exception:  # the store went away: the job is ending; the collective timeout still applies
+            return
+        if self.done.wait(self.grace_s):
+            return  # this rank's code raised (or finished) by itself; rank_guard reports it
+        _failed.set()
+        sys.stdout.flush()
+        print(f"transferkit: rank {self.info.rank} stops because {message} (this rank was waiting for it in a "
+              "collective operation, which cannot be interrupted; the traceback is in that rank's output).",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def stop(self) -> None:
+        self.done.set()
+
+
+def _store_for(info: DistInfo) -> dist.Store | None:
+    if not info.enabled:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise DistributedError(f"rank_guard() on rank {info.rank} of {info.world_size} needs the process group: "
+                               "call init_distributed() before entering it.")
+    return dist.distributed_c10d._get_default_store()
+
+
+@contextlib.contextmanager
+def rank_guard(info: DistInfo, *, poll_s: float = 0.25, grace_s: float = 2.0) -> Iterator[None]:
+    """Run a distributed block so that one rank's exception ends every rank with that error.
+
+    On an exception, this rank writes ``"rank R failed: <Type>: <message>"`` to the process
+    group's store (the first failure wins) and re-raises. The other ranks see it within
+    ``poll_s``: one whose code raises by itself within ``grace_s`` (a collective failing
+    because the failed rank left) raises :class:`DistributedError` with that message; one
+    blocked in a collective prints it and exits with status 1. A ``RuntimeError`` (what a
+    failed collective raises) after another rank's failure becomes that
+    ``DistributedError``; any other exception of this rank is re-raised as it is. Every rank
+    must enter the same guarded blocks in the same order, after :func:`init_distributed`.
+    Not distributed: does nothing.
+
+    Example:
+        >>> with rank_guard(DistInfo()):  # single process: a plain block
+        ...     x = 1
+    """
+    store = _store_for(info)
+    if store is None:
+        yield
+        return
+    prefix = f"transferkit/rank_guard/{next(_generation)}/"
+    watchdog = _Watchdog(store, prefix, info, poll_s, grace_s)
+    watchdog.start()
+    try:
+        yield
+    except BaseException as exc:
+        watchdog.stop()
+        _failed.set()
+        mine = f"rank {info.rank} failed: {_describe(exc)}"
+        try:
+            first = store.compare_set(prefix + "first", "", mine).decode()
+        except Exception:  # the store is gone (the job is ending): report this rank's own error
+            first = mine
+        if first != mine and isinstance(exc, RuntimeError):
+            raise DistributedError(f"Rank {info.rank} stops because {first} "
+                                   f"(here: {_describe(exc)}).") from exc
+        if isinstance(exc, RuntimeError) and "timed out" in str(exc).lower():
+            raise DistributedError(f"Rank {info.rank}: a collective operation waited more than {info.timeout_s:g} s "
+                                   f"for the other ranks ({exc}). One of them is stuck or much slower than this one; "
+                                   f"if that is expected (a long export, a slow disk), raise the limit with "
+                                   f"{TIMEOUT_ENV}=<seconds>.") from exc
+        raise
+    finally:
+        watchdog.stop()
+        watchdog.join(timeout=1.0)
 
 
 def exit_cleanly(code: int = 0) -> None:
-    """End a torchrun worker: barrier, destroy the process group, flush, ``os._exit``.
+    """End a torchrun worker: barrier, destroy the process group, flush, ``os._exit(code)``.
 
     With torch 2.11 a gloo worker aborts at interpreter exit in about 1 run in 4
     ("terminate called without an active exception") after correct training; leaving
-    through ``os._exit`` after a clean teardown avoids it. Call it last in a script.
+    through ``os._exit`` after a clean teardown avoids it. Call it last in a script. With a
+    non-zero ``code``, or after a rank failed inside :func:`rank_guard`, it skips the barrier
+    (the other ranks are gone or going) and exits at once.
+
+    Example:
+        >>> exit_cleanly(0)  # doctest: +SKIP
     """
-    if dist.is_available() and dist.is_initialized():
+    if code == 0 and not _failed.is_set() and dist.is_available() and dist.is_initialized():
         try:
-            dist.barrier()
+            barrier(dist_info())
         finally:
             dist.destroy_process_group()
     sys.stdout.flush()

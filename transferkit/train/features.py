@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from transferkit.train.distributed import DistInfo, all_ranks, barrier, gather_rows
 from transferkit.train.loaders import EpochSampler, make_loader, mix_seed
 
 CACHE_FORMAT = 2
@@ -186,55 +187,89 @@ def extract_features(model: Any, loader: DataLoader, device: torch.device, progr
 
 def compute_features(model: Any, dataset: Dataset, *, key: str, views: int, batch_size: int, device: torch.device,
                      num_workers: int | None, seed: int, cache_dir: str | Path | None = None,
-                     forward: Callable | None = None, progress: Any = None) -> FeatureStore:
+                     forward: Callable | None = None, progress: Any = None,
+                     info: DistInfo | None = None) -> FeatureStore:
     """Features of ``dataset`` (already seen through its transform) for ``views`` passes.
 
     View ``v`` draws its random augmentations as epoch ``v`` of the loader would, so views
     are reproducible. With ``cache_dir`` the result is stored under ``cache_dir/<key>/``
     (written to a temporary folder, then renamed: a crash never leaves a half entry) and a
     later call with the same key memory-maps it instead of recomputing.
+
+    Distributed (``info.world_size > 1``, every rank calls this with the same arguments):
+    rank ``r`` extracts items ``r, r + W, ...`` only and the shards are gathered, so every
+    rank gets the same array, in the same order, as one process would compute. The entry is
+    reused only when every rank sees it; otherwise ``local_rank`` 0 of each node writes it
+    (one writer per node: a ``cache_dir`` shared between nodes or local to each works) and
+    the other ranks memory-map it after a barrier.
+
+    Example:
+        >>> ds = torch.utils.data.TensorDataset(torch.randn(5, 3), torch.arange(5))
+        >>> lin = torch.nn.Linear(3, 2)
+        >>> store = compute_features(lin, ds, key="k", views=1, batch_size=2, device=torch.device("cpu"),
+        ...                          num_workers=0, seed=0, forward=lin)
+        >>> store.features.shape, store.targets.tolist()
+        ((1, 5, 2), [0, 1, 2, 3, 4])
     """
+    info = info or DistInfo()
     if cache_dir is not None:
         hit = load_cached(cache_dir, key)
-        if hit is not None:
-            return hit
+        if all_ranks(hit is not None, info):
+            return hit  # type: ignore[return-value]
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, device=device, num_workers=num_workers,
-                         seed=seed)
+                         seed=seed, rank=info.rank, world_size=info.world_size)
     n = len(dataset)  # type: ignore[arg-type]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=_mkdir(cache_dir))) if cache_dir is not None else None
+    writes = cache_dir is None or info.local_rank == 0  # this rank keeps the gathered array
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=_mkdir(cache_dir))) if cache_dir is not None and writes \
+        else None
     try:
         arr, targets = None, None
         for v in range(views):
             loader.sampler.set_epoch(v)  # type: ignore[attr-defined]
             f, t = extract_features(model, loader, device, progress, forward)
-            if arr is None:
+            if v == 0:
                 shape = (views, n, f.shape[1])
-                arr = (np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=shape)
-                       if tmp is not None else np.empty(shape, dtype=np.float32))
-                targets = t.numpy()
-            arr[v] = f.numpy()
-        assert arr is not None and targets is not None  # n >= 1 is checked by the data layer
-        if tmp is None:
-            return FeatureStore(arr, targets, key)
-        arr.flush()
-        del arr
-        np.save(tmp / "targets.npy", targets)
-        _write_entry_meta(tmp, key=key, views=views, n=n)
-        final = Path(cache_dir) / key  # type: ignore[arg-type]
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process wrote the same entry first: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        store = load_cached(cache_dir, key)  # type: ignore[arg-type]
+                if tmp is not None:
+                    arr = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=shape)
+                elif writes:
+                    arr = np.empty(shape, dtype=np.float32)
+                targets = _gathered(t, n, info)
+            for start, rows in gather_rows(f, n, info):
+                if arr is not None:
+                    arr[v, start:start + len(rows)] = rows.numpy()
+        assert targets is not None and (arr is not None or not writes)  # n >= 1 is checked by the data layer
+        if cache_dir is None:
+            return FeatureStore(arr, targets, key)  # type: ignore[arg-type]
+        if tmp is not None:
+            arr.flush()  # type: ignore[union-attr]
+            del arr
+            np.save(tmp / "targets.npy", targets)
+            _write_entry_meta(tmp, key=key, views=views, n=n)
+            final = Path(cache_dir) / key
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another process wrote the same entry first: use theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+            tmp = None
+        barrier(info)  # the writers have renamed their entries
+        store = load_cached(cache_dir, key)
         if store is None:
-            raise OSError(f"The feature-cache entry {str(final)!r} could not be written or read back; check the "
-                          "disk (space, permissions) or use another cache_dir.")
+            where = f" on rank {info.rank} (local rank 0 of each node writes it: cache_dir must name the same " \
+                    "folder on every process of a node)" if info.enabled else ""
+            raise OSError(f"The feature-cache entry {str(Path(cache_dir) / key)!r} could not be written or read "
+                          f"back{where}; check the disk (space, permissions) or use another cache_dir.")
         store.reused = False
         return store
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _gathered(t: torch.Tensor, n: int, info: DistInfo) -> np.ndarray:
+    """The full ``n``-row array from the ranks' round-robin shards ``t`` (see :func:`gather_rows`)."""
+    blocks = [rows for _, rows in gather_rows(t, n, info)]
+    return torch.cat(blocks).numpy()
 
 
 def _mkdir(d: str | Path | None) -> str:

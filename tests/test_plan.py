@@ -241,3 +241,23 @@ def test_fine_tune_resumed_in_either_phase_matches_an_uninterrupted_run(split_fo
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_images_are_decoded_once_when_the_backbone_trains(split_folders, monkeypatch):
+    from PIL import Image
+
+    opened = []
+    real = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real(*a, **k))
+    counts = {}
+    for epochs in (2, 4):
+        opened.clear()
+        r = tk.finetune("tk:small_cnn", data=split_folders / "train", val_data=split_folders / "val",
+                        policy="full", **{**KW, "epochs": epochs})
+        assert r.plan.decode["train"].mode == "memory" and "decoded once" in r.plan.summary()
+        counts[epochs] = len(opened)
+    assert counts[2] == counts[4]  # more epochs, no more decoding
+    opened.clear()
+    tk.finetune("tk:small_cnn", data=split_folders / "train", val_data=split_folders / "val", policy="full",
+                decode_once=False, **{**KW, "epochs": 4})
+    assert len(opened) > counts[4]

@@ -148,6 +148,9 @@ class FinetuneConfig:
     max_seconds: Any = _opt(30.0, "audio: longer clips are cropped to their middle this many seconds (None: whole "
                             "clips; memory grows with the longest)", group="data", types=_F + _N, check=_positive,
                             flag=True)
+    decode_once: Any = _opt("auto", "decode and resize images once, crop/flip per epoch, when the backbone trains "
+                            "for 2+ epochs (auto: when they fit the memory budget or cache_dir)", group="data",
+                            types=_B + _S, choices=("auto", True, False))
     image_size: Any = _opt(None, "crop size in pixels (default: the backbone's)", group="data", types=_I + _N,
                            check=_image_size, flag=True)
     augment: Any = _opt(None, "'standard', 'flip' or 'none' (default: standard when the backbone trains)",

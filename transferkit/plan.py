@@ -94,6 +94,7 @@ class RunPlan:
     seeds: list[int]
     trainable: list[list[str]]  # blocks that train in each epoch
     data_identity: dict[str, Any]
+    decode: dict[str, Any] = field(default_factory=dict)  # {"train"/"val": DecodePlan} when images are decoded once
     groups: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -146,7 +147,7 @@ class RunPlan:
             "head_norm": self.head_norm, "augment": self.augment, "lr": self.lr, "class_weights": self.class_weights,
             "bn": self.bn_mode(), "trainable": _epoch_ranges(self.trainable),
             "groups": [{k: g[k] for k in ("name", "lr", "weight_decay", "params")} for g in self.groups],
-            "data": self.data_identity,
+            "data": self.data_identity, "decode_once": {k: d.mode for k, d in self.decode.items()},
         })
 
     def summary(self) -> str:
@@ -162,7 +163,7 @@ class RunPlan:
             f"augment {self.augment}",
             f"  policy:   {self.policy}; {_epoch_text(self.trainable, cfg.epochs)}; BatchNorm: {self.bn_mode()}",
             f"  features: {'cached' if self.cache else 'cached, then not' if self.cached_epochs else 'not cached'} "
-            f"({self.cache_reason})",
+            f"({self.cache_reason})" + (f"; images {self.decode['train'].reason}" if "train" in self.decode else ""),
             f"  optim:    {cfg.optimizer}, base lr {self.lr:.3g}{' (default)' if cfg.lr is None else ''}, "
             f"{cfg.schedule} schedule, {cfg.epochs} epochs x batch {cfg.batch_size}; "
             + ", ".join(f"{g['name']} lr {g['lr']:.3g} wd {g['weight_decay']:g}" for g in self.groups[:6])
@@ -331,7 +332,25 @@ def plan(config: FinetuneConfig) -> RunPlan:
         raise ConfigError("cache_views > 1 needs random augmentation; set augment='standard' or 'flip'.")
     if head_kind != "logistic":
         p.groups = [{**g, "params": sum(t.numel() for t in g["params"])} for g in p.param_groups()]
+    p.decode = _decode_decision(p)
     return p
+
+
+def _decode_decision(p: RunPlan) -> dict[str, Any]:
+    """Decode-once plans for the training and validation images, when the backbone trains
+    end to end for 2+ epochs on image files (see :mod:`transferkit.data.decoded`)."""
+    from transferkit.data.decoded import plan_decode
+
+    cfg = p.config
+    files = hasattr(p.bundle.train, "samples") and hasattr(p.bundle.train, "view")  # in-memory data are decoded
+    if cfg.decode_once is False or p.spec.kind != "image" or cfg.epochs - p.cached_epochs < 2 or not files:
+        return {}
+    out = {"train": plan_decode(p.bundle.train, p.spec, augment=p.augment, cache_dir=cfg.cache_dir)}
+    if p.bundle.val is not None and hasattr(p.bundle.val, "samples") and hasattr(p.bundle.val, "view"):
+        out["val"] = plan_decode(p.bundle.val, p.spec, augment="none", cache_dir=cfg.cache_dir)
+    if cfg.decode_once is True and out["train"].mode == "off":
+        raise ConfigError(f"decode_once=True cannot be honoured: {out['train'].reason}.")
+    return {k: d for k, d in out.items() if d.mode != "off"} if cfg.decode_once == "auto" else out
 
 
 def plan_differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -97,17 +97,31 @@ def cached_features(plan: RunPlan, *, progress: Any = None) -> TrainingData:
 
 
 def input_loaders(plan: RunPlan) -> TrainingData:
-    """Loaders over decoded, transformed inputs (the model runs end to end every epoch);
-    under DDP each rank gets its shard of the training data, validation runs whole on each."""
+    """Loaders over transformed inputs (the model runs end to end every epoch), decoded once
+    when the plan says so; under DDP each rank gets its shard of the training data,
+    validation runs whole on each."""
     cfg, dev, info = plan.config, plan.speed.device, plan.dist
-    train_dl = make_loader(plan.bundle.train.view(transform=train_transform(plan.spec, plan.augment)),
-                           batch_size=cfg.batch_size, shuffle=True, device=dev, num_workers=cfg.num_workers,
+    train_ds = _inputs(plan, "train", plan.bundle.train, plan.augment, train_transform(plan.spec, plan.augment))
+    train_dl = make_loader(train_ds, batch_size=cfg.batch_size, shuffle=True, device=dev, num_workers=cfg.num_workers,
                            seed=cfg.seed, drop_last=True, rank=info.rank, world_size=info.world_size)
     val_dl = None
     if plan.bundle.val is not None:
-        val_dl = make_loader(plan.bundle.val.view(transform=eval_transform(plan.spec)), batch_size=cfg.batch_size,
-                             shuffle=False, device=dev, num_workers=cfg.num_workers, seed=cfg.seed)
+        val_ds = _inputs(plan, "val", plan.bundle.val, "none", eval_transform(plan.spec))
+        val_dl = make_loader(val_ds, batch_size=cfg.batch_size, shuffle=False, device=dev,
+                             num_workers=cfg.num_workers, seed=cfg.seed)
     return TrainingData(module=plan.model, train_loader=train_dl, val_loader=val_dl, cached=False)
+
+
+def _inputs(plan: RunPlan, part: str, ds: Any, augment: str, transform: Any) -> Any:
+    if part not in plan.decode:
+        return ds.view(transform=transform)
+    from transferkit.data.decoded import decoded_dataset
+
+    t0 = time.perf_counter()
+    out, _ = decoded_dataset(ds, plan.spec, augment=augment, cache_dir=plan.config.cache_dir,
+                             num_workers=plan.config.num_workers, plan=plan.decode[part])
+    plan.timings[f"decode_{part}_s"] = time.perf_counter() - t0
+    return out
 
 
 def set_epoch_mode(plan: RunPlan, epoch: int) -> None:

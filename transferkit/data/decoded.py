@@ -203,8 +203,8 @@ def _first(batch: list) -> Any:
 
 
 def decoded_dataset(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: str | Path | None = None,
-                    budget_bytes: int = DEFAULT_BUDGET_BYTES, num_workers: int | None = None
-                    ) -> tuple[Dataset, DecodePlan]:
+                    budget_bytes: int = DEFAULT_BUDGET_BYTES, num_workers: int | None = None,
+                    plan: DecodePlan | None = None) -> tuple[Dataset, DecodePlan]:
     """``dataset`` (training data without a transform: an ``ImageFolderDataset`` or a
     ``TransformedDataset``) seen through ``train_transform(spec, augment)``, decoded once
     when :func:`plan_decode` allows it. Returns the dataset to load from and the plan (log
@@ -212,12 +212,13 @@ def decoded_dataset(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: s
 
     Random transforms draw from torch's generator, so under
     :class:`~transferkit.train.loaders.SeededItems` each ``(seed, epoch, index)`` gives the same crop.
-    Decoding runs in ``num_workers`` processes (default: as for training loaders).
+    Decoding runs in ``num_workers`` processes (default: as for training loaders). ``plan``:
+    a decision :func:`plan_decode` already took for these arguments (not taken again).
     """
     from transferkit.data.transforms import train_transform
     from transferkit.train.loaders import default_num_workers
 
-    plan = plan_decode(dataset, spec, augment=augment, cache_dir=cache_dir, budget_bytes=budget_bytes)
+    plan = plan or plan_decode(dataset, spec, augment=augment, cache_dir=cache_dir, budget_bytes=budget_bytes)
     if plan.mode == "off":
         return dataset.view(transform=train_transform(spec, augment)), plan
     tf = epoch_transform(spec, augment)

@@ -80,6 +80,9 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
             load_checkpoint(path)
 
 
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+
+
 # -- file modes and fsync ------------------------------------------------------------------
 @pytest.fixture
 def umask():
@@ -168,6 +171,7 @@ def _temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 
 
+@needs_fork
 def test_kill_loop_leaves_no_temporary_after_the_next_write(tmp_path):
     target = tmp_path / "run.ckpt"
     for _ in range(5):  # five writers killed with SIGKILL in the middle of their write
@@ -183,6 +187,7 @@ def test_kill_loop_leaves_no_temporary_after_the_next_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")) == ["run.ckpt"]
 
 
+@needs_fork
 def test_a_live_writers_temporary_is_left_alone(tmp_path):
     from transferkit._io import remove_stale_temps, remove_stale_temps_in
 
@@ -228,7 +233,7 @@ def test_check_writable_names_the_path_the_purpose_and_the_fix(tmp_path):
     cases = [
         (dict(path=tmp_path, what="export", flag="--export"), f"The export path '{tmp_path}' (--export) is a folder; "
                                                               f"give a file path such as '{tmp_path / 'model.pt'}'"),
-        (dict(path=tmp_path / "afile" / "sub" / "m.pt", what="checkpoint"), "'" + str(tmp_path / "afile") + "' is a file"),
+        (dict(path=tmp_path / "afile" / "sub" / "m.pt", what="checkpoint"), f"'{tmp_path / 'afile'}' is a file"),
         (dict(path=tmp_path / "afile", what="plots", kind="dir"), "is a file, but a folder is needed"),
         (dict(path="", what="export"), "is empty"),
     ]
@@ -281,6 +286,7 @@ def open_folder():
     shutil.rmtree(d)
 
 
+@needs_fork
 def test_a_read_only_folder_is_reported_before_anything_is_written(open_folder):
     from transferkit._io import check_writable
     from transferkit.errors import OutputError

@@ -100,7 +100,7 @@ def corrupt_message(source: str, what: str, detail: str) -> str:
 
 def verify_sealed(obj: Any, *, source: str, what: str, error: type[TransferkitError]) -> bool:
     """Check a loaded checkpoint dict against its ``"integrity"`` entry and remove the entry.
-    Returns False when it has none (a file from transferkit <= 0.1.0)."""
+    Returns False when it has none (a file written before transferkit had content digests)."""
     if not isinstance(obj, dict) or INTEGRITY_KEY not in obj:
         return False
     seal_ = obj.pop(INTEGRITY_KEY)

@@ -34,7 +34,7 @@ from transferkit.errors import FileLockedError, OutputError
 
 TEMP_SUFFIX = ".tmp"
 LEGACY_TEMP_AGE_S = 600.0
-"""A temporary without an owner tag (written by transferkit <= 0.1.0 with ``mkstemp``) is
+"""A temporary without an owner tag (``mkstemp`` names, written by an older transferkit) is
 removed once it is older than this: its writer cannot be identified."""
 _TAG = re.compile(r"tk-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}" + re.escape(TEMP_SUFFIX) + "$")
 _LEGACY = re.compile(r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
@@ -179,9 +179,10 @@ def _named(what: str, path: Path, flag: str | None) -> str:
 
 
 def _reason(exc: OSError) -> str:
-    return {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted",
-            errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}.get(
-        exc.errno or -1, exc.strerror or type(exc).__name__)
+    known = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted",
+             errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+             errno.EISDIR: "it is a folder", errno.ENOTDIR: "a part of the path is a file, not a folder"}
+    return known.get(exc.errno or -1) or exc.strerror or str(exc) or type(exc).__name__
 
 
 def check_writable(path: str | Path, *, what: str, flag: str | None = None, kind: str = "file") -> Path:

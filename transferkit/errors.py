@@ -46,8 +46,9 @@ class ConfigError(TransferkitError, ValueError):
     """A configuration value of the wrong type or out of range."""
 
 
-class OutputError(TransferkitError):
-    """An output path (export, checkpoint, plots, cache, logs) that cannot be written."""
+class OutputError(TransferkitError, OSError):
+    """An output path (export, checkpoint, plots, cache, logs) that cannot be written (also an
+    OSError, so code that caught the raw error still does)."""
 
 
 class FileLockedError(OutputError):

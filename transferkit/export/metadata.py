@@ -30,7 +30,7 @@ Metadata fields (all required):
 
 Written by the exporter: ``export`` (mode, optimization, max_abs_diff, tolerance, batch sizes)
 and ``integrity`` (``algorithm``, ``records``: how many, ``digest``: of the records file;
-absent in files written by transferkit 0.1.0, which load with a warning).
+absent in files written before content digests, which load with a warning).
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ def onnx_digests(proto: Any) -> dict[str, str]:
     """SHA-256 of each initializer (weight), of the nodes in order, and of the graph's
     inputs, outputs and value infos, of a loaded ``onnx.ModelProto``."""
     graph = proto.graph
-    out = {f"initializer/{init.name}": hashlib.sha256(init.SerializeToString()).hexdigest() for init in graph.initializer}
+    out = {f"initializer/{init.name}": hashlib.sha256(init.SerializeToString()).hexdigest()
+           for init in graph.initializer}
     for key, items in (("nodes", graph.node), ("io", [*graph.input, *graph.output, *graph.value_info])):
         h = hashlib.sha256()
         for item in items:
@@ -157,6 +158,6 @@ def read_onnx_metadata(path: str | Path, *, _source: str | None = None) -> dict[
         check_records(props.get(RECORDS_FILE, ""), meta["integrity"], onnx_digests(proto), source=source,
                       error=ExportError)
     else:
-        warnings.warn(f"{source} has no content digest (exported by transferkit 0.1.0): its weights cannot be checked "
-                      "for damage. Re-export it to add one.", stacklevel=2)
+        warnings.warn(f"{source} has no content digest (an export from an older transferkit): its weights cannot "
+                      "be checked for damage. Re-export it to add one.", stacklevel=2)
     return meta

@@ -319,7 +319,8 @@ def blank_input(meta: dict[str, Any]) -> torch.Tensor:
     dtypes = (meta.get("export") or {}).get("input_dtypes") or []
     if spec.get("kind", "image") == "audio":
         length = int(round(float(spec.get("clip_seconds") or 1.0) * int(spec["sample_rate"])))
-        return torch.zeros(1, max(length, 1), dtype=getattr(torch, dtypes[0], torch.float32) if dtypes else torch.float32)
+        dtype = getattr(torch, dtypes[0], torch.float32) if dtypes else torch.float32
+        return torch.zeros(1, max(length, 1), dtype=dtype)
     size = int(spec.get("image_size", 224))
     dtype = torch.uint8 if not dtypes or "uint8" in dtypes else getattr(torch, dtypes[0], torch.float32)
     return torch.zeros(1, int(spec.get("channels", 3)), size, size, dtype=dtype)
@@ -354,7 +355,8 @@ def load_scripted(path: str | Path, map_location: str | torch.device = "cpu") ->
     return _load(path, map_location, source=repr(str(path)))
 
 
-def _load(path: str | Path, map_location: str | torch.device, *, source: str) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+def _load(path: str | Path, map_location: str | torch.device, *,
+          source: str) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"Model file {source} does not exist{' (it is a folder)' if path.is_dir() else ''}.")
@@ -373,8 +375,8 @@ def _load(path: str | Path, map_location: str | torch.device, *, source: str) ->
     if "integrity" in meta:
         check_records(extra.get(RECORDS_FILE, b""), meta["integrity"], digests, source=source, error=ExportError)
     else:
-        warnings.warn(f"{source} has no content digest (exported by transferkit 0.1.0): its weights cannot be checked "
-                      "for damage. Re-export it to add one.", stacklevel=3)
+        warnings.warn(f"{source} has no content digest (an export from an older transferkit): its weights cannot "
+                      "be checked for damage. Re-export it to add one.", stacklevel=3)
     try:
         with quiet_jit():
             module = torch.jit.load(str(path), map_location=device)

@@ -11,7 +11,7 @@ no saved generator.
 Integrity: while saving, every tensor is hashed (SHA-256) and the whole content gets one
 digest, stored under ``"integrity"``; :func:`load_checkpoint` (and ``weights=`` given a
 checkpoint) recomputes them and raises :class:`~transferkit.errors.CorruptCheckpointError`
-on a mismatch. A checkpoint written by transferkit 0.1.0 has none and loads with a warning.
+on a mismatch. A checkpoint written before digests existed has none and loads with a warning.
 Writers of one checkpoint path are exclusive: :func:`checkpoint_lock`.
 """
 
@@ -118,7 +118,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
     Raises WeightsError for a missing, truncated or foreign file (an exported model says to
     use transferkit.load), and CorruptCheckpointError (a WeightsError) when the content does
-    not match its digests. A checkpoint without digests (transferkit 0.1.0) loads with a warning.
+    not match its digests. A checkpoint without digests (an older transferkit) loads with a warning.
     """
     path = Path(path)
     if path.is_dir():
@@ -144,8 +144,8 @@ def verify_checkpoint(ckpt: dict[str, Any], *, source: str) -> None:
     """Check a loaded checkpoint dict against its digests (and remove them from it); warn
     when it has none."""
     if not verify_sealed(ckpt, source=source, what="checkpoint", error=WeightsError):
-        warnings.warn(f"Checkpoint {source} has no content digest (written by transferkit 0.1.0): its tensors cannot "
-                      "be checked for damage. It loads as before; the next save adds a digest.", stacklevel=3)
+        warnings.warn(f"Checkpoint {source} has no content digest (written by an older transferkit): its tensors "
+                      "cannot be checked for damage. It loads as before; the next save adds a digest.", stacklevel=3)
 
 
 # -- keeping the trained weights when the final write fails -------------------------------
@@ -156,7 +156,8 @@ def fallback_paths(target: str | Path) -> list[Path]:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     stem = target.stem or target.name or "model"
     name = f"{stem}.unsaved-{stamp}.pt"
-    return [target.parent / name, Path.cwd() / f"transferkit-{name}", Path(tempfile.gettempdir()) / f"transferkit-{name}"]
+    return [target.parent / name, Path.cwd() / f"transferkit-{name}",
+            Path(tempfile.gettempdir()) / f"transferkit-{name}"]
 
 
 def save_with_fallback(target: str | Path, save: Callable[[], T], *, what: str, model: torch.nn.Module,

@@ -132,6 +132,15 @@ def test_flipped_tensor_bytes_in_a_checkpoint_fail_every_reader(checkpoint_file,
     assert not (tmp_path / "out.pt").exists()
 
 
+def test_export_checkpoint_checks_the_output_path_first(checkpoint_file, tmp_path):
+    from transferkit.errors import OutputError
+
+    with pytest.raises(OutputError, match=f"The export path '{tmp_path}' is a folder"):
+        export_checkpoint(tmp_path / "missing.ckpt", tmp_path)  # reported before the (missing) checkpoint is read
+    reports, _ = export_checkpoint(checkpoint_file, tmp_path / "ok.pt")
+    assert transferkit.load(tmp_path / "ok.pt").labels == LABELS and reports[0].max_abs_diff <= reports[0].tolerance
+
+
 def test_every_tensor_of_a_checkpoint_is_covered(checkpoint_file, tmp_path):
     """Each storage record in turn: model weights, optimizer moments, step counters."""
     with zipfile.ZipFile(checkpoint_file) as zf:

@@ -99,7 +99,14 @@ def temp_path(target: str | Path, *, prefix: str | None = None) -> Path:
 def create_temp(target: str | Path, *, directory: bool = False, prefix: str | None = None) -> Path:
     """Create an empty temporary file (or folder) beside ``target`` with the umask's mode
     and return it; :func:`remove_stale_temps` removes it if this process dies before
-    renaming it. Used for feature-cache entries too (``directory=True``)."""
+    renaming it. Used for feature-cache entries too (``directory=True``).
+
+    Example:
+        >>> tmp = create_temp("/tmp/tk-doctest-entry", directory=True)
+        >>> tmp.is_dir(), tmp.name.startswith(".tk-doctest-entry.tk-")
+        (True, True)
+        >>> tmp.rmdir()
+    """
     for _ in range(100):
         tmp = temp_path(target, prefix=prefix)
         try:
@@ -160,7 +167,12 @@ def remove_stale_temps(target: str | Path, *, prefix: str | None = None) -> list
 
 def remove_stale_temps_in(folder: str | Path) -> list[Path]:
     """Remove every stale transferkit temporary in ``folder``, whatever its target (e.g. the
-    feature cache folder on resume). Returns what was removed."""
+    feature cache folder on resume). Returns what was removed.
+
+    Example:
+        >>> remove_stale_temps_in("/tmp")  # doctest: +SKIP
+        [PosixPath('/tmp/.run.ckpt.tk-0a7c9c-4242-7100-1f2e3d4c.tmp')]
+    """
     try:
         entries = list(Path(folder).iterdir())
     except (FileNotFoundError, NotADirectoryError, PermissionError):
@@ -297,7 +309,12 @@ _HELD_GUARD = threading.Lock()
 
 
 def lock_path(path: str | Path) -> Path:
-    """The lock file of ``path``: ``.<name>.lock`` beside it."""
+    """The lock file of ``path``: ``.<name>.lock`` beside it.
+
+    Example:
+        >>> lock_path("/runs/ants.ckpt")
+        PosixPath('/runs/.ants.ckpt.lock')
+    """
     path = Path(path)
     return path.parent / f".{path.name}.lock"
 
@@ -331,7 +348,7 @@ def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None) 
         yield Path(path)
         return
     lock = lock_path(path)
-    key = os.path.abspath(lock)
+    key = os.path.realpath(lock)
     with _HELD_GUARD:
         held = _HELD.get(key)
         if held is not None:

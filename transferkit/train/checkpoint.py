@@ -151,7 +151,12 @@ def verify_checkpoint(ckpt: dict[str, Any], *, source: str) -> None:
 # -- keeping the trained weights when the final write fails -------------------------------
 def fallback_paths(target: str | Path) -> list[Path]:
     """Where :func:`save_with_fallback` tries to put the weights, in order: beside the target,
-    the current folder, the temporary folder."""
+    the current folder, the temporary folder.
+
+    Example:
+        >>> fallback_paths("/runs/model.pt")[0].name  # doctest: +SKIP
+        'model.unsaved-20260510-113000.pt'
+    """
     target = Path(target)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     stem = target.stem or target.name or "model"

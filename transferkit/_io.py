@@ -320,12 +320,15 @@ def lock_path(path: str | Path) -> Path:
 
 
 def _holder(lock: Path) -> str:
+    """Who holds ``lock``, from the pid and host it wrote."""
     try:
         text = lock.read_text().split()
     except OSError:
+        text = []
+    if not text:
         return "another process"
-    return f"process {text[0]}" + (f" on host {text[1]}" if len(text) > 1 and text[1] != socket.gethostname() else "") \
-        if text else "another process"
+    elsewhere = len(text) > 1 and text[1] != socket.gethostname()
+    return f"process {text[0]}" + (f" on host {text[1]}" if elsewhere else "")
 
 
 @contextlib.contextmanager

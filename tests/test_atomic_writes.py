@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 
 from transferkit._io import atomic_write
 from transferkit.errors import ExportError, WeightsError
-from transferkit.train.checkpoint import load_checkpoint
+from transferkit.train.checkpoint import load_checkpoint, save_checkpoint
 
 WRITER = textwrap.dedent("""
     import sys, torch
@@ -48,8 +49,10 @@ def test_killed_while_saving_leaves_a_loadable_checkpoint(tmp_path):
             assert ckpt["transferkit"]["i"] == value  # the file is one whole save, never a mix
             seen.append(value)
     assert seen, "no save completed in any run"
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt.pt.")]
-    assert len(leftovers) <= 3  # at most one orphaned temporary per kill, never the target itself
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt.pt.") and p.name.endswith(".tmp")]
+    assert len(leftovers) <= 1  # each writer's first save removed the temporaries of the one killed before it
+    save_checkpoint(path, model=torch.nn.Linear(2, 2), meta={"i": -1})  # the next write cleans up the last one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "writer.py"]
 
 
 def test_a_failing_write_keeps_the_previous_file(tmp_path):
@@ -75,3 +78,333 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
         path.write_bytes(data[:cut])
         with pytest.raises(WeightsError, match="c.pt"):
             load_checkpoint(path)
+
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+
+
+# -- file modes and fsync ------------------------------------------------------------------
+@pytest.fixture
+def umask():
+    """Set the process umask for a test, restoring it after."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda m: os.umask(m)
+    os.umask(old)
+
+
+def _mode(p: Path) -> int:
+    return os.stat(p).st_mode & 0o777
+
+
+def test_written_files_get_the_umask_mode_and_overwrites_keep_theirs(tmp_path, umask):
+    from tests.export_helpers import export_tiny
+
+    umask(0o022)
+    assert _mode(atomic_write(tmp_path / "a.bin", lambda t: Path(t).write_bytes(b"1"))) == 0o644
+    assert _mode(save_checkpoint(tmp_path / "c.pt", model=torch.nn.Linear(2, 2), meta={})) == 0o644
+    export_tiny(tmp_path / "m.pt")
+    assert _mode(tmp_path / "m.pt") == 0o644  # readable by a service running as another user
+    umask(0o007)
+    assert _mode(atomic_write(tmp_path / "b.bin", lambda t: Path(t).write_bytes(b"1"))) == 0o660
+    os.chmod(tmp_path / "a.bin", 0o640)
+    umask(0o022)
+    atomic_write(tmp_path / "a.bin", lambda t: Path(t).write_bytes(b"2"))
+    assert _mode(tmp_path / "a.bin") == 0o640 and (tmp_path / "a.bin").read_bytes() == b"2"
+    os.chmod(tmp_path / "c.pt", 0o600)
+    save_checkpoint(tmp_path / "c.pt", model=torch.nn.Linear(2, 2), meta={})
+    assert _mode(tmp_path / "c.pt") == 0o600
+
+
+def test_the_folder_is_fsynced_after_the_rename(tmp_path, monkeypatch):
+    import stat
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append("rename")
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write(tmp_path / "f.bin", lambda t: Path(t).write_bytes(b"x"))
+    assert events == ["fsync file", "rename", "fsync dir"]
+
+
+# -- temporary files of killed writers -------------------------------------------------------
+def _fork_writer(target: Path, *, wait_for_go: bool = False):
+    """A second process (forked) that starts ``atomic_write(target)``, writes 1 MB into its
+    temporary, says so, then sleeps (or, with ``wait_for_go``, finishes when told). Returns
+    ``(pid, go)``: ``go()`` lets it finish."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(ready_r)
+
+            def write(tmp: str) -> None:
+                Path(tmp).write_bytes(b"x" * 1_000_000)
+                os.write(ready_w, b"1")
+                if wait_for_go:
+                    select.select([go_r], [], [], 60)  # never outlive a failed test by long
+                else:
+                    time.sleep(60)
+
+            atomic_write(target, write)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"1"
+    os.close(ready_r)
+    return pid, lambda: os.write(go_w, b"1")
+
+
+def _temps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+@needs_fork
+def test_kill_loop_leaves_no_temporary_after_the_next_write(tmp_path):
+    target = tmp_path / "run.ckpt"
+    for _ in range(5):  # five writers killed with SIGKILL in the middle of their write
+        pid, _go = _fork_writer(target)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        left = _temps(tmp_path)  # each writer removed the one its killed predecessor left, and left its own
+        assert len(left) == 1 and left[0].startswith(f".run.ckpt.tk-") and f"-{pid}-" in left[0]
+    (tmp_path / ".other.tmp").write_bytes(b"not ours")  # temporaries of other targets or tools stay
+    (tmp_path / ".model.pt.x.tmp").write_bytes(b"not ours")
+    save_checkpoint(target, model=torch.nn.Linear(2, 2), meta={})
+    assert _temps(tmp_path) == [".model.pt.x.tmp", ".other.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")) == ["run.ckpt"]
+
+
+@needs_fork
+def test_a_live_writers_temporary_is_left_alone(tmp_path):
+    from transferkit._io import remove_stale_temps, remove_stale_temps_in
+
+    target = tmp_path / "model.pt"
+    pid, go = _fork_writer(target, wait_for_go=True)
+    try:
+        live = _temps(tmp_path)
+        assert len(live) == 1
+        atomic_write(target, lambda t: Path(t).write_bytes(b"mine"))  # a concurrent write cleans up, but not that
+        assert remove_stale_temps(target) == [] and remove_stale_temps_in(tmp_path) == []
+        assert _temps(tmp_path) == live
+    finally:
+        go()
+        status = os.waitpid(pid, 0)[1]
+    assert status == 0  # the other writer finished its rename undisturbed
+    assert target.read_bytes() == b"x" * 1_000_000 and _temps(tmp_path) == []
+
+
+def test_stale_temporary_folders_and_reused_pids(tmp_path):
+    from transferkit._io import create_temp, owner_tag, remove_stale_temps, remove_stale_temps_in
+
+    entry = tmp_path / "cache" / "abc123"
+    entry.parent.mkdir()
+    mine = create_temp(entry, directory=True)  # e.g. a feature-cache entry being built by this process
+    (mine / "features.npy").write_bytes(b"0" * 100)
+    host, pid, start = owner_tag().split("-")[1:]
+    reused = entry.parent / f".abc123.tk-{host}-{pid}-{int(start) + 1}-0123abcd.tmp"  # same pid, another process
+    reused.mkdir()
+    (reused / "features.npy").write_bytes(b"0")
+    foreign = entry.parent / f".abc123.tk-ffffff-{pid}-0-0123abcd.tmp"  # another host: cannot be checked
+    foreign.write_bytes(b"0")
+    assert remove_stale_temps(entry) == [reused]
+    assert mine.is_dir() and foreign.exists()
+    assert remove_stale_temps_in(entry.parent) == []
+
+
+# -- output paths ---------------------------------------------------------------------------
+def test_check_writable_names_the_path_the_purpose_and_the_fix(tmp_path):
+    from transferkit._io import check_writable
+    from transferkit.errors import OutputError
+
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (dict(path=tmp_path, what="export", flag="--export"), f"The export path '{tmp_path}' (--export) is a folder; "
+                                                              f"give a file path such as '{tmp_path / 'model.pt'}'"),
+        (dict(path=tmp_path / "afile" / "sub" / "m.pt", what="checkpoint"), f"'{tmp_path / 'afile'}' is a file"),
+        (dict(path=tmp_path / "afile", what="plots", kind="dir"), "is a file, but a folder is needed"),
+        (dict(path="", what="export"), "is empty"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(OutputError) as info:
+            check_writable(**kwargs)
+        assert message in str(info.value), str(info.value)
+    assert check_writable(tmp_path / "new" / "deeper" / "m.pt", what="export") == tmp_path / "new" / "deeper" / "m.pt"
+    assert check_writable(tmp_path / "plots", what="plots", kind="dir") == tmp_path / "plots"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing created, no probe left
+
+
+def _as_nobody(fn) -> str:
+    """Run ``fn()`` in a forked child without root's powers (root writes read-only folders);
+    returns what it reported."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            os.write(w, fn().encode())
+        except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+            import traceback
+
+            os.write(w, ("child failed: " + traceback.format_exc()).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    out = b""
+    while chunk := os.read(r, 65536):
+        out += chunk
+    os.waitpid(pid, 0)
+    return out.decode()
+
+
+@pytest.fixture
+def open_folder():
+    """A folder that an unprivileged user can reach (pytest's tmp_path is private to root)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="tk-ro-"))
+    os.chmod(d, 0o755)
+    yield d
+    for p in d.rglob("*"):
+        if p.is_dir():
+            os.chmod(p, 0o755)
+    shutil.rmtree(d)
+
+
+@needs_fork
+def test_a_read_only_folder_is_reported_before_anything_is_written(open_folder):
+    from transferkit._io import check_writable
+    from transferkit.errors import OutputError
+
+    ro = open_folder / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o555)
+    called = []
+
+    def attempt() -> str:
+        out = []
+        for fn in (lambda: check_writable(ro / "m.pt", what="export", flag="--export"),
+                   lambda: check_writable(ro / "sub" / "m.pt", what="checkpoint"),
+                   lambda: atomic_write(ro / "m.pt", lambda t: called.append(t), what="export")):
+            try:
+                fn()
+                out.append("no error")
+            except OutputError as exc:
+                out.append(str(exc))
+        out.append(f"write called: {bool(called)}")
+        return "\n".join(out)
+
+    lines = _as_nobody(attempt).splitlines()
+    assert not lines[0].startswith("child failed"), "\n".join(lines)
+    assert f"The export path '{ro / 'm.pt'}' (--export) cannot be written: its folder is not writable " \
+           "(permission denied)" in lines[0]
+    assert f"its nearest existing folder '{ro}' is not writable" in lines[1]
+    assert "cannot be written" in lines[2] and str(ro / "m.pt") in lines[2]
+    assert lines[3] == "write called: False" and list(ro.iterdir()) == []
+
+
+def test_writing_onto_a_folder_names_the_target_not_the_temporary(tmp_path):
+    from tests.export_helpers import export_tiny
+
+    from transferkit.errors import OutputError
+
+    target = tmp_path / "x"
+    target.mkdir()
+    for write in (lambda: export_tiny(target), lambda: save_checkpoint(target, model=torch.nn.Linear(2, 2), meta={})):
+        with pytest.raises(OutputError) as info:
+            write()
+        assert f"'{target}'" in str(info.value) and "is a folder" in str(info.value) and ".tmp" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"] and not list(target.iterdir())
+
+
+def test_a_failed_final_write_keeps_the_trained_weights(tmp_path, monkeypatch):
+    from tests.export_helpers import images, tiny_model
+
+    from transferkit.errors import OutputError
+    from transferkit.export import export_checkpoint, export_torchscript
+    from transferkit.train.checkpoint import save_with_fallback
+
+    model, bb = tiny_model(2)
+    meta = {"labels": ["a", "b"], "input_spec": bb.input_spec.replace(image_size=16).to_dict(),
+            "training": {"backbone": bb.name}}
+    target = tmp_path / "x"
+    target.mkdir()  # --export /tmp/x where /tmp/x is a folder
+    with pytest.raises(OutputError) as info:
+        save_with_fallback(target, lambda: export_torchscript(model, target, metadata=meta,
+                                                              example_inputs=images(2, 16)),
+                           what="export", flag="--export", model=model, meta=meta)
+    err = info.value
+    assert err.target == target and err.fallback.parent == tmp_path and err.fallback.name.startswith("x.unsaved-")
+    msg = str(err)
+    assert f"Could not write the export '{target}' (--export): The export path" in msg and "is a folder" in msg
+    assert f"The trained weights are saved in '{err.fallback}'" in msg and "transferkit export" in msg
+    saved = load_checkpoint(err.fallback)
+    assert all(torch.equal(saved["model"][k], v) for k, v in model.state_dict().items())
+    reports, _ = export_checkpoint(err.fallback, tmp_path / "ok.pt")  # the advice works
+    assert reports[0].max_abs_diff <= reports[0].tolerance
+    # the target's folder cannot hold the fallback either: it goes to the current folder
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    with pytest.raises(OutputError) as info:
+        save_with_fallback(tmp_path / "afile" / "run.ckpt",
+                           lambda: save_checkpoint(tmp_path / "afile" / "run.ckpt", model=model, meta=meta),
+                           what="checkpoint", model=model, meta=meta)
+    assert info.value.fallback.parent == tmp_path / "cwd" and load_checkpoint(info.value.fallback)["model"]
+
+    def parity_failure():
+        raise ExportError("The exported model differs from the eager model by 3 (> tolerance 1e-05).")
+
+    with pytest.raises(ExportError, match="differs from the eager model by 3 .*The trained weights are saved in"):
+        save_with_fallback(tmp_path / "m.pt", parity_failure, what="export", model=model, meta=meta)
+
+
+# -- one writer per checkpoint ---------------------------------------------------------------
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from transferkit.train.checkpoint import checkpoint_lock
+    with checkpoint_lock(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(120)
+""")
+
+
+def test_a_second_process_on_the_same_checkpoint_gets_a_clear_error(tmp_path):
+    from transferkit._io import lock_path
+    from transferkit.errors import FileLockedError
+    from transferkit.train.checkpoint import checkpoint_lock
+
+    path = tmp_path / "run.ckpt"
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(FileLockedError) as info:
+            save_checkpoint(path, model=torch.nn.Linear(2, 2), meta={})
+        msg = str(info.value)
+        assert f"The checkpoint '{path}' is being written by process {proc.pid}" in msg and "another checkpoint" in msg
+        assert not path.exists()
+    finally:
+        proc.send_signal(signal.SIGKILL)  # a holder killed -9 leaves its lock file: it must not block
+        proc.wait(timeout=30)
+    assert lock_path(path).exists()
+    with checkpoint_lock(path):
+        save_checkpoint(path, model=torch.nn.Linear(2, 2), meta={"x": 1})  # re-entrant inside the run's lock
+        assert lock_path(path).exists()
+    assert not lock_path(path).exists() and load_checkpoint(path)["transferkit"] == {"x": 1}

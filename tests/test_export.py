@@ -231,3 +231,73 @@ def test_onnx_export_matches_under_onnxruntime(tmp_path):
     x = images(3, seed=5)
     out = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     assert torch.allclose(torch.from_numpy(out), model(x).detach(), atol=1e-4)
+
+
+class _Returns(nn.Module):
+    """Logits times ``factor`` (NaN or inf), in eager mode or only once exported."""
+
+    def __init__(self, factor: float, only_exported: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.factor = factor
+        self.only_exported = only_exported
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x.float().mean((2, 3)))
+        if torch.jit.is_scripting() or not self.only_exported:
+            out = out * self.factor
+        return out
+
+
+class _ReturnsOnnx(_Returns):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x.float().mean((2, 3)))
+        return out * self.factor if torch.onnx.is_in_onnx_export() or not self.only_exported else out
+
+
+_META = {"labels": ["a", "b"], "input_spec": {"image_size": 8}}
+
+
+@pytest.mark.parametrize("factor", [float("nan"), float("inf")])
+@pytest.mark.parametrize("only_exported", [False, True])
+def test_parity_check_refuses_non_finite_outputs(tmp_path, factor, only_exported):
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"previous export")
+    with pytest.raises(ExportError, match="returns NaN/inf"):
+        export_torchscript(_Returns(factor, only_exported), path, metadata=_META, example_inputs=images(3, 8),
+                           mode="script")
+    assert path.read_bytes() == b"previous export" and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_max_abs_diff_reduces_with_torch_and_sees_nan():
+    from transferkit.export.torchscript import max_abs_diff
+
+    exported = torch.jit.script(_Returns(float("nan"), only_exported=True))
+    x = images(2, 8)
+    with torch.no_grad():
+        reference = [_Returns(float("nan"), only_exported=True).eval()(x)]
+    with pytest.raises(ExportError, match="exported model returns NaN/inf \\(4 of 4 outputs\\)"):
+        max_abs_diff(reference, exported, [x])
+    big = torch.jit.script(_Const(-3e38))  # a difference that overflows float32 is still a number
+    diff, scale = max_abs_diff([torch.full((2, 2), 3e38)], big, [x])
+    assert diff == pytest.approx(6e38, rel=1e-6) and scale == pytest.approx(3e38, rel=1e-6)
+
+
+class _Const(nn.Module):
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 2), self.value)
+
+
+@pytest.mark.parametrize("factor", [float("nan"), float("inf")])
+@pytest.mark.parametrize("only_exported", [False, True])
+def test_onnx_parity_check_refuses_non_finite_outputs(tmp_path, factor, only_exported):
+    pytest.importorskip("onnxruntime")
+    from transferkit.export import export_onnx
+
+    with pytest.raises(ExportError, match="returns NaN/inf"):
+        export_onnx(_ReturnsOnnx(factor, only_exported), tmp_path / "m.onnx", metadata=_META, example_inputs=images(3, 8))
+    assert not list(tmp_path.iterdir())

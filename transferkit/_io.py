@@ -1,27 +1,407 @@
-"""Atomic file writes: a crash mid-write leaves the previous file intact."""
+"""Writing files safely.
+
+- :func:`atomic_write`: a crash mid-write leaves the previous file intact (write a temporary
+  beside the target, fsync it, rename it over the target, fsync the folder). The file gets
+  the mode the umask gives, or keeps the mode of the file it replaces.
+- Temporary files are named ``.<target name>.tk-<host>-<pid>-<start>-<random>.tmp``: the
+  writer's host, process id and process start time. :func:`remove_stale_temps` removes the
+  ones whose writer is dead (a ``kill -9`` mid-write), never those of a live writer;
+  :func:`atomic_write` calls it before each write.
+- :func:`check_writable` says in the first second that an output path cannot be written
+  (a folder given as a file, a parent that cannot be created, a read-only folder).
+- :func:`file_lock`: one process at a time writes a given file (``fcntl.flock`` on a
+  ``.<name>.lock`` file beside it; the kernel drops the lock of a process that dies).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import os
-import tempfile
-from collections.abc import Callable
+import re
+import secrets
+import shutil
+import socket
+import stat
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from transferkit.errors import FileLockedError, OutputError
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename
-    it over ``path``. If ``write`` raises, ``path`` is untouched and the temporary is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+TEMP_SUFFIX = ".tmp"
+LEGACY_TEMP_AGE_S = 600.0
+"""A temporary without an owner tag (``mkstemp`` names, written by an older transferkit) is
+removed once it is older than this: its writer cannot be identified."""
+_TAG = re.compile(r"tk-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}" + re.escape(TEMP_SUFFIX) + "$")
+_LEGACY = re.compile(r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
+
+
+# -- who wrote a temporary file, and is it still alive --------------------------------------
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """``(state, start time)`` of a process from ``/proc`` (Linux), or None when it does not exist."""
     try:
-        write(tmp)
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+    return fields[0], fields[19]
+
+
+def _has_proc() -> bool:
+    return os.path.exists("/proc/self/stat")
+
+
+def owner_tag() -> str:
+    """``tk-<host>-<pid>-<start>``: this process, as written into its temporary file names."""
+    pid = os.getpid()
+    start = (_proc_stat(pid) or ("", "0"))[1] if _has_proc() else "0"
+    return f"tk-{_host_tag()}-{pid}-{start}"
+
+
+def _writer_alive(host: str, pid: int, start: str) -> bool:
+    """False only when the writer is surely dead: same host, and no process with that id
+    (or a zombie, or a different process that reused the id). Another host's writer is
+    taken as alive: it cannot be checked from here."""
+    if host != _host_tag():
+        return True
+    if _has_proc():
+        info = _proc_stat(pid)
+        return info is not None and info[0] != "Z" and (start == "0" or info[1] == start)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def temp_path(target: str | Path, *, prefix: str | None = None) -> Path:
+    """A new temporary path beside ``target`` (not created), tagged with this process.
+
+    Example:
+        >>> temp_path("/tmp/run.ckpt").name.startswith(".run.ckpt.tk-")
+        True
+    """
+    target = Path(target)
+    prefix = f".{target.name}." if prefix is None else prefix
+    return target.parent / f"{prefix}{owner_tag()}-{secrets.token_hex(4)}{TEMP_SUFFIX}"
+
+
+def create_temp(target: str | Path, *, directory: bool = False, prefix: str | None = None) -> Path:
+    """Create an empty temporary file (or folder) beside ``target`` with the umask's mode
+    and return it; :func:`remove_stale_temps` removes it if this process dies before
+    renaming it. Used for feature-cache entries too (``directory=True``).
+
+    Example:
+        >>> tmp = create_temp("/tmp/tk-doctest-entry", directory=True)
+        >>> tmp.is_dir(), tmp.name.startswith(".tk-doctest-entry.tk-")
+        (True, True)
+        >>> tmp.rmdir()
+    """
+    for _ in range(100):
+        tmp = temp_path(target, prefix=prefix)
+        try:
+            if directory:
+                tmp.mkdir(0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise OutputError(f"Cannot create a temporary file beside {str(target)!r}: 100 names were taken.")
+
+
+def _is_stale(name: str, prefix: str, path: Path) -> bool:
+    rest = name[len(prefix):]
+    m = _TAG.fullmatch(rest)
+    if m:
+        return not _writer_alive(m["host"], int(m["pid"]), m["start"])
+    if _LEGACY.fullmatch(rest):
+        try:
+            return time.time() - path.lstat().st_mtime > LEGACY_TEMP_AGE_S
+        except FileNotFoundError:
+            return False
+    return False
+
+
+def _remove(paths: list[Path]) -> list[Path]:
+    removed = []
+    for p in paths:
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+        except FileNotFoundError:  # another process cleaned it first
+            pass
+    return removed
+
+
+def remove_stale_temps(target: str | Path, *, prefix: str | None = None) -> list[Path]:
+    """Remove the temporary files (and folders) that a killed writer left for ``target``:
+    only those named for this target (``.<name>.tk-...tmp``, or ``prefix`` + tag) whose
+    writing process is dead. Returns what was removed.
+
+    Example:
+        >>> remove_stale_temps("/tmp/run.ckpt")
+        []
+    """
+    target = Path(target)
+    prefix = f".{target.name}." if prefix is None else prefix
+    try:
+        entries = [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(TEMP_SUFFIX)]
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []
+    return _remove([p for p in entries if _is_stale(p.name, prefix, p)])
+
+
+def remove_stale_temps_in(folder: str | Path) -> list[Path]:
+    """Remove every stale transferkit temporary in ``folder``, whatever its target (e.g. the
+    feature cache folder on resume). Returns what was removed.
+
+    Example:
+        >>> remove_stale_temps_in("/tmp")  # doctest: +SKIP
+        [PosixPath('/tmp/.run.ckpt.tk-0a7c9c-4242-7100-1f2e3d4c.tmp')]
+    """
+    try:
+        entries = list(Path(folder).iterdir())
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []
+    stale = []
+    for p in entries:
+        m = _TAG.search(p.name)
+        if p.name.startswith(".") and m and m.start() > 0 and not _writer_alive(m["host"], int(m["pid"]), m["start"]):
+            stale.append(p)
+    return _remove(stale)
+
+
+# -- output paths ----------------------------------------------------------------------
+def _named(what: str, path: Path, flag: str | None) -> str:
+    return f"The {what} path {str(path)!r}{f' ({flag})' if flag else ''}"
+
+
+def _reason(exc: OSError) -> str:
+    known = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted",
+             errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+             errno.EISDIR: "it is a folder", errno.ENOTDIR: "a part of the path is a file, not a folder"}
+    return known.get(exc.errno or -1) or exc.strerror or str(exc) or type(exc).__name__
+
+
+def check_writable(path: str | Path, *, what: str, flag: str | None = None, kind: str = "file") -> Path:
+    """Check that ``path`` can be written, before any work is spent on it: raise
+    :class:`~transferkit.errors.OutputError` naming the path, what it is for (``what``: "export",
+    "checkpoint", ...; ``flag``: the option that set it, e.g. ``"--export"``) and how to fix
+    it. ``kind="dir"`` for an output folder (plots, cache, logs). Nothing is left behind: the
+    folder's writability is probed with a temporary file that is removed at once.
+
+    Example:
+        >>> check_writable("/tmp/tk-doctest/model.pt", what="export")
+        PosixPath('/tmp/tk-doctest/model.pt')
+        >>> check_writable("/tmp", what="export")
+        Traceback (most recent call last):
+        ...
+        transferkit.errors.OutputError: The export path '/tmp' is a folder; give a file path such as '/tmp/model.pt'.
+    """
+    p = Path(path)
+    if str(path) in ("", "."):
+        raise OutputError(f"{_named(what, p, flag)} is empty; give a {'folder' if kind == 'dir' else 'file'} path.")
+    if kind == "file":
+        if p.is_dir():
+            raise OutputError(f"{_named(what, p, flag)} is a folder; give a file path such as {str(p / 'model.pt')!r}.")
+        if p.exists() and not p.is_file():
+            raise OutputError(f"{_named(what, p, flag)} exists and is not a regular file; give a file path.")
+        folder = p.parent
+    else:
+        if p.exists() and not p.is_dir():
+            raise OutputError(f"{_named(what, p, flag)} is a file, but a folder is needed; give a folder path "
+                              "or move the file away.")
+        folder = p
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{_named(what, p, flag)} cannot be created: {str(existing)!r} is a file, not a folder. "
+                          "Choose another path.")
+    try:
+        probe = create_temp(existing / ".tk-write-check", prefix=".tk-write-check.")
+        probe.unlink()
+    except OSError as exc:
+        where = "its folder" if existing == folder else f"its nearest existing folder {str(existing)!r}"
+        raise OutputError(f"{_named(what, p, flag)} cannot be written: {where} is not writable "
+                          f"({_reason(exc)}). Choose a path in a writable folder, or make the folder writable "
+                          "(chmod u+w, or a file system mounted read-write).") from exc
+    return p
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name == "nt":  # folders cannot be opened for fsync on Windows; NTFS journals the rename
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "failed writing" in str(exc))
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], *, what: str = "file",
+                 flag: str | None = None) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, rename it over
+    ``path`` and fsync the folder. If ``write`` raises, ``path`` is untouched and the
+    temporary is removed. The file gets the mode the umask gives (``0o666 & ~umask``), or
+    the mode of the file it replaces. Temporaries that killed writers left for ``path`` are
+    removed first. A path that cannot be written raises OutputError naming ``path`` (never
+    the temporary) before ``write`` runs.
+
+    Example:
+        >>> atomic_write("/tmp/tk-doctest/hello.txt", lambda tmp: Path(tmp).write_text("hi"))
+        PosixPath('/tmp/tk-doctest/hello.txt')
+    """
+    path = Path(path)
+    check_writable(path, what=what, flag=flag)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        tmp = create_temp(path)
+    except OSError as exc:
+        raise OutputError(f"Cannot write the {what} {str(path)!r}: {_reason(exc)} ({exc}).") from exc
+    try:
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # what the umask gave
+        write(str(tmp))
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            if path.is_file():
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _fsync_dir(path.parent)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            elif os.path.lexists(tmp):
+                tmp.unlink()
+        if _is_write_failure(exc):
+            reason = _reason(exc) if isinstance(exc, OSError) else str(exc).splitlines()[0]
+            raise OutputError(f"Cannot write the {what} {str(path)!r}: {reason}. Nothing was written there "
+                              "(a previous file at that path is unchanged).") from exc
         raise
     return path
+
+
+# -- one writer per file -----------------------------------------------------------------
+_HELD: dict[str, list] = {}  # resolved lock path -> [fd, count]
+_HELD_GUARD = threading.Lock()
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file of ``path``: ``.<name>.lock`` beside it.
+
+    Example:
+        >>> lock_path("/runs/ants.ckpt")
+        PosixPath('/runs/.ants.ckpt.lock')
+    """
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
+def _holder(lock: Path) -> str:
+    """Who holds ``lock``, from the pid and host it wrote."""
+    try:
+        text = lock.read_text().split()
+    except OSError:
+        text = []
+    if not text:
+        return "another process"
+    elsewhere = len(text) > 1 and text[1] != socket.gethostname()
+    return f"process {text[0]}" + (f" on host {text[1]}" if elsewhere else "")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None) -> Iterator[Path]:
+    """Hold an exclusive lock on ``path`` for the duration of the block (re-entrant within
+    a process); another process asking for it gets :class:`~transferkit.errors.FileLockedError`
+    at once, naming the holder. A lock left by a process that died does not block (the
+    kernel drops ``flock`` locks with their process). Linux and macOS (``fcntl``); elsewhere
+    the lock is not taken, with a warning.
+
+    Example:
+        >>> with file_lock("/tmp/tk-doctest/run.ckpt", what="checkpoint"):
+        ...     pass
+    """
+    try:
+        import fcntl
+    except ImportError:
+        warnings.warn(f"Cannot lock {str(path)!r} on this platform (no fcntl): two processes writing it at once "
+                      "would overwrite each other.", stacklevel=3)
+        yield Path(path)
+        return
+    lock = lock_path(path)
+    key = os.path.realpath(lock)
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None:
+            held[1] += 1
+    if held is None:
+        fd = _acquire(lock, fcntl, what=what, flag=flag, target=Path(path))
+        with _HELD_GUARD:
+            _HELD[key] = [fd, 1]
+    try:
+        yield lock
+    finally:
+        with _HELD_GUARD:
+            entry = _HELD[key]
+            entry[1] -= 1
+            last = entry[1] == 0
+            if last:
+                del _HELD[key]
+        if last:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)  # while still holding it: a waiter re-checks the inode
+            os.close(entry[0])
+
+
+def _acquire(lock: Path, fcntl, *, what: str, flag: str | None, target: Path) -> int:  # noqa: ANN001
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"Cannot lock the {what} {str(target)!r}: {_reason(exc)} ({exc}).") from exc
+    for _ in range(50):
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise OutputError(f"Cannot lock the {what} {str(target)!r}: its folder is not writable "
+                              f"({_reason(exc)}).") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FileLockedError(
+                f"The {what} {str(target)!r}{f' ({flag})' if flag else ''} is being written by {_holder(lock)} "
+                f"(lock file {str(lock)!r}). Two runs writing one {what} would overwrite each other: wait for "
+                f"the other run to finish, or give this run another {what} path.") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # the previous holder removed the file between our open and our lock
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        return fd
+    raise OutputError(f"Cannot lock the {what} {str(target)!r}: the lock file {str(lock)!r} keeps changing.")

@@ -46,6 +46,27 @@ class ConfigError(TransferkitError, ValueError):
     """A configuration value of the wrong type or out of range."""
 
 
+class OutputError(TransferkitError, OSError):
+    """An output path (export, checkpoint, plots, cache, logs) that cannot be written (also an
+    OSError, so code that caught the raw error still does)."""
+
+
+class FileLockedError(OutputError):
+    """An output file that another live process is writing (e.g. two runs on one checkpoint)."""
+
+
+class CorruptFileError(TransferkitError):
+    """A file whose content does not match the digests recorded when it was written."""
+
+
+class CorruptCheckpointError(WeightsError, CorruptFileError):
+    """A checkpoint (or weights file written by transferkit) that is damaged."""
+
+
+class CorruptExportError(ExportError, CorruptFileError):
+    """An exported model file that is damaged."""
+
+
 def suggest(value: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest choices, or ``""``."""
     close = difflib.get_close_matches(value, list(choices), n=n, cutoff=0.6)

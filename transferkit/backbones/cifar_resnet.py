@@ -100,8 +100,9 @@ def _default_weights_message(name: str, depth: int) -> str:
 def cifar_resnet(depth: int, *, weights: Any = None, weights_only: bool = True, strict: bool = True) -> Backbone:
     """The CIFAR ResNet of ``depth`` as a :class:`Backbone` (32 px input, pooled 64 features).
 
-    ``weights``: ``None`` or the path of a checkpoint of the full network (its ``linear``
-    classifier is checked by the strict load, then dropped from the trunk).
+    ``weights``: ``None``, the path of a checkpoint of the full network (its ``linear``
+    classifier is checked by the strict load, then dropped from the trunk), or a transferkit
+    checkpoint of a model trained on this backbone (its trunk: no classifier to check).
     """
     name = f"cifar_resnet{depth}"
     model = CifarResNet(depth)
@@ -110,8 +111,10 @@ def cifar_resnet(depth: int, *, weights: Any = None, weights_only: bool = True, 
         if not is_weights_path(weights):
             raise WeightsError(_default_weights_message(name, depth) if weights == "DEFAULT" else
                                f"Unknown weights {weights!r} for tk:{name}: pass a checkpoint path or None.")
-        load_into(model, read_state_dict(weights, weights_only=weights_only), strict=strict,
-                  source=f"Weights file {str(weights)!r}")
+        sd = read_state_dict(weights, weights_only=weights_only)
+        if not any(k.startswith("linear.") for k in sd):  # a trunk (transferkit checkpoint): no classifier
+            model.linear = nn.Identity()
+        load_into(model, sd, strict=strict, source=f"Weights file {str(weights)!r}")
         desc = str(Path(weights))
     model.linear = nn.Identity()
     blocks = blocks_from_members([("stem", ["conv1", "bn1"]), ("layer1", ["layer1"]), ("layer2", ["layer2"]),

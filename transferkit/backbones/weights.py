@@ -25,8 +25,9 @@ def is_weights_path(weights: object) -> bool:
 
 def read_state_dict(path: str | Path, *, weights_only: bool = True) -> dict[str, torch.Tensor]:
     """Read a state dict from ``path``: a plain state dict, ``{"state_dict": ...}``,
-    ``{"model": ...}``, a transferkit checkpoint (its trunk is taken), or ``.safetensors``.
-    ``module.`` prefixes (DataParallel/DDP) are removed.
+    ``{"model": ...}``, a transferkit checkpoint (its trunk is taken, after its tensors are
+    checked against the digests written with it), or ``.safetensors``. ``module.`` prefixes
+    (DataParallel/DDP) are removed.
 
     Example:
         >>> sd = read_state_dict("resnet20.th")  # doctest: +SKIP
@@ -35,6 +36,10 @@ def read_state_dict(path: str | Path, *, weights_only: bool = True) -> dict[str,
     if not path.is_file():
         raise WeightsError(f"Weights file {str(path)!r} does not exist. Pass the path of a "
                            "state-dict file (.pt/.pth/.th/.safetensors), a weights tag such as 'DEFAULT', or None.")
+    if _is_torchscript(path):
+        raise WeightsError(f"Weights file {str(path)!r} is an exported model (TorchScript), not a state dict or "
+                           "checkpoint. Pass the checkpoint it was exported from (finetune(checkpoint=...)), or load "
+                           "the export with transferkit.load to predict.")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -52,8 +57,22 @@ def read_state_dict(path: str | Path, *, weights_only: bool = True) -> dict[str,
     return _extract_state_dict(obj, path)
 
 
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.split("/", 1)[-1].startswith("code/") for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return False
+
+
 def _extract_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and "transferkit" in obj and "model" in obj:
+        from transferkit.train.checkpoint import verify_checkpoint
+
+        if isinstance(obj, dict):
+            verify_checkpoint(obj, source=repr(str(path)))
         model_sd = obj["model"]
         sd = {k[len("trunk."):]: v for k, v in model_sd.items() if k.startswith("trunk.")}
         if not sd:
@@ -98,5 +117,6 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, stri
             if items:
                 parts.append(f"{len(items)} {label}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}")
         raise WeightsError(f"{source} do not fit the model ({'; '.join(parts)}). Check that the file was saved "
-                           "from the same architecture; pass strict=False to load the matching keys only.")
+                           "from the same architecture (a transferkit checkpoint fits the backbone it was trained "
+                           "with: its metadata's training.backbone).")
     module.load_state_dict(sd, strict=False)

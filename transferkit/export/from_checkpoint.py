@@ -96,6 +96,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str 
     Example:
         >>> reports, origin = export_checkpoint("run.pt", "model.pt", examples="images/val")  # doctest: +SKIP
     """
+    from transferkit._io import check_writable
+
+    check_writable(out, what="export")  # before any work: a folder or a read-only place says so at once
+    if onnx is not None:
+        check_writable(onnx, what="ONNX export")
     model, meta = model_from_checkpoint(checkpoint)
     batch, origin = example_batch(InputSpec.from_dict(meta["input_spec"]), examples=examples, n=num_examples)
     keep = {k: v for k, v in meta.items() if k not in ("format", "num_outputs", "torch_version", "export")}

@@ -1,11 +1,14 @@
 """The metadata schema of an exported file: defined, written and validated here only.
 
-An export carries three extra files beside the TorchScript code and weights:
+An export carries four extra files beside the TorchScript code and weights:
 
 - ``transferkit.json``: the metadata below, as JSON;
 - ``transferkit.sha256``: the SHA-256 of ``transferkit.json`` at export time, so that a
   hand-edited or damaged metadata file is detected on load;
-- ``labels.txt``: the labels, one per line, so a C++ or mobile consumer needs no JSON parser.
+- ``labels.txt``: the labels, one per line, so a C++ or mobile consumer needs no JSON parser;
+- ``transferkit.records.json``: the SHA-256 of every other record of the file (tensor data,
+  pickles, code), whose own digest is the metadata's ``integrity.digest`` (see
+  :mod:`transferkit._integrity`); a damaged tensor is detected on load.
 
 Metadata fields (all required):
 
@@ -25,7 +28,9 @@ Metadata fields (all required):
                        (may be empty for models trained elsewhere)
 =====================  ==========================================================
 
-Written by the exporter: ``export`` (mode, optimization, max_abs_diff, tolerance, batch sizes).
+Written by the exporter: ``export`` (mode, optimization, max_abs_diff, tolerance, batch sizes)
+and ``integrity`` (``algorithm``, ``records``: how many, ``digest``: of the records file;
+absent in files written before content digests, which load with a warning).
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ ONNX_FORMAT = "transferkit.onnx/1"
 METADATA_FILE = "transferkit.json"
 DIGEST_FILE = "transferkit.sha256"
 LABELS_FILE = "labels.txt"
-EXTRA_FILES = (METADATA_FILE, DIGEST_FILE, LABELS_FILE)
+RECORDS_FILE = "transferkit.records.json"
+EXTRA_FILES = (METADATA_FILE, DIGEST_FILE, LABELS_FILE, RECORDS_FILE)
 INPUT_KINDS = ("image", "audio")
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 REQUIRED = {"format": str, "labels": list, "num_outputs": int, "task": str, "input_spec": dict,
@@ -138,17 +144,30 @@ def validate_metadata(meta: Any, *, source: str, fmt: str = FORMAT) -> dict[str,
     if meta["task"] not in TASKS:
         raise _fail(source, f"task is {meta['task']!r}; valid tasks: {', '.join(map(repr, TASKS))}")
     _check_input_spec(meta["input_spec"], source)
+    integrity = meta.get("integrity")
+    if integrity is not None and not (isinstance(integrity, dict) and isinstance(integrity.get("digest"), str)):
+        raise _fail(source, "the field 'integrity' must be an object with a 'digest'")
     return meta
 
 
-def encode_metadata(meta: dict[str, Any]) -> dict[str, str]:
-    """The extra files of an export: JSON metadata, its SHA-256, and ``labels.txt``."""
+def encode_metadata(meta: dict[str, Any], records: str | None = None) -> dict[str, str]:
+    """The extra files of an export: JSON metadata, its SHA-256, ``labels.txt`` and (when
+    given) the records file whose digest ``meta["integrity"]`` holds."""
     text = json.dumps(meta, indent=1, sort_keys=True)
-    return {METADATA_FILE: text, DIGEST_FILE: _digest(text.encode()), LABELS_FILE: "\n".join(meta["labels"]) + "\n"}
+    files = {METADATA_FILE: text, DIGEST_FILE: _digest(text.encode()), LABELS_FILE: "\n".join(meta["labels"]) + "\n"}
+    if records is not None:
+        files[RECORDS_FILE] = records
+    return files
 
 
 def _digest(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
+
+
+def _corrupt(message: str) -> ExportError:
+    from transferkit.errors import CorruptExportError
+
+    return CorruptExportError(message)
 
 
 def _as_bytes(v: Any) -> bytes:
@@ -166,16 +185,16 @@ def decode_metadata(extra: dict[str, Any], *, source: str, fmt: str = FORMAT) ->
         raise ExportError(f"{source} has transferkit metadata but no digest ({DIGEST_FILE}): the file was altered "
                           "after export or not written by transferkit; re-export the model.")
     if digest != _digest(raw):
-        raise ExportError(f"The metadata of {source} was modified after export: its SHA-256 does not match the digest "
-                          f"recorded at export ({DIGEST_FILE}). Re-export the model, or change metadata with "
-                          "transferkit.export.update_metadata().")
+        raise _corrupt(f"The metadata of {source} is corrupt or was modified after export: its SHA-256 does not "
+                       f"match the digest recorded at export ({DIGEST_FILE}). Use an intact copy or re-export the "
+                       "model; to change metadata on purpose use transferkit.export.update_metadata().")
     try:
         meta = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ExportError(f"The metadata of {source} is corrupt (not valid JSON: {exc}).") from exc
+        raise _corrupt(f"The metadata of {source} is corrupt (not valid JSON: {exc}).") from exc
     meta = validate_metadata(meta, source=source, fmt=fmt)
     labels_txt = _as_bytes(extra.get(LABELS_FILE, b"")).decode(errors="replace")
     if labels_txt.splitlines() != meta["labels"]:
-        raise ExportError(f"The {LABELS_FILE} of {source} does not match the labels in {METADATA_FILE}: the file "
-                          "was altered after export. Re-export the model.")
+        raise _corrupt(f"The {LABELS_FILE} of {source} does not match the labels in {METADATA_FILE}: the file is "
+                       "corrupt or was altered after export. Use an intact copy or re-export the model.")
     return meta

@@ -2,13 +2,15 @@
 
 The ONNX file takes the same raw input as the TorchScript export, in the dtype of the
 example inputs (uint8 images, or float waveforms), with a dynamic batch axis (and a
-dynamic time axis for audio). The metadata, its digest and the labels are stored as the
-model's ``metadata_props``.
+dynamic time axis for audio). The metadata, its digest, the labels and the SHA-256 of every
+weight (initializer), of the nodes and of the graph's inputs and outputs
+(``transferkit.records.json``) are stored as the model's ``metadata_props``.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 import warnings
 from collections.abc import Sequence
@@ -21,10 +23,12 @@ from torch import nn
 
 from transferkit._io import atomic_write
 from transferkit.errors import ExportError
+from transferkit._integrity import check_records, records_entry
 from transferkit.export.metadata import (
     DIGEST_FILE,
     METADATA_FILE,
     ONNX_FORMAT,
+    RECORDS_FILE,
     complete_metadata,
     decode_metadata,
     encode_metadata,
@@ -47,6 +51,28 @@ def _batches(examples: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     for ex in examples:
         out += [ex[:1], ex] if ex.shape[0] > 1 else [ex]
     return out
+
+
+def onnx_digests(proto: Any) -> dict[str, str]:
+    """SHA-256 of each initializer (weight), of the nodes in order, and of the graph's
+    inputs, outputs and value infos, of a loaded ``onnx.ModelProto``."""
+    graph = proto.graph
+    out = {f"initializer/{init.name}": hashlib.sha256(init.SerializeToString()).hexdigest()
+           for init in graph.initializer}
+    for key, items in (("nodes", graph.node), ("io", [*graph.input, *graph.output, *graph.value_info])):
+        h = hashlib.sha256()
+        for item in items:
+            raw = item.SerializeToString()
+            h.update(len(raw).to_bytes(8, "little") + raw)
+        out[key] = h.hexdigest()
+    return out
+
+
+def _check_finite(who: str, values: np.ndarray, xb: torch.Tensor) -> None:
+    if not np.isfinite(values).all():
+        raise ExportError(f"The {who} model returns NaN/inf ({int((~np.isfinite(values)).sum())} of {values.size} "
+                          f"outputs) for input {tuple(xb.shape)} {xb.dtype}; the ONNX export is refused (nothing was "
+                          "written).")
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
@@ -82,38 +108,56 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
             torch.onnx.export(eager, (examples[0],), tmp, dynamo=False, opset_version=opset, input_names=["input"],
                               output_names=["output"], dynamic_axes={"input": dynamic, "output": {0: "batch"}})
         proto = onnx.load(tmp)
-        for key, value in encode_metadata(meta).items():
+        meta["integrity"], records = records_entry(onnx_digests(proto))
+        for key, value in encode_metadata(meta, records).items():
             proto.metadata_props.add(key=key, value=value)
         onnx.save(proto, tmp)
+        read_onnx_metadata(tmp, _source=repr(str(path)))  # the written file passes its own checks
         session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-        diff, scale = 0.0, 0.0
+        diff, scale = np.float64(0.0), np.float64(0.0)
         with torch.no_grad():
             for xb in batches:
-                ref = eager(xb).float().numpy()
-                got = session.run(None, {"input": xb.numpy()})[0]
+                ref = eager(xb).double().numpy()
+                got = np.asarray(session.run(None, {"input": xb.numpy()})[0], dtype=np.float64)
                 if got.shape != ref.shape:
                     raise ExportError(f"The ONNX model returns {got.shape} for {tuple(xb.shape)}, eager {ref.shape}.")
-                diff = max(diff, float(np.abs(got - ref).max()))
-                scale = max(scale, float(np.abs(ref).max()))
+                _check_finite("eager", ref, xb)
+                _check_finite("ONNX", got, xb)
+                if ref.size:
+                    diff = np.maximum(diff, np.abs(got - ref).max())
+                    scale = np.maximum(scale, np.abs(ref).max())
+        diff, scale = float(diff), float(scale)
         tol = atol + rtol * scale
         if not diff <= tol:
             raise ExportError(f"The ONNX model differs from the eager model by {diff:.3g} under onnxruntime "
                               f"(> tolerance {tol:.3g}); the file was not written.")
         report.max_abs_diff, report.tolerance = diff, tol
 
-    atomic_write(path, write)
+    atomic_write(path, write, what="ONNX export")
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """The validated transferkit metadata of an ONNX export."""
+def read_onnx_metadata(path: str | Path, *, _source: str | None = None) -> dict[str, Any]:
+    """The validated transferkit metadata of an ONNX export; the digests of its weights,
+    nodes and inputs/outputs are checked too (a damaged file raises CorruptExportError)."""
     onnx, _ = _require_onnx()
+    source = _source or repr(str(path))
+    if not Path(path).is_file():
+        raise ExportError(f"ONNX file {source} does not exist{' (it is a folder)' if Path(path).is_dir() else ''}.")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise ExportError(f"Cannot read {str(path)!r} as ONNX: {type(exc).__name__}: {exc}") from exc
+        raise ExportError(f"Cannot read {source} as ONNX (truncated, corrupt or not ONNX): {type(exc).__name__}: "
+                          f"{exc}") from exc
     props = {p.key: p.value for p in proto.metadata_props}
     if METADATA_FILE not in props and DIGEST_FILE not in props:
-        raise ExportError(f"{str(path)!r} is ONNX but has no transferkit metadata.")
-    return decode_metadata(props, source=repr(str(path)), fmt=ONNX_FORMAT)
+        raise ExportError(f"{source} is ONNX but has no transferkit metadata.")
+    meta = decode_metadata(props, source=source, fmt=ONNX_FORMAT)
+    if "integrity" in meta:
+        check_records(props.get(RECORDS_FILE, ""), meta["integrity"], onnx_digests(proto), source=source,
+                      error=ExportError)
+    else:
+        warnings.warn(f"{source} has no content digest (an export from an older transferkit): its weights cannot "
+                      "be checked for damage. Re-export it to add one.", stacklevel=2)
+    return meta

@@ -13,7 +13,7 @@ from transferkit._progress import progress as progress_bar
 from transferkit.backbones._base import InputSpec
 from transferkit.errors import ConfigError, DataError, ExportError
 from transferkit.export.inputs import InputPipeline
-from transferkit.export.torchscript import load_scripted, quiet_jit
+from transferkit.export.torchscript import check_device, load_scripted, quiet_jit
 from transferkit.train.tasks import output_activation
 
 
@@ -204,12 +204,16 @@ def _progress(chunks: Iterator[list[Any]], total: int, progress: bool | None) ->
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> Predictor:
     """Load an exported transferkit model as a :class:`Predictor`.
 
-    The file and its metadata are checked: a truncated file, missing or edited metadata
-    raises :class:`~transferkit.ExportError` naming the problem.
+    The file and its metadata are checked: a truncated or damaged file (every record's
+    SHA-256 is compared with the one written at export), missing or edited metadata raise
+    :class:`~transferkit.ExportError` naming the problem; a checkpoint passed instead of an
+    export says how to export it. ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or
+    ``"auto"``; one that is not available here raises ConfigError.
 
     Example:
         >>> predictor = transferkit.load("model.pt")  # doctest: +SKIP
         >>> predictor.predict("cat.jpg", top_k=3)[0].top_k  # doctest: +SKIP
     """
-    module, meta = load_scripted(path, map_location=device)
-    return Predictor(module, meta, device=device, source=repr(str(path)))
+    dev = check_device(device)
+    module, meta = load_scripted(path, map_location=dev)
+    return Predictor(module, meta, device=dev, source=repr(str(path)))

@@ -16,6 +16,7 @@ import copy
 import time
 import types
 import warnings
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from transferkit._integrity import check_records, file_digests, record_name, records_entry, zip_records
 from transferkit._io import atomic_write
 from transferkit.errors import ExportError, check_choice
 from transferkit.export.metadata import (
-    EXTRA_FILES,
+    RECORDS_FILE,
     complete_metadata,
     decode_metadata,
     encode_metadata,
@@ -174,15 +176,27 @@ def reference_outputs(eager: nn.Module, batches: Sequence[tuple[torch.Tensor, bo
                 if derived:
                     continue
                 raise
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
+                raise ExportError(f"The model returns NaN/inf on the example inputs ({_count_bad(out)} of "
+                                  f"{out.numel()} outputs for a batch {tuple(xb.shape)} {xb.dtype}), so the export "
+                                  "cannot be checked against it; nothing was written. Check the model's weights "
+                                  "(training diverged?) and the example inputs.")
             kept.append(xb)
             outputs.append(out)
     return kept, outputs
 
 
+def _count_bad(t: torch.Tensor) -> int:
+    return int((~torch.isfinite(t)).sum())
+
+
 def max_abs_diff(reference: Sequence[torch.Tensor], exported: torch.jit.ScriptModule,
                  batches: Sequence[torch.Tensor]) -> tuple[float, float]:
-    """Largest ``|exported(x) - eager(x)|`` over ``batches`` and the largest ``|eager(x)|``."""
-    diff, scale = 0.0, 0.0
+    """Largest ``|exported(x) - eager(x)|`` over ``batches`` and the largest ``|eager(x)|``,
+    reduced with torch in float64. Any NaN/inf output, eager or exported, raises ExportError
+    (a NaN compares false with everything, so a Python ``max`` would hide it)."""
+    diff = torch.zeros((), dtype=torch.float64)
+    scale = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
         for a, xb in zip(reference, batches):
             b = exported(xb)
@@ -190,9 +204,18 @@ def max_abs_diff(reference: Sequence[torch.Tensor], exported: torch.jit.ScriptMo
                 shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
                 raise ExportError(f"The exported model returns {shape} for input {tuple(xb.shape)} {xb.dtype}, "
                                   f"the eager model {tuple(a.shape)}.")
-            diff = max(diff, (a.float() - b.float()).abs().max().item())
-            scale = max(scale, a.float().abs().max().item())
-    return diff, scale
+            a64, b64 = a.detach().double(), b.detach().double()
+            for who, t in (("eager", a64), ("exported", b64)):
+                if not torch.isfinite(t).all():
+                    raise ExportError(f"The {who} model returns NaN/inf ({_count_bad(t)} of {t.numel()} outputs) for "
+                                      f"input {tuple(xb.shape)} {xb.dtype}; the export is refused (nothing was "
+                                      "written).")
+            if a64.numel():
+                diff = torch.maximum(diff, (a64 - b64).abs().max())
+                scale = torch.maximum(scale, a64.abs().max())
+    if not torch.isfinite(diff):
+        raise ExportError(f"The exported model differs from the eager model by {float(diff)}; the export is refused.")
+    return float(diff), float(scale)
 
 
 def _examples(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -244,7 +267,7 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
         for how, module in candidates:
             try:
                 module = _optimized(module, how) if how != "none" else module
-                diff, tol = _save_and_check(module, tmp, meta, reference, batches, kind, how, atol, rtol)
+                diff, tol = _save_and_check(module, tmp, meta, reference, batches, kind, how, atol, rtol, path)
             except Exception as exc:  # noqa: BLE001 - an optimization that fails is dropped, plain is final
                 if how == "none":
                     raise
@@ -254,7 +277,7 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
             return
 
     with quiet_jit():
-        atomic_write(path, write)
+        atomic_write(path, write, what="export")
     if optimize and report.optimization == "none":
         warnings.warn("optimize=True: no optimization kept parity or reloaded, so the plain TorchScript was "
                       f"exported. {'; '.join(report.notes)}", stacklevel=2)
@@ -263,7 +286,8 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
 
 
 def _save_and_check(module: torch.jit.ScriptModule, tmp: str, meta: dict[str, Any], reference: list[torch.Tensor],
-                    batches: list[torch.Tensor], kind: str, how: str, atol: float, rtol: float) -> tuple[float, float]:
+                    batches: list[torch.Tensor], kind: str, how: str, atol: float, rtol: float,
+                    target: str | Path | None = None) -> tuple[float, float]:
     """Save ``module`` with its metadata, reload it from disk, compare; re-save once so that the
     metadata records the reloaded file's own difference."""
     with torch.jit.optimized_execution(False):  # a cheap first estimate, recorded in the metadata
@@ -272,11 +296,11 @@ def _save_and_check(module: torch.jit.ScriptModule, tmp: str, meta: dict[str, An
         meta["export"] = {"mode": kind, "optimization": how, "max_abs_diff": recorded, "atol": atol, "rtol": rtol,
                           "batch_sizes": [int(b.shape[0]) for b in batches],
                           "input_dtypes": sorted({str(b.dtype).replace("torch.", "") for b in batches})}
-        torch.jit.save(module, tmp, _extra_files=encode_metadata(meta))
-        reloaded, _ = load_scripted(tmp)
+        save_with_digests(module, tmp, meta)
+        reloaded, _ = _load(tmp, "cpu", source=repr(str(target if target is not None else tmp)))
         diff, scale = max_abs_diff(reference, reloaded, batches)
         tol = atol + rtol * scale
-        if not diff <= tol:  # also catches NaN
+        if not diff <= tol:
             raise ExportError(f"The exported model ({kind}, optimization={how}) differs from the eager model by "
                               f"{diff:.3g} (> tolerance {tol:.3g} = atol {atol:g} + rtol {rtol:g} * {scale:.3g}); "
                               "the file was not written.")
@@ -286,48 +310,156 @@ def _save_and_check(module: torch.jit.ScriptModule, tmp: str, meta: dict[str, An
     return diff, tol
 
 
+def save_with_digests(module: torch.jit.ScriptModule, path: str | Path, meta: dict[str, Any]) -> None:
+    """``torch.jit.save`` with the metadata and the SHA-256 of every record: saved once to
+    hash the records (they do not depend on the metadata files), then again with the list
+    (``meta["integrity"]`` is set). The second file is checked when it is reloaded."""
+    torch.jit.save(module, str(path), _extra_files=encode_metadata(meta))
+    digests = file_digests(path, source=repr(str(path)), error=ExportError)
+    meta["integrity"], records = records_entry(digests)
+    torch.jit.save(module, str(path), _extra_files=encode_metadata(meta, records))
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The validated metadata of an exported file (the file is loaded and checked too).
+    """The validated metadata of an exported file. The whole file is checked: its record
+    digests, its metadata, and that the model's output has one value per label (one
+    forward pass on a blank input of the metadata's input spec).
 
     Example:
         >>> read_metadata("/tmp/tk-doctest.pt")["labels"]
         ['a', 'b']
     """
-    return load_scripted(path)[1]
+    module, meta = load_scripted(path)
+    check_output_width(module, meta, source=repr(str(path)))
+    return meta
+
+
+def blank_input(meta: dict[str, Any]) -> torch.Tensor:
+    """A batch of one blank input as the export takes it: zeros of the input spec's shape, in
+    the first dtype the export was checked with (uint8 images by default)."""
+    spec = meta["input_spec"]
+    dtypes = (meta.get("export") or {}).get("input_dtypes") or []
+    if spec.get("kind", "image") == "audio":
+        length = int(round(float(spec.get("clip_seconds") or 1.0) * int(spec["sample_rate"])))
+        dtype = getattr(torch, dtypes[0], torch.float32) if dtypes else torch.float32
+        return torch.zeros(1, max(length, 1), dtype=dtype)
+    size = int(spec.get("image_size", 224))
+    dtype = torch.uint8 if not dtypes or "uint8" in dtypes else getattr(torch, dtypes[0], torch.float32)
+    return torch.zeros(1, int(spec.get("channels", 3)), size, size, dtype=dtype)
+
+
+def check_output_width(module: torch.jit.ScriptModule, meta: dict[str, Any], *, source: str) -> None:
+    """Raise ExportError unless ``module`` returns ``[N, len(labels)]`` on a blank input."""
+    x = blank_input(meta)
+    try:
+        with torch.no_grad(), quiet_jit():
+            out = module(x.to(_module_device(module)))
+    except Exception as exc:  # noqa: BLE001 - a model that cannot run is reported, not crashed on
+        raise ExportError(f"{source} does not run on a blank input of its input spec {tuple(x.shape)} {x.dtype}: "
+                          f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
+                          "The model and its metadata do not belong together; re-export the model.") from exc
+    n = len(meta["labels"])
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != n:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ExportError(f"{source} returns {shape} but its metadata lists {n} labels: the model and its metadata "
+                          "do not belong together. Re-export the model.")
+
+
+def _module_device(module: torch.jit.ScriptModule) -> torch.device:
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def load_scripted(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """Load an exported file; raise ExportError when it or its metadata is missing, corrupt or altered."""
+    """Load an exported file; raise ExportError when it or its metadata is missing, corrupt
+    or altered (a damaged tensor record gives :class:`~transferkit.errors.CorruptExportError`)."""
+    return _load(path, map_location, source=repr(str(path)))
+
+
+def _load(path: str | Path, map_location: str | torch.device, *,
+          source: str) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     path = Path(path)
-    source = repr(str(path))
     if not path.is_file():
         raise ExportError(f"Model file {source} does not exist{' (it is a folder)' if path.is_dir() else ''}.")
-    extra = {name: "" for name in EXTRA_FILES}
+    device = check_device(map_location)
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise ExportError(f"Cannot load {source} as TorchScript (truncated, corrupt, or not a transferkit export): "
+                          f"{type(exc).__name__}: {exc}") from exc
+    with zf:
+        names = [record_name(n) for n in zf.namelist()]
+        if not any(n.startswith("code/") for n in names):
+            raise ExportError(_not_torchscript(zf, names, source))
+        digests, extra = zip_records(zf, source=source, error=ExportError)
+    meta = decode_metadata(extra, source=source)
+    if "integrity" in meta:
+        check_records(extra.get(RECORDS_FILE, b""), meta["integrity"], digests, source=source, error=ExportError)
+    else:
+        warnings.warn(f"{source} has no content digest (an export from an older transferkit): its weights cannot "
+                      "be checked for damage. Re-export it to add one.", stacklevel=3)
     try:
         with quiet_jit():
-            module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
+            module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ExportError(f"Cannot load {source} as TorchScript (truncated, corrupt, or not a transferkit export): "
                           f"{type(exc).__name__}: {msg}") from exc
-    return module, decode_metadata(extra, source=source)
+    return module, meta
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device to load an export on, checked: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``
+    (N below the number of GPUs) or ``"mps"``, each only where it is available; ConfigError
+    otherwise (before the file is read, so the error is about the device, not the file)."""
+    from transferkit.errors import ConfigError
+    from transferkit.train.device import resolve_device
+
+    dev = resolve_device(str(device) if isinstance(device, torch.device) else device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={str(device)!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                          f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}); use 'cuda' or 'cpu'.")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                  and torch.backends.mps.is_available()):
+        raise ConfigError(f"device={str(device)!r} but Apple MPS is not available here; use 'auto' or 'cpu'.")
+    return dev
+
+
+def _not_torchscript(zf: zipfile.ZipFile, names: list[str], source: str) -> str:
+    """Why a zip that holds no TorchScript code is not an export, and what to do with it."""
+    if "data.pkl" in names:
+        pkl = next(i for i in zf.infolist() if record_name(i.filename) == "data.pkl")
+        if b"transferkit" in zf.read(pkl):
+            return (f"{source} is a transferkit checkpoint (finetune(checkpoint=...)), not an exported model. Export "
+                    f"it first: `transferkit export {source} --out model.pt` (in Python: "
+                    f"transferkit.export.export_checkpoint({source}, 'model.pt')), then load model.pt.")
+        return (f"{source} is a file saved with torch.save (a state dict or checkpoint), not an exported model. "
+                "Load it as weights (get_backbone(..., weights=path)), or export a model with "
+                "transferkit.export_torchscript.")
+    return f"{source} is a zip file but not a TorchScript export (it holds no TorchScript code)."
 
 
 def update_metadata(path: str | Path, changes: dict[str, Any]) -> dict[str, Any]:
     """Change metadata fields of an export on purpose (e.g. rename labels), keeping the
-    digest valid; the weights and code are not touched. Returns the new metadata.
+    digests valid; the weights and code are not touched. Returns the new metadata.
 
     Example:
         >>> update_metadata("/tmp/tk-doctest.pt", {"labels": ["ant", "bee"]})["labels"]
         ['ant', 'bee']
     """
     module, meta = load_scripted(path)
-    protected = {"format", "num_outputs", "torch_version", "transferkit_version", "export"} & set(changes)
+    protected = {"format", "num_outputs", "torch_version", "transferkit_version", "export", "integrity"} & set(changes)
     if protected:
         raise ExportError(f"update_metadata cannot change {sorted(protected)}: the exporter writes them. "
                           "Re-export the model instead.")
     new = {**meta, **changes}
     validate_metadata(new, source="the updated metadata")
+
+    def write(tmp: str) -> None:
+        save_with_digests(module, tmp, new)
+        _load(tmp, "cpu", source=repr(str(path)))
+
     with quiet_jit():
-        atomic_write(path, lambda tmp: torch.jit.save(module, tmp, _extra_files=encode_metadata(new)))
+        atomic_write(path, write, what="export")
     return new

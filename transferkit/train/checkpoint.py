@@ -7,19 +7,34 @@ RNG states (torch CPU and CUDA, NumPy, Python), the epoch, the history, the best
 and its weights, and the early-stopping counter. Data order and augmentations are a pure
 function of ``(seed, epoch, index)`` (see :mod:`transferkit.train.loaders`), so they need
 no saved generator.
+
+Integrity: while saving, every tensor is hashed (SHA-256) and the whole content gets one
+digest, stored under ``"integrity"``; :func:`load_checkpoint` (and ``weights=`` given a
+checkpoint) recomputes them and raises :class:`~transferkit.errors.CorruptCheckpointError`
+on a mismatch. A checkpoint written before digests existed has none and loads with a warning.
+Writers of one checkpoint path are exclusive: :func:`checkpoint_lock`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
+import tempfile
+import time
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from transferkit._io import atomic_write
-from transferkit.errors import WeightsError
+from transferkit._integrity import INTEGRITY_KEY, seal, verify_sealed
+from transferkit._io import atomic_write, file_lock
+from transferkit.errors import OutputError, TransferkitError, WeightsError
+
+T = TypeVar("T")
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,8 +67,10 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, meta: dict[str,
                     history: list[dict[str, Any]] | None = None, training: dict[str, Any] | None = None,
                     complete: bool = True) -> Path:
     """Save ``{"transferkit": meta, "model": state_dict, ...}`` atomically (a crash mid-write
-    leaves the previous file intact). ``training`` holds the resume state (see the module
-    docstring); ``complete=False`` marks a checkpoint written between epochs.
+    leaves the previous file intact) with the SHA-256 of every tensor and of the whole content.
+    ``training`` holds the resume state (see the module docstring); ``complete=False`` marks a
+    checkpoint written between epochs. The write holds :func:`checkpoint_lock` (re-entrant:
+    free when this process already holds it for the run).
 
     Example:
         >>> save_checkpoint("run.pt", model=model, meta={"task": "multiclass"})  # doctest: +SKIP
@@ -64,18 +81,132 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, meta: dict[str,
         state["optimizer"] = optimizer.state_dict()
     if training is not None:
         state["training"] = training
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    state[INTEGRITY_KEY] = seal(state)
+    with checkpoint_lock(path):
+        return atomic_write(path, lambda tmp: torch.save(state, tmp), what="checkpoint")
+
+
+@contextlib.contextmanager
+def checkpoint_lock(path: str | Path, *, flag: str | None = None) -> Iterator[Path]:
+    """Hold the checkpoint ``path`` for this process: a second process (another run with the
+    same ``checkpoint=``) gets :class:`~transferkit.errors.FileLockedError` at once, naming the
+    holder. Hold it for a whole run; the saves inside take it again for free. The lock is a
+    ``flock`` on ``.<name>.lock`` beside the checkpoint, released when the block ends or the
+    process dies (a stale lock file never blocks).
+
+    Example:
+        >>> with checkpoint_lock("/tmp/tk-doctest/run.ckpt"):
+        ...     pass  # train, saving /tmp/tk-doctest/run.ckpt after each epoch
+    """
+    with file_lock(path, what="checkpoint", flag=flag) as lock:
+        yield lock
+
+
+def _kind_of_zip(path: Path) -> str | None:
+    """``"torchscript"`` for an exported model, None otherwise (not a zip, or a torch.save file)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None
+    return "torchscript" if any(n.split("/", 1)[-1].startswith("code/") for n in names) else None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a transferkit checkpoint (tensors and plain Python data only)."""
+    """Load a transferkit checkpoint (tensors and plain Python data only), checking every
+    tensor and the metadata against the digests written with it.
+
+    Raises WeightsError for a missing, truncated or foreign file (an exported model says to
+    use transferkit.load), and CorruptCheckpointError (a WeightsError) when the content does
+    not match its digests. A checkpoint without digests (an older transferkit) loads with a warning.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"Checkpoint {str(path)!r} is a folder, not a checkpoint file.")
+    if path.is_file() and _kind_of_zip(path) == "torchscript":
+        raise WeightsError(f"{str(path)!r} is an exported model (TorchScript), not a checkpoint: load it with "
+                           "transferkit.load (or `transferkit predict`); checkpoints are what finetune(checkpoint=...) "
+                           "writes.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise WeightsError(f"Checkpoint {str(path)!r} does not exist.") from exc
     except Exception as exc:
-        raise WeightsError(f"Cannot read checkpoint {str(path)!r} (truncated or not a transferkit checkpoint): "
-                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        raise WeightsError(f"Cannot read checkpoint {str(path)!r} (truncated, corrupt, or not a transferkit "
+                           f"checkpoint): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     if not isinstance(ckpt, dict) or "transferkit" not in ckpt or "model" not in ckpt:
         raise WeightsError(f"{str(path)!r} is not a transferkit checkpoint (no 'transferkit' metadata).")
+    verify_checkpoint(ckpt, source=repr(str(path)))
     return ckpt
+
+
+def verify_checkpoint(ckpt: dict[str, Any], *, source: str) -> None:
+    """Check a loaded checkpoint dict against its digests (and remove them from it); warn
+    when it has none."""
+    if not verify_sealed(ckpt, source=source, what="checkpoint", error=WeightsError):
+        warnings.warn(f"Checkpoint {source} has no content digest (written by an older transferkit): its tensors "
+                      "cannot be checked for damage. It loads as before; the next save adds a digest.", stacklevel=3)
+
+
+# -- keeping the trained weights when the final write fails -------------------------------
+def fallback_paths(target: str | Path) -> list[Path]:
+    """Where :func:`save_with_fallback` tries to put the weights, in order: beside the target,
+    the current folder, the temporary folder.
+
+    Example:
+        >>> fallback_paths("/runs/model.pt")[0].name  # doctest: +SKIP
+        'model.unsaved-20260510-113000.pt'
+    """
+    target = Path(target)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stem = target.stem or target.name or "model"
+    name = f"{stem}.unsaved-{stamp}.pt"
+    return [target.parent / name, Path.cwd() / f"transferkit-{name}",
+            Path(tempfile.gettempdir()) / f"transferkit-{name}"]
+
+
+def save_with_fallback(target: str | Path, save: Callable[[], T], *, what: str, model: torch.nn.Module,
+                       meta: dict[str, Any], flag: str | None = None, **checkpoint: Any) -> T:
+    """Run ``save()`` (e.g. the export or the final checkpoint write); when it fails, save
+    ``model`` as a checkpoint at the first of :func:`fallback_paths` that works and raise an
+    error naming the target, the reason and where the weights are. ``checkpoint``: more
+    :func:`save_checkpoint` arguments for the fallback (``history``, ``training``, ...).
+
+    The error is OutputError for a write failure, else the class of the original error
+    (e.g. ExportError for a failed parity check); it has ``.target`` and ``.fallback``.
+
+    Example:
+        >>> save_with_fallback("model.pt", lambda: export_torchscript(model, "model.pt", ...),
+        ...                    what="export", model=model, meta=meta)  # doctest: +SKIP
+    """
+    try:
+        return save()
+    except Exception as exc:
+        reason = (str(exc).strip() or type(exc).__name__).rstrip(".") + "."
+        failures = []
+        fallback: Path | None = None
+        for candidate in fallback_paths(target):
+            try:
+                fallback = save_checkpoint(candidate, model=model, meta=meta, complete=False, **checkpoint)
+                break
+            except (OSError, TransferkitError) as again:
+                failures.append(f"{candidate}: {again}")
+        named = f"{str(target)!r}{f' ({flag})' if flag else ''}"
+        if fallback is None:
+            message = (f"Could not write the {what} {named}: {reason} The trained weights could not be saved either "
+                       f"({'; '.join(failures)}).")
+        else:
+            message = (f"Could not write the {what} {named}: {reason} The trained weights are saved in "
+                       f"{str(fallback)!r} (a transferkit checkpoint): fix the cause, then export it with "
+                       f"`transferkit export {fallback} --out model.pt` (Python: "
+                       f"transferkit.export.export_checkpoint({str(fallback)!r}, 'model.pt')), or start from it "
+                       "with weights=.")
+        cls: type[Exception] = OutputError
+        if isinstance(exc, TransferkitError) and not isinstance(exc, OutputError):
+            cls = type(exc)
+        try:
+            err = cls(message)
+        except TypeError:
+            err = OutputError(message)
+        err.target, err.fallback = Path(target), fallback  # type: ignore[attr-defined]
+        raise err from exc

@@ -14,8 +14,10 @@ from transferkit.backbones import Backbone, Block, InputSpec, get_backbone, list
 from transferkit.errors import (
     BackboneError,
     ConfigError,
+    CorruptFileError,
     DataError,
     ExportError,
+    OutputError,
     PolicyError,
     TrainingError,
     TransferkitError,
@@ -30,7 +32,7 @@ from transferkit.plan import RunPlan, plan, seed_everything
 from transferkit.policies import Policy, apply_policy, set_train_mode, trainable_parameter_names
 
 __all__ = [
-    "Backbone", "BackboneError", "Block", "ConfigError", "DataError", "ExportError", "FeatureNorm", "FinetuneResult",
+    "Backbone", "BackboneError", "Block", "ConfigError", "CorruptFileError", "OutputError", "DataError", "ExportError", "FeatureNorm", "FinetuneResult",
     "InputSpec", "Policy", "PolicyError", "Prediction", "Predictor", "TrainingError", "TransferModel",
     "TransferkitError", "UnknownBackboneError", "WeightsError", "ImagePreprocess", "apply_policy", "build_head",
     "build_model", "export_torchscript", "finetune", "get_backbone", "list_backbones", "load", "seed_everything",

@@ -6,9 +6,10 @@ in :mod:`transferkit.steps` that a recipe can call on its own.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,22 @@ def _config(config: FinetuneConfig | str | Backbone | None, options: dict[str, A
     return FinetuneConfig(**options)
 
 
+@contextlib.contextmanager
+def _run_lock(cfg: FinetuneConfig, info: Any) -> Iterator[None]:
+    """Rank 0 holds the checkpoint's lock for the whole run (a second run on the same path gets
+    a clear error, not a silent overwrite); temp files a killed writer left are removed first."""
+    path = cfg.checkpoint
+    if path is None or not info.is_main:
+        yield
+        return
+    from transferkit._io import remove_stale_temps
+    from transferkit.train.checkpoint import checkpoint_lock
+
+    with checkpoint_lock(path, flag="checkpoint"):
+        remove_stale_temps(path)
+        yield
+
+
 def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options: Any) -> FinetuneResult:
     """Fine-tune a backbone on labelled data and return a :class:`FinetuneResult`.
 
@@ -127,7 +144,8 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
     t_start = time.perf_counter()
     with preserved_torch_settings():
         set_deterministic(cfg.deterministic)
-        with rank_guard(init_distributed(resolve_device(cfg.device))[0]):  # one rank's error ends every rank
+        info = init_distributed(resolve_device(cfg.device))[0]
+        with rank_guard(info), _run_lock(cfg, info):  # one rank's error ends every rank; one run per checkpoint
             p = plan(cfg)
             p.timings["setup_s"] = time.perf_counter() - t_start
             if cfg.verbose and p.dist.is_main:

@@ -49,6 +49,20 @@ _OUTPUT_KEYS = {"export", "checkpoint", "resume", "log_dir", "plots_dir", "top_k
                 "num_workers", "cache_dir", "device", "data", "val_data"}
 
 
+_OUTPUTS = {"export": "file", "checkpoint": "file", "plots_dir": "dir", "cache_dir": "dir", "log_dir": "dir"}
+
+
+def check_outputs(cfg: FinetuneConfig) -> None:
+    """Every output path of the run can be written (a folder given for a file, a missing or
+    read-only parent: a clear OutputError naming the setting, before anything trains)."""
+    from transferkit._io import check_writable
+
+    for key, kind in _OUTPUTS.items():
+        value = getattr(cfg, key)
+        if value is not None:
+            check_writable(value, what=key.replace("_dir", " folder"), flag=key, kind=kind)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -297,8 +311,10 @@ def plan(config: FinetuneConfig) -> RunPlan:
         (True, 0.01)
     """
     cfg = config
-    seed_everything(cfg.seed)
     info, dev = init_distributed(resolve_device(cfg.device))
+    if info.is_main:
+        check_outputs(cfg)  # a bad output path fails now, not after training
+    seed_everything(cfg.seed)
     pol = Policy.parse(cfg.policy)
     head_kind, hidden = resolve_head(cfg.head, cfg.head_hidden)
     bb = _own_backbone(cfg.backbone, cfg)

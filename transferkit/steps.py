@@ -28,7 +28,7 @@ from transferkit.data import eval_transform, train_transform
 from transferkit.data.audio import pad_waveforms
 from transferkit.plan import RunPlan
 from transferkit.policies import apply_policy, merge_lora, policy_penalty, set_train_mode
-from transferkit.train.checkpoint import save_checkpoint
+from transferkit.train.checkpoint import save_checkpoint, save_with_fallback
 from transferkit.train.distributed import wrap_ddp
 from transferkit.train.faults import training_faults
 from transferkit.train.features import FeatureStore, cache_key, compute_features, data_fingerprint, feature_loader
@@ -283,16 +283,20 @@ def write_outputs(plan: RunPlan, outcome: TrainOutcome, metrics: dict[str, Any],
         pictures.pop("most_confused")
         plots.update(pictures)
     out: dict[str, Any] = {"plots": plots, "checkpoint": None, "export_report": None}
-    if cfg.checkpoint is not None:
-        out["checkpoint"] = save_checkpoint(cfg.checkpoint, model=merge_lora(plan.model), meta=meta,
-                                            epoch=len(outcome.history), history=outcome.history, complete=True)
+    model = merge_lora(plan.model)
+    history = dict(epoch=len(outcome.history), history=outcome.history)
+    if cfg.checkpoint is not None:  # a failed write keeps the weights in a fallback file and says where
+        out["checkpoint"] = save_with_fallback(
+            cfg.checkpoint, lambda: save_checkpoint(cfg.checkpoint, model=model, meta=meta, complete=True, **history),
+            what="checkpoint", flag="checkpoint", model=model, meta=meta, **history)
     if cfg.export is not None:
         t2 = time.perf_counter()
         example = example_inputs(plan)
         portable = {**metadata(plan, portable=True), "training": {**meta["training"]}}
         portable["training"]["weights"] = portable["plan"]["weights"]
-        out["export_report"] = export_torchscript(merge_lora(plan.model), cfg.export, metadata=portable,
-                                                  example_inputs=example)
+        out["export_report"] = save_with_fallback(
+            cfg.export, lambda: export_torchscript(model, cfg.export, metadata=portable, example_inputs=example),
+            what="export", flag="export", model=model, meta=meta, **history)
         plan.timings["export_s"] = time.perf_counter() - t2
     return out
 

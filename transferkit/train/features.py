@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.train.distributed import DistInfo, all_ranks, barrier, gather_rows
+from transferkit._io import create_temp, remove_stale_temps
 from transferkit.train.loaders import EpochSampler, make_loader, mix_seed
 
 CACHE_FORMAT = 2
@@ -220,8 +220,11 @@ def compute_features(model: Any, dataset: Dataset, *, key: str, views: int, batc
                          seed=seed, rank=info.rank, world_size=info.world_size)
     n = len(dataset)  # type: ignore[arg-type]
     writes = cache_dir is None or info.local_rank == 0  # this rank keeps the gathered array
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=_mkdir(cache_dir))) if cache_dir is not None and writes \
-        else None
+    tmp = None
+    if cache_dir is not None and writes:
+        final = Path(_mkdir(cache_dir)) / key
+        remove_stale_temps(final)  # what a killed writer of this entry left behind
+        tmp = create_temp(final, directory=True)
     try:
         arr, targets = None, None
         for v in range(views):

@@ -45,7 +45,7 @@ def test_a_failed_export_keeps_the_trained_weights(image_folder, tmp_path, monke
     assert bb.weights == str(err.fallback)
 
 
-def test_a_second_run_on_the_same_checkpoint_is_refused(image_folder, tmp_path):
+def test_a_second_run_on_the_same_checkpoint_is_refused(image_folder, tmp_path, monkeypatch):
     ckpt = tmp_path / "run.pt"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\nfrom transferkit.train.checkpoint import checkpoint_lock\n"
@@ -53,7 +53,8 @@ def test_a_second_run_on_the_same_checkpoint_is_refused(image_folder, tmp_path):
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(tk.OutputError, match="checkpoint"):
+        with monkeypatch.context() as m, pytest.raises(tk.OutputError, match="checkpoint"):
+            m.setattr(steps, "train", lambda *a, **k: pytest.fail("trained while another run holds the checkpoint"))
             tk.finetune("tk:small_cnn", data=image_folder, checkpoint=ckpt, **KW)
     finally:
         holder.kill()

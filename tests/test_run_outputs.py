@@ -10,13 +10,13 @@ import time
 import pytest
 
 import transferkit as tk
-import transferkit.steps as steps
+import transferkit.api as api
 
 KW = dict(weights=None, image_size=16, epochs=1, batch_size=4, device="cpu", num_workers=0, verbose=False)
 
 
 def test_bad_output_paths_fail_before_training(image_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(steps, "train", lambda *a, **k: pytest.fail("trained despite a bad output path"))
+    monkeypatch.setattr(api, "train", lambda *a, **k: pytest.fail("trained despite a bad output path"))
     (tmp_path / "a_file").write_text("x")
     cases = [({"export": tmp_path}, "export"), ({"checkpoint": tmp_path}, "checkpoint"),
              ({"plots_dir": tmp_path / "a_file"}, "plots_dir"), ({"export": tmp_path / "a_file" / "m.pt"}, "export")]
@@ -54,7 +54,7 @@ def test_a_second_run_on_the_same_checkpoint_is_refused(image_folder, tmp_path, 
     try:
         assert holder.stdout.readline().strip() == "held"
         with monkeypatch.context() as m, pytest.raises(tk.OutputError, match="checkpoint"):
-            m.setattr(steps, "train", lambda *a, **k: pytest.fail("trained while another run holds the checkpoint"))
+            m.setattr(api, "train", lambda *a, **k: pytest.fail("trained while another run holds the checkpoint"))
             tk.finetune("tk:small_cnn", data=image_folder, checkpoint=ckpt, **KW)
     finally:
         holder.kill()

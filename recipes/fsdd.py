@@ -54,23 +54,27 @@ def split_fsdd(files: list[Path], split: str) -> tuple[list, list]:
     return train, test
 
 
+def fsdd_arguments(group: argparse.ArgumentParser) -> None:
+    group.add_argument("--split", default="official",
+                       help="'official' (indices 0-4 are the test set) or 'speaker:<name>' (speaker-independent)")
+    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--split", default="official")
-    pre.add_argument("--threads", type=int, default=None)
-    own, rest = pre.parse_known_args(argv)
-    if own.threads:
-        torch.set_num_threads(own.threads)
+    argv = list(sys.argv[1:] if argv is None else argv)
 
     def data(root: Path, options: dict) -> RecipeData:
-        train, test = split_fsdd(fsdd_files(root), own.split)
+        args = options["args"]
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        train, test = split_fsdd(fsdd_files(root), args.split)
         return RecipeData(train=train, val=None, test=test, classes=CLASSES)
 
-    if any(a.startswith("ta:") for a in rest) and "backbone_options" not in " ".join(rest):
-        rest += ["--set", "backbone_options={sample_rate: 8000}"]  # speech models: resample inside, not the config's mel options
-    out = run_recipe("fsdd", data, description=__doc__ + "\n--split official|speaker:<name>, --threads N",
-                     argv=rest, recipe_dir=Path(__file__).resolve().parent)
-    print(f"split: {own.split}  threads: {torch.get_num_threads()}")
+    if any(a.startswith("ta:") for a in argv) and "backbone_options" not in " ".join(argv):
+        argv += ["--set", "backbone_options={sample_rate: 8000}"]  # speech models: resample inside, not the config's mel options
+    out = run_recipe("fsdd", data, description=__doc__, argv=argv, recipe_dir=Path(__file__).resolve().parent,
+                     add_arguments=fsdd_arguments)
+    print(f"threads: {torch.get_num_threads()}")
     return out
 
 

@@ -51,3 +51,12 @@ def test_recipe_runs_on_a_tiny_slice(recipe, shared_data, tmp_path):
     assert meta["labels"] == [str(d) for d in range(10)]
     with torch.no_grad():
         assert module(torch.zeros(2, 4000)).shape == (2, 10)
+
+
+def test_recipe_options_are_real_argparse_options(recipe):
+    from transferkit.recipes import build_parser
+
+    parser = build_parser("fsdd", "FSDD", recipe["fsdd_arguments"])
+    args = parser.parse_args(["--split", "speaker:theo", "--threads", "1"])
+    assert args.split == "speaker:theo" and args.threads == 1
+    assert "--split" in parser.format_help() and "fsdd options" in parser.format_help()

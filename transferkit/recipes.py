@@ -120,9 +120,13 @@ def torchvision_data(cls_name: str, train_kwargs: dict[str, Any], test_kwargs: d
     return data
 
 
-def build_parser(name: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"recipes/{name}.py", description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(name: str, description: str,
+                 add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
+    """The recipe's command line; ``add_arguments(parser)`` adds the recipe's own options
+    (they arrive in the data function's ``options["args"]``)."""
+    from transferkit.cli import HELP
+
+    p = argparse.ArgumentParser(prog=f"recipes/{name}.py", description=description, formatter_class=HELP)
     p.add_argument("--config", default=None, help=f"YAML config (default: recipes/{name}.yaml)")
     p.add_argument("--data-dir", default=None, help="the data folder (default from the config)")
     p.add_argument("--download", action="store_true", help="download through torchvision/torchaudio when online")
@@ -133,17 +137,21 @@ def build_parser(name: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="use at most N items per class (smoke tests)")
     p.add_argument("--run", default=None, help="run only this one of the config's runs")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any finetune() argument")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any finetune() setting")
+    if add_arguments is not None:
+        add_arguments(p.add_argument_group(f"{name} options"))
     return p
 
 
 def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData], *, description: str,
-               argv: list[str] | None = None, recipe_dir: Path | None = None) -> dict[str, Any]:
+               argv: list[str] | None = None, recipe_dir: Path | None = None,
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> dict[str, Any]:
     """Parse arguments, merge the config, build the data, run :func:`finetune`, evaluate the
-    exported file on the test set (when there is one), print and write ``results.json``."""
+    exported file on the test set (when there is one), print and write ``results.json``.
+    ``add_arguments``: the recipe's own command-line options (see :func:`build_parser`)."""
     from transferkit.api import finetune
 
-    args = build_parser(name, description).parse_args(argv)
+    args = build_parser(name, description, add_arguments).parse_args(argv)
     recipe_dir = recipe_dir or Path.cwd() / "recipes"
     cfg_path = Path(args.config) if args.config else recipe_dir / f"{name}.yaml"
     file_cfg = load_config(cfg_path) if cfg_path.exists() else {}
@@ -165,7 +173,7 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
         runs = {args.run: runs[args.run]}
     data_dir = Path(recipe.get("data_dir") or default_data_root() / name).expanduser()
     out = Path(recipe.get("out_dir") or f"runs/{name}")
-    data = data_fn(data_dir, recipe)
+    data = data_fn(data_dir, {**recipe, "args": args})
     train, val, test, classes = _sliced(data, recipe.get("limit"), cfg.get("seed", 0))
     summaries = []
     for run_name, overrides in runs.items():

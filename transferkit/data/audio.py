@@ -577,4 +577,3 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
     return DataBundle(train=train, val=val, classes=names, report=report)  # type: ignore[arg-type]
 
 
-_to_waveform = to_waveform  # the name the predictor looked for first

@@ -21,7 +21,7 @@ from PIL import Image
 from transferkit.backbones._base import InputSpec
 from transferkit.data.images import IMAGE_EXTENSIONS, load_image
 from transferkit.data.transforms import eval_transform
-from transferkit.errors import DataError, ExportError
+from transferkit.errors import DataError
 
 
 class InputPipeline:
@@ -37,9 +37,11 @@ class InputPipeline:
         self.spec = spec
         self.audio = spec.kind == "audio"
         if self.audio:
-            self._audio, self._to_waveform = _audio_helpers()
-            self._transform = self._audio.AudioTransform(spec)
-            self.extensions: tuple[str, ...] = tuple(self._audio.AUDIO_EXTENSIONS)
+            from transferkit.data import audio
+
+            self._audio, self._to_waveform = audio, audio.to_waveform
+            self._transform = audio.AudioTransform(spec)
+            self.extensions: tuple[str, ...] = tuple(audio.AUDIO_EXTENSIONS)
         else:
             self._transform = eval_transform(spec)
             self.extensions = IMAGE_EXTENSIONS
@@ -101,21 +103,6 @@ class InputPipeline:
             raise DataError(f"Cannot predict on a {type(item).__name__} with an audio model; pass audio file paths, "
                             "waveforms [T] at the model's sample rate, or (waveform, sample_rate) pairs.")
         return self._transform(self._to_waveform(item, int(self.spec.sample_rate)))  # type: ignore[arg-type]
-
-
-def _audio_helpers() -> tuple[Any, Any]:
-    """The audio data module (issue 6) and its waveform reader; a clear error where missing."""
-    try:
-        from transferkit.data import audio
-    except ImportError as exc:
-        raise ExportError("This model takes audio, but transferkit.data.audio is not available in this "
-                          f"installation ({exc}); upgrade transferkit.") from exc
-    to_waveform = getattr(audio, "to_waveform", None) or getattr(audio, "_to_waveform", None)
-    missing = [n for n in ("AudioTransform", "pad_waveforms", "AUDIO_EXTENSIONS") if not hasattr(audio, n)]
-    if missing or to_waveform is None:
-        raise ExportError(f"This model takes audio, but transferkit.data.audio lacks {missing or ['to_waveform']}; "
-                          "audio input is not supported by this version yet.")
-    return audio, to_waveform
 
 
 def _array_to_image(arr: np.ndarray) -> Image.Image | torch.Tensor:

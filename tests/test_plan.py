@@ -37,8 +37,7 @@ def _backbone():
 def _key(p: tk.RunPlan, part: str = "train") -> str:
     ds = p.bundle.train if part == "train" else p.bundle.val
     tf = train_transform(p.spec, p.augment) if part == "train" else eval_transform(p.spec)
-    return cache_key(p.feature_key_parts(part=part, transform=tf, views=p.config.cache_views,
-                                         fingerprint=data_fingerprint, dataset=ds))
+    return cache_key(p.feature_key_parts(part=part, transform=tf, views=p.config.cache_views, dataset=ds))
 
 
 def _plan(data, **kw):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from transferkit.errors import ConfigError
 from transferkit.heads import resolve_head, resolve_head_norm
 from transferkit.model import TransferModel, build_model
 from transferkit.policies import Policy, apply_policy, param_groups
-from transferkit.policies.freeze import _bn_param_names
+from transferkit.policies.freeze import has_batchnorm
 from transferkit.train.device import resolve_device
 from transferkit.train.distributed import DistInfo, init_distributed, rank_seeds
 from transferkit.train.optim import default_lr
@@ -120,11 +119,6 @@ class RunPlan:
     def epochs(self) -> int:
         return self.config.epochs
 
-    @property
-    def trained_module(self) -> nn.Module:
-        """What the optimizer updates: the head alone on cached features, else the whole model."""
-        return self.model.head if self.cache else self.model
-
     def param_groups(self, lr: float | None = None) -> list[dict[str, Any]]:
         """Fresh optimizer groups (``lr``: another base rate, e.g. for the lr finder)."""
         lr = self.lr if lr is None else lr
@@ -136,7 +130,7 @@ class RunPlan:
 
     def bn_mode(self) -> str:
         """What BatchNorm layers do in this run, in words."""
-        if not _bn_param_names(self.model.trunk):
+        if not has_batchnorm(self.backbone):
             return "none in the trunk"
         if self.frozen:
             return "eval statistics (the backbone is frozen)"
@@ -188,19 +182,18 @@ class RunPlan:
         ]
         return "\n".join(lines)
 
-    def feature_key_parts(self, *, part: str, transform: Any, views: int, fingerprint: Callable[[Any], str],
-                          dataset: Any) -> dict[str, Any]:
+    def feature_key_parts(self, *, part: str, transform: Any, views: int, dataset: Any) -> dict[str, Any]:
         """Everything that changes cached features: preprocessing and trunk weights (not the
         head), the transform, precision, layout and device type, the views and their seed
         whenever the transform is random, and the data's identity."""
-        from transferkit.train.features import module_fingerprint
+        from transferkit.train.features import data_fingerprint, module_fingerprint
 
         f = self.feature_speed
         random_views = part == "train" and self.augment != "none"
         return {"backbone": self.backbone.name, "weights": module_fingerprint(self.model.preprocess) + "/"
                 + module_fingerprint(self.model.trunk), "transform": repr(transform), "precision": f.precision,
                 "channels_last": f.channels_last, "device": f.device.type, "views": views,
-                "seed": self.config.seed if random_views else None, "data": fingerprint(dataset)}
+                "seed": self.config.seed if random_views else None, "data": data_fingerprint(dataset)}
 
 
 def _speed_reasons(train: SpeedConfig, features: SpeedConfig | None) -> list[str]:

@@ -31,7 +31,7 @@ from transferkit.policies import apply_policy, merge_lora, policy_penalty, set_t
 from transferkit.train.checkpoint import save_checkpoint, save_with_fallback
 from transferkit.train.distributed import wrap_ddp
 from transferkit.train.faults import training_faults
-from transferkit.train.features import FeatureStore, cache_key, compute_features, data_fingerprint, feature_loader
+from transferkit.train.features import FeatureStore, cache_key, compute_features, feature_loader
 from transferkit.train.loaders import make_loader
 from transferkit.train.loop import TrainState, fit
 from transferkit.train.metrics import final_metrics
@@ -83,7 +83,7 @@ def cached_features(plan: RunPlan, *, progress: Any = None) -> TrainingData:
     stores = {}
     for name, ds, tf, views in parts:
         key = "in-memory" if cfg.cache_dir is None else cache_key(plan.feature_key_parts(
-            part=name, transform=tf, views=views, fingerprint=data_fingerprint, dataset=ds))
+            part=name, transform=tf, views=views, dataset=ds))
         with progress_bar(len(ds) * views, f"features ({name})", verbose=cfg.verbose and info.is_main,
                           unit="img") as bar:
             stores[name] = compute_features(model, ds.view(transform=tf), key=key, views=views,

@@ -260,3 +260,22 @@ def test_images_are_decoded_once_when_the_backbone_trains(split_folders, monkeyp
     tk.finetune("tk:small_cnn", data=split_folders / "train", val_data=split_folders / "val", policy="full",
                 decode_once=False, **{**KW, "epochs": 4})
     assert len(opened) > counts[4]
+
+
+def test_bn_affine_on_a_trunk_without_batchnorm_is_frozen(split_folders):
+    """A trunk without BatchNorm has no gamma/beta for bn='affine' to train: the run is
+    feature extraction (cached, head-only lr), not fine-tuning."""
+    bb = tk.get_backbone("tk:mlp", weights=None, hidden=(8,), image_size=8)
+    p = _plan(split_folders / "train", backbone=bb, policy="feature_extraction,bn=affine")
+    assert p.cache and p.lr == 0.01 and p.to_dict()["bn"] == "none in the trunk"
+    cnn = _plan(split_folders / "train", policy="feature_extraction,bn=affine")  # BatchNorm: gamma/beta train
+    assert not cnn.cache and cnn.lr == 0.001
+
+
+def test_plan_records_which_blocks_update_batchnorm_statistics(split_folders):
+    p = _plan(split_folders / "train", policy="fine_tune:frozen=1", epochs=3)
+    d = p.to_dict()
+    assert d["bn_statistics_update"][0] == {"epochs": [1, 1], "blocks": []}
+    assert d["bn_statistics_update"][1]["epochs"] == [2, 3] and "stem" in d["bn_statistics_update"][1]["blocks"]
+    assert all(not r["blocks"] for r in _plan(split_folders / "train", policy="full,bn=frozen").to_dict()
+               ["bn_statistics_update"])

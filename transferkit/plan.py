@@ -137,6 +137,13 @@ class RunPlan:
         return {"train": "statistics update in training blocks, eval elsewhere",
                 "affine": "statistics frozen, gamma/beta train", "frozen": "frozen entirely"}[self.policy.bn]
 
+    def bn_updates(self) -> list[list[str]]:
+        """Per epoch, the blocks whose BatchNorm running statistics update (the others run in
+        eval mode): the training blocks under ``bn="train"``, none under ``affine``/``frozen``."""
+        if not has_batchnorm(self.backbone) or self.policy.bn != "train":
+            return [[] for _ in self.trainable]
+        return [[] if e < self.cached_epochs else blocks for e, blocks in enumerate(self.trainable)]
+
     def to_dict(self, *, portable: bool = False) -> dict[str, Any]:
         """The decisions as plain JSON data (saved in checkpoints and exports). ``portable``:
         paths reduced to file names, weight files to ``name@digest`` (for files shipped to
@@ -154,6 +161,7 @@ class RunPlan:
             "cache_reason": self.cache_reason, "head": self.head_kind, "head_hidden": list(self.head_hidden),
             "head_norm": self.head_norm, "augment": self.augment, "lr": self.lr, "class_weights": self.class_weights,
             "bn": self.bn_mode(), "trainable": _epoch_ranges(self.trainable),
+            "bn_statistics_update": _epoch_ranges(self.bn_updates()),
             "groups": [{k: g[k] for k in ("name", "lr", "weight_decay", "params")} for g in self.groups],
             "data": self.data_identity, "decode_once": {k: d.mode for k, d in self.decode.items()},
         })

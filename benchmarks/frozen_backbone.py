@@ -53,7 +53,7 @@ def _peak_rss_mb() -> float:
 
 def _spec(cfg: dict, image_size: int | None):
     import transferkit as tk
-    from transferkit.api import resolve_input_spec
+    from transferkit.plan import resolve_input_spec
 
     bb = tk.get_backbone(cfg["backbone"], weights=cfg["weights"])
     return bb, resolve_input_spec(bb.input_spec, image_size)
@@ -106,11 +106,9 @@ def plain(cfg: dict, args) -> dict:
 
 def _speed_summary(result) -> str:
     plan = getattr(result, "plan", None)
-    speed = getattr(plan, "feature_speed", None) or getattr(plan, "speed", None)
-    if speed is None:
+    if plan is None:
         return "(this version of finetune() does not expose its resolved speed settings)"
-    lines = speed.describe() if hasattr(speed, "describe") else [repr(speed)]
-    return "; ".join(lines)
+    return plan.summary().splitlines()[-1].split(":", 1)[1].strip()  # the plan's own "speed:" line
 
 
 def _transferkit(cfg: dict, args, **speed) -> dict:

@@ -34,9 +34,10 @@ FROZEN = ["feature_extraction", "logistic"]
 TRAINED = ["fine_tune:frozen=1", "full", "unfreeze:last=2"]
 
 
-def run(policy: str, seed: int, epochs: int, cache: Path, threads: int) -> dict:
+def run(policy: str, seed: int, epochs: int, cache: Path, threads: int, precision: str) -> dict:
     torch.set_num_threads(threads)
-    kw = dict(weights=str(WEIGHTS), data=DATA / "hymenoptera", seed=seed, verbose=False, restore_best=True)
+    kw = dict(weights=str(WEIGHTS), data=DATA / "hymenoptera", seed=seed, verbose=False, restore_best=True,
+              precision=precision)
     if policy == "logistic":
         kw.update(policy="feature_extraction", head="logistic", cache_dir=cache)
     elif policy == "feature_extraction":
@@ -56,21 +57,23 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the policies that train the backbone")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--precision", default="auto", help="finetune's precision (auto: its default)")
     args = ap.parse_args()
     if not WEIGHTS.is_file():
         sys.exit(f"needs {WEIGHTS} (set TRANSFERKIT_DATA)")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
-          f"torch {torch.__version__}, transferkit {tk.__version__}")
+          f"torch {torch.__version__}, transferkit {tk.__version__}, precision={args.precision}")
     cache = Path(tempfile.mkdtemp(prefix="tk-lite0-cache-"))
     rows = []
     for policy in args.policies:
-        res = [run(policy, s, args.epochs, cache, args.threads) for s in range(args.seeds)]
+        res = [run(policy, s, args.epochs, cache, args.threads, args.precision) for s in range(args.seeds)]
         p = res[0]["plan"]
         rows.append((policy, res, p))
         best, last = [r["best"] for r in res], [r["last"] for r in res]
         print(f"{policy:<22} best {statistics.mean(best):.3f} [{min(best):.3f}-{max(best):.3f}]  last "
               f"{statistics.mean(last):.3f} [{min(last):.3f}-{max(last):.3f}]  "
-              f"{statistics.mean(r['seconds'] for r in res):.0f} s/run  ({p['feature_precision']} features, "
+              f"{statistics.mean(r['seconds'] for r in res):.0f} s/run  per seed "
+              f"{', '.join(f'{b:.3f}' for b in best)}  ({p['feature_precision']} features, "
               f"{p['precision']} training, lr {p['lr']:g})", flush=True)
     print("\n| policy | epochs | val acc (best epoch), mean [min-max] | final epoch | seconds per run |")
     print("|---|---:|---:|---:|---:|")

@@ -93,7 +93,7 @@ def _attributes_section(cls: griffe.Class, runtime: Any) -> str:
             parts.append(f"Default: {default}.")
         type_text = _type_text(f, cls)
         head = f"{f.name} ({type_text})" if type_text else f.name
-        items.append(f"    {head}: {_escape(' '.join(p for p in parts if p)) or '-'}")
+        items.append(f"    {head}: {_escape(' '.join(p for p in parts if p))}")
     return "Attributes:\n" + "\n".join(items) if items else ""
 
 

@@ -27,8 +27,8 @@ def load_image(path: str | Path, *, min_size: int | None = None) -> Image.Image:
     LA, palette with transparency) are composited onto white, since dropping the alpha
     channel would show whatever colour happens to be stored under it. Animated images
     give their first frame. With ``min_size``, JPEG decoding uses Pillow's draft mode to
-    decode directly at the smallest power-of-two reduction whose shorter side stays
-    >= ``min_size``: several times faster for large photos fed to small models, and the
+    decode directly at the smallest power-of-two reduction whose shorter side stays at
+    least ``min_size``: several times faster for large photos fed to small models, and the
     same for training and prediction.
     """
     try:

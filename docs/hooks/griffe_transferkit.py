@@ -75,7 +75,7 @@ def _line_comment(cls: griffe.Class, name: str) -> str:
 
 
 def _escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return text.replace("\n", " ")
 
 
 def _attributes_section(cls: griffe.Class, runtime: Any) -> str:

@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.transferkit-installed
 
-.PHONY: demo test docs readme bench clean
+.PHONY: demo test docs docs-figures readme bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+# the figures of the docs site, from one real run (needs ../shared/data or TRANSFERKIT_DATA; about a minute)
+docs-figures: $(STAMP)
+	$(PY) docs/make_figures.py
 
 clean:
 	rm -rf $(VENV) site demo-output .pytest_cache

@@ -3,7 +3,7 @@
 hymenoptera ``train`` (245 JPEGs) at 224 px with the standard augmentation (random-resized
 crop + flip). "every epoch": transferkit's training loader over the image files (Pillow
 draft-mode decoding, resize, crop, flip in ``--workers`` processes). "decode once": the
-same images decoded and resized to 256 px once (:func:`transferkit.data.decoded.decoded_dataset`),
+same images decoded and resized to 256 px once (`transferkit.data.decoded.decoded_dataset`),
 then only the crop and flip per epoch (in the main process). Only the loader is timed (no
 model), so the difference is what each training epoch saves.
 

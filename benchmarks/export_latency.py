@@ -1,7 +1,7 @@
 """CPU latency of the exported TorchScript module vs the eager model, side by side.
 
 For each backbone, the model (preprocessing + trunk + a 10-class head) is exported with
-:func:`transferkit.export_torchscript`: plain, ``optimize=True`` (for convolutional trunks
+[`transferkit.export_torchscript`][transferkit.export_torchscript]: plain, ``optimize=True`` (for convolutional trunks
 ``freeze_channels_last``: frozen, weights in channels_last), and ``optimize=True`` without
 the channels_last candidate (plain ``freeze``, for comparison). Each file is reloaded from
 disk, and the median time of a forward pass on raw uint8 images is measured at batch size

@@ -8,7 +8,7 @@ On hymenoptera (train + val, 398 JPEGs) at the backbone's size:
   in fp32 (contiguous) and with transferkit's CPU fast path (``SpeedConfig.make(...,
   frozen=True)``: bf16 autocast + channels_last where the CPU runs bf16 natively), at
   transferkit's extraction batch size for the device;
-- pipeline: :func:`transferkit.train.features.compute_features` (decoding in workers,
+- pipeline: `transferkit.train.features.compute_features` (decoding in workers,
   overlapped with the backbone in the main process) with the fast path.
 
 The pipeline cannot beat the slower of its two stages; with decoding in workers it should

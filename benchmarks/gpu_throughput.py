@@ -8,7 +8,7 @@ starved GPU shows.
 2. Input pipeline: a JPEG folder (hymenoptera from ``$TRANSFERKIT_DATA`` when present, else
    a synthetic folder of 500x375 JPEGs written to a temporary directory) decoded to 224 px
    uint8 batches (a) by transferkit's CPU loader (Pillow, draft mode) with 0..N workers,
-   (b) by :mod:`transferkit.data.gpu_jpeg` (workers read bytes, nvJPEG decodes each batch on
+   (b) by `transferkit.data.gpu_jpeg` (workers read bytes, nvJPEG decodes each batch on
    the GPU, resize and crop there), (c) nvJPEG alone on bytes in memory.
 
 On a machine without CUDA it measures (2a) only, says so, and exits with status 0.

@@ -1,7 +1,10 @@
 """The docs site builds with --strict, and every ```python block in docs/ runs.
 
 Blocks of one page run in order in one namespace (so a page reads like a session);
-a block whose first line is ``# skip-test`` is shown but not run (downloads, long runs).
+a block whose first line is ``# skip-test`` is shown but not run (downloads, long runs); the
+line itself is removed from the page by docs/hooks/mkdocs_hooks.py. The built HTML is checked
+for what readers see: examples as code, cross-references as links, dataclass fields listed,
+no markup meant for tools (reST roles, doctest flags, skip markers), small figures.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -34,11 +38,127 @@ def test_docs_examples_run(page, tmp_path, monkeypatch):
             raise AssertionError(f"{page.name}, python block {i} failed: {type(exc).__name__}: {exc}\n{block}") from exc
 
 
-def test_docs_site_builds_strict(tmp_path):
+# --- the built site, as readers see it -------------------------------------------------------
+
+ROLE_TEXT = re.compile(r":(?:class|func|meth|mod|attr|data|exc|obj):(?:`|<code)")
+FIGURES = DOCS / "figures"
+
+
+class _Text(HTMLParser):
+    """The text of a page, split into what is inside ``<code>``/``<pre>`` and what is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0
+        self.code: list[str] = []
+        self.prose: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("code", "pre"):
+            self.depth += 1
+
+    def handle_endtag(self, tag):
+        if tag in ("code", "pre"):
+            self.depth -= 1
+
+    def handle_data(self, data):
+        (self.code if self.depth > 0 else self.prose).append(data)
+
+
+def page_text(html: str) -> _Text:
+    parser = _Text()
+    parser.feed(html[html.find("<article"):html.find("</article>")])  # the page, not the navigation
+    return parser
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
     mkdocs = shutil.which("mkdocs") or str(Path(sys.executable).parent / "mkdocs")
     if not Path(mkdocs).exists():
         pytest.skip("mkdocs is not installed (pip install -e '.[docs]')")
-    proc = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")],
+    out = tmp_path_factory.mktemp("site")
+    proc = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(out)],
                           cwd=DOCS.parent, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (tmp_path / "site" / "index.html").exists()
+    return out
+
+
+def test_docs_site_builds_strict(site):
+    assert (site / "index.html").exists()
+    assert (site / "api" / "index.html").exists()
+
+
+def test_no_markup_meant_for_tools_is_visible(site):
+    """reST roles, doctest flags and the docs tests' ``# skip-test`` marker never reach a reader."""
+    problems = []
+    for page in sorted(site.rglob("index.html")):
+        html = page.read_text()
+        article = html[html.find("<article"):html.find("</article>")]
+        text = "".join(page_text(html).prose + page_text(html).code)
+        rel = page.relative_to(site)
+        problems += [f"{rel}: reST role {m[0]!r}" for m in ROLE_TEXT.finditer(article)]
+        problems += [f"{rel}: {marker!r}" for marker in ("doctest: +SKIP", "# skip-test", "skip-test")
+                     if marker in text]
+    assert not problems, ("run `python tools/convert_roles.py FILES` on the docstrings that still use reST roles:\n"
+                          + "\n".join(problems))
+
+
+def test_api_examples_are_code_blocks(site):
+    """``>>>`` examples render inside <code> (griffe's Examples section), not as nested quotes."""
+    html = (site / "api" / "index.html").read_text()
+    text = page_text(html)
+    assert ">>>" not in "".join(text.prose)
+    assert "<blockquote>" not in html
+    assert "".join(text.code).count(">>>") >= 20  # the examples of finetune, FinetuneConfig, load, ...
+    finetune = _section(html, "transferkit.finetune")
+    assert re.search(r'<div class="highlight"><pre>.*?&gt;&gt;&gt;', finetune, re.S), "finetune's example is no code block"
+
+
+def _section(html: str, anchor: str) -> str:
+    start = html.index(f'id="{anchor}"')
+    end = html.find('class="doc doc-heading"', html.index("</h3>", start))  # the next object's heading
+    return html[start:end if end != -1 else len(html)]
+
+
+@pytest.mark.parametrize("anchor, cls", [("transferkit.FinetuneConfig", "transferkit.config.FinetuneConfig"),
+                                         ("transferkit.FinetuneResult", "transferkit.api.FinetuneResult"),
+                                         ("transferkit.RunPlan", "transferkit.plan.RunPlan"),
+                                         ("transferkit.Policy", "transferkit.policies.spec.Policy")])
+def test_api_lists_dataclass_fields(site, anchor, cls):
+    import dataclasses
+    import importlib
+
+    module, name = cls.rsplit(".", 1)
+    fields = [f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))]
+    section = _section((site / "api" / "index.html").read_text(), anchor)
+    missing = [f for f in fields if f'title="{anchor}.{f}">{f}</span></code></td>' not in section]
+    assert not missing, f"{anchor}: fields not listed on the API page: {missing}"
+
+
+def test_api_cross_references_are_links(site):
+    html = (site / "api" / "index.html").read_text()
+    finetune = _section(html, "transferkit.finetune")
+    assert 'href="#transferkit.FinetuneConfig"' in finetune  # the docstring's [`FinetuneConfig`][...]
+    assert 'href="#transferkit.plan.plan"' in finetune
+
+
+def test_skip_marker_hidden_but_block_still_skipped(site):
+    """A ```python block opened by ``# skip-test`` is not run by the tests, and the page shows it without the line."""
+    page = DOCS / "getting-started.md"
+    marked = [b for b in BLOCK.findall(page.read_text()) if b.lstrip().startswith("# skip-test")]
+    assert marked, "getting-started.md has no skip-test block any more: pick another page for this test"
+    assert not any(b in python_blocks(page) for b in marked)
+    html = (site / "getting-started" / "index.html").read_text()
+    code = "".join(page_text(html).code)
+    first_code_line = marked[0].splitlines()[1].strip()
+    assert first_code_line.split("(")[0] in code  # the block is on the page, its marker is not
+    assert "skip-test" not in html
+
+
+def test_figures_are_small_and_shown():
+    figures = sorted(FIGURES.glob("*.png"))
+    assert figures, "docs/figures/ has no PNG: run `make docs-figures`"
+    pages = "".join(p.read_text() for p in PAGES)
+    for fig in figures:
+        assert fig.stat().st_size < 200_000, f"{fig.name} is {fig.stat().st_size} bytes (keep figures < 200 KB)"
+        assert f"figures/{fig.name}" in pages, f"{fig.name} is on no page"

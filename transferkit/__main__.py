@@ -1,4 +1,4 @@
-"""``python -m transferkit``: the command line (see :mod:`transferkit.cli`)."""
+"""``python -m transferkit``: the command line (see `transferkit.cli`)."""
 
 import sys
 

@@ -17,7 +17,7 @@ from typing import Any
 
 
 class NullBar:
-    """What :func:`progress` returns when no bar is shown: the part of tqdm's interface
+    """What `progress` returns when no bar is shown: the part of tqdm's interface
     transferkit uses (``update``, ``set_postfix``, ``close``, a context manager), counting
     but drawing nothing."""
 
@@ -44,7 +44,7 @@ class NullBar:
 
 
 def shows_progress(*, verbose: bool = True, force: bool = False) -> bool:
-    """Whether :func:`progress` would draw a bar: ``force``, or ``verbose`` and a terminal on stderr."""
+    """Whether `progress` would draw a bar: ``force``, or ``verbose`` and a terminal on stderr."""
     if force:
         return True
     if not verbose:
@@ -55,7 +55,7 @@ def shows_progress(*, verbose: bool = True, force: bool = False) -> bool:
 
 def progress(total: int | None, desc: str, *, verbose: bool = True, unit: str = "it", force: bool = False,
              leave: bool = False) -> Any:
-    """A tqdm bar of ``total`` ``unit`` s on stderr, or a :class:`NullBar`.
+    """A tqdm bar of ``total`` ``unit`` s on stderr, or a `NullBar`.
 
     Args:
         total: the number of units to expect (``None`` when unknown).

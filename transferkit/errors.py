@@ -1,7 +1,7 @@
 """Errors raised by transferkit.
 
 Every error says what was received, what is valid, and how to fix it. They all derive
-from :class:`TransferkitError`, so ``except transferkit.TransferkitError`` catches them.
+from [`TransferkitError`][transferkit.TransferkitError], so ``except transferkit.TransferkitError`` catches them.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ class FeatureNorm(nn.Module):
 def build_head(num_features: int, num_outputs: int, *, hidden: Sequence[int] = (), activation: str = "relu",
                dropout: float = 0.0, norm: bool = False) -> nn.Sequential:
     """A linear head, or an MLP with ``hidden`` layer widths, ending in ``num_outputs`` logits;
-    ``norm=True`` starts it with a :class:`FeatureNorm`.
+    ``norm=True`` starts it with a [`FeatureNorm`][transferkit.FeatureNorm].
 
     Example:
         >>> build_head(512, 2)
@@ -86,7 +86,7 @@ def resolve_head(head: str | None, hidden: Sequence[int] = ()) -> tuple[str, tup
 
     ``None``: ``"mlp"`` when ``hidden`` is given, else ``"linear"``. ``"mlp"`` without widths
     gets one hidden layer of 256. ``"logistic"``: a linear head fitted by scikit-learn's
-    logistic regression on cached features (see :mod:`transferkit.train.probe`).
+    logistic regression on cached features (see `transferkit.train.probe`).
 
     Example:
         >>> resolve_head(None, (128,))

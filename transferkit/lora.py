@@ -1,6 +1,6 @@
 """LoRA (Hu et al. 2021): low-rank updates ``W + (alpha / r) * B @ A`` on linear weights.
 
-The factors are attached with :mod:`torch.nn.utils.parametrize`, so every access to the
+The factors are attached with `torch.nn.utils.parametrize`, so every access to the
 weight sees the adapted value. That is what makes LoRA work on torchvision's ViT: its
 ``nn.MultiheadAttention`` never calls ``out_proj.forward`` and keeps the q/k/v projection
 as a bare ``in_proj_weight`` parameter; both are read as tensors, and a parametrization
@@ -11,7 +11,7 @@ adapts them where a wrapper module could not. Targets:
 - the packed ``in_proj_weight`` of an ``nn.MultiheadAttention`` whose name + ``".in_proj"``
   matches (one rank-r update of the [3E, E] q/k/v weight, as timm's ``qkv`` Linear gets).
 
-A parametrized module is not scriptable: :func:`merge_lora` returns a plain copy with
+A parametrized module is not scriptable: `merge_lora` returns a plain copy with
 the factors folded into the weights (same state-dict keys as before LoRA), which is what
 gets exported.
 """

@@ -77,7 +77,7 @@ class TransferModel(nn.Module):
 def build_model(backbone: Any, num_outputs: int, *, spec: Any = None, head_hidden: Sequence[int] = (),
                 head_activation: str = "relu", head_dropout: float = 0.0, head_norm: bool = False) -> TransferModel:
     """Preprocessing from the input spec + the backbone's trunk + a new head (``head_norm``:
-    starting with a :class:`~transferkit.heads.FeatureNorm`). The trunk is used, not copied.
+    starting with a [`FeatureNorm`][transferkit.FeatureNorm]). The trunk is used, not copied.
 
     Example:
         >>> from transferkit import get_backbone

@@ -1,4 +1,4 @@
-"""Backbones: the registry, the :class:`Backbone` record and its sources."""
+"""Backbones: the registry, the [`Backbone`][transferkit.Backbone] record and its sources."""
 
 from transferkit.backbones._base import Backbone, Block, InputSpec, check_blocks
 from transferkit.backbones.custom import from_module, from_torchscript

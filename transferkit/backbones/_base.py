@@ -1,4 +1,4 @@
-"""The :class:`Backbone` record every adapter returns, and helpers over its blocks."""
+"""The [`Backbone`][transferkit.Backbone] record every adapter returns, and helpers over its blocks."""
 
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def children_blocks(trunk: nn.Module) -> tuple[Block, ...]:
 def blocks_from_param_groups(trunk: nn.Module, groups: list[tuple[str, list[str]]]) -> tuple[Block, ...]:
     """Blocks from groups of *parameter* names, with members compressed to the largest modules
     whose parameters all lie in one group (so that module-level queries such as
-    :meth:`Block.owns` on a module name, used to switch frozen blocks to eval mode, work).
+    `Block.owns` on a module name, used to switch frozen blocks to eval mode, work).
     Parameters of a module shared between groups stay as parameter-name members."""
     owner = {p: i for i, (_, params) in enumerate(groups) for p in params}
     members: list[list[str]] = [[] for _ in groups]
@@ -163,7 +163,7 @@ CONTAINER_NAMES = ("stages", "blocks", "layers", "features", "levels", "network"
 
 
 def container_blocks(trunk: nn.Module) -> tuple[Block, ...]:
-    """Like :func:`children_blocks`, but a container child (``stages``, ``blocks``, ``layers``,
+    """Like `children_blocks`, but a container child (``stages``, ``blocks``, ``layers``,
     ``features`` ...: a Sequential or ModuleList) is split into one block per element
     (``stages.0``, ``stages.1`` ...)."""
     spec: list[tuple[str, list[str]]] = []

@@ -1,10 +1,10 @@
 """Knowing at once when a weights hub cannot be reached.
 
 Without this, an offline request for timm weights spends about 48 s in huggingface_hub's
-retries before it fails. :func:`hub_unreachable` opens one TCP connection to the hub's host
+retries before it fails. `hub_unreachable` opens one TCP connection to the hub's host
 (or to the HTTPS proxy that would carry the request) with a short timeout, once per host
 and process, and says why it failed; the backbone sources then raise their actionable
-:class:`~transferkit.WeightsError` at once, unless the file is already in the local cache.
+[`WeightsError`][transferkit.WeightsError] at once, unless the file is already in the local cache.
 
 ``HF_HUB_OFFLINE=1`` (read at call time, so setting it after import works too) means "do not
 touch the network" for the Hugging Face hub: no check, cache only.
@@ -131,6 +131,6 @@ def hub_unreachable(url: str) -> str | None:
 
 
 def forget() -> None:
-    """Drop the remembered answers (the next :func:`hub_unreachable` checks again)."""
+    """Drop the remembered answers (the next `hub_unreachable` checks again)."""
     with _lock:
         _results.clear()

@@ -98,7 +98,7 @@ def _default_weights_message(name: str, depth: int) -> str:
 
 
 def cifar_resnet(depth: int, *, weights: Any = None, weights_only: bool = True, strict: bool = True) -> Backbone:
-    """The CIFAR ResNet of ``depth`` as a :class:`Backbone` (32 px input, pooled 64 features).
+    """The CIFAR ResNet of ``depth`` as a [`Backbone`][transferkit.Backbone] (32 px input, pooled 64 features).
 
     ``weights``: ``None``, the path of a checkpoint of the full network (its ``linear``
     classifier is checked by the strict load, then dropped from the trunk), or a transferkit

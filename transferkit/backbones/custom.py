@@ -1,4 +1,4 @@
-"""Bring your own backbone: any ``nn.Module`` or TorchScript module as a :class:`Backbone`.
+"""Bring your own backbone: any ``nn.Module`` or TorchScript module as a [`Backbone`][transferkit.Backbone].
 
 Example:
     >>> import torch

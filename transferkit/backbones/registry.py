@@ -142,12 +142,12 @@ def resolve_name(name: str) -> tuple[str, str]:
 
 
 def get_backbone(name: str, *, weights: str | Path | None = "DEFAULT", **kwargs: Any) -> Backbone:
-    """Build the backbone ``name`` with ``weights`` and return a :class:`Backbone`.
+    """Build the backbone ``name`` with ``weights`` and return a [`Backbone`][transferkit.Backbone].
 
     ``weights``: ``"DEFAULT"`` (the source's recommended pretrained weights), a source tag
     (a torchvision enum name such as ``"IMAGENET1K_V2"``), the path of a local file, or
     ``None`` for random initialisation. Pretrained weights that cannot be had raise
-    :class:`~transferkit.errors.WeightsError`; transferkit never falls back to random weights.
+    [`WeightsError`][transferkit.WeightsError]; transferkit never falls back to random weights.
 
     Example:
         >>> bb = get_backbone("tv:resnet18", weights=None)

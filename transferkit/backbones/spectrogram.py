@@ -3,7 +3,7 @@
 Everything runs inside one scriptable module, so the exported model takes raw
 waveforms at the declared sample rate. Names: ``spec:<image backbone>``, e.g.
 ``spec:tv:resnet18`` or ``spec:tk:small_cnn``; any other image backbone is wrapped with
-:func:`spectrogram_backbone`.
+`spectrogram_backbone`.
 
 Input convention (shared with the speech trunks): a float ``[N, T]`` batch in [-1, 1],
 clips shorter than T padded at the end with NaN (see ``transferkit.data.audio``).
@@ -140,16 +140,16 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
                          hop_length: int | None = None, f_min: float = 0.0, f_max: float | None = None,
                          image_size: int | tuple[int, int] | None = None, clip_seconds: float | None = None,
                          spec_augment: Any = None, image_options: dict[str, Any] | None = None) -> Backbone:
-    """Wrap an image backbone (a :class:`Backbone` or a name built with ``weights``) into an
+    """Wrap an image backbone (a [`Backbone`][transferkit.Backbone] or a name built with ``weights``) into an
     audio backbone taking waveforms at ``input_sample_rate`` (default ``sample_rate``).
 
     The mel frontend works at ``sample_rate`` (resampling inside when the rates differ);
     ``n_fft`` defaults to 25 ms rounded up to a power of two, ``hop_length`` to 10 ms.
     ``image_size`` resizes the spectrogram image (None: keep n_mels x frames). The image
     backbone's blocks are kept (members under ``image.``), so every policy applies.
-    ``image_options`` go to :func:`get_backbone` when ``image`` is a name (e.g.
+    ``image_options`` go to [`get_backbone`][transferkit.get_backbone] when ``image`` is a name (e.g.
     ``{"widths": [16, 32, 64]}`` for ``tk:small_cnn``); ``spec_augment``: None, True,
-    or a dict of :class:`SpecAugment` options (masks applied in training mode only).
+    or a dict of `SpecAugment` options (masks applied in training mode only).
 
     Example:
         >>> bb = spectrogram_backbone("tk:small_cnn", sample_rate=8000, n_mels=32)
@@ -183,7 +183,7 @@ SPEC_IMAGE_BACKBONES = ("tk:small_cnn", "tk:cifar_resnet20", "tk:cifar_resnet32"
 
 
 class SpectrogramSource:
-    """``spec:<image backbone>``: the registered image backbones of :data:`SPEC_IMAGE_BACKBONES`."""
+    """``spec:<image backbone>``: the registered image backbones of `SPEC_IMAGE_BACKBONES`."""
 
     prefix = "spec"
 

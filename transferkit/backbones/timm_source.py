@@ -158,7 +158,7 @@ def _offline_reason(model_name: str, kwargs: dict[str, Any]) -> str | None:
 
 def create(model_name: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
     """``timm.create_model(model_name, pretrained=..., num_classes=0)``; a failed download raises
-    :class:`WeightsError` saying where to put the file - never random weights instead.
+    [`WeightsError`][transferkit.WeightsError] saying where to put the file - never random weights instead.
 
     When the hub cannot be reached (or ``HF_HUB_OFFLINE`` is set) the weights come from the
     local cache without any network retry, and the error comes at once when they are not there."""

@@ -232,8 +232,8 @@ def _load_file(target: nn.Module, sd: dict[str, Tensor], path: Any, *, strict: b
 
 
 class TorchaudioSource:
-    """``ta:<name>``: the wav2vec2/HuBERT/WavLM bundles of :data:`BUNDLES` and the tiny
-    random-init configurations of :data:`TINY`."""
+    """``ta:<name>``: the wav2vec2/HuBERT/WavLM bundles of `BUNDLES` and the tiny
+    random-init configurations of `TINY`."""
 
     prefix = "ta"
 

@@ -210,7 +210,7 @@ BLOCK_MAPS = {
 
 def tv_blocks(trunk: nn.Module) -> tuple[Block, ...]:
     """The block map of a torchvision classifier whose last Linear was stripped, by model class
-    (subclasses included); other classes get :func:`container_blocks`."""
+    (subclasses included); other classes get `container_blocks`."""
     for cls in type(trunk).__mro__:
         fn = BLOCK_MAPS.get(cls.__name__)
         if fn is not None:
@@ -274,7 +274,7 @@ class _Inception3Trunk(torchvision.models.Inception3):
 
 
 class _GoogLeNetTrunk(torchvision.models.GoogLeNet):
-    """GoogLeNet whose ``forward`` returns the main output only (see :class:`_Inception3Trunk`)."""
+    """GoogLeNet whose ``forward`` returns the main output only (see `_Inception3Trunk`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._transform_input(x)

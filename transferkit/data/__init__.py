@@ -98,7 +98,7 @@ def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple
     """``(data, val_data)`` with a split layout resolved: a folder holding ``train/`` and
     ``val/`` (or ``valid/``, ``validation/``, else ``test/``) trains on ``train/`` and
     validates on the other; ``train/`` alone trains on it (see
-    :func:`~transferkit.data.folders.find_split_folders`, the rule the recipes use too).
+    [`find_split_folders`][transferkit.data.find_split_folders], the rule the recipes use too).
     Anything else is returned as it is.
 
     Example:
@@ -126,14 +126,14 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
     """Resolve training and validation data.
 
     ``data`` is a folder ``root/<class>/<image>`` (or a folder holding ``train/`` and
-    ``val/``, ``valid/``, ``validation/`` or ``test/``: see :func:`resolve_split_folders`),
+    ``val/``, ``valid/``, ``validation/`` or ``test/``: see `resolve_split_folders`),
     a CSV file of ``path,label`` rows, or a Dataset of ``(image, label)``.
     Without ``val_data``, a stratified ``val_split`` of the training data is held out
     (``val_split=0``: no validation). Image files are checked before training
     (``scan="quick"``: headers and truncation, ``"full"``: decode everything, ``"none"``);
     bad ones are left out and listed in ``bundle.report`` (``on_bad_file="skip"``) or
     raise (``"raise"``); files that fail to decode later are handled as
-    :mod:`transferkit.data.late` says. The validation data always use the training class
+    `transferkit.data.late` says. The validation data always use the training class
     mapping. Class folders named like splits (``train``, ``test``, ...) give a warning.
 
     Example:

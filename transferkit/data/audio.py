@@ -2,7 +2,7 @@
 mono mix-down, resampling to the backbone's rate, pad/crop and waveform augmentations.
 
 Waveforms travel as float32 tensors in [-1, 1]. Batches of clips of different lengths
-are padded at the end with ``NaN`` (:data:`PAD_VALUE`): the audio trunks read the valid
+are padded at the end with ``NaN`` (`PAD_VALUE`): the audio trunks read the valid
 length of each clip from the padding, so one plain ``[N, T]`` tensor carries waveforms
 *and* lengths through the training loop, the feature cache, the exported TorchScript
 file and the predictor. A batch without NaN is a batch of full-length clips.
@@ -61,7 +61,7 @@ def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[t
     """Read an audio file with soundfile: ``([C, T] float32 tensor, sample_rate)``; with
     ``max_seconds``, only the middle ``max_seconds`` of a longer file are read. A file with
     no samples, or with NaN/inf samples (NaN marks padding in transferkit batches), raises
-    :class:`DataError` naming the file."""
+    [`DataError`][transferkit.DataError] naming the file."""
     import soundfile as sf
 
     try:
@@ -80,7 +80,7 @@ def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[t
 
 
 def check_finite(samples: np.ndarray | torch.Tensor, what: str) -> None:
-    """Raise :class:`DataError` when ``samples`` hold NaN or inf."""
+    """Raise [`DataError`][transferkit.DataError] when ``samples`` hold NaN or inf."""
     arr = samples.numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
     finite = np.isfinite(arr)
     if not finite.all():
@@ -207,7 +207,7 @@ def _is_audio_file(name: str) -> bool:
 def scan_audio_folder(root: str | Path, classes: Sequence[str] | None = None, *,
                       report: DataReport | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """``(path, class_index)`` for ``root/<class>/**/<audio file>``, with the same rules as
-    image folders (:func:`transferkit.data.scan_image_folder`): hidden sub-folders are not
+    image folders (`transferkit.data.scan_image_folder`): hidden sub-folders are not
     walked and are listed as ignored, unreadable folders are reported, a class folder the
     training ``classes`` lack is left out with a warning, and a folder sharing no class with
     them is an error."""
@@ -244,7 +244,7 @@ def read_file_list(path: str | Path, classes: Sequence[str] | None = None, *,
                    report: DataReport | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """A CSV file list with a header holding ``path`` and ``label`` columns; relative paths
     are relative to the CSV's folder. Classes are the sorted labels unless given. Files
-    that are missing or unreadable are found by the pre-scan (:func:`filter_bad_audio`)."""
+    that are missing or unreadable are found by the pre-scan (`filter_bad_audio`)."""
     path = Path(path)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -299,7 +299,7 @@ def probe_audio_file(path: str | Path, *, full: bool = False) -> AudioFileInfo |
 
 
 def check_audio_file(path: str | Path, *, full: bool = False) -> str | None:
-    """Why ``path`` cannot be used as audio, or ``None`` when it looks fine (:func:`probe_audio_file`).
+    """Why ``path`` cannot be used as audio, or ``None`` when it looks fine (`probe_audio_file`).
 
     Example:
         >>> import tempfile
@@ -315,9 +315,9 @@ def check_audio_file(path: str | Path, *, full: bool = False) -> str | None:
 def filter_bad_audio(samples: Sequence[tuple[Any, int]], *, on_bad_file: str = "skip", scan: str = "quick",
                      report: DataReport | None = None,
                      max_seconds: float | None = None) -> list[tuple[Any, int]]:
-    """The audio counterpart of :func:`transferkit.data.checks.filter_bad_images`: drop
+    """The audio counterpart of `transferkit.data.checks.filter_bad_images`: drop
     (``"skip"``, listed in ``report``) or reject (``"raise"``) file samples that fail
-    :func:`probe_audio_file` (``scan="quick"``: headers; ``"full"``: decode every file;
+    `probe_audio_file` (``scan="quick"``: headers; ``"full"``: decode every file;
     ``"none"``: no check). In-memory samples pass through. Clips longer than
     ``max_seconds`` are counted in one warning (they will be cropped)."""
     check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
@@ -349,7 +349,7 @@ def filter_bad_audio(samples: Sequence[tuple[Any, int]], *, on_bad_file: str = "
 
 
 def check_max_seconds(max_seconds: Any) -> float | None:
-    """``max_seconds`` if it is a positive number or None, else a :class:`ConfigError`."""
+    """``max_seconds`` if it is a positive number or None, else a [`ConfigError`][transferkit.ConfigError]."""
     if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
                                     or not max_seconds > 0):
         raise ConfigError(f"max_seconds must be a positive number of seconds or None, got {max_seconds!r}.")
@@ -367,10 +367,10 @@ class AudioDataset(Dataset):
     """Audio files as ``(transform(waveform), class_index)``; waveforms are mono float32
     at ``sample_rate``, at most ``max_seconds`` long (the middle of a longer clip). Decoded
     clips are cached in memory (shared by all views) when ``cache=True``. Clips of
-    different lengths are batched by :attr:`collate_fn`. A clip that fails to load
+    different lengths are batched by `collate_fn`. A clip that fails to load
     (unreadable, NaN/inf samples) raises with ``on_bad_file="raise"``; with ``"skip"`` the
     next readable clip of its class takes its place and the file is listed in ``report``
-    (see :mod:`transferkit.data.late`).
+    (see `transferkit.data.late`).
 
     Example:
         >>> ds = AudioDataset.from_source("clips/", sample_rate=16000)  # doctest: +SKIP
@@ -392,7 +392,7 @@ class AudioDataset(Dataset):
     @classmethod
     def from_source(cls, source: str | Path, *, sample_rate: int, classes: Sequence[str] | None = None,
                     scan: str = "quick", **kw: Any) -> AudioDataset:
-        """A class folder or a ``.csv`` file list, pre-scanned (``scan``, see :func:`filter_bad_audio`)."""
+        """A class folder or a ``.csv`` file list, pre-scanned (``scan``, see `filter_bad_audio`)."""
         report = kw.pop("report", None) or DataReport()
         lister = read_file_list if str(source).lower().endswith(".csv") else scan_audio_folder
         samples, names = lister(source, classes, report=report)
@@ -414,7 +414,7 @@ class AudioDataset(Dataset):
 
     @property
     def collate_fn(self) -> ReportingCollate:
-        """The DataLoader collate function: :func:`pad_collate`, reporting replaced files."""
+        """The DataLoader collate function: `pad_collate`, reporting replaced files."""
         return ReportingCollate(self.report.token, pad_collate)
 
     def __len__(self) -> int:
@@ -425,7 +425,7 @@ class AudioDataset(Dataset):
 
     def waveform(self, i: int) -> torch.Tensor:
         """The decoded, mono, resampled (and cropped to ``max_seconds``) clip ``i`` (no transform);
-        raises :class:`DataError` when it cannot be loaded."""
+        raises [`DataError`][transferkit.DataError] when it cannot be loaded."""
         return self._cached(self.samples[i])
 
     def _cached(self, sample: tuple[Any, int]) -> torch.Tensor:
@@ -454,7 +454,7 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
     """A path, a ``(waveform, rate)`` pair or a waveform already at ``sample_rate`` -> mono
     float32 ``[T]`` at ``sample_rate`` (int16 PCM is scaled to [-1, 1]), at most
     ``max_seconds`` long (the middle of a longer clip). NaN at the end of an in-memory
-    waveform is padding and is removed; NaN elsewhere, or inf, raises :class:`DataError`.
+    waveform is padding and is removed; NaN elsewhere, or inf, raises [`DataError`][transferkit.DataError].
 
     Example:
         >>> to_waveform((torch.zeros(2, 800), 8000), 16000).shape
@@ -526,7 +526,7 @@ def _lengths(samples: Sequence[tuple[Any, int]], rate: int) -> list[tuple[int, f
 def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_split: float = 0.2, seed: int = 0,
                        classes: Sequence[str] | None = None, on_bad_file: str = "skip", scan: str = "quick",
                        max_seconds: float | None = DEFAULT_MAX_SECONDS):
-    """The audio counterpart of :func:`transferkit.data.prepare_data`: a folder
+    """The audio counterpart of [`transferkit.data.prepare_data`][transferkit.data.prepare_data]: a folder
     ``root/<class>/<clip>.wav`` (or one holding ``train/`` and ``val/``, ``valid/``,
     ``validation/`` or ``test/``), a CSV file list, or a dataset of ``(waveform, label)`` /
     ``(waveform, sample_rate, label)``.
@@ -535,7 +535,7 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
     count, channels, rate; ``"full"``: decoded too, which finds NaN/inf samples before
     training; ``"none"``). Bad files are left out and listed in ``bundle.report``
     (``on_bad_file="skip"``) or raise (``"raise"``); a file that fails when it is loaded
-    later (NaN/inf samples, broken data) is handled as :mod:`transferkit.data.late` says.
+    later (NaN/inf samples, broken data) is handled as `transferkit.data.late` says.
     Clips longer than ``max_seconds`` (default 30; at least the backbone's
     ``clip_seconds``) are cropped to their middle, which bounds the memory of a batch;
     ``max_seconds=None`` keeps whole clips.

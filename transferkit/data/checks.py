@@ -32,7 +32,7 @@ class DataReport:
 
     ``bad_files``: ``(path, reason)`` of every file left out, found before training (the
     pre-scan) or while loading it during training (also in ``bad_at_load``; its place in
-    the batch is taken by another file, see :func:`transferkit.data.late.load_or_replace`).
+    the batch is taken by another file, see `transferkit.data.late.load_or_replace`).
     ``ignored_files``: files that are not data by their name or extension;
     ``ignored_folders``: hidden sub-folders (``.thumbnails``, ``.ipynb_checkpoints``) that
     were not walked; ``unreadable_folders``: ``(path, reason)`` of folders that could not
@@ -125,7 +125,7 @@ def check_image_file(path: str, *, full: bool = False) -> str | None:
 
 def filter_bad_images(samples: Sequence[tuple[str, int]], *, on_bad_file: str = "skip", scan: str = "quick",
                       report: DataReport | None = None) -> list[tuple[str, int]]:
-    """Drop (``"skip"``) or reject (``"raise"``) samples whose file fails :func:`check_image_file`."""
+    """Drop (``"skip"``) or reject (``"raise"``) samples whose file fails `check_image_file`."""
     check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
     check_choice("scan", scan, SCANS)
     if scan == "none":

@@ -2,8 +2,8 @@
 ``val/`` or ``test/``), class folders, and walking them without hidden or unreadable
 sub-folders slipping through unnoticed.
 
-One rule finds the splits for :func:`transferkit.data.prepare_data`, the audio data and
-the recipes (:func:`find_split_folders`).
+One rule finds the splits for [`transferkit.data.prepare_data`][transferkit.data.prepare_data], the audio data and
+the recipes ([`find_split_folders`][transferkit.data.find_split_folders]).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class SplitFolders:
 
     @property
     def held_out(self) -> Path | None:
-        """The folder :func:`~transferkit.finetune` validates on: ``val/`` (or ``valid/``,
+        """The folder [`finetune`][transferkit.finetune] validates on: ``val/`` (or ``valid/``,
         ``validation/``), else ``test/``."""
         return self.val or self.test
 
@@ -59,7 +59,7 @@ def find_split_folders(root: str | Path) -> SplitFolders | None:
     ``root`` is a split layout when it holds ``train/`` and a validation or test folder
     (``val/``, ``valid/``, ``validation/``, ``test/``), or ``train/`` alone, and ``train/``
     holds class sub-folders (a ``train/`` of image files is a class). Two validation
-    folders (``val/`` and ``valid/``) are ambiguous: a :class:`DataError`.
+    folders (``val/`` and ``valid/``) are ambiguous: a [`DataError`][transferkit.DataError].
 
     Example:
         >>> import tempfile

@@ -10,7 +10,7 @@ decoder must be part of a feature-cache key.
 
 Batches come as ``(uint8 [B, 3, S, S] on the device, targets)``; the order and the random
 crops are a function of ``(seed, epoch, index)`` as with
-:func:`transferkit.train.loaders.make_loader` (call ``loader.set_epoch(e)``).
+`transferkit.train.loaders.make_loader` (call ``loader.set_epoch(e)``).
 
 Not tested on a GPU in this repository's CI (no GPU there): the batching, transforms and
 seeding are tested with the CPU decoder; ``benchmarks/gpu_throughput.py`` measures the GPU

@@ -27,8 +27,8 @@ def load_image(path: str | Path, *, min_size: int | None = None) -> Image.Image:
     LA, palette with transparency) are composited onto white, since dropping the alpha
     channel would show whatever colour happens to be stored under it. Animated images
     give their first frame. With ``min_size``, JPEG decoding uses Pillow's draft mode to
-    decode directly at the smallest power-of-two reduction whose shorter side stays
-    >= ``min_size``: several times faster for large photos fed to small models, and the
+    decode directly at the smallest power-of-two reduction whose shorter side stays at
+    least ``min_size``: several times faster for large photos fed to small models, and the
     same for training and prediction.
     """
     try:
@@ -45,7 +45,7 @@ def load_image(path: str | Path, *, min_size: int | None = None) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow image mode to 8-bit RGB (see :func:`load_image`)."""
+    """Any Pillow image mode to 8-bit RGB (see [`load_image`][transferkit.data.load_image])."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -160,7 +160,7 @@ class ImageFolderDataset(Dataset):
     ``on_bad_file``). A file that passes that check but fails to decode later (during
     training) raises with ``on_bad_file="raise"``; with ``"skip"`` the next readable image
     of its class takes its place and the file is listed in ``report`` (see
-    :mod:`transferkit.data.late`). ``report`` is shared by every :meth:`view`.
+    `transferkit.data.late`). ``report`` is shared by every [`view`][transferkit.data.ImageFolderDataset.view].
 
     Example:
         >>> ds = ImageFolderDataset("hymenoptera/train")  # doctest: +SKIP

@@ -3,7 +3,7 @@
 With ``on_bad_file="skip"`` such a file never stops the run. Its item is replaced by the
 next readable file of the **same class** (the next one in the dataset's order, of any
 class when none of its class can be read), and the file is added to the
-:class:`~transferkit.data.DataReport` that the result carries (``bad_files`` and
+[`DataReport`][transferkit.data.DataReport] that the result carries (``bad_files`` and
 ``bad_at_load``), with a warning. Why replace rather than drop: the replacement depends
 only on the item's index, so every epoch, every resumed run and every number of workers
 sees the same batches; batch sizes stay what was asked (no batch of one for BatchNorm, no
@@ -13,7 +13,7 @@ which the report makes visible. With ``on_bad_file="raise"`` the error names the
 
 DataLoader workers are other processes, and what they write into their copy of the report
 is lost. So a worker remembers the files it replaced, and the collate function
-(:class:`ReportingCollate`) sends them back with the batch: the batch travels as a small
+(`ReportingCollate`) sends them back with the batch: the batch travels as a small
 carrier whose unpickling, in the main process, records the files in the main process's
 report (found through its ``token``) and hands the loop the plain batch.
 """
@@ -134,7 +134,7 @@ def _reason(exc: DataError) -> str:
 
 def load_or_replace(samples: Sequence[tuple[Any, int]], i: int, load: Callable[[int], Any], *, on_bad_file: str,
                     report: DataReport, known_bad: dict[Any, str]) -> tuple[Any, int]:
-    """``(load(i), target)`` for ``samples[i] = (source, target)``. When ``load`` raises a :class:`DataError`:
+    """``(load(i), target)`` for ``samples[i] = (source, target)``. When ``load`` raises a [`DataError`][transferkit.DataError]:
     raise it (``on_bad_file="raise"``), or record the file in ``report`` and load the next
     readable sample of the same class instead (of any class when none of its class reads).
     ``known_bad`` remembers failed sources in this process, so they are not decoded again."""

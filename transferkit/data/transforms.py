@@ -1,4 +1,4 @@
-"""Image transforms derived from a backbone's :class:`InputSpec`.
+"""Image transforms derived from a backbone's [`InputSpec`][transferkit.InputSpec].
 
 Transforms end in a ``uint8`` tensor ``[3, H, W]``: normalisation (mean/std) happens
 inside the model, so the exported file takes raw pixels and no one can forget it.

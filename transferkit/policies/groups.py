@@ -36,7 +36,7 @@ def lr_multipliers(block_names: list[str], policy: Policy) -> dict[str, float]:
 
     Blocks are numbered 0 (stem) .. B-1, the head is B. ``discriminative=r``: ``r ** ((B - i) / B)``
     (geometric from ``r`` at the stem to 1 at the head, fastai's ``slice``). Neither: 1
-    everywhere. ``layer_decay`` scales *layers*, not blocks: see :func:`lr_scales`.
+    everywhere. ``layer_decay`` scales *layers*, not blocks: see `lr_scales`.
 
     Example:
         >>> lr_multipliers(["stem", "layer1"], Policy(unfreeze="all", discriminative=0.25))
@@ -131,7 +131,7 @@ def _units(trunk: nn.Module, block: Block) -> list[list[str]] | None:
 def _block_layer_ids(trunk: nn.Module, backbone: Backbone) -> tuple[dict[str, int], int]:
     """Layers of a trunk without a timm ``group_matcher``, by timm's rules on the backbone's
     blocks: one layer per block, one per residual unit of a block made of them (see
-    :func:`_units`), a final block of norm parameters only shares the layer before it."""
+    `_units`), a final block of norm parameters only shares the layer before it."""
     norm_names = _norm_param_names(trunk)
     params: dict[str, list[str]] = {b.name: [] for b in backbone.blocks}
     for n, _ in trunk.named_parameters():
@@ -189,11 +189,11 @@ def layer_ids(model: nn.Module, backbone: Backbone) -> tuple[dict[str, int], int
 
 def lr_scales(model: nn.Module, backbone: Backbone, policy: Policy) -> dict[str, float]:
     """The lr multiplier of every parameter of ``model.trunk`` and ``model.head``
-    (``"trunk.<name>"``, ``"head.<name>"``), as :func:`param_groups` applies it.
+    (``"trunk.<name>"``, ``"head.<name>"``), as `param_groups` applies it.
 
-    ``discriminative=r``: the multiplier of the parameter's block (:func:`lr_multipliers`).
+    ``discriminative=r``: the multiplier of the parameter's block (`lr_multipliers`).
     ``layer_decay=d``: ``d ** (L - l)`` for a parameter of layer ``l`` when the head is layer
-    ``L`` (:func:`layer_ids`), which is timm's ``param_groups_layer_decay`` lr_scale.
+    ``L`` (`layer_ids`), which is timm's ``param_groups_layer_decay`` lr_scale.
 
     Example:
         >>> from transferkit import get_backbone, build_head
@@ -242,7 +242,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone: 
     epoch in ``range(epochs)`` plus ``model.head``, each exactly once; group ``"name"`` is
     ``<block>`` or ``<block>/no_decay`` (with ``layer_decay``, a block spanning several layers
     has one group per layer: ``layer1.0``, ``layer1.1`` ...) and ``"lr_scale"`` its multiplier
-    (:func:`lr_scales`). No weight decay on biases, norm parameters and token/position
+    (`lr_scales`). No weight decay on biases, norm parameters and token/position
     embeddings (unless ``policy.decay_norm_bias``), none at all with L2-SP (the penalty
     replaces it).
 

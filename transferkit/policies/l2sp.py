@@ -64,7 +64,7 @@ class L2SP:
 def policy_penalty(model: nn.Module, backbone: Backbone, policy: Policy, *, epochs: int = 1) -> L2SP | None:
     """The L2-SP penalty the policy asks for (``None`` without ``l2sp``), anchoring only the
     trunk parameters that train at some epoch of the run (frozen ones need no copy).
-    Call it after :func:`apply_policy` (LoRA factors exist) and after ``.to(device)``."""
+    Call it after [`apply_policy`][transferkit.apply_policy] (LoRA factors exist) and after ``.to(device)``."""
     if policy.l2sp is None:
         return None
     ever: set[str] = set()

@@ -1,4 +1,4 @@
-"""The :class:`Policy` record and its short string form.
+"""The [`Policy`][transferkit.Policy] record and its short string form.
 
 A policy names *which backbone blocks train at which epoch*, how BatchNorm behaves,
 how the learning rate varies with depth, and the optional L2-SP and LoRA regularisers.
@@ -221,7 +221,7 @@ class Policy:
         trains: those epochs can run on features computed once (``fine_tune:frozen=k``: k,
         ``gradual:every=k``: k, ``full``: 0, ``feature_extraction``: ``epochs``).
 
-        ``backbone``: the :class:`~transferkit.backbones.Backbone` (whose trunk says whether
+        ``backbone``: the [`Backbone`][transferkit.Backbone] (whose trunk says whether
         ``bn="affine"`` has BatchNorm gamma/beta to train), or its block names with
         ``has_batchnorm`` (required with ``bn="affine"``). LoRA factors train from epoch 0.
 

@@ -17,7 +17,7 @@ from transferkit.errors import TrainingError
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during :func:`transferkit.finetune`; ``checkpoint`` is where the work is."""
+    """Ctrl-C during [`transferkit.finetune`][transferkit.finetune]; ``checkpoint`` is where the work is."""
 
     def __init__(self, message: str, checkpoint: Path | None) -> None:
         super().__init__(message)
@@ -52,7 +52,7 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
 
     - Ctrl-C: with ``checkpoint``, the file holds the last completed epoch and
       ``transferkit.resume(path)`` continues exactly; without it, the current weights are
-      saved by ``save_interrupted()``. Raises :class:`TrainingInterrupted`.
+      saved by ``save_interrupted()``. Raises `TrainingInterrupted`.
     - A non-finite loss (TrainingError from the loop): the message names the last good checkpoint.
     - Out of memory: a TrainingError suggesting a batch size that fits (probed with ``probe_step``).
     """

@@ -4,9 +4,9 @@
 Each takes the model's outputs on a dataset, or the model itself, and the dataset:
 
 - ``source``: the logits ``[N, num_classes]`` in the dataset's order (what
-  :func:`transferkit.train.evaluate` returns as ``"logits"``; from a model trained on cached
+  `transferkit.train.evaluate` returns as ``"logits"``; from a model trained on cached
   features, the head's logits on the cached validation features are the same numbers), or
-  an ``nn.Module`` taking a batch of the dataset's inputs (a :class:`TransferModel`).
+  an ``nn.Module`` taking a batch of the dataset's inputs (a [`TransferModel`][transferkit.TransferModel]).
 - ``dataset``: items ``(image, class index)`` where the image is what the model sees before
   normalisation: a ``uint8`` tensor ``[3, H, W]`` from the eval transform
   (``bundle.val.view(transform=eval_transform(spec))``), a float tensor in [0, 1], or a PIL

@@ -3,7 +3,7 @@
 Why: exact resume and distributed training need the same batches and the same random
 crops whatever happened before: a run resumed at epoch 3 must draw what an uninterrupted
 run draws at epoch 3, with any number of (persistent) workers. The sampler yields
-``(index, epoch)`` pairs; :class:`SeededItems` seeds the random transforms of item
+``(index, epoch)`` pairs; `SeededItems` seeds the random transforms of item
 ``index`` at ``epoch`` from those numbers, in whichever process decodes it.
 """
 
@@ -100,7 +100,7 @@ def default_num_workers(dataset: Any, world_size: int = 1) -> int:
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: torch.device,
                 num_workers: int | None = None, seed: int = 0, drop_last: bool = False, rank: int = 0,
                 world_size: int = 1) -> DataLoader:
-    """A loader over ``dataset`` with an :class:`EpochSampler` (call ``loader.sampler.set_epoch(e)``):
+    """A loader over ``dataset`` with an `EpochSampler` (call ``loader.sampler.set_epoch(e)``):
     workers sized to the machine and persistent across epochs, pinned memory on CUDA.
 
     Example:

@@ -27,7 +27,7 @@ def _progress(total: int, desc: str, verbose: bool):
 
 def base_lr(optimizer: torch.optim.Optimizer) -> float:
     """The run's learning rate now, before per-block multipliers: ``lr / lr_scale`` of the
-    group with the largest ``lr_scale`` (the head's, 1.0, in :func:`~transferkit.policies.param_groups`
+    group with the largest ``lr_scale`` (the head's, 1.0, in `param_groups`
     groups), i.e. ``lr`` times the schedule's factor. Groups without ``lr_scale`` (an optimizer
     built by hand): the largest group lr.
 
@@ -180,7 +180,7 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
     ``total_epochs``: when this call is one phase of a longer run (epochs ``state.epoch ..
     epochs`` of ``total_epochs``), the best weights are restored only at the run's end.
     Each history row holds ``epoch``, ``train_loss`` (``train_acc``), ``val_loss``
-    (``val_acc``), ``lr``: the base learning rate at the end of the epoch (:func:`base_lr`, not
+    (``val_acc``), ``lr``: the base learning rate at the end of the epoch (`base_lr`, not
     a block's scaled rate), ``lr_groups``: ``{group name: lr}``, and ``time_s``.
 
     Example:

@@ -2,7 +2,7 @@
 exponentially batch by batch, record the loss, stop when it explodes, and suggest a rate
 inside the descent of the loss, before its minimum.
 
-How the suggestion is chosen (:func:`find_valley`, fastai's "valley" rule made explicit):
+How the suggestion is chosen ([`find_valley`][transferkit.train.lr_find.find_valley], fastai's "valley" rule made explicit):
 
 1. The first 10 % of the points are skipped: start-up noise, not information.
 2. The per-batch losses are smoothed without lag: the bias-corrected exponential moving
@@ -65,7 +65,7 @@ def smooth_losses(losses: Sequence[float], smooth: float = 0.05) -> list[float]:
 
 
 def zero_lag_smooth(losses: Sequence[float], smooth: float = 0.05) -> list[float]:
-    """The mean of :func:`smooth_losses` run forwards and backwards: smoothed like it, without its lag.
+    """The mean of `smooth_losses` run forwards and backwards: smoothed like it, without its lag.
 
     Example:
         >>> [round(v, 2) for v in zero_lag_smooth([0.0, 1.0, 2.0, 3.0, 4.0], smooth=0.5)]
@@ -78,7 +78,7 @@ def zero_lag_smooth(losses: Sequence[float], smooth: float = 0.05) -> list[float
 
 @dataclass(frozen=True)
 class Valley:
-    """The descent :func:`find_valley` found: indices into the curve it was given, the suggested
+    """The descent [`find_valley`][transferkit.train.lr_find.find_valley] found: indices into the curve it was given, the suggested
     rate, the rate of the (smoothed) minimum and what to know about the curve."""
 
     start: int
@@ -144,7 +144,7 @@ def find_valley(lrs: Sequence[float], losses: Sequence[float], *, smooth_decades
 
 def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> float:
     """The suggested learning rate of a range test: two thirds of the way down the descent of
-    the loss before its minimum (:func:`find_valley`).
+    the loss before its minimum ([`find_valley`][transferkit.train.lr_find.find_valley]).
 
     Example:
         >>> lrs = [10 ** (-6 + i / 10) for i in range(50)]

@@ -156,6 +156,6 @@ class LRSchedule:
 
 def make_scheduler(name: str, optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
                    steps_per_epoch: int | None = None, options: dict[str, float] | None = None) -> LRSchedule:
-    """An :class:`LRSchedule`; ``steps_per_epoch`` defaults to ``total_steps`` (one epoch)."""
+    """An `LRSchedule`; ``steps_per_epoch`` defaults to ``total_steps`` (one epoch)."""
     return LRSchedule(name, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch or total_steps,
                       warmup_steps=warmup_steps, options=options)

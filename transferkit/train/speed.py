@@ -1,7 +1,7 @@
 """Speed paths: mixed precision, channels_last, torch.compile, determinism.
 
-:meth:`SpeedConfig.make` resolves ``"auto"`` from what the machine and the trunk can do, and
-records why in ``reasons`` (:meth:`SpeedConfig.describe` prints it):
+`SpeedConfig.make` resolves ``"auto"`` from what the machine and the trunk can do, and
+records why in ``reasons`` (`SpeedConfig.describe` prints it):
 
 - ``channels_last="auto"``: on for convolutional trunks (>= 90 % of the Conv2d + Linear
   weights in Conv2d layers: 1.16x to 1.41x faster on a CPU, measured for ResNet-18/20,
@@ -17,8 +17,8 @@ records why in ``reasons`` (:meth:`SpeedConfig.describe` prints it):
   fp32 path.
 
 Two precisions are kept apart: ``feature_precision`` (the frozen backbone's pass that fills
-the feature cache; :meth:`SpeedConfig.feature_autocast`) and ``precision`` (the training
-loop and evaluation; :meth:`SpeedConfig.autocast`).
+the feature cache; `SpeedConfig.feature_autocast`) and ``precision`` (the training
+loop and evaluation; `SpeedConfig.autocast`).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A ResNet-18 (``tv:resnet18``, 10 outputs, ``weights=None``) is saved as a checkpoint with its
 AdamW state and exported to TorchScript; then the median time of ``torch.load`` vs
-:func:`transferkit.train.load_checkpoint`, and ``torch.jit.load`` vs
-:func:`transferkit.export.load_scripted` (the reader behind ``transferkit.load``), both
+`transferkit.train.load_checkpoint`, and ``torch.jit.load`` vs
+`transferkit.export.load_scripted` (the reader behind ``transferkit.load``), both
 from the page cache, and of hashing the checkpoint's content while saving.
 
     python benchmarks/integrity_cost.py

@@ -5,7 +5,7 @@ the whole structure (keys, metadata, history, tensors by digest) gets one digest
 stored in the checkpoint under ``"integrity"``. Exports (TorchScript zips): every record of
 the zip except the metadata files (tensor data, pickles, code) is hashed; the list goes to
 ``transferkit.records.json`` inside the file and its digest into the metadata, which has its
-own digest. A mismatch raises a :class:`~transferkit.errors.CorruptFileError` naming the file
+own digest. A mismatch raises a `CorruptFileError` naming the file
 and the first damaged parts.
 """
 
@@ -166,7 +166,7 @@ def zip_records(zf: zipfile.ZipFile, *, source: str,
 
 
 def file_digests(path: str | Path, *, source: str, error: type[TransferkitError]) -> dict[str, str]:
-    """The record digests of the zip at ``path`` (see :func:`zip_records`)."""
+    """The record digests of the zip at ``path`` (see `zip_records`)."""
     with zipfile.ZipFile(path) as zf:
         return zip_records(zf, source=source, error=error)[0]
 

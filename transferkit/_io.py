@@ -1,15 +1,15 @@
 """Writing files safely.
 
-- :func:`atomic_write`: a crash mid-write leaves the previous file intact (write a temporary
+- `atomic_write`: a crash mid-write leaves the previous file intact (write a temporary
   beside the target, fsync it, rename it over the target, fsync the folder). The file gets
   the mode the umask gives, or keeps the mode of the file it replaces.
 - Temporary files are named ``.<target name>.tk-<host>-<pid>-<start>-<random>.tmp``: the
-  writer's host, process id and process start time. :func:`remove_stale_temps` removes the
+  writer's host, process id and process start time. `remove_stale_temps` removes the
   ones whose writer is dead (a ``kill -9`` mid-write), never those of a live writer;
-  :func:`atomic_write` calls it before each write.
-- :func:`check_writable` says in the first second that an output path cannot be written
+  `atomic_write` calls it before each write.
+- `check_writable` says in the first second that an output path cannot be written
   (a folder given as a file, a parent that cannot be created, a read-only folder).
-- :func:`file_lock`: one process at a time writes a given file (``fcntl.flock`` on a
+- `file_lock`: one process at a time writes a given file (``fcntl.flock`` on a
   ``.<name>.lock`` file beside it; the kernel drops the lock of a process that dies).
 """
 
@@ -98,7 +98,7 @@ def temp_path(target: str | Path, *, prefix: str | None = None) -> Path:
 
 def create_temp(target: str | Path, *, directory: bool = False, prefix: str | None = None) -> Path:
     """Create an empty temporary file (or folder) beside ``target`` with the umask's mode
-    and return it; :func:`remove_stale_temps` removes it if this process dies before
+    and return it; `remove_stale_temps` removes it if this process dies before
     renaming it. Used for feature-cache entries too (``directory=True``).
 
     Example:
@@ -199,7 +199,7 @@ def _reason(exc: OSError) -> str:
 
 def check_writable(path: str | Path, *, what: str, flag: str | None = None, kind: str = "file") -> Path:
     """Check that ``path`` can be written, before any work is spent on it: raise
-    :class:`~transferkit.errors.OutputError` naming the path, what it is for (``what``: "export",
+    `OutputError` naming the path, what it is for (``what``: "export",
     "checkpoint", ...; ``flag``: the option that set it, e.g. ``"--export"``) and how to fix
     it. ``kind="dir"`` for an output folder (plots, cache, logs). Nothing is left behind: the
     folder's writability is probed with a temporary file that is removed at once.
@@ -334,7 +334,7 @@ def _holder(lock: Path) -> str:
 @contextlib.contextmanager
 def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None) -> Iterator[Path]:
     """Hold an exclusive lock on ``path`` for the duration of the block (re-entrant within
-    a process); another process asking for it gets :class:`~transferkit.errors.FileLockedError`
+    a process); another process asking for it gets `FileLockedError`
     at once, naming the holder. A lock left by a process that died does not block (the
     kernel drops ``flock`` locks with their process). Linux and macOS (``fcntl``); elsewhere
     the lock is not taken, with a warning.

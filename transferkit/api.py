@@ -1,7 +1,7 @@
 """``finetune()``: the config -> plan -> steps orchestration, and nothing else.
 
-Every decision is taken in :func:`transferkit.plan.plan`; every step is a public function
-in :mod:`transferkit.steps` that a recipe can call on its own.
+Every decision is taken in [`transferkit.plan.plan`][transferkit.plan.plan]; every step is a public function
+in [`transferkit.steps`][transferkit.steps] that a recipe can call on its own.
 """
 
 from __future__ import annotations
@@ -33,25 +33,25 @@ from transferkit.train.speed import set_deterministic
 
 @dataclass(repr=False)
 class FinetuneResult:
-    """What :func:`finetune` returns: the trained model, its history and metrics, the plan
+    """What [`finetune`][transferkit.finetune] returns: the trained model, its history and metrics, the plan
     that produced it, and where its files went."""
 
-    model: TransferModel
-    backbone: Backbone
-    classes: list[str]
-    policy: Policy
-    history: list[dict[str, Any]]
-    best: dict[str, Any]
-    metrics: dict[str, Any]
-    plan: RunPlan | None = None
-    export_path: Path | None = None
-    export_report: ExportReport | None = None
-    checkpoint_path: Path | None = None
-    used_feature_cache: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
-    task: str = "multiclass"
-    stopped_early: bool = False
-    plots: dict[str, Path] = field(default_factory=dict)
+    model: TransferModel  # the trained model (the best epoch's weights with restore_best)
+    backbone: Backbone  # the run's own copy of the backbone (its trunk is model.trunk)
+    classes: list[str]  # class names, in output order
+    policy: Policy  # the fine-tuning policy
+    history: list[dict[str, Any]]  # one row per epoch: losses, accuracies, base lr, lr per group, seconds
+    best: dict[str, Any]  # the best epoch: its number, val_loss and val_acc
+    metrics: dict[str, Any]  # final validation metrics (accuracy, top-k, F1, per-class report, confusion matrix)
+    plan: RunPlan | None = None  # every decision of the run (see transferkit.plan)
+    export_path: Path | None = None  # the verified TorchScript file, with export=
+    export_report: ExportReport | None = None  # the export's parity check
+    checkpoint_path: Path | None = None  # the final checkpoint, with checkpoint=
+    used_feature_cache: bool = False  # every epoch trained the head on cached features
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: setup, features, train, export, total
+    task: str = "multiclass"  # multiclass, multilabel or regression
+    stopped_early: bool = False  # early_stopping ended the run
+    plots: dict[str, Path] = field(default_factory=dict)  # the PNGs written under plots_dir
     data_report: DataReport = field(default_factory=DataReport)  # bad files left out, warnings
     val_logits: Any = None  # the trained model's outputs on the validation set, in its order
 
@@ -65,7 +65,7 @@ class FinetuneResult:
 
     def show_results(self, n: int = 9, path: str | Path = "show_results.png") -> Path:
         """A PNG grid of ``n`` validation images with true label, prediction and probability
-        (green right, red wrong); returns its path. See :mod:`transferkit.train.interpret`."""
+        (green right, red wrong); returns its path. See `transferkit.train.interpret`."""
         from transferkit.train.interpret import show_results
 
         logits, images = self._interpretable()
@@ -123,14 +123,14 @@ def _run_lock(cfg: FinetuneConfig, info: Any) -> Iterator[None]:
 
 
 def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options: Any) -> FinetuneResult:
-    """Fine-tune a backbone on labelled data and return a :class:`FinetuneResult`.
+    """Fine-tune a backbone on labelled data and return a [`FinetuneResult`][transferkit.FinetuneResult].
 
     Call it with keywords (``finetune("tv:resnet18", data="images/", epochs=5)``), or with
-    a :class:`~transferkit.config.FinetuneConfig` (``finetune(cfg)``, keywords override
+    a [`FinetuneConfig`][transferkit.FinetuneConfig] (``finetune(cfg)``, keywords override
     it). Every setting, its default and its meaning are listed in ``FinetuneConfig`` and
-    ``docs/training.md``. The run: :func:`~transferkit.plan.plan` resolves every decision
+    ``docs/training.md``. The run: [`plan`][transferkit.plan.plan] resolves every decision
     (printed before training when ``verbose``), then the steps of
-    :mod:`transferkit.steps` compute features or build loaders, train, evaluate, and write
+    [`transferkit.steps`][transferkit.steps] compute features or build loaders, train, evaluate, and write
     the checkpoint, plots and verified export. Global torch settings (deterministic
     algorithms, cuDNN autotuning) are restored afterwards. Launched by ``torchrun``,
     training is distributed (DDP).

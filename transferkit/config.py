@@ -1,8 +1,8 @@
-"""What the user asked for: :class:`FinetuneConfig`, one typed, validated, serialisable record.
+"""What the user asked for: [`FinetuneConfig`][transferkit.FinetuneConfig], one typed, validated, serialisable record.
 
 The same keys are ``finetune()``'s keyword arguments, the keys of a YAML config file, the
 CLI's flags (``--batch-size``) and ``--set key=value`` overrides, and a recipe's settings.
-All of them go through :func:`merge_config`, so they share one set of checks and one error
+All of them go through `merge_config`, so they share one set of checks and one error
 format (``<source>: <key>=<value> ...; expected ...``).
 
 Example:
@@ -101,16 +101,16 @@ _S, _I, _F, _B, _N = (str,), (int,), (float, int), (bool,), (type(None),)
 
 @dataclass
 class FinetuneConfig:
-    """Every setting of :func:`transferkit.finetune`, with its default.
+    """Every setting of [`transferkit.finetune`][transferkit.finetune], with its default.
 
     Build it with keywords (``FinetuneConfig(backbone=..., data=...)``), from a dict
-    (:meth:`from_dict`, which also reads YAML-style strings such as ``"1e-3"``), or from a
-    file (:func:`load_config`); ``to_dict()`` gives plain JSON data (Python objects such as
+    ([`from_dict`][transferkit.FinetuneConfig.from_dict], which also reads YAML-style strings such as ``"1e-3"``), or from a
+    file ([`load_config`][transferkit.load_config]); ``to_dict()`` gives plain JSON data (Python objects such as
     a Dataset appear as ``"<Dataset>"``). Values are checked when the record is made:
-    a wrong type or a value out of range raises :class:`~transferkit.errors.ConfigError`
+    a wrong type or a value out of range raises [`ConfigError`][transferkit.ConfigError]
     naming the key, the value and what is valid. Settings that depend on the data or the
     backbone (``class_weights`` length, ``image_size`` against the backbone) are checked by
-    :func:`transferkit.plan`.
+    [`transferkit.plan`][transferkit.plan.plan].
 
     Example:
         >>> FinetuneConfig(data="images/", epochs=0)

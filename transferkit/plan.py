@@ -1,4 +1,4 @@
-"""The run plan: every decision of a fine-tuning run, resolved once from a :class:`FinetuneConfig`.
+"""The run plan: every decision of a fine-tuning run, resolved once from a [`FinetuneConfig`][transferkit.FinetuneConfig].
 
 ``plan(config)`` builds the backbone (a private copy when given a Backbone object: the
 caller's is never changed), scans the data, builds the model and decides: device and
@@ -6,9 +6,9 @@ process rank, precision and memory layout, whether the backbone stays frozen and
 whether features are cached (and why), the head, the base learning rate and every
 parameter group's lr and weight decay, augmentation, BatchNorm mode, which blocks train in
 which epoch, and the seed of every rank. The plan prints as a few lines
-(:meth:`RunPlan.summary`), is stored in checkpoints and exports (:meth:`RunPlan.to_dict`),
-and is what the feature-cache key (:meth:`RunPlan.feature_key_parts`) and the resume
-check (:func:`plan_differences`) are derived from.
+([`RunPlan.summary`][transferkit.RunPlan.summary]), is stored in checkpoints and exports ([`RunPlan.to_dict`][transferkit.RunPlan.to_dict]),
+and is what the feature-cache key ([`RunPlan.feature_key_parts`][transferkit.RunPlan.feature_key_parts]) and the resume
+check (`plan_differences`) are derived from.
 
 Example:
     >>> p = plan(FinetuneConfig(backbone="tk:small_cnn", weights=None, data="images/"))  # doctest: +SKIP
@@ -355,7 +355,7 @@ def plan(config: FinetuneConfig) -> RunPlan:
 
 def _decode_decision(p: RunPlan) -> dict[str, Any]:
     """Decode-once plans for the training and validation images, when the backbone trains
-    end to end for 2+ epochs on image files (see :mod:`transferkit.data.decoded`)."""
+    end to end for 2+ epochs on image files (see `transferkit.data.decoded`)."""
     from transferkit.data.decoded import plan_decode
 
     cfg = p.config

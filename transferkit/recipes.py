@@ -7,7 +7,7 @@ its defaults; this module turns that into a command line::
                              [--epochs N] [--set key=value ...] [--out DIR] [--limit N]
 
 Precedence: the recipe's YAML config (``recipes/<name>.yaml`` unless ``--config``), then
-the flags. Every key is checked against :func:`transferkit.finetune`'s signature.
+the flags. Every key is checked against [`transferkit.finetune`][transferkit.finetune]'s signature.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class RecipeData:
 
 
 def expand_vars(value: Any) -> Any:
-    """``${TRANSFERKIT_DATA}`` (defaulting to :func:`default_data_root`), other environment
+    """``${TRANSFERKIT_DATA}`` (defaulting to `default_data_root`), other environment
     variables and ``~`` expanded in string values."""
     if not isinstance(value, str) or ("$" not in value and not value.startswith("~")):
         return value
@@ -57,8 +57,8 @@ def default_data_root() -> Path:
 def image_folder_splits(root: Path) -> RecipeData | None:
     """``root/train/<class>/*`` with ``root/val`` (or ``valid/``, ``validation/``) as the
     validation data and ``root/test`` as the test set, or None when ``root`` has no
-    ``train/``. The same rule as :func:`transferkit.finetune` on such a folder
-    (:func:`transferkit.data.find_split_folders`); ``finetune`` alone validates on
+    ``train/``. The same rule as [`transferkit.finetune`][transferkit.finetune] on such a folder
+    ([`transferkit.data.find_split_folders`][transferkit.data.find_split_folders]); ``finetune`` alone validates on
     ``test/`` when there is no validation folder, where a recipe scores the test set."""
     from transferkit.data import find_split_folders
 
@@ -146,9 +146,9 @@ def build_parser(name: str, description: str,
 def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData], *, description: str,
                argv: list[str] | None = None, recipe_dir: Path | None = None,
                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> dict[str, Any]:
-    """Parse arguments, merge the config, build the data, run :func:`finetune`, evaluate the
+    """Parse arguments, merge the config, build the data, run [`finetune`][transferkit.finetune], evaluate the
     exported file on the test set (when there is one), print and write ``results.json``.
-    ``add_arguments``: the recipe's own command-line options (see :func:`build_parser`)."""
+    ``add_arguments``: the recipe's own command-line options (see `build_parser`)."""
     from transferkit.api import finetune
 
     args = build_parser(name, description, add_arguments).parse_args(argv)

@@ -1,15 +1,15 @@
-"""The steps of a run, each a public function of the :class:`~transferkit.plan.RunPlan`.
+"""The steps of a run, each a public function of the [`RunPlan`][transferkit.RunPlan].
 
-``plan(config)`` -> :func:`training_data` (cached features or image loaders) ->
-:func:`train` (optimizer, schedule, checkpoints, resume) -> :func:`evaluate` ->
-:func:`write_outputs` (plots, final checkpoint, verified export). ``transferkit.finetune``
-is their short orchestration; a recipe that outgrows it calls them itself.
+``plan(config)`` -> [`train`][transferkit.steps.train] (which builds its data per phase with
+[`training_data`][transferkit.steps.training_data]: cached features or input loaders; optimizer,
+schedule, checkpoints, resume) -> [`evaluate`][transferkit.steps.evaluate] ->
+[`write_outputs`][transferkit.steps.write_outputs] (plots, final checkpoint, verified export).
+``transferkit.finetune`` is their short orchestration; a recipe that outgrows it calls them itself.
 
 Example:
     >>> p = plan(FinetuneConfig(backbone="tk:small_cnn", weights=None, data="images/", epochs=2))  # doctest: +SKIP
-    >>> td = training_data(p)  # doctest: +SKIP
-    >>> outcome = train(p, td)  # doctest: +SKIP
-    >>> evaluate(p, td)["val_acc"]  # doctest: +SKIP
+    >>> outcome = train(p)  # doctest: +SKIP
+    >>> evaluate(p, outcome.data)["val_acc"]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def start_epoch(plan: RunPlan, epoch: int) -> None:
 
 @dataclass
 class TrainOutcome:
-    """What :func:`train` returns."""
+    """What [`train`][transferkit.steps.train] returns."""
 
     history: list[dict[str, Any]]
     best: dict[str, Any]
@@ -252,7 +252,7 @@ def _whole_model_state(plan: RunPlan, best: dict[str, torch.Tensor] | None) -> d
 
 
 def evaluate(plan: RunPlan, td: TrainingData, *, outputs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Validation loss and the task's metrics of the trained model (see :func:`final_metrics`);
+    """Validation loss and the task's metrics of the trained model (see `final_metrics`);
     ``outputs`` receives the validation logits and labels."""
     plan.model.eval()
     return final_metrics(td.module, td.val_loader, task=plan.config.task, classes=plan.classes, loss_fn=plan.loss_fn,

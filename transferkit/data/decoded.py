@@ -1,7 +1,7 @@
 """Decode once: images decoded and resized a single time for multi-epoch training.
 
 When the backbone trains, every epoch used to decode every JPEG again and resize it before
-the random crop. :func:`decoded_dataset` decodes each image once into ``uint8`` pixels and
+the random crop. `decoded_dataset` decodes each image once into ``uint8`` pixels and
 applies only the per-epoch random part of the training transform to them:
 
 - ``augment="standard"`` (random-resized crop + flip): each image is kept with its shorter
@@ -14,16 +14,16 @@ applies only the per-epoch random part of the training transform to them:
   training transform, bit for bit, under the same seed).
 - ``augment="none"``: the eval transform's output is kept (identical items).
 
-Where the pixels live (:func:`plan_decode` decides and says why):
+Where the pixels live (`plan_decode` decides and says why):
 
 - with ``cache_dir``: a memory-mapped entry ``cache_dir/decoded/<key>/`` (written to a
   temporary folder and renamed, reused by later runs; the operating system's page cache
   keeps it in memory when it fits), if the disk has room;
 - without: in memory, if the estimate (from the image headers) is at most
-  ``budget_bytes`` (default :data:`DEFAULT_BUDGET_BYTES`, 2 GiB);
+  ``budget_bytes`` (default `DEFAULT_BUDGET_BYTES`, 2 GiB);
 - otherwise not at all: the returned dataset decodes every epoch, as before.
 
-The key (:func:`decoded_key`) covers the data (``data_fingerprint``: paths, sizes and
+The key (`decoded_key`) covers the data (``data_fingerprint``: paths, sizes and
 modification times of image files, the content of in-memory data), the stored size and
 interpolation, the draft-mode decoding size and the Pillow version; a changed input gets a
 new entry.
@@ -207,13 +207,13 @@ def decoded_dataset(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: s
                     plan: DecodePlan | None = None) -> tuple[Dataset, DecodePlan]:
     """``dataset`` (training data without a transform: an ``ImageFolderDataset`` or a
     ``TransformedDataset``) seen through ``train_transform(spec, augment)``, decoded once
-    when :func:`plan_decode` allows it. Returns the dataset to load from and the plan (log
+    when `plan_decode` allows it. Returns the dataset to load from and the plan (log
     ``plan.reason``). Items: ``(uint8 [3, image_size, image_size], target)``.
 
     Random transforms draw from torch's generator, so under
-    :class:`~transferkit.train.loaders.SeededItems` each ``(seed, epoch, index)`` gives the same crop.
+    `SeededItems` each ``(seed, epoch, index)`` gives the same crop.
     Decoding runs in ``num_workers`` processes (default: as for training loaders). ``plan``:
-    a decision :func:`plan_decode` already took for these arguments (not taken again).
+    a decision `plan_decode` already took for these arguments (not taken again).
     """
     from transferkit.data.transforms import train_transform
     from transferkit.train.loaders import default_num_workers

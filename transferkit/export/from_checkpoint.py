@@ -17,7 +17,7 @@ from transferkit.export.torchscript import ExportReport, export_torchscript
 
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the trained model of a checkpoint written by ``finetune(checkpoint=...)``
-    (or :func:`transferkit.train.save_checkpoint`) from its metadata: backbone name, input
+    (or `transferkit.train.save_checkpoint`) from its metadata: backbone name, input
     spec, labels and head configuration; the weights are loaded strictly.
 
     Example:
@@ -90,7 +90,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str 
                       **export_kwargs: Any) -> tuple[list[ExportReport], str]:
     """Export a checkpoint to a verified TorchScript file (and an ONNX file when ``onnx`` is
     a path); returns the reports and a line saying which inputs the parity checks used.
-    ``export_kwargs`` go to :func:`~transferkit.export_torchscript` (``optimize``, ``mode``,
+    ``export_kwargs`` go to [`export_torchscript`][transferkit.export_torchscript] (``optimize``, ``mode``,
     ``atol``, ``rtol``).
 
     Example:

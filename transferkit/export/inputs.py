@@ -25,7 +25,7 @@ from transferkit.errors import DataError
 
 
 class InputPipeline:
-    """Single items -> model batches for one :class:`~transferkit.InputSpec`.
+    """Single items -> model batches for one [`InputSpec`][transferkit.InputSpec].
 
     Example:
         >>> pipe = InputPipeline(InputSpec(image_size=32))
@@ -67,7 +67,7 @@ class InputPipeline:
         return self.collate([self.prepare(x) for x in items])
 
     def collate(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Prepared items (:meth:`prepare`) -> one model batch."""
+        """Prepared items (`prepare`) -> one model batch."""
         if self.audio:
             return self._audio.pad_waveforms(xs)
         if len({x.dtype for x in xs}) > 1:  # mixed uint8 and float images: go to float in [0, 1]

@@ -8,7 +8,7 @@ An export carries four extra files beside the TorchScript code and weights:
 - ``labels.txt``: the labels, one per line, so a C++ or mobile consumer needs no JSON parser;
 - ``transferkit.records.json``: the SHA-256 of every other record of the file (tensor data,
   pickles, code), whose own digest is the metadata's ``integrity.digest`` (see
-  :mod:`transferkit._integrity`); a damaged tensor is detected on load.
+  `transferkit._integrity`); a damaged tensor is detected on load.
 
 Metadata fields (all required):
 
@@ -19,7 +19,7 @@ Metadata fields (all required):
 ``num_outputs``        width of the model's output, ``== len(labels)``
 ``task``               ``"multiclass"`` (softmax), ``"multilabel"`` (sigmoid) or
                        ``"regression"`` (identity)
-``input_spec``         :class:`~transferkit.InputSpec` as a dict: ``kind`` ``"image"``
+``input_spec``         [`InputSpec`][transferkit.InputSpec] as a dict: ``kind`` ``"image"``
                        (``image_size``, ``resize_size``, ``mean``, ``std``, ...) or
                        ``"audio"`` (``sample_rate``, ``clip_seconds``)
 ``transferkit_version``  version that wrote the file

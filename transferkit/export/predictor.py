@@ -109,7 +109,7 @@ class Predictor:
         return torch.cat(out) if out else torch.empty(0, len(self.labels))
 
     def predict_proba(self, inputs: Any, *, batch_size: int = 32) -> torch.Tensor:
-        """Class probabilities ``[N, num_classes]``; regression models have none (use :meth:`outputs`)."""
+        """Class probabilities ``[N, num_classes]``; regression models have none (use [`outputs`][transferkit.Predictor.outputs])."""
         if self.task == "regression":
             raise ConfigError("A regression model has no class probabilities; use Predictor.outputs() or predict().")
         return self.outputs(inputs, batch_size=batch_size)
@@ -118,7 +118,7 @@ class Predictor:
                 progress: bool | None = False) -> list[Prediction]:
         """Predict one item or a sequence of them: file paths, PIL images, numpy arrays,
         tensors (a ``[N, C, H, W]`` tensor is N images), or for audio models audio files and
-        waveforms (a ``[N, T]`` tensor is N clips). Returns one :class:`Prediction` per item.
+        waveforms (a ``[N, T]`` tensor is N clips). Returns one [`Prediction`][transferkit.Prediction] per item.
 
         A file that cannot be read (missing, not an image or audio, broken, NaN/inf audio
         samples) does not stop the others: its prediction has ``error`` set to why (and
@@ -202,11 +202,11 @@ def _progress(chunks: Iterator[list[Any]], total: int, progress: bool | None) ->
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> Predictor:
-    """Load an exported transferkit model as a :class:`Predictor`.
+    """Load an exported transferkit model as a [`Predictor`][transferkit.Predictor].
 
     The file and its metadata are checked: a truncated or damaged file (every record's
     SHA-256 is compared with the one written at export), missing or edited metadata raise
-    :class:`~transferkit.ExportError` naming the problem; a checkpoint passed instead of an
+    [`ExportError`][transferkit.ExportError] naming the problem; a checkpoint passed instead of an
     export says how to export it. ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or
     ``"auto"``; one that is not available here raises ConfigError.
 

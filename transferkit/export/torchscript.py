@@ -129,7 +129,7 @@ def _to_script(model: nn.Module, example: torch.Tensor, mode: str) -> tuple[torc
 
 def _optimizations(model: nn.Module, example: torch.Tensor) -> tuple[str, ...]:
     """The optimizations to try, in order: ``freeze_channels_last`` first when channels_last
-    is the faster CPU layout for the model's trunk (:mod:`transferkit.train.speed`: convolutional
+    is the faster CPU layout for the model's trunk (`transferkit.train.speed`: convolutional
     trunks; 4-d image inputs only)."""
     from transferkit.train.speed import SpeedConfig
 
@@ -234,7 +234,7 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
 
     The tolerance is ``atol + rtol * max|eager output|``; beyond it ExportError is raised and
     ``path`` is left untouched. ``example_inputs`` is a batch (or a list of batches, e.g.
-    waveforms of several lengths). See :mod:`transferkit.export.metadata` for the fields.
+    waveforms of several lengths). See `transferkit.export.metadata` for the fields.
 
     Example:
         >>> import torch, transferkit
@@ -373,7 +373,7 @@ def _module_device(module: torch.jit.ScriptModule) -> torch.device:
 
 def load_scripted(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     """Load an exported file; raise ExportError when it or its metadata is missing, corrupt
-    or altered (a damaged tensor record gives :class:`~transferkit.errors.CorruptExportError`)."""
+    or altered (a damaged tensor record gives `CorruptExportError`)."""
     return _load(path, map_location, source=repr(str(path)))
 
 

@@ -5,14 +5,14 @@ weights too (``get_backbone(name, weights=path)`` takes its trunk). Written duri
 it also carries everything an exact resume needs: optimizer, schedule, gradient scaler,
 RNG states (torch CPU and CUDA, NumPy, Python), the epoch, the history, the best epoch
 and its weights, and the early-stopping counter. Data order and augmentations are a pure
-function of ``(seed, epoch, index)`` (see :mod:`transferkit.train.loaders`), so they need
+function of ``(seed, epoch, index)`` (see `transferkit.train.loaders`), so they need
 no saved generator.
 
 Integrity: while saving, every tensor is hashed (SHA-256) and the whole content gets one
-digest, stored under ``"integrity"``; :func:`load_checkpoint` (and ``weights=`` given a
-checkpoint) recomputes them and raises :class:`~transferkit.errors.CorruptCheckpointError`
+digest, stored under ``"integrity"``; `load_checkpoint` (and ``weights=`` given a
+checkpoint) recomputes them and raises `CorruptCheckpointError`
 on a mismatch. A checkpoint written before digests existed has none and loads with a warning.
-Writers of one checkpoint path are exclusive: :func:`checkpoint_lock`.
+Writers of one checkpoint path are exclusive: `checkpoint_lock`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
+    """Restore what `rng_state` returned."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
@@ -69,7 +69,7 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, meta: dict[str,
     """Save ``{"transferkit": meta, "model": state_dict, ...}`` atomically (a crash mid-write
     leaves the previous file intact) with the SHA-256 of every tensor and of the whole content.
     ``training`` holds the resume state (see the module docstring); ``complete=False`` marks a
-    checkpoint written between epochs. The write holds :func:`checkpoint_lock` (re-entrant:
+    checkpoint written between epochs. The write holds `checkpoint_lock` (re-entrant:
     free when this process already holds it for the run).
 
     Example:
@@ -89,7 +89,7 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, meta: dict[str,
 @contextlib.contextmanager
 def checkpoint_lock(path: str | Path, *, flag: str | None = None) -> Iterator[Path]:
     """Hold the checkpoint ``path`` for this process: a second process (another run with the
-    same ``checkpoint=``) gets :class:`~transferkit.errors.FileLockedError` at once, naming the
+    same ``checkpoint=``) gets `FileLockedError` at once, naming the
     holder. Hold it for a whole run; the saves inside take it again for free. The lock is a
     ``flock`` on ``.<name>.lock`` beside the checkpoint, released when the block ends or the
     process dies (a stale lock file never blocks).
@@ -150,7 +150,7 @@ def verify_checkpoint(ckpt: dict[str, Any], *, source: str) -> None:
 
 # -- keeping the trained weights when the final write fails -------------------------------
 def fallback_paths(target: str | Path) -> list[Path]:
-    """Where :func:`save_with_fallback` tries to put the weights, in order: beside the target,
+    """Where `save_with_fallback` tries to put the weights, in order: beside the target,
     the current folder, the temporary folder.
 
     Example:
@@ -168,9 +168,9 @@ def fallback_paths(target: str | Path) -> list[Path]:
 def save_with_fallback(target: str | Path, save: Callable[[], T], *, what: str, model: torch.nn.Module,
                        meta: dict[str, Any], flag: str | None = None, **checkpoint: Any) -> T:
     """Run ``save()`` (e.g. the export or the final checkpoint write); when it fails, save
-    ``model`` as a checkpoint at the first of :func:`fallback_paths` that works and raise an
+    ``model`` as a checkpoint at the first of `fallback_paths` that works and raise an
     error naming the target, the reason and where the weights are. ``checkpoint``: more
-    :func:`save_checkpoint` arguments for the fallback (``history``, ``training``, ...).
+    `save_checkpoint` arguments for the fallback (``history``, ``training``, ...).
 
     The error is OutputError for a write failure, else the class of the original error
     (e.g. ExportError for a failed parity check); it has ``.target`` and ``.fallback``.

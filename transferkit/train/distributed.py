@@ -9,17 +9,17 @@ policy unfreezes blocks during training, the DDP wrapper is rebuilt at that epoc
 
 What the ranks share and what they do not:
 
-- **Seeds.** The data order (the :class:`~transferkit.train.loaders.EpochSampler`
+- **Seeds.** The data order (the `EpochSampler`
   permutation), the per-item augmentation seeds ``(seed, epoch, index)``, the model's
   initialisation and the cached features use the run's ``seed`` on every rank, so the
   shards are disjoint and each image is augmented as in a single-process run. The
   global RNGs that training draws from (dropout, anything using ``random`` / NumPy,
-  DataLoader worker seeds) are seeded with :func:`rank_seed` before training, so the
+  DataLoader worker seeds) are seeded with `rank_seed` before training, so the
   ranks' dropout masks differ.
-- **Timeouts.** Every collective (and :func:`barrier`) fails after
-  :data:`DEFAULT_TIMEOUT_S` seconds (30 min) instead of waiting forever; set
+- **Timeouts.** Every collective (and `barrier`) fails after
+  `DEFAULT_TIMEOUT_S` seconds (30 min) instead of waiting forever; set
   ``TRANSFERKIT_DIST_TIMEOUT`` (seconds) or ``init_distributed(timeout=...)``.
-- **Failures.** Inside :func:`rank_guard`, an exception on one rank is recorded in the
+- **Failures.** Inside `rank_guard`, an exception on one rank is recorded in the
   process group's store; every other rank ends within a few seconds with an error that
   names the failing rank and its message, even when it is blocked in a collective.
 
@@ -60,7 +60,7 @@ class DistributedError(TrainingError):
 
 def collective_timeout(seconds: float | None = None) -> float:
     """The collective timeout in seconds: ``seconds``, else ``$TRANSFERKIT_DIST_TIMEOUT``, else
-    :data:`DEFAULT_TIMEOUT_S`.
+    `DEFAULT_TIMEOUT_S`.
 
     Example:
         >>> collective_timeout(60)
@@ -101,7 +101,7 @@ class DistInfo:
 
 
 def dist_info(timeout: float | None = None) -> DistInfo:
-    """Read torchrun's environment variables (and the collective timeout, see :func:`collective_timeout`)."""
+    """Read torchrun's environment variables (and the collective timeout, see `collective_timeout`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return DistInfo(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
                     world_size=world, timeout_s=collective_timeout(timeout))
@@ -111,7 +111,7 @@ def init_distributed(device: torch.device, *, timeout: float | None = None) -> t
     """Join the process group when launched by torchrun and return the info and this process's
     device (``cuda:LOCAL_RANK`` on GPUs). On CUDA the group is ``cuda:nccl,cpu:gloo`` (NCCL for
     GPU tensors, gloo for the small CPU reductions); otherwise gloo. Collectives time out after
-    ``timeout`` seconds (see :func:`collective_timeout`)."""
+    ``timeout`` seconds (see `collective_timeout`)."""
     info = dist_info(timeout)
     if not info.enabled:
         return info, device
@@ -126,7 +126,7 @@ def init_distributed(device: torch.device, *, timeout: float | None = None) -> t
 
 def rank_seed(seed: int, rank: DistInfo | int) -> int:
     """The seed of the global RNGs (dropout, ``random``, NumPy) on ``rank`` (a rank number or a
-    :class:`DistInfo`): ``seed`` on rank 0 (a single-process run is rank 0), a distinct mix of
+    `DistInfo`): ``seed`` on rank 0 (a single-process run is rank 0), a distinct mix of
     ``(seed, rank)`` on the others, so no rank of one run shares a stream with a rank of a run
     with a neighbouring seed (as ``seed + rank`` would). The data order and the per-item
     augmentation seeds keep ``seed`` on every rank.
@@ -140,7 +140,7 @@ def rank_seed(seed: int, rank: DistInfo | int) -> int:
 
 
 def rank_seeds(seed: int, world_size: int) -> list[int]:
-    """:func:`rank_seed` of every rank of a job (for a run plan or a log).
+    """`rank_seed` of every rank of a job (for a run plan or a log).
 
     Example:
         >>> rank_seeds(7, 1)
@@ -207,7 +207,7 @@ def gather_rows(shard: torch.Tensor, n: int, info: DistInfo, *,
     """Assemble an ``n``-row array dealt round-robin over the ranks, on every rank, a block at a time.
 
     Rank ``r`` holds rows ``r, r + W, r + 2W, ...`` (``W = world_size``), padded to
-    :func:`shard_size` rows, which is the order of
+    `shard_size` rows, which is the order of
     ``EpochSampler(n, shuffle=False, rank=r, world_size=W)``. Yields ``(start, rows)``: rows
     ``start .. start + len(rows)`` of the full array, in order, the same on every rank
     (CPU tensors); padding rows are dropped. Each block moves about ``chunk_bytes`` per rank,
@@ -319,11 +319,11 @@ def rank_guard(info: DistInfo, *, poll_s: float = 0.25, grace_s: float = 2.0) ->
     On an exception, this rank writes ``"rank R failed: <Type>: <message>"`` to the process
     group's store (the first failure wins) and re-raises. The other ranks see it within
     ``poll_s``: one whose code raises by itself within ``grace_s`` (a collective failing
-    because the failed rank left) raises :class:`DistributedError` with that message; one
+    because the failed rank left) raises `DistributedError` with that message; one
     blocked in a collective prints it and exits with status 1. A ``RuntimeError`` (what a
     failed collective raises) after another rank's failure becomes that
     ``DistributedError``; any other exception of this rank is re-raised as it is. Every rank
-    must enter the same guarded blocks in the same order, after :func:`init_distributed`.
+    must enter the same guarded blocks in the same order, after `init_distributed`.
     Not distributed: does nothing.
 
     Example:
@@ -367,7 +367,7 @@ def exit_cleanly(code: int = 0) -> None:
     With torch 2.11 a gloo worker aborts at interpreter exit in about 1 run in 4
     ("terminate called without an active exception") after correct training; leaving
     through ``os._exit`` after a clean teardown avoids it. Call it last in a script. With a
-    non-zero ``code``, or after a rank failed inside :func:`rank_guard`, it skips the barrier
+    non-zero ``code``, or after a rank failed inside `rank_guard`, it skips the barrier
     (the other ranks are gone or going) and exits at once.
 
     Example:

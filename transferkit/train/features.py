@@ -2,7 +2,7 @@
 
 Features live in memory, or with ``cache_dir`` in a memory-mapped ``.npy`` file on disk
 (data larger than RAM; reused across runs). A cache entry is keyed by everything that
-changes the features (:meth:`transferkit.plan.RunPlan.feature_key_parts`): the backbone
+changes the features ([`transferkit.plan.RunPlan.feature_key_parts`][transferkit.RunPlan.feature_key_parts]): the backbone
 name, a hash of the preprocessing and trunk weights (every tensor, BatchNorm statistics
 included; not the head), the transform, the precision, memory layout and device type of
 the extraction, the number of views and, whenever the transform is random, their seed,
@@ -97,7 +97,7 @@ def data_fingerprint(ds: Any) -> str:
 
 
 def quick_fingerprint(ds: Any, samples: int = 16) -> str:
-    """A cheap identity of a dataset: :func:`data_fingerprint` for file-based and tensor
+    """A cheap identity of a dataset: `data_fingerprint` for file-based and tensor
     datasets (file metadata, no decoding); for other in-memory datasets their type, length
     and the content of ``samples`` evenly spaced items."""
     base = getattr(ds, "base", ds)
@@ -115,7 +115,7 @@ def quick_fingerprint(ds: Any, samples: int = 16) -> str:
 
 def cache_key(parts: dict[str, Any]) -> str:
     """The key of a feature-cache entry: a digest of ``parts`` (see
-    :meth:`transferkit.plan.RunPlan.feature_key_parts` for what they cover)."""
+    [`transferkit.plan.RunPlan.feature_key_parts`][transferkit.RunPlan.feature_key_parts] for what they cover)."""
     return hashlib.blake2b(json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True, default=str).encode(),
                            digest_size=16).hexdigest()
 
@@ -270,7 +270,7 @@ def compute_features(model: Any, dataset: Dataset, *, key: str, views: int, batc
 
 
 def _gathered(t: torch.Tensor, n: int, info: DistInfo) -> np.ndarray:
-    """The full ``n``-row array from the ranks' round-robin shards ``t`` (see :func:`gather_rows`)."""
+    """The full ``n``-row array from the ranks' round-robin shards ``t`` (see `gather_rows`)."""
     blocks = [rows for _, rows in gather_rows(t, n, info)]
     return torch.cat(blocks).numpy()
 
@@ -318,7 +318,7 @@ def _entry_problem(d: Path, key: str) -> str | None:
 
 
 class FeatureDataset(Dataset):
-    """Batches from a :class:`FeatureStore`: each sample's view is picked from ``(seed, epoch, index)``.
+    """Batches from a `FeatureStore`: each sample's view is picked from ``(seed, epoch, index)``.
 
     ``__getitems__`` reads a whole batch at once (one fancy-indexing read from the memory map).
     """

@@ -59,9 +59,11 @@ def test_auto_precision_is_bf16_for_frozen_features_only_where_the_cpu_runs_bf16
     assert frozen.feature_precision_resolved == ("bf16" if native else "fp32")
     assert frozen.precision == "fp32"  # the head trains in fp32 on the cached features
     assert ("AVX512-BF16" if native else "no bf16") in frozen.reasons["feature_precision"]
-    trains = SpeedConfig.make(CPU, frozen=False)
-    assert (trains.precision, trains.feature_precision_resolved) == ("fp32", "fp32")
+    trains = SpeedConfig.make(CPU, frozen=False, trunk=nn.Conv2d(3, 4, 3))  # bf16 autocast where native (measured)
+    assert (trains.precision, trains.feature_precision_resolved) == ("bf16" if native else "fp32", "fp32")
     assert "backbone trains" in trains.reasons["feature_precision"]
+    audio = SpeedConfig.make(CPU, frozen=False, kind="audio", trunk=nn.Conv2d(3, 4, 3))
+    assert audio.precision == "fp32"  # not measured for audio
 
 
 def test_audio_keeps_fp32_and_the_contiguous_layout(monkeypatch):

@@ -9,12 +9,13 @@ records why in ``reasons`` (`SpeedConfig.describe` prints it):
   ViT-style trunks (< 10 % in Conv2d: ViT, Swin, LeViT; 1.00x to 1.01x measured). In
   between (hybrids such as MaxViT, MobileViT) the two layouts are timed once on the device
   and the faster is kept (cached per trunk class, device type and image size).
-- ``precision="auto"``: bf16 autocast for *frozen feature extraction* where the device runs
-  bf16 natively (a CPU with AMX or AVX512-BF16 and a oneDNN build of torch, or a CUDA GPU
-  of compute capability >= 8.0), fp32 elsewhere. Training a backbone: bf16 autocast on such
-  a GPU (fp32 master weights), fp32 on a CPU unless ``precision="bf16"`` is asked for; the
-  head on cached features always trains in fp32. ``precision="fp32"`` is always the exact
-  fp32 path.
+- ``precision="auto"``: bf16 autocast where the device runs bf16 natively (a CPU with AMX
+  or AVX512-BF16 and a oneDNN build of torch, or a CUDA GPU of compute capability >= 8.0),
+  fp32 elsewhere: for *frozen feature extraction*, and for training a backbone on image
+  inputs (fp32 master weights; on a CPU measured to keep fp32's accuracy: EfficientNet-Lite0
+  on hymenoptera, ``fine_tune`` and ``full`` over 3 seeds, equal best-epoch accuracy, 1.6x to
+  2.2x faster; see ``docs/policies.md``). Audio training stays fp32 (not measured). The head on
+  cached features always trains in fp32. ``precision="fp32"`` is always the exact fp32 path.
 
 Two precisions are kept apart: ``feature_precision`` (the frozen backbone's pass that fills
 the feature cache; `SpeedConfig.feature_autocast`) and ``precision`` (the training
@@ -100,7 +101,8 @@ class SpeedConfig:
             raise ConfigError("precision='bf16' is not supported by this GPU; use 'fp16' or 'fp32'.")
         reasons: dict[str, str] = {}
         if precision == "auto":
-            train, reasons["precision"] = _auto_train_precision(device, frozen=frozen)
+            train, reasons["precision"] = _auto_train_precision(device, frozen=frozen, kind=kind,
+                                                                known_trunk=trunk is not None)
             feat, why = _auto_feature_precision(device, frozen=frozen, kind=kind)
             reasons["feature_precision"] = why
         else:
@@ -262,13 +264,19 @@ def _cuda_bf16(device: torch.device) -> tuple[bool, str]:
     return has, f"GPU of compute capability {cap[0]}.{cap[1]} {'has' if has else 'has no'} bf16 tensor cores"
 
 
-def _auto_train_precision(device: torch.device, *, frozen: bool) -> tuple[str, str]:
+def _auto_train_precision(device: torch.device, *, frozen: bool, kind: str = "image",
+                          known_trunk: bool = True) -> tuple[str, str]:
     if frozen:
         return "fp32", "the head trains on cached fp32 features"
     if device.type == "cuda":
         has, why = _cuda_bf16(device)
         return ("bf16", f"autocast: {why}; fp32 master weights") if has else ("fp32", why)
-    return "fp32", f"training on {device.type} stays fp32 unless precision='bf16' is asked for"
+    if device.type == "cpu" and kind == "image" and known_trunk:
+        native, why = cpu_bf16_native()
+        if native:  # measured: docs/policies.md, Lite0 on hymenoptera, fp32 vs bf16 over 3 seeds
+            return "bf16", f"autocast: {why}; fp32 master weights (same accuracy as fp32, measured)"
+        return "fp32", why
+    return "fp32", f"training {kind} on {device.type} stays fp32 unless precision='bf16' is asked for"
 
 
 def _auto_feature_precision(device: torch.device, *, frozen: bool, kind: str) -> tuple[str, str]:

@@ -279,3 +279,18 @@ def test_plan_records_which_blocks_update_batchnorm_statistics(split_folders):
     assert d["bn_statistics_update"][1]["epochs"] == [2, 3] and "stem" in d["bn_statistics_update"][1]["blocks"]
     assert all(not r["blocks"] for r in _plan(split_folders / "train", policy="full,bn=frozen").to_dict()
                ["bn_statistics_update"])
+
+
+def test_exports_carry_names_and_digests_not_the_training_machines_paths(split_folders, tmp_path):
+    from transferkit.export import read_metadata
+
+    weights = tmp_path / "w.pt"
+    torch.save(tk.get_backbone("tk:small_cnn", weights=None).trunk.state_dict(), weights)
+    kw = dict(backbone="tk:small_cnn", data=split_folders / "train", **{**KW, "weights": str(weights)})
+    tk.finetune(export=tmp_path / "m.pt", **kw)
+    meta = read_metadata(tmp_path / "m.pt")
+    text = str(meta)
+    assert str(tmp_path) not in text and str(split_folders) not in text
+    assert meta["plan"]["weights"].startswith("w.pt@blake2b:") and meta["config"]["data"] == "train"
+    tk.finetune(export=tmp_path / "full.pt", portable_metadata=False, **kw)
+    assert read_metadata(tmp_path / "full.pt")["plan"]["weights"] == str(weights)

@@ -218,6 +218,8 @@ class FinetuneConfig:
     log_dir: Any = _opt(None, "TensorBoard log folder", group="outputs", types=(str, Path) + _N)
     plots_dir: Any = _opt(None, "write training curves, confusion matrix and example grids (PNG) here",
                           group="outputs", types=(str, Path) + _N, flag=True)
+    portable_metadata: Any = _opt(True, "exports record data and weight files by name and digest (False: the "
+                                  "training machine's full paths, as checkpoints do)", group="outputs", types=_B)
     top_k: Any = _opt(5, "k of the top-k accuracy", group="outputs", types=_I, check=_positive_int)
     callbacks: Any = _opt((), "functions called with each epoch's row", group="outputs", types=(list, tuple),
                           serial=False)

@@ -45,7 +45,7 @@ from transferkit.train.tasks import make_loss, prepare_task_data, resolve_class_
 PLAN_FORMAT = 1
 # config keys that do not change what a run computes: they may differ when resuming
 _OUTPUT_KEYS = {"export", "checkpoint", "resume", "log_dir", "plots_dir", "top_k", "verbose", "callbacks",
-                "num_workers", "cache_dir", "device", "data", "val_data"}
+                "num_workers", "cache_dir", "device", "data", "val_data", "portable_metadata"}
 
 
 _OUTPUTS = {"export": "file", "checkpoint": "file", "plots_dir": "dir", "cache_dir": "dir", "log_dir": "dir"}

@@ -292,10 +292,10 @@ def write_outputs(plan: RunPlan, outcome: TrainOutcome, metrics: dict[str, Any],
     if cfg.export is not None:
         t2 = time.perf_counter()
         example = example_inputs(plan)
-        portable = {**metadata(plan, portable=True), "training": {**meta["training"]}}
-        portable["training"]["weights"] = portable["plan"]["weights"]
+        shipped = {**metadata(plan, portable=cfg.portable_metadata), "training": {**meta["training"]}}
+        shipped["training"]["weights"] = shipped["plan"]["weights"]
         out["export_report"] = save_with_fallback(
-            cfg.export, lambda: export_torchscript(model, cfg.export, metadata=portable, example_inputs=example),
+            cfg.export, lambda: export_torchscript(model, cfg.export, metadata=shipped, example_inputs=example),
             what="export", flag="export", model=model, meta=meta, **history)
         plan.timings["export_s"] = time.perf_counter() - t2
     return out

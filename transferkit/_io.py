@@ -405,3 +405,14 @@ def _acquire(lock: Path, fcntl, *, what: str, flag: str | None, target: Path) ->
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         return fd
     raise OutputError(f"Cannot lock the {what} {str(target)!r}: the lock file {str(lock)!r} keeps changing.")
+
+
+def file_digest(path: str | Path, *, chunk: int = 1 << 22) -> str:
+    """A blake2b (128-bit) digest of a file's bytes, read a chunk at a time."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -287,9 +287,9 @@ def weights_identity(weights: Any, *, portable: bool) -> Any:
     """``weights`` as recorded: as given, or (``portable``) a file's name and content digest."""
     if not portable or not isinstance(weights, (str, Path)) or not Path(weights).is_file():
         return weights
-    from transferkit.train.features import _file_digest
+    from transferkit._io import file_digest
 
-    return f"{Path(weights).name}@blake2b:{_file_digest(Path(weights))}"
+    return f"{Path(weights).name}@blake2b:{file_digest(weights)}"
 
 
 def data_identity(bundle: DataBundle) -> dict[str, Any]:

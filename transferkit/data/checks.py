@@ -9,7 +9,6 @@ whose pixels are not.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 import warnings
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from transferkit._io import file_digest
 from transferkit.errors import DataError, check_choice
 
 ON_BAD_FILE = ("skip", "raise")
@@ -147,13 +147,6 @@ def filter_bad_images(samples: Sequence[tuple[str, int]], *, on_bad_file: str = 
     return good
 
 
-def _digest(path: str) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def find_duplicates(a: Iterable[str], b: Iterable[str]) -> list[tuple[str, str]]:
     """Pairs of files with identical bytes, one from ``a`` and one from ``b`` (hashing only
@@ -168,7 +161,7 @@ def find_duplicates(a: Iterable[str], b: Iterable[str]) -> list[tuple[str, str]]
             continue
         by_hash: dict[str, list[tuple[int, str]]] = defaultdict(list)
         for side, p in group:
-            by_hash[_digest(p)].append((side, p))
+            by_hash[file_digest(p)].append((side, p))
         for items in by_hash.values():
             left = [p for s, p in items if s == 0]
             right = [p for s, p in items if s == 1]

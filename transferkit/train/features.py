@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.train.distributed import DistInfo, all_ranks, barrier, gather_rows
-from transferkit._io import create_temp, remove_stale_temps
+from transferkit._io import create_temp, file_digest, remove_stale_temps
 from transferkit.train.loaders import EpochSampler, make_loader, mix_seed
 
 CACHE_FORMAT = 2
@@ -120,16 +120,8 @@ def cache_key(parts: dict[str, Any]) -> str:
                            digest_size=16).hexdigest()
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_entry_meta(d: Path, *, key: str, views: int, n: int) -> None:
-    digests = {name: _file_digest(d / name) for name in ("features.npy", "targets.npy")}
+    digests = {name: file_digest(d / name) for name in ("features.npy", "targets.npy")}
     (d / "meta.json").write_text(json.dumps({"key": key, "views": views, "n": n, "format": CACHE_FORMAT,
                                              "digests": digests}))
 
@@ -312,7 +304,7 @@ def _entry_problem(d: Path, key: str) -> str | None:
     if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
         return f"format {meta.get('format')} / key {meta.get('key')}, expected {CACHE_FORMAT} / {key}"
     for name, digest in (meta.get("digests") or {}).items():
-        if not (d / name).exists() or _file_digest(d / name) != digest:
+        if not (d / name).exists() or file_digest(d / name) != digest:
             return f"{name} does not match its digest"
     return None if meta.get("digests") else "no digests"
 

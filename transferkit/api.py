@@ -22,7 +22,7 @@ from transferkit.export.torchscript import ExportReport
 from transferkit.model import TransferModel
 from transferkit.plan import RunPlan, plan
 from transferkit.policies import Policy
-from transferkit.steps import evaluate, metadata, train, training_data, write_outputs
+from transferkit.steps import evaluate, metadata, set_epoch_mode, train, training_data, write_outputs
 from transferkit.train.checkpoint import load_checkpoint
 from transferkit.train.device import preserved_torch_settings, resolve_device
 from transferkit.train.distributed import barrier, init_distributed, rank_guard
@@ -224,17 +224,16 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
     cfg = _config(config, options)
     with preserved_torch_settings():
         set_deterministic(cfg.deterministic)
-        p = plan(cfg)
-        if cfg.verbose and p.dist.is_main:
-            print(p.summary(), file=sys.stderr, flush=True)
-        td = training_data(p)
-        opt = make_optimizer(cfg.optimizer, p.param_groups(lr=start_lr), lr=start_lr, momentum=cfg.momentum)
-        from transferkit.steps import set_epoch_mode
-
-        first = 0 if p.cache else p.cached_epochs  # fine_tune: the rate of the phase that trains the backbone
-        result = lr_range_test(td.module, td.train_loader, optimizer=opt, loss_fn=p.loss_fn, speed=p.speed,
-                               set_mode=lambda e: set_epoch_mode(p, first + e), start_lr=start_lr, end_lr=end_lr,
-                               num_steps=num_steps, verbose=cfg.verbose and p.dist.is_main)
+        with rank_guard(init_distributed(resolve_device(cfg.device))[0]):  # one rank's error ends every rank
+            p = plan(cfg)
+            if cfg.verbose and p.dist.is_main:
+                print(p.summary(), file=sys.stderr, flush=True)
+            td = training_data(p)
+            opt = make_optimizer(cfg.optimizer, p.param_groups(lr=start_lr), lr=start_lr, momentum=cfg.momentum)
+            first = 0 if p.cache else p.cached_epochs  # fine_tune: the rate of the phase that trains the backbone
+            result = lr_range_test(td.module, td.train_loader, optimizer=opt, loss_fn=p.loss_fn, speed=p.speed,
+                                   set_mode=lambda e: set_epoch_mode(p, first + e), start_lr=start_lr,
+                                   end_lr=end_lr, num_steps=num_steps, verbose=cfg.verbose and p.dist.is_main)
     if plot is not None and p.dist.is_main:
         result.plot(plot)
     return result

@@ -133,7 +133,7 @@ class FinetuneConfig:
     head_norm: Any = _opt("auto", "start the head with a fixed FeatureNorm (auto: when features are cached)",
                           group="model", types=_B + _S, choices=("auto", True, False))
     # --- data
-    data: Any = _opt(None, "training data: a folder root/<class>/<file> (or with train/ and val/), a CSV, or a Dataset",
+    data: Any = _opt(None, "training data: a folder root/CLASS/FILE (or with train/ and val/), a CSV, or a Dataset",
                      group="data", types=(str, Path, object))
     val_data: Any = _opt(None, "validation data (default: a stratified split of data)", group="data",
                          types=(str, Path, object) + _N)

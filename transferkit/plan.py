@@ -163,7 +163,7 @@ class RunPlan:
             "bn": self.bn_mode(), "trainable": _epoch_ranges(self.trainable),
             "bn_statistics_update": _epoch_ranges(self.bn_updates()),
             "groups": [{k: g[k] for k in ("name", "lr", "weight_decay", "params")} for g in self.groups],
-            "data": self.data_identity, "decode_once": {k: d.mode for k, d in self.decode.items()},
+            "data": self.data_identity, "decode_once": sorted(self.decode),  # memory or disk: the same pixels
         })
 
     def summary(self) -> str:
@@ -342,7 +342,8 @@ def plan(config: FinetuneConfig) -> RunPlan:
                 bundle=bundle, model=model, loss_fn=make_loss(cfg.task, label_smoothing=cfg.label_smoothing,
                                                               class_weights=weights).to(dev),
                 num_outputs=n_out, head_kind=head_kind, head_hidden=hidden, head_norm=norm, frozen=frozen, cache=cache,
-                cached_epochs=cached_epochs, cache_reason=reason, augment=cfg.augment or ("standard" if not cache or cfg.cache_views > 1 else "none"),
+                cached_epochs=cached_epochs, cache_reason=reason,
+                augment=cfg.augment or ("standard" if not cache or cfg.cache_views > 1 else "none"),
                 lr=default_lr(head_only=frozen) if cfg.lr is None else cfg.lr, class_weights=weights, seeds=seeds,
                 trainable=pol.schedule(bb.block_names, cfg.epochs), data_identity=data_identity(bundle))
     if p.augment == "none" and cfg.cache_views > 1:
@@ -367,7 +368,7 @@ def _decode_decision(p: RunPlan) -> dict[str, Any]:
         out["val"] = plan_decode(p.bundle.val, p.spec, augment="none", cache_dir=cfg.cache_dir)
     if cfg.decode_once is True and out["train"].mode == "off":
         raise ConfigError(f"decode_once=True cannot be honoured: {out['train'].reason}.")
-    return {k: d for k, d in out.items() if d.mode != "off"} if cfg.decode_once == "auto" else out
+    return {k: d for k, d in out.items() if d.mode != "off"}
 
 
 def plan_differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -76,8 +76,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         for p in preds:
             print(f"{p.source}\t{p}")
     failed = [p for p in preds if not getattr(p, "ok", True)]
-    for p in failed:
-        print(f"transferkit: warning: {p.source}: {_one_line(p.error)}", file=sys.stderr)
+    for p in failed:  # the reason alone: advice about training options does not apply to predict
+        reason = _one_line(p.error).split(" Remove the file")[0]
+        print(f"transferkit: warning: {p.source}: {reason}", file=sys.stderr)
     if failed:
         print(f"transferkit: error: {len(failed)} of {len(preds)} inputs could not be predicted (listed above)",
               file=sys.stderr)

@@ -59,6 +59,11 @@ def test_config_is_one_validated_record_for_python_yaml_and_cli(tmp_path):
             FinetuneConfig(data="x", **bad)
     with pytest.raises(ConfigError, match="Did you mean 'epochs'"):
         tk.finetune("tk:small_cnn", data="x", epoch=2)
+    with pytest.raises(ConfigError, match="Did you mean 'epochs'"):
+        FinetuneConfig(data="x", epoch=2)
+    for schedule, options in [("step", {"gamma": -1}), ("exponential", {"gamma": 5}), ("cosine", {"min_factor": 2})]:
+        with pytest.raises(ConfigError, match="schedule_options .* out of range"):
+            FinetuneConfig(data="x", schedule=schedule, schedule_options=options)
     assert merge_config({"epochs": 5}, {"epochs": "2"}, source="t") == {"epochs": 2}  # later layers win
 
 

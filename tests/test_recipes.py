@@ -148,6 +148,8 @@ def test_cli_finetune_with_config_and_overrides(tmp_path, capsys):
     from transferkit.export import read_metadata
 
     assert read_metadata(tmp_path / "m.pt")["config"]["epochs"] == 1  # the flag won over the file
+    assert main(["finetune", "--config", str(cfg), "--set", f"data={data}", "--set", "batch_size=4"]) == 0  # `data` works
+    capsys.readouterr()
     assert main(["finetune", "--config", str(cfg), "--data", str(data), "--set", "epoch=2"]) == 2
     assert "Did you mean 'epochs'" in capsys.readouterr().err
     assert main(["lr-find", "--config", str(cfg), "--data", str(data), "--num-steps", "5",

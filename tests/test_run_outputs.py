@@ -19,7 +19,8 @@ def test_bad_output_paths_fail_before_training(image_folder, tmp_path, monkeypat
     monkeypatch.setattr(api, "train", lambda *a, **k: pytest.fail("trained despite a bad output path"))
     (tmp_path / "a_file").write_text("x")
     cases = [({"export": tmp_path}, "export"), ({"checkpoint": tmp_path}, "checkpoint"),
-             ({"plots_dir": tmp_path / "a_file"}, "plots_dir"), ({"export": tmp_path / "a_file" / "m.pt"}, "export")]
+             ({"plots_dir": tmp_path / "a_file"}, "plots_dir"), ({"export": tmp_path / "a_file" / "m.pt"}, "export"),
+             ({"checkpoint": tmp_path / "a_file" / "c.pt"}, "is a file")]
     for kw, named in cases:
         t0 = time.perf_counter()
         with pytest.raises(tk.OutputError, match=named):

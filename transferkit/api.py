@@ -114,9 +114,10 @@ def _run_lock(cfg: FinetuneConfig, info: Any) -> Iterator[None]:
     if path is None or not info.is_main:
         yield
         return
-    from transferkit._io import remove_stale_temps
+    from transferkit._io import check_writable, remove_stale_temps
     from transferkit.train.checkpoint import checkpoint_lock
 
+    check_writable(path, what="checkpoint", flag="checkpoint")  # a clear error before the lock file is made
     with checkpoint_lock(path, flag="checkpoint"):
         remove_stale_temps(path)
         yield

@@ -172,7 +172,7 @@ def _finetune_kwargs(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) ->
     file_cfg = load_config(args.config) if args.config else {}
     cfg = merge_config(file_cfg, flags, parse_overrides(args.set), source="finetune options")
     cfg = {k: expand_vars(v) for k, v in cfg.items() if k not in skip}
-    data = args.data or cfg.get("data_dir")
+    data = args.data or cfg.get("data") or cfg.get("data_dir")
     if not data:
         raise TransferkitError("No training data: pass --data DIR (or data_dir in the config).")
     kwargs = {k: v for k, v in cfg.items() if k not in RECIPE_KEYS}

@@ -231,6 +231,9 @@ class FinetuneConfig:
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"finetune(): warmup_epochs={self.warmup_epochs!r} is longer than the run (epochs="
                               f"{self.epochs!r}); use at most {self.epochs}.")
+        from transferkit.train.optim import check_schedule_options
+
+        check_schedule_options(self.schedule, self.schedule_options)
         if self.data is None:
             raise ConfigError("finetune(): data is required: a folder root/<class>/<file>, a CSV of path,label, or a "
                               "Dataset of (input, label).")
@@ -258,6 +261,22 @@ class FinetuneConfig:
             raise _unknown(sorted(unknown)[0], "finetune()")
         return dataclasses.replace(self, **changes)
 
+
+def _init_with_known_keys(init: Callable[..., None]) -> Callable[..., None]:
+    """The dataclass ``__init__``, refusing an unknown key with a ConfigError and a suggestion."""
+    import functools
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - set(self.__dataclass_fields__))
+        if unknown:
+            raise _unknown(unknown[0], "FinetuneConfig()")
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+FinetuneConfig.__init__ = _init_with_known_keys(FinetuneConfig.__init__)  # type: ignore[method-assign]
 
 _PATH_KEYS = {"data", "val_data", "weights", "cache_dir", "export", "checkpoint", "log_dir", "plots_dir"}
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -346,6 +347,10 @@ def plan(config: FinetuneConfig) -> RunPlan:
                 augment=cfg.augment or ("standard" if not cache or cfg.cache_views > 1 else "none"),
                 lr=default_lr(head_only=frozen) if cfg.lr is None else cfg.lr, class_weights=weights, seeds=seeds,
                 trainable=pol.schedule(bb.block_names, cfg.epochs), data_identity=data_identity(bundle))
+    if pol.frozen_epochs and frozen:
+        warnings.warn(f"policy {pol} keeps the backbone frozen for {pol.frozen_epochs} epoch(s) but the run has "
+                      f"{cfg.epochs}: the backbone never trains (this is feature extraction); raise epochs above "
+                      f"{pol.frozen_epochs} to fine-tune.", stacklevel=2)
     if p.augment == "none" and cfg.cache_views > 1:
         raise ConfigError("cache_views > 1 needs random augmentation; set augment='standard' or 'flip'.")
     if head_kind != "logistic":

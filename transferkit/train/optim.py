@@ -28,6 +28,40 @@ _DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
+# the valid range of every schedule option: (check, what it must be)
+_OPTION_RANGES: dict[str, tuple[Any, str]] = {
+    "min_factor": (lambda v: 0 <= v <= 1, "a fraction of the base lr in [0, 1]"),
+    "step_epochs": (lambda v: v >= 0 and float(v).is_integer(), "a whole number of epochs >= 0 (0: a third of the run)"),
+    "gamma": (lambda v: 0 < v <= 1, "a factor in (0, 1]: the lr must not grow or change sign"),
+    "pct_start": (lambda v: 0 < v < 1, "a fraction of the run in (0, 1)"),
+    "div_factor": (lambda v: v >= 1, "a number >= 1 (the start lr is base lr / div_factor)"),
+    "final_div_factor": (lambda v: v >= 1, "a number >= 1"),
+    "factor": (lambda v: 0 < v < 1, "a factor in (0, 1)"),
+    "patience": (lambda v: v >= 0 and float(v).is_integer(), "a whole number of epochs >= 0"),
+    "threshold": (lambda v: v >= 0, "a number >= 0"),
+    "mode_max": (lambda v: v in (0, 1), "0 (lower is better) or 1"),
+}
+
+
+def check_schedule_options(name: str, options: dict[str, Any] | None) -> dict[str, float]:
+    """``options`` of schedule ``name``, checked: known keys, numbers, valid ranges.
+
+    Example:
+        >>> check_schedule_options("step", {"gamma": 0.5})
+        {'step_epochs': 0, 'gamma': 0.5}
+    """
+    check_choice("schedule", name, SCHEDULES)
+    unknown = set(options or {}) - set(_DEFAULTS[name])
+    if unknown:
+        raise ConfigError(f"Unknown schedule_options {sorted(unknown)} for schedule {name!r}; "
+                          f"valid: {sorted(_DEFAULTS[name]) or 'none'}.")
+    for key, value in (options or {}).items():
+        ok, what = _OPTION_RANGES[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            raise ConfigError(f"schedule_options {key}={value!r} for schedule {name!r} is out of range; expected {what}.")
+    return {**_DEFAULTS[name], **(options or {})}
+
+
 DEFAULT_LR = 1e-3  # backbone weights train: fine-tuning rate (AdamW)
 DEFAULT_HEAD_LR = 1e-2  # only a new head trains (on standardised features when they are cached)
 
@@ -78,15 +112,11 @@ class LRSchedule:
 
     def __init__(self, name: str, optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_epoch: int,
                  warmup_steps: int = 0, options: dict[str, float] | None = None) -> None:
-        check_choice("schedule", name, SCHEDULES)
-        unknown = set(options or {}) - set(_DEFAULTS[name])
-        if unknown:
-            raise ConfigError(f"Unknown schedule_options {sorted(unknown)} for schedule {name!r}; "
-                              f"valid: {sorted(_DEFAULTS[name]) or 'none'}.")
+        opts = check_schedule_options(name, options)
         if warmup_steps < 0:
             raise ConfigError(f"warmup must be >= 0, got {warmup_steps}.")
         self.name, self.optimizer = name, optimizer
-        self.opts = {**_DEFAULTS[name], **(options or {})}
+        self.opts = opts
         self.total_steps, self.steps_per_epoch = max(int(total_steps), 1), max(int(steps_per_epoch), 1)
         self.warmup_steps = 0 if name == "one_cycle" else int(warmup_steps)
         self.base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]

@@ -172,7 +172,8 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
         if isinstance(train, ImageFolderDataset) and isinstance(val, ImageFolderDataset):
             dups = find_duplicates([p for p, _ in train.samples], [p for p, _ in val.samples])
             if dups:
-                report.warn(f"{len(dups)} validation file(s) are byte-identical to training files, which inflates "
+                n_val = len({v for _, v in dups})  # files, not pairs (a file may match several)
+                report.warn(f"{n_val} validation file(s) are byte-identical to training files, which inflates "
                             f"validation accuracy: e.g. {dups[0][1]} = {dups[0][0]}.")
     elif val_split:
         tr_idx, va_idx = stratified_split(targets, val_split, seed)

@@ -299,3 +299,19 @@ def test_exports_carry_names_and_digests_not_the_training_machines_paths(split_f
     assert meta["plan"]["weights"].startswith("w.pt@blake2b:") and meta["config"]["data"] == "train"
     tk.finetune(export=tmp_path / "full.pt", portable_metadata=False, **kw)
     assert read_metadata(tmp_path / "full.pt")["plan"]["weights"] == str(weights)
+
+
+def test_a_cache_entry_computed_while_a_file_failed_is_not_kept(tmp_path):
+    """Later runs must see (and report) the broken file again, not reuse features that hold its replacement."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_bad_folders import _damaged_png
+
+    root = make_image_folder(tmp_path / "d", per_class=6)
+    _damaged_png(root / "dark" / "damaged.png")
+    kw = dict(backbone="tk:small_cnn", data=root, cache_dir=tmp_path / "cache", **KW)
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="damaged.png"):
+            r = tk.finetune(**kw)
+        assert r.data_report.bad_at_load == [str(root / "dark" / "damaged.png")]

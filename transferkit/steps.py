@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,12 +85,17 @@ def cached_features(plan: RunPlan, *, progress: Any = None) -> TrainingData:
     for name, ds, tf, views in parts:
         key = "in-memory" if cfg.cache_dir is None else cache_key(plan.feature_key_parts(
             part=name, transform=tf, views=views, dataset=ds))
+        failed_before = len(plan.bundle.report.bad_at_load)
         with progress_bar(len(ds) * views, f"features ({name})", verbose=cfg.verbose and info.is_main,
                           unit="img") as bar:
             stores[name] = compute_features(model, ds.view(transform=tf), key=key, views=views,
                                             batch_size=extract_batch, device=fs.device, num_workers=cfg.num_workers,
                                             seed=cfg.seed, cache_dir=cfg.cache_dir, forward=forward,
                                             progress=progress or bar, info=info)  # sharded, gathered under DDP
+        if stores[name].path is not None and len(plan.bundle.report.bad_at_load) > failed_before and info.is_main:
+            # a file failed while this entry was computed: do not keep it, so that the next run meets (and
+            # reports) the file again instead of reusing features that silently hold its replacement
+            shutil.rmtree(stores[name].path, ignore_errors=True)
     train_dl = feature_loader(stores["train"], batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
                               rank=info.rank, world_size=info.world_size)
     val_dl = feature_loader(stores["val"], batch_size=256, shuffle=False) if "val" in stores else None

@@ -124,8 +124,11 @@ def _inputs(plan: RunPlan, part: str, ds: Any, augment: str, transform: Any) -> 
     from transferkit.data.decoded import decoded_dataset
 
     t0 = time.perf_counter()
-    out, _ = decoded_dataset(ds, plan.spec, augment=augment, cache_dir=plan.config.cache_dir,
-                             num_workers=plan.config.num_workers, plan=plan.decode[part])
+    failed_before = len(plan.bundle.report.bad_at_load)
+    out, decided = decoded_dataset(ds, plan.spec, augment=augment, cache_dir=plan.config.cache_dir,
+                                   num_workers=plan.config.num_workers, plan=plan.decode[part])
+    if decided.path is not None and len(plan.bundle.report.bad_at_load) > failed_before and plan.dist.is_main:
+        shutil.rmtree(decided.path, ignore_errors=True)  # as for feature-cache entries: a later run reports the file
     plan.timings[f"decode_{part}_s"] = time.perf_counter() - t0
     return out
 

@@ -142,8 +142,8 @@ def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
     p.add_argument("--val-data", default=None, help="validation data (default: a stratified split)")
     for key, f in config_fields().items():
         m = f.metadata
-        if not m["flag"] or key == "data" or (not outputs and m["group"] == "outputs"):
-            continue
+        if not m["flag"] or key == "data" or (not outputs and (m["group"] == "outputs" or key == "schedule")):
+            continue  # lr-find has no outputs and runs its own lr ramp, not a schedule
         types = m["types"]
         kind = int if types == (int,) else float if float in types else str
         default = f.default if f.default is not dataclasses.MISSING else None

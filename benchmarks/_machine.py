@@ -1,9 +1,13 @@
-"""The machine line every benchmark prints first (CPU, torch, threads, bf16 capability, load)."""
+"""Shared by the benchmarks: the machine line each prints first (CPU, torch, threads, bf16
+capability, load), and running one measurement in its own process (clean peak memory)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 
 
 def machine_line(threads: int | None = None) -> str:
@@ -22,3 +26,14 @@ def machine_line(threads: int | None = None) -> str:
             f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {'yes' if native else 'no'}, {why}){gpu}; "
             f"torch {torch.__version__}; {threads or torch.get_num_threads()} torch threads; "
             f"load average {os.getloadavg()[0]:.1f}")
+
+
+def run_child(script: str, argv: list[str], label: str) -> dict:
+    """Run ``python script *argv`` in a fresh process and return the JSON object its last
+    stdout line holds (echoed to stderr as it arrives); a failure stops the benchmark."""
+    out = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{label} failed:\n{out.stderr[-3000:]}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {label}: {json.dumps(res)}", file=sys.stderr, flush=True)
+    return res

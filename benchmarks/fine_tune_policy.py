@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,20 +81,16 @@ def main() -> None:
     if args.policy is None:
         check_policy(fine_tune)
     sys.path.insert(0, str(Path(__file__).parent))
-    from _machine import machine_line
+    from _machine import machine_line, run_child
 
     print(f"# {args.backbone}, {args.epochs} epochs, hymenoptera at {args.image_size or 224} px, batch {args.batch}"
           f"\n# {machine_line(args.threads)}\n")
     rows = {}
     for policy in ("full", fine_tune):
-        cmd = [sys.executable, __file__, "--child-policy", policy, "--backbone", args.backbone, "--epochs",
-               str(args.epochs), "--batch", str(args.batch), "--workers", str(args.workers), "--threads",
-               str(args.threads)] + (["--image-size", str(args.image_size)] if args.image_size else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            raise SystemExit(f"policy={policy!r} failed:\n{out.stderr[-3000:]}")
-        rows[policy] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"  {policy}: {json.dumps(rows[policy])}", file=sys.stderr, flush=True)
+        argv = ["--child-policy", policy, "--backbone", args.backbone, "--epochs", str(args.epochs), "--batch",
+                str(args.batch), "--workers", str(args.workers), "--threads", str(args.threads)] + \
+            (["--image-size", str(args.image_size)] if args.image_size else [])
+        rows[policy] = run_child(__file__, argv, f"policy={policy!r}")
     full = rows["full"]
     print("| policy | wall s | vs full | train s | val acc | peak RSS MB |\n|---|---:|---:|---:|---:|---:|")
     for policy, r in rows.items():

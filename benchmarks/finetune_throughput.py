@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,16 +105,11 @@ FUNCS = {"plain": plain, "transferkit_defaults": transferkit_defaults, "transfer
 
 
 def _child(name: str, part: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", name, "--only", part, "--epochs", str(args.epochs), "--workers",
-           str(args.workers), "--threads", str(args.threads), "--batch", str(args.batch)]
-    if args.image_size:
-        cmd += ["--image-size", str(args.image_size)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"{name} ({part}) failed:\n{out.stderr[-3000:]}")
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"  [{part}] {name}: {json.dumps(res)}", file=sys.stderr, flush=True)
-    return res
+    from _machine import run_child
+
+    argv = ["--child", name, "--only", part, "--epochs", str(args.epochs), "--workers", str(args.workers),
+            "--threads", str(args.threads), "--batch", str(args.batch)] + (["--image-size", str(args.image_size)] if args.image_size else [])
+    return run_child(__file__, argv, f"[{part}] {name}")
 
 
 def main() -> None:

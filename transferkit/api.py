@@ -123,6 +123,21 @@ def _run_lock(cfg: FinetuneConfig, info: Any) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _planned(cfg: FinetuneConfig, *, lock: bool) -> Iterator[RunPlan]:
+    """The plan of ``cfg`` (its summary printed), inside what every run needs: the caller's
+    torch settings restored afterwards, one rank's error ending every rank, and (``lock``)
+    the checkpoint's lock."""
+    with preserved_torch_settings():
+        set_deterministic(cfg.deterministic)
+        info = init_distributed(resolve_device(cfg.device))[0]
+        with rank_guard(info), (_run_lock(cfg, info) if lock else contextlib.nullcontext()):
+            p = plan(cfg)
+            if cfg.verbose and p.dist.is_main:
+                print(p.summary(), file=sys.stderr, flush=True)
+            yield p
+
+
 def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options: Any) -> FinetuneResult:
     """Fine-tune a backbone on labelled data and return a [`FinetuneResult`][transferkit.FinetuneResult].
 
@@ -143,34 +158,26 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
     """
     cfg = _config(config, options)
     t_start = time.perf_counter()
-    with preserved_torch_settings():
-        set_deterministic(cfg.deterministic)
-        info = init_distributed(resolve_device(cfg.device))[0]
-        with rank_guard(info), _run_lock(cfg, info):  # one rank's error ends every rank; one run per checkpoint
-            p = plan(cfg)
-            p.timings["setup_s"] = time.perf_counter() - t_start
-            if cfg.verbose and p.dist.is_main:
-                print(p.summary(), file=sys.stderr, flush=True)
-            meta = metadata(p)
-            outcome = train(p, meta=meta)
-            outputs: dict[str, Any] = {}
-            metrics = evaluate(p, outcome.data, outputs=outputs)
-            if outcome.probe is not None:
-                metrics["probe"] = {"C": outcome.probe.C,
-                                    "val_acc_by_C": {str(c): a for c, a in outcome.probe.scores.items()}}
-            result = FinetuneResult(model=p.model, backbone=p.backbone, classes=p.classes, policy=p.policy,
-                                    history=outcome.history, best=outcome.best, metrics=metrics, plan=p,
-                                    used_feature_cache=p.cache, timings=p.timings, task=cfg.task,
-                                    stopped_early=outcome.state.stopped_early, data_report=p.bundle.report,
-                                    val_logits=outputs.get("logits"))
-            if p.dist.is_main:
-                out = write_outputs(p, outcome, metrics, meta=meta, logits=outputs.get("logits"))
-                result.plots, result.checkpoint_path = out["plots"], out["checkpoint"]
-                if out["export_report"] is not None:
-                    result.export_report, result.export_path = out["export_report"], out["export_report"].path
-            from transferkit.train.distributed import barrier
-
-            barrier(p.dist)
+    with _planned(cfg, lock=True) as p:
+        p.timings["setup_s"] = time.perf_counter() - t_start
+        meta = metadata(p)
+        outcome = train(p, meta=meta)
+        outputs: dict[str, Any] = {}
+        metrics = evaluate(p, outcome.data, outputs=outputs)
+        if outcome.probe is not None:
+            metrics["probe"] = {"C": outcome.probe.C,
+                                "val_acc_by_C": {str(c): a for c, a in outcome.probe.scores.items()}}
+        result = FinetuneResult(model=p.model, backbone=p.backbone, classes=p.classes, policy=p.policy,
+                                history=outcome.history, best=outcome.best, metrics=metrics, plan=p,
+                                used_feature_cache=p.cache, timings=p.timings, task=cfg.task,
+                                stopped_early=outcome.state.stopped_early, data_report=p.bundle.report,
+                                val_logits=outputs.get("logits"))
+        if p.dist.is_main:
+            out = write_outputs(p, outcome, metrics, meta=meta, logits=outputs.get("logits"))
+            result.plots, result.checkpoint_path = out["plots"], out["checkpoint"]
+            if out["export_report"] is not None:
+                result.export_report, result.export_path = out["export_report"], out["export_report"].path
+        barrier(p.dist)
     p.timings["total_s"] = time.perf_counter() - t_start
     return result
 
@@ -223,18 +230,13 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
         >>> finetune("tk:small_cnn", weights=None, data="images/", lr=res.suggestion)  # doctest: +SKIP
     """
     cfg = _config(config, options)
-    with preserved_torch_settings():
-        set_deterministic(cfg.deterministic)
-        with rank_guard(init_distributed(resolve_device(cfg.device))[0]):  # one rank's error ends every rank
-            p = plan(cfg)
-            if cfg.verbose and p.dist.is_main:
-                print(p.summary(), file=sys.stderr, flush=True)
-            td = training_data(p)
-            opt = make_optimizer(cfg.optimizer, p.param_groups(lr=start_lr), lr=start_lr, momentum=cfg.momentum)
-            first = 0 if p.cache else p.cached_epochs  # fine_tune: the rate of the phase that trains the backbone
-            result = lr_range_test(td.module, td.train_loader, optimizer=opt, loss_fn=p.loss_fn, speed=p.speed,
-                                   set_mode=lambda e: set_epoch_mode(p, first + e), start_lr=start_lr,
-                                   end_lr=end_lr, num_steps=num_steps, verbose=cfg.verbose and p.dist.is_main)
+    with _planned(cfg, lock=False) as p:
+        td = training_data(p)
+        opt = make_optimizer(cfg.optimizer, p.param_groups(lr=start_lr), lr=start_lr, momentum=cfg.momentum)
+        first = 0 if p.cache else p.cached_epochs  # fine_tune: the rate of the phase that trains the backbone
+        result = lr_range_test(td.module, td.train_loader, optimizer=opt, loss_fn=p.loss_fn, speed=p.speed,
+                               set_mode=lambda e: set_epoch_mode(p, first + e), start_lr=start_lr,
+                               end_lr=end_lr, num_steps=num_steps, verbose=cfg.verbose and p.dist.is_main)
     if plot is not None and p.dist.is_main:
         result.plot(plot)
     return result

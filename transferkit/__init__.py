@@ -7,7 +7,7 @@ Example:
     >>> transferkit.load("model.pt").predict("cat.jpg")[0].label  # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
+from transferkit._version import __version__
 
 from transferkit.api import FinetuneResult, finetune, linear_probe, lr_find, resume
 from transferkit.backbones import Backbone, Block, InputSpec, get_backbone, list_backbones
@@ -28,7 +28,10 @@ from transferkit.export import Prediction, Predictor, export_torchscript, load
 from transferkit.heads import FeatureNorm, build_head
 from transferkit.config import FinetuneConfig, load_config
 from transferkit.model import ImagePreprocess, TransferModel, build_model
-from transferkit.plan import RunPlan, plan, seed_everything
+from transferkit.data.sampling import seed_everything
+from transferkit.decisions import Decisions, decide, plan
+from transferkit.facts import Facts, look
+from transferkit.run import Run, build
 from transferkit.policies import Policy, apply_policy, set_train_mode, trainable_parameter_names
 
 __all__ = [
@@ -37,5 +40,5 @@ __all__ = [
     "TransferkitError", "UnknownBackboneError", "WeightsError", "ImagePreprocess", "apply_policy", "build_head",
     "build_model", "export_torchscript", "finetune", "get_backbone", "list_backbones", "load", "seed_everything",
     "set_train_mode", "trainable_parameter_names", "linear_probe", "lr_find", "resume", "FinetuneConfig",
-    "load_config", "RunPlan", "plan",
+    "load_config", "Decisions", "Facts", "Run", "build", "decide", "look", "plan",
 ]

@@ -1,7 +1,8 @@
-"""``finetune()``: the config -> plan -> steps orchestration, and nothing else.
+"""``finetune()``: config -> facts -> decisions -> run -> steps, and nothing else.
 
-Every decision is taken in [`transferkit.plan.plan`][transferkit.plan.plan]; every step is a public function
-in [`transferkit.steps`][transferkit.steps] that a recipe can call on its own.
+[`look`][transferkit.facts.look] gathers the facts, [`decide`][transferkit.decisions.decide]
+takes every decision, [`build`][transferkit.run.build] makes the live run, and every step is
+a public function in [`transferkit.steps`][transferkit.steps] that a recipe can call on its own.
 """
 
 from __future__ import annotations
@@ -9,23 +10,27 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transferkit.backbones import Backbone
-from transferkit.config import FinetuneConfig
+from transferkit._io import check_writable, remove_stale_temps
+from transferkit.config import FinetuneConfig, unknown_key_error
 from transferkit.data import DataReport
 from transferkit.errors import ConfigError
 from transferkit.export.torchscript import ExportReport
 from transferkit.model import TransferModel
-from transferkit.plan import RunPlan, plan
+from transferkit.decisions import Decisions, decide
+from transferkit.facts import environment, look
 from transferkit.policies import Policy
-from transferkit.steps import evaluate, metadata, set_epoch_mode, train, training_data, write_outputs
-from transferkit.train.checkpoint import load_checkpoint
-from transferkit.train.device import preserved_torch_settings, resolve_device
-from transferkit.train.distributed import barrier, init_distributed, rank_guard
+from transferkit.run import Run, build
+from transferkit.steps import evaluate, set_epoch_mode, train, training_data, validation_images, write_outputs
+from transferkit.train.checkpoint import checkpoint_lock, load_checkpoint
+from transferkit.train.device import preserved_torch_settings
+from transferkit.train.distributed import barrier, rank_guard
 from transferkit.train.lr_find import LRFindResult, lr_range_test
 from transferkit.train.optim import make_optimizer
 from transferkit.train.speed import set_deterministic
@@ -43,7 +48,8 @@ class FinetuneResult:
     history: list[dict[str, Any]]  # one row per epoch: losses, accuracies, base lr, lr per group, seconds
     best: dict[str, Any]  # the best epoch: its number, val_loss and val_acc
     metrics: dict[str, Any]  # final validation metrics (accuracy, top-k, F1, per-class report, confusion matrix)
-    plan: RunPlan | None = None  # every decision of the run (see transferkit.plan)
+    decisions: Decisions | None = None  # every decision of the run, with its reasons (see transferkit.decisions)
+    run: Run | None = None  # the run's live objects (model, data, loss; see transferkit.run)
     export_path: Path | None = None  # the verified TorchScript file, with export=
     export_report: ExportReport | None = None  # the export's parity check
     checkpoint_path: Path | None = None  # the final checkpoint, with checkpoint=
@@ -56,12 +62,10 @@ class FinetuneResult:
     val_logits: Any = None  # the trained model's outputs on the validation set, in its order
 
     def _interpretable(self) -> tuple[Any, Any]:
-        from transferkit.steps import validation_images
-
-        if self.val_logits is None or self.plan is None or self.task != "multiclass":
+        if self.val_logits is None or self.decisions is None or self.run is None or self.task != "multiclass":
             raise ConfigError("show_results, plot_top_losses and most_confused need a multiclass run with "
                               "validation data.")
-        return self.val_logits, validation_images(self.plan)
+        return self.val_logits, validation_images(self.decisions, self.run)
 
     def show_results(self, n: int = 9, path: str | Path = "show_results.png") -> Path:
         """A PNG grid of ``n`` validation images with true label, prediction and probability
@@ -100,42 +104,55 @@ def _config(config: FinetuneConfig | str | Backbone | None, options: dict[str, A
         options = {"backbone": config, **options}
     unknown = set(options) - set(FinetuneConfig.__dataclass_fields__)
     if unknown:
-        from transferkit.config import _unknown
-
-        raise _unknown(sorted(unknown)[0], "finetune()")
+        raise unknown_key_error(sorted(unknown)[0], "finetune()")
     return FinetuneConfig(**options)
 
 
+_OUTPUTS = {"export": "file", "checkpoint": "file", "plots_dir": "dir", "cache_dir": "dir", "log_dir": "dir"}
+
+
+def check_outputs(cfg: FinetuneConfig) -> None:
+    """Every output path of the run can be written (a folder given for a file, a missing or
+    read-only parent: a clear OutputError naming the setting, before anything trains)."""
+    for key, kind in _OUTPUTS.items():
+        value = getattr(cfg, key)
+        if value is not None:
+            check_writable(value, what=key.replace("_dir", " folder"), flag=key, kind=kind)
+
+
 @contextlib.contextmanager
-def _run_lock(cfg: FinetuneConfig, info: Any) -> Iterator[None]:
+def _run_lock(cfg: FinetuneConfig, is_main: bool) -> Iterator[None]:
     """Rank 0 holds the checkpoint's lock for the whole run (a second run on the same path gets
     a clear error, not a silent overwrite); temp files a killed writer left are removed first."""
     path = cfg.checkpoint
-    if path is None or not info.is_main:
+    if path is None or not is_main:
         yield
         return
-    from transferkit._io import check_writable, remove_stale_temps
-    from transferkit.train.checkpoint import checkpoint_lock
-
-    check_writable(path, what="checkpoint", flag="checkpoint")  # a clear error before the lock file is made
     with checkpoint_lock(path, flag="checkpoint"):
         remove_stale_temps(path)
         yield
 
 
 @contextlib.contextmanager
-def _planned(cfg: FinetuneConfig, *, lock: bool) -> Iterator[RunPlan]:
-    """The plan of ``cfg`` (its summary printed), inside what every run needs: the caller's
-    torch settings restored afterwards, one rank's error ending every rank, and (``lock``)
-    the checkpoint's lock."""
+def _opened(cfg: FinetuneConfig, *, lock: bool) -> Iterator[tuple[Decisions, Run]]:
+    """The decisions of ``cfg`` (their summary printed) and the run built from them, inside
+    what every run needs: the caller's torch settings restored afterwards, one rank's error
+    ending every rank, and (``lock``) the checkpoint's lock."""
     with preserved_torch_settings():
         set_deterministic(cfg.deterministic)
-        info = init_distributed(resolve_device(cfg.device))[0]
-        with rank_guard(info), (_run_lock(cfg, info) if lock else contextlib.nullcontext()):
-            p = plan(cfg)
-            if cfg.verbose and p.dist.is_main:
-                print(p.summary(), file=sys.stderr, flush=True)
-            yield p
+        env = environment(cfg)
+        is_main = env[0].is_main
+        if is_main:
+            check_outputs(cfg)  # a bad output path fails now, not after training
+        with rank_guard(env[0]), (_run_lock(cfg, is_main) if lock else contextlib.nullcontext()):
+            facts, inputs = look(cfg, env=env)
+            d = decide(cfg, facts)
+            if is_main:
+                for note in d.notes:
+                    warnings.warn(note, stacklevel=4)
+                if cfg.verbose:
+                    print(d.summary(), file=sys.stderr, flush=True)
+            yield d, build(d, inputs)
 
 
 def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options: Any) -> FinetuneResult:
@@ -144,8 +161,10 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
     Call it with keywords (``finetune("tv:resnet18", data="images/", epochs=5)``), or with
     a [`FinetuneConfig`][transferkit.FinetuneConfig] (``finetune(cfg)``, keywords override
     it). Every setting, its default and its meaning are listed in ``FinetuneConfig`` and
-    ``docs/training.md``. The run: [`plan`][transferkit.plan.plan] resolves every decision
-    (printed before training when ``verbose``), then the steps of
+    ``docs/training.md``. The run: [`look`][transferkit.facts.look] gathers the facts,
+    [`decide`][transferkit.decisions.decide] takes every decision (printed before training
+    when ``verbose``; [`plan`][transferkit.decisions.plan] is the same without training),
+    [`build`][transferkit.run.build] makes the model, then the steps of
     [`transferkit.steps`][transferkit.steps] compute features or build loaders, train, evaluate, and write
     the checkpoint, plots and verified export. Global torch settings (deterministic
     algorithms, cuDNN autotuning) are restored afterwards. Launched by ``torchrun``,
@@ -158,27 +177,28 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
     """
     cfg = _config(config, options)
     t_start = time.perf_counter()
-    with _planned(cfg, lock=True) as p:
-        p.timings["setup_s"] = time.perf_counter() - t_start
-        meta = metadata(p)
-        outcome = train(p, meta=meta)
+    with _opened(cfg, lock=True) as (d, run):
+        timings = {"setup_s": time.perf_counter() - t_start}
+        outcome = train(d, run)
+        timings.update(outcome.seconds)
         outputs: dict[str, Any] = {}
-        metrics = evaluate(p, outcome.data, outputs=outputs)
+        metrics = evaluate(d, run, outcome.data, outputs=outputs)
         if outcome.probe is not None:
             metrics["probe"] = {"C": outcome.probe.C,
                                 "val_acc_by_C": {str(c): a for c, a in outcome.probe.scores.items()}}
-        result = FinetuneResult(model=p.model, backbone=p.backbone, classes=p.classes, policy=p.policy,
-                                history=outcome.history, best=outcome.best, metrics=metrics, plan=p,
-                                used_feature_cache=p.cache, timings=p.timings, task=cfg.task,
-                                stopped_early=outcome.state.stopped_early, data_report=p.bundle.report,
+        result = FinetuneResult(model=run.model, backbone=run.backbone, classes=list(d.classes), policy=d.policy,
+                                history=outcome.history, best=outcome.best, metrics=metrics, decisions=d, run=run,
+                                used_feature_cache=d.cache, timings=timings, task=cfg.task,
+                                stopped_early=outcome.state.stopped_early, data_report=run.bundle.report,
                                 val_logits=outputs.get("logits"))
-        if p.dist.is_main:
-            out = write_outputs(p, outcome, metrics, meta=meta, logits=outputs.get("logits"))
+        if run.dist.is_main:
+            out = write_outputs(d, run, outcome, metrics, logits=outputs.get("logits"))
+            timings.update(out["seconds"])
             result.plots, result.checkpoint_path = out["plots"], out["checkpoint"]
             if out["export_report"] is not None:
                 result.export_report, result.export_path = out["export_report"], out["export_report"].path
-        barrier(p.dist)
-    p.timings["total_s"] = time.perf_counter() - t_start
+        barrier(run.dist)
+    timings["total_s"] = time.perf_counter() - t_start
     return result
 
 
@@ -198,13 +218,13 @@ def linear_probe(backbone: str | Backbone = "tv:resnet18", *, data: Any, Cs: Seq
 def resume(path: str | Path, **overrides: Any) -> FinetuneResult:
     """Continue the run that wrote checkpoint ``path`` with the settings stored in it
     (``overrides`` replace some, e.g. ``data=`` when the run trained on an in-memory Dataset).
-    The resumed run's plan must equal the stored one (see ``docs/training.md``).
+    The resumed run's decisions must equal the stored ones (see ``docs/training.md``).
 
     Example:
         >>> result = transferkit.resume("runs/ants.pt")  # doctest: +SKIP
     """
     ckpt = load_checkpoint(path)
-    stored = (ckpt["transferkit"].get("plan") or {}).get("config") or ckpt["transferkit"].get("config") or {}
+    stored = (ckpt["transferkit"].get("decisions") or {}).get("config") or {}
     if not stored:
         raise ConfigError(f"{str(path)!r} has no stored configuration; call finetune(..., checkpoint=path, resume=True).")
     values = {**stored, **overrides}
@@ -221,22 +241,22 @@ def resume(path: str | Path, **overrides: Any) -> FinetuneResult:
 def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_lr: float = 1e-7, end_lr: float = 10.0,
             num_steps: int = 100, plot: str | Path | None = None, **options: Any) -> LRFindResult:
     """The learning-rate range test on the run ``finetune(config, **options)`` would do (same
-    plan: model, policy, data, feature cache, optimizer and weight decay): returns the
+    decisions: model, policy, data, feature cache, optimizer and weight decay): returns the
     losses per learning rate and a suggested ``lr``; ``plot="lr.png"`` draws the curve.
-    The caller's objects are left as they were (the plan owns a copy of the backbone).
+    The caller's objects are left as they were (the run owns a copy of the backbone).
 
     Example:
         >>> res = lr_find("tk:small_cnn", weights=None, data="images/", plot="lr.png")  # doctest: +SKIP
         >>> finetune("tk:small_cnn", weights=None, data="images/", lr=res.suggestion)  # doctest: +SKIP
     """
     cfg = _config(config, options)
-    with _planned(cfg, lock=False) as p:
-        td = training_data(p)
-        opt = make_optimizer(cfg.optimizer, p.param_groups(lr=start_lr), lr=start_lr, momentum=cfg.momentum)
-        first = 0 if p.cache else p.cached_epochs  # fine_tune: the rate of the phase that trains the backbone
-        result = lr_range_test(td.module, td.train_loader, optimizer=opt, loss_fn=p.loss_fn, speed=p.speed,
-                               set_mode=lambda e: set_epoch_mode(p, first + e), start_lr=start_lr,
-                               end_lr=end_lr, num_steps=num_steps, verbose=cfg.verbose and p.dist.is_main)
-    if plot is not None and p.dist.is_main:
+    with _opened(cfg, lock=False) as (d, run):
+        td = training_data(d, run)
+        opt = make_optimizer(cfg.optimizer, run.param_groups(d, lr=start_lr), lr=start_lr, momentum=cfg.momentum)
+        first = 0 if d.cache else d.cached_epochs  # fine_tune: the rate of the phase that trains the backbone
+        result = lr_range_test(td.module, td.train_loader, optimizer=opt, loss_fn=run.loss_fn, speed=run.speed,
+                               set_mode=lambda e: set_epoch_mode(d, run, first + e), start_lr=start_lr,
+                               end_lr=end_lr, num_steps=num_steps, verbose=cfg.verbose and d.is_main)
+    if plot is not None and d.is_main:
         result.plot(plot)
     return result

@@ -182,6 +182,13 @@ def _finetune_kwargs(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) ->
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from transferkit.api import finetune
 
+    if args.dry_run:
+        from transferkit.decisions import plan
+
+        with contextlib.redirect_stdout(sys.stderr):
+            decided = plan(**{**_finetune_kwargs(args), "verbose": False})
+        print(decided.summary())
+        return 0
     with contextlib.redirect_stdout(sys.stderr):  # logs on stderr: stdout holds the JSON result alone
         result = finetune(**_finetune_kwargs(args))
     summary = {"best": result.best, "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
@@ -260,9 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = _sub(sub, "finetune", "fine-tune a backbone on a folder of data and export it",
               "transferkit.finetune() from the command line: --config file.yaml (keys as in FinetuneConfig), then "
-              "the flags below, then --set key=value overrides. The plan and the epoch log go to stderr; stdout "
-              "holds one JSON object with the result.")
+              "the flags below, then --set key=value overrides. The decisions and the epoch log go to stderr; "
+              "stdout holds one JSON object with the result.")
     _finetune_args(ft)
+    ft.add_argument("--dry-run", action="store_true",
+                    help="print the run's decisions with their reasons and exit: no weights loaded, no features "
+                         "computed, nothing trained")
     ft.set_defaults(fn=_cmd_finetune)
     lf = _sub(sub, "lr-find", "learning-rate range test; suggests an lr",
               "The learning-rate range test on the run `transferkit finetune` would do with the same options "

@@ -110,7 +110,7 @@ class FinetuneConfig:
     a wrong type or a value out of range raises [`ConfigError`][transferkit.ConfigError]
     naming the key, the value and what is valid. Settings that depend on the data or the
     backbone (``class_weights`` length, ``image_size`` against the backbone) are checked by
-    [`transferkit.plan`][transferkit.plan.plan].
+    [`transferkit.decisions`][transferkit.decisions].
 
     Example:
         >>> FinetuneConfig(data="images/", epochs=0)
@@ -258,7 +258,7 @@ class FinetuneConfig:
         """A copy with ``changes`` (checked like the constructor's arguments)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise _unknown(sorted(unknown)[0], "finetune()")
+            raise unknown_key_error(sorted(unknown)[0], "finetune()")
         return dataclasses.replace(self, **changes)
 
 
@@ -270,7 +270,7 @@ def _init_with_known_keys(init: Callable[..., None]) -> Callable[..., None]:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(self.__dataclass_fields__))
         if unknown:
-            raise _unknown(unknown[0], "FinetuneConfig()")
+            raise unknown_key_error(unknown[0], "FinetuneConfig()")
         init(self, *args, **kwargs)
 
     return __init__
@@ -290,7 +290,7 @@ def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(FinetuneConfig)}
 
 
-def _unknown(key: str, source: str) -> ConfigError:
+def unknown_key_error(key: str, source: str) -> ConfigError:
     valid = sorted(set(config_fields()) | set(RECIPE_KEYS))
     return ConfigError(f"{source}: unknown key {key!r}.{suggest(str(key), valid)} Valid keys: {', '.join(valid)}.")
 
@@ -345,7 +345,7 @@ def merge_config(*layers: Mapping[str, Any] | None, source: str = "config") -> d
                     raise ConfigError(f"{source}: {key!r} is a Python object; pass it through the Python API.")
                 out[key] = _checked(fields[key], value, source, text=True)
             else:
-                raise _unknown(key, source)
+                raise unknown_key_error(key, source)
     return out
 
 

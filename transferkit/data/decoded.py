@@ -57,6 +57,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from transferkit.backbones._base import InputSpec
+from transferkit.data.fingerprint import data_fingerprint
+from transferkit.data.sampling import default_num_workers
 from transferkit.data.transforms import AUGMENTATIONS, ToImageTensor, ToRGB, eval_transform
 from transferkit.errors import check_choice
 
@@ -110,8 +112,6 @@ def decoded_key(dataset: Any, spec: InputSpec, augment: str) -> str:
         >>> decoded_key(ds, InputSpec(image_size=8), "flip") != decoded_key(ds, InputSpec(image_size=8), "standard")
         True
     """
-    from transferkit.train.features import data_fingerprint
-
     stored = "resized" if augment == "standard" else "eval-crop"
     parts = {"format": DECODED_FORMAT, "data": data_fingerprint(dataset), "stored": stored,
              "size": stored_short_side(spec) if stored == "resized" else [spec.resize_size, spec.image_size],
@@ -149,30 +149,53 @@ def estimate_bytes(dataset: Any, spec: InputSpec, augment: str) -> tuple[int, in
     return total, (bound if files else None)
 
 
-def plan_decode(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: str | Path | None = None,
-                budget_bytes: int = DEFAULT_BUDGET_BYTES) -> DecodePlan:
-    """Decide where the decoded pixels of ``dataset`` go, and say why (see the module docstring)."""
+def decode_census(dataset: Any, spec: InputSpec, *, augment: str,
+                  cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """What deciding where decoded pixels go needs to know (the only I/O of that decision):
+    the bytes they take, an existing entry under ``cache_dir``, and the free space there."""
     check_choice("augment", augment, AUGMENTATIONS)
     if spec.kind != "image":
-        return DecodePlan("off", 0, f"decoding every epoch: {spec.kind} input is not decoded once")
+        return {"kind": spec.kind}
     need, cap = estimate_bytes(dataset, spec, augment)
-    mb = need / 2**20
+    out: dict[str, Any] = {"kind": spec.kind, "need": need, "capacity": cap, "key": None, "path": None,
+                           "exists": False, "free": None, "cache_dir": None}
     if cache_dir is not None:
         key = decoded_key(dataset, spec, augment)
         path = Path(cache_dir) / "decoded" / key
-        if (path / "meta.json").exists():
+        free_at = Path(cache_dir)
+        while not free_at.exists() and free_at != free_at.parent:
+            free_at = free_at.parent
+        out.update(key=key, path=str(path), exists=(path / "meta.json").exists(), cache_dir=str(cache_dir),
+                   free=shutil.disk_usage(free_at).free)
+    return out
+
+
+def decide_decode(census: dict[str, Any], *, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> DecodePlan:
+    """Where the decoded pixels go, and why: a pure function of `decode_census`."""
+    if census["kind"] != "image":
+        return DecodePlan("off", 0, f"decoding every epoch: {census['kind']} input is not decoded once")
+    need, cap = census["need"], census["capacity"]
+    mb = need / 2**20
+    if census["cache_dir"] is not None:
+        key, path = census["key"], Path(census["path"])
+        if census["exists"]:
             return DecodePlan("disk", need, f"decoded once: {mb:.0f} MB read back from {path}", key, path, cap)
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(cache_dir).free
+        free = census["free"]
         if need * 1.1 + 2**26 <= free:
             return DecodePlan("disk", need, f"decoded once: {mb:.0f} MB memory-mapped under {path}", key, path, cap)
         return DecodePlan("off", need, f"decoding every epoch: {mb:.0f} MB of decoded pixels do not fit the "
-                                       f"{free / 2**20:.0f} MB free in {cache_dir}")
+                                       f"{free / 2**20:.0f} MB free in {census['cache_dir']}")
     if need <= budget_bytes:
         return DecodePlan("memory", need, f"decoded once: {mb:.0f} MB in memory (budget {budget_bytes / 2**20:.0f} MB)",
                           capacity_bytes=cap)
     return DecodePlan("off", need, f"decoding every epoch: {mb:.0f} MB of decoded pixels exceed the memory budget of "
                                    f"{budget_bytes / 2**20:.0f} MB; pass cache_dir to keep them memory-mapped on disk")
+
+
+def plan_decode(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: str | Path | None = None,
+                budget_bytes: int = DEFAULT_BUDGET_BYTES) -> DecodePlan:
+    """Decide where the decoded pixels of ``dataset`` go, and say why (see the module docstring)."""
+    return decide_decode(decode_census(dataset, spec, augment=augment, cache_dir=cache_dir), budget_bytes=budget_bytes)
 
 
 class DecodedDataset(Dataset):
@@ -216,7 +239,6 @@ def decoded_dataset(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: s
     a decision `plan_decode` already took for these arguments (not taken again).
     """
     from transferkit.data.transforms import train_transform
-    from transferkit.train.loaders import default_num_workers
 
     plan = plan or plan_decode(dataset, spec, augment=augment, cache_dir=cache_dir, budget_bytes=budget_bytes)
     if plan.mode == "off":

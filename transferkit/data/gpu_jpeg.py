@@ -35,7 +35,7 @@ from torchvision.transforms import v2 as T
 from transferkit.backbones._base import InputSpec
 from transferkit.data.transforms import AUGMENTATIONS
 from transferkit.errors import ConfigError, check_choice
-from transferkit.train.loaders import EpochSampler, default_num_workers, mix_seed
+from transferkit.data.sampling import EpochSampler, default_num_workers, mix_seed
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 

@@ -17,8 +17,8 @@ from transferkit.export.torchscript import ExportReport, export_torchscript
 
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the trained model of a checkpoint written by ``finetune(checkpoint=...)``
-    (or `transferkit.train.save_checkpoint`) from its metadata: backbone name, input
-    spec, labels and head configuration; the weights are loaded strictly.
+    (or `transferkit.train.save_checkpoint`) from its metadata: the run's stored decisions
+    (backbone, head, outputs), input spec and labels; the weights are loaded strictly.
 
     Example:
         >>> model, meta = model_from_checkpoint("run.pt")  # doctest: +SKIP
@@ -30,40 +30,39 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     ckpt = load_checkpoint(path)
     meta = ckpt["transferkit"]
     where = f"checkpoint {str(path)!r}"
+    decisions = meta.get("decisions") if isinstance(meta, dict) else None
+    decisions = decisions if isinstance(decisions, dict) else {}
     training = meta.get("training") if isinstance(meta, dict) else None
-    if not isinstance(training, dict) or not isinstance(training.get("backbone"), str):
-        raise ExportError(f"The {where} does not record its backbone (metadata 'training.backbone'); it cannot be "
-                          "rebuilt. Export the model in Python with transferkit.export_torchscript(model, ...).")
+    backbone_name = decisions.get("backbone") or (training or {}).get("backbone")
+    if not isinstance(backbone_name, str):
+        raise ExportError(f"The {where} does not record its backbone (metadata 'decisions.backbone' or "
+                          "'training.backbone'); it cannot be rebuilt. Export the model in Python with "
+                          "transferkit.export_torchscript(model, ...).")
     for key in ("labels", "input_spec"):
         if key not in meta:
             raise ExportError(f"The {where} lacks metadata {key!r}; it cannot be exported on its own.")
     head = _head_config(meta)
     spec = InputSpec.from_dict(meta["input_spec"])
-    num_outputs = int(meta.get("num_outputs") or len(meta["labels"]))
-    backbone = get_backbone(training["backbone"], weights=None)
+    num_outputs = int(decisions.get("num_outputs") or meta.get("num_outputs") or len(meta["labels"]))
+    backbone = get_backbone(backbone_name, weights=None)
     model = build_model(backbone, num_outputs, spec=spec, head_hidden=head["hidden"],
-                        head_activation=head["activation"], head_dropout=head["dropout"],
-                        head_norm=bool(training.get("head_norm", False)))
+                        head_activation=head["activation"], head_dropout=head["dropout"], head_norm=head["norm"])
     hint = "" if head["recorded"] else " (the checkpoint records no head configuration, so a linear head was assumed)"
     load_into(model, ckpt["model"], strict=True, source=f"The weights of {where}{hint}")
     return model.eval(), meta
 
 
 def _head_config(meta: dict[str, Any]) -> dict[str, Any]:
-    """The head of a checkpoint: from finetune's recorded ``config`` (head, head_hidden,
-    head_activation, head_dropout), else ``training.head``, else a linear head."""
-    from transferkit.heads import resolve_head
-
-    config = meta.get("config") if isinstance(meta.get("config"), dict) else None
-    if config is not None:
-        _, hidden = resolve_head(config.get("head"), config.get("head_hidden") or ())
-        return {"hidden": hidden, "activation": config.get("head_activation", "relu"),
-                "dropout": float(config.get("head_dropout") or 0.0), "recorded": True}
-    head = (meta.get("training") or {}).get("head")
+    """The head a checkpoint's run decided (``decisions.head``: hidden widths, activation,
+    dropout, norm), else ``training.head`` (metadata written by hand), else a linear head."""
+    decisions = meta.get("decisions") if isinstance(meta.get("decisions"), dict) else {}
+    head = decisions.get("head")
+    if not isinstance(head, dict):
+        head = (meta.get("training") or {}).get("head")
     if isinstance(head, dict):
-        return {"hidden": tuple(head.get("hidden", ())), "activation": head.get("activation", "relu"),
-                "dropout": float(head.get("dropout", 0.0)), "recorded": True}
-    return {"hidden": (), "activation": "relu", "dropout": 0.0, "recorded": False}
+        return {"hidden": tuple(int(h) for h in head.get("hidden", ())), "activation": head.get("activation", "relu"),
+                "dropout": float(head.get("dropout", 0.0)), "norm": bool(head.get("norm", False)), "recorded": True}
+    return {"hidden": (), "activation": "relu", "dropout": 0.0, "norm": False, "recorded": False}
 
 
 def example_batch(spec: InputSpec, *, examples: str | Path | None = None, n: int = 8,

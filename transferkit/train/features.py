@@ -2,7 +2,7 @@
 
 Features live in memory, or with ``cache_dir`` in a memory-mapped ``.npy`` file on disk
 (data larger than RAM; reused across runs). A cache entry is keyed by everything that
-changes the features ([`transferkit.plan.RunPlan.feature_key_parts`][transferkit.RunPlan.feature_key_parts]): the backbone
+changes the features ([`Decisions.feature_key_parts`][transferkit.Decisions.feature_key_parts]): the backbone
 name, a hash of the preprocessing and trunk weights (every tensor, BatchNorm statistics
 included; not the head), the transform, the precision, memory layout and device type of
 the extraction, the number of views and, whenever the transform is random, their seed,
@@ -31,91 +31,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from transferkit.train.distributed import DistInfo, all_ranks, barrier, gather_rows
 from transferkit._io import create_temp, file_digest, remove_stale_temps
+from transferkit.data.fingerprint import data_fingerprint, module_fingerprint, quick_fingerprint  # noqa: F401 (public here too)
 from transferkit.train.loaders import EpochSampler, make_loader, mix_seed
 
 CACHE_FORMAT = 2
 
 
-def _hash_tensor(h: Any, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    if t.numel():
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-
-
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """A hash of every parameter and buffer of ``module`` (names, dtypes, shapes, values)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in module.state_dict().items():
-        h.update(name.encode())
-        _hash_tensor(h, t)
-    return h.hexdigest()
-
-
-def _hash_item(h: Any, x: Any) -> None:
-    if isinstance(x, torch.Tensor):
-        _hash_tensor(h, x)
-    elif isinstance(x, np.ndarray):
-        _hash_tensor(h, torch.from_numpy(np.ascontiguousarray(x)))
-    elif hasattr(x, "tobytes") and hasattr(x, "mode"):  # PIL image
-        h.update(f"{x.mode}{x.size}".encode())
-        h.update(x.tobytes())
-    elif isinstance(x, (tuple, list)):
-        for v in x:
-            _hash_item(h, v)
-    else:
-        h.update(repr(x).encode())
-
-
-def data_fingerprint(ds: Any) -> str:
-    """A hash of a dataset's identity: ``(path, label, size, mtime, ctime)`` of every file for
-    file-based datasets, the tensors of a ``TensorDataset``, else the content of every raw item."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(type(ds).__name__.encode())
-    if hasattr(ds, "samples"):  # ImageFolderDataset (or anything listing (path, label) files)
-        h.update(repr((getattr(ds, "min_size", None), getattr(ds, "max_seconds", None))).encode())
-        for path, label in ds.samples:
-            if isinstance(path, (str, os.PathLike)):
-                st = os.stat(path)
-                h.update(f"{os.path.abspath(path)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n"
-                         .encode())
-            else:  # in-memory item (e.g. a waveform)
-                _hash_item(h, (path, label))
-        return h.hexdigest()
-    base, indices = getattr(ds, "base", ds), getattr(ds, "indices", None)
-    if indices is None:
-        indices = range(len(base))
-    h.update(repr(list(indices)).encode())
-    tensors = getattr(base, "tensors", None)
-    if tensors is not None:
-        for t in tensors:
-            _hash_tensor(h, t)
-    else:
-        for i in indices:
-            _hash_item(h, base[i])
-    return h.hexdigest()
-
-
-def quick_fingerprint(ds: Any, samples: int = 16) -> str:
-    """A cheap identity of a dataset: `data_fingerprint` for file-based and tensor
-    datasets (file metadata, no decoding); for other in-memory datasets their type, length
-    and the content of ``samples`` evenly spaced items."""
-    base = getattr(ds, "base", ds)
-    if hasattr(ds, "samples") or getattr(base, "tensors", None) is not None:
-        return data_fingerprint(ds)
-    h = hashlib.blake2b(digest_size=16)
-    n = len(ds)
-    h.update(f"{type(base).__name__}:{n}".encode())
-    indices = getattr(ds, "indices", None)
-    h.update(repr(list(indices) if indices is not None else n).encode())
-    for i in sorted({round(j * (n - 1) / max(samples - 1, 1)) for j in range(min(samples, n))}):
-        _hash_item(h, base[indices[i]] if indices is not None else base[i])
-    return h.hexdigest()
-
-
 def cache_key(parts: dict[str, Any]) -> str:
     """The key of a feature-cache entry: a digest of ``parts`` (see
-    [`transferkit.plan.RunPlan.feature_key_parts`][transferkit.RunPlan.feature_key_parts] for what they cover)."""
+    [`Decisions.feature_key_parts`][transferkit.Decisions.feature_key_parts] for what they cover)."""
     return hashlib.blake2b(json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True, default=str).encode(),
                            digest_size=16).hexdigest()
 

@@ -2,8 +2,8 @@
 
 After each epoch the checkpoint holds that epoch's model with its optimizer, schedule,
 gradient-scaler and RNG states, the loop state (history, best epoch and its weights,
-early-stopping counter) and the run plan. ``resume`` rebuilds the plan from the stored
-configuration, compares it with the stored plan, and refuses with the list of differences
+early-stopping counter) and the run's decisions. ``resume`` decides again from the stored
+configuration, compares with the stored decisions, and refuses with the list of differences
 when they disagree: a resumed run computes exactly what the uninterrupted run would have.
 Training longer than planned is a new run (``weights=<checkpoint>``), not a resume: the
 schedule of the first run was built for its number of epochs.
@@ -37,12 +37,11 @@ def _format_diff(diff: dict[str, tuple[Any, Any]], limit: int = 12) -> str:
     return "; ".join(items) + more
 
 
-def resume_from(path: str | Path, *, plan_dict: dict[str, Any], model: nn.Module, optimizer: Any, scheduler: Any,
-                scaler: Any = None) -> TrainState:
+def resume_from(path: str | Path, *, check: Callable[[dict[str, Any]], dict[str, tuple[Any, Any]]],
+                model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any = None) -> TrainState:
     """Load model, optimizer, schedule, scaler, RNG states and the loop state from ``path``;
-    raise ConfigError listing the differences when the stored plan differs from ``plan_dict``."""
-    from transferkit.plan import plan_differences
-
+    raise ConfigError listing the differences ``check(stored metadata)`` finds between the
+    checkpoint's run and this one (``{key: (checkpoint, now)}``)."""
     ckpt = load_checkpoint(path)
     tr = ckpt.get("training")
     if not isinstance(tr, dict) or "state" not in tr:
@@ -51,13 +50,12 @@ def resume_from(path: str | Path, *, plan_dict: dict[str, Any], model: nn.Module
                f"from its weights: finetune(..., weights={str(path)!r})") if done else \
             "it holds final weights but no training state (written by an older version or by save_checkpoint)"
         raise ConfigError(f"Cannot resume from {str(path)!r}: {why}.")
-    saved = ckpt["transferkit"].get("plan")
-    if not isinstance(saved, dict):
-        raise ConfigError(f"Cannot resume from {str(path)!r}: it has no stored run plan (written by an older "
+    if not isinstance(ckpt["transferkit"].get("decisions"), dict):
+        raise ConfigError(f"Cannot resume from {str(path)!r}: it has no stored decisions (written by an older "
                           "transferkit); start a new run from its weights with weights=...")
-    diff = plan_differences(saved, plan_dict)
+    diff = check(ckpt["transferkit"])
     if diff:
-        raise ConfigError(f"Cannot resume from {str(path)!r}: this run's plan differs from the checkpoint's "
+        raise ConfigError(f"Cannot resume from {str(path)!r}: this run's decisions differ from the checkpoint's "
                           f"(checkpoint -> now): {_format_diff(diff)}. Use the same settings, or start a new run "
                           "without resume (weights=<checkpoint> keeps the trained weights).")
     model.load_state_dict(ckpt["model"])

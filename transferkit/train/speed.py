@@ -1,25 +1,26 @@
 """Speed paths: mixed precision, channels_last, torch.compile, determinism.
 
-`SpeedConfig.make` resolves ``"auto"`` from what the machine and the trunk can do, and
-records why in ``reasons`` (`SpeedConfig.describe` prints it):
+`decide_speed` is the one place where ``"auto"`` is resolved, from facts about the device
+and the trunk (`transferkit.hardware`), with a reason for every choice; `SpeedConfig` is
+the resolved choice at run time (autocast contexts, device copies, layout).
 
 - ``channels_last="auto"``: on for convolutional trunks (>= 90 % of the Conv2d + Linear
   weights in Conv2d layers: 1.16x to 1.41x faster on a CPU, measured for ResNet-18/20,
   EfficientNet-Lite0 and a small CNN), off for trunks without 2-d convolutions and for
   ViT-style trunks (< 10 % in Conv2d: ViT, Swin, LeViT; 1.00x to 1.01x measured). In
   between (hybrids such as MaxViT, MobileViT) the two layouts are timed once on the device
-  and the faster is kept (cached per trunk class, device type and image size).
+  (`measure_layout`, a fact gathered before deciding) and the faster is kept.
 - ``precision="auto"``: bf16 autocast where the device runs bf16 natively (a CPU with AMX
   or AVX512-BF16 and a oneDNN build of torch, or a CUDA GPU of compute capability >= 8.0),
-  fp32 elsewhere: for *frozen feature extraction*, and for training a backbone on image
-  inputs (fp32 master weights; on a CPU measured to keep fp32's accuracy: EfficientNet-Lite0
-  on hymenoptera, ``fine_tune`` and ``full`` over 3 seeds, equal best-epoch accuracy, 1.6x to
-  2.2x faster; see ``docs/policies.md``). Audio training stays fp32 (not measured). The head on
-  cached features always trains in fp32. ``precision="fp32"`` is always the exact fp32 path.
+  fp32 elsewhere: for the frozen backbone's feature pass, and for training on image inputs
+  (fp32 master weights; on a CPU measured to keep fp32's accuracy: EfficientNet-Lite0 on
+  hymenoptera, ``fine_tune`` and ``full`` over 3 seeds, equal best-epoch accuracy, 1.6x to
+  2.2x faster; see ``docs/policies.md``). Audio training stays fp32 (not measured). A head
+  trained on cached features trains in fp32. ``precision="fp32"`` is always the exact path.
 
 Two precisions are kept apart: ``feature_precision`` (the frozen backbone's pass that fills
-the feature cache; `SpeedConfig.feature_autocast`) and ``precision`` (the training
-loop and evaluation; `SpeedConfig.autocast`).
+the feature cache; `SpeedConfig.feature_autocast`) and ``precision`` (the training loop and
+evaluation; `SpeedConfig.autocast`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,10 @@ from torch import nn
 
 from transferkit._io import atomic_write
 from transferkit.errors import ConfigError, check_choice
+from transferkit.hardware import conv_share, cpu_bf16_native, device_bf16
+
+__all__ = ["PRECISIONS", "SpeedConfig", "conv_share", "cpu_bf16_native", "decide_speed", "layout_fact",
+           "measure_layout", "set_deterministic"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,20 +53,95 @@ MEASURED_MIN_SPEEDUP = 1.05  # a measured layout must beat contiguous by this fa
 _LAYOUT_CACHE: dict[str, tuple[bool, str]] = {}
 
 
+def check_speed_request(device_type: str, precision: str, channels_last: bool | str, *,
+                        cuda_bf16: bool = True) -> None:
+    """A clear error for a precision or layout this device cannot honour."""
+    check_choice("precision", precision, PRECISIONS)
+    if channels_last not in (True, False, "auto"):
+        raise ConfigError(f"channels_last must be True, False or 'auto', got {channels_last!r}.")
+    if precision == "fp16" and device_type != "cuda":
+        raise ConfigError(f"precision='fp16' needs a CUDA device, got device {device_type}; use 'bf16' or 'fp32'.")
+    if precision == "bf16" and device_type == "cuda" and not cuda_bf16:
+        raise ConfigError("precision='bf16' is not supported by this GPU; use 'fp16' or 'fp32'.")
+
+
+def decide_speed(*, device_type: str, bf16: tuple[bool, str], precision: str = "auto",
+                 channels_last: bool | str = "auto", compile: bool = False, kind: str = "image",
+                 conv: tuple[float, int] | None = None, layout_timed: tuple[bool, str] | None = None,
+                 cached: bool = False, features: bool = False) -> dict[str, Any]:
+    """Resolve precision, layout and compile from facts; a pure function.
+
+    ``bf16``: whether the device runs bf16 natively, and why (`transferkit.hardware.device_bf16`).
+    ``conv``: the trunk's `conv_share` (None: no trunk to inspect). ``layout_timed``: the
+    verdict of `measure_layout` for a hybrid trunk. ``cached``: every epoch trains a head on
+    cached features (the training loop never runs the trunk). ``features``: some epochs run
+    on cached features (a feature pass happens; ``feature_precision`` is None otherwise).
+
+    Returns ``{"precision", "feature_precision", "channels_last", "compile", "reasons"}``.
+
+    Example:
+        >>> d = decide_speed(device_type="cpu", bf16=(False, "no bf16"), conv=(1.0, 3), cached=True, features=True)
+        >>> d["precision"], d["feature_precision"], d["channels_last"]
+        ('fp32', 'fp32', True)
+    """
+    check_speed_request(device_type, precision, channels_last, cuda_bf16=bf16[0] or device_type != "cuda")
+    check_choice("kind", kind, ("image", "audio"))
+    native, why = bf16
+    reasons: dict[str, str] = {}
+    if precision == "auto":
+        if cached:
+            train, reasons["precision"] = "fp32", "the head trains on cached fp32 features"
+        elif device_type == "cuda" or (device_type == "cpu" and kind == "image" and conv is not None):
+            train, reasons["precision"] = (
+                ("bf16", f"autocast: {why}; fp32 master weights"
+                 + (" (same accuracy as fp32, measured)" if device_type == "cpu" else "")) if native else ("fp32", why))
+        else:
+            train, reasons["precision"] = "fp32", (f"training {kind} on {device_type} stays fp32 unless "
+                                                   "precision='bf16' is asked for")
+        feat: str | None = None
+        if features:
+            if kind != "image":
+                feat, reasons["feature_precision"] = "fp32", f"{kind} input: bf16 features are measured for images only"
+            else:
+                feat, reasons["feature_precision"] = (("bf16", f"autocast: {why}; frozen feature extraction")
+                                                      if native else ("fp32", why))
+    else:
+        asked = "asked" if precision != "bf16" or device_type != "cpu" or native else             f"asked, but {why}: expect it slower than fp32 here"
+        train, feat = precision, (precision if features else None)
+        reasons["precision"] = asked
+        if features:
+            reasons["feature_precision"] = asked
+    if channels_last == "auto":
+        cl, reasons["channels_last"] = _auto_layout(device_type, conv, kind=kind, timed=layout_timed)
+    else:
+        cl, reasons["channels_last"] = bool(channels_last), "asked"
+    reasons["compile"] = "asked" if compile else "compile=False"
+    return {"precision": train, "feature_precision": feat, "channels_last": cl, "compile": bool(compile),
+            "reasons": reasons}
+
+
+def layout_fact(trunk: nn.Module, device: torch.device, *, kind: str, channels_last: bool | str,
+                image_size: int | None, store: str | Path | None = None) -> tuple[bool, str] | None:
+    """The timed layout verdict a hybrid trunk needs before deciding (None when no timing is needed)."""
+    if channels_last != "auto" or kind != "image":
+        return None
+    share, n_conv = conv_share(trunk)
+    if n_conv == 0 or share >= CONV_SHARE_CHANNELS_LAST or share < CONV_SHARE_CONTIGUOUS:
+        return None
+    return measure_layout(trunk, device, image_size=image_size or 224, share=share, store=store)
+
+
 @dataclass(frozen=True)
 class SpeedConfig:
-    """How tensors run on ``device``, and why (``reasons``).
+    """How tensors run on ``device`` (a resolved choice; see `decide_speed` for the reasons).
 
     ``precision`` is the training loop's (and evaluation's) autocast, ``feature_precision``
     that of the frozen backbone's feature-extraction pass (``None``: the same as
     ``precision``).
 
     Example:
-        >>> SpeedConfig.make(torch.device("cpu")).autocast_dtype is None
+        >>> SpeedConfig.make(torch.device("cpu"), precision="fp32").autocast_dtype is None
         True
-        >>> s = SpeedConfig.make(torch.device("cpu"), precision="fp32", channels_last=False)
-        >>> s.as_dict()
-        {'device': 'cpu', 'precision': 'fp32', 'feature_precision': 'fp32', 'channels_last': False, 'compile': False}
     """
 
     device: torch.device
@@ -76,14 +155,9 @@ class SpeedConfig:
     def make(cls, device: torch.device, *, precision: str = "auto", channels_last: bool | str = "auto",
              compile: bool = False, trunk: nn.Module | None = None, frozen: bool = False, kind: str = "image",
              image_size: int | None = None, layout_cache: str | Path | None = None) -> SpeedConfig:
-        """Resolve ``"auto"`` for ``device`` and ``trunk``.
-
-        ``frozen``: no backbone weight trains (features are extracted once), the only case
-        where ``precision="auto"`` may pick bf16. ``kind``: ``"image"`` or ``"audio"``
-        (audio keeps fp32 and the contiguous layout: bf16 features were not measured for
-        accuracy there). ``image_size``: the input size when a hybrid trunk's layout has to
-        be timed (default 224); ``layout_cache``: a JSON file keeping that timing's verdict
-        across runs (pass one under the feature cache's folder, so that its keys stay stable).
+        """Look at ``device`` and ``trunk`` and resolve ``"auto"`` with `decide_speed` (for code
+        outside a run: benchmarks, the export's layout check). ``frozen``: features are
+        extracted once and a head trains on them.
 
         Example:
             >>> s = SpeedConfig.make(torch.device("cpu"), precision="fp32", trunk=torch.nn.Conv2d(3, 8, 3))
@@ -91,35 +165,21 @@ class SpeedConfig:
             (True, 'convolutional trunk: 100% of the Conv2d + Linear weights are Conv2d')
         """
         device = torch.device(device)
-        check_choice("precision", precision, PRECISIONS)
-        check_choice("kind", kind, ("image", "audio"))
-        if channels_last not in (True, False, "auto"):
-            raise ConfigError(f"channels_last must be True, False or 'auto', got {channels_last!r}.")
-        if precision == "fp16" and device.type != "cuda":
-            raise ConfigError(f"precision='fp16' needs a CUDA device, got device {device}; use 'bf16' or 'fp32'.")
-        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("precision='bf16' is not supported by this GPU; use 'fp16' or 'fp32'.")
-        reasons: dict[str, str] = {}
-        if precision == "auto":
-            train, reasons["precision"] = _auto_train_precision(device, frozen=frozen, kind=kind,
-                                                                known_trunk=trunk is not None)
-            feat, why = _auto_feature_precision(device, frozen=frozen, kind=kind)
-            reasons["feature_precision"] = why
-        else:
-            train = feat = precision
-            reasons["precision"] = reasons["feature_precision"] = _asked_precision(device, precision)
-        if channels_last == "auto":
-            cl, reasons["channels_last"] = _auto_layout(device, trunk, kind=kind, image_size=image_size,
-                                                       store=layout_cache)
-        else:
-            cl, reasons["channels_last"] = bool(channels_last), "asked"
-        reasons["compile"] = "asked" if compile else "compile=False"
-        return cls(device=device, precision=train, channels_last=cl, compile=bool(compile), feature_precision=feat,
-                   reasons=reasons)
+        check_speed_request(device.type, precision, channels_last)
+        timed = None if trunk is None else layout_fact(trunk, device, kind=kind, channels_last=channels_last,
+                                                       image_size=image_size, store=layout_cache)
+        d = decide_speed(device_type=device.type, bf16=device_bf16(device), precision=precision,
+                         channels_last=channels_last, compile=compile, kind=kind,
+                         conv=None if trunk is None else conv_share(trunk), layout_timed=timed,
+                         cached=frozen, features=frozen)
+        return cls.of(device, d)
 
-    @property
-    def device_type(self) -> str:
-        return self.device.type
+    @classmethod
+    def of(cls, device: torch.device | str, decided: dict[str, Any]) -> SpeedConfig:
+        """The run-time form of a `decide_speed` result."""
+        return cls(device=torch.device(device), precision=decided["precision"],
+                   channels_last=decided["channels_last"], compile=decided["compile"],
+                   feature_precision=decided.get("feature_precision"), reasons=dict(decided.get("reasons", {})))
 
     @property
     def feature_precision_resolved(self) -> str:
@@ -143,37 +203,10 @@ class SpeedConfig:
 
     def for_features(self) -> SpeedConfig:
         """This configuration with ``precision`` set to the feature precision: its
-        ``autocast()`` is the feature-extraction pass's (for code that takes one SpeedConfig
-        per pass)."""
+        ``autocast()`` is the feature-extraction pass's."""
         feat = self.feature_precision_resolved
         return dataclasses.replace(self, precision=feat, feature_precision=feat,
                                    reasons={**self.reasons, "precision": self.reasons.get("feature_precision", "")})
-
-    def as_dict(self) -> dict[str, Any]:
-        """The resolved choices as plain values (for a run plan, a summary, a cache key)."""
-        return {"device": self.device.type, "precision": self.precision,
-                "feature_precision": self.feature_precision_resolved, "channels_last": self.channels_last,
-                "compile": self.compile}
-
-    def feature_key(self) -> dict[str, Any]:
-        """What of this configuration changes cached features (bf16 vs fp32, the layout's
-        summation order, the device's kernels): put it in the feature-cache key."""
-        return {"device": self.device.type, "feature_precision": self.feature_precision_resolved,
-                "channels_last": self.channels_last}
-
-    def describe(self) -> list[str]:
-        """One short line per choice, with its reason.
-
-        Example:
-            >>> SpeedConfig.make(torch.device("cpu"), precision="fp32", channels_last=False).describe()[0]
-            'training precision: fp32 (asked)'
-        """
-        r = {k: self.reasons.get(k, "set directly") for k in ("precision", "feature_precision", "channels_last",
-                                                               "compile")}
-        return [f"training precision: {self.precision} ({r['precision']})",
-                f"feature precision: {self.feature_precision_resolved} ({r['feature_precision']})",
-                f"layout: {'channels_last' if self.channels_last else 'contiguous'} ({r['channels_last']})",
-                f"compile: {'on' if self.compile else 'off'} ({r['compile']})"]
 
     def feature_batch_size(self, batch_size: int) -> int:
         """The batch size of the feature-extraction pass. On a CPU a small batch keeps the
@@ -221,114 +254,22 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _asked_precision(device: torch.device, precision: str) -> str:
-    if precision == "bf16" and device.type == "cpu":
-        native, why = cpu_bf16_native()
-        if not native:
-            return f"asked, but {why}: expect it slower than fp32 here"
-    return "asked"
-
-
-def cpu_bf16_native() -> tuple[bool, str]:
-    """Whether this CPU and torch build run bf16 matrix kernels natively, and why.
-
-    x86: oneDNN with bf16 support and AMX or AVX512-BF16 instructions (oneDNN also "supports"
-    bf16 on plain AVX512 by emulation, which is slower than fp32). Arm: oneDNN's own check
-    (the BF16 instructions). The instruction sets are queried through torch's CPU
-    capability functions, not the CPU's name.
-
-    Example:
-        >>> native, why = cpu_bf16_native()
-        >>> isinstance(native, bool) and isinstance(why, str)
-        True
-    """
-    if not torch.backends.mkldnn.is_available():
-        return False, "this torch build has no oneDNN (MKL-DNN)"
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    if check is None or not check():
-        return False, "oneDNN reports no bf16 support on this CPU"
-    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        avx = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        if amx:
-            return True, "CPU has AMX"
-        if avx:
-            return True, "CPU has AVX512-BF16"
-        return False, "CPU has neither AMX nor AVX512-BF16 (oneDNN would emulate bf16)"
-    return True, f"oneDNN runs bf16 natively on this {platform.machine()} CPU"
-
-
-def _cuda_bf16(device: torch.device) -> tuple[bool, str]:
-    cap = torch.cuda.get_device_capability(device)
-    has = cap >= (8, 0)
-    return has, f"GPU of compute capability {cap[0]}.{cap[1]} {'has' if has else 'has no'} bf16 tensor cores"
-
-
-def _auto_train_precision(device: torch.device, *, frozen: bool, kind: str = "image",
-                          known_trunk: bool = True) -> tuple[str, str]:
-    if frozen:
-        return "fp32", "the head trains on cached fp32 features"
-    if device.type == "cuda":
-        has, why = _cuda_bf16(device)
-        return ("bf16", f"autocast: {why}; fp32 master weights") if has else ("fp32", why)
-    if device.type == "cpu" and kind == "image" and known_trunk:
-        native, why = cpu_bf16_native()
-        if native:  # measured: docs/policies.md, Lite0 on hymenoptera, fp32 vs bf16 over 3 seeds
-            return "bf16", f"autocast: {why}; fp32 master weights (same accuracy as fp32, measured)"
-        return "fp32", why
-    return "fp32", f"training {kind} on {device.type} stays fp32 unless precision='bf16' is asked for"
-
-
-def _auto_feature_precision(device: torch.device, *, frozen: bool, kind: str) -> tuple[str, str]:
-    if not frozen:
-        return "fp32", "the backbone trains: no separate feature extraction"
-    if kind != "image":
-        return "fp32", f"{kind} input: bf16 features are measured for images only"
-    if device.type == "cpu":
-        native, why = cpu_bf16_native()
-        if native:
-            return "bf16", f"autocast: {why}; frozen feature extraction"
-        return "fp32", why
-    if device.type == "cuda":
-        has, why = _cuda_bf16(device)
-        return ("bf16", f"autocast: {why}; frozen feature extraction") if has else ("fp32", why)
-    return "fp32", f"no bf16 fast path known for device type {device.type!r}"
-
-
-def conv_share(trunk: nn.Module) -> tuple[float, int]:
-    """The share of the trunk's Conv2d + Linear weights that are Conv2d weights, and the number of Conv2d layers.
-
-    Example:
-        >>> conv_share(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Flatten(), torch.nn.Linear(12, 1)))
-        (0.5, 1)
-    """
-    conv = lin = n_conv = 0
-    for m in trunk.modules():
-        w = getattr(m, "weight", None)
-        if not isinstance(w, torch.Tensor):
-            continue
-        if isinstance(m, nn.Conv2d):
-            conv, n_conv = conv + w.numel(), n_conv + 1
-        elif isinstance(m, nn.Linear):
-            lin += w.numel()
-    return (conv / (conv + lin) if conv + lin else 0.0), n_conv
-
-
-def _auto_layout(device: torch.device, trunk: nn.Module | None, *, kind: str, image_size: int | None,
-                 store: str | Path | None = None) -> tuple[bool, str]:
+def _auto_layout(device_type: str, conv: tuple[float, int] | None, *, kind: str,
+                 timed: tuple[bool, str] | None) -> tuple[bool, str]:
     if kind != "image":
         return False, f"{kind} input"
-    if trunk is None:  # nothing to inspect: the layout of earlier versions
-        on = device.type == "cuda"
-        return on, f"no trunk given to inspect: the {device.type} default"
-    share, n_conv = conv_share(trunk)
+    if conv is None:  # nothing to inspect
+        return device_type == "cuda", f"no trunk given to inspect: the {device_type} default"
+    share, n_conv = conv
     if n_conv == 0:
         return False, "the trunk has no Conv2d layers"
     if share >= CONV_SHARE_CHANNELS_LAST:
         return True, f"convolutional trunk: {share:.0%} of the Conv2d + Linear weights are Conv2d"
     if share < CONV_SHARE_CONTIGUOUS:
         return False, f"ViT-style trunk: {1 - share:.0%} of the Conv2d + Linear weights are Linear"
-    return measure_layout(trunk, device, image_size=image_size or 224, share=share, store=store)
+    if timed is None:
+        return False, f"hybrid trunk ({share:.0%} Conv2d) not timed: contiguous"
+    return timed
 
 
 def _layout_key(trunk: nn.Module, device: torch.device, image_size: int) -> str:

@@ -1,0 +1,351 @@
+"""Decisions: every choice of a fine-tuning run, a pure function of the configuration and the facts.
+
+[`decide`][transferkit.decisions.decide] reads a [`FinetuneConfig`][transferkit.FinetuneConfig]
+and the [`Facts`][transferkit.facts.Facts] gathered by [`look`][transferkit.facts.look] and
+takes each decision once, with its reason: the device and the seed of every rank; whether
+the backbone stays frozen, and so whether (and for how many epochs) features are cached;
+precision, layout and compile (after the cache decision, so they cannot contradict it);
+the head; the base learning rate and every parameter group's lr and weight decay;
+augmentation; which blocks train, and which update BatchNorm statistics, in which epoch;
+whether images are decoded once. [`Decisions`][transferkit.Decisions] is plain data:
+its summary, its JSON record (stored once in every checkpoint and export), the feature-cache
+key and the resume check are all derived from it, so none of them can drift from another.
+
+[`plan`][transferkit.decisions.plan] is the dry run: look (without loading weights for training),
+decide, and return the decisions.
+
+Example:
+    >>> d = plan(FinetuneConfig(backbone="tk:small_cnn", weights=None, data="images/"))  # doctest: +SKIP
+    >>> print(d.summary())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transferkit.backbones import InputSpec
+from transferkit.config import FinetuneConfig, jsonable
+from transferkit.data import eval_transform, train_transform
+from transferkit.data.decoded import DecodePlan, decide_decode
+from transferkit.errors import ConfigError
+from transferkit.facts import Facts, look
+from transferkit.heads import resolve_head_norm
+from transferkit.policies import Policy
+from transferkit.train.distributed import rank_seeds
+from transferkit.train.features import cache_key
+from transferkit.train.optim import default_lr
+from transferkit.train.speed import decide_speed
+
+DECISIONS_FORMAT = 2
+# config keys that do not change what a run computes: they may differ when resuming
+OUTPUT_KEYS = frozenset({"export", "checkpoint", "resume", "log_dir", "plots_dir", "top_k", "verbose", "callbacks",
+                         "num_workers", "cache_dir", "device", "data", "val_data", "portable_metadata"})
+# decisions that may differ when resuming (where the run runs, not what it computes)
+_PLACE_KEYS = frozenset({"device", "weights_file"})
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """Every decision of a run, with its reasons (see the module docstring). Plain data:
+    ``to_dict()`` is its JSON record."""
+
+    config: FinetuneConfig
+    backbone: str
+    weights: Any
+    weights_file: str | None  # a weights file as name@digest (what a portable record keeps)
+    input_spec: InputSpec
+    task: str
+    classes: tuple[str, ...]
+    num_outputs: int
+    n_train: int
+    n_val: int
+    device: str
+    device_type: str
+    rank: int
+    world_size: int
+    seeds: tuple[int, ...]
+    policy: Policy
+    frozen: bool  # no backbone weight trains in any epoch
+    cache: bool  # every epoch trains the head alone on cached features
+    cached_epochs: int  # leading epochs on cached features (all with `cache`; fine_tune:frozen=k: k)
+    cache_reason: str
+    speed: dict[str, Any]  # precision, feature_precision, channels_last, compile and their reasons
+    head: str
+    head_hidden: tuple[int, ...]
+    head_norm: bool
+    augment: str
+    lr: float
+    groups: tuple[dict[str, Any], ...]  # name, lr, weight_decay, params
+    trainable: tuple[tuple[str, ...], ...]  # blocks that train in each epoch
+    bn_updates: tuple[tuple[str, ...], ...]  # blocks whose BatchNorm statistics update in each epoch
+    bn_mode: str
+    class_weights: tuple[float, ...] | None
+    decode: dict[str, dict[str, Any]]  # part -> where its decoded pixels go (mode, reason, key, path, ...)
+    data: dict[str, Any]  # names and digests of the data
+    trunk_fingerprint: str | None  # weights of the preprocessing and trunk (None: a dry run)
+    data_fingerprints: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # warnings the run prints once
+
+    @property
+    def epochs(self) -> int:
+        return self.config.epochs
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def decode_plan(self, part: str) -> DecodePlan | None:
+        """The decode-once decision for ``part`` (``"train"``/``"val"``), or None."""
+        d = self.decode.get(part)
+        return None if d is None else DecodePlan(**{**d, "path": None if d["path"] is None else Path(d["path"])})
+
+    def to_dict(self, *, portable: bool = False) -> dict[str, Any]:
+        """The decisions as plain JSON data (saved in checkpoints and exports: the configuration
+        is stored here, once). ``portable``: paths reduced to file names, the weights file to
+        ``name@digest`` (no absolute paths of the training machine)."""
+        s = self.speed
+        weights = self.weights_file if portable and self.weights_file else self.weights
+        return jsonable({
+            "format": DECISIONS_FORMAT, "config": self.config.to_dict(portable=portable),
+            "backbone": self.backbone, "weights": weights, "input_spec": self.input_spec.to_dict(),
+            "task": self.task, "classes": list(self.classes), "num_outputs": self.num_outputs,
+            "device": self.device_type, "world_size": self.world_size, "seeds": list(self.seeds),
+            "precision": s["precision"], "feature_precision": s["feature_precision"],
+            "channels_last": s["channels_last"], "compile": s["compile"], "speed_reasons": s["reasons"],
+            "policy": str(self.policy), "frozen": self.frozen, "feature_cache": self.cache,
+            "cached_epochs": self.cached_epochs, "cache_reason": self.cache_reason,
+            "head": {"kind": self.head, "hidden": list(self.head_hidden), "norm": self.head_norm,
+                     "activation": self.config.head_activation, "dropout": float(self.config.head_dropout or 0.0)},
+            "augment": self.augment, "lr": self.lr, "class_weights": self.class_weights, "bn": self.bn_mode,
+            "trainable": _epoch_ranges(self.trainable), "bn_statistics_update": _epoch_ranges(self.bn_updates),
+            "groups": [dict(g) for g in self.groups], "data": self.data,
+            "decode_once": sorted(self.decode),  # memory or disk: the same pixels
+        })
+
+    def summary(self) -> str:
+        """A few readable lines: what will run, and why."""
+        s, cfg = self.speed, self.config
+        where = self.device + (f", rank {self.rank} of {self.world_size}" if self.world_size > 1 else "")
+        features = ("cached" if self.cache else "cached, then not" if self.cached_epochs else "not cached")
+        groups = ", ".join(f"{g['name']} lr {g['lr']:.3g} wd {g['weight_decay']:g}" for g in self.groups[:4])
+        if len(self.groups) > 4:
+            groups += f", ... ({len(self.groups)} groups)"
+        lines = [
+            f"plan: {self.backbone} ({self.weights or 'random init'}) -> {self.head} head, "
+            f"{self.num_outputs} outputs ({self.task})",
+            f"  data:     {self.n_train} train / {self.n_val} val, {_plural(len(self.classes), 'class', 'classes')}, "
+            f"input {_input(self.input_spec)}, augment {self.augment}",
+            f"  policy:   {self.policy}; {_epoch_text(self.trainable, cfg.epochs)}",
+            f"  batchnorm: {self.bn_mode}",
+            f"  features: {features} ({self.cache_reason})",
+        ]
+        if "train" in self.decode:
+            lines.append(f"  images:   {self.decode['train']['reason']}")
+        lines += [
+            f"  optim:    {cfg.optimizer}, base lr {self.lr:.3g}{' (default)' if cfg.lr is None else ''}, "
+            f"{cfg.schedule} schedule, {_plural(cfg.epochs, 'epoch')} x batch {cfg.batch_size}",
+        ]
+        if groups:
+            lines.append(f"  groups:   {groups}")
+        lines += [
+            f"  runtime:  {where}, seed {cfg.seed}" + (f" (ranks: {list(self.seeds)})" if self.world_size > 1 else ""),
+            *(f"  speed:    {line}" for line in _speed_lines(s, features=self.cached_epochs > 0)),
+        ]
+        return "\n".join(lines)
+
+    def feature_key_parts(self, part: str) -> dict[str, Any]:
+        """Everything that changes cached features of ``part``: preprocessing and trunk weights
+        (not the head), the transform, precision, layout and device type, the views and their
+        seed whenever the transform is random, and the data's identity."""
+        transform = train_transform(self.input_spec, self.augment) if part == "train" else \
+            eval_transform(self.input_spec)
+        random_views = part == "train" and self.augment != "none"
+        return {"backbone": self.backbone, "weights": self.trunk_fingerprint, "transform": repr(transform),
+                "precision": self.speed["feature_precision"], "channels_last": self.speed["channels_last"],
+                "device": self.device_type, "views": self.config.cache_views if part == "train" else 1,
+                "seed": self.config.seed if random_views else None, "data": self.data_fingerprints.get(part)}
+
+    def feature_key(self, part: str) -> str:
+        """The feature-cache key of ``part`` (``"in-memory"`` without ``cache_dir``)."""
+        if self.config.cache_dir is None:
+            return "in-memory"
+        if self.trunk_fingerprint is None:
+            raise ConfigError("These decisions come from a dry run (weights not loaded): they have no feature key.")
+        return cache_key(self.feature_key_parts(part))
+
+
+def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
+    """Take every decision of the run ``config`` describes, from ``facts`` (see the module docstring).
+    A pure function: no I/O, no global state.
+
+    Example:
+        >>> from transferkit.facts import look
+        >>> cfg = FinetuneConfig(backbone="tk:small_cnn", weights=None, data="images/", epochs=2)  # doctest: +SKIP
+        >>> decide(cfg, look(cfg)[0]).cache  # doctest: +SKIP
+        True
+    """
+    cfg, bb, data, pol = config, facts.backbone, facts.data, facts.policy
+    frozen_epochs = pol.frozen_phase_epochs(list(bb.blocks), cfg.epochs, has_batchnorm=bb.has_batchnorm)
+    frozen = frozen_epochs >= cfg.epochs
+    cached_epochs, reason = _cache_decision(cfg, pol, frozen_epochs, facts.head)
+    cache = cached_epochs >= cfg.epochs
+    speed = decide_speed(device_type=facts.device.type, bf16=(facts.device.bf16, facts.device.bf16_why),
+                         precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
+                         kind=data.kind, conv=(bb.conv_share, bb.n_conv), layout_timed=bb.layout_timed,
+                         cached=cache, features=cached_epochs > 0)
+    augment = cfg.augment or ("standard" if not cache or cfg.cache_views > 1 else "none")
+    if augment == "none" and cfg.cache_views > 1:
+        raise ConfigError("cache_views > 1 needs random augmentation; set augment='standard' or 'flip'.")
+    lr = default_lr(head_only=frozen) if cfg.lr is None else float(cfg.lr)
+    template = bb.head_groups if cache else bb.groups
+    trainable = tuple(tuple(b) for b in pol.schedule(list(bb.blocks), cfg.epochs))
+    notes = []
+    if pol.frozen_epochs and frozen:
+        notes.append(f"policy {pol} keeps the backbone frozen for {_plural(pol.frozen_epochs, 'epoch')} but the "
+                     f"run has {cfg.epochs}: the backbone never trains (this is feature extraction); raise epochs "
+                     f"above {pol.frozen_epochs} to fine-tune.")
+    return Decisions(
+        config=cfg, backbone=bb.name, weights=bb.weights, weights_file=bb.weights_digest, input_spec=bb.input_spec,
+        task=cfg.task, classes=data.classes, num_outputs=data.num_outputs, n_train=data.n_train, n_val=data.n_val,
+        device=facts.device.device, device_type=facts.device.type, rank=facts.device.rank,
+        world_size=facts.device.world_size, seeds=tuple(rank_seeds(cfg.seed, facts.device.world_size)), policy=pol,
+        frozen=frozen, cache=cache, cached_epochs=cached_epochs, cache_reason=reason, speed=speed, head=facts.head,
+        head_hidden=facts.head_hidden,
+        head_norm=resolve_head_norm(cfg.head_norm, cached=cached_epochs > 0, head_kind=facts.head), augment=augment,
+        lr=lr, groups=tuple({"name": g["name"], "lr": lr * g["lr_scale"], "weight_decay": g["weight_decay"],
+                             "params": g["params"]} for g in template),
+        trainable=trainable, bn_updates=_bn_updates(pol, bb.has_batchnorm, trainable, cached_epochs),
+        bn_mode=_bn_mode(pol, bb.has_batchnorm, frozen), class_weights=data.class_weights,
+        decode=_decode_decision(cfg, facts, augment, cached_epochs), data=data.identity,
+        trunk_fingerprint=bb.fingerprint, data_fingerprints=dict(data.fingerprints), notes=tuple(notes))
+
+
+def plan(config: FinetuneConfig | None = None, /, **options: Any) -> Decisions:
+    """The dry run: look at the device, the backbone's structure (its weights are not loaded)
+    and the data, decide, and return the [`Decisions`][transferkit.Decisions]; nothing trains
+    and no feature is computed. ``transferkit finetune ... --dry-run`` prints its summary.
+
+    Example:
+        >>> d = plan(backbone="tk:small_cnn", weights=None, data="images/", epochs=2)  # doctest: +SKIP
+        >>> d.cache, d.lr  # doctest: +SKIP
+        (True, 0.01)
+    """
+    cfg = config.replace(**options) if isinstance(config, FinetuneConfig) else FinetuneConfig(**options)
+    facts, _ = look(cfg, load_weights=False)
+    return decide(cfg, facts)
+
+
+def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (saved, now)}`` for every decision two records disagree on (a resume must agree
+    on all of them; output paths, verbosity and the device may differ)."""
+    diff: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(saved) | set(now)):
+        if key == "config":
+            a, b = saved.get("config", {}), now.get("config", {})
+            for k in sorted(set(a) | set(b)):
+                if k not in OUTPUT_KEYS and a.get(k) != b.get(k):
+                    diff[f"config.{k}"] = (a.get(k), b.get(k))
+        elif key not in _PLACE_KEYS and key != "speed_reasons" and saved.get(key) != now.get(key):
+            diff[key] = (saved.get(key), now.get(key))
+    return diff
+
+
+def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen_epochs: int, head_kind: str) -> tuple[int, str]:
+    """How many leading epochs run on cached features (all, the frozen phase, or none), and why."""
+    frozen = frozen_epochs >= cfg.epochs
+    if (cfg.cache_features is True or head_kind == "logistic") and not frozen:
+        what = "head='logistic'" if head_kind == "logistic" else "cache_features=True"
+        raise ConfigError(f"{what} needs a policy that keeps the backbone frozen; {policy} trains it. Use "
+                          "policy='feature_extraction' (or cache_features='auto').")
+    if frozen_epochs == 0:
+        return 0, f"policy {policy} trains backbone weights from epoch 1"
+    if cfg.cache_features is False:
+        return 0, "cache_features=False: the frozen backbone runs in every epoch"
+    where = f"on disk in {cfg.cache_dir}" if cfg.cache_dir is not None else "in memory"
+    views = f"{cfg.cache_views} augmented views" if cfg.cache_views > 1 else \
+        "one view" + (" (augmented)" if cfg.augment not in (None, "none") or not frozen else "")
+    if frozen:
+        return cfg.epochs, f"backbone frozen for all {cfg.epochs} epochs: computed once, {views}, {where}"
+    return frozen_epochs, (f"backbone frozen for the first {_plural(frozen_epochs, 'epoch')}: the head trains on "
+                           f"features computed once ({views}, {where}), then the backbone trains end to end")
+
+
+def _bn_mode(policy: Policy, has_bn: bool, frozen: bool) -> str:
+    """What BatchNorm layers do in this run, in words."""
+    if not has_bn:
+        return "none in the trunk"
+    if frozen:
+        return "eval statistics (the backbone is frozen)"
+    return {"train": "statistics update in training blocks, eval elsewhere",
+            "affine": "statistics frozen, gamma/beta train", "frozen": "frozen entirely"}[policy.bn]
+
+
+def _bn_updates(policy: Policy, has_bn: bool, trainable: tuple[tuple[str, ...], ...],
+                cached_epochs: int) -> tuple[tuple[str, ...], ...]:
+    """Per epoch, the blocks whose BatchNorm running statistics update (the others run in eval
+    mode): the training blocks under ``bn="train"``, none under ``affine``/``frozen``."""
+    if not has_bn or policy.bn != "train":
+        return tuple(() for _ in trainable)
+    return tuple(() if e < cached_epochs else blocks for e, blocks in enumerate(trainable))
+
+
+def _decode_decision(cfg: FinetuneConfig, facts: Facts, augment: str, cached_epochs: int) -> dict[str, dict[str, Any]]:
+    """Decode-once decisions for the training and validation images, when the backbone runs
+    end to end for 2+ epochs on image files (see `transferkit.data.decoded`)."""
+    census = facts.data.decode
+    if cfg.decode_once is False or facts.data.kind != "image" or cfg.epochs - cached_epochs < 2 \
+            or "train" not in census:
+        if cfg.decode_once is True and cfg.epochs - cached_epochs >= 2 and "train" not in census:
+            raise ConfigError("decode_once=True cannot be honoured: the training data are not image files.")
+        return {}
+    out = {part: decide_decode(c) for part, c in census.items()}
+    if cfg.decode_once is True and out["train"].mode == "off":
+        raise ConfigError(f"decode_once=True cannot be honoured: {out['train'].reason}.")
+    return {part: {"mode": d.mode, "estimate_bytes": d.estimate_bytes, "reason": d.reason, "key": d.key,
+                   "path": None if d.path is None else str(d.path), "capacity_bytes": d.capacity_bytes}
+            for part, d in out.items() if d.mode != "off"}
+
+
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def _speed_lines(s: dict[str, Any], *, features: bool) -> list[str]:
+    r = s["reasons"]
+    out = []
+    if features:
+        out.append(f"features {s['feature_precision']} ({r.get('feature_precision', 'set directly')})")
+    out.append(f"training {s['precision']} ({r.get('precision', 'set directly')})")
+    out.append(f"{'channels_last' if s['channels_last'] else 'contiguous'} ({r.get('channels_last', 'set directly')})")
+    if s["compile"]:
+        out.append(f"compile ({r.get('compile', 'asked')})")
+    return out
+
+
+def _input(spec: InputSpec) -> str:
+    return f"{spec.sample_rate} Hz audio" if spec.kind == "audio" else f"{spec.image_size} px"
+
+
+def _epoch_ranges(per_epoch: tuple[tuple[str, ...], ...]) -> list[dict[str, Any]]:
+    """``[{"epochs": [first, last], "blocks": [...]}, ...]`` (1-based, inclusive) from per-epoch block lists."""
+    out: list[dict[str, Any]] = []
+    for e, blocks in enumerate(per_epoch, start=1):
+        if out and out[-1]["blocks"] == list(blocks):
+            out[-1]["epochs"][1] = e
+        else:
+            out.append({"epochs": [e, e], "blocks": list(blocks)})
+    return out
+
+
+def _epoch_text(per_epoch: tuple[tuple[str, ...], ...], epochs: int) -> str:
+    parts = []
+    for r in _epoch_ranges(per_epoch):
+        a, b = r["epochs"]
+        when = f"epoch {a}" if a == b else f"epochs {a}-{b}"
+        blocks = r["blocks"]
+        what = "head only" if not blocks else f"head + {len(blocks)} blocks ({blocks[0]}..{blocks[-1]})" \
+            if len(blocks) > 3 else "head + " + ", ".join(blocks)
+        parts.append(f"{when}: {what}")
+    return "; ".join(parts) if len(parts) > 1 else parts[0].split(": ", 1)[1] + f" for {_plural(epochs, 'epoch')}"

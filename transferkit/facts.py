@@ -1,0 +1,270 @@
+"""Facts: what a run must look at before it decides, gathered once (the only I/O before deciding).
+
+``look(config)`` resolves the device and this process's place in a distributed job, builds
+the backbone (a private copy of a caller's Backbone; without its weights for a dry run),
+scans the data (the census: classes, counts, fingerprints, decoded sizes), and measures
+what cannot be known otherwise (a hybrid trunk's faster layout). It returns the
+[`Facts`][transferkit.facts.Facts], plain data that [`decide`][transferkit.decisions.decide]
+reads, and the [`Inputs`][transferkit.facts.Inputs] it loaded (backbone and datasets), which
+[`build`][transferkit.run.build] turns into the live run.
+
+Example:
+    >>> facts, inputs = look(FinetuneConfig(backbone="tk:small_cnn", weights=None, data="images/"))  # doctest: +SKIP
+    >>> facts.data.n_train, facts.backbone.blocks  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transferkit._io import file_digest
+from transferkit.backbones import Backbone, InputSpec, get_backbone
+from transferkit.config import FinetuneConfig
+from transferkit.data import DataBundle
+from transferkit.data.audio import prepare_audio_data
+from transferkit.data.decoded import decode_census
+from transferkit.data.sampling import seed_everything
+from transferkit.data.fingerprint import data_fingerprint, module_fingerprint, quick_fingerprint
+from transferkit.errors import ConfigError
+from transferkit.hardware import conv_share, cpu_capability, device_bf16
+from transferkit.heads import build_head, resolve_head
+from transferkit.lora import add_lora
+from transferkit.model import TransferModel
+from transferkit.policies import Policy, param_groups
+from transferkit.policies.freeze import has_batchnorm
+from transferkit.train.device import resolve_device
+from transferkit.train.distributed import DistInfo, init_distributed
+from transferkit.train.speed import layout_fact
+from transferkit.train.tasks import prepare_task_data, resolve_class_weights
+
+FACTS_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """The device and this process's place in the job."""
+
+    device: str  # "cpu", "cuda:0", ...
+    type: str
+    rank: int
+    world_size: int
+    local_world_size: int
+    bf16: bool  # the device runs bf16 natively
+    bf16_why: str
+    cpu_capability: str
+
+
+@dataclass(frozen=True)
+class BackboneFacts:
+    """The backbone's structure (and, when loaded, its weights' identity)."""
+
+    name: str
+    weights: Any  # as given (a name, a path, None)
+    weights_loaded: bool
+    blocks: tuple[str, ...]
+    has_batchnorm: bool
+    conv_share: float
+    n_conv: int
+    num_features: int
+    input_spec: InputSpec  # at the run's image size
+    layout_timed: tuple[bool, str] | None  # a hybrid trunk's measured layout verdict
+    fingerprint: str | None  # digest of the preprocessing and trunk weights (None: not loaded)
+    weights_digest: str | None  # name@blake2b of a weights file (portable records)
+    groups: tuple[dict[str, Any], ...]  # whole-model optimizer groups at lr 1 (name, lr_scale, weight_decay, params)
+    head_groups: tuple[dict[str, Any], ...]  # the head's alone (training on cached features)
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """The data's census."""
+
+    kind: str  # "image" or "audio"
+    classes: tuple[str, ...]
+    num_outputs: int
+    n_train: int
+    n_val: int
+    identity: dict[str, Any]  # names and digests (no absolute paths)
+    fingerprints: dict[str, str]  # part -> full fingerprint (for the feature-cache key; with cache_dir)
+    files: dict[str, bool]  # part -> file-backed (can be decoded once)
+    decode: dict[str, dict[str, Any]]  # part -> `decode_census`
+    class_weights: tuple[float, ...] | None  # class_weights as the data resolve them
+
+
+@dataclass(frozen=True)
+class Facts:
+    """Everything [`decide`][transferkit.decisions.decide] reads besides the configuration."""
+
+    device: DeviceFacts
+    backbone: BackboneFacts
+    data: DataFacts
+    policy: Policy
+    head: str  # "linear", "mlp" or "logistic", as configured
+    head_hidden: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["policy"] = str(self.policy)
+        out["backbone"]["input_spec"] = self.backbone.input_spec.to_dict()
+        return out
+
+
+@dataclass
+class Inputs:
+    """What looking loaded, handed to [`build`][transferkit.run.build]: the run's own backbone
+    copy and the datasets."""
+
+    backbone: Backbone
+    bundle: DataBundle
+    dist: DistInfo
+    device: torch.device
+
+
+def environment(cfg: FinetuneConfig) -> tuple[DistInfo, torch.device]:
+    """The device (``cfg.device`` resolved once) and this process's place in the job (joining
+    the process group when launched by torchrun)."""
+    return init_distributed(resolve_device(cfg.device))
+
+
+def resolve_input_spec(spec: InputSpec, image_size: int | None) -> InputSpec:
+    """The backbone's spec at another crop size, keeping its resize-to-crop ratio."""
+    if image_size is None or spec.kind == "audio":
+        return spec
+    resize = round(image_size * spec.resize_size / spec.image_size) if spec.resize_size else None
+    return spec.replace(image_size=image_size, resize_size=resize)
+
+
+def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = None,
+         load_weights: bool = True) -> tuple[Facts, Inputs]:
+    """Gather the [`Facts`][transferkit.facts.Facts] of the run ``cfg`` describes (see the module
+    docstring). ``load_weights=False`` (a dry run) builds the backbone's structure only."""
+    info, dev = env if env is not None else environment(cfg)
+    policy = Policy.parse(cfg.policy)
+    head_kind, hidden = resolve_head(cfg.head, cfg.head_hidden)
+    seed_everything(cfg.seed)  # a randomly initialised backbone is the same in every run of this seed
+    bb = _own_backbone(cfg, load_weights=load_weights)
+    spec = resolve_input_spec(bb.input_spec, cfg.image_size)
+    bundle, n_out = _data(cfg, spec)
+    bf16, why = device_bf16(dev)
+    device = DeviceFacts(device=str(dev), type=dev.type, rank=info.rank, world_size=info.world_size,
+                         local_world_size=_local_world_size(info), bf16=bf16, bf16_why=why,
+                         cpu_capability=cpu_capability())
+    backbone = _backbone_facts(cfg, bb, spec, dev, policy, n_out, hidden, head_kind, loaded=load_weights)
+    frozen_phase = policy.frozen_phase_epochs(list(bb.block_names), cfg.epochs, has_batchnorm=backbone.has_batchnorm)
+    trains_inputs = cfg.epochs - (frozen_phase if cfg.cache_features is not False else 0) >= 2
+    data = _data_facts(cfg, bundle, spec, n_out, census_decode=trains_inputs)
+    facts = Facts(device=device, backbone=backbone, data=data, policy=policy, head=head_kind, head_hidden=hidden)
+    return facts, Inputs(backbone=bb, bundle=bundle, dist=info, device=dev)
+
+
+def _local_world_size(info: DistInfo) -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+
+
+def _own_backbone(cfg: FinetuneConfig, *, load_weights: bool) -> Backbone:
+    """A Backbone this run may change: built from the name, or a deep copy of the caller's."""
+    backbone = cfg.backbone
+    if isinstance(backbone, Backbone):
+        return copy.deepcopy(backbone)
+    if not isinstance(backbone, str):
+        raise ConfigError(f"finetune(): backbone must be a registered name or a Backbone, got "
+                          f"{type(backbone).__name__}; see transferkit.list_backbones().")
+    return get_backbone(backbone, weights=cfg.weights if load_weights else None, **(cfg.backbone_options or {}))
+
+
+def _data(cfg: FinetuneConfig, spec: InputSpec) -> tuple[DataBundle, int]:
+    if spec.kind == "audio":
+        bundle = prepare_audio_data(cfg.data, cfg.val_data, spec=spec, val_split=cfg.val_split, seed=cfg.seed,
+                                    classes=cfg.classes, on_bad_file=cfg.on_bad_file, scan=cfg.scan,
+                                    max_seconds=cfg.max_seconds)
+        return bundle, len(bundle.classes)
+    return prepare_task_data(cfg.data, cfg.val_data, task=cfg.task, val_split=cfg.val_split, seed=cfg.seed,
+                             classes=cfg.classes, min_size=spec.resize_size or spec.image_size,
+                             on_bad_file=cfg.on_bad_file, scan=cfg.scan)
+
+
+def _groups(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, policy: Policy, n_out: int,
+            hidden: tuple[int, ...]) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
+    """The optimizer groups at lr 1 of the model this configuration builds (whole model, and
+    the head alone), from a structural copy of the head (and, with LoRA, of the trunk)."""
+    trunk = bb.trunk
+    if policy.lora is not None:
+        trunk = copy.deepcopy(bb.trunk)
+        add_lora(trunk, rank=policy.lora, alpha=policy.lora_alpha, targets=policy.lora_targets)
+    with torch.random.fork_rng(devices=[]):
+        head = build_head(bb.num_features, n_out, hidden=hidden, activation=cfg.head_activation,
+                          dropout=cfg.head_dropout)
+    model = TransferModel(torch.nn.Identity(), trunk, head)
+    shape = copy.copy(bb)
+    shape.trunk = trunk
+
+    def plain(groups: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+        return tuple({"name": g["name"], "lr_scale": g["lr"], "weight_decay": g["weight_decay"],
+                      "params": sum(t.numel() for t in g["params"])} for g in groups)
+
+    whole = plain(param_groups(model, lr=1.0, weight_decay=cfg.weight_decay, backbone=shape, policy=policy,
+                               epochs=cfg.epochs))
+    alone = plain(param_groups(head, lr=1.0, weight_decay=cfg.weight_decay, policy=policy))
+    return whole, alone
+
+
+def _backbone_facts(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, dev: torch.device, policy: Policy,
+                    n_out: int, hidden: tuple[int, ...], head_kind: str, *, loaded: bool) -> BackboneFacts:
+    share, n_conv = conv_share(bb.trunk)
+    store = Path(cfg.cache_dir) / "layouts.json" if cfg.cache_dir is not None else None
+    timed = layout_fact(bb.trunk, dev, kind=spec.kind, channels_last=cfg.channels_last, image_size=spec.image_size,
+                        store=store)
+    groups, head_groups = ((), ()) if head_kind == "logistic" else _groups(cfg, bb, spec, policy, n_out, hidden)
+    weights = bb.weights if loaded else cfg.weights
+    digest = None
+    if isinstance(weights, (str, Path)) and Path(weights).is_file():
+        digest = f"{Path(weights).name}@blake2b:{file_digest(weights)}"
+    fingerprint = None
+    if loaded:
+        fingerprint = _spec_digest(spec) + "/" + module_fingerprint(bb.trunk)
+    return BackboneFacts(name=bb.name, weights=weights, weights_loaded=loaded, blocks=tuple(bb.block_names),
+                         has_batchnorm=has_batchnorm(bb), conv_share=share, n_conv=n_conv,
+                         num_features=bb.num_features, input_spec=spec, layout_timed=timed, fingerprint=fingerprint,
+                         weights_digest=digest, groups=groups, head_groups=head_groups)
+
+
+def _spec_digest(spec: InputSpec) -> str:
+    import hashlib
+    import json
+
+    return hashlib.blake2b(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode(),
+                           digest_size=8).hexdigest()
+
+
+def _data_facts(cfg: FinetuneConfig, bundle: DataBundle, spec: InputSpec, n_out: int, *,
+                census_decode: bool) -> DataFacts:
+    parts = {"train": bundle.train, "val": bundle.val}
+    identity: dict[str, Any] = {"classes": len(bundle.classes)}
+    files: dict[str, bool] = {}
+    fingerprints: dict[str, str] = {}
+    decode: dict[str, dict[str, Any]] = {}
+    for name, ds in parts.items():
+        if ds is None:
+            continue
+        identity[name] = {"items": len(ds), "digest": quick_fingerprint(ds)}
+        files[name] = hasattr(ds, "samples") and hasattr(ds, "view")  # in-memory data are decoded already
+        if cfg.cache_dir is not None and cfg.cache_features is not False:
+            fingerprints[name] = data_fingerprint(ds)
+        if census_decode and files[name] and spec.kind == "image" and cfg.decode_once is not False:
+            augment = "none" if name == "val" else (cfg.augment or "standard")
+            decode[name] = decode_census(ds, spec, augment=augment, cache_dir=cfg.cache_dir)
+    weights = resolve_class_weights(cfg.class_weights, cfg.task, bundle)
+    return DataFacts(kind=spec.kind, classes=tuple(bundle.classes), num_outputs=n_out, n_train=len(bundle.train),
+                     n_val=len(bundle.val) if bundle.val is not None else 0, identity=identity,
+                     fingerprints=fingerprints, files=files, decode=decode,
+                     class_weights=tuple(weights) if weights is not None else None)
+
+
+__all__ = ["BackboneFacts", "DataFacts", "DeviceFacts", "Facts", "FACTS_FORMAT", "Inputs", "environment", "look",
+           "resolve_input_spec"]

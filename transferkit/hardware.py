@@ -1,0 +1,87 @@
+"""What the machine and a trunk can do, looked at rather than assumed: the facts that speed
+decisions are taken from (see `transferkit.train.speed.decide_speed`).
+
+- `cpu_bf16_native`: whether this CPU and torch build run bf16 matrix kernels natively.
+- `device_bf16`: the same question for any device (CUDA: compute capability >= 8.0).
+- `conv_share`: how convolutional a trunk is (the share of its Conv2d + Linear weights in Conv2d).
+
+``TRANSFERKIT_ASSUME_BF16=0`` or ``=1`` overrides the CPU answer (to test the code paths of
+another kind of CPU on this one); it is reported in the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+from torch import nn
+
+ASSUME_BF16_ENV = "TRANSFERKIT_ASSUME_BF16"
+
+
+def cpu_bf16_native() -> tuple[bool, str]:
+    """Whether this CPU and torch build run bf16 matrix kernels natively, and why.
+
+    x86: oneDNN with bf16 support and AMX or AVX512-BF16 instructions (oneDNN also "supports"
+    bf16 on plain AVX512 by emulation, which is slower than fp32). Arm: oneDNN's own check
+    (the BF16 instructions). The instruction sets are queried through torch's CPU
+    capability functions, not the CPU's name.
+
+    Example:
+        >>> native, why = cpu_bf16_native()
+        >>> isinstance(native, bool) and isinstance(why, str)
+        True
+    """
+    assumed = os.environ.get(ASSUME_BF16_ENV, "").strip()
+    if assumed in ("0", "1"):
+        return assumed == "1", f"{ASSUME_BF16_ENV}={assumed}"
+    if not torch.backends.mkldnn.is_available():
+        return False, "this torch build has no oneDNN (MKL-DNN)"
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if check is None or not check():
+        return False, "oneDNN reports no bf16 support on this CPU"
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        avx = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        if amx:
+            return True, "CPU has AMX"
+        if avx:
+            return True, "CPU has AVX512-BF16"
+        return False, "CPU has neither AMX nor AVX512-BF16 (oneDNN would emulate bf16)"
+    return True, f"oneDNN runs bf16 natively on this {platform.machine()} CPU"
+
+
+def device_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` runs bf16 natively, and why (CPU: `cpu_bf16_native`; CUDA: tensor cores)."""
+    if device.type == "cpu":
+        return cpu_bf16_native()
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        has = cap >= (8, 0)
+        return has, f"GPU of compute capability {cap[0]}.{cap[1]} {'has' if has else 'has no'} bf16 tensor cores"
+    return False, f"no bf16 fast path known for device type {device.type!r}"
+
+
+def cpu_capability() -> str:
+    """torch's name for the CPU's vector instruction set (``"AVX512"``, ``"AVX2"``, ...)."""
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def conv_share(trunk: nn.Module) -> tuple[float, int]:
+    """The share of the trunk's Conv2d + Linear weights that are Conv2d weights, and the number of Conv2d layers.
+
+    Example:
+        >>> conv_share(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Flatten(), torch.nn.Linear(12, 1)))
+        (0.5, 1)
+    """
+    conv = lin = n_conv = 0
+    for m in trunk.modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            continue
+        if isinstance(m, nn.Conv2d):
+            conv, n_conv = conv + w.numel(), n_conv + 1
+        elif isinstance(m, nn.Linear):
+            lin += w.numel()
+    return (conv / (conv + lin) if conv + lin else 0.0), n_conv

@@ -1,10 +1,11 @@
-"""The config -> plan flow: one validated config, one resolved plan that the cache key, the
-resume check, the metadata and the logs derive from (issue 13's cases, each as it was reported)."""
+"""Config -> facts -> decisions -> run: one validated config, one pure decision record that the
+summary, the cache key, the resume check and the metadata derive from, and a dry run."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import transferkit as tk
 from transferkit.config import FinetuneConfig, load_config, merge_config
 from transferkit.data import eval_transform, train_transform
 from transferkit.errors import ConfigError
-from transferkit.train.features import cache_key, data_fingerprint
+from transferkit.train.features import data_fingerprint
 
 KW = dict(weights=None, image_size=16, epochs=2, batch_size=4, device="cpu", num_workers=0, verbose=False)
 
@@ -34,14 +35,18 @@ def _backbone():
     return tk.get_backbone("tk:small_cnn", weights=None, widths=(8, 8, 16))
 
 
-def _key(p: tk.RunPlan, part: str = "train") -> str:
-    ds = p.bundle.train if part == "train" else p.bundle.val
-    tf = train_transform(p.spec, p.augment) if part == "train" else eval_transform(p.spec)
-    return cache_key(p.feature_key_parts(part=part, transform=tf, views=p.config.cache_views, dataset=ds))
+_CACHE = tempfile.mkdtemp(prefix="tk-decisions-")
+
+
+def _key(d: tk.Decisions, part: str = "train") -> str:
+    return d.feature_key(part)
 
 
 def _plan(data, **kw):
-    return tk.plan(FinetuneConfig(backbone=kw.pop("backbone", None) or _backbone(), data=data, **{**KW, **kw}))
+    """The decisions of a run (facts gathered with the weights, so that they have feature keys)."""
+    cfg = FinetuneConfig(backbone=kw.pop("backbone", None) or _backbone(), data=data,
+                         **{**KW, "cache_dir": _CACHE, **kw})
+    return tk.decide(cfg, tk.look(cfg)[0])
 
 
 def test_config_is_one_validated_record_for_python_yaml_and_cli(tmp_path):
@@ -72,17 +77,18 @@ def test_finetune_takes_a_config_or_keywords(split_folders):
     a = tk.finetune(cfg)
     b = tk.finetune("tk:small_cnn", data=split_folders / "train", val_data=split_folders / "val", **KW)
     assert a.history == [{**r, "time_s": a.history[i]["time_s"]} for i, r in enumerate(b.history)]
-    assert tk.finetune(cfg, epochs=1).plan.config.epochs == 1
+    assert tk.finetune(cfg, epochs=1).decisions.config.epochs == 1
     assert "FinetuneResult(tk:small_cnn" in repr(a) and len(repr(a)) < 400
 
 
-def test_plan_summary_and_dict_state_every_decision(split_folders):
+def test_summary_and_record_state_every_decision(split_folders):
     p = _plan(split_folders / "train", val_data=split_folders / "val", policy="unfreeze:last=1")
     d = p.to_dict()
-    for key in ("device", "precision", "channels_last", "feature_cache", "cache_reason", "head", "head_norm", "lr",
+    for key in ("device", "precision", "channels_last", "feature_cache", "cache_reason", "head", "lr",
                 "groups", "bn", "trainable", "seeds", "augment", "data"):
         assert key in d, key
     assert d["feature_cache"] is False and "trains backbone weights" in d["cache_reason"]
+    assert d["head"] == {"kind": "linear", "hidden": [], "norm": False, "activation": "relu", "dropout": 0.0}
     assert {g["name"] for g in d["groups"]} >= {"head", "stage3"}
     text = p.summary()
     assert "features: not cached" in text and "base lr 0.001 (default)" in text and "stage3" in text
@@ -108,8 +114,8 @@ def test_cache_key_covers_precision_layout_and_random_views(split_folders):
     assert _key(fp32) != _key(_plan(split_folders / "train", precision="fp32", channels_last=True, **data))
     auto = _plan(split_folders / "train", **data)  # the default: what this machine does fastest, and so keyed
     assert auto.to_dict()["feature_precision"] in ("fp32", "bf16") and _key(auto) in (
-        _key(_plan(split_folders / "train", precision=auto.feature_speed.precision,
-                   channels_last=auto.feature_speed.channels_last, **data)),)
+        _key(_plan(split_folders / "train", precision=auto.speed["feature_precision"],
+                   channels_last=auto.speed["channels_last"], **data)),)
     flip = [_plan(split_folders / "train", augment="flip", seed=s, **data) for s in (0, 1)]
     assert _key(flip[0]) != _key(flip[1])  # one random view, but drawn from the seed
     assert _key(flip[0], "val") == _key(flip[1], "val")  # the eval view is not random
@@ -159,7 +165,7 @@ def test_resume_refuses_a_different_plan_and_lists_the_differences(split_folders
                            ({"epochs": 5}, "config.epochs"), ({"weight_decay": 0.1}, "config.weight_decay"),
                            ({"augment": "none"}, "augment"), ({"label_smoothing": 0.1}, "label_smoothing"),
                            ({"warmup_epochs": 1}, "warmup_epochs"), ({"momentum": 0.5}, "momentum")]:
-        with pytest.raises(ConfigError, match="plan differs") as exc:
+        with pytest.raises(ConfigError, match="decisions differ") as exc:
             tk.finetune("tk:small_cnn", policy="gradual:every=1", resume=True, **{**kw, **change})
         assert listed in str(exc.value)
     other = tmp_path / "other"
@@ -258,7 +264,7 @@ def test_images_are_decoded_once_when_the_backbone_trains(split_folders, monkeyp
         opened.clear()
         r = tk.finetune("tk:small_cnn", data=split_folders / "train", val_data=split_folders / "val",
                         policy="full", **{**KW, "epochs": epochs})
-        assert r.plan.decode["train"].mode == "memory" and "decoded once" in r.plan.summary()
+        assert r.decisions.decode["train"]["mode"] == "memory" and "decoded once" in r.decisions.summary()
         counts[epochs] = len(opened)
     assert counts[2] == counts[4]  # more epochs, no more decoding
     opened.clear()
@@ -277,7 +283,7 @@ def test_bn_affine_on_a_trunk_without_batchnorm_is_frozen(split_folders):
     assert not cnn.cache and cnn.lr == 0.001
 
 
-def test_plan_records_which_blocks_update_batchnorm_statistics(split_folders):
+def test_decisions_record_which_blocks_update_batchnorm_statistics(split_folders):
     p = _plan(split_folders / "train", policy="fine_tune:frozen=1", epochs=3)
     d = p.to_dict()
     assert d["bn_statistics_update"][0] == {"epochs": [1, 1], "blocks": []}
@@ -296,9 +302,9 @@ def test_exports_carry_names_and_digests_not_the_training_machines_paths(split_f
     meta = read_metadata(tmp_path / "m.pt")
     text = str(meta)
     assert str(tmp_path) not in text and str(split_folders) not in text
-    assert meta["plan"]["weights"].startswith("w.pt@blake2b:") and meta["config"]["data"] == "train"
+    assert meta["decisions"]["weights"].startswith("w.pt@blake2b:") and meta["decisions"]["config"]["data"] == "train"
     tk.finetune(export=tmp_path / "full.pt", portable_metadata=False, **kw)
-    assert read_metadata(tmp_path / "full.pt")["plan"]["weights"] == str(weights)
+    assert read_metadata(tmp_path / "full.pt")["decisions"]["weights"] == str(weights)
 
 
 def test_a_cache_entry_computed_while_a_file_failed_is_not_kept(tmp_path):
@@ -315,3 +321,57 @@ def test_a_cache_entry_computed_while_a_file_failed_is_not_kept(tmp_path):
         with pytest.warns(UserWarning, match="damaged.png"):
             r = tk.finetune(**kw)
         assert r.data_report.bad_at_load == [str(root / "dark" / "damaged.png")]
+
+
+def test_precision_follows_the_cache_decision(split_folders):
+    """A frozen policy without the cache: the loop runs the trunk every epoch, and the summary
+    tells one story (no 'cached features' anywhere)."""
+    d = _plan(split_folders / "train", policy="feature_extraction", cache_features=False)
+    text = d.summary()
+    assert not d.cache and d.cached_epochs == 0 and d.speed["feature_precision"] is None
+    assert "not cached" in text and "cached fp32 features" not in text and "features bf16" not in text
+    cached = _plan(split_folders / "train", policy="feature_extraction")
+    assert cached.cache and cached.speed["precision"] == "fp32" and "cached fp32 features" in cached.summary()
+
+
+def test_decide_is_pure_and_the_record_is_plain_json(split_folders):
+    import json
+
+    cfg = FinetuneConfig(backbone=_backbone(), data=split_folders / "train", **{**KW, "policy": "unfreeze:last=1"})
+    facts = tk.look(cfg)[0]
+    a, b = tk.decide(cfg, facts), tk.decide(cfg, facts)
+    assert a == b and json.loads(json.dumps(a.to_dict())) == a.to_dict()
+    assert json.loads(json.dumps(facts.to_dict(), default=str))["backbone"]["blocks"] == list(facts.backbone.blocks)
+
+
+def test_dry_run_loads_no_weights_and_computes_no_features(split_folders, tmp_path, monkeypatch):
+    import transferkit.facts as registry
+    import transferkit.train.features as features
+
+    weights = tmp_path / "w.pt"
+    torch.save(tk.get_backbone("tk:small_cnn", weights=None).trunk.state_dict(), weights)
+    asked = []
+    real = registry.get_backbone
+    monkeypatch.setattr(registry, "get_backbone", lambda name, **kw: asked.append(kw.get("weights")) or real(name, **kw))
+    monkeypatch.setattr(features, "extract_features", lambda *a, **k: pytest.fail("features computed"))
+    d = tk.plan(backbone="tk:small_cnn", data=split_folders / "train",
+                **{**KW, "weights": str(weights), "cache_dir": str(tmp_path / "cache")})
+    assert asked and all(w is None for w in asked)  # the structure alone
+    assert d.weights == str(weights) and d.cache and "plan: tk:small_cnn" in d.summary()
+    with pytest.raises(ConfigError, match="dry run"):
+        d.feature_key("train")
+
+
+def test_export_from_a_checkpoint_reads_the_stored_decisions(split_folders, tmp_path):
+    """The head (hidden widths, FeatureNorm) comes from the decisions the run stored, not from
+    re-deriving it from the configuration."""
+    from transferkit.export.from_checkpoint import model_from_checkpoint
+
+    r = tk.finetune("tk:small_cnn", data=split_folders / "train", head_hidden=(8,), checkpoint=tmp_path / "c.pt",
+                    **KW)
+    model, meta = model_from_checkpoint(tmp_path / "c.pt")
+    assert meta["decisions"]["head"]["norm"] is True and isinstance(model.head[0], tk.FeatureNorm)
+    assert "config" not in meta and meta["decisions"]["config"]["head_hidden"] == [8]  # the configuration once
+    x = torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)
+    r.model.eval()
+    assert torch.allclose(model(x), r.model(x))

@@ -25,7 +25,7 @@ import torch
 import transferkit
 from transferkit._integrity import seal
 from transferkit.export.torchscript import load_scripted
-from transferkit.train.checkpoint import load_checkpoint, save_checkpoint
+from transferkit.checkpoints import load_checkpoint, save_checkpoint
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -16,11 +16,11 @@ import torch
 
 from transferkit._io import atomic_write
 from transferkit.errors import ExportError, WeightsError
-from transferkit.train.checkpoint import load_checkpoint, save_checkpoint
+from transferkit.checkpoints import load_checkpoint, save_checkpoint
 
 WRITER = textwrap.dedent("""
     import sys, torch
-    from transferkit.train.checkpoint import save_checkpoint
+    from transferkit.checkpoints import save_checkpoint
     path, i = sys.argv[1], 0
     model = torch.nn.Linear(512, 512)          # about 1 MB a checkpoint
     print("ready", flush=True)
@@ -70,7 +70,7 @@ def test_a_failing_write_keeps_the_previous_file(tmp_path):
 
 
 def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
-    from transferkit.train.checkpoint import save_checkpoint
+    from transferkit.checkpoints import save_checkpoint
 
     path = save_checkpoint(tmp_path / "c.pt", model=torch.nn.Linear(4, 2), meta={"x": 1})
     data = path.read_bytes()
@@ -337,7 +337,7 @@ def test_a_failed_final_write_keeps_the_trained_weights(tmp_path, monkeypatch):
 
     from transferkit.errors import OutputError
     from transferkit.export import export_checkpoint, export_torchscript
-    from transferkit.train.checkpoint import save_with_fallback
+    from transferkit.checkpoints import save_with_fallback
 
     model, bb = tiny_model(2)
     meta = {"labels": ["a", "b"], "input_spec": bb.input_spec.replace(image_size=16).to_dict(),
@@ -377,7 +377,7 @@ def test_a_failed_final_write_keeps_the_trained_weights(tmp_path, monkeypatch):
 # -- one writer per checkpoint ---------------------------------------------------------------
 HOLDER = textwrap.dedent("""
     import sys, time
-    from transferkit.train.checkpoint import checkpoint_lock
+    from transferkit.checkpoints import checkpoint_lock
     with checkpoint_lock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(120)
@@ -387,7 +387,7 @@ HOLDER = textwrap.dedent("""
 def test_a_second_process_on_the_same_checkpoint_gets_a_clear_error(tmp_path):
     from transferkit._io import lock_path
     from transferkit.errors import FileLockedError
-    from transferkit.train.checkpoint import checkpoint_lock
+    from transferkit.checkpoints import checkpoint_lock
 
     path = tmp_path / "run.ckpt"
     script = tmp_path / "holder.py"

@@ -184,7 +184,7 @@ def test_resume_refuses_a_different_plan_and_lists_the_differences(split_folders
 
 
 def test_scaler_state_is_saved_and_restored(tmp_path):
-    from transferkit.train.checkpoint import load_checkpoint, save_checkpoint
+    from transferkit.checkpoints import load_checkpoint, save_checkpoint
     from transferkit.train.loop import TrainState
     from transferkit.train.resume import training_state
 

@@ -9,7 +9,8 @@ from torch import nn
 
 from transferkit.errors import ConfigError
 from transferkit.heads import build_head, resolve_head
-from transferkit.train.tasks import balanced_class_weights, make_loss, output_activation
+from transferkit.heads import output_activation
+from transferkit.train.tasks import balanced_class_weights, make_loss
 
 
 @pytest.mark.parametrize("activation,cls", [("relu", nn.ReLU), ("gelu", nn.GELU), ("tanh", nn.Tanh),

@@ -25,7 +25,7 @@ from transferkit.errors import (
 )
 from transferkit.export import export_checkpoint, read_metadata, update_metadata
 from transferkit.export.metadata import encode_metadata
-from transferkit.train.checkpoint import load_checkpoint, save_checkpoint
+from transferkit.checkpoints import load_checkpoint, save_checkpoint
 
 LABELS = ["antzz", "beezz", "catzz"]
 

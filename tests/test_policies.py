@@ -116,30 +116,30 @@ def test_schedules_name_the_right_blocks_at_the_right_epochs():
         Policy.parse("unfreeze:from=layer_3").trainable_blocks(BLOCKS)
 
 
-def test_frozen_throughout_decides_feature_caching():
-    assert Policy.parse("feature_extraction").frozen_throughout(BLOCKS, 10)
-    assert Policy.parse("gradual:every=5").frozen_throughout(BLOCKS, 5)
-    assert not Policy.parse("gradual:every=5").frozen_throughout(BLOCKS, 6)
+def test_frozen_phase_decides_feature_caching():
+    assert (Policy.parse("feature_extraction").frozen_phase_epochs(BLOCKS, 10) >= 10)
+    assert (Policy.parse("gradual:every=5").frozen_phase_epochs(BLOCKS, 5) >= 5)
+    assert not (Policy.parse("gradual:every=5").frozen_phase_epochs(BLOCKS, 6) >= 6)
     affine = Policy.parse("feature_extraction,bn=affine")
-    assert not affine.frozen_throughout(BLOCKS, 1, has_batchnorm=True)  # gamma/beta train
-    assert affine.frozen_throughout(BLOCKS, 1, has_batchnorm=False)  # nothing to train: still frozen
+    assert not (affine.frozen_phase_epochs(BLOCKS, 1, has_batchnorm=True) >= 1)  # gamma/beta train
+    assert (affine.frozen_phase_epochs(BLOCKS, 1, has_batchnorm=False) >= 1)  # nothing to train: still frozen
     with pytest.raises(PolicyError, match="pass the Backbone"):
-        affine.frozen_throughout(BLOCKS, 1)  # names alone cannot say
-    assert not Policy.parse("lora:r=2").frozen_throughout(BLOCKS, 1)
-    assert not Policy.parse("unfreeze:last=1").frozen_throughout(BLOCKS, 1)
+        (affine.frozen_phase_epochs(BLOCKS, 1) >= 1)  # names alone cannot say
+    assert not (Policy.parse("lora:r=2").frozen_phase_epochs(BLOCKS, 1) >= 1)
+    assert not (Policy.parse("unfreeze:last=1").frozen_phase_epochs(BLOCKS, 1) >= 1)
 
 
 def test_affine_bn_counts_as_frozen_on_a_trunk_without_batchnorm():
     vit = get_backbone("timm:vit_tiny_patch16_224", weights=None, img_size=32, depth=2)
     cnn = get_backbone("tk:small_cnn", weights=None, widths=(8, 8, 16))
     affine = Policy.parse("feature_extraction,bn=affine")
-    assert affine.frozen_throughout(vit, 3)  # a ViT has LayerNorms only: the features can be cached
-    assert not affine.frozen_throughout(cnn, 3)  # BatchNorm gamma/beta train
-    assert Policy.parse("feature_extraction").frozen_throughout(cnn, 3)
+    assert (affine.frozen_phase_epochs(vit, 3) >= 3)  # a ViT has LayerNorms only: the features can be cached
+    assert not (affine.frozen_phase_epochs(cnn, 3) >= 3)  # BatchNorm gamma/beta train
+    assert (Policy.parse("feature_extraction").frozen_phase_epochs(cnn, 3) >= 3)
     assert Policy.parse("fine_tune:frozen=2,bn=affine").frozen_phase_epochs(vit, 5) == 2
     assert Policy.parse("fine_tune:frozen=2,bn=affine").frozen_phase_epochs(cnn, 5) == 0
     with pytest.raises(PolicyError, match="contradicts"):
-        affine.frozen_throughout(vit, 3, has_batchnorm=True)
+        (affine.frozen_phase_epochs(vit, 3, has_batchnorm=True) >= 3)
 
 
 @pytest.mark.parametrize("spec, expected", [

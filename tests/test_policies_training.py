@@ -167,7 +167,7 @@ def test_finetune_with_fastais_fine_tune_trains_the_head_first_then_everything(i
     """``fine_tune:frozen=1``: epoch 1 leaves the whole trunk (weights and BN statistics)
     bit-for-bit unchanged, epoch 2 trains every parameter, the stem at lr / 100."""
     from transferkit import finetune
-    from transferkit.train.checkpoint import load_checkpoint
+    from transferkit.checkpoints import load_checkpoint
 
     _, bb = small()
     start = {k: v.clone() for k, v in bb.trunk.state_dict().items()}

@@ -49,7 +49,7 @@ def test_a_failed_export_keeps_the_trained_weights(image_folder, tmp_path, monke
 def test_a_second_run_on_the_same_checkpoint_is_refused(image_folder, tmp_path, monkeypatch):
     ckpt = tmp_path / "run.pt"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom transferkit.train.checkpoint import checkpoint_lock\n"
+        "import sys, time\nfrom transferkit.checkpoints import checkpoint_lock\n"
         f"with checkpoint_lock({str(ckpt)!r}):\n    print('held', flush=True)\n    time.sleep(60)\n")],
         stdout=subprocess.PIPE, text=True)
     try:

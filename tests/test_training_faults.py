@@ -60,7 +60,7 @@ def test_ctrl_c_before_the_first_epoch_with_a_checkpoint_path_says_it_was_not_wr
 
 
 def test_diverging_loss_points_at_the_lr_and_keeps_the_last_good_checkpoint(image_folder, tmp_path):
-    from transferkit.train.checkpoint import load_checkpoint
+    from transferkit.checkpoints import load_checkpoint
 
     ckpt = tmp_path / "run.pt"
     tk.finetune("tk:small_cnn", data=image_folder, epochs=1, checkpoint=ckpt, **FAST)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from transferkit.errors import CorruptFileError, TransferkitError
+from transferkit.errors import CorruptCheckpointError, CorruptExportError, CorruptFileError, ExportError, TransferkitError
 
 ALGORITHM = "sha256"
 INTEGRITY_KEY = "integrity"
@@ -124,8 +124,6 @@ def verify_sealed(obj: Any, *, source: str, what: str, error: type[TransferkitEr
 def _error(base: type[TransferkitError], message: str) -> TransferkitError:
     """The corrupt-file error of ``base``: CorruptCheckpointError (a WeightsError) or
     CorruptExportError (an ExportError); both are CorruptFileError."""
-    from transferkit.errors import CorruptCheckpointError, CorruptExportError, ExportError
-
     return CorruptExportError(message) if issubclass(base, ExportError) else CorruptCheckpointError(message)
 
 

@@ -28,7 +28,7 @@ from transferkit.facts import environment, look
 from transferkit.policies import Policy
 from transferkit.run import Run, build
 from transferkit.steps import evaluate, set_epoch_mode, train, training_data, validation_images, write_outputs
-from transferkit.train.checkpoint import checkpoint_lock, load_checkpoint
+from transferkit.checkpoints import checkpoint_lock, load_checkpoint
 from transferkit.train.device import preserved_torch_settings
 from transferkit.train.distributed import barrier, rank_guard
 from transferkit.train.lr_find import LRFindResult, lr_range_test

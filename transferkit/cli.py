@@ -19,20 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import TransferkitError
+from transferkit.helpformat import HELP
 
-class HELP(argparse.RawDescriptionHelpFormatter):
-    """Help text with each default stated once: added unless the help already says it, or
-    there is none to state (None, False)."""
 
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=32, width=100)
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.default == [] \
-                or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -215,7 +204,7 @@ def _sub(sub: Any, name: str, help: str, description: str) -> argparse.ArgumentP
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from transferkit import __version__
+    from transferkit._version import __version__
 
     p = argparse.ArgumentParser(prog="transferkit", formatter_class=HELP,
                                 description="Transfer learning on torchvision, timm and torchaudio backbones, with "

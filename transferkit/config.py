@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from transferkit.errors import ConfigError, suggest
+from transferkit.schedules import check_schedule_options
 
 # keys a config file may hold besides FinetuneConfig's: where the data live and what to run (recipes)
 RECIPE_KEYS = {"data_dir": (str, type(None)), "download": (bool,), "out_dir": (str, type(None)),
@@ -231,8 +232,6 @@ class FinetuneConfig:
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"finetune(): warmup_epochs={self.warmup_epochs!r} is longer than the run (epochs="
                               f"{self.epochs!r}); use at most {self.epochs}.")
-        from transferkit.train.optim import check_schedule_options
-
         check_schedule_options(self.schedule, self.schedule_options)
         if self.data is None:
             raise ConfigError("finetune(): data is required: a folder root/<class>/<file>, a CSV of path,label, or a "

@@ -20,6 +20,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from transferkit.api import finetune
+from transferkit.backbones import InputSpec
+from transferkit.data import eval_transform
 from transferkit.export import load
 
 IMAGE_SIZE = 16
@@ -44,9 +46,6 @@ class Pretransformed(Dataset):
     """A dataset with every image decoded and resized once, kept as uint8 tensors."""
 
     def __init__(self, base: DigitImages, size: int) -> None:
-        from transferkit.backbones import InputSpec
-        from transferkit.data import eval_transform
-
         tf = eval_transform(InputSpec(image_size=size))
         self.items = torch.stack([tf(base[i][0]) for i in range(len(base))])
         self.targets, self.classes = base.targets, base.classes

@@ -4,6 +4,7 @@ decisions are taken from (see `transferkit.train.speed.decide_speed`).
 - `cpu_bf16_native`: whether this CPU and torch build run bf16 matrix kernels natively.
 - `device_bf16`: the same question for any device (CUDA: compute capability >= 8.0).
 - `conv_share`: how convolutional a trunk is (the share of its Conv2d + Linear weights in Conv2d).
+- `resolve_device`: ``"auto"`` and device names checked against what this machine has.
 
 ``TRANSFERKIT_ASSUME_BF16=0`` or ``=1`` overrides the CPU answer (to test the code paths of
 another kind of CPU on this one); it is reported in the reason.
@@ -17,7 +18,11 @@ import platform
 import torch
 from torch import nn
 
+from transferkit.errors import ConfigError
+
 ASSUME_BF16_ENV = "TRANSFERKIT_ASSUME_BF16"
+CONV_SHARE_CHANNELS_LAST = 0.9  # >= this share of weights in Conv2d: a convolutional trunk
+CONV_SHARE_CONTIGUOUS = 0.1  # < this share: a ViT-style trunk
 
 
 def cpu_bf16_native() -> tuple[bool, str]:
@@ -85,3 +90,35 @@ def conv_share(trunk: nn.Module) -> tuple[float, int]:
         elif isinstance(m, nn.Linear):
             lin += w.numel()
     return (conv / (conv + lin) if conv + lin else 0.0), n_conv
+
+
+def is_convolutional(trunk: nn.Module) -> bool:
+    """At least ``CONV_SHARE_CHANNELS_LAST`` of the trunk's Conv2d + Linear weights are Conv2d
+    (channels_last is the faster layout for it on CPUs and GPUs, measured)."""
+    share, n_conv = conv_share(trunk)
+    return n_conv > 0 and share >= CONV_SHARE_CHANNELS_LAST
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then Apple MPS, then the CPU; other values are checked."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"Unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available here; use device='auto' or 'cpu'.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")
+    mps = getattr(torch.backends, "mps", None)
+    if dev.type == "mps" and not (mps is not None and mps.is_available()):
+        raise ConfigError(f"device={device!r} but Apple MPS is not available here; use device='auto' or 'cpu'.")
+    return dev

@@ -12,6 +12,19 @@ from transferkit.errors import ConfigError, check_choice
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
+TASKS = ("multiclass", "multilabel", "regression")
+OUTPUT_ACTIVATION = {"multiclass": "softmax", "multilabel": "sigmoid", "regression": "identity"}
+
+
+def output_activation(task: str, logits: torch.Tensor) -> torch.Tensor:
+    """Softmax, sigmoid or identity: what a head's logits mean for ``task``."""
+    if task == "multiclass":
+        return torch.softmax(logits.float(), dim=1)
+    if task == "multilabel":
+        return torch.sigmoid(logits.float())
+    return logits.float()
+
+
 class FeatureNorm(nn.Module):
     """``(x - mean) / std`` with fixed statistics (buffers, not trained): the first layer of a
     head trained on cached features, so that it trains on standardised features (every

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from transferkit.heads import build_head
 
 class ImagePreprocess(nn.Module):
     """Raw pixels to the backbone's normalised input.
@@ -85,8 +86,6 @@ def build_model(backbone: Any, num_outputs: int, *, spec: Any = None, head_hidde
         >>> m(torch.rand(2, 3, 32, 32)).shape
         torch.Size([2, 3])
     """
-    from transferkit.heads import build_head
-
     spec = spec or backbone.input_spec
     head = build_head(backbone.num_features, num_outputs, hidden=head_hidden, activation=head_activation,
                       dropout=head_dropout, norm=head_norm)

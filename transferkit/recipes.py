@@ -26,6 +26,13 @@ import numpy as np
 
 from transferkit.config import RECIPE_KEYS, load_config, parse_overrides, validate_config
 from transferkit.errors import ConfigError, DataError, TransferkitError
+from transferkit.helpformat import HELP
+from transferkit.data import find_split_folders
+from transferkit.data import dataset_targets
+from transferkit.api import finetune
+from transferkit.data import ImageFolderDataset
+from transferkit.data import prepare_data
+from transferkit.export import load
 
 
 @dataclass
@@ -60,8 +67,6 @@ def image_folder_splits(root: Path) -> RecipeData | None:
     ``train/``. The same rule as [`transferkit.finetune`][transferkit.finetune] on such a folder
     ([`transferkit.data.find_split_folders`][transferkit.data.find_split_folders]); ``finetune`` alone validates on
     ``test/`` when there is no validation folder, where a recipe scores the test set."""
-    from transferkit.data import find_split_folders
-
     splits = find_split_folders(root)
     if splits is None:  # train/ beside other folders: a recipe's data folder is a split layout
         return RecipeData(train=root / "train") if (root / "train").is_dir() else None
@@ -73,8 +78,6 @@ def limit_per_class(dataset: Any, limit: int | None, seed: int = 0) -> Any:
     if not limit or isinstance(dataset, (str, Path)):
         return dataset
     from torch.utils.data import Subset
-
-    from transferkit.data import dataset_targets
 
     targets = np.asarray(dataset_targets(dataset))
     rng = np.random.default_rng(seed)
@@ -124,7 +127,6 @@ def build_parser(name: str, description: str,
                  add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
     """The recipe's command line; ``add_arguments(parser)`` adds the recipe's own options
     (they arrive in the data function's ``options["args"]``)."""
-    from transferkit.cli import HELP
 
     p = argparse.ArgumentParser(prog=f"recipes/{name}.py", description=description, formatter_class=HELP)
     p.add_argument("--config", default=None, help=f"YAML config (default: recipes/{name}.yaml)")
@@ -149,8 +151,6 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     """Parse arguments, merge the config, build the data, run [`finetune`][transferkit.finetune], evaluate the
     exported file on the test set (when there is one), print and write ``results.json``.
     ``add_arguments``: the recipe's own command-line options (see `build_parser`)."""
-    from transferkit.api import finetune
-
     args = build_parser(name, description, add_arguments).parse_args(argv)
     recipe_dir = recipe_dir or Path.cwd() / "recipes"
     cfg_path = Path(args.config) if args.config else recipe_dir / f"{name}.yaml"
@@ -212,8 +212,6 @@ def _sliced(data: RecipeData, limit: int | None, seed: int) -> tuple[Any, Any, A
     """The recipe's data, cut to ``limit`` items per class when asked (folders included)."""
     if not limit:
         return data.train, data.val, data.test, data.classes
-    from transferkit.data import ImageFolderDataset
-
     classes = data.classes
     parts = []
     for d in (data.train, data.val, data.test):
@@ -226,9 +224,6 @@ def _sliced(data: RecipeData, limit: int | None, seed: int) -> tuple[Any, Any, A
 
 def evaluate_export(model_path: Path, test: Any) -> float:
     """Accuracy of the exported file (reloaded from disk) on a folder or Dataset of (input, label)."""
-    from transferkit.data import prepare_data
-    from transferkit.export import load
-
     predictor = load(model_path)
     if isinstance(test, (str, Path)):
         ds = prepare_data(test, val_split=0, classes=predictor.labels).train

@@ -33,9 +33,10 @@ from transferkit.data import eval_transform, train_transform
 from transferkit.data.audio import pad_waveforms
 from transferkit.data.sampling import mix_seed, seed_everything
 from transferkit.decisions import Decisions, differences
+from transferkit.export.torchscript import export_torchscript
 from transferkit.run import Run
 from transferkit.policies import apply_policy, merge_lora, policy_penalty, set_train_mode
-from transferkit.train.checkpoint import save_checkpoint, save_with_fallback
+from transferkit.checkpoints import save_checkpoint, save_with_fallback
 from transferkit.train.distributed import wrap_ddp
 from transferkit.train.faults import training_faults
 from transferkit.train.features import FeatureStore, compute_features, feature_loader
@@ -288,8 +289,6 @@ def write_outputs(d: Decisions, run: Run, outcome: TrainOutcome, metrics: dict[s
     show-results and top-losses grids), the final checkpoint (complete: weights, decisions,
     history; nothing to resume) and the verified export.
     Returns ``{"plots", "checkpoint", "export_report", "seconds"}``."""
-    from transferkit.export.torchscript import export_torchscript
-
     cfg = d.config
     meta = metadata(d)
     meta["training"]["best"] = outcome.best

@@ -10,6 +10,9 @@ from transferkit.backbones.registry import (
     resolve_name,
 )
 
+# the sources register themselves with the registry on import (timm's is registered lazily: see registry)
+from transferkit.backbones import builtin, mlp, spectrogram, torchaudio_source, torchvision_source  # noqa: E402,F401
+
 __all__ = [
     "Backbone",
     "BackboneSource",

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from transferkit.backbones._base import Backbone, InputSpec, blocks_from_members, check_blocks
+from transferkit.backbones.cifar_resnet import DEPTHS, cifar_resnet
 from transferkit.backbones.registry import BuilderSource, register_source
 from transferkit.backbones.weights import is_weights_path, load_into, read_state_dict
 from transferkit.errors import WeightsError
@@ -73,7 +74,6 @@ def small_cnn(*, weights: Any = None, widths: tuple[int, int, int] = (32, 64, 12
 
 
 def _register_cifar_resnets() -> None:
-    from transferkit.backbones.cifar_resnet import DEPTHS, cifar_resnet
 
     for depth in DEPTHS:
         def build(*, weights: Any = None, weights_only: bool = True, strict: bool = True, _depth: int = depth) -> Backbone:

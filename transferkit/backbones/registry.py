@@ -165,9 +165,6 @@ def _ensure_sources() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
-    from transferkit.backbones import builtin, torchvision_source  # noqa: F401  (register on import)
-    from transferkit.backbones import mlp  # noqa: F401  (tk:mlp)
-    from transferkit.backbones import spectrogram, torchaudio_source  # noqa: F401  (audio: spec:, ta:)
+    _loaded = True  # the built-in sources registered themselves when transferkit.backbones was imported
     if "timm" not in _SOURCES:
         register_source(LazySource("timm", "transferkit.backbones.timm_source", "TimmSource"))

@@ -18,7 +18,7 @@ import torchaudio
 from torch import Tensor, nn
 
 from transferkit.backbones._base import Backbone, Block, InputSpec, check_blocks
-from transferkit.backbones.registry import get_backbone, register_source
+from transferkit.backbones.registry import get_backbone, get_source, register_source
 from transferkit.errors import BackboneError, ConfigError
 
 
@@ -188,7 +188,6 @@ class SpectrogramSource:
     prefix = "spec"
 
     def names(self) -> list[str]:
-        from transferkit.backbones.registry import get_source
 
         out = []
         for full in SPEC_IMAGE_BACKBONES:

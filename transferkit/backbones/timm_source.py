@@ -111,19 +111,26 @@ def _is_download_error(exc: BaseException) -> bool:
 def _weights_source(model_name: str, kwargs: dict[str, Any]) -> tuple[str, Any]:
     """Where timm will read the pretrained weights from: ``("hf-hub", (hub id, filename or None))``,
     ``("url", url)`` or a local source (``("file", path)``, ``("state_dict", ...)``), as timm's
-    own ``_resolve_pretrained_source`` decides from the model's ``pretrained_cfg`` and the
-    ``pretrained_cfg`` / ``pretrained_cfg_overlay`` arguments."""
-    from timm.models._builder import _resolve_pretrained_source
-
+    builder decides from the model's ``pretrained_cfg`` and the ``pretrained_cfg`` /
+    ``pretrained_cfg_overlay`` arguments (timm 1.0's order: an ``hf-hub`` or ``local-dir``
+    source, else a state dict, a file, the HF hub id, the URL)."""
     base = kwargs.get("pretrained_cfg")
     if not isinstance(base, dict) and not hasattr(base, "to_dict"):
         base = timm.models.get_pretrained_cfg(model_name)
     cfg = dict(base if isinstance(base, dict) else base.to_dict())
     cfg.update(kwargs.get("pretrained_cfg_overlay") or {})
-    load_from, loc = _resolve_pretrained_source(cfg)
-    if load_from == "hf-hub":
-        return load_from, (loc if isinstance(loc, tuple) else (loc, None))
-    return load_from, loc
+    source, hub_id = cfg.get("source") or "", cfg.get("hf_hub_id")
+    if source == "hf-hub" and hub_id:
+        return "hf-hub", (hub_id, cfg.get("hf_hub_filename"))
+    if source == "local-dir":
+        return "local-dir", cfg.get("file")
+    if cfg.get("state_dict"):
+        return "state_dict", cfg["state_dict"]
+    if cfg.get("file"):
+        return "file", cfg["file"]
+    if hub_id:
+        return "hf-hub", (hub_id, cfg.get("hf_hub_filename"))
+    return ("url", cfg["url"]) if cfg.get("url") else ("", "")
 
 
 def _is_cached(load_from: str, loc: Any) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from transferkit.checkpoints import verify_checkpoint
 from transferkit.errors import WeightsError
 
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
@@ -69,8 +70,6 @@ def _is_torchscript(path: Path) -> bool:
 
 def _extract_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and "transferkit" in obj and "model" in obj:
-        from transferkit.train.checkpoint import verify_checkpoint
-
         if isinstance(obj, dict):
             verify_checkpoint(obj, source=repr(str(path)))
         model_sd = obj["model"]

@@ -2,15 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-from torch.utils.data import Dataset
-
 from transferkit.data.checks import DataReport, check_image_file, find_duplicates
 from transferkit.data.folders import SplitFolders, find_split_folders, warn_split_like_classes
 from transferkit.data.images import (
@@ -22,8 +13,8 @@ from transferkit.data.images import (
     scan_csv,
     scan_image_folder,
 )
+from transferkit.data.bundle import DataBundle, prepare_data, resolve_split_folders, stratified_split
 from transferkit.data.transforms import eval_transform, train_transform
-from transferkit.errors import DataError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -45,137 +36,3 @@ __all__ = [
     "stratified_split",
     "train_transform",
 ]
-
-@dataclass
-class DataBundle:
-    """Training and validation data without transforms, and the class names.
-
-    ``train.view(transform=...)`` gives the dataset seen through a transform.
-    """
-
-    train: ImageFolderDataset | TransformedDataset
-    val: ImageFolderDataset | TransformedDataset | None
-    classes: list[str]
-    report: DataReport = field(default_factory=DataReport)
-
-
-def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Split indices so that every class keeps its proportion in both parts
-    (at least one sample of each class with two or more samples goes to each part)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_split must be between 0 and 1 (exclusive), got {val_fraction!r}.")
-    rng = np.random.default_rng(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, t in enumerate(targets):
-        by_class.setdefault(int(t), []).append(i)
-    train_idx, val_idx = [], []
-    for _, idx in sorted(by_class.items()):
-        idx = list(rng.permutation(idx))
-        n_val = int(round(len(idx) * val_fraction))
-        n_val = min(max(n_val, 1 if len(idx) >= 2 else 0), len(idx) - 1)
-        val_idx += idx[:n_val]
-        train_idx += idx[n_val:]
-    return sorted(int(i) for i in train_idx), sorted(int(i) for i in val_idx)
-
-
-def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what: str, report: DataReport,
-                **checks: Any):
-    if isinstance(data, (str, Path)):
-        return ImageFolderDataset(data, classes=classes, min_size=min_size, report=report, **checks)
-    if isinstance(data, ImageFolderDataset):  # keeps its files and checks; reports into this bundle's report
-        report.merge(data.report)
-        return ImageFolderDataset(data.root, classes=data.classes, samples=data.samples,
-                                  min_size=data.min_size if min_size is None else min_size,
-                                  on_bad_file=checks["on_bad_file"], report=report)
-    if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
-        if len(data) == 0:
-            raise DataError(f"The {what} dataset is empty.")
-        return TransformedDataset(data)
-    raise DataError(f"{what} must be a folder path or a torch Dataset of (image, label), got {type(data).__name__}.")
-
-
-def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple[Any, Any]:
-    """``(data, val_data)`` with a split layout resolved: a folder holding ``train/`` and
-    ``val/`` (or ``valid/``, ``validation/``, else ``test/``) trains on ``train/`` and
-    validates on the other; ``train/`` alone trains on it (see
-    [`find_split_folders`][transferkit.data.find_split_folders], the rule the recipes use too).
-    Anything else is returned as it is.
-
-    Example:
-        >>> resolve_split_folders("no/such/folder", None, DataReport())
-        ('no/such/folder', None)
-    """
-    if not isinstance(data, (str, Path)) or val_data is not None:
-        return data, val_data
-    splits = find_split_folders(data)
-    if splits is None:
-        return data, val_data
-    if splits.val is not None and splits.test is not None:
-        report.warn(f"{str(data)!r} holds {splits.val.name}/ and test/: training uses train/ and validates on "
-                    f"{splits.val.name}/; test/ is not used (score the exported model on it, e.g. with "
-                    "`transferkit predict`).")
-    if splits.others:
-        used = ", ".join(f"{p.name}/" for p in (splits.train, splits.val, splits.test) if p is not None)
-        report.warn(f"{str(data)!r} is a split layout ({used}); its other folders are not used: {splits.others[:10]}.")
-    return splits.train, splits.held_out
-
-
-def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, seed: int = 0,
-                 classes: Sequence[str] | None = None, min_size: int | None = None, on_bad_file: str = "skip",
-                 scan: str = "quick") -> DataBundle:
-    """Resolve training and validation data.
-
-    ``data`` is a folder ``root/<class>/<image>`` (or a folder holding ``train/`` and
-    ``val/``, ``valid/``, ``validation/`` or ``test/``: see `resolve_split_folders`),
-    a CSV file of ``path,label`` rows, or a Dataset of ``(image, label)``.
-    Without ``val_data``, a stratified ``val_split`` of the training data is held out
-    (``val_split=0``: no validation). Image files are checked before training
-    (``scan="quick"``: headers and truncation, ``"full"``: decode everything, ``"none"``);
-    bad ones are left out and listed in ``bundle.report`` (``on_bad_file="skip"``) or
-    raise (``"raise"``); files that fail to decode later are handled as
-    `transferkit.data.late` says. The validation data always use the training class
-    mapping. Class folders named like splits (``train``, ``test``, ...) give a warning.
-
-    Example:
-        >>> bundle = prepare_data("hymenoptera")  # doctest: +SKIP
-        >>> bundle.classes
-        ['ants', 'bees']
-    """
-    report = DataReport()
-    data, val_data = resolve_split_folders(data, val_data, report)
-    checks = {"on_bad_file": on_bad_file, "scan": scan}
-    train = _as_dataset(data, list(classes) if classes else None, min_size, "training", report, **checks)
-    if not isinstance(train, ImageFolderDataset):
-        report.merge(getattr(train, "report", DataReport()))
-    names = list(classes) if classes else list(getattr(train, "classes", []) or getattr(getattr(train, "base", None), "classes", []) or [])
-    targets = dataset_targets(train)
-    if not names:
-        names = [str(i) for i in range(max(targets) + 1)]
-    bad = sorted({t for t in targets if not 0 <= t < len(names)})
-    if bad:
-        raise DataError(f"Training labels {bad[:5]} are outside 0..{len(names) - 1} for classes {names[:10]}.")
-    if isinstance(data, (str, Path)):
-        warn_split_like_classes(names, repr(str(data)), report)
-    counts = Counter(targets)
-    if len(counts) < 2:
-        raise DataError(f"Training data has a single class ({names[next(iter(counts))]!r}); "
-                        "a classifier needs at least two.")
-    val = None
-    if val_data is not None:
-        val = _as_dataset(val_data, names, min_size, "validation", report, **checks)
-        if not isinstance(val, ImageFolderDataset):
-            report.merge(getattr(val, "report", DataReport()))
-        vt = dataset_targets(val)
-        bad = sorted({t for t in vt if not 0 <= t < len(names)})
-        if bad:
-            raise DataError(f"Validation labels {bad[:5]} are outside the training classes 0..{len(names) - 1}.")
-        if isinstance(train, ImageFolderDataset) and isinstance(val, ImageFolderDataset):
-            dups = find_duplicates([p for p, _ in train.samples], [p for p, _ in val.samples])
-            if dups:
-                n_val = len({v for _, v in dups})  # files, not pairs (a file may match several)
-                report.warn(f"{n_val} validation file(s) are byte-identical to training files, which inflates "
-                            f"validation accuracy: e.g. {dups[0][1]} = {dups[0][0]}.")
-    elif val_split:
-        tr_idx, va_idx = stratified_split(targets, val_split, seed)
-        train, val = train.view(tr_idx), train.view(va_idx)
-    return DataBundle(train=train, val=val, classes=names, report=report)

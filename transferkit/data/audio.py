@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from transferkit.backbones._base import InputSpec
+from transferkit.data.bundle import DataBundle, resolve_split_folders, stratified_split
 from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport
 from transferkit.data.folders import class_folders, list_class_files, warn_split_like_classes
 from transferkit.data.late import ReportingCollate, load_or_replace
@@ -547,7 +548,6 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
         >>> len(bundle.train), len(bundle.val), bundle.classes
         (6, 2, ['0', '1'])
     """
-    from transferkit.data import DataBundle, resolve_split_folders, stratified_split
 
     if not spec.sample_rate:
         raise ConfigError(f"Audio data needs a backbone input spec with a sample_rate; got {spec}.")

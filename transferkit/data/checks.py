@@ -20,6 +20,7 @@ from PIL import Image
 
 from transferkit._io import file_digest
 from transferkit.errors import DataError, check_choice
+from transferkit.data.late import register_report
 
 ON_BAD_FILE = ("skip", "raise")
 SCANS = ("quick", "full", "none")
@@ -54,8 +55,6 @@ class DataReport:
     token: str = field(default_factory=lambda: uuid.uuid4().hex, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from transferkit.data.late import register_report
-
         register_report(self)
 
     def warn(self, message: str) -> None:

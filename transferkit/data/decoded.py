@@ -61,6 +61,7 @@ from transferkit.data.fingerprint import data_fingerprint
 from transferkit.data.sampling import default_num_workers
 from transferkit.data.transforms import AUGMENTATIONS, ToImageTensor, ToRGB, eval_transform
 from transferkit.errors import check_choice
+from transferkit.data.transforms import train_transform
 
 DECODED_FORMAT = 1
 DEFAULT_BUDGET_BYTES = 2 * 2**30
@@ -238,8 +239,6 @@ def decoded_dataset(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: s
     Decoding runs in ``num_workers`` processes (default: as for training loaders). ``plan``:
     a decision `plan_decode` already took for these arguments (not taken again).
     """
-    from transferkit.data.transforms import train_transform
-
     plan = plan or plan_decode(dataset, spec, augment=augment, cache_dir=cache_dir, budget_bytes=budget_bytes)
     if plan.mode == "off":
         return dataset.view(transform=train_transform(spec, augment)), plan

@@ -35,6 +35,7 @@ from torchvision.transforms import v2 as T
 from transferkit.backbones._base import InputSpec
 from transferkit.data.transforms import AUGMENTATIONS
 from transferkit.errors import ConfigError, check_choice
+from transferkit.data.images import load_image
 from transferkit.data.sampling import EpochSampler, default_num_workers, mix_seed
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -84,8 +85,6 @@ class EncodedImages(Dataset):
             head = f.read(3)
         if head == _JPEG_MAGIC:
             return ("jpeg", read_file(str(path))), target, key
-        from transferkit.data.images import load_image
-
         img = load_image(path)
         return ("pixels", T.functional.pil_to_tensor(img)), target, key
 

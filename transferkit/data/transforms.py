@@ -12,6 +12,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from transferkit.backbones._base import InputSpec
+from transferkit.data.audio import AudioTransform
 from transferkit.errors import check_choice
 
 AUGMENTATIONS = ("none", "flip", "standard")
@@ -47,8 +48,6 @@ def _interp(spec: InputSpec) -> InterpolationMode:
 
 
 def _audio_transform(spec: InputSpec, augment):
-    from transferkit.data.audio import AudioTransform
-
     return AudioTransform(spec, augment)
 
 

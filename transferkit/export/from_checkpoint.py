@@ -11,6 +11,10 @@ from torch import nn
 from transferkit.backbones._base import InputSpec
 from transferkit.backbones.weights import load_into
 from transferkit.errors import ExportError
+from transferkit.model import build_model
+from transferkit.backbones import get_backbone
+from transferkit.checkpoints import load_checkpoint
+from transferkit._io import check_writable
 from transferkit.export.inputs import InputPipeline
 from transferkit.export.torchscript import ExportReport, export_torchscript
 
@@ -23,10 +27,6 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     Example:
         >>> model, meta = model_from_checkpoint("run.pt")  # doctest: +SKIP
     """
-    from transferkit.model import build_model
-    from transferkit.backbones import get_backbone
-    from transferkit.train.checkpoint import load_checkpoint
-
     ckpt = load_checkpoint(path)
     meta = ckpt["transferkit"]
     where = f"checkpoint {str(path)!r}"
@@ -95,8 +95,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str 
     Example:
         >>> reports, origin = export_checkpoint("run.pt", "model.pt", examples="images/val")  # doctest: +SKIP
     """
-    from transferkit._io import check_writable
-
     check_writable(out, what="export")  # before any work: a folder or a read-only place says so at once
     if onnx is not None:
         check_writable(onnx, what="ONNX export")

@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from PIL import Image
 
 from transferkit.backbones._base import InputSpec
+from transferkit.data import audio
 from transferkit.data.images import IMAGE_EXTENSIONS, load_image
 from transferkit.data.transforms import eval_transform
 from transferkit.errors import DataError
@@ -37,8 +39,6 @@ class InputPipeline:
         self.spec = spec
         self.audio = spec.kind == "audio"
         if self.audio:
-            from transferkit.data import audio
-
             self._audio, self._to_waveform = audio, audio.to_waveform
             self._transform = audio.AudioTransform(spec)
             self.extensions: tuple[str, ...] = tuple(audio.AUDIO_EXTENSIONS)

@@ -42,7 +42,9 @@ from typing import Any
 import torch
 
 from transferkit.errors import ExportError
-from transferkit.train.tasks import TASKS
+from transferkit._version import __version__
+from transferkit.errors import CorruptExportError
+from transferkit.heads import TASKS
 
 FORMAT = "transferkit.torchscript/1"
 ONNX_FORMAT = "transferkit.onnx/1"
@@ -58,8 +60,7 @@ REQUIRED = {"format": str, "labels": list, "num_outputs": int, "task": str, "inp
 
 
 def transferkit_version() -> str:
-    from transferkit import __version__
-
+    """The version of transferkit writing the file."""
     return __version__
 
 
@@ -165,8 +166,6 @@ def _digest(raw: bytes) -> str:
 
 
 def _corrupt(message: str) -> ExportError:
-    from transferkit.errors import CorruptExportError
-
     return CorruptExportError(message)
 
 

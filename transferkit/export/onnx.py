@@ -33,7 +33,7 @@ from transferkit.export.metadata import (
     decode_metadata,
     encode_metadata,
 )
-from transferkit.export.torchscript import ExportReport, _examples
+from transferkit.export.torchscript import ExportReport, example_list
 
 
 def _require_onnx() -> tuple[Any, Any]:
@@ -92,7 +92,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
     """
     onnx, ort = _require_onnx()
     t0 = time.perf_counter()
-    examples = _examples(example_inputs)
+    examples = example_list(example_inputs)
     eager = copy.deepcopy(model).cpu().eval()
     batches = _batches(examples)
     with torch.no_grad():

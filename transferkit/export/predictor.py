@@ -14,7 +14,7 @@ from transferkit.backbones._base import InputSpec
 from transferkit.errors import ConfigError, DataError, ExportError
 from transferkit.export.inputs import InputPipeline
 from transferkit.export.torchscript import check_device, load_scripted, quiet_jit
-from transferkit.train.tasks import output_activation
+from transferkit.heads import output_activation
 
 
 @dataclass

@@ -27,7 +27,8 @@ from torch import nn
 
 from transferkit._integrity import check_records, file_digests, record_name, records_entry, zip_records
 from transferkit._io import atomic_write
-from transferkit.errors import ExportError, check_choice
+from transferkit.hardware import is_convolutional, resolve_device
+from transferkit.errors import ConfigError, ExportError, check_choice
 from transferkit.export.metadata import (
     RECORDS_FILE,
     complete_metadata,
@@ -131,13 +132,8 @@ def _optimizations(model: nn.Module, example: torch.Tensor) -> tuple[str, ...]:
     """The optimizations to try, in order: ``freeze_channels_last`` first when channels_last
     is the faster CPU layout for the model's trunk (`transferkit.train.speed`: convolutional
     trunks; 4-d image inputs only)."""
-    from transferkit.train.speed import SpeedConfig
-
-    if example.ndim == 4:
-        cpu = SpeedConfig.make(torch.device("cpu"), precision="fp32", trunk=getattr(model, "trunk", model),
-                               image_size=int(example.shape[-1]))
-        if cpu.channels_last:
-            return OPTIMIZATIONS
+    if example.ndim == 4 and is_convolutional(getattr(model, "trunk", model)):
+        return OPTIMIZATIONS
     return tuple(o for o in OPTIMIZATIONS if o != "freeze_channels_last")
 
 
@@ -218,7 +214,7 @@ def max_abs_diff(reference: Sequence[torch.Tensor], exported: torch.jit.ScriptMo
     return float(diff), float(scale)
 
 
-def _examples(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def example_list(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
     items = [example_inputs] if isinstance(example_inputs, torch.Tensor) else list(example_inputs)
     if not items or not all(isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[0] >= 1 for x in items):
         raise ExportError("example_inputs must be a batch [N, ...] (or a list of batches) with N >= 1 of real "
@@ -248,7 +244,7 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
     """
     t0 = time.perf_counter()
     check_choice("export mode", mode, MODES)
-    examples = _examples(example_inputs)
+    examples = example_list(example_inputs)
     eager = copy.deepcopy(model).cpu().eval()
     batches, reference = reference_outputs(eager, _check_batches(examples))
     out = reference[0]
@@ -413,9 +409,6 @@ def check_device(device: str | torch.device) -> torch.device:
     """The device to load an export on, checked: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``
     (N below the number of GPUs) or ``"mps"``, each only where it is available; ConfigError
     otherwise (before the file is read, so the error is about the device, not the file)."""
-    from transferkit.errors import ConfigError
-    from transferkit.train.device import resolve_device
-
     dev = resolve_device(str(device) if isinstance(device, torch.device) else device)
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(f"device={str(device)!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "

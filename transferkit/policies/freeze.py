@@ -18,7 +18,6 @@ training except under ``affine``, which trains gamma/beta everywhere (fastai's
 
 from __future__ import annotations
 
-import re
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -26,46 +25,14 @@ from transferkit.backbones._base import Backbone
 from transferkit.errors import PolicyError
 from transferkit.lora import add_lora, has_lora, is_lora_parameter
 from transferkit.policies.spec import Policy
-
-
-def _bn_param_names(trunk: nn.Module) -> set[str]:
-    return {f"{mn}.{pn}" if mn else pn for mn, m in trunk.named_modules() if isinstance(m, _BatchNorm)
-            for pn, _ in m.named_parameters(recurse=False)}
-
-
-def has_batchnorm(backbone: Backbone) -> bool:
-    """Whether the backbone's trainable blocks hold BatchNorm gamma/beta (what ``bn="affine"``
-    trains in frozen blocks). A ViT has none; neither has a TorchScript trunk, whose compiled
-    layers are not ``nn.BatchNorm*`` modules and sit in frozen blocks.
-
-    Example:
-        >>> from transferkit import get_backbone
-        >>> has_batchnorm(get_backbone("tk:small_cnn", weights=None))
-        True
-    """
-    trainable = set(backbone.block_names)
-    return any(backbone.block_of(n) in trainable for n in _bn_param_names(backbone.trunk))
-
-
-_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.(original|\d+\..+)$")
-
-
-def _block_of(backbone: Backbone, name: str) -> str:
-    """The block of a trunk parameter; a parametrized weight (LoRA) and its factors belong to the
-    block of the weight (``a.parametrizations.weight.original`` -> ``a.weight``)."""
-    name = _PARAMETRIZED.sub(lambda m: f"{m.group(1)}{m.group(2)}", name)
-    try:
-        return backbone.block_of(name)
-    except KeyError:
-        raise PolicyError(f"Trunk parameter {name!r} belongs to none of the blocks {backbone.block_names}; the "
-                          "backbone's block map does not cover its trunk (was the trunk changed after building?).") from None
+from transferkit.policies.structure import block_of, bn_param_names, has_batchnorm  # noqa: F401 (has_batchnorm: public here)
 
 
 def trainable_flags(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int = 0) -> dict[str, bool]:
     """``{parameter name: trains at epoch}`` over ``model.trunk`` (names relative to the trunk),
     as the policy says; a query, nothing is changed."""
     blocks = set(policy.trainable_blocks(backbone.block_names, epoch))
-    bn_params = _bn_param_names(model.trunk)
+    bn_params = bn_param_names(model.trunk)
     flags = {}
     for name, _ in model.trunk.named_parameters():
         if is_lora_parameter(name):
@@ -73,7 +40,7 @@ def trainable_flags(model: nn.Module, backbone: Backbone, policy: Policy, epoch:
         elif name in bn_params and policy.bn != "train":
             flags[name] = policy.bn == "affine"
         else:
-            flags[name] = _block_of(backbone, name) in blocks
+            flags[name] = block_of(backbone, name) in blocks
     return flags
 
 
@@ -106,7 +73,7 @@ def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]
     several blocks (the trunk itself, a ViT's encoder)."""
     out: dict[str, str | None] = {}
     for name, m in trunk.named_modules():
-        owners = {_block_of(backbone, f"{name}.{pn}" if name else pn) for pn, _ in m.named_parameters()}
+        owners = {block_of(backbone, f"{name}.{pn}" if name else pn) for pn, _ in m.named_parameters()}
         if not owners and name:
             out[name] = out.get(name.rpartition(".")[0]) if "." in name else None
         else:
@@ -122,7 +89,7 @@ def set_train_mode(model: nn.Module, backbone: Backbone, policy: Policy, epoch: 
     model.train()
     active = set(policy.trainable_blocks(backbone.block_names, epoch))
     if policy.lora is not None:
-        active |= {_block_of(backbone, n) for n, _ in model.trunk.named_parameters() if is_lora_parameter(n)}
+        active |= {block_of(backbone, n) for n, _ in model.trunk.named_parameters() if is_lora_parameter(n)}
     if not active:
         model.trunk.eval()
         return

@@ -21,7 +21,8 @@ from torch import nn
 from transferkit.backbones._base import Backbone, Block
 from transferkit.errors import ConfigError, PolicyError
 from transferkit.lora import is_lora_parameter
-from transferkit.policies.freeze import _PARAMETRIZED, _bn_param_names, _block_of, trainable_flags
+from transferkit.policies.freeze import trainable_flags
+from transferkit.policies.structure import PARAMETRIZED, block_of, bn_param_names
 from transferkit.policies.spec import Policy
 
 HEAD = "head"
@@ -68,7 +69,7 @@ class _Names:
 
 def _plain_name(name: str) -> str:
     """A LoRA-parametrized weight and its factors answer to the weight's own name."""
-    return _PARAMETRIZED.sub(lambda m: f"{m.group(1)}{m.group(2)}", name)
+    return PARAMETRIZED.sub(lambda m: f"{m.group(1)}{m.group(2)}", name)
 
 
 def _timm_layer_ids(trunk: nn.Module, matcher: Any) -> tuple[dict[str, int], int]:
@@ -135,7 +136,7 @@ def _block_layer_ids(trunk: nn.Module, backbone: Backbone) -> tuple[dict[str, in
     norm_names = _norm_param_names(trunk)
     params: dict[str, list[str]] = {b.name: [] for b in backbone.blocks}
     for n, _ in trunk.named_parameters():
-        b = _block_of(backbone, n)
+        b = block_of(backbone, n)
         if b in params:
             params[b].append(n)
     ids: dict[str, int] = {}
@@ -213,7 +214,7 @@ def lr_scales(model: nn.Module, backbone: Backbone, policy: Policy) -> dict[str,
         head_scale = policy.layer_decay ** (top - head)
     else:
         mult = lr_multipliers(backbone.block_names, policy)
-        out = {f"trunk.{n}": mult.get(_block_of(backbone, n), 1.0) for n in trunk_names}
+        out = {f"trunk.{n}": mult.get(block_of(backbone, n), 1.0) for n in trunk_names}
         head_scale = 1.0
     out.update({f"head.{n}": head_scale for n, _ in model.head.named_parameters()})
     return out
@@ -227,7 +228,7 @@ def _no_decay(name: str, p: nn.Parameter, norm_names: set[str]) -> bool:
 
 def _norm_param_names(module: nn.Module) -> set[str]:
     norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-    out = _bn_param_names(module)
+    out = bn_param_names(module)
     for mn, m in module.named_modules():
         if isinstance(m, norms) or "norm" in type(m).__name__.lower():
             out |= {f"{mn}.{pn}" if mn else pn for pn, _ in m.named_parameters(recurse=False)}
@@ -304,7 +305,7 @@ def _group_keys(model: nn.Module, backbone: Backbone, policy: Policy) -> dict[st
     the layer inside a block that spans several: ``layer1.0``), ordered stem to head."""
     order = {b: i for i, b in enumerate([*backbone.block_names, *(b.name for b in backbone.frozen)])}
     trunk_names = [n for n, _ in model.trunk.named_parameters()]
-    blocks = {n: _block_of(backbone, n) for n in trunk_names}
+    blocks = {n: block_of(backbone, n) for n in trunk_names}
     out: dict[str, tuple[str, int]] = {}
     if policy.layer_decay is not None:
         ids, _ = layer_ids(model, backbone)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from transferkit.backbones._base import Backbone
-from transferkit.errors import PolicyError
+from transferkit.errors import PolicyError, suggest
+from transferkit.policies.structure import has_batchnorm as trunk_has_batchnorm
 
 BN_MODES = ("train", "affine", "frozen")
 DEFAULT_LORA_TARGETS = r"attn|attention|mlp"
@@ -239,20 +240,6 @@ class Policy:
             n += 1
         return n
 
-    def frozen_throughout(self, backbone: Backbone | Sequence[str], epochs: int, *,
-                          has_batchnorm: bool | None = None) -> bool:
-        """True when no backbone parameter trains in any of the ``epochs``: features can then be
-        computed once. ``bn="affine"`` trains BatchNorm gamma/beta in frozen blocks, so it counts
-        as training only when the trunk has BatchNorm layers (pass the ``Backbone``, or block
-        names with ``has_batchnorm``); LoRA trains factors.
-
-        Example:
-            >>> affine = Policy.parse("feature_extraction,bn=affine")
-            >>> affine.frozen_throughout(["embed", "blocks.0"], 3, has_batchnorm=False)  # a ViT: nothing to train
-            True
-        """
-        return self.frozen_phase_epochs(backbone, epochs, has_batchnorm=has_batchnorm) >= max(int(epochs), 1)
-
     # ---- string form -----------------------------------------------------------------
     @classmethod
     def parse(cls, spec: str | Policy) -> Policy:
@@ -377,8 +364,6 @@ def _block_names(backbone: Backbone | Sequence[str]) -> list[str]:
 def _has_batchnorm(backbone: Backbone | Sequence[str], has_batchnorm: bool | None, policy: Policy) -> bool:
     """Whether ``bn="affine"`` finds BatchNorm gamma/beta to train in the backbone's blocks."""
     if isinstance(backbone, Backbone):
-        from transferkit.policies.freeze import has_batchnorm as trunk_has_batchnorm
-
         found = trunk_has_batchnorm(backbone)
         if has_batchnorm is not None and has_batchnorm != found:
             raise PolicyError(f"has_batchnorm={has_batchnorm} contradicts the trunk of {backbone.name}, which "
@@ -392,8 +377,6 @@ def _has_batchnorm(backbone: Backbone | Sequence[str], has_batchnorm: bool | Non
 
 
 def _check_known(wanted: Sequence[str], names: list[str]) -> None:
-    from transferkit.errors import suggest
-
     unknown = [b for b in wanted if b not in names]
     if unknown:
         hint = suggest(unknown[0], names)

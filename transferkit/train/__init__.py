@@ -1,7 +1,7 @@
 """Training: plain functions for the loop, feature caching, optimisation, checkpoints,
 metrics, reporting and distributed training. See ``docs/training.md``."""
 
-from transferkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from transferkit.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from transferkit.train.device import resolve_device
 from transferkit.train.distributed import DistInfo, dist_info, exit_cleanly, init_distributed, wrap_ddp
 from transferkit.train.features import (
@@ -20,7 +20,8 @@ from transferkit.train.metrics import classification_metrics, task_metrics, top_
 from transferkit.train.optim import LRSchedule, make_optimizer, make_scheduler
 from transferkit.train.probe import ProbeResult, fit_logistic_probe
 from transferkit.train.speed import SpeedConfig, set_deterministic
-from transferkit.train.tasks import TASKS, make_loss, output_activation
+from transferkit.heads import TASKS, output_activation
+from transferkit.train.tasks import make_loss
 
 __all__ = [
     "TASKS", "DistInfo", "EpochSampler", "FeatureStore", "LRFindResult", "LRSchedule", "ProbeResult", "SeededItems",

@@ -7,32 +7,9 @@ from collections.abc import Iterator
 
 import torch
 
-from transferkit.errors import ConfigError
+from transferkit.hardware import resolve_device
 
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA, then Apple MPS, then the CPU; other values are checked."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"Unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but CUDA is not available here; use device='auto' or 'cpu'.")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
-                          f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")
-    mps = getattr(torch.backends, "mps", None)
-    if dev.type == "mps" and not (mps is not None and mps.is_available()):
-        raise ConfigError(f"device={device!r} but Apple MPS is not available here; use device='auto' or 'cpu'.")
-    return dev
+__all__ = ["preserved_torch_settings", "resolve_device"]
 
 
 @contextlib.contextmanager

@@ -35,6 +35,9 @@ import torch
 from torch import nn
 
 from transferkit.errors import ConfigError
+from transferkit.train.reporting import pyplot, save_figure
+from transferkit.data.audio import pad_waveforms
+from transferkit.data.images import dataset_targets
 
 
 def _check_count(name: str, value: Any) -> int:
@@ -50,8 +53,6 @@ def predict_logits(model: nn.Module, dataset: Any, *, batch_size: int = 32,
     Example:
         >>> logits = predict_logits(result.model, val_dataset)  # doctest: +SKIP
     """
-    from transferkit.data.audio import pad_waveforms
-
     _check_count("batch_size", batch_size)
     dev = torch.device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
     was_training = model.training
@@ -77,8 +78,6 @@ def _labels(dataset_or_labels: Any) -> torch.Tensor:
         return dataset_or_labels.long().flatten()
     if isinstance(dataset_or_labels, (list, tuple, np.ndarray)):
         return torch.as_tensor(np.asarray(dataset_or_labels), dtype=torch.long).flatten()
-    from transferkit.data.images import dataset_targets
-
     return torch.as_tensor(dataset_targets(dataset_or_labels), dtype=torch.long)
 
 
@@ -172,9 +171,8 @@ def _picture(img: Any) -> np.ndarray:
 
 def _grid(dataset: Any, indices: Sequence[int], titles: Sequence[str], colors: Sequence[str], path: str | Path,
           *, suptitle: str, cell: float = 2.3) -> Path:
-    from transferkit.train.reporting import _pyplot, _save
 
-    plt = _pyplot()
+    plt = pyplot()
     n = len(indices)
     cols = min(n, max(1, math.ceil(math.sqrt(n))))
     rows = math.ceil(n / cols)
@@ -191,7 +189,7 @@ def _grid(dataset: Any, indices: Sequence[int], titles: Sequence[str], colors: S
         ax.set_title(title, fontsize=8, color=color)
     fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def show_results(source: Any, dataset: Any, classes: Sequence[str], path: str | Path, *, n: int = 9, seed: int = 0,

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from transferkit._progress import progress
 from transferkit.errors import ConfigError
+from transferkit.train.reporting import pyplot, save_figure
 from transferkit.train.speed import SpeedConfig
 
 SKIP_START = 0.1  # fraction of the first points left out of the suggestion
@@ -179,9 +180,8 @@ class LRFindResult:
         Example:
             >>> res.plot("lr_find.png")  # doctest: +SKIP
         """
-        from transferkit.train.reporting import _pyplot, _save
 
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 3.8))
         v = self.valley
         if self.raw_losses:
@@ -206,7 +206,7 @@ class LRFindResult:
         ax.set_title("learning-rate range test")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        self.plot_path = _save(fig, path)
+        self.plot_path = save_figure(fig, path)
         return self.plot_path
 
 

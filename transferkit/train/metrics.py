@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from transferkit.train.loop import evaluate
 
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Fraction of samples whose label is among the ``k`` highest logits.
@@ -120,8 +121,6 @@ def final_metrics(module: nn.Module, val_loader: DataLoader | None, *, task: str
     """Validation loss and the task's metrics (accuracy, top-k, macro F1, per-class report,
     confusion matrix; or F1 for multilabel; MSE/MAE/R^2 for regression). ``outputs``, when
     given, receives the raw ``logits`` and ``labels`` (in validation-set order)."""
-    from transferkit.train.loop import evaluate
-
     if val_loader is None:
         return {}
     ev = evaluate(module, val_loader, loss_fn=loss_fn, device=speed.device, task=task, speed=speed)

@@ -53,7 +53,8 @@ class TensorBoardLogger:
         self.writer.close()
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (a clear error when matplotlib is missing)."""
     try:
         import matplotlib
 
@@ -64,8 +65,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, path: str | Path) -> Path:
-    plt = _pyplot()
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG atomically and close it."""
+    plt = pyplot()
     out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return out
@@ -77,7 +79,7 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
     Example:
         >>> plot_history([{"epoch": 1, "train_loss": 0.9}, {"epoch": 2, "train_loss": 0.5}], "curves.png")  # doctest: +SKIP
     """
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [r["epoch"] for r in history]
     panels = [p for p in ("loss", "acc") if any(f"train_{p}" in r or f"val_{p}" in r for r in history)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
@@ -90,12 +92,12 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
         ax.set_ylabel("accuracy" if p == "acc" else "loss")
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path) -> Path:
     """The confusion matrix (rows: true class, columns: predicted) with counts, as a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(classes)
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.6 * n))
     ax.imshow(matrix, cmap="Blues")
@@ -108,7 +110,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
         for j in range(n):
             v = matrix[i][j]
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_reports(plots_dir: str | Path | None, history: list[dict[str, Any]], metrics: dict[str, Any],

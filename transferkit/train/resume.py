@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from transferkit.errors import ConfigError, TrainingError
-from transferkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from transferkit.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from transferkit.train.distributed import DistInfo, barrier
 from transferkit.train.loop import TrainState
 

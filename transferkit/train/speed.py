@@ -39,15 +39,13 @@ from torch import nn
 
 from transferkit._io import atomic_write
 from transferkit.errors import ConfigError, check_choice
-from transferkit.hardware import conv_share, cpu_bf16_native, device_bf16
+from transferkit.hardware import CONV_SHARE_CHANNELS_LAST, CONV_SHARE_CONTIGUOUS, conv_share, cpu_bf16_native, device_bf16
 
 __all__ = ["PRECISIONS", "SpeedConfig", "conv_share", "cpu_bf16_native", "decide_speed", "layout_fact",
            "measure_layout", "set_deterministic"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-CONV_SHARE_CHANNELS_LAST = 0.9  # >= this share of weights in Conv2d: convolutional trunk
-CONV_SHARE_CONTIGUOUS = 0.1  # < this share: ViT-style trunk
 CPU_FEATURE_BATCH = 16  # see SpeedConfig.feature_batch_size
 MEASURED_MIN_SPEEDUP = 1.05  # a measured layout must beat contiguous by this factor
 _LAYOUT_CACHE: dict[str, tuple[bool, str]] = {}

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from transferkit.data.images import TransformedDataset
+from transferkit.data.bundle import DataBundle, prepare_data
+from transferkit.data.images import dataset_targets
 from transferkit.errors import ConfigError, DataError, check_choice
+from transferkit.heads import TASKS
 
-TASKS = ("multiclass", "multilabel", "regression")
-OUTPUT_ACTIVATION = {"multiclass": "softmax", "multilabel": "sigmoid", "regression": "identity"}
 
 
 def check_task(task: str) -> str:
@@ -62,15 +63,6 @@ def balanced_class_weights(targets: Sequence[int], num_classes: int) -> list[flo
     """``n_samples / (n_classes * count)`` per class (scikit-learn's ``"balanced"``)."""
     counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).astype(np.float64)
     return [float(len(targets) / (num_classes * c)) if c else 0.0 for c in counts]
-
-
-def output_activation(task: str, logits: torch.Tensor) -> torch.Tensor:
-    """Softmax, sigmoid or identity, as the task needs."""
-    if task == "multiclass":
-        return torch.softmax(logits.float(), dim=1)
-    if task == "multilabel":
-        return torch.sigmoid(logits.float())
-    return logits.float()
 
 
 def count_correct(task: str, logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -126,8 +118,6 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
     """The training/validation data and the number of outputs. Multiclass data are folders or
     datasets of ``(image, int)``; multilabel and regression data are datasets of
     ``(image, target vector)`` (multi-hot, or values), split at random when no ``val_data``."""
-    from transferkit.data import DataBundle, prepare_data
-
     if task == "multiclass":
         bundle = prepare_data(data, val_data, val_split=val_split, seed=seed, classes=classes, min_size=min_size,
                               on_bad_file=on_bad_file, scan=scan)
@@ -167,8 +157,6 @@ def resolve_class_weights(class_weights: Any, task: str, bundle: DataBundle) -> 
     if class_weights != "balanced":
         raise ConfigError(f"class_weights must be None, a list of numbers or 'balanced', got {class_weights!r}.")
     if task == "multiclass":
-        from transferkit.data import dataset_targets
-
         return balanced_class_weights(dataset_targets(bundle.train), len(bundle.classes))
     if task == "multilabel":
         y = _targets(bundle.train)  # type: ignore[arg-type]

@@ -1,0 +1,168 @@
+"""The package's import structure, read from its source (AST): layers point one way, no
+import circles (function-level imports included), no private name imported across modules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "transferkit"
+
+# rank of each layer: a module may import modules of its own rank or lower, never higher
+LAYERS = [
+    ("transferkit._version", 0), ("transferkit.errors", 0), ("transferkit._io", 0), ("transferkit._integrity", 0),
+    ("transferkit._progress", 0), ("transferkit.hardware", 0), ("transferkit.config", 0), ("transferkit.schedules", 0),
+    ("transferkit.helpformat", 0), ("transferkit.checkpoints", 0),
+    ("transferkit.lora", 0), ("transferkit.heads", 0), ("transferkit.model", 0),
+    ("transferkit.backbones", 1), ("transferkit.data", 1), ("transferkit.policies", 1), ("transferkit.export", 1),
+    ("transferkit.train", 2),
+    ("transferkit.facts", 3), ("transferkit.decisions", 3), ("transferkit.run", 3),
+    ("transferkit.steps", 4),
+    ("transferkit.api", 5), ("transferkit.demo", 5), ("transferkit.recipes", 5),
+    ("transferkit.cli", 6), ("transferkit.__main__", 6), ("transferkit", 7),
+]
+# modules that may import transferkit modules inside functions: the CLI keeps `--help` free of
+# torch; the others load optional or heavy dependencies (matplotlib, scikit-learn, onnx, IPython) only when used
+LAZY_OK = {"transferkit.cli", "transferkit", "transferkit.__main__"}
+LAZY_TARGETS_OK = {"transferkit.export.onnx", "transferkit.train.interpret", "transferkit.train.reporting",
+                   "transferkit.train.probe", "transferkit.data.gpu_jpeg", "transferkit.train.lr_find",
+                   "transferkit.data.decoded"}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in ROOT.rglob("*.py")}
+
+
+def _resolve(name: str, modules: dict[str, Path]) -> str | None:
+    """The transferkit module that ``name`` (a module or a module.attribute) refers to."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _imports(mod: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, str | None, int, bool]]:
+    """``(target module, imported name, line, inside a function)`` for every transferkit import."""
+    tree = ast.parse(path.read_text(), str(path))
+    out = []
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue  # annotations only: not imported at run time
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                for a in child.names:
+                    if a.name.split(".")[0] == "transferkit":
+                        out.append((_resolve(a.name, modules), None, child.lineno, in_function))
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - child.level + 1] + ([base] if base else []))
+                if base.split(".")[0] != "transferkit":
+                    continue
+                for a in child.names:
+                    full = f"{base}.{a.name}"
+                    target = full if full in modules else _resolve(base, modules)
+                    out.append((target, None if full in modules else a.name, child.lineno, in_function))
+            visit(child, inner)
+
+    visit(tree, False)
+    return out
+
+
+def _rank(mod: str) -> int:
+    best = max((p for p, _ in LAYERS if mod == p or mod.startswith(p + ".")), key=len)
+    return dict(LAYERS)[best]
+
+
+def _graph() -> tuple[dict[str, set[str]], list[str]]:
+    modules = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    problems = []
+    for mod, path in sorted(modules.items()):
+        for target, name, line, lazy in _imports(mod, path, modules):
+            if target is None or target == mod:
+                continue
+            where = f"{path.relative_to(ROOT.parent)}:{line}"
+            if _rank(target) > _rank(mod):
+                problems.append(f"{where}: {mod} imports {target}, a layer above it")
+            if name is not None and name.startswith("_") and not name.startswith("__"):
+                problems.append(f"{where}: {mod} imports the private name {name} from {target}")
+            if lazy and mod not in LAZY_OK and target not in LAZY_TARGETS_OK:
+                problems.append(f"{where}: {mod} imports {target} inside a function (import it at the top)")
+            graph[mod].add(target)
+    return graph, problems
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    import sys
+
+    sys.setrecursionlimit(10_000)
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return out
+
+
+def test_every_module_has_a_layer():
+    assert all(_rank(m) >= 0 for m in _modules())
+
+
+def test_layers_point_one_way_and_no_private_names_cross_modules():
+    problems = _graph()[1]
+    assert not problems, "\n".join(problems)
+
+
+def test_no_import_circles():
+    cycles = _cycles(_graph()[0])
+    assert not cycles, "\n".join(" <-> ".join(c) for c in cycles)
+
+
+@pytest.mark.parametrize("source", ["import transferkit.train.loop", "from transferkit.steps import train"])
+def test_the_reader_sees_an_upward_import(tmp_path, monkeypatch, source):
+    """The check itself: an upward import planted in a leaf module is reported."""
+    leaf = ROOT / "data" / "sampling.py"
+    text = leaf.read_text()
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (text + "\n" + source + "\n") if self == leaf
+                        else Path.read_bytes(self).decode())
+    problems = _graph()[1]
+    assert any("transferkit.data.sampling imports" in p and "a layer above" in p for p in problems)

@@ -1,0 +1,46 @@
+"""What a policy needs to know of a backbone's structure: its BatchNorm parameters and the
+block each trunk parameter belongs to (a LoRA-parametrized weight answers to its weight's name)."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from transferkit.backbones._base import Backbone
+from transferkit.errors import PolicyError
+
+
+def bn_param_names(trunk: nn.Module) -> set[str]:
+    """The names of the BatchNorm gamma/beta parameters of ``trunk``."""
+    return {f"{mn}.{pn}" if mn else pn for mn, m in trunk.named_modules() if isinstance(m, _BatchNorm)
+            for pn, _ in m.named_parameters(recurse=False)}
+
+
+def has_batchnorm(backbone: Backbone) -> bool:
+    """Whether the backbone's trainable blocks hold BatchNorm gamma/beta (what ``bn="affine"``
+    trains in frozen blocks). A ViT has none; neither has a TorchScript trunk, whose compiled
+    layers are not ``nn.BatchNorm*`` modules and sit in frozen blocks.
+
+    Example:
+        >>> from transferkit import get_backbone
+        >>> has_batchnorm(get_backbone("tk:small_cnn", weights=None))
+        True
+    """
+    trainable = set(backbone.block_names)
+    return any(backbone.block_of(n) in trainable for n in bn_param_names(backbone.trunk))
+
+
+PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.(original|\d+\..+)$")
+
+
+def block_of(backbone: Backbone, name: str) -> str:
+    """The block of a trunk parameter; a parametrized weight (LoRA) and its factors belong to the
+    block of the weight (``a.parametrizations.weight.original`` -> ``a.weight``)."""
+    name = PARAMETRIZED.sub(lambda m: f"{m.group(1)}{m.group(2)}", name)
+    try:
+        return backbone.block_of(name)
+    except KeyError:
+        raise PolicyError(f"Trunk parameter {name!r} belongs to none of the blocks {backbone.block_names}; the "
+                          "backbone's block map does not cover its trunk (was the trunk changed after building?).") from None

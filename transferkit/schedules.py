@@ -1,0 +1,54 @@
+"""The optimizers and learning-rate schedules a configuration may name, and the valid range of
+every schedule option (checked when a configuration is made, before anything is built)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transferkit.errors import ConfigError, check_choice
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "constant", "step", "exponential", "one_cycle", "plateau")
+SCHEDULE_DEFAULTS: dict[str, dict[str, float]] = {
+    "cosine": {"min_factor": 0.0},
+    "constant": {},
+    "step": {"step_epochs": 0, "gamma": 0.1},  # step_epochs 0: a third of the run
+    "exponential": {"gamma": 0.9},
+    "one_cycle": {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4},
+    "plateau": {"factor": 0.1, "patience": 2, "threshold": 1e-4, "mode_max": 0},
+}
+
+
+# the valid range of every schedule option: (check, what it must be)
+_OPTION_RANGES: dict[str, tuple[Any, str]] = {
+    "min_factor": (lambda v: 0 <= v <= 1, "a fraction of the base lr in [0, 1]"),
+    "step_epochs": (lambda v: v >= 0 and float(v).is_integer(), "a whole number of epochs >= 0 (0: a third of the run)"),
+    "gamma": (lambda v: 0 < v <= 1, "a factor in (0, 1]: the lr must not grow or change sign"),
+    "pct_start": (lambda v: 0 < v < 1, "a fraction of the run in (0, 1)"),
+    "div_factor": (lambda v: v >= 1, "a number >= 1 (the start lr is base lr / div_factor)"),
+    "final_div_factor": (lambda v: v >= 1, "a number >= 1"),
+    "factor": (lambda v: 0 < v < 1, "a factor in (0, 1)"),
+    "patience": (lambda v: v >= 0 and float(v).is_integer(), "a whole number of epochs >= 0"),
+    "threshold": (lambda v: v >= 0, "a number >= 0"),
+    "mode_max": (lambda v: v in (0, 1), "0 (lower is better) or 1"),
+}
+
+
+def check_schedule_options(name: str, options: dict[str, Any] | None) -> dict[str, float]:
+    """``options`` of schedule ``name``, checked: known keys, numbers, valid ranges.
+
+    Example:
+        >>> check_schedule_options("step", {"gamma": 0.5})
+        {'step_epochs': 0, 'gamma': 0.5}
+    """
+    check_choice("schedule", name, SCHEDULES)
+    unknown = set(options or {}) - set(SCHEDULE_DEFAULTS[name])
+    if unknown:
+        raise ConfigError(f"Unknown schedule_options {sorted(unknown)} for schedule {name!r}; "
+                          f"valid: {sorted(SCHEDULE_DEFAULTS[name]) or 'none'}.")
+    for key, value in (options or {}).items():
+        ok, what = _OPTION_RANGES[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            raise ConfigError(f"schedule_options {key}={value!r} for schedule {name!r} is out of range; expected {what}.")
+    return {**SCHEDULE_DEFAULTS[name], **(options or {})}

@@ -34,7 +34,7 @@ CASES = {
 
 
 def decoded(bb, image_size: int | None) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
-    from transferkit.plan import resolve_input_spec
+    from transferkit.facts import resolve_input_spec
     from transferkit.data import ImageFolderDataset, eval_transform
 
     spec = resolve_input_spec(bb.input_spec, image_size)

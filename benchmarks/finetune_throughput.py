@@ -47,7 +47,7 @@ def plain(cfg: dict, args) -> dict:
     from torchvision import transforms as T
 
     import transferkit as tk
-    from transferkit.plan import resolve_input_spec
+    from transferkit.facts import resolve_input_spec
 
     torch.manual_seed(0)
     bb = tk.get_backbone(cfg["backbone"], weights=cfg["weights"])

@@ -52,7 +52,7 @@ def _peak_rss_mb() -> float:
 
 def _spec(cfg: dict, image_size: int | None):
     import transferkit as tk
-    from transferkit.plan import resolve_input_spec
+    from transferkit.facts import resolve_input_spec
 
     bb = tk.get_backbone(cfg["backbone"], weights=cfg["weights"])
     return bb, resolve_input_spec(bb.input_spec, image_size)

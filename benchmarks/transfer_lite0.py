@@ -48,7 +48,7 @@ def run(policy: str, seed: int, epochs: int, cache: Path, threads: int, precisio
     r = tk.finetune("timm:tf_efficientnet_lite0", **kw)
     last = r.history[-1].get("val_acc", r.best.get("val_acc")) if r.history else r.best["val_acc"]
     return {"best": r.best["val_acc"], "last": last, "seconds": time.perf_counter() - t0,
-            "epochs": len(r.history) or None, "plan": r.plan.to_dict()}
+            "epochs": len(r.history) or None, "decisions": r.decisions.to_dict()}
 
 
 def main() -> None:

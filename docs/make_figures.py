@@ -82,7 +82,7 @@ def main() -> int:
                              verbose=False, **run)
         seconds = time.perf_counter() - t0
         m = result.metrics
-        lines += ["", "finetune(policy='feature_extraction'), defaults otherwise:", result.plan.summary(), "",
+        lines += ["", "finetune(policy='feature_extraction'), defaults otherwise:", result.decisions.summary(), "",
                   f"repr: {result!r}",
                   f"best: {result.best}",
                   f"accuracy {m['accuracy']:.4f}, macro_f1 {m['macro_f1']:.4f}, "

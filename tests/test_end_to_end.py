@@ -67,7 +67,7 @@ def test_export_parity_and_predict_right_labels(image_folder, tmp_path):
     assert accuracy >= 0.9, accuracy
     assert all(len(p.top_k) == 2 and abs(sum(q for _, q in p.top_k) - 1) < 1e-4 for p in preds)
     # the exported file gives the same logits as the eager model on the same uint8 batch
-    batch = torch.stack([tk.data.eval_transform(r.plan.spec)(
+    batch = torch.stack([tk.data.eval_transform(r.decisions.input_spec)(
         tk.data.load_image(f)) for f in files[:4]])
     scripted = torch.jit.load(str(out))
     with torch.no_grad():

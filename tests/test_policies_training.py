@@ -15,7 +15,7 @@ from transferkit.backbones import get_backbone
 from transferkit.heads import build_head
 from transferkit.model import ImagePreprocess, TransferModel
 from transferkit.policies import L2SP, Policy, apply_policy, param_groups, policy_penalty, set_train_mode
-from transferkit.train.loop import TrainState, fit
+from transferkit.train.loop import Loop, TrainState, fit
 from transferkit.train.optim import make_optimizer, make_scheduler
 
 EPOCHS = 6
@@ -58,8 +58,8 @@ def run(model, opt, sched, set_mode, *, until: int, state: TrainState | None = N
         changed.append({n for n, p in model.trunk.named_parameters() if not torch.equal(prev[n], p)})
         prev.update({n: p.detach().clone() for n, p in model.trunk.named_parameters()})
 
-    fit(model, loader(), None, epochs=until, optimizer=opt, scheduler=sched, loss_fn=nn.CrossEntropyLoss(),
-        device=torch.device("cpu"), set_mode=set_mode, state=state, on_epoch_end=on_end, verbose=False)
+    fit(model, loader(), None, Loop(optimizer=opt, scheduler=sched, loss_fn=nn.CrossEntropyLoss(), set_mode=set_mode,
+                                    on_epoch_end=on_end, verbose=False), epochs=until, state=state)
     return changed
 
 
@@ -176,7 +176,7 @@ def test_finetune_with_fastais_fine_tune_trains_the_head_first_then_everything(i
                       lr=1e-3, schedule="constant", restore_best=False, verbose=False, num_workers=0,
                       checkpoint=ckpt, callbacks=[lambda row: states.append(load_checkpoint(ckpt)["model"])])
     assert not result.used_feature_cache
-    assert result.plan.cached_epochs == 1 and "features_s" in result.timings  # epoch 1 ran on cached features
+    assert result.decisions.cached_epochs == 1 and "features_s" in result.timings  # epoch 1 ran on cached features
     assert isinstance(result.model.head[0], tk.FeatureNorm)
     first, second = states
     trunk = [k for k in first if k.startswith("trunk.")]

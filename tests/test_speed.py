@@ -10,8 +10,9 @@ from torch import nn
 
 import transferkit
 from transferkit.errors import ConfigError
+from transferkit import hardware
 from transferkit.train import speed as speed_mod
-from transferkit.train.speed import SpeedConfig, conv_share, cpu_bf16_native, measure_layout
+from transferkit.train.speed import SpeedConfig, conv_share, cpu_bf16_native, decide_speed, measure_layout
 
 CPU = torch.device("cpu")
 
@@ -41,15 +42,16 @@ class _Hybrid(nn.Module):
 
 
 def _native(monkeypatch, value: bool) -> None:
-    monkeypatch.setattr(speed_mod, "cpu_bf16_native", lambda: (value, "CPU has AVX512-BF16" if value else "no bf16"))
+    monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: (value, "CPU has AVX512-BF16" if value else "no bf16"))
 
 
 def test_make_without_arguments_is_the_fp32_path_of_earlier_versions():
     s = SpeedConfig.make(CPU)
     assert (s.precision, s.feature_precision_resolved, s.channels_last) == ("fp32", "fp32", False)
     assert s.autocast_dtype is None and s.feature_autocast_dtype is None
-    assert SpeedConfig(device=CPU).as_dict() == {"device": "cpu", "precision": "fp32", "feature_precision": "fp32",
-                                                 "channels_last": False, "compile": False}
+    plain = SpeedConfig(device=CPU)
+    assert (plain.precision, plain.feature_precision_resolved, plain.channels_last, plain.compile) == \
+        ("fp32", "fp32", False, False)
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -60,8 +62,8 @@ def test_auto_precision_is_bf16_for_frozen_features_only_where_the_cpu_runs_bf16
     assert frozen.precision == "fp32"  # the head trains in fp32 on the cached features
     assert ("AVX512-BF16" if native else "no bf16") in frozen.reasons["feature_precision"]
     trains = SpeedConfig.make(CPU, frozen=False, trunk=nn.Conv2d(3, 4, 3))  # bf16 autocast where native (measured)
-    assert (trains.precision, trains.feature_precision_resolved) == ("bf16" if native else "fp32", "fp32")
-    assert "backbone trains" in trains.reasons["feature_precision"]
+    assert trains.precision == ("bf16" if native else "fp32")
+    assert trains.feature_precision is None and "feature_precision" not in trains.reasons  # no feature pass
     audio = SpeedConfig.make(CPU, frozen=False, kind="audio", trunk=nn.Conv2d(3, 4, 3))
     assert audio.precision == "fp32"  # not measured for audio
 
@@ -88,7 +90,7 @@ def test_fp32_asked_is_the_exact_fp32_path(monkeypatch):
         bf = SpeedConfig.make(CPU, trunk=bb.trunk, frozen=True)
         with bf.feature_autocast():
             low = model.features(bf.to_device(x))
-    assert bf.feature_key() != s.feature_key()
+    assert (bf.feature_precision_resolved, s.feature_precision_resolved) == ("bf16", "fp32")
     assert low.dtype == torch.bfloat16  # the autocast really ran in bf16
     assert (low.float() - ref).abs().max() <= 0.05 * ref.abs().max()
 
@@ -108,6 +110,7 @@ def test_explicit_precisions_apply_to_both_passes_and_are_checked(monkeypatch):
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 instruction checks")
 def test_cpu_bf16_native_needs_amx_or_avx512_bf16_not_just_onednn(monkeypatch):
+    monkeypatch.delenv(hardware.ASSUME_BF16_ENV, raising=False)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
     for amx, avx, expect in ((True, False, True), (False, True, True), (False, False, False)):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
@@ -166,12 +169,15 @@ def test_measured_verdict_follows_the_timings(monkeypatch):
     assert on and "2.00x" in why
 
 
-def test_describe_lists_every_choice_with_its_reason(monkeypatch):
-    _native(monkeypatch, True)
-    lines = SpeedConfig.make(CPU, frozen=True, trunk=nn.Conv2d(3, 4, 3)).describe()
-    assert lines[1] == "feature precision: bf16 (autocast: CPU has AVX512-BF16; frozen feature extraction)"
-    assert lines[2].startswith("layout: channels_last (convolutional trunk")
-    assert len(lines) == 4
+def test_every_choice_has_its_reason():
+    d = decide_speed(device_type="cpu", bf16=(True, "CPU has AVX512-BF16"), conv=(1.0, 1), cached=True,
+                     features=True)
+    assert d["reasons"]["feature_precision"] == "autocast: CPU has AVX512-BF16; frozen feature extraction"
+    assert d["reasons"]["channels_last"].startswith("convolutional trunk")
+    assert set(d["reasons"]) == {"precision", "feature_precision", "channels_last", "compile"}
+    uncached = decide_speed(device_type="cpu", bf16=(True, "CPU has AVX512-BF16"), conv=(1.0, 1), cached=False,
+                            features=False)  # a frozen trunk run every epoch: no cached-features story
+    assert "cached" not in uncached["reasons"]["precision"] and uncached["feature_precision"] is None
 
 
 def test_feature_batch_size_is_small_on_a_cpu_and_large_on_a_gpu():
@@ -185,7 +191,7 @@ def test_for_features_carries_the_feature_precision_into_autocast(monkeypatch):
     s = SpeedConfig.make(CPU, frozen=True, trunk=nn.Conv2d(3, 4, 3))
     f = s.for_features()
     assert (s.autocast_dtype, f.autocast_dtype) == (None, torch.bfloat16)
-    assert f.channels_last == s.channels_last and f.feature_key() == s.feature_key()
+    assert f.channels_last == s.channels_last and f.device == s.device
     assert "AVX512-BF16" in f.reasons["precision"]
 
 
@@ -229,3 +235,12 @@ def test_optimized_export_freezes_conv_weights_in_channels_last_and_keeps_parity
     r = export_torchscript(vit, tmp_path / "v.pt", metadata={"labels": ["a", "b"], "input_spec": {}},
                            example_inputs=torch.rand(2, 3, 16, 16), optimize=True)
     assert r.optimization in ("optimize_for_inference", "freeze")  # ViT-style: no channels_last candidate
+
+
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_the_bf16_capability_can_be_assumed_for_tests_of_another_cpu(monkeypatch, value):
+    monkeypatch.setenv(hardware.ASSUME_BF16_ENV, value)
+    native, why = cpu_bf16_native()
+    assert native is (value == "1") and hardware.ASSUME_BF16_ENV in why
+    s = SpeedConfig.make(CPU, frozen=True, trunk=nn.Conv2d(3, 4, 3))
+    assert s.feature_precision_resolved == ("bf16" if value == "1" else "fp32")

@@ -139,7 +139,7 @@ def test_cached_head_trains_on_standardised_features_and_exports_them(image_fold
     """head_norm="auto": the head starts with a FeatureNorm holding the training features'
     exact mean and std; the checkpoint rebuilds it and the export carries it."""
     from tests.conftest import make_image_folder
-    from transferkit.plan import resolve_input_spec
+    from transferkit.facts import resolve_input_spec
     from transferkit.export.from_checkpoint import model_from_checkpoint
 
     val = make_image_folder(tmp_path / "val", per_class=4, seed=1)

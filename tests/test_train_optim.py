@@ -111,7 +111,7 @@ def _discriminative_run(lr: float, *, schedule: str = "constant", x: torch.Tenso
     from transferkit.heads import build_head
     from transferkit.model import TransferModel
     from transferkit.policies import Policy, param_groups
-    from transferkit.train.loop import fit
+    from transferkit.train.loop import Loop, fit
     from transferkit.train.optim import make_scheduler
 
     torch.manual_seed(0)
@@ -123,8 +123,8 @@ def _discriminative_run(lr: float, *, schedule: str = "constant", x: torch.Tenso
     x = torch.randn(8, 3, 8, 8) if x is None else x
     loader = DataLoader(TensorDataset(x, torch.randint(0, 2, (8,))), batch_size=4)
     sched = make_scheduler(schedule, opt, total_steps=4, steps_per_epoch=2)
-    history, _ = fit(model, loader, None, epochs=2, optimizer=opt, scheduler=sched, loss_fn=torch.nn.CrossEntropyLoss(),
-                     device=torch.device("cpu"), set_mode=lambda e: model.train(), verbose=False)
+    history, _ = fit(model, loader, None, Loop(optimizer=opt, scheduler=sched, loss_fn=torch.nn.CrossEntropyLoss(),
+                                               set_mode=lambda e: model.train(), verbose=False), epochs=2)
     return history, opt
 
 

@@ -28,7 +28,7 @@ def lite0(tmp_path_factory, shared_data):
 
 def test_feature_extraction_and_the_probe_reach_the_targets(lite0, two_threads):
     fe = tk.finetune("timm:tf_efficientnet_lite0", policy="feature_extraction", **lite0)
-    assert fe.used_feature_cache and fe.plan.spec.image_size == 224
+    assert fe.used_feature_cache and fe.decisions.input_spec.image_size == 224
     assert fe.best["val_acc"] >= 0.94, fe.best
     probe = tk.linear_probe("timm:tf_efficientnet_lite0", **lite0)
     assert probe.metrics["val_acc"] >= 0.95, probe.metrics["probe"]
@@ -37,5 +37,5 @@ def test_feature_extraction_and_the_probe_reach_the_targets(lite0, two_threads):
 def test_fine_tune_policy_transfers(lite0, two_threads):
     kw = {k: v for k, v in lite0.items() if k != "cache_dir"}
     r = tk.finetune("timm:tf_efficientnet_lite0", policy="fine_tune:frozen=1", epochs=3, **kw)
-    assert r.plan.cached_epochs == 1 and [row["epoch"] for row in r.history] == [1, 2, 3]
+    assert r.decisions.cached_epochs == 1 and [row["epoch"] for row in r.history] == [1, 2, 3]
     assert r.best["val_acc"] >= 0.94, r.history

@@ -42,7 +42,7 @@ from transferkit.train.faults import training_faults
 from transferkit.train.features import FeatureStore, compute_features, feature_loader
 from transferkit.data.sampling import EpochSampler
 from transferkit.train.loaders import make_loader
-from transferkit.train.loop import TrainState, fit
+from transferkit.train.loop import Loop, TrainState, fit
 from transferkit.train.metrics import final_metrics
 from transferkit.train.optim import make_optimizer, make_scheduler
 from transferkit.train.reporting import TensorBoardLogger, write_reports
@@ -212,13 +212,12 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                             optimizer=opt, scheduler=sched, scaler=scaler)
     info = run.dist
     tb = TensorBoardLogger(cfg.log_dir) if cfg.log_dir is not None and info.is_main else None
-    loop = dict(optimizer=opt, scheduler=sched, loss_fn=run.loss_fn, device=run.speed.device,
-                set_mode=lambda e: start_epoch(d, run, e), task=cfg.task, restore_best=cfg.restore_best,
-                early_stopping=cfg.early_stopping, monitor=cfg.monitor, state=state, speed=run.speed, dist=info,
-                penalty=policy_penalty(run.model, run.backbone, d.policy, epochs=total), scaler=scaler,
-                verbose=cfg.verbose, total_epochs=total,
-                on_epoch_end=epoch_end_callback(path=cfg.checkpoint, model=run.model, optimizer=opt, scheduler=sched,
-                                                scaler=scaler, meta=meta, info=info, base_lr=d.lr,
+    loop = Loop(optimizer=opt, scheduler=sched, loss_fn=run.loss_fn, set_mode=lambda e: start_epoch(d, run, e),
+                speed=run.speed, task=cfg.task, scaler=scaler, dist=info, wrap=_wrapper(run),
+                penalty=policy_penalty(run.model, run.backbone, d.policy, epochs=total), monitor=cfg.monitor,
+                restore_best=cfg.restore_best, early_stopping=cfg.early_stopping, verbose=cfg.verbose,
+                on_epoch_end=epoch_end_callback(path=cfg.checkpoint, model=run.model, optimizer=opt,
+                                                scheduler=sched, scaler=scaler, meta=meta, info=info, base_lr=d.lr,
                                                 callbacks=cfg.callbacks, tensorboard=tb))
     current: dict[str, TrainingData | None] = {"data": inputs}
     seconds = dict(inputs.seconds) if inputs is not None else {}
@@ -229,12 +228,12 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
             if state.epoch < k or inputs is None:  # the frozen phase, on features computed once
                 td = current["data"] = training_data(d, run, cached=True, progress=progress)
                 seconds.update(td.seconds)
-                history, best = fit(td.module, td.train_loader, td.val_loader, epochs=k, wrap=_wrapper(run), **loop)
+                history, best = fit(td.module, td.train_loader, td.val_loader, loop, epochs=k, state=state,
+                                    total_epochs=total)
             if inputs is not None:
                 state.best_state = _whole_model_state(run, state.best_state)
                 td = current["data"] = inputs
-                history, best = fit(td.module, td.train_loader, td.val_loader, epochs=total, wrap=_wrapper(run),
-                                    **loop)
+                history, best = fit(td.module, td.train_loader, td.val_loader, loop, epochs=total, state=state)
     finally:
         if tb is not None:
             tb.close()

@@ -14,7 +14,7 @@ from transferkit.train.features import (
     load_cached,
 )
 from transferkit.train.loaders import EpochSampler, SeededItems, make_loader
-from transferkit.train.loop import TrainState, evaluate, fit, train_one_epoch
+from transferkit.train.loop import Loop, TrainState, evaluate, fit, train_one_epoch
 from transferkit.train.lr_find import LRFindResult, lr_range_test, suggest_lr
 from transferkit.train.metrics import classification_metrics, task_metrics, top_k_accuracy
 from transferkit.train.optim import LRSchedule, make_optimizer, make_scheduler
@@ -26,7 +26,7 @@ from transferkit.train.tasks import make_loss
 __all__ = [
     "TASKS", "DistInfo", "EpochSampler", "FeatureStore", "LRFindResult", "LRSchedule", "ProbeResult", "SeededItems",
     "SpeedConfig", "TrainState", "cache_key", "classification_metrics", "compute_features", "data_fingerprint",
-    "dist_info", "evaluate", "exit_cleanly", "extract_features", "feature_loader", "fit", "fit_logistic_probe",
+    "Loop", "dist_info", "evaluate", "exit_cleanly", "extract_features", "feature_loader", "fit", "fit_logistic_probe",
     "init_distributed", "load_cached", "load_checkpoint", "lr_range_test", "make_loader", "make_loss",
     "make_optimizer", "make_scheduler", "output_activation", "resolve_device", "rng_state", "save_checkpoint",
     "set_deterministic", "set_rng_state", "suggest_lr", "task_metrics", "top_k_accuracy", "train_one_epoch",

@@ -161,73 +161,94 @@ def _runner(module: nn.Module, wrap: Callable[[nn.Module], nn.Module] | None, ca
     return cache["runner"]
 
 
-def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None, *, epochs: int,
-        optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: Callable, device: torch.device,
-        set_mode: Callable[[int], None], task: str = "multiclass", restore_best: bool = True,
-        early_stopping: int | None = None, monitor: str | None = None, state: TrainState | None = None,
-        on_epoch_end: Callable[[TrainState], None] | None = None, speed: SpeedConfig | None = None,
-        dist: DistInfo | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None,
-        penalty: Callable[[], torch.Tensor] | None = None, scaler: Any = None, verbose: bool = True,
-        log: Callable[[str], None] = print, total_epochs: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Train ``module`` from ``state.epoch`` to ``epochs``; return the per-epoch history and the best epoch.
+@dataclass
+class Loop:
+    """What the epochs of a training run use: the optimizer and its schedule, the loss, how
+    tensors run (``speed``), the process group, and the policy's per-epoch hook (``set_mode``).
+    ``monitor`` / ``restore_best`` / ``early_stopping`` choose and keep the best epoch;
+    ``on_epoch_end(state)`` runs after each epoch (checkpoint, callbacks); ``wrap`` builds the
+    module that runs (DDP, torch.compile) from the one that is saved."""
 
-    ``set_mode(epoch)`` sets trainable parameters and train/eval modes for that epoch (the
-    policy decides). The best epoch is the one with the best ``monitor`` (``"val_acc"``, or
-    ``"val_loss"`` for regression); ``early_stopping=N`` stops after N epochs without
-    improvement; with ``restore_best`` the best weights are loaded at the end.
-    ``on_epoch_end(state)`` runs after every epoch (checkpointing, callbacks); an
-    exception there stops training, and ``state`` (saved by the callback) resumes it.
-    ``total_epochs``: when this call is one phase of a longer run (epochs ``state.epoch ..
-    epochs`` of ``total_epochs``), the best weights are restored only at the run's end.
-    Each history row holds ``epoch``, ``train_loss`` (``train_acc``), ``val_loss``
-    (``val_acc``), ``lr``: the base learning rate at the end of the epoch (`base_lr`, not
-    a block's scaled rate), ``lr_groups``: ``{group name: lr}``, and ``time_s``.
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable
+    set_mode: Callable[[int], None]
+    scheduler: Any = None
+    speed: SpeedConfig = field(default_factory=lambda: SpeedConfig(device=torch.device("cpu")))
+    task: str = "multiclass"
+    scaler: Any = None
+    penalty: Callable[[], torch.Tensor] | None = None
+    dist: DistInfo = field(default_factory=DistInfo)
+    wrap: Callable[[nn.Module], nn.Module] | None = None
+    monitor: str | None = None
+    restore_best: bool = True
+    early_stopping: int | None = None
+    on_epoch_end: Callable[[TrainState], None] | None = None
+    verbose: bool = True
+    log: Callable[[str], None] = print
+
+    def __post_init__(self) -> None:
+        _check_stopping(self.early_stopping, self.monitor, self.task)
+        if self.scaler is None:
+            self.scaler = self.speed.grad_scaler()
+
+
+def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None, loop: Loop, *, epochs: int,
+        state: TrainState | None = None, total_epochs: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Train ``module`` from ``state.epoch`` to ``epochs`` as ``loop`` says; return the per-epoch
+    history and the best epoch.
+
+    Each epoch, top to bottom: the policy's ``set_mode(epoch)`` (trainable parameters,
+    train/eval modes), one pass over the training data, the sums reduced over ranks, the
+    validation pass, best-epoch tracking and early stopping, the log line, ``on_epoch_end``.
+    The best epoch is the one with the best ``monitor`` (``"val_acc"``, or ``"val_loss"`` for
+    regression); with ``restore_best`` its weights are loaded at the end. ``total_epochs``:
+    when this call is one phase of a longer run (``fine_tune``), the best weights are restored
+    only at the run's end. Each history row holds ``epoch``, ``train_loss`` (``train_acc``),
+    ``val_loss`` (``val_acc``), ``lr``: the base learning rate at the end of the epoch
+    (`base_lr`, not a block's scaled rate), ``lr_groups``: ``{group name: lr}``, and ``time_s``.
 
     Example:
-        >>> history, best = fit(head, train_dl, val_dl, epochs=5, optimizer=opt, scheduler=None,
-        ...                     loss_fn=nn.CrossEntropyLoss(), device=torch.device("cpu"),
-        ...                     set_mode=lambda e: head.train())  # doctest: +SKIP
+        >>> loop = Loop(optimizer=opt, loss_fn=nn.CrossEntropyLoss(), set_mode=lambda e: head.train())  # doctest: +SKIP
+        >>> history, best = fit(head, train_dl, val_dl, loop, epochs=5)  # doctest: +SKIP
     """
-    _check_stopping(early_stopping, monitor, task)
     state = state if state is not None else TrainState()
-    speed = speed or _cpu_speed(device)
-    dist = dist or DistInfo()
-    monitor, mode = (monitor, "min" if "loss" in monitor or "mse" in monitor else "max") if monitor \
-        else monitor_default(task)
-    scaler = scaler if scaler is not None else speed.grad_scaler()  # passed in to be checkpointed
-    cache: dict[str, Any] = {}
+    monitor, mode = (loop.monitor, "min" if "loss" in loop.monitor or "mse" in loop.monitor else "max") \
+        if loop.monitor else monitor_default(loop.task)
     shown = total_epochs or epochs  # a run of several phases (fine_tune) counts its epochs as one
+    main = loop.dist.is_main
+    cache: dict[str, Any] = {}
     while state.epoch < epochs and not state.stopped_early:
-        epoch = state.epoch
-        t0 = time.perf_counter()
-        set_mode(epoch)
-        runner = _runner(module, wrap, cache)
+        epoch, t0 = state.epoch, time.perf_counter()
+        loop.set_mode(epoch)
+        runner = _runner(module, loop.wrap, cache)
         for dl in (train_loader, val_loader):
             if dl is not None and hasattr(dl.sampler, "set_epoch"):
                 dl.sampler.set_epoch(epoch)
-        tr = train_one_epoch(runner, train_loader, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
-                             device=device, task=task, speed=speed, scaler=scaler,
-                             desc=f"epoch {epoch + 1}/{shown}", verbose=verbose and dist.is_main, penalty=penalty)
-        loss_sum, correct, seen = all_reduce_sum([tr["loss_sum"], tr["correct"], tr["seen"]], dist)
-        broadcast_buffers(module, dist)
+        tr = train_one_epoch(runner, train_loader, optimizer=loop.optimizer, scheduler=loop.scheduler,
+                             loss_fn=loop.loss_fn, device=loop.speed.device, task=loop.task, speed=loop.speed,
+                             scaler=loop.scaler, desc=f"epoch {epoch + 1}/{shown}", verbose=loop.verbose and main,
+                             penalty=loop.penalty)
+        loss_sum, correct, seen = all_reduce_sum([tr["loss_sum"], tr["correct"], tr["seen"]], loop.dist)
+        broadcast_buffers(module, loop.dist)
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                               "lr": base_lr(optimizer), "lr_groups": group_lrs(optimizer)}
-        if task != "regression":
+                               "lr": base_lr(loop.optimizer), "lr_groups": group_lrs(loop.optimizer)}
+        if loop.task != "regression":
             row["train_acc"] = correct / max(seen, 1)
         if val_loader is not None:
-            ev = evaluate(module, val_loader, loss_fn=loss_fn, device=device, task=task, speed=speed)
+            ev = evaluate(module, val_loader, loss_fn=loop.loss_fn, device=loop.speed.device, task=loop.task,
+                          speed=loop.speed)
             row["val_loss"] = ev["loss"]
-            if task != "regression":
+            if loop.task != "regression":
                 row["val_acc"] = ev["acc"]
-        _end_epoch(state, row, module, monitor, mode, restore_best, early_stopping, scheduler)
+        _end_epoch(state, row, module, monitor, mode, loop)
         row["time_s"] = time.perf_counter() - t0
-        if verbose and dist.is_main:
-            log(f"epoch {epoch + 1:>3}/{shown}  " + "  ".join(
+        if loop.verbose and main:
+            loop.log(f"epoch {epoch + 1:>3}/{shown}  " + "  ".join(
                 f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "time_s", "lr", "lr_groups"))
                 + f"  ({row['time_s']:.1f}s)")
-        if on_epoch_end is not None:
-            on_epoch_end(state)
-    if restore_best and state.best_state is not None and (state.stopped_early or state.epoch >= shown):
+        if loop.on_epoch_end is not None:
+            loop.on_epoch_end(state)
+    if loop.restore_best and state.best_state is not None and (state.stopped_early or state.epoch >= shown):
         module.load_state_dict(state.best_state)
     return state.history, _best_summary(state)
 
@@ -246,23 +267,23 @@ def _check_stopping(early_stopping: int | None, monitor: str | None, task: str) 
 
 
 def _end_epoch(state: TrainState, row: dict[str, Any], module: nn.Module, monitor: str, mode: str,
-               restore_best: bool, early_stopping: int | None, scheduler: Any) -> None:
+               loop: Loop) -> None:
     """Best-epoch tracking, early stopping and the plateau schedule, after one epoch."""
     state.history.append(row)
     state.epoch += 1
     value = row.get(monitor)
-    if hasattr(scheduler, "epoch_end"):
-        scheduler.epoch_end(row.get("val_loss", row["train_loss"]))
+    if hasattr(loop.scheduler, "epoch_end"):
+        loop.scheduler.epoch_end(row.get("val_loss", row["train_loss"]))
     if value is None:
         return
     if _improved(value, state.best, monitor, mode):
         state.best = {"epoch": row["epoch"], **{k: v for k, v in row.items() if k.startswith("val_")}}
         state.bad_epochs = 0
-        if restore_best:
+        if loop.restore_best:
             state.best_state = copy.deepcopy(module.state_dict())
     else:
         state.bad_epochs += 1
-        if early_stopping is not None and state.bad_epochs >= early_stopping:
+        if loop.early_stopping is not None and state.bad_epochs >= loop.early_stopping:
             state.stopped_early = True
 
 

@@ -63,7 +63,7 @@ def step_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> floa
 
 def train_variant(variant: str, *, batch: int, steps: int, warmup: int) -> dict:
     import transferkit as tk
-    from transferkit.train.loop import train_one_epoch
+    from transferkit.train.loop import Loop, train_one_epoch
     from transferkit.train.speed import SpeedConfig
 
     dev = torch.device("cuda")
@@ -77,15 +77,15 @@ def train_variant(variant: str, *, batch: int, steps: int, warmup: int) -> dict:
     x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    kw = dict(optimizer=opt, scheduler=None, loss_fn=torch.nn.CrossEntropyLoss(), device=dev, speed=speed,
-              scaler=speed.grad_scaler(), verbose=False)
+    loop = Loop(optimizer=opt, loss_fn=torch.nn.CrossEntropyLoss(), set_mode=lambda e: model.train(), speed=speed,
+                verbose=False)
     t_warm = time.perf_counter()
-    train_one_epoch(runner, _Batches(x, y, warmup), **kw)  # warm-up (and compilation)
+    train_one_epoch(runner, _Batches(x, y, warmup), loop, verbose=False)  # warm-up (and compilation)
     torch.cuda.synchronize()
     t_warm = time.perf_counter() - t_warm
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    train_one_epoch(runner, _Batches(x, y, steps), **kw)
+    train_one_epoch(runner, _Batches(x, y, steps), loop, verbose=False)
     torch.cuda.synchronize()
     s = time.perf_counter() - t0
     return {"variant": variant, "images_per_s": batch * steps / s, "step_ms": 1000 * s / steps, "warmup_s": t_warm,

@@ -95,7 +95,7 @@ class _Tiny(nn.Module):
 
 def _spy(monkeypatch):
     seen = []
-    real = reporting._save
+    real = reporting.save_figure
 
     def spy(fig, path):
         shown = [ax for ax in fig.axes if ax.images or ax.lines]
@@ -105,7 +105,7 @@ def _spy(monkeypatch):
                      "size": tuple(fig.get_size_inches())})
         return real(fig, path)
 
-    monkeypatch.setattr(reporting, "_save", spy)
+    monkeypatch.setattr(interpret, "save_figure", spy)
     return seen
 
 

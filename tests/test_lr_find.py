@@ -13,7 +13,8 @@ from torch import nn
 from transferkit.errors import ConfigError
 from transferkit.train.features import feature_loader
 from transferkit.train.lr_find import find_valley, lr_range_test, smooth_losses, suggest_lr, zero_lag_smooth
-from transferkit.train.speed import SpeedConfig
+from transferkit.schedules import LRRange
+from transferkit.train.loop import Loop
 
 
 def _curve(*, x0=-3.0, explode_at=-1.0, noise=0.05, startup=0, seed=0, n=100):
@@ -97,9 +98,9 @@ def test_the_suggestion_trains_a_tiny_real_problem():
     head = nn.Linear(16, 3)
     before = {k: v.clone() for k, v in head.state_dict().items()}
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
-    res = lr_range_test(head, feature_loader(xt, yt, batch_size=16, shuffle=True), optimizer=opt,
-                        loss_fn=nn.CrossEntropyLoss(), speed=SpeedConfig(torch.device("cpu")),
-                        set_mode=lambda e: head.train(), start_lr=1e-6, end_lr=10.0, num_steps=100, verbose=False)
+    res = lr_range_test(head, feature_loader(xt, yt, batch_size=16, shuffle=True),
+                        Loop(optimizer=opt, loss_fn=nn.CrossEntropyLoss(), set_mode=lambda e: head.train(),
+                             verbose=False), LRRange(start_lr=1e-6, end_lr=10.0, num_steps=100))
     assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
     assert res.lrs[res.valley.start] < res.suggestion < res.lrs[res.valley.end] < res.valley.min_lr
 
@@ -133,17 +134,18 @@ def test_the_range_test_stops_when_the_loss_explodes_and_shows_progress(monkeypa
     y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
     model = _Squeeze(nn.Linear(4, 1))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # plain SGD on least squares diverges past lr ~ 1
-    res = lr_range_test(model, feature_loader(x, y, batch_size=8, shuffle=True), optimizer=opt,
-                        loss_fn=nn.MSELoss(), speed=SpeedConfig(torch.device("cpu")),
-                        set_mode=lambda e: model.train(), start_lr=1e-5, end_lr=1e3, num_steps=200)
+    res = lr_range_test(model, feature_loader(x, y, batch_size=8, shuffle=True),
+                        Loop(optimizer=opt, loss_fn=nn.MSELoss(), set_mode=lambda e: model.train(), task="regression"),
+                        LRRange(start_lr=1e-5, end_lr=1e3, num_steps=200))
     assert len(res.lrs) < 200 and any("exploded" in n for n in res.notes)
     assert all(math.isfinite(v) for v in res.losses + res.raw_losses)
     assert res.suggestion < 1.0
     assert "lr-find" in term.getvalue()
     quiet = _Terminal()
     monkeypatch.setattr(sys, "stderr", quiet)
-    lr_range_test(model, feature_loader(x, y, batch_size=8, shuffle=False), optimizer=opt, loss_fn=nn.MSELoss(),
-                  speed=SpeedConfig(torch.device("cpu")), set_mode=lambda e: None, num_steps=5, verbose=False)
+    lr_range_test(model, feature_loader(x, y, batch_size=8, shuffle=False),
+                  Loop(optimizer=opt, loss_fn=nn.MSELoss(), set_mode=lambda e: None, task="regression", verbose=False),
+                  LRRange(num_steps=5))
     assert quiet.getvalue() == ""
 
 
@@ -158,13 +160,14 @@ class _Squeeze(nn.Module):
 
 def test_the_plot_marks_the_suggestion(monkeypatch, tmp_path):
     from transferkit.train import reporting
+    from transferkit.train import lr_find as lr_find_module
     from transferkit.train.lr_find import LRFindResult
 
     lrs, losses = _curve(seed=1)
     v = find_valley(lrs, losses)
     res = LRFindResult(lrs=lrs, losses=smooth_losses(losses), suggestion=v.suggestion, raw_losses=losses, valley=v)
     seen = {}
-    real_save = reporting._save
+    real_save = reporting.save_figure
 
     def spy(fig, path):
         ax = fig.axes[0]
@@ -172,7 +175,7 @@ def test_the_plot_marks_the_suggestion(monkeypatch, tmp_path):
         seen["vlines"] = [ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_linestyle() == "--"]
         return real_save(fig, path)
 
-    monkeypatch.setattr(reporting, "_save", spy)
+    monkeypatch.setattr(lr_find_module, "save_figure", spy)
     out = res.plot(tmp_path / "lr.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert f"suggested lr {v.suggestion:.1e}" in seen["legend"] and "descent" in seen["legend"]

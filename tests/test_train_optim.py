@@ -87,17 +87,18 @@ def test_lr_find_runs_and_plots(image_folder, tmp_path):
 
 def test_range_test_restores_weights_and_optimizer():
     from transferkit.train.features import feature_loader
+    from transferkit.schedules import LRRange
     from transferkit.train.lr_find import lr_range_test
-    from transferkit.train.speed import SpeedConfig
+    from transferkit.train.loop import Loop
 
     torch.manual_seed(0)
     x, y = torch.randn(64, 6), torch.randint(0, 2, (64,))
     head = torch.nn.Linear(6, 2)
     before = {k: v.clone() for k, v in head.state_dict().items()}
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
-    res = lr_range_test(head, feature_loader(x, y, batch_size=8, shuffle=True), optimizer=opt,
-                        loss_fn=torch.nn.CrossEntropyLoss(), speed=SpeedConfig(torch.device("cpu")),
-                        set_mode=lambda e: head.train(), num_steps=30, end_lr=100.0)
+    res = lr_range_test(head, feature_loader(x, y, batch_size=8, shuffle=True),
+                        Loop(optimizer=opt, loss_fn=torch.nn.CrossEntropyLoss(), set_mode=lambda e: head.train()),
+                        LRRange(num_steps=30, end_lr=100.0))
     assert len(res.lrs) >= 10  # several epochs of 8 batches
     for k, v in head.state_dict().items():
         assert torch.equal(v, before[k])

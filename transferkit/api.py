@@ -31,7 +31,9 @@ from transferkit.steps import evaluate, set_epoch_mode, train, training_data, va
 from transferkit.checkpoints import checkpoint_lock, load_checkpoint
 from transferkit.train.device import preserved_torch_settings
 from transferkit.train.distributed import barrier, rank_guard
+from transferkit.schedules import LRRange
 from transferkit.train.lr_find import LRFindResult, lr_range_test
+from transferkit.train.loop import Loop
 from transferkit.train.optim import make_optimizer
 from transferkit.train.speed import set_deterministic
 
@@ -238,8 +240,9 @@ def resume(path: str | Path, **overrides: Any) -> FinetuneResult:
     return finetune(cfg.replace(**python_objects) if python_objects else cfg)
 
 
-def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_lr: float = 1e-7, end_lr: float = 10.0,
-            num_steps: int = 100, plot: str | Path | None = None, **options: Any) -> LRFindResult:
+def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_lr: float = LRRange.start_lr,
+            end_lr: float = LRRange.end_lr, num_steps: int = LRRange.num_steps, plot: str | Path | None = None,
+            **options: Any) -> LRFindResult:
     """The learning-rate range test on the run ``finetune(config, **options)`` would do (same
     decisions: model, policy, data, feature cache, optimizer and weight decay): returns the
     losses per learning rate and a suggested ``lr``; ``plot="lr.png"`` draws the curve.
@@ -254,9 +257,10 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
         td = training_data(d, run)
         opt = make_optimizer(cfg.optimizer, run.param_groups(d, lr=start_lr), lr=start_lr, momentum=cfg.momentum)
         first = 0 if d.cache else d.cached_epochs  # fine_tune: the rate of the phase that trains the backbone
-        result = lr_range_test(td.module, td.train_loader, optimizer=opt, loss_fn=run.loss_fn, speed=run.speed,
-                               set_mode=lambda e: set_epoch_mode(d, run, first + e), start_lr=start_lr,
-                               end_lr=end_lr, num_steps=num_steps, verbose=cfg.verbose and d.is_main)
+        loop = Loop(optimizer=opt, loss_fn=run.loss_fn, set_mode=lambda e: set_epoch_mode(d, run, first + e),
+                    speed=run.speed, task=cfg.task, verbose=cfg.verbose and d.is_main)
+        result = lr_range_test(td.module, td.train_loader, loop,
+                               LRRange(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps))
     if plot is not None and d.is_main:
         result.plot(plot)
     return result

@@ -20,6 +20,7 @@ from typing import Any
 
 from transferkit.errors import TransferkitError
 from transferkit.helpformat import HELP
+from transferkit.schedules import LRRange
 
 
 
@@ -267,9 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
               "The learning-rate range test on the run `transferkit finetune` would do with the same options "
               "(model, policy, data, feature cache, optimizer). Prints a JSON object with the suggested lr.")
     _finetune_args(lf, outputs=False)
-    lf.add_argument("--num-steps", type=int, default=100, help="steps of the range test")
-    lf.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate tried")
-    lf.add_argument("--end-lr", type=float, default=10.0, help="last learning rate tried")
+    sweep = LRRange()
+    lf.add_argument("--num-steps", type=int, default=sweep.num_steps, help="steps of the range test")
+    lf.add_argument("--start-lr", type=float, default=sweep.start_lr, help="first learning rate tried")
+    lf.add_argument("--end-lr", type=float, default=sweep.end_lr, help="last learning rate tried")
     lf.add_argument("--plot", default=None, help="write the loss-vs-lr curve to this PNG")
     lf.set_defaults(fn=_cmd_lr_find)
     i = _sub(sub, "inspect", "print an exported model's metadata",

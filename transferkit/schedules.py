@@ -1,9 +1,11 @@
-"""The optimizers and learning-rate schedules a configuration may name, and the valid range of
-every schedule option (checked when a configuration is made, before anything is built)."""
+"""The optimizers and learning-rate schedules a configuration may name, the valid range of
+every schedule option (checked when a configuration is made, before anything is built), and
+the sweep of the learning-rate range test."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from transferkit.errors import ConfigError, check_choice
@@ -52,3 +54,17 @@ def check_schedule_options(name: str, options: dict[str, Any] | None) -> dict[st
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
             raise ConfigError(f"schedule_options {key}={value!r} for schedule {name!r} is out of range; expected {what}.")
     return {**SCHEDULE_DEFAULTS[name], **(options or {})}
+
+
+@dataclass(frozen=True)
+class LRRange:
+    """The rates a range test sweeps (``start_lr`` to ``end_lr``, geometrically, over
+    ``num_steps`` batches), the smoothing of its loss curve, and when it stops (the smoothed
+    loss above ``diverge`` times its minimum). The one place these defaults are written:
+    ``transferkit.lr_find`` and ``transferkit lr-find`` take theirs from here."""
+
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    num_steps: int = 100
+    smooth: float = 0.05
+    diverge: float = 4.0

@@ -215,10 +215,9 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
     loop = Loop(optimizer=opt, scheduler=sched, loss_fn=run.loss_fn, set_mode=lambda e: start_epoch(d, run, e),
                 speed=run.speed, task=cfg.task, scaler=scaler, dist=info, wrap=_wrapper(run),
                 penalty=policy_penalty(run.model, run.backbone, d.policy, epochs=total), monitor=cfg.monitor,
-                restore_best=cfg.restore_best, early_stopping=cfg.early_stopping, verbose=cfg.verbose,
-                on_epoch_end=epoch_end_callback(path=cfg.checkpoint, model=run.model, optimizer=opt,
-                                                scheduler=sched, scaler=scaler, meta=meta, info=info, base_lr=d.lr,
-                                                callbacks=cfg.callbacks, tensorboard=tb))
+                restore_best=cfg.restore_best, early_stopping=cfg.early_stopping, verbose=cfg.verbose)
+    loop.on_epoch_end = epoch_end_callback(loop, path=cfg.checkpoint, model=run.model, meta=meta, base_lr=d.lr,
+                                           callbacks=cfg.callbacks, tensorboard=tb)
     current: dict[str, TrainingData | None] = {"data": inputs}
     seconds = dict(inputs.seconds) if inputs is not None else {}
     try:

@@ -54,76 +54,6 @@ def _cpu_speed(device: torch.device) -> SpeedConfig:
     return SpeedConfig(device=device)
 
 
-def train_one_epoch(module: nn.Module, loader: DataLoader, *, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, loss_fn: Callable, device: torch.device, task: str = "multiclass",
-                    speed: SpeedConfig | None = None, scaler: Any = None, desc: str = "train",
-                    verbose: bool = True, penalty: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
-    """One pass over ``loader`` updating ``module``; the caller sets train/eval modes first.
-    ``penalty()`` (e.g. L2-SP) is added to the loss that is minimised, not to the loss reported.
-
-    Returns the summed loss, the correct-prediction count and the number of samples
-    (``loss``/``acc`` are the per-sample means on this process).
-    """
-    speed = speed or _cpu_speed(device)
-    total_loss, correct, seen = 0.0, 0.0, 0
-    bar = _progress(len(loader.sampler), desc, verbose)  # type: ignore[arg-type]
-    for x, y in loader:
-        x, y = speed.to_device(x), y.to(speed.device, non_blocking=True)
-        with speed.autocast():
-            logits = module(x)
-            loss = loss_fn(logits.float(), y)
-        objective = loss if penalty is None else loss + penalty()
-        if not torch.isfinite(objective):
-            raise TrainingError(f"The training loss became {loss.item()} at {desc}. The learning rate "
-                                f"({base_lr(optimizer):.3g}) is probably too high: lower it, "
-                                "or check the inputs for NaN/inf.")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(objective).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            objective.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        n = y.shape[0]
-        total_loss += loss.item() * n
-        correct += count_correct(task, logits.detach().float(), y)
-        seen += n
-        if bar is not None:
-            bar.update(n)
-    if bar is not None:
-        bar.close()
-    return {"loss_sum": total_loss, "correct": correct, "seen": seen,
-            "loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
-
-
-@torch.no_grad()
-def evaluate(module: nn.Module, loader: DataLoader, *, loss_fn: Callable, device: torch.device,
-             task: str = "multiclass", speed: SpeedConfig | None = None) -> dict[str, Any]:
-    """Loss, accuracy, logits, predictions and targets of ``module`` (in eval mode) over ``loader``."""
-    speed = speed or _cpu_speed(device)
-    was_training = module.training
-    module.eval()
-    total_loss, correct, outs, targets = 0.0, 0.0, [], []
-    try:
-        for x, y in loader:
-            x, y = speed.to_device(x), y.to(speed.device, non_blocking=True)
-            with speed.autocast():
-                logits = module(x).float()
-            total_loss += loss_fn(logits, y).item() * y.shape[0]
-            correct += count_correct(task, logits, y)
-            outs.append(logits.cpu())
-            targets.append(y.cpu())
-    finally:
-        module.train(was_training)
-    logits, t = torch.cat(outs), torch.cat(targets)
-    n = max(len(t), 1)
-    preds = logits.argmax(1) if task == "multiclass" else logits
-    return {"loss": total_loss / n, "acc": correct / n, "logits": logits, "preds": preds, "labels": t}
-
-
 @dataclass
 class TrainState:
     """Where training stands after ``epoch`` completed epochs (saved in checkpoints for resume)."""
@@ -192,6 +122,76 @@ class Loop:
             self.scaler = self.speed.grad_scaler()
 
 
+def train_one_epoch(module: nn.Module, loader: DataLoader, loop: Loop, *, desc: str = "train",
+                    verbose: bool = True) -> dict[str, float]:
+    """One pass over ``loader`` updating ``module`` with ``loop``'s optimizer, schedule, loss,
+    gradient scaler and ``penalty()`` (e.g. L2-SP: added to the loss that is minimised, not to
+    the loss reported); the caller sets train/eval modes first.
+
+    Returns the summed loss, the correct-prediction count and the number of samples
+    (``loss``/``acc`` are the per-sample means on this process).
+    """
+    speed, optimizer, scheduler, scaler, penalty = loop.speed, loop.optimizer, loop.scheduler, loop.scaler, loop.penalty
+    loss_fn, task = loop.loss_fn, loop.task
+    total_loss, correct, seen = 0.0, 0.0, 0
+    bar = _progress(len(loader.sampler), desc, verbose)  # type: ignore[arg-type]
+    for x, y in loader:
+        x, y = speed.to_device(x), y.to(speed.device, non_blocking=True)
+        with speed.autocast():
+            logits = module(x)
+            loss = loss_fn(logits.float(), y)
+        objective = loss if penalty is None else loss + penalty()
+        if not torch.isfinite(objective):
+            raise TrainingError(f"The training loss became {loss.item()} at {desc}. The learning rate "
+                                f"({base_lr(optimizer):.3g}) is probably too high: lower it, "
+                                "or check the inputs for NaN/inf.")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(objective).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            objective.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        n = y.shape[0]
+        total_loss += loss.item() * n
+        correct += count_correct(task, logits.detach().float(), y)
+        seen += n
+        if bar is not None:
+            bar.update(n)
+    if bar is not None:
+        bar.close()
+    return {"loss_sum": total_loss, "correct": correct, "seen": seen,
+            "loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, loader: DataLoader, *, loss_fn: Callable, device: torch.device,
+             task: str = "multiclass", speed: SpeedConfig | None = None) -> dict[str, Any]:
+    """Loss, accuracy, logits, predictions and targets of ``module`` (in eval mode) over ``loader``."""
+    speed = speed or _cpu_speed(device)
+    was_training = module.training
+    module.eval()
+    total_loss, correct, outs, targets = 0.0, 0.0, [], []
+    try:
+        for x, y in loader:
+            x, y = speed.to_device(x), y.to(speed.device, non_blocking=True)
+            with speed.autocast():
+                logits = module(x).float()
+            total_loss += loss_fn(logits, y).item() * y.shape[0]
+            correct += count_correct(task, logits, y)
+            outs.append(logits.cpu())
+            targets.append(y.cpu())
+    finally:
+        module.train(was_training)
+    logits, t = torch.cat(outs), torch.cat(targets)
+    n = max(len(t), 1)
+    preds = logits.argmax(1) if task == "multiclass" else logits
+    return {"loss": total_loss / n, "acc": correct / n, "logits": logits, "preds": preds, "labels": t}
+
+
 def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None, loop: Loop, *, epochs: int,
         state: TrainState | None = None, total_epochs: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Train ``module`` from ``state.epoch`` to ``epochs`` as ``loop`` says; return the per-epoch
@@ -224,10 +224,8 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
         for dl in (train_loader, val_loader):
             if dl is not None and hasattr(dl.sampler, "set_epoch"):
                 dl.sampler.set_epoch(epoch)
-        tr = train_one_epoch(runner, train_loader, optimizer=loop.optimizer, scheduler=loop.scheduler,
-                             loss_fn=loop.loss_fn, device=loop.speed.device, task=loop.task, speed=loop.speed,
-                             scaler=loop.scaler, desc=f"epoch {epoch + 1}/{shown}", verbose=loop.verbose and main,
-                             penalty=loop.penalty)
+        tr = train_one_epoch(runner, train_loader, loop, desc=f"epoch {epoch + 1}/{shown}",
+                             verbose=loop.verbose and main)
         loss_sum, correct, seen = all_reduce_sum([tr["loss_sum"], tr["correct"], tr["seen"]], loop.dist)
         broadcast_buffers(module, loop.dist)
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),

@@ -42,7 +42,8 @@ from torch.utils.data import DataLoader
 from transferkit._progress import progress
 from transferkit.errors import ConfigError
 from transferkit.train.reporting import pyplot, save_figure
-from transferkit.train.speed import SpeedConfig
+from transferkit.schedules import LRRange
+from transferkit.train.loop import Loop
 
 SKIP_START = 0.1  # fraction of the first points left out of the suggestion
 SMOOTH_DECADES = 0.25  # the width of the smoothing the suggestion uses, in decades of lr
@@ -210,22 +211,22 @@ class LRFindResult:
         return self.plot_path
 
 
-def lr_range_test(module: nn.Module, loader: DataLoader, *, optimizer: torch.optim.Optimizer, loss_fn: Callable,
-                  speed: SpeedConfig, set_mode: Callable[[int], None], start_lr: float = 1e-7, end_lr: float = 10.0,
-                  num_steps: int = 100, smooth: float = 0.05, diverge: float = 4.0,
-                  verbose: bool = True) -> LRFindResult:
-    """Run the test on ``module`` and restore its weights and the optimizer's state afterwards.
+def lr_range_test(module: nn.Module, loader: DataLoader, loop: Loop, sweep: LRRange = LRRange()) -> LRFindResult:
+    """Run the test on ``module`` with ``loop``'s optimizer, loss, ``speed`` and ``set_mode``,
+    and restore its weights and the optimizer's state afterwards.
 
-    The rate grows from ``start_lr`` to ``end_lr`` over ``num_steps`` batches (looping over
-    ``loader`` as often as needed); the test stops early when the smoothed loss exceeds
-    ``diverge`` times its minimum, or is not finite. A progress bar shows on a terminal
-    (``verbose=False``: never).
+    The rate grows from ``sweep.start_lr`` to ``sweep.end_lr`` over ``sweep.num_steps``
+    batches (looping over ``loader`` as often as needed); the test stops early when the
+    smoothed loss exceeds ``sweep.diverge`` times its minimum, or is not finite. A progress
+    bar shows on a terminal (``loop.verbose=False``: never).
 
     Example:
-        >>> res = lr_range_test(head, loader, optimizer=opt, loss_fn=nn.CrossEntropyLoss(),
-        ...                     speed=SpeedConfig(torch.device("cpu")), set_mode=lambda e: None)  # doctest: +SKIP
-        >>> res.suggestion  # doctest: +SKIP
+        >>> loop = Loop(optimizer=opt, loss_fn=nn.CrossEntropyLoss(), set_mode=lambda e: None)  # doctest: +SKIP
+        >>> lr_range_test(head, loader, loop, LRRange(num_steps=50)).suggestion  # doctest: +SKIP
     """
+    start_lr, end_lr, num_steps, smooth, diverge = (sweep.start_lr, sweep.end_lr, sweep.num_steps, sweep.smooth,
+                                                    sweep.diverge)
+    optimizer, loss_fn, speed, set_mode, verbose = loop.optimizer, loop.loss_fn, loop.speed, loop.set_mode, loop.verbose
     if not (0 < start_lr < end_lr) or num_steps < 2:
         raise ConfigError(f"lr_find needs 0 < start_lr < end_lr and num_steps >= 2, got {start_lr}, {end_lr}, {num_steps}.")
     if not 0 < smooth <= 1:

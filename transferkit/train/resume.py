@@ -21,7 +21,7 @@ from torch import nn
 from transferkit.errors import ConfigError, TrainingError
 from transferkit.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from transferkit.train.distributed import DistInfo, barrier
-from transferkit.train.loop import TrainState
+from transferkit.train.loop import Loop, TrainState
 
 
 def training_state(*, optimizer: Any, scheduler: Any, state: TrainState, scaler: Any = None) -> dict[str, Any]:
@@ -77,12 +77,14 @@ def check_weights_finite(model: nn.Module, epoch: int, lr: float) -> None:
                             f"rate (base {lr:.3g}) is probably too high: lower it.")
 
 
-def epoch_end_callback(*, path: str | Path | None, model: nn.Module, optimizer: Any, scheduler: Any,
-                       scaler: Any = None, meta: dict[str, Any], info: DistInfo, base_lr: float,
-                       callbacks: Sequence[Callable[[dict], Any]] = (),
+def epoch_end_callback(loop: Loop, *, path: str | Path | None, model: nn.Module, meta: dict[str, Any],
+                       base_lr: float, callbacks: Sequence[Callable[[dict], Any]] = (),
                        tensorboard: Any = None) -> Callable[[TrainState], None]:
-    """After each epoch: log to TensorBoard, write the resume checkpoint (rank 0, atomically),
-    then run the user's ``callbacks(row)`` (one may raise to stop the run; it resumes from there)."""
+    """After each epoch: log to TensorBoard, write the resume checkpoint (rank 0, atomically)
+    with ``loop``'s optimizer, schedule and scaler states, then run the user's
+    ``callbacks(row)`` (one may raise to stop the run; it resumes from there)."""
+    optimizer, scheduler, scaler, info = loop.optimizer, loop.scheduler, loop.scaler, loop.dist
+
     def on_epoch_end(state: TrainState) -> None:
         row = state.history[-1]
         check_weights_finite(model, state.epoch, base_lr)

@@ -135,3 +135,16 @@ def test_predict_in_a_fresh_process(trained, exported):
     got = json.loads(proc.stdout)
     assert [g["label"] for g in got] == [w.label for w in want]
     assert [g["probability"] for g in got] == pytest.approx([w.probability for w in want], abs=1e-6)
+
+
+def test_finetune_dry_run_prints_the_decisions_and_trains_nothing(tmp_path, capsys, monkeypatch):
+    import transferkit.train.features as features
+
+    data = make_image_folder(tmp_path / "images", per_class=4, size=20)
+    monkeypatch.setattr(features, "extract_features", lambda *a, **k: pytest.fail("features computed"))
+    code, out, _ = _run(capsys, "finetune", "--backbone", "tk:small_cnn", "--weights", "none", "--data", data,
+                        "--image-size", 16, "--epochs", 2, "--export", tmp_path / "m.pt", "--dry-run",
+                        "--set", "cache_features=false")
+    assert code == 0 and out.startswith("plan: tk:small_cnn")
+    assert "features: not cached (cache_features=False" in out and "cached fp32 features" not in out
+    assert not (tmp_path / "m.pt").exists()

@@ -297,6 +297,6 @@ def test_from_torchscript_is_a_frozen_extractor(tmp_path):
     model = build_model(bb, 2)
     apply_policy(model, bb, Policy.parse("finetune"))
     assert trainable_parameter_names(model) == {"head.0.weight", "head.0.bias"}
-    assert Policy.parse("finetune").frozen_throughout(bb.block_names, 3)  # finetune() caches its features
+    assert Policy.parse("finetune").frozen_phase_epochs(bb.block_names, 3) == 3  # finetune() caches its features
     with pytest.raises(BackboneError, match="from_module"):
         from_torchscript(_Net())

@@ -55,7 +55,7 @@ def test_export_predict_inspect_round_trip(trained, exported, capsys):
     out, stdout = exported
     assert "max |exported - eager|" in stdout and "4 image files from" in stdout
     meta = read_metadata(out)
-    assert meta["labels"] == result.classes and meta["config"]["head_hidden"] == [8]
+    assert meta["labels"] == result.classes and meta["decisions"]["config"]["head_hidden"] == [8]
     assert meta["input_spec"]["image_size"] == 16 and meta["export"]["batch_sizes"] == [1, 4, 1, 4]
 
     files = sorted(str(p) for p in data.rglob("*.png"))[:3]

@@ -122,7 +122,7 @@ def _section(html: str, anchor: str) -> str:
 
 @pytest.mark.parametrize("anchor, cls", [("transferkit.FinetuneConfig", "transferkit.config.FinetuneConfig"),
                                          ("transferkit.FinetuneResult", "transferkit.api.FinetuneResult"),
-                                         ("transferkit.RunPlan", "transferkit.plan.RunPlan"),
+                                         ("transferkit.Decisions", "transferkit.decisions.Decisions"),
                                          ("transferkit.Policy", "transferkit.policies.spec.Policy")])
 def test_api_lists_dataclass_fields(site, anchor, cls):
     import dataclasses
@@ -139,7 +139,7 @@ def test_api_cross_references_are_links(site):
     html = (site / "api" / "index.html").read_text()
     finetune = _section(html, "transferkit.finetune")
     assert 'href="#transferkit.FinetuneConfig"' in finetune  # the docstring's [`FinetuneConfig`][...]
-    assert 'href="#transferkit.plan.plan"' in finetune
+    assert 'href="#transferkit.decisions.plan"' in finetune
 
 
 def test_skip_marker_hidden_but_block_still_skipped(site):

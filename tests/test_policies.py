@@ -163,8 +163,8 @@ def test_fine_tune_freezes_everything_for_k_epochs_then_trains_all_blocks():
     p = Policy.parse("fine_tune:frozen=2")
     assert p.schedule(BLOCKS, 4) == [[], [], BLOCKS, BLOCKS]
     assert p.frozen_phase_epochs(BLOCKS, 4) == 2
-    assert p.frozen_phase_epochs(BLOCKS, 1) == 1 and p.frozen_throughout(BLOCKS, 2)
-    assert not p.frozen_throughout(BLOCKS, 3)
+    assert p.frozen_phase_epochs(BLOCKS, 1) == 1 and p.frozen_phase_epochs(BLOCKS, 2) == 2
+    assert p.frozen_phase_epochs(BLOCKS, 3) == 2  # the backbone trains in epoch 3
     assert Policy.parse("full").frozen_phase_epochs(BLOCKS, 4) == 0
     assert Policy.parse("gradual:every=3").frozen_phase_epochs(BLOCKS, 10) == 3
     assert Policy.parse("feature_extraction").frozen_phase_epochs(BLOCKS, 4) == 4

@@ -147,7 +147,7 @@ def test_cli_finetune_with_config_and_overrides(tmp_path, capsys):
     assert out["export"] == str(tmp_path / "m.pt") and (tmp_path / "m.pt").is_file()
     from transferkit.export import read_metadata
 
-    assert read_metadata(tmp_path / "m.pt")["config"]["epochs"] == 1  # the flag won over the file
+    assert read_metadata(tmp_path / "m.pt")["decisions"]["config"]["epochs"] == 1  # the flag won over the file
     assert main(["finetune", "--config", str(cfg), "--set", f"data={data}", "--set", "batch_size=4"]) == 0  # `data` works
     capsys.readouterr()
     assert main(["finetune", "--config", str(cfg), "--data", str(data), "--set", "epoch=2"]) == 2

@@ -29,7 +29,7 @@ def test_bad_output_paths_fail_before_training(image_folder, tmp_path, monkeypat
 
 
 def test_a_failed_export_keeps_the_trained_weights(image_folder, tmp_path, monkeypatch):
-    import transferkit.export.torchscript as ts
+    import transferkit.steps as ts
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -155,7 +155,7 @@ def test_cached_head_trains_on_standardised_features_and_exports_them(image_fold
     std = feats.std(0, unbiased=False)
     torch.testing.assert_close(norm.std, torch.where(std < 1e-6, 1.0, std), rtol=1e-4, atol=1e-5)  # dead: kept
     rebuilt, meta = model_from_checkpoint(tmp_path / "run.pt")
-    assert meta["training"]["head_norm"] is True and isinstance(rebuilt.head[0], tk.FeatureNorm)
+    assert meta["decisions"]["head"]["norm"] is True and isinstance(rebuilt.head[0], tk.FeatureNorm)
     torch.testing.assert_close(rebuilt.head[0].std, norm.std)
     assert r.export_report.max_abs_diff < 1e-4
 
@@ -179,6 +179,6 @@ def test_default_lr_depends_on_what_trains(image_folder, tmp_path):
     for policy, lr in (("feature_extraction", 1e-2), ("full", 1e-3)):
         r = tk.finetune("tk:small_cnn", policy=policy, checkpoint=tmp_path / f"{policy}.pt", **kw)
         meta = torch.load(r.checkpoint_path, weights_only=False)["transferkit"]
-        assert meta["training"]["lr"] == lr and meta["config"]["lr"] is None
+        assert meta["decisions"]["lr"] == lr and meta["decisions"]["config"]["lr"] is None
     r = tk.finetune("tk:small_cnn", lr=0.05, checkpoint=tmp_path / "given.pt", **kw)
-    assert torch.load(r.checkpoint_path, weights_only=False)["transferkit"]["training"]["lr"] == 0.05
+    assert torch.load(r.checkpoint_path, weights_only=False)["transferkit"]["decisions"]["lr"] == 0.05

@@ -16,6 +16,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -162,8 +165,6 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
 
 
 def _local_world_size(info: DistInfo) -> int:
-    import os
-
     return int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
 
 
@@ -235,9 +236,6 @@ def _backbone_facts(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, dev: tor
 
 
 def _spec_digest(spec: InputSpec) -> str:
-    import hashlib
-    import json
-
     return hashlib.blake2b(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode(),
                            digest_size=8).hexdigest()
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from transferkit.errors import CorruptCheckpointError, CorruptExportError, CorruptFileError, ExportError, TransferkitError
+from transferkit.errors import CorruptCheckpointError, CorruptExportError, ExportError, TransferkitError
 
 ALGORITHM = "sha256"
 INTEGRITY_KEY = "integrity"

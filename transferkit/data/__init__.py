@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from transferkit.data.checks import DataReport, check_image_file, find_duplicates
-from transferkit.data.folders import SplitFolders, find_split_folders, warn_split_like_classes
+from transferkit.data.folders import SplitFolders, find_split_folders
 from transferkit.data.images import (
     IMAGE_EXTENSIONS,
     ImageFolderDataset,

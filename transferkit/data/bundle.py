@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from transferkit.data.checks import DataReport, check_image_file, find_duplicates
-from transferkit.data.folders import SplitFolders, find_split_folders, warn_split_like_classes
+from transferkit.data.checks import DataReport, find_duplicates
+from transferkit.data.folders import find_split_folders, warn_split_like_classes
 from transferkit.data.images import ImageFolderDataset, TransformedDataset, dataset_targets
 from transferkit.errors import DataError
 

@@ -22,7 +22,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from transferkit.backbones._base import Backbone
-from transferkit.errors import PolicyError
 from transferkit.lora import add_lora, has_lora, is_lora_parameter
 from transferkit.policies.spec import Policy
 from transferkit.policies.structure import block_of, bn_param_names, has_batchnorm  # noqa: F401 (has_batchnorm: public here)

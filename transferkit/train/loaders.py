@@ -9,7 +9,6 @@ run draws at epoch 3, with any number of (persistent) workers. The sampler yield
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset

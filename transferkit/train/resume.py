@@ -20,7 +20,7 @@ from torch import nn
 
 from transferkit.errors import ConfigError, TrainingError
 from transferkit.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from transferkit.train.distributed import DistInfo, barrier
+from transferkit.train.distributed import barrier
 from transferkit.train.loop import Loop, TrainState
 
 

@@ -339,7 +339,11 @@ def test_decide_is_pure_and_the_record_is_plain_json(split_folders):
 
     cfg = FinetuneConfig(backbone=_backbone(), data=split_folders / "train", **{**KW, "policy": "unfreeze:last=1"})
     facts = tk.look(cfg)[0]
-    a, b = tk.decide(cfg, facts), tk.decide(cfg, facts)
+    with pytest.MonkeyPatch.context() as mp:  # no file is read, listed or stat-ed while deciding
+        for mod, name in ((os, "stat"), (os, "listdir"), (os, "scandir"), (Path, "stat"), (Path, "open")):
+            mp.setattr(mod, name, lambda *a, **k: pytest.fail("I/O while deciding"))
+        mp.setattr("builtins.open", lambda *a, **k: pytest.fail("I/O while deciding"))
+        a, b = tk.decide(cfg, facts), tk.decide(cfg, facts)
     assert a == b and json.loads(json.dumps(a.to_dict())) == a.to_dict()
     assert json.loads(json.dumps(facts.to_dict(), default=str))["backbone"]["blocks"] == list(facts.backbone.blocks)
 

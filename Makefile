@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.transferkit-installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,docs,onnx,tensorboard,plots]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,docs,onnx,tensorboard,plots,parquet,hf]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -187,7 +187,8 @@ def _data(cfg: FinetuneConfig, spec: InputSpec) -> tuple[DataBundle, int]:
         return bundle, len(bundle.classes)
     return prepare_task_data(cfg.data, cfg.val_data, task=cfg.task, val_split=cfg.val_split, seed=cfg.seed,
                              classes=cfg.classes, min_size=spec.resize_size or spec.image_size,
-                             on_bad_file=cfg.on_bad_file, scan=cfg.scan)
+                             on_bad_file=cfg.on_bad_file, scan=cfg.scan,
+                             cache_dir=cfg.cache_dir)  # tar shards keep their member indexes there
 
 
 def _groups(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, policy: Policy, n_out: int,

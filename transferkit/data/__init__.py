@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from transferkit.data.checks import DataReport, check_image_file, find_duplicates
 from transferkit.data.folders import SplitFolders, find_split_folders
+from transferkit.data.encoded import EncodedImageDataset
 from transferkit.data.images import (
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
@@ -20,6 +21,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DataBundle",
     "DataReport",
+    "EncodedImageDataset",
     "check_image_file",
     "find_duplicates",
     "ImageFolderDataset",

@@ -14,7 +14,9 @@ from torch.utils.data import Dataset
 
 from transferkit.data.checks import DataReport, find_duplicates
 from transferkit.data.folders import find_split_folders, warn_split_like_classes
+from transferkit.data.encoded import EncodedImageDataset
 from transferkit.data.images import ImageFolderDataset, TransformedDataset, dataset_targets
+from transferkit.data.sources import open_encoded, split_encoded
 from transferkit.errors import DataError
 
 
@@ -25,8 +27,8 @@ class DataBundle:
     ``train.view(transform=...)`` gives the dataset seen through a transform.
     """
 
-    train: ImageFolderDataset | TransformedDataset
-    val: ImageFolderDataset | TransformedDataset | None
+    train: ImageFolderDataset | TransformedDataset | EncodedImageDataset
+    val: ImageFolderDataset | TransformedDataset | EncodedImageDataset | None
     classes: list[str]
     report: DataReport = field(default_factory=DataReport)
 
@@ -51,7 +53,11 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0)
 
 
 def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what: str, report: DataReport,
-                **checks: Any):
+                cache_dir: Any = None, **checks: Any):
+    encoded = open_encoded(data, classes=classes, min_size=min_size, cache_dir=cache_dir, report=report, what=what,
+                           **checks)
+    if encoded is not None:  # tar shards, Parquet files, a Hugging Face dataset
+        return encoded
     if isinstance(data, (str, Path)):
         return ImageFolderDataset(data, classes=classes, min_size=min_size, report=report, **checks)
     if isinstance(data, ImageFolderDataset):  # keeps its files and checks; reports into this bundle's report
@@ -77,7 +83,12 @@ def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple
         >>> resolve_split_folders("no/such/folder", None, DataReport())
         ('no/such/folder', None)
     """
-    if not isinstance(data, (str, Path)) or val_data is not None:
+    if val_data is not None:
+        return data, val_data
+    encoded = split_encoded(data)  # train*.tar beside val*.tar, Parquet files named by split, a DatasetDict
+    if encoded is not None:
+        return encoded
+    if not isinstance(data, (str, Path)):
         return data, val_data
     splits = find_split_folders(data)
     if splits is None:
@@ -94,14 +105,17 @@ def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple
 
 def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, seed: int = 0,
                  classes: Sequence[str] | None = None, min_size: int | None = None, on_bad_file: str = "skip",
-                 scan: str = "quick") -> DataBundle:
+                 scan: str = "quick", cache_dir: str | Path | None = None) -> DataBundle:
     """Resolve training and validation data.
 
     ``data`` is a folder ``root/<class>/<image>`` (or a folder holding ``train/`` and
     ``val/``, ``valid/``, ``validation/`` or ``test/``: see `resolve_split_folders`),
-    a CSV file of ``path,label`` rows, or a Dataset of ``(image, label)``.
-    Without ``val_data``, a stratified ``val_split`` of the training data is held out
-    (``val_split=0``: no validation). Image files are checked before training
+    a CSV file of ``path,label`` rows, a Dataset of ``(image, label)``, or encoded images
+    read in place: WebDataset tar shards (`transferkit.data.shards`), Parquet files or a
+    Hugging Face dataset (`transferkit.data.tables`); ``cache_dir`` keeps the shards'
+    member indexes for later runs. Without ``val_data``, a stratified ``val_split`` of the
+    training data is held out (``val_split=0``: no validation); for encoded images the
+    split is a hash of each sample's key (stable, no sample read). Image files are checked before training
     (``scan="quick"``: headers and truncation, ``"full"``: decode everything, ``"none"``);
     bad ones are left out and listed in ``bundle.report`` (``on_bad_file="skip"``) or
     raise (``"raise"``); files that fail to decode later are handled as
@@ -115,7 +129,7 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
     """
     report = DataReport()
     data, val_data = resolve_split_folders(data, val_data, report)
-    checks = {"on_bad_file": on_bad_file, "scan": scan}
+    checks = {"on_bad_file": on_bad_file, "scan": scan, "cache_dir": cache_dir}
     train = _as_dataset(data, list(classes) if classes else None, min_size, "training", report, **checks)
     if not isinstance(train, ImageFolderDataset):
         report.merge(getattr(train, "report", DataReport()))
@@ -148,6 +162,7 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
                 report.warn(f"{n_val} validation file(s) are byte-identical to training files, which inflates "
                             f"validation accuracy: e.g. {dups[0][1]} = {dups[0][0]}.")
     elif val_split:
-        tr_idx, va_idx = stratified_split(targets, val_split, seed)
+        splitter = getattr(train, "hash_split", None)  # encoded images: by key, reads no sample
+        tr_idx, va_idx = splitter(val_split, seed) if splitter else stratified_split(targets, val_split, seed)
         train, val = train.view(tr_idx), train.view(va_idx)
     return DataBundle(train=train, val=val, classes=names, report=report)

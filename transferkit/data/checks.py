@@ -14,6 +14,7 @@ import uuid
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from typing import BinaryIO
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -86,33 +87,34 @@ class DataReport:
         return ", ".join(parts)
 
 
-def _tail_ok(path: str, fmt: str | None) -> bool:
+def _tail_ok(f: BinaryIO, size: int, fmt: str | None) -> bool:
     markers = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
     marker = markers.get(fmt or "")
     if marker is None:
         return True
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 1024))
-        return marker in f.read()
+    f.seek(max(0, size - 1024))
+    return marker in f.read()
 
 
-def check_image_file(path: str, *, full: bool = False) -> str | None:
-    """Return why ``path`` cannot be used as an image, or ``None`` when it looks fine."""
+def check_image_stream(f: BinaryIO, size: int, *, full: bool = False) -> str | None:
+    """Why the ``size`` bytes readable from the seekable binary file ``f`` (at position 0)
+    cannot be used as an image, or ``None`` when they look fine: the rules of
+    `check_image_file` (the header, the end-of-image
+    marker, with ``full`` a decode), for images that are members of a tar shard or cells of
+    a table rather than files."""
     try:
-        if os.path.getsize(path) == 0:
+        if size == 0:
             return "empty file (0 bytes)"
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(f) as img:
                 w, h = img.size
                 fmt = img.format
                 if w < 1 or h < 1:
                     return f"image has no pixels ({w}x{h})"
                 if full:
                     img.load()
-        if not _tail_ok(path, fmt):
+        if not _tail_ok(f, size, fmt):
             return f"truncated {fmt} file (no end-of-image marker)"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return (f"decompression-bomb size ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine")
@@ -120,6 +122,17 @@ def check_image_file(path: str, *, full: bool = False) -> str | None:
         first = str(exc).splitlines()[0] if str(exc) else ""
         return f"cannot be read as an image ({type(exc).__name__}: {first})"
     return None
+
+
+def check_image_file(path: str, *, full: bool = False) -> str | None:
+    """Return why ``path`` cannot be used as an image, or ``None`` when it looks fine."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            return check_image_stream(f, size, full=full)
+    except OSError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"cannot be read as an image ({type(exc).__name__}: {first})"
 
 
 def filter_bad_images(samples: Sequence[tuple[str, int]], *, on_bad_file: str = "skip", scan: str = "quick",

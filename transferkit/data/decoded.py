@@ -135,9 +135,12 @@ def estimate_bytes(dataset: Any, spec: InputSpec, augment: str) -> tuple[int, in
     allocate (draft-mode decoding rounds sizes: two columns of slack per image), else None."""
     total, bound = 0, 0
     samples = getattr(dataset, "samples", None)
-    files = samples is not None and all(isinstance(p, (str, os.PathLike)) for p, _ in samples)
+    sized = getattr(dataset, "image_size", None)  # encoded images (shards, tables): sizes without decoding
+    files = sized is not None or (samples is not None and all(isinstance(p, (str, os.PathLike)) for p, _ in samples))
     for i in range(len(dataset)):
-        if files:
+        if sized is not None:
+            w, h = sized(i)
+        elif files:
             with Image.open(samples[i][0]) as img:
                 w, h = img.size
         elif augment != "standard":

@@ -44,7 +44,12 @@ def _hash_item(h: Any, x: Any) -> None:
 
 def data_fingerprint(ds: Any) -> str:
     """A hash of a dataset's identity: ``(path, label, size, mtime, ctime)`` of every file for
-    file-based datasets, the tensors of a ``TensorDataset``, else the content of every raw item."""
+    file-based datasets, the tensors of a ``TensorDataset``, else the content of every raw item.
+    A dataset with a ``fingerprint()`` method (tar shards, Parquet files, Hugging Face
+    datasets: per-file metadata, no sample read) gives its own."""
+    own = getattr(ds, "fingerprint", None)
+    if callable(own):
+        return f"{type(ds).__name__}:{own()}"
     h = hashlib.blake2b(digest_size=16)
     h.update(type(ds).__name__.encode())
     if hasattr(ds, "samples"):  # ImageFolderDataset (or anything listing (path, label) files)

@@ -6,7 +6,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -20,7 +20,7 @@ from transferkit.errors import DataError, check_choice
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def load_image(path: str | Path, *, min_size: int | None = None) -> Image.Image:
+def load_image(path: str | Path | BinaryIO, *, min_size: int | None = None, name: str | None = None) -> Image.Image:
     """Open an image as 8-bit RGB, applying its EXIF orientation.
 
     Grayscale, palette, CMYK and 16-bit images are converted; transparent pixels (RGBA,
@@ -29,7 +29,8 @@ def load_image(path: str | Path, *, min_size: int | None = None) -> Image.Image:
     give their first frame. With ``min_size``, JPEG decoding uses Pillow's draft mode to
     decode directly at the smallest power-of-two reduction whose shorter side stays at
     least ``min_size``: several times faster for large photos fed to small models, and the
-    same for training and prediction.
+    same for training and prediction. ``path`` may be an open binary file (a member of a
+    tar shard, a cell of a table); ``name`` is what errors call it.
     """
     try:
         with warnings.catch_warnings():
@@ -40,7 +41,7 @@ def load_image(path: str | Path, *, min_size: int | None = None) -> Image.Image:
                 img = ImageOps.exif_transpose(img)
                 return to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"Cannot read image {str(path)!r}: {type(exc).__name__}: {exc}. Remove the file, or pass "
+        raise DataError(f"Cannot read image {name or str(path)!r}: {type(exc).__name__}: {exc}. Remove the file, or pass "
                         "on_bad_file='skip' to leave unreadable files out.") from exc
 
 

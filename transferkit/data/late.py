@@ -123,8 +123,20 @@ def _deliver(batch: Any, token: str, pending: list[tuple[str, str]]) -> Any:
 
 
 def source_name(source: Any, index: int) -> str:
-    """A file's path, or ``in-memory item <index>``."""
-    return str(source) if isinstance(source, (str, Path)) else f"in-memory item {index}"
+    """A file's path, a shard member's name (``train-000003.tar:key``), or ``in-memory item <index>``."""
+    if isinstance(source, (str, Path)) or hasattr(source, "sample_id"):
+        return str(source)
+    return f"in-memory item {index}"
+
+
+def _source_key(samples: Sequence[tuple[Any, int]], i: int) -> Any:
+    """What identifies ``samples[i]`` in ``known_bad``: a path, a shard member's ``sample_id``
+    (its samples are made on access, so their ``id`` is not stable), else the item's ``id``."""
+    source = samples[i][0]
+    if isinstance(source, (str, Path)):
+        return source
+    sample_id = getattr(source, "sample_id", None)
+    return sample_id if sample_id is not None else id(samples[i])
 
 
 def _reason(exc: DataError) -> str:
@@ -139,7 +151,7 @@ def load_or_replace(samples: Sequence[tuple[Any, int]], i: int, load: Callable[[
     readable sample of the same class instead (of any class when none of its class reads).
     ``known_bad`` remembers failed sources in this process, so they are not decoded again."""
     source, target = samples[i]
-    key = source if isinstance(source, (str, Path)) else id(samples[i])
+    key = _source_key(samples, i)
     if key not in known_bad:
         try:
             return load(i), target
@@ -155,7 +167,7 @@ def load_or_replace(samples: Sequence[tuple[Any, int]], i: int, load: Callable[[
             src, tgt = samples[j]
             if (tgt == target) != same_class:
                 continue
-            kj = src if isinstance(src, (str, Path)) else id(samples[j])
+            kj = _source_key(samples, j)
             if kj in known_bad:
                 continue
             try:

@@ -114,13 +114,15 @@ def target_width(ds: TargetDataset) -> int:
 
 def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, seed: int,
                       classes: Sequence[str] | None, min_size: int | None,
-                      on_bad_file: str = "skip", scan: str = "quick") -> tuple[DataBundle, int]:
+                      on_bad_file: str = "skip", scan: str = "quick",
+                      cache_dir: str | Path | None = None) -> tuple[DataBundle, int]:
     """The training/validation data and the number of outputs. Multiclass data are folders or
     datasets of ``(image, int)``; multilabel and regression data are datasets of
-    ``(image, target vector)`` (multi-hot, or values), split at random when no ``val_data``."""
+    ``(image, target vector)`` (multi-hot, or values), split at random when no ``val_data``.
+    ``cache_dir`` keeps the member indexes of tar shards (see `transferkit.data.shards`)."""
     if task == "multiclass":
         bundle = prepare_data(data, val_data, val_split=val_split, seed=seed, classes=classes, min_size=min_size,
-                              on_bad_file=on_bad_file, scan=scan)
+                              on_bad_file=on_bad_file, scan=scan, cache_dir=cache_dir)
         return bundle, len(bundle.classes)
     if isinstance(data, (str, Path)) or not hasattr(data, "__getitem__"):
         raise DataError(f"task={task!r} needs a Dataset of (image, target vector) pairs, got {type(data).__name__}; "

@@ -1,0 +1,71 @@
+"""Writing WebDataset-format tar shards (and Parquet files) from image folders, for tests."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def folder_files(folder: Path) -> list[tuple[Path, str]]:
+    """``(file, class)`` of ``folder/<class>/<file>``, sorted."""
+    return [(f, c.name) for c in sorted(p for p in Path(folder).iterdir() if p.is_dir())
+            for f in sorted(c.iterdir()) if f.is_file()]
+
+
+def write_shards(items: list[tuple[bytes, str, str]], out: Path, sizes: list[int], *, prefix: str = "train",
+                 classes: list[str] | None = None, label: str = "cls", info: bool = True) -> list[Path]:
+    """Write ``items`` of ``(image bytes, extension, class name)`` into ``len(sizes)`` shards of
+    ``sizes[k]`` samples (0: an empty shard), named ``<prefix>-000000.tar``...; the label as
+    ``cls`` (the class index), ``txt`` (the name) or ``json`` ({"label": name}). With ``info``
+    an ``_info.json`` beside them lists the classes."""
+    assert sum(sizes) == len(items), (sum(sizes), len(items))
+    out.mkdir(parents=True, exist_ok=True)
+    classes = classes or sorted({c for _, _, c in items})
+    paths, k = [], 0
+    for s, size in enumerate(sizes):
+        path = out / f"{prefix}-{s:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for _ in range(size):
+                data, ext, cls = items[k]
+                key = f"{prefix}{k:07d}"
+                _add(tar, f"{key}.{ext}", data)
+                if label == "cls":
+                    _add(tar, f"{key}.cls", str(classes.index(cls)).encode())
+                elif label == "txt":
+                    _add(tar, f"{key}.txt", cls.encode())
+                else:
+                    _add(tar, f"{key}.json", json.dumps({"label": cls}).encode())
+                k += 1
+        paths.append(path)
+    if info:
+        (out / "_info.json").write_text(json.dumps({"classes": classes}))
+    return paths
+
+
+def folder_items(folder: Path, seed: int = 0) -> list[tuple[bytes, str, str]]:
+    """The images of an image folder as ``(bytes, extension, class)``, in a seeded order."""
+    files = folder_files(folder)
+    order = np.random.default_rng(seed).permutation(len(files))
+    return [(files[i][0].read_bytes(), files[i][0].suffix[1:].lower(), files[i][1]) for i in order]
+
+
+def uneven_sizes(n: int, shards: int, seed: int = 0, empty: bool = True) -> list[int]:
+    """``shards`` sizes adding up to ``n``, uneven, the second one 0 when ``empty``."""
+    rng = np.random.default_rng(seed)
+    w = rng.uniform(0.3, 1.7, shards)
+    if empty and shards > 1:
+        w[1] = 0
+    sizes = np.floor(w / w.sum() * n).astype(int)
+    sizes[0] += n - sizes.sum()
+    return sizes.tolist()

@@ -1,0 +1,240 @@
+"""Tar shards (WebDataset format) read in place through data=: the same samples, labels,
+bad-file handling and results as the same images in a folder."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_image_folder
+from shard_helpers import folder_files, folder_items, uneven_sizes, write_shards
+
+import transferkit as tk
+from transferkit.data import eval_transform, prepare_data
+from transferkit.data.shards import expand_braces, open_shards, shard_index
+from transferkit.data.fingerprint import data_fingerprint
+from transferkit.train.loaders import make_loader
+
+SPEC = tk.InputSpec(image_size=16)
+
+
+def _quiet(fn, *a, **k):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*a, **k)
+
+
+def _sorted_items(folder: Path):
+    """The folder's images in the folder dataset's own order (class, then file name)."""
+    return [(f.read_bytes(), f.suffix[1:].lower(), c) for f, c in folder_files(folder)]
+
+
+def test_brace_patterns_expand_like_webdataset():
+    assert expand_braces("a-{008..011}.tar") == ["a-008.tar", "a-009.tar", "a-010.tar", "a-011.tar"]
+    assert expand_braces("{x,y}/s-{0..1}.tar") == ["x/s-0.tar", "x/s-1.tar", "y/s-0.tar", "y/s-1.tar"]
+    with pytest.raises(tk.DataError, match="empty"):
+        expand_braces("s-{3..1}.tar")
+
+
+@pytest.mark.parametrize("label", ["cls", "txt", "json"])
+def test_shards_give_the_folder_samples_labels_and_pixels(tmp_path, label):
+    folder = make_image_folder(tmp_path / "img", per_class=7)
+    items = _sorted_items(folder)
+    sizes = uneven_sizes(len(items), 4)  # uneven, one empty
+    write_shards(items, tmp_path / "shards", sizes, label=label)
+    pattern = str(tmp_path / "shards" / "train-{000000..000003}.tar")
+    as_folder = prepare_data(folder, val_split=0)
+    as_shards = _quiet(prepare_data, pattern, val_split=0)
+    assert as_shards.classes == as_folder.classes == ["dark", "light"]
+    assert as_shards.train.targets == as_folder.train.targets
+    a, b = as_folder.train.view(transform=eval_transform(SPEC)), as_shards.train.view(transform=eval_transform(SPEC))
+    for i in (0, 5, len(a) - 1):
+        assert torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1]
+    assert any("hold no sample" in w for w in as_shards.report.warnings)  # the empty shard is reported
+
+
+def test_folder_list_and_pattern_name_the_same_shards(tmp_path):
+    folder = make_image_folder(tmp_path / "img", per_class=4)
+    paths = write_shards(_sorted_items(folder), tmp_path / "s", [3, 5])
+    by_folder = prepare_data(str(tmp_path / "s"), val_split=0)
+    by_list = prepare_data([str(p) for p in paths], val_split=0)
+    by_pattern = prepare_data(str(tmp_path / "s" / "train-{000000..000001}.tar"), val_split=0)
+    assert by_folder.train.targets == by_list.train.targets == by_pattern.train.targets
+    assert len(by_folder.train) == 8
+
+
+def test_class_names_come_from_info_json_or_classes(tmp_path):
+    folder = make_image_folder(tmp_path / "img", per_class=3)
+    write_shards(_sorted_items(folder), tmp_path / "s", [6], classes=["dark", "light"])
+    info = json.loads((tmp_path / "s" / "_info.json").read_text())
+    (tmp_path / "s" / "_info.json").write_text(json.dumps({**info, "classes": ["night", "day"]}))
+    assert prepare_data(str(tmp_path / "s"), val_split=0).classes == ["night", "day"]
+    assert prepare_data(str(tmp_path / "s"), val_split=0, classes=["a", "b"]).classes == ["a", "b"]
+    (tmp_path / "s" / "_info.json").unlink()
+    assert prepare_data(str(tmp_path / "s"), val_split=0).classes == ["0", "1"]
+
+
+def test_hashed_validation_split_is_stable_and_reads_no_image(tmp_path, monkeypatch):
+    folder = make_image_folder(tmp_path / "img", per_class=30)
+    items = folder_items(folder)
+    write_shards(items, tmp_path / "s", [20, 20, 20])
+    b1 = prepare_data(str(tmp_path / "s"), val_split=0.25, seed=3)
+    keys_val = set(b1.val.keys)
+    assert 5 <= len(keys_val) <= 28 and set(b1.train.keys).isdisjoint(keys_val)
+    assert len(b1.train) + len(b1.val) == 60
+    # the same keys in other shards (re-sharded, reordered): the same samples are held out
+    write_shards(items[::-1], tmp_path / "t", [7, 53])
+    import transferkit.data.shards as shards
+
+    monkeypatch.setattr(shards.ShardSource, "read", lambda self, i: pytest.fail("the split read an image"))
+    b2 = prepare_data(str(tmp_path / "t"), val_split=0.25, seed=3, scan="none")
+    assert set(b2.val.keys) == {k for k in keys_val}
+    assert set(prepare_data(str(tmp_path / "s"), val_split=0.25, seed=4, scan="none").val.keys) != keys_val
+
+
+def test_folder_with_train_and_val_shards_validates_on_val(tmp_path):
+    folder = make_image_folder(tmp_path / "img", per_class=5)
+    items = folder_items(folder)
+    write_shards(items[:7], tmp_path / "s", [7], prefix="train")
+    write_shards(items[7:], tmp_path / "s", [3], prefix="val")
+    b = prepare_data(str(tmp_path / "s"))
+    assert (len(b.train), len(b.val)) == (7, 3)
+
+
+def test_member_index_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    folder = make_image_folder(tmp_path / "img", per_class=3)
+    (path,) = write_shards(_sorted_items(folder), tmp_path / "s", [6])
+    first, cached = shard_index(str(path), cache_dir=tmp_path / "c")
+    assert not cached
+    again, cached = shard_index(str(path), cache_dir=tmp_path / "c")
+    assert cached and again == first
+    fp = data_fingerprint(prepare_data(str(path), val_split=0).train)
+    write_shards(_sorted_items(folder)[::-1], tmp_path / "s", [6])  # rewritten: new size/mtime
+    _, cached = shard_index(str(path), cache_dir=tmp_path / "c")
+    assert not cached
+    assert data_fingerprint(prepare_data(str(path), val_split=0).train) != fp
+
+
+def test_fingerprint_reads_no_sample_and_grows_with_shards(tmp_path, monkeypatch):
+    folder = make_image_folder(tmp_path / "img", per_class=3)
+    write_shards(_sorted_items(folder), tmp_path / "s", [3, 3])
+    ds = prepare_data(str(tmp_path / "s"), val_split=0).train
+    import transferkit.data.shards as shards
+
+    monkeypatch.setattr(shards.ShardSource, "read", lambda self, i: pytest.fail("the fingerprint read a sample"))
+    assert data_fingerprint(ds) == data_fingerprint(ds.view()) != data_fingerprint(ds.view([0, 1]))
+
+
+def _damaged_png_bytes() -> bytes:
+    arr = np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    i = data.index(b"IDAT")
+    data[i + 20:i + 40] = b"\0" * 20
+    return bytes(data)
+
+
+def test_bad_and_unlabelled_samples_are_left_out_and_reported(tmp_path):
+    folder = make_image_folder(tmp_path / "img", per_class=4)
+    items = _sorted_items(folder)
+    items[2] = (b"not an image", "jpg", items[2][2])
+    write_shards(items, tmp_path / "s", [8])
+    with tarfile.open(tmp_path / "s" / "extra.tar", "w") as tar:  # a sample without a label
+        data = items[0][0]
+        info = tarfile.TarInfo("lonely.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    b = _quiet(prepare_data, str(tmp_path / "s"), val_split=0)
+    assert len(b.train) == 7
+    assert [p.rsplit(":", 1)[1] for p, _ in b.report.bad_files] == ["train0000002"]
+    assert any("no label (1" in w for w in b.report.warnings)
+    with pytest.raises(tk.DataError, match="no image .* or no label"):
+        prepare_data(str(tmp_path / "s"), val_split=0, on_bad_file="raise")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sample_that_fails_to_decode_in_training_is_replaced_and_reported(tmp_path, workers):
+    folder = make_image_folder(tmp_path / "img", per_class=4)
+    items = _sorted_items(folder)
+    items[1] = (_damaged_png_bytes(), "png", items[1][2])  # passes the quick scan, fails to decode
+    write_shards(items, tmp_path / "s", [5, 3])
+    b = prepare_data(str(tmp_path / "s"), val_split=0)
+    loader = make_loader(b.train.view(transform=eval_transform(SPEC)), batch_size=3, shuffle=False,
+                         device=torch.device("cpu"), num_workers=workers)
+    with pytest.warns(UserWarning, match="train0000001.*failed to load during training"):
+        labels = torch.cat([y for _, y in loader]).tolist()
+    assert labels == [0, 0, 0, 0, 1, 1, 1, 1]  # its place taken by its own class
+    assert [p.rsplit(":", 1)[1] for p in b.report.bad_at_load] == ["train0000001"]
+
+
+def test_remote_and_compressed_shards_are_refused_clearly(tmp_path):
+    with pytest.raises(tk.DataError, match="not supported yet"):
+        prepare_data("https://example.com/train-{000000..000003}.tar")
+    with pytest.raises(tk.DataError, match="not supported yet"):
+        prepare_data("pipe:curl -s https://example.com/a.tar")
+    (tmp_path / "a.tar.gz").write_bytes(b"")
+    with pytest.raises(tk.DataError, match="compressed"):
+        prepare_data(str(tmp_path / "a.tar.gz"))
+    with pytest.raises(tk.DataError, match="do not exist"):
+        prepare_data(str(tmp_path / "missing-{0..2}.tar"))
+
+
+def test_finetune_on_shards_matches_the_same_images_as_a_folder(tmp_path):
+    train = make_image_folder(tmp_path / "train", per_class=8, seed=0)
+    val = make_image_folder(tmp_path / "val", per_class=3, seed=1)
+    write_shards(_sorted_items(train), tmp_path / "s", uneven_sizes(16, 3), prefix="train")
+    write_shards(_sorted_items(val), tmp_path / "s", [6], prefix="val")
+    common = dict(weights=None, policy="finetune", epochs=2, batch_size=4, image_size=16, verbose=False,
+                  num_workers=0, precision="fp32", augment="none", decode_once=False)
+    a = _quiet(tk.finetune, "tk:small_cnn", data=train, val_data=val, **common)
+    b = _quiet(tk.finetune, "tk:small_cnn", data=str(tmp_path / "s" / "train-{000000..000002}.tar"),
+               val_data=str(tmp_path / "s" / "val-000000.tar"), cache_dir=tmp_path / "cache", **common)
+    assert b.classes == a.classes
+    assert [r["train_loss"] for r in b.history] == pytest.approx([r["train_loss"] for r in a.history], abs=1e-6)
+    assert b.metrics["accuracy"] == a.metrics["accuracy"]
+    assert (tmp_path / "cache" / "shard-index").is_dir()
+
+
+def test_cli_takes_a_shard_pattern(tmp_path):
+    from transferkit.cli import main
+
+    folder = make_image_folder(tmp_path / "img", per_class=6)
+    write_shards(folder_items(folder), tmp_path / "s", [5, 7])
+    code = _quiet(main, ["finetune", "--backbone", "tk:small_cnn", "--weights", "none", "--data",
+                         str(tmp_path / "s" / "train-{000000..000001}.tar"), "--epochs", "1", "--image-size", "16",
+                         "--batch-size", "4", "--set", "num_workers=0", "--set", "verbose=false"])
+    assert code == 0
+
+
+def test_decode_once_sizes_shard_images_from_the_index_without_decoding(tmp_path, monkeypatch):
+    from transferkit.data.decoded import decoded_dataset, estimate_bytes
+
+    folder = make_image_folder(tmp_path / "img", per_class=4)
+    write_shards(_sorted_items(folder), tmp_path / "s", [5, 3])
+    as_folder = prepare_data(folder, val_split=0).train
+    as_shards = prepare_data(str(tmp_path / "s"), val_split=0).train
+    import transferkit.data.encoded as encoded
+
+    with monkeypatch.context() as m:
+        m.setattr(encoded.EncodedImageDataset, "_load", lambda self, j: pytest.fail("decoded an image"))
+        assert estimate_bytes(as_shards, SPEC, "standard") == estimate_bytes(as_folder, SPEC, "standard")
+    a, _ = decoded_dataset(as_folder, SPEC, augment="standard")
+    b, _ = decoded_dataset(as_shards, SPEC, augment="standard")
+    assert all(torch.equal(a.image(i), b.image(i)) for i in range(len(a)))
+
+
+def test_a_stray_tar_in_an_image_folder_does_not_make_it_shards(tmp_path):
+    folder = make_image_folder(tmp_path / "img", per_class=3)
+    (folder / "backup.tar").write_bytes(b"")
+    (folder / "old.parquet").write_bytes(b"")
+    b = prepare_data(folder, val_split=0)
+    assert b.classes == ["dark", "light"] and len(b.train) == 6

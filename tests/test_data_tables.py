@@ -1,0 +1,117 @@
+"""Parquet files and Hugging Face datasets read in place through data=."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+
+from conftest import make_image_folder
+from shard_helpers import folder_files
+
+import transferkit as tk
+from transferkit.data import eval_transform, prepare_data
+
+SPEC = tk.InputSpec(image_size=16)
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+def _rows(folder):
+    files = folder_files(folder)
+    classes = sorted({c for _, c in files})
+    return [f.read_bytes() for f, _ in files], [classes.index(c) for _, c in files], classes
+
+
+def test_parquet_gives_the_folder_samples_and_pixels(tmp_path):
+    folder = make_image_folder(tmp_path / "img", per_class=5)
+    images, labels, classes = _rows(folder)
+    table = pa.table({"image": pa.array(images, pa.binary()), "label": labels})
+    pq.write_table(table.slice(0, 4), tmp_path / "a.parquet", row_group_size=3)
+    pq.write_table(table.slice(4), tmp_path / "b.parquet", row_group_size=3)
+    as_folder = prepare_data(folder, val_split=0)
+    as_table = prepare_data([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], val_split=0,
+                            classes=classes)
+    assert as_table.train.targets == as_folder.train.targets
+    a, b = as_folder.train.view(transform=eval_transform(SPEC)), as_table.train.view(transform=eval_transform(SPEC))
+    for i in range(len(a)):
+        assert torch.equal(a[i][0], b[i][0])
+    assert prepare_data(str(tmp_path), val_split=0).classes == ["0", "1"]  # a folder of Parquet files
+
+
+def test_parquet_named_labels_and_hashed_split(tmp_path):
+    folder = make_image_folder(tmp_path / "img", per_class=20)
+    images, labels, classes = _rows(folder)
+    pq.write_table(pa.table({"jpg": pa.array(images, pa.binary()), "cls": [classes[t] for t in labels],
+                             "__key__": [f"k{i}" for i in range(len(images))]}), tmp_path / "t.parquet")
+    b = prepare_data(str(tmp_path / "t.parquet"), val_split=0.3)
+    assert b.classes == classes and len(b.train) + len(b.val) == 40
+    assert all(k.startswith("k") for k in b.val.keys)
+
+
+def test_parquet_without_an_image_column_is_a_clear_error(tmp_path):
+    pq.write_table(pa.table({"x": [1, 2], "label": [0, 1]}), tmp_path / "t.parquet")
+    with pytest.raises(tk.DataError, match="no image column"):
+        prepare_data(str(tmp_path / "t.parquet"))
+
+
+def test_missing_pyarrow_names_the_extra(tmp_path, monkeypatch):
+    (tmp_path / "t.parquet").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(tk.DataError, match=r"transferkit\[parquet\]"):
+        prepare_data(str(tmp_path / "t.parquet"))
+
+
+def test_missing_datasets_names_the_extra(tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(tk.DataError, match=r"transferkit\[hf\]"):
+        prepare_data(str(tmp_path / "d"))
+
+
+def _hf(folder):
+    datasets = pytest.importorskip("datasets")
+    files = folder_files(folder)
+    classes = sorted({c for _, c in files})
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    return datasets.Dataset.from_dict({"image": [str(f) for f, _ in files],
+                                       "label": [classes.index(c) for _, c in files]}, features=feats)
+
+
+def test_hf_dataset_with_classlabel_matches_the_folder(tmp_path):
+    folder = make_image_folder(tmp_path / "img", per_class=5)
+    ds = _hf(folder)
+    as_folder = prepare_data(folder, val_split=0)
+    as_hf = prepare_data(ds, val_split=0)
+    assert as_hf.classes == ["dark", "light"] and as_hf.train.targets == as_folder.train.targets
+    a, b = as_folder.train.view(transform=eval_transform(SPEC)), as_hf.train.view(transform=eval_transform(SPEC))
+    assert all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))
+
+
+def test_hf_saved_dataset_dict_gives_train_and_validation(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = _hf(make_image_folder(tmp_path / "img", per_class=5))
+    dd = datasets.DatasetDict({"train": ds.select(range(7)), "validation": ds.select(range(7, 10))})
+    dd.save_to_disk(str(tmp_path / "saved"))
+    b = prepare_data(str(tmp_path / "saved"))
+    assert (len(b.train), len(b.val), b.classes) == (7, 3, ["dark", "light"])
+    b2 = prepare_data(dd)
+    assert (len(b2.train), len(b2.val)) == (7, 3)
+
+
+def test_hf_streaming_dataset_is_refused_clearly(tmp_path):
+    ds = _hf(make_image_folder(tmp_path / "img", per_class=2))
+    with pytest.raises(tk.DataError, match="IterableDataset is not supported yet"):
+        prepare_data(ds.to_iterable_dataset())
+
+
+def test_finetune_on_a_hf_dataset(tmp_path):
+    ds = _hf(make_image_folder(tmp_path / "img", per_class=6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = tk.finetune("tk:small_cnn", weights=None, data=ds, epochs=1, batch_size=4, image_size=16,
+                        verbose=False, num_workers=0, cache_dir=tmp_path / "cache")
+    assert r.classes == ["dark", "light"] and r.used_feature_cache

@@ -1,0 +1,238 @@
+"""Datasets of encoded images read in place: members of tar shards, cells of Parquet
+files, rows of a Hugging Face dataset.
+
+Each kind of input is a *source*: ``len(source)`` samples, ``source.read(i)`` the encoded
+bytes of sample ``i``, ``source.key(i)`` its key (stable across runs, used for the hashed
+validation split), ``source.sample_name(i)`` what messages call it, and
+``source.fingerprint()`` an identity that changes when the data change, computed from
+per-file metadata (so its cost grows with the number of shards, not of samples).
+
+[`EncodedImageDataset`][transferkit.data.encoded.EncodedImageDataset] turns a source and its
+labels into the map-style dataset the rest of transferkit expects from a folder of images:
+``targets``, ``classes``, ``samples``, ``view(indices, transform)``, ``on_bad_file`` and a
+[`DataReport`][transferkit.data.DataReport] shared by its views, a sample that fails to decode
+during training is replaced as `transferkit.data.late` says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+
+from transferkit.data.checks import ON_BAD_FILE, DataReport
+from transferkit.data.images import load_image
+from transferkit.data.late import ReportingCollate, load_or_replace
+from transferkit.errors import DataError, check_choice
+
+
+class EncodedSource(Protocol):
+    """What [`EncodedImageDataset`][transferkit.data.encoded.EncodedImageDataset] reads from."""
+
+    name: str
+
+    def __len__(self) -> int: ...
+
+    def read(self, i: int) -> bytes: ...
+
+    def key(self, i: int) -> str: ...
+
+    def sample_name(self, i: int) -> str: ...
+
+    def fingerprint(self) -> str: ...
+
+
+class SampleRef:
+    """One sample of a source, as ``samples[i][0]`` gives it: ``str()`` names it
+    (``train-000003.tar:000042``), ``sample_id`` identifies it (for the bad-file memory)."""
+
+    __slots__ = ("source", "index")
+
+    def __init__(self, source: EncodedSource, index: int) -> None:
+        self.source, self.index = source, index
+
+    @property
+    def sample_id(self) -> tuple[str, int]:
+        return (self.source.name, self.index)
+
+    def __str__(self) -> str:
+        return self.source.sample_name(self.index)
+
+    def __repr__(self) -> str:
+        return f"SampleRef({str(self)!r})"
+
+
+class _Samples(Sequence):
+    """``(SampleRef, target)`` for each sample of a dataset, made on access (no per-sample objects kept)."""
+
+    def __init__(self, ds: EncodedImageDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds.indices)
+
+    def __getitem__(self, j: Any) -> Any:
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(len(self)))]
+        i = int(self.ds.indices[j])
+        return SampleRef(self.ds.source, i), int(self.ds.all_targets[i])
+
+
+def hashed_unit(seed: int, key: str) -> float:
+    """A number in [0, 1) from ``(seed, key)``, the same on every machine and run.
+
+    Example:
+        >>> hashed_unit(0, "000042") == hashed_unit(0, "000042") != hashed_unit(1, "000042")
+        True
+    """
+    h = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2.0 ** 64
+
+
+class EncodedImageDataset(Dataset):
+    """``(transform(image), class_index)`` for the samples ``indices`` of an encoded ``source``.
+
+    ``all_targets[i]`` is the class index of source sample ``i``; ``indices`` the source
+    samples this dataset holds (default: all, in order; samples without a usable image or
+    label are left out by whoever builds it). Images are decoded with
+    [`load_image`][transferkit.data.load_image] (EXIF orientation, RGB, draft mode for JPEG
+    with ``min_size``).
+    """
+
+    def __init__(self, source: EncodedSource, all_targets: np.ndarray, classes: Sequence[str], *,
+                 indices: np.ndarray | None = None, transform: Callable | None = None, min_size: int | None = None,
+                 on_bad_file: str = "skip", report: DataReport | None = None, _known_bad: dict | None = None) -> None:
+        check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
+        self.source = source
+        self.all_targets = np.asarray(all_targets, dtype=np.int64)
+        self.indices = (np.arange(len(source), dtype=np.int64) if indices is None
+                        else np.asarray(indices, dtype=np.int64))
+        self.classes = list(classes)
+        self.transform, self.min_size, self.on_bad_file = transform, min_size, on_bad_file
+        self.report = report if report is not None else DataReport()
+        self._known_bad: dict = {} if _known_bad is None else _known_bad
+
+    @property
+    def root(self) -> str:
+        return self.source.name
+
+    @property
+    def samples(self) -> _Samples:
+        """``(sample, class_index)`` pairs, made on access; ``str(sample)`` names the sample."""
+        return _Samples(self)
+
+    @property
+    def targets(self) -> list[int]:
+        return self.all_targets[self.indices].tolist()
+
+    @property
+    def keys(self) -> list[str]:
+        """The samples' keys (WebDataset's ``__key__``, a key column, or the row number)."""
+        return [self.source.key(int(i)) for i in self.indices]
+
+    @property
+    def collate_fn(self) -> ReportingCollate:
+        return ReportingCollate(self.report.token, default_collate)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def read_bytes(self, j: int) -> bytes:
+        """The encoded bytes of this dataset's sample ``j``."""
+        return self.source.read(int(self.indices[j]))
+
+    def image_size(self, j: int) -> tuple[int, int]:
+        """``(width, height)`` of sample ``j`` without decoding it: from the shard index when the
+        source keeps sizes, else from the image header in its bytes."""
+        i = int(self.indices[j])
+        sized = getattr(self.source, "image_size", None)
+        if sized is not None:
+            return sized(i)
+        with Image.open(io.BytesIO(self.source.read(i))) as img:
+            return img.size
+
+    def _load(self, j: int) -> Image.Image:
+        i = int(self.indices[j])
+        name = self.source.sample_name(i)
+        try:
+            data = self.source.read(i)
+        except OSError as exc:
+            raise DataError(f"Cannot read {name!r}: {type(exc).__name__}: {exc}.") from exc
+        return load_image(io.BytesIO(data), min_size=self.min_size, name=name)
+
+    def __getitem__(self, j: int) -> tuple[Any, int]:
+        img, target = load_or_replace(self.samples, j, self._load, on_bad_file=self.on_bad_file,
+                                      report=self.report, known_bad=self._known_bad)
+        return (self.transform(img) if self.transform else img), target
+
+    def view(self, indices: Sequence[int] | None = None, transform: Callable | None = None) -> EncodedImageDataset:
+        """The same samples (or the subset at positions ``indices``) with another transform."""
+        idx = self.indices if indices is None else self.indices[np.asarray(indices, dtype=np.int64)]
+        return EncodedImageDataset(self.source, self.all_targets, self.classes, indices=idx, transform=transform,
+                                   min_size=self.min_size, on_bad_file=self.on_bad_file, report=self.report,
+                                   _known_bad=self._known_bad)
+
+    def fingerprint(self) -> str:
+        """The identity of these samples for cache keys: the source's (per-file metadata), the
+        labels, the decoding size and the selected samples; no sample is read."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{type(self.source).__name__}\0{self.source.fingerprint()}\0{self.min_size}\0".encode())
+        h.update("\0".join(self.classes).encode())
+        h.update(self.all_targets.tobytes())
+        h.update(self.indices.tobytes())
+        return h.hexdigest()
+
+    def hash_split(self, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+        """Positions ``(train, val)``: a sample is held out when a hash of ``(seed, key)`` is
+        below ``val_fraction``. Stable (a sample stays on its side when shards are added,
+        removed or reordered) and reads no image; class proportions hold on average only."""
+        if not 0.0 < val_fraction < 1.0:
+            raise DataError(f"val_split must be between 0 and 1 (exclusive), got {val_fraction!r}.")
+        train, val = [], []
+        for j, i in enumerate(self.indices.tolist()):
+            (val if hashed_unit(seed, self.source.key(i)) < val_fraction else train).append(j)
+        if not train or not val:
+            raise DataError(f"val_split={val_fraction} of {len(self)} samples leaves "
+                            f"{'no training' if not train else 'no validation'} sample; pass val_data or another "
+                            "val_split.")
+        return train, val
+
+
+def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what: str,
+                      report: DataReport) -> tuple[np.ndarray, list[str]]:
+    """Class indices (``-1``: no usable label) and the class names for raw labels: integers
+    (class indices; names ``classes`` or ``"0"``, ``"1"``, ...), strings (class names; the
+    sorted set when ``classes`` is None) or None (no label)."""
+    ints = [lab for lab in labels if isinstance(lab, (int, np.integer))]
+    names = [lab for lab in labels if isinstance(lab, str)]
+    if ints and names:
+        raise DataError(f"{what} mixes integer labels and class names (e.g. {ints[0]!r} and {names[0]!r}); use one "
+                        "kind (cls: the class index; txt or json 'label': the class name).")
+    out = np.full(len(labels), -1, dtype=np.int64)
+    if names:
+        classes = list(classes) if classes else sorted(set(names))
+        index = {c: k for k, c in enumerate(classes)}
+        unknown = sorted({n for n in names if n not in index})
+        if unknown:
+            report.warn(f"{what} has labels {unknown[:10]} that are not among the classes {list(classes)[:10]}; "
+                        "those samples are left out.")
+        for k, lab in enumerate(labels):
+            if isinstance(lab, str) and lab in index:
+                out[k] = index[lab]
+        return out, list(classes)
+    for k, lab in enumerate(labels):
+        if lab is not None:
+            out[k] = int(lab)
+    if classes is None:
+        top = int(out.max()) if len(out) else -1
+        classes = [str(i) for i in range(top + 1)]
+    bad = sorted({int(t) for t in out if t < -1 or t >= len(classes)})
+    if bad:
+        raise DataError(f"{what} has class indices {bad[:5]} outside 0..{len(classes) - 1} for the classes "
+                        f"{list(classes)[:10]}; fix the labels or pass classes=[...] with one name per index.")
+    return out, list(classes)

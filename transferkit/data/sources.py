@@ -1,0 +1,72 @@
+"""Which reader a ``data=`` value needs: tar shards, Parquet files, a Hugging Face dataset,
+or none of them (a folder of images, a CSV, a torch Dataset: see `transferkit.data.prepare_data`).
+
+The rule, in order: a Hugging Face ``datasets`` object or ``save_to_disk`` folder; tar
+shards (a path or brace pattern ending in ``.tar``, a folder holding ``.tar`` files, a list
+of them); Parquet files (the same, with ``.parquet``). Remote shards (``pipe:``,
+``http(s)://``, ...) are refused with a clear error: they are not supported yet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transferkit.data.checks import DataReport
+from transferkit.data.encoded import EncodedImageDataset
+from transferkit.data.shards import is_remote, open_shards, shard_list, split_shard_folder
+from transferkit.data.tables import is_hf_dataset, is_saved_hf, open_hf, open_parquet, parquet_list, \
+    split_hf, split_parquet_files
+from transferkit.errors import DataError
+
+
+def is_encoded_input(data: Any) -> bool:
+    """Whether ``data`` names shards, Parquet files or a Hugging Face dataset (reads no sample)."""
+    if isinstance(data, EncodedImageDataset) or is_hf_dataset(data) or is_saved_hf(data):
+        return True
+    if is_remote(data):
+        return True
+    return shard_list(data) is not None or parquet_list(data) is not None
+
+
+def split_encoded(data: Any) -> tuple[Any, Any] | None:
+    """``(train, validation)`` of an input that holds both: a folder of ``train*.tar`` and
+    ``val*.tar`` shards, Parquet files named by split, a ``DatasetDict``; else None."""
+    if is_hf_dataset(data) or is_saved_hf(data):
+        return split_hf(data)
+    if isinstance(data, (str, Path)) and Path(data).is_dir():
+        shards = split_shard_folder(data)
+        if shards is not None:
+            return shards
+        files = parquet_list(data)
+        if files:
+            return split_parquet_files(files)
+    return None
+
+
+def open_encoded(data: Any, *, classes: list[str] | None, min_size: int | None, on_bad_file: str, scan: str,
+                 cache_dir: Any, report: DataReport, what: str) -> EncodedImageDataset | None:
+    """The dataset for ``data`` when it is an encoded input (see the module docstring), else None."""
+    if isinstance(data, EncodedImageDataset):
+        report.merge(data.report)
+        if classes and list(classes) != data.classes:
+            raise DataError(f"The {what} dataset's classes {data.classes[:10]} differ from the training classes "
+                            f"{list(classes)[:10]}.")
+        return EncodedImageDataset(data.source, data.all_targets, data.classes, indices=data.indices,
+                                   min_size=data.min_size if min_size is None else min_size,
+                                   on_bad_file=on_bad_file, report=report)
+    common = {"classes": classes, "min_size": min_size, "on_bad_file": on_bad_file, "report": report, "what": what}
+    if is_hf_dataset(data) or is_saved_hf(data):
+        return open_hf(data, **common)
+    if is_remote(data) and not str(data).lower().endswith(".parquet"):
+        shard_list(data)  # raises: remote shards are not supported yet
+        raise DataError(f"Remote data ({str(data)[:60]!r}) are not supported yet: pass local files.")
+    shards = shard_list(data)
+    if shards is not None:
+        return open_shards(shards, scan=scan, cache_dir=cache_dir, **common)
+    if is_remote(data):
+        raise DataError(f"Remote data ({str(data)[:60]!r}) are not supported yet: pass local files.")
+    files = parquet_list(data)
+    if files is not None:
+        return open_parquet(files, **common)
+    return None

@@ -1,0 +1,402 @@
+"""Images in tables: Parquet files and Hugging Face ``datasets``, read in place.
+
+- **Parquet** (the ``[parquet]`` extra: pyarrow): one or more ``.parquet`` files (a path, a
+  brace pattern, a folder, a list) with an image column and a label column. The image
+  column holds the encoded bytes (binary), or a struct with a ``bytes`` field (how
+  Hugging Face stores its ``Image`` feature); by default the first such column, else the
+  column named ``image``/``img``/``jpg``/``png``. The label column: ``label``, ``labels``,
+  ``cls``, ``class`` or ``target`` (class indices, or class names). Class names come from
+  ``classes=[...]``, else from the ``ClassLabel`` names Hugging Face writes into the file's
+  metadata, else from the labels. A ``__key__``/``key``/``id`` column names the samples
+  (and seeds the hashed validation split); without one, the file name and row number do.
+  Rows are read a row group at a time (the last two are kept per process): shuffled
+  access costs a row-group read per sample, so write files with small row groups
+  (``row_group_size`` of a few hundred rows) or use tar shards for training at scale.
+- **Hugging Face** (the ``[hf]`` extra: datasets): a ``datasets.Dataset`` (map-style) or a
+  folder written by ``save_to_disk`` (a ``DatasetDict`` gives its ``train`` split, and its
+  ``validation``/``val``/``test`` split when no ``val_data`` is given). The ``Image`` column
+  is read undecoded and decoded by transferkit (EXIF orientation, RGB, draft mode); the
+  ``ClassLabel`` column's names are the classes. ``IterableDataset`` (streaming) is not
+  supported yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit.data.checks import ON_BAD_FILE, DataReport
+from transferkit.data.encoded import EncodedImageDataset, labels_to_targets
+from transferkit.data.shards import expand_braces
+from transferkit.errors import DataError, check_choice
+
+LABEL_COLUMNS = ("label", "labels", "cls", "class", "target")
+IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp")
+KEY_COLUMNS = ("__key__", "key", "id")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise DataError("Reading Parquet files needs pyarrow: pip install 'transferkit[parquet]'.") from exc
+    return pq
+
+
+def _datasets() -> Any:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError("Reading Hugging Face datasets needs the datasets package: pip install 'transferkit[hf]'.") \
+            from exc
+    return datasets
+
+
+def _parquet_name(p: str) -> bool:
+    return p.lower().endswith(".parquet")
+
+
+def parquet_list(data: Any) -> list[str] | None:
+    """The Parquet files ``data`` names (a path, a brace pattern, a folder holding
+    ``.parquet`` files or sub-folders of them, or a list), or None."""
+    if isinstance(data, (list, tuple)):
+        if not data or not all(isinstance(d, (str, os.PathLike)) and _parquet_name(str(d)) for d in data):
+            return None
+        return [p for d in data for p in (parquet_list(d) or [])]
+    if not isinstance(data, (str, os.PathLike)):
+        return None
+    spec = str(data)
+    if _parquet_name(spec):
+        paths = expand_braces(spec)
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise DataError(f"{len(missing)} of the {len(paths)} Parquet file(s) named by {spec!r} do not exist, e.g. "
+                            f"{missing[:3]}.")
+        return paths
+    if os.path.isdir(spec) and not is_saved_hf(spec):
+        root = Path(spec)
+        subs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))]
+        if any(p.suffix.lower() in IMAGE_SUFFIXES for d in subs for p in d.iterdir()):
+            return None  # sub-folders of images: a folder of images (a stray .parquet in it is not data)
+        top = sorted(str(p) for p in root.glob("*.parquet") if not p.name.startswith("."))
+        # else one level down: the Hugging Face layout data/train-00000-of-00004.parquet
+        nested = sorted(str(p) for d in subs for p in d.glob("*.parquet") if not p.name.startswith("."))
+        return top or nested or None
+    return None
+
+
+def split_parquet_files(files: Sequence[str]) -> tuple[list[str], list[str]] | None:
+    """``(train, validation)`` files when the names say so (``train-00000-of-00002.parquet``
+    beside ``validation-...``/``val-...``/``test-...``, or in folders named so), else None."""
+    def split_of(p: str) -> str:
+        parts = [q.lower() for q in Path(p).parts[-2:]]
+        for name in parts[::-1]:
+            for s in ("train", "validation", "valid", "val", "test"):
+                if name == s or name.startswith((s + "-", s + "_", s + ".")):
+                    return s
+        return ""
+    groups: dict[str, list[str]] = {}
+    for f in files:
+        groups.setdefault(split_of(f), []).append(f)
+    val = groups.get("validation") or groups.get("valid") or groups.get("val") or groups.get("test")
+    return (groups["train"], val) if groups.get("train") and val else None
+
+
+class _RowGroupCache:
+    def __init__(self, size: int = 2) -> None:
+        self.size, self.items = size, OrderedDict()
+
+    def get(self, key: Any, load: Any) -> Any:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        value = self.items[key] = load()
+        if len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return value
+
+
+def _hf_class_names(schema: Any, label: str) -> list[str] | None:
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if not meta:
+        return None
+    try:
+        feat = json.loads(meta)["info"]["features"][label]
+    except (ValueError, KeyError, TypeError):
+        return None
+    names = feat.get("names") if isinstance(feat, dict) else None
+    return list(names) if isinstance(names, list) else None
+
+
+def _pick(names: Sequence[str], wanted: Sequence[str], given: str | None, what: str, where: str) -> str | None:
+    if given is not None:
+        if given not in names:
+            raise DataError(f"{where} has no column {given!r} for the {what}; its columns: {list(names)[:20]}.")
+        return given
+    return next((c for c in wanted if c in names), None)
+
+
+class ParquetSource:
+    """The rows of Parquet files, readable by position (see the module docstring)."""
+
+    def __init__(self, files: Sequence[str], image_column: str | None = None, label_column: str | None = None) -> None:
+        pq = _pyarrow()
+        import pyarrow as pa
+
+        self.files = [str(f) for f in files]
+        self.name = self.files[0] if len(self.files) == 1 else f"{self.files[0]} (+{len(self.files) - 1} files)"
+        metas = []
+        for f in self.files:
+            try:
+                metas.append(pq.ParquetFile(f))
+            except (OSError, pa.ArrowException) as exc:
+                raise DataError(f"Cannot read {f!r} as a Parquet file: {exc}.") from exc
+        schema = metas[0].schema_arrow
+        cols = list(schema.names)
+        where = repr(self.files[0])
+
+        def is_image(t: Any) -> bool:
+            return (pa.types.is_binary(t) or pa.types.is_large_binary(t)) or (
+                pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)
+
+        self.image_column = _pick(cols, [c for c in cols if is_image(schema.field(c).type)] + list(IMAGE_COLUMNS),
+                                  image_column, "images", where)
+        if self.image_column is None or not is_image(schema.field(self.image_column).type):
+            raise DataError(f"{where} has no image column (binary bytes, or a struct with 'bytes'); its columns: "
+                            f"{cols[:20]}. Pass image_column=... naming it.")
+        self.label_column = _pick(cols, LABEL_COLUMNS, label_column, "labels", where)
+        if self.label_column is None:
+            raise DataError(f"{where} has no label column (looked for {', '.join(LABEL_COLUMNS)}); its columns: "
+                            f"{cols[:20]}.")
+        self.key_column = next((c for c in KEY_COLUMNS if c in cols), None)
+        self.struct = pa.types.is_struct(schema.field(self.image_column).type)
+        self.class_names = _hf_class_names(schema, self.label_column)
+        # where each row lies: (file, row group, row in group)
+        groups = [(fi, g, m.metadata.row_group(g).num_rows) for fi, m in enumerate(metas)
+                  for g in range(m.metadata.num_row_groups)]
+        counts = np.array([n for _, _, n in groups], dtype=np.int64)
+        self.group_file = np.array([fi for fi, _, _ in groups], dtype=np.int32)
+        self.group_index = np.array([g for _, g, _ in groups], dtype=np.int32)
+        self.group_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        stats = [os.stat(f) for f in self.files]
+        self._ident = [(os.path.abspath(f), st.st_size, st.st_mtime_ns) for f, st in zip(self.files, stats)]
+        self._cache = _RowGroupCache()
+        self._keys: list[str] | None = None
+
+    def __len__(self) -> int:
+        return int(self.group_start[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = _RowGroupCache()
+        return state
+
+    def labels(self) -> list[Any]:
+        pq = _pyarrow()
+        out: list[Any] = []
+        for f in self.files:
+            out += pq.read_table(f, columns=[self.label_column]).column(0).to_pylist()
+        return out
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        gi = int(np.searchsorted(self.group_start, i, side="right")) - 1
+        return gi, i - int(self.group_start[gi])
+
+    def read(self, i: int) -> bytes:
+        pq = _pyarrow()
+        gi, row = self._locate(i)
+        fi, g = int(self.group_file[gi]), int(self.group_index[gi])
+        col = self._cache.get((fi, g), lambda: pq.ParquetFile(self.files[fi]).read_row_group(
+            g, columns=[self.image_column]).column(0).combine_chunks())
+        value = col[row].as_py()
+        if self.struct:
+            data = (value or {}).get("bytes")
+            if data is None and (value or {}).get("path"):
+                with open(value["path"], "rb") as f:
+                    data = f.read()
+        else:
+            data = value
+        if data is None:
+            raise OSError("the image cell is empty")
+        return data
+
+    def key(self, i: int) -> str:
+        if self.key_column is None:
+            return self.sample_name(i)
+        if self._keys is None:
+            pq = _pyarrow()
+            self._keys = [str(k) for f in self.files
+                          for k in pq.read_table(f, columns=[self.key_column]).column(0).to_pylist()]
+        return self._keys[i]
+
+    def sample_name(self, i: int) -> str:
+        gi, row = self._locate(i)
+        fi = int(self.group_file[gi])
+        first = int(self.group_start[np.flatnonzero(self.group_file == fi)[0]])
+        return f"{os.path.basename(self.files[fi])}:row {i - first}"
+
+    def fingerprint(self) -> str:
+        return hashlib.blake2b(json.dumps([self._ident, self.image_column, self.label_column]).encode(),
+                               digest_size=16).hexdigest()
+
+
+def open_parquet(files: Sequence[str], *, classes: Sequence[str] | None = None, min_size: int | None = None,
+                 on_bad_file: str = "skip", report: DataReport | None = None, what: str = "training",
+                 image_column: str | None = None, label_column: str | None = None) -> EncodedImageDataset:
+    """A map-style dataset over Parquet files (see the module docstring). Rows without a
+    label are left out and reported; images are checked when they are decoded."""
+    check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
+    report = report if report is not None else DataReport()
+    source = ParquetSource(files, image_column, label_column)
+    if len(source) == 0:
+        raise DataError(f"The {what} Parquet files {list(files)[:3]} hold no row.")
+    names = list(classes) if classes else source.class_names
+    targets, names = labels_to_targets(source.labels(), names, f"The {what} Parquet data", report)
+    return _kept(source, targets, names, min_size, on_bad_file, report, what)
+
+
+def _kept(source: Any, targets: np.ndarray, names: list[str], min_size: int | None, on_bad_file: str,
+          report: DataReport, what: str) -> EncodedImageDataset:
+    keep = np.flatnonzero(targets >= 0).astype(np.int64)
+    missing = len(targets) - len(keep)
+    if missing:
+        if on_bad_file == "raise":
+            raise DataError(f"{missing} {what} row(s) have no label (e.g. {source.sample_name(int(np.flatnonzero(targets < 0)[0]))}).")
+        report.warn(f"{missing} {what} row(s) have no usable label; they are left out.")
+    if len(keep) == 0:
+        raise DataError(f"No {what} row has a usable label.")
+    return EncodedImageDataset(source, targets, names, indices=keep, min_size=min_size, on_bad_file=on_bad_file,
+                               report=report)
+
+
+# -- Hugging Face datasets --------------------------------------------------------------
+def is_hf_dataset(data: Any) -> bool:
+    """A ``datasets`` object (``Dataset``, ``IterableDataset``, ``DatasetDict``), told by its
+    type's module so that ``datasets`` need not be installed to ask."""
+    return type(data).__module__.split(".")[0] == "datasets"
+
+
+def is_saved_hf(path: Any) -> bool:
+    """A folder written by ``datasets``' ``save_to_disk``."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        return False
+    p = Path(path)
+    return (p / "dataset_dict.json").is_file() or ((p / "state.json").is_file() and (p / "dataset_info.json").is_file())
+
+
+def load_hf(data: Any) -> Any:
+    """A ``datasets`` object from an object or a ``save_to_disk`` folder."""
+    if isinstance(data, (str, os.PathLike)):
+        return _datasets().load_from_disk(str(data))
+    return data
+
+
+def split_hf(data: Any) -> tuple[Any, Any] | None:
+    """``(train, validation)`` of a ``DatasetDict`` (or a folder holding one); None for one dataset."""
+    if not (is_hf_dataset(data) or is_saved_hf(data)):
+        return None
+    obj = load_hf(data)
+    if type(obj).__name__ not in ("DatasetDict", "IterableDatasetDict"):
+        return None
+    if "train" not in obj:
+        raise DataError(f"The Hugging Face DatasetDict has splits {list(obj)}, none named 'train'; pass "
+                        "data=dd['<split>'] and val_data=dd['<split>'].")
+    val = next((obj[s] for s in ("validation", "valid", "val", "test") if s in obj), None)
+    return obj["train"], val
+
+
+class HFSource:
+    """The rows of a ``datasets.Dataset``, readable by position; images undecoded."""
+
+    def __init__(self, ds: Any, image_column: str | None = None, label_column: str | None = None) -> None:
+        datasets = _datasets()
+        feats = ds.features
+        cols = list(feats)
+        where = "The Hugging Face dataset"
+        images = [c for c in cols if isinstance(feats[c], datasets.Image)]
+        self.image_column = _pick(cols, images + list(IMAGE_COLUMNS), image_column, "images", where)
+        if self.image_column is None:
+            raise DataError(f"{where} has no Image column; its columns: {cols[:20]}. Pass image_column=....")
+        labels = [c for c in cols if isinstance(feats[c], datasets.ClassLabel)]
+        self.label_column = _pick(cols, labels + list(LABEL_COLUMNS), label_column, "labels", where)
+        if self.label_column is None:
+            raise DataError(f"{where} has no ClassLabel or label column; its columns: {cols[:20]}.")
+        lab = feats[self.label_column]
+        self.class_names = list(lab.names) if isinstance(lab, datasets.ClassLabel) else None
+        self.key_column = next((c for c in KEY_COLUMNS if c in cols), None)
+        view = ds.select_columns([self.image_column])
+        if isinstance(feats[self.image_column], datasets.Image):
+            view = view.cast_column(self.image_column, datasets.Image(decode=False))
+        self.ds, self.full = view, ds
+        self.name = f"Hugging Face dataset {getattr(ds, '_fingerprint', '')}".strip()
+        self._keys: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def labels(self) -> list[Any]:
+        return self.full.with_format("arrow")[self.label_column].to_pylist()
+
+    def read(self, i: int) -> bytes:
+        value = self.ds[int(i)][self.image_column]
+        if isinstance(value, dict):
+            data = value.get("bytes")
+            if data is None and value.get("path"):
+                with open(value["path"], "rb") as f:
+                    data = f.read()
+        else:
+            data = value
+        if not isinstance(data, (bytes, bytearray)):
+            raise OSError(f"the image cell holds {type(data).__name__}, not encoded bytes")
+        return bytes(data)
+
+    def key(self, i: int) -> str:
+        if self.key_column is None:
+            return str(i)
+        if self._keys is None:
+            self._keys = [str(k) for k in self.full.with_format("arrow")[self.key_column].to_pylist()]
+        return self._keys[i]
+
+    def sample_name(self, i: int) -> str:
+        return f"row {i}" + (f" ({self.key(i)})" if self.key_column else "")
+
+    def fingerprint(self) -> str:
+        fp = getattr(self.full, "_fingerprint", None)  # datasets' own identity of the table and its transforms
+        if not fp:
+            raise DataError("The Hugging Face dataset has no fingerprint; save it (save_to_disk) and pass the folder.")
+        return f"{fp}:{self.image_column}:{self.label_column}"
+
+
+def open_hf(data: Any, *, classes: Sequence[str] | None = None, min_size: int | None = None,
+            on_bad_file: str = "skip", report: DataReport | None = None, what: str = "training",
+            image_column: str | None = None, label_column: str | None = None) -> EncodedImageDataset:
+    """A map-style dataset over a ``datasets.Dataset`` or a ``save_to_disk`` folder (see the
+    module docstring)."""
+    check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
+    report = report if report is not None else DataReport()
+    ds = load_hf(data)
+    kind = type(ds).__name__
+    if kind in ("IterableDataset", "IterableDatasetDict"):
+        raise DataError("A streaming Hugging Face IterableDataset is not supported yet: transferkit needs random "
+                        "access. Load it as a Dataset (streaming=False), or save it to disk (save_to_disk) or to "
+                        "Parquet files and pass the folder.")
+    if kind == "DatasetDict":
+        raise DataError(f"Pass one split of the DatasetDict (data=dd['train'], val_data=dd['validation']); it has "
+                        f"{list(ds)}.")
+    if len(ds) == 0:
+        raise DataError(f"The {what} Hugging Face dataset is empty.")
+    source = HFSource(ds, image_column, label_column)
+    names = list(classes) if classes else source.class_names
+    if classes and source.class_names and list(classes) != source.class_names:
+        raise DataError(f"The {what} dataset's ClassLabel names {source.class_names[:10]} differ from the classes "
+                        f"{list(classes)[:10]}; map its labels first (ds.align_labels_with_mapping).")
+    targets, names = labels_to_targets(source.labels(), names, f"The {what} Hugging Face dataset", report)
+    return _kept(source, targets, names, min_size, on_bad_file, report, what)

@@ -27,16 +27,29 @@ class EpochSampler(Sampler):
     under distributed training each rank takes every ``world_size``-th index of that
     permutation (so the union of the ranks' batches is the single-process batch).
 
+    The order is a function of ``(seed, epoch)`` only: the same with any number of
+    DataLoader workers (the sampler runs in the main process), of shards, or of files.
+
+    ``pad=True`` (training): every rank gets ``ceil(n / world_size)`` indices, the last
+    ranks repeating the first indices of the permutation (as ``DistributedSampler`` does),
+    or ``floor(n / world_size)`` with ``drop_last``; every rank then runs the same number
+    of batches, so no rank waits at a gradient all-reduce that another will not reach.
+    ``pad=False`` (validation): rank ``r`` gets exactly the indices ``r, r + W, ...`` of
+    the permutation, so across ranks each sample is seen exactly once; ranks may differ by
+    one sample, so reduce their sums once after the loop (never per batch).
+
     Example:
         >>> s = EpochSampler(4, shuffle=False)
         >>> list(s)
         [(0, 0), (1, 0), (2, 0), (3, 0)]
+        >>> [len(EpochSampler(5, shuffle=False, rank=r, world_size=2, pad=False)) for r in (0, 1)]
+        [3, 2]
     """
 
     def __init__(self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, pad: bool = True) -> None:
         self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world_size
-        self.drop_last, self.epoch = drop_last, 0
+        self.drop_last, self.pad, self.epoch = drop_last, pad, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -48,8 +61,10 @@ class EpochSampler(Sampler):
         else:
             order = list(range(self.n))
         if self.world > 1:
+            if not self.pad:
+                return order[self.rank::self.world]
             per_rank = self.n // self.world if self.drop_last else -(-self.n // self.world)
-            order = (order + order[: per_rank * self.world - self.n])[: per_rank * self.world]  # pad like DistributedSampler
+            order = (order * (-(-per_rank * self.world // max(self.n, 1))))[: per_rank * self.world]  # pad
             order = order[self.rank::self.world]
         return order
 
@@ -59,6 +74,8 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         if self.world == 1:
             return self.n
+        if not self.pad:
+            return len(range(self.rank, self.n, self.world))
         return self.n // self.world if self.drop_last else -(-self.n // self.world)
 
 
@@ -82,15 +99,29 @@ class SeededItems(Dataset):
 
 
 def default_num_workers(dataset: Any, world_size: int = 1) -> int:
-    """Decoding workers for file-backed datasets: the CPUs this process may use (split across
-    local ranks), at most 8; 0 for in-memory data, where worker start-up costs more than it saves."""
+    """Decoding workers for file-backed datasets: the CPUs this process may use split across
+    the processes of this node (``LOCAL_WORLD_SIZE``, which torchrun sets; else
+    ``world_size``), at most 8; 0 for in-memory data, where worker start-up costs more than
+    it saves.
+
+    Example:
+        >>> import os
+        >>> class Files:
+        ...     samples = []
+        >>> os.environ["LOCAL_WORLD_SIZE"] = "1"  # 2 nodes x 1 process: each node's CPUs serve one
+        >>> default_num_workers(Files(), world_size=2) == default_num_workers(Files(), world_size=1)
+        True
+        >>> del os.environ["LOCAL_WORLD_SIZE"]
+    """
     if not hasattr(dataset, "samples"):
         return 0
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         cpus = os.cpu_count() or 1
-    return max(0, min(8, cpus // max(world_size, 1)))
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    per_node = int(local) if local.isdigit() and int(local) > 0 else max(world_size, 1)
+    return max(0, min(8, cpus // per_node))
 
 
 def seed_everything(seed: int) -> None:

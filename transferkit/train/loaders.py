@@ -20,9 +20,10 @@ __all__ = ["EpochSampler", "SeededItems", "default_num_workers", "make_loader", 
 
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: torch.device,
                 num_workers: int | None = None, seed: int = 0, drop_last: bool = False, rank: int = 0,
-                world_size: int = 1) -> DataLoader:
+                world_size: int = 1, pad: bool = True) -> DataLoader:
     """A loader over ``dataset`` with an `EpochSampler` (call ``loader.sampler.set_epoch(e)``):
     workers sized to the machine and persistent across epochs, pinned memory on CUDA.
+    ``pad=False`` for validation under DDP: each sample exactly once across the ranks.
 
     Example:
         >>> ds = torch.utils.data.TensorDataset(torch.arange(6.0), torch.arange(6))
@@ -33,7 +34,7 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: tor
         num_workers = default_num_workers(dataset, world_size)
     n = len(dataset)  # type: ignore[arg-type]
     sampler = EpochSampler(n, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
-                           drop_last=drop_last and n > batch_size * world_size)
+                           drop_last=drop_last and n > batch_size * world_size, pad=pad)
     return DataLoader(SeededItems(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=getattr(dataset, "collate_fn", None),  # audio: pads clips of different lengths
                       pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,

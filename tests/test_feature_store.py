@@ -1,0 +1,262 @@
+"""The sharded, resumable feature store: parts committed atomically, a killed extraction
+resumed (with another number of ranks), bf16 at half the bytes, bad samples masked,
+free space checked, head training from memory or from blocks."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_image_folder
+from shard_helpers import folder_items, write_shards
+
+import transferkit as tk
+from transferkit.data import eval_transform, prepare_data
+from transferkit.train.feature_store import ShardedFeatureStore, extract_parts
+
+
+class Tiny(torch.utils.data.Dataset):
+    """``n`` samples of 4 numbers; the label is whether the first is positive."""
+
+    def __init__(self, n: int = 3000, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = (self.x[:, 0] > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def _forward(dtype=torch.float32):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 8)
+    return lambda x: lin(x.float()).to(dtype)
+
+
+class Boom(Exception):
+    pass
+
+
+def _killing(forward, after_parts: int, part_size: int, batch: int):
+    calls = {"n": 0}
+    per_part = -(-part_size // batch)
+
+    def f(x):
+        calls["n"] += 1
+        if calls["n"] > after_parts * per_part:
+            raise Boom("killed")
+        return forward(x)
+    return f
+
+
+def test_killed_extraction_resumes_recomputing_only_missing_parts(tmp_path):
+    ds, fwd = Tiny(3000), _forward()
+    store = ShardedFeatureStore.open(tmp_path, "k", num_samples=3000, part_size=256, dim=8)
+    assert store.num_parts == 12
+    with pytest.raises(Boom):
+        extract_parts(store, ds, _killing(fwd, 5, 256, 64), batch_size=64)
+    assert store.report()["computed"] == 5
+    assert not list(tmp_path.glob("k/.*tmp"))  # the part being written when it died left nothing
+    again = ShardedFeatureStore.open(tmp_path, "k", num_samples=3000, part_size=256, dim=8)
+    assert len(again.missing_parts()) == 7
+    extract_parts(again, ds, fwd, batch_size=64)
+    rep = again.report()
+    assert (rep["computed"], rep["reused"], rep["shards"], rep["samples"]) == (7, 5, 12, 3000)
+    whole = ShardedFeatureStore.open(tmp_path / "ref", "k", num_samples=3000, part_size=256, dim=8)
+    extract_parts(whole, ds, fwd, batch_size=64)
+    assert torch.equal(again.load()[0], whole.load()[0])  # resumed = uninterrupted, bit for bit
+    assert torch.equal(again.load()[1], ds.y)
+
+
+def test_resume_with_another_number_of_ranks_covers_every_part_once(tmp_path):
+    ds, fwd = Tiny(1000), _forward()
+    store = ShardedFeatureStore.open(tmp_path, "k", num_samples=1000, part_size=100, dim=8)
+    extract_parts(store, ds, fwd, rank=0, world_size=3)  # one of three ranks ran, then the job died
+    assert store.report()["computed"] == 4
+    opened = [ShardedFeatureStore.open(tmp_path, "k", num_samples=1000, part_size=100, dim=8) for _ in range(2)]
+    assigned = [s.assigned_parts(r, 2) for r, s in enumerate(opened)]  # resumed on two ranks, at once
+    written = [p for r, s in enumerate(opened) for p in extract_parts(s, ds, fwd, rank=r, world_size=2,
+                                                                      parts=assigned[r])]
+    assert sorted(written) == [1, 2, 4, 5, 7, 8]
+    assert opened[0].assigned_parts(1, 2, missing=[1, 2, 4, 5, 7, 8]) == [2, 5, 8]  # an agreed list: balanced
+    assert ShardedFeatureStore.open(tmp_path, "k", num_samples=1000, part_size=100, dim=8).missing_parts() == []
+
+
+def test_bf16_is_stored_as_computed_in_half_the_bytes(tmp_path):
+    ds = Tiny(2000)
+    reports = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).split(".")[1]
+        store = ShardedFeatureStore.open(tmp_path, name, num_samples=2000, part_size=500, dim=8, dtype=dtype)
+        extract_parts(store, ds, _forward(dtype))
+        reports[name] = store.report()
+        x = store.load()[0]
+        assert x.dtype == dtype
+        assert torch.equal(x[0], _forward(dtype)(ds.x))  # the computed values, bit for bit
+    f32, bf16 = reports["float32"]["bytes"], reports["bfloat16"]["bytes"]
+    feat32, feat16 = 2000 * 8 * 4, 2000 * 8 * 2
+    assert bf16 < f32 and f32 - bf16 == feat32 - feat16
+    with pytest.raises(ValueError, match="precision they were computed in"):
+        ShardedFeatureStore.open(tmp_path, "bfloat16", num_samples=2000, part_size=500, dim=8,
+                                 dtype="bfloat16").write_part(0, torch.zeros(500, 8), torch.zeros(500))
+
+
+def test_bad_sample_is_masked_and_reported_not_a_reason_to_discard(tmp_path):
+    folder = make_image_folder(tmp_path / "img", per_class=6)
+    items = folder_items(folder)
+    write_shards(items, tmp_path / "s", [12])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = prepare_data(str(tmp_path / "s"), val_split=0, scan="none").train
+    ds.source.sizes[3] = 40  # the image of sample 3 now reads truncated: it passes no decoder
+    view = ds.view(transform=eval_transform(tk.InputSpec(image_size=8)))
+    store = ShardedFeatureStore.open(tmp_path / "c", "k", num_samples=12, part_size=5, dim=3)
+    extract_parts(store, view, lambda x: x.float().mean((2, 3)))
+    x, y, mask = store.load()
+    assert mask.tolist() == [i != 3 for i in range(12)]
+    assert y.tolist() == ds.targets
+    rep = store.report()
+    assert rep["masked_samples"] == 1 and "train0000003" in rep["masked"][0]
+    hb = store.batches(4, memory_budget=1 << 30)
+    assert sum(len(b[1]) for b in hb) == 11  # the masked sample is not trained on
+
+
+def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
+    import shutil
+
+    store = ShardedFeatureStore.open(tmp_path, "k", num_samples=10, part_size=5, dim=3)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 1000))
+    with pytest.raises(tk.OutputError, match="Not enough free space"):
+        store.write_part(0, torch.zeros(5, 3), torch.zeros(5))
+    assert store.missing_parts() == [0, 1]
+
+
+def test_damaged_part_is_found_and_recomputed(tmp_path):
+    ds, fwd = Tiny(300), _forward()
+    store = ShardedFeatureStore.open(tmp_path, "k", num_samples=300, part_size=100, dim=8)
+    extract_parts(store, ds, fwd)
+    f = tmp_path / "k" / "part-000001" / "features.npy"
+    f.write_bytes(f.read_bytes()[:-8] + b"\0" * 8)
+    assert store.missing_parts(verify=True) == [1]
+
+
+def test_other_parameters_for_the_same_key_start_afresh(tmp_path):
+    ds, fwd = Tiny(300), _forward()
+    extract_parts(ShardedFeatureStore.open(tmp_path, "k", num_samples=300, part_size=100, dim=8), ds, fwd)
+    s = ShardedFeatureStore.open(tmp_path, "k", num_samples=300, part_size=50, dim=8)
+    assert len(s.missing_parts()) == 6 and s.report()["reused"] == 0
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 1000])
+def test_head_batches_cover_each_sample_once_per_epoch_in_a_seeded_order(tmp_path, budget):
+    ds, fwd = Tiny(1000), _forward()
+    store = ShardedFeatureStore.open(tmp_path, "k", num_samples=1000, part_size=128, dim=8)
+    extract_parts(store, ds, fwd)
+    hb = store.batches(64, seed=3, memory_budget=budget)
+    assert hb.mode == ("memory" if budget > 1000 else "blocks")
+    feats = store.load()[0][0].float()
+    epochs = []
+    for e in (0, 1):
+        hb.set_epoch(e)
+        batches = list(hb)
+        assert len(batches) == len(hb) == 16
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        rows = [int(torch.nonzero((feats == r).all(1))[0]) for r in x[:50]]
+        assert y[:50].tolist() == ds.y[rows].tolist()
+        assert sorted(y.tolist()) == sorted(ds.y.tolist()) and x.dtype == torch.float32
+        epochs.append(rows)
+    assert epochs[0] != epochs[1]
+    hb.set_epoch(0)
+    assert torch.equal(next(iter(hb))[0], torch.cat([b[0] for b in list(hb)[:1]]))  # seeded
+
+
+def test_head_trains_from_the_store(tmp_path):
+    ds = Tiny(2000)
+    store = ShardedFeatureStore.open(tmp_path, "k", num_samples=2000, part_size=300, dim=4)
+    extract_parts(store, ds, lambda x: x)
+    for budget in (1 << 30, 1000):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(head.parameters(), lr=0.5)
+        hb = store.batches(100, memory_budget=budget)
+        for e in range(3):
+            hb.set_epoch(e)
+            for x, y in hb:
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(head(x), y).backward()
+                opt.step()
+        acc = (head(ds.x).argmax(1) == ds.y).float().mean().item()
+        assert acc > 0.95, (hb.mode, acc)
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 1000])
+@pytest.mark.parametrize("world", [2, 3])
+def test_head_batches_under_ddp_give_every_rank_equal_batches_covering_the_epoch(tmp_path, budget, world):
+    ds = Tiny(1001)
+    store = ShardedFeatureStore.open(tmp_path, "k", num_samples=1001, part_size=128, dim=4)
+    extract_parts(store, ds, lambda x: x)
+    ranks = [store.batches(50, seed=1, memory_budget=budget, rank=r, world_size=world) for r in range(world)]
+    for hb in ranks:
+        hb.set_epoch(2)
+    got = [list(hb) for hb in ranks]
+    assert len({len(b) for b in got}) == 1 and len(got[0]) == len(ranks[0])
+    assert all([len(y) for _, y in got[0]] == [len(y) for _, y in b] for b in got)  # the same sizes on every rank
+    rows = torch.cat([x for b in got for x, _ in b])
+    seen = {tuple(r.tolist()) for r in rows}
+    assert seen == {tuple(r.tolist()) for r in ds.x}  # every sample
+    assert len(rows) - 1001 == (-1001) % world  # padding only evens the ranks out
+    single = store.batches(50 * world, seed=1, memory_budget=budget)
+    single.set_epoch(2)
+    assert torch.equal(torch.cat([x for x, _ in single]),
+                       torch.cat([torch.stack([got[r][i][0] for r in range(world)], 1).reshape(-1, 4)
+                                  for i in range(len(got[0]) - 1)] +
+                                 [torch.cat([got[r][-1][0][:, None] for r in range(world)], 1).reshape(-1, 4)])[:1001])
+
+
+KILLER = """
+import os, signal, sys
+import numpy as np
+import torch
+sys.path.insert(0, {tests!r})
+from test_feature_store import Tiny, _forward
+from transferkit.train.feature_store import ShardedFeatureStore, extract_parts
+
+saves = {{"n": 0}}
+real_save = np.save
+def save(path, arr, *a, **k):
+    saves["n"] += 1
+    if saves["n"] == 3 * 4 + 2:  # part 4, half written: the process dies without any cleanup
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(path, arr, *a, **k)
+np.save = save
+store = ShardedFeatureStore.open({root!r}, "k", num_samples=3000, part_size=256, dim=8)
+extract_parts(store, Tiny(3000), _forward(), batch_size=64)
+"""
+
+
+def test_sigkill_mid_part_leaves_no_half_part_and_resume_cleans_up(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = KILLER.format(tests=str(Path(__file__).parent), root=str(tmp_path))
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert list((tmp_path / "k").glob(".part-000004.*tmp"))  # the half-written part, under a temporary name
+    store = ShardedFeatureStore.open(tmp_path, "k", num_samples=3000, part_size=256, dim=8)
+    assert store.missing_parts() == list(range(4, 12))
+    extract_parts(store, Tiny(3000), _forward(), batch_size=64)
+    rep = store.report()
+    assert (rep["computed"], rep["reused"]) == (8, 4)
+    assert not list((tmp_path / "k").glob(".*tmp"))  # the dead writer's temporary is gone
+    ref = ShardedFeatureStore.open(tmp_path / "ref", "k", num_samples=3000, part_size=256, dim=8)
+    extract_parts(ref, Tiny(3000), _forward(), batch_size=64)
+    assert torch.equal(store.load()[0], ref.load()[0])

@@ -1,0 +1,61 @@
+"""Two simulated nodes (two torchrun launches on 127.0.0.1, one gloo process each) fill one
+sharded feature store and train a head from it under DDP (see tests/store_worker.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from store_worker import data, features
+from transferkit.train.feature_store import ShardedFeatureStore, extract_parts
+
+WORKER = Path(__file__).with_name("store_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_fill_the_store_bit_for_bit_and_end_with_the_same_head(tmp_path):
+    runner = Path(sys.executable).with_name("torchrun")
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = tmp_path / "out"
+    out.mkdir()
+    procs = [subprocess.Popen([str(runner), "--nnodes=2", "--nproc_per_node=1", f"--node_rank={n}",
+                               "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER),
+                               str(tmp_path / "store"), str(out)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) for n in range(2)]
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("the two-node job did not end within 240 s")
+        assert p.returncode == 0, err[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["mode"] == "blocks"
+    for k in ranks[0]["weights"]:
+        assert torch.equal(ranks[0]["weights"][k], ranks[1]["weights"][k])  # every rank the same head
+    assert sorted(r["report"]["computed"] for r in ranks) == [5, 6]  # 11 parts, split between the nodes
+    # the store equals a one-process store, bit for bit (fp32)
+    ds = data()
+    one = ShardedFeatureStore.open(tmp_path / "one", "k", num_samples=len(ds), part_size=96, dim=16)
+    extract_parts(one, ds, features, batch_size=32)
+    two = ShardedFeatureStore.open(tmp_path / "store", "k", num_samples=len(ds), part_size=96, dim=16)
+    assert two.missing_parts(verify=True) == []
+    a, b = one.load(), two.load()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # a node runs one process: its DataLoader workers use all its CPUs, not half of them
+    assert [r["local_world"] for r in ranks] == ["1", "1"]
+    assert ranks[0]["workers"] == ranks[1]["workers"] == min(8, len(os.sched_getaffinity(0)))

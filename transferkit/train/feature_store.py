@@ -1,0 +1,456 @@
+"""A sharded, resumable store of frozen-backbone features, for data larger than memory.
+
+The store of one key is a folder ``<directory>/<key>/`` of *parts*: part ``p`` holds the
+samples ``[p * part_size, min((p + 1) * part_size, num_samples))``, in
+``part-<p>/features.npy`` (``[views, rows, dim]``), ``targets.npy`` and ``mask.npy``
+(True where the sample could be read), with ``part.json`` recording the digests. A part is
+written into a temporary folder and renamed when complete, so it is either there whole or
+not at all:
+
+- **Resume.** A killed extraction leaves its committed parts; the next run computes only
+  `ShardedFeatureStore.missing_parts` (each worker loses at most the part it was writing).
+  Parts are keyed by sample range, not by rank, so a resume may use another number of
+  ranks: rank ``r`` of ``W`` computes the missing parts ``p`` with ``p % W == r``
+  (`ShardedFeatureStore.assigned_parts`).
+- **Precision.** Features are stored in the precision they were computed in: ``float32``,
+  ``float16``, or ``bfloat16`` (as raw ``uint16`` in the ``.npy`` file, half the bytes of
+  ``float32``; `ShardedFeatureStore.load` gives them back as ``torch.bfloat16``).
+- **Bad samples.** A sample that cannot be read gets a zero row and ``mask = False``; it is
+  listed in ``report()["masked"]`` and left out of head training, instead of discarding the
+  store.
+- **Disk.** Free space is checked before each part is written (an
+  `OutputError` says how much is needed).
+- **Memory.** Extraction holds one part at a time: its peak memory does not grow with the
+  number of samples.
+
+Head training reads it back (`ShardedFeatureStore.batches`): a store that fits in the
+memory budget is loaded into one tensor and batched by indexing it, with no DataLoader; a
+larger one is read a part at a time (a contiguous block), the parts in an order seeded by
+``(seed, epoch)`` and the rows shuffled within each block.
+
+Example:
+    >>> import tempfile, torch
+    >>> store = ShardedFeatureStore.open(tempfile.mkdtemp(), "k", num_samples=5, part_size=2, dim=3)
+    >>> store.missing_parts()
+    [0, 1, 2]
+    >>> for p in store.missing_parts():
+    ...     a, b = store.part_range(p)
+    ...     store.write_part(p, torch.ones(b - a, 3), torch.arange(a, b))
+    >>> x, y, mask = store.load()
+    >>> tuple(x.shape), y.tolist(), store.report()["computed"]
+    ((1, 5, 3), [0, 1, 2, 3, 4], 3)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from transferkit._io import create_temp, file_digest, remove_stale_temps
+from transferkit.errors import ConfigError, DataError, OutputError
+from transferkit.data.sampling import mix_seed
+
+STORE_FORMAT = 1
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 kept as raw uint16 bits
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SPACE_MARGIN_BYTES = 64 * 2**20
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = str(dtype).replace("torch.", "")
+    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(
+        name, name)
+    if name not in DTYPES:
+        raise ConfigError(f"Feature store dtype must be one of {list(DTYPES)}, got {dtype!r}.")
+    return name
+
+
+class ShardedFeatureStore:
+    """Parts of features on disk; see the module docstring. Build it with `open`."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], present: list[int]) -> None:
+        self.path, self.meta = path, meta
+        self.num_samples, self.part_size = int(meta["num_samples"]), int(meta["part_size"])
+        self.dim, self.views, self.dtype = int(meta["dim"]), int(meta["views"]), str(meta["dtype"])
+        self.reused_parts = sorted(present)  # committed before this process opened the store
+        self.computed_parts: list[int] = []  # written by this process
+        self.masked: list[tuple[int, str]] = []  # (sample, name) masked by this process
+
+    # -- opening -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, directory: str | Path, key: str, *, num_samples: int, part_size: int, dim: int,
+             dtype: Any = "float32", views: int = 1) -> ShardedFeatureStore:
+        """The store ``directory/key`` for these parameters: created if absent, reopened (its
+        committed parts reused) if it was made with the same ones; a folder of the same key
+        made with others (another part size) is replaced."""
+        if num_samples < 1 or part_size < 1 or dim < 1 or views < 1:
+            raise ConfigError(f"Feature store needs num_samples, part_size, dim and views >= 1, got {num_samples}, "
+                              f"{part_size}, {dim}, {views}.")
+        meta = {"format": STORE_FORMAT, "key": key, "num_samples": int(num_samples), "part_size": int(part_size),
+                "dim": int(dim), "dtype": _dtype_name(dtype), "views": int(views)}
+        path = Path(directory) / key
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"Cannot create the feature store {str(path)!r}: {exc}.") from exc
+        meta_file = path / "store.json"
+        old = None
+        if meta_file.is_file():
+            try:
+                old = json.loads(meta_file.read_text())
+            except ValueError:
+                old = None
+        if old != meta:
+            for p in path.glob("part-*"):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            tmp = create_temp(meta_file)
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, meta_file)
+        store = cls(path, meta, [])
+        store.reused_parts = [p for p in range(store.num_parts) if store._committed(p)]
+        return store
+
+    # -- parts ---------------------------------------------------------------------------
+    @property
+    def num_parts(self) -> int:
+        return -(-self.num_samples // self.part_size)
+
+    def part_range(self, p: int) -> tuple[int, int]:
+        """``(start, stop)``: the samples of part ``p``."""
+        if not 0 <= p < self.num_parts:
+            raise IndexError(f"part {p} of a store with {self.num_parts} parts")
+        return p * self.part_size, min((p + 1) * self.part_size, self.num_samples)
+
+    def _part_dir(self, p: int) -> Path:
+        return self.path / f"part-{p:06d}"
+
+    def _committed(self, p: int, verify: bool = False) -> bool:
+        d = self._part_dir(p)
+        try:
+            info = json.loads((d / "part.json").read_text())
+        except (OSError, ValueError):
+            return False
+        if not verify:
+            return True
+        return all((d / n).is_file() and file_digest(d / n) == h for n, h in info.get("digests", {}).items())
+
+    def missing_parts(self, *, verify: bool = False) -> list[int]:
+        """The parts not yet committed (with ``verify``, also those whose files do not match
+        their digests; those are removed)."""
+        out = []
+        for p in range(self.num_parts):
+            if not self._committed(p, verify):
+                if self._part_dir(p).exists():
+                    shutil.rmtree(self._part_dir(p), ignore_errors=True)
+                out.append(p)
+        return out
+
+    def assigned_parts(self, rank: int = 0, world_size: int = 1, missing: list[int] | None = None) -> list[int]:
+        """The missing parts rank ``rank`` of ``world_size`` computes.
+
+        Without ``missing``: the missing parts ``p`` with ``p % world_size == rank``, which
+        needs no agreement between the ranks (each may look at a different moment: a part
+        is either committed already or computed by its one owner). With ``missing`` (the
+        same list on every rank, e.g. broadcast from rank 0): every ``world_size``-th of it,
+        which balances the ranks after a resume that left parts unevenly.
+        """
+        if missing is not None:
+            return list(missing)[rank::world_size]
+        return [p for p in self.missing_parts() if p % world_size == rank]
+
+    def _as_stored(self, feats: Any, rows: int) -> np.ndarray:
+        t = torch.as_tensor(feats).detach().cpu()
+        if t.dim() == 2:
+            t = t.unsqueeze(0)
+        if tuple(t.shape) != (self.views, rows, self.dim):
+            raise ValueError(f"features of shape {tuple(t.shape)}, expected {(self.views, rows, self.dim)}")
+        want = TORCH_DTYPES[self.dtype]
+        if t.dtype != want:
+            raise ValueError(f"features of dtype {t.dtype}, but the store keeps {want}: store features in the "
+                             "precision they were computed in (open the store with that dtype)")
+        t = t.contiguous()
+        return (t.view(torch.int16).numpy().view(np.uint16) if want == torch.bfloat16 else t.numpy())
+
+    def write_part(self, p: int, feats: Any, targets: Any, mask: Any = None) -> None:
+        """Commit part ``p``: ``feats`` ``[rows, dim]`` (or ``[views, rows, dim]``) in the store's
+        dtype, ``targets`` ``[rows, ...]``, ``mask`` ``[rows]`` (True: the sample was read; default
+        all True). Written to a temporary folder, then renamed; free space checked first."""
+        start, stop = self.part_range(p)
+        rows = stop - start
+        arr = self._as_stored(feats, rows)
+        tgt = np.asarray(torch.as_tensor(targets).cpu().numpy())
+        if len(tgt) != rows:
+            raise ValueError(f"{len(tgt)} targets for the {rows} samples of part {p}")
+        m = np.ones(rows, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+        need = arr.nbytes + tgt.nbytes + m.nbytes
+        free = shutil.disk_usage(self.path).free
+        if need + SPACE_MARGIN_BYTES > free:
+            raise OutputError(f"Not enough free space for the feature store {str(self.path)!r}: a part needs "
+                              f"{need / 2**20:.1f} MB (+{SPACE_MARGIN_BYTES // 2**20} MB margin), "
+                              f"{free / 2**20:.1f} MB are free. Free some space or use another cache_dir; the "
+                              f"parts written so far are kept.")
+        final = self._part_dir(p)
+        remove_stale_temps(final)
+        tmp = create_temp(final, directory=True)
+        try:
+            np.save(tmp / "features.npy", arr)
+            np.save(tmp / "targets.npy", tgt)
+            np.save(tmp / "mask.npy", m)
+            digests = {n: file_digest(tmp / n) for n in ("features.npy", "targets.npy", "mask.npy")}
+            (tmp / "part.json").write_text(json.dumps({"part": p, "start": start, "stop": stop, "digests": digests}))
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another process committed it first: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.computed_parts.append(p)
+
+    # -- reading -------------------------------------------------------------------------
+    def read_part(self, p: int, *, mmap: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(features as stored, targets, mask)`` of a committed part (features memory-mapped)."""
+        d = self._part_dir(p)
+        if not self._committed(p):
+            raise DataError(f"Part {p} of the feature store {str(self.path)!r} is not written yet.")
+        return (np.load(d / "features.npy", mmap_mode="r" if mmap else None), np.load(d / "targets.npy"),
+                np.load(d / "mask.npy"))
+
+    def to_torch(self, arr: np.ndarray) -> torch.Tensor:
+        """Stored features as a tensor of the store's dtype (bf16 from its raw bits)."""
+        arr = np.ascontiguousarray(arr)
+        t = torch.from_numpy(arr if arr.flags.writeable else np.array(arr))
+        return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole store in memory: features ``[views, N, dim]`` (the store's dtype), targets,
+        mask. Every part must be committed."""
+        missing = self.missing_parts()
+        if missing:
+            raise DataError(f"The feature store {str(self.path)!r} misses parts {missing[:5]}; extract them first.")
+        feats = torch.empty((self.views, self.num_samples, self.dim), dtype=TORCH_DTYPES[self.dtype])
+        targets, masks = [], []
+        for p in range(self.num_parts):
+            a, b = self.part_range(p)
+            f, t, m = self.read_part(p)
+            feats[:, a:b] = self.to_torch(f)
+            targets.append(torch.from_numpy(t))
+            masks.append(torch.from_numpy(m))
+        return feats, torch.cat(targets), torch.cat(masks)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the committed parts' files."""
+        return sum(f.stat().st_size for f in self.path.glob("part-*/*.npy"))
+
+    def report(self) -> dict[str, Any]:
+        """``samples``, ``shards`` (parts), ``part_size``, ``computed`` / ``reused`` (parts written
+        by this process / found committed), ``dtype``, ``bytes`` (on disk), ``bytes_per_sample``,
+        ``masked`` (the samples this process could not read, with why) and ``masked_samples``
+        (how many samples of the whole store are masked)."""
+        n = self.nbytes
+        masked_total = sum(int((~np.load(f)).sum()) for f in self.path.glob("part-*/mask.npy"))
+        return {"samples": self.num_samples, "shards": self.num_parts, "part_size": self.part_size,
+                "computed": len(self.computed_parts), "reused": len(self.reused_parts), "dtype": self.dtype,
+                "bytes": n, "bytes_per_sample": n / self.num_samples, "views": self.views,
+                "masked": [name for _, name in self.masked], "masked_samples": masked_total, "path": str(self.path)}
+
+    def batches(self, batch_size: int, *, seed: int = 0, memory_budget: int = 2 * 2**30,
+                device: torch.device | str = "cpu", block_bytes: int = 256 * 2**20, rank: int = 0,
+                world_size: int = 1) -> HeadBatches:
+        """Training batches of ``(features as float32, targets)`` over the unmasked samples
+        (this rank's share under DDP); see [`HeadBatches`][transferkit.train.feature_store.HeadBatches]."""
+        return HeadBatches(self, batch_size, seed=seed, memory_budget=memory_budget, device=device,
+                           block_bytes=block_bytes, rank=rank, world_size=world_size)
+
+
+class HeadBatches:
+    """``(x float32 [B, dim], y)`` batches of one epoch (call ``set_epoch(e)`` first), the view
+    of each sample chosen from ``(seed, epoch, index)``.
+
+    ``mode`` is ``"memory"`` when the store (its dtype) fits ``memory_budget``: it is loaded
+    once into one tensor on ``device`` and batches are slices of a seeded permutation, no
+    DataLoader; else ``"blocks"``: runs of consecutive parts of about ``block_bytes``
+    (at most the memory budget, at least one part) are read whole, sequentially, the blocks
+    in an order seeded by ``(seed, epoch)`` and the rows shuffled within each block, so
+    memory holds one block at a time.
+
+    Under DDP (``world_size > 1``) every rank walks the same epoch order in global batches of
+    ``batch_size * world_size`` rows and takes every ``world_size``-th row of each; the epoch is
+    padded to a multiple of ``world_size`` by repeating its first rows, so every rank gets the
+    same number of batches of the same sizes (no rank waits at an all-reduce another skips).
+    """
+
+    def __init__(self, store: ShardedFeatureStore, batch_size: int, *, seed: int = 0,
+                 memory_budget: int = 2 * 2**30, device: torch.device | str = "cpu",
+                 block_bytes: int = 256 * 2**20, rank: int = 0, world_size: int = 1) -> None:
+        self.store, self.batch_size, self.seed, self.epoch = store, int(batch_size), seed, 0
+        self.rank, self.world = int(rank), int(world_size)
+        self.block_bytes = min(int(block_bytes), int(memory_budget)) if memory_budget > 0 else int(block_bytes)
+        self.device = torch.device(device)
+        itemsize = 4 if store.dtype == "float32" else 2
+        need = store.views * store.num_samples * store.dim * itemsize
+        self.part_bytes = store.views * store.part_size * store.dim * itemsize
+        self.mode = "memory" if need <= memory_budget else "blocks"
+        self.reason = (f"{need / 2**20:.0f} MB of features {'fit' if self.mode == 'memory' else 'exceed'} the "
+                       f"memory budget of {memory_budget / 2**20:.0f} MB")
+        if self.mode == "memory":
+            feats, targets, mask = store.load()
+            self.feats, self.targets = feats.to(self.device), targets.to(self.device)
+            self.valid = torch.nonzero(mask).flatten()
+            self.valid_count = len(self.valid)
+        else:
+            self.valid_count = sum(int(store.read_part(p)[2].sum()) for p in range(store.num_parts))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        padded = -(-self.valid_count // self.world) * self.world
+        return -(-padded // (self.batch_size * self.world))
+
+    def _views(self, idx: torch.Tensor) -> torch.Tensor:
+        v = self.store.views
+        if v == 1:
+            return torch.zeros_like(idx)
+        return torch.tensor([mix_seed(self.seed, self.epoch, int(i)) % v for i in idx.tolist()],
+                            dtype=torch.long, device=idx.device)
+
+    def _chunks(self, g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's rows in their global order, a chunk at a time."""
+        if self.mode == "memory":
+            order = self.valid[torch.randperm(len(self.valid), generator=g).to(self.valid.device)]
+            chunk = max(self.batch_size * self.world, 1) * 64
+            for s in range(0, len(order), chunk):
+                idx = order[s:s + chunk]
+                x = self.feats[0, idx] if self.store.views == 1 else self.feats[self._views(idx), idx]
+                yield x.float(), self.targets[idx]
+            return
+        parts = self.store.num_parts
+        per_block = max(1, min(parts, self.block_bytes // max(self.part_bytes, 1)))
+        blocks = [list(range(b, min(b + per_block, parts))) for b in range(0, parts, per_block)]
+        for k in torch.randperm(len(blocks), generator=g).tolist():
+            xs, ys = [], []
+            for p in blocks[k]:  # consecutive parts: one long sequential read
+                start, _ = self.store.part_range(p)
+                f, t, m = self.store.read_part(p, mmap=False)
+                rows = torch.from_numpy(np.flatnonzero(m))
+                x = self.store.to_torch(f)
+                xs.append(x[0][rows] if self.store.views == 1 else x[self._views(rows + start), rows])
+                ys.append(torch.from_numpy(t)[rows])
+            x, y = torch.cat(xs), torch.cat(ys)
+            perm = torch.randperm(len(y), generator=g)
+            yield x[perm].float().to(self.device), y[perm].to(self.device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        step, w, r = self.batch_size * self.world, self.world, self.rank
+        first: tuple[torch.Tensor, torch.Tensor] | None = None
+        carry: tuple[torch.Tensor, torch.Tensor] | None = None
+        for x, y in self._chunks(g):
+            if first is None or len(first[1]) < w:
+                first = (x[:w], y[:w]) if first is None else (torch.cat([first[0], x])[:w], torch.cat([first[1], y])[:w])
+            if carry is not None:
+                x, y = torch.cat([carry[0], x]), torch.cat([carry[1], y])
+            full = len(y) - len(y) % step
+            for s in range(0, full, step):
+                yield x[s + r:s + step:w], y[s + r:s + step:w]
+            carry = (x[full:], y[full:]) if full < len(y) else None
+        if carry is None or first is None:
+            return
+        x, y = carry
+        short = (-len(y)) % w
+        if short:  # pad the epoch to a multiple of world_size with its first rows
+            reps = -(-short // len(first[1]))
+            x = torch.cat([x, first[0].repeat(reps, 1)[:short]])
+            y = torch.cat([y, first[1].repeat(reps, *([1] * (first[1].dim() - 1)))[:short]])
+        yield x[r::w], y[r::w]
+
+
+# -- extraction ----------------------------------------------------------------------------
+class _Checked(Dataset):
+    """``(index, x or None, y, name)``: a sample that cannot be read gives ``x = None``."""
+
+    def __init__(self, base: Any, offset: int) -> None:
+        self.base, self.offset = base, offset
+        if getattr(base, "on_bad_file", None) == "skip":  # raise, so that the sample is masked, not replaced
+            self.base = copy.copy(base)
+            self.base.on_bad_file = "raise"
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, j: int) -> tuple[int, Any, Any, str]:
+        i = self.offset + j
+        try:
+            x, y = self.base[i]
+            return i, x, y, ""
+        except DataError as exc:
+            samples = getattr(self.base, "samples", None)
+            name = str(samples[i][0]) if samples is not None else f"item {i}"
+            target = samples[i][1] if samples is not None else -1
+            return i, None, target, f"{name}: {str(exc).splitlines()[0]}"
+
+
+class _Range(Dataset):
+    def __init__(self, base: _Checked, start: int, stop: int) -> None:
+        self.base, self.start, self.stop = base, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, j: int) -> Any:
+        return self.base[self.start + j - self.base.offset]
+
+
+def _collate(items: list) -> list:
+    return items
+
+
+def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[torch.Tensor], torch.Tensor], *,
+                  batch_size: int = 64, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                  parts: list[int] | None = None, progress: Any = None) -> list[int]:
+    """Compute and commit this rank's missing parts (`ShardedFeatureStore.assigned_parts`,
+    or ``parts``) of ``dataset`` (items ``(x, y)``, already transformed) with ``forward``
+    (``x`` batch -> ``[B, dim]`` features, in the store's dtype or converted to it). A sample
+    that raises a [`DataError`][transferkit.DataError] is masked and recorded in
+    ``store.masked``. Returns the parts written. Memory: one part at a time."""
+    if len(dataset) != store.num_samples:
+        raise ValueError(f"the dataset has {len(dataset)} samples, the store {store.num_samples}")
+    todo = store.assigned_parts(rank, world_size) if parts is None else list(parts)
+    checked = _Checked(dataset, 0)
+    want = TORCH_DTYPES[store.dtype]
+    done = []
+    for p in todo:
+        start, stop = store.part_range(p)
+        loader = DataLoader(_Range(checked, start, stop), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers, collate_fn=_collate)
+        feats = torch.zeros((stop - start, store.dim), dtype=want)
+        targets: list[Any] = [None] * (stop - start)
+        mask = np.ones(stop - start, dtype=bool)
+        with torch.no_grad():
+            for items in loader:
+                good = [it for it in items if it[1] is not None]
+                for i, x, y, why in items:
+                    targets[i - start] = y
+                    if x is None:
+                        mask[i - start] = False
+                        store.masked.append((i, why))
+                if good:
+                    out = forward(torch.stack([torch.as_tensor(it[1]) for it in good]))
+                    rows = torch.tensor([it[0] - start for it in good])
+                    feats[rows] = out.detach().to("cpu", want)
+                if progress is not None:
+                    progress.update(len(items))
+        store.write_part(p, feats, torch.stack([torch.as_tensor(t) for t in targets]), mask)
+        done.append(p)
+    return done

@@ -260,3 +260,18 @@ def test_sigkill_mid_part_leaves_no_half_part_and_resume_cleans_up(tmp_path):
     ref = ShardedFeatureStore.open(tmp_path / "ref", "k", num_samples=3000, part_size=256, dim=8)
     extract_parts(ref, Tiny(3000), _forward(), batch_size=64)
     assert torch.equal(store.load()[0], ref.load()[0])
+
+
+def test_views_draw_the_augmentations_of_their_epoch(tmp_path):
+    from transferkit.data.sampling import SeededItems
+
+    class Noisy(Tiny):
+        def __getitem__(self, i):
+            return self.x[i] + torch.randn(4), int(self.y[i])  # a random augmentation
+
+    ds = Noisy(300)
+    store = ShardedFeatureStore.open(tmp_path, "k", num_samples=300, part_size=128, dim=4, views=3)
+    extract_parts(store, ds, lambda x: x, seed=5)
+    x = store.load()[0]
+    assert x.shape == (3, 300, 4) and not torch.equal(x[0], x[1])
+    assert torch.equal(x[2, 17], SeededItems(ds, 5)[(17, 2)][0])  # view 2 = epoch 2 of a seeded loader

@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from transferkit._io import create_temp, file_digest, remove_stale_temps
 from transferkit.errors import ConfigError, DataError, OutputError
-from transferkit.data.sampling import mix_seed
+from transferkit.data.sampling import SeededItems, mix_seed
 
 STORE_FORMAT = 1
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 kept as raw uint16 bits
@@ -378,21 +378,23 @@ class HeadBatches:
 
 # -- extraction ----------------------------------------------------------------------------
 class _Checked(Dataset):
-    """``(index, x or None, y, name)``: a sample that cannot be read gives ``x = None``."""
+    """``(index, x or None, y, why)`` for key ``(index, view)``: the item drawn as epoch
+    ``view`` would draw it (its random transforms seeded by ``(seed, view, index)``); a
+    sample that cannot be read gives ``x = None`` and why."""
 
-    def __init__(self, base: Any, offset: int) -> None:
-        self.base, self.offset = base, offset
+    def __init__(self, base: Any, seed: int) -> None:
         if getattr(base, "on_bad_file", None) == "skip":  # raise, so that the sample is masked, not replaced
-            self.base = copy.copy(base)
-            self.base.on_bad_file = "raise"
+            base = copy.copy(base)
+            base.on_bad_file = "raise"
+        self.base, self.seeded = base, SeededItems(base, seed)
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, j: int) -> tuple[int, Any, Any, str]:
-        i = self.offset + j
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any, Any, str]:
+        i, _ = key
         try:
-            x, y = self.base[i]
+            x, y = self.seeded[key]
             return i, x, y, ""
         except DataError as exc:
             samples = getattr(self.base, "samples", None)
@@ -402,14 +404,14 @@ class _Checked(Dataset):
 
 
 class _Range(Dataset):
-    def __init__(self, base: _Checked, start: int, stop: int) -> None:
-        self.base, self.start, self.stop = base, start, stop
+    def __init__(self, base: _Checked, start: int, stop: int, view: int) -> None:
+        self.base, self.start, self.stop, self.view = base, start, stop, view
 
     def __len__(self) -> int:
         return self.stop - self.start
 
     def __getitem__(self, j: int) -> Any:
-        return self.base[self.start + j - self.base.offset]
+        return self.base[(self.start + j, self.view)]
 
 
 def _collate(items: list) -> list:
@@ -418,39 +420,42 @@ def _collate(items: list) -> list:
 
 def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[torch.Tensor], torch.Tensor], *,
                   batch_size: int = 64, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                  parts: list[int] | None = None, progress: Any = None) -> list[int]:
+                  parts: list[int] | None = None, seed: int = 0, progress: Any = None) -> list[int]:
     """Compute and commit this rank's missing parts (`ShardedFeatureStore.assigned_parts`,
     or ``parts``) of ``dataset`` (items ``(x, y)``, already transformed) with ``forward``
-    (``x`` batch -> ``[B, dim]`` features, in the store's dtype or converted to it). A sample
+    (``x`` batch -> ``[B, dim]`` features, in the store's dtype or converted to it). View
+    ``v`` of a store with several views draws each item's random transforms as epoch ``v``
+    of a loader with this ``seed`` would (`transferkit.data.sampling.SeededItems`). A sample
     that raises a [`DataError`][transferkit.DataError] is masked and recorded in
     ``store.masked``. Returns the parts written. Memory: one part at a time."""
     if len(dataset) != store.num_samples:
         raise ValueError(f"the dataset has {len(dataset)} samples, the store {store.num_samples}")
     todo = store.assigned_parts(rank, world_size) if parts is None else list(parts)
-    checked = _Checked(dataset, 0)
+    checked = _Checked(dataset, seed)
     want = TORCH_DTYPES[store.dtype]
     done = []
     for p in todo:
         start, stop = store.part_range(p)
-        loader = DataLoader(_Range(checked, start, stop), batch_size=batch_size, shuffle=False,
-                            num_workers=num_workers, collate_fn=_collate)
-        feats = torch.zeros((stop - start, store.dim), dtype=want)
+        feats = torch.zeros((store.views, stop - start, store.dim), dtype=want)
         targets: list[Any] = [None] * (stop - start)
         mask = np.ones(stop - start, dtype=bool)
-        with torch.no_grad():
-            for items in loader:
-                good = [it for it in items if it[1] is not None]
-                for i, x, y, why in items:
-                    targets[i - start] = y
-                    if x is None:
-                        mask[i - start] = False
-                        store.masked.append((i, why))
-                if good:
-                    out = forward(torch.stack([torch.as_tensor(it[1]) for it in good]))
-                    rows = torch.tensor([it[0] - start for it in good])
-                    feats[rows] = out.detach().to("cpu", want)
-                if progress is not None:
-                    progress.update(len(items))
+        for v in range(store.views):
+            loader = DataLoader(_Range(checked, start, stop, v), batch_size=batch_size, shuffle=False,
+                                num_workers=num_workers, collate_fn=_collate)
+            with torch.no_grad():
+                for items in loader:
+                    good = [it for it in items if it[1] is not None]
+                    for i, x, y, why in items:
+                        targets[i - start] = y
+                        if x is None and mask[i - start]:
+                            mask[i - start] = False
+                            store.masked.append((i, why))
+                    if good:
+                        out = forward(torch.stack([torch.as_tensor(it[1]) for it in good]))
+                        rows = torch.tensor([it[0] - start for it in good])
+                        feats[v, rows] = out.detach().to("cpu", want)
+                    if progress is not None:
+                        progress.update(len(items))
         store.write_part(p, feats, torch.stack([torch.as_tensor(t) for t in targets]), mask)
         done.append(p)
     return done

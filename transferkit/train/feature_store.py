@@ -343,11 +343,15 @@ class HeadBatches:
             for p in blocks[k]:  # consecutive parts: one long sequential read
                 start, _ = self.store.part_range(p)
                 f, t, m = self.store.read_part(p, mmap=False)
+                x, y = self.store.to_torch(f), torch.from_numpy(t)
+                if self.store.views == 1 and m.all():
+                    xs.append(x[0])
+                    ys.append(y)
+                    continue
                 rows = torch.from_numpy(np.flatnonzero(m))
-                x = self.store.to_torch(f)
                 xs.append(x[0][rows] if self.store.views == 1 else x[self._views(rows + start), rows])
-                ys.append(torch.from_numpy(t)[rows])
-            x, y = torch.cat(xs), torch.cat(ys)
+                ys.append(y[rows])
+            x, y = (torch.cat(xs), torch.cat(ys)) if len(xs) > 1 else (xs[0], ys[0])
             perm = torch.randperm(len(y), generator=g)
             yield x[perm].float().to(self.device), y[perm].to(self.device)
 
@@ -359,12 +363,19 @@ class HeadBatches:
         for x, y in self._chunks(g):
             if first is None or len(first[1]) < w:
                 first = (x[:w], y[:w]) if first is None else (torch.cat([first[0], x])[:w], torch.cat([first[1], y])[:w])
-            if carry is not None:
-                x, y = torch.cat([carry[0], x]), torch.cat([carry[1], y])
-            full = len(y) - len(y) % step
-            for s in range(0, full, step):
+            start = 0
+            if carry is not None:  # complete the batch that straddles two chunks (copies < one batch)
+                need = step - len(carry[1])
+                cx, cy = torch.cat([carry[0], x[:need]]), torch.cat([carry[1], y[:need]])
+                if len(cy) < step:
+                    carry = (cx, cy)
+                    continue
+                yield cx[r::w], cy[r::w]
+                start, carry = need, None
+            end = start + (len(y) - start) // step * step
+            for s in range(start, end, step):
                 yield x[s + r:s + step:w], y[s + r:s + step:w]
-            carry = (x[full:], y[full:]) if full < len(y) else None
+            carry = (x[end:], y[end:]) if end < len(y) else None
         if carry is None or first is None:
             return
         x, y = carry

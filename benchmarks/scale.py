@@ -325,7 +325,7 @@ def main() -> None:
     large = _run("extract", shards=pattern, cache=cache, store=stores, key="rss-large", limit=args.n)
     rows.append((f"extraction peak RSS, {args.n // 10} samples", f"{small['rss_mb']:.0f} MB", ""))
     rows.append((f"extraction peak RSS, {args.n} samples", f"{large['rss_mb']:.0f} MB",
-                 f"+{large['rss_mb'] - small['rss_mb']:.0f} MB for {args.n - args.n // 10} more samples"))
+                 f"{large['rss_mb'] - small['rss_mb']:+.0f} MB for {args.n - args.n // 10} more samples"))
 
     w = max(len(r[0]) for r in rows)
     v = max(len(r[1]) for r in rows)

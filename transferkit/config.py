@@ -111,7 +111,7 @@ class FinetuneConfig:
     a wrong type or a value out of range raises [`ConfigError`][transferkit.ConfigError]
     naming the key, the value and what is valid. Settings that depend on the data or the
     backbone (``class_weights`` length, ``image_size`` against the backbone) are checked by
-    [`transferkit.decisions`][transferkit.decisions].
+    [`transferkit.decide`][transferkit.decisions.decide].
 
     Example:
         >>> FinetuneConfig(data="images/", epochs=0)

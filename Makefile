@@ -27,6 +27,7 @@ docs: $(STAMP)
 # the figures of the docs site, from one real run (needs ../shared/data or TRANSFERKIT_DATA; about a minute)
 docs-figures: $(STAMP)
 	$(PY) docs/make_figures.py
+	$(PY) tools/execute_notebook.py
 
 clean:
 	rm -rf $(VENV) site demo-output .pytest_cache

@@ -1,5 +1,5 @@
 """Real ImageNet transfer: ants vs bees with EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``,
-the shared ImageNet-1k weights), every policy over seeds, finetune's defaults otherwise.
+the shared ImageNet-1k weights), every policy over seeds at equal epochs, finetune's defaults otherwise.
 
 Prints one table: validation accuracy (the best epoch, as ``finetune`` returns it, and the
 final epoch), its spread over seeds, and the wall time of each run, measured in one process
@@ -8,11 +8,14 @@ transfer-learning tutorial reaches 0.93-0.95 with an ImageNet ResNet-18.
 
     .venv/bin/python benchmarks/transfer_lite0.py                       # every policy, 3 seeds
     .venv/bin/python benchmarks/transfer_lite0.py --policies fine_tune:frozen=1 full --epochs 3
+    .venv/bin/python benchmarks/transfer_lite0.py --policies feature_extraction full unfreeze:last=2 \
+        fine_tune:frozen=1 --epochs 5 --seeds 3 --out lite0.jsonl      # the table in docs/policies.md
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -34,14 +37,15 @@ FROZEN = ["feature_extraction", "logistic"]
 TRAINED = ["fine_tune:frozen=1", "full", "unfreeze:last=2"]
 
 
-def run(policy: str, seed: int, epochs: int, cache: Path, threads: int, precision: str) -> dict:
+def run(policy: str, seed: int, epochs: int, cache: Path, threads: int, precision: str,
+        image_size: int | None = None) -> dict:
     torch.set_num_threads(threads)
     kw = dict(weights=str(WEIGHTS), data=DATA / "hymenoptera", seed=seed, verbose=False, restore_best=True,
-              precision=precision)
+              precision=precision, image_size=image_size)
     if policy == "logistic":
         kw.update(policy="feature_extraction", head="logistic", cache_dir=cache)
     elif policy == "feature_extraction":
-        kw.update(policy=policy, cache_dir=cache)  # 10 epochs (the default) on cached features
+        kw.update(policy=policy, cache_dir=cache, epochs=epochs)  # equal epochs, on cached features
     else:
         kw.update(policy=policy, epochs=epochs)
     t0 = time.perf_counter()
@@ -55,9 +59,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policies", nargs="*", default=FROZEN + TRAINED)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the policies that train the backbone")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--precision", default="auto", help="finetune's precision (auto: its default)")
+    ap.add_argument("--image-size", type=int, default=None, help="crop size (default: the backbone's, 224)")
+    ap.add_argument("--out", type=Path, default=None, help="append one JSON line per run to this file")
     args = ap.parse_args()
     if not WEIGHTS.is_file():
         sys.exit(f"needs {WEIGHTS} (set TRANSFERKIT_DATA)")
@@ -66,7 +73,13 @@ def main() -> None:
     cache = Path(tempfile.mkdtemp(prefix="tk-lite0-cache-"))
     rows = []
     for policy in args.policies:
-        res = [run(policy, s, args.epochs, cache, args.threads, args.precision) for s in range(args.seeds)]
+        res = []
+        for s in range(args.first_seed, args.first_seed + args.seeds):
+            res.append(run(policy, s, args.epochs, cache, args.threads, args.precision, args.image_size))
+            if args.out is not None:
+                with open(args.out, "a") as f:
+                    row = {k: v for k, v in res[-1].items() if k != "plan"}
+                    f.write(json.dumps({"policy": policy, "seed": s, "lr": res[-1]["plan"]["lr"], **row}) + "\n")
         p = res[0]["plan"]
         rows.append((policy, res, p))
         best, last = [r["best"] for r in res], [r["last"] for r in res]

@@ -148,3 +148,16 @@ def test_finetune_dry_run_prints_the_decisions_and_trains_nothing(tmp_path, caps
     assert code == 0 and out.startswith("plan: tk:small_cnn")
     assert "features: not cached (cache_features=False" in out and "cached fp32 features" not in out
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_lr_find_says_what_the_range_test_does_not_a_training_plan(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "images", per_class=8, size=20)
+    rc = main(["lr-find", "--backbone", "tk:small_cnn", "--weights", "none", "--data", str(data), "--policy",
+               "fine_tune", "--epochs", "3", "--image-size", "16", "--batch-size", "4", "--set", "num_workers=0",
+               "--num-steps", "8", "--start-lr", "1e-5", "--precision", "fp32"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["phase"] == "frozen" and res["suggested_lr"] > 0
+    assert "learning-rate range test" in err and "frozen phase of fine_tune:frozen=1" in err
+    assert "plan:" not in err and "(default)" not in err and "10 epochs" not in err

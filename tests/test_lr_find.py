@@ -1,4 +1,4 @@
-"""The lr finder (issue 15, item 3): a suggestion inside the descent of the loss, before its
+"""The lr finder: a suggestion inside the descent of the loss, before its
 minimum, on noisy curves, and a rate that trains."""
 
 import io
@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import transferkit as tk
 from transferkit.errors import ConfigError
 from transferkit.train.features import feature_loader
 from transferkit.train.lr_find import find_valley, lr_range_test, smooth_losses, suggest_lr, zero_lag_smooth
@@ -180,3 +181,66 @@ def test_the_plot_marks_the_suggestion(monkeypatch, tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert f"suggested lr {v.suggestion:.1e}" in seen["legend"] and "descent" in seen["legend"]
     assert seen["vlines"] == [pytest.approx(v.suggestion)]
+
+
+# --- which phase the range test trains (fine_tune, gradual) -------------------------------------
+
+def _counting_backbone():
+    """tk:small_cnn whose trunk counts its forward calls (the plan's deep copy keeps the hook)."""
+    bb = tk.get_backbone("tk:small_cnn", weights=None)
+    calls = []
+    bb.trunk.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    return bb, calls
+
+
+LF = dict(image_size=16, num_workers=0, device="cpu", batch_size=4, start_lr=1e-5, end_lr=10.0, epochs=3,
+          precision="fp32")
+
+
+@pytest.mark.parametrize("policy", ["fine_tune:frozen=1", "gradual:every=1"])
+def test_lr_find_on_a_policy_with_a_frozen_phase_tests_the_head_on_cached_features_by_default(
+        image_folder, capsys, policy):
+    bb, calls = _counting_backbone()
+    res = tk.lr_find(bb, data=image_folder, policy=policy, num_steps=30, **LF)
+    assert res.phase == "frozen" and 2 <= len(res.lrs) <= 30
+    n_items = sum(calls)  # the trunk ran once over the data (features), not once per step
+    assert n_items < 30 * 4 and len(calls) < 30
+    err = capsys.readouterr().err
+    assert "frozen phase" in err and "head alone" in err and "per step" in err
+    assert "plan:" not in err and "base lr" not in err  # what the test does, not a training plan
+
+
+def test_lr_find_unfrozen_phase_trains_end_to_end_at_the_phases_rate(image_folder, capsys):
+    bb, calls = _counting_backbone()
+    res = tk.lr_find(bb, data=image_folder, policy="fine_tune:frozen=1", num_steps=12, phase="unfrozen", **LF)
+    assert res.phase == "unfrozen"
+    assert len([c for c in calls if c == 4]) >= len(res.lrs)  # one trunk forward per step, in training batches
+    err = capsys.readouterr().err
+    assert "trains the backbone" in err and "x 0.1" in err
+
+
+def test_lr_range_test_trains_at_lr_factor_times_the_recorded_rate():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
+    head = torch.nn.Linear(6, 2)
+    opt = torch.optim.SGD([{"params": head.parameters(), "lr": 1.0, "lr_scale": 0.5}], lr=1.0)
+    seen = []
+
+    def loss_fn(logits, target):
+        seen.append(opt.param_groups[0]["lr"])
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    res = lr_range_test(head, feature_loader(x, y, batch_size=8, shuffle=False), optimizer=opt, loss_fn=loss_fn,
+                        speed=SpeedConfig(torch.device("cpu")), set_mode=lambda e: head.train(), num_steps=5,
+                        start_lr=1e-4, end_lr=1e-2, lr_factor=0.1, verbose=False)
+    assert seen == pytest.approx([lr * 0.1 * 0.5 for lr in res.lrs])
+
+
+def test_lr_find_phase_errors_say_what_exists(image_folder):
+    with pytest.raises(ConfigError, match="Did you mean 'frozen'"):
+        tk.lr_find("tk:small_cnn", weights=None, data=image_folder, policy="fine_tune", phase="frozn", **LF)
+    with pytest.raises(ConfigError, match="no frozen phase"):
+        tk.lr_find("tk:small_cnn", weights=None, data=image_folder, policy="full", phase="frozen", **LF)
+    with pytest.raises(ConfigError, match="no phase that trains it"):
+        tk.lr_find("tk:small_cnn", weights=None, data=image_folder, policy="feature_extraction", phase="unfrozen",
+                   **LF)

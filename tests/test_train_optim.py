@@ -9,7 +9,7 @@ import torch
 
 import transferkit as tk
 from transferkit.errors import ConfigError
-from transferkit.train.optim import LRSchedule, make_optimizer
+from transferkit.train.optim import LRSchedule, make_optimizer, make_scheduler
 
 
 def _lrs(name, steps=20, per_epoch=5, warmup=0, **opts):
@@ -134,8 +134,8 @@ def test_history_reports_the_base_lr_not_the_stems():
     assert [r["lr"] for r in history] == [1e-3, 1e-3]
     assert history[0]["lr_groups"]["stem"] == pytest.approx(1e-5) and history[0]["lr_groups"]["head"] == 1e-3
     cosine, opt = _discriminative_run(1e-3, schedule="cosine")
-    head = next(g for g in opt.param_groups if g["name"] == "head")
-    assert cosine[-1]["lr"] == pytest.approx(head["lr"]) and cosine[0]["lr"] == pytest.approx(5e-4)  # lr x the schedule
+    step = [1e-3 * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]  # cosine over 4 steps, 2 per epoch
+    assert [r["lr"] for r in cosine] == pytest.approx([step[1], step[3]])  # the rate of each epoch's last step
 
 
 def test_a_diverged_loss_quotes_the_base_lr():
@@ -165,3 +165,48 @@ def test_tensorboard_gets_every_groups_lr(image_folder, tmp_path):
     assert {"lr/base", "lr/stem", "lr/stage1", "lr/stage3", "lr/head", "lr/head/no_decay"} <= tags
     assert events.Scalars("lr/base")[0].value == pytest.approx(1e-3)
     assert events.Scalars("lr/stem")[0].value == pytest.approx(1e-5)
+
+
+def test_a_schedule_restarts_in_each_phase_at_the_phases_share_of_the_lr():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [p], "lr": 1e-2, "lr_scale": 1.0}], lr=1e-2)
+    sched = make_scheduler("cosine", opt, total_steps=12, steps_per_epoch=4, warmup_steps=2,
+                           phases=[(4, 1.0), (8, 0.1)])
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert lrs[:2] == pytest.approx([5e-3, 1e-2])  # warmup in the first phase only
+    assert lrs[3] < lrs[2] <= 1e-2  # the head's phase decays ...
+    assert lrs[4] == pytest.approx(1e-3) and lrs[5] < 1e-3  # ... then the next restarts at a tenth, no warmup
+    assert lrs[-1] < 1e-4
+    one = make_scheduler("cosine", torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), total_steps=12)
+    plain = [one.factor(i) for i in range(12)]
+    assert plain == pytest.approx([make_scheduler("cosine", opt, total_steps=12, phases=[(12, 1.0)]).factor(i)
+                                   for i in range(12)])  # one phase: the schedule as before
+
+
+def test_phase_steps_need_phases_that_cover_the_run():
+    from transferkit.train.optim import phase_steps
+
+    assert phase_steps([(1, 1.0), (2, 0.1)], [8, 7, 7]) == [(8, 1.0), (14, 0.1)]
+    with pytest.raises(ConfigError, match="do not cover"):
+        phase_steps([(1, 1.0)], [8, 7])
+
+
+def test_fine_tune_defaults_the_head_phase_to_the_head_lr_and_unfreezes_at_a_tenth(image_folder):
+    from transferkit.policies import Policy
+
+    assert Policy.parse("fine_tune").lr_phases(5) == [(1, 1.0), (4, 0.1)]
+    assert Policy.parse("fine_tune:frozen=2,unfrozen_lr=0.05").lr_phases(5) == [(2, 1.0), (3, 0.05)]
+    assert Policy.parse("fine_tune").lr_phases(1) == [(1, 1.0)]  # all frozen: one phase
+    assert Policy.parse("full").lr_phases(5) == [(5, 1.0)] and Policy.parse("gradual:every=2").lr_phases(5) == [(5, 1.0)]
+    assert str(Policy.parse("fine_tune:frozen=1,unfrozen_lr=0.05")) == "fine_tune:frozen=1,unfrozen_lr=0.05"
+    with pytest.raises(tk.PolicyError, match="has none"):
+        Policy.parse("full,unfrozen_lr=0.5")
+    p = tk.plan(tk.FinetuneConfig(backbone="tk:small_cnn", weights=None, data=image_folder, policy="fine_tune",
+                                  epochs=3, image_size=16, num_workers=0))
+    assert p.lr == 0.01
+    full = tk.plan(tk.FinetuneConfig(backbone="tk:small_cnn", weights=None, data=image_folder, policy="full",
+                                     epochs=3, image_size=16, num_workers=0))
+    assert full.lr == 0.001

@@ -8,6 +8,7 @@ a public function in [`transferkit.steps`][transferkit.steps] that a recipe can 
 from __future__ import annotations
 
 import contextlib
+import html
 import sys
 import time
 import warnings
@@ -16,16 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transferkit._progress import EpochLog
 from transferkit.backbones import Backbone
 from transferkit._io import check_writable, remove_stale_temps
 from transferkit.config import FinetuneConfig, unknown_key_error
 from transferkit.data import DataReport
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, suggest
 from transferkit.export.torchscript import ExportReport
 from transferkit.model import TransferModel
 from transferkit.decisions import Decisions, decide
 from transferkit.facts import environment, look
-from transferkit.policies import Policy
+from transferkit.policies import Policy, param_groups
 from transferkit.run import Run, build
 from transferkit.steps import evaluate, set_epoch_mode, train, training_data, validation_images, write_outputs
 from transferkit.checkpoints import checkpoint_lock, load_checkpoint
@@ -91,6 +93,30 @@ class FinetuneResult:
         logits, images = self._interpretable()
         return most_confused(logits, images, self.classes, min_count=min_count)
 
+    def _repr_html_(self) -> str:
+        """In a notebook: what ran, the best epoch, the files written, and the epoch table."""
+        def row(name: str, value: Any) -> str:
+            return f"<tr><th style='text-align:left'>{html.escape(name)}</th><td style='text-align:left'>" \
+                   f"{html.escape(str(value))}</td></tr>"
+
+        best = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.best.items())
+        rows = [row("backbone", self.backbone.name), row("policy", str(self.policy)),
+                row("classes", f"{len(self.classes)}: {', '.join(self.classes[:8])}"
+                    + (" ..." if len(self.classes) > 8 else "")),
+                row("best", best)]
+        if self.export_report is not None:
+            r = self.export_report
+            rows.append(row("export", f"{r.path} (verified: max |exported - eager| {r.max_abs_diff:.2g})"))
+        if self.checkpoint_path is not None:
+            rows.append(row("checkpoint", self.checkpoint_path))
+        rows += [row(f"plot {k}", v) for k, v in self.plots.items()]
+        if "total_s" in self.timings:
+            rows.append(row("seconds", f"{self.timings['total_s']:.1f}"))
+        epochs = EpochLog(notebook=False)
+        epochs.rows, epochs.best = list(self.history), self.best.get("epoch")
+        return (f"<div><b>FinetuneResult</b><table>{''.join(rows)}</table>"
+                + (epochs.to_html() if self.history else "") + "</div>")
+
     def __repr__(self) -> str:
         score = {k: round(v, 4) for k, v in self.best.items() if isinstance(v, float)}
         return (f"FinetuneResult({self.backbone.name}, policy={str(self.policy)!r}, {len(self.classes)} classes, "
@@ -136,8 +162,8 @@ def _run_lock(cfg: FinetuneConfig, is_main: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _opened(cfg: FinetuneConfig, *, lock: bool) -> Iterator[tuple[Decisions, Run]]:
-    """The decisions of ``cfg`` (their summary printed) and the run built from them, inside
+def _opened(cfg: FinetuneConfig, *, lock: bool, show_plan: bool = True) -> Iterator[tuple[Decisions, Run]]:
+    """The decisions of ``cfg`` (their summary printed with ``show_plan``) and the run built from them, inside
     what every run needs: the caller's torch settings restored afterwards, one rank's error
     ending every rank, and (``lock``) the checkpoint's lock."""
     with preserved_torch_settings():
@@ -152,7 +178,7 @@ def _opened(cfg: FinetuneConfig, *, lock: bool) -> Iterator[tuple[Decisions, Run
             if is_main:
                 for note in d.notes:
                     warnings.warn(note, stacklevel=4)
-                if cfg.verbose:
+                if show_plan and cfg.verbose:
                     print(d.summary(), file=sys.stderr, flush=True)
             yield d, build(d, inputs)
 
@@ -240,27 +266,112 @@ def resume(path: str | Path, **overrides: Any) -> FinetuneResult:
     return finetune(cfg.replace(**python_objects) if python_objects else cfg)
 
 
+LR_FIND_PHASES = ("frozen", "unfrozen")
+
+
 def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_lr: float = LRRange.start_lr,
             end_lr: float = LRRange.end_lr, num_steps: int = LRRange.num_steps, plot: str | Path | None = None,
-            **options: Any) -> LRFindResult:
+            phase: str | None = None, **options: Any) -> LRFindResult:
     """The learning-rate range test on the run ``finetune(config, **options)`` would do (same
     decisions: model, policy, data, feature cache, optimizer and weight decay): returns the
-    losses per learning rate and a suggested ``lr``; ``plot="lr.png"`` draws the curve.
-    The caller's objects are left as they were (the run owns a copy of the backbone).
+    losses per learning rate and a suggested ``lr`` to pass to ``finetune``; ``plot="lr.png"``
+    draws the curve. The caller's objects are left as they were (the run owns a copy of the
+    backbone).
+
+    ``phase``: which part of a policy with a frozen phase (``fine_tune``, ``gradual``, ``...,frozen=k``)
+    the test trains. ``"frozen"`` (the default for those policies): the head alone on
+    features computed once, seconds on a CPU; its rate is the run's base lr. ``"unfrozen"``:
+    the model end to end as in the epochs that train the backbone (each step a full forward
+    and backward pass: minutes on a CPU, often longer than the training it prepares); the
+    lrs are still the run's base lr (a ``fine_tune`` phase that runs at ``lr * unfrozen_lr``
+    is tested at that rate). Policies without a frozen phase test the whole run. With
+    ``verbose``, what the test does is printed first, then its cost (after two steps) and
+    progress.
 
     Example:
         >>> res = lr_find("tk:small_cnn", weights=None, data="images/", plot="lr.png")  # doctest: +SKIP
         >>> finetune("tk:small_cnn", weights=None, data="images/", lr=res.suggestion)  # doctest: +SKIP
     """
+    if phase is not None and phase not in LR_FIND_PHASES:
+        raise ConfigError(f"lr_find(phase={phase!r}) is not a phase;{suggest(str(phase), LR_FIND_PHASES)} use "
+                          "'frozen' (the head alone on cached features) or 'unfrozen' (the epochs that train the "
+                          "backbone).")
     cfg = _config(config, options)
-    with _opened(cfg, lock=False) as (d, run):
-        td = training_data(d, run)
-        opt = make_optimizer(cfg.optimizer, run.param_groups(d, lr=start_lr), lr=start_lr, momentum=cfg.momentum)
-        first = 0 if d.cache else d.cached_epochs  # fine_tune: the rate of the phase that trains the backbone
+    t0 = time.perf_counter()
+    with _opened(cfg, lock=False, show_plan=False) as (d, run):
+        which, first, factor = _lr_find_phase(d, phase)
+        say = (lambda text: print(text, file=sys.stderr, flush=True)) if cfg.verbose and d.is_main \
+            else (lambda text: None)
+        say(_lr_find_description(d, run, which, start_lr, end_lr, num_steps))
+        td = training_data(d, run, cached=which == "frozen" or d.cache)
+        if which == "frozen":
+            groups = param_groups(run.model.head, lr=start_lr, weight_decay=cfg.weight_decay, policy=d.policy)
+        else:
+            groups = run.param_groups(d, lr=start_lr)
+        opt = make_optimizer(cfg.optimizer, groups, lr=start_lr, momentum=cfg.momentum)
+        per_epoch = len(td.train_loader)
         loop = Loop(optimizer=opt, loss_fn=run.loss_fn, set_mode=lambda e: set_epoch_mode(d, run, first + e),
                     speed=run.speed, task=cfg.task, verbose=cfg.verbose and d.is_main)
         result = lr_range_test(td.module, td.train_loader, loop,
-                               LRRange(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps))
+                               LRRange(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps), lr_factor=factor,
+                               on_first_steps=lambda s: say(_lr_find_cost(s, num_steps, per_epoch, which,
+                                                                          cfg.epochs - first)))
+    result.phase, result.seconds = which, time.perf_counter() - t0
     if plot is not None and d.is_main:
         result.plot(plot)
     return result
+
+
+def _lr_find_phase(p: Decisions, phase: str | None) -> tuple[str, int, float]:
+    """(the phase tested: "frozen", "unfrozen" or "run"; its first epoch; its lr factor)."""
+    phases = p.policy.lr_phases(p.config.epochs)
+    if p.cache:  # every epoch trains the head on cached features
+        if phase == "unfrozen":
+            raise ConfigError(f"lr_find(phase='unfrozen'): policy {p.policy} keeps the backbone frozen for all "
+                              f"{p.config.epochs} epochs; there is no phase that trains it.")
+        return "run", 0, 1.0
+    if p.cached_epochs == 0:  # the backbone trains from the first epoch (or no feature cache)
+        if phase == "frozen":
+            raise ConfigError(f"lr_find(phase='frozen'): policy {p.policy} has no frozen phase on cached features "
+                              f"in this run ({p.cache_reason}); leave phase unset to test the run.")
+        return "run", 0, 1.0
+    if phase == "unfrozen":
+        return "unfrozen", p.cached_epochs, phases[-1][1] if len(phases) > 1 else 1.0
+    return "frozen", 0, 1.0
+
+
+def _lr_find_description(p: Decisions, run: Run, which: str, start_lr: float, end_lr: float, num_steps: int) -> str:
+    cfg = p.config
+    n = p.n_train
+    epochs = "epoch 1" if p.cached_epochs == 1 else f"epochs 1-{p.cached_epochs}"
+    what = {"frozen": f"the frozen phase of {p.policy} ({epochs}): the head alone on features "
+                      f"computed once ({n} training items)",
+            "unfrozen": f"the phase of {p.policy} that trains the backbone (from epoch {p.cached_epochs + 1}): the "
+                        f"model end to end, {n} training items (phase='frozen' is the cheap test)",
+            "run": f"{p.policy}: " + ("the head alone on features computed once" if p.cache else
+                                      "the model end to end") + f" ({n} training items)"}[which]
+    phases = p.policy.lr_phases(cfg.epochs)
+    after = ""
+    if len(phases) > 1:
+        k = phases[0][0]
+        after = (f"\n  the run trains the head at lr for {k} epoch{'s' if k > 1 else ''}, then the backbone at "
+                 f"lr x {phases[1][1]:g}" + (": the curve is drawn against lr" if which == "unfrozen" else ""))
+    return (f"lr-find: learning-rate range test on {run.backbone.name} -> {p.head} head\n"
+            f"  trains {what}\n"
+            f"  lr from {start_lr:.0e} to {end_lr:.0e} over {num_steps} batches of {cfg.batch_size} "
+            f"({cfg.optimizer}), stopping when the loss explodes; weights restored afterwards{after}")
+
+
+def _lr_find_cost(seconds_per_step: float, num_steps: int, steps_per_epoch: int, which: str, epochs: int) -> str:
+    total = seconds_per_step * num_steps
+    text = f"lr-find: about {seconds_per_step:.2g} s per step: up to {_duration(total)} for {num_steps} steps"
+    if which in ("unfrozen", "run") and steps_per_epoch:
+        train = seconds_per_step * steps_per_epoch * epochs
+        text += f" (training {epochs} epoch{'s' if epochs > 1 else ''} like this: about {_duration(train)})"
+        if which == "unfrozen" and total > 60:
+            text += "; phase='frozen' tests the head on cached features in seconds"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"

@@ -195,8 +195,10 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
 
     with contextlib.redirect_stdout(sys.stderr):
         res = lr_find(start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.num_steps, plot=args.plot,
+                      phase=args.phase,
                       **_finetune_kwargs(args, skip=("export", "checkpoint", "plots_dir", "log_dir", "resume")))
-    print(json.dumps({"suggested_lr": res.suggestion, "plot": args.plot, "notes": res.notes}))
+    print(json.dumps({"suggested_lr": res.suggestion, "phase": res.phase, "plot": args.plot, "notes": res.notes,
+                      "seconds": round(res.seconds or 0.0, 1)}))
     return 0
 
 
@@ -266,13 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(fn=_cmd_finetune)
     lf = _sub(sub, "lr-find", "learning-rate range test; suggests an lr",
               "The learning-rate range test on the run `transferkit finetune` would do with the same options "
-              "(model, policy, data, feature cache, optimizer). Prints a JSON object with the suggested lr.")
+              "(model, policy, data, feature cache, optimizer): the lr grows from --start-lr to --end-lr over "
+              "--num-steps batches and the suggestion is read from the loss curve. For a policy with a frozen phase "
+              "(fine_tune, gradual) it tests that phase (the head on features computed once: seconds) unless "
+              "--phase unfrozen. What the test trains and its estimated cost go to stderr; stdout holds a JSON "
+              "object with the suggested lr.")
     _finetune_args(lf, outputs=False)
     sweep = LRRange()
     lf.add_argument("--num-steps", type=int, default=sweep.num_steps, help="steps of the range test")
     lf.add_argument("--start-lr", type=float, default=sweep.start_lr, help="first learning rate tried")
     lf.add_argument("--end-lr", type=float, default=sweep.end_lr, help="last learning rate tried")
     lf.add_argument("--plot", default=None, help="write the loss-vs-lr curve to this PNG")
+    lf.add_argument("--phase", default=None, choices=("frozen", "unfrozen"),
+                    help="for fine_tune/gradual: test the frozen phase (the head on cached features; the default) "
+                         "or the unfrozen one (end to end: as slow as training)")
     lf.set_defaults(fn=_cmd_lr_find)
     i = _sub(sub, "inspect", "print an exported model's metadata",
              "Print what an exported file holds: task, labels, input, the export's parity check, how it was trained.")

@@ -147,6 +147,11 @@ class Decisions:
             f"  optim:    {cfg.optimizer}, base lr {self.lr:.3g}{' (default)' if cfg.lr is None else ''}, "
             f"{cfg.schedule} schedule, {_plural(cfg.epochs, 'epoch')} x batch {cfg.batch_size}",
         ]
+        phases = self.policy.lr_phases(cfg.epochs)
+        if len(phases) > 1:  # fine_tune: one schedule per phase
+            lines.append(f"  phases:   {_plural(phases[0][0], 'epoch')} of the head alone at lr {self.lr:.3g}, then "
+                         f"{_plural(phases[1][0], 'epoch')} at lr {self.lr * phases[1][1]:.3g} (x {phases[1][1]:g}), "
+                         f"each with its own {cfg.schedule} schedule")
         if groups:
             lines.append(f"  groups:   {groups}")
         lines += [
@@ -198,7 +203,8 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     augment = cfg.augment or ("standard" if not cache or cfg.cache_views > 1 else "none")
     if augment == "none" and cfg.cache_views > 1:
         raise ConfigError("cache_views > 1 needs random augmentation; set augment='standard' or 'flip'.")
-    lr = default_lr(head_only=frozen) if cfg.lr is None else float(cfg.lr)
+    lr = default_lr(head_only=frozen, head_first=len(pol.lr_phases(cfg.epochs)) > 1) if cfg.lr is None \
+        else float(cfg.lr)
     template = bb.head_groups if cache else bb.groups
     trainable = tuple(tuple(b) for b in pol.schedule(list(bb.blocks), cfg.epochs))
     notes = []

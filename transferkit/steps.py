@@ -44,7 +44,7 @@ from transferkit.data.sampling import EpochSampler
 from transferkit.train.loaders import make_loader
 from transferkit.train.loop import Loop, TrainState, fit
 from transferkit.train.metrics import final_metrics
-from transferkit.train.optim import make_optimizer, make_scheduler
+from transferkit.train.optim import make_optimizer, make_scheduler, phase_steps
 from transferkit.train.reporting import TensorBoardLogger, write_reports
 from transferkit.train.resume import epoch_end_callback, resume_from
 
@@ -184,7 +184,8 @@ def metadata(d: Decisions, *, portable: bool = False) -> dict[str, Any]:
 
 def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
     """Train what the decisions say: the scikit-learn probe (``head="logistic"``), or the loop
-    with one optimizer, schedule, gradient scaler and L2-SP penalty over the whole run, the
+    with one optimizer, schedule (restarted for each of the policy's phases, ``Policy.lr_phases``),
+    gradient scaler and L2-SP penalty over the whole run, the
     per-epoch checkpoint and resume. A run whose first ``cached_epochs`` epochs keep the
     backbone frozen (``fine_tune:frozen=k``) trains the head on cached features for those
     epochs, then the whole model on decoded inputs (features are not computed when a resume
@@ -204,7 +205,8 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
     steps = [_cached_steps(d)] * k + [len(inputs.train_loader) if inputs else 0] * (total - k)
     opt = make_optimizer(cfg.optimizer, run.param_groups(d), lr=d.lr, momentum=cfg.momentum)
     sched = make_scheduler(cfg.schedule, opt, total_steps=sum(steps), steps_per_epoch=steps[-1],
-                           warmup_steps=round(cfg.warmup_epochs * steps[0]), options=cfg.schedule_options)
+                           warmup_steps=round(cfg.warmup_epochs * steps[0]), options=cfg.schedule_options,
+                           phases=phase_steps(d.policy.lr_phases(total), steps))
     scaler = run.speed.grad_scaler()
     state = TrainState()
     if cfg.resume and cfg.checkpoint is not None and Path(cfg.checkpoint).exists():

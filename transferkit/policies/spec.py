@@ -25,6 +25,8 @@ DEFAULT_LORA_TARGETS = r"attn|attention|mlp"
 _FEATURE_EXTRACTION = ("feature_extraction", "frozen", "linear_probe", "head", "none")
 _FULL = ("full", "finetune", "all")
 FINE_TUNE_DISCRIMINATIVE = 0.01  # fastai's fine_tune: lr_mult=100, i.e. slice(lr / 100, lr)
+# after the frozen phase the base lr is lr * this (fastai halves it; measured here, docs/policies.md)
+FINE_TUNE_UNFROZEN_LR = 0.1
 
 
 @dataclass(frozen=True, repr=False)
@@ -48,7 +50,9 @@ class Policy:
         and ``l2sp_beta/2 ||w||^2`` over the new weights (head, LoRA factors); weight decay
         is then off.
     fastai's ``fine_tune``: ``frozen_epochs=k`` keeps the whole backbone frozen (BatchNorm in
-        eval mode) for epochs ``0 .. k-1``; from epoch k the policy's blocks train.
+        eval mode) for epochs ``0 .. k-1``; from epoch k the policy's blocks train. The run
+        then has two phases, each with its own learning-rate schedule (`lr_phases`): the head
+        alone at the base lr, then the policy's blocks at ``lr * unfrozen_lr`` (default 0.1).
         ``"fine_tune:frozen=k"`` is ``Policy(unfreeze="all", frozen_epochs=k, discriminative=0.01)``.
     LoRA: ``lora=r`` adds rank-r factors to the linear layers whose names match the regular
         expression ``lora_targets``; only they (and the head, and blocks named by
@@ -78,6 +82,7 @@ class Policy:
     lora_alpha: float | None = None
     lora_targets: str = DEFAULT_LORA_TARGETS
     frozen_epochs: int = 0
+    unfrozen_lr: float = FINE_TUNE_UNFROZEN_LR
 
     def __post_init__(self) -> None:
         if isinstance(self.unfreeze, list):
@@ -105,6 +110,13 @@ class Policy:
             raise PolicyError("frozen_epochs (fine_tune's frozen=k) combines with unfreezing blocks (full, last=, "
                               "blocks=, from=), not with gradual unfreezing (whose start=0 and milestones already "
                               "freeze the first epochs) nor with LoRA.")
+        u = self.unfrozen_lr
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 10:
+            raise PolicyError(f"Policy.unfrozen_lr (the lr after the frozen phase, as a multiple of the base lr) must "
+                              f"be a number in (0, 10], got {u!r}.")
+        if u != FINE_TUNE_UNFROZEN_LR and not k:
+            raise PolicyError(f"unfrozen_lr={u} sets the lr after a frozen phase; this policy has none (add frozen=k, "
+                              "e.g. 'fine_tune:frozen=1,unfrozen_lr=0.1').")
         if k and self.unfreeze == "none" and self.unfreeze_from is None:
             raise PolicyError(f"frozen_epochs={k} needs a policy that unfreezes blocks after the frozen epochs "
                               "(e.g. 'fine_tune:frozen=1', 'unfreeze:last=2,frozen=1'); this one never trains the "
@@ -240,6 +252,27 @@ class Policy:
             n += 1
         return n
 
+    def lr_phases(self, epochs: int) -> list[tuple[int, float]]:
+        """``[(epochs, lr factor), ...]``: the phases of a run of ``epochs`` epochs, each with its own
+        learning-rate schedule (restarted, warmup in the first only) at ``base lr * factor``.
+
+        A policy with a frozen phase (``fine_tune:frozen=k``, ``...,frozen=k``) has two, as
+        fastai's ``fine_tune`` runs two one-cycle fits: the head alone at the base lr for k
+        epochs, then the policy's blocks (and the head) at ``lr * unfrozen_lr``. Every other
+        policy has one phase over the whole run.
+
+        Example:
+            >>> Policy.parse("fine_tune:frozen=1").lr_phases(5)
+            [(1, 1.0), (4, 0.1)]
+            >>> Policy.parse("full").lr_phases(5)
+            [(5, 1.0)]
+        """
+        epochs = max(int(epochs), 1)
+        k = self.frozen_epochs
+        if 0 < k < epochs:
+            return [(k, 1.0), (epochs - k, float(self.unfrozen_lr))]
+        return [(epochs, 1.0)]
+
     # ---- string form -----------------------------------------------------------------
     @classmethod
     def parse(cls, spec: str | Policy) -> Policy:
@@ -250,8 +283,8 @@ class Policy:
         ``gradual:milestones=2+4`` (options ``start=N``, ``max=N``), ``lora:r=8`` (options
         ``alpha=16``, ``targets=<regex>``, ``last/blocks/from``), ``fine_tune:frozen=k``
         (fastai's: k epochs with the backbone frozen, then everything at
-        ``discriminative=0.01``; bare ``fine_tune`` is ``frozen=1``; ``frozen=k`` also
-        applies to ``full`` and ``unfreeze``). Options for every kind:
+        ``discriminative=0.01`` and ``lr * unfrozen_lr``; bare ``fine_tune`` is ``frozen=1``;
+        ``frozen=k`` and ``unfrozen_lr=f`` also apply to ``full`` and ``unfreeze``). Options for every kind:
         ``bn=train|affine|frozen``, ``discriminative=r``, ``layer_decay=d``, ``l2sp=alpha``,
         ``l2sp_beta=beta``, ``decay_norm_bias=true``. ``Policy.parse(str(p)) == p``.
 
@@ -307,7 +340,7 @@ class Policy:
             parts += self._unfreeze_opts()
         if self.frozen_epochs and not self._is_fine_tune:
             parts.append(f"frozen={self.frozen_epochs}")
-        for key in ("bn", "discriminative", "layer_decay", "decay_norm_bias", "l2sp"):
+        for key in ("bn", "discriminative", "layer_decay", "decay_norm_bias", "l2sp", "unfrozen_lr"):
             v = getattr(self, key)
             if key == "discriminative" and self._is_fine_tune and v == FINE_TUNE_DISCRIMINATIVE:
                 continue
@@ -443,5 +476,6 @@ _OPTIONS: dict[str, tuple[str, _Conv, tuple[str, ...]]] = {
     "l2sp": ("l2sp", _float, ()),
     "l2sp_beta": ("l2sp_beta", _float, ()),
     "frozen": ("frozen_epochs", _int, ("fine_tune", "full", "finetune", "all", "unfreeze")),
+    "unfrozen_lr": ("unfrozen_lr", _float, ("fine_tune", "full", "finetune", "all", "unfreeze")),
 }
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Policy)}

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from transferkit._progress import progress
+from transferkit._progress import epoch_log, progress
 from transferkit.errors import ConfigError, TrainingError, check_choice
 from transferkit.train.distributed import DistInfo, all_reduce_sum, broadcast_buffers
 from transferkit.train.speed import SpeedConfig
@@ -129,11 +129,13 @@ def train_one_epoch(module: nn.Module, loader: DataLoader, loop: Loop, *, desc: 
     the loss reported); the caller sets train/eval modes first.
 
     Returns the summed loss, the correct-prediction count and the number of samples
-    (``loss``/``acc`` are the per-sample means on this process).
+    (``loss``/``acc`` are the per-sample means on this process), and the base lr and the
+    lr per group of the epoch's last step (``lr``, ``lr_groups``).
     """
     speed, optimizer, scheduler, scaler, penalty = loop.speed, loop.optimizer, loop.scheduler, loop.scaler, loop.penalty
     loss_fn, task = loop.loss_fn, loop.task
     total_loss, correct, seen = 0.0, 0.0, 0
+    last_lr, last_groups = base_lr(optimizer), group_lrs(optimizer)
     bar = _progress(len(loader.sampler), desc, verbose)  # type: ignore[arg-type]
     for x, y in loader:
         x, y = speed.to_device(x), y.to(speed.device, non_blocking=True)
@@ -153,6 +155,7 @@ def train_one_epoch(module: nn.Module, loader: DataLoader, loop: Loop, *, desc: 
         else:
             objective.backward()
             optimizer.step()
+        last_lr, last_groups = base_lr(optimizer), group_lrs(optimizer)  # the rates this step used
         if scheduler is not None:
             scheduler.step()
         n = y.shape[0]
@@ -164,7 +167,7 @@ def train_one_epoch(module: nn.Module, loader: DataLoader, loop: Loop, *, desc: 
     if bar is not None:
         bar.close()
     return {"loss_sum": total_loss, "correct": correct, "seen": seen,
-            "loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
+            "loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "lr": last_lr, "lr_groups": last_groups}
 
 
 @torch.no_grad()
@@ -204,8 +207,11 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
     regression); with ``restore_best`` its weights are loaded at the end. ``total_epochs``:
     when this call is one phase of a longer run (``fine_tune``), the best weights are restored
     only at the run's end. Each history row holds ``epoch``, ``train_loss`` (``train_acc``),
-    ``val_loss`` (``val_acc``), ``lr``: the base learning rate at the end of the epoch
-    (`base_lr`, not a block's scaled rate), ``lr_groups``: ``{group name: lr}``, and ``time_s``.
+    ``val_loss`` (``val_acc``), ``lr``: the base learning rate of the epoch's last step
+    (`base_lr`, not a block's scaled rate), ``lr_groups``: ``{group name: lr}`` at that step,
+    and ``time_s``. With ``loop.verbose``, each epoch is reported as a line (``loop.log``) or,
+    in a Jupyter kernel, as a row of a live HTML table (`transferkit._progress.EpochLog`, one
+    per ``state``).
 
     Example:
         >>> loop = Loop(optimizer=opt, loss_fn=nn.CrossEntropyLoss(), set_mode=lambda e: head.train())  # doctest: +SKIP
@@ -229,7 +235,7 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
         loss_sum, correct, seen = all_reduce_sum([tr["loss_sum"], tr["correct"], tr["seen"]], loop.dist)
         broadcast_buffers(module, loop.dist)
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                               "lr": base_lr(loop.optimizer), "lr_groups": group_lrs(loop.optimizer)}
+                               "lr": tr["lr"], "lr_groups": tr["lr_groups"]}
         if loop.task != "regression":
             row["train_acc"] = correct / max(seen, 1)
         if val_loader is not None:
@@ -240,10 +246,10 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
                 row["val_acc"] = ev["acc"]
         _end_epoch(state, row, module, monitor, mode, loop)
         row["time_s"] = time.perf_counter() - t0
-        if loop.verbose and main:
-            loop.log(f"epoch {epoch + 1:>3}/{shown}  " + "  ".join(
+        if loop.verbose and main:  # a line per epoch; in a notebook, a table that grows in place
+            epoch_log(state, log=loop.log).add(row, f"epoch {epoch + 1:>3}/{shown}  " + "  ".join(
                 f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "time_s", "lr", "lr_groups"))
-                + f"  ({row['time_s']:.1f}s)")
+                + f"  ({row['time_s']:.1f}s)", best=state.best.get("epoch"))
         if loop.on_epoch_end is not None:
             loop.on_epoch_end(state)
     if loop.restore_best and state.best_state is not None and (state.stopped_early or state.epoch >= shown):

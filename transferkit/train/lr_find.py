@@ -29,10 +29,13 @@ When the loss does not fall at all, or still falls at the largest rate tried, th
 from __future__ import annotations
 
 import copy
+import io
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -172,6 +175,8 @@ class LRFindResult:
     notes: list[str] = field(default_factory=list)
     raw_losses: list[float] = field(default_factory=list)
     valley: Valley | None = None
+    phase: str = "run"  # what the test trained: "frozen" (the head on cached features), "unfrozen", "run"
+    seconds: float | None = None  # the wall time of the range test
 
     def plot(self, path: str | Path) -> Path:
         """Loss against learning rate (log scale) as a PNG: the raw and smoothed losses, the
@@ -180,6 +185,22 @@ class LRFindResult:
         Example:
             >>> res.plot("lr_find.png")  # doctest: +SKIP
         """
+        self.plot_path = save_figure(self._figure(), path)
+        return self.plot_path
+
+    def _repr_png_(self) -> bytes | None:
+        """In a notebook: the curve (drawn when matplotlib is installed, else the text repr)."""
+        try:
+            plt = pyplot()
+        except ConfigError:
+            return None
+        fig = self._figure()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
+
+    def _figure(self) -> Any:
 
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -201,23 +222,27 @@ class LRFindResult:
             lo, hi = min(curve), max(curve[: max(1, len(curve) // 2)])
             pad = hi - lo if hi > lo else max(abs(hi), 1.0)
             ax.set_ylim(lo - 0.1 * pad, hi + 0.5 * pad)
-        ax.set_xlabel("learning rate")
+        ax.set_xlabel("learning rate (finetune's lr=)")
         ax.set_ylabel("training loss")
-        ax.set_title("learning-rate range test")
+        ax.set_title("learning-rate range test" + {"frozen": ": the frozen phase (head alone)",
+                                                   "unfrozen": ": the phase that trains the backbone"}.get(self.phase, ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        self.plot_path = save_figure(fig, path)
-        return self.plot_path
+        return fig
 
 
-def lr_range_test(module: nn.Module, loader: DataLoader, loop: Loop, sweep: LRRange = LRRange()) -> LRFindResult:
+def lr_range_test(module: nn.Module, loader: DataLoader, loop: Loop, sweep: LRRange = LRRange(), *,
+                  lr_factor: float = 1.0, on_first_steps: Callable[[float], None] | None = None) -> LRFindResult:
     """Run the test on ``module`` with ``loop``'s optimizer, loss, ``speed`` and ``set_mode``,
     and restore its weights and the optimizer's state afterwards.
 
     The rate grows from ``sweep.start_lr`` to ``sweep.end_lr`` over ``sweep.num_steps``
     batches (looping over ``loader`` as often as needed); the test stops early when the
-    smoothed loss exceeds ``sweep.diverge`` times its minimum, or is not finite. A progress
-    bar shows on a terminal (``loop.verbose=False``: never).
+    smoothed loss exceeds ``sweep.diverge`` times its minimum, or is not finite. Progress
+    shows as `transferkit._progress` draws it (``loop.verbose=False``: never). ``lr_factor``:
+    the groups train at ``lr * lr_factor * lr_scale`` while ``lrs`` records ``lr`` (a phase
+    that runs at a fraction of the run's base lr). ``on_first_steps(seconds_per_step)`` is
+    called once after the first timed steps (an estimate of the test's cost).
 
     Example:
         >>> loop = Loop(optimizer=opt, loss_fn=nn.CrossEntropyLoss(), set_mode=lambda e: None)  # doctest: +SKIP
@@ -238,6 +263,7 @@ def lr_range_test(module: nn.Module, loader: DataLoader, loop: Loop, sweep: LRRa
     avg, best, step, epoch = 0.0, math.inf, 0, 0
     notes: list[str] = []
     bar = progress(num_steps, "lr-find", verbose=verbose, unit="batch")
+    timer: list[float] = []
     try:
         set_mode(0)
         while step < num_steps:
@@ -246,7 +272,7 @@ def lr_range_test(module: nn.Module, loader: DataLoader, loop: Loop, sweep: LRRa
             for x, y in loader:
                 lr = start_lr * ratio ** step
                 for g in optimizer.param_groups:
-                    g["lr"] = lr * g.get("lr_scale", 1.0)
+                    g["lr"] = lr * lr_factor * g.get("lr_scale", 1.0)
                 x, y = speed.to_device(x), y.to(speed.device)
                 with speed.autocast():
                     loss = loss_fn(module(x).float(), y)
@@ -261,6 +287,9 @@ def lr_range_test(module: nn.Module, loader: DataLoader, loop: Loop, sweep: LRRa
                 smoothed.append(current)
                 best = min(best, current)
                 step += 1
+                timer.append(time.perf_counter())
+                if on_first_steps is not None and len(timer) == 3:  # the first step warms up: time the next two
+                    on_first_steps((timer[2] - timer[0]) / 2)
                 bar.update(1)
                 bar.set_postfix(lr=f"{lr:.1e}", loss=f"{current:.3f}", refresh=False)
                 if not math.isfinite(current) or current > diverge * best:

@@ -4,12 +4,15 @@ A schedule multiplies each parameter group's base learning rate (its ``lr`` when
 schedule is made, so per-block learning rates keep their ratios) by a factor that
 depends on the optimizer step; ``"plateau"`` also reacts to the validation metric at
 the end of each epoch. Every schedule takes an optional linear warmup (``one_cycle``
-has its own). The whole state is four numbers, saved in checkpoints for exact resume.
+has its own). A run of several phases (``fine_tune``: the head alone, then the backbone;
+see ``Policy.lr_phases``) runs the schedule once per phase, each at its own share of the
+base rate. The whole state is four numbers, saved in checkpoints for exact resume.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,14 +25,34 @@ DEFAULT_LR = 1e-3  # backbone weights train: fine-tuning rate (AdamW)
 DEFAULT_HEAD_LR = 1e-2  # only a new head trains (on standardised features when they are cached)
 
 
-def default_lr(*, head_only: bool) -> float:
-    """The learning rate ``finetune(lr=None)`` uses.
+def default_lr(*, head_only: bool, head_first: bool = False) -> float:
+    """The learning rate ``finetune(lr=None)`` uses: the head's rate when the head trains
+    alone (``head_only``) or first (``head_first``: a policy with a frozen phase, whose base
+    lr is the frozen phase's, the later phase running at a fraction of it), else the
+    fine-tuning rate.
 
     Example:
-        >>> default_lr(head_only=True), default_lr(head_only=False)
-        (0.01, 0.001)
+        >>> default_lr(head_only=True), default_lr(head_only=False), default_lr(head_only=False, head_first=True)
+        (0.01, 0.001, 0.01)
     """
-    return DEFAULT_HEAD_LR if head_only else DEFAULT_LR
+    return DEFAULT_HEAD_LR if head_only or head_first else DEFAULT_LR
+
+
+def phase_steps(phases: Sequence[tuple[int, float]], epoch_steps: Sequence[int]) -> list[tuple[int, float]]:
+    """Epoch phases ``[(epochs, lr factor), ...]`` (``Policy.lr_phases``) as optimizer-step
+    phases, given the optimizer steps of each epoch.
+
+    Example:
+        >>> phase_steps([(1, 1.0), (2, 0.1)], [8, 7, 7])
+        [(8, 1.0), (14, 0.1)]
+    """
+    if sum(n for n, _ in phases) != len(epoch_steps):
+        raise ConfigError(f"The phases {list(phases)} do not cover the run's {len(epoch_steps)} epochs.")
+    out, first = [], 0
+    for n, factor in phases:
+        out.append((sum(epoch_steps[first:first + n]), float(factor)))
+        first += n
+    return out
 
 
 def make_optimizer(name: str, groups: list[dict[str, Any]], *, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
@@ -67,43 +90,56 @@ class LRSchedule:
     """
 
     def __init__(self, name: str, optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_epoch: int,
-                 warmup_steps: int = 0, options: dict[str, float] | None = None) -> None:
+                 warmup_steps: int = 0, options: dict[str, float] | None = None,
+                 phases: Sequence[tuple[int, float]] | None = None) -> None:
         opts = check_schedule_options(name, options)
         if warmup_steps < 0:
             raise ConfigError(f"warmup must be >= 0, got {warmup_steps}.")
         self.name, self.optimizer = name, optimizer
         self.opts = opts
         self.total_steps, self.steps_per_epoch = max(int(total_steps), 1), max(int(steps_per_epoch), 1)
+        self.phases = [(max(int(n), 1), float(f)) for n, f in phases] if phases else [(self.total_steps, 1.0)]
+        if any(not (f > 0 and math.isfinite(f)) for _, f in self.phases):
+            raise ConfigError(f"Phase lr factors must be positive numbers, got {[f for _, f in self.phases]}.")
         self.warmup_steps = 0 if name == "one_cycle" else int(warmup_steps)
         self.base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
         self.step_count, self.scale, self.best, self.bad_epochs = 0, 1.0, None, 0
         self._apply()
 
     def factor(self, step: int) -> float:
-        """The multiplier at optimizer step ``step`` (before the plateau scale)."""
-        o, w = self.opts, self.warmup_steps
+        """The multiplier at optimizer step ``step`` (before the plateau scale): the schedule
+        of the phase the step is in, restarted at the phase's first step, times its lr factor."""
+        first = 0
+        for i, (n, phase_factor) in enumerate(self.phases):
+            if step < first + n or i == len(self.phases) - 1:
+                return phase_factor * self._phase_factor(step - first, n, self.warmup_steps if i == 0 else 0)
+            first += n
+        raise AssertionError("unreachable")
+
+    def _phase_factor(self, step: int, total: int, w: int) -> float:
+        o = self.opts
         if step < w:
             return (step + 1) / w
         if self.name == "one_cycle":
-            return self._one_cycle(step)
+            return self._one_cycle(step, total)
         epoch = step // self.steps_per_epoch
         if self.name == "step":
-            every = int(o["step_epochs"]) or max(self.total_steps // self.steps_per_epoch // 3, 1)
+            every = int(o["step_epochs"]) or max(total // self.steps_per_epoch // 3, 1)
             return o["gamma"] ** (epoch // every)
         if self.name == "exponential":
             return o["gamma"] ** epoch
         if self.name == "cosine":
-            progress = min((step - w) / max(self.total_steps - w, 1), 1.0)
+            progress = min((step - w) / max(total - w, 1), 1.0)
             return o["min_factor"] + (1 - o["min_factor"]) * 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
 
-    def _one_cycle(self, step: int) -> float:
+    def _one_cycle(self, step: int, total: int) -> float:
         o = self.opts
-        up = max(int(o["pct_start"] * self.total_steps), 1)
+        up = max(int(o["pct_start"] * total), 1)
         lo, end = 1.0 / o["div_factor"], 1.0 / (o["div_factor"] * o["final_div_factor"])
         if step < up:
             return lo + (1 - lo) * 0.5 * (1 - math.cos(math.pi * step / up))
-        t = min((step - up) / max(self.total_steps - 1 - up, 1), 1.0)  # the last step reaches the floor
+        t = min((step - up) / max(total - 1 - up, 1), 1.0)  # the last step reaches the floor
         return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * t))
 
     def _apply(self) -> None:
@@ -141,7 +177,19 @@ class LRSchedule:
 
 
 def make_scheduler(name: str, optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
-                   steps_per_epoch: int | None = None, options: dict[str, float] | None = None) -> LRSchedule:
-    """An `LRSchedule`; ``steps_per_epoch`` defaults to ``total_steps`` (one epoch)."""
+                   steps_per_epoch: int | None = None, options: dict[str, float] | None = None,
+                   phases: Sequence[tuple[int, float]] | None = None) -> LRSchedule:
+    """An `LRSchedule`; ``steps_per_epoch`` defaults to ``total_steps`` (one epoch);
+    ``phases``: ``[(steps, lr factor), ...]`` (`phase_steps`), one schedule per phase.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = torch.optim.AdamW([p], lr=1e-2)
+        >>> s = make_scheduler("cosine", opt, total_steps=6, phases=[(2, 1.0), (4, 0.1)])
+        >>> lrs = []
+        >>> for _ in range(6): lrs.append(round(opt.param_groups[0]["lr"], 5)); s.step()
+        >>> lrs  # the head's phase decays, then the backbone's restarts at a tenth
+        [0.01, 0.005, 0.001, 0.00085, 0.0005, 0.00015]
+    """
     return LRSchedule(name, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch or total_steps,
-                      warmup_steps=warmup_steps, options=options)
+                      warmup_steps=warmup_steps, options=options, phases=phases)

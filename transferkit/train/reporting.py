@@ -65,12 +65,30 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG atomically and close it."""
+class Picture(type(Path())):  # type: ignore[misc]  # PosixPath or WindowsPath: Path subclasses need the concrete one
+    """The path of a PNG that transferkit wrote, which a notebook shows inline: every plot
+    method returns one (it is a ``pathlib.Path``; in Jupyter its ``_repr_png_`` draws the
+    picture under the cell, elsewhere it prints as the path).
+
+    Example:
+        >>> p = Picture("curves.png")
+        >>> isinstance(p, Path), str(p)
+        (True, 'curves.png')
+    """
+
+    def _repr_png_(self) -> bytes | None:
+        try:
+            return self.read_bytes()
+        except OSError:  # moved or deleted since: show the path, not an error
+            return None
+
+
+def save_figure(fig: Any, path: str | Path) -> Picture:
+    """Write ``fig`` as a PNG atomically and close it; the path returned shows the picture in a notebook."""
     plt = pyplot()
     out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
-    return out
+    return Picture(out)
 
 
 def plot_history(history: Sequence[dict[str, Any]], path: str | Path) -> Path:

@@ -230,9 +230,9 @@ def test_lr_range_test_trains_at_lr_factor_times_the_recorded_rate():
         seen.append(opt.param_groups[0]["lr"])
         return torch.nn.functional.cross_entropy(logits, target)
 
-    res = lr_range_test(head, feature_loader(x, y, batch_size=8, shuffle=False), optimizer=opt, loss_fn=loss_fn,
-                        speed=SpeedConfig(torch.device("cpu")), set_mode=lambda e: head.train(), num_steps=5,
-                        start_lr=1e-4, end_lr=1e-2, lr_factor=0.1, verbose=False)
+    res = lr_range_test(head, feature_loader(x, y, batch_size=8, shuffle=False),
+                        Loop(optimizer=opt, loss_fn=loss_fn, set_mode=lambda e: head.train(), verbose=False),
+                        LRRange(start_lr=1e-4, end_lr=1e-2, num_steps=5), lr_factor=0.1)
     assert seen == pytest.approx([lr * 0.1 * 0.5 for lr in res.lrs])
 
 

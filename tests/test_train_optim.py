@@ -204,9 +204,9 @@ def test_fine_tune_defaults_the_head_phase_to_the_head_lr_and_unfreezes_at_a_ten
     assert str(Policy.parse("fine_tune:frozen=1,unfrozen_lr=0.05")) == "fine_tune:frozen=1,unfrozen_lr=0.05"
     with pytest.raises(tk.PolicyError, match="has none"):
         Policy.parse("full,unfrozen_lr=0.5")
-    p = tk.plan(tk.FinetuneConfig(backbone="tk:small_cnn", weights=None, data=image_folder, policy="fine_tune",
-                                  epochs=3, image_size=16, num_workers=0))
-    assert p.lr == 0.01
-    full = tk.plan(tk.FinetuneConfig(backbone="tk:small_cnn", weights=None, data=image_folder, policy="full",
-                                     epochs=3, image_size=16, num_workers=0))
-    assert full.lr == 0.001
+    d = tk.plan(backbone="tk:small_cnn", weights=None, data=image_folder, policy="fine_tune", epochs=3,
+                image_size=16, num_workers=0)
+    assert d.lr == 0.01 and "phases:   1 epoch of the head alone at lr 0.01, then 2 epochs at lr 0.001" in d.summary()
+    full = tk.plan(backbone="tk:small_cnn", weights=None, data=image_folder, policy="full", epochs=3, image_size=16,
+                   num_workers=0)
+    assert full.lr == 0.001 and "phases:" not in full.summary()

@@ -125,7 +125,7 @@ def test_finetune_spectrogram_model_end_to_end_and_export(tmp_path):
     root = make_audio_folder(tmp_path / "clips")
     result = transferkit.finetune("spec:tk:small_cnn", weights=None, data=str(root), val_split=0.25,
                                   backbone_options={"sample_rate": 8000, "n_mels": 16, "image_options": {"widths": [8, 16, 16]}},
-                                  policy="finetune", epochs=4, batch_size=4, lr=3e-3, export=tmp_path / "m.pt",
+                                  policy="full", epochs=4, batch_size=4, lr=3e-3, export=tmp_path / "m.pt",
                                   verbose=False)
     assert result.best["val_acc"] == 1.0  # 300 Hz vs 2 kHz tones
     scripted, meta = load_scripted(tmp_path / "m.pt")

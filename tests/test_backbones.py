@@ -138,6 +138,21 @@ def test_input_spec_comes_from_the_weights():
 
 # ---------------------------------------------------------------- names
 
+@pytest.mark.parametrize("typed, first", [
+    ("timm:tf_efficientnet_lite", "timm:tf_efficientnet_lite0"),  # a prefix: its shortest completion
+    ("tv:resnet", "tv:resnet18"),
+    ("tv:efficientnet_b", "tv:efficientnet_b0"),
+    ("tv:resnet-18", "tv:resnet18"),  # another spelling of the same name
+    ("tv:mobilenet-v3-small", "tv:mobilenet_v3_small"),
+    ("timm:convnext_tnyi", "timm:convnext_tiny"),  # a typo: the most similar
+    ("tf_efficientnet_lite", "tf_efficientnet_lite0"),  # without the source prefix
+])
+def test_suggestions_name_the_closest_backbone_first(typed, first):
+    with pytest.raises(UnknownBackboneError) as exc:
+        get_backbone(typed, weights=None)
+    assert f"Did you mean '{first}'" in str(exc.value)
+
+
 def test_unknown_names_suggest_close_ones():
     with pytest.raises(UnknownBackboneError, match=r"Did you mean 'tv:resnet50'.*list_backbones\('tv:\*'\)"):
         get_backbone("tv:resnet5", weights=None)
@@ -295,8 +310,8 @@ def test_from_torchscript_is_a_frozen_extractor(tmp_path):
     from transferkit.model import build_model
 
     model = build_model(bb, 2)
-    apply_policy(model, bb, Policy.parse("finetune"))
+    apply_policy(model, bb, Policy.parse("full"))
     assert trainable_parameter_names(model) == {"head.0.weight", "head.0.bias"}
-    assert Policy.parse("finetune").frozen_phase_epochs(bb.block_names, 3) == 3  # finetune() caches its features
+    assert Policy.parse("full").frozen_phase_epochs(bb.block_names, 3) == 3  # finetune() caches its features
     with pytest.raises(BackboneError, match="from_module"):
         from_torchscript(_Net())

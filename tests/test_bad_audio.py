@@ -178,7 +178,7 @@ def test_finetune_on_audio_with_bad_files_trains_and_reports_them(tmp_path):
         result = tk.finetune("spec:tk:small_cnn", weights=None, data=str(root), val_split=0.25,
                              backbone_options={"sample_rate": RATE, "n_mels": 16,
                                                "image_options": {"widths": [8, 8, 8]}},
-                             policy="finetune", epochs=1, batch_size=4, verbose=False, num_workers=0)
+                             policy="full", epochs=1, batch_size=4, verbose=False, num_workers=0)
     names = {Path(p).name for p, _ in result.data_report.bad_files}
     assert names == {"zero.wav", "header_only.wav", "text.wav", "no_channels.wav", "inf.wav"}
     assert [Path(p).name for p in result.data_report.bad_at_load] == ["inf.wav"]
@@ -190,7 +190,7 @@ def test_long_clips_are_cropped_to_max_seconds_which_bounds_the_batch(tmp_path):
     long = _tone(300, RATE * 600)  # a 10-minute clip
     long[: RATE * 285] = 0.0  # silence, then the tone: the middle is kept
     sf.write(root / "low" / "long.wav", long, RATE, subtype="PCM_16")
-    with pytest.warns(UserWarning, match=r"1 clip\(s\) are longer than max_seconds=30.*600\.0 s"):
+    with pytest.warns(UserWarning, match=r"Cropped 1 clip longer than max_seconds=30.*600\.0 s"):
         bundle = prepare_audio_data(root, spec=SPEC, val_split=0)
     assert DEFAULT_MAX_SECONDS == 30.0
     i = [Path(p).name for p, _ in bundle.train.samples].index("long.wav")

@@ -60,7 +60,7 @@ def test_hidden_folders_are_ignored_and_listed(tmp_path):
     assert not any(str(t) in {p for p, _ in bundle.train.samples} for t in thumbs)
     ignored = {str(Path(p).relative_to(root)) for p in bundle.report.ignored_folders}
     assert ignored == {"dark/.thumbnails", "dark/.ipynb_checkpoints", ".ipynb_checkpoints", "__MACOSX"}
-    assert "2 hidden" not in bundle.report.summary() and "4 hidden folder(s) ignored" in bundle.report.summary()
+    assert "2 hidden" not in bundle.report.summary() and "4 hidden folders ignored" in bundle.report.summary()
 
 
 def test_unreadable_folder_is_reported(tmp_path, monkeypatch):
@@ -79,7 +79,7 @@ def test_unreadable_folder_is_reported(tmp_path, monkeypatch):
         bundle = prepare_data(root, val_split=0)
     assert [(Path(p).name, r) for p, r in bundle.report.unreadable_folders] == [("more", "PermissionError: "
                                                                                          "Permission denied")]
-    assert len(bundle.train) == 8 and "1 unreadable folder(s) skipped" in bundle.report.summary()
+    assert len(bundle.train) == 8 and "1 unreadable folder skipped" in bundle.report.summary()
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads chmod-000 folders")
@@ -146,7 +146,7 @@ def test_finetune_result_lists_a_file_that_broke_after_the_scan(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=6)
     _damaged_png(root / "light" / "damaged.png")
     r = _quiet(tk.finetune, "tk:small_cnn", weights=None, data=root, epochs=1, batch_size=4, image_size=16,
-               policy="finetune", verbose=False, num_workers=0, val_split=0.25)
+               policy="full", verbose=False, num_workers=0, val_split=0.25)
     assert [Path(p).name for p in r.data_report.bad_at_load] == ["damaged.png"]
     assert np.isfinite(r.history[-1]["train_loss"])
 
@@ -186,7 +186,7 @@ def test_split_layout_edge_cases(tmp_path):
 def test_class_names_that_look_like_splits_warn(tmp_path):
     root = make_image_folder(tmp_path / "d", classes=("bus", "car", "train"), per_class=2)
     assert find_split_folders(root) is None  # 'train' among other classes is a class
-    with pytest.warns(UserWarning, match=r"Class folder\(s\) \['train'\] .* look like split names"):
+    with pytest.warns(UserWarning, match=r"Class folder names \['train'\] .* look like split names"):
         bundle = prepare_data(root, val_split=0)
     assert bundle.classes == ["bus", "car", "train"]
     nested = _split_layout(tmp_path / "nested", "train", "test", classes=("train", "test"))

@@ -43,7 +43,7 @@ def test_feature_extraction_trains_the_head(image_folder):
 def test_finetune_changes_backbone_weights(image_folder):
     bb = tk.get_backbone("tk:small_cnn", weights=None)
     before = _state(bb.trunk)
-    r = tk.finetune(bb, data=image_folder, policy="finetune", epochs=1, batch_size=8, verbose=False,
+    r = tk.finetune(bb, data=image_folder, policy="full", epochs=1, batch_size=8, verbose=False,
                     restore_best=False, num_workers=0)
     after = r.model.trunk.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -54,7 +54,7 @@ def test_finetune_changes_backbone_weights(image_folder):
 
 def test_export_parity_and_predict_right_labels(image_folder, tmp_path):
     out = tmp_path / "model.pt"
-    r = tk.finetune("tk:small_cnn", weights=None, data=image_folder, policy="finetune", epochs=6, batch_size=8,
+    r = tk.finetune("tk:small_cnn", weights=None, data=image_folder, policy="full", epochs=6, batch_size=8,
                     lr=3e-3, verbose=False, export=out, num_workers=0, augment="none")
     assert r.export_path == out and out.is_file()
     assert r.export_report.max_abs_diff <= 1e-5
@@ -80,7 +80,7 @@ def test_dataset_of_image_label_pairs(tmp_path):
     xs = torch.cat([torch.rand(10, 3, 20, 20, generator=g) * 0.3, 0.7 + torch.rand(10, 3, 20, 20, generator=g) * 0.3])
     ys = [0] * 10 + [1] * 10
     ds = torch.utils.data.TensorDataset(xs, torch.tensor(ys))
-    r = tk.finetune("tk:small_cnn", weights=None, data=ds, classes=["low", "high"], policy="finetune",
+    r = tk.finetune("tk:small_cnn", weights=None, data=ds, classes=["low", "high"], policy="full",
                     epochs=3, batch_size=4, verbose=False, augment="none", image_size=16)
     assert r.classes == ["low", "high"]
     assert len(r.history) == 3 and "val_acc" in r.history[-1]

@@ -29,7 +29,7 @@ def small_model(seed: int = 0):
     ("feature_extraction", Policy()),
     ("linear_probe", Policy()),
     ("full", Policy(unfreeze="all")),
-    ("finetune,bn=frozen", Policy(unfreeze="all", bn="frozen")),
+    ("full,bn=frozen", Policy(unfreeze="all", bn="frozen")),
     ("unfreeze:last=2,bn=affine", Policy(unfreeze=2, bn="affine")),
     ("unfreeze:blocks=layer3+layer4", Policy(unfreeze=("layer3", "layer4"))),
     ("unfreeze:from=layer3", Policy(unfreeze_from="layer3")),
@@ -175,7 +175,16 @@ def test_fine_tune_freezes_everything_for_k_epochs_then_trains_all_blocks():
 
 def test_fine_tune_is_no_longer_an_alias_of_full():
     assert Policy.parse("fine_tune") != Policy.parse("full")
-    assert Policy.parse("finetune") == Policy.parse("full")
+    with pytest.warns(FutureWarning, match="'finetune' is 'full'.*'fine_tune'"):
+        assert Policy.parse("finetune") == Policy.parse("full")
+
+
+@pytest.mark.parametrize("typo, meant", [("fine-tune", "fine_tune"), ("Fine_Tune", "fine_tune"),
+                                         ("fintune", "fine_tune"), ("feature-extraction", "feature_extraction"),
+                                         ("unfreez:last=2", "unfreeze"), ("gradul:every=2", "gradual")])
+def test_policy_kinds_get_did_you_mean(typo, meant):
+    with pytest.raises(PolicyError, match=f"Did you mean '{meant}'\\?"):
+        Policy.parse(typo)
 
 
 @pytest.mark.parametrize("spec, fragment", [

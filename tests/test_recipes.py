@@ -138,7 +138,7 @@ def test_cli_finetune_with_config_and_overrides(tmp_path, capsys):
 
     data = make_image_folder(tmp_path / "imgs", per_class=6, size=16)
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("backbone: tk:small_cnn\nweights: null\npolicy: finetune\nepochs: 3\nimage_size: 16\n"
+    cfg.write_text("backbone: tk:small_cnn\nweights: null\npolicy: full\nepochs: 3\nimage_size: 16\n"
                    "augment: none\nverbose: false\n")
     code = main(["finetune", "--config", str(cfg), "--data", str(data), "--epochs", "1", "--set", "batch_size=4",
                  "--export", str(tmp_path / "m.pt")])

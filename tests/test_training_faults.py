@@ -10,7 +10,7 @@ import transferkit as tk
 from transferkit.backbones import InputSpec, from_module
 from transferkit.train.faults import TrainingInterrupted
 
-FAST = dict(weights=None, policy="finetune", batch_size=8, augment="none", verbose=False, num_workers=0,
+FAST = dict(weights=None, policy="full", batch_size=8, augment="none", verbose=False, num_workers=0,
             image_size=16, lr=3e-3)
 
 

@@ -20,14 +20,19 @@ from typing import Any
 from transferkit._progress import EpochLog
 from transferkit.backbones import Backbone
 from transferkit._io import check_writable, remove_stale_temps
+from transferkit._text import wrap_lines
 from transferkit.config import FinetuneConfig, unknown_key_error
 from transferkit.data import DataReport
 from transferkit.errors import ConfigError, suggest
+from transferkit.evaluation import Evaluation
+from transferkit.evaluation import evaluate as evaluate_model
+from transferkit.export import Prediction, Predictor
 from transferkit.export.torchscript import ExportReport
 from transferkit.model import TransferModel
 from transferkit.decisions import Decisions, decide
 from transferkit.facts import environment, look
 from transferkit.policies import Policy, param_groups
+from transferkit.results import export_result, result_predictor, result_summary
 from transferkit.run import Run, build
 from transferkit.steps import evaluate, set_epoch_mode, train, training_data, validation_images, write_outputs
 from transferkit.checkpoints import checkpoint_lock, load_checkpoint
@@ -117,6 +122,55 @@ class FinetuneResult:
         return (f"<div><b>FinetuneResult</b><table>{''.join(rows)}</table>"
                 + (epochs.to_html() if self.history else "") + "</div>")
 
+    def plot_confusion_matrix(self, path: str | Path = "confusion_matrix.png") -> Path:
+        """The validation confusion matrix (rows: true class, columns: predicted) as a PNG."""
+        from transferkit.train.reporting import plot_confusion_matrix
+
+        if "confusion_matrix" not in self.metrics:
+            raise ConfigError("plot_confusion_matrix needs a multiclass run with validation data.")
+        return plot_confusion_matrix(self.metrics["confusion_matrix"], self.classes, path)
+
+    def export(self, path: str | Path, *, onnx: bool | str | Path = False, optimize: bool = False,
+               mode: str = "auto", atol: float = 1e-5, rtol: float = 1e-5) -> list[ExportReport]:
+        """Export the trained model now: a verified TorchScript file at ``path`` carrying the
+        metadata ``finetune(export=...)`` writes (labels, input, task, decisions, best epoch),
+        checked after reloading on real validation inputs; ``onnx=True`` (or a path) also writes
+        a checked ONNX file (beside ``path`` with the suffix ``.onnx``). Returns the reports,
+        TorchScript first; ``export_path`` and ``export_report`` then name this export.
+
+        Example:
+            >>> result.export("model.pt", onnx=True)[0].max_abs_diff  # doctest: +SKIP
+        """
+        reports = export_result(self.model, self.decisions, self.run, self.best, path, onnx=onnx,
+                                optimize=optimize, mode=mode, atol=atol, rtol=rtol)
+        self.export_report, self.export_path = reports[0], reports[0].path
+        return reports
+
+    def predictor(self) -> Predictor:
+        """A [`Predictor`][transferkit.Predictor] over the trained model in memory (put in eval
+        mode): what ``transferkit.load(export)`` gives, without writing a file."""
+        return result_predictor(self.model, self.decisions)
+
+    def predict(self, inputs: Any, **options: Any) -> list[Prediction]:
+        """[`Predictor.predict`][transferkit.Predictor.predict] with the trained model: the same
+        inputs (files, PIL images, arrays, tensors), preprocessing and results as
+        ``transferkit.load(export).predict(inputs, **options)``.
+
+        Example:
+            >>> result.predict(["ant.jpg", "bee.jpg"], top_k=2)[0].label  # doctest: +SKIP
+        """
+        return self.predictor().predict(inputs, **options)
+
+    def evaluate(self, data: str | Path, **options: Any) -> Evaluation:
+        """[`transferkit.evaluate`][transferkit.evaluate] with the trained model: accuracy,
+        per-class report, confusion matrix and worst files on labelled ``data`` (a folder
+        ``root/<class>/<file>`` or a ``path,label`` CSV)."""
+        return evaluate_model(self.predictor(), data, **options)
+
+    def summary(self) -> str:
+        """A few lines for people: best epoch and scores, final metrics, files written."""
+        return result_summary(self)
+
     def __repr__(self) -> str:
         score = {k: round(v, 4) for k, v in self.best.items() if isinstance(v, float)}
         return (f"FinetuneResult({self.backbone.name}, policy={str(self.policy)!r}, {len(self.classes)} classes, "
@@ -179,7 +233,7 @@ def _opened(cfg: FinetuneConfig, *, lock: bool, show_plan: bool = True) -> Itera
                 for note in d.notes:
                     warnings.warn(note, stacklevel=4)
                 if show_plan and cfg.verbose:
-                    print(d.summary(), file=sys.stderr, flush=True)
+                    print(wrap_lines(d.summary(), width=100), file=sys.stderr, flush=True)
             yield d, build(d, inputs)
 
 

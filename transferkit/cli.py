@@ -1,5 +1,7 @@
-"""The ``transferkit`` command line: ``finetune``, ``lr-find``, ``predict``, ``export``, ``inspect``,
-``backbones``, ``demo``.
+"""The ``transferkit`` command line: ``finetune``, ``lr-find``, ``predict``, ``evaluate``, ``export``,
+``inspect``, ``backbones``, ``demo``.
+
+``--help`` answers without importing torch: each command imports what it needs when it runs.
 
 Every failure transferkit can explain exits with status 2 and one line on stderr
 (``transferkit: error: ...``), like argparse's own usage errors.
@@ -62,6 +64,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                               progress=None if not args.json else False)
     if args.json:
         print(json.dumps([p.to_dict() for p in preds], indent=1))
+    elif args.csv:
+        _write_csv(preds, predictor.labels, predictor.task, args.top_k)
     else:
         for p in preds:
             print(f"{p.source}\t{p}")
@@ -72,6 +76,62 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if failed:
         print(f"transferkit: error: {len(failed)} of {len(preds)} inputs could not be predicted (listed above)",
               file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write_csv(preds: list, labels: list[str], task: str, top_k: int) -> None:
+    """One row per input: ``path``, then ``label,probability`` (and ``label_2,probability_2``
+    .. up to ``top_k``; multilabel adds ``labels``, ``;``-separated) or, for regression, one
+    column per output; ``error`` is empty unless the input could not be predicted."""
+    import csv
+
+    if task == "regression":
+        header = ["path", *labels]
+    else:
+        header = ["path", "label", "probability"]
+        header += [f"{name}_{i}" for i in range(2, min(top_k, len(labels)) + 1) for name in ("label", "probability")]
+        header += ["labels"] if task == "multilabel" else []
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow([*header, "error"])
+    for p in preds:
+        if not p.ok:
+            row: list = [p.source, *[""] * (len(header) - 1), _one_line(p.error)]
+        elif task == "regression":
+            row = [p.source, *[f"{(p.values or {}).get(lab, float('nan')):.6g}" for lab in labels], ""]
+        else:
+            row = [p.source]
+            for lab, prob in p.top_k:
+                row += [lab, f"{prob:.6f}"]
+            row += [";".join(p.labels or [])] if task == "multilabel" else []
+            row.append("")
+        writer.writerow(row)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from transferkit.errors import ConfigError
+    from transferkit.evaluation import evaluate
+
+    ev = evaluate(args.model, args.data, batch_size=args.batch_size, device=args.device,
+                  progress=None if not args.json else False)
+    picture = None
+    try:
+        picture = ev.plot_confusion_matrix(args.confusion_matrix or "confusion_matrix.png")
+    except ConfigError:  # matplotlib missing: an explicit path asked for the picture, the default did not
+        if args.confusion_matrix:
+            raise
+    if args.json or not sys.stdout.isatty():
+        print(json.dumps({**ev.to_dict(worst=args.worst),
+                          "confusion_matrix_png": str(picture) if picture else None}, indent=1))
+    else:
+        print(ev.summary(worst=args.worst))
+        print(f"confusion matrix: {picture}" if picture else
+              "confusion matrix: not drawn (needs matplotlib: pip install 'transferkit[plots]')")
+    for f, err in ev.failed:
+        print(f"transferkit: warning: {f}: {_one_line(err).split(' Remove the file')[0]}", file=sys.stderr)
+    if ev.failed:
+        print(f"transferkit: error: {len(ev.failed)} of {len(ev.failed) + len(ev.files)} files could not be "
+              "predicted (listed above) and are left out of the scores", file=sys.stderr)
         return 1
     return 0
 
@@ -142,6 +202,10 @@ def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
         if "default" not in help_text and default is not None:
             help_text += f" (default: {default})"
         names = (_flag(key), "--plots") if key == "plots_dir" else (_flag(key),)
+        if types == (bool,):  # a switch: --resume
+            p.add_argument(*names, dest=key, action="store_true", default=None,
+                           help=m["help"].replace("`checkpoint`", "--checkpoint"))
+            continue
         p.add_argument(*names, dest=key, type=kind, default=None, help=help_text,
                        metavar=key.upper() if not m["choices"] else None,
                        choices=[c for c in m["choices"] if isinstance(c, str)] if m["choices"] and kind is str
@@ -169,8 +233,27 @@ def _finetune_kwargs(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) ->
     return {**kwargs, "data": data, "val_data": args.val_data or kwargs.get("val_data")}
 
 
+def _run_finetune(args: argparse.Namespace) -> Any:
+    """``finetune`` with the merged options; with ``--resume`` and an existing ``--checkpoint``
+    (and no --config), the run continues with the settings stored in the checkpoint, the
+    flags and --set replacing some of them (``transferkit.resume``)."""
+    from transferkit.api import finetune, resume
+    from transferkit.config import config_fields, merge_config, parse_overrides
+
+    if args.resume and not (args.checkpoint or args.config):
+        raise TransferkitError("--resume continues the run saved in --checkpoint PATH; pass the checkpoint.")
+    if not (args.resume and args.checkpoint and not args.config and Path(args.checkpoint).exists()):
+        return finetune(**_finetune_kwargs(args))  # a missing checkpoint: the run starts (and saves there)
+    flags = {k: getattr(args, k) for k in config_fields() if getattr(args, k, None) is not None}
+    flags.update({k: v for k, v in (("data", args.data), ("val_data", args.val_data)) if v is not None})
+    if isinstance(flags.get("weights"), str) and flags["weights"].lower() == "none":
+        flags["weights"] = None
+    changes = merge_config(flags, parse_overrides(args.set), source="finetune options")
+    return resume(args.checkpoint, **{k: v for k, v in changes.items() if k not in ("resume", "checkpoint")})
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from transferkit.api import finetune
+    from transferkit.results import result_record, result_summary
 
     if args.dry_run:
         from transferkit.decisions import plan
@@ -179,14 +262,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             decided = plan(**{**_finetune_kwargs(args), "verbose": False})
         print(decided.summary())
         return 0
-    with contextlib.redirect_stdout(sys.stderr):  # logs on stderr: stdout holds the JSON result alone
-        result = finetune(**_finetune_kwargs(args))
-    summary = {"best": result.best, "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-               "export": str(result.export_path) if result.export_path else None,
-               "checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
-               "plots": {k: str(v) for k, v in result.plots.items()},
-               "bad_files": len(result.data_report.bad_files), "seconds": round(result.timings.get("total_s", 0), 1)}
-    print(json.dumps(summary, default=str))
+    with contextlib.redirect_stdout(sys.stderr):  # logs on stderr: stdout holds the result alone
+        result = _run_finetune(args)
+    if args.json or not sys.stdout.isatty():
+        print(json.dumps(result_record(result), default=str))
+        return 0
+    print(result_summary(result))
+    if result.export_path is not None:
+        print(f"  next:       transferkit predict {result.export_path} FILES_OR_FOLDERS\n"
+              f"              transferkit evaluate {result.export_path} LABELLED_FOLDER_OR_CSV")
     return 0
 
 
@@ -234,11 +318,29 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("model", help="exported TorchScript file (.pt)")
     pr.add_argument("inputs", nargs="+", help="files, or folders (every readable file below them)")
     pr.add_argument("--top-k", type=int, default=1, help="labels to show per input")
-    pr.add_argument("--json", action="store_true", help="print a JSON list instead of one line per input")
+    fmt = pr.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print a JSON list instead of one line per input")
+    fmt.add_argument("--csv", action="store_true",
+                     help="print CSV: path, label, probability (label_2, probability_2 .. with --top-k), error")
     pr.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass")
     pr.add_argument("--threshold", type=float, default=0.5, help="probability threshold of multi-label models")
     pr.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda")
     pr.set_defaults(fn=_cmd_predict)
+
+    ev = _sub(sub, "evaluate", "score an exported model on labelled data",
+              "Predict every file of a labelled folder root/<class>/<file> (or a CSV of path,label rows) with an "
+              "exported model and report the accuracy, per-class precision/recall/F1, the files with the highest "
+              "loss, and draw the confusion matrix. On a terminal it prints a summary; piped or with --json, one "
+              "JSON object.")
+    ev.add_argument("model", help="exported TorchScript file (.pt)")
+    ev.add_argument("data", help="labelled data: a folder root/<class>/<file> or a CSV of path,label")
+    ev.add_argument("--worst", type=int, default=10, help="how many of the highest-loss files to list")
+    ev.add_argument("--confusion-matrix", default=None, metavar="PNG",
+                    help="where to draw the confusion matrix (default: confusion_matrix.png)")
+    ev.add_argument("--json", action="store_true", help="print JSON even on a terminal")
+    ev.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass")
+    ev.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda")
+    ev.set_defaults(fn=_cmd_evaluate)
 
     ex = _sub(sub, "export", "export a checkpoint to a verified TorchScript file",
               "Rebuild the model of a transferkit checkpoint, export it to TorchScript, reload the file and check "
@@ -259,9 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = _sub(sub, "finetune", "fine-tune a backbone on a folder of data and export it",
               "transferkit.finetune() from the command line: --config file.yaml (keys as in FinetuneConfig), then "
-              "the flags below, then --set key=value overrides. The decisions and the epoch log go to stderr; "
-              "stdout holds one JSON object with the result.")
+              "the flags below, then --set key=value overrides. The decisions and the epoch log go to stderr. At "
+              "the end, on a terminal, a short summary (best epoch, scores, files written, the export's check); "
+              "piped or with --json, one JSON object. --checkpoint PATH --resume alone continues an interrupted "
+              "run with the settings stored in it.")
     _finetune_args(ft)
+    ft.add_argument("--json", action="store_true", help="print the result as JSON even on a terminal")
     ft.add_argument("--dry-run", action="store_true",
                     help="print the run's decisions with their reasons and exit: no weights loaded, no features "
                          "computed, nothing trained")
@@ -294,26 +399,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cli_spelling(message: str) -> str:
-    """Rewrite Python spellings in an error for a CLI user: ``weights='x'`` -> ``--weights x``
-    (``--set key=value`` for settings without a flag), ``transferkit.list_backbones(..)`` ->
-    ``transferkit backbones``."""
+_SETTING = re.compile(r"(?<![\w.-])([a-z_]+)=('[^']*'|\"[^\"]*\"|[^\s,;)]+?)(?=[\s,;)]|\.(?:\s|$)|$)")
+_CALL = re.compile(r"(?:transferkit\.)?\b(finetune|resume)\((?!\):)([^()]*)\)")
+
+
+def _setting_flag(key: str, value: str) -> str | None:
+    """``--key value`` (``--set key=value`` for settings without a flag; a switch alone when
+    true), or None when ``key`` is no serialisable setting."""
     from transferkit.config import config_fields
 
-    fields = config_fields()
+    f = config_fields().get(key)
+    value = value.strip("'\"")
+    if f is None or not f.metadata["serial"]:
+        return None
+    if key in ("data", "val_data"):  # flags of their own, outside FinetuneConfig's list
+        return f"{_flag(key)} {value}"
+    if not f.metadata["flag"]:
+        return f"--set {key}={value}"
+    if f.metadata["types"] == (bool,):
+        return _flag(key) if value.lower() == "true" else ""
+    return f"{_flag(key)} {value}"
 
+
+def _command(m: re.Match) -> str:
+    """``finetune(..., weights='w.pt')`` -> ```transferkit finetune ... --weights w.pt```;
+    ``transferkit.resume('run.pt')`` -> ```transferkit finetune --checkpoint run.pt --resume```."""
+    args = [a.strip() for a in m.group(2).split(",") if a.strip()]
+    words = ["transferkit finetune"]
+    if m.group(1) == "resume":
+        words.append(f"--checkpoint {args.pop(0).strip(chr(39) + chr(34))} --resume" if args else "--resume")
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        converted = _setting_flag(key.strip(), value.strip()) if eq else None
+        words.append(arg if converted is None else converted)
+    return "`" + " ".join(w for w in words if w) + "`"
+
+
+def cli_spelling(message: str) -> str:
+    """Rewrite Python spellings in an error for a CLI user, so that each hint reads in one
+    syntax: ``finetune(..., weights='x')`` -> ```transferkit finetune ... --weights x```,
+    ``transferkit.resume('run.pt')`` -> ```transferkit finetune --checkpoint run.pt --resume```,
+    ``weights='x'`` -> ``--weights x`` (``--set key=value`` for settings without a flag),
+    ``transferkit.list_backbones(..)`` -> ```transferkit backbones```. Text already in
+    backticks is left as it is."""
     def flag(m: re.Match) -> str:
-        key, value = m.group(1), m.group(2).strip("'\"")
-        f = fields.get(key)
-        if f is None or not f.metadata["serial"]:
-            return m.group(0)
-        return f"{_flag(key)} {value}" if f.metadata["flag"] else f"--set {key}={value}"
+        converted = _setting_flag(m.group(1), m.group(2))
+        return m.group(0) if converted is None else converted
 
-    message = re.sub(r"(?<![\w.-])([a-z_]+)=('[^']*'|\"[^\"]*\"|[^\s,;)]+?)(?=[\s,;)]|\.(?:\s|$)|$)", flag, message)
+    message = _CALL.sub(_command, message)
+    message = re.sub(r"\bto finetune\(\)", "to `transferkit finetune`", message)
     message = re.sub(r"transferkit\.list_backbones\(([^)]*)\)",
                      lambda m: "`transferkit backbones" + (f" {m.group(1).strip(chr(39))}`" if m.group(1) else "`"),
                      message)
-    return message
+    parts = message.split("`")  # even parts are outside backticks
+    return "`".join(_SETTING.sub(flag, part) if i % 2 == 0 else part for i, part in enumerate(parts))
 
 
 def _one_line(text: str) -> str:

@@ -215,7 +215,8 @@ class FinetuneConfig:
                        flag=True)
     checkpoint: Any = _opt(None, "rewrite a resumable checkpoint here after every epoch", group="outputs",
                            types=(str, Path) + _N, flag=True)
-    resume: Any = _opt(False, "continue the run in `checkpoint`", group="outputs", types=_B)
+    resume: Any = _opt(False, "continue the run in `checkpoint` (with the same settings)", group="outputs", types=_B,
+                       flag=True)
     log_dir: Any = _opt(None, "TensorBoard log folder", group="outputs", types=(str, Path) + _N)
     plots_dir: Any = _opt(None, "write training curves, confusion matrix and example grids (PNG) here",
                           group="outputs", types=(str, Path) + _N, flag=True)

@@ -102,7 +102,7 @@ def _run_demo(out: Path, *, quick: bool, seed: int, verbose: bool) -> dict:
     say(f"transferkit demo -> {out.resolve()}")
     say(f"1/3 source task: digits 0-4, {len(tasks['source'])} images, tk:small_cnn from scratch, {src_epochs} epochs")
     t0 = time.perf_counter()
-    src = finetune("tk:small_cnn", weights=None, data=tasks["source"], policy="finetune", epochs=src_epochs,
+    src = finetune("tk:small_cnn", weights=None, data=tasks["source"], policy="full", epochs=src_epochs,
                    batch_size=64, lr=3e-3, checkpoint=out / "source.pt", **common)
     say(f"    validation accuracy {src.best['val_acc']:.3f} ({time.perf_counter() - t0:.1f}s), saved {src.checkpoint_path}")
 
@@ -111,10 +111,10 @@ def _run_demo(out: Path, *, quick: bool, seed: int, verbose: bool) -> dict:
     source_file = out / "source.pt"
     runs = [  # (label, finetune arguments, epochs)
         ("feature extraction from source.pt", dict(weights=source_file, policy="feature_extraction", lr=1e-2), tgt_epochs),
-        ("fine-tuning from source.pt", dict(weights=source_file, policy="finetune", lr=3e-3,
+        ("fine-tuning from source.pt", dict(weights=source_file, policy="full", lr=3e-3,
                                             export=out / "model.pt"), tgt_epochs),
-        ("from scratch (same budget)", dict(weights=None, policy="finetune", lr=3e-3), tgt_epochs),
-        ("from scratch (4x the epochs)", dict(weights=None, policy="finetune", lr=3e-3), 4 * tgt_epochs),
+        ("from scratch (same budget)", dict(weights=None, policy="full", lr=3e-3), tgt_epochs),
+        ("from scratch (4x the epochs)", dict(weights=None, policy="full", lr=3e-3), 4 * tgt_epochs),
     ]
     rows, exported = [], None
     for label, kw, epochs in runs:

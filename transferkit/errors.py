@@ -7,7 +7,9 @@ from [`TransferkitError`][transferkit.TransferkitError], so ``except transferkit
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
+from typing import Any
 
 
 class TransferkitError(Exception):
@@ -67,9 +69,51 @@ class CorruptExportError(ExportError, CorruptFileError):
     """An exported model file that is damaged."""
 
 
+def _natural(text: str) -> list[Any]:
+    """Sort key reading digit runs as numbers (``lite2`` before ``lite10``)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text)]
+
+
+def closest(value: str, choices: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """The ``n`` choices closest to ``value``, closest first: the same name spelled with ``-``
+    or other capitals, then names that ``value`` begins (shortest completion first:
+    ``tf_efficientnet_lite`` -> ``tf_efficientnet_lite0``), then by similarity (difflib's
+    ratio >= ``cutoff``); ties in natural order.
+
+    Example:
+        >>> closest("tv:resnet", ["tv:resnet152", "tv:resnet18", "tv:resnet50", "tv:resnet34"])
+        ['tv:resnet18', 'tv:resnet34', 'tv:resnet50']
+        >>> closest("fine-tune", ["full", "fine_tune"])
+        ['fine_tune']
+    """
+    def norm(text: str) -> str:
+        return text.lower().replace("-", "_")
+
+    v = norm(value)
+    matcher = difflib.SequenceMatcher()
+    matcher.set_seq2(v)
+    ranked = []
+    for choice in dict.fromkeys(choices):
+        c = norm(choice)
+        if c == v:
+            rank: tuple[int, float] = (0, 0.0)
+        elif len(v) >= 3 and c.startswith(v):
+            rank = (1, len(c) - len(v))
+        else:
+            matcher.set_seq1(c)
+            if matcher.real_quick_ratio() < cutoff or matcher.quick_ratio() < cutoff:
+                continue
+            ratio = matcher.ratio()
+            if ratio < cutoff:
+                continue
+            rank = (2, -round(ratio, 6))
+        ranked.append((rank, _natural(choice), choice))
+    return [choice for *_, choice in sorted(ranked)[:n]]
+
+
 def suggest(value: str, choices: Iterable[str], n: int = 3) -> str:
-    """Return ``" Did you mean 'x'?"`` for the closest choices, or ``""``."""
-    close = difflib.get_close_matches(value, list(choices), n=n, cutoff=0.6)
+    """Return ``" Did you mean 'x'?"`` for the closest choices (see `closest`), or ``""``."""
+    close = closest(value, choices, n=n)
     if not close:
         return ""
     return " Did you mean " + " or ".join(repr(c) for c in close) + "?"

@@ -18,6 +18,7 @@ import platform
 import torch
 from torch import nn
 
+from transferkit._text import plural
 from transferkit.errors import ConfigError
 
 ASSUME_BF16_ENV = "TRANSFERKIT_ASSUME_BF16"
@@ -116,7 +117,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but CUDA is not available here; use device='auto' or 'cpu'.")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+        raise ConfigError(f"device={device!r} but this machine has {plural(torch.cuda.device_count(), 'CUDA device')}; "
                           f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")
     mps = getattr(torch.backends, "mps", None)
     if dev.type == "mps" and not (mps is not None and mps.is_available()):

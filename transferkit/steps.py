@@ -182,6 +182,14 @@ def metadata(d: Decisions, *, portable: bool = False) -> dict[str, Any]:
             "transferkit_version": __version__, "decisions": d.to_dict(portable=portable), "training": {}}
 
 
+def export_metadata(d: Decisions, best: dict[str, Any]) -> dict[str, Any]:
+    """The metadata an export carries: [`metadata`][transferkit.steps.metadata] made portable
+    (unless ``portable_metadata=False``), with the best epoch."""
+    shipped = metadata(d, portable=d.config.portable_metadata)
+    shipped["training"]["best"] = best
+    return shipped
+
+
 def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
     """Train what the decisions say: the scikit-learn probe (``head="logistic"``), or the loop
     with one optimizer, schedule (restarted for each of the policy's phases, ``Policy.lr_phases``),
@@ -230,11 +238,13 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                 td = current["data"] = training_data(d, run, cached=True, progress=progress)
                 seconds.update(td.seconds)
                 history, best = fit(td.module, td.train_loader, td.val_loader, loop, epochs=k, state=state,
-                                    total_epochs=total)
+                                    total_epochs=total, prep_s=td.seconds.get("features_s", 0.0), prep_what="features")
             if inputs is not None:
                 state.best_state = _whole_model_state(run, state.best_state)
                 td = current["data"] = inputs
-                history, best = fit(td.module, td.train_loader, td.val_loader, loop, epochs=total, state=state)
+                history, best = fit(td.module, td.train_loader, td.val_loader, loop, epochs=total, state=state,
+                                    prep_s=sum(v for key, v in inputs.seconds.items() if key.startswith("decode_")),
+                                    prep_what="decoding")
     finally:
         if tb is not None:
             tb.close()
@@ -292,7 +302,8 @@ def write_outputs(d: Decisions, run: Run, outcome: TrainOutcome, metrics: dict[s
     cfg = d.config
     meta = metadata(d)
     meta["training"]["best"] = outcome.best
-    plots = write_reports(cfg.plots_dir, outcome.history, metrics, list(d.classes))
+    frozen = next((e for e, blocks in enumerate(d.trainable) if blocks), 0)  # epochs before the backbone trains
+    plots = write_reports(cfg.plots_dir, outcome.history, metrics, list(d.classes), frozen_epochs=frozen)
     if cfg.plots_dir is not None and logits is not None and cfg.task == "multiclass":
         from transferkit.train.interpret import write_interpretation
 
@@ -309,7 +320,7 @@ def write_outputs(d: Decisions, run: Run, outcome: TrainOutcome, metrics: dict[s
     if cfg.export is not None:
         t2 = time.perf_counter()
         example = example_inputs(d, run)
-        shipped = {**metadata(d, portable=cfg.portable_metadata), "training": dict(meta["training"])}
+        shipped = export_metadata(d, outcome.best)
         out["export_report"] = save_with_fallback(
             cfg.export, lambda: export_torchscript(model, cfg.export, metadata=shipped, example_inputs=example),
             what="export", flag="export", model=model, meta=meta, **history)

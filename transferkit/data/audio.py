@@ -26,6 +26,7 @@ from transferkit.data.bundle import DataBundle, resolve_split_folders, stratifie
 from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport
 from transferkit.data.folders import class_folders, list_class_files, warn_split_like_classes
 from transferkit.data.late import ReportingCollate, load_or_replace
+from transferkit._text import plural
 from transferkit.errors import ConfigError, DataError, check_choice
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif")
@@ -343,7 +344,7 @@ def filter_bad_audio(samples: Sequence[tuple[Any, int]], *, on_bad_file: str = "
     if report is not None and bad:
         report.bad_files += bad
         shown = "; ".join(f"{p} ({r})" for p, r in bad[:5])
-        report.warn(f"Left out {len(bad)} bad audio file(s): {shown}{' ...' if len(bad) > 5 else ''}")
+        report.warn(f"Left out {plural(len(bad), 'bad audio file')}: {shown}{' ...' if len(bad) > 5 else ''}")
     if report is not None and long:
         _warn_long(report, long, max_seconds)  # type: ignore[arg-type]
     return good
@@ -359,7 +360,7 @@ def check_max_seconds(max_seconds: Any) -> float | None:
 
 def _warn_long(report: DataReport, long: list[tuple[float, str]], max_seconds: float) -> None:
     secs, where = max(long)
-    report.warn(f"{len(long)} clip(s) are longer than max_seconds={max_seconds:g} and are cropped to their middle "
+    report.warn(f"Cropped {plural(len(long), 'clip')} longer than max_seconds={max_seconds:g} to their middle "
                 f"{max_seconds:g} s (the longest: {secs:.1f} s, {where}); pass a larger max_seconds (or None) to keep "
                 "more, at the cost of memory per batch.")
 

@@ -17,6 +17,7 @@ from transferkit.data.folders import find_split_folders, warn_split_like_classes
 from transferkit.data.encoded import EncodedImageDataset
 from transferkit.data.images import ImageFolderDataset, TransformedDataset, dataset_targets
 from transferkit.data.sources import open_encoded, split_encoded
+from transferkit._text import plural
 from transferkit.errors import DataError
 
 
@@ -159,8 +160,8 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
             dups = find_duplicates([p for p, _ in train.samples], [p for p, _ in val.samples])
             if dups:
                 n_val = len({v for _, v in dups})  # files, not pairs (a file may match several)
-                report.warn(f"{n_val} validation file(s) are byte-identical to training files, which inflates "
-                            f"validation accuracy: e.g. {dups[0][1]} = {dups[0][0]}.")
+                report.warn(f"Validation data hold {plural(n_val, 'file')} byte-identical to training files, "
+                            f"which inflates validation accuracy: e.g. {dups[0][1]} = {dups[0][0]}.")
     elif val_split:
         splitter = getattr(train, "hash_split", None)  # encoded images: by key, reads no sample
         tr_idx, va_idx = splitter(val_split, seed) if splitter else stratified_split(targets, val_split, seed)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from transferkit._io import file_digest
+from transferkit._text import plural
 from transferkit.errors import DataError, check_choice
 from transferkit.data.late import register_report
 
@@ -81,9 +82,9 @@ class DataReport:
             late = f" ({n_late} of them failed to load during training)" if n_late else ""
             parts.append(f"{n} bad file{'s' if n != 1 else ''} left out{late}")
         if self.unreadable_folders:
-            parts.append(f"{len(self.unreadable_folders)} unreadable folder(s) skipped")
+            parts.append(f"{plural(len(self.unreadable_folders), 'unreadable folder')} skipped")
         if self.ignored_folders:
-            parts.append(f"{len(self.ignored_folders)} hidden folder(s) ignored")
+            parts.append(f"{plural(len(self.ignored_folders), 'hidden folder')} ignored")
         return ", ".join(parts)
 
 
@@ -155,7 +156,7 @@ def filter_bad_images(samples: Sequence[tuple[str, int]], *, on_bad_file: str = 
     if report is not None and bad:
         report.bad_files += bad
         shown = "; ".join(f"{p} ({r})" for p, r in bad[:5])
-        report.warn(f"Left out {len(bad)} bad image file(s): {shown}{' ...' if len(bad) > 5 else ''}")
+        report.warn(f"Left out {plural(len(bad), 'bad image file')}: {shown}{' ...' if len(bad) > 5 else ''}")
     return good
 
 

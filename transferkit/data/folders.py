@@ -100,7 +100,7 @@ def warn_split_like_classes(classes: Sequence[str], where: str, report: DataRepo
     too deep or too shallow trains a "train vs test" classifier."""
     odd = split_like_names(classes)
     if odd:
-        report.warn(f"Class folder(s) {odd} in {where} look like split names, so they are trained on as classes "
+        report.warn(f"Class folder names {odd} in {where} look like split names, yet they are trained on as classes "
                     f"{list(classes)[:10]}. If they are splits, point data at the folder holding train/ and "
                     "val/ (or test/), each with one sub-folder per class.")
 

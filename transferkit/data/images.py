@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, default_collate
 from transferkit.data.checks import ON_BAD_FILE, DataReport, filter_bad_images
 from transferkit.data.folders import class_folders, list_class_files
 from transferkit.data.late import ReportingCollate, load_or_replace
+from transferkit._text import plural
 from transferkit.errors import DataError, check_choice
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -150,7 +151,7 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
             samples.append((str(path if path.is_absolute() else csv_path.parent / path), index[lab]))
     missing = [p for p, _ in samples if not os.path.isfile(p)]
     if missing:
-        raise DataError(f"{str(csv_path)!r} lists {len(missing)} file(s) that do not exist, e.g. {missing[:3]}.")
+        raise DataError(f"{str(csv_path)!r} lists {plural(len(missing), 'missing file')}, e.g. {missing[:3]}.")
     return samples, list(classes)
 
 

@@ -29,6 +29,7 @@ from transferkit._integrity import check_records, file_digests, record_name, rec
 from transferkit._io import atomic_write
 from transferkit.hardware import is_convolutional, resolve_device
 from transferkit.errors import ConfigError, ExportError, check_choice
+from transferkit._text import plural
 from transferkit.export.metadata import (
     RECORDS_FILE,
     complete_metadata,
@@ -411,7 +412,8 @@ def check_device(device: str | torch.device) -> torch.device:
     otherwise (before the file is read, so the error is about the device, not the file)."""
     dev = resolve_device(str(device) if isinstance(device, torch.device) else device)
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"device={str(device)!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+        raise ConfigError(f"device={str(device)!r} but this machine has "
+                          f"{plural(torch.cuda.device_count(), 'CUDA device')} "
                           f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}); use 'cuda' or 'cpu'.")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
                                   and torch.backends.mps.is_available()):

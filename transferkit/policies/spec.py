@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -278,7 +279,7 @@ class Policy:
     def parse(cls, spec: str | Policy) -> Policy:
         """Parse a policy string ``kind[:option][,option]*``.
 
-        Kinds: ``feature_extraction``, ``full`` (``finetune``), ``unfreeze:last=N``,
+        Kinds: ``feature_extraction``, ``full``, ``unfreeze:last=N``,
         ``unfreeze:blocks=a+b``, ``unfreeze:from=layer3``, ``gradual:every=k``,
         ``gradual:milestones=2+4`` (options ``start=N``, ``max=N``), ``lora:r=8`` (options
         ``alpha=16``, ``targets=<regex>``, ``last/blocks/from``), ``fine_tune:frozen=k``
@@ -286,7 +287,9 @@ class Policy:
         ``discriminative=0.01`` and ``lr * unfrozen_lr``; bare ``fine_tune`` is ``frozen=1``;
         ``frozen=k`` and ``unfrozen_lr=f`` also apply to ``full`` and ``unfreeze``). Options for every kind:
         ``bn=train|affine|frozen``, ``discriminative=r``, ``layer_decay=d``, ``l2sp=alpha``,
-        ``l2sp_beta=beta``, ``decay_norm_bias=true``. ``Policy.parse(str(p)) == p``.
+        ``l2sp_beta=beta``, ``decay_norm_bias=true``. ``Policy.parse(str(p)) == p``. The old
+        spelling ``finetune`` still means ``full`` and warns (FutureWarning): it reads too much
+        like ``fine_tune``.
 
         Example:
             >>> Policy.parse("gradual:milestones=1+3,layer_decay=0.75")
@@ -300,10 +303,15 @@ class Policy:
         kind, _, first = head.partition(":")
         kind = kind.strip()
         if kind not in _KINDS:
-            raise PolicyError(f"Unknown policy {spec!r}. Valid kinds: 'feature_extraction', 'full', "
+            raise PolicyError(f"Unknown policy {spec!r}.{_kind_hint(kind)} Valid kinds: 'feature_extraction', 'full', "
                               "'unfreeze:last=N', 'unfreeze:blocks=a+b', 'unfreeze:from=BLOCK', 'gradual:every=K', "
                               "'gradual:milestones=E1+E2', 'lora:r=R', 'fine_tune:frozen=K'; options after commas, "
                               "e.g. ',bn=affine'.")
+        if kind == "finetune":
+            warnings.warn("policy 'finetune' is 'full': every block trains from the first epoch, at one rate. "
+                          "fastai's recipe (the backbone frozen first, then every block at per-block rates) is "
+                          "'fine_tune'. Write 'full' or 'fine_tune' to say which you mean.", FutureWarning,
+                          stacklevel=2)
         kw: dict[str, Any] = dict(_KINDS[kind][0])
         seen: set[str] = set()
         for opt in ([first] if first else []) + opts:
@@ -413,7 +421,18 @@ def _check_known(wanted: Sequence[str], names: list[str]) -> None:
     unknown = [b for b in wanted if b not in names]
     if unknown:
         hint = suggest(unknown[0], names)
-        raise PolicyError(f"Unknown block(s) {unknown} in the policy.{hint} This backbone's blocks are {names}.")
+        raise PolicyError(f"Unknown {'block' if len(unknown) == 1 else 'blocks'} {unknown} in the policy.{hint} "
+                          f"This backbone's blocks are {names}.")
+
+
+def _kind_hint(kind: str) -> str:
+    """`` Did you mean 'fine_tune'?`` for a near-miss policy kind (``fine-tune``, ``Full``, ``unfreez``)."""
+    from transferkit.errors import suggest
+
+    same = kind.lower().replace("-", "_").replace(" ", "_")
+    if same in _KINDS and same != "finetune":
+        return f" Did you mean {same!r}?"
+    return suggest(same, [k for k in _KINDS if k != "finetune"], n=2)
 
 
 def _int(key: str, v: str) -> int:

@@ -176,7 +176,9 @@ def _grid(dataset: Any, indices: Sequence[int], titles: Sequence[str], colors: S
     n = len(indices)
     cols = min(n, max(1, math.ceil(math.sqrt(n))))
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, cell * rows + 0.5), squeeze=False)
+    title_h = 0.2 * (1 + max((t.count("\n") for t in titles), default=0))  # inches of each cell's title
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, (cell + title_h) * rows + 0.5), squeeze=False,
+                             layout="constrained")  # room for every row's titles, not only the first's
     for ax in axes.flat:
         ax.axis("off")
     for ax, i, title, color in zip(axes.flat, indices, titles, colors):
@@ -188,7 +190,6 @@ def _grid(dataset: Any, indices: Sequence[int], titles: Sequence[str], colors: S
             ax.imshow(pic)
         ax.set_title(title, fontsize=8, color=color)
     fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 

@@ -196,7 +196,8 @@ def evaluate(module: nn.Module, loader: DataLoader, *, loss_fn: Callable, device
 
 
 def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None, loop: Loop, *, epochs: int,
-        state: TrainState | None = None, total_epochs: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        state: TrainState | None = None, total_epochs: int | None = None, prep_s: float = 0.0,
+        prep_what: str = "data preparation") -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Train ``module`` from ``state.epoch`` to ``epochs`` as ``loop`` says; return the per-epoch
     history and the best epoch.
 
@@ -209,9 +210,11 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
     only at the run's end. Each history row holds ``epoch``, ``train_loss`` (``train_acc``),
     ``val_loss`` (``val_acc``), ``lr``: the base learning rate of the epoch's last step
     (`base_lr`, not a block's scaled rate), ``lr_groups``: ``{group name: lr}`` at that step,
-    and ``time_s``. With ``loop.verbose``, each epoch is reported as a line (``loop.log``) or,
-    in a Jupyter kernel, as a row of a live HTML table (`transferkit._progress.EpochLog`, one
-    per ``state``).
+    and ``time_s``: the epoch's seconds; the first epoch of this call also counts ``prep_s``,
+    the seconds its data took to prepare before the loop (the feature pass on cached features,
+    decoding once), which its log line names (``prep_what``). With ``loop.verbose``, each epoch
+    is reported as a line (``loop.log``) or, in a Jupyter kernel, as a row of a live HTML table
+    (`transferkit._progress.EpochLog`, one per ``state``).
 
     Example:
         >>> loop = Loop(optimizer=opt, loss_fn=nn.CrossEntropyLoss(), set_mode=lambda e: head.train())  # doctest: +SKIP
@@ -245,11 +248,13 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
             if loop.task != "regression":
                 row["val_acc"] = ev["acc"]
         _end_epoch(state, row, module, monitor, mode, loop)
-        row["time_s"] = time.perf_counter() - t0
+        row["time_s"] = time.perf_counter() - t0 + prep_s
         if loop.verbose and main:  # a line per epoch; in a notebook, a table that grows in place
             epoch_log(state, log=loop.log).add(row, f"epoch {epoch + 1:>3}/{shown}  " + "  ".join(
                 f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "time_s", "lr", "lr_groups"))
-                + f"  ({row['time_s']:.1f}s)", best=state.best.get("epoch"))
+                + f"  ({row['time_s']:.1f}s" + (f" incl. {prep_what} {prep_s:.1f}s)" if prep_s >= 0.05 else ")"),
+                best=state.best.get("epoch"))
+        prep_s = 0.0
         if loop.on_epoch_end is not None:
             loop.on_epoch_end(state)
     if loop.restore_best and state.best_state is not None and (state.stopped_early or state.epoch >= shown):

@@ -45,6 +45,7 @@ from transferkit._progress import progress
 from transferkit.errors import ConfigError
 from transferkit.train.reporting import pyplot, save_figure
 from transferkit.schedules import LRRange
+from transferkit._text import plural
 from transferkit.train.loop import Loop
 
 SKIP_START = 0.1  # fraction of the first points left out of the suggestion
@@ -114,7 +115,7 @@ def find_valley(lrs: Sequence[float], losses: Sequence[float], *, smooth_decades
         if not lrs:
             raise ConfigError("find_valley got no points: the range test recorded no loss.")
         return Valley(0, 0, 0, 0, float(lrs[0]), float(lrs[0]),
-                      (f"only {len(lrs)} point(s) before the loss exploded: lower start_lr",))
+                      (f"only {plural(len(lrs), 'point')} before the loss exploded: lower start_lr",))
     skip = int(skip_start * len(losses))
     per_decade = (len(lrs) - 1) / (math.log10(lrs[-1] / lrs[0]) if lrs[-1] > lrs[0] > 0 else 1.0)
     smooth = 1.0 / (1.0 + smooth_decades * per_decade)  # an average whose mean lag is smooth_decades

@@ -91,13 +91,18 @@ def save_figure(fig: Any, path: str | Path) -> Picture:
     return Picture(out)
 
 
-def plot_history(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Loss (and accuracy, when present) per epoch for training and validation, as a PNG.
+def plot_history(history: Sequence[dict[str, Any]], path: str | Path, *, frozen_epochs: int = 0) -> Path:
+    """Loss (and accuracy, when present) per epoch for training and validation, as a PNG,
+    with whole-epoch ticks. ``frozen_epochs=k`` (a run whose backbone stays frozen for its
+    first k epochs, as ``fine_tune:frozen=k``) draws a dashed line where the backbone starts
+    training, between epochs k and k + 1.
 
     Example:
         >>> plot_history([{"epoch": 1, "train_loss": 0.9}, {"epoch": 2, "train_loss": 0.5}], "curves.png")  # doctest: +SKIP
     """
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [r["epoch"] for r in history]
     panels = [p for p in ("loss", "acc") if any(f"train_{p}" in r or f"val_{p}" in r for r in history)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
@@ -106,6 +111,10 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
             ys = [r.get(f"{split}_{p}") for r in history]
             if any(y is not None for y in ys):
                 ax.plot(epochs, ys, marker="o", label=split)
+        if 0 < frozen_epochs < max(epochs, default=0):
+            ax.axvline(frozen_epochs + 0.5, color="0.4", linestyle="--", linewidth=1,
+                       label=f"backbone trains from epoch {frozen_epochs + 1}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy" if p == "acc" else "loss")
         ax.grid(alpha=0.3)
@@ -132,15 +141,16 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
 
 
 def write_reports(plots_dir: str | Path | None, history: list[dict[str, Any]], metrics: dict[str, Any],
-                  classes: Sequence[str]) -> dict[str, Path]:
-    """PNG training curves and confusion matrix into ``plots_dir`` (needs matplotlib)."""
+                  classes: Sequence[str], *, frozen_epochs: int = 0) -> dict[str, Path]:
+    """PNG training curves (``frozen_epochs``: see `plot_history`) and confusion matrix into
+    ``plots_dir`` (needs matplotlib)."""
     if plots_dir is None:
         return {}
     from transferkit.train.reporting import plot_confusion_matrix, plot_history
 
     out = {}
     if history:
-        out["curves"] = plot_history(history, Path(plots_dir) / "training_curves.png")
+        out["curves"] = plot_history(history, Path(plots_dir) / "training_curves.png", frozen_epochs=frozen_epochs)
     if "confusion_matrix" in metrics:
         out["confusion_matrix"] = plot_confusion_matrix(metrics["confusion_matrix"], classes,
                                                         Path(plots_dir) / "confusion_matrix.png")

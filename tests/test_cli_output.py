@@ -1,0 +1,196 @@
+"""What the command line prints: help without torch, a human summary on a terminal and JSON
+when piped, --resume, predict --csv, evaluate, and hints written in the CLI's own syntax."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tests.conftest import make_image_folder
+
+import transferkit
+from transferkit.cli import cli_spelling, main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--backbone", "tk:small_cnn", "--weights", "none", "--epochs", "2", "--image-size", "16",
+        "--batch-size", "8", "--set", "num_workers=0"]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """``transferkit finetune ... --export --checkpoint`` through main(), stdout captured (not a terminal)."""
+    root = tmp_path_factory.mktemp("cli_out")
+    data = make_image_folder(root / "images", per_class=8, size=20)
+    buf = io.StringIO()
+    from contextlib import redirect_stdout
+
+    with redirect_stdout(buf):
+        code = main(["finetune", "--data", str(data), *TINY, "--export", str(root / "m.pt"),
+                     "--checkpoint", str(root / "r.ckpt")])
+    assert code == 0
+    return root, data, buf.getvalue()
+
+
+def test_help_never_imports_torch():
+    """`transferkit --help` and every command's --help, in a fresh interpreter, load no torch."""
+    code = ("import sys\nfrom transferkit.cli import main\n"
+            "for argv in ([], ['finetune'], ['lr-find'], ['predict'], ['evaluate'], ['export'], ['inspect'],"
+            " ['backbones'], ['demo']):\n"
+            "    try:\n        main(argv + ['--help'])\n    except SystemExit as e:\n        assert e.code == 0\n"
+            "import transferkit\nassert transferkit.__version__\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'numpy'))))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=_env(),
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_lazy_package_attributes_are_the_real_objects():
+    from transferkit.api import finetune
+    from transferkit.decisions import plan
+
+    assert transferkit.finetune is finetune and transferkit.plan is plan
+    assert set(transferkit.__all__) <= set(dir(transferkit))
+    for name in transferkit.__all__:
+        assert getattr(transferkit, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'finetun'"):
+        transferkit.finetun  # noqa: B018
+
+
+def test_piped_finetune_prints_json_alone(run):
+    root, _, stdout = run
+    record = json.loads(stdout)
+    assert record["export"] == str(root / "m.pt") and record["checkpoint"] == str(root / "r.ckpt")
+    assert record["export_check"]["max_abs_diff"] <= record["export_check"]["tolerance"]
+    assert record["best"]["epoch"] in (1, 2)
+
+
+def test_finetune_on_a_terminal_ends_with_a_summary(tmp_path):
+    """A pseudo-terminal on stdout: no JSON, a few readable lines naming the best epoch, the
+    export and its check; --json brings the JSON back."""
+    data = make_image_folder(tmp_path / "images", per_class=6, size=20)
+    argv = [sys.executable, "-m", "transferkit", "finetune", "--data", str(data), *TINY,
+            "--export", str(tmp_path / "t.pt"), "--policy", "fine_tune"]
+    outs = []
+    for extra in ([], ["--json"]):
+        master, slave = pty.openpty()
+        proc = subprocess.Popen(argv + extra, stdout=slave, stderr=subprocess.PIPE, cwd=tmp_path, env=_env())
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=300) == 0, err
+        os.close(master)
+        outs.append((b"".join(chunks).decode().replace("\r\n", "\n"), err))
+    text, err = outs[0]
+    assert "{" not in text
+    assert "best epoch" in text and f"export:     {tmp_path / 't.pt'} (verified after reloading" in text
+    assert f"transferkit evaluate {tmp_path / 't.pt'}" in text
+    assert "epoch   1/2" in err and "incl. features" in err  # the feature pass counted in epoch 1
+    plan = err.split("\nepoch ")[0].splitlines()
+    assert plan[0].startswith("plan:") and all(len(line) <= 100 for line in plan)
+    assert json.loads(outs[1][0])["export"] == str(tmp_path / "t.pt")
+
+
+def test_resume_flag_continues_with_the_stored_settings(run, capsys):
+    root, data, _ = run
+    code, _, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume")
+    assert code == 2 and "the run it holds is complete" in err
+    assert f"`transferkit finetune ... --weights {root / 'r.ckpt'}`" in err and "finetune(" not in err
+    code, _, err = _run(capsys, "finetune", "--resume", "--data", data)
+    assert code == 2 and "--resume continues the run saved in --checkpoint PATH" in err
+
+
+def test_resume_flag_after_an_interrupted_run(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "images", per_class=6, size=20)
+    ckpt = tmp_path / "r.ckpt"
+
+    def stop(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        transferkit.finetune("tk:small_cnn", weights=None, data=str(data), epochs=2, image_size=16, batch_size=8,
+                             num_workers=0, checkpoint=ckpt, callbacks=[stop])
+    capsys.readouterr()
+    code, out, err = _run(capsys, "finetune", "--checkpoint", ckpt, "--resume")
+    assert code == 0, err
+    assert len(json.loads(out)["metrics"]) and "epoch   2/2" in err and "epoch   1/2" not in err
+
+
+def test_hints_use_the_cli_syntax():
+    complete = cli_spelling("Cannot resume from 'r.pt': the run it holds is complete (2 epochs); to train further "
+                            "start a new run from its weights: finetune(..., weights='r.pt').")
+    assert complete.endswith("`transferkit finetune ... --weights r.pt`.")
+    assert cli_spelling("continue exactly with transferkit.resume('r.pt').") == \
+        "continue exactly with `transferkit finetune --checkpoint r.pt --resume`."
+    assert cli_spelling("Pass checkpoint=... to finetune() to be able to resume") == \
+        "Pass --checkpoint ... to `transferkit finetune` to be able to resume"
+    assert cli_spelling("call finetune(..., checkpoint=path, resume=True).") == \
+        "call `transferkit finetune ... --checkpoint path --resume`."
+    assert cli_spelling("use head_hidden=[256] or `lr=1` as is") == "use --set head_hidden=[256] or `lr=1` as is"
+
+
+def test_predict_csv(run, capsys):
+    root, data, _ = run
+    files = sorted(str(p) for p in data.rglob("*.jpg"))[:3]
+    code, out, _ = _run(capsys, "predict", root / "m.pt", *files, "--csv", "--top-k", "2")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    want = transferkit.load(root / "m.pt").predict(files, top_k=2)
+    assert [r["path"] for r in rows] == files
+    assert [r["label"] for r in rows] == [w.label for w in want]
+    assert [float(r["probability"]) for r in rows] == pytest.approx([w.probability for w in want], abs=1e-6)
+    assert [r["label_2"] for r in rows] == [w.top_k[1][0] for w in want] and all(r["error"] == "" for r in rows)
+    broken = root / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    code, out, _ = _run(capsys, "predict", root / "m.pt", files[0], broken, "--csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 1 and rows[1]["label"] == "" and "broken.jpg" in rows[1]["error"]
+
+
+def test_evaluate_folder_and_csv(run, capsys, tmp_path, monkeypatch):
+    root, data, _ = run
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(capsys, "evaluate", root / "m.pt", data, "--worst", "3")
+    assert code == 0, err
+    res = json.loads(out)  # not a terminal: JSON
+    ev = transferkit.evaluate(root / "m.pt", data)
+    assert res["files"] == 16 and res["accuracy"] == pytest.approx(ev.accuracy)
+    assert sum(map(sum, res["confusion_matrix"])) == 16 and set(res["per_class"]) >= {"dark", "light", "macro avg"}
+    assert len(res["worst"]) == 3 and res["worst"][0]["loss"] >= res["worst"][-1]["loss"]
+    assert Path(res["confusion_matrix_png"]).read_bytes()[:4] == b"\x89PNG"
+    listing = tmp_path / "labels.csv"
+    files = sorted(data.rglob("*.*"))
+    listing.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in files[:5]))
+    code, out, err = _run(capsys, "evaluate", root / "m.pt", listing, "--json", "--confusion-matrix", "cm.png")
+    assert code == 0 and json.loads(out)["files"] == 5 and (tmp_path / "cm.png").exists()
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code, out, _ = _run(capsys, "evaluate", root / "m.pt", data)
+    assert code == 0 and out.startswith("accuracy ") and "macro avg" in out and "worst" in out
+    code, _, err = _run(capsys, "evaluate", root / "m.pt", tmp_path / "nothing")
+    assert code == 2 and "neither a folder" in err

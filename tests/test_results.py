@@ -1,0 +1,145 @@
+"""Working with a finished run: result.export / predict / evaluate / plot_confusion_matrix,
+transferkit.evaluate, the summary, and the pictures' layout (curves, top-losses grid)."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tests.conftest import make_image_folder
+
+import transferkit
+from transferkit.export import read_metadata
+from transferkit.train.interpret import plot_top_losses
+from transferkit.train.reporting import plot_history
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    data = make_image_folder(root / "images", per_class=8, size=20)
+    r = transferkit.finetune("tk:small_cnn", weights=None, data=str(data), epochs=3, batch_size=8, image_size=16,
+                             policy="fine_tune", lr=1e-2, precision="fp32", num_workers=0, verbose=False,
+                             export=root / "run.pt")
+    return root, data, r
+
+
+def test_export_after_the_fact_carries_the_runs_metadata(result, tmp_path):
+    root, data, r = result
+    reports = r.export(tmp_path / "late.pt", onnx=True)
+    assert [rep.path for rep in reports] == [tmp_path / "late.pt", tmp_path / "late.onnx"]
+    assert all(rep.max_abs_diff <= rep.tolerance for rep in reports)
+    assert r.export_path == tmp_path / "late.pt"
+    run, late = read_metadata(root / "run.pt"), read_metadata(tmp_path / "late.pt")
+    for key in ("labels", "input_spec", "task", "training", "plan", "config"):
+        assert late[key] == run[key], key
+    assert late["training"]["best"] == r.best
+    files = sorted(str(p) for p in data.rglob("*.*"))
+    a, b = transferkit.load(root / "run.pt").predict(files), transferkit.load(tmp_path / "late.pt").predict(files)
+    assert [p.probability for p in a] == pytest.approx([p.probability for p in b], abs=1e-6)
+    with pytest.raises(transferkit.ConfigError, match="its own name"):
+        r.export(tmp_path / "x.onnx", onnx=tmp_path / "x.onnx")
+
+
+def test_predict_matches_the_exported_file(result, tmp_path):
+    root, data, r = result
+    files = sorted(str(p) for p in data.rglob("*.*"))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"nope")
+    got = r.predict([*files, str(broken)], top_k=2)
+    want = transferkit.load(root / "run.pt").predict([*files, str(broken)], top_k=2)
+    assert [g.label for g in got] == [w.label for w in want]
+    assert [g.probability for g in got[:-1]] == pytest.approx([w.probability for w in want[:-1]], abs=1e-5)
+    assert [lab for g in got[:-1] for lab, _ in g.top_k] == [lab for w in want[:-1] for lab, _ in w.top_k]
+    assert not got[-1].ok and got[-1].error == want[-1].error
+
+
+def test_evaluate_scores_labelled_data(result, tmp_path):
+    root, data, r = result
+    ev = transferkit.evaluate(root / "run.pt", data)
+    files = sorted(str(p) for p in data.rglob("*.*"))
+    preds = transferkit.load(root / "run.pt").predict(files)
+    truth = [p.split("/")[-2] for p in files]
+    assert ev.files == files
+    assert ev.accuracy == pytest.approx(np.mean([p.label == t for p, t in zip(preds, truth)]))
+    assert ev.confusion_matrix.sum() == len(files) and ev.report["macro avg"]["support"] == len(files)
+    worst = ev.worst(3)
+    losses = sorted((-np.log(max(p.top_k[0][1] if p.label == t else 1 - p.top_k[0][1], 1e-12))
+                     for p, t in zip(preds, truth)), reverse=True)
+    assert [w["loss"] for w in worst] == pytest.approx(losses[:3], abs=1e-5)
+    assert r.evaluate(data).accuracy == pytest.approx(ev.accuracy, abs=1e-6)  # the model in memory
+    assert ev.plot_confusion_matrix(tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
+    assert ev.summary().startswith(f"accuracy {ev.accuracy:.4f}")
+
+
+def test_plot_confusion_matrix_and_summary(result, tmp_path):
+    root, _, r = result
+    assert r.plot_confusion_matrix(tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
+    text = r.summary()
+    assert f"best epoch {r.best['epoch']}" in text and f"export:     {r.export_path} (verified" in text
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures that get saved, laid out as saved (for geometry checks)."""
+    figures = []
+    save = Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        out = save(fig, *args, **kwargs)
+        figures.append(fig)
+        return out
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return figures
+
+
+def test_curves_have_whole_epoch_ticks_and_mark_the_frozen_phase(drawn, tmp_path):
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "val_acc": 0.5 + e / 10} for e in (1, 2, 3)]
+    plot_history(history, tmp_path / "c.png", frozen_epochs=1)
+    for ax in drawn[-1].axes:
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+        vertical = [ln for ln in ax.get_lines() if len(set(ln.get_xdata())) == 1]
+        assert [ln.get_xdata()[0] for ln in vertical] == [1.5]
+    plot_history(history, tmp_path / "d.png")  # no frozen phase: no line
+    assert not [ln for ax in drawn[-1].axes for ln in ax.get_lines() if len(set(ln.get_xdata())) == 1]
+
+
+class _Images(torch.utils.data.Dataset):
+    targets = [0, 1, 0, 1, 0, 1]
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return torch.full((3, 64, 64), 40 * i, dtype=torch.uint8), self.targets[i]
+
+
+def test_top_losses_titles_do_not_cover_the_row_above(drawn, tmp_path):
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.0]])
+    plot_top_losses(logits, _Images(), ["ants", "bees"], tmp_path / "t.png", k=6)
+    fig = drawn[-1]
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # the layout as saved
+    renderer = canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.images]
+    assert len(axes) == 6
+    for ax in axes:
+        title = ax.title.get_window_extent(renderer)
+        for other in axes:
+            if other is not ax:
+                box = other.get_window_extent(renderer)
+                assert not title.overlaps(box), "a title covers another image"
+
+
+def test_the_first_epoch_counts_the_feature_pass(result):
+    _, _, r = result
+    assert r.timings["features_s"] > 0
+    assert r.history[0]["time_s"] >= r.timings["features_s"]
+    assert sum(row["time_s"] for row in r.history) <= r.timings["train_s"] + 1e-6

@@ -1,0 +1,115 @@
+"""What a finished run can still do, behind [`FinetuneResult`][transferkit.FinetuneResult]'s methods:
+a verified export after the fact (with the metadata the run's own export carries),
+predictions from the trained model with the semantics of an exported file, and the short
+summary people read at the end of a run (the CLI prints it on a terminal).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from transferkit._io import check_writable
+from transferkit._text import plural
+from transferkit.decisions import Decisions
+from transferkit.errors import ConfigError
+from transferkit.export import Predictor
+from transferkit.export.torchscript import ExportReport, export_torchscript
+from transferkit.policies import merge_lora
+from transferkit.run import Run
+from transferkit.steps import example_inputs, export_metadata, metadata
+
+
+def _decided(decisions: Any, run: Any = None, *, need_run: bool = False) -> None:
+    if decisions is None or (need_run and run is None):
+        raise ConfigError("This FinetuneResult carries no decisions and run (it was not returned by finetune()), so "
+                          "its model's labels, input and preprocessing are unknown.")
+
+
+def export_result(model: nn.Module, decisions: Decisions | None, run: Run | None, best: dict[str, Any],
+                  path: str | Path, *, onnx: bool | str | Path = False, optimize: bool = False, mode: str = "auto",
+                  atol: float = 1e-5, rtol: float = 1e-5) -> list[ExportReport]:
+    """Export the trained ``model`` to a verified TorchScript file at ``path`` (and to ONNX: at
+    ``onnx`` when it is a path, beside ``path`` with the suffix ``.onnx`` when True), with
+    the metadata ``finetune(export=...)`` writes (labels, input, task, decisions, best epoch),
+    the parity check run on real validation inputs. Returns the reports (TorchScript first)."""
+    _decided(decisions, run, need_run=True)
+    onnx_path = Path(path).with_suffix(".onnx") if onnx is True else (Path(onnx) if onnx else None)
+    if onnx_path is not None and onnx_path == Path(path):
+        raise ConfigError(f"onnx={str(onnx)!r} is the TorchScript path too; give the ONNX file its own name.")
+    check_writable(path, what="export")  # before any work
+    if onnx_path is not None:
+        check_writable(onnx_path, what="ONNX export")
+    merged, meta, examples = merge_lora(model), export_metadata(decisions, best), example_inputs(decisions, run)
+    reports = [export_torchscript(merged, path, metadata=meta, example_inputs=examples, mode=mode, optimize=optimize,
+                                  atol=atol, rtol=rtol)]
+    if onnx_path is not None:
+        from transferkit.export.onnx import export_onnx
+
+        reports.append(export_onnx(merged, onnx_path, metadata=meta, example_inputs=examples))
+    return reports
+
+
+def result_predictor(model: nn.Module, decisions: Decisions | None) -> Predictor:
+    """A [`Predictor`][transferkit.Predictor] over the trained ``model`` in memory: the inputs,
+    the preprocessing, the outputs and the failure handling of ``transferkit.load(export)``.
+    The model is put in eval mode."""
+    _decided(decisions)
+    device = next(model.parameters(), torch.empty(0)).device
+    return Predictor(model, metadata(decisions), device=device, source="the trained model")
+
+
+def result_record(result: Any) -> dict[str, Any]:
+    """The run's outcome as plain JSON data (what ``transferkit finetune`` prints when piped)."""
+    rep = result.export_report
+    return {"best": result.best,
+            "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+            "export": str(result.export_path) if result.export_path else None,
+            "export_check": None if rep is None else {"max_abs_diff": rep.max_abs_diff, "tolerance": rep.tolerance,
+                                                      "batch_sizes": list(rep.batch_sizes)},
+            "checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
+            "plots": {k: str(v) for k, v in result.plots.items()},
+            "bad_files": len(result.data_report.bad_files), "seconds": round(result.timings.get("total_s", 0), 1)}
+
+
+def _score(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float))
+
+
+def result_summary(result: Any) -> str:
+    """A few lines for people: the best epoch and its scores, the final metrics, each file
+    written (the export with its parity check), files left out."""
+    best = result.best or {}
+    n = len(result.history)
+    head = f"finished in {result.timings.get('total_s', 0):.1f}s: {plural(n, 'epoch')}"
+    if result.stopped_early:
+        head += " (stopped early)"
+    if best.get("epoch") is not None:
+        head += f", best epoch {best['epoch']} ({_score({k: v for k, v in best.items() if k != 'epoch'})})"
+    lines = [head]
+    names = {"accuracy": "accuracy", "macro_f1": "macro F1", "balanced_accuracy": "balanced accuracy",
+             "mse": "MSE", "mae": "MAE", "r2": "R^2", "subset_accuracy": "subset accuracy", "micro_f1": "micro F1"}
+    shown = [f"{label} {result.metrics[k]:.4f}" for k, label in names.items()
+             if isinstance(result.metrics.get(k), float)]
+    if shown:
+        lines.append("  final:      " + ", ".join(shown))
+    rep = result.export_report
+    if rep is not None:
+        lines.append(f"  export:     {rep.path} (verified after reloading: max |exported - eager| "
+                     f"{rep.max_abs_diff:.2g} <= {rep.tolerance:.2g} at batch sizes "
+                     f"{', '.join(map(str, dict.fromkeys(rep.batch_sizes)))})")
+    else:
+        lines.append("  export:     none written")
+    if result.checkpoint_path is not None:
+        lines.append(f"  checkpoint: {result.checkpoint_path}")
+    if result.plots:
+        folders = {str(Path(p).parent) for p in result.plots.values()}
+        where = f"{folders.pop()}/ " if len(folders) == 1 else ""
+        lines.append(f"  plots:      {where}({', '.join(Path(p).name for p in result.plots.values())})")
+    bad = len(result.data_report.bad_files)
+    if bad:
+        lines.append(f"  left out:   {plural(bad, 'bad file')} (named in the warnings above)")
+    return "\n".join(lines)

@@ -36,7 +36,7 @@ def test_export_after_the_fact_carries_the_runs_metadata(result, tmp_path):
     assert all(rep.max_abs_diff <= rep.tolerance for rep in reports)
     assert r.export_path == tmp_path / "late.pt"
     run, late = read_metadata(root / "run.pt"), read_metadata(tmp_path / "late.pt")
-    for key in ("labels", "input_spec", "task", "training", "plan", "config"):
+    for key in ("labels", "input_spec", "task", "training", "decisions"):
         assert late[key] == run[key], key
     assert late["training"]["best"] == r.best
     files = sorted(str(p) for p in data.rglob("*.*"))

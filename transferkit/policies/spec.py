@@ -427,8 +427,6 @@ def _check_known(wanted: Sequence[str], names: list[str]) -> None:
 
 def _kind_hint(kind: str) -> str:
     """`` Did you mean 'fine_tune'?`` for a near-miss policy kind (``fine-tune``, ``Full``, ``unfreez``)."""
-    from transferkit.errors import suggest
-
     same = kind.lower().replace("-", "_").replace(" ", "_")
     if same in _KINDS and same != "finetune":
         return f" Did you mean {same!r}?"

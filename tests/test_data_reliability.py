@@ -138,7 +138,7 @@ def test_csv_labels_with_unknown_classes(tmp_path):
     with pytest.raises(tk.DataError, match="path,label"):
         prepare_data(tmp_path / "broken.csv")
     (tmp_path / "missing.csv").write_text("0.png,cat\nnope.png,dog\n")
-    with pytest.raises(tk.DataError, match="do not exist"):
+    with pytest.raises(tk.DataError, match="lists 1 missing file"):
         prepare_data(tmp_path / "missing.csv")
 
 

@@ -189,6 +189,12 @@ def test_evaluate_folder_and_csv(run, capsys, tmp_path, monkeypatch):
     listing.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in files[:5]))
     code, out, err = _run(capsys, "evaluate", root / "m.pt", listing, "--json", "--confusion-matrix", "cm.png")
     assert code == 0 and json.loads(out)["files"] == 5 and (tmp_path / "cm.png").exists()
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    listing.write_text(listing.read_text() + f"{tmp_path / 'broken.jpg'},dark\n")
+    code, out, err = _run(capsys, "evaluate", root / "m.pt", listing)
+    res = json.loads(out)
+    assert code == 1 and res["files"] == 5 and [f["file"] for f in res["failed"]] == [str(tmp_path / "broken.jpg")]
+    assert "1 of 6 files could not be predicted" in err
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     code, out, _ = _run(capsys, "evaluate", root / "m.pt", data)
     assert code == 0 and out.startswith("accuracy ") and "macro avg" in out and "worst" in out

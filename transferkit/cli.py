@@ -15,6 +15,7 @@ import dataclasses
 import json
 import re
 import sys
+import textwrap
 import traceback
 import warnings
 from pathlib import Path
@@ -287,7 +288,7 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def _sub(sub: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=description, formatter_class=HELP)
+    return sub.add_parser(name, help=help, description=textwrap.fill(description, width=100), formatter_class=HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="transferkit", formatter_class=HELP,
                                 description="Transfer learning on torchvision, timm and torchaudio backbones, with "
-                                            "verified TorchScript exports. `transferkit COMMAND --help` for each.")
+                                            "verified TorchScript exports.\n`transferkit COMMAND --help` for each.")
     p.add_argument("--version", action="version", version=f"transferkit {__version__}")
     p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

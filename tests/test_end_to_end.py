@@ -1,4 +1,4 @@
-"""The whole journey of issue 2: finetune() -> export -> load().predict(), with its guarantees."""
+"""The whole journey: finetune() -> export -> load().predict(), with its guarantees."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def test_pretrained_weights_without_internet_never_fall_back_to_random(monkeypat
 
 @pytest.mark.data
 def test_hymenoptera_feature_extraction_export_and_predict(shared_data, tmp_path):
-    """The check of issue 2, on the real ants/bees JPEGs."""
+    """The same journey on the real ants/bees JPEGs."""
     root = shared_data / "hymenoptera"
     bb = tk.get_backbone("tv:resnet18", weights=None)
     before = _state(bb.trunk)

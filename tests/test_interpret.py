@@ -1,4 +1,4 @@
-"""show_results / plot_top_losses / most_confused (issue 15, item 6) on a tiny model and folder."""
+"""show_results / plot_top_losses / most_confused on a tiny model and folder."""
 
 import math
 

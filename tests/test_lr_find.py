@@ -54,7 +54,7 @@ def test_flat_then_descent_then_explode(seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_noisy_start_is_not_a_descent(seed):
     """The old rule took the steepest slope from the first point: on start-up noise it
-    suggested 1e-7-ish rates (issue 15). Skipping and smoothing keep the suggestion in the descent."""
+    suggested 1e-7-ish rates. Skipping and smoothing keep the suggestion in the descent."""
     lrs, losses = _curve(seed=seed, startup=12, noise=0.12)
     x = math.log10(suggest_lr(lrs, losses))
     assert -3.4 < x < -2.4

@@ -1,4 +1,4 @@
-"""Weights requests fail fast when the hub cannot be reached (issue 15, item 5).
+"""Weights requests fail fast when the hub cannot be reached.
 
 Before: about 47 s of huggingface_hub retries for timm on a machine without network;
 a request that hangs (a firewall that drops packets) had no bound at all."""

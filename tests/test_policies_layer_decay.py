@@ -47,7 +47,7 @@ def test_timm_vit_tiny_layer_decay_equals_timms():
     bb = get_backbone("timm:vit_tiny_patch16_224", weights=None)
     trunk = compare(bb, timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3),
                     ("head.weight", "head.bias"))
-    assert trunk["blocks.11.mlp.fc1.weight"] == pytest.approx(0.75)  # the case (0.5625 before)
+    assert trunk["blocks.11.mlp.fc1.weight"] == pytest.approx(0.75)  # a reported case (0.5625 before the fix)
     assert trunk["norm.weight"] == pytest.approx(0.75)  # the final norm shares the last block's layer
     assert trunk["blocks.0.attn.qkv.weight"] == pytest.approx(0.75 ** 12)
     assert trunk["cls_token"] == trunk["patch_embed.proj.weight"] == pytest.approx(0.75 ** 13)

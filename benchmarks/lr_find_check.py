@@ -1,4 +1,4 @@
-"""Is the lr finder's suggestion a good rate? The check of issue 15.
+"""Is the lr finder's suggestion a good rate? Trains at the suggestion and at a tenth and ten times it.
 
 ``lr_find`` on EfficientNet-Lite0 (the shared ImageNet weights) for hymenoptera, then
 ``finetune`` with every other argument at its default, at the suggested rate, at 10x below

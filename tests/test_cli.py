@@ -148,3 +148,16 @@ def test_finetune_dry_run_prints_the_decisions_and_trains_nothing(tmp_path, caps
     assert code == 0 and out.startswith("plan: tk:small_cnn")
     assert "features: not cached (cache_features=False" in out and "cached fp32 features" not in out
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_finetune_json_summary_reports_the_feature_store(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "images", per_class=4, size=20)
+    args = ["finetune", "--backbone", "tk:small_cnn", "--weights", "none", "--data", data, "--image-size", 16,
+            "--epochs", 1, "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "num_workers=0"]
+    runs = []
+    for _ in range(2):
+        code, out, _ = _run(capsys, *args)
+        assert code == 0
+        runs.append(json.loads(out)["features"])
+    assert runs[0]["computed"] == runs[0]["shards"] == 2 and runs[0]["samples"] == 8
+    assert runs[1]["reused"] == runs[1]["shards"] == 2 and runs[1]["computed"] == 0

@@ -185,7 +185,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                "export": str(result.export_path) if result.export_path else None,
                "checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
                "plots": {k: str(v) for k, v in result.plots.items()},
-               "bad_files": len(result.data_report.bad_files), "seconds": round(result.timings.get("total_s", 0), 1)}
+               "bad_files": len(result.data_report.bad_files), "features": result.feature_report,
+               "seconds": round(result.timings.get("total_s", 0), 1)}
     print(json.dumps(summary, default=str))
     return 0
 

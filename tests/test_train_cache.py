@@ -110,15 +110,18 @@ def test_a_killed_extraction_resumes_and_reports_the_reused_parts(image_folder, 
     done = []
     real = feature_store.extract_parts
 
+    class Killed(Exception):
+        pass
+
     def killed(store, *a, parts, **k):
         for p in parts:
             if len(done) == 3:
-                raise KeyboardInterrupt("killed")
+                raise Killed("the process dies here")
             real(store, *a, parts=[p], **k)
             done.append(p)
 
     monkeypatch.setattr(feature_store, "extract_parts", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         tk.finetune("tk:small_cnn", **common)
     monkeypatch.setattr(feature_store, "extract_parts", real)
     r = tk.finetune("tk:small_cnn", **common)

@@ -3,7 +3,8 @@ torchrun launches on 127.0.0.1 with c10d rendezvous, gloo, one process each) wit
 ``cache_dir``.
 
 Usage: ``torchrun --nnodes=2 --nproc_per_node=1 --rdzv-backend=c10d ... tests/store_finetune_worker.py
-<image folder> <cache dir> <out dir>``; saves ``<out>/rank<r>.pt``: the head's weights and the
+<image folder> <cache dir> <out dir>`` (``{node}`` in the cache dir: the node's number, for a
+cache_dir local to each node); saves ``<out>/rank<r>.pt``: the head's weights and the
 run's ``feature_report``.
 """
 
@@ -25,7 +26,7 @@ PART_ROWS = 4  # a tiny folder in several parts
 def main(data: str, cache: str, out: str) -> None:
     torch.set_num_threads(1)
     feature_store.MIN_PART_ROWS = PART_ROWS
-    r = tk.finetune("tk:small_cnn", data=data, cache_dir=cache, **RUN)
+    r = tk.finetune("tk:small_cnn", data=data, cache_dir=cache.format(node=os.environ["GROUP_RANK"]), **RUN)
     torch.save({"head": r.model.head.state_dict(), "report": r.feature_report},
                os.path.join(out, f"rank{os.environ['RANK']}.pt"))
 

@@ -161,3 +161,16 @@ def test_lr_find_says_what_the_range_test_does_not_a_training_plan(tmp_path, cap
     assert res["phase"] == "frozen" and res["suggested_lr"] > 0
     assert "learning-rate range test" in err and "frozen phase of fine_tune:frozen=1" in err
     assert "plan:" not in err and "(default)" not in err and "10 epochs" not in err
+
+
+def test_finetune_json_summary_reports_the_feature_store(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "images", per_class=4, size=20)
+    args = ["finetune", "--backbone", "tk:small_cnn", "--weights", "none", "--data", data, "--image-size", 16,
+            "--epochs", 1, "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "num_workers=0"]
+    runs = []
+    for _ in range(2):
+        code, out, _ = _run(capsys, *args)
+        assert code == 0
+        runs.append(json.loads(out)["features"])
+    assert runs[0]["computed"] == runs[0]["shards"] == 2 and runs[0]["samples"] == 8
+    assert runs[1]["reused"] == runs[1]["shards"] == 2 and runs[1]["computed"] == 0

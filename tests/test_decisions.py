@@ -139,14 +139,16 @@ def test_damaged_cache_entry_is_recomputed_and_replaced(split_folders, tmp_path)
     kw = dict(data=split_folders / "train", val_data=split_folders / "val", cache_dir=tmp_path / "cache", **KW)
     first = tk.finetune("tk:small_cnn", **kw)
     entries = sorted((tmp_path / "cache").iterdir())
-    feats = entries[0] / "features.npy"
+    assert first.feature_report["computed"] == 2
+    feats = entries[0] / "part-000000" / "features.npy"
     feats.write_bytes(feats.read_bytes()[:-40])  # truncated
     with pytest.warns(UserWarning, match="damaged"):
         again = tk.finetune("tk:small_cnn", **kw)
     assert again.best == first.best and sorted((tmp_path / "cache").iterdir()) == entries
-    raw = bytearray((entries[1] / "features.npy").read_bytes())
+    assert again.feature_report["computed"] == 1 and again.feature_report["reused"] == 1  # only the damaged part
+    raw = bytearray((entries[1] / "part-000000" / "features.npy").read_bytes())
     raw[-5] ^= 0xFF  # a flipped byte inside the array
-    (entries[1] / "features.npy").write_bytes(bytes(raw))
+    (entries[1] / "part-000000" / "features.npy").write_bytes(bytes(raw))
     with pytest.warns(UserWarning, match="damaged"):
         assert tk.finetune("tk:small_cnn", **kw).best == first.best
 
@@ -307,8 +309,9 @@ def test_exports_carry_names_and_digests_not_the_training_machines_paths(split_f
     assert read_metadata(tmp_path / "full.pt")["decisions"]["weights"] == str(weights)
 
 
-def test_a_cache_entry_computed_while_a_file_failed_is_not_kept(tmp_path):
-    """Later runs must see (and report) the broken file again, not reuse features that hold its replacement."""
+def test_a_file_that_fails_during_extraction_is_masked_and_reported_by_every_run(tmp_path):
+    """The store keeps the entry (its part is reused) but masks the file's row, so later runs
+    still see and report the broken file instead of silently training on a replacement."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -317,10 +320,12 @@ def test_a_cache_entry_computed_while_a_file_failed_is_not_kept(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=6)
     _damaged_png(root / "dark" / "damaged.png")
     kw = dict(backbone="tk:small_cnn", data=root, cache_dir=tmp_path / "cache", **KW)
-    for _ in range(2):
+    for run in range(2):
         with pytest.warns(UserWarning, match="damaged.png"):
             r = tk.finetune(**kw)
         assert r.data_report.bad_at_load == [str(root / "dark" / "damaged.png")]
+        assert r.feature_report["masked_samples"] == 1
+        assert r.feature_report["computed"] == (r.feature_report["shards"] if run == 0 else 0)
 
 
 def test_precision_follows_the_cache_decision(split_folders):

@@ -74,22 +74,63 @@ def test_augmented_views_differ_and_are_reproducible(image_folder):
 
 def test_finetune_cache_dir_reuses_features_across_runs(image_folder, tmp_path, monkeypatch):
     common = dict(weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0, epochs=2,
-                  batch_size=4, verbose=False, cache_dir=tmp_path / "cache")
+                  batch_size=4, verbose=False, cache_dir=tmp_path / "cache", precision="fp32")
     r1 = tk.finetune("tk:small_cnn", **common)
     entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len(entries) == 2  # train and val
-    import transferkit.train.features as features
+    rep = r1.feature_report
+    assert rep["computed"] == rep["shards"] == 2 and rep["reused"] == 0 and rep["samples"] == 24
+    assert rep["dtype"] == "float32" and rep["bytes"] > 24 * 16 * 4  # 16 float32 features a sample, and targets
+    assert rep["splits"]["train"]["samples"] == 20 and rep["splits"]["val"]["samples"] == 4
+    import transferkit.train.feature_store as feature_store
 
     calls = []
-    real = features.extract_features
-    monkeypatch.setattr(features, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = feature_store.extract_parts
+    monkeypatch.setattr(feature_store, "extract_parts",
+                        lambda *a, **k: calls.extend(k["parts"]) or real(*a, **k))
     r2 = tk.finetune("tk:small_cnn", **common)
     assert calls == []  # read back from disk, the backbone did not run
+    assert r2.feature_report["computed"] == 0 and r2.feature_report["reused"] == r2.feature_report["shards"] == 2
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == entries
     for k, v in r1.model.state_dict().items():
         assert torch.equal(v, r2.model.state_dict()[k])
     r3 = tk.finetune("tk:small_cnn", **{**common, "seed": 5})  # other weights: new entries
     assert r3.used_feature_cache and len(list((tmp_path / "cache").iterdir())) == 4 and len(calls) == 2
+    assert r3.feature_report["computed"] == 2
+    assert tk.finetune("tk:small_cnn", **{**common, "cache_dir": None}).feature_report["shards"] == 0  # in memory
+
+
+def test_a_killed_extraction_resumes_and_reports_the_reused_parts(image_folder, tmp_path, monkeypatch):
+    """The forward fails after 3 parts; the next run computes only the parts that are missing."""
+    import transferkit.train.feature_store as feature_store
+
+    monkeypatch.setattr(feature_store, "MIN_PART_ROWS", 3)  # 20 training images in 7 parts, 4 validation in 2
+    common = dict(weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0, epochs=1,
+                  batch_size=4, verbose=False, cache_dir=tmp_path / "cache", precision="fp32")
+    done = []
+    real = feature_store.extract_parts
+
+    class Killed(Exception):
+        pass
+
+    def killed(store, *a, parts, **k):
+        for p in parts:
+            if len(done) == 3:
+                raise Killed("the process dies here")
+            real(store, *a, parts=[p], **k)
+            done.append(p)
+
+    monkeypatch.setattr(feature_store, "extract_parts", killed)
+    with pytest.raises(Killed):
+        tk.finetune("tk:small_cnn", **common)
+    monkeypatch.setattr(feature_store, "extract_parts", real)
+    r = tk.finetune("tk:small_cnn", **common)
+    rep = r.feature_report
+    assert rep["splits"]["train"]["shards"] == 7 and rep["splits"]["val"]["shards"] == 2
+    assert rep["reused"] == 3 and rep["computed"] == 6 and rep["splits"]["train"]["reused"] == 3
+    fresh = tk.finetune("tk:small_cnn", **{**common, "cache_dir": tmp_path / "fresh"})
+    for k, v in fresh.model.state_dict().items():  # the resumed store trains the same head as an unbroken one
+        assert torch.equal(v, r.model.state_dict()[k])
 
 
 def test_probe_chooses_C_on_validation_and_matches_sklearn():
@@ -182,3 +223,37 @@ def test_default_lr_depends_on_what_trains(image_folder, tmp_path):
         assert meta["decisions"]["lr"] == lr and meta["decisions"]["config"]["lr"] is None
     r = tk.finetune("tk:small_cnn", lr=0.05, checkpoint=tmp_path / "given.pt", **kw)
     assert torch.load(r.checkpoint_path, weights_only=False)["transferkit"]["decisions"]["lr"] == 0.05
+
+
+def test_probe_standardises_float32_features_without_a_float64_copy():
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100000, 64)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(int)
+    ref, w_ref, b_ref = fit_logistic_probe(x, y, Cs=[1.0], max_iter=50)  # a copy standardised, x untouched
+    assert np.array_equal(x[:, 0] + x[:, 1] > 0, y.astype(bool))
+    tracemalloc.start()
+    try:
+        res, w, b = fit_logistic_probe(x, y, Cs=[1.0], max_iter=50, overwrite=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.3 * x.nbytes  # in place: no copy of the features, let alone a float64 one
+    assert abs(x.mean()) < 1e-3 and res.classifier.coef_.dtype == np.float32
+    np.testing.assert_allclose(w, w_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_probe_from_the_store_and_its_memory_refusal(image_folder, tmp_path, monkeypatch):
+    import transferkit.train.probe as probe
+
+    kw = dict(weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0, verbose=False,
+              Cs=[0.01, 1.0], precision="fp32")
+    mem = tk.linear_probe("tk:small_cnn", **kw)
+    disk = tk.linear_probe("tk:small_cnn", cache_dir=tmp_path / "cache", **kw)
+    assert disk.feature_report["shards"] == 2 and disk.metrics["probe"]["C"] == mem.metrics["probe"]["C"]
+    for k, v in mem.model.head.state_dict().items():
+        torch.testing.assert_close(v, disk.model.head.state_dict()[k], rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(probe, "available_memory", lambda: 1000)
+    with pytest.raises(tk.ConfigError, match="head='logistic' holds the training features in memory as float32"):
+        tk.linear_probe("tk:small_cnn", cache_dir=tmp_path / "cache", **kw)

@@ -30,13 +30,23 @@ RUNS = {
                    schedule="cosine", warmup_epochs=1),
     "cached": dict(policy="feature_extraction", head_hidden=(16,), head_dropout=0.3, epochs=5, schedule="one_cycle",
                    cache_views=2, augment="flip"),
+    # the same from a feature store under cache_dir, read by blocks of parts (the order from seed and epoch)
+    "stored": dict(policy="feature_extraction", head_hidden=(16,), head_dropout=0.3, epochs=5, schedule="one_cycle",
+                   cache_views=2, augment="flip"),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(RUNS))
-def test_interrupted_and_resumed_run_is_bit_identical(image_folder, tmp_path, kind):
+def test_interrupted_and_resumed_run_is_bit_identical(image_folder, tmp_path, kind, monkeypatch):
     common = dict(weights=None, data=image_folder, image_size=32, device="cpu", num_workers=0, seed=3, batch_size=4,
                   lr=3e-3, verbose=False, **RUNS[kind])
+    if kind == "stored":
+        import transferkit.steps as steps
+        import transferkit.train.feature_store as feature_store
+
+        monkeypatch.setattr(feature_store, "MIN_PART_ROWS", 3)
+        monkeypatch.setattr(steps, "STORE_MEMORY_BUDGET", 1000)  # read by blocks, not from memory
+        common["cache_dir"] = tmp_path / "cache"
     full = tk.finetune("tk:small_cnn", checkpoint=tmp_path / "full.pt", **common)
     ckpt = tmp_path / "run.pt"
     with pytest.raises(Interrupt):
@@ -52,6 +62,9 @@ def test_interrupted_and_resumed_run_is_bit_identical(image_folder, tmp_path, ki
     assert strip(full.history) == strip(resumed.history)
     assert full.best == resumed.best
     assert load_checkpoint(ckpt)["complete"]
+    if kind == "stored":
+        assert resumed.feature_report["head_batches"]["mode"] == "blocks"
+        assert resumed.feature_report["computed"] == 0 and resumed.feature_report["shards"] > 4
 
 
 def test_resume_function_reads_the_stored_settings(image_folder, tmp_path):

@@ -69,6 +69,9 @@ class FinetuneResult:
     plots: dict[str, Path] = field(default_factory=dict)  # the PNGs written under plots_dir
     data_report: DataReport = field(default_factory=DataReport)  # bad files left out, warnings
     val_logits: Any = None  # the trained model's outputs on the validation set, in its order
+    # the cached features: samples, shards, computed, reused, dtype, bytes, masked_samples, per split (train, val);
+    # shards == 0 when held in memory (no cache_dir); None when no features were cached (see docs/training.md)
+    feature_report: dict[str, Any] | None = None
 
     def _interpretable(self) -> tuple[Any, Any]:
         if self.val_logits is None or self.decisions is None or self.run is None or self.task != "multiclass":
@@ -272,7 +275,7 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
                                 history=outcome.history, best=outcome.best, metrics=metrics, decisions=d, run=run,
                                 used_feature_cache=d.cache, timings=timings, task=cfg.task,
                                 stopped_early=outcome.state.stopped_early, data_report=run.bundle.report,
-                                val_logits=outputs.get("logits"))
+                                val_logits=outputs.get("logits"), feature_report=outcome.feature_report)
         if run.dist.is_main:
             out = write_outputs(d, run, outcome, metrics, logits=outputs.get("logits"))
             timings.update(out["seconds"])

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -39,7 +40,9 @@ from transferkit.policies import apply_policy, merge_lora, policy_penalty, set_t
 from transferkit.checkpoints import save_checkpoint, save_with_fallback
 from transferkit.train.distributed import wrap_ddp
 from transferkit.train.faults import training_faults
-from transferkit.train.features import FeatureStore, compute_features, feature_loader
+from transferkit.errors import DataError
+from transferkit.train.feature_store import fill_store, open_store, part_size_for
+from transferkit.train.features import compute_features, feature_loader
 from transferkit.data.sampling import EpochSampler
 from transferkit.train.loaders import make_loader
 from transferkit.train.loop import Loop, TrainState, fit
@@ -58,8 +61,9 @@ class TrainingData:
     train_loader: DataLoader
     val_loader: DataLoader | None
     cached: bool
-    stores: dict[str, FeatureStore] = field(default_factory=dict)
+    stores: dict[str, Any] = field(default_factory=dict)  # FeatureStore, or ShardedFeatureStore with cache_dir
     seconds: dict[str, float] = field(default_factory=dict)
+    report: dict[str, Any] | None = None  # the cached features' report (see feature_report); None: not cached
 
 
 def training_data(d: Decisions, run: Run, *, cached: bool | None = None, progress: Any = None) -> TrainingData:
@@ -80,7 +84,12 @@ def training_data(d: Decisions, run: Run, *, cached: bool | None = None, progres
 
 def cached_features(d: Decisions, run: Run, *, progress: Any = None) -> TrainingData:
     """Features computed once (``cache_views`` augmented passes for training, one eval pass
-    for validation), or read back from ``cache_dir``; loaders over them train the head only."""
+    for validation); loaders over them train the head only.
+
+    Without ``cache_dir`` they are computed in memory (under DDP each rank computes its shard
+    and the shards are gathered). With ``cache_dir`` they go to a sharded, resumable
+    [feature store][transferkit.train.feature_store] under the key
+    [`Decisions.feature_key`][transferkit.Decisions.feature_key]: see `stored_features`."""
     cfg, model, fs, info = d.config, run.model, run.feature_speed, run.dist
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -91,24 +100,134 @@ def cached_features(d: Decisions, run: Run, *, progress: Any = None) -> Training
     parts = [("train", run.bundle.train, train_transform(d.input_spec, d.augment), cfg.cache_views)]
     if run.bundle.val is not None:
         parts.append(("val", run.bundle.val, eval_transform(d.input_spec), 1))
+    if cfg.cache_dir is not None:
+        was_training = model.training
+        model.eval()
+        try:
+            return stored_features(d, run, parts, forward, batch_size=extract_batch, progress=progress)
+        finally:
+            model.train(was_training)
     stores = {}
-    report = run.bundle.report
     for name, ds, tf, views in parts:
-        failed_before = len(report.bad_at_load)
         with progress_bar(len(ds) * views, f"features ({name})", verbose=cfg.verbose and info.is_main,
                           unit="img") as bar:
             stores[name] = compute_features(model, ds.view(transform=tf), key=d.feature_key(name), views=views,
                                             batch_size=extract_batch, device=fs.device, num_workers=cfg.num_workers,
-                                            seed=cfg.seed, cache_dir=cfg.cache_dir, forward=forward,
-                                            progress=progress or bar, info=info)  # sharded, gathered under DDP
-        if stores[name].path is not None and len(report.bad_at_load) > failed_before and info.is_main:
-            # a file failed while this entry was computed: do not keep it, so that the next run meets (and
-            # reports) the file again instead of reusing features that silently hold its replacement
-            shutil.rmtree(stores[name].path, ignore_errors=True)
+                                            seed=cfg.seed, forward=forward, progress=progress or bar,
+                                            info=info)  # sharded, gathered under DDP
     train_dl = feature_loader(stores["train"], batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
                               rank=info.rank, world_size=info.world_size)
     val_dl = feature_loader(stores["val"], batch_size=256, shuffle=False) if "val" in stores else None
-    return TrainingData(module=model.head, train_loader=train_dl, val_loader=val_dl, cached=True, stores=stores)
+    report = feature_report({name: {"samples": len(s), "shards": 0, "computed": 0, "reused": 0, "dtype": "float32",
+                                    "bytes": int(s.features.nbytes + s.targets.nbytes), "masked_samples": 0,
+                                    "views": s.num_views, "path": None} for name, s in stores.items()})
+    return TrainingData(module=model.head, train_loader=train_dl, val_loader=val_dl, cached=True, stores=stores,
+                        report=report)
+
+
+STORE_MEMORY_BUDGET = 2 * 2**30  # head training holds a store this large in memory, else reads it in blocks
+
+
+def stored_features(d: Decisions, run: Run, parts: list[tuple[str, Any, Any, int]], forward: Any, *,
+                    batch_size: int, progress: Any = None) -> TrainingData:
+    """The frozen pass through a [`ShardedFeatureStore`][transferkit.train.feature_store.ShardedFeatureStore]
+    in ``cache_dir``, one per part (train, val), keyed by ``d.feature_key(part)``.
+
+    - A killed extraction resumes: committed parts are reused, only the missing ones are
+      computed (under DDP rank 0's list of missing parts is shared, so the ranks stay
+      balanced; then every rank reads the whole store).
+    - Features are stored in the precision they were computed in (bf16: half the bytes).
+    - A file that fails while its features are computed is *masked* (left out of head
+      training; a validation sample's row takes the features of the next readable sample of
+      its class, as the loaders replace a file) and reported in ``data_report``
+      (``bad_files``, ``bad_at_load``, with a warning) by this run and by every later run
+      that reuses the part: the mask is stored with the features, so the entry can be kept
+      (the whole store is not recomputed for one file) without hiding the file.
+    - Free space is checked before each part is written.
+
+    Head training reads the store with ``store.batches``: in memory when it fits
+    ``STORE_MEMORY_BUDGET``, else in large contiguous blocks in a seeded order; every rank
+    gets the same number of batches, and the order is a function of the seed and the epoch
+    (a resume is exact). ``TrainingData.report`` holds the stores' report (see
+    ``FinetuneResult.feature_report``).
+    """
+    cfg, fs, info = d.config, run.feature_speed, run.dist
+    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(fs.autocast_dtype, "float32")
+    dim = run.backbone.num_features
+    stores: dict[str, Any] = {}
+    reports: dict[str, dict[str, Any]] = {}
+    for name, ds, tf, views in parts:
+        n = len(ds)
+        store = open_store(cfg.cache_dir, d.feature_key(name), info, num_samples=n, dim=dim, dtype=dtype,
+                           views=views, part_size=part_size_for(n, dim, views=views, dtype=dtype))
+
+        def bar(total: int, name: str = name) -> Any:
+            if progress is not None:
+                return contextlib.nullcontext(progress)
+            return progress_bar(total, f"features ({name})", verbose=cfg.verbose and info.is_main, unit="img")
+
+        reports[name] = fill_store(store, ds.view(transform=tf), forward, info, bar=bar, batch_size=batch_size,
+                                   num_workers=cfg.num_workers, seed=cfg.seed)
+        _report_masked(store, ds, run.bundle.report)
+        stores[name] = store
+    train_dl = stores["train"].batches(cfg.batch_size, seed=cfg.seed, memory_budget=STORE_MEMORY_BUDGET,
+                                       device=run.speed.device, rank=info.rank, world_size=info.world_size)
+    val_dl = None
+    if "val" in stores:
+        x, y = _validation_rows(stores["val"])
+        val_dl = feature_loader(x, y, batch_size=256, shuffle=False)
+    report = feature_report(reports)
+    report["head_batches"] = {"mode": train_dl.mode, "reason": train_dl.reason}
+    return TrainingData(module=run.model.head, train_loader=train_dl, val_loader=val_dl,  # type: ignore[arg-type]
+                        cached=True, stores=stores, report=report)
+
+
+def feature_report(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The stores' reports combined: ``samples``, ``shards``, ``computed``, ``reused``,
+    ``bytes`` and ``masked_samples`` summed over the splits (train, val), ``dtype``, and
+    ``splits``: each split's own report. Features held in memory (no ``cache_dir``) report
+    ``shards = 0`` and ``path = None``."""
+    total = {k: sum(int(r[k]) for r in reports.values())
+             for k in ("samples", "shards", "computed", "reused", "bytes", "masked_samples")}
+    dtype = {r["dtype"] for r in reports.values()}
+    return {**total, "dtype": dtype.pop() if len(dtype) == 1 else sorted(dtype),
+            "splits": {name: dict(r) for name, r in reports.items()}}
+
+
+def _report_masked(store: Any, ds: Any, report: Any) -> None:
+    """Every masked sample of ``store`` into the data report (this run's and those of the
+    parts it reused), once per file, with a warning."""
+    why = {i: reason for i, reason in store.masked}
+    samples = getattr(ds, "samples", None)
+    for i in store.masked_indices():
+        name = str(samples[i][0]) if samples is not None else f"item {i}"
+        if name in report.bad_at_load:
+            continue
+        reason = why.get(i, f"{name}: masked when the feature store was filled")
+        report.bad_at_load.append(name)
+        report.bad_files.append((name, reason.split(": ", 1)[-1]))
+        report.warn(f"Left out {name!r}, which failed to load while its features were computed ({reason}); its "
+                    f"row of the feature store {str(store.path)!r} is masked. Remove or replace the file "
+                    "(scan='full' finds such files before training).")
+
+
+def _validation_rows(store: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation features (float32, in memory) in the dataset's order; a masked sample's
+    row takes the features of the next readable sample of its class (else of any class), as
+    the loaders replace a file that fails, so that logits and images stay aligned."""
+    x, y, mask = store.load()
+    x = x[0].float()
+    if bool(mask.all()):
+        return x, y
+    good = torch.nonzero(mask).flatten()
+    if len(good) == 0:
+        raise DataError(f"Every validation sample failed to load (feature store {str(store.path)!r}).")
+    for i in torch.nonzero(~mask).flatten().tolist():
+        same = good[(y[good] == y[i]).reshape(len(good), -1).all(1)]
+        pool = same if len(same) else good
+        later = pool[pool > i]
+        x[i] = x[int(later[0] if len(later) else pool[0])]
+    return x, y
 
 
 def input_loaders(d: Decisions, run: Run) -> TrainingData:
@@ -140,7 +259,7 @@ def _inputs(d: Decisions, run: Run, part: str, augment: str, transform: Any, sec
     out, decided = decoded_dataset(ds, d.input_spec, augment=augment, cache_dir=d.config.cache_dir,
                                    num_workers=d.config.num_workers, plan=decided)
     if decided.path is not None and len(run.bundle.report.bad_at_load) > failed_before and run.dist.is_main:
-        shutil.rmtree(decided.path, ignore_errors=True)  # as for feature-cache entries: a later run reports the file
+        shutil.rmtree(decided.path, ignore_errors=True)  # so that a later run meets (and reports) the file again
     seconds[f"decode_{part}_s"] = time.perf_counter() - t0
     return out
 
@@ -172,6 +291,7 @@ class TrainOutcome:
     probe: Any = None
     optimizer: Any = None
     seconds: dict[str, float] = field(default_factory=dict)  # features, decoding, train
+    feature_report: dict[str, Any] | None = None  # the cached features' report (see feature_report)
 
 
 def metadata(d: Decisions, *, portable: bool = False) -> dict[str, Any]:
@@ -207,7 +327,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
         history, best, probe = run_probe(td, run.model.head, task=cfg.task, Cs=cfg.probe_Cs, seed=cfg.seed,
                                          balanced=cfg.class_weights == "balanced")
         return TrainOutcome(history=history, best=best, state=TrainState(), data=td, probe=probe,
-                            seconds={**td.seconds, "train_s": time.perf_counter() - t1})
+                            seconds={**td.seconds, "train_s": time.perf_counter() - t1}, feature_report=td.report)
     meta = metadata(d)
     inputs = training_data(d, run, cached=False) if k < total else None
     steps = [_cached_steps(d)] * k + [len(inputs.train_loader) if inputs else 0] * (total - k)
@@ -230,6 +350,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                                            callbacks=cfg.callbacks, tensorboard=tb)
     current: dict[str, TrainingData | None] = {"data": inputs}
     seconds = dict(inputs.seconds) if inputs is not None else {}
+    report = None
     try:
         with training_faults(checkpoint=cfg.checkpoint, batch_size=cfg.batch_size,
                              save_interrupted=lambda: _save_interrupted(d, run, meta),
@@ -237,6 +358,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
             if state.epoch < k or inputs is None:  # the frozen phase, on features computed once
                 td = current["data"] = training_data(d, run, cached=True, progress=progress)
                 seconds.update(td.seconds)
+                report = td.report
                 history, best = fit(td.module, td.train_loader, td.val_loader, loop, epochs=k, state=state,
                                     total_epochs=total, prep_s=td.seconds.get("features_s", 0.0), prep_what="features")
             if inputs is not None:
@@ -249,7 +371,8 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
         if tb is not None:
             tb.close()
     seconds["train_s"] = time.perf_counter() - t1
-    return TrainOutcome(history=history, best=best, state=state, data=td, optimizer=opt, seconds=seconds)
+    return TrainOutcome(history=history, best=best, state=state, data=td, optimizer=opt, seconds=seconds,
+                        feature_report=report)
 
 
 def _resume_problems(saved: dict[str, Any], meta: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

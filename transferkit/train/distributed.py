@@ -39,6 +39,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -195,6 +196,20 @@ def all_ranks(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([int(bool(flag))], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def broadcast_object(obj: Any, info: DistInfo, *, src: int = 0) -> Any:
+    """``obj`` (picklable) as rank ``src`` has it, on every rank (``obj`` itself when not distributed).
+
+    Example:
+        >>> broadcast_object([1, 2], DistInfo())
+        [1, 2]
+    """
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_collective_device())
+    return box[0]
 
 
 def shard_size(n: int, world_size: int) -> int:

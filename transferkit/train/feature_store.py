@@ -43,10 +43,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,11 +60,29 @@ from torch.utils.data import DataLoader, Dataset
 from transferkit._io import create_temp, file_digest, remove_stale_temps
 from transferkit.errors import ConfigError, DataError, OutputError
 from transferkit.data.sampling import SeededItems, mix_seed
+from transferkit.train.distributed import DistInfo, all_ranks, all_reduce_sum, barrier, broadcast_object
 
 STORE_FORMAT = 1
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 kept as raw uint16 bits
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SPACE_MARGIN_BYTES = 64 * 2**20
+TARGET_PARTS = 256  # a killed extraction loses at most 1/256 of the work per worker
+MIN_PART_ROWS = 256  # small data: one part, extracted in full batches
+MAX_PART_BYTES = 64 * 2**20  # a part (all its views) stays a modest write and a modest read
+
+
+def part_size_for(num_samples: int, dim: int, *, views: int = 1, dtype: Any = "float32") -> int:
+    """Rows per part: ``num_samples / TARGET_PARTS`` (at least ``MIN_PART_ROWS``), at most
+    ``MAX_PART_BYTES`` of features per part.
+
+    Example:
+        >>> part_size_for(20, 512), part_size_for(1_281_167, 1280, dtype="bfloat16")
+        (20, 5005)
+    """
+    itemsize = 4 if _dtype_name(dtype) == "float32" else 2
+    rows = max(MIN_PART_ROWS, -(-num_samples // TARGET_PARTS))
+    cap = max(1, MAX_PART_BYTES // max(views * dim * itemsize, 1))
+    return max(1, min(rows, cap, num_samples))
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -264,6 +284,48 @@ class ShardedFeatureStore:
                 "bytes": n, "bytes_per_sample": n / self.num_samples, "views": self.views,
                 "masked": [name for _, name in self.masked], "masked_samples": masked_total, "path": str(self.path)}
 
+    def masked_indices(self) -> list[int]:
+        """The samples of the whole store (every committed part) that could not be read."""
+        out: list[int] = []
+        for p in range(self.num_parts):
+            if self._committed(p):
+                start, _ = self.part_range(p)
+                out.extend(int(i) + start for i in np.flatnonzero(~self.read_part(p)[2]))
+        return out
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of every feature over all views of the unmasked samples,
+        accumulated in float64 a part at a time (the store is never read whole)."""
+        n, total, sq = 0, np.zeros(self.dim), np.zeros(self.dim)
+        for p in range(self.num_parts):
+            f, _, m = self.read_part(p)
+            x = self.to_torch(f)[:, torch.from_numpy(m)].double().reshape(-1, self.dim).numpy()
+            n, total, sq = n + len(x), total + x.sum(0), sq + np.square(x).sum(0)
+        if n == 0:
+            raise DataError(f"No features to take statistics of in {str(self.path)!r}: every sample is masked.")
+        mean = total / n
+        return torch.from_numpy(mean).float(), torch.from_numpy(np.sqrt(np.maximum(sq / n - mean**2, 0.0))).float()
+
+    def arrays(self, *, all_views: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``(x float32 [rows, dim], y)`` of the unmasked samples, view after view (or view 0
+        only), in one preallocated float32 array: the one copy a solver that wants the
+        features in memory needs (``head="logistic"``)."""
+        views = self.views if all_views else 1
+        valid = [self.read_part(p)[2] for p in range(self.num_parts)]
+        per_view = sum(int(m.sum()) for m in valid)
+        x = np.empty((views * per_view, self.dim), dtype=np.float32)
+        ys = []
+        row = 0
+        for v in range(views):
+            for p in range(self.num_parts):
+                f, t, _ = self.read_part(p)
+                m = valid[p]
+                block = self.to_torch(np.asarray(f[v]))[torch.from_numpy(m)].float().numpy()
+                x[row:row + len(block)] = block
+                row += len(block)
+                ys.append(t[m])
+        return x, np.concatenate(ys)
+
     def batches(self, batch_size: int, *, seed: int = 0, memory_budget: int = 2 * 2**30,
                 device: torch.device | str = "cpu", block_bytes: int = 256 * 2**20, rank: int = 0,
                 world_size: int = 1) -> HeadBatches:
@@ -313,6 +375,12 @@ class HeadBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    @property
+    def sampler(self) -> _Epochs:
+        """What a training loop reads of a DataLoader's sampler: ``set_epoch(e)`` and
+        ``len()`` (the samples this rank sees per epoch)."""
+        return _Epochs(self)
 
     def __len__(self) -> int:
         padded = -(-self.valid_count // self.world) * self.world
@@ -385,6 +453,17 @@ class HeadBatches:
             x = torch.cat([x, first[0].repeat(reps, 1)[:short]])
             y = torch.cat([y, first[1].repeat(reps, *([1] * (first[1].dim() - 1)))[:short]])
         yield x[r::w], y[r::w]
+
+
+class _Epochs:
+    def __init__(self, batches: HeadBatches) -> None:
+        self.batches = batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return -(-self.batches.valid_count // self.batches.world)
 
 
 # -- extraction ----------------------------------------------------------------------------
@@ -470,3 +549,64 @@ def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[t
         store.write_part(p, feats, torch.stack([torch.as_tensor(t) for t in targets]), mask)
         done.append(p)
     return done
+
+
+# -- one process or every rank of a job ------------------------------------------------------
+def open_store(directory: str | Path, key: str, info: DistInfo | None = None, **params: Any) -> ShardedFeatureStore:
+    """`ShardedFeatureStore.open` on every rank of a job (every rank calls it with the same
+    arguments): rank 0 opens first, then the local rank 0 of each node, then the others,
+    with a barrier between, so that no rank's opening (which replaces a store made with other
+    parameters) can remove a part that another rank has committed already."""
+    info = info or DistInfo()
+    store = None
+    for turn in (info.rank == 0, info.rank != 0 and info.local_rank == 0, info.local_rank != 0):
+        if turn:
+            store = ShardedFeatureStore.open(directory, key, **params)
+        barrier(info)
+    assert store is not None
+    return store
+
+
+def fill_store(store: ShardedFeatureStore, dataset: Any, forward: Callable[[torch.Tensor], torch.Tensor],
+               info: DistInfo | None = None, *, bar: Callable[[int], Any] | None = None,
+               local_world_size: int | None = None, **extract: Any) -> dict[str, Any]:
+    """Compute the missing parts of ``store`` with `extract_parts` (``extract``: its keyword
+    arguments), on one process or on every rank of a job, and return the store's report,
+    ``computed`` summed over the ranks.
+
+    Under DDP rank 0 broadcasts its `ShardedFeatureStore.missing_parts` and rank ``r`` of
+    ``W`` computes every ``W``-th of that list (a committed part whose files do not match
+    their digests counts as missing, with a warning) (balanced ranks, also after a resume that
+    left parts unevenly); a barrier; then every rank sees the whole store. A ``cache_dir``
+    local to each node lacks the parts computed on other nodes: the ranks of that node
+    then compute them (part ``p`` by local rank ``p % local_world_size``), so every node
+    ends with the whole store (each node computes all of it once; a shared ``cache_dir``
+    computes it once in all). ``bar(total)``: a context manager for the progress of this
+    rank's samples, or None.
+    """
+    info = info or DistInfo()
+    local_world = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    missing = broadcast_object(store.missing_parts(verify=True) if info.is_main else None, info)
+    damaged = [p for p in store.reused_parts if p in missing]
+    if damaged and info.is_main:
+        warnings.warn(f"Feature store {str(store.path)!r}: parts {damaged[:5]} are damaged (their files do not "
+                      "match their digests); recomputing them.", stacklevel=2)
+    store.reused_parts = [p for p in store.reused_parts if p not in missing]
+    rounds = [store.assigned_parts(info.rank, info.world_size, missing=missing)]
+    for turn in range(2):
+        mine = rounds[-1]
+        rows = sum(b - a for a, b in map(store.part_range, mine)) * store.views
+        with (bar(rows) if bar is not None else contextlib.nullcontext()) as progress:
+            extract_parts(store, dataset, forward, parts=mine, progress=progress, **extract)
+        barrier(info)  # every rank has committed its parts
+        local = store.missing_parts()
+        if all_ranks(not local, info):
+            break
+        if turn == 1:
+            raise OutputError(f"The feature store {str(store.path)!r} still misses parts {local[:5]} after "
+                              "extraction on this process; check the disk (space, permissions) or use another "
+                              "cache_dir.")
+        rounds.append([p for p in local if p % local_world == info.local_rank % local_world])  # a node-local cache_dir
+    report = store.report()
+    report["computed"] = int(all_reduce_sum([float(len(store.computed_parts))], info)[0])
+    return report

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from transferkit.errors import ConfigError
+from transferkit.train.feature_store import ShardedFeatureStore
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 2, 13))
 
@@ -31,20 +32,45 @@ class ProbeResult:
     classifier: Any = None
 
 
-def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = x.mean(0)
-    std = x.std(0)
+def _standardiser(x: np.ndarray, chunk_elements: int = 2**18) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std per feature, accumulated in float64 a chunk of rows (2 MB) at a time (no
+    float64 copy of ``x``), returned in ``x``'s dtype."""
+    n, total, sq = len(x), np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    chunk = max(1, chunk_elements // max(x.shape[1], 1))
+    for i in range(0, n, chunk):
+        part = np.asarray(x[i:i + chunk], dtype=np.float64)
+        total, sq = total + part.sum(0), sq + np.square(part).sum(0)
+    mean = total / max(n, 1)
+    std = np.sqrt(np.maximum(sq / max(n, 1) - mean**2, 0.0))
     std[std < 1e-6] = 1.0
-    return mean, std
+    return mean.astype(x.dtype), std.astype(x.dtype)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def fit_logistic_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None = None,
                        val_y: np.ndarray | None = None, *, Cs: Sequence[float] = DEFAULT_CS, max_iter: int = 1000,
-                       seed: int = 0, class_weight: Any = None) -> tuple[ProbeResult, np.ndarray, np.ndarray]:
+                       seed: int = 0, class_weight: Any = None,
+                       overwrite: bool = False) -> tuple[ProbeResult, np.ndarray, np.ndarray]:
     """Fit ``LogisticRegression(solver="lbfgs")`` on standardised features for each ``C`` and
     keep the best on the validation set (without one, the largest ``C``), refit on the
     training data. Returns the result and the equivalent ``(weight [K, F], bias [K])`` of a
     linear layer acting on the *raw* features.
+
+    Memory: float32 features are standardised in float32 (the statistics accumulated in
+    float64 a chunk at a time), in one copy of ``train_x``, or in place with ``overwrite``
+    (``train_x`` then holds the standardised features); scikit-learn's L-BFGS keeps float32
+    input in float32. No float64 copy of the features is made.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -58,8 +84,13 @@ def fit_logistic_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarr
     Cs = [float(c) for c in Cs]
     if not Cs or any(not c > 0 for c in Cs):
         raise ConfigError(f"probe Cs must be positive numbers, got {Cs!r}.")
+    if train_x.dtype not in (np.float32, np.float64):
+        train_x = np.asarray(train_x, dtype=np.float32)
+        overwrite = True  # a converted copy already
     mean, std = _standardiser(train_x)
-    tx = (train_x - mean) / std
+    tx = train_x if overwrite else train_x.copy()
+    tx -= mean
+    tx /= std
 
     def make(c: float) -> Any:
         return LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter, random_state=seed,
@@ -110,6 +141,20 @@ def set_linear_head(head: nn.Module, weight: np.ndarray, bias: np.ndarray) -> No
         lin.bias[: bias.shape[0]] = torch.from_numpy(bias)
 
 
+def check_probe_memory(store: ShardedFeatureStore, available: int | None = None) -> int:
+    """Bytes the probe needs for ``store`` (its features as float32, all views, in memory);
+    a ConfigError saying how much when that exceeds the available memory."""
+    need = store.views * store.num_samples * store.dim * 4
+    available = available_memory() if available is None else available
+    if available is not None and need > available:
+        raise ConfigError(f"head='logistic' holds the training features in memory as float32: "
+                          f"{need / 2**30:.1f} GiB for {store.num_samples} samples x {store.views} views x "
+                          f"{store.dim} features, but {available / 2**30:.1f} GiB are available. Use head='linear' "
+                          "(trained from the feature store in blocks), fewer cache_views, or a machine with more "
+                          "memory.")
+    return need
+
+
 def run_probe(data: TrainingData, head: nn.Module, *, task: str, Cs: Sequence[float] | None, seed: int,
               balanced: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
     """``head="logistic"``: fit the scikit-learn probe on the cached features (every view of
@@ -119,14 +164,20 @@ def run_probe(data: TrainingData, head: nn.Module, *, task: str, Cs: Sequence[fl
     if task != "multiclass" or not data.cached:
         raise ConfigError("head='logistic' needs task='multiclass' and a frozen backbone (cached features); "
                           "use policy='feature_extraction'.")
-    tr = data.stores["train"]
-    x = np.asarray(tr.features).reshape(-1, tr.features.shape[-1])
-    y = np.tile(np.asarray(tr.targets), tr.num_views)
-    va = data.stores.get("val")
-    vx = np.asarray(va.features[0]) if va is not None else None
-    vy = np.asarray(va.targets) if va is not None else None
+    tr, va = data.stores["train"], data.stores.get("val")
+    if isinstance(tr, ShardedFeatureStore):  # on disk: one float32 copy in memory, standardised in place
+        check_probe_memory(tr)
+        x, y = tr.arrays()
+        vx, vy = va.arrays(all_views=False) if va is not None else (None, None)
+        overwrite = True
+    else:
+        x = np.asarray(tr.features).reshape(-1, tr.features.shape[-1])
+        y = np.tile(np.asarray(tr.targets), tr.num_views)
+        vx = np.asarray(va.features[0]) if va is not None else None
+        vy = np.asarray(va.targets) if va is not None else None
+        overwrite = False
     res, w, b = fit_logistic_probe(x, y, vx, vy, Cs=Cs or DEFAULT_CS, seed=seed,
-                                   class_weight="balanced" if balanced else None)
+                                   class_weight="balanced" if balanced else None, overwrite=overwrite)
     set_linear_head(head, w, b)
     best = {"epoch": None, "C": res.C, "val_acc": res.val_acc}
     return [], best, res

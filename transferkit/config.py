@@ -197,6 +197,10 @@ class FinetuneConfig:
                           types=(str, Path) + _N)
     cache_views: Any = _opt(1, "augmented views per training image in the feature cache", group="features",
                             types=_I, check=_positive_int)
+    feature_engine: Any = _opt("auto", "engine of the frozen feature pass: 'eager', 'onnxruntime', 'compile' or "
+                               "'auto' (the fastest timed on the run's input whose features agree with eager fp32)",
+                               group="features", types=_S, choices=("auto", "eager", "onnxruntime", "compile"),
+                               flag=True)
     # --- runtime
     device: Any = _opt("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'", group="runtime", types=_S,
                        check=_device, flag=True)

@@ -46,7 +46,7 @@ def child(args) -> dict:
     import torch
 
     import transferkit as tk
-    from transferkit.train.loop import train_one_epoch
+    from transferkit.train.loop import Loop, train_one_epoch
     from transferkit.train.speed import SpeedConfig
 
     torch.set_num_threads(args.threads)
@@ -61,14 +61,14 @@ def child(args) -> dict:
     x = torch.randint(0, 256, (args.batch, 3, args.image_size, args.image_size), dtype=torch.uint8, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    kw = dict(optimizer=opt, scheduler=None, loss_fn=torch.nn.CrossEntropyLoss(), device=dev, speed=speed,
-              scaler=speed.grad_scaler(), verbose=False)
+    loop = Loop(optimizer=opt, loss_fn=torch.nn.CrossEntropyLoss(), set_mode=lambda e: model.train(), speed=speed,
+                scaler=speed.grad_scaler(), verbose=False)
 
     def run(steps: int) -> float:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_one_epoch(runner, _Batches(x, y, steps), **kw)
+        train_one_epoch(runner, _Batches(x, y, steps), loop, verbose=False)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0

@@ -10,10 +10,14 @@ epochs, as in the tutorial) and the same thread count; transferkit's ``FeatureNo
 head's input is turned off (``head_norm=False``) so that every run trains the same head. One
 deliberate difference from the tutorial, in its favour: its backbone stays in eval mode.
 
-transferkit runs twice: with its defaults (features computed once; on a CPU that runs bf16
-natively, bf16 autocast + channels_last for the extraction) and with ``precision="fp32",
-channels_last=False`` (features computed once, exact fp32 path). The difference between the
-two is the CPU fast path; between the fp32 run and the plain loop, the feature cache.
+transferkit runs three times: with its defaults (features computed once; on a CPU that runs
+bf16 natively, bf16 autocast + channels_last for the extraction; the engine of the pass
+timed on the run's input, ``feature_engine="auto"``, the timing counted in the wall time),
+with the defaults but ``feature_engine="eager"``, and with ``precision="fp32",
+channels_last=False, feature_engine="eager"`` (features computed once, exact fp32 path).
+Between the first two is the engine; between the eager and the fp32 runs, the CPU fast path;
+between the fp32 run and the plain loop, the feature cache. ``--assume-bf16 0`` makes the
+bf16 capability check answer no (``TRANSFERKIT_ASSUME_BF16=0``): a CPU without native bf16.
 
 Backbones: the shared ImageNet EfficientNet-Lite0 (``timm:tf_efficientnet_lite0``) and
 torchvision ResNet-18 with ``weights=None`` (offline). Goals: transferkit's defaults >= 15x
@@ -55,7 +59,7 @@ CONFIGS = {
               "label": "timm tf_efficientnet_lite0 (ImageNet weights, shared)"},
     "resnet18": {"backbone": "tv:resnet18", "weights": None, "label": "tv ResNet-18 (weights=None, offline)"},
 }
-RUNS = ("plain", "transferkit_defaults", "transferkit_fp32")
+RUNS = ("plain", "transferkit_defaults", "transferkit_eager", "transferkit_fp32")
 ENGINE_MODELS = {
     "lite0": ("timm:tf_efficientnet_lite0", str(LITE0), "image"),
     "resnet18": ("tv:resnet18", None, "image"),
@@ -122,10 +126,11 @@ def plain(cfg: dict, args) -> dict:
 
 
 def _speed_summary(result) -> str:
-    plan = getattr(result, "plan", None)
-    if plan is None:
+    d = getattr(result, "decisions", None)
+    if d is None:
         return "(this version of finetune() does not expose its resolved speed settings)"
-    return plan.summary().splitlines()[-1].split(":", 1)[1].strip()  # the plan's own "speed:" line
+    return " | ".join(line.strip() for line in d.summary().splitlines()  # the decisions' own lines
+                      if line.strip().startswith(("speed:", "engine:")))
 
 
 def _transferkit(cfg: dict, args, **speed) -> dict:
@@ -146,11 +151,16 @@ def transferkit_defaults(cfg: dict, args) -> dict:
     return _transferkit(cfg, args)
 
 
+def transferkit_eager(cfg: dict, args) -> dict:
+    return _transferkit(cfg, args, feature_engine="eager")
+
+
 def transferkit_fp32(cfg: dict, args) -> dict:
-    return _transferkit(cfg, args, precision="fp32", channels_last=False)
+    return _transferkit(cfg, args, precision="fp32", channels_last=False, feature_engine="eager")
 
 
-FUNCS = {"plain": plain, "transferkit_defaults": transferkit_defaults, "transferkit_fp32": transferkit_fp32}
+FUNCS = {"plain": plain, "transferkit_defaults": transferkit_defaults, "transferkit_eager": transferkit_eager,
+         "transferkit_fp32": transferkit_fp32}
 
 
 def engines_child(args) -> dict:
@@ -285,8 +295,9 @@ def main() -> None:
         print("| run | wall s | vs tutorial loop | best val acc | peak RSS MB | features s |")
         print("|---|---:|---:|---:|---:|---:|")
         for name, label in (("plain", "tutorial loop (backbone every epoch, fp32)"),
-                            ("transferkit_defaults", "transferkit, defaults"),
-                            ("transferkit_fp32", "transferkit, precision='fp32', channels_last=False")):
+                            ("transferkit_defaults", "transferkit, defaults (engine auto)"),
+                            ("transferkit_eager", "transferkit, defaults but feature_engine='eager'"),
+                            ("transferkit_fp32", "transferkit, precision='fp32', channels_last=False, eager")):
             r = run[name]
             feats = "-" if r.get("features_s") is None else f"{r['features_s']:.1f}"
             print(f"| {label} | {r['seconds']:.1f} | {p['seconds'] / r['seconds']:.1f}x | {r['best_val_acc']:.3f} | "
@@ -297,6 +308,9 @@ def main() -> None:
               f"{f['seconds'] / d['seconds']:.2f}x, accuracy "
               f"{100 * (d['best_val_acc'] - f['best_val_acc']):+.1f} points")
         print(f"\ntransferkit defaults resolved to: {d['speed']}")
+        e = run["transferkit_eager"]
+        print(f"defaults vs feature_engine='eager': {e['seconds'] / d['seconds']:.2f}x, accuracy "
+              f"{100 * (d['best_val_acc'] - e['best_val_acc']):+.1f} points")
         sys.stdout.flush()
 
 

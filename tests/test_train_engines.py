@@ -217,3 +217,11 @@ def test_forced_compile_gives_the_eager_fp32_features():
             got = fwd(xb)
         assert got.shape == ref.shape
         assert (got - ref).abs().max() <= eng.TOLERANCE["fp32"] * ref.abs().max()
+
+
+def test_compile_auto_is_decided_with_its_measured_reason(folder):
+    _, d = _decide(backbone=_backbone(), data=folder, policy="full")
+    assert d.config.compile == "auto" and d.speed["compile"] is False
+    assert d.speed["reasons"]["compile"].startswith("compile='auto': not compiled, measured on a CPU")
+    _, d = _decide(backbone=_backbone(), data=folder, policy="full", compile=True)
+    assert d.speed["compile"] is True and d.speed["reasons"]["compile"] == "asked"

@@ -208,7 +208,9 @@ class FinetuneConfig:
                           types=_S, choices=("auto", "fp32", "bf16", "fp16"), flag=True)
     channels_last: Any = _opt("auto", "channels_last memory format (auto: where it is faster)", group="runtime",
                               types=_B + _S, choices=("auto", True, False))
-    compile: Any = _opt(False, "torch.compile the trained module", group="runtime", types=_B)
+    compile: Any = _opt("auto", "torch.compile the trained module (auto: where the run is long enough for the "
+                        "compile time to pay, as measured; see docs/benchmarks.md)", group="runtime", types=_B + _S,
+                        choices=("auto", True, False))
     num_workers: Any = _opt(None, "DataLoader workers (default: chosen for the machine)", group="runtime",
                             types=_I + _N, check=_workers)
     seed: Any = _opt(0, "random seed (data split, order, augmentation, head init)", group="runtime", types=_I,

@@ -34,7 +34,7 @@ from transferkit.facts import Facts, look
 from transferkit.heads import resolve_head_norm
 from transferkit.policies import Policy
 from transferkit.train.distributed import rank_seeds
-from transferkit.train.engines import decide_engine, engine_precision
+from transferkit.train.engines import decide_compile, decide_engine, engine_precision
 from transferkit.train.features import cache_key
 from transferkit.train.optim import default_lr
 from transferkit.train.speed import decide_speed
@@ -43,7 +43,7 @@ DECISIONS_FORMAT = 2
 # config keys that do not change what a run computes: they may differ when resuming
 OUTPUT_KEYS = frozenset({"export", "checkpoint", "resume", "log_dir", "plots_dir", "top_k", "verbose", "callbacks",
                          "num_workers", "cache_dir", "device", "data", "val_data", "portable_metadata",
-                         "feature_engine"})  # feature-engine hook: engines agree with eager fp32 (train/engines.py)
+                         "feature_engine", "compile"})  # engines and compilation agree with eager fp32 (train/engines.py)
 # decisions that may differ when resuming (where the run runs, not what it computes)
 _PLACE_KEYS = frozenset({"device", "weights_file", "feature_engine", "feature_engine_reason"})
 
@@ -207,10 +207,13 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     frozen = frozen_epochs >= cfg.epochs
     cached_epochs, reason = _cache_decision(cfg, pol, frozen_epochs, facts.head)
     cache = cached_epochs >= cfg.epochs
+    compile_on, compile_why = decide_compile(cfg.compile, device_type=facts.device.type, train_images=data.n_train,
+                                             epochs=cfg.epochs - cached_epochs)  # compile="auto" (train/engines.py)
     speed = decide_speed(device_type=facts.device.type, bf16=(facts.device.bf16, facts.device.bf16_why),
-                         precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
+                         precision=cfg.precision, channels_last=cfg.channels_last, compile=compile_on,
                          kind=data.kind, conv=(bb.conv_share, bb.n_conv), layout_timed=bb.layout_timed,
                          cached=cache, features=cached_epochs > 0)
+    speed["reasons"]["compile"] = compile_why
     engine, engine_reason = _engine_decision(cfg, facts, speed, cached_epochs)  # feature-engine hook
     augment = cfg.augment or ("standard" if not cache or cfg.cache_views > 1 else "none")
     if augment == "none" and cfg.cache_views > 1:

@@ -68,9 +68,15 @@ TIMED_ROUNDS = 3  # rounds of the timing; each candidate's fastest round counts
 COMPILE_SECONDS_PER_MODULE = {"cpu": 0.25, "cuda": 0.25}
 COMPILE_SECONDS_BASE = {"cpu": 15.0, "cuda": 15.0}
 COMPILE_SPEEDUP = {"cpu": 1.9, "cuda": 1.3}
-# torch.compile of a trainable trunk (compile="auto"): a run that trains on at least this many
-# images (epochs x training images) pays for the compilation (docs/benchmarks.md).
-COMPILE_TRAIN_BREAK_EVEN = {"cpu": None, "cuda": None}
+# torch.compile of a trainable trunk (compile="auto"): per device type, the number of training
+# images (epochs x images) from which the compilation pays, or None with what was measured
+# (docs/benchmarks.md, "torch.compile for fine-tuning"; benchmarks/compile_training.py and
+# benchmarks/gpu_throughput.py measure it).
+COMPILE_TRAIN_BREAK_EVEN: dict[str, tuple[int | None, str]] = {
+    "cpu": (None, "measured on a CPU (Lite0 and ResNet-18, 224 px, batch 32): 1.07x and 0.73x the eager step "
+                  "after 414 s and 556 s of compilation, so it never pays reliably"),
+    "cuda": (None, "not measured on a GPU yet (benchmarks/gpu_throughput.py measures the break-even)"),
+}
 STORE_FORMAT = 1
 _RUNTIMES: dict[tuple, Callable] = {}  # prepared engines of this process, reused by the feature pass
 _SESSION_DIR: list[str] = []  # the process's export folder when the run has no cache_dir
@@ -323,9 +329,10 @@ def decide_engine(requested: str, *, device_type: str, available: dict[str, str 
 def decide_compile(requested: bool | str, *, device_type: str, train_images: int, epochs: int) -> tuple[bool, str]:
     """Whether a trainable trunk is compiled (``compile=True/False/"auto"``), and why (pure).
 
-    ``auto`` compiles when the run trains on at least ``COMPILE_TRAIN_BREAK_EVEN`` images of
-    the device type (epochs x training images), the run length where the compile time was
-    measured to pay (docs/benchmarks.md); device types without a measurement stay uncompiled.
+    ``auto`` compiles when the run trains on at least the ``COMPILE_TRAIN_BREAK_EVEN`` images
+    of the device type (epochs x training images), the run length where the compile time was
+    measured to pay (docs/benchmarks.md); where it was measured not to pay, or not measured,
+    it does not compile and says why.
 
     Example:
         >>> decide_compile(False, device_type="cpu", train_images=245, epochs=10)
@@ -336,9 +343,11 @@ def decide_compile(requested: bool | str, *, device_type: str, train_images: int
     if requested != "auto":
         raise ConfigError(f"compile={requested!r}; use True, False or 'auto'.")
     images = train_images * epochs
-    even = COMPILE_TRAIN_BREAK_EVEN.get(device_type)
+    even, measured = COMPILE_TRAIN_BREAK_EVEN.get(device_type, (None, f"not measured on {device_type}"))
+    if epochs <= 0:
+        return False, "compile='auto': the trunk never trains (features are cached)"
     if even is None:
-        return False, f"compile='auto': no measured break-even for {device_type}, not compiled"
+        return False, f"compile='auto': not compiled, {measured}"
     pays = images >= even
     return pays, (f"compile='auto': {images} training images ({epochs} epochs) {'>=' if pays else '<'} the "
                   f"{even} where compiling pays on {device_type} (measured)")

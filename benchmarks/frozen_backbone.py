@@ -29,12 +29,12 @@ the tutorial loop, validation accuracy within 1 point of it. Each run is its own
     python benchmarks/frozen_backbone.py --epochs 1 --image-size 64   # a smoke test (seconds)
 
 The engines of the frozen pass (``--engines``): for Lite0, ResNet-18, a ViT and an audio
-trunk, the feature pass on two batches of 16 of the run's own input (hymenoptera images
-through the eval transform; for the audio trunk 1 s synthetic waveforms) with each engine
-of `transferkit.train.engines` (eager in the precision given, ONNX Runtime fp32,
-torch.compile), timed round-robin in one process (the fastest of 3 rounds counts), and the
-largest difference of each engine's features from eager fp32 (relative to the largest
-feature). ``--assume-bf16 0`` simulates a CPU without native bf16 (the fp32 path that auto
+trunk, the feature pass on batches of 16 of the run's own input (hymenoptera images through
+the eval transform; for the audio trunk 1 s synthetic waveforms) with each engine of
+`transferkit.train.engines` (eager in the precision given, ONNX Runtime fp32,
+torch.compile): the first batch warms each engine up (export, compilation: "setup s") and
+is compared with eager fp32 (the largest difference, absolute and relative to the largest
+feature); the next two are timed round-robin in one process (the fastest of 3 rounds counts). ``--assume-bf16 0`` simulates a CPU without native bf16 (the fp32 path that auto
 takes there).
 
     python benchmarks/frozen_backbone.py --engines --threads 2            # fp32 and, where native, bf16
@@ -181,15 +181,15 @@ def engines_child(args) -> dict:
         model.to(memory_format=torch.channels_last)
     if kind == "audio":
         batches = [torch.randn(16, bb.input_spec.sample_rate, generator=torch.Generator().manual_seed(i)) * 0.1
-                   for i in range(2)]
+                   for i in range(3)]
     else:
         from transferkit.data import ImageFolderDataset, eval_transform
 
         ds = ImageFolderDataset(DATA / "hymenoptera" / "train", transform=eval_transform(bb.input_spec))
-        batches = eng.example_batches(ds, batch_size=16, count=2)
+        batches = eng.example_batches(ds, batch_size=16, count=3)
     candidates = ["onnxruntime"] + ([] if args.no_compile or args.precision != "fp32" else ["compile"])
     out = eng.time_engines(model, batches, device=cpu, precision=args.precision, channels_last=layout,
-                           candidates=candidates, n_images=None)
+                           candidates=candidates, n_images=None, rounds=3)
     return {"backbone": name, "precision": args.precision, "channels_last": layout,
             "modules": eng.leaf_modules(model.trunk), "engines": out}
 

@@ -60,8 +60,8 @@ ENGINES = ("auto", "eager", "onnxruntime", "compile")
 # (fp32 engines: ONNX Runtime measured 6e-6 absolute on Lite0; bf16/fp16 autocast: see docs/benchmarks.md)
 TOLERANCE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}
 MIN_SPEEDUP = 1.05  # another engine must beat eager by this factor (timing noise on a shared machine)
-MIN_IMAGES_TO_TIME = 256  # below this the timing (about 8 batch passes + an export) costs more than it can save
-TIMED_ROUNDS = 3  # rounds of the timing; each candidate's fastest round counts
+MIN_IMAGES_TO_TIME = 256  # below this the timing (about 4 eager batch passes + an export) costs more than it saves
+TIMED_ROUNDS = 2  # rounds of the timing; each candidate's fastest round counts
 # Compile time of the frozen pass, estimated per leaf module of the trunk, and the speed-up
 # of the compiled pass over eager used to decide whether compiling can pay (measured:
 # docs/benchmarks.md, "Engines of the frozen pass").
@@ -152,7 +152,7 @@ def time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: t
     "setup_s"}}``, or ``{engine: {"skipped": why}}`` (``compile`` when `compile_pays` says
     no for ``n_images``) or ``{engine: {"error": what failed}}``. The engines are timed
     round-robin (``rounds`` rounds, the fastest round of each counts: the least disturbed by
-    other load).
+    other load). ``batches[0]`` warms each engine up and is compared; the others are timed.
     """
     with _eval(model):
         return _time_engines(model, batches, device=device, precision=precision, channels_last=channels_last,
@@ -162,14 +162,16 @@ def time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: t
 def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: torch.device, precision: str,
                   channels_last: bool, candidates: Sequence[str], cache_dir: str | Path | None, n_images: int | None,
                   rounds: int) -> dict[str, dict[str, Any]]:
-    ref = _eager_fp32(model, batches[0], device, channels_last)
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    # batches[0]: the first call of each engine (warm-up, compilation) and the comparison with
+    # eager fp32; the others (or batches[0] when alone) are timed
+    ref = _eager_fp32(model, batches[0], device, channels_last) if precision != "fp32" else None
     out: dict[str, dict[str, Any]] = {}
     runners: dict[str, Callable] = {}
+    first_ips = 0.0
     for name in ["eager", *[c for c in candidates if c != "eager"]]:
-        if name == "compile" and "eager" in out and n_images is not None:
+        if name == "compile" and n_images is not None:
             pays, why = compile_pays(device.type, n_images=n_images, n_modules=leaf_modules(model),
-                                     eager_images_per_s=out["eager"]["images_per_s"])
+                                     eager_images_per_s=first_ips)
             if not pays:
                 out[name] = {"skipped": why}
                 continue
@@ -180,16 +182,20 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
             with torch.no_grad():
                 got = fwd(batches[0]).float().cpu()  # the first call (compiles, warms up)
         except Exception as exc:  # an engine that fails here is reported and skipped
-            out[name] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"}
+            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            out[name] = {"error": f"{type(exc).__name__}: {msg}"}
             continue
+        setup = time.perf_counter() - t0
+        if ref is None:  # eager in fp32 is the reference
+            ref = got
+        if name == "eager":  # a first estimate of eager's speed (for compile_pays): its first call
+            first_ips = len(batches[0]) / setup
         diff = float((got - ref).abs().max()) if ref.numel() else 0.0
-        out[name] = {"precision": engine_precision(name, precision), "setup_s": time.perf_counter() - t0,
-                     "max_abs_diff": diff, "rel_diff": diff / scale if scale else diff}
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        out[name] = {"precision": engine_precision(name, precision), "setup_s": setup, "max_abs_diff": diff,
+                     "rel_diff": diff / scale if scale else diff}
         runners[name] = fwd
-        if name == "eager":  # compile_pays needs eager's speed: time it alone first
-            out[name]["images_per_s"] = _fastest(runners, batches, rounds, device)[name]
-    speeds = _fastest(runners, batches, rounds, device)
-    for name, ips in speeds.items():
+    for name, ips in _fastest(runners, batches[1:] or batches[:1], rounds, device).items():
         out[name]["images_per_s"] = ips
     return out
 

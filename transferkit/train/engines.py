@@ -67,7 +67,7 @@ TIMED_ROUNDS = 2  # rounds of the timing; each candidate's fastest round counts
 # docs/benchmarks.md, "Engines of the frozen pass").
 COMPILE_SECONDS_PER_MODULE = {"cpu": 0.25, "cuda": 0.25}
 COMPILE_SECONDS_BASE = {"cpu": 15.0, "cuda": 15.0}
-COMPILE_SPEEDUP = {"cpu": 1.9, "cuda": 1.3}
+COMPILE_SPEEDUP: dict[str, float | None] = {"cpu": 1.9, "cuda": None}
 # torch.compile of a trainable trunk (compile="auto"): per device type, the number of training
 # images (epochs x images) from which the compilation pays, or None with what was measured
 # (docs/benchmarks.md, "torch.compile for fine-tuning"; benchmarks/compile_training.py and
@@ -133,7 +133,10 @@ def compile_pays(device_type: str, *, n_images: int, eager_images_per_s: float, 
         >>> compile_pays("cpu", n_images=400, eager_images_per_s=35.0, n_modules=150)[0]
         False
     """
-    speedup = COMPILE_SPEEDUP.get(device_type, 1.0)
+    speedup = COMPILE_SPEEDUP.get(device_type)
+    if speedup is None:
+        return False, f"no measured speed-up of the compiled pass on {device_type} (compile it with " \
+                      "feature_engine='compile')"
     cost = compile_estimate(device_type, n_modules)
     saved = n_images / max(eager_images_per_s, 1e-9) * (1 - 1 / speedup)
     pays = saved > cost

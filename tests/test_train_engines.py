@@ -199,8 +199,12 @@ def test_the_stored_timing_is_reused_by_a_later_run(folder, tmp_path, monkeypatc
 
 
 def test_compile_pays_only_for_enough_data_and_decide_compile():
-    assert not eng.compile_pays("cpu", n_images=400, eager_images_per_s=35.0, n_modules=150)[0]
-    assert eng.compile_pays("cpu", n_images=500_000, eager_images_per_s=35.0, n_modules=150)[0]
+    assert not eng.compile_pays("cpu", n_images=400, eager_images_per_s=35.0, n_modules=150, load=1.0)[0]
+    assert eng.compile_pays("cpu", n_images=500_000, eager_images_per_s=35.0, n_modules=150, load=1.0)[0]
+    # a loaded machine compiles slower: the same run length no longer pays
+    assert not eng.compile_pays("cpu", n_images=5_000, eager_images_per_s=35.0, n_modules=150, load=6.0)[0]
+    assert eng.compile_pays("cpu", n_images=5_000, eager_images_per_s=35.0, n_modules=150, load=1.0)[0]
+    assert not eng.compile_pays("cuda", n_images=10**7, eager_images_per_s=1000.0, n_modules=150)[0]
     assert eng.decide_compile(True, device_type="cpu", train_images=10, epochs=1) == (True, "asked")
     assert eng.decide_compile(False, device_type="cuda", train_images=10**6, epochs=90)[0] is False
     with pytest.raises(ConfigError, match="compile='yes'"):

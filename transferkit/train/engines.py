@@ -38,6 +38,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -122,24 +123,31 @@ def leaf_modules(module: nn.Module) -> int:
     return sum(1 for m in module.modules() if not any(True for _ in m.children()))
 
 
-def compile_estimate(device_type: str, n_modules: int) -> float:
-    """Estimated seconds to compile the frozen pass of a trunk with ``n_modules`` leaf modules."""
-    return COMPILE_SECONDS_BASE.get(device_type, 15.0) + COMPILE_SECONDS_PER_MODULE.get(device_type, 0.25) * n_modules
+def compile_estimate(device_type: str, n_modules: int, *, load: float | None = None) -> float:
+    """Estimated seconds to compile the frozen pass of a trunk with ``n_modules`` leaf modules:
+    on a quiet machine, times the machine's load per CPU when that is above 1 (``load``:
+    default the 1-minute load average over the CPU count; the compilation shares the CPUs,
+    as the eager pass it is weighed against does)."""
+    quiet = COMPILE_SECONDS_BASE.get(device_type, 15.0) + COMPILE_SECONDS_PER_MODULE.get(device_type, 0.12) * n_modules
+    if load is None:
+        load = os.getloadavg()[0] / (os.cpu_count() or 1) if hasattr(os, "getloadavg") else 1.0
+    return quiet * max(1.0, load)
 
 
-def compile_pays(device_type: str, *, n_images: int, eager_images_per_s: float, n_modules: int) -> tuple[bool, str]:
+def compile_pays(device_type: str, *, n_images: int, eager_images_per_s: float, n_modules: int,
+                 load: float | None = None) -> tuple[bool, str]:
     """Whether compiling the frozen pass can pay on ``n_images`` images: the time it would save
     at the expected speed-up (``COMPILE_SPEEDUP``) against the estimated compile time.
 
     Example:
-        >>> compile_pays("cpu", n_images=400, eager_images_per_s=35.0, n_modules=150)[0]
+        >>> compile_pays("cpu", n_images=400, eager_images_per_s=35.0, n_modules=150, load=1.0)[0]
         False
     """
     speedup = COMPILE_SPEEDUP.get(device_type)
     if speedup is None:
         return False, f"no measured speed-up of the compiled pass on {device_type} (compile it with " \
                       "feature_engine='compile')"
-    cost = compile_estimate(device_type, n_modules)
+    cost = compile_estimate(device_type, n_modules, load=load)
     saved = n_images / max(eager_images_per_s, 1e-9) * (1 - 1 / speedup)
     pays = saved > cost
     return pays, (f"estimated {cost:.0f} s to compile {n_modules} modules {'<' if pays else '>'} the "
@@ -193,13 +201,13 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
         setup = time.perf_counter() - t0
         if ref is None:  # eager in fp32 is the reference
             ref = got
-        if name == "eager":  # a first estimate of eager's speed (for compile_pays): its first call
-            first_ips = len(batches[0]) / setup
         diff = float((got - ref).abs().max()) if ref.numel() else 0.0
         scale = float(ref.abs().max()) if ref.numel() else 0.0
         out[name] = {"precision": engine_precision(name, precision), "setup_s": setup, "max_abs_diff": diff,
                      "rel_diff": diff / scale if scale else diff}
         runners[name] = fwd
+        if name == "eager":  # eager's speed alone first (for compile_pays), one round
+            first_ips = _fastest(runners, batches[1:2] or batches[:1], 1, device)["eager"]
     for name, ips in _fastest(runners, batches[1:] or batches[:1], rounds, device).items():
         out[name]["images_per_s"] = ips
     return out

@@ -1,11 +1,13 @@
-"""CPU latency of the exported TorchScript module vs the eager model, side by side.
+"""CPU latency of the exported TorchScript module, the ONNX export on ONNX Runtime and the eager model, side by side.
 
 For each backbone, the model (preprocessing + trunk + a 10-class head) is exported with
 [`transferkit.export_torchscript`][transferkit.export_torchscript]: plain, ``optimize=True`` (for convolutional trunks
 ``freeze_channels_last``: frozen, weights in channels_last), and ``optimize=True`` without
 the channels_last candidate (plain ``freeze``, for comparison). Each file is reloaded from
-disk, and the median time of a forward pass on raw uint8 images is measured at batch size
-1 and 32 for eager and every export, interleaved round by round so that machine load hits
+disk. The model is also exported to ONNX (`transferkit.export.export_onnx`) and loaded the
+way ``transferkit.load("model.onnx")`` loads it (an onnxruntime session, CPU provider, as
+many threads as torch), when onnxruntime is installed. The median time of a forward pass on
+raw uint8 images is measured at batch size 1 and 32 for eager and every export, interleaved round by round so that machine load hits
 all alike. Goal: exported no slower than eager (ratio eager/exported >= 1.0).
 
     python benchmarks/export_latency.py                      # tk:small_cnn@32, tv:resnet18@224
@@ -65,6 +67,15 @@ def measure(name: str, size: int, *, batches: tuple[int, ...], repeats: int, war
         label = tag if not optimize else f"exported+{report.optimization}"
         if label not in variants:
             variants[label] = load_scripted(path)[0]
+    try:
+        from transferkit.export import export_onnx
+        from transferkit.export.onnx import load_onnx
+
+        onnx_path = folder / f"{name.replace(':', '_')}.onnx"
+        export_onnx(model, onnx_path, metadata=meta, example_inputs=example)
+        variants["onnxruntime"] = load_onnx(onnx_path)[0]
+    except Exception as exc:  # onnxruntime not installed, or the trunk does not export: say so, measure the rest
+        print(f"# {name}: no ONNX Runtime row ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
     rows = []
     with torch.inference_mode():
         for bs in batches:

@@ -10,10 +10,14 @@ epochs, as in the tutorial) and the same thread count; transferkit's ``FeatureNo
 head's input is turned off (``head_norm=False``) so that every run trains the same head. One
 deliberate difference from the tutorial, in its favour: its backbone stays in eval mode.
 
-transferkit runs twice: with its defaults (features computed once; on a CPU that runs bf16
-natively, bf16 autocast + channels_last for the extraction) and with ``precision="fp32",
-channels_last=False`` (features computed once, exact fp32 path). The difference between the
-two is the CPU fast path; between the fp32 run and the plain loop, the feature cache.
+transferkit runs three times: with its defaults (features computed once; on a CPU that runs
+bf16 natively, bf16 autocast + channels_last for the extraction; the engine of the pass
+timed on the run's input, ``feature_engine="auto"``, the timing counted in the wall time),
+with the defaults but ``feature_engine="eager"``, and with ``precision="fp32",
+channels_last=False, feature_engine="eager"`` (features computed once, exact fp32 path).
+Between the first two is the engine; between the eager and the fp32 runs, the CPU fast path;
+between the fp32 run and the plain loop, the feature cache. ``--assume-bf16 0`` makes the
+bf16 capability check answer no (``TRANSFERKIT_ASSUME_BF16=0``): a CPU without native bf16.
 
 Backbones: the shared ImageNet EfficientNet-Lite0 (``timm:tf_efficientnet_lite0``) and
 torchvision ResNet-18 with ``weights=None`` (offline). Goals: transferkit's defaults >= 15x
@@ -23,6 +27,18 @@ the tutorial loop, validation accuracy within 1 point of it. Each run is its own
     python benchmarks/frozen_backbone.py                         # both backbones, 10 epochs
     python benchmarks/frozen_backbone.py --only lite0 --threads 2
     python benchmarks/frozen_backbone.py --epochs 1 --image-size 64   # a smoke test (seconds)
+
+The engines of the frozen pass (``--engines``): for Lite0, ResNet-18, a ViT and an audio
+trunk, the feature pass on batches of 16 of the run's own input (hymenoptera images through
+the eval transform; for the audio trunk 1 s synthetic waveforms) with each engine of
+`transferkit.train.engines` (eager in the precision given, ONNX Runtime fp32,
+torch.compile): the first batch warms each engine up (export, compilation: "setup s") and
+is compared with eager fp32 (the largest difference, absolute and relative to the largest
+feature); the next two are timed round-robin in one process (the fastest of 3 rounds counts). ``--assume-bf16 0`` simulates a CPU without native bf16 (the fp32 path that auto
+takes there).
+
+    python benchmarks/frozen_backbone.py --engines --threads 2            # fp32 and, where native, bf16
+    python benchmarks/frozen_backbone.py --engines --engine-models lite0 resnet18 --no-compile
 """
 
 from __future__ import annotations
@@ -43,7 +59,13 @@ CONFIGS = {
               "label": "timm tf_efficientnet_lite0 (ImageNet weights, shared)"},
     "resnet18": {"backbone": "tv:resnet18", "weights": None, "label": "tv ResNet-18 (weights=None, offline)"},
 }
-RUNS = ("plain", "transferkit_defaults", "transferkit_fp32")
+RUNS = ("plain", "transferkit_defaults", "transferkit_eager", "transferkit_fp32")
+ENGINE_MODELS = {
+    "lite0": ("timm:tf_efficientnet_lite0", str(LITE0), "image"),
+    "resnet18": ("tv:resnet18", None, "image"),
+    "vit": ("timm:vit_tiny_patch16_224", None, "image"),
+    "audio": ("ta:wav2vec2_tiny", None, "audio"),
+}
 
 
 def _peak_rss_mb() -> float:
@@ -104,10 +126,11 @@ def plain(cfg: dict, args) -> dict:
 
 
 def _speed_summary(result) -> str:
-    plan = getattr(result, "plan", None)
-    if plan is None:
+    d = getattr(result, "decisions", None)
+    if d is None:
         return "(this version of finetune() does not expose its resolved speed settings)"
-    return plan.summary().splitlines()[-1].split(":", 1)[1].strip()  # the plan's own "speed:" line
+    return " | ".join(line.strip() for line in d.summary().splitlines()  # the decisions' own lines
+                      if line.strip().startswith(("speed:", "engine:")))
 
 
 def _transferkit(cfg: dict, args, **speed) -> dict:
@@ -128,11 +151,85 @@ def transferkit_defaults(cfg: dict, args) -> dict:
     return _transferkit(cfg, args)
 
 
+def transferkit_eager(cfg: dict, args) -> dict:
+    return _transferkit(cfg, args, feature_engine="eager")
+
+
 def transferkit_fp32(cfg: dict, args) -> dict:
-    return _transferkit(cfg, args, precision="fp32", channels_last=False)
+    return _transferkit(cfg, args, precision="fp32", channels_last=False, feature_engine="eager")
 
 
-FUNCS = {"plain": plain, "transferkit_defaults": transferkit_defaults, "transferkit_fp32": transferkit_fp32}
+FUNCS = {"plain": plain, "transferkit_defaults": transferkit_defaults, "transferkit_eager": transferkit_eager,
+         "transferkit_fp32": transferkit_fp32}
+
+
+def engines_child(args) -> dict:
+    """One backbone, one precision: every engine timed on the same batches (see the docstring)."""
+    import torch
+
+    import transferkit as tk
+    from transferkit.train import engines as eng
+    from transferkit.train.speed import SpeedConfig
+
+    torch.manual_seed(0)
+    name, weights, kind = ENGINE_MODELS[args.engine_child]
+    bb = tk.get_backbone(name, weights=weights)
+    model = tk.build_model(bb, 2).eval()
+    cpu = torch.device("cpu")
+    layout = SpeedConfig.make(cpu, precision="fp32", trunk=bb.trunk, frozen=True, kind=kind).channels_last
+    if layout:
+        model.to(memory_format=torch.channels_last)
+    if kind == "audio":
+        batches = [torch.randn(16, bb.input_spec.sample_rate, generator=torch.Generator().manual_seed(i)) * 0.1
+                   for i in range(3)]
+    else:
+        from transferkit.data import ImageFolderDataset, eval_transform
+
+        ds = ImageFolderDataset(DATA / "hymenoptera" / "train", transform=eval_transform(bb.input_spec))
+        batches = eng.example_batches(ds, batch_size=16, count=3)
+    candidates = ["onnxruntime"] + ([] if args.no_compile or args.precision != "fp32" else ["compile"])
+    out = eng.time_engines(model, batches, device=cpu, precision=args.precision, channels_last=layout,
+                           candidates=candidates, n_images=None, rounds=3)
+    return {"backbone": name, "precision": args.precision, "channels_last": layout,
+            "modules": eng.leaf_modules(model.trunk), "engines": out}
+
+
+def engines_table(args) -> None:
+    from _machine import machine_line, run_child
+
+    print(f"# engines of the frozen pass, batch 16, {args.threads} torch threads\n# {machine_line(args.threads)}")
+    rows = []
+    for part in args.engine_models:
+        for precision in args.precisions:
+            argv = ["--engine-child", part, "--threads", str(args.threads), "--precision", precision] + \
+                (["--no-compile"] if args.no_compile else [])
+            try:
+                rows.append(run_child(__file__, argv, f"[{part}] engines {precision}"))
+            except SystemExit as exc:  # one backbone failing does not lose the others
+                print(f"# {part} {precision}: {str(exc)[:300]}")
+    print("\n| backbone | engine | precision | images/s | vs eager fp32 | max abs diff to eager fp32 | "
+          "relative to largest feature | setup s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    base = {}
+    for r in rows:
+        e = r["engines"]["eager"]
+        if r["precision"] == "fp32":
+            base[r["backbone"]] = e["images_per_s"]
+    for r in rows:
+        ref = base.get(r["backbone"])
+        for engine, m in r["engines"].items():
+            if r["precision"] != "fp32" and engine == "onnxruntime":
+                continue  # the same fp32 engine as in the fp32 row
+            if "images_per_s" not in m:
+                print(f"| {r['backbone']} | {engine} | | {m.get('skipped') or m.get('error')} ||||")
+                continue
+            prec = m["precision"] + (", channels_last" if r["channels_last"] and engine != "onnxruntime" else "")
+            ratio = f"{m['images_per_s'] / ref:.2f}x" if ref else "-"
+            print(f"| {r['backbone']} | {engine} | {prec} | {m['images_per_s']:.1f} | {ratio} | "
+                  f"{m['max_abs_diff']:.2g} | {m['rel_diff']:.2g} | {m['setup_s']:.1f} |")
+    print("\nleaf modules per trunk (compile-time estimate): "
+          + ", ".join(f"{r['backbone']} {r['modules']}" for r in rows if r["precision"] == "fp32"))
+    sys.stdout.flush()
 
 
 def _child(name: str, part: str, args) -> dict:
@@ -151,7 +248,32 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--image-size", type=int, default=None, help="crop size (default: the backbone's, 224)")
     ap.add_argument("--child", choices=sorted(FUNCS))
+    ap.add_argument("--engines", action="store_true", help="the engines x backbones table instead")
+    ap.add_argument("--engine-models", nargs="+", choices=sorted(ENGINE_MODELS), default=list(ENGINE_MODELS))
+    ap.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=None,
+                    help="eager precisions (default: fp32, and bf16 where the CPU runs it natively)")
+    ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--no-compile", action="store_true", help="leave torch.compile out (minutes per trunk)")
+    ap.add_argument("--assume-bf16", choices=("0", "1"), default=None,
+                    help="answer of the bf16 capability check (0: simulate a CPU without native bf16)")
+    ap.add_argument("--engine-child", choices=sorted(ENGINE_MODELS), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.assume_bf16 is not None:
+        os.environ["TRANSFERKIT_ASSUME_BF16"] = args.assume_bf16  # children inherit it
+    if args.engine_child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(engines_child(args)))
+        return
+    if args.engines:
+        sys.path.insert(0, str(Path(__file__).parent))
+        if args.precisions is None:
+            from transferkit.train.speed import cpu_bf16_native
+
+            args.precisions = ["fp32", "bf16"] if cpu_bf16_native()[0] else ["fp32"]
+        engines_table(args)
+        return
     if args.child:
         import torch
 
@@ -173,8 +295,9 @@ def main() -> None:
         print("| run | wall s | vs tutorial loop | best val acc | peak RSS MB | features s |")
         print("|---|---:|---:|---:|---:|---:|")
         for name, label in (("plain", "tutorial loop (backbone every epoch, fp32)"),
-                            ("transferkit_defaults", "transferkit, defaults"),
-                            ("transferkit_fp32", "transferkit, precision='fp32', channels_last=False")):
+                            ("transferkit_defaults", "transferkit, defaults (engine auto)"),
+                            ("transferkit_eager", "transferkit, defaults but feature_engine='eager'"),
+                            ("transferkit_fp32", "transferkit, precision='fp32', channels_last=False, eager")):
             r = run[name]
             feats = "-" if r.get("features_s") is None else f"{r['features_s']:.1f}"
             print(f"| {label} | {r['seconds']:.1f} | {p['seconds'] / r['seconds']:.1f}x | {r['best_val_acc']:.3f} | "
@@ -185,6 +308,9 @@ def main() -> None:
               f"{f['seconds'] / d['seconds']:.2f}x, accuracy "
               f"{100 * (d['best_val_acc'] - f['best_val_acc']):+.1f} points")
         print(f"\ntransferkit defaults resolved to: {d['speed']}")
+        e = run["transferkit_eager"]
+        print(f"defaults vs feature_engine='eager': {e['seconds'] / d['seconds']:.2f}x, accuracy "
+              f"{100 * (d['best_val_acc'] - e['best_val_acc']):+.1f} points")
         sys.stdout.flush()
 
 

@@ -11,6 +11,14 @@ starved GPU shows.
    (b) by `transferkit.data.gpu_jpeg` (workers read bytes, nvJPEG decodes each batch on
    the GPU, resize and crop there), (c) nvJPEG alone on bytes in memory.
 
+3. The frozen feature pass on each engine (`transferkit.train.engines`): ResNet-50 at
+   224 px, batch 256, eager bf16 + channels_last, torch.compile (compile time counted
+   apart), ONNX Runtime where it has a CUDA provider; features compared with eager fp32;
+   and the engine ``feature_engine="auto"`` picks from that timing.
+4. torch.compile for training: the first compiled step (compilation) against the eager step,
+   and the run length (images) from which compiling pays: the number the ``compile="auto"``
+   rule for CUDA needs (`transferkit.train.engines.COMPILE_TRAIN_BREAK_EVEN`).
+
 On a machine without CUDA it measures (2a) only, says so, and exits with status 0.
 
     python benchmarks/gpu_throughput.py                  # about 3-5 minutes on a GPU; $OUT/gpu_throughput.json
@@ -80,7 +88,10 @@ def train_variant(variant: str, *, batch: int, steps: int, warmup: int) -> dict:
     loop = Loop(optimizer=opt, loss_fn=torch.nn.CrossEntropyLoss(), set_mode=lambda e: model.train(), speed=speed,
                 verbose=False)
     t_warm = time.perf_counter()
-    train_one_epoch(runner, _Batches(x, y, warmup), loop, verbose=False)  # warm-up (and compilation)
+    train_one_epoch(runner, _Batches(x, y, 1), loop, verbose=False)  # the first step (with compile: the compilation)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t_warm
+    train_one_epoch(runner, _Batches(x, y, max(warmup - 1, 1)), loop, verbose=False)  # warm-up
     torch.cuda.synchronize()
     t_warm = time.perf_counter() - t_warm
     torch.cuda.reset_peak_memory_stats()
@@ -89,7 +100,27 @@ def train_variant(variant: str, *, batch: int, steps: int, warmup: int) -> dict:
     torch.cuda.synchronize()
     s = time.perf_counter() - t0
     return {"variant": variant, "images_per_s": batch * steps / s, "step_ms": 1000 * s / steps, "warmup_s": t_warm,
-            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+            "first_step_s": first, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def feature_engines(batch: int) -> dict:
+    """The frozen pass of ResNet-50 on every engine, and what feature_engine="auto" picks."""
+    import transferkit as tk
+    from transferkit.train import engines as eng
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    bb = tk.get_backbone("tv:resnet50", weights=None)
+    model = eng.feature_model(bb.trunk, bb.input_spec, dev, channels_last=True)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, generator=g) for _ in range(2)]
+    available = eng.engine_availability("cuda")
+    candidates = [e for e, why in available.items() if why is None and e != "eager"]
+    measured = eng.time_engines(model, batches, device=dev, precision="bf16", channels_last=True,
+                                candidates=candidates, n_images=None)
+    picks = {n: eng.decide_engine("auto", device_type="cuda", available=available, measured=measured, n_images=n)
+             for n in (10_000, 1_000_000)}
+    return {"available": available, "measured": measured, "picks": picks}
 
 
 def jpeg_folder(tmp: str, n: int = 512) -> tuple[Path, str]:
@@ -235,6 +266,37 @@ def main() -> None:
                                                        for r in rows if "error" not in r))
         print("(the fp32 row's peak is the TF32 tensor-core peak: cuDNN convolutions use TF32 by default)")
         report.update(card=name, flops_per_image=flops_per_image, training=rows)
+        eager = next((r for r in rows if r["variant"] == "bf16+channels_last" and "error" not in r), None)
+        for r in rows:
+            if "compile" in r["variant"] and "error" not in r and eager is not None:
+                gain = 1 / eager["images_per_s"] - 1 / r["images_per_s"]
+                extra = r["first_step_s"] - eager["step_ms"] / 1000
+                r["break_even_images"] = extra / gain if gain > 0 else None
+                print(f"\ntorch.compile for training: first step {r['first_step_s']:.1f} s (eager step "
+                      f"{eager['step_ms'] / 1000:.3f} s), {r['images_per_s'] / eager['images_per_s']:.2f}x after it: "
+                      + (f"pays from {extra / gain:,.0f} training images (epochs x images)" if gain > 0 else
+                         "never pays (not faster)"))
+        try:
+            fe = feature_engines(max(args.batch, 128) * 2)
+        except Exception as exc:  # report, keep the rest of the table
+            fe = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        report["feature_engines"] = fe
+        print(f"\n## Frozen feature pass, ResNet-50 at 224 px, batch {max(args.batch, 128) * 2}, per engine\n")
+        if "error" in fe:
+            print(f"failed: {fe['error']}")
+        else:
+            print("| engine | precision | images/s | relative difference to eager fp32 | setup s |\n|---|---|---:|---:|---:|")
+            for e, m in fe["measured"].items():
+                if "images_per_s" in m:
+                    print(f"| {e} | {m['precision']} | {m['images_per_s']:.0f} | {m['rel_diff']:.2g} | "
+                          f"{m['setup_s']:.1f} |")
+                else:
+                    print(f"| {e} | | {m.get('skipped') or m.get('error')} | | |")
+            for e, why in fe["available"].items():
+                if why is not None:
+                    print(f"| {e} | | unavailable: {why} | | |")
+            for n, (e, why) in fe["picks"].items():
+                print(f"\nfeature_engine='auto' for {n:,} images: {e} ({why})")
     with tempfile.TemporaryDirectory() as tmp:
         folder, what = jpeg_folder(tmp)
         pipe = cpu_decoding(folder, workers, min(args.batch, 64), args.passes)

@@ -191,3 +191,32 @@ def test_input_pipeline_and_parity_examples_for_each_kind(tmp_path):
     assert waves.shape == (4, 8000) and torch.isnan(waves[1]).sum() == 4000  # shorter clips NaN-padded
     clipped = InputPipeline(audio_spec.replace(clip_seconds=0.5)).batch([torch.zeros(100), np.zeros(9000, np.float32)])
     assert clipped.shape == (2, 4000)
+
+
+def test_an_onnx_export_loads_and_predicts_on_onnxruntime(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from tests.export_helpers import images, tiny_model
+
+    from transferkit.export import export_onnx
+    from transferkit.export.onnx import OnnxRunner
+
+    model, bb = tiny_model(3)
+    meta = {"labels": ["ant", "bee", "cat"], "input_spec": bb.input_spec.replace(image_size=16).to_dict()}
+    export_onnx(model, tmp_path / "m.onnx", metadata=meta, example_inputs=images(3, 16))
+    pred = transferkit.load(tmp_path / "m.onnx")
+    assert isinstance(pred.module, OnnxRunner) and "CPUExecutionProvider" in pred.module.providers
+    pics = _pictures()
+    assert torch.allclose(pred.predict_proba(pics), _expected(model.eval(), pics), atol=1e-5)
+    assert [p.label for p in pred.predict(pics)] == [["ant", "bee", "cat"][int(i)]
+                                                    for i in _expected(model, pics).argmax(1)]
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ort(name, *args, **kwargs):
+        if name.split(".")[0] == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    with pytest.raises(ExportError, match="needs the optional packages onnx and onnxruntime.*transferkit\\[onnx\\]"):
+        transferkit.load(tmp_path / "m.onnx")

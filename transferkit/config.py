@@ -197,6 +197,10 @@ class FinetuneConfig:
                           types=(str, Path) + _N)
     cache_views: Any = _opt(1, "augmented views per training image in the feature cache", group="features",
                             types=_I, check=_positive_int)
+    feature_engine: Any = _opt("auto", "engine of the frozen feature pass: 'eager', 'onnxruntime', 'compile' or "
+                               "'auto' (the fastest timed on the run's input whose features agree with eager fp32)",
+                               group="features", types=_S, choices=("auto", "eager", "onnxruntime", "compile"),
+                               flag=True)
     # --- runtime
     device: Any = _opt("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'", group="runtime", types=_S,
                        check=_device, flag=True)
@@ -204,7 +208,9 @@ class FinetuneConfig:
                           types=_S, choices=("auto", "fp32", "bf16", "fp16"), flag=True)
     channels_last: Any = _opt("auto", "channels_last memory format (auto: where it is faster)", group="runtime",
                               types=_B + _S, choices=("auto", True, False))
-    compile: Any = _opt(False, "torch.compile the trained module", group="runtime", types=_B)
+    compile: Any = _opt("auto", "torch.compile the trained module (auto: where the run is long enough for the "
+                        "compile time to pay, as measured; see docs/benchmarks.md)", group="runtime", types=_B + _S,
+                        choices=("auto", True, False))
     num_workers: Any = _opt(None, "DataLoader workers (default: chosen for the machine)", group="runtime",
                             types=_I + _N, check=_workers)
     seed: Any = _opt(0, "random seed (data split, order, augmentation, head init)", group="runtime", types=_I,

@@ -34,6 +34,7 @@ from transferkit.facts import Facts, look
 from transferkit.heads import resolve_head_norm
 from transferkit.policies import Policy
 from transferkit.train.distributed import rank_seeds
+from transferkit.train.engines import decide_compile, decide_engine, engine_precision
 from transferkit.train.features import cache_key
 from transferkit.train.optim import default_lr
 from transferkit.train.speed import decide_speed
@@ -41,9 +42,10 @@ from transferkit.train.speed import decide_speed
 DECISIONS_FORMAT = 2
 # config keys that do not change what a run computes: they may differ when resuming
 OUTPUT_KEYS = frozenset({"export", "checkpoint", "resume", "log_dir", "plots_dir", "top_k", "verbose", "callbacks",
-                         "num_workers", "cache_dir", "device", "data", "val_data", "portable_metadata"})
+                         "num_workers", "cache_dir", "device", "data", "val_data", "portable_metadata",
+                         "feature_engine", "compile"})  # engines and compilation agree with eager fp32 (train/engines.py)
 # decisions that may differ when resuming (where the run runs, not what it computes)
-_PLACE_KEYS = frozenset({"device", "weights_file"})
+_PLACE_KEYS = frozenset({"device", "weights_file", "feature_engine", "feature_engine_reason"})
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ class Decisions:
     trunk_fingerprint: str | None  # weights of the preprocessing and trunk (None: a dry run)
     data_fingerprints: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # warnings the run prints once
+    # feature-engine hook (train/engines.py): the engine of the frozen feature pass, and why
+    engine: str = "eager"
+    engine_reason: str = "no frozen feature pass"
 
     @property
     def epochs(self) -> int:
@@ -122,6 +127,7 @@ class Decisions:
             "trainable": _epoch_ranges(self.trainable), "bn_statistics_update": _epoch_ranges(self.bn_updates),
             "groups": [dict(g) for g in self.groups], "data": self.data,
             "decode_once": sorted(self.decode),  # memory or disk: the same pixels
+            "feature_engine": self.engine, "feature_engine_reason": self.engine_reason,  # feature-engine hook
         })
 
     def summary(self) -> str:
@@ -141,6 +147,8 @@ class Decisions:
             f"  batchnorm: {self.bn_mode}",
             f"  features: {features} ({self.cache_reason})",
         ]
+        if self.cached_epochs:  # feature-engine hook
+            lines.append(f"  engine:   {self.engine} ({self.engine_reason})")
         if "train" in self.decode:
             lines.append(f"  images:   {self.decode['train']['reason']}")
         lines += [
@@ -167,8 +175,11 @@ class Decisions:
         transform = train_transform(self.input_spec, self.augment) if part == "train" else \
             eval_transform(self.input_spec)
         random_views = part == "train" and self.augment != "none"
+        # feature-engine hook: another engine, another key (eager keeps the keys of earlier versions)
+        engine = {} if self.engine == "eager" else {"engine": self.engine}
         return {"backbone": self.backbone, "weights": self.trunk_fingerprint, "transform": repr(transform),
-                "precision": self.speed["feature_precision"], "channels_last": self.speed["channels_last"],
+                "precision": engine_precision(self.engine, self.speed["feature_precision"]), **engine,
+                "channels_last": self.speed["channels_last"],
                 "device": self.device_type, "views": self.config.cache_views if part == "train" else 1,
                 "seed": self.config.seed if random_views else None, "data": self.data_fingerprints.get(part)}
 
@@ -196,10 +207,14 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     frozen = frozen_epochs >= cfg.epochs
     cached_epochs, reason = _cache_decision(cfg, pol, frozen_epochs, facts.head)
     cache = cached_epochs >= cfg.epochs
+    compile_on, compile_why = decide_compile(cfg.compile, device_type=facts.device.type, train_images=data.n_train,
+                                             epochs=cfg.epochs - cached_epochs)  # compile="auto" (train/engines.py)
     speed = decide_speed(device_type=facts.device.type, bf16=(facts.device.bf16, facts.device.bf16_why),
-                         precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
+                         precision=cfg.precision, channels_last=cfg.channels_last, compile=compile_on,
                          kind=data.kind, conv=(bb.conv_share, bb.n_conv), layout_timed=bb.layout_timed,
                          cached=cache, features=cached_epochs > 0)
+    speed["reasons"]["compile"] = compile_why
+    engine, engine_reason = _engine_decision(cfg, facts, speed, cached_epochs)  # feature-engine hook
     augment = cfg.augment or ("standard" if not cache or cfg.cache_views > 1 else "none")
     if augment == "none" and cfg.cache_views > 1:
         raise ConfigError("cache_views > 1 needs random augmentation; set augment='standard' or 'flip'.")
@@ -225,7 +240,18 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         trainable=trainable, bn_updates=_bn_updates(pol, bb.has_batchnorm, trainable, cached_epochs),
         bn_mode=_bn_mode(pol, bb.has_batchnorm, frozen), class_weights=data.class_weights,
         decode=_decode_decision(cfg, facts, augment, cached_epochs), data=data.identity,
-        trunk_fingerprint=bb.fingerprint, data_fingerprints=dict(data.fingerprints), notes=tuple(notes))
+        trunk_fingerprint=bb.fingerprint, data_fingerprints=dict(data.fingerprints), notes=tuple(notes),
+        engine=engine, engine_reason=engine_reason)
+
+
+def _engine_decision(cfg: FinetuneConfig, facts: Facts, speed: dict[str, Any], cached_epochs: int) -> tuple[str, str]:
+    """Feature-engine hook: the engine of the frozen feature pass from the facts' timing."""
+    e = facts.engines
+    if not cached_epochs or not e:
+        return "eager", "no frozen feature pass"
+    return decide_engine(cfg.feature_engine, device_type=facts.device.type, available=e["available"],
+                         measured=e["measured"], n_images=e["n_images"], world_size=facts.device.world_size,
+                         precision=speed["feature_precision"])
 
 
 def plan(config: FinetuneConfig | None = None, /, **options: Any) -> Decisions:

@@ -19,7 +19,7 @@ import copy
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch
 from transferkit._io import file_digest
 from transferkit.backbones import Backbone, InputSpec, get_backbone
 from transferkit.config import FinetuneConfig
-from transferkit.data import DataBundle
+from transferkit.data import DataBundle, eval_transform
 from transferkit.data.audio import prepare_audio_data
 from transferkit.data.decoded import decode_census
 from transferkit.data.sampling import seed_everything
@@ -42,7 +42,8 @@ from transferkit.policies import Policy, param_groups
 from transferkit.policies.freeze import has_batchnorm
 from transferkit.train.device import resolve_device
 from transferkit.train.distributed import DistInfo, init_distributed
-from transferkit.train.speed import layout_fact
+from transferkit.train.engines import engine_facts
+from transferkit.train.speed import SpeedConfig, decide_speed, layout_fact
 from transferkit.train.tasks import prepare_task_data, resolve_class_weights
 
 FACTS_FORMAT = 1
@@ -108,6 +109,9 @@ class Facts:
     policy: Policy
     head: str  # "linear", "mlp" or "logistic", as configured
     head_hidden: tuple[int, ...]
+    # feature-engine hook: engines available, images of the feature pass, the candidates' timing
+    # on the run's own input (train/engines.py `engine_facts`); empty when there is no feature pass
+    engines: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -160,8 +164,28 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
     frozen_phase = policy.frozen_phase_epochs(list(bb.block_names), cfg.epochs, has_batchnorm=backbone.has_batchnorm)
     trains_inputs = cfg.epochs - (frozen_phase if cfg.cache_features is not False else 0) >= 2
     data = _data_facts(cfg, bundle, spec, n_out, census_decode=trains_inputs)
-    facts = Facts(device=device, backbone=backbone, data=data, policy=policy, head=head_kind, head_hidden=hidden)
+    engines = _engine_facts(cfg, bb, bundle, dev, device, backbone, frozen_phase, loaded=load_weights)
+    facts = Facts(device=device, backbone=backbone, data=data, policy=policy, head=head_kind, head_hidden=hidden,
+                  engines=engines)
     return facts, Inputs(backbone=bb, bundle=bundle, dist=info, device=dev)
+
+
+def _engine_facts(cfg: FinetuneConfig, bb: Backbone, bundle: DataBundle, dev: torch.device, device: DeviceFacts,
+                  backbone: BackboneFacts, frozen_phase: int, *, loaded: bool) -> dict[str, Any]:
+    """Feature-engine hook: the facts of the engine decision when the run has a frozen feature
+    pass (timing needs the feature pass's precision and layout: `decide_speed` is pure)."""
+    if frozen_phase == 0 or cfg.cache_features is False:
+        return {}
+    spec = backbone.input_spec
+    speed = decide_speed(device_type=dev.type, bf16=(device.bf16, device.bf16_why), precision=cfg.precision,
+                         channels_last=cfg.channels_last, kind=spec.kind, conv=(backbone.conv_share, backbone.n_conv),
+                         layout_timed=backbone.layout_timed, cached=True, features=True)
+    n = len(bundle.train) * cfg.cache_views + (len(bundle.val) if bundle.val is not None else 0)
+    batch = SpeedConfig.of(dev, speed).feature_batch_size(cfg.batch_size)  # the feature pass's batches
+    return engine_facts(cfg.feature_engine, trunk=bb.trunk if loaded else None, spec=spec,
+                        dataset=bundle.train.view(transform=eval_transform(spec)), device=dev,
+                        precision=speed["feature_precision"], channels_last=speed["channels_last"], n_images=n,
+                        world_size=device.world_size, batch_size=batch, cache_dir=cfg.cache_dir)
 
 
 def _local_world_size(info: DistInfo) -> int:

@@ -39,6 +39,7 @@ from transferkit.run import Run
 from transferkit.policies import apply_policy, merge_lora, policy_penalty, set_train_mode
 from transferkit.checkpoints import save_checkpoint, save_with_fallback
 from transferkit.train.distributed import wrap_ddp
+from transferkit.train.engines import lazy_engine_forward
 from transferkit.train.faults import training_faults
 from transferkit.errors import DataError
 from transferkit.train.feature_store import fill_store, open_store, part_size_for
@@ -100,6 +101,10 @@ def cached_features(d: Decisions, run: Run, *, progress: Any = None) -> Training
     parts = [("train", run.bundle.train, train_transform(d.input_spec, d.augment), cfg.cache_views)]
     if run.bundle.val is not None:
         parts.append(("val", run.bundle.val, eval_transform(d.input_spec), 1))
+    if d.engine != "eager":  # feature-engine hook: the decided engine, prepared when a pass first runs
+        forward = lazy_engine_forward(d.engine, model, run.bundle.train.view(transform=eval_transform(d.input_spec)),
+                                      batch_size=extract_batch, device=fs.device, precision=fs.precision,
+                                      channels_last=fs.channels_last, cache_dir=cfg.cache_dir)
     if cfg.cache_dir is not None:
         was_training = model.training
         model.eval()

@@ -161,3 +161,39 @@ def read_onnx_metadata(path: str | Path, *, _source: str | None = None) -> dict[
         warnings.warn(f"{source} has no content digest (an export from an older transferkit): its weights cannot "
                       "be checked for damage. Re-export it to add one.", stacklevel=2)
     return meta
+
+
+class OnnxRunner:
+    """An ONNX export run by onnxruntime, called like the TorchScript module it stands in for
+    (``runner(x) -> torch.Tensor``), so a [`Predictor`][transferkit.Predictor] serves either."""
+
+    def __init__(self, session: Any, device: torch.device, source: str) -> None:
+        self.session, self.device, self.source = session, device, source
+        self.input_name = session.get_inputs()[0].name
+        self.providers = session.get_providers()
+
+    def eval(self) -> OnnxRunner:
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.session.run(None, {self.input_name: x.detach().cpu().contiguous()
+                                                                   .numpy()})[0]))
+
+
+def load_onnx(path: str | Path, *, device: torch.device | str = "cpu",
+              threads: int | None = None) -> tuple[OnnxRunner, dict[str, Any]]:
+    """An ONNX export (its metadata and digests checked, see `read_onnx_metadata`) as an
+    onnxruntime session on ``device`` (the CPU provider, or CUDA where onnxruntime has it),
+    with ``threads`` intra-op threads (default: torch's thread count)."""
+    _, ort = _require_onnx()
+    device = torch.device(device)
+    meta = read_onnx_metadata(path)
+    provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}.get(device.type)
+    if provider not in ort.get_available_providers():
+        raise ExportError(f"onnxruntime {ort.__version__} cannot run {str(path)!r} on {device}: it has the providers "
+                          f"{', '.join(ort.get_available_providers())}; load it with device='cpu' (or install "
+                          "onnxruntime-gpu).")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+    return OnnxRunner(session, device, repr(str(path))), meta

@@ -204,7 +204,9 @@ def _progress(chunks: Iterator[list[Any]], total: int, progress: bool | None) ->
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> Predictor:
     """Load an exported transferkit model as a [`Predictor`][transferkit.Predictor].
 
-    The file and its metadata are checked: a truncated or damaged file (every record's
+    A ``.onnx`` file (from `transferkit.export.export_onnx`) runs on onnxruntime
+    (``pip install 'transferkit[onnx]'``; without it, an ExportError says so); other files
+    are TorchScript exports. The file and its metadata are checked: a truncated or damaged file (every record's
     SHA-256 is compared with the one written at export), missing or edited metadata raise
     [`ExportError`][transferkit.ExportError] naming the problem; a checkpoint passed instead of an
     export says how to export it. ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or
@@ -215,5 +217,10 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> Predictor:
         >>> predictor.predict("cat.jpg", top_k=3)[0].top_k  # doctest: +SKIP
     """
     dev = check_device(device)
+    if str(path).lower().endswith(".onnx"):  # an ONNX export runs on onnxruntime
+        from transferkit.export.onnx import load_onnx
+
+        runner, meta = load_onnx(path, device=dev)
+        return Predictor(runner, meta, device=dev, source=repr(str(path)))  # type: ignore[arg-type]
     module, meta = load_scripted(path, map_location=dev)
     return Predictor(module, meta, device=dev, source=repr(str(path)))

@@ -1,0 +1,231 @@
+"""The engine of the frozen feature pass (transferkit.train.engines): forced engines agree with
+eager fp32, the choice is in the plan, its summary and the feature-cache key, a missing
+optional engine is skipped under auto and refused when forced, a disagreeing engine is
+rejected. No timing is asserted."""
+
+from __future__ import annotations
+
+import builtins
+
+import numpy as np
+import pytest
+import torch
+from tests.conftest import make_image_folder
+
+import transferkit as tk
+from transferkit.config import FinetuneConfig
+from transferkit.decisions import differences
+from transferkit.errors import ConfigError
+from transferkit.train import engines as eng
+
+pytest.importorskip("onnxruntime")
+KW = dict(weights=None, image_size=16, epochs=2, batch_size=4, device="cpu", num_workers=0, verbose=False,
+          precision="fp32")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_engines():
+    eng.release_engines()
+    yield
+    eng.release_engines()
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_image_folder(tmp_path / "images", per_class=6, size=20)
+
+
+def _backbone(name="tk:small_cnn"):
+    torch.manual_seed(0)
+    return tk.get_backbone(name, weights=None)
+
+
+def _model(name="tk:small_cnn", size=32):
+    bb = _backbone(name)
+    return tk.build_model(bb, 3, spec=bb.input_spec.replace(image_size=size)).eval()
+
+
+def _batch(n=8, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+
+
+def _no_onnxruntime(monkeypatch):
+    real = builtins.__import__
+
+    def fake(name, *args, **kwargs):
+        if name.split(".")[0] == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", fake)
+
+
+def _decide(**kw):
+    """The facts (weights loaded, so the engines can be timed) and the decisions of a run."""
+    cfg = FinetuneConfig(**{**KW, **kw})
+    facts = tk.look(cfg)[0]
+    return facts, tk.decide(cfg, facts)
+
+
+@pytest.mark.parametrize("name", ["tk:small_cnn", "tk:cifar_resnet20"])
+def test_forced_onnxruntime_gives_the_eager_fp32_features(name):
+    m = _model(name)
+    x = _batch()
+    fwd = eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=True)
+    for xb in (x, _batch(3, seed=1)):  # the exported batch and a shorter one (dynamic batch axis)
+        with torch.no_grad():
+            ref = m.features(xb)
+        got = fwd(xb)
+        assert got.shape == ref.shape
+        assert (got - ref).abs().max() <= eng.TOLERANCE["fp32"] * ref.abs().max()
+
+
+def test_onnx_export_is_reused_from_cache_dir_and_checked(tmp_path, monkeypatch):
+    m, x = _model(), _batch()
+    eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False, cache_dir=tmp_path)
+    files = list((tmp_path / "engines" / "onnx").glob("*.onnx"))
+    assert len(files) == 1
+    eng.release_engines()  # a later run: the file is read back, not exported again
+
+    def no_export(*a, **k):
+        raise AssertionError("exported again")
+    monkeypatch.setattr(eng, "export_feature_pass", no_export)
+    fwd = eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False,
+                             cache_dir=tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(fwd(x), m.features(x), atol=1e-4)
+    # other trunk weights: another file
+    with torch.no_grad():
+        next(m.trunk.parameters()).add_(0.5)
+    monkeypatch.undo()
+    eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False, cache_dir=tmp_path)
+    assert len(list((tmp_path / "engines" / "onnx").glob("*.onnx"))) == 2
+
+
+def test_a_disagreeing_engine_is_refused_when_forced_and_rejected_under_auto(monkeypatch):
+    m, x = _model(), _batch()
+    real = eng._onnx_forward
+
+    def wrong(*a, **k):
+        fwd = real(*a, **k)
+        return lambda xb: fwd(xb) + 1.0
+    monkeypatch.setattr(eng, "_onnx_forward", wrong)
+    with pytest.raises(RuntimeError, match="differs from eager fp32"):
+        eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False)
+    eng.release_engines()
+    measured = eng.time_engines(m, [x], device=CPU, precision="fp32", channels_last=False,
+                                candidates=["onnxruntime"], rounds=1)
+    assert measured["onnxruntime"]["rel_diff"] > eng.TOLERANCE["fp32"]
+    measured["onnxruntime"]["images_per_s"] = 100 * measured["eager"]["images_per_s"]  # even when much faster
+    engine, why = eng.decide_engine("auto", device_type="cpu", available={"eager": None, "onnxruntime": None},
+                                    measured=measured, n_images=10_000)
+    assert engine == "eager"
+    assert "onnxruntime rejected: features differ from eager fp32" in why
+
+
+def test_auto_keeps_the_fastest_agreeing_engine_and_says_why():
+    ok = {"precision": "fp32", "rel_diff": 1e-6}
+    measured = {"eager": {**ok, "images_per_s": 30.0, "rel_diff": 0.0}, "onnxruntime": {**ok, "images_per_s": 80.0},
+                "compile": {**ok, "images_per_s": 60.0}}
+    avail = {"eager": None, "onnxruntime": None, "compile": None}
+    engine, why = eng.decide_engine("auto", device_type="cpu", available=avail, measured=measured, n_images=5000)
+    assert engine == "onnxruntime" and "2.67x" in why
+    measured["onnxruntime"]["images_per_s"] = 31.0  # within the noise margin: eager stays
+    assert eng.decide_engine("auto", device_type="cpu", available=avail, measured=measured, n_images=5000)[0] \
+        == "compile"
+    measured["compile"] = {"skipped": "estimated 60 s to compile > the 3 s it would save"}
+    engine, why = eng.decide_engine("auto", device_type="cpu", available=avail, measured=measured, n_images=5000)
+    assert engine == "eager" and "compile skipped: estimated 60 s" in why
+    assert eng.decide_engine("auto", device_type="cpu", available=avail, measured=measured, n_images=10)[0] == "eager"
+    assert "distributed" in eng.decide_engine("auto", device_type="cpu", available=avail, measured=measured,
+                                              n_images=5000, world_size=2)[1]
+    with pytest.raises(ConfigError, match="feature_engine='tensorrt' is not an engine"):
+        eng.decide_engine("tensorrt", device_type="cpu", available=avail, measured=None, n_images=5000)
+
+
+def test_missing_onnxruntime_is_skipped_under_auto_and_refused_when_forced(folder, monkeypatch):
+    _no_onnxruntime(monkeypatch)
+    avail = eng.engine_availability("cpu")
+    assert "onnxruntime/onnx not installed" in avail["onnxruntime"]
+    monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)  # time the engines even on this tiny folder
+    monkeypatch.setattr(eng, "engine_availability",
+                        lambda device_type: {**avail, "compile": "not timed in this test (compiling takes minutes)"})
+    _, d = _decide(backbone=_backbone(), data=folder)
+    assert d.engine == "eager"
+    assert "onnxruntime skipped: onnxruntime/onnx not installed" in d.engine_reason
+    assert f"engine:   eager ({d.engine_reason})" in d.summary()
+    with pytest.raises(ConfigError, match="feature_engine='onnxruntime' cannot run here: onnxruntime/onnx not "
+                                          "installed.*pip install 'transferkit\\[onnx\\]'"):
+        _decide(backbone=_backbone(), data=folder, feature_engine="onnxruntime")
+
+
+def test_engine_is_in_the_plan_the_summary_and_the_cache_key(folder, tmp_path):
+    ds = {e: _decide(backbone=_backbone(), data=folder, feature_engine=e, cache_dir=tmp_path / "c")[1]
+          for e in ("eager", "onnxruntime")}
+    for e, d in ds.items():
+        assert d.engine == e and d.to_dict()["feature_engine"] == e
+        assert f"engine:   {e} (asked)" in d.summary()
+    assert ds["eager"].feature_key("train") != ds["onnxruntime"].feature_key("train")
+    assert ds["eager"].feature_key("val") != ds["onnxruntime"].feature_key("val")
+    # a resume may run another engine: it is not a difference that refuses the resume
+    assert differences(ds["eager"].to_dict(), ds["onnxruntime"].to_dict()) == {}
+
+
+def test_finetune_on_onnxruntime_features_matches_eager(folder, tmp_path):
+    runs = {e: tk.finetune(_backbone(), data=folder, feature_engine=e, cache_dir=tmp_path / "c", **KW)
+            for e in ("eager", "onnxruntime")}
+    stores = {e: np.load(tmp_path / "c" / r.decisions.feature_key("train") / "features.npy") for e, r in runs.items()}
+    assert not np.array_equal(stores["eager"], np.zeros_like(stores["eager"]))
+    scale = np.abs(stores["eager"]).max()
+    assert np.abs(stores["onnxruntime"] - stores["eager"]).max() <= eng.TOLERANCE["fp32"] * scale
+    assert runs["onnxruntime"].decisions.engine == "onnxruntime"
+    assert len(list((tmp_path / "c" / "engines" / "onnx").glob("*.onnx"))) == 1  # the pass ran on the export
+
+
+def test_the_stored_timing_is_reused_by_a_later_run(folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)
+    monkeypatch.setattr(eng, "engine_availability", lambda device_type: {
+        "eager": None, "onnxruntime": None, "compile": "not timed in this test (compiling takes minutes)"})
+    facts, first = _decide(backbone=_backbone(), data=folder, cache_dir=tmp_path / "c")
+    assert (tmp_path / "c" / "engines.json").is_file() and "onnxruntime" in facts.engines["measured"]
+
+    def no_timing(*a, **k):
+        raise AssertionError("timed again")
+    monkeypatch.setattr(eng, "time_engines", no_timing)
+    facts, second = _decide(backbone=_backbone(), data=folder, cache_dir=tmp_path / "c")
+    assert second.engine == first.engine and facts.engines["measured"]["onnxruntime"]["stored"] is True
+    assert second.feature_key("train") == first.feature_key("train")
+
+
+def test_compile_pays_only_for_enough_data_and_decide_compile():
+    assert not eng.compile_pays("cpu", n_images=400, eager_images_per_s=35.0, n_modules=150, load=1.0)[0]
+    assert eng.compile_pays("cpu", n_images=500_000, eager_images_per_s=35.0, n_modules=150, load=1.0)[0]
+    # a loaded machine compiles slower: the same run length no longer pays
+    assert not eng.compile_pays("cpu", n_images=5_000, eager_images_per_s=35.0, n_modules=150, load=6.0)[0]
+    assert eng.compile_pays("cpu", n_images=5_000, eager_images_per_s=35.0, n_modules=150, load=1.0)[0]
+    assert not eng.compile_pays("cuda", n_images=10**7, eager_images_per_s=1000.0, n_modules=150)[0]
+    assert eng.decide_compile(True, device_type="cpu", train_images=10, epochs=1) == (True, "asked")
+    assert eng.decide_compile(False, device_type="cuda", train_images=10**6, epochs=90)[0] is False
+    with pytest.raises(ConfigError, match="compile='yes'"):
+        eng.decide_compile("yes", device_type="cpu", train_images=10, epochs=1)
+
+
+@pytest.mark.slow  # torch.compile (inductor) takes minutes on a 2-core CPU
+def test_forced_compile_gives_the_eager_fp32_features():
+    m, x = _model(), _batch()
+    fwd = eng.engine_forward("compile", m, x, device=CPU, precision="fp32", channels_last=True)
+    for xb in (x, _batch(3, seed=1)):  # the compiled batch size and a shorter, padded batch
+        with torch.no_grad():
+            ref = m.features(xb)
+            got = fwd(xb)
+        assert got.shape == ref.shape
+        assert (got - ref).abs().max() <= eng.TOLERANCE["fp32"] * ref.abs().max()
+
+
+def test_compile_auto_is_decided_with_its_measured_reason(folder):
+    _, d = _decide(backbone=_backbone(), data=folder, policy="full")
+    assert d.config.compile == "auto" and d.speed["compile"] is False
+    assert d.speed["reasons"]["compile"].startswith("compile='auto': not compiled, measured on a CPU")
+    _, d = _decide(backbone=_backbone(), data=folder, policy="full", compile=True)
+    assert d.speed["compile"] is True and d.speed["reasons"]["compile"] == "asked"

@@ -1,0 +1,618 @@
+"""The engine of the frozen feature pass: eager PyTorch, ONNX Runtime or torch.compile.
+
+A frozen backbone's features are computed once per run (the feature cache), so the pass is
+the floor of a frozen run's time. The same pass runs on three engines:
+
+- ``eager``: ``model.features`` in PyTorch, at the run's feature precision and layout.
+- ``onnxruntime``: the preprocessing + trunk exported to ONNX once per trunk fingerprint,
+  input shape and versions (kept under ``cache_dir/engines/``, else in a folder of the
+  process), run by ONNX Runtime in fp32; before use it is checked against eager fp32 on a
+  real batch.
+- ``compile``: ``torch.compile`` (inductor) of the same pass, at the run's precision; the
+  last, shorter batch is padded to the compiled batch size (the pass is per-sample in eval
+  mode), so one compilation serves the whole pass.
+
+The module has three parts, kept apart so that a plan can hold the decision as plain data:
+
+1. Facts (I/O): `engine_availability` (which optional engines can run here, or why not)
+   and `time_engines` (each candidate timed on a few batches of the run's own input,
+   and its features compared with eager fp32). `measure_engines` wraps the timing with a
+   JSON store under ``cache_dir`` so that later runs read the verdict instead of re-timing
+   it under another load (their feature-cache keys stay the same).
+2. The decision (pure): `decide_engine` picks the engine from what was asked, what is
+   available and what was measured, with its reason; `compile_pays` estimates whether a
+   compilation can pay for itself on the amount of data; `decide_compile` is the same rule
+   for a trainable trunk (``compile="auto"``).
+3. Runtime: `engine_forward` turns the chosen engine into the callable the feature pass
+   uses (``forward(x) -> features``).
+
+Example:
+    >>> decide_engine("auto", device_type="cpu", available={"eager": None, "onnxruntime": "not installed",
+    ...               "compile": None}, measured=None, n_images=40)
+    ('eager', 'too little data to time the engines (40 images; timing starts at 256)')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from transferkit._io import atomic_write
+from transferkit.data.fingerprint import module_fingerprint
+from transferkit.errors import ConfigError
+from transferkit.model import AudioPreprocess, ImagePreprocess, TransferModel
+from transferkit.train.loaders import make_loader
+
+ENGINES = ("auto", "eager", "onnxruntime", "compile")
+# features agree with eager fp32 when max|engine - eager fp32| <= TOLERANCE[precision] * max|eager fp32|
+# (fp32 engines: ONNX Runtime measured 6e-6 absolute on Lite0; bf16/fp16 autocast: see docs/benchmarks.md)
+TOLERANCE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}
+MIN_SPEEDUP = 1.05  # another engine must beat eager by this factor (timing noise on a shared machine)
+MIN_IMAGES_TO_TIME = 256  # below this the timing (about 4 eager batch passes + an export) costs more than it saves
+TIMED_ROUNDS = 2  # rounds of the timing; each candidate's fastest round counts
+# Compile time of the frozen pass (inductor), estimated as a base plus a share per leaf module
+# of the trunk, and the speed-up of the compiled pass over eager, used to decide whether
+# compiling can pay (docs/benchmarks.md, "The engine of the frozen pass"): Lite0 (198 leaf
+# modules) compiled in 38 s and ran 1.9x eager channels_last on a quiet 2-core AVX2 CPU; a
+# one-layer module took 41-71 s on a loaded one. No speed-up measured on CUDA yet: not tried.
+COMPILE_SECONDS_PER_MODULE = {"cpu": 0.12, "cuda": 0.12}
+COMPILE_SECONDS_BASE = {"cpu": 15.0, "cuda": 15.0}
+COMPILE_SPEEDUP: dict[str, float | None] = {"cpu": 1.9, "cuda": None}
+# torch.compile of a trainable trunk (compile="auto"): per device type, the number of training
+# images (epochs x images) from which the compilation pays, or None with what was measured
+# (docs/benchmarks.md, "torch.compile for fine-tuning"; benchmarks/compile_training.py and
+# benchmarks/gpu_throughput.py measure it).
+COMPILE_TRAIN_BREAK_EVEN: dict[str, tuple[int | None, str]] = {
+    "cpu": (None, "measured on a CPU (Lite0 and ResNet-18, 224 px, batch 32): 1.07x and 0.73x the eager step "
+                  "after 414 s and 556 s of compilation, so it never pays reliably"),
+    "cuda": (None, "not measured on a GPU yet (benchmarks/gpu_throughput.py measures the break-even)"),
+}
+STORE_FORMAT = 1
+_RUNTIMES: dict[tuple, Callable] = {}  # prepared engines of this process, reused by the feature pass
+_SESSION_DIR: list[str] = []  # the process's export folder when the run has no cache_dir
+
+
+# --------------------------------------------------------------------------- facts
+def engine_availability(device_type: str) -> dict[str, str | None]:
+    """``{engine: None}`` for the engines that can run on ``device_type`` here, ``{engine:
+    why not}`` for the others (a missing optional package, no C++ compiler for inductor).
+
+    Example:
+        >>> engine_availability("cpu")["eager"] is None
+        True
+    """
+    out: dict[str, str | None] = {"eager": None}
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime as ort
+    except ImportError as exc:
+        out["onnxruntime"] = f"onnxruntime/onnx not installed ({exc}); pip install 'transferkit[onnx]'"
+    else:
+        provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}.get(device_type)
+        if provider is None or provider not in ort.get_available_providers():
+            out["onnxruntime"] = f"onnxruntime {ort.__version__} has no execution provider for {device_type} " \
+                                 f"(it has {', '.join(ort.get_available_providers())})"
+        else:
+            out["onnxruntime"] = None
+    if not hasattr(torch, "compile"):
+        out["compile"] = f"torch {torch.__version__} has no torch.compile"
+    elif device_type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++", "cl")):
+        out["compile"] = "torch.compile (inductor) needs a C++ compiler on the CPU and none was found"
+    elif device_type not in ("cpu", "cuda"):
+        out["compile"] = f"torch.compile is not used on {device_type} devices"
+    else:
+        out["compile"] = None
+    return out
+
+
+def leaf_modules(module: nn.Module) -> int:
+    """The number of leaf modules (the size estimate of a compilation)."""
+    return sum(1 for m in module.modules() if not any(True for _ in m.children()))
+
+
+def compile_estimate(device_type: str, n_modules: int, *, load: float | None = None) -> float:
+    """Estimated seconds to compile the frozen pass of a trunk with ``n_modules`` leaf modules:
+    on a quiet machine, times the machine's load per CPU when that is above 1 (``load``:
+    default the 1-minute load average over the CPU count; the compilation shares the CPUs,
+    as the eager pass it is weighed against does)."""
+    quiet = COMPILE_SECONDS_BASE.get(device_type, 15.0) + COMPILE_SECONDS_PER_MODULE.get(device_type, 0.12) * n_modules
+    if load is None:
+        load = os.getloadavg()[0] / (os.cpu_count() or 1) if hasattr(os, "getloadavg") else 1.0
+    return quiet * max(1.0, load)
+
+
+def compile_pays(device_type: str, *, n_images: int, eager_images_per_s: float, n_modules: int,
+                 load: float | None = None) -> tuple[bool, str]:
+    """Whether compiling the frozen pass can pay on ``n_images`` images: the time it would save
+    at the expected speed-up (``COMPILE_SPEEDUP``) against the estimated compile time.
+
+    Example:
+        >>> compile_pays("cpu", n_images=400, eager_images_per_s=35.0, n_modules=150, load=1.0)[0]
+        False
+    """
+    speedup = COMPILE_SPEEDUP.get(device_type)
+    if speedup is None:
+        return False, f"no measured speed-up of the compiled pass on {device_type} (compile it with " \
+                      "feature_engine='compile')"
+    cost = compile_estimate(device_type, n_modules, load=load)
+    saved = n_images / max(eager_images_per_s, 1e-9) * (1 - 1 / speedup)
+    pays = saved > cost
+    return pays, (f"estimated {cost:.0f} s to compile {n_modules} modules {'<' if pays else '>'} the "
+                  f"{saved:.0f} s it would save on {n_images} images at {speedup:g}x")
+
+
+def time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: torch.device, precision: str,
+                 channels_last: bool, candidates: Sequence[str], cache_dir: str | Path | None = None,
+                 n_images: int | None = None, rounds: int = TIMED_ROUNDS) -> dict[str, dict[str, Any]]:
+    """Time the feature pass of ``model`` on ``batches`` (the run's own input) with each of
+    ``candidates`` (``eager`` always first) and compare each engine's features on
+    ``batches[0]`` with eager fp32.
+
+    Returns ``{engine: {"images_per_s", "max_abs_diff", "rel_diff", "precision",
+    "setup_s"}}``, or ``{engine: {"skipped": why}}`` (``compile`` when `compile_pays` says
+    no for ``n_images``) or ``{engine: {"error": what failed}}``. The engines are timed
+    round-robin (``rounds`` rounds, the fastest round of each counts: the least disturbed by
+    other load). ``batches[0]`` warms each engine up and is compared; the others are timed.
+    """
+    with _eval(model):
+        return _time_engines(model, batches, device=device, precision=precision, channels_last=channels_last,
+                             candidates=candidates, cache_dir=cache_dir, n_images=n_images, rounds=rounds)
+
+
+def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: torch.device, precision: str,
+                  channels_last: bool, candidates: Sequence[str], cache_dir: str | Path | None, n_images: int | None,
+                  rounds: int) -> dict[str, dict[str, Any]]:
+    # batches[0]: the first call of each engine (warm-up, compilation) and the comparison with
+    # eager fp32; the others (or batches[0] when alone) are timed
+    ref = _eager_fp32(model, batches[0], device, channels_last) if precision != "fp32" else None
+    out: dict[str, dict[str, Any]] = {}
+    runners: dict[str, Callable] = {}
+    first_ips = 0.0
+    for name in ["eager", *[c for c in candidates if c != "eager"]]:
+        if name == "compile" and n_images is not None:
+            pays, why = compile_pays(device.type, n_images=n_images, n_modules=leaf_modules(model),
+                                     eager_images_per_s=first_ips)
+            if not pays:
+                out[name] = {"skipped": why}
+                continue
+        t0 = time.perf_counter()
+        try:
+            fwd = engine_forward(name, model, batches[0], device=device, precision=precision,
+                                 channels_last=channels_last, cache_dir=cache_dir, verify=False)
+            with torch.no_grad():
+                got = fwd(batches[0]).float().cpu()  # the first call (compiles, warms up)
+        except Exception as exc:  # an engine that fails here is reported and skipped
+            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            out[name] = {"error": f"{type(exc).__name__}: {msg}"}
+            continue
+        setup = time.perf_counter() - t0
+        if ref is None:  # eager in fp32 is the reference
+            ref = got
+        diff = float((got - ref).abs().max()) if ref.numel() else 0.0
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        out[name] = {"precision": engine_precision(name, precision), "setup_s": setup, "max_abs_diff": diff,
+                     "rel_diff": diff / scale if scale else diff}
+        runners[name] = fwd
+        if name == "eager":  # eager's speed alone first (for compile_pays), one round
+            first_ips = _fastest(runners, batches[1:2] or batches[:1], 1, device)["eager"]
+    for name, ips in _fastest(runners, batches[1:] or batches[:1], rounds, device).items():
+        out[name]["images_per_s"] = ips
+    return out
+
+
+def _fastest(runners: dict[str, Callable], batches: Sequence[torch.Tensor], rounds: int,
+             device: torch.device) -> dict[str, float]:
+    best: dict[str, float] = {}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, fwd in runners.items():
+                n, t0 = 0, time.perf_counter()
+                for xb in batches:
+                    fwd(xb)
+                    n += len(xb)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                best[name] = max(best.get(name, 0.0), n / (time.perf_counter() - t0))
+    return best
+
+
+def engines_store_key(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, *, device: torch.device,
+                      precision: str, channels_last: bool) -> str:
+    """What a stored timing verdict depends on: the trunk, the input, the machine and the versions."""
+    where = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    return "|".join([type(model.trunk).__name__, module_fingerprint(model.preprocess) + module_fingerprint(model.trunk),
+                     str(tuple(shape)), str(dtype), device.type,
+                     where, f"{torch.get_num_threads()} threads", precision, f"cl={channels_last}", _versions()])
+
+
+def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: torch.device, precision: str,
+                    channels_last: bool, candidates: Sequence[str], n_images: int,
+                    cache_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """`time_engines`, read from (and written to) ``cache_dir/engines.json`` when a
+    ``cache_dir`` is given: a later run on the same trunk, input shape, machine and versions
+    reuses the verdict (and so the same feature-cache key) instead of timing again. A
+    candidate missing from the stored verdict, or skipped there for a smaller run, is timed
+    and added."""
+    store = Path(cache_dir) / "engines.json" if cache_dir is not None else None
+    key = engines_store_key(model, batches[0].shape[1:], batches[0].dtype, device=device, precision=precision,
+                            channels_last=channels_last)
+    data = _read_json(store) if store is not None else {}
+    saved = data.get(key, {}).get("measured") if isinstance(data.get(key), dict) else None
+    if isinstance(saved, dict) and "eager" in saved:
+        missing = [c for c in candidates if c not in saved or ("skipped" in saved[c] and c == "compile" and
+                   compile_pays(device.type, n_images=n_images, n_modules=leaf_modules(model),
+                                eager_images_per_s=saved["eager"].get("images_per_s", 1.0))[0])]
+        if not missing:
+            return {c: {**saved[c], "stored": True} for c in ["eager", *candidates] if c in saved}
+    measured = time_engines(model, batches, device=device, precision=precision, channels_last=channels_last,
+                            candidates=candidates, cache_dir=cache_dir, n_images=n_images)
+    if store is not None:
+        data = _read_json(store)
+        data[key] = {"format": STORE_FORMAT, "measured": measured}
+        atomic_write(store, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True)),
+                     what="engine timing store")
+    return measured
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# --------------------------------------------------------------------------- the decision (pure)
+def engine_precision(engine: str, precision: str) -> str:
+    """The precision an engine computes the features in: ONNX Runtime fp32, the others the run's."""
+    return "fp32" if engine == "onnxruntime" else precision
+
+
+def check_engine(requested: Any) -> str:
+    """``requested`` when it names an engine, else a ConfigError saying what is valid."""
+    if requested not in ENGINES:
+        raise ConfigError(f"feature_engine={requested!r} is not an engine; use one of "
+                          f"{', '.join(repr(e) for e in ENGINES)}.")
+    return requested
+
+
+def decide_engine(requested: str, *, device_type: str, available: dict[str, str | None],
+                  measured: dict[str, dict[str, Any]] | None, n_images: int, world_size: int = 1,
+                  precision: str = "fp32") -> tuple[str, str]:
+    """The engine of the frozen feature pass, and why (pure: no I/O).
+
+    ``requested``: ``"auto"`` or an engine (forced: a ConfigError when it cannot run here).
+    ``available``: `engine_availability`. ``measured``: `time_engines` (None: not timed).
+    ``n_images``: images the pass will see. Under ``auto`` the fastest engine whose features
+    agree with eager fp32 within ``TOLERANCE`` of its precision and that beats eager by
+    ``MIN_SPEEDUP`` is kept; eager (at the run's precision) is the fallback.
+
+    Example:
+        >>> m = {"eager": {"images_per_s": 30.0, "rel_diff": 0.0, "precision": "fp32"},
+        ...      "onnxruntime": {"images_per_s": 75.0, "rel_diff": 1e-6, "precision": "fp32"}}
+        >>> decide_engine("auto", device_type="cpu", available={"eager": None, "onnxruntime": None,
+        ...               "compile": "no compiler"}, measured=m, n_images=1000)[0]
+        'onnxruntime'
+    """
+    check_engine(requested)
+    if requested != "auto":
+        why = available.get(requested, f"unknown engine {requested!r}")
+        if why is not None:
+            raise ConfigError(f"feature_engine={requested!r} cannot run here: {why}. Use feature_engine='auto' "
+                              "(or 'eager').")
+        return requested, "asked"
+    missing = "; ".join(f"{e} skipped: {why}" for e, why in available.items() if why is not None)
+    if world_size > 1:
+        return "eager", ("distributed run: the engines are not timed per process (force one with "
+                         "feature_engine=...)")
+    if n_images < MIN_IMAGES_TO_TIME:
+        return "eager", f"too little data to time the engines ({n_images} images; timing starts at " \
+                        f"{MIN_IMAGES_TO_TIME})"
+    if not measured or "images_per_s" not in measured.get("eager", {}):
+        return "eager", "no engine was timed" + (f" ({missing})" if missing else "")
+    base = measured["eager"]["images_per_s"]
+    notes, best, best_ips = [], "eager", base
+    for name, m in measured.items():
+        if name == "eager":
+            continue
+        if "skipped" in m or "error" in m:
+            notes.append(f"{name} {'skipped' if 'skipped' in m else 'failed'}: {m.get('skipped') or m.get('error')}")
+            continue
+        tol = TOLERANCE[m["precision"]]
+        if not m["rel_diff"] <= tol:
+            notes.append(f"{name} rejected: features differ from eager fp32 by {m['rel_diff']:.2g} of their "
+                         f"largest value (tolerance {tol:g})")
+            continue
+        notes.append(f"{name} {m['images_per_s']:.1f} img/s ({m['images_per_s'] / base:.2f}x, within "
+                     f"{m['rel_diff']:.1g} of eager fp32)")
+        if m["images_per_s"] >= MIN_SPEEDUP * base and m["images_per_s"] > best_ips:
+            best, best_ips = name, m["images_per_s"]
+    notes += [f"{e} skipped: {why}" for e, why in available.items() if why is not None and e not in measured]
+    timed = f"timed on the run's input: eager {precision} {base:.1f} img/s" + "".join(f"; {n}" for n in notes)
+    return best, ("fastest, " if best != "eager" else f"none beats eager by {MIN_SPEEDUP:g}x; ") + timed
+
+
+def decide_compile(requested: bool | str, *, device_type: str, train_images: int, epochs: int) -> tuple[bool, str]:
+    """Whether a trainable trunk is compiled (``compile=True/False/"auto"``), and why (pure).
+
+    ``auto`` compiles when the run trains on at least the ``COMPILE_TRAIN_BREAK_EVEN`` images
+    of the device type (epochs x training images), the run length where the compile time was
+    measured to pay (docs/benchmarks.md); where it was measured not to pay, or not measured,
+    it does not compile and says why.
+
+    Example:
+        >>> decide_compile(False, device_type="cpu", train_images=245, epochs=10)
+        (False, 'compile=False')
+    """
+    if requested is True or requested is False:
+        return bool(requested), "asked" if requested else "compile=False"
+    if requested != "auto":
+        raise ConfigError(f"compile={requested!r}; use True, False or 'auto'.")
+    images = train_images * epochs
+    even, measured = COMPILE_TRAIN_BREAK_EVEN.get(device_type, (None, f"not measured on {device_type}"))
+    if epochs <= 0:
+        return False, "compile='auto': the trunk never trains (features are cached)"
+    if even is None:
+        return False, f"compile='auto': not compiled, {measured}"
+    pays = images >= even
+    return pays, (f"compile='auto': {images} training images ({epochs} epochs) {'>=' if pays else '<'} the "
+                  f"{even} where compiling pays on {device_type} (measured)")
+
+
+# --------------------------------------------------------------------------- runtime
+class _FeaturePass(nn.Module):
+    """``preprocess`` then ``trunk``: the feature pass of a TransferModel as one module."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.preprocess, self.trunk = model.preprocess, model.trunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.preprocess(x))
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module) -> Any:
+    """``model`` in eval mode (BatchNorm statistics untouched, no dropout), its mode restored."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+
+def _eager_fp32(model: nn.Module, x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    with torch.no_grad():
+        return model.features(_to_device(x, device, channels_last)).float().cpu()
+
+
+def _versions() -> str:
+    try:
+        import onnxruntime as ort
+
+        o = f"ort {ort.__version__}"
+    except ImportError:
+        o = "no ort"
+    return f"torch {torch.__version__}, {o}"
+
+
+def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, device: torch.device, precision: str,
+                   channels_last: bool, cache_dir: str | Path | None = None, verify: bool = True) -> Callable:
+    """The feature pass of ``model`` on ``engine``: ``forward(x) -> features``.
+
+    ``example``: a real batch of the run's input (its shape fixes the exported or compiled
+    input; ``verify``: the engine's features on it are compared with eager fp32 and an
+    engine outside ``TOLERANCE`` raises RuntimeError). Prepared engines are kept for the
+    process (a compilation or an ONNX session is made once per preprocessing and trunk
+    weights, input shape and precision: the engine timed before deciding is the one the
+    feature pass uses).
+
+    Example:
+        >>> import transferkit
+        >>> m = transferkit.build_model(transferkit.get_backbone("tk:small_cnn", weights=None), 2).eval()
+        >>> x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+        >>> fwd = engine_forward("eager", m, x, device=torch.device("cpu"), precision="fp32", channels_last=False)
+        >>> fwd(x).shape == m.features(x).shape
+        True
+    """
+    check_engine(engine)
+    if engine == "auto":
+        raise ConfigError("engine_forward() needs a decided engine, not 'auto' (see decide_engine).")
+    if engine == "eager":
+        def eager(x: torch.Tensor) -> torch.Tensor:
+            with _autocast(device, precision):
+                return model.features(_to_device(x, device, channels_last))
+        return eager
+    key = (engine, module_fingerprint(model.preprocess) + module_fingerprint(model.trunk),
+           tuple(example.shape[1:]), example.dtype, str(device), precision, channels_last,
+           str(cache_dir) if cache_dir is not None else None)
+    fwd = _RUNTIMES.get(key)
+    if fwd is None:
+        fwd = (_onnx_forward(model, example, device=device, cache_dir=cache_dir) if engine == "onnxruntime" else
+               _compiled_forward(model, example, device=device, precision=precision, channels_last=channels_last))
+        while len(_RUNTIMES) >= 4:
+            _RUNTIMES.pop(next(iter(_RUNTIMES)))
+        _RUNTIMES[key] = fwd
+    if verify:
+        check_against_eager(engine, fwd, model, example, device=device, precision=engine_precision(engine, precision),
+                            channels_last=channels_last)
+    return fwd
+
+
+def check_against_eager(engine: str, fwd: Callable, model: nn.Module, example: torch.Tensor, *,
+                        device: torch.device, precision: str, channels_last: bool) -> float:
+    """The largest difference of ``fwd``'s features from eager fp32 on ``example``, relative
+    to their largest value; RuntimeError when it exceeds ``TOLERANCE[precision]``."""
+    with _eval(model), torch.no_grad():
+        ref = _eager_fp32(model, example, device, channels_last)
+        got = fwd(example).float().cpu()
+    if got.shape != ref.shape:
+        raise RuntimeError(f"The {engine} feature pass returns {tuple(got.shape)} for input {tuple(example.shape)}, "
+                           f"eager {tuple(ref.shape)}.")
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    rel = float((got - ref).abs().max()) / scale if scale else float((got - ref).abs().max()) if ref.numel() else 0.0
+    if not rel <= TOLERANCE[precision]:
+        raise RuntimeError(f"The {engine} feature pass differs from eager fp32 by {rel:.3g} of the largest feature "
+                           f"on a real batch (tolerance {TOLERANCE[precision]:g} for {precision}); it is not used. "
+                           "Use feature_engine='eager'.")
+    return rel
+
+
+def onnx_path(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, cache_dir: str | Path | None) -> Path:
+    """Where the ONNX export of ``model``'s feature pass for inputs ``[N, *shape]`` lives:
+    ``cache_dir/engines/onnx/<digest>.onnx`` (the digest covers the preprocessing and trunk
+    weights, the trunk's class, the input shape and dtype, and the torch and onnxruntime
+    versions), else a folder of this process."""
+    ident = "|".join([type(model.trunk).__module__, type(model.trunk).__qualname__,
+                      module_fingerprint(model.preprocess), module_fingerprint(model.trunk), str(tuple(shape)),
+                      str(dtype), _versions()])
+    name = hashlib.blake2b(ident.encode(), digest_size=16).hexdigest() + ".onnx"
+    if cache_dir is not None:
+        return Path(cache_dir) / "engines" / "onnx" / name
+    if not _SESSION_DIR:
+        _SESSION_DIR.append(tempfile.mkdtemp(prefix="transferkit-engines-"))
+    return Path(_SESSION_DIR[0]) / name
+
+
+def _onnx_forward(model: nn.Module, example: torch.Tensor, *, device: torch.device,
+                  cache_dir: str | Path | None) -> Callable:
+    import onnxruntime as ort
+
+    path = onnx_path(model, example.shape[1:], example.dtype, cache_dir)
+    if not path.is_file():
+        export_feature_pass(model, example, path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+    except Exception:  # a damaged file in the cache: export again
+        path.unlink(missing_ok=True)
+        export_feature_pass(model, example, path)
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"input": x.detach().cpu().contiguous().numpy()})[0])
+    return forward
+
+
+def export_feature_pass(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """Export ``model``'s feature pass (preprocessing + trunk, fp32, on the CPU) to ONNX at
+    ``path`` (atomically), with a dynamic batch axis (and time axis for 2-d audio input)."""
+    module = _FeaturePass(copy.deepcopy(model).cpu().float().eval())
+    module.to(memory_format=torch.contiguous_format)
+    dynamic = {0: "batch"} if example.ndim != 2 else {0: "batch", 1: "time"}
+
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example.cpu().contiguous(),), tmp, dynamo=False, opset_version=17,
+                              input_names=["input"], output_names=["features"],
+                              dynamic_axes={"input": dynamic, "features": {0: "batch"}})
+
+    return atomic_write(path, write, what="ONNX feature pass")
+
+
+def _compiled_forward(model: nn.Module, example: torch.Tensor, *, device: torch.device, precision: str,
+                      channels_last: bool) -> Callable:
+    compiled = torch.compile(_FeaturePass(model))
+    size = int(example.shape[0])
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        n = int(x.shape[0])
+        if n < size:  # pad with copies of the last item: the pass is per sample, one compilation serves all
+            x = torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])])
+        with _autocast(device, precision):
+            out = compiled(_to_device(x, device, channels_last))
+        return out[:n]
+    return forward
+
+
+def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_size: int, **kwargs: Any) -> Callable:
+    """`engine_forward` prepared (exported or compiled, and checked against eager fp32 on the
+    first batch of ``dataset``) when the feature pass first runs: a run whose features are
+    all read back from the cache prepares nothing."""
+    ready: list[Callable] = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not ready:
+            example = example_batches(dataset, batch_size=batch_size, count=1)[0]
+            ready.append(engine_forward(engine, model, example, **kwargs))
+        return ready[0](x)
+    return forward
+
+
+def release_engines() -> None:
+    """Forget the prepared engines of this process (compiled modules, ONNX sessions)."""
+    _RUNTIMES.clear()
+    if _SESSION_DIR:
+        shutil.rmtree(_SESSION_DIR.pop(), ignore_errors=True)
+
+
+def example_batches(dataset: Any, *, batch_size: int, count: int = 2) -> list[torch.Tensor]:
+    """The first ``count`` batches of ``dataset`` (already seen through its transform), read
+    in this process: the inputs the engines are timed and checked on."""
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, device=torch.device("cpu"), num_workers=0)
+    out = []
+    for x, _ in loader:
+        out.append(x)
+        if len(out) == count:
+            break
+    return out
+
+
+
+def feature_model(trunk: nn.Module, spec: Any, device: torch.device, *, channels_last: bool) -> TransferModel:
+    """A copy of ``trunk`` behind the preprocessing of ``spec``, on ``device`` in the layout
+    and in eval mode: what the engines are timed on (the run's own trunk is left as it is)."""
+    pre = AudioPreprocess() if spec.kind == "audio" else ImagePreprocess(spec.mean, spec.std)
+    model = TransferModel(pre, copy.deepcopy(trunk), nn.Identity()).to(device).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def engine_facts(requested: str, *, trunk: nn.Module | None, spec: Any, dataset: Any, device: torch.device,
+                 precision: str, channels_last: bool, n_images: int, world_size: int, batch_size: int,
+                 cache_dir: str | Path | None) -> dict[str, Any]:
+    """What the engine decision reads, gathered before deciding: the engines available here,
+    the number of images the pass will see, and (``requested="auto"`` on one process with
+    enough data, ``trunk`` loaded) the timing of the candidates on the first batches of
+    ``dataset`` (`measure_engines`, stored under ``cache_dir``)."""
+    available = engine_availability(device.type)
+    out: dict[str, Any] = {"available": available, "n_images": n_images, "measured": None}
+    if requested != "auto" or world_size > 1 or n_images < MIN_IMAGES_TO_TIME or trunk is None:
+        return out
+    batches = example_batches(dataset, batch_size=batch_size)
+    model = feature_model(trunk, spec, device, channels_last=channels_last)
+    candidates = [e for e, why in available.items() if why is None and e != "eager"]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        out["measured"] = measure_engines(model, batches, device=device, precision=precision,
+                                          channels_last=channels_last, candidates=candidates, n_images=n_images,
+                                          cache_dir=cache_dir)
+    return out

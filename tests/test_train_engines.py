@@ -5,6 +5,9 @@ rejected. No timing is asserted."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import builtins
 
 import numpy as np
@@ -172,10 +175,20 @@ def test_engine_is_in_the_plan_the_summary_and_the_cache_key(folder, tmp_path):
     assert differences(ds["eager"].to_dict(), ds["onnxruntime"].to_dict()) == {}
 
 
+def _stored(cache: Path, key: str) -> np.ndarray:
+    """The features a run left in its feature store, reopened with the store's own parameters."""
+    from transferkit.train.feature_store import ShardedFeatureStore
+
+    meta = json.loads((cache / key / "store.json").read_text())
+    store = ShardedFeatureStore.open(cache, key, **{k: meta[k] for k in ("num_samples", "part_size", "dim", "dtype",
+                                                                          "views")})
+    return store.arrays()[0]
+
+
 def test_finetune_on_onnxruntime_features_matches_eager(folder, tmp_path):
     runs = {e: tk.finetune(_backbone(), data=folder, feature_engine=e, cache_dir=tmp_path / "c", **KW)
             for e in ("eager", "onnxruntime")}
-    stores = {e: np.load(tmp_path / "c" / r.decisions.feature_key("train") / "features.npy") for e, r in runs.items()}
+    stores = {e: _stored(tmp_path / "c", r.decisions.feature_key("train")) for e, r in runs.items()}
     assert not np.array_equal(stores["eager"], np.zeros_like(stores["eager"]))
     scale = np.abs(stores["eager"]).max()
     assert np.abs(stores["onnxruntime"] - stores["eager"]).max() <= eng.TOLERANCE["fp32"] * scale

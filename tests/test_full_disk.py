@@ -56,7 +56,9 @@ def small_fs(tmp_path):
 @pytest.fixture
 def no_training_loop(monkeypatch):
     """Fail the test if training starts: the error must come before."""
-    import transferkit.steps  # noqa: F401
+    import importlib
+
+    importlib.import_module("transferkit.api")
 
     def trained(*a, **k):
         raise AssertionError("training started: the error came after work was spent")
@@ -252,12 +254,14 @@ def test_a_feature_cache_on_a_full_disk_is_not_a_bus_error(small_fs, tmp_path, w
     assert [p.name for p in (fs / "cache").iterdir()] == []  # no half entry, no temporary
 
 
-def test_a_feature_cache_run_on_a_full_disk_trains(small_fs, image_folder, monkeypatch):
+def test_a_feature_cache_run_on_a_full_disk_is_a_clear_error(small_fs, image_folder, monkeypatch, tmp_path):
+    """The run's feature store meets a cache disk that filled since the start: one clear error
+    (not a Bus error), and the weights are not lost."""
     monkeypatch.setattr(sys.modules["transferkit.outputs"], "MIN_FREE", 0)  # the disk filled since the start
+    monkeypatch.chdir(tmp_path)
     fs = small_fs(256, free_kb=8)
-    with pytest.warns(UserWarning, match="kept in memory"):
-        r = tk.finetune(data=image_folder, cache_dir=fs / "cache", **{**FAST, "policy": "feature_extraction"})
-    assert r.used_feature_cache and len(r.history) == 1
+    with pytest.raises(OutputError, match="Not enough free space for the feature"):
+        tk.finetune(data=image_folder, cache_dir=fs / "cache", **{**FAST, "policy": "feature_extraction"})
 
 
 def test_a_cache_entry_replaced_by_a_folder_is_recomputed(tmp_path):

@@ -98,9 +98,8 @@ def test_checkpoint_write_is_atomic(image_folder, tmp_path, monkeypatch):
     tk.finetune("tk:small_cnn", checkpoint=ckpt, **common)
     before = ckpt.read_bytes()
 
-    def broken_save(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
+    def broken_save(obj, f, *a, **k):  # f: the temporary's file object
+        f.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)

@@ -11,6 +11,11 @@
   (a folder given as a file, a parent that cannot be created, a read-only folder).
 - `file_lock`: one process at a time writes a given file (``fcntl.flock`` on a
   ``.<name>.lock`` file beside it; the kernel drops the lock of a process that dies).
+- `check_free_space`: a large write (checkpoint, export, feature-cache entry) is refused
+  with an `OutputError` when its estimated size does not fit the free space, before it starts.
+- `python_writer`: a file object for writers that would otherwise write from C++ (``torch.save``,
+  ``torch.jit.save``): a full disk then raises ``OSError(ENOSPC)`` in Python instead of a
+  ``c10::Error`` (or an abort of the process).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import re
 import secrets
@@ -29,6 +35,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from transferkit.errors import FileLockedError, OutputError
 
@@ -186,6 +193,33 @@ def remove_stale_temps_in(folder: str | Path) -> list[Path]:
 
 
 # -- output paths ----------------------------------------------------------------------
+def name_max(folder: str | Path) -> int:
+    """The longest file name the file system of ``folder`` (or its nearest existing parent) takes."""
+    existing = Path(folder)
+    while not os.path.exists(existing) and existing != existing.parent:  # os.path: False for a name too long
+        existing = existing.parent
+    try:
+        return int(os.pathconf(existing, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+TEMP_NAME_EXTRA = len(".." + "tk-000000-" + "9" * 7 + "-" + "9" * 20 + "-00000000" + TEMP_SUFFIX)
+"""Characters a temporary's name adds to its target's (the longest pid and start time)."""
+
+
+def _check_name_length(p: Path, what: str, flag: str | None, kind: str) -> None:
+    limit = name_max(p.parent if kind == "file" else p)
+    if kind == "file" and len(p.name.encode()) + TEMP_NAME_EXTRA > limit:
+        raise OutputError(f"{_named(what, p, flag)} has a file name of {len(p.name.encode())} bytes; this file "
+                          f"system takes {limit}, and writing it safely needs a temporary name "
+                          f"{TEMP_NAME_EXTRA} bytes longer. Use a name of at most {limit - TEMP_NAME_EXTRA} bytes.")
+    for part in p.parts:
+        if len(part.encode()) > limit:
+            raise OutputError(f"{_named(what, p, flag)} holds a name of {len(part.encode())} bytes "
+                              f"({part[:40]!r}...); this file system takes at most {limit}. Use a shorter path.")
+
+
 def _named(what: str, path: Path, flag: str | None) -> str:
     return f"The {what} path {str(path)!r}{f' ({flag})' if flag else ''}"
 
@@ -215,6 +249,9 @@ def check_writable(path: str | Path, *, what: str, flag: str | None = None, kind
     p = Path(path)
     if str(path) in ("", "."):
         raise OutputError(f"{_named(what, p, flag)} is empty; give a {'folder' if kind == 'dir' else 'file'} path.")
+    if any(c in str(path) for c in "\n\r\x00"):
+        raise OutputError(f"{_named(what, p, flag)} holds a line break or NUL character; give a plain path.")
+    _check_name_length(p, what, flag, kind)
     if kind == "file":
         if p.is_dir():
             raise OutputError(f"{_named(what, p, flag)} is a folder; give a file path such as {str(p / 'model.pt')!r}.")
@@ -243,6 +280,126 @@ def check_writable(path: str | Path, *, what: str, flag: str | None = None, kind
     return p
 
 
+def free_bytes(path: str | Path) -> int:
+    """Free bytes (for this user) on the file system of ``path`` or its nearest existing parent."""
+    existing = Path(path)
+    while not os.path.exists(existing) and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+SPACE_MARGIN = 1 << 16
+"""Bytes kept free besides a write's estimate, plus 5 % of it (metadata, zip headers and
+alignment, file-system overhead)."""
+
+
+def check_free_space(path: str | Path, need: int, *, what: str, flag: str | None = None) -> None:
+    """Raise `OutputError` when ``need`` bytes (plus 5 % and `SPACE_MARGIN`) do not fit the free space
+    where ``path`` goes: before a large write starts, so that a full disk is one clear error
+    and not a write that fails (or a memory map that crashes) half-way.
+
+    Example:
+        >>> check_free_space("/tmp/model.pt", 1 << 50, what="export")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        transferkit.errors.OutputError: Not enough free space for the export '/tmp/model.pt': ...
+    """
+    try:
+        free = free_bytes(Path(path).parent)
+    except OSError:
+        return  # a path that cannot be measured is reported by the write itself
+    if need + need // 20 + SPACE_MARGIN > free:
+        named = f"{str(path)!r}{f' ({flag})' if flag else ''}"
+        raise OutputError(f"Not enough free space for the {what} {named}: it needs about {_mb(need)} and "
+                          f"{_mb(free)} are free there. Free some space or choose a path on another disk.")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**10:.0f} kB" if n < 2**20 else f"{n / 2**20:.1f} MB" if n < 2**30 else f"{n / 2**30:.2f} GB"
+
+
+def reserve_blocks(path: str | Path) -> None:
+    """Allocate the disk blocks of a (sparse) file at its current size, e.g. a memory map just
+    created: writing pages of a memory map that the disk cannot hold kills the process with
+    SIGBUS, while this raises ``OSError(ENOSPC)`` first. A file system without ``fallocate``
+    is left as it is.
+
+    Example:
+        >>> _ = open("/tmp/tk-doctest-sparse", "wb").truncate(4096)
+        >>> reserve_blocks("/tmp/tk-doctest-sparse")
+    """
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+
+
+class _AllOrError(io.RawIOBase):
+    """A raw file whose ``write`` writes every byte or raises (a short write on a full disk
+    becomes the ``OSError`` the next write would give) and keeps the first error it raised."""
+
+    def __init__(self, f: Any) -> None:
+        super().__init__()
+        self._f, self.error = f, None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._f.seekable()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                n = self._f.write(view[done:])
+                if not n:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        return done
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+@contextlib.contextmanager
+def python_writer(path: str | Path) -> Iterator[Any]:
+    """Open ``path`` for writing as a file object whose write errors are Python ``OSError``s:
+    give it to ``torch.save`` / ``torch.jit.save`` instead of a path. When the writer fails
+    inside (torch wraps the error in a ``RuntimeError``), the ``OSError`` is raised instead.
+
+    Example:
+        >>> with python_writer("/tmp/tk-doctest-w.bin") as f:
+        ...     _ = f.write(b"abc")
+    """
+    with open(path, "wb", buffering=0) as raw:
+        f = _AllOrError(raw)
+        try:
+            yield f
+        except Exception as exc:
+            if f.error is not None and f.error is not exc:
+                raise f.error from exc
+            raise
+
+
 def _fsync_dir(folder: Path) -> None:
     if os.name == "nt":  # folders cannot be opened for fsync on Windows; NTFS journals the rename
         return
@@ -254,7 +411,9 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _is_write_failure(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "failed writing" in str(exc))
+    text = str(exc)
+    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and (
+        "failed writing" in text or "unexpected pos" in text or "inline_container" in text))
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None], *, what: str = "file",
@@ -405,6 +564,28 @@ def _acquire(lock: Path, fcntl, *, what: str, flag: str | None, target: Path) ->
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         return fd
     raise OutputError(f"Cannot lock the {what} {str(target)!r}: the lock file {str(lock)!r} keeps changing.")
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name the same file: the same resolved path, or (both existing) the
+    same inode (a hard link, a symlink, ``./x`` and ``x``).
+
+    Example:
+        >>> same_file("/tmp/a/../m.pt", "/tmp/m.pt")
+        True
+    """
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(os.path.abspath(a)) == os.path.realpath(os.path.abspath(b))
+
+
+def is_inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (resolved paths)."""
+    p, f = Path(os.path.realpath(os.path.abspath(path))), Path(os.path.realpath(os.path.abspath(folder)))
+    return p == f or f in p.parents
 
 
 def file_digest(path: str | Path, *, chunk: int = 1 << 22) -> str:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from transferkit._progress import EpochLog
+from transferkit._signals import terminate_as_interrupt
 from transferkit.backbones import Backbone
-from transferkit._io import check_writable, remove_stale_temps
 from transferkit._text import wrap_lines
 from transferkit.config import FinetuneConfig, unknown_key_error
 from transferkit.data import DataReport
@@ -34,10 +34,21 @@ from transferkit.facts import environment, look
 from transferkit.policies import Policy, param_groups
 from transferkit.results import export_result, result_predictor, result_summary
 from transferkit.run import Run, build
-from transferkit.steps import evaluate, set_epoch_mode, train, training_data, validation_images, write_outputs
-from transferkit.checkpoints import checkpoint_lock, load_checkpoint
+from transferkit.outputs import check_output_paths, check_output_space, output_locks
+from transferkit.steps import (
+    evaluate,
+    metadata,
+    save_interrupted,
+    set_epoch_mode,
+    train,
+    training_data,
+    validation_images,
+    write_outputs,
+)
+from transferkit.checkpoints import load_checkpoint
 from transferkit.train.device import preserved_torch_settings
 from transferkit.train.distributed import barrier, rank_guard
+from transferkit.train.faults import interrupt_keeps_weights
 from transferkit.schedules import LRRange
 from transferkit.train.lr_find import LRFindResult, lr_range_test
 from transferkit.train.loop import Loop
@@ -193,28 +204,21 @@ def _config(config: FinetuneConfig | str | Backbone | None, options: dict[str, A
     return FinetuneConfig(**options)
 
 
-_OUTPUTS = {"export": "file", "checkpoint": "file", "plots_dir": "dir", "cache_dir": "dir", "log_dir": "dir"}
-
-
 def check_outputs(cfg: FinetuneConfig) -> None:
-    """Every output path of the run can be written (a folder given for a file, a missing or
-    read-only parent: a clear OutputError naming the setting, before anything trains)."""
-    for key, kind in _OUTPUTS.items():
-        value = getattr(cfg, key)
-        if value is not None:
-            check_writable(value, what=key.replace("_dir", " folder"), flag=key, kind=kind)
+    """Every output path of the run can be written and collides with nothing (see
+    `transferkit.outputs.check_output_paths`): a clear error naming the setting, before anything trains."""
+    check_output_paths(cfg)
 
 
 @contextlib.contextmanager
 def _run_lock(cfg: FinetuneConfig, is_main: bool) -> Iterator[None]:
-    """Rank 0 holds the checkpoint's lock for the whole run (a second run on the same path gets
-    a clear error, not a silent overwrite); temp files a killed writer left are removed first."""
-    path = cfg.checkpoint
-    if path is None or not is_main:
+    """Rank 0 holds the locks of the checkpoint and the export for the whole run (a second run on
+    the same path gets a clear error, not a silent overwrite); temp files a killed writer left are
+    removed first."""
+    if not is_main:
         yield
         return
-    with checkpoint_lock(path, flag="checkpoint"):
-        remove_stale_temps(path)
+    with output_locks(cfg):
         yield
 
 
@@ -223,7 +227,7 @@ def _opened(cfg: FinetuneConfig, *, lock: bool, show_plan: bool = True) -> Itera
     """The decisions of ``cfg`` (their summary printed with ``show_plan``) and the run built from them, inside
     what every run needs: the caller's torch settings restored afterwards, one rank's error
     ending every rank, and (``lock``) the checkpoint's lock."""
-    with preserved_torch_settings():
+    with preserved_torch_settings(), terminate_as_interrupt():  # SIGTERM keeps the weights like Ctrl-C
         set_deterministic(cfg.deterministic)
         env = environment(cfg)
         is_main = env[0].is_main
@@ -237,7 +241,10 @@ def _opened(cfg: FinetuneConfig, *, lock: bool, show_plan: bool = True) -> Itera
                     warnings.warn(note, stacklevel=4)
                 if show_plan and cfg.verbose:
                     print(wrap_lines(d.summary(), width=100), file=sys.stderr, flush=True)
-            yield d, build(d, inputs)
+            run = build(d, inputs)
+            if is_main and lock:
+                check_output_space(cfg, run.model)  # an export that cannot fit fails now, not after training
+            yield d, run
 
 
 def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options: Any) -> FinetuneResult:
@@ -267,7 +274,8 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
         outcome = train(d, run)
         timings.update(outcome.seconds)
         outputs: dict[str, Any] = {}
-        metrics = evaluate(d, run, outcome.data, outputs=outputs)
+        with interrupt_keeps_weights(lambda: save_interrupted(d, run, metadata(d))):  # Ctrl-C/SIGTERM after training
+            metrics = evaluate(d, run, outcome.data, outputs=outputs)
         if outcome.probe is not None:
             metrics["probe"] = {"C": outcome.probe.C,
                                 "val_acc_by_C": {str(c): a for c, a in outcome.probe.scores.items()}}
@@ -277,7 +285,8 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
                                 stopped_early=outcome.state.stopped_early, data_report=run.bundle.report,
                                 val_logits=outputs.get("logits"), feature_report=outcome.feature_report)
         if run.dist.is_main:
-            out = write_outputs(d, run, outcome, metrics, logits=outputs.get("logits"))
+            with interrupt_keeps_weights(lambda: save_interrupted(d, run, metadata(d))):
+                out = write_outputs(d, run, outcome, metrics, logits=outputs.get("logits"))
             timings.update(out["seconds"])
             result.plots, result.checkpoint_path = out["plots"], out["checkpoint"]
             if out["export_report"] is not None:

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from transferkit._integrity import INTEGRITY_KEY, seal, verify_sealed
-from transferkit._io import atomic_write, file_lock
+from transferkit._io import TEMP_NAME_EXTRA, atomic_write, check_free_space, file_lock, name_max, python_writer
+from transferkit._signals import TrainingInterrupted, held_signals, signal_name
 from transferkit.errors import OutputError, TransferkitError, WeightsError
 
 T = TypeVar("T")
@@ -82,8 +83,25 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, meta: dict[str,
     if training is not None:
         state["training"] = training
     state[INTEGRITY_KEY] = seal(state)
+
+    def write(tmp: str) -> None:
+        with python_writer(tmp) as f:  # a full disk: OSError, not a c10::Error from the zip writer
+            torch.save(state, f)
+
     with checkpoint_lock(path):
-        return atomic_write(path, lambda tmp: torch.save(state, tmp), what="checkpoint")
+        check_free_space(path, state_bytes(state), what="checkpoint")
+        return atomic_write(path, write, what="checkpoint")
+
+
+def state_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint state: about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
 
 
 @contextlib.contextmanager
@@ -160,9 +178,36 @@ def fallback_paths(target: str | Path) -> list[Path]:
     target = Path(target)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     stem = target.stem or target.name or "model"
-    name = f"{stem}.unsaved-{stamp}.pt"
+    tail = f".unsaved-{stamp}.pt"
+    room = min(name_max(target.parent), 255) - TEMP_NAME_EXTRA - len(tail) - len("transferkit-")
+    while len(stem.encode()) > max(room, 8):  # a name the file system takes, temporary included
+        stem = stem[:-1]
+    name = f"{stem}{tail}"
     return [target.parent / name, Path.cwd() / f"transferkit-{name}",
             Path(tempfile.gettempdir()) / f"transferkit-{name}"]
+
+
+def save_fallback(candidates: list[Path], *, model: torch.nn.Module, meta: dict[str, Any],
+                  **checkpoint: Any) -> tuple[Path | None, list[str]]:
+    """Save ``model`` as a checkpoint at the first of ``candidates`` that works; returns that
+    path (None when none worked) and why the others failed."""
+    failures = []
+    for candidate in candidates:
+        try:
+            return save_checkpoint(candidate, model=model, meta=meta, complete=False, **checkpoint), failures
+        except (OSError, TransferkitError) as again:
+            failures.append(f"{candidate}: {again}")
+    return None, failures
+
+
+def save_interrupted_weights(path: str | Path, *, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
+    """Save the weights of an interrupted run at ``path``, else at the first of its
+    `fallback_paths` that works (a full disk, a name too long); OutputError when none does."""
+    saved, failures = save_fallback([Path(path), *fallback_paths(path)], model=model, meta=meta, epoch=None,
+                                    history=[])
+    if saved is None:
+        raise OutputError(f"The weights of the interrupted run could not be saved anywhere ({'; '.join(failures)}).")
+    return saved
 
 
 def save_with_fallback(target: str | Path, save: Callable[[], T], *, what: str, model: torch.nn.Module,
@@ -181,16 +226,21 @@ def save_with_fallback(target: str | Path, save: Callable[[], T], *, what: str, 
     """
     try:
         return save()
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM during the write: keep the weights, then stop
+        if isinstance(exc, TrainingInterrupted):
+            raise
+        with held_signals(reraise=False):
+            fallback, failures = save_fallback(fallback_paths(target), model=model, meta=meta, **checkpoint)
+        named = f"{str(target)!r}{f' ({flag})' if flag else ''}"
+        kept = (f"The trained weights are saved in {str(fallback)!r} (a transferkit checkpoint): export it with "
+                f"`transferkit export {fallback} --out model.pt`, or start from it with weights={str(fallback)!r}."
+                if fallback is not None else f"The trained weights could not be saved ({'; '.join(failures)}).")
+        raise TrainingInterrupted(f"Interrupted ({signal_name(exc)}) while writing the {what} {named}; nothing was "
+                                  f"written there. {kept}", fallback) from exc
     except Exception as exc:
         reason = (str(exc).strip() or type(exc).__name__).rstrip(".") + "."
-        failures = []
-        fallback: Path | None = None
-        for candidate in fallback_paths(target):
-            try:
-                fallback = save_checkpoint(candidate, model=model, meta=meta, complete=False, **checkpoint)
-                break
-            except (OSError, TransferkitError) as again:
-                failures.append(f"{candidate}: {again}")
+        with held_signals():  # Ctrl-C now would lose the weights: it is acted on once they are saved
+            fallback, failures = save_fallback(fallback_paths(target), model=model, meta=meta, **checkpoint)
         named = f"{str(target)!r}{f' ({flag})' if flag else ''}"
         if fallback is None:
             message = (f"Could not write the {what} {named}: {reason} The trained weights could not be saved either "
@@ -200,7 +250,7 @@ def save_with_fallback(target: str | Path, save: Callable[[], T], *, what: str, 
                        f"{str(fallback)!r} (a transferkit checkpoint): fix the cause, then export it with "
                        f"`transferkit export {fallback} --out model.pt` (Python: "
                        f"transferkit.export.export_checkpoint({str(fallback)!r}, 'model.pt')), or start from it "
-                       "with weights=.")
+                       f"with weights={str(fallback)!r}.")
         cls: type[Exception] = OutputError
         if isinstance(exc, TransferkitError) and not isinstance(exc, OutputError):
             cls = type(exc)

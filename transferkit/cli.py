@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import sys
 import textwrap
@@ -225,7 +226,17 @@ def _finetune_kwargs(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) ->
     if isinstance(flags.get("weights"), str) and flags["weights"].lower() == "none":
         flags["weights"] = None
     file_cfg = load_config(args.config) if args.config else {}
-    cfg = merge_config(file_cfg, flags, parse_overrides(args.set), source="finetune options")
+    overrides = parse_overrides(args.set)
+    unused = RECIPE_KEYS.keys() - {"data_dir", "runs"}  # what recipes read; `finetune` has no use for them
+    for where, layer in ((f"--config {args.config}", file_cfg), ("--set", overrides)):
+        for key in sorted(set(layer) & (unused | ({"runs"} if where == "--set" else set()))):
+            raise TransferkitError(f"{where}: {key} is read by the recipes (python recipes/NAME.py), not by "
+                                   f"`transferkit {args.command}`, which would ignore it; remove it.")
+    if "runs" in file_cfg:
+        warnings.warn(f"{args.config}: the `runs` of this recipe file are not used by `transferkit {args.command}`, "
+                      "which trains once with the top-level keys; run the recipe to train each of its runs.",
+                      stacklevel=2)
+    cfg = merge_config(file_cfg, flags, overrides, source="finetune options")
     cfg = {k: expand_vars(v) for k, v in cfg.items() if k not in skip}
     data = args.data or cfg.get("data") or cfg.get("data_dir")
     if not data:
@@ -470,7 +481,14 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = show_warning
         try:
-            return args.fn(args)
+            code = args.fn(args)
+            sys.stdout.flush()  # a closed pipe is met here, not in the interpreter's exit
+            return code
+        except BrokenPipeError:  # `transferkit ... | head`: the reader has gone; stop quietly, as `cat` does
+            with contextlib.suppress(OSError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush of stdout does not fail again
+            return 141
         except (TransferkitError, OSError) as exc:
             if getattr(args, "debug", False):
                 traceback.print_exc()
@@ -478,10 +496,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"transferkit: error: {cli_spelling(msg)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as exc:
+            from transferkit._signals import signal_name
+
             if getattr(args, "debug", False):
                 traceback.print_exc()
-            print(f"transferkit: interrupted: {cli_spelling(_one_line(exc))}", file=sys.stderr)
-            return 130
+            term = signal_name(exc) == "SIGTERM"
+            reason = _one_line(exc) or ("terminated (SIGTERM)" if term else "interrupted (Ctrl-C)")
+            print(f"transferkit: interrupted: {cli_spelling(reason)}", file=sys.stderr)
+            return 143 if term else 130
 
 
 if __name__ == "__main__":

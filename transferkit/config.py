@@ -87,8 +87,11 @@ def _device(v: Any) -> str | None:
 def _class_weights(v: Any) -> str | None:
     if v is None or v == "balanced":
         return None
-    if isinstance(v, str) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in v):
+    if isinstance(v, str) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+                                     and w >= 0 for w in v):
         return "None, 'balanced' or a list of numbers >= 0, one per class"
+    if not any(w > 0 for w in v):
+        return "at least one weight > 0 (with every weight 0 the loss is 0/0)"
     return None
 
 
@@ -339,6 +342,9 @@ def merge_config(*layers: Mapping[str, Any] | None, source: str = "config") -> d
             continue
         if not isinstance(layer, Mapping):
             raise ConfigError(f"{source} must be a mapping of finetune() settings, got {type(layer).__name__}.")
+        if layer.get("data") is not None and layer.get("data_dir") is not None:
+            raise ConfigError(f"{source}: both data={layer['data']!r} and data_dir={layer['data_dir']!r} are set; "
+                              "they name the same thing (the training data). Keep one.")
         for key, value in layer.items():
             if key in RECIPE_KEYS:
                 allowed = RECIPE_KEYS[key]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from transferkit.decisions import Decisions, differences
 from transferkit.export.torchscript import export_torchscript
 from transferkit.run import Run
 from transferkit.policies import apply_policy, merge_lora, policy_penalty, set_train_mode
-from transferkit.checkpoints import save_checkpoint, save_with_fallback
+from transferkit.checkpoints import save_checkpoint, save_interrupted_weights, save_with_fallback
 from transferkit.train.distributed import wrap_ddp
 from transferkit.train.engines import lazy_engine_forward
 from transferkit.train.faults import training_faults
@@ -358,7 +359,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
     report = None
     try:
         with training_faults(checkpoint=cfg.checkpoint, batch_size=cfg.batch_size,
-                             save_interrupted=lambda: _save_interrupted(d, run, meta),
+                             save_interrupted=lambda: save_interrupted(d, run, meta),
                              probe_step=lambda bs: _probe_step(run, current["data"], bs)):
             if state.epoch < k or inputs is None:  # the frozen phase, on features computed once
                 td = current["data"] = training_data(d, run, cached=True, progress=progress)
@@ -423,22 +424,14 @@ def validation_images(d: Decisions, run: Run) -> Any:
 
 def write_outputs(d: Decisions, run: Run, outcome: TrainOutcome, metrics: dict[str, Any], *,
                   logits: torch.Tensor | None = None) -> dict[str, Any]:
-    """Rank 0: plots (curves, confusion matrix, and with the validation ``logits`` the
-    show-results and top-losses grids), the final checkpoint (complete: weights, decisions,
-    history; nothing to resume) and the verified export.
+    """Rank 0: the final checkpoint (complete: weights, decisions, history; nothing to resume),
+    the verified export, then the plots (curves, confusion matrix, and with the validation
+    ``logits`` the show-results and top-losses grids; a plot that cannot be written is a warning).
     Returns ``{"plots", "checkpoint", "export_report", "seconds"}``."""
     cfg = d.config
     meta = metadata(d)
     meta["training"]["best"] = outcome.best
-    frozen = next((e for e, blocks in enumerate(d.trainable) if blocks), 0)  # epochs before the backbone trains
-    plots = write_reports(cfg.plots_dir, outcome.history, metrics, list(d.classes), frozen_epochs=frozen)
-    if cfg.plots_dir is not None and logits is not None and cfg.task == "multiclass":
-        from transferkit.train.interpret import write_interpretation
-
-        pictures = write_interpretation(cfg.plots_dir, logits, validation_images(d, run), list(d.classes))
-        pictures.pop("most_confused")
-        plots.update(pictures)
-    out: dict[str, Any] = {"plots": plots, "checkpoint": None, "export_report": None, "seconds": {}}
+    out: dict[str, Any] = {"plots": {}, "checkpoint": None, "export_report": None, "seconds": {}}
     model = merge_lora(run.model)
     history = dict(epoch=len(outcome.history), history=outcome.history)
     if cfg.checkpoint is not None:  # a failed write keeps the weights in a fallback file and says where
@@ -453,6 +446,18 @@ def write_outputs(d: Decisions, run: Run, outcome: TrainOutcome, metrics: dict[s
             cfg.export, lambda: export_torchscript(model, cfg.export, metadata=shipped, example_inputs=example),
             what="export", flag="export", model=model, meta=meta, **history)
         out["seconds"]["export_s"] = time.perf_counter() - t2
+    try:  # after the model's files: plots that cannot be written (a full disk) do not cost the model
+        frozen = next((e for e, blocks in enumerate(d.trainable) if blocks), 0)  # epochs before the backbone trains
+        out["plots"] = write_reports(cfg.plots_dir, outcome.history, metrics, list(d.classes), frozen_epochs=frozen)
+        if cfg.plots_dir is not None and logits is not None and cfg.task == "multiclass":
+            from transferkit.train.interpret import write_interpretation
+
+            pictures = write_interpretation(cfg.plots_dir, logits, validation_images(d, run), list(d.classes))
+            pictures.pop("most_confused")
+            out["plots"].update(pictures)
+    except OSError as exc:
+        warnings.warn(f"The plots could not be written to {str(cfg.plots_dir)!r} (plots_dir): {exc} The "
+                      "checkpoint and export, if any, were written before them.", stacklevel=2)
     return out
 
 
@@ -464,11 +469,13 @@ def example_inputs(d: Decisions, run: Run, n: int = 8) -> torch.Tensor:
     return pad_waveforms(xs) if xs[0].ndim == 1 else torch.stack(xs)  # audio clips may differ in length
 
 
-def _save_interrupted(d: Decisions, run: Run, meta: dict[str, Any]) -> Path:
-    """Ctrl-C before a checkpoint exists: keep the current weights beside the export (or here)."""
+def save_interrupted(d: Decisions, run: Run, meta: dict[str, Any]) -> Path:
+    """Ctrl-C or SIGTERM before a checkpoint exists (or after training): keep the current weights
+    beside the export (or here; else in a fallback place that has room)."""
     export = d.config.export
-    path = Path(export).with_suffix(".interrupted.pt") if export is not None else Path("transferkit-interrupted.pt")
-    return save_checkpoint(path, model=merge_lora(run.model), meta=meta, epoch=None, history=[], complete=False)
+    path = Path(export).with_suffix(".interrupted.pt") if export is not None else \
+        Path.cwd() / "transferkit-interrupted.pt"
+    return save_interrupted_weights(path, model=merge_lora(run.model), meta=meta)
 
 
 def _probe_step(run: Run, td: TrainingData | None, batch_size: int) -> None:

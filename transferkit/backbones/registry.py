@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from transferkit.backbones._base import Backbone
-from transferkit.errors import ConfigError, UnknownBackboneError, suggest
+from transferkit.errors import ConfigError, TransferkitError, UnknownBackboneError, suggest
 
 
 class BackboneSource(Protocol):
@@ -155,7 +155,15 @@ def get_backbone(name: str, *, weights: str | Path | None = "DEFAULT", **kwargs:
         (512, ['stem', 'layer1'])
     """
     prefix, rest = resolve_name(name)
-    return _SOURCES[prefix].build(rest, weights=weights, **kwargs)
+    try:
+        return _SOURCES[prefix].build(rest, weights=weights, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        if not kwargs or isinstance(exc, TransferkitError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"The backbone {name!r} cannot be built with the options {kwargs!r} (backbone_options): "
+                          f"{type(exc).__name__}: {first}. Check the option names and values its builder "
+                          "takes, or remove them.") from exc
 
 
 _loaded = False

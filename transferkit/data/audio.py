@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from transferkit.backbones._base import InputSpec
 from transferkit.data.bundle import DataBundle, resolve_split_folders, stratified_split
-from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport
+from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_label_names, warn_copies_across_classes
 from transferkit.data.folders import class_folders, list_class_files, warn_split_like_classes
 from transferkit.data.late import ReportingCollate, load_or_replace
 from transferkit._text import plural
@@ -219,6 +219,7 @@ def scan_audio_folder(root: str | Path, classes: Sequence[str] | None = None, *,
         raise DataError(f"Audio folder {str(root)!r} does not exist. Expected root/<class>/<clip>.wav "
                         "or a CSV file list with columns path,label.")
     found = class_folders(root, report)
+    check_label_names(found, f"Audio folder {str(root)!r}", case=False)
     classes = list(classes) if classes else found
     extra = [c for c in found if c not in classes]
     if found and len(extra) == len(found):
@@ -248,12 +249,30 @@ def read_file_list(path: str | Path, classes: Sequence[str] | None = None, *,
     are relative to the CSV's folder. Classes are the sorted labels unless given. Files
     that are missing or unreadable are found by the pre-scan (`filter_bad_audio`)."""
     path = Path(path)
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark is not data
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"File list {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8 (e.g. 'CSV "
+                        "UTF-8' in Excel, or iconv -f latin1 -t utf-8).") from exc
+    except (OSError, csv.Error) as exc:
+        raise DataError(f"Cannot read the file list {str(path)!r}: {exc}.") from exc
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise DataError(f"File list {str(path)!r} must be a CSV with a header holding 'path' and 'label' columns "
                         f"(found {list(rows[0]) if rows else 'no rows'}).")
-    labels = [r["label"] for r in rows]
+    odd = [i + 2 for i, r in enumerate(rows) if None in r or r.get("path") is None or r.get("label") is None
+           or not str(r["path"]).strip() or not str(r["label"]).strip()]
+    if odd:
+        raise DataError(f"File list {str(path)!r}: rows {odd[:5]} do not match the header (a missing or extra "
+                        "column, or an empty path or label; a value holding a comma must be quoted).")
+    labels = [r["label"].strip() for r in rows]
+    check_label_names(sorted(set(labels)), f"File list {str(path)!r}")
+    seen: dict[str, str] = {}
+    for r, lab in zip(rows, labels):
+        if seen.setdefault(r["path"].strip(), lab) != lab:
+            raise DataError(f"File list {str(path)!r} lists {r['path']!r} twice, with labels {seen[r['path'].strip()]!r} "
+                            f"and {lab!r}: one clip cannot teach two classes. Keep one row.")
+    rows = [{**r, "path": r["path"].strip(), "label": lab} for r, lab in zip(rows, labels)]
     classes = list(classes) if classes else sorted(set(labels))
     unknown = sorted(set(labels) - set(classes))
     if unknown:
@@ -564,6 +583,7 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
     names = list(classes) if classes else train.classes
     if isinstance(data, (str, Path)):
         warn_split_like_classes(names, repr(str(data)), report)
+        warn_copies_across_classes(train.samples, names, repr(str(data)), report)
     if len(set(train.targets)) < 2:
         raise DataError("Training data has a single class; a classifier needs at least two.")
     bad = sorted({t for t in train.targets if not 0 <= t < len(names)})

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from transferkit.data.checks import DataReport, find_duplicates
+from transferkit.data.checks import DataReport, find_duplicates, warn_copies_across_classes
 from transferkit.data.folders import find_split_folders, warn_split_like_classes
 from transferkit.data.encoded import EncodedImageDataset
 from transferkit.data.images import ImageFolderDataset, TransformedDataset, dataset_targets
@@ -143,6 +143,8 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
         raise DataError(f"Training labels {bad[:5]} are outside 0..{len(names) - 1} for classes {names[:10]}.")
     if isinstance(data, (str, Path)):
         warn_split_like_classes(names, repr(str(data)), report)
+    if isinstance(train, ImageFolderDataset):
+        warn_copies_across_classes(train.samples, names, repr(str(data)), report)
     counts = Counter(targets)
     if len(counts) < 2:
         raise DataError(f"Training data has a single class ({names[next(iter(counts))]!r}); "

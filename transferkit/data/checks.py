@@ -161,6 +161,58 @@ def filter_bad_images(samples: Sequence[tuple[str, int]], *, on_bad_file: str = 
 
 
 
+def check_label_names(names: Sequence[str], where: str, *, case: bool = True) -> None:
+    """DataError for class names that would break later: a line break or control character
+    (no export could hold it), or (``case``) two names that differ only in case or
+    surrounding spaces (a typo in a CSV, not two classes)."""
+    for name in names:
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise DataError(f"{where}: the class name {name!r} holds a line break or control character; rename it "
+                            "(labels are stored in exports and printed one per line).")
+    if not case:
+        return
+    folded: dict[str, str] = {}
+    for name in names:
+        other = folded.setdefault(name.strip().casefold(), name)
+        if other != name:
+            raise DataError(f"{where}: the class names {other!r} and {name!r} differ only in case or spaces, so they "
+                            "would be two classes; give them one spelling.")
+
+
+def warn_copies_across_classes(samples: Sequence[tuple[str, int]], classes: Sequence[str], where: str,
+                               report: DataReport) -> None:
+    """Warn when one file (the same path, a symlinked folder) or two files with identical bytes
+    carry different labels: the model is taught two answers for one input."""
+    by_size: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    for path, label in samples:
+        try:
+            by_size[os.path.getsize(path)].append((path, label))
+        except OSError:
+            continue  # a missing file is reported by the scan
+    pairs: list[tuple[str, int, str, int]] = []
+    for group in by_size.values():
+        if len({lab for _, lab in group}) < 2:
+            continue
+        by_hash: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for path, label in group:
+            try:
+                by_hash[file_digest(path)].append((path, label))
+            except OSError:
+                continue
+        for items in by_hash.values():
+            first = items[0]
+            pairs += [(first[0], first[1], p, lab) for p, lab in items[1:] if lab != first[1]]
+    if pairs:
+        a, la, b, lb = pairs[0]
+
+        def name(i: int) -> str:
+            return classes[i] if 0 <= i < len(classes) else str(i)
+
+        report.warn(f"{len(pairs)} training file(s) in {where} have the same content as a file of another class "
+                    f"(the same image under two labels, or a class folder linked to another): e.g. {b} "
+                    f"({name(lb)}) = {a} ({name(la)}). Remove the copies or fix their labels.")
+
+
 def find_duplicates(a: Iterable[str], b: Iterable[str]) -> list[tuple[str, str]]:
     """Pairs of files with identical bytes, one from ``a`` and one from ``b`` (hashing only
     files whose sizes collide)."""

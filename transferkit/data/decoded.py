@@ -44,6 +44,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from transferkit._io import reserve_blocks
 from transferkit.backbones._base import InputSpec
 from transferkit.data.fingerprint import data_fingerprint
 from transferkit.data.sampling import default_num_workers
@@ -258,7 +260,13 @@ def decoded_dataset(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: s
         pixels, index, targets = _decode_into(view, workers, buf)
         return DecodedDataset(pixels, index, targets, transform=tf), plan
     assert plan.path is not None
-    _write_entry(plan.path, view, workers, capacity, plan.estimate_bytes)
+    try:
+        _write_entry(plan.path, view, workers, capacity, plan.estimate_bytes)
+    except OSError as exc:  # the disk filled since the plan measured it: this run decodes every epoch
+        warnings.warn(f"Cannot write the decoded images to {str(plan.path)!r} (cache_dir): "
+                      f"{os.strerror(exc.errno) if exc.errno else exc}; decoding every epoch instead.", stacklevel=2)
+        off = DecodePlan("off", plan.estimate_bytes, f"decoding every epoch: writing {plan.path} failed ({exc})")
+        return dataset.view(transform=train_transform(spec, augment)), off
     stored = _load_entry(plan.path)
     if stored is None:
         raise OSError(f"The decoded entry {plan.path} was written but cannot be read back.")
@@ -300,6 +308,11 @@ def _write_entry(final: Path, view: Dataset, workers: int, capacity: int | None,
     try:
         if capacity is not None:  # sizes known from the headers: decode straight into the memory map
             mm = np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=np.uint8, shape=(max(capacity, 1),))
+            try:
+                reserve_blocks(tmp / "pixels.npy")  # a full disk: ENOSPC now, not SIGBUS while decoding
+            except OSError:
+                del mm
+                raise
             _, index, targets = _decode_into(view, workers, mm)
             mm.flush()
             del mm

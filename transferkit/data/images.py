@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, default_collate
 
-from transferkit.data.checks import ON_BAD_FILE, DataReport, filter_bad_images
+from transferkit.data.checks import ON_BAD_FILE, DataReport, check_label_names, filter_bad_images
 from transferkit.data.folders import class_folders, list_class_files
 from transferkit.data.late import ReportingCollate, load_or_replace
 from transferkit._text import plural
@@ -87,6 +87,7 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None, *,
     found = class_folders(root, report)
     if not found:
         raise DataError(f"Data folder {str(root)!r} has no class sub-folders. Expected root/<class>/<image>.jpg.")
+    check_label_names(found, f"Data folder {str(root)!r}", case=False)
     if classes is None:
         classes = found
     else:
@@ -127,16 +128,38 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
 
     report = report if report is not None else DataReport()
     csv_path = Path(csv_path)
-    with open(csv_path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
-    if rows and [x.strip().lower() for x in rows[0][:2]] == ["path", "label"]:
-        rows = rows[1:]
-    bad = [i for i, r in enumerate(rows) if len(r) < 2 or not r[0].strip() or not r[1].strip()]
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark is not data
+            rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{str(csv_path)!r} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}"
+                        "); save it as UTF-8 (e.g. 'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8).") from exc
+    except csv.Error as exc:
+        raise DataError(f"{str(csv_path)!r} cannot be read as CSV: {exc}.") from exc
+    except OSError as exc:
+        raise DataError(f"Cannot read {str(csv_path)!r}: {exc.strerror or exc}.") from exc
+    first = 2 if rows and [x.strip().lower() for x in rows[0][:2]] == ["path", "label"] else 1
+    rows = rows[first - 1:]
+    bad = [i for i, r in enumerate(rows) if len(r) != 2 or not r[0].strip() or not r[1].strip()]
     if bad:
-        raise DataError(f"{str(csv_path)!r}: rows {[i + 1 for i in bad[:5]]} do not have the form 'path,label'.")
+        widths = sorted({len(rows[i]) for i in bad})
+        raise DataError(f"{str(csv_path)!r}: rows {[i + first for i in bad[:5]]} do not have the form 'path,label' "
+                        f"(they have {' or '.join(map(str, widths))} column(s); a path or label holding a comma must "
+                        "be quoted).")
     if not rows:
         raise DataError(f"{str(csv_path)!r} has no 'path,label' rows.")
     labels = [r[1].strip() for r in rows]
+    check_label_names(sorted(set(labels)), f"{str(csv_path)!r}")
+    seen: dict[str, str] = {}
+    for r, lab in zip(rows, labels):
+        path = r[0].strip()
+        if seen.setdefault(path, lab) != lab:
+            raise DataError(f"{str(csv_path)!r} lists {path!r} twice, with labels {seen[path]!r} and {lab!r}: one "
+                            "image cannot teach two classes (use task='multilabel' for several labels per image). "
+                            "Keep one row.")
+    if len(seen) < len(rows):
+        report.warn(f"{str(csv_path)!r} lists {len(rows) - len(seen)} file(s) more than once with the same label; "
+                    "they count that many times in training.")
     if classes is None:
         classes = sorted(set(labels))
     index = {c: i for i, c in enumerate(classes)}

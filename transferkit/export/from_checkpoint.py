@@ -10,13 +10,13 @@ from torch import nn
 
 from transferkit.backbones._base import InputSpec
 from transferkit.backbones.weights import load_into
-from transferkit.errors import ExportError
+from transferkit.errors import ConfigError, ExportError
 from transferkit.model import build_model
 from transferkit.backbones import get_backbone
 from transferkit.checkpoints import load_checkpoint
-from transferkit._io import check_writable
+from transferkit._io import check_writable, same_file
 from transferkit.export.inputs import InputPipeline
-from transferkit.export.torchscript import ExportReport, export_torchscript
+from transferkit.export.torchscript import ExportReport, check_tolerances, export_torchscript
 
 
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -98,6 +98,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str 
     check_writable(out, what="export")  # before any work: a folder or a read-only place says so at once
     if onnx is not None:
         check_writable(onnx, what="ONNX export")
+    for name, path in (("export", out), ("ONNX export", onnx)):
+        if path is not None and same_file(path, checkpoint):
+            raise ConfigError(f"The {name} path {str(path)!r} is the checkpoint being exported: writing it would "
+                              "replace the checkpoint. Give another output path.")
+    if onnx is not None and same_file(onnx, out):
+        raise ConfigError(f"The ONNX export and the TorchScript export are both {str(out)!r}; give two paths.")
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise ConfigError(f"num_examples={num_examples!r} is out of range; expected a positive integer (inputs of "
+                          "the parity check).")
+    check_tolerances(export_kwargs.get("atol", 1e-5), export_kwargs.get("rtol", 1e-5))
     model, meta = model_from_checkpoint(checkpoint)
     batch, origin = example_batch(InputSpec.from_dict(meta["input_spec"]), examples=examples, n=num_examples)
     keep = {k: v for k, v in meta.items() if k not in ("format", "num_outputs", "torch_version", "export")}

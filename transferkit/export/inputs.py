@@ -35,8 +35,10 @@ class InputPipeline:
         torch.Size([2, 3, 32, 32])
     """
 
-    def __init__(self, spec: InputSpec) -> None:
+    def __init__(self, spec: InputSpec, *, max_seconds: float | None = None) -> None:
         self.spec = spec
+        self.max_seconds = max_seconds  # audio: clips are cropped to their middle max_seconds, as in training
+        self.cropped: list[str] = []  # audio files longer than max_seconds met by `prepare`
         self.audio = spec.kind == "audio"
         if self.audio:
             self._audio, self._to_waveform = audio, audio.to_waveform
@@ -49,6 +51,10 @@ class InputPipeline:
     def split(self, inputs: Any) -> list[Any]:
         """One input or many -> a list of single items (a batch tensor/array is several)."""
         batch_ndim = 2 if self.audio else 4
+        if isinstance(inputs, (bytes, bytearray, memoryview)):
+            raise DataError(f"Cannot predict on {type(inputs).__name__}: pass a file path, or decode the bytes first "
+                            "(PIL.Image.open(io.BytesIO(data)) for an image, soundfile.read(io.BytesIO(data)) for "
+                            "audio).")
         if isinstance(inputs, (torch.Tensor, np.ndarray)) and inputs.ndim == batch_ndim:
             return list(inputs)
         pair = self.audio and isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], int)
@@ -96,16 +102,36 @@ class InputPipeline:
         elif not isinstance(item, Image.Image):
             raise DataError(f"Cannot predict on a {type(item).__name__}; pass file paths, PIL images, numpy arrays "
                             "HxWx3 (or HxW) or tensors [3,H,W] / [N,3,H,W], uint8 or float in [0, 1].")
+        w, h = (item.size if isinstance(item, Image.Image) else (item.shape[-1], item.shape[-2]))
+        if w == 0 or h == 0:
+            raise DataError(f"Cannot predict on an empty image ({h}x{w} pixels).")
         return self._transform(item)
 
     def _waveform(self, item: Any) -> torch.Tensor:
         if not isinstance(item, (str, Path, np.ndarray, torch.Tensor, tuple)):
             raise DataError(f"Cannot predict on a {type(item).__name__} with an audio model; pass audio file paths, "
                             "waveforms [T] at the model's sample rate, or (waveform, sample_rate) pairs.")
-        return self._transform(self._to_waveform(item, int(self.spec.sample_rate)))  # type: ignore[arg-type]
+        clip = self.spec.clip_seconds
+        if self.max_seconds is not None and isinstance(item, (str, Path)) and (clip is None or clip > self.max_seconds) \
+                and self._longer(item):  # the model sees less than the whole clip, as in training: say so
+            self.cropped.append(str(item))
+        wav = self._to_waveform(item, int(self.spec.sample_rate), max_seconds=self.max_seconds)  # type: ignore[arg-type]
+        return self._transform(wav)
+
+    def _longer(self, path: str | Path) -> bool:
+        """Whether an audio file lasts longer than ``max_seconds`` (from its header)."""
+        try:
+            import soundfile as sf
+
+            info = sf.info(str(path))
+            return info.frames > float(self.max_seconds) * info.samplerate  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - the read itself reports a bad file
+            return False
 
 
 def _array_to_image(arr: np.ndarray) -> Image.Image | torch.Tensor:
+    if arr.size == 0:
+        raise DataError(f"Cannot predict on an empty image array (shape {arr.shape}).")
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
         raise DataError(f"A numpy image must be HxWxC (channels last), got shape {arr.shape}; use "
                         "arr.transpose(1, 2, 0) or pass a torch tensor [C,H,W].")
@@ -118,6 +144,8 @@ def _array_to_image(arr: np.ndarray) -> Image.Image | torch.Tensor:
 
 
 def _check_image_tensor(t: torch.Tensor) -> torch.Tensor:
+    if t.numel() == 0:
+        raise DataError(f"Cannot predict on an empty image tensor (shape {tuple(t.shape)}).")
     if t.ndim == 2:
         t = t.unsqueeze(0)
     if t.ndim != 3 or t.shape[0] not in (1, 3, 4):

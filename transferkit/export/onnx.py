@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferkit._io import atomic_write
+from transferkit._io import atomic_write, check_free_space, file_lock
 from transferkit.errors import ExportError
 from transferkit._integrity import check_records, records_entry
 from transferkit.export.metadata import (
@@ -33,7 +33,7 @@ from transferkit.export.metadata import (
     decode_metadata,
     encode_metadata,
 )
-from transferkit.export.torchscript import ExportReport, example_list
+from transferkit.export.torchscript import ExportReport, check_tolerances, example_list, module_bytes
 
 
 def _require_onnx() -> tuple[Any, Any]:
@@ -90,6 +90,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
         >>> r.max_abs_diff <= r.tolerance
         True
     """
+    check_tolerances(atol, rtol)
     onnx, ort = _require_onnx()
     t0 = time.perf_counter()
     examples = example_list(example_inputs)
@@ -133,7 +134,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
                               f"(> tolerance {tol:.3g}); the file was not written.")
         report.max_abs_diff, report.tolerance = diff, tol
 
-    atomic_write(path, write, what="ONNX export")
+    check_free_space(path, 2 * module_bytes(eager), what="ONNX export")  # the file, then its re-save
+    with file_lock(path, what="ONNX export"):
+        atomic_write(path, write, what="ONNX export")
     report.seconds = time.perf_counter() - t0
     return report
 

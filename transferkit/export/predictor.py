@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,10 @@ class Predictor:
         self.input_spec = InputSpec.from_dict(metadata["input_spec"])
         self.device = torch.device(device)
         self.source = source
-        self.inputs = InputPipeline(self.input_spec)
+        config = metadata.get("config") if isinstance(metadata.get("config"), dict) else {}
+        # audio: long clips are cropped to the window training and validation saw (30 s unless the run said)
+        self.max_seconds = config.get("max_seconds", 30.0) if self.input_spec.kind == "audio" else None
+        self.inputs = InputPipeline(self.input_spec, max_seconds=self.max_seconds)
 
     def __repr__(self) -> str:
         return (f"Predictor({self.source}, task={self.task!r}, {len(self.labels)} outputs, "
@@ -106,6 +110,7 @@ class Predictor:
         _check_batch_size(batch_size)
         out = [self._run(self.inputs.batch(chunk))
                for chunk in _progress(_chunks(items, batch_size), len(items), progress)]
+        self._warn_cropped()
         return torch.cat(out) if out else torch.empty(0, len(self.labels))
 
     def predict_proba(self, inputs: Any, *, batch_size: int = 32) -> torch.Tensor:
@@ -146,7 +151,7 @@ class Predictor:
                 except DataError as exc:
                     if not isinstance(x, (str, Path)):
                         raise
-                    preds[i] = Prediction(None, None, None, [], _source(x), self.task, error=str(exc))
+                    preds[i] = Prediction(None, None, None, [], _source(x), self.task, error=_reason(exc))
             if not xs:
                 continue
             for i, row in zip(ready, self._run(self.inputs.collate(xs))):
@@ -156,7 +161,16 @@ class Predictor:
                                                 "input; check that it holds finite values")
                 else:
                     preds[i] = self._prediction(row, _source(items[i]), top_k, threshold)
+        self._warn_cropped()
         return preds  # type: ignore[return-value]
+
+    def _warn_cropped(self) -> None:
+        if self.inputs.cropped:
+            warnings.warn(f"{len(self.inputs.cropped)} audio file(s) last longer than max_seconds={self.max_seconds} "
+                          f"(e.g. {self.inputs.cropped[0]!r}): each was cropped to its middle {self.max_seconds} s, "
+                          "the window the model was trained and validated on. Split long recordings to predict "
+                          "every part.", stacklevel=3)
+            self.inputs.cropped.clear()
 
     def _prediction(self, row: torch.Tensor, source: str | None, top_k: int, threshold: float) -> Prediction:
         if self.task == "regression":
@@ -175,6 +189,15 @@ class Predictor:
         bar on a terminal (``progress=True/False`` forces it on/off)."""
         files = self.inputs.list_files(folder)
         return self.predict(files, top_k=top_k, batch_size=batch_size, threshold=threshold, progress=progress)
+
+
+def _reason(exc: DataError) -> str:
+    """Why a file could not be predicted, without the advice about training options
+    (``on_bad_file``) that the data readers add."""
+    text = str(exc)
+    for advice in (" Remove the file, or pass on_bad_file", " Remove it, or pass on_bad_file"):
+        text = text.split(advice)[0]
+    return text
 
 
 def _source(item: Any) -> str | None:

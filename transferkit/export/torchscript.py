@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 import types
 import warnings
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from transferkit._integrity import check_records, file_digests, record_name, records_entry, zip_records
-from transferkit._io import atomic_write
+from transferkit._io import atomic_write, check_free_space, file_lock, python_writer
 from transferkit.hardware import is_convolutional, resolve_device
 from transferkit.errors import ConfigError, ExportError, check_choice
 from transferkit._text import plural
@@ -245,6 +246,7 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
     """
     t0 = time.perf_counter()
     check_choice("export mode", mode, MODES)
+    check_tolerances(atol, rtol)
     examples = example_list(example_inputs)
     eager = copy.deepcopy(model).cpu().eval()
     batches, reference = reference_outputs(eager, _check_batches(examples))
@@ -273,13 +275,33 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
             report.optimization, report.max_abs_diff, report.tolerance = how, diff, tol
             return
 
-    with quiet_jit():
+    check_free_space(path, module_bytes(eager), what="export")
+    with quiet_jit(), file_lock(path, what="export"):  # the run holds it already: re-entrant
         atomic_write(path, write, what="export")
     if optimize and report.optimization == "none":
         warnings.warn("optimize=True: no optimization kept parity or reloaded, so the plain TorchScript was "
                       f"exported. {'; '.join(report.notes)}", stacklevel=2)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def check_tolerances(atol: Any, rtol: Any) -> None:
+    """ConfigError unless ``atol`` and ``rtol`` are finite numbers >= 0 (a NaN or infinite
+    tolerance would switch the parity check off; a negative one fails every export)."""
+    for name, v in (("atol", atol), ("rtol", rtol)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"{name}={v!r} is out of range; expected a finite number >= 0 (the parity check's "
+                              f"tolerance, default 1e-5).")
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers: about the size of its saved file."""
+    seen, total = set(), 0
+    for t in (*module.parameters(), *module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
 
 
 def _save_and_check(module: torch.jit.ScriptModule, tmp: str, meta: dict[str, Any], reference: list[torch.Tensor],
@@ -311,10 +333,12 @@ def save_with_digests(module: torch.jit.ScriptModule, path: str | Path, meta: di
     """``torch.jit.save`` with the metadata and the SHA-256 of every record: saved once to
     hash the records (they do not depend on the metadata files), then again with the list
     (``meta["integrity"]`` is set). The second file is checked when it is reloaded."""
-    torch.jit.save(module, str(path), _extra_files=encode_metadata(meta))
+    with python_writer(path) as f:  # a full disk: OSError, not a C++ abort of the process
+        torch.jit.save(module, f, _extra_files=encode_metadata(meta))
     digests = file_digests(path, source=repr(str(path)), error=ExportError)
     meta["integrity"], records = records_entry(digests)
-    torch.jit.save(module, str(path), _extra_files=encode_metadata(meta, records))
+    with python_writer(path) as f:
+        torch.jit.save(module, f, _extra_files=encode_metadata(meta, records))
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -455,6 +479,7 @@ def update_metadata(path: str | Path, changes: dict[str, Any]) -> dict[str, Any]
         save_with_digests(module, tmp, new)
         _load(tmp, "cpu", source=repr(str(path)))
 
-    with quiet_jit():
+    check_free_space(path, Path(path).stat().st_size, what="export")
+    with quiet_jit(), file_lock(path, what="export"):
         atomic_write(path, write, what="export")
     return new

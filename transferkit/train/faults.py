@@ -13,15 +13,25 @@ from pathlib import Path
 
 import torch
 
-from transferkit.errors import TrainingError
+from transferkit._signals import TrainingInterrupted, held_signals, signal_name
+from transferkit.errors import OutputError, TrainingError, TransferkitError
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during [`transferkit.finetune`][transferkit.finetune]; ``checkpoint`` is where the work is."""
-
-    def __init__(self, message: str, checkpoint: Path | None) -> None:
-        super().__init__(message)
-        self.checkpoint = checkpoint
+@contextlib.contextmanager
+def interrupt_keeps_weights(save_interrupted: Callable[[], Path]) -> Iterator[None]:
+    """Ctrl-C or SIGTERM after training (evaluation, plots, the final writes): the trained
+    weights are saved by ``save_interrupted()`` and `TrainingInterrupted` says where. An
+    interruption that already says where the weights are passes through."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, TrainingInterrupted):
+            raise
+        with held_signals(reraise=False):
+            saved = save_interrupted()
+        raise TrainingInterrupted(f"Interrupted ({signal_name(exc)}) after training. The trained weights were saved "
+                                  f"to {str(saved)!r} (export them with `transferkit export {saved} --out model.pt`, "
+                                  "or start from them with weights=...).", saved) from exc
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -61,16 +71,32 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
     except KeyboardInterrupt as exc:
         if isinstance(exc, TrainingInterrupted):
             raise
+        what = f"Interrupted ({signal_name(exc)})."
         if checkpoint is not None and Path(checkpoint).exists():
-            raise TrainingInterrupted(f"Interrupted. The checkpoint {str(checkpoint)!r} holds the last completed "
+            raise TrainingInterrupted(f"{what} The checkpoint {str(checkpoint)!r} holds the last completed "
                                       f"epoch; continue exactly with transferkit.resume({str(checkpoint)!r}).",
                                       Path(checkpoint)) from exc
-        saved = save_interrupted()
+        with held_signals(reraise=False):  # a second Ctrl-C must not stop the save of the weights
+            saved = save_interrupted()
         advice = (f"No epoch had completed, so the checkpoint {str(checkpoint)!r} was not written yet; start the "
                   "run again to train from the beginning." if checkpoint is not None else
                   "Pass checkpoint=... to finetune() to be able to resume a run exactly.")
-        raise TrainingInterrupted(f"Interrupted. The current weights were saved to {str(saved)!r} (usable as "
+        raise TrainingInterrupted(f"{what} The current weights were saved to {str(saved)!r} (usable as "
                                   f"weights=... or with `transferkit export`). {advice}", saved) from exc
+    except OutputError as exc:  # a checkpoint write failed (a full disk): keep this epoch's weights elsewhere
+        with held_signals():
+            try:
+                saved: Path | None = save_interrupted()
+            except (OSError, TransferkitError):
+                saved = None
+        kept = (f" The current weights are saved in {str(saved)!r} (usable as weights=... or with `transferkit "
+                "export`)." if saved is not None else " The current weights could not be saved elsewhere either.")
+        if checkpoint is not None and Path(checkpoint).exists():
+            kept += (f" The checkpoint {str(checkpoint)!r} still holds the last epoch it completed: free some space, "
+                     f"then continue with transferkit.resume({str(checkpoint)!r}).")
+        err = OutputError(f"{str(exc).rstrip('.')}.{kept}")
+        err.fallback = saved  # type: ignore[attr-defined]
+        raise err from exc
     except TrainingError as exc:
         if checkpoint is not None and Path(checkpoint).exists():
             raise TrainingError(f"{exc} The last good checkpoint, {str(checkpoint)!r}, was kept.") from exc

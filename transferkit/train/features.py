@@ -15,6 +15,7 @@ truncated entry is recomputed and replaced.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,8 +31,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.train.distributed import DistInfo, all_ranks, barrier, gather_rows
-from transferkit._io import create_temp, file_digest, remove_stale_temps
+from transferkit._io import check_free_space, create_temp, file_digest, remove_stale_temps, reserve_blocks
 from transferkit.data.fingerprint import data_fingerprint, module_fingerprint, quick_fingerprint  # noqa: F401 (public here too)
+from transferkit.errors import OutputError
 from transferkit.train.loaders import EpochSampler, make_loader, mix_seed
 
 CACHE_FORMAT = 2
@@ -137,10 +139,18 @@ def compute_features(model: Any, dataset: Dataset, *, key: str, views: int, batc
     n = len(dataset)  # type: ignore[arg-type]
     writes = cache_dir is None or info.local_rank == 0  # this rank keeps the gathered array
     tmp = None
+    in_memory = False
     if cache_dir is not None and writes:
-        final = Path(_mkdir(cache_dir)) / key
-        remove_stale_temps(final)  # what a killed writer of this entry left behind
-        tmp = create_temp(final, directory=True)
+        try:
+            final = Path(_mkdir(cache_dir)) / key
+            remove_stale_temps(final)  # what a killed writer of this entry left behind
+            tmp = create_temp(final, directory=True)
+        except OSError as exc:
+            if info.enabled:
+                raise
+            warnings.warn(f"Cannot write a feature-cache entry in {str(cache_dir)!r} (cache_dir): {exc}. The features "
+                          "of this run are kept in memory; the next run computes them again.", stacklevel=2)
+            in_memory = True
     try:
         arr, targets = None, None
         for v in range(views):
@@ -149,21 +159,36 @@ def compute_features(model: Any, dataset: Dataset, *, key: str, views: int, batc
             if v == 0:
                 shape = (views, n, f.shape[1])
                 if tmp is not None:
-                    arr = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=shape)
-                elif writes:
+                    arr = _disk_array(tmp, shape, n, fallback=not info.enabled)
+                    if arr is None:  # no room on the cache's disk: this run keeps its features in memory
+                        shutil.rmtree(tmp, ignore_errors=True)
+                        tmp = None
+                        in_memory = True
+                if arr is None and writes:
                     arr = np.empty(shape, dtype=np.float32)
                 targets = _gathered(t, n, info)
             for start, rows in gather_rows(f, n, info):
                 if arr is not None:
                     arr[v, start:start + len(rows)] = rows.numpy()
         assert targets is not None and (arr is not None or not writes)  # n >= 1 is checked by the data layer
-        if cache_dir is None:
+        if cache_dir is None or in_memory:
             return FeatureStore(arr, targets, key)  # type: ignore[arg-type]
         if tmp is not None:
-            arr.flush()  # type: ignore[union-attr]
+            try:
+                arr.flush()  # type: ignore[union-attr]
+                np.save(tmp / "targets.npy", targets)
+                _write_entry_meta(tmp, key=key, views=views, n=n)
+            except OSError as exc:
+                if info.enabled:
+                    raise OutputError(f"Cannot write the feature-cache entry {str(Path(cache_dir) / key)!r} "
+                                      f"(cache_dir): {exc}.") from exc
+                warnings.warn(f"Cannot write the feature-cache entry {str(Path(cache_dir) / key)!r} (cache_dir): "
+                              f"{exc}. The features of this run are kept in memory; the next run computes them "
+                              "again.", stacklevel=2)
+                arr = np.array(arr)
+                shutil.rmtree(tmp, ignore_errors=True)
+                return FeatureStore(arr, targets, key)
             del arr
-            np.save(tmp / "targets.npy", targets)
-            _write_entry_meta(tmp, key=key, views=views, n=n)
             final = Path(cache_dir) / key
             try:
                 os.replace(tmp, final)
@@ -183,6 +208,37 @@ def compute_features(model: Any, dataset: Dataset, *, key: str, views: int, batc
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _disk_array(tmp: Path, shape: tuple[int, int, int], n: int, *, fallback: bool) -> np.memmap | None:
+    """A ``float32`` array of ``shape`` memory-mapped in ``tmp/features.npy``, its blocks
+    reserved on the disk first (``posix_fallocate``): writing pages of a memory map that the
+    disk cannot hold kills the process with SIGBUS. None, with a warning, when they do not fit
+    (``fallback=False``: OutputError)."""
+    need = int(np.prod(shape)) * 4 + n * 8
+    entry = tmp.parent / _entry_name(tmp)
+    try:
+        check_free_space(entry, need, what="feature-cache entry", flag="cache_dir")
+        arr = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=shape)
+        try:
+            reserve_blocks(tmp / "features.npy")
+        except OSError as exc:
+            arr = None  # unmapped before the folder is removed
+            raise OutputError(f"Not enough free space for the feature-cache entry {str(entry)!r} (cache_dir): "
+                              f"{os.strerror(exc.errno or 0)}.") from exc
+        return arr
+    except OSError as exc:
+        if not fallback:
+            raise
+        size = f"{need / 2**20:.1f} MB" if need >= 2**20 else f"{need / 2**10:.0f} kB"
+        warnings.warn(f"{exc} The features of this run are kept in memory instead (about {size}); "
+                      "the next run computes them again.", stacklevel=4)
+        return None
+
+
+def _entry_name(tmp: Path) -> str:
+    """The entry a temporary folder ``.<key>.tk-...tmp`` is written for."""
+    return tmp.name[1:].split(".tk-")[0]
 
 
 def _gathered(t: torch.Tensor, n: int, info: DistInfo) -> np.ndarray:
@@ -215,7 +271,11 @@ def load_cached(cache_dir: str | Path, key: str) -> FeatureStore | None:
             problem = f"{type(exc).__name__}: {exc}"
     if problem is not None:
         warnings.warn(f"Feature-cache entry {str(d)!r} is damaged ({problem}); recomputing it.", stacklevel=2)
-        shutil.rmtree(d, ignore_errors=True)
+        if d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                d.unlink()
         return None
     return FeatureStore(feats, targets, key, path=d, reused=True)
 
@@ -228,8 +288,11 @@ def _entry_problem(d: Path, key: str) -> str | None:
     if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
         return f"format {meta.get('format')} / key {meta.get('key')}, expected {CACHE_FORMAT} / {key}"
     for name, digest in (meta.get("digests") or {}).items():
-        if not (d / name).exists() or file_digest(d / name) != digest:
-            return f"{name} does not match its digest"
+        try:
+            if not (d / name).is_file() or file_digest(d / name) != digest:
+                return f"{name} does not match its digest"
+        except OSError as exc:
+            return f"{name} cannot be read ({type(exc).__name__}: {exc})"
     return None if meta.get("digests") else "no digests"
 
 

@@ -5,12 +5,13 @@ Both are optional extras: ``pip install transferkit[tensorboard]`` / ``transferk
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from transferkit._io import atomic_write
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, OutputError
 
 
 class TensorBoardLogger:
@@ -28,9 +29,28 @@ class TensorBoardLogger:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
             raise ConfigError("log_dir= needs TensorBoard: pip install 'transferkit[tensorboard]'.") from exc
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.log_dir = log_dir
+        try:
+            self.writer: Any = SummaryWriter(log_dir=str(log_dir))
+        except OSError as exc:
+            raise OutputError(f"Cannot write TensorBoard logs in {str(log_dir)!r} (log_dir): {exc.strerror or exc}. "
+                              "Free some space or choose another log_dir.") from exc
+
+    def _failed(self, exc: OSError) -> None:
+        """A log that cannot be written (a full disk) does not stop the run: one warning, no more logging."""
+        warnings.warn(f"TensorBoard logs can no longer be written in {str(self.log_dir)!r} (log_dir): "
+                      f"{exc.strerror or exc}; the run goes on without them.", stacklevel=3)
+        self.writer = None
 
     def log_epoch(self, row: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        try:
+            self._log_epoch(row)
+        except OSError as exc:
+            self._failed(exc)
+
+    def _log_epoch(self, row: dict[str, Any]) -> None:
         step = int(row["epoch"])
         for k, v in row.items():
             if k == "lr" and isinstance(v, (int, float)):
@@ -44,13 +64,22 @@ class TensorBoardLogger:
         self.writer.flush()
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                self.writer.add_scalar(f"final/{k}", float(v), step)
-        self.writer.flush()
+        if self.writer is None:
+            return
+        try:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"final/{k}", float(v), step)
+            self.writer.flush()
+        except OSError as exc:
+            self._failed(exc)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except OSError as exc:
+                self._failed(exc)
 
 
 def pyplot() -> Any:

@@ -1,0 +1,214 @@
+"""More bad inputs: CSV files as spreadsheets write them, one image under two labels, class
+names that cannot be exported, empty arrays and bytes given to ``predict``, long audio at
+predict time, settings that would fail late, and the CLI's output piped to ``head``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import transferkit as tk
+from transferkit.backbones import InputSpec
+from transferkit.data import prepare_data
+from transferkit.errors import ConfigError, DataError
+from transferkit.export.predictor import Predictor
+
+from tests.conftest import make_image_folder
+
+
+def _csv(tmp_path: Path, text: str, *, encoding: str = "utf-8", bom: bool = False) -> Path:
+    make_image_folder(tmp_path / "img", per_class=3, size=16)
+    p = tmp_path / "list.csv"
+    p.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode(encoding))
+    return p
+
+
+def _rows(tmp_path: Path, extra: str = "") -> str:
+    files = sorted(f for f in (tmp_path / "img").rglob("*") if f.is_file())
+    return "".join(f"{p.relative_to(tmp_path)},{p.parent.name}{extra}\n" for p in files)
+
+
+# -- CSV files -----------------------------------------------------------------------------------
+def test_a_csv_with_excels_byte_order_mark_reads_like_any_other(tmp_path):
+    make_image_folder(tmp_path / "img", per_class=3, size=16)
+    p = _csv(tmp_path, "path,label\n" + _rows(tmp_path), bom=True)
+    bundle = prepare_data(p, val_split=0)
+    assert bundle.classes == ["dark", "light"] and len(bundle.train) == 6
+
+
+def test_a_latin1_csv_is_one_clear_error(tmp_path):
+    make_image_folder(tmp_path / "img", per_class=3, size=16)
+    p = _csv(tmp_path, "path,label\n" + _rows(tmp_path) + "img/dark/x.png,caf\u00e9\n", encoding="latin-1")
+    with pytest.raises(DataError, match="is not UTF-8 text .*save it as UTF-8"):
+        prepare_data(p)
+
+
+def test_a_row_with_an_extra_column_is_named(tmp_path):
+    make_image_folder(tmp_path / "img", per_class=3, size=16)
+    p = _csv(tmp_path, "path,label\n" + _rows(tmp_path) + "img/dark/dark_1.png,dark,junk\n")
+    with pytest.raises(DataError, match=r"rows \[8\] do not have the form 'path,label' \(they have 3 column"):
+        prepare_data(p)
+
+
+def test_one_file_with_two_labels_is_refused(tmp_path):
+    make_image_folder(tmp_path / "img", per_class=3, size=16)
+    p = _csv(tmp_path, _rows(tmp_path) + "img/dark/dark_1.png,light\n")
+    with pytest.raises(DataError, match="lists 'img/dark/dark_1.png' twice, with labels 'dark' and 'light'"):
+        prepare_data(p)
+
+
+def test_labels_differing_only_in_case_are_refused(tmp_path):
+    make_image_folder(tmp_path / "img", per_class=3, size=16)
+    rows = _rows(tmp_path).replace(",light\n", ",Light\n", 1)
+    with pytest.raises(DataError, match="the class names 'Light' and 'light' differ only in case"):
+        prepare_data(_csv(tmp_path, rows))
+
+
+def test_an_audio_file_list_with_a_bom_and_a_ragged_row(tmp_path):
+    from transferkit.data.audio import read_file_list
+
+    for i, lab in enumerate(["a", "b"]):
+        sf.write(tmp_path / f"{lab}.wav", np.zeros(800, np.float32), 8000)
+    p = tmp_path / "list.csv"
+    p.write_bytes(b"\xef\xbb\xbfpath,label\na.wav,a\nb.wav,b\n")
+    samples, classes = read_file_list(p)
+    assert classes == ["a", "b"] and len(samples) == 2
+    p.write_bytes(b"path,label\na.wav,a\nb.wav,b,junk\n")
+    with pytest.raises(DataError, match=r"rows \[3\] do not match the header"):
+        read_file_list(p)
+    p.write_bytes(b"path,label\na.wav,a\na.wav,b\n")
+    with pytest.raises(DataError, match="twice, with labels 'a' and 'b'"):
+        read_file_list(p)
+
+
+# -- the same image under two labels -----------------------------------------------------------
+def test_the_same_image_in_two_class_folders_is_warned(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=4, size=16)
+    shutil.copy(root / "dark" / "dark_1.png", root / "light" / "copy.png")
+    with pytest.warns(UserWarning, match="same content as a file of another class"):
+        bundle = prepare_data(root, val_split=0)
+    assert any("same content as a file of another class" in w and "copy.png (light)" in w
+               for w in bundle.report.warnings)
+
+
+def test_a_class_folder_linked_to_another_is_warned(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=4, size=16)
+    os.symlink(root / "dark", root / "zlinked")
+    with pytest.warns(UserWarning, match="class folder linked to another"):
+        bundle = prepare_data(root, val_split=0)
+    assert any("4 training file(s)" in w and "(zlinked)" in w for w in bundle.report.warnings)
+
+
+def test_a_class_name_with_a_line_break_is_refused_before_training(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=4, size=16)
+    (root / "light").rename(root / "li\nght")
+    with pytest.raises(DataError, match=r"the class name 'li\\nght' holds a line break"):
+        prepare_data(root)
+
+
+# -- predict -------------------------------------------------------------------------------------
+class _Mean(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.float().mean((1, 2, 3)) / 255.0
+        return torch.stack([m, 1.0 - m], 1)
+
+
+class _Length(torch.nn.Module):
+    """[N, T] NaN-padded -> (number of valid samples, 0)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = (~torch.isnan(x)).sum(1).float()
+        return torch.stack([n, torch.zeros_like(n)], 1)
+
+
+def _image_predictor() -> Predictor:
+    meta = {"labels": ["a", "b"], "task": "multiclass", "input_spec": InputSpec(image_size=16).to_dict()}
+    return Predictor(torch.jit.script(_Mean()), meta, source="test model")
+
+
+@pytest.mark.parametrize("shape", [(0, 0, 3), (0, 10, 3), (10, 0)])
+def test_an_empty_image_array_is_refused(shape):
+    with pytest.raises(DataError, match="empty image"):
+        _image_predictor().predict(np.zeros(shape, np.uint8))
+    with pytest.raises(DataError, match="empty image"):
+        _image_predictor().predict(torch.zeros(3, *shape[:2], dtype=torch.uint8))
+
+
+def test_bytes_are_refused_with_how_to_decode_them():
+    with pytest.raises(DataError, match=r"Cannot predict on bytes: pass a file path, or decode the bytes first"):
+        _image_predictor().predict(b"\x89PNG...")
+
+
+def test_predict_errors_do_not_give_training_advice(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    pred = _image_predictor().predict([str(tmp_path / "bad.png")])[0]
+    assert not pred.ok and "Cannot read image" in pred.error and "on_bad_file" not in pred.error
+
+
+def test_long_audio_is_cropped_at_predict_time_as_in_training(tmp_path):
+    spec = InputSpec(kind="audio", sample_rate=8000, clip_seconds=None)
+    meta = {"labels": ["a", "b"], "task": "multiclass", "input_spec": spec.to_dict(), "config": {"max_seconds": 2.0}}
+    p = Predictor(torch.jit.script(_Length()), meta, source="test model")
+    sf.write(tmp_path / "long.wav", np.random.default_rng(0).uniform(-0.1, 0.1, 8000 * 10).astype(np.float32), 8000)
+    sf.write(tmp_path / "short.wav", np.zeros(4000, np.float32) + 0.01, 8000)
+    with pytest.warns(UserWarning, match=r"1 audio file\(s\) last longer than max_seconds=2.0 .*long.wav"):
+        out = p.outputs([str(tmp_path / "long.wav"), str(tmp_path / "short.wav")])
+    assert out.shape == (2, 2)
+    raw = Predictor(torch.jit.script(_Length()), {**meta, "config": {"max_seconds": None}}, source="m")
+    lengths = raw.module(raw.inputs.batch([str(tmp_path / "long.wav")]))[:, 0]
+    cropped = p.module(p.inputs.batch([str(tmp_path / "long.wav")]))[:, 0]
+    assert float(cropped) == 16000 and float(lengths) == 80000  # 2 s of 10 s; whole clips with max_seconds=None
+    fixed = Predictor(torch.jit.script(_Length()), {**meta, "input_spec": {**spec.to_dict(), "clip_seconds": 1.0}},
+                      source="m")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model's own 1 s window: nothing to say
+        fixed.outputs([str(tmp_path / "long.wav")])
+    assert float(fixed.module(fixed.inputs.batch([str(tmp_path / "long.wav")]))[0, 0]) == 8000
+
+
+# -- settings that failed late ------------------------------------------------------------------
+def test_backbone_options_the_builder_rejects_are_a_config_error(image_folder):
+    with pytest.raises(ConfigError, match=r"cannot be built with the options \{'widths': \[1\]\} \(backbone_options\)"):
+        tk.finetune("tk:cifar_resnet20", weights=None, data=image_folder, backbone_options={"widths": [1]},
+                    verbose=False, num_workers=0)
+
+
+def test_class_weights_all_zero_are_refused():
+    with pytest.raises(ConfigError, match=r"class_weights=\[0, 0\] is out of range; expected at least one weight > 0"):
+        tk.FinetuneConfig(data="x", class_weights=[0, 0])
+
+
+# -- the CLI piped to head ----------------------------------------------------------------------
+def test_a_closed_pipe_ends_the_cli_quietly(monkeypatch, capsys):
+    from transferkit import cli
+
+    def backbones(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_cmd_backbones", backbones)
+    monkeypatch.setattr(os, "dup2", lambda *a: None)  # keep pytest's stdout
+    assert cli.main(["backbones"]) == 141
+    assert "error" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell")
+def test_predict_json_piped_to_head(tmp_path):
+    from tests.export_helpers import export_tiny
+
+    model = tmp_path / "m.pt"
+    export_tiny(model)
+    folder = make_image_folder(tmp_path / "imgs", per_class=300, size=8)  # a JSON larger than the pipe buffer
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run(f"'{sys.executable}' -m transferkit predict --json {model} {folder} | head -c 10",
+                       shell=True, capture_output=True, text=True, env=env, timeout=300)
+    assert r.stdout.startswith("[") and "Broken pipe" not in r.stderr and "error" not in r.stderr, r.stderr

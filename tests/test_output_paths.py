@@ -1,0 +1,209 @@
+"""Output paths that collide, names too long for the file system, resume without a checkpoint,
+settings that would be ignored: one clear error before any work, and nothing overwritten."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import transferkit as tk
+from transferkit.errors import ConfigError, FileLockedError, OutputError
+from transferkit.checkpoints import load_checkpoint, save_checkpoint
+
+FAST = dict(backbone="tk:small_cnn", weights=None, policy="finetune", epochs=1, batch_size=8, augment="none",
+            verbose=False, num_workers=0, image_size=16, precision="fp32")
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if the run gets as far as building the backbone: the error must come first."""
+    import transferkit.api  # noqa: F401  (every module that builds a backbone is loaded)
+
+    def built(*a, **k):
+        raise AssertionError("the backbone was built: the error came after work was spent")
+
+    monkeypatch.setattr(sys.modules["transferkit.facts"], "get_backbone", built)  # where the run builds it
+
+
+def _bytes(p: Path) -> bytes:
+    return p.read_bytes()
+
+
+def test_export_and_checkpoint_on_one_file_are_refused(tmp_path, image_folder, no_training):
+    with pytest.raises(ConfigError, match="export and checkpoint are the same file"):
+        tk.finetune(data=image_folder, export=tmp_path / "same.pt", checkpoint=tmp_path / "same.pt", **FAST)
+    with pytest.raises(ConfigError, match="same file"):  # spelled differently, still one file
+        tk.finetune(data=image_folder, export=tmp_path / "same.pt", checkpoint=f"{tmp_path}/./x/../same.pt", **FAST)
+    assert not list(tmp_path.glob("*same*"))
+
+
+@pytest.mark.parametrize("out", ["checkpoint", "export"])
+def test_the_pretrained_weights_file_is_never_overwritten(tmp_path, image_folder, no_training, out):
+    w = tmp_path / "w.th"
+    save_checkpoint(w, model=torch.nn.Linear(2, 2), meta={})
+    before = _bytes(w)
+    with pytest.raises(ConfigError, match=f"{out}='{w}' is the weights file the run reads"):
+        tk.finetune(data=image_folder, **{**FAST, "weights": str(w), out: str(w)})
+    assert _bytes(w) == before
+
+
+def test_a_data_csv_is_never_overwritten(tmp_path, image_folder, no_training):
+    csv = tmp_path / "train.csv"
+    csv.write_text("".join(f"{p},{p.parent.name}\n" for p in sorted(image_folder.rglob("*.png"))))
+    with pytest.raises(ConfigError, match="is the data file the run reads"):
+        tk.finetune(data=csv, export=csv, **FAST)
+
+
+def test_plots_inside_the_data_folder_are_refused(tmp_path, image_folder, no_training):
+    with pytest.raises(ConfigError, match="lies inside the data folder .*read as data"):
+        tk.finetune(data=image_folder, plots_dir=image_folder / "plots", **FAST)
+
+
+def test_an_export_name_too_long_for_the_temporary_is_refused_before_training(tmp_path, image_folder,
+                                                                             no_training):
+    long = tmp_path / ("m" * 235 + ".pt")  # 238 bytes: fits 255, but not with the temporary's suffix
+    with pytest.raises(OutputError, match=r"has a file name of 238 bytes; this file system takes 255.*at most 202"):
+        tk.finetune(data=image_folder, export=long, **FAST)
+    with pytest.raises(OutputError, match="holds a name of 300 bytes"):
+        tk.finetune(data=image_folder, plots_dir=tmp_path / ("p" * 300), **FAST)
+
+
+def test_the_longest_accepted_name_is_written_and_so_are_its_fallbacks(tmp_path, image_folder, monkeypatch):
+    """A 202-byte export name passes the check and is written; when its export fails, the
+    fallback (a longer name) is shortened to fit, so the weights are still kept."""
+    from transferkit.errors import ExportError
+
+    name = "m" * 199 + ".pt"
+    r = tk.finetune(data=image_folder, export=tmp_path / name, **FAST)
+    assert r.export_path.name == name and r.export_path.is_file()
+
+    def refuse(*a, **k):
+        raise ExportError("parity check failed")
+
+    monkeypatch.setattr(sys.modules["transferkit.steps"], "export_torchscript", refuse)
+    with pytest.raises(ExportError, match="The trained weights are saved in") as info:
+        tk.finetune(data=image_folder, export=tmp_path / ("n" * 199 + ".pt"), **FAST)
+    fallback = info.value.fallback
+    assert fallback.parent == tmp_path and len(fallback.name) <= 255 and load_checkpoint(fallback)["model"]
+
+
+def test_resume_without_a_checkpoint_is_an_error_naming_the_path(tmp_path, image_folder, no_training):
+    with pytest.raises(ConfigError, match=f"resume=True but the checkpoint '{tmp_path / 'typo.ckpt'}' does not exist"):
+        tk.finetune(data=image_folder, checkpoint=tmp_path / "typo.ckpt", resume=True, **FAST)
+    with pytest.raises(ConfigError, match="resume=True needs checkpoint="):
+        tk.finetune(data=image_folder, resume=True, **FAST)
+    assert not (tmp_path / "typo.ckpt").exists()
+
+
+def test_tolerances_and_example_counts_are_checked_before_the_export(tmp_path, image_folder, monkeypatch):
+    import transferkit.export.from_checkpoint as fc
+
+    tk.finetune(data=image_folder, checkpoint=tmp_path / "c1.ckpt", **FAST)
+
+    def built(*a, **k):
+        raise AssertionError("the model was rebuilt before the arguments were checked")
+
+    monkeypatch.setattr(fc, "model_from_checkpoint", built)
+    for flags, expected in [(["--atol", "-1"], "atol=-1.0 is out of range"), (["--atol", "nan"], "atol=nan"),
+                            (["--rtol", "inf"], "rtol=inf is out of range"),
+                            (["--num-examples", "-5"], "num_examples=-5 is out of range"),
+                            (["--num-examples", "0"], "num_examples=0")]:
+        with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
+            fc.export_checkpoint(tmp_path / "c1.ckpt", tmp_path / "x.pt",
+                                 **{"atol": float(flags[1])} if flags[0] == "--atol" else
+                                 {"rtol": float(flags[1])} if flags[0] == "--rtol" else
+                                 {"num_examples": int(flags[1])})
+    from transferkit.export import export_torchscript
+
+    with pytest.raises(ConfigError, match="rtol=inf"):
+        export_torchscript(torch.nn.Linear(2, 2), tmp_path / "y.pt", metadata={}, example_inputs=torch.zeros(2, 2),
+                           rtol=float("inf"))
+
+
+def test_cli_export_onto_its_own_checkpoint_is_refused(tmp_path, image_folder, capsys):
+    from transferkit.cli import main
+
+    tk.finetune(data=image_folder, checkpoint=tmp_path / "c1.pt", **FAST)
+    before = _bytes(tmp_path / "c1.pt")
+    assert main(["export", str(tmp_path / "c1.pt"), "--out", str(tmp_path / "c1.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is the checkpoint being exported: writing it would replace the checkpoint" in err[0]
+    assert _bytes(tmp_path / "c1.pt") == before
+    assert main(["export", str(tmp_path / "c1.pt"), "--out", str(tmp_path / "x.pt"), "--atol", "nan"]) == 2
+    assert "atol=nan is out of range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", ["limit=2", "out_dir=/tmp/x", "download=true", "runs={a: {}}"])
+def test_settings_finetune_would_ignore_are_refused(tmp_path, image_folder, capsys, setting):
+    from transferkit.cli import main
+
+    assert main(["finetune", "--data", str(image_folder), "--set", setting, "--backbone", "tk:small_cnn"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    key = setting.split("=")[0]
+    assert len(err) == 1 and f"--set: {key} is read by the recipes" in err[0] and "would ignore it" in err[0]
+
+
+def test_a_config_file_with_data_and_data_dir_is_refused(tmp_path, image_folder, capsys):
+    from transferkit.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"data_dir: {tmp_path / 'elsewhere'}\ndata: {image_folder}\nbackbone: tk:small_cnn\n")
+    assert main(["finetune", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "both" in err and "data_dir=" in err and "Keep one" in err and len(err.strip().splitlines()) == 1
+    cfg.write_text(f"limit: 2\ndata: {image_folder}\n")
+    assert main(["finetune", "--config", str(cfg)]) == 2
+    assert "limit is read by the recipes" in capsys.readouterr().err
+
+
+HOLD_EXPORT = textwrap.dedent("""
+    import sys, time
+    from transferkit._io import file_lock
+    with file_lock(sys.argv[1], what="export"):
+        print("locked", flush=True)
+        time.sleep(120)
+""")
+
+
+def test_two_runs_exporting_to_one_path_the_second_is_refused_before_training(tmp_path, image_folder,
+                                                                             no_training):
+    target = tmp_path / "m.pt"
+    script = tmp_path / "holder.py"
+    script.write_text(HOLD_EXPORT)
+    proc = subprocess.Popen([sys.executable, str(script), str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(FileLockedError, match=f"The export '{target}' \\(export\\) is being written by process "
+                                                  f"{proc.pid}"):
+            tk.finetune(data=image_folder, export=target, **FAST)
+        from tests.export_helpers import images, tiny_model
+
+        from transferkit.export import export_torchscript
+
+        model, bb = tiny_model(2)
+        meta = {"labels": ["a", "b"], "input_spec": bb.input_spec.replace(image_size=16).to_dict()}
+        with pytest.raises(FileLockedError):  # export_torchscript alone takes the lock too
+            export_torchscript(model, target, metadata=meta, example_inputs=images(2, 16))
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert not target.exists()
+
+
+def test_ignored_runs_in_a_recipe_file_are_said(tmp_path, image_folder, capsys):
+    from transferkit.cli import main
+
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text("backbone: tk:small_cnn\nweights: null\nimage_size: 16\nepochs: 1\nverbose: false\n"
+                   "runs:\n  a: {epochs: 3}\n")
+    assert main(["finetune", "--config", str(cfg), "--data", str(image_folder), "--set", "num_workers=0",
+                 "--set", "batch_size=8"]) == 0
+    captured = capsys.readouterr()
+    assert "the `runs` of this recipe file are not used" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["best"]

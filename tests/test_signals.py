@@ -1,0 +1,206 @@
+"""Ctrl-C and SIGTERM at each write of a run: the trained weights are kept in a named file.
+
+The signals are real: the child process sends them to itself at the chosen moment (inside
+the export, inside a checkpoint write, inside the fallback save), or the test sends SIGTERM
+from outside while the run trains.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import transferkit as tk
+from transferkit.checkpoints import load_checkpoint
+from transferkit.train.faults import TrainingInterrupted
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+FAST = dict(backbone="tk:small_cnn", weights=None, policy="finetune", batch_size=8, augment="none", verbose=False,
+            num_workers=0, image_size=16, precision="fp32")
+LOUD = ["--backbone", "tk:small_cnn", "--weights", "none", "--policy", "finetune", "--batch-size", "8",
+        "--augment", "none", "--image-size", "16", "--precision", "fp32", "--set", "num_workers=0"]
+CLI = [*LOUD, "--set", "verbose=false"]
+
+CHILD = """
+    import os, signal, sys
+    import transferkit.export.torchscript as ts
+    import transferkit.checkpoints as ck
+    from transferkit.cli import main
+    import transferkit.api  # noqa: F401  (loads transferkit.steps)
+
+    mode, args = sys.argv[1], sys.argv[2:]
+    sig = signal.SIGTERM if "term" in mode else signal.SIGINT
+    if mode.startswith("export"):  # the signal arrives while the export is being written
+        real = ts.atomic_write
+
+        def atomic_write(path, write, **kw):
+            def interrupted(tmp):
+                os.kill(os.getpid(), sig)
+                write(tmp)
+            return real(path, interrupted, **kw)
+
+        ts.atomic_write = atomic_write
+    if mode.startswith("fallback"):  # Ctrl-C during the export, then again while the weights are saved
+        steps = sys.modules["transferkit.steps"]
+        real_export, real_fallback = steps.export_torchscript, ck.save_fallback
+
+        def export(*a, **k):
+            os.kill(os.getpid(), signal.SIGINT)
+            return real_export(*a, **k)
+
+        def save_fallback(*a, **k):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_fallback(*a, **k)
+
+        steps.export_torchscript = export
+        ck.save_fallback = save_fallback
+    if mode.startswith("checkpoint"):  # the signal arrives while the second epoch's checkpoint is written
+        real_save, calls = ck.torch.save, []
+
+        def save(obj, f, *a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), sig)
+            return real_save(obj, f, *a, **k)
+
+        ck.torch.save = save
+    if mode.startswith("epoch"):  # the signal arrives during training (from a callback)
+        import transferkit.train.loop as loop
+        real_epoch = loop.train_one_epoch
+
+        def train_one_epoch(*a, **k):
+            out = real_epoch(*a, **k)
+            os.kill(os.getpid(), sig)
+            return out
+
+        loop.train_one_epoch = train_one_epoch
+    sys.exit(main(args))
+"""
+
+
+def _run(tmp_path: Path, mode: str, *args: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(CHILD))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, str(script), mode, *args], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)
+
+
+def _saved(stderr: str) -> Path:
+    """The file the one-line message names as holding the weights."""
+    line = stderr.strip().splitlines()[-1]
+    for marker in ("saved in '", "saved to '"):
+        if marker in line:
+            return Path(line.split(marker, 1)[1].split("'", 1)[0])
+    raise AssertionError(f"no saved file named in {line!r}")
+
+
+@pytest.mark.parametrize("sig", ["int", "term"])
+def test_a_signal_during_the_export_keeps_the_weights(tmp_path, image_folder, sig):
+    r = _run(tmp_path, f"export-{sig}", "finetune", "--data", str(image_folder), "--epochs", "1",
+             "--export", str(tmp_path / "m.pt"), *CLI)
+    assert r.returncode == (130 if sig == "int" else 143), r.stderr[-3000:]
+    line = r.stderr.strip().splitlines()[-1]
+    name = "Ctrl-C" if sig == "int" else "SIGTERM"
+    assert line.startswith(f"transferkit: interrupted: Interrupted ({name}) while writing the export "
+                           f"'{tmp_path / 'm.pt'}' (export); nothing was written there."), line
+    saved = _saved(r.stderr)
+    assert saved.is_file() and load_checkpoint(saved)["model"]
+    assert not (tmp_path / "m.pt").exists() and not list(tmp_path.glob(".m.pt.tk-*"))
+
+
+def test_ctrl_c_again_while_the_weights_are_saved_does_not_lose_them(tmp_path, image_folder):
+    r = _run(tmp_path, "fallback", "finetune", "--data", str(image_folder), "--epochs", "1",
+             "--export", str(tmp_path / "m.pt"), *CLI)
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "while writing the export" in r.stderr
+    assert load_checkpoint(_saved(r.stderr))["model"]
+
+
+@pytest.mark.parametrize("sig", ["int", "term"])
+def test_a_signal_during_a_checkpoint_write_keeps_the_last_one(tmp_path, image_folder, sig):
+    ckpt = tmp_path / "run.ckpt"
+    r = _run(tmp_path, f"checkpoint-{sig}", "finetune", "--data", str(image_folder), "--epochs", "3",
+             "--checkpoint", str(ckpt), *CLI)
+    assert r.returncode == (130 if sig == "int" else 143), r.stderr[-3000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert f"The checkpoint '{ckpt}' holds the last completed epoch" in line
+    assert ("SIGTERM" in line) == (sig == "term")
+    assert load_checkpoint(ckpt)["epoch"] == 1  # epoch 2's write was interrupted; epoch 1's file is intact
+    assert not list(tmp_path.glob(".run.ckpt.tk-*"))
+    resumed = tk.resume(ckpt, verbose=False)
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3]
+
+
+def test_sigterm_during_training_without_a_checkpoint_keeps_the_weights(tmp_path, image_folder):
+    r = _run(tmp_path, "epoch-term", "finetune", "--data", str(image_folder), "--epochs", "3", *CLI)
+    assert r.returncode == 143, r.stderr[-3000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("transferkit: interrupted: Interrupted (SIGTERM). The current weights were saved to")
+    assert load_checkpoint(_saved(r.stderr))["model"]
+
+
+def test_sigterm_from_outside_while_training(tmp_path, image_folder):
+    """What a scheduler does: SIGTERM from another process while the run trains."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "finetune", "--data", str(image_folder),
+                             "--epochs", "200", *LOUD], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env=env, cwd=tmp_path)
+    try:
+        lines = []
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if line.startswith("epoch") or not line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 143, "".join(lines)[-2000:] + rest[-2000:]
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith("transferkit: interrupted: Interrupted (SIGTERM)."), last
+    assert load_checkpoint(_saved(rest))["model"]
+
+
+def test_sigterm_in_python_is_a_training_interrupted(tmp_path, image_folder, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def terminate(row):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted, match=r"Interrupted \(SIGTERM\)\. The current weights were saved") as info:
+        tk.finetune(data=image_folder, epochs=2, callbacks=[terminate], **FAST)
+    assert info.value.checkpoint.is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handler is gone
+
+
+def test_a_signal_after_training_keeps_the_weights(tmp_path, image_folder, monkeypatch):
+    """Ctrl-C during the evaluation that follows training: the trained weights are saved."""
+    import transferkit.api as api
+
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "evaluate", interrupted)
+    with pytest.raises(TrainingInterrupted, match=r"Interrupted \(Ctrl-C\) after training\. The trained weights") as info:
+        tk.finetune(data=image_folder, epochs=1, export=tmp_path / "m.pt", **FAST)
+    saved = info.value.checkpoint
+    assert saved == tmp_path / "m.interrupted.pt"
+    model = load_checkpoint(saved)["model"]
+    assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())

@@ -1,0 +1,95 @@
+"""Signals during a run: SIGTERM (what a scheduler or ``kill`` sends before killing a job)
+handled like Ctrl-C, and Ctrl-C / SIGTERM held while the last copy of the trained weights is
+being written.
+
+- `terminate_as_interrupt`: inside the block, SIGTERM raises `Terminated` (a
+  ``KeyboardInterrupt``) in the main thread, so the code that keeps the weights on Ctrl-C keeps
+  them on SIGTERM too. A handler the program installed itself is left alone.
+- `held_signals`: inside the block, SIGINT and SIGTERM are recorded, not acted on; the block
+  finishes its write, then `KeyboardInterrupt` / `Terminated` is raised (``reraise=False``: the
+  caller is already reporting an interruption).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received during a run (handled like Ctrl-C: the trained weights are kept)."""
+
+    signum = signal.SIGTERM
+
+    def __init__(self, message: str = "terminated (SIGTERM)") -> None:
+        super().__init__(message)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during [`transferkit.finetune`][transferkit.finetune]; ``checkpoint`` is where the work
+    is (the run's checkpoint, or the file the current weights were saved to)."""
+
+    def __init__(self, message: str, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+def signal_name(exc: BaseException | None) -> str:
+    """``"SIGTERM"`` for a `Terminated` (also as the cause of another interruption), else ``"Ctrl-C"``."""
+    while exc is not None:
+        if isinstance(exc, Terminated) or getattr(exc, "signum", None) == signal.SIGTERM:
+            return "SIGTERM"
+        exc = exc.__cause__ or exc.__context__
+    return "Ctrl-C"
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises `Terminated` inside the block (main thread, default SIGTERM handler only)."""
+    if not _main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def held_signals(*, reraise: bool = True) -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM until the block ends (main thread only); then, with ``reraise``,
+    raise for the first one that arrived. Yields the list of signals received so far."""
+    got: list[int] = []
+    if not _main_thread():
+        yield got
+        return
+
+    def record(signum: int, frame: object) -> None:
+        got.append(signum)
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, record)
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+    if reraise and got:
+        if got[0] == signal.SIGTERM and old[signal.SIGTERM] is signal.SIG_DFL:
+            raise Terminated()
+        if got[0] == signal.SIGINT and old[signal.SIGINT] is signal.default_int_handler:
+            raise KeyboardInterrupt()
+        signal.raise_signal(got[0])  # the program's own handler decides

@@ -1,0 +1,136 @@
+"""The output paths of a run, checked before any work is spent on them, and held while it runs.
+
+`check_output_paths` raises one clear error, before the backbone is built, for what would
+otherwise fail or destroy something at the end of the run:
+
+- a path that cannot be written (a folder given for a file, a read-only or missing parent,
+  a file name too long for the file system once the temporary suffix is added);
+- two outputs on one file (``export`` and ``checkpoint``), an output on an input (the
+  pretrained ``weights`` file, a CSV of ``data`` / ``val_data``), an output folder inside the
+  data (its files would be read as training data by the next run);
+- ``resume=True`` without a checkpoint to resume;
+- an output on a full file system (less than 64 kB free).
+
+`check_output_space` (once the model is built, before training) refuses an export or checkpoint
+whose weights alone do not fit the free space.
+
+`output_locks` holds the checkpoint's and the export's locks for the whole run: a second run
+writing either gets `FileLockedError` at once instead of overwriting the first one's file.
+
+Example:
+    >>> check_output_paths(FinetuneConfig(data="images/", export="m.pt", checkpoint="m.pt"))
+    Traceback (most recent call last):
+    ...
+    transferkit.errors.ConfigError: export and checkpoint are the same file 'm.pt': ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transferkit._io import (
+    check_free_space,
+    check_writable,
+    file_lock,
+    free_bytes,
+    is_inside,
+    remove_stale_temps,
+    same_file,
+)
+from transferkit.config import FinetuneConfig
+from transferkit.errors import ConfigError, OutputError
+
+OUTPUTS = {"export": "file", "checkpoint": "file", "plots_dir": "dir", "cache_dir": "dir", "log_dir": "dir"}
+"""Every output setting of a run and whether it names a file or a folder."""
+MIN_FREE = 1 << 16
+"""Bytes an output's file system must have free before the run starts: less is a full disk,
+said at once (each large write checks its own estimate again when it happens)."""
+_WHAT = {"export": "export", "checkpoint": "checkpoint", "plots_dir": "plots folder", "cache_dir": "cache folder",
+         "log_dir": "log folder"}
+
+
+def _path(value: Any) -> Path | None:
+    return Path(value) if isinstance(value, (str, Path)) and str(value) else None
+
+
+def _weights_file(value: Any) -> Path | None:
+    """The pretrained-weights setting when it names a file (not a tag such as 'DEFAULT')."""
+    p = _path(value)
+    return p if p is not None and p.is_file() else None
+
+
+def check_output_paths(cfg: FinetuneConfig) -> None:
+    """Raise ConfigError (collisions, resume) or OutputError (a path that cannot be written)
+    naming the setting, before anything is built or trained (see the module docstring)."""
+    outputs = {k: p for k in OUTPUTS if (p := _path(getattr(cfg, k))) is not None}
+    if cfg.resume:
+        _check_resume(cfg)
+    files = [(k, p) for k, p in outputs.items() if OUTPUTS[k] == "file"]
+    for i, (a, pa) in enumerate(files):
+        for b, pb in files[i + 1:]:
+            if same_file(pa, pb):
+                raise ConfigError(f"{a} and {b} are the same file {str(pa)!r}: the {b} would be replaced by the "
+                                  f"{a} (or the other way round). Give them two paths, e.g. {b}="
+                                  f"{str(pa.with_suffix('.ckpt' if b == 'checkpoint' else '.pt'))!r}.")
+    weights = _weights_file(cfg.weights)
+    inputs = [("weights", weights)] + [(k, _path(getattr(cfg, k))) for k in ("data", "val_data")]
+    for key, src in inputs:
+        if src is None:
+            continue
+        for out, p in outputs.items():
+            if OUTPUTS[out] == "file" and same_file(p, src):
+                if key == "weights" and out == "checkpoint" and cfg.resume:
+                    continue  # resume reads and rewrites its own checkpoint
+                raise ConfigError(f"{out}={str(p)!r} is the {key} file the run reads: writing the {out} would "
+                                  f"overwrite it. Give the {out} another path.")
+            if OUTPUTS[out] == "dir" and key != "weights" and src.is_dir() and is_inside(p, src):
+                raise ConfigError(f"{out}={str(p)!r} lies inside the {key} folder {str(src)!r}: the files written "
+                                  "there would be read as data (a class folder) by the next run. Choose a folder "
+                                  "outside the data.")
+    for key, p in outputs.items():
+        check_writable(p, what=_WHAT[key], flag=key, kind=OUTPUTS[key])
+        free = free_bytes(p if OUTPUTS[key] == "dir" else p.parent)
+        if free < MIN_FREE:
+            raise OutputError(f"The {_WHAT[key]} {str(p)!r} ({key}) is on a full file system ({free // 1024} kB "
+                              "free). Free some space or choose a path on another disk.")
+
+
+def _check_resume(cfg: FinetuneConfig) -> None:
+    if cfg.checkpoint is None:
+        raise ConfigError("resume=True needs checkpoint=<the checkpoint of the run to continue>; without it there "
+                          "is nothing to resume.")
+    p = Path(cfg.checkpoint)
+    if not p.is_file():
+        raise ConfigError(f"resume=True but the checkpoint {str(p)!r} does not exist"
+                          f"{' (it is a folder)' if p.is_dir() else ''}: nothing to resume. Check the path, or drop "
+                          "resume=True to start a new run.")
+
+
+def check_output_space(cfg: FinetuneConfig, model: torch.nn.Module) -> None:
+    """OutputError before training when the export or the checkpoint cannot fit where it goes:
+    each holds at least the model's weights (a checkpoint also the optimizer's state, checked
+    when it is written)."""
+    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in (*model.parameters(),
+                                                                          *model.buffers())}.values())
+    for key in ("export", "checkpoint"):
+        p = _path(getattr(cfg, key))
+        if p is not None:
+            check_free_space(p, weights, what=key, flag=key)
+
+
+@contextlib.contextmanager
+def output_locks(cfg: FinetuneConfig) -> Iterator[None]:
+    """Hold the locks of the run's checkpoint and export (re-entrant: the saves inside take
+    them again for free); temporaries a killed writer left for them are removed first."""
+    with contextlib.ExitStack() as stack:
+        for key in ("checkpoint", "export"):
+            p = _path(getattr(cfg, key))
+            if p is not None:
+                stack.enter_context(file_lock(p, what=key, flag=key))
+                remove_stale_temps(p)
+        yield

@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
@@ -159,6 +160,21 @@ def filter_bad_images(samples: Sequence[tuple[str, int]], *, on_bad_file: str = 
         report.warn(f"Left out {plural(len(bad), 'bad image file')}: {shown}{' ...' if len(bad) > 5 else ''}")
     return good
 
+
+
+def readable_samples(listed: Sequence[tuple[Any, int]], kept: Sequence[tuple[Any, int]], names: Sequence[str], *,
+                     source: Any, what: str, report: DataReport) -> list[tuple[Any, int]]:
+    """``kept``, what a pre-scan left of the ``listed`` samples of ``source``: a
+    [`DataError`][transferkit.DataError] when nothing is left, a warning in ``report`` for the
+    classes left without any file. ``what`` names the files (``"images"``, ``"audio files"``)."""
+    if not kept:
+        raise DataError(f"No readable {what} under {str(source)!r}: every file was bad "
+                        f"(e.g. {report.bad_files[:2]}).")
+    emptied = [names[t] for t in sorted({t for _, t in listed} - {t for _, t in kept})]
+    if emptied:
+        report.warn(f"Class folders without readable {what} in {str(source)!r}: {emptied} (every file in them was "
+                    "bad, see the left-out files).")
+    return list(kept)
 
 
 def find_duplicates(a: Iterable[str], b: Iterable[str]) -> list[tuple[str, str]]:

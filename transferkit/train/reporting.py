@@ -43,12 +43,6 @@ class TensorBoardLogger:
                 self.writer.add_scalar(f"{group}/{k}", float(v), step)
         self.writer.flush()
 
-    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                self.writer.add_scalar(f"final/{k}", float(v), step)
-        self.writer.flush()
-
     def close(self) -> None:
         self.writer.close()
 

@@ -14,6 +14,8 @@ from transferkit import hardware
 from transferkit.train import speed as speed_mod
 from transferkit.train.speed import SpeedConfig, conv_share, cpu_bf16_native, decide_speed, measure_layout
 
+pytestmark = pytest.mark.precision_auto  # the outcome depends on what the CPU's bf16 support decides
+
 CPU = torch.device("cpu")
 
 

@@ -14,8 +14,6 @@ import torch
 
 import transferkit as tk
 
-pytestmark = pytest.mark.precision_auto  # the outcome depends on what the CPU's bf16 support decides
-
 
 @pytest.fixture
 def two_threads():

@@ -12,10 +12,11 @@ from transferkit.demo import README_END, README_START, run_demo, typical_predict
 README = Path(__file__).resolve().parents[1] / "README.md"
 ROW = re.compile(r"^\| (.+?) \| (\d+) \| ([0-9.]+) \| [0-9.]+ \|$", re.M)
 # The demo runs in fp32 on one thread, but fp32 kernels still round differently on AVX2 and
-# AVX-512 CPUs, and ten epochs of training carry that into a test image or two (measured: up to
-# 0.002 between the two kinds). 0.02 (6 of the 320 test images) is far below what separates
-# the rows' stories.
-TOLERANCE = 0.02
+# AVX-512 CPUs, and ten epochs of training carry that into a few test images (measured with
+# AVX2 kernels against AVX-512 ones: up to 0.014, the feature-extraction row; the others up to
+# 0.004). 0.03 (25 of the 846 test images) is still below the gaps that make the rows' story,
+# which _story checks on its own.
+TOLERANCE = 0.03
 
 
 def _story(acc: dict[str, float]) -> None:

@@ -96,10 +96,11 @@ def _run_demo(out: Path, *, quick: bool, seed: int, verbose: bool) -> dict:
     say = print if verbose else (lambda *a, **k: None)
     t_start = time.perf_counter()
     tasks = {k: Pretransformed(v, IMAGE_SIZE) for k, v in digit_tasks(seed=seed).items()}
-    # fp32 and the contiguous layout on every CPU: precision="auto" would pick bf16 where the CPU runs it
-    # natively (AVX512-BF16, AMX) and fp32 elsewhere, and the table would depend on the machine
+    # the same path on every CPU: precision="auto" would pick bf16 where the CPU runs it natively
+    # (AVX512-BF16, AMX) and fp32 elsewhere, and the "auto" layout, feature engine and compile choices
+    # are taken from the machine (or from timings on it): the table would depend on the machine
     common = dict(image_size=IMAGE_SIZE, augment="none", device="cpu", seed=seed, verbose=False, num_workers=0,
-                  precision="fp32", channels_last=False)
+                  precision="fp32", channels_last=False, feature_engine="eager", compile=False)
     src_epochs, tgt_epochs = (3, 3) if quick else (12, 10)
 
     say(f"transferkit demo -> {out.resolve()}")

@@ -12,9 +12,9 @@ from typing import Any, Literal
 import pytest
 
 from transferkit import ConfigError, FinetuneConfig
-from transferkit.backbones import Backbone
+from transferkit.backbones import get_backbone
 from transferkit.cli import main
-from transferkit.config import MapStyleDataset, config_fields, merge_config, unknown_key_error
+from transferkit.config import BackboneLike, MapStyleDataset, PolicyLike, config_fields, merge_config, unknown_key_error
 from transferkit.policies import Policy
 
 
@@ -24,7 +24,9 @@ def test_type_hints_name_real_types():
     assert hints["epochs"] is int and hints["verbose"] is bool and hints["device"] is str
     assert hints["lr"] == float | None
     assert hints["weights"] == str | Path | None
-    assert hints["backbone"] == str | Backbone and hints["policy"] == str | Policy
+    assert hints["backbone"] == str | BackboneLike and hints["policy"] == str | PolicyLike
+    assert isinstance(get_backbone("tk:small_cnn", weights=None), BackboneLike)
+    assert isinstance(Policy.parse("full"), PolicyLike) and not isinstance("full", PolicyLike)
     assert hints["data"] == str | Path | MapStyleDataset | None
     assert hints["precision"] == Literal["auto", "fp32", "bf16", "fp16"]
     assert hints["head_hidden"] == Sequence[int]
@@ -37,7 +39,7 @@ def test_checks_and_choices_follow_the_annotations():
     assert FinetuneConfig(data="x", lr=1).lr == 1  # a float field takes an int
     with pytest.raises(ConfigError, match=r"unknown precision 'fp64'\. .*Valid values: 'auto', 'fp32', 'bf16', 'fp16'"):
         FinetuneConfig(data="x", precision="fp64")
-    with pytest.raises(ConfigError, match="backbone=3 has type int; expected Backbone or str"):
+    with pytest.raises(ConfigError, match="backbone=3 has type int; expected BackboneLike or str"):
         FinetuneConfig(data="x", backbone=3)
     with pytest.raises(ConfigError, match="data=3 has type int; expected MapStyleDataset or None or Path or str"):
         FinetuneConfig(data=3)

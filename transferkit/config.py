@@ -27,9 +27,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import yaml
 
-from transferkit.backbones import Backbone
 from transferkit.errors import ConfigError, suggest
-from transferkit.policies import Policy
 from transferkit.schedules import check_schedule_options
 
 # keys a config file may hold besides FinetuneConfig's: where the data live and what to run (recipes)
@@ -49,6 +47,24 @@ class MapStyleDataset(Protocol):
     def __getitem__(self, index: int) -> Any: ...
 
     def __len__(self) -> int: ...
+
+
+@runtime_checkable
+class BackboneLike(Protocol):
+    """What ``backbone`` accepts besides a registered name: a `transferkit.backbones.Backbone`
+    (anything with its ``trunk``, ``block_names`` and ``input_spec``). A structural type, so
+    that reading the settings (``transferkit --help``) does not import torch."""
+
+    trunk: Any
+    block_names: Any
+    input_spec: Any
+
+
+@runtime_checkable
+class PolicyLike(Protocol):
+    """What ``policy`` accepts besides a policy string: a `transferkit.policies.Policy`."""
+
+    def trainable_blocks(self, block_names: Any, epoch: int) -> Any: ...
 
 
 def _opt(default: Any, help: str, *, group: str, check: Callable[[Any], str | None] | None = None,
@@ -175,8 +191,8 @@ class FinetuneConfig:
     """
 
     # --- model
-    backbone: str | Backbone = _opt("tv:resnet18", "registered backbone name (see `transferkit backbones`) or a "
-                                    "Backbone object", group="model", flag=True)
+    backbone: str | BackboneLike = _opt("tv:resnet18", "registered backbone name (see `transferkit backbones`) or a "
+                                          "Backbone object", group="model", flag=True)
     weights: str | Path | None = _opt("DEFAULT", "pretrained weights: 'DEFAULT', a tag, a file path, or None for "
                                       "random init", group="model", flag=True)
     backbone_options: dict[str, Any] | None = _opt(None, "extra keyword arguments of get_backbone()", group="model")
@@ -216,7 +232,7 @@ class FinetuneConfig:
     class_weights: Literal["balanced"] | Sequence[float] | None = _opt(
         None, "loss weight per class: a list, or 'balanced'", group="task", check=_class_weights)
     # --- policy
-    policy: str | Policy = _opt("feature_extraction", "fine-tuning policy (see docs/policies.md) or a Policy",
+    policy: str | PolicyLike = _opt("feature_extraction", "fine-tuning policy (see docs/policies.md) or a Policy",
                                 group="policy", flag=True)
     # --- optimisation
     epochs: int = _opt(10, "training epochs", group="optimisation", check=_positive_int, flag=True)

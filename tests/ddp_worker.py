@@ -10,10 +10,10 @@ Then ``features_rank<r>.pt``: compute_features sharded over the ranks (augmented
 memory and through a shared ``cache_dir``).
 
 ``fail``: rank 1's epoch-end callback raises ``ValueError("boom from rank 1")`` and the
-process then lingers for 120 s instead of exiting (as a process stuck in its own cleanup
+process then lingers for 600 s instead of exiting (as a process stuck in its own cleanup
 would); rank 0 must end by itself with that error.
 
-``stall``: rank 1's callback sleeps for 120 s without failing; with a short
+``stall``: rank 1's callback sleeps for 600 s without failing; with a short
 ``TRANSFERKIT_DIST_TIMEOUT`` rank 0's next collective times out and both ranks end.
 """
 
@@ -88,12 +88,16 @@ def train(data: str, out: str) -> None:
     sharded_features(data, out)
 
 
+LINGER_S = 600.0  # longer than the test's guard against a hang: the job must end rank 1 itself
+
+
 def fail_or_stall(data: str, mode: str) -> None:
     def callback(row: dict) -> None:
         if RANK == 1 and row["epoch"] == 1:
             if mode == "fail":
                 raise ValueError("boom from rank 1")
-            time.sleep(120)
+            time.sleep(LINGER_S)
+            print("rank 1 woke from its stall", flush=True)  # the test checks the job never waits this long
 
     tk.finetune("tk:small_cnn", policy="feature_extraction", epochs=3, batch_size=4, callbacks=[callback],
                 **common(data))
@@ -116,6 +120,7 @@ if __name__ == "__main__":
         traceback.print_exc()
         sys.stderr.flush()
         if RANK == 1 and len(sys.argv) > 3 and sys.argv[3] == "fail":
-            time.sleep(float(os.environ.get("LINGER", "120")))  # a failed rank that does not exit
+            time.sleep(LINGER_S)  # a failed rank that does not exit
+            print("rank 1 lingered to its end", flush=True)  # the test checks the job never waits this long
         exit_cleanly(1)
     exit_cleanly(0)

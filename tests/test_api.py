@@ -10,6 +10,8 @@ from torch.utils.data import Dataset
 import transferkit as tk
 from transferkit.errors import ConfigError, DataError
 
+pytestmark = pytest.mark.precision_auto  # the outcome depends on what the CPU's bf16 support decides
+
 
 COMMON = dict(weights=None, image_size=16, device="cpu", num_workers=0, batch_size=8, verbose=False)
 

@@ -125,9 +125,11 @@ def test_finetune_spectrogram_model_end_to_end_and_export(tmp_path):
     root = make_audio_folder(tmp_path / "clips")
     result = transferkit.finetune("spec:tk:small_cnn", weights=None, data=str(root), val_split=0.25,
                                   backbone_options={"sample_rate": 8000, "n_mels": 16, "image_options": {"widths": [8, 16, 16]}},
-                                  policy="full", epochs=4, batch_size=4, lr=3e-3, export=tmp_path / "m.pt",
-                                  verbose=False)
-    assert result.best["val_acc"] == 1.0  # 300 Hz vs 2 kHz tones
+                                  policy="full", epochs=4, batch_size=4, lr=1e-2, export=tmp_path / "m.pt",
+                                  device="cpu", precision="fp32", verbose=False)
+    # 300 Hz vs 2 kHz tones: measured 1.0 for seeds 0-5, on AVX-512 and AVX2 kernels alike (at lr=3e-3
+    # only seeds 0 and 4 got there in 4 epochs: a result that rested on one lucky seed)
+    assert result.best["val_acc"] == 1.0
     scripted, meta = load_scripted(tmp_path / "m.pt")
     assert meta["labels"] == ["high", "low"]
     assert meta["input_spec"]["kind"] == "audio" and meta["input_spec"]["sample_rate"] == 8000

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from transferkit import DataError
-from transferkit.config import load_config, validate_config
+from transferkit.config import load_config, merge_config
 from transferkit.export.torchscript import load_scripted
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fsdd.py"
@@ -22,7 +22,7 @@ def recipe():
 
 
 def test_fsdd_config_fits_finetune():
-    cfg = validate_config(load_config(RECIPE.with_suffix(".yaml")), source="fsdd.yaml")
+    cfg = merge_config(load_config(RECIPE.with_suffix(".yaml")), source="fsdd.yaml")
     assert cfg["backbone"].startswith("spec:") and cfg["backbone_options"]["sample_rate"] == 8000
 
 

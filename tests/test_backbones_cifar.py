@@ -67,22 +67,25 @@ def _probe(features_train, y_train, features_val, y_val) -> float:
 
 
 def test_transfer_beats_random_weights_and_matches_a_probe(shared_data):
-    """Feature extraction through finetune() at 32 px with its defaults, seeds 0-4. Measured
-    on this data (153 val images): pretrained 0.667-0.712, random weights (the reference He
-    init, one network per seed) 0.59-0.67; the mean gap is 6 points, per seed 1-10 (the seed-0
-    random network is a good one: 0.64). A logistic-regression probe on the same features: 0.69."""
+    """Feature extraction through finetune() at 32 px with its defaults but fp32 features (so
+    that the numbers do not depend on whether the CPU runs bf16), seeds 0-4. Measured on this
+    data (153 val images, one image = 0.0065), the same on an AVX-512 CPU and with AVX2 kernels:
+    pretrained 0.667-0.706 (mean 0.689), random weights (the reference He init, one network per
+    seed) 0.588-0.667; the mean gap is 6.3 points (the seed-0 random network is a good one:
+    0.64). A logistic-regression probe on the same features: 0.69. The thresholds leave a few
+    images of margin."""
     import numpy as np
 
     import transferkit
 
     data = shared_data / "hymenoptera"
-    kw = dict(data=data, image_size=32, policy="feature_extraction", verbose=False, num_workers=0)
+    kw = dict(data=data, image_size=32, policy="feature_extraction", verbose=False, num_workers=0, precision="fp32")
     pre = [transferkit.finetune("tk:cifar_resnet20", weights=_checkpoint(shared_data, 20), seed=s, **kw)
            for s in range(5)]
     rand = [transferkit.finetune("tk:cifar_resnet20", weights=None, seed=s, **kw).metrics["val_acc"] for s in range(5)]
     acc_pre = [r.metrics["val_acc"] for r in pre]
     assert all(r.used_feature_cache for r in pre)
-    assert min(acc_pre) >= 0.66 and np.mean(acc_pre) - np.mean(rand) >= 0.04, (acc_pre, rand)
+    assert min(acc_pre) >= 0.64 and np.mean(acc_pre) - np.mean(rand) >= 0.04, (acc_pre, rand)
 
     bb = get_backbone("tk:cifar_resnet20", weights=_checkpoint(shared_data, 20))
     pre_fn = ImagePreprocess(bb.input_spec.mean, bb.input_spec.std)

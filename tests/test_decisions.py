@@ -19,6 +19,8 @@ from transferkit.data import eval_transform, train_transform
 from transferkit.errors import ConfigError
 from transferkit.train.features import data_fingerprint
 
+pytestmark = pytest.mark.precision_auto  # the outcome depends on what the CPU's bf16 support decides
+
 KW = dict(weights=None, image_size=16, epochs=2, batch_size=4, device="cpu", num_workers=0, verbose=False)
 
 

@@ -1,26 +1,54 @@
-"""`make demo`: the README's table holds the accuracies the demo computes, and the showcase
-prediction says whether it is right."""
+"""`make demo`: the README's table tells the story the demo computes, on any x86 CPU, and the
+showcase prediction is a typical right one, chosen by a fixed rule."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
-from transferkit.demo import README_END, README_START, run_demo
+from transferkit.demo import README_END, README_START, run_demo, typical_prediction
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ROW = re.compile(r"^\| (.+?) \| (\d+) \| ([0-9.]+) \| [0-9.]+ \|$", re.M)
+# The demo runs in fp32 on one thread, but fp32 kernels still round differently on AVX2 and
+# AVX-512 CPUs, and ten epochs of training carry that into a few test images (measured with
+# AVX2 kernels against AVX-512 ones: up to 0.014, the feature-extraction row; the others up to
+# 0.004). 0.03 (25 of the 846 test images) is still below the gaps that make the rows' story,
+# which _story checks on its own.
+TOLERANCE = 0.03
+
+
+def _story(acc: dict[str, float]) -> None:
+    """What the README says about the table."""
+    fx, ft = acc["feature extraction from source.pt"], acc["fine-tuning from source.pt"]
+    same, longer = acc["from scratch (same budget)"], acc["from scratch (4x the epochs)"]
+    assert ft > same + 0.05, "transfer wins at equal budget"
+    assert abs(longer - ft) <= 0.03, "scratch training catches up given four times the epochs"
+    assert fx < same - 0.05, "the frozen features of a 5-class source network transfer only partly"
 
 
 def test_readme_table_is_what_the_demo_prints(tmp_path, capsys):
     summary = run_demo(tmp_path / "demo")
     printed = capsys.readouterr().out
     block = README.read_text().split(README_START, 1)[1].split(README_END, 1)[0]
-    readme = [(m, int(e), a) for m, e, a in ROW.findall(block)]
-    demo = [(r["method"], r["epochs"], f"{r['test_acc']:.3f}") for r in summary["target"]]
-    assert readme == demo, "README.md is stale: run `make readme`"
+    readme = [(m, int(e), float(a)) for m, e, a in ROW.findall(block)]
+    demo = [(r["method"], r["epochs"], r["test_acc"]) for r in summary["target"]]
+    assert [r[:2] for r in readme] == [r[:2] for r in demo], "README.md is stale: run `make readme`"
+    for (method, _, stored), (_, _, now) in zip(readme, demo):
+        assert abs(stored - now) <= TOLERANCE, f"{method}: README {stored:.3f}, demo {now:.3f}: run `make readme`"
+    _story({m: a for m, _, a in readme})
+    _story({m: a for m, _, a in demo})
     assert summary["export_max_abs_diff"] <= 1e-5
-    showcase = next(line for line in printed.splitlines() if "first test image" in line)
-    label = re.search(r"a (\d), predicted '(\d)'", showcase)
-    assert showcase.endswith(": right") == (label.group(1) == label.group(2)), showcase
-    assert showcase.endswith(": right") or "WRONG" in showcase
+    showcase = next(line for line in printed.splitlines() if "a typical test image" in line)
+    label = re.search(r"a (\d), predicted '(\d)' \(p=([0-9.]+)\)", showcase)
+    assert label and label.group(1) == label.group(2), showcase  # a right prediction, shown as one
+    assert f"#{summary['showcase']}," in showcase
+
+
+def test_the_showcase_is_the_right_prediction_of_median_confidence():
+    preds = [SimpleNamespace(index=i % 2, probability=p) for i, p in enumerate([.9, .8, .55, .6, .99, .7])]
+    targets = [0, 1, 0, 0, 0, 1]  # #3 is wrong; right, by confidence: .55 (#2), .7 (#5), .8 (#1), .9 (#0), .99 (#4)
+    assert typical_prediction(preds, targets) == 1
+    assert typical_prediction(preds[:2], targets[:2]) == 1  # an even count: the lower middle one (.8 of .8, .9)
+    assert typical_prediction(preds, [1, 0, 1, 0, 1, 0]) is None  # none right

@@ -18,6 +18,8 @@ from transferkit.policies import L2SP, Policy, apply_policy, param_groups, polic
 from transferkit.train.loop import Loop, TrainState, fit
 from transferkit.train.optim import make_optimizer, make_scheduler
 
+pytestmark = pytest.mark.precision_auto  # the outcome depends on what the CPU's bf16 support decides
+
 EPOCHS = 6
 
 

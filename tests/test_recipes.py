@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_image_folder
-from transferkit.config import load_config, validate_config
+from transferkit.config import load_config, merge_config
 from transferkit.errors import ConfigError, DataError
 from transferkit.recipes import run_recipe
 
@@ -25,7 +25,7 @@ TINY = ["--limit", "3", "--epochs", "1", "--backbone", "tk:small_cnn", "--weight
 def test_config_files_fit_the_api(config):
     cfg = load_config(config)
     for run, overrides in (cfg.get("runs") or {}).items():
-        merged = validate_config({**cfg, **(overrides or {})}, source=f"{config.name} run {run}")
+        merged = merge_config({**cfg, **(overrides or {})}, source=f"{config.name} run {run}")
         assert "runs" in merged
 
 
@@ -35,7 +35,7 @@ def test_bad_config_key_is_named(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'epoch'. Did you mean 'epochs'"):
         load_config(bad)
     with pytest.raises(ConfigError, match="lr='fast'"):
-        validate_config({"lr": "fast"})
+        merge_config({"lr": "fast"})
 
 
 def _tiny_split_folder(root: Path, held_out: str) -> Path:

@@ -2,7 +2,7 @@
 
 Three torchrun jobs: a correct one (shared by most tests), one where rank 1 raises and then
 does not exit, and one where rank 1 stalls past a short collective timeout. Each must end
-with the right error in bounded time.
+with the right error, ending the lingering rank rather than waiting for it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,13 +29,13 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def torchrun(data: Path, out: Path, mode: str = "train", timeout: float = 240, **env: str):
-    """Run the worker on 2 gloo ranks; return the finished process and its wall time."""
+    """Run the worker on 2 gloo ranks; return the finished process. ``timeout`` only guards
+    against a hang (the worker's stalls last 600 s); no test asserts a duration."""
     runner = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **env}
     cmd = [str(runner), "--nproc_per_node=2", "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
            str(WORKER), str(data), str(out), mode]
-    t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -49,7 +48,7 @@ def torchrun(data: Path, out: Path, mode: str = "train", timeout: float = 240, *
             os.killpg(proc.pid, signal.SIGKILL)
             stdout, stderr = proc.communicate()
         pytest.fail(f"torchrun {mode} did not end within {timeout} s:\n{stdout[-2000:]}\n{stderr[-2000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), time.perf_counter() - t0
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +59,7 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ddp_run(images, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    proc, _ = torchrun(images, out)
+    proc = torchrun(images, out)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return images, out
 
@@ -156,22 +155,22 @@ def test_one_rank_failing_ends_every_rank_with_its_error(images, tmp_path):
     """Rank 1 raises in a callback after epoch 1 and then lingers instead of exiting; rank 0, blocked
     in the next epoch's gradient all-reduce, ends by itself with rank 1's error (the collective
     timeout is 300 s, so it is not what ends it)."""
-    proc, seconds = torchrun(images, tmp_path, "fail", timeout=90, TRANSFERKIT_DIST_TIMEOUT="300")  # lingers 120 s
+    proc = torchrun(images, tmp_path, "fail", timeout=240, TRANSFERKIT_DIST_TIMEOUT="300")  # lingers 600 s
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "rank 0 stops because rank 1 failed: ValueError: boom from rank 1" in output, output[-3000:]
-    assert seconds < 60, seconds  # start-up included (about 10 s on 2 cores)
+    assert "rank 1 lingered to its end" not in output  # the job ended rank 1; it did not wait for it
 
 
 def test_a_stalled_rank_ends_the_job_after_the_collective_timeout(images, tmp_path):
-    """Rank 1 sleeps 120 s in a callback; with TRANSFERKIT_DIST_TIMEOUT=3 rank 0's next collective
+    """Rank 1 sleeps 600 s in a callback; with TRANSFERKIT_DIST_TIMEOUT=3 rank 0's next collective
     fails after 3 s with an error that says how to raise the limit, and rank 1 is ended too."""
-    proc, seconds = torchrun(images, tmp_path, "stall", timeout=90, TRANSFERKIT_DIST_TIMEOUT="3")  # sleeps 120 s
+    proc = torchrun(images, tmp_path, "stall", timeout=240, TRANSFERKIT_DIST_TIMEOUT="3")  # sleeps 600 s
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "Rank 0: a collective operation waited more than 3 s" in output, output[-3000:]
     assert "TRANSFERKIT_DIST_TIMEOUT=<seconds>" in output
-    assert seconds < 60, seconds
+    assert "rank 1 woke from its stall" not in output  # the job ended rank 1; it did not wait for it
 
 
 def test_rank_seeds_are_distinct_and_rank_0_keeps_the_seed():

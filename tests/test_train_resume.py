@@ -10,6 +10,8 @@ import transferkit as tk
 from transferkit.errors import ConfigError
 from transferkit.train import load_checkpoint
 
+pytestmark = pytest.mark.precision_auto  # the outcome depends on what the CPU's bf16 support decides
+
 
 class Interrupt(Exception):
     pass

@@ -10,6 +10,8 @@ import transferkit as tk
 from transferkit.backbones import InputSpec, from_module
 from transferkit.train.faults import TrainingInterrupted
 
+pytestmark = pytest.mark.precision_auto  # the outcome depends on what the CPU's bf16 support decides
+
 FAST = dict(weights=None, policy="full", batch_size=8, augment="none", verbose=False, num_workers=0,
             image_size=16, lr=3e-3)
 

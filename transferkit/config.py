@@ -18,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import yaml
 
@@ -37,11 +39,39 @@ _NUM = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _PY_ONLY = "python"  # a field that a file or the CLI cannot set (a Python object)
 
 
-def _opt(default: Any, help: str, *, group: str, types: tuple[type, ...], check: Callable[[Any], str | None] | None = None,
-         choices: tuple[Any, ...] | None = None, flag: bool = False, serial: bool = True) -> Any:
-    """A config field: its default, documentation, admitted types, range check and CLI flag."""
-    meta = {"help": help, "group": group, "types": types, "check": check, "choices": choices, "flag": flag,
-            "serial": serial}
+@runtime_checkable
+class MapStyleDataset(Protocol):
+    """What ``data`` and ``val_data`` accept besides a path: any object with ``len()`` and
+    indexing that yields ``(input, label)`` (a torch ``Dataset``, a list of pairs)."""
+
+    def __getitem__(self, index: int) -> Any: ...
+
+    def __len__(self) -> int: ...
+
+
+@runtime_checkable
+class BackboneLike(Protocol):
+    """What ``backbone`` accepts besides a registered name: a `transferkit.backbones.Backbone`
+    (anything with its ``trunk``, ``block_names`` and ``input_spec``). A structural type, so
+    that reading the settings (``transferkit --help``) does not import torch."""
+
+    trunk: Any
+    block_names: Any
+    input_spec: Any
+
+
+@runtime_checkable
+class PolicyLike(Protocol):
+    """What ``policy`` accepts besides a policy string: a `transferkit.policies.Policy`."""
+
+    def trainable_blocks(self, block_names: Any, epoch: int) -> Any: ...
+
+
+def _opt(default: Any, help: str, *, group: str, check: Callable[[Any], str | None] | None = None,
+         flag: bool = False, serial: bool = True) -> Any:
+    """A config field: its default, documentation, range check and CLI flag. The types it
+    admits and its choices come from its annotation (`_admitted`)."""
+    meta = {"help": help, "group": group, "check": check, "flag": flag, "serial": serial}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -100,7 +130,47 @@ def _hidden(v: Any) -> str | None:
         "a list of positive integers (hidden layer widths)"
 
 
-_S, _I, _F, _B, _N = (str,), (int,), (float, int), (bool,), (type(None),)
+def _admitted(hint: Any) -> tuple[tuple[type, ...], tuple[Any, ...] | None]:
+    """The runtime types and the choices that the annotation ``hint`` admits: ``float`` takes
+    ints too, ``Sequence[...]`` a list or tuple, ``dict[...]`` a dict, ``Literal[...]`` its
+    values (the field's choices, when every member of the union is a literal or None), a class
+    its instances, ``Any`` anything.
+
+    Example:
+        >>> _admitted(Literal["a", "b"] | None)
+        ((<class 'str'>, <class 'NoneType'>), ('a', 'b', None))
+        >>> _admitted(float | None)
+        ((<class 'float'>, <class 'int'>, <class 'NoneType'>), None)
+    """
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    admitted: list[type] = []
+    choices: list[Any] = []
+    only_literals = True
+    for m in members:
+        origin = typing.get_origin(m)
+        if origin is Literal:
+            choices += typing.get_args(m)
+            admitted += [type(v) for v in typing.get_args(m)]
+            continue
+        if m is type(None):
+            choices.append(None)
+            admitted.append(m)
+            continue
+        only_literals = False
+        if m is Any:
+            admitted.append(object)
+        elif m is float:
+            admitted += [float, int]
+        elif origin in (Sequence, list, tuple):
+            admitted += [list, tuple]
+        elif origin in (dict, Mapping):
+            admitted.append(dict)
+        elif isinstance(m, type):
+            admitted.append(m)
+        else:
+            raise TypeError(f"no runtime check for the annotation {m!r}")
+    return tuple(dict.fromkeys(admitted)), (tuple(choices) if only_literals and choices else None)
+
 
 
 @dataclass
@@ -124,117 +194,110 @@ class FinetuneConfig:
     """
 
     # --- model
-    backbone: Any = _opt("tv:resnet18", "registered backbone name (see `transferkit backbones`) or a Backbone object",
-                         group="model", types=(str, object), flag=True)
-    weights: Any = _opt("DEFAULT", "pretrained weights: 'DEFAULT', a tag, a file path, or None for random init",
-                        group="model", types=(str, Path) + _N, flag=True)
-    backbone_options: Any = _opt(None, "extra keyword arguments of get_backbone()", group="model", types=(dict,) + _N)
-    head: Any = _opt(None, "'linear', 'mlp' or 'logistic' (scikit-learn probe); None: linear, or mlp with head_hidden",
-                     group="model", types=_S + _N, choices=(None, "linear", "mlp", "logistic"))
-    head_hidden: Any = _opt((), "hidden layer widths of an MLP head", group="model", types=(list, tuple), check=_hidden)
-    head_activation: Any = _opt("relu", "activation of an MLP head", group="model", types=_S)
-    head_dropout: Any = _opt(0.0, "dropout before each head layer", group="model", types=_F, check=_fraction)
-    head_norm: Any = _opt("auto", "start the head with a fixed FeatureNorm (auto: when features are cached)",
-                          group="model", types=_B + _S, choices=("auto", True, False))
+    backbone: str | BackboneLike = _opt("tv:resnet18", "registered backbone name (see `transferkit backbones`) or a "
+                                          "Backbone object", group="model", flag=True)
+    weights: str | Path | None = _opt("DEFAULT", "pretrained weights: 'DEFAULT', a tag, a file path, or None for "
+                                      "random init", group="model", flag=True)
+    backbone_options: dict[str, Any] | None = _opt(None, "extra keyword arguments of get_backbone()", group="model")
+    head: Literal["linear", "mlp", "logistic"] | None = _opt(
+        None, "'linear', 'mlp' or 'logistic' (scikit-learn probe); None: linear, or mlp with head_hidden", group="model")
+    head_hidden: Sequence[int] = _opt((), "hidden layer widths of an MLP head", group="model", check=_hidden)
+    head_activation: str = _opt("relu", "activation of an MLP head", group="model")
+    head_dropout: float = _opt(0.0, "dropout before each head layer", group="model", check=_fraction)
+    head_norm: Literal["auto", True, False] = _opt(
+        "auto", "start the head with a fixed FeatureNorm (auto: when features are cached)", group="model")
     # --- data
-    data: Any = _opt(None, "training data: a folder root/CLASS/FILE (or with train/ and val/), a CSV, or a Dataset",
-                     group="data", types=(str, Path, object))
-    val_data: Any = _opt(None, "validation data (default: a stratified split of data)", group="data",
-                         types=(str, Path, object) + _N)
-    classes: Any = _opt(None, "class names, in output order (default: from the data)", group="data",
-                        types=(list, tuple) + _N)
-    val_split: Any = _opt(0.2, "fraction held out for validation when there is no val_data", group="data",
-                          types=_F, check=_fraction)
-    on_bad_file: Any = _opt("skip", "unreadable files: 'skip' (reported) or 'raise'", group="data", types=_S,
-                            choices=("skip", "raise"), flag=True)
-    scan: Any = _opt("quick", "check files before training: 'quick' (headers), 'full' (decode all) or 'none'",
-                     group="data", types=_S, choices=("quick", "full", "none"))
-    max_seconds: Any = _opt(30.0, "audio: longer clips are cropped to their middle this many seconds (None: whole "
-                            "clips; memory grows with the longest)", group="data", types=_F + _N, check=_positive,
-                            flag=True)
-    decode_once: Any = _opt("auto", "decode and resize images once, crop/flip per epoch, when the backbone trains "
-                            "for 2+ epochs (auto: when they fit the memory budget or cache_dir)", group="data",
-                            types=_B + _S, choices=("auto", True, False))
-    image_size: Any = _opt(None, "crop size in pixels (default: the backbone's)", group="data", types=_I + _N,
-                           check=_image_size, flag=True)
-    augment: Any = _opt(None, "'standard', 'flip' or 'none' (default: standard when the backbone trains)",
-                        group="data", types=_S + _N, choices=(None, "standard", "flip", "none"), flag=True)
+    data: str | Path | MapStyleDataset | None = _opt(
+        None, "training data: a folder root/CLASS/FILE (or with train/ and val/), a CSV, or a Dataset", group="data")
+    val_data: str | Path | MapStyleDataset | None = _opt(
+        None, "validation data (default: a stratified split of data)", group="data")
+    classes: Sequence[str] | None = _opt(None, "class names, in output order (default: from the data)", group="data")
+    val_split: float = _opt(0.2, "fraction held out for validation when there is no val_data", group="data",
+                            check=_fraction)
+    on_bad_file: Literal["skip", "raise"] = _opt("skip", "unreadable files: 'skip' (reported) or 'raise'",
+                                                 group="data", flag=True)
+    scan: Literal["quick", "full", "none"] = _opt(
+        "quick", "check files before training: 'quick' (headers), 'full' (decode all) or 'none'", group="data")
+    max_seconds: float | None = _opt(30.0, "audio: longer clips are cropped to their middle this many seconds (None: "
+                                     "whole clips; memory grows with the longest)", group="data", check=_positive,
+                                     flag=True)
+    decode_once: Literal["auto", True, False] = _opt(
+        "auto", "decode and resize images once, crop/flip per epoch, when the backbone trains for 2+ epochs (auto: "
+        "when they fit the memory budget or cache_dir)", group="data")
+    image_size: int | None = _opt(None, "crop size in pixels (default: the backbone's)", group="data",
+                                  check=_image_size, flag=True)
+    augment: Literal["standard", "flip", "none"] | None = _opt(
+        None, "'standard', 'flip' or 'none' (default: standard when the backbone trains)", group="data", flag=True)
     # --- task
-    task: Any = _opt("multiclass", "'multiclass', 'multilabel' or 'regression'", group="task", types=_S,
-                     choices=("multiclass", "multilabel", "regression"))
-    label_smoothing: Any = _opt(0.0, "label smoothing of the cross-entropy loss", group="task", types=_F,
-                                check=_fraction)
-    class_weights: Any = _opt(None, "loss weight per class: a list, or 'balanced'", group="task",
-                              types=(list, tuple, str) + _N, check=_class_weights)
+    task: Literal["multiclass", "multilabel", "regression"] = _opt(
+        "multiclass", "'multiclass', 'multilabel' or 'regression'", group="task")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", group="task", check=_fraction)
+    class_weights: Literal["balanced"] | Sequence[float] | None = _opt(
+        None, "loss weight per class: a list, or 'balanced'", group="task", check=_class_weights)
     # --- policy
-    policy: Any = _opt("feature_extraction", "fine-tuning policy (see docs/policies.md) or a Policy",
-                       group="policy", types=(str, object), flag=True)
+    policy: str | PolicyLike = _opt("feature_extraction", "fine-tuning policy (see docs/policies.md) or a Policy",
+                                group="policy", flag=True)
     # --- optimisation
-    epochs: Any = _opt(10, "training epochs", group="optimisation", types=_I, check=_positive_int, flag=True)
-    batch_size: Any = _opt(32, "training batch size (per process under DDP)", group="optimisation", types=_I,
+    epochs: int = _opt(10, "training epochs", group="optimisation", check=_positive_int, flag=True)
+    batch_size: int = _opt(32, "training batch size (per process under DDP)", group="optimisation",
                            check=_positive_int, flag=True)
-    lr: Any = _opt(None, "base learning rate (default: 1e-2 when only the head trains, else 1e-3)",
-                   group="optimisation", types=_F + _N, check=_positive, flag=True)
-    weight_decay: Any = _opt(1e-4, "weight decay (not on biases and norms; none with L2-SP)", group="optimisation",
-                             types=_F, check=_non_negative)
-    optimizer: Any = _opt("adamw", "'adamw', 'adam' or 'sgd'", group="optimisation", types=_S,
-                          choices=("adamw", "adam", "sgd"), flag=True)
-    momentum: Any = _opt(0.9, "SGD momentum (Nesterov)", group="optimisation", types=_F, check=_fraction)
-    schedule: Any = _opt("cosine", "learning-rate schedule", group="optimisation", types=_S, flag=True,
-                         choices=("cosine", "constant", "step", "exponential", "one_cycle", "plateau"))
-    warmup_epochs: Any = _opt(0, "linear warmup, in epochs (fractions allowed)", group="optimisation", types=_F,
-                              check=_non_negative)
-    schedule_options: Any = _opt(None, "options of the schedule, e.g. {'min_factor': 0.01}", group="optimisation",
-                                 types=(dict,) + _N)
-    probe_Cs: Any = _opt(None, "head='logistic': the C values tried", group="optimisation", types=(list, tuple) + _N)
-    early_stopping: Any = _opt(None, "stop after N epochs without improvement", group="optimisation",
-                               types=_I + _N, check=_opt_positive_int)
-    monitor: Any = _opt(None, "metric of the best epoch (default: val_acc, val_loss for regression)",
-                        group="optimisation", types=_S + _N,
-                        choices=(None, "val_loss", "val_acc", "train_loss", "train_acc"))
-    restore_best: Any = _opt(True, "return the best epoch's weights", group="optimisation", types=_B)
+    lr: float | None = _opt(None, "base learning rate (default: 1e-2 when only the head trains, else 1e-3)",
+                            group="optimisation", check=_positive, flag=True)
+    weight_decay: float = _opt(1e-4, "weight decay (not on biases and norms; none with L2-SP)", group="optimisation",
+                               check=_non_negative)
+    optimizer: Literal["adamw", "adam", "sgd"] = _opt("adamw", "'adamw', 'adam' or 'sgd'", group="optimisation",
+                                                      flag=True)
+    momentum: float = _opt(0.9, "SGD momentum (Nesterov)", group="optimisation", check=_fraction)
+    schedule: Literal["cosine", "constant", "step", "exponential", "one_cycle", "plateau"] = _opt(
+        "cosine", "learning-rate schedule", group="optimisation", flag=True)
+    warmup_epochs: float = _opt(0, "linear warmup, in epochs (fractions allowed)", group="optimisation",
+                                check=_non_negative)
+    schedule_options: dict[str, Any] | None = _opt(None, "options of the schedule, e.g. {'min_factor': 0.01}",
+                                                   group="optimisation")
+    probe_Cs: Sequence[float] | None = _opt(None, "head='logistic': the C values tried", group="optimisation")
+    early_stopping: int | None = _opt(None, "stop after N epochs without improvement", group="optimisation",
+                                      check=_opt_positive_int)
+    monitor: Literal["val_loss", "val_acc", "train_loss", "train_acc"] | None = _opt(
+        None, "metric of the best epoch (default: val_acc, val_loss for regression)", group="optimisation")
+    restore_best: bool = _opt(True, "return the best epoch's weights", group="optimisation")
     # --- features
-    cache_features: Any = _opt("auto", "compute a frozen backbone's features once (auto: whenever it stays frozen)",
-                               group="features", types=_B + _S, choices=("auto", True, False))
-    cache_dir: Any = _opt(None, "keep feature-cache entries on disk here, for later runs", group="features",
-                          types=(str, Path) + _N)
-    cache_views: Any = _opt(1, "augmented views per training image in the feature cache", group="features",
-                            types=_I, check=_positive_int)
-    feature_engine: Any = _opt("auto", "engine of the frozen feature pass: 'eager', 'onnxruntime', 'compile' or "
-                               "'auto' (the fastest timed on the run's input whose features agree with eager fp32)",
-                               group="features", types=_S, choices=("auto", "eager", "onnxruntime", "compile"),
-                               flag=True)
+    cache_features: Literal["auto", True, False] = _opt(
+        "auto", "compute a frozen backbone's features once (auto: whenever it stays frozen)", group="features")
+    cache_dir: str | Path | None = _opt(None, "keep feature-cache entries on disk here, for later runs",
+                                        group="features")
+    cache_views: int = _opt(1, "augmented views per training image in the feature cache", group="features",
+                            check=_positive_int)
+    feature_engine: Literal["auto", "eager", "onnxruntime", "compile"] = _opt(
+        "auto", "engine of the frozen feature pass: 'eager', 'onnxruntime', 'compile' or 'auto' (the fastest timed "
+        "on the run's input whose features agree with eager fp32)", group="features", flag=True)
     # --- runtime
-    device: Any = _opt("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'", group="runtime", types=_S,
-                       check=_device, flag=True)
-    precision: Any = _opt("auto", "'auto', 'fp32', 'bf16' or 'fp16' (auto: see docs/training.md)", group="runtime",
-                          types=_S, choices=("auto", "fp32", "bf16", "fp16"), flag=True)
-    channels_last: Any = _opt("auto", "channels_last memory format (auto: where it is faster)", group="runtime",
-                              types=_B + _S, choices=("auto", True, False))
-    compile: Any = _opt("auto", "torch.compile the trained module (auto: where the run is long enough for the "
-                        "compile time to pay, as measured; see docs/benchmarks.md)", group="runtime", types=_B + _S,
-                        choices=("auto", True, False))
-    num_workers: Any = _opt(None, "DataLoader workers (default: chosen for the machine)", group="runtime",
-                            types=_I + _N, check=_workers)
-    seed: Any = _opt(0, "random seed (data split, order, augmentation, head init)", group="runtime", types=_I,
-                     check=_seed, flag=True)
-    deterministic: Any = _opt(False, "deterministic kernels (slower on GPUs)", group="runtime", types=_B)
+    device: str = _opt("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'", group="runtime", check=_device, flag=True)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _opt(
+        "auto", "'auto', 'fp32', 'bf16' or 'fp16' (auto: see docs/training.md)", group="runtime", flag=True)
+    channels_last: Literal["auto", True, False] = _opt(
+        "auto", "channels_last memory format (auto: where it is faster)", group="runtime")
+    compile: Literal["auto", True, False] = _opt(
+        "auto", "torch.compile the trained module (auto: where the run is long enough for the compile time to pay, "
+        "as measured; see docs/benchmarks.md)", group="runtime")
+    num_workers: int | None = _opt(None, "DataLoader workers (default: chosen for the machine)", group="runtime",
+                                   check=_workers)
+    seed: int = _opt(0, "random seed (data split, order, augmentation, head init)", group="runtime", check=_seed,
+                     flag=True)
+    deterministic: bool = _opt(False, "deterministic kernels (slower on GPUs)", group="runtime")
     # --- outputs
-    export: Any = _opt(None, "write a verified TorchScript file here", group="outputs", types=(str, Path) + _N,
-                       flag=True)
-    checkpoint: Any = _opt(None, "rewrite a resumable checkpoint here after every epoch", group="outputs",
-                           types=(str, Path) + _N, flag=True)
-    resume: Any = _opt(False, "continue the run in `checkpoint` (with the same settings)", group="outputs", types=_B,
-                       flag=True)
-    log_dir: Any = _opt(None, "TensorBoard log folder", group="outputs", types=(str, Path) + _N)
-    plots_dir: Any = _opt(None, "write training curves, confusion matrix and example grids (PNG) here",
-                          group="outputs", types=(str, Path) + _N, flag=True)
-    portable_metadata: Any = _opt(True, "exports record data and weight files by name and digest (False: the "
-                                  "training machine's full paths, as checkpoints do)", group="outputs", types=_B)
-    top_k: Any = _opt(5, "k of the top-k accuracy", group="outputs", types=_I, check=_positive_int)
-    callbacks: Any = _opt((), "functions called with each epoch's row", group="outputs", types=(list, tuple),
-                          serial=False)
-    verbose: Any = _opt(True, "print the plan and progress", group="outputs", types=_B)
+    export: str | Path | None = _opt(None, "write a verified TorchScript file here", group="outputs", flag=True)
+    checkpoint: str | Path | None = _opt(None, "rewrite a resumable checkpoint here after every epoch",
+                                         group="outputs", flag=True)
+    resume: bool = _opt(False, "continue the run in `checkpoint` (with the same settings)", group="outputs", flag=True)
+    log_dir: str | Path | None = _opt(None, "TensorBoard log folder", group="outputs")
+    plots_dir: str | Path | None = _opt(None, "write training curves, confusion matrix and example grids (PNG) here",
+                                        group="outputs", flag=True)
+    portable_metadata: bool = _opt(True, "exports record data and weight files by name and digest (False: the "
+                                   "training machine's full paths, as checkpoints do)", group="outputs")
+    top_k: int = _opt(5, "k of the top-k accuracy", group="outputs", check=_positive_int)
+    callbacks: Sequence[Callable[[dict[str, Any]], Any]] = _opt((), "functions called with each epoch's row",
+                                                                group="outputs", serial=False)
+    verbose: bool = _opt(True, "print the plan and progress", group="outputs")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -287,6 +350,19 @@ def _init_with_known_keys(init: Callable[..., None]) -> Callable[..., None]:
 
 FinetuneConfig.__init__ = _init_with_known_keys(FinetuneConfig.__init__)  # type: ignore[method-assign]
 
+
+def _annotate_fields() -> None:
+    """Each field's metadata gets the ``types`` and ``choices`` its annotation admits: the
+    annotation is the one place a field's type is written (the checks, the CLI and the
+    documentation read it from there)."""
+    hints = typing.get_type_hints(FinetuneConfig)
+    for f in dataclasses.fields(FinetuneConfig):
+        admitted, choices = _admitted(hints[f.name])
+        f.metadata = types.MappingProxyType({**f.metadata, "types": admitted, "choices": choices})
+
+
+_annotate_fields()
+
 _PATH_KEYS = {"data", "val_data", "weights", "cache_dir", "export", "checkpoint", "log_dir", "plots_dir"}
 
 
@@ -300,6 +376,8 @@ def config_fields() -> dict[str, dataclasses.Field]:
 
 
 def unknown_key_error(key: str, source: str) -> ConfigError:
+    """The error for a key that is neither a FinetuneConfig field nor a recipe key: it names
+    the closest valid key and lists them all."""
     valid = sorted(set(config_fields()) | set(RECIPE_KEYS))
     return ConfigError(f"{source}: unknown key {key!r}.{suggest(str(key), valid)} Valid keys: {', '.join(valid)}.")
 
@@ -434,8 +512,3 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
             raise ConfigError(f"An override must look like key=value, got {item!r}.")
         out[key.strip()] = read_yaml(value, source=f"override {item!r}") if value.strip() else None
     return merge_config(out, source="command-line overrides")
-
-
-def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dict[str, Any]:
-    """Check a partial config (keys, types, ranges) and return it as a plain dict."""
-    return merge_config(config, source=source)

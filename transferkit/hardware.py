@@ -42,6 +42,8 @@ def cpu_bf16_native() -> tuple[bool, str]:
     assumed = os.environ.get(ASSUME_BF16_ENV, "").strip()
     if assumed in ("0", "1"):
         return assumed == "1", f"{ASSUME_BF16_ENV}={assumed}"
+    if assumed:
+        raise ConfigError(f"{ASSUME_BF16_ENV} must be 0 or 1, got {assumed!r}; unset it to detect the CPU.")
     if not torch.backends.mkldnn.is_available():
         return False, "this torch build has no oneDNN (MKL-DNN)"
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)

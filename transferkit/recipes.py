@@ -6,8 +6,11 @@ its defaults; this module turns that into a command line::
     python recipes/<name>.py --data-dir DIR [--config FILE] [--backbone B] [--policy P]
                              [--epochs N] [--set key=value ...] [--out DIR] [--limit N]
 
-Precedence: the recipe's YAML config (``recipes/<name>.yaml`` unless ``--config``), then
-the flags. Every key is checked against [`transferkit.finetune`][transferkit.finetune]'s signature.
+Where settings come from, each overriding the ones before it: the recipe's YAML config
+(``recipes/<name>.yaml`` unless ``--config``), then a run's own block under ``runs:``, then
+the command-line flags and ``--set`` (the most specific: they override every run). Every
+key is checked by `transferkit.config.merge_config` against
+[`FinetuneConfig`][transferkit.FinetuneConfig]'s fields and the recipe keys.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.config import RECIPE_KEYS, load_config, parse_overrides, validate_config
+from transferkit.config import RECIPE_KEYS, load_config, merge_config, parse_overrides
 from transferkit.errors import ConfigError, DataError, TransferkitError
 from transferkit.helpformat import HELP
 from transferkit.data import find_split_folders
@@ -163,7 +166,7 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     if args.download:
         cli["download"] = True
     cli.update(parse_overrides(args.set))
-    cfg = {k: expand_vars(v) for k, v in validate_config({**file_cfg, **cli}, source=f"{name} recipe").items()}
+    cfg = {k: expand_vars(v) for k, v in merge_config({**file_cfg, **cli}, source=f"{name} recipe").items()}
     recipe = {k: cfg.pop(k) for k in list(cfg) if k in RECIPE_KEYS}
     cli = {k: expand_vars(v) for k, v in cli.items() if k not in RECIPE_KEYS}
     runs = recipe.get("runs") or {"": {}}
@@ -177,7 +180,7 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     train, val, test, classes = _sliced(data, recipe.get("limit"), cfg.get("seed", 0))
     summaries = []
     for run_name, overrides in runs.items():
-        run_cfg = validate_config({**cfg, **(overrides or {}), **cli}, source=f"{name} recipe, run {run_name!r}")
+        run_cfg = merge_config({**cfg, **(overrides or {}), **cli}, source=f"{name} recipe, run {run_name!r}")
         run_cfg = {k: expand_vars(v) for k, v in run_cfg.items()}
         run_out = out / run_name if run_name else out
         t0 = time.perf_counter()

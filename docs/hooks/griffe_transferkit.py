@@ -36,10 +36,6 @@ def _runtime_class(cls: griffe.Class) -> Any:
 
 
 def _type_text(f: dataclasses.Field, cls: griffe.Class) -> str:
-    types = f.metadata.get("types")
-    if types:  # FinetuneConfig: the admitted types, not the ``Any`` annotation
-        names = ["None" if t is type(None) else t.__name__ for t in types]
-        return " | ".join(dict.fromkeys(names))
     member = cls.members.get(f.name)
     annotation = getattr(member, "annotation", None)
     return str(annotation) if annotation is not None else ""

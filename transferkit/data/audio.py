@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from transferkit.backbones._base import InputSpec
 from transferkit.data.bundle import DataBundle, resolve_split_folders, stratified_split
-from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_label_names, warn_copies_across_classes
-from transferkit.data.folders import class_folders, list_class_files, warn_split_like_classes
-from transferkit.data.late import ReportingCollate, load_or_replace
+from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_label_names, readable_samples, warn_copies_across_classes
+from transferkit.data.folders import scan_class_folders, warn_split_like_classes
+from transferkit.data.late import FileDataset
 from transferkit._text import plural
 from transferkit.errors import ConfigError, DataError, check_choice
 
@@ -208,39 +207,14 @@ def _is_audio_file(name: str) -> bool:
 
 def scan_audio_folder(root: str | Path, classes: Sequence[str] | None = None, *,
                       report: DataReport | None = None) -> tuple[list[tuple[str, int]], list[str]]:
-    """``(path, class_index)`` for ``root/<class>/**/<audio file>``, with the same rules as
-    image folders (`transferkit.data.scan_image_folder`): hidden sub-folders are not
+    """``(path, class_index)`` for ``root/<class>/**/<audio file>``, by the rule image folders
+    follow too (`transferkit.data.folders.scan_class_folders`): hidden sub-folders are not
     walked and are listed as ignored, unreadable folders are reported, a class folder the
-    training ``classes`` lack is left out with a warning, and a folder sharing no class with
-    them is an error."""
-    report = report if report is not None else DataReport()
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"Audio folder {str(root)!r} does not exist. Expected root/<class>/<clip>.wav "
-                        "or a CSV file list with columns path,label.")
-    found = class_folders(root, report)
-    check_label_names(found, f"Audio folder {str(root)!r}", case=False)
-    classes = list(classes) if classes else found
-    extra = [c for c in found if c not in classes]
-    if found and len(extra) == len(found):
-        raise DataError(f"{str(root)!r} shares no class with the training data: its class folders are {extra[:10]}, "
-                        f"the training classes {classes[:10]}. Validation folders need class sub-folders named like "
-                        "the training ones.")
-    if extra:
-        report.warn(f"{str(root)!r} has class folders {extra} that the training data does not have; their clips are "
-                    f"left out (training classes: {classes}).")
-    samples, empty = [], []
-    for c in (c for c in found if c in classes):
-        files = list_class_files(root / c, _is_audio_file, report)
-        if not files:
-            empty.append(c)
-        samples += [(f, classes.index(c)) for f in files]
-    if not samples:
-        raise DataError(f"No audio files ({', '.join(AUDIO_EXTENSIONS)}) under {str(root)!r} in "
-                        f"{len(found)} class folders. Expected root/<class>/<clip>.wav.")
-    if empty:
-        report.warn(f"Class folders without audio files in {str(root)!r}: {empty}.")
-    return samples, classes
+    training ``classes`` lack is left out with a warning, a training class without a folder is
+    reported, and a folder sharing no class with them is an error."""
+    return scan_class_folders(root, classes, is_data=_is_audio_file,
+                              report=report if report is not None else DataReport(), what="audio files",
+                              layout="root/<class>/<clip>.wav", extensions=AUDIO_EXTENSIONS)
 
 
 def read_file_list(path: str | Path, classes: Sequence[str] | None = None, *,
@@ -384,7 +358,7 @@ def _warn_long(report: DataReport, long: list[tuple[float, str]], max_seconds: f
                 "more, at the cost of memory per batch.")
 
 
-class AudioDataset(Dataset):
+class AudioDataset(FileDataset):
     """Audio files as ``(transform(waveform), class_index)``; waveforms are mono float32
     at ``sample_rate``, at most ``max_seconds`` long (the middle of a longer clip). Decoded
     clips are cached in memory (shared by all views) when ``cache=True``. Clips of
@@ -401,14 +375,14 @@ class AudioDataset(Dataset):
     def __init__(self, samples: list[tuple[Any, int]], classes: Sequence[str], *, sample_rate: int,
                  transform: Callable | None = None, cache: bool = True, max_seconds: float | None = DEFAULT_MAX_SECONDS,
                  on_bad_file: str = "skip", report: DataReport | None = None, _store: dict | None = None,
-                 _known_bad: dict | None = None) -> None:
+                 known_bad: dict | None = None) -> None:
         check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
         check_max_seconds(max_seconds)
         self.samples, self.classes, self.sample_rate = samples, list(classes), int(sample_rate)
         self.transform, self.cache, self.max_seconds, self.on_bad_file = transform, cache, max_seconds, on_bad_file
         self.report = report if report is not None else DataReport()
         self._store: dict[int, torch.Tensor] = {} if _store is None else _store
-        self._known_bad: dict = {} if _known_bad is None else _known_bad
+        self.known_bad: dict = {} if known_bad is None else known_bad
 
     @classmethod
     def from_source(cls, source: str | Path, *, sample_rate: int, classes: Sequence[str] | None = None,
@@ -416,30 +390,13 @@ class AudioDataset(Dataset):
         """A class folder or a ``.csv`` file list, pre-scanned (``scan``, see `filter_bad_audio`)."""
         report = kw.pop("report", None) or DataReport()
         lister = read_file_list if str(source).lower().endswith(".csv") else scan_audio_folder
-        samples, names = lister(source, classes, report=report)
-        listed = {t for _, t in samples}
-        samples = filter_bad_audio(samples, on_bad_file=kw.get("on_bad_file", "skip"), scan=scan, report=report,
-                                   max_seconds=kw.get("max_seconds", DEFAULT_MAX_SECONDS))
-        if not samples:
-            raise DataError(f"No readable audio files under {str(source)!r}: every file was bad "
-                            f"(e.g. {report.bad_files[:2]}).")
-        emptied = [names[t] for t in sorted(listed - {t for _, t in samples})]
-        if emptied:
-            report.warn(f"Class folders without readable audio in {str(source)!r}: {emptied} (every file in them "
-                        "was bad, see the left-out files).")
+        listed, names = lister(source, classes, report=report)
+        kept = filter_bad_audio(listed, on_bad_file=kw.get("on_bad_file", "skip"), scan=scan, report=report,
+                                max_seconds=kw.get("max_seconds", DEFAULT_MAX_SECONDS))
+        samples = readable_samples(listed, kept, names, source=source, what="audio files", report=report)
         return cls(samples, names, sample_rate=sample_rate, report=report, **kw)
 
-    @property
-    def targets(self) -> list[int]:
-        return [t for _, t in self.samples]
-
-    @property
-    def collate_fn(self) -> ReportingCollate:
-        """The DataLoader collate function: `pad_collate`, reporting replaced files."""
-        return ReportingCollate(self.report.token, pad_collate)
-
-    def __len__(self) -> int:
-        return len(self.samples)
+    batch_collate = staticmethod(pad_collate)  # clips of different lengths, padded
 
     def _decode(self, source: Any) -> torch.Tensor:
         return to_waveform(source, self.sample_rate, max_seconds=self.max_seconds)
@@ -458,17 +415,15 @@ class AudioDataset(Dataset):
                 self._store[key] = wav
         return wav
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        wav, target = load_or_replace(self.samples, i, lambda j: self._cached(self.samples[j]),
-                                      on_bad_file=self.on_bad_file, report=self.report, known_bad=self._known_bad)
-        return (self.transform(wav) if self.transform else wav), target
+    def _load(self, j: int) -> torch.Tensor:
+        return self._cached(self.samples[j])
 
     def view(self, indices: Sequence[int] | None = None, transform: Callable | None = None) -> AudioDataset:
         """The same clips (or a subset) through another transform, sharing the cache and the report."""
         samples = self.samples if indices is None else [self.samples[i] for i in indices]
         return AudioDataset(samples, self.classes, sample_rate=self.sample_rate, transform=transform,
                             cache=self.cache, max_seconds=self.max_seconds, on_bad_file=self.on_bad_file,
-                            report=self.report, _store=self._store, _known_bad=self._known_bad)
+                            report=self.report, _store=self._store, known_bad=self.known_bad)
 
 
 def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None) -> torch.Tensor:

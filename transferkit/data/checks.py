@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
@@ -211,6 +212,21 @@ def warn_copies_across_classes(samples: Sequence[tuple[str, int]], classes: Sequ
         report.warn(f"{len(pairs)} training file(s) in {where} have the same content as a file of another class "
                     f"(the same image under two labels, or a class folder linked to another): e.g. {b} "
                     f"({name(lb)}) = {a} ({name(la)}). Remove the copies or fix their labels.")
+
+
+def readable_samples(listed: Sequence[tuple[Any, int]], kept: Sequence[tuple[Any, int]], names: Sequence[str], *,
+                     source: Any, what: str, report: DataReport) -> list[tuple[Any, int]]:
+    """``kept``, what a pre-scan left of the ``listed`` samples of ``source``: a
+    [`DataError`][transferkit.DataError] when nothing is left, a warning in ``report`` for the
+    classes left without any file. ``what`` names the files (``"images"``, ``"audio files"``)."""
+    if not kept:
+        raise DataError(f"No readable {what} under {str(source)!r}: every file was bad "
+                        f"(e.g. {report.bad_files[:2]}).")
+    emptied = [names[t] for t in sorted({t for _, t in listed} - {t for _, t in kept})]
+    if emptied:
+        report.warn(f"Class folders without readable {what} in {str(source)!r}: {emptied} (every file in them was "
+                    "bad, see the left-out files).")
+    return list(kept)
 
 
 def find_duplicates(a: Iterable[str], b: Iterable[str]) -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transferkit.data.checks import DataReport
+from transferkit.data.checks import DataReport, check_label_names
 from transferkit.errors import DataError
 
 VAL_NAMES = ("val", "valid", "validation")
@@ -134,3 +134,54 @@ def class_folders(root: Path, report: DataReport) -> list[str]:
     names = _subfolders(root)
     report.ignored_folders += [str(root / n) for n in names if is_hidden(n)]
     return [n for n in names if not is_hidden(n)]
+
+
+def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_data: Callable[[str], bool],
+                       report: DataReport, what: str, layout: str,
+                       extensions: Sequence[str]) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(path, class_index)`` for ``root/<class>/**/<file>`` (the files ``is_data`` accepts),
+    and the classes: the image and the audio folder scanners' one rule.
+
+    ``classes`` fixes the class-to-index mapping (pass the training folder's for a validation
+    folder): a class folder not in it is left out and reported, a class of it without a
+    folder is reported, and a folder sharing no class with it is an error. Hidden and
+    unreadable sub-folders are handled by `list_class_files`. ``what`` names the files in
+    messages (``"images"``), ``layout`` shows the expected one (``"root/<class>/<image>.jpg"``).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"Data folder {str(root)!r} does not exist or is not a folder. Expected a folder with one "
+                        f"sub-folder of {what} per class: {layout}.")
+    found = class_folders(root, report)
+    if not found:
+        raise DataError(f"Data folder {str(root)!r} has no class sub-folders. Expected {layout}.")
+    check_label_names(found, f"Data folder {str(root)!r}", case=False)
+    if classes is None:
+        classes = found
+    else:
+        extra = [c for c in found if c not in classes]
+        missing = [c for c in classes if c not in found]
+        if len(extra) == len(found):
+            raise DataError(f"{str(root)!r} shares no class with the training data: its class folders are "
+                            f"{extra[:10]}, the training classes {list(classes)[:10]}. Validation folders need "
+                            "class sub-folders named like the training ones.")
+        if extra:
+            report.warn(f"{str(root)!r} has class folders {extra} that the training data does not have; their {what} "
+                        f"are left out (training classes: {list(classes)}).")
+        if missing:
+            report.warn(f"{str(root)!r} has no folder for training classes {missing}.")
+        found = [c for c in found if c in classes]
+    index = {c: i for i, c in enumerate(classes)}
+    samples: list[tuple[str, int]] = []
+    empty = []
+    for c in found:
+        files = list_class_files(root / c, is_data, report)
+        if not files:
+            empty.append(c)
+        samples.extend((f, index[c]) for f in files)
+    if not samples:
+        raise DataError(f"No {what} found under {str(root)!r} (looked for {', '.join(extensions)} in "
+                        f"{len(found)} class folders). Expected {layout}.")
+    if empty:
+        report.warn(f"Class folders without {what} in {str(root)!r}: {empty}.")
+    return samples, list(classes)

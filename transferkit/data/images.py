@@ -10,11 +10,11 @@ from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
-from transferkit.data.checks import ON_BAD_FILE, DataReport, check_label_names, filter_bad_images
-from transferkit.data.folders import class_folders, list_class_files
-from transferkit.data.late import ReportingCollate, load_or_replace
+from transferkit.data.checks import ON_BAD_FILE, DataReport, check_label_names, filter_bad_images, readable_samples
+from transferkit.data.folders import scan_class_folders
+from transferkit.data.late import FileDataset
 from transferkit._text import plural
 from transferkit.errors import DataError, check_choice
 
@@ -79,44 +79,9 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None, *,
     (``.thumbnails``, ``.ipynb_checkpoints``) are not walked and are listed in
     ``report.ignored_folders``; folders that cannot be read are reported.
     """
-    report = report if report is not None else DataReport()
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"Data folder {str(root)!r} does not exist or is not a folder. "
-                        "Expected a folder with one sub-folder of images per class: root/<class>/<image>.jpg.")
-    found = class_folders(root, report)
-    if not found:
-        raise DataError(f"Data folder {str(root)!r} has no class sub-folders. Expected root/<class>/<image>.jpg.")
-    check_label_names(found, f"Data folder {str(root)!r}", case=False)
-    if classes is None:
-        classes = found
-    else:
-        extra = [c for c in found if c not in classes]
-        missing = [c for c in classes if c not in found]
-        if len(extra) == len(found):
-            raise DataError(f"{str(root)!r} shares no class with the training data: its class folders are "
-                            f"{extra[:10]}, the training classes {list(classes)[:10]}. Validation folders need "
-                            "class sub-folders named like the training ones.")
-        if extra:
-            report.warn(f"{str(root)!r} has class folders {extra} that the training data does not have; their images "
-                        f"are left out (training classes: {list(classes)}).")
-        if missing:
-            report.warn(f"{str(root)!r} has no folder for training classes {missing}.")
-        found = [c for c in found if c in classes]
-    index = {c: i for i, c in enumerate(classes)}
-    samples: list[tuple[str, int]] = []
-    empty = []
-    for c in found:
-        files = list_class_files(root / c, _is_image_file, report)
-        if not files:
-            empty.append(c)
-        samples.extend((f, index[c]) for f in files)
-    if not samples:
-        raise DataError(f"No images found under {str(root)!r} (looked for {', '.join(IMAGE_EXTENSIONS)} in "
-                        f"{len(found)} class folders). Expected root/<class>/<image>.jpg.")
-    if empty:
-        report.warn(f"Class folders without images in {str(root)!r}: {empty}.")
-    return samples, list(classes)
+    return scan_class_folders(root, classes, is_data=_is_image_file,
+                              report=report if report is not None else DataReport(), what="images",
+                              layout="root/<class>/<image>.jpg", extensions=IMAGE_EXTENSIONS)
 
 
 def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
@@ -178,7 +143,7 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
     return samples, list(classes)
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(FileDataset):
     """``root/<class>/<image>`` as a dataset of ``(transform(image), class_index)``.
 
     Files are checked when the dataset is built (``scan``; bad ones are left out or raise,
@@ -196,57 +161,34 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | Path | None = None, *, classes: Sequence[str] | None = None,
                  transform: Callable | None = None, samples: list[tuple[str, int]] | None = None,
                  min_size: int | None = None, on_bad_file: str = "skip", scan: str = "quick",
-                 report: DataReport | None = None, _known_bad: dict | None = None) -> None:
+                 report: DataReport | None = None, known_bad: dict | None = None) -> None:
         check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
         self.report = report if report is not None else DataReport()
         if samples is None:
             if root is None:
                 raise DataError("ImageFolderDataset needs a root folder (or a .csv file of path,label rows).")
             scanner = scan_csv if str(root).lower().endswith(".csv") else scan_image_folder
-            samples, classes = scanner(root, classes, report=self.report)
-            listed = {t for _, t in samples}
-            samples = filter_bad_images(samples, on_bad_file=on_bad_file, scan=scan, report=self.report)
-            if not samples:
-                raise DataError(f"No readable images under {str(root)!r}: every image file was bad "
-                                f"(e.g. {self.report.bad_files[:2]}).")
-            emptied = [classes[t] for t in sorted(listed - {t for _, t in samples})]  # type: ignore[index]
-            if emptied:
-                self.report.warn(f"Class folders without readable images in {str(root)!r}: {emptied} (every file "
-                                 "in them was bad, see the left-out files).")
+            listed, classes = scanner(root, classes, report=self.report)
+            samples = readable_samples(listed, filter_bad_images(listed, on_bad_file=on_bad_file, scan=scan,
+                                                                 report=self.report),
+                                       classes, source=root, what="images", report=self.report)
         self.root = None if root is None else str(root)
         self.samples = samples
         self.classes = list(classes or [])
         self.transform = transform
         self.min_size = min_size
         self.on_bad_file = on_bad_file
-        self._known_bad: dict = {} if _known_bad is None else _known_bad  # files that failed in this process
-
-    @property
-    def targets(self) -> list[int]:
-        return [t for _, t in self.samples]
-
-    @property
-    def collate_fn(self) -> ReportingCollate:
-        """The DataLoader collate function: torch's default, reporting replaced files."""
-        return ReportingCollate(self.report.token, default_collate)
-
-    def __len__(self) -> int:
-        return len(self.samples)
+        self.known_bad: dict = {} if known_bad is None else known_bad  # files that failed in this process
 
     def _load(self, j: int) -> Image.Image:
         return load_image(self.samples[j][0], min_size=self.min_size)
-
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        img, target = load_or_replace(self.samples, i, self._load, on_bad_file=self.on_bad_file,
-                                      report=self.report, known_bad=self._known_bad)
-        return (self.transform(img) if self.transform else img), target
 
     def view(self, indices: Sequence[int] | None = None, transform: Callable | None = None) -> ImageFolderDataset:
         """The same files (or a subset) with another transform."""
         samples = self.samples if indices is None else [self.samples[i] for i in indices]
         return ImageFolderDataset(self.root, classes=self.classes, transform=transform, samples=samples,
                                   min_size=self.min_size, on_bad_file=self.on_bad_file, report=self.report,
-                                  _known_bad=self._known_bad)
+                                  known_bad=self.known_bad)
 
 
 class TransformedDataset(Dataset):

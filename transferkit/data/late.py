@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import get_worker_info
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from transferkit.errors import DataError
 
@@ -120,6 +120,41 @@ def _deliver(batch: Any, token: str, pending: list[tuple[str, str]]) -> Any:
             except Warning:  # warnings turned into errors (-W error): the report holds the file and the message
                 pass  # already; raising here, possibly in the pin-memory thread, would kill the loader
     return batch
+
+
+class FileDataset(Dataset):
+    """What the datasets of listed files (images, audio) share: ``samples`` as
+    ``[(source, class index)]``, items loaded by ``_load(j)`` through `load_or_replace` (a file
+    that fails is replaced and reported, or raises), then ``transform``; batches collated by
+    ``batch_collate`` through `ReportingCollate`. A subclass sets ``samples``, ``transform``,
+    ``report``, ``on_bad_file`` and ``known_bad`` (shared by its views), and defines ``_load``."""
+
+    samples: list[tuple[Any, int]]
+    transform: Callable | None
+    report: DataReport
+    on_bad_file: str
+    known_bad: dict[Any, str]
+    batch_collate: Callable[[Any], Any] = staticmethod(default_collate)
+
+    @property
+    def targets(self) -> list[int]:
+        return [t for _, t in self.samples]
+
+    @property
+    def collate_fn(self) -> ReportingCollate:
+        """The DataLoader collate function: ``batch_collate``, reporting replaced files."""
+        return ReportingCollate(self.report.token, self.batch_collate)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, j: int) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        item, target = load_or_replace(self.samples, i, self._load, on_bad_file=self.on_bad_file, report=self.report,
+                                       known_bad=self.known_bad)
+        return (self.transform(item) if self.transform else item), target
 
 
 def source_name(source: Any, index: int) -> str:

@@ -13,7 +13,9 @@ BatchNorm modes (see ``docs/policies.md`` for the reasoning behind the default):
 "Statistics frozen" means the layer runs in eval mode (normalises with the stored
 running mean/var, never updates them). A frozen block is bit-for-bit unchanged by
 training except under ``affine``, which trains gamma/beta everywhere (fastai's
-``train_bn``).
+``train_bn``). `apply_policy` swaps such layers to a frozen kind
+(`transferkit.policies.frozen_bn`), so they stay frozen when a user's own loop calls
+``model.train()``, and swaps them back when a later epoch unfreezes their block.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from transferkit.backbones._base import Backbone
 from transferkit.lora import add_lora, has_lora, is_lora_parameter
+from transferkit.policies.frozen_bn import freeze_batchnorm, thaw_batchnorm
 from transferkit.policies.spec import Policy
 from transferkit.policies.structure import block_of, bn_param_names, has_batchnorm  # noqa: F401 (has_batchnorm: public here)
 
@@ -63,6 +66,34 @@ def apply_policy(model: nn.Module, backbone: Backbone, policy: Policy, epoch: in
         p.requires_grad_(flags[name])
     for p in model.head.parameters():
         p.requires_grad_(True)
+    freeze_statistics(model, backbone, policy, epoch)
+
+
+def _active_blocks(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int) -> set[str]:
+    """The blocks whose modules train at ``epoch``: the policy's, and those holding LoRA factors."""
+    active = set(policy.trainable_blocks(backbone.block_names, epoch))
+    if policy.lora is not None:
+        active |= {block_of(backbone, n) for n, _ in model.trunk.named_parameters() if is_lora_parameter(n)}
+    return active
+
+
+def statistics_frozen(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int = 0) -> dict[str, bool]:
+    """``{module name: statistics frozen at epoch}`` for the BatchNorm layers of ``model.trunk``:
+    those of blocks that do not train, and all of them under ``bn="affine"`` or ``"frozen"``."""
+    active = _active_blocks(model, backbone, policy, epoch)
+    owner = module_blocks(model.trunk, backbone) if active and policy.bn == "train" else {}
+    return {name: not active or policy.bn != "train" or (owner[name] is not None and owner[name] not in active)
+            for name, m in model.trunk.named_modules() if isinstance(m, _BatchNorm)}
+
+
+def freeze_statistics(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int = 0) -> None:
+    """Swap the BatchNorm layers whose statistics the policy freezes at ``epoch`` to frozen
+    BatchNorm (they stay in eval mode under ``model.train()``), and the others back to their
+    own class (`transferkit.policies.frozen_bn`); in place, parameters and buffers unchanged."""
+    frozen = statistics_frozen(model, backbone, policy, epoch)
+    for name, m in model.trunk.named_modules():
+        if name in frozen:
+            (freeze_batchnorm if frozen[name] else thaw_batchnorm)(m)
 
 
 def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]:
@@ -86,9 +117,7 @@ def set_train_mode(model: nn.Module, backbone: Backbone, policy: Policy, epoch: 
     dropout is off; a block holding LoRA factors counts as training), and all BatchNorm
     layers under ``bn="affine"`` or ``"frozen"``."""
     model.train()
-    active = set(policy.trainable_blocks(backbone.block_names, epoch))
-    if policy.lora is not None:
-        active |= {block_of(backbone, n) for n, _ in model.trunk.named_parameters() if is_lora_parameter(n)}
+    active = _active_blocks(model, backbone, policy, epoch)
     if not active:
         model.trunk.eval()
         return

@@ -135,17 +135,6 @@ def most_confused(source: Any, dataset_or_labels: Any, classes: Sequence[str], *
     return sorted(pairs, key=lambda p: (-p[2], p[0], p[1]))
 
 
-def sample_losses(source: Any, dataset_or_labels: Any, classes: Sequence[str], **kwargs: Any) -> torch.Tensor:
-    """Each sample's cross-entropy ``-log p(true class)`` ``[N]``.
-
-    Example:
-        >>> sample_losses(torch.tensor([[0.0, 0.0]]), [1], ["a", "b"]).tolist() == [math.log(2)]
-        True
-    """
-    probs, labels = _outputs(source, dataset_or_labels, classes, **kwargs)
-    return -torch.log(probs[torch.arange(len(labels)), labels].clamp_min(1e-12)).double()
-
-
 def _picture(img: Any) -> np.ndarray:
     """An image item as ``[H, W, 3]`` uint8 (or a 1-D waveform array, drawn as a line)."""
     from PIL import Image

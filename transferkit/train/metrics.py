@@ -111,11 +111,6 @@ def task_metrics(task: str, logits: torch.Tensor, targets: torch.Tensor, classes
     return regression_metrics(logits, targets)
 
 
-def summary_line(metrics: dict[str, Any]) -> str:
-    """The scalar metrics as ``name value`` pairs, for logs."""
-    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (float, int, np.floating)))
-
-
 def final_metrics(module: nn.Module, val_loader: DataLoader | None, *, task: str, classes: Sequence[str],
                   loss_fn: Any, speed: SpeedConfig, top_k: int = 5, outputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validation loss and the task's metrics (accuracy, top-k, macro F1, per-class report,

@@ -75,15 +75,6 @@ def count_correct(task: str, logits: torch.Tensor, y: torch.Tensor) -> float:
     return 0.0
 
 
-def predictions(task: str, logits: torch.Tensor) -> torch.Tensor:
-    """Hard predictions: class indices, multi-hot 0/1, or the regressed values."""
-    if task == "multiclass":
-        return logits.argmax(1)
-    if task == "multilabel":
-        return (logits > 0).to(torch.int64)
-    return logits.float()
-
-
 def monitor_default(task: str) -> tuple[str, str]:
     """The validation metric that picks the best epoch, and whether higher is better."""
     return ("val_loss", "min") if task == "regression" else ("val_acc", "max")

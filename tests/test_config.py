@@ -1,0 +1,61 @@
+"""FinetuneConfig's fields carry real type annotations, and the checks, the CLI flags and the
+help read their types and choices from those annotations."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+from transferkit import ConfigError, FinetuneConfig
+from transferkit.backbones import get_backbone
+from transferkit.cli import main
+from transferkit.config import BackboneLike, MapStyleDataset, PolicyLike, config_fields, merge_config, unknown_key_error
+from transferkit.policies import Policy
+
+
+def test_type_hints_name_real_types():
+    hints = typing.get_type_hints(FinetuneConfig)
+    assert hints.keys() == {f.name for f in dataclasses.fields(FinetuneConfig)}
+    assert hints["epochs"] is int and hints["verbose"] is bool and hints["device"] is str
+    assert hints["lr"] == float | None
+    assert hints["weights"] == str | Path | None
+    assert hints["backbone"] == str | BackboneLike and hints["policy"] == str | PolicyLike
+    assert isinstance(get_backbone("tk:small_cnn", weights=None), BackboneLike)
+    assert isinstance(Policy.parse("full"), PolicyLike) and not isinstance("full", PolicyLike)
+    assert hints["data"] == str | Path | MapStyleDataset | None
+    assert hints["precision"] == Literal["auto", "fp32", "bf16", "fp16"]
+    assert hints["head_hidden"] == Sequence[int]
+    assert all(h is not Any and Any not in typing.get_args(h) for h in hints.values())
+
+
+def test_checks_and_choices_follow_the_annotations():
+    with pytest.raises(ConfigError, match=r"epochs=2\.5 has type float; expected int\."):
+        FinetuneConfig(data="x", epochs=2.5)
+    assert FinetuneConfig(data="x", lr=1).lr == 1  # a float field takes an int
+    with pytest.raises(ConfigError, match=r"unknown precision 'fp64'\. .*Valid values: 'auto', 'fp32', 'bf16', 'fp16'"):
+        FinetuneConfig(data="x", precision="fp64")
+    with pytest.raises(ConfigError, match="backbone=3 has type int; expected BackboneLike or str"):
+        FinetuneConfig(data="x", backbone=3)
+    with pytest.raises(ConfigError, match="data=3 has type int; expected MapStyleDataset or None or Path or str"):
+        FinetuneConfig(data=3)
+    assert FinetuneConfig(data=[("a.png", 0), ("b.png", 1)]).data[1] == ("b.png", 1)  # any indexable with len()
+    assert FinetuneConfig(data="x", head_norm=False, class_weights=[1, 2]).class_weights == [1, 2]
+    assert config_fields()["monitor"].metadata["choices"] == ("val_loss", "val_acc", "train_loss", "train_acc", None)
+    assert merge_config({"lr": "1e-3", "image_size": "64"}) == {"lr": 1e-3, "image_size": 64}
+    assert "here: unknown key 'epoch'. Did you mean 'epochs'?" in str(unknown_key_error("epoch", "here"))
+
+
+def test_cli_flags_and_help_read_the_annotations(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--precision {auto,fp32,bf16,fp16}" in text and "--epochs EPOCHS" in text
+    assert "--optimizer {adamw,adam,sgd}" in text
+    with pytest.raises(SystemExit) as info:
+        main(["finetune", "--data", "x", "--epochs", "two"])
+    assert info.value.code == 2 and "invalid int value: 'two'" in capsys.readouterr().err

@@ -45,7 +45,7 @@ from transferkit.train.faults import training_faults
 from transferkit.errors import DataError
 from transferkit.train.feature_store import fill_store, open_store, part_size_for
 from transferkit.train.features import compute_features, feature_loader
-from transferkit.data.sampling import EpochSampler
+from transferkit.data.sampling import EpochSampler, default_num_workers
 from transferkit.train.loaders import make_loader
 from transferkit.train.loop import Loop, TrainState, fit
 from transferkit.train.metrics import final_metrics
@@ -172,8 +172,9 @@ def stored_features(d: Decisions, run: Run, parts: list[tuple[str, Any, Any, int
                 return contextlib.nullcontext(progress)
             return progress_bar(total, f"features ({name})", verbose=cfg.verbose and info.is_main, unit="img")
 
+        workers = default_num_workers(ds, info.world_size) if cfg.num_workers is None else cfg.num_workers
         reports[name] = fill_store(store, ds.view(transform=tf), forward, info, bar=bar, batch_size=batch_size,
-                                   num_workers=cfg.num_workers, seed=cfg.seed)
+                                   num_workers=workers, seed=cfg.seed)
         _report_masked(store, ds, run.bundle.report)
         stores[name] = store
     train_dl = stores["train"].batches(cfg.batch_size, seed=cfg.seed, memory_budget=STORE_MEMORY_BUDGET,

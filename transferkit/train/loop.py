@@ -252,7 +252,7 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
         if loop.verbose and main:  # a line per epoch; in a notebook, a table that grows in place
             epoch_log(state, log=loop.log).add(row, f"epoch {epoch + 1:>3}/{shown}  " + "  ".join(
                 f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "time_s", "lr", "lr_groups"))
-                + f"  ({row['time_s']:.1f}s" + (f" incl. {prep_what} {prep_s:.1f}s)" if prep_s >= 0.05 else ")"),
+                + f"  ({row['time_s']:.1f}s" + (f" incl. {prep_what} {prep_s:.1f}s)" if prep_s > 0 else ")"),
                 best=state.best.get("epoch"))
         prep_s = 0.0
         if loop.on_epoch_end is not None:

@@ -24,6 +24,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import json
 import os
 import re
 import secrets
@@ -597,3 +598,12 @@ def file_digest(path: str | Path, *, chunk: int = 1 << 22) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object stored in ``path``; ``{}`` when the file is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -56,6 +56,16 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # WebDataset's base_p
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
+def named_files(spec: str, what: str) -> list[str]:
+    """The files a name or brace pattern ``spec`` names; a DataError when some do not exist."""
+    paths = expand_braces(spec)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} of the {len(paths)} {what} named by {spec!r} do not exist, e.g. "
+                        f"{missing[:3]}.")
+    return paths
+
+
 def expand_braces(pattern: str) -> list[str]:
     """Expand ``{000..003}`` ranges (zero-padded like the first bound) and ``{a,b}`` lists.
 
@@ -130,12 +140,7 @@ def shard_list(data: Any) -> list[str] | None:
                         "uncompressed tar files (JPEG/PNG members are already compressed). Decompress them "
                         "(e.g. gunzip) and pass the .tar files.")
     if _tar_name(spec):
-        paths = expand_braces(spec)
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise DataError(f"{len(missing)} of the {len(paths)} shard(s) named by {spec!r} do not exist, e.g. "
-                            f"{missing[:3]}.")
-        return paths
+        return named_files(spec, "shard(s)")
     if os.path.isdir(spec):
         entries = list(Path(spec).iterdir())
         tars = sorted(str(p) for p in entries if p.is_file() and _tar_name(p.name) and not p.name.startswith("."))

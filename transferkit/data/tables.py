@@ -34,7 +34,7 @@ import numpy as np
 
 from transferkit.data.checks import ON_BAD_FILE, DataReport
 from transferkit.data.encoded import EncodedImageDataset, labels_to_targets
-from transferkit.data.shards import expand_braces
+from transferkit.data.shards import named_files
 from transferkit.errors import DataError, check_choice
 
 LABEL_COLUMNS = ("label", "labels", "cls", "class", "target")
@@ -75,12 +75,7 @@ def parquet_list(data: Any) -> list[str] | None:
         return None
     spec = str(data)
     if _parquet_name(spec):
-        paths = expand_braces(spec)
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise DataError(f"{len(missing)} of the {len(paths)} Parquet file(s) named by {spec!r} do not exist, e.g. "
-                            f"{missing[:3]}.")
-        return paths
+        return named_files(spec, "Parquet file(s)")
     if os.path.isdir(spec) and not is_saved_hf(spec):
         root = Path(spec)
         subs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))]

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferkit._io import atomic_write
+from transferkit._io import atomic_write, read_json_object
 from transferkit.data.fingerprint import module_fingerprint
 from transferkit.errors import ConfigError
 from transferkit.model import AudioPreprocess, ImagePreprocess, TransferModel
@@ -249,7 +249,7 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
     store = Path(cache_dir) / "engines.json" if cache_dir is not None else None
     key = engines_store_key(model, batches[0].shape[1:], batches[0].dtype, device=device, precision=precision,
                             channels_last=channels_last)
-    data = _read_json(store) if store is not None else {}
+    data = read_json_object(store) if store is not None else {}
     saved = data.get(key, {}).get("measured") if isinstance(data.get(key), dict) else None
     if isinstance(saved, dict) and "eager" in saved:
         missing = [c for c in candidates if c not in saved or ("skipped" in saved[c] and c == "compile" and
@@ -260,19 +260,13 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
     measured = time_engines(model, batches, device=device, precision=precision, channels_last=channels_last,
                             candidates=candidates, cache_dir=cache_dir, n_images=n_images)
     if store is not None:
-        data = _read_json(store)
+        data = read_json_object(store)
         data[key] = {"format": STORE_FORMAT, "measured": measured}
         atomic_write(store, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True)),
                      what="engine timing store")
     return measured
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 # --------------------------------------------------------------------------- the decision (pure)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferkit._io import atomic_write
+from transferkit._io import atomic_write, read_json_object
 from transferkit.errors import ConfigError, check_choice
 from transferkit.hardware import CONV_SHARE_CHANNELS_LAST, CONV_SHARE_CONTIGUOUS, conv_share, cpu_bf16_native, device_bf16
 
@@ -276,12 +276,6 @@ def _layout_key(trunk: nn.Module, device: torch.device, image_size: int) -> str:
            f"torch {torch.__version__}"
 
 
-def _read_store(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def measure_layout(trunk: nn.Module, device: torch.device, *, image_size: int = 224, share: float | None = None,
@@ -298,7 +292,7 @@ def measure_layout(trunk: nn.Module, device: torch.device, *, image_size: int = 
     key = _layout_key(trunk, device, image_size)
     if key in _LAYOUT_CACHE:
         return _LAYOUT_CACHE[key]
-    saved = _read_store(Path(store)).get(key) if store is not None else None
+    saved = read_json_object(Path(store)).get(key) if store is not None else None
     if isinstance(saved, dict) and isinstance(saved.get("channels_last"), bool):
         result = (saved["channels_last"], f"{saved.get('reason', 'timed earlier')} (read from {store})")
         _LAYOUT_CACHE[key] = result
@@ -333,7 +327,7 @@ def measure_layout(trunk: nn.Module, device: torch.device, *, image_size: int = 
                   "contiguous speed")
     _LAYOUT_CACHE[key] = result
     if store is not None:
-        data = _read_store(Path(store))
+        data = read_json_object(Path(store))
         data[key] = {"channels_last": on, "reason": result[1]}
         atomic_write(store, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True)))
     return result

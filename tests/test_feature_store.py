@@ -275,3 +275,25 @@ def test_views_draw_the_augmentations_of_their_epoch(tmp_path):
     x = store.load()[0]
     assert x.shape == (3, 300, 4) and not torch.equal(x[0], x[1])
     assert torch.equal(x[2, 17], SeededItems(ds, 5)[(17, 2)][0])  # view 2 = epoch 2 of a seeded loader
+
+
+def test_reopening_trusts_untouched_parts_and_hashes_changed_ones(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import transferkit.train.feature_store as fs
+
+    ds, fwd = Tiny(300), _forward()
+    extract_parts(ShardedFeatureStore.open(tmp_path, "k", num_samples=300, part_size=100, dim=8), ds, fwd)
+    hashed = []
+    real = fs.file_digest
+    monkeypatch.setattr(fs, "file_digest", lambda path, **kw: hashed.append(Path(path).name) or real(path, **kw))
+    store = ShardedFeatureStore.open(tmp_path, "k", num_samples=300, part_size=100, dim=8)
+    assert store.missing_parts(verify=True) == [] and hashed == []  # no part read at start-up
+    f = tmp_path / "k" / "part-000002" / "targets.npy"
+    data = f.read_bytes()
+    f.unlink()
+    f.write_bytes(data)  # the same bytes in a new file (a copy): hashed once, then trusted again
+    assert store.missing_parts(verify=True) == [] and hashed == ["features.npy", "targets.npy", "mask.npy"]
+    hashed.clear()
+    assert store.missing_parts(verify=True) == [] and hashed == []
+    assert store.report()["masked_samples"] == 0

@@ -3,7 +3,8 @@
 The store of one key is a folder ``<directory>/<key>/`` of *parts*: part ``p`` holds the
 samples ``[p * part_size, min((p + 1) * part_size, num_samples))``, in
 ``part-<p>/features.npy`` (``[views, rows, dim]``), ``targets.npy`` and ``mask.npy``
-(True where the sample could be read), with ``part.json`` recording the digests. A part is
+(True where the sample could be read), with ``part.json`` recording the files' digests and
+stats and the part's masked count. A part is
 written into a temporary folder and renamed when complete, so it is either there whole or
 not at all:
 
@@ -85,6 +86,19 @@ def part_size_for(num_samples: int, dim: int, *, views: int = 1, dtype: Any = "f
     return max(1, min(rows, cap, num_samples))
 
 
+def _file_stat(path: Path) -> list[int]:
+    """``[size, modification time, status-change time (ns), inode]`` of a file: what
+    `_committed` compares (a file rewritten in place, or replaced with ``cp -p``, changes one)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = create_temp(path)
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
 def _dtype_name(dtype: Any) -> str:
     name = str(dtype).replace("torch.", "")
     name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(
@@ -132,9 +146,7 @@ class ShardedFeatureStore:
         if old != meta:
             for p in path.glob("part-*"):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            tmp = create_temp(meta_file)
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, meta_file)
+            _write_json(meta_file, meta)
         store = cls(path, meta, [])
         store.reused_parts = [p for p in range(store.num_parts) if store._committed(p)]
         return store
@@ -153,15 +165,37 @@ class ShardedFeatureStore:
     def _part_dir(self, p: int) -> Path:
         return self.path / f"part-{p:06d}"
 
-    def _committed(self, p: int, verify: bool = False) -> bool:
-        d = self._part_dir(p)
+    def _part_info(self, p: int) -> dict[str, Any] | None:
+        """Part ``p``'s ``part.json`` (its digests, file stats and masked count), None when not committed."""
         try:
-            info = json.loads((d / "part.json").read_text())
+            info = json.loads((self._part_dir(p) / "part.json").read_text())
         except (OSError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    def _committed(self, p: int, verify: bool = False) -> bool:
+        """Whether part ``p`` is committed; with ``verify``, also whether its files are the
+        ones committed: files whose size, modification and status-change times and inode are those recorded when
+        they were last verified are trusted without reading them (the store's start-up cost
+        grows with the number of parts, not of samples); any other file is hashed in full
+        against its digest, and a part that passes records its files' new stats."""
+        info = self._part_info(p)
+        if info is None:
             return False
         if not verify:
             return True
-        return all((d / n).is_file() and file_digest(d / n) == h for n, h in info.get("digests", {}).items())
+        d = self._part_dir(p)
+        digests, stats = info.get("digests", {}), info.get("stats", {})
+        try:
+            now = {n: _file_stat(d / n) for n in digests}
+        except OSError:
+            return False
+        if now == stats:
+            return True
+        if not all(file_digest(d / n) == h for n, h in digests.items()):
+            return False
+        _write_json(d / "part.json", {**info, "stats": now})
+        return True
 
     def missing_parts(self, *, verify: bool = False) -> list[int]:
         """The parts not yet committed (with ``verify``, also those whose files do not match
@@ -225,8 +259,11 @@ class ShardedFeatureStore:
             np.save(tmp / "features.npy", arr)
             np.save(tmp / "targets.npy", tgt)
             np.save(tmp / "mask.npy", m)
-            digests = {n: file_digest(tmp / n) for n in ("features.npy", "targets.npy", "mask.npy")}
-            (tmp / "part.json").write_text(json.dumps({"part": p, "start": start, "stop": stop, "digests": digests}))
+            names = ("features.npy", "targets.npy", "mask.npy")
+            info = {"part": p, "start": start, "stop": stop, "masked": int((~m).sum()),
+                    "digests": {n: file_digest(tmp / n) for n in names},
+                    "stats": {n: _file_stat(tmp / n) for n in names}}  # kept by the rename below
+            (tmp / "part.json").write_text(json.dumps(info))
             try:
                 os.replace(tmp, final)
             except OSError:  # another process committed it first: keep theirs
@@ -278,7 +315,8 @@ class ShardedFeatureStore:
         ``masked`` (the samples this process could not read, with why) and ``masked_samples``
         (how many samples of the whole store are masked)."""
         n = self.nbytes
-        masked_total = sum(int((~np.load(f)).sum()) for f in self.path.glob("part-*/mask.npy"))
+        infos = [self._part_info(p) for p in range(self.num_parts)]
+        masked_total = sum(int(i.get("masked", 0)) for i in infos if i is not None)
         return {"samples": self.num_samples, "shards": self.num_parts, "part_size": self.part_size,
                 "computed": len(self.computed_parts), "reused": len(self.reused_parts), "dtype": self.dtype,
                 "bytes": n, "bytes_per_sample": n / self.num_samples, "views": self.views,

@@ -174,3 +174,16 @@ def test_finetune_json_summary_reports_the_feature_store(tmp_path, capsys):
         runs.append(json.loads(out)["features"])
     assert runs[0]["computed"] == runs[0]["shards"] == 2 and runs[0]["samples"] == 8
     assert runs[1]["reused"] == runs[1]["shards"] == 2 and runs[1]["computed"] == 0
+
+
+def test_lr_find_help_offers_no_training_lr_or_schedule():
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(["lr-find", "--help"])
+    text = out.getvalue()
+    assert "--start-lr" in text and "--phase" in text
+    assert "--lr " not in text and "--schedule" not in text and "--export" not in text and "--checkpoint" not in text
+    assert "epochs of the run the test prepares" in text

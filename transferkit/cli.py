@@ -194,13 +194,15 @@ def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
     p.add_argument("--val-data", default=None, help="validation data (default: a stratified split)")
     for key, f in config_fields().items():
         m = f.metadata
-        if not m["flag"] or key == "data" or (not outputs and (m["group"] == "outputs" or key == "schedule")):
-            continue  # lr-find has no outputs and runs its own lr ramp, not a schedule
+        if not m["flag"] or key == "data" or (not outputs and (m["group"] == "outputs" or key in ("schedule", "lr"))):
+            continue  # lr-find has no outputs and runs its own lr ramp, not the run's lr or schedule
         types = m["types"]
         kind = int if types == (int,) else float if float in types else str
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = m["help"].split(" or a ")[0] if key in ("backbone", "policy") else m["help"]
         help_text += f"; kinds: {', '.join(POLICY_KINDS)}" if key == "policy" else ""
+        if key == "epochs" and not outputs:
+            help_text = "epochs of the run the test prepares (they set its phases and the cost estimate)"
         if "default" not in help_text and default is not None:
             help_text += f" (default: {default})"
         names = (_flag(key), "--plots") if key == "plots_dir" else (_flag(key),)

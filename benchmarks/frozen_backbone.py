@@ -22,7 +22,8 @@ bf16 capability check answer no (``TRANSFERKIT_ASSUME_BF16=0``): a CPU without n
 Backbones: the shared ImageNet EfficientNet-Lite0 (``timm:tf_efficientnet_lite0``) and
 torchvision ResNet-18 with ``weights=None`` (offline). Goals: transferkit's defaults >= 15x
 the tutorial loop, validation accuracy within 1 point of it. Each run is its own subprocess
-(clean peak memory). On a quiet 2-core machine the whole command takes about 15 minutes.
+(clean peak memory) that imports torch, torchvision, timm and transferkit before its
+timer starts: the times are the runs', not the imports'. On a quiet 2-core machine the whole command takes about 15 minutes.
 
     python benchmarks/frozen_backbone.py                         # both backbones, 10 epochs
     python benchmarks/frozen_backbone.py --only lite0 --threads 2
@@ -278,6 +279,10 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+        import timm  # noqa: F401  every library both sides use is imported before either timer starts
+        import torchvision  # noqa: F401
+
+        import transferkit.api  # noqa: F401
         print(json.dumps(FUNCS[args.child](CONFIGS[args.only[0]], args)))
         return
     if not (DATA / "hymenoptera").is_dir() or not LITE0.is_file():

@@ -109,3 +109,27 @@ def test_checkpoint_write_is_atomic(image_folder, tmp_path, monkeypatch):
         tk.finetune("tk:small_cnn", checkpoint=ckpt, **common)
     assert ckpt.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["run.pt"]  # no temporary left behind
+
+
+def test_diverged_weights_are_refused_and_a_frozen_trunk_is_not_read():
+    import torch.nn as nn
+
+    from transferkit.errors import TrainingError
+    from transferkit.train.resume import check_weights_finite
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    model[0].requires_grad_(False)
+    model[0].eval()
+    model[1].eval()
+    with torch.no_grad():
+        model[0].weight.fill_(float("nan"))  # frozen: training cannot have changed it
+        model[1].running_var.fill_(float("inf"))  # a module in eval mode: its statistics do not move
+    check_weights_finite(model, 3, 0.1)
+    model[1].train()
+    with pytest.raises(TrainingError, match=r"during epoch 3 \(e.g. 1.running_var\).*lower it"):
+        check_weights_finite(model, 3, 0.1)
+    model[1].eval()
+    with torch.no_grad():
+        model[2].bias.fill_(float("inf"))
+    with pytest.raises(TrainingError, match=r"e.g. 2.bias"):
+        check_weights_finite(model, 3, 0.1)

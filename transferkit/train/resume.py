@@ -69,9 +69,13 @@ def resume_from(path: str | Path, *, check: Callable[[dict[str, Any]], dict[str,
 
 
 def check_weights_finite(model: nn.Module, epoch: int, lr: float) -> None:
-    """Raise TrainingError when a parameter or buffer became NaN/inf (never checkpoint diverged weights)."""
-    bad = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
-           if t.is_floating_point() and not torch.isfinite(t).all()]
+    """Raise TrainingError when a parameter or buffer that training can change became NaN/inf
+    (never checkpoint diverged weights): parameters that require gradients and buffers of
+    modules in training mode (BatchNorm statistics); a frozen trunk is not read every epoch."""
+    changing = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    changing += [(f"{m_name}.{b_name}" if m_name else b_name, b) for m_name, m in model.named_modules() if m.training
+                 for b_name, b in m.named_buffers(recurse=False)]
+    bad = [n for n, t in changing if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise TrainingError(f"The weights became NaN/inf during epoch {epoch} (e.g. {bad[0]}). The learning "
                             f"rate (base {lr:.3g}) is probably too high: lower it.")

@@ -127,6 +127,20 @@ def test_a_disagreeing_engine_is_refused_when_forced_and_rejected_under_auto(mon
     assert "onnxruntime rejected: features differ from eager fp32" in why
 
 
+def test_an_engine_compared_while_timed_is_not_compared_again_on_that_batch(monkeypatch):
+    m, x = _model(), _batch()
+    measured = eng.time_engines(m, [x, _batch(seed=2)], device=CPU, precision="fp32", channels_last=False,
+                                candidates=["onnxruntime"], rounds=1)
+    assert measured["onnxruntime"]["rel_diff"] <= eng.TOLERANCE["fp32"]
+    compared = []
+    real = eng._eager_fp32
+    monkeypatch.setattr(eng, "_eager_fp32", lambda *a, **k: compared.append(1) or real(*a, **k))
+    eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False)
+    assert compared == []  # the timing compared it on this very batch
+    eng.engine_forward("onnxruntime", m, _batch(seed=3), device=CPU, precision="fp32", channels_last=False)
+    assert compared == [1]  # another batch is compared
+
+
 def test_auto_keeps_the_fastest_agreeing_engine_and_says_why():
     ok = {"precision": "fp32", "rel_diff": 1e-6}
     measured = {"eager": {**ok, "images_per_s": 30.0, "rel_diff": 0.0}, "onnxruntime": {**ok, "images_per_s": 80.0},

@@ -206,7 +206,28 @@ def test_fine_tune_defaults_the_head_phase_to_the_head_lr_and_unfreezes_at_a_ten
         Policy.parse("full,unfrozen_lr=0.5")
     d = tk.plan(backbone="tk:small_cnn", weights=None, data=image_folder, policy="fine_tune", epochs=3,
                 image_size=16, num_workers=0)
-    assert d.lr == 0.01 and "phases:   1 epoch of the head alone at lr 0.01, then 2 epochs at lr 0.001" in d.summary()
+    assert d.lr == 0.01 and d.head_passes == 10
+    assert ("phases:   1 epoch of the head alone at lr 0.01 (10 passes over the cached features per epoch), then 2 "
+            "epochs at lr 0.001") in d.summary()
     full = tk.plan(backbone="tk:small_cnn", weights=None, data=image_folder, policy="full", epochs=3, image_size=16,
                    num_workers=0)
     assert full.lr == 0.001 and "phases:" not in full.summary()
+
+
+@pytest.mark.parametrize("policy, cache, passes", [("fine_tune:passes=3", "auto", 3), ("fine_tune:passes=1", "auto", 1),
+                                                   ("fine_tune:passes=3", False, 1)])
+def test_the_frozen_phase_makes_its_head_passes_over_cached_features(image_folder, monkeypatch, policy, cache, passes):
+    import transferkit.train.loop as loop_module
+
+    batches = []
+    real = loop_module.train_one_epoch
+
+    def counting(module, loader, loop, **kw):
+        batches.append(sum(1 for _ in loader))
+        return real(module, loader, loop, **kw)
+    monkeypatch.setattr(loop_module, "train_one_epoch", counting)
+    r = tk.finetune("tk:small_cnn", weights=None, data=image_folder, policy=policy, epochs=2, image_size=16,
+                    batch_size=4, num_workers=0, precision="fp32", verbose=False, cache_features=cache)
+    per_pass = -(-r.decisions.n_train // 4)
+    assert r.decisions.head_passes == passes
+    assert batches == [passes * per_pass, per_pass]  # the frozen epoch, then one pass of the whole model

@@ -157,7 +157,10 @@ class Decisions:
         ]
         phases = self.policy.lr_phases(cfg.epochs)
         if len(phases) > 1:  # fine_tune: one schedule per phase
-            lines.append(f"  phases:   {_plural(phases[0][0], 'epoch')} of the head alone at lr {self.lr:.3g}, then "
+            passes = self.head_passes
+            lines.append(f"  phases:   {_plural(phases[0][0], 'epoch')} of the head alone at lr {self.lr:.3g}"
+                         + (f" ({passes} passes over the cached features per epoch)" if passes > 1 else "")
+                         + ", then "
                          f"{_plural(phases[1][0], 'epoch')} at lr {self.lr * phases[1][1]:.3g} (x {phases[1][1]:g}), "
                          f"each with its own {cfg.schedule} schedule")
         if groups:
@@ -167,6 +170,12 @@ class Decisions:
             *(f"  speed:    {line}" for line in _speed_lines(s, features=self.cached_epochs > 0)),
         ]
         return "\n".join(lines)
+
+    @property
+    def head_passes(self) -> int:
+        """Passes of the head over the data per frozen epoch: the policy's ``head_passes`` when
+        the frozen phase trains on cached features, else 1 (each pass would run the backbone)."""
+        return self.policy.head_passes if self.cached_epochs else 1
 
     def feature_key_parts(self, part: str) -> dict[str, Any]:
         """Everything that changes cached features of ``part``: preprocessing and trunk weights

@@ -46,7 +46,7 @@ from transferkit.errors import DataError
 from transferkit.train.feature_store import fill_store, open_store, part_size_for
 from transferkit.train.features import compute_features, feature_loader
 from transferkit.data.sampling import EpochSampler, default_num_workers
-from transferkit.train.loaders import make_loader
+from transferkit.train.loaders import Passes, make_loader
 from transferkit.train.loop import Loop, TrainState, fit
 from transferkit.train.metrics import final_metrics
 from transferkit.train.optim import make_optimizer, make_scheduler, phase_steps
@@ -323,7 +323,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
     gradient scaler and L2-SP penalty over the whole run, the
     per-epoch checkpoint and resume. A run whose first ``cached_epochs`` epochs keep the
     backbone frozen (``fine_tune:frozen=k``) trains the head on cached features for those
-    epochs, then the whole model on decoded inputs (features are not computed when a resume
+    epochs (`Decisions.head_passes` passes over them each), then the whole model on decoded inputs (features are not computed when a resume
     starts after that phase)."""
     cfg, k, total = d.config, d.cached_epochs, d.config.epochs
     t1 = time.perf_counter()
@@ -337,7 +337,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                             seconds={**td.seconds, "train_s": time.perf_counter() - t1}, feature_report=td.report)
     meta = metadata(d)
     inputs = training_data(d, run, cached=False) if k < total else None
-    steps = [_cached_steps(d)] * k + [len(inputs.train_loader) if inputs else 0] * (total - k)
+    steps = [_cached_steps(d) * d.head_passes] * k + [len(inputs.train_loader) if inputs else 0] * (total - k)
     opt = make_optimizer(cfg.optimizer, run.param_groups(d), lr=d.lr, momentum=cfg.momentum)
     sched = make_scheduler(cfg.schedule, opt, total_steps=sum(steps), steps_per_epoch=steps[-1],
                            warmup_steps=round(cfg.warmup_epochs * steps[0]), options=cfg.schedule_options,
@@ -366,7 +366,8 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                 td = current["data"] = training_data(d, run, cached=True, progress=progress)
                 seconds.update(td.seconds)
                 report = td.report
-                history, best = fit(td.module, td.train_loader, td.val_loader, loop, epochs=k, state=state,
+                head_loader = td.train_loader if d.head_passes == 1 else Passes(td.train_loader, d.head_passes)
+                history, best = fit(td.module, head_loader, td.val_loader, loop, epochs=k, state=state,
                                     total_epochs=total, prep_s=td.seconds.get("features_s", 0.0), prep_what="features")
             if inputs is not None:
                 state.best_state = _whole_model_state(run, state.best_state)

@@ -28,6 +28,9 @@ _FULL = ("full", "finetune", "all")
 FINE_TUNE_DISCRIMINATIVE = 0.01  # fastai's fine_tune: lr_mult=100, i.e. slice(lr / 100, lr)
 # after the frozen phase the base lr is lr * this (fastai halves it; measured here, docs/policies.md)
 FINE_TUNE_UNFROZEN_LR = 0.1
+# passes of the head over the cached features in fine_tune's frozen phase (feature
+# extraction's default epochs): the backbone then starts training under a trained head
+FINE_TUNE_HEAD_PASSES = 10
 
 
 @dataclass(frozen=True, repr=False)
@@ -54,7 +57,11 @@ class Policy:
         eval mode) for epochs ``0 .. k-1``; from epoch k the policy's blocks train. The run
         then has two phases, each with its own learning-rate schedule (`lr_phases`): the head
         alone at the base lr, then the policy's blocks at ``lr * unfrozen_lr`` (default 0.1).
-        ``"fine_tune:frozen=k"`` is ``Policy(unfreeze="all", frozen_epochs=k, discriminative=0.01)``.
+        ``head_passes=n``: on cached features each frozen epoch makes n passes over them (the
+        backbone runs once; the head trains as feature extraction would, in seconds), so the
+        backbone starts training under a trained head (linear probing, then fine-tuning).
+        ``"fine_tune:frozen=k"`` is ``Policy(unfreeze="all", frozen_epochs=k, discriminative=0.01,
+        head_passes=10)``.
     LoRA: ``lora=r`` adds rank-r factors to the linear layers whose names match the regular
         expression ``lora_targets``; only they (and the head, and blocks named by
         ``unfreeze``) train. ``lora_alpha`` defaults to r (scale 1).
@@ -84,6 +91,7 @@ class Policy:
     lora_targets: str = DEFAULT_LORA_TARGETS
     frozen_epochs: int = 0
     unfrozen_lr: float = FINE_TUNE_UNFROZEN_LR
+    head_passes: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.unfreeze, list):
@@ -118,6 +126,13 @@ class Policy:
         if u != FINE_TUNE_UNFROZEN_LR and not k:
             raise PolicyError(f"unfrozen_lr={u} sets the lr after a frozen phase; this policy has none (add frozen=k, "
                               "e.g. 'fine_tune:frozen=1,unfrozen_lr=0.1').")
+        n = self.head_passes
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise PolicyError(f"Policy.head_passes (passes of the head over cached features per frozen epoch) must be "
+                              f"an integer >= 1, got {n!r}.")
+        if n != 1 and not k:
+            raise PolicyError(f"passes={n} sets the head's passes in a frozen phase; this policy has none (add "
+                              "frozen=k, e.g. 'unfreeze:last=2,frozen=1,passes=10').")
         if k and self.unfreeze == "none" and self.unfreeze_from is None:
             raise PolicyError(f"frozen_epochs={k} needs a policy that unfreezes blocks after the frozen epochs "
                               "(e.g. 'fine_tune:frozen=1', 'unfreeze:last=2,frozen=1'); this one never trains the "
@@ -328,6 +343,8 @@ class Policy:
             kw[field] = conv(key, value)
         if kind == "fine_tune" and "layer_decay" in seen and "discriminative" not in seen:
             del kw["discriminative"]  # layer_decay replaces fine_tune's default discriminative rates
+        if kind == "fine_tune" and kw.get("frozen_epochs") == 0 and "passes" not in seen:
+            kw["head_passes"] = 1  # no frozen phase: no passes of the head alone
         needed = _KINDS[kind][1]
         if needed and not seen & set(needed):
             raise PolicyError(f"Policy {spec!r} needs one of {', '.join(k + '=' for k in needed)} "
@@ -348,11 +365,15 @@ class Policy:
             parts += self._unfreeze_opts()
         if self.frozen_epochs and not self._is_fine_tune:
             parts.append(f"frozen={self.frozen_epochs}")
-        for key in ("bn", "discriminative", "layer_decay", "decay_norm_bias", "l2sp", "unfrozen_lr"):
+        for key in ("bn", "discriminative", "layer_decay", "decay_norm_bias", "l2sp", "unfrozen_lr", "head_passes"):
             v = getattr(self, key)
-            if key == "discriminative" and self._is_fine_tune and v == FINE_TUNE_DISCRIMINATIVE:
+            if self._is_fine_tune and (key, v) in (("discriminative", FINE_TUNE_DISCRIMINATIVE),
+                                                   ("head_passes", FINE_TUNE_HEAD_PASSES)):
                 continue
-            if v != _DEFAULTS[key]:
+            if key == "head_passes" and self._is_fine_tune and v == 1:
+                parts.append("passes=1")
+            elif v != _DEFAULTS[key]:
+                key = "passes" if key == "head_passes" else key
                 parts.append(f"{key}={str(v).lower() if isinstance(v, bool) else v}")
         if self.l2sp is not None and self.l2sp_beta != _DEFAULTS["l2sp_beta"]:
             parts.append(f"l2sp_beta={self.l2sp_beta!r}")
@@ -472,7 +493,8 @@ _KINDS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "unfreeze": ({}, ("last", "blocks", "from")),
     "gradual": ({}, ("every", "milestones")),
     "lora": ({}, ("r",)),
-    "fine_tune": ({"unfreeze": "all", "frozen_epochs": 1, "discriminative": FINE_TUNE_DISCRIMINATIVE}, ()),
+    "fine_tune": ({"unfreeze": "all", "frozen_epochs": 1, "discriminative": FINE_TUNE_DISCRIMINATIVE,
+                   "head_passes": FINE_TUNE_HEAD_PASSES}, ()),
 }
 _Conv = Callable[[str, str], Any]
 _OPTIONS: dict[str, tuple[str, _Conv, tuple[str, ...]]] = {
@@ -494,5 +516,6 @@ _OPTIONS: dict[str, tuple[str, _Conv, tuple[str, ...]]] = {
     "l2sp_beta": ("l2sp_beta", _float, ()),
     "frozen": ("frozen_epochs", _int, ("fine_tune", "full", "finetune", "all", "unfreeze")),
     "unfrozen_lr": ("unfrozen_lr", _float, ("fine_tune", "full", "finetune", "all", "unfreeze")),
+    "passes": ("head_passes", _int, ("fine_tune", "full", "finetune", "all", "unfreeze")),
 }
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Policy)}

@@ -84,12 +84,12 @@ def _transferkit(cfg: dict, args, **extra) -> dict:
                     image_size=args.image_size, **extra)
     n = 245 // args.batch * args.batch * args.epochs  # drop_last: full batches only
     sec = r.timings["train_s"]
-    plan = getattr(r, "plan", None)
-    speed = getattr(plan, "speed", None)
-    desc = "; ".join(speed.describe()) if hasattr(speed, "describe") else "(resolved settings not exposed)"
-    decode = getattr(plan, "decode_reason", None) or getattr(plan, "decode", None)
+    lines = r.decisions.summary().splitlines()
+    desc = "; ".join(line.split(":", 1)[1].strip() for line in lines if line.strip().startswith("speed:"))
+    decode = next((line.split(":", 1)[1].strip() for line in lines if line.strip().startswith("images:")),
+                  "decoded every epoch")
     return {"seconds": sec, "images": n, "images_per_s": n / sec, "peak_rss_mb": _peak_rss_mb(), "speed": desc,
-            "decode": str(decode) if decode is not None else "(not exposed)",
+            "decode": decode,
             "setup_s": r.timings.get("setup_s"), "total_s": r.timings.get("total_s")}
 
 

@@ -78,9 +78,9 @@ def main() -> None:
             res.append(run(policy, s, args.epochs, cache, args.threads, args.precision, args.image_size))
             if args.out is not None:
                 with open(args.out, "a") as f:
-                    row = {k: v for k, v in res[-1].items() if k != "plan"}
-                    f.write(json.dumps({"policy": policy, "seed": s, "lr": res[-1]["plan"]["lr"], **row}) + "\n")
-        p = res[0]["plan"]
+                    row = {k: v for k, v in res[-1].items() if k != "decisions"}
+                    f.write(json.dumps({"policy": policy, "seed": s, "lr": res[-1]["decisions"]["lr"], **row}) + "\n")
+        p = res[0]["decisions"]
         rows.append((policy, res, p))
         best, last = [r["best"] for r in res], [r["last"] for r in res]
         print(f"{policy:<22} best {statistics.mean(best):.3f} [{min(best):.3f}-{max(best):.3f}]  last "

@@ -179,7 +179,7 @@ def test_kill_loop_leaves_no_temporary_after_the_next_write(tmp_path):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         left = _temps(tmp_path)  # each writer removed the one its killed predecessor left, and left its own
-        assert len(left) == 1 and left[0].startswith(f".run.ckpt.tk-") and f"-{pid}-" in left[0]
+        assert len(left) == 1 and left[0].startswith(".run.ckpt.tk-") and f"-{pid}-" in left[0]
     (tmp_path / ".other.tmp").write_bytes(b"not ours")  # temporaries of other targets or tools stay
     (tmp_path / ".model.pt.x.tmp").write_bytes(b"not ours")
     save_checkpoint(target, model=torch.nn.Linear(2, 2), meta={})

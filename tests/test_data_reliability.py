@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
-import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 import transferkit as tk
-from transferkit.data import DataReport, check_image_file, load_image, prepare_data
+from transferkit.data import check_image_file, load_image, prepare_data
 
 
 def _rgb(size=(20, 16), value=128):

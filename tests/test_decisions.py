@@ -15,7 +15,6 @@ from tests.conftest import make_image_folder
 
 import transferkit as tk
 from transferkit.config import FinetuneConfig, load_config, merge_config
-from transferkit.data import eval_transform, train_transform
 from transferkit.errors import ConfigError
 from transferkit.train.features import data_fingerprint
 

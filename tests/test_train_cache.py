@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 import transferkit as tk
 from transferkit.data import ImageFolderDataset, eval_transform, train_transform
-from transferkit.train.features import cache_key, compute_features, data_fingerprint, feature_loader, load_cached
+from transferkit.train.features import compute_features, data_fingerprint, feature_loader, load_cached
 from transferkit.train.probe import fit_logistic_probe
 
 pytestmark = pytest.mark.precision_auto  # the outcome depends on what the CPU's bf16 support decides

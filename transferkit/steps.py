@@ -323,8 +323,8 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
     gradient scaler and L2-SP penalty over the whole run, the
     per-epoch checkpoint and resume. A run whose first ``cached_epochs`` epochs keep the
     backbone frozen (``fine_tune:frozen=k``) trains the head on cached features for those
-    epochs (`Decisions.head_passes` passes over them each), then the whole model on decoded inputs (features are not computed when a resume
-    starts after that phase)."""
+    epochs (`Decisions.head_passes` passes over them each), then the whole model on decoded
+    inputs (features are not computed when a resume starts after that phase)."""
     cfg, k, total = d.config, d.cached_epochs, d.config.epochs
     t1 = time.perf_counter()
     if d.head == "logistic":

@@ -7,8 +7,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
 from transferkit.train.loop import evaluate
+from transferkit.train.speed import SpeedConfig
 
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Fraction of samples whose label is among the ``k`` highest logits.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from torch import nn
 
 from transferkit.errors import ConfigError
 from transferkit.train.feature_store import ShardedFeatureStore
+
+if TYPE_CHECKING:  # the step that calls the probe owns this type
+    from transferkit.steps import TrainingData
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 2, 13))
 

@@ -143,15 +143,16 @@ def test_affine_bn_counts_as_frozen_on_a_trunk_without_batchnorm():
 
 
 @pytest.mark.parametrize("spec, expected", [
-    ("fine_tune", Policy(unfreeze="all", frozen_epochs=1, discriminative=0.01, head_passes=10)),
-    ("fine_tune:frozen=2", Policy(unfreeze="all", frozen_epochs=2, discriminative=0.01, head_passes=10)),
+    ("fine_tune", Policy(unfreeze="all", frozen_epochs=1, discriminative=0.01, head_passes=0)),
+    ("fine_tune:frozen=2", Policy(unfreeze="all", frozen_epochs=2, discriminative=0.01, head_passes=0)),
     ("fine_tune:frozen=1,discriminative=0.1", Policy(unfreeze="all", frozen_epochs=1, discriminative=0.1,
-                                                     head_passes=10)),
-    ("fine_tune:frozen=1,layer_decay=0.75", Policy(unfreeze="all", frozen_epochs=1, layer_decay=0.75, head_passes=10)),
+                                                     head_passes=0)),
+    ("fine_tune:frozen=1,layer_decay=0.75", Policy(unfreeze="all", frozen_epochs=1, layer_decay=0.75, head_passes=0)),
     ("fine_tune:frozen=0", Policy(unfreeze="all", discriminative=0.01)),
     ("fine_tune,bn=frozen,l2sp=0.1", Policy(unfreeze="all", frozen_epochs=1, discriminative=0.01, bn="frozen", l2sp=0.1,
-                                            head_passes=10)),
+                                            head_passes=0)),
     ("fine_tune:passes=1", Policy(unfreeze="all", frozen_epochs=1, discriminative=0.01)),
+    ("unfreeze:last=2,frozen=1,passes=epochs", Policy(unfreeze=2, frozen_epochs=1, head_passes=0)),
     ("fine_tune:frozen=2,passes=3", Policy(unfreeze="all", frozen_epochs=2, discriminative=0.01, head_passes=3)),
     ("full,frozen=1,passes=5", Policy(unfreeze="all", frozen_epochs=1, head_passes=5)),
     ("full,frozen=2", Policy(unfreeze="all", frozen_epochs=2)),

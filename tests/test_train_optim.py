@@ -206,16 +206,16 @@ def test_fine_tune_defaults_the_head_phase_to_the_head_lr_and_unfreezes_at_a_ten
         Policy.parse("full,unfrozen_lr=0.5")
     d = tk.plan(backbone="tk:small_cnn", weights=None, data=image_folder, policy="fine_tune", epochs=3,
                 image_size=16, num_workers=0)
-    assert d.lr == 0.01 and d.head_passes == 10
-    assert ("phases:   1 epoch of the head alone at lr 0.01 (10 passes over the cached features per epoch), then 2 "
-            "epochs at lr 0.001") in d.summary()
+    assert d.lr == 0.01 and d.head_passes == 3  # as many as the run's epochs
+    assert ("phases:   1 epoch of the head alone at lr 0.01 (3 passes over the cached features per epoch, the best "
+            "kept), then 2 epochs at lr 0.001") in d.summary()
     full = tk.plan(backbone="tk:small_cnn", weights=None, data=image_folder, policy="full", epochs=3, image_size=16,
                    num_workers=0)
     assert full.lr == 0.001 and "phases:" not in full.summary()
 
 
 @pytest.mark.parametrize("policy, cache, passes", [("fine_tune:passes=3", "auto", 3), ("fine_tune:passes=1", "auto", 1),
-                                                   ("fine_tune:passes=3", False, 1)])
+                                                   ("fine_tune:passes=3", False, 1), ("fine_tune", "auto", 2)])
 def test_the_frozen_phase_makes_its_head_passes_over_cached_features(image_folder, monkeypatch, policy, cache, passes):
     import transferkit.train.loop as loop_module
 
@@ -230,4 +230,19 @@ def test_the_frozen_phase_makes_its_head_passes_over_cached_features(image_folde
                     batch_size=4, num_workers=0, precision="fp32", verbose=False, cache_features=cache)
     per_pass = -(-r.decisions.n_train // 4)
     assert r.decisions.head_passes == passes
-    assert batches == [passes * per_pass, per_pass]  # the frozen epoch, then one pass of the whole model
+    assert batches == [per_pass] * passes + [per_pass]  # the frozen epoch's passes, then one of the whole model
+    if passes > 1:
+        assert r.history[0]["passes"] == passes and 1 <= r.history[0]["best_pass"] <= passes
+
+
+def test_the_frozen_phase_keeps_its_best_pass_as_feature_extraction_of_that_length_would(image_folder):
+    """fine_tune's frozen phase with passes=epochs is the feature-extraction run of the same
+    length: the same head after it, so fine_tune starts from feature extraction's best."""
+    kw = dict(weights=None, data=image_folder, epochs=3, image_size=16, batch_size=4, num_workers=0,
+              precision="fp32", verbose=False, head_dropout=0.0)
+    fe = tk.finetune("tk:small_cnn", policy="feature_extraction", **kw)
+    ft = tk.finetune("tk:small_cnn", policy="fine_tune:frozen=1,passes=epochs", **{**kw, "epochs": 3})
+    first = ft.history[0]
+    assert first["best_pass"] == fe.best["epoch"] and first["val_acc"] == fe.best["val_acc"]
+    assert first["val_loss"] == pytest.approx(fe.best["val_loss"], rel=1e-6)
+    assert ft.best["val_acc"] >= fe.best["val_acc"]

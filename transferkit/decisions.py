@@ -159,7 +159,7 @@ class Decisions:
         if len(phases) > 1:  # fine_tune: one schedule per phase
             passes = self.head_passes
             lines.append(f"  phases:   {_plural(phases[0][0], 'epoch')} of the head alone at lr {self.lr:.3g}"
-                         + (f" ({passes} passes over the cached features per epoch)" if passes > 1 else "")
+                         + (f" ({passes} passes over the cached features per epoch, the best kept)" if passes > 1 else "")
                          + ", then "
                          f"{_plural(phases[1][0], 'epoch')} at lr {self.lr * phases[1][1]:.3g} (x {phases[1][1]:g}), "
                          f"each with its own {cfg.schedule} schedule")
@@ -173,17 +173,30 @@ class Decisions:
 
     @property
     def head_passes(self) -> int:
-        """Passes of the head over the data per frozen epoch: the policy's ``head_passes`` when
-        the frozen phase trains on cached features, else 1 (each pass would run the backbone)."""
-        return self.policy.head_passes if self.cached_epochs else 1
+        """Passes of the head over the data per frozen epoch, its best kept: the policy's
+        ``head_passes`` (0: the run's epochs) when the frozen phase trains on cached features,
+        else 1 (each pass would run the backbone)."""
+        if not self.cached_epochs:
+            return 1
+        return self.policy.head_passes or self.config.epochs
+
+    @property
+    def cached_augment(self) -> str:
+        """The augmentation of the cached training features: the run's, except for one view
+        cached for a frozen phase that precedes training the backbone (``fine_tune``): the
+        clean eval view, as feature extraction caches it (one random crop per image is a worse
+        training set for the head than the image itself; the backbone's epochs augment)."""
+        if self.config.cache_views == 1 and 0 < self.cached_epochs < self.config.epochs:
+            return "none"
+        return self.augment
 
     def feature_key_parts(self, part: str) -> dict[str, Any]:
         """Everything that changes cached features of ``part``: preprocessing and trunk weights
         (not the head), the transform, precision, layout and device type, the views and their
         seed whenever the transform is random, and the data's identity."""
-        transform = train_transform(self.input_spec, self.augment) if part == "train" else \
+        transform = train_transform(self.input_spec, self.cached_augment) if part == "train" else \
             eval_transform(self.input_spec)
-        random_views = part == "train" and self.augment != "none"
+        random_views = part == "train" and self.cached_augment != "none"
         # feature-engine hook: another engine, another key (eager keeps the keys of earlier versions)
         engine = {} if self.engine == "eager" else {"engine": self.engine}
         return {"backbone": self.backbone, "weights": self.trunk_fingerprint, "transform": repr(transform),
@@ -306,7 +319,7 @@ def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen_epochs: int, hea
         return 0, "cache_features=False: the frozen backbone runs in every epoch"
     where = f"on disk in {cfg.cache_dir}" if cfg.cache_dir is not None else "in memory"
     views = f"{cfg.cache_views} augmented views" if cfg.cache_views > 1 else \
-        "one view" + (" (augmented)" if cfg.augment not in (None, "none") or not frozen else "")
+        "one view" + (" (augmented)" if cfg.augment not in (None, "none") and frozen else "")
     if frozen:
         return cfg.epochs, f"backbone frozen for all {cfg.epochs} epochs: computed once, {views}, {where}"
     return frozen_epochs, (f"backbone frozen for the first {_plural(frozen_epochs, 'epoch')}: the head trains on "

@@ -46,7 +46,7 @@ from transferkit.errors import DataError
 from transferkit.train.feature_store import fill_store, open_store, part_size_for
 from transferkit.train.features import compute_features, feature_loader
 from transferkit.data.sampling import EpochSampler, default_num_workers
-from transferkit.train.loaders import Passes, make_loader
+from transferkit.train.loaders import make_loader
 from transferkit.train.loop import Loop, TrainState, fit
 from transferkit.train.metrics import final_metrics
 from transferkit.train.optim import make_optimizer, make_scheduler, phase_steps
@@ -99,7 +99,7 @@ def cached_features(d: Decisions, run: Run, *, progress: Any = None) -> Training
             return model.features(fs.to_device(x))
 
     extract_batch = fs.feature_batch_size(cfg.batch_size)  # small on a CPU (caches), large on a GPU
-    parts = [("train", run.bundle.train, train_transform(d.input_spec, d.augment), cfg.cache_views)]
+    parts = [("train", run.bundle.train, train_transform(d.input_spec, d.cached_augment), cfg.cache_views)]
     if run.bundle.val is not None:
         parts.append(("val", run.bundle.val, eval_transform(d.input_spec), 1))
     if d.engine != "eager":  # feature-engine hook: the decided engine, prepared when a pass first runs
@@ -323,7 +323,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
     gradient scaler and L2-SP penalty over the whole run, the
     per-epoch checkpoint and resume. A run whose first ``cached_epochs`` epochs keep the
     backbone frozen (``fine_tune:frozen=k``) trains the head on cached features for those
-    epochs (`Decisions.head_passes` passes over them each), then the whole model on decoded
+    epochs (`Decisions.head_passes` passes over them each, the best kept), then the whole model on decoded
     inputs (features are not computed when a resume starts after that phase)."""
     cfg, k, total = d.config, d.cached_epochs, d.config.epochs
     t1 = time.perf_counter()
@@ -366,9 +366,9 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                 td = current["data"] = training_data(d, run, cached=True, progress=progress)
                 seconds.update(td.seconds)
                 report = td.report
-                head_loader = td.train_loader if d.head_passes == 1 else Passes(td.train_loader, d.head_passes)
-                history, best = fit(td.module, head_loader, td.val_loader, loop, epochs=k, state=state,
-                                    total_epochs=total, prep_s=td.seconds.get("features_s", 0.0), prep_what="features")
+                history, best = fit(td.module, td.train_loader, td.val_loader, loop, epochs=k, state=state,
+                                    total_epochs=total, prep_s=td.seconds.get("features_s", 0.0), prep_what="features",
+                                    passes=d.head_passes)
             if inputs is not None:
                 state.best_state = _whole_model_state(run, state.best_state)
                 td = current["data"] = inputs

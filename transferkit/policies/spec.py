@@ -28,9 +28,10 @@ _FULL = ("full", "finetune", "all")
 FINE_TUNE_DISCRIMINATIVE = 0.01  # fastai's fine_tune: lr_mult=100, i.e. slice(lr / 100, lr)
 # after the frozen phase the base lr is lr * this (fastai halves it; measured here, docs/policies.md)
 FINE_TUNE_UNFROZEN_LR = 0.1
-# passes of the head over the cached features in fine_tune's frozen phase (feature
-# extraction's default epochs): the backbone then starts training under a trained head
-FINE_TUNE_HEAD_PASSES = 10
+# passes of the head over the cached features in fine_tune's frozen phase: 0 = as many as
+# the run has epochs (the frozen phase is then the feature-extraction run of the same length,
+# its best pass kept), so the backbone starts training under a trained head
+FINE_TUNE_HEAD_PASSES = 0
 
 
 @dataclass(frozen=True, repr=False)
@@ -57,11 +58,12 @@ class Policy:
         eval mode) for epochs ``0 .. k-1``; from epoch k the policy's blocks train. The run
         then has two phases, each with its own learning-rate schedule (`lr_phases`): the head
         alone at the base lr, then the policy's blocks at ``lr * unfrozen_lr`` (default 0.1).
-        ``head_passes=n``: on cached features each frozen epoch makes n passes over them (the
-        backbone runs once; the head trains as feature extraction would, in seconds), so the
-        backbone starts training under a trained head (linear probing, then fine-tuning).
-        ``"fine_tune:frozen=k"`` is ``Policy(unfreeze="all", frozen_epochs=k, discriminative=0.01,
-        head_passes=10)``.
+        ``head_passes=n``: on cached features each frozen epoch makes n passes over them, the
+        head validated after each and its best pass kept (the backbone runs once; the head
+        trains as feature extraction would, in seconds), so the backbone starts training under
+        a trained head (linear probing, then fine-tuning); ``0`` (``passes=epochs``): as many
+        passes as the run has epochs. ``"fine_tune:frozen=k"`` is ``Policy(unfreeze="all",
+        frozen_epochs=k, discriminative=0.01, head_passes=0)``.
     LoRA: ``lora=r`` adds rank-r factors to the linear layers whose names match the regular
         expression ``lora_targets``; only they (and the head, and blocks named by
         ``unfreeze``) train. ``lora_alpha`` defaults to r (scale 1).
@@ -127,9 +129,9 @@ class Policy:
             raise PolicyError(f"unfrozen_lr={u} sets the lr after a frozen phase; this policy has none (add frozen=k, "
                               "e.g. 'fine_tune:frozen=1,unfrozen_lr=0.1').")
         n = self.head_passes
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise PolicyError(f"Policy.head_passes (passes of the head over cached features per frozen epoch) must be "
-                              f"an integer >= 1, got {n!r}.")
+                              f"an integer >= 1, or 0 for as many as the run's epochs, got {n!r}.")
         if n != 1 and not k:
             raise PolicyError(f"passes={n} sets the head's passes in a frozen phase; this policy has none (add "
                               "frozen=k, e.g. 'unfreeze:last=2,frozen=1,passes=10').")
@@ -372,6 +374,8 @@ class Policy:
                 continue
             if key == "head_passes" and self._is_fine_tune and v == 1:
                 parts.append("passes=1")
+            elif key == "head_passes" and v == 0:
+                parts.append("passes=epochs")
             elif v != _DEFAULTS[key]:
                 key = "passes" if key == "head_passes" else key
                 parts.append(f"{key}={str(v).lower() if isinstance(v, bool) else v}")
@@ -483,6 +487,10 @@ def _bool(key: str, v: str) -> bool:
     raise PolicyError(f"Policy option {key}= needs true or false, got {v!r}.")
 
 
+def _passes(key: str, v: str) -> int:
+    return 0 if v.strip().lower() == "epochs" else _int(key, v)
+
+
 def _str(key: str, v: str) -> str:
     return v
 
@@ -516,6 +524,6 @@ _OPTIONS: dict[str, tuple[str, _Conv, tuple[str, ...]]] = {
     "l2sp_beta": ("l2sp_beta", _float, ()),
     "frozen": ("frozen_epochs", _int, ("fine_tune", "full", "finetune", "all", "unfreeze")),
     "unfrozen_lr": ("unfrozen_lr", _float, ("fine_tune", "full", "finetune", "all", "unfreeze")),
-    "passes": ("head_passes", _int, ("fine_tune", "full", "finetune", "all", "unfreeze")),
+    "passes": ("head_passes", _passes, ("fine_tune", "full", "finetune", "all", "unfreeze")),
 }
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Policy)}

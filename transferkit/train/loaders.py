@@ -9,15 +9,12 @@ run draws at epoch 3, with any number of (persistent) workers. The sampler yield
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.data.sampling import EpochSampler, SeededItems, default_num_workers, mix_seed
 
-__all__ = ["EpochSampler", "Passes", "SeededItems", "default_num_workers", "make_loader", "mix_seed"]
+__all__ = ["EpochSampler", "SeededItems", "default_num_workers", "make_loader", "mix_seed"]
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: torch.device,
@@ -43,44 +40,3 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: tor
                       drop_last=drop_last and len(sampler) > batch_size,
                       prefetch_factor=4 if num_workers > 0 else None)
 
-
-class Passes:
-    """``passes`` passes over ``loader`` as one epoch: epoch ``e`` iterates the loader at its
-    epochs ``e * passes .. e * passes + passes - 1`` (each pass its own seeded order, as
-    ``passes`` epochs would be). ``sampler.set_epoch(e)`` and ``len(sampler)`` (samples of
-    the epoch) work as for a loader's sampler, so a training loop treats it as a loader.
-
-    Example:
-        >>> ds = torch.utils.data.TensorDataset(torch.arange(4.0), torch.arange(4))
-        >>> p = Passes(make_loader(ds, batch_size=2, shuffle=True, device=torch.device("cpu")), 2)
-        >>> p.sampler.set_epoch(0)
-        >>> len(p), len(p.sampler), sorted(int(i) for _, y in p for i in y)
-        (4, 8, [0, 0, 1, 1, 2, 2, 3, 3])
-    """
-
-    def __init__(self, loader: Any, passes: int) -> None:
-        self.loader, self.passes = loader, int(passes)
-        self.sampler = _PassesSampler(self)
-
-    @property
-    def dataset(self) -> Any:
-        return self.loader.dataset
-
-    def __len__(self) -> int:
-        return len(self.loader) * self.passes
-
-    def __iter__(self) -> Iterator[Any]:
-        for i in range(self.passes):
-            self.loader.sampler.set_epoch(self.sampler.epoch * self.passes + i)
-            yield from self.loader
-
-
-class _PassesSampler:
-    def __init__(self, owner: Passes) -> None:
-        self.owner, self.epoch = owner, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.owner.loader.sampler) * self.owner.passes

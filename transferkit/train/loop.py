@@ -197,7 +197,7 @@ def evaluate(module: nn.Module, loader: DataLoader, *, loss_fn: Callable, device
 
 def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None, loop: Loop, *, epochs: int,
         state: TrainState | None = None, total_epochs: int | None = None, prep_s: float = 0.0,
-        prep_what: str = "data preparation") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        prep_what: str = "data preparation", passes: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Train ``module`` from ``state.epoch`` to ``epochs`` as ``loop`` says; return the per-epoch
     history and the best epoch.
 
@@ -214,7 +214,10 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
     the seconds its data took to prepare before the loop (the feature pass on cached features,
     decoding once), which its log line names (``prep_what``). With ``loop.verbose``, each epoch
     is reported as a line (``loop.log``) or, in a Jupyter kernel, as a row of a live HTML table
-    (`transferkit._progress.EpochLog`, one per ``state``).
+    (`transferkit._progress.EpochLog`, one per ``state``). ``passes > 1`` (a head on cached
+    features): each epoch makes that many passes over ``train_loader`` (pass ``i`` of epoch
+    ``e`` in the sampler's order of epoch ``e * passes + i``), validates after each, and keeps
+    the best pass by ``monitor`` (its weights and its row, with ``passes`` and ``best_pass``).
 
     Example:
         >>> loop = Loop(optimizer=opt, loss_fn=nn.CrossEntropyLoss(), set_mode=lambda e: head.train())  # doctest: +SKIP
@@ -230,28 +233,30 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
         epoch, t0 = state.epoch, time.perf_counter()
         loop.set_mode(epoch)
         runner = _runner(module, loop.wrap, cache)
-        for dl in (train_loader, val_loader):
-            if dl is not None and hasattr(dl.sampler, "set_epoch"):
-                dl.sampler.set_epoch(epoch)
-        tr = train_one_epoch(runner, train_loader, loop, desc=f"epoch {epoch + 1}/{shown}",
-                             verbose=loop.verbose and main)
-        loss_sum, correct, seen = all_reduce_sum([tr["loss_sum"], tr["correct"], tr["seen"]], loop.dist)
-        broadcast_buffers(module, loop.dist)
-        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                               "lr": tr["lr"], "lr_groups": tr["lr_groups"]}
-        if loop.task != "regression":
-            row["train_acc"] = correct / max(seen, 1)
-        if val_loader is not None:
-            ev = evaluate(module, val_loader, loss_fn=loop.loss_fn, device=loop.speed.device, task=loop.task,
-                          speed=loop.speed)
-            row["val_loss"] = ev["loss"]
-            if loop.task != "regression":
-                row["val_acc"] = ev["acc"]
+        if val_loader is not None and hasattr(val_loader.sampler, "set_epoch"):
+            val_loader.sampler.set_epoch(epoch)
+        row, kept = None, None
+        for i in range(passes):
+            if hasattr(train_loader.sampler, "set_epoch"):
+                train_loader.sampler.set_epoch(epoch * passes + i)
+            desc = f"epoch {epoch + 1}/{shown}" + (f" pass {i + 1}/{passes}" if passes > 1 else "")
+            got = _train_and_validate(module, runner, train_loader, val_loader, loop, epoch, desc, verbose=main)
+            value = got.get(monitor)
+            if passes > 1 and (row is None or (value is not None and _improved(value, {"epoch": 0, **row}, monitor,
+                                                                                      mode))):
+                row, kept = {**got, "passes": passes, "best_pass": i + 1}, copy.deepcopy(module.state_dict())
+            elif passes == 1:
+                row = got
+        assert row is not None
+        if kept is not None and row["best_pass"] < passes:
+            module.load_state_dict(kept)
         _end_epoch(state, row, module, monitor, mode, loop)
         row["time_s"] = time.perf_counter() - t0 + prep_s
         if loop.verbose and main:  # a line per epoch; in a notebook, a table that grows in place
             epoch_log(state, log=loop.log).add(row, f"epoch {epoch + 1:>3}/{shown}  " + "  ".join(
-                f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "time_s", "lr", "lr_groups"))
+                f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "time_s", "lr", "lr_groups", "passes",
+                                                                     "best_pass"))
+                + (f"  (best of {row['passes']} passes: {row['best_pass']})" if "passes" in row else "")
                 + f"  ({row['time_s']:.1f}s" + (f" incl. {prep_what} {prep_s:.1f}s)" if prep_s > 0 else ")"),
                 best=state.best.get("epoch"))
         prep_s = 0.0
@@ -260,6 +265,26 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
     if loop.restore_best and state.best_state is not None and (state.stopped_early or state.epoch >= shown):
         module.load_state_dict(state.best_state)
     return state.history, _best_summary(state)
+
+
+def _train_and_validate(module: nn.Module, runner: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None,
+                        loop: Loop, epoch: int, desc: str, *, verbose: bool) -> dict[str, Any]:
+    """One pass over the training data (sums reduced over ranks), then the validation pass:
+    an epoch's history row (without ``time_s``)."""
+    tr = train_one_epoch(runner, train_loader, loop, desc=desc, verbose=loop.verbose and verbose)
+    loss_sum, correct, seen = all_reduce_sum([tr["loss_sum"], tr["correct"], tr["seen"]], loop.dist)
+    broadcast_buffers(module, loop.dist)
+    row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                           "lr": tr["lr"], "lr_groups": tr["lr_groups"]}
+    if loop.task != "regression":
+        row["train_acc"] = correct / max(seen, 1)
+    if val_loader is not None:
+        ev = evaluate(module, val_loader, loss_fn=loop.loss_fn, device=loop.speed.device, task=loop.task,
+                      speed=loop.speed)
+        row["val_loss"] = ev["loss"]
+        if loop.task != "regression":
+            row["val_acc"] = ev["acc"]
+    return row
 
 
 MONITORS = ("val_loss", "val_acc", "train_loss", "train_acc")

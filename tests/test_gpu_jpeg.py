@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import make_image_folder
 from transferkit.backbones._base import InputSpec
 from transferkit.data import ImageFolderDataset, eval_transform
 from transferkit.data.gpu_jpeg import (MIN_SPEEDUP, DeviceDecodedLoader, decide_input_decode, gpu_jpeg_available,
@@ -147,3 +148,106 @@ def test_a_bad_jpeg_is_replaced_raised_or_masked_as_on_the_cpu(image_folder):
                                                    checked=True) for it in batch]
     masked = [(i, why) for i, img, _, why in checked if img is None]
     assert len(checked) == len(skip) and [i for i, _ in masked] == [index] and "zz_bad.jpg" in masked[0][1]
+
+
+# -- the run's passes on device-decoded images (torchvision's CPU decoder stands in for nvJPEG) ----
+FEATURE_TOLERANCE = 0.03  # max |device - Pillow| <= this x max |Pillow| (decoder and resampling differ)
+
+
+def _run_parts(folder, **kw):
+    """The decisions of a frozen run on CPU (Pillow) and the same decisions decoding on the device."""
+    import dataclasses
+
+    import transferkit as tk
+    from transferkit.config import FinetuneConfig
+
+    torch.manual_seed(0)
+    bb = tk.get_backbone("tk:small_cnn", weights=None, widths=(8, 8, 16))
+    cfg = FinetuneConfig(**{**dict(backbone=bb, data=folder, weights=None, image_size=16, epochs=2, batch_size=4,
+                                   device="cpu", num_workers=0, verbose=False, precision="fp32",
+                                   channels_last=False, feature_engine="eager", compile=False), **kw})
+    facts, inputs = tk.look(cfg)
+    d = tk.decide(cfg, facts)
+    passes = d.input_decode["passes"]
+    on_device = dataclasses.replace(d, input_decode={"where": "gpu", "reason": "forced in a test", "passes": passes})
+    return d, on_device, inputs
+
+
+def _close(a, b):
+    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+    assert a.shape == b.shape
+    assert (a - b).abs().max() <= FEATURE_TOLERANCE * a.abs().max()
+
+
+@pytest.fixture
+def jpeg_folder(tmp_path):
+    return make_image_folder(tmp_path / "img", per_class=9, size=40)
+
+
+def _counting(monkeypatch):
+    """The indices the device loaders decode, in order."""
+    decoded: list[int] = []
+    real = DeviceDecodedLoader._decode
+
+    def counting(self, items):
+        decoded.extend(k[0] for _, _, k in items)
+        return real(self, items)
+
+    monkeypatch.setattr(DeviceDecodedLoader, "_decode", counting)
+    return decoded
+
+
+def test_feature_pass_on_device_decoded_images_matches_pillow(jpeg_folder, monkeypatch):
+    from transferkit.run import build
+    from transferkit.steps import cached_features
+
+    d, on_device, inputs = _run_parts(jpeg_folder)
+    assert on_device.feature_key_parts("train") != d.feature_key_parts("train")
+    cpu = cached_features(d, build(d, inputs)).stores
+    decoded = _counting(monkeypatch)
+    dev = cached_features(on_device, build(on_device, inputs)).stores
+    assert len(decoded) == on_device.n_train + on_device.n_val  # the device path ran, once per sample
+    for part in ("train", "val"):
+        assert (cpu[part].targets == dev[part].targets).all()
+        _close(cpu[part].features, dev[part].features)
+
+
+def test_feature_store_on_device_decoded_images_two_ranks_each_sample_once(jpeg_folder, tmp_path, monkeypatch):
+    from transferkit.data import eval_transform as eval_tf
+    from transferkit.run import build
+    from transferkit.steps import device_item_batches
+    from transferkit.train.feature_store import ShardedFeatureStore, extract_parts
+
+    d, on_device, inputs = _run_parts(jpeg_folder)
+    run = build(on_device, inputs)
+    ds, spec = run.bundle.train, on_device.input_spec
+    decoded = _counting(monkeypatch)
+    model = run.model.eval()
+    fwd = model.features
+    kw = dict(num_samples=len(ds), part_size=4, dim=run.backbone.num_features)
+    stores = [ShardedFeatureStore.open(tmp_path / "dev", "k", **kw) for _ in range(2)]
+    for rank, store in enumerate(stores):  # two ranks, one after the other, on one store
+        extract_parts(store, ds.view(transform=eval_tf(spec)), fwd, rank=rank, world_size=2, batch_size=3,
+                      batches=device_item_batches(on_device, ds, "val", batch_size=3, device=torch.device("cpu"),
+                                                  num_workers=0))
+    assert sorted(decoded) == list(range(len(ds)))  # every sample decoded exactly once across the ranks
+    whole = ShardedFeatureStore.open(tmp_path / "dev", "k", **kw)
+    assert whole.missing_parts() == []
+    ref = ShardedFeatureStore.open(tmp_path / "cpu", "k", **kw)
+    extract_parts(ref, ds.view(transform=eval_tf(spec)), fwd, batch_size=3)  # the CPU (Pillow) path
+    (x_dev, y_dev, _), (x_cpu, y_cpu, _) = whole.load(), ref.load()
+    assert torch.equal(y_dev, y_cpu)
+    _close(x_cpu, x_dev)
+
+
+def test_training_epochs_run_on_device_decoded_images(jpeg_folder):
+    from transferkit.run import build
+    from transferkit.steps import train
+
+    d, on_device, inputs = _run_parts(jpeg_folder, policy="fine_tune:frozen=1", epochs=3, decode_once=False,
+                                      augment="standard")
+    assert on_device.input_decode["passes"] == ["feature pass", "train epochs", "val epochs"]
+    outcome = train(on_device, build(on_device, inputs))
+    assert isinstance(outcome.data.train_loader, DeviceDecodedLoader)
+    assert isinstance(outcome.data.val_loader, DeviceDecodedLoader)
+    assert len(outcome.history) == 3 and all(torch.isfinite(torch.tensor(h["train_loss"])) for h in outcome.history)

@@ -102,6 +102,38 @@ def test_census_counts_jpeg_files_and_only_files_on_disk(image_folder):
                       "skipped": None}  # nothing is timed without CUDA
 
 
+def test_on_cuda_the_timing_is_kept_under_cache_dir_and_a_failure_is_a_reason(image_folder, tmp_path, monkeypatch):
+    from transferkit.data import gpu_jpeg
+
+    # stand-ins for a CUDA machine: the probe succeeds, the timing is counted (the rule is tested above)
+    monkeypatch.setattr(gpu_jpeg, "gpu_jpeg_available", lambda device: (True, "nvJPEG (stand-in)"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stand-in GPU")
+    monkeypatch.setattr(gpu_jpeg, "MIN_JPEG_SHARE", 0.5)
+    monkeypatch.setattr(gpu_jpeg, "MIN_IMAGES_TO_TIME", 1)
+    timed = []
+
+    def fake_time(dataset, spec, **kw):
+        timed.append(len(dataset))
+        return {"cpu_images_per_s": 100.0, "gpu_images_per_s": 300.0, "batches": 4, "batch_size": 4, "workers": 0}
+
+    monkeypatch.setattr(gpu_jpeg, "time_decoders", fake_time)
+    ds = ImageFolderDataset(image_folder)
+    kw = dict(parts={"train": ds, "val": None}, spec=SPEC, device=torch.device("cuda"), batch_size=4, num_workers=0,
+              cache_dir=tmp_path / "c")
+    first, again = input_decode_facts("auto", **kw), input_decode_facts("auto", **kw)
+    assert timed == [len(ds)] and "stored" not in first["measured"] and again["measured"]["stored"] is True
+    assert decide_input_decode("auto", device_type="cuda", facts=again)[0] == "gpu"
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(gpu_jpeg, "time_decoders", broken)
+    failed = input_decode_facts("auto", **{**kw, "cache_dir": None})
+    assert failed["skipped"] == "timing failed: RuntimeError: CUDA error: out of memory"
+    assert decide_input_decode("auto", device_type="cuda", facts=failed) == \
+        ("cpu", "not timed: timing failed: RuntimeError: CUDA error: out of memory")
+
+
 def test_decoders_are_timed_on_the_runs_own_files(image_folder):
     # the timing itself runs on any device (here: torchvision's CPU decoder against Pillow)
     m = time_decoders(ImageFolderDataset(image_folder), SPEC, device=torch.device("cpu"), batch_size=4,

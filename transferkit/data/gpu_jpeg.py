@@ -225,7 +225,8 @@ class DeviceDecodedLoader:
                 except DataError as exc:
                     if not self.checked:
                         raise
-                    out_items.append((index, None, target, str(exc).splitlines()[0]))
+                    name = str(self.raw.samples[index][0])  # as the CPU extraction names it
+                    out_items.append((index, None, target, f"{name}: {str(exc).splitlines()[0]}"))
                     continue
                 img = pixels.to(self.device)
             out_items.append((index, img, target, ""))

@@ -44,8 +44,9 @@ DECISIONS_FORMAT = 2
 # config keys that do not change what a run computes: they may differ when resuming
 OUTPUT_KEYS = frozenset({"export", "checkpoint", "resume", "log_dir", "plots_dir", "top_k", "verbose", "callbacks",
                          "num_workers", "cache_dir", "device", "data", "val_data", "portable_metadata",
-                         "feature_engine", "compile",  # engines and compilation agree with eager fp32 (train/engines.py)
-                         "input_decode"})  # the GPU and CPU decoders differ by resampling noise (data/gpu_jpeg.py)
+                         # engines and compilation agree with eager fp32 (train/engines.py); the GPU and
+                         # CPU decoders differ by resampling noise (data/gpu_jpeg.py)
+                         "feature_engine", "compile", "input_decode"})
 # decisions that may differ when resuming (where the run runs, not what it computes)
 _PLACE_KEYS = frozenset({"device", "weights_file", "feature_engine", "feature_engine_reason", "input_decode",
                          "input_decode_reason"})
@@ -138,10 +139,10 @@ class Decisions:
             "input_decode": self.input_decode["where"], "input_decode_reason": self.input_decode["reason"],
         })
 
-    @property
-    def decodes_on_device(self) -> bool:
-        """Whether the passes that decode image files decode their JPEGs on the device."""
-        return self.input_decode["where"] == "gpu"
+    def decodes_on_device(self, what: str = "feature pass") -> bool:
+        """Whether the pass ``what`` (``"feature pass"``, ``"train epochs"``, ``"val epochs"``)
+        decodes its JPEGs on the device."""
+        return self.input_decode["where"] == "gpu" and what in self.input_decode["passes"]
 
     def summary(self) -> str:
         """A few readable lines: what will run, and why."""
@@ -202,7 +203,7 @@ class Decisions:
         # feature-engine hook: another engine, another key (eager keeps the keys of earlier versions)
         engine = {} if self.engine == "eager" else {"engine": self.engine}
         # JPEGs decoded on the device (nvJPEG, full size then resized) differ slightly from Pillow's
-        decoder = {"decoder": "device"} if self.decodes_on_device else {}  # the CPU keeps the earlier keys
+        decoder = {"decoder": "device"} if self.decodes_on_device() else {}  # the CPU keeps the earlier keys
         return {**decoder, "backbone": self.backbone, "weights": self.trunk_fingerprint, "transform": repr(transform),
                 "precision": engine_precision(self.engine, self.speed["feature_precision"]), **engine,
                 "channels_last": self.speed["channels_last"],

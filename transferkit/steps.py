@@ -117,7 +117,7 @@ def cached_features(d: Decisions, run: Run, *, progress: Any = None) -> Training
     stores = {}
     for name, ds, tf, views in parts:
         loader = None
-        if d.decodes_on_device:  # JPEGs decoded on the device, the same EpochSampler split by rank
+        if d.decodes_on_device("feature pass"):  # JPEGs decoded on the device; the same split by rank
             loader = DeviceDecodedLoader(ds, d.input_spec, augment=d.augment if name == "train" else "none",
                                          batch_size=extract_batch, device=fs.device, seed=cfg.seed,
                                          num_workers=cfg.num_workers, rank=info.rank, world_size=info.world_size)
@@ -179,8 +179,10 @@ def stored_features(d: Decisions, run: Run, parts: list[tuple[str, Any, Any, int
             return progress_bar(total, f"features ({name})", verbose=cfg.verbose and info.is_main, unit="img")
 
         workers = default_num_workers(ds, info.world_size) if cfg.num_workers is None else cfg.num_workers
-        batches = device_item_batches(d, ds, "train" if name == "train" else "val", batch_size=batch_size,
-                                  device=fs.device, num_workers=workers) if d.decodes_on_device else None
+        batches = None
+        if d.decodes_on_device("feature pass"):  # JPEGs decoded on the device, part by part
+            batches = device_item_batches(d, ds, "train" if name == "train" else "val", batch_size=batch_size,
+                                          device=fs.device, num_workers=workers)
         reports[name] = fill_store(store, ds.view(transform=tf), forward, info, bar=bar, batch_size=batch_size,
                                    num_workers=workers, seed=cfg.seed, batches=batches)
         _report_masked(store, ds, run.bundle.report)
@@ -198,7 +200,7 @@ def stored_features(d: Decisions, run: Run, parts: list[tuple[str, Any, Any, int
 
 
 def device_item_batches(d: Decisions, ds: Any, part: str, *, batch_size: int, device: torch.device,
-                    num_workers: int) -> Any:
+                        num_workers: int) -> Any:
     """``batches(start, stop, view)`` for `extract_parts`: the items of a store part decoded
     on the device (JPEGs in batches), each view drawing its crops as the CPU path's does."""
     augment = d.augment if part == "train" else "none"
@@ -260,12 +262,13 @@ def _validation_rows(store: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def input_loaders(d: Decisions, run: Run) -> TrainingData:
     """Loaders over transformed inputs (the model runs end to end every epoch), decoded once
-    when the decisions say so; under DDP each rank gets its shard of the training data,
-    validation runs whole on each."""
+    when the decisions say so, else decoded by the CPU workers or, where the decisions say
+    so, on the device (`DeviceDecodedLoader`, the same sampler); under DDP each rank gets its
+    shard of the training data, validation runs whole on each."""
     cfg, dev, info = d.config, run.speed.device, run.dist
     seconds: dict[str, float] = {}
     train_dl: Any
-    if d.decodes_on_device and "train epochs" in d.input_decode["passes"]:  # JPEGs decoded on the device
+    if d.decodes_on_device("train epochs"):  # JPEGs decoded on the device
         train_dl = DeviceDecodedLoader(run.bundle.train, d.input_spec, augment=d.augment, batch_size=cfg.batch_size,
                                        device=dev, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers,
                                        drop_last=True, rank=info.rank, world_size=info.world_size)
@@ -275,7 +278,7 @@ def input_loaders(d: Decisions, run: Run) -> TrainingData:
                                num_workers=cfg.num_workers, seed=cfg.seed, drop_last=True, rank=info.rank,
                                world_size=info.world_size)
     val_dl: Any = None
-    if run.bundle.val is not None and d.decodes_on_device and "val epochs" in d.input_decode["passes"]:
+    if run.bundle.val is not None and d.decodes_on_device("val epochs"):
         val_dl = DeviceDecodedLoader(run.bundle.val, d.input_spec, augment="none", batch_size=cfg.batch_size,
                                      device=dev, seed=cfg.seed, num_workers=cfg.num_workers)
     elif run.bundle.val is not None:

@@ -187,7 +187,8 @@ class DeviceDecodedLoader:
         workers = default_num_workers(dataset, world_size) if num_workers is None else num_workers
         self.loader = DataLoader(encoded, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  collate_fn=_collate, persistent_workers=workers > 0 and keys is None,
-                                 pin_memory=device.type == "cuda", drop_last=drop_last and len(self.sampler) > batch_size,
+                                 pin_memory=device.type == "cuda",
+                                 drop_last=drop_last and len(self.sampler) > batch_size,
                                  prefetch_factor=4 if workers > 0 else None)
 
     def set_epoch(self, epoch: int) -> None:

@@ -379,13 +379,15 @@ def decide_input_decode(requested: str, *, device_type: str, facts: dict[str, An
     if requested == "gpu":
         if device_type != "cuda":
             raise ConfigError(f"input_decode='gpu' decodes JPEGs with nvJPEG on a CUDA device; this run is on "
-                              f"{device_type!r}. Use input_decode='auto' or 'cpu' (or device='cuda' on a machine "
-                              "with a GPU).")
+                              f"{device_type!r}. Use input_decode='auto' or input_decode='cpu' (or device='cuda' on "
+                              "a machine with a GPU).")
         if census is None:
             raise ConfigError("input_decode='gpu' decodes image files, and the data of this run are not image "
-                              "files on disk (in-memory data, tar shards or tables); use input_decode='auto' or 'cpu'.")
+                              "files on disk (in-memory data, tar shards or tables); use input_decode='auto' or "
+                              "input_decode='cpu'.")
         if available is not None and not available[0]:
-            raise ConfigError(f"input_decode='gpu' cannot run here: {available[1]}. Use input_decode='auto' or 'cpu'.")
+            raise ConfigError(f"input_decode='gpu' cannot run here: {available[1]}. Use input_decode='auto' or "
+                              "input_decode='cpu'.")
         return "gpu", f"input_decode='gpu' ({_share(census)} of the images are JPEG)"
     if device_type != "cuda":
         return "cpu", "no CUDA device: the CPU workers decode (Pillow)"

@@ -18,8 +18,12 @@ starved GPU shows.
 4. torch.compile for training: the first compiled step (compilation) against the eager step,
    and the run length (images) from which compiling pays: the number the ``compile="auto"``
    rule for CUDA needs (`transferkit.train.engines.COMPILE_TRAIN_BREAK_EVEN`).
+5. The input-decode decision (``input_decode="auto"``, `transferkit.data.gpu_jpeg`): the
+   JPEG folder's census, the device decoder timed against the CPU workers as a run times
+   them (`time_decoders`), and what `decide_input_decode` picks from that, with its reason.
 
-On a machine without CUDA it measures (2a) only, says so, and exits with status 0.
+On a machine without CUDA it measures (2a) and (5) with torchvision's CPU decoder standing in
+for nvJPEG (the decision then says "no CUDA device"), says so, and exits with status 0.
 
     python benchmarks/gpu_throughput.py                  # about 3-5 minutes on a GPU; $OUT/gpu_throughput.json
     python benchmarks/gpu_throughput.py --no-compile --batch 64 --steps 20
@@ -208,6 +212,28 @@ def gpu_decoding(folder: Path, workers: list[int], batch: int, passes: int) -> l
     return rows
 
 
+def input_decode_choice(folder: Path, *, batch: int, workers: int, device: torch.device) -> dict:
+    """What ``input_decode="auto"`` decides on ``folder`` on ``device``: the census, the two
+    decoders timed as a run times them (as many batches as the folder holds, up to 8), the pick."""
+    import transferkit as tk
+    from transferkit.data import ImageFolderDataset
+    from transferkit.data.gpu_jpeg import decide_input_decode, gpu_jpeg_available, jpeg_census, time_decoders
+
+    spec = tk.get_backbone("tv:resnet50", weights=None).input_spec
+    ds = ImageFolderDataset(folder, min_size=spec.resize_size)
+    facts: dict = {"census": jpeg_census(ds), "available": None, "measured": None, "skipped": None}
+    if device.type == "cuda":
+        facts["available"] = list(gpu_jpeg_available(device))
+    if facts["available"] is None or facts["available"][0]:
+        try:
+            facts["measured"] = time_decoders(ds, spec, device=device, batch_size=batch, num_workers=workers,
+                                              batches=max(1, min(8, len(ds) // batch - 1)))
+        except Exception as exc:  # report, keep the rest of the table
+            facts["skipped"] = f"timing failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    where, why = decide_input_decode("auto", device_type=device.type, facts=facts)
+    return {"device": str(device), "facts": facts, "where": where, "reason": why}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=128)
@@ -302,12 +328,24 @@ def main() -> None:
         pipe = cpu_decoding(folder, workers, min(args.batch, 64), args.passes)
         if cuda:
             pipe += gpu_decoding(folder, [w for w in workers if w > 0] or [2], args.batch, args.passes)
+        choice = input_decode_choice(folder, batch=min(args.batch, 64), workers=max(workers),
+                                     device=torch.device("cuda" if cuda else "cpu"))
     print(f"\n## Input pipeline alone: {what} to uint8 224 px batches, {args.passes} passes\n")
     print("| pipeline | images/s |\n|---|---:|")
     for r in pipe:
         print(f"| {r['pipeline']} | {r['images_per_s']:.0f} |" if "error" not in r else
               f"| {r['pipeline']} | unavailable: {r['error']} |")
     report["input_pipeline"] = pipe
+    report["input_decode"] = choice
+    m = choice["facts"]["measured"]
+    census = choice["facts"]["census"]
+    print(f"\n## input_decode='auto' on this folder ({census['jpeg']} of {census['files']} files JPEG), "
+          f"{choice['device']}\n")
+    if m:
+        stand_in = "" if cuda else " (torchvision's CPU decoder standing in for nvJPEG: no CUDA here)"
+        print(f"| decoder | images/s |\n|---|---:|\n| CPU workers (Pillow), {m['workers']} workers | "
+              f"{m['cpu_images_per_s']:.0f} |\n| device decoder{stand_in} | {m['gpu_images_per_s']:.0f} |")
+    print(f"\ninput_decode='auto' picks: {choice['where']} ({choice['reason']})")
     trained = [r["images_per_s"] for r in rows if "error" not in r]
     if trained:
         best_cpu = max(r["images_per_s"] for r in pipe if r["pipeline"].startswith("CPU"))
@@ -320,6 +358,7 @@ def main() -> None:
               "above). Run this script on a machine with an NVIDIA GPU for the full table.")
     out = os.environ.get("OUT")
     if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
         Path(out, "gpu_throughput.json").write_text(json.dumps(report, indent=1))
 
 

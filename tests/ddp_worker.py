@@ -7,7 +7,9 @@ Usage: ``torchrun --nproc_per_node=2 tests/ddp_worker.py <image folder> <out dir
 ``gradual`` (images every epoch, gradual unfreezing: one more block per epoch, the DDP
 wrapper rebuilt at each unfreeze) and ``dropout`` (the first dropout mask each rank draws).
 Then ``features_rank<r>.pt``: compute_features sharded over the ranks (augmented views, in
-memory and through a shared ``cache_dir``).
+memory and through a shared ``cache_dir``); ``device_features_rank<r>.pt``: the same with the
+images decoded by `DeviceDecodedLoader` (torchvision's CPU decoder standing in for nvJPEG),
+each rank decoding its own share.
 
 ``fail``: rank 1's epoch-end callback raises ``ValueError("boom from rank 1")`` and the
 process then lingers for 600 s instead of exiting (as a process stuck in its own cleanup
@@ -73,6 +75,31 @@ def sharded_features(data: str, out: str) -> None:
                 "again_reused": again.reused}, os.path.join(out, f"features_rank{RANK}.pt"))
 
 
+def device_setup(data: str) -> tuple[torch.nn.Module, object, object]:
+    """A seeded small_cnn, its input spec and an odd number of training images (as files)."""
+    torch.manual_seed(0)
+    bb = get_backbone("tk:small_cnn", weights=None)
+    spec = dataclasses.replace(bb.input_spec, image_size=32, resize_size=None)
+    bundle = prepare_data(data, None, val_split=0.2, seed=0)
+    odd = len(bundle.train) // 2 * 2 - 1  # an odd count: the last shard is padded
+    return tk.build_model(bb, 2, spec=spec), spec, bundle.train.view(indices=range(odd))
+
+
+def device_decoded_features(data: str, out: str, info=None) -> dict:
+    """The training files' features (2 augmented views) from images decoded by the device
+    loader, each rank decoding its own share (the EpochSampler split), gathered."""
+    from transferkit.data.gpu_jpeg import DeviceDecodedLoader
+
+    info = info or dist_info()
+    model, spec, ds = device_setup(data)
+    loader = DeviceDecodedLoader(ds, spec, augment="standard", batch_size=4, device=torch.device("cpu"), seed=3,
+                                 num_workers=0, rank=info.rank, world_size=info.world_size)
+    store = compute_features(model, ds, key="k", views=2, batch_size=4, device=torch.device("cpu"), num_workers=0,
+                             seed=3, info=info, loader=loader)
+    return {"n": len(ds), "features": torch.from_numpy(store.features.copy()),
+            "targets": torch.from_numpy(store.targets)}
+
+
 def train(data: str, out: str) -> None:
     r = tk.finetune("tk:small_cnn", policy="feature_extraction", epochs=3, batch_size=4, lr=0.05, optimizer="sgd",
                     restore_best=False, **common(data))
@@ -86,6 +113,7 @@ def train(data: str, out: str) -> None:
     handle.remove()
     torch.save({"mask": seen["mask"], "state": r.model.state_dict()}, os.path.join(out, f"dropout_rank{RANK}.pt"))
     sharded_features(data, out)
+    torch.save(device_decoded_features(data, out), os.path.join(out, f"device_features_rank{RANK}.pt"))
 
 
 LINGER_S = 600.0  # longer than the test's guard against a hang: the job must end rank 1 itself

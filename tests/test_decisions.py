@@ -385,3 +385,59 @@ def test_export_from_a_checkpoint_reads_the_stored_decisions(split_folders, tmp_
     x = torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)
     r.model.eval()
     assert torch.allclose(model(x), r.model(x))
+
+
+def _on_cuda(facts, **decode):
+    """``facts`` as a CUDA machine would gather them (the input-decode facts given)."""
+    import dataclasses
+
+    device = dataclasses.replace(facts.device, device="cuda:0", type="cuda", bf16=True, bf16_why="test")
+    census = {"files": facts.data.n_train + facts.data.n_val, "jpeg": facts.data.n_train + facts.data.n_val}
+    base = {"census": census, "available": [True, "nvJPEG"], "skipped": None,
+            "measured": {"cpu_images_per_s": 1000.0, "gpu_images_per_s": 3100.0, "batches": 4, "batch_size": 128,
+                         "workers": 8}}
+    return dataclasses.replace(facts, device=device, input_decode={**base, **decode})
+
+
+def test_input_decode_is_decided_shown_keyed_and_forced(split_folders):
+    from transferkit.decisions import differences
+
+    cfg = FinetuneConfig(backbone=_backbone(), data=split_folders / "train", val_data=split_folders / "val",
+                         **{**KW, "cache_dir": _CACHE})
+    facts, _ = tk.look(cfg)
+    here = tk.decide(cfg, facts)
+    assert here.input_decode["where"] == "cpu" and here.input_decode["passes"] == ["feature pass"]
+    assert "  decoding: cpu (no CUDA device: the CPU workers decode (Pillow))" in here.summary().splitlines()
+    assert "decoder" not in here.feature_key_parts("train")  # the CPU path keeps the keys it had
+    gpu = tk.decide(cfg, _on_cuda(facts))
+    assert gpu.input_decode["where"] == "gpu"
+    assert ("  decoding: gpu (nvJPEG decoded 3.10x faster than 8 CPU workers on 4 batches (3100 vs 1000 img/s); "
+            "for the feature pass)") in gpu.summary().splitlines()
+    assert gpu.to_dict()["input_decode"] == "gpu" and gpu.feature_key("train") != here.feature_key("train")
+    slower = tk.decide(cfg, _on_cuda(facts, measured={**_on_cuda(facts).input_decode["measured"],
+                                                       "gpu_images_per_s": 900.0}))
+    assert slower.input_decode["where"] == "cpu" and "0.90x" in slower.input_decode["reason"]
+    assert slower.feature_key("train") == tk.decide(cfg, _on_cuda(facts, available=[True, "x"],
+                                                                  measured=None)).feature_key("train")
+    png = tk.decide(cfg, _on_cuda(facts, census={"files": 10, "jpeg": 6}))
+    assert png.input_decode["reason"] == "40% of the images are not JPEG (GPU decoding needs 90% JPEG)"
+    broken = tk.decide(cfg, _on_cuda(facts, available=[False, "decode_jpeg(device='cuda') failed: no nvJPEG"]))
+    assert "no nvJPEG" in broken.input_decode["reason"] and broken.input_decode["where"] == "cpu"
+    with pytest.raises(ConfigError, match="input_decode='gpu' decodes JPEGs with nvJPEG on a CUDA device; this run "
+                                          "is on 'cpu'"):
+        tk.plan(cfg.replace(input_decode="gpu"))
+    assert differences(slower.to_dict(), gpu.to_dict()) == {}  # a resume may decode elsewhere
+    with pytest.raises(ConfigError, match="unknown input_decode 'tpu'"):
+        FinetuneConfig(data="x", input_decode="tpu")
+
+
+def test_images_decoded_once_leave_nothing_to_decode_on_the_gpu(split_folders):
+    cfg = FinetuneConfig(backbone=_backbone(), data=split_folders / "train", val_data=split_folders / "val",
+                         policy="full", **{**KW, "epochs": 3})
+    facts, _ = tk.look(cfg)
+    d = tk.decide(cfg, _on_cuda(facts))
+    assert set(d.decode) == {"train", "val"}  # small images: decoded once, in memory
+    assert d.input_decode == {"where": "cpu", "reason": "every pass reads images decoded once (decode_once)",
+                              "passes": []}
+    assert tk.decide(cfg.replace(decode_once=False), _on_cuda(facts)).input_decode["passes"] == \
+        ["train epochs", "val epochs"]

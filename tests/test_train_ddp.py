@@ -20,7 +20,7 @@ import transferkit as tk
 from transferkit.backbones import get_backbone
 
 from conftest import make_image_folder
-from ddp_worker import feature_setup
+from ddp_worker import device_decoded_features, feature_setup
 from transferkit.train.distributed import DistInfo, collective_timeout, gather_rows, rank_guard, rank_seed, rank_seeds
 from transferkit.train.features import compute_features
 from transferkit.train.loaders import make_loader
@@ -136,6 +136,18 @@ def test_features_are_extracted_in_shards_and_gathered_like_one_process(ddp_run)
     assert torch.equal(r0["memory"], r1["memory"])
     assert not torch.equal(r0["memory"][0], r0["memory"][1])  # the two views are different augmentations
     assert sorted(p.name for p in (out / "cache").iterdir()) == ["k"]  # one entry, no temporary folder left
+
+
+def test_device_decoded_features_are_split_by_rank_and_gathered_like_one_process(ddp_run):
+    """Each rank decoded its own share of the files with the device loader (an odd count: the
+    last shard padded); after the gather both ranks hold the single-process array."""
+    data, out = ddp_run
+    single = device_decoded_features(str(data), str(out), info=DistInfo())
+    assert single["n"] % 2 == 1
+    for r in (_load(out, "device_features", 0), _load(out, "device_features", 1)):
+        assert r["features"].shape == single["features"].shape
+        assert torch.allclose(r["features"], single["features"], atol=1e-5)
+        assert torch.equal(r["targets"], single["targets"])
 
 
 def test_dropout_masks_differ_between_ranks(ddp_run):

@@ -279,6 +279,9 @@ class FinetuneConfig:
     compile: Literal["auto", True, False] = _opt(
         "auto", "torch.compile the trained module (auto: where the run is long enough for the compile time to pay, "
         "as measured; see docs/benchmarks.md)", group="runtime")
+    input_decode: Literal["auto", "cpu", "gpu"] = _opt(
+        "auto", "where images are decoded: 'cpu' (DataLoader workers, Pillow), 'gpu' (nvJPEG on a CUDA device) or "
+        "'auto' (the GPU where it was timed faster on the run's own JPEG files)", group="runtime", flag=True)
     num_workers: int | None = _opt(None, "DataLoader workers (default: chosen for the machine)", group="runtime",
                                    check=_workers)
     seed: int = _opt(0, "random seed (data split, order, augmentation, head init)", group="runtime", check=_seed,

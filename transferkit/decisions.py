@@ -29,6 +29,7 @@ from transferkit.backbones import InputSpec
 from transferkit.config import FinetuneConfig, jsonable
 from transferkit.data import eval_transform, train_transform
 from transferkit.data.decoded import DecodePlan, decide_decode
+from transferkit.data.gpu_jpeg import decide_input_decode
 from transferkit.errors import ConfigError
 from transferkit.facts import Facts, look
 from transferkit.heads import resolve_head_norm
@@ -43,9 +44,12 @@ DECISIONS_FORMAT = 2
 # config keys that do not change what a run computes: they may differ when resuming
 OUTPUT_KEYS = frozenset({"export", "checkpoint", "resume", "log_dir", "plots_dir", "top_k", "verbose", "callbacks",
                          "num_workers", "cache_dir", "device", "data", "val_data", "portable_metadata",
-                         "feature_engine", "compile"})  # engines and compilation agree with eager fp32 (train/engines.py)
+                         # engines and compilation agree with eager fp32 (train/engines.py); the GPU and
+                         # CPU decoders differ by resampling noise (data/gpu_jpeg.py)
+                         "feature_engine", "compile", "input_decode"})
 # decisions that may differ when resuming (where the run runs, not what it computes)
-_PLACE_KEYS = frozenset({"device", "weights_file", "feature_engine", "feature_engine_reason"})
+_PLACE_KEYS = frozenset({"device", "weights_file", "feature_engine", "feature_engine_reason", "input_decode",
+                         "input_decode_reason"})
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,10 @@ class Decisions:
     # feature-engine hook (train/engines.py): the engine of the frozen feature pass, and why
     engine: str = "eager"
     engine_reason: str = "no frozen feature pass"
+    # where the passes that decode image files decode them (data/gpu_jpeg.py): "where" ("cpu" or
+    # "gpu"), "reason", "passes" (the passes that decode files: "feature pass", "train epochs", ...)
+    input_decode: dict[str, Any] = field(default_factory=lambda: {"where": "cpu", "reason": "not decided",
+                                                                  "passes": []})
 
     @property
     def epochs(self) -> int:
@@ -128,7 +136,13 @@ class Decisions:
             "groups": [dict(g) for g in self.groups], "data": self.data,
             "decode_once": sorted(self.decode),  # memory or disk: the same pixels
             "feature_engine": self.engine, "feature_engine_reason": self.engine_reason,  # feature-engine hook
+            "input_decode": self.input_decode["where"], "input_decode_reason": self.input_decode["reason"],
         })
+
+    def decodes_on_device(self, what: str = "feature pass") -> bool:
+        """Whether the pass ``what`` (``"feature pass"``, ``"train epochs"``, ``"val epochs"``)
+        decodes its JPEGs on the device."""
+        return self.input_decode["where"] == "gpu" and what in self.input_decode["passes"]
 
     def summary(self) -> str:
         """A few readable lines: what will run, and why."""
@@ -151,6 +165,8 @@ class Decisions:
             lines.append(f"  engine:   {self.engine} ({self.engine_reason})")
         if "train" in self.decode:
             lines.append(f"  images:   {self.decode['train']['reason']}")
+        if self.input_decode["passes"]:
+            lines.append(f"  decoding: {self.input_decode['where']} ({self.input_decode['reason']})")
         lines += [
             f"  optim:    {cfg.optimizer}, base lr {self.lr:.3g}{' (default)' if cfg.lr is None else ''}, "
             f"{cfg.schedule} schedule, {_plural(cfg.epochs, 'epoch')} x batch {cfg.batch_size}",
@@ -199,7 +215,9 @@ class Decisions:
         random_views = part == "train" and self.cached_augment != "none"
         # feature-engine hook: another engine, another key (eager keeps the keys of earlier versions)
         engine = {} if self.engine == "eager" else {"engine": self.engine}
-        return {"backbone": self.backbone, "weights": self.trunk_fingerprint, "transform": repr(transform),
+        # JPEGs decoded on the device (nvJPEG, full size then resized) differ slightly from Pillow's
+        decoder = {"decoder": "device"} if self.decodes_on_device() else {}  # the CPU keeps the earlier keys
+        return {**decoder, "backbone": self.backbone, "weights": self.trunk_fingerprint, "transform": repr(transform),
                 "precision": engine_precision(self.engine, self.speed["feature_precision"]), **engine,
                 "channels_last": self.speed["channels_last"],
                 "device": self.device_type, "views": self.config.cache_views if part == "train" else 1,
@@ -242,6 +260,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         raise ConfigError("cache_views > 1 needs random augmentation; set augment='standard' or 'flip'.")
     lr = default_lr(head_only=frozen, head_first=len(pol.lr_phases(cfg.epochs)) > 1) if cfg.lr is None \
         else float(cfg.lr)
+    decode = _decode_decision(cfg, facts, augment, cached_epochs)
     template = bb.head_groups if cache else bb.groups
     trainable = tuple(tuple(b) for b in pol.schedule(list(bb.blocks), cfg.epochs))
     notes = []
@@ -261,9 +280,29 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
                              "params": g["params"]} for g in template),
         trainable=trainable, bn_updates=_bn_updates(pol, bb.has_batchnorm, trainable, cached_epochs),
         bn_mode=_bn_mode(pol, bb.has_batchnorm, frozen), class_weights=data.class_weights,
-        decode=_decode_decision(cfg, facts, augment, cached_epochs), data=data.identity,
+        decode=decode, data=data.identity,
         trunk_fingerprint=bb.fingerprint, data_fingerprints=dict(data.fingerprints), notes=tuple(notes),
-        engine=engine, engine_reason=engine_reason)
+        engine=engine, engine_reason=engine_reason,
+        input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode))
+
+
+def _input_decode_decision(cfg: FinetuneConfig, facts: Facts, cached_epochs: int,
+                           decode: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Where the passes that decode image files decode them (`decide_input_decode`), and
+    which passes those are: the frozen feature pass, and the end-to-end epochs of each part
+    whose images are not decoded once."""
+    where, reason = decide_input_decode(cfg.input_decode, device_type=facts.device.type, facts=facts.input_decode)
+    passes: list[str] = []
+    if facts.input_decode.get("census") is not None:
+        if cached_epochs:
+            passes.append("feature pass")
+        if cfg.epochs > cached_epochs:
+            parts = ["train"] + (["val"] if facts.data.n_val else [])
+            passes += [f"{part} epochs" for part in parts if part not in decode]
+    if where == "gpu" and not passes:
+        where, reason = "cpu", "every pass reads images decoded once (decode_once)"
+    return {"where": where, "reason": reason + (f"; for the {', '.join(passes)}" if where == "gpu" else ""),
+            "passes": passes}
 
 
 def _engine_decision(cfg: FinetuneConfig, facts: Facts, speed: dict[str, Any], cached_epochs: int) -> tuple[str, str]:

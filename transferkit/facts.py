@@ -31,6 +31,7 @@ from transferkit.config import FinetuneConfig
 from transferkit.data import DataBundle, eval_transform
 from transferkit.data.audio import prepare_audio_data
 from transferkit.data.decoded import decode_census
+from transferkit.data.gpu_jpeg import input_decode_facts
 from transferkit.data.sampling import seed_everything
 from transferkit.data.fingerprint import data_fingerprint, module_fingerprint, quick_fingerprint
 from transferkit.errors import ConfigError
@@ -41,7 +42,7 @@ from transferkit.model import TransferModel
 from transferkit.policies import Policy, param_groups
 from transferkit.policies.freeze import has_batchnorm
 from transferkit.train.device import resolve_device
-from transferkit.train.distributed import DistInfo, init_distributed
+from transferkit.train.distributed import DistInfo, broadcast_object, init_distributed
 from transferkit.train.engines import engine_facts
 from transferkit.train.speed import SpeedConfig, decide_speed, layout_fact
 from transferkit.train.tasks import prepare_task_data, resolve_class_weights
@@ -112,6 +113,10 @@ class Facts:
     # feature-engine hook: engines available, images of the feature pass, the candidates' timing
     # on the run's own input (train/engines.py `engine_facts`); empty when there is no feature pass
     engines: dict[str, Any] = field(default_factory=dict)
+    # where images are decoded (data/gpu_jpeg.py `input_decode_facts`): the JPEG census of the
+    # image files, whether decode_jpeg works on the device, and on CUDA the two decoders timed
+    # on the run's own files; empty: not looked at (no image files)
+    input_decode: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -165,8 +170,9 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
     trains_inputs = cfg.epochs - (frozen_phase if cfg.cache_features is not False else 0) >= 2
     data = _data_facts(cfg, bundle, spec, n_out, census_decode=trains_inputs)
     engines = _engine_facts(cfg, bb, bundle, dev, device, backbone, frozen_phase, loaded=load_weights)
+    decoding = _input_decode_facts(cfg, bundle, dev, info, backbone)
     facts = Facts(device=device, backbone=backbone, data=data, policy=policy, head=head_kind, head_hidden=hidden,
-                  engines=engines)
+                  engines=engines, input_decode=decoding)
     return facts, Inputs(backbone=bb, bundle=bundle, dist=info, device=dev)
 
 
@@ -186,6 +192,19 @@ def _engine_facts(cfg: FinetuneConfig, bb: Backbone, bundle: DataBundle, dev: to
                         dataset=bundle.train.view(transform=eval_transform(spec)), device=dev,
                         precision=speed["feature_precision"], channels_last=speed["channels_last"], n_images=n,
                         world_size=device.world_size, batch_size=batch, cache_dir=cfg.cache_dir)
+
+
+def _input_decode_facts(cfg: FinetuneConfig, bundle: DataBundle, dev: torch.device, info: DistInfo,
+                        backbone: BackboneFacts) -> dict[str, Any]:
+    """The facts of the input-decode decision; rank 0 times the decoders and every rank gets its
+    facts (one decision for the whole job, so the ranks' feature-cache keys agree)."""
+    batch = SpeedConfig(device=dev).feature_batch_size(cfg.batch_size)  # the feature pass's batches
+    mine = None
+    if info.is_main:
+        mine = input_decode_facts(cfg.input_decode, parts={"train": bundle.train, "val": bundle.val},
+                                  spec=backbone.input_spec, device=dev, batch_size=batch, num_workers=cfg.num_workers,
+                                  world_size=info.world_size, cache_dir=cfg.cache_dir)
+    return broadcast_object(mine, info)
 
 
 def _local_world_size(info: DistInfo) -> int:

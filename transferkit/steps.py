@@ -33,6 +33,7 @@ from transferkit._progress import progress as progress_bar
 from transferkit._version import __version__
 from transferkit.data import eval_transform, train_transform
 from transferkit.data.audio import pad_waveforms
+from transferkit.data.gpu_jpeg import DeviceDecodedLoader
 from transferkit.data.sampling import mix_seed, seed_everything
 from transferkit.decisions import Decisions, differences
 from transferkit.export.torchscript import export_torchscript
@@ -115,12 +116,17 @@ def cached_features(d: Decisions, run: Run, *, progress: Any = None) -> Training
             model.train(was_training)
     stores = {}
     for name, ds, tf, views in parts:
+        loader = None
+        if d.decodes_on_device("feature pass"):  # JPEGs decoded on the device; the same split by rank
+            loader = DeviceDecodedLoader(ds, d.input_spec, augment=d.augment if name == "train" else "none",
+                                         batch_size=extract_batch, device=fs.device, seed=cfg.seed,
+                                         num_workers=cfg.num_workers, rank=info.rank, world_size=info.world_size)
         with progress_bar(len(ds) * views, f"features ({name})", verbose=cfg.verbose and info.is_main,
                           unit="img") as bar:
             stores[name] = compute_features(model, ds.view(transform=tf), key=d.feature_key(name), views=views,
                                             batch_size=extract_batch, device=fs.device, num_workers=cfg.num_workers,
                                             seed=cfg.seed, forward=forward, progress=progress or bar,
-                                            info=info)  # sharded, gathered under DDP
+                                            info=info, loader=loader)  # sharded, gathered under DDP
     train_dl = feature_loader(stores["train"], batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
                               rank=info.rank, world_size=info.world_size)
     val_dl = feature_loader(stores["val"], batch_size=256, shuffle=False) if "val" in stores else None
@@ -173,8 +179,12 @@ def stored_features(d: Decisions, run: Run, parts: list[tuple[str, Any, Any, int
             return progress_bar(total, f"features ({name})", verbose=cfg.verbose and info.is_main, unit="img")
 
         workers = default_num_workers(ds, info.world_size) if cfg.num_workers is None else cfg.num_workers
+        batches = None
+        if d.decodes_on_device("feature pass"):  # JPEGs decoded on the device, part by part
+            batches = device_item_batches(d, ds, "train" if name == "train" else "val", batch_size=batch_size,
+                                          device=fs.device, num_workers=workers)
         reports[name] = fill_store(store, ds.view(transform=tf), forward, info, bar=bar, batch_size=batch_size,
-                                   num_workers=workers, seed=cfg.seed)
+                                   num_workers=workers, seed=cfg.seed, batches=batches)
         _report_masked(store, ds, run.bundle.report)
         stores[name] = store
     train_dl = stores["train"].batches(cfg.batch_size, seed=cfg.seed, memory_budget=STORE_MEMORY_BUDGET,
@@ -187,6 +197,19 @@ def stored_features(d: Decisions, run: Run, parts: list[tuple[str, Any, Any, int
     report["head_batches"] = {"mode": train_dl.mode, "reason": train_dl.reason}
     return TrainingData(module=run.model.head, train_loader=train_dl, val_loader=val_dl,  # type: ignore[arg-type]
                         cached=True, stores=stores, report=report)
+
+
+def device_item_batches(d: Decisions, ds: Any, part: str, *, batch_size: int, device: torch.device,
+                        num_workers: int) -> Any:
+    """``batches(start, stop, view)`` for `extract_parts`: the items of a store part decoded
+    on the device (JPEGs in batches), each view drawing its crops as the CPU path's does."""
+    augment = d.augment if part == "train" else "none"
+
+    def batches(start: int, stop: int, view: int) -> DeviceDecodedLoader:
+        return DeviceDecodedLoader(ds, d.input_spec, augment=augment, batch_size=batch_size, device=device,
+                                   seed=d.config.seed, num_workers=num_workers,
+                                   keys=[(i, view) for i in range(start, stop)], checked=True)
+    return batches
 
 
 def feature_report(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -239,15 +262,26 @@ def _validation_rows(store: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def input_loaders(d: Decisions, run: Run) -> TrainingData:
     """Loaders over transformed inputs (the model runs end to end every epoch), decoded once
-    when the decisions say so; under DDP each rank gets its shard of the training data,
-    validation runs whole on each."""
+    when the decisions say so, else decoded by the CPU workers or, where the decisions say
+    so, on the device (`DeviceDecodedLoader`, the same sampler); under DDP each rank gets its
+    shard of the training data, validation runs whole on each."""
     cfg, dev, info = d.config, run.speed.device, run.dist
     seconds: dict[str, float] = {}
-    train_ds = _inputs(d, run, "train", d.augment, train_transform(d.input_spec, d.augment), seconds)
-    train_dl = make_loader(train_ds, batch_size=cfg.batch_size, shuffle=True, device=dev, num_workers=cfg.num_workers,
-                           seed=cfg.seed, drop_last=True, rank=info.rank, world_size=info.world_size)
-    val_dl = None
-    if run.bundle.val is not None:
+    train_dl: Any
+    if d.decodes_on_device("train epochs"):  # JPEGs decoded on the device
+        train_dl = DeviceDecodedLoader(run.bundle.train, d.input_spec, augment=d.augment, batch_size=cfg.batch_size,
+                                       device=dev, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers,
+                                       drop_last=True, rank=info.rank, world_size=info.world_size)
+    else:
+        train_ds = _inputs(d, run, "train", d.augment, train_transform(d.input_spec, d.augment), seconds)
+        train_dl = make_loader(train_ds, batch_size=cfg.batch_size, shuffle=True, device=dev,
+                               num_workers=cfg.num_workers, seed=cfg.seed, drop_last=True, rank=info.rank,
+                               world_size=info.world_size)
+    val_dl: Any = None
+    if run.bundle.val is not None and d.decodes_on_device("val epochs"):
+        val_dl = DeviceDecodedLoader(run.bundle.val, d.input_spec, augment="none", batch_size=cfg.batch_size,
+                                     device=dev, seed=cfg.seed, num_workers=cfg.num_workers)
+    elif run.bundle.val is not None:
         val_ds = _inputs(d, run, "val", "none", eval_transform(d.input_spec), seconds)
         val_dl = make_loader(val_ds, batch_size=cfg.batch_size, shuffle=False, device=dev,
                              num_workers=cfg.num_workers, seed=cfg.seed)

@@ -50,7 +50,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -548,14 +548,19 @@ def _collate(items: list) -> list:
 
 def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[torch.Tensor], torch.Tensor], *,
                   batch_size: int = 64, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                  parts: list[int] | None = None, seed: int = 0, progress: Any = None) -> list[int]:
+                  parts: list[int] | None = None, seed: int = 0, progress: Any = None,
+                  batches: Callable[[int, int, int], Iterable[list[tuple[int, Any, Any, str]]]] | None = None
+                  ) -> list[int]:
     """Compute and commit this rank's missing parts (`ShardedFeatureStore.assigned_parts`,
     or ``parts``) of ``dataset`` (items ``(x, y)``, already transformed) with ``forward``
     (``x`` batch -> ``[B, dim]`` features, in the store's dtype or converted to it). View
     ``v`` of a store with several views draws each item's random transforms as epoch ``v``
     of a loader with this ``seed`` would (`transferkit.data.sampling.SeededItems`). A sample
     that raises a [`DataError`][transferkit.DataError] is masked and recorded in
-    ``store.masked``. Returns the parts written. Memory: one part at a time."""
+    ``store.masked``. ``batches(start, stop, view)``: the items ``start..stop`` of ``view``
+    in batches of ``(index, x or None, y, why)`` from another decoder (e.g.
+    `transferkit.data.gpu_jpeg.DeviceDecodedLoader` with ``checked=True``) instead of a
+    DataLoader over ``dataset``. Returns the parts written. Memory: one part at a time."""
     if len(dataset) != store.num_samples:
         raise ValueError(f"the dataset has {len(dataset)} samples, the store {store.num_samples}")
     todo = store.assigned_parts(rank, world_size) if parts is None else list(parts)
@@ -568,8 +573,9 @@ def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[t
         targets: list[Any] = [None] * (stop - start)
         mask = np.ones(stop - start, dtype=bool)
         for v in range(store.views):
-            loader = DataLoader(_Range(checked, start, stop, v), batch_size=batch_size, shuffle=False,
-                                num_workers=num_workers, collate_fn=_collate)
+            loader = batches(start, stop, v) if batches is not None else \
+                DataLoader(_Range(checked, start, stop, v), batch_size=batch_size, shuffle=False,
+                           num_workers=num_workers, collate_fn=_collate)
             with torch.no_grad():
                 for items in loader:
                     good = [it for it in items if it[1] is not None]

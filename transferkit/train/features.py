@@ -106,7 +106,7 @@ def extract_features(model: Any, loader: DataLoader, device: torch.device, progr
 def compute_features(model: Any, dataset: Dataset, *, key: str, views: int, batch_size: int, device: torch.device,
                      num_workers: int | None, seed: int, cache_dir: str | Path | None = None,
                      forward: Callable | None = None, progress: Any = None,
-                     info: DistInfo | None = None) -> FeatureStore:
+                     info: DistInfo | None = None, loader: Any = None) -> FeatureStore:
     """Features of ``dataset`` (already seen through its transform) for ``views`` passes.
 
     View ``v`` draws its random augmentations as epoch ``v`` of the loader would, so views
@@ -116,7 +116,10 @@ def compute_features(model: Any, dataset: Dataset, *, key: str, views: int, batc
 
     Distributed (``info.world_size > 1``, every rank calls this with the same arguments):
     rank ``r`` extracts items ``r, r + W, ...`` only and the shards are gathered, so every
-    rank gets the same array, in the same order, as one process would compute. The entry is
+    rank gets the same array, in the same order, as one process would compute. ``loader``:
+    batches ``(x, y)`` of ``dataset`` in that order (another decoder, e.g.
+    `transferkit.data.gpu_jpeg.DeviceDecodedLoader` with the same ``EpochSampler`` split),
+    instead of `make_loader`'s. The entry is
     reused only when every rank sees it; otherwise ``local_rank`` 0 of each node writes it
     (one writer per node: a ``cache_dir`` shared between nodes or local to each works) and
     the other ranks memory-map it after a barrier.
@@ -134,8 +137,9 @@ def compute_features(model: Any, dataset: Dataset, *, key: str, views: int, batc
         hit = load_cached(cache_dir, key)
         if all_ranks(hit is not None, info):
             return hit  # type: ignore[return-value]
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, device=device, num_workers=num_workers,
-                         seed=seed, rank=info.rank, world_size=info.world_size)
+    if loader is None:
+        loader = make_loader(dataset, batch_size=batch_size, shuffle=False, device=device, num_workers=num_workers,
+                             seed=seed, rank=info.rank, world_size=info.world_size)
     n = len(dataset)  # type: ignore[arg-type]
     writes = cache_dir is None or info.local_rank == 0  # this rank keeps the gathered array
     tmp = None

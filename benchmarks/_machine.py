@@ -20,10 +20,16 @@ def machine_line(threads: int | None = None) -> str:
                      platform.processor())
     except OSError:
         model = platform.processor() or platform.machine()
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    shown = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     native, why = cpu_bf16_native()
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{model} ({platform.machine()}, {os.cpu_count()} CPUs, capability "
-            f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {'yes' if native else 'no'}, {why}){gpu}; "
+            f"{torch.backends.cpu.get_cpu_capability()}, flags {' '.join(shown) or 'none of avx2/avx512/amx'}, "
+            f"native bf16: {'yes' if native else 'no'}, {why}){gpu}; "
             f"torch {torch.__version__}; {threads or torch.get_num_threads()} torch threads; "
             f"load average {os.getloadavg()[0]:.1f}")
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -170,6 +171,7 @@ def stream_to(url: str, dest: str | Path) -> dict[str, str]:
                     raise _fail(url, f"the command exited with code {code}{said}")
             return {}
         if kind in ("http", "https"):
+            import http.client
             import urllib.error
             import urllib.request
 
@@ -179,7 +181,10 @@ def stream_to(url: str, dest: str | Path) -> dict[str, str]:
                     shutil.copyfileobj(r, out, CHUNK)
             except urllib.error.HTTPError as exc:
                 raise _fail(url, f"HTTP {exc.code} {exc.reason}") from None
-            except (urllib.error.URLError, OSError) as exc:
+            except http.client.IncompleteRead as exc:
+                raise _fail(url, f"the connection ended after {out.tell() + len(exc.partial)} bytes, before the "
+                                 "end of the body") from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 raise _fail(url, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from None
             n = out.tell()
             if "content-length" in got and int(got["content-length"]) != n:
@@ -242,22 +247,27 @@ class ShardCache:
         """``cache_dir/shards/``, or a temporary folder removed at exit when ``cache_dir`` is None."""
         return cls(Path(cache_dir) / "shards" if cache_dir is not None else _process_temp_dir())
 
-    def path(self, url: str) -> Path:
-        return self.folder / (hashlib.blake2b(url.encode(), digest_size=16).hexdigest() + ".tar")
+    def path(self, url: str, validators: dict[str, str] | None = None) -> Path:
+        """The cached copy of ``url`` with those validators (a new ETag, size or date: a new copy)."""
+        ident = f"{url}\0{json.dumps(validators or {}, sort_keys=True)}"
+        return self.folder / (hashlib.blake2b(ident.encode(), digest_size=16).hexdigest() + ".tar")
 
     def _lock_fd(self, target: Path) -> int:
         self.folder.mkdir(parents=True, exist_ok=True)
         return os.open(target.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o666)
 
-    def fetch(self, url: str, *, size: int | None = None, check: Callable[[str], None] | None = None) -> Held:
+    def fetch(self, url: str, *, validators: dict[str, str] | None = None, size: int | None = None,
+              check: Callable[[str], None] | None = None) -> Held:
         """The cached copy of ``url``, fetched first when absent (by one process at a time;
-        the others wait for it). ``size``: the bytes expected (from the shard index), checked,
-        and used to make room and check the free space first. ``check(path)`` runs on a new
-        copy before it is renamed into place (it raises to refuse it). The returned `Held`
-        keeps the copy from eviction until released."""
+        the others wait for it). ``validators`` (`remote_validators`, or those in the shard
+        index): part of the copy's name, and a fetch whose response gives others fails (the
+        shard changed). ``size``: the bytes expected (from the shard index), checked, and used
+        to make room and check the free space first. ``check(path)`` runs on a new copy
+        before it is renamed into place (it raises to refuse it). The returned `Held` keeps
+        the copy from eviction until released."""
         import fcntl
 
-        target = self.path(url)
+        target = self.path(url, validators)
         for _ in range(20):
             fd = self._lock_fd(target)
             try:
@@ -265,7 +275,7 @@ class ShardCache:
                 if not target.is_file():
                     _flock(fd, fcntl.LOCK_UN)
                     _flock(fd, fcntl.LOCK_EX)  # waits while another process fetches it
-                    got = {} if target.is_file() else self._fetch_locked(url, target, size, check)
+                    got = {} if target.is_file() else self._fetch_locked(url, target, size, check, validators or {})
                     _flock(fd, fcntl.LOCK_SH)  # a downgrade is not atomic: check it is still there
                     if not target.is_file():
                         os.close(fd)
@@ -286,8 +296,8 @@ class ShardCache:
         raise _fail(url, f"its cached copy {str(target)!r} keeps being removed (the shard cache is too small for the "
                          f"shards in use: raise {ENV_BUDGET})")
 
-    def _fetch_locked(self, url: str, target: Path, size: int | None,
-                      check: Callable[[str], None] | None) -> dict[str, str]:
+    def _fetch_locked(self, url: str, target: Path, size: int | None, check: Callable[[str], None] | None,
+                      validators: dict[str, str]) -> dict[str, str]:
         remove_stale_temps(target)
         if size:
             self.make_room(size, keep=target)
@@ -295,6 +305,11 @@ class ShardCache:
         tmp = create_temp(target)
         try:
             got = stream_to(url, tmp)
+            changed = sorted(k for k in set(got) & set(validators) if got[k] != validators[k])
+            if changed:
+                k = changed[0]
+                raise _fail(url, f"it changed since it was looked at ({k} {validators[k]!r}, now {got[k]!r}); run "
+                                 "again")
             if check is not None:
                 check(str(tmp))
             os.replace(tmp, target)

@@ -46,7 +46,7 @@ import numpy as np
 from transferkit._io import atomic_write
 from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_image_stream
 from transferkit.data.encoded import EncodedImageDataset, labels_to_targets
-from transferkit.data.remote import Held, ShardCache, ShardFetchError, fetch_small, is_url, remote_validators
+from transferkit.data.remote import ENV_BUDGET, Held, ShardCache, ShardFetchError, fetch_small, is_url, remote_validators
 from transferkit.errors import DataError, check_choice
 
 INDEX_FORMAT = 3
@@ -309,6 +309,11 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
                                            f"{total}-byte file: the shard is truncated")
                 label_bytes = tar.extractfile(m).read() if ext in LABEL_EXTS and m.size < 1 << 20 else None
                 pending.append((key, ext, m.offset_data, m.size, label_bytes))
+            f.seek(tar.offset)  # where the walk stopped: tar's end-of-archive block, unless the file was cut short
+            end = f.read(512)
+            if len(end) < 512 or end.count(0) != 512:
+                raise tarfile.TarError(f"it ends at byte {total} without tar's end-of-archive block: the shard is "
+                                       "truncated")
             # the checks seek in the file: run them after the headers were walked
             for key, ext, off, size, label_bytes in pending:
                 if cur and cur["key"] != key:
@@ -376,16 +381,15 @@ def _remote_index(url: str, *, scan: str, cache_dir: str | Path | None,
         if index is not None:
             return index, True
     built: list[ShardIndex] = []
-    held = shard_cache.fetch(url, check=lambda tmp: built.append(build_index(tmp, scan=scan, name=url)))
+    held = shard_cache.fetch(url, validators=validators,
+                             check=lambda tmp: built.append(build_index(tmp, scan=scan, name=url)))
     try:
         index = built[0] if built else build_index(str(held.path), scan=scan, name=url)
     finally:
         held.release()
-    index.validators = {**validators, **held.validators}
+    index.validators = validators
     if cache_dir is not None:
-        _save_index(_index_path(cache_dir, url, scan, index.validators), index)
-        if index.validators != validators:  # the next run's look-up gives those of today's HEAD
-            _save_index(_index_path(cache_dir, url, scan, validators), index)
+        _save_index(_index_path(cache_dir, url, scan, validators), index)
     return index, False
 
 
@@ -412,6 +416,7 @@ class ShardSource:
             raise ValueError("remote shards need a shard cache")
         self.shard_cache = shard_cache
         self.nbytes = [ix.nbytes for ix in indexes]
+        self.validators = [ix.validators for ix in indexes]
         self._ident: list[Any] = []
         for p, ix, remote in zip(self.paths, indexes, self.remote):
             if remote:
@@ -449,7 +454,7 @@ class ShardSource:
         while len(self._held) >= MAX_OPEN_REMOTE:
             self.close_shard(next(iter(self._held)))
         assert self.shard_cache is not None
-        held = self.shard_cache.fetch(self.paths[s], size=self.nbytes[s] or None)
+        held = self.shard_cache.fetch(self.paths[s], validators=self.validators[s], size=self.nbytes[s] or None)
         try:
             f = open(held.path, "rb")
         except OSError:
@@ -578,6 +583,12 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
             ix = ShardIndex()
         indexes.append(ix)
     source = ShardSource(shards, indexes, shard_cache)
+    if source.sample_groups() is not None and shard_cache is not None:
+        need = sum(n for n, r in zip(source.nbytes, source.remote) if r)
+        report.warn(f"The remote {what} shards ({need / 2**30:.2f} GB) do not fit the shard cache "
+                    f"({shard_cache.budget / 2**30:.2f} GB, {ENV_BUDGET}): training draws them shard by shard (the "
+                    "shards in a seeded order, the samples shuffled within each) so that each is fetched about once "
+                    f"per epoch. Set {ENV_BUDGET} above their size for a global shuffle.")
     empty = [p for p, ix in zip(shards, indexes) if not ix.keys]
     if empty:
         report.warn(f"{len(empty)} of the {len(shards)} {what} shard(s) hold no sample, e.g. {empty[:3]}.")

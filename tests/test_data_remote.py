@@ -226,17 +226,19 @@ def test_two_processes_fetching_one_shard_download_it_once(shards, tmp_path):
 
 
 def test_the_shard_cache_keeps_its_budget_and_never_evicts_a_shard_in_use(shards, tmp_path):
-    size = (shards / "train-000000.tar").stat().st_size
-    cache = ShardCache(tmp_path / "c", budget=size + 100)
+    size = [(shards / f"train-{k:06d}.tar").stat().st_size for k in range(4)]
+    assert size[0] > size[2] > 0 and size[3] > 0
+    cache = ShardCache(tmp_path / "c", budget=size[0] + 100)
     urls = [f"file://{shards}/train-{k:06d}.tar" for k in range(4)]
     cache.fetch(urls[0]).release()
     held = cache.fetch(urls[2])  # over the budget with shard 0: shard 0 (not in use) goes
     assert not cache.path(urls[0]).exists() and cache.path(urls[2]).exists()
-    cache.fetch(urls[3]).release()  # shard 2 is in use: kept, over the budget
-    assert cache.path(urls[2]).exists() and held.path.read_bytes() == (shards / "train-000002.tar").read_bytes()
+    cache.fetch(urls[0]).release()  # over the budget with shard 2, which is in use: kept
+    assert cache.path(urls[2]).exists() and cache.path(urls[0]).exists()
+    assert held.path.read_bytes() == (shards / "train-000002.tar").read_bytes()
     held.release()
-    cache.fetch(urls[0]).release()
-    assert not cache.path(urls[2]).exists() and not cache.path(urls[3]).exists()
+    cache.fetch(urls[3]).release()  # the least recently used go first until it fits
+    assert [cache.path(u).exists() for u in urls] == [False, False, False, True]
     assert parse_bytes("20G") == 20 * 2**30 and parse_bytes("1500") == 1500
 
 

@@ -16,16 +16,26 @@ form one sample. Members whose file name starts with ``_`` or ``.`` are not samp
 
 Random access: each shard is read once to list where each sample's image lies (offset
 and size in the tar) and to read its label (and, with ``scan="quick"`` or ``"full"``, to
-check each image as image files are checked). That *member index* is cached under
+check each image as image files are checked; a tar cut short, without its end-of-archive
+block, is a bad shard). That *member index* is cached under
 ``cache_dir/shard-index/`` keyed by the shard's path, size and modification time (written
 atomically; without ``cache_dir`` it is rebuilt each run), so a run starts with one small
 read per shard. A dataset's identity for cache keys (`ShardSource.fingerprint`) covers the
 shards' paths, sizes and modification times: its cost grows with the number of shards.
 
 Shards are given as a brace pattern (``train-{000000..000127}.tar``, ``{a,b}`` lists too),
-a folder of ``.tar`` files, one ``.tar`` file, or a list of them. Remote shards
-(``pipe:`` commands, ``http(s)://``, ``s3://``, ...) are not supported yet: copy them to a
-local or mounted disk.
+a folder of ``.tar`` files, one ``.tar`` file, or a list of them.
+
+Remote shards (``pipe:`` commands, ``http(s)://`` and other fsspec URLs, as a brace pattern or
+a list; a remote folder cannot be listed) are streamed into the bounded local shard cache of
+`transferkit.data.remote` (``cache_dir/shards/``, else a temporary folder; at most
+``TRANSFERKIT_SHARD_CACHE`` bytes) and read there by position like local shards. Their
+member index is built from the first fetch and cached under ``cache_dir/shard-index/``
+keyed by the URL and its validators (ETag, Content-Length, Last-Modified), so a later run
+fetches nothing until samples are read; their identity for cache keys covers the URLs,
+validators and sizes. When the shard cache cannot hold them all, `ShardSource.sample_groups`
+asks the sampler for a shard-by-shard order (see `transferkit.data.sampling.EpochSampler`),
+so that each shard is fetched about once per epoch.
 """
 
 from __future__ import annotations

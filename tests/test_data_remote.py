@@ -265,3 +265,23 @@ def test_a_shard_cache_smaller_than_the_shards_reads_shard_by_shard(tmp_path, mo
         monkeypatch.setenv("TRANSFERKIT_SHARD_CACHE", "16G")
         whole = prepare_data(f"{base}/train-{{000000..000004}}.tar", val_split=0)
         assert whole.train.sample_groups() is None  # the cache holds them: a global shuffle
+
+
+def test_feature_store_from_remote_shards_fetches_each_shard_once_and_equals_the_local_one(shards, tmp_path,
+                                                                                          monkeypatch):
+    common = dict(weights=None, policy="feature_extraction", epochs=2, batch_size=4, image_size=16, verbose=False,
+                  num_workers=0, precision="fp32", augment="none", classes=["dark", "light"])
+    a = _quiet(tk.finetune, "tk:small_cnn", data=str(shards / LOCAL), val_data=str(shards / "val-000000.tar"),
+               cache_dir=tmp_path / "local", **common)
+    monkeypatch.setenv("TRANSFERKIT_SHARD_CACHE", "1")  # keeps no shard beyond those in use
+    with serve(shards) as (base, requests):
+        b = _quiet(tk.finetune, "tk:small_cnn", data=f"{base}/{LOCAL}", val_data=f"{base}/val-000000.tar",
+                   cache_dir=tmp_path / "remote", **common)
+    assert b.feature_report["samples"] == a.feature_report["samples"]
+    assert [r["train_loss"] for r in b.history] == [r["train_loss"] for r in a.history]
+    assert b.metrics["accuracy"] == a.metrics["accuracy"]
+    fetched = Counter(gets(requests))
+    assert len(fetched) == 5 and max(fetched.values()) <= 2, fetched  # once to index, at most once to extract
+    stores = [sorted(p.read_bytes() for p in root.rglob("features.npy")) for root in (tmp_path / "local",
+                                                                                      tmp_path / "remote")]
+    assert stores[0] and stores[0] == stores[1]  # the same features, bit for bit

@@ -285,3 +285,19 @@ def test_feature_store_from_remote_shards_fetches_each_shard_once_and_equals_the
     stores = [sorted(p.read_bytes() for p in root.rglob("features.npy")) for root in (tmp_path / "local",
                                                                                       tmp_path / "remote")]
     assert stores[0] and stores[0] == stores[1]  # the same features, bit for bit
+
+
+def test_a_shard_that_cannot_be_fetched_during_training_stops_it_instead_of_replacing_samples(tmp_path, monkeypatch):
+    folder = make_image_folder(tmp_path / "img", per_class=4)
+    write_shards(_items(folder), tmp_path / "s", [4, 4])
+    monkeypatch.setenv("TRANSFERKIT_SHARD_CACHE", "1")  # no copy kept: a read fetches again
+    with serve(tmp_path / "s") as (base, requests):
+        b = _quiet(prepare_data, f"{base}/train-{{000000..000001}}.tar", val_split=0)
+        for k in range(2):
+            (tmp_path / "s" / f"train-{k:06d}.tar").rename(tmp_path / "s" / f"gone-{k}.tar")
+        del requests[:]
+        ds = b.train.view(transform=eval_transform(SPEC))
+        with pytest.raises(tk.DataError, match=r"Cannot fetch the shard .*train-00000[01].tar': HTTP 404"):
+            ds[0]
+        assert b.report.bad_at_load == []  # not taken for bad samples
+        assert len(gets(requests)) == 1  # no sample after sample of the same shard

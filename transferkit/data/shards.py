@@ -391,7 +391,8 @@ def _remote_index(url: str, *, scan: str, cache_dir: str | Path | None,
         if index is not None:
             return index, True
     built: list[ShardIndex] = []
-    held = shard_cache.fetch(url, validators=validators,
+    known = validators.get("content-length", validators.get("size", ""))
+    held = shard_cache.fetch(url, validators=validators, size=int(known) if known.isdigit() else None,
                              check=lambda tmp: built.append(build_index(tmp, scan=scan, name=url)))
     try:
         index = built[0] if built else build_index(str(held.path), scan=scan, name=url)

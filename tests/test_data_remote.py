@@ -154,6 +154,22 @@ def test_second_run_with_cache_dir_fetches_no_shard_until_a_sample_is_read(shard
         assert gets(requests) == ["/train-000000.tar"]  # the shard of the sample read, once
         again.train.read_bytes(1)
         assert len(gets(requests)) == 1
+    log = tmp_path / "commands.log"
+    cmd = f"pipe:echo run >> {log}; cat {shards}/{LOCAL}"
+    _quiet(prepare_data, cmd, val_split=0, cache_dir=tmp_path / "p")
+    assert log.read_text().count("run") == 4
+    _quiet(prepare_data, cmd, val_split=0, cache_dir=tmp_path / "p")
+    assert log.read_text().count("run") == 4  # a command's index is keyed by its text: no command run
+
+
+def test_free_space_is_checked_before_a_fetch_of_known_size(shards, tmp_path, monkeypatch):
+    import transferkit._io as io_
+
+    monkeypatch.setattr(io_, "free_bytes", lambda path: 1000)
+    with serve(shards) as (base, requests):
+        with pytest.raises(tk.OutputError, match="Not enough free space for the shard cache copy"):
+            prepare_data(f"{base}/train-000000.tar", val_split=0, cache_dir=tmp_path / "c")
+        assert gets(requests) == []  # refused before the download
 
 
 def test_a_changed_remote_shard_is_indexed_again(tmp_path):

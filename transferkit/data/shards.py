@@ -582,8 +582,13 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
     else:  # remote: look-ups and fetches wait on the network, several at once
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(min(INDEX_THREADS, len(shards))) as pool:
+        pool = ThreadPoolExecutor(min(INDEX_THREADS, len(shards)))
+        try:
             found = list(pool.map(one, shards))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # a fetch failed: start no other
+            raise
+        pool.shutdown()
     indexes = []
     for p, ix in zip(shards, found):
         if isinstance(ix, DataError):

@@ -526,6 +526,10 @@ class ShardSource:
         return h.hexdigest()
 
 
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 2**20 else f"{n / 2**20:.1f} MB" if n < 2**30 else f"{n / 2**30:.2f} GB"
+
+
 def _info_text(folder: str, name: str) -> tuple[str, str | None]:
     """``(where, text)`` of the info file ``name`` beside the shards (text None when absent)."""
     if is_url(folder):
@@ -601,8 +605,8 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
     source = ShardSource(shards, indexes, shard_cache)
     if source.sample_groups() is not None and shard_cache is not None:
         need = sum(n for n, r in zip(source.nbytes, source.remote) if r)
-        report.warn(f"The remote {what} shards ({need / 2**30:.2f} GB) do not fit the shard cache "
-                    f"({shard_cache.budget / 2**30:.2f} GB, {ENV_BUDGET}): training draws them shard by shard (the "
+        report.warn(f"The remote {what} shards ({_size(need)}) do not fit the shard cache "
+                    f"({_size(shard_cache.budget)}, {ENV_BUDGET}): training draws them shard by shard (the "
                     "shards in a seeded order, the samples shuffled within each) so that each is fetched about once "
                     f"per epoch. Set {ENV_BUDGET} above their size for a global shuffle.")
     empty = [p for p, ix in zip(shards, indexes) if not ix.keys]

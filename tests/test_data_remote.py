@@ -4,13 +4,9 @@ shard cache, indexes that make a second run fetch nothing, one-line errors."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import http.server
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import warnings
 from collections import Counter
@@ -20,7 +16,7 @@ import pytest
 import torch
 
 from conftest import make_image_folder
-from shard_helpers import folder_files, uneven_sizes, write_shards
+from shard_helpers import folder_files, gets, serve, uneven_sizes, write_shards
 
 import transferkit as tk
 from transferkit.data import eval_transform, prepare_data
@@ -36,55 +32,6 @@ def _quiet(fn, *a, **k):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(*a, **k)
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder; records each request; ``/slow/...`` waits before answering and
-    ``/short/...`` announces the whole file but sends half of it."""
-
-    def log_message(self, *args):  # quiet
-        pass
-
-    def _record(self):
-        self.server.requests.append((self.command, self.path))
-
-    def do_HEAD(self):
-        self._record()
-        self.path = self.path.replace("/slow/", "/", 1).replace("/short/", "/", 1)
-        super().do_HEAD()
-
-    def do_GET(self):
-        self._record()
-        if self.path.startswith("/slow/"):
-            time.sleep(0.5)
-            self.path = self.path.replace("/slow/", "/", 1)
-        if self.path.startswith("/short/"):
-            data = (Path(self.directory) / self.path[len("/short/"):]).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data[: len(data) // 2])
-            self.close_connection = True
-            return
-        super().do_GET()
-
-
-@contextlib.contextmanager
-def serve(folder: Path):
-    """An HTTP server on 127.0.0.1 (a free port) serving ``folder``: ``(base URL, requests)``."""
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(folder)))
-    srv.requests = []
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_port}", srv.requests
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
-def gets(requests, suffix=".tar"):
-    return [p for m, p in requests if m == "GET" and p.endswith(suffix)]
 
 
 def _items(folder: Path):

@@ -2,7 +2,7 @@
 
 A remote shard is named by a ``pipe:`` command (``pipe:curl -s https://host/train-000.tar``:
 the command's standard output is the shard), an ``http://`` or ``https://`` URL (read with
-the standard library), or any other URL that `fsspec <https://filesystem-spec.readthedocs.io>`_
+the standard library), or any other URL that [fsspec](https://filesystem-spec.readthedocs.io)
 opens (``s3://``, ``gs://``, ``hf://``, ``file://``, ...; install ``fsspec`` and the scheme's
 package, e.g. ``s3fs``).
 

@@ -128,8 +128,8 @@ def remote_validators(url: str) -> dict[str, str]:
             with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=TIMEOUT) as r:
                 return _http_validators(r.headers)
         except urllib.error.HTTPError as exc:
-            if exc.code in (405, 501):  # no HEAD: the URL alone identifies it
-                return {}
+            if exc.code not in (404, 410):  # no HEAD (405, 501; a URL signed for GET only: 403): the URL alone
+                return {}                   # identifies it, and the GET reports what is wrong
             raise _fail(url, f"HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise _fail(url, f"{getattr(exc, 'reason', exc)}") from None

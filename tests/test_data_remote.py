@@ -223,8 +223,9 @@ def test_a_shard_cache_smaller_than_the_shards_reads_shard_by_shard(tmp_path, mo
                 labels += [int(t) for _, y in dl for t in y]
             assert sorted(labels) == sorted(b.train.targets)  # every sample once (40 over 2 ranks: no padding)
             fetched = Counter(gets(requests))
-            # 4 non-empty shards: each fetched about once (a shard at a rank's slice boundary twice)
-            assert sum(fetched.values()) <= 4 + 2, fetched
+            # 4 non-empty shards: each fetched about once (a shard at a rank's slice boundary twice; with workers,
+            # one prefetching far ahead may drop a shard another still needs); a global shuffle: one per sample
+            assert sum(fetched.values()) <= (4 + 1 if workers == 0 else 8), fetched
         monkeypatch.setenv("TRANSFERKIT_SHARD_CACHE", "16G")
         whole = prepare_data(f"{base}/train-{{000000..000004}}.tar", val_split=0)
         assert whole.train.sample_groups() is None  # the cache holds them: a global shuffle
@@ -253,11 +254,12 @@ def test_feature_store_from_remote_shards_fetches_each_shard_once_and_equals_the
 def test_a_shard_that_cannot_be_fetched_during_training_stops_it_instead_of_replacing_samples(tmp_path, monkeypatch):
     folder = make_image_folder(tmp_path / "img", per_class=4)
     write_shards(_items(folder), tmp_path / "s", [4, 4])
-    monkeypatch.setenv("TRANSFERKIT_SHARD_CACHE", "1")  # no copy kept: a read fetches again
     with serve(tmp_path / "s") as (base, requests):
         b = _quiet(prepare_data, f"{base}/train-{{000000..000001}}.tar", val_split=0)
         for k in range(2):
             (tmp_path / "s" / f"train-{k:06d}.tar").rename(tmp_path / "s" / f"gone-{k}.tar")
+        for copy in b.train.source.shard_cache.folder.glob("*.tar"):
+            copy.unlink()  # the last shard fetched for the index may still be there
         del requests[:]
         ds = b.train.view(transform=eval_transform(SPEC))
         with pytest.raises(tk.DataError, match=r"Cannot fetch the shard .*train-00000[01].tar': HTTP 404"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tarfile
 import time
 import warnings
 from collections import Counter

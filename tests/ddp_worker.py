@@ -15,6 +15,10 @@ each rank decoding its own share.
 process then lingers for 600 s instead of exiting (as a process stuck in its own cleanup
 would); rank 0 must end by itself with that error.
 
+``remote``: ``<image folder>`` is a URL pattern of remote tar shards; each rank runs one
+finetune() over them (images every epoch, a ``cache_dir`` shared by the ranks) and saves
+``remote_rank<r>.pt``.
+
 ``stall``: rank 1's callback sleeps for 600 s without failing; with a short
 ``TRANSFERKIT_DIST_TIMEOUT`` rank 0's next collective times out and both ranks end.
 """
@@ -116,6 +120,13 @@ def train(data: str, out: str) -> None:
     torch.save(device_decoded_features(data, out), os.path.join(out, f"device_features_rank{RANK}.pt"))
 
 
+def remote(data: str, out: str) -> None:
+    r = tk.finetune("tk:small_cnn", policy="full", epochs=2, batch_size=4, lr=0.01, restore_best=False,
+                    decode_once=False, augment="none", precision="fp32", classes=["dark", "light"],
+                    cache_dir=os.path.join(out, "cache"), **common(data))
+    torch.save({"state": r.model.state_dict(), "history": r.history}, os.path.join(out, f"remote_rank{RANK}.pt"))
+
+
 LINGER_S = 600.0  # longer than the test's guard against a hang: the job must end rank 1 itself
 
 
@@ -137,6 +148,8 @@ def main() -> None:
     mode = sys.argv[3] if len(sys.argv) > 3 else "train"
     if mode == "train":
         train(data, out)
+    elif mode == "remote":
+        remote(data, out)
     else:
         fail_or_stall(data, mode)
 

@@ -1,10 +1,16 @@
-"""Writing WebDataset-format tar shards (and Parquet files) from image folders, for tests."""
+"""Writing WebDataset-format tar shards (and Parquet files) from image folders, and serving
+them over HTTP on 127.0.0.1, for tests."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import io
 import json
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +75,52 @@ def uneven_sizes(n: int, shards: int, seed: int = 0, empty: bool = True) -> list
     sizes = np.floor(w / w.sum() * n).astype(int)
     sizes[0] += n - sizes.sum()
     return sizes.tolist()
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; records each request; ``/slow/...`` waits before answering and
+    ``/short/...`` announces the whole file but sends half of it."""
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _record(self):
+        self.server.requests.append((self.command, self.path))
+
+    def do_HEAD(self):
+        self._record()
+        self.path = self.path.replace("/slow/", "/", 1).replace("/short/", "/", 1)
+        super().do_HEAD()
+
+    def do_GET(self):
+        self._record()
+        if self.path.startswith("/slow/"):
+            time.sleep(0.5)
+            self.path = self.path.replace("/slow/", "/", 1)
+        if self.path.startswith("/short/"):
+            data = (Path(self.directory) / self.path[len("/short/"):]).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True
+            return
+        super().do_GET()
+
+
+@contextlib.contextmanager
+def serve(folder: Path):
+    """An HTTP server on 127.0.0.1 (a free port) serving ``folder``: ``(base URL, requests)``."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(folder)))
+    srv.requests = []
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_port}", srv.requests
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def gets(requests, suffix=".tar"):
+    return [p for m, p in requests if m == "GET" and p.endswith(suffix)]

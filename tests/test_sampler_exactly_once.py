@@ -1,5 +1,7 @@
 """Every sample exactly once, deterministically, across ranks and workers: shards of uneven
-sizes, an empty shard, fewer shards than ranks x workers, fewer samples than ranks."""
+sizes, an empty shard, fewer shards than ranks x workers, fewer samples than ranks; with the
+global shuffle and with the shard-by-shard (grouped) order used for remote shards larger
+than the shard cache."""
 
 from __future__ import annotations
 
@@ -18,10 +20,15 @@ from transferkit.train.loaders import EpochSampler, make_loader
 
 
 class Keys(torch.utils.data.Dataset):
-    """Item ``i`` is ``(i, key i)``: what a loader delivered, without decoding."""
+    """Item ``i`` is ``(i, key i)``: what a loader delivered, without decoding; ``grouped``: the
+    samples ask to be drawn shard by shard, as remote shards larger than the shard cache do."""
 
-    def __init__(self, ds) -> None:
+    def __init__(self, ds, grouped: bool = False) -> None:
         self.keys = ds.keys
+        self.groups = ds.source.shard_of[ds.indices] if grouped else None
+
+    def sample_groups(self):
+        return self.groups
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -40,36 +47,55 @@ def shards(tmp_path_factory):
         return prepare_data(str(tmp / "s"), val_split=0).train
 
 
-def _epoch(ds, *, rank, world, workers, shuffle, pad=True, epoch=0, drop_last=False, batch_size=4):
-    dl = make_loader(Keys(ds), batch_size=batch_size, shuffle=shuffle, device=torch.device("cpu"),
+def _epoch(ds, *, rank, world, workers, shuffle, pad=True, epoch=0, drop_last=False, batch_size=4, grouped=False):
+    dl = make_loader(Keys(ds, grouped), batch_size=batch_size, shuffle=shuffle, device=torch.device("cpu"),
                      num_workers=workers, seed=7, rank=rank, world_size=world, pad=pad, drop_last=drop_last)
     dl.sampler.set_epoch(epoch)
     return [b[0].tolist() for b in dl]
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
-def test_training_epoch_covers_every_sample_with_equal_batches_per_rank(shards, world):
+def test_training_epoch_covers_every_sample_with_equal_batches_per_rank(shards, world, grouped):
     n = len(shards)
-    per_rank = [_epoch(shards, rank=r, world=world, workers=0, shuffle=True) for r in range(world)]
+    per_rank = [_epoch(shards, rank=r, world=world, workers=0, shuffle=True, grouped=grouped) for r in range(world)]
     assert len({len(b) for b in per_rank}) == 1  # the same number of batches on every rank: no DDP hang
     seen = Counter(i for batches in per_rank for b in batches for i in b)
     assert set(seen) == set(range(n))  # every sample
     assert sum(seen.values()) - n == (-n) % world  # padding repeats only what evens the ranks out
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("world", [2, 3, 5, 30])
-def test_validation_sees_each_sample_exactly_once(shards, world):
+def test_validation_sees_each_sample_exactly_once(shards, world, grouped):
     n = len(shards)
-    per_rank = [_epoch(shards, rank=r, world=world, workers=0, shuffle=False, pad=False) for r in range(world)]
+    per_rank = [_epoch(shards, rank=r, world=world, workers=0, shuffle=False, pad=False, grouped=grouped)
+                for r in range(world)]
     seen = Counter(i for batches in per_rank for b in batches for i in b)
     assert seen == Counter(range(n))
 
 
-def test_order_depends_on_seed_and_epoch_not_on_workers(shards):
-    a = _epoch(shards, rank=1, world=2, workers=0, shuffle=True, epoch=3)
-    b = _epoch(shards, rank=1, world=2, workers=2, shuffle=True, epoch=3)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_order_depends_on_seed_and_epoch_not_on_workers(shards, grouped):
+    a = _epoch(shards, rank=1, world=2, workers=0, shuffle=True, epoch=3, grouped=grouped)
+    b = _epoch(shards, rank=1, world=2, workers=2, shuffle=True, epoch=3, grouped=grouped)
     assert a == b
-    assert a != _epoch(shards, rank=1, world=2, workers=0, shuffle=True, epoch=4)
+    assert a != _epoch(shards, rank=1, world=2, workers=0, shuffle=True, epoch=4, grouped=grouped)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_grouped_order_reads_each_shard_in_one_stretch(shards, world):
+    shard_of = shards.source.shard_of[shards.indices]
+    orders = set()
+    for epoch in range(4):
+        per_rank = [[i for b in _epoch(shards, rank=r, world=world, workers=0, shuffle=True, epoch=epoch,
+                                       grouped=True) for i in b] for r in range(world)]
+        n = len(shards)
+        stream = [i for order in per_rank for i in order][:n]  # the ranks' slices, in rank order, unpadded
+        runs = [int(shard_of[i]) for k, i in enumerate(stream) if k == 0 or shard_of[i] != shard_of[stream[k - 1]]]
+        assert len(runs) == len(set(runs)) == 3  # each non-empty shard in one stretch: fetched once per epoch
+        orders.add(tuple(runs))
+    assert len(orders) > 1  # the shard order changes with the epoch
 
 
 def test_fewer_samples_than_ranks_still_gives_every_rank_a_batch():

@@ -21,6 +21,7 @@ from transferkit.backbones import get_backbone
 
 from conftest import make_image_folder
 from ddp_worker import device_decoded_features, feature_setup
+from shard_helpers import folder_files, gets, serve, write_shards
 from transferkit.train.distributed import DistInfo, collective_timeout, gather_rows, rank_guard, rank_seed, rank_seeds
 from transferkit.train.features import compute_features
 from transferkit.train.loaders import make_loader
@@ -79,6 +80,19 @@ def test_both_ranks_end_with_identical_weights(ddp_run, name):
         return [{k: v for k, v in row.items() if k != "time_s"} for row in h]
 
     assert strip(a["history"]) == strip(b["history"])  # losses are all-reduced: every rank reports the same
+
+
+def test_remote_shards_under_ddp_are_fetched_once_for_both_ranks_which_agree(images, tmp_path):
+    items = [(f.read_bytes(), f.suffix[1:].lower(), c) for f, c in folder_files(images)]
+    write_shards(items, tmp_path / "s", [9, 0, 6, 9])
+    with serve(tmp_path / "s") as (base, requests):
+        proc = torchrun(f"{base}/train-{{000000..000003}}.tar", tmp_path, "remote")
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert sorted(gets(requests)) == [f"/train-{k:06d}.tar" for k in range(4)]  # one download for the two ranks
+    a, b = _load(tmp_path, "remote", 0), _load(tmp_path, "remote", 1)
+    for k in a["state"]:
+        assert torch.equal(a["state"][k], b["state"][k]), k
+    assert len(a["history"]) == 2
 
 
 def test_cached_ddp_matches_single_process_with_the_global_batch(ddp_run):

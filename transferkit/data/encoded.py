@@ -142,6 +142,13 @@ class EncodedImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def sample_groups(self) -> np.ndarray | None:
+        """The group (shard) of each sample when the source asks to be read group by group
+        (remote shards larger than the shard cache: see `transferkit.data.sampling.EpochSampler`), else None."""
+        groups = getattr(self.source, "sample_groups", None)
+        out = groups() if groups is not None else None
+        return None if out is None else np.asarray(out)[self.indices]
+
     def read_bytes(self, j: int) -> bytes:
         """The encoded bytes of this dataset's sample ``j``."""
         return self.source.read(int(self.indices[j]))

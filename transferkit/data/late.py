@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
+from transferkit.data.remote import ShardFetchError
 from transferkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -181,7 +182,8 @@ def _reason(exc: DataError) -> str:
 
 def load_or_replace(samples: Sequence[tuple[Any, int]], i: int, load: Callable[[int], Any], *, on_bad_file: str,
                     report: DataReport, known_bad: dict[Any, str]) -> tuple[Any, int]:
-    """``(load(i), target)`` for ``samples[i] = (source, target)``. When ``load`` raises a [`DataError`][transferkit.DataError]:
+    """``(load(i), target)`` for ``samples[i] = (source, target)``. When ``load`` raises a [`DataError`][transferkit.DataError]
+    (other than a remote shard that could not be fetched, which is raised as it is):
     raise it (``on_bad_file="raise"``), or record the file in ``report`` and load the next
     readable sample of the same class instead (of any class when none of its class reads).
     ``known_bad`` remembers failed sources in this process, so they are not decoded again."""
@@ -190,6 +192,8 @@ def load_or_replace(samples: Sequence[tuple[Any, int]], i: int, load: Callable[[
     if key not in known_bad:
         try:
             return load(i), target
+        except ShardFetchError:
+            raise  # the shard could not be fetched: its samples are not bad, and the next ones would fail too
         except DataError as exc:
             if on_bad_file == "raise":
                 raise BadFileError(str(exc)) from exc
@@ -207,6 +211,8 @@ def load_or_replace(samples: Sequence[tuple[Any, int]], i: int, load: Callable[[
                 continue
             try:
                 return load(j), tgt
+            except ShardFetchError:
+                raise
             except DataError as exc:
                 known_bad[kj] = _reason(exc)
                 note_bad_at_load(report, source_name(src, j), known_bad[kj])

@@ -47,14 +47,39 @@ class EpochSampler(Sampler):
     """
 
     def __init__(self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False, pad: bool = True) -> None:
+                 drop_last: bool = False, pad: bool = True, groups: Any = None) -> None:
         self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world_size
         self.drop_last, self.pad, self.epoch = drop_last, pad, 0
+        self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
+        if self.groups is not None and len(self.groups) != n:
+            raise ValueError(f"groups has {len(self.groups)} entries for {n} indices")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def _grouped(self) -> list[int]:
+        assert self.groups is not None
+        if self.shuffle:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+            names, of = np.unique(self.groups, return_inverse=True)
+            group_rank = torch.randperm(len(names), generator=g).numpy()
+            within = torch.randperm(self.n, generator=g).numpy()
+            order = np.lexsort((within, group_rank[of])).tolist()  # by group rank, then shuffled within
+        else:
+            order = list(range(self.n))
+        if self.world == 1:
+            return order
+        if not self.pad:
+            base, extra = divmod(self.n, self.world)
+            start = self.rank * base + min(self.rank, extra)
+            return order[start:start + base + (self.rank < extra)]
+        per_rank = self.n // self.world if self.drop_last else -(-self.n // self.world)
+        order = (order * (-(-per_rank * self.world // max(self.n, 1))))[: per_rank * self.world]  # pad
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+
     def _indices(self) -> list[int]:
+        if self.groups is not None:
+            return self._grouped()
         if self.shuffle:
             g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
             order = torch.randperm(self.n, generator=g).tolist()

@@ -16,16 +16,26 @@ form one sample. Members whose file name starts with ``_`` or ``.`` are not samp
 
 Random access: each shard is read once to list where each sample's image lies (offset
 and size in the tar) and to read its label (and, with ``scan="quick"`` or ``"full"``, to
-check each image as image files are checked). That *member index* is cached under
+check each image as image files are checked; a tar cut short, without its end-of-archive
+block, is a bad shard). That *member index* is cached under
 ``cache_dir/shard-index/`` keyed by the shard's path, size and modification time (written
 atomically; without ``cache_dir`` it is rebuilt each run), so a run starts with one small
 read per shard. A dataset's identity for cache keys (`ShardSource.fingerprint`) covers the
 shards' paths, sizes and modification times: its cost grows with the number of shards.
 
 Shards are given as a brace pattern (``train-{000000..000127}.tar``, ``{a,b}`` lists too),
-a folder of ``.tar`` files, one ``.tar`` file, or a list of them. Remote shards
-(``pipe:`` commands, ``http(s)://``, ``s3://``, ...) are not supported yet: copy them to a
-local or mounted disk.
+a folder of ``.tar`` files, one ``.tar`` file, or a list of them.
+
+Remote shards (``pipe:`` commands, ``http(s)://`` and other fsspec URLs, as a brace pattern or
+a list; a remote folder cannot be listed) are streamed into the bounded local shard cache of
+`transferkit.data.remote` (``cache_dir/shards/``, else a temporary folder; at most
+``TRANSFERKIT_SHARD_CACHE`` bytes) and read there by position like local shards. Their
+member index is built from the first fetch and cached under ``cache_dir/shard-index/``
+keyed by the URL and its validators (ETag, Content-Length, Last-Modified), so a later run
+fetches nothing until samples are read; their identity for cache keys covers the URLs,
+validators and sizes. When the shard cache cannot hold them all, `ShardSource.sample_groups`
+asks the sampler for a shard-by-shard order (see `transferkit.data.sampling.EpochSampler`),
+so that each shard is fetched about once per epoch.
 """
 
 from __future__ import annotations
@@ -46,19 +56,24 @@ import numpy as np
 from transferkit._io import atomic_write
 from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_image_stream
 from transferkit.data.encoded import EncodedImageDataset, labels_to_targets
+from transferkit.data.remote import ENV_BUDGET, Held, ShardCache, ShardFetchError, fetch_small, is_url, remote_validators
 from transferkit.errors import DataError, check_choice
 
-INDEX_FORMAT = 2
+INDEX_FORMAT = 3
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 LABEL_EXTS = ("cls", "txt", "json")
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "az://", "hf://", "ftp://")
+MAX_OPEN_REMOTE = 2  # remote shards one process keeps open (and so out of the cache's eviction)
+INDEX_THREADS = 8  # remote shards looked up or fetched at once while the indexes are made
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # WebDataset's base_plus_ext
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
 def named_files(spec: str, what: str) -> list[str]:
-    """The files a name or brace pattern ``spec`` names; a DataError when some do not exist."""
+    """The files a name or brace pattern ``spec`` names; a DataError when some do not exist
+    (remote shards, ``pipe:`` commands and URLs, are checked when they are read)."""
     paths = expand_braces(spec)
+    if is_url(spec):
+        return paths
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{len(missing)} of the {len(paths)} {what} named by {spec!r} do not exist, e.g. "
@@ -95,14 +110,14 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def is_remote(spec: Any) -> bool:
-    return isinstance(spec, str) and spec.lower().startswith(REMOTE_PREFIXES)
+    """Whether ``spec`` names remote data: a ``pipe:`` command or a URL (``scheme://...``)."""
+    return is_url(spec)
 
 
-def _check_local(spec: str) -> None:
-    if is_remote(spec):
-        raise DataError(f"Remote shards ({spec[:60]!r}) are not supported yet: transferkit reads tar shards in place "
-                        "from a local or mounted disk. Copy them there (or mount the bucket) and pass the local "
-                        "pattern.")
+def _check_remote(spec: str) -> None:
+    if spec.endswith("/") and not spec.startswith("pipe:"):
+        raise DataError(f"{spec!r} is a remote folder, which cannot be listed: name its shards with a brace pattern "
+                        "(e.g. https://host/data/train-{000000..000127}.tar) or a list of URLs.")
 
 
 def _tar_name(p: str) -> bool:
@@ -117,8 +132,9 @@ def shard_list(data: Any) -> list[str] | None:
     """The local tar shards that ``data`` names, or None when it does not name tar shards.
 
     ``data``: a brace pattern or path ending in ``.tar``, a folder holding ``.tar`` files
-    and no sub-folders (a folder with sub-folders is a folder of images), or a list of ``.tar`` paths or patterns. Raises
-    [`DataError`][transferkit.DataError] for remote or compressed shards and missing files.
+    and no sub-folders (a folder with sub-folders is a folder of images), or a list of ``.tar`` paths or patterns;
+    ``pipe:`` commands and URLs name remote shards. Raises [`DataError`][transferkit.DataError] for compressed
+    shards, missing local files and remote folders.
     """
     if isinstance(data, (list, tuple)):
         if not data or not all(isinstance(d, (str, os.PathLike)) for d in data):
@@ -133,8 +149,10 @@ def shard_list(data: Any) -> list[str] | None:
     if not isinstance(data, (str, os.PathLike)):
         return None
     spec = str(data)
-    if is_remote(spec) and (".tar" in spec.lower() or spec.startswith("pipe:")):
-        _check_local(spec)
+    if is_remote(spec):
+        _check_remote(spec)
+        if spec.startswith("pipe:") and not _compressed_tar(spec):
+            return expand_braces(spec)
     if _compressed_tar(spec):
         raise DataError(f"{spec!r} is a compressed tar: shards are read in place with random access, which needs "
                         "uncompressed tar files (JPEG/PNG members are already compressed). Decompress them "
@@ -180,11 +198,14 @@ class ShardIndex:
     dims: list[list[int]] = field(default_factory=list)  # [width, height] from the header; [0, 0] unknown
     no_image: int = 0
     no_label: int = 0
+    nbytes: int = 0  # the shard's size
+    validators: dict[str, str] = field(default_factory=dict)  # a remote shard's ETag, Content-Length, ...
 
     def to_json(self) -> str:
         return json.dumps({"format": INDEX_FORMAT, "keys": self.keys, "offsets": self.offsets, "sizes": self.sizes,
                            "labels": self.labels, "bad": self.bad, "dims": self.dims, "no_image": self.no_image,
-                           "no_label": self.no_label}, separators=(",", ":"))
+                           "no_label": self.no_label, "nbytes": self.nbytes, "validators": self.validators},
+                          separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> ShardIndex:
@@ -192,7 +213,7 @@ class ShardIndex:
         if d.get("format") != INDEX_FORMAT:
             raise ValueError(f"index format {d.get('format')}, expected {INDEX_FORMAT}")
         return cls(d["keys"], d["offsets"], d["sizes"], d["labels"], d["bad"], d["dims"], d["no_image"],
-                   d["no_label"])
+                   d["no_label"], d["nbytes"], d["validators"])
 
 
 class _Region(io.RawIOBase):
@@ -250,11 +271,13 @@ def _parse_label(ext: str, data: bytes) -> Any:
     return text or None
 
 
-def build_index(path: str, *, scan: str = "quick") -> ShardIndex:
+def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> ShardIndex:
     """Read one shard's member headers (and label members) and list its samples; with
-    ``scan`` ``"quick"`` or ``"full"``, check each image as image files are checked."""
-    index = ShardIndex()
-    if os.path.getsize(path) == 0:
+    ``scan`` ``"quick"`` or ``"full"``, check each image as image files are checked.
+    ``name``: what messages call the shard (default ``path``)."""
+    total = os.path.getsize(path)
+    index = ShardIndex(nbytes=total)
+    if total == 0:
         return index
     cur: dict[str, Any] = {}
 
@@ -291,8 +314,16 @@ def build_index(path: str, *, scan: str = "quick") -> ShardIndex:
                 if mm is None or os.path.basename(m.name).startswith(("_", ".")):
                     continue
                 key, ext = mm.group(1), mm.group(2).lower()
+                if m.offset_data + m.size > total:
+                    raise tarfile.TarError(f"the member {m.name!r} ends at byte {m.offset_data + m.size} of a "
+                                           f"{total}-byte file: the shard is truncated")
                 label_bytes = tar.extractfile(m).read() if ext in LABEL_EXTS and m.size < 1 << 20 else None
                 pending.append((key, ext, m.offset_data, m.size, label_bytes))
+            f.seek(tar.offset)  # where the walk stopped: tar's end-of-archive block, unless the file was cut short
+            end = f.read(512)
+            if len(end) < 512 or end.count(0) != 512:
+                raise tarfile.TarError(f"it ends at byte {total} without tar's end-of-archive block: the shard is "
+                                       "truncated")
             # the checks seek in the file: run them after the headers were walked
             for key, ext, off, size, label_bytes in pending:
                 if cur and cur["key"] != key:
@@ -307,36 +338,81 @@ def build_index(path: str, *, scan: str = "quick") -> ShardIndex:
                         cur["labels"].setdefault(ext, lab)
             flush()
     except tarfile.TarError as exc:
-        raise DataError(f"Cannot read the shard {path!r} as a tar file: {exc}.") from exc
+        raise DataError(f"Cannot read the shard {name or path!r} as a tar file: {exc}.") from exc
     return index
 
 
-def _index_path(cache_dir: str | Path, path: str, scan: str) -> Path:
-    st = os.stat(path)
-    ident = f"{INDEX_FORMAT}\0{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{scan}"
+def _index_path(cache_dir: str | Path, path: str, scan: str, validators: dict[str, str] | None = None) -> Path:
+    if validators is None:  # a local shard: its path, size and modification time
+        st = os.stat(path)
+        ident = f"{INDEX_FORMAT}\0{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{scan}"
+    else:  # a remote shard: its URL and what its server says identifies its content
+        ident = f"{INDEX_FORMAT}\0{path}\0{json.dumps(validators, sort_keys=True)}\0{scan}"
     return Path(cache_dir) / "shard-index" / (hashlib.blake2b(ident.encode(), digest_size=16).hexdigest() + ".json")
 
 
-def shard_index(path: str, *, scan: str = "quick", cache_dir: str | Path | None = None) -> tuple[ShardIndex, bool]:
-    """The member index of ``path`` and whether it came from ``cache_dir`` (see `build_index`)."""
+def _cached_index(p: Path) -> ShardIndex | None:
+    try:
+        return ShardIndex.from_json(p.read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _save_index(p: Path, index: ShardIndex) -> None:
+    atomic_write(p, lambda tmp: Path(tmp).write_text(index.to_json()), what="shard index")
+
+
+def shard_index(path: str, *, scan: str = "quick", cache_dir: str | Path | None = None,
+                shard_cache: ShardCache | None = None) -> tuple[ShardIndex, bool]:
+    """The member index of ``path`` and whether it came from ``cache_dir`` (see `build_index`).
+
+    A remote shard (a URL or ``pipe:`` command) is looked up by its URL and validators
+    (`transferkit.data.remote.remote_validators`: no fetch); when its index is not cached it
+    is fetched into ``shard_cache`` (default: the one of ``cache_dir``) and indexed there."""
+    if is_url(path):
+        return _remote_index(path, scan=scan, cache_dir=cache_dir,
+                             shard_cache=shard_cache or ShardCache.for_cache_dir(cache_dir))
     if cache_dir is not None:
         p = _index_path(cache_dir, path, scan)
-        try:
-            return ShardIndex.from_json(p.read_text()), True
-        except (OSError, ValueError, KeyError):
-            pass
+        index = _cached_index(p)
+        if index is not None:
+            return index, True
     index = build_index(path, scan=scan)
     if cache_dir is not None:
-        atomic_write(p, lambda tmp: Path(tmp).write_text(index.to_json()), what="shard index")
+        _save_index(p, index)
+    return index, False
+
+
+def _remote_index(url: str, *, scan: str, cache_dir: str | Path | None,
+                  shard_cache: ShardCache) -> tuple[ShardIndex, bool]:
+    validators = remote_validators(url)
+    if cache_dir is not None:
+        index = _cached_index(_index_path(cache_dir, url, scan, validators))
+        if index is not None:
+            return index, True
+    built: list[ShardIndex] = []
+    known = validators.get("content-length", validators.get("size", ""))
+    held = shard_cache.fetch(url, validators=validators, size=int(known) if known.isdigit() else None,
+                             check=lambda tmp: built.append(build_index(tmp, scan=scan, name=url)))
+    try:
+        index = built[0] if built else build_index(str(held.path), scan=scan, name=url)
+    finally:
+        held.release()
+    index.validators = validators
+    if cache_dir is not None:
+        _save_index(_index_path(cache_dir, url, scan, validators), index)
     return index, False
 
 
 # -- the source ------------------------------------------------------------------------
 class ShardSource:
-    """The samples of a list of local tar shards (see the module docstring), readable by
-    position: ``read(i)`` is one seek and one read in sample ``i``'s shard."""
+    """The samples of a list of tar shards (see the module docstring), readable by position:
+    ``read(i)`` is one seek and one read in sample ``i``'s shard. A remote shard is read from
+    its copy in ``shard_cache``, fetched when absent; a process keeps at most
+    `MAX_OPEN_REMOTE` remote shards open (and out of the cache's eviction)."""
 
-    def __init__(self, paths: Sequence[str], indexes: Sequence[ShardIndex]) -> None:
+    def __init__(self, paths: Sequence[str], indexes: Sequence[ShardIndex],
+                 shard_cache: ShardCache | None = None) -> None:
         self.paths = [str(p) for p in paths]
         self.name = self.paths[0] if len(self.paths) == 1 else f"{self.paths[0]} (+{len(self.paths) - 1} shards)"
         counts = np.array([len(ix.keys) for ix in indexes], dtype=np.int64)
@@ -346,9 +422,21 @@ class ShardSource:
         self.sizes = np.array([s for ix in indexes for s in ix.sizes], dtype=np.int64)
         self.key_bytes = np.array([k.encode() for ix in indexes for k in ix.keys] or [b""], dtype=np.bytes_)
         self.dims = np.array([d for ix in indexes for d in ix.dims] or np.zeros((0, 2)), dtype=np.int32).reshape(-1, 2)
-        stats = [os.stat(p) for p in self.paths]
-        self._ident = [(os.path.abspath(p), st.st_size, st.st_mtime_ns) for p, st in zip(self.paths, stats)]
+        self.remote = [is_url(p) for p in self.paths]
+        if any(self.remote) and shard_cache is None:
+            raise ValueError("remote shards need a shard cache")
+        self.shard_cache = shard_cache
+        self.nbytes = [ix.nbytes for ix in indexes]
+        self.validators = [ix.validators for ix in indexes]
+        self._ident: list[Any] = []
+        for p, ix, remote in zip(self.paths, indexes, self.remote):
+            if remote:
+                self._ident.append((p, ix.validators, ix.nbytes))
+            else:
+                st = os.stat(p)
+                self._ident.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
         self._files: dict[int, Any] = {}
+        self._held: dict[int, Held] = {}  # open remote shards, least recently used first
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -356,16 +444,51 @@ class ShardSource:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_files"] = {}  # open files stay in their process
+        state["_files"], state["_held"] = {}, {}  # open files stay in their process
         return state
 
     def _file(self, s: int) -> Any:
         if self._pid != os.getpid():  # a forked worker: the parent's files share its offsets
-            self._files, self._pid = {}, os.getpid()
+            for held in self._held.values():
+                held.release()  # this process's copy of the descriptor; the parent keeps its own
+            self._files, self._held, self._pid = {}, {}, os.getpid()
         f = self._files.get(s)
         if f is None:
+            if self.remote[s]:
+                return self._open_remote(s)
             f = self._files[s] = open(self.paths[s], "rb")
+        elif self.remote[s]:
+            self._held[s] = self._held.pop(s)  # most recently used
         return f
+
+    def _open_remote(self, s: int) -> Any:
+        while len(self._held) >= MAX_OPEN_REMOTE:
+            self.close_shard(next(iter(self._held)))
+        assert self.shard_cache is not None
+        held = self.shard_cache.fetch(self.paths[s], validators=self.validators[s], size=self.nbytes[s] or None)
+        try:
+            f = open(held.path, "rb")
+        except OSError:
+            held.release()
+            raise
+        self._files[s], self._held[s] = f, held
+        return f
+
+    def close_shard(self, s: int) -> None:
+        """Close shard ``s`` in this process (a remote one may then be evicted from the cache)."""
+        f, held = self._files.pop(s, None), self._held.pop(s, None)
+        if f is not None:
+            f.close()
+        if held is not None:
+            held.release()
+
+    def cached_fraction(self) -> float:
+        """How much of the remote shards' bytes the shard cache's budget holds (1.0: all of them,
+        or no remote shard)."""
+        need = sum(n for n, r in zip(self.nbytes, self.remote) if r)
+        if not need or self.shard_cache is None:
+            return 1.0
+        return min(1.0, self.shard_cache.budget / need)
 
     def read(self, i: int) -> bytes:
         f = self._file(int(self.shard_of[i]))
@@ -391,19 +514,42 @@ class ShardSource:
     def shard_sizes(self) -> list[int]:
         return np.diff(self.starts).tolist()
 
+    def sample_groups(self) -> np.ndarray | None:
+        """The shard of each sample when the samples should be drawn shard by shard: remote
+        shards that the shard cache cannot hold all at once (a global shuffle would fetch
+        each shard again for nearly every sample); else None."""
+        return self.shard_of if self.cached_fraction() < 1.0 else None
+
     def fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps(self._ident).encode())
         return h.hexdigest()
 
 
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 2**20 else f"{n / 2**20:.1f} MB" if n < 2**30 else f"{n / 2**30:.2f} GB"
+
+
+def _info_text(folder: str, name: str) -> tuple[str, str | None]:
+    """``(where, text)`` of the info file ``name`` beside the shards (text None when absent)."""
+    if is_url(folder):
+        where = folder.rstrip("/") + "/" + name
+        data = fetch_small(where)
+        return where, None if data is None else data.decode("utf-8", errors="replace")
+    p = Path(folder) / name
+    return str(p), p.read_text() if p.is_file() else None
+
+
 def _info_classes(paths: Sequence[str]) -> list[str] | None:
-    folder = Path(paths[0]).parent
+    first = paths[0]
+    if first.startswith("pipe:"):
+        return None  # a command has no folder to look in
+    folder = first.rsplit("/", 1)[0] if is_url(first) else str(Path(first).parent)
     for name in ("_info.json", "info.json"):
-        p = folder / name
-        if p.is_file():
+        p, text = _info_text(folder, name)
+        if text is not None:
             try:
-                info = json.loads(p.read_text())
+                info = json.loads(text)
             except ValueError as exc:
                 raise DataError(f"{str(p)!r} is not valid JSON ({exc}); fix it or pass classes=[...].") from exc
             names = info.get("classes") if isinstance(info, dict) else None
@@ -417,7 +563,7 @@ def _info_classes(paths: Sequence[str]) -> list[str] | None:
 def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, min_size: int | None = None,
                 on_bad_file: str = "skip", scan: str = "quick", cache_dir: str | Path | None = None,
                 report: DataReport | None = None, what: str = "training") -> EncodedImageDataset:
-    """A map-style dataset over local tar shards (see the module docstring). Samples without
+    """A map-style dataset over tar shards (see the module docstring). Samples without
     an image or a label, and (with ``scan``) bad images, are left out and reported, or raise
     with ``on_bad_file="raise"``; empty shards are reported."""
     check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
@@ -425,17 +571,44 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
     report = report if report is not None else DataReport()
     if not shards:
         raise DataError(f"The {what} data name no shard.")
-    indexes = []
-    for p in shards:
+    shard_cache = ShardCache.for_cache_dir(cache_dir) if any(is_url(p) for p in shards) else None
+
+    def one(p: str) -> ShardIndex | DataError:
         try:
-            indexes.append(shard_index(p, scan=scan, cache_dir=cache_dir)[0])
+            return shard_index(p, scan=scan, cache_dir=cache_dir, shard_cache=shard_cache)[0]
+        except ShardFetchError:
+            raise  # nothing was read: not a bad shard
         except DataError as exc:
+            return exc
+
+    if shard_cache is None:
+        found = [one(p) for p in shards]
+    else:  # remote: look-ups and fetches wait on the network, several at once
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(min(INDEX_THREADS, len(shards)))
+        try:
+            found = list(pool.map(one, shards))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # a fetch failed: start no other
+            raise
+        pool.shutdown()
+    indexes = []
+    for p, ix in zip(shards, found):
+        if isinstance(ix, DataError):
             if on_bad_file == "raise":
-                raise
-            report.bad_files.append((p, str(exc)))
-            report.warn(f"Left out the shard {p!r}: {exc}")
-            indexes.append(ShardIndex())
-    source = ShardSource(shards, indexes)
+                raise ix
+            report.bad_files.append((p, str(ix)))
+            report.warn(f"Left out the shard {p!r}: {ix}")
+            ix = ShardIndex()
+        indexes.append(ix)
+    source = ShardSource(shards, indexes, shard_cache)
+    if source.sample_groups() is not None and shard_cache is not None:
+        need = sum(n for n, r in zip(source.nbytes, source.remote) if r)
+        report.warn(f"The remote {what} shards ({_size(need)}) do not fit the shard cache "
+                    f"({_size(shard_cache.budget)}, {ENV_BUDGET}): training draws them shard by shard (the "
+                    "shards in a seeded order, the samples shuffled within each) so that each is fetched about once "
+                    f"per epoch. Set {ENV_BUDGET} above their size for a global shuffle.")
     empty = [p for p, ix in zip(shards, indexes) if not ix.keys]
     if empty:
         report.warn(f"{len(empty)} of the {len(shards)} {what} shard(s) hold no sample, e.g. {empty[:3]}.")

@@ -3,8 +3,11 @@ or none of them (a folder of images, a CSV, a torch Dataset: see `transferkit.da
 
 The rule, in order: a Hugging Face ``datasets`` object or ``save_to_disk`` folder; tar
 shards (a path or brace pattern ending in ``.tar``, a folder holding ``.tar`` files, a list
-of them); Parquet files (the same, with ``.parquet``). Remote shards (``pipe:``,
-``http(s)://``, ...) are refused with a clear error: they are not supported yet.
+of them); Parquet files (the same, with ``.parquet``). Remote tar shards (``pipe:``
+commands, ``http(s)://`` and other fsspec URLs, as a brace pattern or a list) are fetched
+into a bounded local shard cache and read from there (`transferkit.data.remote`); other
+remote data (a remote Parquet file, a URL that names no ``.tar``) are refused with a clear
+error: copy them to a local disk.
 """
 
 from __future__ import annotations
@@ -58,14 +61,12 @@ def open_encoded(data: Any, *, classes: list[str] | None, min_size: int | None, 
     common = {"classes": classes, "min_size": min_size, "on_bad_file": on_bad_file, "report": report, "what": what}
     if is_hf_dataset(data) or is_saved_hf(data):
         return open_hf(data, **common)
-    if is_remote(data) and not str(data).lower().endswith(".parquet"):
-        shard_list(data)  # raises: remote shards are not supported yet
-        raise DataError(f"Remote data ({str(data)[:60]!r}) are not supported yet: pass local files.")
     shards = shard_list(data)
     if shards is not None:
         return open_shards(shards, scan=scan, cache_dir=cache_dir, **common)
     if is_remote(data):
-        raise DataError(f"Remote data ({str(data)[:60]!r}) are not supported yet: pass local files.")
+        raise DataError(f"Remote data ({str(data)[:60]!r}) are read only as tar shards (a URL or pipe: command per "
+                        ".tar file, or a brace pattern of them); copy other remote files to a local disk.")
     files = parquet_list(data)
     if files is not None:
         return open_parquet(files, **common)

@@ -23,6 +23,8 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: tor
     """A loader over ``dataset`` with an `EpochSampler` (call ``loader.sampler.set_epoch(e)``):
     workers sized to the machine and persistent across epochs, pinned memory on CUDA.
     ``pad=False`` for validation under DDP: each sample exactly once across the ranks.
+    A dataset whose ``sample_groups()`` gives groups (remote shards that the shard cache
+    cannot hold at once) is drawn group by group (see `EpochSampler`).
 
     Example:
         >>> ds = torch.utils.data.TensorDataset(torch.arange(6.0), torch.arange(6))
@@ -32,8 +34,10 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: tor
     if num_workers is None:
         num_workers = default_num_workers(dataset, world_size)
     n = len(dataset)  # type: ignore[arg-type]
+    grouping = getattr(dataset, "sample_groups", None)  # remote shards larger than the shard cache
     sampler = EpochSampler(n, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
-                           drop_last=drop_last and n > batch_size * world_size, pad=pad)
+                           drop_last=drop_last and n > batch_size * world_size, pad=pad,
+                           groups=grouping() if callable(grouping) else None)
     return DataLoader(SeededItems(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=getattr(dataset, "collate_fn", None),  # audio: pads clips of different lengths
                       pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,

@@ -1,0 +1,267 @@
+"""Remote tar shards (pipe: commands, http URLs on a local server, fsspec URLs): the same
+samples and results as the same shards on disk, one fetch per shard and node, a bounded
+shard cache, indexes that make a second run fetch nothing, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_image_folder
+from shard_helpers import folder_files, gets, serve, uneven_sizes, write_shards
+
+import transferkit as tk
+from transferkit.data import eval_transform, prepare_data
+from transferkit.data.remote import ShardCache, parse_bytes
+from transferkit.data.fingerprint import data_fingerprint
+from transferkit.train.loaders import make_loader
+
+SPEC = tk.InputSpec(image_size=16)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _quiet(fn, *a, **k):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*a, **k)
+
+
+def _items(folder: Path):
+    return [(f.read_bytes(), f.suffix[1:].lower(), c) for f, c in folder_files(folder)]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """4 training shards of uneven sizes (one empty, one bad image) and 1 validation shard."""
+    tmp = tmp_path_factory.mktemp("remote")
+    items = _items(make_image_folder(tmp / "train", per_class=9, seed=0))
+    items[3] = (b"not an image", "jpg", items[3][2])
+    write_shards(items, tmp / "s", uneven_sizes(len(items), 4), prefix="train")
+    write_shards(_items(make_image_folder(tmp / "val", per_class=3, seed=1)), tmp / "s", [6], prefix="val")
+    return tmp / "s"
+
+
+LOCAL = "train-{000000..000003}.tar"
+
+
+def test_http_pipe_and_fsspec_shards_give_the_local_samples(shards, tmp_path):
+    local = _quiet(prepare_data, str(shards / LOCAL), val_split=0)
+    with serve(shards) as (base, requests):
+        by_http = _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0)
+        assert by_http.classes == local.classes == ["dark", "light"]  # from the served _info.json
+        assert len(gets(requests)) == 4  # each shard fetched once to index it
+    by_pipe = _quiet(prepare_data, f"pipe:cat {shards}/{LOCAL}", val_split=0)
+    by_fsspec = _quiet(prepare_data, f"file://{shards}/{LOCAL}", val_split=0)
+    for remote in (by_http, by_pipe, by_fsspec):
+        assert remote.train.keys == local.train.keys and remote.train.targets == local.train.targets
+        assert [remote.train.read_bytes(j) for j in range(len(local.train))] == \
+               [local.train.read_bytes(j) for j in range(len(local.train))]
+        assert [p.rsplit(":", 1)[1] for p, _ in remote.report.bad_files] == ["train0000003"]  # the bad image
+        assert any("hold no sample" in w for w in remote.report.warnings)  # the empty shard
+
+
+@pytest.mark.parametrize("kind", ["http", "pipe"])
+def test_finetune_on_remote_shards_matches_the_same_shards_on_disk(shards, tmp_path, kind):
+    common = dict(weights=None, policy="finetune", epochs=2, batch_size=4, image_size=16, verbose=False,
+                  num_workers=0, precision="fp32", augment="none", decode_once=False)
+    a = _quiet(tk.finetune, "tk:small_cnn", data=str(shards / LOCAL), val_data=str(shards / "val-000000.tar"),
+               classes=["dark", "light"], **common)
+    with serve(shards) as (base, requests):
+        root = base if kind == "http" else f"pipe:cat {shards}"
+        b = _quiet(tk.finetune, "tk:small_cnn", data=f"{root}/{LOCAL}", val_data=f"{root}/val-000000.tar",
+                   classes=["dark", "light"], cache_dir=tmp_path / "cache", **common)
+    assert [r["train_loss"] for r in b.history] == [r["train_loss"] for r in a.history]
+    assert b.metrics["accuracy"] == a.metrics["accuracy"]
+    assert len(list((tmp_path / "cache" / "shards").glob("*.tar"))) == 5  # 4 train + 1 val, kept
+    if kind == "http":
+        assert len(gets(requests)) == 5  # fetched once each, for the index; training read the cached copies
+
+
+def test_second_run_with_cache_dir_fetches_no_shard_until_a_sample_is_read(shards, tmp_path):
+    with serve(shards) as (base, requests):
+        first = _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0, cache_dir=tmp_path / "c")
+        assert len(gets(requests)) == 4
+        for p in (tmp_path / "c" / "shards").glob("*.tar"):
+            p.unlink()  # only the indexes are left
+        del requests[:]
+        again = _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0, cache_dir=tmp_path / "c")
+        assert gets(requests) == []  # counts, labels, keys: all from the cached indexes
+        assert [m for m, p in requests if p.endswith(".tar")] == ["HEAD"] * 4  # the validators, one per shard
+        assert again.train.targets == first.train.targets and again.classes == first.classes
+        assert data_fingerprint(again.train) == data_fingerprint(first.train)
+        again.train.read_bytes(0)
+        assert gets(requests) == ["/train-000000.tar"]  # the shard of the sample read, once
+        again.train.read_bytes(1)
+        assert len(gets(requests)) == 1
+    log = tmp_path / "commands.log"
+    cmd = f"pipe:echo run >> {log}; cat {shards}/{LOCAL}"
+    _quiet(prepare_data, cmd, val_split=0, cache_dir=tmp_path / "p")
+    assert log.read_text().count("run") == 4
+    _quiet(prepare_data, cmd, val_split=0, cache_dir=tmp_path / "p")
+    assert log.read_text().count("run") == 4  # a command's index is keyed by its text: no command run
+
+
+def test_free_space_is_checked_before_a_fetch_of_known_size(shards, tmp_path, monkeypatch):
+    import transferkit._io as io_
+
+    monkeypatch.setattr(io_, "free_bytes", lambda path: 1000)
+    with serve(shards) as (base, requests):
+        with pytest.raises(tk.OutputError, match="Not enough free space for the shard cache copy"):
+            prepare_data(f"{base}/train-000000.tar", val_split=0, cache_dir=tmp_path / "c")
+        assert gets(requests) == []  # refused before the download
+
+
+def test_a_changed_remote_shard_is_indexed_again(tmp_path):
+    folder = make_image_folder(tmp_path / "img", per_class=3)
+    write_shards(_items(folder), tmp_path / "s", [4, 2])
+    with serve(tmp_path / "s") as (base, requests):
+        url = f"{base}/train-{{000000..000001}}.tar"
+        fp = data_fingerprint(_quiet(prepare_data, url, val_split=0, cache_dir=tmp_path / "c").train)
+        time.sleep(1.1)  # Last-Modified has 1 s resolution
+        write_shards(_items(folder)[::-1], tmp_path / "s", [3, 3])
+        del requests[:]
+        ds = _quiet(prepare_data, url, val_split=0, cache_dir=tmp_path / "c").train
+        assert len(gets(requests)) == 2  # new validators: both indexed again
+        assert data_fingerprint(ds) != fp
+        assert ds.read_bytes(0) == _items(folder)[::-1][0][0]
+
+
+def test_failed_fetches_are_one_line_errors(shards, tmp_path):
+    with serve(shards) as (base, _):
+        for bad, said in [(f"{base}/missing-{{0..1}}.tar", "missing-0.tar': HTTP 404"),
+                          ("pipe:false", "'pipe:false': the command exited with code 1"),
+                          ("pipe:echo no such bucket >&2; exit 3", "exited with code 3: no such bucket"),
+                          (f"{base}/short/train-000000.tar", "connection ended"),
+                          (f"file://{tmp_path}/nothing.tar", "does not exist")]:
+            with pytest.raises(tk.DataError, match="Cannot fetch the shard") as info:
+                prepare_data(bad, val_split=0)
+            assert said in str(info.value) and "\n" not in str(info.value), str(info.value)
+        with pytest.raises(tk.DataError, match="remote folder, which cannot be listed"):
+            prepare_data(f"{base}/", val_split=0)
+    with pytest.raises(tk.DataError, match="read only as tar shards"):
+        prepare_data("https://example.com/data.parquet", val_split=0)
+
+
+def test_a_truncated_remote_shard_is_a_bad_shard_and_is_not_cached(shards, tmp_path):
+    cmd = f"pipe:head -c 3000 {shards}/train-000000.tar"
+    with pytest.raises(tk.DataError, match=r"Cannot read the shard 'pipe:head .*truncated"):
+        prepare_data(cmd, val_split=0, on_bad_file="raise", cache_dir=tmp_path / "c")
+    assert not list((tmp_path / "c" / "shards").glob("*.tar"))
+    b = _quiet(prepare_data, [cmd, f"pipe:cat {shards}/{LOCAL}"], val_split=0)
+    assert b.report.bad_files[0][0] == cmd and "truncated" in b.report.bad_files[0][1]
+    assert len(b.train) == len(_quiet(prepare_data, str(shards / LOCAL), val_split=0).train)
+
+
+def test_fsspec_missing_names_the_packages_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fsspec", None)
+    with pytest.raises(tk.DataError, match="pip install fsspec s3fs"):
+        prepare_data("s3://bucket/train-{0..1}.tar", val_split=0)
+
+
+FETCH = """
+import sys
+from transferkit.data.remote import ShardCache
+held = ShardCache(sys.argv[1]).fetch(sys.argv[2])
+print(held.path.stat().st_size)
+"""
+
+
+def test_two_processes_fetching_one_shard_download_it_once(shards, tmp_path):
+    with serve(shards) as (base, requests):
+        url = f"{base}/slow/train-000000.tar"  # the server waits 0.5 s: the second process comes mid-fetch
+        procs = [subprocess.Popen([sys.executable, "-c", FETCH, str(tmp_path / "cache"), url], cwd=REPO,
+                                  stdout=subprocess.PIPE, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                 for _ in range(2)]
+        sizes = [p.communicate(timeout=120)[0].strip() for p in procs]
+        assert [p.returncode for p in procs] == [0, 0]
+        assert gets(requests) == ["/slow/train-000000.tar"]  # one download
+    assert sizes == [str((shards / "train-000000.tar").stat().st_size)] * 2
+    assert len(list((tmp_path / "cache").glob("*.tar"))) == 1
+    assert not [p for p in (tmp_path / "cache").iterdir() if ".tk-" in p.name]  # no temporary left
+
+
+def test_the_shard_cache_keeps_its_budget_and_never_evicts_a_shard_in_use(shards, tmp_path):
+    size = [(shards / f"train-{k:06d}.tar").stat().st_size for k in range(4)]
+    assert size[0] > size[2] > 0 and size[3] > 0
+    cache = ShardCache(tmp_path / "c", budget=size[0] + 100)
+    urls = [f"file://{shards}/train-{k:06d}.tar" for k in range(4)]
+    cache.fetch(urls[0]).release()
+    held = cache.fetch(urls[2])  # over the budget with shard 0: shard 0 (not in use) goes
+    assert not cache.path(urls[0]).exists() and cache.path(urls[2]).exists()
+    cache.fetch(urls[0]).release()  # over the budget with shard 2, which is in use: kept
+    assert cache.path(urls[2]).exists() and cache.path(urls[0]).exists()
+    assert held.path.read_bytes() == (shards / "train-000002.tar").read_bytes()
+    held.release()
+    cache.fetch(urls[3]).release()  # the least recently used go first until it fits
+    assert [cache.path(u).exists() for u in urls] == [False, False, False, True]
+    assert parse_bytes("20G") == 20 * 2**30 and parse_bytes("1500") == 1500
+
+
+def test_a_shard_cache_smaller_than_the_shards_reads_shard_by_shard(tmp_path, monkeypatch):
+    folder = make_image_folder(tmp_path / "img", per_class=20)
+    write_shards(_items(folder), tmp_path / "s", [10, 0, 7, 13, 10])
+    monkeypatch.setenv("TRANSFERKIT_SHARD_CACHE", "1")  # holds no shard beyond those in use
+    with serve(tmp_path / "s") as (base, requests):
+        b = prepare_data(f"{base}/train-{{000000..000004}}.tar", val_split=0)
+        assert any("draws them shard by shard" in w for w in b.report.warnings)
+        ds = b.train.view(transform=eval_transform(SPEC))
+        for workers in (0, 2):
+            del requests[:]
+            labels = []
+            for rank in range(2):
+                dl = make_loader(ds, batch_size=4, shuffle=True, device=torch.device("cpu"), num_workers=workers,
+                                 seed=3, rank=rank, world_size=2)
+                dl.sampler.set_epoch(1)
+                labels += [int(t) for _, y in dl for t in y]
+            assert sorted(labels) == sorted(b.train.targets)  # every sample once (40 over 2 ranks: no padding)
+            fetched = Counter(gets(requests))
+            # 4 non-empty shards: each fetched about once (a shard at a rank's slice boundary twice; with workers,
+            # one prefetching far ahead may drop a shard another still needs); a global shuffle: one per sample
+            assert sum(fetched.values()) <= (4 + 1 if workers == 0 else 8), fetched
+        monkeypatch.setenv("TRANSFERKIT_SHARD_CACHE", "16G")
+        whole = prepare_data(f"{base}/train-{{000000..000004}}.tar", val_split=0)
+        assert whole.train.sample_groups() is None  # the cache holds them: a global shuffle
+
+
+def test_feature_store_from_remote_shards_fetches_each_shard_once_and_equals_the_local_one(shards, tmp_path,
+                                                                                          monkeypatch):
+    common = dict(weights=None, policy="feature_extraction", epochs=2, batch_size=4, image_size=16, verbose=False,
+                  num_workers=0, precision="fp32", augment="none", classes=["dark", "light"])
+    a = _quiet(tk.finetune, "tk:small_cnn", data=str(shards / LOCAL), val_data=str(shards / "val-000000.tar"),
+               cache_dir=tmp_path / "local", **common)
+    monkeypatch.setenv("TRANSFERKIT_SHARD_CACHE", "1")  # keeps no shard beyond those in use
+    with serve(shards) as (base, requests):
+        b = _quiet(tk.finetune, "tk:small_cnn", data=f"{base}/{LOCAL}", val_data=f"{base}/val-000000.tar",
+                   cache_dir=tmp_path / "remote", **common)
+    assert b.feature_report["samples"] == a.feature_report["samples"]
+    assert [r["train_loss"] for r in b.history] == [r["train_loss"] for r in a.history]
+    assert b.metrics["accuracy"] == a.metrics["accuracy"]
+    fetched = Counter(gets(requests))
+    assert len(fetched) == 5 and max(fetched.values()) <= 2, fetched  # once to index, at most once to extract
+    stores = [sorted(p.read_bytes() for p in root.rglob("features.npy")) for root in (tmp_path / "local",
+                                                                                      tmp_path / "remote")]
+    assert stores[0] and stores[0] == stores[1]  # the same features, bit for bit
+
+
+def test_a_shard_that_cannot_be_fetched_during_training_stops_it_instead_of_replacing_samples(tmp_path, monkeypatch):
+    folder = make_image_folder(tmp_path / "img", per_class=4)
+    write_shards(_items(folder), tmp_path / "s", [4, 4])
+    with serve(tmp_path / "s") as (base, requests):
+        b = _quiet(prepare_data, f"{base}/train-{{000000..000001}}.tar", val_split=0)
+        for k in range(2):
+            (tmp_path / "s" / f"train-{k:06d}.tar").rename(tmp_path / "s" / f"gone-{k}.tar")
+        for copy in b.train.source.shard_cache.folder.glob("*.tar"):
+            copy.unlink()  # the last shard fetched for the index may still be there
+        del requests[:]
+        ds = b.train.view(transform=eval_transform(SPEC))
+        with pytest.raises(tk.DataError, match=r"Cannot fetch the shard .*train-00000[01].tar': HTTP 404"):
+            ds[0]
+        assert b.report.bad_at_load == []  # not taken for bad samples
+        assert len(gets(requests)) == 1  # no sample after sample of the same shard

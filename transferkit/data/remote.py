@@ -1,0 +1,383 @@
+"""Remote tar shards, fetched whole into a bounded local shard cache and read from there.
+
+A remote shard is named by a ``pipe:`` command (``pipe:curl -s https://host/train-000.tar``:
+the command's standard output is the shard), an ``http://`` or ``https://`` URL (read with
+the standard library), or any other URL that [fsspec](https://filesystem-spec.readthedocs.io)
+opens (``s3://``, ``gs://``, ``hf://``, ``file://``, ...; install ``fsspec`` and the scheme's
+package, e.g. ``s3fs``).
+
+A shard is *streamed*: read front to back (never seeked, never held whole in memory) into a
+temporary file of the shard cache, checked, and renamed into place; the local random-access
+reader of `transferkit.data.shards` then reads it like a local shard. What makes that safe
+and bounded:
+
+- **One fetch per node.** The processes that want the same shard (DataLoader workers, the
+  ranks of one node sharing ``cache_dir``) take a lock file beside it (``fcntl.flock``):
+  the first fetches, the others wait and then read the finished file; nobody reads a
+  half-written one.
+- **A byte budget.** The cache holds at most `cache_budget` bytes of shards
+  (``TRANSFERKIT_SHARD_CACHE``, e.g. ``20G``; default `DEFAULT_BUDGET`): before and after
+  each fetch, the least recently used shards that no process has open are removed. The
+  free space is checked before a fetch whose size is known.
+- **Where.** ``cache_dir/shards/`` when ``cache_dir`` is set (kept across runs), else a
+  temporary folder removed when the process exits. Files are named by a hash of the URL.
+- **Errors.** A failed fetch (an HTTP error, a command that exits with a non-zero code, a
+  body shorter than its Content-Length) raises a one-line `ShardFetchError` naming the URL.
+
+`remote_validators` reads what identifies a shard's current content without fetching it:
+``ETag``, ``Content-Length`` and ``Last-Modified`` from an HTTP ``HEAD`` (or the size, ETag
+and modification time fsspec lists); a ``pipe:`` command has none (its text is its identity).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from transferkit._io import check_free_space, create_temp, remove_stale_temps
+from transferkit.errors import DataError
+
+ENV_BUDGET = "TRANSFERKIT_SHARD_CACHE"
+DEFAULT_BUDGET = 16 * 2**30
+"""Bytes of remote shards the shard cache keeps by default (16 GiB: a few dozen shards of
+the usual 0.1-1 GB); set ``TRANSFERKIT_SHARD_CACHE`` (``500M``, ``20G``, or bytes) to change it."""
+TIMEOUT = 60.0  # seconds without a byte from an HTTP server before a fetch fails
+CHUNK = 1 << 20
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "hf": "huggingface_hub",
+             "sftp": "paramiko", "ssh": "paramiko"}
+
+
+class ShardFetchError(DataError):
+    """A remote shard that could not be fetched (not a bad shard: nothing was read)."""
+
+
+def is_url(spec: Any) -> bool:
+    """Whether ``spec`` is a ``pipe:`` command or a URL (``scheme://...``)."""
+    return isinstance(spec, str) and (spec.startswith("pipe:") or bool(_URL.match(spec)))
+
+
+def scheme(url: str) -> str:
+    return "pipe" if url.startswith("pipe:") else url.split("://", 1)[0].lower()
+
+
+def parse_bytes(text: str) -> int:
+    """``"500M"``, ``"20G"``, ``"1.5T"`` or ``"123456"`` as bytes (powers of 1024).
+
+    Example:
+        >>> parse_bytes("20G"), parse_bytes("512k"), parse_bytes("1000")
+        (21474836480, 524288, 1000)
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*", str(text))
+    if m is None:
+        raise DataError(f"{ENV_BUDGET}={text!r} is not a size: write bytes or a number with K, M, G or T "
+                        "(e.g. 20G).")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def cache_budget() -> int:
+    """The shard cache's byte budget: ``TRANSFERKIT_SHARD_CACHE`` when set, else `DEFAULT_BUDGET`."""
+    text = os.environ.get(ENV_BUDGET, "").strip()
+    return parse_bytes(text) if text else DEFAULT_BUDGET
+
+
+def _fsspec(url: str) -> Any:
+    try:
+        import fsspec
+    except ImportError:
+        pkg = _PACKAGES.get(scheme(url))
+        raise ShardFetchError(f"Reading {url!r} needs fsspec: pip install fsspec{f' {pkg}' if pkg else ''}.") from None
+    return fsspec
+
+
+def _fail(url: str, what: str) -> ShardFetchError:
+    return ShardFetchError(f"Cannot fetch the shard {url!r}: {what}.")
+
+
+def _http_validators(headers: Any) -> dict[str, str]:
+    out = {}
+    for name in ("ETag", "Content-Length", "Last-Modified"):
+        v = headers.get(name)
+        if v:
+            out[name.lower()] = str(v)
+    return out
+
+
+def remote_validators(url: str) -> dict[str, str]:
+    """What identifies the current content of ``url`` without reading it (see the module
+    docstring); ``{}`` when nothing does. A shard that does not exist raises `ShardFetchError`."""
+    kind = scheme(url)
+    if kind == "pipe":
+        return {}
+    if kind in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=TIMEOUT) as r:
+                return _http_validators(r.headers)
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (404, 410):  # no HEAD (405, 501; a URL signed for GET only: 403): the URL alone
+                return {}                   # identifies it, and the GET reports what is wrong
+            raise _fail(url, f"HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise _fail(url, f"{getattr(exc, 'reason', exc)}") from None
+    fsspec = _fsspec(url)
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise _fail(url, "it does not exist") from None
+    except ImportError as exc:
+        raise ShardFetchError(f"Reading {url!r} needs a package fsspec uses for {scheme(url)}://: {exc}.") from None
+    except Exception as exc:  # noqa: BLE001 - each file system has its own errors
+        raise _fail(url, f"{type(exc).__name__}: {exc}") from None
+    out = {}
+    for key in ("size", "ETag", "etag", "mtime", "LastModified", "last_modified", "md5", "checksum"):
+        if info.get(key) is not None:
+            out[key.lower()] = str(info[key])
+    return out
+
+
+def stream_to(url: str, dest: str | Path) -> dict[str, str]:
+    """Copy the shard ``url`` front to back into the file ``dest`` (in chunks); returns the
+    validators its response gave. Raises `ShardFetchError` when the fetch fails."""
+    kind = scheme(url)
+    with open(dest, "wb") as out:
+        if kind == "pipe":
+            with tempfile.TemporaryFile() as err:
+                proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=err)
+                assert proc.stdout is not None
+                try:
+                    shutil.copyfileobj(proc.stdout, out, CHUNK)
+                finally:
+                    proc.stdout.close()
+                    code = proc.wait()
+                if code != 0:
+                    err.seek(0)
+                    lines = err.read().decode("utf-8", errors="replace").strip().splitlines()
+                    said = f": {lines[-1].strip()}" if lines else ""
+                    raise _fail(url, f"the command exited with code {code}{said}")
+            return {}
+        if kind in ("http", "https"):
+            import http.client
+            import urllib.error
+            import urllib.request
+
+            try:
+                with urllib.request.urlopen(url, timeout=TIMEOUT) as r:
+                    got = _http_validators(r.headers)
+                    shutil.copyfileobj(r, out, CHUNK)
+            except urllib.error.HTTPError as exc:
+                raise _fail(url, f"HTTP {exc.code} {exc.reason}") from None
+            except http.client.IncompleteRead as exc:
+                raise _fail(url, f"the connection ended after {out.tell() + len(exc.partial)} bytes, before the "
+                                 "end of the body") from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                raise _fail(url, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from None
+            n = out.tell()
+            if "content-length" in got and int(got["content-length"]) != n:
+                raise _fail(url, f"the server sent {n} of {got['content-length']} bytes (the connection ended early)")
+            return got
+        fsspec = _fsspec(url)
+        try:
+            with fsspec.open(url, "rb") as f:
+                shutil.copyfileobj(f, out, CHUNK)
+        except FileNotFoundError:
+            raise _fail(url, "it does not exist") from None
+        except Exception as exc:  # noqa: BLE001 - each file system has its own errors
+            raise _fail(url, f"{type(exc).__name__}: {exc}") from None
+        return {}
+
+
+def _flock(fd: int, op: int) -> None:
+    import fcntl
+
+    fcntl.flock(fd, op)
+
+
+class Held:
+    """A cached shard this process reads: ``path``, kept from eviction until `release`."""
+
+    def __init__(self, path: Path, fd: int, validators: dict[str, str]) -> None:
+        self.path, self.fd, self.validators = path, fd, validators
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # drops the shared lock
+            self.fd = -1
+
+
+_TEMP_DIRS: dict[int, str] = {}
+_TEMP_GUARD = threading.Lock()
+
+
+def _process_temp_dir() -> Path:
+    """A folder for this process's shard cache when there is no ``cache_dir``, removed at exit."""
+    with _TEMP_GUARD:
+        path = _TEMP_DIRS.get(os.getpid())
+        if path is None:
+            path = _TEMP_DIRS[os.getpid()] = tempfile.mkdtemp(prefix="transferkit-shards-")
+            pid = os.getpid()
+            atexit.register(lambda: os.getpid() == pid and shutil.rmtree(path, ignore_errors=True))
+        return Path(path)
+
+
+class ShardCache:
+    """The local copies of remote shards in ``folder``, at most ``budget`` bytes of them (see
+    the module docstring). Picklable: DataLoader workers use the parent's folder."""
+
+    def __init__(self, folder: str | Path, budget: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.budget = cache_budget() if budget is None else int(budget)
+
+    @classmethod
+    def for_cache_dir(cls, cache_dir: str | Path | None) -> ShardCache:
+        """``cache_dir/shards/``, or a temporary folder removed at exit when ``cache_dir`` is None."""
+        return cls(Path(cache_dir) / "shards" if cache_dir is not None else _process_temp_dir())
+
+    def path(self, url: str, validators: dict[str, str] | None = None) -> Path:
+        """The cached copy of ``url`` with those validators (a new ETag, size or date: a new copy)."""
+        ident = f"{url}\0{json.dumps(validators or {}, sort_keys=True)}"
+        return self.folder / (hashlib.blake2b(ident.encode(), digest_size=16).hexdigest() + ".tar")
+
+    def _lock_fd(self, target: Path) -> int:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return os.open(target.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+
+    def fetch(self, url: str, *, validators: dict[str, str] | None = None, size: int | None = None,
+              check: Callable[[str], None] | None = None) -> Held:
+        """The cached copy of ``url``, fetched first when absent (by one process at a time;
+        the others wait for it). ``validators`` (`remote_validators`, or those in the shard
+        index): part of the copy's name, and a fetch whose response gives others fails (the
+        shard changed). ``size``: the bytes expected (from the shard index), checked, and used
+        to make room and check the free space first. ``check(path)`` runs on a new copy
+        before it is renamed into place (it raises to refuse it). The returned `Held` keeps
+        the copy from eviction until released."""
+        import fcntl
+
+        target = self.path(url, validators)
+        for _ in range(20):
+            fd = self._lock_fd(target)
+            try:
+                _flock(fd, fcntl.LOCK_SH)
+                if not target.is_file():
+                    _flock(fd, fcntl.LOCK_UN)
+                    _flock(fd, fcntl.LOCK_EX)  # waits while another process fetches it
+                    got = {} if target.is_file() else self._fetch_locked(url, target, size, check, validators or {})
+                    _flock(fd, fcntl.LOCK_SH)  # a downgrade is not atomic: check it is still there
+                    if not target.is_file():
+                        os.close(fd)
+                        continue
+                else:
+                    got = {}
+                    with contextlib.suppress(OSError):
+                        os.utime(target)  # most recently used
+                n = target.stat().st_size
+                if size is not None and n != size:
+                    raise ShardFetchError(f"The shard {url!r} has {n} bytes, its index says {size}: it changed since "
+                                          "it was indexed. Remove its index from cache_dir/shard-index (or the "
+                                          "whole cache_dir) and run again.")
+                return Held(target, fd, got)
+            except BaseException:
+                os.close(fd)
+                raise
+        raise _fail(url, f"its cached copy {str(target)!r} keeps being removed (the shard cache is too small for the "
+                         f"shards in use: raise {ENV_BUDGET})")
+
+    def _fetch_locked(self, url: str, target: Path, size: int | None, check: Callable[[str], None] | None,
+                      validators: dict[str, str]) -> dict[str, str]:
+        remove_stale_temps(target)
+        if size:
+            self.make_room(size, keep=target)
+            check_free_space(target, size, what="shard cache copy of")
+        tmp = create_temp(target)
+        try:
+            got = stream_to(url, tmp)
+            changed = sorted(k for k in set(got) & set(validators) if got[k] != validators[k])
+            if changed:
+                k = changed[0]
+                raise _fail(url, f"it changed since it was looked at ({k} {validators[k]!r}, now {got[k]!r}); run "
+                                 "again")
+            if check is not None:
+                check(str(tmp))
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        self.make_room(0, keep=target)
+        return got
+
+    def make_room(self, need: int, *, keep: Path | None = None) -> list[Path]:
+        """Remove least recently used shards no process has open until the cached ones plus
+        ``need`` bytes fit the budget (or only shards in use are left); returns those removed."""
+        import fcntl
+
+        files = []
+        for p in self.folder.glob("*.tar"):
+            with contextlib.suppress(OSError):
+                st = p.stat()
+                files.append((st.st_mtime_ns, st.st_size, p))
+        total = sum(s for _, s, _ in files) + need
+        removed = []
+        for _, s, p in sorted(files):
+            if total <= self.budget:
+                break
+            if keep is not None and p == keep:
+                continue
+            fd = self._lock_fd(p)
+            try:
+                _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # open in some process
+            try:
+                p.unlink()
+                removed.append(p)
+                total -= s
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        return removed
+
+
+def fetch_small(url: str, limit: int = 1 << 20) -> bytes | None:
+    """The bytes of a small remote file (``_info.json``), or None when it does not exist
+    (or ``url`` is a ``pipe:`` command, which has no neighbours)."""
+    kind = scheme(url)
+    if kind == "pipe":
+        return None
+    if kind in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(url, timeout=TIMEOUT) as r:
+                return r.read(limit)
+        except urllib.error.HTTPError as exc:
+            if exc.code in (403, 404, 410):
+                return None
+            raise _fail(url, f"HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise _fail(url, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from None
+    fsspec = _fsspec(url)
+    try:
+        with fsspec.open(url, "rb") as f:
+            return f.read(limit)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - each file system has its own errors
+        raise _fail(url, f"{type(exc).__name__}: {exc}") from None

@@ -238,6 +238,22 @@ def test_compile_pays_only_for_enough_data_and_decide_compile():
         eng.decide_compile("yes", device_type="cpu", train_images=10, epochs=1)
 
 
+def test_onnxruntime_is_timed_only_where_its_export_can_pay(monkeypatch):
+    pays = lambda **kw: eng.compile_pays("cpu", n_modules=200, load=1.0, engine="onnxruntime", **kw)[0]  # noqa: E731
+    assert pays(n_images=398, eager_images_per_s=48.7)  # an fp32 pass of 8 s: a 3x engine saves more than 3 s
+    assert not pays(n_images=398, eager_images_per_s=96.5, fp32_images_per_s=48.7)  # bf16 eager, 2x fp32
+    assert pays(n_images=5_000, eager_images_per_s=96.5, fp32_images_per_s=48.7)  # ... on enough images
+    assert pays(n_images=398, eager_images_per_s=40.0, fp32_images_per_s=60.0)  # bf16 slower than fp32
+    m, x = _model(), _batch()
+    monkeypatch.setattr(eng, "ONNX_SECONDS_BASE", {"cpu": 1e6})  # an export that cannot pay
+    measured = eng.time_engines(m, [x, _batch(seed=2)], device=CPU, precision="fp32", channels_last=False,
+                                candidates=["onnxruntime"], n_images=10_000, rounds=1)
+    assert "export and time" in measured["onnxruntime"]["skipped"]
+    engine, why = eng.decide_engine("auto", device_type="cpu", available={"eager": None, "onnxruntime": None},
+                                    measured=measured, n_images=10_000)
+    assert engine == "eager" and "onnxruntime skipped: estimated" in why
+
+
 @pytest.mark.slow  # torch.compile (inductor) takes minutes on a 2-core CPU
 def test_forced_compile_gives_the_eager_fp32_features():
     m, x = _model(), _batch()

@@ -71,6 +71,15 @@ TIMED_ROUNDS = 2  # rounds of the timing; each candidate's fastest round counts
 COMPILE_SECONDS_PER_MODULE = {"cpu": 0.12, "cuda": 0.12}
 COMPILE_SECONDS_BASE = {"cpu": 15.0, "cuda": 15.0}
 COMPILE_SPEEDUP: dict[str, float | None] = {"cpu": 1.9, "cuda": None}
+# The ONNX Runtime candidate, likewise: exporting the trunk (a trace on two items and the
+# conversion), opening a session and timing three batches cost about 2.8 s for Lite0 (200
+# leaf modules) on the quiet 2-core build machine (benchmarks/frozen_backbone.py: the defaults
+# against feature_engine="eager"); its pass was at best 3.15x eager fp32 (Lite0, AVX2 CPU)
+# and 1.02x eager bf16 (Lite0, AVX512-BF16). Timing it can pay only when the eager pass is
+# long enough that the best of those speed-ups would save more than the setup costs.
+ONNX_SECONDS_BASE = {"cpu": 0.4, "cuda": 0.4}
+ONNX_SECONDS_PER_MODULE = {"cpu": 0.012, "cuda": 0.012}
+ONNX_SPEEDUP: dict[str, float | None] = {"cpu": 3.15, "cuda": 3.15}
 # torch.compile of a trainable trunk (compile="auto"): per device type, the number of training
 # images (epochs x images) from which the compilation pays, or None with what was measured
 # (docs/benchmarks.md, "torch.compile for fine-tuning"; benchmarks/compile_training.py and
@@ -80,6 +89,7 @@ COMPILE_TRAIN_BREAK_EVEN: dict[str, tuple[int | None, str]] = {
                   "after 414 s and 556 s of compilation, so it never pays reliably"),
     "cuda": (None, "not measured on a GPU yet (benchmarks/gpu_throughput.py measures the break-even)"),
 }
+PREPARED = ("onnxruntime", "compile")  # engines with a preparation cost weighed before they are timed
 STORE_FORMAT = 1
 _RUNTIMES: dict[tuple, Callable] = {}  # prepared engines of this process, reused by the feature pass
 _VERIFIED: dict[tuple, float] = {}  # (runtime key, example digest) -> relative difference from eager fp32
@@ -124,35 +134,53 @@ def leaf_modules(module: nn.Module) -> int:
     return sum(1 for m in module.modules() if not any(True for _ in m.children()))
 
 
-def compile_estimate(device_type: str, n_modules: int, *, load: float | None = None) -> float:
-    """Estimated seconds to compile the frozen pass of a trunk with ``n_modules`` leaf modules:
-    on a quiet machine, times the machine's load per CPU when that is above 1 (``load``:
-    default the 1-minute load average over the CPU count; the compilation shares the CPUs,
-    as the eager pass it is weighed against does)."""
-    quiet = COMPILE_SECONDS_BASE.get(device_type, 15.0) + COMPILE_SECONDS_PER_MODULE.get(device_type, 0.12) * n_modules
+def compile_estimate(device_type: str, n_modules: int, *, load: float | None = None, engine: str = "compile") -> float:
+    """Estimated seconds to prepare ``engine`` (``"compile"``: compile the frozen pass;
+    ``"onnxruntime"``: export it, open a session and time it) for a trunk with ``n_modules``
+    leaf modules: on a quiet machine, times the machine's load per CPU when that is above 1
+    (``load``: default the 1-minute load average over the CPU count; the preparation shares
+    the CPUs, as the eager pass it is weighed against does)."""
+    base, per = (ONNX_SECONDS_BASE, ONNX_SECONDS_PER_MODULE) if engine == "onnxruntime" else \
+        (COMPILE_SECONDS_BASE, COMPILE_SECONDS_PER_MODULE)
+    quiet = base.get(device_type, base["cpu"]) + per.get(device_type, per["cpu"]) * n_modules
     if load is None:
         load = os.getloadavg()[0] / (os.cpu_count() or 1) if hasattr(os, "getloadavg") else 1.0
     return quiet * max(1.0, load)
 
 
 def compile_pays(device_type: str, *, n_images: int, eager_images_per_s: float, n_modules: int,
-                 load: float | None = None) -> tuple[bool, str]:
-    """Whether compiling the frozen pass can pay on ``n_images`` images: the time it would save
-    at the expected speed-up (``COMPILE_SPEEDUP``) against the estimated compile time.
+                 load: float | None = None, engine: str = "compile",
+                 fp32_images_per_s: float | None = None) -> tuple[bool, str]:
+    """Whether preparing ``engine`` for the frozen pass can pay on ``n_images`` images: the
+    time it would save at its expected (``COMPILE_SPEEDUP``) or best measured
+    (``ONNX_SPEEDUP``, over eager fp32) speed-up against the estimated preparation
+    (`compile_estimate`). ONNX Runtime computes in fp32: against an eager pass in bf16 or
+    fp16 its speed-up is scaled by ``fp32_images_per_s / eager_images_per_s`` (the eager
+    fp32 speed, from the reference batch).
 
     Example:
         >>> compile_pays("cpu", n_images=400, eager_images_per_s=35.0, n_modules=150, load=1.0)[0]
         False
+        >>> compile_pays("cpu", n_images=398, eager_images_per_s=48.7, n_modules=200, load=1.0,
+        ...              engine="onnxruntime")[1]  # eager fp32
+        'estimated 2.8 s to export and time 200 modules < the 5.6 s it would save on 398 images at 3.15x'
+        >>> compile_pays("cpu", n_images=398, eager_images_per_s=96.5, n_modules=200, load=1.0,
+        ...              engine="onnxruntime", fp32_images_per_s=48.7)[1]  # eager bf16, twice as fast
+        'estimated 2.8 s to export and time 200 modules > the 1.5 s it would save on 398 images at 1.59x'
     """
-    speedup = COMPILE_SPEEDUP.get(device_type)
+    onnx = engine == "onnxruntime"
+    speedup = (ONNX_SPEEDUP if onnx else COMPILE_SPEEDUP).get(device_type)
     if speedup is None:
-        return False, f"no measured speed-up of the compiled pass on {device_type} (compile it with " \
-                      "feature_engine='compile')"
-    cost = compile_estimate(device_type, n_modules, load=load)
+        return False, f"no measured speed-up of the {engine} pass on {device_type} (force it with " \
+                      f"feature_engine={engine!r})"
+    if onnx and fp32_images_per_s is not None:
+        speedup = max(1.0, speedup * fp32_images_per_s / max(eager_images_per_s, 1e-9))
+    cost = compile_estimate(device_type, n_modules, load=load, engine=engine)
     saved = n_images / max(eager_images_per_s, 1e-9) * (1 - 1 / speedup)
     pays = saved > cost
-    return pays, (f"estimated {cost:.0f} s to compile {n_modules} modules {'<' if pays else '>'} the "
-                  f"{saved:.0f} s it would save on {n_images} images at {speedup:g}x")
+    what, digits = ("export and time", 1) if onnx else ("compile", 0)
+    return pays, (f"estimated {cost:.{digits}f} s to {what} {n_modules} modules {'<' if pays else '>'} the "
+                  f"{saved:.{digits}f} s it would save on {n_images} images at {speedup:.3g}x")
 
 
 def time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: torch.device, precision: str,
@@ -163,8 +191,8 @@ def time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: t
     ``batches[0]`` with eager fp32.
 
     Returns ``{engine: {"images_per_s", "max_abs_diff", "rel_diff", "precision",
-    "setup_s"}}``, or ``{engine: {"skipped": why}}`` (``compile`` when `compile_pays` says
-    no for ``n_images``) or ``{engine: {"error": what failed}}``. The engines are timed
+    "setup_s"}}``, or ``{engine: {"skipped": why}}`` (``onnxruntime`` or ``compile`` when
+    `compile_pays` says its preparation cannot pay on ``n_images``) or ``{engine: {"error": what failed}}``. The engines are timed
     round-robin (``rounds`` rounds, the fastest round of each counts: the least disturbed by
     other load). ``batches[0]`` warms each engine up and is compared; the others are timed.
     """
@@ -178,14 +206,20 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
                   rounds: int) -> dict[str, dict[str, Any]]:
     # batches[0]: the first call of each engine (warm-up, compilation) and the comparison with
     # eager fp32; the others (or batches[0] when alone) are timed
-    ref = _eager_fp32(model, batches[0], device, channels_last) if precision != "fp32" else None
+    fp32_ips = None  # eager fp32's speed on the reference batch (a first call: a low estimate)
+    if precision != "fp32":
+        t0 = time.perf_counter()
+        ref = _eager_fp32(model, batches[0], device, channels_last)
+        fp32_ips = len(batches[0]) / max(time.perf_counter() - t0, 1e-9)
+    else:
+        ref = None
     out: dict[str, dict[str, Any]] = {}
     runners: dict[str, Callable] = {}
     first_ips = 0.0
     for name in ["eager", *[c for c in candidates if c != "eager"]]:
-        if name == "compile" and n_images is not None:
+        if name in PREPARED and n_images is not None:
             pays, why = compile_pays(device.type, n_images=n_images, n_modules=leaf_modules(model),
-                                     eager_images_per_s=first_ips)
+                                     eager_images_per_s=first_ips, engine=name, fp32_images_per_s=fp32_ips)
             if not pays:
                 out[name] = {"skipped": why}
                 continue
@@ -211,6 +245,8 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
         runners[name] = fwd
         if name == "eager":  # eager's speed alone first (for compile_pays): its first timed round
             first_ips = _fastest(runners, batches[1:] or batches[:1], 1, device)["eager"]
+            if fp32_ips is not None:
+                out[name]["fp32_images_per_s"] = fp32_ips
     timed = _fastest(runners, batches[1:] or batches[:1], rounds, device, done={"eager": first_ips})
     for name, ips in timed.items():
         out[name]["images_per_s"] = ips
@@ -260,9 +296,10 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
     data = read_json_object(store) if store is not None else {}
     saved = data.get(key, {}).get("measured") if isinstance(data.get(key), dict) else None
     if isinstance(saved, dict) and "eager" in saved:
-        missing = [c for c in candidates if c not in saved or ("skipped" in saved[c] and c == "compile" and
+        missing = [c for c in candidates if c not in saved or ("skipped" in saved[c] and c in PREPARED and
                    compile_pays(device.type, n_images=n_images, n_modules=leaf_modules(model),
-                                eager_images_per_s=saved["eager"].get("images_per_s", 1.0))[0])]
+                                eager_images_per_s=saved["eager"].get("images_per_s", 1.0), engine=c,
+                                fp32_images_per_s=saved["eager"].get("fp32_images_per_s"))[0])]
         if not missing:
             return {c: {**saved[c], "stored": True} for c in ["eager", *candidates] if c in saved}
     measured = time_engines(model, batches, device=device, precision=precision, channels_last=channels_last,

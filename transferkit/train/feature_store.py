@@ -445,21 +445,32 @@ class HeadBatches:
         per_block = max(1, min(parts, self.block_bytes // max(self.part_bytes, 1)))
         blocks = [list(range(b, min(b + per_block, parts))) for b in range(0, parts, per_block)]
         for k in torch.randperm(len(blocks), generator=g).tolist():
-            xs, ys = [], []
-            for p in blocks[k]:  # consecutive parts: one long sequential read
-                start, _ = self.store.part_range(p)
-                f, t, m = self.store.read_part(p, mmap=False)
-                x, y = self.store.to_torch(f), torch.from_numpy(t)
-                if self.store.views == 1 and m.all():
-                    xs.append(x[0])
-                    ys.append(y)
-                    continue
-                rows = torch.from_numpy(np.flatnonzero(m))
-                xs.append(x[0][rows] if self.store.views == 1 else x[self._views(rows + start), rows])
-                ys.append(y[rows])
-            x, y = (torch.cat(xs), torch.cat(ys)) if len(xs) > 1 else (xs[0], ys[0])
+            x, y = self._read_block(blocks[k])
             perm = torch.randperm(len(y), generator=g)
             yield x[perm].float().to(self.device), y[perm].to(self.device)
+
+    def _read_block(self, parts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The valid rows of consecutive ``parts`` (one long sequential read), copied once from
+        the memory-mapped files into one array (each sample's view chosen when there are several)."""
+        rows_max = sum(b - a for a, b in map(self.store.part_range, parts))
+        buf: np.ndarray | None = None
+        ys, n = [], 0
+        for p in parts:
+            start, _ = self.store.part_range(p)
+            f, t, m = self.store.read_part(p)
+            rows = None if m.all() else np.flatnonzero(m)
+            if self.store.views == 1:
+                src = f[0] if rows is None else f[0][rows]
+            else:  # the view of each row, seeded per (seed, epoch, sample)
+                idx = np.arange(len(m)) if rows is None else rows
+                src = f[self._views(torch.from_numpy(idx + start)).numpy(), idx]
+            if buf is None:
+                buf = np.empty((rows_max, self.store.dim), dtype=f.dtype)
+            buf[n:n + len(src)] = src
+            ys.append(t if rows is None else t[rows])
+            n += len(src)
+        assert buf is not None
+        return self.store.to_torch(buf[:n]), torch.from_numpy(np.concatenate(ys) if len(ys) > 1 else ys[0])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))

@@ -296,3 +296,25 @@ def test_reopening_trusts_untouched_parts_and_hashes_changed_ones(tmp_path, monk
     hashed.clear()
     assert store.missing_parts(verify=True) == [] and hashed == []
     assert store.report()["masked_samples"] == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_head_batches_by_blocks_leave_out_masked_rows_and_pick_one_view_per_sample(tmp_path, dtype):
+    n, dim, views = 300, 4, 2
+    store = ShardedFeatureStore.open(tmp_path, "k", num_samples=n, part_size=64, dim=dim, views=views, dtype=dtype)
+    for p in store.missing_parts():
+        a, b = store.part_range(p)
+        idx = torch.arange(a, b, dtype=torch.float32) % 8  # exact in bf16 too
+        feats = torch.stack([idx[:, None].expand(-1, dim) + 0.5 * v for v in range(views)])  # row i, view v: i%8 + v/2
+        mask = torch.ones(b - a, dtype=torch.bool)
+        if p == 1:
+            mask[3] = False  # sample 67 could not be read
+        store.write_part(p, feats.to(getattr(torch, dtype)), torch.arange(a, b), mask)
+    memory, blocks = store.batches(32, seed=5, memory_budget=1 << 30), store.batches(32, seed=5, memory_budget=0)
+    assert (memory.mode, blocks.mode) == ("memory", "blocks")
+    for hb in (memory, blocks):
+        hb.set_epoch(1)
+        x, y = map(torch.cat, zip(*list(hb)))
+        assert sorted(y.tolist()) == [i for i in range(n) if i != 67]  # each valid sample once
+        v = x[:, 0] - (y % 8).float()
+        assert set(v.tolist()) == {0.0, 0.5} and (x == x[:, :1]).all()  # one stored view per row, whole rows

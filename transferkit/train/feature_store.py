@@ -99,6 +99,25 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _read_into(path: Path, out: np.ndarray) -> None:
+    """Read the array of the ``.npy`` file ``path`` (C order, ``out``'s bytes) into ``out`` with
+    large reads (a copy from a memory map faults each page in on its own: slower)."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(fh)
+        if fortran or dtype != out.dtype or int(np.prod(shape)) != out.size:
+            raise DataError(f"{str(path)!r} holds {shape} {dtype}, expected {out.shape} {out.dtype}.")
+        view = memoryview(out).cast("B")
+        got = 0
+        while got < len(view):
+            k = fh.readinto(view[got:])
+            if not k:
+                raise DataError(f"{str(path)!r} ends early: {got} of {len(view)} bytes.")
+            got += k
+
+
 def _dtype_name(dtype: Any) -> str:
     name = str(dtype).replace("torch.", "")
     name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(
@@ -408,8 +427,9 @@ class HeadBatches:
             self.feats, self.targets = feats.to(self.device), targets.to(self.device)
             self.valid = torch.nonzero(mask).flatten()
             self.valid_count = len(self.valid)
-        else:
-            self.valid_count = sum(int(store.read_part(p)[2].sum()) for p in range(store.num_parts))
+        else:  # targets and masks (a few bytes per sample) stay in memory: an epoch reads features only
+            self.labels = [store.read_part(p)[1:] for p in range(store.num_parts)]
+            self.valid_count = sum(int(m.sum()) for _, m in self.labels)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -453,23 +473,27 @@ class HeadBatches:
         """The valid rows of consecutive ``parts`` (one long sequential read), copied once from
         the memory-mapped files into one array (each sample's view chosen when there are several)."""
         rows_max = sum(b - a for a, b in map(self.store.part_range, parts))
-        buf: np.ndarray | None = None
+        buf = np.empty((rows_max, self.store.dim), dtype=DTYPES[self.store.dtype])
         ys, n = [], 0
         for p in parts:
             start, _ = self.store.part_range(p)
-            f, t, m = self.store.read_part(p)
+            t, m = self.labels[p]
             rows = None if m.all() else np.flatnonzero(m)
+            path = self.store._part_dir(p) / "features.npy"
+            if self.store.views == 1 and rows is None:  # the common case: read the file into place
+                _read_into(path, buf[n:n + len(m)])
+                ys.append(t)
+                n += len(m)
+                continue
+            f = np.load(path, mmap_mode="r")
             if self.store.views == 1:
-                src = f[0] if rows is None else f[0][rows]
+                src = f[0][rows]
             else:  # the view of each row, seeded per (seed, epoch, sample)
                 idx = np.arange(len(m)) if rows is None else rows
                 src = f[self._views(torch.from_numpy(idx + start)).numpy(), idx]
-            if buf is None:
-                buf = np.empty((rows_max, self.store.dim), dtype=f.dtype)
             buf[n:n + len(src)] = src
             ys.append(t if rows is None else t[rows])
             n += len(src)
-        assert buf is not None
         return self.store.to_torch(buf[:n]), torch.from_numpy(np.concatenate(ys) if len(ys) > 1 else ys[0])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

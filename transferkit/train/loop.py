@@ -241,12 +241,11 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
                 train_loader.sampler.set_epoch(epoch * passes + i)
             desc = f"epoch {epoch + 1}/{shown}" + (f" pass {i + 1}/{passes}" if passes > 1 else "")
             got = _train_and_validate(module, runner, train_loader, val_loader, loop, epoch, desc, verbose=main)
-            value = got.get(monitor)
-            if passes > 1 and (row is None or (value is not None and _improved(value, {"epoch": 0, **row}, monitor,
-                                                                                      mode))):
-                row, kept = {**got, "passes": passes, "best_pass": i + 1}, copy.deepcopy(module.state_dict())
-            elif passes == 1:
+            if passes == 1:
                 row = got
+            elif row is None or got.get(monitor) is None or _improved(got[monitor], {"epoch": 0, **row}, monitor,
+                                                                      mode):  # no monitor: the last pass
+                row, kept = {**got, "passes": passes, "best_pass": i + 1}, copy.deepcopy(module.state_dict())
         assert row is not None
         if kept is not None and row["best_pass"] < passes:
             module.load_state_dict(kept)

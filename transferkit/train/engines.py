@@ -192,7 +192,8 @@ def time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: t
 
     Returns ``{engine: {"images_per_s", "max_abs_diff", "rel_diff", "precision",
     "setup_s"}}``, or ``{engine: {"skipped": why}}`` (``onnxruntime`` or ``compile`` when
-    `compile_pays` says its preparation cannot pay on ``n_images``) or ``{engine: {"error": what failed}}``. The engines are timed
+    `compile_pays` says its preparation cannot pay on ``n_images``) or ``{engine: {"error":
+    what failed}}``. The engines are timed
     round-robin (``rounds`` rounds, the fastest round of each counts: the least disturbed by
     other load). ``batches[0]`` warms each engine up and is compared; the others are timed.
     """

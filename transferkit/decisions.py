@@ -173,10 +173,9 @@ class Decisions:
         ]
         phases = self.policy.lr_phases(cfg.epochs)
         if len(phases) > 1:  # fine_tune: one schedule per phase
-            passes = self.head_passes
-            lines.append(f"  phases:   {_plural(phases[0][0], 'epoch')} of the head alone at lr {self.lr:.3g}"
-                         + (f" ({passes} passes over the cached features per epoch, the best kept)" if passes > 1 else "")
-                         + ", then "
+            passes = f" ({self.head_passes} passes over the cached features per epoch, the best kept)" \
+                if self.head_passes > 1 else ""
+            lines.append(f"  phases:   {_plural(phases[0][0], 'epoch')} of the head alone at lr {self.lr:.3g}{passes}, then "
                          f"{_plural(phases[1][0], 'epoch')} at lr {self.lr * phases[1][1]:.3g} (x {phases[1][1]:g}), "
                          f"each with its own {cfg.schedule} schedule")
         if groups:

@@ -607,3 +607,11 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def update_json_object(path: str | Path, key: str, value: Any, *, what: str = "file") -> None:
+    """Set ``key`` to ``value`` in the JSON object stored in ``path`` (the timing stores under
+    ``cache_dir``), written atomically; an unreadable file starts afresh."""
+    data = read_json_object(path)
+    data[key] = value
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True)), what=what)

@@ -1,4 +1,4 @@
-"""Small helpers for text meant for people: counted nouns and wrapped lines."""
+"""Small helpers for text meant for people: counted nouns, wrapped lines, errors as reasons."""
 
 from __future__ import annotations
 
@@ -38,3 +38,9 @@ def wrap_lines(text: str, width: int = 100) -> str:
         out.append(textwrap.fill(line[len(lead):], width=width, initial_indent=lead, subsequent_indent=indent,
                                  break_on_hyphens=False, break_long_words=False))
     return "\n".join(out)
+
+
+def exception_line(exc: BaseException, limit: int = 300) -> str:
+    """``"Type: first line of the message"`` (at most ``limit`` characters of it): an error as a reason."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:limit] if text else ''}"

@@ -46,7 +46,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from transferkit._io import atomic_write, read_json_object
+from transferkit._io import read_json_object, update_json_object
+from transferkit._text import exception_line
 from transferkit.backbones._base import InputSpec
 from transferkit.data.images import load_image
 from transferkit.data.sampling import EpochSampler, SeededItems, default_num_workers, mix_seed
@@ -345,15 +346,11 @@ def input_decode_facts(requested: str, *, parts: dict[str, Any], spec: InputSpec
     try:
         measured = time_decoders(train, spec, device=device, batch_size=batch_size, num_workers=workers)
     except Exception as exc:  # noqa: BLE001 - a timing that fails is the reason for the CPU path, never an error
-        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        out["skipped"] = f"timing failed: {type(exc).__name__}: {msg}"
+        out["skipped"] = f"timing failed: {exception_line(exc)}"
         return out
     out["measured"] = measured
     if store is not None:
-        data = read_json_object(store)
-        data[key] = {"format": STORE_FORMAT, "measured": measured}
-        atomic_write(store, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True)),
-                     what="input-decode timing store")
+        update_json_object(store, key, {"format": STORE_FORMAT, "measured": measured}, what="input-decode timing store")
     return out
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -50,7 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferkit._io import atomic_write, read_json_object
+from transferkit._io import atomic_write, read_json_object, update_json_object
+from transferkit._text import exception_line
 from transferkit.data.fingerprint import module_fingerprint
 from transferkit.errors import ConfigError
 from transferkit.model import AudioPreprocess, ImagePreprocess, TransferModel
@@ -231,8 +231,7 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
             with torch.no_grad():
                 got = fwd(batches[0]).float().cpu()  # the first call (compiles, warms up)
         except Exception as exc:  # an engine that fails here is reported and skipped
-            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            out[name] = {"error": f"{type(exc).__name__}: {msg}"}
+            out[name] = {"error": exception_line(exc)}
             continue
         setup = time.perf_counter() - t0
         if ref is None:  # eager in fp32 is the reference
@@ -306,10 +305,7 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
     measured = time_engines(model, batches, device=device, precision=precision, channels_last=channels_last,
                             candidates=candidates, cache_dir=cache_dir, n_images=n_images)
     if store is not None:
-        data = read_json_object(store)
-        data[key] = {"format": STORE_FORMAT, "measured": measured}
-        atomic_write(store, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True)),
-                     what="engine timing store")
+        update_json_object(store, key, {"format": STORE_FORMAT, "measured": measured}, what="engine timing store")
     return measured
 
 

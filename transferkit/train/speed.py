@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferkit._io import atomic_write, read_json_object
+from transferkit._io import read_json_object, update_json_object
 from transferkit.errors import ConfigError, check_choice
 from transferkit.hardware import CONV_SHARE_CHANNELS_LAST, CONV_SHARE_CONTIGUOUS, conv_share, cpu_bf16_native, device_bf16
 
@@ -327,9 +326,7 @@ def measure_layout(trunk: nn.Module, device: torch.device, *, image_size: int = 
                   "contiguous speed")
     _LAYOUT_CACHE[key] = result
     if store is not None:
-        data = read_json_object(Path(store))
-        data[key] = {"channels_last": on, "reason": result[1]}
-        atomic_write(store, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True)))
+        update_json_object(store, key, {"channels_last": on, "reason": result[1]}, what="layout timing store")
     return result
 
 

@@ -24,6 +24,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_nodes(commands: list[list[str]], env: dict[str, str], *, timeout: int, what: str) -> None:
+    """Run one torchrun command per simulated node and wait for all; each must exit 0."""
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for cmd in commands]
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"the two-node {what} did not end within {timeout} s")
+        assert p.returncode == 0, err[-3000:]
+
+
 def test_two_nodes_fill_the_store_bit_for_bit_and_end_with_the_same_head(tmp_path):
     runner = Path(sys.executable).with_name("torchrun")
     port = _free_port()
@@ -31,18 +45,9 @@ def test_two_nodes_fill_the_store_bit_for_bit_and_end_with_the_same_head(tmp_pat
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = tmp_path / "out"
     out.mkdir()
-    procs = [subprocess.Popen([str(runner), "--nnodes=2", "--nproc_per_node=1", f"--node_rank={n}",
-                               "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER),
-                               str(tmp_path / "store"), str(out)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True) for n in range(2)]
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("the two-node job did not end within 240 s")
-        assert p.returncode == 0, err[-3000:]
+    _two_nodes([[str(runner), "--nnodes=2", "--nproc_per_node=1", f"--node_rank={n}", "--master_addr=127.0.0.1",
+                 f"--master_port={port}", str(WORKER), str(tmp_path / "store"), str(out)] for n in range(2)],
+               env, timeout=240, what="job")
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["mode"] == "blocks"
     for k in ranks[0]["weights"]:
@@ -79,19 +84,10 @@ def test_two_nodes_finetune_through_the_store_like_one_process(tmp_path, monkeyp
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = tmp_path / "out"
     out.mkdir()
-    procs = [subprocess.Popen([str(runner), "--nnodes=2", "--nproc_per_node=1", f"--node-rank={n}",
-                               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=store",
-                               str(WORKER.with_name("store_finetune_worker.py")), str(images),
-                               str(tmp_path / ("shared" if cache == "shared" else "node{node}")), str(out)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True) for n in range(2)]
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("the two-node finetune did not end within 300 s")
-        assert p.returncode == 0, err[-3000:]
+    _two_nodes([[str(runner), "--nnodes=2", "--nproc_per_node=1", f"--node-rank={n}", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=store", str(WORKER.with_name("store_finetune_worker.py")),
+                 str(images), str(tmp_path / ("shared" if cache == "shared" else "node{node}")), str(out)]
+                for n in range(2)], env, timeout=300, what="finetune")
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
     for k in ranks[0]["head"]:
         assert torch.equal(ranks[0]["head"][k], ranks[1]["head"][k])  # every rank the same head

@@ -246,3 +246,23 @@ def test_the_frozen_phase_keeps_its_best_pass_as_feature_extraction_of_that_leng
     assert first["best_pass"] == fe.best["epoch"] and first["val_acc"] == fe.best["val_acc"]
     assert first["val_loss"] == pytest.approx(fe.best["val_loss"], rel=1e-6)
     assert ft.best["val_acc"] >= fe.best["val_acc"]
+
+
+def test_fit_keeps_the_weights_of_the_best_pass():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from transferkit.train.loop import Loop, evaluate, fit
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = (x[:, 0] > 0).long()
+    train = DataLoader(TensorDataset(x, y), batch_size=16)
+    val = DataLoader(TensorDataset(x, 1 - y), batch_size=64)  # the opposite labels: every pass makes it worse
+    head = torch.nn.Linear(4, 2)
+    loop = Loop(optimizer=torch.optim.SGD(head.parameters(), lr=0.5), loss_fn=torch.nn.CrossEntropyLoss(),
+                set_mode=lambda e: head.train(), monitor="val_loss", restore_best=False, verbose=False)
+    history, _ = fit(head, train, val, loop, epochs=1, passes=4)
+    row = history[0]
+    assert row["passes"] == 4 and row["best_pass"] == 1
+    kept = evaluate(head, val, loss_fn=torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), task="multiclass")
+    assert kept["loss"] == pytest.approx(row["val_loss"], rel=1e-6)  # the first pass's weights, not the last's

@@ -324,3 +324,8 @@ def test_every_frozen_epochs_policy_round_trips_through_its_string(unfreeze, fro
     assert Policy.parse(str(p)) == p
     sched = p.schedule(BLOCKS, 6)
     assert sched[:frozen] == [[]] * min(frozen, 6) and all(s for s in sched[frozen:])
+
+
+def test_a_bad_passes_option_says_what_it_takes():
+    with pytest.raises(PolicyError, match=r"passes= needs a number of passes \(e.g. passes=5\) or passes=epochs"):
+        Policy.parse("fine_tune:passes=many")

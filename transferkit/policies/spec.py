@@ -488,7 +488,12 @@ def _bool(key: str, v: str) -> bool:
 
 
 def _passes(key: str, v: str) -> int:
-    return 0 if v.strip().lower() == "epochs" else _int(key, v)
+    if v.strip().lower() == "epochs":
+        return 0
+    if not v.isdigit():
+        raise PolicyError(f"Policy option {key}= needs a number of passes (e.g. passes=5) or passes=epochs (as "
+                          f"many as the run's epochs), got {v!r}.")
+    return int(v)
 
 
 def _str(key: str, v: str) -> str:

@@ -329,3 +329,5 @@ def test_every_frozen_epochs_policy_round_trips_through_its_string(unfreeze, fro
 def test_a_bad_passes_option_says_what_it_takes():
     with pytest.raises(PolicyError, match=r"passes= needs a number of passes \(e.g. passes=5\) or passes=epochs"):
         Policy.parse("fine_tune:passes=many")
+    with pytest.raises(PolicyError, match="passes=epochs"):
+        Policy.parse("fine_tune:passes=0")

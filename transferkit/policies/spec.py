@@ -490,7 +490,7 @@ def _bool(key: str, v: str) -> bool:
 def _passes(key: str, v: str) -> int:
     if v.strip().lower() == "epochs":
         return 0
-    if not v.isdigit():
+    if not v.isdigit() or int(v) < 1:
         raise PolicyError(f"Policy option {key}= needs a number of passes (e.g. passes=5) or passes=epochs (as "
                           f"many as the run's epochs), got {v!r}.")
     return int(v)

@@ -43,4 +43,3 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: tor
                       pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
                       drop_last=drop_last and len(sampler) > batch_size,
                       prefetch_factor=4 if num_workers > 0 else None)
-

@@ -315,3 +315,18 @@ def test_from_torchscript_is_a_frozen_extractor(tmp_path):
     assert Policy.parse("full").frozen_phase_epochs(bb.block_names, 3) == 3  # finetune() caches its features
     with pytest.raises(BackboneError, match="from_module"):
         from_torchscript(_Net())
+
+
+def test_timm_output_shape_real_and_fake_agree(monkeypatch):
+    """A small model's pooled-output check runs one real image; a large one runs on fake
+    tensors: both give the same shape (and a feature map is reported as one)."""
+    import timm
+
+    from transferkit.backbones import timm_source
+
+    pooled = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    unpooled = timm.create_model("resnet10t", pretrained=False, num_classes=0, global_pool="")
+    real = [timm_source.output_shape(m, img_size=64) for m in (pooled, unpooled)]
+    monkeypatch.setattr(timm_source, "REAL_SHAPE_CHECK_PARAMS", 0)
+    fake = [timm_source.output_shape(m, img_size=64) for m in (pooled, unpooled)]
+    assert real == fake == [(1, 512), (1, 512, 2, 2)]

@@ -259,3 +259,35 @@ def test_probe_from_the_store_and_its_memory_refusal(image_folder, tmp_path, mon
     monkeypatch.setattr(probe, "available_memory", lambda: 1000)
     with pytest.raises(tk.ConfigError, match="head='logistic' holds the training features in memory as float32"):
         tk.linear_probe("tk:small_cnn", cache_dir=tmp_path / "cache", **kw)
+
+
+def test_cpu_feature_pass_decodes_a_block_before_computing_it(monkeypatch):
+    """When the decoding workers would share the CPU's cores with the computation, the pass
+    draws a block of batches first, then computes them (no interleaving); on another device,
+    or with cores to spare, it computes each batch as it arrives. The features are the same."""
+    from transferkit.data import sampling
+    from transferkit.train.features import extract_features
+
+    log = []
+
+    class Loader:
+        num_workers = 1
+
+        def __iter__(self):
+            for i in range(4):
+                log.append(f"read {i}")
+                yield torch.full((2, 3), float(i)), torch.tensor([i, i])
+
+    def forward(x):
+        log.append(f"compute {int(x[0, 0])}")
+        return x * 2
+
+    lin = torch.nn.Linear(3, 3)
+    monkeypatch.setattr(sampling, "usable_cpus", lambda: 1)  # 1 worker + torch's threads > 1 CPU
+    shared, _ = extract_features(lin, Loader(), torch.device("cpu"), forward=forward)
+    assert log == [f"read {i}" for i in range(4)] + [f"compute {i}" for i in range(4)]
+    log.clear()
+    monkeypatch.setattr(sampling, "usable_cpus", lambda: torch.get_num_threads() + 1)  # a core to spare
+    spare, _ = extract_features(lin, Loader(), torch.device("cpu"), forward=forward)
+    assert log == [s for i in range(4) for s in (f"read {i}", f"compute {i}")]
+    assert torch.equal(shared, spare)

@@ -256,6 +256,41 @@ def test_onnxruntime_is_timed_only_where_its_export_can_pay(monkeypatch):
     assert engine == "eager" and "onnxruntime skipped: estimated" in why
 
 
+def test_timing_rounds_stop_once_the_fastest_leads_clearly():
+    """Rounds after the first are run only while the ranking could still change: not for a
+    lone engine, not once one engine leads the others by ``CLEAR_LEAD``."""
+    calls = {"slow": 0, "fast": 0, "close": 0}
+
+    def runner(name, seconds):
+        def fwd(x):
+            calls[name] += 1
+            import time
+            time.sleep(seconds)
+            return x
+        return fwd
+
+    batches = [torch.zeros(2, 1)]
+    eng._fastest({"slow": runner("slow", 0.02), "fast": runner("fast", 0.002)}, batches, 3, CPU)
+    assert calls["slow"] == calls["fast"] == 1  # a 10x lead after one round: the other rounds cannot reverse it
+    calls.update(slow=0, close=0)
+    eng._fastest({"slow": runner("slow", 0.01), "close": runner("close", 0.009)}, batches, 3, CPU)
+    assert calls["slow"] == calls["close"] == 3  # close: every round is run
+    calls.update(slow=0, fast=0)
+    eng._fastest({"slow": runner("slow", 0.02), "fast": runner("fast", 0.002)}, batches, 3, CPU,
+                 done={"slow": 100.0})
+    assert calls["slow"] == 0 and calls["fast"] == 1  # done already timed: its first round is not repeated
+    calls.update(fast=0)
+    m, x = _model(), _batch()
+    seen = []
+    real = eng._fastest
+    eng_calls = lambda *a, **k: seen.append(list(a[0])) or real(*a, **k)  # noqa: E731
+    import unittest.mock
+    with unittest.mock.patch.object(eng, "_fastest", eng_calls):
+        out = eng.time_engines(m, [x, _batch(seed=2)], device=CPU, precision="fp32", channels_last=False,
+                               candidates=[], rounds=3)
+    assert seen == [["eager"]] and out["eager"]["images_per_s"] > 0  # eager alone: its first round only
+
+
 @pytest.mark.slow  # torch.compile (inductor) takes minutes on a 2-core CPU
 def test_forced_compile_gives_the_eager_fp32_features():
     m, x = _model(), _batch()

@@ -140,13 +140,61 @@ def default_num_workers(dataset: Any, world_size: int = 1) -> int:
     """
     if not hasattr(dataset, "samples"):
         return 0
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     local = os.environ.get("LOCAL_WORLD_SIZE", "")
     per_node = int(local) if local.isdigit() and int(local) > 0 else max(world_size, 1)
     return max(0, min(8, cpus // per_node))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+READ_AHEAD_BYTES = 256 * 2**20
+
+
+def decode_then_compute(loader: Any, device: Any) -> bool:
+    """Whether a CPU pass over ``loader`` should let its workers decode a block of batches
+    and then compute the block (`in_blocks`), rather than compute while they decode: on a
+    CPU whose cores the compute threads and the decoding workers would share
+    (``num_workers + torch threads > usable CPUs``), interleaving them slows both (a
+    worker that takes a core from a multi-threaded kernel stalls all its threads). On a GPU,
+    or with cores to spare, decoding overlaps computing as usual.
+
+    Example:
+        >>> class L:
+        ...     num_workers = usable_cpus()
+        >>> decode_then_compute(L(), torch.device("cpu")), decode_then_compute(L(), torch.device("meta"))
+        (True, False)
+    """
+    workers = int(getattr(loader, "num_workers", 0) or 0)
+    return getattr(device, "type", device) == "cpu" and workers > 0 and \
+        workers + torch.get_num_threads() > usable_cpus()
+
+
+def in_blocks(batches: Any, budget_bytes: int = READ_AHEAD_BYTES) -> Iterator[Any]:
+    """The items of ``batches``, read ahead a block at a time: batches are drawn until they
+    hold ``budget_bytes`` of tensors (or the iterable ends), then handed out one by one; the
+    next block is drawn only when the consumer has taken the whole block.
+
+    Example:
+        >>> list(in_blocks([(torch.zeros(2), 0), (torch.zeros(2), 1), (torch.zeros(2), 2)], budget_bytes=16))
+        [(tensor([0., 0.]), 0), (tensor([0., 0.]), 1), (tensor([0., 0.]), 2)]
+    """
+    block: list[Any] = []
+    size = 0
+    for item in batches:
+        block.append(item)
+        size += sum(t.numel() * t.element_size() for t in (item if isinstance(item, (tuple, list)) else (item,))
+                    if isinstance(t, torch.Tensor))
+        if size >= budget_bytes:
+            yield from block
+            block, size = [], 0
+    yield from block
 
 
 def seed_everything(seed: int) -> None:

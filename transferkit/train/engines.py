@@ -63,6 +63,8 @@ TOLERANCE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}
 MIN_SPEEDUP = 1.05  # another engine must beat eager by this factor (timing noise on a shared machine)
 MIN_IMAGES_TO_TIME = 256  # below this the timing (about 4 eager batch passes + an export) costs more than it saves
 TIMED_ROUNDS = 2  # rounds of the timing; each candidate's fastest round counts
+CLEAR_LEAD = 1.5  # the timing stops once one engine leads all others by this factor (round-to-round noise
+#                   on a shared 2-core machine was up to 1.3x)
 # Compile time of the frozen pass (inductor), estimated as a base plus a share per leaf module
 # of the trunk, and the speed-up of the compiled pass over eager, used to decide whether
 # compiling can pay (docs/benchmarks.md, "The engine of the frozen pass"): Lite0 (198 leaf
@@ -247,7 +249,9 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
             first_ips = _fastest(runners, batches[1:] or batches[:1], 1, device)["eager"]
             if fp32_ips is not None:
                 out[name]["fp32_images_per_s"] = fp32_ips
-    timed = _fastest(runners, batches[1:] or batches[:1], rounds, device, done={"eager": first_ips})
+    # eager alone (every other candidate skipped or failed): nothing to compare it with, its first round serves
+    timed = {"eager": first_ips} if list(runners) == ["eager"] else \
+        _fastest(runners, batches[1:] or batches[:1], rounds, device, done={"eager": first_ips})
     for name, ips in timed.items():
         out[name]["images_per_s"] = ips
     return out
@@ -256,10 +260,14 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
 def _fastest(runners: dict[str, Callable], batches: Sequence[torch.Tensor], rounds: int,
              device: torch.device, done: dict[str, float] | None = None) -> dict[str, float]:
     """Images/s of each runner on ``batches``, the fastest of ``rounds`` round-robin rounds;
-    ``done``: runners with a first round already timed (their speed), run one round less."""
+    ``done``: runners with a first round already timed (their speed), run one round less.
+    The rounds stop early once the fastest runner is ``CLEAR_LEAD`` times faster than every
+    other: no further round would change which is fastest."""
     best: dict[str, float] = dict(done or {})
     with torch.no_grad():
         for r in range(rounds):
+            if r and len(best) == len(runners) > 1 and _clear_lead(best):
+                break
             for name, fwd in runners.items():
                 if r == 0 and name in (done or {}):
                     continue
@@ -271,6 +279,12 @@ def _fastest(runners: dict[str, Callable], batches: Sequence[torch.Tensor], roun
                     torch.cuda.synchronize(device)
                 best[name] = max(best.get(name, 0.0), n / (time.perf_counter() - t0))
     return best
+
+
+def _clear_lead(speeds: dict[str, float]) -> bool:
+    """Whether the fastest of ``speeds`` leads the second by ``CLEAR_LEAD`` or more."""
+    top = sorted(speeds.values(), reverse=True)
+    return len(top) < 2 or top[0] >= CLEAR_LEAD * top[1]
 
 
 def engines_store_key(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, *, device: torch.device,

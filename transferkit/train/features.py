@@ -34,6 +34,7 @@ from transferkit.train.distributed import DistInfo, all_ranks, barrier, gather_r
 from transferkit._io import check_free_space, create_temp, file_digest, remove_stale_temps, reserve_blocks
 from transferkit.data.fingerprint import data_fingerprint, module_fingerprint, quick_fingerprint  # noqa: F401 (public here too)
 from transferkit.errors import OutputError
+from transferkit.data.sampling import decode_then_compute, in_blocks
 from transferkit.train.loaders import EpochSampler, make_loader, mix_seed
 
 CACHE_FORMAT = 2
@@ -86,14 +87,16 @@ class FeatureStore:
 
 def extract_features(model: Any, loader: DataLoader, device: torch.device, progress: Any = None,
                      forward: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model.features`` (or ``forward(x)``) over ``loader`` in eval mode; return CPU ``(features, targets)``."""
+    """Run ``model.features`` (or ``forward(x)``) over ``loader`` in eval mode; return CPU
+    ``(features, targets)``. On a CPU that the loader's workers share with the computation
+    the batches are decoded a block at a time, then computed (`decode_then_compute`)."""
     was_training = model.training
     model.eval()
     feats, targets = [], []
     fwd = forward or (lambda x: model.features(x.to(device, non_blocking=True)))
     try:
         with torch.no_grad():
-            for x, y in loader:
+            for x, y in in_blocks(loader) if decode_then_compute(loader, device) else loader:
                 feats.append(fwd(x).float().cpu())
                 targets.append(torch.as_tensor(y))
                 if progress is not None:

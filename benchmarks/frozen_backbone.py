@@ -86,22 +86,36 @@ def _spec(cfg: dict, image_size: int | None):
     return bb, resolve_input_spec(bb.input_spec, image_size)
 
 
-def plain(cfg: dict, args) -> dict:
-    """The tutorial's loop: ImageFolder + PIL transforms, the frozen backbone every epoch."""
+def _tutorial_transform(s):
+    from torchvision import transforms as T
+
+    interp = T.InterpolationMode(s.interpolation)
+    resize = T.Resize(s.resize_size, interp) if s.resize_size else T.Resize((s.image_size, s.image_size), interp)
+    return T.Compose([resize, T.CenterCrop(s.image_size), T.ToTensor(), T.Normalize(s.mean, s.std)])
+
+
+def plain(cfg: dict, args, features: dict | None = None) -> dict:
+    """The tutorial's loop: ImageFolder + PIL transforms, the frozen backbone every epoch.
+
+    ``features``: ``{"train": (features, targets), "val": ...}`` of this loop's trunk over
+    its (unshuffled) images: the loop runs its head on them in place of trunk(image), with
+    the same draws of the random generator: the same accuracy as the real loop at that seed,
+    without its backbone passes (the accuracy over many seeds, `plain_accuracy`)."""
     import torch
     from torchvision import datasets
-    from torchvision import transforms as T
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     bb, s = _spec(cfg, args.image_size)
-    interp = T.InterpolationMode(s.interpolation)
-    resize = T.Resize(s.resize_size, interp) if s.resize_size else T.Resize((s.image_size, s.image_size), interp)
-    tf = T.Compose([resize, T.CenterCrop(s.image_size), T.ToTensor(), T.Normalize(s.mean, s.std)])
-    ds = {p: datasets.ImageFolder(str(DATA / "hymenoptera" / p), tf) for p in ("train", "val")}
+    if features is None:
+        ds = {p: datasets.ImageFolder(str(DATA / "hymenoptera" / p), _tutorial_transform(s)) for p in ("train", "val")}
+        trunk = bb.trunk
+    else:
+        ds = {p: torch.utils.data.TensorDataset(*features[p]) for p in ("train", "val")}
+        trunk = torch.nn.Identity()
     loaders = {p: torch.utils.data.DataLoader(ds[p], batch_size=4, shuffle=p == "train", num_workers=args.workers,
                                               persistent_workers=args.workers > 0) for p in ds}
-    trunk, head = bb.trunk, torch.nn.Linear(bb.num_features, 2)
+    head = torch.nn.Linear(bb.num_features, 2)
     model = torch.nn.Sequential(trunk, head)
     for p in trunk.parameters():
         p.requires_grad_(False)
@@ -131,6 +145,31 @@ def plain(cfg: dict, args) -> dict:
             "speed": "fp32, contiguous (the tutorial)"}
 
 
+def plain_accuracy(cfg: dict, args) -> dict:
+    """The tutorial loop's best val accuracy at seeds 0..N-1: its trunk's fp32 features over
+    the images once, then `plain` on them per seed."""
+    import copy
+
+    import torch
+    from torchvision import datasets
+
+    bb, s = _spec(cfg, args.image_size)
+    trunk = bb.trunk.eval()
+    feats = {}
+    with torch.no_grad():
+        for p in ("train", "val"):
+            ds = datasets.ImageFolder(str(DATA / "hymenoptera" / p), _tutorial_transform(s))
+            xs, ys = zip(*((trunk(x), y) for x, y in torch.utils.data.DataLoader(ds, batch_size=16,
+                                                                                   num_workers=args.workers)))
+            feats[p] = (torch.cat(xs), torch.cat(ys))
+    accs = []
+    for seed in range(args.accuracy_seeds):
+        a = copy.copy(args)
+        a.seed = seed
+        accs.append(plain(cfg, a, features=feats)["best_val_acc"])
+    return {"accs": accs}
+
+
 def _speed_summary(result) -> str:
     d = getattr(result, "decisions", None)
     if d is None:
@@ -153,20 +192,37 @@ def _transferkit(cfg: dict, args, **speed) -> dict:
             "used_feature_cache": r.used_feature_cache, "speed": _speed_summary(r)}
 
 
-def transferkit_defaults(cfg: dict, args) -> dict:
-    return _transferkit(cfg, args)
+def transferkit_accuracy(cfg: dict, args, **speed) -> dict:
+    """transferkit's best val accuracy at seeds 0..N-1: one feature pass into a temporary
+    ``cache_dir``, then the head's training per seed on the stored features."""
+    import tempfile
+
+    import transferkit as tk
+
+    accs = []
+    with tempfile.TemporaryDirectory() as cache:
+        for seed in range(args.accuracy_seeds):
+            r = tk.finetune(cfg["backbone"], weights=cfg["weights"], data=DATA / "hymenoptera",
+                            policy="feature_extraction", epochs=args.epochs, batch_size=4, lr=1e-3, optimizer="sgd",
+                            momentum=0.9, weight_decay=0.0, schedule="step",
+                            schedule_options={"step_epochs": 7, "gamma": 0.1}, num_workers=args.workers,
+                            device="cpu", verbose=False, restore_best=False, head_norm=False,
+                            image_size=args.image_size, seed=seed, cache_dir=cache, **speed)
+            accs.append(r.best["val_acc"])
+    return {"accs": accs}
 
 
-def transferkit_eager(cfg: dict, args) -> dict:
-    return _transferkit(cfg, args, feature_engine="eager")
+SPEEDS = {"transferkit_defaults": {}, "transferkit_eager": {"feature_engine": "eager"},
+          "transferkit_fp32": {"precision": "fp32", "channels_last": False, "feature_engine": "eager"}}
 
 
-def transferkit_fp32(cfg: dict, args) -> dict:
-    return _transferkit(cfg, args, precision="fp32", channels_last=False, feature_engine="eager")
+def accuracy_child(cfg: dict, args) -> dict:
+    name = args.accuracy_child
+    return plain_accuracy(cfg, args) if name == "plain" else transferkit_accuracy(cfg, args, **SPEEDS[name])
 
 
-FUNCS = {"plain": plain, "transferkit_defaults": transferkit_defaults, "transferkit_eager": transferkit_eager,
-         "transferkit_fp32": transferkit_fp32}
+FUNCS = {"plain": plain, **{name: (lambda cfg, args, _s=speed: _transferkit(cfg, args, **_s))
+                             for name, speed in SPEEDS.items()}}
 
 
 def engines_child(args) -> dict:
@@ -262,6 +318,31 @@ def _summary(runs: list[dict]) -> dict:
             "speed": runs[0].get("speed")}
 
 
+def _accuracy_table(part: str, args, raw: dict[str, list[dict]]) -> None:
+    """Mean best val accuracy over seeds 0..N-1 of each run's head on its own features (the
+    tutorial loop replayed on its trunk's features, transferkit with a feature cache), and
+    whether the seeds that also ran for real gave the same accuracy."""
+    from _machine import run_child
+
+    argv = ["--only", part, "--epochs", str(args.epochs), "--workers", str(args.workers), "--threads",
+            str(args.threads), "--accuracy-seeds", str(args.accuracy_seeds)] + \
+        (["--image-size", str(args.image_size)] if args.image_size else [])
+    accs = {name: run_child(__file__, ["--accuracy-child", name, *argv], f"[{part}] {name} accuracy")["accs"]
+            for name in RUNS}
+    n = args.accuracy_seeds
+    print(f"\naccuracy over seeds 0-{n - 1} (the head of each run trained on its features once per seed):\n")
+    print("| run | mean best val acc | min-max | same as the timed runs' seeds |")
+    print("|---|---:|---:|---|")
+    for name in RUNS:
+        a = accs[name]
+        timed = [r["best_val_acc"] for r in raw[name]][:n]
+        same = "yes" if all(abs(x - y) < 1e-9 for x, y in zip(a, timed)) else \
+            f"no: {', '.join(f'{x:.3f}' for x in a[:len(timed)])} vs {', '.join(f'{y:.3f}' for y in timed)}"
+        print(f"| {name} | {sum(a) / n:.3f} | {min(a):.3f}-{max(a):.3f} | {same} |")
+    d, p = sum(accs["transferkit_defaults"]) / n, sum(accs["plain"]) / n
+    print(f"\ndefaults vs tutorial loop over {n} seeds: accuracy {100 * (d - p):+.2f} points (goal within 1)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=sorted(CONFIGS), action="append")
@@ -271,6 +352,9 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=None, help="crop size (default: the backbone's, 224)")
     ap.add_argument("--seeds", type=int, default=3,
                     help="runs per configuration, seeds 0..N-1 (times: medians; accuracy: means)")
+    ap.add_argument("--accuracy-seeds", type=int, default=20,
+                    help="seeds 0..N-1 of the accuracy comparison (each run's head on its features; 0: none)")
+    ap.add_argument("--accuracy-child", choices=RUNS, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=sorted(FUNCS))
     ap.add_argument("--engines", action="store_true", help="the engines x backbones table instead")
@@ -309,6 +393,12 @@ def main() -> None:
         import transferkit.api  # noqa: F401
         print(json.dumps(FUNCS[args.child](CONFIGS[args.only[0]], args)))
         return
+    if args.accuracy_child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(accuracy_child(CONFIGS[args.only[0]], args)))
+        return
     if not (DATA / "hymenoptera").is_dir() or not LITE0.is_file():
         raise SystemExit(f"{DATA / 'hymenoptera'} or {LITE0} not found (set TRANSFERKIT_DATA)")
     sys.path.insert(0, str(Path(__file__).parent))
@@ -342,6 +432,8 @@ def main() -> None:
         print(f"\ndefaults vs tutorial loop (medians): **{p['seconds'] / d['seconds']:.1f}x** (goal >= 15x), mean "
               f"accuracy {100 * (d['acc'] - p['acc']):+.1f} points over {args.seeds} seed(s) (goal within 1); "
               f"defaults vs fp32: {f['seconds'] / d['seconds']:.2f}x, accuracy {100 * (d['acc'] - f['acc']):+.1f} points")
+        if args.accuracy_seeds:
+            _accuracy_table(part, args, raw)
         print(f"\ntransferkit defaults resolved to: {d['speed']}")
         e = run["transferkit_eager"]
         print(f"defaults vs feature_engine='eager': {e['seconds'] / d['seconds']:.2f}x, accuracy "

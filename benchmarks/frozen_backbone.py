@@ -27,8 +27,12 @@ are medians (run-to-run noise on a shared 2-core machine reached 1.3x), accuraci
 over the seeds (one of the 153 validation images is 0.65 points, and the head's
 initialisation and order alone move a single run by two images). Each run is its own
 subprocess (clean peak memory) that imports torch, torchvision, timm and transferkit before
-its timer starts: the times are the runs', not the imports'. On a quiet 2-core machine the
-whole command takes about 17 minutes (about 8 with ``--only lite0``).
+its timer starts: the times are the runs', not the imports'. The accuracy over more seeds
+(``--accuracy-seeds``, default 20) trains each run's head once per seed on the features of its
+own pass: the tutorial loop's own loop, with the same draws of the random generator, on its
+trunk's fp32 features (on the timed seeds it gives the real loop's accuracy exactly, which the
+table checks). On a quiet 2-core machine the whole command takes about 25 minutes (about 11
+with ``--only lite0``).
 
     python benchmarks/frozen_backbone.py                         # both backbones, 10 epochs
     python benchmarks/frozen_backbone.py --only lite0 --threads 2

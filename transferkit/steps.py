@@ -184,7 +184,7 @@ def stored_features(d: Decisions, run: Run, parts: list[tuple[str, Any, Any, int
             batches = device_item_batches(d, ds, "train" if name == "train" else "val", batch_size=batch_size,
                                           device=fs.device, num_workers=workers)
         reports[name] = fill_store(store, ds.view(transform=tf), forward, info, bar=bar, batch_size=batch_size,
-                                   num_workers=workers, seed=cfg.seed, batches=batches)
+                                   num_workers=workers, seed=cfg.seed, batches=batches, device=fs.device)
         _report_masked(store, ds, run.bundle.report)
         stores[name] = store
     train_dl = stores["train"].batches(cfg.batch_size, seed=cfg.seed, memory_budget=STORE_MEMORY_BUDGET,

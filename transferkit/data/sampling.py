@@ -176,6 +176,13 @@ def decode_then_compute(loader: Any, device: Any) -> bool:
         workers + torch.get_num_threads() > usable_cpus()
 
 
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (a tensor, or lists and tuples of them and of other things)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    return sum(_nbytes(o) for o in obj) if isinstance(obj, (tuple, list)) else 0
+
+
 def in_blocks(batches: Any, budget_bytes: int = READ_AHEAD_BYTES) -> Iterator[Any]:
     """The items of ``batches``, read ahead a block at a time: batches are drawn until they
     hold ``budget_bytes`` of tensors (or the iterable ends), then handed out one by one; the
@@ -189,8 +196,7 @@ def in_blocks(batches: Any, budget_bytes: int = READ_AHEAD_BYTES) -> Iterator[An
     size = 0
     for item in batches:
         block.append(item)
-        size += sum(t.numel() * t.element_size() for t in (item if isinstance(item, (tuple, list)) else (item,))
-                    if isinstance(t, torch.Tensor))
+        size += _nbytes(item)
         if size >= budget_bytes:
             yield from block
             block, size = [], 0

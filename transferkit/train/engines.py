@@ -262,7 +262,7 @@ def _fastest(runners: dict[str, Callable], batches: Sequence[torch.Tensor], roun
     """Images/s of each runner on ``batches``, the fastest of ``rounds`` round-robin rounds;
     ``done``: runners with a first round already timed (their speed), run one round less.
     The rounds stop early once the fastest runner is ``CLEAR_LEAD`` times faster than every
-    other: no further round would change which is fastest."""
+    other: a lead that large has not been reversed by one more round here."""
     best: dict[str, float] = dict(done or {})
     with torch.no_grad():
         for r in range(rounds):

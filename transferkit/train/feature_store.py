@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from transferkit._io import create_temp, file_digest, remove_stale_temps
 from transferkit.errors import ConfigError, DataError, OutputError
-from transferkit.data.sampling import SeededItems, mix_seed
+from transferkit.data.sampling import SeededItems, decode_then_compute, in_blocks, mix_seed
 from transferkit.train.distributed import DistInfo, all_ranks, all_reduce_sum, barrier, broadcast_object
 
 STORE_FORMAT = 1
@@ -584,8 +584,8 @@ def _collate(items: list) -> list:
 def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[torch.Tensor], torch.Tensor], *,
                   batch_size: int = 64, num_workers: int = 0, rank: int = 0, world_size: int = 1,
                   parts: list[int] | None = None, seed: int = 0, progress: Any = None,
-                  batches: Callable[[int, int, int], Iterable[list[tuple[int, Any, Any, str]]]] | None = None
-                  ) -> list[int]:
+                  batches: Callable[[int, int, int], Iterable[list[tuple[int, Any, Any, str]]]] | None = None,
+                  device: Any = "cpu") -> list[int]:
     """Compute and commit this rank's missing parts (`ShardedFeatureStore.assigned_parts`,
     or ``parts``) of ``dataset`` (items ``(x, y)``, already transformed) with ``forward``
     (``x`` batch -> ``[B, dim]`` features, in the store's dtype or converted to it). View
@@ -595,7 +595,9 @@ def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[t
     ``store.masked``. ``batches(start, stop, view)``: the items ``start..stop`` of ``view``
     in batches of ``(index, x or None, y, why)`` from another decoder (e.g.
     `transferkit.data.gpu_jpeg.DeviceDecodedLoader` with ``checked=True``) instead of a
-    DataLoader over ``dataset``. Returns the parts written. Memory: one part at a time."""
+    DataLoader over ``dataset``; ``device``: where ``forward`` computes (on a CPU whose cores
+    the workers share, a block of batches is decoded, then computed: `decode_then_compute`).
+    Returns the parts written. Memory: one part at a time."""
     if len(dataset) != store.num_samples:
         raise ValueError(f"the dataset has {len(dataset)} samples, the store {store.num_samples}")
     todo = store.assigned_parts(rank, world_size) if parts is None else list(parts)
@@ -611,6 +613,8 @@ def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[t
             loader = batches(start, stop, v) if batches is not None else \
                 DataLoader(_Range(checked, start, stop, v), batch_size=batch_size, shuffle=False,
                            num_workers=num_workers, collate_fn=_collate)
+            if batches is None and decode_then_compute(loader, device):
+                loader = in_blocks(loader)
             with torch.no_grad():
                 for items in loader:
                     good = [it for it in items if it[1] is not None]

@@ -182,15 +182,21 @@ def _speed_summary(result) -> str:
                       if line.strip().startswith(("speed:", "engine:")))
 
 
-def _transferkit(cfg: dict, args, **speed) -> dict:
+def _finetune(cfg: dict, args, seed: int, **extra):
+    """transferkit with the tutorial's head, optimizer and schedule (see the docstring)."""
     import transferkit as tk
 
+    return tk.finetune(cfg["backbone"], weights=cfg["weights"], data=DATA / "hymenoptera",
+                       policy="feature_extraction", epochs=args.epochs, batch_size=4, lr=1e-3, optimizer="sgd",
+                       momentum=0.9, weight_decay=0.0, schedule="step",
+                       schedule_options={"step_epochs": 7, "gamma": 0.1}, num_workers=args.workers, device="cpu",
+                       verbose=False, restore_best=False, head_norm=False, image_size=args.image_size, seed=seed,
+                       **extra)
+
+
+def _transferkit(cfg: dict, args, **speed) -> dict:
     t0 = time.perf_counter()
-    r = tk.finetune(cfg["backbone"], weights=cfg["weights"], data=DATA / "hymenoptera", policy="feature_extraction",
-                    epochs=args.epochs, batch_size=4, lr=1e-3, optimizer="sgd", momentum=0.9, weight_decay=0.0,
-                    schedule="step", schedule_options={"step_epochs": 7, "gamma": 0.1}, num_workers=args.workers,
-                    device="cpu", verbose=False, restore_best=False, head_norm=False, image_size=args.image_size,
-                    seed=args.seed, **speed)
+    r = _finetune(cfg, args, args.seed, **speed)
     return {"seconds": time.perf_counter() - t0, "best_val_acc": r.best["val_acc"], "peak_rss_mb": _peak_rss_mb(),
             "features_s": r.timings.get("features_s"), "train_s": r.timings.get("train_s"),
             "used_feature_cache": r.used_feature_cache, "speed": _speed_summary(r)}
@@ -201,19 +207,9 @@ def transferkit_accuracy(cfg: dict, args, **speed) -> dict:
     ``cache_dir``, then the head's training per seed on the stored features."""
     import tempfile
 
-    import transferkit as tk
-
-    accs = []
     with tempfile.TemporaryDirectory() as cache:
-        for seed in range(args.accuracy_seeds):
-            r = tk.finetune(cfg["backbone"], weights=cfg["weights"], data=DATA / "hymenoptera",
-                            policy="feature_extraction", epochs=args.epochs, batch_size=4, lr=1e-3, optimizer="sgd",
-                            momentum=0.9, weight_decay=0.0, schedule="step",
-                            schedule_options={"step_epochs": 7, "gamma": 0.1}, num_workers=args.workers,
-                            device="cpu", verbose=False, restore_best=False, head_norm=False,
-                            image_size=args.image_size, seed=seed, cache_dir=cache, **speed)
-            accs.append(r.best["val_acc"])
-    return {"accs": accs}
+        return {"accs": [_finetune(cfg, args, seed, cache_dir=cache, **speed).best["val_acc"]
+                         for seed in range(args.accuracy_seeds)]}
 
 
 SPEEDS = {"transferkit_defaults": {}, "transferkit_eager": {"feature_engine": "eager"},

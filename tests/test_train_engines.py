@@ -256,16 +256,20 @@ def test_onnxruntime_is_timed_only_where_its_export_can_pay(monkeypatch):
     assert engine == "eager" and "onnxruntime skipped: estimated" in why
 
 
-def test_timing_rounds_stop_once_the_fastest_leads_clearly():
+def test_timing_rounds_stop_once_the_fastest_leads_clearly(monkeypatch):
     """Rounds after the first are run only while the ranking could still change: not for a
-    lone engine, not once one engine leads the others by ``CLEAR_LEAD``."""
+    lone engine, not once one engine leads the others by ``CLEAR_LEAD``. The runners advance
+    a simulated clock (no wall-clock time, so no load or CPU changes the outcome)."""
+    import types
+
     calls = {"slow": 0, "fast": 0, "close": 0}
+    clock = [0.0]
+    monkeypatch.setattr(eng, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
     def runner(name, seconds):
         def fwd(x):
             calls[name] += 1
-            import time
-            time.sleep(seconds)
+            clock[0] += seconds
             return x
         return fwd
 
@@ -280,6 +284,7 @@ def test_timing_rounds_stop_once_the_fastest_leads_clearly():
                  done={"slow": 100.0})
     assert calls["slow"] == 0 and calls["fast"] == 1  # done already timed: its first round is not repeated
     calls.update(fast=0)
+    monkeypatch.undo()  # a real engine timing below
     m, x = _model(), _batch()
     seen = []
     real = eng._fastest

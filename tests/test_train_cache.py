@@ -261,6 +261,28 @@ def test_probe_from_the_store_and_its_memory_refusal(image_folder, tmp_path, mon
         tk.linear_probe("tk:small_cnn", cache_dir=tmp_path / "cache", **kw)
 
 
+def test_feature_pass_decoding_workers_exit_before_the_block_is_computed(monkeypatch):
+    """A pass that decodes a block, then computes it: its loader's workers have exited before
+    the last block is computed (workers that live on keep this process's pages shared with
+    them, and every page the computation writes is then copied), for each view."""
+    import multiprocessing
+
+    from transferkit.data import sampling
+
+    alive = []
+
+    def forward(x):
+        alive.append(len(multiprocessing.active_children()))
+        return x * 2
+
+    monkeypatch.setattr(sampling, "usable_cpus", lambda: 1)  # 2 workers + torch's threads > 1 CPU: blocks
+    ds = torch.utils.data.TensorDataset(torch.arange(24.0).reshape(8, 3), torch.arange(8))
+    store = compute_features(torch.nn.Linear(3, 3), ds, key="k", views=2, batch_size=3, device=torch.device("cpu"),
+                             num_workers=2, seed=0, forward=forward)
+    assert alive == [0] * 6  # 3 batches x 2 views, none computed beside a live worker
+    assert np.array_equal(store.features[1], store.features[0]) and store.features[0, 2, 0] == 12.0
+
+
 def test_cpu_feature_pass_decodes_a_block_before_computing_it(monkeypatch):
     """When the decoding workers would share the CPU's cores with the computation, the pass
     draws a block of batches first, then computes them (no interleaving); on another device,

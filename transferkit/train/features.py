@@ -141,8 +141,11 @@ def compute_features(model: Any, dataset: Dataset, *, key: str, views: int, batc
         if all_ranks(hit is not None, info):
             return hit  # type: ignore[return-value]
     if loader is None:
+        # workers that outlive a view's reading: a block computed while they live would copy, page by page,
+        # every page of this process it writes that they still share since the fork (0.4-0.5 s per pass,
+        # measured on Lite0 with ONNX Runtime); once they have exited a write costs a plain page fault
         loader = make_loader(dataset, batch_size=batch_size, shuffle=False, device=device, num_workers=num_workers,
-                             seed=seed, rank=info.rank, world_size=info.world_size)
+                             seed=seed, rank=info.rank, world_size=info.world_size, persistent=False)
     n = len(dataset)  # type: ignore[arg-type]
     writes = cache_dir is None or info.local_rank == 0  # this rank keeps the gathered array
     tmp = None

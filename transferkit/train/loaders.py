@@ -19,10 +19,12 @@ __all__ = ["EpochSampler", "SeededItems", "default_num_workers", "make_loader", 
 
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: torch.device,
                 num_workers: int | None = None, seed: int = 0, drop_last: bool = False, rank: int = 0,
-                world_size: int = 1, pad: bool = True) -> DataLoader:
+                world_size: int = 1, pad: bool = True, persistent: bool = True) -> DataLoader:
     """A loader over ``dataset`` with an `EpochSampler` (call ``loader.sampler.set_epoch(e)``):
     workers sized to the machine and persistent across epochs, pinned memory on CUDA.
     ``pad=False`` for validation under DDP: each sample exactly once across the ranks.
+    ``persistent=False``: the workers exit once a pass over the loader ends (a loader read
+    once per pass; see `transferkit.train.features.compute_features`).
     A dataset whose ``sample_groups()`` gives groups (remote shards that the shard cache
     cannot hold at once) is drawn group by group (see `EpochSampler`).
 
@@ -40,6 +42,6 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: tor
                            groups=grouping() if callable(grouping) else None)
     return DataLoader(SeededItems(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=getattr(dataset, "collate_fn", None),  # audio: pads clips of different lengths
-                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                      pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
                       drop_last=drop_last and len(sampler) > batch_size,
                       prefetch_factor=4 if num_workers > 0 else None)

@@ -73,6 +73,34 @@ def test_killed_extraction_resumes_recomputing_only_missing_parts(tmp_path):
     assert torch.equal(again.load()[1], ds.y)
 
 
+def test_stored_pass_decodes_a_block_before_computing_it(tmp_path, monkeypatch):
+    """On a CPU whose cores the decoding workers and the computation would share, each part
+    is decoded (its workers have exited) before it is computed; with cores to spare it is
+    computed while they decode. The features are the same either way."""
+    import multiprocessing
+
+    from transferkit.data import sampling
+
+    ds, fwd = Tiny(96), _forward()
+    stores = {}
+    for name, cpus in (("shared", 1), ("spare", 64)):
+        alive = []
+
+        def forward(x, _alive=alive):
+            _alive.append(len(multiprocessing.active_children()))
+            return fwd(x)
+
+        monkeypatch.setattr(sampling, "usable_cpus", lambda _c=cpus: _c)
+        stores[name] = ShardedFeatureStore.open(tmp_path / name, "k", num_samples=96, part_size=48, dim=8)
+        extract_parts(stores[name], ds, forward, batch_size=8, num_workers=2, device="cpu")
+        assert len(alive) == 12
+        if name == "shared":
+            assert alive == [0] * 12  # every batch computed after its part's reading ended
+        else:
+            assert max(alive) == 2  # computed beside the live workers
+    assert torch.equal(stores["shared"].load()[0], stores["spare"].load()[0])
+
+
 def test_resume_with_another_number_of_ranks_covers_every_part_once(tmp_path):
     ds, fwd = Tiny(1000), _forward()
     store = ShardedFeatureStore.open(tmp_path, "k", num_samples=1000, part_size=100, dim=8)

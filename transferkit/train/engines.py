@@ -145,7 +145,7 @@ def compile_estimate(device_type: str, n_modules: int, *, load: float | None = N
     base, per = (ONNX_SECONDS_BASE, ONNX_SECONDS_PER_MODULE) if engine == "onnxruntime" else \
         (COMPILE_SECONDS_BASE, COMPILE_SECONDS_PER_MODULE)
     quiet = base.get(device_type, base["cpu"]) + per.get(device_type, per["cpu"]) * n_modules
-    if load is None:
+    if load is None:  # the load average counts runnable tasks on all the machine's CPUs, not only this process's
         load = os.getloadavg()[0] / (os.cpu_count() or 1) if hasattr(os, "getloadavg") else 1.0
     return quiet * max(1.0, load)
 

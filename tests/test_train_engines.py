@@ -141,6 +141,43 @@ def test_an_engine_compared_while_timed_is_not_compared_again_on_that_batch(monk
     assert compared == [1]  # another batch is compared
 
 
+def test_the_feature_pass_takes_the_timed_batches_features_from_the_timing(monkeypatch):
+    """The pass starts on the batches its engine was timed on: their features come from the
+    timing (the same engine on the same input), the rest are computed, and the features are
+    those of a pass that computes every batch. A pass that starts elsewhere computes all."""
+    from transferkit.train.features import compute_features
+
+    real, calls = eng._onnx_forward, []
+
+    def counted(*a, **k):
+        fwd = real(*a, **k)
+        return lambda xb: calls.append(len(xb)) or fwd(xb)
+    monkeypatch.setattr(eng, "_onnx_forward", counted)
+    m = _model()
+    ds = torch.utils.data.TensorDataset(_batch(20), torch.arange(20))
+    where = dict(device=CPU, precision="fp32", channels_last=False, cache_dir=None)
+
+    def features(dataset):
+        fwd = eng.lazy_engine_forward("onnxruntime", m, dataset, batch_size=8, **where)
+        return compute_features(m, dataset, key="k", views=1, batch_size=8, device=CPU, num_workers=0, seed=0,
+                                forward=fwd).features
+    batches = eng.example_batches(ds, batch_size=8)
+    eng.time_engines(m, batches, candidates=["onnxruntime"], rounds=1, device=CPU, precision="fp32",
+                     channels_last=False)
+    assert calls == [8, 8]  # warm-up and comparison on batch 0, batch 1 timed
+    reused = features(ds)
+    assert calls == [8, 8, 4]  # batches 0 and 1 from the timing, batch 2 computed
+    computed = features(ds)  # nothing left from the timing: all computed
+    assert calls == [8, 8, 4, 8, 8, 4]
+    assert torch.equal(torch.from_numpy(reused), torch.from_numpy(computed))
+    eng.time_engines(m, batches, candidates=["onnxruntime"], rounds=1, device=CPU, precision="fp32",
+                     channels_last=False)
+    del calls[:]
+    other = torch.utils.data.TensorDataset(torch.flip(_batch(20), [0]), torch.arange(20))
+    features(other)  # its first batch is not the timed one: checked against eager on it, all computed
+    assert calls == [8, 8, 8, 4]
+
+
 def test_auto_keeps_the_fastest_agreeing_engine_and_says_why():
     ok = {"precision": "fp32", "rel_diff": 1e-6}
     measured = {"eager": {**ok, "images_per_s": 30.0, "rel_diff": 0.0}, "onnxruntime": {**ok, "images_per_s": 80.0},

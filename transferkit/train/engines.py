@@ -95,6 +95,7 @@ PREPARED = ("onnxruntime", "compile")  # engines with a preparation cost weighed
 STORE_FORMAT = 1
 _RUNTIMES: dict[tuple, Callable] = {}  # prepared engines of this process, reused by the feature pass
 _VERIFIED: dict[tuple, float] = {}  # (runtime key, example digest) -> relative difference from eager fp32
+_TIMED: dict[tuple, list[tuple[str, torch.Tensor]]] = {}  # runtime key -> (input digest, features) of its timing
 _SESSION_DIR: list[str] = []  # the process's export folder when the run has no cache_dir
 
 
@@ -218,6 +219,7 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
         ref = None
     out: dict[str, dict[str, Any]] = {}
     runners: dict[str, Callable] = {}
+    outputs: dict[str, list[torch.Tensor]] = {}  # each prepared engine's features on the batches, in order
     first_ips = 0.0
     for name in ["eager", *[c for c in candidates if c != "eager"]]:
         if name in PREPARED and n_images is not None:
@@ -245,22 +247,29 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
         _record_verified(name, model, batches[0], out[name]["rel_diff"], device=device, precision=precision,
                          channels_last=channels_last, cache_dir=cache_dir)
         runners[name] = fwd
+        if name in PREPARED:
+            outputs[name] = [got]
         if name == "eager":  # eager's speed alone first (for compile_pays): its first timed round
             first_ips = _fastest(runners, batches[1:] or batches[:1], 1, device)["eager"]
             if fp32_ips is not None:
                 out[name]["fp32_images_per_s"] = fp32_ips
     # eager alone (every other candidate skipped or failed): nothing to compare it with, its first round serves
     timed = {"eager": first_ips} if list(runners) == ["eager"] else \
-        _fastest(runners, batches[1:] or batches[:1], rounds, device, done={"eager": first_ips})
+        _fastest(runners, batches[1:] or batches[:1], rounds, device, done={"eager": first_ips}, outputs=outputs)
     for name, ips in timed.items():
         out[name]["images_per_s"] = ips
+    for name, feats in outputs.items():  # kept for the feature pass, which starts on these batches
+        _keep_timed(_runtime_key(name, model, batches[0], device=device, precision=precision,
+                                 channels_last=channels_last, cache_dir=cache_dir), batches, feats)
     return out
 
 
 def _fastest(runners: dict[str, Callable], batches: Sequence[torch.Tensor], rounds: int,
-             device: torch.device, done: dict[str, float] | None = None) -> dict[str, float]:
+             device: torch.device, done: dict[str, float] | None = None,
+             outputs: dict[str, list[torch.Tensor]] | None = None) -> dict[str, float]:
     """Images/s of each runner on ``batches``, the fastest of ``rounds`` round-robin rounds;
-    ``done``: runners with a first round already timed (their speed), run one round less.
+    ``done``: runners with a first round already timed (their speed), run one round less;
+    ``outputs``: the runners named there get their first round's outputs appended.
     The rounds stop early once the fastest runner is ``CLEAR_LEAD`` times faster than every
     other: a lead that large has not been reversed by one more round here."""
     best: dict[str, float] = dict(done or {})
@@ -271,10 +280,13 @@ def _fastest(runners: dict[str, Callable], batches: Sequence[torch.Tensor], roun
             for name, fwd in runners.items():
                 if r == 0 and name in (done or {}):
                     continue
+                keep = outputs.get(name) if outputs is not None and name not in best else None
                 n, t0 = 0, time.perf_counter()
                 for xb in batches:
-                    fwd(xb)
+                    got = fwd(xb)
                     n += len(xb)
+                    if keep is not None:
+                        keep.append(got)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 best[name] = max(best.get(name, 0.0), n / (time.perf_counter() - t0))
@@ -285,6 +297,14 @@ def _clear_lead(speeds: dict[str, float]) -> bool:
     """Whether the fastest of ``speeds`` leads the second by ``CLEAR_LEAD`` or more."""
     top = sorted(speeds.values(), reverse=True)
     return len(top) < 2 or top[0] >= CLEAR_LEAD * top[1]
+
+
+def _keep_timed(key: tuple, batches: Sequence[torch.Tensor], feats: Sequence[torch.Tensor]) -> None:
+    """Keep a prepared engine's features on the timing ``batches`` (by input digest, in order)
+    for the feature pass that runs on that engine (`lazy_engine_forward`)."""
+    while len(_TIMED) >= 4:
+        _TIMED.pop(next(iter(_TIMED)))
+    _TIMED[key] = [(_digest(b), f.detach()) for b, f in zip([batches[0], *(batches[1:] or batches[:1])], feats)]
 
 
 def engines_store_key(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, *, device: torch.device,
@@ -627,13 +647,23 @@ def _compiled_forward(model: nn.Module, example: torch.Tensor, *, device: torch.
 def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_size: int, **kwargs: Any) -> Callable:
     """`engine_forward` prepared (exported or compiled, and checked against eager fp32 on the
     first batch of ``dataset``) when the feature pass first runs: a run whose features are
-    all read back from the cache prepares nothing."""
+    all read back from the cache prepares nothing. A pass that starts on the batches this
+    engine was timed on (`time_engines`: the first batches of ``dataset``) takes their
+    features from the timing instead of computing them again (the same engine, the same
+    input: the same features); the first batch that differs ends the lookup."""
     ready: list[Callable] = []
+    timed: list[tuple[str, torch.Tensor]] = []
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not ready:
             example = example_batches(dataset, batch_size=batch_size, count=1)[0]
             ready.append(engine_forward(engine, model, example, **kwargs))
+            timed.extend(_TIMED.pop(_runtime_key(engine, model, example, **kwargs), []))
+        if timed:
+            digest, feats = timed.pop(0)
+            if digest == _digest(x):
+                return feats
+            timed.clear()
         return ready[0](x)
     return forward
 
@@ -642,6 +672,7 @@ def release_engines() -> None:
     """Forget the prepared engines of this process (compiled modules, ONNX sessions)."""
     _RUNTIMES.clear()
     _VERIFIED.clear()
+    _TIMED.clear()
     if _SESSION_DIR:
         shutil.rmtree(_SESSION_DIR.pop(), ignore_errors=True)
 

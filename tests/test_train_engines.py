@@ -333,6 +333,43 @@ def test_timing_rounds_stop_once_the_fastest_leads_clearly(monkeypatch):
     assert seen == [["eager"]] and out["eager"]["images_per_s"] > 0  # eager alone: its first round only
 
 
+def test_eager_first_call_stands_for_its_timing_only_against_a_clear_lead(monkeypatch):
+    """On a CPU where eager runs fp32, its reference batch (a first call) is its timing when a
+    prepared engine leads it by ``FIRST_CALL_LEAD``; a smaller lead gets eager timed as usual.
+    Each engine call advances a simulated clock (no wall-clock time)."""
+    import types
+
+    clock, calls, cost = [0.0], [], {}
+    monkeypatch.setattr(eng, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    real = eng.engine_forward
+
+    def on_clock(name, *args, **kwargs):
+        fwd = real(name, *args, **kwargs)
+
+        def run(x):
+            calls.append(name)
+            clock[0] += cost[name]
+            return fwd(x)
+        return run
+    monkeypatch.setattr(eng, "engine_forward", on_clock)
+    m, batches = _model(), [_batch(), _batch(seed=2)]
+    for onnx_cost, lead in [(0.1, True), (0.6, False)]:  # leads of 10x and 1.7x over eager's first call
+        cost.update(eager=1.0, onnxruntime=onnx_cost)
+        calls.clear()
+        eng.release_engines()
+        out = eng.time_engines(m, batches, device=CPU, precision="fp32", channels_last=False,
+                               candidates=["onnxruntime"], n_images=10_000)
+        assert (calls.count("eager") == 1) is lead  # the first call only, or timed on the next batch too
+        assert out["eager"].get("first_call", False) is lead
+        engine, why = eng.decide_engine("auto", device_type="cpu", available={"eager": None, "onnxruntime": None},
+                                        measured=out, n_images=10_000)
+        assert engine == "onnxruntime" and ("eager fp32 8.0 img/s (its first call)" in why) is lead
+    calls.clear()
+    out = eng.time_engines(m, batches, device=CPU, precision="bf16", channels_last=False,
+                           candidates=["onnxruntime"], n_images=10_000)
+    assert calls.count("eager") >= 2 and "first_call" not in out["eager"]  # bf16 eager is not its fp32 reference
+
+
 @pytest.mark.slow  # torch.compile (inductor) takes minutes on a 2-core CPU
 def test_forced_compile_gives_the_eager_fp32_features():
     m, x = _model(), _batch()

@@ -256,7 +256,7 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
         if name in PREPARED:
             outputs[name] = [got]
         if name == "eager":  # eager's speed alone first (for compile_pays)
-            first_call = got is ref and device.type == "cpu" and any(c in PREPARED for c in candidates)
+            first_call = precision == "fp32" and device.type == "cpu" and any(c in PREPARED for c in candidates)
             if first_call:  # its fp32 reference batch, a first call: a low estimate, confirmed or timed below
                 first_ips = len(batches[0]) / max(setup, 1e-9)
             else:  # its first timed round
@@ -264,17 +264,15 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
             if fp32_ips is not None:
                 out[name]["fp32_images_per_s"] = fp32_ips
     timed_on = batches[1:] or batches[:1]
-    done = {"eager": first_ips}
-    if list(runners) == ["eager"]:  # eager alone (every other candidate skipped or failed): its estimate serves
-        timed = dict(done)
-    elif first_call:  # the others' first round; a lead of FIRST_CALL_LEAD over eager's first call ends the timing
+    done = {"eager": first_ips}  # engines with a first round timed (or estimated)
+    settled = list(runners) == ["eager"]  # eager alone (every other candidate skipped or failed): its estimate serves
+    if first_call and not settled:  # the others' first round; a lead of FIRST_CALL_LEAD over eager's first call settles it
         done = _fastest({n: f for n, f in runners.items() if n != "eager"}, timed_on, 1, device, outputs=outputs)
-        timed = {"eager": first_ips, **done} if max(done.values()) >= FIRST_CALL_LEAD * first_ips else None
-    else:
-        timed = None
-    if timed is None:
-        timed = _fastest(runners, timed_on, rounds, device, done=done, outputs=outputs)
-    elif first_call:  # eager's speed is its first call's
+        settled = max(done.values()) >= FIRST_CALL_LEAD * first_ips
+        if settled:
+            done["eager"] = first_ips
+    timed = done if settled else _fastest(runners, timed_on, rounds, device, done=done, outputs=outputs)
+    if settled and first_call:  # eager's speed is its first call's
         out["eager"]["first_call"] = True
     for name, ips in timed.items():
         out[name]["images_per_s"] = ips

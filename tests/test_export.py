@@ -301,3 +301,18 @@ def test_onnx_parity_check_refuses_non_finite_outputs(tmp_path, factor, only_exp
     with pytest.raises(ExportError, match="returns NaN/inf"):
         export_onnx(_ReturnsOnnx(factor, only_exported), tmp_path / "m.onnx", metadata=_META, example_inputs=images(3, 8))
     assert not list(tmp_path.iterdir())
+
+
+def test_onnx_conversion_that_fails_says_which_operation_in_one_line_without_a_graph_dump(tmp_path, capfd):
+    pytest.importorskip("onnxruntime")
+    from transferkit.export import export_onnx
+
+    bb = transferkit.get_backbone("spec:tk:cifar_resnet20", weights=None)  # its STFT has no ONNX conversion
+    model = transferkit.build_model(bb, 2)
+    with pytest.raises(ExportError, match=r"model cannot be converted to ONNX \(opset 17\): \w+: STFT .*"
+                                          r"Export it without onnx") as err:
+        export_onnx(model, tmp_path / "m.onnx", metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()},
+                    example_inputs=torch.randn(2, 8000))
+    assert len(str(err.value).splitlines()) == 1 and len(str(err.value)) < 500
+    assert "graph" not in capfd.readouterr().out  # the exporter's dump of the whole graph stays off
+    assert not (tmp_path / "m.onnx").exists()

@@ -388,3 +388,17 @@ def test_compile_auto_is_decided_with_its_measured_reason(folder):
     assert d.speed["reasons"]["compile"].startswith("compile='auto': not compiled, measured on a CPU")
     _, d = _decide(backbone=_backbone(), data=folder, policy="full", compile=True)
     assert d.speed["compile"] is True and d.speed["reasons"]["compile"] == "asked"
+
+
+def test_a_trunk_onnx_cannot_convert_is_timed_on_eager_with_a_one_line_reason(capfd):
+    bb = _backbone("spec:tk:cifar_resnet20")  # its STFT has no ONNX conversion
+    m = tk.build_model(bb, 3).eval()
+    batches = [torch.randn(4, 8000, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    got = eng.time_engines(m, batches, device=CPU, precision="fp32", channels_last=False, candidates=["onnxruntime"])
+    assert got["eager"]["images_per_s"] > 0
+    assert got["onnxruntime"]["error"].startswith("ExportError: The feature pass cannot be converted to ONNX")
+    assert "STFT" in got["onnxruntime"]["error"] and "\n" not in got["onnxruntime"]["error"]
+    assert "graph" not in capfd.readouterr().out  # the exporter's dump of the whole graph stays off
+    engine, why = eng.decide_engine("auto", device_type="cpu", available={"eager": None, "onnxruntime": None},
+                                    measured=got, n_images=5000)
+    assert engine == "eager" and "onnxruntime failed: ExportError" in why

@@ -9,6 +9,7 @@ weight (initializer), of the nodes and of the graph's inputs and outputs
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import time
@@ -44,6 +45,42 @@ def _require_onnx() -> tuple[Any, Any]:
         raise ExportError(f"ONNX export needs the optional packages onnx and onnxruntime ({exc}). Install them with "
                           "pip install 'transferkit[onnx]'.") from exc
     return onnx, onnxruntime
+
+
+@contextlib.contextmanager
+def _exporter_log_off() -> Any:
+    """Keep the TorchScript-based exporter's log off: ``torch.onnx.export`` turns it on for
+    every export (it tests the function ``_jit_is_onnx_log_enabled`` instead of calling it)
+    and, when a conversion fails, prints the whole graph (hundreds of lines) to stdout; the
+    raised error says what failed."""
+    setter = getattr(torch._C, "_jit_set_onnx_log_enabled", None)
+    if setter is None:
+        yield
+        return
+    torch._C._jit_set_onnx_log_enabled = lambda enabled: None
+    try:
+        yield
+    finally:
+        torch._C._jit_set_onnx_log_enabled = setter
+
+
+def convert_to_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, *, output_name: str,
+                    dynamic_axes: dict[str, dict[int, str]], opset: int = 17, constant_folding: bool = True,
+                    what: str = "model",
+                    hint: str = " Export it without onnx: the TorchScript file runs it as it is.") -> None:
+    """``torch.onnx.export`` of ``module`` traced on ``example`` (input named ``"input"``) to
+    ``path``, quietly: a conversion that fails raises ExportError whose first line says
+    which operation failed (the exporter's own message, without its graph dump), then ``hint``."""
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), _exporter_log_off():
+            warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
+            torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=[output_name], dynamic_axes=dynamic_axes,
+                              do_constant_folding=constant_folding)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0].split("  [Caused by")[0].strip()
+        raise ExportError(f"The {what} cannot be converted to ONNX (opset {opset}): {type(exc).__name__}: "
+                          f"{first[:300]}.{hint}") from exc
 
 
 def _batches(examples: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -104,10 +141,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
                           input_dtypes=(str(examples[0].dtype).replace("torch.", ""),))
 
     def write(tmp: str) -> None:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
-            torch.onnx.export(eager, (examples[0],), tmp, dynamo=False, opset_version=opset, input_names=["input"],
-                              output_names=["output"], dynamic_axes={"input": dynamic, "output": {0: "batch"}})
+        convert_to_onnx(eager, examples[0], tmp, output_name="output", opset=opset,
+                        dynamic_axes={"input": dynamic, "output": {0: "batch"}})
         proto = onnx.load(tmp)
         meta["integrity"], records = records_entry(onnx_digests(proto))
         for key, value in encode_metadata(meta, records).items():

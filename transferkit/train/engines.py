@@ -41,7 +41,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from transferkit._io import atomic_write, read_json_object, update_json_object
 from transferkit._text import exception_line
 from transferkit.data.fingerprint import module_fingerprint
 from transferkit.errors import ConfigError
+from transferkit.export.onnx import convert_to_onnx
 from transferkit.model import AudioPreprocess, ImagePreprocess, TransferModel
 from transferkit.train.loaders import make_loader
 
@@ -639,13 +639,10 @@ def export_feature_pass(model: nn.Module, example: torch.Tensor, path: str | Pat
     trace = example[:2].cpu().contiguous()  # the trace runs the pass once: two items cost a fraction of a batch
 
     def write(tmp: str) -> None:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            # constants are folded by ONNX Runtime when it opens the session (folding them here
-            # too cost 0.1-0.2 s of a 0.7 s Lite0 export, at the same speed of the pass)
-            torch.onnx.export(module, (trace,), tmp, dynamo=False, opset_version=17,
-                              input_names=["input"], output_names=["features"], do_constant_folding=False,
-                              dynamic_axes={"input": dynamic, "features": {0: "batch"}})
+        # constants are folded by ONNX Runtime when it opens the session (folding them here
+        # too cost 0.1-0.2 s of a 0.7 s Lite0 export, at the same speed of the pass)
+        convert_to_onnx(module, trace, tmp, output_name="features", constant_folding=False, what="feature pass",
+                        hint="", dynamic_axes={"input": dynamic, "features": {0: "batch"}})
 
     return atomic_write(path, write, what="ONNX feature pass")
 

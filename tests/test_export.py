@@ -316,3 +316,21 @@ def test_onnx_conversion_that_fails_says_which_operation_in_one_line_without_a_g
     assert len(str(err.value).splitlines()) == 1 and len(str(err.value)) < 500
     assert "graph" not in capfd.readouterr().out  # the exporter's dump of the whole graph stays off
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_onnx_export_whose_write_fails_reports_the_write_not_a_conversion(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import errno
+
+    from transferkit.errors import OutputError
+    from transferkit.export import export_onnx
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch.onnx, "export", full)
+    model, bb = tiny_model(2)
+    with pytest.raises(OutputError, match="no space left on the device") as err:
+        export_onnx(model, tmp_path / "m.onnx", metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()},
+                    example_inputs=images(2))
+    assert "converted" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []

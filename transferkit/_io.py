@@ -411,7 +411,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _is_write_failure(exc: BaseException) -> bool:
+def is_write_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure to write a file (an OSError, or torch's writer reporting
+    one) rather than a failure of what was being written."""
     text = str(exc)
     return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and (
         "failed writing" in text or "unexpected pos" in text or "inline_container" in text))
@@ -455,7 +457,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, what: str = 
                 shutil.rmtree(tmp)
             elif os.path.lexists(tmp):
                 tmp.unlink()
-        if _is_write_failure(exc):
+        if is_write_failure(exc):
             reason = _reason(exc) if isinstance(exc, OSError) else str(exc).splitlines()[0]
             raise OutputError(f"Cannot write the {what} {str(path)!r}: {reason}. Nothing was written there "
                               "(a previous file at that path is unchanged).") from exc

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferkit._io import atomic_write, check_free_space, file_lock
+from transferkit._io import atomic_write, check_free_space, file_lock, is_write_failure
 from transferkit.errors import ExportError
 from transferkit._integrity import check_records, records_entry
 from transferkit.export.metadata import (
@@ -70,7 +70,8 @@ def convert_to_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, 
                     hint: str = " Export it without onnx: the TorchScript file runs it as it is.") -> None:
     """``torch.onnx.export`` of ``module`` traced on ``example`` (input named ``"input"``) to
     ``path``, quietly: a conversion that fails raises ExportError whose first line says
-    which operation failed (the exporter's own message, without its graph dump), then ``hint``."""
+    which operation failed (the exporter's own message, without its graph dump), then
+    ``hint``; a failure to write ``path`` is raised as it is."""
     try:
         with warnings.catch_warnings(), torch.no_grad(), _exporter_log_off():
             warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
@@ -78,6 +79,8 @@ def convert_to_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, 
                               input_names=["input"], output_names=[output_name], dynamic_axes=dynamic_axes,
                               do_constant_folding=constant_folding)
     except Exception as exc:
+        if is_write_failure(exc):  # a full disk or an unwritable folder: the caller's write reports it
+            raise
         first = (str(exc).strip().splitlines() or [""])[0].split("  [Caused by")[0].strip()
         raise ExportError(f"The {what} cannot be converted to ONNX (opset {opset}): {type(exc).__name__}: "
                           f"{first[:300]}.{hint}") from exc

@@ -150,3 +150,14 @@ def test_feature_cache_runs_speech_backbone_once_over_padded_batches(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.features(pad_waveforms([a, b]))[0], model.features(a[None])[0],
                                    atol=2e-5, rtol=1e-4)
+
+
+def test_feature_store_pads_clips_of_different_lengths_like_the_in_memory_pass(tmp_path):
+    root = make_audio_folder(tmp_path / "clips", per_class=4)
+    bb = get_backbone("ta:wav2vec2_tiny", weights=None, sample_rate=8000)
+    kw = dict(data=str(root), val_split=0.25, policy="feature_extraction", epochs=1, batch_size=3, verbose=False,
+              precision="fp32", feature_engine="eager", seed=0)
+    stored = transferkit.finetune(bb, cache_dir=tmp_path / "cache", **kw)
+    assert stored.feature_report["computed"] >= 1
+    in_memory = transferkit.finetune(bb, **kw)
+    assert stored.best["val_loss"] == pytest.approx(in_memory.best["val_loss"], rel=1e-4)

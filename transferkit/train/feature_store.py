@@ -603,6 +603,11 @@ def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[t
     todo = store.assigned_parts(rank, world_size) if parts is None else list(parts)
     checked = _Checked(dataset, seed)
     want = TORCH_DTYPES[store.dtype]
+    collate = getattr(dataset, "batch_collate", None)  # audio: clips of different lengths, padded
+
+    def stack(xs: list[Any]) -> torch.Tensor:
+        return collate([(x, 0) for x in xs])[0] if collate is not None else \
+            torch.stack([torch.as_tensor(x) for x in xs])
     done = []
     for p in todo:
         start, stop = store.part_range(p)
@@ -624,7 +629,7 @@ def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[t
                             mask[i - start] = False
                             store.masked.append((i, why))
                     if good:
-                        out = forward(torch.stack([torch.as_tensor(it[1]) for it in good]))
+                        out = forward(stack([it[1] for it in good]))
                         rows = torch.tensor([it[0] - start for it in good])
                         feats[v, rows] = out.detach().to("cpu", want)
                     if progress is not None:

@@ -106,6 +106,26 @@ def test_onnx_export_is_reused_from_cache_dir_and_checked(tmp_path, monkeypatch)
     assert len(list((tmp_path / "engines" / "onnx").glob("*.onnx"))) == 2
 
 
+@pytest.mark.parametrize("damage", ["overwrite", "truncate"])
+def test_a_damaged_onnx_export_in_cache_dir_is_exported_again(tmp_path, damage):
+    m, x = _model(), _batch()
+    eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False, cache_dir=tmp_path)
+    path = next((tmp_path / "engines" / "onnx").glob("*.onnx"))
+    good = path.read_bytes()
+    eng.release_engines()
+    if damage == "overwrite":  # the same length, still a readable model, with other weights
+        with open(path, "r+b") as f:
+            f.seek(len(good) // 2)
+            f.write(b"\x7f" * (len(good) // 4))
+    else:
+        path.write_bytes(good[: len(good) // 2])
+    fwd = eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False,
+                             cache_dir=tmp_path)  # checked against eager fp32: raises if the damage were used
+    with torch.no_grad():
+        assert torch.allclose(fwd(x), m.features(x), atol=1e-4)
+    assert path.read_bytes() == good
+
+
 def test_a_disagreeing_engine_is_refused_when_forced_and_rejected_under_auto(monkeypatch):
     m, x = _model(), _batch()
     real = eng._onnx_forward

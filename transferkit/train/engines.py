@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferkit._io import atomic_write, read_json_object, update_json_object
+from transferkit._io import atomic_write, file_digest, read_json_object, update_json_object
 from transferkit._text import exception_line
 from transferkit.data.fingerprint import module_fingerprint
 from transferkit.errors import ConfigError
@@ -609,29 +609,38 @@ def _onnx_forward(model: nn.Module, example: torch.Tensor, *, device: torch.devi
     import onnxruntime as ort
 
     path = onnx_path(model, example.shape[1:], example.dtype, cache_dir)
-    if not path.is_file():
+    if not _intact(path):  # missing, or damaged since it was written: export it (again)
         export_feature_pass(model, example, path)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1
     provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
-    try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
-    except Exception:  # a damaged file in the cache: export again
-        path.unlink(missing_ok=True)
-        export_feature_pass(model, example, path)
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"input": x.detach().cpu().contiguous().numpy()})[0])
     return forward
 
 
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".digest")
+
+
+def _intact(path: Path) -> bool:
+    """Whether the exported ``path`` holds the bytes it was written with (its digest beside it)."""
+    try:
+        return _digest_path(path).read_text().strip() == file_digest(path)
+    except OSError:
+        return False
+
+
 def export_feature_pass(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
     """Export ``model``'s feature pass (preprocessing + trunk, fp32, on the CPU) to ONNX at
     ``path`` (atomically), with a dynamic batch axis (and time axis for 2-d audio input),
     traced on the first two items of ``example`` (a graph that baked in the batch size
-    would fail the comparison with eager on a whole batch, and not be used)."""
+    would fail the comparison with eager on a whole batch, and not be used). The file's
+    digest is written beside it (``<name>.digest``): a later run that finds the bytes
+    changed (a damaged disk, a partial copy) exports again instead of using them."""
     module = _FeaturePass(copy.deepcopy(model).cpu().float().eval())
     module.to(memory_format=torch.contiguous_format)
     dynamic = {0: "batch"} if example.ndim != 2 else {0: "batch", 1: "time"}
@@ -644,7 +653,10 @@ def export_feature_pass(model: nn.Module, example: torch.Tensor, path: str | Pat
         convert_to_onnx(module, trace, tmp, output_name="features", constant_folding=False, what="feature pass",
                         hint="", dynamic_axes={"input": dynamic, "features": {0: "batch"}})
 
-    return atomic_write(path, write, what="ONNX feature pass")
+    path = atomic_write(path, write, what="ONNX feature pass")
+    digest = file_digest(path)
+    atomic_write(_digest_path(path), lambda tmp: Path(tmp).write_text(digest + "\n"), what="ONNX feature pass digest")
+    return path
 
 
 def _compiled_forward(model: nn.Module, example: torch.Tensor, *, device: torch.device, precision: str,

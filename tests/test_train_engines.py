@@ -126,6 +126,28 @@ def test_a_damaged_onnx_export_in_cache_dir_is_exported_again(tmp_path, damage):
     assert path.read_bytes() == good
 
 
+def test_a_reduced_precision_engine_may_differ_as_much_as_eager_at_that_precision(monkeypatch):
+    m, x = _model(), _batch()
+    eager_bf16 = eng.engine_forward("eager", m, x, device=CPU, precision="bf16", channels_last=False)
+    with torch.no_grad():
+        ref = m.features(x)
+        own = float((eager_bf16(x).float() - ref).abs().max() / ref.abs().max())
+    assert own > 0
+    monkeypatch.setitem(eng.TOLERANCE, "bf16", own / 10)  # the fixed tolerance alone would refuse eager bf16 itself
+    kw = dict(device=CPU, precision="bf16", channels_last=False)
+    assert eng.check_against_eager("compile", eager_bf16, m, x, **kw) == pytest.approx(own)
+    scale = float(ref.abs().max())
+    off = lambda xb: eager_bf16(xb).float() + 3 * own * scale  # noqa: E731  (three times eager's own difference)
+    with pytest.raises(tk.EngineError, match=r"tolerance .* for bf16, eager bf16 "):
+        eng.check_against_eager("compile", off, m, x, **kw)
+    measured = {"eager": {"images_per_s": 10.0, "rel_diff": own, "precision": "bf16"},
+                "compile": {"images_per_s": 50.0, "rel_diff": 1.5 * own, "precision": "bf16"},
+                "onnxruntime": {"images_per_s": 40.0, "rel_diff": 1.5 * own, "precision": "fp32"}}
+    engine, why = eng.decide_engine("auto", device_type="cpu", measured=measured, n_images=10_000,
+                                    available={"eager": None, "onnxruntime": None, "compile": None}, precision="bf16")
+    assert engine == "compile" and "onnxruntime rejected" in why  # an fp32 engine keeps the fp32 tolerance
+
+
 def test_a_disagreeing_engine_is_refused_when_forced_and_rejected_under_auto(monkeypatch):
     m, x = _model(), _batch()
     real = eng._onnx_forward
@@ -134,7 +156,7 @@ def test_a_disagreeing_engine_is_refused_when_forced_and_rejected_under_auto(mon
         fwd = real(*a, **k)
         return lambda xb: fwd(xb) + 1.0
     monkeypatch.setattr(eng, "_onnx_forward", wrong)
-    with pytest.raises(RuntimeError, match="differs from eager fp32"):
+    with pytest.raises(tk.EngineError, match="differs from eager fp32"):
         eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False)
     eng.release_engines()
     measured = eng.time_engines(m, [x], device=CPU, precision="fp32", channels_last=False,

@@ -44,6 +44,10 @@ class ExportError(TransferkitError):
     """An export that fails or does not reproduce the eager model."""
 
 
+class EngineError(TransferkitError, RuntimeError):
+    """A feature-pass engine whose features disagree with eager fp32 (it is not used)."""
+
+
 class ConfigError(TransferkitError, ValueError):
     """A configuration value of the wrong type or out of range."""
 

@@ -334,3 +334,24 @@ def test_onnx_export_whose_write_fails_reports_the_write_not_a_conversion(tmp_pa
                     example_inputs=images(2))
     assert "converted" not in str(err.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_files_checks_onnx_with_the_same_tolerances_and_names_what_was_written(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from transferkit.errors import ConfigError
+    from transferkit.export.onnx import export_files
+
+    model, bb = tiny_model(2)
+    meta = {"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()}
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(ConfigError, match="are one file"):  # one file, spelled two ways
+        export_files(model, tmp_path / "sub" / "m.pt", onnx=tmp_path / "sub" / ".." / "sub" / "m.pt", metadata=meta,
+                     example_inputs=images(4))
+    reports = export_files(model, tmp_path / "m.pt", onnx=tmp_path / "m.onnx", metadata=meta,
+                           example_inputs=images(4), atol=2e-5, rtol=0.0)
+    assert [r.mode for r in reports][1] == "onnx" and reports[1].tolerance == pytest.approx(2e-5)
+    with pytest.raises(ExportError, match=r"The TorchScript export '.*t\.pt' is written and checked; the ONNX export "
+                                          r"'.*t\.onnx' is not: The ONNX model differs"):
+        export_files(model, tmp_path / "t.pt", onnx=tmp_path / "t.onnx", metadata=meta, example_inputs=images(4),
+                     atol=1e-30, rtol=0.0)
+    assert (tmp_path / "t.pt").is_file() and not (tmp_path / "t.onnx").exists()

@@ -17,7 +17,7 @@ from transferkit._text import plural
 from transferkit.decisions import Decisions
 from transferkit.errors import ConfigError
 from transferkit.export import Predictor
-from transferkit.export.torchscript import ExportReport, export_torchscript
+from transferkit.export.torchscript import ExportReport
 from transferkit.policies import merge_lora
 from transferkit.run import Run
 from transferkit.steps import example_inputs, export_metadata, metadata
@@ -38,19 +38,14 @@ def export_result(model: nn.Module, decisions: Decisions | None, run: Run | None
     the parity check run on real validation inputs. Returns the reports (TorchScript first)."""
     _decided(decisions, run, need_run=True)
     onnx_path = Path(path).with_suffix(".onnx") if onnx is True else (Path(onnx) if onnx else None)
-    if onnx_path is not None and onnx_path == Path(path):
-        raise ConfigError(f"onnx={str(onnx)!r} is the TorchScript path too; give the ONNX file its own name.")
     check_writable(path, what="export")  # before any work
     if onnx_path is not None:
         check_writable(onnx_path, what="ONNX export")
     merged, meta, examples = merge_lora(model), export_metadata(decisions, best), example_inputs(decisions, run)
-    reports = [export_torchscript(merged, path, metadata=meta, example_inputs=examples, mode=mode, optimize=optimize,
-                                  atol=atol, rtol=rtol)]
-    if onnx_path is not None:
-        from transferkit.export.onnx import export_onnx
+    from transferkit.export.onnx import export_files
 
-        reports.append(export_onnx(merged, onnx_path, metadata=meta, example_inputs=examples))
-    return reports
+    return export_files(merged, path, onnx=onnx_path, metadata=meta, example_inputs=examples, mode=mode,
+                        optimize=optimize, atol=atol, rtol=rtol)
 
 
 def result_predictor(model: nn.Module, decisions: Decisions | None) -> Predictor:

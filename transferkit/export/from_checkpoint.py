@@ -16,7 +16,7 @@ from transferkit.backbones import get_backbone
 from transferkit.checkpoints import load_checkpoint
 from transferkit._io import check_writable, same_file
 from transferkit.export.inputs import InputPipeline
-from transferkit.export.torchscript import ExportReport, check_tolerances, export_torchscript
+from transferkit.export.torchscript import ExportReport, check_tolerances
 
 
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -102,8 +102,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str 
         if path is not None and same_file(path, checkpoint):
             raise ConfigError(f"The {name} path {str(path)!r} is the checkpoint being exported: writing it would "
                               "replace the checkpoint. Give another output path.")
-    if onnx is not None and same_file(onnx, out):
-        raise ConfigError(f"The ONNX export and the TorchScript export are both {str(out)!r}; give two paths.")
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
         raise ConfigError(f"num_examples={num_examples!r} is out of range; expected a positive integer (inputs of "
                           "the parity check).")
@@ -111,9 +109,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str 
     model, meta = model_from_checkpoint(checkpoint)
     batch, origin = example_batch(InputSpec.from_dict(meta["input_spec"]), examples=examples, n=num_examples)
     keep = {k: v for k, v in meta.items() if k not in ("format", "num_outputs", "torch_version", "export")}
-    reports = [export_torchscript(model, out, metadata=keep, example_inputs=batch, **export_kwargs)]
-    if onnx is not None:
-        from transferkit.export.onnx import export_onnx
+    from transferkit.export.onnx import export_files
 
-        reports.append(export_onnx(model, onnx, metadata=keep, example_inputs=batch))
-    return reports, origin
+    return export_files(model, out, onnx=onnx, metadata=keep, example_inputs=batch, **export_kwargs), origin

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferkit._io import atomic_write, check_free_space, file_lock, is_write_failure
-from transferkit.errors import ExportError
+from transferkit._io import atomic_write, check_free_space, file_lock, is_write_failure, same_file
+from transferkit.errors import ConfigError, ExportError
 from transferkit._integrity import check_records, records_entry
 from transferkit.export.metadata import (
     DIGEST_FILE,
@@ -34,7 +34,7 @@ from transferkit.export.metadata import (
     decode_metadata,
     encode_metadata,
 )
-from transferkit.export.torchscript import ExportReport, check_tolerances, example_list, module_bytes
+from transferkit.export.torchscript import ExportReport, check_tolerances, example_list, export_torchscript, module_bytes
 
 
 def _require_onnx() -> tuple[Any, Any]:
@@ -238,3 +238,25 @@ def load_onnx(path: str | Path, *, device: torch.device | str = "cpu",
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
     return OnnxRunner(session, device, repr(str(path))), meta
+
+
+def export_files(model: nn.Module, path: str | Path, *, onnx: str | Path | None, metadata: dict[str, Any],
+                 example_inputs: torch.Tensor | Sequence[torch.Tensor], **export_kwargs: Any) -> list[ExportReport]:
+    """The verified TorchScript export of ``model`` at ``path`` and, when ``onnx`` is a path,
+    the ONNX export there, checked with the same ``atol`` and ``rtol`` (``export_kwargs`` go
+    to [`export_torchscript`][transferkit.export_torchscript]). Returns the reports,
+    TorchScript first. When the ONNX file cannot be written, the error says that the
+    TorchScript file was written and checked."""
+    if onnx is not None and same_file(onnx, path):
+        raise ConfigError(f"The ONNX export {str(onnx)!r} and the TorchScript export {str(path)!r} are one file; "
+                          "give the ONNX file its own name.")
+    reports = [export_torchscript(model, path, metadata=metadata, example_inputs=example_inputs, **export_kwargs)]
+    if onnx is not None:
+        tol = {k: export_kwargs[k] for k in ("atol", "rtol") if k in export_kwargs}
+        try:
+            reports.append(export_onnx(model, onnx, metadata=metadata, example_inputs=example_inputs, **tol))
+        except ExportError as exc:
+            raise ExportError(f"The TorchScript export {str(path)!r} is written and checked; the ONNX export "
+                              f"{str(onnx)!r} is not: {exc}") from exc
+    return reports
+

@@ -355,3 +355,24 @@ def test_export_files_checks_onnx_with_the_same_tolerances_and_names_what_was_wr
         export_files(model, tmp_path / "t.pt", onnx=tmp_path / "t.onnx", metadata=meta, example_inputs=images(4),
                      atol=1e-30, rtol=0.0)
     assert (tmp_path / "t.pt").is_file() and not (tmp_path / "t.onnx").exists()
+
+
+def test_onnx_predictor_takes_float_and_uint8_images_like_the_torchscript_one(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from transferkit.export.onnx import export_files
+
+    model, bb = tiny_model(3)
+    meta = {"labels": ["a", "b", "c"], "input_spec": bb.input_spec.to_dict()}
+    export_files(model, tmp_path / "m.pt", onnx=tmp_path / "m.onnx", metadata=meta, example_inputs=images(4))
+    ts, ox = transferkit.load(tmp_path / "m.pt"), transferkit.load(tmp_path / "m.onnx")
+    u8 = images(3, seed=2)
+    as_float = [x.permute(1, 2, 0).numpy().astype(np.float32) / 255 for x in u8]  # exactly uint8 levels
+    off_grid = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # between grey levels
+    for inputs in (as_float, [u8[0], as_float[1]], off_grid):
+        torch.testing.assert_close(ox.predict_proba(inputs), ts.predict_proba(inputs), atol=2e-3, rtol=0)
+    torch.testing.assert_close(ox.predict_proba(as_float), ts.predict_proba(u8), atol=1e-5, rtol=0)
+    with pytest.raises(ExportError, match="one input dtype"):
+        export_files(model, tmp_path / "x.pt", onnx=tmp_path / "x.onnx", metadata=meta,
+                     example_inputs=[images(2), images(2).float() / 255])

@@ -134,6 +134,10 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
     onnx, ort = _require_onnx()
     t0 = time.perf_counter()
     examples = example_list(example_inputs)
+    if len({x.dtype for x in examples}) > 1:
+        raise ExportError(f"An ONNX file takes one input dtype; the example inputs have "
+                          f"{sorted({str(x.dtype) for x in examples})}. Pass examples of one dtype (the predictor "
+                          "converts uint8 and float images to the file's).")
     eager = copy.deepcopy(model).cpu().eval()
     batches = _batches(examples)
     with torch.no_grad():
@@ -204,21 +208,43 @@ def read_onnx_metadata(path: str | Path, *, _source: str | None = None) -> dict[
     return meta
 
 
+_ONNX_DTYPES = {"tensor(uint8)": torch.uint8, "tensor(float)": torch.float32, "tensor(float16)": torch.float16,
+                "tensor(double)": torch.float64}
+
+
 class OnnxRunner:
     """An ONNX export run by onnxruntime, called like the TorchScript module it stands in for
     (``runner(x) -> torch.Tensor``), so a [`Predictor`][transferkit.Predictor] serves either."""
 
     def __init__(self, session: Any, device: torch.device, source: str) -> None:
         self.session, self.device, self.source = session, device, source
-        self.input_name = session.get_inputs()[0].name
+        first = session.get_inputs()[0]
+        self.input_name, self.input_shape = first.name, list(first.shape)
+        self.input_dtype = _ONNX_DTYPES.get(first.type)
         self.providers = session.get_providers()
 
     def eval(self) -> OnnxRunner:
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.session.run(None, {self.input_name: x.detach().cpu().contiguous()
-                                                                   .numpy()})[0]))
+        x = self._as_input(x.detach().cpu())
+        return torch.from_numpy(np.asarray(self.session.run(None, {self.input_name: x.contiguous().numpy()})[0]))
+
+    def _as_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the dtype the file takes (a TorchScript export takes uint8 or float images;
+        an ONNX graph only the dtype it was exported with): float images in [0, 1] become uint8
+        (rounded: at most half a grey level from the float values), uint8 images become float
+        in [0, 1]."""
+        want = self.input_dtype
+        if want is None or x.dtype == want:
+            return x
+        if want == torch.uint8 and x.is_floating_point():
+            return (x.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+        if want.is_floating_point and x.dtype == torch.uint8:
+            return x.to(want) / 255.0
+        if want.is_floating_point and x.is_floating_point():
+            return x.to(want)
+        raise ExportError(f"{self.source} takes {want} input, got {x.dtype}.")
 
 
 def load_onnx(path: str | Path, *, device: torch.device | str = "cpu",

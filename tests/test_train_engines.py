@@ -444,3 +444,19 @@ def test_a_trunk_onnx_cannot_convert_is_timed_on_eager_with_a_one_line_reason(ca
     engine, why = eng.decide_engine("auto", device_type="cpu", available={"eager": None, "onnxruntime": None},
                                     measured=got, n_images=5000)
     assert engine == "eager" and "onnxruntime failed: ExportError" in why
+
+
+def test_exports_made_without_cache_dir_are_removed_when_the_process_exits(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, transferkit as tk; from transferkit.train import engines as eng; torch.manual_seed(0); "
+            "bb = tk.get_backbone('tk:small_cnn', weights=None); m = tk.build_model(bb, 2).eval(); "
+            "x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8); "
+            "eng.engine_forward('onnxruntime', m, x, device=torch.device('cpu'), precision='fp32', "
+            "channels_last=False); print(eng._SESSION_DIR[0])")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    folder = out.stdout.strip().splitlines()[-1]
+    assert folder.startswith(str(tmp_path)) and not os.path.exists(folder)

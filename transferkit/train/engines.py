@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import hashlib
@@ -629,8 +630,9 @@ def onnx_path(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, cache_
     name = hashlib.blake2b(ident.encode(), digest_size=16).hexdigest() + ".onnx"
     if cache_dir is not None:
         return Path(cache_dir) / "engines" / "onnx" / name
-    if not _SESSION_DIR:
+    if not _SESSION_DIR:  # removed when the process exits (or by release_engines)
         _SESSION_DIR.append(tempfile.mkdtemp(prefix="transferkit-engines-"))
+        atexit.register(_remove_session_dir)
     return Path(_SESSION_DIR[0]) / name
 
 
@@ -729,11 +731,16 @@ def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_si
 
 
 def release_engines() -> None:
-    """Forget the prepared engines of this process (compiled modules, ONNX sessions)."""
+    """Forget the prepared engines of this process (compiled modules, ONNX sessions) and
+    remove its exports made without a ``cache_dir``."""
     _RUNTIMES.clear()
     _VERIFIED.clear()
     _TIMED.clear()
-    if _SESSION_DIR:
+    _remove_session_dir()
+
+
+def _remove_session_dir() -> None:
+    while _SESSION_DIR:
         shutil.rmtree(_SESSION_DIR.pop(), ignore_errors=True)
 
 

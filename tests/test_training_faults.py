@@ -91,3 +91,32 @@ def test_out_of_memory_suggests_a_batch_size_that_fits(image_folder):
     bb = from_module(_SmallMemory(), num_features=4, input_spec=InputSpec(image_size=16), name="small-memory")
     with pytest.raises(tk.TrainingError, match="batch_size=2 fits"):
         tk.finetune(bb, data=image_folder, epochs=1, **{k: v for k, v in FAST.items() if k != "weights"})
+
+
+def test_ctrl_c_during_the_feature_pass_saves_nothing_and_says_so(image_folder, tmp_path, monkeypatch):
+    import transferkit.steps as steps
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(steps, "cached_features", interrupted)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with pytest.raises(TrainingInterrupted, match="Training had not started") as info:
+        tk.finetune("tk:small_cnn", data=image_folder, epochs=2, **{**FAST, "policy": "feature_extraction"})
+    assert info.value.checkpoint is None and list(cwd.iterdir()) == []
+
+
+def test_an_output_error_before_training_keeps_no_weights(image_folder, tmp_path, monkeypatch):
+    import transferkit.steps as steps
+    from transferkit.errors import OutputError
+
+    def unwritable(*args, **kwargs):
+        raise OutputError("The ONNX feature pass path 'x.onnx' cannot be written: permission denied.")
+    monkeypatch.setattr(steps, "cached_features", unwritable)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with pytest.raises(OutputError) as info:
+        tk.finetune("tk:small_cnn", data=image_folder, epochs=2, **{**FAST, "policy": "feature_extraction"})
+    assert "weights" not in str(info.value) and list(cwd.iterdir()) == []

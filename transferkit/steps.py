@@ -389,23 +389,25 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                 restore_best=cfg.restore_best, early_stopping=cfg.early_stopping, verbose=cfg.verbose)
     loop.on_epoch_end = epoch_end_callback(loop, path=cfg.checkpoint, model=run.model, meta=meta, base_lr=d.lr,
                                            callbacks=cfg.callbacks, tensorboard=tb)
-    current: dict[str, TrainingData | None] = {"data": inputs}
+    current: dict[str, TrainingData | None] = {"data": inputs, "fit": None}  # fit: the data training began on
     seconds = dict(inputs.seconds) if inputs is not None else {}
     report = None
     try:
         with training_faults(checkpoint=cfg.checkpoint, batch_size=cfg.batch_size,
                              save_interrupted=lambda: save_interrupted(d, run, meta),
-                             probe_step=lambda bs: _probe_step(run, current["data"], bs)):
+                             probe_step=lambda bs: _probe_step(run, current["data"], bs),
+                             started=lambda: current["fit"] is not None):
             if state.epoch < k or inputs is None:  # the frozen phase, on features computed once
                 td = current["data"] = training_data(d, run, cached=True, progress=progress)
                 seconds.update(td.seconds)
                 report = td.report
+                current["fit"] = td
                 history, best = fit(td.module, td.train_loader, td.val_loader, loop, epochs=k, state=state,
                                     total_epochs=total, prep_s=td.seconds.get("features_s", 0.0), prep_what="features",
                                     passes=d.head_passes)
             if inputs is not None:
                 state.best_state = _whole_model_state(run, state.best_state)
-                td = current["data"] = inputs
+                td = current["data"] = current["fit"] = inputs
                 history, best = fit(td.module, td.train_loader, td.val_loader, loop, epochs=total, state=state,
                                     prep_s=sum(v for key, v in inputs.seconds.items() if key.startswith("decode_")),
                                     prep_what="decoding")

@@ -57,8 +57,11 @@ def suggest_batch_size(step: Callable[[int], None], start: int) -> int | None:
 
 @contextlib.contextmanager
 def training_faults(*, checkpoint: str | Path | None, batch_size: int,
-                    save_interrupted: Callable[[], Path], probe_step: Callable[[int], None] | None) -> Iterator[None]:
+                    save_interrupted: Callable[[], Path], probe_step: Callable[[int], None] | None,
+                    started: Callable[[], bool] = lambda: True) -> Iterator[None]:
     """Turn faults inside the block into errors that say where the work is and what to do.
+    ``started()``: whether training has begun; before it (e.g. during the feature pass) the
+    weights are the ones the run started from and nothing is saved.
 
     - Ctrl-C: with ``checkpoint``, the file holds the last completed epoch and
       ``transferkit.resume(path)`` continues exactly; without it, the current weights are
@@ -76,6 +79,9 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
             raise TrainingInterrupted(f"{what} The checkpoint {str(checkpoint)!r} holds the last completed "
                                       f"epoch; continue exactly with transferkit.resume({str(checkpoint)!r}).",
                                       Path(checkpoint)) from exc
+        if not started():
+            raise TrainingInterrupted(f"{what} Training had not started, so the weights are the ones the run started "
+                                      "from and none were saved; run it again to train.", None) from exc
         with held_signals(reraise=False):  # a second Ctrl-C must not stop the save of the weights
             saved = save_interrupted()
         advice = (f"No epoch had completed, so the checkpoint {str(checkpoint)!r} was not written yet; start the "
@@ -84,6 +90,8 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
         raise TrainingInterrupted(f"{what} The current weights were saved to {str(saved)!r} (usable as "
                                   f"weights=... or with `transferkit export`). {advice}", saved) from exc
     except OutputError as exc:  # a checkpoint write failed (a full disk): keep this epoch's weights elsewhere
+        if not started():  # nothing trained yet: nothing to keep
+            raise
         with held_signals():
             try:
                 saved: Path | None = save_interrupted()

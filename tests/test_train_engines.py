@@ -268,6 +268,17 @@ def test_engine_is_in_the_plan_the_summary_and_the_cache_key(folder, tmp_path):
     assert differences(ds["eager"].to_dict(), ds["onnxruntime"].to_dict()) == {}
 
 
+def test_onnxruntime_features_are_stored_in_fp32_once_whatever_the_run_precision_and_layout(folder, tmp_path):
+    kw = dict(backbone=_backbone(), data=folder, feature_engine="onnxruntime", cache_dir=tmp_path / "c",
+              policy="feature_extraction", epochs=1)
+    reports = [tk.finetune(**{**KW, **kw, "precision": p, "channels_last": cl}).feature_report
+               for p, cl in (("fp32", False), ("bf16", True), ("bf16", False), ("fp32", True))]
+    assert [r["dtype"] for r in reports] == ["float32"] * 4  # ONNX Runtime computes in fp32
+    assert "speed:    features fp32 (the onnxruntime engine computes in it; eager would run bf16" in \
+        _decide(**{**kw, "precision": "bf16"})[1].summary()
+    assert reports[0]["computed"] >= 1 and [r["computed"] for r in reports[1:]] == [0, 0, 0]
+
+
 def _stored(cache: Path, key: str) -> np.ndarray:
     """The features a run left in its feature store, reopened with the store's own parameters."""
     from transferkit.train.feature_store import ShardedFeatureStore
@@ -304,6 +315,8 @@ def test_the_stored_timing_is_reused_by_a_later_run(folder, tmp_path, monkeypatc
     facts, second = _decide(backbone=_backbone(), data=folder, cache_dir=tmp_path / "c")
     assert second.engine == first.engine and facts.engines["measured"]["onnxruntime"]["stored"] is True
     assert second.feature_key("train") == first.feature_key("train")
+    assert "timed on the run's input" in first.engine_reason
+    assert "read from an earlier timing on this input (cache_dir/engines.json)" in second.engine_reason
 
 
 def test_compile_pays_only_for_enough_data_and_decide_compile():

@@ -182,7 +182,7 @@ class Decisions:
             lines.append(f"  groups:   {groups}")
         lines += [
             f"  runtime:  {where}, seed {cfg.seed}" + (f" (ranks: {list(self.seeds)})" if self.world_size > 1 else ""),
-            *(f"  speed:    {line}" for line in _speed_lines(s, features=self.cached_epochs > 0)),
+            *(f"  speed:    {line}" for line in _speed_lines(s, features=self.cached_epochs > 0, engine=self.engine)),
         ]
         return "\n".join(lines)
 
@@ -218,7 +218,7 @@ class Decisions:
         decoder = {"decoder": "device"} if self.decodes_on_device() else {}  # the CPU keeps the earlier keys
         return {**decoder, "backbone": self.backbone, "weights": self.trunk_fingerprint, "transform": repr(transform),
                 "precision": engine_precision(self.engine, self.speed["feature_precision"]), **engine,
-                "channels_last": self.speed["channels_last"],
+                "channels_last": self.speed["channels_last"] if self.engine != "onnxruntime" else None,  # ORT: its own
                 "device": self.device_type, "views": self.config.cache_views if part == "train" else 1,
                 "seed": self.config.seed if random_views else None, "data": self.data_fingerprints.get(part)}
 
@@ -404,10 +404,13 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
-def _speed_lines(s: dict[str, Any], *, features: bool) -> list[str]:
+def _speed_lines(s: dict[str, Any], *, features: bool, engine: str = "eager") -> list[str]:
     r = s["reasons"]
     out = []
-    if features:
+    if features and engine_precision(engine, s["feature_precision"]) != s["feature_precision"]:
+        out.append(f"features {engine_precision(engine, s['feature_precision'])} (the {engine} engine computes in it; "
+                   f"eager would run {s['feature_precision']}: {r.get('feature_precision', 'set directly')})")
+    elif features:
         out.append(f"features {s['feature_precision']} ({r.get('feature_precision', 'set directly')})")
     out.append(f"training {s['precision']} ({r.get('precision', 'set directly')})")
     out.append(f"{'channels_last' if s['channels_last'] else 'contiguous'} ({r.get('channels_last', 'set directly')})")

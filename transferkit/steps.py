@@ -41,7 +41,7 @@ from transferkit.run import Run
 from transferkit.policies import apply_policy, merge_lora, policy_penalty, set_train_mode
 from transferkit.checkpoints import save_checkpoint, save_interrupted_weights, save_with_fallback
 from transferkit.train.distributed import wrap_ddp
-from transferkit.train.engines import lazy_engine_forward
+from transferkit.train.engines import engine_precision, lazy_engine_forward
 from transferkit.train.faults import training_faults
 from transferkit.errors import DataError
 from transferkit.train.feature_store import fill_store, open_store, part_size_for
@@ -164,7 +164,8 @@ def stored_features(d: Decisions, run: Run, parts: list[tuple[str, Any, Any, int
     ``FinetuneResult.feature_report``).
     """
     cfg, fs, info = d.config, run.feature_speed, run.dist
-    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(fs.autocast_dtype, "float32")
+    # the features are stored in the precision the engine computes them in (ONNX Runtime: fp32)
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(engine_precision(d.engine, fs.precision), "float32")
     dim = run.backbone.num_features
     stores: dict[str, Any] = {}
     reports: dict[str, dict[str, Any]] = {}

@@ -188,9 +188,12 @@ def compile_pays(device_type: str, *, n_images: int, eager_images_per_s: float, 
     cost = compile_estimate(device_type, n_modules, load=load, engine=engine)
     saved = n_images / max(eager_images_per_s, 1e-9) * (1 - 1 / speedup)
     pays = saved > cost
-    what, digits = ("export and time", 1) if onnx else ("compile", 0)
-    return pays, (f"estimated {cost:.{digits}f} s to {what} {n_modules} modules {'<' if pays else '>'} the "
-                  f"{saved:.{digits}f} s it would save on {n_images} images at {speedup:.3g}x")
+    return pays, (f"estimated {_seconds(cost)} s to {'export and time' if onnx else 'compile'} {n_modules} modules "
+                  f"{'<' if pays else '>'} the {_seconds(saved)} s it would save on {n_images} images at {speedup:.3g}x")
+
+
+def _seconds(x: float) -> str:
+    return f"{x:.1f}" if x < 10 else f"{x:.0f}"
 
 
 def time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: torch.device, precision: str,
@@ -433,7 +436,9 @@ def decide_engine(requested: str, *, device_type: str, available: dict[str, str 
             best, best_ips = name, m["images_per_s"]
     notes += [f"{e} skipped: {why}" for e, why in available.items() if why is not None and e not in measured]
     first = " (its first call)" if measured["eager"].get("first_call") else ""
-    timed = f"timed on the run's input: eager {precision} {base:.1f} img/s{first}" + "".join(f"; {n}" for n in notes)
+    source = "read from an earlier timing on this input (cache_dir/engines.json)" if measured["eager"].get("stored") \
+        else "timed on the run's input"
+    timed = f"{source}: eager {precision} {base:.1f} img/s{first}" + "".join(f"; {n}" for n in notes)
     return best, ("fastest, " if best != "eager" else f"none beats eager by {MIN_SPEEDUP:g}x; ") + timed
 
 

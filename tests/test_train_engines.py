@@ -319,6 +319,27 @@ def test_the_stored_timing_is_reused_by_a_later_run(folder, tmp_path, monkeypatc
     assert "read from an earlier timing on this input (cache_dir/engines.json)" in second.engine_reason
 
 
+def test_a_damaged_timing_store_is_timed_again_and_one_that_cannot_be_written_warns(folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)
+    monkeypatch.setattr(eng, "engine_availability", lambda device_type: {
+        "eager": None, "onnxruntime": None, "compile": "not timed in this test (compiling takes minutes)"})
+    _decide(backbone=_backbone(), data=folder, cache_dir=tmp_path / "c")
+    store = tmp_path / "c" / "engines.json"
+    data = json.loads(store.read_text())
+    for damage in ({"images_per_s": "fast"}, {"rel_diff": None}, {"precision": "fp8"}):
+        for entry in data.values():
+            entry["measured"]["eager"].update(damage)
+        store.write_text(json.dumps(data))
+        facts, d = _decide(backbone=_backbone(), data=folder, cache_dir=tmp_path / "c")
+        assert "stored" not in facts.engines["measured"]["eager"] and "timed on the run's input" in d.engine_reason
+        data = json.loads(store.read_text())
+    store.unlink()
+    store.mkdir()  # engines.json is a folder: the run goes on with its own timing
+    with pytest.warns(UserWarning, match="The engine timing was not stored .*time the engines again"):
+        facts, d = _decide(backbone=_backbone(), data=folder, cache_dir=tmp_path / "c")
+    assert "images_per_s" in facts.engines["measured"]["eager"]
+
+
 def test_compile_pays_only_for_enough_data_and_decide_compile():
     assert not eng.compile_pays("cpu", n_images=400, eager_images_per_s=35.0, n_modules=150, load=1.0)[0]
     assert eng.compile_pays("cpu", n_images=500_000, eager_images_per_s=35.0, n_modules=150, load=1.0)[0]

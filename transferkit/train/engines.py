@@ -38,10 +38,12 @@ import atexit
 import contextlib
 import copy
 import hashlib
+import math
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -352,7 +354,7 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
                             channels_last=channels_last)
     data = read_json_object(store) if store is not None else {}
     saved = data.get(key, {}).get("measured") if isinstance(data.get(key), dict) else None
-    if isinstance(saved, dict) and "eager" in saved:
+    if _well_formed(saved):
         missing = [c for c in candidates if c not in saved or ("skipped" in saved[c] and c in PREPARED and
                    compile_pays(device.type, n_images=n_images, n_modules=leaf_modules(model),
                                 eager_images_per_s=saved["eager"].get("images_per_s", 1.0), engine=c,
@@ -362,8 +364,31 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
     measured = time_engines(model, batches, device=device, precision=precision, channels_last=channels_last,
                             candidates=candidates, cache_dir=cache_dir, n_images=n_images)
     if store is not None:
-        update_json_object(store, key, {"format": STORE_FORMAT, "measured": measured}, what="engine timing store")
+        try:
+            update_json_object(store, key, {"format": STORE_FORMAT, "measured": measured}, what="engine timing store")
+        except OSError as exc:  # the verdict stands for this run; later runs time again
+            warnings.warn(f"The engine timing was not stored ({exception_line(exc)}); later runs on this cache_dir "
+                          "time the engines again.", stacklevel=2)
     return measured
+
+
+def _well_formed(saved: Any) -> bool:
+    """Whether a stored timing has the shape `time_engines` writes (a hand-edited or damaged
+    store is timed again, not trusted)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("eager"), dict):
+        return False
+    for name, m in saved.items():
+        if name not in ENGINES or not isinstance(m, dict):
+            return False
+        if "skipped" in m or "error" in m:
+            continue
+        numbers = [m.get("images_per_s"), m.get("rel_diff")]
+        if m.get("precision") not in TOLERANCE or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                          and math.isfinite(v) and v >= 0 for v in numbers):
+            return False
+        if not m["images_per_s"] > 0:
+            return False
+    return True
 
 
 

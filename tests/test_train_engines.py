@@ -494,3 +494,12 @@ def test_exports_made_without_cache_dir_are_removed_when_the_process_exits(tmp_p
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     folder = out.stdout.strip().splitlines()[-1]
     assert folder.startswith(str(tmp_path)) and not os.path.exists(folder)
+
+
+def test_a_dry_run_says_its_engine_is_provisional_and_an_unused_forced_engine_is_noted(folder, monkeypatch):
+    monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)
+    d = tk.plan(**{**KW, "backbone": _backbone(), "data": folder, "policy": "feature_extraction"})
+    assert d.engine == "eager" and "provisional: a dry run does not time the engines" in d.summary()
+    d = tk.plan(**{**KW, "backbone": _backbone(), "data": folder, "policy": "full", "feature_engine": "onnxruntime"})
+    assert "no cached feature pass; feature_engine='onnxruntime' is not used" in d.engine_reason
+    assert any("feature_engine='onnxruntime' is not used" in n for n in d.notes)

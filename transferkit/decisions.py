@@ -263,6 +263,9 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     template = bb.head_groups if cache else bb.groups
     trainable = tuple(tuple(b) for b in pol.schedule(list(bb.blocks), cfg.epochs))
     notes = []
+    if cfg.feature_engine not in ("auto", "eager") and not cached_epochs:
+        notes.append(f"feature_engine={cfg.feature_engine!r} is not used: this run has no cached feature pass "
+                     f"({reason}); it applies to a frozen backbone whose features are cached.")
     if pol.frozen_epochs and frozen:
         notes.append(f"policy {pol} keeps the backbone frozen for {_plural(pol.frozen_epochs, 'epoch')} but the "
                      f"run has {cfg.epochs}: the backbone never trains (this is feature extraction); raise epochs "
@@ -308,7 +311,10 @@ def _engine_decision(cfg: FinetuneConfig, facts: Facts, speed: dict[str, Any], c
     """Feature-engine hook: the engine of the frozen feature pass from the facts' timing."""
     e = facts.engines
     if not cached_epochs or not e:
-        return "eager", "no frozen feature pass"
+        unused = f"; feature_engine={cfg.feature_engine!r} is not used" if cfg.feature_engine != "auto" else ""
+        return "eager", f"no cached feature pass{unused}"
+    if cfg.feature_engine == "auto" and e.get("pending"):
+        return "eager", e["pending"]
     return decide_engine(cfg.feature_engine, device_type=facts.device.type, available=e["available"],
                          measured=e["measured"], n_images=e["n_images"], world_size=facts.device.world_size,
                          precision=speed["feature_precision"])

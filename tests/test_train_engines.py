@@ -503,3 +503,17 @@ def test_a_dry_run_says_its_engine_is_provisional_and_an_unused_forced_engine_is
     d = tk.plan(**{**KW, "backbone": _backbone(), "data": folder, "policy": "full", "feature_engine": "onnxruntime"})
     assert "no cached feature pass; feature_engine='onnxruntime' is not used" in d.engine_reason
     assert any("feature_engine='onnxruntime' is not used" in n for n in d.notes)
+
+
+def test_auto_does_not_compile_a_pass_over_clips_of_different_lengths():
+    from transferkit.backbones import InputSpec
+
+    def facts(spec):
+        return eng.engine_facts("auto", trunk=None, spec=spec, dataset=None, device=CPU, precision="fp32",
+                                channels_last=False, n_images=10, world_size=1, batch_size=4, cache_dir=None)
+    if eng.engine_availability("cpu")["compile"] is not None:
+        pytest.skip("torch.compile cannot run here")
+    varying = facts(InputSpec(kind="audio", sample_rate=8000))["available"]["compile"]
+    assert varying.startswith("clips of different lengths")
+    assert facts(InputSpec(kind="audio", sample_rate=8000, clip_seconds=1.0))["available"]["compile"] is None
+    assert facts(InputSpec(kind="image", image_size=32))["available"]["compile"] is None

@@ -805,6 +805,10 @@ def engine_facts(requested: str, *, trunk: nn.Module | None, spec: Any, dataset:
     enough data, ``trunk`` loaded) the timing of the candidates on the first batches of
     ``dataset`` (`measure_engines`, stored under ``cache_dir``)."""
     available = engine_availability(device.type)
+    if requested == "auto" and spec.kind == "audio" and not getattr(spec, "clip_seconds", None) \
+            and available.get("compile") is None:  # batches as long as their longest clip
+        available["compile"] = ("clips of different lengths: each new batch length would compile again "
+                                "(force it with feature_engine='compile', or give the backbone clip_seconds=...)")
     out: dict[str, Any] = {"available": available, "n_images": n_images, "measured": None}
     if requested != "auto" or world_size > 1 or n_images < MIN_IMAGES_TO_TIME:
         return out

@@ -136,6 +136,14 @@ def test_finetune_spectrogram_model_end_to_end_and_export(tmp_path):
     clips = [load_audio(p, 8000) for p in (root / "low" / "low_1.flac", root / "high" / "high_6.wav")]
     with torch.no_grad():
         assert scripted(pad_waveforms(clips)).argmax(1).tolist() == [1, 0]
+    # a clip shorter than the trunk's first window is a per-file error, whatever the batch
+    predictor = transferkit.load(tmp_path / "m.pt")
+    sf.write(tmp_path / "tiny.wav", _tone(300.0, 3), 8000, subtype="PCM_16")
+    for batch_size in (1, 2):
+        preds = predictor.predict([str(tmp_path / "tiny.wav"), str(root / "low" / "low_1.flac")], batch_size=batch_size)
+        assert "needs at least 25 ms (200 samples at 8000 Hz)" in preds[0].error and preds[1].label == "low"
+    with pytest.raises(DataError, match="needs at least 25 ms"):
+        predictor.predict(np.full(5, 0.1, np.float32))
 
 
 def test_feature_cache_runs_speech_backbone_once_over_padded_batches(tmp_path):

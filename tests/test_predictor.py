@@ -189,7 +189,7 @@ def test_input_pipeline_and_parity_examples_for_each_kind(tmp_path):
     audio_spec = transferkit.InputSpec(kind="audio", sample_rate=8000)
     waves, origin = example_batch(audio_spec, n=4)
     assert waves.shape == (4, 8000) and torch.isnan(waves[1]).sum() == 4000  # shorter clips NaN-padded
-    clipped = InputPipeline(audio_spec.replace(clip_seconds=0.5)).batch([torch.zeros(100), np.zeros(9000, np.float32)])
+    clipped = InputPipeline(audio_spec.replace(clip_seconds=0.5)).batch([torch.zeros(400), np.zeros(9000, np.float32)])
     assert clipped.shape == (2, 4000)
 
 

@@ -447,10 +447,12 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
     wav = wav.float()
     if wav.ndim == 2:
         wav = wav.mean(0)
+    given = tuple(wav.shape)
     if wav.ndim == 1:
         wav = wav[: int(valid_lengths(wav[None])[0])] if torch.isnan(wav[-1:]).any() else wav  # trailing padding
     if wav.ndim != 1 or wav.shape[0] == 0:
-        raise DataError(f"A waveform must be a non-empty [T] or [C, T] array, got shape {tuple(wav.shape)}.")
+        padding = " (all of it NaN, which marks padding)" if wav.ndim == 1 and given[-1] else ""
+        raise DataError(f"A waveform must be a non-empty [T] or [C, T] array, got shape {given}{padding}.")
     check_finite(wav, "waveform")
     wav = crop_centre(wav, None if max_seconds is None else max(1, int(round(max_seconds * float(rate)))))
     return resample(wav, int(rate), sample_rate)

@@ -10,6 +10,7 @@ NaN-padded into ``[N, T]``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ from transferkit.data import audio
 from transferkit.data.images import IMAGE_EXTENSIONS, load_image
 from transferkit.data.transforms import eval_transform
 from transferkit.errors import DataError
+
+
+MIN_CLIP_SECONDS = 0.025  # wav2vec2/HuBERT's first frame spans 400 samples at 16 kHz; a 512-sample STFT
+#                          (the spectrogram trunks) needs more than half its window
 
 
 class InputPipeline:
@@ -115,7 +120,12 @@ class InputPipeline:
         if self.max_seconds is not None and isinstance(item, (str, Path)) and (clip is None or clip > self.max_seconds) \
                 and self._longer(item):  # the model sees less than the whole clip, as in training: say so
             self.cropped.append(str(item))
-        wav = self._to_waveform(item, int(self.spec.sample_rate), max_seconds=self.max_seconds)  # type: ignore[arg-type]
+        rate = int(self.spec.sample_rate)  # type: ignore[arg-type]
+        wav = self._to_waveform(item, rate, max_seconds=self.max_seconds)
+        shortest = math.ceil(MIN_CLIP_SECONDS * rate)
+        if wav.shape[-1] < shortest:  # shorter than the audio trunks' first window: no output to speak of
+            raise DataError(f"The clip is {wav.shape[-1]} samples ({1000 * wav.shape[-1] / rate:.1f} ms) long; the "
+                            f"model needs at least {1000 * MIN_CLIP_SECONDS:g} ms ({shortest} samples at {rate} Hz).")
         return self._transform(wav)
 
     def _longer(self, path: str | Path) -> bool:

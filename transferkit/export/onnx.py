@@ -262,6 +262,7 @@ def load_onnx(path: str | Path, *, device: torch.device | str = "cpu",
                           "onnxruntime-gpu).")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.log_severity_level = 4  # a failing run raises with its message; the log would repeat it on stderr
     session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
     return OnnxRunner(session, device, repr(str(path))), meta
 

@@ -676,6 +676,7 @@ def _onnx_forward(model: nn.Module, example: torch.Tensor, *, device: torch.devi
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1
+    opts.log_severity_level = 4  # a failing run raises with its message; the log would repeat it on stderr
     provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
     session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
 

@@ -376,3 +376,23 @@ def test_onnx_predictor_takes_float_and_uint8_images_like_the_torchscript_one(tm
     with pytest.raises(ExportError, match="one input dtype"):
         export_files(model, tmp_path / "x.pt", onnx=tmp_path / "x.onnx", metadata=meta,
                      example_inputs=[images(2), images(2).float() / 255])
+
+
+def test_the_format_of_an_export_is_read_from_its_content_not_its_name(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from transferkit.export import read_metadata, update_metadata
+    from transferkit.export.onnx import OnnxRunner, export_files
+
+    model, bb = tiny_model(2)
+    meta = {"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()}
+    export_files(model, tmp_path / "m.pt", onnx=tmp_path / "onnx.bin", metadata=meta, example_inputs=images(4))
+    shutil.copy(tmp_path / "m.pt", tmp_path / "torchscript.onnx")
+    x = images(2, seed=4)
+    expected = transferkit.load(tmp_path / "m.pt").predict_proba(x)
+    for name, runner in (("onnx.bin", OnnxRunner), ("torchscript.onnx", torch.jit.ScriptModule)):
+        p = transferkit.load(tmp_path / name)
+        assert isinstance(p.module, runner)
+        torch.testing.assert_close(p.predict_proba(x), expected, atol=1e-5, rtol=0)
+        assert read_metadata(tmp_path / name)["labels"] == ["a", "b"]
+    with pytest.raises(ExportError, match="is an ONNX export, whose metadata is written by exporting it again"):
+        update_metadata(tmp_path / "onnx.bin", {"labels": ["x", "y"]})

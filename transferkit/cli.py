@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = _sub(sub, "predict", "predict with an exported model",
               "Predict labels for image (or audio) files and folders with an exported model.")
-    pr.add_argument("model", help="exported TorchScript file (.pt)")
+    pr.add_argument("model", help="exported file: TorchScript (.pt) or ONNX (.onnx)")
     pr.add_argument("inputs", nargs="+", help="files, or folders (every readable file below them)")
     pr.add_argument("--top-k", type=int, default=1, help="labels to show per input")
     fmt = pr.add_mutually_exclusive_group()
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
               "exported model and report the accuracy, per-class precision/recall/F1, the files with the highest "
               "loss, and draw the confusion matrix. On a terminal it prints a summary; piped or with --json, one "
               "JSON object.")
-    ev.add_argument("model", help="exported TorchScript file (.pt)")
+    ev.add_argument("model", help="exported file: TorchScript (.pt) or ONNX (.onnx)")
     ev.add_argument("data", help="labelled data: a folder root/<class>/<file> or a CSV of path,label")
     ev.add_argument("--worst", type=int, default=10, help="how many of the highest-loss files to list")
     ev.add_argument("--confusion-matrix", default=None, metavar="PNG",
@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     lf.set_defaults(fn=_cmd_lr_find)
     i = _sub(sub, "inspect", "print an exported model's metadata",
              "Print what an exported file holds: task, labels, input, the export's parity check, how it was trained.")
-    i.add_argument("model", help="exported TorchScript file (.pt)")
+    i.add_argument("model", help="exported file: TorchScript (.pt) or ONNX (.onnx)")
     i.add_argument("--json", action="store_true", help="print the full metadata as JSON")
     i.set_defaults(fn=_cmd_inspect)
     for cmd in sub.choices.values():  # --debug after the command works too

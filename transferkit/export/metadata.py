@@ -186,7 +186,8 @@ def decode_metadata(extra: dict[str, Any], *, source: str, fmt: str = FORMAT) ->
     if digest != _digest(raw):
         raise _corrupt(f"The metadata of {source} is corrupt or was modified after export: its SHA-256 does not "
                        f"match the digest recorded at export ({DIGEST_FILE}). Use an intact copy or re-export the "
-                       "model; to change metadata on purpose use transferkit.export.update_metadata().")
+                       "model" + ("; to change metadata on purpose use transferkit.export.update_metadata()."
+                                  if fmt == FORMAT else "."))
     try:
         meta = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

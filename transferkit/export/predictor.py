@@ -14,7 +14,7 @@ from transferkit._progress import progress as progress_bar
 from transferkit.backbones._base import InputSpec
 from transferkit.errors import ConfigError, DataError, ExportError
 from transferkit.export.inputs import InputPipeline
-from transferkit.export.torchscript import check_device, load_scripted, quiet_jit
+from transferkit.export.torchscript import check_device, is_onnx_file, load_scripted, quiet_jit
 from transferkit.heads import output_activation
 
 
@@ -227,9 +227,9 @@ def _progress(chunks: Iterator[list[Any]], total: int, progress: bool | None) ->
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> Predictor:
     """Load an exported transferkit model as a [`Predictor`][transferkit.Predictor].
 
-    A ``.onnx`` file (from `transferkit.export.export_onnx`) runs on onnxruntime
-    (``pip install 'transferkit[onnx]'``; without it, an ExportError says so); other files
-    are TorchScript exports. The file and its metadata are checked: a truncated or damaged file (every record's
+    An ONNX export (from `transferkit.export.export_onnx`) runs on onnxruntime
+    (``pip install 'transferkit[onnx]'``; without it, an ExportError says so), a TorchScript
+    export on torch; which one a file is, is read from its content, not its name. The file and its metadata are checked: a truncated or damaged file (every record's
     SHA-256 is compared with the one written at export), missing or edited metadata raise
     [`ExportError`][transferkit.ExportError] naming the problem; a checkpoint passed instead of an
     export says how to export it. ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or
@@ -240,7 +240,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> Predictor:
         >>> predictor.predict("cat.jpg", top_k=3)[0].top_k  # doctest: +SKIP
     """
     dev = check_device(device)
-    if str(path).lower().endswith(".onnx"):  # an ONNX export runs on onnxruntime
+    if is_onnx_file(path):  # an ONNX export runs on onnxruntime
         from transferkit.export.onnx import load_onnx
 
         runner, meta = load_onnx(path, device=dev)

@@ -350,9 +350,28 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         >>> read_metadata("/tmp/tk-doctest.pt")["labels"]
         ['a', 'b']
     """
+    if is_onnx_file(path):
+        from transferkit.export.onnx import read_onnx_metadata
+
+        return read_onnx_metadata(path)
     module, meta = load_scripted(path)
     check_output_width(module, meta, source=repr(str(path)))
     return meta
+
+
+def is_onnx_file(path: str | Path) -> bool:
+    """Whether ``path`` holds an ONNX export rather than TorchScript, by its content: a
+    TorchScript file is a zip archive (it starts with ``PK\\x03\\x04``), an ONNX file a
+    protobuf ``ModelProto`` (its first field, ``ir_version``: byte ``0x08``). A file that is
+    neither, or cannot be read, goes by its suffix (``.onnx``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    if head == b"PK\x03\x04":
+        return False
+    return head[:1] == b"\x08" or str(path).lower().endswith(".onnx")
 
 
 def blank_input(meta: dict[str, Any]) -> torch.Tensor:
@@ -467,6 +486,9 @@ def update_metadata(path: str | Path, changes: dict[str, Any]) -> dict[str, Any]
         >>> update_metadata("/tmp/tk-doctest.pt", {"labels": ["ant", "bee"]})["labels"]
         ['ant', 'bee']
     """
+    if is_onnx_file(path):
+        raise ExportError(f"update_metadata changes TorchScript exports; {str(path)!r} is an ONNX export, whose "
+                          "metadata is written by exporting it again (export_onnx, or finetune's export with onnx=).")
     module, meta = load_scripted(path)
     protected = {"format", "num_outputs", "torch_version", "transferkit_version", "export", "integrity"} & set(changes)
     if protected:

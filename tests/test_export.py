@@ -124,8 +124,10 @@ def test_export_checks_each_example_batch_and_the_output_shape(tmp_path):
 ])
 def test_metadata_schema_rejects_bad_metadata_before_writing(change, message):
     meta = {"labels": ["a", "b"], "input_spec": {"image_size": 32}, **change}
-    with pytest.raises(ExportError, match=message):
+    with pytest.raises(ExportError, match=message) as err:
         complete_metadata(meta, num_outputs=len(meta["labels"]) or 1)
+    if "JSON" not in message:
+        assert str(err.value).startswith("The metadata to export is invalid: ") and "re-export" not in str(err.value)
 
 
 def _set_metadata(name, data, new_meta, *, digest=True, labels=True):
@@ -316,6 +318,12 @@ def test_onnx_conversion_that_fails_says_which_operation_in_one_line_without_a_g
     assert len(str(err.value).splitlines()) == 1 and len(str(err.value)) < 500
     assert "graph" not in capfd.readouterr().out  # the exporter's dump of the whole graph stays off
     assert not (tmp_path / "m.onnx").exists()
+    from transferkit.errors import ConfigError
+
+    for opset in (99, 6, "17"):  # refused before any work, not reported as a conversion failure
+        with pytest.raises(ConfigError, match=f"opset={opset!r} is not an ONNX opset this exporter writes"):
+            export_onnx(model, tmp_path / "m.onnx", example_inputs=torch.randn(2, 8000), opset=opset,
+                        metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()})
 
 
 def test_onnx_export_whose_write_fails_reports_the_write_not_a_conversion(tmp_path, monkeypatch):

@@ -255,7 +255,8 @@ def check_writable(path: str | Path, *, what: str, flag: str | None = None, kind
     _check_name_length(p, what, flag, kind)
     if kind == "file":
         if p.is_dir():
-            raise OutputError(f"{_named(what, p, flag)} is a folder; give a file path such as {str(p / 'model.pt')!r}.")
+            example = p / ("model.onnx" if "ONNX" in what else "model.pt")
+            raise OutputError(f"{_named(what, p, flag)} is a folder; give a file path such as {str(example)!r}.")
         if p.exists() and not p.is_file():
             raise OutputError(f"{_named(what, p, flag)} exists and is not a regular file; give a file path.")
         folder = p.parent

@@ -148,7 +148,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(r.summary())
         for note in r.notes:
             print(f"  note: {note}")
-    print(f"parity checked after reloading from disk, on {origin}")
+    print(f"parity checked after reloading from disk, on {origin.replace('pass examples=', 'pass --examples')}")
     return 0
 
 

@@ -81,10 +81,15 @@ def complete_metadata(metadata: dict[str, Any], *, num_outputs: int, fmt: str = 
         meta = json.loads(json.dumps(meta))  # tuples -> lists, and proof it serialises
     except (TypeError, ValueError) as exc:
         raise ExportError(f"Export metadata must be JSON-serialisable: {exc}") from exc
-    return validate_metadata(meta, source="the metadata to export", fmt=fmt)
+    return validate_metadata(meta, source=_TO_EXPORT, fmt=fmt)
+
+
+_TO_EXPORT = "the metadata to export"
 
 
 def _fail(source: str, problem: str) -> ExportError:
+    if source == _TO_EXPORT:  # given to an exporter: nothing was written yet
+        return ExportError(f"The metadata to export is invalid: {problem}. Nothing was written; fix the metadata.")
     return ExportError(f"The metadata of {source} is invalid: {problem}. It was not written by this version of "
                        "transferkit or was edited by hand; re-export the model.")
 

@@ -64,6 +64,17 @@ def _exporter_log_off() -> Any:
         torch._C._jit_set_onnx_log_enabled = setter
 
 
+def check_opset(opset: Any) -> int:
+    """``opset`` when torch's TorchScript-based exporter writes it (7 to 20 with torch 2.11), else ConfigError."""
+    from torch.onnx import _constants
+
+    lo, hi = _constants.ONNX_MIN_OPSET, getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 17)
+    if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
+        raise ConfigError(f"opset={opset!r} is not an ONNX opset this exporter writes; use {lo} to {hi} (17 by "
+                          "default).")
+    return opset
+
+
 def convert_to_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, *, output_name: str,
                     dynamic_axes: dict[str, dict[int, str]], opset: int = 17, constant_folding: bool = True,
                     what: str = "model",
@@ -131,6 +142,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
         True
     """
     check_tolerances(atol, rtol)
+    check_opset(opset)
     onnx, ort = _require_onnx()
     t0 = time.perf_counter()
     examples = example_list(example_inputs)

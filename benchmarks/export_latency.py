@@ -7,11 +7,12 @@ the channels_last candidate (plain ``freeze``, for comparison). Each file is rel
 disk. The model is also exported to ONNX (`transferkit.export.export_onnx`) and loaded the
 way ``transferkit.load("model.onnx")`` loads it (an onnxruntime session, CPU provider, as
 many threads as torch), when onnxruntime is installed. The median time of a forward pass on
-raw uint8 images is measured at batch size 1 and 32 for eager and every export, interleaved round by round so that machine load hits
-all alike. Goal: exported no slower than eager (ratio eager/exported >= 1.0).
+raw uint8 images (audio backbones: float waveforms of ``@N`` seconds) is measured at batch size 1 and 32 for eager and
+every export, interleaved round by round so that machine load hits all alike. Goal: exported no slower than eager (ratio eager/exported >= 1.0).
 
     python benchmarks/export_latency.py                      # tk:small_cnn@32, tv:resnet18@224
     python benchmarks/export_latency.py --models tv:resnet50@224 --repeats 10 --threads 4
+    python benchmarks/export_latency.py --models ta:wav2vec2_tiny@1 ta:wav2vec2_tiny@30 --batches 1 --repeats 5
 """
 
 from __future__ import annotations
@@ -55,9 +56,16 @@ def _time(fn, x: torch.Tensor) -> float:
 def measure(name: str, size: int, *, batches: tuple[int, ...], repeats: int, warmup: int, folder: Path) -> list[dict]:
     torch.manual_seed(0)
     bb = transferkit.get_backbone(name, weights=None)
-    model = transferkit.build_model(bb, 10, spec=bb.input_spec.replace(image_size=size)).eval()
-    meta = {"labels": [f"c{i}" for i in range(10)], "input_spec": bb.input_spec.replace(image_size=size).to_dict()}
-    example = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
+    audio = bb.input_spec.kind == "audio"
+    spec = bb.input_spec if audio else bb.input_spec.replace(image_size=size)
+    model = transferkit.build_model(bb, 10, spec=spec).eval()
+    meta = {"labels": [f"c{i}" for i in range(10)], "input_spec": spec.to_dict()}
+
+    def inputs(n: int) -> torch.Tensor:  # uint8 images at ``size`` px, or ``size``-second waveforms
+        if audio:
+            return torch.randn(n, int(spec.sample_rate) * size) * 0.1
+        return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+    example = inputs(4) if not audio else torch.randn(2, int(spec.sample_rate)) * 0.1  # traced on 1 s clips
     variants = {"eager": model}
     for tag, optimize, layouts in (("exported", False, True), ("exported+opt", True, False),
                                    ("exported+opt", True, True)):
@@ -79,7 +87,7 @@ def measure(name: str, size: int, *, batches: tuple[int, ...], repeats: int, war
     rows = []
     with torch.inference_mode():
         for bs in batches:
-            x = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8)
+            x = inputs(bs)
             for fn in variants.values():  # warm-up: the TorchScript profiling executor specialises here
                 for _ in range(warmup):
                     fn(x)
@@ -98,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", default=["tk:small_cnn@32", "tv:resnet18@224"],
-                   help="backbone@image_size, weights=None")
+                   help="backbone@image_size (audio backbones: backbone@clip_seconds), weights=None")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     p.add_argument("--repeats", type=int, default=15, help="timed rounds per batch size (median reported)")
     p.add_argument("--warmup", type=int, default=3)

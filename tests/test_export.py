@@ -404,3 +404,26 @@ def test_the_format_of_an_export_is_read_from_its_content_not_its_name(tmp_path)
         assert read_metadata(tmp_path / name)["labels"] == ["a", "b"]
     with pytest.raises(ExportError, match="is an ONNX export, whose metadata is written by exporting it again"):
         update_metadata(tmp_path / "onnx.bin", {"labels": ["x", "y"]})
+
+
+def test_an_onnx_export_whose_metadata_was_re_signed_with_another_image_size_is_refused(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from transferkit.export import export_onnx, read_onnx_metadata
+    from transferkit.export.metadata import RECORDS_FILE, encode_metadata
+
+    model, bb = tiny_model(2)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()},
+                example_inputs=images(2))
+    meta = read_onnx_metadata(path)
+    proto = onnx.load(str(path))
+    records = {p.key: p.value for p in proto.metadata_props}[RECORDS_FILE]
+    meta["input_spec"]["image_size"] = 64  # a forger who recomputes the metadata's digest
+    del proto.metadata_props[:]
+    for key, value in encode_metadata(meta, records).items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    with pytest.raises(ExportError, match="takes 32x32 images but its metadata says image_size 64"):
+        transferkit.load(path)

@@ -276,7 +276,14 @@ def load_onnx(path: str | Path, *, device: torch.device | str = "cpu",
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.log_severity_level = 4  # a failing run raises with its message; the log would repeat it on stderr
     session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
-    return OnnxRunner(session, device, repr(str(path))), meta
+    runner = OnnxRunner(session, device, repr(str(path)))
+    spec, shape = meta["input_spec"], runner.input_shape
+    if spec.get("kind", "image") == "image" and len(shape) == 4 and isinstance(shape[2], int) \
+            and shape[2:] != [int(spec.get("image_size", shape[2]))] * 2:
+        raise ExportError(f"{str(path)!r} takes {shape[2]}x{shape[3]} images but its metadata says image_size "
+                          f"{spec.get('image_size')}: the model and its metadata do not belong together. Re-export "
+                          "the model.")
+    return runner, meta
 
 
 def export_files(model: nn.Module, path: str | Path, *, onnx: str | Path | None, metadata: dict[str, Any],

@@ -4,12 +4,11 @@ from transferkit.export.from_checkpoint import example_batch, export_checkpoint,
 from transferkit.export.inputs import InputPipeline
 from transferkit.export.metadata import FORMAT, validate_metadata
 from transferkit.export.onnx import export_onnx, read_onnx_metadata
-from transferkit.export.predictor import Prediction, Predictor, load
+from transferkit.export.predictor import Prediction, Predictor, load, read_metadata
 from transferkit.export.torchscript import (
     ExportReport,
     export_torchscript,
     load_scripted,
-    read_metadata,
     update_metadata,
 )
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -203,3 +204,19 @@ def decode_metadata(extra: dict[str, Any], *, source: str, fmt: str = FORMAT) ->
         raise _corrupt(f"The {LABELS_FILE} of {source} does not match the labels in {METADATA_FILE}: the file is "
                        "corrupt or was altered after export. Use an intact copy or re-export the model.")
     return meta
+
+
+def is_onnx_file(path: str | Path) -> bool:
+    """Whether ``path`` holds an ONNX export rather than TorchScript, by its content: a
+    TorchScript file is a zip archive (it starts with ``PK\\x03\\x04``), an ONNX file a
+    protobuf ``ModelProto`` (its first field, ``ir_version``: byte ``0x08``). A file that is
+    neither, or cannot be read, goes by its suffix (``.onnx``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    if head == b"PK\x03\x04":
+        return False
+    return head[:1] == b"\x08" or str(path).lower().endswith(".onnx")
+

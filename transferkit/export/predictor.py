@@ -14,7 +14,8 @@ from transferkit._progress import progress as progress_bar
 from transferkit.backbones._base import InputSpec
 from transferkit.errors import ConfigError, DataError, ExportError
 from transferkit.export.inputs import InputPipeline
-from transferkit.export.torchscript import check_device, is_onnx_file, load_scripted, quiet_jit
+from transferkit.export.metadata import is_onnx_file
+from transferkit.export.torchscript import check_device, load_scripted, quiet_jit, read_scripted_metadata
 from transferkit.heads import output_activation
 
 
@@ -222,6 +223,23 @@ def _progress(chunks: Iterator[list[Any]], total: int, progress: bool | None) ->
         for chunk in chunks:
             yield chunk
             bar.update(len(chunk))
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The validated metadata of an exported file, TorchScript or ONNX (which one is read
+    from the file's content). The whole file is checked: its record digests and its
+    metadata (`transferkit.export.onnx.read_onnx_metadata`), and for TorchScript that the
+    model's output has one value per label (`read_scripted_metadata`).
+
+    Example:
+        >>> read_metadata("/tmp/tk-doctest.pt")["labels"]  # doctest: +SKIP
+        ['a', 'b']
+    """
+    if is_onnx_file(path):
+        from transferkit.export.onnx import read_onnx_metadata
+
+        return read_onnx_metadata(path)
+    return read_scripted_metadata(path)
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> Predictor:

@@ -36,6 +36,7 @@ from transferkit.export.metadata import (
     complete_metadata,
     decode_metadata,
     encode_metadata,
+    is_onnx_file,
     validate_metadata,
 )
 
@@ -341,37 +342,19 @@ def save_with_digests(module: torch.jit.ScriptModule, path: str | Path, meta: di
         torch.jit.save(module, f, _extra_files=encode_metadata(meta, records))
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The validated metadata of an exported file. The whole file is checked: its record
+def read_scripted_metadata(path: str | Path) -> dict[str, Any]:
+    """The validated metadata of a TorchScript export. The whole file is checked: its record
     digests, its metadata, and that the model's output has one value per label (one
-    forward pass on a blank input of the metadata's input spec).
+    forward pass on a blank input of the metadata's input spec). `transferkit.export.read_metadata`
+    reads ONNX exports too.
 
     Example:
-        >>> read_metadata("/tmp/tk-doctest.pt")["labels"]
+        >>> read_scripted_metadata("/tmp/tk-doctest.pt")["labels"]
         ['a', 'b']
     """
-    if is_onnx_file(path):
-        from transferkit.export.onnx import read_onnx_metadata
-
-        return read_onnx_metadata(path)
     module, meta = load_scripted(path)
     check_output_width(module, meta, source=repr(str(path)))
     return meta
-
-
-def is_onnx_file(path: str | Path) -> bool:
-    """Whether ``path`` holds an ONNX export rather than TorchScript, by its content: a
-    TorchScript file is a zip archive (it starts with ``PK\\x03\\x04``), an ONNX file a
-    protobuf ``ModelProto`` (its first field, ``ir_version``: byte ``0x08``). A file that is
-    neither, or cannot be read, goes by its suffix (``.onnx``)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        head = b""
-    if head == b"PK\x03\x04":
-        return False
-    return head[:1] == b"\x08" or str(path).lower().endswith(".onnx")
 
 
 def blank_input(meta: dict[str, Any]) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import pytest
 
+import transferkit
 from transferkit import ConfigError, FinetuneConfig
 from transferkit.backbones import get_backbone
 from transferkit.cli import main
@@ -48,6 +49,21 @@ def test_checks_and_choices_follow_the_annotations():
     assert config_fields()["monitor"].metadata["choices"] == ("val_loss", "val_acc", "train_loss", "train_acc", None)
     assert merge_config({"lr": "1e-3", "image_size": "64"}) == {"lr": 1e-3, "image_size": 64}
     assert "here: unknown key 'epoch'. Did you mean 'epochs'?" in str(unknown_key_error("epoch", "here"))
+
+
+def test_recipe_keys_passed_to_finetune_say_where_they_belong():
+    # a recipe key is valid in a config file, but finetune() has no use for it: the error says
+    # so instead of "unknown key 'limit'. Did you mean 'limit'?"
+    for call in (lambda: transferkit.finetune("tk:small_cnn", data="x", limit=None),
+                 lambda: FinetuneConfig(data="x", limit=3)):
+        with pytest.raises(ConfigError, match=r"'limit' is a recipe setting .*not a finetune\(\) argument") as info:
+            call()
+        assert "Did you mean" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"reads the training data from data="):
+        transferkit.finetune("tk:small_cnn", data_dir="x")
+    assert merge_config({"limit": 2}, source="recipe") == {"limit": 2}  # still a valid config-file key
+    with pytest.raises(ConfigError, match="Valid keys: .*limit"):  # and listed where it is valid
+        merge_config({"limt": 2})
 
 
 def test_cli_flags_and_help_read_the_annotations(capsys):

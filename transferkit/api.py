@@ -200,7 +200,7 @@ def _config(config: FinetuneConfig | str | Backbone | None, options: dict[str, A
         options = {"backbone": config, **options}
     unknown = set(options) - set(FinetuneConfig.__dataclass_fields__)
     if unknown:
-        raise unknown_key_error(sorted(unknown)[0], "finetune()")
+        raise unknown_key_error(sorted(unknown)[0], "finetune()", recipe_keys=False)
     return FinetuneConfig(**options)
 
 

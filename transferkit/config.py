@@ -333,7 +333,7 @@ class FinetuneConfig:
         """A copy with ``changes`` (checked like the constructor's arguments)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise unknown_key_error(sorted(unknown)[0], "finetune()")
+            raise unknown_key_error(sorted(unknown)[0], "finetune()", recipe_keys=False)
         return dataclasses.replace(self, **changes)
 
 
@@ -345,7 +345,7 @@ def _init_with_known_keys(init: Callable[..., None]) -> Callable[..., None]:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(self.__dataclass_fields__))
         if unknown:
-            raise unknown_key_error(unknown[0], "FinetuneConfig()")
+            raise unknown_key_error(unknown[0], "FinetuneConfig()", recipe_keys=False)
         init(self, *args, **kwargs)
 
     return __init__
@@ -378,10 +378,16 @@ def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(FinetuneConfig)}
 
 
-def unknown_key_error(key: str, source: str) -> ConfigError:
-    """The error for a key that is neither a FinetuneConfig field nor a recipe key: it names
-    the closest valid key and lists them all."""
-    valid = sorted(set(config_fields()) | set(RECIPE_KEYS))
+def unknown_key_error(key: str, source: str, *, recipe_keys: bool = True) -> ConfigError:
+    """The error for a key that ``source`` does not take: it names the closest valid key and
+    lists them all. A config file or recipe (``recipe_keys``) also takes the recipe keys
+    (`RECIPE_KEYS`); ``finetune()`` and ``FinetuneConfig()`` do not, and say where such a key goes."""
+    if not recipe_keys and key in RECIPE_KEYS:
+        here = " (finetune() reads the training data from data=)" if key == "data_dir" else ""
+        return ConfigError(f"{source}: {key!r} is a recipe setting ({', '.join(RECIPE_KEYS)}), not a finetune() "
+                           f"argument{here}. Set it in a recipe's config file or on its command line "
+                           f"(python recipes/<name>.py --help), or leave it out here.")
+    valid = sorted(set(config_fields()) | (set(RECIPE_KEYS) if recipe_keys else set()))
     return ConfigError(f"{source}: unknown key {key!r}.{suggest(str(key), valid)} Valid keys: {', '.join(valid)}.")
 
 

@@ -342,6 +342,13 @@ def test_onnx_export_whose_write_fails_reports_the_write_not_a_conversion(tmp_pa
                     example_inputs=images(2))
     assert "converted" not in str(err.value)
     assert list(tmp_path.iterdir()) == []
+    # through export_files, the same OutputError says that the TorchScript file is on disk
+    from transferkit.export.onnx import export_files
+    with pytest.raises(OutputError, match=r"The TorchScript export '.*m\.pt' is written and checked; the ONNX export "
+                                          r"'.*m\.onnx' is not: .*no space left on the device"):
+        export_files(model, tmp_path / "m.pt", onnx=tmp_path / "m.onnx", example_inputs=images(2),
+                     metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
 def test_export_files_checks_onnx_with_the_same_tolerances_and_names_what_was_written(tmp_path):
@@ -427,3 +434,9 @@ def test_an_onnx_export_whose_metadata_was_re_signed_with_another_image_size_is_
     onnx.save(proto, str(path))
     with pytest.raises(ExportError, match="takes 32x32 images but its metadata says image_size 64"):
         transferkit.load(path)
+    # the exporter refuses that pairing in the first place: the graph keeps the examples' size
+    with pytest.raises(ExportError, match=r"the examples are 32x32 images but the metadata's input_spec.image_size "
+                                          r"is 64\. Pass examples of 64x64"):
+        export_onnx(model, tmp_path / "n.onnx", example_inputs=images(2),
+                    metadata={"labels": ["a", "b"], "input_spec": {**bb.input_spec.to_dict(), "image_size": 64}})
+    assert not (tmp_path / "n.onnx").exists()

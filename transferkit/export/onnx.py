@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from transferkit._io import atomic_write, check_free_space, file_lock, is_write_failure, same_file
-from transferkit.errors import ConfigError, ExportError
+from transferkit.errors import ConfigError, ExportError, OutputError
 from transferkit._integrity import check_records, records_entry
 from transferkit.export.metadata import (
     DIGEST_FILE,
@@ -155,6 +155,12 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
     with torch.no_grad():
         width = int(eager(examples[0][:1]).shape[1])
     meta = complete_metadata(metadata, num_outputs=width, fmt=ONNX_FORMAT)
+    mismatch = _size_mismatch(meta["input_spec"], list(examples[0].shape))
+    if mismatch:  # the graph keeps the examples' height and width, and the predictor resizes to image_size
+        size = meta["input_spec"]["image_size"]
+        raise ExportError(f"An ONNX file takes images of one size; the examples are {mismatch} but the metadata's "
+                          f"input_spec.image_size is {size}. Pass examples of {size}x{size} (or metadata with the "
+                          "examples' size).")
     dynamic = {0: "batch"} if examples[0].ndim != 2 else {0: "batch", 1: "time"}
     report = ExportReport(Path(path), "onnx", 0.0, tuple(int(b.shape[0]) for b in batches),
                           input_dtypes=(str(examples[0].dtype).replace("torch.", ""),))
@@ -277,13 +283,21 @@ def load_onnx(path: str | Path, *, device: torch.device | str = "cpu",
     opts.log_severity_level = 4  # a failing run raises with its message; the log would repeat it on stderr
     session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
     runner = OnnxRunner(session, device, repr(str(path)))
-    spec, shape = meta["input_spec"], runner.input_shape
-    if spec.get("kind", "image") == "image" and len(shape) == 4 and isinstance(shape[2], int) \
-            and shape[2:] != [int(spec.get("image_size", shape[2]))] * 2:
-        raise ExportError(f"{str(path)!r} takes {shape[2]}x{shape[3]} images but its metadata says image_size "
-                          f"{spec.get('image_size')}: the model and its metadata do not belong together. Re-export "
-                          "the model.")
+    mismatch = _size_mismatch(meta["input_spec"], runner.input_shape)
+    if mismatch:
+        raise ExportError(f"{str(path)!r} takes {mismatch} but its metadata says image_size "
+                          f"{meta['input_spec'].get('image_size')}: the model and its metadata do not belong "
+                          "together. Re-export the model.")
     return runner, meta
+
+
+def _size_mismatch(spec: dict[str, Any], shape: Sequence[Any]) -> str | None:
+    """``"HxW images"`` when an ONNX graph's fixed image input ``shape`` is not the square of
+    the input spec's ``image_size`` (the size the predictor resizes to), else None."""
+    if spec.get("kind", "image") != "image" or len(shape) != 4 or not isinstance(shape[2], int):
+        return None
+    size = int(spec.get("image_size", 224))
+    return None if list(shape[2:]) == [size, size] else f"{shape[2]}x{shape[3]} images"
 
 
 def export_files(model: nn.Module, path: str | Path, *, onnx: str | Path | None, metadata: dict[str, Any],
@@ -301,8 +315,8 @@ def export_files(model: nn.Module, path: str | Path, *, onnx: str | Path | None,
         tol = {k: export_kwargs[k] for k in ("atol", "rtol") if k in export_kwargs}
         try:
             reports.append(export_onnx(model, onnx, metadata=metadata, example_inputs=example_inputs, **tol))
-        except ExportError as exc:
-            raise ExportError(f"The TorchScript export {str(path)!r} is written and checked; the ONNX export "
-                              f"{str(onnx)!r} is not: {exc}") from exc
+        except (ExportError, OutputError) as exc:  # the same kind of error, saying what is on disk
+            raise type(exc)(f"The TorchScript export {str(path)!r} is written and checked; the ONNX export "
+                            f"{str(onnx)!r} is not: {exc}") from exc
     return reports
 

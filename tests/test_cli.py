@@ -142,11 +142,20 @@ def test_finetune_dry_run_prints_the_decisions_and_trains_nothing(tmp_path, caps
 
     data = make_image_folder(tmp_path / "images", per_class=4, size=20)
     monkeypatch.setattr(features, "extract_features", lambda *a, **k: pytest.fail("features computed"))
-    code, out, _ = _run(capsys, "finetune", "--backbone", "tk:small_cnn", "--weights", "none", "--data", data,
-                        "--image-size", 16, "--epochs", 2, "--export", tmp_path / "m.pt", "--dry-run",
-                        "--set", "cache_features=false")
+    args = ["finetune", "--backbone", "tk:small_cnn", "--weights", "none", "--data", data, "--image-size", 16,
+            "--epochs", 2, "--export", tmp_path / "m.pt", "--dry-run", "--set", "cache_features=false",
+            "--feature-engine", "onnxruntime"]
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code, out, _ = _run(capsys, *args)
     assert code == 0 and out.startswith("plan: tk:small_cnn")
     assert "features: not cached (cache_features=False" in out and "cached fp32 features" not in out
+    assert "  note:     feature_engine='onnxruntime' is not used" in out  # the notes a run would warn with
+    code, out, _ = _run(capsys, *args, "--json")  # and as one JSON object, as a run prints
+    record = json.loads(out)
+    assert record["dry_run"] and record["decisions"]["feature_cache"] is False
+    assert record["summary"].startswith("plan: tk:small_cnn") and "is not used" in record["notes"][0]
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert json.loads(_run(capsys, *args)[1]) == record  # piped: the same object
     assert not (tmp_path / "m.pt").exists()
 
 

@@ -274,7 +274,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
         with contextlib.redirect_stdout(sys.stderr):
             decided = plan(**{**_finetune_kwargs(args), "verbose": False})
-        print(decided.summary())
+        if args.json or not sys.stdout.isatty():  # one JSON object, as a run prints
+            print(json.dumps({"dry_run": True, "decisions": decided.to_dict(), "notes": list(decided.notes),
+                              "summary": decided.summary()}, default=str))
+            return 0
+        from transferkit._text import wrap_lines
+
+        print(wrap_lines("\n".join([decided.summary(), *(f"  note:     {n}" for n in decided.notes)]), width=100))
         return 0
     with contextlib.redirect_stdout(sys.stderr):  # logs on stderr: stdout holds the result alone
         result = _run_finetune(args)
@@ -382,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     _finetune_args(ft)
     ft.add_argument("--json", action="store_true", help="print the result as JSON even on a terminal")
     ft.add_argument("--dry-run", action="store_true",
-                    help="print the run's decisions with their reasons and exit: no weights loaded, no features "
-                         "computed, nothing trained")
+                    help="print the run's decisions with their reasons and notes and exit (piped or with --json, "
+                         "one JSON object): no weights loaded, no features computed, nothing trained")
     ft.set_defaults(fn=_cmd_finetune)
     lf = _sub(sub, "lr-find", "learning-rate range test; suggests an lr",
               "The learning-rate range test on the run `transferkit finetune` would do with the same options "

@@ -499,7 +499,7 @@ def test_exports_made_without_cache_dir_are_removed_when_the_process_exits(tmp_p
 def test_a_dry_run_says_its_engine_is_provisional_and_an_unused_forced_engine_is_noted(folder, monkeypatch):
     monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)
     d = tk.plan(**{**KW, "backbone": _backbone(), "data": folder, "policy": "feature_extraction"})
-    assert d.engine == "eager" and "provisional: a dry run does not time the engines" in d.summary()
+    assert d.engine == "eager" and "provisional: a dry run loads no weights, so it neither times the engines nor reads a stored timing" in d.summary()
     d = tk.plan(**{**KW, "backbone": _backbone(), "data": folder, "policy": "full", "feature_engine": "onnxruntime"})
     assert "no cached feature pass; feature_engine='onnxruntime' is not used" in d.engine_reason
     assert any("feature_engine='onnxruntime' is not used" in n for n in d.notes)

@@ -814,8 +814,8 @@ def engine_facts(requested: str, *, trunk: nn.Module | None, spec: Any, dataset:
     if requested != "auto" or world_size > 1 or n_images < MIN_IMAGES_TO_TIME:
         return out
     if trunk is None:  # a dry run: the weights are not loaded
-        out["pending"] = ("provisional: a dry run does not time the engines; the run times them on its input when "
-                          "the weights are loaded and may choose another")
+        out["pending"] = ("provisional: a dry run loads no weights, so it neither times the engines nor reads a "
+                          "stored timing (keyed by the weights); the run does, and may choose another")
         return out
     batches = example_batches(dataset, batch_size=batch_size)
     model = feature_model(trunk, spec, device, channels_last=channels_last)

@@ -232,6 +232,10 @@ def _reason(exc: OSError) -> str:
     return known.get(exc.errno or -1) or exc.strerror or str(exc) or type(exc).__name__
 
 
+_EXAMPLE_NAMES = {"export": "model.pt", "ONNX export": "model.onnx", "checkpoint": "checkpoint.pt"}
+"""The outputs a user names, with a file name to suggest when they name a folder instead."""
+
+
 def check_writable(path: str | Path, *, what: str, flag: str | None = None, kind: str = "file") -> Path:
     """Check that ``path`` can be written, before any work is spent on it: raise
     `OutputError` naming the path, what it is for (``what``: "export",
@@ -255,8 +259,11 @@ def check_writable(path: str | Path, *, what: str, flag: str | None = None, kind
     _check_name_length(p, what, flag, kind)
     if kind == "file":
         if p.is_dir():
-            example = p / ("model.onnx" if "ONNX" in what else "model.pt")
-            raise OutputError(f"{_named(what, p, flag)} is a folder; give a file path such as {str(example)!r}.")
+            name = _EXAMPLE_NAMES.get(what)
+            if name is None:  # a file transferkit names itself (a store, a cache entry): the folder is in its way
+                raise OutputError(f"{_named(what, p, flag)} is a folder, where a file goes; move or remove that "
+                                  "folder.")
+            raise OutputError(f"{_named(what, p, flag)} is a folder; give a file path such as {str(p / name)!r}.")
         if p.exists() and not p.is_file():
             raise OutputError(f"{_named(what, p, flag)} exists and is not a regular file; give a file path.")
         folder = p.parent

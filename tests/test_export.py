@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import importlib.util
 import shutil
 import warnings
 
@@ -205,6 +206,13 @@ def test_truncated_missing_and_foreign_files(exported, tmp_path):
     torch.jit.save(plain, str(tmp_path / "plain.pt"))
     with pytest.raises(ExportError, match="no transferkit metadata"):
         transferkit.load(tmp_path / "plain.pt")
+    for name, kind in (("empty.pt", "Model"), ("empty.onnx", "ONNX")):  # empty, not "no metadata"
+        (tmp_path / name).write_bytes(b"")
+        if kind == "ONNX" and importlib.util.find_spec("onnx") is None:
+            continue
+        for read in (transferkit.load, read_metadata):
+            with pytest.raises(ExportError, match=f"{kind} file '.*{name}' is empty \\(0 bytes\\)"):
+                read(tmp_path / name)
 
 
 def test_update_metadata_keeps_the_digest_valid(exported, tmp_path):

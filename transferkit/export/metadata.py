@@ -206,6 +206,17 @@ def decode_metadata(extra: dict[str, Any], *, source: str, fmt: str = FORMAT) ->
     return meta
 
 
+def check_model_file(path: str | Path, *, source: str, kind: str) -> None:
+    """Raise ExportError when ``path`` is not a file, or is empty (a write cut short, a
+    truncated copy): before a reader reports an empty file as a format problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{kind} file {source} does not exist{' (it is a folder)' if path.is_dir() else ''}.")
+    if path.stat().st_size == 0:
+        raise ExportError(f"{kind} file {source} is empty (0 bytes): a copy or write that was cut short. Copy or "
+                          "export it again.")
+
+
 def is_onnx_file(path: str | Path) -> bool:
     """Whether ``path`` holds an ONNX export rather than TorchScript, by its content: a
     TorchScript file is a zip archive (it starts with ``PK\\x03\\x04``), an ONNX file a

@@ -30,6 +30,7 @@ from transferkit.export.metadata import (
     METADATA_FILE,
     ONNX_FORMAT,
     RECORDS_FILE,
+    check_model_file,
     complete_metadata,
     decode_metadata,
     encode_metadata,
@@ -206,8 +207,7 @@ def read_onnx_metadata(path: str | Path, *, _source: str | None = None) -> dict[
     nodes and inputs/outputs are checked too (a damaged file raises CorruptExportError)."""
     onnx, _ = _require_onnx()
     source = _source or repr(str(path))
-    if not Path(path).is_file():
-        raise ExportError(f"ONNX file {source} does not exist{' (it is a folder)' if Path(path).is_dir() else ''}.")
+    check_model_file(path, source=source, kind="ONNX")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:

@@ -33,6 +33,7 @@ from transferkit.errors import ConfigError, ExportError, check_choice
 from transferkit._text import plural
 from transferkit.export.metadata import (
     RECORDS_FILE,
+    check_model_file,
     complete_metadata,
     decode_metadata,
     encode_metadata,
@@ -403,8 +404,7 @@ def load_scripted(path: str | Path, map_location: str | torch.device = "cpu") ->
 def _load(path: str | Path, map_location: str | torch.device, *,
           source: str) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"Model file {source} does not exist{' (it is a folder)' if path.is_dir() else ''}.")
+    check_model_file(path, source=source, kind="Model")
     device = check_device(map_location)
     try:
         zf = zipfile.ZipFile(path)

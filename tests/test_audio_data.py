@@ -141,9 +141,14 @@ def test_finetune_spectrogram_model_end_to_end_and_export(tmp_path):
     sf.write(tmp_path / "tiny.wav", _tone(300.0, 3), 8000, subtype="PCM_16")
     for batch_size in (1, 2):
         preds = predictor.predict([str(tmp_path / "tiny.wav"), str(root / "low" / "low_1.flac")], batch_size=batch_size)
-        assert "needs at least 25 ms (200 samples at 8000 Hz)" in preds[0].error and preds[1].label == "low"
+        assert "needs at least 25 ms (200 samples)" in preds[0].error and preds[1].label == "low"
+    sf.write(tmp_path / "tiny16k.wav", _tone(300.0, 48, rate=16000), 16000, subtype="PCM_16")  # 3 ms at 16 kHz
+    error = predictor.predict([str(tmp_path / "tiny16k.wav")])[0].error  # one duration, in the model's samples
+    assert "The clip is 3.0 ms long (24 samples at the model's 8000 Hz)" in error, error
     with pytest.raises(DataError, match="needs at least 25 ms"):
         predictor.predict(np.full(5, 0.1, np.float32))
+    with pytest.raises(DataError, match=r"got shape \(2, 100\) \(all of it NaN"):  # the shape as passed
+        predictor.predict([np.full((2, 100), np.nan, np.float32)])
 
 
 def test_feature_cache_runs_speech_backbone_once_over_padded_batches(tmp_path):

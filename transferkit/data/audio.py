@@ -445,9 +445,9 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
     if wav.dtype == torch.int16:
         wav = wav.float() / 32768.0
     wav = wav.float()
+    given = tuple(wav.shape)  # as the caller passed it (before channels are mixed down)
     if wav.ndim == 2:
         wav = wav.mean(0)
-    given = tuple(wav.shape)
     if wav.ndim == 1:
         wav = wav[: int(valid_lengths(wav[None])[0])] if torch.isnan(wav[-1:]).any() else wav  # trailing padding
     if wav.ndim != 1 or wav.shape[0] == 0:

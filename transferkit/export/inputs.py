@@ -124,8 +124,9 @@ class InputPipeline:
         wav = self._to_waveform(item, rate, max_seconds=self.max_seconds)
         shortest = math.ceil(MIN_CLIP_SECONDS * rate)
         if wav.shape[-1] < shortest:  # shorter than the audio trunks' first window: no output to speak of
-            raise DataError(f"The clip is {wav.shape[-1]} samples ({1000 * wav.shape[-1] / rate:.1f} ms) long; the "
-                            f"model needs at least {1000 * MIN_CLIP_SECONDS:g} ms ({shortest} samples at {rate} Hz).")
+            raise DataError(f"The clip is {1000 * wav.shape[-1] / rate:.1f} ms long ({wav.shape[-1]} samples at the "
+                            f"model's {rate} Hz); the model needs at least {1000 * MIN_CLIP_SECONDS:g} ms "
+                            f"({shortest} samples).")
         return self._transform(wav)
 
     def _longer(self, path: str | Path) -> bool:

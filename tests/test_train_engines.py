@@ -106,6 +106,29 @@ def test_onnx_export_is_reused_from_cache_dir_and_checked(tmp_path, monkeypatch)
     assert len(list((tmp_path / "engines" / "onnx").glob("*.onnx"))) == 2
 
 
+def test_an_audio_export_and_timing_are_not_keyed_by_the_first_batchs_padded_length(tmp_path, monkeypatch):
+    # audio batches are as long as their longest clip, which follows the data's order (the seed)
+    torch.manual_seed(0)
+    bb = tk.get_backbone("ta:wav2vec2_tiny", weights=None)
+    m = tk.build_model(bb, 2).eval()
+    g = torch.Generator().manual_seed(0)
+    short, longer = (torch.randn(3, n, generator=g) * 0.1 for n in (8000, 9600))
+    longer[1, 7000:] = float("nan")  # padding
+    eng.engine_forward("onnxruntime", m, short, device=CPU, precision="fp32", channels_last=False, cache_dir=tmp_path)
+    eng.release_engines()
+    monkeypatch.setattr(eng, "export_feature_pass", lambda *a, **k: pytest.fail("exported again for a new length"))
+    fwd = eng.engine_forward("onnxruntime", m, longer, device=CPU, precision="fp32", channels_last=False,
+                             cache_dir=tmp_path)
+    with torch.no_grad():
+        ref = m.features(longer)
+    assert (fwd(longer) - ref).abs().max() <= eng.TOLERANCE["fp32"] * ref.abs().max()  # the time axis is dynamic
+    key = lambda n: eng.engines_store_key(m, (n,), torch.float32, device=CPU, precision="fp32",  # noqa: E731
+                                          channels_last=False)
+    assert key(20800) == key(24000) != key(16000) != key(480000)  # timings: the length's power-of-two bucket
+    assert eng.engines_store_key(m, (3, 32, 32), torch.uint8, device=CPU, precision="fp32", channels_last=False) \
+        != eng.engines_store_key(m, (3, 32, 33), torch.uint8, device=CPU, precision="fp32", channels_last=False)
+
+
 @pytest.mark.parametrize("damage", ["overwrite", "truncate"])
 def test_a_damaged_onnx_export_in_cache_dir_is_exported_again(tmp_path, damage):
     m, x = _model(), _batch()

@@ -337,8 +337,18 @@ def engines_store_key(model: nn.Module, shape: Sequence[int], dtype: torch.dtype
     """What a stored timing verdict depends on: the trunk, the input, the machine and the versions."""
     where = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else torch.cuda.get_device_name(device)
     return "|".join([type(model.trunk).__name__, module_fingerprint(model.preprocess) + module_fingerprint(model.trunk),
-                     str(tuple(shape)), str(dtype), device.type,
+                     _shape_key(shape, bucket=True), str(dtype), device.type,
                      where, f"{torch.get_num_threads()} threads", precision, f"cl={channels_last}", _versions()])
+
+
+def _shape_key(shape: Sequence[int], *, bucket: bool) -> str:
+    """An input shape ``[*shape]`` (without the batch) as a key. Audio ``[T]`` batches are as
+    long as their longest clip, which depends on the data's order: its length is keyed as
+    the power of two at or above it (``bucket``: timings, which follow the length), or not at
+    all (an ONNX export, whose time axis is dynamic). Image shapes are kept as they are."""
+    if len(shape) != 1:
+        return str(tuple(int(d) for d in shape))
+    return f"(time<={1 << max(int(shape[0]) - 1, 0).bit_length()},)" if bucket else "(time,)"
 
 
 def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: torch.device, precision: str,
@@ -652,10 +662,12 @@ def check_against_eager(engine: str, fwd: Callable, model: nn.Module, example: t
 def onnx_path(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, cache_dir: str | Path | None) -> Path:
     """Where the ONNX export of ``model``'s feature pass for inputs ``[N, *shape]`` lives:
     ``cache_dir/engines/onnx/<digest>.onnx`` (the digest covers the preprocessing and trunk
-    weights, the trunk's class, the input shape and dtype, and the torch and onnxruntime
-    versions), else a folder of this process."""
+    weights, the trunk's class, the input shape (for audio, not its length: the export's time
+    axis is dynamic) and dtype, and the torch and onnxruntime versions), else a folder of
+    this process."""
     ident = "|".join([type(model.trunk).__module__, type(model.trunk).__qualname__,
-                      module_fingerprint(model.preprocess), module_fingerprint(model.trunk), str(tuple(shape)),
+                      module_fingerprint(model.preprocess), module_fingerprint(model.trunk),
+                      _shape_key(shape, bucket=False),
                       str(dtype), _versions()])
     name = hashlib.blake2b(ident.encode(), digest_size=16).hexdigest() + ".onnx"
     if cache_dir is not None:

@@ -90,7 +90,14 @@ def test_export_with_random_examples_optimize_and_onnx(trained, capsys, tmp_path
                                                                           "optimize_for_inference")
     from transferkit.export import read_onnx_metadata
 
-    assert read_onnx_metadata(tmp_path / "m.onnx")["labels"] == ["dark", "light"]
+    onnx_meta = read_onnx_metadata(tmp_path / "m.onnx")
+    assert onnx_meta["labels"] == ["dark", "light"]
+    # the ONNX file records its own check against eager, as the TorchScript one does, and inspect shows it
+    record = onnx_meta["export"]
+    assert record["mode"] == "onnx" and record["batch_sizes"][0] == 1 and 0 <= record["max_abs_diff"] <= 1e-4
+    code, stdout, _ = _run(capsys, "inspect", tmp_path / "m.onnx")
+    assert code == 0 and "export:      onnx, opset 17, checked on onnxruntime " in stdout
+    assert f"max_abs_diff={record['max_abs_diff']} at batch sizes {record['batch_sizes']}" in stdout
 
 
 def test_errors_exit_2_with_one_line(trained, capsys, tmp_path):

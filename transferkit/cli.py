@@ -167,8 +167,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
              f"input:       {shape}", f"input_spec:  {json.dumps(spec, sort_keys=True)}",
              f"written by:  transferkit {meta['transferkit_version']}, torch {meta['torch_version']}"]
     if exp:
-        lines.append(f"export:      {exp.get('mode')}, optimization={exp.get('optimization')}, max_abs_diff="
-                     f"{exp.get('max_abs_diff')} at batch sizes {exp.get('batch_sizes')}")
+        how = (f"opset {exp.get('opset')}, checked on {exp.get('runtime')}" if exp.get("mode") == "onnx"
+               else f"optimization={exp.get('optimization')}")
+        lines.append(f"export:      {exp.get('mode')}, {how}, max_abs_diff={exp.get('max_abs_diff')} at batch "
+                     f"sizes {exp.get('batch_sizes')}")
     if train:
         lines.append(f"training:    {json.dumps(train, sort_keys=True)}")
     print("\n".join(lines))

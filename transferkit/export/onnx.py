@@ -170,11 +170,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
         convert_to_onnx(eager, examples[0], tmp, output_name="output", opset=opset,
                         dynamic_axes={"input": dynamic, "output": {0: "batch"}})
         proto = onnx.load(tmp)
-        meta["integrity"], records = records_entry(onnx_digests(proto))
-        for key, value in encode_metadata(meta, records).items():
-            proto.metadata_props.add(key=key, value=value)
-        onnx.save(proto, tmp)
-        read_onnx_metadata(tmp, _source=repr(str(path)))  # the written file passes its own checks
+        # the graph is checked first, so that the metadata can record its difference (as a
+        # TorchScript export's does); the metadata leaves the graph, and so the check, as it is
         session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
         diff, scale = np.float64(0.0), np.float64(0.0)
         with torch.no_grad():
@@ -194,6 +191,14 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
             raise ExportError(f"The ONNX model differs from the eager model by {diff:.3g} under onnxruntime "
                               f"(> tolerance {tol:.3g}); the file was not written.")
         report.max_abs_diff, report.tolerance = diff, tol
+        meta["export"] = {"mode": "onnx", "opset": opset, "max_abs_diff": diff, "atol": atol,
+                          "rtol": rtol, "batch_sizes": list(report.batch_sizes),
+                          "input_dtypes": list(report.input_dtypes), "runtime": f"onnxruntime {ort.__version__}"}
+        meta["integrity"], records = records_entry(onnx_digests(proto))
+        for key, value in encode_metadata(meta, records).items():
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save(proto, tmp)
+        read_onnx_metadata(tmp, _source=repr(str(path)))  # the written file passes its own checks
 
     check_free_space(path, 2 * module_bytes(eager), what="ONNX export")  # the file, then its re-save
     with file_lock(path, what="ONNX export"):

@@ -3,6 +3,7 @@ summary, the cache key, the resume check and the metadata derive from, and a dry
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -37,6 +38,7 @@ def _backbone():
 
 
 _CACHE = tempfile.mkdtemp(prefix="tk-decisions-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)  # the suite leaves nothing in the temp folder
 
 
 def _key(d: tk.Decisions, part: str = "train") -> str:

@@ -147,6 +147,10 @@ def test_finetune_spectrogram_model_end_to_end_and_export(tmp_path):
     assert "The clip is 3.0 ms long (24 samples at the model's 8000 Hz)" in error, error
     with pytest.raises(DataError, match="needs at least 25 ms"):
         predictor.predict(np.full(5, 0.1, np.float32))
+    from transferkit.export.inputs import InputPipeline
+    with pytest.raises(DataError, match=r"The clip is 24.9 ms long \(551 samples at the model's 22050 Hz\); the "
+                                        r"model needs at least 25 ms \(552 samples\)"):  # rounded down, never to 25
+        InputPipeline(transferkit.InputSpec(kind="audio", sample_rate=22050)).batch([np.full(551, .01, np.float32)])
     with pytest.raises(DataError, match=r"got shape \(2, 100\) \(all of it NaN"):  # the shape as passed
         predictor.predict([np.full((2, 100), np.nan, np.float32)])
 

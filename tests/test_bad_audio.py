@@ -143,6 +143,18 @@ def test_non_finite_samples_are_bad_input_named_at_load(tmp_path, kind):
     assert to_waveform(torch.tensor([0.1, 0.2, float("nan")]), RATE).tolist() == pytest.approx([0.1, 0.2])
 
 
+def test_a_channel_array_that_cannot_be_mixed_down_says_which_part_is_missing():
+    nan, audio = torch.full((100,), float("nan")), torch.full((100,), 0.1)
+    cases = [(torch.stack([nan, audio]), r"Channel 0 of the waveform of shape \(2, 100\) is all NaN"),
+             (torch.stack([nan, nan]), r"got shape \(2, 100\) \(all of it NaN"),  # the shape as passed
+             (torch.zeros(0, 100), r"got shape \(0, 100\) \(no channels\)"),
+             (torch.zeros(2, 0), r"got shape \(2, 0\) \(no samples\)")]
+    for wav, message in cases:
+        with pytest.raises(tk.DataError, match=message):
+            to_waveform(wav, RATE)
+    assert to_waveform(torch.stack([audio, -audio]), RATE).abs().max() == 0  # two channels are mixed down
+
+
 def test_nan_clip_during_training_is_replaced_and_reported_or_raises(tmp_path):
     root = _good_folder(tmp_path / "clips")
     _float_wav(root / "low" / "silence_nan.wav", np.full(1600, np.nan))

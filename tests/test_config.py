@@ -56,12 +56,14 @@ def test_recipe_keys_passed_to_finetune_say_where_they_belong():
     # so instead of "unknown key 'limit'. Did you mean 'limit'?"
     for call in (lambda: transferkit.finetune("tk:small_cnn", data="x", limit=None),
                  lambda: FinetuneConfig(data="x", limit=3)):
-        with pytest.raises(ConfigError, match=r"'limit' is a recipe setting .*not a finetune\(\) argument") as info:
+        with pytest.raises(ConfigError, match=r"'limit' is a recipe setting .*read by the recipe scripts .*not by finetune\(\)") as info:
             call()
         assert "Did you mean" not in str(info.value)
     with pytest.raises(ConfigError, match=r"reads the training data from data="):
         transferkit.finetune("tk:small_cnn", data_dir="x")
     assert merge_config({"limit": 2}, source="recipe") == {"limit": 2}  # still a valid config-file key
+    with pytest.raises(ConfigError, match=r"^cifar10\.yaml: 'runs' is a recipe setting .*read by the recipe scripts"):
+        FinetuneConfig.from_dict({"backbone": "tk:small_cnn", "runs": {"a": {}}}, source="cifar10.yaml")
     with pytest.raises(ConfigError, match="Valid keys: .*limit"):  # and listed where it is valid
         merge_config({"limt": 2})
 

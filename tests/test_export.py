@@ -443,8 +443,16 @@ def test_an_onnx_export_whose_metadata_was_re_signed_with_another_image_size_is_
     with pytest.raises(ExportError, match="takes 32x32 images but its metadata says image_size 64"):
         transferkit.load(path)
     # the exporter refuses that pairing in the first place: the graph keeps the examples' size
-    with pytest.raises(ExportError, match=r"the examples are 32x32 images but the metadata's input_spec.image_size "
-                                          r"is 64\. Pass examples of 64x64"):
+    with pytest.raises(ExportError, match=r"the examples include 32x32 images but the metadata's "
+                                          r"input_spec.image_size is 64\. Pass examples of 64x64"):
         export_onnx(model, tmp_path / "n.onnx", example_inputs=images(2),
                     metadata={"labels": ["a", "b"], "input_spec": {**bb.input_spec.to_dict(), "image_size": 64}})
-    assert not (tmp_path / "n.onnx").exists()
+    with pytest.raises(ExportError, match=r"include 32x32 images .* is 224 \(the default\)"):  # image_size left out
+        export_onnx(model, tmp_path / "n.onnx", example_inputs=images(2),
+                    metadata={"labels": ["a", "b"], "input_spec": {"kind": "image"}})
+    # every example is checked, and export_files checks before writing either file
+    from transferkit.export.onnx import export_files
+    with pytest.raises(ExportError, match=r"include 48x48 images but the metadata's input_spec.image_size is 32"):
+        export_files(model, tmp_path / "n.pt", onnx=tmp_path / "n.onnx", example_inputs=[images(2), images(2, 48)],
+                     metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()})
+    assert not (tmp_path / "n.onnx").exists() and not (tmp_path / "n.pt").exists()

@@ -217,6 +217,18 @@ def test_checkpoints_and_exports_are_not_mistaken_for_each_other(export_file, ch
         transferkit.get_backbone("tk:small_cnn", weights=export_file)
 
 
+
+def test_an_unreadable_checkpoint_says_why_in_one_clause(tmp_path):
+    cases = {"empty.ckpt": (b"", r"is empty \(0 bytes\)"),
+             "zip.ckpt": (b"PK\x03\x04", r"RuntimeError: PytorchStreamReader failed reading zip archive: .*\.$"),
+             "text.ckpt": (b"garbage", r"its content does not unpickle as checkpoint data\.$")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(WeightsError, match=message) as info:
+            load_checkpoint(tmp_path / name)
+        assert "weights_only" not in str(info.value) and len(str(info.value)) < 300  # none of torch's advice
+
+
 def test_cifar_resnet_takes_transferkit_checkpoints_as_weights(tmp_path):
     ckpt, model = _checkpoint(tmp_path / "cifar.ckpt", backbone="tk:cifar_resnet20")
     bb = transferkit.get_backbone("tk:cifar_resnet20", weights=ckpt)

@@ -232,7 +232,7 @@ def _reason(exc: OSError) -> str:
     return known.get(exc.errno or -1) or exc.strerror or str(exc) or type(exc).__name__
 
 
-_EXAMPLE_NAMES = {"export": "model.pt", "ONNX export": "model.onnx", "checkpoint": "checkpoint.pt"}
+_EXAMPLE_NAMES = {"export": "model.pt", "ONNX export": "model.onnx", "checkpoint": "checkpoint.pt", "plot": "plot.png"}
 """The outputs a user names, with a file name to suggest when they name a folder instead."""
 
 

@@ -43,4 +43,4 @@ def wrap_lines(text: str, width: int = 100) -> str:
 def exception_line(exc: BaseException, limit: int = 300) -> str:
     """``"Type: first line of the message"`` (at most ``limit`` characters of it): an error as a reason."""
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+    return f"{type(exc).__name__}: {text.splitlines()[0][:limit]}" if text else type(exc).__name__

@@ -18,6 +18,7 @@ Writers of one checkpoint path are exclusive: `checkpoint_lock`.
 from __future__ import annotations
 
 import contextlib
+import pickle
 import random
 import tempfile
 import time
@@ -33,6 +34,7 @@ import torch
 from transferkit._integrity import INTEGRITY_KEY, seal, verify_sealed
 from transferkit._io import TEMP_NAME_EXTRA, atomic_write, check_free_space, file_lock, name_max, python_writer
 from transferkit._signals import TrainingInterrupted, held_signals, signal_name
+from transferkit._text import exception_line
 from transferkit.errors import OutputError, TransferkitError, WeightsError
 
 T = TypeVar("T")
@@ -130,6 +132,14 @@ def _kind_of_zip(path: Path) -> str | None:
     return "torchscript" if any(n.split("/", 1)[-1].startswith("code/") for n in names) else None
 
 
+def _load_failure(exc: BaseException) -> str:
+    """Why ``torch.load`` failed, in one clause: its first sentence (torch's messages go on to
+    advice that does not fit a damaged file, such as loading with ``weights_only=False``)."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "its content does not unpickle as checkpoint data"
+    return exception_line(exc).split(". ")[0].rstrip(".")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a transferkit checkpoint (tensors and plain Python data only), checking every
     tensor and the metadata against the digests written with it.
@@ -141,6 +151,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise WeightsError(f"Checkpoint {str(path)!r} is a folder, not a checkpoint file.")
+    if path.is_file() and path.stat().st_size == 0:
+        raise WeightsError(f"Checkpoint {str(path)!r} is empty (0 bytes): a copy or write that was cut short. Copy it "
+                           "again, or use an earlier checkpoint.")
     if path.is_file() and _kind_of_zip(path) == "torchscript":
         raise WeightsError(f"{str(path)!r} is an exported model (TorchScript), not a checkpoint: load it with "
                            "transferkit.load (or `transferkit predict`); checkpoints are what finetune(checkpoint=...) "
@@ -151,7 +164,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise WeightsError(f"Checkpoint {str(path)!r} does not exist.") from exc
     except Exception as exc:
         raise WeightsError(f"Cannot read checkpoint {str(path)!r} (truncated, corrupt, or not a transferkit "
-                           f"checkpoint): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                           f"checkpoint): {_load_failure(exc)}.") from exc
     if not isinstance(ckpt, dict) or "transferkit" not in ckpt or "model" not in ckpt:
         raise WeightsError(f"{str(path)!r} is not a transferkit checkpoint (no 'transferkit' metadata).")
     verify_checkpoint(ckpt, source=repr(str(path)))

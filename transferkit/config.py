@@ -315,8 +315,13 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> FinetuneConfig:
-        """A config from plain data (YAML, JSON, CLI): keys checked, numeric strings read as numbers."""
-        return cls(**merge_config(values, source=source))
+        """A config from plain data (YAML, JSON, CLI): keys checked, numeric strings read as numbers.
+        A recipe's own keys (`RECIPE_KEYS`: ``runs``, ``data_dir``, ...) are refused, named with ``source``."""
+        merged = merge_config(values, source=source)
+        recipe = sorted(set(merged) & set(RECIPE_KEYS))
+        if recipe:
+            raise unknown_key_error(recipe[0], source, recipe_keys=False)
+        return cls(**merged)
 
     def to_dict(self, *, portable: bool = False) -> dict[str, Any]:
         """Plain JSON data; Python objects appear as ``"<TypeName>"``. ``portable=True``
@@ -384,9 +389,9 @@ def unknown_key_error(key: str, source: str, *, recipe_keys: bool = True) -> Con
     (`RECIPE_KEYS`); ``finetune()`` and ``FinetuneConfig()`` do not, and say where such a key goes."""
     if not recipe_keys and key in RECIPE_KEYS:
         here = " (finetune() reads the training data from data=)" if key == "data_dir" else ""
-        return ConfigError(f"{source}: {key!r} is a recipe setting ({', '.join(RECIPE_KEYS)}), not a finetune() "
-                           f"argument{here}. Set it in a recipe's config file or on its command line "
-                           f"(python recipes/<name>.py --help), or leave it out here.")
+        return ConfigError(f"{source}: {key!r} is a recipe setting ({', '.join(RECIPE_KEYS)}), read by the recipe "
+                           f"scripts (python recipes/<name>.py --help), not by finetune(){here}. Leave it out here, "
+                           "or run the recipe.")
     valid = sorted(set(config_fields()) | (set(RECIPE_KEYS) if recipe_keys else set()))
     return ConfigError(f"{source}: unknown key {key!r}.{suggest(str(key), valid)} Valid keys: {', '.join(valid)}.")
 

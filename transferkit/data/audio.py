@@ -447,6 +447,13 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
     wav = wav.float()
     given = tuple(wav.shape)  # as the caller passed it (before channels are mixed down)
     if wav.ndim == 2:
+        if wav.shape[0] == 0 or wav.shape[1] == 0:
+            raise DataError(f"A waveform must be a non-empty [T] or [C, T] array, got shape {given} (no "
+                            f"{'channels' if wav.shape[0] == 0 else 'samples'}).")
+        blank = [i for i in range(wav.shape[0]) if bool(torch.isnan(wav[i]).all())]
+        if blank and len(blank) < wav.shape[0]:  # mixing it down would make every sample NaN
+            raise DataError(f"Channel {blank[0]} of the waveform of shape {given} is all NaN (NaN marks padding) "
+                            "while another channel holds audio; pass channels of one length, or the channel alone.")
         wav = wav.mean(0)
     if wav.ndim == 1:
         wav = wav[: int(valid_lengths(wav[None])[0])] if torch.isnan(wav[-1:]).any() else wav  # trailing padding

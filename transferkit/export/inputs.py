@@ -124,7 +124,8 @@ class InputPipeline:
         wav = self._to_waveform(item, rate, max_seconds=self.max_seconds)
         shortest = math.ceil(MIN_CLIP_SECONDS * rate)
         if wav.shape[-1] < shortest:  # shorter than the audio trunks' first window: no output to speak of
-            raise DataError(f"The clip is {1000 * wav.shape[-1] / rate:.1f} ms long ({wav.shape[-1]} samples at the "
+            ms = math.floor(10000 * wav.shape[-1] / rate) / 10  # rounded down: 24.99 ms is not 25.0
+            raise DataError(f"The clip is {ms:.1f} ms long ({wav.shape[-1]} samples at the "
                             f"model's {rate} Hz); the model needs at least {1000 * MIN_CLIP_SECONDS:g} ms "
                             f"({shortest} samples).")
         return self._transform(wav)

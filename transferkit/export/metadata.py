@@ -28,8 +28,9 @@ Metadata fields (all required):
                        (may be empty for models trained elsewhere)
 =====================  ==========================================================
 
-Written by the exporter: ``export`` (mode, optimization, max_abs_diff, tolerance, batch sizes)
-and ``integrity`` (``algorithm``, ``records``: how many, ``digest``: of the records file;
+Written by the exporter: ``export`` (``mode``; ``optimization`` for TorchScript, ``opset``
+and ``runtime`` for ONNX; ``max_abs_diff``, ``atol``, ``rtol``, ``batch_sizes``,
+``input_dtypes``) and ``integrity`` (``algorithm``, ``records``: how many, ``digest``: of the records file;
 absent in files written before content digests, which load with a warning).
 """
 

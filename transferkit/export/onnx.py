@@ -156,12 +156,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
     with torch.no_grad():
         width = int(eager(examples[0][:1]).shape[1])
     meta = complete_metadata(metadata, num_outputs=width, fmt=ONNX_FORMAT)
-    mismatch = _size_mismatch(meta["input_spec"], list(examples[0].shape))
-    if mismatch:  # the graph keeps the examples' height and width, and the predictor resizes to image_size
-        size = meta["input_spec"]["image_size"]
-        raise ExportError(f"An ONNX file takes images of one size; the examples are {mismatch} but the metadata's "
-                          f"input_spec.image_size is {size}. Pass examples of {size}x{size} (or metadata with the "
-                          "examples' size).")
+    check_onnx_examples(meta, examples)
     dynamic = {0: "batch"} if examples[0].ndim != 2 else {0: "batch", 1: "time"}
     report = ExportReport(Path(path), "onnx", 0.0, tuple(int(b.shape[0]) for b in batches),
                           input_dtypes=(str(examples[0].dtype).replace("torch.", ""),))
@@ -296,6 +291,21 @@ def load_onnx(path: str | Path, *, device: torch.device | str = "cpu",
     return runner, meta
 
 
+def check_onnx_examples(metadata: dict[str, Any], examples: torch.Tensor | Sequence[torch.Tensor]) -> None:
+    """Raise ExportError unless every image example is ``image_size`` square, as the ONNX graph
+    needs: it keeps the traced height and width, and the predictor resizes to ``image_size``
+    (a TorchScript export takes any size)."""
+    spec = metadata.get("input_spec") or {}
+    for x in example_list(examples):
+        mismatch = _size_mismatch(spec, list(x.shape))
+        if mismatch:
+            size = int(spec.get("image_size", 224))
+            default = "" if "image_size" in spec else " (the default)"
+            raise ExportError(f"An ONNX file takes images of one size; the examples include {mismatch} but the "
+                              f"metadata's input_spec.image_size is {size}{default}. Pass examples of {size}x{size} "
+                              "(or metadata with the examples' size).")
+
+
 def _size_mismatch(spec: dict[str, Any], shape: Sequence[Any]) -> str | None:
     """``"HxW images"`` when an ONNX graph's fixed image input ``shape`` is not the square of
     the input spec's ``image_size`` (the size the predictor resizes to), else None."""
@@ -315,6 +325,8 @@ def export_files(model: nn.Module, path: str | Path, *, onnx: str | Path | None,
     if onnx is not None and same_file(onnx, path):
         raise ConfigError(f"The ONNX export {str(onnx)!r} and the TorchScript export {str(path)!r} are one file; "
                           "give the ONNX file its own name.")
+    if onnx is not None:
+        check_onnx_examples(metadata, example_inputs)  # before either file is written
     reports = [export_torchscript(model, path, metadata=metadata, example_inputs=example_inputs, **export_kwargs)]
     if onnx is not None:
         tol = {k: export_kwargs[k] for k in ("atol", "rtol") if k in export_kwargs}

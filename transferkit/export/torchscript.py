@@ -469,6 +469,7 @@ def update_metadata(path: str | Path, changes: dict[str, Any]) -> dict[str, Any]
         >>> update_metadata("/tmp/tk-doctest.pt", {"labels": ["ant", "bee"]})["labels"]
         ['ant', 'bee']
     """
+    check_model_file(path, source=repr(str(path)), kind="Model")
     if is_onnx_file(path):
         raise ExportError(f"update_metadata changes TorchScript exports; {str(path)!r} is an ONNX export, whose "
                           "metadata is written by exporting it again (export_onnx, or finetune's export with onnx=).")

@@ -115,7 +115,7 @@ class Picture(type(Path())):  # type: ignore[misc]  # PosixPath or WindowsPath: 
 def save_figure(fig: Any, path: str | Path) -> Picture:
     """Write ``fig`` as a PNG atomically and close it; the path returned shows the picture in a notebook."""
     plt = pyplot()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"), what="plot")
     plt.close(fig)
     return Picture(out)
 

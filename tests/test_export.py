@@ -456,3 +456,6 @@ def test_an_onnx_export_whose_metadata_was_re_signed_with_another_image_size_is_
         export_files(model, tmp_path / "n.pt", onnx=tmp_path / "n.onnx", example_inputs=[images(2), images(2, 48)],
                      metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()})
     assert not (tmp_path / "n.onnx").exists() and not (tmp_path / "n.pt").exists()
+    for meta in ({"labels": ["a", "b"]}, {"labels": ["a", "b"], "input_spec": "x"}):  # the metadata's own error
+        with pytest.raises(ExportError, match="The metadata to export is invalid: the field 'input_spec'"):
+            export_files(model, tmp_path / "n.pt", onnx=tmp_path / "n.onnx", example_inputs=images(2), metadata=meta)

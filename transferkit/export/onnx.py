@@ -295,7 +295,9 @@ def check_onnx_examples(metadata: dict[str, Any], examples: torch.Tensor | Seque
     """Raise ExportError unless every image example is ``image_size`` square, as the ONNX graph
     needs: it keeps the traced height and width, and the predictor resizes to ``image_size``
     (a TorchScript export takes any size)."""
-    spec = metadata.get("input_spec") or {}
+    spec = metadata.get("input_spec") if isinstance(metadata, dict) else None
+    if not isinstance(spec, dict):  # missing or malformed: the metadata's validation says so
+        return
     for x in example_list(examples):
         mismatch = _size_mismatch(spec, list(x.shape))
         if mismatch:

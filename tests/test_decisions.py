@@ -17,7 +17,7 @@ from tests.conftest import make_image_folder
 import transferkit as tk
 from transferkit.config import FinetuneConfig, load_config, merge_config
 from transferkit.errors import ConfigError
-from transferkit.train.features import data_fingerprint
+from transferkit.train.features import data_fingerprint, module_fingerprint
 
 pytestmark = pytest.mark.precision_auto  # the outcome depends on what the CPU's bf16 support decides
 
@@ -108,6 +108,14 @@ def test_cache_key_covers_trunk_not_head(split_folders):
     with torch.no_grad():
         next(m for m in other.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean[0] += 1
     assert _key(base) != _key(_plan(split_folders / "train", backbone=other, **data))
+    # the same weights computing differently (another pooling here) are another trunk
+    pooled = _backbone()
+    pooled.trunk.stage1[1] = torch.nn.AvgPool2d(2)
+    assert module_fingerprint(pooled.trunk) != module_fingerprint(_backbone().trunk)
+    assert _key(base) != _key(_plan(split_folders / "train", backbone=pooled, **data))
+    assert base.feature_key_parts("train").get("backbone_options") is None  # options, when given, are keyed
+    assert _plan(split_folders / "train", backbone="tk:small_cnn", backbone_options={"widths": [8, 8, 16]},
+                 **data).feature_key_parts("train")["backbone_options"] == {"widths": [8, 8, 16]}
 
 
 def test_cache_key_covers_precision_layout_and_random_views(split_folders):

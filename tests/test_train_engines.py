@@ -104,6 +104,14 @@ def test_onnx_export_is_reused_from_cache_dir_and_checked(tmp_path, monkeypatch)
     monkeypatch.undo()
     eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False, cache_dir=tmp_path)
     assert len(list((tmp_path / "engines" / "onnx").glob("*.onnx"))) == 2
+    # the same weights in another structure (average pooling instead of max): another file, and another timing key
+    key = eng.engines_store_key(m, x.shape[1:], x.dtype, device=CPU, precision="fp32", channels_last=False)
+    m.trunk.stage1[1] = torch.nn.AvgPool2d(2)
+    assert eng.engines_store_key(m, x.shape[1:], x.dtype, device=CPU, precision="fp32", channels_last=False) != key
+    fwd = eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False, cache_dir=tmp_path)
+    assert len(list((tmp_path / "engines" / "onnx").glob("*.onnx"))) == 3
+    with torch.no_grad():
+        assert torch.allclose(fwd(x), m.features(x), atol=1e-4)
 
 
 def test_an_audio_export_and_timing_are_not_keyed_by_the_first_batchs_padded_length(tmp_path, monkeypatch):

@@ -90,7 +90,7 @@ class Decisions:
     class_weights: tuple[float, ...] | None
     decode: dict[str, dict[str, Any]]  # part -> where its decoded pixels go (mode, reason, key, path, ...)
     data: dict[str, Any]  # names and digests of the data
-    trunk_fingerprint: str | None  # weights of the preprocessing and trunk (None: a dry run)
+    trunk_fingerprint: str | None  # input spec, trunk structure and weights (None: a dry run)
     data_fingerprints: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # warnings the run prints once
     # feature-engine hook (train/engines.py): the engine of the frozen feature pass, and why
@@ -206,8 +206,8 @@ class Decisions:
         return self.augment
 
     def feature_key_parts(self, part: str) -> dict[str, Any]:
-        """Everything that changes cached features of ``part``: preprocessing and trunk weights
-        (not the head), the transform, precision, layout and device type, the views and their
+        """Everything that changes cached features of ``part``: the backbone and its options, the
+        preprocessing and trunk (their weights and structure; not the head), the transform, precision, layout and device type, the views and their
         seed whenever the transform is random, and the data's identity."""
         transform = train_transform(self.input_spec, self.cached_augment) if part == "train" else \
             eval_transform(self.input_spec)
@@ -216,7 +216,9 @@ class Decisions:
         engine = {} if self.engine == "eager" else {"engine": self.engine}
         # JPEGs decoded on the device (nvJPEG, full size then resized) differ slightly from Pillow's
         decoder = {"decoder": "device"} if self.decodes_on_device() else {}  # the CPU keeps the earlier keys
-        return {**decoder, "backbone": self.backbone, "weights": self.trunk_fingerprint, "transform": repr(transform),
+        options = {"backbone_options": self.config.backbone_options} if self.config.backbone_options else {}
+        return {**decoder, "backbone": self.backbone, **options, "weights": self.trunk_fingerprint,
+                "transform": repr(transform),
                 "precision": engine_precision(self.engine, self.speed["feature_precision"]), **engine,
                 "channels_last": self.speed["channels_last"] if self.engine != "onnxruntime" else None,  # ORT: its own
                 "device": self.device_type, "views": self.config.cache_views if part == "train" else 1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -19,12 +20,25 @@ def _hash_tensor(h: Any, t: torch.Tensor) -> None:
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
-    """A hash of every parameter and buffer of ``module`` (names, dtypes, shapes, values)."""
+    """A hash of ``module``'s structure (`module_structure`) and of every parameter and buffer
+    (names, dtypes, shapes, values): two trunks with the same weights that compute differently
+    (another pooling, another activation) get different fingerprints."""
     h = hashlib.blake2b(digest_size=16)
+    h.update(module_structure(module).encode())
     for name, t in module.state_dict().items():
         h.update(name.encode())
         _hash_tensor(h, t)
     return h.hexdigest()
+
+
+def module_structure(module: torch.nn.Module) -> str:
+    """The module tree as ``repr`` prints it (each submodule's class and settings: kernel
+    sizes, strides, pooling type, activation, ...), with any memory address blanked so that it
+    is the same in every process."""
+    return _ADDRESS.sub("0x?", repr(module))
+
+
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
 
 
 def _hash_item(h: Any, x: Any) -> None:

@@ -526,6 +526,16 @@ def test_exports_made_without_cache_dir_are_removed_when_the_process_exits(tmp_p
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     folder = out.stdout.strip().splitlines()[-1]
     assert folder.startswith(str(tmp_path)) and not os.path.exists(folder)
+    # a process killed without its exit handlers leaves its folder; the next process removes it
+    killed = subprocess.run([sys.executable, "-c", code.replace("print(eng._SESSION_DIR[0])",
+                                                                  "print(eng._SESSION_DIR[0], flush=True); os._exit(9)")
+                             .replace("import torch,", "import os, torch,")],
+                            capture_output=True, text=True, env=env)
+    left = killed.stdout.strip().splitlines()[-1]
+    assert killed.returncode == 9 and os.path.isdir(left) and any(Path(left).glob("*.onnx"))
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert not os.path.exists(left) and not os.path.exists(again.stdout.strip().splitlines()[-1])
+    assert not list(tmp_path.glob("transferkit-*"))  # (torch and onnxruntime leave their own files there)
 
 
 def test_a_dry_run_says_its_engine_is_provisional_and_an_unused_forced_engine_is_noted(folder, monkeypatch):

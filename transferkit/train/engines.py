@@ -51,7 +51,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferkit._io import atomic_write, file_digest, read_json_object, update_json_object
+from transferkit._io import (
+    atomic_write,
+    create_temp,
+    file_digest,
+    read_json_object,
+    remove_stale_temps,
+    update_json_object,
+)
 from transferkit._text import exception_line
 from transferkit.data.fingerprint import module_fingerprint
 from transferkit.errors import ConfigError, EngineError
@@ -106,6 +113,7 @@ _RUNTIMES: dict[tuple, Callable] = {}  # prepared engines of this process, reuse
 _VERIFIED: dict[tuple, float] = {}  # (runtime key, example digest) -> relative difference from eager fp32
 _TIMED: dict[tuple, list[tuple[str, torch.Tensor]]] = {}  # runtime key -> (input digest, features) of its timing
 _SESSION_DIR: list[str] = []  # the process's export folder when the run has no cache_dir
+_SESSION_PREFIX = "transferkit-engines-"
 
 
 # --------------------------------------------------------------------------- facts
@@ -673,7 +681,11 @@ def onnx_path(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, cache_
     if cache_dir is not None:
         return Path(cache_dir) / "engines" / "onnx" / name
     if not _SESSION_DIR:  # removed when the process exits (or by release_engines)
-        _SESSION_DIR.append(tempfile.mkdtemp(prefix="transferkit-engines-"))
+        # named for this process, so that the folders of killed processes (SIGKILL, a crash:
+        # no atexit) are found and removed by the next run
+        anchor = Path(tempfile.gettempdir()) / "transferkit-engines"
+        remove_stale_temps(anchor, prefix=_SESSION_PREFIX)
+        _SESSION_DIR.append(str(create_temp(anchor, directory=True, prefix=_SESSION_PREFIX)))
         atexit.register(_remove_session_dir)
     return Path(_SESSION_DIR[0]) / name
 

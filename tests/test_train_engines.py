@@ -137,7 +137,7 @@ def test_an_audio_export_and_timing_are_not_keyed_by_the_first_batchs_padded_len
         != eng.engines_store_key(m, (3, 32, 33), torch.uint8, device=CPU, precision="fp32", channels_last=False)
 
 
-@pytest.mark.parametrize("damage", ["overwrite", "truncate"])
+@pytest.mark.parametrize("damage", ["overwrite", "truncate", "digest_rewritten"])
 def test_a_damaged_onnx_export_in_cache_dir_is_exported_again(tmp_path, damage):
     m, x = _model(), _batch()
     eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False, cache_dir=tmp_path)
@@ -150,6 +150,8 @@ def test_a_damaged_onnx_export_in_cache_dir_is_exported_again(tmp_path, damage):
             f.write(b"\x7f" * (len(good) // 4))
     else:
         path.write_bytes(good[: len(good) // 2])
+    if damage == "digest_rewritten":  # a file its digest vouches for, that onnxruntime cannot open
+        path.with_name(path.name + ".digest").write_text(eng.file_digest(path) + "\n")
     fwd = eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False,
                              cache_dir=tmp_path)  # checked against eager fp32: raises if the damage were used
     with torch.no_grad():

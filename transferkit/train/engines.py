@@ -695,14 +695,22 @@ def _onnx_forward(model: nn.Module, example: torch.Tensor, *, device: torch.devi
     import onnxruntime as ort
 
     path = onnx_path(model, example.shape[1:], example.dtype, cache_dir)
-    if not _intact(path):  # missing, or damaged since it was written: export it (again)
+    exported = not _intact(path)
+    if exported:  # missing, or damaged since it was written: export it (again)
         export_feature_pass(model, example, path)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 4  # a failing run raises with its message; the log would repeat it on stderr
     provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a file it cannot read
+        if exported:
+            raise EngineError(f"onnxruntime cannot open the feature pass it was just given ({str(path)!r}): "
+                              f"{exception_line(exc)}. Use feature_engine='eager'.") from exc
+        export_feature_pass(model, example, path)  # a stored file that its digest passed but ONNX Runtime refuses
+        return _onnx_forward(model, example, device=device, cache_dir=cache_dir)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"input": x.detach().cpu().contiguous().numpy()})[0])

@@ -97,6 +97,7 @@ def test_export_with_random_examples_optimize_and_onnx(trained, capsys, tmp_path
     assert record["mode"] == "onnx" and record["batch_sizes"][0] == 1 and 0 <= record["max_abs_diff"] <= 1e-4
     code, stdout, _ = _run(capsys, "inspect", tmp_path / "m.onnx")
     assert code == 0 and "export:      onnx, opset 17, checked on onnxruntime " in stdout
+    assert "input:       image [N, 3, 16, 16], uint8 only (transferkit.load converts other inputs)" in stdout
     assert f"max_abs_diff={record['max_abs_diff']} at batch sizes {record['batch_sizes']}" in stdout
 
 

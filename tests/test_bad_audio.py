@@ -153,6 +153,9 @@ def test_a_channel_array_that_cannot_be_mixed_down_says_which_part_is_missing():
         with pytest.raises(tk.DataError, match=message):
             to_waveform(wav, RATE)
     assert to_waveform(torch.stack([audio, -audio]), RATE).abs().max() == 0  # two channels are mixed down
+    stereo = torch.stack([audio, audio * 3])  # [C, T], and [T, C] as soundfile.read returns it
+    assert to_waveform(stereo, RATE).tolist() == pytest.approx([0.2] * 100)
+    assert to_waveform(stereo.T.numpy(), RATE).tolist() == pytest.approx([0.2] * 100)
 
 
 def test_nan_clip_during_training_is_replaced_and_reported_or_raises(tmp_path):

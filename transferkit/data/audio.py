@@ -426,9 +426,15 @@ class AudioDataset(FileDataset):
                             report=self.report, _store=self._store, known_bad=self.known_bad)
 
 
+MAX_CHANNELS = 8
+"""A 2-D waveform is ``[C, T]`` (torchaudio's layout), or ``[T, C]`` (soundfile's) when its
+last axis holds at most this many channels and its first is longer."""
+
+
 def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None) -> torch.Tensor:
     """A path, a ``(waveform, rate)`` pair or a waveform already at ``sample_rate`` -> mono
-    float32 ``[T]`` at ``sample_rate`` (int16 PCM is scaled to [-1, 1]), at most
+    float32 ``[T]`` at ``sample_rate`` (a 2-D waveform is ``[C, T]``, or ``[T, C]`` as
+    ``soundfile.read`` returns it: see `MAX_CHANNELS`; int16 PCM is scaled to [-1, 1]), at most
     ``max_seconds`` long (the middle of a longer clip). NaN at the end of an in-memory
     waveform is padding and is removed; NaN elsewhere, or inf, raises [`DataError`][transferkit.DataError].
 
@@ -446,6 +452,8 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
         wav = wav.float() / 32768.0
     wav = wav.float()
     given = tuple(wav.shape)  # as the caller passed it (before channels are mixed down)
+    if wav.ndim == 2 and wav.shape[1] <= MAX_CHANNELS < wav.shape[0]:  # [T, C], as soundfile.read returns it
+        wav = wav.T
     if wav.ndim == 2:
         if wav.shape[0] == 0 or wav.shape[1] == 0:
             raise DataError(f"A waveform must be a non-empty [T] or [C, T] array, got shape {given} (no "

@@ -307,8 +307,9 @@ def test_onnxruntime_features_are_stored_in_fp32_once_whatever_the_run_precision
     reports = [tk.finetune(**{**KW, **kw, "precision": p, "channels_last": cl}).feature_report
                for p, cl in (("fp32", False), ("bf16", True), ("bf16", False), ("fp32", True))]
     assert [r["dtype"] for r in reports] == ["float32"] * 4  # ONNX Runtime computes in fp32
-    assert "speed:    features fp32 (the onnxruntime engine computes in it; eager would run bf16" in \
-        _decide(**{**kw, "precision": "bf16"})[1].summary()
+    decided = _decide(**{**kw, "precision": "bf16"})[1]
+    assert "speed:    features fp32 (the onnxruntime engine computes in it; eager would run bf16" in decided.summary()
+    assert decided.to_dict()["feature_precision"] == "fp32"  # the record says what the summary says
     assert reports[0]["computed"] >= 1 and [r["computed"] for r in reports[1:]] == [0, 0, 0]
 
 

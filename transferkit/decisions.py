@@ -125,7 +125,9 @@ class Decisions:
             "backbone": self.backbone, "weights": weights, "input_spec": self.input_spec.to_dict(),
             "task": self.task, "classes": list(self.classes), "num_outputs": self.num_outputs,
             "device": self.device_type, "world_size": self.world_size, "seeds": list(self.seeds),
-            "precision": s["precision"], "feature_precision": s["feature_precision"],
+            "precision": s["precision"],
+            "feature_precision": engine_precision(self.engine, s["feature_precision"]) if s["feature_precision"]
+            else s["feature_precision"],  # what the features are computed in (ONNX Runtime: fp32)
             "channels_last": s["channels_last"], "compile": s["compile"], "speed_reasons": s["reasons"],
             "policy": str(self.policy), "frozen": self.frozen, "feature_cache": self.cache,
             "cached_epochs": self.cached_epochs, "cache_reason": self.cache_reason,

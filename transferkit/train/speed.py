@@ -87,7 +87,7 @@ def decide_speed(*, device_type: str, bf16: tuple[bool, str], precision: str = "
     reasons: dict[str, str] = {}
     if precision == "auto":
         if cached:
-            train, reasons["precision"] = "fp32", "the head trains on cached fp32 features"
+            train, reasons["precision"] = "fp32", "the head trains in fp32 on the cached features"
         elif device_type == "cuda" or (device_type == "cpu" and kind == "image" and conv is not None):
             train, reasons["precision"] = (
                 ("bf16", f"autocast: {why}; fp32 master weights"

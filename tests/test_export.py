@@ -370,6 +370,11 @@ def test_export_files_checks_onnx_with_the_same_tolerances_and_names_what_was_wr
     with pytest.raises(ConfigError, match="are one file"):  # one file, spelled two ways
         export_files(model, tmp_path / "sub" / "m.pt", onnx=tmp_path / "sub" / ".." / "sub" / "m.pt", metadata=meta,
                      example_inputs=images(4))
+    for ts, ox, message in (("a.onnx", "a2.onnx", r"TorchScript export goes, but its name ends in \.onnx"),
+                            ("b.pt", "b.pth", r"ONNX export goes, but its name ends in \.pth")):  # swapped names
+        with pytest.raises(ConfigError, match=message):
+            export_files(model, tmp_path / ts, onnx=tmp_path / ox, metadata=meta, example_inputs=images(4))
+    assert not list(tmp_path.glob("[ab]*"))
     reports = export_files(model, tmp_path / "m.pt", onnx=tmp_path / "m.onnx", metadata=meta,
                            example_inputs=images(4), atol=2e-5, rtol=0.0)
     assert [r.mode for r in reports][1] == "onnx" and reports[1].tolerance == pytest.approx(2e-5)

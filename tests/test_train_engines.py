@@ -382,6 +382,16 @@ def test_compile_pays_only_for_enough_data_and_decide_compile():
     assert not eng.compile_pays("cpu", n_images=5_000, eager_images_per_s=35.0, n_modules=150, load=6.0)[0]
     assert eng.compile_pays("cpu", n_images=5_000, eager_images_per_s=35.0, n_modules=150, load=1.0)[0]
     assert not eng.compile_pays("cuda", n_images=10**7, eager_images_per_s=1000.0, n_modules=150)[0]
+    # an audio pass is counted in clips
+    assert "it would save on 400 clips at" in eng.compile_pays("cpu", n_images=400, eager_images_per_s=35.0,
+                                                               n_modules=150, load=1.0, unit="clips")[1]
+    audio = tk.build_model(tk.get_backbone("ta:wav2vec2_tiny", weights=None), 2)
+    assert eng.input_unit(audio) == "clips" and eng.input_unit(_model()) == "images"
+    measured = {"eager": {"images_per_s": 30.0, "rel_diff": 0.0, "precision": "fp32"},
+                "onnxruntime": {"images_per_s": 60.0, "rel_diff": 1e-7, "precision": "fp32"}}
+    why = eng.decide_engine("auto", device_type="cpu", available={"eager": None, "onnxruntime": None},
+                            measured=measured, n_images=5000, unit="clips")[1]
+    assert "eager fp32 30.0 clips/s" in why and "onnxruntime 60.0 clips/s" in why and "img/s" not in why
     assert eng.decide_compile(True, device_type="cpu", train_images=10, epochs=1) == (True, "asked")
     assert eng.decide_compile(False, device_type="cuda", train_images=10**6, epochs=90)[0] is False
     with pytest.raises(ConfigError, match="compile='yes'"):

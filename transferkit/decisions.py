@@ -321,7 +321,8 @@ def _engine_decision(cfg: FinetuneConfig, facts: Facts, speed: dict[str, Any], c
         return "eager", e["pending"]
     return decide_engine(cfg.feature_engine, device_type=facts.device.type, available=e["available"],
                          measured=e["measured"], n_images=e["n_images"], world_size=facts.device.world_size,
-                         precision=speed["feature_precision"])
+                         precision=speed["feature_precision"],
+                         unit="clips" if facts.backbone.input_spec.kind == "audio" else "images")
 
 
 def plan(config: FinetuneConfig | None = None, /, **options: Any) -> Decisions:

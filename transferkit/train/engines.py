@@ -170,13 +170,14 @@ def compile_estimate(device_type: str, n_modules: int, *, load: float | None = N
 
 def compile_pays(device_type: str, *, n_images: int, eager_images_per_s: float, n_modules: int,
                  load: float | None = None, engine: str = "compile",
-                 fp32_images_per_s: float | None = None) -> tuple[bool, str]:
+                 fp32_images_per_s: float | None = None, unit: str = "images") -> tuple[bool, str]:
     """Whether preparing ``engine`` for the frozen pass can pay on ``n_images`` images: the
     time it would save at its expected (``COMPILE_SPEEDUP``) or best measured
     (``ONNX_SPEEDUP``, over eager fp32) speed-up against the estimated preparation
     (`compile_estimate`). ONNX Runtime computes in fp32: against an eager pass in bf16 or
     fp16 its speed-up is scaled by ``fp32_images_per_s / eager_images_per_s`` (the eager
-    fp32 speed, from the reference batch).
+    fp32 speed, from the reference batch). ``unit``: what the pass reads (``"images"`` or
+    ``"clips"``), as the reason names it.
 
     Example:
         >>> compile_pays("cpu", n_images=400, eager_images_per_s=35.0, n_modules=150, load=1.0)[0]
@@ -199,7 +200,13 @@ def compile_pays(device_type: str, *, n_images: int, eager_images_per_s: float, 
     saved = n_images / max(eager_images_per_s, 1e-9) * (1 - 1 / speedup)
     pays = saved > cost
     return pays, (f"estimated {_seconds(cost)} s to {'export and time' if onnx else 'compile'} {n_modules} modules "
-                  f"{'<' if pays else '>'} the {_seconds(saved)} s it would save on {n_images} images at {speedup:.3g}x")
+                  f"{'<' if pays else '>'} the {_seconds(saved)} s it would save on {n_images} {unit} at "
+                  f"{speedup:.3g}x")
+
+
+def input_unit(model: nn.Module) -> str:
+    """``"clips"`` for a model that reads waveforms, else ``"images"``: how timings name the input."""
+    return "clips" if isinstance(getattr(model, "preprocess", None), AudioPreprocess) else "images"
 
 
 def _seconds(x: float) -> str:
@@ -246,7 +253,8 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
     for name in ["eager", *[c for c in candidates if c != "eager"]]:
         if name in PREPARED and n_images is not None:
             pays, why = compile_pays(device.type, n_images=n_images, n_modules=leaf_modules(model),
-                                     eager_images_per_s=first_ips, engine=name, fp32_images_per_s=fp32_ips)
+                                     eager_images_per_s=first_ips, engine=name, fp32_images_per_s=fp32_ips,
+                                     unit=input_unit(model))
             if not pays:
                 out[name] = {"skipped": why}
                 continue
@@ -376,7 +384,7 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
         missing = [c for c in candidates if c not in saved or ("skipped" in saved[c] and c in PREPARED and
                    compile_pays(device.type, n_images=n_images, n_modules=leaf_modules(model),
                                 eager_images_per_s=saved["eager"].get("images_per_s", 1.0), engine=c,
-                                fp32_images_per_s=saved["eager"].get("fp32_images_per_s"))[0])]
+                                fp32_images_per_s=saved["eager"].get("fp32_images_per_s"), unit=input_unit(model))[0])]
         if not missing:
             return {c: {**saved[c], "stored": True} for c in ["eager", *candidates] if c in saved}
     measured = time_engines(model, batches, device=device, precision=precision, channels_last=channels_last,
@@ -427,14 +435,15 @@ def check_engine(requested: Any) -> str:
 
 def decide_engine(requested: str, *, device_type: str, available: dict[str, str | None],
                   measured: dict[str, dict[str, Any]] | None, n_images: int, world_size: int = 1,
-                  precision: str = "fp32") -> tuple[str, str]:
+                  precision: str = "fp32", unit: str = "images") -> tuple[str, str]:
     """The engine of the frozen feature pass, and why (pure: no I/O).
 
     ``requested``: ``"auto"`` or an engine (forced: a ConfigError when it cannot run here).
     ``available``: `engine_availability`. ``measured``: `time_engines` (None: not timed).
     ``n_images``: images the pass will see. Under ``auto`` the fastest engine whose features
     agree with eager fp32 within ``TOLERANCE`` of its precision and that beats eager by
-    ``MIN_SPEEDUP`` is kept; eager (at the run's precision) is the fallback.
+    ``MIN_SPEEDUP`` is kept; eager (at the run's precision) is the fallback. ``unit``: what
+    the pass reads (``"images"`` or ``"clips"``), as the reason names it.
 
     Example:
         >>> m = {"eager": {"images_per_s": 30.0, "rel_diff": 0.0, "precision": "fp32"},
@@ -455,11 +464,12 @@ def decide_engine(requested: str, *, device_type: str, available: dict[str, str 
         return "eager", ("distributed run: the engines are not timed per process (force one with "
                          "feature_engine=...)")
     if n_images < MIN_IMAGES_TO_TIME:
-        return "eager", f"too little data to time the engines ({n_images} images; timing starts at " \
+        return "eager", f"too little data to time the engines ({n_images} {unit}; timing starts at " \
                         f"{MIN_IMAGES_TO_TIME})"
     if not measured or "images_per_s" not in measured.get("eager", {}):
         return "eager", "no engine was timed" + (f" ({missing})" if missing else "")
     base = measured["eager"]["images_per_s"]
+    rate = "img/s" if unit == "images" else f"{unit}/s"
     notes, best, best_ips = [], "eager", base
     for name, m in measured.items():
         if name == "eager":
@@ -473,7 +483,7 @@ def decide_engine(requested: str, *, device_type: str, available: dict[str, str 
             notes.append(f"{name} rejected: features differ from eager fp32 by {m['rel_diff']:.2g} of their "
                          f"largest value (tolerance {tol:.3g})")
             continue
-        notes.append(f"{name} {m['images_per_s']:.1f} img/s ({m['images_per_s'] / base:.2f}x, within "
+        notes.append(f"{name} {m['images_per_s']:.1f} {rate} ({m['images_per_s'] / base:.2f}x, within "
                      f"{m['rel_diff']:.1g} of eager fp32)")
         if m["images_per_s"] >= MIN_SPEEDUP * base and m["images_per_s"] > best_ips:
             best, best_ips = name, m["images_per_s"]
@@ -481,7 +491,7 @@ def decide_engine(requested: str, *, device_type: str, available: dict[str, str 
     first = " (its first call)" if measured["eager"].get("first_call") else ""
     source = "read from an earlier timing on this input (cache_dir/engines.json)" if measured["eager"].get("stored") \
         else "timed on the run's input"
-    timed = f"{source}: eager {precision} {base:.1f} img/s{first}" + "".join(f"; {n}" for n in notes)
+    timed = f"{source}: eager {precision} {base:.1f} {rate}{first}" + "".join(f"; {n}" for n in notes)
     return best, ("fastest, " if best != "eager" else f"none beats eager by {MIN_SPEEDUP:g}x; ") + timed
 
 

@@ -156,6 +156,9 @@ def test_a_channel_array_that_cannot_be_mixed_down_says_which_part_is_missing():
     stereo = torch.stack([audio, audio * 3])  # [C, T], and [T, C] as soundfile.read returns it
     assert to_waveform(stereo, RATE).tolist() == pytest.approx([0.2] * 100)
     assert to_waveform(stereo.T.numpy(), RATE).tolist() == pytest.approx([0.2] * 100)
+    with pytest.raises(tk.DataError, match=r"shape \(100, 12\) is ambiguous: .*Pass it as \[C, T\]"):
+        to_waveform(torch.zeros(100, 12), RATE)  # more channels than [T, C] is read with
+    assert to_waveform(torch.zeros(12, 100), RATE).shape == (100,)  # [C, T] with 12 channels
 
 
 def test_nan_clip_during_training_is_replaced_and_reported_or_raises(tmp_path):

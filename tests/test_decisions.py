@@ -4,6 +4,7 @@ summary, the cache key, the resume check and the metadata derive from, and a dry
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -116,6 +117,9 @@ def test_cache_key_covers_trunk_not_head(split_folders):
     assert base.feature_key_parts("train").get("backbone_options") is None  # options, when given, are keyed
     assert _plan(split_folders / "train", backbone="tk:small_cnn", backbone_options={"widths": [8, 8, 16]},
                  **data).feature_key_parts("train")["backbone_options"] == {"widths": [8, 8, 16]}
+    # a callable option is keyed by its type, not by its per-process address
+    with_callable = dataclasses.replace(base, config=base.config.replace(backbone_options={"act": lambda x: x}))
+    assert with_callable.feature_key_parts("train")["backbone_options"] == {"act": "<function>"}
 
 
 def test_cache_key_covers_precision_layout_and_random_views(split_folders):

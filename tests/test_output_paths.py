@@ -43,6 +43,13 @@ def test_export_and_checkpoint_on_one_file_are_refused(tmp_path, image_folder, n
     assert not list(tmp_path.glob("*same*"))
 
 
+def test_a_torchscript_export_named_onnx_is_refused_before_training(tmp_path, image_folder, no_training):
+    with pytest.raises(ConfigError, match=r"'.*model\.onnx' is where export \(the TorchScript file\) goes, but its "
+                                          r"name ends in \.onnx"):
+        tk.finetune(data=image_folder, export=tmp_path / "model.onnx", **FAST)
+    assert not (tmp_path / "model.onnx").exists()
+
+
 @pytest.mark.parametrize("out", ["checkpoint", "export"])
 def test_the_pretrained_weights_file_is_never_overwritten(tmp_path, image_folder, no_training, out):
     w = tmp_path / "w.th"

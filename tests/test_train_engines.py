@@ -5,6 +5,7 @@ rejected. No timing is asserted."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -135,6 +136,24 @@ def test_an_audio_export_and_timing_are_not_keyed_by_the_first_batchs_padded_len
     assert key(20800) == key(24000) != key(16000) != key(480000)  # timings: the length's power-of-two bucket
     assert eng.engines_store_key(m, (3, 32, 32), torch.uint8, device=CPU, precision="fp32", channels_last=False) \
         != eng.engines_store_key(m, (3, 32, 33), torch.uint8, device=CPU, precision="fp32", channels_last=False)
+
+
+def test_onnxruntime_that_cannot_open_any_file_is_one_error_after_one_export_again(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    m, x = _model(), _batch()
+    eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False, cache_dir=tmp_path)
+    eng.release_engines()
+    exports = []
+    real_export = eng.export_feature_pass
+    monkeypatch.setattr(eng, "export_feature_pass", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+
+    def refuses(*a, **k):
+        raise RuntimeError("CUDA provider could not be loaded")  # a failure that no new file mends
+    monkeypatch.setattr(ort, "InferenceSession", refuses)
+    with pytest.raises(tk.EngineError, match="onnxruntime cannot open .*CUDA provider could not be loaded"):
+        eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False, cache_dir=tmp_path)
+    assert exports == [1]
 
 
 @pytest.mark.parametrize("damage", ["overwrite", "truncate", "digest_rewritten"])
@@ -309,7 +328,10 @@ def test_onnxruntime_features_are_stored_in_fp32_once_whatever_the_run_precision
     assert [r["dtype"] for r in reports] == ["float32"] * 4  # ONNX Runtime computes in fp32
     decided = _decide(**{**kw, "precision": "bf16"})[1]
     assert "speed:    features fp32 (the onnxruntime engine computes in it; eager would run bf16" in decided.summary()
-    assert decided.to_dict()["feature_precision"] == "fp32"  # the record says what the summary says
+    record = decided.to_dict()  # the record says what the summary says, under a key a resume may see change
+    assert record["feature_engine_precision"] == "fp32" and record["feature_precision"] == "bf16"
+    eager = dataclasses.replace(decided, engine="eager").to_dict()
+    assert eager["feature_engine_precision"] == "bf16" and differences(record, eager) == {}
     assert reports[0]["computed"] >= 1 and [r["computed"] for r in reports[1:]] == [0, 0, 0]
 
 
@@ -549,6 +571,17 @@ def test_exports_made_without_cache_dir_are_removed_when_the_process_exits(tmp_p
     again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert not os.path.exists(left) and not os.path.exists(again.stdout.strip().splitlines()[-1])
     assert not list(tmp_path.glob("transferkit-*"))  # (torch and onnxruntime leave their own files there)
+
+
+def test_a_stale_folder_this_user_cannot_remove_does_not_stop_the_engine(monkeypatch, tmp_path):
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", "another user's folder")
+    monkeypatch.setattr(eng, "remove_stale_temps", denied)
+    monkeypatch.setattr(eng.tempfile, "gettempdir", lambda: str(tmp_path))
+    m, x = _model(), _batch()
+    fwd = eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False)
+    with torch.no_grad():
+        assert torch.allclose(fwd(x), m.features(x), atol=1e-4)
 
 
 def test_a_dry_run_says_its_engine_is_provisional_and_an_unused_forced_engine_is_noted(folder, monkeypatch):

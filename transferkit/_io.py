@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from transferkit.errors import FileLockedError, OutputError
+from transferkit.errors import ConfigError, FileLockedError, OutputError
 
 TEMP_SUFFIX = ".tmp"
 LEGACY_TEMP_AGE_S = 600.0
@@ -230,6 +230,23 @@ def _reason(exc: OSError) -> str:
              errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
              errno.EISDIR: "it is a folder", errno.ENOTDIR: "a part of the path is a file, not a folder"}
     return known.get(exc.errno or -1) or exc.strerror or str(exc) or type(exc).__name__
+
+
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit")
+"""File names that say TorchScript: an ONNX export given one of them is refused."""
+
+
+def check_export_names(path: str | Path | None, onnx: str | Path | None = None, *, flags: tuple[str, str] = (
+        "the TorchScript export", "the ONNX export")) -> None:
+    """Raise ConfigError when the TorchScript export ``path`` is named ``.onnx`` or the ONNX
+    export ``onnx`` has a TorchScript name: transferkit reads either file whatever its name,
+    other tools go by it. ``flags``: how the two settings are named in the message."""
+    if path is not None and Path(path).suffix.lower() == ".onnx":
+        raise ConfigError(f"{str(path)!r} is where {flags[0]} goes, but its name ends in .onnx; name it model.pt "
+                          "(an ONNX file is written with onnx=... on an export, --onnx on the command line).")
+    if onnx is not None and Path(onnx).suffix.lower() in TORCHSCRIPT_SUFFIXES:
+        raise ConfigError(f"{str(onnx)!r} is where {flags[1]} goes, but its name ends in {Path(onnx).suffix}, a "
+                          "TorchScript name; name it model.onnx.")
 
 
 _EXAMPLE_NAMES = {"export": "model.pt", "ONNX export": "model.onnx", "checkpoint": "checkpoint.pt", "plot": "plot.png"}

@@ -48,8 +48,8 @@ OUTPUT_KEYS = frozenset({"export", "checkpoint", "resume", "log_dir", "plots_dir
                          # CPU decoders differ by resampling noise (data/gpu_jpeg.py)
                          "feature_engine", "compile", "input_decode"})
 # decisions that may differ when resuming (where the run runs, not what it computes)
-_PLACE_KEYS = frozenset({"device", "weights_file", "feature_engine", "feature_engine_reason", "input_decode",
-                         "input_decode_reason"})
+_PLACE_KEYS = frozenset({"device", "weights_file", "feature_engine", "feature_engine_reason",
+                         "feature_engine_precision", "input_decode", "input_decode_reason"})
 
 
 @dataclass(frozen=True)
@@ -125,9 +125,7 @@ class Decisions:
             "backbone": self.backbone, "weights": weights, "input_spec": self.input_spec.to_dict(),
             "task": self.task, "classes": list(self.classes), "num_outputs": self.num_outputs,
             "device": self.device_type, "world_size": self.world_size, "seeds": list(self.seeds),
-            "precision": s["precision"],
-            "feature_precision": engine_precision(self.engine, s["feature_precision"]) if s["feature_precision"]
-            else s["feature_precision"],  # what the features are computed in (ONNX Runtime: fp32)
+            "precision": s["precision"], "feature_precision": s["feature_precision"],
             "channels_last": s["channels_last"], "compile": s["compile"], "speed_reasons": s["reasons"],
             "policy": str(self.policy), "frozen": self.frozen, "feature_cache": self.cache,
             "cached_epochs": self.cached_epochs, "cache_reason": self.cache_reason,
@@ -138,6 +136,8 @@ class Decisions:
             "groups": [dict(g) for g in self.groups], "data": self.data,
             "decode_once": sorted(self.decode),  # memory or disk: the same pixels
             "feature_engine": self.engine, "feature_engine_reason": self.engine_reason,  # feature-engine hook
+            "feature_engine_precision":  # what the features are computed in on that engine (ONNX Runtime: fp32)
+                s["feature_precision"] and engine_precision(self.engine, s["feature_precision"]),
             "input_decode": self.input_decode["where"], "input_decode_reason": self.input_decode["reason"],
         })
 
@@ -218,7 +218,8 @@ class Decisions:
         engine = {} if self.engine == "eager" else {"engine": self.engine}
         # JPEGs decoded on the device (nvJPEG, full size then resized) differ slightly from Pillow's
         decoder = {"decoder": "device"} if self.decodes_on_device() else {}  # the CPU keeps the earlier keys
-        options = {"backbone_options": self.config.backbone_options} if self.config.backbone_options else {}
+        # options as plain data: a callable is its type name (its repr would hold a per-process address)
+        options = {"backbone_options": jsonable(self.config.backbone_options)} if self.config.backbone_options else {}
         return {**decoder, "backbone": self.backbone, **options, "weights": self.trunk_fingerprint,
                 "transform": repr(transform),
                 "precision": engine_precision(self.engine, self.speed["feature_precision"]), **engine,

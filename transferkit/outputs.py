@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from transferkit._io import (
+    check_export_names,
     check_free_space,
     check_writable,
     file_lock,
@@ -77,6 +78,8 @@ def check_output_paths(cfg: FinetuneConfig) -> None:
                 raise ConfigError(f"{a} and {b} are the same file {str(pa)!r}: the {b} would be replaced by the "
                                   f"{a} (or the other way round). Give them two paths, e.g. {b}="
                                   f"{str(pa.with_suffix('.ckpt' if b == 'checkpoint' else '.pt'))!r}.")
+    if "export" in outputs:
+        check_export_names(outputs["export"], flags=("export (the TorchScript file)", ""))
     weights = _weights_file(cfg.weights)
     inputs = [("weights", weights)] + [(k, _path(getattr(cfg, k))) for k in ("data", "val_data")]
     for key, src in inputs:

@@ -454,6 +454,10 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
     given = tuple(wav.shape)  # as the caller passed it (before channels are mixed down)
     if wav.ndim == 2 and wav.shape[1] <= MAX_CHANNELS < wav.shape[0]:  # [T, C], as soundfile.read returns it
         wav = wav.T
+    elif wav.ndim == 2 and wav.shape[0] > wav.shape[1] > MAX_CHANNELS:
+        raise DataError(f"A 2-D waveform of shape {given} is ambiguous: [C, T] would be {given[0]} channels of "
+                        f"{given[1]} samples, and [T, C] is read only up to {MAX_CHANNELS} channels. Pass it as "
+                        "[C, T] (waveform.T).")
     if wav.ndim == 2:
         if wav.shape[0] == 0 or wav.shape[1] == 0:
             raise DataError(f"A waveform must be a non-empty [T] or [C, T] array, got shape {given} (no "

@@ -35,7 +35,12 @@ def module_structure(module: torch.nn.Module) -> str:
     """The module tree as ``repr`` prints it (each submodule's class and settings: kernel
     sizes, strides, pooling type, activation, ...), with any memory address blanked so that it
     is the same in every process."""
-    return _ADDRESS.sub("0x?", repr(module))
+    return blank_addresses(repr(module))
+
+
+def blank_addresses(text: str) -> str:
+    """``text`` with memory addresses (``0x7f...``) blanked: the same in every process."""
+    return _ADDRESS.sub("0x?", text)
 
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")

@@ -22,7 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferkit._io import atomic_write, check_free_space, file_lock, is_write_failure, same_file
+from transferkit._io import (
+    atomic_write,
+    check_export_names,
+    check_free_space,
+    file_lock,
+    is_write_failure,
+    same_file,
+)
 from transferkit.errors import ConfigError, ExportError, OutputError
 from transferkit._integrity import check_records, records_entry
 from transferkit.export.metadata import (
@@ -317,10 +324,6 @@ def _size_mismatch(spec: dict[str, Any], shape: Sequence[Any]) -> str | None:
     return None if list(shape[2:]) == [size, size] else f"{shape[2]}x{shape[3]} images"
 
 
-TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit")
-"""File names that say TorchScript: an ONNX export given one of them is refused (`export_files`)."""
-
-
 def export_files(model: nn.Module, path: str | Path, *, onnx: str | Path | None, metadata: dict[str, Any],
                  example_inputs: torch.Tensor | Sequence[torch.Tensor], **export_kwargs: Any) -> list[ExportReport]:
     """The verified TorchScript export of ``model`` at ``path`` and, when ``onnx`` is a path,
@@ -331,12 +334,7 @@ def export_files(model: nn.Module, path: str | Path, *, onnx: str | Path | None,
     if onnx is not None and same_file(onnx, path):
         raise ConfigError(f"The ONNX export {str(onnx)!r} and the TorchScript export {str(path)!r} are one file; "
                           "give the ONNX file its own name.")
-    if Path(path).suffix.lower() == ".onnx":
-        raise ConfigError(f"{str(path)!r} is where the TorchScript export goes, but its name ends in .onnx; name it "
-                          "model.pt (the ONNX file goes to onnx=..., --onnx on the command line).")
-    if onnx is not None and Path(onnx).suffix.lower() in TORCHSCRIPT_SUFFIXES:
-        raise ConfigError(f"{str(onnx)!r} is where the ONNX export goes, but its name ends in "
-                          f"{Path(onnx).suffix}, a TorchScript name; name it model.onnx.")
+    check_export_names(path, onnx)
     if onnx is not None:
         check_onnx_examples(metadata, example_inputs)  # before either file is written
     reports = [export_torchscript(model, path, metadata=metadata, example_inputs=example_inputs, **export_kwargs)]

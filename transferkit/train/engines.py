@@ -694,19 +694,20 @@ def onnx_path(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, cache_
         # named for this process, so that the folders of killed processes (SIGKILL, a crash:
         # no atexit) are found and removed by the next run
         anchor = Path(tempfile.gettempdir()) / "transferkit-engines"
-        remove_stale_temps(anchor, prefix=_SESSION_PREFIX)
+        with contextlib.suppress(OSError):  # another user's folder that this one may not remove
+            remove_stale_temps(anchor, prefix=_SESSION_PREFIX)
         _SESSION_DIR.append(str(create_temp(anchor, directory=True, prefix=_SESSION_PREFIX)))
         atexit.register(_remove_session_dir)
     return Path(_SESSION_DIR[0]) / name
 
 
 def _onnx_forward(model: nn.Module, example: torch.Tensor, *, device: torch.device,
-                  cache_dir: str | Path | None) -> Callable:
+                  cache_dir: str | Path | None, retried: bool = False) -> Callable:
     import onnxruntime as ort
 
     path = onnx_path(model, example.shape[1:], example.dtype, cache_dir)
-    exported = not _intact(path)
-    if exported:  # missing, or damaged since it was written: export it (again)
+    exported = retried or not _intact(path)
+    if not _intact(path):  # missing, or damaged since it was written: export it (again)
         export_feature_pass(model, example, path)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
@@ -720,7 +721,7 @@ def _onnx_forward(model: nn.Module, example: torch.Tensor, *, device: torch.devi
             raise EngineError(f"onnxruntime cannot open the feature pass it was just given ({str(path)!r}): "
                               f"{exception_line(exc)}. Use feature_engine='eager'.") from exc
         export_feature_pass(model, example, path)  # a stored file that its digest passed but ONNX Runtime refuses
-        return _onnx_forward(model, example, device=device, cache_dir=cache_dir)
+        return _onnx_forward(model, example, device=device, cache_dir=cache_dir, retried=True)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"input": x.detach().cpu().contiguous().numpy()})[0])

@@ -209,8 +209,9 @@ class Decisions:
 
     def feature_key_parts(self, part: str) -> dict[str, Any]:
         """Everything that changes cached features of ``part``: the backbone and its options, the
-        preprocessing and trunk (their weights and structure; not the head), the transform, precision, layout and device type, the views and their
-        seed whenever the transform is random, and the data's identity."""
+        preprocessing and trunk (their weights and structure; not the head), the transform,
+        precision, layout and device type, the views and their seed whenever the transform is
+        random, and the data's identity."""
         transform = train_transform(self.input_spec, self.cached_augment) if part == "train" else \
             eval_transform(self.input_spec)
         random_views = part == "train" and self.cached_augment != "none"

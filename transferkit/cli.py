@@ -162,15 +162,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from transferkit.export.metadata import ONNX_FORMAT
 
     spec, train, exp = meta["input_spec"], meta.get("training", {}), meta.get("export", {})
-    size = spec.get("image_size", 224)
+    size, audio = spec.get("image_size", 224), spec.get("kind") == "audio"
+    shape = (f"waveform [N, T] at {spec.get('sample_rate')} Hz" if audio
+             else f"image [N, {spec.get('channels', 3)}, {size}, {size}]")
     if meta.get("format") == ONNX_FORMAT:  # an ONNX graph takes the one dtype it was exported with
         dtypes = exp.get("input_dtypes") or ["the examples' dtype"]
-        takes = f"{dtypes[0]} only (transferkit.load converts other inputs)"
-        shape = (f"waveform [N, T] at {spec.get('sample_rate')} Hz, {takes}" if spec.get("kind") == "audio"
-                 else f"image [N, {spec.get('channels', 3)}, {size}, {size}], {takes}")
-    else:
-        shape = (f"waveform [N, T] at {spec.get('sample_rate')} Hz" if spec.get("kind") == "audio"
-                 else f"image [N, {spec.get('channels', 3)}, {size}, {size}] uint8 or float in [0, 1]")
+        shape += f", {dtypes[0]} only (transferkit.load converts other inputs)"
+    elif not audio:
+        shape += " uint8 or float in [0, 1]"
     lines = [f"file:        {args.model}", f"task:        {meta['task']} ({meta['num_outputs']} outputs)",
              f"labels:      {', '.join(meta['labels'][:20])}{' ...' if len(meta['labels']) > 20 else ''}",
              f"input:       {shape}", f"input_spec:  {json.dumps(spec, sort_keys=True)}",

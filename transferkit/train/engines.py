@@ -706,8 +706,8 @@ def _onnx_forward(model: nn.Module, example: torch.Tensor, *, device: torch.devi
     import onnxruntime as ort
 
     path = onnx_path(model, example.shape[1:], example.dtype, cache_dir)
-    exported = retried or not _intact(path)
-    if not _intact(path):  # missing, or damaged since it was written: export it (again)
+    exported = not _intact(path)  # (its digest is read once: the file may be tens of MB)
+    if exported:  # missing, or damaged since it was written: export it (again)
         export_feature_pass(model, example, path)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
@@ -717,7 +717,7 @@ def _onnx_forward(model: nn.Module, example: torch.Tensor, *, device: torch.devi
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a file it cannot read
-        if exported:
+        if exported or retried:
             raise EngineError(f"onnxruntime cannot open the feature pass it was just given ({str(path)!r}): "
                               f"{exception_line(exc)}. Use feature_engine='eager'.") from exc
         export_feature_pass(model, example, path)  # a stored file that its digest passed but ONNX Runtime refuses

@@ -60,6 +60,11 @@ class _Batches:
         return iter([(self.x, self.y)] * self.steps)
 
 
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _peak(name: str) -> tuple[float, float, float] | None:
     return next((v for k, v in PEAKS.items() if k in name), None)
 
@@ -73,12 +78,11 @@ def step_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> floa
     return float(fc.get_total_flops())
 
 
-def train_variant(variant: str, *, batch: int, steps: int, warmup: int) -> dict:
+def train_variant(variant: str, *, batch: int, steps: int, warmup: int, dev: torch.device) -> dict:
     import transferkit as tk
     from transferkit.train.loop import Loop, train_one_epoch
     from transferkit.train.speed import SpeedConfig
 
-    dev = torch.device("cuda")
     torch.manual_seed(0)
     bb = tk.get_backbone("tv:resnet50", weights=None)
     model = tk.build_model(bb, 10).to(dev)
@@ -93,36 +97,38 @@ def train_variant(variant: str, *, batch: int, steps: int, warmup: int) -> dict:
                 verbose=False)
     t_warm = time.perf_counter()
     train_one_epoch(runner, _Batches(x, y, 1), loop, verbose=False)  # the first step (with compile: the compilation)
-    torch.cuda.synchronize()
+    _sync(dev)
     first = time.perf_counter() - t_warm
     train_one_epoch(runner, _Batches(x, y, max(warmup - 1, 1)), loop, verbose=False)  # warm-up
-    torch.cuda.synchronize()
+    _sync(dev)
     t_warm = time.perf_counter() - t_warm
-    torch.cuda.reset_peak_memory_stats()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     train_one_epoch(runner, _Batches(x, y, steps), loop, verbose=False)
-    torch.cuda.synchronize()
+    _sync(dev)
     s = time.perf_counter() - t0
+    mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
     return {"variant": variant, "images_per_s": batch * steps / s, "step_ms": 1000 * s / steps, "warmup_s": t_warm,
-            "first_step_s": first, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+            "first_step_s": first, "peak_mem_gb": mem}
 
 
-def feature_engines(batch: int) -> dict:
+def feature_engines(batch: int, dev: torch.device) -> dict:
     """The frozen pass of ResNet-50 on every engine, and what feature_engine="auto" picks."""
     import transferkit as tk
     from transferkit.train import engines as eng
 
-    dev = torch.device("cuda")
     torch.manual_seed(0)
     bb = tk.get_backbone("tv:resnet50", weights=None)
     model = eng.feature_model(bb.trunk, bb.input_spec, dev, channels_last=True)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, generator=g) for _ in range(2)]
-    available = eng.engine_availability("cuda")
+    available = eng.engine_availability(dev.type)
     candidates = [e for e, why in available.items() if why is None and e != "eager"]
     measured = eng.time_engines(model, batches, device=dev, precision="bf16", channels_last=True,
                                 candidates=candidates, n_images=None)
-    picks = {n: eng.decide_engine("auto", device_type="cuda", available=available, measured=measured, n_images=n)
+    picks = {n: eng.decide_engine("auto", device_type=dev.type, available=available, measured=measured, n_images=n,
+                                  precision="bf16")
              for n in (10_000, 1_000_000)}
     return {"available": available, "measured": measured, "picks": picks}
 
@@ -243,6 +249,11 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=3, help="passes over the JPEG folder per decoding measurement")
     ap.add_argument("--workers", type=int, nargs="+", default=None,
                     help="decoding worker counts (default: 0, 2, and the CPUs up to 16)")
+    ap.add_argument("--device", default=None,
+                    help="where parts 1, 3 and 4 run (default: cuda when present, else they are skipped); "
+                         "'--device cpu' with a small --batch and --feature-batch is a smoke run of them")
+    ap.add_argument("--feature-batch", type=int, default=None, help="batch of the frozen pass (default: 2 x batch, "
+                                                                    "at least 256)")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     from _machine import machine_line
@@ -251,25 +262,28 @@ def main() -> None:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = args.workers or sorted({0, min(2, cpus), min(16, cpus)})
     cuda = torch.cuda.is_available()
+    dev = torch.device(args.device) if args.device else torch.device("cuda") if cuda else None
+    feature_batch = args.feature_batch or max(args.batch, 128) * 2
     report: dict = {"machine": machine_line(), "torch": torch.__version__, "batch": args.batch}
     rows = []
-    if cuda:
+    if dev is not None:
         torch.backends.cudnn.benchmark = True
         import transferkit as tk
 
-        name = torch.cuda.get_device_name()
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} (smoke run)"
         variants = ["fp32", "bf16+channels_last"] + ([] if args.no_compile else ["bf16+channels_last+compile"])
-        probe = tk.build_model(tk.get_backbone("tv:resnet50", weights=None), 10).cuda()
-        xs = torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8, device="cuda")
-        flops_per_image = step_flops(probe, xs, torch.zeros(8, dtype=torch.long, device="cuda")) / 8
+        probe = tk.build_model(tk.get_backbone("tv:resnet50", weights=None), 10).to(dev)
+        xs = torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8, device=dev)
+        flops_per_image = step_flops(probe, xs, torch.zeros(8, dtype=torch.long, device=dev)) / 8
         del probe
         for v in variants:
             try:
-                rows.append(train_variant(v, batch=args.batch, steps=args.steps, warmup=args.warmup))
+                rows.append(train_variant(v, batch=args.batch, steps=args.steps, warmup=args.warmup, dev=dev))
             except Exception as exc:  # report, keep measuring the other variants
                 rows.append({"variant": v, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
             print(f"  {rows[-1]}", file=sys.stderr, flush=True)
-            torch.cuda.empty_cache()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
         peak = _peak(name)
         print(f"\n## ResNet-50 fine-tuning at 224 px, batch {args.batch}, {args.steps} timed steps; card: {name}; "
               f"{flops_per_image / 1e9:.1f} GFLOP per image per training step (counted)\n")
@@ -303,11 +317,11 @@ def main() -> None:
                       + (f"pays from {extra / gain:,.0f} training images (epochs x images)" if gain > 0 else
                          "never pays (not faster)"))
         try:
-            fe = feature_engines(max(args.batch, 128) * 2)
+            fe = feature_engines(feature_batch, dev)
         except Exception as exc:  # report, keep the rest of the table
             fe = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
         report["feature_engines"] = fe
-        print(f"\n## Frozen feature pass, ResNet-50 at 224 px, batch {max(args.batch, 128) * 2}, per engine\n")
+        print(f"\n## Frozen feature pass, ResNet-50 at 224 px, batch {feature_batch}, per engine\n")
         if "error" in fe:
             print(f"failed: {fe['error']}")
         else:

@@ -127,9 +127,19 @@ def feature_engines(batch: int, dev: torch.device) -> dict:
     candidates = [e for e, why in available.items() if why is None and e != "eager"]
     measured = eng.time_engines(model, batches, device=dev, precision="bf16", channels_last=True,
                                 candidates=candidates, n_images=None)
-    picks = {n: eng.decide_engine("auto", device_type=dev.type, available=available, measured=measured, n_images=n,
-                                  precision="bf16")
-             for n in (10_000, 1_000_000)}
+    picks = {}
+    for n in (10_000, 1_000_000, 10_000_000):
+        # as a run of n images decides: a prepared engine is timed only where its preparation
+        # can pay on n images (`compile_pays`, before timing); here all were timed, so gate them after
+        seen = dict(measured)
+        for e in eng.PREPARED:
+            if "images_per_s" in seen.get(e, {}):
+                pays, why = eng.compile_pays(dev.type, n_images=n, eager_images_per_s=measured["eager"]["images_per_s"],
+                                             n_modules=eng.leaf_modules(model), engine=e)
+                if not pays:
+                    seen[e] = {"skipped": why}
+        picks[n] = eng.decide_engine("auto", device_type=dev.type, available=available, measured=seen, n_images=n,
+                                     precision="bf16")
     return {"available": available, "measured": measured, "picks": picks}
 
 

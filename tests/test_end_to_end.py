@@ -13,7 +13,7 @@ pytestmark = pytest.mark.precision_auto  # the outcome depends on what the CPU's
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}  # on the CPU wherever it ran
 
 
 @pytest.mark.parametrize("cache", ["auto", False])
@@ -23,7 +23,7 @@ def test_feature_extraction_leaves_backbone_bit_for_bit_unchanged(image_folder, 
     assert any("running_mean" in k for k in before)  # the check covers BatchNorm statistics
     head_probe = tk.finetune(bb, data=image_folder, policy="feature_extraction", image_size=32, epochs=2,
                              batch_size=8, cache_features=cache, augment="flip", verbose=False, num_workers=0)
-    after = head_probe.model.trunk.state_dict()
+    after = _state(head_probe.model.trunk)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before), "a frozen backbone changed"
     assert head_probe.used_feature_cache is (cache == "auto")
@@ -39,7 +39,7 @@ def test_feature_extraction_trains_the_head(image_folder):
                     restore_best=False, num_workers=0)
     tk.seed_everything(0)
     untouched = tk.build_head(bb.num_features, 2)  # the same initial head: seeded identically
-    assert not torch.equal(r.model.head[-1].weight, untouched[-1].weight)
+    assert not torch.equal(r.model.head[-1].weight.cpu(), untouched[-1].weight)
 
 
 def test_finetune_changes_backbone_weights(image_folder):
@@ -47,7 +47,7 @@ def test_finetune_changes_backbone_weights(image_folder):
     before = _state(bb.trunk)
     r = tk.finetune(bb, data=image_folder, policy="full", epochs=1, batch_size=8, verbose=False,
                     restore_best=False, num_workers=0)
-    after = r.model.trunk.state_dict()
+    after = _state(r.model.trunk)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert any(k.endswith("weight") and "stem" in k for k in changed)
     assert any(k.endswith("running_mean") for k in changed)
@@ -73,7 +73,7 @@ def test_export_parity_and_predict_right_labels(image_folder, tmp_path):
         tk.data.load_image(f)) for f in files[:4]])
     scripted = torch.jit.load(str(out))
     with torch.no_grad():
-        assert torch.allclose(scripted(batch), r.model.eval()(batch), atol=1e-5)
+        assert torch.allclose(scripted(batch), r.model.cpu().eval()(batch), atol=1e-5)
 
 
 def test_dataset_of_image_label_pairs(tmp_path):
@@ -130,7 +130,7 @@ def test_hymenoptera_feature_extraction_export_and_predict(shared_data, tmp_path
     before = _state(bb.trunk)
     r = tk.finetune(bb, data=root / "train", val_data=root / "val", policy="feature_extraction", image_size=64,
                     epochs=3, verbose=False, export=tmp_path / "ants_bees.pt")
-    assert all(torch.equal(before[k], v) for k, v in r.model.trunk.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in _state(r.model.trunk).items())
     assert r.export_report.max_abs_diff <= 1e-5
     files = sorted((root / "val" / "bees").glob("*.jpg"))[:4] + sorted((root / "val" / "ants").glob("*.jpg"))[:4]
     preds = tk.load(tmp_path / "ants_bees.pt").predict(files)

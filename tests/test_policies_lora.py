@@ -107,6 +107,6 @@ def test_finetune_with_lora_exports_the_merged_model(image_folder, tmp_path):
     assert has_lora(result.model) and result.export_report.mode == "script"
     scripted = torch.jit.load(str(result.export_path))
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
-    result.model.eval()
+    result.model.cpu().eval()
     with torch.no_grad():
         assert (scripted(x) - result.model(x)).abs().max().item() <= 1e-5

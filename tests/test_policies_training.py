@@ -146,7 +146,7 @@ def test_finetune_with_l2sp_stays_closer_to_the_start(image_folder):
         w0 = {n: p.detach().clone() for n, p in bb.trunk.named_parameters()}
         r = finetune(bb, data=image_folder, policy=spec, epochs=2, batch_size=8, lr=3e-3, image_size=16,
                      restore_best=False, verbose=False, num_workers=0)
-        dist[spec] = sum(((p.detach() - w0[n]) ** 2).sum().item() for n, p in r.model.trunk.named_parameters())
+        dist[spec] = sum(((p.detach().cpu() - w0[n]) ** 2).sum().item() for n, p in r.model.trunk.named_parameters())
         assert all(torch.equal(p, w0[n]) for n, p in bb.trunk.named_parameters())  # the caller's is untouched
     assert 0 < dist["full,l2sp=5.0"] < dist["full"]
 
@@ -160,7 +160,7 @@ def test_finetune_gradual_leaves_never_unfrozen_blocks_bit_for_bit_equal(image_f
                       restore_best=False, verbose=False, num_workers=0)
     assert not result.used_feature_cache
     assert all(torch.equal(before[k], v) for k, v in bb.trunk.state_dict().items())  # the caller's is untouched
-    after = result.model.trunk.state_dict()
+    after = {k: v.cpu() for k, v in result.model.trunk.state_dict().items()}  # wherever it trained
     for k, v in after.items():  # epoch 0: head only; epoch 1: stage3 too (weights and BN statistics)
         assert torch.equal(before[k], v) == (not k.startswith("stage3.")), k
 

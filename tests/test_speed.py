@@ -186,6 +186,19 @@ def test_measured_verdict_follows_the_timings(monkeypatch):
     assert on and "2.00x" in why
 
 
+def test_a_trunk_not_yet_on_the_device_is_timed_as_a_copy_there(monkeypatch):
+    # the layout is timed while the facts are gathered, before the run moves the trunk to its
+    # device: timing it in place fed device inputs to host weights (every hybrid trunk on CUDA)
+    monkeypatch.setattr(speed_mod, "_LAYOUT_CACHE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stand-in device")
+    trunk = _Hybrid()
+    before = {k: v.clone() for k, v in trunk.state_dict().items()}
+    on, why = measure_layout(trunk, torch.device("meta"), image_size=8)  # meta: a device that is not the CPU
+    assert isinstance(on, bool) and "timed on meta" in why
+    assert all(p.device.type == "cpu" for p in trunk.parameters())
+    assert all(torch.equal(before[k], v) for k, v in trunk.state_dict().items())
+
+
 def test_every_choice_has_its_reason():
     d = decide_speed(device_type="cpu", bf16=(True, "CPU has AVX512-BF16"), conv=(1.0, 1), cached=True,
                      features=True)

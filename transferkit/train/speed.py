@@ -26,6 +26,7 @@ evaluation; `SpeedConfig.autocast`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import time
@@ -281,7 +282,8 @@ def measure_layout(trunk: nn.Module, device: torch.device, *, image_size: int = 
                    rounds: int = 5, store: str | Path | None = None) -> tuple[bool, str]:
     """Time ``trunk`` (eval mode, no grad) in both layouts on ``device``; channels_last when it
     is at least ``MEASURED_MIN_SPEEDUP`` times faster (fastest of ``rounds`` rounds each,
-    interleaved). The trunk's mode and layout are restored.
+    interleaved). The trunk's mode and layout are restored; a trunk not yet on ``device`` (the
+    run moves it there later) is timed as a copy there and left where it is.
 
     The decision is cached per (trunk class, device, CPU capability or GPU name, image size,
     torch version) for the process, and in the JSON file ``store`` when given, so that later
@@ -296,6 +298,10 @@ def measure_layout(trunk: nn.Module, device: torch.device, *, image_size: int = 
         result = (saved["channels_last"], f"{saved.get('reason', 'timed earlier')} (read from {store})")
         _LAYOUT_CACHE[key] = result
         return result
+    first = next(trunk.parameters(), None)
+    if first is not None and (first.device.type != device.type or
+                              device.index not in (None, first.device.index)):  # not there yet: time a copy there
+        trunk = copy.deepcopy(trunk).to(device)
     was_training = trunk.training
     four_d = [p for p in trunk.parameters() if p.ndim == 4]
     was_cl = bool(four_d) and four_d[0].is_contiguous(memory_format=torch.channels_last) \

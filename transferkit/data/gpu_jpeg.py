@@ -21,9 +21,9 @@ run has: `input_decode_facts` looks (which images are JPEG, whether ``decode_jpe
 on the device, and on CUDA the two decoders timed on a few batches of the run's own
 files); `decide_input_decode` decides from that alone (pure).
 
-Not tested on a GPU in this repository (no GPU there): the batching, transforms, seeding,
-rank split and the run's wiring are tested with the CPU decoder; ``benchmarks/gpu_throughput.py``
-measures the GPU decoder against CPU workers on a CUDA machine.
+The batching, transforms, seeding, rank split and the run's wiring are tested with the CPU
+decoder; on a CUDA machine ``tests/test_cuda.py`` compares nvJPEG batches with the CPU
+pipeline and ``benchmarks/gpu_throughput.py`` times the GPU decoder against CPU workers.
 
 Example:
     >>> loader = gpu_jpeg_loader(ds, spec, augment="none", batch_size=64, device=torch.device("cuda"))  # doctest: +SKIP

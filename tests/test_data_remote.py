@@ -70,7 +70,8 @@ def test_http_pipe_and_fsspec_shards_give_the_local_samples(shards, tmp_path):
 @pytest.mark.parametrize("kind", ["http", "pipe"])
 def test_finetune_on_remote_shards_matches_the_same_shards_on_disk(shards, tmp_path, kind):
     common = dict(weights=None, policy="finetune", epochs=2, batch_size=4, image_size=16, verbose=False,
-                  num_workers=0, precision="fp32", augment="none", decode_once=False)
+                  num_workers=0, precision="fp32", augment="none", decode_once=False,
+                  deterministic=True)  # two runs compared exactly: on a GPU too
     a = _quiet(tk.finetune, "tk:small_cnn", data=str(shards / LOCAL), val_data=str(shards / "val-000000.tar"),
                classes=["dark", "light"], **common)
     with serve(shards) as (base, requests):

@@ -54,7 +54,9 @@ def test_predict_matches_the_exported_file(result, tmp_path):
     got = r.predict([*files, str(broken)], top_k=2)
     want = transferkit.load(root / "run.pt").predict([*files, str(broken)], top_k=2)
     assert [g.label for g in got] == [w.label for w in want]
-    assert [g.probability for g in got[:-1]] == pytest.approx([w.probability for w in want[:-1]], abs=1e-5)
+    # the export runs on the CPU; a model trained on a GPU predicts there, where cuDNN convolutions run TF32
+    tol = 1e-3 if next(r.model.parameters()).is_cuda else 1e-5
+    assert [g.probability for g in got[:-1]] == pytest.approx([w.probability for w in want[:-1]], abs=tol)
     assert [lab for g in got[:-1] for lab, _ in g.top_k] == [lab for w in want[:-1] for lab, _ in w.top_k]
     assert not got[-1].ok and got[-1].error == want[-1].error
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import builtins
@@ -19,7 +20,7 @@ from tests.conftest import make_image_folder
 import transferkit as tk
 from transferkit.config import FinetuneConfig
 from transferkit.decisions import differences
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, OutputError
 from transferkit.train import engines as eng
 
 pytest.importorskip("onnxruntime")
@@ -373,6 +374,38 @@ def test_the_stored_timing_is_reused_by_a_later_run(folder, tmp_path, monkeypatc
     assert second.feature_key("train") == first.feature_key("train")
     assert "timed on the run's input" in first.engine_reason
     assert "read from an earlier timing on this input (cache_dir/engines.json)" in second.engine_reason
+
+
+def test_a_stored_onnx_verdict_whose_export_cannot_be_written_again_falls_back_before_deciding(folder, tmp_path,
+                                                                                            monkeypatch):
+    monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)
+    monkeypatch.setattr(eng, "ONNX_SECONDS_BASE", {"cpu": 0.0})  # the export always pays: ONNX Runtime is timed
+    monkeypatch.setattr(eng, "ONNX_SECONDS_PER_MODULE", {"cpu": 0.0})
+    monkeypatch.setattr(eng, "engine_availability", lambda device_type: {
+        "eager": None, "onnxruntime": None, "compile": "not timed in this test (compiling takes minutes)"})
+    cache = tmp_path / "c"
+    kw = dict(backbone=_backbone(), data=folder, cache_dir=cache, policy="feature_extraction", epochs=1)
+    _decide(**kw)
+    store = cache / "engines.json"
+    data = json.loads(store.read_text())
+    for entry in data.values():  # the stored verdict: ONNX Runtime by far the fastest
+        entry["measured"]["onnxruntime"]["images_per_s"] = 1e9
+    store.write_text(json.dumps(data))
+    assert _decide(**kw)[1].engine == "onnxruntime"
+    shutil.rmtree(cache / "engines" / "onnx")
+    (cache / "engines" / "onnx").write_text("in the way")  # the export cannot be written again (root too)
+    facts, d = _decide(**kw)
+    assert d.engine == "eager" and facts.engines["measured"]["onnxruntime"]["stored"] is True
+    assert "onnxruntime failed: its stored timing names an export that is gone, and" in d.engine_reason
+    assert "cannot be written (FileExistsError" in d.engine_reason
+    assert any(n.startswith("feature_engine='auto' runs the feature pass on eager, not on onnxruntime as the "
+                            "stored timing says: its stored timing names an export that is gone") for n in d.notes)
+    with pytest.warns(UserWarning, match="not on onnxruntime as the stored timing says"):
+        r = tk.finetune(**{**KW, **kw})  # the run goes on, on eager, where it used to stop when the pass started
+    assert r.decisions.engine == "eager" and r.feature_report["computed"] >= 1
+    # forced, the engine is not replaced: the run says why it cannot prepare it
+    with pytest.raises(OutputError, match="ONNX feature pass .* cannot be created"):
+        tk.finetune(**{**KW, **kw, "feature_engine": "onnxruntime"})
 
 
 def test_a_damaged_timing_store_is_timed_again_and_one_that_cannot_be_written_warns(folder, tmp_path, monkeypatch):

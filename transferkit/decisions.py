@@ -272,6 +272,10 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     if cfg.feature_engine not in ("auto", "eager") and not cached_epochs:
         notes.append(f"feature_engine={cfg.feature_engine!r} is not used: this run has no cached feature pass "
                      f"({reason}); it applies to a frozen backbone whose features are cached.")
+    for name, m in ((facts.engines or {}).get("measured") or {}).items():
+        if m.get("unprepared") and cached_epochs:  # the stored verdict's engine, which this run cannot prepare
+            notes.append(f"feature_engine='auto' runs the feature pass on {engine}, not on {name} as the stored "
+                         f"timing says: {m['error']}.")
     if pol.frozen_epochs and frozen:
         notes.append(f"policy {pol} keeps the backbone frozen for {_plural(pol.frozen_epochs, 'epoch')} but the "
                      f"run has {cfg.epochs}: the backbone never trains (this is feature extraction); raise epochs "

@@ -392,7 +392,12 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
                                 eager_images_per_s=saved["eager"].get("images_per_s", 1.0), engine=c,
                                 fp32_images_per_s=saved["eager"].get("fp32_images_per_s"), unit=input_unit(model))[0])]
         if not missing:
-            return {c: {**saved[c], "stored": True} for c in ["eager", *candidates] if c in saved}
+            stored = {c: {**saved[c], "stored": True} for c in ["eager", *candidates] if c in saved}
+            why = _export_unwritable(model, batches[0], cache_dir) if "images_per_s" in stored.get(
+                "onnxruntime", {}) else None
+            if why is not None:  # the verdict stands, but this run could not prepare the engine it names
+                stored["onnxruntime"] = {"error": why, "stored": True, "unprepared": True}
+            return stored
     measured = time_engines(model, batches, device=device, precision=precision, channels_last=channels_last,
                             candidates=candidates, cache_dir=cache_dir, n_images=n_images)
     if store is not None:
@@ -402,6 +407,22 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
             warnings.warn(f"The engine timing was not stored ({exception_line(exc)}); later runs on this cache_dir "
                           "time the engines again.", stacklevel=2)
     return measured
+
+
+def _export_unwritable(model: nn.Module, example: torch.Tensor, cache_dir: str | Path | None) -> str | None:
+    """Why the ONNX feature pass that a stored verdict names could not be prepared by this
+    run (its export is gone and its folder cannot be written), else None: checked before
+    deciding, so that ``auto`` takes the next engine instead of stopping when the pass starts."""
+    path = onnx_path(model, example.shape[1:], example.dtype, cache_dir)
+    if _intact(path):
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        create_temp(path.parent / ".tk-write-check", prefix=".tk-write-check.").unlink()
+    except OSError as exc:
+        return (f"its stored timing names an export that is gone, and {str(path.parent)!r} cannot be written "
+                f"({exception_line(exc)}): make that folder writable, or remove what is in its way")
+    return None
 
 
 def _well_formed(saved: Any) -> bool:

@@ -584,6 +584,37 @@ def test_a_trunk_onnx_cannot_convert_is_timed_on_eager_with_a_one_line_reason(ca
     assert engine == "eager" and "onnxruntime failed: ExportError" in why
 
 
+def test_a_trunk_known_not_to_convert_is_not_offered_to_onnxruntime_and_a_dry_run_refuses_forcing_it(tmp_path):
+    import soundfile as sf
+
+    assert eng.onnx_blocker(_backbone("tk:cifar_resnet20").trunk) is None
+    why = eng.onnx_blocker(_backbone("spec:tk:cifar_resnet20").trunk)
+    assert why.startswith("the trunk computes an STFT (melspec.spectrogram: torchaudio Spectrogram)")
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "clips" / label).mkdir(parents=True)
+        for i in range(4):
+            sf.write(tmp_path / "clips" / label / f"{i}.wav", 0.1 * rng.standard_normal(1600), 8000)
+    kw = dict(backbone="spec:tk:cifar_resnet20", weights=None, data=tmp_path / "clips", policy="feature_extraction",
+              device="cpu", verbose=False)
+    with pytest.raises(ConfigError, match="feature_engine='onnxruntime' cannot run here: the trunk computes an STFT"):
+        tk.plan(**kw, feature_engine="onnxruntime")  # a dry run: no weights loaded, the structure says it
+    facts = tk.look(FinetuneConfig(**kw))[0]
+    assert facts.engines["available"]["onnxruntime"] == why  # under auto: skipped with its reason, never exported
+
+
+def test_the_modules_onnx_blocker_names_still_fail_to_convert(tmp_path):
+    # onnx_blocker names them from their structure alone: an exporter that learns them fails this test
+    import torchaudio
+
+    from transferkit.errors import ExportError
+    from transferkit.export.onnx import convert_to_onnx
+
+    with pytest.raises(ExportError, match="STFT"):
+        convert_to_onnx(torchaudio.transforms.Spectrogram(n_fft=64).eval(), torch.randn(1, 800),
+                        tmp_path / "s.onnx", output_name="out", dynamic_axes={})
+
+
 def test_exports_made_without_cache_dir_are_removed_when_the_process_exits(tmp_path):
     import os
     import subprocess

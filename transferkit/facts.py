@@ -191,7 +191,7 @@ def _engine_facts(cfg: FinetuneConfig, bb: Backbone, bundle: DataBundle, dev: to
     return engine_facts(cfg.feature_engine, trunk=bb.trunk if loaded else None, spec=spec,
                         dataset=bundle.train.view(transform=eval_transform(spec)), device=dev,
                         precision=speed["feature_precision"], channels_last=speed["channels_last"], n_images=n,
-                        world_size=device.world_size, batch_size=batch, cache_dir=cfg.cache_dir)
+                        world_size=device.world_size, batch_size=batch, cache_dir=cfg.cache_dir, structure=bb.trunk)
 
 
 def _input_decode_facts(cfg: FinetuneConfig, bundle: DataBundle, dev: torch.device, info: DistInfo,

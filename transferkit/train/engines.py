@@ -41,6 +41,7 @@ import hashlib
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -868,14 +869,41 @@ def feature_model(trunk: nn.Module, spec: Any, device: torch.device, *, channels
     return model
 
 
+def onnx_blocker(trunk: nn.Module) -> str | None:
+    """Why the ONNX exporter cannot convert ``trunk``, where its structure alone says so (a
+    module whose conversion is known to fail), else None. ``tests/test_train_engines.py``
+    converts each such module and expects the failure, so an exporter that learns it fails
+    the test.
+
+    Example:
+        >>> import transferkit
+        >>> onnx_blocker(transferkit.get_backbone("tk:small_cnn", weights=None).trunk) is None
+        True
+    """
+    transforms = sys.modules.get("torchaudio.transforms")  # not imported: no trunk holds its modules
+    if transforms is None:
+        return None
+    for name, m in trunk.named_modules():
+        if isinstance(m, transforms.Spectrogram):
+            return (f"the trunk computes an STFT ({name}: torchaudio {type(m).__name__}), whose complex values the "
+                    "ONNX exporter cannot convert")
+    return None
+
+
 def engine_facts(requested: str, *, trunk: nn.Module | None, spec: Any, dataset: Any, device: torch.device,
                  precision: str, channels_last: bool, n_images: int, world_size: int, batch_size: int,
-                 cache_dir: str | Path | None) -> dict[str, Any]:
-    """What the engine decision reads, gathered before deciding: the engines available here,
-    the number of images the pass will see, and (``requested="auto"`` on one process with
-    enough data, ``trunk`` loaded) the timing of the candidates on the first batches of
-    ``dataset`` (`measure_engines`, stored under ``cache_dir``)."""
+                 cache_dir: str | Path | None, structure: nn.Module | None = None) -> dict[str, Any]:
+    """What the engine decision reads, gathered before deciding: the engines available here
+    (ONNX Runtime not for a trunk it cannot convert: `onnx_blocker` on ``structure``, the
+    trunk with or without its weights), the number of images the pass will see, and
+    (``requested="auto"`` on one process with enough data, ``trunk`` loaded) the timing of
+    the candidates on the first batches of ``dataset`` (`measure_engines`, stored under
+    ``cache_dir``)."""
     available = engine_availability(device.type)
+    shape = structure if structure is not None else trunk
+    blocked = onnx_blocker(shape) if shape is not None else None
+    if blocked is not None and available.get("onnxruntime") is None:
+        available["onnxruntime"] = blocked
     if requested == "auto" and spec.kind == "audio" and not getattr(spec, "clip_seconds", None) \
             and available.get("compile") is None:  # batches as long as their longest clip
         available["compile"] = ("clips of different lengths: each new batch length would compile again "

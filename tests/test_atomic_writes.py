@@ -224,6 +224,24 @@ def test_stale_temporary_folders_and_reused_pids(tmp_path):
     assert remove_stale_temps_in(entry.parent) == []
 
 
+def test_a_writer_in_another_pid_namespace_of_the_same_host_is_not_judged_by_its_pid(tmp_path, monkeypatch):
+    # containers sharing a host name and a folder, not their process ids: the other's pid 1 or 7
+    # says nothing here, so its temporaries carry another tag and are left alone
+    import os
+
+    from transferkit import _io
+
+    entry = tmp_path / "entry"
+    real = os.readlink
+    monkeypatch.setattr(_io.os, "readlink", lambda p: "pid:[1]" if str(p) == "/proc/self/ns/pid" else real(p))
+    theirs = _io.create_temp(entry)  # written "in the other container"
+    monkeypatch.undo()
+    assert _io.owner_tag() not in theirs.name
+    fields = theirs.name.split("-")  # .entry.tk, host, pid, start, random.tmp
+    os.rename(theirs, tmp_path / "-".join([*fields[:2], "999999999", *fields[3:]]))  # a pid unused here
+    assert _io.remove_stale_temps(entry) == [] and len(list(tmp_path.iterdir())) == 1
+
+
 # -- output paths ---------------------------------------------------------------------------
 def test_check_writable_names_the_path_the_purpose_and_the_fix(tmp_path):
     from transferkit._io import check_writable

@@ -50,7 +50,14 @@ _LEGACY = re.compile(r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
 
 # -- who wrote a temporary file, and is it still alive --------------------------------------
 def _host_tag() -> str:
-    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+    """The host and PID namespace of this process: containers that share a host name and a
+    folder but not their process ids get different tags, so that neither judges the other's
+    writers by process ids it cannot see (another tag's writer is taken as alive)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # e.g. "pid:[4026531836]"
+    except OSError:  # not Linux, or /proc not mounted: the host name alone
+        namespace = ""
+    return hashlib.sha1(f"{socket.gethostname()}|{namespace}".encode()).hexdigest()[:6]
 
 
 def _proc_stat(pid: int) -> tuple[str, str] | None:

@@ -224,22 +224,40 @@ def test_stale_temporary_folders_and_reused_pids(tmp_path):
     assert remove_stale_temps_in(entry.parent) == []
 
 
-def test_a_writer_in_another_pid_namespace_of_the_same_host_is_not_judged_by_its_pid(tmp_path, monkeypatch):
-    # containers sharing a host name and a folder, not their process ids: the other's pid 1 or 7
-    # says nothing here, so its temporaries carry another tag and are left alone
+def test_a_writer_in_another_pid_namespace_is_judged_by_its_temporarys_age_not_its_pid(tmp_path, monkeypatch):
+    # containers sharing a host name and a folder, not their process ids: another namespace's
+    # pid says nothing here. Its temporaries are left alone while they change, and removed once
+    # untouched for FOREIGN_TEMP_AGE_S (a writer killed before its container restarted)
     import os
+    import time
 
     from transferkit import _io
 
     entry = tmp_path / "entry"
     real = os.readlink
     monkeypatch.setattr(_io.os, "readlink", lambda p: "pid:[1]" if str(p) == "/proc/self/ns/pid" else real(p))
-    theirs = _io.create_temp(entry)  # written "in the other container"
+    theirs = _io.create_temp(entry)  # a file written "in the other container"
+    folder = _io.create_temp(entry, directory=True)  # a cache entry being built there
     monkeypatch.undo()
     assert _io.owner_tag() not in theirs.name
-    fields = theirs.name.split("-")  # .entry.tk, host, pid, start, random.tmp
-    os.rename(theirs, tmp_path / "-".join([*fields[:2], "999999999", *fields[3:]]))  # a pid unused here
-    assert _io.remove_stale_temps(entry) == [] and len(list(tmp_path.iterdir())) == 1
+
+    def dead(p):  # the same temporary, named for a pid that runs nowhere here
+        f = p.name.split("-")  # .entry.tk, host, pid, start, random.tmp
+        return p.rename(p.with_name("-".join([*f[:2], "999999999", *f[3:]])))
+
+    theirs, folder = dead(theirs), dead(folder)
+    (folder / "part.npy").write_bytes(b"0")
+    assert _io.remove_stale_temps(entry) == [] and _io.remove_stale_temps_in(tmp_path) == []
+    old = time.time() - _io.FOREIGN_TEMP_AGE_S - 60
+    os.utime(theirs, (old, old))
+    os.utime(folder, (old, old))  # the folder is old, but what is in it changed lately: still being built
+    assert _io.remove_stale_temps(entry) == [theirs]
+    os.utime(folder / "part.npy", (old, old))
+    assert _io.remove_stale_temps_in(tmp_path) == [folder]
+    # written before the namespace was in the tag: judged by its pid, as then
+    legacy = tmp_path / f".entry.tk-{_io._plain_host_tag()}-999999999-0-0123abcd.tmp"
+    legacy.write_bytes(b"0")
+    assert _io.remove_stale_temps(entry) == [legacy]
 
 
 # -- output paths ---------------------------------------------------------------------------

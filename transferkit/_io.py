@@ -41,6 +41,9 @@ from typing import Any
 from transferkit.errors import ConfigError, FileLockedError, OutputError
 
 TEMP_SUFFIX = ".tmp"
+FOREIGN_TEMP_AGE_S = 24 * 3600.0
+"""A temporary whose writer cannot be checked from here (another host or PID namespace) is
+removed once nothing in it has changed for this long: a live writer changes it sooner."""
 LEGACY_TEMP_AGE_S = 600.0
 """A temporary without an owner tag (``mkstemp`` names, written by an older transferkit) is
 removed once it is older than this: its writer cannot be identified."""
@@ -52,12 +55,26 @@ _LEGACY = re.compile(r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
 def _host_tag() -> str:
     """The host and PID namespace of this process: containers that share a host name and a
     folder but not their process ids get different tags, so that neither judges the other's
-    writers by process ids it cannot see (another tag's writer is taken as alive)."""
+    writers by process ids it cannot see."""
     try:
         namespace = os.readlink("/proc/self/ns/pid")  # e.g. "pid:[4026531836]"
     except OSError:  # not Linux, or /proc not mounted: the host name alone
         namespace = ""
     return hashlib.sha1(f"{socket.gethostname()}|{namespace}".encode()).hexdigest()[:6]
+
+
+def _plain_host_tag() -> str:
+    """The host name alone: the tag of temporaries written before the PID namespace was in it."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _last_change(path: Path) -> float:
+    """When ``path`` (a file, or a folder and the entries in it) last changed."""
+    times = [path.lstat().st_mtime]
+    if path.is_dir() and not path.is_symlink():
+        with contextlib.suppress(OSError):
+            times += [p.lstat().st_mtime for p in path.iterdir()]
+    return max(times)
 
 
 def _proc_stat(pid: int) -> tuple[str, str] | None:
@@ -81,12 +98,19 @@ def owner_tag() -> str:
     return f"tk-{_host_tag()}-{pid}-{start}"
 
 
-def _writer_alive(host: str, pid: int, start: str) -> bool:
-    """False only when the writer is surely dead: same host, and no process with that id
-    (or a zombie, or a different process that reused the id). Another host's writer is
-    taken as alive: it cannot be checked from here."""
-    if host != _host_tag():
-        return True
+def _writer_alive(host: str, pid: int, start: str, path: Path | None = None) -> bool:
+    """False only when the writer is surely dead: same host and PID namespace, and no
+    process with that id (or a zombie, or a different process that reused the id). A writer
+    that cannot be checked from here (another host, another PID namespace: a container
+    beside this one, or this container before a restart) is taken as alive until its
+    temporary ``path`` has not changed for ``FOREIGN_TEMP_AGE_S``."""
+    if host not in (_host_tag(), _plain_host_tag()):
+        if path is None:
+            return True
+        try:
+            return time.time() - _last_change(path) <= FOREIGN_TEMP_AGE_S
+        except FileNotFoundError:  # removed by its writer or another cleaner meanwhile
+            return True
     if _has_proc():
         info = _proc_stat(pid)
         return info is not None and info[0] != "Z" and (start == "0" or info[1] == start)
@@ -139,7 +163,7 @@ def _is_stale(name: str, prefix: str, path: Path) -> bool:
     rest = name[len(prefix):]
     m = _TAG.fullmatch(rest)
     if m:
-        return not _writer_alive(m["host"], int(m["pid"]), m["start"])
+        return not _writer_alive(m["host"], int(m["pid"]), m["start"], path)
     if _LEGACY.fullmatch(rest):
         try:
             return time.time() - path.lstat().st_mtime > LEGACY_TEMP_AGE_S
@@ -195,7 +219,7 @@ def remove_stale_temps_in(folder: str | Path) -> list[Path]:
     stale = []
     for p in entries:
         m = _TAG.search(p.name)
-        if p.name.startswith(".") and m and m.start() > 0 and not _writer_alive(m["host"], int(m["pid"]), m["start"]):
+        if p.name.startswith(".") and m and m.start() > 0 and not _writer_alive(m["host"], int(m["pid"]), m["start"], p):
             stale.append(p)
     return _remove(stale)
 

@@ -24,10 +24,15 @@ want compile && timeout "${T_COMPILE:-300}" $PY benchmarks/compile_training.py -
 # the tests that train on device="auto" (CUDA here), without the shared data (TEST_DATA names it);
 # a test that assumes a CPU shows as a failure
 want tests || exit 0
-TRANSFERKIT_DATA=${TEST_DATA:-/nonexistent} timeout "${T_TESTS:-130}" $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 120 -o addopts="" -m "not slow" \
+# in parallel where pytest-xdist is installed (the GPU machine's image has it; the dev extras do not)
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+TRANSFERKIT_DATA=${TEST_DATA:-/nonexistent} timeout "${T_TESTS:-130}" $PY -m pytest -q -p no:cacheprovider $XDIST \
+    --timeout 120 -o addopts="" -m "not slow" \
     tests/test_end_to_end.py tests/test_policies_training.py tests/test_policies_frozen_bn.py \
     tests/test_train_cache.py tests/test_export.py tests/test_gpu_jpeg.py tests/test_speed.py \
     tests/test_train_engines.py tests/test_train_resume.py tests/test_feature_store.py tests/test_policies_lora.py \
     tests/test_cuda.py \
     --tb=short -rfE > "$OUT/pytest_cuda.log" 2>&1
+status=$?
 tail -40 "$OUT/pytest_cuda.log"
+exit $status  # a failing test fails the run

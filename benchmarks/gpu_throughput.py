@@ -135,7 +135,8 @@ def feature_engines(batch: int, dev: torch.device) -> dict:
         for e in eng.PREPARED:
             if "images_per_s" in seen.get(e, {}):
                 pays, why = eng.compile_pays(dev.type, n_images=n, eager_images_per_s=measured["eager"]["images_per_s"],
-                                             n_modules=eng.leaf_modules(model), engine=e)
+                                             n_modules=eng.leaf_modules(model), engine=e,
+                                             fp32_images_per_s=measured["eager"].get("fp32_images_per_s"))
                 if not pays:
                     seen[e] = {"skipped": why}
         picks[n] = eng.decide_engine("auto", device_type=dev.type, available=available, measured=seen, n_images=n,

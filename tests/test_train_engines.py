@@ -387,13 +387,21 @@ def test_a_stored_onnx_verdict_whose_export_cannot_be_written_again_falls_back_b
     kw = dict(backbone=_backbone(), data=folder, cache_dir=cache, policy="feature_extraction", epochs=1)
     _decide(**kw)
     store = cache / "engines.json"
-    data = json.loads(store.read_text())
-    for entry in data.values():  # the stored verdict: ONNX Runtime by far the fastest
-        entry["measured"]["onnxruntime"]["images_per_s"] = 1e9
-    store.write_text(json.dumps(data))
+
+    def stored_rate(images_per_s):
+        data = json.loads(store.read_text())
+        for entry in data.values():
+            entry["measured"]["onnxruntime"]["images_per_s"] = images_per_s
+        store.write_text(json.dumps(data))
+
+    stored_rate(1e9)  # the stored verdict: ONNX Runtime by far the fastest
     assert _decide(**kw)[1].engine == "onnxruntime"
     shutil.rmtree(cache / "engines" / "onnx")
     (cache / "engines" / "onnx").write_text("in the way")  # the export cannot be written again (root too)
+    stored_rate(1e-3)  # a verdict that keeps eager anyway: nothing to say about the export
+    facts, d = _decide(**kw)
+    assert d.engine == "eager" and "error" not in facts.engines["measured"]["onnxruntime"] and not d.notes
+    stored_rate(1e9)
     facts, d = _decide(**kw)
     assert d.engine == "eager" and facts.engines["measured"]["onnxruntime"]["stored"] is True
     assert "onnxruntime failed: its stored timing names an export that is gone, and" in d.engine_reason

@@ -394,8 +394,9 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
                                 fp32_images_per_s=saved["eager"].get("fp32_images_per_s"), unit=input_unit(model))[0])]
         if not missing:
             stored = {c: {**saved[c], "stored": True} for c in ["eager", *candidates] if c in saved}
-            why = _export_unwritable(model, batches[0], cache_dir) if "images_per_s" in stored.get(
-                "onnxruntime", {}) else None
+            winner = decide_engine("auto", device_type=device.type, available={c: None for c in stored},
+                                   measured=stored, n_images=n_images, precision=precision, unit=input_unit(model))[0]
+            why = _export_unwritable(model, batches[0], cache_dir) if winner == "onnxruntime" else None
             if why is not None:  # the verdict stands, but this run could not prepare the engine it names
                 stored["onnxruntime"] = {"error": why, "stored": True, "unprepared": True}
             return stored
@@ -415,7 +416,7 @@ def _export_unwritable(model: nn.Module, example: torch.Tensor, cache_dir: str |
     run (its export is gone and its folder cannot be written), else None: checked before
     deciding, so that ``auto`` takes the next engine instead of stopping when the pass starts."""
     path = onnx_path(model, example.shape[1:], example.dtype, cache_dir)
-    if _intact(path):
+    if path.is_file() and _digest_path(path).is_file():  # there (the pass checks its digest when it opens it)
         return None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -885,8 +886,8 @@ def onnx_blocker(trunk: nn.Module) -> str | None:
         return None
     for name, m in trunk.named_modules():
         if isinstance(m, transforms.Spectrogram):
-            return (f"the trunk computes an STFT ({name}: torchaudio {type(m).__name__}), whose complex values the "
-                    "ONNX exporter cannot convert")
+            return (f"the trunk computes an STFT ({name or 'the trunk itself'}: torchaudio {type(m).__name__}), "
+                    "whose complex values the ONNX exporter cannot convert")
     return None
 
 

@@ -299,8 +299,9 @@ def measure_layout(trunk: nn.Module, device: torch.device, *, image_size: int = 
         _LAYOUT_CACHE[key] = result
         return result
     first = next(trunk.parameters(), None)
-    if first is not None and (first.device.type != device.type or
-                              device.index not in (None, first.device.index)):  # not there yet: time a copy there
+    if first is not None and first.device.type == device.type and device.index is None:
+        device = first.device  # "cuda" and a trunk on cuda:1: time it where it is
+    elif first is not None and first.device != device:  # not there yet (the run moves it later): a copy there
         trunk = copy.deepcopy(trunk).to(device)
     was_training = trunk.training
     four_d = [p for p in trunk.parameters() if p.ndim == 4]

@@ -56,6 +56,19 @@ def test_full_fine_tuning_on_cuda_moves_the_weights_and_exports_for_the_cpu(imag
     torch.testing.assert_close(got, probs, atol=1e-4, rtol=1e-4)
 
 
+def test_a_hybrid_trunk_trains_on_cuda_with_its_layout_timed_there(image_folder):
+    # a ViT's conv stem makes it hybrid: its layout is timed before the run moves the trunk to
+    # the device (timing it in place once fed CUDA inputs to CPU weights)
+    from tests.test_policies_models import tv_backbone
+
+    bb = tv_backbone("vit")
+    r = tk.finetune(bb, data=image_folder, policy="full", image_size=32, epochs=1, batch_size=8, verbose=False,
+                    num_workers=0, device="cuda")
+    assert "timed on cuda" in r.decisions.speed["reasons"]["channels_last"]
+    assert next(bb.trunk.parameters()).device.type == "cpu"  # the caller's trunk is where it was
+    assert torch.isfinite(torch.tensor(r.history[-1]["train_loss"]))
+
+
 def test_nvjpeg_batches_match_the_cpu_pipeline(tmp_path):
     ok, why = gpu_jpeg_available(CUDA)
     if not ok:

@@ -10,8 +10,8 @@ timed steps. From the two:
     break-even images = (first compiled step - one eager step) / (1 / eager img/s - 1 / compiled img/s)
 
 a run that trains on more images than that (epochs x training images) is faster compiled.
-The speed-up depends on the trunk, so ``compile="auto"`` measures it in the run itself
-(`transferkit.train.compile_trial`); the numbers are recorded in ``docs/benchmarks.md``.
+`transferkit.train.engines.decide_compile` applies this rule with the numbers recorded in
+``docs/benchmarks.md``.
 
     python benchmarks/compile_training.py                              # lite0 and resnet18, fp32, 224 px, batch 32
     python benchmarks/compile_training.py --precision bf16 --only resnet18

@@ -20,7 +20,6 @@ from tests.conftest import make_image_folder
 import transferkit as tk
 from transferkit.config import FinetuneConfig
 from transferkit.decisions import differences
-from transferkit.train.compile_trial import decide_compile
 from transferkit.errors import ConfigError, OutputError
 from transferkit.train import engines as eng
 
@@ -460,10 +459,10 @@ def test_compile_pays_only_for_enough_data_and_decide_compile():
     why = eng.decide_engine("auto", device_type="cpu", available={"eager": None, "onnxruntime": None},
                             measured=measured, n_images=5000, unit="clips")[1]
     assert "eager fp32 30.0 clips/s" in why and "onnxruntime 60.0 clips/s" in why and "img/s" not in why
-    assert decide_compile(True, device_type="cpu", epochs=1) == (True, "asked")
-    assert decide_compile(False, device_type="cuda", epochs=90)[0] is False
+    assert eng.decide_compile(True, device_type="cpu", epochs=1) == (True, "asked")
+    assert eng.decide_compile(False, device_type="cuda", epochs=90)[0] is False
     with pytest.raises(ConfigError, match="compile='yes'"):
-        decide_compile("yes", device_type="cpu", epochs=1)
+        eng.decide_compile("yes", device_type="cpu", epochs=1)
 
 
 def test_onnxruntime_is_timed_only_where_its_export_can_pay(monkeypatch):
@@ -580,7 +579,7 @@ def test_compile_auto_is_decided_with_its_measured_reason(folder):
     assert "speed:    compile by trial (compile='auto': by trial" in d.summary()
     _, frozen = _decide(backbone=_backbone(), data=folder, policy="feature_extraction")
     assert frozen.speed["compile"] is False and "never trains" in frozen.speed["reasons"]["compile"]
-    assert decide_compile("auto", device_type="cuda", epochs=90, world_size=2)[0] is False
+    assert eng.decide_compile("auto", device_type="cuda", epochs=90, world_size=2)[0] is False
     _, d = _decide(backbone=_backbone(), data=folder, policy="full", compile=True)
     assert d.speed["compile"] is True and d.speed["reasons"]["compile"] == "asked"
 

@@ -35,8 +35,7 @@ from transferkit.facts import Facts, look
 from transferkit.heads import resolve_head_norm
 from transferkit.policies import Policy
 from transferkit.train.distributed import rank_seeds
-from transferkit.train.compile_trial import decide_compile
-from transferkit.train.engines import decide_engine, engine_precision
+from transferkit.train.engines import decide_compile, decide_engine, engine_precision
 from transferkit.train.features import cache_key
 from transferkit.train.optim import default_lr
 from transferkit.train.speed import decide_speed

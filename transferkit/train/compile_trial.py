@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from transferkit._text import exception_line
-from transferkit.errors import ConfigError
 from transferkit.train.engines import MIN_SPEEDUP, compile_estimate, leaf_modules
 
 TRIAL_WARMUP = 2  # steps of each variant that are not timed (first calls, allocator, compiled guards)
@@ -41,48 +40,6 @@ TRIAL_MAX_SHARE = 0.05  # the estimated compilation may cost at most this share 
 # compiling forward and backward took about twice the frozen pass's estimate (`compile_estimate`):
 # Lite0 76 s (estimate 2 x 39 s) on the 2-core CPU, ResNet-50 49 s (2 x 30 s) and Lite0 60 s on an H200
 TRAIN_COMPILE_FACTOR = 2.0
-
-# torch.compile of a trainable trunk (compile="auto"): what was measured per device type
-# (docs/benchmarks.md, "torch.compile for fine-tuning"; benchmarks/compile_training.py and
-# benchmarks/gpu_throughput.py measure it). The gain depends on the trunk, so compile="auto"
-# compiles by trial in the run (below) instead of by a rule per device type.
-COMPILE_TRAIN_MEASURED: dict[str, str] = {
-    "cpu": "on a CPU, Lite0 trained 1.27x and ResNet-18 0.95x faster compiled, after 76 s and 51 s",
-    "cuda": "on an H200 (bf16), ResNet-50 trained 1.21x, Lite0 0.98x and ResNet-18 0.87x faster compiled, after "
-            "49 s, 60 s and 20 s",
-}
-
-
-def decide_compile(requested: bool | str, *, device_type: str, epochs: int,
-                   world_size: int = 1) -> tuple[bool | str, str]:
-    """Whether a trainable trunk is compiled (``compile=True/False/"auto"``), and why (pure).
-
-    ``auto`` compiles by trial (``"trial"``, `CompileTrial`): the run
-    times its first eager steps, compiles when the estimated compilation is at most
-    ``TRIAL_MAX_SHARE`` of the time left, times the compiled steps and keeps the faster; the
-    gain depends on the trunk (``COMPILE_TRAIN_MEASURED``), so no rule per device type
-    decides it. Not on a distributed run (each process would time its own steps) and not
-    when the trunk never trains (``epochs``: the epochs the trunk trains).
-
-    Example:
-        >>> decide_compile(False, device_type="cpu", epochs=10)
-        (False, 'compile=False')
-        >>> decide_compile("auto", device_type="cpu", epochs=10)[0]
-        'trial'
-    """
-    if requested is True or requested is False:
-        return bool(requested), "asked" if requested else "compile=False"
-    if requested != "auto":
-        raise ConfigError(f"compile={requested!r}; use True, False or 'auto'.")
-    measured = COMPILE_TRAIN_MEASURED.get(device_type, f"not measured on {device_type}")
-    if epochs <= 0:
-        return False, "compile='auto': the trunk never trains (features are cached)"
-    if world_size > 1:
-        return False, (f"compile='auto': a distributed run is not compiled by trial (each process would time its "
-                       f"own steps; compile=True compiles); {measured}")
-    return "trial", (f"compile='auto': by trial in the run: compiled when the estimated compilation is at most "
-                     f"{TRIAL_MAX_SHARE:.0%} of the time left after {TRIAL_WARMUP + TRIAL_STEPS} eager steps, kept "
-                     f"when {MIN_SPEEDUP:g}x faster; the gain depends on the trunk ({measured})")
 
 
 class CompileBudget:

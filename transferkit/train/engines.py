@@ -102,6 +102,15 @@ COMPILE_SPEEDUP: dict[str, float | None] = {"cpu": 1.9, "cuda": 1.3}
 ONNX_SECONDS_BASE = {"cpu": 0.4, "cuda": 0.4}
 ONNX_SECONDS_PER_MODULE = {"cpu": 0.012, "cuda": 0.012}
 ONNX_SPEEDUP: dict[str, float | None] = {"cpu": 3.15, "cuda": None}
+# torch.compile of a trainable trunk (compile="auto"): what was measured per device type
+# (docs/benchmarks.md, "torch.compile for fine-tuning"; benchmarks/compile_training.py and
+# benchmarks/gpu_throughput.py measure it). The gain depends on the trunk, so compile="auto"
+# compiles by trial in the run (train/compile_trial.py) instead of by a rule per device type.
+COMPILE_TRAIN_MEASURED: dict[str, str] = {
+    "cpu": "on a CPU, Lite0 trained 1.27x and ResNet-18 0.95x faster compiled, after 76 s and 51 s",
+    "cuda": "on an H200 (bf16), ResNet-50 trained 1.21x, Lite0 0.98x and ResNet-18 0.87x faster compiled, after "
+            "49 s, 60 s and 20 s",
+}
 PREPARED = ("onnxruntime", "compile")  # engines with a preparation cost weighed before they are timed
 STORE_FORMAT = 1
 _RUNTIMES: dict[tuple, Callable] = {}  # prepared engines of this process, reused by the feature pass
@@ -510,6 +519,40 @@ def decide_engine(requested: str, *, device_type: str, available: dict[str, str 
         else "timed on the run's input"
     timed = f"{source}: eager {precision} {base:.1f} {rate}{first}" + "".join(f"; {n}" for n in notes)
     return best, ("fastest, " if best != "eager" else f"none beats eager by {MIN_SPEEDUP:g}x; ") + timed
+
+
+def decide_compile(requested: bool | str, *, device_type: str, epochs: int,
+                   world_size: int = 1) -> tuple[bool | str, str]:
+    """Whether a trainable trunk is compiled (``compile=True/False/"auto"``), and why (pure).
+
+    ``auto`` compiles by trial (``"trial"``, `transferkit.train.compile_trial`): the run
+    times its first eager steps, compiles when the estimated compilation is at most
+    ``TRIAL_MAX_SHARE`` of the time left, times the compiled steps and keeps the faster; the
+    gain depends on the trunk (``COMPILE_TRAIN_MEASURED``), so no rule per device type
+    decides it. Not on a distributed run (each process would time its own steps) and not
+    when the trunk never trains (``epochs``: the epochs the trunk trains).
+
+    Example:
+        >>> decide_compile(False, device_type="cpu", epochs=10)
+        (False, 'compile=False')
+        >>> decide_compile("auto", device_type="cpu", epochs=10)[0]
+        'trial'
+    """
+    from transferkit.train.compile_trial import TRIAL_MAX_SHARE, TRIAL_STEPS, TRIAL_WARMUP
+
+    if requested is True or requested is False:
+        return bool(requested), "asked" if requested else "compile=False"
+    if requested != "auto":
+        raise ConfigError(f"compile={requested!r}; use True, False or 'auto'.")
+    measured = COMPILE_TRAIN_MEASURED.get(device_type, f"not measured on {device_type}")
+    if epochs <= 0:
+        return False, "compile='auto': the trunk never trains (features are cached)"
+    if world_size > 1:
+        return False, (f"compile='auto': a distributed run is not compiled by trial (each process would time its "
+                       f"own steps; compile=True compiles); {measured}")
+    return "trial", (f"compile='auto': by trial in the run: compiled when the estimated compilation is at most "
+                     f"{TRIAL_MAX_SHARE:.0%} of the time left after {TRIAL_WARMUP + TRIAL_STEPS} eager steps, kept "
+                     f"when {MIN_SPEEDUP:g}x faster; the gain depends on the trunk ({measured})")
 
 
 # --------------------------------------------------------------------------- runtime

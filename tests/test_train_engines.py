@@ -459,10 +459,10 @@ def test_compile_pays_only_for_enough_data_and_decide_compile():
     why = eng.decide_engine("auto", device_type="cpu", available={"eager": None, "onnxruntime": None},
                             measured=measured, n_images=5000, unit="clips")[1]
     assert "eager fp32 30.0 clips/s" in why and "onnxruntime 60.0 clips/s" in why and "img/s" not in why
-    assert eng.decide_compile(True, device_type="cpu", epochs=1) == (True, "asked")
-    assert eng.decide_compile(False, device_type="cuda", epochs=90)[0] is False
+    assert eng.decide_compile(True, device_type="cpu", train_images=10, epochs=1) == (True, "asked")
+    assert eng.decide_compile(False, device_type="cuda", train_images=10**6, epochs=90)[0] is False
     with pytest.raises(ConfigError, match="compile='yes'"):
-        eng.decide_compile("yes", device_type="cpu", epochs=1)
+        eng.decide_compile("yes", device_type="cpu", train_images=10, epochs=1)
 
 
 def test_onnxruntime_is_timed_only_where_its_export_can_pay(monkeypatch):
@@ -572,14 +572,8 @@ def test_forced_compile_gives_the_eager_fp32_features():
 
 def test_compile_auto_is_decided_with_its_measured_reason(folder):
     _, d = _decide(backbone=_backbone(), data=folder, policy="full")
-    assert d.config.compile == "auto" and d.speed["compile"] == "trial"
-    assert d.speed["reasons"]["compile"].startswith("compile='auto': by trial in the run: compiled when the "
-                                                    "estimated compilation is at most 5% of the time left")
-    assert "on a CPU, Lite0 trained 1.27x and ResNet-18 0.95x faster compiled" in d.speed["reasons"]["compile"]
-    assert "speed:    compile by trial (compile='auto': by trial" in d.summary()
-    _, frozen = _decide(backbone=_backbone(), data=folder, policy="feature_extraction")
-    assert frozen.speed["compile"] is False and "never trains" in frozen.speed["reasons"]["compile"]
-    assert eng.decide_compile("auto", device_type="cuda", epochs=90, world_size=2)[0] is False
+    assert d.config.compile == "auto" and d.speed["compile"] is False
+    assert d.speed["reasons"]["compile"].startswith("compile='auto': not compiled, measured on a CPU")
     _, d = _decide(backbone=_backbone(), data=folder, policy="full", compile=True)
     assert d.speed["compile"] is True and d.speed["reasons"]["compile"] == "asked"
 

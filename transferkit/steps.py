@@ -40,7 +40,6 @@ from transferkit.export.torchscript import export_torchscript
 from transferkit.run import Run
 from transferkit.policies import apply_policy, merge_lora, policy_penalty, set_train_mode
 from transferkit.checkpoints import save_checkpoint, save_interrupted_weights, save_with_fallback
-from transferkit.train.compile_trial import CompileBudget, CompileTrial
 from transferkit.train.distributed import wrap_ddp
 from transferkit.train.engines import engine_precision, lazy_engine_forward
 from transferkit.train.faults import training_faults
@@ -335,7 +334,6 @@ class TrainOutcome:
     optimizer: Any = None
     seconds: dict[str, float] = field(default_factory=dict)  # features, decoding, train
     feature_report: dict[str, Any] | None = None  # the cached features' report (see feature_report)
-    compile_trial: list[dict[str, Any]] = field(default_factory=list)  # compile="auto": what each trial measured
 
 
 def metadata(d: Decisions, *, portable: bool = False) -> dict[str, Any]:
@@ -386,10 +384,8 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                             optimizer=opt, scheduler=sched, scaler=scaler)
     info = run.dist
     tb = TensorBoardLogger(cfg.log_dir) if cfg.log_dir is not None and info.is_main else None
-    budget = CompileBudget(sum(steps[state.epoch:]), device_type=run.speed.device.type,
-                           log=print if cfg.verbose and info.is_main else None) if run.speed.compile == "trial" else None
     loop = Loop(optimizer=opt, scheduler=sched, loss_fn=run.loss_fn, set_mode=lambda e: start_epoch(d, run, e),
-                speed=run.speed, task=cfg.task, scaler=scaler, dist=info, wrap=_wrapper(run, budget),
+                speed=run.speed, task=cfg.task, scaler=scaler, dist=info, wrap=_wrapper(run),
                 penalty=policy_penalty(run.model, run.backbone, d.policy, epochs=total), monitor=cfg.monitor,
                 restore_best=cfg.restore_best, early_stopping=cfg.early_stopping, verbose=cfg.verbose)
     loop.on_epoch_end = epoch_end_callback(loop, path=cfg.checkpoint, model=run.model, meta=meta, base_lr=d.lr,
@@ -421,7 +417,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
             tb.close()
     seconds["train_s"] = time.perf_counter() - t1
     return TrainOutcome(history=history, best=best, state=state, data=td, optimizer=opt, seconds=seconds,
-                        feature_report=report, compile_trial=budget.reports if budget is not None else [])
+                        feature_report=report)
 
 
 def _resume_problems(saved: dict[str, Any], meta: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -429,13 +425,10 @@ def _resume_problems(saved: dict[str, Any], meta: dict[str, Any]) -> dict[str, t
     return differences(saved["decisions"], meta["decisions"])
 
 
-def _wrapper(run: Run, budget: CompileBudget | None = None) -> Any:
-    """DDP (and torch.compile) around the trained module, or None; with ``compile="trial"``
-    (never distributed), the module compiled by trial against ``budget``."""
+def _wrapper(run: Run) -> Any:
+    """DDP (and torch.compile) around the trained module, or None."""
     speed, info = run.speed, run.dist
-    if speed.compile == "trial" and budget is not None:
-        return lambda m: CompileTrial(m, budget)
-    if not (info.enabled or speed.compile is True):
+    if not (info.enabled or speed.compile):
         return None
     return lambda m: speed.maybe_compile(wrap_ddp(m, info, speed.device))
 

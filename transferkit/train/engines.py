@@ -102,14 +102,17 @@ COMPILE_SPEEDUP: dict[str, float | None] = {"cpu": 1.9, "cuda": 1.3}
 ONNX_SECONDS_BASE = {"cpu": 0.4, "cuda": 0.4}
 ONNX_SECONDS_PER_MODULE = {"cpu": 0.012, "cuda": 0.012}
 ONNX_SPEEDUP: dict[str, float | None] = {"cpu": 3.15, "cuda": None}
-# torch.compile of a trainable trunk (compile="auto"): what was measured per device type
+# torch.compile of a trainable trunk (compile="auto"): per device type, the number of training
+# images (epochs x images) from which the compilation pays, or None with what was measured
 # (docs/benchmarks.md, "torch.compile for fine-tuning"; benchmarks/compile_training.py and
-# benchmarks/gpu_throughput.py measure it). The gain depends on the trunk, so compile="auto"
-# compiles by trial in the run (train/compile_trial.py) instead of by a rule per device type.
-COMPILE_TRAIN_MEASURED: dict[str, str] = {
-    "cpu": "on a CPU, Lite0 trained 1.27x and ResNet-18 0.95x faster compiled, after 76 s and 51 s",
-    "cuda": "on an H200 (bf16), ResNet-50 trained 1.21x, Lite0 0.98x and ResNet-18 0.87x faster compiled, after "
-            "49 s, 60 s and 20 s",
+# benchmarks/gpu_throughput.py measure it).
+COMPILE_TRAIN_BREAK_EVEN: dict[str, tuple[int | None, str]] = {
+    "cpu": (None, "measured on a CPU (Lite0 and ResNet-18, 224 px, batch 32): 1.27x and 0.95x the eager step "
+                  "after 76 s and 51 s of compilation, so no run length pays for every trunk "
+                  "(compile=True compiles)"),
+    "cuda": (None, "measured on an H200 (bf16, channels_last): ResNet-50 (batch 128) 1.21x the eager step after "
+                   "49 s of compilation, paying from about 1.1 million training images; Lite0 and ResNet-18 (batch "
+                   "32) 0.98x and 0.87x, so no run length pays for every trunk (compile=True compiles)"),
 }
 PREPARED = ("onnxruntime", "compile")  # engines with a preparation cost weighed before they are timed
 STORE_FORMAT = 1
@@ -521,38 +524,31 @@ def decide_engine(requested: str, *, device_type: str, available: dict[str, str 
     return best, ("fastest, " if best != "eager" else f"none beats eager by {MIN_SPEEDUP:g}x; ") + timed
 
 
-def decide_compile(requested: bool | str, *, device_type: str, epochs: int,
-                   world_size: int = 1) -> tuple[bool | str, str]:
+def decide_compile(requested: bool | str, *, device_type: str, train_images: int, epochs: int) -> tuple[bool, str]:
     """Whether a trainable trunk is compiled (``compile=True/False/"auto"``), and why (pure).
 
-    ``auto`` compiles by trial (``"trial"``, `transferkit.train.compile_trial`): the run
-    times its first eager steps, compiles when the estimated compilation is at most
-    ``TRIAL_MAX_SHARE`` of the time left, times the compiled steps and keeps the faster; the
-    gain depends on the trunk (``COMPILE_TRAIN_MEASURED``), so no rule per device type
-    decides it. Not on a distributed run (each process would time its own steps) and not
-    when the trunk never trains (``epochs``: the epochs the trunk trains).
+    ``auto`` compiles when the run trains on at least the ``COMPILE_TRAIN_BREAK_EVEN`` images
+    of the device type (epochs x training images), the run length where the compile time was
+    measured to pay (docs/benchmarks.md); where it was measured not to pay, or not measured,
+    it does not compile and says why.
 
     Example:
-        >>> decide_compile(False, device_type="cpu", epochs=10)
+        >>> decide_compile(False, device_type="cpu", train_images=245, epochs=10)
         (False, 'compile=False')
-        >>> decide_compile("auto", device_type="cpu", epochs=10)[0]
-        'trial'
     """
-    from transferkit.train.compile_trial import TRIAL_MAX_SHARE, TRIAL_STEPS, TRIAL_WARMUP
-
     if requested is True or requested is False:
         return bool(requested), "asked" if requested else "compile=False"
     if requested != "auto":
         raise ConfigError(f"compile={requested!r}; use True, False or 'auto'.")
-    measured = COMPILE_TRAIN_MEASURED.get(device_type, f"not measured on {device_type}")
+    images = train_images * epochs
+    even, measured = COMPILE_TRAIN_BREAK_EVEN.get(device_type, (None, f"not measured on {device_type}"))
     if epochs <= 0:
         return False, "compile='auto': the trunk never trains (features are cached)"
-    if world_size > 1:
-        return False, (f"compile='auto': a distributed run is not compiled by trial (each process would time its "
-                       f"own steps; compile=True compiles); {measured}")
-    return "trial", (f"compile='auto': by trial in the run: compiled when the estimated compilation is at most "
-                     f"{TRIAL_MAX_SHARE:.0%} of the time left after {TRIAL_WARMUP + TRIAL_STEPS} eager steps, kept "
-                     f"when {MIN_SPEEDUP:g}x faster; the gain depends on the trunk ({measured})")
+    if even is None:
+        return False, f"compile='auto': not compiled, {measured}"
+    pays = images >= even
+    return pays, (f"compile='auto': {images} training images ({epochs} epochs) {'>=' if pays else '<'} the "
+                  f"{even} where compiling pays on {device_type} (measured)")
 
 
 # --------------------------------------------------------------------------- runtime

@@ -598,6 +598,10 @@ def test_a_trunk_known_not_to_convert_is_not_offered_to_onnxruntime_and_a_dry_ru
     assert eng.onnx_blocker(_backbone("tk:cifar_resnet20").trunk) is None
     why = eng.onnx_blocker(_backbone("spec:tk:cifar_resnet20").trunk)
     assert why.startswith("the trunk computes an STFT (melspec.spectrogram: torchaudio Spectrogram)")
+    import torchaudio
+
+    assert eng.onnx_blocker(torchaudio.transforms.Spectrogram()).startswith(
+        "the trunk computes an STFT (the trunk itself: torchaudio Spectrogram)")
     rng = np.random.default_rng(0)
     for label in ("a", "b"):
         (tmp_path / "clips" / label).mkdir(parents=True)

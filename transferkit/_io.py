@@ -98,15 +98,13 @@ def owner_tag() -> str:
     return f"tk-{_host_tag()}-{pid}-{start}"
 
 
-def _writer_alive(host: str, pid: int, start: str, path: Path | None = None) -> bool:
+def _writer_alive(host: str, pid: int, start: str, path: Path) -> bool:
     """False only when the writer is surely dead: same host and PID namespace, and no
     process with that id (or a zombie, or a different process that reused the id). A writer
     that cannot be checked from here (another host, another PID namespace: a container
     beside this one, or this container before a restart) is taken as alive until its
     temporary ``path`` has not changed for ``FOREIGN_TEMP_AGE_S``."""
     if host not in (_host_tag(), _plain_host_tag()):
-        if path is None:
-            return True
         try:
             return time.time() - _last_change(path) <= FOREIGN_TEMP_AGE_S
         except FileNotFoundError:  # removed by its writer or another cleaner meanwhile
@@ -327,14 +325,19 @@ def check_writable(path: str | Path, *, what: str, flag: str | None = None, kind
         raise OutputError(f"{_named(what, p, flag)} cannot be created: {str(existing)!r} is a file, not a folder. "
                           "Choose another path.")
     try:
-        probe = create_temp(existing / ".tk-write-check", prefix=".tk-write-check.")
-        probe.unlink()
+        probe_writable(existing)
     except OSError as exc:
         where = "its folder" if existing == folder else f"its nearest existing folder {str(existing)!r}"
         raise OutputError(f"{_named(what, p, flag)} cannot be written: {where} is not writable "
                           f"({_reason(exc)}). Choose a path in a writable folder, or make the folder writable "
                           "(chmod u+w, or a file system mounted read-write).") from exc
     return p
+
+
+def probe_writable(folder: str | Path) -> None:
+    """Create and remove a temporary file in ``folder``: the OSError of a folder this process
+    cannot write into (read-only, not a folder, full), before any work is spent on a write."""
+    create_temp(Path(folder) / ".tk-write-check", prefix=".tk-write-check.").unlink()
 
 
 def free_bytes(path: str | Path) -> int:

@@ -56,6 +56,7 @@ from transferkit._io import (
     atomic_write,
     create_temp,
     file_digest,
+    probe_writable,
     read_json_object,
     remove_stale_temps,
     update_json_object,
@@ -420,7 +421,7 @@ def _export_unwritable(model: nn.Module, example: torch.Tensor, cache_dir: str |
         return None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        create_temp(path.parent / ".tk-write-check", prefix=".tk-write-check.").unlink()
+        probe_writable(path.parent)
     except OSError as exc:
         return (f"its stored timing names an export that is gone, and {str(path.parent)!r} cannot be written "
                 f"({exception_line(exc)}): make that folder writable, or remove what is in its way")
@@ -896,13 +897,12 @@ def engine_facts(requested: str, *, trunk: nn.Module | None, spec: Any, dataset:
                  cache_dir: str | Path | None, structure: nn.Module | None = None) -> dict[str, Any]:
     """What the engine decision reads, gathered before deciding: the engines available here
     (ONNX Runtime not for a trunk it cannot convert: `onnx_blocker` on ``structure``, the
-    trunk with or without its weights), the number of images the pass will see, and
+    trunk's modules, its weights loaded or not), the number of images the pass will see, and
     (``requested="auto"`` on one process with enough data, ``trunk`` loaded) the timing of
     the candidates on the first batches of ``dataset`` (`measure_engines`, stored under
     ``cache_dir``)."""
     available = engine_availability(device.type)
-    shape = structure if structure is not None else trunk
-    blocked = onnx_blocker(shape) if shape is not None else None
+    blocked = onnx_blocker(structure) if structure is not None else None
     if blocked is not None and available.get("onnxruntime") is None:
         available["onnxruntime"] = blocked
     if requested == "auto" and spec.kind == "audio" and not getattr(spec, "clip_seconds", None) \

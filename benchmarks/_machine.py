@@ -10,6 +10,12 @@ import subprocess
 import sys
 
 
+# Environment variables that cap the instruction sets torch uses (oneDNN, ATen's vector
+# kernels and inductor's generated code, MKL): set to AVX2 they make an AVX-512 CPU run
+# torch's AVX2 code paths, the closest a CPU with AVX-512 gets to one without it.
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def machine_line(threads: int | None = None) -> str:
     import torch
 
@@ -27,9 +33,11 @@ def machine_line(threads: int | None = None) -> str:
     shown = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     native, why = cpu_bf16_native()
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    caps = [f"{k}={os.environ[k]}" for k in ISA_CAPS if os.environ.get(k)]
+    capped = f"; instruction sets capped: {' '.join(caps)} (ONNX Runtime is not capped)" if caps else ""
     return (f"{model} ({platform.machine()}, {os.cpu_count()} CPUs, capability "
             f"{torch.backends.cpu.get_cpu_capability()}, flags {' '.join(shown) or 'none of avx2/avx512/amx'}, "
-            f"native bf16: {'yes' if native else 'no'}, {why}){gpu}; "
+            f"native bf16: {'yes' if native else 'no'}, {why}){gpu}{capped}; "
             f"torch {torch.__version__}; {threads or torch.get_num_threads()} torch threads; "
             f"load average {os.getloadavg()[0]:.1f}")
 

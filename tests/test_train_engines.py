@@ -273,6 +273,41 @@ def test_the_feature_pass_takes_the_timed_batches_features_from_the_timing(monke
     assert calls == [8, 8, 8, 4]
 
 
+def test_a_run_prepares_its_timed_engine_once_when_the_policy_freezes_batchnorm(folder, monkeypatch):
+    """The engines are timed on the trunk as loaded; the pass runs on the run's trunk, whose
+    BatchNorm layers the policy has frozen since (another class, the same eval-mode pass). The
+    pass uses the export, session and comparison of the timing and takes the timed batches'
+    features from it: one export in the whole run, and the features of an eager pass."""
+    monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)
+    monkeypatch.setattr(eng, "engine_availability", lambda device_type: {
+        "eager": None, "onnxruntime": None, "compile": "not timed in this test (compiling takes minutes)"})
+    monkeypatch.setattr(eng, "compile_pays", lambda *a, **k: (True, "timed in this test"))
+    real_fastest = eng._fastest
+
+    def onnx_fastest(runners, *a, **k):  # the timing runs; its verdict is ONNX Runtime's, whatever the clock said
+        return {n: 1e9 if n == "onnxruntime" else 1.0 for n in real_fastest(runners, *a, **k)}
+    monkeypatch.setattr(eng, "_fastest", onnx_fastest)
+    exports, real_export = [], eng.export_feature_pass
+    monkeypatch.setattr(eng, "export_feature_pass", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+    checks, real_check = [], eng.check_against_eager
+    monkeypatch.setattr(eng, "check_against_eager", lambda *a, **k: checks.append(1) or real_check(*a, **k))
+    passed, real_lazy = [], eng.lazy_engine_forward
+
+    def recorded(*a, **k):  # the run's pass: its inputs and features
+        fwd = real_lazy(*a, **k)
+        return lambda x: passed.append((x, fwd(x))) or passed[-1][1]
+    monkeypatch.setattr(eng, "lazy_engine_forward", recorded)
+    r = tk.finetune(**{**KW, "backbone": "tk:cifar_resnet20", "data": folder, "policy": "feature_extraction",
+                       "epochs": 1, "batch_size": 2})
+    assert r.decisions.engine == "onnxruntime" and "FrozenBatchNorm2d" in repr(r.model.trunk)
+    assert exports == [1] and checks == []  # the timing's export and comparison serve the pass
+    assert sum(len(x) for x, _ in passed) == 12  # every image of the folder went through the pass
+    with torch.no_grad():
+        for x, got in passed:
+            ref = r.model.eval().features(x)
+            assert (got - ref).abs().max() <= eng.TOLERANCE["fp32"] * ref.abs().max()
+
+
 def test_auto_keeps_the_fastest_agreeing_engine_and_says_why():
     ok = {"precision": "fp32", "rel_diff": 1e-6}
     measured = {"eager": {**ok, "images_per_s": 30.0, "rel_diff": 0.0}, "onnxruntime": {**ok, "images_per_s": 80.0},

@@ -33,7 +33,7 @@ from transferkit.data.audio import prepare_audio_data
 from transferkit.data.decoded import decode_census
 from transferkit.data.gpu_jpeg import input_decode_facts
 from transferkit.data.sampling import seed_everything
-from transferkit.data.fingerprint import data_fingerprint, module_fingerprint, quick_fingerprint
+from transferkit.data.fingerprint import data_fingerprint, quick_fingerprint
 from transferkit.errors import ConfigError
 from transferkit.hardware import conv_share, cpu_capability, device_bf16
 from transferkit.heads import build_head, resolve_head
@@ -41,6 +41,7 @@ from transferkit.lora import add_lora
 from transferkit.model import TransferModel
 from transferkit.policies import Policy, param_groups
 from transferkit.policies.freeze import has_batchnorm
+from transferkit.policies.frozen_bn import eval_fingerprint
 from transferkit.train.device import resolve_device
 from transferkit.train.distributed import DistInfo, broadcast_object, init_distributed
 from transferkit.train.engines import engine_facts
@@ -272,7 +273,7 @@ def _backbone_facts(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, dev: tor
         digest = f"{Path(weights).name}@blake2b:{file_digest(weights)}"
     fingerprint = None
     if loaded:
-        fingerprint = _spec_digest(spec) + "/" + module_fingerprint(bb.trunk)
+        fingerprint = _spec_digest(spec) + "/" + eval_fingerprint(bb.trunk)  # frozen statistics or not: one pass
     return BackboneFacts(name=bb.name, weights=weights, weights_loaded=loaded, blocks=tuple(bb.block_names),
                          has_batchnorm=has_batchnorm(bb), conv_share=share, n_conv=n_conv,
                          num_features=bb.num_features, input_spec=spec, layout_timed=timed, fingerprint=fingerprint,

@@ -125,7 +125,7 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
 
     Example:
         >>> bundle = prepare_data("hymenoptera")  # doctest: +SKIP
-        >>> bundle.classes
+        >>> bundle.classes  # doctest: +SKIP
         ['ants', 'bees']
     """
     report = DataReport()

@@ -154,7 +154,7 @@ class ImageFolderDataset(FileDataset):
 
     Example:
         >>> ds = ImageFolderDataset("hymenoptera/train")  # doctest: +SKIP
-        >>> ds.classes
+        >>> ds.classes  # doctest: +SKIP
         ['ants', 'bees']
     """
 

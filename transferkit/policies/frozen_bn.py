@@ -32,6 +32,8 @@ import sys
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from transferkit.data.fingerprint import module_fingerprint
+
 
 class FrozenStatistics:
     """Mixin placed before a BatchNorm class: the layer stays in eval mode (normalises with its
@@ -96,3 +98,27 @@ def thaw_batchnorm(module: nn.Module) -> bool:
         return False
     module.__class__ = next(c for c in type(module).__mro__[1:] if not issubclass(c, FrozenStatistics))
     return True
+
+
+def eval_fingerprint(module: nn.Module) -> str:
+    """`module_fingerprint` of ``module`` as it computes in eval mode, where a layer with frozen
+    statistics computes what the BatchNorm layer it was computes (the same forward and state;
+    it only ignores ``train()``): such layers count as their original class. A trunk keeps its
+    fingerprint when a policy freezes its statistics, so what was prepared for its feature
+    pass before the policy applied (an ONNX export, a timing) serves the pass after.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+        >>> before = eval_fingerprint(m)
+        >>> freeze_batchnorm(m[1]), eval_fingerprint(m) == before, type(m[1]).__name__
+        (True, True, 'FrozenBatchNorm2d')
+    """
+    frozen = [(m, type(m)) for m in module.modules() if is_frozen_batchnorm(m)]
+    try:
+        for m, _ in frozen:
+            thaw_batchnorm(m)
+        return module_fingerprint(module)
+    finally:
+        for m, cls in frozen:
+            m.__class__ = cls

@@ -74,7 +74,7 @@ class Policy:
         >>> str(Policy(every=2, layer_decay=0.7))
         'gradual:every=2,layer_decay=0.7'
         >>> Policy.parse("fine_tune")
-        Policy(unfreeze='all', discriminative=0.01, frozen_epochs=1)
+        Policy(unfreeze='all', discriminative=0.01, frozen_epochs=1, head_passes=0)
     """
 
     unfreeze: str | int | tuple[str, ...] = "none"

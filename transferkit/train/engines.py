@@ -66,6 +66,7 @@ from transferkit.data.fingerprint import module_fingerprint
 from transferkit.errors import ConfigError, EngineError
 from transferkit.export.onnx import convert_to_onnx
 from transferkit.model import AudioPreprocess, ImagePreprocess, TransferModel
+from transferkit.policies.frozen_bn import eval_fingerprint
 from transferkit.train.loaders import make_loader
 
 ENGINES = ("auto", "eager", "onnxruntime", "compile")
@@ -360,7 +361,7 @@ def engines_store_key(model: nn.Module, shape: Sequence[int], dtype: torch.dtype
                       precision: str, channels_last: bool) -> str:
     """What a stored timing verdict depends on: the trunk, the input, the machine and the versions."""
     where = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else torch.cuda.get_device_name(device)
-    return "|".join([type(model.trunk).__name__, module_fingerprint(model.preprocess) + module_fingerprint(model.trunk),
+    return "|".join([type(model.trunk).__name__, _pass_fingerprint(model),
                      _shape_key(shape, bucket=True), str(dtype), device.type,
                      where, f"{torch.get_num_threads()} threads", precision, f"cl={channels_last}", _versions()])
 
@@ -644,9 +645,16 @@ def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, devi
 
 def _runtime_key(engine: str, model: nn.Module, example: torch.Tensor, *, device: torch.device, precision: str,
                  channels_last: bool, cache_dir: str | Path | None) -> tuple:
-    return (engine, module_fingerprint(model.preprocess) + module_fingerprint(model.trunk),
+    return (engine, _pass_fingerprint(model),
             tuple(example.shape[1:]), example.dtype, str(device), precision, channels_last,
             str(cache_dir) if cache_dir is not None else None)
+
+
+def _pass_fingerprint(model: nn.Module) -> str:
+    """What identifies ``model``'s feature pass: its preprocessing and trunk as they compute in
+    eval mode (`eval_fingerprint`: the trunk timed before the policy froze its BatchNorm
+    statistics and the run's frozen trunk are one pass, with one export and one timing)."""
+    return module_fingerprint(model.preprocess) + eval_fingerprint(model.trunk)
 
 
 def _digest(x: torch.Tensor) -> str:
@@ -714,7 +722,7 @@ def onnx_path(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, cache_
     axis is dynamic) and dtype, and the torch and onnxruntime versions), else a folder of
     this process."""
     ident = "|".join([type(model.trunk).__module__, type(model.trunk).__qualname__,
-                      module_fingerprint(model.preprocess), module_fingerprint(model.trunk),
+                      module_fingerprint(model.preprocess), eval_fingerprint(model.trunk),
                       _shape_key(shape, bucket=False),
                       str(dtype), _versions()])
     name = hashlib.blake2b(ident.encode(), digest_size=16).hexdigest() + ".onnx"

@@ -18,6 +18,7 @@ import torch
 from tests.conftest import make_image_folder
 
 import transferkit as tk
+from transferkit import steps
 from transferkit.config import FinetuneConfig
 from transferkit.decisions import differences
 from transferkit.errors import ConfigError, OutputError
@@ -296,7 +297,7 @@ def test_a_run_prepares_its_timed_engine_once_when_the_policy_freezes_batchnorm(
     def recorded(*a, **k):  # the run's pass: its inputs and features
         fwd = real_lazy(*a, **k)
         return lambda x: passed.append((x, fwd(x))) or passed[-1][1]
-    monkeypatch.setattr(eng, "lazy_engine_forward", recorded)
+    monkeypatch.setattr(steps, "lazy_engine_forward", recorded)
     r = tk.finetune(**{**KW, "backbone": "tk:cifar_resnet20", "data": folder, "policy": "feature_extraction",
                        "epochs": 1, "batch_size": 2})
     assert r.decisions.engine == "onnxruntime" and "FrozenBatchNorm2d" in repr(r.model.trunk)
@@ -446,7 +447,8 @@ def test_a_stored_onnx_verdict_whose_export_cannot_be_written_again_falls_back_b
     with pytest.warns(UserWarning, match="not on onnxruntime as the stored timing says"):
         r = tk.finetune(**{**KW, **kw})  # the run goes on, on eager, where it used to stop when the pass started
     assert r.decisions.engine == "eager" and r.feature_report["computed"] >= 1
-    # forced, the engine is not replaced: the run says why it cannot prepare it
+    # forced, the engine is not replaced: a run without its session (a new process) says why it cannot prepare it
+    eng.release_engines()
     with pytest.raises(OutputError, match="ONNX feature pass .* cannot be created"):
         tk.finetune(**{**KW, **kw, "feature_engine": "onnxruntime"})
 

@@ -237,6 +237,25 @@ def test_an_engine_compared_while_timed_is_not_compared_again_on_that_batch(monk
     assert compared == [1]  # another batch is compared
 
 
+def test_a_compiled_pass_whose_module_trained_since_is_not_reused_for_its_former_weights(monkeypatch):
+    """A compiled pass runs the live module it was compiled on. When that module has trained
+    since (a policy that unfreezes after the cached phase), a later pass on a module with its
+    former weights gets a pass of its own, checked against eager again, not the trained one."""
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)  # the module itself: no compile time
+    where = dict(device=CPU, precision="fp32", channels_last=False)
+    x = _batch()
+    first = _model()
+    eng.engine_forward("compile", first, x, **where)
+    with torch.no_grad():
+        for p in first.trunk.parameters():
+            p.add_(0.5)  # trained in place since
+    again = _model()  # the weights `first` had when its pass was compiled
+    got = eng.engine_forward("compile", again, x, **where)(x)
+    with torch.no_grad():
+        ref = again.features(x)
+    assert (got - ref).abs().max() <= eng.TOLERANCE["fp32"] * ref.abs().max()
+
+
 def test_the_feature_pass_takes_the_timed_batches_features_from_the_timing(monkeypatch):
     """The pass starts on the batches its engine was timed on: their features come from the
     timing (the same engine on the same input), the rest are computed, and the features are

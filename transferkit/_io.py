@@ -139,8 +139,8 @@ def create_temp(target: str | Path, *, directory: bool = False, prefix: str | No
     renaming it. Used for feature-cache entries too (``directory=True``).
 
     Example:
-        >>> tmp = create_temp("/tmp/tk-doctest-entry", directory=True)
-        >>> tmp.is_dir(), tmp.name.startswith(".tk-doctest-entry.tk-")
+        >>> tmp = create_temp("entry", directory=True)
+        >>> tmp.is_dir(), tmp.name.startswith(".entry.tk-")
         (True, True)
         >>> tmp.rmdir()
     """
@@ -190,7 +190,7 @@ def remove_stale_temps(target: str | Path, *, prefix: str | None = None) -> list
     writing process is dead. Returns what was removed.
 
     Example:
-        >>> remove_stale_temps("/tmp/run.ckpt")
+        >>> remove_stale_temps("run.ckpt")
         []
     """
     target = Path(target)
@@ -290,8 +290,8 @@ def check_writable(path: str | Path, *, what: str, flag: str | None = None, kind
     folder's writability is probed with a temporary file that is removed at once.
 
     Example:
-        >>> check_writable("/tmp/tk-doctest/model.pt", what="export")
-        PosixPath('/tmp/tk-doctest/model.pt')
+        >>> check_writable("exports/model.pt", what="export")
+        PosixPath('exports/model.pt')
         >>> check_writable("/tmp", what="export")
         Traceback (most recent call last):
         ...
@@ -385,8 +385,8 @@ def reserve_blocks(path: str | Path) -> None:
     is left as it is.
 
     Example:
-        >>> _ = open("/tmp/tk-doctest-sparse", "wb").truncate(4096)
-        >>> reserve_blocks("/tmp/tk-doctest-sparse")
+        >>> _ = open("sparse.bin", "wb").truncate(4096)
+        >>> reserve_blocks("sparse.bin")
     """
     if not hasattr(os, "posix_fallocate"):
         return
@@ -447,7 +447,7 @@ def python_writer(path: str | Path) -> Iterator[Any]:
     inside (torch wraps the error in a ``RuntimeError``), the ``OSError`` is raised instead.
 
     Example:
-        >>> with python_writer("/tmp/tk-doctest-w.bin") as f:
+        >>> with python_writer("out.bin") as f:
         ...     _ = f.write(b"abc")
     """
     with open(path, "wb", buffering=0) as raw:
@@ -488,8 +488,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, what: str = 
     the temporary) before ``write`` runs.
 
     Example:
-        >>> atomic_write("/tmp/tk-doctest/hello.txt", lambda tmp: Path(tmp).write_text("hi"))
-        PosixPath('/tmp/tk-doctest/hello.txt')
+        >>> atomic_write("notes/hello.txt", lambda tmp: Path(tmp).write_text("hi"))
+        PosixPath('notes/hello.txt')
     """
     path = Path(path)
     check_writable(path, what=what, flag=flag)
@@ -561,7 +561,7 @@ def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None) 
     the lock is not taken, with a warning.
 
     Example:
-        >>> with file_lock("/tmp/tk-doctest/run.ckpt", what="checkpoint"):
+        >>> with file_lock("runs/run.ckpt", what="checkpoint"):
         ...     pass
     """
     try:

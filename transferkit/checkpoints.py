@@ -115,8 +115,8 @@ def checkpoint_lock(path: str | Path, *, flag: str | None = None) -> Iterator[Pa
     process dies (a stale lock file never blocks).
 
     Example:
-        >>> with checkpoint_lock("/tmp/tk-doctest/run.ckpt"):
-        ...     pass  # train, saving /tmp/tk-doctest/run.ckpt after each epoch
+        >>> with checkpoint_lock("runs/run.ckpt"):
+        ...     pass  # train, saving runs/run.ckpt after each epoch
     """
     with file_lock(path, what="checkpoint", flag=flag) as lock:
         yield lock

@@ -144,7 +144,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
         >>> import torch, transferkit
         >>> bb = transferkit.get_backbone("tk:small_cnn", weights=None)
         >>> images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-        >>> r = export_onnx(transferkit.build_model(bb, 2), "/tmp/tk-doctest.onnx", example_inputs=images,
+        >>> r = export_onnx(transferkit.build_model(bb, 2), "model.onnx", example_inputs=images,
         ...                 metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()})
         >>> r.max_abs_diff <= r.tolerance
         True

@@ -232,7 +232,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     model's output has one value per label (`read_scripted_metadata`).
 
     Example:
-        >>> read_metadata("/tmp/tk-doctest.pt")["labels"]  # doctest: +SKIP
+        >>> read_metadata("model.pt")["labels"]  # doctest: +SKIP
         ['a', 'b']
     """
     if is_onnx_file(path):

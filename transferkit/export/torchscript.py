@@ -241,7 +241,7 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
         >>> bb = transferkit.get_backbone("tk:small_cnn", weights=None)
         >>> model = transferkit.build_model(bb, 2)
         >>> images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-        >>> report = export_torchscript(model, "/tmp/tk-doctest.pt", example_inputs=images,
+        >>> report = export_torchscript(model, "model.pt", example_inputs=images,
         ...     metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()})
         >>> report.mode, report.max_abs_diff <= report.tolerance
         ('script', True)
@@ -350,7 +350,12 @@ def read_scripted_metadata(path: str | Path) -> dict[str, Any]:
     reads ONNX exports too.
 
     Example:
-        >>> read_scripted_metadata("/tmp/tk-doctest.pt")["labels"]
+        >>> import torch, transferkit
+        >>> bb = transferkit.get_backbone("tk:small_cnn", weights=None)
+        >>> images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+        >>> _ = export_torchscript(transferkit.build_model(bb, 2), "model.pt", example_inputs=images,
+        ...                        metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()})
+        >>> read_scripted_metadata("model.pt")["labels"]
         ['a', 'b']
     """
     module, meta = load_scripted(path)
@@ -466,7 +471,12 @@ def update_metadata(path: str | Path, changes: dict[str, Any]) -> dict[str, Any]
     digests valid; the weights and code are not touched. Returns the new metadata.
 
     Example:
-        >>> update_metadata("/tmp/tk-doctest.pt", {"labels": ["ant", "bee"]})["labels"]
+        >>> import torch, transferkit
+        >>> bb = transferkit.get_backbone("tk:small_cnn", weights=None)
+        >>> images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+        >>> _ = export_torchscript(transferkit.build_model(bb, 2), "model.pt", example_inputs=images,
+        ...                        metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()})
+        >>> update_metadata("model.pt", {"labels": ["ant", "bee"]})["labels"]
         ['ant', 'bee']
     """
     check_model_file(path, source=repr(str(path)), kind="Model")

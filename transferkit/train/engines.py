@@ -118,7 +118,9 @@ COMPILE_TRAIN_BREAK_EVEN: dict[str, tuple[int | None, str]] = {
 }
 PREPARED = ("onnxruntime", "compile")  # engines with a preparation cost weighed before they are timed
 STORE_FORMAT = 1
-_RUNTIMES: dict[tuple, Callable] = {}  # prepared engines of this process, reused by the feature pass
+# prepared engines of this process, reused by the feature pass: (forward, the module it computes
+# with: a compiled pass runs the live module it was compiled on; None for an ONNX session)
+_RUNTIMES: dict[tuple, tuple[Callable, nn.Module | None]] = {}
 _VERIFIED: dict[tuple, float] = {}  # (runtime key, example digest) -> relative difference from eager fp32
 _TIMED: dict[tuple, list[tuple[str, torch.Tensor]]] = {}  # runtime key -> (input digest, features) of its timing
 _SESSION_DIR: list[str] = []  # the process's export folder when the run has no cache_dir
@@ -630,13 +632,22 @@ def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, devi
         return eager
     key = _runtime_key(engine, model, example, device=device, precision=precision, channels_last=channels_last,
                        cache_dir=cache_dir)
-    fwd = _RUNTIMES.get(key)
+    fwd, bound = _RUNTIMES.get(key, (None, None))
+    if bound is not None and bound is not model and _pass_fingerprint(bound) != key[1]:
+        # compiled on another module with these weights, which has trained since: not this pass any more
+        fwd = None
+        for k in [k for k in _VERIFIED if k[0] == key]:
+            del _VERIFIED[k]
     if fwd is None:
-        fwd = (_onnx_forward(model, example, device=device, cache_dir=cache_dir) if engine == "onnxruntime" else
-               _compiled_forward(model, example, device=device, precision=precision, channels_last=channels_last))
+        if engine == "onnxruntime":
+            fwd, bound = _onnx_forward(model, example, device=device, cache_dir=cache_dir), None
+        else:
+            fwd, bound = _compiled_forward(model, example, device=device, precision=precision,
+                                           channels_last=channels_last), model
+        _RUNTIMES.pop(key, None)
         while len(_RUNTIMES) >= 4:
             _RUNTIMES.pop(next(iter(_RUNTIMES)))
-        _RUNTIMES[key] = fwd
+        _RUNTIMES[key] = (fwd, bound)
     if verify and (key, _digest(example)) not in _VERIFIED:  # compared once per prepared engine and batch
         check_against_eager(engine, fwd, model, example, device=device, precision=engine_precision(engine, precision),
                             channels_last=channels_last)

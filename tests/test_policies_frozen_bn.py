@@ -10,6 +10,7 @@ import pickle
 import pytest
 import torch
 from torch import nn
+from timm.layers import BatchNormAct2d
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import transferkit as tk
@@ -18,7 +19,13 @@ from transferkit.export import export_torchscript, load_scripted
 from transferkit.heads import build_head
 from transferkit.model import ImagePreprocess, TransferModel
 from transferkit.policies import Policy, apply_policy, set_train_mode
-from transferkit.policies.frozen_bn import freeze_batchnorm, is_frozen_batchnorm, thaw_batchnorm
+from transferkit.policies.frozen_bn import (
+    FrozenBatchNorm2d,
+    eval_fingerprint,
+    freeze_batchnorm,
+    is_frozen_batchnorm,
+    thaw_batchnorm,
+)
 
 KW = dict(image_size=16, batch_size=8, device="cpu", precision="fp32", num_workers=0, verbose=False,
           restore_best=False)
@@ -161,3 +168,24 @@ def test_a_timm_batchnorm_with_its_activation_keeps_its_forward():
     scripted = torch.jit.script(nn.Sequential(bn))
     assert torch.equal(scripted(x), reference)
     assert thaw_batchnorm(bn) and type(bn) is layers.BatchNormAct2d
+
+
+def test_eval_fingerprint_is_the_same_pass_frozen_or_not_and_leaves_the_classes_as_they_were():
+    """Frozen statistics compute in eval mode what the layer computed before: one fingerprint.
+    A user's subclass of a frozen class with a forward of its own is another pass."""
+    def trunk():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), BatchNormAct2d(4))
+    plain, frozen = trunk(), trunk()
+    for m in frozen:
+        freeze_batchnorm(m)
+    kinds = [type(m) for m in frozen]
+    assert eval_fingerprint(frozen) == eval_fingerprint(plain)
+    assert [type(m) for m in frozen] == kinds and all(is_frozen_batchnorm(m) for m in frozen[1:])
+
+    class Doubled(FrozenBatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+    doubled = trunk()
+    doubled[1].__class__ = Doubled
+    assert eval_fingerprint(doubled) != eval_fingerprint(plain)

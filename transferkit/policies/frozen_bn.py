@@ -105,7 +105,9 @@ def eval_fingerprint(module: nn.Module) -> str:
     statistics computes what the BatchNorm layer it was computes (the same forward and state;
     it only ignores ``train()``): such layers count as their original class. A trunk keeps its
     fingerprint when a policy freezes its statistics, so what was prepared for its feature
-    pass before the policy applied (an ONNX export, a timing) serves the pass after.
+    pass before the policy applied (an ONNX export, a timing) serves the pass after. The
+    layers are swapped back for the moment of hashing, in place: no other thread may use
+    ``module`` meanwhile.
 
     Example:
         >>> import torch
@@ -114,7 +116,8 @@ def eval_fingerprint(module: nn.Module) -> str:
         >>> freeze_batchnorm(m[1]), eval_fingerprint(m) == before, type(m[1]).__name__
         (True, True, 'FrozenBatchNorm2d')
     """
-    frozen = [(m, type(m)) for m in module.modules() if is_frozen_batchnorm(m)]
+    ours = set(_FROZEN.values())  # not a subclass of them, whose own forward may compute otherwise
+    frozen = [(m, type(m)) for m in module.modules() if type(m) in ours]
     try:
         for m, _ in frozen:
             thaw_batchnorm(m)

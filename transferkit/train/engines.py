@@ -261,6 +261,7 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
     runners: dict[str, Callable] = {}
     outputs: dict[str, list[torch.Tensor]] = {}  # each prepared engine's features on the batches, in order
     first_ips, first_call = 0.0, False
+    fingerprint = None  # the pass's, hashed once for every prepared engine's keys
     for name in ["eager", *[c for c in candidates if c != "eager"]]:
         if name in PREPARED and n_images is not None:
             pays, why = compile_pays(device.type, n_images=n_images, n_modules=leaf_modules(model),
@@ -269,10 +270,13 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
             if not pays:
                 out[name] = {"skipped": why}
                 continue
+        if name in PREPARED and fingerprint is None:
+            fingerprint = _pass_fingerprint(model)
         t0 = time.perf_counter()
         try:
             fwd = engine_forward(name, model, batches[0], device=device, precision=precision,
-                                 channels_last=channels_last, cache_dir=cache_dir, verify=False)
+                                 channels_last=channels_last, cache_dir=cache_dir, verify=False,
+                                 fingerprint=fingerprint)
             with torch.no_grad():
                 got = fwd(batches[0]).float().cpu()  # the first call (compiles, warms up)
         except Exception as exc:  # an engine that fails here is reported and skipped
@@ -285,7 +289,8 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
                      "max_abs_diff": float((got - ref).abs().max()) if ref.numel() else 0.0,
                      "rel_diff": _relative(got, ref)}
         _record_verified(name, model, batches[0], out[name]["rel_diff"], out["eager"].get("rel_diff"), device=device,
-                         precision=precision, channels_last=channels_last, cache_dir=cache_dir)
+                         precision=precision, channels_last=channels_last, cache_dir=cache_dir,
+                         fingerprint=fingerprint)
         runners[name] = fwd
         if name in PREPARED:
             outputs[name] = [got]
@@ -312,7 +317,8 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
         out[name]["images_per_s"] = ips
     for name, feats in outputs.items():  # kept for the feature pass, which starts on these batches
         _keep_timed(_runtime_key(name, model, batches[0], device=device, precision=precision,
-                                 channels_last=channels_last, cache_dir=cache_dir), batches, feats)
+                                 channels_last=channels_last, cache_dir=cache_dir, fingerprint=fingerprint),
+                    batches, feats)
     return out
 
 
@@ -604,12 +610,14 @@ def _versions() -> str:
 
 
 def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, device: torch.device, precision: str,
-                   channels_last: bool, cache_dir: str | Path | None = None, verify: bool = True) -> Callable:
+                   channels_last: bool, cache_dir: str | Path | None = None, verify: bool = True,
+                   fingerprint: str | None = None) -> Callable:
     """The feature pass of ``model`` on ``engine``: ``forward(x) -> features``.
 
     ``example``: a real batch of the run's input (its shape fixes the exported or compiled
     input; ``verify``: the engine's features on it are compared with eager fp32 and an
-    engine outside `tolerance` raises EngineError). Prepared engines are kept for the
+    engine outside `tolerance` raises EngineError; ``fingerprint``: the pass's fingerprint when
+    the caller has hashed it already). Prepared engines are kept for the
     process (a compilation or an ONNX session is made once per preprocessing and trunk
     weights, input shape and precision: the engine timed before deciding is the one the
     feature pass uses).
@@ -631,7 +639,7 @@ def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, devi
                 return model.features(_to_device(x, device, channels_last))
         return eager
     key = _runtime_key(engine, model, example, device=device, precision=precision, channels_last=channels_last,
-                       cache_dir=cache_dir)
+                       cache_dir=cache_dir, fingerprint=fingerprint)
     fwd, bound = _RUNTIMES.get(key, (None, None))
     if bound is not None and bound is not model and _pass_fingerprint(bound) != key[1]:
         # compiled on another module with these weights, which has trained since: not this pass any more
@@ -655,8 +663,8 @@ def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, devi
 
 
 def _runtime_key(engine: str, model: nn.Module, example: torch.Tensor, *, device: torch.device, precision: str,
-                 channels_last: bool, cache_dir: str | Path | None) -> tuple:
-    return (engine, _pass_fingerprint(model),
+                 channels_last: bool, cache_dir: str | Path | None, fingerprint: str | None = None) -> tuple:
+    return (engine, fingerprint or _pass_fingerprint(model),
             tuple(example.shape[1:]), example.dtype, str(device), precision, channels_last,
             str(cache_dir) if cache_dir is not None else None)
 
@@ -842,8 +850,9 @@ def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_si
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not ready:
             example = example_batches(dataset, batch_size=batch_size, count=1)[0]
-            ready.append(engine_forward(engine, model, example, **kwargs))
-            timed.extend(_TIMED.pop(_runtime_key(engine, model, example, **kwargs), []))
+            fingerprint = _pass_fingerprint(model)  # hashed once for both keys
+            ready.append(engine_forward(engine, model, example, fingerprint=fingerprint, **kwargs))
+            timed.extend(_TIMED.pop(_runtime_key(engine, model, example, fingerprint=fingerprint, **kwargs), []))
         if timed:
             digest, feats = timed.pop(0)
             if digest == _digest(x):

@@ -259,7 +259,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
                          kind=data.kind, conv=(bb.conv_share, bb.n_conv), layout_timed=bb.layout_timed,
                          cached=cache, features=cached_epochs > 0)
     speed["reasons"]["compile"] = compile_why
-    engine, engine_reason = _engine_decision(cfg, facts, speed, cached_epochs)  # feature-engine hook
+    engine, engine_reason, engine_note = _engine_decision(cfg, facts, speed, cached_epochs)  # feature-engine hook
     augment = cfg.augment or ("standard" if not cache or cfg.cache_views > 1 else "none")
     if augment == "none" and cfg.cache_views > 1:
         raise ConfigError("cache_views > 1 needs random augmentation; set augment='standard' or 'flip'.")
@@ -272,10 +272,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     if cfg.feature_engine not in ("auto", "eager") and not cached_epochs:
         notes.append(f"feature_engine={cfg.feature_engine!r} is not used: this run has no cached feature pass "
                      f"({reason}); it applies to a frozen backbone whose features are cached.")
-    for name, m in ((facts.engines or {}).get("measured") or {}).items():
-        if m.get("unprepared") and cached_epochs:  # the stored verdict's engine, which this run cannot prepare
-            notes.append(f"feature_engine='auto' runs the feature pass on {engine}, not on {name} as the stored "
-                         f"timing says: {m['error']}.")
+    notes += [engine_note] if engine_note else []
     if pol.frozen_epochs and frozen:
         notes.append(f"policy {pol} keeps the backbone frozen for {_plural(pol.frozen_epochs, 'epoch')} but the "
                      f"run has {cfg.epochs}: the backbone never trains (this is feature extraction); raise epochs "
@@ -317,18 +314,32 @@ def _input_decode_decision(cfg: FinetuneConfig, facts: Facts, cached_epochs: int
             "passes": passes}
 
 
-def _engine_decision(cfg: FinetuneConfig, facts: Facts, speed: dict[str, Any], cached_epochs: int) -> tuple[str, str]:
-    """Feature-engine hook: the engine of the frozen feature pass from the facts' timing."""
+def _engine_decision(cfg: FinetuneConfig, facts: Facts, speed: dict[str, Any],
+                     cached_epochs: int) -> tuple[str, str, str | None]:
+    """Feature-engine hook: the engine of the frozen feature pass from the facts' timing, why,
+    and a note when a stored timing's winner cannot be prepared by this run (``"unprepared"``:
+    its export is gone and cannot be written again), so the next engine runs the pass."""
     e = facts.engines
     if not cached_epochs or not e:
         unused = f"; feature_engine={cfg.feature_engine!r} is not used" if cfg.feature_engine != "auto" else ""
-        return "eager", f"no cached feature pass{unused}"
+        return "eager", f"no cached feature pass{unused}", None
     if cfg.feature_engine == "auto" and e.get("pending"):
-        return "eager", e["pending"]
-    return decide_engine(cfg.feature_engine, device_type=facts.device.type, available=e["available"],
-                         measured=e["measured"], n_images=e["n_images"], world_size=facts.device.world_size,
-                         precision=speed["feature_precision"],
-                         unit="clips" if facts.backbone.input_spec.kind == "audio" else "images")
+        return "eager", e["pending"], None
+
+    def decide_from(measured: dict[str, dict[str, Any]] | None) -> tuple[str, str]:
+        return decide_engine(cfg.feature_engine, device_type=facts.device.type, available=e["available"],
+                             measured=measured, n_images=e["n_images"], world_size=facts.device.world_size,
+                             precision=speed["feature_precision"],
+                             unit="clips" if facts.backbone.input_spec.kind == "audio" else "images")
+
+    engine, reason = decide_from(e["measured"])
+    why = (e["measured"] or {}).get(engine, {}).get("unprepared")
+    if cfg.feature_engine != "auto" or not why:
+        return engine, reason, None
+    unprepared = engine
+    engine, reason = decide_from({**e["measured"], unprepared: {"error": why, "stored": True}})
+    return engine, reason, (f"feature_engine='auto' runs the feature pass on {engine}, not on {unprepared} as the "
+                            f"stored timing says: {why}.")
 
 
 def plan(config: FinetuneConfig | None = None, /, **options: Any) -> Decisions:

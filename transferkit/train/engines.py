@@ -226,7 +226,8 @@ def _seconds(x: float) -> str:
 
 def time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: torch.device, precision: str,
                  channels_last: bool, candidates: Sequence[str], cache_dir: str | Path | None = None,
-                 n_images: int | None = None, rounds: int = TIMED_ROUNDS) -> dict[str, dict[str, Any]]:
+                 n_images: int | None = None, rounds: int = TIMED_ROUNDS,
+                 fingerprint: str | None = None) -> dict[str, dict[str, Any]]:
     """Time the feature pass of ``model`` on ``batches`` (the run's own input) with each of
     ``candidates`` (``eager`` always first) and compare each engine's features on
     ``batches[0]`` with eager fp32.
@@ -239,15 +240,17 @@ def time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: t
     other load). ``batches[0]`` warms each engine up and is compared; the others are timed.
     On a CPU where eager runs fp32, eager's first call (the reference) stands for its timing
     (``"first_call": True``) when a prepared engine's first round leads it by ``FIRST_CALL_LEAD``.
+    ``fingerprint``: the pass's (`pass_fingerprint`) when the caller has hashed it already.
     """
     with _eval(model):
         return _time_engines(model, batches, device=device, precision=precision, channels_last=channels_last,
-                             candidates=candidates, cache_dir=cache_dir, n_images=n_images, rounds=rounds)
+                             candidates=candidates, cache_dir=cache_dir, n_images=n_images, rounds=rounds,
+                             fingerprint=fingerprint)
 
 
 def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: torch.device, precision: str,
                   channels_last: bool, candidates: Sequence[str], cache_dir: str | Path | None, n_images: int | None,
-                  rounds: int) -> dict[str, dict[str, Any]]:
+                  rounds: int, fingerprint: str | None) -> dict[str, dict[str, Any]]:
     # batches[0]: the first call of each engine (warm-up, compilation) and the comparison with
     # eager fp32; the others (or batches[0] when alone) are timed
     fp32_ips = None  # eager fp32's speed on the reference batch (a first call: a low estimate)
@@ -261,7 +264,6 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
     runners: dict[str, Callable] = {}
     outputs: dict[str, list[torch.Tensor]] = {}  # each prepared engine's features on the batches, in order
     first_ips, first_call = 0.0, False
-    fingerprint = None  # the pass's, hashed once for every prepared engine's keys
     for name in ["eager", *[c for c in candidates if c != "eager"]]:
         if name in PREPARED and n_images is not None:
             pays, why = compile_pays(device.type, n_images=n_images, n_modules=leaf_modules(model),
@@ -271,7 +273,7 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
                 out[name] = {"skipped": why}
                 continue
         if name in PREPARED and fingerprint is None:
-            fingerprint = _pass_fingerprint(model)
+            fingerprint = pass_fingerprint(model)  # hashed once for every prepared engine's keys
         t0 = time.perf_counter()
         try:
             fwd = engine_forward(name, model, batches[0], device=device, precision=precision,
@@ -366,10 +368,11 @@ def _keep_timed(key: tuple, batches: Sequence[torch.Tensor], feats: Sequence[tor
 
 
 def engines_store_key(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, *, device: torch.device,
-                      precision: str, channels_last: bool) -> str:
-    """What a stored timing verdict depends on: the trunk, the input, the machine and the versions."""
+                      precision: str, channels_last: bool, fingerprint: str | None = None) -> str:
+    """What a stored timing verdict depends on: the trunk, the input, the machine and the
+    versions (``fingerprint``: the pass's, `pass_fingerprint`, when already hashed)."""
     where = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else torch.cuda.get_device_name(device)
-    return "|".join([type(model.trunk).__name__, _pass_fingerprint(model),
+    return "|".join([type(model.trunk).__name__, fingerprint or pass_fingerprint(model),
                      _shape_key(shape, bucket=True), str(dtype), device.type,
                      where, f"{torch.get_num_threads()} threads", precision, f"cl={channels_last}", _versions()])
 
@@ -391,10 +394,12 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
     ``cache_dir`` is given: a later run on the same trunk, input shape, machine and versions
     reuses the verdict (and so the same feature-cache key) instead of timing again. A
     candidate missing from the stored verdict, or skipped there for a smaller run, is timed
-    and added."""
+    and added. A stored ONNX Runtime timing whose export is gone and cannot be written again
+    says why under ``"unprepared"`` (the decision then takes the next engine)."""
     store = Path(cache_dir) / "engines.json" if cache_dir is not None else None
+    fingerprint = pass_fingerprint(model)  # hashed once: the trunk's weights may be a gigabyte
     key = engines_store_key(model, batches[0].shape[1:], batches[0].dtype, device=device, precision=precision,
-                            channels_last=channels_last)
+                            channels_last=channels_last, fingerprint=fingerprint)
     data = read_json_object(store) if store is not None else {}
     saved = data.get(key, {}).get("measured") if isinstance(data.get(key), dict) else None
     if _well_formed(saved):
@@ -404,14 +409,13 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
                                 fp32_images_per_s=saved["eager"].get("fp32_images_per_s"), unit=input_unit(model))[0])]
         if not missing:
             stored = {c: {**saved[c], "stored": True} for c in ["eager", *candidates] if c in saved}
-            winner = decide_engine("auto", device_type=device.type, available={c: None for c in stored},
-                                   measured=stored, n_images=n_images, precision=precision, unit=input_unit(model))[0]
-            why = _export_unwritable(model, batches[0], cache_dir) if winner == "onnxruntime" else None
-            if why is not None:  # the verdict stands, but this run could not prepare the engine it names
-                stored["onnxruntime"] = {"error": why, "stored": True, "unprepared": True}
+            if "images_per_s" in stored.get("onnxruntime", {}):  # its export is needed again if it wins
+                why = _export_unwritable(model, batches[0], cache_dir, fingerprint)
+                if why is not None:  # the timing stands, but this run could not prepare that engine
+                    stored["onnxruntime"]["unprepared"] = why
             return stored
     measured = time_engines(model, batches, device=device, precision=precision, channels_last=channels_last,
-                            candidates=candidates, cache_dir=cache_dir, n_images=n_images)
+                            candidates=candidates, cache_dir=cache_dir, n_images=n_images, fingerprint=fingerprint)
     if store is not None:
         try:
             update_json_object(store, key, {"format": STORE_FORMAT, "measured": measured}, what="engine timing store")
@@ -421,11 +425,12 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
     return measured
 
 
-def _export_unwritable(model: nn.Module, example: torch.Tensor, cache_dir: str | Path | None) -> str | None:
+def _export_unwritable(model: nn.Module, example: torch.Tensor, cache_dir: str | Path | None,
+                       fingerprint: str) -> str | None:
     """Why the ONNX feature pass that a stored verdict names could not be prepared by this
     run (its export is gone and its folder cannot be written), else None: checked before
     deciding, so that ``auto`` takes the next engine instead of stopping when the pass starts."""
-    path = onnx_path(model, example.shape[1:], example.dtype, cache_dir)
+    path = onnx_path(model, example.shape[1:], example.dtype, cache_dir, fingerprint=fingerprint)
     if path.is_file() and _digest_path(path).is_file():  # there (the pass checks its digest when it opens it)
         return None
     try:
@@ -641,14 +646,14 @@ def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, devi
     key = _runtime_key(engine, model, example, device=device, precision=precision, channels_last=channels_last,
                        cache_dir=cache_dir, fingerprint=fingerprint)
     fwd, bound = _RUNTIMES.get(key, (None, None))
-    if bound is not None and bound is not model and _pass_fingerprint(bound) != key[1]:
+    if bound is not None and bound is not model and pass_fingerprint(bound) != key[1]:
         # compiled on another module with these weights, which has trained since: not this pass any more
         fwd = None
         for k in [k for k in _VERIFIED if k[0] == key]:
             del _VERIFIED[k]
     if fwd is None:
         if engine == "onnxruntime":
-            fwd, bound = _onnx_forward(model, example, device=device, cache_dir=cache_dir), None
+            fwd, bound = _onnx_forward(model, example, device=device, cache_dir=cache_dir, fingerprint=key[1]), None
         else:
             fwd, bound = _compiled_forward(model, example, device=device, precision=precision,
                                            channels_last=channels_last), model
@@ -664,15 +669,17 @@ def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, devi
 
 def _runtime_key(engine: str, model: nn.Module, example: torch.Tensor, *, device: torch.device, precision: str,
                  channels_last: bool, cache_dir: str | Path | None, fingerprint: str | None = None) -> tuple:
-    return (engine, fingerprint or _pass_fingerprint(model),
+    return (engine, fingerprint or pass_fingerprint(model),
             tuple(example.shape[1:]), example.dtype, str(device), precision, channels_last,
             str(cache_dir) if cache_dir is not None else None)
 
 
-def _pass_fingerprint(model: nn.Module) -> str:
+def pass_fingerprint(model: nn.Module) -> str:
     """What identifies ``model``'s feature pass: its preprocessing and trunk as they compute in
     eval mode (`eval_fingerprint`: the trunk timed before the policy froze its BatchNorm
-    statistics and the run's frozen trunk are one pass, with one export and one timing)."""
+    statistics and the run's frozen trunk are one pass, with one export and one timing). Two
+    digests of 32 hex digits, the preprocessing's then the trunk's; hashing reads every weight,
+    so callers that key several things hash once and pass it on (``fingerprint=``)."""
     return module_fingerprint(model.preprocess) + eval_fingerprint(model.trunk)
 
 
@@ -734,14 +741,16 @@ def check_against_eager(engine: str, fwd: Callable, model: nn.Module, example: t
     return rel
 
 
-def onnx_path(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, cache_dir: str | Path | None) -> Path:
+def onnx_path(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, cache_dir: str | Path | None, *,
+              fingerprint: str | None = None) -> Path:
     """Where the ONNX export of ``model``'s feature pass for inputs ``[N, *shape]`` lives:
     ``cache_dir/engines/onnx/<digest>.onnx`` (the digest covers the preprocessing and trunk
     weights, the trunk's class, the input shape (for audio, not its length: the export's time
     axis is dynamic) and dtype, and the torch and onnxruntime versions), else a folder of
-    this process."""
+    this process. ``fingerprint``: the pass's (`pass_fingerprint`) when already hashed."""
+    fingerprint = fingerprint or pass_fingerprint(model)
     ident = "|".join([type(model.trunk).__module__, type(model.trunk).__qualname__,
-                      module_fingerprint(model.preprocess), eval_fingerprint(model.trunk),
+                      fingerprint[:32], fingerprint[32:],  # the preprocessing's and the trunk's digests
                       _shape_key(shape, bucket=False),
                       str(dtype), _versions()])
     name = hashlib.blake2b(ident.encode(), digest_size=16).hexdigest() + ".onnx"
@@ -759,10 +768,10 @@ def onnx_path(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, cache_
 
 
 def _onnx_forward(model: nn.Module, example: torch.Tensor, *, device: torch.device,
-                  cache_dir: str | Path | None, retried: bool = False) -> Callable:
+                  cache_dir: str | Path | None, fingerprint: str, retried: bool = False) -> Callable:
     import onnxruntime as ort
 
-    path = onnx_path(model, example.shape[1:], example.dtype, cache_dir)
+    path = onnx_path(model, example.shape[1:], example.dtype, cache_dir, fingerprint=fingerprint)
     exported = not _intact(path)  # (its digest is read once: the file may be tens of MB)
     if exported:  # missing, or damaged since it was written: export it (again)
         export_feature_pass(model, example, path)
@@ -778,7 +787,7 @@ def _onnx_forward(model: nn.Module, example: torch.Tensor, *, device: torch.devi
             raise EngineError(f"onnxruntime cannot open the feature pass it was just given ({str(path)!r}): "
                               f"{exception_line(exc)}. Use feature_engine='eager'.") from exc
         export_feature_pass(model, example, path)  # a stored file that its digest passed but ONNX Runtime refuses
-        return _onnx_forward(model, example, device=device, cache_dir=cache_dir, retried=True)
+        return _onnx_forward(model, example, device=device, cache_dir=cache_dir, fingerprint=fingerprint, retried=True)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"input": x.detach().cpu().contiguous().numpy()})[0])
@@ -850,7 +859,7 @@ def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_si
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not ready:
             example = example_batches(dataset, batch_size=batch_size, count=1)[0]
-            fingerprint = _pass_fingerprint(model)  # hashed once for both keys
+            fingerprint = pass_fingerprint(model)  # hashed once for both keys
             ready.append(engine_forward(engine, model, example, fingerprint=fingerprint, **kwargs))
             timed.extend(_TIMED.pop(_runtime_key(engine, model, example, fingerprint=fingerprint, **kwargs), []))
         if timed:

@@ -7,8 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import transferkit
+from transferkit.backbones.custom import from_module
 from transferkit.export import export_torchscript
 
 
@@ -42,3 +44,24 @@ def rewrite_zip(src: Path, dst: Path, edit: Callable[[str, bytes], bytes | None]
             if new is not None:
                 zout.writestr(info, new)
     return dst
+
+
+class PatchAttention(nn.Module):
+    """A tiny ViT-like trunk: patches, one ``nn.TransformerEncoderLayer`` (batch first, whose
+    fused fast path runs without gradients in eval mode), mean of the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 8, stride=8)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.patch(x).flatten(2).transpose(1, 2)).mean(1)
+
+
+def attention_model():
+    """An untrained model over `PatchAttention` (32 px) and its backbone."""
+    torch.manual_seed(0)
+    bb = from_module(PatchAttention().eval(), input_spec={"image_size": 32}, name="patch_attention")
+    return transferkit.build_model(bb, 2).eval(), bb
+

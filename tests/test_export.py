@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from tests.export_helpers import export_tiny, images, rewrite_zip, tiny_model
+from tests.export_helpers import attention_model, export_tiny, images, rewrite_zip, tiny_model
 from torch import nn
 
 import transferkit
@@ -464,3 +464,16 @@ def test_an_onnx_export_whose_metadata_was_re_signed_with_another_image_size_is_
     for meta in ({"labels": ["a", "b"]}, {"labels": ["a", "b"], "input_spec": "x"}):  # the metadata's own error
         with pytest.raises(ExportError, match="The metadata to export is invalid: the field 'input_spec'"):
             export_files(model, tmp_path / "n.pt", onnx=tmp_path / "n.onnx", example_inputs=images(2), metadata=meta)
+
+
+def test_onnx_export_of_an_attention_trunk_runs_its_standard_path_and_matches(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from transferkit.export import export_onnx
+
+    model, bb = attention_model()
+    assert torch.backends.mha.get_fastpath_enabled()
+    report = export_onnx(model, tmp_path / "m.onnx", metadata={"labels": ["a", "b"],
+                                                              "input_spec": bb.input_spec.to_dict()},
+                         example_inputs=images(4))
+    assert report.max_abs_diff <= report.tolerance
+    assert torch.backends.mha.get_fastpath_enabled()  # restored for the rest of the process

@@ -72,6 +72,24 @@ def _exporter_log_off() -> Any:
         torch._C._jit_set_onnx_log_enabled = setter
 
 
+@contextlib.contextmanager
+def _attention_fastpath_off() -> Any:
+    """Trace ``nn.MultiheadAttention`` (and ``nn.TransformerEncoderLayer``) on their standard
+    path: without gradients their fused fast path (``aten::_native_multi_head_attention``,
+    torchvision's ViTs among others) runs, which the ONNX exporter cannot convert. Both paths
+    compute the same attention."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
 def check_opset(opset: Any) -> int:
     """``opset`` when torch's TorchScript-based exporter writes it (7 to 20 with torch 2.11), else ConfigError."""
     from torch.onnx import _constants
@@ -88,11 +106,12 @@ def convert_to_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, 
                     what: str = "model",
                     hint: str = " Export it without onnx: the TorchScript file runs it as it is.") -> None:
     """``torch.onnx.export`` of ``module`` traced on ``example`` (input named ``"input"``) to
-    ``path``, quietly: a conversion that fails raises ExportError whose first line says
+    ``path`` (attention layers on their standard path: `_attention_fastpath_off`), quietly:
+    a conversion that fails raises ExportError whose first line says
     which operation failed (the exporter's own message, without its graph dump), then
     ``hint``; a failure to write ``path`` is raised as it is."""
     try:
-        with warnings.catch_warnings(), torch.no_grad(), _exporter_log_off():
+        with warnings.catch_warnings(), torch.no_grad(), _exporter_log_off(), _attention_fastpath_off():
             warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
             torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
                               input_names=["input"], output_names=[output_name], dynamic_axes=dynamic_axes,

@@ -49,6 +49,9 @@ takes there).
 
     python benchmarks/frozen_backbone.py --engines --threads 2            # fp32 and, where native, bf16
     python benchmarks/frozen_backbone.py --engines --engine-models lite0 resnet18 --no-compile
+    python benchmarks/frozen_backbone.py --engines --engine-models tv:vit_b_16 timm:convnext_atto --no-compile
+
+Any backbone name is a row (``weights=None``: the features are compared, not learned from).
 """
 
 from __future__ import annotations
@@ -70,12 +73,19 @@ CONFIGS = {
     "resnet18": {"backbone": "tv:resnet18", "weights": None, "label": "tv ResNet-18 (weights=None, offline)"},
 }
 RUNS = ("plain", "transferkit_defaults", "transferkit_eager", "transferkit_fp32")
-ENGINE_MODELS = {
-    "lite0": ("timm:tf_efficientnet_lite0", str(LITE0), "image"),
-    "resnet18": ("tv:resnet18", None, "image"),
-    "vit": ("timm:vit_tiny_patch16_224", None, "image"),
-    "audio": ("ta:wav2vec2_tiny", None, "audio"),
+ENGINE_MODELS = {  # the engine table's default rows; --engine-models also takes any backbone name (weights=None)
+    "lite0": ("timm:tf_efficientnet_lite0", str(LITE0)),
+    "resnet18": ("tv:resnet18", None),
+    "vit": ("timm:vit_tiny_patch16_224", None),
+    "audio": ("ta:wav2vec2_tiny", None),
 }
+
+
+def _engine_model(part: str) -> str:
+    if part in ENGINE_MODELS or ":" in part:
+        return part
+    raise argparse.ArgumentTypeError(f"{part!r}: use one of {', '.join(ENGINE_MODELS)} or a backbone name "
+                                     "(prefix:name, e.g. tv:convnext_tiny)")
 
 
 def _peak_rss_mb() -> float:
@@ -234,8 +244,9 @@ def engines_child(args) -> dict:
     from transferkit.train.speed import SpeedConfig
 
     torch.manual_seed(0)
-    name, weights, kind = ENGINE_MODELS[args.engine_child]
+    name, weights = ENGINE_MODELS.get(args.engine_child, (args.engine_child, None))
     bb = tk.get_backbone(name, weights=weights)
+    kind = bb.input_spec.kind
     model = tk.build_model(bb, 2).eval()
     cpu = torch.device("cpu")
     layout = SpeedConfig.make(cpu, precision="fp32", trunk=bb.trunk, frozen=True, kind=kind).channels_last
@@ -358,14 +369,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=sorted(FUNCS))
     ap.add_argument("--engines", action="store_true", help="the engines x backbones table instead")
-    ap.add_argument("--engine-models", nargs="+", choices=sorted(ENGINE_MODELS), default=list(ENGINE_MODELS))
+    ap.add_argument("--engine-models", nargs="+", default=list(ENGINE_MODELS), type=_engine_model,
+                    help=f"rows of the engine table: {', '.join(ENGINE_MODELS)}, or backbone names (weights=None), "
+                         "e.g. tv:convnext_tiny ta:hubert_base")
     ap.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=None,
                     help="eager precisions (default: fp32, and bf16 where the CPU runs it natively)")
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--no-compile", action="store_true", help="leave torch.compile out (minutes per trunk)")
     ap.add_argument("--assume-bf16", choices=("0", "1"), default=None,
                     help="answer of the bf16 capability check (0: simulate a CPU without native bf16)")
-    ap.add_argument("--engine-child", choices=sorted(ENGINE_MODELS), help=argparse.SUPPRESS)
+    ap.add_argument("--engine-child", type=_engine_model, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.assume_bf16 is not None:
         os.environ["TRANSFERKIT_ASSUME_BF16"] = args.assume_bf16  # children inherit it

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 DEFAULT = [
     # torchvision
     "tv:resnet18", "tv:mobilenet_v3_small", "tv:efficientnet_b0", "tv:efficientnet_v2_s", "tv:convnext_tiny",
-    "tv:regnet_y_400mf", "tv:shufflenet_v2_x0_5", "tv:squeezenet1_0", "tv:densenet121", "tv:swin_t",
+    "tv:regnet_y_400mf", "tv:shufflenet_v2_x0_5", "tv:squeezenet1_0", "tv:densenet121", "tv:swin_t", "tv:vit_b_16",
+    "tv:maxvit_t", "tv:inception_v3",
     # timm
     "timm:tf_efficientnet_lite0", "timm:resnet18d", "timm:convnext_atto", "timm:mobilevitv2_050", "timm:levit_128s",
     "timm:deit_tiny_patch16_224", "timm:vit_small_patch16_224", "timm:eva02_tiny_patch14_224", "timm:ghostnet_100",

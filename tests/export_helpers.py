@@ -47,16 +47,20 @@ def rewrite_zip(src: Path, dst: Path, edit: Callable[[str, bytes], bytes | None]
 
 
 class PatchAttention(nn.Module):
-    """A tiny ViT-like trunk: patches, one ``nn.TransformerEncoderLayer`` (batch first, whose
-    fused fast path runs without gradients in eval mode), mean of the tokens."""
+    """A tiny ViT-like trunk: patches, one ``nn.MultiheadAttention`` (as torchvision's ViTs
+    use it) and one ``nn.TransformerEncoderLayer``, both batch first, whose fused fast paths
+    run without gradients in eval mode; the mean of the tokens."""
 
     def __init__(self) -> None:
         super().__init__()
         self.patch = nn.Conv2d(3, 16, 8, stride=8)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
         self.encoder = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.patch(x).flatten(2).transpose(1, 2)).mean(1)
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.attention(tokens, tokens, tokens, need_weights=False)[0]
+        return self.encoder(tokens).mean(1)
 
 
 def attention_model():

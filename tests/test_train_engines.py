@@ -474,6 +474,26 @@ def test_a_stored_onnx_verdict_whose_export_cannot_be_written_again_falls_back_b
         tk.finetune(**{**KW, **kw, "feature_engine": "onnxruntime"})
 
 
+def test_a_timing_stored_in_another_format_is_timed_again(folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)
+    monkeypatch.setattr(eng, "ONNX_SECONDS_BASE", {"cpu": 0.0})  # the export always pays: ONNX Runtime is timed
+    monkeypatch.setattr(eng, "ONNX_SECONDS_PER_MODULE", {"cpu": 0.0})
+    monkeypatch.setattr(eng, "engine_availability", lambda device_type: {
+        "eager": None, "onnxruntime": None, "compile": "not timed in this test (compiling takes minutes)"})
+    _decide(backbone=_backbone(), data=folder, cache_dir=tmp_path / "c")
+    store = tmp_path / "c" / "engines.json"
+    data = json.loads(store.read_text())
+    for entry in data.values():  # a failure that an earlier format's export had (e.g. a ViT's attention)
+        assert entry["format"] == eng.STORE_FORMAT
+        entry["format"] = eng.STORE_FORMAT - 1
+        entry["measured"]["onnxruntime"] = {"error": "ExportError: the exporter of an earlier format failed"}
+    store.write_text(json.dumps(data))
+    facts, d = _decide(backbone=_backbone(), data=folder, cache_dir=tmp_path / "c")
+    assert "stored" not in facts.engines["measured"]["eager"] and "timed on the run's input" in d.engine_reason
+    assert "images_per_s" in facts.engines["measured"]["onnxruntime"] and "earlier format" not in d.engine_reason
+    assert all(e["format"] == eng.STORE_FORMAT for e in json.loads(store.read_text()).values())
+
+
 def test_a_damaged_timing_store_is_timed_again_and_one_that_cannot_be_written_warns(folder, tmp_path, monkeypatch):
     monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)
     monkeypatch.setattr(eng, "engine_availability", lambda device_type: {

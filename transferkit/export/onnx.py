@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -72,22 +73,28 @@ def _exporter_log_off() -> Any:
         torch._C._jit_set_onnx_log_enabled = setter
 
 
+_CONVERTING = threading.Lock()  # torch's attention fast-path switch is one flag for the process
+
+
 @contextlib.contextmanager
 def _attention_fastpath_off() -> Any:
     """Trace ``nn.MultiheadAttention`` (and ``nn.TransformerEncoderLayer``) on their standard
     path: without gradients their fused fast path (``aten::_native_multi_head_attention``,
     torchvision's ViTs among others) runs, which the ONNX exporter cannot convert. Both paths
-    compute the same attention."""
+    compute the same attention. The switch is process-wide: conversions in several threads
+    take turns (each restores what it found), and meanwhile other threads' attention layers
+    compute on the standard path."""
     mha = getattr(torch.backends, "mha", None)
     if mha is None or not hasattr(mha, "set_fastpath_enabled"):
         yield
         return
-    was = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        mha.set_fastpath_enabled(was)
+    with _CONVERTING:
+        was = mha.get_fastpath_enabled()
+        mha.set_fastpath_enabled(False)
+        try:
+            yield
+        finally:
+            mha.set_fastpath_enabled(was)
 
 
 def check_opset(opset: Any) -> int:

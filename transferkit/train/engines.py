@@ -117,7 +117,10 @@ COMPILE_TRAIN_BREAK_EVEN: dict[str, tuple[int | None, str]] = {
                    "32) 0.98x and 0.87x, so no run length pays for every trunk (compile=True compiles)"),
 }
 PREPARED = ("onnxruntime", "compile")  # engines with a preparation cost weighed before they are timed
-STORE_FORMAT = 1
+# the format of cache_dir/engines.json, read only when equal: raised when how the engines are
+# prepared changes what a timing would find (2: attention layers convert to ONNX, so a stored
+# "onnxruntime failed" of a ViT is timed again)
+STORE_FORMAT = 2
 # prepared engines of this process, reused by the feature pass: (forward, the module it computes
 # with: a compiled pass runs the live module it was compiled on; None for an ONNX session)
 _RUNTIMES: dict[tuple, tuple[Callable, nn.Module | None]] = {}
@@ -392,7 +395,8 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
                     cache_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """`time_engines`, read from (and written to) ``cache_dir/engines.json`` when a
     ``cache_dir`` is given: a later run on the same trunk, input shape, machine and versions
-    reuses the verdict (and so the same feature-cache key) instead of timing again. A
+    (and store format, ``STORE_FORMAT``) reuses the verdict (and so the same feature-cache key)
+    instead of timing again. A
     candidate missing from the stored verdict, or skipped there for a smaller run, is timed
     and added. A stored ONNX Runtime timing whose export is gone and cannot be written again
     says why under ``"unprepared"`` (the decision then takes the next engine)."""
@@ -401,7 +405,8 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
     key = engines_store_key(model, batches[0].shape[1:], batches[0].dtype, device=device, precision=precision,
                             channels_last=channels_last, fingerprint=fingerprint)
     data = read_json_object(store) if store is not None else {}
-    saved = data.get(key, {}).get("measured") if isinstance(data.get(key), dict) else None
+    entry = data.get(key)
+    saved = entry.get("measured") if isinstance(entry, dict) and entry.get("format") == STORE_FORMAT else None
     if _well_formed(saved):
         missing = [c for c in candidates if c not in saved or ("skipped" in saved[c] and c in PREPARED and
                    compile_pays(device.type, n_images=n_images, n_modules=leaf_modules(model),
@@ -427,9 +432,9 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
 
 def _export_unwritable(model: nn.Module, example: torch.Tensor, cache_dir: str | Path | None,
                        fingerprint: str) -> str | None:
-    """Why the ONNX feature pass that a stored verdict names could not be prepared by this
-    run (its export is gone and its folder cannot be written), else None: checked before
-    deciding, so that ``auto`` takes the next engine instead of stopping when the pass starts."""
+    """Why the ONNX feature pass of a stored timing could not be prepared by this run (its
+    export is gone and its folder cannot be written), else None: checked before deciding, so
+    that ``auto`` takes the next engine instead of stopping when the pass starts."""
     path = onnx_path(model, example.shape[1:], example.dtype, cache_dir, fingerprint=fingerprint)
     if path.is_file() and _digest_path(path).is_file():  # there (the pass checks its digest when it opens it)
         return None

@@ -330,6 +330,33 @@ def test_a_run_prepares_its_timed_engine_once_when_the_policy_freezes_batchnorm(
             assert (got - ref).abs().max() <= eng.TOLERANCE["fp32"] * ref.abs().max()
 
 
+@pytest.mark.parametrize("onnx_factor", [1000.0, 0.001])
+def test_an_engine_that_cannot_beat_the_fastest_prepared_one_is_not_prepared(tmp_path, monkeypatch, onnx_factor):
+    """ONNX Runtime is timed as soon as it is prepared; torch.compile, at its expected speed-up
+    over eager, is then weighed against it: far behind it (ONNX Runtime 1000x its clock), the
+    compilation cannot pay and is skipped, saying over what; ahead of it (ONNX Runtime slowed
+    1000x), it is prepared (here a compilation that fails). A stored timing is weighed the
+    same way, so the skip is not timed again by a later run."""
+    real_fastest = eng._fastest
+    monkeypatch.setattr(eng, "_fastest", lambda runners, *a, **k: {
+        n: v * onnx_factor if n == "onnxruntime" else v for n, v in real_fastest(runners, *a, **k).items()})
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("compiled in this test")
+    monkeypatch.setattr(eng, "_compiled_forward", no_compiler)
+    m = _model()
+    batches = [_batch(seed=s) for s in range(3)]
+    kw = dict(device=CPU, precision="fp32", channels_last=False, candidates=["onnxruntime", "compile"],
+              n_images=10**9, cache_dir=tmp_path)
+    out = eng.measure_engines(m, batches, **kw)
+    if onnx_factor > 1:
+        assert "over onnxruntime at" in out["compile"]["skipped"] and "images_per_s" in out["onnxruntime"]
+        monkeypatch.setattr(eng, "time_engines", lambda *a, **k: pytest.fail("timed again"))
+        assert "stored" in eng.measure_engines(m, batches, **kw)["compile"]
+    else:
+        assert out["compile"] == {"error": "RuntimeError: compiled in this test"}
+
+
 def test_auto_keeps_the_fastest_agreeing_engine_and_says_why():
     ok = {"precision": "fp32", "rel_diff": 1e-6}
     measured = {"eager": {**ok, "images_per_s": 30.0, "rel_diff": 0.0}, "onnxruntime": {**ok, "images_per_s": 80.0},

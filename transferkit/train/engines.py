@@ -184,14 +184,17 @@ def compile_estimate(device_type: str, n_modules: int, *, load: float | None = N
 
 def compile_pays(device_type: str, *, n_images: int, eager_images_per_s: float, n_modules: int,
                  load: float | None = None, engine: str = "compile",
-                 fp32_images_per_s: float | None = None, unit: str = "images") -> tuple[bool, str]:
+                 fp32_images_per_s: float | None = None, unit: str = "images",
+                 best: tuple[str, float] | None = None) -> tuple[bool, str]:
     """Whether preparing ``engine`` for the frozen pass can pay on ``n_images`` images: the
     time it would save at its expected (``COMPILE_SPEEDUP``) or best measured
     (``ONNX_SPEEDUP``, over eager fp32) speed-up against the estimated preparation
     (`compile_estimate`). ONNX Runtime computes in fp32: against an eager pass in bf16 or
     fp16 its speed-up is scaled by ``fp32_images_per_s / eager_images_per_s`` (the eager
-    fp32 speed, from the reference batch). ``unit``: what the pass reads (``"images"`` or
-    ``"clips"``), as the reason names it.
+    fp32 speed, from the reference batch). ``best``: ``(engine, images/s)`` of an engine
+    already prepared and timed that is faster than eager; the saving is then counted from
+    its speed (an engine expected to be no faster than it cannot pay). ``unit``: what the
+    pass reads (``"images"`` or ``"clips"``), as the reason names it.
 
     Example:
         >>> compile_pays("cpu", n_images=400, eager_images_per_s=35.0, n_modules=150, load=1.0)[0]
@@ -202,6 +205,9 @@ def compile_pays(device_type: str, *, n_images: int, eager_images_per_s: float, 
         >>> compile_pays("cpu", n_images=398, eager_images_per_s=96.5, n_modules=200, load=1.0,
         ...              engine="onnxruntime", fp32_images_per_s=48.7)[1]  # eager bf16, twice as fast
         'estimated 2.8 s to export and time 200 modules > the 1.5 s it would save on 398 images at 1.59x'
+        >>> compile_pays("cpu", n_images=100_000, eager_images_per_s=35.0, n_modules=198, load=1.0,
+        ...              best=("onnxruntime", 86.0))[1]  # compile's 1.9x eager is slower than ONNX Runtime
+        'estimated 39 s to compile 198 modules > the 0.0 s it would save on 100000 images at 1.9x (over onnxruntime at 86.0 images/s)'
     """
     onnx = engine == "onnxruntime"
     speedup = (ONNX_SPEEDUP if onnx else COMPILE_SPEEDUP).get(device_type)
@@ -211,11 +217,14 @@ def compile_pays(device_type: str, *, n_images: int, eager_images_per_s: float, 
     if onnx and fp32_images_per_s is not None:
         speedup = max(1.0, speedup * fp32_images_per_s / max(eager_images_per_s, 1e-9))
     cost = compile_estimate(device_type, n_modules, load=load, engine=engine)
-    saved = n_images / max(eager_images_per_s, 1e-9) * (1 - 1 / speedup)
+    eager = max(eager_images_per_s, 1e-9)
+    base = max(eager, best[1]) if best is not None else eager  # the speed the pass has without it
+    saved = max(n_images / base - n_images / (eager * speedup), 0.0)
     pays = saved > cost
+    over = f" (over {best[0]} at {best[1]:.1f} {unit}/s)" if best is not None and best[1] > eager else ""
     return pays, (f"estimated {_seconds(cost)} s to {'export and time' if onnx else 'compile'} {n_modules} modules "
                   f"{'<' if pays else '>'} the {_seconds(saved)} s it would save on {n_images} {unit} at "
-                  f"{speedup:.3g}x")
+                  f"{speedup:.3g}x{over}")
 
 
 def input_unit(model: nn.Module) -> str:
@@ -267,11 +276,19 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
     runners: dict[str, Callable] = {}
     outputs: dict[str, list[torch.Tensor]] = {}  # each prepared engine's features on the batches, in order
     first_ips, first_call = 0.0, False
-    for name in ["eager", *[c for c in candidates if c != "eager"]]:
+    timed_on = batches[1:] or batches[:1]
+    order = ["eager", *[c for c in candidates if c != "eager"]]
+    early: dict[str, float] = {}  # prepared engines timed as soon as prepared: the next one is weighed against them
+    for i, name in enumerate(order):
         if name in PREPARED and n_images is not None:
-            pays, why = compile_pays(device.type, n_images=n_images, n_modules=leaf_modules(model),
-                                     eager_images_per_s=first_ips, engine=name, fp32_images_per_s=fp32_ips,
-                                     unit=input_unit(model))
+            weigh = dict(n_images=n_images, n_modules=leaf_modules(model), engine=name, fp32_images_per_s=fp32_ips,
+                         unit=input_unit(model))
+            pays, why = compile_pays(device.type, eager_images_per_s=first_ips, **weigh)
+            best = max(early.items(), key=lambda e: e[1], default=None)
+            if pays and best is not None:  # worth it over eager: is it over the engine already timed?
+                if first_call:  # eager's first call would undervalue this engine's expected speed: time eager
+                    first_ips, first_call = _fastest({"eager": runners["eager"]}, timed_on, 1, device)["eager"], False
+                pays, why = compile_pays(device.type, eager_images_per_s=first_ips, best=best, **weigh)
             if not pays:
                 out[name] = {"skipped": why}
                 continue
@@ -299,6 +316,9 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
         runners[name] = fwd
         if name in PREPARED:
             outputs[name] = [got]
+            agrees = out[name]["rel_diff"] <= tolerance(out[name]["precision"], out["eager"].get("rel_diff"))
+            if agrees and n_images is not None and any(c in PREPARED for c in order[i + 1:]):
+                early.update(_fastest({name: fwd}, timed_on, 1, device, outputs=outputs))
         if name == "eager":  # eager's speed alone first (for compile_pays)
             first_call = precision == "fp32" and device.type == "cpu" and any(c in PREPARED for c in candidates)
             if first_call:  # its fp32 reference batch, a first call: a low estimate, confirmed or timed below
@@ -307,11 +327,11 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
                 first_ips = _fastest(runners, batches[1:] or batches[:1], 1, device)["eager"]
             if fp32_ips is not None:
                 out[name]["fp32_images_per_s"] = fp32_ips
-    timed_on = batches[1:] or batches[:1]
-    done = {"eager": first_ips}  # engines with a first round timed (or estimated)
+    done = {"eager": first_ips, **early}  # engines with a first round timed (or estimated)
     settled = list(runners) == ["eager"]  # eager alone (every other candidate skipped or failed): its estimate serves
     if first_call and not settled:  # the others' first round; a lead of FIRST_CALL_LEAD over eager's first call settles it
-        done = _fastest({n: f for n, f in runners.items() if n != "eager"}, timed_on, 1, device, outputs=outputs)
+        done = {**early, **_fastest({n: f for n, f in runners.items() if n not in ("eager", *early)}, timed_on, 1,
+                                    device, outputs=outputs)}
         settled = max(done.values()) >= FIRST_CALL_LEAD * first_ips
         if settled:
             done["eager"] = first_ips
@@ -396,8 +416,8 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
     """`time_engines`, read from (and written to) ``cache_dir/engines.json`` when a
     ``cache_dir`` is given: a later run on the same trunk, input shape, machine and versions
     (and store format, ``STORE_FORMAT``) reuses the verdict (and so the same feature-cache key)
-    instead of timing again. A
-    candidate missing from the stored verdict, or skipped there for a smaller run, is timed
+    instead of timing again. A candidate missing from the stored verdict, or skipped there
+    for a smaller run (one where it could pay now, weighed as the timing weighs it), is timed
     and added. A stored ONNX Runtime timing whose export is gone and cannot be written again
     says why under ``"unprepared"`` (the decision then takes the next engine)."""
     store = Path(cache_dir) / "engines.json" if cache_dir is not None else None
@@ -411,7 +431,8 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
         missing = [c for c in candidates if c not in saved or ("skipped" in saved[c] and c in PREPARED and
                    compile_pays(device.type, n_images=n_images, n_modules=leaf_modules(model),
                                 eager_images_per_s=saved["eager"].get("images_per_s", 1.0), engine=c,
-                                fp32_images_per_s=saved["eager"].get("fp32_images_per_s"), unit=input_unit(model))[0])]
+                                fp32_images_per_s=saved["eager"].get("fp32_images_per_s"), unit=input_unit(model),
+                                best=_fastest_agreeing(saved, besides=c))[0])]
         if not missing:
             stored = {c: {**saved[c], "stored": True} for c in ["eager", *candidates] if c in saved}
             if "images_per_s" in stored.get("onnxruntime", {}):  # its export is needed again if it wins
@@ -428,6 +449,16 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
             warnings.warn(f"The engine timing was not stored ({exception_line(exc)}); later runs on this cache_dir "
                           "time the engines again.", stacklevel=2)
     return measured
+
+
+def _fastest_agreeing(measured: dict[str, dict[str, Any]], *, besides: str) -> tuple[str, float] | None:
+    """The fastest prepared engine of a timing other than ``besides`` whose features agreed
+    with eager fp32, and its speed (what `compile_pays` weighs a further engine against)."""
+    eager_rel = measured["eager"].get("rel_diff")
+    agreeing = [(name, m["images_per_s"]) for name, m in measured.items()
+                if name in PREPARED and name != besides and "images_per_s" in m
+                and m["rel_diff"] <= tolerance(m["precision"], eager_rel)]
+    return max(agreeing, key=lambda e: e[1], default=None)
 
 
 def _export_unwritable(model: nn.Module, example: torch.Tensor, cache_dir: str | Path | None,

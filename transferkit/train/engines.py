@@ -252,6 +252,8 @@ def time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: t
     other load). ``batches[0]`` warms each engine up and is compared; the others are timed.
     On a CPU where eager runs fp32, eager's first call (the reference) stands for its timing
     (``"first_call": True``) when a prepared engine's first round leads it by ``FIRST_CALL_LEAD``.
+    A prepared engine that agrees is timed as soon as it is prepared when another prepared
+    candidate follows, which `compile_pays` then weighs against it (``best``).
     ``fingerprint``: the pass's (`pass_fingerprint`) when the caller has hashed it already.
     """
     with _eval(model):
@@ -324,7 +326,7 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
             if first_call:  # its fp32 reference batch, a first call: a low estimate, confirmed or timed below
                 first_ips = len(batches[0]) / max(setup, 1e-9)
             else:  # its first timed round
-                first_ips = _fastest(runners, batches[1:] or batches[:1], 1, device)["eager"]
+                first_ips = _fastest(runners, timed_on, 1, device)["eager"]
             if fp32_ips is not None:
                 out[name]["fp32_images_per_s"] = fp32_ips
     done = {"eager": first_ips, **early}  # engines with a first round timed (or estimated)

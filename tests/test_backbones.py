@@ -298,6 +298,12 @@ def test_from_module_infers_width_and_blocks():
         from_module(_Net(), blocks=["stem", "stages.0"])
     with pytest.raises(BackboneError, match=r"returns \(2, 8, 16, 16\).*AdaptiveAvgPool2d"):
         from_module(nn.Conv2d(3, 8, 3, padding=1), input_spec={"image_size": 16})
+    # an audio trunk's width comes from waveforms [N, T] (clip_seconds long, else 1 s), not from images
+    frames = nn.Sequential(nn.Unflatten(1, (1, -1)), nn.Conv1d(1, 6, 400, stride=160), nn.AdaptiveAvgPool1d(1),
+                           nn.Flatten())
+    assert from_module(frames, input_spec={"kind": "audio", "sample_rate": 16000}).num_features == 6
+    assert from_module(frames, input_spec={"kind": "audio", "sample_rate": 8000, "clip_seconds": 0.1}).num_features \
+        == 6
 
 
 def test_from_torchscript_is_a_frozen_extractor(tmp_path):

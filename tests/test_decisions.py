@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ import torch
 from tests.conftest import make_image_folder
 
 import transferkit as tk
+from transferkit.backbones.custom import from_module
 from transferkit.config import FinetuneConfig, load_config, merge_config
 from transferkit.errors import ConfigError
 from transferkit.train.features import data_fingerprint, module_fingerprint
@@ -99,7 +101,18 @@ def test_summary_and_record_state_every_decision(split_folders):
     assert str(split_folders) not in str(d["data"])  # names and digests, no absolute paths
 
 
-def test_cache_key_covers_trunk_not_head(split_folders):
+def _edited_trunk(version: int) -> torch.nn.Module:
+    """A trunk class defined anew, its ``forward`` pooling by mean (``version`` 0) or max (1)."""
+    pool = "x.mean((2, 3))" if version == 0 else "x.amax((2, 3))"
+    scope: dict = {"torch": torch}
+    exec(f"class Trunk(torch.nn.Module):\n"
+         f"    def __init__(self):\n        super().__init__()\n        self.conv = torch.nn.Conv2d(3, 4, 3)\n"
+         f"    def forward(self, x):\n        x = self.conv(x)\n        return {pool}\n", scope)
+    torch.manual_seed(0)
+    return scope["Trunk"]()
+
+
+def test_cache_key_covers_trunk_not_head(split_folders, tmp_path):
     """Two runs that differ only in seed or head share features; trunk weights change the key."""
     data = dict(val_data=split_folders / "val")
     base = _plan(split_folders / "train", **data)
@@ -114,6 +127,26 @@ def test_cache_key_covers_trunk_not_head(split_folders):
     pooled.trunk.stage1[1] = torch.nn.AvgPool2d(2)
     assert module_fingerprint(pooled.trunk) != module_fingerprint(_backbone().trunk)
     assert _key(base) != _key(_plan(split_folders / "train", backbone=pooled, **data))
+    # so are the same modules and weights under an edited forward (the same class name: a user's edit)
+    edited = [_edited_trunk(k) for k in (0, 0, 1)]
+    assert repr(edited[0]) == repr(edited[2]) and module_fingerprint(edited[0]) == module_fingerprint(edited[1])
+    assert module_fingerprint(edited[0]) != module_fingerprint(edited[2])
+    keys = [_key(_plan(split_folders / "train", backbone=from_module(t, input_spec={"image_size": 16}, name="mine"),
+                       **data)) for t in edited]
+    assert keys[0] == keys[1] != keys[2]
+    # a class read from its source file: the file edited between two runs
+    source = tmp_path / "my_trunk.py"
+    digests = []
+    for pool in ("x.mean((2, 3))", "x.mean((2, 3))", "x.amax(dim=(2, 3))"):
+        source.write_text("import torch\n\n\nclass Trunk(torch.nn.Module):\n    def __init__(self):\n"
+                          "        super().__init__()\n        self.conv = torch.nn.Conv2d(3, 4, 3)\n\n"
+                          f"    def forward(self, x):\n        return {pool}\n")
+        spec = importlib.util.spec_from_file_location("my_trunk", source)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        torch.manual_seed(0)
+        digests.append(module_fingerprint(mod.Trunk()))
+    assert digests[0] == digests[1] != digests[2]
     assert base.feature_key_parts("train").get("backbone_options") is None  # options, when given, are keyed
     assert _plan(split_folders / "train", backbone="tk:small_cnn", backbone_options={"widths": [8, 8, 16]},
                  **data).feature_key_parts("train")["backbone_options"] == {"widths": [8, 8, 16]}

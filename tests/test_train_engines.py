@@ -142,6 +142,63 @@ def test_an_audio_export_and_timing_are_not_keyed_by_the_first_batchs_padded_len
         != eng.engines_store_key(m, (3, 32, 33), torch.uint8, device=CPU, precision="fp32", channels_last=False)
 
 
+class _LengthAsNumber(torch.nn.Module):
+    """An audio trunk whose code turns the clip length into a number (``float(shape)``): a
+    trace keeps the length it saw, and the eager pass follows every length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames = torch.nn.Conv1d(1, 8, 40, stride=16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.frames(torch.nan_to_num(x).unsqueeze(1)))
+        return y.sum(-1) / float(y.shape[-1])
+
+
+def test_an_audio_export_that_fixes_the_clip_length_is_refused_and_auto_keeps_eager():
+    from transferkit.backbones.custom import from_module
+
+    torch.manual_seed(0)
+    bb = from_module(_LengthAsNumber(), input_spec={"kind": "audio", "sample_rate": 16000}, name="length_as_number",
+                     num_features=8)
+    m = tk.build_model(bb, 2).eval()
+    x = torch.randn(4, 4000, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(tk.EngineError, match=r"does not follow the clip length: on input \(2, 3000\)"):
+        eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False)
+    out = eng.time_engines(m, [x, x], device=CPU, precision="fp32", channels_last=False, candidates=["onnxruntime"])
+    assert "does not follow the clip length" in out["onnxruntime"]["error"]
+    assert eng.decide_engine("auto", device_type="cpu", available={"eager": None, "onnxruntime": None},
+                             measured=out, n_images=1000)[0] == "eager"
+
+
+def test_a_stored_export_that_its_trunk_no_longer_computes_is_exported_again(tmp_path, monkeypatch):
+    m, x = _model(), _batch()
+    eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False, cache_dir=tmp_path)
+    eng.release_engines()
+    path = next((tmp_path / "engines" / "onnx").glob("*.onnx"))
+    other = _model("tk:cifar_resnet20")  # another pass's export, copied in under this pass's name with its digest
+    eng.export_feature_pass(other, x, path)
+    exports, real_export = [], eng.export_feature_pass
+    monkeypatch.setattr(eng, "export_feature_pass", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+    fwd = eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False,
+                             cache_dir=tmp_path)
+    with torch.no_grad():
+        ref = m.features(x)
+    assert exports == [1] and (fwd(x) - ref).abs().max() <= eng.TOLERANCE["fp32"] * ref.abs().max()
+
+
+def test_an_onnx_session_is_opened_again_for_another_thread_count():
+    m, x = _model(), _batch()
+    first = eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False) is not first
+    finally:
+        torch.set_num_threads(threads)
+    assert eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False) is first
+
+
 def test_onnxruntime_that_cannot_open_any_file_is_one_error_after_one_export_again(tmp_path, monkeypatch):
     import onnxruntime as ort
 

@@ -57,11 +57,15 @@ def _as_blocks(module: nn.Module, blocks: BlocksArg) -> tuple[Block, ...]:
 
 @torch.no_grad()
 def infer_num_features(module: nn.Module, spec: InputSpec, *, name: str = "module") -> int:
-    """Run ``module`` on a zero batch of two inputs shaped by ``spec`` and return ``F`` of its
-    ``[N, F]`` output; raise BackboneError (with the fix) for any other output."""
+    """Run ``module`` on a zero batch of two inputs shaped by ``spec`` (images ``[2, C, S, S]``;
+    audio ``[2, T]`` waveforms of ``clip_seconds``, else 1 s, at ``sample_rate``) and return
+    ``F`` of its ``[N, F]`` output; raise BackboneError (with the fix) for any other output."""
     param = next(iter(module.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    x = torch.zeros(2, spec.channels, spec.image_size, spec.image_size, device=device)
+    if spec.kind == "audio":
+        x = torch.zeros(2, max(1, round((spec.clip_seconds or 1.0) * (spec.sample_rate or 16000))), device=device)
+    else:
+        x = torch.zeros(2, spec.channels, spec.image_size, spec.image_size, device=device)
     was_training = module.training
     module.eval()
     try:

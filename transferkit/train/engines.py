@@ -709,7 +709,8 @@ def _runtime_key(engine: str, model: nn.Module, example: torch.Tensor, *, device
                  channels_last: bool, cache_dir: str | Path | None, fingerprint: str | None = None) -> tuple:
     return (engine, fingerprint or pass_fingerprint(model),
             tuple(example.shape[1:]), example.dtype, str(device), precision, channels_last,
-            str(cache_dir) if cache_dir is not None else None)
+            str(cache_dir) if cache_dir is not None else None,
+            torch.get_num_threads())  # an ONNX Runtime session takes the thread count it was opened with
 
 
 def pass_fingerprint(model: nn.Module) -> str:
@@ -829,7 +830,42 @@ def _onnx_forward(model: nn.Module, example: torch.Tensor, *, device: torch.devi
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"input": x.detach().cpu().contiguous().numpy()})[0])
+    why = _export_mismatch(forward, model, example, device=device, exported=exported)
+    if why is not None:
+        if exported or retried:
+            raise EngineError(f"The ONNX export of the feature pass {why}; it is not used. Use feature_engine='eager'.")
+        export_feature_pass(model, example, path)  # a stored file that this trunk's code no longer computes
+        return _onnx_forward(model, example, device=device, cache_dir=cache_dir, fingerprint=fingerprint, retried=True)
     return forward
+
+
+def _export_mismatch(forward: Callable, model: nn.Module, example: torch.Tensor, *, device: torch.device,
+                     exported: bool) -> str | None:
+    """What the opened ONNX pass gets wrong against eager fp32, checked where the export's own
+    trace could not show it, else None. Audio (``[N, T]``, a dynamic time axis): on the first
+    two clips cut to 3/4 of their length, a length the trace did not see (a trunk whose code
+    turns the length into a number, e.g. ``float(x.shape[-1])``, is traced with it fixed). A
+    stored export (``exported=False``): on the first two items, as the trace was (a file copied
+    in, or a trunk whose code changed without changing its fingerprint)."""
+    audio = input_unit(model) == "clips"
+    if audio:
+        probe = example[:2, :max(1, example.shape[1] * 3 // 4)]
+    elif not exported:
+        probe = example[:2]
+    else:
+        return None
+    try:
+        with _eval(model):
+            ref = _eager_fp32(model, probe, device, False)
+    except Exception:  # noqa: BLE001 - a clip too short for the trunk: nothing to compare with
+        return None
+    got = forward(probe).float()
+    rel = _relative(got, ref) if got.shape == ref.shape else math.inf
+    if rel <= TOLERANCE["fp32"]:
+        return None
+    what = "does not follow the clip length" if audio else "does not compute this trunk's pass"
+    return (f"{what}: on input {tuple(probe.shape)} it differs from eager fp32 by {rel:.3g} of the largest "
+            f"feature (tolerance {TOLERANCE['fp32']:g})")
 
 
 def _digest_path(path: Path) -> Path:

@@ -545,10 +545,10 @@ def test_a_stored_onnx_verdict_whose_export_cannot_be_written_again_falls_back_b
     stored_rate(1e9)
     facts, d = _decide(**kw)
     assert d.engine == "eager" and facts.engines["measured"]["onnxruntime"]["stored"] is True
-    assert "onnxruntime failed: its stored timing names an export that is gone, and" in d.engine_reason
+    assert "onnxruntime failed: its stored timing names an export that is gone or damaged, and" in d.engine_reason
     assert "cannot be written (FileExistsError" in d.engine_reason
-    assert any(n.startswith("feature_engine='auto' runs the feature pass on eager, not on onnxruntime as the "
-                            "stored timing says: its stored timing names an export that is gone") for n in d.notes)
+    assert any(n.startswith("feature_engine='auto' runs the feature pass on eager, not on onnxruntime as the stored "
+                            "timing says: its stored timing names an export that is gone or damaged") for n in d.notes)
     with pytest.warns(UserWarning, match="not on onnxruntime as the stored timing says"):
         r = tk.finetune(**{**KW, **kw})  # the run goes on, on eager, where it used to stop when the pass started
     assert r.decisions.engine == "eager" and r.feature_report["computed"] >= 1
@@ -576,6 +576,33 @@ def test_a_timing_stored_in_another_format_is_timed_again(folder, tmp_path, monk
     assert "stored" not in facts.engines["measured"]["eager"] and "timed on the run's input" in d.engine_reason
     assert "images_per_s" in facts.engines["measured"]["onnxruntime"] and "earlier format" not in d.engine_reason
     assert all(e["format"] == eng.STORE_FORMAT for e in json.loads(store.read_text()).values())
+
+
+def test_a_stored_onnx_verdict_in_a_read_only_cache_uses_its_intact_export_and_not_a_damaged_one(folder, tmp_path,
+                                                                                               monkeypatch):
+    monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)
+    monkeypatch.setattr(eng, "ONNX_SECONDS_BASE", {"cpu": 0.0})
+    monkeypatch.setattr(eng, "ONNX_SECONDS_PER_MODULE", {"cpu": 0.0})
+    monkeypatch.setattr(eng, "engine_availability", lambda device_type: {
+        "eager": None, "onnxruntime": None, "compile": "not timed in this test (compiling takes minutes)"})
+    cache = tmp_path / "c"
+    kw = dict(backbone=_backbone(), data=folder, cache_dir=cache, policy="feature_extraction", epochs=1)
+    _decide(**kw)
+    store = cache / "engines.json"
+    data = json.loads(store.read_text())
+    for entry in data.values():
+        entry["measured"]["onnxruntime"]["images_per_s"] = 1e9  # the stored verdict: ONNX Runtime
+    store.write_text(json.dumps(data))
+
+    def read_only(folder):
+        raise PermissionError(13, "Read-only file system", str(folder))
+    monkeypatch.setattr(eng, "probe_writable", read_only)  # a cache on a read-only mount (root writes anywhere)
+    assert _decide(**kw)[1].engine == "onnxruntime"  # its export is intact: read, not written
+    export = next((cache / "engines" / "onnx").glob("*.onnx"))
+    export.write_bytes(export.read_bytes()[:100])  # damaged, its digest kept
+    facts, d = _decide(**kw)
+    assert d.engine == "eager" and "export that is gone or damaged" in d.engine_reason
+    assert "Read-only file system" in d.engine_reason and d.notes
 
 
 def test_a_damaged_timing_store_is_timed_again_and_one_that_cannot_be_written_warns(folder, tmp_path, monkeypatch):

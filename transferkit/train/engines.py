@@ -466,17 +466,19 @@ def _fastest_agreeing(measured: dict[str, dict[str, Any]], *, besides: str) -> t
 def _export_unwritable(model: nn.Module, example: torch.Tensor, cache_dir: str | Path | None,
                        fingerprint: str) -> str | None:
     """Why the ONNX feature pass of a stored timing could not be prepared by this run (its
-    export is gone and its folder cannot be written), else None: checked before deciding, so
-    that ``auto`` takes the next engine instead of stopping when the pass starts."""
+    export is gone or damaged, and its folder cannot be written), else None: checked before
+    deciding, so that ``auto`` takes the next engine instead of stopping when the pass starts.
+    A folder that can be written needs no more (the pass exports again what it lacks); only
+    in one that cannot are the export's bytes read against its digest."""
     path = onnx_path(model, example.shape[1:], example.dtype, cache_dir, fingerprint=fingerprint)
-    if path.is_file() and _digest_path(path).is_file():  # there (the pass checks its digest when it opens it)
-        return None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe_writable(path.parent)
     except OSError as exc:
-        return (f"its stored timing names an export that is gone, and {str(path.parent)!r} cannot be written "
-                f"({exception_line(exc)}): make that folder writable, or remove what is in its way")
+        if path.is_file() and _intact(path):
+            return None
+        return (f"its stored timing names an export that is gone or damaged, and {str(path.parent)!r} cannot be "
+                f"written ({exception_line(exc)}): make that folder writable, or remove what is in its way")
     return None
 
 

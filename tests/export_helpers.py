@@ -69,3 +69,23 @@ def attention_model():
     bb = from_module(PatchAttention().eval(), input_spec={"image_size": 32}, name="patch_attention")
     return transferkit.build_model(bb, 2).eval(), bb
 
+
+class LengthAsNumber(nn.Module):
+    """An audio trunk whose code turns the clip length into a number (``float(shape)``): a
+    trace keeps the length it saw, while the eager pass (and a scripted one) follow every length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames = nn.Conv1d(1, 8, 40, stride=16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.frames(torch.nan_to_num(x).unsqueeze(1)))
+        return y.sum(-1) / float(y.shape[-1])
+
+
+def length_as_number_model():
+    """An untrained model over `LengthAsNumber` (16 kHz audio) and its backbone."""
+    torch.manual_seed(0)
+    bb = from_module(LengthAsNumber(), input_spec={"kind": "audio", "sample_rate": 16000}, name="length_as_number",
+                     num_features=8)
+    return transferkit.build_model(bb, 2).eval(), bb

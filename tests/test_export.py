@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from tests.export_helpers import attention_model, export_tiny, images, rewrite_zip, tiny_model
+from tests.export_helpers import attention_model, export_tiny, images, length_as_number_model, rewrite_zip, tiny_model
 from torch import nn
 
 import transferkit
@@ -477,3 +477,20 @@ def test_onnx_export_of_an_attention_trunk_runs_its_standard_path_and_matches(tm
                          example_inputs=images(4))
     assert report.max_abs_diff <= report.tolerance
     assert torch.backends.mha.get_fastpath_enabled()  # restored for the rest of the process
+
+
+def test_an_audio_export_that_fixes_the_clip_length_is_refused_at_the_parity_check(tmp_path):
+    """The parity check also runs on the examples cut to 3/4 of their length: an ONNX file
+    traced at one length that keeps it is refused; a TorchScript file (scripted) follows the
+    length and is written."""
+    pytest.importorskip("onnxruntime")
+    from transferkit.export import export_onnx
+
+    model, bb = length_as_number_model()
+    meta = {"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()}
+    clips = torch.randn(3, 16000, generator=torch.Generator().manual_seed(0)) * 0.1
+    with pytest.raises(ExportError, match=r"\(3, 12000\)|differ"):
+        export_onnx(model, tmp_path / "m.onnx", metadata=meta, example_inputs=clips)
+    assert not (tmp_path / "m.onnx").exists()
+    report = export_torchscript(model, tmp_path / "s.pt", metadata=meta, example_inputs=clips)  # scripted: follows
+    assert report.batch_sizes == (1, 3, 1, 3)  # the examples, and the examples cut to 12000 samples

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from tests.conftest import make_image_folder
-from tests.export_helpers import attention_model
+from tests.export_helpers import attention_model, length_as_number_model
 
 import transferkit as tk
 from transferkit import steps
@@ -142,26 +142,8 @@ def test_an_audio_export_and_timing_are_not_keyed_by_the_first_batchs_padded_len
         != eng.engines_store_key(m, (3, 32, 33), torch.uint8, device=CPU, precision="fp32", channels_last=False)
 
 
-class _LengthAsNumber(torch.nn.Module):
-    """An audio trunk whose code turns the clip length into a number (``float(shape)``): a
-    trace keeps the length it saw, and the eager pass follows every length."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.frames = torch.nn.Conv1d(1, 8, 40, stride=16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.frames(torch.nan_to_num(x).unsqueeze(1)))
-        return y.sum(-1) / float(y.shape[-1])
-
-
 def test_an_audio_export_that_fixes_the_clip_length_is_refused_and_auto_keeps_eager():
-    from transferkit.backbones.custom import from_module
-
-    torch.manual_seed(0)
-    bb = from_module(_LengthAsNumber(), input_spec={"kind": "audio", "sample_rate": 16000}, name="length_as_number",
-                     num_features=8)
-    m = tk.build_model(bb, 2).eval()
+    m = length_as_number_model()[0]
     x = torch.randn(4, 4000, generator=torch.Generator().manual_seed(0))
     with pytest.raises(tk.EngineError, match=r"does not follow the clip length: on input \(2, 3000\)"):
         eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False)

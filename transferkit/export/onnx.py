@@ -43,7 +43,14 @@ from transferkit.export.metadata import (
     decode_metadata,
     encode_metadata,
 )
-from transferkit.export.torchscript import ExportReport, check_tolerances, example_list, export_torchscript, module_bytes
+from transferkit.export.torchscript import (
+    ExportReport,
+    check_tolerances,
+    example_list,
+    export_torchscript,
+    module_bytes,
+    parity_examples,
+)
 
 
 def _require_onnx() -> tuple[Any, Any]:
@@ -179,7 +186,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
     check_opset(opset)
     onnx, ort = _require_onnx()
     t0 = time.perf_counter()
-    examples = example_list(example_inputs)
+    examples = parity_examples(example_inputs, metadata)
     if len({x.dtype for x in examples}) > 1:
         raise ExportError(f"An ONNX file takes one input dtype; the example inputs have "
                           f"{sorted({str(x.dtype) for x in examples})}. Pass examples of one dtype (the predictor "

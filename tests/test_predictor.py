@@ -220,3 +220,27 @@ def test_an_onnx_export_loads_and_predicts_on_onnxruntime(tmp_path, monkeypatch)
     monkeypatch.setattr(builtins, "__import__", no_ort)
     with pytest.raises(ExportError, match="needs the optional packages onnx and onnxruntime.*transferkit\\[onnx\\]"):
         transferkit.load(tmp_path / "m.onnx")
+
+
+def test_an_image_passed_as_an_object_is_read_as_its_file(tmp_path):
+    """16-bit, transparent and EXIF-rotated images give the same pixels from a PIL image, an
+    RGBA tensor or their file path (16-bit scaled, transparency on white, orientation applied)."""
+    from transferkit.data.images import load_image
+    from transferkit.data.transforms import ToRGB
+
+    g = np.random.default_rng(0)
+    deep = Image.fromarray(g.integers(0, 65536, (12, 16), dtype=np.uint16))  # mode I;16
+    rgba = Image.fromarray(g.integers(0, 256, (12, 16, 4), dtype=np.uint8), "RGBA")
+    rotated = Image.fromarray(g.integers(0, 256, (12, 16, 3), dtype=np.uint8), "RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees
+    files = {"deep.png": (deep, {}), "rgba.png": (rgba, {}), "rotated.png": (rotated, {"exif": exif.tobytes()})}
+    for name, (img, kw) in files.items():
+        img.save(tmp_path / name, **kw)
+        want = np.asarray(load_image(tmp_path / name))
+        with Image.open(tmp_path / name) as opened:
+            assert np.array_equal(np.asarray(ToRGB()(opened)), want), name
+    assert np.asarray(load_image(tmp_path / "rotated.png")).shape == (16, 12, 3)  # the orientation was applied
+    tensor = torch.from_numpy(np.asarray(rgba)).permute(2, 0, 1)
+    composited = ToRGB()(tensor).permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(composited - np.asarray(load_image(tmp_path / "rgba.png")).astype(int)).max() <= 1

@@ -7,31 +7,44 @@ inside the model, so the exported file takes raw pixels and no one can forget it
 from __future__ import annotations
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from transferkit.backbones._base import InputSpec
 from transferkit.data.audio import AudioTransform
+from transferkit.data.images import to_rgb
 from transferkit.errors import check_choice
 
 AUGMENTATIONS = ("none", "flip", "standard")
 
 
 class ToRGB(torch.nn.Module):
-    """PIL image of any mode, or a tensor with 1 or 4 channels, to 3-channel RGB."""
+    """PIL image of any mode, or a tensor with 1 or 4 channels, to 3-channel RGB, as an image
+    file is read ([`load_image`][transferkit.data.load_image]): a PIL image gets its EXIF
+    orientation and `to_rgb` (16-bit scaled, transparent pixels composited onto white), and a
+    4-channel tensor is composited onto white by its alpha channel, so that an image passed
+    as an object is the image passed as its file."""
 
     def forward(self, img):
         if isinstance(img, Image.Image):
-            return img if img.mode == "RGB" else img.convert("RGB")
+            if img.getexif().get(_ORIENTATION, 1) != 1:
+                img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
         if isinstance(img, torch.Tensor):
             if img.ndim == 2:
                 img = img.unsqueeze(0)
             if img.shape[0] == 1:
                 return img.expand(3, -1, -1).contiguous()
             if img.shape[0] == 4:
-                return img[:3]
+                top = 255.0 if img.dtype == torch.uint8 else 1.0
+                alpha = img[3:].float() / top
+                rgb = img[:3].float() * alpha + top * (1 - alpha)
+                return rgb.round().to(img.dtype) if img.dtype == torch.uint8 else rgb.to(img.dtype)
         return img
+
+
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 class ToImageTensor(torch.nn.Module):

@@ -241,6 +241,6 @@ def test_an_image_passed_as_an_object_is_read_as_its_file(tmp_path):
         with Image.open(tmp_path / name) as opened:
             assert np.array_equal(np.asarray(ToRGB()(opened)), want), name
     assert np.asarray(load_image(tmp_path / "rotated.png")).shape == (16, 12, 3)  # the orientation was applied
-    tensor = torch.from_numpy(np.asarray(rgba)).permute(2, 0, 1)
+    tensor = torch.from_numpy(np.array(rgba)).permute(2, 0, 1)
     composited = ToRGB()(tensor).permute(1, 2, 0).numpy().astype(int)
     assert np.abs(composited - np.asarray(load_image(tmp_path / "rgba.png")).astype(int)).max() <= 1

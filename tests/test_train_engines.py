@@ -68,6 +68,16 @@ def _no_onnxruntime(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
 
 
+def _time_onnx_on_tiny_data(monkeypatch):
+    """Time eager and ONNX Runtime on a tiny folder: the timing runs from one image, the
+    export always pays, and torch.compile (minutes) is left out."""
+    monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)
+    monkeypatch.setattr(eng, "ONNX_SECONDS_BASE", {"cpu": 0.0})
+    monkeypatch.setattr(eng, "ONNX_SECONDS_PER_MODULE", {"cpu": 0.0})
+    monkeypatch.setattr(eng, "engine_availability", lambda device_type: {
+        "eager": None, "onnxruntime": None, "compile": "not timed in this test (compiling takes minutes)"})
+
+
 def _decide(**kw):
     """The facts (weights loaded, so the engines can be timed) and the decisions of a run."""
     cfg = FinetuneConfig(**{**KW, **kw})
@@ -481,11 +491,7 @@ def test_finetune_on_onnxruntime_features_matches_eager(folder, tmp_path):
 
 
 def test_the_stored_timing_is_reused_by_a_later_run(folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)
-    monkeypatch.setattr(eng, "ONNX_SECONDS_BASE", {"cpu": 0.0})  # the export always pays: ONNX Runtime is timed
-    monkeypatch.setattr(eng, "ONNX_SECONDS_PER_MODULE", {"cpu": 0.0})
-    monkeypatch.setattr(eng, "engine_availability", lambda device_type: {
-        "eager": None, "onnxruntime": None, "compile": "not timed in this test (compiling takes minutes)"})
+    _time_onnx_on_tiny_data(monkeypatch)
     facts, first = _decide(backbone=_backbone(), data=folder, cache_dir=tmp_path / "c")
     assert (tmp_path / "c" / "engines.json").is_file() and "images_per_s" in facts.engines["measured"]["onnxruntime"]
 
@@ -501,11 +507,7 @@ def test_the_stored_timing_is_reused_by_a_later_run(folder, tmp_path, monkeypatc
 
 def test_a_stored_onnx_verdict_whose_export_cannot_be_written_again_falls_back_before_deciding(folder, tmp_path,
                                                                                             monkeypatch):
-    monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)
-    monkeypatch.setattr(eng, "ONNX_SECONDS_BASE", {"cpu": 0.0})  # the export always pays: ONNX Runtime is timed
-    monkeypatch.setattr(eng, "ONNX_SECONDS_PER_MODULE", {"cpu": 0.0})
-    monkeypatch.setattr(eng, "engine_availability", lambda device_type: {
-        "eager": None, "onnxruntime": None, "compile": "not timed in this test (compiling takes minutes)"})
+    _time_onnx_on_tiny_data(monkeypatch)
     cache = tmp_path / "c"
     kw = dict(backbone=_backbone(), data=folder, cache_dir=cache, policy="feature_extraction", epochs=1)
     _decide(**kw)
@@ -541,11 +543,7 @@ def test_a_stored_onnx_verdict_whose_export_cannot_be_written_again_falls_back_b
 
 
 def test_a_timing_stored_in_another_format_is_timed_again(folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)
-    monkeypatch.setattr(eng, "ONNX_SECONDS_BASE", {"cpu": 0.0})  # the export always pays: ONNX Runtime is timed
-    monkeypatch.setattr(eng, "ONNX_SECONDS_PER_MODULE", {"cpu": 0.0})
-    monkeypatch.setattr(eng, "engine_availability", lambda device_type: {
-        "eager": None, "onnxruntime": None, "compile": "not timed in this test (compiling takes minutes)"})
+    _time_onnx_on_tiny_data(monkeypatch)
     _decide(backbone=_backbone(), data=folder, cache_dir=tmp_path / "c")
     store = tmp_path / "c" / "engines.json"
     data = json.loads(store.read_text())
@@ -562,11 +560,7 @@ def test_a_timing_stored_in_another_format_is_timed_again(folder, tmp_path, monk
 
 def test_a_stored_onnx_verdict_in_a_read_only_cache_uses_its_intact_export_and_not_a_damaged_one(folder, tmp_path,
                                                                                                monkeypatch):
-    monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)
-    monkeypatch.setattr(eng, "ONNX_SECONDS_BASE", {"cpu": 0.0})
-    monkeypatch.setattr(eng, "ONNX_SECONDS_PER_MODULE", {"cpu": 0.0})
-    monkeypatch.setattr(eng, "engine_availability", lambda device_type: {
-        "eager": None, "onnxruntime": None, "compile": "not timed in this test (compiling takes minutes)"})
+    _time_onnx_on_tiny_data(monkeypatch)
     cache = tmp_path / "c"
     kw = dict(backbone=_backbone(), data=folder, cache_dir=cache, policy="feature_extraction", epochs=1)
     _decide(**kw)

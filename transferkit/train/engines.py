@@ -65,6 +65,7 @@ from transferkit._text import exception_line
 from transferkit.data.fingerprint import module_fingerprint
 from transferkit.errors import ConfigError, EngineError
 from transferkit.export.onnx import convert_to_onnx
+from transferkit.export.torchscript import shorter_clips
 from transferkit.model import AudioPreprocess, ImagePreprocess, TransferModel
 from transferkit.policies.frozen_bn import eval_fingerprint
 from transferkit.train.loaders import make_loader
@@ -851,7 +852,7 @@ def _export_mismatch(forward: Callable, model: nn.Module, example: torch.Tensor,
     in, or a trunk whose code changed without changing its fingerprint)."""
     audio = input_unit(model) == "clips"
     if audio:
-        probe = example[:2, :max(1, example.shape[1] * 3 // 4)]
+        probe = shorter_clips(example[:2])
     elif not exported:
         probe = example[:2]
     else:

@@ -132,18 +132,18 @@ def feature_engines(batch: int, dev: torch.device) -> dict:
         # as a run of n images decides: a prepared engine is timed only where its preparation
         # can pay on n images (`compile_pays`, before timing, over the fastest agreeing engine
         # prepared before it); here all were timed, so gate them after
-        seen, best = dict(measured), None
+        seen, prior = dict(measured), {"eager": measured["eager"]}
         for e in eng.PREPARED:
             m = seen.get(e, {})
             if "images_per_s" in m:
                 pays, why = eng.compile_pays(dev.type, n_images=n, eager_images_per_s=measured["eager"]["images_per_s"],
                                              n_modules=eng.leaf_modules(model), engine=e,
-                                             fp32_images_per_s=measured["eager"].get("fp32_images_per_s"), best=best)
+                                             fp32_images_per_s=measured["eager"].get("fp32_images_per_s"),
+                                             best=eng.fastest_agreeing(prior, besides=e))
                 if not pays:
                     seen[e] = {"skipped": why}
-                elif m["rel_diff"] <= eng.tolerance(m["precision"], measured["eager"].get("rel_diff")) and \
-                        (best is None or m["images_per_s"] > best[1]):
-                    best = (e, m["images_per_s"])
+                else:
+                    prior[e] = m
         picks[n] = eng.decide_engine("auto", device_type=dev.type, available=available, measured=seen, n_images=n,
                                      precision="bf16")
     return {"available": available, "measured": measured, "picks": picks}

@@ -287,7 +287,7 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
             weigh = dict(n_images=n_images, n_modules=leaf_modules(model), engine=name, fp32_images_per_s=fp32_ips,
                          unit=input_unit(model))
             pays, why = compile_pays(device.type, eager_images_per_s=first_ips, **weigh)
-            best = max(early.items(), key=lambda e: e[1], default=None)
+            best = fastest_agreeing(out, besides=name)  # among the engines prepared and timed before this one
             if pays and best is not None:  # worth it over eager: is it over the engine already timed?
                 if first_call:  # eager's first call would undervalue this engine's expected speed: time eager
                     first_ips, first_call = _fastest({"eager": runners["eager"]}, timed_on, 1, device)["eager"], False
@@ -322,6 +322,7 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
             agrees = out[name]["rel_diff"] <= tolerance(out[name]["precision"], out["eager"].get("rel_diff"))
             if agrees and n_images is not None and any(c in PREPARED for c in order[i + 1:]):
                 early.update(_fastest({name: fwd}, timed_on, 1, device, outputs=outputs))
+                out[name]["images_per_s"] = early[name]  # its first round (the timing below may raise it)
         if name == "eager":  # eager's speed alone first (for compile_pays)
             first_call = precision == "fp32" and device.type == "cpu" and any(c in PREPARED for c in candidates)
             if first_call:  # its fp32 reference batch, a first call: a low estimate, confirmed or timed below
@@ -435,7 +436,7 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
                    compile_pays(device.type, n_images=n_images, n_modules=leaf_modules(model),
                                 eager_images_per_s=saved["eager"].get("images_per_s", 1.0), engine=c,
                                 fp32_images_per_s=saved["eager"].get("fp32_images_per_s"), unit=input_unit(model),
-                                best=_fastest_agreeing(saved, besides=c))[0])]
+                                best=fastest_agreeing(saved, besides=c))[0])]
         if not missing:
             stored = {c: {**saved[c], "stored": True} for c in ["eager", *candidates] if c in saved}
             if "images_per_s" in stored.get("onnxruntime", {}):  # its export is needed again if it wins
@@ -454,9 +455,10 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
     return measured
 
 
-def _fastest_agreeing(measured: dict[str, dict[str, Any]], *, besides: str) -> tuple[str, float] | None:
-    """The fastest prepared engine of a timing other than ``besides`` whose features agreed
-    with eager fp32, and its speed (what `compile_pays` weighs a further engine against)."""
+def fastest_agreeing(measured: dict[str, dict[str, Any]], *, besides: str) -> tuple[str, float] | None:
+    """The fastest prepared engine of a timing (`time_engines`) other than ``besides`` whose
+    features agreed with eager fp32, and its speed: what `compile_pays` weighs a further
+    engine against, in the timing, for a stored timing and in the benchmarks."""
     eager_rel = measured["eager"].get("rel_diff")
     agreeing = [(name, m["images_per_s"]) for name, m in measured.items()
                 if name in PREPARED and name != besides and "images_per_s" in m

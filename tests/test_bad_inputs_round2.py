@@ -153,6 +153,21 @@ def test_predict_errors_do_not_give_training_advice(tmp_path):
     assert not pred.ok and "Cannot read image" in pred.error and "on_bad_file" not in pred.error
 
 
+def test_a_missing_file_is_reported_as_missing_with_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = InputSpec(kind="audio", sample_rate=8000, clip_seconds=None)
+    audio = Predictor(torch.jit.script(_Length()), {"labels": ["a", "b"], "task": "multiclass",
+                                                    "input_spec": spec.to_dict()}, source="test model")
+    for predictor, name in ((_image_predictor(), "gone.jpg"), (audio, "gone.wav")):
+        pred = predictor.predict([name])[0]
+        assert not pred.ok and "does not exist" in pred.error and str(tmp_path / name) in pred.error
+        assert "Remove" not in pred.error and "libsndfile" not in pred.error
+    with pytest.raises(DataError, match=r"The image 'gone.jpg' does not exist"):
+        tk.data.load_image("gone.jpg")
+    with pytest.raises(DataError, match=r"The audio file 'gone.wav' does not exist"):
+        tk.data.audio.load_audio("gone.wav")
+
+
 def test_long_audio_is_cropped_at_predict_time_as_in_training(tmp_path):
     spec = InputSpec(kind="audio", sample_rate=8000, clip_seconds=None)
     meta = {"labels": ["a", "b"], "task": "multiclass", "input_spec": spec.to_dict(), "config": {"max_seconds": 2.0}}

@@ -7,6 +7,7 @@ from [`TransferkitError`][transferkit.TransferkitError], so ``except transferkit
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -132,3 +133,13 @@ def check_choice(what: str, value: object, choices: Iterable[str]) -> str:
             f"Unknown {what} {value!r}.{hint} Valid values: {', '.join(map(repr, choices))}."
         )
     return value
+
+
+def unreadable_file(what: str, path: Any, exc: BaseException, fix: str, *, name: str | None = None) -> DataError:
+    """The error for a ``what`` ("image", "audio file") at ``path`` that could not be read
+    (``exc``): a path that does not exist says so and where it was looked for; any other
+    failure says what failed and ``fix``. ``name``: what to call it (a member of a shard)."""
+    shown = name or str(path)
+    if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
+        return DataError(f"The {what} {shown!r} does not exist (looked for {os.path.abspath(path)!r}): check the path.")
+    return DataError(f"Cannot read {what} {shown!r}: {type(exc).__name__}: {exc}. {fix}")

@@ -26,7 +26,7 @@ from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_label_
 from transferkit.data.folders import scan_class_folders, warn_split_like_classes
 from transferkit.data.late import FileDataset
 from transferkit._text import plural
-from transferkit.errors import ConfigError, DataError, check_choice
+from transferkit.errors import ConfigError, DataError, check_choice, unreadable_file
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif")
 PAD_VALUE = float("nan")
@@ -53,11 +53,6 @@ def load_audio(path: str | Path, sample_rate: int | None = None, *, mono: bool =
     return resample(wav, sr, sample_rate) if sample_rate else wav
 
 
-def _cannot_read(path: str | Path, exc: BaseException) -> DataError:
-    return DataError(f"Cannot read audio file {str(path)!r}: {type(exc).__name__}: {exc}. Supported: "
-                     f"{', '.join(AUDIO_EXTENSIONS)} (read with soundfile/libsndfile).")
-
-
 def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[torch.Tensor, int]:
     """Read an audio file with soundfile: ``([C, T] float32 tensor, sample_rate)``; with
     ``max_seconds``, only the middle ``max_seconds`` of a longer file are read. A file with
@@ -73,7 +68,8 @@ def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[t
                 f.seek((frames - keep) // 2)
             data = f.read(keep, dtype="float32", always_2d=True)
     except (RuntimeError, OSError, ValueError, TypeError) as exc:  # sf.LibsndfileError is a RuntimeError
-        raise _cannot_read(path, exc) from exc
+        raise unreadable_file("audio file", path, exc, f"Supported: {', '.join(AUDIO_EXTENSIONS)} (read with "
+                              "soundfile/libsndfile).") from exc
     if data.shape[0] == 0:
         raise DataError(f"Audio file {str(path)!r} is empty (0 samples): a header without audio data.")
     check_finite(data, f"audio file {str(path)!r}")

@@ -16,7 +16,7 @@ from transferkit.data.checks import ON_BAD_FILE, DataReport, check_label_names, 
 from transferkit.data.folders import scan_class_folders
 from transferkit.data.late import FileDataset
 from transferkit._text import plural
-from transferkit.errors import DataError, check_choice
+from transferkit.errors import DataError, check_choice, unreadable_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -42,8 +42,8 @@ def load_image(path: str | Path | BinaryIO, *, min_size: int | None = None, name
                 img = ImageOps.exif_transpose(img)
                 return to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"Cannot read image {name or str(path)!r}: {type(exc).__name__}: {exc}. Remove the file, or pass "
-                        "on_bad_file='skip' to leave unreadable files out.") from exc
+        raise unreadable_file("image", path, exc, "Remove the file, or pass on_bad_file='skip' to leave unreadable "
+                              "files out.", name=name) from exc
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

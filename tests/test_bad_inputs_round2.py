@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from PIL import Image
 
 import transferkit as tk
 from transferkit.backbones import InputSpec
@@ -151,6 +152,19 @@ def test_predict_errors_do_not_give_training_advice(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     pred = _image_predictor().predict([str(tmp_path / "bad.png")])[0]
     assert not pred.ok and "Cannot read image" in pred.error and "on_bad_file" not in pred.error
+
+
+def test_a_16_bit_array_or_tensor_is_scaled_as_its_16_bit_png_is(tmp_path):
+    deep = np.random.default_rng(0).integers(0, 65536, (16, 16), dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")  # a 16-bit grayscale PNG
+    from_file = _image_predictor().predict([str(tmp_path / "deep.png")])[0]
+    assert from_file.ok, from_file.error
+    for item in (deep, deep[..., None].repeat(3, -1), torch.from_numpy(deep.astype(np.int32)).to(torch.uint16)[None]):
+        got = _image_predictor().predict([item])[0]
+        assert got.ok, got.error
+        assert (got.label, got.probability) == (from_file.label, pytest.approx(from_file.probability, abs=1e-7))
+    with pytest.raises(DataError, match=r"uint8 in \[0, 255\], uint16 \(16-bit\) or float in \[0, 1\], got torch.int32"):
+        _image_predictor().predict(torch.zeros(3, 4, 4, dtype=torch.int32))
 
 
 def test_a_missing_file_is_reported_as_missing_with_where_it_was_looked_for(tmp_path, monkeypatch):

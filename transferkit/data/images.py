@@ -46,6 +46,12 @@ def load_image(path: str | Path | BinaryIO, *, min_size: int | None = None, name
                               "files out.", name=name) from exc
 
 
+def to_8bit(arr: np.ndarray, top: float = 65535.0) -> np.ndarray:
+    """Pixels in [0, ``top``] (16-bit by default) to uint8, rounded: how a 16-bit image file
+    is read, and a 16-bit array or tensor passed to ``predict``."""
+    return np.clip(np.asarray(arr, dtype=np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow image mode to 8-bit RGB (see [`load_image`][transferkit.data.load_image])."""
     if img.mode == "RGB":
@@ -53,7 +59,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(to_8bit(arr, top), "L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

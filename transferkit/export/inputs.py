@@ -22,7 +22,7 @@ from PIL import Image
 
 from transferkit.backbones._base import InputSpec
 from transferkit.data import audio
-from transferkit.data.images import IMAGE_EXTENSIONS, load_image
+from transferkit.data.images import IMAGE_EXTENSIONS, load_image, to_8bit
 from transferkit.data.transforms import eval_transform
 from transferkit.errors import DataError
 
@@ -149,6 +149,8 @@ def _array_to_image(arr: np.ndarray) -> Image.Image | torch.Tensor:
                         "arr.transpose(1, 2, 0) or pass a torch tensor [C,H,W].")
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
         raise DataError(f"A numpy image must be HxW or HxWxC with C in 1, 3, 4, got shape {arr.shape}.")
+    if arr.dtype == np.uint16:  # a 16-bit image (OpenCV's IMREAD_UNCHANGED, tifffile): scaled as its file would be
+        arr = to_8bit(arr)
     if arr.dtype == np.uint8:
         return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
     t = torch.from_numpy(np.ascontiguousarray(arr))
@@ -163,10 +165,13 @@ def _check_image_tensor(t: torch.Tensor) -> torch.Tensor:
     if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
         raise DataError(f"An image tensor must be [C,H,W] with C in 1, 3, 4 (or [N,C,H,W] for several), got "
                         f"{tuple(t.shape)}.")
+    if t.dtype == torch.uint16:  # torchvision's decode_png of a 16-bit PNG: scaled as the file would be
+        t = torch.from_numpy(to_8bit(t.cpu().to(torch.int32).numpy()))
     if t.dtype == torch.uint8:
         return t.cpu()
     if not t.is_floating_point():
-        raise DataError(f"An image tensor must be uint8 in [0, 255] or float in [0, 1], got {t.dtype}.")
+        raise DataError(f"An image tensor must be uint8 in [0, 255], uint16 (16-bit) or float in [0, 1], got "
+                        f"{t.dtype}.")
     t = t.detach().float().cpu()
     lo, hi = (float(t.min()), float(t.max())) if t.numel() else (0.0, 0.0)
     if lo < -1e-3 or hi > 1.0 + 1e-3:

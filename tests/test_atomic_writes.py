@@ -449,3 +449,33 @@ def test_a_second_process_on_the_same_checkpoint_gets_a_clear_error(tmp_path):
         save_checkpoint(path, model=torch.nn.Linear(2, 2), meta={"x": 1})  # re-entrant inside the run's lock
         assert lock_path(path).exists()
     assert not lock_path(path).exists() and load_checkpoint(path)["transferkit"] == {"x": 1}
+
+
+JSON_WRITER = textwrap.dedent("""
+    import sys
+    from transferkit._io import update_json_object
+    path, tag = sys.argv[1], sys.argv[2]
+    print("ready", flush=True)
+    sys.stdin.readline()                       # both start together
+    for i in range(80):
+        update_json_object(path, f"{tag}-{i}", {"i": i}, what="timing store")
+""")
+
+
+def test_runs_updating_one_timing_store_at_once_keep_every_key(tmp_path):
+    """The read, change and write of a JSON store (``engines.json``) hold its lock: two
+    processes adding keys at once lose none (without the lock, about half were lost)."""
+    import json
+
+    script, store = tmp_path / "writer.py", tmp_path / "engines.json"
+    script.write_text(JSON_WRITER)
+    procs = [subprocess.Popen([sys.executable, str(script), str(store), tag], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for tag in "ab"]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert sorted(json.loads(store.read_text())) == sorted(f"{t}-{i}" for t in "ab" for i in range(80))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no lock or temporary left

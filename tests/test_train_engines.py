@@ -558,6 +558,22 @@ def test_a_timing_stored_in_another_format_is_timed_again(folder, tmp_path, monk
     assert all(e["format"] == eng.STORE_FORMAT for e in json.loads(store.read_text()).values())
 
 
+def test_an_engine_that_failed_for_the_machines_state_is_timed_again_once_it_is_mended(folder, tmp_path,
+                                                                                      monkeypatch):
+    _time_onnx_on_tiny_data(monkeypatch)
+    cache = tmp_path / "c"
+    cache.mkdir()
+    (cache / "engines").write_text("a file where the exports' folder goes")  # (or a full disk)
+    facts, first = _decide(backbone=_backbone(), data=folder, cache_dir=cache)
+    failed = facts.engines["measured"]["onnxruntime"]
+    assert "OutputError" in failed["error"] and failed["transient"] is True and first.engine == "eager"
+    facts, again = _decide(backbone=_backbone(), data=folder, cache_dir=cache)
+    assert "stored" not in facts.engines["measured"]["eager"]  # not read back from the store: timed again
+    (cache / "engines").unlink()
+    facts, mended = _decide(backbone=_backbone(), data=folder, cache_dir=cache)
+    assert "images_per_s" in facts.engines["measured"]["onnxruntime"] and "failed" not in mended.engine_reason
+
+
 def test_a_stored_onnx_verdict_in_a_read_only_cache_uses_its_intact_export_and_not_a_damaged_one(folder, tmp_path,
                                                                                                monkeypatch):
     _time_onnx_on_tiny_data(monkeypatch)

@@ -553,10 +553,10 @@ def _holder(lock: Path) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None) -> Iterator[Path]:
+def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None, wait: float = 0.0) -> Iterator[Path]:
     """Hold an exclusive lock on ``path`` for the duration of the block (re-entrant within
     a process); another process asking for it gets `FileLockedError`
-    at once, naming the holder. A lock left by a process that died does not block (the
+    at once (after up to ``wait`` seconds of asking again), naming the holder. A lock left by a process that died does not block (the
     kernel drops ``flock`` locks with their process). Linux and macOS (``fcntl``); elsewhere
     the lock is not taken, with a warning.
 
@@ -578,7 +578,7 @@ def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None) 
         if held is not None:
             held[1] += 1
     if held is None:
-        fd = _acquire(lock, fcntl, what=what, flag=flag, target=Path(path))
+        fd = _acquire(lock, fcntl, what=what, flag=flag, target=Path(path), wait=wait)
         with _HELD_GUARD:
             _HELD[key] = [fd, 1]
     try:
@@ -596,12 +596,14 @@ def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None) 
             os.close(entry[0])
 
 
-def _acquire(lock: Path, fcntl, *, what: str, flag: str | None, target: Path) -> int:  # noqa: ANN001
+def _acquire(lock: Path, fcntl, *, what: str, flag: str | None, target: Path,  # noqa: ANN001
+             wait: float = 0.0) -> int:
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"Cannot lock the {what} {str(target)!r}: {_reason(exc)} ({exc}).") from exc
-    for _ in range(50):
+    deadline, changed = time.monotonic() + wait, 0
+    while changed < 50:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
@@ -611,6 +613,9 @@ def _acquire(lock: Path, fcntl, *, what: str, flag: str | None, target: Path) ->
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            if time.monotonic() < deadline:  # held for a moment (a short update): ask again
+                time.sleep(0.01)
+                continue
             raise FileLockedError(
                 f"The {what} {str(target)!r}{f' ({flag})' if flag else ''} is being written by {_holder(lock)} "
                 f"(lock file {str(lock)!r}). Two runs writing one {what} would overwrite each other: wait for "
@@ -621,6 +626,7 @@ def _acquire(lock: Path, fcntl, *, what: str, flag: str | None, target: Path) ->
             same = False
         if not same:  # the previous holder removed the file between our open and our lock
             os.close(fd)
+            changed += 1
             continue
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
@@ -670,9 +676,14 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+JSON_UPDATE_WAIT_S = 30.0  # how long an update waits for another process's update of the same file
+
+
 def update_json_object(path: str | Path, key: str, value: Any, *, what: str = "file") -> None:
     """Set ``key`` to ``value`` in the JSON object stored in ``path`` (the timing stores under
-    ``cache_dir``), written atomically; an unreadable file starts afresh."""
-    data = read_json_object(path)
-    data[key] = value
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True)), what=what)
+    ``cache_dir``), written atomically; an unreadable file starts afresh. The read, change
+    and write hold the file's lock, so runs that update one store at once keep every key."""
+    with file_lock(path, what=what, wait=JSON_UPDATE_WAIT_S):
+        data = read_json_object(path)
+        data[key] = value
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True)), what=what)

@@ -306,6 +306,8 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
                 got = fwd(batches[0]).float().cpu()  # the first call (compiles, warms up)
         except Exception as exc:  # an engine that fails here is reported and skipped
             out[name] = {"error": exception_line(exc)}
+            if isinstance(exc, (OSError, MemoryError)):  # this machine's state (a full disk, a file in the way),
+                out[name]["transient"] = True  # not the trunk's: a stored timing tries it again
             continue
         setup = time.perf_counter() - t0
         if ref is None:  # eager in fp32 is the reference
@@ -420,10 +422,13 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
     """`time_engines`, read from (and written to) ``cache_dir/engines.json`` when a
     ``cache_dir`` is given: a later run on the same trunk, input shape, machine and versions
     (and store format, ``STORE_FORMAT``) reuses the verdict (and so the same feature-cache key)
-    instead of timing again. A candidate missing from the stored verdict, or skipped there
-    for a smaller run (one where it could pay now, weighed as the timing weighs it), is timed
-    and added. A stored ONNX Runtime timing whose export is gone and cannot be written again
-    says why under ``"unprepared"`` (the decision then takes the next engine)."""
+    instead of timing again. A candidate missing from the stored verdict, skipped there
+    for a smaller run (one where it could pay now, weighed as the timing weighs it), or
+    failed there for a reason of the machine's state (``"transient"``: a full disk, a file
+    in the export's way), is timed and added. A stored ONNX Runtime timing whose export is
+    gone and cannot be written again says why under ``"unprepared"`` (the decision then
+    takes the next engine). Runs that store timings at once keep each other's (the store's
+    lock, `update_json_object`)."""
     store = Path(cache_dir) / "engines.json" if cache_dir is not None else None
     fingerprint = pass_fingerprint(model)  # hashed once: the trunk's weights may be a gigabyte
     key = engines_store_key(model, batches[0].shape[1:], batches[0].dtype, device=device, precision=precision,
@@ -432,7 +437,8 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
     entry = data.get(key)
     saved = entry.get("measured") if isinstance(entry, dict) and entry.get("format") == STORE_FORMAT else None
     if _well_formed(saved):
-        missing = [c for c in candidates if c not in saved or ("skipped" in saved[c] and c in PREPARED and
+        missing = [c for c in candidates if c not in saved or saved[c].get("transient") or (
+                   "skipped" in saved[c] and c in PREPARED and
                    compile_pays(device.type, n_images=n_images, n_modules=leaf_modules(model),
                                 eager_images_per_s=saved["eager"].get("images_per_s", 1.0), engine=c,
                                 fp32_images_per_s=saved["eager"].get("fp32_images_per_s"), unit=input_unit(model),
@@ -502,8 +508,6 @@ def _well_formed(saved: Any) -> bool:
         if not m["images_per_s"] > 0:
             return False
     return True
-
-
 
 
 # --------------------------------------------------------------------------- the decision (pure)

@@ -313,3 +313,44 @@ def test_cpu_feature_pass_decodes_a_block_before_computing_it(monkeypatch):
     spare, _ = extract_features(lin, Loader(), torch.device("cpu"), forward=forward)
     assert log == [s for i in range(4) for s in (f"read {i}", f"compute {i}")]
     assert torch.equal(shared, spare)
+
+
+def test_a_run_removes_what_killed_runs_left_in_its_cache_and_nothing_live(image_folder, tmp_path):
+    """Temporaries of dead writers (a store's half-written part, an export or a timing store
+    cut short) go at the next run, even one that never writes those files again; a live
+    writer's stay."""
+    from transferkit._io import create_temp, owner_tag
+
+    cache = tmp_path / "cache"
+    common = dict(weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0, epochs=1,
+                  batch_size=4, verbose=False, cache_dir=cache, precision="fp32")
+    tk.finetune("tk:small_cnn", **common)
+    store = sorted(p for p in cache.iterdir() if p.is_dir())[0]
+    host, pid, start = owner_tag().split("-")[1:]
+    dead = f"tk-{host}-{pid}-{int(start) + 1}-0123abcd.tmp"  # this pid, another (ended) process
+    (cache / "engines" / "onnx").mkdir(parents=True)
+    left = [store / f".part-000000.{dead}", cache / "engines" / "onnx" / f".0f1e.onnx.{dead}",
+            cache / f".engines.json.{dead}"]
+    left[0].mkdir()
+    for p in left[1:]:
+        p.write_bytes(b"cut short")
+    live = create_temp(cache / "engines" / "onnx" / "0f1e.onnx")  # being written by this process
+    tk.finetune("tk:small_cnn", **common)  # the features are reused: nothing is written again
+    assert [p for p in left if os.path.lexists(p)] == [] and live.exists()
+
+
+def test_a_store_removed_while_it_is_written_is_a_clear_error(image_folder, tmp_path, monkeypatch):
+    import shutil
+
+    import transferkit.train.feature_store as feature_store
+
+    real = feature_store.ShardedFeatureStore.write_part
+
+    def removed_first(store, *a, **k):
+        shutil.rmtree(store.path)  # a cleanup job empties cache_dir during the pass
+        return real(store, *a, **k)
+
+    monkeypatch.setattr(feature_store.ShardedFeatureStore, "write_part", removed_first)
+    with pytest.raises(tk.errors.OutputError, match=r"was removed while this run wrote it .* Run again"):
+        tk.finetune("tk:small_cnn", weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0,
+                    epochs=1, batch_size=4, verbose=False, cache_dir=tmp_path / "cache", precision="fp32")

@@ -41,7 +41,7 @@ from transferkit.run import Run
 from transferkit.policies import apply_policy, merge_lora, policy_penalty, set_train_mode
 from transferkit.checkpoints import save_checkpoint, save_interrupted_weights, save_with_fallback
 from transferkit.train.distributed import wrap_ddp
-from transferkit.train.engines import engine_precision, lazy_engine_forward
+from transferkit.train.engines import engine_precision, lazy_engine_forward, remove_stale_engine_files
 from transferkit.train.faults import training_faults
 from transferkit.errors import DataError
 from transferkit.train.feature_store import fill_store, open_store, part_size_for
@@ -76,6 +76,8 @@ def training_data(d: Decisions, run: Run, *, cached: bool | None = None, progres
     if not cached:
         return input_loaders(d, run)
     t0 = time.perf_counter()
+    if run.dist.local_rank == 0:  # what killed runs left in the cache (one rank per node looks)
+        remove_stale_engine_files(d.config.cache_dir)
     cuda = [run.feature_speed.device] if run.feature_speed.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # extraction leaves the RNG as it was: a resume is exact
         td = cached_features(d, run, progress=progress)

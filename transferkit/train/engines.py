@@ -59,6 +59,7 @@ from transferkit._io import (
     probe_writable,
     read_json_object,
     remove_stale_temps,
+    remove_stale_temps_in,
     update_json_object,
 )
 from transferkit._text import exception_line
@@ -807,10 +808,8 @@ def onnx_path(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, cache_
     if not _SESSION_DIR:  # removed when the process exits (or by release_engines)
         # named for this process, so that the folders of killed processes (SIGKILL, a crash:
         # no atexit) are found and removed by the next run
-        anchor = Path(tempfile.gettempdir()) / "transferkit-engines"
-        with contextlib.suppress(OSError):  # another user's folder that this one may not remove
-            remove_stale_temps(anchor, prefix=_SESSION_PREFIX)
-        _SESSION_DIR.append(str(create_temp(anchor, directory=True, prefix=_SESSION_PREFIX)))
+        remove_stale_engine_files(None)
+        _SESSION_DIR.append(str(create_temp(_session_anchor(), directory=True, prefix=_SESSION_PREFIX)))
         atexit.register(_remove_session_dir)
     return Path(_SESSION_DIR[0]) / name
 
@@ -954,6 +953,25 @@ def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_si
     return forward
 
 
+def _session_anchor() -> Path:
+    return Path(tempfile.gettempdir()) / "transferkit-engines"
+
+
+def remove_stale_engine_files(cache_dir: str | Path | None) -> list[Path]:
+    """Remove what killed runs left behind (SIGKILL, a crash): the temporaries of exports and
+    timing stores in ``cache_dir`` and its ``engines/onnx`` whose writer is dead (a write cut
+    short; the next write of the same file would remove them, but a run that takes another
+    engine never writes it), and the export folders of dead processes that ran without a
+    ``cache_dir``. A live writer's files are left alone. Returns what was removed."""
+    removed = []
+    if cache_dir is not None:
+        for folder in (Path(cache_dir), Path(cache_dir) / "engines" / "onnx"):
+            removed += remove_stale_temps_in(folder)
+    with contextlib.suppress(OSError):  # another user's folder that this one may not remove
+        removed += remove_stale_temps(_session_anchor(), prefix=_SESSION_PREFIX)
+    return removed
+
+
 def release_engines() -> None:
     """Forget the prepared engines of this process (compiled modules, ONNX sessions) and
     remove its exports made without a ``cache_dir``."""
@@ -978,7 +996,6 @@ def example_batches(dataset: Any, *, batch_size: int, count: int = 2) -> list[to
         if len(out) == count:
             break
     return out
-
 
 
 def feature_model(trunk: nn.Module, spec: Any, device: torch.device, *, channels_last: bool) -> TransferModel:

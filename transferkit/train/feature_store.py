@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from transferkit._io import create_temp, file_digest, remove_stale_temps
+from transferkit._io import create_temp, file_digest, remove_stale_temps, remove_stale_temps_in
 from transferkit.errors import ConfigError, DataError, OutputError
 from transferkit.data.sampling import SeededItems, decode_then_compute, in_blocks, mix_seed
 from transferkit.train.distributed import DistInfo, all_ranks, all_reduce_sum, barrier, broadcast_object
@@ -155,6 +155,7 @@ class ShardedFeatureStore:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"Cannot create the feature store {str(path)!r}: {exc}.") from exc
+        remove_stale_temps_in(path)  # parts that killed writers left half written (a live writer's stay)
         meta_file = path / "store.json"
         old = None
         if meta_file.is_file():
@@ -265,7 +266,11 @@ class ShardedFeatureStore:
             raise ValueError(f"{len(tgt)} targets for the {rows} samples of part {p}")
         m = np.ones(rows, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
         need = arr.nbytes + tgt.nbytes + m.nbytes
-        free = shutil.disk_usage(self.path).free
+        try:
+            free = shutil.disk_usage(self.path).free
+        except FileNotFoundError as exc:
+            raise OutputError(f"The feature store {str(self.path)!r} was removed while this run wrote it (a cleanup "
+                              "of cache_dir?). Run again: the features are computed anew.") from exc
         if need + SPACE_MARGIN_BYTES > free:
             raise OutputError(f"Not enough free space for the feature store {str(self.path)!r}: a part needs "
                               f"{need / 2**20:.1f} MB (+{SPACE_MARGIN_BYTES // 2**20} MB margin), "

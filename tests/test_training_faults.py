@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -45,6 +47,31 @@ def test_ctrl_c_without_checkpoint_keeps_the_weights(image_folder, tmp_path, mon
     assert saved.is_file()
     bb = tk.get_backbone("tk:small_cnn", weights=saved)  # the trunk of the interrupted run
     assert bb.weights == str(saved)
+    first = saved.read_bytes()
+    with pytest.raises(TrainingInterrupted, match="transferkit-interrupted-2.pt") as again:  # a second job, same folder
+        tk.finetune("tk:small_cnn", data=image_folder, epochs=2, callbacks=[_interrupt_after(1)], **FAST)
+    assert again.value.checkpoint == tmp_path / "transferkit-interrupted-2.pt" and again.value.checkpoint.is_file()
+    assert saved.read_bytes() == first  # the first job's weights are not replaced
+
+
+def test_interrupted_weights_that_cannot_be_saved_at_their_name_leave_no_empty_file_there(tmp_path, monkeypatch):
+    import transferkit.checkpoints as checkpoints
+    from transferkit.errors import OutputError
+
+    monkeypatch.chdir(tmp_path)
+    real = checkpoints.save_checkpoint
+
+    def full_here(path, **kw):
+        if Path(path).parent == tmp_path:
+            raise OutputError(f"Cannot write {path}: no space left on the device")
+        return real(path, **kw)
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", full_here)
+    monkeypatch.setattr(checkpoints, "fallback_paths", lambda target: [tmp_path / "elsewhere" / "w.pt"])
+    (tmp_path / "elsewhere").mkdir()
+    saved = checkpoints.save_interrupted_weights(tmp_path / "transferkit-interrupted.pt", model=torch.nn.Linear(2, 2),
+                                                 meta={})
+    assert saved == tmp_path / "elsewhere" / "w.pt" and sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]
 
 
 def test_ctrl_c_before_the_first_epoch_with_a_checkpoint_path_says_it_was_not_written(image_folder, tmp_path,

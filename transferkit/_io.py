@@ -634,6 +634,29 @@ def _acquire(lock: Path, fcntl, *, what: str, flag: str | None, target: Path,  #
     raise OutputError(f"Cannot lock the {what} {str(target)!r}: the lock file {str(lock)!r} keeps changing.")
 
 
+def claim_unused_path(path: str | Path) -> Path:
+    """``path``, or the first of ``<stem>-2<suffix>``, ``<stem>-3<suffix>``, ... that does not
+    exist, created empty so that a process claiming one at the same moment takes the next:
+    for files written for the user that must not replace an earlier one (the weights of an
+    interrupted run). A folder that cannot be written gives ``path`` (its write then says why).
+
+    Example:
+        >>> claim_unused_path("transferkit-interrupted.pt")  # doctest: +SKIP
+        PosixPath('transferkit-interrupted-2.pt')
+    """
+    path = Path(path)
+    for i in range(1, 10_000):
+        candidate = path if i == 1 else path.with_name(f"{path.stem}-{i}{path.suffix}")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError:
+            return path
+    return path
+
+
 def same_file(a: str | Path, b: str | Path) -> bool:
     """Whether two paths name the same file: the same resolved path, or (both existing) the
     same inode (a hard link, a symlink, ``./x`` and ``x``).

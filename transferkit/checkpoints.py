@@ -18,6 +18,7 @@ Writers of one checkpoint path are exclusive: `checkpoint_lock`.
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import random
 import tempfile
@@ -32,7 +33,15 @@ import numpy as np
 import torch
 
 from transferkit._integrity import INTEGRITY_KEY, seal, verify_sealed
-from transferkit._io import TEMP_NAME_EXTRA, atomic_write, check_free_space, file_lock, name_max, python_writer
+from transferkit._io import (
+    TEMP_NAME_EXTRA,
+    atomic_write,
+    check_free_space,
+    claim_unused_path,
+    file_lock,
+    name_max,
+    python_writer,
+)
 from transferkit._signals import TrainingInterrupted, held_signals, signal_name
 from transferkit._text import exception_line
 from transferkit.errors import OutputError, TransferkitError, WeightsError
@@ -214,10 +223,17 @@ def save_fallback(candidates: list[Path], *, model: torch.nn.Module, meta: dict[
 
 
 def save_interrupted_weights(path: str | Path, *, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
-    """Save the weights of an interrupted run at ``path``, else at the first of its
-    `fallback_paths` that works (a full disk, a name too long); OutputError when none does."""
-    saved, failures = save_fallback([Path(path), *fallback_paths(path)], model=model, meta=meta, epoch=None,
+    """Save the weights of an interrupted run at ``path`` (or ``<stem>-2<suffix>``, ... when an
+    earlier interrupted run's weights are there: they are never replaced), else at the first
+    of its `fallback_paths` that works (a full disk, a name too long); OutputError when none does."""
+    existed = os.path.lexists(path)
+    target = claim_unused_path(path)
+    saved, failures = save_fallback([target, *fallback_paths(target)], model=model, meta=meta, epoch=None,
                                     history=[])
+    if saved != target and (target != Path(path) or not existed):  # the name claimed above stays free
+        with contextlib.suppress(OSError):
+            if target.stat().st_size == 0:
+                target.unlink()
     if saved is None:
         raise OutputError(f"The weights of the interrupted run could not be saved anywhere ({'; '.join(failures)}).")
     return saved

@@ -82,6 +82,25 @@ def test_resume_function_reads_the_stored_settings(image_folder, tmp_path):
         assert torch.equal(v, resumed.model.state_dict()[k]), k
 
 
+def test_a_resume_on_another_feature_engine_says_it_is_not_bit_identical(image_folder, tmp_path):
+    import warnings
+
+    pytest.importorskip("onnxruntime")
+    common = dict(weights=None, data=image_folder, image_size=32, device="cpu", num_workers=0, epochs=2, batch_size=4,
+                  verbose=False, policy="feature_extraction", cache_dir=tmp_path / "cache")
+    same, other = tmp_path / "same.pt", tmp_path / "other.pt"
+    for ckpt in (same, other):
+        with pytest.raises(Interrupt):
+            tk.finetune("tk:small_cnn", checkpoint=ckpt, callbacks=[_stop_after(1)], feature_engine="onnxruntime",
+                        **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the same engine: no note
+        tk.finetune("tk:small_cnn", checkpoint=same, resume=True, feature_engine="onnxruntime", **common)
+    with pytest.warns(UserWarning, match=r"Resuming with feature_engine 'onnxruntime' -> 'eager'.*not bit for bit"):
+        resumed = tk.finetune("tk:small_cnn", checkpoint=other, resume=True, feature_engine="eager", **common)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
 def test_resume_refuses_a_checkpoint_from_other_settings(image_folder, tmp_path):
     common = dict(weights=None, data=image_folder, image_size=32, device="cpu", num_workers=0, epochs=2, batch_size=4,
                   verbose=False)

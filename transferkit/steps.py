@@ -382,8 +382,14 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
     scaler = run.speed.grad_scaler()
     state = TrainState()
     if cfg.resume and cfg.checkpoint is not None and Path(cfg.checkpoint).exists():
-        state = resume_from(cfg.checkpoint, check=lambda saved: _resume_problems(saved, meta), model=run.model,
-                            optimizer=opt, scheduler=sched, scaler=scaler)
+        stored: dict[str, Any] = {}  # the checkpoint's decisions, as the check reads them
+
+        def check(saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+            stored.update(saved["decisions"])
+            return _resume_problems(saved, meta)
+        state = resume_from(cfg.checkpoint, check=check, model=run.model, optimizer=opt, scheduler=sched,
+                            scaler=scaler)
+        _note_moves(stored, meta["decisions"], features_left=state.epoch < k)
     info = run.dist
     tb = TensorBoardLogger(cfg.log_dir) if cfg.log_dir is not None and info.is_main else None
     loop = Loop(optimizer=opt, scheduler=sched, loss_fn=run.loss_fn, set_mode=lambda e: start_epoch(d, run, e),
@@ -425,6 +431,18 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
 def _resume_problems(saved: dict[str, Any], meta: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """What differs between a checkpoint's stored decisions and this run's (empty: resumable)."""
     return differences(saved["decisions"], meta["decisions"])
+
+
+def _note_moves(saved: dict[str, Any], now: dict[str, Any], *, features_left: bool) -> None:
+    """Warn when a resume computes on another device, input decoder or (while features are
+    still to be computed) feature engine than the checkpoint's run: a resume may change
+    them, but they agree with each other within their tolerance, not bit for bit."""
+    keys = ["device", "input_decode", *(["feature_engine", "feature_engine_precision"] if features_left else [])]
+    moved = [f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in keys if saved.get(key) != now.get(key)]
+    if moved:
+        warnings.warn(f"Resuming with {', '.join(moved)} (checkpoint -> now): these compute the same within their "
+                      "tolerance, not bit for bit, so the resumed run may differ from an uninterrupted one in the "
+                      "last digits. Resume with the checkpoint's settings for a bit-identical run.", stacklevel=3)
 
 
 def _wrapper(run: Run) -> Any:

@@ -555,10 +555,10 @@ def _holder(lock: Path) -> str:
 @contextlib.contextmanager
 def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None, wait: float = 0.0) -> Iterator[Path]:
     """Hold an exclusive lock on ``path`` for the duration of the block (re-entrant within
-    a process); another process asking for it gets `FileLockedError`
-    at once (after up to ``wait`` seconds of asking again), naming the holder. A lock left by a process that died does not block (the
-    kernel drops ``flock`` locks with their process). Linux and macOS (``fcntl``); elsewhere
-    the lock is not taken, with a warning.
+    a process); another process asking for it gets `FileLockedError` at once (or after
+    asking again for up to ``wait`` seconds), naming the holder. A lock left by a process
+    that died does not block (the kernel drops ``flock`` locks with their process). Linux
+    and macOS (``fcntl``); elsewhere the lock is not taken, with a warning.
 
     Example:
         >>> with file_lock("runs/run.ckpt", what="checkpoint"):

@@ -277,3 +277,12 @@ def test_the_bf16_capability_can_be_assumed_for_tests_of_another_cpu(monkeypatch
     assert native is (value == "1") and hardware.ASSUME_BF16_ENV in why
     s = SpeedConfig.make(CPU, frozen=True, trunk=nn.Conv2d(3, 4, 3))
     assert s.feature_precision_resolved == ("bf16" if value == "1" else "fp32")
+
+
+def test_a_layout_timing_that_cannot_be_stored_warns_and_the_run_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed_mod, "_LAYOUT_CACHE", {})
+    store = tmp_path / "layout.json"
+    store.mkdir()  # a folder where the store goes (or a read-only cache_dir)
+    with pytest.warns(UserWarning, match=r"The layout timing was not stored \(OutputError: .*later runs .* time again"):
+        on, why = measure_layout(_Hybrid(), CPU, image_size=8, store=store)
+    assert isinstance(on, bool) and "channels_last runs at" in why

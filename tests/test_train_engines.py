@@ -613,7 +613,7 @@ def test_a_damaged_timing_store_is_timed_again_and_one_that_cannot_be_written_wa
         data = json.loads(store.read_text())
     store.unlink()
     store.mkdir()  # engines.json is a folder: the run goes on with its own timing
-    with pytest.warns(UserWarning, match="The engine timing was not stored .*time the engines again") as seen:
+    with pytest.warns(UserWarning, match="The engine timing was not stored .*time again") as seen:
         facts, d = _decide(backbone=_backbone(), data=folder, cache_dir=tmp_path / "c")
     assert "is a folder, where a file goes" in str(seen[0].message) and "model.pt" not in str(seen[0].message)
     assert "images_per_s" in facts.engines["measured"]["eager"]

@@ -699,6 +699,21 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def store_timing(path: str | Path, key: str, value: Any, *, what: str) -> bool:
+    """`update_json_object` for a timing store under ``cache_dir`` (engines, layout, input
+    decoding): a store that cannot be written (a read-only ``cache_dir``, a full disk) warns
+    that later runs time again, and the run goes on with its timing. Returns whether it was
+    stored."""
+    try:
+        update_json_object(path, key, value, what=what)
+        return True
+    except OSError as exc:
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        warnings.warn(f"The {what} was not stored ({type(exc).__name__}: {first}); later runs on this cache_dir "
+                      "time again.", stacklevel=3)
+        return False
+
+
 JSON_UPDATE_WAIT_S = 30.0  # how long an update waits for another process's update of the same file
 
 

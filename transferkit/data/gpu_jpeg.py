@@ -46,7 +46,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from transferkit._io import read_json_object, update_json_object
+from transferkit._io import read_json_object, store_timing
 from transferkit._text import exception_line
 from transferkit.backbones._base import InputSpec
 from transferkit.data.images import load_image
@@ -350,7 +350,7 @@ def input_decode_facts(requested: str, *, parts: dict[str, Any], spec: InputSpec
         return out
     out["measured"] = measured
     if store is not None:
-        update_json_object(store, key, {"format": STORE_FORMAT, "measured": measured}, what="input-decode timing store")
+        store_timing(store, key, {"format": STORE_FORMAT, "measured": measured}, what="input-decode timing")
     return out
 
 

@@ -44,7 +44,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,7 @@ from transferkit._io import (
     read_json_object,
     remove_stale_temps,
     remove_stale_temps_in,
-    update_json_object,
+    store_timing,
 )
 from transferkit._text import exception_line
 from transferkit.data.fingerprint import module_fingerprint
@@ -453,12 +452,8 @@ def measure_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device
             return stored
     measured = time_engines(model, batches, device=device, precision=precision, channels_last=channels_last,
                             candidates=candidates, cache_dir=cache_dir, n_images=n_images, fingerprint=fingerprint)
-    if store is not None:
-        try:
-            update_json_object(store, key, {"format": STORE_FORMAT, "measured": measured}, what="engine timing store")
-        except OSError as exc:  # the verdict stands for this run; later runs time again
-            warnings.warn(f"The engine timing was not stored ({exception_line(exc)}); later runs on this cache_dir "
-                          "time the engines again.", stacklevel=2)
+    if store is not None:  # when it cannot be stored, the verdict stands for this run; later runs time again
+        store_timing(store, key, {"format": STORE_FORMAT, "measured": measured}, what="engine timing")
     return measured
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferkit._io import read_json_object, update_json_object
+from transferkit._io import read_json_object, store_timing
 from transferkit.errors import ConfigError, check_choice
 from transferkit.hardware import CONV_SHARE_CHANNELS_LAST, CONV_SHARE_CONTIGUOUS, conv_share, cpu_bf16_native, device_bf16
 
@@ -333,7 +333,7 @@ def measure_layout(trunk: nn.Module, device: torch.device, *, image_size: int = 
                   "contiguous speed")
     _LAYOUT_CACHE[key] = result
     if store is not None:
-        update_json_object(store, key, {"channels_last": on, "reason": result[1]}, what="layout timing store")
+        store_timing(store, key, {"channels_last": on, "reason": result[1]}, what="layout timing")
     return result
 
 

@@ -68,6 +68,64 @@ def test_trace_fallback_warns_and_keeps_the_scripted_preprocessing(tmp_path):
     assert torch.allclose(module(x), model(x), atol=1e-6)
 
 
+class _IgnoredPool(nn.Module):
+    """Scripts, but calls a ``@torch.jit.ignore`` function (as timm's MobileViTv2 does): the
+    scripted module runs in this process and cannot be saved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    @torch.jit.ignore
+    def _pool(self, x):  # unannotated: TorchScript takes Tensor -> Tensor (string annotations are not read here)
+        return x.mean((2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._pool(self.conv(x))
+
+
+def test_a_model_that_calls_python_from_torchscript_is_traced_instead(tmp_path):
+    model = TransferModel(ImagePreprocess((0.5,) * 3, (0.25,) * 3), _IgnoredPool(), nn.Linear(4, 2)).eval()
+    meta = {"labels": ["a", "b"], "input_spec": {"image_size": 8}}
+    with pytest.warns(UserWarning, match=r"cannot hold \(_pool: @torch.jit.ignore\)\); falling back to torch.jit.trace"):
+        report = export_torchscript(model, tmp_path / "t.pt", metadata=meta, example_inputs=images(3, 8))
+    assert report.mode == "trace"
+    module, _ = load_scripted(tmp_path / "t.pt")
+    x = images(2, 8, seed=3)
+    with torch.no_grad():
+        assert torch.allclose(module(x), model(x), atol=1e-6)
+    with pytest.raises(ExportError, match=r"torch.jit.script failed: .*_pool"):
+        export_torchscript(model, tmp_path / "s.pt", metadata=meta, example_inputs=images(3, 8), mode="script")
+
+
+class _Twice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad
+
+
+class _CustomFunction(nn.Module):
+    def forward(self, x, *args):  # *args: does not script, so it is traced
+        return _Twice.apply(x.mean((2, 3)))
+
+
+def test_a_model_that_neither_scripts_nor_saves_as_a_trace_is_an_export_error(tmp_path):
+    model = TransferModel(ImagePreprocess((0.5,) * 3, (0.25,) * 3), _CustomFunction(), nn.Linear(3, 2)).eval()
+    path = tmp_path / "t.pt"
+    path.write_bytes(b"previous export")
+    with pytest.raises(ExportError, match=r"cannot be converted to TorchScript: scripting failed .*its trace calls "
+                                          r"Python functions .*\(_Twice: .*ONNX export may still work"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_torchscript(model, path, metadata={"labels": ["a", "b"], "input_spec": {"image_size": 8}},
+                           example_inputs=images(3, 8))
+    assert path.read_bytes() == b"previous export" and not list(tmp_path.glob(".t.pt.*"))
+
+
 def test_trace_that_breaks_parity_raises_and_leaves_the_previous_file(tmp_path):
     model = TransferModel(nn.Identity(), _VarArgs(2), nn.Identity())
     path = tmp_path / "t.pt"

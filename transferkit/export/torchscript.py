@@ -75,12 +75,34 @@ class ExportReport:
                 f"{list(self.batch_sizes)}, inputs {list(self.input_dtypes)}")
 
 
+def _python_calls(scripted: torch.jit.ScriptModule) -> list[str]:
+    """The Python functions that ``scripted`` calls (``@torch.jit.ignore``: they run in this
+    process, but `torch.jit.save` cannot write them, and tracing through them fails)."""
+    found: set[str] = set()
+    for module in scripted.modules():
+        for name in module._c._method_names():
+            graph = module._c._get_method(name).graph
+            found.update(node.pyname() for node in graph.findAllNodes("prim::PythonOp", True))
+    return sorted(found)
+
+
+def _script(module: nn.Module) -> torch.jit.ScriptModule:
+    """``torch.jit.script(module)``; ExportError when the result calls Python functions
+    (`_python_calls`), since such a module cannot be saved."""
+    scripted = torch.jit.script(module)
+    calls = _python_calls(scripted)
+    if calls:
+        raise ExportError(f"it calls Python functions that a TorchScript file cannot hold ({', '.join(calls)}: "
+                          "@torch.jit.ignore)")
+    return scripted
+
+
 def _script_children(model: nn.Module) -> list[str]:
     """Script each direct child that scripts (in place); return their names."""
     done = []
     for name, child in list(model.named_children()):
         try:
-            setattr(model, name, torch.jit.script(child))
+            setattr(model, name, _script(child))
             done.append(name)
         except Exception:  # noqa: BLE001 - a child that does not script is traced with the rest
             pass
@@ -112,7 +134,7 @@ def _plain(fn: Any) -> Any:
 def _to_script(model: nn.Module, example: torch.Tensor, mode: str) -> tuple[torch.jit.ScriptModule, str]:
     if mode in ("auto", "script"):
         try:
-            return torch.jit.script(model), "script"
+            return _script(model), "script"
         except Exception as exc:  # scripting fails on some third-party modules; tracing is the fallback
             if mode == "script":
                 raise ExportError(f"torch.jit.script failed: {type(exc).__name__}: {str(exc).splitlines()[0]}. "
@@ -128,8 +150,21 @@ def _to_script(model: nn.Module, example: torch.Tensor, mode: str) -> tuple[torc
                       "replays the control flow seen on the example input only (kept scripted: "
                       f"{kept or 'nothing'}); data-dependent branches elsewhere are frozen. The export is still "
                       "checked for parity on the example inputs.", stacklevel=4)
-    with torch.no_grad():
-        return torch.jit.trace(model, example, check_trace=False), "trace"
+    scripting = f"scripting failed ({reason}), and " if mode == "auto" else ""
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(model, example, check_trace=False)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ExportError(f"The model cannot be converted to TorchScript: {scripting}torch.jit.trace failed "
+                          f"({type(exc).__name__}: {first[:300]}). Its ONNX export may still work "
+                          "(transferkit.export_onnx).") from exc
+    calls = _python_calls(traced)
+    if calls:  # a torch.autograd.Function, or a Python function that the trace recorded as a call
+        raise ExportError(f"The model cannot be converted to TorchScript: {scripting}its trace calls Python "
+                          f"functions that a TorchScript file cannot hold ({', '.join(calls)}: e.g. a "
+                          "torch.autograd.Function). Its ONNX export may still work (transferkit.export_onnx).")
+    return traced, "trace"
 
 
 def _optimizations(model: nn.Module, example: torch.Tensor) -> tuple[str, ...]:

@@ -126,3 +126,17 @@ def test_stopping_options_are_checked(image_folder):
         tk.finetune("tk:small_cnn", data=image_folder, early_stopping=0, **COMMON)
     with pytest.raises(ConfigError, match="monitor"):
         tk.finetune("tk:small_cnn", data=image_folder, monitor="val_f1", **COMMON)
+
+
+def test_subpackages_are_reachable_after_import_transferkit():
+    """``import transferkit`` loads its names lazily; ``transferkit.export.read_metadata`` (as
+    the docs write it) works in a fresh interpreter too, and an unknown name is an AttributeError."""
+    import subprocess
+    import sys
+
+    code = ("import transferkit\n"
+            "assert callable(transferkit.export.read_metadata) and callable(transferkit.data.load_image)\n"
+            "try:\n    transferkit.no_such_name\nexcept AttributeError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "module 'transferkit' has no attribute 'no_such_name'"

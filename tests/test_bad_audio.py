@@ -230,6 +230,23 @@ def test_long_clips_are_cropped_to_max_seconds_which_bounds_the_batch(tmp_path):
     assert mem.train[0][0].shape == (30 * RATE,)
 
 
+@pytest.mark.parametrize("max_seconds", [0.5, None])
+def test_an_export_crops_long_clips_to_the_runs_max_seconds(tmp_path, max_seconds):
+    root = _good_folder(tmp_path / "clips", per_class=3)
+    result = tk.finetune("spec:tk:small_cnn", weights=None, data=str(root), val_split=0.34, max_seconds=max_seconds,
+                         backbone_options={"sample_rate": RATE, "n_mels": 16, "image_options": {"widths": [8, 8, 8]}},
+                         epochs=1, batch_size=4, verbose=False, num_workers=0, export=tmp_path / "m.pt")
+    long = tmp_path / "long.wav"
+    sf.write(long, _tone(300, RATE * 3), RATE, subtype="PCM_16")
+    for predictor in (result.predictor(), tk.load(tmp_path / "m.pt")):
+        assert predictor.max_seconds == max_seconds  # the run's window, not the 30 s default
+        if max_seconds is None:
+            assert predictor.predict([str(long)])[0].ok
+        else:
+            with pytest.warns(UserWarning, match=r"1 audio file\(s\) last longer than max_seconds=0.5 .*long.wav"):
+                assert predictor.predict([str(long)])[0].ok
+
+
 def test_audio_folders_follow_the_image_folder_rules(tmp_path):
     root = tmp_path / "data"
     _good_folder(root / "train")

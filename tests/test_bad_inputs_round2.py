@@ -184,14 +184,15 @@ def test_a_missing_file_is_reported_as_missing_with_where_it_was_looked_for(tmp_
 
 def test_long_audio_is_cropped_at_predict_time_as_in_training(tmp_path):
     spec = InputSpec(kind="audio", sample_rate=8000, clip_seconds=None)
-    meta = {"labels": ["a", "b"], "task": "multiclass", "input_spec": spec.to_dict(), "config": {"max_seconds": 2.0}}
+    meta = {"labels": ["a", "b"], "task": "multiclass", "input_spec": spec.to_dict(),
+            "decisions": {"config": {"max_seconds": 2.0}}}  # where finetune's exports keep the run's settings
     p = Predictor(torch.jit.script(_Length()), meta, source="test model")
     sf.write(tmp_path / "long.wav", np.random.default_rng(0).uniform(-0.1, 0.1, 8000 * 10).astype(np.float32), 8000)
     sf.write(tmp_path / "short.wav", np.zeros(4000, np.float32) + 0.01, 8000)
     with pytest.warns(UserWarning, match=r"1 audio file\(s\) last longer than max_seconds=2.0 .*long.wav"):
         out = p.outputs([str(tmp_path / "long.wav"), str(tmp_path / "short.wav")])
     assert out.shape == (2, 2)
-    raw = Predictor(torch.jit.script(_Length()), {**meta, "config": {"max_seconds": None}}, source="m")
+    raw = Predictor(torch.jit.script(_Length()), {**meta, "decisions": {"config": {"max_seconds": None}}}, source="m")
     lengths = raw.module(raw.inputs.batch([str(tmp_path / "long.wav")]))[:, 0]
     cropped = p.module(p.inputs.batch([str(tmp_path / "long.wav")]))[:, 0]
     assert float(cropped) == 16000 and float(lengths) == 80000  # 2 s of 10 s; whole clips with max_seconds=None

@@ -89,6 +89,14 @@ def complete_metadata(metadata: dict[str, Any], *, num_outputs: int, fmt: str = 
 _TO_EXPORT = "the metadata to export"
 
 
+def run_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """The settings of the run that made an export (``decisions.config``, as `finetune`
+    writes them), or {} for a file written without them."""
+    decisions = meta.get("decisions")
+    config = decisions.get("config") if isinstance(decisions, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
 def _fail(source: str, problem: str) -> ExportError:
     if source == _TO_EXPORT:  # given to an exporter: nothing was written yet
         return ExportError(f"The metadata to export is invalid: {problem}. Nothing was written; fix the metadata.")

@@ -14,7 +14,7 @@ from transferkit._progress import progress as progress_bar
 from transferkit.backbones._base import InputSpec
 from transferkit.errors import ConfigError, DataError, ExportError
 from transferkit.export.inputs import InputPipeline
-from transferkit.export.metadata import is_onnx_file
+from transferkit.export.metadata import is_onnx_file, run_config
 from transferkit.export.torchscript import check_device, load_scripted, quiet_jit, read_scripted_metadata
 from transferkit.heads import output_activation
 
@@ -85,9 +85,9 @@ class Predictor:
         self.input_spec = InputSpec.from_dict(metadata["input_spec"])
         self.device = torch.device(device)
         self.source = source
-        config = metadata.get("config") if isinstance(metadata.get("config"), dict) else {}
-        # audio: long clips are cropped to the window training and validation saw (30 s unless the run said)
-        self.max_seconds = config.get("max_seconds", 30.0) if self.input_spec.kind == "audio" else None
+        # audio: long clips are cropped to the window training and validation saw (30 s unless the run said;
+        # None: whole clips)
+        self.max_seconds = run_config(metadata).get("max_seconds", 30.0) if self.input_spec.kind == "audio" else None
         self.inputs = InputPipeline(self.input_spec, max_seconds=self.max_seconds)
 
     def __repr__(self) -> str:

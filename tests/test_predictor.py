@@ -205,6 +205,9 @@ def test_an_onnx_export_loads_and_predicts_on_onnxruntime(tmp_path, monkeypatch)
     export_onnx(model, tmp_path / "m.onnx", metadata=meta, example_inputs=images(3, 16))
     pred = transferkit.load(tmp_path / "m.onnx")
     assert isinstance(pred.module, OnnxRunner) and "CPUExecutionProvider" in pred.module.providers
+    options = pred.module.session.get_session_options()  # its threads do not spin between runs: torch work in
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"  # the process keeps its cores
+    assert options.intra_op_num_threads == torch.get_num_threads()
     pics = _pictures()
     assert torch.allclose(pred.predict_proba(pics), _expected(model.eval(), pics), atol=1e-5)
     assert [p.label for p in pred.predict(pics)] == [["ant", "bee", "cat"][int(i)]

@@ -64,7 +64,7 @@ from transferkit._io import (
 from transferkit._text import exception_line
 from transferkit.data.fingerprint import module_fingerprint
 from transferkit.errors import ConfigError, EngineError
-from transferkit.export.onnx import convert_to_onnx
+from transferkit.export.onnx import convert_to_onnx, session_options
 from transferkit.export.torchscript import shorter_clips
 from transferkit.model import AudioPreprocess, ImagePreprocess, TransferModel
 from transferkit.policies.frozen_bn import eval_fingerprint
@@ -817,13 +817,9 @@ def _onnx_forward(model: nn.Module, example: torch.Tensor, *, device: torch.devi
     exported = not _intact(path)  # (its digest is read once: the file may be tens of MB)
     if exported:  # missing, or damaged since it was written: export it (again)
         export_feature_pass(model, example, path)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 4  # a failing run raises with its message; the log would repeat it on stderr
     provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
     try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+        session = ort.InferenceSession(str(path), sess_options=session_options(ort), providers=[provider])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a file it cannot read
         if exported or retried:
             raise EngineError(f"onnxruntime cannot open the feature pass it was just given ({str(path)!r}): "

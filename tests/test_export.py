@@ -417,6 +417,21 @@ def test_onnx_export_whose_write_fails_reports_the_write_not_a_conversion(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
+def test_a_model_too_large_for_one_onnx_file_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import transferkit.export.onnx as onnx_export
+
+    model, bb = tiny_model(2)
+    monkeypatch.setattr(onnx_export, "ONNX_MAX_WEIGHT_BYTES", 1000)  # a 2 GiB model, scaled down
+    called = []
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: called.append(1))  # would write its weights beside it
+    with pytest.raises(ExportError, match=r"holds 0.00 GiB of weights; one ONNX file holds at most 2 GiB .*external "
+                                          r"data files"):
+        onnx_export.export_onnx(model, tmp_path / "m.onnx", example_inputs=images(2),
+                                metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()})
+    assert called == [] and list(tmp_path.iterdir()) == []
+
+
 def test_export_files_checks_onnx_with_the_same_tolerances_and_names_what_was_written(tmp_path):
     pytest.importorskip("onnxruntime")
     from transferkit.errors import ConfigError

@@ -133,6 +133,12 @@ def check_opset(opset: Any) -> int:
     return opset
 
 
+# one ONNX file holds at most 2 GiB (protobuf's limit); a larger model needs external data
+# files, which transferkit does not write: weights above this (2 GiB less room for the graph)
+# are refused before converting
+ONNX_MAX_WEIGHT_BYTES = 2**31 - 2**26
+
+
 def convert_to_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, *, output_name: str,
                     dynamic_axes: dict[str, dict[int, str]], opset: int = 17, constant_folding: bool = True,
                     what: str = "model",
@@ -141,7 +147,14 @@ def convert_to_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, 
     ``path`` (attention layers on their standard path: `_attention_fastpath_off`), quietly:
     a conversion that fails raises ExportError whose first line says
     which operation failed (the exporter's own message, without its graph dump), then
-    ``hint``; a failure to write ``path`` is raised as it is."""
+    ``hint``; a failure to write ``path`` is raised as it is. A module whose weights do not
+    fit in one ONNX file (`ONNX_MAX_WEIGHT_BYTES`) is refused before anything is written:
+    the exporter would write them as files named after the parameters beside ``path``."""
+    size = module_bytes(module)
+    if size > ONNX_MAX_WEIGHT_BYTES:
+        raise ExportError(f"The {what} holds {size / 2**30:.2f} GiB of weights; one ONNX file holds at most 2 GiB "
+                          "(protobuf's limit), and transferkit does not write the external data files that a larger "
+                          f"model needs.{hint}")
     try:
         with warnings.catch_warnings(), torch.no_grad(), _exporter_log_off(), _attention_fastpath_off():
             warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation

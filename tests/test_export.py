@@ -539,6 +539,23 @@ def test_an_onnx_export_whose_metadata_was_re_signed_with_another_image_size_is_
             export_files(model, tmp_path / "n.pt", onnx=tmp_path / "n.onnx", example_inputs=images(2), metadata=meta)
 
 
+def test_an_onnx_export_that_onnxruntime_cannot_open_is_an_export_error(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from transferkit.export import export_onnx
+
+    model, bb = tiny_model(2)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()},
+                example_inputs=images(2))
+    proto = onnx.load(str(path))
+    proto.opset_import[0].version = 7  # outside what the digests cover: the graph's ops no longer exist there
+    onnx.save(proto, str(path))
+    with pytest.raises(ExportError, match=r"onnxruntime .* cannot open '.*m\.onnx': .*export it again"):
+        transferkit.load(path)
+
+
 def test_onnx_export_of_an_attention_trunk_runs_its_standard_path_and_matches(tmp_path):
     pytest.importorskip("onnxruntime")
     from transferkit.export import export_onnx

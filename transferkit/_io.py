@@ -272,7 +272,8 @@ def check_export_names(path: str | Path | None, onnx: str | Path | None = None, 
     other tools go by it. ``flags``: how the two settings are named in the message."""
     if path is not None and Path(path).suffix.lower() == ".onnx":
         raise ConfigError(f"{str(path)!r} is where {flags[0]} goes, but its name ends in .onnx; name it model.pt "
-                          "(an ONNX file is written with onnx=... on an export, --onnx on the command line).")
+                          "(an ONNX file is written beside it by result.export(path, onnx=True), export_onnx, or --onnx on the "
+                          "command line).")
     if onnx is not None and Path(onnx).suffix.lower() in TORCHSCRIPT_SUFFIXES:
         raise ConfigError(f"{str(onnx)!r} is where {flags[1]} goes, but its name ends in {Path(onnx).suffix}, a "
                           "TorchScript name; name it model.onnx.")

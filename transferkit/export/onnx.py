@@ -349,7 +349,13 @@ def load_onnx(path: str | Path, *, device: torch.device | str = "cpu",
         raise ExportError(f"onnxruntime {ort.__version__} cannot run {str(path)!r} on {device}: it has the providers "
                           f"{', '.join(ort.get_available_providers())}; load it with device='cpu' (or install "
                           "onnxruntime-gpu).")
-    session = ort.InferenceSession(str(path), sess_options=session_options(ort, threads), providers=[provider])
+    try:
+        session = ort.InferenceSession(str(path), sess_options=session_options(ort, threads), providers=[provider])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a graph it cannot run
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(f"onnxruntime {ort.__version__} cannot open {str(path)!r}: {first[:300]}. The file was "
+                          "changed where its digests do not reach (e.g. its opset), or needs another onnxruntime; "
+                          "export it again.") from exc
     runner = OnnxRunner(session, device, repr(str(path)))
     mismatch = _size_mismatch(meta["input_spec"], runner.input_shape)
     if mismatch:

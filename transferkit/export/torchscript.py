@@ -536,7 +536,8 @@ def update_metadata(path: str | Path, changes: dict[str, Any]) -> dict[str, Any]
     check_model_file(path, source=repr(str(path)), kind="Model")
     if is_onnx_file(path):
         raise ExportError(f"update_metadata changes TorchScript exports; {str(path)!r} is an ONNX export, whose "
-                          "metadata is written by exporting it again (export_onnx, or finetune's export with onnx=).")
+                          "metadata is written by exporting it again (result.export(path, onnx=True), export_onnx, or "
+                          "`transferkit export CKPT --out model.pt --onnx model.onnx`).")
     module, meta = load_scripted(path)
     protected = {"format", "num_outputs", "torch_version", "transferkit_version", "export", "integrity"} & set(changes)
     if protected:

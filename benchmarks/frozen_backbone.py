@@ -262,7 +262,7 @@ def engines_child(args) -> dict:
         batches = eng.example_batches(ds, batch_size=16, count=3)
     candidates = ["onnxruntime"] + ([] if args.no_compile or args.precision != "fp32" else ["compile"])
     out = eng.time_engines(model, batches, device=cpu, precision=args.precision, channels_last=layout,
-                           candidates=candidates, n_images=None, rounds=3)
+                           candidates=candidates, n_images=None, rounds=3, settle=False)
     return {"backbone": name, "precision": args.precision, "channels_last": layout,
             "modules": eng.leaf_modules(model.trunk), "engines": out}
 

@@ -737,6 +737,11 @@ def test_eager_first_call_stands_for_its_timing_only_against_a_clear_lead(monkey
     out = eng.time_engines(m, batches, device=CPU, precision="bf16", channels_last=False,
                            candidates=["onnxruntime"], n_images=10_000)
     assert calls.count("eager") >= 2 and "first_call" not in out["eager"]  # bf16 eager is not its fp32 reference
+    cost.update(eager=1.0, onnxruntime=0.1)  # a 10x lead, but a benchmark times every engine its rounds
+    calls.clear()
+    out = eng.time_engines(m, batches, device=CPU, precision="fp32", channels_last=False,
+                           candidates=["onnxruntime"], n_images=None, rounds=3, settle=False)
+    assert "first_call" not in out["eager"] and calls.count("eager") == calls.count("onnxruntime") == 4
 
 
 @pytest.mark.slow  # torch.compile (inductor) takes minutes on a 2-core CPU

@@ -240,7 +240,7 @@ def _seconds(x: float) -> str:
 def time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: torch.device, precision: str,
                  channels_last: bool, candidates: Sequence[str], cache_dir: str | Path | None = None,
                  n_images: int | None = None, rounds: int = TIMED_ROUNDS,
-                 fingerprint: str | None = None) -> dict[str, dict[str, Any]]:
+                 fingerprint: str | None = None, settle: bool = True) -> dict[str, dict[str, Any]]:
     """Time the feature pass of ``model`` on ``batches`` (the run's own input) with each of
     ``candidates`` (``eager`` always first) and compare each engine's features on
     ``batches[0]`` with eager fp32.
@@ -256,16 +256,19 @@ def time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: t
     A prepared engine that agrees is timed as soon as it is prepared when another prepared
     candidate follows, which `compile_pays` then weighs against it (``best``).
     ``fingerprint``: the pass's (`pass_fingerprint`) when the caller has hashed it already.
+    ``settle=False`` (the benchmarks): eager and every prepared engine are timed all
+    ``rounds`` rounds, also where eager's first call or a clear lead would settle the
+    choice sooner.
     """
     with _eval(model):
         return _time_engines(model, batches, device=device, precision=precision, channels_last=channels_last,
                              candidates=candidates, cache_dir=cache_dir, n_images=n_images, rounds=rounds,
-                             fingerprint=fingerprint)
+                             fingerprint=fingerprint, settle=settle)
 
 
 def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: torch.device, precision: str,
                   channels_last: bool, candidates: Sequence[str], cache_dir: str | Path | None, n_images: int | None,
-                  rounds: int, fingerprint: str | None) -> dict[str, dict[str, Any]]:
+                  rounds: int, fingerprint: str | None, settle: bool) -> dict[str, dict[str, Any]]:
     # batches[0]: the first call of each engine (warm-up, compilation) and the comparison with
     # eager fp32; the others (or batches[0] when alone) are timed
     fp32_ips = None  # eager fp32's speed on the reference batch (a first call: a low estimate)
@@ -326,7 +329,8 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
                 early.update(_fastest({name: fwd}, timed_on, 1, device, outputs=outputs))
                 out[name]["images_per_s"] = early[name]  # its first round (the timing below may raise it)
         if name == "eager":  # eager's speed alone first (for compile_pays)
-            first_call = precision == "fp32" and device.type == "cpu" and any(c in PREPARED for c in candidates)
+            first_call = settle and precision == "fp32" and device.type == "cpu" and \
+                any(c in PREPARED for c in candidates)
             if first_call:  # its fp32 reference batch, a first call: a low estimate, confirmed or timed below
                 first_ips = len(batches[0]) / max(setup, 1e-9)
             else:  # its first timed round
@@ -341,7 +345,8 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
         settled = max(done.values()) >= FIRST_CALL_LEAD * first_ips
         if settled:
             done["eager"] = first_ips
-    timed = done if settled else _fastest(runners, timed_on, rounds, device, done=done, outputs=outputs)
+    timed = done if settled else _fastest(runners, timed_on, rounds, device, done=done, outputs=outputs,
+                                          stop_early=settle)
     if settled and first_call:  # eager's speed is its first call's
         out["eager"]["first_call"] = True
     for name, ips in timed.items():
@@ -355,16 +360,16 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
 
 def _fastest(runners: dict[str, Callable], batches: Sequence[torch.Tensor], rounds: int,
              device: torch.device, done: dict[str, float] | None = None,
-             outputs: dict[str, list[torch.Tensor]] | None = None) -> dict[str, float]:
+             outputs: dict[str, list[torch.Tensor]] | None = None, stop_early: bool = True) -> dict[str, float]:
     """Images/s of each runner on ``batches``, the fastest of ``rounds`` round-robin rounds;
     ``done``: runners with a first round already timed (their speed), run one round less;
     ``outputs``: the runners named there get their first round's outputs appended.
-    The rounds stop early once the fastest runner is ``CLEAR_LEAD`` times faster than every
-    other: a lead that large has not been reversed by one more round here."""
+    The rounds stop early (``stop_early``) once the fastest runner is ``CLEAR_LEAD`` times
+    faster than every other: a lead that large has not been reversed by one more round here."""
     best: dict[str, float] = dict(done or {})
     with torch.no_grad():
         for r in range(rounds):
-            if r and len(best) == len(runners) > 1 and _clear_lead(best):
+            if stop_early and r and len(best) == len(runners) > 1 and _clear_lead(best):
                 break
             for name, fwd in runners.items():
                 if r == 0 and name in (done or {}):

@@ -158,12 +158,12 @@ def _to_script(model: nn.Module, example: torch.Tensor, mode: str) -> tuple[torc
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ExportError(f"The model cannot be converted to TorchScript: {scripting}torch.jit.trace failed "
                           f"({type(exc).__name__}: {first[:300]}). Its ONNX export may still work "
-                          "(transferkit.export_onnx).") from exc
+                          "(transferkit.export.export_onnx).") from exc
     calls = _python_calls(traced)
     if calls:  # a torch.autograd.Function, or a Python function that the trace recorded as a call
         raise ExportError(f"The model cannot be converted to TorchScript: {scripting}its trace calls Python "
                           f"functions that a TorchScript file cannot hold ({', '.join(calls)}: e.g. a "
-                          "torch.autograd.Function). Its ONNX export may still work (transferkit.export_onnx).")
+                          "torch.autograd.Function). Its ONNX export may still work (transferkit.export.export_onnx).")
     return traced, "trace"
 
 

@@ -140,3 +140,14 @@ def test_subpackages_are_reachable_after_import_transferkit():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "module 'transferkit' has no attribute 'no_such_name'"
+
+
+def test_an_image_size_the_trunk_cannot_run_at_is_refused_before_the_data_are_read(tmp_path):
+    """A model built for one input size (a ViT's position embeddings) is refused at another
+    ``image_size`` with what to do, instead of failing inside the feature pass."""
+    with pytest.raises(ConfigError, match=r"timm:vit_tiny_patch16_224 does not run at image_size=32: it was built for "
+                                          r"224 px.*Use image_size=224.*backbone_options=\{'img_size': 32\}"):
+        tk.plan(tk.FinetuneConfig(backbone="timm:vit_tiny_patch16_224", weights=None, data=str(tmp_path / "none"),
+                                  image_size=32))
+    bb = tk.get_backbone("timm:vit_tiny_patch16_224", weights=None, img_size=32)  # built at that size: it runs
+    assert bb.input_spec.image_size == 32

@@ -151,6 +151,28 @@ def resolve_input_spec(spec: InputSpec, image_size: int | None) -> InputSpec:
     return spec.replace(image_size=image_size, resize_size=resize)
 
 
+def check_runs_at(bb: Backbone, spec: InputSpec) -> None:
+    """ConfigError, before any data are read, when ``image_size`` asks for a crop size the
+    trunk was not built for and it does not run at it (a model with a fixed input size: ViTs'
+    position embeddings, EfficientFormer, Swin windows): one image of zeros at that size,
+    in eval mode, without gradients."""
+    built = bb.input_spec.image_size
+    if spec.kind != "image" or spec.image_size == built:
+        return
+    was = bb.trunk.training
+    try:
+        with torch.no_grad():
+            bb.trunk.eval()(torch.zeros(1, spec.channels, spec.image_size, spec.image_size))
+    except Exception as exc:  # noqa: BLE001 - any failure at this size is the same problem to the user
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{bb.name} does not run at image_size={spec.image_size}: it was built for {built} px, and "
+                          f"at {spec.image_size} px its forward fails ({type(exc).__name__}: {first[:200]}). Use "
+                          f"image_size={built}, or build it at the size you want where its architecture allows "
+                          f"(timm: backbone_options={{'img_size': {spec.image_size}}}).") from exc
+    finally:
+        bb.trunk.train(was)
+
+
 def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = None,
          load_weights: bool = True) -> tuple[Facts, Inputs]:
     """Gather the [`Facts`][transferkit.facts.Facts] of the run ``cfg`` describes (see the module
@@ -161,6 +183,7 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
     seed_everything(cfg.seed)  # a randomly initialised backbone is the same in every run of this seed
     bb = _own_backbone(cfg, load_weights=load_weights)
     spec = resolve_input_spec(bb.input_spec, cfg.image_size)
+    check_runs_at(bb, spec)
     bundle, n_out = _data(cfg, spec)
     bf16, why = device_bf16(dev)
     device = DeviceFacts(device=str(dev), type=dev.type, rank=info.rank, world_size=info.world_size,

@@ -38,7 +38,7 @@ def torchrun(data: Path, out: Path, mode: str = "train", timeout: float = 240, *
     cmd = [str(runner), "--nproc_per_node=2", "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
            str(WORKER), str(data), str(out), mode]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, cwd=out)  # a rank ended early keeps its weights in ./, here out
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

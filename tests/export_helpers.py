@@ -35,6 +35,17 @@ def export_tiny(path: Path, *, task: str = "multiclass", labels=("ant", "bee", "
     return export_torchscript(model, path, metadata=meta, example_inputs=images(3, size), **kw), model
 
 
+def export_tiny_onnx(path: Path):
+    """Export an untrained two-output tk:small_cnn to ONNX at ``path`` (32 px examples);
+    returns (eager model, backbone)."""
+    from transferkit.export import export_onnx
+
+    model, bb = tiny_model(2)
+    export_onnx(model, path, metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()},
+                example_inputs=images(2))
+    return model, bb
+
+
 def rewrite_zip(src: Path, dst: Path, edit: Callable[[str, bytes], bytes | None]) -> Path:
     """Copy a TorchScript zip entry by entry through ``edit(name, data)`` (name without the
     archive folder; returning None drops the entry), as a hand edit of the file would."""

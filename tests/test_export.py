@@ -10,7 +10,15 @@ import warnings
 
 import pytest
 import torch
-from tests.export_helpers import attention_model, export_tiny, images, length_as_number_model, rewrite_zip, tiny_model
+from tests.export_helpers import (
+    attention_model,
+    export_tiny,
+    export_tiny_onnx,
+    images,
+    length_as_number_model,
+    rewrite_zip,
+    tiny_model,
+)
 from torch import nn
 
 import transferkit
@@ -506,10 +514,8 @@ def test_an_onnx_export_whose_metadata_was_re_signed_with_another_image_size_is_
     from transferkit.export import export_onnx, read_onnx_metadata
     from transferkit.export.metadata import RECORDS_FILE, encode_metadata
 
-    model, bb = tiny_model(2)
     path = tmp_path / "m.onnx"
-    export_onnx(model, path, metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()},
-                example_inputs=images(2))
+    model, bb = export_tiny_onnx(path)
     meta = read_onnx_metadata(path)
     proto = onnx.load(str(path))
     records = {p.key: p.value for p in proto.metadata_props}[RECORDS_FILE]
@@ -543,12 +549,8 @@ def test_an_onnx_export_that_onnxruntime_cannot_open_is_an_export_error(tmp_path
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from transferkit.export import export_onnx
-
-    model, bb = tiny_model(2)
     path = tmp_path / "m.onnx"
-    export_onnx(model, path, metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()},
-                example_inputs=images(2))
+    export_tiny_onnx(path)
     proto = onnx.load(str(path))
     proto.opset_import[0].version = 7  # outside what the digests cover: the graph's ops no longer exist there
     onnx.save(proto, str(path))

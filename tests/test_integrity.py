@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.export_helpers import export_tiny, images, rewrite_zip, tiny_model
+from tests.export_helpers import export_tiny, export_tiny_onnx, images, rewrite_zip, tiny_model
 
 import transferkit
 from transferkit.errors import (
@@ -252,12 +252,10 @@ def test_flipped_weights_in_an_onnx_export(tmp_path):
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from transferkit.export import export_onnx, read_onnx_metadata
+    from transferkit.export import read_onnx_metadata
 
-    model, bb = tiny_model(2)
     path = tmp_path / "m.onnx"
-    export_onnx(model, path, metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()},
-                example_inputs=images(2))
+    export_tiny_onnx(path)
     assert read_onnx_metadata(path)["integrity"]["records"] > 3
     proto = onnx.load(str(path))
     init = max(proto.graph.initializer, key=lambda i: len(i.raw_data))

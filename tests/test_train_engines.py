@@ -78,6 +78,26 @@ def _time_onnx_on_tiny_data(monkeypatch):
         "eager": None, "onnxruntime": None, "compile": "not timed in this test (compiling takes minutes)"})
 
 
+def _store_onnx_rate(store, images_per_s: float) -> None:
+    """Set ONNX Runtime's speed in every timing of the store ``cache_dir/engines.json``."""
+    data = json.loads(store.read_text())
+    for entry in data.values():
+        entry["measured"]["onnxruntime"]["images_per_s"] = images_per_s
+    store.write_text(json.dumps(data))
+
+
+def _stored_onnx_verdict(folder, tmp_path, monkeypatch):
+    """A frozen run's timing stored in ``tmp_path/c``, with ONNX Runtime by far the fastest;
+    returns (cache_dir, the run's settings, the store)."""
+    _time_onnx_on_tiny_data(monkeypatch)
+    cache = tmp_path / "c"
+    kw = dict(backbone=_backbone(), data=folder, cache_dir=cache, policy="feature_extraction", epochs=1)
+    _decide(**kw)
+    store = cache / "engines.json"
+    _store_onnx_rate(store, 1e9)
+    return cache, kw, store
+
+
 def _decide(**kw):
     """The facts (weights loaded, so the engines can be timed) and the decisions of a run."""
     cfg = FinetuneConfig(**{**KW, **kw})
@@ -507,26 +527,14 @@ def test_the_stored_timing_is_reused_by_a_later_run(folder, tmp_path, monkeypatc
 
 def test_a_stored_onnx_verdict_whose_export_cannot_be_written_again_falls_back_before_deciding(folder, tmp_path,
                                                                                             monkeypatch):
-    _time_onnx_on_tiny_data(monkeypatch)
-    cache = tmp_path / "c"
-    kw = dict(backbone=_backbone(), data=folder, cache_dir=cache, policy="feature_extraction", epochs=1)
-    _decide(**kw)
-    store = cache / "engines.json"
-
-    def stored_rate(images_per_s):
-        data = json.loads(store.read_text())
-        for entry in data.values():
-            entry["measured"]["onnxruntime"]["images_per_s"] = images_per_s
-        store.write_text(json.dumps(data))
-
-    stored_rate(1e9)  # the stored verdict: ONNX Runtime by far the fastest
+    cache, kw, store = _stored_onnx_verdict(folder, tmp_path, monkeypatch)
     assert _decide(**kw)[1].engine == "onnxruntime"
     shutil.rmtree(cache / "engines" / "onnx")
     (cache / "engines" / "onnx").write_text("in the way")  # the export cannot be written again (root too)
-    stored_rate(1e-3)  # a verdict that keeps eager anyway: nothing to say about the export
+    _store_onnx_rate(store, 1e-3)  # a verdict that keeps eager anyway: nothing to say about the export
     facts, d = _decide(**kw)
     assert d.engine == "eager" and "error" not in facts.engines["measured"]["onnxruntime"] and not d.notes
-    stored_rate(1e9)
+    _store_onnx_rate(store, 1e9)
     facts, d = _decide(**kw)
     assert d.engine == "eager" and facts.engines["measured"]["onnxruntime"]["stored"] is True
     assert "onnxruntime failed: its stored timing names an export that is gone or damaged, and" in d.engine_reason
@@ -576,15 +584,7 @@ def test_an_engine_that_failed_for_the_machines_state_is_timed_again_once_it_is_
 
 def test_a_stored_onnx_verdict_in_a_read_only_cache_uses_its_intact_export_and_not_a_damaged_one(folder, tmp_path,
                                                                                                monkeypatch):
-    _time_onnx_on_tiny_data(monkeypatch)
-    cache = tmp_path / "c"
-    kw = dict(backbone=_backbone(), data=folder, cache_dir=cache, policy="feature_extraction", epochs=1)
-    _decide(**kw)
-    store = cache / "engines.json"
-    data = json.loads(store.read_text())
-    for entry in data.values():
-        entry["measured"]["onnxruntime"]["images_per_s"] = 1e9  # the stored verdict: ONNX Runtime
-    store.write_text(json.dumps(data))
+    cache, kw, store = _stored_onnx_verdict(folder, tmp_path, monkeypatch)
 
     def read_only(folder):
         raise PermissionError(13, "Read-only file system", str(folder))

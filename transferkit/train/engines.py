@@ -284,7 +284,6 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
     first_ips, first_call = 0.0, False
     timed_on = batches[1:] or batches[:1]
     order = ["eager", *[c for c in candidates if c != "eager"]]
-    early: dict[str, float] = {}  # prepared engines timed as soon as prepared: the next one is weighed against them
     for i, name in enumerate(order):
         if name in PREPARED and n_images is not None:
             weigh = dict(n_images=n_images, n_modules=leaf_modules(model), engine=name, fp32_images_per_s=fp32_ips,
@@ -326,8 +325,8 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
             outputs[name] = [got]
             agrees = out[name]["rel_diff"] <= tolerance(out[name]["precision"], out["eager"].get("rel_diff"))
             if agrees and n_images is not None and any(c in PREPARED for c in order[i + 1:]):
-                early.update(_fastest({name: fwd}, timed_on, 1, device, outputs=outputs))
-                out[name]["images_per_s"] = early[name]  # its first round (the timing below may raise it)
+                # timed as soon as prepared, so the next one is weighed against it (the rounds below may raise it)
+                out[name]["images_per_s"] = _fastest({name: fwd}, timed_on, 1, device, outputs=outputs)[name]
         if name == "eager":  # eager's speed alone first (for compile_pays)
             first_call = settle and precision == "fp32" and device.type == "cpu" and \
                 any(c in PREPARED for c in candidates)
@@ -337,6 +336,7 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
                 first_ips = _fastest(runners, timed_on, 1, device)["eager"]
             if fp32_ips is not None:
                 out[name]["fp32_images_per_s"] = fp32_ips
+    early = {n: m["images_per_s"] for n, m in out.items() if "images_per_s" in m}  # timed as soon as prepared
     done = {"eager": first_ips, **early}  # engines with a first round timed (or estimated)
     settled = list(runners) == ["eager"]  # eager alone (every other candidate skipped or failed): its estimate serves
     if first_call and not settled:  # the others' first round; a lead of FIRST_CALL_LEAD over eager's first call settles it

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from transferkit._text import exception_line
 from transferkit.errors import ConfigError, FileLockedError, OutputError
 
 TEMP_SUFFIX = ".tmp"
@@ -272,8 +273,8 @@ def check_export_names(path: str | Path | None, onnx: str | Path | None = None, 
     other tools go by it. ``flags``: how the two settings are named in the message."""
     if path is not None and Path(path).suffix.lower() == ".onnx":
         raise ConfigError(f"{str(path)!r} is where {flags[0]} goes, but its name ends in .onnx; name it model.pt "
-                          "(an ONNX file is written beside it by result.export(path, onnx=True), export_onnx, or --onnx on the "
-                          "command line).")
+                          "(an ONNX file is written beside it by result.export(path, onnx=True), export_onnx, or "
+                          "--onnx on the command line).")
     if onnx is not None and Path(onnx).suffix.lower() in TORCHSCRIPT_SUFFIXES:
         raise ConfigError(f"{str(onnx)!r} is where {flags[1]} goes, but its name ends in {Path(onnx).suffix}, a "
                           "TorchScript name; name it model.onnx.")
@@ -709,8 +710,7 @@ def store_timing(path: str | Path, key: str, value: Any, *, what: str) -> bool:
         update_json_object(path, key, value, what=what)
         return True
     except OSError as exc:
-        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        warnings.warn(f"The {what} was not stored ({type(exc).__name__}: {first}); later runs on this cache_dir "
+        warnings.warn(f"The {what} was not stored ({exception_line(exc)}); later runs on this cache_dir "
                       "time again.", stacklevel=3)
         return False
 

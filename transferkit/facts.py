@@ -34,6 +34,7 @@ from transferkit.data.decoded import decode_census
 from transferkit.data.gpu_jpeg import input_decode_facts
 from transferkit.data.sampling import seed_everything
 from transferkit.data.fingerprint import data_fingerprint, quick_fingerprint
+from transferkit._text import exception_line
 from transferkit.errors import ConfigError
 from transferkit.hardware import conv_share, cpu_capability, device_bf16
 from transferkit.heads import build_head, resolve_head
@@ -164,9 +165,8 @@ def check_runs_at(bb: Backbone, spec: InputSpec) -> None:
         with torch.no_grad():
             bb.trunk.eval()(torch.zeros(1, spec.channels, spec.image_size, spec.image_size))
     except Exception as exc:  # noqa: BLE001 - any failure at this size is the same problem to the user
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"{bb.name} does not run at image_size={spec.image_size}: it was built for {built} px, and "
-                          f"at {spec.image_size} px its forward fails ({type(exc).__name__}: {first[:200]}). Use "
+                          f"at {spec.image_size} px its forward fails ({exception_line(exc, 200)}). Use "
                           f"image_size={built}, or build it at the size you want where its architecture allows "
                           f"(timm: backbone_options={{'img_size': {spec.image_size}}}).") from exc
     finally:

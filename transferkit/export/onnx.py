@@ -31,6 +31,7 @@ from transferkit._io import (
     is_write_failure,
     same_file,
 )
+from transferkit._text import exception_line
 from transferkit.errors import ConfigError, ExportError, OutputError
 from transferkit._integrity import check_records, records_entry
 from transferkit.export.metadata import (
@@ -352,9 +353,8 @@ def load_onnx(path: str | Path, *, device: torch.device | str = "cpu",
     try:
         session = ort.InferenceSession(str(path), sess_options=session_options(ort, threads), providers=[provider])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a graph it cannot run
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ExportError(f"onnxruntime {ort.__version__} cannot open {str(path)!r}: {first[:300]}. The file was "
-                          "changed where its digests do not reach (e.g. its opset), or needs another onnxruntime; "
+        raise ExportError(f"onnxruntime {ort.__version__} cannot open {str(path)!r}: {exception_line(exc)}. The file "
+                          "was changed where its digests do not reach (e.g. its opset), or needs another onnxruntime; "
                           "export it again.") from exc
     runner = OnnxRunner(session, device, repr(str(path)))
     mismatch = _size_mismatch(meta["input_spec"], runner.input_shape)

@@ -30,7 +30,7 @@ from transferkit._integrity import check_records, file_digests, record_name, rec
 from transferkit._io import atomic_write, check_free_space, file_lock, python_writer
 from transferkit.hardware import is_convolutional, resolve_device
 from transferkit.errors import ConfigError, ExportError, check_choice
-from transferkit._text import plural
+from transferkit._text import exception_line, plural
 from transferkit.export.metadata import (
     RECORDS_FILE,
     check_model_file,
@@ -155,9 +155,8 @@ def _to_script(model: nn.Module, example: torch.Tensor, mode: str) -> tuple[torc
         with torch.no_grad():
             traced = torch.jit.trace(model, example, check_trace=False)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
         raise ExportError(f"The model cannot be converted to TorchScript: {scripting}torch.jit.trace failed "
-                          f"({type(exc).__name__}: {first[:300]}). Its ONNX export may still work "
+                          f"({exception_line(exc)}). Its ONNX export may still work "
                           "(transferkit.export.export_onnx).") from exc
     calls = _python_calls(traced)
     if calls:  # a torch.autograd.Function, or a Python function that the trace recorded as a call

@@ -134,6 +134,29 @@ def test_a_model_that_neither_scripts_nor_saves_as_a_trace_is_an_export_error(tm
     assert path.read_bytes() == b"previous export" and not list(tmp_path.glob(".t.pt.*"))
 
 
+def test_export_files_writes_the_onnx_file_of_a_model_that_torchscript_cannot_hold(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from transferkit.export.onnx import export_files
+
+    model = TransferModel(ImagePreprocess((0.5,) * 3, (0.25,) * 3), _CustomFunction(), nn.Linear(3, 2)).eval()
+    meta = {"labels": ["a", "b"], "input_spec": {"image_size": 8}}
+    with pytest.raises(ExportError, match=r"The ONNX export '.*m\.onnx' is written and checked; the TorchScript "
+                                          r"export '.*m\.pt' is not: .*\(_Twice: "), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_files(model, tmp_path / "m.pt", onnx=tmp_path / "m.onnx", metadata=meta, example_inputs=images(3, 8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    x = images(2, 8, seed=3)
+    with torch.no_grad():
+        assert torch.allclose(transferkit.load(tmp_path / "m.onnx").outputs(x), model(x).softmax(1), atol=1e-5)
+    # when neither file can be written, the error gives both reasons and nothing is on disk
+    with pytest.raises(ExportError, match=r"Neither export was written\. TorchScript '.*n\.pt': .*_Twice.* ONNX "
+                                          r"'.*n\.onnx': The ONNX model differs"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_files(model, tmp_path / "n.pt", onnx=tmp_path / "n.onnx", metadata=meta, example_inputs=images(3, 8),
+                     atol=1e-30, rtol=0.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
 def test_trace_that_breaks_parity_raises_and_leaves_the_previous_file(tmp_path):
     model = TransferModel(nn.Identity(), _VarArgs(2), nn.Identity())
     path = tmp_path / "t.pt"

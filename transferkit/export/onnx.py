@@ -396,21 +396,29 @@ def export_files(model: nn.Module, path: str | Path, *, onnx: str | Path | None,
     """The verified TorchScript export of ``model`` at ``path`` and, when ``onnx`` is a path,
     the ONNX export there, checked with the same ``atol`` and ``rtol`` (``export_kwargs`` go
     to [`export_torchscript`][transferkit.export_torchscript]). Returns the reports,
-    TorchScript first. When the ONNX file cannot be written, the error says that the
-    TorchScript file was written and checked."""
+    TorchScript first. When one of the two files cannot be written, the other is still
+    written, and the error says which file is on disk and checked."""
     if onnx is not None and same_file(onnx, path):
         raise ConfigError(f"The ONNX export {str(onnx)!r} and the TorchScript export {str(path)!r} are one file; "
                           "give the ONNX file its own name.")
     check_export_names(path, onnx)
-    if onnx is not None:
-        check_onnx_examples(metadata, example_inputs)  # before either file is written
-    reports = [export_torchscript(model, path, metadata=metadata, example_inputs=example_inputs, **export_kwargs)]
-    if onnx is not None:
-        tol = {k: export_kwargs[k] for k in ("atol", "rtol") if k in export_kwargs}
+    if onnx is None:
+        return [export_torchscript(model, path, metadata=metadata, example_inputs=example_inputs, **export_kwargs)]
+    check_onnx_examples(metadata, example_inputs)  # before either file is written
+    tol = {k: export_kwargs[k] for k in ("atol", "rtol") if k in export_kwargs}
+    try:
+        script = export_torchscript(model, path, metadata=metadata, example_inputs=example_inputs, **export_kwargs)
+    except (ExportError, OutputError) as exc:  # a model TorchScript cannot hold may still convert to ONNX
         try:
-            reports.append(export_onnx(model, onnx, metadata=metadata, example_inputs=example_inputs, **tol))
-        except (ExportError, OutputError) as exc:  # the same kind of error, saying what is on disk
-            raise type(exc)(f"The TorchScript export {str(path)!r} is written and checked; the ONNX export "
-                            f"{str(onnx)!r} is not: {exc}") from exc
-    return reports
+            export_onnx(model, onnx, metadata=metadata, example_inputs=example_inputs, **tol)
+        except (ExportError, OutputError) as onnx_exc:
+            raise type(exc)(f"Neither export was written. TorchScript {str(path)!r}: {exc} ONNX {str(onnx)!r}: "
+                            f"{onnx_exc}") from exc
+        raise type(exc)(f"The ONNX export {str(onnx)!r} is written and checked; the TorchScript export "
+                        f"{str(path)!r} is not: {exc}") from exc
+    try:
+        return [script, export_onnx(model, onnx, metadata=metadata, example_inputs=example_inputs, **tol)]
+    except (ExportError, OutputError) as exc:  # the same kind of error, saying what is on disk
+        raise type(exc)(f"The TorchScript export {str(path)!r} is written and checked; the ONNX export "
+                        f"{str(onnx)!r} is not: {exc}") from exc
 

@@ -32,6 +32,8 @@ RUNS = {
                    schedule="cosine", warmup_epochs=1),
     "cached": dict(policy="feature_extraction", head_hidden=(16,), head_dropout=0.3, epochs=5, schedule="one_cycle",
                    cache_views=2, augment="flip"),
+    # L2-SP pulls toward the weights training started from, not toward those the resume loads
+    "l2sp": dict(policy="full,l2sp=5", epochs=3),
     # the same from a feature store under cache_dir, read by blocks of parts (the order from seed and epoch)
     "stored": dict(policy="feature_extraction", head_hidden=(16,), head_dropout=0.3, epochs=5, schedule="one_cycle",
                    cache_views=2, augment="flip"),

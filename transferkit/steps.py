@@ -381,6 +381,8 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                            phases=phase_steps(d.policy.lr_phases(total), steps))
     scaler = run.speed.grad_scaler()
     state = TrainState()
+    # L2-SP's anchor is the weights training starts from, copied before a resume loads its own
+    penalty = policy_penalty(run.model, run.backbone, d.policy, epochs=total)
     if cfg.resume and cfg.checkpoint is not None and Path(cfg.checkpoint).exists():
         stored: dict[str, Any] = {}  # the checkpoint's decisions, as the check reads them
 
@@ -394,7 +396,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
     tb = TensorBoardLogger(cfg.log_dir) if cfg.log_dir is not None and info.is_main else None
     loop = Loop(optimizer=opt, scheduler=sched, loss_fn=run.loss_fn, set_mode=lambda e: start_epoch(d, run, e),
                 speed=run.speed, task=cfg.task, scaler=scaler, dist=info, wrap=_wrapper(run),
-                penalty=policy_penalty(run.model, run.backbone, d.policy, epochs=total), monitor=cfg.monitor,
+                penalty=penalty, monitor=cfg.monitor,
                 restore_best=cfg.restore_best, early_stopping=cfg.early_stopping, verbose=cfg.verbose)
     loop.on_epoch_end = epoch_end_callback(loop, path=cfg.checkpoint, model=run.model, meta=meta, base_lr=d.lr,
                                            callbacks=cfg.callbacks, tensorboard=tb)

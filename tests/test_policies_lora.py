@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_policies_models import build, snapshot, train_steps
 
 from transferkit.errors import PolicyError
@@ -86,6 +87,40 @@ def test_lora_with_an_unfrozen_block_and_pattern():
     assert trunk_trainable == _lora_names(model) | in_last
     apply_policy(model, bb, policy, epoch=1)  # idempotent: factors are added once
     assert _adapted(model) == adapted
+
+
+def test_lora_leaves_the_batchnorm_statistics_of_the_blocks_it_adapts_as_they_were():
+    # LeViT's attention and MLP linears carry BatchNorm1d: LoRA factors train there, the base does not
+    timm = pytest.importorskip("timm")
+    from timm.models import group_parameters
+    from transferkit.backbones import Backbone, InputSpec, check_blocks
+    from transferkit.backbones._base import blocks_from_members
+    from transferkit.heads import build_head
+    from transferkit.model import ImagePreprocess, TransferModel
+    from transferkit.policies import set_train_mode
+
+    torch.manual_seed(0)
+    trunk = timm.create_model("levit_128s", pretrained=False, num_classes=0, img_size=64)
+    blocks = blocks_from_members([(f"g{k}", list(v))
+                                  for k, v in sorted(group_parameters(trunk, trunk.group_matcher()).items())])
+    check_blocks(trunk, blocks)
+    bb = Backbone(name="timm:levit_128s", trunk=trunk, num_features=trunk.num_features, blocks=blocks,
+                  input_spec=InputSpec(image_size=64))
+    model = TransferModel(ImagePreprocess((0.5,) * 3, (0.5,) * 3), trunk, build_head(trunk.num_features, 3))
+    statistics = lambda: {n: b.clone() for n, b in model.trunk.named_buffers() if "running_" in n}  # noqa: E731
+    last = bb.block_names[-1]
+    for spec, moved in (("lora:r=2", set()), (f"lora:r=2,blocks={last}", {last})):
+        before = statistics()
+        policy = Policy.parse(spec)
+        apply_policy(model, bb, policy)
+        set_train_mode(model, bb, policy)
+        assert _lora_names(model)
+        x = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+        F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
+        changed = {n for n, b in statistics().items() if not torch.equal(b, before[n])}
+        owners = {b.name for n in changed for b in bb.blocks if b.owns(n.replace(".running_mean", ".weight")
+                                                                      .replace(".running_var", ".weight"))}
+        assert owners == moved, (spec, sorted(changed)[:5])
 
 
 def test_lora_errors_are_clear():

@@ -79,8 +79,9 @@ def _active_blocks(model: nn.Module, backbone: Backbone, policy: Policy, epoch: 
 
 def statistics_frozen(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int = 0) -> dict[str, bool]:
     """``{module name: statistics frozen at epoch}`` for the BatchNorm layers of ``model.trunk``:
-    those of blocks that do not train, and all of them under ``bn="affine"`` or ``"frozen"``."""
-    active = _active_blocks(model, backbone, policy, epoch)
+    those of blocks whose weights do not train (LoRA factors leave a block's own weights, and so
+    its statistics, as they were), and all of them under ``bn="affine"`` or ``"frozen"``."""
+    active = set(policy.trainable_blocks(backbone.block_names, epoch))
     owner = module_blocks(model.trunk, backbone) if active and policy.bn == "train" else {}
     return {name: not active or policy.bn != "train" or (owner[name] is not None and owner[name] not in active)
             for name, m in model.trunk.named_modules() if isinstance(m, _BatchNorm)}
@@ -114,8 +115,9 @@ def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]
 def set_train_mode(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int = 0) -> None:
     """``model.train()``, then eval mode for what must not change: every module of a block
     whose weights do not train at ``epoch`` (so its BatchNorm statistics stay put and its
-    dropout is off; a block holding LoRA factors counts as training), and all BatchNorm
-    layers under ``bn="affine"`` or ``"frozen"``."""
+    dropout is off; a block holding LoRA factors counts as training here, its BatchNorm layers
+    stay frozen: `statistics_frozen`), and all BatchNorm layers under ``bn="affine"`` or
+    ``"frozen"``."""
     model.train()
     active = _active_blocks(model, backbone, policy, epoch)
     if not active:

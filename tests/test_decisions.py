@@ -55,6 +55,17 @@ def _plan(data, **kw):
     return tk.decide(cfg, tk.look(cfg)[0])
 
 
+@pytest.mark.parametrize("policy, epochs, said", [
+    ("fine_tune:frozen=3", 3, "keeps the backbone frozen for 3 epochs but the run has 3"),
+    ("gradual:every=5", 3, "unfreezes its first block at epoch 6 but the run has 3"),
+    ("gradual:milestones=4+6", 2, "unfreezes its first block at epoch 5 but the run has 2"),
+])
+def test_a_policy_that_would_train_the_backbone_after_the_run_ends_says_so(split_folders, policy, epochs, said):
+    d = _plan(split_folders, policy=policy, epochs=epochs)
+    assert d.frozen and any(said in n and "never trains" in n for n in d.notes), d.notes
+    assert not _plan(split_folders, policy=policy, epochs=7).notes  # long enough: it trains, nothing to say
+
+
 def test_config_is_one_validated_record_for_python_yaml_and_cli(tmp_path):
     cfg = FinetuneConfig(data="x", lr=1e-3)
     assert FinetuneConfig.from_dict(cfg.to_dict()) == cfg  # serialisable round trip

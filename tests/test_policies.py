@@ -38,6 +38,8 @@ def small_model(seed: int = 0):
     ("full,discriminative=0.01", Policy(unfreeze="all", discriminative=0.01)),
     ("full,layer_decay=0.75,decay_norm_bias=true", Policy(unfreeze="all", layer_decay=0.75, decay_norm_bias=True)),
     ("full, l2sp=0.1, l2sp_beta=0.001", Policy(unfreeze="all", l2sp=0.1, l2sp_beta=0.001)),
+    ("lora:r=8", Policy(lora=8)),
+    ("lora:r=8,bn=frozen", Policy(lora=8, bn="frozen")),
     ("lora:r=4,alpha=8,targets=qkv|fc1,blocks=norm", Policy(lora=4, lora_alpha=8.0, lora_targets="qkv|fc1",
                                                             unfreeze=("norm",))),
 ])
@@ -202,6 +204,27 @@ def test_policy_kinds_get_did_you_mean(typo, meant):
 def test_bad_fine_tune_strings_say_what_is_wrong(spec, fragment):
     with pytest.raises(PolicyError, match=re.escape(fragment)):
         Policy.parse(spec)
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("full,l2sp_beta=0.5", "this policy has no L2-SP (add l2sp=alpha"),
+    ("feature_extraction,discriminative=0.1", "discriminative=0.1 sets the learning rate of each backbone block; "
+                                              "this policy never trains the backbone"),
+    ("feature_extraction,bn=frozen,layer_decay=0.5", "layer_decay=0.5 sets the learning rate"),
+])
+def test_options_that_would_do_nothing_are_refused(spec, fragment):
+    with pytest.raises(PolicyError, match=re.escape(fragment)):
+        Policy.parse(spec)
+    # the same options where they act
+    Policy.parse("full,l2sp=0.1,l2sp_beta=0.5"), Policy.parse("feature_extraction,bn=affine,discriminative=0.1")
+
+
+def test_a_gradual_maximum_beyond_the_backbone_is_refused_as_last_is():
+    names = ["stem", "layer1", "layer2"]
+    with pytest.raises(PolicyError, match=r"unfreezes at most 20 blocks \(max=\) but this backbone has 3.*max=3 or "
+                                          r"less"):
+        Policy.parse("gradual:every=1,max=20").schedule(names, 4)
+    assert Policy.parse("gradual:every=1,max=3").schedule(names, 4)[-1] == names
 
 
 def test_bad_frozen_epochs_fields_are_rejected():

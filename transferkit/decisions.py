@@ -277,6 +277,11 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         notes.append(f"policy {pol} keeps the backbone frozen for {_plural(pol.frozen_epochs, 'epoch')} but the "
                      f"run has {cfg.epochs}: the backbone never trains (this is feature extraction); raise epochs "
                      f"above {pol.frozen_epochs} to fine-tune.")
+    elif pol.is_gradual and frozen:
+        first = pol.every or pol.milestones[0]
+        notes.append(f"policy {pol} unfreezes its first block at epoch {first + 1} but the run has {cfg.epochs}: "
+                     f"the backbone never trains (this is feature extraction); raise epochs above {first} or "
+                     "unfreeze earlier to fine-tune.")
     return Decisions(
         config=cfg, backbone=bb.name, weights=bb.weights, weights_file=bb.weights_digest, input_spec=bb.input_spec,
         task=cfg.task, classes=data.classes, num_outputs=data.num_outputs, n_train=data.n_train, n_val=data.n_val,

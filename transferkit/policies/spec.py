@@ -186,6 +186,21 @@ class Policy:
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and v >= 0):
                 raise PolicyError(f"Policy.{name} must be a number >= 0, got {v!r}.")
+        if self.l2sp is None and self.l2sp_beta != _DEFAULTS["l2sp_beta"]:
+            raise PolicyError(f"l2sp_beta={self.l2sp_beta} weighs the new weights' penalty of L2-SP; this policy has "
+                              "no L2-SP (add l2sp=alpha, e.g. 'full,l2sp=0.01,l2sp_beta=0.5').")
+        for name in ("discriminative", "layer_decay"):
+            if getattr(self, name) is not None and self._never_trains_backbone:
+                raise PolicyError(f"{name}={getattr(self, name)} sets the learning rate of each backbone block; this "
+                                  "policy never trains the backbone (feature extraction). Use a policy that trains "
+                                  f"blocks (e.g. 'fine_tune', 'unfreeze:last=2,{name}=0.5') or drop {name}=.")
+
+    @property
+    def _never_trains_backbone(self) -> bool:
+        """No backbone weight trains at any epoch: no block unfreezes, no LoRA factor, no
+        BatchNorm gamma/beta (``bn="affine"`` trains them in every block)."""
+        return (self.unfreeze == "none" and self.unfreeze_from is None and not self.is_gradual
+                and self.lora is None and self.bn != "affine")
 
     def _check_lora(self) -> None:
         r = self.lora
@@ -238,6 +253,10 @@ class Policy:
         if n > len(names):
             raise PolicyError(f"The policy unfreezes the last {n} blocks but this backbone has {len(names)}: {names}.")
         if self.is_gradual:
+            if self.max_blocks is not None and self.max_blocks > len(names):
+                raise PolicyError(f"The policy unfreezes at most {self.max_blocks} blocks (max=) but this backbone has "
+                                  f"{len(names)}: {names}. Give max={len(names)} or less, or drop max= to unfreeze "
+                                  "them all.")
             steps = epoch // self.every if self.every else sum(m <= epoch for m in self.milestones)
             n = min(n + steps, len(names) if self.max_blocks is None else min(self.max_blocks, len(names)))
         return names[len(names) - n:] if n else []
@@ -388,7 +407,7 @@ class Policy:
             return [f"from={self.unfreeze_from}"]
         if isinstance(self.unfreeze, tuple):
             return ["blocks=" + "+".join(self.unfreeze)]
-        return [f"last={self.unfreeze}"] if self.unfreeze else []
+        return [f"last={self.unfreeze}"] if self.unfreeze != "none" else []
 
     @property
     def _is_fine_tune(self) -> bool:

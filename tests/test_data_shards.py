@@ -107,6 +107,22 @@ def test_folder_with_train_and_val_shards_validates_on_val(tmp_path):
     write_shards(items[7:], tmp_path / "s", [3], prefix="val")
     b = prepare_data(str(tmp_path / "s"))
     assert (len(b.train), len(b.val)) == (7, 3)
+    # naming one side explicitly: the folder still gives only its own side, never the other's shards
+    s = tmp_path / "s"
+    for data, val in ((s, s / "val-000000.tar"), (str(s / "train-{000000..000000}.tar"), s), (s, s)):
+        b = prepare_data(str(data), val_data=str(val))
+        assert (len(b.train), len(b.val)) == (7, 3), (data, val)
+    with pytest.raises(tk.DataError, match=r"share 1 shard \(.*train-000000\.tar\).*inflates validation accuracy"):
+        prepare_data(str(s / "train-000000.tar"), val_data=[str(s / "val-000000.tar"), str(s / "train-000000.tar")])
+    # a folder of validation shards alone has nothing to train on; as val_data it serves
+    (s / "train-000000.tar").rename(tmp_path / "train-000000.tar")
+    with pytest.raises(tk.DataError, match=r"holds validation shards \(val-000000\.tar\) but no train\*\.tar"):
+        prepare_data(str(s))
+    assert len(prepare_data(str(tmp_path / "train-000000.tar"), val_data=str(s)).val) == 3
+    # a compressed training shard beside plain validation shards is refused, not left out
+    (tmp_path / "train-000000.tar").rename(s / "train-000000.tar.gz")
+    with pytest.raises(tk.DataError, match=r"holds compressed tar files \(train-000000\.tar\.gz\)"):
+        prepare_data(str(s))
 
 
 def test_member_index_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from transferkit.data.checks import DataReport, find_duplicates, warn_copies_acr
 from transferkit.data.folders import find_split_folders, warn_split_like_classes
 from transferkit.data.encoded import EncodedImageDataset
 from transferkit.data.images import ImageFolderDataset, TransformedDataset, dataset_targets
-from transferkit.data.sources import open_encoded, split_encoded
+from transferkit.data.sources import open_encoded, shared_shards, split_encoded
 from transferkit._text import plural
 from transferkit.errors import DataError
 
@@ -84,11 +84,17 @@ def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple
         >>> resolve_split_folders("no/such/folder", None, DataReport())
         ('no/such/folder', None)
     """
-    if val_data is not None:
+    if val_data is not None:  # data that hold both splits give their own side
+        data, val_data = _one_split(data, 0), _one_split(val_data, 1)
+        shared = shared_shards(data, val_data)
+        if shared:
+            raise DataError(f"The training and validation data share {plural(len(shared), 'shard')} "
+                            f"({', '.join(shared[:3])}): its samples would be trained on and scored, which inflates "
+                            "validation accuracy. Give each shard to one of data and val_data.")
         return data, val_data
     encoded = split_encoded(data)  # train*.tar beside val*.tar, Parquet files named by split, a DatasetDict
     if encoded is not None:
-        return encoded
+        return _one_split(data, 0, encoded), encoded[1]
     if not isinstance(data, (str, Path)):
         return data, val_data
     splits = find_split_folders(data)
@@ -102,6 +108,20 @@ def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple
         used = ", ".join(f"{p.name}/" for p in (splits.train, splits.val, splits.test) if p is not None)
         report.warn(f"{str(data)!r} is a split layout ({used}); its other folders are not used: {splits.others[:10]}.")
     return splits.train, splits.held_out
+
+
+def _one_split(data: Any, i: int, encoded: tuple[Any, Any] | None = None) -> Any:
+    """Side ``i`` (0: training, 1: validation) of encoded data that hold both splits (see
+    `split_encoded`); other data as they are. A folder of ``val*`` shards without ``train*``
+    ones is refused as training data: its validation shards would be trained on."""
+    encoded = encoded if encoded is not None else split_encoded(data)
+    if encoded is None or encoded[i] is None:
+        return data
+    if i == 0 and isinstance(encoded[0], list) and not encoded[0]:
+        raise DataError(f"{str(data)!r} holds validation shards ({', '.join(Path(p).name for p in encoded[1][:3])}) "
+                        "but no train*.tar shards, so it has nothing to train on. Name the training shards "
+                        "train-*.tar beside them, or pass the training shards as data and these as val_data.")
+    return encoded[i]
 
 
 def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, seed: int = 0,

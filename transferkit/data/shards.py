@@ -164,23 +164,28 @@ def shard_list(data: Any) -> list[str] | None:
         tars = sorted(str(p) for p in entries if p.is_file() and _tar_name(p.name) and not p.name.startswith("."))
         if any(p.is_dir() and not p.name.startswith((".", "_")) for p in entries):
             return None  # class sub-folders: an image folder (a stray .tar in it is not data)
+        packed = sorted(p.name for p in entries if p.is_file() and _compressed_tar(p.name) and not p.name.startswith("."))
+        if packed:  # refused even beside plain shards: leaving them out would change what trains
+            raise DataError(f"{spec!r} holds compressed tar files ({', '.join(packed[:3])}): shards must be "
+                            "uncompressed .tar files. Decompress them (e.g. gunzip) in place.")
         if tars:
             return tars
-        if any(p.is_file() and _compressed_tar(p.name) for p in Path(spec).iterdir()):
-            raise DataError(f"{spec!r} holds compressed tar files: shards must be uncompressed .tar files.")
     return None
 
 
 def split_shard_folder(folder: str | Path) -> tuple[list[str], list[str]] | None:
     """``(train shards, validation shards)`` of a folder whose ``.tar`` files are named
-    ``train*`` and ``val*`` / ``valid*`` / ``validation*`` (else ``test*``), or None."""
+    ``train*`` and ``val*`` / ``valid*`` / ``validation*`` (else ``test*``); ``([], val)``
+    for a folder of ``val*`` shards without ``train*`` ones; else None."""
     shards = shard_list(folder) if os.path.isdir(str(folder)) else None
     if not shards:
         return None
     def named(prefixes: tuple[str, ...]) -> list[str]:
         return [s for s in shards if os.path.basename(s).lower().startswith(prefixes)]
-    train = named(("train",))
-    val = named(("validation", "valid", "val")) or named(("test",))
+    train, val = named(("train",)), named(("validation", "valid", "val"))
+    if val and not train:
+        return [], val
+    val = val or named(("test",))
     return (train, val) if train and val else None
 
 

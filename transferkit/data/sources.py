@@ -12,6 +12,7 @@ error: copy them to a local disk.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,19 @@ def split_encoded(data: Any) -> tuple[Any, Any] | None:
         if files:
             return split_parquet_files(files)
     return None
+
+
+def shared_shards(data: Any, val_data: Any) -> list[str]:
+    """The local tar shards that both ``data`` and ``val_data`` name (the same file, however
+    spelled), by name; empty when either names no local shards."""
+    def files(x: Any) -> dict[str, str]:
+        try:
+            shards = shard_list(x) or []
+        except DataError:  # a missing or refused shard is reported when the data are opened
+            return {}
+        return {os.path.realpath(s): s for s in shards if not is_remote(s)}
+    train, val = files(data), files(val_data)
+    return sorted(val[k] for k in train.keys() & val.keys())
 
 
 def open_encoded(data: Any, *, classes: list[str] | None, min_size: int | None, on_bad_file: str, scan: str,

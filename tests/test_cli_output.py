@@ -202,3 +202,11 @@ def test_evaluate_folder_and_csv(run, capsys, tmp_path, monkeypatch):
     assert code == 0 and out.startswith("accuracy ") and "macro avg" in out and "worst" in out
     code, _, err = _run(capsys, "evaluate", root / "m.pt", tmp_path / "nothing")
     assert code == 2 and "neither a folder" in err
+    # the default picture cannot be written here: the scores still come, with the reason on stderr
+    (tmp_path / "confusion_matrix.png").unlink()
+    (tmp_path / "confusion_matrix.png").mkdir()
+    code, out, err = _run(capsys, "evaluate", root / "m.pt", data)
+    assert code == 0 and out.startswith("accuracy ") and "confusion matrix: not drawn (" in out
+    assert "warning: the confusion matrix was not drawn" in err and "--confusion-matrix a writable path" in err
+    code, _, err = _run(capsys, "evaluate", root / "m.pt", data, "--confusion-matrix", "confusion_matrix.png")
+    assert code == 2  # a path that was asked for is an error

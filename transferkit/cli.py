@@ -111,24 +111,26 @@ def _write_csv(preds: list, labels: list[str], task: str, top_k: int) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from transferkit.errors import ConfigError
+    from transferkit.errors import ConfigError, OutputError
     from transferkit.evaluation import evaluate
 
     ev = evaluate(args.model, args.data, batch_size=args.batch_size, device=args.device,
                   progress=None if not args.json else False)
-    picture = None
+    picture, not_drawn = None, "needs matplotlib: pip install 'transferkit[plots]'"
     try:
         picture = ev.plot_confusion_matrix(args.confusion_matrix or "confusion_matrix.png")
-    except ConfigError:  # matplotlib missing: an explicit path asked for the picture, the default did not
-        if args.confusion_matrix:
+    except (ConfigError, OutputError) as exc:  # no matplotlib, or an unwritable folder: the default path
+        if args.confusion_matrix:  # is not worth the scores; an explicit path asked for the picture
             raise
+        if isinstance(exc, OutputError):
+            not_drawn = f"{_one_line(str(exc))} Give --confusion-matrix a writable path"
+            print(f"transferkit: warning: the confusion matrix was not drawn: {not_drawn}.", file=sys.stderr)
     if args.json or not sys.stdout.isatty():
         print(json.dumps({**ev.to_dict(worst=args.worst),
                           "confusion_matrix_png": str(picture) if picture else None}, indent=1))
     else:
         print(ev.summary(worst=args.worst))
-        print(f"confusion matrix: {picture}" if picture else
-              "confusion matrix: not drawn (needs matplotlib: pip install 'transferkit[plots]')")
+        print(f"confusion matrix: {picture}" if picture else f"confusion matrix: not drawn ({not_drawn})")
     for f, err in ev.failed:
         print(f"transferkit: warning: {f}: {_one_line(err).split(' Remove the file')[0]}", file=sys.stderr)
     if ev.failed:

@@ -80,6 +80,13 @@ def test_class_names_come_from_info_json_or_classes(tmp_path):
     assert prepare_data(str(tmp_path / "s"), val_split=0, classes=["a", "b"]).classes == ["a", "b"]
     (tmp_path / "s" / "_info.json").unlink()
     assert prepare_data(str(tmp_path / "s"), val_split=0).classes == ["0", "1"]
+    # a shard named twice (or copied) is named in a warning: its samples would count twice
+    b = prepare_data([str(tmp_path / "s" / "train-000000.tar")] * 2, val_split=0)
+    assert len(b.train) == 12 and any("hold the same 6 sample keys" in w for w in b.report.warnings)
+    # a class without a sample (listed, or a gap in the indices) is named in a warning
+    b = prepare_data(str(tmp_path / "s"), val_split=0, classes=["dark", "light", "wasps"])
+    assert any("1 class of 3 has no training sample: ['wasps']" in w for w in b.report.warnings)
+    assert not any("no training sample" in w for w in prepare_data(str(tmp_path / "s"), val_split=0).report.warnings)
 
 
 def test_hashed_validation_split_is_stable_and_reads_no_image(tmp_path, monkeypatch):

@@ -565,6 +565,20 @@ def _info_classes(paths: Sequence[str]) -> list[str] | None:
     return None
 
 
+def _warn_repeated_shards(shards: Sequence[str], indexes: Sequence[ShardIndex], what: str, report: DataReport) -> None:
+    """Warn when shards hold the same samples (the same first and last key and count: a shard
+    named twice, or copied under another name), whose samples would count twice."""
+    seen: dict[tuple[str, str, int], str] = {}
+    for p, ix in zip(shards, indexes):
+        if ix.keys:
+            sig = (ix.keys[0], ix.keys[-1], len(ix.keys))
+            if sig in seen:
+                report.warn(f"The {what} shards {seen[sig]!r} and {p!r} hold the same {len(ix.keys)} sample keys "
+                            f"({sig[0]} .. {sig[1]}): a shard named twice or copied; its samples count twice.")
+                return
+            seen[sig] = p
+
+
 def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, min_size: int | None = None,
                 on_bad_file: str = "skip", scan: str = "quick", cache_dir: str | Path | None = None,
                 report: DataReport | None = None, what: str = "training") -> EncodedImageDataset:
@@ -617,6 +631,7 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
     empty = [p for p, ix in zip(shards, indexes) if not ix.keys]
     if empty:
         report.warn(f"{len(empty)} of the {len(shards)} {what} shard(s) hold no sample, e.g. {empty[:3]}.")
+    _warn_repeated_shards(shards, indexes, what, report)
     no_image, no_label = sum(ix.no_image for ix in indexes), sum(ix.no_label for ix in indexes)
     if no_image or no_label:
         msg = (f"{no_image + no_label} {what} sample(s) in the shards have no image ({no_image}; looked for "

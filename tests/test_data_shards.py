@@ -209,6 +209,14 @@ def test_compressed_shards_and_remote_folders_are_refused_clearly(tmp_path):
         prepare_data(str(tmp_path / "a.tar.gz"))
     with pytest.raises(tk.DataError, match="do not exist"):
         prepare_data(str(tmp_path / "missing-{0..2}.tar"))
+    # a compressed shard under a .tar name is recognised by its first bytes
+    import gzip
+
+    folder = make_image_folder(tmp_path / "img", per_class=2)
+    plain = write_shards(folder_items(folder), tmp_path / "s", [4])[0]
+    (tmp_path / "packed.tar").write_bytes(gzip.compress(plain.read_bytes()))
+    with pytest.raises(tk.DataError, match=r"packed\.tar' is gzip-compressed under a \.tar name.*gunzip < packed"):
+        prepare_data(str(tmp_path / "packed.tar"), on_bad_file="raise")
 
 
 def test_finetune_on_shards_matches_the_same_images_as_a_folder(tmp_path):

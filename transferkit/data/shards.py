@@ -276,6 +276,21 @@ def _parse_label(ext: str, data: bytes) -> Any:
     return text or None
 
 
+# the first bytes of the compressed formats a tar is often packed in, and their decompressors
+_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+_DECOMPRESS = {"gzip": "gunzip", "bzip2": "bunzip2", "xz": "unxz", "zstd": "unzstd"}
+
+
+def _compression(path: str) -> str | None:
+    """The compression a file's first bytes show (``"gzip"``, ...), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return None
+    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+
+
 def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> ShardIndex:
     """Read one shard's member headers (and label members) and list its samples; with
     ``scan`` ``"quick"`` or ``"full"``, check each image as image files are checked.
@@ -343,6 +358,12 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
                         cur["labels"].setdefault(ext, lab)
             flush()
     except tarfile.TarError as exc:
+        packed = _compression(path)
+        if packed:
+            raise DataError(f"The shard {name or path!r} is {packed}-compressed under a .tar name: shards are read in "
+                            "place with random access, which needs uncompressed tar files. Decompress it (e.g. "
+                            f"`{_DECOMPRESS[packed]} < {os.path.basename(path)} > plain.tar`) and pass the .tar "
+                            "file.") from exc
         raise DataError(f"Cannot read the shard {name or path!r} as a tar file: {exc}.") from exc
     return index
 

@@ -59,6 +59,23 @@ def test_a_row_with_an_extra_column_is_named(tmp_path):
         prepare_data(p)
 
 
+def test_a_row_with_an_empty_label_or_path_is_named_as_such(tmp_path):
+    make_image_folder(tmp_path / "img", per_class=3, size=16)
+    with pytest.raises(DataError, match=r"rows \[8\] have an empty label; give each row a label"):
+        prepare_data(_csv(tmp_path, "path,label\n" + _rows(tmp_path) + "img/dark/dark_1.png, \n"))
+    with pytest.raises(DataError, match=r"rows \[8\] have an empty path"):
+        prepare_data(_csv(tmp_path, "path,label\n" + _rows(tmp_path) + ",dark\n"))
+
+
+def test_a_validation_csv_sharing_no_label_with_the_training_classes_says_so(tmp_path):
+    make_image_folder(tmp_path / "img", per_class=3, size=16)
+    train = _csv(tmp_path, _rows(tmp_path))
+    val = tmp_path / "val.csv"
+    val.write_text(_rows(tmp_path).replace(",dark\n", ",0\n").replace(",light\n", ",1\n"))
+    with pytest.raises(DataError, match=r"has labels \['0', '1'\], none of them a training class \['dark', 'light'\]"):
+        prepare_data(train, val_data=str(val))
+
+
 def test_one_file_with_two_labels_is_refused(tmp_path):
     make_image_folder(tmp_path / "img", per_class=3, size=16)
     p = _csv(tmp_path, _rows(tmp_path) + "img/dark/dark_1.png,light\n")

@@ -111,12 +111,17 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
         raise DataError(f"Cannot read {str(csv_path)!r}: {exc.strerror or exc}.") from exc
     first = 2 if rows and [x.strip().lower() for x in rows[0][:2]] == ["path", "label"] else 1
     rows = rows[first - 1:]
-    bad = [i for i, r in enumerate(rows) if len(r) != 2 or not r[0].strip() or not r[1].strip()]
+    bad = [i for i, r in enumerate(rows) if len(r) != 2]
     if bad:
         widths = sorted({len(rows[i]) for i in bad})
         raise DataError(f"{str(csv_path)!r}: rows {[i + first for i in bad[:5]]} do not have the form 'path,label' "
                         f"(they have {' or '.join(map(str, widths))} column(s); a path or label holding a comma must "
                         "be quoted).")
+    for col, what in ((0, "path"), (1, "label")):
+        blank = [i + first for i, r in enumerate(rows) if not r[col].strip()]
+        if blank:
+            raise DataError(f"{str(csv_path)!r}: rows {blank[:5]} have an empty {what}; give each row a {what}, or "
+                            "remove the rows.")
     if not rows:
         raise DataError(f"{str(csv_path)!r} has no 'path,label' rows.")
     labels = [r[1].strip() for r in rows]
@@ -135,6 +140,9 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
         classes = sorted(set(labels))
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({lab for lab in labels if lab not in index})
+    if unknown and len(unknown) == len(set(labels)):
+        raise DataError(f"{str(csv_path)!r} has labels {unknown[:10]}, none of them a training class "
+                        f"{list(classes)[:10]}: no row can be scored. Label its rows with the training classes.")
     if unknown:
         report.warn(f"{str(csv_path)!r} has labels {unknown[:10]} that are not training classes; those rows are "
                     "left out.")

@@ -179,8 +179,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if exp:
         how = (f"opset {exp.get('opset')}, checked on {exp.get('runtime')}" if exp.get("mode") == "onnx"
                else f"optimization={exp.get('optimization')}")
+        sizes = list(dict.fromkeys(exp.get("batch_sizes") or []))  # one entry per batch checked, per input dtype
+        dtypes = f" ({', '.join(exp['input_dtypes'])} inputs)" if exp.get("input_dtypes") else ""
         lines.append(f"export:      {exp.get('mode')}, {how}, max_abs_diff={exp.get('max_abs_diff')} at batch "
-                     f"sizes {exp.get('batch_sizes')}")
+                     f"sizes {sizes}{dtypes}")
     if train:
         lines.append(f"training:    {json.dumps(train, sort_keys=True)}")
     print("\n".join(lines))

@@ -71,15 +71,18 @@ def test_torchvision_recipe_without_data_says_how_to_get_it(tmp_path):
 
 def test_recipe_script_runs_standalone(tmp_path):
     data_dir = _tiny_split_folder(tmp_path / "data", "val")
+    (data_dir / "train" / "empty").mkdir()  # a warning, shown as one line on stderr
     proc = subprocess.run([sys.executable, str(RECIPES / "hymenoptera.py"), "--data-dir", str(data_dir),
                            "--out", str(tmp_path / "out"), "--run", "feature_extraction", *TINY],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "recipes/hymenoptera.py: warning: Class folders without images in " in proc.stderr, proc.stderr
+    assert "Warning:" not in proc.stderr and "finetune(" not in proc.stderr  # no source line or location
     line = json.loads(proc.stdout.strip().splitlines()[-1])
     assert line["run"] == "feature_extraction" and "val_acc" in line["best"]
     bad = subprocess.run([sys.executable, str(RECIPES / "hymenoptera.py"), "--data-dir", str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "no train/ folder" in bad.stdout
+    assert bad.returncode == 2 and "recipes/hymenoptera.py: error: " in bad.stderr and "no train/ folder" in bad.stderr
 
 
 def _tone(path: Path, freq: float, rate: int, seconds: float = 0.3) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import TransferkitError
-from transferkit.helpformat import HELP
+from transferkit.helpformat import HELP, one_line, one_line_warnings
 from transferkit.schedules import LRRange
 
 
@@ -73,7 +73,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(f"{p.source}\t{p}")
     failed = [p for p in preds if not getattr(p, "ok", True)]
     for p in failed:  # the reason alone: advice about training options does not apply to predict
-        reason = _one_line(p.error).split(" Remove the file")[0]
+        reason = one_line(p.error).split(" Remove the file")[0]
         print(f"transferkit: warning: {p.source}: {reason}", file=sys.stderr)
     if failed:
         print(f"transferkit: error: {len(failed)} of {len(preds)} inputs could not be predicted (listed above)",
@@ -98,7 +98,7 @@ def _write_csv(preds: list, labels: list[str], task: str, top_k: int) -> None:
     writer.writerow([*header, "error"])
     for p in preds:
         if not p.ok:
-            row: list = [p.source, *[""] * (len(header) - 1), _one_line(p.error)]
+            row: list = [p.source, *[""] * (len(header) - 1), one_line(p.error)]
         elif task == "regression":
             row = [p.source, *[f"{(p.values or {}).get(lab, float('nan')):.6g}" for lab in labels], ""]
         else:
@@ -123,7 +123,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.confusion_matrix:  # is not worth the scores; an explicit path asked for the picture
             raise
         if isinstance(exc, OutputError):
-            not_drawn = f"{_one_line(str(exc))} Give --confusion-matrix a writable path"
+            not_drawn = f"{one_line(str(exc))} Give --confusion-matrix a writable path"
             print(f"transferkit: warning: the confusion matrix was not drawn: {not_drawn}.", file=sys.stderr)
     if args.json or not sys.stdout.isatty():
         print(json.dumps({**ev.to_dict(worst=args.worst),
@@ -132,7 +132,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(ev.summary(worst=args.worst))
         print(f"confusion matrix: {picture}" if picture else f"confusion matrix: not drawn ({not_drawn})")
     for f, err in ev.failed:
-        print(f"transferkit: warning: {f}: {_one_line(err).split(' Remove the file')[0]}", file=sys.stderr)
+        print(f"transferkit: warning: {f}: {one_line(err).split(' Remove the file')[0]}", file=sys.stderr)
     if ev.failed:
         print(f"transferkit: error: {len(ev.failed)} of {len(ev.failed) + len(ev.files)} files could not be "
               "predicted (listed above) and are left out of the scores", file=sys.stderr)
@@ -489,19 +489,11 @@ def cli_spelling(message: str) -> str:
     return "`".join(_SETTING.sub(flag, part) if i % 2 == 0 else part for i, part in enumerate(parts))
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 on errors, with one line on stderr)."""
     args = build_parser().parse_args(argv)
 
-    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"transferkit: warning: {cli_spelling(_one_line(message))}", file=sys.stderr)
-
-    with warnings.catch_warnings():
-        warnings.showwarning = show_warning
+    with one_line_warnings("transferkit", cli_spelling):
         try:
             code = args.fn(args)
             sys.stdout.flush()  # a closed pipe is met here, not in the interpreter's exit
@@ -514,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         except (TransferkitError, OSError) as exc:
             if getattr(args, "debug", False):
                 traceback.print_exc()
-            msg = _one_line(exc) or type(exc).__name__
+            msg = one_line(exc) or type(exc).__name__
             print(f"transferkit: error: {cli_spelling(msg)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as exc:
@@ -523,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "debug", False):
                 traceback.print_exc()
             term = signal_name(exc) == "SIGTERM"
-            reason = _one_line(exc) or ("terminated (SIGTERM)" if term else "interrupted (Ctrl-C)")
+            reason = one_line(exc) or ("terminated (SIGTERM)" if term else "interrupted (Ctrl-C)")
             print(f"transferkit: interrupted: {cli_spelling(reason)}", file=sys.stderr)
             return 143 if term else 130
 

@@ -1,8 +1,12 @@
-"""The help formatter of the command line and the recipe scripts."""
+"""The help formatter of the command line and the recipe scripts, and how both show warnings."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+import warnings
+from collections.abc import Callable, Iterator
 
 
 class HELP(argparse.RawDescriptionHelpFormatter):
@@ -18,3 +22,20 @@ class HELP(argparse.RawDescriptionHelpFormatter):
                 or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
+
+
+def one_line(text: object) -> str:
+    """``text`` on one line (runs of whitespace, line breaks included, become one space)."""
+    return " ".join(str(text).split())
+
+
+@contextlib.contextmanager
+def one_line_warnings(prog: str, spell: Callable[[str], str] = str) -> Iterator[None]:
+    """Within: each warning prints as one line ``<prog>: warning: <message>`` on stderr (no
+    source file and line), its message passed through ``spell``."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        print(f"{prog}: warning: {spell(one_line(message))}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield

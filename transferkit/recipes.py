@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import numpy as np
 
 from transferkit.config import RECIPE_KEYS, load_config, merge_config, parse_overrides
 from transferkit.errors import ConfigError, DataError, TransferkitError
-from transferkit.helpformat import HELP
+from transferkit.helpformat import HELP, one_line, one_line_warnings
 from transferkit.data import find_split_folders
 from transferkit.data import dataset_targets
 from transferkit.api import finetune
@@ -239,10 +240,13 @@ def evaluate_export(model_path: Path, test: Any) -> float:
 
 
 def main_guard(fn: Callable[[], Any]) -> int:
-    """Run a recipe's main; a TransferkitError prints one line and exits with status 2."""
-    try:
-        fn()
-    except TransferkitError as exc:
-        print(f"error: {exc}")
-        return 2
+    """Run a recipe's main (its results go to stdout): each warning prints as one line on
+    stderr, and a TransferkitError as one line there with exit status 2."""
+    prog = f"recipes/{Path(sys.argv[0]).name}" if sys.argv and sys.argv[0] else "recipe"
+    with one_line_warnings(prog):
+        try:
+            fn()
+        except TransferkitError as exc:
+            print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+            return 2
     return 0

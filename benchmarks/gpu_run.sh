@@ -2,7 +2,8 @@
 # Everything measured on a GPU machine, in one run (about 10 minutes on one H200):
 #   1. benchmarks/gpu_throughput.py: ResNet-50 training (fp32, bf16, compiled), the frozen pass
 #      per engine, the compile break-even, the input pipeline and input_decode="auto";
-#   2. benchmarks/compile_training.py on CUDA: Lite0 and ResNet-18, batch 32, bf16;
+#   2. benchmarks/compile_training.py on CUDA: Lite0 and ResNet-18, batch 32, bf16 (COMPILE_TRIAL=1:
+#      also compile="auto"'s trial verdict, about a minute more per trunk; raise T_COMPILE);
 #   3. the tests that train, cache, export and decode, with device="auto" resolving to CUDA.
 # Logs and JSON go to $OUT (default ./gpu-results). Run from the repository root:
 #   bash benchmarks/gpu_run.sh
@@ -19,7 +20,7 @@ $PY -c "import torch, timm, onnxruntime as o; print('torch', torch.__version__, 
 'onnxruntime', o.__version__, o.get_available_providers())" 2>&1 | tee -a "$OUT/gpu.txt"
 # the real JPEGs of hymenoptera when $TRANSFERKIT_DATA holds them (else 512 synthetic JPEGs)
 want throughput && timeout "${T_THROUGHPUT:-230}" $PY benchmarks/gpu_throughput.py 2>&1 | tee "$OUT/gpu_throughput.log"
-want compile && timeout "${T_COMPILE:-300}" $PY benchmarks/compile_training.py --device cuda --precision bf16 \
+want compile && timeout "${T_COMPILE:-300}" $PY benchmarks/compile_training.py --device cuda --precision bf16 ${COMPILE_TRIAL:+--trial} \
     --steps 50 --threads 8 ${COMPILE_ONLY:+--only $COMPILE_ONLY} 2>&1 | tee "$OUT/compile_training.log"
 # the tests that train on device="auto" (CUDA here), without the shared data (TEST_DATA names it);
 # a test that assumes a CPU shows as a failure

@@ -16,8 +16,8 @@ starved GPU shows.
    apart), ONNX Runtime where it has a CUDA provider; features compared with eager fp32;
    and the engine ``feature_engine="auto"`` picks from that timing.
 4. torch.compile for training: the first compiled step (compilation) against the eager step,
-   and the run length (images) from which compiling pays: the number the ``compile="auto"``
-   rule for CUDA needs (`transferkit.train.engines.COMPILE_TRAIN_BREAK_EVEN`).
+   and the run length (images) from which compiling pays (``compile="auto"`` times a run's
+   own steps, `transferkit.train.compile_trial`; this checks its compile-time estimate).
 5. The input-decode decision (``input_decode="auto"``, `transferkit.data.gpu_jpeg`): the
    JPEG folder's census, the device decoder timed against the CPU workers as a run times
    them (`time_decoders`), and what `decide_input_decode` picks from that, with its reason.

@@ -83,6 +83,9 @@ class FinetuneResult:
     # the cached features: samples, shards, computed, reused, dtype, bytes, masked_samples, per split (train, val);
     # shards == 0 when held in memory (no cache_dir); None when no features were cached (see docs/training.md)
     feature_report: dict[str, Any] | None = None
+    # compile="auto" on a trained trunk: the eager and compiled step seconds timed, the estimated and measured
+    # compilation, which was kept and why (see transferkit.train.compile_trial); None when no trial ran
+    compile_trial: dict[str, Any] | None = None
 
     def _interpretable(self) -> tuple[Any, Any]:
         if self.val_logits is None or self.decisions is None or self.run is None or self.task != "multiclass":
@@ -284,7 +287,8 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
                                 history=outcome.history, best=outcome.best, metrics=metrics, decisions=d, run=run,
                                 used_feature_cache=d.cache, timings=timings, task=cfg.task,
                                 stopped_early=outcome.state.stopped_early, data_report=run.bundle.report,
-                                val_logits=outputs.get("logits"), feature_report=outcome.feature_report)
+                                val_logits=outputs.get("logits"), feature_report=outcome.feature_report,
+                                compile_trial=outcome.compile_trial)
         if run.dist.is_main:
             with interrupt_keeps_weights(lambda: save_interrupted(d, run, metadata(d))):
                 out = write_outputs(d, run, outcome, metrics, logits=outputs.get("logits"))

@@ -277,8 +277,9 @@ class FinetuneConfig:
     channels_last: Literal["auto", True, False] = _opt(
         "auto", "channels_last memory format (auto: where it is faster)", group="runtime")
     compile: Literal["auto", True, False] = _opt(
-        "auto", "torch.compile the trained module (auto: where the run is long enough for the compile time to pay, "
-        "as measured; see docs/benchmarks.md)", group="runtime")
+        "auto", "torch.compile the trained module (auto: tried on the run's own steps where the run is long enough "
+        "for a compilation that does not pay to cost at most 5% of it, and kept where the compiled step is faster; "
+        "see docs/training.md)", group="runtime")
     input_decode: Literal["auto", "cpu", "gpu"] = _opt(
         "auto", "where images are decoded: 'cpu' (DataLoader workers, Pillow), 'gpu' (nvJPEG on a CUDA device) or "
         "'auto' (the GPU where it was timed faster on the run's own JPEG files)", group="runtime", flag=True)

@@ -35,7 +35,8 @@ from transferkit.facts import Facts, look
 from transferkit.heads import resolve_head_norm
 from transferkit.policies import Policy
 from transferkit.train.distributed import rank_seeds
-from transferkit.train.engines import decide_compile, decide_engine, engine_precision
+from transferkit.train.compile_trial import decide_compile
+from transferkit.train.engines import decide_engine, engine_precision
 from transferkit.train.features import cache_key
 from transferkit.train.optim import default_lr
 from transferkit.train.speed import decide_speed
@@ -252,8 +253,9 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     frozen = frozen_epochs >= cfg.epochs
     cached_epochs, reason = _cache_decision(cfg, pol, frozen_epochs, facts.head)
     cache = cached_epochs >= cfg.epochs
-    compile_on, compile_why = decide_compile(cfg.compile, device_type=facts.device.type, train_images=data.n_train,
-                                             epochs=cfg.epochs - cached_epochs)  # compile="auto" (train/engines.py)
+    compile_on, compile_why = decide_compile(cfg.compile, device_type=facts.device.type,  # train/compile_trial.py
+                                             epochs=cfg.epochs - cached_epochs, world_size=facts.device.world_size,
+                                             unavailable=facts.device.compile_unavailable)
     speed = decide_speed(device_type=facts.device.type, bf16=(facts.device.bf16, facts.device.bf16_why),
                          precision=cfg.precision, channels_last=cfg.channels_last, compile=compile_on,
                          kind=data.kind, conv=(bb.conv_share, bb.n_conv), layout_timed=bb.layout_timed,
@@ -448,7 +450,7 @@ def _speed_lines(s: dict[str, Any], *, features: bool, engine: str = "eager") ->
     out.append(f"training {s['precision']} ({r.get('precision', 'set directly')})")
     out.append(f"{'channels_last' if s['channels_last'] else 'contiguous'} ({r.get('channels_last', 'set directly')})")
     if s["compile"]:
-        out.append(f"compile ({r.get('compile', 'asked')})")
+        out.append(f"{'compile trial' if s['compile'] == 'trial' else 'compile'} ({r.get('compile', 'asked')})")
     return out
 
 

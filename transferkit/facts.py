@@ -45,7 +45,7 @@ from transferkit.policies.freeze import has_batchnorm
 from transferkit.policies.frozen_bn import eval_fingerprint
 from transferkit.train.device import resolve_device
 from transferkit.train.distributed import DistInfo, broadcast_object, init_distributed
-from transferkit.train.engines import engine_facts
+from transferkit.train.engines import compile_unavailable, engine_facts
 from transferkit.train.speed import SpeedConfig, decide_speed, layout_fact
 from transferkit.train.tasks import prepare_task_data, resolve_class_weights
 
@@ -64,6 +64,7 @@ class DeviceFacts:
     bf16: bool  # the device runs bf16 natively
     bf16_why: str
     cpu_capability: str
+    compile_unavailable: str | None = None  # why torch.compile cannot run here; None: it can
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
     bf16, why = device_bf16(dev)
     device = DeviceFacts(device=str(dev), type=dev.type, rank=info.rank, world_size=info.world_size,
                          local_world_size=_local_world_size(info), bf16=bf16, bf16_why=why,
-                         cpu_capability=cpu_capability())
+                         cpu_capability=cpu_capability(), compile_unavailable=compile_unavailable(dev.type))
     backbone = _backbone_facts(cfg, bb, spec, dev, policy, n_out, hidden, head_kind, loaded=load_weights)
     frozen_phase = policy.frozen_phase_epochs(list(bb.block_names), cfg.epochs, has_batchnorm=backbone.has_batchnorm)
     trains_inputs = cfg.epochs - (frozen_phase if cfg.cache_features is not False else 0) >= 2

@@ -40,8 +40,10 @@ from transferkit.export.torchscript import export_torchscript
 from transferkit.run import Run
 from transferkit.policies import apply_policy, merge_lora, policy_penalty, set_train_mode
 from transferkit.checkpoints import save_checkpoint, save_interrupted_weights, save_with_fallback
+from transferkit.train.compile_trial import CompileTrial
 from transferkit.train.distributed import wrap_ddp
-from transferkit.train.engines import engine_precision, lazy_engine_forward, remove_stale_engine_files
+from transferkit.train.engines import (compile_estimate, engine_precision, lazy_engine_forward, leaf_modules,
+                                      remove_stale_engine_files)
 from transferkit.train.faults import training_faults
 from transferkit.errors import DataError
 from transferkit.train.feature_store import fill_store, open_store, part_size_for
@@ -336,6 +338,7 @@ class TrainOutcome:
     optimizer: Any = None
     seconds: dict[str, float] = field(default_factory=dict)  # features, decoding, train
     feature_report: dict[str, Any] | None = None  # the cached features' report (see feature_report)
+    compile_trial: dict[str, Any] | None = None  # compile="auto" on a trained trunk: what was timed and kept
 
 
 def metadata(d: Decisions, *, portable: bool = False) -> dict[str, Any]:
@@ -402,7 +405,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                                            callbacks=cfg.callbacks, tensorboard=tb)
     current: dict[str, TrainingData | None] = {"data": inputs, "fit": None}  # fit: the data training began on
     seconds = dict(inputs.seconds) if inputs is not None else {}
-    report = None
+    report, trial = None, None
     try:
         with training_faults(checkpoint=cfg.checkpoint, batch_size=cfg.batch_size,
                              save_interrupted=lambda: save_interrupted(d, run, meta),
@@ -419,6 +422,11 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
             if inputs is not None:
                 state.best_state = _whole_model_state(run, state.best_state)
                 td = current["data"] = current["fit"] = inputs
+                if run.speed.compile == "trial":  # compile="auto": timed on the steps that train the trunk
+                    trial = CompileTrial(steps_left=sum(steps[max(k, state.epoch):]), estimate_s=compile_estimate(
+                        run.speed.device.type, leaf_modules(run.model.trunk), engine="train"),
+                        log=loop.log if cfg.verbose and info.is_main else None)
+                    loop.wrap = _wrapper(run, trial)
                 history, best = fit(td.module, td.train_loader, td.val_loader, loop, epochs=total, state=state,
                                     prep_s=sum(v for key, v in inputs.seconds.items() if key.startswith("decode_")),
                                     prep_what="decoding")
@@ -427,7 +435,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
             tb.close()
     seconds["train_s"] = time.perf_counter() - t1
     return TrainOutcome(history=history, best=best, state=state, data=td, optimizer=opt, seconds=seconds,
-                        feature_report=report)
+                        feature_report=report, compile_trial=trial.finish() if trial is not None else None)
 
 
 def _resume_problems(saved: dict[str, Any], meta: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -447,11 +455,13 @@ def _note_moves(saved: dict[str, Any], now: dict[str, Any], *, features_left: bo
                       "last digits. Resume with the checkpoint's settings for a bit-identical run.", stacklevel=3)
 
 
-def _wrapper(run: Run) -> Any:
-    """DDP (and torch.compile) around the trained module, or None."""
+def _wrapper(run: Run, trial: CompileTrial | None = None) -> Any:
+    """DDP and torch.compile (asked, or its ``trial``) around the trained module, or None."""
     speed, info = run.speed, run.dist
-    if not (info.enabled or speed.compile):
+    if not (info.enabled or speed.compile is True or trial is not None):
         return None
+    if trial is not None:
+        return lambda m: trial.wrap(wrap_ddp(m, info, speed.device))
     return lambda m: speed.maybe_compile(wrap_ddp(m, info, speed.device))
 
 

@@ -21,8 +21,8 @@ The module has three parts, kept apart so that a plan can hold the decision as p
    it under another load (their feature-cache keys stay the same).
 2. The decision (pure): `decide_engine` picks the engine from what was asked, what is
    available and what was measured, with its reason; `compile_pays` estimates whether a
-   compilation can pay for itself on the amount of data; `decide_compile` is the same rule
-   for a trainable trunk (``compile="auto"``).
+   compilation can pay for itself on the amount of data (a trainable trunk's compilation is
+   tried on the run's own steps instead: `transferkit.train.compile_trial`).
 3. Runtime: `engine_forward` turns the chosen engine into the callable the feature pass
    uses (``forward(x) -> features``).
 
@@ -93,6 +93,11 @@ FIRST_CALL_LEAD = 2.0  # on a CPU, where eager runs fp32 its reference batch (a 
 # 1.30x eager bf16: the CUDA estimate (30 s for ResNet-50) keeps the CPU's, twice that.
 COMPILE_SECONDS_PER_MODULE = {"cpu": 0.12, "cuda": 0.12}
 COMPILE_SECONDS_BASE = {"cpu": 15.0, "cuda": 15.0}
+# The compilation of a trainable model's step (forward and backward), likewise: the first
+# compiled step took 76 s for Lite0 (200 leaf modules) and 51 s for ResNet-18 (60) on the quiet
+# 2-core CPU (benchmarks/compile_training.py), 60 s and 20 s on an H200 (ResNet-50: 49 s).
+TRAIN_COMPILE_SECONDS_PER_MODULE = {"cpu": 0.18, "cuda": 0.18}
+TRAIN_COMPILE_SECONDS_BASE = {"cpu": 40.0, "cuda": 40.0}
 COMPILE_SPEEDUP: dict[str, float | None] = {"cpu": 1.9, "cuda": 1.3}
 # The ONNX Runtime candidate, likewise: exporting the trunk (a trace on two items and the
 # conversion), opening a session and timing three batches cost about 2.8 s for Lite0 (200
@@ -105,18 +110,6 @@ COMPILE_SPEEDUP: dict[str, float | None] = {"cpu": 1.9, "cuda": 1.3}
 ONNX_SECONDS_BASE = {"cpu": 0.4, "cuda": 0.4}
 ONNX_SECONDS_PER_MODULE = {"cpu": 0.012, "cuda": 0.012}
 ONNX_SPEEDUP: dict[str, float | None] = {"cpu": 3.15, "cuda": None}
-# torch.compile of a trainable trunk (compile="auto"): per device type, the number of training
-# images (epochs x images) from which the compilation pays, or None with what was measured
-# (docs/benchmarks.md, "torch.compile for fine-tuning"; benchmarks/compile_training.py and
-# benchmarks/gpu_throughput.py measure it).
-COMPILE_TRAIN_BREAK_EVEN: dict[str, tuple[int | None, str]] = {
-    "cpu": (None, "measured on a CPU (Lite0 and ResNet-18, 224 px, batch 32): 1.27x and 0.95x the eager step "
-                  "after 76 s and 51 s of compilation, so no run length pays for every trunk "
-                  "(compile=True compiles)"),
-    "cuda": (None, "measured on an H200 (bf16, channels_last): ResNet-50 (batch 128) 1.21x the eager step after "
-                   "49 s of compilation, paying from about 1.1 million training images; Lite0 and ResNet-18 (batch "
-                   "32) 0.98x and 0.87x, so no run length pays for every trunk (compile=True compiles)"),
-}
 PREPARED = ("onnxruntime", "compile")  # engines with a preparation cost weighed before they are timed
 # the format of cache_dir/engines.json, read only when equal: raised when how the engines are
 # prepared changes what a timing would find (2: attention layers convert to ONNX, so a stored
@@ -153,15 +146,19 @@ def engine_availability(device_type: str) -> dict[str, str | None]:
                                  f"(it has {', '.join(ort.get_available_providers())})"
         else:
             out["onnxruntime"] = None
-    if not hasattr(torch, "compile"):
-        out["compile"] = f"torch {torch.__version__} has no torch.compile"
-    elif device_type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++", "cl")):
-        out["compile"] = "torch.compile (inductor) needs a C++ compiler on the CPU and none was found"
-    elif device_type not in ("cpu", "cuda"):
-        out["compile"] = f"torch.compile is not used on {device_type} devices"
-    else:
-        out["compile"] = None
+    out["compile"] = compile_unavailable(device_type)
     return out
+
+
+def compile_unavailable(device_type: str) -> str | None:
+    """Why ``torch.compile`` cannot run on ``device_type`` here, or None when it can."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    if device_type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++", "cl")):
+        return "torch.compile (inductor) needs a C++ compiler on the CPU and none was found"
+    if device_type not in ("cpu", "cuda"):
+        return f"torch.compile is not used on {device_type} devices"
+    return None
 
 
 def leaf_modules(module: nn.Module) -> int:
@@ -171,12 +168,14 @@ def leaf_modules(module: nn.Module) -> int:
 
 def compile_estimate(device_type: str, n_modules: int, *, load: float | None = None, engine: str = "compile") -> float:
     """Estimated seconds to prepare ``engine`` (``"compile"``: compile the frozen pass;
-    ``"onnxruntime"``: export it, open a session and time it) for a trunk with ``n_modules``
-    leaf modules: on a quiet machine, times the machine's load per CPU when that is above 1
-    (``load``: default the 1-minute load average over the CPU count; the preparation shares
-    the CPUs, as the eager pass it is weighed against does)."""
-    base, per = (ONNX_SECONDS_BASE, ONNX_SECONDS_PER_MODULE) if engine == "onnxruntime" else \
-        (COMPILE_SECONDS_BASE, COMPILE_SECONDS_PER_MODULE)
+    ``"onnxruntime"``: export it, open a session and time it; ``"train"``: compile a
+    trainable model's step) for a trunk with ``n_modules`` leaf modules: on a quiet machine,
+    times the machine's load per CPU when that is above 1 (``load``: default the 1-minute
+    load average over the CPU count; the preparation shares the CPUs, as the eager pass it is
+    weighed against does)."""
+    base, per = {"onnxruntime": (ONNX_SECONDS_BASE, ONNX_SECONDS_PER_MODULE),
+                 "train": (TRAIN_COMPILE_SECONDS_BASE, TRAIN_COMPILE_SECONDS_PER_MODULE)}.get(
+        engine, (COMPILE_SECONDS_BASE, COMPILE_SECONDS_PER_MODULE))
     quiet = base.get(device_type, base["cpu"]) + per.get(device_type, per["cpu"]) * n_modules
     if load is None:  # the load average counts runnable tasks on all the machine's CPUs, not only this process's
         load = os.getloadavg()[0] / (os.cpu_count() or 1) if hasattr(os, "getloadavg") else 1.0
@@ -585,33 +584,6 @@ def decide_engine(requested: str, *, device_type: str, available: dict[str, str 
         else "timed on the run's input"
     timed = f"{source}: eager {precision} {base:.1f} {rate}{first}" + "".join(f"; {n}" for n in notes)
     return best, ("fastest, " if best != "eager" else f"none beats eager by {MIN_SPEEDUP:g}x; ") + timed
-
-
-def decide_compile(requested: bool | str, *, device_type: str, train_images: int, epochs: int) -> tuple[bool, str]:
-    """Whether a trainable trunk is compiled (``compile=True/False/"auto"``), and why (pure).
-
-    ``auto`` compiles when the run trains on at least the ``COMPILE_TRAIN_BREAK_EVEN`` images
-    of the device type (epochs x training images), the run length where the compile time was
-    measured to pay (docs/benchmarks.md); where it was measured not to pay, or not measured,
-    it does not compile and says why.
-
-    Example:
-        >>> decide_compile(False, device_type="cpu", train_images=245, epochs=10)
-        (False, 'compile=False')
-    """
-    if requested is True or requested is False:
-        return bool(requested), "asked" if requested else "compile=False"
-    if requested != "auto":
-        raise ConfigError(f"compile={requested!r}; use True, False or 'auto'.")
-    images = train_images * epochs
-    even, measured = COMPILE_TRAIN_BREAK_EVEN.get(device_type, (None, f"not measured on {device_type}"))
-    if epochs <= 0:
-        return False, "compile='auto': the trunk never trains (features are cached)"
-    if even is None:
-        return False, f"compile='auto': not compiled, {measured}"
-    pays = images >= even
-    return pays, (f"compile='auto': {images} training images ({epochs} epochs) {'>=' if pays else '<'} the "
-                  f"{even} where compiling pays on {device_type} (measured)")
 
 
 # --------------------------------------------------------------------------- runtime

@@ -81,13 +81,16 @@ def _improved(value: float, best: dict[str, Any], monitor: str, mode: str) -> bo
 
 
 def _runner(module: nn.Module, wrap: Callable[[nn.Module], nn.Module] | None, cache: dict[str, Any]) -> nn.Module:
-    """The module to run this epoch: ``wrap(module)`` (DDP, compile), rebuilt when the set of
-    trainable parameters changed (gradual unfreezing)."""
+    """The module to run this epoch: ``wrap(module)`` (DDP, compile, a compile trial), rebuilt
+    when the set of trainable parameters changed (gradual unfreezing); told that an epoch
+    begins when it times its steps."""
     if wrap is None:
         return module
     sig = tuple(p.requires_grad for p in module.parameters())
     if cache.get("sig") != sig:
         cache["sig"], cache["runner"] = sig, wrap(module)
+    if hasattr(cache["runner"], "begin_epoch"):
+        cache["runner"].begin_epoch()
     return cache["runner"]
 
 

@@ -64,7 +64,7 @@ def check_speed_request(device_type: str, precision: str, channels_last: bool | 
 
 
 def decide_speed(*, device_type: str, bf16: tuple[bool, str], precision: str = "auto",
-                 channels_last: bool | str = "auto", compile: bool = False, kind: str = "image",
+                 channels_last: bool | str = "auto", compile: bool | str = False, kind: str = "image",
                  conv: tuple[float, int] | None = None, layout_timed: tuple[bool, str] | None = None,
                  cached: bool = False, features: bool = False) -> dict[str, Any]:
     """Resolve precision, layout and compile from facts; a pure function.
@@ -114,8 +114,8 @@ def decide_speed(*, device_type: str, bf16: tuple[bool, str], precision: str = "
     else:
         cl, reasons["channels_last"] = bool(channels_last), "asked"
     reasons["compile"] = "asked" if compile else "compile=False"
-    return {"precision": train, "feature_precision": feat, "channels_last": cl, "compile": bool(compile),
-            "reasons": reasons}
+    return {"precision": train, "feature_precision": feat, "channels_last": cl,
+            "compile": "trial" if compile == "trial" else bool(compile), "reasons": reasons}
 
 
 def layout_fact(trunk: nn.Module, device: torch.device, *, kind: str, channels_last: bool | str,
@@ -145,7 +145,7 @@ class SpeedConfig:
     device: torch.device
     precision: str = "fp32"
     channels_last: bool = False
-    compile: bool = False
+    compile: bool | str = False  # True, False or "trial" (compile="auto": see transferkit.train.compile_trial)
     feature_precision: str | None = None
     reasons: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
@@ -237,9 +237,10 @@ class SpeedConfig:
             module.to(memory_format=torch.channels_last)
 
     def maybe_compile(self, module: torch.nn.Module) -> torch.nn.Module:
-        """``torch.compile(module)`` when asked (sharing its parameters), else ``module``.
-        Checkpoints and exports keep using the uncompiled module."""
-        if not self.compile:
+        """``torch.compile(module)`` when asked (sharing its parameters), else ``module``
+        (a ``"trial"`` compiles through its `CompileTrial`). Checkpoints and exports keep
+        using the uncompiled module."""
+        if self.compile is not True:
             return module
         if not hasattr(torch, "compile"):
             raise ConfigError("compile=True needs torch >= 2.0.")

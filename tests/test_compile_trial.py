@@ -1,0 +1,169 @@
+"""compile="auto" on a trainable trunk: the trial on the run's own steps (a simulated clock and
+compiler for the rules; one run through finetune with the compilation stood in for)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import transferkit as tk
+import transferkit.train.compile_trial as ct
+from transferkit.errors import ConfigError
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _trial(clock, *, eager_s=1.0, compiled_s=0.5, compile_s=100.0, steps_left=10_000, estimate_s=60.0, fail=False):
+    """A trial whose eager step takes ``eager_s`` on ``clock`` and whose compiled step takes
+    ``compiled_s`` (its first ``compile_s`` more); returns it and the log of what ran."""
+    ran: list[str] = []
+
+    def eager(x):
+        ran.append("eager")
+        clock.now += eager_s
+        return x
+
+    def compile_fn(module):
+        ran.append("compile")
+        first = [True]
+
+        def compiled(x):
+            if fail:
+                raise RuntimeError("inductor: no kernel for this op")
+            ran.append("compiled")
+            clock.now += compiled_s + (compile_s if first[0] else 0.0)
+            first[0] = False
+            return x
+        return compiled
+
+    said: list[str] = []
+    trial = ct.CompileTrial(steps_left=steps_left, estimate_s=estimate_s, compile_fn=compile_fn, log=said.append,
+                            clock=clock)
+    return trial, eager, ran, said
+
+
+def _steps(runner, n):
+    for _ in range(n):
+        runner(0)
+
+
+def test_a_compiled_step_that_is_faster_is_kept_for_the_rest_of_the_run():
+    clock = _Clock()
+    trial, eager, ran, said = _trial(clock)
+    runner = trial.wrap(eager)
+    _steps(runner, 20)
+    n_eager = ct.WARMUP_STEPS + ct.TIMED_STEPS
+    assert ran[:n_eager] == ["eager"] * n_eager and ran[n_eager] == "compile"
+    assert ran[n_eager + 1:] == ["compiled"] * (20 - n_eager) and ran.count("compile") == 1
+    r = trial.record
+    assert r["kept"] == "compiled" and r["eager_step_s"] == 1.0 and r["compiled_step_s"] == 0.5
+    assert r["speedup"] == 2.0 and r["compile_s"] == pytest.approx(100.0)
+    assert said == [f"compile:  compiled ({r['reason']})"] and "2.00x" in r["reason"]
+    # a new trainable set (gradual unfreezing) is compiled again, without a new trial
+    again = trial.wrap(eager)
+    _steps(again, 2)
+    assert ran[-3:] == ["compile", "compiled", "compiled"]
+
+
+def test_a_compiled_step_that_is_not_faster_goes_back_to_eager():
+    clock = _Clock()
+    trial, eager, ran, said = _trial(clock, compiled_s=0.99)  # 1.01x: within the margin
+    runner = trial.wrap(eager)
+    _steps(runner, 20)
+    trial_steps = ct.WARMUP_STEPS + ct.TIMED_STEPS + 1 + ct.WARMUP_STEPS + ct.TIMED_STEPS
+    assert ran.count("compiled") == 1 + ct.WARMUP_STEPS + ct.TIMED_STEPS and ran.count("compile") == 1
+    assert ran[-(20 - trial_steps):] == ["eager"] * (20 - trial_steps)
+    assert trial.record["kept"] == "eager" and "not kept" in trial.record["reason"] and "< 1.05x" in said[0]
+    assert trial.wrap(eager) is eager  # later trainable sets run eager, untried
+
+
+def test_a_run_too_short_for_the_compilation_never_compiles():
+    clock = _Clock()
+    # 60 s of compilation against 5 % of about 100 eager steps of 1 s: not tried
+    trial, eager, ran, said = _trial(clock, steps_left=100, estimate_s=60.0)
+    _steps(trial.wrap(eager), 30)
+    assert "compile" not in ran and trial.record["kept"] == "eager"
+    assert "not tried: an estimated 60 s to compile > 5% of the 96 eager steps left at 1 s" in trial.record["reason"]
+    # the same run, long enough: tried
+    trial, eager, ran, _ = _trial(_Clock(), steps_left=1300, estimate_s=60.0)
+    _steps(trial.wrap(eager), 10)
+    assert "compile" in ran
+
+
+def test_a_run_that_ends_before_the_trial_decides_says_so():
+    trial, eager, ran, _ = _trial(_Clock())
+    _steps(trial.wrap(eager), 3)
+    assert trial.finish()["kept"] == "undecided" and "ended after 3 steps" in trial.record["reason"]
+    assert ran == ["eager"] * 3
+
+
+def test_steps_across_an_epoch_boundary_are_not_timed():
+    clock = _Clock()
+    trial, eager, ran, _ = _trial(clock)
+    runner = trial.wrap(eager)
+    _steps(runner, 2)
+    for _ in range(2):  # two epochs of one step, each followed by validation and a checkpoint
+        clock.now += 1000.0
+        runner.begin_epoch()
+        _steps(runner, 1)
+    _steps(runner, 20)
+    assert trial.record["eager_step_s"] == 1.0 and trial.record["kept"] == "compiled"
+
+
+def test_a_compilation_that_fails_warns_and_training_goes_on_eager():
+    clock = _Clock()
+    trial, eager, ran, said = _trial(clock, fail=True)
+    runner = trial.wrap(eager)
+    with pytest.warns(UserWarning, match=r"torch.compile failed on this model \(RuntimeError: inductor: no kernel "
+                                         r"for this op\); training goes on eager"):
+        _steps(runner, 10)
+    assert ran.count("eager") == 10 and trial.record["kept"] == "eager" and "error" in trial.record
+
+
+def test_decide_compile_tries_only_where_a_trial_can_run():
+    assert ct.decide_compile(True, device_type="cpu", epochs=1) == (True, "asked")
+    assert ct.decide_compile(False, device_type="cuda", epochs=90) == (False, "compile=False")
+    assert ct.decide_compile("auto", device_type="cuda", epochs=90)[0] == "trial"
+    assert ct.decide_compile("auto", device_type="cpu", epochs=0)[0] is False  # features are cached
+    off, why = ct.decide_compile("auto", device_type="cpu", epochs=5, unavailable="no C++ compiler")
+    assert off is False and "no C++ compiler" in why
+    off, why = ct.decide_compile("auto", device_type="cuda", epochs=5, world_size=2)
+    assert off is False and "several processes" in why
+    with pytest.raises(ConfigError, match="compile='yes'"):
+        ct.decide_compile("yes", device_type="cpu", epochs=1)
+
+
+def test_finetune_runs_the_trial_and_reports_it(image_folder, monkeypatch, capsys):
+    # the compilation stood in for by a module that runs the model: the trial's plumbing, not inductor
+    compiled = []
+
+    def fake_compile(module):
+        compiled.append(module)
+        return lambda x: module(x)
+    monkeypatch.setattr(ct, "TRIAL_SHARE", 1e9)  # any run is long enough to try
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    common = dict(weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0, seed=0, batch_size=2,
+                  policy="full", epochs=3, lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = tk.finetune("tk:small_cnn", verbose=True, **common)
+    out = capsys.readouterr().out
+    assert "speed:    compile trial (compile='auto': tried where the run is long enough" in r.decisions.summary()
+    assert r.compile_trial is not None and r.compile_trial["kept"] in ("compiled", "eager")
+    assert compiled and compiled[0] is r.model
+    assert f"compile:  {r.compile_trial['kept']} (compile='auto':" in out
+    # compile=False: no trial, and the same training
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = tk.finetune("tk:small_cnn", verbose=False, compile=False, **common)
+    assert plain.compile_trial is None
+    for k, v in plain.model.state_dict().items():  # the stand-in computes what eager does
+        assert torch.equal(v, r.model.state_dict()[k]), k

@@ -1,0 +1,190 @@
+"""``compile="auto"`` for a trainable trunk: a trial on the run's own steps.
+
+``torch.compile`` trains some trunks faster and others slower, after about a minute of
+compilation (docs/benchmarks.md, "torch.compile for fine-tuning": on a 2-core CPU Lite0
+1.27x and ResNet-18 0.95x the eager step; on an H200 ResNet-50 1.21x, Lite0 0.98x and
+ResNet-18 0.87x). No rule per device type serves every trunk, so ``auto`` measures, on the
+run itself:
+
+1. it times the run's first eager steps (after one warm-up step);
+2. where the rest of the run is long enough that a compilation that does not pay costs at
+   most ``TRIAL_SHARE`` of it (`compile_estimate` with ``engine="train"`` against the eager
+   steps left), it compiles the trained module and times the compiled steps (the first one
+   holds the compilation; one more warms up);
+3. it keeps the compiled module for the rest of the run when its step is at least
+   ``MIN_SPEEDUP`` times faster, else it goes back to eager (the compiled module shares the
+   eager one's parameters: nothing is copied or lost either way).
+
+A step is timed from one call of the trained module to the next (forward, backward,
+optimizer step and the next batch's loading; ``loss.item()`` in each step waits for the
+device), within an epoch. A short run never compiles and pays only a clock read per step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from transferkit._text import exception_line
+from transferkit.errors import ConfigError
+
+TRIAL_SHARE = 0.05  # a compilation that does not pay may cost at most this share of the eager run left
+MIN_SPEEDUP = 1.05  # the compiled step must be this much faster to be kept
+WARMUP_STEPS = 1  # steps run but not timed, in each mode (the first compiled one holds the compilation)
+TIMED_STEPS = 3  # steps timed in each mode (their median)
+
+
+def decide_compile(requested: bool | str, *, device_type: str, epochs: int, world_size: int = 1,
+                   unavailable: str | None = None) -> tuple[bool | str, str]:
+    """Whether a trainable model is compiled (``compile=True/False/"auto"``), and why (pure):
+    ``True``, ``False``, or ``"trial"`` (``auto``: the run's steps decide, see `CompileTrial`).
+    ``epochs``: the epochs that train the trunk; ``unavailable``: why ``torch.compile``
+    cannot run here (`transferkit.train.engines.engine_availability`), None when it can.
+
+    Example:
+        >>> decide_compile(False, device_type="cpu", epochs=10)
+        (False, 'compile=False')
+        >>> decide_compile("auto", device_type="cpu", epochs=10)[0]
+        'trial'
+    """
+    if requested is True or requested is False:
+        return bool(requested), "asked" if requested else "compile=False"
+    if requested != "auto":
+        raise ConfigError(f"compile={requested!r}; use True, False or 'auto'.")
+    if epochs <= 0:
+        return False, "compile='auto': the trunk never trains (features are cached)"
+    if unavailable is not None:
+        return False, f"compile='auto': not tried, {unavailable}"
+    if world_size > 1:
+        return False, ("compile='auto': not tried in a job of several processes (each would time its own steps); "
+                       "compile=True compiles")
+    return "trial", (f"compile='auto': tried where the run is long enough that a compilation that does not pay "
+                     f"costs at most {TRIAL_SHARE:.0%} of it; kept where the compiled step is {MIN_SPEEDUP:g}x faster "
+                     "(timed on the run's first steps)")
+
+
+@dataclass
+class CompileTrial:
+    """The trial of one run (see the module docstring). ``steps_left``: the optimizer steps
+    the run has left when it starts; ``estimate_s``: the estimated compilation seconds;
+    ``compile_fn``: None for ``torch.compile`` (another callable in tests); ``log``: where the verdict
+    is said (None: nowhere). `wrap` gives the module that runs each epoch; ``record`` holds
+    what was measured and decided."""
+
+    steps_left: int
+    estimate_s: float
+    compile_fn: Callable[[nn.Module], Any] | None = None
+    log: Callable[[str], None] | None = None
+    clock: Callable[[], float] = time.perf_counter
+    record: dict[str, Any] = field(default_factory=dict)
+    _eager: list[float] = field(default_factory=list, init=False, repr=False)  # step seconds, warm-up first
+    _compiled: list[float] = field(default_factory=list, init=False, repr=False)  # the compilation's step first
+    _calls: int = field(default=0, init=False, repr=False)
+
+    @property
+    def verdict(self) -> str | None:
+        """``"compiled"`` or ``"eager"`` once decided, else None."""
+        return self.record.get("kept")
+
+    def wrap(self, module: nn.Module) -> Any:
+        """What runs ``module``'s training steps: the trial while it lasts; afterwards the
+        compiled module when it won (compiled again after the trainable set changed), else
+        ``module``."""
+        if self.verdict == "eager":
+            return module
+        if self.verdict == "compiled":
+            return self.compile(module)
+        return _TrialRunner(self, module)
+
+    def compile(self, module: nn.Module) -> Any:
+        """``compile_fn(module)``, by default ``torch.compile`` (sharing ``module``'s parameters)."""
+        return (self.compile_fn or torch.compile)(module)
+
+    def finish(self) -> dict[str, Any]:
+        """The record, closed for a run that ended before the trial decided (too few steps)."""
+        if self.verdict is None:
+            self.record.update(kept="undecided", reason=f"compile='auto': the run ended after {self._calls} steps, "
+                                                        "before the trial had timed both")
+        return self.record
+
+    def _decide_to_try(self) -> bool:
+        eager = statistics.median(self._eager[WARMUP_STEPS:])
+        left = max(self.steps_left - self._calls, 0)
+        budget = TRIAL_SHARE * left * eager
+        self.record.update(eager_step_s=eager, estimate_s=self.estimate_s)
+        if self.estimate_s <= budget:
+            return True
+        self._say("eager", f"not tried: an estimated {self.estimate_s:.0f} s to compile > {TRIAL_SHARE:.0%} of the "
+                           f"{left} eager steps left at {eager:.3g} s")
+        return False
+
+    def _decide(self) -> None:
+        eager, compiled = self.record["eager_step_s"], statistics.median(self._compiled[1 + WARMUP_STEPS:])
+        first = self._compiled[0]
+        speedup = eager / max(compiled, 1e-12)
+        self.record.update(compiled_step_s=compiled, compile_s=max(first - compiled, 0.0), speedup=speedup)
+        kept = speedup >= MIN_SPEEDUP
+        self._say("compiled" if kept else "eager",
+                  f"{'kept' if kept else 'not kept'}: the compiled step {compiled:.3g} s against eager {eager:.3g} s "
+                  f"({speedup:.2f}x{'' if kept else f' < {MIN_SPEEDUP:g}x'}) after {first:.0f} s for the first "
+                  "compiled step (the compilation)")
+
+    def _fail(self, exc: BaseException) -> None:
+        self.record["error"] = exception_line(exc)
+        warnings.warn(f"compile='auto': torch.compile failed on this model ({exception_line(exc)}); training goes "
+                      "on eager. Pass compile=False to skip the trial.", stacklevel=4)
+        self._say("eager", f"torch.compile failed ({exception_line(exc)})")
+
+    def _say(self, kept: str, why: str) -> None:
+        self.record.update(kept=kept, reason=f"compile='auto': {why}")
+        if self.log is not None:
+            self.log(f"compile:  {kept} ({self.record['reason']})")
+
+
+class _TrialRunner:
+    """The trained module during the trial: eager steps, then compiled ones, then the winner."""
+
+    def __init__(self, trial: CompileTrial, module: nn.Module) -> None:
+        self.trial, self.module, self.compiled, self.last = trial, module, None, None
+        self.mode = "eager"
+
+    def begin_epoch(self) -> None:
+        """Forget the last call's time: the step before it ended the previous epoch."""
+        self.last = None
+
+    def __call__(self, x: Any) -> Any:
+        t = self.trial
+        now = t.clock()
+        if self.last is not None and t.verdict is None:
+            (t._eager if self.mode == "eager" else t._compiled).append(now - self.last)
+        self.last = now
+        if t.verdict is None:
+            if self.mode == "eager" and len(t._eager) >= WARMUP_STEPS + TIMED_STEPS:
+                if t._decide_to_try():
+                    self.mode = "compiled"
+            elif self.mode == "compiled" and len(t._compiled) >= 1 + WARMUP_STEPS + TIMED_STEPS:
+                t._decide()
+        if t.verdict is not None:
+            self.mode = t.verdict
+            if self.mode == "eager":
+                self.compiled = None  # its graphs are not needed any more
+        t._calls += 1
+        if self.mode == "eager":
+            return self.module(x)
+        try:
+            if self.compiled is None:
+                self.compiled = t.compile(self.module)
+            return self.compiled(x)
+        except Exception as exc:  # noqa: BLE001 - the trial's own failure: said, and eager goes on
+            if t.verdict == "compiled":
+                raise  # it compiled and ran before: not the trial's to hide
+            t._fail(exc)
+            self.mode = "eager"
+            return self.module(x)

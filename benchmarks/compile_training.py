@@ -137,8 +137,9 @@ def main() -> None:
         even = f"{extra / gain:,.0f}" if gain > 0 else "never (compiled is not faster)"
         results[part] = {"eager": e, "compiled": c, "break_even_images": extra / gain if gain > 0 else None}
         t = run.get("trial")
-        verdict = "" if t is None else (f" {t['kept']} ({t['speedup']:.2f}x, {t['compile_s']:.0f} s) |" if "speedup" in t
-                                        else f" {t['kept']} ({t['reason']}) |")
+        verdict = "" if t is None else (
+            f" {t['kept']} ({t['speedup']:.2f}x, {t['compile_s']:.0f} s) |" if "speedup" in t
+            else f" {t['kept']} ({t['reason']}) |")
         results[part]["trial"] = t
         print(f"| {MODELS[part]} | {e['images_per_s']:.1f} | {c['images_per_s']:.1f} | "
               f"{c['images_per_s'] / e['images_per_s']:.2f}x | {c['first_step_s']:.0f} | {e['step_s']:.2f} | "

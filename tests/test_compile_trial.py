@@ -11,6 +11,7 @@ import torch
 import transferkit as tk
 import transferkit.train.compile_trial as ct
 from transferkit.errors import ConfigError
+from transferkit.results import result_record, result_summary
 
 
 class _Clock:
@@ -160,6 +161,8 @@ def test_finetune_runs_the_trial_and_reports_it(image_folder, monkeypatch, capsy
     assert r.compile_trial is not None and r.compile_trial["kept"] in ("compiled", "eager")
     assert compiled and compiled[0] is r.model
     assert f"compile:  {r.compile_trial['kept']} (compile='auto':" in out
+    assert result_record(r)["compile_trial"] == r.compile_trial and "speedup" in r.compile_trial
+    assert f"  compile:    {r.compile_trial['kept']}, " in result_summary(r)
     # compile=False: no trial, and the same training
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

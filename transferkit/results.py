@@ -68,7 +68,7 @@ def result_record(result: Any) -> dict[str, Any]:
             "checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
             "plots": {k: str(v) for k, v in result.plots.items()},
             "bad_files": len(result.data_report.bad_files), "features": result.feature_report,
-            "seconds": round(result.timings.get("total_s", 0), 1)}
+            "compile_trial": result.compile_trial, "seconds": round(result.timings.get("total_s", 0), 1)}
 
 
 def _score(values: dict[str, Any]) -> str:
@@ -101,6 +101,10 @@ def result_summary(result: Any) -> str:
         lines.append("  export:     none written")
     if result.checkpoint_path is not None:
         lines.append(f"  checkpoint: {result.checkpoint_path}")
+    trial = result.compile_trial or {}
+    if "speedup" in trial:  # a compilation was tried: what it gave
+        lines.append(f"  compile:    {trial['kept']}, {trial['speedup']:.2f}x the eager step after "
+                     f"{trial['compile_s']:.0f} s of compilation")
     if result.plots:
         folders = {str(Path(p).parent) for p in result.plots.values()}
         where = f"{folders.pop()}/ " if len(folders) == 1 else ""

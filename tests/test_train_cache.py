@@ -258,6 +258,9 @@ def test_probe_from_the_store_and_its_memory_refusal(image_folder, tmp_path, mon
     assert disk.feature_report["shards"] == 2 and disk.metrics["probe"]["C"] == mem.metrics["probe"]["C"]
     for k, v in mem.model.head.state_dict().items():
         torch.testing.assert_close(v, disk.model.head.state_dict()[k], rtol=1e-4, atol=1e-4)
+    with pytest.raises(tk.ConfigError, match=r"head='logistic' fits its probe once, on features computed once; "
+                                             r"cache_features=False .* does not apply"):
+        tk.linear_probe("tk:small_cnn", cache_features=False, **kw)
     monkeypatch.setattr(probe, "available_memory", lambda: 1000)
     with pytest.raises(tk.ConfigError, match="head='logistic' holds the training features in memory as float32"):
         tk.linear_probe("tk:small_cnn", cache_dir=tmp_path / "cache", **kw)

@@ -386,6 +386,10 @@ def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen_epochs: int, hea
         what = "head='logistic'" if head_kind == "logistic" else "cache_features=True"
         raise ConfigError(f"{what} needs a policy that keeps the backbone frozen; {policy} trains it. Use "
                           "policy='feature_extraction' (or cache_features='auto').")
+    if head_kind == "logistic" and cfg.cache_features is False:
+        raise ConfigError("head='logistic' fits its probe once, on features computed once; cache_features=False "
+                          "(the backbone run in every epoch) does not apply to it. Drop cache_features=False, or use "
+                          "head='linear' to train a head by epochs without the cache.")
     if frozen_epochs == 0:
         return 0, f"policy {policy} trains backbone weights from epoch 1"
     if cfg.cache_features is False:

@@ -119,6 +119,52 @@ def test_steps_across_an_epoch_boundary_are_not_timed():
     assert trial.record["eager_step_s"] == 1.0 and trial.record["kept"] == "compiled"
 
 
+def test_the_loop_tells_the_trial_when_an_epoch_begins():
+    from transferkit.train.loop import _runner
+
+    clock = _Clock()
+    trial, eager, ran, _ = _trial(clock)
+    module, cache = torch.nn.Linear(1, 1), {}
+    for _ in range(12):  # epochs of two steps, each followed by 1000 s of validation
+        runner = _runner(module, lambda m: trial.wrap(lambda x: eager(x)), cache)
+        _steps(runner, 2)
+        clock.now += 1000.0
+    assert trial.record["eager_step_s"] == 1.0
+
+
+def test_frozen_steps_are_not_timed_and_a_new_trainable_set_restarts_the_eager_timing():
+    clock = _Clock()
+    trial, eager, ran, _ = _trial(clock)
+    assert trial.wrap(eager, trunk_trains=False) is eager  # a frozen phase: untimed
+    first = trial.wrap(eager)
+    _steps(first, 3)
+    clock.now += 50.0
+    second = trial.wrap(lambda x: eager(x))  # one more block trains: its steps are timed afresh
+    _steps(second, ct.WARMUP_STEPS + ct.TIMED_STEPS)
+    assert "compile" not in ran  # the first set's steps did not count
+    _steps(second, 1)
+    assert ran[-1] == "compiled" and trial.record["eager_step_s"] == 1.0
+    # the set changes again after the compilation, before the compiled steps were timed: eager, said
+    assert trial.wrap(eager) is eager
+    assert trial.record["kept"] == "eager" and "trainable blocks changed" in trial.record["reason"]
+
+
+def test_a_backward_that_fails_to_compile_fails_inside_the_trial():
+    # AOTAutograd compiles the backward at the first backward() unless told otherwise: the trial tells it
+    from torch._dynamo.backends.common import aot_autograd
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no kernel for the backward")
+    backend = aot_autograd(fw_compiler=lambda gm, ex: gm, bw_compiler=broken)
+    trial = ct.CompileTrial(steps_left=10**6, estimate_s=0.0, compile_fn=lambda m: torch.compile(m, backend=backend))
+    model = torch.nn.Linear(4, 2)
+    runner = trial.wrap(model)
+    with pytest.warns(UserWarning, match=r"torch.compile failed on this model .*no kernel for the backward"):
+        for _ in range(10):
+            runner(torch.randn(8, 4)).square().mean().backward()
+    assert trial.record["kept"] == "eager"
+
+
 def test_a_compilation_that_fails_warns_and_training_goes_on_eager():
     clock = _Clock()
     trial, eager, ran, said = _trial(clock, fail=True)
@@ -147,26 +193,31 @@ def test_finetune_runs_the_trial_and_reports_it(image_folder, monkeypatch, capsy
     compiled = []
 
     def fake_compile(module):
-        compiled.append(module)
+        compiled.append((module, any(p.requires_grad for p in module.trunk.parameters())))
         return lambda x: module(x)
     monkeypatch.setattr(ct, "TRIAL_SHARE", 1e9)  # any run is long enough to try
     monkeypatch.setattr(torch, "compile", fake_compile)
     common = dict(weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0, seed=0, batch_size=2,
-                  policy="full", epochs=3, lr=1e-3)
+                  epochs=3, lr=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = tk.finetune("tk:small_cnn", verbose=True, **common)
+        r = tk.finetune("tk:small_cnn", verbose=True, policy="full", **common)
     out = capsys.readouterr().out
     assert "speed:    compile trial (compile='auto': tried where the run is long enough" in r.decisions.summary()
     assert r.compile_trial is not None and r.compile_trial["kept"] in ("compiled", "eager")
-    assert compiled and compiled[0] is r.model
+    assert compiled and compiled[0] == (r.model, True)
     assert f"compile:  {r.compile_trial['kept']} (compile='auto':" in out
     assert result_record(r)["compile_trial"] == r.compile_trial and "speedup" in r.compile_trial
     assert f"  compile:    {r.compile_trial['kept']}, " in result_summary(r)
     # compile=False: no trial, and the same training
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plain = tk.finetune("tk:small_cnn", verbose=False, compile=False, **common)
+        plain = tk.finetune("tk:small_cnn", verbose=False, compile=False, policy="full", **common)
+        # a frozen first epoch run without the cache: the trial counts and times the two epochs that train the trunk
+        late = tk.finetune("tk:small_cnn", verbose=False, policy="fine_tune:frozen=1", cache_features=False, **common)
     assert plain.compile_trial is None
     for k, v in plain.model.state_dict().items():  # the stand-in computes what eager does
         assert torch.equal(v, r.model.state_dict()[k]), k
+    per_epoch = r.compile_trial["steps_left"] // 3
+    assert per_epoch >= 2 * (ct.WARMUP_STEPS + ct.TIMED_STEPS) and late.compile_trial["steps_left"] == 2 * per_epoch
+    assert len(compiled) == 2 and compiled[1][1]  # compiled when the trunk trained, not in the frozen epoch

@@ -71,6 +71,21 @@ def test_interrupted_and_resumed_run_is_bit_identical(image_folder, tmp_path, ki
         assert resumed.feature_report["computed"] == 0 and resumed.feature_report["shards"] > 4
 
 
+def test_a_checkpoint_whose_run_did_not_try_compile_resumes_where_it_is_tried(image_folder, tmp_path):
+    # compile='auto' is a trial where torch.compile can run, plain False where it cannot (or before the trial):
+    # where the run runs, not what it computes
+    common = dict(weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0, seed=1, batch_size=4,
+                  policy="full", epochs=3, verbose=False)
+    full = tk.finetune("tk:small_cnn", **common)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Interrupt):
+        tk.finetune("tk:small_cnn", checkpoint=ckpt, callbacks=[_stop_after(1)], compile=False, **common)
+    resumed = tk.finetune("tk:small_cnn", checkpoint=ckpt, resume=True, **common)
+    assert resumed.decisions.speed["compile"] in ("trial", False)
+    for k, v in full.model.state_dict().items():  # too short to compile: the same run
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
 def test_resume_function_reads_the_stored_settings(image_folder, tmp_path):
     common = dict(weights=None, data=str(image_folder), image_size=32, device="cpu", num_workers=0, seed=1, epochs=3,
                   batch_size=4, verbose=False, policy="feature_extraction")

@@ -48,9 +48,10 @@ OUTPUT_KEYS = frozenset({"export", "checkpoint", "resume", "log_dir", "plots_dir
                          # engines and compilation agree with eager fp32 (train/engines.py); the GPU and
                          # CPU decoders differ by resampling noise (data/gpu_jpeg.py)
                          "feature_engine", "compile", "input_decode"})
-# decisions that may differ when resuming (where the run runs, not what it computes)
+# decisions that may differ when resuming (where the run runs, not what it computes; whether
+# torch.compile is tried depends on the machine: a C++ compiler, the number of processes)
 _PLACE_KEYS = frozenset({"device", "weights_file", "feature_engine", "feature_engine_reason",
-                         "feature_engine_precision", "input_decode", "input_decode_reason"})
+                         "feature_engine_precision", "input_decode", "input_decode_reason", "compile"})
 
 
 @dataclass(frozen=True)

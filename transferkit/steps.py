@@ -423,7 +423,8 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                 state.best_state = _whole_model_state(run, state.best_state)
                 td = current["data"] = current["fit"] = inputs
                 if run.speed.compile == "trial":  # compile="auto": timed on the steps that train the trunk
-                    trial = CompileTrial(steps_left=sum(steps[max(k, state.epoch):]), estimate_s=compile_estimate(
+                    first = max(k, state.epoch, d.policy.frozen_phase_epochs(run.backbone, total))
+                    trial = CompileTrial(steps_left=sum(steps[first:]), estimate_s=compile_estimate(
                         run.speed.device.type, leaf_modules(run.model.trunk), engine="train"),
                         log=loop.log if cfg.verbose and info.is_main else None)
                     loop.wrap = _wrapper(run, trial)
@@ -460,8 +461,9 @@ def _wrapper(run: Run, trial: CompileTrial | None = None) -> Any:
     speed, info = run.speed, run.dist
     if not (info.enabled or speed.compile is True or trial is not None):
         return None
-    if trial is not None:
-        return lambda m: trial.wrap(wrap_ddp(m, info, speed.device))
+    if trial is not None:  # frozen epochs (cache_features=False) run untimed
+        return lambda m: trial.wrap(wrap_ddp(m, info, speed.device),
+                                    trunk_trains=any(p.requires_grad for p in run.model.trunk.parameters()))
     return lambda m: speed.maybe_compile(wrap_ddp(m, info, speed.device))
 
 

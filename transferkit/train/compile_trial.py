@@ -22,6 +22,7 @@ device), within an epoch. A short run never compiles and pays only a clock read 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import warnings
@@ -87,20 +88,31 @@ class CompileTrial:
     _eager: list[float] = field(default_factory=list, init=False, repr=False)  # step seconds, warm-up first
     _compiled: list[float] = field(default_factory=list, init=False, repr=False)  # the compilation's step first
     _calls: int = field(default=0, init=False, repr=False)
+    _tried: bool = field(default=False, init=False, repr=False)  # a compiled step has run
+
+    def __post_init__(self) -> None:
+        self.record["steps_left"] = self.steps_left  # the trunk-training steps the run had left at the start
 
     @property
     def verdict(self) -> str | None:
         """``"compiled"`` or ``"eager"`` once decided, else None."""
         return self.record.get("kept")
 
-    def wrap(self, module: nn.Module) -> Any:
+    def wrap(self, module: nn.Module, *, trunk_trains: bool = True) -> Any:
         """What runs ``module``'s training steps: the trial while it lasts; afterwards the
         compiled module when it won (compiled again after the trainable set changed), else
-        ``module``."""
-        if self.verdict == "eager":
+        ``module``. ``trunk_trains=False`` (a frozen phase of the run): ``module`` as it is,
+        untimed: the trial times steps that train the trunk. A new trainable set while the
+        trial lasts restarts its eager timing; once it has compiled, the trial ends eager (the
+        compiled steps it timed ran another model)."""
+        if not trunk_trains or self.verdict == "eager":
             return module
         if self.verdict == "compiled":
             return self.compile(module)
+        if self._tried:
+            self._say("eager", "not kept: the trainable blocks changed before the compiled steps were timed")
+            return module
+        self._eager.clear()
         return _TrialRunner(self, module)
 
     def compile(self, module: nn.Module) -> Any:
@@ -137,10 +149,12 @@ class CompileTrial:
                   "compiled step (the compilation)")
 
     def _fail(self, exc: BaseException) -> None:
-        self.record["error"] = exception_line(exc)
-        warnings.warn(f"compile='auto': torch.compile failed on this model ({exception_line(exc)}); training goes "
-                      "on eager. Pass compile=False to skip the trial.", stacklevel=4)
-        self._say("eager", f"torch.compile failed ({exception_line(exc)})")
+        inner = getattr(exc, "inner_exception", None) or exc.__cause__  # a backend's own error, under dynamo's
+        what = exception_line(exc) + (f" {exception_line(inner)}" if inner is not None else "")
+        self.record["error"] = what
+        warnings.warn(f"compile='auto': torch.compile failed on this model ({what}); training goes on eager. Pass "
+                      "compile=False to skip the trial.", stacklevel=4)
+        self._say("eager", f"torch.compile failed ({what})")
 
     def _say(self, kept: str, why: str) -> None:
         self.record.update(kept=kept, reason=f"compile='auto': {why}")
@@ -168,7 +182,7 @@ class _TrialRunner:
         if t.verdict is None:
             if self.mode == "eager" and len(t._eager) >= WARMUP_STEPS + TIMED_STEPS:
                 if t._decide_to_try():
-                    self.mode = "compiled"
+                    self.mode, t._tried = "compiled", True
             elif self.mode == "compiled" and len(t._compiled) >= 1 + WARMUP_STEPS + TIMED_STEPS:
                 t._decide()
         if t.verdict is not None:
@@ -181,10 +195,20 @@ class _TrialRunner:
         try:
             if self.compiled is None:
                 self.compiled = t.compile(self.module)
-            return self.compiled(x)
+            with _backward_compiled_now():  # so that a backward that fails to compile fails here
+                return self.compiled(x)
         except Exception as exc:  # noqa: BLE001 - the trial's own failure: said, and eager goes on
             if t.verdict == "compiled":
                 raise  # it compiled and ran before: not the trial's to hide
             t._fail(exc)
             self.mode = "eager"
             return self.module(x)
+
+
+def _backward_compiled_now() -> contextlib.AbstractContextManager:
+    """Within: AOTAutograd compiles the backward with the forward (it defers it to the first
+    ``backward()`` by default), so that a compilation that fails does so inside the trial."""
+    config = getattr(getattr(torch, "_functorch", None), "config", None)
+    if config is None or not hasattr(config, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return config.patch(force_non_lazy_backward_lowering=True)

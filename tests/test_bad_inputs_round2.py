@@ -72,8 +72,12 @@ def test_a_validation_csv_sharing_no_label_with_the_training_classes_says_so(tmp
     train = _csv(tmp_path, _rows(tmp_path))
     val = tmp_path / "val.csv"
     val.write_text(_rows(tmp_path).replace(",dark\n", ",0\n").replace(",light\n", ",1\n"))
-    with pytest.raises(DataError, match=r"has labels \['0', '1'\], none of them a training class \['dark', 'light'\]"):
+    with pytest.raises(DataError, match=r"has labels \['0', '1'\], none of them one of the classes "
+                                        r"\['dark', 'light'\]"):
         prepare_data(train, val_data=str(val))
+    with pytest.raises(DataError, match=r"none of them one of the classes \[.a., .b.\] \(the training data.s, "
+                                        r"or classes=\)"):
+        prepare_data(train, classes=["a", "b"])
 
 
 def test_one_file_with_two_labels_is_refused(tmp_path):

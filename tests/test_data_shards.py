@@ -83,6 +83,13 @@ def test_class_names_come_from_info_json_or_classes(tmp_path):
     # a shard named twice (or copied) is named in a warning: its samples would count twice
     b = prepare_data([str(tmp_path / "s" / "train-000000.tar")] * 2, val_split=0)
     assert len(b.train) == 12 and any("hold the same 6 sample keys" in w for w in b.report.warnings)
+    # shards whose keys restart at 0 (the same keys, other images) are not taken for copies
+    items = _sorted_items(folder)
+    other = make_image_folder(tmp_path / "img2", per_class=3, seed=5)
+    a = write_shards(items, tmp_path / "r1", [6])[0]
+    c = write_shards(_sorted_items(other), tmp_path / "r2", [6])[0]
+    b = prepare_data([str(a), str(c)], val_split=0)
+    assert len(b.train) == 12 and not any("same 6 sample keys" in w for w in b.report.warnings)
     # a class without a sample (listed, or a gap in the indices) is named in a warning
     b = prepare_data(str(tmp_path / "s"), val_split=0, classes=["dark", "light", "wasps"])
     assert any("1 class of 3 has no training sample: ['wasps']" in w for w in b.report.warnings)
@@ -126,6 +133,15 @@ def test_folder_with_train_and_val_shards_validates_on_val(tmp_path):
     with pytest.raises(tk.DataError, match=r"holds validation shards \(val-000000\.tar\) but no train\*\.tar"):
         prepare_data(str(s))
     assert len(prepare_data(str(tmp_path / "train-000000.tar"), val_data=str(s)).val) == 3
+    # the split's name as a word (validated-*.tar is not validation data); shards not named by split beside
+    # validation shards are not taken for training ones
+    write_shards(items, tmp_path / "w", [5, 5], prefix="validated")
+    assert len(prepare_data(str(tmp_path / "w"), val_split=0).train) == 10
+    (tmp_path / "train-000000.tar").rename(s / "shard-000000.tar")
+    with pytest.raises(tk.DataError, match=r"holds validation shards \(val-000000\.tar\) beside shards not named by "
+                                           r"split \(shard-000000\.tar\): name the training shards train-\*\.tar"):
+        prepare_data(str(s))
+    (s / "shard-000000.tar").rename(tmp_path / "train-000000.tar")
     # a compressed training shard beside plain validation shards is refused, not left out
     (tmp_path / "train-000000.tar").rename(s / "train-000000.tar.gz")
     with pytest.raises(tk.DataError, match=r"holds compressed tar files \(train-000000\.tar\.gz\)"):

@@ -100,6 +100,12 @@ def test_hf_saved_dataset_dict_gives_train_and_validation(tmp_path):
     assert (len(b.train), len(b.val), b.classes) == (7, 3, ["dark", "light"])
     b2 = prepare_data(dd)
     assert (len(b2.train), len(b2.val)) == (7, 3)
+    # as val_data, a DatasetDict gives its validation split, with or without a train split; as data, its train one
+    for val in (dd, datasets.DatasetDict({"validation": ds.select(range(7, 10))}),
+                datasets.DatasetDict({"test": ds.select(range(7, 10))})):
+        b3 = prepare_data(ds.select(range(7)), val_data=val)
+        assert (len(b3.train), len(b3.val)) == (7, 3)
+    assert len(prepare_data(dd, val_data=dd).train) == 7
 
 
 def test_hf_streaming_dataset_is_refused_clearly(tmp_path):

@@ -16,6 +16,7 @@ from transferkit.data.checks import DataReport, find_duplicates, warn_copies_acr
 from transferkit.data.folders import find_split_folders, warn_split_like_classes
 from transferkit.data.encoded import EncodedImageDataset
 from transferkit.data.images import ImageFolderDataset, TransformedDataset, dataset_targets
+from transferkit.data.shards import shard_list
 from transferkit.data.sources import open_encoded, shared_shards, split_encoded
 from transferkit._text import plural
 from transferkit.errors import DataError
@@ -114,13 +115,19 @@ def _one_split(data: Any, i: int, encoded: tuple[Any, Any] | None = None) -> Any
     """Side ``i`` (0: training, 1: validation) of encoded data that hold both splits (see
     `split_encoded`); other data as they are. A folder of ``val*`` shards without ``train*``
     ones is refused as training data: its validation shards would be trained on."""
-    encoded = encoded if encoded is not None else split_encoded(data)
+    encoded = encoded if encoded is not None else split_encoded(data, need_train=i == 0)
     if encoded is None or encoded[i] is None:
         return data
     if i == 0 and isinstance(encoded[0], list) and not encoded[0]:
-        raise DataError(f"{str(data)!r} holds validation shards ({', '.join(Path(p).name for p in encoded[1][:3])}) "
-                        "but no train*.tar shards, so it has nothing to train on. Name the training shards "
-                        "train-*.tar beside them, or pass the training shards as data and these as val_data.")
+        val = [Path(p).name for p in encoded[1]]
+        others = [Path(p).name for p in shard_list(data) or [] if Path(p).name not in val]
+        held = f"validation shards ({', '.join(val[:3])})"
+        raise DataError(f"{str(data)!r} holds {held} beside shards not named by split ({', '.join(others[:3])}): "
+                        "name the training shards train-*.tar, or pass them as data and the validation shards as "
+                        "val_data." if others else
+                        f"{str(data)!r} holds {held} but no train*.tar shards, so it has nothing to train on. Name "
+                        "the training shards train-*.tar beside them, or pass the training shards as data and these "
+                        "as val_data.")
     return encoded[i]
 
 

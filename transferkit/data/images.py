@@ -141,8 +141,9 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({lab for lab in labels if lab not in index})
     if unknown and len(unknown) == len(set(labels)):
-        raise DataError(f"{str(csv_path)!r} has labels {unknown[:10]}, none of them a training class "
-                        f"{list(classes)[:10]}: no row can be scored. Label its rows with the training classes.")
+        raise DataError(f"{str(csv_path)!r} has labels {unknown[:10]}, none of them one of the classes "
+                        f"{list(classes)[:10]} (the training data's, or classes=): no row can be used. Label its rows "
+                        "with those classes.")
     if unknown:
         report.warn(f"{str(csv_path)!r} has labels {unknown[:10]} that are not training classes; those rows are "
                     "left out.")

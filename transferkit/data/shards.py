@@ -180,9 +180,9 @@ def split_shard_folder(folder: str | Path) -> tuple[list[str], list[str]] | None
     shards = shard_list(folder) if os.path.isdir(str(folder)) else None
     if not shards:
         return None
-    def named(prefixes: tuple[str, ...]) -> list[str]:
-        return [s for s in shards if os.path.basename(s).lower().startswith(prefixes)]
-    train, val = named(("train",)), named(("validation", "valid", "val"))
+    def named(prefixes: tuple[str, ...]) -> list[str]:  # the split's name as a word: val-0.tar, not values-0.tar
+        return [s for s in shards if re.match(rf"(?:{'|'.join(prefixes)})(?![a-z])", os.path.basename(s).lower())]
+    train, val = named(("train", "training")), named(("validation", "valid", "val"))
     if val and not train:
         return [], val
     val = val or named(("test",))
@@ -587,12 +587,12 @@ def _info_classes(paths: Sequence[str]) -> list[str] | None:
 
 
 def _warn_repeated_shards(shards: Sequence[str], indexes: Sequence[ShardIndex], what: str, report: DataReport) -> None:
-    """Warn when shards hold the same samples (the same first and last key and count: a shard
-    named twice, or copied under another name), whose samples would count twice."""
-    seen: dict[tuple[str, str, int], str] = {}
+    """Warn when shards hold the same samples (the same keys, file size and image sizes: a
+    shard named twice, or copied under another name), whose samples would count twice."""
+    seen: dict[tuple[Any, ...], str] = {}
     for p, ix in zip(shards, indexes):
-        if ix.keys:
-            sig = (ix.keys[0], ix.keys[-1], len(ix.keys))
+        if ix.keys:  # keys, file size and image sizes: shards whose keys restart at 0 differ in their images
+            sig = (ix.keys[0], ix.keys[-1], len(ix.keys), ix.nbytes, hash(tuple(ix.sizes)))
             if sig in seen:
                 report.warn(f"The {what} shards {seen[sig]!r} and {p!r} hold the same {len(ix.keys)} sample keys "
                             f"({sig[0]} .. {sig[1]}): a shard named twice or copied; its samples count twice.")

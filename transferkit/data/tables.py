@@ -294,13 +294,16 @@ def load_hf(data: Any) -> Any:
     return data
 
 
-def split_hf(data: Any) -> tuple[Any, Any] | None:
-    """``(train, validation)`` of a ``DatasetDict`` (or a folder holding one); None for one dataset."""
+def split_hf(data: Any, *, need_train: bool = True) -> tuple[Any, Any] | None:
+    """``(train, validation)`` of a ``DatasetDict`` (or a folder holding one); None for one
+    dataset. ``need_train=False`` (validation data): a missing train split is None."""
     if not (is_hf_dataset(data) or is_saved_hf(data)):
         return None
     obj = load_hf(data)
     if type(obj).__name__ not in ("DatasetDict", "IterableDatasetDict"):
         return None
+    if "train" not in obj and not need_train:
+        return None, next((obj[s] for s in ("validation", "valid", "val", "test") if s in obj), None)
     if "train" not in obj:
         raise DataError(f"The Hugging Face DatasetDict has splits {list(obj)}, none named 'train'; pass "
                         "data=dd['<split>'] and val_data=dd['<split>'].")

@@ -3,6 +3,7 @@ compiler for the rules; one run through finetune with the compilation stood in f
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -149,8 +150,57 @@ def test_frozen_steps_are_not_timed_and_a_new_trainable_set_restarts_the_eager_t
     assert trial.record["kept"] == "eager" and "trainable blocks changed" in trial.record["reason"]
 
 
+class _BackwardFails(torch.autograd.Function):
+    """Stands for compiled code whose backward fails to run (an inductor bug, not a compile error)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("cannot access local variable 'buf5'")
+
+
+def _train(model, runner, steps=8):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(8, 4, generator=g)
+        loss = runner(x).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def test_a_compiled_step_whose_backward_fails_to_run_goes_back_to_eager_with_nothing_changed():
+    # the first compiled step is probed (forward and backward, undone) inside the trial: the run then is the eager one
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    reference = copy.deepcopy(model)
+    trial = ct.CompileTrial(steps_left=10**6, estimate_s=0.0, compile_fn=lambda m: lambda x: _BackwardFails.apply(m(x)))
+    with pytest.warns(UserWarning, match=r"torch.compile failed on this model \(RuntimeError: cannot access local"):
+        _train(model, trial.wrap(model))
+    _train(reference, reference)
+    assert trial.record["kept"] == "eager"
+    for k, v in reference.state_dict().items():  # parameters and BatchNorm statistics
+        assert torch.equal(v, model.state_dict()[k]), k
+
+
+def test_a_failure_after_a_change_of_the_trainable_blocks_goes_back_to_eager():
+    clock = _Clock()
+    trial, eager, ran, _ = _trial(clock)
+    _steps(trial.wrap(eager), 12)
+    assert trial.verdict == "compiled"
+    trial.compile_fn = lambda m: lambda x: _BackwardFails.apply(m(x))  # the next one fails on its first step
+    model = torch.nn.Linear(4, 2)
+    with pytest.warns(UserWarning, match=r"failed on this model after a change of the trainable blocks"):
+        out = trial.wrap(model)(torch.randn(3, 4))
+    assert out.shape == (3, 2) and trial.record["kept"] == "eager" and trial.wrap(model) is model
+
+
 def test_a_backward_that_fails_to_compile_fails_inside_the_trial():
-    # AOTAutograd compiles the backward at the first backward() unless told otherwise: the trial tells it
+    # AOTAutograd compiles the backward at the first backward(), outside the trained module: the probe calls it
     from torch._dynamo.backends.common import aot_autograd
 
     def broken(gm, example_inputs):

@@ -22,7 +22,6 @@ device), within an epoch. A short run never compiles and pays only a clock read 
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 import warnings
@@ -108,7 +107,7 @@ class CompileTrial:
         if not trunk_trains or self.verdict == "eager":
             return module
         if self.verdict == "compiled":
-            return self.compile(module)
+            return _TrialRunner(self, module)  # compiled again, probed on its first step
         if self._tried:
             self._say("eager", "not kept: the trainable blocks changed before the compiled steps were timed")
             return module
@@ -152,9 +151,10 @@ class CompileTrial:
         inner = getattr(exc, "inner_exception", None) or exc.__cause__  # a backend's own error, under dynamo's
         what = exception_line(exc) + (f" {exception_line(inner)}" if inner is not None else "")
         self.record["error"] = what
-        warnings.warn(f"compile='auto': torch.compile failed on this model ({what}); training goes on eager. Pass "
-                      "compile=False to skip the trial.", stacklevel=4)
-        self._say("eager", f"torch.compile failed ({what})")
+        when = " after a change of the trainable blocks" if self.verdict == "compiled" else ""
+        warnings.warn(f"compile='auto': torch.compile failed on this model{when} ({what}); training goes on eager. "
+                      "Pass compile=False to skip the trial.", stacklevel=4)
+        self._say("eager", f"torch.compile failed{when} ({what})")
 
     def _say(self, kept: str, why: str) -> None:
         self.record.update(kept=kept, reason=f"compile='auto': {why}")
@@ -167,7 +167,7 @@ class _TrialRunner:
 
     def __init__(self, trial: CompileTrial, module: nn.Module) -> None:
         self.trial, self.module, self.compiled, self.last = trial, module, None, None
-        self.mode = "eager"
+        self.mode = trial.verdict or "eager"
 
     def begin_epoch(self) -> None:
         """Forget the last call's time: the step before it ended the previous epoch."""
@@ -195,20 +195,32 @@ class _TrialRunner:
         try:
             if self.compiled is None:
                 self.compiled = t.compile(self.module)
-            with _backward_compiled_now():  # so that a backward that fails to compile fails here
-                return self.compiled(x)
-        except Exception as exc:  # noqa: BLE001 - the trial's own failure: said, and eager goes on
-            if t.verdict == "compiled":
-                raise  # it compiled and ran before: not the trial's to hide
+                if isinstance(self.module, nn.Module):
+                    _probe(self.compiled, self.module, x)
+            return self.compiled(x)
+        except Exception as exc:  # noqa: BLE001 - compile="auto"'s own failure: said, and eager goes on
             t._fail(exc)
-            self.mode = "eager"
+            self.mode, self.compiled = "eager", None
             return self.module(x)
 
 
-def _backward_compiled_now() -> contextlib.AbstractContextManager:
-    """Within: AOTAutograd compiles the backward with the forward (it defers it to the first
-    ``backward()`` by default), so that a compilation that fails does so inside the trial."""
-    config = getattr(getattr(torch, "_functorch", None), "config", None)
-    if config is None or not hasattr(config, "force_non_lazy_backward_lowering"):
-        return contextlib.nullcontext()
-    return config.patch(force_non_lazy_backward_lowering=True)
+def _probe(compiled: Any, module: nn.Module, x: Any) -> None:
+    """One forward and backward of ``compiled`` on ``x``, undone (the gradients and buffers of
+    ``module`` as they were), so that a compilation that fails, or whose code fails to run,
+    does so inside the trial: AOTAutograd compiles the backward at the first ``backward()``,
+    which the training step calls outside the trained module."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    for p in params:
+        p.grad = None
+    try:
+        out = compiled(x)
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.float().sum().backward()
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(buffers[name])

@@ -18,6 +18,9 @@ run itself:
 A step is timed from one call of the trained module to the next (forward, backward,
 optimizer step and the next batch's loading; ``loss.item()`` in each step waits for the
 device), within an epoch. A short run never compiles and pays only a clock read per step.
+The first step of each compiled model runs its forward and backward once more and undoes
+them (`_probe`), so that code that fails to compile or to run fails inside the trial, which
+then warns and goes on eager.
 """
 
 from __future__ import annotations

@@ -758,8 +758,9 @@ def test_compile_auto_is_a_trial_where_torch_compile_can_run(folder):
     assert d.config.compile == "auto" and d.speed["compile"] == ("trial" if unavailable is None else False)
     assert d.speed["reasons"]["compile"].startswith("compile='auto': tried where the run is long enough"
                                                     if unavailable is None else "compile='auto': not tried")
-    _, d = _decide(backbone=_backbone(), data=folder, policy="feature_extraction")
-    assert d.speed["compile"] is False and "never trains" in d.speed["reasons"]["compile"]
+    for cache in ("auto", False):  # a frozen trunk, with or without the cache, has no step to try
+        _, d = _decide(backbone=_backbone(), data=folder, policy="feature_extraction", cache_features=cache)
+        assert d.speed["compile"] is False and "never trains" in d.speed["reasons"]["compile"]
     _, d = _decide(backbone=_backbone(), data=folder, policy="full", compile=True)
     assert d.speed["compile"] is True and d.speed["reasons"]["compile"] == "asked"
 

@@ -255,7 +255,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     cached_epochs, reason = _cache_decision(cfg, pol, frozen_epochs, facts.head)
     cache = cached_epochs >= cfg.epochs
     compile_on, compile_why = decide_compile(cfg.compile, device_type=facts.device.type,  # train/compile_trial.py
-                                             epochs=cfg.epochs - cached_epochs, world_size=facts.device.world_size,
+                                             epochs=cfg.epochs - frozen_epochs, world_size=facts.device.world_size,
                                              unavailable=facts.device.compile_unavailable)
     speed = decide_speed(device_type=facts.device.type, bf16=(facts.device.bf16, facts.device.bf16_why),
                          precision=cfg.precision, channels_last=cfg.channels_last, compile=compile_on,

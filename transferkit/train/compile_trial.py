@@ -48,7 +48,7 @@ def decide_compile(requested: bool | str, *, device_type: str, epochs: int, worl
                    unavailable: str | None = None) -> tuple[bool | str, str]:
     """Whether a trainable model is compiled (``compile=True/False/"auto"``), and why (pure):
     ``True``, ``False``, or ``"trial"`` (``auto``: the run's steps decide, see `CompileTrial`).
-    ``epochs``: the epochs that train the trunk; ``unavailable``: why ``torch.compile``
+    ``epochs``: the epochs that train the trunk (after a frozen phase); ``unavailable``: why ``torch.compile``
     cannot run here (`transferkit.train.engines.engine_availability`), None when it can.
 
     Example:
@@ -62,7 +62,7 @@ def decide_compile(requested: bool | str, *, device_type: str, epochs: int, worl
     if requested != "auto":
         raise ConfigError(f"compile={requested!r}; use True, False or 'auto'.")
     if epochs <= 0:
-        return False, "compile='auto': the trunk never trains (features are cached)"
+        return False, "compile='auto': the trunk never trains"
     if unavailable is not None:
         return False, f"compile='auto': not tried, {unavailable}"
     if world_size > 1:

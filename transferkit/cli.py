@@ -73,8 +73,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(f"{p.source}\t{p}")
     failed = [p for p in preds if not getattr(p, "ok", True)]
     for p in failed:  # the reason alone: advice about training options does not apply to predict
-        reason = one_line(p.error).split(" Remove the file")[0]
-        print(f"transferkit: warning: {p.source}: {reason}", file=sys.stderr)
+        print(f"transferkit: warning: {p.source}: {_file_reason(p.error)}", file=sys.stderr)
     if failed:
         print(f"transferkit: error: {len(failed)} of {len(preds)} inputs could not be predicted (listed above)",
               file=sys.stderr)
@@ -110,6 +109,12 @@ def _write_csv(preds: list, labels: list[str], task: str, top_k: int) -> None:
         writer.writerow(row)
 
 
+def _file_reason(error: Any) -> str:
+    """Why a file could not be predicted, on one line, without the advice about training
+    options (removing the file, on_bad_file=) that does not apply to predict or evaluate."""
+    return one_line(error).split(" Remove the file")[0]
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from transferkit.errors import ConfigError, OutputError
     from transferkit.evaluation import evaluate
@@ -123,7 +128,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.confusion_matrix:  # is not worth the scores; an explicit path asked for the picture
             raise
         if isinstance(exc, OutputError):
-            not_drawn = f"{one_line(str(exc))} Give --confusion-matrix a writable path"
+            not_drawn = f"{one_line(exc)} Give --confusion-matrix a writable path"
             print(f"transferkit: warning: the confusion matrix was not drawn: {not_drawn}.", file=sys.stderr)
     if args.json or not sys.stdout.isatty():
         print(json.dumps({**ev.to_dict(worst=args.worst),
@@ -132,7 +137,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(ev.summary(worst=args.worst))
         print(f"confusion matrix: {picture}" if picture else f"confusion matrix: not drawn ({not_drawn})")
     for f, err in ev.failed:
-        print(f"transferkit: warning: {f}: {one_line(err).split(' Remove the file')[0]}", file=sys.stderr)
+        print(f"transferkit: warning: {f}: {_file_reason(err)}", file=sys.stderr)
     if ev.failed:
         print(f"transferkit: error: {len(ev.failed)} of {len(ev.failed) + len(ev.files)} files could not be "
               "predicted (listed above) and are left out of the scores", file=sys.stderr)

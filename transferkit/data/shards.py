@@ -124,6 +124,11 @@ def _tar_name(p: str) -> bool:
     return p.lower().endswith(".tar")
 
 
+# why a shard must be an uncompressed tar, as every message about a compressed one says it
+_UNCOMPRESSED = ("shards are read in place with random access, which needs uncompressed tar files (JPEG/PNG members "
+                 "are already compressed)")
+
+
 def _compressed_tar(p: str) -> bool:
     return p.lower().endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst"))
 
@@ -154,9 +159,8 @@ def shard_list(data: Any) -> list[str] | None:
         if spec.startswith("pipe:") and not _compressed_tar(spec):
             return expand_braces(spec)
     if _compressed_tar(spec):
-        raise DataError(f"{spec!r} is a compressed tar: shards are read in place with random access, which needs "
-                        "uncompressed tar files (JPEG/PNG members are already compressed). Decompress them "
-                        "(e.g. gunzip) and pass the .tar files.")
+        raise DataError(f"{spec!r} is a compressed tar: {_UNCOMPRESSED}. Decompress them (e.g. gunzip) and pass the "
+                        ".tar files.")
     if _tar_name(spec):
         return named_files(spec, "shard(s)")
     if os.path.isdir(spec):
@@ -166,8 +170,8 @@ def shard_list(data: Any) -> list[str] | None:
             return None  # class sub-folders: an image folder (a stray .tar in it is not data)
         packed = sorted(p.name for p in entries if p.is_file() and _compressed_tar(p.name) and not p.name.startswith("."))
         if packed:  # refused even beside plain shards: leaving them out would change what trains
-            raise DataError(f"{spec!r} holds compressed tar files ({', '.join(packed[:3])}): shards must be "
-                            "uncompressed .tar files. Decompress them (e.g. gunzip) in place.")
+            raise DataError(f"{spec!r} holds compressed tar files ({', '.join(packed[:3])}): {_UNCOMPRESSED}. "
+                            "Decompress them (e.g. gunzip) in place.")
         if tars:
             return tars
     return None
@@ -360,10 +364,9 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
     except tarfile.TarError as exc:
         packed = _compression(path)
         if packed:
-            raise DataError(f"The shard {name or path!r} is {packed}-compressed under a .tar name: shards are read in "
-                            "place with random access, which needs uncompressed tar files. Decompress it (e.g. "
-                            f"`{_DECOMPRESS[packed]} < {os.path.basename(path)} > plain.tar`) and pass the .tar "
-                            "file.") from exc
+            raise DataError(f"The shard {name or path!r} is {packed}-compressed under a .tar name: {_UNCOMPRESSED}. "
+                            f"Decompress it (e.g. `{_DECOMPRESS[packed]} < {os.path.basename(path)} > plain.tar`) and "
+                            "pass the .tar file.") from exc
         raise DataError(f"Cannot read the shard {name or path!r} as a tar file: {exc}.") from exc
     return index
 

@@ -414,11 +414,15 @@ def export_files(model: nn.Module, path: str | Path, *, onnx: str | Path | None,
         except (ExportError, OutputError) as onnx_exc:
             raise type(exc)(f"Neither export was written. TorchScript {str(path)!r}: {exc} ONNX {str(onnx)!r}: "
                             f"{onnx_exc}") from exc
-        raise type(exc)(f"The ONNX export {str(onnx)!r} is written and checked; the TorchScript export "
-                        f"{str(path)!r} is not: {exc}") from exc
+        raise _one_written(exc, ("ONNX", onnx), ("TorchScript", path)) from exc
     try:
         return [script, export_onnx(model, onnx, metadata=metadata, example_inputs=example_inputs, **tol)]
-    except (ExportError, OutputError) as exc:  # the same kind of error, saying what is on disk
-        raise type(exc)(f"The TorchScript export {str(path)!r} is written and checked; the ONNX export "
-                        f"{str(onnx)!r} is not: {exc}") from exc
+    except (ExportError, OutputError) as exc:
+        raise _one_written(exc, ("TorchScript", path), ("ONNX", onnx)) from exc
+
+
+def _one_written(exc: Exception, written: tuple[str, Any], failed: tuple[str, Any]) -> Exception:
+    """``exc``'s kind of error, saying which of the two export files is on disk."""
+    return type(exc)(f"The {written[0]} export {str(written[1])!r} is written and checked; the {failed[0]} export "
+                     f"{str(failed[1])!r} is not: {exc}")
 

@@ -137,9 +137,9 @@ def _to_script(model: nn.Module, example: torch.Tensor, mode: str) -> tuple[torc
             return _script(model), "script"
         except Exception as exc:  # scripting fails on some third-party modules; tracing is the fallback
             if mode == "script":
-                raise ExportError(f"torch.jit.script failed: {type(exc).__name__}: {str(exc).splitlines()[0]}. "
+                raise ExportError(f"torch.jit.script failed: {exception_line(exc)}. "
                                   "Use mode='auto' or mode='trace' to trace instead.") from exc
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            reason = exception_line(exc)
     else:
         reason = "mode='trace' was asked"
     model = copy.deepcopy(model)

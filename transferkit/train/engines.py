@@ -94,7 +94,7 @@ FIRST_CALL_LEAD = 2.0  # on a CPU, where eager runs fp32 its reference batch (a 
 COMPILE_SECONDS_PER_MODULE = {"cpu": 0.12, "cuda": 0.12}
 COMPILE_SECONDS_BASE = {"cpu": 15.0, "cuda": 15.0}
 # The compilation of a trainable model's step (forward and backward), likewise: the first
-# compiled step took 76 s for Lite0 (200 leaf modules) and 51 s for ResNet-18 (60) on the quiet
+# compiled step took 76 s for Lite0 (198 leaf modules) and 51 s for ResNet-18 (52) on the quiet
 # 2-core CPU (benchmarks/compile_training.py), 60 s and 20 s on an H200 (ResNet-50: 49 s).
 TRAIN_COMPILE_SECONDS_PER_MODULE = {"cpu": 0.18, "cuda": 0.18}
 TRAIN_COMPILE_SECONDS_BASE = {"cpu": 40.0, "cuda": 40.0}

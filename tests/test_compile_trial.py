@@ -4,6 +4,7 @@ compiler for the rules; one run through finetune with the compilation stood in f
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -69,10 +70,31 @@ def test_a_compiled_step_that_is_faster_is_kept_for_the_rest_of_the_run():
     assert r["kept"] == "compiled" and r["eager_step_s"] == 1.0 and r["compiled_step_s"] == 0.5
     assert r["speedup"] == 2.0 and r["compile_s"] == pytest.approx(100.0)
     assert said == [f"compile:  compiled ({r['reason']})"] and "2.00x" in r["reason"]
-    # a new trainable set (gradual unfreezing) is compiled again, without a new trial
+    # a new trainable set (gradual unfreezing) is compiled again, without a new trial: the 9980 steps left save
+    # about 4990 s, more than the 100 s the compilation took
     again = trial.wrap(eager)
     _steps(again, 2)
-    assert ran[-3:] == ["compile", "compiled", "compiled"]
+    assert ran[-3:] == ["compile", "compiled", "compiled"] and r["compilations"] == 2 and len(said) == 1
+
+
+def test_a_new_trainable_set_is_not_compiled_again_where_the_steps_left_do_not_pay_for_it():
+    clock = _Clock()
+    trial, eager, ran, said = _trial(clock, steps_left=300, estimate_s=1.0)  # 0.5 s saved a step: 200 for 100 s
+    runner = trial.wrap(eager)
+    _steps(runner, 100)
+    assert trial.verdict == "compiled" and ran.count("compile") == 1
+    kept = trial.wrap(eager)  # 200 steps left: 100 s saved, the compilation took 100 s
+    assert kept is not eager
+    _steps(kept, 20)
+    assert ran.count("compile") == 2 and trial.record["compilations"] == 2
+    last = trial.wrap(eager)  # 180 steps left: 90 s saved < 100 s
+    assert last is eager and trial.runs == "eager" and trial.wrap(eager) is eager
+    r = trial.record
+    assert r["kept"] == "compiled" and r["eager_from_step"] == 120
+    assert "the 180 steps left would save about 90 s, less than the 100 s the compilation took" in r["then"]
+    assert said[-1] == f"compile:  eager from step 120 ({r['then']})"
+    _steps(last, 5)
+    assert ran[-5:] == ["eager"] * 5 and ran.count("compile") == 2
 
 
 def test_a_compiled_step_that_is_not_faster_goes_back_to_eager():
@@ -196,7 +218,8 @@ def test_a_failure_after_a_change_of_the_trainable_blocks_goes_back_to_eager():
     model = torch.nn.Linear(4, 2)
     with pytest.warns(UserWarning, match=r"failed on this model after a change of the trainable blocks"):
         out = trial.wrap(model)(torch.randn(3, 4))
-    assert out.shape == (3, 2) and trial.record["kept"] == "eager" and trial.wrap(model) is model
+    assert out.shape == (3, 2) and trial.runs == "eager" and trial.wrap(model) is model
+    assert trial.record["kept"] == "compiled" and "torch.compile failed after a change" in trial.record["then"]
 
 
 def test_a_backward_that_fails_to_compile_fails_inside_the_trial():
@@ -259,6 +282,8 @@ def test_finetune_runs_the_trial_and_reports_it(image_folder, monkeypatch, capsy
     assert f"compile:  {r.compile_trial['kept']} (compile='auto':" in out
     assert result_record(r)["compile_trial"] == r.compile_trial and "speedup" in r.compile_trial
     assert f"  compile:    {r.compile_trial['kept']}, " in result_summary(r)
+    stopped = dataclasses.replace(r, compile_trial={**r.compile_trial, "kept": "compiled", "eager_from_step": 7})
+    assert result_summary(stopped).endswith("s of compilation; eager from step 7")
     # compile=False: no trial, and the same training
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -103,8 +103,9 @@ def result_summary(result: Any) -> str:
         lines.append(f"  checkpoint: {result.checkpoint_path}")
     trial = result.compile_trial or {}
     if "speedup" in trial:  # a compilation was tried: what it gave
+        then = f"; eager from step {trial['eager_from_step']}" if "eager_from_step" in trial else ""
         lines.append(f"  compile:    {trial['kept']}, {trial['speedup']:.2f}x the eager step after "
-                     f"{trial['compile_s']:.0f} s of compilation")
+                     f"{trial['compile_s']:.0f} s of compilation{then}")
     if result.plots:
         folders = {str(Path(p).parent) for p in result.plots.values()}
         where = f"{folders.pop()}/ " if len(folders) == 1 else ""

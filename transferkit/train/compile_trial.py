@@ -13,7 +13,9 @@ run itself:
    holds the compilation; one more warms up);
 3. it keeps the compiled module for the rest of the run when its step is at least
    ``MIN_SPEEDUP`` times faster, else it goes back to eager (the compiled module shares the
-   eager one's parameters: nothing is copied or lost either way).
+   eager one's parameters: nothing is copied or lost either way). A change of the trainable
+   set afterwards (gradual unfreezing) compiles again only where the steps left save more
+   than the trial's compilation took; else the rest of the run is eager.
 
 A step is timed from one call of the trained module to the next (forward, backward,
 optimizer step and the next batch's loading; ``loss.item()`` in each step waits for the
@@ -100,21 +102,40 @@ class CompileTrial:
         """``"compiled"`` or ``"eager"`` once decided, else None."""
         return self.record.get("kept")
 
+    @property
+    def runs(self) -> str | None:
+        """How the steps run now: the verdict, or ``"eager"`` after the run stopped compiling."""
+        return "eager" if "eager_from_step" in self.record else self.verdict
+
     def wrap(self, module: nn.Module, *, trunk_trains: bool = True) -> Any:
         """What runs ``module``'s training steps: the trial while it lasts; afterwards the
-        compiled module when it won (compiled again after the trainable set changed), else
-        ``module``. ``trunk_trains=False`` (a frozen phase of the run): ``module`` as it is,
-        untimed: the trial times steps that train the trunk. A new trainable set while the
+        compiled module when it won (compiled again after the trainable set changed where the
+        steps left pay for it, see `_compile_again`), else ``module``. ``trunk_trains=False``
+        (a frozen phase of the run): ``module`` as it is, untimed: the trial times steps that
+        train the trunk. A new trainable set while the
         trial lasts restarts its eager timing; once it has compiled, the trial ends eager (the
         compiled steps it timed ran another model)."""
-        if not trunk_trains or self.verdict == "eager":
+        if not trunk_trains or self.runs == "eager":
             return module
-        if self.verdict == "compiled":
-            return _TrialRunner(self, module)  # compiled again, probed on its first step
+        if self.runs == "compiled":
+            return self._compile_again(module)
         if self._tried:
             self._say("eager", "not kept: the trainable blocks changed before the compiled steps were timed")
             return module
         self._eager.clear()
+        return _TrialRunner(self, module)
+
+    def _compile_again(self, module: nn.Module) -> Any:
+        """After the trial kept the compiled module, a new trainable set (gradual unfreezing)
+        is compiled again where the steps left save more than the trial's compilation took:
+        the runner of ``module`` compiled (probed on its first step), else ``module``."""
+        r, left = self.record, max(self.steps_left - self._calls, 0)
+        saving = left * (r["eager_step_s"] - r["compiled_step_s"])
+        if saving < r["compile_s"]:
+            self._stop(f"not compiled again after the trainable blocks changed: the {left} steps left would save "
+                       f"about {saving:.0f} s, less than the {r['compile_s']:.0f} s the compilation took")
+            return module
+        r["compilations"] += 1
         return _TrialRunner(self, module)
 
     def compile(self, module: nn.Module) -> Any:
@@ -143,7 +164,8 @@ class CompileTrial:
         eager, compiled = self.record["eager_step_s"], statistics.median(self._compiled[1 + WARMUP_STEPS:])
         first = self._compiled[0]
         speedup = eager / max(compiled, 1e-12)
-        self.record.update(compiled_step_s=compiled, compile_s=max(first - compiled, 0.0), speedup=speedup)
+        self.record.update(compiled_step_s=compiled, compile_s=max(first - compiled, 0.0), speedup=speedup,
+                           compilations=1)
         kept = speedup >= MIN_SPEEDUP
         self._say("compiled" if kept else "eager",
                   f"{'kept' if kept else 'not kept'}: the compiled step {compiled:.3g} s against eager {eager:.3g} s "
@@ -157,7 +179,17 @@ class CompileTrial:
         when = " after a change of the trainable blocks" if self.verdict == "compiled" else ""
         warnings.warn(f"compile='auto': torch.compile failed on this model{when} ({what}); training goes on eager. "
                       "Pass compile=False to skip the trial.", stacklevel=4)
-        self._say("eager", f"torch.compile failed{when} ({what})")
+        if self.verdict == "compiled":
+            self._stop(f"torch.compile failed{when} ({what})")
+        else:
+            self._say("eager", f"torch.compile failed ({what})")
+
+    def _stop(self, why: str) -> None:
+        """Eager for the rest of the run, after the trial had kept the compiled module: the
+        record keeps what the trial measured and says from which step and why."""
+        self.record.update(eager_from_step=self._calls, then=f"compile='auto': {why}")
+        if self.log is not None:
+            self.log(f"compile:  eager from step {self._calls} ({self.record['then']})")
 
     def _say(self, kept: str, why: str) -> None:
         self.record.update(kept=kept, reason=f"compile='auto': {why}")
@@ -170,7 +202,7 @@ class _TrialRunner:
 
     def __init__(self, trial: CompileTrial, module: nn.Module) -> None:
         self.trial, self.module, self.compiled, self.last = trial, module, None, None
-        self.mode = trial.verdict or "eager"
+        self.mode = trial.runs or "eager"
 
     def begin_epoch(self) -> None:
         """Forget the last call's time: the step before it ended the previous epoch."""
@@ -188,8 +220,8 @@ class _TrialRunner:
                     self.mode, t._tried = "compiled", True
             elif self.mode == "compiled" and len(t._compiled) >= 1 + WARMUP_STEPS + TIMED_STEPS:
                 t._decide()
-        if t.verdict is not None:
-            self.mode = t.verdict
+        if t.runs is not None:
+            self.mode = t.runs
             if self.mode == "eager":
                 self.compiled = None  # its graphs are not needed any more
         t._calls += 1

@@ -14,6 +14,7 @@ import transferkit as tk
 import transferkit.train.compile_trial as ct
 from transferkit.errors import ConfigError
 from transferkit.results import result_record, result_summary
+from transferkit.train.loop import Loop, train_one_epoch
 
 
 class _Clock:
@@ -184,19 +185,19 @@ class _BackwardFails(torch.autograd.Function):
         raise RuntimeError("cannot access local variable 'buf5'")
 
 
-def _train(model, runner, steps=8):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+def _train(model, runner, n=64, epochs=1):
+    """``epochs`` of the training loop's steps over ``n`` samples in batches of 8 (a short last one
+    where ``n`` is not a multiple of 8), ``runner`` running ``model``."""
     g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        x = torch.randn(8, 4, generator=g)
-        loss = runner(x).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    data = torch.utils.data.TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 2, (n,), generator=g))
+    loop = Loop(optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=torch.nn.functional.cross_entropy,
+                set_mode=lambda e: None, verbose=False)
+    for _ in range(epochs):
+        train_one_epoch(runner, torch.utils.data.DataLoader(data, batch_size=8), loop)
 
 
 def test_a_compiled_step_whose_backward_fails_to_run_goes_back_to_eager_with_nothing_changed():
-    # the first compiled step is probed (forward and backward, undone) inside the trial: the run then is the eager one
+    # the training loop's backward fails; the trial puts the buffers back and the step runs again eager
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
     reference = copy.deepcopy(model)
@@ -217,8 +218,8 @@ def test_a_failure_after_a_change_of_the_trainable_blocks_goes_back_to_eager():
     trial.compile_fn = lambda m: lambda x: _BackwardFails.apply(m(x))  # the next one fails on its first step
     model = torch.nn.Linear(4, 2)
     with pytest.warns(UserWarning, match=r"failed on this model after a change of the trainable blocks"):
-        out = trial.wrap(model)(torch.randn(3, 4))
-    assert out.shape == (3, 2) and trial.runs == "eager" and trial.wrap(model) is model
+        _train(model, trial.wrap(model))
+    assert trial.runs == "eager" and trial.wrap(model) is model
     assert trial.record["kept"] == "compiled" and "torch.compile failed after a change" in trial.record["then"]
 
 
@@ -231,11 +232,39 @@ def test_a_backward_that_fails_to_compile_fails_inside_the_trial():
     backend = aot_autograd(fw_compiler=lambda gm, ex: gm, bw_compiler=broken)
     trial = ct.CompileTrial(steps_left=10**6, estimate_s=0.0, compile_fn=lambda m: torch.compile(m, backend=backend))
     model = torch.nn.Linear(4, 2)
-    runner = trial.wrap(model)
     with pytest.warns(UserWarning, match=r"torch.compile failed on this model .*no kernel for the backward"):
-        for _ in range(10):
-            runner(torch.randn(8, 4)).square().mean().backward()
+        _train(model, trial.wrap(model), n=80)
     assert trial.record["kept"] == "eager"
+
+
+def test_a_new_input_shape_whose_compiled_backward_fails_goes_back_to_eager_with_nothing_changed():
+    # after the trial kept the compiled model, a short last batch is compiled again; its backward fails in the loop
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    reference = copy.deepcopy(model)
+    clock, forward = _Clock(), model.forward
+
+    def timed(x):  # the eager step takes 1 s on the simulated clock
+        clock.now += 1.0
+        return forward(x)
+
+    def compiled(x):  # the compiled one 0.5 s (kept); on a new batch size its backward fails
+        clock.now += 0.5
+        return forward(x) if x.shape[0] == 8 else _BackwardFails.apply(forward(x))
+    model.forward = timed
+    trial = ct.CompileTrial(steps_left=10**6, estimate_s=0.0, clock=clock, compile_fn=lambda m: compiled)
+    runner = trial.wrap(model)
+    with pytest.warns(UserWarning, match=r"failed on this model on a new input shape \(RuntimeError: cannot access"):
+        _train(model, runner, n=8 * 12 + 3)  # 12 full batches, then 3 samples
+    del model.forward
+    r = trial.record
+    assert r["kept"] == "compiled" and r["eager_from_step"] == 13 and "on a new input shape" in r["then"]
+    assert trial.runs == "eager" and runner.compiled is None
+    _train(reference, reference, n=8 * 12 + 3)
+    for k, v in reference.state_dict().items():  # parameters and BatchNorm statistics
+        assert torch.equal(v, model.state_dict()[k]), k
+    # a failure on a shape that has run is not the trial's: the loop raises it
+    assert runner.recover(RuntimeError("other")) is False
 
 
 def test_a_compilation_that_fails_warns_and_training_goes_on_eager():

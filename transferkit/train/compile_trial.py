@@ -20,9 +20,10 @@ run itself:
 A step is timed from one call of the trained module to the next (forward, backward,
 optimizer step and the next batch's loading; ``loss.item()`` in each step waits for the
 device), within an epoch. A short run never compiles and pays only a clock read per step.
-The first step of each compiled model runs its forward and backward once more and undoes
-them (`_probe`), so that code that fails to compile or to run fails inside the trial, which
-then warns and goes on eager.
+The first step of each compiled model, and of each new input shape, keeps the buffers as
+they were: where its forward or backward fails (to compile or to run), the trial warns, puts
+them back and runs the step again eager, and the rest of the run is eager (`_TrialRunner`,
+with the training loop's ``recover``).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class CompileTrial:
     def _compile_again(self, module: nn.Module) -> Any:
         """After the trial kept the compiled module, a new trainable set (gradual unfreezing)
         is compiled again where the steps left save more than the trial's compilation took:
-        the runner of ``module`` compiled (probed on its first step), else ``module``."""
+        the runner of ``module`` compiled, else ``module``."""
         r, left = self.record, max(self.steps_left - self._calls, 0)
         saving = left * (r["eager_step_s"] - r["compiled_step_s"])
         if saving < r["compile_s"]:
@@ -172,17 +173,16 @@ class CompileTrial:
                   f"({speedup:.2f}x{'' if kept else f' < {MIN_SPEEDUP:g}x'}) after {first:.0f} s for the first "
                   "compiled step (the compilation)")
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, when: str = "") -> None:
         inner = getattr(exc, "inner_exception", None) or exc.__cause__  # a backend's own error, under dynamo's
         what = exception_line(exc) + (f" {exception_line(inner)}" if inner is not None else "")
         self.record["error"] = what
-        when = " after a change of the trainable blocks" if self.verdict == "compiled" else ""
         warnings.warn(f"compile='auto': torch.compile failed on this model{when} ({what}); training goes on eager. "
                       "Pass compile=False to skip the trial.", stacklevel=4)
         if self.verdict == "compiled":
             self._stop(f"torch.compile failed{when} ({what})")
         else:
-            self._say("eager", f"torch.compile failed ({what})")
+            self._say("eager", f"torch.compile failed{when} ({what})")
 
     def _stop(self, why: str) -> None:
         """Eager for the rest of the run, after the trial had kept the compiled module: the
@@ -198,11 +198,17 @@ class CompileTrial:
 
 
 class _TrialRunner:
-    """The trained module during the trial: eager steps, then compiled ones, then the winner."""
+    """The trained module during the trial: eager steps, then compiled ones, then the winner.
+    The first compiled step of each input signature (shapes and dtypes: a new one is compiled
+    again) keeps the buffers as they were, so that when its forward or its backward fails
+    (`recover`; AOTAutograd compiles the backward at the first ``backward()``, outside this
+    module) the step runs again eager from the same state."""
 
     def __init__(self, trial: CompileTrial, module: nn.Module) -> None:
         self.trial, self.module, self.compiled, self.last = trial, module, None, None
         self.mode = trial.runs or "eager"
+        self.seen: set[Any] = set()  # the input signatures the compiled module has run
+        self.saved: dict[str, torch.Tensor] | None = None  # the buffers before a new signature's first step
 
     def begin_epoch(self) -> None:
         """Forget the last call's time: the step before it ended the previous epoch."""
@@ -225,37 +231,54 @@ class _TrialRunner:
             if self.mode == "eager":
                 self.compiled = None  # its graphs are not needed any more
         t._calls += 1
+        self.saved = None
         if self.mode == "eager":
             return self.module(x)
+        sig = _signature(x)
+        if sig not in self.seen:
+            self.seen.add(sig)
+            self.saved = _buffers(self.module)
         try:
             if self.compiled is None:
                 self.compiled = t.compile(self.module)
-                if isinstance(self.module, nn.Module):
-                    _probe(self.compiled, self.module, x)
             return self.compiled(x)
         except Exception as exc:  # noqa: BLE001 - compile="auto"'s own failure: said, and eager goes on
-            t._fail(exc)
-            self.mode, self.compiled = "eager", None
+            self._back_to_eager(exc)
             return self.module(x)
 
+    def recover(self, exc: BaseException) -> bool:
+        """After the step's backward raised ``exc``: True where that was the first compiled step
+        of its input signature (the buffers are put back and the rest of the run is eager: the
+        caller runs the step again), False for any other step (the caller raises)."""
+        if self.mode != "compiled" or self.saved is None:
+            return False
+        self._back_to_eager(exc)
+        return True
 
-def _probe(compiled: Any, module: nn.Module, x: Any) -> None:
-    """One forward and backward of ``compiled`` on ``x``, undone (the gradients and buffers of
-    ``module`` as they were), so that a compilation that fails, or whose code fails to run,
-    does so inside the trial: AOTAutograd compiles the backward at the first ``backward()``,
-    which the training step calls outside the trained module."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    grads = [p.grad for p in params]
-    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
-    for p in params:
-        p.grad = None
-    try:
-        out = compiled(x)
-        if isinstance(out, torch.Tensor) and out.requires_grad:
-            out.float().sum().backward()
-    finally:
-        for p, g in zip(params, grads):
-            p.grad = g
-        with torch.no_grad():
-            for name, b in module.named_buffers():
-                b.copy_(buffers[name])
+    def _back_to_eager(self, exc: BaseException) -> None:
+        if self.saved:  # an nn.Module with buffers
+            with torch.no_grad():
+                for name, b in self.module.named_buffers():
+                    b.copy_(self.saved[name])
+        t = self.trial
+        when = (" on a new input shape" if len(self.seen) > 1 else
+                " after a change of the trainable blocks" if t.verdict == "compiled" else "")
+        t._fail(exc, when)
+        self.mode, self.compiled, self.saved = "eager", None, None
+
+
+def _buffers(module: Any) -> dict[str, torch.Tensor]:
+    """A copy of ``module``'s buffers (BatchNorm statistics), by name."""
+    return {name: b.detach().clone() for name, b in module.named_buffers()} if isinstance(module, nn.Module) else {}
+
+
+def _signature(x: Any) -> Any:
+    """What makes ``torch.compile`` compile again for a new input: the shapes and dtypes of
+    its tensors, in a nesting of lists, tuples and dicts."""
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape), x.dtype, x.device
+    if isinstance(x, (list, tuple)):
+        return type(x).__name__, tuple(_signature(v) for v in x)
+    if isinstance(x, dict):
+        return tuple((k, _signature(v)) for k, v in x.items())
+    return type(x).__name__

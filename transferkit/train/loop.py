@@ -135,28 +135,25 @@ def train_one_epoch(module: nn.Module, loader: DataLoader, loop: Loop, *, desc: 
     (``loss``/``acc`` are the per-sample means on this process), and the base lr and the
     lr per group of the epoch's last step (``lr``, ``lr_groups``).
     """
-    speed, optimizer, scheduler, scaler, penalty = loop.speed, loop.optimizer, loop.scheduler, loop.scaler, loop.penalty
-    loss_fn, task = loop.loss_fn, loop.task
+    speed, optimizer, scheduler, scaler = loop.speed, loop.optimizer, loop.scheduler, loop.scaler
+    task, recover = loop.task, getattr(module, "recover", None)
     total_loss, correct, seen = 0.0, 0.0, 0
     last_lr, last_groups = base_lr(optimizer), group_lrs(optimizer)
     bar = _progress(len(loader.sampler), desc, verbose)  # type: ignore[arg-type]
     for x, y in loader:
         x, y = speed.to_device(x), y.to(speed.device, non_blocking=True)
-        with speed.autocast():
-            logits = module(x)
-            loss = loss_fn(logits.float(), y)
-        objective = loss if penalty is None else loss + penalty()
-        if not torch.isfinite(objective):
-            raise TrainingError(f"The training loss became {loss.item()} at {desc}. The learning rate "
-                                f"({base_lr(optimizer):.3g}) is probably too high: lower it, "
-                                "or check the inputs for NaN/inf.")
-        optimizer.zero_grad(set_to_none=True)
+        try:
+            logits, loss = _forward_backward(module, x, y, loop, desc)
+        except TrainingError:
+            raise
+        except Exception as exc:  # a compile trial's compiled step that failed (recover: eager from here), else raised
+            if recover is None or not recover(exc):
+                raise
+            logits, loss = _forward_backward(module, x, y, loop, desc)
         if scaler is not None:
-            scaler.scale(objective).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            objective.backward()
             optimizer.step()
         last_lr, last_groups = base_lr(optimizer), group_lrs(optimizer)  # the rates this step used
         if scheduler is not None:
@@ -171,6 +168,23 @@ def train_one_epoch(module: nn.Module, loader: DataLoader, loop: Loop, *, desc: 
         bar.close()
     return {"loss_sum": total_loss, "correct": correct, "seen": seen,
             "loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "lr": last_lr, "lr_groups": last_groups}
+
+
+def _forward_backward(module: nn.Module, x: Any, y: torch.Tensor, loop: Loop, desc: str) -> tuple[Any, Any]:
+    """One step's forward and backward (the gradients of ``loop.optimizer``'s parameters set
+    anew): the logits and the loss."""
+    optimizer, scaler, penalty = loop.optimizer, loop.scaler, loop.penalty
+    with loop.speed.autocast():
+        logits = module(x)
+        loss = loop.loss_fn(logits.float(), y)
+    objective = loss if penalty is None else loss + penalty()
+    if not torch.isfinite(objective):
+        raise TrainingError(f"The training loss became {loss.item()} at {desc}. The learning rate "
+                            f"({base_lr(optimizer):.3g}) is probably too high: lower it, "
+                            "or check the inputs for NaN/inf.")
+    optimizer.zero_grad(set_to_none=True)
+    (objective if scaler is None else scaler.scale(objective)).backward()
+    return logits, loss
 
 
 @torch.no_grad()

@@ -104,7 +104,8 @@ def decide_speed(*, device_type: str, bf16: tuple[bool, str], precision: str = "
                 feat, reasons["feature_precision"] = (("bf16", f"autocast: {why}; frozen feature extraction")
                                                       if native else ("fp32", why))
     else:
-        asked = "asked" if precision != "bf16" or device_type != "cpu" or native else             f"asked, but {why}: expect it slower than fp32 here"
+        asked = ("asked" if precision != "bf16" or device_type != "cpu" or native
+                 else f"asked, but {why}: expect it slower than fp32 here")
         train, feat = precision, (precision if features else None)
         reasons["precision"] = asked
         if features:

@@ -113,9 +113,9 @@ class CompileTrial:
         compiled module when it won (compiled again after the trainable set changed where the
         steps left pay for it, see `_compile_again`), else ``module``. ``trunk_trains=False``
         (a frozen phase of the run): ``module`` as it is, untimed: the trial times steps that
-        train the trunk. A new trainable set while the
-        trial lasts restarts its eager timing; once it has compiled, the trial ends eager (the
-        compiled steps it timed ran another model)."""
+        train the trunk. A new trainable set while the trial lasts restarts its eager timing;
+        once it has compiled, the trial ends eager (the compiled steps it timed ran another
+        model)."""
         if not trunk_trains or self.runs == "eager":
             return module
         if self.runs == "compiled":
@@ -247,9 +247,10 @@ class _TrialRunner:
             return self.module(x)
 
     def recover(self, exc: BaseException) -> bool:
-        """After the step's backward raised ``exc``: True where that was the first compiled step
-        of its input signature (the buffers are put back and the rest of the run is eager: the
-        caller runs the step again), False for any other step (the caller raises)."""
+        """After the step raised ``exc`` outside this module (in its backward): True where that
+        was the first compiled step of its input signature (the buffers are put back and the
+        rest of the run is eager: the caller runs the step again), False for any other step
+        (the caller raises ``exc``)."""
         if self.mode != "compiled" or self.saved is None:
             return False
         self._back_to_eager(exc)

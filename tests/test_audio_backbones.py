@@ -156,9 +156,9 @@ def test_export_parity_with_clips_of_different_lengths(tmp_path, name):
     with torch.no_grad():
         eager, exported = model(x), scripted(x)
         torch.testing.assert_close(exported, eager, atol=1e-5, rtol=1e-4)
-        if name.startswith("ta:"):  # each clip alone gives its row of the padded batch
-            alone = torch.cat([scripted(c[None]) for c in clips])
-            torch.testing.assert_close(alone, eager, atol=5e-5, rtol=1e-4)
+        # each clip alone gives its row of the padded batch
+        alone = torch.cat([scripted(c[None]) for c in clips])
+        torch.testing.assert_close(alone, eager, atol=5e-5, rtol=1e-4)
         # int16 PCM goes through the same preprocessing
         pcm = (clips[0] * 32767).round().to(torch.int16)[None]
         torch.testing.assert_close(scripted(pcm), model(pcm.float() / 32768.0), atol=1e-5, rtol=1e-4)
@@ -209,6 +209,30 @@ def test_spectrogram_backbone_keeps_image_blocks_and_resamples_inside():
     assert mel.shape[1] == 32 and frames.tolist() == [101, 51]  # 1 s and 0.5 s, hop 10 ms
     assert mel[1, :, 51:].abs().sum() == 0  # padding frames are neutral
     assert bb.trunk.eval()(pad_waveforms(_clips(8000, 4000))).shape == (2, img.num_features)
+
+
+@pytest.mark.parametrize("clip_seconds", [None, 0.5])
+def test_a_spectrogram_clip_gives_the_same_features_alone_as_in_any_batch_outside_training(clip_seconds):
+    # the image trunk sees padding as zeros: outside training each length runs alone, shorter clips at clip_seconds
+    torch.manual_seed(0)
+    bb = spectrogram_backbone("tk:small_cnn", sample_rate=8000, n_mels=32, clip_seconds=clip_seconds)
+    trunk = bb.trunk.eval()
+    calls = []
+    hook = trunk.image.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    clips = _clips(4000, 800, 12000, 800, 40, 3, seed=1)  # down to 3 samples: under the STFT's and the CNN's reach
+    with torch.no_grad():
+        alone = torch.cat([trunk(c[None]) for c in clips])
+        calls.clear()
+        batch = trunk(pad_waveforms(clips))
+        assert calls == ([2, 2, 1, 1] if clip_seconds is None else [5, 1])  # rows of one length run together
+        torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-4)
+        hook.remove()
+        torch.testing.assert_close(torch.jit.script(trunk)(pad_waveforms(clips)), batch, atol=1e-6, rtol=1e-5)
+        trunk.image.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        calls.clear()
+        trained = trunk.train()(pad_waveforms(clips))  # training: one batch (BatchNorm's statistics), padded
+        assert calls == [6] and trained.shape == batch.shape and torch.isfinite(trained).all()
+    assert trunk.min_samples > trunk.melspec.n_fft // 2 and f"min_samples={trunk.min_samples}" in repr(trunk)
 
 
 def test_spec_augment_masks_only_in_training_mode():

@@ -11,6 +11,7 @@ clips shorter than T padded at the end with NaN (see ``transferkit.data.audio``)
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -90,12 +91,23 @@ def as_spec_augment(value: Any) -> SpecAugment | None:
 
 class SpectrogramTrunk(nn.Module):
     """NaN-padded waveforms ``[N, T]`` -> log-mel ``[N, C, n_mels, frames]``, standardised
-    per clip over its valid frames (padding set to 0) -> ``image`` trunk -> ``[N, F]``."""
+    per clip over its valid frames (padding set to 0) -> ``image`` trunk -> ``[N, F]``.
+
+    The image trunk sees padded frames as zeros, so a clip's features depend on how far it
+    is padded. In training a batch runs as one (BatchNorm needs the batch's statistics),
+    padded to its longest clip; outside training each clip is padded to a length of its own
+    (`padded_length`: at least ``clip_samples``, the fixed length the data pipeline pads to,
+    or ``min_samples``), so that features, validation scores and predictions do not depend
+    on the other clips of the batch. Clips of one padded length run together. A batch
+    shorter than ``clip_samples`` or ``min_samples`` (the centred STFT's reflection and the
+    image trunk's smallest input, `min_clip_samples`) is padded to it."""
 
     def __init__(self, image: nn.Module, *, sample_rate: int, input_sample_rate: int, n_mels: int, n_fft: int,
                  hop_length: int, f_min: float, f_max: float | None, channels: int,
-                 image_size: tuple[int, int] | None, spec_augment: SpecAugment | None) -> None:
+                 image_size: tuple[int, int] | None, spec_augment: SpecAugment | None, clip_samples: int = 0,
+                 min_samples: int = 1) -> None:
         super().__init__()
+        self.clip_samples, self.min_samples = int(clip_samples), int(min_samples)
         self.resample = resampler(input_sample_rate, sample_rate)
         self.ratio = float(sample_rate) / float(input_sample_rate)
         self.melspec = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=n_fft, hop_length=hop_length,
@@ -104,6 +116,9 @@ class SpectrogramTrunk(nn.Module):
         self.out_h, self.out_w = (int(image_size[0]), int(image_size[1])) if image_size else (0, 0)
         self.spec_augment = spec_augment or SpecAugment(freq_masks=0, time_masks=0)
         self.image = image
+
+    def extra_repr(self) -> str:  # in the trunk's fingerprint: these change what it computes
+        return f"clip_samples={self.clip_samples}, min_samples={self.min_samples}"
 
     def log_mel(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Standardised log-mel ``[N, n_mels, frames]`` and the valid frames per clip."""
@@ -120,12 +135,70 @@ class SpectrogramTrunk(nn.Module):
         return torch.where(valid, (mel - mean) / torch.sqrt(var + 1e-5), torch.zeros_like(mel)), frames
 
     def forward(self, x: Tensor) -> Tensor:
+        shortest = max(self.clip_samples, self.min_samples)
+        if x.shape[-1] < shortest:
+            x = nn.functional.pad(x, [0, shortest - x.shape[-1]], value=float("nan"))
+        if self.training:
+            return self._batch(x)
+        lengths = padded_length((~torch.isnan(x)).sum(-1), shortest)
+        if bool((lengths == x.shape[-1]).all()):
+            return self._batch(x)
+        longest = int(lengths.max())
+        if x.shape[-1] < longest:
+            x = nn.functional.pad(x, [0, longest - x.shape[-1]], value=float("nan"))
+        order: list[Tensor] = []
+        out: list[Tensor] = []
+        sizes: list[int] = torch.unique(lengths).tolist()
+        for n in sizes:  # each padded length alone: the padding of a clip does not depend on the batch
+            rows = torch.nonzero(lengths == n).flatten()
+            order.append(rows)
+            out.append(self._batch(x.index_select(0, rows)[:, :n]))
+        return torch.cat(out).index_select(0, torch.argsort(torch.cat(order)))
+
+    def _batch(self, x: Tensor) -> Tensor:
         mel, frames = self.log_mel(x)
         mel = self.spec_augment(mel, frames)
         img = mel.unsqueeze(1).expand(-1, self.channels, -1, -1)
         if self.out_h > 0:
             img = nn.functional.interpolate(img, size=[self.out_h, self.out_w], mode="bilinear", align_corners=False)
         return self.image(img)
+
+
+def padded_length(lengths: Tensor, unit: int) -> Tensor:
+    """The length each clip of ``lengths`` (samples) is padded to outside training: at least
+    ``unit``, then up a grid of multiples of ``unit`` with 3 significant bits (1, 2, ... 8,
+    10, 12, 14, 16, 20, ... units), so that a clip is padded by less than a unit or a quarter
+    of its length, whichever is more, and clips of close lengths run together.
+
+    Example:
+        >>> padded_length(torch.tensor([1, 100, 101, 799, 801, 1000, 1401]), 100).tolist()
+        [100, 100, 200, 800, 1000, 1000, 1600]
+    """
+    q = torch.div(lengths.clamp_min(1) + unit - 1, unit, rounding_mode="floor")
+    step = torch.pow(2, (torch.floor(torch.log2(q.to(torch.float64))) - 2).clamp_min(0)).to(q.dtype)
+    return torch.div(q + step - 1, step, rounding_mode="floor") * step * unit
+
+
+def min_clip_samples(trunk: SpectrogramTrunk, *, n_mels: int, n_fft: int, hop_length: int) -> int:
+    """The fewest input samples ``trunk`` runs on: more than the centred STFT reflects
+    (``n_fft // 2``), and the frames of the narrowest log-mel image its image trunk takes
+    (tried at 1, 2, 4, ... 256 frames, in eval mode; a resized image takes any)."""
+    frames = 1
+    if trunk.out_h == 0:
+        image, was = trunk.image, trunk.image.training
+        image.eval()
+        try:
+            with torch.no_grad():
+                for frames in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+                    try:
+                        image(torch.zeros(1, trunk.channels, n_mels, frames))
+                        break
+                    except RuntimeError:  # too small for its pooling or kernels
+                        continue
+        finally:
+            image.train(was)
+    model_rate = max(n_fft // 2 + 1, (frames - 1) * hop_length + 1)
+    return math.ceil(model_rate / trunk.ratio)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -167,7 +240,9 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
     trunk = SpectrogramTrunk(img.trunk, sample_rate=int(sample_rate), input_sample_rate=in_rate, n_mels=int(n_mels),
                              n_fft=n_fft, hop_length=hop, f_min=f_min, f_max=f_max, channels=img.input_spec.channels,
-                             image_size=size, spec_augment=as_spec_augment(spec_augment))
+                             image_size=size, spec_augment=as_spec_augment(spec_augment),
+                             clip_samples=round(clip_seconds * in_rate) if clip_seconds else 0)
+    trunk.min_samples = min_clip_samples(trunk, n_mels=int(n_mels), n_fft=n_fft, hop_length=hop)
     blocks = tuple(Block(b.name, tuple(f"image.{m}" for m in b.members)) for b in img.blocks)
     name = f"spec:{img.name}"
     check_blocks(trunk, blocks, name=name)

@@ -136,24 +136,33 @@ def test_steps_across_an_epoch_boundary_are_not_timed():
     runner = trial.wrap(eager)
     _steps(runner, 2)
     for _ in range(2):  # two epochs of one step, each followed by validation and a checkpoint
+        runner.end_epoch()
         clock.now += 1000.0
-        runner.begin_epoch()
         _steps(runner, 1)
     _steps(runner, 20)
     assert trial.record["eager_step_s"] == 1.0 and trial.record["kept"] == "compiled"
 
 
-def test_the_loop_tells_the_trial_when_an_epoch_begins():
-    from transferkit.train.loop import _runner
-
+def test_the_loop_times_each_epoch_up_to_its_last_step_and_not_across_validation():
+    # 5 steps an epoch: the trial compiles on an epoch's last step, whose time (the compilation) the loop ends
     clock = _Clock()
-    trial, eager, ran, _ = _trial(clock)
-    module, cache = torch.nn.Linear(1, 1), {}
-    for _ in range(12):  # epochs of two steps, each followed by 1000 s of validation
-        runner = _runner(module, lambda m: trial.wrap(lambda x: eager(x)), cache)
-        _steps(runner, 2)
-        clock.now += 1000.0
-    assert trial.record["eager_step_s"] == 1.0
+    model = torch.nn.Linear(4, 2)
+    first = [True]
+
+    def eager(x):
+        clock.now += 1.0
+        return model(x)
+
+    def compiled(x):
+        clock.now += 0.5 + (100.0 if first[0] else 0.0)
+        first[0] = False
+        return model(x)
+    trial = ct.CompileTrial(steps_left=10**6, estimate_s=0.0, clock=clock, compile_fn=lambda m: compiled)
+    runner = trial.wrap(eager)
+    _train(model, runner, n=40, epochs=4, between=lambda: setattr(clock, "now", clock.now + 1000.0))
+    r = trial.record
+    assert r["eager_step_s"] == 1.0 and r["compiled_step_s"] == 0.5 and r["compile_s"] == pytest.approx(100.0)
+    assert r["kept"] == "compiled"
 
 
 def test_frozen_steps_are_not_timed_and_a_new_trainable_set_restarts_the_eager_timing():
@@ -185,25 +194,30 @@ class _BackwardFails(torch.autograd.Function):
         raise RuntimeError("cannot access local variable 'buf5'")
 
 
-def _train(model, runner, n=64, epochs=1):
+def _train(model, runner, n=64, epochs=1, between=None):
     """``epochs`` of the training loop's steps over ``n`` samples in batches of 8 (a short last one
-    where ``n`` is not a multiple of 8), ``runner`` running ``model``."""
+    where ``n`` is not a multiple of 8), ``runner`` running ``model``; ``between()`` after each epoch."""
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 2, (n,), generator=g))
     loop = Loop(optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=torch.nn.functional.cross_entropy,
                 set_mode=lambda e: None, verbose=False)
     for _ in range(epochs):
         train_one_epoch(runner, torch.utils.data.DataLoader(data, batch_size=8), loop)
+        if between is not None:
+            between()
 
 
 def test_a_compiled_step_whose_backward_fails_to_run_goes_back_to_eager_with_nothing_changed():
     # the training loop's backward fails; the trial puts the buffers back and the step runs again eager
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(4, 2))
     reference = copy.deepcopy(model)
     trial = ct.CompileTrial(steps_left=10**6, estimate_s=0.0, compile_fn=lambda m: lambda x: _BackwardFails.apply(m(x)))
+    torch.manual_seed(1)
     with pytest.warns(UserWarning, match=r"torch.compile failed on this model \(RuntimeError: cannot access local"):
         _train(model, trial.wrap(model))
+    torch.manual_seed(1)
     _train(reference, reference)
     assert trial.record["kept"] == "eager"
     for k, v in reference.state_dict().items():  # parameters and BatchNorm statistics
@@ -240,7 +254,8 @@ def test_a_backward_that_fails_to_compile_fails_inside_the_trial():
 def test_a_new_input_shape_whose_compiled_backward_fails_goes_back_to_eager_with_nothing_changed():
     # after the trial kept the compiled model, a short last batch is compiled again; its backward fails in the loop
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(4, 2))
     reference = copy.deepcopy(model)
     clock, forward = _Clock(), model.forward
 
@@ -254,12 +269,14 @@ def test_a_new_input_shape_whose_compiled_backward_fails_goes_back_to_eager_with
     model.forward = timed
     trial = ct.CompileTrial(steps_left=10**6, estimate_s=0.0, clock=clock, compile_fn=lambda m: compiled)
     runner = trial.wrap(model)
+    torch.manual_seed(1)
     with pytest.warns(UserWarning, match=r"failed on this model on a new input shape \(RuntimeError: cannot access"):
         _train(model, runner, n=8 * 12 + 3)  # 12 full batches, then 3 samples
     del model.forward
     r = trial.record
     assert r["kept"] == "compiled" and r["eager_from_step"] == 13 and "on a new input shape" in r["then"]
     assert trial.runs == "eager" and runner.compiled is None
+    torch.manual_seed(1)
     _train(reference, reference, n=8 * 12 + 3)
     for k, v in reference.state_dict().items():  # parameters and BatchNorm statistics
         assert torch.equal(v, model.state_dict()[k]), k
@@ -288,6 +305,11 @@ def test_decide_compile_tries_only_where_a_trial_can_run():
     assert off is False and "several processes" in why
     with pytest.raises(ConfigError, match="compile='yes'"):
         ct.decide_compile("yes", device_type="cpu", epochs=1)
+    # batches that change shape (audio without clip_seconds) compile again for each: not tried; asked, said
+    off, why = ct.decide_compile("auto", device_type="cpu", epochs=5, shapes="clips of different lengths")
+    assert off is False and "not tried, clips of different lengths" in why
+    on, why = ct.decide_compile(True, device_type="cpu", epochs=5, shapes="clips of different lengths")
+    assert on is True and why.startswith("asked; clips of different lengths") and "dynamic shapes" in why
 
 
 def test_finetune_runs_the_trial_and_reports_it(image_folder, monkeypatch, capsys):
@@ -325,3 +347,18 @@ def test_finetune_runs_the_trial_and_reports_it(image_folder, monkeypatch, capsy
     per_epoch = r.compile_trial["steps_left"] // 3
     assert per_epoch >= 2 * (ct.WARMUP_STEPS + ct.TIMED_STEPS) and late.compile_trial["steps_left"] == 2 * per_epoch
     assert len(compiled) == 2 and compiled[1][1]  # compiled when the trunk trained, not in the frozen epoch
+
+
+@pytest.mark.parametrize("clip_seconds", [None, 0.5])
+def test_audio_of_different_lengths_is_not_tried_and_clip_seconds_gives_one_shape(tmp_path, clip_seconds):
+    from test_audio_data import make_audio_folder
+
+    root = make_audio_folder(tmp_path / "clips", per_class=4)
+    options = {"sample_rate": 8000, "n_mels": 16, "clip_seconds": clip_seconds}
+    summary = tk.plan(backbone="spec:tk:small_cnn", weights=None, data=str(root), backbone_options=options,
+                      policy="full", epochs=3, device="cpu").summary()
+    if clip_seconds is None:
+        assert "eager, not compiled (compile='auto': not tried, audio clips of different lengths (no clip_seconds" \
+            in summary
+    else:
+        assert "compile trial (compile='auto': tried where" in summary

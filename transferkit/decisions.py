@@ -256,7 +256,8 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     cache = cached_epochs >= cfg.epochs
     compile_on, compile_why = decide_compile(cfg.compile, device_type=facts.device.type,  # train/compile_trial.py
                                              epochs=cfg.epochs - frozen_epochs, world_size=facts.device.world_size,
-                                             unavailable=facts.device.compile_unavailable)
+                                             unavailable=facts.device.compile_unavailable,
+                                             shapes=_changing_shapes(data.kind, bb.input_spec))
     speed = decide_speed(device_type=facts.device.type, bf16=(facts.device.bf16, facts.device.bf16_why),
                          precision=cfg.precision, channels_last=cfg.channels_last, compile=compile_on,
                          kind=data.kind, conv=(bb.conv_share, bb.n_conv), layout_timed=bb.layout_timed,
@@ -380,6 +381,14 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
     return diff
 
 
+def _changing_shapes(kind: str, spec: InputSpec) -> str | None:
+    """Why training batches change shape from one step to the next, or None: audio without
+    ``clip_seconds`` is padded to each batch's longest clip (images are resized to one size)."""
+    if kind == "audio" and not spec.clip_seconds:
+        return "audio clips of different lengths (no clip_seconds; it gives one shape)"
+    return None
+
+
 def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen_epochs: int, head_kind: str) -> tuple[int, str]:
     """How many leading epochs run on cached features (all, the frozen phase, or none), and why."""
     frozen = frozen_epochs >= cfg.epochs
@@ -456,6 +465,8 @@ def _speed_lines(s: dict[str, Any], *, features: bool, engine: str = "eager") ->
     out.append(f"{'channels_last' if s['channels_last'] else 'contiguous'} ({r.get('channels_last', 'set directly')})")
     if s["compile"]:
         out.append(f"{'compile trial' if s['compile'] == 'trial' else 'compile'} ({r.get('compile', 'asked')})")
+    elif "not tried" in r.get("compile", ""):  # compile="auto" on a trunk that trains, and why it is not tried
+        out.append(f"eager, not compiled ({r['compile']})")
     return out
 
 

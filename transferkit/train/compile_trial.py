@@ -19,11 +19,12 @@ run itself:
 
 A step is timed from one call of the trained module to the next (forward, backward,
 optimizer step and the next batch's loading; ``loss.item()`` in each step waits for the
-device), within an epoch. A short run never compiles and pays only a clock read per step.
-The first step of each compiled model, and of each new input shape, keeps the buffers as
-they were: where its forward or backward fails (to compile or to run), the trial warns, puts
-them back and runs the step again eager, and the rest of the run is eager (`_TrialRunner`,
-with the training loop's ``recover``).
+device), an epoch's last step up to the end of the epoch's pass (`_TrialRunner.end_epoch`,
+called by the training loop). A short run never compiles and pays only a clock read per
+step. The first step of each compiled model, and of each new input shape, keeps the
+buffers and the random number generators' states: where its forward or backward fails (to
+compile or to run), the trial warns, puts them back and runs the step again eager, and the
+rest of the run is eager (`_TrialRunner`, with the training loop's ``recover``).
 """
 
 from __future__ import annotations
@@ -48,11 +49,12 @@ TIMED_STEPS = 3  # steps timed in each mode (their median)
 
 
 def decide_compile(requested: bool | str, *, device_type: str, epochs: int, world_size: int = 1,
-                   unavailable: str | None = None) -> tuple[bool | str, str]:
+                   unavailable: str | None = None, shapes: str | None = None) -> tuple[bool | str, str]:
     """Whether a trainable model is compiled (``compile=True/False/"auto"``), and why (pure):
     ``True``, ``False``, or ``"trial"`` (``auto``: the run's steps decide, see `CompileTrial`).
     ``epochs``: the epochs that train the trunk (after a frozen phase); ``unavailable``: why ``torch.compile``
-    cannot run here (`transferkit.train.engines.engine_availability`), None when it can.
+    cannot run here (`transferkit.train.engines.engine_availability`), None when it can; ``shapes``:
+    why the training batches change shape (None: they keep one), each new shape compiled again.
 
     Example:
         >>> decide_compile(False, device_type="cpu", epochs=10)
@@ -60,8 +62,11 @@ def decide_compile(requested: bool | str, *, device_type: str, epochs: int, worl
         >>> decide_compile("auto", device_type="cpu", epochs=10)[0]
         'trial'
     """
-    if requested is True or requested is False:
-        return bool(requested), "asked" if requested else "compile=False"
+    if requested is True:
+        return True, "asked" if shapes is None else (f"asked; {shapes}: batches of changing shapes are compiled "
+                                                     "again (dynamic shapes), which not every model compiles")
+    if requested is False:
+        return False, "compile=False"
     if requested != "auto":
         raise ConfigError(f"compile={requested!r}; use True, False or 'auto'.")
     if epochs <= 0:
@@ -71,6 +76,8 @@ def decide_compile(requested: bool | str, *, device_type: str, epochs: int, worl
     if world_size > 1:
         return False, ("compile='auto': not tried in a job of several processes (each would time its own steps); "
                        "compile=True compiles")
+    if shapes is not None:
+        return False, f"compile='auto': not tried, {shapes}: batches of changing shapes would be compiled again"
     return "trial", (f"compile='auto': tried where the run is long enough that a compilation that does not pay "
                      f"costs at most {TRIAL_SHARE:.0%} of it; kept where the compiled step is {MIN_SPEEDUP:g}x faster "
                      "(timed on the run's first steps)")
@@ -175,7 +182,9 @@ class CompileTrial:
 
     def _fail(self, exc: BaseException, when: str = "") -> None:
         inner = getattr(exc, "inner_exception", None) or exc.__cause__  # a backend's own error, under dynamo's
-        what = exception_line(exc) + (f" {exception_line(inner)}" if inner is not None else "")
+        what = exception_line(exc)
+        if inner is not None and exception_line(inner) not in what:
+            what += f" {exception_line(inner)}"
         self.record["error"] = what
         warnings.warn(f"compile='auto': torch.compile failed on this model{when} ({what}); training goes on eager. "
                       "Pass compile=False to skip the trial.", stacklevel=4)
@@ -200,25 +209,33 @@ class CompileTrial:
 class _TrialRunner:
     """The trained module during the trial: eager steps, then compiled ones, then the winner.
     The first compiled step of each input signature (shapes and dtypes: a new one is compiled
-    again) keeps the buffers as they were, so that when its forward or its backward fails
-    (`recover`; AOTAutograd compiles the backward at the first ``backward()``, outside this
-    module) the step runs again eager from the same state."""
+    again) keeps the buffers and the random number generators' states as they were, so that
+    when its forward or its backward fails (`recover`; AOTAutograd compiles the backward at
+    the first ``backward()``, outside this module) the step runs again eager from the same
+    state."""
 
     def __init__(self, trial: CompileTrial, module: nn.Module) -> None:
         self.trial, self.module, self.compiled, self.last = trial, module, None, None
         self.mode = trial.runs or "eager"
         self.seen: set[Any] = set()  # the input signatures the compiled module has run
-        self.saved: dict[str, torch.Tensor] | None = None  # the buffers before a new signature's first step
+        self.saved: _State | None = None  # before a new signature's first step
 
-    def begin_epoch(self) -> None:
-        """Forget the last call's time: the step before it ended the previous epoch."""
+    def end_epoch(self) -> None:
+        """The epoch's training steps are over: its last step is timed up to now, and the
+        validation and checkpoint before the next epoch's first step are not a step."""
+        self._lap(self.trial.clock())
         self.last = None
+
+    def _lap(self, now: float) -> None:
+        """The time since the last call, as a step of the current mode while the trial times."""
+        t = self.trial
+        if self.last is not None and t.verdict is None:
+            (t._eager if self.mode == "eager" else t._compiled).append(now - self.last)
 
     def __call__(self, x: Any) -> Any:
         t = self.trial
         now = t.clock()
-        if self.last is not None and t.verdict is None:
-            (t._eager if self.mode == "eager" else t._compiled).append(now - self.last)
+        self._lap(now)
         self.last = now
         if t.verdict is None:
             if self.mode == "eager" and len(t._eager) >= WARMUP_STEPS + TIMED_STEPS:
@@ -237,7 +254,7 @@ class _TrialRunner:
         sig = _signature(x)
         if sig not in self.seen:
             self.seen.add(sig)
-            self.saved = _buffers(self.module)
+            self.saved = _State(self.module)
         try:
             if self.compiled is None:
                 self.compiled = t.compile(self.module)
@@ -248,19 +265,17 @@ class _TrialRunner:
 
     def recover(self, exc: BaseException) -> bool:
         """After the step raised ``exc`` outside this module (in its backward): True where that
-        was the first compiled step of its input signature (the buffers are put back and the
-        rest of the run is eager: the caller runs the step again), False for any other step
-        (the caller raises ``exc``)."""
+        was the first compiled step of its input signature (the state is put back and the rest
+        of the run is eager: the caller runs the step again), False for any other step (the
+        caller raises ``exc``)."""
         if self.mode != "compiled" or self.saved is None:
             return False
         self._back_to_eager(exc)
         return True
 
     def _back_to_eager(self, exc: BaseException) -> None:
-        if self.saved:  # an nn.Module with buffers
-            with torch.no_grad():
-                for name, b in self.module.named_buffers():
-                    b.copy_(self.saved[name])
+        if self.saved is not None:
+            self.saved.restore(self.module)
         t = self.trial
         when = (" on a new input shape" if len(self.seen) > 1 else
                 " after a change of the trainable blocks" if t.verdict == "compiled" else "")
@@ -268,9 +283,24 @@ class _TrialRunner:
         self.mode, self.compiled, self.saved = "eager", None, None
 
 
-def _buffers(module: Any) -> dict[str, torch.Tensor]:
-    """A copy of ``module``'s buffers (BatchNorm statistics), by name."""
-    return {name: b.detach().clone() for name, b in module.named_buffers()} if isinstance(module, nn.Module) else {}
+class _State:
+    """What a training step's forward changes besides the gradients: ``module``'s buffers
+    (BatchNorm statistics) and the random number generators (dropout), kept to be put back."""
+
+    def __init__(self, module: Any) -> None:
+        named = module.named_buffers() if isinstance(module, nn.Module) else ()
+        self.buffers = {name: b.detach().clone() for name, b in named}
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def restore(self, module: Any) -> None:
+        if self.buffers:
+            with torch.no_grad():
+                for name, b in module.named_buffers():
+                    b.copy_(self.buffers[name])
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
 
 
 def _signature(x: Any) -> Any:

@@ -82,15 +82,12 @@ def _improved(value: float, best: dict[str, Any], monitor: str, mode: str) -> bo
 
 def _runner(module: nn.Module, wrap: Callable[[nn.Module], nn.Module] | None, cache: dict[str, Any]) -> nn.Module:
     """The module to run this epoch: ``wrap(module)`` (DDP, compile, a compile trial), rebuilt
-    when the set of trainable parameters changed (gradual unfreezing); told that an epoch
-    begins when it times its steps."""
+    when the set of trainable parameters changed (gradual unfreezing)."""
     if wrap is None:
         return module
     sig = tuple(p.requires_grad for p in module.parameters())
     if cache.get("sig") != sig:
         cache["sig"], cache["runner"] = sig, wrap(module)
-    if hasattr(cache["runner"], "begin_epoch"):
-        cache["runner"].begin_epoch()
     return cache["runner"]
 
 
@@ -136,7 +133,7 @@ def train_one_epoch(module: nn.Module, loader: DataLoader, loop: Loop, *, desc: 
     lr per group of the epoch's last step (``lr``, ``lr_groups``).
     """
     speed, optimizer, scheduler, scaler = loop.speed, loop.optimizer, loop.scheduler, loop.scaler
-    task, recover = loop.task, getattr(module, "recover", None)
+    task, recover, end_epoch = loop.task, getattr(module, "recover", None), getattr(module, "end_epoch", None)
     total_loss, correct, seen = 0.0, 0.0, 0
     last_lr, last_groups = base_lr(optimizer), group_lrs(optimizer)
     bar = _progress(len(loader.sampler), desc, verbose)  # type: ignore[arg-type]
@@ -164,6 +161,8 @@ def train_one_epoch(module: nn.Module, loader: DataLoader, loop: Loop, *, desc: 
         seen += n
         if bar is not None:
             bar.update(n)
+    if end_epoch is not None:  # a compile trial times the last step up to here
+        end_epoch()
     if bar is not None:
         bar.close()
     return {"loss_sum": total_loss, "correct": correct, "seen": seen,

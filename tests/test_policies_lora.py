@@ -140,6 +140,7 @@ def test_finetune_with_lora_exports_the_merged_model(image_folder, tmp_path):
     result = finetune(bb, data=image_folder, policy="lora:r=2", epochs=1, batch_size=8, image_size=32,
                       export=tmp_path / "m.pt", verbose=False, num_workers=0)
     assert has_lora(result.model) and result.export_report.mode == "script"
+    assert "  policy:   lora:r=2; head + rank-2 LoRA factors only for 1 epoch\n" in result.decisions.summary()
     scripted = torch.jit.load(str(result.export_path))
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     result.model.cpu().eval()

@@ -161,7 +161,7 @@ class Decisions:
             f"{self.num_outputs} outputs ({self.task})",
             f"  data:     {self.n_train} train / {self.n_val} val, {_plural(len(self.classes), 'class', 'classes')}, "
             f"input {_input(self.input_spec)}, augment {self.augment}",
-            f"  policy:   {self.policy}; {_epoch_text(self.trainable, cfg.epochs)}",
+            f"  policy:   {self.policy}; {_epoch_text(self.trainable, cfg.epochs, lora=self.policy.lora)}",
             f"  batchnorm: {self.bn_mode}",
             f"  features: {features} ({self.cache_reason})",
         ]
@@ -485,13 +485,16 @@ def _epoch_ranges(per_epoch: tuple[tuple[str, ...], ...]) -> list[dict[str, Any]
     return out
 
 
-def _epoch_text(per_epoch: tuple[tuple[str, ...], ...], epochs: int) -> str:
+def _epoch_text(per_epoch: tuple[tuple[str, ...], ...], epochs: int, *, lora: int | None = None) -> str:
+    """What trains in each range of epochs: the head, the LoRA factors of rank ``lora`` (in
+    every epoch), and the blocks."""
     parts = []
+    head = "head" if lora is None else f"head + rank-{lora} LoRA factors"
     for r in _epoch_ranges(per_epoch):
         a, b = r["epochs"]
         when = f"epoch {a}" if a == b else f"epochs {a}-{b}"
         blocks = r["blocks"]
-        what = "head only" if not blocks else f"head + {len(blocks)} blocks ({blocks[0]}..{blocks[-1]})" \
-            if len(blocks) > 3 else "head + " + ", ".join(blocks)
+        what = (f"{head} only" if not blocks else f"{head} + {len(blocks)} blocks ({blocks[0]}..{blocks[-1]})"
+                if len(blocks) > 3 else f"{head} + " + ", ".join(blocks))
         parts.append(f"{when}: {what}")
     return "; ".join(parts) if len(parts) > 1 else parts[0].split(": ", 1)[1] + f" for {_plural(epochs, 'epoch')}"

@@ -65,3 +65,17 @@ def test_epochs_print_as_lines_off_a_notebook_and_render_as_one_table():
     assert table.count("<tr") == 3 and "<th>val acc</th>" in table and "<td>1.00e-02</td>" in table
     assert '<tr style="font-weight:bold"><td>2</td>' in table  # the best epoch stands out
     assert EpochLog(notebook=False)._repr_html_().startswith("<table")
+
+
+def test_the_epoch_bar_counts_the_samples_its_batches_hold():
+    # training drops a short last batch: the bar's total is what the epoch runs, so it reaches 100%
+    import torch
+    from transferkit.train.loaders import make_loader
+    from transferkit.train.loop import _progress
+
+    data = torch.utils.data.TensorDataset(torch.zeros(18, 2), torch.zeros(18))
+    cpu = torch.device("cpu")
+    dropped = make_loader(data, batch_size=4, shuffle=True, device=cpu, num_workers=0, drop_last=True)
+    kept = make_loader(data, batch_size=4, shuffle=False, device=cpu, num_workers=0)
+    assert _progress(dropped, "epoch 1/2", False, "img").total == 16 == sum(len(y) for _, y in dropped)
+    assert _progress(kept, "val", False, "img").total == 18

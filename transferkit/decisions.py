@@ -108,6 +108,11 @@ class Decisions:
         return self.config.epochs
 
     @property
+    def unit(self) -> str:
+        """What one sample is called in progress bars: ``"clip"`` for audio, else ``"img"``."""
+        return "clip" if self.input_spec.kind == "audio" else "img"
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 

@@ -126,7 +126,7 @@ def cached_features(d: Decisions, run: Run, *, progress: Any = None) -> Training
                                          batch_size=extract_batch, device=fs.device, seed=cfg.seed,
                                          num_workers=cfg.num_workers, rank=info.rank, world_size=info.world_size)
         with progress_bar(len(ds) * views, f"features ({name})", verbose=cfg.verbose and info.is_main,
-                          unit="img") as bar:
+                          unit=d.unit) as bar:
             stores[name] = compute_features(model, ds.view(transform=tf), key=d.feature_key(name), views=views,
                                             batch_size=extract_batch, device=fs.device, num_workers=cfg.num_workers,
                                             seed=cfg.seed, forward=forward, progress=progress or bar,
@@ -181,7 +181,7 @@ def stored_features(d: Decisions, run: Run, parts: list[tuple[str, Any, Any, int
         def bar(total: int, name: str = name) -> Any:
             if progress is not None:
                 return contextlib.nullcontext(progress)
-            return progress_bar(total, f"features ({name})", verbose=cfg.verbose and info.is_main, unit="img")
+            return progress_bar(total, f"features ({name})", verbose=cfg.verbose and info.is_main, unit=d.unit)
 
         workers = default_num_workers(ds, info.world_size) if cfg.num_workers is None else cfg.num_workers
         batches = None
@@ -400,7 +400,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
     loop = Loop(optimizer=opt, scheduler=sched, loss_fn=run.loss_fn, set_mode=lambda e: start_epoch(d, run, e),
                 speed=run.speed, task=cfg.task, scaler=scaler, dist=info, wrap=_wrapper(run),
                 penalty=penalty, monitor=cfg.monitor,
-                restore_best=cfg.restore_best, early_stopping=cfg.early_stopping, verbose=cfg.verbose)
+                restore_best=cfg.restore_best, early_stopping=cfg.early_stopping, verbose=cfg.verbose, unit=d.unit)
     loop.on_epoch_end = epoch_end_callback(loop, path=cfg.checkpoint, model=run.model, meta=meta, base_lr=d.lr,
                                            callbacks=cfg.callbacks, tensorboard=tb)
     current: dict[str, TrainingData | None] = {"data": inputs, "fit": None}  # fit: the data training began on

@@ -20,9 +20,15 @@ from transferkit.train.speed import SpeedConfig
 from transferkit.train.tasks import count_correct, monitor_default
 
 
-def _progress(total: int, desc: str, verbose: bool):
-    """The epoch's bar (images seen) on a terminal, a no-op bar otherwise: transferkit._progress."""
-    return progress(total, desc, verbose=verbose, unit="img")
+def _progress(loader: Any, desc: str, verbose: bool, unit: str):
+    """The epoch's bar (samples seen, ``unit``: img or clip) on a terminal, a no-op bar
+    otherwise (transferkit._progress): as many samples as the loader's batches hold (a short
+    last batch dropped, as training does, is not counted)."""
+    inner = getattr(loader, "loader", loader)  # a DeviceDecodedLoader's DataLoader
+    total = len(loader.sampler)
+    if isinstance(inner, DataLoader) and inner.drop_last and inner.batch_size:
+        total = len(inner) * inner.batch_size
+    return progress(total, desc, verbose=verbose, unit=unit)
 
 
 def base_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -115,6 +121,7 @@ class Loop:
     on_epoch_end: Callable[[TrainState], None] | None = None
     verbose: bool = True
     log: Callable[[str], None] = print
+    unit: str = "img"  # what a sample is, for the progress bar ("clip" for audio)
 
     def __post_init__(self) -> None:
         _check_stopping(self.early_stopping, self.monitor, self.task)
@@ -136,7 +143,7 @@ def train_one_epoch(module: nn.Module, loader: DataLoader, loop: Loop, *, desc: 
     task, recover, end_epoch = loop.task, getattr(module, "recover", None), getattr(module, "end_epoch", None)
     total_loss, correct, seen = 0.0, 0.0, 0
     last_lr, last_groups = base_lr(optimizer), group_lrs(optimizer)
-    bar = _progress(len(loader.sampler), desc, verbose)  # type: ignore[arg-type]
+    bar = _progress(loader, desc, verbose, loop.unit)
     for x, y in loader:
         x, y = speed.to_device(x), y.to(speed.device, non_blocking=True)
         try:

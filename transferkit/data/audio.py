@@ -11,6 +11,7 @@ file and the predictor. A batch without NaN is a batch of full-length clips.
 from __future__ import annotations
 
 import csv
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,12 +29,62 @@ from transferkit.data.late import FileDataset
 from transferkit._text import plural
 from transferkit.errors import ConfigError, DataError, check_choice, unreadable_file
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif")
+# audio file types by extension, and the libsndfile format that decodes each (MP3: libsndfile >= 1.1)
+AUDIO_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".aiff": "AIFF", ".aif": "AIFF", ".mp3": "MP3"}
+AUDIO_EXTENSIONS = tuple(AUDIO_FORMATS)  # every known one; audio_extensions(): those decoded here
 PAD_VALUE = float("nan")
 AUDIO_AUGMENTATIONS = ("none", "standard")
 # clips longer than this are cropped to their middle (see prepare_audio_data): a 10-minute
 # clip at 16 kHz is 38 MB of float32, and a batch of 32 of them 1.2 GB before the model runs
 DEFAULT_MAX_SECONDS = 30.0
+
+
+@functools.lru_cache(maxsize=1)
+def audio_extensions() -> tuple[str, ...]:
+    """The audio file extensions (of `AUDIO_FORMATS`) whose format the installed
+    soundfile/libsndfile decodes: what folder scans and the predictor take as audio.
+
+    Example:
+        >>> ".wav" in audio_extensions()
+        True
+    """
+    import soundfile as sf
+
+    formats = set(sf.available_formats())
+    return tuple(ext for ext, fmt in AUDIO_FORMATS.items() if fmt in formats)
+
+
+def undecodable_audio(paths: Sequence[str | Path]) -> list[str]:
+    """The files among ``paths`` of a known audio type (`AUDIO_FORMATS`) that the installed
+    libsndfile cannot decode (hidden files left out)."""
+    decodable = audio_extensions()
+    return sorted(str(p) for p in paths if not os.path.basename(p).startswith(".")
+                  and str(p).lower().endswith(AUDIO_EXTENSIONS) and not str(p).lower().endswith(decodable))
+
+
+def undecodable_reason(path: str | Path) -> str:
+    """Why ``path`` (a file of a known audio type) is not read here: ``'MP3, a format the
+    installed libsndfile 1.0.31 cannot decode'``."""
+    import soundfile as sf
+
+    fmt = AUDIO_FORMATS[os.path.splitext(str(path))[1].lower()]
+    return f"{fmt}, a format the installed libsndfile {sf.__libsndfile_version__} cannot decode"
+
+
+def undecodable_note(paths: Sequence[str | Path]) -> str:
+    """A sentence on the files among ``paths`` of a known audio type that the installed
+    libsndfile cannot decode (``''`` when there are none)."""
+    hits = undecodable_audio(paths)
+    if not hits:
+        return ""
+    names = ", ".join(os.path.basename(p) for p in hits[:3]) + (" ..." if len(hits) > 3 else "")
+    reasons = "; ".join(sorted({undecodable_reason(p) for p in hits}))
+    return f"{plural(len(hits), 'audio file')} ({names}) left out: {reasons}{_mp3_advice(hits)}."
+
+
+def _mp3_advice(paths: Sequence[str]) -> str:
+    return " (libsndfile decodes MP3 from version 1.1 on: pip install -U soundfile)" \
+        if any(p.lower().endswith(".mp3") for p in paths) else ""
 
 
 def load_audio(path: str | Path, sample_rate: int | None = None, *, mono: bool = True,
@@ -68,12 +119,19 @@ def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[t
                 f.seek((frames - keep) // 2)
             data = f.read(keep, dtype="float32", always_2d=True)
     except (RuntimeError, OSError, ValueError, TypeError) as exc:  # sf.LibsndfileError is a RuntimeError
-        raise unreadable_file("audio file", path, exc, f"Supported: {', '.join(AUDIO_EXTENSIONS)} (read with "
-                              "soundfile/libsndfile).") from exc
+        raise unreadable_file("audio file", path, exc, _supported(path)) from exc
     if data.shape[0] == 0:
         raise DataError(f"Audio file {str(path)!r} is empty (0 samples): a header without audio data.")
     check_finite(data, f"audio file {str(path)!r}")
     return torch.from_numpy(np.ascontiguousarray(data.T)), sr
+
+
+def _supported(path: str | Path) -> str:
+    """The formats this installation reads, for a file it could not (and why, for a known
+    audio type its libsndfile cannot decode)."""
+    hit = undecodable_audio([path])
+    why = f"The file is {undecodable_reason(path)}{_mp3_advice(hit)}. " if hit else ""
+    return f"{why}Supported: {', '.join(audio_extensions())} (read with soundfile/libsndfile)."
 
 
 def check_finite(samples: np.ndarray | torch.Tensor, what: str) -> None:
@@ -198,7 +256,7 @@ class AudioTransform:
 
 
 def _is_audio_file(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(AUDIO_EXTENSIONS)
+    return not name.startswith(".") and name.lower().endswith(audio_extensions())
 
 
 def scan_audio_folder(root: str | Path, classes: Sequence[str] | None = None, *,
@@ -207,10 +265,19 @@ def scan_audio_folder(root: str | Path, classes: Sequence[str] | None = None, *,
     follow too (`transferkit.data.folders.scan_class_folders`): hidden sub-folders are not
     walked and are listed as ignored, unreadable folders are reported, a class folder the
     training ``classes`` lack is left out with a warning, a training class without a folder is
-    reported, and a folder sharing no class with them is an error."""
-    return scan_class_folders(root, classes, is_data=_is_audio_file,
-                              report=report if report is not None else DataReport(), what="audio files",
-                              layout="root/<class>/<clip>.wav", extensions=AUDIO_EXTENSIONS)
+    reported, and a folder sharing no class with them is an error. Files of a known audio
+    type the installed libsndfile cannot decode (MP3 before libsndfile 1.1) are ignored with
+    a warning, their reason in ``report.ignored_reasons``."""
+    report = report if report is not None else DataReport()
+    first = len(report.ignored_files)
+    samples, found = scan_class_folders(root, classes, is_data=_is_audio_file, report=report, what="audio files",
+                                        layout="root/<class>/<clip>.wav", extensions=audio_extensions(),
+                                        explain_ignored=undecodable_note)
+    undecodable = undecodable_audio(report.ignored_files[first:])
+    if undecodable:
+        report.ignored_reasons.update((p, undecodable_reason(p)) for p in undecodable)
+        report.warn(f"{str(root)!r}: {undecodable_note(undecodable)}")
+    return samples, found
 
 
 def read_file_list(path: str | Path, classes: Sequence[str] | None = None, *,
@@ -275,7 +342,8 @@ def probe_audio_file(path: str | Path, *, full: bool = False) -> AudioFileInfo |
         info = sf.info(str(path))
     except (RuntimeError, OSError, ValueError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
-        return f"cannot be read as audio ({type(exc).__name__}: {first})"
+        known = f"; {undecodable_reason(path)}" if undecodable_audio([path]) else ""
+        return f"cannot be read as audio ({type(exc).__name__}: {first}{known})"
     if info.frames <= 0:
         return "a header without audio data (0 frames)"
     if info.channels < 1 or info.samplerate <= 0:

@@ -159,6 +159,19 @@ def test_prepare_audio_data_from_waveforms_with_their_own_rate():
         prepare_audio_data([(torch.zeros(100), 0)] * 4, spec=SPEC8K, val_split=0)
 
 
+def test_a_sample_rate_of_any_whole_number_type_is_a_rate():
+    """Rates as pandas or numpy give them (np.int64, 44100.0) are rates; others are named."""
+    for rate in (np.int64(16000), np.int32(16000), 16000.0, np.float64(16000)):
+        items = [(_tone(300 + 1000 * (i % 2), 1600, 16000), rate, i % 2) for i in range(8)]
+        bundle = prepare_audio_data(items, spec=SPEC8K, val_split=0.25)
+        assert len(bundle.train) == 6 and bundle.train[0][0].shape == (800,), rate  # resampled to 8 kHz
+    for rate in (16000.5, 0, "16000"):
+        items = [(_tone(300, 1600), rate, i % 2) for i in range(4)]
+        with pytest.raises(DataError, match=r"sample rate of training item 0 \(waveform, sample_rate, label\) is "
+                                            r".*, not a whole positive number of Hz"):
+            prepare_audio_data(items, spec=SPEC8K, val_split=0)
+
+
 def test_finetune_spectrogram_model_end_to_end_and_export(tmp_path):
     root = make_audio_folder(tmp_path / "clips")
     result = transferkit.finetune("spec:tk:small_cnn", weights=None, data=str(root), val_split=0.25,

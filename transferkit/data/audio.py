@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import csv
 import functools
+import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -495,12 +497,38 @@ MAX_CHANNELS = 8
 last axis holds at most this many channels and its first is longer."""
 
 
+def is_rate(value: Any) -> bool:
+    """Whether ``value`` stands as the rate of a ``(waveform, sample_rate)`` pair: a real
+    number (int, float, numpy number), not a bool; `sample_rate_of` checks its value."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def sample_rate_of(value: Any, what: str = "sample rate") -> int:
+    """``value`` as a sample rate in Hz: any whole positive number (an int, a numpy integer
+    as pandas gives, a float such as ``44100.0``); anything else raises a
+    [`DataError`][transferkit.DataError] naming ``what`` and the value.
+
+    Example:
+        >>> sample_rate_of(np.int64(44100)), sample_rate_of(16000.0)
+        (44100, 16000)
+    """
+    try:
+        whole = is_rate(value) and math.isfinite(float(value)) and float(value) == int(value) and int(value) > 0
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
+        raise DataError(f"The {what} is {value!r}, not a whole positive number of Hz: pass the rate the waveform "
+                        "was recorded at, e.g. 16000 or 44100 (an int, a numpy integer, or a float such as 44100.0).")
+    return int(value)
+
+
 def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None) -> torch.Tensor:
     """A path, a ``(waveform, rate)`` pair or a waveform already at ``sample_rate`` -> mono
     float32 ``[T]`` at ``sample_rate`` (a 2-D waveform is ``[C, T]``, or ``[T, C]`` as
     ``soundfile.read`` returns it: see `MAX_CHANNELS`; int16 PCM is scaled to [-1, 1]), at most
     ``max_seconds`` long (the middle of a longer clip). NaN at the end of an in-memory
     waveform is padding and is removed; NaN elsewhere, or inf, raises [`DataError`][transferkit.DataError].
+    A pair's rate is any whole number (`sample_rate_of`: ``np.int64(44100)``, ``44100.0``).
 
     Example:
         >>> to_waveform((torch.zeros(2, 800), 8000), 16000).shape
@@ -509,8 +537,8 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
     if isinstance(item, (str, Path)):
         return load_audio(item, sample_rate, max_seconds=max_seconds)
     rate = sample_rate
-    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (int, float)):
-        item, rate = item
+    if isinstance(item, tuple) and len(item) == 2 and is_rate(item[1]):
+        item, rate = item[0], sample_rate_of(item[1], "sample rate of the (waveform, sample_rate) pair")
     wav = torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item)
     if wav.dtype == torch.int16:
         wav = wav.float() / 32768.0
@@ -558,7 +586,8 @@ def _audio_dataset(data: Any, spec: InputSpec, classes: list[str] | None, what: 
         items = [data[i] for i in range(len(data))]
         if not all(isinstance(it, (tuple, list)) and len(it) in (2, 3) for it in items):
             raise DataError(f"A {what} audio dataset must hold (waveform, label) or (waveform, sample_rate, label).")
-        samples = [((it[0], it[1]) if len(it) == 3 else it[0], int(it[-1])) for it in items]
+        samples = [((it[0], sample_rate_of(it[1], f"sample rate of {what} item {i} (waveform, sample_rate, label)"))
+                    if len(it) == 3 else it[0], int(it[-1])) for i, it in enumerate(items)]
         samples = filter_bad_audio(samples, on_bad_file=on_bad_file, scan=scan, report=report, max_seconds=max_seconds)
         if not samples:
             raise DataError(f"No readable clips in the {what} dataset (e.g. {report.bad_files[:2]}).")
@@ -578,8 +607,8 @@ def _lengths(samples: Sequence[tuple[Any, int]], rate: int) -> list[tuple[int, f
     out = []
     for source, _ in samples:
         r = rate
-        if isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], (int, float)):
-            source, r = source
+        if isinstance(source, tuple) and len(source) == 2 and is_rate(source[1]):
+            source, r = source[0], sample_rate_of(source[1])
         out.append((0, float(r)) if isinstance(source, (str, Path)) else (int(np.shape(source)[-1]), float(r)))
     return out
 

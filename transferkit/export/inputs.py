@@ -63,7 +63,8 @@ class InputPipeline:
                             "audio).")
         if isinstance(inputs, (torch.Tensor, np.ndarray)) and inputs.ndim == batch_ndim:
             return list(inputs)
-        pair = self.audio and isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], int)
+        # (waveform, sample_rate): a rate of any number type (np.int64 from pandas, 44100.0), checked when read
+        pair = self.audio and isinstance(inputs, tuple) and len(inputs) == 2 and audio.is_rate(inputs[1])
         if isinstance(inputs, (str, Path, Image.Image, torch.Tensor, np.ndarray)) or pair:
             return [inputs]
         if isinstance(inputs, Sequence) or hasattr(inputs, "__iter__"):

@@ -172,6 +172,19 @@ def test_a_sample_rate_of_any_whole_number_type_is_a_rate():
             prepare_audio_data(items, spec=SPEC8K, val_split=0)
 
 
+def test_a_class_with_a_single_clip_is_named_as_never_validated(tmp_path):
+    root = make_audio_folder(tmp_path / "clips", per_class=4)
+    (root / "click").mkdir()
+    sf.write(root / "click" / "only.wav", _tone(1000, 1600), 8000)
+    with pytest.warns(UserWarning, match=r"1 class of 3 has no validation example: 'click' \(1 example\)\. They "
+                                         r"are trained on but never validated"):
+        bundle = prepare_audio_data(root, spec=SPEC8K, val_split=0.25)
+    assert "click" not in {bundle.classes[t] for t in bundle.val.targets}
+    items = [(_tone(300, 1600), t) for t in (0, 0, 0, 0, 1, 1, 1, 1, 2)]  # in-memory clips: the same warning
+    with pytest.warns(UserWarning, match=r"no validation example: '2' \(1 example\)"):
+        prepare_audio_data(items, spec=SPEC8K, val_split=0.25)
+
+
 def test_finetune_spectrogram_model_end_to_end_and_export(tmp_path):
     root = make_audio_folder(tmp_path / "clips")
     result = transferkit.finetune("spec:tk:small_cnn", weights=None, data=str(root), val_split=0.25,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from transferkit.backbones._base import InputSpec
-from transferkit.data.bundle import DataBundle, resolve_split_folders, stratified_split
+from transferkit.data.bundle import DataBundle, resolve_split_folders, stratified_split, warn_unvalidated_classes
 from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_label_names, readable_samples, warn_copies_across_classes
 from transferkit.data.folders import scan_class_folders, warn_split_like_classes
 from transferkit.data.late import FileDataset
@@ -663,6 +663,7 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
         val = _audio_dataset(val_data, spec, names, "validation", **opts)
     elif val_split:
         tr_idx, va_idx = stratified_split(train.targets, val_split, seed)
+        warn_unvalidated_classes(train.targets, va_idx, names, report)
         train, val = train.view(tr_idx), train.view(va_idx)
     return DataBundle(train=train, val=val, classes=names, report=report)  # type: ignore[arg-type]
 

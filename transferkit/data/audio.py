@@ -652,7 +652,7 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
     names = list(classes) if classes else train.classes
     if isinstance(data, (str, Path)):
         warn_split_like_classes(names, repr(str(data)), report)
-        warn_copies_across_classes(train.samples, names, repr(str(data)), report)
+        warn_copies_across_classes(train.samples, names, repr(str(data)), report, kind="clip")
     if len(set(train.targets)) < 2:
         raise DataError("Training data has a single class; a classifier needs at least two.")
     bad = sorted({t for t in train.targets if not 0 <= t < len(names)})

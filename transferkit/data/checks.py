@@ -199,9 +199,10 @@ def check_label_names(names: Sequence[str], where: str, *, case: bool = True) ->
 
 
 def warn_copies_across_classes(samples: Sequence[tuple[str, int]], classes: Sequence[str], where: str,
-                               report: DataReport) -> None:
+                               report: DataReport, *, kind: str = "image") -> None:
     """Warn when one file (the same path, a symlinked folder) or two files with identical bytes
-    carry different labels: the model is taught two answers for one input."""
+    carry different labels: the model is taught two answers for one input. ``kind`` names
+    one input in the warning (``"image"``, ``"clip"``)."""
     by_size: dict[int, list[tuple[str, int]]] = defaultdict(list)
     for path, label in samples:
         try:
@@ -228,7 +229,7 @@ def warn_copies_across_classes(samples: Sequence[tuple[str, int]], classes: Sequ
             return classes[i] if 0 <= i < len(classes) else str(i)
 
         report.warn(f"{len(pairs)} training file(s) in {where} have the same content as a file of another class "
-                    f"(the same image under two labels, or a class folder linked to another): e.g. {b} "
+                    f"(the same {kind} under two labels, or a class folder linked to another): e.g. {b} "
                     f"({name(lb)}) = {a} ({name(la)}). Remove the copies or fix their labels.")
 
 

@@ -111,6 +111,44 @@ def test_folder_and_csv_give_the_same_clips(tmp_path):
         AudioDataset.from_source(root / "bad.csv", sample_rate=8000)
 
 
+def test_mp3_files_are_audio_where_libsndfile_decodes_mp3_and_named_where_it_does_not(tmp_path, monkeypatch):
+    from transferkit.data import audio
+    from transferkit.export.inputs import InputPipeline
+
+    if "MP3" not in sf.available_formats():
+        pytest.skip("this libsndfile has no MP3 support")
+    root = make_audio_folder(tmp_path / "clips", per_class=2)
+    for c, freq in (("high", 2000.0), ("low", 300.0)):
+        sf.write(root / c / f"{c}.mp3", _tone(freq, 8000), 8000, format="MP3")
+    (root / "low" / "notes.txt").write_text("recorded in the kitchen")
+    bundle = prepare_audio_data(root, spec=SPEC8K, val_split=0)
+    assert sorted(Path(p).name for p, _ in bundle.train.samples if p.endswith(".mp3")) == ["high.mp3", "low.mp3"]
+    assert bundle.report.summary() == "1 file ignored (not data by their extension: notes.txt)"
+    pipe = InputPipeline(SPEC8K)
+    assert sum(f.endswith(".mp3") for f in pipe.list_files(root)) == 2  # transferkit predict model.pt clips/
+
+    real = sf.available_formats  # a libsndfile older than 1.1 (or built without MP3)
+    monkeypatch.setattr(sf, "available_formats", lambda: {k: v for k, v in real().items() if k != "MP3"})
+    audio.audio_extensions.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"2 audio files \(high.mp3, low.mp3\) left out: MP3, a format the "
+                                             r"installed libsndfile .* cannot decode"):
+            bundle = prepare_audio_data(root, spec=SPEC8K, val_split=0)
+        assert len(bundle.train) == 4 and "MP3, a format the installed libsndfile" in bundle.report.summary()
+        only = tmp_path / "only_mp3"
+        for c in ("high", "low"):
+            (only / c).mkdir(parents=True)
+            (root / c / f"{c}.mp3").rename(only / c / f"{c}.mp3")
+        want = r"looked for \.wav, .*\.aif.*2 audio files .* cannot decode \(libsndfile decodes MP3 from version 1\.1"
+        with pytest.raises(DataError, match="No audio files found under .*" + want):
+            prepare_audio_data(only, spec=SPEC8K, val_split=0)
+        with pytest.raises(DataError, match="No audio files under .*" + want):
+            InputPipeline(SPEC8K).list_files(only)
+    finally:
+        monkeypatch.undo()
+        audio.audio_extensions.cache_clear()
+
+
 def test_prepare_audio_data_from_waveforms_with_their_own_rate():
     items = [(torch.from_numpy(_tone(300 + 1000 * (i % 2), 1600)), 16000, i % 2) for i in range(10)]
     bundle = prepare_audio_data(items, spec=SPEC8K, val_split=0.2)
@@ -119,6 +157,32 @@ def test_prepare_audio_data_from_waveforms_with_their_own_rate():
     assert wav.shape == (800,)  # 16 kHz input resampled to the backbone's 8 kHz
     with pytest.raises(DataError, match="single class"):
         prepare_audio_data([(torch.zeros(100), 0)] * 4, spec=SPEC8K, val_split=0)
+
+
+def test_a_sample_rate_of_any_whole_number_type_is_a_rate():
+    """Rates as pandas or numpy give them (np.int64, 44100.0) are rates; others are named."""
+    for rate in (np.int64(16000), np.int32(16000), 16000.0, np.float64(16000)):
+        items = [(_tone(300 + 1000 * (i % 2), 1600, 16000), rate, i % 2) for i in range(8)]
+        bundle = prepare_audio_data(items, spec=SPEC8K, val_split=0.25)
+        assert len(bundle.train) == 6 and bundle.train[0][0].shape == (800,), rate  # resampled to 8 kHz
+    for rate in (16000.5, 0, "16000"):
+        items = [(_tone(300, 1600), rate, i % 2) for i in range(4)]
+        with pytest.raises(DataError, match=r"sample rate of training item 0 \(waveform, sample_rate, label\) is "
+                                            r".*, not a whole positive number of Hz"):
+            prepare_audio_data(items, spec=SPEC8K, val_split=0)
+
+
+def test_a_class_with_a_single_clip_is_named_as_never_validated(tmp_path):
+    root = make_audio_folder(tmp_path / "clips", per_class=4)
+    (root / "click").mkdir()
+    sf.write(root / "click" / "only.wav", _tone(1000, 1600), 8000)
+    with pytest.warns(UserWarning, match=r"1 class of 3 has no validation example: 'click' \(1 example\)\. They "
+                                         r"are trained on but never validated"):
+        bundle = prepare_audio_data(root, spec=SPEC8K, val_split=0.25)
+    assert "click" not in {bundle.classes[t] for t in bundle.val.targets}
+    items = [(_tone(300, 1600), t) for t in (0, 0, 0, 0, 1, 1, 1, 1, 2)]  # in-memory clips: the same warning
+    with pytest.warns(UserWarning, match=r"no validation example: '2' \(1 example\)"):
+        prepare_audio_data(items, spec=SPEC8K, val_split=0.25)
 
 
 def test_finetune_spectrogram_model_end_to_end_and_export(tmp_path):

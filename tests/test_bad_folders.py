@@ -200,3 +200,15 @@ def test_validation_folder_sharing_no_class_is_a_clear_error(tmp_path):
     with pytest.raises(tk.DataError, match=r"shares no class with the training data: its class folders are "
                                            r"\['cats', 'dogs'\], the training classes \['ants', 'bees'\]"):
         prepare_data(tmp_path / "train", tmp_path / "val")
+
+
+def test_a_class_with_a_single_image_is_named_as_never_validated(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=4)
+    _png(root / "rare" / "only.png", 200)
+    with pytest.warns(UserWarning, match=r"1 class of 3 has no validation example: 'rare' \(1 example\)\. They are "
+                                         r"trained on but never validated.*Add examples.*val_data=, or a val/ folder"):
+        bundle = prepare_data(root, val_split=0.25)
+    assert "rare" not in {bundle.classes[t] for t in bundle.val.targets} and len(bundle.report.warnings) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every class validated: no warning
+        prepare_data(make_image_folder(tmp_path / "even", per_class=4), val_split=0.25)

@@ -111,7 +111,7 @@ def test_an_audio_file_list_with_a_bom_and_a_ragged_row(tmp_path):
         read_file_list(p)
 
 
-# -- the same image under two labels -----------------------------------------------------------
+# -- the same image (or clip) under two labels -------------------------------------------------
 def test_the_same_image_in_two_class_folders_is_warned(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=4, size=16)
     shutil.copy(root / "dark" / "dark_1.png", root / "light" / "copy.png")
@@ -119,6 +119,19 @@ def test_the_same_image_in_two_class_folders_is_warned(tmp_path):
         bundle = prepare_data(root, val_split=0)
     assert any("same content as a file of another class" in w and "copy.png (light)" in w
                for w in bundle.report.warnings)
+
+
+def test_the_same_clip_in_two_class_folders_is_warned_as_a_clip(tmp_path):
+    from transferkit.data.audio import prepare_audio_data
+
+    for c, f in (("high", 2000.0), ("low", 300.0)):
+        (tmp_path / "clips" / c).mkdir(parents=True)
+        for i in range(3):
+            sf.write(tmp_path / "clips" / c / f"{i}.wav", 0.3 * np.sin(np.arange(1600 + 100 * i) * f / 8000), 8000)
+    shutil.copy(tmp_path / "clips" / "low" / "0.wav", tmp_path / "clips" / "high" / "copy.wav")
+    with pytest.warns(UserWarning, match=r"same content as a file of another class \(the same clip under two labels"):
+        bundle = prepare_audio_data(tmp_path / "clips", spec=InputSpec(kind="audio", sample_rate=8000), val_split=0)
+    assert not any("image" in w for w in bundle.report.warnings)
 
 
 def test_a_class_folder_linked_to_another_is_warned(tmp_path):
@@ -210,9 +223,14 @@ def test_long_audio_is_cropped_at_predict_time_as_in_training(tmp_path):
     p = Predictor(torch.jit.script(_Length()), meta, source="test model")
     sf.write(tmp_path / "long.wav", np.random.default_rng(0).uniform(-0.1, 0.1, 8000 * 10).astype(np.float32), 8000)
     sf.write(tmp_path / "short.wav", np.zeros(4000, np.float32) + 0.01, 8000)
-    with pytest.warns(UserWarning, match=r"1 audio file\(s\) last longer than max_seconds=2.0 .*long.wav"):
+    with pytest.warns(UserWarning, match=r"1 audio file\(s\) last longer than the model's window of 2 s "
+                                         r".*long.wav.*the max_seconds of its training run") as caught:
         out = p.outputs([str(tmp_path / "long.wav"), str(tmp_path / "short.wav")])
     assert out.shape == (2, 2)
+    from transferkit.cli import cli_spelling  # `transferkit predict` shows warnings with the CLI's spelling
+
+    shown = cli_spelling(str(caught[0].message))
+    assert "--max-seconds" not in shown and "the max_seconds of its training run" in shown, shown
     raw = Predictor(torch.jit.script(_Length()), {**meta, "decisions": {"config": {"max_seconds": None}}}, source="m")
     lengths = raw.module(raw.inputs.batch([str(tmp_path / "long.wav")]))[:, 0]
     cropped = p.module(p.inputs.batch([str(tmp_path / "long.wav")]))[:, 0]

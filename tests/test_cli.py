@@ -206,3 +206,36 @@ def test_lr_find_help_offers_no_training_lr_or_schedule():
     assert "--start-lr" in text and "--phase" in text
     assert "--lr " not in text and "--schedule" not in text and "--export" not in text and "--checkpoint" not in text
     assert "epochs of the run the test prepares" in text
+
+
+def _tone_folder(root: Path, rate: int = 8000) -> Path:
+    """Two classes of short tones (a low and a high one), 4 WAV files each."""
+    import numpy as np
+    import soundfile as sf
+
+    for name, freq in (("high", 2000.0), ("low", 300.0)):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            t = np.arange(2000 + 300 * i) / rate
+            sf.write(root / name / f"{i}.wav", (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), rate)
+    return root
+
+
+def test_export_rebuilds_an_audio_backbone_with_the_runs_backbone_options(tmp_path, capsys):
+    """A checkpoint keeps the run's backbone_options: the export rebuilds that backbone (its mel
+    bins, widths, resampler); a run given a built backbone keeps none and the error says so."""
+    data = _tone_folder(tmp_path / "tones")
+    options = {"sample_rate": 8000, "n_mels": 16, "image_options": {"widths": [8, 8, 8]}}
+    kw = dict(weights=None, data=str(data), val_split=0.25, epochs=1, batch_size=4, verbose=False, num_workers=0)
+    result = transferkit.finetune("spec:tk:small_cnn", backbone_options=options, checkpoint=tmp_path / "run.ckpt",
+                                  **kw)
+    code, _, err = _run(capsys, "export", tmp_path / "run.ckpt", "--out", tmp_path / "m.pt")
+    assert code == 0, err
+    files = sorted(str(p) for p in data.rglob("*.wav"))
+    got = transferkit.load(tmp_path / "m.pt").predict_proba(files)
+    assert torch.allclose(got, result.predictor().predict_proba(files), atol=1e-5)
+
+    built = transferkit.get_backbone("spec:tk:small_cnn", weights=None, **options)
+    transferkit.finetune(built, checkpoint=tmp_path / "built.ckpt", **kw)
+    code, _, err = _run(capsys, "export", tmp_path / "built.ckpt", "--out", tmp_path / "b.pt")
+    assert code == 2 and "shape mismatches" in err and "the backbone options may differ" in err, err

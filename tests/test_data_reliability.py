@@ -76,6 +76,9 @@ def test_bad_files_are_found_before_training_and_listed(tmp_path):
     assert "truncated" in reasons[str(tmp_path / "d" / "bad" / "truncated.jpg")].lower()
     ignored = {Path(p).name for p in bundle.report.ignored_files}
     assert ignored == {".DS_Store", "Thumbs.db", "notes.txt"}
+    summary = bundle.report.summary()  # the ignored files are in the one-line summary, with why
+    assert summary.startswith("4 bad files left out, 3 files ignored (") and "not data by their extension: notes.txt" \
+        in summary and "hidden or system files: " in summary and ".DS_Store" in summary, summary
     assert len(bundle.train) == 9  # 8 good + ok.png
     for i in range(len(bundle.train)):  # everything left decodes
         bundle.train.view(transform=tk.data.eval_transform(tk.InputSpec(image_size=8)))[i]

@@ -176,6 +176,28 @@ def test_audio_model_predicts_from_files_and_waveforms(tmp_path):
     assert pred.predict_folder(tmp_path, progress=False)[0].source == str(tmp_path / "w.wav")
 
 
+def test_an_audio_pair_takes_its_rate_as_any_whole_number(tmp_path):
+    """``(waveform, sample_rate)`` with the rate as pandas gives it (np.int64) or as a whole
+    float is one clip at that rate; a rate that is not a whole positive number is named."""
+    audio = pytest.importorskip("transferkit.data.audio")
+    bb = transferkit.get_backbone("spec:tk:small_cnn", weights=None, sample_rate=8000, n_mels=16,
+                                  image_options={"widths": [8, 8, 8]})
+    torch.manual_seed(0)
+    model = transferkit.build_model(bb, 2, spec=bb.input_spec).eval()
+    wave = torch.sin(torch.arange(4800) * 0.3) * 0.3  # 0.3 s at 16 kHz
+    transferkit.export_torchscript(model, tmp_path / "a.pt", example_inputs=audio.pad_waveforms([wave, wave[:3000]]),
+                                   metadata={"labels": ["lo", "hi"], "input_spec": bb.input_spec.to_dict()})
+    pred = transferkit.load(tmp_path / "a.pt")
+    want = pred.predict_proba((wave, 16000))
+    for rate in (np.int64(16000), np.int32(16000), 16000.0, np.float64(16000)):
+        assert torch.equal(pred.predict_proba((wave, rate)), want), rate
+        assert torch.equal(pred.predict_proba([(wave.numpy(), rate)]), want), rate
+    for rate in (16000.5, 0, -8000, float("nan")):
+        with pytest.raises(DataError, match=r"sample rate of the \(waveform, sample_rate\) pair is .*, not a whole "
+                                            r"positive number of Hz"):
+            pred.predict((wave, rate))
+
+
 def test_input_pipeline_and_parity_examples_for_each_kind(tmp_path):
     from transferkit.export import InputPipeline, example_batch
 

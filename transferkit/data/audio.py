@@ -11,6 +11,9 @@ file and the predictor. A batch without NaN is a batch of full-length clips.
 from __future__ import annotations
 
 import csv
+import functools
+import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,19 +24,69 @@ import numpy as np
 import torch
 
 from transferkit.backbones._base import InputSpec
-from transferkit.data.bundle import DataBundle, resolve_split_folders, stratified_split
+from transferkit.data.bundle import DataBundle, resolve_split_folders, stratified_split, warn_unvalidated_classes
 from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_label_names, readable_samples, warn_copies_across_classes
 from transferkit.data.folders import scan_class_folders, warn_split_like_classes
 from transferkit.data.late import FileDataset
 from transferkit._text import plural
 from transferkit.errors import ConfigError, DataError, check_choice, unreadable_file
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif")
+# audio file types by extension, and the libsndfile format that decodes each (MP3: libsndfile >= 1.1)
+AUDIO_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".aiff": "AIFF", ".aif": "AIFF", ".mp3": "MP3"}
+AUDIO_EXTENSIONS = tuple(AUDIO_FORMATS)  # every known one; audio_extensions(): those decoded here
 PAD_VALUE = float("nan")
 AUDIO_AUGMENTATIONS = ("none", "standard")
 # clips longer than this are cropped to their middle (see prepare_audio_data): a 10-minute
 # clip at 16 kHz is 38 MB of float32, and a batch of 32 of them 1.2 GB before the model runs
 DEFAULT_MAX_SECONDS = 30.0
+
+
+@functools.lru_cache(maxsize=1)
+def audio_extensions() -> tuple[str, ...]:
+    """The audio file extensions (of `AUDIO_FORMATS`) whose format the installed
+    soundfile/libsndfile decodes: what folder scans and the predictor take as audio.
+
+    Example:
+        >>> ".wav" in audio_extensions()
+        True
+    """
+    import soundfile as sf
+
+    formats = set(sf.available_formats())
+    return tuple(ext for ext, fmt in AUDIO_FORMATS.items() if fmt in formats)
+
+
+def undecodable_audio(paths: Sequence[str | Path]) -> list[str]:
+    """The files among ``paths`` of a known audio type (`AUDIO_FORMATS`) that the installed
+    libsndfile cannot decode (hidden files left out)."""
+    decodable = audio_extensions()
+    return sorted(str(p) for p in paths if not os.path.basename(p).startswith(".")
+                  and str(p).lower().endswith(AUDIO_EXTENSIONS) and not str(p).lower().endswith(decodable))
+
+
+def undecodable_reason(path: str | Path) -> str:
+    """Why ``path`` (a file of a known audio type) is not read here: ``'MP3, a format the
+    installed libsndfile 1.0.31 cannot decode'``."""
+    import soundfile as sf
+
+    fmt = AUDIO_FORMATS[os.path.splitext(str(path))[1].lower()]
+    return f"{fmt}, a format the installed libsndfile {sf.__libsndfile_version__} cannot decode"
+
+
+def undecodable_note(paths: Sequence[str | Path]) -> str:
+    """A sentence on the files among ``paths`` of a known audio type that the installed
+    libsndfile cannot decode (``''`` when there are none)."""
+    hits = undecodable_audio(paths)
+    if not hits:
+        return ""
+    names = ", ".join(os.path.basename(p) for p in hits[:3]) + (" ..." if len(hits) > 3 else "")
+    reasons = "; ".join(sorted({undecodable_reason(p) for p in hits}))
+    return f"{plural(len(hits), 'audio file')} ({names}) left out: {reasons}{_mp3_advice(hits)}."
+
+
+def _mp3_advice(paths: Sequence[str]) -> str:
+    return " (libsndfile decodes MP3 from version 1.1 on: pip install -U soundfile)" \
+        if any(p.lower().endswith(".mp3") for p in paths) else ""
 
 
 def load_audio(path: str | Path, sample_rate: int | None = None, *, mono: bool = True,
@@ -68,12 +121,19 @@ def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[t
                 f.seek((frames - keep) // 2)
             data = f.read(keep, dtype="float32", always_2d=True)
     except (RuntimeError, OSError, ValueError, TypeError) as exc:  # sf.LibsndfileError is a RuntimeError
-        raise unreadable_file("audio file", path, exc, f"Supported: {', '.join(AUDIO_EXTENSIONS)} (read with "
-                              "soundfile/libsndfile).") from exc
+        raise unreadable_file("audio file", path, exc, _supported(path)) from exc
     if data.shape[0] == 0:
         raise DataError(f"Audio file {str(path)!r} is empty (0 samples): a header without audio data.")
     check_finite(data, f"audio file {str(path)!r}")
     return torch.from_numpy(np.ascontiguousarray(data.T)), sr
+
+
+def _supported(path: str | Path) -> str:
+    """The formats this installation reads, for a file it could not (and why, for a known
+    audio type its libsndfile cannot decode)."""
+    hit = undecodable_audio([path])
+    why = f"The file is {undecodable_reason(path)}{_mp3_advice(hit)}. " if hit else ""
+    return f"{why}Supported: {', '.join(audio_extensions())} (read with soundfile/libsndfile)."
 
 
 def check_finite(samples: np.ndarray | torch.Tensor, what: str) -> None:
@@ -198,7 +258,7 @@ class AudioTransform:
 
 
 def _is_audio_file(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(AUDIO_EXTENSIONS)
+    return not name.startswith(".") and name.lower().endswith(audio_extensions())
 
 
 def scan_audio_folder(root: str | Path, classes: Sequence[str] | None = None, *,
@@ -207,10 +267,19 @@ def scan_audio_folder(root: str | Path, classes: Sequence[str] | None = None, *,
     follow too (`transferkit.data.folders.scan_class_folders`): hidden sub-folders are not
     walked and are listed as ignored, unreadable folders are reported, a class folder the
     training ``classes`` lack is left out with a warning, a training class without a folder is
-    reported, and a folder sharing no class with them is an error."""
-    return scan_class_folders(root, classes, is_data=_is_audio_file,
-                              report=report if report is not None else DataReport(), what="audio files",
-                              layout="root/<class>/<clip>.wav", extensions=AUDIO_EXTENSIONS)
+    reported, and a folder sharing no class with them is an error. Files of a known audio
+    type the installed libsndfile cannot decode (MP3 before libsndfile 1.1) are ignored with
+    a warning, their reason in ``report.ignored_reasons``."""
+    report = report if report is not None else DataReport()
+    first = len(report.ignored_files)
+    samples, found = scan_class_folders(root, classes, is_data=_is_audio_file, report=report, what="audio files",
+                                        layout="root/<class>/<clip>.wav", extensions=audio_extensions(),
+                                        explain_ignored=undecodable_note)
+    undecodable = undecodable_audio(report.ignored_files[first:])
+    if undecodable:
+        report.ignored_reasons.update((p, undecodable_reason(p)) for p in undecodable)
+        report.warn(f"{str(root)!r}: {undecodable_note(undecodable)}")
+    return samples, found
 
 
 def read_file_list(path: str | Path, classes: Sequence[str] | None = None, *,
@@ -275,7 +344,8 @@ def probe_audio_file(path: str | Path, *, full: bool = False) -> AudioFileInfo |
         info = sf.info(str(path))
     except (RuntimeError, OSError, ValueError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
-        return f"cannot be read as audio ({type(exc).__name__}: {first})"
+        known = f"; {undecodable_reason(path)}" if undecodable_audio([path]) else ""
+        return f"cannot be read as audio ({type(exc).__name__}: {first}{known})"
     if info.frames <= 0:
         return "a header without audio data (0 frames)"
     if info.channels < 1 or info.samplerate <= 0:
@@ -427,12 +497,38 @@ MAX_CHANNELS = 8
 last axis holds at most this many channels and its first is longer."""
 
 
+def is_rate(value: Any) -> bool:
+    """Whether ``value`` stands as the rate of a ``(waveform, sample_rate)`` pair: a real
+    number (int, float, numpy number), not a bool; `sample_rate_of` checks its value."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def sample_rate_of(value: Any, what: str = "sample rate") -> int:
+    """``value`` as a sample rate in Hz: any whole positive number (an int, a numpy integer
+    as pandas gives, a float such as ``44100.0``); anything else raises a
+    [`DataError`][transferkit.DataError] naming ``what`` and the value.
+
+    Example:
+        >>> sample_rate_of(np.int64(44100)), sample_rate_of(16000.0)
+        (44100, 16000)
+    """
+    try:
+        whole = is_rate(value) and math.isfinite(float(value)) and float(value) == int(value) and int(value) > 0
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
+        raise DataError(f"The {what} is {value!r}, not a whole positive number of Hz: pass the rate the waveform "
+                        "was recorded at, e.g. 16000 or 44100 (an int, a numpy integer, or a float such as 44100.0).")
+    return int(value)
+
+
 def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None) -> torch.Tensor:
     """A path, a ``(waveform, rate)`` pair or a waveform already at ``sample_rate`` -> mono
     float32 ``[T]`` at ``sample_rate`` (a 2-D waveform is ``[C, T]``, or ``[T, C]`` as
     ``soundfile.read`` returns it: see `MAX_CHANNELS`; int16 PCM is scaled to [-1, 1]), at most
     ``max_seconds`` long (the middle of a longer clip). NaN at the end of an in-memory
     waveform is padding and is removed; NaN elsewhere, or inf, raises [`DataError`][transferkit.DataError].
+    A pair's rate is any whole number (`sample_rate_of`: ``np.int64(44100)``, ``44100.0``).
 
     Example:
         >>> to_waveform((torch.zeros(2, 800), 8000), 16000).shape
@@ -441,8 +537,8 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
     if isinstance(item, (str, Path)):
         return load_audio(item, sample_rate, max_seconds=max_seconds)
     rate = sample_rate
-    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (int, float)):
-        item, rate = item
+    if isinstance(item, tuple) and len(item) == 2 and is_rate(item[1]):
+        item, rate = item[0], sample_rate_of(item[1], "sample rate of the (waveform, sample_rate) pair")
     wav = torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item)
     if wav.dtype == torch.int16:
         wav = wav.float() / 32768.0
@@ -490,7 +586,8 @@ def _audio_dataset(data: Any, spec: InputSpec, classes: list[str] | None, what: 
         items = [data[i] for i in range(len(data))]
         if not all(isinstance(it, (tuple, list)) and len(it) in (2, 3) for it in items):
             raise DataError(f"A {what} audio dataset must hold (waveform, label) or (waveform, sample_rate, label).")
-        samples = [((it[0], it[1]) if len(it) == 3 else it[0], int(it[-1])) for it in items]
+        samples = [((it[0], sample_rate_of(it[1], f"sample rate of {what} item {i} (waveform, sample_rate, label)"))
+                    if len(it) == 3 else it[0], int(it[-1])) for i, it in enumerate(items)]
         samples = filter_bad_audio(samples, on_bad_file=on_bad_file, scan=scan, report=report, max_seconds=max_seconds)
         if not samples:
             raise DataError(f"No readable clips in the {what} dataset (e.g. {report.bad_files[:2]}).")
@@ -510,8 +607,8 @@ def _lengths(samples: Sequence[tuple[Any, int]], rate: int) -> list[tuple[int, f
     out = []
     for source, _ in samples:
         r = rate
-        if isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], (int, float)):
-            source, r = source
+        if isinstance(source, tuple) and len(source) == 2 and is_rate(source[1]):
+            source, r = source[0], sample_rate_of(source[1])
         out.append((0, float(r)) if isinstance(source, (str, Path)) else (int(np.shape(source)[-1]), float(r)))
     return out
 
@@ -555,7 +652,7 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
     names = list(classes) if classes else train.classes
     if isinstance(data, (str, Path)):
         warn_split_like_classes(names, repr(str(data)), report)
-        warn_copies_across_classes(train.samples, names, repr(str(data)), report)
+        warn_copies_across_classes(train.samples, names, repr(str(data)), report, kind="clip")
     if len(set(train.targets)) < 2:
         raise DataError("Training data has a single class; a classifier needs at least two.")
     bad = sorted({t for t in train.targets if not 0 <= t < len(names)})
@@ -566,6 +663,7 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
         val = _audio_dataset(val_data, spec, names, "validation", **opts)
     elif val_split:
         tr_idx, va_idx = stratified_split(train.targets, val_split, seed)
+        warn_unvalidated_classes(train.targets, va_idx, names, report)
         train, val = train.view(tr_idx), train.view(va_idx)
     return DataBundle(train=train, val=val, classes=names, report=report)  # type: ignore[arg-type]
 

@@ -37,7 +37,8 @@ class DataBundle:
 
 def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """Split indices so that every class keeps its proportion in both parts
-    (at least one sample of each class with two or more samples goes to each part)."""
+    (at least one sample of each class with two or more samples goes to each part; a class
+    with a single sample stays in training: `warn_unvalidated_classes` says so)."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_split must be between 0 and 1 (exclusive), got {val_fraction!r}.")
     rng = np.random.default_rng(seed)
@@ -52,6 +53,24 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0)
         val_idx += idx[:n_val]
         train_idx += idx[n_val:]
     return sorted(int(i) for i in train_idx), sorted(int(i) for i in val_idx)
+
+
+def warn_unvalidated_classes(targets: Sequence[int], val_idx: Sequence[int], names: Sequence[str],
+                             report: DataReport) -> None:
+    """One warning naming the classes of ``targets`` (the training data before the split) with
+    no example among ``val_idx`` (the held-out part): a class with a single example stays in
+    training (`stratified_split`), so it is trained on but never validated."""
+    counts = Counter(int(t) for t in targets)
+    held = {int(targets[i]) for i in val_idx}
+    missing = [c for c in sorted(counts) if c not in held]
+    if not missing:
+        return
+    shown = ", ".join(f"{names[c]!r} ({plural(counts[c], 'example')})" for c in missing[:10])
+    report.warn(f"{plural(len(missing), 'class', 'classes')} of {len(counts)} {'has' if len(missing) == 1 else 'have'} "
+                f"no validation example: {shown}{' ...' if len(missing) > 10 else ''}. They are trained on but never "
+                "validated (the validation metrics, the best epoch and early stopping do not see them). Add examples "
+                "(two or more per class, so that val_split holds one out), or give validation data that hold them "
+                "(val_data=, or a val/ folder beside train/).")
 
 
 def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what: str, report: DataReport,
@@ -199,5 +218,6 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
     elif val_split:
         splitter = getattr(train, "hash_split", None)  # encoded images: by key, reads no sample
         tr_idx, va_idx = splitter(val_split, seed) if splitter else stratified_split(targets, val_split, seed)
+        warn_unvalidated_classes(targets, va_idx, names, report)
         train, val = train.view(tr_idx), train.view(va_idx)
     return DataBundle(train=train, val=val, classes=names, report=report)

@@ -38,8 +38,9 @@ class DataReport:
     pre-scan) or while loading it during training (also in ``bad_at_load``; its place in
     the batch is taken by another file, see `transferkit.data.late.load_or_replace`).
     ``ignored_files``: files that are not data by their name or extension;
-    ``ignored_folders``: hidden sub-folders (``.thumbnails``, ``.ipynb_checkpoints``) that
-    were not walked; ``unreadable_folders``: ``(path, reason)`` of folders that could not
+    ``ignored_reasons``: why, for those of them with a reason of their own (an audio type the
+    installed libsndfile cannot decode); ``ignored_folders``: hidden sub-folders
+    (``.thumbnails``, ``.ipynb_checkpoints``) that were not walked; ``unreadable_folders``: ``(path, reason)`` of folders that could not
     be listed; ``warnings``: every warning issued (each also went through ``warnings.warn``).
 
     Example:
@@ -51,6 +52,7 @@ class DataReport:
 
     bad_files: list[tuple[str, str]] = field(default_factory=list)
     ignored_files: list[str] = field(default_factory=list)
+    ignored_reasons: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     ignored_folders: list[str] = field(default_factory=list)
     unreadable_folders: list[tuple[str, str]] = field(default_factory=list)
@@ -69,6 +71,7 @@ class DataReport:
             return
         self.bad_files += other.bad_files
         self.ignored_files += other.ignored_files
+        self.ignored_reasons.update(other.ignored_reasons)
         self.warnings += other.warnings
         self.ignored_folders += other.ignored_folders
         self.unreadable_folders += other.unreadable_folders
@@ -84,9 +87,24 @@ class DataReport:
             parts.append(f"{n} bad file{'s' if n != 1 else ''} left out{late}")
         if self.unreadable_folders:
             parts.append(f"{plural(len(self.unreadable_folders), 'unreadable folder')} skipped")
+        if self.ignored_files:
+            parts.append(f"{plural(len(self.ignored_files), 'file')} ignored ({self._ignored_examples()})")
         if self.ignored_folders:
             parts.append(f"{plural(len(self.ignored_folders), 'hidden folder')} ignored")
         return ", ".join(parts)
+
+    def _ignored_examples(self, per_reason: int = 3) -> str:
+        """The ignored files grouped by why, a few names each: ``'not data by their extension:
+        notes.txt; hidden or system files: .DS_Store'``."""
+        groups: dict[str, list[str]] = {}
+        for path in self.ignored_files:
+            name = os.path.basename(path)
+            why = self.ignored_reasons.get(path) or (
+                "hidden or system files" if name.startswith(".") or name.lower() in IGNORED_NAMES
+                else "not data by their extension")
+            groups.setdefault(why, []).append(name)
+        return "; ".join(f"{why}: {', '.join(names[:per_reason])}{' ...' if len(names) > per_reason else ''}"
+                         for why, names in groups.items())
 
 
 def _tail_ok(f: BinaryIO, size: int, fmt: str | None) -> bool:
@@ -181,9 +199,10 @@ def check_label_names(names: Sequence[str], where: str, *, case: bool = True) ->
 
 
 def warn_copies_across_classes(samples: Sequence[tuple[str, int]], classes: Sequence[str], where: str,
-                               report: DataReport) -> None:
+                               report: DataReport, *, kind: str = "image") -> None:
     """Warn when one file (the same path, a symlinked folder) or two files with identical bytes
-    carry different labels: the model is taught two answers for one input."""
+    carry different labels: the model is taught two answers for one input. ``kind`` names
+    one input in the warning (``"image"``, ``"clip"``)."""
     by_size: dict[int, list[tuple[str, int]]] = defaultdict(list)
     for path, label in samples:
         try:
@@ -210,7 +229,7 @@ def warn_copies_across_classes(samples: Sequence[tuple[str, int]], classes: Sequ
             return classes[i] if 0 <= i < len(classes) else str(i)
 
         report.warn(f"{len(pairs)} training file(s) in {where} have the same content as a file of another class "
-                    f"(the same image under two labels, or a class folder linked to another): e.g. {b} "
+                    f"(the same {kind} under two labels, or a class folder linked to another): e.g. {b} "
                     f"({name(lb)}) = {a} ({name(la)}). Remove the copies or fix their labels.")
 
 

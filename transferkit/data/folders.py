@@ -137,8 +137,9 @@ def class_folders(root: Path, report: DataReport) -> list[str]:
 
 
 def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_data: Callable[[str], bool],
-                       report: DataReport, what: str, layout: str,
-                       extensions: Sequence[str]) -> tuple[list[tuple[str, int]], list[str]]:
+                       report: DataReport, what: str, layout: str, extensions: Sequence[str],
+                       explain_ignored: Callable[[list[str]], str] | None = None
+                       ) -> tuple[list[tuple[str, int]], list[str]]:
     """``(path, class_index)`` for ``root/<class>/**/<file>`` (the files ``is_data`` accepts),
     and the classes: the image and the audio folder scanners' one rule.
 
@@ -147,6 +148,8 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
     folder is reported, and a folder sharing no class with it is an error. Hidden and
     unreadable sub-folders are handled by `list_class_files`. ``what`` names the files in
     messages (``"images"``), ``layout`` shows the expected one (``"root/<class>/<image>.jpg"``).
+    ``explain_ignored`` turns the files of this scan that ``is_data`` rejected into a sentence
+    for the error raised when no data file is found (``''``: nothing to add).
     """
     root = Path(root)
     if not root.is_dir():
@@ -174,14 +177,16 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
     index = {c: i for i, c in enumerate(classes)}
     samples: list[tuple[str, int]] = []
     empty = []
+    first_ignored = len(report.ignored_files)
     for c in found:
         files = list_class_files(root / c, is_data, report)
         if not files:
             empty.append(c)
         samples.extend((f, index[c]) for f in files)
     if not samples:
+        note = explain_ignored(report.ignored_files[first_ignored:]) if explain_ignored is not None else ""
         raise DataError(f"No {what} found under {str(root)!r} (looked for {', '.join(extensions)} in "
-                        f"{len(found)} class folders). Expected {layout}.")
+                        f"{len(found)} class folders). Expected {layout}.{' ' + note if note else ''}")
     if empty:
         report.warn(f"Class folders without {what} in {str(root)!r}: {empty}.")
     return samples, list(classes)

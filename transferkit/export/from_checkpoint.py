@@ -10,7 +10,7 @@ from torch import nn
 
 from transferkit.backbones._base import InputSpec
 from transferkit.backbones.weights import load_into
-from transferkit.errors import ConfigError, ExportError
+from transferkit.errors import ConfigError, ExportError, WeightsError
 from transferkit.model import build_model
 from transferkit.backbones import get_backbone
 from transferkit.checkpoints import load_checkpoint
@@ -44,12 +44,57 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     head = _head_config(meta)
     spec = InputSpec.from_dict(meta["input_spec"])
     num_outputs = int(decisions.get("num_outputs") or meta.get("num_outputs") or len(meta["labels"]))
-    backbone = get_backbone(backbone_name, weights=None)
+    options, options_hint = _backbone_options(meta, where)
+    backbone = get_backbone(backbone_name, weights=None, **options)
     model = build_model(backbone, num_outputs, spec=spec, head_hidden=head["hidden"],
                         head_activation=head["activation"], head_dropout=head["dropout"], head_norm=head["norm"])
     hint = "" if head["recorded"] else " (the checkpoint records no head configuration, so a linear head was assumed)"
-    load_into(model, ckpt["model"], strict=True, source=f"The weights of {where}{hint}")
+    try:
+        load_into(model, ckpt["model"], strict=True, source=f"The weights of {where}{hint}")
+    except WeightsError as exc:
+        raise WeightsError(f"{exc} {options_hint}") from exc
     return model.eval(), meta
+
+
+def _backbone_options(meta: dict[str, Any], where: str) -> tuple[dict[str, Any], str]:
+    """The ``backbone_options`` the checkpoint's run built its backbone with (the stored
+    configuration, ``decisions.config``, else ``training.backbone_options`` of metadata written
+    by hand) and a sentence on them for a weights mismatch. Options stored only as a type name
+    (a Python object such as a function) cannot be rebuilt: an ExportError says so."""
+    decisions = meta.get("decisions") if isinstance(meta.get("decisions"), dict) else {}
+    config = decisions.get("config") if isinstance(decisions.get("config"), dict) else {}
+    training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+    if isinstance(config.get("backbone"), str) and not _is_type_name(config["backbone"]):
+        options = config.get("backbone_options")
+    elif "backbone_options" in training:
+        options = training["backbone_options"]
+    else:
+        return {}, (f"The {where} records no backbone_options (its run was given a built backbone, or its metadata "
+                    "was written by hand), so the backbone was rebuilt with its default options; the backbone "
+                    "options may differ from the run's. Export the trained model in Python with "
+                    "transferkit.export_torchscript(model, ...).")
+    options = options if isinstance(options, dict) else {}
+    objects = _type_names(options)
+    if objects:
+        raise ExportError(f"The {where} records backbone_options that were Python objects ({', '.join(objects)}), "
+                          "kept only as their type names; the backbone cannot be rebuilt from them. Export the "
+                          "trained model in Python with transferkit.export_torchscript(model, ...).")
+    return options, f"The backbone was rebuilt with the run's recorded backbone_options {options!r}."
+
+
+def _is_type_name(value: Any) -> bool:
+    """Whether ``value`` is how stored metadata writes a Python object: ``"<TypeName>"``."""
+    return isinstance(value, str) and len(value) > 2 and value[0] == "<" and value[-1] == ">" and \
+        value[1:-1].isidentifier()
+
+
+def _type_names(value: Any, where: str = "") -> list[str]:
+    """The places in ``value`` (nested dicts and lists) that hold a type name, as ``key=<TypeName>``."""
+    if isinstance(value, dict):
+        return [hit for k, v in value.items() for hit in _type_names(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, list):
+        return [hit for i, v in enumerate(value) for hit in _type_names(v, f"{where}[{i}]")]
+    return [f"{where}={value}"] if _is_type_name(value) else []
 
 
 def _head_config(meta: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ NaN-padded into ``[N, T]``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ class InputPipeline:
         if self.audio:
             self._audio, self._to_waveform = audio, audio.to_waveform
             self._transform = audio.AudioTransform(spec)
-            self.extensions: tuple[str, ...] = tuple(audio.AUDIO_EXTENSIONS)
+            self.extensions: tuple[str, ...] = audio.audio_extensions()  # those this libsndfile decodes
         else:
             self._transform = eval_transform(spec)
             self.extensions = IMAGE_EXTENSIONS
@@ -62,7 +63,8 @@ class InputPipeline:
                             "audio).")
         if isinstance(inputs, (torch.Tensor, np.ndarray)) and inputs.ndim == batch_ndim:
             return list(inputs)
-        pair = self.audio and isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], int)
+        # (waveform, sample_rate): a rate of any number type (np.int64 from pandas, 44100.0), checked when read
+        pair = self.audio and isinstance(inputs, tuple) and len(inputs) == 2 and audio.is_rate(inputs[1])
         if isinstance(inputs, (str, Path, Image.Image, torch.Tensor, np.ndarray)) or pair:
             return [inputs]
         if isinstance(inputs, Sequence) or hasattr(inputs, "__iter__"):
@@ -86,15 +88,22 @@ class InputPipeline:
         return torch.stack(xs)
 
     def list_files(self, folder: str | Path) -> list[str]:
-        """The files below ``folder`` of this input kind, sorted by path (hidden files skipped)."""
+        """The files below ``folder`` of this input kind, sorted by path (hidden files skipped).
+        Audio files of a type the installed libsndfile cannot decode are left out with a warning
+        (or named in the error when nothing else is found)."""
         root = Path(folder)
         if not root.is_dir():
             raise DataError(f"{str(folder)!r} is not a folder.")
-        files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in self.extensions and p.is_file()
+        known = self.extensions + (audio.AUDIO_EXTENSIONS if self.audio else ())
+        found = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in known and p.is_file()
                        and not p.name.startswith("."))
+        files = [f for f in found if f.lower().endswith(self.extensions)]
+        note = audio.undecodable_note(found) if self.audio else ""
         if not files:
             raise DataError(f"No {self.spec.kind} files under {str(folder)!r} (looked for "
-                            f"{', '.join(self.extensions)}).")
+                            f"{', '.join(self.extensions)}).{' ' + note if note else ''}")
+        if note:
+            warnings.warn(f"{str(folder)!r}: {note}", stacklevel=2)
         return files
 
     def _image(self, item: Any) -> torch.Tensor:

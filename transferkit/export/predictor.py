@@ -167,9 +167,12 @@ class Predictor:
 
     def _warn_cropped(self) -> None:
         if self.inputs.cropped:
-            warnings.warn(f"{len(self.inputs.cropped)} audio file(s) last longer than max_seconds={self.max_seconds} "
-                          f"(e.g. {self.inputs.cropped[0]!r}): each was cropped to its middle {self.max_seconds} s, "
-                          "the window the model was trained and validated on. Split long recordings to predict "
+            # no `max_seconds=` here: the window is the model's, not an option of predict (the CLI would
+            # spell it as finetune's --max-seconds flag)
+            warnings.warn(f"{len(self.inputs.cropped)} audio file(s) last longer than the model's window of "
+                          f"{self.max_seconds:g} s (e.g. {self.inputs.cropped[0]!r}): each was cropped to its middle "
+                          f"{self.max_seconds:g} s, the window the model was trained and validated on (the max_seconds "
+                          "of its training run, recorded in the exported file). Split long recordings to predict "
                           "every part.", stacklevel=3)
             self.inputs.cropped.clear()
 

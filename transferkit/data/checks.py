@@ -40,8 +40,9 @@ class DataReport:
     ``ignored_files``: files that are not data by their name or extension;
     ``ignored_reasons``: why, for those of them with a reason of their own (an audio type the
     installed libsndfile cannot decode); ``ignored_folders``: hidden sub-folders
-    (``.thumbnails``, ``.ipynb_checkpoints``) that were not walked; ``unreadable_folders``: ``(path, reason)`` of folders that could not
-    be listed; ``warnings``: every warning issued (each also went through ``warnings.warn``).
+    (``.thumbnails``, ``.ipynb_checkpoints``) that were not walked; ``unreadable_folders``:
+    ``(path, reason)`` of folders that could not be listed; ``warnings``: every warning
+    issued (each also went through ``warnings.warn``).
 
     Example:
         >>> r = DataReport()

@@ -81,6 +81,12 @@ def test_every_broken_wav_is_found_by_the_header_scan(tmp_path):
     assert reasons["no_channels"].startswith("cannot be read as audio")
     assert check_audio_file(tmp_path / "ok.wav") is None
     assert check_audio_file(tmp_path / "missing.wav").startswith("cannot be read as audio")
+    # shorter than the predictor takes: left out of training by the same rule (199 samples at 8 kHz < 25 ms)
+    sf.write(tmp_path / "short.wav", _tone(300, 199), RATE, subtype="PCM_16")
+    assert check_audio_file(tmp_path / "short.wav") == ("24.8 ms long (199 samples at 8000 Hz), shorter than the "
+                                                        "25 ms an audio model takes (prediction refuses it too)")
+    sf.write(tmp_path / "short.wav", _tone(300, 200), RATE, subtype="PCM_16")
+    assert check_audio_file(tmp_path / "short.wav") is None
 
 
 def test_an_mp3_renamed_wav_is_not_bad_when_libsndfile_decodes_it(tmp_path):

@@ -39,6 +39,9 @@ AUDIO_AUGMENTATIONS = ("none", "standard")
 # clips longer than this are cropped to their middle (see prepare_audio_data): a 10-minute
 # clip at 16 kHz is 38 MB of float32, and a batch of 32 of them 1.2 GB before the model runs
 DEFAULT_MAX_SECONDS = 30.0
+# the shortest clip training (the pre-scan of files) and prediction take, for every audio model: wav2vec2/HuBERT's
+# first frame spans 400 samples at 16 kHz
+MIN_CLIP_SECONDS = 0.025
 
 
 @functools.lru_cache(maxsize=1)
@@ -350,6 +353,10 @@ def probe_audio_file(path: str | Path, *, full: bool = False) -> AudioFileInfo |
         return "a header without audio data (0 frames)"
     if info.channels < 1 or info.samplerate <= 0:
         return f"invalid header ({info.channels} channels at {info.samplerate} Hz)"
+    if info.frames < MIN_CLIP_SECONDS * info.samplerate:
+        ms = math.floor(10000 * info.frames / info.samplerate) / 10  # rounded down: 24.99 ms is not 25.0
+        return (f"{ms:.1f} ms long ({info.frames} samples at {info.samplerate} Hz), shorter than the "
+                f"{1000 * MIN_CLIP_SECONDS:g} ms an audio model takes (prediction refuses it too)")
     if full:
         try:
             read_audio(path)

@@ -28,8 +28,6 @@ from transferkit.data.transforms import eval_transform
 from transferkit.errors import DataError
 
 
-MIN_CLIP_SECONDS = 0.025  # wav2vec2/HuBERT's first frame spans 400 samples at 16 kHz; a 512-sample STFT
-#                          (the spectrogram trunks) needs more than half its window
 
 
 class InputPipeline:
@@ -131,11 +129,11 @@ class InputPipeline:
             self.cropped.append(str(item))
         rate = int(self.spec.sample_rate)  # type: ignore[arg-type]
         wav = self._to_waveform(item, rate, max_seconds=self.max_seconds)
-        shortest = math.ceil(MIN_CLIP_SECONDS * rate)
+        shortest = math.ceil(audio.MIN_CLIP_SECONDS * rate)
         if wav.shape[-1] < shortest:  # shorter than the audio trunks' first window: no output to speak of
             ms = math.floor(10000 * wav.shape[-1] / rate) / 10  # rounded down: 24.99 ms is not 25.0
             raise DataError(f"The clip is {ms:.1f} ms long ({wav.shape[-1]} samples at the "
-                            f"model's {rate} Hz); the model needs at least {1000 * MIN_CLIP_SECONDS:g} ms "
+                            f"model's {rate} Hz); the model needs at least {1000 * audio.MIN_CLIP_SECONDS:g} ms "
                             f"({shortest} samples).")
         return self._transform(wav)
 

@@ -249,7 +249,7 @@ def test_an_export_crops_long_clips_to_the_runs_max_seconds(tmp_path, max_second
         if max_seconds is None:
             assert predictor.predict([str(long)])[0].ok
         else:
-            with pytest.warns(UserWarning, match=r"1 audio file\(s\) last longer than the model's window of 0.5 s "
+            with pytest.warns(UserWarning, match=r"1 audio clip last longer than the model's window of 0.5 s "
                                                  r".*long.wav"):
                 assert predictor.predict([str(long)])[0].ok
 

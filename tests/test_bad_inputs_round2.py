@@ -223,7 +223,7 @@ def test_long_audio_is_cropped_at_predict_time_as_in_training(tmp_path):
     p = Predictor(torch.jit.script(_Length()), meta, source="test model")
     sf.write(tmp_path / "long.wav", np.random.default_rng(0).uniform(-0.1, 0.1, 8000 * 10).astype(np.float32), 8000)
     sf.write(tmp_path / "short.wav", np.zeros(4000, np.float32) + 0.01, 8000)
-    with pytest.warns(UserWarning, match=r"1 audio file\(s\) last longer than the model's window of 2 s "
+    with pytest.warns(UserWarning, match=r"1 audio clip last longer than the model's window of 2 s "
                                          r".*long.wav.*the max_seconds of its training run") as caught:
         out = p.outputs([str(tmp_path / "long.wav"), str(tmp_path / "short.wav")])
     assert out.shape == (2, 2)
@@ -237,12 +237,20 @@ def test_long_audio_is_cropped_at_predict_time_as_in_training(tmp_path):
     assert float(cropped) == 16000 and float(lengths) == 80000  # 2 s of 10 s; whole clips with max_seconds=None
     fixed = Predictor(torch.jit.script(_Length()), {**meta, "input_spec": {**spec.to_dict(), "clip_seconds": 1.0}},
                       source="m")
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the model's own 1 s window: nothing to say
+    with pytest.warns(UserWarning, match=r"1 audio clip last longer than the model's window of 1 s "
+                                         r".*long.wav.*its middle 1 s.*its backbone's clip_seconds"):
         fixed.outputs([str(tmp_path / "long.wav")])
     assert float(fixed.module(fixed.inputs.batch([str(tmp_path / "long.wav")]))[0, 0]) == 8000
+    # in memory too: a [T] waveform longer than the window, and a [T, C] one (as soundfile.read gives) as one clip
+    stereo = np.stack([np.full(8000 * 3, 0.01, np.float32)] * 2, 1)
+    for model, window in ((p, 2), (fixed, 1)):
+        model.inputs.cropped.clear()  # the direct batch() calls above said nothing
+        with pytest.warns(UserWarning, match=rf"2 audio clips last longer than the model's window of {window} s "
+                                             r"\(e.g. a waveform of 3.0 s\)"):
+            out = model.outputs([np.full(8000 * 3, 0.01, np.float32), stereo])
+        assert out.shape == (2, 2)
+        with pytest.warns(UserWarning, match="1 audio clip last longer"):
+            assert model.outputs(stereo).shape == (1, 2)
 
 
 # -- settings that failed late ------------------------------------------------------------------

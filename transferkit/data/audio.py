@@ -529,13 +529,15 @@ def sample_rate_of(value: Any, what: str = "sample rate") -> int:
     return int(value)
 
 
-def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None) -> torch.Tensor:
+def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None,
+                on_crop: Callable[[float], None] | None = None) -> torch.Tensor:
     """A path, a ``(waveform, rate)`` pair or a waveform already at ``sample_rate`` -> mono
     float32 ``[T]`` at ``sample_rate`` (a 2-D waveform is ``[C, T]``, or ``[T, C]`` as
     ``soundfile.read`` returns it: see `MAX_CHANNELS`; int16 PCM is scaled to [-1, 1]), at most
     ``max_seconds`` long (the middle of a longer clip). NaN at the end of an in-memory
     waveform is padding and is removed; NaN elsewhere, or inf, raises [`DataError`][transferkit.DataError].
     A pair's rate is any whole number (`sample_rate_of`: ``np.int64(44100)``, ``44100.0``).
+    ``on_crop(seconds)`` is told the length of an in-memory waveform that ``max_seconds`` crops.
 
     Example:
         >>> to_waveform((torch.zeros(2, 800), 8000), 16000).shape
@@ -572,8 +574,10 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
         padding = " (all of it NaN, which marks padding)" if wav.ndim == 1 and given[-1] else ""
         raise DataError(f"A waveform must be a non-empty [T] or [C, T] array, got shape {given}{padding}.")
     check_finite(wav, "waveform")
-    wav = crop_centre(wav, None if max_seconds is None else max(1, int(round(max_seconds * float(rate)))))
-    return resample(wav, int(rate), sample_rate)
+    keep = None if max_seconds is None else max(1, int(round(max_seconds * float(rate))))
+    if keep is not None and wav.shape[0] > keep and on_crop is not None:
+        on_crop(wav.shape[0] / float(rate))
+    return resample(crop_centre(wav, keep), int(rate), sample_rate)
 
 
 def _audio_dataset(data: Any, spec: InputSpec, classes: list[str] | None, what: str, *, report: DataReport,

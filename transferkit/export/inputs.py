@@ -42,7 +42,7 @@ class InputPipeline:
     def __init__(self, spec: InputSpec, *, max_seconds: float | None = None) -> None:
         self.spec = spec
         self.max_seconds = max_seconds  # audio: clips are cropped to their middle max_seconds, as in training
-        self.cropped: list[str] = []  # audio files longer than max_seconds met by `prepare`
+        self.cropped: list[str] = []  # audio longer than the model's window (`window_seconds`) met by `prepare`
         self.audio = spec.kind == "audio"
         if self.audio:
             self._audio, self._to_waveform = audio, audio.to_waveform
@@ -59,6 +59,9 @@ class InputPipeline:
             raise DataError(f"Cannot predict on {type(inputs).__name__}: pass a file path, or decode the bytes first "
                             "(PIL.Image.open(io.BytesIO(data)) for an image, soundfile.read(io.BytesIO(data)) for "
                             "audio).")
+        if self.audio and isinstance(inputs, (torch.Tensor, np.ndarray)) and inputs.ndim == 2 \
+                and inputs.shape[1] <= audio.MAX_CHANNELS < inputs.shape[0]:
+            return [inputs]  # one clip [T, C], as soundfile.read returns it (a batch [N, T] has N < T)
         if isinstance(inputs, (torch.Tensor, np.ndarray)) and inputs.ndim == batch_ndim:
             return list(inputs)
         # (waveform, sample_rate): a rate of any number type (np.int64 from pandas, 44100.0), checked when read
@@ -123,12 +126,15 @@ class InputPipeline:
         if not isinstance(item, (str, Path, np.ndarray, torch.Tensor, tuple)):
             raise DataError(f"Cannot predict on a {type(item).__name__} with an audio model; pass audio file paths, "
                             "waveforms [T] at the model's sample rate, or (waveform, sample_rate) pairs.")
-        clip = self.spec.clip_seconds
-        if self.max_seconds is not None and isinstance(item, (str, Path)) and (clip is None or clip > self.max_seconds) \
-                and self._longer(item):  # the model sees less than the whole clip, as in training: say so
-            self.cropped.append(str(item))
-        rate = int(self.spec.sample_rate)  # type: ignore[arg-type]
-        wav = self._to_waveform(item, rate, max_seconds=self.max_seconds)
+        clip, rate = self.spec.clip_seconds, int(self.spec.sample_rate)  # type: ignore[arg-type]
+        is_file = isinstance(item, (str, Path))
+        long_file = is_file and clip is None and self.max_seconds is not None and self._longer(item)
+        cut: list[float] = []  # the seconds of an in-memory waveform max_seconds crops
+        wav = self._to_waveform(item, rate, max_seconds=self.max_seconds, on_crop=cut.append)
+        # the model sees less than a longer clip (its middle max_seconds, or clip_seconds), as in training: say so
+        if long_file or cut or (clip is not None and wav.shape[-1] > round(clip * rate)):
+            seconds = cut[0] if cut else wav.shape[-1] / rate
+            self.cropped.append(repr(str(item)) if is_file else f"a waveform of {seconds:.1f} s")
         shortest = math.ceil(audio.MIN_CLIP_SECONDS * rate)
         if wav.shape[-1] < shortest:  # shorter than the audio trunks' first window: no output to speak of
             ms = math.floor(10000 * wav.shape[-1] / rate) / 10  # rounded down: 24.99 ms is not 25.0
@@ -136,6 +142,12 @@ class InputPipeline:
                             f"model's {rate} Hz); the model needs at least {1000 * audio.MIN_CLIP_SECONDS:g} ms "
                             f"({shortest} samples).")
         return self._transform(wav)
+
+    @property
+    def window_seconds(self) -> float | None:
+        """The most of a clip the model sees: its backbone's ``clip_seconds``, else the
+        training run's ``max_seconds`` (None: whole clips)."""
+        return self.spec.clip_seconds or self.max_seconds
 
     def _longer(self, path: str | Path) -> bool:
         """Whether an audio file lasts longer than ``max_seconds`` (from its header)."""

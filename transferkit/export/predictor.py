@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from transferkit._progress import progress as progress_bar
+from transferkit._text import plural
 from transferkit.backbones._base import InputSpec
 from transferkit.errors import ConfigError, DataError, ExportError
 from transferkit.export.inputs import InputPipeline
@@ -169,11 +170,13 @@ class Predictor:
         if self.inputs.cropped:
             # no `max_seconds=` here: the window is the model's, not an option of predict (the CLI would
             # spell it as finetune's --max-seconds flag)
-            warnings.warn(f"{len(self.inputs.cropped)} audio file(s) last longer than the model's window of "
-                          f"{self.max_seconds:g} s (e.g. {self.inputs.cropped[0]!r}): each was cropped to its middle "
-                          f"{self.max_seconds:g} s, the window the model was trained and validated on (the max_seconds "
-                          "of its training run, recorded in the exported file). Split long recordings to predict "
-                          "every part.", stacklevel=3)
+            window = self.inputs.window_seconds
+            what = ("its backbone's clip_seconds" if self.inputs.spec.clip_seconds else
+                    "the max_seconds of its training run")
+            warnings.warn(f"{plural(len(self.inputs.cropped), 'audio clip')} last longer than the model's window of "
+                          f"{window:g} s (e.g. {self.inputs.cropped[0]}): each was cropped to its middle {window:g} s, "
+                          f"the window the model was trained and validated on ({what}, recorded in the exported "
+                          "file). Split long recordings to predict every part.", stacklevel=3)
             self.inputs.cropped.clear()
 
     def _prediction(self, row: torch.Tensor, source: str | None, top_k: int, threshold: float) -> Prediction:

@@ -237,7 +237,7 @@ def test_long_clips_are_cropped_to_max_seconds_which_bounds_the_batch(tmp_path):
 
 
 @pytest.mark.parametrize("max_seconds", [0.5, None])
-def test_an_export_crops_long_clips_to_the_runs_max_seconds(tmp_path, max_seconds):
+def test_an_export_crops_long_clips_to_the_runs_max_seconds(tmp_path, max_seconds, capsys):
     root = _good_folder(tmp_path / "clips", per_class=3)
     result = tk.finetune("spec:tk:small_cnn", weights=None, data=str(root), val_split=0.34, max_seconds=max_seconds,
                          backbone_options={"sample_rate": RATE, "n_mels": 16, "image_options": {"widths": [8, 8, 8]}},
@@ -252,6 +252,14 @@ def test_an_export_crops_long_clips_to_the_runs_max_seconds(tmp_path, max_second
             with pytest.warns(UserWarning, match=r"1 audio clip last longer than the model's window of 0.5 s "
                                                  r".*long.wav"):
                 assert predictor.predict([str(long)])[0].ok
+    # `transferkit inspect` says what a caller of the file (C++) does to the clips, and only the audio fields
+    from transferkit.cli import main
+
+    assert main(["inspect", str(tmp_path / "m.pt")]) == 0
+    out = capsys.readouterr().out
+    window = "" if max_seconds is None else "; the middle 0.5 s of a longer clip (its run's max_seconds)"
+    assert f"input:       waveform [N, T] at 8000 Hz, mono, NaN-padded at the end{window}\n" in out, out
+    assert 'input_spec:  {"channels": 1, "clip_seconds": null, "kind": "audio", "sample_rate": 8000}\n' in out
 
 
 def test_audio_folders_follow_the_image_folder_rules(tmp_path):

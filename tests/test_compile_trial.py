@@ -360,5 +360,7 @@ def test_audio_of_different_lengths_is_not_tried_and_clip_seconds_gives_one_shap
     if clip_seconds is None:
         assert "eager, not compiled (compile='auto': not tried, audio clips of different lengths (no clip_seconds" \
             in summary
+        assert "input 8000 Hz audio, augment" in summary
     else:
         assert "compile trial (compile='auto': tried where" in summary
+        assert "input 8000 Hz audio in clips of 0.5 s (longer ones cropped, shorter padded), augment" in summary

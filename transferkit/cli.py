@@ -166,12 +166,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(meta, indent=1, sort_keys=True))
         return 0
-    from transferkit.export.metadata import ONNX_FORMAT
+    from transferkit.export.metadata import ONNX_FORMAT, audio_max_seconds
 
     spec, train, exp = meta["input_spec"], meta.get("training", {}), meta.get("export", {})
     size, audio = spec.get("image_size", 224), spec.get("kind") == "audio"
     shape = (f"waveform [N, T] at {spec.get('sample_rate')} Hz" if audio
              else f"image [N, {spec.get('channels', 3)}, {size}, {size}]")
+    if audio:  # what the predictor does before the file runs (a C++ caller does it itself)
+        clip, most = spec.get("clip_seconds"), audio_max_seconds(meta)
+        shape += (f", mono, NaN-padded at the end; clips of {clip:g} s (the middle of a longer one, a shorter one "
+                  "padded)" if clip else ", mono, NaN-padded at the end" +
+                  (f"; the middle {most:g} s of a longer clip (its run's max_seconds)" if most else ""))
+        spec = {k: v for k, v in spec.items() if k in ("kind", "sample_rate", "clip_seconds", "channels")}
     if meta.get("format") == ONNX_FORMAT:  # an ONNX graph takes the one dtype it was exported with
         dtypes = exp.get("input_dtypes") or ["the examples' dtype"]
         shape += f", {dtypes[0]} only (transferkit.load converts other inputs)"

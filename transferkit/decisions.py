@@ -476,7 +476,10 @@ def _speed_lines(s: dict[str, Any], *, features: bool, engine: str = "eager") ->
 
 
 def _input(spec: InputSpec) -> str:
-    return f"{spec.sample_rate} Hz audio" if spec.kind == "audio" else f"{spec.image_size} px"
+    if spec.kind != "audio":
+        return f"{spec.image_size} px"
+    clip = f" in clips of {spec.clip_seconds:g} s (longer ones cropped, shorter padded)" if spec.clip_seconds else ""
+    return f"{spec.sample_rate} Hz audio{clip}"
 
 
 def _epoch_ranges(per_epoch: tuple[tuple[str, ...], ...]) -> list[dict[str, Any]]:

@@ -43,9 +43,9 @@ from typing import Any
 
 import torch
 
-from transferkit.errors import ExportError
 from transferkit._version import __version__
-from transferkit.errors import CorruptExportError
+from transferkit.data.audio import DEFAULT_MAX_SECONDS
+from transferkit.errors import CorruptExportError, ExportError
 from transferkit.heads import TASKS
 
 FORMAT = "transferkit.torchscript/1"
@@ -95,6 +95,13 @@ def run_config(meta: dict[str, Any]) -> dict[str, Any]:
     decisions = meta.get("decisions")
     config = decisions.get("config") if isinstance(decisions, dict) else None
     return config if isinstance(config, dict) else {}
+
+
+def audio_max_seconds(meta: dict[str, Any]) -> float | None:
+    """The ``max_seconds`` of the run that made an audio export: the window its clips were
+    cropped to in training and are cropped to in prediction (`DEFAULT_MAX_SECONDS` for a
+    file that does not record it; None: whole clips)."""
+    return run_config(meta).get("max_seconds", DEFAULT_MAX_SECONDS)
 
 
 def _fail(source: str, problem: str) -> ExportError:

@@ -15,7 +15,7 @@ from transferkit._text import plural
 from transferkit.backbones._base import InputSpec
 from transferkit.errors import ConfigError, DataError, ExportError
 from transferkit.export.inputs import InputPipeline
-from transferkit.export.metadata import is_onnx_file, run_config
+from transferkit.export.metadata import audio_max_seconds, is_onnx_file
 from transferkit.export.torchscript import check_device, load_scripted, quiet_jit, read_scripted_metadata
 from transferkit.heads import output_activation
 
@@ -88,7 +88,7 @@ class Predictor:
         self.source = source
         # audio: long clips are cropped to the window training and validation saw (30 s unless the run said;
         # None: whole clips)
-        self.max_seconds = run_config(metadata).get("max_seconds", 30.0) if self.input_spec.kind == "audio" else None
+        self.max_seconds = audio_max_seconds(metadata) if self.input_spec.kind == "audio" else None
         self.inputs = InputPipeline(self.input_spec, max_seconds=self.max_seconds)
 
     def __repr__(self) -> str:

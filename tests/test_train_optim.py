@@ -266,3 +266,18 @@ def test_fit_keeps_the_weights_of_the_best_pass():
     assert row["passes"] == 4 and row["best_pass"] == 1
     kept = evaluate(head, val, loss_fn=torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), task="multiclass")
     assert kept["loss"] == pytest.approx(row["val_loss"], rel=1e-6)  # the first pass's weights, not the last's
+
+
+def test_epochs_that_tie_on_accuracy_are_told_apart_by_the_validation_loss():
+    from transferkit.train.loop import Loop, TrainState, _end_epoch
+
+    head = torch.nn.Linear(2, 2)
+    loop = Loop(optimizer=torch.optim.SGD(head.parameters(), lr=0.1), loss_fn=torch.nn.CrossEntropyLoss(),
+                set_mode=lambda e: None, early_stopping=2, verbose=False)
+    state = TrainState()
+    for epoch, (acc, loss) in enumerate([(1.0, 0.30), (1.0, 0.01), (1.0, 0.05), (0.9, 0.001)], start=1):
+        _end_epoch(state, {"epoch": epoch, "train_loss": 0.1, "val_acc": acc, "val_loss": loss}, head, "val_acc",
+                   "max", loop)
+        if epoch == 2:
+            assert state.best["epoch"] == 2 and state.bad_epochs == 0  # the same accuracy, a lower loss
+    assert state.best == {"epoch": 2, "val_acc": 1.0, "val_loss": 0.01} and state.stopped_early

@@ -80,9 +80,15 @@ class TrainState:
         return cls(**{k: d[k] for k in ("epoch", "history", "best", "best_state", "bad_epochs", "stopped_early")})
 
 
-def _improved(value: float, best: dict[str, Any], monitor: str, mode: str) -> bool:
+def _improved(value: float, best: dict[str, Any], monitor: str, mode: str, row: dict[str, Any] | None = None) -> bool:
+    """Whether ``value`` of ``monitor`` beats the ``best`` epoch's; a tie of a monitor other than
+    the loss (accuracy saturates on a small validation set) goes to the lower ``val_loss`` of
+    ``row``."""
     if best.get("epoch") is None or monitor not in best:
         return math.isfinite(value)
+    if value == best[monitor] and monitor != "val_loss" and row is not None:
+        loss, best_loss = row.get("val_loss"), best.get("val_loss")
+        return loss is not None and best_loss is not None and loss < best_loss
     return value > best[monitor] if mode == "max" else value < best[monitor]
 
 
@@ -267,7 +273,7 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
             if passes == 1:
                 row = got
             elif row is None or got.get(monitor) is None or _improved(got[monitor], {"epoch": 0, **row}, monitor,
-                                                                      mode):  # no monitor: the last pass
+                                                                      mode, got):  # no monitor: the last pass
                 row, kept = {**got, "passes": passes, "best_pass": i + 1}, copy.deepcopy(module.state_dict())
         assert row is not None
         if kept is not None and row["best_pass"] < passes:
@@ -332,7 +338,7 @@ def _end_epoch(state: TrainState, row: dict[str, Any], module: nn.Module, monito
         loop.scheduler.epoch_end(row.get("val_loss", row["train_loss"]))
     if value is None:
         return
-    if _improved(value, state.best, monitor, mode):
+    if _improved(value, state.best, monitor, mode, row):
         state.best = {"epoch": row["epoch"], **{k: v for k, v in row.items() if k.startswith("val_")}}
         state.bad_epochs = 0
         if loop.restore_best:

@@ -364,3 +364,21 @@ def test_audio_of_different_lengths_is_not_tried_and_clip_seconds_gives_one_shap
     else:
         assert "compile trial (compile='auto': tried where" in summary
         assert "input 8000 Hz audio in clips of 0.5 s (longer ones cropped, shorter padded), augment" in summary
+
+
+def test_compile_true_compiles_the_model_that_trains_end_to_end_not_the_head_on_cached_features(image_folder,
+                                                                                              monkeypatch):
+    compiled = []
+
+    def fake_compile(module):
+        compiled.append(module)
+        return module
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    common = dict(weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0, seed=0, batch_size=4,
+                  epochs=2, verbose=False, compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frozen = tk.finetune("tk:small_cnn", policy="feature_extraction", **common)
+        assert frozen.decisions.cache and compiled == []
+        staged = tk.finetune("tk:small_cnn", policy="fine_tune:frozen=1", **common)
+    assert staged.decisions.cached_epochs == 1 and compiled == [staged.model]

@@ -398,7 +398,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
     info = run.dist
     tb = TensorBoardLogger(cfg.log_dir) if cfg.log_dir is not None and info.is_main else None
     loop = Loop(optimizer=opt, scheduler=sched, loss_fn=run.loss_fn, set_mode=lambda e: start_epoch(d, run, e),
-                speed=run.speed, task=cfg.task, scaler=scaler, dist=info, wrap=_wrapper(run),
+                speed=run.speed, task=cfg.task, scaler=scaler, dist=info,
                 penalty=penalty, monitor=cfg.monitor,
                 restore_best=cfg.restore_best, early_stopping=cfg.early_stopping, verbose=cfg.verbose, unit=d.unit)
     loop.on_epoch_end = epoch_end_callback(loop, path=cfg.checkpoint, model=run.model, meta=meta, base_lr=d.lr,
@@ -413,6 +413,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                              started=lambda: current["fit"] is not None):
             if state.epoch < k or inputs is None:  # the frozen phase, on features computed once
                 td = current["data"] = training_data(d, run, cached=True, progress=progress)
+                loop.wrap = _wrapper(run, cached=True)
                 seconds.update(td.seconds)
                 report = td.report
                 current["fit"] = td
@@ -427,7 +428,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                     trial = CompileTrial(steps_left=sum(steps[first:]), estimate_s=compile_estimate(
                         run.speed.device.type, leaf_modules(run.model.trunk), engine="train"),
                         log=loop.log if cfg.verbose and info.is_main else None)
-                    loop.wrap = _wrapper(run, trial)
+                loop.wrap = _wrapper(run, trial)
                 history, best = fit(td.module, td.train_loader, td.val_loader, loop, epochs=total, state=state,
                                     prep_s=sum(v for key, v in inputs.seconds.items() if key.startswith("decode_")),
                                     prep_what="decoding")
@@ -456,9 +457,13 @@ def _note_moves(saved: dict[str, Any], now: dict[str, Any], *, features_left: bo
                       "last digits. Resume with the checkpoint's settings for a bit-identical run.", stacklevel=3)
 
 
-def _wrapper(run: Run, trial: CompileTrial | None = None) -> Any:
-    """DDP and torch.compile (asked, or its ``trial``) around the trained module, or None."""
+def _wrapper(run: Run, trial: CompileTrial | None = None, *, cached: bool = False) -> Any:
+    """DDP and torch.compile (asked, or its ``trial``) around the trained module, or None.
+    ``cached``: the head on cached features, never compiled (a linear layer gains nothing
+    worth a compilation)."""
     speed, info = run.speed, run.dist
+    if cached:
+        return (lambda m: wrap_ddp(m, info, speed.device)) if info.enabled else None
     if not (info.enabled or speed.compile is True or trial is not None):
         return None
     if trial is not None:  # frozen epochs (cache_features=False) run untimed

@@ -174,9 +174,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
              else f"image [N, {spec.get('channels', 3)}, {size}, {size}]")
     if audio:  # what the predictor does before the file runs (a C++ caller does it itself)
         clip, most = spec.get("clip_seconds"), audio_max_seconds(meta)
-        shape += (f", mono, NaN-padded at the end; clips of {clip:g} s (the middle of a longer one, a shorter one "
-                  "padded)" if clip else ", mono, NaN-padded at the end" +
-                  (f"; the middle {most:g} s of a longer clip (its run's max_seconds)" if most else ""))
+        shape += ", mono, NaN-padded at the end"
+        if clip:
+            shape += f"; clips of {clip:g} s (the middle of a longer one, a shorter one padded)"
+        elif most:
+            shape += f"; the middle {most:g} s of a longer clip (its run's max_seconds)"
         spec = {k: v for k, v in spec.items() if k in ("kind", "sample_rate", "clip_seconds", "channels")}
     if meta.get("format") == ONNX_FORMAT:  # an ONNX graph takes the one dtype it was exported with
         dtypes = exp.get("input_dtypes") or ["the examples' dtype"]

@@ -28,8 +28,6 @@ from transferkit.data.transforms import eval_transform
 from transferkit.errors import DataError
 
 
-
-
 class InputPipeline:
     """Single items -> model batches for one [`InputSpec`][transferkit.InputSpec].
 

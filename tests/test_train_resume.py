@@ -97,6 +97,33 @@ def test_resume_function_reads_the_stored_settings(image_folder, tmp_path):
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+    # the data moved after the interruption: data= replaces the stored path (a str as the stored one, or a Path)
+    moved = tmp_path / "moved"
+    for data in (str(moved), moved):
+        with pytest.raises(Interrupt):
+            tk.finetune("tk:small_cnn", checkpoint=ckpt, callbacks=[_stop_after(1)], **common)
+        image_folder.rename(moved)
+        with pytest.raises(tk.DataError):  # the stored folder is gone
+            tk.resume(ckpt)
+        again = tk.resume(ckpt, data=data)
+        moved.rename(image_folder)
+        assert [r["train_loss"] for r in again.history] == [r["train_loss"] for r in full.history]
+
+
+def test_resume_takes_an_in_memory_dataset_again(image_folder, tmp_path):
+    from transferkit.data import ImageFolderDataset
+
+    data = ImageFolderDataset(image_folder)
+    common = dict(weights=None, image_size=32, device="cpu", num_workers=0, seed=1, epochs=2, batch_size=4,
+                  verbose=False, policy="feature_extraction", classes=data.classes)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Interrupt):
+        tk.finetune("tk:small_cnn", data=data, checkpoint=ckpt, callbacks=[_stop_after(1)], **common)
+    with pytest.raises(ConfigError, match=r"pass them again: transferkit.resume\(path, data=...\)"):
+        tk.resume(ckpt)
+    resumed = tk.resume(ckpt, data=data)
+    full = tk.finetune("tk:small_cnn", data=data, **common)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
 
 
 def test_a_resume_on_another_feature_engine_says_it_is_not_bit_identical(image_folder, tmp_path):

@@ -326,15 +326,18 @@ def resume(path: str | Path, **overrides: Any) -> FinetuneResult:
     stored = (ckpt["transferkit"].get("decisions") or {}).get("config") or {}
     if not stored:
         raise ConfigError(f"{str(path)!r} has no stored configuration; call finetune(..., checkpoint=path, resume=True).")
-    values = {**stored, **overrides}
-    missing = [k for k, v in values.items() if isinstance(v, str) and v.startswith("<") and v.endswith(">")]
+    missing = [k for k, v in stored.items() if k not in overrides and isinstance(v, str) and v.startswith("<")
+               and v.endswith(">")]
     if missing:
         raise ConfigError(f"The run in {str(path)!r} used Python objects that a checkpoint cannot store for "
                           f"{missing}; pass them again: transferkit.resume(path, {missing[0]}=...).")
-    values.update(checkpoint=str(path), resume=True)
-    python_objects = {k: values.pop(k) for k in list(values) if k in overrides}
+    # plain overrides (a moved folder's path, a number) are read as the stored values are; others (a Dataset,
+    # a Backbone, a list) replace the stored values once the configuration is read
+    objects = {k: v for k, v in overrides.items() if not isinstance(v, (str, int, float, bool, type(None)))}
+    values = {**stored, **{k: v for k, v in overrides.items() if k not in objects}, "checkpoint": str(path),
+              "resume": True}
     cfg = FinetuneConfig.from_dict(values, source=f"the configuration stored in {str(path)!r}")
-    return finetune(cfg.replace(**python_objects) if python_objects else cfg)
+    return finetune(cfg.replace(**objects) if objects else cfg)
 
 
 LR_FIND_PHASES = ("frozen", "unfrozen")

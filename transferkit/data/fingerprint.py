@@ -136,7 +136,9 @@ def data_fingerprint(ds: Any) -> str:
     """A hash of a dataset's identity: ``(path, label, size, mtime, ctime)`` of every file for
     file-based datasets, the tensors of a ``TensorDataset``, else the content of every raw item.
     A dataset with a ``fingerprint()`` method (tar shards, Parquet files, Hugging Face
-    datasets: per-file metadata, no sample read) gives its own."""
+    datasets: per-file metadata, no sample read) gives its own. Paths count from the folder
+    that holds them all, so a folder moved whole (a rename keeps its files' times) keeps its
+    identity; a copy does not (its files are new: another ctime)."""
     own = getattr(ds, "fingerprint", None)
     if callable(own):
         return f"{type(ds).__name__}:{own()}"
@@ -144,11 +146,13 @@ def data_fingerprint(ds: Any) -> str:
     h.update(type(ds).__name__.encode())
     if hasattr(ds, "samples"):  # ImageFolderDataset (or anything listing (path, label) files)
         h.update(repr((getattr(ds, "min_size", None), getattr(ds, "max_seconds", None))).encode())
+        files = [os.path.abspath(p) for p, _ in ds.samples if isinstance(p, (str, os.PathLike))]
+        root = os.path.commonpath([os.path.dirname(f) for f in files]) if files else ""
         for path, label in ds.samples:
             if isinstance(path, (str, os.PathLike)):
                 st = os.stat(path)
-                h.update(f"{os.path.abspath(path)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n"
-                         .encode())
+                h.update(f"{os.path.relpath(os.path.abspath(path), root)}\0{label}\0{st.st_size}\0"
+                         f"{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
             else:  # in-memory item (e.g. a waveform)
                 _hash_item(h, (path, label))
         return h.hexdigest()

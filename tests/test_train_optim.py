@@ -281,3 +281,16 @@ def test_epochs_that_tie_on_accuracy_are_told_apart_by_the_validation_loss():
         if epoch == 2:
             assert state.best["epoch"] == 2 and state.bad_epochs == 0  # the same accuracy, a lower loss
     assert state.best == {"epoch": 2, "val_acc": 1.0, "val_loss": 0.01} and state.stopped_early
+
+
+def test_a_training_monitor_picks_its_best_epoch_and_stops_early():
+    from transferkit.train.loop import Loop, TrainState, _end_epoch
+
+    head = torch.nn.Linear(2, 2)
+    loop = Loop(optimizer=torch.optim.SGD(head.parameters(), lr=0.1), loss_fn=torch.nn.CrossEntropyLoss(),
+                set_mode=lambda e: None, early_stopping=2, verbose=False)
+    state = TrainState()
+    for epoch, loss in enumerate([0.53, 376.0, 16.9, 5.0], start=1):
+        if not state.stopped_early:
+            _end_epoch(state, {"epoch": epoch, "train_loss": loss, "train_acc": 0.5}, head, "train_loss", "min", loop)
+    assert state.best == {"epoch": 1, "train_loss": 0.53} and state.stopped_early and len(state.history) == 3

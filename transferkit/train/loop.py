@@ -81,13 +81,14 @@ class TrainState:
 
 
 def _improved(value: float, best: dict[str, Any], monitor: str, mode: str, row: dict[str, Any] | None = None) -> bool:
-    """Whether ``value`` of ``monitor`` beats the ``best`` epoch's; a tie of a monitor other than
-    the loss (accuracy saturates on a small validation set) goes to the lower ``val_loss`` of
-    ``row``."""
+    """Whether ``value`` of ``monitor`` beats the ``best`` epoch's; a tie of an accuracy
+    (it saturates on a small validation set) goes to the lower loss of ``row`` on the same
+    data (``val_loss`` for ``val_acc``, ``train_loss`` for ``train_acc``)."""
     if best.get("epoch") is None or monitor not in best:
         return math.isfinite(value)
-    if value == best[monitor] and monitor != "val_loss" and row is not None:
-        loss, best_loss = row.get("val_loss"), best.get("val_loss")
+    if value == best[monitor] and not monitor.endswith("_loss") and row is not None:
+        which = monitor.replace("_acc", "_loss")  # train_acc ties go to train_loss, val_acc ties to val_loss
+        loss, best_loss = row.get(which), best.get(which)
         return loss is not None and best_loss is not None and loss < best_loss
     return value > best[monitor] if mode == "max" else value < best[monitor]
 
@@ -339,7 +340,8 @@ def _end_epoch(state: TrainState, row: dict[str, Any], module: nn.Module, monito
     if value is None:
         return
     if _improved(value, state.best, monitor, mode, row):
-        state.best = {"epoch": row["epoch"], **{k: v for k, v in row.items() if k.startswith("val_")}}
+        kept = (monitor, monitor.replace("_acc", "_loss"))  # a train_* monitor and its tie-break are kept too
+        state.best = {"epoch": row["epoch"], **{k: v for k, v in row.items() if k.startswith("val_") or k in kept}}
         state.bad_epochs = 0
         if loop.restore_best:
             state.best_state = copy.deepcopy(module.state_dict())

@@ -294,3 +294,14 @@ def test_a_training_monitor_picks_its_best_epoch_and_stops_early():
         if not state.stopped_early:
             _end_epoch(state, {"epoch": epoch, "train_loss": loss, "train_acc": 0.5}, head, "train_loss", "min", loop)
     assert state.best == {"epoch": 1, "train_loss": 0.53} and state.stopped_early and len(state.history) == 3
+
+
+def test_early_stopping_without_validation_data_is_refused_before_training(image_folder):
+    import transferkit as tk
+    from transferkit.errors import ConfigError
+
+    common = dict(weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0, epochs=2,
+                  verbose=False, val_split=0, early_stopping=1)
+    with pytest.raises(ConfigError, match=r"early_stopping=1 watches val_acc, but the run has no validation data"):
+        tk.plan("tk:small_cnn", **common)
+    assert tk.plan("tk:small_cnn", **common, monitor="train_loss").n_val == 0

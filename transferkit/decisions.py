@@ -40,6 +40,7 @@ from transferkit.train.engines import decide_engine, engine_precision
 from transferkit.train.features import cache_key
 from transferkit.train.optim import default_lr
 from transferkit.train.speed import decide_speed
+from transferkit.train.tasks import monitor_default
 
 DECISIONS_FORMAT = 2
 # config keys that do not change what a run computes: they may differ when resuming
@@ -255,6 +256,11 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         True
     """
     cfg, bb, data, pol = config, facts.backbone, facts.data, facts.policy
+    monitor = cfg.monitor or monitor_default(cfg.task)[0]
+    if cfg.early_stopping is not None and monitor.startswith("val_") and data.n_val == 0:
+        raise ConfigError(f"early_stopping={cfg.early_stopping} watches {monitor}, but the run has no validation data "
+                          "(val_split=0 and no val_data). Give validation data (val_split=0.2, or val_data=), or "
+                          "watch the training loss (monitor='train_loss').")
     frozen_epochs = pol.frozen_phase_epochs(list(bb.blocks), cfg.epochs, has_batchnorm=bb.has_batchnorm)
     frozen = frozen_epochs >= cfg.epochs
     cached_epochs, reason = _cache_decision(cfg, pol, frozen_epochs, facts.head)

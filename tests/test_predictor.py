@@ -115,7 +115,7 @@ def test_predict_folder_sorted_with_progress_bar(exported, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("task", ["multilabel", "regression"])
-def test_task_sets_the_output_function(task, tmp_path):
+def test_task_sets_the_output_function(task, tmp_path, capsys):
     path = tmp_path / f"{task}.pt"
     _, model = export_tiny(path, task=task, labels=("a", "b", "c"), size=16)
     pred = transferkit.load(path)
@@ -135,6 +135,21 @@ def test_task_sets_the_output_function(task, tmp_path):
         assert preds[0].label is None and "values" in preds[0].to_dict()
         with pytest.raises(ConfigError, match="regression"):
             pred.predict_proba(x)
+    for bad in (1.5, -0.1, float("nan"), "0.5", True):
+        with pytest.raises(ConfigError, match=r"threshold must be a probability in \[0, 1\]"):
+            pred.predict(x, threshold=bad)
+    if task == "regression":  # `transferkit predict --csv` writes each value in full
+        from transferkit.cli import main
+
+        files = []
+        for i in range(2):
+            files.append(str(tmp_path / f"{i}.png"))
+            Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(files[-1])
+        capsys.readouterr()
+        assert main(["predict", str(path), *files, "--csv"]) == 0
+        values = [float(v) for line in capsys.readouterr().out.splitlines()[1:] for v in line.split(",")[1:4]]
+        expected = [p.values[lab] for p in pred.predict(files) for lab in "abc"]
+        assert values == expected  # not rounded to 6 digits
 
 
 def test_model_and_metadata_that_do_not_belong_together(exported, tmp_path):

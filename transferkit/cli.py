@@ -99,7 +99,7 @@ def _write_csv(preds: list, labels: list[str], task: str, top_k: int) -> None:
         if not p.ok:
             row: list = [p.source, *[""] * (len(header) - 1), one_line(p.error)]
         elif task == "regression":
-            row = [p.source, *[f"{(p.values or {}).get(lab, float('nan')):.6g}" for lab in labels], ""]
+            row = [p.source, *[repr(float((p.values or {}).get(lab, float("nan")))) for lab in labels], ""]  # exact
         else:
             row = [p.source]
             for lab, prob in p.top_k:

@@ -141,6 +141,9 @@ class Predictor:
         """
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ConfigError(f"top_k must be a positive integer, got {top_k!r}.")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"threshold must be a probability in [0, 1] (a label is given when its probability is "
+                              f"at least the threshold), got {threshold!r}.")
         _check_batch_size(batch_size)
         items = self.inputs.split(inputs)
         preds: list[Prediction | None] = [None] * len(items)

@@ -146,6 +146,16 @@ def test_probe_chooses_C_on_validation_and_matches_sklearn():
                                atol=1e-4)
 
 
+def test_probe_breaks_an_accuracy_tie_by_the_log_loss():
+    # separable classes: every C classifies the validation set perfectly; the smallest gives near-chance probabilities
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(-3, 0.3, (30, 4)), rng.normal(3, 0.3, (30, 4)), rng.normal(0, 0.3, (30, 4)) + 9])
+    y = np.repeat([0, 1, 2], 30)
+    res, _, _ = fit_logistic_probe(x[::2], y[::2], x[1::2], y[1::2], Cs=[1e-2, 1e-1, 1.0])
+    assert set(res.scores.values()) == {1.0} and res.losses[1e-2] > 0.5 > res.losses[1.0]
+    assert res.C == min(res.losses, key=res.losses.get) == 1.0
+
+
 def test_linear_probe_end_to_end_exports(image_folder, tmp_path):
     r = tk.linear_probe("tk:small_cnn", weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0,
                         verbose=False, Cs=[0.01, 1.0], export=tmp_path / "probe.pt")
@@ -153,6 +163,20 @@ def test_linear_probe_end_to_end_exports(image_folder, tmp_path):
     assert r.metrics["probe"]["C"] in (0.01, 1.0)
     assert r.metrics["val_acc"] == r.best["val_acc"]  # the head computes what sklearn chose
     assert r.export_path.exists()
+    assert set(r.metrics["probe"]["val_loss_by_C"]) == {"0.01", "1.0"}
+    # class weights: a list is one weight per class (as for the trained heads); label smoothing has no meaning here
+    weighted = tk.linear_probe("tk:small_cnn", weights=None, data=image_folder, image_size=16, device="cpu",
+                               num_workers=0, verbose=False, Cs=[1.0], class_weights=[1.0, 50.0])
+    plain = tk.linear_probe("tk:small_cnn", weights=None, data=image_folder, image_size=16, device="cpu",
+                            num_workers=0, verbose=False, Cs=[1.0])
+    heads = weighted.model.head.state_dict(), plain.model.head.state_dict()
+    assert any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[1])  # the weights changed the fit
+    with pytest.raises(tk.ConfigError, match="no label smoothing"):
+        tk.linear_probe("tk:small_cnn", weights=None, data=image_folder, image_size=16, device="cpu",
+                        num_workers=0, verbose=False, label_smoothing=0.1)
+    with pytest.raises(tk.ConfigError, match="probe Cs must be positive numbers, got \\[\\]"):
+        tk.linear_probe("tk:small_cnn", weights=None, data=image_folder, image_size=16, device="cpu",
+                        num_workers=0, verbose=False, Cs=[])
 
 
 def test_cache_is_faster_than_rerunning_the_backbone(image_folder):

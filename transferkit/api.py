@@ -282,7 +282,8 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
             metrics = evaluate(d, run, outcome.data, outputs=outputs)
         if outcome.probe is not None:
             metrics["probe"] = {"C": outcome.probe.C,
-                                "val_acc_by_C": {str(c): a for c, a in outcome.probe.scores.items()}}
+                                "val_acc_by_C": {str(c): a for c, a in outcome.probe.scores.items()},
+                                "val_loss_by_C": {str(c): v for c, v in outcome.probe.losses.items()}}
         result = FinetuneResult(model=run.model, backbone=run.backbone, classes=list(d.classes), policy=d.policy,
                                 history=outcome.history, best=outcome.best, metrics=metrics, decisions=d, run=run,
                                 used_feature_cache=d.cache, timings=timings, task=cfg.task,

@@ -407,6 +407,9 @@ def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen_epochs: int, hea
         what = "head='logistic'" if head_kind == "logistic" else "cache_features=True"
         raise ConfigError(f"{what} needs a policy that keeps the backbone frozen; {policy} trains it. Use "
                           "policy='feature_extraction' (or cache_features='auto').")
+    if head_kind == "logistic" and cfg.label_smoothing:
+        raise ConfigError(f"head='logistic' fits scikit-learn's LogisticRegression, which has no label smoothing; "
+                          f"label_smoothing={cfg.label_smoothing} would be ignored. Drop it, or use head='linear'.")
     if head_kind == "logistic" and cfg.cache_features is False:
         raise ConfigError("head='logistic' fits its probe once, on features computed once; cache_features=False "
                           "(the backbone run in every epoch) does not apply to it. Drop cache_features=False, or use "

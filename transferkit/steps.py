@@ -372,7 +372,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
 
         td = training_data(d, run, cached=True, progress=progress)
         history, best, probe = run_probe(td, run.model.head, task=cfg.task, Cs=cfg.probe_Cs, seed=cfg.seed,
-                                         balanced=cfg.class_weights == "balanced")
+                                         class_weights=cfg.class_weights)
         return TrainOutcome(history=history, best=best, state=TrainState(), data=td, probe=probe,
                             seconds={**td.seconds, "train_s": time.perf_counter() - t1}, feature_report=td.report)
     meta = metadata(d)

@@ -78,6 +78,45 @@ def test_regression_task_beats_predicting_the_mean():
     assert r.metrics["mse"] < baseline
 
 
+class Targets(Dataset):
+    """Grey images with the given targets, to try bad ones."""
+
+    def __init__(self, targets) -> None:
+        self.targets_ = list(targets)
+
+    def __len__(self) -> int:
+        return len(self.targets_)
+
+    def __getitem__(self, i: int):
+        return np.full((12, 12, 3), 40 * (i % 5), np.uint8), self.targets_[i]
+
+
+@pytest.mark.parametrize("task, targets, said", [
+    ("multilabel", [[0, 1]] + [[1, 0, 1]] * 9, "item 1 has 3 values, the first training target 2"),
+    ("multilabel", [[1, 0]] * 9 + [[2, 0]], r"item 9 is \[2, 0\]; task='multilabel' needs a value in \[0, 1\]"),
+    ("multilabel", [[1, float("nan")]] + [[1, 0]] * 9, "item 0 holds NaN or inf"),
+    ("regression", [1.0] * 5 + [float("inf")] + [2.0] * 4, "item 5 holds NaN or inf"),
+    ("regression", [1.0] * 5 + ["tall"] + [2.0] * 4, "item 5 is 'tall', not numbers"),
+    ("regression", [[1.0, 2.0]] * 3 + [[[1.0]]] + [[1.0, 2.0]] * 6, r"item 3 has shape \(1, 1\)"),
+])
+def test_bad_targets_are_named_before_training(task, targets, said):
+    with pytest.raises(DataError, match=said):
+        tk.plan("tk:small_cnn", data=Targets(targets), task=task, val_split=0, **COMMON)
+
+
+def test_one_label_multilabel_and_soft_targets_score_by_their_side_of_one_half(tmp_path):
+    # one label: scikit-learn reads a single column as binary; soft targets (0.9 / 0.1) count as 1 / 0
+    levels = np.random.default_rng(0).uniform(0, 1, 40)
+    data = Targets([[0.9 if v > 0.5 else 0.1] for v in levels])
+    r = tk.finetune("tk:small_cnn", data=data, task="multilabel", classes=["bright"], epochs=1, val_split=0.25,
+                    export=tmp_path / "one.pt", **COMMON)
+    m = r.metrics
+    assert set(m["per_class"]) >= {"bright"} and 0.0 <= m["micro_f1"] == m["macro_f1"] <= 1.0
+    assert r.export_path.exists()
+    with pytest.raises(tk.ConfigError, match=r"classes names \['a'\] more than once"):
+        tk.plan("tk:small_cnn", data=Targets([[1, 0, 1]] * 4), task="multilabel", classes=["a", "a", "b"], **COMMON)
+
+
 def test_tasks_need_matching_data(image_folder):
     with pytest.raises(DataError, match="multilabel"):
         tk.finetune("tk:small_cnn", data=image_folder, task="multilabel", **COMMON)
@@ -151,3 +190,13 @@ def test_an_image_size_the_trunk_cannot_run_at_is_refused_before_the_data_are_re
                                   image_size=32))
     bb = tk.get_backbone("timm:vit_tiny_patch16_224", weights=None, img_size=32)  # built at that size: it runs
     assert bb.input_spec.image_size == 32
+
+
+def test_a_bad_target_past_the_ones_read_before_training_is_named_when_loaded(monkeypatch):
+    import transferkit.train.tasks as tasks
+
+    monkeypatch.setattr(tasks, "TARGETS_CHECKED", 2)  # items 0 and 9 are read before training; item 4 is not
+    data = Targets([[1.0, 0.0]] * 4 + [[1.0, 7.0]] + [[0.0, 1.0]] * 5)
+    tk.plan("tk:small_cnn", data=data, task="multilabel", val_split=0, **COMMON)
+    with pytest.raises(DataError, match=r"training item 4 is|item 4 is \[1.0, 7.0\]"):
+        tk.finetune("tk:small_cnn", data=data, task="multilabel", val_split=0, epochs=1, policy="full", **COMMON)

@@ -131,8 +131,8 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
         path = r[0].strip()
         if seen.setdefault(path, lab) != lab:
             raise DataError(f"{str(csv_path)!r} lists {path!r} twice, with labels {seen[path]!r} and {lab!r}: one "
-                            "image cannot teach two classes (use task='multilabel' for several labels per image). "
-                            "Keep one row.")
+                            "image cannot teach two classes (for several labels per image: task='multilabel' with "
+                            "a Dataset of (image, multi-hot vector) pairs). Keep one row.")
     if len(seen) < len(rows):
         report.warn(f"{str(csv_path)!r} lists {len(rows) - len(seen)} file(s) more than once with the same label; "
                     "they count that many times in training.")

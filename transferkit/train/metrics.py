@@ -82,17 +82,23 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
 
 
 def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Sequence[str]) -> dict[str, Any]:
-    """Subset accuracy, per-label accuracy, micro/macro F1 and the per-label report (threshold 0.5)."""
+    """Subset accuracy, per-label accuracy, micro/macro F1 and the per-label report (threshold
+    0.5, on the predicted probabilities and on soft targets alike)."""
     from sklearn.metrics import classification_report, f1_score
 
-    y, p = targets.numpy().astype(int), (logits > 0).numpy().astype(int)
-    return {
-        "subset_accuracy": float((p == y).all(1).mean()),
-        "label_accuracy": float((p == y).mean()),
-        "micro_f1": float(f1_score(y, p, average="micro", zero_division=0)),
-        "macro_f1": float(f1_score(y, p, average="macro", zero_division=0)),
-        "per_class": classification_report(y, p, target_names=list(classes), output_dict=True, zero_division=0),
-    }
+    y, p = (targets >= 0.5).numpy().astype(int), (logits > 0).numpy().astype(int)
+    if y.shape[1] == 1:  # one label: scikit-learn reads a column as binary; its positive class is the label
+        y1, p1 = y.ravel(), p.ravel()
+        f1 = float(f1_score(y1, p1, average="binary", zero_division=0))
+        report = classification_report(y1, p1, labels=[1], target_names=list(classes), output_dict=True,
+                                       zero_division=0)
+        micro = macro = f1
+    else:
+        micro = float(f1_score(y, p, average="micro", zero_division=0))
+        macro = float(f1_score(y, p, average="macro", zero_division=0))
+        report = classification_report(y, p, target_names=list(classes), output_dict=True, zero_division=0)
+    return {"subset_accuracy": float((p == y).all(1).mean()), "label_accuracy": float((p == y).mean()),
+            "micro_f1": micro, "macro_f1": macro, "per_class": report}
 
 
 def regression_metrics(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:

@@ -70,8 +70,8 @@ def count_correct(task: str, logits: torch.Tensor, y: torch.Tensor) -> float:
     multilabel (counted as a fraction of labels per sample), 0 for regression."""
     if task == "multiclass":
         return float((logits.argmax(1) == y).sum().item())
-    if task == "multilabel":
-        return float(((logits > 0).to(y.dtype) == y).float().mean(1).sum().item())
+    if task == "multilabel":  # soft targets count as their side of 0.5
+        return float(((logits > 0) == (y >= 0.5)).float().mean(1).sum().item())
     return 0.0
 
 
@@ -80,8 +80,42 @@ def monitor_default(task: str) -> tuple[str, str]:
     return ("val_loss", "min") if task == "regression" else ("val_acc", "max")
 
 
+TARGETS_CHECKED = 1024  # targets read before training (evenly spaced); every target is checked when it is loaded
+
+
+def check_target(value: Any, *, task: str, width: int | None, where: str) -> torch.Tensor:
+    """``value`` as a float target vector ``[width]`` (a scalar is ``[1]``), or a
+    [`DataError`][transferkit.DataError] naming ``where``: numbers, one value per output
+    (``width``), finite; multilabel values in [0, 1] (0/1 per label, or soft targets).
+
+    Example:
+        >>> check_target([1, 0, 1], task="multilabel", width=3, where="item 0")
+        tensor([1., 0., 1.])
+    """
+    per = "label (multi-hot: 1 for each label the sample has, else 0)" if task == "multilabel" else "output"
+    try:
+        arr = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"The target of {where} is {value!r}, not numbers: task={task!r} needs one number per "
+                        f"{per}.") from exc
+    if arr.ndim > 1:
+        raise DataError(f"The target of {where} has shape {arr.shape}; task={task!r} needs a number or a 1-d vector, "
+                        f"one number per {per}.")
+    t = torch.from_numpy(arr.reshape(-1).copy())
+    if width is not None and t.numel() != width:
+        raise DataError(f"The target of {where} has {t.numel()} values, the first training target {width}: every "
+                        f"target needs one number per {per}.")
+    if not torch.isfinite(t).all():
+        raise DataError(f"The target of {where} holds NaN or inf ({value!r}); remove the sample or fix its target.")
+    if task == "multilabel" and bool(((t < 0) | (t > 1)).any()):
+        raise DataError(f"The target of {where} is {value!r}; task='multilabel' needs a value in [0, 1] per label: a "
+                        "multi-hot vector (for labels 0 and 2 of 4: [1, 0, 1, 0]), not label indices or counts.")
+    return t
+
+
 class TargetDataset(TransformedDataset):
-    """A dataset of ``(image, target)`` keeping float targets (multi-hot or regression values).
+    """A dataset of ``(image, target)`` keeping float targets (multi-hot or regression values),
+    each checked as it is loaded (`check_target`) once ``task`` and ``width`` are set.
 
     Example:
         >>> import torch
@@ -90,17 +124,47 @@ class TargetDataset(TransformedDataset):
         tensor([1., 0., 1.])
     """
 
+    task: str | None = None
+    width: int | None = None
+
     @staticmethod
     def convert_target(target: Any) -> torch.Tensor:
         return torch.as_tensor(np.asarray(target), dtype=torch.float32).reshape(-1)  # scalars become [1]
 
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        if self.task is None:
+            return super().__getitem__(i)
+        where = f"item {self.indices[i]}"
+        try:
+            x, target = super().__getitem__(i)
+        except (TypeError, ValueError) as exc:  # a target that is not numbers: said as check_target says it
+            item = self.base[self.indices[i]]
+            if isinstance(item, (tuple, list)) and len(item) >= 2:
+                check_target(item[1], task=self.task, width=self.width, where=where)
+            raise exc
+        return x, check_target(target.tolist(), task=self.task, width=self.width, where=where)
+
+    def view(self, indices: Sequence[int] | None = None, transform: Any = None) -> TargetDataset:
+        out = super().view(indices, transform)
+        out.task, out.width = self.task, self.width  # type: ignore[attr-defined]
+        return out  # type: ignore[return-value]
+
+    def checked(self, task: str, width: int, what: str) -> TargetDataset:
+        """This dataset with every target checked when loaded, and up to `TARGETS_CHECKED` of
+        them (evenly spaced) now, so that bad targets fail before training."""
+        self.task, self.width = task, width
+        n, k = len(self), min(TARGETS_CHECKED, len(self))
+        for i in sorted({round(j * (n - 1) / max(k - 1, 1)) for j in range(k)}):
+            item = self.base[self.indices[i]]
+            if isinstance(item, (tuple, list)) and len(item) == 2:
+                check_target(item[1], task=task, width=width, where=f"{what} item {self.indices[i]}")
+        return self
+
 
 def target_width(ds: TargetDataset) -> int:
     """Number of outputs implied by the first target (1 for scalar regression targets)."""
-    t = torch.as_tensor(np.asarray(ds.base[ds.indices[0]][1]), dtype=torch.float32)
-    if t.ndim > 1:
-        raise DataError(f"Targets must be scalars or 1-d vectors, got shape {tuple(t.shape)}.")
-    return max(int(t.numel()), 1)
+    return max(int(check_target(ds.base[ds.indices[0]][1], task="regression", width=None,
+                                where=f"item {ds.indices[0]}").numel()), 1)
 
 
 def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, seed: int,
@@ -117,7 +181,7 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
         return bundle, len(bundle.classes)
     if isinstance(data, (str, Path)) or not hasattr(data, "__getitem__"):
         raise DataError(f"task={task!r} needs a Dataset of (image, target vector) pairs, got {type(data).__name__}; "
-                        "folders of class sub-folders are single-label (task='multiclass').")
+                        "folders of class sub-folders and path,label CSV files are single-label (task='multiclass').")
     train = TargetDataset(data)
     if len(train) == 0:
         raise DataError("The training dataset is empty.")
@@ -125,7 +189,11 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
     names = list(classes) if classes else [str(i) for i in range(width)]
     if len(names) != width:
         raise DataError(f"classes has {len(names)} names but the targets have {width} values.")
-    val = TargetDataset(val_data) if val_data is not None else None
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"classes names {twice} more than once; each output needs a name of its own.")
+    train = train.checked(task, width, "training")
+    val = TargetDataset(val_data).checked(task, width, "validation") if val_data is not None else None
     if val is None and val_split:
         if not 0.0 < val_split < 1.0:
             raise DataError(f"val_split must be between 0 and 1 (exclusive), got {val_split!r}.")

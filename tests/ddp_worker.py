@@ -21,6 +21,10 @@ finetune() over them (images every epoch, a ``cache_dir`` shared by the ranks) a
 
 ``stall``: rank 1's callback sleeps for 600 s without failing; with a short
 ``TRANSFERKIT_DIST_TIMEOUT`` rank 0's next collective times out and both ranks end.
+
+``other_data``: rank 1 reads the folder ``$RANK1_DATA`` instead (a copy with one image
+less); ``bad_export``: the export path is a folder, which rank 0 finds before training. In
+both, one rank fails and the other must end with its error, not wait for it.
 """
 
 import dataclasses
@@ -142,6 +146,15 @@ def fail_or_stall(data: str, mode: str) -> None:
                 **common(data))
 
 
+def one_rank_refuses(data: str, out: str, mode: str) -> None:
+    if mode == "other_data" and RANK == 1:
+        data = os.environ["RANK1_DATA"]
+    export = os.path.join(out, "folder.pt") if mode == "bad_export" else None
+    if export is not None:
+        os.makedirs(export, exist_ok=True)
+    tk.finetune("tk:small_cnn", policy="feature_extraction", epochs=1, batch_size=4, export=export, **common(data))
+
+
 def main() -> None:
     torch.set_num_threads(1)
     data, out = sys.argv[1], sys.argv[2]
@@ -150,6 +163,8 @@ def main() -> None:
         train(data, out)
     elif mode == "remote":
         remote(data, out)
+    elif mode in ("other_data", "bad_export"):
+        one_rank_refuses(data, out, mode)
     else:
         fail_or_stall(data, mode)
 

@@ -235,9 +235,9 @@ def _opened(cfg: FinetuneConfig, *, lock: bool, show_plan: bool = True) -> Itera
         set_deterministic(cfg.deterministic)
         env = environment(cfg)
         is_main = env[0].is_main
-        if is_main:
-            check_outputs(cfg)  # a bad output path fails now, not after training
         with rank_guard(env[0]), (_run_lock(cfg, is_main) if lock else contextlib.nullcontext()):
+            if is_main:  # inside the guard: its failure ends the other ranks at once
+                check_outputs(cfg)  # a bad output path fails now, not after training
             facts, inputs = look(cfg, env=env)
             d = decide(cfg, facts)
             if is_main:

@@ -33,9 +33,9 @@ from transferkit.data.audio import prepare_audio_data
 from transferkit.data.decoded import decode_census
 from transferkit.data.gpu_jpeg import input_decode_facts
 from transferkit.data.sampling import seed_everything
-from transferkit.data.fingerprint import data_fingerprint, quick_fingerprint
+from transferkit.data.fingerprint import data_fingerprint, listing_digest, quick_fingerprint
 from transferkit._text import exception_line
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, DataError
 from transferkit.hardware import conv_share, cpu_capability, device_bf16
 from transferkit.heads import build_head, resolve_head
 from transferkit.lora import add_lora
@@ -186,6 +186,7 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
     spec = resolve_input_spec(bb.input_spec, cfg.image_size)
     check_runs_at(bb, spec)
     bundle, n_out = _data(cfg, spec)
+    _check_same_data(bundle, info)
     bf16, why = device_bf16(dev)
     device = DeviceFacts(device=str(dev), type=dev.type, rank=info.rank, world_size=info.world_size,
                          local_world_size=_local_world_size(info), bf16=bf16, bf16_why=why,
@@ -217,6 +218,26 @@ def _engine_facts(cfg: FinetuneConfig, bb: Backbone, bundle: DataBundle, dev: to
                         dataset=bundle.train.view(transform=eval_transform(spec)), device=dev,
                         precision=speed["feature_precision"], channels_last=speed["channels_last"], n_images=n,
                         world_size=device.world_size, batch_size=batch, cache_dir=cfg.cache_dir, structure=bb.trunk)
+
+
+def _check_same_data(bundle: DataBundle, info: DistInfo) -> None:
+    """In a job of several processes, a [`DataError`][transferkit.DataError] on a rank that reads
+    other data than rank 0 (its classes, its number of training or validation items, or its
+    file listing: relative paths, labels and sizes): the ranks split the same sample indices,
+    so different data would train on a wrong mix, or hang a collective when the batch counts
+    differ. Copies of the data on each node agree (file times are not compared)."""
+    if not info.enabled:
+        return
+    mine = {"classes": list(bundle.classes), "train items": len(bundle.train),
+            "validation items": len(bundle.val) if bundle.val is not None else 0,
+            "file listing": [listing_digest(ds) for ds in (bundle.train, bundle.val) if ds is not None]}
+    ref = broadcast_object(mine if info.is_main else None, info)
+    differ = [f"the {k} (paths, labels, sizes) differs" if k == "file listing" else f"{k} {ref[k]!r} on rank 0, "
+              f"{mine[k]!r} here" for k in mine if mine[k] != ref[k]]
+    if differ:
+        raise DataError(f"Rank {info.rank} reads other data than rank 0: {'; '.join(differ)}. Every rank must read "
+                        "the same data (the same folder, file list or shards, fully copied to every node); check "
+                        "for a listing that differs between nodes or a copy still in progress.")
 
 
 def _input_decode_facts(cfg: FinetuneConfig, bundle: DataBundle, dev: torch.device, info: DistInfo,

@@ -146,8 +146,7 @@ def data_fingerprint(ds: Any) -> str:
     h.update(type(ds).__name__.encode())
     if hasattr(ds, "samples"):  # ImageFolderDataset (or anything listing (path, label) files)
         h.update(repr((getattr(ds, "min_size", None), getattr(ds, "max_seconds", None))).encode())
-        files = [os.path.abspath(p) for p, _ in ds.samples if isinstance(p, (str, os.PathLike))]
-        root = os.path.commonpath([os.path.dirname(f) for f in files]) if files else ""
+        root = _common_folder(ds.samples)
         for path, label in ds.samples:
             if isinstance(path, (str, os.PathLike)):
                 st = os.stat(path)
@@ -167,6 +166,28 @@ def data_fingerprint(ds: Any) -> str:
     else:
         for i in indices:
             _hash_item(h, base[i])
+    return h.hexdigest()
+
+
+def _common_folder(samples: Any) -> str:
+    """The deepest folder holding every file of ``(path, label)`` samples: paths count from it."""
+    folders = [os.path.dirname(os.path.abspath(p)) for p, _ in samples if isinstance(p, (str, os.PathLike))]
+    return os.path.commonpath(folders) if folders else ""
+
+
+def listing_digest(ds: Any) -> str | None:
+    """A hash of a file-based dataset's listing that copies of it share: each file's path
+    (from the folder that holds them all), label and size, no times; None for other datasets."""
+    samples = getattr(ds, "samples", None)
+    if samples is None:
+        return None
+    root = _common_folder(samples)
+    h = hashlib.blake2b(digest_size=16)
+    for path, label in samples:
+        if isinstance(path, (str, os.PathLike)):
+            h.update(f"{os.path.relpath(os.path.abspath(path), root)}\0{label}\0{os.path.getsize(path)}\n".encode())
+        else:
+            _hash_item(h, (path, label))
     return h.hexdigest()
 
 

@@ -78,8 +78,9 @@ def uneven_sizes(n: int, shards: int, seed: int = 0, empty: bool = True) -> list
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder; records each request; ``/slow/...`` waits before answering and
-    ``/short/...`` announces the whole file but sends half of it."""
+    """Serves a folder; records each request; ``/slow/...`` waits before answering,
+    ``/short/...`` announces the whole file but sends half of it, and ``/flaky/...`` answers
+    HTTP 503 to the first two GETs of each tar file."""
 
     def log_message(self, *args):  # quiet
         pass
@@ -89,11 +90,17 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def do_HEAD(self):
         self._record()
-        self.path = self.path.replace("/slow/", "/", 1).replace("/short/", "/", 1)
+        self.path = self.path.replace("/slow/", "/", 1).replace("/short/", "/", 1).replace("/flaky/", "/", 1)
         super().do_HEAD()
 
     def do_GET(self):
         self._record()
+        if self.path.startswith("/flaky/"):
+            if self.path.endswith(".tar") and sum(1 for m, p in self.server.requests
+                                                  if m == "GET" and p == self.path) <= 2:
+                self.send_error(503, "Service Unavailable")
+                return
+            self.path = self.path.replace("/flaky/", "/", 1)
         if self.path.startswith("/slow/"):
             time.sleep(0.5)
             self.path = self.path.replace("/slow/", "/", 1)

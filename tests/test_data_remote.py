@@ -19,6 +19,7 @@ from shard_helpers import folder_files, gets, serve, uneven_sizes, write_shards
 
 import transferkit as tk
 from transferkit.data import eval_transform, prepare_data
+from transferkit.data import remote
 from transferkit.data.remote import ShardCache, parse_bytes
 from transferkit.data.fingerprint import data_fingerprint
 from transferkit.train.loaders import make_loader
@@ -134,16 +135,21 @@ def test_a_changed_remote_shard_is_indexed_again(tmp_path):
         assert ds.read_bytes(0) == _items(folder)[::-1][0][0]
 
 
-def test_failed_fetches_are_one_line_errors(shards, tmp_path):
-    with serve(shards) as (base, _):
-        for bad, said in [(f"{base}/missing-{{0..1}}.tar", "missing-0.tar': HTTP 404"),
-                          ("pipe:false", "'pipe:false': the command exited with code 1"),
-                          ("pipe:echo no such bucket >&2; exit 3", "exited with code 3: no such bucket"),
-                          (f"{base}/short/train-000000.tar", "connection ended"),
-                          (f"file://{tmp_path}/nothing.tar", "does not exist")]:
+def test_failed_fetches_are_one_line_errors(shards, tmp_path, monkeypatch):
+    monkeypatch.setattr(remote, "RETRY_WAITS", (0.0, 0.0))  # a failure that may pass: 3 attempts, no waiting here
+    with serve(shards) as (base, requests):
+        for bad, said in [(f"{base}/missing-{{0..1}}.tar", "missing-0.tar': HTTP 404 File not found."),
+                          ("pipe:false", "'pipe:false': the command exited with code 1 (after 3 attempts over 0 s)."),
+                          ("pipe:echo no such bucket >&2; exit 3", "exited with code 3: no such bucket (after 3 "),
+                          (f"{base}/short/train-000000.tar", "connection ended early) (after 3 attempts"),
+                          (f"file://{tmp_path}/nothing.tar", "does not exist.")]:
             with pytest.raises(tk.DataError, match="Cannot fetch the shard") as info:
                 prepare_data(bad, val_split=0)
             assert said in str(info.value) and "\n" not in str(info.value), str(info.value)
+        del requests[:]
+        flaky = _quiet(prepare_data, f"{base}/flaky/train-000000.tar", val_split=0)  # 503 twice, then the shard
+        assert len(flaky.train) == len(_quiet(prepare_data, str(shards / "train-000000.tar"), val_split=0).train)
+        assert gets(requests) == ["/flaky/train-000000.tar"] * 3
         with pytest.raises(tk.DataError, match="remote folder, which cannot be listed"):
             prepare_data(f"{base}/", val_split=0)
     with pytest.raises(tk.DataError, match="read only as tar shards"):

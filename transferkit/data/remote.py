@@ -23,6 +23,10 @@ and bounded:
   temporary folder removed when the process exits. Files are named by a hash of the URL.
 - **Errors.** A failed fetch (an HTTP error, a command that exits with a non-zero code, a
   body shorter than its Content-Length) raises a one-line `ShardFetchError` naming the URL.
+  A failure that may pass (a dropped or refused connection, a timeout, a short body, HTTP
+  5xx, 429 or 408, a command's non-zero exit, another file system error than a missing
+  file) is tried again after each of `RETRY_WAITS` first; the error then says how many
+  attempts were made. A missing shard (HTTP 404, a missing file) fails at once.
 
 `remote_validators` reads what identifies a shard's current content without fetching it:
 ``ETag``, ``Content-Length`` and ``Last-Modified`` from an HTTP ``HEAD`` (or the size, ETag
@@ -41,6 +45,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +58,7 @@ DEFAULT_BUDGET = 16 * 2**30
 """Bytes of remote shards the shard cache keeps by default (16 GiB: a few dozen shards of
 the usual 0.1-1 GB); set ``TRANSFERKIT_SHARD_CACHE`` (``500M``, ``20G``, or bytes) to change it."""
 TIMEOUT = 60.0  # seconds without a byte from an HTTP server before a fetch fails
+RETRY_WAITS = (1.0, 4.0, 16.0)  # seconds before each new attempt of a fetch whose failure may pass
 CHUNK = 1 << 20
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "hf": "huggingface_hub",
@@ -60,7 +66,10 @@ _PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs":
 
 
 class ShardFetchError(DataError):
-    """A remote shard that could not be fetched (not a bad shard: nothing was read)."""
+    """A remote shard that could not be fetched (not a bad shard: nothing was read).
+    ``transient``: the failure may pass (a fetch is tried again, see `stream_to`)."""
+
+    transient = False
 
 
 def is_url(spec: Any) -> bool:
@@ -101,8 +110,10 @@ def _fsspec(url: str) -> Any:
     return fsspec
 
 
-def _fail(url: str, what: str) -> ShardFetchError:
-    return ShardFetchError(f"Cannot fetch the shard {url!r}: {what}.")
+def _fail(url: str, what: str, *, transient: bool = False) -> ShardFetchError:
+    exc = ShardFetchError(f"Cannot fetch the shard {url!r}: {what}.")
+    exc.transient = transient
+    return exc
 
 
 def _http_validators(headers: Any) -> dict[str, str]:
@@ -152,7 +163,25 @@ def remote_validators(url: str) -> dict[str, str]:
 
 def stream_to(url: str, dest: str | Path) -> dict[str, str]:
     """Copy the shard ``url`` front to back into the file ``dest`` (in chunks); returns the
-    validators its response gave. Raises `ShardFetchError` when the fetch fails."""
+    validators its response gave. Raises `ShardFetchError` when the fetch fails; a failure
+    that may pass is tried again after each of `RETRY_WAITS` first (see the module docstring)."""
+    waited = 0.0
+    for attempt, wait in enumerate((*RETRY_WAITS, None), start=1):
+        try:
+            return _stream_once(url, dest)
+        except ShardFetchError as exc:
+            if not exc.transient or wait is None:
+                if attempt == 1:
+                    raise
+                raise ShardFetchError(f"{str(exc).rstrip('.')} (after {attempt} attempts over {waited:.0f} s).") \
+                    from None
+            time.sleep(wait)
+            waited += wait
+    raise AssertionError("unreachable")
+
+
+def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
+    """One attempt of `stream_to`."""
     kind = scheme(url)
     with open(dest, "wb") as out:
         if kind == "pipe":
@@ -168,7 +197,7 @@ def stream_to(url: str, dest: str | Path) -> dict[str, str]:
                     err.seek(0)
                     lines = err.read().decode("utf-8", errors="replace").strip().splitlines()
                     said = f": {lines[-1].strip()}" if lines else ""
-                    raise _fail(url, f"the command exited with code {code}{said}")
+                    raise _fail(url, f"the command exited with code {code}{said}", transient=True)
             return {}
         if kind in ("http", "https"):
             import http.client
@@ -180,15 +209,17 @@ def stream_to(url: str, dest: str | Path) -> dict[str, str]:
                     got = _http_validators(r.headers)
                     shutil.copyfileobj(r, out, CHUNK)
             except urllib.error.HTTPError as exc:
-                raise _fail(url, f"HTTP {exc.code} {exc.reason}") from None
+                raise _fail(url, f"HTTP {exc.code} {exc.reason}", transient=exc.code >= 500 or exc.code in (408, 429)) \
+                    from None
             except http.client.IncompleteRead as exc:
                 raise _fail(url, f"the connection ended after {out.tell() + len(exc.partial)} bytes, before the "
-                                 "end of the body") from None
+                                 "end of the body", transient=True) from None
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-                raise _fail(url, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from None
+                raise _fail(url, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}", transient=True) from None
             n = out.tell()
             if "content-length" in got and int(got["content-length"]) != n:
-                raise _fail(url, f"the server sent {n} of {got['content-length']} bytes (the connection ended early)")
+                raise _fail(url, f"the server sent {n} of {got['content-length']} bytes (the connection ended early)",
+                            transient=True)
             return got
         fsspec = _fsspec(url)
         try:
@@ -197,7 +228,7 @@ def stream_to(url: str, dest: str | Path) -> dict[str, str]:
         except FileNotFoundError:
             raise _fail(url, "it does not exist") from None
         except Exception as exc:  # noqa: BLE001 - each file system has its own errors
-            raise _fail(url, f"{type(exc).__name__}: {exc}") from None
+            raise _fail(url, f"{type(exc).__name__}: {exc}", transient=True) from None
         return {}
 
 

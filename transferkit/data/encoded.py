@@ -218,8 +218,8 @@ def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what
     ints = [lab for lab in labels if isinstance(lab, (int, np.integer))]
     names = [lab for lab in labels if isinstance(lab, str)]
     if ints and names:
-        raise DataError(f"{what} mixes integer labels and class names (e.g. {ints[0]!r} and {names[0]!r}); use one "
-                        "kind (cls: the class index; txt or json 'label': the class name).")
+        raise DataError(f"{what}: integer labels and class names are mixed (e.g. {ints[0]!r} and {names[0]!r}); use "
+                        "one kind (cls: the class index; txt or json 'label': the class name).")
     out = np.full(len(labels), -1, dtype=np.int64)
     if names:
         classes = list(classes) if classes else sorted(set(names))

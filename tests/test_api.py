@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -200,3 +202,14 @@ def test_a_bad_target_past_the_ones_read_before_training_is_named_when_loaded(mo
     tk.plan("tk:small_cnn", data=data, task="multilabel", val_split=0, **COMMON)
     with pytest.raises(DataError, match=r"training item 4 is|item 4 is \[1.0, 7.0\]"):
         tk.finetune("tk:small_cnn", data=data, task="multilabel", val_split=0, epochs=1, policy="full", **COMMON)
+
+
+def test_regression_targets_far_from_unit_scale_are_warned_about():
+    levels = np.random.default_rng(0).uniform(0, 1, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # targets in [0, 1]: nothing to say
+        tk.plan("tk:small_cnn", data=Targets(levels.tolist()), task="regression", **COMMON)
+    for targets, said in (((levels + 1000).tolist(), r"'0' \(mean 1e\+03, std 0.3"),
+                          ((levels * 1000).tolist(), r"'0' \(mean 512, std 330\)"), ([5.0] * 20, r"mean 5, std 0\)")):
+        with pytest.warns(UserWarning, match=rf"Regression targets far from mean 0 and std 1: .*{said}.*Standardise"):
+            tk.plan("tk:small_cnn", data=Targets(targets), task="regression", **COMMON)

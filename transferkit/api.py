@@ -235,9 +235,11 @@ def _opened(cfg: FinetuneConfig, *, lock: bool, show_plan: bool = True) -> Itera
         set_deterministic(cfg.deterministic)
         env = environment(cfg)
         is_main = env[0].is_main
-        with rank_guard(env[0]), (_run_lock(cfg, is_main) if lock else contextlib.nullcontext()):
+        with rank_guard(env[0]), contextlib.ExitStack() as held:
             if is_main:  # inside the guard: its failure ends the other ranks at once
-                check_outputs(cfg)  # a bad output path fails now, not after training
+                check_outputs(cfg)  # a bad output path fails now, not after training (and before its lock)
+            if lock:
+                held.enter_context(_run_lock(cfg, is_main))
             facts, inputs = look(cfg, env=env)
             d = decide(cfg, facts)
             if is_main:

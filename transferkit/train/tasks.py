@@ -22,6 +22,7 @@ from torch import nn
 
 from transferkit.data.images import TransformedDataset
 from transferkit.data.bundle import DataBundle, prepare_data
+from transferkit.data.checks import DataReport
 from transferkit.data.images import dataset_targets
 from transferkit.errors import ConfigError, DataError, check_choice
 from transferkit.heads import TASKS
@@ -149,16 +150,35 @@ class TargetDataset(TransformedDataset):
         out.task, out.width = self.task, self.width  # type: ignore[attr-defined]
         return out  # type: ignore[return-value]
 
-    def checked(self, task: str, width: int, what: str) -> TargetDataset:
-        """This dataset with every target checked when loaded, and up to `TARGETS_CHECKED` of
-        them (evenly spaced) now, so that bad targets fail before training."""
+    def checked(self, task: str, width: int, what: str) -> list[torch.Tensor]:
+        """Check every target of this dataset when it is loaded, and up to `TARGETS_CHECKED`
+        of them (evenly spaced) now, so that bad targets fail before training; returns those."""
         self.task, self.width = task, width
         n, k = len(self), min(TARGETS_CHECKED, len(self))
+        out = []
         for i in sorted({round(j * (n - 1) / max(k - 1, 1)) for j in range(k)}):
             item = self.base[self.indices[i]]
             if isinstance(item, (tuple, list)) and len(item) == 2:
-                check_target(item[1], task=task, width=width, where=f"{what} item {self.indices[i]}")
-        return self
+                out.append(check_target(item[1], task=task, width=width, where=f"{what} item {self.indices[i]}"))
+        return out
+
+
+def warn_target_scale(targets: list[torch.Tensor], names: Sequence[str], report: DataReport) -> None:
+    """One warning for regression targets far from mean 0 and std 1 (from ``targets``, those
+    read before training): the head starts at 0 and the MSE loss works in the targets' units,
+    so such targets train slowly or not at all; standardising them is the caller's fix."""
+    if len(targets) < 2:
+        return
+    y = torch.stack(targets).double()
+    mean, std = y.mean(0), y.std(0)
+    odd = [f"{names[j]!r} (mean {mean[j]:.3g}, std {std[j]:.3g})" for j in range(y.shape[1])
+           if std[j] == 0 or not 1e-2 <= std[j] <= 1e2 or abs(mean[j]) > 10 * std[j]]
+    if odd:
+        shown = ", ".join(odd[:5]) + (" ..." if len(odd) > 5 else "")
+        report.warn(f"Regression targets far from mean 0 and std 1: {shown} (from {len(targets)} training "
+                    "targets). The head starts at 0 and the MSE loss works in the "
+                    "targets' units, so they train slowly or not at all (a constant target cannot be learned from "
+                    "the images). Standardise them, (y - mean) / std, and undo it on the predictions.")
 
 
 def target_width(ds: TargetDataset) -> int:
@@ -192,15 +212,20 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ConfigError(f"classes names {twice} more than once; each output needs a name of its own.")
-    train = train.checked(task, width, "training")
-    val = TargetDataset(val_data).checked(task, width, "validation") if val_data is not None else None
+    report = DataReport()
+    seen = train.checked(task, width, "training")
+    if task == "regression":
+        warn_target_scale(seen, names, report)
+    val = TargetDataset(val_data) if val_data is not None else None
+    if val is not None:
+        val.checked(task, width, "validation")
     if val is None and val_split:
         if not 0.0 < val_split < 1.0:
             raise DataError(f"val_split must be between 0 and 1 (exclusive), got {val_split!r}.")
         order = np.random.default_rng(seed).permutation(len(train)).tolist()
         n_val = max(1, int(round(len(train) * val_split)))
         train, val = train.view(sorted(order[n_val:])), train.view(sorted(order[:n_val]))
-    return DataBundle(train=train, val=val, classes=names), width
+    return DataBundle(train=train, val=val, classes=names, report=report), width
 
 
 def resolve_class_weights(class_weights: Any, task: str, bundle: DataBundle) -> list[float] | None:

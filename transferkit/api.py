@@ -20,7 +20,7 @@ from typing import Any
 from transferkit._progress import EpochLog
 from transferkit._signals import terminate_as_interrupt
 from transferkit.backbones import Backbone
-from transferkit._text import wrap_lines
+from transferkit._text import plural, wrap_lines
 from transferkit.config import FinetuneConfig, unknown_key_error
 from transferkit.data import DataReport
 from transferkit.errors import ConfigError, suggest
@@ -191,8 +191,10 @@ class FinetuneResult:
 
     def __repr__(self) -> str:
         score = {k: round(v, 4) for k, v in self.best.items() if isinstance(v, float)}
-        return (f"FinetuneResult({self.backbone.name}, policy={str(self.policy)!r}, {len(self.classes)} classes, "
-                f"{len(self.history)} epochs, best={score}, export={str(self.export_path) if self.export_path else None})")
+        kind = {"multiclass": ("class", "classes"), "multilabel": ("label", "labels")}.get(self.task, ("output",))
+        return (f"FinetuneResult({self.backbone.name}, policy={str(self.policy)!r}, "
+                f"{plural(len(self.classes), *kind)}, {plural(len(self.history), 'epoch')}, best={score}, "
+                f"export={str(self.export_path) if self.export_path else None})")
 
 
 def _config(config: FinetuneConfig | str | Backbone | None, options: dict[str, Any]) -> FinetuneConfig:

@@ -24,7 +24,8 @@ finetune() over them (images every epoch, a ``cache_dir`` shared by the ranks) a
 
 ``other_data``: rank 1 reads the folder ``$RANK1_DATA`` instead (a copy with one image
 less); ``bad_export``: the export path is a folder, which rank 0 finds before training. In
-both, one rank fails and the other must end with its error, not wait for it.
+both, the failing rank then lingers as in ``fail``, and the other must end by itself with
+its error.
 """
 
 import dataclasses
@@ -175,8 +176,9 @@ if __name__ == "__main__":
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
-        if RANK == 1 and len(sys.argv) > 3 and sys.argv[3] == "fail":
-            time.sleep(LINGER_S)  # a failed rank that does not exit
+        failing = {"fail": 1, "other_data": 1, "bad_export": 0}.get(sys.argv[3] if len(sys.argv) > 3 else "")
+        if RANK == failing:
+            time.sleep(LINGER_S)  # a failed rank that does not exit: the other must end by itself
             print("rank 1 lingered to its end", flush=True)  # the test checks the job never waits this long
         exit_cleanly(1)
     exit_cleanly(0)

@@ -138,11 +138,11 @@ class TargetDataset(TransformedDataset):
         where = f"item {self.indices[i]}"
         try:
             x, target = super().__getitem__(i)
-        except (TypeError, ValueError) as exc:  # a target that is not numbers: said as check_target says it
+        except (TypeError, ValueError):  # a target that is not numbers: said as check_target says it
             item = self.base[self.indices[i]]
             if isinstance(item, (tuple, list)) and len(item) >= 2:
                 check_target(item[1], task=self.task, width=self.width, where=where)
-            raise exc
+            raise
         return x, check_target(target.tolist(), task=self.task, width=self.width, where=where)
 
     def view(self, indices: Sequence[int] | None = None, transform: Any = None) -> TargetDataset:
@@ -176,9 +176,9 @@ def warn_target_scale(targets: list[torch.Tensor], names: Sequence[str], report:
     if odd:
         shown = ", ".join(odd[:5]) + (" ..." if len(odd) > 5 else "")
         report.warn(f"Regression targets far from mean 0 and std 1: {shown} (from {len(targets)} training "
-                    "targets). The head starts at 0 and the MSE loss works in the "
-                    "targets' units, so they train slowly or not at all (a constant target cannot be learned from "
-                    "the images). Standardise them, (y - mean) / std, and undo it on the predictions.")
+                    "targets). The head starts at 0 and the MSE loss works in the targets' units, so they train "
+                    "slowly or not at all (a constant target cannot be learned from the images). Standardise them, "
+                    "(y - mean) / std, and undo it on the predictions.")
 
 
 def target_width(ds: TargetDataset) -> int:

@@ -79,3 +79,11 @@ def test_classification_metrics_match_scikit_learn():
     assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, p))
     assert m["confusion_matrix"] == skm.confusion_matrix(y, p, labels=[0, 1, 2, 3]).tolist()
     assert m["top2_accuracy"] == pytest.approx(skm.top_k_accuracy_score(y, logits.numpy(), k=2, labels=[0, 1, 2, 3]))
+    # a class the data lack and that is never predicted keeps its row of zeros but is left out of the macro
+    # averages, as scikit-learn leaves out labels absent from both
+    logits[:, 3] = -100.0
+    m = classification_metrics(logits, labels, ["a", "b", "c", "d"])
+    y, p = labels.numpy(), logits.argmax(1).numpy()
+    assert m["per_class"]["d"]["support"] == 0 and m["per_class"]["d"]["f1-score"] == 0
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, p, average="macro", zero_division=0))
+    assert m["per_class"]["macro avg"]["recall"] == pytest.approx(skm.recall_score(y, p, average="macro"))

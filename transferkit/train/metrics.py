@@ -39,7 +39,10 @@ def classification_report(cm: np.ndarray, classes: Sequence[str]) -> dict[str, A
     """Per-class precision, recall, F1 and support, plus accuracy and macro/weighted averages,
     from a confusion matrix; the same numbers and keys as scikit-learn's
     ``classification_report(..., output_dict=True, zero_division=0)`` (computed with NumPy: importing
-    scikit-learn costs seconds, more than training a head on cached features)."""
+    scikit-learn costs seconds, more than training a head on cached features). As there, the
+    macro averages are over the classes that occur in the labels or the predictions: a class
+    of the model that the evaluated data lack and that is never predicted has a row of zeros
+    but does not count in them."""
     tp = np.diag(cm).astype(np.float64)
     support = cm.sum(1).astype(np.float64)
     predicted = cm.sum(0).astype(np.float64)
@@ -51,8 +54,10 @@ def classification_report(cm: np.ndarray, classes: Sequence[str]) -> dict[str, A
                            for c, p, r, f, n in zip(classes, precision, recall, f1, support)}
     total = support.sum()
     out["accuracy"] = float(tp.sum() / total) if total else 0.0
-    out["macro avg"] = {"precision": float(precision.mean()), "recall": float(recall.mean()),
-                        "f1-score": float(f1.mean()), "support": float(total)}
+    seen = (support > 0) | (predicted > 0)
+    seen = seen if seen.any() else np.ones_like(seen)
+    out["macro avg"] = {"precision": float(precision[seen].mean()), "recall": float(recall[seen].mean()),
+                        "f1-score": float(f1[seen].mean()), "support": float(total)}
     w = support / total if total else np.zeros_like(support)
     out["weighted avg"] = {"precision": float(precision @ w), "recall": float(recall @ w), "f1-score": float(f1 @ w),
                            "support": float(total)}

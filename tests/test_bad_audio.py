@@ -287,3 +287,14 @@ def test_dataset_with_reporting_collate_survives_worker_processes(tmp_path):
     with pytest.warns(UserWarning, match="nan.wav"):
         n = sum(len(y) for _, y in loader)
     assert n == len(ds) and [Path(p).name for p in ds.report.bad_at_load] == ["nan.wav"]
+
+
+def test_the_predictor_crops_to_the_window_training_used_never_less_than_clip_seconds():
+    from transferkit.export.metadata import audio_max_seconds
+
+    def meta(clip, most):
+        return {"input_spec": {"kind": "audio", "sample_rate": RATE, "clip_seconds": clip},
+                "decisions": {"config": {"max_seconds": most}}}
+    assert audio_max_seconds(meta(40.0, 30.0)) == 40.0  # training raised max_seconds to clip_seconds too
+    assert audio_max_seconds(meta(0.5, 30.0)) == 30.0 and audio_max_seconds(meta(0.5, None)) is None
+    assert audio_max_seconds({"input_spec": {"kind": "audio"}}) == DEFAULT_MAX_SECONDS

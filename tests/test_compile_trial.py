@@ -382,3 +382,30 @@ def test_compile_true_compiles_the_model_that_trains_end_to_end_not_the_head_on_
         assert frozen.decisions.cache and compiled == []
         staged = tk.finetune("tk:small_cnn", policy="fine_tune:frozen=1", **common)
     assert staged.decisions.cached_epochs == 1 and compiled == [staged.model]
+
+
+def test_a_failure_of_the_loss_on_a_new_shape_is_not_taken_for_a_compile_failure():
+    # the first compiled step of the short last batch: its labels are out of range; the loss raises, not compile
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    clock = _Clock()
+
+    def compiled(x):
+        clock.now += 0.5
+        return model.forward(x)
+
+    def eager(x):
+        clock.now += 1.0
+        return model.forward(x)
+    trial = ct.CompileTrial(steps_left=10**6, estimate_s=0.0, clock=clock, compile_fn=lambda m: compiled)
+    runner = trial.wrap(eager)
+    x, y = torch.randn(8 * 12 + 3, 4), torch.zeros(8 * 12 + 3, dtype=torch.long)
+    y[-1] = 5  # no such class
+    loop = Loop(optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=torch.nn.functional.cross_entropy,
+                set_mode=lambda e: None, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "torch.compile failed" warning
+        with pytest.raises(IndexError, match="out of bounds"):
+            train_one_epoch(runner, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8),
+                            loop)
+    assert trial.runs == "compiled" and "eager_from_step" not in trial.record

@@ -154,6 +154,11 @@ def test_failed_fetches_are_one_line_errors(shards, tmp_path, monkeypatch):
             prepare_data(f"{base}/", val_split=0)
     with pytest.raises(tk.DataError, match="read only as tar shards"):
         prepare_data("https://example.com/data.parquet", val_split=0)
+    # a full or read-only disk, or refused access, does not pass by waiting: one attempt
+    import errno
+
+    assert not remote._may_pass(OSError(errno.ENOSPC, "No space left on device"))
+    assert not remote._may_pass(PermissionError("Access Denied")) and remote._may_pass(ConnectionResetError())
 
 
 def test_a_truncated_remote_shard_is_a_bad_shard_and_is_not_cached(shards, tmp_path):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -215,7 +216,8 @@ def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
                 raise _fail(url, f"the connection ended after {out.tell() + len(exc.partial)} bytes, before the "
                                  "end of the body", transient=True) from None
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-                raise _fail(url, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}", transient=True) from None
+                raise _fail(url, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}", transient=_may_pass(exc)) \
+                    from None
             n = out.tell()
             if "content-length" in got and int(got["content-length"]) != n:
                 raise _fail(url, f"the server sent {n} of {got['content-length']} bytes (the connection ended early)",
@@ -228,8 +230,17 @@ def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
         except FileNotFoundError:
             raise _fail(url, "it does not exist") from None
         except Exception as exc:  # noqa: BLE001 - each file system has its own errors
-            raise _fail(url, f"{type(exc).__name__}: {exc}", transient=True) from None
+            raise _fail(url, f"{type(exc).__name__}: {exc}", transient=_may_pass(exc)) from None
         return {}
+
+
+_FINAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _may_pass(exc: BaseException) -> bool:
+    """Whether a fetch that raised ``exc`` may succeed when tried again: not when access is
+    refused or the shard cache's disk is full or read-only."""
+    return not (isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno in _FINAL_ERRNOS))
 
 
 def _flock(fd: int, op: int) -> None:

@@ -126,7 +126,7 @@ class InputPipeline:
                             "waveforms [T] at the model's sample rate, or (waveform, sample_rate) pairs.")
         clip, rate = self.spec.clip_seconds, int(self.spec.sample_rate)  # type: ignore[arg-type]
         is_file = isinstance(item, (str, Path))
-        long_file = is_file and clip is None and self.max_seconds is not None and self._longer(item)
+        long_file = is_file and self.max_seconds is not None and self._longer(item)
         cut: list[float] = []  # the seconds of an in-memory waveform max_seconds crops
         wav = self._to_waveform(item, rate, max_seconds=self.max_seconds, on_crop=cut.append)
         # the model sees less than a longer clip (its middle max_seconds, or clip_seconds), as in training: say so

@@ -100,8 +100,12 @@ def run_config(meta: dict[str, Any]) -> dict[str, Any]:
 def audio_max_seconds(meta: dict[str, Any]) -> float | None:
     """The ``max_seconds`` of the run that made an audio export: the window its clips were
     cropped to in training and are cropped to in prediction (`DEFAULT_MAX_SECONDS` for a
-    file that does not record it; None: whole clips)."""
-    return run_config(meta).get("max_seconds", DEFAULT_MAX_SECONDS)
+    file that does not record it; None: whole clips), never less than the input spec's
+    ``clip_seconds``, as in training (`transferkit.data.audio.prepare_audio_data`)."""
+    most = run_config(meta).get("max_seconds", DEFAULT_MAX_SECONDS)
+    spec = meta.get("input_spec") if isinstance(meta.get("input_spec"), dict) else {}
+    clip = spec.get("clip_seconds")
+    return max(float(most), float(clip)) if most is not None and clip else most
 
 
 def _fail(source: str, problem: str) -> ExportError:

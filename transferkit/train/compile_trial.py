@@ -264,13 +264,14 @@ class _TrialRunner:
             return self.module(x)
 
     def recover(self, exc: BaseException) -> bool:
-        """After the step raised ``exc`` outside this module (in its backward): True where that
+        """After the step's backward raised ``exc`` (outside this module): True where that
         was the first compiled step of its input signature (the state is put back and the rest
         of the run is eager: the caller runs the step again), False for any other step (the
         caller raises ``exc``)."""
         if self.mode != "compiled" or self.saved is None:
             return False
         self._back_to_eager(exc)
+        self.trial._calls -= 1  # the step runs again: one step, not two
         return True
 
     def _back_to_eager(self, exc: BaseException) -> None:

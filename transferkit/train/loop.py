@@ -147,20 +147,13 @@ def train_one_epoch(module: nn.Module, loader: DataLoader, loop: Loop, *, desc: 
     lr per group of the epoch's last step (``lr``, ``lr_groups``).
     """
     speed, optimizer, scheduler, scaler = loop.speed, loop.optimizer, loop.scheduler, loop.scaler
-    task, recover, end_epoch = loop.task, getattr(module, "recover", None), getattr(module, "end_epoch", None)
+    task, end_epoch = loop.task, getattr(module, "end_epoch", None)
     total_loss, correct, seen = 0.0, 0.0, 0
     last_lr, last_groups = base_lr(optimizer), group_lrs(optimizer)
     bar = _progress(loader, desc, verbose, loop.unit)
     for x, y in loader:
         x, y = speed.to_device(x), y.to(speed.device, non_blocking=True)
-        try:
-            logits, loss = _forward_backward(module, x, y, loop, desc)
-        except TrainingError:
-            raise
-        except Exception as exc:  # a compile trial's compiled step that failed (recover: eager from here), else raised
-            if recover is None or not recover(exc):
-                raise
-            logits, loss = _forward_backward(module, x, y, loop, desc)
+        logits, loss = _forward_backward(module, x, y, loop, desc, recover=getattr(module, "recover", None))
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -183,9 +176,12 @@ def train_one_epoch(module: nn.Module, loader: DataLoader, loop: Loop, *, desc: 
             "loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "lr": last_lr, "lr_groups": last_groups}
 
 
-def _forward_backward(module: nn.Module, x: Any, y: torch.Tensor, loop: Loop, desc: str) -> tuple[Any, Any]:
+def _forward_backward(module: nn.Module, x: Any, y: torch.Tensor, loop: Loop, desc: str, *,
+                      recover: Callable[[BaseException], bool] | None = None) -> tuple[Any, Any]:
     """One step's forward and backward (the gradients of ``loop.optimizer``'s parameters set
-    anew): the logits and the loss."""
+    anew): the logits and the loss. ``recover``: a compile trial's (`transferkit.train.compile_trial`),
+    told when the backward fails; where it takes the failure (a compiled backward), the step
+    runs again, eager. Out of memory is not its to take."""
     optimizer, scaler, penalty = loop.optimizer, loop.scaler, loop.penalty
     with loop.speed.autocast():
         logits = module(x)
@@ -196,7 +192,12 @@ def _forward_backward(module: nn.Module, x: Any, y: torch.Tensor, loop: Loop, de
                             f"({base_lr(optimizer):.3g}) is probably too high: lower it, "
                             "or check the inputs for NaN/inf.")
     optimizer.zero_grad(set_to_none=True)
-    (objective if scaler is None else scaler.scale(objective)).backward()
+    try:
+        (objective if scaler is None else scaler.scale(objective)).backward()
+    except Exception as exc:
+        if recover is None or isinstance(exc, torch.OutOfMemoryError) or not recover(exc):
+            raise
+        return _forward_backward(module, x, y, loop, desc)
     return logits, loss
 
 

@@ -11,6 +11,7 @@ import torchaudio
 
 from transferkit import Policy, WeightsError, apply_policy, build_model, get_backbone, list_backbones
 from transferkit.backbones.spectrogram import SpecAugment, spectrogram_backbone
+from transferkit.errors import BackboneError
 from transferkit.backbones.torchaudio_source import TINY
 from transferkit.data.audio import pad_waveforms
 from transferkit.export.torchscript import export_torchscript, load_scripted
@@ -233,6 +234,8 @@ def test_a_spectrogram_clip_gives_the_same_features_alone_as_in_any_batch_outsid
         trained = trunk.train()(pad_waveforms(clips))  # training: one batch (BatchNorm's statistics), padded
         assert calls == [6] and trained.shape == batch.shape and torch.isfinite(trained).all()
     assert trunk.min_samples > trunk.melspec.n_fft // 2 and f"min_samples={trunk.min_samples}" in repr(trunk)
+    with pytest.raises(BackboneError, match="runs on no log-mel image of 2 mel bands"):  # too few bands to pool
+        spectrogram_backbone("tk:small_cnn", sample_rate=8000, n_mels=2)
 
 
 def test_spec_augment_masks_only_in_training_mode():

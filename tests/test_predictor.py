@@ -138,6 +138,7 @@ def test_task_sets_the_output_function(task, tmp_path, capsys):
     for bad in (1.5, -0.1, float("nan"), "0.5", True):
         with pytest.raises(ConfigError, match=r"threshold must be a probability in \[0, 1\]"):
             pred.predict(x, threshold=bad)
+    assert len(pred.predict(x, threshold=np.float32(0.5))) == 2  # any real number
     if task == "regression":  # `transferkit predict --csv` writes each value in full
         from transferkit.cli import main
 

@@ -275,3 +275,16 @@ def test_single_process_helpers_are_plain():
         raise KeyError("x")
     with pytest.raises(tk.TrainingError, match="call init_distributed"), rank_guard(DistInfo(rank=1, world_size=2)):
         pass  # distributed but no process group: an error, not a guard that silently does nothing
+
+
+def test_copies_of_a_folder_share_their_listing_and_a_renamed_file_does_not(images, tmp_path):
+    # what the ranks compare before computing: a copy on each node agrees; the same count with another listing not
+    from transferkit.data import ImageFolderDataset
+    from transferkit.data.fingerprint import listing_digest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(images, copy)
+    assert listing_digest(ImageFolderDataset(copy)) == listing_digest(ImageFolderDataset(images))
+    first = next(copy.rglob("*.png"))
+    first.rename(first.with_name("renamed.png"))
+    assert listing_digest(ImageFolderDataset(copy)) != listing_digest(ImageFolderDataset(images))

@@ -182,8 +182,10 @@ def padded_length(lengths: Tensor, unit: int) -> Tensor:
 def min_clip_samples(trunk: SpectrogramTrunk, *, n_mels: int, n_fft: int, hop_length: int) -> int:
     """The fewest input samples ``trunk`` runs on: more than the centred STFT reflects
     (``n_fft // 2``), and the frames of the narrowest log-mel image its image trunk takes
-    (tried at 1, 2, 4, ... 256 frames, in eval mode; a resized image takes any)."""
-    frames = 1
+    (tried at 1, 2, 4, ... 256 frames, in eval mode; a resized image takes any). An image
+    trunk that takes none of them (too few mel bands for its depth, or a fixed input size)
+    is a `BackboneError`."""
+    frames, error = 1, None
     if trunk.out_h == 0:
         image, was = trunk.image, trunk.image.training
         image.eval()
@@ -192,11 +194,17 @@ def min_clip_samples(trunk: SpectrogramTrunk, *, n_mels: int, n_fft: int, hop_le
                 for frames in (1, 2, 4, 8, 16, 32, 64, 128, 256):
                     try:
                         image(torch.zeros(1, trunk.channels, n_mels, frames))
+                        error = None
                         break
-                    except RuntimeError:  # too small for its pooling or kernels
-                        continue
+                    except RuntimeError as exc:  # too small for its pooling or kernels
+                        error = exc
         finally:
             image.train(was)
+        if error is not None:
+            raise BackboneError(f"The image trunk runs on no log-mel image of {n_mels} mel bands and up to 256 frames "
+                                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Use "
+                                "more mel bands (n_mels), or image_size= to resize the spectrogram to the size the "
+                                "image backbone takes.")
     model_rate = max(n_fft // 2 + 1, (frames - 1) * hop_length + 1)
     return math.ceil(model_rate / trunk.ratio)
 

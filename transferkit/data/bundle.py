@@ -69,8 +69,7 @@ def warn_unvalidated_classes(targets: Sequence[int], val_idx: Sequence[int], nam
     report.warn(f"{plural(len(missing), 'class', 'classes')} of {len(counts)} {'has' if len(missing) == 1 else 'have'} "
                 f"no validation example: {shown}{' ...' if len(missing) > 10 else ''}. They are trained on but never "
                 "validated (the validation metrics, the best epoch and early stopping do not see them). Add examples "
-                "(two or more per class, so that val_split holds one out), or give validation data that hold them "
-                "(val_data=, or a val/ folder beside train/).")
+                "of them, or give validation data that hold them (val_data=, or a val/ folder beside train/).")
 
 
 def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what: str, report: DataReport,

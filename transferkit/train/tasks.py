@@ -127,6 +127,7 @@ class TargetDataset(TransformedDataset):
 
     task: str | None = None
     width: int | None = None
+    what: str = ""  # "training" or "validation", for errors
 
     @staticmethod
     def convert_target(target: Any) -> torch.Tensor:
@@ -135,7 +136,7 @@ class TargetDataset(TransformedDataset):
     def __getitem__(self, i: int) -> tuple[Any, Any]:
         if self.task is None:
             return super().__getitem__(i)
-        where = f"item {self.indices[i]}"
+        where = f"{self.what} item {self.indices[i]}".lstrip()
         try:
             x, target = super().__getitem__(i)
         except (TypeError, ValueError):  # a target that is not numbers: said as check_target says it
@@ -147,18 +148,18 @@ class TargetDataset(TransformedDataset):
 
     def view(self, indices: Sequence[int] | None = None, transform: Any = None) -> TargetDataset:
         out = super().view(indices, transform)
-        out.task, out.width = self.task, self.width  # type: ignore[attr-defined]
+        out.task, out.width, out.what = self.task, self.width, self.what  # type: ignore[attr-defined]
         return out  # type: ignore[return-value]
 
     def checked(self, task: str, width: int, what: str) -> list[torch.Tensor]:
         """Check every target of this dataset when it is loaded, and up to `TARGETS_CHECKED`
         of them (evenly spaced) now, so that bad targets fail before training; returns those."""
-        self.task, self.width = task, width
+        self.task, self.width, self.what = task, width, what
         n, k = len(self), min(TARGETS_CHECKED, len(self))
         out = []
         for i in sorted({round(j * (n - 1) / max(k - 1, 1)) for j in range(k)}):
-            item = self.base[self.indices[i]]
-            if isinstance(item, (tuple, list)) and len(item) == 2:
+            item = self.base[self.indices[i]]  # the whole item: a Dataset gives its targets with its images
+            if isinstance(item, (tuple, list)) and len(item) >= 2:
                 out.append(check_target(item[1], task=task, width=width, where=f"{what} item {self.indices[i]}"))
         return out
 

@@ -156,7 +156,7 @@ def test_probe_breaks_an_accuracy_tie_by_the_log_loss():
     assert res.C == min(res.losses, key=res.losses.get) == 1.0
 
 
-def test_linear_probe_end_to_end_exports(image_folder, tmp_path):
+def test_linear_probe_end_to_end_exports(image_folder, tmp_path, monkeypatch):
     r = tk.linear_probe("tk:small_cnn", weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0,
                         verbose=False, Cs=[0.01, 1.0], export=tmp_path / "probe.pt")
     assert r.used_feature_cache and r.history == []
@@ -171,6 +171,14 @@ def test_linear_probe_end_to_end_exports(image_folder, tmp_path):
                             num_workers=0, verbose=False, Cs=[1.0])
     heads = weighted.model.head.state_dict(), plain.model.head.state_dict()
     assert any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[1])  # the weights changed the fit
+    import transferkit.train.probe as probe
+
+    given, fit = [], probe.fit_logistic_probe  # the weight of each class reaches scikit-learn by its index
+    monkeypatch.setattr(probe, "fit_logistic_probe", lambda *a, **k: given.append(k["class_weight"]) or fit(*a, **k))
+    for weights in ([1.0, 50.0], "balanced", None):
+        tk.linear_probe("tk:small_cnn", weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0,
+                        verbose=False, Cs=[1.0], class_weights=weights)
+    assert given == [{0: 1.0, 1: 50.0}, "balanced", None] and weighted.classes == ["dark", "light"]
     with pytest.raises(tk.ConfigError, match="no label smoothing"):
         tk.linear_probe("tk:small_cnn", weights=None, data=image_folder, image_size=16, device="cpu",
                         num_workers=0, verbose=False, label_smoothing=0.1)

@@ -416,6 +416,17 @@ def filter_bad_audio(samples: Sequence[tuple[Any, int]], *, on_bad_file: str = "
     return good
 
 
+def audio_window(max_seconds: float | None, clip_seconds: float | None) -> float | None:
+    """The seconds of a clip that training and prediction keep (its middle): ``max_seconds``,
+    never less than ``clip_seconds`` (None: whole clips).
+
+    Example:
+        >>> audio_window(30.0, 40.0), audio_window(30.0, 0.5), audio_window(None, 0.5)
+        (40.0, 30.0, None)
+    """
+    return max(float(max_seconds), float(clip_seconds)) if max_seconds is not None and clip_seconds else max_seconds
+
+
 def check_max_seconds(max_seconds: Any) -> float | None:
     """``max_seconds`` if it is a positive number or None, else a [`ConfigError`][transferkit.ConfigError]."""
     if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
@@ -653,9 +664,7 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
         raise ConfigError(f"Audio data needs a backbone input spec with a sample_rate; got {spec}.")
     check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
     check_choice("scan", scan, SCANS)
-    check_max_seconds(max_seconds)
-    if max_seconds is not None and spec.clip_seconds:
-        max_seconds = max(float(max_seconds), float(spec.clip_seconds))
+    max_seconds = audio_window(check_max_seconds(max_seconds), spec.clip_seconds)
     report = DataReport()
     data, val_data = resolve_split_folders(data, val_data, report)
     opts = {"report": report, "on_bad_file": on_bad_file, "scan": scan, "max_seconds": max_seconds}

@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -146,12 +147,10 @@ def data_fingerprint(ds: Any) -> str:
     h.update(type(ds).__name__.encode())
     if hasattr(ds, "samples"):  # ImageFolderDataset (or anything listing (path, label) files)
         h.update(repr((getattr(ds, "min_size", None), getattr(ds, "max_seconds", None))).encode())
-        root = _common_folder(ds.samples)
-        for path, label in ds.samples:
-            if isinstance(path, (str, os.PathLike)):
+        for path, label, rel in _relative(ds.samples):
+            if rel is not None:
                 st = os.stat(path)
-                h.update(f"{os.path.relpath(os.path.abspath(path), root)}\0{label}\0{st.st_size}\0"
-                         f"{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+                h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
             else:  # in-memory item (e.g. a waveform)
                 _hash_item(h, (path, label))
         return h.hexdigest()
@@ -169,10 +168,14 @@ def data_fingerprint(ds: Any) -> str:
     return h.hexdigest()
 
 
-def _common_folder(samples: Any) -> str:
-    """The deepest folder holding every file of ``(path, label)`` samples: paths count from it."""
+def _relative(samples: Any) -> Iterator[tuple[Any, Any, str | None]]:
+    """``(path, label, rel)`` for ``(path, label)`` samples: ``rel`` is a file's path from the
+    deepest folder holding every file (None for an in-memory item)."""
     folders = [os.path.dirname(os.path.abspath(p)) for p, _ in samples if isinstance(p, (str, os.PathLike))]
-    return os.path.commonpath(folders) if folders else ""
+    root = os.path.commonpath(folders) if folders else ""
+    for path, label in samples:
+        file = isinstance(path, (str, os.PathLike))
+        yield path, label, os.path.relpath(os.path.abspath(path), root) if file else None
 
 
 def listing_digest(ds: Any) -> str | None:
@@ -181,11 +184,10 @@ def listing_digest(ds: Any) -> str | None:
     samples = getattr(ds, "samples", None)
     if samples is None:
         return None
-    root = _common_folder(samples)
     h = hashlib.blake2b(digest_size=16)
-    for path, label in samples:
-        if isinstance(path, (str, os.PathLike)):
-            h.update(f"{os.path.relpath(os.path.abspath(path), root)}\0{label}\0{os.path.getsize(path)}\n".encode())
+    for path, label, rel in _relative(samples):
+        if rel is not None:
+            h.update(f"{rel}\0{label}\0{os.path.getsize(path)}\n".encode())
         else:
             _hash_item(h, (path, label))
     return h.hexdigest()

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from transferkit._version import __version__
-from transferkit.data.audio import DEFAULT_MAX_SECONDS
+from transferkit.data.audio import DEFAULT_MAX_SECONDS, audio_window
 from transferkit.errors import CorruptExportError, ExportError
 from transferkit.heads import TASKS
 
@@ -102,10 +102,8 @@ def audio_max_seconds(meta: dict[str, Any]) -> float | None:
     cropped to in training and are cropped to in prediction (`DEFAULT_MAX_SECONDS` for a
     file that does not record it; None: whole clips), never less than the input spec's
     ``clip_seconds``, as in training (`transferkit.data.audio.prepare_audio_data`)."""
-    most = run_config(meta).get("max_seconds", DEFAULT_MAX_SECONDS)
     spec = meta.get("input_spec") if isinstance(meta.get("input_spec"), dict) else {}
-    clip = spec.get("clip_seconds")
-    return max(float(most), float(clip)) if most is not None and clip else most
+    return audio_window(run_config(meta).get("max_seconds", DEFAULT_MAX_SECONDS), spec.get("clip_seconds"))
 
 
 def _fail(source: str, problem: str) -> ExportError:

@@ -87,3 +87,16 @@ def test_classification_metrics_match_scikit_learn():
     assert m["per_class"]["d"]["support"] == 0 and m["per_class"]["d"]["f1-score"] == 0
     assert m["macro_f1"] == pytest.approx(skm.f1_score(y, p, average="macro", zero_division=0))
     assert m["per_class"]["macro avg"]["recall"] == pytest.approx(skm.recall_score(y, p, average="macro"))
+
+
+def test_multilabel_metrics_read_soft_targets_by_their_side_of_one_half():
+    from transferkit.train.metrics import multilabel_metrics
+    from transferkit.train.tasks import count_correct
+
+    targets = torch.tensor([[0.9, 0.1], [0.1, 0.8], [0.9, 0.9]])
+    logits = torch.tensor([[2.0, -1.0], [-3.0, 1.0], [1.0, 0.5]])  # right about every label
+    m = multilabel_metrics(logits, targets, ["a", "b"])
+    assert m["subset_accuracy"] == m["label_accuracy"] == m["micro_f1"] == m["macro_f1"] == 1.0
+    assert count_correct("multilabel", logits, targets) == 3.0
+    one = multilabel_metrics(logits[:, :1], targets[:, :1], ["a"])  # one label: its positives, not a binary pair
+    assert one["micro_f1"] == one["macro_f1"] == 1.0 and set(one["per_class"]) >= {"a"}

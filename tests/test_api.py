@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -204,12 +205,93 @@ def test_a_bad_target_past_the_ones_read_before_training_is_named_when_loaded(mo
         tk.finetune("tk:small_cnn", data=data, task="multilabel", val_split=0, epochs=1, policy="full", **COMMON)
 
 
-def test_regression_targets_far_from_unit_scale_are_warned_about():
+def test_regression_targets_far_from_unit_scale_are_noted_only_when_not_standardised():
     levels = np.random.default_rng(0).uniform(0, 1, 20)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # targets in [0, 1]: nothing to say
-        tk.plan("tk:small_cnn", data=Targets(levels.tolist()), task="regression", **COMMON)
+    for targets in (levels.tolist(), (levels * 1000 + 5000).tolist()):  # in [0, 1], or standardised: nothing
+        assert tk.plan("tk:small_cnn", data=Targets(targets), task="regression", **COMMON).notes == ()
     for targets, said in (((levels + 1000).tolist(), r"'0' \(mean 1e\+03, std 0.3"),
-                          ((levels * 1000).tolist(), r"'0' \(mean 512, std 330\)"), ([5.0] * 20, r"mean 5, std 0\)")):
-        with pytest.warns(UserWarning, match=rf"Regression targets far from mean 0 and std 1: .*{said}.*Standardise"):
-            tk.plan("tk:small_cnn", data=Targets(targets), task="regression", **COMMON)
+                          ((levels * 1000).tolist(), r"'0' \(mean 523, std 340\)")):
+        d = tk.plan("tk:small_cnn", data=Targets(targets), task="regression", target_norm=False, **COMMON)
+        assert re.search(rf"far from mean 0 and std 1: .*{said}.*target_norm=False.*Leave target_norm='auto'",
+                         " ".join(d.notes))
+    for target_norm in ("auto", False):  # a constant output is said either way
+        d = tk.plan("tk:small_cnn", data=Targets([5.0] * 20), task="regression", target_norm=target_norm, **COMMON)
+        assert re.search(r"outputs constant in the 16 training targets read: '0' \(mean 5, std 0\)", " ".join(d.notes))
+    with pytest.warns(UserWarning, match="far from mean 0 and std 1"):  # finetune says its notes as warnings
+        tk.finetune("tk:small_cnn", data=Targets((levels * 1000).tolist()), task="regression", target_norm=False,
+                    epochs=1, **COMMON)
+
+
+class Scaled(Colours):
+    """`Colours` regression targets in other units: ``level * scale + offset``."""
+
+    def __init__(self, n: int, seed: int = 0, scale: float = 1000.0, offset: float = 5000.0, outputs: int = 3) -> None:
+        super().__init__(n, "regression", seed)
+        self.scale, self.offset, self.outputs = scale, offset, outputs
+
+    def __getitem__(self, i: int):
+        img, target = super().__getitem__(i)
+        return img, target[:self.outputs] * self.scale + self.offset
+
+
+def test_regression_trains_on_standardised_targets_and_predicts_in_their_units(tmp_path):
+    """Targets of mean ~5500 and std ~300: with target_norm='auto' the head learns
+    (y - mean) / std and a TargetScale gives the values back, in the model, its checkpoint and
+    its export; with target_norm=False the same run does not learn them."""
+    from transferkit.export.from_checkpoint import model_from_checkpoint
+
+    train, val = Scaled(64), Scaled(24, seed=2)
+    kw = dict(data=train, val_data=val, task="regression", policy="full", epochs=8, lr=1e-2, **COMMON)
+    r = tk.finetune("tk:small_cnn", checkpoint=tmp_path / "c.pt", export=tmp_path / "m.pt", **kw)
+    y = np.stack([train[i][1] for i in range(len(train))])
+    scale = r.model.head[-1]
+    assert isinstance(scale, tk.TargetScale)
+    assert np.allclose(scale.mean.numpy(), y.mean(0)) and np.allclose(scale.std.numpy(), y.std(0, ddof=1))
+    assert r.decisions.to_dict()["head"]["target_norm"] is True
+    assert r.metrics["r2"] > 0.5
+    x = torch.from_numpy(np.stack([val[i][0] for i in range(8)])).permute(0, 3, 1, 2)
+    x = torch.nn.functional.interpolate(x.float(), size=16).round().to(torch.uint8)  # the model's 16 px input
+    r.model.eval()
+    with torch.no_grad():
+        eager = r.model(x)
+        rebuilt, _ = model_from_checkpoint(tmp_path / "c.pt")
+        assert torch.allclose(rebuilt(x), eager)
+        assert torch.allclose(torch.jit.load(str(r.export_path))(x), eager, rtol=1e-5)
+    assert float(eager.mean()) > 4000  # values in the targets' units, not standardised ones
+    predicted = tk.load(r.export_path).predict([val[i][0] for i in range(8)])
+    assert all(4000 < v < 7000 for p in predicted for v in p.values.values())
+
+    with pytest.warns(UserWarning, match="far from mean 0 and std 1"):
+        plain = tk.finetune("tk:small_cnn", target_norm=False, **kw)
+    assert not any(isinstance(m, tk.TargetScale) for m in plain.model.modules())
+    assert plain.metrics["r2"] < 0
+
+
+def test_the_regression_loss_is_the_mean_squared_error_of_standardised_targets():
+    """val_loss (what picks the best epoch) is MSE / std^2 of the training targets: about 1 - R^2."""
+    one = Scaled(40, outputs=1)
+    r = tk.finetune("tk:small_cnn", data=one, val_data=Scaled(16, seed=3, outputs=1), task="regression",
+                    policy="full", epochs=2, **COMMON)
+    std = float(r.model.head[-1].std)
+    assert std > 100 and r.metrics["val_loss"] == pytest.approx(r.metrics["mse"] / std ** 2, rel=1e-3)
+
+
+def test_target_statistics_come_from_the_training_targets_alone():
+    train, val = Scaled(40), Scaled(20, seed=1, scale=10.0, offset=-900.0)
+    d = tk.plan("tk:small_cnn", data=train, val_data=val, task="regression", **COMMON)
+    y = np.stack([train[i][1] for i in range(len(train))])
+    assert np.allclose(d.target_norm["mean"], y.mean(0)) and d.target_norm["n"] == 40
+    split = tk.plan("tk:small_cnn", data=train, val_split=0.25, task="regression", **COMMON)
+    assert split.target_norm["n"] == 30 and "from 30 training targets" in split.summary()
+    assert "standardised in training" in split.summary()
+
+
+def test_target_norm_applies_to_regression_only(image_folder):
+    with pytest.raises(ConfigError, match="target_norm=True applies to task='regression' only"):
+        tk.plan("tk:small_cnn", data=image_folder, target_norm=True, **COMMON)
+    d = tk.plan("tk:small_cnn", data=image_folder, **COMMON)
+    assert d.target_norm is None and "targets:" not in d.summary()
+    off = tk.plan("tk:small_cnn", data=Scaled(20), task="regression", target_norm=False, **COMMON)
+    assert off.target_norm is None and "in their own units (target_norm=False)" in off.summary()
+
+

@@ -105,7 +105,8 @@ def test_summary_and_record_state_every_decision(split_folders):
                 "groups", "bn", "trainable", "seeds", "augment", "data"):
         assert key in d, key
     assert d["feature_cache"] is False and "trains backbone weights" in d["cache_reason"]
-    assert d["head"] == {"kind": "linear", "hidden": [], "norm": False, "activation": "relu", "dropout": 0.0}
+    assert d["head"] == {"kind": "linear", "hidden": [], "norm": False, "target_norm": False, "activation": "relu",
+                         "dropout": 0.0}
     assert {g["name"] for g in d["groups"]} >= {"head", "stage3"}
     text = p.summary()
     assert "features: not cached" in text and "base lr 0.001 (default)" in text and "stage3" in text

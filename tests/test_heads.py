@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from transferkit.errors import ConfigError
-from transferkit.heads import build_head, resolve_head
+from transferkit.heads import TargetScale, build_head, resolve_head
 from transferkit.heads import output_activation
 from transferkit.train.tasks import balanced_class_weights, make_loss
 
@@ -32,6 +32,25 @@ def test_linear_head_and_resolution():
         resolve_head("mlpp")
     with pytest.raises(ConfigError, match="dropout"):
         build_head(4, 2, dropout=1.5)
+
+
+def test_a_regression_head_on_standardised_targets():
+    """The head ends in a TargetScale; the standardised loss's gradient reaches the linear layer
+    as plain MSE on (y - mean) / std would; a constant output (std 0, or tiny beside its mean)
+    is only centred."""
+    torch.manual_seed(0)
+    head = build_head(4, 2, target_norm=True)
+    assert [type(m) for m in head] == [nn.Linear, TargetScale]
+    mean, std = torch.tensor([5000.0, -3.0]), torch.tensor([300.0, 0.5])
+    head[-1].set_stats(mean, std)
+    x, y = torch.randn(8, 4), torch.randn(8, 2) * std + mean
+    make_loss("regression", target_std=head[-1].std)(head(x), y).backward()
+    scaled = head[0].weight.grad.clone()
+    head.zero_grad()
+    nn.functional.mse_loss(head[0](x), (y - mean) / std).backward()
+    assert torch.allclose(scaled, head[0].weight.grad, atol=1e-5)
+    head[-1].set_stats(torch.tensor([5000.0, 2.0]), torch.tensor([1e-3, 0.0]))
+    assert head[-1].std.tolist() == [1.0, 1.0]
 
 
 def test_losses_per_task():

@@ -32,7 +32,7 @@ _EXPORTS = {
     "Prediction": "transferkit.export", "Predictor": "transferkit.export",
     "export_torchscript": "transferkit.export", "load": "transferkit.export",
     "Evaluation": "transferkit.evaluation", "evaluate": "transferkit.evaluation",
-    "FeatureNorm": "transferkit.heads", "build_head": "transferkit.heads",
+    "FeatureNorm": "transferkit.heads", "TargetScale": "transferkit.heads", "build_head": "transferkit.heads",
     "FinetuneConfig": "transferkit.config", "load_config": "transferkit.config",
     "ImagePreprocess": "transferkit.model", "TransferModel": "transferkit.model", "build_model": "transferkit.model",
     "Decisions": "transferkit.decisions", "decide": "transferkit.decisions", "plan": "transferkit.decisions",
@@ -62,7 +62,7 @@ if TYPE_CHECKING:  # the same names, spelled out for type checkers and the API d
     )
     from transferkit.evaluation import Evaluation, evaluate
     from transferkit.export import Prediction, Predictor, export_torchscript, load
-    from transferkit.heads import FeatureNorm, build_head
+    from transferkit.heads import FeatureNorm, TargetScale, build_head
     from transferkit.model import ImagePreprocess, TransferModel, build_model
     from transferkit.data.sampling import seed_everything
     from transferkit.decisions import Decisions, decide, plan

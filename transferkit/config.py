@@ -234,6 +234,9 @@ class FinetuneConfig:
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", group="task", check=_fraction)
     class_weights: Literal["balanced"] | Sequence[float] | None = _opt(
         None, "loss weight per class: a list, or 'balanced'", group="task", check=_class_weights)
+    target_norm: Literal["auto", True, False] = _opt(
+        "auto", "regression: train on (y - mean) / std of the training targets, the model's outputs in the "
+        "targets' units (auto: for regression)", group="task")
     # --- policy
     policy: str | PolicyLike = _opt("feature_extraction", "fine-tuning policy (see docs/policies.md) or a Policy",
                                 group="policy", flag=True)

@@ -32,7 +32,7 @@ from transferkit.data.decoded import DecodePlan, decide_decode
 from transferkit.data.gpu_jpeg import decide_input_decode
 from transferkit.errors import ConfigError
 from transferkit.facts import Facts, look
-from transferkit.heads import resolve_head_norm
+from transferkit.heads import resolve_head_norm, resolve_target_norm
 from transferkit.policies import Policy
 from transferkit.train.distributed import rank_seeds
 from transferkit.train.compile_trial import decide_compile
@@ -40,7 +40,7 @@ from transferkit.train.engines import decide_engine, engine_precision
 from transferkit.train.features import cache_key
 from transferkit.train.optim import default_lr
 from transferkit.train.speed import decide_speed
-from transferkit.train.tasks import monitor_default
+from transferkit.train.tasks import monitor_default, target_scale_note
 
 DECISIONS_FORMAT = 2
 # config keys that do not change what a run computes: they may differ when resuming
@@ -84,6 +84,9 @@ class Decisions:
     head: str
     head_hidden: tuple[int, ...]
     head_norm: bool
+    # regression with target_norm: the training targets' mean, std (per output) and n, which the
+    # head's TargetScale and the loss standardise by; None: targets in their own units (or labels)
+    target_norm: dict[str, Any] | None
     augment: str
     lr: float
     groups: tuple[dict[str, Any], ...]  # name, lr, weight_decay, params
@@ -138,8 +141,10 @@ class Decisions:
             "policy": str(self.policy), "frozen": self.frozen, "feature_cache": self.cache,
             "cached_epochs": self.cached_epochs, "cache_reason": self.cache_reason,
             "head": {"kind": self.head, "hidden": list(self.head_hidden), "norm": self.head_norm,
+                     "target_norm": self.target_norm is not None,
                      "activation": self.config.head_activation, "dropout": float(self.config.head_dropout or 0.0)},
-            "augment": self.augment, "lr": self.lr, "class_weights": self.class_weights, "bn": self.bn_mode,
+            "targets": self.target_norm, "augment": self.augment, "lr": self.lr, "class_weights": self.class_weights,
+            "bn": self.bn_mode,
             "trainable": _epoch_ranges(self.trainable), "bn_statistics_update": _epoch_ranges(self.bn_updates),
             "groups": [dict(g) for g in self.groups], "data": self.data,
             "decode_once": sorted(self.decode),  # memory or disk: the same pixels
@@ -165,12 +170,15 @@ class Decisions:
         lines = [
             f"plan: {self.backbone} ({self.weights or 'random init'}) -> {self.head} head, "
             f"{self.num_outputs} outputs ({self.task})",
-            f"  data:     {self.n_train} train / {self.n_val} val, {_plural(len(self.classes), 'class', 'classes')}, "
+            f"  data:     {self.n_train} train / {self.n_val} val, "
+            f"{_plural(len(self.classes), *_CLASS_WORDS[self.task])}, "
             f"input {_input(self.input_spec)}, augment {self.augment}",
             f"  policy:   {self.policy}; {_epoch_text(self.trainable, cfg.epochs, lora=self.policy.lora)}",
             f"  batchnorm: {self.bn_mode}",
             f"  features: {features} ({self.cache_reason})",
         ]
+        if self.task == "regression":
+            lines.append(f"  targets:  {_targets_text(self.target_norm, self.classes)}")
         if self.cached_epochs:  # feature-engine hook
             lines.append(f"  engine:   {self.engine} ({self.engine_reason})")
         if "train" in self.decode:
@@ -288,6 +296,10 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         notes.append(f"feature_engine={cfg.feature_engine!r} is not used: this run has no cached feature pass "
                      f"({reason}); it applies to a frozen backbone whose features are cached.")
     notes += [engine_note] if engine_note else []
+    target_norm = resolve_target_norm(cfg.target_norm, task=cfg.task)
+    if data.targets is not None:
+        scale_note = target_scale_note(data.targets, data.classes, standardised=target_norm)
+        notes += [scale_note] if scale_note else []
     if pol.frozen_epochs and frozen:
         notes.append(f"policy {pol} keeps the backbone frozen for {_plural(pol.frozen_epochs, 'epoch')} but the "
                      f"run has {cfg.epochs}: the backbone never trains (this is feature extraction); raise epochs "
@@ -304,7 +316,8 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         world_size=facts.device.world_size, seeds=tuple(rank_seeds(cfg.seed, facts.device.world_size)), policy=pol,
         frozen=frozen, cache=cache, cached_epochs=cached_epochs, cache_reason=reason, speed=speed, head=facts.head,
         head_hidden=facts.head_hidden,
-        head_norm=resolve_head_norm(cfg.head_norm, cached=cached_epochs > 0, head_kind=facts.head), augment=augment,
+        head_norm=resolve_head_norm(cfg.head_norm, cached=cached_epochs > 0, head_kind=facts.head),
+        target_norm=data.targets if target_norm else None, augment=augment,
         lr=lr, groups=tuple({"name": g["name"], "lr": lr * g["lr_scale"], "weight_decay": g["weight_decay"],
                              "params": g["params"]} for g in template),
         trainable=trainable, bn_updates=_bn_updates(pol, bb.has_batchnorm, trainable, cached_epochs),
@@ -482,6 +495,21 @@ def _speed_lines(s: dict[str, Any], *, features: bool, engine: str = "eager") ->
     elif "not tried" in r.get("compile", ""):  # compile="auto" on a trunk that trains, and why it is not tried
         out.append(f"eager, not compiled ({r['compile']})")
     return out
+
+
+_CLASS_WORDS = {"multiclass": ("class", "classes"), "multilabel": ("label", "labels"),
+                "regression": ("output", "outputs")}
+
+
+def _targets_text(stats: dict[str, Any] | None, names: tuple[str, ...]) -> str:
+    """The plan's line on regression targets: standardised (by what), or in their own units."""
+    if stats is None:
+        return "in their own units (target_norm=False): the loss is their mean squared error"
+    each = "; ".join((f"{names[j]!r}: " if len(names) > 1 else "") + f"mean {m:.4g}, std {sd:.4g}"
+                     for j, (m, sd) in enumerate(zip(stats["mean"][:3], stats["std"][:3])))
+    more = f", ... ({len(names)} outputs)" if len(names) > 3 else ""
+    return (f"standardised in training ({each}{more}; from {stats['n']} training targets); outputs in the "
+            "targets' units")
 
 
 def _input(spec: InputSpec) -> str:

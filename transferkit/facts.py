@@ -47,7 +47,7 @@ from transferkit.train.device import resolve_device
 from transferkit.train.distributed import DistInfo, broadcast_object, init_distributed
 from transferkit.train.engines import compile_unavailable, engine_facts
 from transferkit.train.speed import SpeedConfig, decide_speed, layout_fact
-from transferkit.train.tasks import prepare_task_data, resolve_class_weights
+from transferkit.train.tasks import prepare_task_data, resolve_class_weights, target_summary
 
 FACTS_FORMAT = 1
 
@@ -101,6 +101,9 @@ class DataFacts:
     files: dict[str, bool]  # part -> file-backed (can be decoded once)
     decode: dict[str, dict[str, Any]]  # part -> `decode_census`
     class_weights: tuple[float, ...] | None  # class_weights as the data resolve them
+    # regression: mean, std (per output) and n of the training targets read before training
+    # (`target_summary`); None for labels
+    targets: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -351,7 +354,8 @@ def _data_facts(cfg: FinetuneConfig, bundle: DataBundle, spec: InputSpec, n_out:
     return DataFacts(kind=spec.kind, classes=tuple(bundle.classes), num_outputs=n_out, n_train=len(bundle.train),
                      n_val=len(bundle.val) if bundle.val is not None else 0, identity=identity,
                      fingerprints=fingerprints, files=files, decode=decode,
-                     class_weights=tuple(weights) if weights is not None else None)
+                     class_weights=tuple(weights) if weights is not None else None,
+                     targets=target_summary(bundle.targets) if bundle.targets is not None else None)
 
 
 __all__ = ["BackboneFacts", "DataFacts", "DeviceFacts", "Facts", "FACTS_FORMAT", "Inputs", "environment", "look",

@@ -25,11 +25,41 @@ def output_activation(task: str, logits: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
-class FeatureNorm(nn.Module):
+class _FixedStats(nn.Module):
+    """A mean and a standard deviation per channel, as buffers (saved, exported, never
+    trained): the identity until ``set_stats`` fills them in."""
+
+    what = "features"
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n))
+        self.register_buffer("std", torch.ones(n))
+
+    @staticmethod
+    def constant(mean: torch.Tensor, std: torch.Tensor, eps: float) -> torch.Tensor:
+        """Which channels count as constant (their std is replaced by 1: only centred)."""
+        return std < eps
+
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
+        """Copy ``mean`` and ``std`` in (a constant channel, see `constant`, is only centred)."""
+        if mean.shape != self.mean.shape or std.shape != self.std.shape:
+            raise ConfigError(f"{type(self).__name__} has {self.mean.numel()} {self.what}; got statistics of shapes "
+                              f"{tuple(mean.shape)} and {tuple(std.shape)}.")
+        with torch.no_grad():
+            self.mean.copy_(mean)
+            self.std.copy_(torch.where(self.constant(mean, std, eps), torch.ones_like(std), std))
+
+    def extra_repr(self) -> str:
+        return str(self.mean.numel())
+
+
+class FeatureNorm(_FixedStats):
     """``(x - mean) / std`` with fixed statistics (buffers, not trained): the first layer of a
     head trained on cached features, so that it trains on standardised features (every
     feature on the same scale: one learning rate and one weight decay suit them all).
-    ``set_stats`` fills in the training features' statistics; until then it is the identity.
+    ``set_stats`` fills in the training features' statistics (a feature with ``std < eps``,
+    constant, is only centred); until then it is the identity.
 
     Example:
         >>> norm = FeatureNorm(2)
@@ -38,31 +68,41 @@ class FeatureNorm(nn.Module):
         tensor([[1., 0.]])
     """
 
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(num_features))
-        self.register_buffer("std", torch.ones(num_features))
-
-    def set_stats(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
-        """Copy ``mean`` and ``std`` in (a feature with ``std < eps``, constant, is only centred)."""
-        if mean.shape != self.mean.shape or std.shape != self.std.shape:
-            raise ConfigError(f"FeatureNorm has {self.mean.numel()} features; got statistics of shapes "
-                              f"{tuple(mean.shape)} and {tuple(std.shape)}.")
-        with torch.no_grad():
-            self.mean.copy_(mean)
-            self.std.copy_(torch.where(std < eps, torch.ones_like(std), std))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
-    def extra_repr(self) -> str:
-        return str(self.mean.numel())
+
+class TargetScale(_FixedStats):
+    """``z * std + mean`` with fixed statistics (buffers, not trained): the last layer of a
+    regression head trained on standardised targets. The layers before it learn
+    ``(y - mean) / std`` (every output on the scale of its initialisation and of the loss), and
+    the model outputs values in the targets' own units: in training, evaluation, checkpoints
+    and exports alike. ``set_stats`` fills in the training targets' statistics (an output
+    whose std is below ``eps`` times its scale, a constant, is only centred); until then it is
+    the identity.
+
+    Example:
+        >>> scale = TargetScale(2)
+        >>> scale.set_stats(torch.tensor([100.0, 0.0]), torch.tensor([10.0, 2.0]))
+        >>> scale(torch.tensor([[1.0, -1.0]]))
+        tensor([[110.,  -2.]])
+    """
+
+    what = "outputs"
+
+    @staticmethod
+    def constant(mean: torch.Tensor, std: torch.Tensor, eps: float) -> torch.Tensor:
+        return std <= eps * mean.abs().clamp(min=1.0)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.std + self.mean
 
 
 def build_head(num_features: int, num_outputs: int, *, hidden: Sequence[int] = (), activation: str = "relu",
-               dropout: float = 0.0, norm: bool = False) -> nn.Sequential:
+               dropout: float = 0.0, norm: bool = False, target_norm: bool = False) -> nn.Sequential:
     """A linear head, or an MLP with ``hidden`` layer widths, ending in ``num_outputs`` logits;
-    ``norm=True`` starts it with a [`FeatureNorm`][transferkit.FeatureNorm].
+    ``norm=True`` starts it with a [`FeatureNorm`][transferkit.FeatureNorm], ``target_norm=True``
+    ends it with a [`TargetScale`][transferkit.TargetScale] (regression on standardised targets).
 
     Example:
         >>> build_head(512, 2)
@@ -87,6 +127,8 @@ def build_head(num_features: int, num_outputs: int, *, hidden: Sequence[int] = (
     if dropout and not hidden:
         layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(width, num_outputs))
+    if target_norm:
+        layers.append(TargetScale(num_outputs))
     return nn.Sequential(*layers)
 
 
@@ -126,3 +168,15 @@ def resolve_head_norm(head_norm: bool | str, *, cached: bool, head_kind: str) ->
             "its statistics come from cached features; use a frozen backbone (policy='feature_extraction')"
         raise ConfigError(f"head_norm=True cannot be used here: {why}.")
     return cached and head_kind != "logistic" and head_norm in (True, "auto")
+
+
+def resolve_target_norm(target_norm: bool | str, *, task: str) -> bool:
+    """``target_norm="auto"``: regression trains on standardised targets (a
+    [`TargetScale`][transferkit.TargetScale] ends the head); ``True`` asks for it and needs
+    ``task="regression"``; ``False``: the head and the loss work in the targets' units."""
+    if target_norm not in (True, False, "auto"):
+        raise ConfigError(f"target_norm must be True, False or 'auto', got {target_norm!r}.")
+    if target_norm is True and task != "regression":
+        raise ConfigError(f"target_norm=True applies to task='regression' only (its targets are values); "
+                          f"task={task!r} has labels.")
+    return task == "regression" and target_norm in (True, "auto")

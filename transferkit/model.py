@@ -76,9 +76,11 @@ class TransferModel(nn.Module):
 
 
 def build_model(backbone: Any, num_outputs: int, *, spec: Any = None, head_hidden: Sequence[int] = (),
-                head_activation: str = "relu", head_dropout: float = 0.0, head_norm: bool = False) -> TransferModel:
+                head_activation: str = "relu", head_dropout: float = 0.0, head_norm: bool = False,
+                target_norm: bool = False) -> TransferModel:
     """Preprocessing from the input spec + the backbone's trunk + a new head (``head_norm``:
-    starting with a [`FeatureNorm`][transferkit.FeatureNorm]). The trunk is used, not copied.
+    starting with a [`FeatureNorm`][transferkit.FeatureNorm]; ``target_norm``: ending with a
+    [`TargetScale`][transferkit.TargetScale]). The trunk is used, not copied.
 
     Example:
         >>> from transferkit import get_backbone
@@ -88,6 +90,6 @@ def build_model(backbone: Any, num_outputs: int, *, spec: Any = None, head_hidde
     """
     spec = spec or backbone.input_spec
     head = build_head(backbone.num_features, num_outputs, hidden=head_hidden, activation=head_activation,
-                      dropout=head_dropout, norm=head_norm)
+                      dropout=head_dropout, norm=head_norm, target_norm=target_norm)
     pre = AudioPreprocess() if spec.kind == "audio" else ImagePreprocess(spec.mean, spec.std)
     return TransferModel(pre, backbone.trunk, head)

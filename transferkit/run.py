@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from transferkit.backbones import Backbone
@@ -64,12 +65,18 @@ def build(decisions: Decisions, inputs: Inputs) -> Run:
     seed_everything(cfg.seed)
     model = build_model(inputs.backbone, d.num_outputs, spec=d.input_spec, head_hidden=d.head_hidden,
                         head_activation=cfg.head_activation, head_dropout=cfg.head_dropout,
-                        head_norm=d.head_norm).to(dev)
+                        head_norm=d.head_norm, target_norm=d.target_norm is not None).to(dev)
+    target_std = None
+    if d.target_norm is not None:  # the head ends in a TargetScale; the loss standardises by its std
+        scale = model.head[-1]
+        scale.set_stats(torch.tensor(d.target_norm["mean"]), torch.tensor(d.target_norm["std"]))
+        target_std = scale.std
     apply_policy(model, inputs.backbone, d.policy, epoch=0)
     speed = SpeedConfig.of(dev, d.speed)
     speed.prepare(model)
     feature_speed = speed.for_features() if d.cached_epochs else speed
     seed_everything(d.seeds[d.rank])  # dropout etc. differ per rank; the model, data order and augmentation do not
-    loss = make_loss(d.task, label_smoothing=cfg.label_smoothing, class_weights=d.class_weights).to(dev)
+    loss = make_loss(d.task, label_smoothing=cfg.label_smoothing, class_weights=d.class_weights,
+                     target_std=target_std).to(dev)
     return Run(backbone=inputs.backbone, bundle=inputs.bundle, model=model, loss_fn=loss, speed=speed,
                feature_speed=feature_speed, dist=inputs.dist)

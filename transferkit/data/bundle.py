@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from transferkit.data.checks import DataReport, find_duplicates, warn_copies_across_classes
@@ -33,6 +34,7 @@ class DataBundle:
     val: ImageFolderDataset | TransformedDataset | EncodedImageDataset | None
     classes: list[str]
     report: DataReport = field(default_factory=DataReport)
+    targets: torch.Tensor | None = None  # regression: training targets read before training [N, D]
 
 
 def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -47,7 +47,8 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     options, options_hint = _backbone_options(meta, where)
     backbone = get_backbone(backbone_name, weights=None, **options)
     model = build_model(backbone, num_outputs, spec=spec, head_hidden=head["hidden"],
-                        head_activation=head["activation"], head_dropout=head["dropout"], head_norm=head["norm"])
+                        head_activation=head["activation"], head_dropout=head["dropout"], head_norm=head["norm"],
+                        target_norm=head["target_norm"])
     hint = "" if head["recorded"] else " (the checkpoint records no head configuration, so a linear head was assumed)"
     try:
         load_into(model, ckpt["model"], strict=True, source=f"The weights of {where}{hint}")
@@ -99,15 +100,16 @@ def _type_names(value: Any, where: str = "") -> list[str]:
 
 def _head_config(meta: dict[str, Any]) -> dict[str, Any]:
     """The head a checkpoint's run decided (``decisions.head``: hidden widths, activation,
-    dropout, norm), else ``training.head`` (metadata written by hand), else a linear head."""
+    dropout, norm, target_norm), else ``training.head`` (metadata written by hand), else a linear head."""
     decisions = meta.get("decisions") if isinstance(meta.get("decisions"), dict) else {}
     head = decisions.get("head")
     if not isinstance(head, dict):
         head = (meta.get("training") or {}).get("head")
     if isinstance(head, dict):
         return {"hidden": tuple(int(h) for h in head.get("hidden", ())), "activation": head.get("activation", "relu"),
-                "dropout": float(head.get("dropout", 0.0)), "norm": bool(head.get("norm", False)), "recorded": True}
-    return {"hidden": (), "activation": "relu", "dropout": 0.0, "norm": False, "recorded": False}
+                "dropout": float(head.get("dropout", 0.0)), "norm": bool(head.get("norm", False)),
+                "target_norm": bool(head.get("target_norm", False)), "recorded": True}
+    return {"hidden": (), "activation": "relu", "dropout": 0.0, "norm": False, "target_norm": False, "recorded": False}
 
 
 def example_batch(spec: InputSpec, *, examples: str | Path | None = None, n: int = 8,

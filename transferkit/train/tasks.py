@@ -7,7 +7,9 @@ predictor applies the right output function:
   class weights); softmax at inference.
 - ``"multilabel"``: any number of labels per sample, multi-hot float targets ``[C]``;
   binary cross-entropy with logits (``pos_weight`` from ``class_weights``); sigmoid.
-- ``"regression"``: float targets ``[D]`` (or scalars); mean squared error; identity.
+- ``"regression"``: float targets ``[D]`` (or scalars); mean squared error; identity. With
+  ``target_norm`` (the default) the head ends in a [`TargetScale`][transferkit.TargetScale] and
+  the loss is the mean squared error of standardised targets (`StandardizedMSELoss`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from torch import nn
 
 from transferkit.data.images import TransformedDataset
 from transferkit.data.bundle import DataBundle, prepare_data
-from transferkit.data.checks import DataReport
 from transferkit.data.images import dataset_targets
 from transferkit.errors import ConfigError, DataError, check_choice
 from transferkit.heads import TASKS
@@ -34,8 +35,30 @@ def check_task(task: str) -> str:
     return check_choice("task", task, TASKS)
 
 
-def make_loss(task: str, *, label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None) -> nn.Module:
-    """The training loss of ``task``.
+class StandardizedMSELoss(nn.Module):
+    """The mean squared error of standardised targets, ``mean(((pred - y) / std) ** 2)``, for a
+    head ending in a [`TargetScale`][transferkit.TargetScale] of that ``std``: its gradient
+    reaches the layers before the scale as that of plain MSE on ``(y - mean) / std``, and every
+    output weighs alike whatever its units. Its value is about ``1 - R^2`` (per output, then
+    averaged; statistics of the training targets).
+
+    Example:
+        >>> StandardizedMSELoss(torch.tensor([10.0]))(torch.tensor([[12.0]]), torch.tensor([[10.0]]))
+        tensor(0.0400)
+    """
+
+    def __init__(self, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("std", std.detach().clone().float().reshape(-1))
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (((pred.float() - target.float()) / self.std) ** 2).mean()
+
+
+def make_loss(task: str, *, label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
+              target_std: torch.Tensor | None = None) -> nn.Module:
+    """The training loss of ``task`` (``target_std``: regression on standardised targets, see
+    `StandardizedMSELoss`).
 
     Example:
         >>> make_loss("multiclass", label_smoothing=0.1)
@@ -57,7 +80,7 @@ def make_loss(task: str, *, label_smoothing: float = 0.0, class_weights: Sequenc
         return nn.BCEWithLogitsLoss(pos_weight=weight)
     if weight is not None:
         raise ConfigError("class_weights do not apply to task='regression'.")
-    return nn.MSELoss()
+    return nn.MSELoss() if target_std is None else StandardizedMSELoss(target_std)
 
 
 def balanced_class_weights(targets: Sequence[int], num_classes: int) -> list[float]:
@@ -151,35 +174,55 @@ class TargetDataset(TransformedDataset):
         out.task, out.width, out.what = self.task, self.width, self.what  # type: ignore[attr-defined]
         return out  # type: ignore[return-value]
 
-    def checked(self, task: str, width: int, what: str) -> list[torch.Tensor]:
+    def checked(self, task: str, width: int, what: str) -> dict[int, torch.Tensor]:
         """Check every target of this dataset when it is loaded, and up to `TARGETS_CHECKED`
-        of them (evenly spaced) now, so that bad targets fail before training; returns those."""
+        of them (evenly spaced) now, so that bad targets fail before training; returns those,
+        by their index in the base dataset."""
         self.task, self.width, self.what = task, width, what
         n, k = len(self), min(TARGETS_CHECKED, len(self))
-        out = []
+        out = {}
         for i in sorted({round(j * (n - 1) / max(k - 1, 1)) for j in range(k)}):
             item = self.base[self.indices[i]]  # the whole item: a Dataset gives its targets with its images
             if isinstance(item, (tuple, list)) and len(item) >= 2:
-                out.append(check_target(item[1], task=task, width=width, where=f"{what} item {self.indices[i]}"))
+                out[self.indices[i]] = check_target(item[1], task=task, width=width,
+                                                    where=f"{what} item {self.indices[i]}")
         return out
 
 
-def warn_target_scale(targets: list[torch.Tensor], names: Sequence[str], report: DataReport) -> None:
-    """One warning for regression targets far from mean 0 and std 1 (from ``targets``, those
-    read before training): the head starts at 0 and the MSE loss works in the targets' units,
-    so such targets train slowly or not at all; standardising them is the caller's fix."""
-    if len(targets) < 2:
-        return
-    y = torch.stack(targets).double()
-    mean, std = y.mean(0), y.std(0)
-    odd = [f"{names[j]!r} (mean {mean[j]:.3g}, std {std[j]:.3g})" for j in range(y.shape[1])
-           if std[j] == 0 or not 1e-2 <= std[j] <= 1e2 or abs(mean[j]) > 10 * std[j]]
-    if odd:
-        shown = ", ".join(odd[:5]) + (" ..." if len(odd) > 5 else "")
-        report.warn(f"Regression targets far from mean 0 and std 1: {shown} (from {len(targets)} training "
-                    "targets). The head starts at 0 and the MSE loss works in the targets' units, so they train "
-                    "slowly or not at all (a constant target cannot be learned from the images). Standardise them, "
-                    "(y - mean) / std, and undo it on the predictions.")
+def target_scale_note(stats: dict[str, Any], names: Sequence[str], *, standardised: bool) -> str | None:
+    """What to say of regression targets whose statistics ``stats`` (``mean``, ``std`` and
+    ``n``, see `target_summary`) are: an output that is constant in training, and, when the
+    targets are not standardised (``target_norm=False``), outputs far from mean 0 and std 1,
+    which the head (starting at 0) and the MSE loss in the targets' units learn slowly or
+    not at all."""
+    mean, std, n = stats["mean"], stats["std"], stats["n"]
+    if n < 2:
+        return None
+    constant = [j for j in range(len(mean)) if std[j] <= 1e-6 * max(abs(mean[j]), 1.0)]
+    far = [] if standardised else [j for j in range(len(mean)) if j not in constant and
+                                   (not 1e-2 <= std[j] <= 1e2 or abs(mean[j]) > 10 * std[j])]
+
+    def shown(js: list[int]) -> str:
+        return ", ".join(f"{names[j]!r} (mean {mean[j]:.3g}, std {std[j]:.3g})" for j in js[:5]) + \
+            (" ..." if len(js) > 5 else "")
+    said = []
+    if constant:
+        said.append(f"Regression outputs constant in the {n} training targets read: {shown(constant)}; the model "
+                    "predicts their value and learns nothing from the images for them.")
+    if far:
+        said.append(f"Regression targets far from mean 0 and std 1: {shown(far)} (from {n} training targets), "
+                    "with target_norm=False: the head starts at 0 and the MSE loss works in the targets' units, so "
+                    "they train slowly or not at all. Leave target_norm='auto' (standardised in training, outputs in "
+                    "the targets' units).")
+    return " ".join(said) or None
+
+
+def target_summary(targets: torch.Tensor) -> dict[str, Any]:
+    """The mean and standard deviation (``n - 1``) of each output of ``targets`` ``[N, D]``,
+    and ``n``, as plain data."""
+    y = targets.double().reshape(len(targets), -1)
+    std = y.std(0) if len(y) > 1 else torch.zeros(y.shape[1], dtype=torch.float64)
+    return {"mean": tuple(y.mean(0).tolist()), "std": tuple(std.tolist()), "n": len(y)}
 
 
 def target_width(ds: TargetDataset) -> int:
@@ -213,10 +256,7 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ConfigError(f"classes names {twice} more than once; each output needs a name of its own.")
-    report = DataReport()
     seen = train.checked(task, width, "training")
-    if task == "regression":
-        warn_target_scale(seen, names, report)
     val = TargetDataset(val_data) if val_data is not None else None
     if val is not None:
         val.checked(task, width, "validation")
@@ -226,7 +266,9 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
         order = np.random.default_rng(seed).permutation(len(train)).tolist()
         n_val = max(1, int(round(len(train) * val_split)))
         train, val = train.view(sorted(order[n_val:])), train.view(sorted(order[:n_val]))
-    return DataBundle(train=train, val=val, classes=names, report=report), width
+    kept = [seen[i] for i in train.indices if i in seen]  # the training part's targets (not validation's)
+    targets = torch.stack(kept) if task == "regression" and kept else None
+    return DataBundle(train=train, val=val, classes=names, targets=targets), width
 
 
 def resolve_class_weights(class_weights: Any, task: str, bundle: DataBundle) -> list[float] | None:

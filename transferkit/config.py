@@ -230,7 +230,8 @@ class FinetuneConfig:
         None, "'standard', 'flip' or 'none' (default: standard when the backbone trains)", group="data", flag=True)
     # --- task
     task: Literal["multiclass", "multilabel", "regression"] = _opt(
-        "multiclass", "'multiclass', 'multilabel' or 'regression'", group="task")
+        "multiclass", "'multiclass', 'multilabel' or 'regression' (data: a Dataset, or a CSV of path and one column "
+        "per output)", group="task", flag=True)
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", group="task", check=_fraction)
     class_weights: Literal["balanced"] | Sequence[float] | None = _opt(
         None, "loss weight per class: a list, or 'balanced'", group="task", check=_class_weights)

@@ -145,9 +145,11 @@ def data_fingerprint(ds: Any) -> str:
         return f"{type(ds).__name__}:{own()}"
     h = hashlib.blake2b(digest_size=16)
     h.update(type(ds).__name__.encode())
-    if hasattr(ds, "samples"):  # ImageFolderDataset (or anything listing (path, label) files)
-        h.update(repr((getattr(ds, "min_size", None), getattr(ds, "max_seconds", None))).encode())
-        for path, label, rel in _relative(ds.samples):
+    listed = listed_files(ds)
+    if listed is not None:  # ImageFolderDataset (or anything listing (path, label) files), or a view of one
+        files = ds if hasattr(ds, "samples") else ds.base
+        h.update(repr((getattr(files, "min_size", None), getattr(files, "max_seconds", None))).encode())
+        for path, label, rel in _relative(listed):
             if rel is not None:
                 st = os.stat(path)
                 h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
@@ -193,12 +195,23 @@ def listing_digest(ds: Any) -> str | None:
     return h.hexdigest()
 
 
+def listed_files(ds: Any) -> list[tuple[Any, Any]] | None:
+    """The ``(source, target)`` samples of a dataset of listed files, or of the files a view
+    of one (``base`` and ``indices``) takes; None for other datasets."""
+    if hasattr(ds, "samples"):
+        return ds.samples
+    base, indices = getattr(ds, "base", None), getattr(ds, "indices", None)
+    if indices is not None and hasattr(base, "samples"):
+        return [base.samples[i] for i in indices]
+    return None
+
+
 def quick_fingerprint(ds: Any, samples: int = 16) -> str:
     """A cheap identity of a dataset: `data_fingerprint` for file-based and tensor
     datasets (file metadata, no decoding); for other in-memory datasets their type, length
     and the content of ``samples`` evenly spaced items."""
     base = getattr(ds, "base", ds)
-    if hasattr(ds, "samples") or getattr(base, "tensors", None) is not None:
+    if listed_files(ds) is not None or getattr(base, "tensors", None) is not None:
         return data_fingerprint(ds)
     h = hashlib.blake2b(digest_size=16)
     n = len(ds)

@@ -95,20 +95,9 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
     """Read ``path,label`` rows (a header row naming ``path`` and ``label`` is optional;
     relative paths are relative to the CSV's folder). With ``classes`` given, rows whose
     label is not one of them are left out and reported."""
-    import csv
-
     report = report if report is not None else DataReport()
     csv_path = Path(csv_path)
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark is not data
-            rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{str(csv_path)!r} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}"
-                        "); save it as UTF-8 (e.g. 'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8).") from exc
-    except csv.Error as exc:
-        raise DataError(f"{str(csv_path)!r} cannot be read as CSV: {exc}.") from exc
-    except OSError as exc:
-        raise DataError(f"Cannot read {str(csv_path)!r}: {exc.strerror or exc}.") from exc
+    rows = read_csv_rows(csv_path)
     first = 2 if rows and [x.strip().lower() for x in rows[0][:2]] == ["path", "label"] else 1
     rows = rows[first - 1:]
     bad = [i for i, r in enumerate(rows) if len(r) != 2]
@@ -147,15 +136,39 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
     if unknown:
         report.warn(f"{str(csv_path)!r} has labels {unknown[:10]} that are not training classes; those rows are "
                     "left out.")
-    samples = []
-    for (p, _), lab in zip(rows, labels):
-        if lab in index:
-            path = Path(p.strip())
-            samples.append((str(path if path.is_absolute() else csv_path.parent / path), index[lab]))
-    missing = [p for p, _ in samples if not os.path.isfile(p)]
+    samples = [(csv_file_path(csv_path, p), index[lab]) for (p, _), lab in zip(rows, labels) if lab in index]
+    check_listed_files(csv_path, [p for p, _ in samples])
+    return samples, list(classes)
+
+
+def read_csv_rows(csv_path: Path) -> list[list[str]]:
+    """The non-blank rows of a UTF-8 CSV file (a byte-order mark is not data), or a
+    [`DataError`][transferkit.DataError] saying why it cannot be read."""
+    import csv
+
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark is not data
+            return [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{str(csv_path)!r} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}"
+                        "); save it as UTF-8 (e.g. 'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8).") from exc
+    except csv.Error as exc:
+        raise DataError(f"{str(csv_path)!r} cannot be read as CSV: {exc}.") from exc
+    except OSError as exc:
+        raise DataError(f"Cannot read {str(csv_path)!r}: {exc.strerror or exc}.") from exc
+
+
+def csv_file_path(csv_path: Path, cell: str) -> str:
+    """A CSV row's path: as written when absolute, else relative to the CSV's folder."""
+    path = Path(cell.strip())
+    return str(path if path.is_absolute() else csv_path.parent / path)
+
+
+def check_listed_files(csv_path: Path, paths: Sequence[str]) -> None:
+    """A [`DataError`][transferkit.DataError] when files that ``csv_path`` lists are missing."""
+    missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{str(csv_path)!r} lists {plural(len(missing), 'missing file')}, e.g. {missing[:3]}.")
-    return samples, list(classes)
 
 
 class ImageFolderDataset(FileDataset):
@@ -201,7 +214,7 @@ class ImageFolderDataset(FileDataset):
     def view(self, indices: Sequence[int] | None = None, transform: Callable | None = None) -> ImageFolderDataset:
         """The same files (or a subset) with another transform."""
         samples = self.samples if indices is None else [self.samples[i] for i in indices]
-        return ImageFolderDataset(self.root, classes=self.classes, transform=transform, samples=samples,
+        return type(self)(self.root, classes=self.classes, transform=transform, samples=samples,
                                   min_size=self.min_size, on_bad_file=self.on_bad_file, report=self.report,
                                   known_bad=self.known_bad)
 

@@ -24,7 +24,9 @@ from torch import nn
 
 from transferkit.data.images import TransformedDataset
 from transferkit.data.bundle import DataBundle, prepare_data
+from transferkit.data.checks import DataReport
 from transferkit.data.images import dataset_targets
+from transferkit.data.target_tables import is_csv, open_target_csv
 from transferkit.errors import ConfigError, DataError, check_choice
 from transferkit.heads import TASKS
 
@@ -182,11 +184,19 @@ class TargetDataset(TransformedDataset):
         n, k = len(self), min(TARGETS_CHECKED, len(self))
         out = {}
         for i in sorted({round(j * (n - 1) / max(k - 1, 1)) for j in range(k)}):
-            item = self.base[self.indices[i]]  # the whole item: a Dataset gives its targets with its images
+            item = self.raw(i)
             if isinstance(item, (tuple, list)) and len(item) >= 2:
                 out[self.indices[i]] = check_target(item[1], task=task, width=width,
                                                     where=f"{what} item {self.indices[i]}")
         return out
+
+    def raw(self, i: int) -> Any:
+        """Item ``i`` of the base dataset as it is, for its target: a listed file's
+        ``(path, target)`` (nothing decoded), else the whole item (a Dataset gives its targets
+        with its images)."""
+        j = self.indices[i]
+        samples = getattr(self.base, "samples", None)
+        return samples[j] if samples is not None else self.base[j]
 
 
 def target_scale_note(stats: dict[str, Any], names: Sequence[str], *, standardised: bool) -> str | None:
@@ -227,8 +237,7 @@ def target_summary(targets: torch.Tensor) -> dict[str, Any]:
 
 def target_width(ds: TargetDataset) -> int:
     """Number of outputs implied by the first target (1 for scalar regression targets)."""
-    return max(int(check_target(ds.base[ds.indices[0]][1], task="regression", width=None,
-                                where=f"item {ds.indices[0]}").numel()), 1)
+    return max(int(check_target(ds.raw(0)[1], task="regression", width=None, where=f"item {ds.indices[0]}").numel()), 1)
 
 
 def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, seed: int,
@@ -237,15 +246,25 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
                       cache_dir: str | Path | None = None) -> tuple[DataBundle, int]:
     """The training/validation data and the number of outputs. Multiclass data are folders or
     datasets of ``(image, int)``; multilabel and regression data are datasets of
-    ``(image, target vector)`` (multi-hot, or values), split at random when no ``val_data``.
+    ``(image, target vector)`` (multi-hot, or values) or CSV files of a path and the targets
+    (see `transferkit.data.target_tables`), split at random when no ``val_data``.
     ``cache_dir`` keeps the member indexes of tar shards (see `transferkit.data.shards`)."""
     if task == "multiclass":
         bundle = prepare_data(data, val_data, val_split=val_split, seed=seed, classes=classes, min_size=min_size,
                               on_bad_file=on_bad_file, scan=scan, cache_dir=cache_dir)
         return bundle, len(bundle.classes)
-    if isinstance(data, (str, Path)) or not hasattr(data, "__getitem__"):
-        raise DataError(f"task={task!r} needs a Dataset of (image, target vector) pairs, got {type(data).__name__}; "
-                        "folders of class sub-folders and path,label CSV files are single-label (task='multiclass').")
+    report = DataReport()
+    tables = dict(task=task, min_size=min_size, on_bad_file=on_bad_file, scan=scan, report=report)
+    if is_csv(data):
+        data = open_target_csv(data, classes=classes, **tables)
+        classes = data.classes
+    if is_csv(val_data):
+        val_data = open_target_csv(val_data, classes=classes, **tables)
+    for what, part in (("data", data), ("val_data", val_data)):
+        if part is not None and (isinstance(part, (str, Path)) or not hasattr(part, "__getitem__")):
+            raise DataError(f"task={task!r} needs a Dataset of (image, target vector) pairs or a CSV file with a "
+                            f"header (path, then one column per output), got {what}={part!r}; folders of class "
+                            "sub-folders are single-label (task='multiclass').")
     train = TargetDataset(data)
     if len(train) == 0:
         raise DataError("The training dataset is empty.")
@@ -268,7 +287,7 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
         train, val = train.view(sorted(order[n_val:])), train.view(sorted(order[:n_val]))
     kept = [seen[i] for i in train.indices if i in seen]  # the training part's targets (not validation's)
     targets = torch.stack(kept) if task == "regression" and kept else None
-    return DataBundle(train=train, val=val, classes=names, targets=targets), width
+    return DataBundle(train=train, val=val, classes=names, report=report, targets=targets), width
 
 
 def resolve_class_weights(class_weights: Any, task: str, bundle: DataBundle) -> list[float] | None:
@@ -295,5 +314,5 @@ def resolve_class_weights(class_weights: Any, task: str, bundle: DataBundle) -> 
 
 
 def _targets(ds: TargetDataset) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(np.asarray(ds.base[i][1]), dtype=torch.float32).reshape(-1)
-                        for i in ds.indices])
+    return torch.stack([torch.as_tensor(np.asarray(ds.raw(i)[1]), dtype=torch.float32).reshape(-1)
+                        for i in range(len(ds))])

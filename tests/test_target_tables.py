@@ -1,0 +1,133 @@
+"""Multilabel and regression data from CSV files: path, then one column per output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import transferkit as tk
+from transferkit.data.target_tables import scan_target_csv
+from transferkit.errors import DataError
+
+COMMON = dict(weights=None, image_size=16, device="cpu", num_workers=0, batch_size=8, verbose=False)
+COLOURS = ("red", "green", "blue")
+
+
+@pytest.fixture
+def table(tmp_path):
+    """40 flat-colour images and their levels; ``write(name, header, row)`` writes a CSV of them."""
+    levels = np.random.default_rng(0).uniform(0, 1, (40, 3))
+    for i, lv in enumerate(levels):
+        Image.fromarray((np.ones((12, 12, 3)) * lv * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+
+    def write(name, header, row, n=len(levels)):
+        lines = [header] + [f"{i}.png,{row(levels[i])}" for i in range(n)]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        return tmp_path / name
+
+    write.levels, write.root = levels, tmp_path
+    return write
+
+
+def test_regression_from_a_csv_trains_on_its_columns(table):
+    csv = table("r.csv", "path,red,green", lambda lv: f"{lv[0] * 100 + 50:.5f},{lv[1] * 100:.5f}")
+    r = tk.finetune("tk:small_cnn", data=csv, task="regression", policy="full", epochs=6, lr=1e-2, **COMMON)
+    assert r.classes == ["red", "green"] and r.metrics["r2"] > 0.3
+    # classes= picks and orders the columns
+    d = tk.plan("tk:small_cnn", data=csv, task="regression", classes=["green"], val_split=0, **COMMON)
+    assert d.classes == ("green",) and d.num_outputs == 1
+    assert d.target_norm["mean"][0] == pytest.approx(table.levels[:, 1].mean() * 100, rel=1e-4)
+
+
+def test_multilabel_from_columns_or_from_label_lists_reads_the_same_targets(table):
+    columns = table("m.csv", "path,red,green,blue", lambda lv: ",".join(str(int(x > 0.5)) for x in lv))
+    lists = table("l.csv", "path,labels", lambda lv: ";".join(c for c, x in zip(COLOURS, lv) if x > 0.5))
+    a, names_a = scan_target_csv(columns, task="multilabel")
+    b, names_b = scan_target_csv(lists, task="multilabel", classes=list(COLOURS))
+    assert names_a == names_b == list(COLOURS) and a == b
+    assert a[0][1] == tuple(float(x > 0.5) for x in table.levels[0])
+    assert scan_target_csv(lists, task="multilabel")[1] == sorted(COLOURS)  # names the rows use, sorted
+    r = tk.finetune("tk:small_cnn", data=lists, task="multilabel", classes=list(COLOURS), policy="full", epochs=6,
+                    lr=3e-2, **COMMON)
+    assert r.classes == list(COLOURS) and r.metrics["label_accuracy"] > 0.6
+
+
+def test_label_lists_of_validation_data_use_the_training_labels(table):
+    train = table("train.csv", "path,labels", lambda lv: ";".join(c for c, x in zip(COLOURS, lv) if x > 0.5))
+    val = table("val.csv", "path,labels", lambda lv: "red;purple" if lv[0] > 0.5 else "", n=10)
+    with pytest.warns(UserWarning, match=r"names labels \['purple'\] that are not among the classes"):
+        d = tk.plan("tk:small_cnn", data=train, val_data=val, task="multilabel", **COMMON)
+    assert d.classes == tuple(sorted(COLOURS)) and d.n_val == 10
+
+
+@pytest.mark.parametrize("header, row, said", [
+    ("image,age", lambda lv: "3", "needs a header row for task='regression': 'path' and then one column per output"),
+    ("path,age", lambda lv: "tall" if lv[0] > 0.9 else "3", r"row \d+, column 'age': 'tall' is not a finite number"),
+    ("path,age", lambda lv: "nan", r"row 2, column 'age': 'nan' is not a finite number"),
+    ("path,age,age", lambda lv: "1,2", r"need a name each, each name once"),
+    ("path,age", lambda lv: "1,2", r"rows \[2, 3, 4, 5, 6\] do not have the header's 2 columns"),
+])
+def test_bad_regression_tables_are_named(table, header, row, said):
+    with pytest.raises(DataError, match=said):
+        tk.plan("tk:small_cnn", data=table("bad.csv", header, row), task="regression", **COMMON)
+
+
+def test_bad_multilabel_values_missing_columns_files_and_contradictions_are_named(table):
+    csv = table("m.csv", "path,red,green", lambda lv: "2,0" if lv[0] > 0.9 else "1,0")
+    with pytest.raises(DataError, match=r"column 'red': '2' is not 1 or 0 \(or a soft target in \[0, 1\]\)"):
+        tk.plan("tk:small_cnn", data=csv, task="multilabel", **COMMON)
+    ok = table("ok.csv", "path,red,green", lambda lv: "1,0")
+    with pytest.raises(DataError, match=r"has no column 'blue' \(classes= names the columns to read\); its columns "
+                                         r"are \['red', 'green'\]"):
+        tk.plan("tk:small_cnn", data=ok, task="multilabel", classes=["red", "blue"], **COMMON)
+    (table.root / "twice.csv").write_text("path,age\n0.png,1\n1.png,2\n0.png,3\n")
+    with pytest.raises(DataError, match=r"lists '0.png' twice with different targets \(\(1.0,\) and \(3.0,\), row 4"):
+        tk.plan("tk:small_cnn", data=table.root / "twice.csv", task="regression", **COMMON)
+    (table.root / "gone.csv").write_text("path,age\n0.png,1\nnone.png,2\n")
+    with pytest.raises(DataError, match="lists 1 missing file"):
+        tk.plan("tk:small_cnn", data=table.root / "gone.csv", task="regression", **COMMON)
+
+
+def test_a_bad_image_in_a_table_is_left_out_and_reported(table):
+    csv = table("r.csv", "path,age", lambda lv: f"{lv[0]:.4f}")
+    (table.root / "7.png").write_bytes(b"not an image")
+    r = tk.finetune("tk:small_cnn", data=csv, task="regression", epochs=1, val_split=0, **COMMON)
+    assert [str(p).rsplit("/", 1)[-1] for p, _ in r.data_report.bad_files] == ["7.png"]
+    assert r.decisions.n_train == 39
+
+
+def test_targets_and_identity_of_a_table_are_read_without_decoding_its_images(table, tmp_path):
+    """The target pre-check and the data's fingerprint read a listed file's target from the
+    listing: a plan with scan='none' over files that are not images succeeds (nothing is
+    decoded before training)."""
+    csv = table("r.csv", "path,age", lambda lv: f"{lv[0]:.4f}")
+    for i in range(40):
+        (table.root / f"{i}.png").write_bytes(b"not an image")
+    d = tk.plan("tk:small_cnn", data=csv, task="regression", scan="none", **COMMON)
+    assert d.n_train == 32 and d.target_norm["n"] == 32
+    cached = tk.plan("tk:small_cnn", data=csv, task="regression", scan="none", cache_dir=tmp_path / "c", **COMMON)
+    assert set(cached.data_fingerprints) == {"train", "val"}
+
+
+def test_the_feature_cache_key_of_a_table_follows_its_targets(table, tmp_path):
+    csv = table("r.csv", "path,age", lambda lv: f"{lv[0]:.4f}")
+    first = tk.plan("tk:small_cnn", data=csv, task="regression", cache_dir=tmp_path / "c", **COMMON)
+    again = tk.plan("tk:small_cnn", data=csv, task="regression", cache_dir=tmp_path / "c", **COMMON)
+    assert first.data_fingerprints == again.data_fingerprints
+    text = csv.read_text().replace("0.png,", "0.png,9", 1)
+    csv.write_text(text)
+    changed = tk.plan("tk:small_cnn", data=csv, task="regression", cache_dir=tmp_path / "c", **COMMON)
+    assert changed.data_fingerprints["train"] != first.data_fingerprints["train"]
+
+
+def test_the_cli_trains_regression_from_a_csv(table, capsys):
+    from transferkit.cli import main
+
+    csv = table("r.csv", "path,age", lambda lv: f"{lv[0] * 1000:.3f}")
+    main(["finetune", "--data", str(csv), "--task", "regression", "--backbone", "tk:small_cnn", "--weights", "None",
+          "--image-size", "16", "--epochs", "1", "--dry-run", "--set", "num_workers=0"])
+    decided = json.loads(capsys.readouterr().out)["decisions"]  # piped: JSON
+    assert decided["task"] == "regression" and decided["classes"] == ["age"] and decided["head"]["target_norm"]

@@ -1,0 +1,148 @@
+"""Multilabel and regression targets from a CSV file: ``path`` then one column per output.
+
+A header row is required; its first column is ``path`` (relative paths are relative to
+the CSV's folder). The other columns:
+
+- **regression**: one column per output, a number in each row (``path,age`` or
+  ``path,x,y``). Column names are the output names; ``classes=[...]`` picks and orders
+  columns by name.
+- **multilabel**, either one column per label holding 1 or 0 (or a soft target in
+  [0, 1]: ``path,cat,dog,bird``), or one ``labels`` column holding the row's label names
+  separated by ``;`` (``path,labels`` then ``a.jpg,cat;dog``; an empty cell is an image with
+  no label), which is what ``transferkit predict --csv`` writes. The label names are
+  ``classes=[...]``, else the sorted names the rows use; names outside ``classes`` are left
+  out with a warning.
+
+Every row is read and checked when the data are opened (a number per output, finite, in
+[0, 1] for multilabel), and a bad one is a [`DataError`][transferkit.DataError] naming its
+row and column. The images are pre-scanned as the images of class folders are
+(``on_bad_file``, ``scan``).
+
+Example:
+    >>> ds = open_target_csv("faces.csv", task="regression")  # doctest: +SKIP
+    >>> ds.classes, ds.samples[0]  # doctest: +SKIP
+    (['age'], ('/data/faces/0001.jpg', (34.0,)))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from transferkit.data.checks import DataReport, filter_bad_images
+from transferkit.data.images import ImageFolderDataset, check_listed_files, csv_file_path, read_csv_rows
+from transferkit.errors import DataError
+
+LABEL_LIST_COLUMN = "labels"  # multilabel: label names separated by LABEL_SEPARATOR
+LABEL_SEPARATOR = ";"
+
+
+def is_csv(data: object) -> bool:
+    """Whether ``data`` names a ``.csv`` file."""
+    return isinstance(data, (str, Path)) and str(data).lower().endswith(".csv")
+
+
+def scan_target_csv(csv_path: str | Path, *, task: str, classes: Sequence[str] | None = None,
+                    report: DataReport | None = None) -> tuple[list[tuple[str, tuple[float, ...]]], list[str]]:
+    """``[(path, target values)]`` and the output names of a multilabel or regression CSV
+    (see the module docstring)."""
+    report = report if report is not None else DataReport()
+    csv_path = Path(csv_path)
+    where = repr(str(csv_path))
+    rows = read_csv_rows(csv_path)
+    example = "'path,labels' (names separated by ';') or 'path,cat,dog' (1 or 0)" if task == "multilabel" else \
+        "'path,age' or 'path,x,y'"
+    if not rows or rows[0][0].strip().lower() != "path" or len(rows[0]) < 2:
+        raise DataError(f"{where} needs a header row for task={task!r}: 'path' and then one column per output, e.g. "
+                        f"{example}.")
+    header = [h.strip() for h in rows[0]]
+    body = rows[1:]
+    if not body:
+        raise DataError(f"{where} has a header but no rows.")
+    short = [i + 2 for i, r in enumerate(body) if len(r) != len(header)]
+    if short:
+        raise DataError(f"{where}: rows {short[:5]} do not have the header's {len(header)} columns (a value holding "
+                        "a comma must be quoted).")
+    blank = [i + 2 for i, r in enumerate(body) if not r[0].strip()]
+    if blank:
+        raise DataError(f"{where}: rows {blank[:5]} have an empty path; give each row a path, or remove the rows.")
+    if task == "multilabel" and [h.lower() for h in header[1:]] == [LABEL_LIST_COLUMN]:
+        targets, names = _label_lists(body, classes, where, report)
+    else:
+        targets, names = _columns(header, body, classes, task, where)
+    samples: list[tuple[str, tuple[float, ...]]] = []
+    seen: dict[str, tuple[float, ...]] = {}
+    for i, (r, t) in enumerate(zip(body, targets)):
+        path = csv_file_path(csv_path, r[0])
+        if seen.setdefault(path, t) != t:
+            raise DataError(f"{where} lists {r[0].strip()!r} twice with different targets ({seen[path]} and {t}, "
+                            f"row {i + 2}): one image cannot teach two answers. Keep one row.")
+        samples.append((path, t))
+    if len(seen) < len(samples):
+        report.warn(f"{where} lists {len(samples) - len(seen)} file(s) more than once with the same target; they "
+                    "count that many times in training.")
+    check_listed_files(csv_path, [p for p, _ in samples])
+    return samples, names
+
+
+def _label_lists(body: list[list[str]], classes: Sequence[str] | None, where: str,
+                 report: DataReport) -> tuple[list[tuple[float, ...]], list[str]]:
+    lists = [[x.strip() for x in r[1].split(LABEL_SEPARATOR) if x.strip()] for r in body]
+    used = sorted({x for labels in lists for x in labels})
+    names = list(classes) if classes is not None else used
+    if not names:
+        raise DataError(f"{where}: no row names a label; give each image its labels, separated by "
+                        f"{LABEL_SEPARATOR!r}.")
+    unknown = sorted(set(used) - set(names))
+    if unknown:
+        report.warn(f"{where} names labels {unknown[:10]} that are not among the classes {names[:10]}; they are left "
+                    "out of the targets.")
+    return [tuple(1.0 if n in labels else 0.0 for n in names) for labels in map(set, lists)], names
+
+
+def _columns(header: list[str], body: list[list[str]], classes: Sequence[str] | None, task: str,
+             where: str) -> tuple[list[tuple[float, ...]], list[str]]:
+    columns = header[1:]
+    if any(not c for c in columns) or len(set(columns)) < len(columns):
+        raise DataError(f"{where}: the header's output columns {columns} need a name each, each name once.")
+    names = list(classes) if classes is not None else columns
+    absent = [n for n in names if n not in columns]
+    if absent:
+        raise DataError(f"{where} has no column {absent[0]!r} (classes= names the columns to read); its columns "
+                        f"are {columns}.")
+    at = [header.index(n) for n in names]
+    targets = []
+    for i, r in enumerate(body):
+        values = []
+        for j, name in zip(at, names):
+            cell = r[j].strip()
+            try:
+                v = float(cell)
+            except ValueError:
+                v = math.nan
+            bad = not math.isfinite(v) or (task == "multilabel" and not 0.0 <= v <= 1.0)
+            if bad:
+                need = "1 or 0 (or a soft target in [0, 1])" if task == "multilabel" else "a finite number"
+                raise DataError(f"{where}, row {i + 2}, column {name!r}: {cell!r} is not {need}. Fix the value, or "
+                                "remove the row.")
+            values.append(v)
+        targets.append(tuple(values))
+    return targets, names
+
+
+def open_target_csv(csv_path: str | Path, *, task: str, classes: Sequence[str] | None = None,
+                    min_size: int | None = None, on_bad_file: str = "skip", scan: str = "quick",
+                    report: DataReport | None = None) -> ImageFolderDataset:
+    """The images a multilabel or regression CSV lists, pre-scanned, as a dataset of
+    ``(image, target values)`` (``classes``: the output names)."""
+    report = report if report is not None else DataReport()
+    listed, names = scan_target_csv(csv_path, task=task, classes=classes, report=report)
+    kept = filter_bad_images(listed, on_bad_file=on_bad_file, scan=scan, report=report)
+    if not kept:
+        raise DataError(f"No readable images in {str(csv_path)!r}: every file was bad (e.g. {report.bad_files[:2]}).")
+    return ImageFolderDataset(csv_path, classes=names, samples=kept, min_size=min_size, on_bad_file=on_bad_file,
+                              report=report)
+
+
+__all__ = ["is_csv", "open_target_csv", "scan_target_csv"]

@@ -51,8 +51,17 @@ def test_multilabel_from_columns_or_from_label_lists_reads_the_same_targets(tabl
     assert a[0][1] == tuple(float(x > 0.5) for x in table.levels[0])
     assert scan_target_csv(lists, task="multilabel")[1] == sorted(COLOURS)  # names the rows use, sorted
     r = tk.finetune("tk:small_cnn", data=lists, task="multilabel", classes=list(COLOURS), policy="full", epochs=6,
-                    lr=3e-2, **COMMON)
+                    lr=3e-2, export=table.root / "ml.pt", **COMMON)
     assert r.classes == list(COLOURS) and r.metrics["label_accuracy"] > 0.6
+    # scored on either layout of the same targets, as the predictor reads the files
+    ev = tk.evaluate(r.export_path, columns, progress=False)
+    assert isinstance(ev, tk.TargetEvaluation) and ev.task == "multilabel" and len(ev.files) == 40
+    probabilities = tk.load(r.export_path).outputs(ev.files).numpy()
+    assert np.allclose(ev.outputs, probabilities, atol=1e-6)
+    assert ev.metrics["label_accuracy"] == pytest.approx(((probabilities >= 0.5) == (ev.targets >= 0.5)).mean())
+    assert tk.evaluate(r.export_path, lists, progress=False).metrics == ev.metrics
+    first = ev.worst(1)[0]
+    assert first["loss"] == pytest.approx(ev.losses.max()) and set(first["true"]) <= set(COLOURS)
 
 
 def test_label_lists_of_validation_data_use_the_training_labels(table):
@@ -131,3 +140,25 @@ def test_the_cli_trains_regression_from_a_csv(table, capsys):
           "--image-size", "16", "--epochs", "1", "--dry-run", "--set", "num_workers=0"])
     decided = json.loads(capsys.readouterr().out)["decisions"]  # piped: JSON
     assert decided["task"] == "regression" and decided["classes"] == ["age"] and decided["head"]["target_norm"]
+
+
+def test_a_regression_model_is_evaluated_on_a_csv_of_its_targets(table, capsys):
+    from transferkit.cli import main
+
+    csv = table("r.csv", "path,red,green", lambda lv: f"{lv[0] * 100 + 50:.5f},{lv[1] * 100:.5f}")
+    r = tk.finetune("tk:small_cnn", data=csv, task="regression", policy="full", epochs=2, lr=1e-2,
+                    export=table.root / "reg.pt", **COMMON)
+    ev = tk.evaluate(r.export_path, csv, progress=False)
+    values = tk.load(r.export_path).outputs(ev.files).numpy()
+    y = np.stack([table.levels[:, 0] * 100 + 50, table.levels[:, 1] * 100], 1)
+    assert np.allclose(ev.outputs, values, rtol=1e-5) and np.allclose(ev.targets, y, atol=1e-4)
+    assert ev.metrics["per_output"]["green"]["mae"] == pytest.approx(np.abs(values[:, 1] - y[:, 1]).mean(), rel=1e-4)
+    assert ev.metrics["mae"] == pytest.approx(np.abs(values - y).mean(), rel=1e-4)
+    assert "R^2" in ev.summary() and "green" in ev.summary()
+    main(["evaluate", str(r.export_path), str(csv), "--worst", "2"])
+    record = json.loads(capsys.readouterr().out)  # piped: JSON
+    assert record["task"] == "regression" and len(record["worst"]) == 2 and "confusion_matrix_png" not in record
+    with pytest.raises(DataError, match="A regression model is scored on a CSV of its targets"):
+        tk.evaluate(r.export_path, table.root, progress=False)
+    assert main(["evaluate", str(r.export_path), str(csv), "--confusion-matrix", str(table.root / "cm.png")]) == 2
+    assert "--confusion-matrix applies to single-label classifiers" in capsys.readouterr().err

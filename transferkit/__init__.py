@@ -31,7 +31,8 @@ _EXPORTS = {
     "WeightsError": "transferkit.errors",
     "Prediction": "transferkit.export", "Predictor": "transferkit.export",
     "export_torchscript": "transferkit.export", "load": "transferkit.export",
-    "Evaluation": "transferkit.evaluation", "evaluate": "transferkit.evaluation",
+    "Evaluation": "transferkit.evaluation", "TargetEvaluation": "transferkit.evaluation",
+    "evaluate": "transferkit.evaluation",
     "FeatureNorm": "transferkit.heads", "TargetScale": "transferkit.heads", "build_head": "transferkit.heads",
     "FinetuneConfig": "transferkit.config", "load_config": "transferkit.config",
     "ImagePreprocess": "transferkit.model", "TransferModel": "transferkit.model", "build_model": "transferkit.model",
@@ -60,7 +61,7 @@ if TYPE_CHECKING:  # the same names, spelled out for type checkers and the API d
         UnknownBackboneError,
         WeightsError,
     )
-    from transferkit.evaluation import Evaluation, evaluate
+    from transferkit.evaluation import Evaluation, TargetEvaluation, evaluate
     from transferkit.export import Prediction, Predictor, export_torchscript, load
     from transferkit.heads import FeatureNorm, TargetScale, build_head
     from transferkit.model import ImagePreprocess, TransferModel, build_model

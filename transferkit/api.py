@@ -24,7 +24,7 @@ from transferkit._text import plural, wrap_lines
 from transferkit.config import FinetuneConfig, unknown_key_error
 from transferkit.data import DataReport
 from transferkit.errors import ConfigError, suggest
-from transferkit.evaluation import Evaluation
+from transferkit.evaluation import Evaluation, TargetEvaluation
 from transferkit.evaluation import evaluate as evaluate_model
 from transferkit.export import Prediction, Predictor
 from transferkit.export.torchscript import ExportReport
@@ -179,10 +179,11 @@ class FinetuneResult:
         """
         return self.predictor().predict(inputs, **options)
 
-    def evaluate(self, data: str | Path, **options: Any) -> Evaluation:
+    def evaluate(self, data: str | Path, **options: Any) -> Evaluation | TargetEvaluation:
         """[`transferkit.evaluate`][transferkit.evaluate] with the trained model: accuracy,
         per-class report, confusion matrix and worst files on labelled ``data`` (a folder
-        ``root/<class>/<file>`` or a ``path,label`` CSV)."""
+        ``root/<class>/<file>`` or a ``path,label`` CSV); a multilabel or regression model's
+        metrics on a CSV of its targets."""
         return evaluate_model(self.predictor(), data, **options)
 
     def summary(self) -> str:

@@ -122,8 +122,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     ev = evaluate(args.model, args.data, batch_size=args.batch_size, device=args.device,
                   progress=None if not args.json else False)
     picture, not_drawn = None, "needs matplotlib: pip install 'transferkit[plots]'"
+    classifier = hasattr(ev, "plot_confusion_matrix")  # multilabel and regression models have no matrix
+    if not classifier and args.confusion_matrix:
+        raise ConfigError(f"--confusion-matrix applies to single-label classifiers; this model's task is "
+                          f"{ev.task!r}.")
     try:
-        picture = ev.plot_confusion_matrix(args.confusion_matrix or "confusion_matrix.png")
+        picture = ev.plot_confusion_matrix(args.confusion_matrix or "confusion_matrix.png") if classifier else None
     except (ConfigError, OutputError) as exc:  # no matplotlib, or an unwritable folder: the default path
         if args.confusion_matrix:  # is not worth the scores; an explicit path asked for the picture
             raise
@@ -131,11 +135,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             not_drawn = f"{one_line(exc)} Give --confusion-matrix a writable path"
             print(f"transferkit: warning: the confusion matrix was not drawn: {not_drawn}.", file=sys.stderr)
     if args.json or not sys.stdout.isatty():
-        print(json.dumps({**ev.to_dict(worst=args.worst),
-                          "confusion_matrix_png": str(picture) if picture else None}, indent=1))
+        matrix = {"confusion_matrix_png": str(picture) if picture else None} if classifier else {}
+        print(json.dumps({**ev.to_dict(worst=args.worst), **matrix}, indent=1))
     else:
         print(ev.summary(worst=args.worst))
-        print(f"confusion matrix: {picture}" if picture else f"confusion matrix: not drawn ({not_drawn})")
+        if classifier:
+            print(f"confusion matrix: {picture}" if picture else f"confusion matrix: not drawn ({not_drawn})")
     for f, err in ev.failed:
         print(f"transferkit: warning: {f}: {_file_reason(err)}", file=sys.stderr)
     if ev.failed:
@@ -316,8 +321,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         return 0
     print(result_summary(result))
     if result.export_path is not None:
+        scored_on = "LABELLED_FOLDER_OR_CSV" if result.task == "multiclass" else "TARGETS_CSV"
         print(f"  next:       transferkit predict {result.export_path} FILES_OR_FOLDERS\n"
-              f"              transferkit evaluate {result.export_path} LABELLED_FOLDER_OR_CSV")
+              f"              transferkit evaluate {result.export_path} {scored_on}")
     return 0
 
 
@@ -377,10 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = _sub(sub, "evaluate", "score an exported model on labelled data",
               "Predict every file of a labelled folder root/<class>/<file> (or a CSV of path,label rows) with an "
               "exported model and report the accuracy, per-class precision/recall/F1, the files with the highest "
-              "loss, and draw the confusion matrix. On a terminal it prints a summary; piped or with --json, one "
-              "JSON object.")
+              "loss, and draw the confusion matrix. A multilabel or regression model is scored on a CSV of its "
+              "targets (path, then one column per output) with its task's metrics. On a terminal it prints a "
+              "summary; piped or with --json, one JSON object.")
     ev.add_argument("model", help="exported file: TorchScript (.pt) or ONNX (.onnx)")
-    ev.add_argument("data", help="labelled data: a folder root/<class>/<file> or a CSV of path,label")
+    ev.add_argument("data", help="labelled data: a folder root/<class>/<file> or a CSV of path,label (multilabel "
+                    "and regression: a CSV of path and the targets)")
     ev.add_argument("--worst", type=int, default=10, help="how many of the highest-loss files to list")
     ev.add_argument("--confusion-matrix", default=None, metavar="PNG",
                     help="where to draw the confusion matrix (default: confusion_matrix.png)")

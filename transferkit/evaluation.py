@@ -6,7 +6,13 @@ row is optional; relative paths are relative to the CSV's folder), the same layo
 [`FinetuneResult`][transferkit.FinetuneResult]; every file goes through the model's own
 preprocessing, exactly as ``transferkit predict`` runs it. Files whose label the model does
 not know are left out with a warning; files that cannot be read are listed in ``failed``
-and left out of the scores. Single-label classifiers (``task="multiclass"``) only.
+and left out of the scores.
+
+Multilabel and regression models are scored on a CSV of their targets (a header ``path``
+and one column per output, or ``path,labels``: see `transferkit.data.target_tables`, the
+layout ``finetune`` reads), into a [`TargetEvaluation`][transferkit.TargetEvaluation]:
+the task's metrics (label accuracy and F1; MSE, MAE and R^2, also per output) and the worst
+files.
 
 Example:
     >>> ev = transferkit.evaluate("model.pt", "hymenoptera/val")  # doctest: +SKIP
@@ -21,14 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from transferkit._text import plural
 from transferkit.data.audio import scan_audio_folder
 from transferkit.data.checks import DataReport
 from transferkit.data.images import scan_csv, scan_image_folder
+from transferkit.data.target_tables import scan_target_csv
 from transferkit.errors import ConfigError, DataError
 from transferkit.export import Predictor, load
-from transferkit.train.metrics import classification_report, confusion_matrix
+from transferkit.train.metrics import classification_report, confusion_matrix, task_metrics
 
 
 @dataclass
@@ -113,11 +121,109 @@ class Evaluation:
             lines.append(f"worst {plural(len(rows), 'file')} (highest loss):")
             lines += [f"  {r['file']}: true {r['true']}, predicted {r['predicted']} ({r['probability']:.2f}), "
                       f"loss {r['loss']:.2f}" for r in rows]
-        if self.failed:
-            lines.append(f"{plural(len(self.failed), 'file')} could not be predicted (left out of the scores):")
-            lines += [f"  {f}: {e}" for f, e in self.failed[:10]]
-            lines += [f"  ... and {len(self.failed) - 10} more"] if len(self.failed) > 10 else []
-        return "\n".join(lines)
+        return "\n".join(lines + _failed_lines(self.failed))
+
+
+@dataclass
+class TargetEvaluation:
+    """What [`evaluate`][transferkit.evaluate] measured for a multilabel or regression model:
+    per file, the targets and the model's outputs (sigmoid probabilities, or values in the
+    targets' units); from them the task's metrics and the worst files."""
+
+    task: str  # "multilabel" or "regression"
+    classes: list[str]  # the model's output names, in output order
+    files: list[str]  # the files scored, in the order of the rows below
+    targets: np.ndarray  # [files, outputs]
+    outputs: np.ndarray  # [files, outputs]: probabilities (multilabel) or values (regression)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # files that could not be predicted, and why
+    model: str = ""
+    data: str = ""
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Multilabel: subset and label accuracy, micro/macro F1 and the per-label report
+        (threshold 0.5); regression: MSE, MAE and R^2 (averaged over outputs) and ``per_output``
+        (MAE and R^2 of each)."""
+        y = torch.from_numpy(self.targets).float()
+        if self.task == "multilabel":
+            logits = torch.logit(torch.from_numpy(self.outputs).double().clamp(1e-12, 1 - 1e-12))
+            return task_metrics("multilabel", logits, y, self.classes)
+        from sklearn.metrics import mean_absolute_error, r2_score
+
+        out = task_metrics("regression", torch.from_numpy(self.outputs).float(), y, self.classes)
+        mae = mean_absolute_error(self.targets, self.outputs, multioutput="raw_values")
+        r2 = r2_score(self.targets, self.outputs, multioutput="raw_values") if len(self.files) > 1 \
+            else [float("nan")] * len(self.classes)
+        out["per_output"] = {c: {"mae": float(m), "r2": float(r)} for c, m, r in zip(self.classes, mae, r2)}
+        return out
+
+    @property
+    def losses(self) -> np.ndarray:
+        """Each file's loss: multilabel, the binary cross-entropy averaged over labels;
+        regression, the squared error averaged over outputs, each in units of its standard
+        deviation in these data (so that outputs in other units weigh alike)."""
+        y, p = self.targets, self.outputs
+        if self.task == "multilabel":
+            p = np.clip(p, 1e-12, 1 - 1e-12)
+            return -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean(1)
+        std = y.std(0) if len(y) > 1 else np.ones(y.shape[1])
+        return (((p - y) / np.where(std > 0, std, 1.0)) ** 2).mean(1)
+
+    def worst(self, k: int = 10) -> list[dict[str, Any]]:
+        """The ``k`` files with the highest loss: ``file``, ``true`` and ``predicted`` (label
+        lists for multilabel, ``{output: value}`` for regression) and ``loss``."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ConfigError(f"k must be an integer >= 0, got {k!r}.")
+        losses = self.losses
+        order = sorted(range(len(self.files)), key=lambda i: (-float(losses[i]), i))[:k]
+        return [{"file": self.files[i], "true": self._read(self.targets[i]), "predicted": self._read(self.outputs[i]),
+                 "loss": float(losses[i])} for i in order]
+
+    def _read(self, row: np.ndarray) -> Any:
+        if self.task == "multilabel":
+            return [c for c, v in zip(self.classes, row) if v >= 0.5]
+        return {c: float(v) for c, v in zip(self.classes, row)}
+
+    def to_dict(self, *, worst: int = 10) -> dict[str, Any]:
+        """Plain JSON data: counts, metrics, worst files, failures."""
+        return {"model": self.model, "data": self.data, "task": self.task, "files": len(self.files),
+                "classes": self.classes, **self.metrics, "worst": self.worst(worst),
+                "failed": [{"file": f, "error": e} for f, e in self.failed]}
+
+    def summary(self, *, worst: int = 5) -> str:
+        """A few lines for people: the metrics, per label or output, the worst files, failures."""
+        m, where = self.metrics, f"on {self.data} ({plural(len(self.files), 'file')})"
+        width = max([len(c) for c in self.classes] + [len("macro avg")])
+        if self.task == "multilabel":
+            lines = [f"label accuracy {m['label_accuracy']:.4f}, subset accuracy {m['subset_accuracy']:.4f}, "
+                     f"micro F1 {m['micro_f1']:.4f}, macro F1 {m['macro_f1']:.4f} {where}",
+                     f"  {'label':<{width}}  precision  recall      f1  support"]
+            for name in self.classes:
+                r = m["per_class"].get(name, {})
+                lines.append(f"  {name:<{width}}  {r.get('precision', 0):9.3f}  {r.get('recall', 0):6.3f}  "
+                             f"{r.get('f1-score', 0):6.3f}  {int(r.get('support', 0)):7d}")
+        else:
+            lines = [f"R^2 {m['r2']:.4f}, MSE {m['mse']:.4g}, MAE {m['mae']:.4g} {where}",
+                     f"  {'output':<{width}}        MAE      R^2"]
+            lines += [f"  {name:<{width}}  {r['mae']:9.4g}  {r['r2']:7.4f}" for name, r in m["per_output"].items()]
+
+        def said(v: Any) -> str:
+            return f"[{', '.join(v)}]" if isinstance(v, list) else ", ".join(f"{k}={x:.4g}" for k, x in v.items())
+        rows = self.worst(worst)
+        if rows:
+            lines.append(f"worst {plural(len(rows), 'file')} (highest loss):")
+            lines += [f"  {r['file']}: true {said(r['true'])}, predicted {said(r['predicted'])}, loss {r['loss']:.3g}"
+                      for r in rows]
+        return "\n".join(lines + _failed_lines(self.failed))
+
+
+def _failed_lines(failed: list[tuple[str, str]]) -> list[str]:
+    """The summary's lines on files that could not be predicted (none: no line)."""
+    if not failed:
+        return []
+    lines = [f"{plural(len(failed), 'file')} could not be predicted (left out of the scores):"]
+    lines += [f"  {f}: {e}" for f, e in failed[:10]]
+    return lines + ([f"  ... and {len(failed) - 10} more"] if len(failed) > 10 else [])
 
 
 def labelled_files(data: str | Path, classes: list[str], kind: str = "image") -> list[tuple[str, int]]:
@@ -152,10 +258,12 @@ def _predictor(model: Any, device: str) -> Any:
 
 
 def evaluate(model: Any, data: str | Path, *, batch_size: int = 32, device: str = "cpu",
-             progress: bool | None = None) -> Evaluation:
+             progress: bool | None = None) -> Evaluation | TargetEvaluation:
     """Score ``model`` (an exported file, a [`Predictor`][transferkit.Predictor] or a
     [`FinetuneResult`][transferkit.FinetuneResult]) on the labelled ``data`` (a folder
     ``root/<class>/<file>`` or a ``path,label`` CSV); returns an [`Evaluation`][transferkit.Evaluation].
+    A multilabel or regression model is scored on a CSV of its targets into a
+    [`TargetEvaluation`][transferkit.TargetEvaluation].
     ``progress``: a bar on a terminal (None), always (True) or never (False).
 
     Example:
@@ -164,8 +272,7 @@ def evaluate(model: Any, data: str | Path, *, batch_size: int = 32, device: str 
     """
     predictor = _predictor(model, device)
     if predictor.task != "multiclass":
-        raise ConfigError(f"evaluate() scores single-label classifiers; this model's task is {predictor.task!r}. "
-                          "Use Predictor.outputs() and your own metric for it.")
+        return _evaluate_targets(predictor, model, data, batch_size=batch_size, progress=progress)
     classes = list(predictor.labels)
     samples = labelled_files(data, classes, predictor.input_spec.kind)
     preds = predictor.predict([f for f, _ in samples], top_k=len(classes), batch_size=batch_size,
@@ -187,3 +294,39 @@ def evaluate(model: Any, data: str | Path, *, batch_size: int = 32, device: str 
                         f"{failed[0][0]}: {failed[0][1]}")
     return Evaluation(classes=classes, files=files, labels=labels, probabilities=np.stack(rows), failed=failed,
                       model=str(model) if isinstance(model, (str, Path)) else predictor.source, data=str(data))
+
+
+def _evaluate_targets(predictor: Predictor, model: Any, data: str | Path, *, batch_size: int,
+                      progress: bool | None) -> TargetEvaluation:
+    classes = list(predictor.labels)
+    path = Path(data)
+    if not (path.is_file() and path.suffix.lower() == ".csv"):
+        raise DataError(f"A {predictor.task} model is scored on a CSV of its targets: a header 'path' and then one "
+                        f"column per output ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
+                        + (", or 'path,labels' with ';'-separated label names" if predictor.task == "multilabel"
+                           else "") + f"; got {str(data)!r}.")
+    report = DataReport()
+    samples, _ = scan_target_csv(path, task=predictor.task, classes=classes, report=report)
+    preds = predictor.predict([f for f, _ in samples], top_k=len(classes), batch_size=batch_size,
+                              progress=progress)
+    files, targets, outputs, failed = [], [], [], []
+    index = {c: i for i, c in enumerate(classes)}
+    for (f, y), p in zip(samples, preds):
+        if not p.ok:
+            failed.append((f, p.error or "unknown error"))
+            continue
+        row = np.zeros(len(classes))
+        if predictor.task == "regression":
+            row[:] = [p.values[c] for c in classes]
+        else:
+            for label, prob in p.top_k:
+                row[index[label]] = prob
+        files.append(f)
+        targets.append(y)
+        outputs.append(row)
+    if not files:
+        raise DataError(f"None of the {len(samples)} files of {str(data)!r} could be predicted; the first failure: "
+                        f"{failed[0][0]}: {failed[0][1]}")
+    return TargetEvaluation(task=predictor.task, classes=classes, files=files, targets=np.asarray(targets),
+                            outputs=np.stack(outputs), failed=failed,
+                            model=str(model) if isinstance(model, (str, Path)) else predictor.source, data=str(data))

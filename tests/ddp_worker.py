@@ -9,7 +9,9 @@ wrapper rebuilt at each unfreeze) and ``dropout`` (the first dropout mask each r
 Then ``features_rank<r>.pt``: compute_features sharded over the ranks (augmented views, in
 memory and through a shared ``cache_dir``); ``device_features_rank<r>.pt``: the same with the
 images decoded by `DeviceDecodedLoader` (torchvision's CPU decoder standing in for nvJPEG),
-each rank decoding its own share.
+each rank decoding its own share. Last, ``load_failures_rank<r>.pt``: the data report of a run
+over a copy of the folder whose `BAD_FILES` fail only when loaded (``scan="none"``), each
+rank loading its own share of them.
 
 ``fail``: rank 1's epoch-end callback raises ``ValueError("boom from rank 1")`` and the
 process then lingers for 600 s instead of exiting (as a process stuck in its own cleanup
@@ -123,6 +125,26 @@ def train(data: str, out: str) -> None:
     torch.save({"mask": seen["mask"], "state": r.model.state_dict()}, os.path.join(out, f"dropout_rank{RANK}.pt"))
     sharded_features(data, out)
     torch.save(device_decoded_features(data, out), os.path.join(out, f"device_features_rank{RANK}.pt"))
+    bad = with_bad_files(data, os.path.join(out, f"bad_files_rank{RANK}"))
+    r = tk.finetune("tk:small_cnn", policy="full", epochs=1, batch_size=4, scan="none", decode_once=False,
+                    val_split=0, **common(bad))
+    torch.save({"bad_at_load": r.data_report.bad_at_load, "bad_files": r.data_report.bad_files},
+               os.path.join(out, f"load_failures_rank{RANK}.pt"))
+
+
+BAD_FILES = ("dark/dark_0.jpg", "dark/dark_5.png", "light/light_2.jpg", "light/light_9.png")
+
+
+def with_bad_files(data: str, copy: str) -> str:
+    """A copy of the image folder (one per rank: the same relative paths and sizes) whose
+    `BAD_FILES` are not images; with scan='none' they fail only when a rank loads them."""
+    import shutil
+
+    shutil.copytree(data, copy)
+    for name in BAD_FILES:
+        with open(os.path.join(copy, name), "wb") as f:
+            f.write(b"not an image")
+    return copy
 
 
 def remote(data: str, out: str) -> None:

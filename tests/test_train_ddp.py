@@ -178,6 +178,19 @@ def test_dropout_masks_differ_between_ranks(ddp_run):
         assert torch.equal(a["state"][k], b["state"][k]), k
 
 
+def test_every_rank_reports_the_files_that_any_rank_found_bad_while_loading(ddp_run):
+    """Each rank loads its own share of the training files; the files either found bad are in
+    both ranks' reports (rank 0's result and summary list them all)."""
+    from ddp_worker import BAD_FILES
+
+    _, out = ddp_run
+    for rank in (0, 1):
+        report = torch.load(out / f"load_failures_rank{rank}.pt", weights_only=True)
+        names = sorted(Path(p).parent.name + "/" + Path(p).name for p in report["bad_at_load"])
+        assert names == sorted(BAD_FILES), (rank, names)
+        assert all(reason for _, reason in report["bad_files"])
+
+
 def test_one_rank_failing_ends_every_rank_with_its_error(images, tmp_path):
     """Rank 1 raises in a callback after epoch 1 and then lingers instead of exiting; rank 0, blocked
     in the next epoch's gradient all-reduce, ends by itself with rank 1's error (the collective

@@ -39,6 +39,7 @@ from transferkit.steps import (
     evaluate,
     metadata,
     save_interrupted,
+    share_load_failures,
     set_epoch_mode,
     train,
     training_data,
@@ -281,6 +282,7 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
     with _opened(cfg, lock=True) as (d, run):
         timings = {"setup_s": time.perf_counter() - t_start}
         outcome = train(d, run)
+        share_load_failures(run)  # DDP: rank 0 reports the files every rank found bad while loading
         timings.update(outcome.seconds)
         outputs: dict[str, Any] = {}
         with interrupt_keeps_weights(lambda: save_interrupted(d, run, metadata(d))):  # Ctrl-C/SIGTERM after training

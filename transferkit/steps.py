@@ -34,6 +34,7 @@ from transferkit._version import __version__
 from transferkit.data import eval_transform, train_transform
 from transferkit.data.audio import pad_waveforms
 from transferkit.data.gpu_jpeg import DeviceDecodedLoader
+from transferkit.data.late import load_failures, record_bad_at_load
 from transferkit.data.sampling import mix_seed, seed_everything
 from transferkit.decisions import Decisions, differences
 from transferkit.export.torchscript import export_torchscript
@@ -41,7 +42,7 @@ from transferkit.run import Run
 from transferkit.policies import apply_policy, merge_lora, policy_penalty, set_train_mode
 from transferkit.checkpoints import save_checkpoint, save_interrupted_weights, save_with_fallback
 from transferkit.train.compile_trial import CompileTrial
-from transferkit.train.distributed import wrap_ddp
+from transferkit.train.distributed import gather_objects, wrap_ddp
 from transferkit.train.engines import (compile_estimate, engine_precision, lazy_engine_forward, leaf_modules,
                                       remove_stale_engine_files)
 from transferkit.train.faults import training_faults
@@ -438,6 +439,16 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
     seconds["train_s"] = time.perf_counter() - t1
     return TrainOutcome(history=history, best=best, state=state, data=td, optimizer=opt, seconds=seconds,
                         feature_report=report, compile_trial=trial.finish() if trial is not None else None)
+
+
+def share_load_failures(run: Run) -> None:
+    """Under DDP each rank loads its own share of the files: every rank's report gains the
+    files that another rank found bad while loading (warned about once, by the rank that
+    learns of them), so the result and the summary of rank 0 list them all."""
+    report = run.bundle.report
+    for failures in gather_objects(load_failures(report), run.dist):
+        for path, reason in failures:
+            record_bad_at_load(report, path, reason)
 
 
 def _resume_problems(saved: dict[str, Any], meta: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -73,6 +73,12 @@ def record_bad_at_load(report: DataReport, path: str, reason: str) -> None:
                 "takes its place. Remove or replace the file (scan='full' finds such files before training).")
 
 
+def load_failures(report: DataReport) -> list[tuple[str, str]]:
+    """``(path, reason)`` of the files that failed while loading, as ``report`` holds them."""
+    reasons = dict(report.bad_files)
+    return [(path, reasons.get(path, "")) for path in report.bad_at_load]
+
+
 def note_bad_at_load(report: DataReport, path: str, reason: str) -> None:
     """Record now (main process) or when the batch reaches the main process (worker)."""
     if get_worker_info() is None:

@@ -212,6 +212,20 @@ def broadcast_object(obj: Any, info: DistInfo, *, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """``obj`` (picklable) of every rank, in rank order (``[obj]`` when not distributed).
+
+    Example:
+        >>> gather_objects({"a": 1}, DistInfo())
+        [{'a': 1}]
+    """
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def shard_size(n: int, world_size: int) -> int:
     """Rows each rank holds when ``n`` rows are dealt round-robin and padded (``ceil(n / world_size)``)."""
     return -(-n // world_size)

@@ -119,15 +119,19 @@ def check_target(value: Any, *, task: str, width: int | None, where: str) -> tor
         tensor([1., 0., 1.])
     """
     per = "label (multi-hot: 1 for each label the sample has, else 0)" if task == "multilabel" else "output"
-    try:
-        arr = np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"The target of {where} is {value!r}, not numbers: task={task!r} needs one number per "
-                        f"{per}.") from exc
-    if arr.ndim > 1:
-        raise DataError(f"The target of {where} has shape {arr.shape}; task={task!r} needs a number or a 1-d vector, "
-                        f"one number per {per}.")
-    t = torch.from_numpy(arr.reshape(-1).copy())
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.ndim == 1:
+        t = value  # a loaded target (TargetDataset.convert_target): checked without converting it again
+        value = _Shown(value)
+    else:
+        try:
+            arr = np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"The target of {where} is {value!r}, not numbers: task={task!r} needs one number per "
+                            f"{per}.") from exc
+        if arr.ndim > 1:
+            raise DataError(f"The target of {where} has shape {arr.shape}; task={task!r} needs a number or a 1-d "
+                            f"vector, one number per {per}.")
+        t = torch.from_numpy(arr.reshape(-1).copy())
     if width is not None and t.numel() != width:
         raise DataError(f"The target of {where} has {t.numel()} values, the first training target {width}: every "
                         f"target needs one number per {per}.")
@@ -137,6 +141,16 @@ def check_target(value: Any, *, task: str, width: int | None, where: str) -> tor
         raise DataError(f"The target of {where} is {value!r}; task='multilabel' needs a value in [0, 1] per label: a "
                         "multi-hot vector (for labels 0 and 2 of 4: [1, 0, 1, 0]), not label indices or counts.")
     return t
+
+
+class _Shown:
+    """A target tensor as the errors of `check_target` say it: its values, ``[1.0, 7.0]``."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+    def __repr__(self) -> str:
+        return repr(self.t.tolist())
 
 
 class TargetDataset(TransformedDataset):
@@ -169,7 +183,7 @@ class TargetDataset(TransformedDataset):
             if isinstance(item, (tuple, list)) and len(item) >= 2:
                 check_target(item[1], task=self.task, width=self.width, where=where)
             raise
-        return x, check_target(target.tolist(), task=self.task, width=self.width, where=where)
+        return x, check_target(target, task=self.task, width=self.width, where=where)
 
     def view(self, indices: Sequence[int] | None = None, transform: Any = None) -> TargetDataset:
         out = super().view(indices, transform)

@@ -224,6 +224,18 @@ def test_stale_temporary_folders_and_reused_pids(tmp_path):
     assert remove_stale_temps_in(entry.parent) == []
 
 
+def test_a_write_check_that_a_killed_writer_left_is_removed_by_the_next_write(tmp_path):
+    """Every atomic write first probes its folder (a temporary created and removed); a writer
+    killed between the two leaves the probe, which the next write removes."""
+    from transferkit._io import atomic_write, owner_tag
+
+    host, pid, start = owner_tag().split("-")[1:]
+    dead = tmp_path / f".tk-write-check.tk-{host}-999999999-{start}-0123abcd.tmp"  # a pid that runs nowhere here
+    dead.write_bytes(b"")
+    atomic_write(tmp_path / "model.pt", lambda tmp: Path(tmp).write_bytes(b"model"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
 def test_a_writer_in_another_pid_namespace_is_judged_by_its_temporarys_age_not_its_pid(tmp_path, monkeypatch):
     # containers sharing a host name and a folder, not their process ids: another namespace's
     # pid says nothing here. Its temporaries are left alone while they change, and removed once

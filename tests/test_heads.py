@@ -119,3 +119,12 @@ def test_multilabel_metrics_read_soft_targets_by_their_side_of_one_half():
     assert count_correct("multilabel", logits, targets) == 3.0
     one = multilabel_metrics(logits[:, :1], targets[:, :1], ["a"])  # one label: its positives, not a binary pair
     assert one["micro_f1"] == one["macro_f1"] == 1.0 and set(one["per_class"]) >= {"a"}
+
+
+def test_r2_averages_the_outputs_whose_targets_vary():
+    from transferkit.train.metrics import regression_metrics
+
+    y = torch.tensor([[1.0, 7.0], [2.0, 7.0], [3.0, 7.0]])
+    p = torch.tensor([[1.0, 6.0], [2.0, 6.5], [3.0, 7.2]])
+    assert regression_metrics(p, y)["r2"] == pytest.approx(1.0)  # the constant output's R^2 is undefined
+    assert np.isnan(regression_metrics(p[:, 1:], y[:, 1:])["r2"])

@@ -162,3 +162,66 @@ def test_a_regression_model_is_evaluated_on_a_csv_of_its_targets(table, capsys):
         tk.evaluate(r.export_path, table.root, progress=False)
     assert main(["evaluate", str(r.export_path), str(csv), "--confusion-matrix", str(table.root / "cm.png")]) == 2
     assert "--confusion-matrix applies to single-label classifiers" in capsys.readouterr().err
+
+
+def test_a_dataset_listing_samples_of_its_own_gives_its_targets_through_getitem(tmp_path):
+    """A torchvision ImageFolder has `samples` of class indices; its target_transform makes the
+    targets: they are read through __getitem__, for the statistics and for the data's identity."""
+    from torchvision.datasets import ImageFolder
+
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "images", per_class=6)
+    scaled = ImageFolder(str(root), target_transform=lambda c: 1000.0 * c + 5000.0)
+    d = tk.plan("tk:small_cnn", data=scaled, task="regression", val_split=0, cache_dir=tmp_path / "c", **COMMON)
+    assert d.target_norm["mean"][0] == pytest.approx(5500.0) and d.target_norm["std"][0] > 400
+    flipped = ImageFolder(str(root), target_transform=lambda c: 6000.0 - 1000.0 * c)
+    other = tk.plan("tk:small_cnn", data=flipped, task="regression", val_split=0, cache_dir=tmp_path / "c", **COMMON)
+    assert other.data_fingerprints["train"] != d.data_fingerprints["train"]  # other targets: other cached data
+
+
+def test_tiny_targets_are_scaled_and_huge_ones_below_float32_resolution_are_named(table):
+    tiny = table("tiny.csv", "path,y", lambda lv: f"{lv[0] * 1e-9:.6e}")
+    d = tk.plan("tk:small_cnn", data=tiny, task="regression", val_split=0, **COMMON)
+    assert d.notes == () and 1e-10 < d.target_norm["std"][0] < 1e-9
+    r = tk.finetune("tk:small_cnn", data=tiny, task="regression", val_split=0, epochs=1, **COMMON)
+    assert float(r.model.head[-1].std) == pytest.approx(d.target_norm["std"][0], rel=1e-5)
+    huge = table("huge.csv", "path,y", lambda lv: f"{1e9 + lv[0] * 100:.3f}")
+    d = tk.plan("tk:small_cnn", data=huge, task="regression", val_split=0, **COMMON)
+    assert any("vary by less than float32 resolves at their magnitude" in n and "Subtract an offset" in n
+               for n in d.notes)
+
+
+def test_a_split_that_leaves_nothing_to_train_on_is_refused(table):
+    one = table("one.csv", "path,y", lambda lv: "1.0", n=1)
+    with pytest.raises(DataError, match=r"1 training item\(s\) cannot be split for validation"):
+        tk.plan("tk:small_cnn", data=one, task="regression", **COMMON)
+    assert tk.plan("tk:small_cnn", data=one, task="regression", val_split=0, **COMMON).n_train == 1
+
+
+def test_a_csv_of_validation_targets_needs_the_names_of_a_dataset_s_outputs(table):
+    from test_api import Scaled
+
+    val = table("val.csv", "path,green,red", lambda lv: f"{lv[1]:.3f},{lv[0]:.3f}")
+    with pytest.raises(tk.ConfigError, match=r"give classes=\[\.\.\.\], the CSV's column names in the order of the "
+                                             "Dataset's target values"):
+        tk.plan("tk:small_cnn", data=Scaled(20, outputs=2), val_data=val, task="regression", **COMMON)
+    d = tk.plan("tk:small_cnn", data=Scaled(20, outputs=2), val_data=val, task="regression", classes=["red", "green"],
+                **COMMON)
+    assert d.classes == ("red", "green") and d.n_val == 40
+
+
+def test_a_table_of_values_read_for_classes_says_which_task_reads_it(table):
+    values = table("values.csv", "path,age", lambda lv: f"{lv[0] * 80:.2f}")
+    with pytest.raises(DataError, match="has the header 'path,age'.*task='regression' or task='multilabel'"):
+        tk.plan("tk:small_cnn", data=values, **COMMON)
+    no_header = table.root / "nohead.csv"
+    no_header.write_text("".join(f"{i}.png,{table.levels[i, 0] * 80:.2f}\n" for i in range(12)))
+    with pytest.warns(UserWarning, match="labels that look like measured values.*task='regression'"):
+        tk.plan("tk:small_cnn", data=no_header, val_split=0, **COMMON)
+
+
+def test_numbers_with_underscores_are_not_read_as_numbers(table):
+    csv = table("u.csv", "path,y", lambda lv: "1_000" if lv[0] > 0.9 else "3")
+    with pytest.raises(DataError, match="'1_000' is not a finite number"):
+        tk.plan("tk:small_cnn", data=csv, task="regression", **COMMON)

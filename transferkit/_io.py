@@ -338,8 +338,11 @@ def check_writable(path: str | Path, *, what: str, flag: str | None = None, kind
 
 def probe_writable(folder: str | Path) -> None:
     """Create and remove a temporary file in ``folder``: the OSError of a folder this process
-    cannot write into (read-only, not a folder, full), before any work is spent on a write."""
-    create_temp(Path(folder) / ".tk-write-check", prefix=".tk-write-check.").unlink()
+    cannot write into (read-only, not a folder, full), before any work is spent on a write.
+    Probes that a killed process left (killed between the two) are removed first."""
+    probe = Path(folder) / ".tk-write-check"
+    remove_stale_temps(probe, prefix=f"{probe.name}.")
+    create_temp(probe, prefix=f"{probe.name}.").unlink()
 
 
 def free_bytes(path: str | Path) -> int:

@@ -78,8 +78,8 @@ class TargetScale(_FixedStats):
     ``(y - mean) / std`` (every output on the scale of its initialisation and of the loss), and
     the model outputs values in the targets' own units: in training, evaluation, checkpoints
     and exports alike. ``set_stats`` fills in the training targets' statistics (an output
-    whose std is below ``eps`` times its scale, a constant, is only centred); until then it is
-    the identity.
+    whose std is 0, or at most ``eps`` times its mean, constant to float32 precision, is only
+    centred); until then it is the identity.
 
     Example:
         >>> scale = TargetScale(2)
@@ -92,7 +92,7 @@ class TargetScale(_FixedStats):
 
     @staticmethod
     def constant(mean: torch.Tensor, std: torch.Tensor, eps: float) -> torch.Tensor:
-        return std <= eps * mean.abs().clamp(min=1.0)
+        return std <= eps * mean.abs()  # 0, or below what float32 resolves at the mean's magnitude
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.std + self.mean

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from transferkit.data.late import FileDataset
+
 
 def _hash_tensor(h: Any, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
@@ -197,11 +199,12 @@ def listing_digest(ds: Any) -> str | None:
 
 def listed_files(ds: Any) -> list[tuple[Any, Any]] | None:
     """The ``(source, target)`` samples of a dataset of listed files, or of the files a view
-    of one (``base`` and ``indices``) takes; None for other datasets."""
+    (``base`` and ``indices``) of transferkit's own one (a ``FileDataset``: its samples hold
+    the targets its items give) takes; None for other datasets."""
     if hasattr(ds, "samples"):
         return ds.samples
     base, indices = getattr(ds, "base", None), getattr(ds, "indices", None)
-    if indices is not None and hasattr(base, "samples"):
+    if indices is not None and isinstance(base, FileDataset):  # transferkit's own listing: no target_transform
         return [base.samples[i] for i in indices]
     return None
 

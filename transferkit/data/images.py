@@ -98,7 +98,12 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
     report = report if report is not None else DataReport()
     csv_path = Path(csv_path)
     rows = read_csv_rows(csv_path)
-    first = 2 if rows and [x.strip().lower() for x in rows[0][:2]] == ["path", "label"] else 1
+    head = [x.strip().lower() for x in rows[0]] if rows else []
+    if head[:1] == ["path"] and head != ["path", "label"]:
+        raise DataError(f"{str(csv_path)!r} has the header {','.join(rows[0])!r}: a CSV of classes has the rows "
+                        "'path,label' (the header 'path,label' is optional). A header of path and one column per "
+                        "output is read for task='regression' or task='multilabel' (--task on the command line).")
+    first = 2 if head == ["path", "label"] else 1
     rows = rows[first - 1:]
     bad = [i for i, r in enumerate(rows) if len(r) != 2]
     if bad:
@@ -115,6 +120,11 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
         raise DataError(f"{str(csv_path)!r} has no 'path,label' rows.")
     labels = [r[1].strip() for r in rows]
     check_label_names(sorted(set(labels)), f"{str(csv_path)!r}")
+    fractional = [lab for lab in set(labels) if _number(lab) is not None and not float(lab).is_integer()]
+    if fractional and all(_number(lab) is not None for lab in set(labels)):
+        report.warn(f"{str(csv_path)!r} has labels that look like measured values (e.g. {fractional[0]!r}): each "
+                    f"distinct one is a class here ({len(set(labels))} classes). For values, give the file a header "
+                    "'path,<name>' and pass task='regression' (--task regression).")
     seen: dict[str, str] = {}
     for r, lab in zip(rows, labels):
         path = r[0].strip()
@@ -139,6 +149,15 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
     samples = [(csv_file_path(csv_path, p), index[lab]) for (p, _), lab in zip(rows, labels) if lab in index]
     check_listed_files(csv_path, [p for p, _ in samples])
     return samples, list(classes)
+
+
+def _number(text: str) -> float | None:
+    """``text`` as a finite number, or None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if np.isfinite(value) else None
 
 
 def read_csv_rows(csv_path: Path) -> list[list[str]]:

@@ -9,7 +9,8 @@ the CSV's folder). The other columns:
 - **multilabel**, either one column per label holding 1 or 0 (or a soft target in
   [0, 1]: ``path,cat,dog,bird``), or one ``labels`` column holding the row's label names
   separated by ``;`` (``path,labels`` then ``a.jpg,cat;dog``; an empty cell is an image with
-  no label), which is what ``transferkit predict --csv`` writes. The label names are
+  no label; the names as ``transferkit predict --csv`` writes them in its ``labels`` column).
+  The label names are
   ``classes=[...]``, else the sorted names the rows use; names outside ``classes`` are left
   out with a warning.
 
@@ -118,7 +119,7 @@ def _columns(header: list[str], body: list[list[str]], classes: Sequence[str] | 
         for j, name in zip(at, names):
             cell = r[j].strip()
             try:
-                v = float(cell)
+                v = float(cell) if "_" not in cell else math.nan  # float() reads "1_000"; a table does not
             except ValueError:
                 v = math.nan
             bad = not math.isfinite(v) or (task == "multilabel" and not 0.0 <= v <= 1.0)

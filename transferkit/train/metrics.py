@@ -107,11 +107,13 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Seq
 
 
 def regression_metrics(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
-    """MSE, MAE and R^2 (averaged over output dimensions)."""
+    """MSE, MAE and R^2 (averaged over output dimensions; R^2 over those whose targets vary:
+    it is undefined for a constant one, NaN when none varies)."""
     from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
     y, p = targets.numpy().reshape(len(targets), -1), outputs.float().numpy().reshape(len(outputs), -1)
-    r2 = float(r2_score(y, p)) if len(y) > 1 else float("nan")
+    varies = y.std(0) > 0 if len(y) > 1 else np.zeros(y.shape[1], dtype=bool)
+    r2 = float(r2_score(y[:, varies], p[:, varies])) if varies.any() else float("nan")
     return {"mse": float(mean_squared_error(y, p)), "mae": float(mean_absolute_error(y, p)), "r2": r2}
 
 

@@ -26,6 +26,7 @@ from transferkit.data.images import TransformedDataset
 from transferkit.data.bundle import DataBundle, prepare_data
 from transferkit.data.checks import DataReport
 from transferkit.data.images import dataset_targets
+from transferkit.data.late import FileDataset
 from transferkit.data.target_tables import is_csv, open_target_csv
 from transferkit.errors import ConfigError, DataError, check_choice
 from transferkit.heads import TASKS
@@ -106,6 +107,7 @@ def monitor_default(task: str) -> tuple[str, str]:
     return ("val_loss", "min") if task == "regression" else ("val_acc", "max")
 
 
+CONSTANT_RTOL = 1e-6  # an output whose std is at most this share of its mean is constant to float32 precision
 TARGETS_CHECKED = 1024  # targets read before training (evenly spaced); every target is checked when it is loaded
 
 
@@ -209,8 +211,9 @@ class TargetDataset(TransformedDataset):
         ``(path, target)`` (nothing decoded), else the whole item (a Dataset gives its targets
         with its images)."""
         j = self.indices[i]
-        samples = getattr(self.base, "samples", None)
-        return samples[j] if samples is not None else self.base[j]
+        # transferkit's own listing (no target_transform between it and the items); any other dataset gives
+        # its targets through __getitem__
+        return self.base.samples[j] if isinstance(self.base, FileDataset) else self.base[j]
 
 
 def target_scale_note(stats: dict[str, Any], names: Sequence[str], *, standardised: bool) -> str | None:
@@ -222,8 +225,9 @@ def target_scale_note(stats: dict[str, Any], names: Sequence[str], *, standardis
     mean, std, n = stats["mean"], stats["std"], stats["n"]
     if n < 2:
         return None
-    constant = [j for j in range(len(mean)) if std[j] <= 1e-6 * max(abs(mean[j]), 1.0)]
-    far = [] if standardised else [j for j in range(len(mean)) if j not in constant and
+    constant = [j for j in range(len(mean)) if std[j] == 0]
+    unresolved = [j for j in range(len(mean)) if 0 < std[j] <= CONSTANT_RTOL * abs(mean[j])]
+    far = [] if standardised else [j for j in range(len(mean)) if j not in constant + unresolved and
                                    (not 1e-2 <= std[j] <= 1e2 or abs(mean[j]) > 10 * std[j])]
 
     def shown(js: list[int]) -> str:
@@ -231,8 +235,12 @@ def target_scale_note(stats: dict[str, Any], names: Sequence[str], *, standardis
             (" ..." if len(js) > 5 else "")
     said = []
     if constant:
-        said.append(f"Regression outputs constant in the {n} training targets read: {shown(constant)}; the model "
-                    "predicts their value and learns nothing from the images for them.")
+        said.append(f"Regression outputs constant in the {n} training targets read: {shown(constant)}; nothing can "
+                    "be learnt from the images for them.")
+    if unresolved:
+        said.append(f"Regression outputs that vary by less than float32 resolves at their magnitude: "
+                    f"{shown(unresolved)} (targets are read as float32, about 7 significant digits); they are only "
+                    "centred, not scaled. Subtract an offset (e.g. their mean) from them before training.")
     if far:
         said.append(f"Regression targets far from mean 0 and std 1: {shown(far)} (from {n} training targets), "
                     "with target_norm=False: the head starts at 0 and the MSE loss works in the targets' units, so "
@@ -272,6 +280,10 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
     if is_csv(data):
         data = open_target_csv(data, classes=classes, **tables)
         classes = data.classes
+    elif is_csv(val_data) and not classes:
+        raise ConfigError(f"val_data {str(val_data)!r} names its outputs (its CSV columns) but the training Dataset "
+                          "does not: give classes=[...], the CSV's column names in the order of the Dataset's target "
+                          "values, so that each validation value meets its output.")
     if is_csv(val_data):
         val_data = open_target_csv(val_data, classes=classes, **tables)
     for what, part in (("data", data), ("val_data", val_data)):
@@ -298,6 +310,9 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
             raise DataError(f"val_split must be between 0 and 1 (exclusive), got {val_split!r}.")
         order = np.random.default_rng(seed).permutation(len(train)).tolist()
         n_val = max(1, int(round(len(train) * val_split)))
+        if n_val >= len(train):
+            raise DataError(f"{len(train)} training item(s) cannot be split for validation (val_split={val_split}): "
+                            "nothing would be left to train on. Give validation data (val_data=), or val_split=0.")
         train, val = train.view(sorted(order[n_val:])), train.view(sorted(order[:n_val]))
     kept = [seen[i] for i in train.indices if i in seen]  # the training part's targets (not validation's)
     targets = torch.stack(kept) if task == "regression" and kept else None

@@ -158,6 +158,9 @@ def test_a_regression_model_is_evaluated_on_a_csv_of_its_targets(table, capsys):
     main(["evaluate", str(r.export_path), str(csv), "--worst", "2"])
     record = json.loads(capsys.readouterr().out)  # piped: JSON
     assert record["task"] == "regression" and len(record["worst"]) == 2 and "confusion_matrix_png" not in record
+    assert main(["inspect", str(r.export_path)]) == 0
+    mean = r.decisions.target_norm["mean"][0]
+    assert f"trained standardised (red mean {mean:.6g} std" in capsys.readouterr().out
     with pytest.raises(DataError, match="A regression model is scored on a CSV of its targets"):
         tk.evaluate(r.export_path, table.root, progress=False)
     assert main(["evaluate", str(r.export_path), str(csv), "--confusion-matrix", str(table.root / "cm.png")]) == 2

@@ -201,6 +201,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         dtypes = f" ({', '.join(exp['input_dtypes'])} inputs)" if exp.get("input_dtypes") else ""
         lines.append(f"export:      {exp.get('mode')}, {how}, max_abs_diff={exp.get('max_abs_diff')} at batch "
                      f"sizes {sizes}{dtypes}")
+    targets = (meta.get("decisions") or {}).get("targets") if isinstance(meta.get("decisions"), dict) else None
+    if meta["task"] == "regression" and isinstance(targets, dict):  # what the head's TargetScale undoes
+        per = ", ".join(f"{name} mean {m:.6g} std {sd:.6g}" for name, m, sd in
+                        zip(meta["labels"][:5], targets.get("mean", ()), targets.get("std", ())))
+        lines.append(f"targets:     outputs in the targets' units; trained standardised ({per}"
+                     f"{', ...' if len(meta['labels']) > 5 else ''}; from {targets.get('n')} training targets)")
     if train:
         lines.append(f"training:    {json.dumps(train, sort_keys=True)}")
     print("\n".join(lines))

@@ -40,7 +40,7 @@ import torch
 
 import transferkit as tk
 from transferkit.backbones import get_backbone
-from transferkit.data import prepare_data, train_transform
+from transferkit.data import eval_transform, prepare_data, train_transform
 from transferkit.train.distributed import dist_info, exit_cleanly
 from transferkit.train.features import compute_features
 
@@ -60,6 +60,28 @@ def first_dropout_mask() -> tuple[dict, object]:
             seen["mask"] = torch.stack([args[0] != 0, output == 0])  # [kept-able, zero out]
 
     return seen, torch.nn.modules.module.register_module_forward_hook(hook)
+
+
+def eval_images_seen() -> tuple[dict, object]:
+    """A global forward hook counting the images a TransferModel sees in eval mode (validation)."""
+    seen = {"n": 0}
+
+    def hook(module, args, output):
+        if isinstance(module, tk.TransferModel) and not module.training:
+            seen["n"] += args[0].shape[0]
+
+    return seen, torch.nn.modules.module.register_module_forward_hook(hook)
+
+
+def whole_validation(r) -> dict:
+    """The trained model's validation logits and loss from one process over the whole set."""
+    from transferkit.train.loaders import make_loader
+    from transferkit.train.loop import evaluate
+
+    val = r.run.bundle.val.view(transform=eval_transform(r.decisions.input_spec))
+    loader = make_loader(val, batch_size=4, shuffle=False, device=torch.device("cpu"), num_workers=0)
+    ev = evaluate(r.model, loader, loss_fn=r.run.loss_fn, device=torch.device("cpu"), speed=r.run.speed)
+    return {"whole_logits": ev["logits"], "whole_loss": ev["loss"], "n_val": len(val)}
 
 
 def feature_setup(data: str) -> tuple[torch.nn.Module, object]:
@@ -115,9 +137,13 @@ def train(data: str, out: str) -> None:
     r = tk.finetune("tk:small_cnn", policy="feature_extraction", epochs=3, batch_size=4, lr=0.05, optimizer="sgd",
                     restore_best=False, **common(data))
     torch.save({"state": r.model.state_dict(), "history": r.history}, os.path.join(out, f"cached_rank{RANK}.pt"))
+    validated, handle = eval_images_seen()
     r = tk.finetune("tk:small_cnn", policy="gradual:every=1", epochs=3, batch_size=4, lr=0.01, restore_best=False,
                     checkpoint=os.path.join(out, "gradual.pt"), **common(data))
-    torch.save({"state": r.model.state_dict(), "history": r.history}, os.path.join(out, f"gradual_rank{RANK}.pt"))
+    handle.remove()
+    torch.save({"state": r.model.state_dict(), "history": r.history, "validated": validated["n"],
+                "val_logits": r.val_logits, "val_loss": r.metrics["val_loss"], **whole_validation(r)},
+               os.path.join(out, f"gradual_rank{RANK}.pt"))
     seen, handle = first_dropout_mask()
     r = tk.finetune("tk:small_cnn", policy="feature_extraction", epochs=1, batch_size=4, head_hidden=[64],
                     head_dropout=0.5, **common(data))

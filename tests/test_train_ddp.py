@@ -178,6 +178,21 @@ def test_dropout_masks_differ_between_ranks(ddp_run):
         assert torch.equal(a["state"][k], b["state"][k]), k
 
 
+def test_each_rank_validates_its_share_and_every_rank_gets_the_whole_set(ddp_run):
+    """Validation under DDP: each image on one rank only, the outputs gathered in the set's
+    order: what one process gets from the whole set."""
+    _, out = ddp_run
+    a, b = _load(out, "gradual", 0), _load(out, "gradual", 1)
+    n, passes = a["n_val"], 2 + 1  # epochs 2 and 3 (the first trains the head on cached features), final metrics
+    assert n > 2 and a["validated"] == (n + 1) // 2 * passes and b["validated"] == n // 2 * passes
+    for r in (a, b):
+        assert r["val_logits"].shape[0] == n
+        assert torch.allclose(r["val_logits"], r["whole_logits"], atol=1e-2)
+        assert torch.equal(r["val_logits"].argmax(1), r["whole_logits"].argmax(1))
+        assert abs(r["val_loss"] - r["whole_loss"]) < 1e-2
+    assert torch.equal(a["val_logits"], b["val_logits"])
+
+
 def test_every_rank_reports_the_files_that_any_rank_found_bad_while_loading(ddp_run):
     """Each rank loads its own share of the training files; the files either found bad are in
     both ranks' reports (rank 0's result and summary list them all)."""

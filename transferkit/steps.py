@@ -270,7 +270,9 @@ def input_loaders(d: Decisions, run: Run) -> TrainingData:
     """Loaders over transformed inputs (the model runs end to end every epoch), decoded once
     when the decisions say so, else decoded by the CPU workers or, where the decisions say
     so, on the device (`DeviceDecodedLoader`, the same sampler); under DDP each rank gets its
-    shard of the training data, validation runs whole on each."""
+    shard of the training data and of the validation data (each item once; the outputs are
+    gathered, see `transferkit.train.loop.evaluate`), a validation set smaller than the
+    number of ranks runs whole on each."""
     cfg, dev, info = d.config, run.speed.device, run.dist
     seconds: dict[str, float] = {}
     train_dl: Any
@@ -284,13 +286,15 @@ def input_loaders(d: Decisions, run: Run) -> TrainingData:
                                num_workers=cfg.num_workers, seed=cfg.seed, drop_last=True, rank=info.rank,
                                world_size=info.world_size)
     val_dl: Any = None
+    shards = {"rank": info.rank, "world_size": info.world_size, "pad": False} \
+        if run.bundle.val is not None and len(run.bundle.val) >= info.world_size > 1 else {}
     if run.bundle.val is not None and d.decodes_on_device("val epochs"):
         val_dl = DeviceDecodedLoader(run.bundle.val, d.input_spec, augment="none", batch_size=cfg.batch_size,
-                                     device=dev, seed=cfg.seed, num_workers=cfg.num_workers)
+                                     device=dev, seed=cfg.seed, num_workers=cfg.num_workers, **shards)
     elif run.bundle.val is not None:
         val_ds = _inputs(d, run, "val", "none", eval_transform(d.input_spec), seconds)
         val_dl = make_loader(val_ds, batch_size=cfg.batch_size, shuffle=False, device=dev,
-                             num_workers=cfg.num_workers, seed=cfg.seed)
+                             num_workers=cfg.num_workers, seed=cfg.seed, **shards)
     return TrainingData(module=run.model, train_loader=train_dl, val_loader=val_dl, cached=False, seconds=seconds)
 
 
@@ -503,7 +507,7 @@ def evaluate(d: Decisions, run: Run, td: TrainingData, *, outputs: dict[str, Any
     ``outputs`` receives the validation logits and labels."""
     run.model.eval()
     return final_metrics(td.module, td.val_loader, task=d.task, classes=list(d.classes), loss_fn=run.loss_fn,
-                         speed=run.speed, top_k=d.config.top_k, outputs=outputs)
+                         speed=run.speed, top_k=d.config.top_k, outputs=outputs, dist=run.dist)
 
 
 def validation_images(d: Decisions, run: Run) -> Any:

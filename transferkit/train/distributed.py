@@ -267,6 +267,23 @@ def gather_rows(shard: torch.Tensor, n: int, info: DistInfo, *,
             yield start, block[: n - start]
 
 
+def whole_set(share: torch.Tensor, n: int, info: DistInfo) -> torch.Tensor:
+    """The ``n`` rows dealt over the ranks without padding (rank ``r`` holds rows ``r, r + W,
+    ...``: ``EpochSampler(n, shuffle=False, pad=False)``), whole and in order, on every rank
+    (a CPU tensor; `gather_rows` a block at a time).
+
+    Example:
+        >>> whole_set(torch.arange(3), 3, DistInfo()).tolist()
+        [0, 1, 2]
+    """
+    per = shard_size(n, info.world_size)
+    padded = torch.cat([share, share.new_zeros((per - len(share), *share.shape[1:]))])
+    out = share.new_empty((n, *share.shape[1:]))
+    for start, rows in gather_rows(padded, n, info):
+        out[start:start + len(rows)] = rows.to(out.device)
+    return out
+
+
 def barrier(info: DistInfo, *, timeout: float | None = None) -> None:
     """Wait for every rank, at most ``timeout`` seconds (default: ``info.timeout_s``).
 

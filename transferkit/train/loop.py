@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from transferkit._progress import epoch_log, progress
 from transferkit.errors import ConfigError, TrainingError, check_choice
-from transferkit.train.distributed import DistInfo, all_reduce_sum, broadcast_buffers
+from transferkit.train.distributed import DistInfo, DistributedError, all_reduce_sum, broadcast_buffers, whole_set
 from transferkit.train.speed import SpeedConfig
 from transferkit.train.tasks import count_correct, monitor_default
 
@@ -203,27 +203,34 @@ def _forward_backward(module: nn.Module, x: Any, y: torch.Tensor, loop: Loop, de
 
 @torch.no_grad()
 def evaluate(module: nn.Module, loader: DataLoader, *, loss_fn: Callable, device: torch.device,
-             task: str = "multiclass", speed: SpeedConfig | None = None) -> dict[str, Any]:
-    """Loss, accuracy, logits, predictions and targets of ``module`` (in eval mode) over ``loader``."""
+             task: str = "multiclass", speed: SpeedConfig | None = None, dist: DistInfo | None = None) -> dict[str, Any]:
+    """Loss, accuracy, logits, predictions and targets of ``module`` (in eval mode) over
+    ``loader``, the loss and accuracy over the whole set at once. A loader sharded over the
+    ranks (its sampler's ``world`` > 1: rank ``r`` takes items ``r, r + W, ...``) gives each
+    rank its share, and the logits and targets are gathered (``dist``): every rank returns
+    the whole set's, in the set's order."""
     speed = speed or _cpu_speed(device)
     was_training = module.training
     module.eval()
-    total_loss, correct, outs, targets = 0.0, 0.0, [], []
+    outs, targets = [], []
     try:
         for x, y in loader:
             x, y = speed.to_device(x), y.to(speed.device, non_blocking=True)
             with speed.autocast():
-                logits = module(x).float()
-            total_loss += loss_fn(logits, y).item() * y.shape[0]
-            correct += count_correct(task, logits, y)
-            outs.append(logits.cpu())
+                outs.append(module(x).float().cpu())
             targets.append(y.cpu())
     finally:
         module.train(was_training)
     logits, t = torch.cat(outs), torch.cat(targets)
+    sampler = getattr(loader, "sampler", None)
+    if getattr(sampler, "world", 1) > 1:
+        if dist is None or not dist.enabled:
+            raise DistributedError("A validation loader sharded over the ranks needs the process group (dist=).")
+        logits, t = whole_set(logits, sampler.n, dist), whole_set(t, sampler.n, dist)
     n = max(len(t), 1)
+    loss = float(loss_fn(logits.to(speed.device), t.to(speed.device)).item())
     preds = logits.argmax(1) if task == "multiclass" else logits
-    return {"loss": total_loss / n, "acc": correct / n, "logits": logits, "preds": preds, "labels": t}
+    return {"loss": loss, "acc": count_correct(task, logits, t) / n, "logits": logits, "preds": preds, "labels": t}
 
 
 def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None, loop: Loop, *, epochs: int,
@@ -310,7 +317,7 @@ def _train_and_validate(module: nn.Module, runner: nn.Module, train_loader: Data
         row["train_acc"] = correct / max(seen, 1)
     if val_loader is not None:
         ev = evaluate(module, val_loader, loss_fn=loop.loss_fn, device=loop.speed.device, task=loop.task,
-                      speed=loop.speed)
+                      speed=loop.speed, dist=loop.dist)
         row["val_loss"] = ev["loss"]
         if loop.task != "regression":
             row["val_acc"] = ev["acc"]

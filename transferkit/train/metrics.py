@@ -128,13 +128,15 @@ def task_metrics(task: str, logits: torch.Tensor, targets: torch.Tensor, classes
 
 
 def final_metrics(module: nn.Module, val_loader: DataLoader | None, *, task: str, classes: Sequence[str],
-                  loss_fn: Any, speed: SpeedConfig, top_k: int = 5, outputs: dict[str, Any] | None = None) -> dict[str, Any]:
+                  loss_fn: Any, speed: SpeedConfig, top_k: int = 5, outputs: dict[str, Any] | None = None,
+                  dist: Any = None) -> dict[str, Any]:
     """Validation loss and the task's metrics (accuracy, top-k, macro F1, per-class report,
     confusion matrix; or F1 for multilabel; MSE/MAE/R^2 for regression). ``outputs``, when
-    given, receives the raw ``logits`` and ``labels`` (in validation-set order)."""
+    given, receives the raw ``logits`` and ``labels`` (in validation-set order). ``dist``: the
+    process group a validation loader sharded over the ranks gathers through."""
     if val_loader is None:
         return {}
-    ev = evaluate(module, val_loader, loss_fn=loss_fn, device=speed.device, task=task, speed=speed)
+    ev = evaluate(module, val_loader, loss_fn=loss_fn, device=speed.device, task=task, speed=speed, dist=dist)
     out: dict[str, Any] = {"val_loss": ev["loss"]}
     if task != "regression":
         out["val_acc"] = ev["acc"]

@@ -234,6 +234,12 @@ def test_a_spectrogram_clip_gives_the_same_features_alone_as_in_any_batch_outsid
         trained = trunk.train()(pad_waveforms(clips))  # training: one batch (BatchNorm's statistics), padded
         assert calls == [6] and trained.shape == batch.shape and torch.isfinite(trained).all()
     assert trunk.min_samples > trunk.melspec.n_fft // 2 and f"min_samples={trunk.min_samples}" in repr(trunk)
+    holed = pad_waveforms(clips)
+    holed[0, 100] = float("nan")  # NaN marks padding: one inside a clip would cut it short
+    fresh = spectrogram_backbone("tk:small_cnn", sample_rate=8000, n_mels=32, clip_seconds=clip_seconds).trunk.eval()
+    for model in (fresh, torch.jit.script(fresh)):
+        with pytest.raises((ValueError, torch.jit.Error), match="holds NaN before its end"):
+            model(holed)
     with pytest.raises(BackboneError, match="runs on no log-mel image of 2 mel bands"):  # too few bands to pool
         spectrogram_backbone("tk:small_cnn", sample_rate=8000, n_mels=2)
 

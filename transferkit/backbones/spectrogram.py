@@ -24,8 +24,13 @@ from transferkit.errors import BackboneError, ConfigError
 
 
 def split_padding(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(waveforms with NaN padding replaced by 0, valid lengths [N])`` of a ``[N, T]`` batch."""
+    """``(waveforms with NaN padding replaced by 0, valid lengths [N])`` of a ``[N, T]`` batch.
+    NaN marks the padding after a clip's end: a NaN followed by a sample is an error (the
+    clip would be cut short), in eager and exported models alike."""
     valid = ~torch.isnan(x)
+    if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+        raise ValueError("An audio clip holds NaN before its end; NaN marks only the padding after a clip. Replace "
+                         "NaN samples (e.g. torch.nan_to_num) before the model.")
     return torch.where(valid, x, torch.zeros_like(x)), valid.sum(-1)
 
 

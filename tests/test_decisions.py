@@ -335,6 +335,31 @@ def test_images_are_decoded_once_when_the_backbone_trains(split_folders, monkeyp
     assert len(opened) > counts[4]
 
 
+def test_the_decode_memory_budget_is_one_per_machine_shared_by_its_ranks_and_both_parts(split_folders):
+    import dataclasses
+
+    from transferkit.data.decoded import DEFAULT_BUDGET_BYTES
+
+    cfg = FinetuneConfig(backbone=_backbone(), data=split_folders / "train", val_data=split_folders / "val",
+                         policy="full", **{**KW, "epochs": 3})
+    facts = tk.look(cfg, load_weights=False)[0]
+    mb = 2**20
+
+    def decided(train_mb: int, val_mb: int, ranks: int = 1) -> dict:
+        census = {part: {**facts.data.decode[part], "need": need * mb}
+                  for part, need in (("train", train_mb), ("val", val_mb))}
+        moved = dataclasses.replace(facts, data=dataclasses.replace(facts.data, decode=census),
+                                    device=dataclasses.replace(facts.device, local_world_size=ranks))
+        return tk.decide(cfg, moved).decode
+
+    whole = DEFAULT_BUDGET_BYTES // mb
+    assert set(decided(600, 100)) == {"train", "val"}  # 700 MB fit one process's budget
+    four = decided(600, 100, ranks=4)  # 4 copies on the machine: a quarter each
+    assert set(four) == {"val"}
+    assert f"budget {whole // 4} MB of {whole} MB per machine, shared by the 4 ranks on it" in four["val"]["reason"]
+    assert set(decided(whole - 50, 100)) == {"train"}  # the parts share it: training's first
+
+
 def test_bn_affine_on_a_trunk_without_batchnorm_is_frozen(split_folders):
     """A trunk without BatchNorm has no gamma/beta for bn='affine' to train: the run is
     feature extraction (cached, head-only lr), not fine-tuning."""

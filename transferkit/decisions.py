@@ -28,7 +28,7 @@ from typing import Any
 from transferkit.backbones import InputSpec
 from transferkit.config import FinetuneConfig, jsonable
 from transferkit.data import eval_transform, train_transform
-from transferkit.data.decoded import DecodePlan, decide_decode
+from transferkit.data.decoded import DEFAULT_BUDGET_BYTES, DecodePlan, decide_decode
 from transferkit.data.gpu_jpeg import decide_input_decode
 from transferkit.errors import ConfigError
 from transferkit.facts import Facts, look
@@ -468,7 +468,15 @@ def _decode_decision(cfg: FinetuneConfig, facts: Facts, augment: str, cached_epo
         if cfg.decode_once is True and cfg.epochs - cached_epochs >= 2 and "train" not in census:
             raise ConfigError("decode_once=True cannot be honoured: the training data are not image files.")
         return {}
-    out = {part: decide_decode(c) for part, c in census.items()}
+    ranks = max(facts.device.local_world_size, 1)  # each rank of a node holds its own copy in memory
+    budget = DEFAULT_BUDGET_BYTES // ranks
+    out = {}
+    for part in ("train", "val"):  # one budget for both parts: training's first
+        if part in census:
+            why = f" of {DEFAULT_BUDGET_BYTES / 2**20:.0f} MB per machine" + \
+                (f", shared by the {ranks} ranks on it" if ranks > 1 else "") if budget < DEFAULT_BUDGET_BYTES else ""
+            out[part] = decide_decode(census[part], budget_bytes=budget, budget_why=why)
+            budget -= out[part].estimate_bytes if out[part].mode == "memory" else 0
     if cfg.decode_once is True and out["train"].mode == "off":
         raise ConfigError(f"decode_once=True cannot be honoured: {out['train'].reason}.")
     return {part: {"mode": d.mode, "estimate_bytes": d.estimate_bytes, "reason": d.reason, "key": d.key,

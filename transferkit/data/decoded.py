@@ -20,7 +20,9 @@ Where the pixels live (`plan_decode` decides and says why):
   temporary folder and renamed, reused by later runs; the operating system's page cache
   keeps it in memory when it fits), if the disk has room;
 - without: in memory, if the estimate (from the image headers) is at most
-  ``budget_bytes`` (default `DEFAULT_BUDGET_BYTES`, 2 GiB);
+  ``budget_bytes`` (default `DEFAULT_BUDGET_BYTES`, 2 GiB, for the training and validation
+  images together, and per machine: under DDP each of a node's ranks holds its own copy,
+  so each gets its share of it);
 - otherwise not at all: the returned dataset decodes every epoch, as before.
 
 The key (`decoded_key`) covers the data (``data_fingerprint``: paths, sizes and
@@ -176,8 +178,11 @@ def decode_census(dataset: Any, spec: InputSpec, *, augment: str,
     return out
 
 
-def decide_decode(census: dict[str, Any], *, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> DecodePlan:
-    """Where the decoded pixels go, and why: a pure function of `decode_census`."""
+def decide_decode(census: dict[str, Any], *, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                  budget_why: str = "") -> DecodePlan:
+    """Where the decoded pixels go, and why: a pure function of `decode_census`.
+    ``budget_why``: how ``budget_bytes`` came about, said with it (e.g. shared by the ranks of
+    a node)."""
     if census["kind"] != "image":
         return DecodePlan("off", 0, f"decoding every epoch: {census['kind']} input is not decoded once")
     need, cap = census["need"], census["capacity"]
@@ -191,11 +196,12 @@ def decide_decode(census: dict[str, Any], *, budget_bytes: int = DEFAULT_BUDGET_
             return DecodePlan("disk", need, f"decoded once: {mb:.0f} MB memory-mapped under {path}", key, path, cap)
         return DecodePlan("off", need, f"decoding every epoch: {mb:.0f} MB of decoded pixels do not fit the "
                                        f"{free / 2**20:.0f} MB free in {census['cache_dir']}")
+    budget = f"{budget_bytes / 2**20:.0f} MB{budget_why}"
     if need <= budget_bytes:
-        return DecodePlan("memory", need, f"decoded once: {mb:.0f} MB in memory (budget {budget_bytes / 2**20:.0f} MB)",
+        return DecodePlan("memory", need, f"decoded once: {mb:.0f} MB in memory (budget {budget})",
                           capacity_bytes=cap)
     return DecodePlan("off", need, f"decoding every epoch: {mb:.0f} MB of decoded pixels exceed the memory budget of "
-                                   f"{budget_bytes / 2**20:.0f} MB; pass cache_dir to keep them memory-mapped on disk")
+                                   f"{budget}; pass cache_dir to keep them memory-mapped on disk")
 
 
 def plan_decode(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: str | Path | None = None,

@@ -84,6 +84,20 @@ def whole_validation(r) -> dict:
     return {"whole_logits": ev["logits"], "whole_loss": ev["loss"], "n_val": len(val)}
 
 
+def whole_sets() -> dict:
+    """Each rank's share of 5 rows (their indices), dealt by a validation sampler round-robin
+    and, with sample groups, in blocks, gathered whole by `whole_set`."""
+    from transferkit.data.sampling import EpochSampler
+    from transferkit.train.distributed import whole_set
+
+    info, out = dist_info(), {}
+    for name, groups in (("round_robin", None), ("grouped", [0, 0, 1, 1, 1])):
+        s = EpochSampler(5, shuffle=False, rank=info.rank, world_size=info.world_size, pad=False, groups=groups)
+        mine = torch.tensor([i for i, _ in s], dtype=torch.float32)
+        out[name] = whole_set(mine, 5, info, [s.indices_of(r) for r in range(info.world_size)])
+    return out
+
+
 def feature_setup(data: str) -> tuple[torch.nn.Module, object]:
     """A seeded small_cnn and the training images with random augmentation (also used by the test)."""
     torch.manual_seed(0)
@@ -151,6 +165,7 @@ def train(data: str, out: str) -> None:
     torch.save({"mask": seen["mask"], "state": r.model.state_dict()}, os.path.join(out, f"dropout_rank{RANK}.pt"))
     sharded_features(data, out)
     torch.save(device_decoded_features(data, out), os.path.join(out, f"device_features_rank{RANK}.pt"))
+    torch.save(whole_sets(), os.path.join(out, f"whole_sets_rank{RANK}.pt"))
     bad = with_bad_files(data, os.path.join(out, f"bad_files_rank{RANK}"))
     r = tk.finetune("tk:small_cnn", policy="full", epochs=1, batch_size=4, scan="none", decode_once=False,
                     val_split=0, **common(bad))

@@ -163,8 +163,24 @@ def test_a_regression_model_is_evaluated_on_a_csv_of_its_targets(table, capsys):
     assert f"trained standardised (red mean {mean:.6g} std" in capsys.readouterr().out
     with pytest.raises(DataError, match="A regression model is scored on a CSV of its targets"):
         tk.evaluate(r.export_path, table.root, progress=False)
-    assert main(["evaluate", str(r.export_path), str(csv), "--confusion-matrix", str(table.root / "cm.png")]) == 2
+    # refused before any file is read: the data path is not even looked at
+    assert main(["evaluate", str(r.export_path), "nowhere.csv", "--confusion-matrix", str(table.root / "cm.png")]) == 2
     assert "--confusion-matrix applies to single-label classifiers" in capsys.readouterr().err
+    # the per-file loss is the training loss: each output in units of the std the model standardised it by
+    scale = r.model.head[-1].std.double().numpy()
+    assert np.allclose(ev.scale, scale) and np.allclose(ev.losses, (((values - y) / scale) ** 2).mean(1), rtol=1e-4)
+    # an output constant in these data has no R^2 (NaN in Python, null in JSON); one file has none at all
+    flat = table("flat.csv", "path,red,green", lambda lv: f"{lv[0] * 100 + 50:.5f},40")
+    m = tk.evaluate(r.export_path, flat, progress=False).metrics
+    assert np.isnan(m["per_output"]["green"]["r2"]) and m["r2"] == pytest.approx(m["per_output"]["red"]["r2"])
+    one = table("one.csv", "path,red,green", lambda lv: "100,50", n=1)
+    main(["evaluate", str(r.export_path), str(one)])
+    strict = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert strict["r2"] is None and strict["per_output"]["red"]["r2"] is None
+    missing = table("red_only.csv", "path,red", lambda lv: "100")
+    with pytest.raises(DataError, match=r"has no column 'green' \(the model's outputs are \['red', 'green'\]: the "
+                                         "CSV needs a column for each\)"):
+        tk.evaluate(r.export_path, missing, progress=False)
 
 
 def test_a_dataset_listing_samples_of_its_own_gives_its_targets_through_getitem(tmp_path):
@@ -228,3 +244,28 @@ def test_numbers_with_underscores_are_not_read_as_numbers(table):
     csv = table("u.csv", "path,y", lambda lv: "1_000" if lv[0] > 0.9 else "3")
     with pytest.raises(DataError, match="'1_000' is not a finite number"):
         tk.plan("tk:small_cnn", data=csv, task="regression", **COMMON)
+
+
+def test_a_multilabel_evaluation_reads_a_probability_of_one_half_as_the_predictor_does():
+    ev = tk.TargetEvaluation(task="multilabel", classes=["a", "b"], files=["f"], targets=np.array([[1.0, 0.0]]),
+                             outputs=np.array([[0.5, 0.2]]))
+    assert ev.worst(1)[0]["predicted"] == ["a"] and ev.metrics["subset_accuracy"] == 1.0
+
+
+def test_inspect_says_which_outputs_a_regression_export_only_centres(table, capsys):
+    from transferkit.cli import main
+
+    csv = table("c.csv", "path,red,k", lambda lv: f"{lv[0] * 100:.4f},5")
+    r = tk.finetune("tk:small_cnn", data=csv, task="regression", epochs=1, val_split=0,
+                    export=table.root / "c.pt", **COMMON)
+    assert r.model.head[-1].std.tolist()[1] == 1.0
+    assert main(["inspect", str(r.export_path)]) == 0
+    assert "k mean 5 (constant in training: only centred)" in capsys.readouterr().out
+
+
+def test_a_classifier_is_not_scored_on_a_csv_of_targets(table, image_folder):
+    r = tk.finetune("tk:small_cnn", data=image_folder, epochs=1, export=table.root / "cls.pt", **COMMON)
+    csv = table("targets.csv", "path,age", lambda lv: "3")
+    with pytest.raises(DataError, match="a CSV of targets, for a multilabel or regression model. This model is a "
+                                        "single-label classifier"):
+        tk.evaluate(r.export_path, csv, progress=False)

@@ -193,6 +193,13 @@ def test_each_rank_validates_its_share_and_every_rank_gets_the_whole_set(ddp_run
     assert torch.equal(a["val_logits"], b["val_logits"])
 
 
+def test_shares_dealt_round_robin_or_in_blocks_are_gathered_in_the_set_s_order(ddp_run):
+    _, out = ddp_run
+    for rank in (0, 1):
+        gathered = torch.load(out / f"whole_sets_rank{rank}.pt", weights_only=True)
+        assert gathered["round_robin"].tolist() == gathered["grouped"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
 def test_every_rank_reports_the_files_that_any_rank_found_bad_while_loading(ddp_run):
     """Each rank loads its own share of the training files; the files either found bad are in
     both ranks' reports (rank 0's result and summary list them all)."""

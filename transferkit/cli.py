@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -65,7 +66,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     preds = predictor.predict(files, top_k=args.top_k, batch_size=args.batch_size, threshold=args.threshold,
                               progress=None if not args.json else False)
     if args.json:
-        print(json.dumps([p.to_dict() for p in preds], indent=1))
+        print(_json([p.to_dict() for p in preds], indent=1))
     elif args.csv:
         _write_csv(preds, predictor.labels, predictor.task, args.top_k)
     else:
@@ -109,6 +110,19 @@ def _write_csv(preds: list, labels: list[str], task: str, top_k: int) -> None:
         writer.writerow(row)
 
 
+def _json(obj: Any, **options: Any) -> str:
+    """Strict JSON: a number that is not finite (an undefined R^2) is null, as JSON has no NaN."""
+    def finite(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+    return json.dumps(finite(obj), allow_nan=False, **options)
+
+
 def _file_reason(error: Any) -> str:
     """Why a file could not be predicted, on one line, without the advice about training
     options (removing the file, on_bad_file=) that does not apply to predict or evaluate."""
@@ -118,14 +132,18 @@ def _file_reason(error: Any) -> str:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from transferkit.errors import ConfigError, OutputError
     from transferkit.evaluation import evaluate
+    from transferkit.export import load
 
-    ev = evaluate(args.model, args.data, batch_size=args.batch_size, device=args.device,
-                  progress=None if not args.json else False)
-    picture, not_drawn = None, "needs matplotlib: pip install 'transferkit[plots]'"
-    classifier = hasattr(ev, "plot_confusion_matrix")  # multilabel and regression models have no matrix
+    if args.worst < 0:
+        raise ConfigError(f"--worst must be 0 or more, got {args.worst}.")
+    predictor = load(args.model, device=args.device)  # the checks on the model before any file is predicted
+    classifier = predictor.task == "multiclass"  # multilabel and regression models have no confusion matrix
     if not classifier and args.confusion_matrix:
         raise ConfigError(f"--confusion-matrix applies to single-label classifiers; this model's task is "
-                          f"{ev.task!r}.")
+                          f"{predictor.task!r}.")
+    ev = evaluate(predictor, args.data, batch_size=args.batch_size, progress=None if not args.json else False)
+    ev.model = args.model
+    picture, not_drawn = None, "needs matplotlib: pip install 'transferkit[plots]'"
     try:
         picture = ev.plot_confusion_matrix(args.confusion_matrix or "confusion_matrix.png") if classifier else None
     except (ConfigError, OutputError) as exc:  # no matplotlib, or an unwritable folder: the default path
@@ -136,7 +154,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"transferkit: warning: the confusion matrix was not drawn: {not_drawn}.", file=sys.stderr)
     if args.json or not sys.stdout.isatty():
         matrix = {"confusion_matrix_png": str(picture) if picture else None} if classifier else {}
-        print(json.dumps({**ev.to_dict(worst=args.worst), **matrix}, indent=1))
+        print(_json({**ev.to_dict(worst=args.worst), **matrix}, indent=1))
     else:
         print(ev.summary(worst=args.worst))
         if classifier:
@@ -145,7 +163,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"transferkit: warning: {f}: {_file_reason(err)}", file=sys.stderr)
     if ev.failed:
         print(f"transferkit: error: {len(ev.failed)} of {len(ev.failed) + len(ev.files)} files could not be "
-              "predicted (listed above) and are left out of the scores", file=sys.stderr)
+              "predicted (listed above); the scores leave them out", file=sys.stderr)
         return 1
     return 0
 
@@ -203,8 +221,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                      f"sizes {sizes}{dtypes}")
     targets = (meta.get("decisions") or {}).get("targets") if isinstance(meta.get("decisions"), dict) else None
     if meta["task"] == "regression" and isinstance(targets, dict):  # what the head's TargetScale undoes
-        per = ", ".join(f"{name} mean {m:.6g} std {sd:.6g}" for name, m, sd in
-                        zip(meta["labels"][:5], targets.get("mean", ()), targets.get("std", ())))
+        from transferkit.heads import CONSTANT_RTOL
+
+        per = ", ".join(f"{name} mean {m:.6g} " + (f"std {sd:.6g}" if sd > CONSTANT_RTOL * abs(m) else
+                                                   "(constant in training: only centred)")
+                        for name, m, sd in zip(meta["labels"][:5], targets.get("mean", ()), targets.get("std", ())))
         lines.append(f"targets:     outputs in the targets' units; trained standardised ({per}"
                      f"{', ...' if len(meta['labels']) > 5 else ''}; from {targets.get('n')} training targets)")
     if train:
@@ -324,7 +345,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr):  # logs on stderr: stdout holds the result alone
         result = _run_finetune(args)
     if args.json or not sys.stdout.isatty():
-        print(json.dumps(result_record(result), default=str))
+        print(_json(result_record(result), default=str))
         return 0
     print(result_summary(result))
     if result.export_path is not None:

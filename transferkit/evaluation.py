@@ -32,10 +32,11 @@ import torch
 from transferkit._text import plural
 from transferkit.data.audio import scan_audio_folder
 from transferkit.data.checks import DataReport
-from transferkit.data.images import scan_csv, scan_image_folder
+from transferkit.data.images import read_csv_rows, scan_csv, scan_image_folder
 from transferkit.data.target_tables import scan_target_csv
 from transferkit.errors import ConfigError, DataError
 from transferkit.export import Predictor, load
+from transferkit.heads import TargetScale
 from transferkit.train.metrics import classification_report, confusion_matrix, task_metrics
 
 
@@ -138,35 +139,42 @@ class TargetEvaluation:
     failed: list[tuple[str, str]] = field(default_factory=list)  # files that could not be predicted, and why
     model: str = ""
     data: str = ""
+    # regression: the std per output the model was trained to standardise by (its TargetScale),
+    # which the per-file loss divides by; None: the std of these data
+    scale: np.ndarray | None = None
 
     @property
     def metrics(self) -> dict[str, Any]:
-        """Multilabel: subset and label accuracy, micro/macro F1 and the per-label report
-        (threshold 0.5); regression: MSE, MAE and R^2 (averaged over outputs) and ``per_output``
-        (MAE and R^2 of each)."""
+        """Multilabel: subset and label accuracy, micro/macro F1 and the per-label report (a
+        label is predicted at a probability of 0.5 or more, as the predictor reads it);
+        regression: MSE, MAE and R^2 (averaged over outputs; R^2 over those whose targets vary)
+        and ``per_output`` (MAE and R^2 of each; R^2 is NaN for an output whose targets are
+        constant here, where it is undefined)."""
         y = torch.from_numpy(self.targets).float()
-        if self.task == "multilabel":
-            logits = torch.logit(torch.from_numpy(self.outputs).double().clamp(1e-12, 1 - 1e-12))
-            return task_metrics("multilabel", logits, y, self.classes)
+        if self.task == "multilabel":  # the metrics read logits > 0: the predictor's >= 0.5, exactly
+            sides = torch.from_numpy(np.where(self.outputs >= 0.5, 1.0, -1.0))
+            return task_metrics("multilabel", sides, y, self.classes)
         from sklearn.metrics import mean_absolute_error, r2_score
 
         out = task_metrics("regression", torch.from_numpy(self.outputs).float(), y, self.classes)
         mae = mean_absolute_error(self.targets, self.outputs, multioutput="raw_values")
-        r2 = r2_score(self.targets, self.outputs, multioutput="raw_values") if len(self.files) > 1 \
-            else [float("nan")] * len(self.classes)
-        out["per_output"] = {c: {"mae": float(m), "r2": float(r)} for c, m, r in zip(self.classes, mae, r2)}
+        varies = self.targets.std(0) > 0 if len(self.files) > 1 else np.zeros(len(self.classes), dtype=bool)
+        r2 = [float(r2_score(self.targets[:, j], self.outputs[:, j])) if varies[j] else float("nan")
+              for j in range(len(self.classes))]
+        out["per_output"] = {c: {"mae": float(m), "r2": r} for c, m, r in zip(self.classes, mae, r2)}
         return out
 
     @property
     def losses(self) -> np.ndarray:
         """Each file's loss: multilabel, the binary cross-entropy averaged over labels;
-        regression, the squared error averaged over outputs, each in units of its standard
-        deviation in these data (so that outputs in other units weigh alike)."""
+        regression, the squared error averaged over outputs, each in units of the std the
+        model standardised that output by in training (``scale``, its training loss), else of
+        its std in these data (an output constant here, or a single file: its own units)."""
         y, p = self.targets, self.outputs
         if self.task == "multilabel":
             p = np.clip(p, 1e-12, 1 - 1e-12)
             return -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean(1)
-        std = y.std(0) if len(y) > 1 else np.ones(y.shape[1])
+        std = self.scale if self.scale is not None else (y.std(0) if len(y) > 1 else np.ones(y.shape[1]))
         return (((p - y) / np.where(std > 0, std, 1.0)) ** 2).mean(1)
 
     def worst(self, k: int = 10) -> list[dict[str, Any]]:
@@ -237,6 +245,12 @@ def labelled_files(data: str | Path, classes: list[str], kind: str = "image") ->
         else:
             samples, _ = scan_image_folder(path, classes, report=report)
     elif path.is_file() and path.suffix.lower() in (".csv", ".txt"):
+        head = [x.strip().lower() for x in (read_csv_rows(path)[:1] or [[]])[0]]
+        if head[:1] == ["path"] and head != ["path", "label"]:
+            raise DataError(f"{str(data)!r} has a header of path and {len(head) - 1} other column(s): a CSV of "
+                            "targets, for a multilabel or regression model. This model is a single-label classifier "
+                            f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): give it a folder "
+                            "root/<class>/<file> or a CSV of path,label rows.")
         samples, _ = scan_csv(path, classes, report=report)
     else:
         raise DataError(f"{str(data)!r} is neither a folder root/<class>/<file> nor a CSV file of path,label rows.")
@@ -306,7 +320,7 @@ def _evaluate_targets(predictor: Predictor, model: Any, data: str | Path, *, bat
                         + (", or 'path,labels' with ';'-separated label names" if predictor.task == "multilabel"
                            else "") + f"; got {str(data)!r}.")
     report = DataReport()
-    samples, _ = scan_target_csv(path, task=predictor.task, classes=classes, report=report)
+    samples, _ = scan_target_csv(path, task=predictor.task, classes=classes, report=report, purpose="scoring")
     preds = predictor.predict([f for f, _ in samples], top_k=len(classes), batch_size=batch_size,
                               progress=progress)
     files, targets, outputs, failed = [], [], [], []
@@ -329,4 +343,18 @@ def _evaluate_targets(predictor: Predictor, model: Any, data: str | Path, *, bat
                         f"{failed[0][0]}: {failed[0][1]}")
     return TargetEvaluation(task=predictor.task, classes=classes, files=files, targets=np.asarray(targets),
                             outputs=np.stack(outputs), failed=failed,
-                            model=str(model) if isinstance(model, (str, Path)) else predictor.source, data=str(data))
+                            model=str(model) if isinstance(model, (str, Path)) else predictor.source, data=str(data),
+                            scale=_trained_scale(predictor))
+
+
+def _trained_scale(predictor: Predictor) -> np.ndarray | None:
+    """The std per output a regression model's TargetScale divides by (a constant output's is
+    1), from its metadata; None when it was trained on targets as they are."""
+    decisions = predictor.metadata.get("decisions")
+    stats = decisions.get("targets") if isinstance(decisions, dict) else None
+    if predictor.task != "regression" or not isinstance(stats, dict) or len(stats.get("std", ())) != \
+            len(predictor.labels):
+        return None
+    scale = TargetScale(len(predictor.labels))  # the model's own rule: a constant output is only centred
+    scale.set_stats(torch.tensor(stats["mean"]), torch.tensor(stats["std"]))
+    return scale.std.double().numpy()

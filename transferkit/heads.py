@@ -13,6 +13,8 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.
 
 
 TASKS = ("multiclass", "multilabel", "regression")
+# an output whose std is at most this share of its mean is constant to float32 precision (targets are read as float32)
+CONSTANT_RTOL = 1e-6
 OUTPUT_ACTIVATION = {"multiclass": "softmax", "multilabel": "sigmoid", "regression": "identity"}
 
 
@@ -42,7 +44,8 @@ class _FixedStats(nn.Module):
         return std < eps
 
     def set_stats(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
-        """Copy ``mean`` and ``std`` in (a constant channel, see `constant`, is only centred)."""
+        """Copy ``mean`` and ``std`` in (a constant channel, see `constant`, is only centred;
+        ``eps``: `CONSTANT_RTOL` for a TargetScale, an absolute floor for a FeatureNorm)."""
         if mean.shape != self.mean.shape or std.shape != self.std.shape:
             raise ConfigError(f"{type(self).__name__} has {self.mean.numel()} {self.what}; got statistics of shapes "
                               f"{tuple(mean.shape)} and {tuple(std.shape)}.")

@@ -3,6 +3,8 @@ across ranks, items with per-(epoch, index) seeded augmentation, and the decodin
 
 from __future__ import annotations
 
+import copy
+
 import os
 import random
 from collections.abc import Iterator
@@ -95,6 +97,17 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter([(i, self.epoch) for i in self._indices()])
+
+    def indices_of(self, rank: int) -> list[int]:
+        """The indices rank ``rank`` takes this epoch (what its own sampler yields).
+
+        Example:
+            >>> EpochSampler(5, shuffle=False, rank=0, world_size=2, pad=False).indices_of(1)
+            [1, 3]
+        """
+        other = copy.copy(self)
+        other.rank = int(rank)
+        return other._indices()
 
     def __len__(self) -> int:
         if self.world == 1:

@@ -45,9 +45,11 @@ def is_csv(data: object) -> bool:
 
 
 def scan_target_csv(csv_path: str | Path, *, task: str, classes: Sequence[str] | None = None,
-                    report: DataReport | None = None) -> tuple[list[tuple[str, tuple[float, ...]]], list[str]]:
+                    report: DataReport | None = None,
+                    purpose: str = "training") -> tuple[list[tuple[str, tuple[float, ...]]], list[str]]:
     """``[(path, target values)]`` and the output names of a multilabel or regression CSV
-    (see the module docstring)."""
+    (see the module docstring). ``purpose``: ``"training"``, or ``"scoring"`` (`evaluate`:
+    ``classes`` are the model's outputs), as the messages say it."""
     report = report if report is not None else DataReport()
     csv_path = Path(csv_path)
     where = repr(str(csv_path))
@@ -71,18 +73,18 @@ def scan_target_csv(csv_path: str | Path, *, task: str, classes: Sequence[str] |
     if task == "multilabel" and [h.lower() for h in header[1:]] == [LABEL_LIST_COLUMN]:
         targets, names = _label_lists(body, classes, where, report)
     else:
-        targets, names = _columns(header, body, classes, task, where)
+        targets, names = _columns(header, body, classes, task, where, purpose)
     samples: list[tuple[str, tuple[float, ...]]] = []
     seen: dict[str, tuple[float, ...]] = {}
     for i, (r, t) in enumerate(zip(body, targets)):
         path = csv_file_path(csv_path, r[0])
         if seen.setdefault(path, t) != t:
             raise DataError(f"{where} lists {r[0].strip()!r} twice with different targets ({seen[path]} and {t}, "
-                            f"row {i + 2}): one image cannot teach two answers. Keep one row.")
+                            f"row {i + 2}): one image cannot have two true answers. Keep one row.")
         samples.append((path, t))
     if len(seen) < len(samples):
         report.warn(f"{where} lists {len(samples) - len(seen)} file(s) more than once with the same target; they "
-                    "count that many times in training.")
+                    f"count that many times in {'training' if purpose == 'training' else 'the scores'}.")
     check_listed_files(csv_path, [p for p, _ in samples])
     return samples, names
 
@@ -103,14 +105,16 @@ def _label_lists(body: list[list[str]], classes: Sequence[str] | None, where: st
 
 
 def _columns(header: list[str], body: list[list[str]], classes: Sequence[str] | None, task: str,
-             where: str) -> tuple[list[tuple[float, ...]], list[str]]:
+             where: str, purpose: str = "training") -> tuple[list[tuple[float, ...]], list[str]]:
     columns = header[1:]
     if any(not c for c in columns) or len(set(columns)) < len(columns):
         raise DataError(f"{where}: the header's output columns {columns} need a name each, each name once.")
     names = list(classes) if classes is not None else columns
     absent = [n for n in names if n not in columns]
     if absent:
-        raise DataError(f"{where} has no column {absent[0]!r} (classes= names the columns to read); its columns "
+        why = "classes= names the columns to read" if purpose == "training" else \
+            f"the model's outputs are {names[:10]}: the CSV needs a column for each"
+        raise DataError(f"{where} has no column {absent[0]!r} ({why}); its columns "
                         f"are {columns}.")
     at = [header.index(n) for n in names]
     targets = []

@@ -267,20 +267,32 @@ def gather_rows(shard: torch.Tensor, n: int, info: DistInfo, *,
             yield start, block[: n - start]
 
 
-def whole_set(share: torch.Tensor, n: int, info: DistInfo) -> torch.Tensor:
-    """The ``n`` rows dealt over the ranks without padding (rank ``r`` holds rows ``r, r + W,
-    ...``: ``EpochSampler(n, shuffle=False, pad=False)``), whole and in order, on every rank
-    (a CPU tensor; `gather_rows` a block at a time).
+def whole_set(share: torch.Tensor, n: int, info: DistInfo, owners: list[list[int]] | None = None) -> torch.Tensor:
+    """The ``n`` rows dealt over the ranks without padding, whole and in order, on every rank
+    (a CPU tensor; `gather_rows` a block at a time). ``owners[r]``: the rows rank ``r`` holds,
+    in its order (each row once over the ranks); default ``r, r + W, ...``
+    (``EpochSampler(n, shuffle=False, pad=False)``; with sample groups its ranks take blocks:
+    `EpochSampler.indices_of` says which).
 
     Example:
         >>> whole_set(torch.arange(3), 3, DistInfo()).tolist()
         [0, 1, 2]
     """
-    per = shard_size(n, info.world_size)
+    world = info.world_size
+    if not info.enabled:
+        return share[:n].clone()
+    owners = owners if owners is not None else [list(range(r, n, world)) for r in range(world)]
+    if sorted(i for rows in owners for i in rows) != list(range(n)) or len(owners[info.rank]) != len(share):
+        raise DistributedError(f"Rank {info.rank} holds {len(share)} rows; the ranks' rows must cover the {n} rows "
+                               "once each.")
+    per = max(len(rows) for rows in owners)
     padded = torch.cat([share, share.new_zeros((per - len(share), *share.shape[1:]))])
+    dealt = share.new_empty((per * world, *share.shape[1:]))  # rank r's j-th row at j * W + r
+    for start, rows in gather_rows(padded, per * world, info):
+        dealt[start:start + len(rows)] = rows.to(dealt.device)
     out = share.new_empty((n, *share.shape[1:]))
-    for start, rows in gather_rows(padded, n, info):
-        out[start:start + len(rows)] = rows.to(out.device)
+    for r, rows in enumerate(owners):
+        out[torch.as_tensor(rows, dtype=torch.long)] = dealt[r::world][:len(rows)]
     return out
 
 

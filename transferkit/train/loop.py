@@ -226,7 +226,8 @@ def evaluate(module: nn.Module, loader: DataLoader, *, loss_fn: Callable, device
     if getattr(sampler, "world", 1) > 1:
         if dist is None or not dist.enabled:
             raise DistributedError("A validation loader sharded over the ranks needs the process group (dist=).")
-        logits, t = whole_set(logits, sampler.n, dist), whole_set(t, sampler.n, dist)
+        owners = [sampler.indices_of(r) for r in range(sampler.world)]  # blocks with sample groups
+        logits, t = whole_set(logits, sampler.n, dist, owners), whole_set(t, sampler.n, dist, owners)
     n = max(len(t), 1)
     loss = float(loss_fn(logits.to(speed.device), t.to(speed.device)).item())
     preds = logits.argmax(1) if task == "multiclass" else logits

@@ -29,7 +29,7 @@ from transferkit.data.images import dataset_targets
 from transferkit.data.late import FileDataset
 from transferkit.data.target_tables import is_csv, open_target_csv
 from transferkit.errors import ConfigError, DataError, check_choice
-from transferkit.heads import TASKS
+from transferkit.heads import CONSTANT_RTOL, TASKS
 
 
 
@@ -98,7 +98,7 @@ def count_correct(task: str, logits: torch.Tensor, y: torch.Tensor) -> float:
     if task == "multiclass":
         return float((logits.argmax(1) == y).sum().item())
     if task == "multilabel":  # soft targets count as their side of 0.5
-        return float(((logits > 0) == (y >= 0.5)).float().mean(1).sum().item())
+        return float(((logits > 0) == (y >= 0.5)).double().mean(1).sum().item())
     return 0.0
 
 
@@ -107,7 +107,6 @@ def monitor_default(task: str) -> tuple[str, str]:
     return ("val_loss", "min") if task == "regression" else ("val_acc", "max")
 
 
-CONSTANT_RTOL = 1e-6  # an output whose std is at most this share of its mean is constant to float32 precision
 TARGETS_CHECKED = 1024  # targets read before training (evenly spaced); every target is checked when it is loaded
 
 

@@ -526,3 +526,14 @@ def test_images_decoded_once_leave_nothing_to_decode_on_the_gpu(split_folders):
                               "passes": []}
     assert tk.decide(cfg.replace(decode_once=False), _on_cuda(facts)).input_decode["passes"] == \
         ["train epochs", "val epochs"]
+
+
+def test_a_record_written_before_target_norm_existed_resumes_unless_its_head_differs(split_folders):
+    from transferkit.decisions import differences
+
+    now = _plan(split_folders / "train").to_dict()
+    old = {k: dict(v) if isinstance(v, dict) else v for k, v in now.items()}
+    del old["config"]["target_norm"], old["head"]["target_norm"]
+    assert differences(old, now) == {}  # a classifier of then is one of now
+    regression = {**now, "head": {**now["head"], "target_norm": True}}  # a regression run of now standardises
+    assert differences(old, regression) == {"head": (old["head"] | {"target_norm": False}, regression["head"])}

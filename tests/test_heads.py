@@ -128,3 +128,16 @@ def test_r2_averages_the_outputs_whose_targets_vary():
     p = torch.tensor([[1.0, 6.0], [2.0, 6.5], [3.0, 7.2]])
     assert regression_metrics(p, y)["r2"] == pytest.approx(1.0)  # the constant output's R^2 is undefined
     assert np.isnan(regression_metrics(p[:, 1:], y[:, 1:])["r2"])
+    tenth = torch.tensor([[1.0, 0.1], [2.0, 0.1], [3.0, 0.1], [4.0, 0.1], [5.0, 0.1], [6.0, 0.1], [7.0, 0.1]])
+    m = regression_metrics(tenth + torch.tensor([0.0, 0.01]), tenth, ["y", "c"])  # 0.1: no exact float std of 0
+    assert m["r2"] == 1.0 and np.isnan(m["per_output"]["c"]["r2"]) and m["per_output"]["c"]["mae"] == pytest.approx(0.01)
+
+
+def test_a_constant_target_is_told_from_one_below_float32_resolution():
+    from transferkit.train.tasks import target_scale_note, target_summary
+
+    y = torch.stack([torch.full((20,), 0.1), 1e9 + torch.arange(20.0) * 16], 1)
+    note = target_scale_note(target_summary(y), ["c", "big"], standardised=True)
+    assert "outputs constant in the 20 training targets read: 'c'" in note
+    assert "vary by less than float32 resolves at their magnitude: 'big'" in note and "'c' (mean 0.1" not in \
+        note.split("float32 resolves")[1]

@@ -266,6 +266,6 @@ def test_inspect_says_which_outputs_a_regression_export_only_centres(table, caps
 def test_a_classifier_is_not_scored_on_a_csv_of_targets(table, image_folder):
     r = tk.finetune("tk:small_cnn", data=image_folder, epochs=1, export=table.root / "cls.pt", **COMMON)
     csv = table("targets.csv", "path,age", lambda lv: "3")
-    with pytest.raises(DataError, match="a CSV of targets, for a multilabel or regression model. This model is a "
-                                        "single-label classifier"):
+    with pytest.raises(DataError, match="one column per output is the targets of a multilabel or regression model; "
+                                        "this model is a single-label classifier"):
         tk.evaluate(r.export_path, csv, progress=False)

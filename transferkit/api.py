@@ -282,11 +282,11 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
     with _opened(cfg, lock=True) as (d, run):
         timings = {"setup_s": time.perf_counter() - t_start}
         outcome = train(d, run)
-        share_load_failures(run)  # DDP: rank 0 reports the files every rank found bad while loading
         timings.update(outcome.seconds)
         outputs: dict[str, Any] = {}
         with interrupt_keeps_weights(lambda: save_interrupted(d, run, metadata(d))):  # Ctrl-C/SIGTERM after training
             metrics = evaluate(d, run, outcome.data, outputs=outputs)
+        share_load_failures(run)  # DDP: rank 0 reports the files every rank found bad while loading
         if outcome.probe is not None:
             metrics["probe"] = {"C": outcome.probe.C,
                                 "val_acc_by_C": {str(c): a for c, a in outcome.probe.scores.items()},

@@ -221,10 +221,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                      f"sizes {sizes}{dtypes}")
     targets = (meta.get("decisions") or {}).get("targets") if isinstance(meta.get("decisions"), dict) else None
     if meta["task"] == "regression" and isinstance(targets, dict):  # what the head's TargetScale undoes
-        from transferkit.heads import CONSTANT_RTOL
+        from transferkit.heads import centred_only
 
-        per = ", ".join(f"{name} mean {m:.6g} " + (f"std {sd:.6g}" if sd > CONSTANT_RTOL * abs(m) else
-                                                   "(constant in training: only centred)")
+        per = ", ".join(f"{name} mean {m:.6g} " + ("(constant in training: only centred)" if centred_only(m, sd)
+                                                   else f"std {sd:.6g}")
                         for name, m, sd in zip(meta["labels"][:5], targets.get("mean", ()), targets.get("std", ())))
         lines.append(f"targets:     outputs in the targets' units; trained standardised ({per}"
                      f"{', ...' if len(meta['labels']) > 5 else ''}; from {targets.get('n')} training targets)")

@@ -84,7 +84,8 @@ class Decisions:
     head: str
     head_hidden: tuple[int, ...]
     head_norm: bool
-    # regression with target_norm: the training targets' mean, std (per output) and n, which the
+    # regression with target_norm: the training targets' mean, std (per output; a CSV's all targets, a Dataset's
+    # estimated from those read before training), constant flags and n, which the
     # head's TargetScale and the loss standardise by; None: targets in their own units (or labels)
     target_norm: dict[str, Any] | None
     augment: str
@@ -390,9 +391,19 @@ def plan(config: FinetuneConfig | None = None, /, **options: Any) -> Decisions:
     return decide(cfg, facts)
 
 
+# decisions added after records were first written, with the value a record without them means (the
+# option's default; the head's behaviour then: a regression run of then differs from one of now in its head)
+ADDED_DECISIONS = {("config", "target_norm"): "auto", ("head", "target_norm"): False}
+
+
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{key: (saved, now)}`` for every decision two records disagree on (a resume must agree
-    on all of them; output paths, verbosity and the device may differ)."""
+    on all of them; output paths, verbosity and the device may differ). A record written
+    before a decision existed reads as the behaviour it had then (`ADDED_DECISIONS`)."""
+    saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for (part, key), before in ADDED_DECISIONS.items():
+        if isinstance(saved.get(part), dict) and key not in saved[part]:
+            saved[part][key] = before
     diff: dict[str, tuple[Any, Any]] = {}
     for key in sorted(set(saved) | set(now)):
         if key == "config":

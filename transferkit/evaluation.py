@@ -32,7 +32,7 @@ import torch
 from transferkit._text import plural
 from transferkit.data.audio import scan_audio_folder
 from transferkit.data.checks import DataReport
-from transferkit.data.images import read_csv_rows, scan_csv, scan_image_folder
+from transferkit.data.images import scan_csv, scan_image_folder
 from transferkit.data.target_tables import scan_target_csv
 from transferkit.errors import ConfigError, DataError
 from transferkit.export import Predictor, load
@@ -154,15 +154,8 @@ class TargetEvaluation:
         if self.task == "multilabel":  # the metrics read logits > 0: the predictor's >= 0.5, exactly
             sides = torch.from_numpy(np.where(self.outputs >= 0.5, 1.0, -1.0))
             return task_metrics("multilabel", sides, y, self.classes)
-        from sklearn.metrics import mean_absolute_error, r2_score
-
-        out = task_metrics("regression", torch.from_numpy(self.outputs).float(), y, self.classes)
-        mae = mean_absolute_error(self.targets, self.outputs, multioutput="raw_values")
-        varies = self.targets.std(0) > 0 if len(self.files) > 1 else np.zeros(len(self.classes), dtype=bool)
-        r2 = [float(r2_score(self.targets[:, j], self.outputs[:, j])) if varies[j] else float("nan")
-              for j in range(len(self.classes))]
-        out["per_output"] = {c: {"mae": float(m), "r2": r} for c, m, r in zip(self.classes, mae, r2)}
-        return out
+        return task_metrics("regression", torch.from_numpy(self.outputs), torch.from_numpy(self.targets),
+                            self.classes)
 
     @property
     def losses(self) -> np.ndarray:
@@ -245,13 +238,7 @@ def labelled_files(data: str | Path, classes: list[str], kind: str = "image") ->
         else:
             samples, _ = scan_image_folder(path, classes, report=report)
     elif path.is_file() and path.suffix.lower() in (".csv", ".txt"):
-        head = [x.strip().lower() for x in (read_csv_rows(path)[:1] or [[]])[0]]
-        if head[:1] == ["path"] and head != ["path", "label"]:
-            raise DataError(f"{str(data)!r} has a header of path and {len(head) - 1} other column(s): a CSV of "
-                            "targets, for a multilabel or regression model. This model is a single-label classifier "
-                            f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): give it a folder "
-                            "root/<class>/<file> or a CSV of path,label rows.")
-        samples, _ = scan_csv(path, classes, report=report)
+        samples, _ = scan_csv(path, classes, report=report, purpose="scoring")
     else:
         raise DataError(f"{str(data)!r} is neither a folder root/<class>/<file> nor a CSV file of path,label rows.")
     if not samples:
@@ -289,24 +276,8 @@ def evaluate(model: Any, data: str | Path, *, batch_size: int = 32, device: str 
         return _evaluate_targets(predictor, model, data, batch_size=batch_size, progress=progress)
     classes = list(predictor.labels)
     samples = labelled_files(data, classes, predictor.input_spec.kind)
-    preds = predictor.predict([f for f, _ in samples], top_k=len(classes), batch_size=batch_size,
-                              progress=progress)
-    files, labels, rows, failed = [], [], [], []
-    index = {c: i for i, c in enumerate(classes)}
-    for (f, y), p in zip(samples, preds):
-        if not p.ok:
-            failed.append((f, p.error or "unknown error"))
-            continue
-        row = np.zeros(len(classes))
-        for label, prob in p.top_k:
-            row[index[label]] = prob
-        files.append(f)
-        labels.append(y)
-        rows.append(row)
-    if not files:
-        raise DataError(f"None of the {len(samples)} files of {str(data)!r} could be predicted; the first failure: "
-                        f"{failed[0][0]}: {failed[0][1]}")
-    return Evaluation(classes=classes, files=files, labels=labels, probabilities=np.stack(rows), failed=failed,
+    files, labels, rows, failed = _predicted(predictor, samples, data, batch_size=batch_size, progress=progress)
+    return Evaluation(classes=classes, files=files, labels=labels, probabilities=rows, failed=failed,
                       model=str(model) if isinstance(model, (str, Path)) else predictor.source, data=str(data))
 
 
@@ -319,11 +290,22 @@ def _evaluate_targets(predictor: Predictor, model: Any, data: str | Path, *, bat
                         f"column per output ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
                         + (", or 'path,labels' with ';'-separated label names" if predictor.task == "multilabel"
                            else "") + f"; got {str(data)!r}.")
-    report = DataReport()
-    samples, _ = scan_target_csv(path, task=predictor.task, classes=classes, report=report, purpose="scoring")
-    preds = predictor.predict([f for f, _ in samples], top_k=len(classes), batch_size=batch_size,
-                              progress=progress)
-    files, targets, outputs, failed = [], [], [], []
+    samples, _ = scan_target_csv(path, task=predictor.task, classes=classes, report=DataReport(), purpose="scoring")
+    files, targets, outputs, failed = _predicted(predictor, samples, data, batch_size=batch_size, progress=progress)
+    return TargetEvaluation(task=predictor.task, classes=classes, files=files, targets=np.asarray(targets),
+                            outputs=outputs, failed=failed,
+                            model=str(model) if isinstance(model, (str, Path)) else predictor.source, data=str(data),
+                            scale=_trained_scale(predictor))
+
+
+def _predicted(predictor: Predictor, samples: list[tuple[str, Any]], data: Any, *, batch_size: int,
+               progress: bool | None) -> tuple[list[str], list[Any], np.ndarray, list[tuple[str, str]]]:
+    """Predict the files of ``samples`` (``(file, truth)``): the files predicted, their truths,
+    the model's outputs ``[files, outputs]`` (probabilities of each class or label, or values)
+    and the files that failed with why; a `DataError` when none could be predicted."""
+    classes = list(predictor.labels)
+    preds = predictor.predict([f for f, _ in samples], top_k=len(classes), batch_size=batch_size, progress=progress)
+    files, truths, rows, failed = [], [], [], []
     index = {c: i for i, c in enumerate(classes)}
     for (f, y), p in zip(samples, preds):
         if not p.ok:
@@ -336,15 +318,12 @@ def _evaluate_targets(predictor: Predictor, model: Any, data: str | Path, *, bat
             for label, prob in p.top_k:
                 row[index[label]] = prob
         files.append(f)
-        targets.append(y)
-        outputs.append(row)
+        truths.append(y)
+        rows.append(row)
     if not files:
         raise DataError(f"None of the {len(samples)} files of {str(data)!r} could be predicted; the first failure: "
                         f"{failed[0][0]}: {failed[0][1]}")
-    return TargetEvaluation(task=predictor.task, classes=classes, files=files, targets=np.asarray(targets),
-                            outputs=np.stack(outputs), failed=failed,
-                            model=str(model) if isinstance(model, (str, Path)) else predictor.source, data=str(data),
-                            scale=_trained_scale(predictor))
+    return files, truths, np.stack(rows), failed
 
 
 def _trained_scale(predictor: Predictor) -> np.ndarray | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,6 +16,17 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.
 TASKS = ("multiclass", "multilabel", "regression")
 # an output whose std is at most this share of its mean is constant to float32 precision (targets are read as float32)
 CONSTANT_RTOL = 1e-6
+
+
+def centred_only(mean: Any, std: Any, rtol: float = CONSTANT_RTOL) -> Any:
+    """Whether an output of these statistics (numbers or tensors) is constant, to float32
+    precision: a [`TargetScale`][transferkit.TargetScale] only centres it.
+
+    Example:
+        >>> centred_only(1e9, 35.0), centred_only(5e-10, 3e-10), centred_only(0.1, 1e-17)
+        (True, False, True)
+    """
+    return std <= rtol * abs(mean)
 OUTPUT_ACTIVATION = {"multiclass": "softmax", "multilabel": "sigmoid", "regression": "identity"}
 
 
@@ -95,7 +107,7 @@ class TargetScale(_FixedStats):
 
     @staticmethod
     def constant(mean: torch.Tensor, std: torch.Tensor, eps: float) -> torch.Tensor:
-        return std <= eps * mean.abs()  # 0, or below what float32 resolves at the mean's magnitude
+        return centred_only(mean, std, eps)  # 0, or below what float32 resolves at the mean's magnitude
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.std + self.mean

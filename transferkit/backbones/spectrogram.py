@@ -23,12 +23,14 @@ from transferkit.backbones.registry import get_backbone, get_source, register_so
 from transferkit.errors import BackboneError, ConfigError
 
 
-def split_padding(x: Tensor) -> tuple[Tensor, Tensor]:
+def split_padding(x: Tensor, check: bool = False) -> tuple[Tensor, Tensor]:
     """``(waveforms with NaN padding replaced by 0, valid lengths [N])`` of a ``[N, T]`` batch.
-    NaN marks the padding after a clip's end: a NaN followed by a sample is an error (the
-    clip would be cut short), in eager and exported models alike."""
+    NaN marks the padding after a clip's end. ``check`` (the trunks: outside training, where
+    inputs come from callers rather than the data pipeline; a device sync): a NaN followed
+    by a sample is an error, as the clip would be cut short, in Python and in scripted
+    TorchScript files (an ONNX graph cannot raise: the predictor refuses such clips first)."""
     valid = ~torch.isnan(x)
-    if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+    if check and bool((valid[:, 1:] & ~valid[:, :-1]).any()):
         raise ValueError("An audio clip holds NaN before its end; NaN marks only the padding after a clip. Replace "
                          "NaN samples (e.g. torch.nan_to_num) before the model.")
     return torch.where(valid, x, torch.zeros_like(x)), valid.sum(-1)
@@ -127,7 +129,7 @@ class SpectrogramTrunk(nn.Module):
 
     def log_mel(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Standardised log-mel ``[N, n_mels, frames]`` and the valid frames per clip."""
-        x, lengths = split_padding(x)
+        x, lengths = split_padding(x, check=not self.training)
         if self.ratio != 1.0:
             x = self.resample(x)
             lengths = torch.ceil(lengths.to(torch.float64) * self.ratio).to(lengths.dtype)

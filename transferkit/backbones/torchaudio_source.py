@@ -122,7 +122,7 @@ class SpeechTrunk(nn.Module):
 
     def frames(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """CNN features ``[N, frames, C]`` and valid frames per clip."""
-        x, lengths = split_padding(x)
+        x, lengths = split_padding(x, check=not self.training)
         if self.ratio != 1.0:
             x = self.resample(x)
             lengths = torch.ceil(lengths.to(torch.float64) * self.ratio).to(lengths.dtype)

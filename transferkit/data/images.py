@@ -90,19 +90,23 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None, *,
                               layout="root/<class>/<image>.jpg", extensions=IMAGE_EXTENSIONS)
 
 
-def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
-             report: DataReport | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, report: DataReport | None = None,
+             purpose: str = "training") -> tuple[list[tuple[str, int]], list[str]]:
     """Read ``path,label`` rows (a header row naming ``path`` and ``label`` is optional;
     relative paths are relative to the CSV's folder). With ``classes`` given, rows whose
-    label is not one of them are left out and reported."""
+    label is not one of them are left out and reported. ``purpose``: ``"training"``, or
+    ``"scoring"`` (`evaluate`: ``classes`` are a classifier's), as the messages say it."""
     report = report if report is not None else DataReport()
     csv_path = Path(csv_path)
     rows = read_csv_rows(csv_path)
     head = [x.strip().lower() for x in rows[0]] if rows else []
     if head[:1] == ["path"] and head != ["path", "label"]:
+        fix = "read for task='regression' or task='multilabel' (--task on the command line)" \
+            if purpose == "training" else "the targets of a multilabel or regression model; this model is a " \
+            f"single-label classifier ({', '.join(list(classes or [])[:5])})"
         raise DataError(f"{str(csv_path)!r} has the header {','.join(rows[0])!r}: a CSV of classes has the rows "
-                        "'path,label' (the header 'path,label' is optional). A header of path and one column per "
-                        "output is read for task='regression' or task='multilabel' (--task on the command line).")
+                        f"'path,label' (the header 'path,label' is optional). A header of path and one column per "
+                        f"output is {fix}.")
     first = 2 if head == ["path", "label"] else 1
     rows = rows[first - 1:]
     bad = [i for i, r in enumerate(rows) if len(r) != 2]
@@ -120,8 +124,8 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
         raise DataError(f"{str(csv_path)!r} has no 'path,label' rows.")
     labels = [r[1].strip() for r in rows]
     check_label_names(sorted(set(labels)), f"{str(csv_path)!r}")
-    fractional = [lab for lab in set(labels) if _number(lab) is not None and not float(lab).is_integer()]
-    if fractional and all(_number(lab) is not None for lab in set(labels)):
+    fractional = [lab for lab in set(labels) if parse_number(lab) is not None and not float(lab).is_integer()]
+    if fractional and all(parse_number(lab) is not None for lab in set(labels)):
         report.warn(f"{str(csv_path)!r} has labels that look like measured values (e.g. {fractional[0]!r}): each "
                     f"distinct one is a class here ({len(set(labels))} classes). For values, give the file a header "
                     "'path,<name>' and pass task='regression' (--task regression).")
@@ -131,7 +135,7 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
         if seen.setdefault(path, lab) != lab:
             raise DataError(f"{str(csv_path)!r} lists {path!r} twice, with labels {seen[path]!r} and {lab!r}: one "
                             "image cannot teach two classes (for several labels per image: task='multilabel' with "
-                            "a Dataset of (image, multi-hot vector) pairs). Keep one row.")
+                            "a CSV of path,labels, the labels separated by ';'). Keep one row.")
     if len(seen) < len(rows):
         report.warn(f"{str(csv_path)!r} lists {len(rows) - len(seen)} file(s) more than once with the same label; "
                     "they count that many times in training.")
@@ -151,10 +155,15 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *,
     return samples, list(classes)
 
 
-def _number(text: str) -> float | None:
-    """``text`` as a finite number, or None."""
+def parse_number(text: str) -> float | None:
+    """``text`` as a finite number, or None (``float`` reads ``"1_000"``; a table does not).
+
+    Example:
+        >>> parse_number(" 2.5"), parse_number("1_000"), parse_number("nan")
+        (2.5, None, None)
+    """
     try:
-        value = float(text)
+        value = float(text) if "_" not in text else float("nan")
     except ValueError:
         return None
     return value if np.isfinite(value) else None
@@ -169,8 +178,9 @@ def read_csv_rows(csv_path: Path) -> list[list[str]]:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark is not data
             return [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
     except UnicodeDecodeError as exc:
-        raise DataError(f"{str(csv_path)!r} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}"
-                        "); save it as UTF-8 (e.g. 'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8).") from exc
+        byte = exc.object[exc.start:exc.start + 1]
+        raise DataError(f"{str(csv_path)!r} is not UTF-8 text (byte {exc.start}: {byte!r}); save it as UTF-8 (e.g. "
+                        "'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8).") from exc
     except csv.Error as exc:
         raise DataError(f"{str(csv_path)!r} cannot be read as CSV: {exc}.") from exc
     except OSError as exc:

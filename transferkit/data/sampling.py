@@ -4,7 +4,6 @@ across ranks, items with per-(epoch, index) seeded augmentation, and the decodin
 from __future__ import annotations
 
 import copy
-
 import os
 import random
 from collections.abc import Iterator

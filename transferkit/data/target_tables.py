@@ -27,12 +27,11 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from transferkit.data.checks import DataReport, filter_bad_images
-from transferkit.data.images import ImageFolderDataset, check_listed_files, csv_file_path, read_csv_rows
+from transferkit.data.images import ImageFolderDataset, check_listed_files, csv_file_path, parse_number, read_csv_rows
 from transferkit.errors import DataError
 
 LABEL_LIST_COLUMN = "labels"  # multilabel: label names separated by LABEL_SEPARATOR
@@ -122,12 +121,8 @@ def _columns(header: list[str], body: list[list[str]], classes: Sequence[str] | 
         values = []
         for j, name in zip(at, names):
             cell = r[j].strip()
-            try:
-                v = float(cell) if "_" not in cell else math.nan  # float() reads "1_000"; a table does not
-            except ValueError:
-                v = math.nan
-            bad = not math.isfinite(v) or (task == "multilabel" and not 0.0 <= v <= 1.0)
-            if bad:
+            v = parse_number(cell)
+            if v is None or (task == "multilabel" and not 0.0 <= v <= 1.0):
                 need = "1 or 0 (or a soft target in [0, 1])" if task == "multilabel" else "a finite number"
                 raise DataError(f"{where}, row {i + 2}, column {name!r}: {cell!r} is not {need}. Fix the value, or "
                                 "remove the row.")

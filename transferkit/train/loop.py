@@ -203,7 +203,8 @@ def _forward_backward(module: nn.Module, x: Any, y: torch.Tensor, loop: Loop, de
 
 @torch.no_grad()
 def evaluate(module: nn.Module, loader: DataLoader, *, loss_fn: Callable, device: torch.device,
-             task: str = "multiclass", speed: SpeedConfig | None = None, dist: DistInfo | None = None) -> dict[str, Any]:
+             task: str = "multiclass", speed: SpeedConfig | None = None,
+             dist: DistInfo | None = None) -> dict[str, Any]:
     """Loss, accuracy, logits, predictions and targets of ``module`` (in eval mode) over
     ``loader``, the loss and accuracy over the whole set at once. A loader sharded over the
     ranks (its sampler's ``world`` > 1: rank ``r`` takes items ``r, r + W, ...``) gives each

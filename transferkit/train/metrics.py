@@ -106,15 +106,23 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Seq
             "micro_f1": micro, "macro_f1": macro, "per_class": report}
 
 
-def regression_metrics(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+def regression_metrics(outputs: torch.Tensor, targets: torch.Tensor,
+                       names: Sequence[str] | None = None) -> dict[str, Any]:
     """MSE, MAE and R^2 (averaged over output dimensions; R^2 over those whose targets vary:
-    it is undefined for a constant one, NaN when none varies)."""
+    it is undefined for a constant one, NaN when none varies), and with ``names`` the MAE
+    and R^2 of each output (``per_output``; NaN for a constant one)."""
     from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-    y, p = targets.numpy().reshape(len(targets), -1), outputs.float().numpy().reshape(len(outputs), -1)
-    varies = y.std(0) > 0 if len(y) > 1 else np.zeros(y.shape[1], dtype=bool)
-    r2 = float(r2_score(y[:, varies], p[:, varies])) if varies.any() else float("nan")
-    return {"mse": float(mean_squared_error(y, p)), "mae": float(mean_absolute_error(y, p)), "r2": r2}
+    y = targets.double().numpy().reshape(len(targets), -1)
+    p = outputs.double().numpy().reshape(len(outputs), -1)
+    varies = y.max(0) > y.min(0)  # exact: a constant column of 0.1 has a float std of about 1e-17
+    r2 = [float(r2_score(y[:, j], p[:, j])) if varies[j] else float("nan") for j in range(y.shape[1])]
+    out = {"mse": float(mean_squared_error(y, p)), "mae": float(mean_absolute_error(y, p)),
+           "r2": float(np.mean([r for r, v in zip(r2, varies) if v])) if varies.any() else float("nan")}
+    if names is not None:
+        mae = mean_absolute_error(y, p, multioutput="raw_values")
+        out["per_output"] = {c: {"mae": float(m), "r2": r} for c, m, r in zip(names, mae, r2)}
+    return out
 
 
 def task_metrics(task: str, logits: torch.Tensor, targets: torch.Tensor, classes: Sequence[str], *,
@@ -124,7 +132,7 @@ def task_metrics(task: str, logits: torch.Tensor, targets: torch.Tensor, classes
         return classification_metrics(logits, targets, classes, top_k=top_k)
     if task == "multilabel":
         return multilabel_metrics(logits, targets, classes)
-    return regression_metrics(logits, targets)
+    return regression_metrics(logits, targets, classes)
 
 
 def final_metrics(module: nn.Module, val_loader: DataLoader | None, *, task: str, classes: Sequence[str],

@@ -29,7 +29,7 @@ from transferkit.data.images import dataset_targets
 from transferkit.data.late import FileDataset
 from transferkit.data.target_tables import is_csv, open_target_csv
 from transferkit.errors import ConfigError, DataError, check_choice
-from transferkit.heads import CONSTANT_RTOL, TASKS
+from transferkit.heads import TASKS, centred_only
 
 
 
@@ -205,6 +205,13 @@ class TargetDataset(TransformedDataset):
                                                     where=f"{what} item {self.indices[i]}")
         return out
 
+    def listed_targets(self) -> list[torch.Tensor] | None:
+        """Every target of this dataset, from its listing (nothing decoded), or None when the
+        base dataset is not one of transferkit's own listings (its targets come with its items)."""
+        if not isinstance(self.base, FileDataset):
+            return None
+        return [torch.as_tensor(self.base.samples[j][1], dtype=torch.float32).reshape(-1) for j in self.indices]
+
     def raw(self, i: int) -> Any:
         """Item ``i`` of the base dataset as it is, for its target: a listed file's
         ``(path, target)`` (nothing decoded), else the whole item (a Dataset gives its targets
@@ -224,8 +231,8 @@ def target_scale_note(stats: dict[str, Any], names: Sequence[str], *, standardis
     mean, std, n = stats["mean"], stats["std"], stats["n"]
     if n < 2:
         return None
-    constant = [j for j in range(len(mean)) if std[j] == 0]
-    unresolved = [j for j in range(len(mean)) if 0 < std[j] <= CONSTANT_RTOL * abs(mean[j])]
+    constant = [j for j in range(len(mean)) if stats["constant"][j]]
+    unresolved = [j for j in range(len(mean)) if not stats["constant"][j] and centred_only(mean[j], std[j])]
     far = [] if standardised else [j for j in range(len(mean)) if j not in constant + unresolved and
                                    (not 1e-2 <= std[j] <= 1e2 or abs(mean[j]) > 10 * std[j])]
 
@@ -250,10 +257,11 @@ def target_scale_note(stats: dict[str, Any], names: Sequence[str], *, standardis
 
 def target_summary(targets: torch.Tensor) -> dict[str, Any]:
     """The mean and standard deviation (``n - 1``) of each output of ``targets`` ``[N, D]``,
-    and ``n``, as plain data."""
+    whether it is constant (every value the same), and ``n``, as plain data."""
     y = targets.double().reshape(len(targets), -1)
     std = y.std(0) if len(y) > 1 else torch.zeros(y.shape[1], dtype=torch.float64)
-    return {"mean": tuple(y.mean(0).tolist()), "std": tuple(std.tolist()), "n": len(y)}
+    return {"mean": tuple(y.mean(0).tolist()), "std": tuple(std.tolist()),
+            "constant": tuple((y.amax(0) == y.amin(0)).tolist()), "n": len(y)}
 
 
 def target_width(ds: TargetDataset) -> int:
@@ -313,8 +321,12 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
             raise DataError(f"{len(train)} training item(s) cannot be split for validation (val_split={val_split}): "
                             "nothing would be left to train on. Give validation data (val_data=), or val_split=0.")
         train, val = train.view(sorted(order[n_val:])), train.view(sorted(order[:n_val]))
-    kept = [seen[i] for i in train.indices if i in seen]  # the training part's targets (not validation's)
-    targets = torch.stack(kept) if task == "regression" and kept else None
+    targets = None
+    if task == "regression":  # the training part's targets (not validation's): a listing's all, else those read
+        kept = train.listed_targets()
+        if kept is None:
+            kept = [seen[i] for i in train.indices if i in seen]
+        targets = torch.stack(kept) if len(kept) else None
     return DataBundle(train=train, val=val, classes=names, report=report, targets=targets), width
 
 

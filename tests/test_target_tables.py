@@ -269,3 +269,15 @@ def test_a_classifier_is_not_scored_on_a_csv_of_targets(table, image_folder):
     with pytest.raises(DataError, match="one column per output is the targets of a multilabel or regression model; "
                                         "this model is a single-label classifier"):
         tk.evaluate(r.export_path, csv, progress=False)
+
+
+def test_a_csv_s_statistics_come_from_all_its_training_targets(table, monkeypatch):
+    """A Dataset's targets are read with its images (up to TARGETS_CHECKED); a CSV's listing
+    holds them all, so its statistics are exact."""
+    import transferkit.train.tasks as tasks
+
+    monkeypatch.setattr(tasks, "TARGETS_CHECKED", 4)
+    csv = table("r.csv", "path,y", lambda lv: f"{lv[0] * 100:.5f}")
+    d = tk.plan("tk:small_cnn", data=csv, task="regression", val_split=0, **COMMON)
+    assert d.target_norm["n"] == 40
+    assert d.target_norm["mean"][0] == pytest.approx(float(np.round(table.levels[:, 0] * 100, 5).mean()), rel=1e-6)

@@ -205,12 +205,15 @@ class TargetDataset(TransformedDataset):
                                                     where=f"{what} item {self.indices[i]}")
         return out
 
-    def listed_targets(self) -> list[torch.Tensor] | None:
-        """Every target of this dataset, from its listing (nothing decoded), or None when the
-        base dataset is not one of transferkit's own listings (its targets come with its items)."""
-        if not isinstance(self.base, FileDataset):
+    def listed_targets(self) -> torch.Tensor | None:
+        """Every target of this dataset ``[N, D]``, from its listing (nothing decoded), or None
+        when the base dataset is not one of transferkit's own listings (its targets come with
+        its items)."""
+        if not isinstance(self.base, FileDataset) or not self.indices:
             return None
-        return [torch.as_tensor(self.base.samples[j][1], dtype=torch.float32).reshape(-1) for j in self.indices]
+        samples = self.base.samples
+        return torch.from_numpy(np.asarray([samples[j][1] for j in self.indices], dtype=np.float32)).reshape(
+            len(self.indices), -1)
 
     def raw(self, i: int) -> Any:
         """Item ``i`` of the base dataset as it is, for its target: a listed file's
@@ -323,10 +326,10 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
         train, val = train.view(sorted(order[n_val:])), train.view(sorted(order[:n_val]))
     targets = None
     if task == "regression":  # the training part's targets (not validation's): a listing's all, else those read
-        kept = train.listed_targets()
-        if kept is None:
+        targets = train.listed_targets()
+        if targets is None:
             kept = [seen[i] for i in train.indices if i in seen]
-        targets = torch.stack(kept) if len(kept) else None
+            targets = torch.stack(kept) if kept else None
     return DataBundle(train=train, val=val, classes=names, report=report, targets=targets), width
 
 

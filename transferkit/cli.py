@@ -219,7 +219,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         dtypes = f" ({', '.join(exp['input_dtypes'])} inputs)" if exp.get("input_dtypes") else ""
         lines.append(f"export:      {exp.get('mode')}, {how}, max_abs_diff={exp.get('max_abs_diff')} at batch "
                      f"sizes {sizes}{dtypes}")
-    targets = (meta.get("decisions") or {}).get("targets") if isinstance(meta.get("decisions"), dict) else None
+    targets = meta["decisions"].get("targets") if isinstance(meta.get("decisions"), dict) else None
     if meta["task"] == "regression" and isinstance(targets, dict):  # what the head's TargetScale undoes
         from transferkit.heads import centred_only
 

@@ -481,13 +481,15 @@ def _decode_decision(cfg: FinetuneConfig, facts: Facts, augment: str, cached_epo
         return {}
     ranks = max(facts.device.local_world_size, 1)  # each rank of a node holds its own copy in memory
     budget = DEFAULT_BUDGET_BYTES // ranks
+    shared = f", shared by the {ranks} ranks on it" if ranks > 1 else ""
     out = {}
     for part in ("train", "val"):  # one budget for both parts: training's first
         if part in census:
-            why = f" of {DEFAULT_BUDGET_BYTES / 2**20:.0f} MB per machine" + \
-                (f", shared by the {ranks} ranks on it" if ranks > 1 else "") if budget < DEFAULT_BUDGET_BYTES else ""
+            why = f" of {DEFAULT_BUDGET_BYTES / 2**20:.0f} MB per machine{shared}" if budget < DEFAULT_BUDGET_BYTES \
+                else ""
             out[part] = decide_decode(census[part], budget_bytes=budget, budget_why=why)
-            budget -= out[part].estimate_bytes if out[part].mode == "memory" else 0
+            if out[part].mode == "memory":
+                budget -= out[part].estimate_bytes
     if cfg.decode_once is True and out["train"].mode == "off":
         raise ConfigError(f"decode_once=True cannot be honoured: {out['train'].reason}.")
     return {part: {"mode": d.mode, "estimate_bytes": d.estimate_bytes, "reason": d.reason, "key": d.key,

@@ -150,12 +150,10 @@ class TargetEvaluation:
         regression: MSE, MAE and R^2 (averaged over outputs; R^2 over those whose targets vary)
         and ``per_output`` (MAE and R^2 of each; R^2 is NaN for an output whose targets are
         constant here, where it is undefined)."""
-        y = torch.from_numpy(self.targets).float()
+        outputs, targets = torch.from_numpy(self.outputs), torch.from_numpy(self.targets)
         if self.task == "multilabel":  # the metrics read logits > 0: the predictor's >= 0.5, exactly
-            sides = torch.from_numpy(np.where(self.outputs >= 0.5, 1.0, -1.0))
-            return task_metrics("multilabel", sides, y, self.classes)
-        return task_metrics("regression", torch.from_numpy(self.outputs), torch.from_numpy(self.targets),
-                            self.classes)
+            outputs, targets = torch.from_numpy(np.where(self.outputs >= 0.5, 1.0, -1.0)), targets.float()
+        return task_metrics(self.task, outputs, targets, self.classes)
 
     @property
     def losses(self) -> np.ndarray:
@@ -272,16 +270,17 @@ def evaluate(model: Any, data: str | Path, *, batch_size: int = 32, device: str 
         >>> print(ev.summary())  # doctest: +SKIP
     """
     predictor = _predictor(model, device)
+    origin = str(model) if isinstance(model, (str, Path)) else predictor.source
     if predictor.task != "multiclass":
-        return _evaluate_targets(predictor, model, data, batch_size=batch_size, progress=progress)
+        return _evaluate_targets(predictor, origin, data, batch_size=batch_size, progress=progress)
     classes = list(predictor.labels)
     samples = labelled_files(data, classes, predictor.input_spec.kind)
     files, labels, rows, failed = _predicted(predictor, samples, data, batch_size=batch_size, progress=progress)
-    return Evaluation(classes=classes, files=files, labels=labels, probabilities=rows, failed=failed,
-                      model=str(model) if isinstance(model, (str, Path)) else predictor.source, data=str(data))
+    return Evaluation(classes=classes, files=files, labels=labels, probabilities=rows, failed=failed, model=origin,
+                      data=str(data))
 
 
-def _evaluate_targets(predictor: Predictor, model: Any, data: str | Path, *, batch_size: int,
+def _evaluate_targets(predictor: Predictor, origin: str, data: str | Path, *, batch_size: int,
                       progress: bool | None) -> TargetEvaluation:
     classes = list(predictor.labels)
     path = Path(data)
@@ -293,8 +292,7 @@ def _evaluate_targets(predictor: Predictor, model: Any, data: str | Path, *, bat
     samples, _ = scan_target_csv(path, task=predictor.task, classes=classes, report=DataReport(), purpose="scoring")
     files, targets, outputs, failed = _predicted(predictor, samples, data, batch_size=batch_size, progress=progress)
     return TargetEvaluation(task=predictor.task, classes=classes, files=files, targets=np.asarray(targets),
-                            outputs=outputs, failed=failed,
-                            model=str(model) if isinstance(model, (str, Path)) else predictor.source, data=str(data),
+                            outputs=outputs, failed=failed, model=origin, data=str(data),
                             scale=_trained_scale(predictor))
 
 

@@ -101,8 +101,8 @@ class DataFacts:
     files: dict[str, bool]  # part -> file-backed (can be decoded once)
     decode: dict[str, dict[str, Any]]  # part -> `decode_census`
     class_weights: tuple[float, ...] | None  # class_weights as the data resolve them
-    # regression: mean, std (per output) and n of the training targets read before training
-    # (`target_summary`); None for labels
+    # regression: mean, std and constant flags (per output) and n of the training targets (a CSV's all, a
+    # Dataset's those read before training; `target_summary`); None for labels
     targets: dict[str, Any] | None = None
 
 

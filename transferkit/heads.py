@@ -14,6 +14,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.
 
 
 TASKS = ("multiclass", "multilabel", "regression")
+OUTPUT_ACTIVATION = {"multiclass": "softmax", "multilabel": "sigmoid", "regression": "identity"}
 # an output whose std is at most this share of its mean is constant to float32 precision (targets are read as float32)
 CONSTANT_RTOL = 1e-6
 
@@ -27,7 +28,6 @@ def centred_only(mean: Any, std: Any, rtol: float = CONSTANT_RTOL) -> Any:
         (True, False, True)
     """
     return std <= rtol * abs(mean)
-OUTPUT_ACTIVATION = {"multiclass": "softmax", "multilabel": "sigmoid", "regression": "identity"}
 
 
 def output_activation(task: str, logits: torch.Tensor) -> torch.Tensor:

@@ -175,11 +175,11 @@ def data_fingerprint(ds: Any) -> str:
 def _relative(samples: Any) -> Iterator[tuple[Any, Any, str | None]]:
     """``(path, label, rel)`` for ``(path, label)`` samples: ``rel`` is a file's path from the
     deepest folder holding every file (None for an in-memory item)."""
-    folders = [os.path.dirname(os.path.abspath(p)) for p, _ in samples if isinstance(p, (str, os.PathLike))]
+    full = [os.path.abspath(p) if isinstance(p, (str, os.PathLike)) else None for p, _ in samples]
+    folders = [os.path.dirname(f) for f in full if f is not None]
     root = os.path.commonpath(folders) if folders else ""
-    for path, label in samples:
-        file = isinstance(path, (str, os.PathLike))
-        yield path, label, os.path.relpath(os.path.abspath(path), root) if file else None
+    for (path, label), f in zip(samples, full):
+        yield path, label, os.path.relpath(f, root) if f is not None else None
 
 
 def listing_digest(ds: Any) -> str | None:

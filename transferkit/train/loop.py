@@ -207,9 +207,9 @@ def evaluate(module: nn.Module, loader: DataLoader, *, loss_fn: Callable, device
              dist: DistInfo | None = None) -> dict[str, Any]:
     """Loss, accuracy, logits, predictions and targets of ``module`` (in eval mode) over
     ``loader``, the loss and accuracy over the whole set at once. A loader sharded over the
-    ranks (its sampler's ``world`` > 1: rank ``r`` takes items ``r, r + W, ...``) gives each
-    rank its share, and the logits and targets are gathered (``dist``): every rank returns
-    the whole set's, in the set's order."""
+    ranks (its sampler's ``world`` > 1; `EpochSampler.indices_of` says which items each rank
+    takes) gives each rank its share, and the logits and targets are gathered (``dist``):
+    every rank returns the whole set's, in the set's order."""
     speed = speed or _cpu_speed(device)
     was_training = module.training
     module.eval()

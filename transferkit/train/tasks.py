@@ -180,7 +180,7 @@ class TargetDataset(TransformedDataset):
         try:
             x, target = super().__getitem__(i)
         except (TypeError, ValueError):  # a target that is not numbers: said as check_target says it
-            item = self.base[self.indices[i]]
+            item = self.raw(i)
             if isinstance(item, (tuple, list)) and len(item) >= 2:
                 check_target(item[1], task=self.task, width=self.width, where=where)
             raise

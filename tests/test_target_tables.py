@@ -12,6 +12,8 @@ import transferkit as tk
 from transferkit.data.target_tables import scan_target_csv
 from transferkit.errors import DataError
 
+pytestmark = pytest.mark.precision_auto  # trained scores depend on what the CPU's bf16 support decides
+
 COMMON = dict(weights=None, image_size=16, device="cpu", num_workers=0, batch_size=8, verbose=False)
 COLOURS = ("red", "green", "blue")
 

@@ -187,9 +187,10 @@ def test_each_rank_validates_its_share_and_every_rank_gets_the_whole_set(ddp_run
     assert n > 2 and a["validated"] == (n + 1) // 2 * passes and b["validated"] == n // 2 * passes
     for r in (a, b):
         assert r["val_logits"].shape[0] == n
-        assert torch.allclose(r["val_logits"], r["whole_logits"], atol=1e-2)
+        # bf16 autocast (where the CPU has it) may round a row by one unit otherwise in a batch of another size
+        assert torch.allclose(r["val_logits"], r["whole_logits"], atol=1e-2, rtol=1e-2)
         assert torch.equal(r["val_logits"].argmax(1), r["whole_logits"].argmax(1))
-        assert abs(r["val_loss"] - r["whole_loss"]) < 1e-2
+        assert abs(r["val_loss"] - r["whole_loss"]) <= 1e-2 * max(1.0, abs(r["whole_loss"]))
     assert torch.equal(a["val_logits"], b["val_logits"])
 
 

@@ -98,6 +98,17 @@ def test_finetune_takes_a_config_or_keywords(split_folders):
     assert "FinetuneResult(tk:small_cnn" in repr(a) and len(repr(a)) < 400
 
 
+def test_plan_and_lr_find_are_called_as_finetune_is(split_folders):
+    data = dict(data=split_folders / "train", val_data=split_folders / "val", **KW)
+    assert tk.plan("tk:small_cnn", **data).backbone == "tk:small_cnn"  # the name given first, not the default
+    cfg = FinetuneConfig(backbone="tk:small_cnn", **data)
+    assert tk.plan(cfg, epochs=3).config.epochs == 3
+    with pytest.raises(ConfigError, match="plan\\(\\): backbone given twice"):
+        tk.plan("tk:small_cnn", backbone="tv:resnet18", **data)
+    with pytest.raises(ConfigError, match="plan\\(\\): unknown key 'epoch'.*'epochs'"):
+        tk.plan("tk:small_cnn", epoch=3, **data)
+
+
 def test_summary_and_record_state_every_decision(split_folders):
     p = _plan(split_folders / "train", val_data=split_folders / "val", policy="unfreeze:last=1")
     d = p.to_dict()

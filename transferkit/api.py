@@ -199,19 +199,6 @@ class FinetuneResult:
                 f"export={str(self.export_path) if self.export_path else None})")
 
 
-def _config(config: FinetuneConfig | str | Backbone | None, options: dict[str, Any]) -> FinetuneConfig:
-    if isinstance(config, FinetuneConfig):
-        return config.replace(**options) if options else config
-    if config is not None:
-        if "backbone" in options:
-            raise ConfigError("finetune(): backbone given twice (positionally and as backbone=).")
-        options = {"backbone": config, **options}
-    unknown = set(options) - set(FinetuneConfig.__dataclass_fields__)
-    if unknown:
-        raise unknown_key_error(sorted(unknown)[0], "finetune()", recipe_keys=False)
-    return FinetuneConfig(**options)
-
-
 def check_outputs(cfg: FinetuneConfig) -> None:
     """Every output path of the run can be written and collides with nothing (see
     `transferkit.outputs.check_output_paths`): a clear error naming the setting, before anything trains."""
@@ -277,7 +264,7 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
         ...                   image_size=64, epochs=2, export="model.pt")  # doctest: +SKIP
         >>> result.best["val_acc"]  # doctest: +SKIP
     """
-    cfg = _config(config, options)
+    cfg = FinetuneConfig.from_call(config, options)
     t_start = time.perf_counter()
     with _opened(cfg, lock=True) as (d, run):
         timings = {"setup_s": time.perf_counter() - t_start}
@@ -378,7 +365,7 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
         raise ConfigError(f"lr_find(phase={phase!r}) is not a phase;{suggest(str(phase), LR_FIND_PHASES)} use "
                           "'frozen' (the head alone on cached features) or 'unfrozen' (the epochs that train the "
                           "backbone).")
-    cfg = _config(config, options)
+    cfg = FinetuneConfig.from_call(config, options, "lr_find()")
     t0 = time.perf_counter()
     with _opened(cfg, lock=False, show_plan=False) as (d, run):
         which, first, factor = _lr_find_phase(d, phase)

@@ -339,6 +339,27 @@ class FinetuneConfig:
                                        else v)
         return out
 
+    @classmethod
+    def from_call(cls, config: Any, options: dict[str, Any], caller: str = "finetune()") -> FinetuneConfig:
+        """The configuration of a call ``caller(config, **options)``, as `finetune`, `plan` and
+        `lr_find` take it: ``config`` a ``FinetuneConfig`` (``options`` replace some of its
+        settings), a backbone (a name such as ``"tv:resnet18"`` or a ``Backbone``), or None.
+
+        Example:
+            >>> FinetuneConfig.from_call("tk:small_cnn", {"epochs": 2}).backbone
+            'tk:small_cnn'
+        """
+        if isinstance(config, cls):
+            return config.replace(**options) if options else config
+        if config is not None:
+            if "backbone" in options:
+                raise ConfigError(f"{caller}: backbone given twice (positionally and as backbone=).")
+            options = {"backbone": config, **options}
+        unknown = set(options) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise unknown_key_error(sorted(unknown)[0], caller, recipe_keys=False)
+        return cls(**options)
+
     def replace(self, **changes: Any) -> FinetuneConfig:
         """A copy with ``changes`` (checked like the constructor's arguments)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -376,17 +376,18 @@ def _engine_decision(cfg: FinetuneConfig, facts: Facts, speed: dict[str, Any],
                             f"stored timing says: {why}.")
 
 
-def plan(config: FinetuneConfig | None = None, /, **options: Any) -> Decisions:
+def plan(config: Any = None, /, **options: Any) -> Decisions:
     """The dry run: look at the device, the backbone's structure (its weights are not loaded)
     and the data, decide, and return the [`Decisions`][transferkit.Decisions]; nothing trains
     and no feature is computed. ``transferkit finetune ... --dry-run`` prints its summary.
+    Called as `finetune` is: ``plan("tv:resnet18", data=...)`` or ``plan(cfg, **changes)``.
 
     Example:
-        >>> d = plan(backbone="tk:small_cnn", weights=None, data="images/", epochs=2)  # doctest: +SKIP
+        >>> d = plan("tk:small_cnn", weights=None, data="images/", epochs=2)  # doctest: +SKIP
         >>> d.cache, d.lr  # doctest: +SKIP
         (True, 0.01)
     """
-    cfg = config.replace(**options) if isinstance(config, FinetuneConfig) else FinetuneConfig(**options)
+    cfg = FinetuneConfig.from_call(config, options, "plan()")
     facts, _ = look(cfg, load_weights=False)
     return decide(cfg, facts)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -46,6 +47,24 @@ def make_image_folder(root: Path, classes=("dark", "light"), per_class: int = 12
             ext = "png" if i % 2 else "jpg"
             Image.fromarray(arr).save(root / c / f"{c}_{i}.{ext}")
     return root
+
+
+def damaged_png_bytes() -> bytes:
+    """A PNG whose header and IEND marker are intact but whose pixel data are not: it passes
+    the quick scan and fails to decode (as a file damaged after the scan would)."""
+    arr = np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    i = data.index(b"IDAT")
+    data[i + 20:i + 40] = b"\0" * 20
+    return bytes(data)
+
+
+def damaged_png(path: Path) -> Path:
+    """Write `damaged_png_bytes` to ``path``."""
+    path.write_bytes(damaged_png_bytes())
+    return path
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ emptied by bad files, files that break after the pre-scan, and split layouts
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from pathlib import Path
@@ -12,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import damaged_png, make_image_folder
 from PIL import Image
 
 import transferkit as tk
 from transferkit.data import check_image_file, eval_transform, find_split_folders, prepare_data
+from transferkit.data.decoded import decoded_dataset
 from transferkit.data.late import BadFileError
 from transferkit.recipes import image_folder_splits
 from transferkit.train.loaders import make_loader
@@ -27,19 +27,6 @@ SPEC = tk.InputSpec(image_size=16)
 def _png(path: Path, value: int = 128, size: int = 20) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
-    return path
-
-
-def _damaged_png(path: Path) -> Path:
-    """A PNG whose header and IEND marker are intact but whose pixel data are not: it passes
-    the quick scan and fails to decode (as a file damaged after the scan would)."""
-    arr = np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    i = data.index(b"IDAT")
-    data[i + 20:i + 40] = b"\0" * 20
-    path.write_bytes(bytes(data))
     return path
 
 
@@ -115,7 +102,7 @@ def test_class_left_empty_by_bad_files_is_reported_like_an_empty_class(tmp_path)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_decode_failure_during_training_is_replaced_counted_and_reported(tmp_path, workers):
     root = make_image_folder(tmp_path / "d", per_class=4)
-    damaged = _damaged_png(root / "dark" / "damaged.png")
+    damaged = damaged_png(root / "dark" / "damaged.png")
     assert check_image_file(str(damaged)) is None and check_image_file(str(damaged), full=True)
     bundle = prepare_data(root, val_split=0)
     ds = bundle.train.view(transform=eval_transform(SPEC))
@@ -129,9 +116,19 @@ def test_decode_failure_during_training_is_replaced_counted_and_reported(tmp_pat
     assert "1 of them failed to load during training" in bundle.report.summary()
 
 
+def test_a_file_that_fails_while_worker_processes_decode_images_once_is_reported(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=4)
+    damaged = damaged_png(root / "dark" / "damaged.png")
+    bundle = prepare_data(root, val_split=0)
+    with pytest.warns(UserWarning, match="damaged.png.*failed to load during training"):
+        ds, plan = decoded_dataset(bundle.train, SPEC, augment="none", num_workers=2)
+    assert plan.mode == "memory" and len(ds) == 9
+    assert bundle.report.bad_at_load == [str(damaged)]  # was []: what the workers met stayed in the workers
+
+
 def test_decode_failure_in_raise_mode_names_the_file_in_one_line(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=4)
-    _damaged_png(root / "dark" / "damaged.png")
+    damaged_png(root / "dark" / "damaged.png")
     bundle = prepare_data(root, val_split=0, on_bad_file="raise")
     ds = bundle.train.view(transform=eval_transform(SPEC))
     loader = make_loader(ds, batch_size=3, shuffle=False, device=torch.device("cpu"), num_workers=1)
@@ -144,7 +141,7 @@ def test_decode_failure_in_raise_mode_names_the_file_in_one_line(tmp_path):
 
 def test_finetune_result_lists_a_file_that_broke_after_the_scan(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=6)
-    _damaged_png(root / "light" / "damaged.png")
+    damaged_png(root / "light" / "damaged.png")
     r = _quiet(tk.finetune, "tk:small_cnn", weights=None, data=root, epochs=1, batch_size=4, image_size=16,
                policy="full", verbose=False, num_workers=0, val_split=0.25)
     assert [Path(p).name for p in r.data_report.bad_at_load] == ["damaged.png"]

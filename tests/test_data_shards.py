@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder
+from conftest import damaged_png_bytes, make_image_folder
 from shard_helpers import folder_files, folder_items, uneven_sizes, write_shards
 
 import transferkit as tk
@@ -172,16 +172,6 @@ def test_fingerprint_reads_no_sample_and_grows_with_shards(tmp_path, monkeypatch
     assert data_fingerprint(ds) == data_fingerprint(ds.view()) != data_fingerprint(ds.view([0, 1]))
 
 
-def _damaged_png_bytes() -> bytes:
-    arr = np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    i = data.index(b"IDAT")
-    data[i + 20:i + 40] = b"\0" * 20
-    return bytes(data)
-
-
 def test_bad_and_unlabelled_samples_are_left_out_and_reported(tmp_path):
     folder = make_image_folder(tmp_path / "img", per_class=4)
     items = _sorted_items(folder)
@@ -204,7 +194,7 @@ def test_bad_and_unlabelled_samples_are_left_out_and_reported(tmp_path):
 def test_sample_that_fails_to_decode_in_training_is_replaced_and_reported(tmp_path, workers):
     folder = make_image_folder(tmp_path / "img", per_class=4)
     items = _sorted_items(folder)
-    items[1] = (_damaged_png_bytes(), "png", items[1][2])  # passes the quick scan, fails to decode
+    items[1] = (damaged_png_bytes(), "png", items[1][2])  # passes the quick scan, fails to decode
     write_shards(items, tmp_path / "s", [5, 3])
     b = prepare_data(str(tmp_path / "s"), val_split=0)
     loader = make_loader(b.train.view(transform=eval_transform(SPEC)), batch_size=3, shuffle=False,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.conftest import make_image_folder
+from tests.conftest import damaged_png, make_image_folder
 
 import transferkit as tk
 from transferkit.backbones.custom import from_module
@@ -408,13 +408,8 @@ def test_exports_carry_names_and_digests_not_the_training_machines_paths(split_f
 def test_a_file_that_fails_during_extraction_is_masked_and_reported_by_every_run(tmp_path):
     """The store keeps the entry (its part is reused) but masks the file's row, so later runs
     still see and report the broken file instead of silently training on a replacement."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_bad_folders import _damaged_png
-
     root = make_image_folder(tmp_path / "d", per_class=6)
-    _damaged_png(root / "dark" / "damaged.png")
+    damaged_png(root / "dark" / "damaged.png")
     kw = dict(backbone="tk:small_cnn", data=root, cache_dir=tmp_path / "cache", **KW)
     for run in range(2):
         with pytest.warns(UserWarning, match="damaged.png"):

@@ -6,10 +6,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import transferkit as tk
+from tests.conftest import damaged_png
+from transferkit.backbones._base import InputSpec
+from transferkit.data.gpu_jpeg import DeviceDecodedLoader
+from transferkit.data.sampling import default_num_workers
 from transferkit.data.target_tables import scan_target_csv
+from transferkit.train.tasks import prepare_task_data
 from transferkit.errors import DataError
 
 pytestmark = pytest.mark.precision_auto  # trained scores depend on what the CPU's bf16 support decides
@@ -283,3 +289,42 @@ def test_a_csv_s_statistics_come_from_all_its_training_targets(table, monkeypatc
     d = tk.plan("tk:small_cnn", data=csv, task="regression", val_split=0, **COMMON)
     assert d.target_norm["n"] == 40
     assert d.target_norm["mean"][0] == pytest.approx(float(np.round(table.levels[:, 0] * 100, 5).mean()), rel=1e-6)
+
+
+def test_images_of_a_table_are_decoded_once_with_their_targets(table, tmp_path):
+    """The images a CSV of targets lists are decoded once across epochs as class folders' are,
+    in memory or in cache_dir (written, then read back), and loaded by worker processes: the
+    same items, so the same training as decoding every epoch."""
+    csv = table("r.csv", "path,red,green", lambda lv: f"{lv[0] * 10:.4f},{lv[1]:.4f}")
+    kw = dict(data=csv, task="regression", policy="full", epochs=2, augment="flip", compile=False, **COMMON)
+    every = tk.finetune("tk:small_cnn", decode_once=False, **kw)
+    assert every.decisions.decode == {}
+    for where in ({}, {"cache_dir": tmp_path / "c"}, {"cache_dir": tmp_path / "c"}):  # memory, written, read back
+        once = tk.finetune("tk:small_cnn", **where, **kw)
+        assert {p["mode"] for p in once.decisions.decode.values()} == {"disk" if where else "memory"}
+        assert [h["train_loss"] for h in once.history] == [h["train_loss"] for h in every.history]
+        assert once.metrics["r2"] == every.metrics["r2"]
+    assert default_num_workers(once.run.bundle.train) >= 1  # 0 was: every image loaded in the main process
+
+
+def test_a_table_s_targets_come_through_the_gpu_decoder_as_the_cpu_loader_gives_them(table):
+    """Device decoding (run here with the CPU as the device) reads a listing's files and gives its
+    targets as the dataset's own items do: float32 vectors, not the listed tuples."""
+    csv = table("r.csv", "path,red,green", lambda lv: f"{lv[0] * 10:.4f},{lv[1]:.4f}")
+    bundle, _ = prepare_task_data(csv, None, task="regression", val_split=0, seed=0, classes=None, min_size=None)
+    loader = DeviceDecodedLoader(bundle.train, InputSpec(image_size=16), augment="none", batch_size=16,
+                                 device=torch.device("cpu"), num_workers=0)
+    y = torch.cat([batch[1] for batch in loader])
+    assert y.dtype == torch.float32 and torch.equal(y, torch.stack([bundle.train[i][1] for i in range(40)]))
+
+
+def test_a_listed_file_that_fails_during_extraction_is_masked_in_the_feature_store(table, tmp_path):
+    """As for class folders: the store masks the row of a file of a CSV of targets that fails
+    while its features are computed (it used to be replaced by another file, its row computed
+    from that file's pixels)."""
+    csv = table("r.csv", "path,age", lambda lv: f"{lv[0]:.4f}")
+    damaged = damaged_png(table.root / "5.png")
+    with pytest.warns(UserWarning, match="5.png"):
+        r = tk.finetune("tk:small_cnn", data=csv, task="regression", val_split=0, epochs=2, cache_dir=tmp_path / "c",
+                        **COMMON)
+    assert r.data_report.bad_at_load == [str(damaged)] and r.feature_report["masked_samples"] == 1

@@ -62,6 +62,7 @@ from torchvision.transforms import v2 as T
 from transferkit._io import reserve_blocks
 from transferkit.backbones._base import InputSpec
 from transferkit.data.fingerprint import data_fingerprint
+from transferkit.data.late import reporting
 from transferkit.data.sampling import default_num_workers
 from transferkit.data.transforms import AUGMENTATIONS, ToImageTensor, ToRGB, eval_transform
 from transferkit.errors import check_choice
@@ -282,7 +283,7 @@ def decoded_dataset(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: s
 def _decode_into(view: Dataset, workers: int, pixels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, list[Any]]:
     """Decode every item of ``view`` in order (``workers`` processes) into ``pixels`` (a flat
     preallocated uint8 array or memory map), or into a new array when ``None``."""
-    loader = DataLoader(view, batch_size=1, shuffle=False, num_workers=workers, collate_fn=_first)
+    loader = DataLoader(view, batch_size=1, shuffle=False, num_workers=workers, collate_fn=reporting(view, _first))
     index = np.zeros((len(view), 3), dtype=np.int64)  # type: ignore[arg-type]
     chunks: list[np.ndarray] = []
     targets, offset = [], 0

@@ -50,6 +50,7 @@ from transferkit._io import read_json_object, store_timing
 from transferkit._text import exception_line
 from transferkit.backbones._base import InputSpec
 from transferkit.data.images import load_image
+from transferkit.data.late import raising
 from transferkit.data.sampling import EpochSampler, SeededItems, default_num_workers, mix_seed
 from transferkit.data.transforms import AUGMENTATIONS, eval_transform
 from transferkit.errors import ConfigError, DataError, check_choice
@@ -176,9 +177,7 @@ class DeviceDecodedLoader:
         self.device, self.seed, self.checked = device, seed, checked
         self.transform = _device_transform(spec, augment)
         raw = dataset.view(transform=_pixels)  # the dataset's own (Pillow) loading: replaced or raised
-        if checked and getattr(raw, "on_bad_file", None) == "skip":
-            raw.on_bad_file = "raise"  # a bad file is reported by the caller, not replaced
-        self.raw = raw
+        self.raw = raising(raw) if checked else raw  # checked: a bad file is reported by the caller, not replaced
         n = len(encoded)
         if keys is not None:
             self.sampler: Any = list(keys)

@@ -2,7 +2,8 @@
 
 With ``on_bad_file="skip"`` such a file never stops the run. Its item is replaced by the
 next readable file of the **same class** (the next one in the dataset's order, of any
-class when none of its class can be read), and the file is added to the
+class when none of its class can be read; for multilabel and regression targets listed in a
+CSV, the next one with the same targets), and the file is added to the
 [`DataReport`][transferkit.data.DataReport] that the result carries (``bad_files`` and
 ``bad_at_load``), with a warning. Why replace rather than drop: the replacement depends
 only on the item's index, so every epoch, every resumed run and every number of workers
@@ -20,6 +21,7 @@ report (found through its ``token``) and hands the loop the plain batch.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -69,8 +71,9 @@ def record_bad_at_load(report: DataReport, path: str, reason: str) -> None:
         return
     report.bad_at_load.append(path)
     report.bad_files.append((path, reason))
-    report.warn(f"Left out {path!r}, which failed to load during training ({reason}); another file of its class "
-                "takes its place. Remove or replace the file (scan='full' finds such files before training).")
+    report.warn(f"Left out {path!r}, which failed to load during training ({reason}); the next readable file with its "
+                "label (or targets) takes its place. Remove or replace the file (scan='full' finds such files before "
+                "training).")
 
 
 def load_failures(report: DataReport) -> list[tuple[str, str]]:
@@ -162,6 +165,49 @@ class FileDataset(Dataset):
         item, target = load_or_replace(self.samples, i, self._load, on_bad_file=self.on_bad_file, report=self.report,
                                        known_bad=self.known_bad)
         return (self.transform(item) if self.transform else item), target
+
+
+def listing_of(ds: Any) -> FileDataset | None:
+    """The `FileDataset` that ``ds`` is, or that ``ds`` views (``ds.base``: e.g. the targets of a
+    CSV seen through a ``TargetDataset``); None for other datasets."""
+    if isinstance(ds, FileDataset):
+        return ds
+    base = getattr(ds, "base", None)
+    return base if isinstance(base, FileDataset) else None
+
+
+def _loading(ds: Any) -> Any:
+    """What loads ``ds``'s items and reports the files that fail: ``ds`` itself when it has a
+    ``report`` (listed files, tar shards, tables), else the dataset it views (``ds.base``), else None."""
+    for owner in (ds, getattr(ds, "base", None)):
+        if getattr(owner, "report", None) is not None and hasattr(owner, "on_bad_file"):
+            return owner
+    return None
+
+
+def reporting(ds: Any, collate: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``collate`` carrying back to the main process the files that a DataLoader worker replaced
+    while loading items of ``ds`` (see `ReportingCollate`); ``collate`` itself for datasets
+    that report nothing."""
+    owner = _loading(ds)
+    return ReportingCollate(owner.report.token, collate) if owner is not None else collate
+
+
+def raising(ds: Any) -> Any:
+    """``ds`` whose files that fail to load raise (`BadFileError`) instead of being replaced by
+    another file, for passes that mask such an item themselves: a shallow copy of ``ds`` (and
+    of the dataset it views, when that one loads) with ``on_bad_file="raise"``. Datasets
+    that replace nothing are returned as they are."""
+    owner = _loading(ds)
+    if owner is None or owner.on_bad_file != "skip":
+        return ds
+    strict = copy.copy(owner)
+    strict.on_bad_file = "raise"
+    if owner is ds:
+        return strict
+    out = copy.copy(ds)
+    out.base = strict
+    return out
 
 
 def source_name(source: Any, index: int) -> str:

@@ -45,7 +45,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import shutil
@@ -60,6 +59,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from transferkit._io import create_temp, file_digest, remove_stale_temps, remove_stale_temps_in
 from transferkit.errors import ConfigError, DataError, OutputError
+from transferkit.data.late import raising
 from transferkit.data.sampling import SeededItems, decode_then_compute, in_blocks, mix_seed
 from transferkit.train.distributed import DistInfo, all_ranks, all_reduce_sum, barrier, broadcast_object
 
@@ -551,9 +551,7 @@ class _Checked(Dataset):
     sample that cannot be read gives ``x = None`` and why."""
 
     def __init__(self, base: Any, seed: int) -> None:
-        if getattr(base, "on_bad_file", None) == "skip":  # raise, so that the sample is masked, not replaced
-            base = copy.copy(base)
-            base.on_bad_file = "raise"
+        base = raising(base)  # a file that fails raises, so that its sample is masked, not replaced
         self.base, self.seeded = base, SeededItems(base, seed)
 
     def __len__(self) -> int:

@@ -26,7 +26,7 @@ from transferkit.data.images import TransformedDataset
 from transferkit.data.bundle import DataBundle, prepare_data
 from transferkit.data.checks import DataReport
 from transferkit.data.images import dataset_targets
-from transferkit.data.late import FileDataset
+from transferkit.data.late import FileDataset, listing_of
 from transferkit.data.target_tables import is_csv, open_target_csv
 from transferkit.errors import ConfigError, DataError, check_choice
 from transferkit.heads import TASKS, centred_only
@@ -204,6 +204,33 @@ class TargetDataset(TransformedDataset):
                 out[self.indices[i]] = check_target(item[1], task=task, width=width,
                                                     where=f"{what} item {self.indices[i]}")
         return out
+
+    @property
+    def samples(self) -> list[tuple[Any, Any]]:
+        """The ``(path, target values)`` listing of the files this dataset takes, when its base is
+        one of transferkit's own listings (a CSV of targets): what lets its images be decoded once
+        across epochs, loaded by worker processes, decoded on a GPU and named in reports, as
+        those of class folders are. Other datasets have none (their targets come with their
+        items): ``hasattr(ds, "samples")`` is False."""
+        files = listing_of(self)
+        if files is None:
+            raise AttributeError(f"{type(self.base).__name__} is not a listing of files: its items carry no "
+                                 "listing to read")
+        return [files.samples[j] for j in self.indices]
+
+    @property
+    def collate_fn(self) -> Any:
+        """The listing's DataLoader ``collate_fn`` (it carries back the files a worker replaced),
+        when there is a listing (see `samples`)."""
+        files = listing_of(self)
+        if files is None:
+            raise AttributeError(f"{type(self.base).__name__} is not a listing of files: default collation")
+        return files.collate_fn
+
+    @property
+    def min_size(self) -> int | None:
+        """The draft-mode decoding size of the listed images (None when not listed or not set)."""
+        return getattr(self.base, "min_size", None)
 
     def listed_targets(self) -> torch.Tensor | None:
         """Every target of this dataset ``[N, D]``, from its listing (nothing decoded), or None

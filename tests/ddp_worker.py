@@ -11,7 +11,8 @@ memory and through a shared ``cache_dir``); ``device_features_rank<r>.pt``: the 
 images decoded by `DeviceDecodedLoader` (torchvision's CPU decoder standing in for nvJPEG),
 each rank decoding its own share. Last, ``load_failures_rank<r>.pt``: the data report of a run
 over a copy of the folder whose `BAD_FILES` fail only when loaded (``scan="none"``), each
-rank loading its own share of them.
+rank loading its own share of them; ``decoded_rank<r>.pt``: which rank decoded the images of
+a run that decodes them once into a shared ``cache_dir``.
 
 ``fail``: rank 1's epoch-end callback raises ``ValueError("boom from rank 1")`` and the
 process then lingers for 600 s instead of exiting (as a process stuck in its own cleanup
@@ -171,6 +172,24 @@ def train(data: str, out: str) -> None:
                     val_split=0, **common(bad))
     torch.save({"bad_at_load": r.data_report.bad_at_load, "bad_files": r.data_report.bad_files},
                os.path.join(out, f"load_failures_rank{RANK}.pt"))
+    torch.save(decoded_once_on_disk(data, out), os.path.join(out, f"decoded_rank{RANK}.pt"))
+
+
+def decoded_once_on_disk(data: str, out: str) -> dict:
+    """How many parts (training, validation) this rank decoded in a run that decodes images once
+    into a ``cache_dir`` shared by the ranks, and what it trained."""
+    from transferkit.data import decoded
+
+    calls = []
+    real = decoded._decode_into
+    decoded._decode_into = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        r = tk.finetune("tk:small_cnn", policy="full", epochs=2, batch_size=4, augment="flip", restore_best=False,
+                        cache_dir=os.path.join(out, "decode_cache"), **common(data))
+    finally:
+        decoded._decode_into = real
+    return {"decoded": len(calls), "modes": sorted(p["mode"] for p in r.decisions.decode.values()),
+            "history": [h["train_loss"] for h in r.history]}
 
 
 BAD_FILES = ("dark/dark_0.jpg", "dark/dark_5.png", "light/light_2.jpg", "light/light_9.png")

@@ -201,6 +201,14 @@ def test_shares_dealt_round_robin_or_in_blocks_are_gathered_in_the_set_s_order(d
         assert gathered["round_robin"].tolist() == gathered["grouped"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
+def test_images_decoded_once_into_cache_dir_are_decoded_by_one_rank_and_read_by_the_other(ddp_run):
+    _, out = ddp_run
+    first, second = (torch.load(out / f"decoded_rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert first["modes"] == second["modes"] == ["disk", "disk"]
+    assert (first["decoded"], second["decoded"]) == (2, 0)  # training and validation parts, by rank 0 alone
+    assert first["history"] == second["history"]
+
+
 def test_every_rank_reports_the_files_that_any_rank_found_bad_while_loading(ddp_run):
     """Each rank loads its own share of the training files; the files either found bad are in
     both ranks' reports (rank 0's result and summary list them all)."""

@@ -33,6 +33,7 @@ from transferkit._progress import progress as progress_bar
 from transferkit._version import __version__
 from transferkit.data import eval_transform, train_transform
 from transferkit.data.audio import pad_waveforms
+from transferkit.data.decoded import decoded_dataset
 from transferkit.data.gpu_jpeg import DeviceDecodedLoader
 from transferkit.data.late import load_failures, record_bad_at_load
 from transferkit.data.sampling import mix_seed, seed_everything
@@ -42,7 +43,7 @@ from transferkit.run import Run
 from transferkit.policies import apply_policy, merge_lora, policy_penalty, set_train_mode
 from transferkit.checkpoints import save_checkpoint, save_interrupted_weights, save_with_fallback
 from transferkit.train.compile_trial import CompileTrial
-from transferkit.train.distributed import gather_objects, wrap_ddp
+from transferkit.train.distributed import barrier, gather_objects, wrap_ddp
 from transferkit.train.engines import (compile_estimate, engine_precision, lazy_engine_forward, leaf_modules,
                                       remove_stale_engine_files)
 from transferkit.train.faults import training_faults
@@ -272,7 +273,9 @@ def input_loaders(d: Decisions, run: Run) -> TrainingData:
     so, on the device (`DeviceDecodedLoader`, the same sampler); under DDP each rank gets its
     shard of the training data and of the validation data (each item once; the outputs are
     gathered, see `transferkit.train.loop.evaluate`), a validation set smaller than the
-    number of ranks runs whole on each."""
+    number of ranks runs whole on each. Images decoded once into ``cache_dir`` are decoded by
+    local rank 0 of each machine (with the machine's workers) while the others wait; in
+    memory, each rank decodes its own copy."""
     cfg, dev, info = d.config, run.speed.device, run.dist
     seconds: dict[str, float] = {}
     train_dl: Any
@@ -303,13 +306,27 @@ def _inputs(d: Decisions, run: Run, part: str, augment: str, transform: Any, sec
     decided = d.decode_plan(part)
     if decided is None:
         return ds.view(transform=transform)
-    from transferkit.data.decoded import decoded_dataset
-
     t0 = time.perf_counter()
     failed_before = len(run.bundle.report.bad_at_load)
-    out, decided = decoded_dataset(ds, d.input_spec, augment=augment, cache_dir=d.config.cache_dir,
-                                   num_workers=d.config.num_workers, plan=decided)
-    if decided.path is not None and len(run.bundle.report.bad_at_load) > failed_before and run.dist.is_main:
+    info = run.dist
+    # an entry in cache_dir under DDP: one rank per node (local rank 0) decodes it with the node's workers while
+    # the node's other ranks wait, then read it back (a cache_dir shared by the nodes is written by the first)
+    one_decoder = decided.path is not None and info.world_size > 1
+    decoder = info.local_rank == 0 or not one_decoder
+    workers = d.config.num_workers
+    if workers is None:
+        workers = default_num_workers(ds, info.world_size, alone=one_decoder)
+    if decoder:
+        out, decided = decoded_dataset(ds, d.input_spec, augment=augment, cache_dir=d.config.cache_dir,
+                                       num_workers=workers, plan=decided)
+    if one_decoder:
+        barrier(info)
+    if not decoder:
+        out, decided = decoded_dataset(ds, d.input_spec, augment=augment, cache_dir=d.config.cache_dir,
+                                       num_workers=workers, plan=decided)
+    if one_decoder:
+        barrier(info)  # every rank has mapped the entry
+    if decided.path is not None and len(run.bundle.report.bad_at_load) > failed_before and decoder:
         shutil.rmtree(decided.path, ignore_errors=True)  # so that a later run meets (and reports) the file again
     seconds[f"decode_{part}_s"] = time.perf_counter() - t0
     return out

@@ -18,7 +18,8 @@ Where the pixels live (`plan_decode` decides and says why):
 
 - with ``cache_dir``: a memory-mapped entry ``cache_dir/decoded/<key>/`` (written to a
   temporary folder and renamed, reused by later runs; the operating system's page cache
-  keeps it in memory when it fits), if the disk has room;
+  keeps it in memory when it fits; under DDP written by one rank per machine, see
+  `transferkit.steps.input_loaders`), if the disk has room;
 - without: in memory, if the estimate (from the image headers) is at most
   ``budget_bytes`` (default `DEFAULT_BUDGET_BYTES`, 2 GiB, for the training and validation
   images together, and per machine: under DDP each of a node's ranks holds its own copy,

@@ -135,11 +135,11 @@ class SeededItems(Dataset):
             return self.base[index]
 
 
-def default_num_workers(dataset: Any, world_size: int = 1) -> int:
+def default_num_workers(dataset: Any, world_size: int = 1, *, alone: bool = False) -> int:
     """Decoding workers for file-backed datasets: the CPUs this process may use split across
     the processes of this node (``LOCAL_WORLD_SIZE``, which torchrun sets; else
-    ``world_size``), at most 8; 0 for in-memory data, where worker start-up costs more than
-    it saves.
+    ``world_size``; all of them when this process decodes ``alone`` while the node's others
+    wait), at most 8; 0 for in-memory data, where worker start-up costs more than it saves.
 
     Example:
         >>> import os
@@ -154,7 +154,7 @@ def default_num_workers(dataset: Any, world_size: int = 1) -> int:
         return 0
     cpus = usable_cpus()
     local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    per_node = int(local) if local.isdigit() and int(local) > 0 else max(world_size, 1)
+    per_node = 1 if alone else int(local) if local.isdigit() and int(local) > 0 else max(world_size, 1)
     return max(0, min(8, cpus // per_node))
 
 

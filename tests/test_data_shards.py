@@ -90,6 +90,16 @@ def test_class_names_come_from_info_json_or_classes(tmp_path):
     c = write_shards(_sorted_items(other), tmp_path / "r2", [6])[0]
     b = prepare_data([str(a), str(c)], val_split=0)
     assert len(b.train) == 12 and not any("same 6 sample keys" in w for w in b.report.warnings)
+    assert not any("copies" in w or "copy" in w for w in b.report.warnings)
+    # samples copied into another shard: each copy counts (training), or inflates validation
+    mixed = write_shards(items[:2] + _sorted_items(other)[2:], tmp_path / "r3", [6])[0]
+    b = prepare_data([str(a), str(mixed)], val_split=0)
+    said = [w for w in b.report.warnings if "are copies of another" in w]
+    assert len(said) == 1 and "2 training samples" in said[0] and "train0000000" in said[0], b.report.warnings
+    b = prepare_data(str(a), val_data=str(mixed))
+    said = [w for w in b.report.warnings if "Validation data hold" in w]
+    assert len(said) == 1 and "2 samples that the training data hold too" in said[0], b.report.warnings
+    assert not any("Validation data hold" in w for w in prepare_data(str(a), val_data=str(c)).report.warnings)
     # a class without a sample (listed, or a gap in the indices) is named in a warning
     b = prepare_data(str(tmp_path / "s"), val_split=0, classes=["dark", "light", "wasps"])
     assert any("1 class of 3 has no training sample: ['wasps']" in w for w in b.report.warnings)

@@ -131,6 +131,21 @@ def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple
     return splits.train, splits.held_out
 
 
+def _warn_samples_in_both(train: Any, val: Any, report: DataReport) -> None:
+    """Warn when validation samples of encoded data (tar shards) are also training samples: the
+    same key, image size in bytes and dimensions (no image is read)."""
+    a, b = (getattr(ds, "signatures", lambda: None)() for ds in (train, val))
+    if a is None or b is None:
+        return
+    shared = np.flatnonzero(np.isin(b, a))
+    if len(shared):
+        i = int(shared[0])
+        j = int(np.flatnonzero(a == b[i])[0])
+        report.warn(f"Validation data hold {plural(len(shared), 'sample')} that the training data hold too (the same "
+                    f"key, image size in bytes and dimensions), which inflates validation accuracy: e.g. "
+                    f"{str(val.samples[i][0])!r} = {str(train.samples[j][0])!r}.")
+
+
 def _one_split(data: Any, i: int, encoded: tuple[Any, Any] | None = None) -> Any:
     """Side ``i`` (0: training, 1: validation) of encoded data that hold both splits (see
     `split_encoded`); other data as they are. A folder of ``val*`` shards without ``train*``
@@ -216,6 +231,8 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
                 n_val = len({v for _, v in dups})  # files, not pairs (a file may match several)
                 report.warn(f"Validation data hold {plural(n_val, 'file')} byte-identical to training files, "
                             f"which inflates validation accuracy: e.g. {dups[0][1]} = {dups[0][0]}.")
+        else:
+            _warn_samples_in_both(train, val, report)
     elif val_split:
         splitter = getattr(train, "hash_split", None)  # encoded images: by key, reads no sample
         tr_idx, va_idx = splitter(val_split, seed) if splitter else stratified_split(targets, val_split, seed)

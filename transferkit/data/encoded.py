@@ -135,6 +135,12 @@ class EncodedImageDataset(Dataset):
         """The samples' keys (WebDataset's ``__key__``, a key column, or the row number)."""
         return [self.source.key(int(i)) for i in self.indices]
 
+    def signatures(self) -> np.ndarray | None:
+        """A hash per sample identifying it without reading it (see
+        `transferkit.data.shards.ShardSource.signatures`), where the source gives one; else None."""
+        sig = getattr(self.source, "signatures", None)
+        return sig()[self.indices] if callable(sig) else None
+
     @property
     def collate_fn(self) -> ReportingCollate:
         return ReportingCollate(self.report.token, default_collate)

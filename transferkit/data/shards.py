@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from transferkit._io import atomic_write
+from transferkit._text import plural
 from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_image_stream
 from transferkit.data.encoded import EncodedImageDataset, labels_to_targets
 from transferkit.data.remote import ENV_BUDGET, Held, ShardCache, ShardFetchError, fetch_small, is_url, remote_validators
@@ -540,6 +541,15 @@ class ShardSource:
     def sample_name(self, i: int) -> str:
         return f"{self.paths[int(self.shard_of[i])]}:{self.key(i)}"
 
+    def signatures(self) -> np.ndarray:
+        """A hash per sample of what identifies it without reading it: its key, the byte size of
+        its image and the image's dimensions (where a scan read them). Equal for a sample copied
+        into another shard; for two samples under the same key (shards whose keys restart at
+        0), equal only if their images also have the same size in bytes and in pixels. Valid
+        within this process (Python's salted ``hash``)."""
+        return np.array([hash((k, int(s), int(w), int(h))) for k, s, (w, h) in
+                         zip(self.key_bytes[:len(self)], self.sizes, self.dims)], dtype=np.int64)
+
     def shard_sizes(self) -> list[int]:
         return np.diff(self.starts).tolist()
 
@@ -589,9 +599,11 @@ def _info_classes(paths: Sequence[str]) -> list[str] | None:
     return None
 
 
-def _warn_repeated_shards(shards: Sequence[str], indexes: Sequence[ShardIndex], what: str, report: DataReport) -> None:
+def _warn_repeated_shards(shards: Sequence[str], indexes: Sequence[ShardIndex], what: str,
+                          report: DataReport) -> bool:
     """Warn when shards hold the same samples (the same keys, file size and image sizes: a
-    shard named twice, or copied under another name), whose samples would count twice."""
+    shard named twice, or copied under another name), whose samples would count twice;
+    whether one did."""
     seen: dict[tuple[Any, ...], str] = {}
     for p, ix in zip(shards, indexes):
         if ix.keys:  # keys, file size and image sizes: shards whose keys restart at 0 differ in their images
@@ -599,8 +611,25 @@ def _warn_repeated_shards(shards: Sequence[str], indexes: Sequence[ShardIndex], 
             if sig in seen:
                 report.warn(f"The {what} shards {seen[sig]!r} and {p!r} hold the same {len(ix.keys)} sample keys "
                             f"({sig[0]} .. {sig[1]}): a shard named twice or copied; its samples count twice.")
-                return
+                return True
             seen[sig] = p
+    return False
+
+
+def _warn_repeated_samples(source: ShardSource, what: str, report: DataReport) -> None:
+    """Warn when samples appear more than once across the shards (the same key, image bytes and
+    dimensions, `ShardSource.signatures`: copied into a second shard), where each copy counts."""
+    sig = source.signatures()
+    _, first, counts = np.unique(sig, return_index=True, return_counts=True)
+    if not (counts > 1).any():
+        return
+    extra = int((counts - 1).sum())
+    i = int(first[counts > 1].min())  # the first sample that has a copy
+    j = int(np.flatnonzero(sig == sig[i])[1])
+    report.warn(f"{plural(extra, f'{what} sample')} in the shards {'is a copy' if extra == 1 else 'are copies'} of "
+                f"another (the same key, image size in bytes and dimensions), e.g. {source.sample_name(i)!r} and "
+                f"{source.sample_name(j)!r}; each copy counts in training and scoring. Remove the copies from the "
+                "shards.")
 
 
 def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, min_size: int | None = None,
@@ -655,7 +684,8 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
     empty = [p for p, ix in zip(shards, indexes) if not ix.keys]
     if empty:
         report.warn(f"{len(empty)} of the {len(shards)} {what} shard(s) hold no sample, e.g. {empty[:3]}.")
-    _warn_repeated_shards(shards, indexes, what, report)
+    if not _warn_repeated_shards(shards, indexes, what, report):
+        _warn_repeated_samples(source, what, report)
     no_image, no_label = sum(ix.no_image for ix in indexes), sum(ix.no_label for ix in indexes)
     if no_image or no_label:
         msg = (f"{no_image + no_label} {what} sample(s) in the shards have no image ({no_image}; looked for "

@@ -117,6 +117,9 @@ def test_multilabel_metrics_read_soft_targets_by_their_side_of_one_half():
     m = multilabel_metrics(logits, targets, ["a", "b"])
     assert m["subset_accuracy"] == m["label_accuracy"] == m["micro_f1"] == m["macro_f1"] == 1.0
     assert count_correct("multilabel", logits, targets) == 3.0
+    n = 100_000  # summed in float64: a float32 sum of n thirds is 0.0065 off
+    thirds = count_correct("multilabel", torch.tensor([[1.0, -1.0, -1.0]]).repeat(n, 1), torch.ones(n, 3))
+    assert thirds == pytest.approx(n / 3, rel=1e-12)
     one = multilabel_metrics(logits[:, :1], targets[:, :1], ["a"])  # one label: its positives, not a binary pair
     assert one["micro_f1"] == one["macro_f1"] == 1.0 and set(one["per_class"]) >= {"a"}
 

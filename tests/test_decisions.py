@@ -19,6 +19,7 @@ from tests.conftest import damaged_png, make_image_folder
 import transferkit as tk
 from transferkit.backbones.custom import from_module
 from transferkit.config import FinetuneConfig, load_config, merge_config
+from transferkit.data.late import BadFileError
 from transferkit.errors import ConfigError
 from transferkit.train.features import data_fingerprint, module_fingerprint
 
@@ -417,6 +418,23 @@ def test_a_file_that_fails_during_extraction_is_masked_and_reported_by_every_run
         assert r.data_report.bad_at_load == [str(root / "dark" / "damaged.png")]
         assert r.feature_report["masked_samples"] == 1
         assert r.feature_report["computed"] == (r.feature_report["shards"] if run == 0 else 0)
+    with pytest.raises(BadFileError, match="damaged.png"):  # on_bad_file="raise": the run stops, nothing masked
+        tk.finetune(**{**kw, "cache_dir": tmp_path / "other"}, on_bad_file="raise")
+
+
+def test_a_file_that_failed_while_decoded_once_is_masked_by_the_feature_store_and_reported_again(tmp_path):
+    """A fine_tune run decodes images once (a file that fails is replaced there, and remembered)
+    before its frozen phase fills the store: the store still masks the file's row, so that a
+    later run reusing the store reports it."""
+    root = make_image_folder(tmp_path / "d", per_class=6)
+    damaged = damaged_png(root / "dark" / "damaged.png")
+    kw = dict(backbone="tk:small_cnn", data=root, cache_dir=tmp_path / "cache", **{**KW, "epochs": 3})
+    with pytest.warns(UserWarning, match="damaged.png"):
+        r = tk.finetune(**kw, policy="fine_tune:frozen=1", decode_once=True)
+    assert r.feature_report["masked_samples"] == 1
+    with pytest.warns(UserWarning, match="damaged.png"):
+        again = tk.finetune(**kw, policy="feature_extraction")
+    assert again.data_report.bad_at_load == [str(damaged)] and again.feature_report["computed"] == 0
 
 
 def test_precision_follows_the_cache_decision(split_folders):

@@ -180,6 +180,9 @@ def test_a_bad_jpeg_is_replaced_raised_or_masked_as_on_the_cpu(image_folder):
                                                    checked=True) for it in batch]
     masked = [(i, why) for i, img, _, why in checked if img is None]
     assert len(checked) == len(skip) and [i for i, _ in masked] == [index] and "zz_bad.jpg" in masked[0][1]
+    with pytest.raises(DataError, match="zz_bad.jpg"):  # on_bad_file="raise": raised, not masked
+        list(DeviceDecodedLoader(ImageFolderDataset(image_folder, scan="none", on_bad_file="raise"), SPEC,
+                                 augment="none", batch_size=4, device=cpu, num_workers=0, checked=True))
 
 
 # -- the run's passes on device-decoded images (torchvision's CPU decoder stands in for nvJPEG) ----

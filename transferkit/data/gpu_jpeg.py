@@ -50,7 +50,7 @@ from transferkit._io import read_json_object, store_timing
 from transferkit._text import exception_line
 from transferkit.backbones._base import InputSpec
 from transferkit.data.images import load_image
-from transferkit.data.late import raising
+from transferkit.data.late import raising, replaces_bad_files
 from transferkit.data.sampling import EpochSampler, SeededItems, default_num_workers, mix_seed
 from transferkit.data.transforms import AUGMENTATIONS, eval_transform
 from transferkit.errors import ConfigError, DataError, check_choice
@@ -165,7 +165,8 @@ class DeviceDecodedLoader:
     split of `transferkit.train.loaders.make_loader` (``loader.sampler.set_epoch(e)``), or
     ``keys``: an explicit list of ``(index, epoch)`` to decode. ``checked=True`` yields lists
     of ``(index, image on device or None, target, why)`` instead: a file that cannot be read
-    gives ``None`` and why (what the sharded feature store masks), whatever ``on_bad_file``.
+    gives ``None`` and why (what the sharded feature store masks), or, with
+    ``on_bad_file="raise"``, raises.
     """
 
     def __init__(self, dataset: Any, spec: InputSpec, *, augment: str, batch_size: int, device: torch.device,
@@ -177,7 +178,8 @@ class DeviceDecodedLoader:
         self.device, self.seed, self.checked = device, seed, checked
         self.transform = _device_transform(spec, augment)
         raw = dataset.view(transform=_pixels)  # the dataset's own (Pillow) loading: replaced or raised
-        self.raw = raising(raw) if checked else raw  # checked: a bad file is reported by the caller, not replaced
+        self.masks = replaces_bad_files(raw)  # checked and skip: a bad file is masked by the caller, not replaced
+        self.raw = raising(raw) if checked else raw
         n = len(encoded)
         if keys is not None:
             self.sampler: Any = list(keys)
@@ -224,7 +226,7 @@ class DeviceDecodedLoader:
                 try:
                     pixels, target = self.raw[index]
                 except DataError as exc:
-                    if not self.checked:
+                    if not (self.checked and self.masks):
                         raise
                     name = str(self.raw.samples[index][0])  # as the CPU extraction names it
                     out_items.append((index, None, target, f"{name}: {str(exc).splitlines()[0]}"))

@@ -193,6 +193,14 @@ def reporting(ds: Any, collate: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return ReportingCollate(owner.report.token, collate) if owner is not None else collate
 
 
+def replaces_bad_files(ds: Any) -> bool:
+    """Whether ``ds`` (or the dataset it views) replaces a file that fails to load
+    (``on_bad_file="skip"``), where a pass may mask the item instead; False where such a file
+    raises (``"raise"``: the run stops with its error, as the user asked)."""
+    owner = _loading(ds)
+    return owner is None or owner.on_bad_file == "skip"
+
+
 def raising(ds: Any) -> Any:
     """``ds`` whose files that fail to load raise (`BadFileError`) instead of being replaced by
     another file, for passes that mask such an item themselves: a shallow copy of ``ds`` (and
@@ -241,6 +249,8 @@ def load_or_replace(samples: Sequence[tuple[Any, int]], i: int, load: Callable[[
     ``known_bad`` remembers failed sources in this process, so they are not decoded again."""
     source, target = samples[i]
     key = _source_key(samples, i)
+    if key in known_bad and on_bad_file == "raise":  # it failed before, in a copy of this dataset that replaced it
+        raise BadFileError(f"Cannot load {source_name(source, i)!r}: {known_bad[key]}")
     if key not in known_bad:
         try:
             return load(i), target

@@ -59,7 +59,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from transferkit._io import create_temp, file_digest, remove_stale_temps, remove_stale_temps_in
 from transferkit.errors import ConfigError, DataError, OutputError
-from transferkit.data.late import raising
+from transferkit.data.late import raising, replaces_bad_files
+from transferkit.data.remote import ShardFetchError
 from transferkit.data.sampling import SeededItems, decode_then_compute, in_blocks, mix_seed
 from transferkit.train.distributed import DistInfo, all_ranks, all_reduce_sum, barrier, broadcast_object
 
@@ -548,9 +549,11 @@ class _Epochs:
 class _Checked(Dataset):
     """``(index, x or None, y, why)`` for key ``(index, view)``: the item drawn as epoch
     ``view`` would draw it (its random transforms seeded by ``(seed, view, index)``); a
-    sample that cannot be read gives ``x = None`` and why."""
+    sample that cannot be read gives ``x = None`` and why (with ``on_bad_file="raise"`` its
+    error is raised)."""
 
     def __init__(self, base: Any, seed: int) -> None:
+        self.masks = replaces_bad_files(base)  # else a failing file stops the run, as on_bad_file="raise" says
         base = raising(base)  # a file that fails raises, so that its sample is masked, not replaced
         self.base, self.seeded = base, SeededItems(base, seed)
 
@@ -562,7 +565,11 @@ class _Checked(Dataset):
         try:
             x, y = self.seeded[key]
             return i, x, y, ""
+        except ShardFetchError:
+            raise  # a remote shard that could not be fetched: its samples are not bad
         except DataError as exc:
+            if not self.masks:
+                raise
             samples = getattr(self.base, "samples", None)
             name = str(samples[i][0]) if samples is not None else f"item {i}"
             target = samples[i][1] if samples is not None else -1

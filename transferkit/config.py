@@ -346,18 +346,18 @@ class FinetuneConfig:
         settings), a backbone (a name such as ``"tv:resnet18"`` or a ``Backbone``), or None.
 
         Example:
-            >>> FinetuneConfig.from_call("tk:small_cnn", {"epochs": 2}).backbone
+            >>> FinetuneConfig.from_call("tk:small_cnn", {"data": "images/", "epochs": 2}).backbone
             'tk:small_cnn'
         """
+        unknown = set(options) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise unknown_key_error(sorted(unknown)[0], caller, recipe_keys=False)
         if isinstance(config, cls):
             return config.replace(**options) if options else config
         if config is not None:
             if "backbone" in options:
                 raise ConfigError(f"{caller}: backbone given twice (positionally and as backbone=).")
             options = {"backbone": config, **options}
-        unknown = set(options) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise unknown_key_error(sorted(unknown)[0], caller, recipe_keys=False)
         return cls(**options)
 
     def replace(self, **changes: Any) -> FinetuneConfig:
@@ -530,7 +530,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     """Read and check a YAML config file; returns its settings as a plain dict.
 
     Example:
-        >>> load_config("recipes/hymenoptera.yaml")["policy"]  # doctest: +SKIP
+        >>> load_config("recipes/hymenoptera.yaml")["runs"]["feature_extraction"]["policy"]  # doctest: +SKIP
         'feature_extraction'
     """
     path = Path(path)

@@ -209,3 +209,26 @@ def test_a_class_with_a_single_image_is_named_as_never_validated(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every class validated: no warning
         prepare_data(make_image_folder(tmp_path / "even", per_class=4), val_split=0.25)
+
+
+def test_a_dataset_s_own_class_names_are_matched_by_name(tmp_path):
+    """A Dataset that names its classes (torchvision's ImageFolder, transferkit's) is read by
+    those names: ``classes=`` in another order or a subset relabels (and leaves out) its items,
+    and validation data whose classes are a subset meet the training classes by name (their
+    labels used to be taken as the training indices: 'cat' scored as 'bee')."""
+    import torchvision
+
+    from transferkit.data import ImageFolderDataset, dataset_targets
+
+    tr = make_image_folder(tmp_path / "tr", classes=("ant", "bee", "cat"), per_class=2)
+    va = make_image_folder(tmp_path / "va", classes=("ant", "cat"), per_class=2, seed=1)
+    b = prepare_data(torchvision.datasets.ImageFolder(str(tr)), classes=["cat", "bee", "ant"], val_split=0)
+    assert dataset_targets(b.train) == [b.train[i][1] for i in range(6)] == [2, 2, 1, 1, 0, 0]
+    for kind in (torchvision.datasets.ImageFolder, ImageFolderDataset):
+        b = prepare_data(kind(str(tr)), val_data=kind(str(va)))
+        assert b.classes == ["ant", "bee", "cat"] and dataset_targets(b.val) == [0, 0, 2, 2], kind
+    with pytest.warns(UserWarning, match=r"items of 1 class not among the classes \['cat', 'ant'\] are left out"):
+        b = prepare_data(ImageFolderDataset(str(tr)), classes=["cat", "ant"], val_split=0)
+    assert dataset_targets(b.train) == [1, 1, 0, 0]
+    renamed = prepare_data(torchvision.datasets.ImageFolder(str(tr)), classes=["a", "b", "c"], val_split=0)
+    assert dataset_targets(renamed.train) == [0, 0, 1, 1, 2, 2]  # no shared name: classes= names the labels

@@ -84,14 +84,44 @@ def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what
         return ImageFolderDataset(data, classes=classes, min_size=min_size, report=report, **checks)
     if isinstance(data, ImageFolderDataset):  # keeps its files and checks; reports into this bundle's report
         report.merge(data.report)
-        return ImageFolderDataset(data.root, classes=data.classes, samples=data.samples,
+        names, samples = list(data.classes), list(data.samples)
+        relabel = _relabel(names, classes, what, report)
+        if relabel is not None:
+            samples = [(p, relabel[t]) for p, t in samples if relabel[t] >= 0]
+            names = list(classes or [])
+        return ImageFolderDataset(data.root, classes=names, samples=samples,
                                   min_size=data.min_size if min_size is None else min_size,
                                   on_bad_file=checks["on_bad_file"], report=report)
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         if len(data) == 0:
             raise DataError(f"The {what} dataset is empty.")
-        return TransformedDataset(data)
+        out = TransformedDataset(data)
+        own = getattr(data, "classes", None)
+        relabel = _relabel(list(own), classes, what, report) \
+            if isinstance(own, (list, tuple)) and own and all(isinstance(c, str) for c in own) else None
+        if relabel is not None:
+            out.relabel = relabel
+            labels = dataset_targets(TransformedDataset(data))
+            out = out.view([i for i, t in enumerate(labels) if relabel[t] >= 0])
+        return out
     raise DataError(f"{what} must be a folder path or a torch Dataset of (image, label), got {type(data).__name__}.")
+
+
+def _relabel(own: list[str], classes: list[str] | None, what: str, report: DataReport) -> list[int] | None:
+    """The class index in ``classes`` of each of a dataset's own classes ``own`` (its integer
+    labels index ``own``; matched by name, so that another order or a subset reads each item
+    as its class), -1 for a class that ``classes`` leaves out (its items are left out, with a
+    warning); None when ``classes`` is None, the same list, or shares no name with ``own``
+    (``classes`` then names the dataset's labels in their order)."""
+    if classes is None or list(own) == list(classes):
+        return None
+    left_out = [c for c in own if c not in classes]
+    if len(left_out) == len(own):
+        return None
+    if left_out:
+        report.warn(f"The {what} dataset's items of {plural(len(left_out), 'class', 'classes')} not among the classes "
+                    f"{classes[:10]} are left out: {left_out[:10]}.")
+    return [classes.index(c) if c in classes else -1 for c in own]
 
 
 def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple[Any, Any]:

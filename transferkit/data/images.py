@@ -249,7 +249,11 @@ class ImageFolderDataset(FileDataset):
 
 
 class TransformedDataset(Dataset):
-    """Any dataset of ``(image, label)`` seen through ``transform`` (and an index subset)."""
+    """Any dataset of ``(image, label)`` seen through ``transform`` (and an index subset).
+    ``relabel``: the class index of each of the base's labels (the base's classes named in
+    another order), set by `transferkit.data.bundle.prepare_data`."""
+
+    relabel: list[int] | None = None
 
     def __init__(self, base: Dataset, transform: Callable | None = None, indices: Sequence[int] | None = None) -> None:
         self.base, self.transform = base, transform
@@ -265,6 +269,8 @@ class TransformedDataset(Dataset):
         img, target = item[0], item[1]
         if isinstance(img, np.ndarray):
             img = Image.fromarray(img)
+        if self.relabel is not None:
+            target = self.relabel[int(target)]
         return (self.transform(img) if self.transform else img), self.convert_target(target)
 
     @staticmethod
@@ -274,7 +280,9 @@ class TransformedDataset(Dataset):
 
     def view(self, indices: Sequence[int] | None = None, transform: Callable | None = None) -> TransformedDataset:
         idx = self.indices if indices is None else [self.indices[i] for i in indices]
-        return type(self)(self.base, transform, idx)
+        out = type(self)(self.base, transform, idx)
+        out.relabel = self.relabel
+        return out
 
 
 def dataset_targets(ds: Dataset) -> list[int]:
@@ -284,9 +292,8 @@ def dataset_targets(ds: Dataset) -> list[int]:
         return ds.targets
     if isinstance(ds, TransformedDataset):
         base_t = _label_attr(ds.base)
-        if base_t is not None:
-            return [int(base_t[i]) for i in ds.indices]
-        return [int(ds.base[i][1]) for i in ds.indices]
+        labels = [int(base_t[i]) for i in ds.indices] if base_t is not None else [int(ds.base[i][1]) for i in ds.indices]
+        return labels if ds.relabel is None else [ds.relabel[t] for t in labels]
     own = _label_attr(ds)
     if own is not None:
         return [int(t) for t in own]

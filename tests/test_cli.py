@@ -167,6 +167,10 @@ def test_finetune_dry_run_prints_the_decisions_and_trains_nothing(tmp_path, caps
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
     assert json.loads(_run(capsys, *args)[1]) == record  # piped: the same object
     assert not (tmp_path / "m.pt").exists()
+    other = make_image_folder(tmp_path / "other", per_class=2, size=20, seed=3)
+    for flags in (["--set", f"data={other}"], ["--val-data", data, "--set", f"val_data={other}"]):  # --set wins
+        got = json.loads(_run(capsys, *args, *flags)[1])["decisions"]["config"]
+        assert str(other) in (got["data"], got["val_data"]), flags
 
 
 def test_lr_find_says_what_the_range_test_does_not_a_training_plan(tmp_path, capsys):

@@ -300,11 +300,11 @@ def _finetune_kwargs(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) ->
                       stacklevel=2)
     cfg = merge_config(file_cfg, flags, overrides, source="finetune options")
     cfg = {k: expand_vars(v) for k, v in cfg.items() if k not in skip}
-    data = args.data or cfg.get("data") or cfg.get("data_dir")
+    data = cfg.get("data") or cfg.get("data_dir")  # the flags and --set are in cfg, in their order of precedence
     if not data:
         raise TransferkitError("No training data: pass --data DIR (or data_dir in the config).")
     kwargs = {k: v for k, v in cfg.items() if k not in RECIPE_KEYS}
-    return {**kwargs, "data": data, "val_data": args.val_data or kwargs.get("val_data")}
+    return {**kwargs, "data": data}
 
 
 def _run_finetune(args: argparse.Namespace) -> Any:

@@ -77,3 +77,18 @@ def test_cli_flags_and_help_read_the_annotations(capsys):
     with pytest.raises(SystemExit) as info:
         main(["finetune", "--data", "x", "--epochs", "two"])
     assert info.value.code == 2 and "invalid int value: 'two'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task, option, said", [
+    ("regression", {"label_smoothing": 0.1}, "label_smoothing applies to task='multiclass' only"),
+    ("multilabel", {"label_smoothing": 0.1}, "label_smoothing applies to task='multiclass' only"),
+    ("regression", {"class_weights": [1.0, 2.0]}, "class_weights do not apply to task='regression'"),
+    ("regression", {"monitor": "val_acc"}, "monitor='val_acc' does not exist for task='regression'; use val_loss"),
+    ("multilabel", {"head": "logistic"}, "head='logistic' fits a multiclass classifier"),
+    ("regression", {"head": "logistic"}, "head='logistic' fits a multiclass classifier"),
+])
+def test_settings_that_do_not_apply_to_the_task_are_refused_before_any_data_is_read(task, option, said):
+    """A dry run (plan) refuses what the run refuses: the config itself, before the data are read."""
+    with pytest.raises(ConfigError, match=said):
+        transferkit.plan("tk:small_cnn", data="no/such/folder", task=task, **option)
+    FinetuneConfig(data="x", **option)  # multiclass takes them all

@@ -314,9 +314,28 @@ class FinetuneConfig:
             raise ConfigError(f"finetune(): warmup_epochs={self.warmup_epochs!r} is longer than the run (epochs="
                               f"{self.epochs!r}); use at most {self.epochs}.")
         check_schedule_options(self.schedule, self.schedule_options)
+        self._check_task_options()
         if self.data is None:
             raise ConfigError("finetune(): data is required: a folder root/<class>/<file>, a CSV of path,label, or a "
                               "Dataset of (input, label).")
+
+    def _check_task_options(self) -> None:
+        """Settings that do not apply to ``task``: refused here, so that a dry run refuses
+        them as the run would (not after the data are read and the features computed)."""
+        task = self.task
+        if self.label_smoothing and task != "multiclass":
+            raise ConfigError(f"finetune(): label_smoothing applies to task='multiclass' only (the cross-entropy "
+                              f"loss), got task={task!r}; drop it.")
+        if self.class_weights is not None and task == "regression":
+            raise ConfigError("finetune(): class_weights do not apply to task='regression' (there are no classes); "
+                              "drop it.")
+        if self.monitor is not None and self.monitor.endswith("_acc") and task == "regression":
+            raise ConfigError(f"finetune(): monitor={self.monitor!r} does not exist for task='regression'; use "
+                              f"{self.monitor[:-len('_acc')]}_loss.")
+        if self.head == "logistic" and task != "multiclass":
+            raise ConfigError(f"finetune(): head='logistic' fits a multiclass classifier (scikit-learn's "
+                              f"LogisticRegression); task={task!r} needs head='linear' (or a head with hidden "
+                              "layers) on the features.")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> FinetuneConfig:

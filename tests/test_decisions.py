@@ -561,3 +561,15 @@ def test_a_record_written_before_target_norm_existed_resumes_unless_its_head_dif
     assert differences(old, now) == {}  # a classifier of then is one of now
     regression = {**now, "head": {**now["head"], "target_norm": True}}  # a regression run of now standardises
     assert differences(old, regression) == {"head": (old["head"] | {"target_norm": False}, regression["head"])}
+
+
+def test_a_backbone_object_refuses_weights_it_was_not_built_with_and_plans_as_it_trains(split_folders):
+    """A Backbone object carries its weights: weights= and backbone_options= (which apply to a
+    name) are refused rather than ignored, and the plan names the object's weights as the run does."""
+    bb = _backbone()
+    kw = {**KW, "data": split_folders / "train", "epochs": 1}
+    assert tk.plan(bb, **kw).summary().splitlines()[0] == tk.finetune(bb, **kw).decisions.summary().splitlines()[0]
+    assert "(random init)" in tk.plan(bb, **{**kw, "weights": "DEFAULT"}).summary().splitlines()[0]
+    for given in ({"weights": "source.pt"}, {"backbone_options": {"widths": (4, 4, 8)}}):
+        with pytest.raises(ConfigError, match="applies to a backbone given by name, but backbone is a Backbone obj"):
+            tk.plan(bb, **{**kw, **given})

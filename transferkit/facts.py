@@ -264,6 +264,13 @@ def _own_backbone(cfg: FinetuneConfig, *, load_weights: bool) -> Backbone:
     """A Backbone this run may change: built from the name, or a deep copy of the caller's."""
     backbone = cfg.backbone
     if isinstance(backbone, Backbone):
+        asked = cfg.weights != FinetuneConfig.__dataclass_fields__["weights"].default and cfg.weights != backbone.weights
+        if asked or cfg.backbone_options:
+            given = f"weights={cfg.weights!r}" if asked else f"backbone_options={cfg.backbone_options!r}"
+            raise ConfigError(f"finetune(): {given} applies to a backbone given by name, but backbone is a Backbone "
+                              f"object, built already (weights: {backbone.weights or 'random init'}). Pass the name "
+                              f"(backbone={backbone.name!r}, {given}), or build the object with them "
+                              "(transferkit.get_backbone(name, weights=..., **options)).")
         return copy.deepcopy(backbone)
     if not isinstance(backbone, str):
         raise ConfigError(f"finetune(): backbone must be a registered name or a Backbone, got "
@@ -315,7 +322,7 @@ def _backbone_facts(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, dev: tor
     timed = layout_fact(bb.trunk, dev, kind=spec.kind, channels_last=cfg.channels_last, image_size=spec.image_size,
                         store=store)
     groups, head_groups = ((), ()) if head_kind == "logistic" else _groups(cfg, bb, spec, policy, n_out, hidden)
-    weights = bb.weights if loaded else cfg.weights
+    weights = bb.weights if loaded or isinstance(cfg.backbone, Backbone) else cfg.weights
     digest = None
     if isinstance(weights, (str, Path)) and Path(weights).is_file():
         digest = f"{Path(weights).name}@blake2b:{file_digest(weights)}"

@@ -77,6 +77,10 @@ def test_evaluate_scores_labelled_data(result, tmp_path):
     assert r.evaluate(data).accuracy == pytest.approx(ev.accuracy, abs=1e-6)  # the model in memory
     assert ev.plot_confusion_matrix(tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
     assert ev.summary().startswith(f"accuracy {ev.accuracy:.4f}")
+    for model in (r, transferkit.load(root / "run.pt")):  # they run where they are: another device is refused
+        assert transferkit.evaluate(model, data, device="cpu").accuracy == pytest.approx(ev.accuracy, abs=1e-6)
+        with pytest.raises(transferkit.ConfigError, match="runs on cpu; device= applies to an exported file"):
+            transferkit.evaluate(model, data, device="cuda")
 
 
 def test_plot_confusion_matrix_and_summary(result, tmp_path):

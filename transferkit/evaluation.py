@@ -244,26 +244,36 @@ def labelled_files(data: str | Path, classes: list[str], kind: str = "image") ->
     return samples
 
 
-def _predictor(model: Any, device: str) -> Any:
-    if isinstance(model, Predictor):
-        return model
+def _predictor(model: Any, device: str | None) -> Any:
+    """The predictor of ``model``; ``device`` loads an exported file there, and must be where a
+    Predictor or a FinetuneResult already runs (None: wherever that is)."""
     if isinstance(model, (str, Path)):
-        return load(model, device=device)
+        return load(model, device=device or "cpu")
     to_predictor = getattr(model, "predictor", None)
-    if callable(to_predictor):
-        return to_predictor()
-    raise ConfigError("evaluate() takes an exported file, a Predictor or a FinetuneResult, got "
-                      f"{type(model).__name__}.")
+    if isinstance(model, Predictor):
+        predictor = model
+    elif callable(to_predictor):
+        predictor = to_predictor()
+    else:
+        raise ConfigError("evaluate() takes an exported file, a Predictor or a FinetuneResult, got "
+                          f"{type(model).__name__}.")
+    if device is not None and str(device) != str(predictor.device) and not (
+            str(device) == "cuda" and predictor.device.type == "cuda"):
+        raise ConfigError(f"evaluate(device={str(device)!r}): this {type(model).__name__} runs on "
+                          f"{predictor.device}; device= applies to an exported file, loaded there. Drop device=, or "
+                          "evaluate the exported file (transferkit.evaluate('model.pt', data, device=...)).")
+    return predictor
 
 
-def evaluate(model: Any, data: str | Path, *, batch_size: int = 32, device: str = "cpu",
+def evaluate(model: Any, data: str | Path, *, batch_size: int = 32, device: str | None = None,
              progress: bool | None = None) -> Evaluation | TargetEvaluation:
     """Score ``model`` (an exported file, a [`Predictor`][transferkit.Predictor] or a
     [`FinetuneResult`][transferkit.FinetuneResult]) on the labelled ``data`` (a folder
     ``root/<class>/<file>`` or a ``path,label`` CSV); returns an [`Evaluation`][transferkit.Evaluation].
     A multilabel or regression model is scored on a CSV of its targets into a
     [`TargetEvaluation`][transferkit.TargetEvaluation].
-    ``progress``: a bar on a terminal (None), always (True) or never (False).
+    ``progress``: a bar on a terminal (None), always (True) or never (False). ``device``: where
+    an exported file runs (default the CPU); a Predictor or a FinetuneResult runs where it is.
 
     Example:
         >>> ev = evaluate("model.pt", "hymenoptera/val")  # doctest: +SKIP

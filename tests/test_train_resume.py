@@ -196,3 +196,19 @@ def test_diverged_weights_are_refused_and_a_frozen_trunk_is_not_read():
         model[2].bias.fill_(float("inf"))
     with pytest.raises(TrainingError, match=r"e.g. 2.bias"):
         check_weights_finite(model, 3, 0.1)
+
+
+def test_resume_continues_a_run_given_a_policy_object_and_refuses_overrides_it_cannot_honour(image_folder, tmp_path):
+    from transferkit.policies import Policy
+
+    common = dict(weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0, batch_size=4,
+                  epochs=2, verbose=False)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Interrupt):
+        tk.finetune("tk:small_cnn", policy=Policy.parse("full"), checkpoint=ckpt, callbacks=[_stop_after(1)], **common)
+    assert len(tk.resume(ckpt).history) == 2  # the policy is stored as its string: nothing to pass again
+    for given, said in (({"checkpoint": tmp_path / "b.pt"}, "resume\\(\\): checkpoint= cannot change"),
+                        ({"resume": False}, "resume\\(\\): resume= cannot change"),
+                        ({"epoch": 4}, "resume\\(\\): unknown key 'epoch'. Did you mean 'epochs'")):
+        with pytest.raises(ConfigError, match=said):
+            tk.resume(ckpt, **given)

@@ -317,6 +317,14 @@ def resume(path: str | Path, **overrides: Any) -> FinetuneResult:
     Example:
         >>> result = transferkit.resume("runs/ants.pt")  # doctest: +SKIP
     """
+    unknown = set(overrides) - set(FinetuneConfig.__dataclass_fields__)
+    if unknown:
+        raise unknown_key_error(sorted(unknown)[0], "resume()", recipe_keys=False)
+    fixed = sorted({"checkpoint", "resume"} & set(overrides))
+    if fixed:
+        raise ConfigError(f"resume(): {fixed[0]}= cannot change: the run continues in the checkpoint {str(path)!r} "
+                          "it was given, and writes its next checkpoints there. To keep that file as it is, copy it "
+                          "and resume the copy; to start over, call finetune().")
     ckpt = load_checkpoint(path)
     stored = (ckpt["transferkit"].get("decisions") or {}).get("config") or {}
     if not stored:

@@ -354,6 +354,8 @@ class FinetuneConfig:
         for f in dataclasses.fields(self):
             if f.metadata["serial"]:
                 v = getattr(self, f.name)
+                if f.name == "policy" and not isinstance(v, (str, type(None))):
+                    v = str(v)  # a Policy object: its canonical string, which Policy.parse reads back
                 out[f.name] = jsonable(Path(v).name if portable and isinstance(v, (str, Path)) and _is_path(f.name)
                                        else v)
         return out

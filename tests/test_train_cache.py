@@ -185,6 +185,15 @@ def test_linear_probe_end_to_end_exports(image_folder, tmp_path, monkeypatch):
     with pytest.raises(tk.ConfigError, match="probe Cs must be positive numbers, got \\[\\]"):
         tk.linear_probe("tk:small_cnn", weights=None, data=image_folder, image_size=16, device="cpu",
                         num_workers=0, verbose=False, Cs=[])
+    # called as finetune is: a config keeps its settings (its Cs among them); another head is refused
+    cfg = tk.FinetuneConfig(backbone="tk:small_cnn", weights=None, data=image_folder, image_size=16, device="cpu",
+                            num_workers=0, verbose=False, probe_Cs=[0.01, 1.0])
+    assert set(tk.linear_probe(cfg).metrics["probe"]["val_acc_by_C"]) == {"0.01", "1.0"}
+    with pytest.raises(tk.ConfigError, match="the probe is head='logistic'"):
+        tk.linear_probe(cfg, head="mlp")
+    with pytest.raises(tk.ConfigError, match="Cs= and probe_Cs= name the same setting"):
+        tk.linear_probe(cfg, Cs=[1.0], probe_Cs=[2.0])
+    assert tk.linear_probe(cfg, val_split=0, Cs=[10.0, 0.01]).metrics["probe"]["C"] == 10.0  # no validation: largest
 
 
 def test_cache_is_faster_than_rerunning_the_backbone(image_folder):

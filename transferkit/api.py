@@ -296,17 +296,26 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
     return result
 
 
-def linear_probe(backbone: str | Backbone = "tv:resnet18", *, data: Any, Cs: Sequence[float] | None = None,
+def linear_probe(config: FinetuneConfig | str | Backbone | None = None, /, *, Cs: Sequence[float] | None = None,
                  **options: Any) -> FinetuneResult:
     """The standard linear probe: frozen features, scikit-learn logistic regression (L-BFGS),
-    ``C`` chosen on the validation data; the same as ``finetune(..., head="logistic")``.
+    ``C`` chosen on the validation data among ``Cs`` (``probe_Cs``; default a grid of 13);
+    the same as ``finetune(..., head="logistic")``, and called as `finetune` is (a backbone
+    name, a Backbone or a ``FinetuneConfig`` first, keywords after).
 
     Example:
         >>> r = linear_probe("tk:cifar_resnet20", weights="resnet20.th", data="hymenoptera")  # doctest: +SKIP
         >>> r.metrics["probe"]["C"], r.metrics["val_acc"]  # doctest: +SKIP
     """
-    options.setdefault("policy", "feature_extraction")
-    return finetune(backbone, data=data, head="logistic", probe_Cs=Cs, **options)
+    if options.get("head", "logistic") != "logistic":
+        raise ConfigError(f"linear_probe(): head={options['head']!r}: the probe is head='logistic'; call finetune() "
+                          "for another head.")
+    if Cs is not None:
+        if "probe_Cs" in options:
+            raise ConfigError("linear_probe(): Cs= and probe_Cs= name the same setting; give one of them.")
+        options["probe_Cs"] = list(Cs)
+    cfg = FinetuneConfig.from_call(config, options, "linear_probe()")
+    return finetune(cfg.replace(head="logistic"))
 
 
 def resume(path: str | Path, **overrides: Any) -> FinetuneResult:

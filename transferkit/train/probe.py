@@ -105,7 +105,7 @@ def fit_logistic_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarr
 
     scores: dict[float, float] = {}
     losses: dict[float, float] = {}
-    best_c, best_clf = Cs[-1], None
+    best_c, best_clf = max(Cs), None  # without validation data: the weakest regularisation
     if val_x is not None and val_y is not None and len(val_y):
         vx = (val_x - mean) / std
         for c in Cs:

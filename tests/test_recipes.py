@@ -158,3 +158,13 @@ def test_cli_finetune_with_config_and_overrides(tmp_path, capsys):
     assert main(["lr-find", "--config", str(cfg), "--data", str(data), "--num-steps", "5",
                  "--plot", str(tmp_path / "lr.png")]) == 0
     assert (tmp_path / "lr.png").is_file() and "suggested_lr" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key, value", [("export", "x.pt"), ("val_data", "x"), ("classes", "[a, b]")])
+def test_settings_a_recipe_makes_itself_are_refused_from_set(key, value, tmp_path):
+    def data_fn(root, recipe):
+        pytest.fail("the data were built before the settings were checked")
+
+    with pytest.raises(ConfigError, match=f"{key} is set by the recipe itself"):
+        run_recipe("toy", data_fn, description="toy", recipe_dir=tmp_path,
+                   argv=["--data-dir", str(tmp_path), "--set", f"{key}={value}"])

@@ -171,6 +171,11 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     recipe = {k: cfg.pop(k) for k in list(cfg) if k in RECIPE_KEYS}
     cli = {k: expand_vars(v) for k, v in cli.items() if k not in RECIPE_KEYS}
     runs = recipe.get("runs") or {"": {}}
+    owned = sorted({"data", "val_data", "classes", "export"} & (set(cfg) | {k for r in runs.values() for k in r or {}}))
+    if owned:
+        raise ConfigError(f"{name} recipe: {owned[0]} is set by the recipe itself (data, val_data and classes from "
+                          "the data set under --data-dir; the export as <--out>/<run>/model.pt); leave it out of "
+                          "--set and the config, or call transferkit.finetune() with your own.")
     if args.run:
         if args.run not in runs:
             raise ConfigError(f"Unknown run {args.run!r}; this recipe's runs: {list(runs)}.")

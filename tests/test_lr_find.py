@@ -244,3 +244,9 @@ def test_lr_find_phase_errors_say_what_exists(image_folder):
     with pytest.raises(ConfigError, match="no phase that trains it"):
         tk.lr_find("tk:small_cnn", weights=None, data=image_folder, policy="feature_extraction", phase="unfrozen",
                    **LF)
+
+
+@pytest.mark.parametrize("sweep", [dict(num_steps=1), dict(start_lr=1.0, end_lr=0.1), dict(start_lr=-1.0)])
+def test_a_bad_sweep_is_refused_before_the_data_are_read(sweep):
+    with pytest.raises(ConfigError, match="lr_find needs 0 < start_lr < end_lr and num_steps >= 2"):
+        tk.lr_find("tk:small_cnn", weights=None, data="no/such/folder", **sweep)

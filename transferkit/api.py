@@ -51,7 +51,7 @@ from transferkit.train.device import preserved_torch_settings
 from transferkit.train.distributed import barrier, rank_guard
 from transferkit.train.faults import interrupt_keeps_weights
 from transferkit.schedules import LRRange
-from transferkit.train.lr_find import LRFindResult, lr_range_test
+from transferkit.train.lr_find import LRFindResult, check_sweep, lr_range_test
 from transferkit.train.loop import Loop
 from transferkit.train.optim import make_optimizer
 from transferkit.train.speed import set_deterministic
@@ -382,6 +382,7 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
         raise ConfigError(f"lr_find(phase={phase!r}) is not a phase;{suggest(str(phase), LR_FIND_PHASES)} use "
                           "'frozen' (the head alone on cached features) or 'unfrozen' (the epochs that train the "
                           "backbone).")
+    check_sweep(LRRange(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps))  # before any work
     cfg = FinetuneConfig.from_call(config, options, "lr_find()")
     t0 = time.perf_counter()
     with _opened(cfg, lock=False, show_plan=False) as (d, run):

@@ -232,6 +232,20 @@ class LRFindResult:
         return fig
 
 
+def check_sweep(sweep: LRRange) -> None:
+    """A ConfigError unless ``0 < start_lr < end_lr`` and ``num_steps >= 2``.
+
+    Example:
+        >>> check_sweep(LRRange(start_lr=1e-5, end_lr=1e-6))
+        Traceback (most recent call last):
+        ...
+        transferkit.errors.ConfigError: lr_find needs 0 < start_lr < end_lr and num_steps >= 2, got start_lr=1e-05, end_lr=1e-06, num_steps=100.
+    """
+    if not (0 < sweep.start_lr < sweep.end_lr) or sweep.num_steps < 2:
+        raise ConfigError(f"lr_find needs 0 < start_lr < end_lr and num_steps >= 2, got start_lr={sweep.start_lr}, "
+                          f"end_lr={sweep.end_lr}, num_steps={sweep.num_steps}.")
+
+
 def lr_range_test(module: nn.Module, loader: DataLoader, loop: Loop, sweep: LRRange = LRRange(), *,
                   lr_factor: float = 1.0, on_first_steps: Callable[[float], None] | None = None) -> LRFindResult:
     """Run the test on ``module`` with ``loop``'s optimizer, loss, ``speed`` and ``set_mode``,
@@ -252,8 +266,7 @@ def lr_range_test(module: nn.Module, loader: DataLoader, loop: Loop, sweep: LRRa
     start_lr, end_lr, num_steps, smooth, diverge = (sweep.start_lr, sweep.end_lr, sweep.num_steps, sweep.smooth,
                                                     sweep.diverge)
     optimizer, loss_fn, speed, set_mode, verbose = loop.optimizer, loop.loss_fn, loop.speed, loop.set_mode, loop.verbose
-    if not (0 < start_lr < end_lr) or num_steps < 2:
-        raise ConfigError(f"lr_find needs 0 < start_lr < end_lr and num_steps >= 2, got {start_lr}, {end_lr}, {num_steps}.")
+    check_sweep(sweep)
     if not 0 < smooth <= 1:
         raise ConfigError(f"smooth must be in (0, 1], got {smooth!r}.")
     saved_model, saved_opt = copy.deepcopy(module.state_dict()), copy.deepcopy(optimizer.state_dict())

@@ -187,7 +187,7 @@ def test_linear_probe_end_to_end_exports(image_folder, tmp_path, monkeypatch):
                         num_workers=0, verbose=False, Cs=[])
     # called as finetune is: a config keeps its settings (its Cs among them); another head is refused
     cfg = tk.FinetuneConfig(backbone="tk:small_cnn", weights=None, data=image_folder, image_size=16, device="cpu",
-                            num_workers=0, verbose=False, probe_Cs=[0.01, 1.0])
+                            num_workers=0, verbose=False, head="logistic", probe_Cs=[0.01, 1.0])
     assert set(tk.linear_probe(cfg).metrics["probe"]["val_acc_by_C"]) == {"0.01", "1.0"}
     with pytest.raises(tk.ConfigError, match="the probe is head='logistic'"):
         tk.linear_probe(cfg, head="mlp")

@@ -314,8 +314,7 @@ def linear_probe(config: FinetuneConfig | str | Backbone | None = None, /, *, Cs
         if "probe_Cs" in options:
             raise ConfigError("linear_probe(): Cs= and probe_Cs= name the same setting; give one of them.")
         options["probe_Cs"] = list(Cs)
-    cfg = FinetuneConfig.from_call(config, options, "linear_probe()")
-    return finetune(cfg.replace(head="logistic"))
+    return finetune(FinetuneConfig.from_call(config, {**options, "head": "logistic"}, "linear_probe()"))
 
 
 def resume(path: str | Path, **overrides: Any) -> FinetuneResult:

@@ -336,6 +336,15 @@ class FinetuneConfig:
             raise ConfigError(f"finetune(): head='logistic' fits a multiclass classifier (scikit-learn's "
                               f"LogisticRegression); task={task!r} needs head='linear' (or a head with hidden "
                               "layers) on the features.")
+        if self.head == "logistic" and (self.head_dropout or self.early_stopping is not None):
+            given = f"head_dropout={self.head_dropout}" if self.head_dropout else \
+                f"early_stopping={self.early_stopping}"
+            raise ConfigError(f"finetune(): head='logistic' is fitted once by scikit-learn (no epochs, no dropout); "
+                              f"{given} would be ignored. Drop it, or use head='linear' to train a head by epochs.")
+        if self.probe_Cs is not None and self.head != "logistic":
+            raise ConfigError("finetune(): probe_Cs are the C values of head='logistic' (the linear probe); "
+                              f"head={self.head!r} trains by epochs and would ignore them. Drop probe_Cs, or set "
+                              "head='logistic'.")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> FinetuneConfig:

@@ -232,3 +232,13 @@ def test_a_dataset_s_own_class_names_are_matched_by_name(tmp_path):
     assert dataset_targets(b.train) == [1, 1, 0, 0]
     renamed = prepare_data(torchvision.datasets.ImageFolder(str(tr)), classes=["a", "b", "c"], val_split=0)
     assert dataset_targets(renamed.train) == [0, 0, 1, 1, 2, 2]  # no shared name: classes= names the labels
+
+
+def test_a_dataset_with_names_for_labels_is_told_what_labels_must_be():
+    img = Image.fromarray(np.zeros((20, 20, 3), np.uint8))
+    with pytest.raises(tk.DataError, match=r"labels are class indices \(0, 1, ...\); item 0's label is 'ant'"):
+        prepare_data([(img, "ant"), (img, "bee")] * 3, val_split=0)
+    # integers in any form (numpy, one-element tensors, whole floats, bools) are class indices
+    labels = [np.int64(0), torch.tensor(1), 1.0, True, 0, np.float32(0.0)]
+    train = prepare_data([(img, y) for y in labels], val_split=0).train
+    assert [train[i][1] for i in range(6)] == [0, 1, 1, 1, 0, 0]

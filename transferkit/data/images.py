@@ -276,13 +276,37 @@ class TransformedDataset(Dataset):
     @staticmethod
     def convert_target(target: Any) -> Any:
         """A class index; subclasses keep other targets (vectors, values)."""
-        return int(target)
+        return class_index(target)
 
     def view(self, indices: Sequence[int] | None = None, transform: Callable | None = None) -> TransformedDataset:
         idx = self.indices if indices is None else [self.indices[i] for i in indices]
         out = type(self)(self.base, transform, idx)
         out.relabel = self.relabel
         return out
+
+
+def class_index(label: Any, item: int | None = None) -> int:
+    """``label`` as a class index, or a DataError saying what a Dataset's labels must be.
+
+    Example:
+        >>> class_index(3), class_index(np.int64(1)), class_index(2.0)
+        (3, 1, 2)
+    """
+    value = label
+    if isinstance(label, (np.ndarray, np.generic)) or hasattr(label, "item") and hasattr(label, "numel"):
+        try:
+            value = label.item()  # a 0-d array or a one-element tensor
+        except (ValueError, RuntimeError):
+            value = None
+    if isinstance(value, int):  # bool too: 0 and 1
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    where = f"item {item}'s label" if item is not None else "a label"
+    raise DataError(f"A Dataset's labels are class indices (0, 1, ...); {where} is {label!r}. Give integer labels "
+                    "and name the classes with classes=[...] (or give a folder of class folders, or a CSV of "
+                    "path,label rows, whose labels are names); for several labels per image or values, set "
+                    "task='multilabel' or task='regression'.")
 
 
 def dataset_targets(ds: Dataset) -> list[int]:
@@ -292,7 +316,8 @@ def dataset_targets(ds: Dataset) -> list[int]:
         return ds.targets
     if isinstance(ds, TransformedDataset):
         base_t = _label_attr(ds.base)
-        labels = [int(base_t[i]) for i in ds.indices] if base_t is not None else [int(ds.base[i][1]) for i in ds.indices]
+        labels = [class_index(base_t[i], i) for i in ds.indices] if base_t is not None else \
+            [class_index(ds.base[i][1], i) for i in ds.indices]
         return labels if ds.relabel is None else [ds.relabel[t] for t in labels]
     own = _label_attr(ds)
     if own is not None:

@@ -219,6 +219,7 @@ def test_a_dataset_s_own_class_names_are_matched_by_name(tmp_path):
     import torchvision
 
     from transferkit.data import ImageFolderDataset, dataset_targets
+    from transferkit.data.fingerprint import data_fingerprint
 
     tr = make_image_folder(tmp_path / "tr", classes=("ant", "bee", "cat"), per_class=2)
     va = make_image_folder(tmp_path / "va", classes=("ant", "cat"), per_class=2, seed=1)
@@ -232,6 +233,15 @@ def test_a_dataset_s_own_class_names_are_matched_by_name(tmp_path):
     assert dataset_targets(b.train) == [1, 1, 0, 0]
     renamed = prepare_data(torchvision.datasets.ImageFolder(str(tr)), classes=["a", "b", "c"], val_split=0)
     assert dataset_targets(renamed.train) == [0, 0, 1, 1, 2, 2]  # no shared name: classes= names the labels
+    # the order is part of the data's identity (cached features carry their targets)
+    same = [prepare_data(torchvision.datasets.ImageFolder(str(tr)), classes=c, val_split=0).train
+            for c in (["ant", "bee", "cat"], ["cat", "bee", "ant"])]
+    assert data_fingerprint(same[0]) != data_fingerprint(same[1])
+    unlabelled = torchvision.datasets.ImageFolder(str(tr))
+    unlabelled.targets = [-1] * len(unlabelled.targets)  # STL10's unlabelled split: -1, beside its class names
+    unlabelled.samples = [(p, -1) for p, _ in unlabelled.samples]
+    with pytest.raises(tk.DataError, match=r"Training labels \[-1\] are outside 0..2"):
+        prepare_data(unlabelled, classes=["cat", "bee", "ant"], val_split=0)
 
 
 def test_a_dataset_with_names_for_labels_is_told_what_labels_must_be():
@@ -242,3 +252,16 @@ def test_a_dataset_with_names_for_labels_is_told_what_labels_must_be():
     labels = [np.int64(0), torch.tensor(1), 1.0, True, 0, np.float32(0.0)]
     train = prepare_data([(img, y) for y in labels], val_split=0).train
     assert [train[i][1] for i in range(6)] == [0, 1, 1, 1, 0, 0]
+    assert prepare_data([(img, "1"), (img, "0")] * 2, val_split=0).train[0][1] == 1  # a class index as text
+
+    class Named(torch.utils.data.Dataset):  # its labels in a targets attribute, read without its items
+        targets = ["ant", "bee"] * 2
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return img, self.targets[i]
+
+    with pytest.raises(tk.DataError, match="item 0's label is 'ant'"):
+        prepare_data(Named(), val_split=0)

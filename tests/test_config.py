@@ -96,3 +96,9 @@ def test_settings_that_do_not_apply_to_the_task_are_refused_before_any_data_is_r
         transferkit.plan("tk:small_cnn", data="no/such/folder", task=task, **option)
     if task != "multiclass":
         FinetuneConfig(data="x", **option)  # multiclass takes them
+
+
+def test_a_policy_object_is_recorded_as_its_string_where_that_reads_back():
+    assert FinetuneConfig(data="x", policy=Policy.parse("gradual:every=2")).to_dict()["policy"] == "gradual:every=2"
+    comma = Policy(lora=4, lora_targets=r"blocks\.\d{1,2}\.attn")  # its string does not parse back
+    assert FinetuneConfig(data="x", policy=comma).to_dict()["policy"] == "<Policy>"

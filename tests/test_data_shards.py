@@ -100,6 +100,17 @@ def test_class_names_come_from_info_json_or_classes(tmp_path):
     said = [w for w in b.report.warnings if "Validation data hold" in w]
     assert len(said) == 1 and "2 samples that the training data hold too" in said[0], b.report.warnings
     assert not any("Validation data hold" in w for w in prepare_data(str(a), val_data=str(c)).report.warnings)
+    # uncompressed images of one shape share their byte size: other images under the same keys are no copies
+    def bmp(seed):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(buf, "BMP")
+        return buf.getvalue()
+
+    x = write_shards([(bmp(i), "bmp", "dark" if i % 2 else "light") for i in range(6)], tmp_path / "b1", [6])[0]
+    y = write_shards([(bmp(9 + i), "bmp", "dark" if i % 2 else "light") for i in range(6)], tmp_path / "b2", [6])[0]
+    for b in (prepare_data([str(x), str(y)], val_split=0), prepare_data(str(x), val_data=str(y))):
+        assert not any("cop" in w or "hold" in w for w in b.report.warnings), b.report.warnings
+    assert any("named twice or copied" in w for w in prepare_data([str(x)] * 2, val_split=0).report.warnings)
     # a class without a sample (listed, or a gap in the indices) is named in a warning
     b = prepare_data(str(tmp_path / "s"), val_split=0, classes=["dark", "light", "wasps"])
     assert any("1 class of 3 has no training sample: ['wasps']" in w for w in b.report.warnings)

@@ -570,6 +570,9 @@ def test_a_backbone_object_refuses_weights_it_was_not_built_with_and_plans_as_it
     kw = {**KW, "data": split_folders / "train", "epochs": 1}
     assert tk.plan(bb, **kw).summary().splitlines()[0] == tk.finetune(bb, **kw).decisions.summary().splitlines()[0]
     assert "(random init)" in tk.plan(bb, **{**kw, "weights": "DEFAULT"}).summary().splitlines()[0]
+    named = tk.get_backbone("tk:small_cnn", weights=None)
+    named.weights = str(split_folders / "w.pt")
+    assert tk.plan(named, **{**kw, "weights": split_folders / "w.pt"}).weights == named.weights  # a Path is its str
     for given in ({"weights": "source.pt"}, {"backbone_options": {"widths": (4, 4, 8)}}):
         with pytest.raises(ConfigError, match="applies to a backbone given by name, but backbone is a Backbone obj"):
             tk.plan(bb, **{**kw, **given})

@@ -13,7 +13,7 @@ import pytest
 from conftest import make_image_folder
 from transferkit.config import load_config, merge_config
 from transferkit.errors import ConfigError, DataError
-from transferkit.recipes import run_recipe
+from transferkit.recipes import RecipeData, run_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 IMAGE_RECIPES = ["hymenoptera", "cifar10", "cifar100", "flowers102", "pets", "food101", "mnist"]
@@ -168,3 +168,14 @@ def test_settings_a_recipe_makes_itself_are_refused_from_set(key, value, tmp_pat
     with pytest.raises(ConfigError, match=f"{key} is set by the recipe itself"):
         run_recipe("toy", data_fn, description="toy", recipe_dir=tmp_path,
                    argv=["--data-dir", str(tmp_path), "--set", f"{key}={value}"])
+
+
+def test_a_recipe_wide_setting_a_probe_has_no_use_for_is_left_out_of_its_run_and_said(tmp_path, capsys):
+    (tmp_path / "toy.yaml").write_text("runs:\n  probe:\n    head: logistic\n  trained:\n    policy: full\n")
+    data = make_image_folder(tmp_path / "images", per_class=6, size=20)
+    summary = run_recipe("toy", lambda root, recipe: RecipeData(train=data), description="toy", recipe_dir=tmp_path,
+                         argv=["--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), *TINY,
+                               "--set", "early_stopping=2"])
+    runs = {r["run"]: r["config"] for r in summary["runs"]}
+    assert "early_stopping" not in runs["probe"] and runs["trained"]["early_stopping"] == 2
+    assert "run 'probe': early_stopping=2 (set for the whole recipe) does not apply" in capsys.readouterr().err

@@ -191,6 +191,8 @@ def test_linear_probe_end_to_end_exports(image_folder, tmp_path, monkeypatch):
     assert set(tk.linear_probe(cfg).metrics["probe"]["val_acc_by_C"]) == {"0.01", "1.0"}
     with pytest.raises(tk.ConfigError, match="the probe is head='logistic'"):
         tk.linear_probe(cfg, head="mlp")
+    with pytest.raises(tk.ConfigError, match="head='linear': the probe is head='logistic'"):
+        tk.linear_probe(cfg.replace(head="linear", probe_Cs=None))
     with pytest.raises(tk.ConfigError, match="Cs= and probe_Cs= name the same setting"):
         tk.linear_probe(cfg, Cs=[1.0], probe_Cs=[2.0])
     assert tk.linear_probe(cfg, val_split=0, Cs=[10.0, 0.01]).metrics["probe"]["C"] == 10.0  # no validation: largest

@@ -307,9 +307,10 @@ def linear_probe(config: FinetuneConfig | str | Backbone | None = None, /, *, Cs
         >>> r = linear_probe("tk:cifar_resnet20", weights="resnet20.th", data="hymenoptera")  # doctest: +SKIP
         >>> r.metrics["probe"]["C"], r.metrics["val_acc"]  # doctest: +SKIP
     """
-    if options.get("head", "logistic") != "logistic":
-        raise ConfigError(f"linear_probe(): head={options['head']!r}: the probe is head='logistic'; call finetune() "
-                          "for another head.")
+    head = options.get("head", config.head if isinstance(config, FinetuneConfig) else None)
+    if head not in (None, "logistic"):
+        raise ConfigError(f"linear_probe(): head={head!r}: the probe is head='logistic'; call finetune() for another "
+                          "head.")
     if Cs is not None:
         if "probe_Cs" in options:
             raise ConfigError("linear_probe(): Cs= and probe_Cs= name the same setting; give one of them.")

@@ -364,7 +364,7 @@ class FinetuneConfig:
             if f.metadata["serial"]:
                 v = getattr(self, f.name)
                 if f.name == "policy" and not isinstance(v, (str, type(None))):
-                    v = str(v)  # a Policy object: its canonical string, which Policy.parse reads back
+                    v = _policy_text(v)
                 out[f.name] = jsonable(Path(v).name if portable and isinstance(v, (str, Path)) and _is_path(f.name)
                                        else v)
         return out
@@ -396,6 +396,16 @@ class FinetuneConfig:
         if unknown:
             raise unknown_key_error(sorted(unknown)[0], "finetune()", recipe_keys=False)
         return dataclasses.replace(self, **changes)
+
+
+def _policy_text(policy: Any) -> Any:
+    """A Policy object as its canonical string where ``Policy.parse`` reads that back to the
+    same policy (so a record of it resumes without the object), else the object itself (a
+    record says ``"<Policy>"``: e.g. a LoRA target pattern holding a comma)."""
+    try:
+        return str(policy) if type(policy).parse(str(policy)) == policy else policy
+    except Exception:  # noqa: BLE001 - a string the parser refuses: the object is kept
+        return policy
 
 
 def _init_with_known_keys(init: Callable[..., None]) -> Callable[..., None]:

@@ -264,7 +264,8 @@ def _own_backbone(cfg: FinetuneConfig, *, load_weights: bool) -> Backbone:
     """A Backbone this run may change: built from the name, or a deep copy of the caller's."""
     backbone = cfg.backbone
     if isinstance(backbone, Backbone):
-        asked = cfg.weights != FinetuneConfig.__dataclass_fields__["weights"].default and cfg.weights != backbone.weights
+        asked = cfg.weights != FinetuneConfig.__dataclass_fields__["weights"].default and \
+            (None if cfg.weights is None else str(cfg.weights)) != backbone.weights
         if asked or cfg.backbone_options:
             given = f"weights={cfg.weights!r}" if asked else f"backbone_options={cfg.backbone_options!r}"
             raise ConfigError(f"finetune(): {given} applies to a backbone given by name, but backbone is a Backbone "

@@ -149,6 +149,9 @@ def build_parser(name: str, description: str,
     return p
 
 
+PROBE_UNUSED = ("early_stopping", "head_dropout")  # settings of trained heads that head='logistic' refuses
+
+
 def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData], *, description: str,
                argv: list[str] | None = None, recipe_dir: Path | None = None,
                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> dict[str, Any]:
@@ -188,6 +191,11 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     for run_name, overrides in runs.items():
         run_cfg = merge_config({**cfg, **(overrides or {}), **cli}, source=f"{name} recipe, run {run_name!r}")
         run_cfg = {k: expand_vars(v) for k, v in run_cfg.items()}
+        if run_cfg.get("head") == "logistic":  # settings of the whole recipe that a probe (no epochs) has no use for
+            unused = [k for k in PROBE_UNUSED if run_cfg.get(k) and k not in (overrides or {})]
+            for key in unused:
+                print(f"run {run_name!r}: {key}={run_cfg.pop(key)!r} (set for the whole recipe) does not apply to its "
+                      "head='logistic' (fitted once); left out of this run.", file=sys.stderr, flush=True)
         run_out = out / run_name if run_name else out
         t0 = time.perf_counter()
         result = finetune(data=train, val_data=val, classes=classes, export=run_out / "model.pt", **run_cfg)

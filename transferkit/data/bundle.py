@@ -100,8 +100,12 @@ def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what
         relabel = _relabel(list(own), classes, what, report) \
             if isinstance(own, (list, tuple)) and own and all(isinstance(c, str) for c in own) else None
         if relabel is not None:
+            labels = dataset_targets(out)
+            bad = sorted({t for t in labels if not 0 <= t < len(own)})
+            if bad:
+                raise DataError(f"{what.capitalize()} labels {bad[:5]} are outside 0..{len(own) - 1} for the "
+                                f"dataset's classes {list(own)[:10]}.")
             out.relabel = relabel
-            labels = dataset_targets(TransformedDataset(data))
             out = out.view([i for i, t in enumerate(labels) if relabel[t] >= 0])
         return out
     raise DataError(f"{what} must be a folder path or a torch Dataset of (image, label), got {type(data).__name__}.")

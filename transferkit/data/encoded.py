@@ -137,9 +137,11 @@ class EncodedImageDataset(Dataset):
 
     def signatures(self) -> np.ndarray | None:
         """A hash per sample identifying it without reading it (see
-        `transferkit.data.shards.ShardSource.signatures`), where the source gives one; else None."""
+        `transferkit.data.shards.ShardSource.signatures`), where the source gives one that tells
+        samples apart; else None."""
         sig = getattr(self.source, "signatures", None)
-        return sig()[self.indices] if callable(sig) else None
+        every = sig() if callable(sig) else None
+        return every[self.indices] if every is not None else None
 
     @property
     def collate_fn(self) -> ReportingCollate:

@@ -162,6 +162,9 @@ def data_fingerprint(ds: Any) -> str:
     if indices is None:
         indices = range(len(base))
     h.update(repr(list(indices)).encode())
+    relabel = getattr(ds, "relabel", None)
+    if relabel is not None:  # the base's labels read as other classes (classes= in another order)
+        h.update(f"relabel{list(relabel)}".encode())
     tensors = getattr(base, "tensors", None)
     if tensors is not None:
         for t in tensors:

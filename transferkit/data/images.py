@@ -289,8 +289,8 @@ def class_index(label: Any, item: int | None = None) -> int:
     """``label`` as a class index, or a DataError saying what a Dataset's labels must be.
 
     Example:
-        >>> class_index(3), class_index(np.int64(1)), class_index(2.0)
-        (3, 1, 2)
+        >>> class_index(3), class_index(np.int64(1)), class_index(2.0), class_index("4")
+        (3, 1, 2, 4)
     """
     value = label
     if isinstance(label, (np.ndarray, np.generic)) or hasattr(label, "item") and hasattr(label, "numel"):
@@ -301,6 +301,8 @@ def class_index(label: Any, item: int | None = None) -> int:
     if isinstance(value, int):  # bool too: 0 and 1
         return int(value)
     if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():  # "3": a class index written as text
         return int(value)
     where = f"item {item}'s label" if item is not None else "a label"
     raise DataError(f"A Dataset's labels are class indices (0, 1, ...); {where} is {label!r}. Give integer labels "
@@ -329,5 +331,5 @@ def _label_attr(ds: Any) -> list[int] | None:
     for attr in ("targets", "_labels"):
         t = getattr(ds, attr, None)
         if t is not None and len(t) == len(ds):
-            return [int(x) for x in t]
+            return [class_index(x, i) for i, x in enumerate(t)]
     return None

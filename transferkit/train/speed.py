@@ -15,8 +15,8 @@ the resolved choice at run time (autocast contexts, device copies, layout).
   fp32 elsewhere: for the frozen backbone's feature pass, and for training on image inputs
   (fp32 master weights; on a CPU measured to keep fp32's accuracy: EfficientNet-Lite0 on
   hymenoptera, ``fine_tune`` and ``full`` over 3 seeds, equal best-epoch accuracy, 1.6x to
-  2.2x faster; see ``docs/policies.md``). Audio training stays fp32 (not measured). A head
-  trained on cached features trains in fp32. ``precision="fp32"`` is always the exact path.
+  2.2x faster; see ``docs/policies.md``). Audio training stays fp32 (not measured). Under
+  ``"auto"`` a head trained on cached features trains in fp32. ``precision="fp32"`` is always the exact path.
 
 Two precisions are kept apart: ``feature_precision`` (the frozen backbone's pass that fills
 the feature cache; `SpeedConfig.feature_autocast`) and ``precision`` (the training loop and

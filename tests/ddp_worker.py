@@ -177,17 +177,27 @@ def train(data: str, out: str) -> None:
 
 def decoded_once_on_disk(data: str, out: str) -> dict:
     """How many parts (training, validation) this rank decoded in a run that decodes images once
-    into a ``cache_dir`` shared by the ranks, and what it trained."""
+    into a ``cache_dir`` shared by the ranks, and what it trained. The first decode takes
+    longer than the run's collective timeout (3 s): the other rank waits for it all the same."""
     from transferkit.data import decoded
 
     calls = []
     real = decoded._decode_into
-    decoded._decode_into = lambda *a, **k: calls.append(1) or real(*a, **k)
+
+    def slow_first(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(6)
+        return real(*a, **k)
+
+    decoded._decode_into = slow_first
+    os.environ["TRANSFERKIT_DIST_TIMEOUT"] = "3"
     try:
         r = tk.finetune("tk:small_cnn", policy="full", epochs=2, batch_size=4, augment="flip", restore_best=False,
                         cache_dir=os.path.join(out, "decode_cache"), **common(data))
     finally:
         decoded._decode_into = real
+        del os.environ["TRANSFERKIT_DIST_TIMEOUT"]
     return {"decoded": len(calls), "modes": sorted(p["mode"] for p in r.decisions.decode.values()),
             "history": [h["train_loss"] for h in r.history]}
 

@@ -43,7 +43,7 @@ from transferkit.run import Run
 from transferkit.policies import apply_policy, merge_lora, policy_penalty, set_train_mode
 from transferkit.checkpoints import save_checkpoint, save_interrupted_weights, save_with_fallback
 from transferkit.train.compile_trial import CompileTrial
-from transferkit.train.distributed import barrier, gather_objects, wrap_ddp
+from transferkit.train.distributed import barrier, gather_objects, local_main_first, wrap_ddp
 from transferkit.train.engines import (compile_estimate, engine_precision, lazy_engine_forward, leaf_modules,
                                       remove_stale_engine_files)
 from transferkit.train.faults import training_faults
@@ -315,15 +315,14 @@ def _inputs(d: Decisions, run: Run, part: str, augment: str, transform: Any, sec
     decoder = info.local_rank == 0 or not one_decoder
     workers = d.config.num_workers
     if workers is None:
-        workers = default_num_workers(ds, info.world_size, alone=one_decoder)
-    if decoder:
-        out, decided = decoded_dataset(ds, d.input_spec, augment=augment, cache_dir=d.config.cache_dir,
-                                       num_workers=workers, plan=decided)
-    if one_decoder:
-        barrier(info)
-    if not decoder:
-        out, decided = decoded_dataset(ds, d.input_spec, augment=augment, cache_dir=d.config.cache_dir,
-                                       num_workers=workers, plan=decided)
+        workers = default_num_workers(ds, info.world_size, alone=one_decoder and decoder)
+
+    def decode() -> tuple[Any, Any]:
+        return decoded_dataset(ds, d.input_spec, augment=augment, cache_dir=d.config.cache_dir, num_workers=workers,
+                               plan=decided)
+
+    made = local_main_first(info, decode) if one_decoder else decode()
+    out, decided = made if made is not None else decode()  # the machine's other ranks read the entry back
     if one_decoder:
         barrier(info)  # every rank has mapped the entry
     if decided.path is not None and len(run.bundle.report.bad_at_load) > failed_before and decoder:

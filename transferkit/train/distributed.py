@@ -36,7 +36,7 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -314,6 +314,34 @@ def barrier(info: DistInfo, *, timeout: float | None = None) -> None:
         raise DistributedError(f"Rank {info.rank}: the ranks did not all reach a barrier within {seconds:g} s: {exc}. "
                                f"If a rank is legitimately slower (a long export, a slow disk), raise the timeout "
                                f"with {TIMEOUT_ENV}=<seconds>.") from exc
+
+
+_handoffs = itertools.count()
+
+
+def local_main_first(info: DistInfo, work: Callable[[], Any], *, poll_s: float = 0.25) -> Any:
+    """Run ``work`` on local rank 0 of each machine while the machine's other ranks wait for it
+    without a time limit: a long piece of work (decoding a large data set once) is not a
+    stuck rank, so the wait is not bounded by the collective timeout; a rank that fails ends
+    the job through `rank_guard` (its watchdog ends a waiting rank). Returns what ``work``
+    returns on local rank 0, None on the machine's other ranks. Every rank must call it, in
+    the same order. Not distributed: returns ``work()``.
+
+    Example:
+        >>> local_main_first(DistInfo(), lambda: 42)
+        42
+    """
+    store = _store_for(info) if info.enabled and dist.is_initialized() else None
+    if store is None:
+        return work()
+    key = f"transferkit/local_main_first/{next(_handoffs)}/{info.rank - info.local_rank}"  # one key per machine
+    if info.local_rank == 0:
+        out = work()  # a failure raises here, and rank_guard ends the waiting ranks with it
+        store.set(key, "done")
+        return out
+    while not store.check([key]):
+        threading.Event().wait(poll_s)
+    return None
 
 
 # --- one rank's failure ends every rank ---------------------------------------------------------

@@ -101,10 +101,18 @@ class Targets(Dataset):
     ("regression", [1.0] * 5 + [float("inf")] + [2.0] * 4, "item 5 holds NaN or inf"),
     ("regression", [1.0] * 5 + ["tall"] + [2.0] * 4, "item 5 is 'tall', not numbers"),
     ("regression", [[1.0, 2.0]] * 3 + [[[1.0]]] + [[1.0, 2.0]] * 6, r"item 3 has shape \(1, 1\)"),
+    ("multilabel", ["cat"] + [[1.0]] * 9, "item 0 is 'cat', not numbers: task='multilabel'"),  # the first one too
+    ("regression", [1.0] * 4 + [None] + [2.0] * 5, "item 4 is None: task='regression' needs one number"),
 ])
 def test_bad_targets_are_named_before_training(task, targets, said):
     with pytest.raises(DataError, match=said):
         tk.plan("tk:small_cnn", data=Targets(targets), task=task, val_split=0, **COMMON)
+
+
+def test_numbers_written_as_text_are_targets_as_a_csv_s_are():
+    r = tk.finetune("tk:small_cnn", data=Targets(["3.5", "1.25"] * 5), task="regression", epochs=1, val_split=0,
+                    **COMMON)
+    assert r.decisions.target_norm["mean"] == pytest.approx((2.375,))
 
 
 def test_one_label_multilabel_and_soft_targets_score_by_their_side_of_one_half(tmp_path):

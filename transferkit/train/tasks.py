@@ -123,6 +123,9 @@ def check_target(value: Any, *, task: str, width: int | None, where: str) -> tor
     if isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.ndim == 1:
         t = value  # a loaded target (TargetDataset.convert_target): checked without converting it again
         value = _Shown(value)
+    elif value is None:
+        raise DataError(f"The target of {where} is None: task={task!r} needs one number per {per}; remove the "
+                        "sample or give its target.")
     else:
         try:
             arr = np.asarray(value, dtype=np.float32)
@@ -171,7 +174,7 @@ class TargetDataset(TransformedDataset):
 
     @staticmethod
     def convert_target(target: Any) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(target), dtype=torch.float32).reshape(-1)  # scalars become [1]
+        return torch.as_tensor(np.asarray(target, dtype=np.float32)).reshape(-1)  # scalars become [1]; "3.5" too
 
     def __getitem__(self, i: int) -> tuple[Any, Any]:
         if self.task is None:
@@ -294,9 +297,9 @@ def target_summary(targets: torch.Tensor) -> dict[str, Any]:
             "constant": tuple((y.amax(0) == y.amin(0)).tolist()), "n": len(y)}
 
 
-def target_width(ds: TargetDataset) -> int:
+def target_width(ds: TargetDataset, task: str) -> int:
     """Number of outputs implied by the first target (1 for scalar regression targets)."""
-    return max(int(check_target(ds.raw(0)[1], task="regression", width=None, where=f"item {ds.indices[0]}").numel()), 1)
+    return max(int(check_target(ds.raw(0)[1], task=task, width=None, where=f"item {ds.indices[0]}").numel()), 1)
 
 
 def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, seed: int,
@@ -331,7 +334,7 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
     train = TargetDataset(data)
     if len(train) == 0:
         raise DataError("The training dataset is empty.")
-    width = target_width(train)
+    width = target_width(train, task)
     names = list(classes) if classes else [str(i) for i in range(width)]
     if len(names) != width:
         raise DataError(f"classes has {len(names)} names but the targets have {width} values.")

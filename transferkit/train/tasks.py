@@ -354,18 +354,33 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
             raise DataError(f"{len(train)} training item(s) cannot be split for validation (val_split={val_split}): "
                             "nothing would be left to train on. Give validation data (val_data=), or val_split=0.")
         train, val = train.view(sorted(order[n_val:])), train.view(sorted(order[:n_val]))
-    targets = None
-    if task == "regression":  # the training part's targets (not validation's): a listing's all, else those read
-        targets = train.listed_targets()
-        if targets is None:
-            kept = [seen[i] for i in train.indices if i in seen]
-            targets = torch.stack(kept) if kept else None
+    # the training part's targets (not validation's): a listing's all, else those read
+    read = train.listed_targets()
+    if read is None:
+        kept = [seen[i] for i in train.indices if i in seen]
+        read = torch.stack(kept) if kept else None
+    if task == "multilabel" and read is not None:
+        _warn_constant_labels(read, names, report)
+    targets = read if task == "regression" else None
     return DataBundle(train=train, val=val, classes=names, report=report, targets=targets), width
+
+
+def _warn_constant_labels(targets: torch.Tensor, names: Sequence[str], report: DataReport) -> None:
+    """Warn about multilabel labels that are always, or never, present in the training targets
+    read (on their side of 0.5): nothing tells the images where they apply."""
+    side = targets >= 0.5
+    always = [names[j] for j in range(side.shape[1]) if bool(side[:, j].all())]
+    never = [names[j] for j in range(side.shape[1]) if not bool(side[:, j].any())]
+    if always or never:
+        said = [f"always present: {always[:10]}"] * bool(always) + [f"never present: {never[:10]}"] * bool(never)
+        report.warn(f"Labels constant in the {len(targets)} training targets read ({'; '.join(said)}); nothing can be "
+                    "learnt from the images for them.")
 
 
 def resolve_class_weights(class_weights: Any, task: str, bundle: DataBundle) -> list[float] | None:
     """``None``, a list, or ``"balanced"`` (multiclass: inverse class frequency; multilabel:
-    negatives / positives per label, as ``pos_weight``)."""
+    negatives / positives per label, as ``pos_weight``; 1 for a label that is always or never
+    present in training, where the ratio would switch its loss off or inflate it)."""
     if class_weights is None:
         return None
     n = len(bundle.classes)
@@ -379,13 +394,18 @@ def resolve_class_weights(class_weights: Any, task: str, bundle: DataBundle) -> 
         raise ConfigError(f"class_weights must be None, a list of numbers or 'balanced', got {class_weights!r}.")
     if task == "multiclass":
         return balanced_class_weights(dataset_targets(bundle.train), len(bundle.classes))
-    if task == "multilabel":
-        y = _targets(bundle.train)  # type: ignore[arg-type]
-        pos = y.sum(0).clamp(min=1)
-        return ((len(y) - y.sum(0)) / pos).tolist()
+    if task == "multilabel":  # pos_weight = negatives / positives; 1 (no reweighting) for a label constant in training
+        y = _targets(bundle.train).double()  # type: ignore[arg-type]
+        pos, neg = y.sum(0), len(y) - y.sum(0)
+        side = y >= 0.5
+        varies = side.any(0) & ~side.all(0)
+        return torch.where(varies, neg / pos.clamp(min=1e-12), torch.ones_like(pos)).tolist()
     raise ConfigError("class_weights do not apply to task='regression'.")
 
 
 def _targets(ds: TargetDataset) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(np.asarray(ds.raw(i)[1]), dtype=torch.float32).reshape(-1)
+    listed = ds.listed_targets()
+    if listed is not None:
+        return listed
+    return torch.stack([torch.as_tensor(np.asarray(ds.raw(i)[1], dtype=np.float32)).reshape(-1)
                         for i in range(len(ds))])

@@ -78,6 +78,11 @@ def test_label_lists_of_validation_data_use_the_training_labels(table):
     with pytest.warns(UserWarning, match=r"names labels \['purple'\] that are not among the classes"):
         d = tk.plan("tk:small_cnn", data=train, val_data=val, task="multilabel", **COMMON)
     assert d.classes == tuple(sorted(COLOURS)) and d.n_val == 10
+    columns = table("rg.csv", "path,red,green", lambda lv: f"{lv[0]:.3f},{lv[1]:.3f}")
+    fewer = table("r.csv", "path,red", lambda lv: f"{lv[0]:.3f}", n=10)
+    with pytest.raises(DataError, match=r"has no column 'green' \(the training data's outputs are \['red', 'green'\]: "
+                                        "the validation CSV needs a column for each\)"):
+        tk.plan("tk:small_cnn", data=columns, val_data=fewer, task="regression", **COMMON)
 
 
 @pytest.mark.parametrize("header, row, said", [

@@ -47,7 +47,8 @@ def scan_target_csv(csv_path: str | Path, *, task: str, classes: Sequence[str] |
                     report: DataReport | None = None,
                     purpose: str = "training") -> tuple[list[tuple[str, tuple[float, ...]]], list[str]]:
     """``[(path, target values)]`` and the output names of a multilabel or regression CSV
-    (see the module docstring). ``purpose``: ``"training"``, or ``"scoring"`` (`evaluate`:
+    (see the module docstring). ``purpose``: ``"training"``, ``"validation"`` (``classes``: the
+    training data's outputs), or ``"scoring"`` (`evaluate`:
     ``classes`` are the model's outputs), as the messages say it."""
     report = report if report is not None else DataReport()
     csv_path = Path(csv_path)
@@ -83,7 +84,7 @@ def scan_target_csv(csv_path: str | Path, *, task: str, classes: Sequence[str] |
         samples.append((path, t))
     if len(seen) < len(samples):
         report.warn(f"{where} lists {len(samples) - len(seen)} file(s) more than once with the same target; they "
-                    f"count that many times in {'training' if purpose == 'training' else 'the scores'}.")
+                    f"count that many times in {'the scores' if purpose == 'scoring' else purpose}.")
     check_listed_files(csv_path, [p for p, _ in samples])
     return samples, names
 
@@ -111,8 +112,9 @@ def _columns(header: list[str], body: list[list[str]], classes: Sequence[str] | 
     names = list(classes) if classes is not None else columns
     absent = [n for n in names if n not in columns]
     if absent:
-        why = "classes= names the columns to read" if purpose == "training" else \
-            f"the model's outputs are {names[:10]}: the CSV needs a column for each"
+        why = {"training": "classes= names the columns to read",
+               "validation": f"the training data's outputs are {names[:10]}: the validation CSV needs a column for each",
+               }.get(purpose, f"the model's outputs are {names[:10]}: the CSV needs a column for each")
         raise DataError(f"{where} has no column {absent[0]!r} ({why}); its columns "
                         f"are {columns}.")
     at = [header.index(n) for n in names]
@@ -133,11 +135,12 @@ def _columns(header: list[str], body: list[list[str]], classes: Sequence[str] | 
 
 def open_target_csv(csv_path: str | Path, *, task: str, classes: Sequence[str] | None = None,
                     min_size: int | None = None, on_bad_file: str = "skip", scan: str = "quick",
-                    report: DataReport | None = None) -> ImageFolderDataset:
+                    report: DataReport | None = None, purpose: str = "training") -> ImageFolderDataset:
     """The images a multilabel or regression CSV lists, pre-scanned, as a dataset of
-    ``(image, target values)`` (``classes``: the output names)."""
+    ``(image, target values)`` (``classes``: the output names; ``purpose`` as for
+    `scan_target_csv`)."""
     report = report if report is not None else DataReport()
-    listed, names = scan_target_csv(csv_path, task=task, classes=classes, report=report)
+    listed, names = scan_target_csv(csv_path, task=task, classes=classes, report=report, purpose=purpose)
     kept = filter_bad_images(listed, on_bad_file=on_bad_file, scan=scan, report=report)
     if not kept:
         raise DataError(f"No readable images in {str(csv_path)!r}: every file was bad (e.g. {report.bad_files[:2]}).")

@@ -317,6 +317,7 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
         return bundle, len(bundle.classes)
     report = DataReport()
     tables = dict(task=task, min_size=min_size, on_bad_file=on_bad_file, scan=scan, report=report)
+    named = bool(classes)  # names the user gave, else those of a training CSV's columns
     if is_csv(data):
         data = open_target_csv(data, classes=classes, **tables)
         classes = data.classes
@@ -325,7 +326,7 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
                           "does not: give classes=[...], the CSV's column names in the order of the Dataset's target "
                           "values, so that each validation value meets its output.")
     if is_csv(val_data):
-        val_data = open_target_csv(val_data, classes=classes, **tables)
+        val_data = open_target_csv(val_data, classes=classes, purpose="training" if named else "validation", **tables)
     for what, part in (("data", data), ("val_data", val_data)):
         if part is not None and (isinstance(part, (str, Path)) or not hasattr(part, "__getitem__")):
             raise DataError(f"task={task!r} needs a Dataset of (image, target vector) pairs or a CSV file with a "

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import textwrap
 import traceback
@@ -350,8 +351,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     print(result_summary(result))
     if result.export_path is not None:
         scored_on = "LABELLED_FOLDER_OR_CSV" if result.task == "multiclass" else "TARGETS_CSV"
-        print(f"  next:       transferkit predict {result.export_path} FILES_OR_FOLDERS\n"
-              f"              transferkit evaluate {result.export_path} {scored_on}")
+        path = _shell_word(str(result.export_path))
+        print(f"  next:       transferkit predict {path} FILES_OR_FOLDERS\n"
+              f"              transferkit evaluate {path} {scored_on}")
     return 0
 
 
@@ -486,13 +488,24 @@ _SETTING = re.compile(r"(?<![\w.-])([a-z_]+)=('[^']*'|\"[^\"]*\"|[^\s,;)]+?)(?=[
 _CALL = re.compile(r"(?:transferkit\.)?\b(finetune|resume)\((?!\):)([^()]*)\)")
 
 
+def _shell_word(text: str) -> str:
+    """``text`` quoted where a shell would split or expand it (a path with a space), else as
+    it is (``[256]`` stays readable).
+
+    Example:
+        >>> _shell_word("out/m.pt"), _shell_word("out/cli ml.pt")
+        ('out/m.pt', "'out/cli ml.pt'")
+    """
+    return shlex.quote(text) if re.search(r"[\s'\"$`\\;&|<>()*?!#~]", text) else text
+
+
 def _setting_flag(key: str, value: str) -> str | None:
     """``--key value`` (``--set key=value`` for settings without a flag; a switch alone when
     true), or None when ``key`` is no serialisable setting."""
     from transferkit.config import config_fields
 
     f = config_fields().get(key)
-    value = value.strip("'\"")
+    value = _shell_word(value.strip("'\""))
     if f is None or not f.metadata["serial"]:
         return None
     if key in ("data", "val_data"):  # flags of their own, outside FinetuneConfig's list
@@ -510,7 +523,8 @@ def _command(m: re.Match) -> str:
     args = [a.strip() for a in m.group(2).split(",") if a.strip()]
     words = ["transferkit finetune"]
     if m.group(1) == "resume":
-        words.append(f"--checkpoint {args.pop(0).strip(chr(39) + chr(34))} --resume" if args else "--resume")
+        words.append(f"--checkpoint {_shell_word(args.pop(0).strip(chr(39) + chr(34)))} --resume" if args else
+                     "--resume")
     for arg in args:
         key, eq, value = arg.partition("=")
         converted = _setting_flag(key.strip(), value.strip()) if eq else None

@@ -168,7 +168,8 @@ def test_finetune_dry_run_prints_the_decisions_and_trains_nothing(tmp_path, caps
     assert json.loads(_run(capsys, *args)[1]) == record  # piped: the same object
     assert not (tmp_path / "m.pt").exists()
     other = make_image_folder(tmp_path / "other", per_class=2, size=20, seed=3)
-    for flags in (["--set", f"data={other}"], ["--val-data", data, "--set", f"val_data={other}"]):  # --set wins
+    for flags in (["--set", f"data={other}"], ["--set", f"data_dir={other}"],  # --set wins
+                  ["--val-data", data, "--set", f"val_data={other}"]):
         got = json.loads(_run(capsys, *args, *flags)[1])["decisions"]["config"]
         assert str(other) in (got["data"], got["val_data"]), flags
 

@@ -301,7 +301,10 @@ def _finetune_kwargs(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) ->
                       stacklevel=2)
     cfg = merge_config(file_cfg, flags, overrides, source="finetune options")
     cfg = {k: expand_vars(v) for k, v in cfg.items() if k not in skip}
-    data = cfg.get("data") or cfg.get("data_dir")  # the flags and --set are in cfg, in their order of precedence
+    data = None  # the last of the config file, the flags and --set that names the training data (data or data_dir)
+    for layer in (file_cfg, flags, overrides):
+        named = [layer[k] for k in ("data", "data_dir") if layer.get(k)]
+        data = expand_vars(named[0]) if named else data
     if not data:
         raise TransferkitError("No training data: pass --data DIR (or data_dir in the config).")
     kwargs = {k: v for k, v in cfg.items() if k not in RECIPE_KEYS}

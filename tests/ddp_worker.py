@@ -22,6 +22,9 @@ would); rank 0 must end by itself with that error.
 finetune() over them (images every epoch, a ``cache_dir`` shared by the ranks) and saves
 ``remote_rank<r>.pt``.
 
+``slow_decode``: run under a short ``TRANSFERKIT_DIST_TIMEOUT``, rank 0 decodes the images
+once into ``cache_dir`` for longer than that while rank 1 waits (``slow_decode_rank<r>.pt``).
+
 ``stall``: rank 1's callback sleeps for 600 s without failing; with a short
 ``TRANSFERKIT_DIST_TIMEOUT`` rank 0's next collective times out and both ranks end.
 
@@ -175,29 +178,27 @@ def train(data: str, out: str) -> None:
     torch.save(decoded_once_on_disk(data, out), os.path.join(out, f"decoded_rank{RANK}.pt"))
 
 
-def decoded_once_on_disk(data: str, out: str) -> dict:
+def decoded_once_on_disk(data: str, out: str, slow_s: float = 0.0) -> dict:
     """How many parts (training, validation) this rank decoded in a run that decodes images once
-    into a ``cache_dir`` shared by the ranks, and what it trained. The first decode takes
-    longer than the run's collective timeout (3 s): the other rank waits for it all the same."""
+    into a ``cache_dir`` shared by the ranks, and what it trained. ``slow_s``: the first decode
+    takes that much longer (mode ``slow_decode`` runs with a shorter collective timeout)."""
     from transferkit.data import decoded
 
     calls = []
     real = decoded._decode_into
 
-    def slow_first(*a, **k):
+    def counted(*a, **k):
         calls.append(1)
         if len(calls) == 1:
-            time.sleep(6)
+            time.sleep(slow_s)
         return real(*a, **k)
 
-    decoded._decode_into = slow_first
-    os.environ["TRANSFERKIT_DIST_TIMEOUT"] = "3"
+    decoded._decode_into = counted
     try:
         r = tk.finetune("tk:small_cnn", policy="full", epochs=2, batch_size=4, augment="flip", restore_best=False,
                         cache_dir=os.path.join(out, "decode_cache"), **common(data))
     finally:
         decoded._decode_into = real
-        del os.environ["TRANSFERKIT_DIST_TIMEOUT"]
     return {"decoded": len(calls), "modes": sorted(p["mode"] for p in r.decisions.decode.values()),
             "history": [h["train_loss"] for h in r.history]}
 
@@ -256,6 +257,8 @@ def main() -> None:
         train(data, out)
     elif mode == "remote":
         remote(data, out)
+    elif mode == "slow_decode":
+        torch.save(decoded_once_on_disk(data, out, slow_s=8.0), os.path.join(out, f"slow_decode_rank{RANK}.pt"))
     elif mode in ("other_data", "bad_export"):
         one_rank_refuses(data, out, mode)
     else:

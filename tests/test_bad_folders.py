@@ -237,6 +237,8 @@ def test_a_dataset_s_own_class_names_are_matched_by_name(tmp_path):
     same = [prepare_data(torchvision.datasets.ImageFolder(str(tr)), classes=c, val_split=0).train
             for c in (["ant", "bee", "cat"], ["cat", "bee", "ant"])]
     assert data_fingerprint(same[0]) != data_fingerprint(same[1])
+    more = prepare_data(torchvision.datasets.ImageFolder(str(tr)), classes=["ant", "bee", "cat", "dog"], val_split=0)
+    assert data_fingerprint(more.train) == data_fingerprint(same[0])  # the same labels: the same identity
     unlabelled = torchvision.datasets.ImageFolder(str(tr))
     unlabelled.targets = [-1] * len(unlabelled.targets)  # STL10's unlabelled split: -1, beside its class names
     unlabelled.samples = [(p, -1) for p, _ in unlabelled.samples]
@@ -253,6 +255,8 @@ def test_a_dataset_with_names_for_labels_is_told_what_labels_must_be():
     train = prepare_data([(img, y) for y in labels], val_split=0).train
     assert [train[i][1] for i in range(6)] == [0, 1, 1, 1, 0, 0]
     assert prepare_data([(img, "1"), (img, "0")] * 2, val_split=0).train[0][1] == 1  # a class index as text
+    with pytest.raises(tk.DataError, match="item 0's label is '²'"):
+        prepare_data([(img, "²"), (img, "0")] * 2, val_split=0)
 
     class Named(torch.utils.data.Dataset):  # its labels in a targets attribute, read without its items
         targets = ["ant", "bee"] * 2

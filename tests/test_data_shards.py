@@ -110,7 +110,9 @@ def test_class_names_come_from_info_json_or_classes(tmp_path):
     y = write_shards([(bmp(9 + i), "bmp", "dark" if i % 2 else "light") for i in range(6)], tmp_path / "b2", [6])[0]
     for b in (prepare_data([str(x), str(y)], val_split=0), prepare_data(str(x), val_data=str(y))):
         assert not any("cop" in w or "hold" in w for w in b.report.warnings), b.report.warnings
-    assert any("named twice or copied" in w for w in prepare_data([str(x)] * 2, val_split=0).report.warnings)
+    for named in ([x, x], [x, y, y]):
+        assert any("named twice or copied" in w for w in prepare_data([str(s) for s in named],
+                                                                       val_split=0).report.warnings), named
     # a class without a sample (listed, or a gap in the indices) is named in a warning
     b = prepare_data(str(tmp_path / "s"), val_split=0, classes=["dark", "light", "wasps"])
     assert any("1 class of 3 has no training sample: ['wasps']" in w for w in b.report.warnings)

@@ -209,6 +209,15 @@ def test_images_decoded_once_into_cache_dir_are_decoded_by_one_rank_and_read_by_
     assert first["history"] == second["history"]
 
 
+def test_a_decode_once_longer_than_the_collective_timeout_is_waited_for(images, tmp_path):
+    """Rank 0 decodes for 8 s under a 4 s collective timeout: rank 1 waits for it, not in a
+    collective (a barrier there ended the job with a timeout)."""
+    proc = torchrun(images, tmp_path, "slow_decode", TRANSFERKIT_DIST_TIMEOUT="4")
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    first, second = (torch.load(tmp_path / f"slow_decode_rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert (first["decoded"], second["decoded"]) == (2, 0) and first["history"] == second["history"]
+
+
 def test_every_rank_reports_the_files_that_any_rank_found_bad_while_loading(ddp_run):
     """Each rank loads its own share of the training files; the files either found bad are in
     both ranks' reports (rank 0's result and summary list them all)."""

@@ -122,10 +122,13 @@ def _relabel(own: list[str], classes: list[str] | None, what: str, report: DataR
     left_out = [c for c in own if c not in classes]
     if len(left_out) == len(own):
         return None
+    mapping = [classes.index(c) if c in classes else -1 for c in own]
+    if mapping == list(range(len(own))):  # the same classes, more after them: nothing to relabel
+        return None
     if left_out:
         report.warn(f"The {what} dataset's items of {plural(len(left_out), 'class', 'classes')} not among the classes "
                     f"{classes[:10]} are left out: {left_out[:10]}.")
-    return [classes.index(c) if c in classes else -1 for c in own]
+    return mapping
 
 
 def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple[Any, Any]:

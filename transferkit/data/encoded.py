@@ -137,8 +137,7 @@ class EncodedImageDataset(Dataset):
 
     def signatures(self) -> np.ndarray | None:
         """A hash per sample identifying it without reading it (see
-        `transferkit.data.shards.ShardSource.signatures`), where the source gives one that tells
-        samples apart; else None."""
+        `transferkit.data.shards.ShardSource.signatures`), where the source gives them; else None."""
         sig = getattr(self.source, "signatures", None)
         every = sig() if callable(sig) else None
         return every[self.indices] if every is not None else None

@@ -302,7 +302,7 @@ def class_index(label: Any, item: int | None = None) -> int:
         return int(value)
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().isdigit():  # "3": a class index written as text
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdecimal():  # "3": an index as text
         return int(value)
     where = f"item {item}'s label" if item is not None else "a label"
     raise DataError(f"A Dataset's labels are class indices (0, 1, ...); {where} is {label!r}. Give integer labels "

@@ -541,17 +541,19 @@ class ShardSource:
     def sample_name(self, i: int) -> str:
         return f"{self.paths[int(self.shard_of[i])]}:{self.key(i)}"
 
-    def signatures(self) -> np.ndarray | None:
+    def signatures(self) -> np.ndarray:
         """A hash per sample of what identifies it without reading it: its key, the byte size of
         its image and the image's dimensions (where a scan read them). Equal for a sample copied
         into another shard; for two samples under the same key (shards whose keys restart at
-        0), equal only if their images also have the same size in bytes and in pixels. None
-        where byte sizes do not tell images apart (`sizes_tell_apart`). Valid within this
-        process (Python's salted ``hash``)."""
-        if not sizes_tell_apart(self.sizes):
-            return None
-        return np.array([hash((k, int(s), int(w), int(h))) for k, s, (w, h) in
-                         zip(self.key_bytes[:len(self)], self.sizes, self.dims)], dtype=np.int64)
+        0), equal only if their images also have the same size in bytes and in pixels. A sample
+        of a shard whose byte sizes do not tell its images apart (`sizes_tell_apart`) gets a
+        signature of its own (its copies are not looked for). Valid within this process
+        (Python's salted ``hash``)."""
+        told = np.array([sizes_tell_apart(self.sizes[a:b]) for a, b in zip(self.starts[:-1], self.starts[1:])],
+                        dtype=bool)[self.shard_of] if len(self) else np.zeros(0, bool)
+        return np.array([hash((k, int(s), int(w), int(h))) if ok else hash(("sample", self.paths[0], i))
+                         for i, (k, s, (w, h), ok) in enumerate(zip(self.key_bytes[:len(self)], self.sizes, self.dims,
+                                                                    told))], dtype=np.int64)
 
     def shard_sizes(self) -> list[int]:
         return np.diff(self.starts).tolist()
@@ -603,16 +605,16 @@ def _info_classes(paths: Sequence[str]) -> list[str] | None:
 
 
 def sizes_tell_apart(sizes: Any) -> bool:
-    """Whether the byte sizes of images tell them apart (at least half of them distinct):
-    compressed images (JPEG, PNG, WebP) of real scenes differ in size, while uncompressed ones
-    (BMP, PPM) of one shape, or tiny flat images, share one.
+    """Whether the byte sizes of a shard's images tell them apart: no one size is shared by
+    more than half of them. Compressed images (JPEG, PNG, WebP) vary in size; uncompressed
+    ones (BMP, PPM) of one shape all have the same.
 
     Example:
-        >>> sizes_tell_apart([5120, 4987, 5302]), sizes_tell_apart([3126, 3126, 3126])
+        >>> sizes_tell_apart([5120, 4987, 5302, 5120]), sizes_tell_apart([3126, 3126, 3126, 2000])
         (True, False)
     """
     sizes = np.asarray(sizes)
-    return len(sizes) > 0 and 2 * len(np.unique(sizes)) >= len(sizes)
+    return len(sizes) > 0 and 2 * int(np.unique(sizes, return_counts=True)[1].max()) <= len(sizes)
 
 
 def _warn_repeated_shards(shards: Sequence[str], indexes: Sequence[ShardIndex], what: str,
@@ -621,17 +623,19 @@ def _warn_repeated_shards(shards: Sequence[str], indexes: Sequence[ShardIndex], 
     shard named twice, or copied under another name), whose samples would count twice;
     whether one did."""
     seen: dict[tuple[Any, ...], str] = {}
+    named: set[str] = set()
     for p, ix in zip(shards, indexes):
         if not ix.keys:
             continue
         # keys, file size and image sizes: shards whose keys restart at 0 differ in their images, where the
         # images' byte sizes tell them apart; a path named twice is a copy whatever its images
         sig = (ix.keys[0], ix.keys[-1], len(ix.keys), ix.nbytes, hash(tuple(ix.sizes)))
-        first = p if p in seen.values() else seen.get(sig) if sizes_tell_apart(ix.sizes) else None
+        first = p if p in named else seen.get(sig) if sizes_tell_apart(ix.sizes) else None
         if first is not None:
             report.warn(f"The {what} shards {first!r} and {p!r} hold the same {len(ix.keys)} sample keys "
                         f"({sig[0]} .. {sig[1]}): a shard named twice or copied; its samples count twice.")
             return True
+        named.add(p)
         seen.setdefault(sig, p)
     return False
 
@@ -640,8 +644,6 @@ def _warn_repeated_samples(source: ShardSource, what: str, report: DataReport) -
     """Warn when samples appear more than once across the shards (the same key, image bytes and
     dimensions, `ShardSource.signatures`: copied into a second shard), where each copy counts."""
     sig = source.signatures()
-    if sig is None:
-        return
     _, first, counts = np.unique(sig, return_index=True, return_counts=True)
     if not (counts > 1).any():
         return

@@ -174,6 +174,8 @@ class TargetDataset(TransformedDataset):
 
     @staticmethod
     def convert_target(target: Any) -> torch.Tensor:
+        if target is None:
+            raise TypeError("no target")  # check_target names it
         return torch.as_tensor(np.asarray(target, dtype=np.float32)).reshape(-1)  # scalars become [1]; "3.5" too
 
     def __getitem__(self, i: int) -> tuple[Any, Any]:
@@ -317,7 +319,6 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
         return bundle, len(bundle.classes)
     report = DataReport()
     tables = dict(task=task, min_size=min_size, on_bad_file=on_bad_file, scan=scan, report=report)
-    named = bool(classes)  # names the user gave, else those of a training CSV's columns
     if is_csv(data):
         data = open_target_csv(data, classes=classes, **tables)
         classes = data.classes
@@ -326,7 +327,7 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
                           "does not: give classes=[...], the CSV's column names in the order of the Dataset's target "
                           "values, so that each validation value meets its output.")
     if is_csv(val_data):
-        val_data = open_target_csv(val_data, classes=classes, purpose="training" if named else "validation", **tables)
+        val_data = open_target_csv(val_data, classes=classes, purpose="validation", **tables)
     for what, part in (("data", data), ("val_data", val_data)):
         if part is not None and (isinstance(part, (str, Path)) or not hasattr(part, "__getitem__")):
             raise DataError(f"task={task!r} needs a Dataset of (image, target vector) pairs or a CSV file with a "
@@ -357,10 +358,11 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
         train, val = train.view(sorted(order[n_val:])), train.view(sorted(order[:n_val]))
     # the training part's targets (not validation's): a listing's all, else those read
     read = train.listed_targets()
+    every = read is not None or all(i in seen for i in train.indices)  # every training target was read
     if read is None:
         kept = [seen[i] for i in train.indices if i in seen]
         read = torch.stack(kept) if kept else None
-    if task == "multilabel" and read is not None:
+    if task == "multilabel" and read is not None and every:
         _warn_constant_labels(read, names, report)
     targets = read if task == "regression" else None
     return DataBundle(train=train, val=val, classes=names, report=report, targets=targets), width
@@ -368,13 +370,13 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
 
 def _warn_constant_labels(targets: torch.Tensor, names: Sequence[str], report: DataReport) -> None:
     """Warn about multilabel labels that are always, or never, present in the training targets
-    read (on their side of 0.5): nothing tells the images where they apply."""
+    (all of them; on their side of 0.5): nothing tells the images where they apply."""
     side = targets >= 0.5
     always = [names[j] for j in range(side.shape[1]) if bool(side[:, j].all())]
     never = [names[j] for j in range(side.shape[1]) if not bool(side[:, j].any())]
     if always or never:
         said = [f"always present: {always[:10]}"] * bool(always) + [f"never present: {never[:10]}"] * bool(never)
-        report.warn(f"Labels constant in the {len(targets)} training targets read ({'; '.join(said)}); nothing can be "
+        report.warn(f"Labels constant in the {len(targets)} training targets ({'; '.join(said)}); nothing can be "
                     "learnt from the images for them.")
 
 
@@ -396,11 +398,10 @@ def resolve_class_weights(class_weights: Any, task: str, bundle: DataBundle) -> 
     if task == "multiclass":
         return balanced_class_weights(dataset_targets(bundle.train), len(bundle.classes))
     if task == "multilabel":  # pos_weight = negatives / positives; 1 (no reweighting) for a label constant in training
-        y = _targets(bundle.train).double()  # type: ignore[arg-type]
-        pos, neg = y.sum(0), len(y) - y.sum(0)
+        y = _targets(bundle.train)  # type: ignore[arg-type]
         side = y >= 0.5
         varies = side.any(0) & ~side.all(0)
-        return torch.where(varies, neg / pos.clamp(min=1e-12), torch.ones_like(pos)).tolist()
+        return torch.where(varies, (len(y) - y.sum(0)) / y.sum(0).clamp(min=1), torch.ones(y.shape[1])).tolist()
     raise ConfigError("class_weights do not apply to task='regression'.")
 
 

@@ -492,14 +492,14 @@ _CALL = re.compile(r"(?:transferkit\.)?\b(finetune|resume)\((?!\):)([^()]*)\)")
 
 
 def _shell_word(text: str) -> str:
-    """``text`` quoted where a shell would split or expand it (a path with a space), else as
-    it is (``[256]`` stays readable).
+    """``text`` quoted where a shell (bash, zsh) could split or expand it (a path with a space,
+    ``[256]``), else as it is.
 
     Example:
         >>> _shell_word("out/m.pt"), _shell_word("out/cli ml.pt")
         ('out/m.pt', "'out/cli ml.pt'")
     """
-    return shlex.quote(text) if re.search(r"[\s'\"$`\\;&|<>()*?!#~]", text) else text
+    return shlex.quote(text) if re.search(r"[^\w@%+=:,./-]", text) else text
 
 
 def _setting_flag(key: str, value: str) -> str | None:

@@ -113,7 +113,8 @@ def _columns(header: list[str], body: list[list[str]], classes: Sequence[str] | 
     absent = [n for n in names if n not in columns]
     if absent:
         why = {"training": "classes= names the columns to read",
-               "validation": f"the training data's outputs are {names[:10]}: the validation CSV needs a column for each",
+               "validation": f"the training data's outputs are {names[:10]}: the validation CSV needs a column for "
+                             "each",
                }.get(purpose, f"the model's outputs are {names[:10]}: the CSV needs a column for each")
         raise DataError(f"{where} has no column {absent[0]!r} ({why}); its columns "
                         f"are {columns}.")

@@ -236,10 +236,11 @@ def check_sweep(sweep: LRRange) -> None:
     """A ConfigError unless ``0 < start_lr < end_lr`` and ``num_steps >= 2``.
 
     Example:
-        >>> check_sweep(LRRange(start_lr=1e-5, end_lr=1e-6))
-        Traceback (most recent call last):
-        ...
-        transferkit.errors.ConfigError: lr_find needs 0 < start_lr < end_lr and num_steps >= 2, got start_lr=1e-05, end_lr=1e-06, num_steps=100.
+        >>> try:
+        ...     check_sweep(LRRange(start_lr=1e-5, end_lr=1e-6))
+        ... except ConfigError as exc:
+        ...     print(str(exc).split(", got")[0])
+        lr_find needs 0 < start_lr < end_lr and num_steps >= 2
     """
     if not (0 < sweep.start_lr < sweep.end_lr) or sweep.num_steps < 2:
         raise ConfigError(f"lr_find needs 0 < start_lr < end_lr and num_steps >= 2, got start_lr={sweep.start_lr}, "

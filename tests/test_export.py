@@ -368,6 +368,49 @@ def test_parity_check_refuses_non_finite_outputs(tmp_path, factor, only_exported
     assert path.read_bytes() == b"previous export" and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
 
 
+class _Outputs(nn.Module):
+    """Three regression outputs of very different scales; once scripted, ``shift`` is added to
+    the small one."""
+
+    def __init__(self, shift: float) -> None:
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.float().mean((1, 2, 3)).unsqueeze(1)
+        out = torch.cat([5e4 + m, -3.0 + 1e-4 * m, m], 1)
+        if torch.jit.is_scripting():
+            out = out + torch.tensor([0.0, self.shift, 0.0])
+        return out
+
+
+class _OutputsOnnx(_Outputs):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.float().mean((1, 2, 3)).unsqueeze(1)
+        out = torch.cat([5e4 + m, -3.0 + 1e-4 * m, m], 1)
+        return out + torch.tensor([0.0, self.shift, 0.0]) if torch.onnx.is_in_onnx_export() else out
+
+
+def test_regression_outputs_are_checked_each_at_its_own_scale(tmp_path):
+    """One tolerance from the largest output (5e4 x 1e-5 = 0.5) would pass a difference of 0.3 in an
+    output of std 3e-4; each regression output has its own. Logits share one scale."""
+    meta = {"labels": ["big", "small", "unit"], "input_spec": {"image_size": 8}, "task": "regression"}
+    with pytest.raises(ExportError, match=r"by 0.3 in output 1 \('small'\), checked at its own scale"):
+        export_torchscript(_Outputs(0.3), tmp_path / "m.pt", metadata=meta, example_inputs=images(3, 8), mode="script")
+    assert not (tmp_path / "m.pt").exists()
+    report = export_torchscript(_Outputs(0.0), tmp_path / "m.pt", metadata=meta, example_inputs=images(3, 8),
+                                mode="script")
+    assert report.max_abs_diff <= report.tolerance < 1e-4  # the small output's own tolerance is the one reported
+    logits = {**meta, "task": "multiclass"}
+    export_torchscript(_Outputs(0.3), tmp_path / "c.pt", metadata=logits, example_inputs=images(3, 8), mode="script")
+    if importlib.util.find_spec("onnxruntime") is not None:  # the ONNX check is the same
+        from transferkit.export import export_onnx
+
+        with pytest.raises(ExportError, match=r"by 0.3 in output 1, checked at its own scale under onnxruntime"):
+            export_onnx(_OutputsOnnx(0.3), tmp_path / "m.onnx", metadata=meta, example_inputs=images(3, 8))
+        export_onnx(_OutputsOnnx(0.3), tmp_path / "c.onnx", metadata=logits, example_inputs=images(3, 8))
+
+
 def test_max_abs_diff_reduces_with_torch_and_sees_nan():
     from transferkit.export.torchscript import max_abs_diff
 

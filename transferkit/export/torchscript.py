@@ -225,12 +225,14 @@ def _count_bad(t: torch.Tensor) -> int:
 
 
 def max_abs_diff(reference: Sequence[torch.Tensor], exported: torch.jit.ScriptModule,
-                 batches: Sequence[torch.Tensor]) -> tuple[float, float]:
+                 batches: Sequence[torch.Tensor], *, per_output: bool = False) -> tuple[Any, Any]:
     """Largest ``|exported(x) - eager(x)|`` over ``batches`` and the largest ``|eager(x)|``,
-    reduced with torch in float64. Any NaN/inf output, eager or exported, raises ExportError
-    (a NaN compares false with everything, so a Python ``max`` would hide it)."""
-    diff = torch.zeros((), dtype=torch.float64)
-    scale = torch.zeros((), dtype=torch.float64)
+    reduced with torch in float64 (``per_output``: one of each per output column, as
+    tensors, for `parity`). Any NaN/inf output, eager or exported, raises ExportError (a
+    NaN compares false with everything, so a Python ``max`` would hide it)."""
+    width = int(reference[0].shape[-1]) if per_output and len(reference) else 0
+    diff = torch.zeros(width, dtype=torch.float64) if per_output else torch.zeros((), dtype=torch.float64)
+    scale = torch.zeros_like(diff)
     with torch.no_grad():
         for a, xb in zip(reference, batches):
             b = exported(xb)
@@ -245,11 +247,29 @@ def max_abs_diff(reference: Sequence[torch.Tensor], exported: torch.jit.ScriptMo
                                       f"input {tuple(xb.shape)} {xb.dtype}; the export is refused (nothing was "
                                       "written).")
             if a64.numel():
-                diff = torch.maximum(diff, (a64 - b64).abs().max())
-                scale = torch.maximum(scale, a64.abs().max())
-    if not torch.isfinite(diff):
-        raise ExportError(f"The exported model differs from the eager model by {float(diff)}; the export is refused.")
-    return float(diff), float(scale)
+                dims = tuple(range(a64.ndim - 1)) if per_output else None
+                diff = torch.maximum(diff, (a64 - b64).abs().amax(dim=dims))
+                scale = torch.maximum(scale, a64.abs().amax(dim=dims))
+    if not torch.isfinite(diff).all():
+        raise ExportError(f"The exported model differs from the eager model by {float(diff.max())}; the export is "
+                          "refused.")
+    return (diff, scale) if per_output else (float(diff), float(scale))
+
+
+def parity(diff: Any, scale: Any, atol: float, rtol: float) -> tuple[float, float, int]:
+    """``(difference, tolerance, output)`` of the output (column) nearest to or furthest
+    beyond its tolerance ``atol + rtol * max|eager output|``, from `max_abs_diff`'s per-output
+    ``diff`` and ``scale``. Each output has its own tolerance, so an output far smaller than
+    the others (a regression target in other units) is checked at its own scale.
+
+    Example:
+        >>> parity(torch.tensor([0.1, 0.3]), torch.tensor([5e4, 3.0]), 1e-5, 1e-5)[2]  # 0.3 on a scale of 3
+        1
+    """
+    diff, scale = torch.as_tensor(diff, dtype=torch.float64), torch.as_tensor(scale, dtype=torch.float64)
+    tol = atol + rtol * scale
+    j = int(torch.argmax(diff - tol)) if diff.numel() else 0
+    return (float(diff[j]), float(tol[j]), j) if diff.numel() else (0.0, atol, 0)
 
 
 def example_list(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -285,8 +305,8 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
     """Convert ``model`` to TorchScript, save it with ``metadata`` inside, reload the file
     and compare it with the eager model on ``example_inputs`` at batch size 1 and N.
 
-    The tolerance is ``atol + rtol * max|eager output|``; beyond it ExportError is raised and
-    ``path`` is left untouched. ``example_inputs`` is a batch (or a list of batches, e.g.
+    The tolerance is ``atol + rtol * max|eager output|`` (``metadata["task"] == "regression"``:
+    per output, see `parity`); beyond it ExportError is raised and ``path`` is left untouched. ``example_inputs`` is a batch (or a list of batches, e.g.
     waveforms of several lengths). See `transferkit.export.metadata` for the fields.
 
     Example:
@@ -364,24 +384,36 @@ def _save_and_check(module: torch.jit.ScriptModule, tmp: str, meta: dict[str, An
                     target: str | Path | None = None) -> tuple[float, float]:
     """Save ``module`` with its metadata, reload it from disk, compare; re-save once so that the
     metadata records the reloaded file's own difference."""
+    def measure(exported: torch.jit.ScriptModule) -> tuple[float, float, str]:
+        """The difference, its tolerance, and where (regression: the output nearest its own tolerance)."""
+        if meta.get("task") == "regression":  # outputs in their own units: each checked at its own scale
+            diff, tol, j = parity(*max_abs_diff(reference, exported, batches, per_output=True), atol, rtol)
+            return diff, tol, f" in output {j} ({_output_name(meta, j)}), checked at its own scale"
+        diff, scale = max_abs_diff(reference, exported, batches)
+        return diff, atol + rtol * scale, ""
+
     with torch.jit.optimized_execution(False):  # a cheap first estimate, recorded in the metadata
-        recorded, _ = max_abs_diff(reference, module, batches)
+        recorded, _, _ = measure(module)
     for _ in range(2):
         meta["export"] = {"mode": kind, "optimization": how, "max_abs_diff": recorded, "atol": atol, "rtol": rtol,
                           "batch_sizes": [int(b.shape[0]) for b in batches],
                           "input_dtypes": sorted({str(b.dtype).replace("torch.", "") for b in batches})}
         save_with_digests(module, tmp, meta)
         reloaded, _ = _load(tmp, "cpu", source=repr(str(target if target is not None else tmp)))
-        diff, scale = max_abs_diff(reference, reloaded, batches)
-        tol = atol + rtol * scale
+        diff, tol, where = measure(reloaded)
         if not diff <= tol:
             raise ExportError(f"The exported model ({kind}, optimization={how}) differs from the eager model by "
-                              f"{diff:.3g} (> tolerance {tol:.3g} = atol {atol:g} + rtol {rtol:g} * {scale:.3g}); "
-                              "the file was not written.")
+                              f"{diff:.3g}{where} (> tolerance {tol:.3g} = atol {atol:g} + rtol {rtol:g} * max|eager "
+                              "output|); the file was not written.")
         if recorded == diff:
             break
         recorded = diff
     return diff, tol
+
+
+def _output_name(meta: dict[str, Any], j: int) -> str:
+    labels = meta.get("labels") or []
+    return repr(labels[j]) if j < len(labels) else str(j)
 
 
 def save_with_digests(module: torch.jit.ScriptModule, path: str | Path, meta: dict[str, Any]) -> None:

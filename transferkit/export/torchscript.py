@@ -306,8 +306,9 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
     and compare it with the eager model on ``example_inputs`` at batch size 1 and N.
 
     The tolerance is ``atol + rtol * max|eager output|`` (``metadata["task"] == "regression"``:
-    per output, see `parity`); beyond it ExportError is raised and ``path`` is left untouched. ``example_inputs`` is a batch (or a list of batches, e.g.
-    waveforms of several lengths). See `transferkit.export.metadata` for the fields.
+    per output, see `parity`); beyond it ExportError is raised and ``path`` is left untouched.
+    ``example_inputs`` is a batch (or a list of batches, e.g. waveforms of several lengths).
+    See `transferkit.export.metadata` for the fields.
 
     Example:
         >>> import torch, transferkit

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from transferkit.data.late import FileDataset
+from transferkit.data.late import listing_of
 
 
 def _hash_tensor(h: Any, t: torch.Tensor) -> None:
@@ -206,9 +206,9 @@ def listed_files(ds: Any) -> list[tuple[Any, Any]] | None:
     the targets its items give) takes; None for other datasets."""
     if hasattr(ds, "samples"):
         return ds.samples
-    base, indices = getattr(ds, "base", None), getattr(ds, "indices", None)
-    if indices is not None and isinstance(base, FileDataset):  # transferkit's own listing: no target_transform
-        return [base.samples[i] for i in indices]
+    files, indices = listing_of(ds), getattr(ds, "indices", None)
+    if indices is not None and files is not None:  # transferkit's own listing: no target_transform
+        return [files.samples[i] for i in indices]
     return None
 
 

@@ -468,6 +468,7 @@ class ShardSource:
         self._files: dict[int, Any] = {}
         self._held: dict[int, Held] = {}  # open remote shards, least recently used first
         self._pid = os.getpid()
+        self._signatures: np.ndarray | None = None  # computed once, see signatures()
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -475,6 +476,7 @@ class ShardSource:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_files"], state["_held"] = {}, {}  # open files stay in their process
+        state["_signatures"] = None  # the data checks' (main process), not the workers'
         return state
 
     def _file(self, s: int) -> Any:
@@ -548,12 +550,16 @@ class ShardSource:
         0), equal only if their images also have the same size in bytes and in pixels. A sample
         of a shard whose byte sizes do not tell its images apart (`sizes_tell_apart`) gets a
         signature of its own (its copies are not looked for). Valid within this process
-        (Python's salted ``hash``)."""
+        (Python's salted ``hash``); computed once (the training data's checks and the check
+        against the validation data share it)."""
+        if self._signatures is not None:
+            return self._signatures
         told = np.array([sizes_tell_apart(self.sizes[a:b]) for a, b in zip(self.starts[:-1], self.starts[1:])],
                         dtype=bool)[self.shard_of] if len(self) else np.zeros(0, bool)
-        return np.array([hash((k, int(s), int(w), int(h))) if ok else hash(("sample", self.paths[0], i))
-                         for i, (k, s, (w, h), ok) in enumerate(zip(self.key_bytes[:len(self)], self.sizes, self.dims,
-                                                                    told))], dtype=np.int64)
+        self._signatures = np.array([hash((k, int(s), int(w), int(h))) if ok else hash(("sample", self.paths[0], i))
+                                     for i, (k, s, (w, h), ok) in enumerate(zip(self.key_bytes[:len(self)], self.sizes,
+                                                                                self.dims, told))], dtype=np.int64)
+        return self._signatures
 
     def shard_sizes(self) -> list[int]:
         return np.diff(self.starts).tolist()

@@ -36,6 +36,7 @@ import math
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -340,7 +341,7 @@ def local_main_first(info: DistInfo, work: Callable[[], Any], *, poll_s: float =
         store.set(key, "done")
         return out
     while not store.check([key]):
-        threading.Event().wait(poll_s)
+        time.sleep(poll_s)
     return None
 
 

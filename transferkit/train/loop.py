@@ -228,7 +228,9 @@ def evaluate(module: nn.Module, loader: DataLoader, *, loss_fn: Callable, device
         if dist is None or not dist.enabled:
             raise DistributedError("A validation loader sharded over the ranks needs the process group (dist=).")
         owners = [sampler.indices_of(r) for r in range(sampler.world)]  # blocks with sample groups
-        logits, t = whole_set(logits, sampler.n, dist, owners), whole_set(t, sampler.n, dist, owners)
+        width = logits.shape[1]  # logits and targets in one gather, in float64 (exact for both)
+        both = whole_set(torch.cat([logits.double(), t.reshape(len(t), -1).double()], 1), sampler.n, dist, owners)
+        logits, t = both[:, :width].float(), both[:, width:].to(t.dtype).reshape(-1, *t.shape[1:])
     n = max(len(t), 1)
     loss = float(loss_fn(logits.to(speed.device), t.to(speed.device)).item())
     preds = logits.argmax(1) if task == "multiclass" else logits

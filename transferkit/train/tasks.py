@@ -26,7 +26,7 @@ from transferkit.data.images import TransformedDataset
 from transferkit.data.bundle import DataBundle, prepare_data
 from transferkit.data.checks import DataReport
 from transferkit.data.images import dataset_targets
-from transferkit.data.late import FileDataset, listing_of
+from transferkit.data.late import listing_of
 from transferkit.data.target_tables import is_csv, open_target_csv
 from transferkit.errors import ConfigError, DataError, check_choice
 from transferkit.heads import TASKS, centred_only
@@ -241,10 +241,10 @@ class TargetDataset(TransformedDataset):
         """Every target of this dataset ``[N, D]``, from its listing (nothing decoded), or None
         when the base dataset is not one of transferkit's own listings (its targets come with
         its items)."""
-        if not isinstance(self.base, FileDataset) or not self.indices:
+        files = listing_of(self)
+        if files is None or not self.indices:
             return None
-        samples = self.base.samples
-        return torch.from_numpy(np.asarray([samples[j][1] for j in self.indices], dtype=np.float32)).reshape(
+        return torch.from_numpy(np.asarray([files.samples[j][1] for j in self.indices], dtype=np.float32)).reshape(
             len(self.indices), -1)
 
     def raw(self, i: int) -> Any:
@@ -254,7 +254,8 @@ class TargetDataset(TransformedDataset):
         j = self.indices[i]
         # transferkit's own listing (no target_transform between it and the items); any other dataset gives
         # its targets through __getitem__
-        return self.base.samples[j] if isinstance(self.base, FileDataset) else self.base[j]
+        files = listing_of(self)
+        return files.samples[j] if files is not None else self.base[j]
 
 
 def target_scale_note(stats: dict[str, Any], names: Sequence[str], *, standardised: bool) -> str | None:
@@ -368,12 +369,24 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
     return DataBundle(train=train, val=val, classes=names, report=report, targets=targets), width
 
 
+def constant_labels(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which multilabel labels are always, and which never, present in ``targets`` ``[N, C]``
+    (on their side of 0.5), as two boolean masks ``[C]``.
+
+    Example:
+        >>> [m.tolist() for m in constant_labels(torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))]
+        [[True, False, False], [False, True, False]]
+    """
+    side = targets >= 0.5
+    return side.all(0), ~side.any(0)
+
+
 def _warn_constant_labels(targets: torch.Tensor, names: Sequence[str], report: DataReport) -> None:
     """Warn about multilabel labels that are always, or never, present in the training targets
-    (all of them; on their side of 0.5): nothing tells the images where they apply."""
-    side = targets >= 0.5
-    always = [names[j] for j in range(side.shape[1]) if bool(side[:, j].all())]
-    never = [names[j] for j in range(side.shape[1]) if not bool(side[:, j].any())]
+    (all of them): nothing tells the images where they apply."""
+    present, absent = constant_labels(targets)
+    always = [names[j] for j in range(len(names)) if present[j]]
+    never = [names[j] for j in range(len(names)) if absent[j]]
     if always or never:
         said = [f"always present: {always[:10]}"] * bool(always) + [f"never present: {never[:10]}"] * bool(never)
         report.warn(f"Labels constant in the {len(targets)} training targets ({'; '.join(said)}); nothing can be "
@@ -399,9 +412,9 @@ def resolve_class_weights(class_weights: Any, task: str, bundle: DataBundle) -> 
         return balanced_class_weights(dataset_targets(bundle.train), len(bundle.classes))
     if task == "multilabel":  # pos_weight = negatives / positives; 1 (no reweighting) for a label constant in training
         y = _targets(bundle.train)  # type: ignore[arg-type]
-        side = y >= 0.5
-        varies = side.any(0) & ~side.all(0)
-        return torch.where(varies, (len(y) - y.sum(0)) / y.sum(0).clamp(min=1), torch.ones(y.shape[1])).tolist()
+        present, absent = constant_labels(y)
+        ratio = (len(y) - y.sum(0)) / y.sum(0).clamp(min=1)
+        return torch.where(present | absent, torch.ones(y.shape[1]), ratio).tolist()
     raise ConfigError("class_weights do not apply to task='regression'.")
 
 

@@ -258,7 +258,7 @@ def main() -> None:
     elif mode == "remote":
         remote(data, out)
     elif mode == "slow_decode":
-        torch.save(decoded_once_on_disk(data, out, slow_s=8.0), os.path.join(out, f"slow_decode_rank{RANK}.pt"))
+        torch.save(decoded_once_on_disk(data, out, slow_s=16.0), os.path.join(out, f"slow_decode_rank{RANK}.pt"))
     elif mode in ("other_data", "bad_export"):
         one_rank_refuses(data, out, mode)
     else:

@@ -210,9 +210,10 @@ def test_images_decoded_once_into_cache_dir_are_decoded_by_one_rank_and_read_by_
 
 
 def test_a_decode_once_longer_than_the_collective_timeout_is_waited_for(images, tmp_path):
-    """Rank 0 decodes for 8 s under a 4 s collective timeout: rank 1 waits for it, not in a
-    collective (a barrier there ended the job with a timeout)."""
-    proc = torchrun(images, tmp_path, "slow_decode", TRANSFERKIT_DIST_TIMEOUT="4")
+    """Rank 0 decodes for 16 s under a 10 s collective timeout (room for a loaded machine in the
+    run's other collectives): rank 1 waits for it, not in a collective (a barrier there ended
+    the job with a timeout)."""
+    proc = torchrun(images, tmp_path, "slow_decode", TRANSFERKIT_DIST_TIMEOUT="10")
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     first, second = (torch.load(tmp_path / f"slow_decode_rank{rank}.pt", weights_only=True) for rank in (0, 1))
     assert (first["decoded"], second["decoded"]) == (2, 0) and first["history"] == second["history"]

@@ -313,7 +313,7 @@ def test_balanced_multilabel_weights_leave_a_constant_label_alone_and_it_is_name
         d = tk.plan("tk:small_cnn", data=Targets(targets), task="multilabel", classes=["a", "b", "c"],
                     class_weights="balanced", val_split=0, **COMMON)
     assert d.class_weights == (1.0, float(np.float32(7) / np.float32(3)), 1.0)  # float32, as records hold them
-    rare = [[int(i == 1)] for i in range(1500)]  # more than the targets read before training: no warning from some
+    rare = [[int(i == 2)] for i in range(1500)]  # more than the targets read before training: no warning from some
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tk.plan("tk:small_cnn", data=Targets(rare), task="multilabel", val_split=0, **COMMON)

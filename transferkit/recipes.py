@@ -143,7 +143,8 @@ def build_parser(name: str, description: str,
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="use at most N items per class (smoke tests)")
     p.add_argument("--run", default=None, help="run only this one of the config's runs")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any finetune() setting")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any finetune() setting but data, val_data, classes and export, which the "
+                   "recipe sets")
     if add_arguments is not None:
         add_arguments(p.add_argument_group(f"{name} options"))
     return p

@@ -4,6 +4,7 @@ help read their types and choices from those annotations."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,6 +97,24 @@ def test_settings_that_do_not_apply_to_the_task_are_refused_before_any_data_is_r
         transferkit.plan("tk:small_cnn", data="no/such/folder", task=task, **option)
     if task != "multiclass":
         FinetuneConfig(data="x", **option)  # multiclass takes them
+
+
+@pytest.mark.parametrize("call", [transferkit.plan, transferkit.lr_find, transferkit.linear_probe,
+                                  transferkit.finetune])
+def test_a_setting_refused_names_the_call_the_user_made(call, image_folder):
+    """plan, lr_find and linear_probe share finetune's settings; their errors name the call
+    made: the key check, the value checks, and the backbone's, made after the data are read."""
+    name = f"{call.__name__}()"
+    small = get_backbone("tk:small_cnn", weights=None)
+    for backbone, options, said in [
+            ("tk:small_cnn", {"epoch": 2}, "unknown key 'epoch'"),
+            ("tk:small_cnn", {"epochs": 0}, "epochs=0 is out of range"),
+            ("tk:small_cnn", {"task": "regression", "label_smoothing": 0.1}, "label_smoothing applies"),
+            (small, {"backbone_options": {"width": 8}}, "backbone_options=.* applies to a backbone given by name")]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(name)}: {said}"):
+            call(backbone, data=image_folder, weights=None, verbose=False, **options)
+    with pytest.raises(ConfigError, match=r"^finetune\(\): epochs=0"):  # the name does not outlive the call
+        FinetuneConfig(data="x", epochs=0)
 
 
 def test_a_policy_object_is_recorded_as_its_string_where_that_reads_back():

@@ -21,7 +21,7 @@ from transferkit._progress import EpochLog
 from transferkit._signals import terminate_as_interrupt
 from transferkit.backbones import Backbone
 from transferkit._text import plural, wrap_lines
-from transferkit.config import FinetuneConfig, unknown_key_error
+from transferkit.config import FinetuneConfig, called_as, unknown_key_error
 from transferkit.data import DataReport
 from transferkit.errors import ConfigError, suggest
 from transferkit.evaluation import Evaluation, TargetEvaluation
@@ -296,6 +296,7 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
     return result
 
 
+@called_as("linear_probe()")
 def linear_probe(config: FinetuneConfig | str | Backbone | None = None, /, *, Cs: Sequence[float] | None = None,
                  **options: Any) -> FinetuneResult:
     """The standard linear probe: frozen features, scikit-learn logistic regression (L-BFGS),
@@ -315,7 +316,7 @@ def linear_probe(config: FinetuneConfig | str | Backbone | None = None, /, *, Cs
         if "probe_Cs" in options:
             raise ConfigError("linear_probe(): Cs= and probe_Cs= name the same setting; give one of them.")
         options["probe_Cs"] = list(Cs)
-    return finetune(FinetuneConfig.from_call(config, {**options, "head": "logistic"}, "linear_probe()"))
+    return finetune(FinetuneConfig.from_call(config, {**options, "head": "logistic"}))
 
 
 def resume(path: str | Path, **overrides: Any) -> FinetuneResult:
@@ -355,6 +356,7 @@ def resume(path: str | Path, **overrides: Any) -> FinetuneResult:
 LR_FIND_PHASES = ("frozen", "unfrozen")
 
 
+@called_as("lr_find()")
 def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_lr: float = LRRange.start_lr,
             end_lr: float = LRRange.end_lr, num_steps: int = LRRange.num_steps, plot: str | Path | None = None,
             phase: str | None = None, **options: Any) -> LRFindResult:
@@ -383,7 +385,7 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
                           "'frozen' (the head alone on cached features) or 'unfrozen' (the epochs that train the "
                           "backbone).")
     check_sweep(LRRange(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps))  # before any work
-    cfg = FinetuneConfig.from_call(config, options, "lr_find()")
+    cfg = FinetuneConfig.from_call(config, options)
     t0 = time.perf_counter()
     with _opened(cfg, lock=False, show_plan=False) as (d, run):
         which, first, factor = _lr_find_phase(d, phase)

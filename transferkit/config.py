@@ -15,12 +15,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -309,41 +311,42 @@ class FinetuneConfig:
     verbose: bool = _opt(True, "print the plan and progress", group="outputs")
 
     def __post_init__(self) -> None:
+        who = caller()
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _checked(f, getattr(self, f.name), "finetune()"))
+            setattr(self, f.name, _checked(f, getattr(self, f.name), who))
         if self.warmup_epochs > self.epochs:
-            raise ConfigError(f"finetune(): warmup_epochs={self.warmup_epochs!r} is longer than the run (epochs="
+            raise ConfigError(f"{who}: warmup_epochs={self.warmup_epochs!r} is longer than the run (epochs="
                               f"{self.epochs!r}); use at most {self.epochs}.")
         check_schedule_options(self.schedule, self.schedule_options)
         self._check_task_options()
         if self.data is None:
-            raise ConfigError("finetune(): data is required: a folder root/<class>/<file>, a CSV of path,label, or a "
+            raise ConfigError(f"{who}: data is required: a folder root/<class>/<file>, a CSV of path,label, or a "
                               "Dataset of (input, label).")
 
     def _check_task_options(self) -> None:
         """Settings that do not apply to ``task``: refused here, so that a dry run refuses
         them as the run would (not after the data are read and the features computed)."""
-        task = self.task
+        task, who = self.task, caller()
         if self.label_smoothing and task != "multiclass":
-            raise ConfigError(f"finetune(): label_smoothing applies to task='multiclass' only (the cross-entropy "
+            raise ConfigError(f"{who}: label_smoothing applies to task='multiclass' only (the cross-entropy "
                               f"loss), got task={task!r}; drop it.")
         if self.class_weights is not None and task == "regression":
-            raise ConfigError("finetune(): class_weights do not apply to task='regression' (there are no classes); "
+            raise ConfigError(f"{who}: class_weights do not apply to task='regression' (there are no classes); "
                               "drop it.")
         if self.monitor is not None and self.monitor.endswith("_acc") and task == "regression":
-            raise ConfigError(f"finetune(): monitor={self.monitor!r} does not exist for task='regression'; use "
+            raise ConfigError(f"{who}: monitor={self.monitor!r} does not exist for task='regression'; use "
                               f"{self.monitor[:-len('_acc')]}_loss.")
         if self.head == "logistic" and task != "multiclass":
-            raise ConfigError(f"finetune(): head='logistic' fits a multiclass classifier (scikit-learn's "
+            raise ConfigError(f"{who}: head='logistic' fits a multiclass classifier (scikit-learn's "
                               f"LogisticRegression); task={task!r} needs head='linear' (or a head with hidden "
                               "layers) on the features.")
         if self.head == "logistic" and (self.head_dropout or self.early_stopping is not None):
             given = f"head_dropout={self.head_dropout}" if self.head_dropout else \
                 f"early_stopping={self.early_stopping}"
-            raise ConfigError(f"finetune(): head='logistic' is fitted once by scikit-learn (no epochs, no dropout); "
+            raise ConfigError(f"{who}: head='logistic' is fitted once by scikit-learn (no epochs, no dropout); "
                               f"{given} would be ignored. Drop it, or use head='linear' to train a head by epochs.")
         if self.probe_Cs is not None and self.head != "logistic":
-            raise ConfigError("finetune(): probe_Cs are the C values of head='logistic' (the linear probe); "
+            raise ConfigError(f"{who}: probe_Cs are the C values of head='logistic' (the linear probe); "
                               f"head={self.head!r} trains by epochs and would ignore them. Drop probe_Cs, or set "
                               "head='logistic'.")
 
@@ -371,10 +374,11 @@ class FinetuneConfig:
         return out
 
     @classmethod
-    def from_call(cls, config: Any, options: dict[str, Any], caller: str = "finetune()") -> FinetuneConfig:
-        """The configuration of a call ``caller(config, **options)``, as `finetune`, `plan` and
-        `lr_find` take it: ``config`` a ``FinetuneConfig`` (``options`` replace some of its
-        settings), a backbone (a name such as ``"tv:resnet18"`` or a ``Backbone``), or None.
+    def from_call(cls, config: Any, options: dict[str, Any]) -> FinetuneConfig:
+        """The configuration of a call ``finetune(config, **options)``, as `finetune`, `plan`,
+        `lr_find` and `linear_probe` take it: ``config`` a ``FinetuneConfig`` (``options`` replace
+        some of its settings), a backbone (a name such as ``"tv:resnet18"`` or a ``Backbone``), or
+        None. Errors name the call (`called_as`).
 
         Example:
             >>> FinetuneConfig.from_call("tk:small_cnn", {"data": "images/", "epochs": 2}).backbone
@@ -382,12 +386,12 @@ class FinetuneConfig:
         """
         unknown = set(options) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise unknown_key_error(sorted(unknown)[0], caller, recipe_keys=False)
+            raise unknown_key_error(sorted(unknown)[0], caller(), recipe_keys=False)
         if isinstance(config, cls):
             return config.replace(**options) if options else config
         if config is not None:
             if "backbone" in options:
-                raise ConfigError(f"{caller}: backbone given twice (positionally and as backbone=).")
+                raise ConfigError(f"{caller()}: backbone given twice (positionally and as backbone=).")
             options = {"backbone": config, **options}
         return cls(**options)
 
@@ -395,7 +399,7 @@ class FinetuneConfig:
         """A copy with ``changes`` (checked like the constructor's arguments)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise unknown_key_error(sorted(unknown)[0], "finetune()", recipe_keys=False)
+            raise unknown_key_error(sorted(unknown)[0], caller(), recipe_keys=False)
         return dataclasses.replace(self, **changes)
 
 
@@ -448,6 +452,26 @@ def _is_path(key: str) -> bool:
 def config_fields() -> dict[str, dataclasses.Field]:
     """FinetuneConfig's fields by name (their metadata holds help, group, types, flag)."""
     return {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+
+
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("transferkit_caller", default="finetune()")
+
+
+def caller() -> str:
+    """The public call whose settings are checked, as its errors name it: ``finetune()``
+    unless the work runs inside `called_as`."""
+    return _CALLER.get()
+
+
+@contextlib.contextmanager
+def called_as(name: str) -> Iterator[None]:
+    """Within the block, configuration errors name ``name`` (e.g. ``"plan()"``) as the call
+    the user made, not ``finetune()``, whose settings it shares."""
+    token = _CALLER.set(name)
+    try:
+        yield
+    finally:
+        _CALLER.reset(token)
 
 
 def unknown_key_error(key: str, source: str, *, recipe_keys: bool = True) -> ConfigError:

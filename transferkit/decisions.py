@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.backbones import InputSpec
-from transferkit.config import FinetuneConfig, jsonable
+from transferkit.config import FinetuneConfig, called_as, jsonable
 from transferkit.data import eval_transform, train_transform
 from transferkit.data.decoded import DEFAULT_BUDGET_BYTES, DecodePlan, decide_decode
 from transferkit.data.gpu_jpeg import decide_input_decode
@@ -376,6 +376,7 @@ def _engine_decision(cfg: FinetuneConfig, facts: Facts, speed: dict[str, Any],
                             f"stored timing says: {why}.")
 
 
+@called_as("plan()")
 def plan(config: Any = None, /, **options: Any) -> Decisions:
     """The dry run: look at the device, the backbone's structure (its weights are not loaded)
     and the data, decide, and return the [`Decisions`][transferkit.Decisions]; nothing trains
@@ -387,7 +388,7 @@ def plan(config: Any = None, /, **options: Any) -> Decisions:
         >>> d.cache, d.lr  # doctest: +SKIP
         (True, 0.01)
     """
-    cfg = FinetuneConfig.from_call(config, options, "plan()")
+    cfg = FinetuneConfig.from_call(config, options)
     facts, _ = look(cfg, load_weights=False)
     return decide(cfg, facts)
 

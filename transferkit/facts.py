@@ -27,7 +27,7 @@ import torch
 
 from transferkit._io import file_digest
 from transferkit.backbones import Backbone, InputSpec, get_backbone
-from transferkit.config import FinetuneConfig
+from transferkit.config import FinetuneConfig, caller
 from transferkit.data import DataBundle, eval_transform
 from transferkit.data.audio import prepare_audio_data
 from transferkit.data.decoded import decode_census
@@ -268,13 +268,13 @@ def _own_backbone(cfg: FinetuneConfig, *, load_weights: bool) -> Backbone:
             (None if cfg.weights is None else str(cfg.weights)) != backbone.weights
         if asked or cfg.backbone_options:
             given = f"weights={cfg.weights!r}" if asked else f"backbone_options={cfg.backbone_options!r}"
-            raise ConfigError(f"finetune(): {given} applies to a backbone given by name, but backbone is a Backbone "
+            raise ConfigError(f"{caller()}: {given} applies to a backbone given by name, but backbone is a Backbone "
                               f"object, built already (weights: {backbone.weights or 'random init'}). Pass the name "
                               f"(backbone={backbone.name!r}, {given}), or build the object with them "
                               "(transferkit.get_backbone(name, weights=..., **options)).")
         return copy.deepcopy(backbone)
     if not isinstance(backbone, str):
-        raise ConfigError(f"finetune(): backbone must be a registered name or a Backbone, got "
+        raise ConfigError(f"{caller()}: backbone must be a registered name or a Backbone, got "
                           f"{type(backbone).__name__}; see transferkit.list_backbones().")
     return get_backbone(backbone, weights=cfg.weights if load_weights else None, **(cfg.backbone_options or {}))
 

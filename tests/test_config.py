@@ -18,6 +18,8 @@ from transferkit.backbones import get_backbone
 from transferkit.cli import main
 from transferkit.config import BackboneLike, MapStyleDataset, PolicyLike, config_fields, merge_config, unknown_key_error
 from transferkit.policies import Policy
+from transferkit.train.loop import Loop
+from transferkit.train.tasks import make_loss
 
 
 def test_type_hints_name_real_types():
@@ -95,6 +97,14 @@ def test_settings_that_do_not_apply_to_the_task_are_refused_before_any_data_is_r
     """A dry run (plan) refuses what the run refuses: the config itself, before the data are read."""
     with pytest.raises(ConfigError, match=said):
         transferkit.plan("tk:small_cnn", data="no/such/folder", task=task, **option)
+    # the same rule where the loss and the loop are built by code that calls them directly
+    loss_options = {k: v for k, v in option.items() if k in ("label_smoothing", "class_weights")}
+    if loss_options:
+        with pytest.raises(ConfigError, match=said):
+            make_loss(task, **loss_options)
+    if "monitor" in option:
+        with pytest.raises(ConfigError, match=said):
+            Loop(optimizer=None, loss_fn=None, set_mode=None, task=task, monitor=option["monitor"])
     if task != "multiclass":
         FinetuneConfig(data="x", **option)  # multiclass takes them
 

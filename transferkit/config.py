@@ -327,15 +327,8 @@ class FinetuneConfig:
         """Settings that do not apply to ``task``: refused here, so that a dry run refuses
         them as the run would (not after the data are read and the features computed)."""
         task, who = self.task, caller()
-        if self.label_smoothing and task != "multiclass":
-            raise ConfigError(f"{who}: label_smoothing applies to task='multiclass' only (the cross-entropy "
-                              f"loss), got task={task!r}; drop it.")
-        if self.class_weights is not None and task == "regression":
-            raise ConfigError(f"{who}: class_weights do not apply to task='regression' (there are no classes); "
-                              "drop it.")
-        if self.monitor is not None and self.monitor.endswith("_acc") and task == "regression":
-            raise ConfigError(f"{who}: monitor={self.monitor!r} does not exist for task='regression'; use "
-                              f"{self.monitor[:-len('_acc')]}_loss.")
+        check_task_settings(task, label_smoothing=self.label_smoothing, class_weights=self.class_weights,
+                            monitor=self.monitor, who=who)
         if self.head == "logistic" and task != "multiclass":
             raise ConfigError(f"{who}: head='logistic' fits a multiclass classifier (scikit-learn's "
                               f"LogisticRegression); task={task!r} needs head='linear' (or a head with hidden "
@@ -452,6 +445,22 @@ def _is_path(key: str) -> bool:
 def config_fields() -> dict[str, dataclasses.Field]:
     """FinetuneConfig's fields by name (their metadata holds help, group, types, flag)."""
     return {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+
+
+def check_task_settings(task: str, *, label_smoothing: float = 0.0, class_weights: Any = None,
+                        monitor: str | None = None, who: str | None = None) -> None:
+    """Refuse a loss or monitor setting that does not apply to ``task``: one rule for the config
+    (checked before any data are read) and for `make_loss` and `fit`, which code may call
+    directly. ``who``: the call named at the start of the error."""
+    said = f"{who}: " if who else ""
+    if label_smoothing and task != "multiclass":
+        raise ConfigError(f"{said}label_smoothing applies to task='multiclass' only (the cross-entropy loss), got "
+                          f"task={task!r}; drop it.")
+    if class_weights is not None and task == "regression":
+        raise ConfigError(f"{said}class_weights do not apply to task='regression' (there are no classes); drop it.")
+    if monitor is not None and monitor.endswith("_acc") and task == "regression":
+        raise ConfigError(f"{said}monitor={monitor!r} does not exist for task='regression'; use "
+                          f"{monitor[:-len('_acc')]}_loss.")
 
 
 _CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("transferkit_caller", default="finetune()")

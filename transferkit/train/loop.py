@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transferkit._progress import epoch_log, progress
+from transferkit.config import check_task_settings
 from transferkit.errors import ConfigError, TrainingError, check_choice
 from transferkit.train.distributed import DistInfo, DistributedError, all_reduce_sum, broadcast_buffers, whole_set
 from transferkit.train.speed import SpeedConfig
@@ -337,8 +338,7 @@ def _check_stopping(early_stopping: int | None, monitor: str | None, task: str) 
         raise ConfigError(f"early_stopping must be None or a number of epochs >= 1, got {early_stopping!r}.")
     if monitor is not None:
         check_choice("monitor", monitor, MONITORS)
-        if task == "regression" and monitor.endswith("_acc"):
-            raise ConfigError(f"monitor={monitor!r} does not exist for task='regression'; use 'val_loss'.")
+        check_task_settings(task, monitor=monitor)
 
 
 def _end_epoch(state: TrainState, row: dict[str, Any], module: nn.Module, monitor: str, mode: str,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from transferkit.config import check_task_settings
 from transferkit.data.images import TransformedDataset
 from transferkit.data.bundle import DataBundle, prepare_data
 from transferkit.data.checks import DataReport
@@ -70,8 +71,7 @@ def make_loss(task: str, *, label_smoothing: float = 0.0, class_weights: Sequenc
     check_task(task)
     if not 0.0 <= float(label_smoothing) < 1.0:
         raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
-    if label_smoothing and task != "multiclass":
-        raise ConfigError(f"label_smoothing applies to task='multiclass' only, got task={task!r}.")
+    check_task_settings(task, label_smoothing=label_smoothing, class_weights=class_weights)
     weight = None
     if class_weights is not None:
         weight = torch.as_tensor(list(class_weights), dtype=torch.float32)
@@ -81,8 +81,6 @@ def make_loss(task: str, *, label_smoothing: float = 0.0, class_weights: Sequenc
         return nn.CrossEntropyLoss(weight=weight, label_smoothing=float(label_smoothing))
     if task == "multilabel":
         return nn.BCEWithLogitsLoss(pos_weight=weight)
-    if weight is not None:
-        raise ConfigError("class_weights do not apply to task='regression'.")
     return nn.MSELoss() if target_std is None else StandardizedMSELoss(target_std)
 
 

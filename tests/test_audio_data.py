@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 
 import transferkit
-from transferkit import DataError, get_backbone
+from transferkit import ConfigError, DataError, get_backbone
 from transferkit.backbones import InputSpec
 from transferkit.data.audio import (
     AudioAugment,
@@ -106,9 +106,11 @@ def test_folder_and_csv_give_the_same_clips(tmp_path):
     wav, label = csv_ds[4]
     assert label == 1 and wav.shape == (2 * (1600 + 300),)  # resampled 8 kHz -> 16 kHz
     torch.testing.assert_close(wav, ds[4][0])
-    (root / "bad.csv").write_text("file,class\nx.wav,low\n")
-    with pytest.raises(DataError, match="'path' and 'label'"):
+    (root / "bad.csv").write_text("file,class\n" + "\n".join(lines[1:]) + "\n")
+    with pytest.raises(DataError, match="first row 'file,class' names no file.*header row must read 'path,label'"):
         AudioDataset.from_source(root / "bad.csv", sample_rate=8000)
+    (root / "no_header.csv").write_text("\n".join(lines[1:]) + "\n")  # the header is optional, as for images
+    assert AudioDataset.from_source(root / "no_header.csv", sample_rate=16000).targets == ds.targets
 
 
 def test_mp3_files_are_audio_where_libsndfile_decodes_mp3_and_named_where_it_does_not(tmp_path, monkeypatch):
@@ -183,6 +185,15 @@ def test_a_class_with_a_single_clip_is_named_as_never_validated(tmp_path):
     items = [(_tone(300, 1600), t) for t in (0, 0, 0, 0, 1, 1, 1, 1, 2)]  # in-memory clips: the same warning
     with pytest.warns(UserWarning, match=r"no validation example: '2' \(1 example\)"):
         prepare_audio_data(items, spec=SPEC8K, val_split=0.25)
+
+
+@pytest.mark.parametrize("task", ["regression", "multilabel"])
+def test_audio_targets_other_than_classes_are_refused_by_the_dry_run(tmp_path, task):
+    """Audio data are read as classes: another task is refused before training (it used to
+    fail in the loss with torch's shape error)."""
+    root = make_audio_folder(tmp_path / "clips", per_class=2)
+    with pytest.raises(ConfigError, match=f"^plan\\(\\): task='{task}' is not available for audio backbones yet"):
+        transferkit.plan("spec:tk:small_cnn", weights=None, data=root, task=task)
 
 
 def test_finetune_spectrogram_model_end_to_end_and_export(tmp_path):

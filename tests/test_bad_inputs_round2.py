@@ -45,6 +45,13 @@ def test_a_csv_with_excels_byte_order_mark_reads_like_any_other(tmp_path):
     assert bundle.classes == ["dark", "light"] and len(bundle.train) == 6
 
 
+def test_a_header_other_than_path_label_is_named_as_a_header(tmp_path):
+    make_image_folder(tmp_path / "img", per_class=3, size=16)
+    p = _csv(tmp_path, "file,class\n" + _rows(tmp_path))  # read as a row, it would be a missing file 'file'
+    with pytest.raises(DataError, match="first row 'file,class' names no file, and every other row does"):
+        prepare_data(p, val_split=0)
+
+
 def test_a_latin1_csv_is_one_clear_error(tmp_path):
     make_image_folder(tmp_path / "img", per_class=3, size=16)
     p = _csv(tmp_path, "path,label\n" + _rows(tmp_path) + "img/dark/x.png,caf\u00e9\n", encoding="latin-1")
@@ -95,20 +102,24 @@ def test_labels_differing_only_in_case_are_refused(tmp_path):
 
 
 def test_an_audio_file_list_with_a_bom_and_a_ragged_row(tmp_path):
-    from transferkit.data.audio import read_file_list
+    """Audio lists are read by the image lists' reader: the same rules, the clip named."""
+    from transferkit.data.folders import scan_csv
 
     for i, lab in enumerate(["a", "b"]):
         sf.write(tmp_path / f"{lab}.wav", np.zeros(800, np.float32), 8000)
     p = tmp_path / "list.csv"
     p.write_bytes(b"\xef\xbb\xbfpath,label\na.wav,a\nb.wav,b\n")
-    samples, classes = read_file_list(p)
+    samples, classes = scan_csv(p, kind="audio")
     assert classes == ["a", "b"] and len(samples) == 2
     p.write_bytes(b"path,label\na.wav,a\nb.wav,b,junk\n")
-    with pytest.raises(DataError, match=r"rows \[3\] do not match the header"):
-        read_file_list(p)
+    with pytest.raises(DataError, match=r"rows \[3\] do not have the form 'path,label'"):
+        scan_csv(p, kind="audio")
     p.write_bytes(b"path,label\na.wav,a\na.wav,b\n")
-    with pytest.raises(DataError, match="twice, with labels 'a' and 'b'"):
-        read_file_list(p)
+    with pytest.raises(DataError, match="twice, with labels 'a' and 'b': one clip cannot teach two classes. Keep"):
+        scan_csv(p, kind="audio")
+    p.write_bytes(b"path,label\na.wav,a\nc.wav,b\n")
+    with pytest.raises(DataError, match=r"lists 1 missing file, e.g. \[.*c.wav'\]"):
+        scan_csv(p, kind="audio")
 
 
 # -- the same image (or clip) under two labels -------------------------------------------------

@@ -32,7 +32,8 @@ import torch
 from transferkit._text import plural
 from transferkit.data.audio import scan_audio_folder
 from transferkit.data.checks import DataReport
-from transferkit.data.images import scan_csv, scan_image_folder
+from transferkit.data.folders import scan_csv
+from transferkit.data.images import scan_image_folder
 from transferkit.data.target_tables import scan_target_csv
 from transferkit.errors import ConfigError, DataError
 from transferkit.export import Predictor, load
@@ -236,7 +237,7 @@ def labelled_files(data: str | Path, classes: list[str], kind: str = "image") ->
         else:
             samples, _ = scan_image_folder(path, classes, report=report)
     elif path.is_file() and path.suffix.lower() in (".csv", ".txt"):
-        samples, _ = scan_csv(path, classes, report=report, purpose="scoring")
+        samples, _ = scan_csv(path, classes, report=report, purpose="scoring", kind=kind)
     else:
         raise DataError(f"{str(data)!r} is neither a folder root/<class>/<file> nor a CSV file of path,label rows.")
     if not samples:

@@ -281,6 +281,10 @@ def _own_backbone(cfg: FinetuneConfig, *, load_weights: bool) -> Backbone:
 
 def _data(cfg: FinetuneConfig, spec: InputSpec) -> tuple[DataBundle, int]:
     if spec.kind == "audio":
+        if cfg.task != "multiclass":
+            raise ConfigError(f"{caller()}: task={cfg.task!r} is not available for audio backbones yet: audio data are "
+                              "read as classes (root/<class>/<clip> folders, or a CSV of path,label); use "
+                              "task='multiclass'.")
         bundle = prepare_audio_data(cfg.data, cfg.val_data, spec=spec, val_split=cfg.val_split, seed=cfg.seed,
                                     classes=cfg.classes, on_bad_file=cfg.on_bad_file, scan=cfg.scan,
                                     max_seconds=cfg.max_seconds)

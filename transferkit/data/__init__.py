@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from transferkit.data.checks import DataReport, check_image_file, find_duplicates
-from transferkit.data.folders import SplitFolders, find_split_folders
+from transferkit.data.folders import SplitFolders, find_split_folders, scan_csv
 from transferkit.data.encoded import EncodedImageDataset
 from transferkit.data.images import (
     IMAGE_EXTENSIONS,
@@ -11,7 +11,6 @@ from transferkit.data.images import (
     TransformedDataset,
     dataset_targets,
     load_image,
-    scan_csv,
     scan_image_folder,
 )
 from transferkit.data.bundle import DataBundle, prepare_data, resolve_split_folders, stratified_split

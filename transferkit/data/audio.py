@@ -10,7 +10,6 @@ file and the predictor. A batch without NaN is a batch of full-length clips.
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 import numbers
@@ -25,8 +24,8 @@ import torch
 
 from transferkit.backbones._base import InputSpec
 from transferkit.data.bundle import DataBundle, resolve_split_folders, stratified_split, warn_unvalidated_classes
-from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_label_names, readable_samples, warn_copies_across_classes
-from transferkit.data.folders import scan_class_folders, warn_split_like_classes
+from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, readable_samples, warn_copies_across_classes
+from transferkit.data.folders import scan_class_folders, scan_csv, warn_split_like_classes
 from transferkit.data.late import FileDataset
 from transferkit._text import plural
 from transferkit.errors import ConfigError, DataError, check_choice, unreadable_file
@@ -285,43 +284,6 @@ def scan_audio_folder(root: str | Path, classes: Sequence[str] | None = None, *,
     return samples, found
 
 
-def read_file_list(path: str | Path, classes: Sequence[str] | None = None, *,
-                   report: DataReport | None = None) -> tuple[list[tuple[str, int]], list[str]]:
-    """A CSV file list with a header holding ``path`` and ``label`` columns; relative paths
-    are relative to the CSV's folder. Classes are the sorted labels unless given. Files
-    that are missing or unreadable are found by the pre-scan (`filter_bad_audio`)."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark is not data
-            rows = list(csv.DictReader(f))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"File list {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8 (e.g. 'CSV "
-                        "UTF-8' in Excel, or iconv -f latin1 -t utf-8).") from exc
-    except (OSError, csv.Error) as exc:
-        raise DataError(f"Cannot read the file list {str(path)!r}: {exc}.") from exc
-    if not rows or not {"path", "label"} <= set(rows[0]):
-        raise DataError(f"File list {str(path)!r} must be a CSV with a header holding 'path' and 'label' columns "
-                        f"(found {list(rows[0]) if rows else 'no rows'}).")
-    odd = [i + 2 for i, r in enumerate(rows) if None in r or r.get("path") is None or r.get("label") is None
-           or not str(r["path"]).strip() or not str(r["label"]).strip()]
-    if odd:
-        raise DataError(f"File list {str(path)!r}: rows {odd[:5]} do not match the header (a missing or extra "
-                        "column, or an empty path or label; a value holding a comma must be quoted).")
-    labels = [r["label"].strip() for r in rows]
-    check_label_names(sorted(set(labels)), f"File list {str(path)!r}")
-    seen: dict[str, str] = {}
-    for r, lab in zip(rows, labels):
-        if seen.setdefault(r["path"].strip(), lab) != lab:
-            raise DataError(f"File list {str(path)!r} lists {r['path']!r} twice, with labels {seen[r['path'].strip()]!r} "
-                            f"and {lab!r}: one clip cannot teach two classes. Keep one row.")
-    rows = [{**r, "path": r["path"].strip(), "label": lab} for r, lab in zip(rows, labels)]
-    classes = list(classes) if classes else sorted(set(labels))
-    unknown = sorted(set(labels) - set(classes))
-    if unknown:
-        raise DataError(f"File list {str(path)!r} has labels {unknown[:5]} not in the classes {classes[:10]}.")
-    return [(str(path.parent / r["path"]), classes.index(r["label"])) for r in rows], classes
-
-
 @dataclass(frozen=True)
 class AudioFileInfo:
     """What the pre-scan learns from an audio file's header."""
@@ -473,8 +435,10 @@ class AudioDataset(FileDataset):
                     scan: str = "quick", **kw: Any) -> AudioDataset:
         """A class folder or a ``.csv`` file list, pre-scanned (``scan``, see `filter_bad_audio`)."""
         report = kw.pop("report", None) or DataReport()
-        lister = read_file_list if str(source).lower().endswith(".csv") else scan_audio_folder
-        listed, names = lister(source, classes, report=report)
+        if str(source).lower().endswith(".csv"):
+            listed, names = scan_csv(source, classes, report=report, kind="audio")
+        else:
+            listed, names = scan_audio_folder(source, classes, report=report)
         kept = filter_bad_audio(listed, on_bad_file=kw.get("on_bad_file", "skip"), scan=scan, report=report,
                                 max_seconds=kw.get("max_seconds", DEFAULT_MAX_SECONDS))
         samples = readable_samples(listed, kept, names, source=source, what="audio files", report=report)

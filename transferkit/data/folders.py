@@ -1,6 +1,6 @@
-"""Folder layouts shared by image and audio data: split folders (``train/`` next to
-``val/`` or ``test/``), class folders, and walking them without hidden or unreadable
-sub-folders slipping through unnoticed.
+"""Folder layouts and file lists shared by image and audio data: split folders (``train/``
+next to ``val/`` or ``test/``), class folders, walking them without hidden or unreadable
+sub-folders slipping through unnoticed, and CSV lists of ``path,label``.
 
 One rule finds the splits for [`transferkit.data.prepare_data`][transferkit.data.prepare_data], the audio data and
 the recipes ([`find_split_folders`][transferkit.data.find_split_folders]).
@@ -8,11 +8,15 @@ the recipes ([`find_split_folders`][transferkit.data.find_split_folders]).
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from transferkit._text import plural
 from transferkit.data.checks import DataReport, check_label_names
 from transferkit.errors import DataError
 
@@ -190,3 +194,122 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
     if empty:
         report.warn(f"Class folders without {what} in {str(root)!r}: {empty}.")
     return samples, list(classes)
+
+
+def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, report: DataReport | None = None,
+             purpose: str = "training", kind: str = "image") -> tuple[list[tuple[str, int]], list[str]]:
+    """Read the ``path,label`` rows of a CSV of images or audio clips (``kind``; a header row
+    naming ``path`` and ``label`` is optional; relative paths are relative to the CSV's
+    folder). With ``classes`` given, rows whose label is not one of them are left out and
+    reported. ``purpose``: ``"training"``, or ``"scoring"`` (`evaluate`: ``classes`` are a
+    classifier's), as the messages say it.
+
+    Example:
+        >>> samples, classes = scan_csv("clips.csv", kind="audio")  # doctest: +SKIP
+    """
+    report = report if report is not None else DataReport()
+    csv_path = Path(csv_path)
+    rows = read_csv_rows(csv_path)
+    head = [x.strip().lower() for x in rows[0]] if rows else []
+    if head[:1] == ["path"] and head != ["path", "label"]:
+        fix = "not read for audio clips yet (they are read as classes)" if kind == "audio" else \
+            "read for task='regression' or task='multilabel' (--task on the command line)" \
+            if purpose == "training" else "the targets of a multilabel or regression model; this model is a " \
+            f"single-label classifier ({', '.join(list(classes or [])[:5])})"
+        raise DataError(f"{str(csv_path)!r} has the header {','.join(rows[0])!r}: a CSV of classes has the rows "
+                        f"'path,label' (the header 'path,label' is optional). A header of path and one column per "
+                        f"output is {fix}.")
+    first = 2 if head == ["path", "label"] else 1
+    rows = rows[first - 1:]
+    bad = [i for i, r in enumerate(rows) if len(r) != 2]
+    if bad:
+        widths = sorted({len(rows[i]) for i in bad})
+        raise DataError(f"{str(csv_path)!r}: rows {[i + first for i in bad[:5]]} do not have the form 'path,label' "
+                        f"(they have {' or '.join(map(str, widths))} column(s); a path or label holding a comma must "
+                        "be quoted).")
+    for col, what in ((0, "path"), (1, "label")):
+        blank = [i + first for i, r in enumerate(rows) if not r[col].strip()]
+        if blank:
+            raise DataError(f"{str(csv_path)!r}: rows {blank[:5]} have an empty {what}; give each row a {what}, or "
+                            "remove the rows.")
+    if not rows:
+        raise DataError(f"{str(csv_path)!r} has no 'path,label' rows.")
+    labels = [r[1].strip() for r in rows]
+    check_label_names(sorted(set(labels)), f"{str(csv_path)!r}")
+    fractional = [lab for lab in set(labels) if parse_number(lab) is not None and not float(lab).is_integer()]
+    if fractional and all(parse_number(lab) is not None for lab in set(labels)):
+        report.warn(f"{str(csv_path)!r} has labels that look like measured values (e.g. {fractional[0]!r}): each "
+                    f"distinct one is a class here ({len(set(labels))} classes). For values, give the file a header "
+                    "'path,<name>' and pass task='regression' (--task regression).")
+    seen: dict[str, str] = {}
+    for r, lab in zip(rows, labels):
+        path = r[0].strip()
+        if seen.setdefault(path, lab) != lab:
+            several = "" if kind == "audio" else " (for several labels per image: task='multilabel' with a CSV " \
+                "of path,labels, the labels separated by ';')"
+            raise DataError(f"{str(csv_path)!r} lists {path!r} twice, with labels {seen[path]!r} and {lab!r}: one "
+                            f"{'clip' if kind == 'audio' else 'image'} cannot teach two classes{several}. Keep one row.")
+    if len(seen) < len(rows):
+        report.warn(f"{str(csv_path)!r} lists {len(rows) - len(seen)} file(s) more than once with the same label; "
+                    "they count that many times in training.")
+    if classes is None:
+        classes = sorted(set(labels))
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({lab for lab in labels if lab not in index})
+    if unknown and len(unknown) == len(set(labels)):
+        raise DataError(f"{str(csv_path)!r} has labels {unknown[:10]}, none of them one of the classes "
+                        f"{list(classes)[:10]} (the training data's, or classes=): no row can be used. Label its rows "
+                        "with those classes.")
+    if unknown:
+        report.warn(f"{str(csv_path)!r} has labels {unknown[:10]} that are not training classes; those rows are "
+                    "left out.")
+    samples = [(csv_file_path(csv_path, p), index[lab]) for (p, _), lab in zip(rows, labels) if lab in index]
+    if first == 1 and len(rows) > 1 and not os.path.isfile(csv_file_path(csv_path, rows[0][0])) and \
+            all(os.path.isfile(csv_file_path(csv_path, r[0])) for r in rows[1:]):
+        raise DataError(f"{str(csv_path)!r}: its first row {','.join(rows[0])!r} names no file, and every other row "
+                        "does: a header row must read 'path,label' (or leave the header out).")
+    check_listed_files(csv_path, [p for p, _ in samples])
+    return samples, list(classes)
+
+
+def parse_number(text: str) -> float | None:
+    """``text`` as a finite number, or None (``float`` reads ``"1_000"``; a table does not).
+
+    Example:
+        >>> parse_number(" 2.5"), parse_number("1_000"), parse_number("nan")
+        (2.5, None, None)
+    """
+    try:
+        value = float(text) if "_" not in text else float("nan")
+    except ValueError:
+        return None
+    return value if np.isfinite(value) else None
+
+
+def read_csv_rows(csv_path: Path) -> list[list[str]]:
+    """The non-blank rows of a UTF-8 CSV file (a byte-order mark is not data), or a
+    [`DataError`][transferkit.DataError] saying why it cannot be read."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark is not data
+            return [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start:exc.start + 1]
+        raise DataError(f"{str(csv_path)!r} is not UTF-8 text (byte {exc.start}: {byte!r}); save it as UTF-8 (e.g. "
+                        "'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8).") from exc
+    except csv.Error as exc:
+        raise DataError(f"{str(csv_path)!r} cannot be read as CSV: {exc}.") from exc
+    except OSError as exc:
+        raise DataError(f"Cannot read {str(csv_path)!r}: {exc.strerror or exc}.") from exc
+
+
+def csv_file_path(csv_path: Path, cell: str) -> str:
+    """A CSV row's path: as written when absolute, else relative to the CSV's folder."""
+    path = Path(cell.strip())
+    return str(path if path.is_absolute() else csv_path.parent / path)
+
+
+def check_listed_files(csv_path: Path, paths: Sequence[str]) -> None:
+    """A [`DataError`][transferkit.DataError] when files that ``csv_path`` lists are missing."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{str(csv_path)!r} lists {plural(len(missing), 'missing file')}, e.g. {missing[:3]}.")

@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from transferkit.data.checks import DataReport, filter_bad_images
-from transferkit.data.images import ImageFolderDataset, check_listed_files, csv_file_path, parse_number, read_csv_rows
+from transferkit.data.folders import check_listed_files, csv_file_path, parse_number, read_csv_rows
+from transferkit.data.images import ImageFolderDataset
 from transferkit.errors import DataError
 
 LABEL_LIST_COLUMN = "labels"  # multilabel: label names separated by LABEL_SEPARATOR

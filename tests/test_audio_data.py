@@ -3,6 +3,8 @@ augmentations, and fine-tuning + export end to end on synthetic tones."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +196,19 @@ def test_audio_targets_other_than_classes_are_refused_by_the_dry_run(tmp_path, t
     root = make_audio_folder(tmp_path / "clips", per_class=2)
     with pytest.raises(ConfigError, match=f"^plan\\(\\): task='{task}' is not available for audio backbones yet"):
         transferkit.plan("spec:tk:small_cnn", weights=None, data=root, task=task)
+
+
+def test_an_audio_run_records_no_image_fields_and_resumes_records_that_had_them(tmp_path):
+    from transferkit.decisions import differences
+
+    d = transferkit.plan("spec:tk:small_cnn", weights=None, data=make_audio_folder(tmp_path / "clips", per_class=2))
+    record = json.loads(json.dumps(d.to_dict()))
+    assert record["input_spec"] == {"kind": "audio", "channels": 1, "sample_rate": 16000, "clip_seconds": None}
+    before = {**record, "input_spec": {**dataclasses.asdict(d.input_spec), "mean": [0.485, 0.456, 0.406],
+                                       "std": [0.229, 0.224, 0.225]}}  # as records were written with image fields
+    assert "image_size" in before["input_spec"] and differences(before, record) == {}
+    other = {**before, "input_spec": {**before["input_spec"], "sample_rate": 8000}}
+    assert set(differences(other, record)) == {"input_spec"}
 
 
 def test_finetune_spectrogram_model_end_to_end_and_export(tmp_path):

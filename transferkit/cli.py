@@ -190,6 +190,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(meta, indent=1, sort_keys=True))
         return 0
+    from transferkit.backbones._base import AUDIO_FIELDS
     from transferkit.export.metadata import ONNX_FORMAT, audio_max_seconds
 
     spec, train, exp = meta["input_spec"], meta.get("training", {}), meta.get("export", {})
@@ -203,7 +204,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             shape += f"; clips of {clip:g} s (the middle of a longer one, a shorter one padded)"
         elif most:
             shape += f"; the middle {most:g} s of a longer clip (its run's max_seconds)"
-        spec = {k: v for k, v in spec.items() if k in ("kind", "sample_rate", "clip_seconds", "channels")}
+        spec = {k: v for k, v in spec.items() if k in AUDIO_FIELDS}  # files written before the spec was trimmed
     if meta.get("format") == ONNX_FORMAT:  # an ONNX graph takes the one dtype it was exported with
         dtypes = exp.get("input_dtypes") or ["the examples' dtype"]
         shape += f", {dtypes[0]} only (transferkit.load converts other inputs)"

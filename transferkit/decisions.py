@@ -406,6 +406,8 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
     for (part, key), before in ADDED_DECISIONS.items():
         if isinstance(saved.get(part), dict) and key not in saved[part]:
             saved[part][key] = before
+    if isinstance(saved.get("input_spec"), dict):  # as recorded now (an audio spec without image fields)
+        saved["input_spec"] = InputSpec.from_dict(saved["input_spec"]).to_dict()
     diff: dict[str, tuple[Any, Any]] = {}
     for key in sorted(set(saved) | set(now)):
         if key == "config":

@@ -12,6 +12,7 @@ from transferkit.errors import BackboneError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+AUDIO_FIELDS = ("kind", "channels", "sample_rate", "clip_seconds")  # what an audio InputSpec records
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,16 @@ class InputSpec:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data of the fields that apply to its kind: an audio spec has no image size,
+        interpolation or pixel statistics (`from_dict` gives them their defaults).
+
+        Example:
+            >>> InputSpec(kind="audio", channels=1, sample_rate=16000).to_dict()
+            {'kind': 'audio', 'channels': 1, 'sample_rate': 16000, 'clip_seconds': None}
+        """
         d = dataclasses.asdict(self)
+        if self.kind == "audio":
+            return {k: d[k] for k in AUDIO_FIELDS}
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 

@@ -15,7 +15,7 @@ from conftest import damaged_png, make_image_folder
 from PIL import Image
 
 import transferkit as tk
-from transferkit.data import check_image_file, eval_transform, find_split_folders, prepare_data
+from transferkit.data import check_image_file, dataset_targets, eval_transform, find_split_folders, prepare_data
 from transferkit.data.decoded import decoded_dataset
 from transferkit.data.late import BadFileError
 from transferkit.recipes import image_folder_splits
@@ -244,6 +244,35 @@ def test_a_dataset_s_own_class_names_are_matched_by_name(tmp_path):
     unlabelled.samples = [(p, -1) for p, _ in unlabelled.samples]
     with pytest.raises(tk.DataError, match=r"Training labels \[-1\] are outside 0..2"):
         prepare_data(unlabelled, classes=["cat", "bee", "ant"], val_split=0)
+
+
+def test_a_dataset_without_a_targets_attribute_is_loaded_once_for_its_labels(tmp_path):
+    """Its labels are read by loading each item (decoding it): once, however many steps
+    (relabelling by name, the split, the checks) need them."""
+    import collections
+
+    import torchvision
+
+    folder = torchvision.datasets.ImageFolder(str(make_image_folder(tmp_path / "tr", classes=("a", "b", "c"))))
+
+    class Untargeted(torch.utils.data.Dataset):
+        classes = folder.classes
+
+        def __init__(self):
+            self.loads = collections.Counter()
+
+        def __len__(self):
+            return len(folder)
+
+        def __getitem__(self, i):
+            self.loads[i] += 1
+            return folder[i]
+
+    ds = Untargeted()
+    b = prepare_data(ds, classes=["c", "a", "b"], val_split=0.25)
+    assert set(ds.loads.values()) == {1} and len(ds.loads) == len(folder)
+    assert sorted(dataset_targets(b.train) + dataset_targets(b.val)) == sorted([1, 2, 0] * 12)
+    assert set(ds.loads.values()) == {1}
 
 
 def test_a_dataset_with_names_for_labels_is_told_what_labels_must_be():

@@ -146,6 +146,7 @@ class TransformedDataset(Dataset):
     def __init__(self, base: Dataset, transform: Callable | None = None, indices: Sequence[int] | None = None) -> None:
         self.base, self.transform = base, transform
         self.indices = list(range(len(base))) if indices is None else list(indices)  # type: ignore[arg-type]
+        self.labels_read: dict[int, int] = {}  # base index -> label, read by loading the item (shared by views)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -169,7 +170,7 @@ class TransformedDataset(Dataset):
     def view(self, indices: Sequence[int] | None = None, transform: Callable | None = None) -> TransformedDataset:
         idx = self.indices if indices is None else [self.indices[i] for i in indices]
         out = type(self)(self.base, transform, idx)
-        out.relabel = self.relabel
+        out.relabel, out.labels_read = self.relabel, self.labels_read
         return out
 
 
@@ -201,13 +202,17 @@ def class_index(label: Any, item: int | None = None) -> int:
 
 def dataset_targets(ds: Dataset) -> list[int]:
     """The labels of a dataset, read from a ``targets`` (or torchvision's ``_labels``)
-    attribute when present, else by iterating (which decodes every item)."""
+    attribute when present, else by loading the items (which decodes them; a
+    `TransformedDataset` and its views load each item once for its label)."""
     if isinstance(ds, ImageFolderDataset):
         return ds.targets
     if isinstance(ds, TransformedDataset):
-        base_t = _label_attr(ds.base)
-        labels = [class_index(base_t[i], i) for i in ds.indices] if base_t is not None else \
-            [class_index(ds.base[i][1], i) for i in ds.indices]
+        base_t, read = _label_attr(ds.base), ds.labels_read
+        if base_t is None:
+            for i in ds.indices:
+                if i not in read:
+                    read[i] = class_index(ds.base[i][1], i)
+        labels = [class_index(base_t[i], i) if base_t is not None else read[i] for i in ds.indices]
         return labels if ds.relabel is None else [ds.relabel[t] for t in labels]
     own = _label_attr(ds)
     if own is not None:

@@ -119,6 +119,35 @@ def test_class_names_come_from_info_json_or_classes(tmp_path):
     assert not any("no training sample" in w for w in prepare_data(str(tmp_path / "s"), val_split=0).report.warnings)
 
 
+def test_validation_shards_are_read_by_their_own_class_names(tmp_path):
+    """Validation shards whose ``_info.json`` lists the classes in another order (or a subset)
+    are read by name: their class indices are their own list's, not the training data's."""
+    folder = make_image_folder(tmp_path / "img", classes=("ant", "bee", "cat"), per_class=2)
+    items = _sorted_items(folder)
+    write_shards(items, tmp_path / "tr", [6])
+    write_shards(items, tmp_path / "va", [6], prefix="val", classes=["cat", "bee", "ant"])
+    b = prepare_data(str(tmp_path / "tr"), val_data=str(tmp_path / "va"))
+    assert b.classes == ["ant", "bee", "cat"] and b.val.targets == b.train.targets == [0, 0, 1, 1, 2, 2]
+    write_shards(items[:2] + items[4:], tmp_path / "sub", [4], prefix="val", classes=["cat", "ant"])
+    assert prepare_data(str(tmp_path / "tr"), val_data=str(tmp_path / "sub")).val.targets == [0, 0, 2, 2]
+    with pytest.raises(tk.DataError, match=r"class indices \[2\] outside 0..1 for their own classes \['cat', 'ant'\]"):
+        write_shards(items, tmp_path / "bad", [6], prefix="val", classes=["cat", "ant", "bee"])
+        (tmp_path / "bad" / "_info.json").write_text(json.dumps({"classes": ["cat", "ant"]}))
+        prepare_data(str(tmp_path / "tr"), val_data=str(tmp_path / "bad"))
+
+
+def test_a_class_index_of_minus_one_is_refused_not_dropped(tmp_path):
+    folder = make_image_folder(tmp_path / "img", per_class=3)
+    path = write_shards(_sorted_items(folder), tmp_path / "s", [6])[0]
+    with tarfile.open(path, "a") as tar:  # one more sample, "unlabelled" as some data sets mark it
+        for name, data in (("extra.png", (folder / "dark").iterdir().__next__().read_bytes()), ("extra.cls", b"-1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(tk.DataError, match=r"class indices \[-1\] outside 0..1"):
+        prepare_data(str(path), val_split=0)
+
+
 def test_hashed_validation_split_is_stable_and_reads_no_image(tmp_path, monkeypatch):
     folder = make_image_folder(tmp_path / "img", per_class=30)
     items = folder_items(folder)

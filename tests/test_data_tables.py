@@ -91,6 +91,18 @@ def test_hf_dataset_with_classlabel_matches_the_folder(tmp_path):
     assert all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))
 
 
+def test_a_validation_dataset_s_classlabel_names_in_another_order_are_read_by_name(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    folder = make_image_folder(tmp_path / "img", classes=("ant", "bee", "cat"), per_class=2)
+    files = folder_files(folder)
+    names = ["cat", "ant", "bee"]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    val = datasets.Dataset.from_dict({"image": [str(f) for f, _ in files], "label": [names.index(c) for _, c in files]},
+                                     features=feats)
+    b = prepare_data(folder, val_data=val)
+    assert b.classes == ["ant", "bee", "cat"] and b.val.targets == [0, 0, 1, 1, 2, 2]
+
+
 def test_hf_saved_dataset_dict_gives_train_and_validation(tmp_path):
     datasets = pytest.importorskip("datasets")
     ds = _hf(make_image_folder(tmp_path / "img", per_class=5))

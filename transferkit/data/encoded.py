@@ -217,6 +217,27 @@ class EncodedImageDataset(Dataset):
         return train, val
 
 
+def labels_by_name(labels: Sequence[Any], own: Sequence[str] | None, classes: Sequence[str] | None,
+                   what: str) -> list[Any]:
+    """``labels`` to read against ``classes`` (the training data's, or ``classes=``): the class
+    indices of data that name their own classes ``own`` (shards' ``_info.json``, a ClassLabel
+    column) become those names where ``own`` differs from ``classes``, so that each sample
+    is read as its class by name (another order, a subset); unchanged where they agree,
+    where either is None, or where they share no name (``classes`` then name the indices).
+
+    Example:
+        >>> labels_by_name([0, 1, 1], ["dog", "cat"], ["cat", "dog"], "The validation shards")
+        ['dog', 'cat', 'cat']
+    """
+    if not classes or not own or list(own) == list(classes) or not set(own) & set(classes):
+        return list(labels)
+    outside = sorted({int(lab) for lab in labels if isinstance(lab, (int, np.integer)) and not 0 <= lab < len(own)})
+    if outside:
+        raise DataError(f"{what} have class indices {outside[:5]} outside 0..{len(own) - 1} for their own classes "
+                        f"{list(own)[:10]}; fix the labels or the class list.")
+    return [own[int(lab)] if isinstance(lab, (int, np.integer)) else lab for lab in labels]
+
+
 def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what: str,
                       report: DataReport) -> tuple[np.ndarray, list[str]]:
     """Class indices (``-1``: no usable label) and the class names for raw labels: integers
@@ -245,7 +266,7 @@ def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what
     if classes is None:
         top = int(out.max()) if len(out) else -1
         classes = [str(i) for i in range(top + 1)]
-    bad = sorted({int(t) for t in out if t < -1 or t >= len(classes)})
+    bad = sorted({int(t) for t in ints if not 0 <= t < len(classes)})  # -1 too: a label, not the "none" mark
     if bad:
         raise DataError(f"{what} has class indices {bad[:5]} outside 0..{len(classes) - 1} for the classes "
                         f"{list(classes)[:10]}; fix the labels or pass classes=[...] with one name per index.")

@@ -56,7 +56,7 @@ import numpy as np
 from transferkit._io import atomic_write
 from transferkit._text import plural
 from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_image_stream
-from transferkit.data.encoded import EncodedImageDataset, labels_to_targets
+from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
 from transferkit.data.remote import ENV_BUDGET, Held, ShardCache, ShardFetchError, fetch_small, is_url, remote_validators
 from transferkit.errors import DataError, check_choice
 
@@ -726,9 +726,9 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
     if len(source) == 0:
         raise DataError(f"The {what} shards {list(shards)[:3]} hold no usable sample (an image and a label per "
                         "key, e.g. 000001.jpg and 000001.cls).")
-    labels = [lab for ix in indexes for lab in ix.labels]
-    names = list(classes) if classes else _info_classes(shards)
-    targets, names = labels_to_targets(labels, names, f"The {what} shards", report)
+    own = _info_classes(shards)
+    labels = labels_by_name([lab for ix in indexes for lab in ix.labels], own, classes, f"The {what} shards")
+    targets, names = labels_to_targets(labels, list(classes) if classes else own, f"The {what} shards", report)
     reasons = [r for ix in indexes for r in ix.bad]
     bad = [(source.sample_name(i), r) for i, r in enumerate(reasons) if r]
     if bad:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.data.checks import ON_BAD_FILE, DataReport
-from transferkit.data.encoded import EncodedImageDataset, labels_to_targets
+from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
 from transferkit.data.shards import named_files
 from transferkit.errors import DataError, check_choice
 
@@ -253,8 +253,9 @@ def open_parquet(files: Sequence[str], *, classes: Sequence[str] | None = None, 
     source = ParquetSource(files, image_column, label_column)
     if len(source) == 0:
         raise DataError(f"The {what} Parquet files {list(files)[:3]} hold no row.")
-    names = list(classes) if classes else source.class_names
-    targets, names = labels_to_targets(source.labels(), names, f"The {what} Parquet data", report)
+    labels = labels_by_name(source.labels(), source.class_names, classes, f"The {what} Parquet data")
+    targets, names = labels_to_targets(labels, list(classes) if classes else source.class_names,
+                                       f"The {what} Parquet data", report)
     return _kept(source, targets, names, min_size, on_bad_file, report, what)
 
 
@@ -392,9 +393,7 @@ def open_hf(data: Any, *, classes: Sequence[str] | None = None, min_size: int | 
     if len(ds) == 0:
         raise DataError(f"The {what} Hugging Face dataset is empty.")
     source = HFSource(ds, image_column, label_column)
-    names = list(classes) if classes else source.class_names
-    if classes and source.class_names and list(classes) != source.class_names:
-        raise DataError(f"The {what} dataset's ClassLabel names {source.class_names[:10]} differ from the classes "
-                        f"{list(classes)[:10]}; map its labels first (ds.align_labels_with_mapping).")
-    targets, names = labels_to_targets(source.labels(), names, f"The {what} Hugging Face dataset", report)
+    labels = labels_by_name(source.labels(), source.class_names, classes, f"The {what} Hugging Face dataset")
+    targets, names = labels_to_targets(labels, list(classes) if classes else source.class_names,
+                                       f"The {what} Hugging Face dataset", report)
     return _kept(source, targets, names, min_size, on_bad_file, report, what)

@@ -200,6 +200,28 @@ def test_folder_with_train_and_val_shards_validates_on_val(tmp_path):
         prepare_data(str(s))
 
 
+def test_a_split_named_inside_a_shard_s_name_is_that_split(tmp_path):
+    """imagenet-train-0000.tar / imagenet-val-0000.tar, trainval + test: the split is named as a
+    word anywhere in the name; shards left unused, or held-out ones trained on, are named."""
+    items = folder_items(make_image_folder(tmp_path / "img", per_class=5))
+
+    def folder(name, *parts):
+        for prefix, lo, hi in parts:
+            write_shards(items[lo:hi], tmp_path / name, [hi - lo], prefix=prefix)
+        return str(tmp_path / name)
+
+    b = prepare_data(folder("a", ("imagenet-train", 0, 7), ("imagenet-val", 7, 10)))
+    assert (len(b.train), len(b.val)) == (7, 3) and not b.report.warnings
+    b = prepare_data(folder("b", ("trainval", 0, 7), ("test", 7, 10)))  # VOC's trainval: training data
+    assert (len(b.train), len(b.val)) == (7, 3)
+    b = prepare_data(folder("c", ("train", 0, 6), ("val", 6, 8), ("more", 8, 10)))
+    assert (len(b.train), len(b.val)) == (6, 2)
+    assert any("its other shards are not used: more-000000.tar" in w for w in b.report.warnings), b.report.warnings
+    b = prepare_data(folder("d", ("all", 0, 7), ("test", 7, 10)), val_split=0)
+    assert len(b.train) == 10
+    assert any("named as test data (test-000000.tar) are trained on" in w for w in b.report.warnings)
+
+
 def test_member_index_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     folder = make_image_folder(tmp_path / "img", per_class=3)
     (path,) = write_shards(_sorted_items(folder), tmp_path / "s", [6])

@@ -143,14 +143,14 @@ def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple
         ('no/such/folder', None)
     """
     if val_data is not None:  # data that hold both splits give their own side
-        data, val_data = _one_split(data, 0), _one_split(val_data, 1)
+        data, val_data = _one_split(data, 0, report=report), _one_split(val_data, 1)
         shared = shared_shards(data, val_data)
         if shared:
             raise DataError(f"The training and validation data share {plural(len(shared), 'shard')} "
                             f"({', '.join(shared[:3])}): its samples would be trained on and scored, which inflates "
                             "validation accuracy. Give each shard to one of data and val_data.")
         return data, val_data
-    encoded = split_encoded(data)  # train*.tar beside val*.tar, Parquet files named by split, a DatasetDict
+    encoded = split_encoded(data, report=report)  # train*.tar beside val*.tar, Parquet files named by split, a DatasetDict
     if encoded is not None:
         return _one_split(data, 0, encoded), encoded[1]
     if not isinstance(data, (str, Path)):
@@ -183,11 +183,11 @@ def _warn_samples_in_both(train: Any, val: Any, report: DataReport) -> None:
                     f"{str(val.samples[i][0])!r} = {str(train.samples[j][0])!r}.")
 
 
-def _one_split(data: Any, i: int, encoded: tuple[Any, Any] | None = None) -> Any:
+def _one_split(data: Any, i: int, encoded: tuple[Any, Any] | None = None, report: DataReport | None = None) -> Any:
     """Side ``i`` (0: training, 1: validation) of encoded data that hold both splits (see
     `split_encoded`); other data as they are. A folder of ``val*`` shards without ``train*``
     ones is refused as training data: its validation shards would be trained on."""
-    encoded = encoded if encoded is not None else split_encoded(data, need_train=i == 0)
+    encoded = encoded if encoded is not None else split_encoded(data, need_train=i == 0, report=report)
     if encoded is None or encoded[i] is None:
         return data
     if i == 0 and isinstance(encoded[0], list) and not encoded[0]:

@@ -178,20 +178,50 @@ def shard_list(data: Any) -> list[str] | None:
     return None
 
 
-def split_shard_folder(folder: str | Path) -> tuple[list[str], list[str]] | None:
-    """``(train shards, validation shards)`` of a folder whose ``.tar`` files are named
-    ``train*`` and ``val*`` / ``valid*`` / ``validation*`` (else ``test*``); ``([], val)``
-    for a folder of ``val*`` shards without ``train*`` ones; else None."""
+# the words that name a split in a shard's file name, as a word of its own (imagenet-val-0001.tar, not
+# interval-0.tar); "trainval" (train and validation merged, as VOC names it) is training data
+_SPLIT_WORDS = {"train": ("trainval", "training", "train"), "val": ("validation", "valid", "val"), "test": ("test",)}
+_SPLIT_WORD = re.compile(r"(?<![a-z])(" + "|".join(w for ws in _SPLIT_WORDS.values() for w in ws) + r")(?![a-z])")
+
+
+def shard_split(name: str) -> str | None:
+    """The split a shard's file name names (``"train"``, ``"val"`` or ``"test"``): the first
+    split word in it that stands as a word of its own; None for none.
+
+    Example:
+        >>> [shard_split(n) for n in ("train-0.tar", "imagenet-val-0001.tar", "trainval.tar", "values-0.tar")]
+        ['train', 'val', 'train', None]
+    """
+    m = _SPLIT_WORD.search(os.path.basename(name).lower())
+    return None if m is None else next(k for k, words in _SPLIT_WORDS.items() if m.group(1) in words)
+
+
+def split_shard_folder(folder: str | Path, report: DataReport | None = None) -> tuple[list[str], list[str]] | None:
+    """``(train shards, validation shards)`` of a folder whose ``.tar`` file names name their
+    split (`shard_split`): train and validation, else train and test; ``([], val)`` for a
+    folder of validation shards without training ones; else None (the folder's shards are
+    all training data). ``report`` is told which shards of the folder are not used, and
+    which shards named as held-out data are trained on."""
     shards = shard_list(folder) if os.path.isdir(str(folder)) else None
     if not shards:
         return None
-    def named(prefixes: tuple[str, ...]) -> list[str]:  # the split's name as a word: val-0.tar, not values-0.tar
-        return [s for s in shards if re.match(rf"(?:{'|'.join(prefixes)})(?![a-z])", os.path.basename(s).lower())]
-    train, val = named(("train", "training")), named(("validation", "valid", "val"))
-    if val and not train:
-        return [], val
-    val = val or named(("test",))
-    return (train, val) if train and val else None
+    by = {k: [s for s in shards if shard_split(s) == k] for k in (*_SPLIT_WORDS, None)}
+    train, held = by["train"], by["val"] or by["test"]
+    def names(paths: list[str]) -> str:
+        return ", ".join(os.path.basename(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
+    if by["val"] and not train:
+        return [], by["val"]
+    if train and held:
+        unused = (by["test"] if by["val"] else []) + by[None]
+        if unused and report is not None:
+            report.warn(f"{str(folder)!r} holds training and {'validation' if by['val'] else 'test'} shards; its "
+                        f"other shards are not used: {names(unused)}.")
+        return train, held
+    if by["test"] and report is not None:
+        report.warn(f"{str(folder)!r}: the shards named as test data ({names(by['test'])}) are trained on with the "
+                    f"others, as no shard is named as training data. Name the training shards train-*.tar to hold "
+                    "them out, or pass them as val_data.")
+    return None
 
 
 # -- the member index of one shard ------------------------------------------------------

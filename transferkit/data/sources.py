@@ -33,14 +33,15 @@ def is_encoded_input(data: Any) -> bool:
     return shard_list(data) is not None or parquet_list(data) is not None
 
 
-def split_encoded(data: Any, *, need_train: bool = True) -> tuple[Any, Any] | None:
+def split_encoded(data: Any, *, need_train: bool = True, report: DataReport | None = None) -> tuple[Any, Any] | None:
     """``(train, validation)`` of an input that holds both: a folder of ``train*.tar`` and
     ``val*.tar`` shards, Parquet files named by split, a ``DatasetDict``; else None.
-    ``need_train=False``: a ``DatasetDict`` without a train split gives its validation one."""
+    ``need_train=False``: a ``DatasetDict`` without a train split gives its validation one.
+    ``report``: told of a folder's shards that are not used (`split_shard_folder`)."""
     if is_hf_dataset(data) or is_saved_hf(data):
         return split_hf(data, need_train=need_train)
     if isinstance(data, (str, Path)) and Path(data).is_dir():
-        shards = split_shard_folder(data)
+        shards = split_shard_folder(data, report)
         if shards is not None:
             return shards
         files = parquet_list(data)

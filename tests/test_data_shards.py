@@ -264,6 +264,28 @@ def test_bad_and_unlabelled_samples_are_left_out_and_reported(tmp_path):
         prepare_data(str(tmp_path / "s"), val_split=0, on_bad_file="raise")
 
 
+def test_a_shard_that_a_tar_reader_would_end_early_is_a_bad_shard(tmp_path):
+    """Tar readers stop at the first zero block or bad header: a second archive appended, a
+    damaged header or a zeroed tail would silently cut the shard's samples short."""
+    items = _sorted_items(make_image_folder(tmp_path / "img", per_class=4))
+    a, b = write_shards([x for pair in zip(items[:4], items[4:]) for x in pair], tmp_path / "s", [4, 4])
+    raw = a.read_bytes()
+    damaged = bytearray(raw)
+    damaged[1536:1546] = b"x" * 10  # inside the second member's header
+    cases = {"cat.tar": (raw + b.read_bytes(), "data follow tar's end-of-archive block at byte"),
+             "header.tar": (bytes(damaged), "is not a valid tar header: the shard is damaged there"),
+             "zeros.tar": (raw + bytes(200_000), "bytes of zeros follow its last member"),
+             "cut.tar": (raw[:len(raw) // 2], "the shard is truncated")}
+    for name, (data, said) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(tk.DataError, match=f"Cannot read the shard .*{name}.*{said}"):
+            prepare_data(str(tmp_path / name), val_split=0, on_bad_file="raise")
+        bundle = _quiet(prepare_data, [str(a), str(tmp_path / name)], val_split=0)
+        assert len(bundle.train) == 4 and bundle.report.bad_files[0][0] == str(tmp_path / name)
+    (tmp_path / "padded.tar").write_bytes(raw + bytes(30_000))  # record padding of a larger blocking factor
+    assert len(prepare_data(str(tmp_path / "padded.tar"), val_split=0, on_bad_file="raise").train) == 4
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sample_that_fails_to_decode_in_training_is_replaced_and_reported(tmp_path, workers):
     folder = make_image_folder(tmp_path / "img", per_class=4)

@@ -60,9 +60,10 @@ from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels
 from transferkit.data.remote import ENV_BUDGET, Held, ShardCache, ShardFetchError, fetch_small, is_url, remote_validators
 from transferkit.errors import DataError, check_choice
 
-INDEX_FORMAT = 3
+INDEX_FORMAT = 4  # 4: a shard is checked to its end (data after the end-of-archive block)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 LABEL_EXTS = ("cls", "txt", "json")
+PADDING_MOST = 64 << 10  # zeros a tar ends with: its end-of-archive blocks and record padding (128 blocks of 512)
 MAX_OPEN_REMOTE = 2  # remote shards one process keeps open (and so out of the cache's eviction)
 INDEX_THREADS = 8  # remote shards looked up or fetched at once while the indexes are made
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # WebDataset's base_plus_ext
@@ -326,6 +327,34 @@ def _compression(path: str) -> str | None:
     return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
 
 
+def _check_end(f: Any, at: int, total: int) -> None:
+    """Raise a TarError unless the walk of a tar's headers, stopped at byte ``at``, met the
+    end-of-archive block and nothing but zero padding after it: a file cut short, a damaged
+    header, or data after the end (a second archive appended, ``cat a.tar b.tar``, or a zeroed
+    region in the middle) would otherwise leave the samples after that point out unseen."""
+    f.seek(at)  # where the walk stopped
+    end = f.read(512)
+    if len(end) < 512:
+        raise tarfile.TarError(f"it ends at byte {total} without tar's end-of-archive block: the shard is truncated")
+    if end.count(0) != 512:
+        raise tarfile.TarError(f"the block at byte {at} is not a valid tar header: the shard is damaged there (its "
+                               "members from there on cannot be read)")
+    pos = at + 512
+    while chunk := f.read(1 << 20):
+        data = len(chunk) - len(chunk.lstrip(b"\0"))
+        if data < len(chunk):
+            raise tarfile.TarError(f"data follow tar's end-of-archive block at byte {at} (at byte {pos + data} of "
+                                   f"{total}): a second archive appended to it (cat a.tar b.tar), or a zeroed region "
+                                   "inside it; the members after that point would not be read. Rewrite the shard as "
+                                   "one archive (e.g. tar -cf, or GNU tar -A to concatenate)")
+        pos += len(chunk)
+    if total - at > PADDING_MOST:
+        raise tarfile.TarError(f"{total - at} bytes of zeros follow its last member (from byte {at}), more than tar's "
+                               f"padding ({PADDING_MOST} bytes at most): a download or copy that stopped early into a "
+                               "file of its full size leaves this; the members that belong there are missing. Fetch "
+                               "the shard again")
+
+
 def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> ShardIndex:
     """Read one shard's member headers (and label members) and list its samples; with
     ``scan`` ``"quick"`` or ``"full"``, check each image as image files are checked.
@@ -374,11 +403,7 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
                                            f"{total}-byte file: the shard is truncated")
                 label_bytes = tar.extractfile(m).read() if ext in LABEL_EXTS and m.size < 1 << 20 else None
                 pending.append((key, ext, m.offset_data, m.size, label_bytes))
-            f.seek(tar.offset)  # where the walk stopped: tar's end-of-archive block, unless the file was cut short
-            end = f.read(512)
-            if len(end) < 512 or end.count(0) != 512:
-                raise tarfile.TarError(f"it ends at byte {total} without tar's end-of-archive block: the shard is "
-                                       "truncated")
+            _check_end(f, tar.offset, total)
             # the checks seek in the file: run them after the headers were walked
             for key, ext, off, size, label_bytes in pending:
                 if cur and cur["key"] != key:

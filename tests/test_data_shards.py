@@ -371,3 +371,13 @@ def test_a_stray_tar_in_an_image_folder_does_not_make_it_shards(tmp_path):
     (folder / "old.parquet").write_bytes(b"")
     b = prepare_data(folder, val_split=0)
     assert b.classes == ["dark", "light"] and len(b.train) == 6
+
+
+def test_a_cache_dir_inside_a_folder_of_shards_leaves_it_a_folder_of_shards(tmp_path):
+    """The second run with ``cache_dir`` inside the shards' folder read it as an image folder."""
+    items = _sorted_items(make_image_folder(tmp_path / "img", per_class=3))
+    write_shards(items, tmp_path / "s", [6])
+    for _ in range(2):  # the first run writes the cache; the second meets it
+        b = prepare_data(str(tmp_path / "s"), val_split=0, cache_dir=tmp_path / "s" / "cache")
+        assert len(b.train) == 6
+    assert (tmp_path / "s" / "cache" / "shard-index").is_dir()

@@ -139,7 +139,8 @@ def shard_list(data: Any) -> list[str] | None:
     """The local tar shards that ``data`` names, or None when it does not name tar shards.
 
     ``data``: a brace pattern or path ending in ``.tar``, a folder holding ``.tar`` files
-    and no sub-folders (a folder with sub-folders is a folder of images), or a list of ``.tar`` paths or patterns;
+    and no sub-folder of images (one with class sub-folders is a folder of images; other
+    sub-folders, e.g. a ``cache_dir``, are not data), or a list of ``.tar`` paths or patterns;
     ``pipe:`` commands and URLs name remote shards. Raises [`DataError`][transferkit.DataError] for compressed
     shards, missing local files and remote folders.
     """
@@ -168,7 +169,7 @@ def shard_list(data: Any) -> list[str] | None:
     if os.path.isdir(spec):
         entries = list(Path(spec).iterdir())
         tars = sorted(str(p) for p in entries if p.is_file() and _tar_name(p.name) and not p.name.startswith("."))
-        if any(p.is_dir() and not p.name.startswith((".", "_")) for p in entries):
+        if any(p.is_dir() and not p.name.startswith((".", "_")) and (not tars or _holds_images(p)) for p in entries):
             return None  # class sub-folders: an image folder (a stray .tar in it is not data)
         packed = sorted(p.name for p in entries if p.is_file() and _compressed_tar(p.name) and not p.name.startswith("."))
         if packed:  # refused even beside plain shards: leaving them out would change what trains
@@ -177,6 +178,15 @@ def shard_list(data: Any) -> list[str] | None:
         if tars:
             return tars
     return None
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` holds an image file (a class folder; a cache_dir beside shards does not)."""
+    try:
+        with os.scandir(folder) as it:
+            return any(e.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and e.is_file() for e in it)
+    except OSError:
+        return True  # unreadable: taken for a class folder, whose scan names the problem
 
 
 # the words that name a split in a shard's file name, as a word of its own (imagenet-val-0001.tar, not

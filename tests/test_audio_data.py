@@ -57,6 +57,37 @@ def test_load_audio_mixes_down_and_resamples(tmp_path):
     assert load_audio(tmp_path / "s.flac", mono=False).shape == (2, 4410)
 
 
+def test_pcm_integer_waveforms_are_scaled_as_their_files_would_be(tmp_path):
+    """int16, int32, int8 and 8-bit (unsigned) PCM give the same float waveform that
+    soundfile reads from the same samples written to a file; other integers are refused."""
+    from transferkit.data.audio import to_waveform
+
+    wave = (0.5 * np.sin(np.arange(800) / 3)).astype(np.float32)
+    for subtype, dtype in (("PCM_16", "int16"), ("PCM_32", "int32"), ("PCM_U8", None)):
+        sf.write(tmp_path / f"{subtype}.wav", wave, 8000, subtype=subtype)
+        from_file = load_audio(tmp_path / f"{subtype}.wav", 8000)
+        raw, _ = sf.read(tmp_path / f"{subtype}.wav", dtype=dtype or "int16")
+        if dtype is None:  # 8-bit WAV stores unsigned bytes: what a caller reading the file's bytes holds
+            raw = (raw.astype(np.int32) // 256 + 128).astype(np.uint8)
+        torch.testing.assert_close(to_waveform(raw, 8000), from_file, atol=1e-6, rtol=0)
+    torch.testing.assert_close(to_waveform(np.array([-128, 0, 64], np.int8), 8000), torch.tensor([-1.0, 0.0, 0.5]))
+    with pytest.raises(DataError, match="dtype int64 has no known full scale"):
+        to_waveform(np.arange(800), 8000)
+
+
+def test_in_memory_clips_too_short_or_with_names_for_labels_are_named():
+    clip = np.random.default_rng(0).standard_normal(800).astype(np.float32) * 0.1
+    items = [(clip[:10], 0)] + [(clip, i % 2) for i in range(8)]
+    with pytest.warns(UserWarning, match=r"in-memory item 0 \(1.2 ms long \(10 samples at 8000 Hz\), shorter than"):
+        bundle = prepare_audio_data(items, spec=SPEC8K, val_split=0)
+    assert len(bundle.train) == 8
+    with pytest.raises(DataError, match=r"Bad clip 'in-memory item 0': 0.6 ms long \(10 samples at 16000 Hz\)"):
+        prepare_audio_data([((clip[:10], 16000), 0)] + items[1:], spec=SPEC8K, val_split=0, on_bad_file="raise")
+    for label in ("cat", 0.7):
+        with pytest.raises(DataError, match=f"item 0's label is {label!r}. Give integer labels"):
+            prepare_audio_data([(clip, label), (clip, 1)] * 3, spec=SPEC8K, val_split=0)
+
+
 def test_unreadable_audio_raises_data_error(tmp_path):
     (tmp_path / "bad.wav").write_bytes(b"not a wav file")
     with pytest.raises(DataError, match="bad.wav"):
@@ -160,7 +191,7 @@ def test_prepare_audio_data_from_waveforms_with_their_own_rate():
     wav, _ = bundle.train[0]
     assert wav.shape == (800,)  # 16 kHz input resampled to the backbone's 8 kHz
     with pytest.raises(DataError, match="single class"):
-        prepare_audio_data([(torch.zeros(100), 0)] * 4, spec=SPEC8K, val_split=0)
+        prepare_audio_data([(torch.zeros(800), 0)] * 4, spec=SPEC8K, val_split=0)
 
 
 def test_a_sample_rate_of_any_whole_number_type_is_a_rate():

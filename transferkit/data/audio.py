@@ -26,6 +26,7 @@ from transferkit.backbones._base import InputSpec
 from transferkit.data.bundle import DataBundle, resolve_split_folders, stratified_split, warn_unvalidated_classes
 from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, readable_samples, warn_copies_across_classes
 from transferkit.data.folders import scan_class_folders, scan_csv, warn_split_like_classes
+from transferkit.data.images import class_index
 from transferkit.data.late import FileDataset
 from transferkit._text import plural
 from transferkit.errors import ConfigError, DataError, check_choice, unreadable_file
@@ -41,6 +42,8 @@ DEFAULT_MAX_SECONDS = 30.0
 # the shortest clip training (the pre-scan of files) and prediction take, for every audio model: wav2vec2/HuBERT's
 # first frame spans 400 samples at 16 kHz
 MIN_CLIP_SECONDS = 0.025
+# PCM integer samples: (the value of silence, full scale), as soundfile reads and WAV stores them (8-bit is unsigned)
+PCM_SCALE = {torch.int16: (0, 32768.0), torch.int32: (0, 2.0 ** 31), torch.int8: (0, 128.0), torch.uint8: (128, 128.0)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -297,6 +300,16 @@ class AudioFileInfo:
         return self.frames / self.sample_rate
 
 
+def too_short(frames: int, rate: float) -> str | None:
+    """Why a clip of ``frames`` samples at ``rate`` Hz is too short for an audio model (the
+    trunks' first convolutions need `MIN_CLIP_SECONDS`), or None."""
+    if frames >= MIN_CLIP_SECONDS * rate:
+        return None
+    ms = math.floor(10000 * frames / rate) / 10  # rounded down: 24.99 ms is not 25.0
+    return (f"{ms:.1f} ms long ({frames} samples at {rate:g} Hz), shorter than the {1000 * MIN_CLIP_SECONDS:g} ms an "
+            "audio model takes (prediction refuses it too)")
+
+
 def probe_audio_file(path: str | Path, *, full: bool = False) -> AudioFileInfo | str:
     """The header of ``path`` (soundfile.info: format, frame count, channels, rate), or why
     the file cannot be used: empty, not audio, a header without samples; with ``full``,
@@ -315,10 +328,9 @@ def probe_audio_file(path: str | Path, *, full: bool = False) -> AudioFileInfo |
         return "a header without audio data (0 frames)"
     if info.channels < 1 or info.samplerate <= 0:
         return f"invalid header ({info.channels} channels at {info.samplerate} Hz)"
-    if info.frames < MIN_CLIP_SECONDS * info.samplerate:
-        ms = math.floor(10000 * info.frames / info.samplerate) / 10  # rounded down: 24.99 ms is not 25.0
-        return (f"{ms:.1f} ms long ({info.frames} samples at {info.samplerate} Hz), shorter than the "
-                f"{1000 * MIN_CLIP_SECONDS:g} ms an audio model takes (prediction refuses it too)")
+    short = too_short(info.frames, info.samplerate)
+    if short:
+        return short
     if full:
         try:
             read_audio(path)
@@ -343,30 +355,37 @@ def check_audio_file(path: str | Path, *, full: bool = False) -> str | None:
 
 
 def filter_bad_audio(samples: Sequence[tuple[Any, int]], *, on_bad_file: str = "skip", scan: str = "quick",
-                     report: DataReport | None = None,
-                     max_seconds: float | None = None) -> list[tuple[Any, int]]:
+                     report: DataReport | None = None, max_seconds: float | None = None,
+                     rate: int | None = None) -> list[tuple[Any, int]]:
     """The audio counterpart of `transferkit.data.checks.filter_bad_images`: drop
     (``"skip"``, listed in ``report``) or reject (``"raise"``) file samples that fail
     `probe_audio_file` (``scan="quick"``: headers; ``"full"``: decode every file;
-    ``"none"``: no check). In-memory samples pass through. Clips longer than
+    ``"none"``: no check), and in-memory clips shorter than an audio model takes (``rate``:
+    the rate of waveforms given without theirs; None: not checked). Clips longer than
     ``max_seconds`` are counted in one warning (they will be cropped)."""
     check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
     check_choice("scan", scan, SCANS)
-    if scan == "none":
-        return list(samples)
     good, bad, long = [], [], []
-    for source, target in samples:
-        if not isinstance(source, (str, Path)):
+    for i, (source, target) in enumerate(samples):
+        if not isinstance(source, (str, Path)):  # in memory: its length is checked whatever the scan (no read)
+            found = too_short(*_lengths([(source, target)], rate)[0]) if rate is not None else None
+            if found is None:
+                good.append((source, target))
+                continue
+            source = f"in-memory item {i}"
+        elif scan == "none":
             good.append((source, target))
             continue
-        found = probe_audio_file(source, full=scan == "full")
+        else:
+            found = probe_audio_file(source, full=scan == "full")
         if isinstance(found, AudioFileInfo):
             good.append((source, target))
             if max_seconds is not None and found.seconds > max_seconds:
                 long.append((found.seconds, str(source)))
             continue
         if on_bad_file == "raise":
-            raise DataError(f"Bad audio file {str(source)!r}: {found}. Remove it, or pass on_bad_file='skip' to leave "
+            kind = "audio file" if isinstance(samples[i][0], (str, Path)) else "clip"
+            raise DataError(f"Bad {kind} {str(source)!r}: {found}. Remove it, or pass on_bad_file='skip' to leave "
                             "bad files out (they are listed in the result).")
         bad.append((str(source), found))
     if report is not None and bad:
@@ -508,7 +527,8 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
                 on_crop: Callable[[float], None] | None = None) -> torch.Tensor:
     """A path, a ``(waveform, rate)`` pair or a waveform already at ``sample_rate`` -> mono
     float32 ``[T]`` at ``sample_rate`` (a 2-D waveform is ``[C, T]``, or ``[T, C]`` as
-    ``soundfile.read`` returns it: see `MAX_CHANNELS`; int16 PCM is scaled to [-1, 1]), at most
+    ``soundfile.read`` returns it: see `MAX_CHANNELS`; PCM integers are scaled to [-1, 1],
+    `PCM_SCALE`), at most
     ``max_seconds`` long (the middle of a longer clip). NaN at the end of an in-memory
     waveform is padding and is removed; NaN elsewhere, or inf, raises [`DataError`][transferkit.DataError].
     A pair's rate is any whole number (`sample_rate_of`: ``np.int64(44100)``, ``44100.0``).
@@ -524,8 +544,12 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
     if isinstance(item, tuple) and len(item) == 2 and is_rate(item[1]):
         item, rate = item[0], sample_rate_of(item[1], "sample rate of the (waveform, sample_rate) pair")
     wav = torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item)
-    if wav.dtype == torch.int16:
-        wav = wav.float() / 32768.0
+    if wav.dtype in PCM_SCALE:
+        zero, full = PCM_SCALE[wav.dtype]
+        wav = (wav.double() - zero) / full
+    elif not wav.is_floating_point():
+        raise DataError(f"A waveform of dtype {str(wav.dtype).replace('torch.', '')} has no known full scale: pass "
+                        "float samples in [-1, 1], or PCM as int16, int32, int8 or uint8 (8-bit WAV).")
     wav = wav.float()
     given = tuple(wav.shape)  # as the caller passed it (before channels are mixed down)
     if wav.ndim == 2 and wav.shape[1] <= MAX_CHANNELS < wav.shape[0]:  # [T, C], as soundfile.read returns it
@@ -573,8 +597,9 @@ def _audio_dataset(data: Any, spec: InputSpec, classes: list[str] | None, what: 
         if not all(isinstance(it, (tuple, list)) and len(it) in (2, 3) for it in items):
             raise DataError(f"A {what} audio dataset must hold (waveform, label) or (waveform, sample_rate, label).")
         samples = [((it[0], sample_rate_of(it[1], f"sample rate of {what} item {i} (waveform, sample_rate, label)"))
-                    if len(it) == 3 else it[0], int(it[-1])) for i, it in enumerate(items)]
-        samples = filter_bad_audio(samples, on_bad_file=on_bad_file, scan=scan, report=report, max_seconds=max_seconds)
+                    if len(it) == 3 else it[0], class_index(it[-1], i, kind="audio")) for i, it in enumerate(items)]
+        samples = filter_bad_audio(samples, on_bad_file=on_bad_file, scan=scan, report=report, max_seconds=max_seconds,
+                                   rate=rate)
         if not samples:
             raise DataError(f"No readable clips in the {what} dataset (e.g. {report.bad_files[:2]}).")
         if max_seconds is not None:

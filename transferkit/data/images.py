@@ -174,8 +174,9 @@ class TransformedDataset(Dataset):
         return out
 
 
-def class_index(label: Any, item: int | None = None) -> int:
-    """``label`` as a class index, or a DataError saying what a Dataset's labels must be.
+def class_index(label: Any, item: int | None = None, *, kind: str = "image") -> int:
+    """``label`` as a class index, or a DataError saying what a Dataset's labels must be
+    (``kind``: ``"image"`` or ``"audio"``, whose data are classes only).
 
     Example:
         >>> class_index(3), class_index(np.int64(1)), class_index(2.0), class_index("4")
@@ -194,10 +195,11 @@ def class_index(label: Any, item: int | None = None) -> int:
     if isinstance(value, str) and value.strip().isascii() and value.strip().isdecimal():  # "3": an index as text
         return int(value)
     where = f"item {item}'s label" if item is not None else "a label"
+    other = "" if kind == "audio" else "; for several labels per image or values, set task='multilabel' or " \
+        "task='regression'"
     raise DataError(f"A Dataset's labels are class indices (0, 1, ...); {where} is {label!r}. Give integer labels "
                     "and name the classes with classes=[...] (or give a folder of class folders, or a CSV of "
-                    "path,label rows, whose labels are names); for several labels per image or values, set "
-                    "task='multilabel' or task='regression'.")
+                    f"path,label rows, whose labels are names){other}.")
 
 
 def dataset_targets(ds: Dataset) -> list[int]:

@@ -212,6 +212,22 @@ def test_a_16_bit_array_or_tensor_is_scaled_as_its_16_bit_png_is(tmp_path):
         _image_predictor().predict(torch.zeros(3, 4, 4, dtype=torch.int32))
 
 
+def test_non_finite_pixels_are_refused_and_a_float_tiff_in_0_1_is_read_as_such(tmp_path):
+    """NaN compares false with any bound: a float image holding it passed the range check, and
+    an ONNX export (which casts to uint8) returned a confident label for it."""
+    from transferkit.data.images import load_image
+
+    img = np.full((16, 16, 3), 0.8, np.float32)
+    img[5, 5, 0] = np.nan
+    for item in (img, torch.from_numpy(img).permute(2, 0, 1)):
+        with pytest.raises(DataError, match="holds 1 non-finite values"):
+            _image_predictor().predict(item)
+    Image.fromarray(np.full((8, 8), 0.6, np.float32), "F").save(tmp_path / "f.tif")  # a 32-bit float TIFF
+    assert np.asarray(load_image(tmp_path / "f.tif"))[0, 0].tolist() == [153, 153, 153]
+    Image.fromarray(np.full((8, 8), 200.0, np.float32), "F").save(tmp_path / "f255.tif")  # float in [0, 255]
+    assert np.asarray(load_image(tmp_path / "f255.tif"))[0, 0].tolist() == [200, 200, 200]
+
+
 def test_a_missing_file_is_reported_as_missing_with_where_it_was_looked_for(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = InputSpec(kind="audio", sample_rate=8000, clip_seconds=None)

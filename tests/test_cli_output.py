@@ -127,6 +127,21 @@ def test_resume_flag_continues_with_the_stored_settings(run, capsys):
     assert code == 2 and "--resume continues the run saved in --checkpoint PATH" in err
 
 
+def test_resume_flag_starts_a_run_whose_checkpoint_does_not_exist_yet(tmp_path, capsys):
+    """One command for every start of a job that may be preempted (docs/cli.md); the Python
+    API refuses resume=True without the checkpoint (a typo would silently start over)."""
+    data = make_image_folder(tmp_path / "images", per_class=6, size=20)
+    ckpt = tmp_path / "new.ckpt"
+    (tmp_path / "cfg.yaml").write_text(f"data: {data}\ncheckpoint: {tmp_path / 'cfg.ckpt'}\n")
+    for argv in (["--data", data, "--checkpoint", ckpt], ["--config", tmp_path / "cfg.yaml"]):
+        code, out, err = _run(capsys, "finetune", *argv, *TINY, "--resume")
+        assert code == 0, err
+        assert "does not exist yet; a new run starts and saves it there" in err and "epoch   1/2" in err
+    assert ckpt.is_file() and (tmp_path / "cfg.ckpt").is_file()
+    with pytest.raises(transferkit.ConfigError, match="does not exist: nothing to resume"):
+        transferkit.finetune("tk:small_cnn", weights=None, data=data, checkpoint=tmp_path / "typo.ckpt", resume=True)
+
+
 def test_resume_flag_after_an_interrupted_run(tmp_path, capsys):
     data = make_image_folder(tmp_path / "images", per_class=6, size=20)
     ckpt = tmp_path / "r.ckpt"

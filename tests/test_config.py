@@ -71,6 +71,15 @@ def test_recipe_keys_passed_to_finetune_say_where_they_belong():
         merge_config({"limt": 2})
 
 
+@pytest.mark.parametrize("key", ["export", "checkpoint", "plots_dir", "cache_dir", "data"])
+def test_an_empty_path_is_refused_before_anything_runs(key, capsys):
+    with pytest.raises(ConfigError, match=f"{key}='' is an empty path"):
+        FinetuneConfig(**{"data": "x", key: " "})
+    if key in ("export", "checkpoint", "plots_dir"):  # `--set cache_dir=` is YAML's null; no --data: no data
+        code = main(["finetune", "--data", "x", f"--{key.replace('_', '-')}", ""])
+        assert code == 2 and f"--{key.replace('_', '-')} '' is an empty path" in capsys.readouterr().err
+
+
 def test_cli_flags_and_help_read_the_annotations(capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])

@@ -322,7 +322,13 @@ def _run_finetune(args: argparse.Namespace) -> Any:
     if args.resume and not (args.checkpoint or args.config):
         raise TransferkitError("--resume continues the run saved in --checkpoint PATH; pass the checkpoint.")
     if not (args.resume and args.checkpoint and not args.config and Path(args.checkpoint).exists()):
-        return finetune(**_finetune_kwargs(args))  # a missing checkpoint: the run starts (and saves there)
+        kwargs = _finetune_kwargs(args)
+        if kwargs.get("resume") and kwargs.get("checkpoint") and not Path(kwargs["checkpoint"]).exists():
+            # one command for every start of a job that may be preempted: the first start has nothing to resume
+            print(f"transferkit: --resume: {_shell_word(str(kwargs['checkpoint']))} does not exist yet; a new run "
+                  "starts and saves it there.", file=sys.stderr, flush=True)
+            kwargs["resume"] = False
+        return finetune(**kwargs)
     flags = {k: getattr(args, k) for k in config_fields() if getattr(args, k, None) is not None}
     flags.update({k: v for k, v in (("data", args.data), ("val_data", args.val_data)) if v is not None})
     if isinstance(flags.get("weights"), str) and flags["weights"].lower() == "none":
@@ -494,13 +500,13 @@ _CALL = re.compile(r"(?:transferkit\.)?\b(finetune|resume)\((?!\):)([^()]*)\)")
 
 def _shell_word(text: str) -> str:
     """``text`` quoted where a shell (bash, zsh) could split or expand it (a path with a space,
-    ``[256]``), else as it is.
+    ``[256]``, an empty word), else as it is.
 
     Example:
-        >>> _shell_word("out/m.pt"), _shell_word("out/cli ml.pt")
-        ('out/m.pt', "'out/cli ml.pt'")
+        >>> _shell_word("out/m.pt"), _shell_word("out/cli ml.pt"), _shell_word("")
+        ('out/m.pt', "'out/cli ml.pt'", "''")
     """
-    return shlex.quote(text) if re.search(r"[^\w@%+=:,./-]", text) else text
+    return shlex.quote(text) if not text or re.search(r"[^\w@%+=:,./-]", text) else text
 
 
 def _setting_flag(key: str, value: str) -> str | None:

@@ -314,6 +314,9 @@ class FinetuneConfig:
         who = caller()
         for f in dataclasses.fields(self):
             setattr(self, f.name, _checked(f, getattr(self, f.name), who))
+            if _is_path(f.name) and isinstance(getattr(self, f.name), str) and not getattr(self, f.name).strip():
+                raise ConfigError(f"{who}: {f.name}='' is an empty path (an unset variable in a shell command?); give "
+                                  "a path, or leave it out.")
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"{who}: warmup_epochs={self.warmup_epochs!r} is longer than the run (epochs="
                               f"{self.epochs!r}); use at most {self.epochs}.")

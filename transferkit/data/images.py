@@ -56,7 +56,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else \
+            1.0 if img.mode == "F" and arr.max() <= 1.0 else 255.0  # a float image in [0, 1] (a 32-bit TIFF)
         return Image.fromarray(to_8bit(arr, top), "L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")

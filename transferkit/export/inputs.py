@@ -190,6 +190,9 @@ def _check_image_tensor(t: torch.Tensor) -> torch.Tensor:
         raise DataError(f"An image tensor must be uint8 in [0, 255], uint16 (16-bit) or float in [0, 1], got "
                         f"{t.dtype}.")
     t = t.detach().float().cpu()
+    if not bool(torch.isfinite(t).all()):  # NaN compares false with any bound: it would pass the range check
+        raise DataError(f"A float image holds {int((~torch.isfinite(t)).sum())} non-finite values (NaN or inf); "
+                        "replace them (e.g. torch.nan_to_num) before predicting.")
     lo, hi = (float(t.min()), float(t.max())) if t.numel() else (0.0, 0.0)
     if lo < -1e-3 or hi > 1.0 + 1e-3:
         raise DataError(f"A float image must hold values in [0, 1], got [{lo:.3g}, {hi:.3g}]; pass uint8 pixels or "

@@ -100,8 +100,8 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
         kept = (f" The current weights are saved in {str(saved)!r} (usable as weights=... or with `transferkit "
                 "export`)." if saved is not None else " The current weights could not be saved elsewhere either.")
         if checkpoint is not None and Path(checkpoint).exists():
-            kept += (f" The checkpoint {str(checkpoint)!r} still holds the last epoch it completed: free some space, "
-                     f"then continue with transferkit.resume({str(checkpoint)!r}).")
+            kept += (f" The checkpoint {str(checkpoint)!r} still holds the last epoch it completed: once the cause "
+                     f"above is fixed, continue with transferkit.resume({str(checkpoint)!r}).")
         err = OutputError(f"{str(exc).rstrip('.')}.{kept}")
         err.fallback = saved  # type: ignore[attr-defined]
         raise err from exc

@@ -142,6 +142,30 @@ def test_resume_flag_starts_a_run_whose_checkpoint_does_not_exist_yet(tmp_path, 
         transferkit.finetune("tk:small_cnn", weights=None, data=data, checkpoint=tmp_path / "typo.ckpt", resume=True)
 
 
+def test_a_run_resumed_from_another_folder_reads_and_writes_where_it_ran(tmp_path, capsys, monkeypatch):
+    """Relative paths of the run (data, export, plots) are recorded absolute: resumed from
+    another folder, the run neither reads that folder's data nor writes over its files."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    make_image_folder(Path("images"), per_class=6, size=20)
+
+    def stop(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        transferkit.finetune("tk:small_cnn", weights=None, data="images", epochs=2, image_size=16, batch_size=8,
+                             num_workers=0, checkpoint="run.ckpt", export="model.pt", callbacks=[stop])
+    monkeypatch.chdir(tmp_path / "b")
+    (tmp_path / "b" / "model.pt").write_text("precious")
+    capsys.readouterr()
+    code, out, err = _run(capsys, "finetune", "--checkpoint", tmp_path / "a" / "run.ckpt", "--resume")
+    assert code == 0, err
+    assert (tmp_path / "b" / "model.pt").read_text() == "precious" and (tmp_path / "a" / "model.pt").is_file()
+    assert json.loads(out)["export"] == str(tmp_path / "a" / "model.pt")
+
+
 def test_resume_flag_after_an_interrupted_run(tmp_path, capsys):
     data = make_image_folder(tmp_path / "images", per_class=6, size=20)
     ckpt = tmp_path / "r.ckpt"

@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -357,16 +358,18 @@ class FinetuneConfig:
         return cls(**merged)
 
     def to_dict(self, *, portable: bool = False) -> dict[str, Any]:
-        """Plain JSON data; Python objects appear as ``"<TypeName>"``. ``portable=True``
-        keeps only the file names of paths (for exports shipped to other machines)."""
+        """Plain JSON data; Python objects appear as ``"<TypeName>"``. Paths are absolute (a run
+        resumed from another folder reads and writes where the run did), or with
+        ``portable=True`` only their file names (for exports shipped to other machines)."""
         out = {}
         for f in dataclasses.fields(self):
             if f.metadata["serial"]:
                 v = getattr(self, f.name)
                 if f.name == "policy" and not isinstance(v, (str, type(None))):
                     v = _policy_text(v)
-                out[f.name] = jsonable(Path(v).name if portable and isinstance(v, (str, Path)) and _is_path(f.name)
-                                       else v)
+                if isinstance(v, (str, Path)) and _is_path(f.name):
+                    v = Path(v).name if portable else _absolute(f.name, v)
+                out[f.name] = jsonable(v)
         return out
 
     @classmethod
@@ -443,6 +446,15 @@ _PATH_KEYS = {"data", "val_data", "weights", "cache_dir", "export", "checkpoint"
 
 def _is_path(key: str) -> bool:
     return key in _PATH_KEYS
+
+
+def _absolute(key: str, value: str | Path) -> str | Path:
+    """A local path ``value`` of setting ``key`` made absolute; URLs, ``pipe:`` commands and
+    weights named by their tag (``"DEFAULT"``, not a file here) stay as they are."""
+    text = str(value)
+    if "://" in text or text.startswith("pipe:") or (key == "weights" and not os.path.exists(text)):
+        return value
+    return os.path.abspath(os.path.expanduser(text))
 
 
 def config_fields() -> dict[str, dataclasses.Field]:

@@ -108,6 +108,34 @@ def test_resume_without_a_checkpoint_is_an_error_naming_the_path(tmp_path, image
     assert not (tmp_path / "typo.ckpt").exists()
 
 
+def test_work_that_no_other_file_holds_is_not_replaced_by_a_new_run(tmp_path, image_folder):
+    """An unfinished run's checkpoint (forgotten --resume), an export given as the checkpoint and a
+    checkpoint given as the export are refused before training; an earlier export, a finished
+    run's checkpoint and other files are replaced, as a run writing there again means to."""
+    def stop(row):
+        raise KeyboardInterrupt
+
+    unfinished = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        tk.finetune(data=image_folder, **{**FAST, "epochs": 3}, checkpoint=unfinished, callbacks=[stop])
+    done = tk.finetune(data=image_folder, **FAST, checkpoint=tmp_path / "done.ckpt", export=tmp_path / "m.pt")
+    assert done.export_report is not None
+    before = {p: _bytes(p) for p in (unfinished, tmp_path / "m.pt", tmp_path / "done.ckpt")}
+    for kw, said in [({"checkpoint": unfinished}, r"holds an unfinished run \(epoch 1 of 3\): a new run would "
+                                                   r"replace it. Continue it with resume=True"),
+                     ({"checkpoint": tmp_path / "m.pt"}, "is an exported model: the run's checkpoints would "
+                                                          "replace it"),
+                     ({"export": unfinished}, r"is the checkpoint of an unfinished run \(epoch 1 of 3\)"),
+                     ({"export": tmp_path / "done.ckpt"}, "is the checkpoint of a finished run")]:
+        with pytest.raises(ConfigError, match=said):
+            tk.finetune(data=image_folder, **FAST, **kw)
+    assert all(_bytes(p) == b for p, b in before.items())
+    (tmp_path / "other.pt").write_bytes(b"anything")
+    tk.finetune(data=image_folder, **FAST, checkpoint=tmp_path / "done.ckpt", export=tmp_path / "m.pt", seed=1)
+    tk.finetune(data=image_folder, **FAST, export=tmp_path / "other.pt")
+    assert _bytes(tmp_path / "m.pt") != before[tmp_path / "m.pt"]  # an earlier export is replaced
+
+
 def test_tolerances_and_example_counts_are_checked_before_the_export(tmp_path, image_folder, monkeypatch):
     import transferkit.export.from_checkpoint as fc
 

@@ -141,6 +141,29 @@ def _kind_of_zip(path: Path) -> str | None:
     return "torchscript" if any(n.split("/", 1)[-1].startswith("code/") for n in names) else None
 
 
+def saved_run(path: str | Path) -> tuple[str, dict[str, Any]] | None:
+    """What a file that transferkit wrote holds, read without loading its weights (they are
+    memory-mapped): ``("export", {})`` for a TorchScript export, ``("checkpoint", {"complete":
+    ..., "epoch": ..., "epochs": ...})`` for a checkpoint; None for any other file.
+
+    Example:
+        >>> saved_run("runs/run.ckpt")  # doctest: +SKIP
+        ('checkpoint', {'complete': False, 'epoch': 2, 'epochs': 10})
+    """
+    path = Path(path)
+    if _kind_of_zip(path) == "torchscript":
+        return "export", {}
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a torch.save file of transferkit's: none of its kinds
+        return None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("transferkit"), dict):
+        return None
+    config = (ckpt["transferkit"].get("decisions") or {}).get("config") or {}
+    return "checkpoint", {"complete": bool(ckpt.get("complete")), "epoch": ckpt.get("epoch"),
+                          "epochs": config.get("epochs")}
+
+
 def _load_failure(exc: BaseException) -> str:
     """Why ``torch.load`` failed, in one clause: its first sentence (torch's messages go on to
     advice that does not fit a damaged file, such as loading with ``weights_only=False``)."""

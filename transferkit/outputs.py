@@ -43,6 +43,7 @@ from transferkit._io import (
     remove_stale_temps,
     same_file,
 )
+from transferkit.checkpoints import saved_run
 from transferkit.config import FinetuneConfig
 from transferkit.errors import ConfigError, OutputError
 
@@ -95,12 +96,38 @@ def check_output_paths(cfg: FinetuneConfig) -> None:
                 raise ConfigError(f"{out}={str(p)!r} lies inside the {key} folder {str(src)!r}: the files written "
                                   "there would be read as data (a class folder) by the next run. Choose a folder "
                                   "outside the data.")
+    for key in ("checkpoint", "export"):
+        if key in outputs and not (key == "checkpoint" and cfg.resume):
+            _check_replaced(key, outputs[key])
     for key, p in outputs.items():
         check_writable(p, what=_WHAT[key], flag=key, kind=OUTPUTS[key])
         free = free_bytes(p if OUTPUTS[key] == "dir" else p.parent)
         if free < MIN_FREE:
             raise OutputError(f"The {_WHAT[key]} {str(p)!r} ({key}) is on a full file system ({free // 1024} kB "
                               "free). Free some space or choose a path on another disk.")
+
+
+def _check_replaced(key: str, p: Path) -> None:
+    """Refuse an output file that would replace work a user cannot get back from another file:
+    a checkpoint of an unfinished run (to be resumed), an export given as ``checkpoint``, a
+    checkpoint given as ``export``. A finished run's checkpoint, an earlier export at the
+    export's path and any other file are replaced, as a run that writes there again means to."""
+    found = saved_run(p) if p.is_file() else None
+    if found is None:
+        return
+    kind, info = found
+    epochs = f"epoch {info.get('epoch')} of {info.get('epochs')}" if info.get("epochs") else "not finished"
+    if key == "checkpoint" and kind == "export":
+        raise ConfigError(f"checkpoint={str(p)!r} is an exported model: the run's checkpoints would replace it. Give "
+                          "the checkpoint another path (e.g. run.ckpt).")
+    if key == "checkpoint" and not info["complete"]:
+        raise ConfigError(f"checkpoint={str(p)!r} holds an unfinished run ({epochs}): a new run would replace it. "
+                          "Continue it with resume=True (the same settings), or delete the file or choose another "
+                          "path to start over.")
+    if key == "export" and kind == "checkpoint":
+        what = "a finished run" if info["complete"] else f"an unfinished run ({epochs}), which resume=True continues"
+        raise ConfigError(f"export={str(p)!r} is the checkpoint of {what}: the export would replace it. Give the "
+                          "export another path (e.g. model.pt).")
 
 
 def _check_resume(cfg: FinetuneConfig) -> None:

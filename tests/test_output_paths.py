@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,24 @@ def test_work_that_no_other_file_holds_is_not_replaced_by_a_new_run(tmp_path, im
     tk.finetune(data=image_folder, **FAST, checkpoint=tmp_path / "done.ckpt", export=tmp_path / "m.pt", seed=1)
     tk.finetune(data=image_folder, **FAST, export=tmp_path / "other.pt")
     assert _bytes(tmp_path / "m.pt") != before[tmp_path / "m.pt"]  # an earlier export is replaced
+
+
+def test_exporting_an_unfinished_run_says_which_epoch_it_holds(tmp_path, image_folder):
+    from transferkit.export import export_checkpoint
+
+    def stop(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tk.finetune(data=image_folder, **{**FAST, "epochs": 3}, checkpoint=tmp_path / "run.ckpt", callbacks=[stop])
+    with pytest.warns(UserWarning, match=r"holds an unfinished run \(epoch 2 of 3\): the export holds epoch 2's "
+                                         r"weights.*Finish the run \(transferkit.resume"):
+        export_checkpoint(tmp_path / "run.ckpt", tmp_path / "m.pt")
+    tk.resume(tmp_path / "run.ckpt", verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a finished run's checkpoint exports without a word
+        export_checkpoint(tmp_path / "run.ckpt", tmp_path / "m.pt")
 
 
 def test_tolerances_and_example_counts_are_checked_before_the_export(tmp_path, image_folder, monkeypatch):

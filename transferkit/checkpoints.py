@@ -144,11 +144,12 @@ def _kind_of_zip(path: Path) -> str | None:
 def saved_run(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     """What a file that transferkit wrote holds, read without loading its weights (they are
     memory-mapped): ``("export", {})`` for a TorchScript export, ``("checkpoint", {"complete":
-    ..., "epoch": ..., "epochs": ...})`` for a checkpoint; None for any other file.
+    ..., "epoch": ..., "epochs": ..., "best": ...})`` for a checkpoint (``best``: the best
+    epoch so far and its validation metrics, of an unfinished run); None for any other file.
 
     Example:
         >>> saved_run("runs/run.ckpt")  # doctest: +SKIP
-        ('checkpoint', {'complete': False, 'epoch': 2, 'epochs': 10})
+        ('checkpoint', {'complete': False, 'epoch': 2, 'epochs': 10, 'best': {'epoch': 1, 'val_loss': 0.61}})
     """
     path = Path(path)
     if _kind_of_zip(path) == "torchscript":
@@ -160,8 +161,9 @@ def saved_run(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("transferkit"), dict):
         return None
     config = (ckpt["transferkit"].get("decisions") or {}).get("config") or {}
+    state = (ckpt.get("training") or {}).get("state") or {}
     return "checkpoint", {"complete": bool(ckpt.get("complete")), "epoch": ckpt.get("epoch"),
-                          "epochs": config.get("epochs")}
+                          "epochs": config.get("epochs"), "best": state.get("best") or {}}
 
 
 def _load_failure(exc: BaseException) -> str:

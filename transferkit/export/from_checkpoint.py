@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from transferkit.backbones.weights import load_into
 from transferkit.errors import ConfigError, ExportError, WeightsError
 from transferkit.model import build_model
 from transferkit.backbones import get_backbone
-from transferkit.checkpoints import load_checkpoint
+from transferkit.checkpoints import load_checkpoint, saved_run
 from transferkit._io import check_writable, same_file
 from transferkit.export.inputs import InputPipeline
 from transferkit.export.torchscript import ExportReport, check_tolerances
@@ -55,6 +56,20 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     except WeightsError as exc:
         raise WeightsError(f"{exc} {options_hint}") from exc
     return model.eval(), meta
+
+
+def _warn_unfinished(checkpoint: str | Path) -> None:
+    """Warn when ``checkpoint`` holds an unfinished run: its weights are the last completed
+    epoch's, not the best epoch's that the finished run would have restored."""
+    found = saved_run(checkpoint)
+    if found is None or found[0] != "checkpoint" or found[1]["complete"]:
+        return
+    info = found[1]
+    best = info["best"].get("epoch")
+    but = f", not the best epoch so far ({best})" if best not in (None, info["epoch"]) else ""
+    warnings.warn(f"{str(checkpoint)!r} holds an unfinished run (epoch {info['epoch']} of {info['epochs']}): the "
+                  f"export holds epoch {info['epoch']}'s weights{but}. Finish the run (transferkit.resume("
+                  f"{str(checkpoint)!r})) to export what it returns.", stacklevel=3)
 
 
 def _backbone_options(meta: dict[str, Any], where: str) -> tuple[dict[str, Any], str]:
@@ -154,6 +169,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str 
                           "the parity check).")
     check_tolerances(export_kwargs.get("atol", 1e-5), export_kwargs.get("rtol", 1e-5))
     model, meta = model_from_checkpoint(checkpoint)
+    _warn_unfinished(checkpoint)
     batch, origin = example_batch(InputSpec.from_dict(meta["input_spec"]), examples=examples, n=num_examples)
     keep = {k: v for k, v in meta.items() if k not in ("format", "num_outputs", "torch_version", "export")}
     from transferkit.export.onnx import export_files

@@ -155,6 +155,19 @@ def test_exporting_an_unfinished_run_says_which_epoch_it_holds(tmp_path, image_f
         export_checkpoint(tmp_path / "run.ckpt", tmp_path / "m.pt")
 
 
+def test_a_resume_refused_for_changed_data_says_what_the_digest_covers(tmp_path, image_folder):
+    def stop(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tk.finetune(data=image_folder, **{**FAST, "epochs": 2}, checkpoint=tmp_path / "run.ckpt", callbacks=[stop])
+    first = next(p for p in Path(image_folder).rglob("*") if p.is_file())
+    first.chmod(0o600)  # the content is the same; its change time is not
+    with pytest.raises(ConfigError, match=r"data: .*The data's digest covers each file's path .*change times: an "
+                                          r"edit, a copy \(cp -a, rsync -a to another disk\) or a chmod changes it"):
+        tk.resume(tmp_path / "run.ckpt")
+
+
 def test_tolerances_and_example_counts_are_checked_before_the_export(tmp_path, image_folder, monkeypatch):
     import transferkit.export.from_checkpoint as fc
 

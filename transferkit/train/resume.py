@@ -55,9 +55,12 @@ def resume_from(path: str | Path, *, check: Callable[[dict[str, Any]], dict[str,
                           "transferkit); start a new run from its weights with weights=...")
     diff = check(ckpt["transferkit"])
     if diff:
+        data = " The data's digest covers each file's path below the data folder, label, size, modification and " \
+            "change times: an edit, a copy (cp -a, rsync -a to another disk) or a chmod changes it; a folder " \
+            "renamed or moved on one disk keeps it." if "data" in diff else ""
         raise ConfigError(f"Cannot resume from {str(path)!r}: this run's decisions differ from the checkpoint's "
-                          f"(checkpoint -> now): {_format_diff(diff)}. Use the same settings, or start a new run "
-                          "without resume (weights=<checkpoint> keeps the trained weights).")
+                          f"(checkpoint -> now): {_format_diff(diff)}.{data} Use the same settings, or start a new "
+                          "run without resume (weights=<checkpoint> keeps the trained weights).")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(tr["optimizer"])
     if scheduler is not None and tr.get("scheduler") is not None:

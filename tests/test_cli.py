@@ -82,6 +82,24 @@ def test_export_predict_inspect_round_trip(trained, exported, capsys):
     assert code == 0 and json.loads(stdout) == meta
 
 
+def test_export_examples_skip_an_unreadable_file(trained, capsys, tmp_path):
+    root, data, _ = trained
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    (examples / "a_fake.png").write_bytes(b"not an image")
+    for i, p in enumerate(sorted(data.rglob("*.png"))[:3]):
+        (examples / f"b{i}.png").write_bytes(p.read_bytes())
+    code, stdout, err = _run(capsys, "export", root / "run.ckpt", "--out", tmp_path / "m.pt", "--examples", examples)
+    assert code == 0, err
+    assert "3 image files from" in stdout and "1 unreadable file skipped, e.g." in stdout and "a_fake.png" in stdout
+    assert "on-bad-file" not in stdout + err
+    (examples / "a_fake.png").rename(tmp_path / "b.png")
+    for p in examples.iterdir():
+        p.write_bytes(b"junk")
+    code, _, err = _run(capsys, "export", root / "run.ckpt", "--out", tmp_path / "m2.pt", "--examples", examples)
+    assert code == 2 and "None of the image files under" in err and "on-bad-file" not in err
+
+
 def test_export_with_random_examples_optimize_and_onnx(trained, capsys, tmp_path):
     pytest.importorskip("onnxruntime")
     root, _, _ = trained

@@ -44,3 +44,10 @@ def exception_line(exc: BaseException, limit: int = 300) -> str:
     """``"Type: first line of the message"`` (at most ``limit`` characters of it): an error as a reason."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:limit]}" if text else type(exc).__name__
+
+
+def file_reason(error: object) -> str:
+    """Why a file could not be read, on one line, without the advice about training options
+    (removing the file, ``on_bad_file=``) that does not apply where a file is predicted,
+    scored or used as an example."""
+    return " ".join(str(error).split()).split(" Remove the file")[0]

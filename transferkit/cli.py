@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import TransferkitError
+from transferkit._text import file_reason
 from transferkit.helpformat import HELP, one_line, one_line_warnings
 from transferkit.schedules import LRRange
 
@@ -75,7 +76,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(f"{p.source}\t{p}")
     failed = [p for p in preds if not getattr(p, "ok", True)]
     for p in failed:  # the reason alone: advice about training options does not apply to predict
-        print(f"transferkit: warning: {p.source}: {_file_reason(p.error)}", file=sys.stderr)
+        print(f"transferkit: warning: {p.source}: {file_reason(p.error)}", file=sys.stderr)
     if failed:
         print(f"transferkit: error: {len(failed)} of {len(preds)} inputs could not be predicted (listed above)",
               file=sys.stderr)
@@ -124,12 +125,6 @@ def _json(obj: Any, **options: Any) -> str:
     return json.dumps(finite(obj), allow_nan=False, **options)
 
 
-def _file_reason(error: Any) -> str:
-    """Why a file could not be predicted, on one line, without the advice about training
-    options (removing the file, on_bad_file=) that does not apply to predict or evaluate."""
-    return one_line(error).split(" Remove the file")[0]
-
-
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from transferkit.errors import ConfigError, OutputError
     from transferkit.evaluation import evaluate
@@ -161,7 +156,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if classifier:
             print(f"confusion matrix: {picture}" if picture else f"confusion matrix: not drawn ({not_drawn})")
     for f, err in ev.failed:
-        print(f"transferkit: warning: {f}: {_file_reason(err)}", file=sys.stderr)
+        print(f"transferkit: warning: {f}: {file_reason(err)}", file=sys.stderr)
     if ev.failed:
         print(f"transferkit: error: {len(ev.failed)} of {len(ev.failed) + len(ev.files)} files could not be "
               "predicted (listed above); the scores leave them out", file=sys.stderr)

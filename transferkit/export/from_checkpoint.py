@@ -11,11 +11,12 @@ from torch import nn
 
 from transferkit.backbones._base import InputSpec
 from transferkit.backbones.weights import load_into
-from transferkit.errors import ConfigError, ExportError, WeightsError
+from transferkit.errors import ConfigError, DataError, ExportError, WeightsError
 from transferkit.model import build_model
 from transferkit.backbones import get_backbone
 from transferkit.checkpoints import load_checkpoint, saved_run
 from transferkit._io import check_writable, same_file
+from transferkit._text import file_reason, plural
 from transferkit.export.inputs import InputPipeline
 from transferkit.export.torchscript import ExportReport, check_tolerances
 
@@ -134,8 +135,20 @@ def example_batch(spec: InputSpec, *, examples: str | Path | None = None, n: int
     description of where it came from."""
     pipe = InputPipeline(spec)
     if examples is not None:
-        files = pipe.list_files(examples)[:n]
-        return pipe.batch(files), f"{len(files)} {spec.kind} files from {str(examples)!r}"
+        files, skipped = [], []
+        for f in pipe.list_files(examples):
+            if len(files) == n:
+                break
+            try:
+                pipe.batch([f])
+                files.append(f)
+            except DataError as exc:  # an unreadable example is skipped: the check needs readable ones
+                skipped.append(f"{f} ({file_reason(exc)})")
+        if not files:
+            raise DataError(f"None of the {spec.kind} files under {str(examples)!r} could be read, e.g. "
+                            f"{skipped[0]}.")
+        left = f" ({plural(len(skipped), 'unreadable file')} skipped, e.g. {skipped[0]})" if skipped else ""
+        return pipe.batch(files), f"{len(files)} {spec.kind} files from {str(examples)!r}{left}"
     g = torch.Generator().manual_seed(seed)
     if spec.kind == "audio":
         length = int(round((spec.clip_seconds or 1.0) * int(spec.sample_rate or 16000)))

@@ -200,6 +200,17 @@ def test_hints_use_the_cli_syntax():
         "continue with `transferkit finetune --checkpoint 'out/ck ü.pt' --resume` or --weights 'my w.pt'"
 
 
+def test_predict_goes_on_past_a_folder_without_inputs(run, capsys, tmp_path):
+    root, data, _ = run
+    image = sorted(str(p) for p in data.rglob("*.jpg"))[0]
+    (tmp_path / "empty").mkdir()
+    code, out, err = _run(capsys, "predict", root / "m.pt", image, tmp_path / "empty")
+    assert code == 1 and out.startswith(f"{image}\t")
+    assert f"warning: {tmp_path / 'empty'}: No image files under" in err and "1 of 2 inputs could not" in err
+    code, _, err = _run(capsys, "predict", root / "m.pt", tmp_path / "empty")
+    assert code == 2 and "No image files under" in err
+
+
 def test_predict_csv(run, capsys):
     root, data, _ = run
     files = sorted(str(p) for p in data.rglob("*.jpg"))[:3]

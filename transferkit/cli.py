@@ -52,19 +52,34 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
-def _expand_inputs(predictor, inputs: list[str]) -> list[str]:
-    """Files stay as given; a folder stands for every file of the model's input kind below it."""
+def _expand_inputs(predictor, inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files stay as given; a folder stands for every file of the model's input kind below it.
+    Returns the files and ``(folder, why)`` for each folder that gives none (an error when no
+    input gives a file: nothing to predict)."""
+    from transferkit.errors import DataError
+
     out: list[str] = []
+    empty: list[tuple[str, str]] = []
     for item in inputs:
-        out += predictor.inputs.list_files(item) if Path(item).is_dir() else [item]
-    return out
+        if not Path(item).is_dir():
+            out.append(item)
+            continue
+        try:
+            out += predictor.inputs.list_files(item)
+        except DataError as exc:
+            if len(inputs) == 1:
+                raise
+            empty.append((item, file_reason(exc)))
+    if not out:
+        raise DataError(f"No input to predict: {'; '.join(why for _, why in empty)}")
+    return out, empty
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from transferkit.export import load
 
     predictor = load(args.model, device=args.device)
-    files = _expand_inputs(predictor, args.inputs)
+    files, empty = _expand_inputs(predictor, args.inputs)
     preds = predictor.predict(files, top_k=args.top_k, batch_size=args.batch_size, threshold=args.threshold,
                               progress=None if not args.json else False)
     if args.json:
@@ -74,12 +89,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:
         for p in preds:
             print(f"{p.source}\t{p}")
-    failed = [p for p in preds if not getattr(p, "ok", True)]
-    for p in failed:  # the reason alone: advice about training options does not apply to predict
-        print(f"transferkit: warning: {p.source}: {file_reason(p.error)}", file=sys.stderr)
+    failed = [(p.source, file_reason(p.error)) for p in preds if not getattr(p, "ok", True)] + empty
+    for source, why in failed:  # the reason alone: advice about training options does not apply to predict
+        print(f"transferkit: warning: {source}: {why}", file=sys.stderr)
     if failed:
-        print(f"transferkit: error: {len(failed)} of {len(preds)} inputs could not be predicted (listed above)",
-              file=sys.stderr)
+        print(f"transferkit: error: {len(failed)} of {len(preds) + len(empty)} inputs could not be predicted "
+              "(listed above)", file=sys.stderr)
         return 1
     return 0
 

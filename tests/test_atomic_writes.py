@@ -491,3 +491,16 @@ def test_runs_updating_one_timing_store_at_once_keep_every_key(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     assert sorted(json.loads(store.read_text())) == sorted(f"{t}-{i}" for t in "ab" for i in range(80))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no lock or temporary left
+
+
+def test_two_fallback_saves_in_the_same_second_keep_both(tmp_path, monkeypatch):
+    """The fallback names carry the time to the second: two runs whose final writes fail in the
+    same second kept one file of the two."""
+    from transferkit.checkpoints import fallback_paths, save_fallback
+
+    monkeypatch.chdir(tmp_path)
+    candidates = fallback_paths(tmp_path / "m.pt")
+    saved = [save_fallback(candidates, model=torch.nn.Linear(2, k), meta={"run": k})[0] for k in (1, 2)]
+    assert saved[0] != saved[1] and saved[1].name.endswith("-2.pt")
+    assert [load_checkpoint(p)["transferkit"]["run"] for p in saved] == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in saved)  # no empty claim left

@@ -237,13 +237,19 @@ def fallback_paths(target: str | Path) -> list[Path]:
 def save_fallback(candidates: list[Path], *, model: torch.nn.Module, meta: dict[str, Any],
                   **checkpoint: Any) -> tuple[Path | None, list[str]]:
     """Save ``model`` as a checkpoint at the first of ``candidates`` that works; returns that
-    path (None when none worked) and why the others failed."""
+    path (None when none worked) and why the others failed. A candidate's name is claimed
+    first (`claim_unused_path`): two runs saving in the same second keep both files."""
     failures = []
     for candidate in candidates:
+        ours = os.path.isfile(candidate) and os.path.getsize(candidate) == 0  # claimed by the caller already
+        claimed = candidate if ours else claim_unused_path(candidate)
         try:
-            return save_checkpoint(candidate, model=model, meta=meta, complete=False, **checkpoint), failures
+            return save_checkpoint(claimed, model=model, meta=meta, complete=False, **checkpoint), failures
         except (OSError, TransferkitError) as again:
-            failures.append(f"{candidate}: {again}")
+            failures.append(f"{claimed}: {again}")
+            with contextlib.suppress(OSError):
+                if not ours and claimed.stat().st_size == 0:
+                    claimed.unlink()  # the empty claim of a write that failed
     return None, failures
 
 

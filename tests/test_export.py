@@ -311,8 +311,16 @@ def test_update_metadata_keeps_the_digest_valid(exported, tmp_path):
     assert read_metadata(path)["labels"] == ["ant", "bee", "wasp"] == new["labels"]
     with pytest.raises(ExportError, match="cannot change \\['num_outputs'\\]"):
         update_metadata(path, {"num_outputs": 4})
-    with pytest.raises(ExportError, match="num_outputs is 3 but there are 2 labels"):
+    with pytest.raises(ExportError, match="The metadata change is invalid: num_outputs is 3 but there are 2 labels. "
+                                          "Nothing was written; the file is unchanged"):
         update_metadata(path, {"labels": ["a", "b"]})
+    spec = read_metadata(path)["input_spec"]
+    for change in ({"task": "regression"}, {"input_spec": {**spec, "image_size": 64}},
+                   {"input_spec": {**spec, "mean": [0.0, 0.0, 0.0]}}):  # what the model was trained and checked with
+        with pytest.raises(ExportError, match=f"cannot change \\['{next(iter(change))}'\\]: the model was trained"):
+            update_metadata(path, change)
+    update_metadata(path, {"input_spec": spec, "labels": ["ant", "bee", "hornet"]})  # unchanged values pass
+    assert read_metadata(path)["input_spec"] == spec
 
 
 def test_onnx_export_matches_under_onnxruntime(tmp_path):

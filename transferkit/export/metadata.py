@@ -87,6 +87,7 @@ def complete_metadata(metadata: dict[str, Any], *, num_outputs: int, fmt: str = 
 
 
 _TO_EXPORT = "the metadata to export"
+UPDATED = "the updated metadata"  # the source update_metadata checks its result as
 
 
 def run_config(meta: dict[str, Any]) -> dict[str, Any]:
@@ -109,6 +110,8 @@ def audio_max_seconds(meta: dict[str, Any]) -> float | None:
 def _fail(source: str, problem: str) -> ExportError:
     if source == _TO_EXPORT:  # given to an exporter: nothing was written yet
         return ExportError(f"The metadata to export is invalid: {problem}. Nothing was written; fix the metadata.")
+    if source == UPDATED:  # a change asked of update_metadata: the file is as it was
+        return ExportError(f"The metadata change is invalid: {problem}. Nothing was written; the file is unchanged.")
     return ExportError(f"The metadata of {source} is invalid: {problem}. It was not written by this version of "
                        "transferkit or was edited by hand; re-export the model.")
 

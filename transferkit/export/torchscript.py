@@ -33,6 +33,7 @@ from transferkit.errors import ConfigError, ExportError, check_choice
 from transferkit._text import exception_line, plural
 from transferkit.export.metadata import (
     RECORDS_FILE,
+    UPDATED,
     check_model_file,
     complete_metadata,
     decode_metadata,
@@ -575,8 +576,13 @@ def update_metadata(path: str | Path, changes: dict[str, Any]) -> dict[str, Any]
     if protected:
         raise ExportError(f"update_metadata cannot change {sorted(protected)}: the exporter writes them. "
                           "Re-export the model instead.")
+    trained = sorted(k for k in ("task", "input_spec") if k in changes and changes[k] != meta.get(k))
+    if trained:  # the head was trained for the task, the normalisation is inside the model, the check used the spec
+        raise ExportError(f"update_metadata cannot change {trained}: the model was trained and checked with them "
+                          f"(task {meta.get('task')!r}, input {meta.get('input_spec')}), and predictions read under "
+                          "others would be wrong. Train (or export) the model for them instead.")
     new = {**meta, **changes}
-    validate_metadata(new, source="the updated metadata")
+    validate_metadata(new, source=UPDATED)
 
     def write(tmp: str) -> None:
         save_with_digests(module, tmp, new)

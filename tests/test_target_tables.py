@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv as csv_module
+import io
 import json
 
 import numpy as np
@@ -179,6 +181,17 @@ def test_a_regression_model_is_evaluated_on_a_csv_of_its_targets(table, capsys):
     # refused before any file is read: the data path is not even looked at
     assert main(["evaluate", str(r.export_path), "nowhere.csv", "--confusion-matrix", str(table.root / "cm.png")]) == 2
     assert "--confusion-matrix applies to single-label classifiers" in capsys.readouterr().err
+    # outputs named like the CSV's own columns get value_ columns: a reader by name gets the values
+    import shutil
+
+    from transferkit.export import update_metadata
+
+    shutil.copy(r.export_path, table.root / "named.pt")
+    update_metadata(table.root / "named.pt", {"labels": ["error", "path"]})
+    assert main(["predict", str(table.root / "named.pt"), str(ev.files[0]), "--csv"]) == 0
+    row = next(csv_module.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert list(row) == ["path", "value_error", "value_path", "error"] and row["error"] == ""
+    assert [float(row["value_error"]), float(row["value_path"])] == pytest.approx(values[0].tolist(), rel=1e-5)
     # the per-file loss is the training loss: each output in units of the std the model standardised it by
     scale = r.model.head[-1].std.double().numpy()
     assert np.allclose(ev.scale, scale) and np.allclose(ev.losses, (((values - y) / scale) ** 2).mean(1), rtol=1e-4)

@@ -102,11 +102,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _write_csv(preds: list, labels: list[str], task: str, top_k: int) -> None:
     """One row per input: ``path``, then ``label,probability`` (and ``label_2,probability_2``
     .. up to ``top_k``; multilabel adds ``labels``, ``;``-separated) or, for regression, one
-    column per output; ``error`` is empty unless the input could not be predicted."""
+    column per output (each ``value_<name>`` when an output is named ``path`` or ``error``);
+    ``error`` is empty unless the input could not be predicted."""
     import csv
 
     if task == "regression":
-        header = ["path", *labels]
+        clash = any(lab.lower() in ("path", "error") for lab in labels)
+        header = ["path", *(f"value_{lab}" if clash else lab for lab in labels)]
     else:
         header = ["path", "label", "probability"]
         header += [f"{name}_{i}" for i in range(2, min(top_k, len(labels)) + 1) for name in ("label", "probability")]

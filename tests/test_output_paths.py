@@ -166,6 +166,13 @@ def test_a_resume_refused_for_changed_data_says_what_the_digest_covers(tmp_path,
     with pytest.raises(ConfigError, match=r"data: .*The data's digest covers each file's path .*change times: an "
                                           r"edit, a copy \(cp -a, rsync -a to another disk\) or a chmod changes it"):
         tk.resume(tmp_path / "run.ckpt")
+    with pytest.raises(ConfigError, match="The epochs cannot change: the learning-rate schedule was built for"):
+        tk.resume(tmp_path / "run.ckpt", epochs=5)
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x08\x12\x07pytorch")  # how an ONNX file starts
+    with pytest.raises(tk.WeightsError, match=r"is an exported model \(ONNX\), not a checkpoint"):
+        tk.resume(tmp_path / "m.onnx")
+    with pytest.raises(tk.ExportError, match="is a folder; give the exported file in it"):
+        tk.load(tmp_path)
 
 
 def test_tolerances_and_example_counts_are_checked_before_the_export(tmp_path, image_folder, monkeypatch):

@@ -141,6 +141,16 @@ def _kind_of_zip(path: Path) -> str | None:
     return "torchscript" if any(n.split("/", 1)[-1].startswith("code/") for n in names) else None
 
 
+def _onnx_head(path: Path) -> bool:
+    """Whether ``path`` starts as an ONNX file does (a protobuf ``ModelProto``: ``ir_version``,
+    field 1, byte ``0x08``); a torch.save file starts with ``PK`` (zip) or a pickle's ``0x80``."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(1) == b"\x08"
+    except OSError:
+        return False
+
+
 def saved_run(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     """What a file that transferkit wrote holds, read without loading its weights (they are
     memory-mapped): ``("export", {})`` for a TorchScript export, ``("checkpoint", {"complete":
@@ -188,8 +198,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_file() and path.stat().st_size == 0:
         raise WeightsError(f"Checkpoint {str(path)!r} is empty (0 bytes): a copy or write that was cut short. Copy it "
                            "again, or use an earlier checkpoint.")
-    if path.is_file() and _kind_of_zip(path) == "torchscript":
-        raise WeightsError(f"{str(path)!r} is an exported model (TorchScript), not a checkpoint: load it with "
+    if path.is_file() and (_kind_of_zip(path) == "torchscript" or _onnx_head(path)):
+        kind = "TorchScript" if _kind_of_zip(path) else "ONNX"
+        raise WeightsError(f"{str(path)!r} is an exported model ({kind}), not a checkpoint: load it with "
                            "transferkit.load (or `transferkit predict`); checkpoints are what finetune(checkpoint=...) "
                            "writes.")
     try:

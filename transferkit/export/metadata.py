@@ -231,8 +231,10 @@ def check_model_file(path: str | Path, *, source: str, kind: str) -> None:
     """Raise ExportError when ``path`` is not a file, or is empty (a write cut short, a
     truncated copy): before a reader reports an empty file as a format problem."""
     path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"{kind} file {source} is a folder; give the exported file in it (e.g. model.pt).")
     if not path.is_file():
-        raise ExportError(f"{kind} file {source} does not exist{' (it is a folder)' if path.is_dir() else ''}.")
+        raise ExportError(f"{kind} file {source} does not exist.")
     if path.stat().st_size == 0:
         raise ExportError(f"{kind} file {source} is empty (0 bytes): a copy or write that was cut short. Copy or "
                           "export it again.")

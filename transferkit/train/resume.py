@@ -58,6 +58,8 @@ def resume_from(path: str | Path, *, check: Callable[[dict[str, Any]], dict[str,
         data = " The data's digest covers each file's path below the data folder, label, size, modification and " \
             "change times: an edit, a copy (cp -a, rsync -a to another disk) or a chmod changes it; a folder " \
             "renamed or moved on one disk keeps it." if "data" in diff else ""
+        if "config.epochs" in diff:
+            data += " The epochs cannot change: the learning-rate schedule was built for the first run's length."
         raise ConfigError(f"Cannot resume from {str(path)!r}: this run's decisions differ from the checkpoint's "
                           f"(checkpoint -> now): {_format_diff(diff)}.{data} Use the same settings, or start a new "
                           "run without resume (weights=<checkpoint> keeps the trained weights).")

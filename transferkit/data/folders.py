@@ -243,12 +243,13 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
                     "'path,<name>' and pass task='regression' (--task regression).")
     seen: dict[str, str] = {}
     for r, lab in zip(rows, labels):
-        path = r[0].strip()
+        path = os.path.normpath(csv_file_path(csv_path, r[0]))  # one file however spelled (./a.png, x/../a.png)
         if seen.setdefault(path, lab) != lab:
             several = "" if kind == "audio" else " (for several labels per image: task='multilabel' with a CSV " \
                 "of path,labels, the labels separated by ';')"
-            raise DataError(f"{str(csv_path)!r} lists {path!r} twice, with labels {seen[path]!r} and {lab!r}: one "
-                            f"{'clip' if kind == 'audio' else 'image'} cannot teach two classes{several}. Keep one row.")
+            raise DataError(f"{str(csv_path)!r} lists {r[0].strip()!r} twice (however spelled), with labels "
+                            f"{seen[path]!r} and {lab!r}: one {'clip' if kind == 'audio' else 'image'} cannot teach "
+                            f"two classes{several}. Keep one row.")
     if len(seen) < len(rows):
         report.warn(f"{str(csv_path)!r} lists {len(rows) - len(seen)} file(s) more than once with the same label; "
                     "they count that many times in training.")

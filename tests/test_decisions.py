@@ -415,11 +415,15 @@ def test_a_file_that_fails_during_extraction_is_masked_and_reported_by_every_run
     for run in range(2):
         with pytest.warns(UserWarning, match="damaged.png"):
             r = tk.finetune(**kw)
+        assert "on_bad_file='skip'" not in r.data_report.bad_files[0][1]  # a skip-mode run's reason, no such advice
         assert r.data_report.bad_at_load == [str(root / "dark" / "damaged.png")]
         assert r.feature_report["masked_samples"] == 1
         assert r.feature_report["computed"] == (r.feature_report["shards"] if run == 0 else 0)
     with pytest.raises(BadFileError, match="damaged.png"):  # on_bad_file="raise": the run stops, nothing masked
         tk.finetune(**{**kw, "cache_dir": tmp_path / "other"}, on_bad_file="raise")
+    # and so does a raise-mode run that reuses the store in which the file's row is masked
+    with pytest.raises(BadFileError, match=r"damaged.png' failed to load when the features of .* were computed"):
+        tk.finetune(**kw, on_bad_file="raise")
 
 
 def test_a_file_that_failed_while_decoded_once_is_masked_by_the_feature_store_and_reported_again(tmp_path):

@@ -29,13 +29,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from transferkit._text import file_reason
 from transferkit._progress import progress as progress_bar
 from transferkit._version import __version__
 from transferkit.data import eval_transform, train_transform
 from transferkit.data.audio import pad_waveforms
 from transferkit.data.decoded import decoded_dataset
 from transferkit.data.gpu_jpeg import DeviceDecodedLoader
-from transferkit.data.late import load_failures, record_bad_at_load
+from transferkit.data.late import BadFileError, load_failures, record_bad_at_load
 from transferkit.data.sampling import mix_seed, seed_everything
 from transferkit.decisions import Decisions, differences
 from transferkit.export.torchscript import export_torchscript
@@ -192,7 +193,7 @@ def stored_features(d: Decisions, run: Run, parts: list[tuple[str, Any, Any, int
                                           device=fs.device, num_workers=workers)
         reports[name] = fill_store(store, ds.view(transform=tf), forward, info, bar=bar, batch_size=batch_size,
                                    num_workers=workers, seed=cfg.seed, batches=batches, device=fs.device)
-        _report_masked(store, ds, run.bundle.report)
+        _report_masked(store, ds, run.bundle.report, cfg.on_bad_file)
         stores[name] = store
     train_dl = stores["train"].batches(cfg.batch_size, seed=cfg.seed, memory_budget=STORE_MEMORY_BUDGET,
                                        device=run.speed.device, rank=info.rank, world_size=info.world_size)
@@ -231,18 +232,23 @@ def feature_report(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "splits": {name: dict(r) for name, r in reports.items()}}
 
 
-def _report_masked(store: Any, ds: Any, report: Any) -> None:
+def _report_masked(store: Any, ds: Any, report: Any, on_bad_file: str = "skip") -> None:
     """Every masked sample of ``store`` into the data report (this run's and those of the
-    parts it reused), once per file, with a warning."""
+    parts it reused), once per file, with a warning; with ``on_bad_file="raise"``, a masked
+    sample of a reused part stops the run, as the file would when read."""
     why = {i: reason for i, reason in store.masked}
     samples = getattr(ds, "samples", None)
     for i in store.masked_indices():
         name = str(samples[i][0]) if samples is not None else f"item {i}"
         if name in report.bad_at_load:
             continue
+        if on_bad_file == "raise":
+            raise BadFileError(f"{name!r} failed to load when the features of {str(store.path)!r} were computed (its "
+                               "row is masked), and on_bad_file='raise' stops at a file that cannot be read. Remove "
+                               "or replace the file, or pass on_bad_file='skip' to leave it out.")
         reason = why.get(i, f"{name}: masked when the feature store was filled")
         report.bad_at_load.append(name)
-        report.bad_files.append((name, reason.split(": ", 1)[-1]))
+        report.bad_files.append((name, file_reason(reason.split(": ", 1)[-1])))
         report.warn(f"Left out {name!r}, which failed to load while its features were computed ({reason}); its "
                     f"row of the feature store {str(store.path)!r} is masked. Remove or replace the file "
                     "(scan='full' finds such files before training).")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,6 +83,50 @@ def test_disk_entry_is_reused_and_a_changed_file_gets_a_new_one(tmp_path, monkey
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert decoded_key(ImageFolderDataset(tmp_path / "img", min_size=20), SPEC, "standard") != plan.key
     assert not [p for p in (cache / "decoded").iterdir() if p.name.startswith(".")]  # no half-written entry
+
+
+def test_a_damaged_entry_is_decoded_again_and_a_changed_one_is_not_trained_on(tmp_path):
+    """A missing, cut or edited file of an entry (flipped targets: silently wrong labels) is
+    found by its digest, said, and decoded again; later runs read the new entry. Temporaries
+    of killed writers are removed; the entry has the umask's mode (a shared cache_dir)."""
+    import warnings
+
+    ds = _folder(tmp_path)
+    cache = tmp_path / "cache"
+    dec, plan = decoded_dataset(ds, SPEC, augment="none", cache_dir=cache, num_workers=0)
+    want = [(x, y) for x, y in _items(dec, 0)]
+    assert oct(plan.path.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+    targets = np.load(plan.path / "targets.npy")
+    damages = {"targets flipped": lambda p: np.save(p / "targets.npy", 1 - targets),
+               "pixels cut": lambda p: os.truncate(p / "pixels.npy", 200),
+               "index gone": lambda p: os.remove(p / "index.npy"),
+               "meta garbled": lambda p: (p / "meta.json").write_text("{bad")}
+    for what, damage in damages.items():
+        damage(plan.path)
+        with pytest.warns(UserWarning, match="are damaged .*; decoding them again"):
+            again, _ = decoded_dataset(ds, SPEC, augment="none", cache_dir=cache, num_workers=0)
+        got = _items(again, 0)
+        assert all(torch.equal(a, b) and ya == yb for (a, ya), (b, yb) in zip(want, got)), what
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the entry written again is whole
+            decoded_dataset(ds, SPEC, augment="none", cache_dir=cache, num_workers=0)
+    import subprocess
+    import sys
+
+    code = f"from transferkit._io import create_temp; print(create_temp({str(plan.path)!r}, directory=True))"
+    stale = Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}).stdout.strip())
+    assert stale.is_dir()  # a writer that died while writing this entry
+    (plan.path / "meta.json").unlink()
+    with pytest.warns(UserWarning, match="are damaged"):
+        decoded_dataset(ds, SPEC, augment="none", cache_dir=cache, num_workers=0)
+    assert not stale.exists()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_over_the_budget_without_cache_dir_decodes_every_epoch_and_says_so(tmp_path):

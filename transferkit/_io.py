@@ -684,6 +684,14 @@ def is_inside(path: str | Path, folder: str | Path) -> bool:
     return p == f or f in p.parents
 
 
+def file_stat(path: str | Path) -> list[int]:
+    """``[size, modification time, status-change time (ns), inode]`` of a file: what a cache
+    records to trust a file it wrote without reading it again (a file rewritten in place, or
+    replaced with ``cp -p``, changes one)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
 def file_digest(path: str | Path, *, chunk: int = 1 << 22) -> str:
     """A blake2b (128-bit) digest of a file's bytes, read a chunk at a time."""
     import hashlib

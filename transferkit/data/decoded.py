@@ -19,7 +19,9 @@ Where the pixels live (`plan_decode` decides and says why):
 - with ``cache_dir``: a memory-mapped entry ``cache_dir/decoded/<key>/`` (written to a
   temporary folder and renamed, reused by later runs; the operating system's page cache
   keeps it in memory when it fits; under DDP written by one rank per machine, see
-  `transferkit.steps.input_loaders`), if the disk has room;
+  `transferkit.steps.input_loaders`), if the disk has room. Its ``meta.json`` records each
+  file's digest and stats: a file changed since (other stats) is hashed, and an entry whose
+  files do not match is said to be damaged and decoded again;
 - without: in memory, if the estimate (from the image headers) is at most
   ``budget_bytes`` (default `DEFAULT_BUDGET_BYTES`, 2 GiB, for the training and validation
   images together, and per machine: under DDP each of a node's ranks holds its own copy,
@@ -42,11 +44,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +62,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from transferkit._io import reserve_blocks
+from transferkit._io import create_temp, file_digest, file_stat, remove_stale_temps_in, reserve_blocks
 from transferkit.backbones._base import InputSpec
 from transferkit.data.fingerprint import data_fingerprint
 from transferkit.data.late import reporting
@@ -69,7 +71,8 @@ from transferkit.data.transforms import AUGMENTATIONS, ToImageTensor, ToRGB, eva
 from transferkit.errors import check_choice
 from transferkit.data.transforms import train_transform
 
-DECODED_FORMAT = 1
+DECODED_FORMAT = 2  # 2: meta.json records the files' digests and stats
+ENTRY_FILES = ("pixels.npy", "index.npy", "targets.npy")
 DEFAULT_BUDGET_BYTES = 2 * 2**30
 STANDARD_CROP_FRACTION = 0.875  # resize_size = image_size / 0.875 when the spec has no resize_size
 
@@ -256,10 +259,13 @@ def decoded_dataset(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: s
     if plan.mode == "off":
         return dataset.view(transform=train_transform(spec, augment)), plan
     tf = epoch_transform(spec, augment)
-    if plan.path is not None and (plan.path / "meta.json").exists():
+    if plan.path is not None and plan.path.exists():  # written whole and renamed: anything less is damage
         stored = _load_entry(plan.path)
         if stored is not None:
             return DecodedDataset(*stored, transform=tf), plan
+        warnings.warn(f"The decoded images in {str(plan.path)!r} (cache_dir) are damaged (a file is missing, cut "
+                      "short or changed since it was written); decoding them again.", stacklevel=2)
+        shutil.rmtree(plan.path, ignore_errors=True)
     view = dataset.view(transform=_store_transform(spec, augment))
     workers = default_num_workers(dataset) if num_workers is None else num_workers
     capacity = plan.capacity_bytes
@@ -312,7 +318,8 @@ def _write_entry(final: Path, view: Dataset, workers: int, capacity: int | None,
     """Write ``pixels.npy`` (flat uint8), ``index.npy``, ``targets.npy`` and ``meta.json`` into a
     temporary folder beside ``final``, then rename it (a crash never leaves a half entry)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    remove_stale_temps_in(final.parent)  # what killed writers left (a reserved entry's full size each)
+    tmp = create_temp(final, directory=True)  # with the umask's mode: a shared cache_dir serves other users
     try:
         if capacity is not None:  # sizes known from the headers: decode straight into the memory map
             mm = np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=np.uint8, shape=(max(capacity, 1),))
@@ -329,8 +336,10 @@ def _write_entry(final: Path, view: Dataset, workers: int, capacity: int | None,
             np.save(tmp / "pixels.npy", flat)
         np.save(tmp / "index.npy", index)
         np.save(tmp / "targets.npy", np.asarray([_plain_target(t) for t in targets]))
-        (tmp / "meta.json").write_text(json.dumps({"format": DECODED_FORMAT, "n": len(index),
-                                                   "estimate_bytes": estimate}))
+        meta = {"format": DECODED_FORMAT, "n": len(index), "estimate_bytes": estimate,
+                "digests": {n: file_digest(tmp / n) for n in ENTRY_FILES},
+                "stats": {n: file_stat(tmp / n) for n in ENTRY_FILES}}
+        (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.replace(tmp, final)
         except OSError:  # another process wrote the same entry first: use theirs
@@ -344,15 +353,40 @@ def _plain_target(t: Any) -> Any:
     return t.numpy() if isinstance(t, torch.Tensor) else t
 
 
+def _entry_intact(path: Path, meta: dict[str, Any]) -> bool:
+    """Whether the files of the entry at ``path`` are those written: files whose size,
+    modification and status-change times and inode are those recorded are trusted without
+    reading them; any other file is hashed against its digest (an entry that passes records
+    its files' new stats, e.g. after a copy of the cache)."""
+    digests, stats = meta.get("digests"), meta.get("stats")
+    if not isinstance(digests, dict) or set(digests) != set(ENTRY_FILES):
+        return False
+    now = {n: file_stat(path / n) for n in ENTRY_FILES}
+    if now == stats:
+        return True
+    if any(file_digest(path / n) != h for n, h in digests.items()):
+        return False
+    with contextlib.suppress(OSError):  # a read-only cache: checked again next time
+        tmp = create_temp(path / "meta.json")
+        tmp.write_text(json.dumps({**meta, "stats": now}))
+        os.replace(tmp, path / "meta.json")
+    return True
+
+
 def _load_entry(path: Path) -> tuple[np.ndarray, np.ndarray, list[Any]] | None:
+    """The pixels (memory-mapped), index and targets of the entry at ``path``; None when it
+    is damaged: unreadable, of another format, or its files not those written."""
     try:
         meta = json.loads((path / "meta.json").read_text())
+        if not isinstance(meta, dict) or meta.get("format") != DECODED_FORMAT or not _entry_intact(path, meta):
+            return None
         pixels = np.load(path / "pixels.npy", mmap_mode="r")
         index = np.load(path / "index.npy")
         raw = np.load(path / "targets.npy")
     except (OSError, ValueError):
         return None
-    if meta.get("format") != DECODED_FORMAT or len(index) != meta.get("n"):
+    if len(index) != meta.get("n") or len(raw) != len(index) or \
+            (len(index) and int((index[:, 0] + 3 * index[:, 1] * index[:, 2]).max()) > pixels.shape[0]):
         return None
     ints = raw.ndim == 1 and np.issubdtype(raw.dtype, np.integer)
     targets = [int(t) if ints else torch.from_numpy(np.array(t)) for t in raw]

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from transferkit._io import create_temp, file_digest, remove_stale_temps, remove_stale_temps_in
+from transferkit._io import create_temp, file_digest, file_stat, remove_stale_temps, remove_stale_temps_in
 from transferkit.errors import ConfigError, DataError, OutputError
 from transferkit.data.late import raising, replaces_bad_files
 from transferkit.data.remote import ShardFetchError
@@ -85,13 +85,6 @@ def part_size_for(num_samples: int, dim: int, *, views: int = 1, dtype: Any = "f
     rows = max(MIN_PART_ROWS, -(-num_samples // TARGET_PARTS))
     cap = max(1, MAX_PART_BYTES // max(views * dim * itemsize, 1))
     return max(1, min(rows, cap, num_samples))
-
-
-def _file_stat(path: Path) -> list[int]:
-    """``[size, modification time, status-change time (ns), inode]`` of a file: what
-    `_committed` compares (a file rewritten in place, or replaced with ``cp -p``, changes one)."""
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -208,7 +201,7 @@ class ShardedFeatureStore:
         d = self._part_dir(p)
         digests, stats = info.get("digests", {}), info.get("stats", {})
         try:
-            now = {n: _file_stat(d / n) for n in digests}
+            now = {n: file_stat(d / n) for n in digests}
         except OSError:
             return False
         if now == stats:
@@ -287,7 +280,7 @@ class ShardedFeatureStore:
             names = ("features.npy", "targets.npy", "mask.npy")
             info = {"part": p, "start": start, "stop": stop, "masked": int((~m).sum()),
                     "digests": {n: file_digest(tmp / n) for n in names},
-                    "stats": {n: _file_stat(tmp / n) for n in names}}  # kept by the rename below
+                    "stats": {n: file_stat(tmp / n) for n in names}}  # kept by the rename below
             (tmp / "part.json").write_text(json.dumps(info))
             try:
                 os.replace(tmp, final)

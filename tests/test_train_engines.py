@@ -294,6 +294,20 @@ def test_a_disagreeing_engine_is_refused_when_forced_and_rejected_under_auto(mon
     assert "onnxruntime rejected: features differ from eager fp32" in why
 
 
+def test_a_forced_engine_that_fails_on_its_first_batch_is_one_engine_error(monkeypatch):
+    """A compiler present but broken (inductor's InvalidCxxCompiler, missing Python headers)
+    fails at the first call: named as the engine's failure, not a traceback from inductor."""
+    def broken(*a, **k):
+        def fwd(x):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx")
+        return fwd
+    monkeypatch.setattr(eng, "_compiled_forward", broken)
+    with pytest.raises(tk.EngineError, match=r"The compile feature pass failed on its first batch \(inductor needs a "
+                                             r"working C\+\+ compiler .*\): RuntimeError: InvalidCxxCompiler"):
+        eng.engine_forward("compile", _model(), _batch(), device=CPU, precision="fp32", channels_last=False)
+    eng.release_engines()
+
+
 def test_an_engine_compared_while_timed_is_not_compared_again_on_that_batch(monkeypatch):
     m, x = _model(), _batch()
     measured = eng.time_engines(m, [x, _batch(seed=2)], device=CPU, precision="fp32", channels_last=False,

@@ -682,8 +682,17 @@ def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, devi
             _RUNTIMES.pop(next(iter(_RUNTIMES)))
         _RUNTIMES[key] = (fwd, bound)
     if verify and (key, _digest(example)) not in _VERIFIED:  # compared once per prepared engine and batch
-        check_against_eager(engine, fwd, model, example, device=device, precision=engine_precision(engine, precision),
-                            channels_last=channels_last)
+        try:
+            check_against_eager(engine, fwd, model, example, device=device,
+                                precision=engine_precision(engine, precision), channels_last=channels_last)
+        except (EngineError, OSError, MemoryError):
+            raise
+        except Exception as exc:  # the first call compiles (inductor) or runs the session: a failure names the engine
+            _RUNTIMES.pop(key, None)
+            fix = " (inductor needs a working C++ compiler and the Python headers, e.g. python3-dev)" \
+                if engine == "compile" else ""
+            raise EngineError(f"The {engine} feature pass failed on its first batch{fix}: {exception_line(exc)}. "
+                              "Use feature_engine='eager', or 'auto', which skips an engine that fails.") from exc
     return fwd
 
 

@@ -184,6 +184,16 @@ def test_mp3_files_are_audio_where_libsndfile_decodes_mp3_and_named_where_it_doe
         audio.audio_extensions.cache_clear()
 
 
+def test_validation_clips_that_are_training_clips_are_named(tmp_path):
+    import shutil
+
+    root = make_audio_folder(tmp_path / "clips" / "train", per_class=3)
+    shutil.copytree(root, tmp_path / "clips" / "val")
+    with pytest.warns(UserWarning, match=r"Validation data hold 6 clips byte-identical to training clips, which "
+                                         "inflates validation accuracy"):
+        prepare_audio_data(tmp_path / "clips", spec=SPEC8K)
+
+
 def test_prepare_audio_data_from_waveforms_with_their_own_rate():
     items = [(torch.from_numpy(_tone(300 + 1000 * (i % 2), 1600)), 16000, i % 2) for i in range(10)]
     bundle = prepare_audio_data(items, spec=SPEC8K, val_split=0.2)

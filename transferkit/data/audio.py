@@ -23,7 +23,13 @@ import numpy as np
 import torch
 
 from transferkit.backbones._base import InputSpec
-from transferkit.data.bundle import DataBundle, resolve_split_folders, stratified_split, warn_unvalidated_classes
+from transferkit.data.bundle import (
+    DataBundle,
+    resolve_split_folders,
+    stratified_split,
+    warn_unvalidated_classes,
+    warn_validation_copies,
+)
 from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, readable_samples, warn_copies_across_classes
 from transferkit.data.folders import scan_class_folders, scan_csv, warn_split_like_classes
 from transferkit.data.images import class_index
@@ -670,6 +676,7 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
     val = None
     if val_data is not None:
         val = _audio_dataset(val_data, spec, names, "validation", **opts)
+        warn_validation_copies(train.samples, val.samples, report, what="clip")
     elif val_split:
         tr_idx, va_idx = stratified_split(train.targets, val_split, seed)
         warn_unvalidated_classes(train.targets, va_idx, names, report)

@@ -168,6 +168,19 @@ def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple
     return splits.train, splits.held_out
 
 
+def warn_validation_copies(train: Sequence[tuple[Any, Any]], val: Sequence[tuple[Any, Any]], report: DataReport,
+                           what: str = "file") -> None:
+    """Warn when validation files (``(path, label)`` samples; in-memory items are skipped) are
+    byte-identical to training files: they inflate validation accuracy."""
+    def files(samples: Sequence[tuple[Any, Any]]) -> list[str]:
+        return [str(p) for p, _ in samples if isinstance(p, (str, Path))]
+    dups = find_duplicates(files(train), files(val))
+    if dups:
+        n_val = len({v for _, v in dups})  # files, not pairs (a file may match several)
+        report.warn(f"Validation data hold {plural(n_val, what)} byte-identical to training {what}s, which inflates "
+                    f"validation accuracy: e.g. {dups[0][1]} = {dups[0][0]}.")
+
+
 def _warn_samples_in_both(train: Any, val: Any, report: DataReport) -> None:
     """Warn when validation samples of encoded data (tar shards) are also training samples: the
     same key, image size in bytes and dimensions (no image is read)."""
@@ -263,11 +276,7 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
         if bad:
             raise DataError(f"Validation labels {bad[:5]} are outside the training classes 0..{len(names) - 1}.")
         if isinstance(train, ImageFolderDataset) and isinstance(val, ImageFolderDataset):
-            dups = find_duplicates([p for p, _ in train.samples], [p for p, _ in val.samples])
-            if dups:
-                n_val = len({v for _, v in dups})  # files, not pairs (a file may match several)
-                report.warn(f"Validation data hold {plural(n_val, 'file')} byte-identical to training files, "
-                            f"which inflates validation accuracy: e.g. {dups[0][1]} = {dups[0][0]}.")
+            warn_validation_copies(train.samples, val.samples, report)
         else:
             _warn_samples_in_both(train, val, report)
     elif val_split:

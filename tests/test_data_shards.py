@@ -166,6 +166,23 @@ def test_hashed_validation_split_is_stable_and_reads_no_image(tmp_path, monkeypa
     assert set(prepare_data(str(tmp_path / "s"), val_split=0.25, seed=4, scan="none").val.keys) != keys_val
 
 
+def test_the_hashed_split_of_shards_whose_keys_restart_splits_each_key(tmp_path):
+    """Keys restarting at 0 in each shard: the key alone put every image under one key on one
+    side (4 keys: only 0, 25, 50, 75 or 100 % held out); its byte size joins it then."""
+    items = folder_items(make_image_folder(tmp_path / "img", per_class=12, size=20))
+    shards = [write_shards(items[4 * s:4 * s + 4], tmp_path / f"s{s}", [4], prefix="x")[0] for s in range(6)]
+    b = _quiet(prepare_data, [str(p) for p in shards], val_split=0.5, seed=0)
+    source = b.train.source
+    sides = {}
+    for side, ds in (("train", b.train), ("val", b.val)):
+        for i in ds.indices.tolist():
+            sides.setdefault(source.key(i), set()).add(side)
+    assert len(sides) == 4 and any(len(s) == 2 for s in sides.values())  # a key's images on both sides
+    unique = _quiet(prepare_data, str(write_shards(items, tmp_path / "u", [24])[0]), val_split=0.5, seed=0)
+    from transferkit.data.encoded import hashed_unit  # unique keys: split by the key alone, as before
+    assert unique.val.indices.tolist() == [i for i in range(24) if hashed_unit(0, unique.train.source.key(i)) < 0.5]
+
+
 def test_folder_with_train_and_val_shards_validates_on_val(tmp_path):
     folder = make_image_folder(tmp_path / "img", per_class=5)
     items = folder_items(folder)

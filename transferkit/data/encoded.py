@@ -204,12 +204,19 @@ class EncodedImageDataset(Dataset):
     def hash_split(self, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
         """Positions ``(train, val)``: a sample is held out when a hash of ``(seed, key)`` is
         below ``val_fraction``. Stable (a sample stays on its side when shards are added,
-        removed or reordered) and reads no image; class proportions hold on average only."""
+        removed or reordered) and reads no image; class proportions hold on average only.
+        Where keys repeat (shards whose keys restart at 0), the image's byte size joins the
+        key: other images under one key are split apart, copies still land together."""
         if not 0.0 < val_fraction < 1.0:
             raise DataError(f"val_split must be between 0 and 1 (exclusive), got {val_fraction!r}.")
+        positions = self.indices.tolist()
+        keys = [self.source.key(i) for i in positions]
+        sizes = getattr(self.source, "sizes", None)
+        if sizes is not None and len(set(keys)) < len(keys):
+            keys = [f"{k}\0{int(sizes[i])}" for k, i in zip(keys, positions)]
         train, val = [], []
-        for j, i in enumerate(self.indices.tolist()):
-            (val if hashed_unit(seed, self.source.key(i)) < val_fraction else train).append(j)
+        for j, key in enumerate(keys):
+            (val if hashed_unit(seed, key) < val_fraction else train).append(j)
         if not train or not val:
             raise DataError(f"val_split={val_fraction} of {len(self)} samples leaves "
                             f"{'no training' if not train else 'no validation'} sample; pass val_data or another "

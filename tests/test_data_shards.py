@@ -94,11 +94,20 @@ def test_class_names_come_from_info_json_or_classes(tmp_path):
     # samples copied into another shard: each copy counts (training), or inflates validation
     mixed = write_shards(items[:2] + _sorted_items(other)[2:], tmp_path / "r3", [6])[0]
     b = prepare_data([str(a), str(mixed)], val_split=0)
-    said = [w for w in b.report.warnings if "are copies of another" in w]
-    assert len(said) == 1 and "2 training samples" in said[0] and "train0000000" in said[0], b.report.warnings
+    said = [w for w in b.report.warnings if "in the shards repeat another" in w]
+    assert len(said) == 1 and "2 training samples with the same image bytes" in said[0], b.report.warnings
+    assert "train0000000" in said[0]
     b = prepare_data(str(a), val_data=str(mixed))
     said = [w for w in b.report.warnings if "Validation data hold" in w]
-    assert len(said) == 1 and "2 samples that the training data hold too" in said[0], b.report.warnings
+    assert len(said) == 1 and "2 samples with the same image bytes of the training data" in said[0], b.report.warnings
+    # another image under the same key, of the same byte size and dimensions (a coincidence): read, not a copy
+    x, y = items[0][0], _sorted_items(other)[0][0]
+    size = max(len(x), len(y))  # a PNG's decoders ignore bytes after its end: both padded to one size
+    a2 = write_shards([(x + bytes(size - len(x)), "png", items[0][2])] + items[1:], tmp_path / "r5", [6])[0]
+    alike = write_shards([(y + bytes(size - len(y)), "png", items[0][2])] + _sorted_items(other)[1:],
+                         tmp_path / "r4", [6])[0]
+    for b in (prepare_data([str(a2), str(alike)], val_split=0), prepare_data(str(a2), val_data=str(alike))):
+        assert not any("repeat another" in w or "Validation data hold" in w for w in b.report.warnings)
     assert not any("Validation data hold" in w for w in prepare_data(str(a), val_data=str(c)).report.warnings)
     # uncompressed images of one shape share their byte size: other images under the same keys are no copies
     def bmp(seed):

@@ -17,7 +17,7 @@ from transferkit.data.checks import DataReport, find_duplicates, warn_copies_acr
 from transferkit.data.folders import find_split_folders, warn_split_like_classes
 from transferkit.data.encoded import EncodedImageDataset
 from transferkit.data.images import ImageFolderDataset, TransformedDataset, dataset_targets
-from transferkit.data.shards import shard_list
+from transferkit.data.shards import confirmed_copies, copies_said, shard_list
 from transferkit.data.sources import open_encoded, shared_shards, split_encoded
 from transferkit._text import plural
 from transferkit.errors import DataError
@@ -183,17 +183,21 @@ def warn_validation_copies(train: Sequence[tuple[Any, Any]], val: Sequence[tuple
 
 def _warn_samples_in_both(train: Any, val: Any, report: DataReport) -> None:
     """Warn when validation samples of encoded data (tar shards) are also training samples: the
-    same key, image size in bytes and dimensions (no image is read)."""
+    same key, image size in bytes and dimensions (local images read to confirm)."""
     a, b = (getattr(ds, "signatures", lambda: None)() for ds in (train, val))
     if a is None or b is None:
         return
     shared = np.flatnonzero(np.isin(b, a))
-    if len(shared):
-        i = int(shared[0])
-        j = int(np.flatnonzero(a == b[i])[0])
-        report.warn(f"Validation data hold {plural(len(shared), 'sample')} that the training data hold too (the same "
-                    f"key, image size in bytes and dimensions), which inflates validation accuracy: e.g. "
-                    f"{str(val.samples[i][0])!r} = {str(train.samples[j][0])!r}.")
+    if not len(shared):
+        return
+    first = {int(sig): k for k, sig in reversed(list(enumerate(a)))}  # each signature's first training sample
+    pairs = [(int(train.indices[first[int(b[i])]]), int(val.indices[i])) for i in shared]  # in their sources
+    copies, unread, example = confirmed_copies(pairs, train.source, val.source)
+    if not copies and not unread:
+        return
+    j, i = example or pairs[0]
+    report.warn(f"Validation data hold {copies_said(copies, unread, 'sample')} of the training data, which inflates "
+                f"validation accuracy: e.g. {val.source.sample_name(i)!r} = {train.source.sample_name(j)!r}.")
 
 
 def _one_split(data: Any, i: int, encoded: tuple[Any, Any] | None = None, report: DataReport | None = None) -> Any:

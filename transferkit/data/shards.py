@@ -64,6 +64,7 @@ INDEX_FORMAT = 4  # 4: a shard is checked to its end (data after the end-of-arch
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 LABEL_EXTS = ("cls", "txt", "json")
 PADDING_MOST = 64 << 10  # zeros a tar ends with: its end-of-archive blocks and record padding (128 blocks of 512)
+READ_TO_CONFIRM = 1000  # samples of equal signatures read to confirm they are copies (local shards)
 MAX_OPEN_REMOTE = 2  # remote shards one process keeps open (and so out of the cache's eviction)
 INDEX_THREADS = 8  # remote shards looked up or fetched at once while the indexes are made
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # WebDataset's base_plus_ext
@@ -711,20 +712,61 @@ def _warn_repeated_shards(shards: Sequence[str], indexes: Sequence[ShardIndex], 
     return False
 
 
+def same_image(a: ShardSource, i: int, b: ShardSource, j: int) -> bool | None:
+    """Whether sample ``i`` of ``a`` and sample ``j`` of ``b`` hold the same image bytes; None
+    when that is not read: a remote shard (a fetch each), or a shard that cannot be read."""
+    if a.remote[int(a.shard_of[i])] or b.remote[int(b.shard_of[j])]:
+        return None
+    try:
+        return a.read(i) == b.read(j)
+    except OSError:
+        return None
+
+
+def confirmed_copies(pairs: Any, a: ShardSource, b: ShardSource) -> tuple[int, int, tuple[int, int] | None]:
+    """Of candidate copies ``pairs`` (``(i in a, j in b)``: equal signatures), ``(copies whose
+    image bytes are equal, candidates not read, the first copy)``: local images are read to
+    confirm, at most `READ_TO_CONFIRM` pairs (the others count as not read)."""
+    copies, unread, example = 0, 0, None
+    for n, (i, j) in enumerate(pairs):
+        same = same_image(a, int(i), b, int(j)) if n < READ_TO_CONFIRM else None
+        if same is None:
+            unread += 1
+        elif same:
+            copies += 1
+            example = example or (int(i), int(j))
+    return copies, unread, example
+
+
+def copies_said(copies: int, unread: int, what: str) -> str:
+    """How many copies a warning names: read and equal, and those only alike (not read)."""
+    said = f"{plural(copies, what)} with the same image bytes" if copies else ""
+    if unread:
+        said += (" and " if said else "") + f"{plural(unread, what)} of the same key, image size in bytes and " \
+            "dimensions (not read)"
+    return said
+
+
 def _warn_repeated_samples(source: ShardSource, what: str, report: DataReport) -> None:
-    """Warn when samples appear more than once across the shards (the same key, image bytes and
-    dimensions, `ShardSource.signatures`: copied into a second shard), where each copy counts."""
+    """Warn when samples appear more than once across the shards (the same key, image size in
+    bytes and dimensions, `ShardSource.signatures`: copied into a second shard; local images
+    read to confirm, so that other images under one key of the same size are not named),
+    where each copy counts."""
     sig = source.signatures()
-    _, first, counts = np.unique(sig, return_index=True, return_counts=True)
-    if not (counts > 1).any():
+    order = np.argsort(sig, kind="stable")
+    ordered = sig[order]
+    later = np.flatnonzero(ordered[1:] == ordered[:-1]) + 1  # each sample alike with the one before it in order
+    if not len(later):
         return
-    extra = int((counts - 1).sum())
-    i = int(first[counts > 1].min())  # the first sample that has a copy
-    j = int(np.flatnonzero(sig == sig[i])[1])
-    report.warn(f"{plural(extra, f'{what} sample')} in the shards {'is a copy' if extra == 1 else 'are copies'} of "
-                f"another (the same key, image size in bytes and dimensions), e.g. {source.sample_name(i)!r} and "
-                f"{source.sample_name(j)!r}; each copy counts in training and scoring. Remove the copies from the "
-                "shards.")
+    starts = np.maximum.accumulate(np.where(np.r_[True, ordered[1:] != ordered[:-1]], np.arange(len(sig)), 0))
+    pairs = sorted((int(order[starts[k]]), int(order[k])) for k in later)  # (the first of its group, the copy)
+    copies, unread, example = confirmed_copies(pairs, source, source)
+    if not copies and not unread:
+        return
+    i, j = example or pairs[0]
+    report.warn(f"{copies_said(copies, unread, f'{what} sample')} in the shards repeat another, e.g. "
+                f"{source.sample_name(i)!r} and {source.sample_name(j)!r}; each copy counts in training and scoring. "
+                "Remove the copies from the shards.")
 
 
 def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, min_size: int | None = None,

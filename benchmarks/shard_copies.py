@@ -1,5 +1,6 @@
-"""The cost of the copy checks of tar shards, on a synthetic member index (no image is read:
-the shards are empty files, so the candidates are reported as not read).
+"""The cost of the copy checks of tar shards, on a synthetic member index.
+
+No image is read: the shards are empty files, so the candidates are reported as not read.
 
 When shards are opened, `transferkit.data.shards` looks for samples copied across shards
 (key, image byte size and dimensions) and for validation samples that the training data

@@ -37,6 +37,42 @@ def _sorted_items(folder: Path):
     return [(f.read_bytes(), f.suffix[1:].lower(), c) for f, c in folder_files(folder)]
 
 
+def test_shards_named_by_a_glob_multi_dot_extensions_and_members_apart(tmp_path):
+    """A glob names local shards (sorted); ``key.input.jpg`` is an image (WebDataset's field
+    ``input.jpg``); members of one key apart from each other are named, as WebDataset would
+    read them as several samples; a list mixing a shard with another file is refused."""
+    items = _sorted_items(make_image_folder(tmp_path / "img", per_class=3))
+    write_shards(items, tmp_path / "s", [3, 3])
+    assert len(prepare_data(str(tmp_path / "s" / "train-*.tar"), val_split=0).train) == 6
+    with pytest.raises(tk.DataError, match="matches no file"):
+        prepare_data(str(tmp_path / "s" / "none-*.tar"), val_split=0)
+    with pytest.raises(tk.DataError, match=r"A list of shards names .tar files .*notes.txt' is not one"):
+        prepare_data([str(tmp_path / "s" / "train-000000.tar"), str(tmp_path / "notes.txt")], val_split=0)
+
+    def shard(path, members):
+        with tarfile.open(path, "w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return str(path)
+
+    labels = [str(int(c == "light")).encode() for _, _, c in items]
+    dotted = shard(tmp_path / "dotted.tar", [m for k, (data, _, _) in enumerate(items)
+                                             for m in ((f"k{k}.input.png", data), (f"k{k}.cls", labels[k]))])
+    assert len(prepare_data(dotted, val_split=0).train) == 6
+    apart = shard(tmp_path / "apart.tar", [(f"k{k}.png", data) for k, (data, _, _) in enumerate(items)] +
+                  [(f"k{k}.cls", labels[k]) for k in range(len(items))])
+    with pytest.raises(tk.DataError, match=r"hold no usable sample .* 6 keys of the shards have members apart "
+                                           r"from each other \(e.g. 'k0' in .*apart.tar'\): a sample's members"):
+        prepare_data(apart, val_split=0)
+    with pytest.raises(tk.DataError, match="cannot be read as an image \\(UnidentifiedImageError: cannot identify "
+                                           "image file\\)\\."):
+        prepare_data(shard(tmp_path / "bad.tar", [("a.png", b"not an image"), ("a.cls", b"0")] +
+                           [(f"k{k}.png", d) if i == 0 else (f"k{k}.cls", b"1") for k, (d, _, _) in enumerate(items)
+                            for i in range(2)]), val_split=0, on_bad_file="raise")
+
+
 def test_brace_patterns_expand_like_webdataset():
     assert expand_braces("a-{008..011}.tar") == ["a-008.tar", "a-009.tar", "a-010.tar", "a-011.tar"]
     assert expand_braces("{x,y}/s-{0..1}.tar") == ["x/s-0.tar", "x/s-1.tar", "y/s-0.tar", "y/s-1.tar"]

@@ -10,6 +10,7 @@ whose pixels are not.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 import warnings
 from collections import defaultdict
@@ -141,6 +142,7 @@ def check_image_stream(f: BinaryIO, size: int, *, full: bool = False) -> str | N
         return (f"decompression-bomb size ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine")
     except Exception as exc:  # Pillow raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
         first = str(exc).splitlines()[0] if str(exc) else ""
+        first = re.sub(r" ?<_io\.\w+[^>]*>", "", first)  # Pillow names the stream object, which says nothing
         return f"cannot be read as an image ({type(exc).__name__}: {first})"
     return None
 

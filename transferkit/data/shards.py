@@ -40,6 +40,7 @@ so that each shard is fetched about once per epoch.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -72,9 +73,18 @@ _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
 def named_files(spec: str, what: str) -> list[str]:
-    """The files a name or brace pattern ``spec`` names; a DataError when some do not exist
-    (remote shards, ``pipe:`` commands and URLs, are checked when they are read)."""
+    """The files a name, brace pattern or (local) glob ``spec`` names; a DataError when some
+    do not exist (remote shards, ``pipe:`` commands and URLs, are checked when they are read;
+    a remote glob cannot be listed)."""
     paths = expand_braces(spec)
+    globbed = [p for p in paths if glob.has_magic(p)]
+    if globbed and is_url(spec):
+        raise DataError(f"{spec!r}: a remote glob cannot be listed; name the {what} with a brace pattern (e.g. "
+                        "https://host/data/train-{000000..000127}.tar) or a list.")
+    if globbed:
+        paths = [m for p in paths for m in (sorted(glob.glob(p)) if glob.has_magic(p) else [p])]
+        if not paths:
+            raise DataError(f"The pattern {spec!r} matches no file.")
     if is_url(spec):
         return paths
     missing = [p for p in paths if not os.path.isfile(p)]
@@ -149,7 +159,12 @@ def shard_list(data: Any) -> list[str] | None:
         if not data or not all(isinstance(d, (str, os.PathLike)) for d in data):
             return None
         items = [str(d) for d in data]
-        if not all(_tar_name(d) or _compressed_tar(d) or is_remote(d) for d in items):
+        shardlike = [_tar_name(d) or _compressed_tar(d) or is_remote(d) for d in items]
+        if not all(shardlike):
+            if any(shardlike):
+                other = next(d for d, ok in zip(items, shardlike) if not ok)
+                raise DataError(f"A list of shards names .tar files (or remote shards); {other!r} is not one. Leave "
+                                "it out of the list.")
             return None
         out: list[str] = []
         for d in items:
@@ -252,12 +267,13 @@ class ShardIndex:
     no_label: int = 0
     nbytes: int = 0  # the shard's size
     validators: dict[str, str] = field(default_factory=dict)  # a remote shard's ETag, Content-Length, ...
+    scattered: list[str] = field(default_factory=list)  # keys whose members are not adjacent (read as several)
 
     def to_json(self) -> str:
         return json.dumps({"format": INDEX_FORMAT, "keys": self.keys, "offsets": self.offsets, "sizes": self.sizes,
                            "labels": self.labels, "bad": self.bad, "dims": self.dims, "no_image": self.no_image,
-                           "no_label": self.no_label, "nbytes": self.nbytes, "validators": self.validators},
-                          separators=(",", ":"))
+                           "no_label": self.no_label, "nbytes": self.nbytes, "validators": self.validators,
+                           "scattered": self.scattered}, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> ShardIndex:
@@ -265,7 +281,7 @@ class ShardIndex:
         if d.get("format") != INDEX_FORMAT:
             raise ValueError(f"index format {d.get('format')}, expected {INDEX_FORMAT}")
         return cls(d["keys"], d["offsets"], d["sizes"], d["labels"], d["bad"], d["dims"], d["no_image"],
-                   d["no_label"], d["nbytes"], d["validators"])
+                   d["no_label"], d["nbytes"], d["validators"], d.get("scattered", []))
 
 
 class _Region(io.RawIOBase):
@@ -375,11 +391,17 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
     if total == 0:
         return index
     cur: dict[str, Any] = {}
+    done: set[str] = set()  # keys whose members ended: one met again is not adjacent (WebDataset reads two samples)
 
     def flush() -> None:
         if not cur:
             return
-        img = next((cur["members"][e] for e in IMAGE_EXTS if e in cur["members"]), None)
+        if cur["key"] in done and len(index.scattered) < 1000:
+            index.scattered.append(cur["key"])
+        done.add(cur["key"])
+        members = cur["members"]  # an extension's last part names its kind: "input.jpg" is an image
+        img = next((members[e] for e in IMAGE_EXTS if e in members), None) or \
+            next((v for e, v in members.items() if e.rsplit(".", 1)[-1] in IMAGE_EXTS), None)
         label = next((cur["labels"][e] for e in LABEL_EXTS if e in cur["labels"]), None)
         if img is None:
             index.no_image += 1
@@ -412,7 +434,8 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
                 if m.offset_data + m.size > total:
                     raise tarfile.TarError(f"the member {m.name!r} ends at byte {m.offset_data + m.size} of a "
                                            f"{total}-byte file: the shard is truncated")
-                label_bytes = tar.extractfile(m).read() if ext in LABEL_EXTS and m.size < 1 << 20 else None
+                label_bytes = tar.extractfile(m).read() if ext.rsplit(".", 1)[-1] in LABEL_EXTS and \
+                    m.size < 1 << 20 else None
                 pending.append((key, ext, m.offset_data, m.size, label_bytes))
             _check_end(f, tar.offset, total)
             # the checks seek in the file: run them after the headers were walked
@@ -424,9 +447,10 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
                     cur = {"key": key, "members": {}, "labels": {}}
                 cur["members"].setdefault(ext, (off, size))
                 if label_bytes is not None:
-                    lab = _parse_label(ext, label_bytes)
+                    kind = ext.rsplit(".", 1)[-1]
+                    lab = _parse_label(kind, label_bytes)
                     if lab is not None:
-                        cur["labels"].setdefault(ext, lab)
+                        cur["labels"].setdefault(kind, lab)
             flush()
     except tarfile.TarError as exc:
         packed = _compression(path)
@@ -823,16 +847,25 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
         report.warn(f"{len(empty)} of the {len(shards)} {what} shard(s) hold no sample, e.g. {empty[:3]}.")
     if not _warn_repeated_shards(shards, indexes, what, report):
         _warn_repeated_samples(source, what, report)
+    scattered = [(p, k) for p, ix in zip(shards, indexes) for k in ix.scattered]
+    apart = ""
+    if scattered:
+        apart = (f" {plural(len(scattered), 'key')} of the shards {'has' if len(scattered) == 1 else 'have'} members "
+                 f"apart from each other (e.g. {scattered[0][1]!r} in {scattered[0][0]!r}): a sample's members must be "
+                 "adjacent in the tar, as WebDataset reads them; write each sample's files together (sort the "
+                 "members by key).")
     no_image, no_label = sum(ix.no_image for ix in indexes), sum(ix.no_label for ix in indexes)
     if no_image or no_label:
         msg = (f"{no_image + no_label} {what} sample(s) in the shards have no image ({no_image}; looked for "
                f"{', '.join(IMAGE_EXTS[:4])}) or no label ({no_label}; looked for cls, txt, json)")
         if on_bad_file == "raise":
-            raise DataError(msg + ".")
-        report.warn(msg + "; they are left out.")
+            raise DataError(msg + "." + apart)
+        report.warn(msg + "; they are left out." + apart)
+    elif apart:
+        report.warn(apart.strip())
     if len(source) == 0:
         raise DataError(f"The {what} shards {list(shards)[:3]} hold no usable sample (an image and a label per "
-                        "key, e.g. 000001.jpg and 000001.cls).")
+                        f"key, e.g. 000001.jpg and 000001.cls).{apart}")
     own = _info_classes(shards)
     labels = labels_by_name([lab for ix in indexes for lab in ix.labels], own, classes, f"The {what} shards")
     targets, names = labels_to_targets(labels, list(classes) if classes else own, f"The {what} shards", report)

@@ -4,6 +4,7 @@ shard cache, indexes that make a second run fetch nothing, one-line errors."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -214,6 +215,37 @@ def test_the_shard_cache_keeps_its_budget_and_never_evicts_a_shard_in_use(shards
     cache.fetch(urls[3]).release()  # the least recently used go first until it fits
     assert [cache.path(u).exists() for u in urls] == [False, False, False, True]
     assert parse_bytes("20G") == 20 * 2**30 and parse_bytes("1500") == 1500
+
+
+def test_a_process_waiting_for_a_fetch_does_not_wait_for_the_readers_of_the_copy(tmp_path):
+    """Two processes want a shard that is not cached: one fetches it and then reads it,
+    holding the shared lock while it reads (an idle DataLoader worker keeps its shards open).
+    The other, which asked for the exclusive lock before the copy was there, used to wait for
+    that reader for good: a hang of the DataLoader."""
+    import fcntl
+    import threading
+
+    from transferkit.data.remote import ShardCache
+
+    cache = ShardCache(tmp_path / "cache")
+    url = "http://127.0.0.1:9/train-000000.tar"  # never fetched: the copy comes from the other process
+    target = cache.path(url)
+    cache.folder.mkdir(parents=True)
+    target.with_suffix(".lock").touch()
+    reader = os.open(target.with_suffix(".lock"), os.O_RDWR)  # an open file of its own locks as another process
+    fcntl.flock(reader, fcntl.LOCK_SH)  # does: one reading the copy it has just fetched
+
+    def fetched():
+        time.sleep(0.3)
+        target.write_bytes(b"shard")
+    threading.Thread(target=fetched, daemon=True).start()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(cache.fetch(url)), daemon=True)
+    waiter.start()
+    waiter.join(timeout=20)
+    assert got and got[0].path == target  # it did not wait for the reader to close the copy
+    got[0].release()
+    os.close(reader)
 
 
 def test_a_shard_cache_smaller_than_the_shards_reads_shard_by_shard(tmp_path, monkeypatch):

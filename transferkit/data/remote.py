@@ -61,6 +61,7 @@ the usual 0.1-1 GB); set ``TRANSFERKIT_SHARD_CACHE`` (``500M``, ``20G``, or byte
 TIMEOUT = 60.0  # seconds without a byte from an HTTP server before a fetch fails
 RETRY_WAITS = (1.0, 4.0, 16.0)  # seconds before each new attempt of a fetch whose failure may pass
 CHUNK = 1 << 20
+FETCH_POLL_S = 0.02  # how often a process waiting for another's fetch of a shard looks whether it is there
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "hf": "huggingface_hub",
              "sftp": "paramiko", "ssh": "paramiko"}
@@ -316,10 +317,8 @@ class ShardCache:
                 _flock(fd, fcntl.LOCK_SH)
                 if not target.is_file():
                     _flock(fd, fcntl.LOCK_UN)
-                    _flock(fd, fcntl.LOCK_EX)  # waits while another process fetches it
-                    got = {} if target.is_file() else self._fetch_locked(url, target, size, check, validators or {})
-                    _flock(fd, fcntl.LOCK_SH)  # a downgrade is not atomic: check it is still there
-                    if not target.is_file():
+                    got = self._fetch_or_wait(fd, url, target, size, check, validators or {})
+                    if got is None:  # gone again before this process held it
                         os.close(fd)
                         continue
                 else:
@@ -337,6 +336,29 @@ class ShardCache:
                 raise
         raise _fail(url, f"its cached copy {str(target)!r} keeps being removed (the shard cache is too small for the "
                          f"shards in use: raise {ENV_BUDGET})")
+
+    def _fetch_or_wait(self, fd: int, url: str, target: Path, size: int | None,
+                       check: Callable[[str], None] | None, validators: dict[str, str]) -> dict[str, str] | None:
+        """Fetch ``target`` under the exclusive lock, or wait for the process that fetches it;
+        returns with the shared lock held (the fetch's validators, ``{}`` when another process
+        fetched it), or None when the copy is gone again. The exclusive lock is asked without
+        blocking: once the copy is there, its readers hold the shared lock for as long as they
+        read (an idle DataLoader worker keeps its shards open), and a blocking request would
+        wait for all of them."""
+        import fcntl
+
+        while True:
+            try:
+                _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if target.is_file():  # fetched by another process, which now reads it
+                    _flock(fd, fcntl.LOCK_SH)
+                    return {} if target.is_file() else None
+                time.sleep(FETCH_POLL_S)  # another process is fetching it
+                continue
+            got = {} if target.is_file() else self._fetch_locked(url, target, size, check, validators)
+            _flock(fd, fcntl.LOCK_SH)  # a downgrade is not atomic: check it is still there
+            return got if target.is_file() else None
 
     def _fetch_locked(self, url: str, target: Path, size: int | None, check: Callable[[str], None] | None,
                       validators: dict[str, str]) -> dict[str, str]:

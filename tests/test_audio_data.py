@@ -245,6 +245,7 @@ def test_an_audio_run_records_no_image_fields_and_resumes_records_that_had_them(
     d = transferkit.plan("spec:tk:small_cnn", weights=None, data=make_audio_folder(tmp_path / "clips", per_class=2))
     record = json.loads(json.dumps(d.to_dict()))
     assert record["input_spec"] == {"kind": "audio", "channels": 1, "sample_rate": 16000, "clip_seconds": None}
+    assert record["input_decode_reason"] == "audio: the CPU workers read the clips (soundfile)"  # not Pillow
     before = {**record, "input_spec": {**dataclasses.asdict(d.input_spec), "mean": [0.485, 0.456, 0.406],
                                        "std": [0.229, 0.224, 0.225]}}  # as records were written with image fields
     assert "image_size" in before["input_spec"] and differences(before, record) == {}

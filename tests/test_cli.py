@@ -185,6 +185,11 @@ def test_finetune_dry_run_prints_the_decisions_and_trains_nothing(tmp_path, caps
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
     assert json.loads(_run(capsys, *args)[1]) == record  # piped: the same object
     assert not (tmp_path / "m.pt").exists()
+    (data / "dark" / "broken.png").write_bytes(b"not an image")  # what the data check finds is in the record
+    code, out, err = _run(capsys, *args, "--json")
+    said = json.loads(out)["warnings"]
+    assert code == 0 and len(said) == 1 and "broken.png" in said[0] and "broken.png" in err
+    (data / "dark" / "broken.png").unlink()
     other = make_image_folder(tmp_path / "other", per_class=2, size=20, seed=3)
     for flags in (["--set", f"data={other}"], ["--set", f"data_dir={other}"],  # --set wins
                   ["--val-data", data, "--set", f"val_data={other}"]):

@@ -115,7 +115,7 @@ def test_finetune_on_a_terminal_ends_with_a_summary(tmp_path):
     assert "epoch   1/2" in err and "incl. features" in err  # the feature pass counted in epoch 1
     plan = err.split("\nepoch ")[0].splitlines()
     assert plan[0].startswith("plan:") and all(len(line) <= 100 for line in plan)
-    assert json.loads(outs[1][0])["export"] == str(tmp_path / "t.pt")
+    assert json.loads(outs[1][0])["export"] == str(tmp_path / "t.pt") and json.loads(outs[1][0])["warnings"] == []
 
 
 def test_resume_flag_continues_with_the_stored_settings(run, capsys):

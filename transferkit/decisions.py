@@ -334,7 +334,10 @@ def _input_decode_decision(cfg: FinetuneConfig, facts: Facts, cached_epochs: int
     """Where the passes that decode image files decode them (`decide_input_decode`), and
     which passes those are: the frozen feature pass, and the end-to-end epochs of each part
     whose images are not decoded once."""
-    where, reason = decide_input_decode(cfg.input_decode, device_type=facts.device.type, facts=facts.input_decode)
+    if facts.backbone.input_spec.kind == "audio" and cfg.input_decode != "gpu":
+        where, reason = "cpu", "audio: the CPU workers read the clips (soundfile)"
+    else:
+        where, reason = decide_input_decode(cfg.input_decode, device_type=facts.device.type, facts=facts.input_decode)
     passes: list[str] = []
     if facts.input_decode.get("census") is not None:
         if cached_epochs:

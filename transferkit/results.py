@@ -67,7 +67,8 @@ def result_record(result: Any) -> dict[str, Any]:
                                                       "batch_sizes": list(rep.batch_sizes)},
             "checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
             "plots": {k: str(v) for k, v in result.plots.items()},
-            "bad_files": len(result.data_report.bad_files), "features": result.feature_report,
+            "bad_files": len(result.data_report.bad_files), "warnings": list(result.data_report.warnings),
+            "features": result.feature_report,
             "compile_trial": result.compile_trial, "seconds": round(result.timings.get("total_s", 0), 1)}
 
 

@@ -868,7 +868,11 @@ def test_a_stale_folder_this_user_cannot_remove_does_not_stop_the_engine(monkeyp
 def test_a_dry_run_says_its_engine_is_provisional_and_an_unused_forced_engine_is_noted(folder, monkeypatch):
     monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)
     d = tk.plan(**{**KW, "backbone": _backbone(), "data": folder, "policy": "feature_extraction"})
-    assert d.engine == "eager" and "provisional: a dry run loads no weights, so it neither times the engines nor reads a stored timing" in d.summary()
+    assert d.engine == "eager" and "provisional: a dry run loads no weights, so it neither times the engines nor " \
+        "reads a stored timing" in d.summary()
+    d = tk.plan(**{**KW, "backbone": _backbone(), "data": folder, "policy": "feature_extraction", "precision": "bf16"})
+    assert "features bf16 (" in d.summary() and "provisional, as the engine: another engine may compute in fp32" \
+        in d.summary()  # its features' precision is the engine's (onnxruntime computes fp32)
     d = tk.plan(**{**KW, "backbone": _backbone(), "data": folder, "policy": "full", "feature_engine": "onnxruntime"})
     assert "no cached feature pass; feature_engine='onnxruntime' is not used" in d.engine_reason
     assert any("feature_engine='onnxruntime' is not used" in n for n in d.notes)

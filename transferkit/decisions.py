@@ -201,7 +201,8 @@ class Decisions:
             lines.append(f"  groups:   {groups}")
         lines += [
             f"  runtime:  {where}, seed {cfg.seed}" + (f" (ranks: {list(self.seeds)})" if self.world_size > 1 else ""),
-            *(f"  speed:    {line}" for line in _speed_lines(s, features=self.cached_epochs > 0, engine=self.engine)),
+            *(f"  speed:    {line}" for line in _speed_lines(s, features=self.cached_epochs > 0, engine=self.engine,
+                                                           provisional=self.engine_reason.startswith("provisional"))),
         ]
         return "\n".join(lines)
 
@@ -510,14 +511,18 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
-def _speed_lines(s: dict[str, Any], *, features: bool, engine: str = "eager") -> list[str]:
+def _speed_lines(s: dict[str, Any], *, features: bool, engine: str = "eager", provisional: bool = False) -> list[str]:
+    """The plan's speed lines. ``provisional``: the engine is chosen when the run starts (a dry
+    run does not time it), and the features' precision is that engine's."""
     r = s["reasons"]
     out = []
     if features and engine_precision(engine, s["feature_precision"]) != s["feature_precision"]:
         out.append(f"features {engine_precision(engine, s['feature_precision'])} (the {engine} engine computes in it; "
                    f"eager would run {s['feature_precision']}: {r.get('feature_precision', 'set directly')})")
     elif features:
-        out.append(f"features {s['feature_precision']} ({r.get('feature_precision', 'set directly')})")
+        then = "; provisional, as the engine: another engine may compute in fp32" if provisional and \
+            s["feature_precision"] != "fp32" else ""
+        out.append(f"features {s['feature_precision']} ({r.get('feature_precision', 'set directly')}{then})")
     out.append(f"training {s['precision']} ({r.get('precision', 'set directly')})")
     out.append(f"{'channels_last' if s['channels_last'] else 'contiguous'} ({r.get('channels_last', 'set directly')})")
     if s["compile"]:

@@ -71,8 +71,14 @@ def test_pcm_integer_waveforms_are_scaled_as_their_files_would_be(tmp_path):
             raw = (raw.astype(np.int32) // 256 + 128).astype(np.uint8)
         torch.testing.assert_close(to_waveform(raw, 8000), from_file, atol=1e-6, rtol=0)
     torch.testing.assert_close(to_waveform(np.array([-128, 0, 64], np.int8), 8000), torch.tensor([-1.0, 0.0, 0.5]))
-    with pytest.raises(DataError, match="dtype int64 has no known full scale"):
+    with pytest.raises(DataError, match="dtype int64: integer samples of this dtype have no known full scale"):
         to_waveform(np.arange(800), 8000)
+    from transferkit.model import AudioPreprocess  # an exported audio model reads its input the same way
+
+    scripted = torch.jit.script(AudioPreprocess())
+    for dtype in (np.int16, np.int32, np.int8, np.uint8):
+        raw = np.random.default_rng(0).integers(np.iinfo(dtype).min, np.iinfo(dtype).max, 400, dtype=dtype)
+        torch.testing.assert_close(scripted(torch.from_numpy(raw)[None])[0], to_waveform(raw, 8000))
 
 
 def test_in_memory_clips_too_short_or_with_names_for_labels_are_named():
@@ -81,6 +87,8 @@ def test_in_memory_clips_too_short_or_with_names_for_labels_are_named():
     with pytest.warns(UserWarning, match=r"in-memory item 0 \(1.2 ms long \(10 samples at 8000 Hz\), shorter than"):
         bundle = prepare_audio_data(items, spec=SPEC8K, val_split=0)
     assert len(bundle.train) == 8
+    stereo = [(np.stack([clip, clip], 1), i % 2) for i in range(8)]  # [T, C], as soundfile.read returns it
+    assert len(prepare_audio_data(stereo, spec=SPEC8K, val_split=0).train) == 8
     with pytest.raises(DataError, match=r"Bad clip 'in-memory item 0': 0.6 ms long \(10 samples at 16000 Hz\)"):
         prepare_audio_data([((clip[:10], 16000), 0)] + items[1:], spec=SPEC8K, val_split=0, on_bad_file="raise")
     for label in ("cat", 0.7):
@@ -140,10 +148,14 @@ def test_folder_and_csv_give_the_same_clips(tmp_path):
     assert label == 1 and wav.shape == (2 * (1600 + 300),)  # resampled 8 kHz -> 16 kHz
     torch.testing.assert_close(wav, ds[4][0])
     (root / "bad.csv").write_text("file,class\n" + "\n".join(lines[1:]) + "\n")
-    with pytest.raises(DataError, match="first row 'file,class' names no file.*header row must read 'path,label'"):
+    with pytest.raises(DataError, match="first row 'file,class' names no file.*header row must name the columns "
+                                        "'path' and 'label'"):
         AudioDataset.from_source(root / "bad.csv", sample_rate=8000)
     (root / "no_header.csv").write_text("\n".join(lines[1:]) + "\n")  # the header is optional, as for images
     assert AudioDataset.from_source(root / "no_header.csv", sample_rate=16000).targets == ds.targets
+    swapped = ["speaker,label,path"] + [f"s{i},{row.split(',')[1]},{row.split(',')[0]}" for i, row in enumerate(lines[1:])]
+    (root / "swapped.csv").write_text("\n".join(swapped) + "\n")  # columns named by the header, in any order
+    assert AudioDataset.from_source(root / "swapped.csv", sample_rate=16000).targets == ds.targets
 
 
 def test_mp3_files_are_audio_where_libsndfile_decodes_mp3_and_named_where_it_does_not(tmp_path, monkeypatch):

@@ -30,19 +30,40 @@ class ImagePreprocess(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
+def pcm_to_float(x: torch.Tensor) -> torch.Tensor:
+    """Waveform samples as float in [-1, 1]: PCM integers scaled as their files store them
+    (``int16``, ``int32``, ``int8``, and ``uint8``: 8-bit WAV, unsigned); float as it is; other
+    integers (no known full scale) raise ``ValueError``. Scriptable: an exported audio model
+    reads its input with it, as training and prediction do.
+
+    Example:
+        >>> pcm_to_float(torch.tensor([-32768, 16384], dtype=torch.int16)).tolist()
+        [-1.0, 0.5]
+    """
+    if x.is_floating_point():
+        return x
+    if x.dtype == torch.int16:
+        return (x.double() / 32768.0).float()
+    if x.dtype == torch.int32:
+        return (x.double() / 2147483648.0).float()
+    if x.dtype == torch.int8:
+        return (x.double() / 128.0).float()
+    if x.dtype == torch.uint8:
+        return ((x.double() - 128.0) / 128.0).float()
+    raise ValueError("integer samples of this dtype have no known full scale: pass float samples in [-1, 1], or PCM "
+                     "as int16, int32, int8 or uint8 (8-bit WAV)")
+
+
 class AudioPreprocess(nn.Module):
     """Raw waveforms to the audio trunk's input ``[N, T]`` float.
 
-    Accepts float waveforms in [-1, 1] or ``int16`` PCM, shaped ``[N, T]``, ``[N, C, T]``
-    (mixed down to mono) or ``[T]`` (one clip). NaN padding at the end of shorter clips
-    marks their length and is kept (see ``transferkit.data.audio.pad_waveforms``).
+    Accepts float waveforms in [-1, 1] or PCM integers (`pcm_to_float`), shaped ``[N, T]``,
+    ``[N, C, T]`` (mixed down to mono) or ``[T]`` (one clip). NaN padding at the end of
+    shorter clips marks their length and is kept (see ``transferkit.data.audio.pad_waveforms``).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.int16:
-            x = x.float() / 32768.0
-        elif not x.is_floating_point():
-            x = x.float()
+        x = pcm_to_float(x)
         if x.dim() == 3:
             x = x.mean(1)
         if x.dim() == 1:

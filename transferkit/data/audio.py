@@ -30,16 +30,22 @@ from transferkit.data.bundle import (
     warn_unvalidated_classes,
     warn_validation_copies,
 )
-from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, readable_samples, warn_copies_across_classes
+from transferkit.data.checks import (
+    AUDIO_EXTENSIONS,
+    AUDIO_FORMATS,
+    ON_BAD_FILE,
+    SCANS,
+    DataReport,
+    readable_samples,
+    warn_copies_across_classes,
+)
 from transferkit.data.folders import scan_class_folders, scan_csv, warn_split_like_classes
 from transferkit.data.images import class_index
 from transferkit.data.late import FileDataset
+from transferkit.model import pcm_to_float
 from transferkit._text import plural
 from transferkit.errors import ConfigError, DataError, check_choice, unreadable_file
 
-# audio file types by extension, and the libsndfile format that decodes each (MP3: libsndfile >= 1.1)
-AUDIO_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".aiff": "AIFF", ".aif": "AIFF", ".mp3": "MP3"}
-AUDIO_EXTENSIONS = tuple(AUDIO_FORMATS)  # every known one; audio_extensions(): those decoded here
 PAD_VALUE = float("nan")
 AUDIO_AUGMENTATIONS = ("none", "standard")
 # clips longer than this are cropped to their middle (see prepare_audio_data): a 10-minute
@@ -48,8 +54,6 @@ DEFAULT_MAX_SECONDS = 30.0
 # the shortest clip training (the pre-scan of files) and prediction take, for every audio model: wav2vec2/HuBERT's
 # first frame spans 400 samples at 16 kHz
 MIN_CLIP_SECONDS = 0.025
-# PCM integer samples: (the value of silence, full scale), as soundfile reads and WAV stores them (8-bit is unsigned)
-PCM_SCALE = {torch.int16: (0, 32768.0), torch.int32: (0, 2.0 ** 31), torch.int8: (0, 128.0), torch.uint8: (128, 128.0)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -534,7 +538,7 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
     """A path, a ``(waveform, rate)`` pair or a waveform already at ``sample_rate`` -> mono
     float32 ``[T]`` at ``sample_rate`` (a 2-D waveform is ``[C, T]``, or ``[T, C]`` as
     ``soundfile.read`` returns it: see `MAX_CHANNELS`; PCM integers are scaled to [-1, 1],
-    `PCM_SCALE`), at most
+    `transferkit.model.pcm_to_float`), at most
     ``max_seconds`` long (the middle of a longer clip). NaN at the end of an in-memory
     waveform is padding and is removed; NaN elsewhere, or inf, raises [`DataError`][transferkit.DataError].
     A pair's rate is any whole number (`sample_rate_of`: ``np.int64(44100)``, ``44100.0``).
@@ -550,15 +554,12 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
     if isinstance(item, tuple) and len(item) == 2 and is_rate(item[1]):
         item, rate = item[0], sample_rate_of(item[1], "sample rate of the (waveform, sample_rate) pair")
     wav = torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item)
-    if wav.dtype in PCM_SCALE:
-        zero, full = PCM_SCALE[wav.dtype]
-        wav = (wav.double() - zero) / full
-    elif not wav.is_floating_point():
-        raise DataError(f"A waveform of dtype {str(wav.dtype).replace('torch.', '')} has no known full scale: pass "
-                        "float samples in [-1, 1], or PCM as int16, int32, int8 or uint8 (8-bit WAV).")
-    wav = wav.float()
+    try:
+        wav = pcm_to_float(wav).float()
+    except ValueError as exc:
+        raise DataError(f"A waveform of dtype {str(wav.dtype).replace('torch.', '')}: {exc}.") from None
     given = tuple(wav.shape)  # as the caller passed it (before channels are mixed down)
-    if wav.ndim == 2 and wav.shape[1] <= MAX_CHANNELS < wav.shape[0]:  # [T, C], as soundfile.read returns it
+    if time_first(tuple(wav.shape)):  # [T, C], as soundfile.read returns it
         wav = wav.T
     elif wav.ndim == 2 and wav.shape[0] > wav.shape[1] > MAX_CHANNELS:
         raise DataError(f"A 2-D waveform of shape {given} is ambiguous: [C, T] would be {given[0]} channels of "
@@ -626,8 +627,19 @@ def _lengths(samples: Sequence[tuple[Any, int]], rate: int) -> list[tuple[int, f
         r = rate
         if isinstance(source, tuple) and len(source) == 2 and is_rate(source[1]):
             source, r = source[0], sample_rate_of(source[1])
-        out.append((0, float(r)) if isinstance(source, (str, Path)) else (int(np.shape(source)[-1]), float(r)))
+        out.append((0, float(r)) if isinstance(source, (str, Path)) else (clip_frames(np.shape(source)), float(r)))
     return out
+
+
+def time_first(shape: Sequence[int]) -> bool:
+    """Whether a 2-D waveform of ``shape`` is ``[T, C]`` (as ``soundfile.read`` returns it: at
+    most `MAX_CHANNELS` columns and more rows), not ``[C, T]``."""
+    return len(shape) == 2 and shape[1] <= MAX_CHANNELS < shape[0]
+
+
+def clip_frames(shape: Sequence[int]) -> int:
+    """The samples per channel of a waveform of ``shape`` (``[T]``, ``[C, T]`` or ``[T, C]``)."""
+    return int(shape[0] if time_first(shape) else shape[-1])
 
 
 def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_split: float = 0.2, seed: int = 0,

@@ -28,6 +28,9 @@ from transferkit.data.late import register_report
 
 ON_BAD_FILE = ("skip", "raise")
 SCANS = ("quick", "full", "none")
+# audio file types by extension, and the libsndfile format that decodes each (MP3: libsndfile >= 1.1)
+AUDIO_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".aiff": "AIFF", ".aif": "AIFF", ".mp3": "MP3"}
+AUDIO_EXTENSIONS = tuple(AUDIO_FORMATS)  # every known one; data.audio.audio_extensions(): those decoded here
 IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 
 

@@ -205,14 +205,14 @@ class EncodedImageDataset(Dataset):
         """Positions ``(train, val)``: a sample is held out when a hash of ``(seed, key)`` is
         below ``val_fraction``. Stable (a sample stays on its side when shards are added,
         removed or reordered) and reads no image; class proportions hold on average only.
-        Where keys repeat (shards whose keys restart at 0), the image's byte size joins the
-        key: other images under one key are split apart, copies still land together."""
+        For tar shards the image's byte size joins the key (shards whose keys restart at 0
+        hold other images under one key: they are split apart, while copies land together)."""
         if not 0.0 < val_fraction < 1.0:
             raise DataError(f"val_split must be between 0 and 1 (exclusive), got {val_fraction!r}.")
         positions = self.indices.tolist()
         keys = [self.source.key(i) for i in positions]
         sizes = getattr(self.source, "sizes", None)
-        if sizes is not None and len(set(keys)) < len(keys):
+        if sizes is not None:
             keys = [f"{k}\0{int(sizes[i])}" for k, i in zip(keys, positions)]
         train, val = [], []
         for j, key in enumerate(keys):

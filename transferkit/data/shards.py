@@ -56,7 +56,7 @@ import numpy as np
 
 from transferkit._io import atomic_write
 from transferkit._text import plural
-from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_image_stream
+from transferkit.data.checks import AUDIO_EXTENSIONS, ON_BAD_FILE, SCANS, DataReport, check_image_stream
 from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
 from transferkit.data.remote import ENV_BUDGET, Held, ShardCache, ShardFetchError, fetch_small, is_url, remote_validators
 from transferkit.errors import DataError, check_choice
@@ -77,12 +77,12 @@ def named_files(spec: str, what: str) -> list[str]:
     do not exist (remote shards, ``pipe:`` commands and URLs, are checked when they are read;
     a remote glob cannot be listed)."""
     paths = expand_braces(spec)
-    globbed = [p for p in paths if glob.has_magic(p)]
+    globbed = [p for p in paths if glob.has_magic(p) and not os.path.exists(p)]  # "sh[v2]/a.tar" may be a name
     if globbed and is_url(spec):
         raise DataError(f"{spec!r}: a remote glob cannot be listed; name the {what} with a brace pattern (e.g. "
                         "https://host/data/train-{000000..000127}.tar) or a list.")
     if globbed:
-        paths = [m for p in paths for m in (sorted(glob.glob(p)) if glob.has_magic(p) else [p])]
+        paths = [m for p in paths for m in (sorted(glob.glob(p)) if p in globbed else [p])]
         if not paths:
             raise DataError(f"The pattern {spec!r} matches no file.")
     if is_url(spec):
@@ -185,7 +185,7 @@ def shard_list(data: Any) -> list[str] | None:
     if os.path.isdir(spec):
         entries = list(Path(spec).iterdir())
         tars = sorted(str(p) for p in entries if p.is_file() and _tar_name(p.name) and not p.name.startswith("."))
-        if any(p.is_dir() and not p.name.startswith((".", "_")) and (not tars or _holds_images(p)) for p in entries):
+        if any(p.is_dir() and not p.name.startswith((".", "_")) and (not tars or _holds_data(p)) for p in entries):
             return None  # class sub-folders: an image folder (a stray .tar in it is not data)
         packed = sorted(p.name for p in entries if p.is_file() and _compressed_tar(p.name) and not p.name.startswith("."))
         if packed:  # refused even beside plain shards: leaving them out would change what trains
@@ -196,13 +196,21 @@ def shard_list(data: Any) -> list[str] | None:
     return None
 
 
-def _holds_images(folder: Path) -> bool:
-    """Whether ``folder`` holds an image file (a class folder; a cache_dir beside shards does not)."""
+def _holds_data(folder: Path) -> bool:
+    """Whether an image or audio file lies anywhere below ``folder`` (a class folder, whose
+    files may sit in sub-folders of their own; a cache_dir beside shards holds none)."""
+    known = {e.lstrip(".") for e in AUDIO_EXTENSIONS} | set(IMAGE_EXTS)
     try:
-        with os.scandir(folder) as it:
-            return any(e.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and e.is_file() for e in it)
+        for _, _, files in os.walk(folder, onerror=_raise):
+            if any(f.rsplit(".", 1)[-1].lower() in known for f in files):
+                return True
     except OSError:
         return True  # unreadable: taken for a class folder, whose scan names the problem
+    return False
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
 
 
 # the words that name a split in a shard's file name, as a word of its own (imagenet-val-0001.tar, not
@@ -434,8 +442,8 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
                 if m.offset_data + m.size > total:
                     raise tarfile.TarError(f"the member {m.name!r} ends at byte {m.offset_data + m.size} of a "
                                            f"{total}-byte file: the shard is truncated")
-                label_bytes = tar.extractfile(m).read() if ext.rsplit(".", 1)[-1] in LABEL_EXTS and \
-                    m.size < 1 << 20 else None
+                # a label is a plain cls/txt/json member: key.caption.txt is another field (WebDataset's), not it
+                label_bytes = tar.extractfile(m).read() if ext in LABEL_EXTS and m.size < 1 << 20 else None
                 pending.append((key, ext, m.offset_data, m.size, label_bytes))
             _check_end(f, tar.offset, total)
             # the checks seek in the file: run them after the headers were walked
@@ -447,10 +455,9 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
                     cur = {"key": key, "members": {}, "labels": {}}
                 cur["members"].setdefault(ext, (off, size))
                 if label_bytes is not None:
-                    kind = ext.rsplit(".", 1)[-1]
-                    lab = _parse_label(kind, label_bytes)
+                    lab = _parse_label(ext, label_bytes)
                     if lab is not None:
-                        cur["labels"].setdefault(kind, lab)
+                        cur["labels"].setdefault(ext, lab)
             flush()
     except tarfile.TarError as exc:
         packed = _compression(path)

@@ -50,6 +50,11 @@ def test_a_header_other_than_path_label_is_named_as_a_header(tmp_path):
     p = _csv(tmp_path, "file,class\n" + _rows(tmp_path))  # read as a row, it would be a missing file 'file'
     with pytest.raises(DataError, match="first row 'file,class' names no file, and every other row does"):
         prepare_data(p, val_split=0)
+    rows = _rows(tmp_path)
+    p.write_text(rows)
+    (tmp_path / rows.split(",")[0]).unlink()  # a headerless list whose first file is gone: a missing file
+    with pytest.raises(DataError, match="lists 1 missing file"):
+        prepare_data(p, val_split=0)
 
 
 def test_a_latin1_csv_is_one_clear_error(tmp_path):

@@ -211,7 +211,8 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
     csv_path = Path(csv_path)
     rows = read_csv_rows(csv_path)
     head = [x.strip().lower() for x in rows[0]] if rows else []
-    if head[:1] == ["path"] and head != ["path", "label"]:
+    named = "path" in head and "label" in head  # a header naming the two columns (in any order; others ignored)
+    if head[:1] == ["path"] and not named:
         fix = "not read for audio clips yet (they are read as classes)" if kind == "audio" else \
             "read for task='regression' or task='multilabel' (--task on the command line)" \
             if purpose == "training" else "the targets of a multilabel or regression model; this model is a " \
@@ -219,14 +220,16 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
         raise DataError(f"{str(csv_path)!r} has the header {','.join(rows[0])!r}: a CSV of classes has the rows "
                         f"'path,label' (the header 'path,label' is optional). A header of path and one column per "
                         f"output is {fix}.")
-    first = 2 if head == ["path", "label"] else 1
+    first, width = (2, len(head)) if named else (1, 2)
     rows = rows[first - 1:]
-    bad = [i for i, r in enumerate(rows) if len(r) != 2]
+    bad = [i for i, r in enumerate(rows) if len(r) != width]
     if bad:
         widths = sorted({len(rows[i]) for i in bad})
-        raise DataError(f"{str(csv_path)!r}: rows {[i + first for i in bad[:5]]} do not have the form 'path,label' "
-                        f"(they have {' or '.join(map(str, widths))} column(s); a path or label holding a comma must "
-                        "be quoted).")
+        form = f"the {width} columns of the header" if width != 2 else "the form 'path,label'"
+        raise DataError(f"{str(csv_path)!r}: rows {[i + first for i in bad[:5]]} do not have {form} (they have "
+                        f"{' or '.join(map(str, widths))} column(s); a path or label holding a comma must be quoted).")
+    if named:
+        rows = [[r[head.index("path")], r[head.index("label")]] for r in rows]
     for col, what in ((0, "path"), (1, "label")):
         blank = [i + first for i, r in enumerate(rows) if not r[col].strip()]
         if blank:
@@ -265,10 +268,11 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
         report.warn(f"{str(csv_path)!r} has labels {unknown[:10]} that are not training classes; those rows are "
                     "left out.")
     samples = [(csv_file_path(csv_path, p), index[lab]) for (p, _), lab in zip(rows, labels) if lab in index]
-    if first == 1 and len(rows) > 1 and not os.path.isfile(csv_file_path(csv_path, rows[0][0])) and \
-            all(os.path.isfile(csv_file_path(csv_path, r[0])) for r in rows[1:]):
+    if first == 1 and len(rows) > 1 and labels[0] not in labels[1:] and \
+            not os.path.isfile(csv_file_path(csv_path, rows[0][0])) and \
+            all(os.path.isfile(csv_file_path(csv_path, r[0])) for r in rows[1:]):  # a header's "label" is no class
         raise DataError(f"{str(csv_path)!r}: its first row {','.join(rows[0])!r} names no file, and every other row "
-                        "does: a header row must read 'path,label' (or leave the header out).")
+                        "does: a header row must name the columns 'path' and 'label' (or leave the header out).")
     check_listed_files(csv_path, [p for p, _ in samples])
     return samples, list(classes)
 

@@ -504,3 +504,12 @@ def test_two_fallback_saves_in_the_same_second_keep_both(tmp_path, monkeypatch):
     assert saved[0] != saved[1] and saved[1].name.endswith("-2.pt")
     assert [load_checkpoint(p)["transferkit"]["run"] for p in saved] == [1, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in saved)  # no empty claim left
+    for p in saved:
+        p.unlink()
+    candidates[0].touch()  # another run's claim, its weights still being written
+    mine = save_fallback(candidates, model=torch.nn.Linear(2, 3), meta={"run": 3})[0]
+    assert mine.name.endswith("-2.pt") and candidates[0].stat().st_size == 0  # theirs is not replaced
+    # such weights hold no training state: exported without a word about finishing a run
+    from transferkit.checkpoints import saved_run
+
+    assert saved_run(mine)[1]["resumable"] is False and saved_run(mine)[1]["complete"] is False

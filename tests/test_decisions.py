@@ -70,6 +70,7 @@ def test_a_policy_that_would_train_the_backbone_after_the_run_ends_says_so(split
 def test_config_is_one_validated_record_for_python_yaml_and_cli(tmp_path):
     cfg = FinetuneConfig(data="x", lr=1e-3)
     assert FinetuneConfig.from_dict(cfg.to_dict()) == cfg.replace(data=str(Path("x").resolve()))  # paths absolute
+    assert FinetuneConfig(data="x", weights="w.pt").to_dict()["weights"] == "w.pt"  # compared on resume: as given
     (tmp_path / "a.yaml").write_text("lr: 1e-3\nepochs: 3\n")  # PyYAML reads 1e-3 as a string
     assert load_config(tmp_path / "a.yaml") == {"lr": 0.001, "epochs": 3}
     (tmp_path / "b.yaml").write_text("lr: 0.1\nlr: 0.2\n")

@@ -154,12 +154,13 @@ def _onnx_head(path: Path) -> bool:
 def saved_run(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     """What a file that transferkit wrote holds, read without loading its weights (they are
     memory-mapped): ``("export", {})`` for a TorchScript export, ``("checkpoint", {"complete":
-    ..., "epoch": ..., "epochs": ..., "best": ...})`` for a checkpoint (``best``: the best
+    ..., "resumable": ..., "epoch": ..., "epochs": ..., "best": ...})`` for a checkpoint
+    (``resumable``: it holds a run's training state, which resume continues; ``best``: the best
     epoch so far and its validation metrics, of an unfinished run); None for any other file.
 
     Example:
         >>> saved_run("runs/run.ckpt")  # doctest: +SKIP
-        ('checkpoint', {'complete': False, 'epoch': 2, 'epochs': 10, 'best': {'epoch': 1, 'val_loss': 0.61}})
+        ('checkpoint', {'complete': False, 'resumable': True, 'epoch': 2, 'epochs': 10, 'best': {'epoch': 1}})
     """
     path = Path(path)
     if _kind_of_zip(path) == "torchscript":
@@ -172,7 +173,7 @@ def saved_run(path: str | Path) -> tuple[str, dict[str, Any]] | None:
         return None
     config = (ckpt["transferkit"].get("decisions") or {}).get("config") or {}
     state = (ckpt.get("training") or {}).get("state") or {}
-    return "checkpoint", {"complete": bool(ckpt.get("complete")), "epoch": ckpt.get("epoch"),
+    return "checkpoint", {"complete": bool(ckpt.get("complete")), "resumable": bool(state), "epoch": ckpt.get("epoch"),
                           "epochs": config.get("epochs"), "best": state.get("best") or {}}
 
 
@@ -246,21 +247,22 @@ def fallback_paths(target: str | Path) -> list[Path]:
 
 
 def save_fallback(candidates: list[Path], *, model: torch.nn.Module, meta: dict[str, Any],
-                  **checkpoint: Any) -> tuple[Path | None, list[str]]:
+                  claimed: Path | None = None, **checkpoint: Any) -> tuple[Path | None, list[str]]:
     """Save ``model`` as a checkpoint at the first of ``candidates`` that works; returns that
     path (None when none worked) and why the others failed. A candidate's name is claimed
-    first (`claim_unused_path`): two runs saving in the same second keep both files."""
+    first (`claim_unused_path`): two runs saving in the same second keep both files;
+    ``claimed``: a candidate the caller has claimed already."""
     failures = []
     for candidate in candidates:
-        ours = os.path.isfile(candidate) and os.path.getsize(candidate) == 0  # claimed by the caller already
-        claimed = candidate if ours else claim_unused_path(candidate)
+        ours = claimed is not None and candidate == claimed
+        claimed_now = candidate if ours else claim_unused_path(candidate)
         try:
-            return save_checkpoint(claimed, model=model, meta=meta, complete=False, **checkpoint), failures
+            return save_checkpoint(claimed_now, model=model, meta=meta, complete=False, **checkpoint), failures
         except (OSError, TransferkitError) as again:
-            failures.append(f"{claimed}: {again}")
+            failures.append(f"{claimed_now}: {again}")
             with contextlib.suppress(OSError):
-                if not ours and claimed.stat().st_size == 0:
-                    claimed.unlink()  # the empty claim of a write that failed
+                if not ours and claimed_now.stat().st_size == 0:
+                    claimed_now.unlink()  # the empty claim of a write that failed
     return None, failures
 
 
@@ -270,8 +272,8 @@ def save_interrupted_weights(path: str | Path, *, model: torch.nn.Module, meta: 
     of its `fallback_paths` that works (a full disk, a name too long); OutputError when none does."""
     existed = os.path.lexists(path)
     target = claim_unused_path(path)
-    saved, failures = save_fallback([target, *fallback_paths(target)], model=model, meta=meta, epoch=None,
-                                    history=[])
+    saved, failures = save_fallback([target, *fallback_paths(target)], model=model, meta=meta, claimed=target,
+                                    epoch=None, history=[])
     if saved != target and (target != Path(path) or not existed):  # the name claimed above stays free
         with contextlib.suppress(OSError):
             if target.stat().st_size == 0:

@@ -450,9 +450,10 @@ def _is_path(key: str) -> bool:
 
 def _absolute(key: str, value: str | Path) -> str | Path:
     """A local path ``value`` of setting ``key`` made absolute; URLs, ``pipe:`` commands and
-    weights named by their tag (``"DEFAULT"``, not a file here) stay as they are."""
+    ``weights`` stay as given (the weights are a decision a resume compares, and are
+    identified by their digest: a file named by a relative path keeps resuming)."""
     text = str(value)
-    if "://" in text or text.startswith("pipe:") or (key == "weights" and not os.path.exists(text)):
+    if "://" in text or text.startswith("pipe:") or key == "weights":
         return value
     return os.path.abspath(os.path.expanduser(text))
 

@@ -120,12 +120,17 @@ def _check_replaced(key: str, p: Path) -> None:
     if key == "checkpoint" and kind == "export":
         raise ConfigError(f"checkpoint={str(p)!r} is an exported model: the run's checkpoints would replace it. Give "
                           "the checkpoint another path (e.g. run.ckpt).")
-    if key == "checkpoint" and not info["complete"]:
+    if key == "checkpoint" and not info["complete"] and info["resumable"]:
         raise ConfigError(f"checkpoint={str(p)!r} holds an unfinished run ({epochs}): a new run would replace it. "
                           "Continue it with resume=True (the same settings), or delete the file or choose another "
                           "path to start over.")
+    if key == "checkpoint" and not info["complete"]:
+        raise ConfigError(f"checkpoint={str(p)!r} holds weights a run saved when it could not write its output: a "
+                          "new run would replace them. Export them first (transferkit export), or give the "
+                          "checkpoint another path.")
     if key == "export" and kind == "checkpoint":
-        what = "a finished run" if info["complete"] else f"an unfinished run ({epochs}), which resume=True continues"
+        what = "a finished run" if info["complete"] else f"an unfinished run ({epochs}), which resume=True continues" \
+            if info["resumable"] else "weights a run saved when it could not write its output"
         raise ConfigError(f"export={str(p)!r} is the checkpoint of {what}: the export would replace it. Give the "
                           "export another path (e.g. model.pt).")
 

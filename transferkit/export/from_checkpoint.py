@@ -63,8 +63,8 @@ def _warn_unfinished(checkpoint: str | Path) -> None:
     """Warn when ``checkpoint`` holds an unfinished run: its weights are the last completed
     epoch's, not the best epoch's that the finished run would have restored."""
     found = saved_run(checkpoint)
-    if found is None or found[0] != "checkpoint" or found[1]["complete"]:
-        return
+    if found is None or found[0] != "checkpoint" or found[1]["complete"] or not found[1]["resumable"]:
+        return  # a finished run's, or weights saved when a write failed (nothing to finish)
     info = found[1]
     best = info["best"].get("epoch")
     but = f", not the best epoch so far ({best})" if best not in (None, info["epoch"]) else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,15 @@ def test_finetune_dry_run_prints_the_decisions_and_trains_nothing(tmp_path, caps
     said = json.loads(out)["warnings"]
     assert code == 0 and len(said) == 1 and "broken.png" in said[0] and "broken.png" in err
     (data / "dark" / "broken.png").unlink()
+    import transferkit.decisions as decisions
+
+    def warn_then_fail(**kw):
+        warnings.warn("a data check's warning")
+        raise transferkit.DataError("a later refusal")
+    monkeypatch.setattr(decisions, "plan", warn_then_fail)
+    code, _, err = _run(capsys, *args)
+    assert code == 2 and "a data check's warning" in err and "a later refusal" in err  # shown before the error
+    monkeypatch.undo()
     other = make_image_folder(tmp_path / "other", per_class=2, size=20, seed=3)
     for flags in (["--set", f"data={other}"], ["--set", f"data_dir={other}"],  # --set wins
                   ["--val-data", data, "--set", f"val_data={other}"]):

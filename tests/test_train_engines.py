@@ -307,6 +307,15 @@ def test_a_forced_engine_that_fails_on_its_first_batch_is_one_engine_error(monke
         eng.engine_forward("compile", _model(), _batch(), device=CPU, precision="fp32", channels_last=False)
     eng.release_engines()
 
+    def out_of_memory(*a, **k):  # the device's memory, not the compiler: raised as it is
+        def fwd(x):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return fwd
+    monkeypatch.setattr(eng, "_compiled_forward", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        eng.engine_forward("compile", _model(), _batch(), device=CPU, precision="fp32", channels_last=False)
+    eng.release_engines()
+
 
 def test_an_engine_compared_while_timed_is_not_compared_again_on_that_batch(monkeypatch):
     m, x = _model(), _batch()

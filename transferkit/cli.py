@@ -355,11 +355,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.dry_run:
         from transferkit.decisions import plan
 
-        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            decided = plan(**{**_finetune_kwargs(args), "verbose": False})
-        for w in caught:  # shown as a run shows them, and kept for the record
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        caught: list = []
+        try:
+            with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                decided = plan(**{**_finetune_kwargs(args), "verbose": False})
+        finally:
+            for w in caught:  # shown as a run shows them (also before an error), and kept for the record
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         if args.json or not sys.stdout.isatty():  # one JSON object, as a run prints
             print(json.dumps({"dry_run": True, "decisions": decided.to_dict(), "notes": list(decided.notes),
                               "warnings": [cli_spelling(one_line(w.message)) for w in caught],

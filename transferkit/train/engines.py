@@ -40,6 +40,7 @@ import copy
 import hashlib
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -685,12 +686,12 @@ def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, devi
         try:
             check_against_eager(engine, fwd, model, example, device=device,
                                 precision=engine_precision(engine, precision), channels_last=channels_last)
-        except (EngineError, OSError, MemoryError):
+        except (EngineError, OSError, MemoryError, torch.OutOfMemoryError):
             raise
         except Exception as exc:  # the first call compiles (inductor) or runs the session: a failure names the engine
             _RUNTIMES.pop(key, None)
             fix = " (inductor needs a working C++ compiler and the Python headers, e.g. python3-dev)" \
-                if engine == "compile" else ""
+                if engine == "compile" and re.search(r"cxx|c\+\+|compil|Python\.h", str(exc), re.I) else ""
             raise EngineError(f"The {engine} feature pass failed on its first batch{fix}: {exception_line(exc)}. "
                               "Use feature_engine='eager', or 'auto', which skips an engine that fails.") from exc
     return fwd

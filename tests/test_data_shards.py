@@ -58,11 +58,12 @@ def test_shards_named_by_a_glob_multi_dot_extensions_and_members_apart(tmp_path)
         return str(path)
 
     labels = [str(int(c == "light")).encode() for _, _, c in items]
+    named = [json.dumps({"label": c}).encode() for _, _, c in items]
     dotted = shard(tmp_path / "dotted.tar", [m for k, (data, _, _) in enumerate(items)
                                              for m in ((f"k{k}.input.png", data), (f"k{k}.caption.txt", b"a photo"),
-                                                       (f"k{k}.cls", labels[k]))])
-    b = prepare_data(dotted, val_split=0)  # a caption is another field, not the label
-    assert len(b.train) == 6 and b.classes == ["0", "1"] and b.train.targets == [int(x) for x in labels]
+                                                       (f"k{k}.json", named[k]))])
+    b = prepare_data(dotted, val_split=0)  # a caption is another field, not the label (txt outranks json)
+    assert len(b.train) == 6 and b.classes == ["dark", "light"] and b.train.targets == [int(x) for x in labels]
     odd = tmp_path / "sh[v2]"  # a folder whose name reads as a glob: taken as it is
     odd.mkdir()
     (odd / "train-000.tar").write_bytes((tmp_path / "dotted.tar").read_bytes())
@@ -442,7 +443,7 @@ def test_a_stray_tar_in_an_image_folder_does_not_make_it_shards(tmp_path):
     assert b.classes == ["dark", "light"] and len(b.train) == 6
     for c in ("dark", "light"):  # class folders whose images sit in sub-folders of their own
         (folder / c / "batch1").mkdir()
-        for f in list((folder / c).glob("*.png")):
+        for f in [f for f in (folder / c).iterdir() if f.is_file()]:
             f.rename(folder / c / "batch1" / f.name)
     assert prepare_data(folder, val_split=0).classes == ["dark", "light"]
 

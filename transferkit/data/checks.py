@@ -31,6 +31,7 @@ SCANS = ("quick", "full", "none")
 # audio file types by extension, and the libsndfile format that decodes each (MP3: libsndfile >= 1.1)
 AUDIO_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".aiff": "AIFF", ".aif": "AIFF", ".mp3": "MP3"}
 AUDIO_EXTENSIONS = tuple(AUDIO_FORMATS)  # every known one; data.audio.audio_extensions(): those decoded here
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 
 
@@ -273,3 +274,21 @@ def find_duplicates(a: Iterable[str], b: Iterable[str]) -> list[tuple[str, str]]
             right = [p for s, p in items if s == 1]
             pairs += [(x, y) for x in left for y in right]
     return pairs
+
+
+def holds_data_files(folder: str | os.PathLike) -> bool:
+    """Whether an image or audio file lies anywhere below ``folder``: a class folder, whose
+    files may sit in sub-folders of their own (a ``cache_dir`` holds none). A folder beside
+    shards or Parquet files makes them stray files of a folder of images when two such class
+    folders are there. An unreadable folder counts as one (its scan says why)."""
+    known = set(IMAGE_EXTENSIONS) | set(AUDIO_EXTENSIONS)
+
+    def fail(exc: OSError) -> None:
+        raise exc
+    try:
+        for _, _, files in os.walk(folder, onerror=fail):
+            if any(os.path.splitext(f)[1].lower() in known for f in files):
+                return True
+    except OSError:
+        return True
+    return False

@@ -11,12 +11,11 @@ import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from transferkit.data.checks import ON_BAD_FILE, DataReport, filter_bad_images, readable_samples
+from transferkit.data.checks import IMAGE_EXTENSIONS, ON_BAD_FILE, DataReport, filter_bad_images, readable_samples
 from transferkit.data.folders import scan_class_folders, scan_csv
 from transferkit.data.late import FileDataset
 from transferkit.errors import DataError, check_choice, unreadable_file
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 def load_image(path: str | Path | BinaryIO, *, min_size: int | None = None, name: str | None = None) -> Image.Image:

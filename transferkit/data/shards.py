@@ -56,7 +56,7 @@ import numpy as np
 
 from transferkit._io import atomic_write
 from transferkit._text import plural
-from transferkit.data.checks import AUDIO_EXTENSIONS, ON_BAD_FILE, SCANS, DataReport, check_image_stream
+from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_image_stream, holds_data_files
 from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
 from transferkit.data.remote import ENV_BUDGET, Held, ShardCache, ShardFetchError, fetch_small, is_url, remote_validators
 from transferkit.errors import DataError, check_choice
@@ -185,7 +185,8 @@ def shard_list(data: Any) -> list[str] | None:
     if os.path.isdir(spec):
         entries = list(Path(spec).iterdir())
         tars = sorted(str(p) for p in entries if p.is_file() and _tar_name(p.name) and not p.name.startswith("."))
-        if any(p.is_dir() and not p.name.startswith((".", "_")) and (not tars or _holds_data(p)) for p in entries):
+        subs = [p for p in entries if p.is_dir() and not p.name.startswith((".", "_"))]
+        if subs and (not tars or sum(holds_data_files(p) for p in subs) >= 2):
             return None  # class sub-folders: an image folder (a stray .tar in it is not data)
         packed = sorted(p.name for p in entries if p.is_file() and _compressed_tar(p.name) and not p.name.startswith("."))
         if packed:  # refused even beside plain shards: leaving them out would change what trains
@@ -194,23 +195,6 @@ def shard_list(data: Any) -> list[str] | None:
         if tars:
             return tars
     return None
-
-
-def _holds_data(folder: Path) -> bool:
-    """Whether an image or audio file lies anywhere below ``folder`` (a class folder, whose
-    files may sit in sub-folders of their own; a cache_dir beside shards holds none)."""
-    known = {e.lstrip(".") for e in AUDIO_EXTENSIONS} | set(IMAGE_EXTS)
-    try:
-        for _, _, files in os.walk(folder, onerror=_raise):
-            if any(f.rsplit(".", 1)[-1].lower() in known for f in files):
-                return True
-    except OSError:
-        return True  # unreadable: taken for a class folder, whose scan names the problem
-    return False
-
-
-def _raise(exc: OSError) -> None:
-    raise exc
 
 
 # the words that name a split in a shard's file name, as a word of its own (imagenet-val-0001.tar, not

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.data.checks import ON_BAD_FILE, DataReport
+from transferkit.data.checks import ON_BAD_FILE, DataReport, holds_data_files
 from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
 from transferkit.data.shards import named_files
 from transferkit.errors import DataError, check_choice
@@ -40,7 +40,6 @@ from transferkit.errors import DataError, check_choice
 LABEL_COLUMNS = ("label", "labels", "cls", "class", "target")
 IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp")
 KEY_COLUMNS = ("__key__", "key", "id")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 def _pyarrow() -> Any:
@@ -79,8 +78,8 @@ def parquet_list(data: Any) -> list[str] | None:
     if os.path.isdir(spec) and not is_saved_hf(spec):
         root = Path(spec)
         subs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))]
-        if any(p.suffix.lower() in IMAGE_SUFFIXES for d in subs for p in d.iterdir()):
-            return None  # sub-folders of images: a folder of images (a stray .parquet in it is not data)
+        if sum(holds_data_files(d) for d in subs) >= 2:
+            return None  # class folders: a folder of images (a stray .parquet in it is not data)
         top = sorted(str(p) for p in root.glob("*.parquet") if not p.name.startswith("."))
         # else one level down: the Hugging Face layout data/train-00000-of-00004.parquet
         nested = sorted(str(p) for d in subs for p in d.glob("*.parquet") if not p.name.startswith("."))

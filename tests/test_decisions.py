@@ -111,6 +111,16 @@ def test_plan_and_lr_find_are_called_as_finetune_is(split_folders):
         tk.plan("tk:small_cnn", epoch=3, **data)
 
 
+def test_the_plan_gives_each_group_the_rate_of_the_phase_that_trains_it(split_folders):
+    """fine_tune trains the blocks in its second phase, at lr x 0.1 (stem: 1e-5, what the
+    optimizer holds then); bn=affine trains every block's gamma/beta in the first."""
+    kw = dict(weights=None, data=split_folders / "train", epochs=3, verbose=False)
+    text = tk.plan("tk:cifar_resnet20", policy="fine_tune", **kw).summary()
+    assert "groups:   stem lr 1e-05 wd 0.0001" in text and "(from epoch 2, the rates of the phase that trains them)" in text
+    text = tk.plan("tk:cifar_resnet20", policy="fine_tune,bn=affine", **kw).summary()
+    assert "epoch 1: head + BatchNorm gamma/beta of every block;" in text and "head only" not in text
+
+
 def test_summary_and_record_state_every_decision(split_folders):
     p = _plan(split_folders / "train", val_data=split_folders / "val", policy="unfreeze:last=1")
     d = p.to_dict()

@@ -165,16 +165,26 @@ class Decisions:
         s, cfg = self.speed, self.config
         where = self.device + (f", rank {self.rank} of {self.world_size}" if self.world_size > 1 else "")
         features = ("cached" if self.cache else "cached, then not" if self.cached_epochs else "not cached")
-        groups = ", ".join(f"{g['name']} lr {g['lr']:.3g} wd {g['weight_decay']:g}" for g in self.groups[:4])
+        phases = self.policy.lr_phases(cfg.epochs)
+        factor = phases[1][1] if len(phases) > 1 else 1.0  # the groups train in the last phase, at its rate
+        affine = self.policy.bn == "affine" and self.bn_mode.startswith("statistics frozen")  # gamma/beta train too
+        epochs_text = _epoch_text(self.trainable, cfg.epochs, lora=self.policy.lora)
+        alone = "of the head alone"
+        if affine:
+            epochs_text = epochs_text.replace("head only", "head + BatchNorm gamma/beta of every block")
+            alone = "of the head and every block's BatchNorm gamma/beta"
+        groups = ", ".join(f"{g['name']} lr {g['lr'] * factor:.3g} wd {g['weight_decay']:g}" for g in self.groups[:4])
         if len(self.groups) > 4:
             groups += f", ... ({len(self.groups)} groups)"
+        if groups and factor != 1.0:
+            groups += f" (from epoch {phases[0][0] + 1}, the rates of the phase that trains them)"
         lines = [
             f"plan: {self.backbone} ({self.weights or 'random init'}) -> {self.head} head, "
             f"{self.num_outputs} outputs ({self.task})",
             f"  data:     {self.n_train} train / {self.n_val} val, "
             f"{_plural(len(self.classes), *_CLASS_WORDS[self.task])}, "
             f"input {_input(self.input_spec)}, augment {self.augment}",
-            f"  policy:   {self.policy}; {_epoch_text(self.trainable, cfg.epochs, lora=self.policy.lora)}",
+            f"  policy:   {self.policy}; {epochs_text}",
             f"  batchnorm: {self.bn_mode}",
             f"  features: {features} ({self.cache_reason})",
         ]
@@ -190,11 +200,10 @@ class Decisions:
             f"  optim:    {cfg.optimizer}, base lr {self.lr:.3g}{' (default)' if cfg.lr is None else ''}, "
             f"{cfg.schedule} schedule, {_plural(cfg.epochs, 'epoch')} x batch {cfg.batch_size}",
         ]
-        phases = self.policy.lr_phases(cfg.epochs)
         if len(phases) > 1:  # fine_tune: one schedule per phase
             passes = f" ({self.head_passes} passes over the cached features per epoch, the best kept)" \
                 if self.head_passes > 1 else ""
-            lines.append(f"  phases:   {_plural(phases[0][0], 'epoch')} of the head alone at lr {self.lr:.3g}{passes}, then "
+            lines.append(f"  phases:   {_plural(phases[0][0], 'epoch')} {alone} at lr {self.lr:.3g}{passes}, then "
                          f"{_plural(phases[1][0], 'epoch')} at lr {self.lr * phases[1][1]:.3g} (x {phases[1][1]:g}), "
                          f"each with its own {cfg.schedule} schedule")
         if groups:

@@ -120,6 +120,28 @@ def test_out_of_memory_suggests_a_batch_size_that_fits(image_folder):
         tk.finetune(bb, data=image_folder, epochs=1, **{k: v for k, v in FAST.items() if k != "weights"})
 
 
+class _NaNWhenEvaluated(nn.Module):
+    """Finite in training, NaN in eval mode: a model that diverged between two validations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.pool(self.conv(x)).flatten(1)
+        return out if self.training else out * float("nan")
+
+
+def test_a_model_whose_validation_loss_is_not_finite_stops_the_run(image_folder):
+    """Its weights finite, its outputs NaN: the run used to end with exit 0 and a NaN model."""
+    bb = from_module(_NaNWhenEvaluated(), num_features=4, input_spec=InputSpec(image_size=16), name="nan-eval")
+    with pytest.raises(tk.TrainingError, match="The validation loss became nan at epoch 1: the model diverged"):
+        tk.finetune(bb, data=image_folder, epochs=2, **{k: v for k, v in FAST.items() if k != "weights"})
+    with pytest.raises(tk.PolicyError, match="l2sp must be a finite number >= 0, got inf"):
+        tk.finetune("tk:small_cnn", data=image_folder, epochs=1, **{**FAST, "policy": "full,l2sp=inf"})
+
+
 def test_ctrl_c_during_the_feature_pass_saves_nothing_and_says_so(image_folder, tmp_path, monkeypatch):
     import transferkit.steps as steps
 

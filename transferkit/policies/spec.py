@@ -11,6 +11,7 @@ full epochs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -184,8 +185,8 @@ class Policy:
             raise PolicyError("Give either discriminative=r or layer_decay=d, not both: both set the lr per block.")
         for name in ("l2sp", "l2sp_beta"):
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and v >= 0):
-                raise PolicyError(f"Policy.{name} must be a number >= 0, got {v!r}.")
+            if v is not None and not (isinstance(v, (int, float)) and 0 <= v < math.inf):
+                raise PolicyError(f"Policy.{name} must be a finite number >= 0, got {v!r}.")
         if self.l2sp is None and self.l2sp_beta != _DEFAULTS["l2sp_beta"]:
             raise PolicyError(f"l2sp_beta={self.l2sp_beta} weighs the new weights' penalty of L2-SP; this policy has "
                               "no L2-SP (add l2sp=alpha, e.g. 'full,l2sp=0.01,l2sp_beta=0.5').")

@@ -189,6 +189,9 @@ def _forward_backward(module: nn.Module, x: Any, y: torch.Tensor, loop: Loop, de
         loss = loop.loss_fn(logits.float(), y)
     objective = loss if penalty is None else loss + penalty()
     if not torch.isfinite(objective):
+        if bool(torch.isfinite(loss)):  # the loss is finite: the policy's penalty (L2-SP) is not
+            raise TrainingError(f"The policy's weight penalty (L2-SP) became {(objective - loss).item()} at {desc} "
+                                f"(the loss is {loss.item():.4g}); lower its l2sp/l2sp_beta.")
         raise TrainingError(f"The training loss became {loss.item()} at {desc}. The learning rate "
                             f"({base_lr(optimizer):.3g}) is probably too high: lower it, "
                             "or check the inputs for NaN/inf.")
@@ -343,7 +346,14 @@ def _check_stopping(early_stopping: int | None, monitor: str | None, task: str) 
 
 def _end_epoch(state: TrainState, row: dict[str, Any], module: nn.Module, monitor: str, mode: str,
                loop: Loop) -> None:
-    """Best-epoch tracking, early stopping and the plateau schedule, after one epoch."""
+    """Best-epoch tracking, early stopping and the plateau schedule, after one epoch. A
+    validation loss that is not finite (the model's outputs are NaN or inf: it diverged)
+    stops the run: no later epoch can be trusted, and no epoch of it would be kept."""
+    val_loss = row.get("val_loss")
+    if val_loss is not None and not math.isfinite(val_loss):
+        raise TrainingError(f"The validation loss became {val_loss} at epoch {row['epoch']}: the model diverged "
+                            f"(training loss {row.get('train_loss', float('nan')):.3g}). The learning rate "
+                            f"({row.get('lr', float('nan')):.3g}) is probably too high: lower it.")
     state.history.append(row)
     state.epoch += 1
     value = row.get(monitor)

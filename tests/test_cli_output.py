@@ -122,7 +122,8 @@ def test_resume_flag_continues_with_the_stored_settings(run, capsys):
     root, data, _ = run
     code, _, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume")
     assert code == 2 and "the run it holds is complete" in err
-    assert f"`transferkit finetune ... --weights {root / 'r.ckpt'}`" in err and "finetune(" not in err
+    assert f"`transferkit finetune ... --backbone tk:small_cnn --weights {root / 'r.ckpt'}`" in err
+    assert "finetune(" not in err
     code, _, err = _run(capsys, "finetune", "--resume", "--data", data)
     assert code == 2 and "--resume continues the run saved in --checkpoint PATH" in err
 

@@ -52,6 +52,9 @@ def test_ctrl_c_without_checkpoint_keeps_the_weights(image_folder, tmp_path, mon
         tk.finetune("tk:small_cnn", data=image_folder, epochs=2, callbacks=[_interrupt_after(1)], **FAST)
     assert again.value.checkpoint == tmp_path / "transferkit-interrupted-2.pt" and again.value.checkpoint.is_file()
     assert saved.read_bytes() == first  # the first job's weights are not replaced
+    with pytest.raises(tk.ConfigError, match=r"holds weights without a run's training state \(weights saved when a run "
+                                             r"was interrupted.*finetune\(\.\.\., backbone='tk:small_cnn', weights="):
+        tk.resume(saved)
 
 
 def test_interrupted_weights_that_cannot_be_saved_at_their_name_leave_no_empty_file_there(tmp_path, monkeypatch):

@@ -45,10 +45,15 @@ def resume_from(path: str | Path, *, check: Callable[[dict[str, Any]], dict[str,
     ckpt = load_checkpoint(path)
     tr = ckpt.get("training")
     if not isinstance(tr, dict) or "state" not in tr:
-        done = ckpt.get("complete")
+        backbone = (ckpt["transferkit"].get("decisions") or {}).get("backbone") \
+            if isinstance(ckpt.get("transferkit"), dict) else None
+        new_run = f"finetune(..., {f'backbone={backbone!r}, ' if isinstance(backbone, str) else ''}" \
+            f"weights={str(path)!r})"
         why = (f"the run it holds is complete ({ckpt.get('epoch')} epochs); to train further start a new run "
-               f"from its weights: finetune(..., weights={str(path)!r})") if done else \
-            "it holds final weights but no training state (written by an older version or by save_checkpoint)"
+               f"from its weights: {new_run}") if ckpt.get("complete") else \
+            ("it holds weights without a run's training state (weights saved when a run was interrupted before an "
+             f"epoch completed, or could not write its output; or a file of save_checkpoint); start a new run from "
+             f"them: {new_run}")
         raise ConfigError(f"Cannot resume from {str(path)!r}: {why}.")
     if not isinstance(ckpt["transferkit"].get("decisions"), dict):
         raise ConfigError(f"Cannot resume from {str(path)!r}: it has no stored decisions (written by an older "

@@ -150,6 +150,9 @@ def test_help_shows_defaults_and_old_commands_work(capsys):
         assert exc.value.code == 0 and default in capsys.readouterr().out
     code, stdout, _ = _run(capsys, "backbones", "tk:*")
     assert code == 0 and "tk:small_cnn" in stdout.split()
+    assert _run(capsys, "backbones", "tk:")[1] == stdout  # a source alone: every name in it
+    code, stdout, err = _run(capsys, "backbones", "zzz")
+    assert code == 1 and stdout == "" and "no backbone matches zzz" in err
 
 
 def test_predict_in_a_fresh_process(trained, exported):

@@ -47,8 +47,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_backbones(args: argparse.Namespace) -> int:
     from transferkit.backbones import list_backbones
 
-    for name in list_backbones(args.pattern):
+    names = list_backbones(args.pattern)
+    for name in names:
         print(name)
+    if not names:
+        print(f"transferkit: no backbone matches {_shell_word(args.pattern)}; `transferkit backbones` lists them all",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -99,16 +99,17 @@ def get_source(prefix: str) -> BackboneSource | None:
 
 
 def list_backbones(pattern: str | None = None) -> list[str]:
-    """All registered backbone names (``prefix:name``), filtered by a glob ``pattern``.
+    """All registered backbone names (``prefix:name``), filtered by a glob ``pattern`` (a name
+    without a source matches in every source; a source alone, ``"tk:"``, every name in it).
 
     Example:
-        >>> "tv:resnet18" in list_backbones("tv:resnet*")
-        True
+        >>> "tv:resnet18" in list_backbones("tv:resnet*"), "tk:small_cnn" in list_backbones("tk:")
+        (True, True)
     """
     _ensure_sources()
     out = [f"{p}:{n}" for p, s in _SOURCES.items() for n in s.names()]
     if pattern:
-        pat = pattern if ":" in pattern else "*:" + pattern
+        pat = pattern + "*" if pattern.endswith(":") else pattern if ":" in pattern else "*:" + pattern
         out = [n for n in out if fnmatch.fnmatchcase(n, pat)]
     return sorted(out)
 

@@ -111,6 +111,13 @@ def test_plan_and_lr_find_are_called_as_finetune_is(split_folders):
         tk.plan("tk:small_cnn", epoch=3, **data)
 
 
+def test_a_dry_run_refuses_a_weights_file_that_does_not_exist(split_folders, tmp_path):
+    """It loads no weights, but the run would stop at once: the plan says so too."""
+    with pytest.raises(tk.WeightsError, match="Weights file .*nofile.pt' does not exist"):
+        tk.plan("tk:small_cnn", weights=str(tmp_path / "nofile.pt"), data=split_folders / "train")
+    assert tk.plan("tk:small_cnn", weights=None, data=split_folders / "train").weights is None
+
+
 def test_the_plan_gives_each_group_the_rate_of_the_phase_that_trains_it(split_folders):
     """fine_tune trains the blocks in its second phase, at lr x 0.1 (stem: 1e-5, what the
     optimizer holds then); bn=affine trains every block's gamma/beta in the first."""

@@ -27,6 +27,7 @@ import torch
 
 from transferkit._io import file_digest
 from transferkit.backbones import Backbone, InputSpec, get_backbone
+from transferkit.backbones.weights import check_weights_file, is_weights_path
 from transferkit.config import FinetuneConfig, caller
 from transferkit.data import DataBundle, eval_transform
 from transferkit.data.audio import prepare_audio_data
@@ -276,6 +277,8 @@ def _own_backbone(cfg: FinetuneConfig, *, load_weights: bool) -> Backbone:
     if not isinstance(backbone, str):
         raise ConfigError(f"{caller()}: backbone must be a registered name or a Backbone, got "
                           f"{type(backbone).__name__}; see transferkit.list_backbones().")
+    if not load_weights and is_weights_path(cfg.weights):
+        check_weights_file(cfg.weights)  # a dry run loads no weights, but a missing file is refused as the run does
     return get_backbone(backbone, weights=cfg.weights if load_weights else None, **(cfg.backbone_options or {}))
 
 

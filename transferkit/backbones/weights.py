@@ -24,6 +24,16 @@ def is_weights_path(weights: object) -> bool:
     return os.sep in weights or weights.endswith((".pt", ".pth", ".th", ".bin", ".ckpt", ".safetensors")) or os.path.exists(weights)
 
 
+def check_weights_file(path: str | Path) -> Path:
+    """``path`` as a Path, or a WeightsError when no file is there (checked by a dry run too,
+    which loads no weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Weights file {str(path)!r} does not exist. Pass the path of a "
+                           "state-dict file (.pt/.pth/.th/.safetensors), a weights tag such as 'DEFAULT', or None.")
+    return path
+
+
 def read_state_dict(path: str | Path, *, weights_only: bool = True) -> dict[str, torch.Tensor]:
     """Read a state dict from ``path``: a plain state dict, ``{"state_dict": ...}``,
     ``{"model": ...}``, a transferkit checkpoint (its trunk is taken, after its tensors are
@@ -33,10 +43,7 @@ def read_state_dict(path: str | Path, *, weights_only: bool = True) -> dict[str,
     Example:
         >>> sd = read_state_dict("resnet20.th")  # doctest: +SKIP
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"Weights file {str(path)!r} does not exist. Pass the path of a "
-                           "state-dict file (.pt/.pth/.th/.safetensors), a weights tag such as 'DEFAULT', or None.")
+    path = check_weights_file(path)
     if _is_torchscript(path):
         raise WeightsError(f"Weights file {str(path)!r} is an exported model (TorchScript), not a state dict or "
                            "checkpoint. Pass the checkpoint it was exported from (finetune(checkpoint=...)), or load "

@@ -211,6 +211,10 @@ def test_bad_fine_tune_strings_say_what_is_wrong(spec, fragment):
     ("feature_extraction,discriminative=0.1", "discriminative=0.1 sets the learning rate of each backbone block; "
                                               "this policy never trains the backbone"),
     ("feature_extraction,bn=frozen,layer_decay=0.5", "layer_decay=0.5 sets the learning rate"),
+    ("gradual:every=2,max=0", "at max=0 no block would ever be added"),
+    ("gradual:every=2,start=2,max=2", "above the starting blocks (2): at max=2"),
+    ("unfreeze:blocks=layer4+layer4", "names ['layer4'] twice"),
+    ("full,l2sp=inf", "must be a finite number >= 0, got inf"),
 ])
 def test_options_that_would_do_nothing_are_refused(spec, fragment):
     with pytest.raises(PolicyError, match=re.escape(fragment)):

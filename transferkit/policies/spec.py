@@ -149,6 +149,9 @@ class Policy:
             raise PolicyError(f"Policy.unfreeze=N needs an integer N >= 0, got {u!r}.")
         if isinstance(u, tuple) and (not u or not all(isinstance(b, str) and b for b in u)):
             raise PolicyError(f"Policy.unfreeze as block names needs a non-empty tuple of names, got {u!r}.")
+        if isinstance(u, tuple) and len(set(u)) < len(u):
+            twice = sorted({b for b in u if u.count(b) > 1})
+            raise PolicyError(f"Policy.unfreeze names {twice} twice; name each block once.")
         if not isinstance(u, (str, int, tuple)):
             raise PolicyError(f"Policy.unfreeze must be 'none', 'all', an int or a tuple of block names, got {u!r}.")
         if self.unfreeze_from is not None:
@@ -172,9 +175,10 @@ class Policy:
         if self.max_blocks is not None:
             if not self.is_gradual:
                 raise PolicyError("Policy.max_blocks only applies to gradual unfreezing (every=k or milestones).")
-            if isinstance(self.max_blocks, bool) or not isinstance(self.max_blocks, int) or self.max_blocks < self.start:
-                raise PolicyError(f"Policy.max_blocks must be an integer >= the starting blocks ({self.start}), "
-                                  f"got {self.max_blocks!r}.")
+            if isinstance(self.max_blocks, bool) or not isinstance(self.max_blocks, int) or self.max_blocks <= self.start:
+                raise PolicyError(f"Policy.max_blocks must be an integer above the starting blocks ({self.start}): at "
+                                  f"max={self.max_blocks!r} no block would ever be added (unfreeze:last=N trains N "
+                                  "blocks from the start).")
 
     def _check_rates(self) -> None:
         for name in ("discriminative", "layer_decay"):

@@ -194,6 +194,8 @@ def test_hints_use_the_cli_syntax():
         "Pass --checkpoint ... to `transferkit finetune` to be able to resume"
     assert cli_spelling("call finetune(..., checkpoint=path, resume=True).") == \
         "call `transferkit finetune ... --checkpoint path --resume`."
+    assert cli_spelling("lr_find needs 0 < start_lr < end_lr, got start_lr=1.0.") == \
+        "lr_find needs 0 < start_lr < end_lr, got --start-lr 1.0."
     assert cli_spelling("lr_find(): label_smoothing applies to task='multiclass' only") == \
         "label_smoothing applies to --task multiclass only"
     assert cli_spelling("use head_hidden=[256] or `lr=1` as is") == "use --set head_hidden='[256]' or `lr=1` as is"

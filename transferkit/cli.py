@@ -518,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_COMMAND_OPTIONS = ("start_lr", "end_lr", "num_steps", "phase")  # lr-find's own, named in lr_find()'s errors
 _SETTING = re.compile(r"(?<![\w.-])([a-z_]+)=('[^']*'|\"[^\"]*\"|[^\s,;)]+?)(?=[\s,;)]|\.(?:\s|$)|$)")
 _CALL = re.compile(r"(?:transferkit\.)?\b(finetune|resume)\((?!\):)([^()]*)\)")
 
@@ -540,6 +541,8 @@ def _setting_flag(key: str, value: str) -> str | None:
 
     f = config_fields().get(key)
     value = _shell_word(value.strip("'\""))
+    if key in _COMMAND_OPTIONS:  # options of a command (lr-find), outside FinetuneConfig
+        return f"--{key.replace('_', '-')} {value}"
     if f is None or not f.metadata["serial"]:
         return None
     if key in ("data", "val_data"):  # flags of their own, outside FinetuneConfig's list

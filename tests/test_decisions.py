@@ -111,6 +111,16 @@ def test_plan_and_lr_find_are_called_as_finetune_is(split_folders):
         tk.plan("tk:small_cnn", epoch=3, **data)
 
 
+def test_a_frozen_phase_as_long_as_the_run_is_feature_extraction(split_folders):
+    """The plan says so; the run made `epochs` passes of the head per epoch instead."""
+    kw = dict(weights=None, data=split_folders / "train", epochs=3, verbose=False, num_workers=0,
+              precision="fp32")
+    a = tk.finetune("tk:small_cnn", policy="fine_tune:frozen=3", **kw)
+    b = tk.finetune("tk:small_cnn", policy="feature_extraction", **kw)
+    assert "this is feature extraction" in " ".join(a.decisions.notes)
+    assert [r["val_loss"] for r in a.history] == [r["val_loss"] for r in b.history]
+
+
 def test_a_dry_run_refuses_a_weights_file_that_does_not_exist(split_folders, tmp_path):
     """It loads no weights, but the run would stop at once: the plan says so too."""
     with pytest.raises(tk.WeightsError, match="Weights file .*nofile.pt' does not exist"):

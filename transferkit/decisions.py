@@ -218,9 +218,10 @@ class Decisions:
     @property
     def head_passes(self) -> int:
         """Passes of the head over the data per frozen epoch, its best kept: the policy's
-        ``head_passes`` (0: the run's epochs) when the frozen phase trains on cached features,
-        else 1 (each pass would run the backbone)."""
-        if not self.cached_epochs:
+        ``head_passes`` (0: the run's epochs) when the frozen phase trains on cached features
+        and the backbone trains after it, else 1 (each pass would run the backbone; or a frozen
+        phase as long as the run makes it feature extraction, as its plan says)."""
+        if not self.cached_epochs or (self.cached_epochs >= self.config.epochs and not self.policy.head_passes):
             return 1
         return self.policy.head_passes or self.config.epochs
 

@@ -445,6 +445,9 @@ def _lr_find_description(p: Decisions, run: Run, which: str, start_lr: float, en
         k = phases[0][0]
         after = (f"\n  the run trains the head at lr for {k} epoch{'s' if k > 1 else ''}, then the backbone at "
                  f"lr x {phases[1][1]:g}" + (": the curve is drawn against lr" if which == "unfrozen" else ""))
+    elif which == "frozen":  # gradual: the blocks it unfreezes later train at the same lr as the head
+        after = ("\n  the run trains the blocks it unfreezes later at this same lr (the head's): phase='unfrozen' "
+                 "tests the model end to end")
     return (f"lr-find: learning-rate range test on {run.backbone.name} -> {p.head} head\n"
             f"  trains {what}\n"
             f"  lr from {start_lr:.0e} to {end_lr:.0e} over {num_steps} batches of {cfg.batch_size} "

@@ -7,6 +7,7 @@ with the right error, ending the lingering rank rather than waiting for it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -30,14 +31,16 @@ from transferkit.train.loaders import make_loader
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def torchrun(data: Path, out: Path, mode: str = "train", timeout: float = 240, **env: str):
-    """Run the worker on 2 gloo ranks; return the finished process. ``timeout`` only guards
-    against a hang (the worker's stalls last 600 s); no test asserts a duration."""
+def torchrun(data: Path, out: Path, mode: str = "train", timeout: float = 240, args: list[str] | None = None,
+             **env: str):
+    """Run the worker (or ``args``: a command of ``python``) on 2 gloo ranks; return the finished
+    process. ``timeout`` only guards against a hang (the worker's stalls last 600 s); no test
+    asserts a duration."""
     runner = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **env}
     cmd = [str(runner), "--nproc_per_node=2", "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
-           str(WORKER), str(data), str(out), mode]
+           *(args if args is not None else [str(WORKER), str(data), str(out), mode])]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, cwd=out)  # a rank ended early keeps its weights in ./, here out
     try:
@@ -56,6 +59,15 @@ def torchrun(data: Path, out: Path, mode: str = "train", timeout: float = 240, *
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("ddp") / "images", per_class=12, size=28)
+
+
+def test_the_cli_under_torchrun_prints_one_result(images, tmp_path):
+    """Every rank returned the result, and each printed it: stdout held two JSON objects."""
+    proc = torchrun(images, tmp_path, args=["-m", "transferkit", "finetune", "--data", str(images), "--backbone",
+                                            "tk:small_cnn", "--weights", "none", "--image-size", "16", "--epochs",
+                                            "1", "--batch-size", "4", "--device", "cpu", "--set", "num_workers=0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "best" in json.loads(proc.stdout)  # one object: json.loads refuses a second
 
 
 @pytest.fixture(scope="module")

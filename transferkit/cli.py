@@ -368,6 +368,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         finally:
             for w in caught:  # shown as a run shows them (also before an error), and kept for the record
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        if decided.rank != 0:  # under torchrun: the plan of the job, printed once
+            return 0
         if args.json or not sys.stdout.isatty():  # one JSON object, as a run prints
             print(json.dumps({"dry_run": True, "decisions": decided.to_dict(), "notes": list(decided.notes),
                               "warnings": [cli_spelling(one_line(w.message)) for w in caught],
@@ -379,6 +381,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         return 0
     with contextlib.redirect_stdout(sys.stderr):  # logs on stderr: stdout holds the result alone
         result = _run_finetune(args)
+    if result.decisions is not None and result.decisions.rank != 0:  # under torchrun: one result, rank 0's
+        return 0
     if args.json or not sys.stdout.isatty():
         print(_json(result_record(result), default=str))
         return 0

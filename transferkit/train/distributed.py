@@ -399,6 +399,20 @@ def _store_for(info: DistInfo) -> dist.Store | None:
     return dist.distributed_c10d._get_default_store()
 
 
+def _is_timeout(exc: BaseException) -> bool:
+    """Whether a collective's error says it waited too long (gloo words it several ways: "timed
+    out", "Application timeout caused pair closure", "Timeout waiting ...").
+
+    Example:
+        >>> _is_timeout(RuntimeError("[gloo/transport/tcp/pair.cc:534] Application timeout caused pair closure"))
+        True
+        >>> _is_timeout(RuntimeError("Connection reset by peer"))
+        False
+    """
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text
+
+
 @contextlib.contextmanager
 def rank_guard(info: DistInfo, *, poll_s: float = 0.25, grace_s: float = 2.0) -> Iterator[None]:
     """Run a distributed block so that one rank's exception ends every rank with that error.
@@ -437,7 +451,7 @@ def rank_guard(info: DistInfo, *, poll_s: float = 0.25, grace_s: float = 2.0) ->
         if first != mine and isinstance(exc, RuntimeError):
             raise DistributedError(f"Rank {info.rank} stops because {first} "
                                    f"(here: {_describe(exc)}).") from exc
-        if isinstance(exc, RuntimeError) and "timed out" in str(exc).lower():
+        if isinstance(exc, RuntimeError) and _is_timeout(exc):
             raise DistributedError(f"Rank {info.rank}: a collective operation waited more than {info.timeout_s:g} s "
                                    f"for the other ranks ({exc}). One of them is stuck or much slower than this one; "
                                    f"if that is expected (a long export, a slow disk), raise the limit with "

@@ -153,7 +153,8 @@ def test_folder_and_csv_give_the_same_clips(tmp_path):
         AudioDataset.from_source(root / "bad.csv", sample_rate=8000)
     (root / "no_header.csv").write_text("\n".join(lines[1:]) + "\n")  # the header is optional, as for images
     assert AudioDataset.from_source(root / "no_header.csv", sample_rate=16000).targets == ds.targets
-    swapped = ["speaker,label,path"] + [f"s{i},{row.split(',')[1]},{row.split(',')[0]}" for i, row in enumerate(lines[1:])]
+    swapped = ["speaker,label,path"] + [f"s{i},{row.split(',')[1]},{row.split(',')[0]}"
+                                         for i, row in enumerate(lines[1:])]
     (root / "swapped.csv").write_text("\n".join(swapped) + "\n")  # columns named by the header, in any order
     assert AudioDataset.from_source(root / "swapped.csv", sample_rate=16000).targets == ds.targets
 

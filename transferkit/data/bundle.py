@@ -150,7 +150,8 @@ def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple
                             f"({', '.join(shared[:3])}): its samples would be trained on and scored, which inflates "
                             "validation accuracy. Give each shard to one of data and val_data.")
         return data, val_data
-    encoded = split_encoded(data, report=report)  # train*.tar beside val*.tar, Parquet files named by split, a DatasetDict
+    # train*.tar beside val*.tar, Parquet files named by split, a DatasetDict
+    encoded = split_encoded(data, report=report)
     if encoded is not None:
         return _one_split(data, 0, encoded), encoded[1]
     if not isinstance(data, (str, Path)):

@@ -175,7 +175,8 @@ class Policy:
         if self.max_blocks is not None:
             if not self.is_gradual:
                 raise PolicyError("Policy.max_blocks only applies to gradual unfreezing (every=k or milestones).")
-            if isinstance(self.max_blocks, bool) or not isinstance(self.max_blocks, int) or self.max_blocks <= self.start:
+            m = self.max_blocks
+            if isinstance(m, bool) or not isinstance(m, int) or m <= self.start:
                 raise PolicyError(f"Policy.max_blocks must be an integer above the starting blocks ({self.start}): at "
                                   f"max={self.max_blocks!r} no block would ever be added (unfreeze:last=N trains N "
                                   "blocks from the start).")

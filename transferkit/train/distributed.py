@@ -399,6 +399,17 @@ def _store_for(info: DistInfo) -> dist.Store | None:
     return dist.distributed_c10d._get_default_store()
 
 
+def _peer_gone(exc: BaseException) -> bool:
+    """Whether a collective failed because another rank's process went away (gloo's words).
+
+    Example:
+        >>> _peer_gone(RuntimeError("[gloo/pair.cc:538] Read error [127.0.0.1]: Connection reset by peer"))
+        True
+    """
+    text = str(exc).lower()
+    return "connection reset by peer" in text or "connection closed by peer" in text
+
+
 def _is_timeout(exc: BaseException) -> bool:
     """Whether a collective's error says it waited too long (gloo words it several ways: "timed
     out", "Application timeout caused pair closure", "Timeout waiting ...").
@@ -451,6 +462,10 @@ def rank_guard(info: DistInfo, *, poll_s: float = 0.25, grace_s: float = 2.0) ->
         if first != mine and isinstance(exc, RuntimeError):
             raise DistributedError(f"Rank {info.rank} stops because {first} "
                                    f"(here: {_describe(exc)}).") from exc
+        if isinstance(exc, RuntimeError) and _peer_gone(exc):
+            raise DistributedError(f"Rank {info.rank}: another rank ended without an error of its own ({exc}): it "
+                                   "was killed (out of memory, a signal) or crashed. Look at that rank's log and "
+                                   "the machine's (e.g. dmesg for the out-of-memory killer).") from exc
         if isinstance(exc, RuntimeError) and _is_timeout(exc):
             raise DistributedError(f"Rank {info.rank}: a collective operation waited more than {info.timeout_s:g} s "
                                    f"for the other ranks ({exc}). One of them is stuck or much slower than this one; "

@@ -246,7 +246,8 @@ def one_rank_refuses(data: str, out: str, mode: str) -> None:
     export = os.path.join(out, "folder.pt") if mode == "bad_export" else None
     if export is not None:
         os.makedirs(export, exist_ok=True)
-    tk.finetune("tk:small_cnn", policy="feature_extraction", epochs=1, batch_size=4, export=export, **common(data))
+    batch = 2 if mode == "other_settings" and RANK == 1 else 4  # another config on one node
+    tk.finetune("tk:small_cnn", policy="feature_extraction", epochs=1, batch_size=batch, export=export, **common(data))
 
 
 def main() -> None:
@@ -259,7 +260,7 @@ def main() -> None:
         remote(data, out)
     elif mode == "slow_decode":
         torch.save(decoded_once_on_disk(data, out, slow_s=16.0), os.path.join(out, f"slow_decode_rank{RANK}.pt"))
-    elif mode in ("other_data", "bad_export"):
+    elif mode in ("other_data", "other_settings", "bad_export"):
         one_rank_refuses(data, out, mode)
     else:
         fail_or_stall(data, mode)
@@ -271,7 +272,7 @@ if __name__ == "__main__":
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
-        failing = {"fail": 1, "other_data": 1, "bad_export": 0}.get(sys.argv[3] if len(sys.argv) > 3 else "")
+        failing = {"fail": 1, "other_data": 1, "other_settings": 1, "bad_export": 0}.get(sys.argv[3] if len(sys.argv) > 3 else "")
         if RANK == failing:
             time.sleep(LINGER_S)  # a failed rank that does not exit: the other must end by itself
             print("rank 1 lingered to its end", flush=True)  # the test checks the job never waits this long

@@ -259,6 +259,8 @@ def test_one_rank_failing_ends_every_rank_with_its_error(images, tmp_path):
     ("other_data", "Rank 0 stops because rank 1 failed: DataError: Rank 1 reads other data than rank 0: train items "
                    "20 on rank 0, 19 here; the file listing (paths, labels, sizes) differs."),
     ("bad_export", "Rank 1 stops because rank 0 failed: OutputError: "),
+    ("other_settings", "Rank 0 stops because rank 1 failed: ConfigError: Rank 1 was started with other settings "
+                       "than rank 0: batch_size: 4 on rank 0, 2 here."),
 ])
 def test_a_rank_that_refuses_before_training_ends_the_job_with_its_error(images, tmp_path, mode, said):
     """Rank 1 reads a copy of the data with one image less (the ranks would split different

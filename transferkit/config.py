@@ -441,6 +441,13 @@ def _annotate_fields() -> None:
 
 _annotate_fields()
 
+# config keys that do not change what a run computes: they may differ when resuming, and between
+# the ranks of one job (each node has its own paths and workers)
+OUTPUT_KEYS = frozenset({"export", "checkpoint", "resume", "log_dir", "plots_dir", "top_k", "verbose", "callbacks",
+                         "num_workers", "cache_dir", "device", "data", "val_data", "portable_metadata",
+                         # engines and compilation agree with eager fp32 (train/engines.py); the GPU and
+                         # CPU decoders differ by resampling noise (data/gpu_jpeg.py)
+                         "feature_engine", "compile", "input_decode"})
 _PATH_KEYS = {"data", "val_data", "weights", "cache_dir", "export", "checkpoint", "log_dir", "plots_dir"}
 
 

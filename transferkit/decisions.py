@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.backbones import InputSpec
-from transferkit.config import FinetuneConfig, called_as, jsonable
+from transferkit.config import OUTPUT_KEYS, FinetuneConfig, called_as, jsonable
 from transferkit.data import eval_transform, train_transform
 from transferkit.data.decoded import DEFAULT_BUDGET_BYTES, DecodePlan, decide_decode
 from transferkit.data.gpu_jpeg import decide_input_decode
@@ -43,12 +43,6 @@ from transferkit.train.speed import decide_speed
 from transferkit.train.tasks import monitor_default, target_scale_note
 
 DECISIONS_FORMAT = 2
-# config keys that do not change what a run computes: they may differ when resuming
-OUTPUT_KEYS = frozenset({"export", "checkpoint", "resume", "log_dir", "plots_dir", "top_k", "verbose", "callbacks",
-                         "num_workers", "cache_dir", "device", "data", "val_data", "portable_metadata",
-                         # engines and compilation agree with eager fp32 (train/engines.py); the GPU and
-                         # CPU decoders differ by resampling noise (data/gpu_jpeg.py)
-                         "feature_engine", "compile", "input_decode"})
 # decisions that may differ when resuming (where the run runs, not what it computes; whether
 # torch.compile is tried depends on the machine: a C++ compiler, the number of processes)
 _PLACE_KEYS = frozenset({"device", "weights_file", "feature_engine", "feature_engine_reason",

@@ -28,7 +28,7 @@ import torch
 from transferkit._io import file_digest
 from transferkit.backbones import Backbone, InputSpec, get_backbone
 from transferkit.backbones.weights import check_weights_file, is_weights_path
-from transferkit.config import FinetuneConfig, caller
+from transferkit.config import OUTPUT_KEYS, FinetuneConfig, caller
 from transferkit.data import DataBundle, eval_transform
 from transferkit.data.audio import prepare_audio_data
 from transferkit.data.decoded import decode_census
@@ -190,7 +190,7 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
     spec = resolve_input_spec(bb.input_spec, cfg.image_size)
     check_runs_at(bb, spec)
     bundle, n_out = _data(cfg, spec)
-    _check_same_data(bundle, info)
+    _check_same_data(bundle, info, cfg)
     bf16, why = device_bf16(dev)
     device = DeviceFacts(device=str(dev), type=dev.type, rank=info.rank, world_size=info.world_size,
                          local_world_size=_local_world_size(info), bf16=bf16, bf16_why=why,
@@ -224,18 +224,28 @@ def _engine_facts(cfg: FinetuneConfig, bb: Backbone, bundle: DataBundle, dev: to
                         world_size=device.world_size, batch_size=batch, cache_dir=cfg.cache_dir, structure=bb.trunk)
 
 
-def _check_same_data(bundle: DataBundle, info: DistInfo) -> None:
+def _check_same_data(bundle: DataBundle, info: DistInfo, cfg: FinetuneConfig | None = None) -> None:
     """In a job of several processes, a [`DataError`][transferkit.DataError] on a rank that reads
     other data than rank 0 (its classes, its number of training or validation items, or its
-    file listing: relative paths, labels and sizes): the ranks split the same sample indices,
-    so different data would train on a wrong mix, or hang a collective when the batch counts
-    differ. Copies of the data on each node agree (file times are not compared)."""
+    file listing: relative paths, labels and sizes), or a [`ConfigError`][transferkit.ConfigError]
+    on one started with other settings (``cfg``, but for its paths and workers,
+    `OUTPUT_KEYS`): the ranks split the same sample indices, so different data would train on a
+    wrong mix, and other settings (a batch size, the epochs) hang a collective when the batch
+    counts differ. Copies of the data on each node agree (file times are not compared)."""
     if not info.enabled:
         return
+    settings = {k: v for k, v in (cfg.to_dict() if cfg is not None else {}).items() if k not in OUTPUT_KEYS}
     mine = {"classes": list(bundle.classes), "train items": len(bundle.train),
             "validation items": len(bundle.val) if bundle.val is not None else 0,
-            "file listing": [listing_digest(ds) for ds in (bundle.train, bundle.val) if ds is not None]}
+            "file listing": [listing_digest(ds) for ds in (bundle.train, bundle.val) if ds is not None],
+            "settings": settings}
     ref = broadcast_object(mine if info.is_main else None, info)
+    other = {k: (ref["settings"].get(k), v) for k, v in settings.items() if ref["settings"].get(k) != v}
+    if other:
+        shown = "; ".join(f"{k}: {a!r} on rank 0, {b!r} here" for k, (a, b) in list(other.items())[:6])
+        raise ConfigError(f"Rank {info.rank} was started with other settings than rank 0: {shown}. Start every rank "
+                          "with the same command and configuration.")
+    mine.pop("settings")
     differ = [f"the {k} (paths, labels, sizes) differs" if k == "file listing" else f"{k} {ref[k]!r} on rank 0, "
               f"{mine[k]!r} here" for k in mine if mine[k] != ref[k]]
     if differ:

@@ -272,7 +272,8 @@ if __name__ == "__main__":
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
-        failing = {"fail": 1, "other_data": 1, "other_settings": 1, "bad_export": 0}.get(sys.argv[3] if len(sys.argv) > 3 else "")
+        failing = {"fail": 1, "other_data": 1, "other_settings": 1, "bad_export": 0}.get(
+            sys.argv[3] if len(sys.argv) > 3 else "")
         if RANK == failing:
             time.sleep(LINGER_S)  # a failed rank that does not exit: the other must end by itself
             print("rank 1 lingered to its end", flush=True)  # the test checks the job never waits this long

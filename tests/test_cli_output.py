@@ -194,6 +194,9 @@ def test_hints_use_the_cli_syntax():
         "Pass --checkpoint ... to `transferkit finetune` to be able to resume"
     assert cli_spelling("call finetune(..., checkpoint=path, resume=True).") == \
         "call `transferkit finetune ... --checkpoint path --resume`."
+    assert cli_spelling("Export it first: `transferkit export r.ckpt --out model.pt` (in Python: "
+                        "transferkit.export.export_checkpoint('r.ckpt', 'model.pt')), then load model.pt.") == \
+        "Export it first: `transferkit export r.ckpt --out model.pt`, then load model.pt."
     assert cli_spelling("lr_find needs 0 < start_lr < end_lr, got start_lr=1.0.") == \
         "lr_find needs 0 < start_lr < end_lr, got --start-lr 1.0."
     assert cli_spelling("lr_find(): label_smoothing applies to task='multiclass' only") == \

@@ -579,13 +579,15 @@ def cli_spelling(message: str) -> str:
     ``transferkit.resume('run.pt')`` -> ```transferkit finetune --checkpoint run.pt --resume```,
     ``weights='x'`` -> ``--weights x`` (``--set key=value`` for settings without a flag),
     ``transferkit.list_backbones(..)`` -> ```transferkit backbones```; the name of the
-    Python call that opens a configuration error (``plan(): ...``) is dropped. Text already in
+    Python call that opens a configuration error (``plan(): ...``) and a Python alternative given
+    beside a command (``(in Python: ...)``) are dropped. Text already in
     backticks is left as it is."""
     def flag(m: re.Match) -> str:
         converted = _setting_flag(m.group(1), m.group(2))
         return m.group(0) if converted is None else converted
 
     message = re.sub(r"^(?:finetune|plan|lr_find|linear_probe)\(\): ", "", message)  # the command was typed
+    message = re.sub(r" \(in Python: [^()]*\([^()]*\)\)", "", message)  # the command stands beside it
     message = _CALL.sub(_command, message)
     message = re.sub(r"\bto finetune\(\)", "to `transferkit finetune`", message)
     message = re.sub(r"transferkit\.list_backbones\(([^)]*)\)",

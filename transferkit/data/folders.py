@@ -229,7 +229,8 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
         raise DataError(f"{str(csv_path)!r}: rows {[i + first for i in bad[:5]]} do not have {form} (they have "
                         f"{' or '.join(map(str, widths))} column(s); a path or label holding a comma must be quoted).")
     if named:
-        rows = [[r[head.index("path")], r[head.index("label")]] for r in rows]
+        p, lab = head.index("path"), head.index("label")
+        rows = [[r[p], r[lab]] for r in rows]
     for col, what in ((0, "path"), (1, "label")):
         blank = [i + first for i, r in enumerate(rows) if not r[col].strip()]
         if blank:

@@ -28,6 +28,9 @@ once into ``cache_dir`` for longer than that while rank 1 waits (``slow_decode_r
 ``stall``: rank 1's callback sleeps for 600 s without failing; with a short
 ``TRANSFERKIT_DIST_TIMEOUT`` rank 0's next collective times out and both ranks end.
 
+``sigterm``: every rank sends itself SIGTERM at the end of epoch 1 (as a scheduler ending the
+job does), with no checkpoint; each rank prints its interruption message to stdout.
+
 ``other_data``: rank 1 reads the folder ``$RANK1_DATA`` instead (a copy with one image
 less); ``bad_export``: the export path is a folder, which rank 0 finds before training. In
 both, the failing rank then lingers as in ``fail``, and the other must end by itself with
@@ -36,6 +39,7 @@ its error.
 
 import dataclasses
 import os
+import signal
 import sys
 import time
 import traceback
@@ -240,6 +244,18 @@ def fail_or_stall(data: str, mode: str) -> None:
                 **common(data))
 
 
+def terminated(data: str) -> None:
+    def callback(row: dict) -> None:
+        if row["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        tk.finetune("tk:small_cnn", policy="feature_extraction", epochs=3, batch_size=4, callbacks=[callback],
+                    **common(data))
+    except tk.TrainingInterrupted as exc:
+        print(f"rank {RANK}: {exc} [{exc.checkpoint}]", flush=True)
+
+
 def one_rank_refuses(data: str, out: str, mode: str) -> None:
     if mode == "other_data" and RANK == 1:
         data = os.environ["RANK1_DATA"]
@@ -260,6 +276,8 @@ def main() -> None:
         remote(data, out)
     elif mode == "slow_decode":
         torch.save(decoded_once_on_disk(data, out, slow_s=16.0), os.path.join(out, f"slow_decode_rank{RANK}.pt"))
+    elif mode == "sigterm":
+        terminated(data)
     elif mode in ("other_data", "other_settings", "bad_export"):
         one_rank_refuses(data, out, mode)
     else:

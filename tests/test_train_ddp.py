@@ -20,6 +20,7 @@ import torch
 
 import transferkit as tk
 from transferkit.backbones import get_backbone
+from transferkit.checkpoints import load_checkpoint
 
 from conftest import make_image_folder
 from ddp_worker import device_decoded_features, feature_setup
@@ -274,6 +275,19 @@ def test_a_rank_that_refuses_before_training_ends_the_job_with_its_error(images,
     # "Rank 0 stops ..." when its code raises, "transferkit: rank 0 stops ..." when it waited in a collective
     assert proc.returncode != 0 and said.lower() in output.lower(), output[-3000:]
     assert "lingered to its end" not in output  # the job ended the failed rank; it did not wait for it
+
+
+def test_sigterm_to_every_rank_saves_the_weights_once(images, tmp_path):
+    """A scheduler's SIGTERM reaches every rank; the weights are the same on each, so rank 0
+    saves them and the other ranks say so instead of writing copies of their own."""
+    proc = torchrun(images, tmp_path, "sigterm", timeout=240)
+    output = proc.stdout + proc.stderr
+    saved = sorted(p.name for p in tmp_path.glob("*interrupted*"))
+    assert saved == ["transferkit-interrupted.pt"], (saved, output[-3000:])
+    assert "rank 0: Interrupted (SIGTERM). The current weights were saved to" in proc.stdout, output[-3000:]
+    assert "rank 1: Interrupted (SIGTERM). The weights are the same on every rank of the job, so rank 0 saves " \
+           "them" in proc.stdout, output[-3000:]
+    assert load_checkpoint(tmp_path / "transferkit-interrupted.pt")["model"]
 
 
 def test_a_stalled_rank_ends_the_job_after_the_collective_timeout(images, tmp_path):

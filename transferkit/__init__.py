@@ -28,7 +28,8 @@ _EXPORTS = {
     "ExportError": "transferkit.errors",
     "OutputError": "transferkit.errors", "PolicyError": "transferkit.errors", "TrainingError": "transferkit.errors",
     "TransferkitError": "transferkit.errors", "UnknownBackboneError": "transferkit.errors",
-    "WeightsError": "transferkit.errors",
+    "WeightsError": "transferkit.errors", "TrainingInterrupted": "transferkit._signals",
+    "DistributedError": "transferkit.train.distributed",
     "Prediction": "transferkit.export", "Predictor": "transferkit.export",
     "export_torchscript": "transferkit.export", "load": "transferkit.export",
     "Evaluation": "transferkit.evaluation", "TargetEvaluation": "transferkit.evaluation",
@@ -44,6 +45,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:  # the same names, spelled out for type checkers and the API docs
+    from transferkit._signals import TrainingInterrupted
     from transferkit.api import FinetuneResult, finetune, linear_probe, lr_find, resume
     from transferkit.backbones import Backbone, Block, InputSpec, get_backbone, list_backbones
     from transferkit.config import FinetuneConfig, load_config
@@ -69,6 +71,7 @@ if TYPE_CHECKING:  # the same names, spelled out for type checkers and the API d
     from transferkit.decisions import Decisions, decide, plan
     from transferkit.facts import Facts, look
     from transferkit.run import Run, build
+    from transferkit.train.distributed import DistributedError
     from transferkit.policies import Policy, apply_policy, set_train_mode, trainable_parameter_names
 
 __all__ = sorted(_EXPORTS)

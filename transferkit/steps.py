@@ -584,9 +584,13 @@ def example_inputs(d: Decisions, run: Run, n: int = 8) -> torch.Tensor:
     return pad_waveforms(xs) if xs[0].ndim == 1 else torch.stack(xs)  # audio clips may differ in length
 
 
-def save_interrupted(d: Decisions, run: Run, meta: dict[str, Any]) -> Path:
+def save_interrupted(d: Decisions, run: Run, meta: dict[str, Any]) -> Path | None:
     """Ctrl-C or SIGTERM before a checkpoint exists (or after training): keep the current weights
-    beside the export (or here; else in a fallback place that has room)."""
+    beside the export (or here; else in a fallback place that has room). Under DDP only rank 0
+    saves them (a scheduler's SIGTERM reaches every rank, and their weights are the same): the
+    other ranks return None."""
+    if not run.dist.is_main:
+        return None
     export = d.config.export
     path = Path(export).with_suffix(".interrupted.pt") if export is not None else \
         Path.cwd() / "transferkit-interrupted.pt"

@@ -17,11 +17,17 @@ from transferkit._signals import TrainingInterrupted, held_signals, signal_name
 from transferkit.errors import OutputError, TrainingError, TransferkitError
 
 
+RANK_0_KEEPS = ("The weights are the same on every rank of the job, so rank 0 saves them (its message says "
+                "where) and this rank saved none.")
+
+
 @contextlib.contextmanager
-def interrupt_keeps_weights(save_interrupted: Callable[[], Path]) -> Iterator[None]:
+def interrupt_keeps_weights(save_interrupted: Callable[[], Path | None]) -> Iterator[None]:
     """Ctrl-C or SIGTERM after training (evaluation, plots, the final writes): the trained
     weights are saved by ``save_interrupted()`` and `TrainingInterrupted` says where. An
-    interruption that already says where the weights are passes through."""
+    interruption that already says where the weights are passes through. ``save_interrupted()``
+    returns None on a DDP rank other than 0: the weights are the same on every rank, and rank 0
+    keeps them."""
     try:
         yield
     except KeyboardInterrupt as exc:
@@ -29,6 +35,8 @@ def interrupt_keeps_weights(save_interrupted: Callable[[], Path]) -> Iterator[No
             raise
         with held_signals(reraise=False):
             saved = save_interrupted()
+        if saved is None:
+            raise TrainingInterrupted(f"Interrupted ({signal_name(exc)}) after training. {RANK_0_KEEPS}", None) from exc
         raise TrainingInterrupted(f"Interrupted ({signal_name(exc)}) after training. The trained weights were saved "
                                   f"to {str(saved)!r} (export them with `transferkit export {saved} --out model.pt`, "
                                   "or start from them with weights=...).", saved) from exc
@@ -57,7 +65,7 @@ def suggest_batch_size(step: Callable[[int], None], start: int) -> int | None:
 
 @contextlib.contextmanager
 def training_faults(*, checkpoint: str | Path | None, batch_size: int,
-                    save_interrupted: Callable[[], Path], probe_step: Callable[[int], None] | None,
+                    save_interrupted: Callable[[], Path | None], probe_step: Callable[[int], None] | None,
                     started: Callable[[], bool] = lambda: True) -> Iterator[None]:
     """Turn faults inside the block into errors that say where the work is and what to do.
     ``started()``: whether training has begun; before it (e.g. during the feature pass) the
@@ -65,7 +73,8 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
 
     - Ctrl-C: with ``checkpoint``, the file holds the last completed epoch and
       ``transferkit.resume(path)`` continues exactly; without it, the current weights are
-      saved by ``save_interrupted()``. Raises `TrainingInterrupted`.
+      saved by ``save_interrupted()`` (None: a DDP rank other than 0, which saves nothing).
+      Raises `TrainingInterrupted`.
     - A non-finite loss (TrainingError from the loop): the message names the last good checkpoint.
     - Out of memory: a TrainingError suggesting a batch size that fits (probed with ``probe_step``).
     """
@@ -84,6 +93,8 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
                                       "from and none were saved; run it again to train.", None) from exc
         with held_signals(reraise=False):  # a second Ctrl-C must not stop the save of the weights
             saved = save_interrupted()
+        if saved is None:
+            raise TrainingInterrupted(f"{what} {RANK_0_KEEPS}", None) from exc
         advice = (f"No epoch had completed, so the checkpoint {str(checkpoint)!r} was not written yet; start the "
                   "run again to train from the beginning." if checkpoint is not None else
                   "Pass checkpoint=... to finetune() to be able to resume a run exactly.")

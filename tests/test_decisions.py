@@ -286,6 +286,25 @@ def test_resume_refuses_a_different_plan_and_lists_the_differences(split_folders
         tk.resume(ckpt)
 
 
+@pytest.mark.parametrize("saved, now, said", [
+    (2, 1, "relaunch with torchrun and 2 processes in all (--nnodes x --nproc_per_node = 2, e.g. --nproc_per_node=2"),
+    (1, 4, "run it in one process, without torchrun"),
+])
+def test_a_resume_under_another_number_of_processes_says_how_to_relaunch(tmp_path, saved, now, said):
+    from transferkit.checkpoints import save_checkpoint
+    from transferkit.train.loop import TrainState
+    from transferkit.train.resume import resume_from, training_state
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(tmp_path / "c.pt", model=model, meta={"decisions": {"world_size": saved}},
+                    training=training_state(optimizer=opt, scheduler=None, state=TrainState()))
+    with pytest.raises(ConfigError, match="world_size") as exc:
+        resume_from(tmp_path / "c.pt", check=lambda meta: {"world_size": (meta["decisions"]["world_size"], now)},
+                    model=model, optimizer=opt, scheduler=None)
+    assert "The number of processes cannot change" in str(exc.value) and said in str(exc.value)
+
+
 def test_scaler_state_is_saved_and_restored(tmp_path):
     from transferkit.checkpoints import load_checkpoint, save_checkpoint
     from transferkit.train.loop import TrainState

@@ -65,6 +65,8 @@ def resume_from(path: str | Path, *, check: Callable[[dict[str, Any]], dict[str,
             "renamed or moved on one disk keeps it." if "data" in diff else ""
         if "config.epochs" in diff:
             data += " The epochs cannot change: the learning-rate schedule was built for the first run's length."
+        if "world_size" in diff:
+            data += " " + _relaunch(diff["world_size"][0])
         raise ConfigError(f"Cannot resume from {str(path)!r}: this run's decisions differ from the checkpoint's "
                           f"(checkpoint -> now): {_format_diff(diff)}.{data} Use the same settings, or start a new "
                           "run without resume (weights=<checkpoint> keeps the trained weights).")
@@ -76,6 +78,17 @@ def resume_from(path: str | Path, *, check: Callable[[dict[str, Any]], dict[str,
         scaler.load_state_dict(tr["scaler"])
     set_rng_state(tr["rng"])
     return TrainState.from_dict(tr["state"])
+
+
+def _relaunch(processes: Any) -> str:
+    """How to start the processes a checkpoint was written by (its world size)."""
+    if processes == 1:
+        how = "run it in one process, without torchrun"
+    else:
+        how = (f"relaunch with torchrun and {processes} processes in all (--nnodes x --nproc_per_node = {processes}, "
+               f"e.g. --nproc_per_node={processes} on one machine)")
+    return (f"The number of processes cannot change: each one's share of the data and the global batch depend on "
+            f"it; {how}.")
 
 
 def check_weights_finite(model: nn.Module, epoch: int, lr: float) -> None:

@@ -162,11 +162,8 @@ class Decisions:
         phases = self.policy.lr_phases(cfg.epochs)
         factor = phases[1][1] if len(phases) > 1 else 1.0  # the groups train in the last phase, at its rate
         affine = self.policy.bn == "affine" and self.bn_mode.startswith("statistics frozen")  # gamma/beta train too
-        epochs_text = _epoch_text(self.trainable, cfg.epochs, lora=self.policy.lora)
-        alone = "of the head alone"
-        if affine:
-            epochs_text = epochs_text.replace("head only", "head + BatchNorm gamma/beta of every block")
-            alone = "of the head and every block's BatchNorm gamma/beta"
+        epochs_text = _epoch_text(self.trainable, cfg.epochs, lora=self.policy.lora, bn_affine=affine)
+        alone = "of the head and every block's BatchNorm gamma/beta" if affine else "of the head alone"
         groups = ", ".join(f"{g['name']} lr {g['lr'] * factor:.3g} wd {g['weight_decay']:g}" for g in self.groups[:4])
         if len(self.groups) > 4:
             groups += f", ... ({len(self.groups)} groups)"
@@ -569,16 +566,29 @@ def _epoch_ranges(per_epoch: tuple[tuple[str, ...], ...]) -> list[dict[str, Any]
     return out
 
 
-def _epoch_text(per_epoch: tuple[tuple[str, ...], ...], epochs: int, *, lora: int | None = None) -> str:
-    """What trains in each range of epochs: the head, the LoRA factors of rank ``lora`` (in
-    every epoch), and the blocks."""
+def _epoch_text(per_epoch: tuple[tuple[str, ...], ...], epochs: int, *, lora: int | None = None,
+                bn_affine: bool = False) -> str:
+    """What trains in each range of epochs: the head, the LoRA factors of rank ``lora`` and,
+    with ``bn_affine``, every block's BatchNorm gamma/beta (both in every epoch), and the blocks.
+
+    Example:
+        >>> print(_epoch_text(((), ("layer4",)), 2, bn_affine=True).replace("; ", "\\n"))
+        epoch 1: head + BatchNorm gamma/beta of every block
+        epoch 2: head + BatchNorm gamma/beta of every block + layer4
+        >>> _epoch_text(((), ("layer4",)), 2)
+        'epoch 1: head only; epoch 2: head + layer4'
+    """
     parts = []
     head = "head" if lora is None else f"head + rank-{lora} LoRA factors"
+    head += " + BatchNorm gamma/beta of every block" if bn_affine else ""
     for r in _epoch_ranges(per_epoch):
         a, b = r["epochs"]
         when = f"epoch {a}" if a == b else f"epochs {a}-{b}"
         blocks = r["blocks"]
-        what = (f"{head} only" if not blocks else f"{head} + {len(blocks)} blocks ({blocks[0]}..{blocks[-1]})"
-                if len(blocks) > 3 else f"{head} + " + ", ".join(blocks))
+        if not blocks:
+            what = head if bn_affine else f"{head} only"
+        else:
+            what = f"{head} + " + (f"{len(blocks)} blocks ({blocks[0]}..{blocks[-1]})" if len(blocks) > 3 else
+                                   ", ".join(blocks))
         parts.append(f"{when}: {what}")
     return "; ".join(parts) if len(parts) > 1 else parts[0].split(": ", 1)[1] + f" for {_plural(epochs, 'epoch')}"

@@ -28,6 +28,9 @@ once into ``cache_dir`` for longer than that while rank 1 waits (``slow_decode_r
 ``stall``: rank 1's callback sleeps for 600 s without failing; with a short
 ``TRANSFERKIT_DIST_TIMEOUT`` rank 0's next collective times out and both ranks end.
 
+``before_joining``: rank 1's call is refused (epochs=-1) before it joins the process group;
+torchrun then ends rank 0, which waits to join, with SIGTERM.
+
 ``sigterm``: every rank sends itself SIGTERM at the end of epoch 1 (as a scheduler ending the
 job does), with no checkpoint; each rank prints its interruption message to stdout.
 
@@ -276,6 +279,8 @@ def main() -> None:
         remote(data, out)
     elif mode == "slow_decode":
         torch.save(decoded_once_on_disk(data, out, slow_s=16.0), os.path.join(out, f"slow_decode_rank{RANK}.pt"))
+    elif mode == "before_joining":
+        tk.finetune("tk:small_cnn", epochs=1 if RANK == 0 else -1, **common(data))
     elif mode == "sigterm":
         terminated(data)
     elif mode in ("other_data", "other_settings", "bad_export"):

@@ -204,3 +204,27 @@ def test_a_signal_after_training_keeps_the_weights(tmp_path, image_folder, monke
     assert saved == tmp_path / "m.interrupted.pt"
     model = load_checkpoint(saved)["model"]
     assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
+
+
+def test_terminate_at_once_restores_the_default_only_over_transferkit_s_own_handler():
+    """Joining the process group ends on SIGTERM at once where finetune installed its handler;
+    a handler the program installed itself stays in place."""
+
+    from transferkit._signals import terminate_as_interrupt, terminate_at_once
+
+    with terminate_as_interrupt():
+        ours = signal.getsignal(signal.SIGTERM)
+        assert ours is not signal.SIG_DFL
+        with terminate_at_once():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is ours
+
+    def own(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        with terminate_at_once():
+            assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -277,6 +277,15 @@ def test_a_rank_that_refuses_before_training_ends_the_job_with_its_error(images,
     assert "lingered to its end" not in output  # the job ended the failed rank; it did not wait for it
 
 
+def test_a_rank_refused_before_joining_ends_the_waiting_rank_at_once(images, tmp_path):
+    """Rank 0 waits in C++ to join the process group when rank 1's call is refused; torchrun's
+    SIGTERM then ends it at once (nothing is trained yet), not torchrun's SIGKILL 30 s later."""
+    proc = torchrun(images, tmp_path, "before_joining", timeout=240)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "epochs=-1 is out of range" in output, output[-3000:]
+    assert "Signal 15 (SIGTERM) received by PID" in output and "SIGKILL" not in output, output[-3000:]
+
+
 def test_sigterm_to_every_rank_saves_the_weights_once(images, tmp_path):
     """A scheduler's SIGTERM reaches every rank; the weights are the same on each, so rank 0
     saves them and the other ranks say so instead of writing copies of their own."""

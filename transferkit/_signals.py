@@ -5,6 +5,8 @@ being written.
 - `terminate_as_interrupt`: inside the block, SIGTERM raises `Terminated` (a
   ``KeyboardInterrupt``) in the main thread, so the code that keeps the weights on Ctrl-C keeps
   them on SIGTERM too. A handler the program installed itself is left alone.
+- `terminate_at_once`: inside the block, SIGTERM ends the process at once again (a wait in
+  C++ with nothing to save, where a Python handler would run only when the wait ends).
 - `held_signals`: inside the block, SIGINT and SIGTERM are recorded, not acted on; the block
   finishes its write, then `KeyboardInterrupt` / `Terminated` is raised (``reraise=False``: the
   caller is already reporting an interruption).
@@ -50,6 +52,10 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM raises `Terminated` inside the block (main thread, default SIGTERM handler only)."""
@@ -57,14 +63,28 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield
         return
 
-    def handler(signum: int, frame: object) -> None:
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def terminate_at_once() -> Iterator[None]:
+    """Inside the block SIGTERM has its default action, ending the process at once, where
+    `terminate_as_interrupt` installed its handler (main thread only; a handler the program
+    installed itself is left alone). For a wait in C++ with nothing to save, such as joining
+    the process group: a Python handler runs only when the wait ends, so a rank that torchrun
+    ends because another failed would linger until torchrun kills it 30 s later."""
+    if not _main_thread() or signal.getsignal(signal.SIGTERM) is not _raise_terminated:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from transferkit._signals import terminate_at_once
 from transferkit.errors import ConfigError, TrainingError
 from transferkit.train.loaders import mix_seed
 
@@ -121,8 +122,9 @@ def init_distributed(device: torch.device, *, timeout: float | None = None) -> t
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=info.timeout_s))
+        with terminate_at_once():  # torchrun's SIGTERM when another rank failed before joining: nothing to save yet
+            dist.init_process_group(backend="cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo",
+                                    timeout=timedelta(seconds=info.timeout_s))
     return info, device
 
 

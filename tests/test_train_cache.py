@@ -248,6 +248,23 @@ def test_cached_head_trains_on_standardised_features_and_exports_them(image_fold
     assert r.export_report.max_abs_diff < 1e-4
 
 
+def test_fine_tune_standardises_the_cached_features_of_pretrained_weights_only(image_folder, tmp_path):
+    """fine_tune's head phase trains on cached features: standardised when the trunk starts from
+    pretrained weights, raw when it starts from random ones (whose features change scale by
+    orders of magnitude once the trunk trains: standardised by their first statistics, the
+    losses of the second phase ran into the thousands)."""
+    kw = dict(data=image_folder, image_size=16, epochs=3, batch_size=4, device="cpu", num_workers=0, verbose=False,
+              policy="fine_tune", precision="fp32")
+    random = tk.finetune("tk:small_cnn", weights=None, **kw)
+    assert isinstance(random.model.head[0], torch.nn.Linear)
+    assert all(h["train_loss"] < 5 and h["val_loss"] < 5 for h in random.history), random.history
+    torch.save(random.backbone.trunk.state_dict(), tmp_path / "trunk.pt")
+    pretrained = tk.finetune("tk:small_cnn", weights=tmp_path / "trunk.pt", **kw)
+    assert isinstance(pretrained.model.head[0], tk.FeatureNorm)
+    assert not tk.plan("tk:small_cnn", weights=None, **kw).head_norm
+    assert tk.plan("tk:small_cnn", weights=None, **{**kw, "policy": "feature_extraction"}).head_norm
+
+
 def test_head_norm_off_and_its_errors(image_folder):
     kw = dict(weights=None, data=image_folder, image_size=16, epochs=1, batch_size=4, device="cpu", num_workers=0,
               verbose=False)

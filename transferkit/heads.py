@@ -173,16 +173,30 @@ def resolve_head(head: str | None, hidden: Sequence[int] = ()) -> tuple[str, tup
     return head, (hidden or DEFAULT_MLP_HIDDEN) if head == "mlp" else ()
 
 
-def resolve_head_norm(head_norm: bool | str, *, cached: bool, head_kind: str) -> bool:
+def resolve_head_norm(head_norm: bool | str, *, cached: bool, head_kind: str, cached_first: bool = False,
+                      pretrained: bool = True) -> bool:
     """``head_norm="auto"``: a FeatureNorm when the head trains by gradient on cached features
-    (their statistics are then exact and free); ``True`` asks for it and needs cached features."""
+    (their statistics are then exact and free): ``cached`` for the whole run, or
+    ``cached_first`` (a first phase, then the backbone trains: ``fine_tune``) from
+    ``pretrained`` weights, whose features move little against their spread once the trunk
+    trains. A trunk of random weights changes the scale of its features by orders of magnitude
+    when it trains, and features standardised by their first statistics then blow up.
+    ``True`` asks for it and needs cached features.
+
+    Example:
+        >>> resolve_head_norm("auto", cached=False, cached_first=True, pretrained=False, head_kind="linear")
+        False
+    """
     if head_norm not in (True, False, "auto"):
         raise ConfigError(f"head_norm must be True, False or 'auto', got {head_norm!r}.")
-    if head_norm is True and (not cached or head_kind == "logistic"):
+    fixed = cached or cached_first
+    if head_norm is True and (not fixed or head_kind == "logistic"):
         why = "head='logistic' standardises the features itself" if head_kind == "logistic" else \
             "its statistics come from cached features; use a frozen backbone (policy='feature_extraction')"
         raise ConfigError(f"head_norm=True cannot be used here: {why}.")
-    return cached and head_kind != "logistic" and head_norm in (True, "auto")
+    if head_kind == "logistic" or head_norm is False:
+        return False
+    return head_norm is True or cached or (cached_first and pretrained)
 
 
 def resolve_target_norm(target_norm: bool | str, *, task: str) -> bool:

@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 from transferkit.data.checks import DataReport, find_duplicates, warn_copies_across_classes
 from transferkit.data.folders import find_split_folders, warn_split_like_classes
 from transferkit.data.encoded import EncodedImageDataset
-from transferkit.data.images import ImageFolderDataset, TransformedDataset, dataset_targets
+from transferkit.data.images import (ImageFolderDataset, TransformedDataset, check_image_tensor, class_index,
+                                     dataset_classes, dataset_targets, image_from_array)
 from transferkit.data.shards import confirmed_copies, copies_said, shard_list
 from transferkit.data.sources import open_encoded, shared_shards, split_encoded
 from transferkit._text import plural
@@ -96,9 +97,9 @@ def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what
         if len(data) == 0:
             raise DataError(f"The {what} dataset is empty.")
         out = TransformedDataset(data)
-        own = getattr(data, "classes", None)
-        relabel = _relabel(list(own), classes, what, report) \
-            if isinstance(own, (list, tuple)) and own and all(isinstance(c, str) for c in own) else None
+        _check_first_image(data, what, out.labels_read)
+        own = dataset_classes(data)
+        relabel = _relabel(own, classes, what, report) if own else None
         if relabel is not None:
             labels = dataset_targets(out)
             bad = sorted({t for t in labels if not 0 <= t < len(own)})
@@ -109,6 +110,25 @@ def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what
             out = out.view([i for i, t in enumerate(labels) if relabel[t] >= 0])
         return out
     raise DataError(f"{what} must be a folder path or a torch Dataset of (image, label), got {type(data).__name__}.")
+
+
+def _check_first_image(data: Any, what: str, labels_read: dict[int, int]) -> None:
+    """Check a Dataset's first image as training will read it (the transforms' ``ToRGB``, with
+    the checks of ``predict``), so that images of a type, shape or range the model cannot take
+    (a float tensor in [0, 255], an array [C,H,W]) fail now, with their reason, rather than
+    inside a DataLoader worker. Its label joins ``labels_read`` (a dataset without a
+    ``targets`` attribute loads each item once for its label)."""
+    item = data[0]
+    image = item[0] if isinstance(item, (tuple, list)) and item else item
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        labels_read[0] = class_index(item[1], 0)
+    try:
+        if isinstance(image, np.ndarray):
+            image_from_array(image, "train on")
+        elif isinstance(image, torch.Tensor):
+            check_image_tensor(image, "train on")
+    except DataError as exc:
+        raise DataError(f"The {what} dataset's item 0: {exc}") from exc
 
 
 def _relabel(own: list[str], classes: list[str] | None, what: str, report: DataReport) -> list[int] | None:
@@ -251,9 +271,11 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
     train = _as_dataset(data, list(classes) if classes else None, min_size, "training", report, **checks)
     if not isinstance(train, ImageFolderDataset):
         report.merge(getattr(train, "report", DataReport()))
-    names = list(classes) if classes else list(getattr(train, "classes", []) or getattr(getattr(train, "base", None), "classes", []) or [])
+    names = list(classes) if classes else list(getattr(train, "classes", []) or
+                                                dataset_classes(getattr(train, "base", None)) or [])
     targets = dataset_targets(train)
-    if not names:
+    named = bool(names)
+    if not names:  # indices as names: they match no other data's names
         names = [str(i) for i in range(max(targets) + 1)]
     bad = sorted({t for t in targets if not 0 <= t < len(names)})
     if bad:
@@ -273,7 +295,12 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
                     "give the classes that the data hold (classes=, _info.json), or add their samples.")
     val = None
     if val_data is not None:
-        val = _as_dataset(val_data, names, min_size, "validation", report, **checks)
+        val = _as_dataset(val_data, names if named else None, min_size, "validation", report, **checks)
+        if not named and (getattr(val, "classes", None) or dataset_classes(getattr(val, "base", None))):
+            report.warn("The training data name no classes (they are named by index: '0', '1', ...), so the "
+                        "validation data's class names cannot be matched to them: the validation labels are read "
+                        "as the same indices. Give classes=[...] (the names of the training labels in index order) "
+                        "to match them by name.")
         if not isinstance(val, ImageFolderDataset):
             report.merge(getattr(val, "report", DataReport()))
         vt = dataset_targets(val)

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from transferkit.data.checks import IMAGE_EXTENSIONS, ON_BAD_FILE, DataReport, filter_bad_images, readable_samples
 from transferkit.data.folders import scan_class_folders, scan_csv
@@ -36,8 +37,9 @@ def load_image(path: str | Path | BinaryIO, *, min_size: int | None = None, name
             with Image.open(path) as img:
                 if min_size and img.format == "JPEG":
                     img.draft("RGB", (min_size, min_size))
+                top = declared_top(img)  # from the file, before exif_transpose copies the pixels
                 img = ImageOps.exif_transpose(img)
-                return to_rgb(img)
+                return to_rgb(img, top=top)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise unreadable_file("image", path, exc, "Remove the file, or pass on_bad_file='skip' to leave unreadable "
                               "files out.", name=name) from exc
@@ -49,14 +51,81 @@ def to_8bit(arr: np.ndarray, top: float = 65535.0) -> np.ndarray:
     return np.clip(np.asarray(arr, dtype=np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow image mode to 8-bit RGB (see [`load_image`][transferkit.data.load_image])."""
+def image_from_array(arr: np.ndarray, doing: str = "predict on") -> Image.Image | torch.Tensor:
+    """A numpy image (HxW or HxWxC, C in 1, 3, 4) as training and ``predict`` read it: uint8
+    as a PIL image, uint16 scaled to 8 bits as its 16-bit file would be, float as a tensor
+    [C,H,W] checked by `check_image_tensor`. ``doing``: the errors' verb ("predict on",
+    "train on")."""
+    if arr.size == 0:
+        raise DataError(f"Cannot {doing} an empty image array (shape {arr.shape}).")
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        raise DataError(f"A numpy image must be HxWxC (channels last), got shape {arr.shape}; use "
+                        "arr.transpose(1, 2, 0) or pass a torch tensor [C,H,W].")
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
+        raise DataError(f"A numpy image must be HxW or HxWxC with C in 1, 3, 4, got shape {arr.shape}.")
+    if arr.dtype == np.uint16:  # a 16-bit image (OpenCV's IMREAD_UNCHANGED, tifffile): scaled as its file would be
+        arr = to_8bit(arr)
+    if arr.dtype == np.uint8:
+        return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return check_image_tensor(t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1), doing)
+
+
+def check_image_tensor(t: torch.Tensor, doing: str = "predict on") -> torch.Tensor:
+    """An image tensor ([C,H,W] or [H,W], C in 1, 3, 4) as training and ``predict`` read it:
+    uint8 as it is, uint16 scaled to 8 bits, float checked to be finite and in [0, 1] (on the
+    CPU); any other shape or dtype is a DataError. ``doing``: the errors' verb."""
+    if t.numel() == 0:
+        raise DataError(f"Cannot {doing} an empty image tensor (shape {tuple(t.shape)}).")
+    if t.ndim == 2:
+        t = t.unsqueeze(0)
+    if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
+        raise DataError(f"An image tensor must be [C,H,W] with C in 1, 3, 4 (or [N,C,H,W] for several), got "
+                        f"{tuple(t.shape)}.")
+    if t.dtype == torch.uint16:  # torchvision's decode_png of a 16-bit PNG: scaled as the file would be
+        t = torch.from_numpy(to_8bit(t.cpu().to(torch.int32).numpy()))
+    if t.dtype == torch.uint8:
+        return t.cpu()
+    if not t.is_floating_point():
+        raise DataError(f"An image tensor must be uint8 in [0, 255], uint16 (16-bit) or float in [0, 1], got "
+                        f"{t.dtype}.")
+    t = t.detach().float().cpu()
+    if not bool(torch.isfinite(t).all()):  # NaN compares false with any bound: it would pass the range check
+        raise DataError(f"A float image holds {int((~torch.isfinite(t)).sum())} non-finite values (NaN or inf); "
+                        "replace them (e.g. torch.nan_to_num) first.")
+    lo, hi = (float(t.min()), float(t.max())) if t.numel() else (0.0, 0.0)
+    if lo < -1e-3 or hi > 1.0 + 1e-3:
+        raise DataError(f"A float image must hold values in [0, 1], got [{lo:.3g}, {hi:.3g}]; pass uint8 pixels or "
+                        "divide by 255.")
+    return t
+
+
+def declared_top(img: Image.Image) -> float | None:
+    """65535 for an image file that stores 16-bit samples, which Pillow may open as mode "I"
+    (a 16-bit PGM, a 16-bit TIFF): its pixels are then scaled by the file's depth, not by
+    their own maximum; None where the file does not say."""
+    if img.mode.startswith("I;16"):
+        return 65535.0
+    if img.mode != "I":
+        return None
+    if any(str(tile.args).startswith("I;16") for tile in getattr(img, "tile", None) or ()):
+        return 65535.0
+    bits = getattr(img, "tag_v2", {}).get(258) if img.format == "TIFF" else None  # BitsPerSample
+    return 65535.0 if bits in (16, (16,)) else None
+
+
+def to_rgb(img: Image.Image, *, top: float | None = None) -> Image.Image:
+    """Any Pillow image mode to 8-bit RGB (see [`load_image`][transferkit.data.load_image]).
+    ``top``: the full scale of mode "I"/"F" pixels when the file declares it (16 bits: 65535);
+    else 16-bit modes are scaled from 65535, and 32-bit integer or float pixels by their range
+    (above 255: 16-bit; float at most 1: [0, 1]; else [0, 255])."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else \
-            1.0 if img.mode == "F" and arr.max() <= 1.0 else 255.0  # a float image in [0, 1] (a 32-bit TIFF)
+        if top is None:
+            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else \
+                1.0 if img.mode == "F" and arr.max() <= 1.0 else 255.0  # a float image in [0, 1] (a 32-bit TIFF)
         return Image.fromarray(to_8bit(arr, top), "L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
@@ -223,8 +292,39 @@ def dataset_targets(ds: Dataset) -> list[int]:
 
 
 def _label_attr(ds: Any) -> list[int] | None:
+    """The labels a dataset lists without loading its items (a ``targets`` or ``_labels``
+    attribute; a `torch.utils.data.Subset`, as `random_split` makes, reads its dataset's), or
+    None: also when a ``target_transform`` changes the labels its items return."""
+    if getattr(ds, "target_transform", None) is not None:
+        return None
+    if isinstance(ds, Subset):
+        base = _label_attr(ds.dataset)
+        return None if base is None else [base[int(i)] for i in ds.indices]
     for attr in ("targets", "_labels"):
         t = getattr(ds, attr, None)
         if t is not None and len(t) == len(ds):
             return [class_index(x, i) for i, x in enumerate(t)]
     return None
+
+
+def dataset_classes(ds: Any) -> list[str] | None:
+    """The class names a dataset gives (``classes``, of strings), also through the
+    `torch.utils.data.Subset` of `random_split`; None when it names none, or when a
+    ``target_transform`` changes its labels (the names then name other indices).
+
+    Example:
+        >>> from torchvision.datasets import FakeData
+        >>> fake = FakeData(size=4, num_classes=2)
+        >>> fake.classes = ["cat", "dog"]
+        >>> dataset_classes(Subset(Subset(fake, [0, 1, 2]), [1])), dataset_classes(range(3))
+        (['cat', 'dog'], None)
+    """
+    while True:
+        if getattr(ds, "target_transform", None) is not None:
+            return None
+        own = getattr(ds, "classes", None)
+        if isinstance(own, (list, tuple)) and own and all(isinstance(c, str) for c in own):
+            return list(own)
+        if not isinstance(ds, Subset):
+            return None
+        ds = ds.dataset

@@ -6,6 +6,7 @@ inside the model, so the exported file takes raw pixels and no one can forget it
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
@@ -13,27 +14,31 @@ from torchvision.transforms import v2 as T
 
 from transferkit.backbones._base import InputSpec
 from transferkit.data.audio import AudioTransform
-from transferkit.data.images import to_rgb
+from transferkit.data.images import check_image_tensor, declared_top, image_from_array, to_rgb
 from transferkit.errors import check_choice
 
 AUGMENTATIONS = ("none", "flip", "standard")
 
 
 class ToRGB(torch.nn.Module):
-    """PIL image of any mode, or a tensor with 1 or 4 channels, to 3-channel RGB, as an image
-    file is read ([`load_image`][transferkit.data.load_image]): a PIL image gets its EXIF
-    orientation and `to_rgb` (16-bit scaled, transparent pixels composited onto white), and a
+    """PIL image of any mode, a numpy array or a tensor to 3-channel RGB, as an image file is
+    read ([`load_image`][transferkit.data.load_image]) and as ``predict`` reads the same object:
+    a PIL image gets its EXIF orientation and `to_rgb` (16-bit scaled, transparent pixels
+    composited onto white); arrays and tensors go through `image_from_array` and
+    `check_image_tensor` (16-bit scaled to 8 bits, float checked to lie in [0, 1]), and a
     4-channel tensor is composited onto white by its alpha channel, so that an image passed
     as an object is the image passed as its file."""
 
     def forward(self, img):
+        if isinstance(img, np.ndarray):
+            img = image_from_array(img, "train on")
         if isinstance(img, Image.Image):
+            top = declared_top(img)
             if img.getexif().get(_ORIENTATION, 1) != 1:
                 img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            return to_rgb(img, top=top)
         if isinstance(img, torch.Tensor):
-            if img.ndim == 2:
-                img = img.unsqueeze(0)
+            img = check_image_tensor(img, "train on")
             if img.shape[0] == 1:
                 return img.expand(3, -1, -1).contiguous()
             if img.shape[0] == 4:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from transferkit.backbones._base import InputSpec
 from transferkit.data import audio
-from transferkit.data.images import IMAGE_EXTENSIONS, load_image, to_8bit
+from transferkit.data.images import IMAGE_EXTENSIONS, check_image_tensor, image_from_array, load_image
 from transferkit.data.transforms import eval_transform
 from transferkit.errors import DataError
 
@@ -109,9 +109,9 @@ class InputPipeline:
         if isinstance(item, (str, Path)):
             item = load_image(item, min_size=self.spec.resize_size or self.spec.image_size)
         elif isinstance(item, np.ndarray):
-            item = _array_to_image(item)
+            item = image_from_array(item)
         elif isinstance(item, torch.Tensor):
-            item = _check_image_tensor(item)
+            item = check_image_tensor(item)
         elif not isinstance(item, Image.Image):
             raise DataError(f"Cannot predict on a {type(item).__name__}; pass file paths, PIL images, numpy arrays "
                             "HxWx3 (or HxW) or tensors [3,H,W] / [N,3,H,W], uint8 or float in [0, 1].")
@@ -156,45 +156,3 @@ class InputPipeline:
             return info.frames > float(self.max_seconds) * info.samplerate  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - the read itself reports a bad file
             return False
-
-
-def _array_to_image(arr: np.ndarray) -> Image.Image | torch.Tensor:
-    if arr.size == 0:
-        raise DataError(f"Cannot predict on an empty image array (shape {arr.shape}).")
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-        raise DataError(f"A numpy image must be HxWxC (channels last), got shape {arr.shape}; use "
-                        "arr.transpose(1, 2, 0) or pass a torch tensor [C,H,W].")
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
-        raise DataError(f"A numpy image must be HxW or HxWxC with C in 1, 3, 4, got shape {arr.shape}.")
-    if arr.dtype == np.uint16:  # a 16-bit image (OpenCV's IMREAD_UNCHANGED, tifffile): scaled as its file would be
-        arr = to_8bit(arr)
-    if arr.dtype == np.uint8:
-        return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
-    t = torch.from_numpy(np.ascontiguousarray(arr))
-    return _check_image_tensor(t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1))
-
-
-def _check_image_tensor(t: torch.Tensor) -> torch.Tensor:
-    if t.numel() == 0:
-        raise DataError(f"Cannot predict on an empty image tensor (shape {tuple(t.shape)}).")
-    if t.ndim == 2:
-        t = t.unsqueeze(0)
-    if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
-        raise DataError(f"An image tensor must be [C,H,W] with C in 1, 3, 4 (or [N,C,H,W] for several), got "
-                        f"{tuple(t.shape)}.")
-    if t.dtype == torch.uint16:  # torchvision's decode_png of a 16-bit PNG: scaled as the file would be
-        t = torch.from_numpy(to_8bit(t.cpu().to(torch.int32).numpy()))
-    if t.dtype == torch.uint8:
-        return t.cpu()
-    if not t.is_floating_point():
-        raise DataError(f"An image tensor must be uint8 in [0, 255], uint16 (16-bit) or float in [0, 1], got "
-                        f"{t.dtype}.")
-    t = t.detach().float().cpu()
-    if not bool(torch.isfinite(t).all()):  # NaN compares false with any bound: it would pass the range check
-        raise DataError(f"A float image holds {int((~torch.isfinite(t)).sum())} non-finite values (NaN or inf); "
-                        "replace them (e.g. torch.nan_to_num) before predicting.")
-    lo, hi = (float(t.min()), float(t.max())) if t.numel() else (0.0, 0.0)
-    if lo < -1e-3 or hi > 1.0 + 1e-3:
-        raise DataError(f"A float image must hold values in [0, 1], got [{lo:.3g}, {hi:.3g}]; pass uint8 pixels or "
-                        "divide by 255.")
-    return t

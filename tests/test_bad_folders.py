@@ -298,3 +298,14 @@ def test_a_dataset_with_names_for_labels_is_told_what_labels_must_be():
 
     with pytest.raises(tk.DataError, match="item 0's label is 'ant'"):
         prepare_data(Named(), val_split=0)
+
+
+def test_a_split_that_holds_out_nothing_trains_without_validation(tmp_path):
+    """Every class has a single image: `val_split` keeps them all for training, and the run
+    trained on an empty validation set until torch.cat failed on it."""
+    make_image_folder(tmp_path / "one", per_class=1, size=16)
+    with pytest.warns(UserWarning, match=r"val_split=0.2 held out no example \(2 in all\), so the run has no "
+                                         "validation data"):
+        r = tk.finetune("tk:small_cnn", weights=None, data=tmp_path / "one", image_size=16, epochs=1,
+                        num_workers=0, verbose=False)
+    assert r.decisions.n_val == 0 and len(r.history) == 1

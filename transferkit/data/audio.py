@@ -26,8 +26,8 @@ from transferkit.backbones._base import InputSpec
 from transferkit.data.bundle import (
     DataBundle,
     resolve_split_folders,
+    split_views,
     stratified_split,
-    warn_unvalidated_classes,
     warn_validation_copies,
 )
 from transferkit.data.checks import (
@@ -691,8 +691,8 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
         warn_validation_copies(train.samples, val.samples, report, what="clip")
     elif val_split:
         tr_idx, va_idx = stratified_split(train.targets, val_split, seed)
-        warn_unvalidated_classes(train.targets, va_idx, names, report)
-        train, val = train.view(tr_idx), train.view(va_idx)
+        train, val = split_views(train, tr_idx, va_idx, targets=train.targets, names=names, val_split=val_split,
+                                 report=report)
     return DataBundle(train=train, val=val, classes=names, report=report)  # type: ignore[arg-type]
 
 

@@ -314,6 +314,22 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
     elif val_split:
         splitter = getattr(train, "hash_split", None)  # encoded images: by key, reads no sample
         tr_idx, va_idx = splitter(val_split, seed) if splitter else stratified_split(targets, val_split, seed)
-        warn_unvalidated_classes(targets, va_idx, names, report)
-        train, val = train.view(tr_idx), train.view(va_idx)
+        train, val = split_views(train, tr_idx, va_idx, targets=targets, names=names, val_split=val_split,
+                                 report=report)
     return DataBundle(train=train, val=val, classes=names, report=report)
+
+
+def split_views(train: Any, tr_idx: Sequence[int], va_idx: Sequence[int], *, targets: Sequence[int],
+                names: Sequence[str], val_split: float, report: DataReport) -> tuple[Any, Any]:
+    """The training and validation views of ``train`` split by `val_split` (``targets``: the
+    labels before the split, warned about by `warn_unvalidated_classes`); no validation data
+    (None, with a warning) when the split held out nothing (every class has a single example,
+    or a hashed split of very few samples)."""
+    if len(va_idx):
+        warn_unvalidated_classes(targets, va_idx, names, report)
+    else:
+        report.warn(f"val_split={val_split} held out no example ({len(tr_idx)} in all), so the run has no "
+                    "validation data: its metrics, best epoch and early stopping come from training. Add examples, "
+                    "or give validation data (val_data=, or a val/ folder beside train/).")
+        return train.view(tr_idx), None
+    return train.view(tr_idx), train.view(va_idx)

@@ -149,3 +149,18 @@ def test_the_first_epoch_counts_the_feature_pass(result):
     assert r.timings["features_s"] > 0
     assert r.history[0]["time_s"] >= r.timings["features_s"]
     assert sum(row["time_s"] for row in r.history) <= r.timings["train_s"] + 1e-6
+
+
+def test_the_summary_shows_errors_of_any_scale():
+    """MSE and MAE are in the targets' units: 4 decimals printed 3e-11 as 0.0000 and 1e+76 as a
+    77-digit number."""
+    from types import SimpleNamespace
+
+    from transferkit.data.checks import DataReport
+    from transferkit.results import result_summary
+
+    r = SimpleNamespace(best={"epoch": 2, "val_loss": 4.2e-12}, history=[{}, {}], timings={}, stopped_early=False,
+                        metrics={"mse": 3.2e-11, "mae": 2.5e76, "r2": 0.99184}, export_report=None,
+                        checkpoint_path=None, compile_trial=None, plots={}, data_report=DataReport())
+    text = result_summary(r)
+    assert "best epoch 2 (val_loss 4.2e-12)" in text and "final:      MSE 3.2e-11, MAE 2.5e+76, R^2 0.9918" in text

@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from transferkit._text import number
+
 LINE_INTERVAL_S = 15.0  # off a terminal: the least time between two progress lines
 
 
@@ -241,7 +243,7 @@ def _cell(column: str, value: Any) -> str:
         return f"{value:.2e}"
     if column == "time_s":
         return f"{value:.1f}"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return number(value) if isinstance(value, float) else str(value)
 
 
 def epoch_log(owner: Any, *, log: Callable[[str], None] = print, title: str = "") -> EpochLog:

@@ -19,6 +19,17 @@ def plural(n: int, word: str, many: str | None = None) -> str:
 _LABEL = re.compile(r"^(\s*(?:[\w/ -]{1,12}:\s+)?)")
 
 
+def number(value: float) -> str:
+    """A score or loss for people: 4 decimals on the usual scales, 4 significant digits far
+    from them (an MSE of 3e-11 or of 1e+76 in the targets' own units).
+
+    Example:
+        >>> number(0.99184), number(3.2e-11), number(2.5e76), number(0.0), number(12345.678)
+        ('0.9918', '3.2e-11', '2.5e+76', '0.0000', '12345.6780')
+    """
+    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e5 or value != value else f"{value:.4g}"
+
+
 def wrap_lines(text: str, width: int = 100) -> str:
     """Each line of ``text`` wrapped at ``width`` characters; continuation lines are indented to
     where the line's text starts after a short label (``"  policy:   "``), so columns stay aligned.

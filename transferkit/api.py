@@ -20,7 +20,7 @@ from typing import Any
 from transferkit._progress import EpochLog
 from transferkit._signals import terminate_as_interrupt
 from transferkit.backbones import Backbone
-from transferkit._text import plural, wrap_lines
+from transferkit._text import number, plural, wrap_lines
 from transferkit.config import FinetuneConfig, called_as, unknown_key_error
 from transferkit.data import DataReport
 from transferkit.errors import ConfigError, suggest
@@ -122,7 +122,7 @@ class FinetuneResult:
             return f"<tr><th style='text-align:left'>{html.escape(name)}</th><td style='text-align:left'>" \
                    f"{html.escape(str(value))}</td></tr>"
 
-        best = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.best.items())
+        best = ", ".join(f"{k} {number(v)}" if isinstance(v, float) else f"{k} {v}" for k, v in self.best.items())
         rows = [row("backbone", self.backbone.name), row("policy", str(self.policy)),
                 row("classes", f"{len(self.classes)}: {', '.join(self.classes[:8])}"
                     + (" ..." if len(self.classes) > 8 else "")),
@@ -327,6 +327,13 @@ def resume(path: str | Path, **overrides: Any) -> FinetuneResult:
     Example:
         >>> result = transferkit.resume("runs/ants.pt")  # doctest: +SKIP
     """
+    return finetune(resume_config(path, **overrides))
+
+
+def resume_config(path: str | Path, **overrides: Any) -> FinetuneConfig:
+    """The configuration `resume` continues the run of checkpoint ``path`` with: the stored
+    settings, ``overrides`` replacing some (``transferkit finetune --checkpoint PATH --resume
+    --dry-run`` plans it)."""
     unknown = set(overrides) - set(FinetuneConfig.__dataclass_fields__)
     if unknown:
         raise unknown_key_error(sorted(unknown)[0], "resume()", recipe_keys=False)
@@ -350,7 +357,7 @@ def resume(path: str | Path, **overrides: Any) -> FinetuneResult:
     values = {**stored, **{k: v for k, v in overrides.items() if k not in objects}, "checkpoint": str(path),
               "resume": True}
     cfg = FinetuneConfig.from_dict(values, source=f"the configuration stored in {str(path)!r}")
-    return finetune(cfg.replace(**objects) if objects else cfg)
+    return cfg.replace(**objects) if objects else cfg
 
 
 LR_FIND_PHASES = ("frozen", "unfrozen")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from transferkit._io import check_writable
-from transferkit._text import plural
+from transferkit._text import number, plural
 from transferkit.decisions import Decisions
 from transferkit.errors import ConfigError
 from transferkit.export import Predictor
@@ -73,7 +73,7 @@ def result_record(result: Any) -> dict[str, Any]:
 
 
 def _score(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float))
+    return ", ".join(f"{k} {number(v)}" for k, v in values.items() if isinstance(v, float))
 
 
 def result_summary(result: Any) -> str:
@@ -89,7 +89,7 @@ def result_summary(result: Any) -> str:
     lines = [head]
     names = {"accuracy": "accuracy", "macro_f1": "macro F1", "balanced_accuracy": "balanced accuracy",
              "mse": "MSE", "mae": "MAE", "r2": "R^2", "subset_accuracy": "subset accuracy", "micro_f1": "micro F1"}
-    shown = [f"{label} {result.metrics[k]:.4f}" for k, label in names.items()
+    shown = [f"{label} {number(result.metrics[k])}" for k, label in names.items()
              if isinstance(result.metrics.get(k), float)]
     if shown:
         lines.append("  final:      " + ", ".join(shown))

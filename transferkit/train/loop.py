@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transferkit._progress import epoch_log, progress
+from transferkit._text import number
 from transferkit.config import check_task_settings
 from transferkit.errors import ConfigError, TrainingError, check_choice
 from transferkit.train.distributed import DistInfo, DistributedError, all_reduce_sum, broadcast_buffers, whole_set
@@ -299,7 +300,7 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
         row["time_s"] = time.perf_counter() - t0 + prep_s
         if loop.verbose and main:  # a line per epoch; in a notebook, a table that grows in place
             epoch_log(state, log=loop.log).add(row, f"epoch {epoch + 1:>3}/{shown}  " + "  ".join(
-                f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "time_s", "lr", "lr_groups", "passes",
+                f"{k} {number(v)}" for k, v in row.items() if k not in ("epoch", "time_s", "lr", "lr_groups", "passes",
                                                                      "best_pass"))
                 + (f"  (best of {row['passes']} passes: {row['best_pass']})" if "passes" in row else "")
                 + f"  ({row['time_s']:.1f}s" + (f" incl. {prep_what} {prep_s:.1f}s)" if prep_s > 0 else ")"),

@@ -235,6 +235,10 @@ def test_tiny_targets_are_scaled_and_huge_ones_below_float32_resolution_are_name
     d = tk.plan("tk:small_cnn", data=huge, task="regression", val_split=0, **COMMON)
     assert any("vary by less than float32 resolves at their magnitude" in n and "Subtract an offset" in n
                for n in d.notes)
+    units = table("units.csv", "path,y", lambda lv: f"{1e9 + lv[0] % 4:.0f}")  # 1e9 + a few units: float32 rounds
+    d = tk.plan("tk:small_cnn", data=units, task="regression", val_split=0, **COMMON)  # them all to 1e9
+    assert d.target_norm["constant"] == (False,) and d.target_norm["std"][0] > 0.3
+    assert any("vary by less than float32 resolves" in n for n in d.notes) and not any("constant" in n for n in d.notes)
 
 
 def test_a_split_that_leaves_nothing_to_train_on_is_refused(table):

@@ -236,13 +236,14 @@ class TargetDataset(TransformedDataset):
         return getattr(self.base, "min_size", None)
 
     def listed_targets(self) -> torch.Tensor | None:
-        """Every target of this dataset ``[N, D]``, from its listing (nothing decoded), or None
+        """Every target of this dataset ``[N, D]`` in float64 (as listed: the statistics see what
+        float32 would round away, e.g. 1e9 + 1), from its listing (nothing decoded), or None
         when the base dataset is not one of transferkit's own listings (its targets come with
         its items)."""
         files = listing_of(self)
         if files is None or not self.indices:
             return None
-        return torch.from_numpy(np.asarray([files.samples[j][1] for j in self.indices], dtype=np.float32)).reshape(
+        return torch.from_numpy(np.asarray([files.samples[j][1] for j in self.indices], dtype=np.float64)).reshape(
             len(self.indices), -1)
 
     def raw(self, i: int) -> Any:

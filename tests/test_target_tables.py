@@ -350,3 +350,11 @@ def test_a_listed_file_that_fails_during_extraction_is_masked_in_the_feature_sto
         r = tk.finetune("tk:small_cnn", data=csv, task="regression", val_split=0, epochs=2, cache_dir=tmp_path / "c",
                         **COMMON)
     assert r.data_report.bad_at_load == [str(damaged)] and r.feature_report["masked_samples"] == 1
+
+
+def test_a_target_beyond_float32_is_named_by_its_row_and_column(table):
+    """1e39 is finite, but float32 (what targets are read as) makes it inf: the error named
+    "training item 5" and NaN or inf instead of the cell."""
+    big = table("big.csv", "path,y", lambda lv: "1e39" if lv[0] == table.levels[5][0] else f"{lv[0]:.3f}")
+    with pytest.raises(DataError, match=r"row 7, column 'y': '1e39' is not a finite number within float32's range"):
+        tk.plan("tk:small_cnn", data=big, task="regression", val_split=0, **COMMON)

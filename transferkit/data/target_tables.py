@@ -30,6 +30,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from transferkit.data.checks import DataReport, filter_bad_images
 from transferkit.data.folders import check_listed_files, csv_file_path, parse_number, read_csv_rows
 from transferkit.data.images import ImageFolderDataset
@@ -37,6 +39,7 @@ from transferkit.errors import DataError
 
 LABEL_LIST_COLUMN = "labels"  # multilabel: label names separated by LABEL_SEPARATOR
 LABEL_SEPARATOR = ";"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def is_csv(data: object) -> bool:
@@ -126,8 +129,9 @@ def _columns(header: list[str], body: list[list[str]], classes: Sequence[str] | 
         for j, name in zip(at, names):
             cell = r[j].strip()
             v = parse_number(cell)
-            if v is None or (task == "multilabel" and not 0.0 <= v <= 1.0):
-                need = "1 or 0 (or a soft target in [0, 1])" if task == "multilabel" else "a finite number"
+            if v is None or (task == "multilabel" and not 0.0 <= v <= 1.0) or abs(v) > FLOAT32_MAX:
+                need = "1 or 0 (or a soft target in [0, 1])" if task == "multilabel" else \
+                    f"a finite number within float32's range (+-{FLOAT32_MAX:.4g}: targets are read as float32)"
                 raise DataError(f"{where}, row {i + 2}, column {name!r}: {cell!r} is not {need}. Fix the value, or "
                                 "remove the row.")
             values.append(v)

@@ -358,3 +358,11 @@ def test_a_target_beyond_float32_is_named_by_its_row_and_column(table):
     big = table("big.csv", "path,y", lambda lv: "1e39" if lv[0] == table.levels[5][0] else f"{lv[0]:.3f}")
     with pytest.raises(DataError, match=r"row 7, column 'y': '1e39' is not a finite number within float32's range"):
         tk.plan("tk:small_cnn", data=big, task="regression", val_split=0, **COMMON)
+
+
+def test_a_multilabel_column_named_with_the_label_separator_is_refused(table):
+    """predict's CSV joins labels with ';': a label 'a;b' read back as two unknown labels."""
+    bad = table("sep.csv", "path,red;ish,blue", lambda lv: f"{int(lv[0] > 0.5)},{int(lv[2] > 0.5)}")
+    with pytest.raises(DataError, match=r"the label name 'red;ish' holds ';', which separates the labels"):
+        scan_target_csv(bad, task="multilabel")
+    assert scan_target_csv(bad, task="regression")[1] == ["red;ish", "blue"]  # output names of values: no lists

@@ -113,6 +113,11 @@ def _columns(header: list[str], body: list[list[str]], classes: Sequence[str] | 
     columns = header[1:]
     if any(not c for c in columns) or len(set(columns)) < len(columns):
         raise DataError(f"{where}: the header's output columns {columns} need a name each, each name once.")
+    joined = [c for c in columns if LABEL_SEPARATOR in c] if task == "multilabel" else []
+    if joined:
+        raise DataError(f"{where}: the label name {joined[0]!r} holds {LABEL_SEPARATOR!r}, which separates the labels "
+                        f"of a '{LABEL_LIST_COLUMN}' column (and of predict's CSV output, where it would read as two "
+                        "labels); rename the column.")
     names = list(classes) if classes is not None else columns
     absent = [n for n in names if n not in columns]
     if absent:

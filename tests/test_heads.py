@@ -108,6 +108,23 @@ def test_classification_metrics_match_scikit_learn():
     assert m["per_class"]["macro avg"]["recall"] == pytest.approx(skm.recall_score(y, p, average="macro"))
 
 
+def test_multilabel_macro_averages_leave_out_a_label_absent_from_targets_and_predictions():
+    """As for classes: a label never positive in the data and never predicted has no F1; counted
+    as 0 it gave a perfect model a macro F1 of 0.667."""
+    import sklearn.metrics as skm
+
+    from transferkit.train.metrics import multilabel_metrics
+
+    t = torch.tensor([[1.0, 0, 0], [0, 1, 0], [1, 1, 0], [0, 1, 0]])
+    m = multilabel_metrics(t * 10 - 5, t, ["a", "b", "never"])
+    assert m["macro_f1"] == m["per_class"]["macro avg"]["f1-score"] == 1.0 and m["per_class"]["never"]["f1-score"] == 0
+    wrong = t * 10 - 5
+    wrong[0, 2] = 5.0  # "never" predicted once: it counts, with F1 0
+    y, p = t.numpy().astype(int), (wrong > 0).numpy().astype(int)
+    m = multilabel_metrics(wrong, t, ["a", "b", "never"])
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, p, average="macro", zero_division=0)) == pytest.approx(2 / 3)
+
+
 def test_multilabel_metrics_read_soft_targets_by_their_side_of_one_half():
     from transferkit.train.metrics import multilabel_metrics
     from transferkit.train.tasks import count_correct

@@ -88,7 +88,17 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
 
 def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Sequence[str]) -> dict[str, Any]:
     """Subset accuracy, per-label accuracy, micro/macro F1 and the per-label report (threshold
-    0.5, on the predicted probabilities and on soft targets alike)."""
+    0.5, on the predicted probabilities and on soft targets alike). As for classes (see
+    `classification_report`), the macro averages are over the labels that occur in the targets
+    or the predictions: a label the evaluated data never hold and the model never predicts has
+    a row of zeros but does not count in them (it has no F1 to speak of, and counted as 0 it
+    would lower a perfect model's macro F1).
+
+    Example:
+        >>> t = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        >>> multilabel_metrics(t * 10 - 5, t, ["a", "b", "never"])["macro_f1"]
+        1.0
+    """
     from sklearn.metrics import classification_report, f1_score
 
     y, p = (targets >= 0.5).numpy().astype(int), (logits > 0).numpy().astype(int)
@@ -100,8 +110,12 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Seq
         micro = macro = f1
     else:
         micro = float(f1_score(y, p, average="micro", zero_division=0))
-        macro = float(f1_score(y, p, average="macro", zero_division=0))
         report = classification_report(y, p, target_names=list(classes), output_dict=True, zero_division=0)
+        seen = y.any(0) | p.any(0)
+        seen = seen if seen.any() else np.ones_like(seen)
+        for key in ("precision", "recall", "f1-score"):
+            report["macro avg"][key] = float(np.mean([report[c][key] for c, s in zip(classes, seen) if s]))
+        macro = report["macro avg"]["f1-score"]
     return {"subset_accuracy": float((p == y).all(1).mean()), "label_accuracy": float((p == y).mean()),
             "micro_f1": micro, "macro_f1": macro, "per_class": report}
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from transferkit.errors import DataError
-from transferkit.recipes import RecipeData, main_guard, run_recipe
+from transferkit.recipes import RecipeData, main_guard, run_recipe, speech_model_options
 
 
 def read_esc50(root: Path, fold: int) -> RecipeData:
@@ -37,12 +37,14 @@ def read_esc50(root: Path, fold: int) -> RecipeData:
     return RecipeData(train=train, val=None, test=test, classes=classes)
 
 
+def esc50_arguments(group: argparse.ArgumentParser) -> None:
+    group.add_argument("--fold", type=int, default=5, help="the fold held out as the test set")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--fold", type=int, default=5)
-    own, rest = pre.parse_known_args(argv)
-    return run_recipe("esc50", lambda root, options: read_esc50(root, own.fold), description=__doc__,
-                      argv=rest, recipe_dir=Path(__file__).resolve().parent)
+    return run_recipe("esc50", lambda root, options: read_esc50(root, options["args"].fold), description=__doc__,
+                      argv=argv, recipe_dir=Path(__file__).resolve().parent, add_arguments=esc50_arguments,
+                      run_settings=speech_model_options)
 
 
 if __name__ == "__main__":

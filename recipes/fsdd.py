@@ -7,9 +7,10 @@ scratch, all inside one model that takes raw 8 kHz waveforms. Splits (``--split`
 ``speaker:<name>`` (that speaker's 500 recordings are the test set: speaker-independent).
 10 % of the training recordings are held out for validation (best-epoch selection); the
 test set is scored on the exported file. Data: --data-dir holding ``recordings/*.wav``
-(or the WAV files themselves). Try ``--backbone ta:wav2vec2_base`` (weights when online)
-or ``--backbone spec:tv:resnet18``. ``--threads N`` sets torch's CPU threads.
-See docs/audio.md.
+(or the WAV files themselves). Try ``--backbone ta:wav2vec2_base`` (weights when online;
+the config's spectrogram options are left out, its 8 kHz sample rate and clip length kept:
+the model resamples inside) or ``--backbone spec:tv:resnet18``. ``--threads N`` sets
+torch's CPU threads. See docs/audio.md.
 """
 
 import argparse
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from transferkit.errors import DataError
-from transferkit.recipes import RecipeData, main_guard, run_recipe
+from transferkit.recipes import RecipeData, main_guard, run_recipe, speech_model_options
 
 CLASSES = [str(d) for d in range(10)]
 
@@ -70,10 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
         train, test = split_fsdd(fsdd_files(root), args.split)
         return RecipeData(train=train, val=None, test=test, classes=CLASSES)
 
-    if any(a.startswith("ta:") for a in argv) and "backbone_options" not in " ".join(argv):
-        argv += ["--set", "backbone_options={sample_rate: 8000}"]  # speech models: resample inside, not the config's mel options
     out = run_recipe("fsdd", data, description=__doc__, argv=argv, recipe_dir=Path(__file__).resolve().parent,
-                     add_arguments=fsdd_arguments)
+                     add_arguments=fsdd_arguments, run_settings=speech_model_options)
     print(f"threads: {torch.get_num_threads()}")
     return out
 

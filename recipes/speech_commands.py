@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from transferkit.errors import DataError
-from transferkit.recipes import RecipeData, main_guard, run_recipe
+from transferkit.recipes import RecipeData, main_guard, run_recipe, speech_model_options
 
 NOISE = "_background_noise_"
 
@@ -49,4 +49,5 @@ def data(root: Path, options: dict) -> RecipeData:
 
 if __name__ == "__main__":
     sys.exit(main_guard(lambda: run_recipe("speech_commands", data, description=__doc__,
-                                           recipe_dir=Path(__file__).resolve().parent)))
+                                           recipe_dir=Path(__file__).resolve().parent,
+                                           run_settings=speech_model_options)))

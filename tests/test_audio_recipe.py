@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transferkit import DataError
+from transferkit import ConfigError, DataError
 from transferkit.config import load_config, merge_config
 from transferkit.export.torchscript import load_scripted
 
@@ -60,3 +60,17 @@ def test_recipe_options_are_real_argparse_options(recipe):
     args = parser.parse_args(["--split", "speaker:theo", "--threads", "1"])
     assert args.split == "speaker:theo" and args.threads == 1
     assert "--split" in parser.format_help() and "fsdd options" in parser.format_help()
+
+
+@pytest.mark.parametrize("backbone", [["--backbone=ta:wav2vec2_tiny"], ["--set", "backbone=ta:wav2vec2_tiny"]])
+def test_a_speech_model_gets_the_sample_rate_not_the_configs_spectrogram_options(backbone, recipe, shared_data,
+                                                                                 tmp_path):
+    out = tmp_path / "out"
+    summary = recipe["main"](["--data-dir", str(shared_data / "fsdd"), "--limit", "1", "--epochs", "1", *backbone,
+                              "--weights", "none", "--out", str(out), "--set", "batch_size=4", "--set", "val_split=0",
+                              "--set", "verbose=false"])
+    assert summary["config"]["backbone"] == "ta:wav2vec2_tiny"
+    assert summary["config"]["backbone_options"] == {"sample_rate": 8000, "clip_seconds": 0.8}
+    with pytest.raises(ConfigError, match="cannot be built with the options"):  # options the user gave are kept
+        recipe["main"](["--data-dir", str(shared_data / "fsdd"), "--limit", "1", "--epochs", "1", *backbone,
+                        "--weights", "none", "--out", str(out), "--set", "backbone_options={n_mels: 16}"])

@@ -179,3 +179,62 @@ def test_a_recipe_wide_setting_a_probe_has_no_use_for_is_left_out_of_its_run_and
     runs = {r["run"]: r["config"] for r in summary["runs"]}
     assert "early_stopping" not in runs["probe"] and runs["trained"]["early_stopping"] == 2
     assert "run 'probe': early_stopping=2 (set for the whole recipe) does not apply" in capsys.readouterr().err
+
+
+def _never_read(root, recipe):
+    pytest.fail("the data were read before the settings were checked")
+
+
+def test_a_config_file_named_with_config_must_exist_the_recipes_own_is_optional(tmp_path):
+    with pytest.raises(ConfigError, match="Config file '.*nosuch.yaml' does not exist"):
+        run_recipe("toy", _never_read, description="toy", recipe_dir=tmp_path,
+                   argv=["--data-dir", str(tmp_path), "--config", str(tmp_path / "nosuch.yaml")])
+
+    class Reached(Exception):
+        pass
+
+    def data_fn(root, recipe):
+        raise Reached
+
+    with pytest.raises(Reached):  # no recipes/toy.yaml: the flags alone
+        run_recipe("toy", data_fn, description="toy", recipe_dir=tmp_path, argv=["--data-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("given", [["--limit", "0"], ["--limit", "-1"], ["--limit", "-7"], ["--set", "limit=0"],
+                                   ["--config", "limit.yaml"]])
+def test_limit_must_be_a_positive_integer(given, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "limit.yaml").write_text("limit: -1\n")
+    said = "limit: -1 in the config" if given[0] == "--config" else f"--limit {given[1].removeprefix('limit=')}"
+    with pytest.raises(ConfigError, match=f"toy recipe: {said} is out of range; expected a positive integer"):
+        run_recipe("toy", _never_read, description="toy", recipe_dir=tmp_path, argv=["--data-dir", ".", *given])
+
+
+@pytest.mark.parametrize("runs, error", [
+    ("first: {policy: feature_extraction}\n  second: {lrr: 0.001}", "toy recipe, run 'second': unknown key 'lrr'"),
+    ("first: {policy: full}\n  second: {warmup_epochs: 5}", "run 'second': warmup_epochs=5 is longer than the run"),
+    ("first: {limit: 2}", "run 'first': 'limit' is a setting of the whole recipe .* Move it above runs: in the config, "
+                          "or give it on the command line"),
+    ("first: 3", "run 'first' must be a mapping of finetune\\(\\) settings"),
+])
+def test_every_runs_settings_are_checked_before_the_data_are_read(runs, error, tmp_path):
+    (tmp_path / "toy.yaml").write_text(f"epochs: 2\nruns:\n  {runs}\n")
+    with pytest.raises(ConfigError, match=error):
+        run_recipe("toy", _never_read, description="toy", recipe_dir=tmp_path, argv=["--data-dir", str(tmp_path)])
+
+
+def test_run_names_an_unknown_run(tmp_path):
+    with pytest.raises(ConfigError, match="Unknown run 'foo'; this recipe's config has no runs: .* leave out --run"):
+        run_recipe("toy", _never_read, description="toy", recipe_dir=tmp_path,
+                   argv=["--data-dir", str(tmp_path), "--run", "foo"])
+    (tmp_path / "toy.yaml").write_text("runs:\n  probe: {head: logistic}\n  trained: {policy: full}\n")
+    with pytest.raises(ConfigError, match=r"Unknown run 'foo'; this recipe's runs: \['probe', 'trained'\]"):
+        run_recipe("toy", _never_read, description="toy", recipe_dir=tmp_path,
+                   argv=["--data-dir", str(tmp_path), "--run", "foo"])
+
+
+def test_esc50_help_lists_its_fold_option(capsys):
+    mod = runpy.run_path(str(RECIPES / "esc50.py"), run_name="recipe_under_test")
+    with pytest.raises(SystemExit):
+        mod["main"](["--help"])
+    assert "--fold FOLD" in capsys.readouterr().out

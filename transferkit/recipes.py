@@ -7,10 +7,12 @@ its defaults; this module turns that into a command line::
                              [--epochs N] [--set key=value ...] [--out DIR] [--limit N]
 
 Where settings come from, each overriding the ones before it: the recipe's YAML config
-(``recipes/<name>.yaml`` unless ``--config``), then a run's own block under ``runs:``, then
-the command-line flags and ``--set`` (the most specific: they override every run). Every
-key is checked by `transferkit.config.merge_config` against
-[`FinetuneConfig`][transferkit.FinetuneConfig]'s fields and the recipe keys.
+(``recipes/<name>.yaml`` unless ``--config``; the recipe's own file is optional, a file named
+with ``--config`` must exist), then a run's own block under ``runs:``, then the command-line
+flags and ``--set`` (the most specific: they override every run). Every key is checked by
+`transferkit.config.merge_config` against [`FinetuneConfig`][transferkit.FinetuneConfig]'s
+fields and the recipe keys, and every run's merged settings are checked before the data are
+read and the first run starts.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.config import RECIPE_KEYS, load_config, merge_config, parse_overrides
+from transferkit.config import RECIPE_KEYS, FinetuneConfig, called_as, load_config, merge_config, parse_overrides
 from transferkit.errors import ConfigError, DataError, TransferkitError
 from transferkit.helpformat import HELP, one_line, one_line_warnings
 from transferkit.data import find_split_folders
@@ -141,7 +143,7 @@ def build_parser(name: str, description: str,
     p.add_argument("--weights", default=None, help="'DEFAULT', a tag, a file path, or 'none'")
     p.add_argument("--policy", default=None)
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--limit", type=int, default=None, help="use at most N items per class (smoke tests)")
+    p.add_argument("--limit", type=int, default=None, help="use at most N items per class, N >= 1 (smoke tests)")
     p.add_argument("--run", default=None, help="run only this one of the config's runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any finetune() setting but data, val_data, classes and export, which the "
                    "recipe sets")
@@ -151,18 +153,59 @@ def build_parser(name: str, description: str,
 
 
 PROBE_UNUSED = ("early_stopping", "head_dropout")  # settings of trained heads that head='logistic' refuses
+SPEECH_MODEL_OPTIONS = ("sample_rate", "clip_seconds")  # of an audio recipe's backbone_options, those ta: models take
+
+
+def speech_model_options(settings: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """A run's settings with a ``ta:`` speech model: the recipe config's ``backbone_options``
+    (written for its ``spec:`` backbone: ``n_mels``, ``n_fft``, ...) cut to the input's
+    ``sample_rate`` and ``clip_seconds``, unless the user gave ``backbone_options`` (in
+    ``given``: the keys set by ``--config``, the run's block, the flags or ``--set``). For
+    `run_recipe`'s ``run_settings``."""
+    options = settings.get("backbone_options")
+    if str(settings.get("backbone", "")).startswith("ta:") and options and "backbone_options" not in given:
+        settings = {**settings, "backbone_options": {k: v for k, v in options.items() if k in SPEECH_MODEL_OPTIONS}}
+    return settings
+
+
+def _check_limit(limit: Any, source: str, *, flag: bool) -> None:
+    """``limit`` (items per class) is None or a positive integer; ``flag``: it came from the command line."""
+    if limit is not None and limit < 1:
+        given = f"--limit {limit}" if flag else f"limit: {limit} in the config"
+        raise ConfigError(f"{source}: {given} is out of range; expected a positive integer (at most that many items "
+                          "of each class), or leave it out to use all the data.")
+
+
+def _run_blocks(runs: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    """The config's ``runs:``, each block a mapping of ``finetune()`` settings (None: no changes);
+    the recipe keys apply to the whole recipe and are refused inside a run."""
+    out = {}
+    for run_name, block in runs.items():
+        if block is not None and not isinstance(block, dict):
+            raise ConfigError(f"{source}: run {run_name!r} must be a mapping of finetune() settings (key: value lines "
+                              f"indented under its name), got {type(block).__name__}.")
+        inside = sorted(set(block or {}) & set(RECIPE_KEYS))
+        if inside:
+            raise ConfigError(f"{source}, run {run_name!r}: {inside[0]!r} is a setting of the whole recipe "
+                              f"({', '.join(RECIPE_KEYS)}), not of one run. Move it above runs: in the config, or "
+                              "give it on the command line (--data-dir, --download, --out, --limit).")
+        out[str(run_name)] = dict(block or {})
+    return out
 
 
 def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData], *, description: str,
                argv: list[str] | None = None, recipe_dir: Path | None = None,
-               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> dict[str, Any]:
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+               run_settings: Callable[[dict[str, Any], set[str]], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Parse arguments, merge the config, build the data, run [`finetune`][transferkit.finetune], evaluate the
     exported file on the test set (when there is one), print and write ``results.json``.
-    ``add_arguments``: the recipe's own command-line options (see `build_parser`)."""
+    ``add_arguments``: the recipe's own command-line options (see `build_parser`). ``run_settings(settings,
+    given)``: the recipe's change to each run's merged settings, ``given`` naming the keys the user set (with
+    ``--config``, the run's block, the flags or ``--set``), e.g. `speech_model_options`."""
     args = build_parser(name, description, add_arguments).parse_args(argv)
     recipe_dir = recipe_dir or Path.cwd() / "recipes"
-    cfg_path = Path(args.config) if args.config else recipe_dir / f"{name}.yaml"
-    file_cfg = load_config(cfg_path) if cfg_path.exists() else {}
+    own_cfg = recipe_dir / f"{name}.yaml"  # optional: a recipe may keep all its settings in its flags
+    file_cfg = load_config(args.config) if args.config else load_config(own_cfg) if own_cfg.exists() else {}
     # command-line values are the most specific: they override the file and every run in it
     cli = {k: v for k, v in {"backbone": args.backbone, "policy": args.policy, "epochs": args.epochs,
                              "limit": args.limit, "data_dir": args.data_dir, "out_dir": args.out}.items() if v is not None}
@@ -173,30 +216,31 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     cli.update(parse_overrides(args.set))
     cfg = {k: expand_vars(v) for k, v in merge_config({**file_cfg, **cli}, source=f"{name} recipe").items()}
     recipe = {k: cfg.pop(k) for k in list(cfg) if k in RECIPE_KEYS}
+    _check_limit(recipe.get("limit"), f"{name} recipe", flag="limit" in cli)
     cli = {k: expand_vars(v) for k, v in cli.items() if k not in RECIPE_KEYS}
-    runs = recipe.get("runs") or {"": {}}
-    owned = sorted({"data", "val_data", "classes", "export"} & (set(cfg) | {k for r in runs.values() for k in r or {}}))
+    runs = _run_blocks(recipe.get("runs") or {}, f"{name} recipe") or {"": {}}
+    owned = sorted({"data", "val_data", "classes", "export"} & (set(cfg) | {k for r in runs.values() for k in r}))
     if owned:
         raise ConfigError(f"{name} recipe: {owned[0]} is set by the recipe itself (data, val_data and classes from "
                           "the data set under --data-dir; the export as <--out>/<run>/model.pt); leave it out of "
                           "--set and the config, or call transferkit.finetune() with your own.")
+    for run_name, overrides in runs.items():  # every run's keys and values, before the first run starts
+        merge_config(cfg, overrides, cli, source=f"{name} recipe, run {run_name!r}")
     if args.run:
         if args.run not in runs:
-            raise ConfigError(f"Unknown run {args.run!r}; this recipe's runs: {list(runs)}.")
+            listed = f"this recipe's runs: {list(runs)}" if "" not in runs else \
+                "this recipe's config has no runs: (it trains one model); leave out --run"
+            raise ConfigError(f"Unknown run {args.run!r}; {listed}.")
         runs = {args.run: runs[args.run]}
     data_dir = Path(recipe.get("data_dir") or default_data_root() / name).expanduser()
+    given = set(cli) | (set(file_cfg) if args.config else set())
+    run_cfgs = {run_name: _run_config(name, run_name, cfg, overrides, cli, data_dir, given | set(overrides),
+                                      run_settings) for run_name, overrides in runs.items()}
     out = Path(recipe.get("out_dir") or f"runs/{name}")
     data = data_fn(data_dir, {**recipe, "args": args})
     train, val, test, classes = _sliced(data, recipe.get("limit"), cfg.get("seed", 0))
     summaries = []
-    for run_name, overrides in runs.items():
-        run_cfg = merge_config({**cfg, **(overrides or {}), **cli}, source=f"{name} recipe, run {run_name!r}")
-        run_cfg = {k: expand_vars(v) for k, v in run_cfg.items()}
-        if run_cfg.get("head") == "logistic":  # settings of the whole recipe that a probe (no epochs) has no use for
-            unused = [k for k in PROBE_UNUSED if run_cfg.get(k) and k not in (overrides or {})]
-            for key in unused:
-                print(f"run {run_name!r}: {key}={run_cfg.pop(key)!r} (set for the whole recipe) does not apply to its "
-                      "head='logistic' (fitted once); left out of this run.", file=sys.stderr, flush=True)
+    for run_name, run_cfg in run_cfgs.items():
         run_out = out / run_name if run_name else out
         t0 = time.perf_counter()
         result = finetune(data=train, val_data=val, classes=classes, export=run_out / "model.pt", **run_cfg)
@@ -213,6 +257,26 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     if len(summaries) > 1:
         print(results_table(summaries))
     return summaries[0] if len(summaries) == 1 else {"recipe": name, "runs": summaries}
+
+
+def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[str, Any], cli: dict[str, Any],
+                data_dir: Path, given: set[str],
+                run_settings: Callable[[dict[str, Any], set[str]], dict[str, Any]] | None) -> dict[str, Any]:
+    """One run's ``finetune()`` settings: the config, the run's block and the command line merged, the
+    recipe's ``run_settings`` applied, and checked as a whole (`FinetuneConfig`) before any run starts."""
+    source = f"{name} recipe, run {run_name!r}" if run_name else f"{name} recipe"
+    run_cfg = merge_config(cfg, overrides, cli, source=source)
+    run_cfg = {k: expand_vars(v) for k, v in run_cfg.items()}
+    if run_settings is not None:
+        run_cfg = run_settings(run_cfg, given)
+    if run_cfg.get("head") == "logistic":  # settings of the whole recipe that a probe (no epochs) has no use for
+        unused = [k for k in PROBE_UNUSED if run_cfg.get(k) and k not in overrides]
+        for key in unused:
+            print(f"run {run_name!r}: {key}={run_cfg.pop(key)!r} (set for the whole recipe) does not apply to its "
+                  "head='logistic' (fitted once); left out of this run.", file=sys.stderr, flush=True)
+    with called_as(source):
+        FinetuneConfig(**run_cfg, data=str(data_dir))  # the settings' checks of each other (the data come later)
+    return run_cfg
 
 
 def results_table(summaries: list[dict[str, Any]]) -> str:

@@ -275,7 +275,7 @@ def test_audio_folders_follow_the_image_folder_rules(tmp_path):
     for c in ("cat", "dog"):
         (other / c).mkdir(parents=True)
         sf.write(other / c / "a.wav", _tone(500), RATE)
-    with pytest.raises(tk.DataError, match="shares no class with the training data"):
+    with pytest.raises(tk.DataError, match="shares no class with the classes it is read for"):
         prepare_audio_data(root / "train", other, spec=SPEC)
 
 

@@ -194,9 +194,12 @@ def test_class_names_that_look_like_splits_warn(tmp_path):
 def test_validation_folder_sharing_no_class_is_a_clear_error(tmp_path):
     make_image_folder(tmp_path / "train", classes=("ants", "bees"), per_class=3)
     make_image_folder(tmp_path / "val", classes=("cats", "dogs"), per_class=3)
-    with pytest.raises(tk.DataError, match=r"shares no class with the training data: its class folders are "
-                                           r"\['cats', 'dogs'\], the training classes \['ants', 'bees'\]"):
+    with pytest.raises(tk.DataError, match=r"shares no class with the classes it is read for: its class folders "
+                                           r"are \['cats', 'dogs'\], the classes \['ants', 'bees'\]"):
         prepare_data(tmp_path / "train", tmp_path / "val")
+    with pytest.raises(tk.DataError, match=r"'.*train' shares no class .* the classes \['Ants', 'Bees'\] \(those "
+                                           r"of classes=, .*or fix classes="):  # the training folder: classes= is wrong
+        prepare_data(tmp_path / "train", classes=["Ants", "Bees"])
 
 
 def test_a_class_with_a_single_image_is_named_as_never_validated(tmp_path):

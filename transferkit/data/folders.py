@@ -169,9 +169,9 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
         extra = [c for c in found if c not in classes]
         missing = [c for c in classes if c not in found]
         if len(extra) == len(found):
-            raise DataError(f"{str(root)!r} shares no class with the training data: its class folders are "
-                            f"{extra[:10]}, the training classes {list(classes)[:10]}. Validation folders need "
-                            "class sub-folders named like the training ones.")
+            raise DataError(f"{str(root)!r} shares no class with the classes it is read for: its class folders are "
+                            f"{extra[:10]}, the classes {list(classes)[:10]} (those of classes=, or for validation "
+                            "data the training data's). Name the class folders like those classes, or fix classes=.")
         if extra:
             report.warn(f"{str(root)!r} has class folders {extra} that the training data does not have; their {what} "
                         f"are left out (training classes: {list(classes)}).")

@@ -160,6 +160,18 @@ def test_a_class_folder_linked_to_another_is_warned(tmp_path):
     assert any("4 training file(s)" in w and "(zlinked)" in w for w in bundle.report.warnings)
 
 
+def test_a_linked_sub_folder_of_a_class_is_read_and_a_loop_is_not(tmp_path):
+    """A linked class folder was followed but a linked folder inside one was skipped, unreported."""
+    root = make_image_folder(tmp_path / "d", per_class=4, size=16)
+    more = make_image_folder(tmp_path / "elsewhere", classes=("more",), per_class=3, size=16) / "more"
+    os.symlink(more, root / "dark" / "more")
+    os.symlink(root / "dark", root / "dark" / "more" / "back")  # a loop: dark/more/back is dark
+    bundle = prepare_data(root, val_split=0)
+    dark = [p for p, t in bundle.train.samples if bundle.classes[t] == "dark"]
+    assert len(dark) == 4 + 3 and sum("/more/" in p for p in dark) == 3
+    assert [Path(p).name for p in bundle.report.ignored_folders] == ["back"]
+
+
 def test_a_class_name_with_a_line_break_is_refused_before_training(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=4, size=16)
     (root / "light").rename(root / "li\nght")

@@ -114,8 +114,11 @@ def list_class_files(folder: Path, is_data: Callable[[str], bool], report: DataR
     ``.ipynb_checkpoints``, ``__MACOSX``) are not walked and are listed in
     ``report.ignored_folders``; sub-folders that cannot be read are listed in
     ``report.unreadable_folders`` (and warned about); files that ``is_data`` rejects are
-    listed in ``report.ignored_files``."""
+    listed in ``report.ignored_files``. Linked sub-folders are followed, as a linked class
+    folder is; one that links back into a folder already walked (a loop) is listed in
+    ``report.ignored_folders``."""
     files: list[str] = []
+    walked: set[str] = set()
 
     def unreadable(exc: OSError) -> None:
         path = exc.filename if exc.filename is not None else str(folder)
@@ -124,10 +127,12 @@ def list_class_files(folder: Path, is_data: Callable[[str], bool], report: DataR
         report.warn(f"Cannot read folder {str(path)!r} ({reason}); the files in it are left out. "
                     "Fix its permissions (chmod +rx) or move it out of the data folder.")
 
-    for dp, dirs, fs in os.walk(folder, onerror=unreadable):
+    for dp, dirs, fs in os.walk(folder, onerror=unreadable, followlinks=True):
+        walked.add(os.path.realpath(dp))
+        looped = [d for d in dirs if os.path.realpath(os.path.join(dp, d)) in walked]
         hidden = [d for d in dirs if is_hidden(d)]
-        report.ignored_folders += [os.path.join(dp, d) for d in hidden]
-        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+        report.ignored_folders += [os.path.join(dp, d) for d in hidden + looped]
+        dirs[:] = sorted(d for d in dirs if not is_hidden(d) and d not in looped)
         for f in fs:
             (files if is_data(f) else report.ignored_files).append(os.path.join(dp, f))
     return sorted(files)

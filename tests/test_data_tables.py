@@ -57,6 +57,23 @@ def test_parquet_without_an_image_column_is_a_clear_error(tmp_path):
         prepare_data(str(tmp_path / "t.parquet"))
 
 
+def test_the_image_column_is_the_one_named_like_images_and_several_others_are_refused(tmp_path):
+    """A table with a binary ``mask`` before its ``image`` column trained on the masks."""
+    folder = make_image_folder(tmp_path / "img", per_class=3)
+    images, labels, _ = _rows(folder)
+    masks = pa.array([b"\x89PNG not this"] * len(images), pa.binary())
+    pq.write_table(pa.table({"mask": masks, "image": pa.array(images, pa.binary()), "label": labels}),
+                   tmp_path / "m.parquet")
+    assert tk.data.open_parquet([str(tmp_path / "m.parquet")]).source.image_column == "image"
+    pq.write_table(pa.table({"mask": masks, "photo": pa.array(images, pa.binary()), "label": labels}),
+                   tmp_path / "two.parquet")
+    with pytest.raises(tk.DataError, match=r"has 2 image columns, \['mask', 'photo'\], and none is named like "
+                                           r"images .* data=transferkit.data.open_parquet\(files, image_column="):
+        prepare_data(str(tmp_path / "two.parquet"))
+    chosen = tk.data.open_parquet([str(tmp_path / "two.parquet")], image_column="photo")
+    assert len(prepare_data(chosen, val_split=0).train) == len(images)  # finetune(data=...) takes it
+
+
 def test_missing_pyarrow_names_the_extra(tmp_path, monkeypatch):
     (tmp_path / "t.parquet").write_bytes(b"")
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)

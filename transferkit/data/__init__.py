@@ -14,6 +14,7 @@ from transferkit.data.images import (
     scan_image_folder,
 )
 from transferkit.data.bundle import DataBundle, prepare_data, resolve_split_folders, stratified_split
+from transferkit.data.tables import open_hf, open_parquet
 from transferkit.data.transforms import eval_transform, train_transform
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "dataset_targets",
     "eval_transform",
     "load_image",
+    "open_hf",
+    "open_parquet",
     "prepare_data",
     "resolve_split_folders",
     "SplitFolders",

@@ -138,6 +138,21 @@ def _pick(names: Sequence[str], wanted: Sequence[str], given: str | None, what: 
     return next((c for c in wanted if c in names), None)
 
 
+def _pick_image(cols: Sequence[str], typed: Sequence[str], given: str | None, where: str, how: str) -> str | None:
+    """The image column: ``given``; else among the columns of an image type (``typed``) the one
+    named like images (`IMAGE_COLUMNS`), else the only one; several of them, none so named (an
+    image and its mask), is a DataError naming them and ``how`` to choose. None: no image column."""
+    if given is not None:
+        return _pick(cols, [], given, "images", where)
+    named = [c for c in IMAGE_COLUMNS if c in typed]
+    if named:
+        return named[0]
+    if len(typed) > 1:
+        raise DataError(f"{where} has {len(typed)} image columns, {list(typed)[:10]}, and none is named like images "
+                        f"({', '.join(IMAGE_COLUMNS)}); name the one to train on: {how}.")
+    return typed[0] if typed else None
+
+
 class ParquetSource:
     """The rows of Parquet files, readable by position (see the module docstring)."""
 
@@ -161,11 +176,12 @@ class ParquetSource:
             return (pa.types.is_binary(t) or pa.types.is_large_binary(t)) or (
                 pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)
 
-        self.image_column = _pick(cols, [c for c in cols if is_image(schema.field(c).type)] + list(IMAGE_COLUMNS),
-                                  image_column, "images", where)
+        how = "data=transferkit.data.open_parquet(files, image_column=...)"
+        self.image_column = _pick_image(cols, [c for c in cols if is_image(schema.field(c).type)], image_column,
+                                        where, how)
         if self.image_column is None or not is_image(schema.field(self.image_column).type):
             raise DataError(f"{where} has no image column (binary bytes, or a struct with 'bytes'); its columns: "
-                            f"{cols[:20]}. Pass image_column=... naming it.")
+                            f"{cols[:20]}. Store the encoded images in a binary column.")
         self.label_column = _pick(cols, LABEL_COLUMNS, label_column, "labels", where)
         if self.label_column is None:
             raise DataError(f"{where} has no label column (looked for {', '.join(LABEL_COLUMNS)}); its columns: "
@@ -320,9 +336,12 @@ class HFSource:
         cols = list(feats)
         where = "The Hugging Face dataset"
         images = [c for c in cols if isinstance(feats[c], datasets.Image)]
-        self.image_column = _pick(cols, images + list(IMAGE_COLUMNS), image_column, "images", where)
+        how = "data=ds.remove_columns([...]) keeping one, or data=transferkit.data.open_hf(ds, image_column=...)"
+        self.image_column = _pick_image(cols, images or [c for c in IMAGE_COLUMNS if c in cols], image_column,
+                                        where, how)
         if self.image_column is None:
-            raise DataError(f"{where} has no Image column; its columns: {cols[:20]}. Pass image_column=....")
+            raise DataError(f"{where} has no Image column; its columns: {cols[:20]}. Cast the column of images to "
+                            "datasets.Image() (ds.cast_column(name, datasets.Image())).")
         labels = [c for c in cols if isinstance(feats[c], datasets.ClassLabel)]
         self.label_column = _pick(cols, labels + list(LABEL_COLUMNS), label_column, "labels", where)
         if self.label_column is None:

@@ -80,8 +80,8 @@ def check_image_tensor(t: torch.Tensor, doing: str = "predict on") -> torch.Tens
     if t.ndim == 2:
         t = t.unsqueeze(0)
     if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
-        raise DataError(f"An image tensor must be [C,H,W] with C in 1, 3, 4 (or [N,C,H,W] for several), got "
-                        f"{tuple(t.shape)}.")
+        several = " (or [N,C,H,W] for several)" if doing == "predict on" else ""
+        raise DataError(f"An image tensor must be [C,H,W] with C in 1, 3, 4{several}, got {tuple(t.shape)}.")
     if t.dtype == torch.uint16:  # torchvision's decode_png of a 16-bit PNG: scaled as the file would be
         t = torch.from_numpy(to_8bit(t.cpu().to(torch.int32).numpy()))
     if t.dtype == torch.uint8:

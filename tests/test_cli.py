@@ -280,3 +280,95 @@ def test_export_rebuilds_an_audio_backbone_with_the_runs_backbone_options(tmp_pa
     transferkit.finetune(built, checkpoint=tmp_path / "built.ckpt", **kw)
     code, _, err = _run(capsys, "export", tmp_path / "built.ckpt", "--out", tmp_path / "b.pt")
     assert code == 2 and "shape mismatches" in err and "the backbone options may differ" in err, err
+
+
+@pytest.fixture
+def tiny_run(tmp_path, monkeypatch):
+    """A folder holding images/ (the current one), and a finetune command line on it."""
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(Path("images"), per_class=4, size=20)
+    return ["finetune", "--data", "images", "--backbone", "tk:small_cnn", "--weights", "none", "--image-size", "16",
+            "--epochs", "1", "--set", "num_workers=0"]
+
+
+@pytest.mark.parametrize("given, said", [
+    (["--export", "/tmp"], "The export path '/tmp' (export) is a folder"),
+    (["--export", "a.pt", "--checkpoint", "./x/../a.pt"], "export and checkpoint are the same file 'a.pt'"),
+    (["--plots", "images/plots"], "lies inside the data folder 'images'"),
+    (["--export", "/proc/x.pt"], "The export path '/proc/x.pt' (export) cannot be written"),
+    (["--checkpoint", "m.pt"], "--checkpoint m.pt is an exported model: the run's checkpoints would replace it"),
+    (["--weights", "DEFAULT"], "tk:small_cnn has no published pretrained weights, so --weights DEFAULT cannot be"),
+    (["--backbone", "tv:resnet18", "--weights", "IMAGENET9K"], "Unknown weights 'IMAGENET9K' for tv:resnet18"),
+])
+def test_a_dry_run_refuses_the_outputs_and_weights_the_run_refuses(tiny_run, given, said, capsys, monkeypatch):
+    """The dry run checks the output paths and the weights tag as the run does before it builds
+    anything, and creates, locks and downloads nothing."""
+    if "m.pt" in given:
+        bb = transferkit.get_backbone("tk:small_cnn", weights=None)
+        transferkit.export_torchscript(transferkit.build_model(bb, 2), "m.pt",
+                                       example_inputs=torch.rand(2, 3, 16, 16),
+                                       metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()})
+    before = sorted(str(p) for p in Path(".").rglob("*"))
+    for dry in (["--dry-run"], []):
+        code, out, err = _run(capsys, *tiny_run, *given, *dry)
+        assert code == 2 and said in err and out == "", (dry, err)
+        assert "epoch" not in err  # refused before anything trained
+        assert sorted(str(p) for p in Path(".").rglob("*")) == before
+    code, _, err = _run(capsys, *tiny_run, "--export", "b.pt", "--backbone", "tv:resnet18", "--weights",
+                        "IMAGENET1K_V1", "--dry-run")
+    assert code == 0, err  # a tag the source has: the dry run loads no weights, and downloads nothing
+    assert not Path("b.pt").exists()
+
+
+def test_lr_find_refuses_the_settings_it_ignores(tiny_run, capsys):
+    """lr-find refuses on the command line, as it refuses a recipe key, every setting the range
+    test does not use; a config file of the run it prepares may hold them."""
+    lr_find = ["lr-find", *tiny_run[1:]]
+    for key, why in (("export=lf.pt", "writes no outputs"), ("lr=5", "ramps its own lr"),
+                     ("schedule=step", "ramps its own lr"), ("early_stopping=2", "trains no epochs"),
+                     ("checkpoint=c.ckpt", "writes no outputs"), ("limit=3", "read by the recipes")):
+        code, out, err = _run(capsys, *lr_find, "--set", key)
+        assert code == 2 and out == "" and f"--set: {key.split('=')[0]} " in err and why in err, err
+        assert "which would ignore it; remove it" in err
+    Path("run.yaml").write_text("export: lf.pt\nlr: 5\nschedule: step\nepochs: 1\n")
+    code, out, err = _run(capsys, *lr_find, "--config", "run.yaml", "--num-steps", "4")
+    assert code == 0 and json.loads(out)["suggested_lr"] is not None and not Path("lf.pt").exists(), err
+
+
+def test_a_flag_that_takes_none_reads_none_or_null_and_says_what_it_expects(tiny_run, capsys, monkeypatch):
+    """`none`, `None` and `null` mean None for every flag, --set and config-file setting that takes it,
+    as they do for --weights; a flag's wrong value is named with what it expects."""
+    for flag, value in (("--image-size", "32.5"), ("--image-size", "abc"), ("--lr", "fast"),
+                        ("--max-seconds", "1s")):
+        with pytest.raises(SystemExit) as info:
+            main([*tiny_run, flag, value, "--dry-run"])
+        what = "an integer" if flag == "--image-size" else "a number"
+        assert info.value.code == 2
+        assert f"argument {flag}: expects {what} (or none), got '{value}'" in capsys.readouterr().err
+    Path("w.yaml").write_text("weights: None\nlr: none\n")
+    unweighted = [a for i, a in enumerate(tiny_run) if "--weights" not in tiny_run[i - 1:i + 1]]
+    for given in (["--weights", "none", "--lr", "None"], ["--weights", "None", "--max-seconds", "null"],
+                  ["--weights", "null", "--image-size", "none"], ["--weights", "none", "--set", "lr=None"],
+                  ["--weights", "DEFAULT", "--set", "weights=none"], ["--config", "w.yaml"],
+                  ["--weights", "NULL"]):
+        code, out, err = _run(capsys, *unweighted, *given, "--dry-run", "--json")
+        assert code == 0, (given, err)
+        config = json.loads(out)["decisions"]["config"]
+        assert config["weights"] is None and config["lr"] is None and config["max_seconds"] in (None, 30.0)
+    code, _, err = _run(capsys, *tiny_run, "--set", "lr=abc", "--dry-run")
+    assert code == 2 and "--lr abc has type str; expected None or float or int (None is written null or none)" in err
+
+
+def test_relative_paths_in_a_config_file_are_read_from_its_folder(tiny_run, capsys, monkeypatch):
+    Path("cfgdir").mkdir()
+    Path("cfgdir/rel.yaml").write_text("data: ../images\nbackbone: tk:small_cnn\nweights: none\nimage_size: 16\n"
+                                       "epochs: 1\nnum_workers: 0\nexport: out/m.pt\n")
+    Path("elsewhere").mkdir()
+    monkeypatch.chdir("elsewhere")
+    code, out, err = _run(capsys, "finetune", "--config", "../cfgdir/rel.yaml", "--dry-run", "--json")
+    assert code == 0, err
+    config = json.loads(out)["decisions"]["config"]
+    here = Path.cwd().parent
+    assert config["data"] == str(here / "images") and config["export"] == str(here / "cfgdir" / "out" / "m.pt")
+    code, out, err = _run(capsys, "finetune", "--config", "../cfgdir/rel.yaml", "--data", "images", "--dry-run")
+    assert code == 2 and "'images' does not exist" in err  # a flag's path: from the current folder

@@ -128,6 +128,27 @@ def test_resume_flag_continues_with_the_stored_settings(run, capsys):
     assert code == 2 and "--resume continues the run saved in --checkpoint PATH" in err
 
 
+def test_a_dry_run_of_a_resume_plans_the_run_with_the_stored_settings(run, capsys, tmp_path, monkeypatch):
+    """`--checkpoint PATH --resume --dry-run` plans what the resume would run: the checkpoint's
+    settings (no --data needed), the flags and --set replacing some."""
+    root, data, _ = run
+    monkeypatch.chdir(tmp_path)  # the stored paths are absolute: any folder resumes the run
+    code, out, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume", "--dry-run", "--json",
+                          "--set", "top_k=1")
+    assert code == 0, err
+    config = json.loads(out)["decisions"]["config"]
+    assert config["checkpoint"] == str(root / "r.ckpt") and config["resume"] is True
+    assert config["data"] == str(data) and config["epochs"] == 2 and config["image_size"] == 16
+    assert config["export"] == str(root / "m.pt") and config["top_k"] == 1
+    assert not list(tmp_path.iterdir())
+    code, _, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume", "--dry-run",
+                        "--set", "epoch=3")
+    assert code == 2 and "unknown key 'epoch'. Did you mean 'epochs'?" in err
+    code, _, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume", "--dry-run",
+                        "--set", "checkpoint=other.ckpt")
+    assert code == 0, err  # as the resume: the run continues in the checkpoint it was given
+
+
 def test_resume_flag_starts_a_run_whose_checkpoint_does_not_exist_yet(tmp_path, capsys):
     """One command for every start of a job that may be preempted (docs/cli.md); the Python
     API refuses resume=True without the checkpoint (a typo would silently start over)."""

@@ -140,3 +140,90 @@ def test_a_policy_object_is_recorded_as_its_string_where_that_reads_back():
     assert FinetuneConfig(data="x", policy=Policy.parse("gradual:every=2")).to_dict()["policy"] == "gradual:every=2"
     comma = Policy(lora=4, lora_targets=r"blocks\.\d{1,2}\.attn")  # its string does not parse back
     assert FinetuneConfig(data="x", policy=comma).to_dict()["policy"] == "<Policy>"
+
+
+def test_none_is_written_none_or_null_in_files_flags_and_set():
+    """YAML reads `null` as None but `none`/`None` as text: every setting that takes None reads
+    them as None; a setting whose choices hold 'none' (augment) keeps it."""
+    got = merge_config({"weights": "None", "lr": "null", "image_size": "none", "max_seconds": "NULL",
+                        "export": "none", "augment": "none", "data_dir": "None"}, source="x")
+    assert got == {"weights": None, "lr": None, "image_size": None, "max_seconds": None, "export": None,
+                   "augment": "none", "data_dir": None}
+    with pytest.raises(ConfigError, match=r"lr='abc' has type str; expected .*\(None is written null or none\)"):
+        merge_config({"lr": "abc"}, source="x")
+    with pytest.raises(ConfigError, match="unknown scan 'None'"):  # scan has no None
+        merge_config({"scan": "None"}, source="x")
+
+
+@pytest.mark.parametrize("values, said", [
+    ({"classes": [False, True]}, r"classes\[0\]=False has type bool; expected str \(YAML reads unquoted yes/no.*"
+                                 r"quote each name"),
+    ({"classes": ["a", 1]}, r"classes\[1\]=1 has type int; expected str\.$"),
+    ({"head": "logistic", "probe_Cs": ["a"]}, r"probe_Cs\[0\]='a' has type str; expected a number"),
+    ({"head": "logistic", "probe_Cs": [True]}, r"probe_Cs\[0\]=True has type bool; expected a number"),
+    ({"head": "logistic", "probe_Cs": [-1]}, r"probe_Cs=\[-1\] is out of range; expected a non-empty list of numbers"),
+    ({"head": "logistic", "probe_Cs": [0.1, 0]}, r"probe_Cs=\[0.1, 0\] is out of range"),
+    ({"head": "logistic", "probe_Cs": []}, r"probe_Cs=\[\] is out of range; expected a non-empty list"),
+    ({"head_hidden": [8, 2.5]}, r"head_hidden\[1\]=2.5 has type float; expected int"),
+])
+def test_the_elements_of_a_list_setting_are_checked_when_the_config_is_made(values, said):
+    """The element type of a ``Sequence[...]`` annotation is checked as the field's own type is:
+    in Python, in a file (YAML turns unquoted no/yes into booleans) and on the command line."""
+    with pytest.raises(ConfigError, match=f"^finetune\\(\\): {said}"):
+        FinetuneConfig(data="x", **values)
+    with pytest.raises(ConfigError, match=f"^a.yaml: {said}"):
+        merge_config(values, source="a.yaml")
+    FinetuneConfig(data="x", classes=("a", "b"), head="logistic", probe_Cs=[0.5, 2])
+
+
+def test_an_unknown_key_suggests_and_lists_only_the_keys_the_command_takes(capsys):
+    def said(*argv):
+        assert main(["finetune", "--data", "x", *argv]) == 2 if argv[0] != "lr-find" else main([*argv]) == 2
+        return capsys.readouterr().err
+
+    err = said("--set", "outdir=1")  # out_dir is a recipe key, which finetune refuses
+    assert "unknown key 'outdir'" in err and "'out_dir'" not in err and "Did you mean 'plots_dir'" in err
+    valid = err.split("Valid keys: ")[1]
+    assert "callbacks" not in valid and "download" not in valid and "limit" not in valid and "data_dir" in valid
+    err = said("--set", "learning_rate=1e-3")  # another tool's name for a setting
+    assert "Did you mean 'lr'?" in err
+    assert "Did you mean 'epochs'?" in said("--set", "num_epochs=3")
+    err = said("lr-find", "--data", "x", "--set", "exprt=m.pt")
+    valid = err.split("Valid keys: ")[1]
+    assert "'export'" not in err and "export" not in valid and "checkpoint" not in valid and "lr," not in valid
+    with pytest.raises(ConfigError, match=r"unknown key 'learning_rate'\. Did you mean 'lr'\?"):
+        FinetuneConfig(data="x", learning_rate=1e-3)
+    with pytest.raises(ConfigError, match=r"unknown key 'wd'\. Did you mean 'weight_decay'\?"):
+        merge_config({"wd": 0.1})
+
+
+def test_a_validation_monitor_without_validation_data_is_refused(image_folder):
+    """An explicit val_* monitor, as early_stopping, needs validation data; a train_* one does not."""
+    kw = dict(weights=None, data=image_folder, val_split=0, image_size=16, num_workers=0, verbose=False)
+    with pytest.raises(ConfigError, match=r"^monitor='val_loss' picks the best epoch by a validation "
+                                          r"score, but the run has no validation data.*monitor='train_loss'"):
+        transferkit.plan("tk:small_cnn", monitor="val_loss", **kw)
+    with pytest.raises(ConfigError, match=r"monitor='val_acc' .*monitor='train_acc'"):
+        transferkit.plan("tk:small_cnn", monitor="val_acc", **kw)
+    assert transferkit.plan("tk:small_cnn", monitor="train_loss", **kw).n_val == 0
+    assert transferkit.plan("tk:small_cnn", **kw).n_val == 0  # the default monitor follows the data
+
+
+def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tmp_path, monkeypatch):
+    from transferkit.config import load_config
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "run.yaml").write_text(
+        "data: ../images\nval_data: /abs/val\nexport: out/m.pt\ncache_dir: ~/cache\nlog_dir: ${HOME}/logs\n"
+        "weights: DEFAULT\ncheckpoint: s3://bucket/r.ckpt\nplots_dir: plots\nout_dir: runs\n"
+        "runs:\n  a: {cache_dir: c}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("cfg/run.yaml")
+    assert cfg["data"] == "cfg/../images" and cfg["export"] == "cfg/out/m.pt" and cfg["plots_dir"] == "cfg/plots"
+    assert cfg["out_dir"] == "cfg/runs" and cfg["runs"]["a"]["cache_dir"] == "cfg/c"
+    assert (cfg["val_data"], cfg["cache_dir"], cfg["log_dir"], cfg["weights"], cfg["checkpoint"]) == \
+        ("/abs/val", "~/cache", "${HOME}/logs", "DEFAULT", "s3://bucket/r.ckpt")  # as written
+    (tmp_path / "cfg" / "w.yaml").write_text("weights: w/resnet.pth\n")
+    assert load_config(tmp_path / "cfg" / "w.yaml")["weights"] == str(tmp_path / "cfg" / "w" / "resnet.pth")
+    (tmp_path / "here.yaml").write_text("data: images\n")
+    assert load_config("here.yaml")["data"] == "images"  # in the current folder: unchanged

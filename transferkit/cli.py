@@ -261,6 +261,43 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+# settings the learning-rate range test does not use, and why (`transferkit lr-find` refuses them on the command line)
+LR_FIND_IGNORES = {**dict.fromkeys(("export", "checkpoint", "resume", "plots_dir", "log_dir", "portable_metadata"),
+                                   "the range test writes no outputs"),
+                   **dict.fromkeys(("lr", "schedule", "schedule_options", "warmup_epochs"),
+                                   "the range test ramps its own lr, from --start-lr to --end-lr"),
+                   **dict.fromkeys(("early_stopping", "monitor", "restore_best", "top_k"),
+                                   "the range test trains no epochs to score or keep")}
+
+
+def command_keys(command: str) -> list[str]:
+    """The settings ``transferkit COMMAND`` takes in a config file and in --set: FinetuneConfig's
+    (but Python objects) and ``data_dir``; lr-find's leave out those the range test ignores."""
+    from transferkit.config import config_fields
+
+    keys = [k for k, f in config_fields().items() if f.metadata["serial"]] + ["data_dir"]
+    return [k for k in keys if not (command == "lr-find" and k in LR_FIND_IGNORES)]
+
+
+def _number_flag(key: str, kind: type) -> Any:
+    """The argparse ``type`` of a flag whose setting is a number or None: ``none`` or ``null``
+    (any capitals) stands for None (`transferkit.config.merge_config` reads it so), else the
+    text must be an ``int`` or a number (``kind``)."""
+    from transferkit.config import is_none_word
+
+    def parse(text: str) -> Any:
+        if is_none_word(text):
+            return text
+        try:
+            return kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expects {what} (or none), got {text!r}") from None
+
+    parse.__name__ = kind.__name__  # argparse's own errors name the type
+    return parse
+
+
 def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
     """Flags for FinetuneConfig's common settings (each with its documented default), plus
     --config and --set for every other one: the same keys, checks and errors as the Python API."""
@@ -277,6 +314,8 @@ def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
             continue  # lr-find has no outputs and runs its own lr ramp, not the run's lr or schedule
         types = m["types"]
         kind = int if types == (int,) else float if float in types else str
+        if type(None) in types and (int in types or float in types):  # --image-size none: None, as in a file
+            kind = _number_flag(key, float if float in types else int)
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = m["help"].split(" or a ")[0] if key in ("backbone", "policy") else m["help"]
         help_text += f"; kinds: {', '.join(POLICY_KINDS)}" if key == "policy" else ""
@@ -298,21 +337,26 @@ def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
                         "repeatable; no default)")
 
 
-def _finetune_kwargs(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) -> dict:
-    """The config file, then the flags, then --set, merged and checked by one function."""
+def _finetune_kwargs(args: argparse.Namespace) -> dict:
+    """The config file, then the flags, then --set, merged and checked by one function. lr-find
+    refuses on the command line the settings it ignores (`LR_FIND_IGNORES`) and leaves them out of
+    a config file (the file of the run it prepares)."""
     from transferkit.config import RECIPE_KEYS, config_fields, load_config, merge_config, parse_overrides
     from transferkit.recipes import expand_vars
 
+    keys = command_keys(args.command)
     flags = {k: getattr(args, k) for k in config_fields() if getattr(args, k, None) is not None}
-    if isinstance(flags.get("weights"), str) and flags["weights"].lower() == "none":
-        flags["weights"] = None
-    file_cfg = load_config(args.config) if args.config else {}
-    overrides = parse_overrides(args.set)
+    file_cfg = load_config(args.config, keys=[*keys, *LR_FIND_IGNORES, "runs"]) if args.config else {}
+    overrides = parse_overrides(args.set, keys=keys)
     unused = RECIPE_KEYS.keys() - {"data_dir", "runs"}  # what recipes read; `finetune` has no use for them
     for where, layer in ((f"--config {args.config}", file_cfg), ("--set", overrides)):
         for key in sorted(set(layer) & (unused | ({"runs"} if where == "--set" else set()))):
             raise TransferkitError(f"{where}: {key} is read by the recipes (python recipes/NAME.py), not by "
                                    f"`transferkit {args.command}`, which would ignore it; remove it.")
+    skip = set(LR_FIND_IGNORES) if args.command == "lr-find" else set()
+    for key in sorted(set(overrides) & skip):
+        raise TransferkitError(f"--set: {key} is not used by `transferkit lr-find` ({LR_FIND_IGNORES[key]}), which "
+                               "would ignore it; remove it.")
     if "runs" in file_cfg:
         warnings.warn(f"{args.config}: the `runs` of this recipe file are not used by `transferkit {args.command}`, "
                       "which trains once with the top-level keys; run the recipe to train each of its runs.",
@@ -329,11 +373,11 @@ def _finetune_kwargs(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) ->
     return {**kwargs, "data": data}
 
 
-def _run_finetune(args: argparse.Namespace) -> Any:
-    """``finetune`` with the merged options; with ``--resume`` and an existing ``--checkpoint``
-    (and no --config), the run continues with the settings stored in the checkpoint, the
-    flags and --set replacing some of them (``transferkit.resume``)."""
-    from transferkit.api import finetune, resume
+def _finetune_options(args: argparse.Namespace) -> tuple[str | None, dict]:
+    """What ``transferkit finetune`` runs: ``(None, finetune()'s options)``, or, with ``--resume``
+    and an existing ``--checkpoint`` (and no --config), ``(checkpoint, changes)``: the run continues
+    with the settings stored in the checkpoint, the flags and --set replacing some of them
+    (``transferkit.resume``)."""
     from transferkit.config import config_fields, merge_config, parse_overrides
 
     if args.resume and not (args.checkpoint or args.config):
@@ -345,26 +389,42 @@ def _run_finetune(args: argparse.Namespace) -> Any:
             print(f"transferkit: --resume: {_shell_word(str(kwargs['checkpoint']))} does not exist yet; a new run "
                   "starts and saves it there.", file=sys.stderr, flush=True)
             kwargs["resume"] = False
-        return finetune(**kwargs)
+        return None, kwargs
     flags = {k: getattr(args, k) for k in config_fields() if getattr(args, k, None) is not None}
     flags.update({k: v for k, v in (("data", args.data), ("val_data", args.val_data)) if v is not None})
-    if isinstance(flags.get("weights"), str) and flags["weights"].lower() == "none":
-        flags["weights"] = None
-    changes = merge_config(flags, parse_overrides(args.set), source="finetune options")
-    return resume(args.checkpoint, **{k: v for k, v in changes.items() if k not in ("resume", "checkpoint")})
+    changes = merge_config(flags, parse_overrides(args.set, keys=command_keys(args.command)),
+                           source="finetune options")
+    return args.checkpoint, {k: v for k, v in changes.items() if k not in ("resume", "checkpoint")}
+
+
+def _run_finetune(args: argparse.Namespace) -> Any:
+    """``finetune`` (or ``resume``) with the merged options (see `_finetune_options`)."""
+    from transferkit.api import finetune, resume
+
+    checkpoint, options = _finetune_options(args)
+    return finetune(**options) if checkpoint is None else resume(checkpoint, **options)
+
+
+def _plan_finetune(args: argparse.Namespace) -> Any:
+    """The decisions of the run ``transferkit finetune`` would start or resume (see `_finetune_options`)."""
+    from transferkit.api import resume_config
+    from transferkit.decisions import plan
+
+    checkpoint, options = _finetune_options(args)
+    if checkpoint is None:
+        return plan(**{**options, "verbose": False})
+    return plan(resume_config(checkpoint, **options), verbose=False)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from transferkit.results import result_record, result_summary
 
     if args.dry_run:
-        from transferkit.decisions import plan
-
         caught: list = []
         try:
             with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                decided = plan(**{**_finetune_kwargs(args), "verbose": False})
+                decided = _plan_finetune(args)
         finally:
             for w in caught:  # shown as a run shows them (also before an error), and kept for the record
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
@@ -400,8 +460,7 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
 
     with contextlib.redirect_stdout(sys.stderr):
         res = lr_find(start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.num_steps, plot=args.plot,
-                      phase=args.phase,
-                      **_finetune_kwargs(args, skip=("export", "checkpoint", "plots_dir", "log_dir", "resume")))
+                      phase=args.phase, **_finetune_kwargs(args))
     print(json.dumps({"suggested_lr": res.suggestion, "phase": res.phase, "plot": args.plot, "notes": res.notes,
                       "seconds": round(res.seconds or 0.0, 1)}))
     return 0

@@ -23,7 +23,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -40,6 +40,12 @@ RECIPE_KEYS = {"data_dir": (str, type(None)), "download": (bool,), "out_dir": (s
 GROUPS = ("model", "data", "task", "policy", "optimisation", "features", "runtime", "outputs")
 _NUM = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _PY_ONLY = "python"  # a field that a file or the CLI cannot set (a Python object)
+NONE_WORDS = ("none", "null")
+"""How a file or the command line writes None (any capitals): YAML reads ``null`` as None but
+``none``/``None`` as text, which `merge_config` turns into None for a setting that takes None."""
+# names other tools give some settings: an unknown key that is one of them is answered with the setting
+ALIASES = {"learning_rate": "lr", "bs": "batch_size", "batchsize": "batch_size", "n_epochs": "epochs",
+           "num_epochs": "epochs", "max_epochs": "epochs", "wd": "weight_decay"}
 
 
 @runtime_checkable
@@ -133,6 +139,10 @@ def _hidden(v: Any) -> str | None:
         "a list of positive integers (hidden layer widths)"
 
 
+def _probe_cs(v: Any) -> str | None:
+    return None if v and all(math.isfinite(c) and c > 0 for c in v) else "a non-empty list of numbers > 0"
+
+
 def _admitted(hint: Any) -> tuple[tuple[type, ...], tuple[Any, ...] | None]:
     """The runtime types and the choices that the annotation ``hint`` admits: ``float`` takes
     ints too, ``Sequence[...]`` a list or tuple, ``dict[...]`` a dict, ``Literal[...]`` its
@@ -173,6 +183,22 @@ def _admitted(hint: Any) -> tuple[tuple[type, ...], tuple[Any, ...] | None]:
         else:
             raise TypeError(f"no runtime check for the annotation {m!r}")
     return tuple(dict.fromkeys(admitted)), (tuple(choices) if only_literals and choices else None)
+
+
+def _items(hint: Any) -> tuple[type, ...] | None:
+    """The types a list admits as its elements where the annotation ``hint`` admits a
+    ``Sequence[str]``, ``Sequence[int]`` or ``Sequence[float]`` (a float: an int too), else None.
+
+    Example:
+        >>> _items(Sequence[str] | None), _items(Sequence[float]), _items(int | None)
+        ((<class 'str'>,), (<class 'float'>, <class 'int'>), None)
+    """
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for m in members:
+        if typing.get_origin(m) in (Sequence, list, tuple) and typing.get_args(m)[0] in (str, int, float):
+            item = typing.get_args(m)[0]
+            return (float, int) if item is float else (item,)
+    return None
 
 
 
@@ -262,7 +288,8 @@ class FinetuneConfig:
                                 check=_non_negative)
     schedule_options: dict[str, Any] | None = _opt(None, "options of the schedule, e.g. {'min_factor': 0.01}",
                                                    group="optimisation")
-    probe_Cs: Sequence[float] | None = _opt(None, "head='logistic': the C values tried", group="optimisation")
+    probe_Cs: Sequence[float] | None = _opt(None, "head='logistic': the C values tried", group="optimisation",
+                                            check=_probe_cs)
     early_stopping: int | None = _opt(None, "stop after N epochs without improvement", group="optimisation",
                                       check=_opt_positive_int)
     monitor: Literal["val_loss", "val_acc", "train_loss", "train_acc"] | None = _opt(
@@ -436,7 +463,8 @@ def _annotate_fields() -> None:
     hints = typing.get_type_hints(FinetuneConfig)
     for f in dataclasses.fields(FinetuneConfig):
         admitted, choices = _admitted(hints[f.name])
-        f.metadata = types.MappingProxyType({**f.metadata, "types": admitted, "choices": choices})
+        f.metadata = types.MappingProxyType({**f.metadata, "types": admitted, "choices": choices,
+                                             "items": _items(hints[f.name])})
 
 
 _annotate_fields()
@@ -506,23 +534,33 @@ def called_as(name: str) -> Iterator[None]:
         _CALLER.reset(token)
 
 
-def unknown_key_error(key: str, source: str, *, recipe_keys: bool = True) -> ConfigError:
-    """The error for a key that ``source`` does not take: it names the closest valid key and
-    lists them all. A config file or recipe (``recipe_keys``) also takes the recipe keys
-    (`RECIPE_KEYS`); ``finetune()`` and ``FinetuneConfig()`` do not, and say where such a key goes."""
+def unknown_key_error(key: str, source: str, *, recipe_keys: bool = True,
+                      valid: Collection[str] | None = None) -> ConfigError:
+    """The error for a key that ``source`` does not take: it names the closest valid key (or
+    the setting another tool's name stands for, `ALIASES`) and lists them all. A config file
+    or recipe (``recipe_keys``) also takes the recipe keys (`RECIPE_KEYS`) but no Python
+    object; ``finetune()`` and ``FinetuneConfig()`` do not, and say where such a key goes.
+    ``valid``: the keys ``source`` takes, where it takes fewer (a command that refuses some)."""
     if not recipe_keys and key in RECIPE_KEYS:
         here = " (finetune() reads the training data from data=)" if key == "data_dir" else ""
         return ConfigError(f"{source}: {key!r} is a recipe setting ({', '.join(RECIPE_KEYS)}), read by the recipe "
                            f"scripts (python recipes/<name>.py --help), not by finetune(){here}. Leave it out here, "
                            "or run the recipe.")
-    valid = sorted(set(config_fields()) | (set(RECIPE_KEYS) if recipe_keys else set()))
-    return ConfigError(f"{source}: unknown key {key!r}.{suggest(str(key), valid)} Valid keys: {', '.join(valid)}.")
+    if valid is None:
+        settings = {k for k, f in config_fields().items() if f.metadata["serial"] or not recipe_keys}
+        valid = settings | (set(RECIPE_KEYS) if recipe_keys else set())
+    valid = sorted(valid)
+    alias = ALIASES.get(str(key).lower())
+    hint = f" Did you mean {alias!r}?" if alias in valid else suggest(str(key), valid)
+    return ConfigError(f"{source}: unknown key {key!r}.{hint} Valid keys: {', '.join(valid)}.")
 
 
 def _checked(f: dataclasses.Field, value: Any, source: str, *, text: bool = False) -> Any:
     """``value`` for field ``f``, type- and range-checked (``text``: read numeric strings as numbers)."""
     m = f.metadata
     types = m["types"]
+    if text and is_none_word(value) and type(None) in types and "none" not in (m["choices"] or ()):
+        value = None  # `none` or `null` in a file or on the command line ('none' stays where it is a choice)
     if text and isinstance(value, str) and (float in types or int in types) and _NUM.match(value.strip()):
         digits = value.strip().lstrip("+-").isdigit()
         if digits and int in types:
@@ -531,7 +569,10 @@ def _checked(f: dataclasses.Field, value: Any, source: str, *, text: bool = Fals
             value = float(value)
     if object not in types and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
         names = " or ".join(sorted({"None" if t is type(None) else t.__name__ for t in types}))
-        raise ConfigError(f"{source}: {f.name}={value!r} has type {type(value).__name__}; expected {names}.")
+        written = " (None is written null or none)" if text and type(None) in types else ""
+        raise ConfigError(f"{source}: {f.name}={value!r} has type {type(value).__name__}; expected {names}{written}.")
+    if m["items"] is not None and isinstance(value, (list, tuple)):
+        _check_items(f.name, value, m["items"], source)
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{source}: {f.name}={value!r} is not a finite number.")
     if m["choices"] is not None and value not in m["choices"]:
@@ -546,10 +587,31 @@ def _checked(f: dataclasses.Field, value: Any, source: str, *, text: bool = Fals
     return value
 
 
-def merge_config(*layers: Mapping[str, Any] | None, source: str = "config") -> dict[str, Any]:
+def is_none_word(value: Any) -> bool:
+    """Whether ``value`` is how a file or the command line writes None (`NONE_WORDS`)."""
+    return isinstance(value, str) and value.strip().lower() in NONE_WORDS
+
+
+def _check_items(key: str, value: Sequence[Any], admitted: tuple[type, ...], source: str) -> None:
+    """Refuse an element of the list ``value`` of setting ``key`` whose type ``admitted`` does not hold."""
+    for i, item in enumerate(value):
+        if isinstance(item, admitted) and not isinstance(item, bool):
+            continue
+        names = "str" if admitted == (str,) else "int" if admitted == (int,) else "a number"
+        hint = ""
+        if isinstance(item, bool) and str in admitted:  # YAML reads yes/no, true/false, on/off as booleans
+            hint = (" (YAML reads unquoted yes/no, true/false and on/off as booleans: quote each name, as in "
+                    "['no', 'yes'])")
+        raise ConfigError(f"{source}: {key}[{i}]={item!r} has type {type(item).__name__}; expected {names}{hint}.")
+
+
+def merge_config(*layers: Mapping[str, Any] | None, source: str = "config",
+                 keys: Collection[str] | None = None) -> dict[str, Any]:
     """Later layers override earlier ones; every key and value is checked (numeric strings
-    such as ``"1e-3"`` become numbers). Returns the merged plain dict (recipe keys included).
-    The one function YAML files, CLI flags, ``--set`` overrides and recipes go through."""
+    such as ``"1e-3"`` become numbers, ``none`` and ``null`` None). Returns the merged plain
+    dict (recipe keys included). The one function YAML files, CLI flags, ``--set`` overrides
+    and recipes go through. ``keys``: the keys the caller takes, where it takes fewer (an
+    unknown key's error suggests and lists only those)."""
     fields = config_fields()
     out: dict[str, Any] = {}
     for layer in layers:
@@ -563,6 +625,7 @@ def merge_config(*layers: Mapping[str, Any] | None, source: str = "config") -> d
         for key, value in layer.items():
             if key in RECIPE_KEYS:
                 allowed = RECIPE_KEYS[key]
+                value = None if type(None) in allowed and is_none_word(value) else value
                 if not isinstance(value, allowed) or isinstance(value, bool) and bool not in allowed:
                     raise ConfigError(f"{source}: {key}={value!r} has type {type(value).__name__}; expected "
                                       f"{' or '.join(sorted('None' if t is type(None) else t.__name__ for t in allowed))}.")
@@ -572,7 +635,7 @@ def merge_config(*layers: Mapping[str, Any] | None, source: str = "config") -> d
                     raise ConfigError(f"{source}: {key!r} is a Python object; pass it through the Python API.")
                 out[key] = _checked(fields[key], value, source, text=True)
             else:
-                raise unknown_key_error(key, source)
+                raise unknown_key_error(key, source, valid=keys)
     return out
 
 
@@ -623,8 +686,11 @@ def read_yaml(text: str, *, source: str) -> Any:
         raise ConfigError(f"{source} is not valid YAML: {exc}") from exc
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read and check a YAML config file; returns its settings as a plain dict.
+def load_config(path: str | Path, *, keys: Collection[str] | None = None) -> dict[str, Any]:
+    """Read and check a YAML config file; returns its settings as a plain dict. A relative
+    path in it (``data``, ``export``, ``weights`` when it names a file, ...; see
+    `_relative_to`) is relative to the file's folder, not to the current one. ``keys``: the
+    keys the caller takes, where it takes fewer (see `merge_config`).
 
     Example:
         >>> load_config("recipes/hymenoptera.yaml")["runs"]["feature_extraction"]["policy"]  # doctest: +SKIP
@@ -637,15 +703,46 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"Config file {str(path)!r} does not exist.") from exc
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise ConfigError(f"Cannot read config file {str(path)!r}: {exc}") from exc
-    return merge_config(read_yaml(text, source=f"Config file {str(path)!r}") or {}, source=str(path))
+    cfg = merge_config(read_yaml(text, source=f"Config file {str(path)!r}") or {}, source=str(path), keys=keys)
+    return _relative_to(path.parent, cfg)
 
 
-def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """``["epochs=3", "head_hidden=[256]"]`` -> ``{"epochs": 3, "head_hidden": (256,)}`` (values are YAML)."""
+_FILE_KEYS = _PATH_KEYS | {"data_dir", "out_dir"}  # the settings of a config file that name files or folders
+_WEIGHTS_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt", ".safetensors")  # as backbones.weights reads them
+
+
+def _relative_to(folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` (a config file's settings, and those of each of its ``runs``) with every relative
+    path joined to ``folder``, the file's own. Left as written: absolute paths, ``~`` and
+    ``$VARIABLE`` paths (expanded where they are used), URLs, ``pipe:`` commands, and a
+    ``weights`` tag (``DEFAULT``: a weights value is a path when it holds a ``/`` or ends in a
+    weights file's suffix)."""
+    if str(folder) in ("", "."):
+        return cfg
+
+    def joined(key: str, value: Any) -> Any:
+        if key not in _FILE_KEYS or not isinstance(value, str) or not value.strip():
+            return value
+        if os.path.isabs(value) or value.startswith(("~", "$", "pipe:")) or "://" in value:
+            return value
+        if key == "weights" and "/" not in value and os.sep not in value and not value.endswith(_WEIGHTS_SUFFIXES):
+            return value
+        return os.path.join(str(folder), value)
+
+    out = {k: joined(k, v) for k, v in cfg.items()}
+    if isinstance(out.get("runs"), dict):
+        out["runs"] = {name: {k: joined(k, v) for k, v in block.items()} if isinstance(block, dict) else block
+                       for name, block in out["runs"].items()}
+    return out
+
+
+def parse_overrides(items: list[str] | tuple[str, ...], *, keys: Collection[str] | None = None) -> dict[str, Any]:
+    """``["epochs=3", "head_hidden=[256]"]`` -> ``{"epochs": 3, "head_hidden": (256,)}`` (values are YAML).
+    ``keys``: the keys the caller takes, where it takes fewer (see `merge_config`)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"An override must look like key=value, got {item!r}.")
         out[key.strip()] = read_yaml(value, source=f"override {item!r}") if value.strip() else None
-    return merge_config(out, source="command-line overrides")
+    return merge_config(out, source="command-line overrides", keys=keys)

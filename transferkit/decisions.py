@@ -31,7 +31,11 @@ from transferkit.data import eval_transform, train_transform
 from transferkit.data.decoded import DEFAULT_BUDGET_BYTES, DecodePlan, decide_decode
 from transferkit.data.gpu_jpeg import decide_input_decode
 from transferkit.errors import ConfigError
-from transferkit.facts import Facts, look
+from transferkit.backbones import get_backbone
+from transferkit.backbones.registry import resolve_name
+from transferkit.backbones.weights import is_weights_path
+from transferkit.facts import Facts, environment, look
+from transferkit.outputs import check_output_paths
 from transferkit.heads import resolve_head_norm, resolve_target_norm
 from transferkit.policies import Policy
 from transferkit.train.distributed import rank_seeds
@@ -272,6 +276,11 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         raise ConfigError(f"early_stopping={cfg.early_stopping} watches {monitor}, but the run has no validation data "
                           "(val_split=0 and no val_data). Give validation data (val_split=0.2, or val_data=), or "
                           "watch the training loss (monitor='train_loss').")
+    if cfg.monitor is not None and cfg.monitor.startswith("val_") and data.n_val == 0:
+        raise ConfigError(f"monitor={cfg.monitor!r} picks the best epoch by a validation score, but the run has no "
+                          "validation data (val_split=0 and no val_data). Give validation data (val_split=0.2, or "
+                          f"val_data=), or pick it by the training {cfg.monitor[len('val_'):]} "
+                          f"(monitor='train_{cfg.monitor[len('val_'):]}').")
     frozen_epochs = pol.frozen_phase_epochs(list(bb.blocks), cfg.epochs, has_batchnorm=bb.has_batchnorm)
     frozen = frozen_epochs >= cfg.epochs
     cached_epochs, reason = _cache_decision(cfg, pol, frozen_epochs, facts.head)
@@ -395,8 +404,34 @@ def plan(config: Any = None, /, **options: Any) -> Decisions:
         (True, 0.01)
     """
     cfg = FinetuneConfig.from_call(config, options)
-    facts, _ = look(cfg, load_weights=False)
+    env = environment(cfg)
+    if env[0].is_main:  # what the run refuses before it builds anything (nothing is created or locked here)
+        check_output_paths(cfg)
+    _check_weights_tag(cfg)
+    facts, _ = look(cfg, env=env, load_weights=False)
     return decide(cfg, facts)
+
+
+def _check_weights_tag(cfg: FinetuneConfig) -> None:
+    """Refuse, as the run does, a weights tag (not a file: a dry run checks that it exists) that the
+    backbone's source cannot resolve, without downloading anything: transferkit's own (``tk:``)
+    backbones have no published weights; torchvision and timm tags are looked up in their lists."""
+    name, weights = cfg.backbone, cfg.weights
+    if weights is None or not isinstance(name, str) or is_weights_path(weights):
+        return
+    prefix, rest = resolve_name(name)
+    if prefix == "spec":  # a spectrogram wrapper builds the image backbone it names with these weights
+        _check_weights_tag(cfg.replace(backbone=rest, backbone_options=None))
+    elif prefix == "tk":  # the builder refuses a tag before it reads any file
+        get_backbone(name, weights=weights, **(cfg.backbone_options or {}))
+    elif prefix == "tv":
+        from transferkit.backbones.torchvision_source import _resolve_weights_enum
+
+        _resolve_weights_enum(rest, str(weights))
+    elif prefix == "timm":
+        from transferkit.backbones.timm_source import resolve_model_name
+
+        resolve_model_name(rest, weights)
 
 
 # decisions added after records were first written, with the value a record without them means (the

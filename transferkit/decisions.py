@@ -31,8 +31,7 @@ from transferkit.data import eval_transform, train_transform
 from transferkit.data.decoded import DEFAULT_BUDGET_BYTES, DecodePlan, decide_decode
 from transferkit.data.gpu_jpeg import decide_input_decode
 from transferkit.errors import ConfigError
-from transferkit.backbones import get_backbone
-from transferkit.backbones.registry import resolve_name
+from transferkit.backbones.registry import check_weights_tag
 from transferkit.backbones.weights import is_weights_path
 from transferkit.facts import Facts, environment, look
 from transferkit.outputs import check_output_paths
@@ -413,25 +412,10 @@ def plan(config: Any = None, /, **options: Any) -> Decisions:
 
 
 def _check_weights_tag(cfg: FinetuneConfig) -> None:
-    """Refuse, as the run does, a weights tag (not a file: a dry run checks that it exists) that the
-    backbone's source cannot resolve, without downloading anything: transferkit's own (``tk:``)
-    backbones have no published weights; torchvision and timm tags are looked up in their lists."""
-    name, weights = cfg.backbone, cfg.weights
-    if weights is None or not isinstance(name, str) or is_weights_path(weights):
-        return
-    prefix, rest = resolve_name(name)
-    if prefix == "spec":  # a spectrogram wrapper builds the image backbone it names with these weights
-        _check_weights_tag(cfg.replace(backbone=rest, backbone_options=None))
-    elif prefix == "tk":  # the builder refuses a tag before it reads any file
-        get_backbone(name, weights=weights, **(cfg.backbone_options or {}))
-    elif prefix == "tv":
-        from transferkit.backbones.torchvision_source import _resolve_weights_enum
-
-        _resolve_weights_enum(rest, str(weights))
-    elif prefix == "timm":
-        from transferkit.backbones.timm_source import resolve_model_name
-
-        resolve_model_name(rest, weights)
+    """Refuse, as the run does, a weights tag that the backbone's source cannot resolve, without
+    downloading anything (a file is not a tag: the dry run checks that it exists)."""
+    if cfg.weights is not None and isinstance(cfg.backbone, str) and not is_weights_path(cfg.weights):
+        check_weights_tag(cfg.backbone, cfg.weights, **(cfg.backbone_options or {}))
 
 
 # decisions added after records were first written, with the value a record without them means (the

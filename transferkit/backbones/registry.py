@@ -20,6 +20,9 @@ class BackboneSource(Protocol):
 
     def build(self, name: str, *, weights: Any, **kwargs: Any) -> Backbone: ...
 
+    # optional: ``check_weights(name, weights, **kwargs)`` refuses a weights tag the source cannot
+    # resolve, without downloading (see `check_weights_tag`)
+
 
 _SOURCES: dict[str, BackboneSource] = {}
 
@@ -49,6 +52,10 @@ class BuilderSource:
     def build(self, name: str, *, weights: Any, **kwargs: Any) -> Backbone:
         return self._builders[name](weights=weights, **kwargs)
 
+    def check_weights(self, name: str, weights: Any, **kwargs: Any) -> None:
+        """Builder backbones are small and refuse a tag before they read any file: build one."""
+        self.build(name, weights=weights, **kwargs)
+
 
 class LazySource:
     """A source whose module (and its heavy imports, e.g. timm) loads on first use."""
@@ -72,6 +79,11 @@ class LazySource:
 
     def build(self, name: str, *, weights: Any, **kwargs: Any) -> Backbone:
         return self._get().build(name, weights=weights, **kwargs)
+
+    def check_weights(self, name: str, weights: Any, **kwargs: Any) -> None:
+        check = getattr(self._get(), "check_weights", None)
+        if check is not None:
+            check(name, weights, **kwargs)
 
 
 def _has(source: BackboneSource, name: str) -> bool:
@@ -165,6 +177,25 @@ def get_backbone(name: str, *, weights: str | Path | None = "DEFAULT", **kwargs:
         raise ConfigError(f"The backbone {name!r} cannot be built with the options {kwargs!r} (backbone_options): "
                           f"{type(exc).__name__}: {first}. Check the option names and values its builder "
                           "takes, or remove them.") from exc
+
+
+def check_weights_tag(name: str, weights: Any, **kwargs: Any) -> None:
+    """Refuse, as building would, a weights tag (``"DEFAULT"``, ``"IMAGENET1K_V2"``, a timm tag)
+    that the backbone's source cannot resolve, without downloading anything: what a dry run
+    checks. A source without a ``check_weights`` method is checked when the run builds; a file
+    is not a tag (`transferkit.backbones.weights.check_weights_file` checks it).
+
+    Example:
+        >>> check_weights_tag("tv:resnet18", "IMAGENET1K_V1")  # listed: nothing to say
+        >>> check_weights_tag("tv:resnet18", "IMAGENET1K_V9")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+          ...
+        transferkit.errors.WeightsError: Unknown weights 'IMAGENET1K_V9' for tv:resnet18. Valid: 'DEFAULT', ...
+    """
+    prefix, rest = resolve_name(name)
+    check = getattr(_SOURCES[prefix], "check_weights", None)
+    if check is not None:
+        check(rest, weights, **kwargs)
 
 
 _loaded = False

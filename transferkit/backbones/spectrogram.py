@@ -19,7 +19,7 @@ import torchaudio
 from torch import Tensor, nn
 
 from transferkit.backbones._base import Backbone, Block, InputSpec, check_blocks
-from transferkit.backbones.registry import get_backbone, get_source, register_source
+from transferkit.backbones.registry import check_weights_tag, get_backbone, get_source, register_source
 from transferkit.errors import BackboneError, ConfigError
 
 
@@ -289,6 +289,10 @@ class SpectrogramSource:
 
     def build(self, name: str, *, weights: Any = "DEFAULT", **kwargs: Any) -> Backbone:
         return spectrogram_backbone(name, weights=weights, **kwargs)
+
+    def check_weights(self, name: str, weights: Any, **kwargs: Any) -> None:
+        """The wrapped image backbone's weights (``image_options`` go to it)."""
+        check_weights_tag(name, weights, **(kwargs.get("image_options") or {}))
 
 
 register_source(SpectrogramSource())

@@ -375,6 +375,10 @@ class TimmSource:
         arch, tag = split_tag(name)
         return timm.is_model(arch) and (tag is None or name in timm.list_pretrained(name))
 
+    def check_weights(self, name: str, weights: Any, **kwargs: Any) -> None:
+        """A tag timm does not list for ``name`` raises WeightsError (nothing is downloaded)."""
+        resolve_model_name(name, weights)
+
     def build(self, name: str, *, weights: Any = "DEFAULT", weights_only: bool = True, strict: bool = True,
               **kwargs: Any) -> Backbone:
         if not self.has(name):

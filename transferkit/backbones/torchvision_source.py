@@ -322,6 +322,11 @@ class TorchvisionSource:
     def names(self) -> list[str]:
         return list(torchvision.models.list_models(module=torchvision.models))
 
+    def check_weights(self, name: str, weights: Any, **kwargs: Any) -> None:
+        """A tag torchvision does not list for ``name`` raises WeightsError (nothing is downloaded)."""
+        if isinstance(weights, str):
+            _resolve_weights_enum(name, weights)
+
     def build(self, name: str, *, weights: Any = "DEFAULT", weights_only: bool = True,
               strict: bool = True, **kwargs: Any) -> Backbone:
         weights_enum = None

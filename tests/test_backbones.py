@@ -336,3 +336,15 @@ def test_timm_output_shape_real_and_fake_agree(monkeypatch):
     monkeypatch.setattr(timm_source, "REAL_SHAPE_CHECK_PARAMS", 0)
     fake = [timm_source.output_shape(m, img_size=64) for m in (pooled, unpooled)]
     assert real == fake == [(1, 512), (1, 512, 2, 2)]
+
+
+def test_a_weights_tag_is_checked_by_its_source_without_downloading():
+    """What a dry run refuses: a tag the source does not list; a listed one passes unloaded."""
+    from transferkit.backbones.registry import check_weights_tag
+
+    for name, tag in [("tv:resnet18", "IMAGENET1K_V9"), ("timm:resnet10t", "no_such_tag"),
+                      ("tk:small_cnn", "DEFAULT"), ("spec:tv:resnet18", "IMAGENET1K_V9")]:
+        with pytest.raises(WeightsError):
+            check_weights_tag(name, tag)
+    check_weights_tag("tv:resnet18", "IMAGENET1K_V1")
+    check_weights_tag("timm:resnet10t", "DEFAULT")

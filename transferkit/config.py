@@ -708,7 +708,7 @@ def load_config(path: str | Path, *, keys: Collection[str] | None = None) -> dic
 
 
 _FILE_KEYS = _PATH_KEYS | {"data_dir", "out_dir"}  # the settings of a config file that name files or folders
-_WEIGHTS_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt", ".safetensors")  # as backbones.weights reads them
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt", ".safetensors")  # a weights value ending so names a file
 
 
 def _relative_to(folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -725,7 +725,7 @@ def _relative_to(folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
             return value
         if os.path.isabs(value) or value.startswith(("~", "$", "pipe:")) or "://" in value:
             return value
-        if key == "weights" and "/" not in value and os.sep not in value and not value.endswith(_WEIGHTS_SUFFIXES):
+        if key == "weights" and "/" not in value and os.sep not in value and not value.endswith(WEIGHTS_SUFFIXES):
             return value
         return os.path.join(str(folder), value)
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from transferkit.checkpoints import verify_checkpoint
+from transferkit.config import WEIGHTS_SUFFIXES
 from transferkit.errors import WeightsError
 
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
@@ -21,7 +22,7 @@ def is_weights_path(weights: object) -> bool:
         return True
     if not isinstance(weights, str):
         return False
-    return os.sep in weights or weights.endswith((".pt", ".pth", ".th", ".bin", ".ckpt", ".safetensors")) or os.path.exists(weights)
+    return os.sep in weights or weights.endswith(WEIGHTS_SUFFIXES) or os.path.exists(weights)
 
 
 def check_weights_file(path: str | Path) -> Path:

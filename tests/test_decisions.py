@@ -277,7 +277,10 @@ def test_resume_refuses_a_different_plan_and_lists_the_differences(split_folders
     with pytest.raises(ConfigError, match="data"):
         tk.finetune("tk:small_cnn", policy="gradual:every=1", resume=True,
                     **{**kw, "data": other / "train", "val_data": other / "val"})
-    resumed = tk.finetune("tk:small_cnn", policy="gradual:every=1", resume=True, **kw)
+    with pytest.raises(ConfigError, match="decisions differ") as exc:
+        tk.finetune("tk:small_cnn", policy="gradual:every=2", resume=True, **kw)
+    assert "policy: 'gradual:every=1' -> 'gradual:every=2'" in str(exc.value)
+    resumed = tk.finetune("tk:small_cnn", policy="gradual: every=1", resume=True, **kw)  # the same policy, spelt so
     straight = tk.finetune("tk:small_cnn", policy="gradual:every=1", **{**kw, "checkpoint": tmp_path / "b.pt"})
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
     for k, v in straight.model.state_dict().items():

@@ -438,8 +438,9 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
         if key == "config":
             a, b = saved.get("config", {}), now.get("config", {})
             for k in sorted(set(a) | set(b)):
-                if k == "policy" and a.get(k) == "<Policy>":  # a record of a Policy object (before it was stored as
-                    continue  # its string): the decided policy, compared below, says what it was
+                if k == "policy" and (a.get(k) == "<Policy>" or ("policy" in saved and "policy" in now)):
+                    continue  # as given ("gradual: every=1", an alias, a Policy object): the decided policy,
+                    # compared below in its one spelling, says what it is
                 if k not in OUTPUT_KEYS and a.get(k) != b.get(k):
                     diff[f"config.{k}"] = (a.get(k), b.get(k))
         elif key not in _PLACE_KEYS and key != "speed_reasons" and saved.get(key) != now.get(key):

@@ -202,3 +202,44 @@ def test_finetune_fine_tune_for_its_frozen_epochs_only_caches_features(image_fol
     result = finetune(bb, data=image_folder, policy="fine_tune", epochs=1, batch_size=8, image_size=16,
                       verbose=False, num_workers=0)
     assert result.used_feature_cache  # the backbone never trains in a 1-epoch fine_tune:frozen=1
+
+
+def parameterless_in_stem():
+    """A custom trunk whose frozen stem holds modules without parameters: a BatchNorm with
+    ``affine=False`` and a dropout."""
+    from transferkit.backbones import from_module
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm2d(3, affine=False), nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Dropout(0.5),
+                        nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return from_module(net, input_spec={"image_size": 32}, blocks={"stem": ["0", "1", "2", "3"], "body": ["5"]})
+
+
+@pytest.mark.parametrize("make, spec", [(parameterless_in_stem, "unfreeze:last=1"),
+                                        (lambda: get_backbone("tk:cifar_resnet20", weights=None), "unfreeze:last=1"),
+                                        (lambda: get_backbone("tk:cifar_resnet20", weights=None), "gradual:every=1")])
+def test_finetune_leaves_every_parameter_and_buffer_of_frozen_blocks_bit_for_bit_equal(image_folder, make, spec):
+    bb = make()
+    before = {k: v.clone() for k, v in bb.trunk.state_dict().items()}
+    result = tk.finetune(bb, data=image_folder, policy=spec, epochs=2, batch_size=8, image_size=32,
+                         restore_best=False, verbose=False, num_workers=0)
+    frozen = [b for b in bb.blocks if b.name not in Policy.parse(spec).trainable_blocks(bb.block_names, 1)]
+    after = {k: v.cpu() for k, v in result.model.trunk.state_dict().items()}
+    kept = [k for k in after if any(b.owns(k) for b in frozen)]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept), [k for k in kept
+                                                                          if not torch.equal(before[k], after[k])]
+    moved = [k for k in after if k not in kept and not torch.equal(before[k], after[k])]
+    assert moved  # the trained block did train
+
+
+def test_modules_without_parameters_follow_their_block():
+    from transferkit.policies.frozen_bn import is_frozen_batchnorm
+
+    bb = parameterless_in_stem()
+    model = TransferModel(ImagePreprocess((0.5,) * 3, (0.5,) * 3), bb.trunk, build_head(bb.num_features, 2))
+    policy = Policy.parse("unfreeze:last=1")
+    apply_policy(model, bb, policy)
+    set_train_mode(model, bb, policy)
+    assert is_frozen_batchnorm(model.trunk[0]) and is_frozen_batchnorm(model.trunk[2])
+    assert not model.trunk[0].training and not model.trunk[3].training  # BN affine=False and dropout of the stem
+    assert model.trunk[5].training

@@ -98,12 +98,20 @@ def freeze_statistics(model: nn.Module, backbone: Backbone, policy: Policy, epoc
 
 
 def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]:
-    """``{module name: block}`` for every submodule of ``trunk``: the block owning all the
-    parameters under it (block maps may name modules or single parameters); a module without
-    parameters (dropout, activation) takes its parent's; ``None`` for containers that span
-    several blocks (the trunk itself, a ViT's encoder)."""
+    """``{module name: block}`` for every submodule of ``trunk``: the block with a member that is
+    the module or contains it (the longest such member), so a module without parameters inside a
+    block (BatchNorm with ``affine=False``, dropout, activation) follows its block; a module no
+    member covers takes the block owning all the parameters under it (block maps may name single
+    parameters), or its parent's when it has none; ``None`` for containers that span several
+    blocks (the trunk itself, a ViT's encoder) and for parameterless modules outside every block."""
+    members = sorted(((m, b.name) for b in (*backbone.blocks, *backbone.frozen) for m in b.members),
+                     key=lambda mb: -len(mb[0]))
     out: dict[str, str | None] = {}
     for name, m in trunk.named_modules():
+        covering = next((b for member, b in members if name == member or name.startswith(member + ".")), None)
+        if name and covering is not None:
+            out[name] = covering
+            continue
         owners = {block_of(backbone, f"{name}.{pn}" if name else pn) for pn, _ in m.named_parameters()}
         if not owners and name:
             out[name] = out.get(name.rpartition(".")[0]) if "." in name else None

@@ -4,6 +4,7 @@ and the swap changes neither the state-dict keys nor the export."""
 
 from __future__ import annotations
 
+import copy
 import io
 import pickle
 
@@ -189,3 +190,24 @@ def test_eval_fingerprint_is_the_same_pass_frozen_or_not_and_leaves_the_classes_
     doubled = trunk()
     doubled[1].__class__ = Doubled
     assert eval_fingerprint(doubled) != eval_fingerprint(plain)
+
+
+def test_a_saved_model_with_frozen_layers_of_another_library_loads_in_a_new_process(tmp_path):
+    """The frozen kind of timm's BatchNormAct2d is made at run time: torch.save(model) named it,
+    and a new process, where it had not been made yet, could not load the file."""
+    import subprocess
+    import sys
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), BatchNormAct2d(4), torch.nn.BatchNorm2d(4))
+    for layer in (model[1], model[2]):
+        freeze_batchnorm(layer)
+    with torch.no_grad():
+        model[1].running_mean += 1
+    torch.save(model, tmp_path / "m.pt")
+    code = ("import torch, transferkit; m = torch.load(r'%s', weights_only=False).train(); "
+            "print(type(m[1]).__name__, type(m[2]).__name__, m[1].training, m[1].running_mean.tolist())")
+    out = subprocess.run([sys.executable, "-c", code % (tmp_path / "m.pt")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["FrozenBatchNormAct2d", "FrozenBatchNorm2d", "False", "[1.0,", "1.0,", "1.0,", "1.0]"]
+    copied = copy.deepcopy(model).train()
+    assert type(copied[1]) is type(model[1]) and not copied[1].training

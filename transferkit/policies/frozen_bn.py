@@ -42,6 +42,12 @@ class FrozenStatistics:
     def train(self, mode: bool = True):  # noqa: ARG002  the mode asked for is what this class ignores
         return super().train(False)  # type: ignore[misc]
 
+    def __reduce_ex__(self, protocol: int):
+        """Pickled (``torch.save(model)``, ``copy.deepcopy``) as its original class and state, so
+        that another process, where the frozen kind of a class from another library (timm's
+        ``BatchNormAct2d``) has not been made yet, makes it again when it loads the layer."""
+        return _frozen_instance, (original_class(type(self)),), self.__getstate__()
+
 
 class FrozenBatchNorm1d(FrozenStatistics, nn.BatchNorm1d):
     """``nn.BatchNorm1d`` with frozen statistics (see the module docstring)."""
@@ -59,9 +65,21 @@ _FROZEN: dict[type, type] = {nn.BatchNorm1d: FrozenBatchNorm1d, nn.BatchNorm2d: 
                              nn.BatchNorm3d: FrozenBatchNorm3d}
 
 
+def _frozen_instance(cls: type) -> nn.Module:
+    """An empty layer of the frozen kind of ``cls`` (pickle fills in its state)."""
+    frozen = frozen_class(cls)
+    return frozen.__new__(frozen)
+
+
+def original_class(cls: type) -> type:
+    """The BatchNorm class that the frozen kind ``cls`` was made from (``cls`` itself if it is not one)."""
+    return next(c for c in cls.__mro__ if not issubclass(c, FrozenStatistics))
+
+
 def frozen_class(cls: type) -> type:
     """The frozen-statistics subclass of the BatchNorm class ``cls`` (made once per class, and
-    kept as an attribute of this module so that a pickled model finds it again)."""
+    kept as an attribute of this module; a pickled layer names its original class, see
+    `FrozenStatistics.__reduce_ex__`)."""
     if cls not in _FROZEN:
         name = f"Frozen{cls.__name__}"
         while hasattr(sys.modules[__name__], name):  # another library's class of the same name
@@ -96,7 +114,7 @@ def thaw_batchnorm(module: nn.Module) -> bool:
     as it is: eval, until the caller sets the modes); ``True`` if it was frozen."""
     if not is_frozen_batchnorm(module):
         return False
-    module.__class__ = next(c for c in type(module).__mro__[1:] if not issubclass(c, FrozenStatistics))
+    module.__class__ = original_class(type(module))
     return True
 
 

@@ -146,3 +146,16 @@ def test_finetune_with_lora_exports_the_merged_model(image_folder, tmp_path):
     result.model.cpu().eval()
     with torch.no_grad():
         assert (scripted(x) - result.model(x)).abs().max().item() <= 1e-5
+
+
+def test_param_groups_refuse_a_lora_policy_before_apply_policy_added_the_factors():
+    from transferkit.policies import param_groups
+
+    model, bb = build("timm-vit")
+    policy = Policy.parse("lora:r=4")
+    with pytest.raises(PolicyError, match=r"call apply_policy\(model, backbone, policy\) first"):
+        param_groups(model, lr=1e-3, weight_decay=1e-4, backbone=bb, policy=policy)
+    apply_policy(model, bb, policy)  # the documented order: the factors first, then the groups
+    grouped = {id(p) for g in param_groups(model, lr=1e-3, weight_decay=1e-4, backbone=bb, policy=policy)
+               for p in g["params"]}
+    assert {id(p) for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))} <= grouped

@@ -20,7 +20,7 @@ from torch import nn
 
 from transferkit.backbones._base import Backbone, Block
 from transferkit.errors import ConfigError, PolicyError
-from transferkit.lora import is_lora_parameter
+from transferkit.lora import has_lora, is_lora_parameter
 from transferkit.policies.freeze import trainable_flags
 from transferkit.policies.structure import PARAMETRIZED, block_of, bn_param_names
 from transferkit.policies.spec import Policy
@@ -240,7 +240,8 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone: 
     """Optimizer groups: one per (block, decay / no decay), each with ``lr * multiplier``.
 
     With ``backbone`` and ``policy``: every parameter of ``model.trunk`` that trains at some
-    epoch in ``range(epochs)`` plus ``model.head``, each exactly once; group ``"name"`` is
+    epoch in ``range(epochs)`` plus ``model.head``, each exactly once (a LoRA policy needs its
+    factors in the trunk first: call `apply_policy` before, else PolicyError); group ``"name"`` is
     ``<block>`` or ``<block>/no_decay`` (with ``layer_decay``, a block spanning several layers
     has one group per layer: ``layer1.0``, ``layer1.1`` ...) and ``"lr_scale"`` its multiplier
     (`lr_scales`). No weight decay on biases, norm parameters and token/position
@@ -282,6 +283,10 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone: 
         wd = 0.0 if policy.l2sp is not None else weight_decay
         return _build(named, lambda n: (HEAD, 0, 1.0), lr=lr, weight_decay=wd, norm_names=_norm_param_names(model),
                       decay_all=policy.decay_norm_bias, plain=False)
+    if policy.lora is not None and not has_lora(model.trunk):
+        raise PolicyError(f"The policy {str(policy)!r} trains LoRA factors, but model.trunk has none yet, so the "
+                          "groups would leave them out of the optimizer: call apply_policy(model, backbone, policy) "
+                          "first (it adds the factors), then param_groups.")
     ever: dict[str, bool] = {}
     for e in range(max(int(epochs), 1)):
         for name, on in trainable_flags(model, backbone, policy, e).items():

@@ -84,7 +84,7 @@ def test_bad_fields_are_rejected():
         Policy(lora=4, unfreeze="all")
 
 
-@given(start=st.integers(0, 5), every=st.one_of(st.none(), st.integers(1, 4)),
+@given(start=st.integers(0, len(BLOCKS) - 1), every=st.one_of(st.none(), st.integers(1, 4)),
        milestones=st.lists(st.integers(0, 20), unique=True, max_size=4),
        bn=st.sampled_from(["train", "affine", "frozen"]),
        rate=st.one_of(st.none(), st.floats(0.01, 1.0)), decay=st.booleans())
@@ -221,6 +221,30 @@ def test_options_that_would_do_nothing_are_refused(spec, fragment):
         Policy.parse(spec)
     # the same options where they act
     Policy.parse("full,l2sp=0.1,l2sp_beta=0.5"), Policy.parse("feature_extraction,bn=affine,discriminative=0.1")
+
+
+@pytest.mark.parametrize("fields", [{"lora_targets": "qkv"}, {"lora_alpha": 8.0},
+                                    {"lora_targets": "qkv", "lora_alpha": 8.0}])
+def test_lora_options_without_lora_are_refused_as_objects_as_strings_are(fields):
+    with pytest.raises(PolicyError, match="configures? LoRA's factors; this policy has no LoRA"):
+        Policy(unfreeze=2, **fields)
+    with pytest.raises(PolicyError, match="only applies to lora policies"):
+        Policy.parse("unfreeze:last=2," + ",".join(f"{k[5:]}={v}" for k, v in fields.items()))
+    p = Policy(unfreeze=2, lora=4, **fields)  # the same options where they act
+    assert Policy.parse(str(p)) == p
+
+
+def test_a_gradual_start_with_every_block_unfrozen_is_refused_once_the_blocks_are_known():
+    names = ["stem", "layer1", "layer2", "layer3"]
+    policy = Policy.parse("gradual:every=1,start=4")  # on a deeper trunk it adds blocks
+    assert policy.schedule(BLOCKS, 2) == [BLOCKS[1:], BLOCKS]
+    with pytest.raises(PolicyError, match=r"this backbone has 4 blocks: .* so no block would ever be added\. Give "
+                                          r"start=3 or less, or 'unfreeze:last=4'"):
+        policy.schedule(names, 2)
+    model, bb = small_model()
+    with pytest.raises(PolicyError, match="has 4 blocks"):
+        apply_policy(model, bb, Policy.parse("gradual:milestones=2,start=4"))
+    assert Policy.parse("gradual:every=1,start=3").schedule(names, 2) == [names[1:], names]
 
 
 def test_a_gradual_maximum_beyond_the_backbone_is_refused_as_last_is():

@@ -221,6 +221,13 @@ class Policy:
             re.compile(self.lora_targets)
         except (re.error, TypeError) as exc:
             raise PolicyError(f"Policy.lora_targets must be a regular expression, got {self.lora_targets!r}: {exc}") from exc
+        if r is None:
+            unused = [f"{name}={getattr(self, name)!r}" for name in ("lora_alpha", "lora_targets")
+                      if getattr(self, name) != _DEFAULTS[name]]
+            if unused:
+                raise PolicyError(f"{' and '.join(unused)} {'configure' if len(unused) > 1 else 'configures'} LoRA's "
+                                  "factors; this policy has no LoRA (add lora=r, e.g. 'lora:r=8,alpha=16,targets=qkv', "
+                                  "or drop them).")
 
     # ---- queries -------------------------------------------------------------------
     @property
@@ -259,6 +266,11 @@ class Policy:
         if n > len(names):
             raise PolicyError(f"The policy unfreezes the last {n} blocks but this backbone has {len(names)}: {names}.")
         if self.is_gradual:
+            if n >= len(names):
+                raise PolicyError(f"The policy starts with the last {n} blocks unfrozen (start=) and adds one more at "
+                                  f"each step, but this backbone has {len(names)} blocks: {names}, so no block would "
+                                  f"ever be added. Give start={len(names) - 1} or less, or 'unfreeze:last={len(names)}' "
+                                  "to train them all from the start.")
             if self.max_blocks is not None and self.max_blocks > len(names):
                 raise PolicyError(f"The policy unfreezes at most {self.max_blocks} blocks (max=) but this backbone has "
                                   f"{len(names)}: {names}. Give max={len(names)} or less, or drop max= to unfreeze "

@@ -212,3 +212,36 @@ def test_resume_continues_a_run_given_a_policy_object_and_refuses_overrides_it_c
                         ({"epoch": 4}, "resume\\(\\): unknown key 'epoch'. Did you mean 'epochs'")):
         with pytest.raises(ConfigError, match=said):
             tk.resume(ckpt, **given)
+
+
+def test_the_unfinished_checkpoint_of_a_lora_run_exports_and_starts_a_new_run(image_folder, tmp_path):
+    """It holds the model with its LoRA factors (to resume exactly); exported or read as
+    weights=, the factors are folded into the weights as the finished run's are."""
+    from transferkit.export.from_checkpoint import export_checkpoint, model_from_checkpoint
+    from transferkit.lora import add_lora, fold_lora_state, merge_lora
+
+    ckpt = tmp_path / "run.pt"
+
+    def stop(row):
+        if row["epoch"] == 1:
+            raise RuntimeError("stop")
+
+    kw = dict(weights=None, data=image_folder, image_size=32, num_workers=0, verbose=False, device="cpu",
+              backbone_options={"img_size": 32})
+    with pytest.raises(RuntimeError, match="stop"):
+        tk.finetune("timm:vit_tiny_patch16_224", policy="lora:r=2,alpha=4", epochs=2, checkpoint=ckpt,
+                    callbacks=[stop], **kw)
+    assert any(k.endswith("lora_scale") for k in load_checkpoint(ckpt)["model"])
+    with pytest.warns(UserWarning, match="unfinished run"):  # what `transferkit export run.pt` does
+        (report,), _ = export_checkpoint(ckpt, tmp_path / "m.pt")
+    assert report.max_abs_diff <= report.tolerance
+    model, _ = model_from_checkpoint(ckpt)
+    assert not any("lora" in k or "parametrizations" in k for k in model.state_dict())
+    again = tk.finetune("timm:vit_tiny_patch16_224", policy="feature_extraction", epochs=1,
+                        **{**kw, "weights": str(ckpt)})
+    trunk = {k: v for k, v in model.state_dict().items() if k.startswith("trunk.")}
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in trunk.items())
+    layer = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    add_lora(layer, rank=2, alpha=3.0, targets="0")
+    torch.nn.init.normal_(layer[0].parametrizations.weight[0].lora_B)
+    assert torch.equal(fold_lora_state(layer.state_dict())["0.weight"], merge_lora(layer).state_dict()["0.weight"])

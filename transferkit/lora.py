@@ -26,12 +26,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from transferkit.errors import PolicyError
+from transferkit.errors import PolicyError, WeightsError
 
 
 class LoRADelta(nn.Module):
     """The parametrization ``W -> W + scale * B @ A``; ``B`` starts at zero, so the
-    adapted model equals the pretrained one until the first step."""
+    adapted model equals the pretrained one until the first step. ``scale`` (``alpha / r``)
+    is in the state dict too (``lora_scale``), so that a checkpoint of an unmerged model can be
+    folded into plain weights without knowing the run's policy (`fold_lora_state`)."""
 
     def __init__(self, out_features: int, in_features: int, *, rank: int, alpha: float) -> None:
         super().__init__()
@@ -39,6 +41,13 @@ class LoRADelta(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scale = float(alpha) / rank
+        self.register_buffer("lora_scale", torch.tensor(self.scale, dtype=torch.float64))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if prefix + "lora_scale" not in state_dict:  # written before the scale was stored: keep this one's
+            state_dict[prefix + "lora_scale"] = self.lora_scale
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.scale = float(self.lora_scale)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + (self.lora_B @ self.lora_A).to(weight.dtype) * self.scale
@@ -111,6 +120,38 @@ def merge_lora(module: nn.Module) -> nn.Module:
         if parametrize.is_parametrized(m):
             _fold(m)
     return merged
+
+
+_PARAMETRIZED = re.compile(r"^(?P<owner>.*?)\.?parametrizations\.(?P<name>[^.]+)\.original$")
+
+
+def fold_lora_state(state: dict[str, torch.Tensor], *, source: str = "The weights") -> dict[str, torch.Tensor]:
+    """A state dict of a model with LoRA factors (a checkpoint written while a LoRA run trained)
+    as the state dict of the model without them: each adapted weight ``W + scale * B @ A``
+    under its plain key, as `merge_lora` gives. A state dict without LoRA is returned as is.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(2, 2))
+        >>> _ = add_lora(m, rank=1, targets="0")
+        >>> sorted(fold_lora_state(m.state_dict()))
+        ['0.bias', '0.weight']
+    """
+    if not any(k.endswith(".lora_A") for k in state):
+        return state
+    out = dict(state)
+    for key in [k for k in state if _PARAMETRIZED.match(k)]:
+        m = _PARAMETRIZED.match(key)
+        owner, name = m["owner"], m["name"]
+        delta = f"{owner}.parametrizations.{name}.0." if owner else f"parametrizations.{name}.0."
+        if delta + "lora_scale" not in state:
+            raise WeightsError(f"{source} hold LoRA factors without their scale (written by an earlier transferkit): "
+                               "finish the run with transferkit.resume(path), and use the model it returns.")
+        w = state[key]
+        a, b, scale = state[delta + "lora_A"], state[delta + "lora_B"], float(state[delta + "lora_scale"])
+        out[f"{owner}.{name}" if owner else name] = w + (b.float() @ a.float()).to(w.dtype) * scale
+        for k in (key, delta + "lora_A", delta + "lora_B", delta + "lora_scale"):
+            del out[k]
+    return out
 
 
 def _fold(m: nn.Module) -> None:

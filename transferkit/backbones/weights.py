@@ -12,6 +12,7 @@ from torch import nn
 from transferkit.checkpoints import verify_checkpoint
 from transferkit.config import WEIGHTS_SUFFIXES
 from transferkit.errors import WeightsError
+from transferkit.lora import fold_lora_state
 
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
 
@@ -80,7 +81,7 @@ def _extract_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and "transferkit" in obj and "model" in obj:
         if isinstance(obj, dict):
             verify_checkpoint(obj, source=repr(str(path)))
-        model_sd = obj["model"]
+        model_sd = fold_lora_state(obj["model"], source=f"The weights of {str(path)!r}")  # a LoRA run's, unfinished
         sd = {k[len("trunk."):]: v for k, v in model_sd.items() if k.startswith("trunk.")}
         if not sd:
             raise WeightsError(f"{str(path)!r} is a transferkit checkpoint without trunk weights.")

@@ -12,6 +12,7 @@ from torch import nn
 from transferkit.backbones._base import InputSpec
 from transferkit.backbones.weights import load_into
 from transferkit.errors import ConfigError, DataError, ExportError, WeightsError
+from transferkit.lora import fold_lora_state
 from transferkit.model import build_model
 from transferkit.backbones import get_backbone
 from transferkit.checkpoints import load_checkpoint, saved_run
@@ -53,7 +54,8 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                         target_norm=head["target_norm"])
     hint = "" if head["recorded"] else " (the checkpoint records no head configuration, so a linear head was assumed)"
     try:
-        load_into(model, ckpt["model"], strict=True, source=f"The weights of {where}{hint}")
+        load_into(model, fold_lora_state(ckpt["model"], source=f"The weights of {where}"), strict=True,
+                  source=f"The weights of {where}{hint}")  # a LoRA run's unfinished checkpoint holds its factors
     except WeightsError as exc:
         raise WeightsError(f"{exc} {options_hint}") from exc
     return model.eval(), meta

@@ -269,8 +269,8 @@ class Policy:
             if n >= len(names):
                 raise PolicyError(f"The policy starts with the last {n} blocks unfrozen (start=) and adds one more at "
                                   f"each step, but this backbone has {len(names)} blocks: {names}, so no block would "
-                                  f"ever be added. Give start={len(names) - 1} or less, or 'unfreeze:last={len(names)}' "
-                                  "to train them all from the start.")
+                                  f"ever be added. Give start={len(names) - 1} or less, or "
+                                  f"'unfreeze:last={len(names)}' to train them all from the start.")
             if self.max_blocks is not None and self.max_blocks > len(names):
                 raise PolicyError(f"The policy unfreezes at most {self.max_blocks} blocks (max=) but this backbone has "
                                   f"{len(names)}: {names}. Give max={len(names)} or less, or drop max= to unfreeze "

@@ -243,3 +243,17 @@ def test_modules_without_parameters_follow_their_block():
     assert is_frozen_batchnorm(model.trunk[0]) and is_frozen_batchnorm(model.trunk[2])
     assert not model.trunk[0].training and not model.trunk[3].training  # BN affine=False and dropout of the stem
     assert model.trunk[5].training
+
+
+@pytest.mark.parametrize("spec", ["full", "gradual:every=1"])
+def test_a_logistic_probe_on_a_training_backbone_is_refused_with_advice_that_fits(image_folder, spec):
+    from transferkit.errors import ConfigError
+
+    kw = dict(data=image_folder, policy=spec, epochs=2, image_size=16, verbose=False, num_workers=0)
+    with pytest.raises(ConfigError) as caught:
+        tk.plan("tk:small_cnn", weights=None, head="logistic", **kw)
+    assert "Use policy='feature_extraction' for the probe, or head='linear'" in str(caught.value)
+    assert "cache_features" not in str(caught.value)  # the cache does not decide whether the backbone trains
+    with pytest.raises(ConfigError, match=r"cache_features=True needs a policy that keeps the backbone frozen.*"
+                                          r"or cache_features='auto'"):
+        tk.plan("tk:small_cnn", weights=None, cache_features=True, **kw)

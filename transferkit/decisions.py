@@ -459,10 +459,13 @@ def _changing_shapes(kind: str, spec: InputSpec) -> str | None:
 def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen_epochs: int, head_kind: str) -> tuple[int, str]:
     """How many leading epochs run on cached features (all, the frozen phase, or none), and why."""
     frozen = frozen_epochs >= cfg.epochs
-    if (cfg.cache_features is True or head_kind == "logistic") and not frozen:
-        what = "head='logistic'" if head_kind == "logistic" else "cache_features=True"
-        raise ConfigError(f"{what} needs a policy that keeps the backbone frozen; {policy} trains it. Use "
-                          "policy='feature_extraction' (or cache_features='auto').")
+    if head_kind == "logistic" and not frozen:
+        raise ConfigError(f"head='logistic' fits its probe on the features of a frozen backbone; policy {policy} "
+                          "trains the backbone. Use policy='feature_extraction' for the probe, or head='linear' to "
+                          "train a head together with the backbone.")
+    if cfg.cache_features is True and not frozen:
+        raise ConfigError(f"cache_features=True needs a policy that keeps the backbone frozen; {policy} trains it. "
+                          "Use policy='feature_extraction' (or cache_features='auto').")
     if head_kind == "logistic" and cfg.label_smoothing:
         raise ConfigError(f"head='logistic' fits scikit-learn's LogisticRegression, which has no label smoothing; "
                           f"label_smoothing={cfg.label_smoothing} would be ignored. Drop it, or use head='linear'.")

@@ -159,3 +159,16 @@ def test_param_groups_refuse_a_lora_policy_before_apply_policy_added_the_factors
     grouped = {id(p) for g in param_groups(model, lr=1e-3, weight_decay=1e-4, backbone=bb, policy=policy)
                for p in g["params"]}
     assert {id(p) for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))} <= grouped
+
+
+def test_the_plan_says_lora_leaves_the_batchnorm_statistics_as_they_were(image_folder):
+    from transferkit import get_backbone, plan
+
+    bb = get_backbone("timm:levit_128s", weights=None, img_size=64)  # BatchNorm1d on its attention/MLP linears
+    kw = dict(data=image_folder, epochs=1, image_size=64, verbose=False, num_workers=0)
+    alone, with_block = plan(bb, policy="lora:r=2", **kw), plan(bb, policy="lora:r=2,last=1", **kw)
+    assert alone.bn_updates == ((),)  # no statistic moves (see the BatchNorm test above) ...
+    assert "  batchnorm: eval statistics in every block (LoRA factors leave the statistics of the blocks they adapt " \
+           "as they were)\n" in alone.summary()  # ... and the plan says so
+    assert with_block.bn_updates == ((bb.block_names[-1],),)
+    assert "  batchnorm: statistics update in the unfrozen blocks, eval elsewhere (LoRA" in with_block.summary()

@@ -492,6 +492,12 @@ def _bn_mode(policy: Policy, has_bn: bool, frozen: bool) -> str:
         return "none in the trunk"
     if frozen:
         return "eval statistics (the backbone is frozen)"
+    if policy.bn == "train" and policy.lora is not None:  # LoRA factors leave their blocks' statistics as they were
+        if policy.unfreeze == "none" and policy.unfreeze_from is None:
+            return "eval statistics in every block (LoRA factors leave the statistics of the blocks they adapt as " \
+                   "they were)"
+        return "statistics update in the unfrozen blocks, eval elsewhere (LoRA factors leave the statistics of the " \
+               "blocks they adapt as they were)"
     return {"train": "statistics update in training blocks, eval elsewhere",
             "affine": "statistics frozen, gamma/beta train", "frozen": "frozen entirely"}[policy.bn]
 

@@ -257,3 +257,20 @@ def test_a_logistic_probe_on_a_training_backbone_is_refused_with_advice_that_fit
     with pytest.raises(ConfigError, match=r"cache_features=True needs a policy that keeps the backbone frozen.*"
                                           r"or cache_features='auto'"):
         tk.plan("tk:small_cnn", weights=None, cache_features=True, **kw)
+
+
+@pytest.mark.parametrize("views, cached", [(1, "none"), (2, "standard")])
+def test_a_frozen_phase_caches_the_eval_view_or_k_augmented_views(image_folder, views, cached):
+    """As docs/policies.md says: one cached view of a frozen phase is the clean eval view; K > 1
+    views are augmented as the run's augment says."""
+    d = tk.plan("tk:small_cnn", weights=None, data=image_folder, policy="fine_tune", epochs=3, image_size=16,
+                cache_views=views, verbose=False, num_workers=0)
+    assert d.cached_epochs == 1 and d.augment == "standard" and d.cached_augment == cached
+
+
+def test_unfreeze_last_counts_the_final_norm_of_a_vit_as_a_block():
+    """As docs/policies.md says: a ViT's block list ends with its final norm, so last=1 trains the norm."""
+    bb = get_backbone("timm:vit_tiny_patch16_224", weights=None, img_size=32)
+    assert bb.block_names[-2:] == ["blocks.11", "norm"]
+    assert Policy.parse("unfreeze:last=1").trainable_blocks(bb.block_names) == ["norm"]
+    assert Policy.parse("unfreeze:last=2").trainable_blocks(bb.block_names) == ["blocks.11", "norm"]

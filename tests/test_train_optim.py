@@ -235,11 +235,14 @@ def test_the_frozen_phase_makes_its_head_passes_over_cached_features(image_folde
         assert r.history[0]["passes"] == passes and 1 <= r.history[0]["best_pass"] <= passes
 
 
-def test_the_frozen_phase_keeps_its_best_pass_as_feature_extraction_of_that_length_would(image_folder):
+def test_the_frozen_phase_keeps_its_best_pass_as_feature_extraction_of_that_length_would(image_folder, tmp_path):
     """fine_tune's frozen phase with passes=epochs is the feature-extraction run of the same
-    length: the same head after it, so fine_tune starts from feature extraction's best."""
-    kw = dict(weights=None, data=image_folder, epochs=3, image_size=16, batch_size=4, num_workers=0,
-              precision="fp32", verbose=False, head_dropout=0.0)
+    length (from pretrained weights, where both standardise the cached features): the same head
+    after it, so fine_tune starts from feature extraction's best."""
+    torch.manual_seed(0)
+    torch.save(tk.get_backbone("tk:small_cnn", weights=None).trunk.state_dict(), tmp_path / "trunk.pt")
+    kw = dict(weights=tmp_path / "trunk.pt", data=image_folder, epochs=3, image_size=16, batch_size=4,
+              num_workers=0, precision="fp32", verbose=False, head_dropout=0.0)
     fe = tk.finetune("tk:small_cnn", policy="feature_extraction", **kw)
     ft = tk.finetune("tk:small_cnn", policy="fine_tune:frozen=1,passes=epochs", **{**kw, "epochs": 3})
     first = ft.history[0]

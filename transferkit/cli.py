@@ -657,7 +657,19 @@ def cli_spelling(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 on errors, with one line on stderr)."""
+    """Run the command line; returns the exit status (2 on errors, with one line on stderr).
+    Under torchrun, a process that joined the job ends here through `exit_cleanly` (with
+    torch 2.11 a gloo worker aborts at interpreter exit in about 1 run in 4)."""
+    code = _run(argv)
+    dist = sys.modules.get("torch.distributed")  # imported by a command that trained; --help never imports torch
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        from transferkit.train.distributed import exit_cleanly
+
+        exit_cleanly(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
 
     with one_line_warnings("transferkit", cli_spelling):

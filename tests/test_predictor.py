@@ -112,6 +112,16 @@ def test_predict_folder_sorted_with_progress_bar(exported, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="No image files"):
         pred.predict_folder(tmp_path / "empty", progress=False)
+    # walked as training walks a folder: linked folders followed, hidden folders and __MACOSX skipped
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    Image.fromarray(_pictures(1, seed=3)[0]).save(outside / "linked.png")
+    (tmp_path / "link").symlink_to(outside)
+    for litter in (".ipynb_checkpoints", "__MACOSX"):
+        (tmp_path / litter).mkdir()
+        Image.fromarray(_pictures(1, seed=4)[0]).save(tmp_path / litter / "copy.png")
+    names = [p.source.split("/")[-1] for p in pred.predict_folder(tmp_path, progress=False)]
+    assert sorted(names) == ["0.png", "1.png", "2.png", "linked.png"]
 
 
 @pytest.mark.parametrize("task", ["multilabel", "regression"])

@@ -23,6 +23,8 @@ from PIL import Image
 
 from transferkit.backbones._base import InputSpec
 from transferkit.data import audio
+from transferkit.data.checks import DataReport
+from transferkit.data.folders import list_class_files
 from transferkit.data.images import IMAGE_EXTENSIONS, check_image_tensor, image_from_array, load_image
 from transferkit.data.transforms import eval_transform
 from transferkit.errors import DataError
@@ -87,15 +89,16 @@ class InputPipeline:
         return torch.stack(xs)
 
     def list_files(self, folder: str | Path) -> list[str]:
-        """The files below ``folder`` of this input kind, sorted by path (hidden files skipped).
-        Audio files of a type the installed libsndfile cannot decode are left out with a warning
-        (or named in the error when nothing else is found)."""
+        """The files below ``folder`` of this input kind, sorted by path, walked as training walks a
+        class folder (`list_class_files`: linked folders followed, hidden ones and ``__MACOSX``
+        skipped, hidden files skipped). Audio files of a type the installed libsndfile cannot
+        decode are left out with a warning (or named in the error when nothing else is found)."""
         root = Path(folder)
         if not root.is_dir():
             raise DataError(f"{str(folder)!r} is not a folder.")
         known = self.extensions + (audio.AUDIO_EXTENSIONS if self.audio else ())
-        found = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in known and p.is_file()
-                       and not p.name.startswith("."))
+        found = list_class_files(root, lambda name: not name.startswith(".") and name.lower().endswith(known),
+                                 DataReport())
         files = [f for f in found if f.lower().endswith(self.extensions)]
         note = audio.undecodable_note(found) if self.audio else ""
         if not files:

@@ -68,6 +68,28 @@ def test_a_data_csv_is_never_overwritten(tmp_path, image_folder, no_training):
         tk.finetune(data=csv, export=csv, **FAST)
 
 
+def test_an_output_onto_a_file_of_the_data_folder_is_refused(tmp_path, image_folder, no_training):
+    """export= naming one of the training images wrote a zip file over it; an export or a
+    checkpoint of an earlier run inside the folder is replaced as before."""
+    image = next(image_folder.rglob("*.png"))
+    before = _bytes(image)
+    for key in ("export", "checkpoint"):
+        with pytest.raises(ConfigError, match=rf"{key}=.* is a file inside the data folder .* would replace it"):
+            tk.finetune(data=image_folder, **{key: image}, **FAST)
+    assert _bytes(image) == before
+
+
+def test_result_export_onto_a_file_of_the_data_is_refused(tmp_path, image_folder):
+    image = next(image_folder.rglob("*.png"))
+    before = _bytes(image)
+    r = tk.finetune(data=image_folder, **FAST)
+    with pytest.raises(ConfigError, match=r"export=.* is a file inside the data folder"):
+        r.export(image)
+    assert _bytes(image) == before
+    r.export(image_folder / "model.pt")  # a new file there: nothing of the data is replaced
+    r.export(image_folder / "model.pt")  # nor by replacing that export
+
+
 def test_plots_inside_the_data_folder_are_refused(tmp_path, image_folder, no_training):
     with pytest.raises(ConfigError, match="lies inside the data folder .*read as data"):
         tk.finetune(data=image_folder, plots_dir=image_folder / "plots", **FAST)

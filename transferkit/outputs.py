@@ -92,6 +92,8 @@ def check_output_paths(cfg: FinetuneConfig) -> None:
                     continue  # resume reads and rewrites its own checkpoint
                 raise ConfigError(f"{out}={str(p)!r} is the {key} file the run reads: writing the {out} would "
                                   f"overwrite it. Give the {out} another path.")
+            if OUTPUTS[out] == "file" and key != "weights":
+                check_not_data(p, src, flag=out, what=key)
             if OUTPUTS[out] == "dir" and key != "weights" and src.is_dir() and is_inside(p, src):
                 raise ConfigError(f"{out}={str(p)!r} lies inside the {key} folder {str(src)!r}: the files written "
                                   "there would be read as data (a class folder) by the next run. Choose a folder "
@@ -105,6 +107,17 @@ def check_output_paths(cfg: FinetuneConfig) -> None:
         if free < MIN_FREE:
             raise OutputError(f"The {_WHAT[key]} {str(p)!r} ({key}) is on a full file system ({free // 1024} kB "
                               "free). Free some space or choose a path on another disk.")
+
+
+def check_not_data(p: Path, data: Any, *, flag: str, what: str = "data") -> None:
+    """ConfigError when the output file ``p`` exists inside the folder ``data`` and is not a file
+    transferkit wrote (an export or a checkpoint, which a run replaces as it means to): it is
+    one of the data (an image, a clip, a list), which the output would replace."""
+    src = _path(data)
+    if src is None or not src.is_dir() or not p.is_file() or not is_inside(p, src) or saved_run(p) is not None:
+        return
+    raise ConfigError(f"{flag}={str(p)!r} is a file inside the {what} folder {str(src)!r}: writing the {flag} would "
+                      f"replace it. Give the {flag} a path outside the data.")
 
 
 def _check_replaced(key: str, p: Path) -> None:

@@ -18,6 +18,7 @@ from transferkit.decisions import Decisions
 from transferkit.errors import ConfigError
 from transferkit.export import Predictor
 from transferkit.export.torchscript import ExportReport
+from transferkit.outputs import check_not_data
 from transferkit.policies import merge_lora
 from transferkit.run import Run
 from transferkit.steps import example_inputs, export_metadata, metadata
@@ -38,6 +39,10 @@ def export_result(model: nn.Module, decisions: Decisions | None, run: Run | None
     the parity check run on real validation inputs. Returns the reports (TorchScript first)."""
     _decided(decisions, run, need_run=True)
     onnx_path = Path(path).with_suffix(".onnx") if onnx is True else (Path(onnx) if onnx else None)
+    for key in ("data", "val_data"):  # a path inside the data that names one of its files would replace it
+        for flag, target in (("export", Path(path)), ("onnx", onnx_path)):
+            if target is not None:
+                check_not_data(target, getattr(decisions.config, key), flag=flag, what=key)
     check_writable(path, what="export")  # before any work
     if onnx_path is not None:
         check_writable(onnx_path, what="ONNX export")

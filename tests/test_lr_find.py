@@ -252,3 +252,23 @@ def test_lr_find_phase_errors_say_what_exists(image_folder):
 def test_a_bad_sweep_is_refused_before_the_data_are_read(sweep):
     with pytest.raises(ConfigError, match="lr_find needs 0 < start_lr < end_lr and num_steps >= 2"):
         tk.lr_find("tk:small_cnn", weights=None, data="no/such/folder", **sweep)
+
+
+@pytest.mark.parametrize("sweep, said", [
+    (dict(end_lr=float("inf")), "end_lr=inf is not a finite number"),
+    (dict(start_lr="1e-5"), "start_lr='1e-5' is not a finite number"),
+    (dict(num_steps=10.5), "num_steps=10.5 is not an integer"),
+])
+def test_a_sweep_of_the_wrong_type_is_refused_before_the_data_are_read(sweep, said):
+    with pytest.raises(ConfigError, match=said):
+        tk.lr_find("tk:small_cnn", weights=None, data="no/such/folder", **sweep)
+
+
+def test_a_logistic_head_and_an_unwritable_plot_are_refused_before_the_test_runs(image_folder, tmp_path, monkeypatch):
+    import transferkit.api
+
+    monkeypatch.setattr(transferkit.api, "lr_range_test", lambda *a, **k: pytest.fail("the test ran"))
+    with pytest.raises(ConfigError, match="head='logistic' fits a logistic-regression probe, which has no learning"):
+        tk.lr_find("tk:small_cnn", weights=None, data=image_folder, head="logistic", **LF)
+    with pytest.raises(tk.OutputError, match="plot"):
+        tk.lr_find("tk:small_cnn", weights=None, data=image_folder, plot=tmp_path, **LF)

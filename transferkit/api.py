@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit._progress import EpochLog
+from transferkit._io import check_writable
 from transferkit._signals import terminate_as_interrupt
 from transferkit.backbones import Backbone
 from transferkit._text import number, plural, wrap_lines
@@ -393,6 +394,12 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
                           "backbone).")
     check_sweep(LRRange(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps))  # before any work
     cfg = FinetuneConfig.from_call(config, options)
+    if cfg.head == "logistic":
+        raise ConfigError("lr_find: head='logistic' fits a logistic-regression probe, which has no learning rate to "
+                          "search (it tries the C values of probe_Cs). Use head='linear' for a head trained by "
+                          "gradient, or linear_probe() for the probe.")
+    if plot is not None:
+        check_writable(plot, what="plot", flag="plot")  # a folder or a read-only place: said before the test runs
     t0 = time.perf_counter()
     with _opened(cfg, lock=False, show_plan=False) as (d, run):
         which, first, factor = _lr_find_phase(d, phase)

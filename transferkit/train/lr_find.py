@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -233,7 +234,7 @@ class LRFindResult:
 
 
 def check_sweep(sweep: LRRange) -> None:
-    """A ConfigError unless ``0 < start_lr < end_lr`` and ``num_steps >= 2``.
+    """A ConfigError unless ``0 < start_lr < end_lr`` (finite numbers) and ``num_steps >= 2`` (an integer).
 
     Example:
         >>> try:
@@ -242,6 +243,13 @@ def check_sweep(sweep: LRRange) -> None:
         ...     print(str(exc).split(", got")[0])
         lr_find needs 0 < start_lr < end_lr and num_steps >= 2
     """
+    for name in ("start_lr", "end_lr"):
+        value = getattr(sweep, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ConfigError(f"lr_find: {name}={value!r} is not a finite number.")
+    steps = sweep.num_steps
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise ConfigError(f"lr_find: num_steps={steps!r} is not an integer.")
     if not (0 < sweep.start_lr < sweep.end_lr) or sweep.num_steps < 2:
         raise ConfigError(f"lr_find needs 0 < start_lr < end_lr and num_steps >= 2, got start_lr={sweep.start_lr}, "
                           f"end_lr={sweep.end_lr}, num_steps={sweep.num_steps}.")

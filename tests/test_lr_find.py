@@ -62,6 +62,18 @@ def test_noisy_start_is_not_a_descent(seed):
     assert raw_steepest < 1e-5
 
 
+def test_a_test_that_starts_inside_the_descent_says_so_and_a_flat_start_does_not():
+    """The first 10 % of the points are not read (start-up noise); when the loss already falls
+    there, the rest is the bottom of the descent and its noise, and the suggestion came from
+    that noise with no word."""
+    for seed in range(10):
+        lrs, losses = _curve(seed=seed, n=200)
+        inside = find_valley(lrs[88:], losses[88:])  # from 3.4e-4: the descent (centred at 1e-3) under way
+        assert any("already falls at start_lr (3.4e-04)" in n for n in inside.notes), inside.notes
+        for kw in (dict(), dict(startup=12, noise=0.12)):
+            assert find_valley(*_curve(seed=seed, **kw)).notes == ()
+
+
 def test_a_curve_that_does_not_fall_or_still_falls_says_so():
     lrs = [10 ** (-7 + 8 * i / 99) for i in range(100)]
     flat = [0.7 + 0.001 * math.sin(i) for i in range(100)]
@@ -71,7 +83,8 @@ def test_a_curve_that_does_not_fall_or_still_falls_says_so():
     v = find_valley(lrs, falling)
     assert "still falls at the largest rate" in v.notes[0] and v.suggestion < lrs[-1] / 10
     short = find_valley(lrs[:2], [1.0, 9.0])
-    assert short.suggestion == lrs[0] and "lower start_lr" in short.notes[0]
+    assert short.suggestion == lrs[0]
+    assert "raise num_steps, or, when the loss exploded, lower start_lr" in short.notes[0]
     with pytest.raises(ConfigError, match="as many learning rates as losses"):
         find_valley(lrs, flat[:3])
 

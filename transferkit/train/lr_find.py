@@ -116,7 +116,8 @@ def find_valley(lrs: Sequence[float], losses: Sequence[float], *, smooth_decades
         if not lrs:
             raise ConfigError("find_valley got no points: the range test recorded no loss.")
         return Valley(0, 0, 0, 0, float(lrs[0]), float(lrs[0]),
-                      (f"only {plural(len(lrs), 'point')} before the loss exploded: lower start_lr",))
+                      (f"only {plural(len(lrs), 'point')}: too few to read a descent (raise num_steps, or, when "
+                       "the loss exploded, lower start_lr)",))
     skip = int(skip_start * len(losses))
     per_decade = (len(lrs) - 1) / (math.log10(lrs[-1] / lrs[0]) if lrs[-1] > lrs[0] > 0 else 1.0)
     smooth = 1.0 / (1.0 + smooth_decades * per_decade)  # an average whose mean lag is smooth_decades
@@ -129,6 +130,10 @@ def find_valley(lrs: Sequence[float], losses: Sequence[float], *, smooth_decades
     top = float(np.percentile(kept[: m + 1], 90))  # the level before the descent; a few wild points do not set it
     drop = top - float(kept[m])
     notes: list[str] = []
+    first = float(np.min(losses[: max(1, skip // 2)]))  # the loss at the first rates, left out of the reading
+    if skip >= 2 and first > top + max(drop, 1e-3 * max(abs(top), 1e-12)):
+        notes.append(f"the loss already falls at start_lr ({lrs[0]:.1e}), before the part of the curve read (from "
+                     f"{lrs[skip]:.1e}): lower start_lr so that the test starts where the loss is still flat")
     if m == 0 or drop <= 1e-3 * max(abs(top), 1e-12):
         notes.append(f"the loss does not fall between {lrs[skip]:.1e} and {lrs[-1]:.1e}: "
                      "try a lower start_lr, or check the data and labels")

@@ -197,9 +197,12 @@ def test_validation_folder_sharing_no_class_is_a_clear_error(tmp_path):
     with pytest.raises(tk.DataError, match=r"shares no class with the classes it is read for: its class folders "
                                            r"are \['cats', 'dogs'\], the classes \['ants', 'bees'\]"):
         prepare_data(tmp_path / "train", tmp_path / "val")
-    with pytest.raises(tk.DataError, match=r"'.*train' shares no class .* the classes \['Ants', 'Bees'\] \(those "
-                                           r"of classes=, .*or fix classes="):  # the training folder: classes= is wrong
+    with pytest.raises(tk.DataError, match=r"'.*train' shares no class .* the classes \['Ants', 'Bees'\] \(classes= "
+                                           r"for training data"):  # the training folder: classes= is wrong
         prepare_data(tmp_path / "train", classes=["Ants", "Bees"])
+    with pytest.raises(tk.DataError, match=r"It holds split folders \(train, val\): point at one of them, e.g. "
+                                           r"'.*val'"):  # validation data given one level too high
+        prepare_data(tmp_path / "train", tmp_path)
 
 
 def test_a_class_with_a_single_image_is_named_as_never_validated(tmp_path):

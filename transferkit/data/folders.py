@@ -174,9 +174,13 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
         extra = [c for c in found if c not in classes]
         missing = [c for c in classes if c not in found]
         if len(extra) == len(found):
+            splits = split_like_names(extra)
+            fix = (f"It holds split folders ({', '.join(splits)}): point at one of them, e.g. "
+                   f"{str(root / splits[-1])!r}." if splits else
+                   "Name its class folders like those classes (for training data, classes= may name them).")
             raise DataError(f"{str(root)!r} shares no class with the classes it is read for: its class folders are "
-                            f"{extra[:10]}, the classes {list(classes)[:10]} (those of classes=, or for validation "
-                            "data the training data's). Name the class folders like those classes, or fix classes=.")
+                            f"{extra[:10]}, the classes {list(classes)[:10]} (classes= for training data, the "
+                            f"training data's or the model's for data scored against them). {fix}")
         if extra:
             report.warn(f"{str(root)!r} has class folders {extra} that the training data does not have; their {what} "
                         f"are left out (training classes: {list(classes)}).")

@@ -60,6 +60,24 @@ def test_bad_image_files_get_an_error_each_and_the_rest_is_predicted(tmp_path):
     assert d[1]["error"] == preds[1].error and "label" not in d[1] and "error" not in d[0]
 
 
+def test_predict_proba_on_a_bad_file_offers_no_training_option_and_numpy_integers_are_counts(tmp_path):
+    """predict_proba and outputs take no on_bad_file=, which their error advised; top_k and
+    batch_size of NumPy were refused as not integers."""
+    import pytest
+
+    from transferkit.errors import DataError
+
+    pred = _predictor(_MeanImage(), InputSpec(image_size=8))
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((10, 10, 3), 30, np.uint8)).save(good)
+    (tmp_path / "bad.jpg").write_text("not an image")
+    with pytest.raises(DataError, match=r"bad\.jpg") as exc:
+        pred.predict_proba([str(good), str(tmp_path / "bad.jpg")])
+    assert "on_bad_file" not in str(exc.value) and "predict() reports such files one by one" in str(exc.value)
+    top = pred.predict([str(good)] * 3, top_k=np.int64(2), batch_size=np.int64(2))
+    assert [len(p.top_k) for p in top] == [2, 2, 2]
+
+
 def test_bad_audio_files_get_an_error_each_and_the_rest_is_predicted(tmp_path):
     pred = _predictor(_MeanAudio(), InputSpec(kind="audio", sample_rate=8000))
     good = [str(tmp_path / f"g{i}.wav") for i in range(2)]

@@ -60,5 +60,13 @@ def exception_line(exc: BaseException, limit: int = 300) -> str:
 def file_reason(error: object) -> str:
     """Why a file could not be read, on one line, without the advice about training options
     (removing the file, ``on_bad_file=``) that does not apply where a file is predicted,
-    scored or used as an example."""
-    return " ".join(str(error).split()).split(" Remove the file")[0]
+    scored or used as an example.
+
+    Example:
+        >>> file_reason("Cannot read 'a.jpg': truncated. Remove it, or pass on_bad_file='skip' to leave it out.")
+        "Cannot read 'a.jpg': truncated."
+    """
+    text = " ".join(str(error).split())
+    for advice in (" Remove the file", " Remove it, or pass on_bad_file"):
+        text = text.split(advice)[0]
+    return text

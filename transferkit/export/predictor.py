@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from transferkit._progress import progress as progress_bar
-from transferkit._text import plural
+from transferkit._text import file_reason, plural
 from transferkit.backbones._base import InputSpec
 from transferkit.errors import ConfigError, DataError, ExportError
 from transferkit.export.inputs import InputPipeline
@@ -111,8 +111,11 @@ class Predictor:
         or values (regression), in the order of ``inputs``."""
         items = self.inputs.split(inputs)
         _check_batch_size(batch_size)
-        out = [self._run(self.inputs.batch(chunk))
-               for chunk in _progress(_chunks(items, batch_size), len(items), progress)]
+        try:
+            out = [self._run(self.inputs.batch(chunk))
+                   for chunk in _progress(_chunks(items, batch_size), len(items), progress)]
+        except DataError as exc:  # without the readers' advice on training options, which this method does not take
+            raise DataError(f"{file_reason(exc)} (predict() reports such files one by one)") from exc
         self._warn_cropped()
         return torch.cat(out) if out else torch.empty(0, len(self.labels))
 
@@ -140,8 +143,9 @@ class Predictor:
             >>> preds[1].ok, preds[1].error  # doctest: +SKIP
             (False, "Cannot read image 'broken.jpg': ...")
         """
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
             raise ConfigError(f"top_k must be a positive integer, got {top_k!r}.")
+        top_k = int(top_k)  # a NumPy integer too
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"threshold must be a probability in [0, 1] (a label is given when its probability is "
                               f"at least the threshold), got {threshold!r}.")
@@ -157,7 +161,7 @@ class Predictor:
                 except DataError as exc:
                     if not isinstance(x, (str, Path)):
                         raise
-                    preds[i] = Prediction(None, None, None, [], _source(x), self.task, error=_reason(exc))
+                    preds[i] = Prediction(None, None, None, [], _source(x), self.task, error=file_reason(exc))
             if not xs:
                 continue
             for i, row in zip(ready, self._run(self.inputs.collate(xs))):
@@ -202,21 +206,12 @@ class Predictor:
         return self.predict(files, top_k=top_k, batch_size=batch_size, threshold=threshold, progress=progress)
 
 
-def _reason(exc: DataError) -> str:
-    """Why a file could not be predicted, without the advice about training options
-    (``on_bad_file``) that the data readers add."""
-    text = str(exc)
-    for advice in (" Remove the file, or pass on_bad_file", " Remove it, or pass on_bad_file"):
-        text = text.split(advice)[0]
-    return text
-
-
 def _source(item: Any) -> str | None:
     return str(item) if isinstance(item, (str, Path)) else None
 
 
 def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
 
 

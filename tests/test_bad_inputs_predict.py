@@ -76,6 +76,13 @@ def test_predict_proba_on_a_bad_file_offers_no_training_option_and_numpy_integer
     assert "on_bad_file" not in str(exc.value) and "predict() reports such files one by one" in str(exc.value)
     top = pred.predict([str(good)] * 3, top_k=np.int64(2), batch_size=np.int64(2))
     assert [len(p.top_k) for p in top] == [2, 2, 2]
+    import io
+
+    with open(good, "rb") as f:  # an open file is one image (it was iterated as lines of bytes)
+        from_file = pred.predict(f)
+    from_bytes = pred.predict(io.BytesIO(good.read_bytes()))
+    assert len(from_file) == len(from_bytes) == 1 and from_file[0].ok, from_file[0].error
+    assert from_file[0].probability == from_bytes[0].probability == top[0].probability
 
 
 def test_bad_audio_files_get_an_error_each_and_the_rest_is_predicted(tmp_path):

@@ -10,6 +10,7 @@ NaN-padded into ``[N, T]``.
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from collections.abc import Sequence
@@ -66,8 +67,8 @@ class InputPipeline:
             return list(inputs)
         # (waveform, sample_rate): a rate of any number type (np.int64 from pandas, 44100.0), checked when read
         pair = self.audio and isinstance(inputs, tuple) and len(inputs) == 2 and audio.is_rate(inputs[1])
-        if isinstance(inputs, (str, Path, Image.Image, torch.Tensor, np.ndarray)) or pair:
-            return [inputs]
+        if isinstance(inputs, (str, Path, Image.Image, torch.Tensor, np.ndarray)) or pair or _is_file(inputs):
+            return [inputs]  # an open file is one input, not the lines it would iterate over
         if isinstance(inputs, Sequence) or hasattr(inputs, "__iter__"):
             return list(inputs)
         raise DataError(f"Cannot predict on a {type(inputs).__name__}; pass one input or a list of them.")
@@ -111,6 +112,9 @@ class InputPipeline:
     def _image(self, item: Any) -> torch.Tensor:
         if isinstance(item, (str, Path)):
             item = load_image(item, min_size=self.spec.resize_size or self.spec.image_size)
+        elif _is_file(item):  # an open binary file (a request's body, a member of an archive)
+            item = load_image(item, min_size=self.spec.resize_size or self.spec.image_size,
+                              name=getattr(item, "name", None))
         elif isinstance(item, np.ndarray):
             item = image_from_array(item)
         elif isinstance(item, torch.Tensor):
@@ -159,3 +163,8 @@ class InputPipeline:
             return info.frames > float(self.max_seconds) * info.samplerate  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - the read itself reports a bad file
             return False
+
+
+def _is_file(item: Any) -> bool:
+    """Whether ``item`` is an open file object (what ``open(path, "rb")`` or ``io.BytesIO`` gives)."""
+    return isinstance(item, io.IOBase) or (hasattr(item, "read") and hasattr(item, "seek"))

@@ -164,3 +164,8 @@ def test_the_summary_shows_errors_of_any_scale():
                         checkpoint_path=None, compile_trial=None, plots={}, data_report=DataReport())
     text = result_summary(r)
     assert "best epoch 2 (val_loss 4.2e-12)" in text and "final:      MSE 3.2e-11, MAE 2.5e+76, R^2 0.9918" in text
+    r.metrics = {"subset_accuracy": 0.5, "label_accuracy": 0.75, "micro_f1": 0.6,  # a multilabel run's
+                 "probe": {"C": 0.1, "val_acc_by_C": {"0.1": 0.9, "1.0": 0.8}}}  # of a linear probe: no epochs
+    text = result_summary(r)
+    assert "finished in 0.0s: a logistic probe, C=0.1 the best of 2 tried" in text
+    assert "subset accuracy 0.5000, label accuracy 0.7500, micro F1 0.6000" in text

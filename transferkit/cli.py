@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import TransferkitError
-from transferkit._text import file_reason
+from transferkit._text import file_reason, plural
 from transferkit.helpformat import HELP, one_line, one_line_warnings
 from transferkit.schedules import LRRange
 
@@ -227,7 +227,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         shape += f", {dtypes[0]} only (transferkit.load converts other inputs)"
     elif not audio:
         shape += " uint8 or float in [0, 1]"
-    lines = [f"file:        {args.model}", f"task:        {meta['task']} ({meta['num_outputs']} outputs)",
+    lines = [f"file:        {args.model}", f"task:        {meta['task']} ({plural(meta['num_outputs'], 'output')})",
              f"labels:      {', '.join(meta['labels'][:20])}{' ...' if len(meta['labels']) > 20 else ''}",
              f"input:       {shape}", f"input_spec:  {json.dumps(spec, sort_keys=True)}",
              f"written by:  transferkit {meta['transferkit_version']}, torch {meta['torch_version']}"]

@@ -86,14 +86,18 @@ def result_summary(result: Any) -> str:
     written (the export with its parity check), files left out."""
     best = result.best or {}
     n = len(result.history)
-    head = f"finished in {result.timings.get('total_s', 0):.1f}s: {plural(n, 'epoch')}"
+    probe = result.metrics.get("probe") if isinstance(result.metrics, dict) else None
+    trained = (f"a logistic probe, C={probe['C']:g} the best of {len(probe['val_acc_by_C'])} tried"
+               if isinstance(probe, dict) and "C" in probe else plural(n, "epoch"))
+    head = f"finished in {result.timings.get('total_s', 0):.1f}s: {trained}"
     if result.stopped_early:
         head += " (stopped early)"
     if best.get("epoch") is not None:
         head += f", best epoch {best['epoch']} ({_score({k: v for k, v in best.items() if k != 'epoch'})})"
     lines = [head]
     names = {"accuracy": "accuracy", "macro_f1": "macro F1", "balanced_accuracy": "balanced accuracy",
-             "mse": "MSE", "mae": "MAE", "r2": "R^2", "subset_accuracy": "subset accuracy", "micro_f1": "micro F1"}
+             "mse": "MSE", "mae": "MAE", "r2": "R^2", "subset_accuracy": "subset accuracy",
+             "label_accuracy": "label accuracy", "micro_f1": "micro F1"}
     shown = [f"{label} {number(result.metrics[k])}" for k, label in names.items()
              if isinstance(result.metrics.get(k), float)]
     if shown:

@@ -308,3 +308,50 @@ def test_early_stopping_without_validation_data_is_refused_before_training(image
     with pytest.raises(ConfigError, match=r"early_stopping=1 watches val_acc, but the run has no validation data"):
         tk.plan("tk:small_cnn", **common)
     assert tk.plan("tk:small_cnn", **common, monitor="train_loss").n_val == 0
+
+
+def _applied_lrs(monkeypatch) -> list[list[float]]:
+    """The head's lr at each optimizer step of the runs that follow, one list per run."""
+    runs: list[list[float]] = []
+    step = LRSchedule.step
+
+    def record(self):
+        if self.step_count == 0:
+            runs.append([])
+        runs[-1].append(next(g["lr"] for g in self.optimizer.param_groups if g.get("name") == "head"))
+        step(self)
+
+    monkeypatch.setattr(LRSchedule, "step", record)
+    return runs
+
+
+@pytest.mark.parametrize("schedule, extra", [("step", {}), ("exponential", {}), ("cosine", {"warmup_epochs": 1})])
+def test_fine_tune_s_frozen_phase_has_the_schedule_of_feature_extraction(tmp_path, monkeypatch, schedule, extra):
+    """24 training images in batches of 5: a cached epoch takes 5 steps, an epoch on images 4
+    (the last short batch dropped). The step schedule counted epochs of 4 steps in the frozen
+    phase, and warmup spanned the frozen epoch's 3 passes."""
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "img", per_class=15, size=16)
+    kw = dict(weights=None, data=data, image_size=16, batch_size=5, epochs=3, num_workers=0, verbose=False,
+              precision="fp32", schedule=schedule, **extra)
+    lrs = _applied_lrs(monkeypatch)
+    fe = tk.finetune("tk:small_cnn", policy="feature_extraction", **kw)
+    tk.finetune("tk:small_cnn", policy="fine_tune:frozen=1", **kw)
+    assert fe.decisions.n_train == 24 and len(lrs[0]) == 15
+    assert lrs[1][:15] == pytest.approx(lrs[0], rel=1e-12)
+
+
+def test_the_schedule_spans_the_steps_taken_when_files_prove_unreadable(tmp_path, monkeypatch):
+    """A damaged file is left out of the stored features: the cosine was sized for its batch too."""
+    from conftest import damaged_png, make_image_folder
+
+    data = make_image_folder(tmp_path / "img", per_class=12, size=16)
+    damaged_png(data / "dark" / "zz_damaged.png")
+    lrs = _applied_lrs(monkeypatch)
+    with pytest.warns(UserWarning, match="zz_damaged.png', which failed to load while its features were computed"):
+        r = tk.finetune("tk:small_cnn", weights=None, data=data, image_size=16, batch_size=6, epochs=3,
+                        num_workers=0, verbose=False, precision="fp32", val_split=0, cache_dir=tmp_path / "cache",
+                        lr=1.0)
+    assert r.decisions.n_train == 25 and len(lrs[0]) == 12  # 24 readable: 4 batches an epoch
+    assert lrs[0][-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 11 / 12)))  # the cosine's last step

@@ -11,6 +11,8 @@ base rate. The whole state is four numbers, saved in checkpoints for exact resum
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -91,20 +93,39 @@ class LRSchedule:
 
     def __init__(self, name: str, optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_epoch: int,
                  warmup_steps: int = 0, options: dict[str, float] | None = None,
-                 phases: Sequence[tuple[int, float]] | None = None) -> None:
+                 phases: Sequence[tuple[int, float]] | None = None, epoch_steps: Sequence[int] | None = None) -> None:
         opts = check_schedule_options(name, options)
         if warmup_steps < 0:
             raise ConfigError(f"warmup must be >= 0, got {warmup_steps}.")
         self.name, self.optimizer = name, optimizer
         self.opts = opts
-        self.total_steps, self.steps_per_epoch = max(int(total_steps), 1), max(int(steps_per_epoch), 1)
-        self.phases = [(max(int(n), 1), float(f)) for n, f in phases] if phases else [(self.total_steps, 1.0)]
-        if any(not (f > 0 and math.isfinite(f)) for _, f in self.phases):
-            raise ConfigError(f"Phase lr factors must be positive numbers, got {[f for _, f in self.phases]}.")
         self.warmup_steps = 0 if name == "one_cycle" else int(warmup_steps)
         self.base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
         self.step_count, self.scale, self.best, self.bad_epochs = 0, 1.0, None, 0
+        self.replan(total_steps=total_steps, steps_per_epoch=steps_per_epoch, phases=phases, epoch_steps=epoch_steps)
+
+    def replan(self, *, total_steps: int, steps_per_epoch: int = 1, phases: Sequence[tuple[int, float]] | None = None,
+               epoch_steps: Sequence[int] | None = None, warmup_steps: int | None = None) -> None:
+        """Lay the schedule over these steps: ``phases`` ``[(steps, lr factor), ...]`` (one
+        schedule each), ``epoch_steps`` the optimizer steps of each epoch in order, as step and
+        exponential schedules count epochs (an epoch on cached features that makes several
+        passes counts each pass, as feature extraction's epochs do); default: epochs of
+        ``steps_per_epoch``. Called again when the feature pass finds fewer readable samples
+        than planned; the current step keeps its place."""
+        self.total_steps = max(int(total_steps), 1)
+        if warmup_steps is not None and self.name != "one_cycle":
+            self.warmup_steps = int(warmup_steps)
+        self.phases = [(max(int(n), 1), float(f)) for n, f in phases] if phases else [(self.total_steps, 1.0)]
+        if any(not (f > 0 and math.isfinite(f)) for _, f in self.phases):
+            raise ConfigError(f"Phase lr factors must be positive numbers, got {[f for _, f in self.phases]}.")
+        per = max(int(steps_per_epoch), 1)
+        sizes = [max(int(n), 1) for n in epoch_steps] if epoch_steps else [per] * -(-self.total_steps // per)
+        self.epoch_ends = list(itertools.accumulate(sizes))  # the first step after each epoch
         self._apply()
+
+    def _epoch(self, step: int) -> int:
+        """The epoch (of `replan`'s ``epoch_steps``) that optimizer step ``step`` is in."""
+        return bisect.bisect_right(self.epoch_ends, step)
 
     def factor(self, step: int) -> float:
         """The multiplier at optimizer step ``step`` (before the plateau scale): the schedule
@@ -112,19 +133,20 @@ class LRSchedule:
         first = 0
         for i, (n, phase_factor) in enumerate(self.phases):
             if step < first + n or i == len(self.phases) - 1:
-                return phase_factor * self._phase_factor(step - first, n, self.warmup_steps if i == 0 else 0)
+                return phase_factor * self._phase_factor(step - first, n, self.warmup_steps if i == 0 else 0, first)
             first += n
         raise AssertionError("unreachable")
 
-    def _phase_factor(self, step: int, total: int, w: int) -> float:
+    def _phase_factor(self, step: int, total: int, w: int, first: int = 0) -> float:
         o = self.opts
         if step < w:
             return (step + 1) / w
         if self.name == "one_cycle":
             return self._one_cycle(step, total)
-        epoch = step // self.steps_per_epoch
+        epoch = self._epoch(first + step) - self._epoch(first)  # epochs since the phase began
         if self.name == "step":
-            every = int(o["step_epochs"]) or max(total // self.steps_per_epoch // 3, 1)
+            epochs = self._epoch(first + total - 1) - self._epoch(first) + 1
+            every = int(o["step_epochs"]) or max(epochs // 3, 1)
             return o["gamma"] ** (epoch // every)
         if self.name == "exponential":
             return o["gamma"] ** epoch
@@ -178,9 +200,11 @@ class LRSchedule:
 
 def make_scheduler(name: str, optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
                    steps_per_epoch: int | None = None, options: dict[str, float] | None = None,
-                   phases: Sequence[tuple[int, float]] | None = None) -> LRSchedule:
-    """An `LRSchedule`; ``steps_per_epoch`` defaults to ``total_steps`` (one epoch);
-    ``phases``: ``[(steps, lr factor), ...]`` (`phase_steps`), one schedule per phase.
+                   phases: Sequence[tuple[int, float]] | None = None,
+                   epoch_steps: Sequence[int] | None = None) -> LRSchedule:
+    """An `LRSchedule`; ``steps_per_epoch`` defaults to ``total_steps`` (one epoch), or
+    ``epoch_steps`` gives each epoch's steps (see `LRSchedule.replan`); ``phases``:
+    ``[(steps, lr factor), ...]`` (`phase_steps`), one schedule per phase.
 
     Example:
         >>> p = torch.nn.Parameter(torch.zeros(1))
@@ -192,4 +216,4 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, *, total_steps: 
         [0.01, 0.005, 0.001, 0.00085, 0.0005, 0.00015]
     """
     return LRSchedule(name, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch or total_steps,
-                      warmup_steps=warmup_steps, options=options, phases=phases)
+                      warmup_steps=warmup_steps, options=options, phases=phases, epoch_steps=epoch_steps)

@@ -631,3 +631,20 @@ def test_a_backbone_object_refuses_weights_it_was_not_built_with_and_plans_as_it
     for given in ({"weights": "source.pt"}, {"backbone_options": {"widths": (4, 4, 8)}}):
         with pytest.raises(ConfigError, match="applies to a backbone given by name, but backbone is a Backbone obj"):
             tk.plan(bb, **{**kw, **given})
+
+
+def test_a_resume_may_move_the_feature_cache(split_folders, tmp_path):
+    """cache_dir is where features are kept, not what is computed: the cache decision's words
+    named its folder and a resume with another cache_dir (or none) was refused."""
+    ckpt = tmp_path / "run.pt"
+    kw = dict(data=split_folders / "train", val_data=split_folders / "val", checkpoint=ckpt, **{**KW, "epochs": 3})
+
+    def stop_after_first(row):
+        if row["epoch"] == 1:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        tk.finetune("tk:small_cnn", cache_dir=tmp_path / "a", callbacks=[stop_after_first], **kw)
+    resumed = tk.finetune("tk:small_cnn", resume=True, **kw)  # features in memory now
+    straight = tk.finetune("tk:small_cnn", cache_dir=tmp_path / "b", **{**kw, "checkpoint": tmp_path / "s.pt"})
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]

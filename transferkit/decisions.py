@@ -49,7 +49,9 @@ DECISIONS_FORMAT = 2
 # decisions that may differ when resuming (where the run runs, not what it computes; whether
 # torch.compile is tried depends on the machine: a C++ compiler, the number of processes)
 _PLACE_KEYS = frozenset({"device", "weights_file", "feature_engine", "feature_engine_reason",
-                         "feature_engine_precision", "input_decode", "input_decode_reason", "compile"})
+                         "feature_engine_precision", "input_decode", "input_decode_reason", "compile",
+                         "cache_reason"})  # the words of the cache decision (its place: cache_dir); the decision
+# itself (feature_cache, cached_epochs, cache_views) is compared
 
 
 @dataclass(frozen=True)

@@ -336,14 +336,35 @@ def test_callers_backbone_is_never_changed(split_folders):
 
 
 def test_global_torch_settings_are_restored(split_folders):
+    during = []
+    seen = [lambda row: during.append((torch.are_deterministic_algorithms_enabled(),
+                                       torch.is_deterministic_algorithms_warn_only_enabled()))]
     torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        tk.finetune("tk:small_cnn", data=split_folders / "train", deterministic=False, **KW)
+    try:  # deterministic=False asks for no determinism: the caller's own stays on during the run
+        tk.finetune("tk:small_cnn", data=split_folders / "train", deterministic=False, callbacks=seen, **KW)
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+    assert set(during) == {(True, True)}
     tk.finetune("tk:small_cnn", data=split_folders / "train", deterministic=True, **KW)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_the_caller_s_random_states_are_restored(split_folders):
+    """A run seeds torch, NumPy and Python for itself; after it, the caller's generators go on
+    where they were (they came out of every run in the same state)."""
+    import random
+
+    import numpy as np
+
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    expected = draws()
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    tk.finetune("tk:small_cnn", data=split_folders / "train", **KW)
+    assert torch.initial_seed() == 123 and draws() == expected
 
 
 def test_class_weights_must_match_the_classes(split_folders):

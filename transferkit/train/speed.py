@@ -340,11 +340,15 @@ def measure_layout(trunk: nn.Module, device: torch.device, *, image_size: int = 
 
 
 def set_deterministic(enabled: bool) -> None:
-    """Deterministic kernels (``torch.use_deterministic_algorithms``), no cuDNN autotuning.
-
-    When off, cuDNN benchmarks convolution algorithms (fast for fixed image sizes)."""
+    """``enabled``: deterministic kernels (``torch.use_deterministic_algorithms``; the
+    caller's warn-only flag kept where it had them on already), no cuDNN autotuning. Off, the
+    caller's own choice stands (deterministic kernels it turned on stay on); where it made
+    none, cuDNN benchmarks convolution algorithms (fast for fixed image sizes)."""
+    caller = torch.are_deterministic_algorithms_enabled()
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(bool(enabled), warn_only=False)
-    torch.backends.cudnn.deterministic = bool(enabled)
-    torch.backends.cudnn.benchmark = not enabled and torch.cuda.is_available()
+        warn_only = caller and torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
+        torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = (not enabled and not caller and not torch.backends.cudnn.deterministic
+                                      and torch.cuda.is_available())

@@ -18,7 +18,7 @@ SCHEDULE_DEFAULTS: dict[str, dict[str, float]] = {
     "step": {"step_epochs": 0, "gamma": 0.1},  # step_epochs 0: a third of the run
     "exponential": {"gamma": 0.9},
     "one_cycle": {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4},
-    "plateau": {"factor": 0.1, "patience": 2, "threshold": 1e-4, "mode_max": 0},
+    "plateau": {"factor": 0.1, "patience": 2, "threshold": 1e-4},
 }
 
 
@@ -33,7 +33,6 @@ _OPTION_RANGES: dict[str, tuple[Any, str]] = {
     "factor": (lambda v: 0 < v < 1, "a factor in (0, 1)"),
     "patience": (lambda v: v >= 0 and float(v).is_integer(), "a whole number of epochs >= 0"),
     "threshold": (lambda v: v >= 0, "a number >= 0"),
-    "mode_max": (lambda v: v in (0, 1), "0 (lower is better) or 1"),
 }
 
 

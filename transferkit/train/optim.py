@@ -175,11 +175,11 @@ class LRSchedule:
 
     def epoch_end(self, metric: float | None = None) -> None:
         """Reduce-on-plateau bookkeeping: after ``patience`` epochs without improvement of
-        ``metric`` (lower is better unless ``mode_max``), multiply the learning rate by ``factor``."""
+        ``metric`` (a loss: lower is better), multiply the learning rate by ``factor``."""
         if self.name != "plateau" or metric is None or not math.isfinite(metric):
             return
         o = self.opts
-        value = -metric if o["mode_max"] else metric
+        value = metric
         if self.best is None or value < self.best - o["threshold"] * abs(self.best):
             self.best, self.bad_epochs = value, 0
         else:

@@ -81,6 +81,8 @@ def test_16_bit_float_and_channel_last_images_train_as_predict_reads_them(transf
 
 @pytest.mark.parametrize("image, said", [
     (torch.full((3, 8, 8), 200.0), r"item 0: A float image must hold values in \[0, 1\], got \[200, 200\]"),
+    (torch.linspace(-2.1, 2.6, 192).reshape(3, 8, 8), r"got \[-2.1, 2.6\]; it looks normalised with a mean and std: "
+                                                      r"give the images before that"),
     (np.zeros((3, 8, 8), np.uint8), r"item 0: A numpy image must be HxWxC \(channels last\)"),
     (torch.zeros(8, 8, 3), r"item 0: An image tensor must be \[C,H,W\]"),
 ])

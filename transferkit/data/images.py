@@ -95,8 +95,10 @@ def check_image_tensor(t: torch.Tensor, doing: str = "predict on") -> torch.Tens
                         "replace them (e.g. torch.nan_to_num) first.")
     lo, hi = (float(t.min()), float(t.max())) if t.numel() else (0.0, 0.0)
     if lo < -1e-3 or hi > 1.0 + 1e-3:
-        raise DataError(f"A float image must hold values in [0, 1], got [{lo:.3g}, {hi:.3g}]; pass uint8 pixels or "
-                        "divide by 255.")
+        fix = ("it looks normalised with a mean and std: give the images before that (the model normalises its "
+               "input itself), as uint8 pixels or float in [0, 1]" if lo < -1e-3 else
+               "pass uint8 pixels or divide by 255")
+        raise DataError(f"A float image must hold values in [0, 1], got [{lo:.3g}, {hi:.3g}]; {fix}.")
     return t
 
 

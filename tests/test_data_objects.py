@@ -66,17 +66,28 @@ def _targets(ds) -> list[int]:
 @pytest.mark.parametrize("transform", [eval_transform(SPEC), train_transform(SPEC, "none")])
 def test_16_bit_float_and_channel_last_images_train_as_predict_reads_them(transform):
     """A uint16 tensor was given to the model unscaled in training (0..65535) but scaled to
-    8 bits by predict; arrays HxWx1 and float HxWx3 crashed inside Pillow."""
+    8 bits by predict; arrays HxWx1 and float HxWx3 crashed inside Pillow (read through the
+    dataset, as training reads them)."""
     g = torch.Generator().manual_seed(0)
     u8 = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=g)
-    expected = transform(u8)
-    assert torch.equal(transform((u8.to(torch.int32) * 257).to(torch.uint16)), expected)
-    assert torch.equal(transform(u8.permute(1, 2, 0).numpy().astype(np.uint16) * 257), expected)
-    assert torch.allclose(transform(u8.float() / 255).float() * 255, expected.float(), atol=1e-3)
-    assert torch.allclose(transform(u8.permute(1, 2, 0).numpy().astype(np.float32) / 255).float() * 255,
-                          expected.float(), atol=1e-3)
     gray = u8[:1]
-    assert torch.equal(transform(gray.permute(1, 2, 0).numpy()), transform(gray))  # HxWx1
+    items = [u8, (u8.to(torch.int32) * 257).to(torch.uint16), u8.permute(1, 2, 0).numpy().astype(np.uint16) * 257,
+             u8.float() / 255, u8.permute(1, 2, 0).numpy().astype(np.float32) / 255, gray,
+             gray.permute(1, 2, 0).numpy()]
+    ds = prepare_data([(x, k % 2) for k, x in enumerate(items)], val_split=0).train.view(transform=transform)
+    got = [ds[k][0] for k in range(len(items))]
+    assert all(torch.equal(x, got[0]) for x in got[1:3])
+    assert all(torch.allclose(x.float() * 255, got[0].float(), atol=1e-3) for x in got[3:5])
+    assert torch.equal(got[6], got[5])  # HxWx1 as [1,H,W]
+
+
+def test_a_float_image_a_little_outside_0_1_is_clipped_and_the_callers_tensor_kept():
+    """A bicubic resize overshoots [0, 1]; refused, it stopped a run in the middle of an epoch."""
+    from transferkit.data.images import check_image_tensor
+
+    t = torch.tensor([[[-0.15, 0.5], [1.14, 1.0]]])
+    assert check_image_tensor(t, "train on").tolist() == [[[0.0, 0.5], [1.0, 1.0]]]
+    assert t[0, 0, 0].item() == pytest.approx(-0.15)
 
 
 @pytest.mark.parametrize("image, said", [

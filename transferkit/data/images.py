@@ -51,6 +51,9 @@ def to_8bit(arr: np.ndarray, top: float = 65535.0) -> np.ndarray:
     return np.clip(np.asarray(arr, dtype=np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+FLOAT_SLACK = 0.25  # how far outside [0, 1] a float image may go (a bicubic resize overshoots), clipped to it
+
+
 def image_from_array(arr: np.ndarray, doing: str = "predict on") -> Image.Image | torch.Tensor:
     """A numpy image (HxW or HxWxC, C in 1, 3, 4) as training and ``predict`` read it: uint8
     as a PIL image, uint16 scaled to 8 bits as its 16-bit file would be, float as a tensor
@@ -74,7 +77,8 @@ def image_from_array(arr: np.ndarray, doing: str = "predict on") -> Image.Image 
 def check_image_tensor(t: torch.Tensor, doing: str = "predict on") -> torch.Tensor:
     """An image tensor ([C,H,W] or [H,W], C in 1, 3, 4) as training and ``predict`` read it:
     uint8 as it is, uint16 scaled to 8 bits, float checked to be finite and in [0, 1] (on the
-    CPU); any other shape or dtype is a DataError. ``doing``: the errors' verb."""
+    CPU; values up to `FLOAT_SLACK` outside it, a resampling's overshoot, are clipped); any
+    other shape or dtype is a DataError. ``doing``: the errors' verb."""
     if t.numel() == 0:
         raise DataError(f"Cannot {doing} an empty image tensor (shape {tuple(t.shape)}).")
     if t.ndim == 2:
@@ -94,12 +98,12 @@ def check_image_tensor(t: torch.Tensor, doing: str = "predict on") -> torch.Tens
         raise DataError(f"A float image holds {int((~torch.isfinite(t)).sum())} non-finite values (NaN or inf); "
                         "replace them (e.g. torch.nan_to_num) first.")
     lo, hi = (float(t.min()), float(t.max())) if t.numel() else (0.0, 0.0)
-    if lo < -1e-3 or hi > 1.0 + 1e-3:
+    if lo < -FLOAT_SLACK or hi > 1.0 + FLOAT_SLACK:
         fix = ("it looks normalised with a mean and std: give the images before that (the model normalises its "
-               "input itself), as uint8 pixels or float in [0, 1]" if lo < -1e-3 else
+               "input itself), as uint8 pixels or float in [0, 1]" if lo < -0.5 else
                "pass uint8 pixels or divide by 255")
         raise DataError(f"A float image must hold values in [0, 1], got [{lo:.3g}, {hi:.3g}]; {fix}.")
-    return t
+    return t.clamp(0.0, 1.0) if lo < 0.0 or hi > 1.0 else t  # a resampling's overshoot, as uint8 pixels clip it
 
 
 def declared_top(img: Image.Image) -> float | None:
@@ -227,8 +231,8 @@ class TransformedDataset(Dataset):
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise DataError(f"A dataset item must be (image, label); item {self.indices[i]} is {type(item).__name__}.")
         img, target = item[0], item[1]
-        if isinstance(img, np.ndarray):
-            img = Image.fromarray(img)
+        if isinstance(img, np.ndarray) and self.transform is None:  # no transform to read it (ToRGB does)
+            img = image_from_array(img, "train on")
         if self.relabel is not None:
             target = self.relabel[int(target)]
         return (self.transform(img) if self.transform else img), self.convert_target(target)

@@ -355,3 +355,31 @@ def test_the_schedule_spans_the_steps_taken_when_files_prove_unreadable(tmp_path
                         lr=1.0)
     assert r.decisions.n_train == 25 and len(lrs[0]) == 12  # 24 readable: 4 batches an epoch
     assert lrs[0][-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 11 / 12)))  # the cosine's last step
+
+
+def test_a_resume_after_the_schedule_was_replanned_continues_it(tmp_path, monkeypatch):
+    """The replanned schedule is in the checkpoint: resumed after the frozen phase, the run
+    went on with the plan made before the feature pass found the damaged file."""
+    import warnings
+
+    from conftest import damaged_png, make_image_folder
+
+    data = make_image_folder(tmp_path / "img", per_class=12, size=16)
+    damaged_png(data / "dark" / "zz_damaged.png")
+    kw = dict(weights=None, data=data, image_size=16, batch_size=6, epochs=4, num_workers=0, verbose=False,
+              precision="fp32", val_split=0, cache_dir=tmp_path / "cache", policy="fine_tune:frozen=1,passes=1")
+
+    def stop(row):
+        if row["epoch"] == 2:
+            raise RuntimeError("stop")
+
+    lrs = _applied_lrs(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the damaged file, said each run
+        straight = tk.finetune("tk:small_cnn", checkpoint=tmp_path / "a.pt", **kw)
+        with pytest.raises(RuntimeError, match="stop"):
+            tk.finetune("tk:small_cnn", checkpoint=tmp_path / "b.pt", callbacks=[stop], **kw)
+        resumed = tk.finetune("tk:small_cnn", checkpoint=tmp_path / "b.pt", resume=True, **kw)
+    assert len(lrs) == 2 and len(lrs[0]) == 4 + 3 * 4  # 4 cached batches of the 24 readable images, 3 epochs of 4
+    assert lrs[1] == pytest.approx(lrs[0], rel=1e-12)  # the interrupted run's steps, then the resumed run's
+    assert [r["lr"] for r in resumed.history] == [r["lr"] for r in straight.history]

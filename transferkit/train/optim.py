@@ -190,11 +190,20 @@ class LRSchedule:
         self._apply()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step_count": self.step_count, "scale": self.scale, "best": self.best, "bad_epochs": self.bad_epochs}
+        """The position, the plateau's bookkeeping and the plan (a `replan` made during the run,
+        when the feature pass found unreadable files, is resumed as it was)."""
+        return {"step_count": self.step_count, "scale": self.scale, "best": self.best, "bad_epochs": self.bad_epochs,
+                "plan": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                         "phases": [list(p) for p in self.phases], "epoch_ends": list(self.epoch_ends)}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_count, self.scale = int(state["step_count"]), float(state["scale"])
         self.best, self.bad_epochs = state["best"], int(state["bad_epochs"])
+        plan = state.get("plan")  # absent from a checkpoint written before the plan was stored: the one made now
+        if plan is not None:
+            self.total_steps, self.warmup_steps = int(plan["total_steps"]), int(plan["warmup_steps"])
+            self.phases = [(int(n), float(f)) for n, f in plan["phases"]]
+            self.epoch_ends = [int(e) for e in plan["epoch_ends"]]
         self._apply()
 
 

@@ -383,3 +383,14 @@ def test_a_resume_after_the_schedule_was_replanned_continues_it(tmp_path, monkey
     assert len(lrs) == 2 and len(lrs[0]) == 4 + 3 * 4  # 4 cached batches of the 24 readable images, 3 epochs of 4
     assert lrs[1] == pytest.approx(lrs[0], rel=1e-12)  # the interrupted run's steps, then the resumed run's
     assert [r["lr"] for r in resumed.history] == [r["lr"] for r in straight.history]
+
+
+def test_the_plateau_schedule_reads_a_loss_and_its_old_mode_max_is_dropped_or_refused():
+    """mode_max=1 cut the rate while the loss it was given fell; mode_max=0 (the old default,
+    in configs and checkpoints) changes nothing and is read as before."""
+    from transferkit.schedules import check_schedule_options
+
+    assert check_schedule_options("plateau", {"mode_max": 0, "patience": 1}) == \
+        check_schedule_options("plateau", {"patience": 1})
+    with pytest.raises(ConfigError, match="mode_max=1 is no longer taken"):
+        check_schedule_options("plateau", {"mode_max": 1})

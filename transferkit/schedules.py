@@ -44,6 +44,12 @@ def check_schedule_options(name: str, options: dict[str, Any] | None) -> dict[st
         {'step_epochs': 0, 'gamma': 0.5}
     """
     check_choice("schedule", name, SCHEDULES)
+    if name == "plateau" and options and "mode_max" in options:  # an option of earlier versions
+        if options["mode_max"] not in (0, False):
+            raise ConfigError("schedule_options mode_max=1 is no longer taken: the plateau schedule reads the "
+                              "validation loss (lower is better), and mode_max=1 cut the rate while it fell. Leave "
+                              "it out.")
+        options = {k: v for k, v in options.items() if k != "mode_max"}  # 0 was the default: nothing changes
     unknown = set(options or {}) - set(SCHEDULE_DEFAULTS[name])
     if unknown:
         raise ConfigError(f"Unknown schedule_options {sorted(unknown)} for schedule {name!r}; "

@@ -1,7 +1,5 @@
 """``python -m transferkit``: the command line (see `transferkit.cli`)."""
 
-import sys
+from transferkit.cli import console_main
 
-from transferkit.cli import main
-
-sys.exit(main())
+console_main()

@@ -656,20 +656,21 @@ def cli_spelling(message: str) -> str:
     return "`".join(_SETTING.sub(flag, part) if i % 2 == 0 else part for i, part in enumerate(parts))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 on errors, with one line on stderr).
-    Under torchrun, a process that joined the job ends here through `exit_cleanly` (with
-    torch 2.11 a gloo worker aborts at interpreter exit in about 1 run in 4)."""
-    code = _run(argv)
+def console_main() -> None:
+    """The ``transferkit`` command and ``python -m transferkit``: `main`, then the process
+    ends with its status. Under torchrun, a process that joined the job ends through
+    `exit_cleanly` (with torch 2.11 a gloo worker aborts at interpreter exit in about 1 run in 4)."""
+    code = main()
     dist = sys.modules.get("torch.distributed")  # imported by a command that trained; --help never imports torch
     if dist is not None and dist.is_available() and dist.is_initialized():
         from transferkit.train.distributed import exit_cleanly
 
         exit_cleanly(code)
-    return code
+    sys.exit(code)
 
 
-def _run(argv: list[str] | None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 on errors, with one line on stderr)."""
     args = build_parser().parse_args(argv)
 
     with one_line_warnings("transferkit", cli_spelling):
@@ -700,4 +701,4 @@ def _run(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -263,6 +263,8 @@ def test_fine_tune_standardises_the_cached_features_of_pretrained_weights_only(i
     assert isinstance(pretrained.model.head[0], tk.FeatureNorm)
     assert not tk.plan("tk:small_cnn", weights=None, **kw).head_norm
     assert tk.plan("tk:small_cnn", weights=None, **{**kw, "policy": "feature_extraction"}).head_norm
+    own = tk.get_backbone("tk:small_cnn", weights=None)  # a Backbone object: its weights are the caller's (loaded
+    assert tk.plan(own, **kw).head_norm  # by hand, say): taken as trained
 
 
 def test_head_norm_off_and_its_errors(image_folder):

@@ -32,8 +32,9 @@ from transferkit.errors import PolicyError, WeightsError
 class LoRADelta(nn.Module):
     """The parametrization ``W -> W + scale * B @ A``; ``B`` starts at zero, so the
     adapted model equals the pretrained one until the first step. ``scale`` (``alpha / r``)
-    is in the state dict too (``lora_scale``), so that a checkpoint of an unmerged model can be
-    folded into plain weights without knowing the run's policy (`fold_lora_state`)."""
+    is in the state dict too (``lora_scale``, float64 as `add_lora` attaches it), so that a
+    checkpoint of an unmerged model can be folded into plain weights without knowing the
+    run's policy (`fold_lora_state`)."""
 
     def __init__(self, out_features: int, in_features: int, *, rank: int, alpha: float) -> None:
         super().__init__()
@@ -44,10 +45,13 @@ class LoRADelta(nn.Module):
         self.register_buffer("lora_scale", torch.tensor(self.scale, dtype=torch.float64))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if prefix + "lora_scale" not in state_dict:  # written before the scale was stored: keep this one's
+        stored = state_dict.get(prefix + "lora_scale")
+        if stored is None:  # written before the scale was stored: keep this one's
             state_dict[prefix + "lora_scale"] = self.lora_scale
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.scale = float(self.lora_scale)
+        if stored is not None and stored.dtype == torch.float64:  # exact (a model cast to bf16 rounded its copy)
+            self.scale = float(stored)
+        self.lora_scale = torch.tensor(self.scale, dtype=torch.float64, device=self.lora_scale.device)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + (self.lora_B @ self.lora_A).to(weight.dtype) * self.scale
@@ -90,7 +94,9 @@ def add_lora(module: nn.Module, *, rank: int, alpha: float | None = None,
     for _, owner, pname in found:
         w = getattr(owner, pname)
         delta = LoRADelta(w.shape[0], w.shape[1], rank=rank, alpha=rank if alpha is None else alpha)
-        parametrize.register_parametrization(owner, pname, delta.to(device=w.device, dtype=w.dtype))
+        delta = delta.to(device=w.device, dtype=w.dtype)
+        delta.lora_scale = torch.tensor(delta.scale, dtype=torch.float64, device=w.device)  # exact, as .to() made it
+        parametrize.register_parametrization(owner, pname, delta)
     return [n for n, _, _ in found]
 
 

@@ -315,3 +315,7 @@ def test_a_split_that_holds_out_nothing_trains_without_validation(tmp_path):
         r = tk.finetune("tk:small_cnn", weights=None, data=tmp_path / "one", image_size=16, epochs=1,
                         num_workers=0, verbose=False)
     assert r.decisions.n_val == 0 and len(r.history) == 1
+    with pytest.raises(tk.ConfigError, match=r"no validation data \(val_split=0.2 held out no example of the 2\)"), \
+            pytest.warns(UserWarning, match="held out no example"):
+        tk.finetune("tk:small_cnn", weights=None, data=tmp_path / "one", image_size=16, epochs=1, early_stopping=1,
+                    num_workers=0, verbose=False)

@@ -273,13 +273,15 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     """
     cfg, bb, data, pol = config, facts.backbone, facts.data, facts.policy
     monitor = cfg.monitor or monitor_default(cfg.task)[0]
+    why = ("val_split=0 and no val_data" if not cfg.val_split else
+           f"val_split={cfg.val_split} held out no example of the {data.n_train}")
     if cfg.early_stopping is not None and monitor.startswith("val_") and data.n_val == 0:
         raise ConfigError(f"early_stopping={cfg.early_stopping} watches {monitor}, but the run has no validation data "
-                          "(val_split=0 and no val_data). Give validation data (val_split=0.2, or val_data=), or "
+                          f"({why}). Give validation data (val_split=0.2, or val_data=), or "
                           "watch the training loss (monitor='train_loss').")
     if cfg.monitor is not None and cfg.monitor.startswith("val_") and data.n_val == 0:
         raise ConfigError(f"monitor={cfg.monitor!r} picks the best epoch by a validation score, but the run has no "
-                          "validation data (val_split=0 and no val_data). Give validation data (val_split=0.2, or "
+                          f"validation data ({why}). Give validation data (val_split=0.2, or "
                           f"val_data=), or pick it by the training {cfg.monitor[len('val_'):]} "
                           f"(monitor='train_{cfg.monitor[len('val_'):]}').")
     frozen_epochs = pol.frozen_phase_epochs(list(bb.blocks), cfg.epochs, has_batchnorm=bb.has_batchnorm)

@@ -74,6 +74,9 @@ def test_predict_proba_on_a_bad_file_offers_no_training_option_and_numpy_integer
     with pytest.raises(DataError, match=r"bad\.jpg") as exc:
         pred.predict_proba([str(good), str(tmp_path / "bad.jpg")])
     assert "on_bad_file" not in str(exc.value) and "predict() reports such files one by one" in str(exc.value)
+    with pytest.raises(DataError, match="channels last") as exc:  # an array is no file: no word about files
+        pred.outputs(np.zeros((3, 10, 10), np.uint8))
+    assert "predict() reports" not in str(exc.value)
     top = pred.predict([str(good)] * 3, top_k=np.int64(2), batch_size=np.int64(2))
     assert [len(p.top_k) for p in top] == [2, 2, 2]
     import io

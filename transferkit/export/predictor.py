@@ -115,7 +115,9 @@ class Predictor:
             out = [self._run(self.inputs.batch(chunk))
                    for chunk in _progress(_chunks(items, batch_size), len(items), progress)]
         except DataError as exc:  # without the readers' advice on training options, which this method does not take
-            raise DataError(f"{file_reason(exc)} (predict() reports such files one by one)") from exc
+            files = any(isinstance(x, (str, Path)) for x in items)
+            raise DataError(file_reason(exc) + (" (predict() reports such files one by one)" if files else "")) \
+                from exc
         self._warn_cropped()
         return torch.cat(out) if out else torch.empty(0, len(self.labels))
 

@@ -254,16 +254,17 @@ def test_damaged_cache_entry_is_recomputed_and_replaced(split_folders, tmp_path)
         assert tk.finetune("tk:small_cnn", **kw).best == first.best
 
 
+def _stop_after_first(row):
+    if row["epoch"] == 1:
+        raise RuntimeError("stop")
+
+
 def test_resume_refuses_a_different_plan_and_lists_the_differences(split_folders, tmp_path):
     ckpt = tmp_path / "run.pt"
     kw = dict(data=split_folders / "train", val_data=split_folders / "val", checkpoint=ckpt, **{**KW, "epochs": 3})
 
-    def stop_after_first(row):
-        if row["epoch"] == 1:
-            raise RuntimeError("stop")
-
     with pytest.raises(RuntimeError, match="stop"):
-        tk.finetune("tk:small_cnn", policy="gradual:every=1", callbacks=[stop_after_first], **kw)
+        tk.finetune("tk:small_cnn", policy="gradual:every=1", callbacks=[_stop_after_first], **kw)
     for change, listed in [({"cache_features": False}, "config.cache_features"),
                            ({"epochs": 5}, "config.epochs"), ({"weight_decay": 0.1}, "config.weight_decay"),
                            ({"augment": "none"}, "augment"), ({"label_smoothing": 0.1}, "label_smoothing"),
@@ -660,12 +661,8 @@ def test_a_resume_may_move_the_feature_cache(split_folders, tmp_path):
     ckpt = tmp_path / "run.pt"
     kw = dict(data=split_folders / "train", val_data=split_folders / "val", checkpoint=ckpt, **{**KW, "epochs": 3})
 
-    def stop_after_first(row):
-        if row["epoch"] == 1:
-            raise RuntimeError("stop")
-
     with pytest.raises(RuntimeError, match="stop"):
-        tk.finetune("tk:small_cnn", cache_dir=tmp_path / "a", callbacks=[stop_after_first], **kw)
+        tk.finetune("tk:small_cnn", cache_dir=tmp_path / "a", callbacks=[_stop_after_first], **kw)
     resumed = tk.finetune("tk:small_cnn", resume=True, **kw)  # features in memory now
     straight = tk.finetune("tk:small_cnn", cache_dir=tmp_path / "b", **{**kw, "checkpoint": tmp_path / "s.pt"})
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]

@@ -239,6 +239,12 @@ def test_tiny_targets_are_scaled_and_huge_ones_below_float32_resolution_are_name
     d = tk.plan("tk:small_cnn", data=units, task="regression", val_split=0, **COMMON)  # them all to 1e9
     assert d.target_norm["constant"] == (False,) and d.target_norm["std"][0] > 0.3
     assert any("vary by less than float32 resolves" in n for n in d.notes) and not any("constant" in n for n in d.notes)
+    # scored as listed, as transferkit.evaluate scores them (against the float32-rounded 1e9 the MSE was 0)
+    with pytest.warns(UserWarning, match="float32 resolves"):
+        r = tk.finetune("tk:small_cnn", data=units, val_data=units, task="regression", epochs=1,
+                        export=table.root / "units.pt", **COMMON)
+    scored = tk.evaluate(table.root / "units.pt", units)
+    assert r.metrics["mse"] > 0.1 and r.metrics["mse"] == pytest.approx(scored.metrics["mse"], rel=1e-4)
 
 
 def test_a_split_that_leaves_nothing_to_train_on_is_refused(table):

@@ -54,7 +54,7 @@ from transferkit.train.features import compute_features, feature_loader
 from transferkit.data.sampling import EpochSampler, default_num_workers
 from transferkit.train.loaders import make_loader
 from transferkit.train.loop import Loop, TrainState, fit
-from transferkit.train.metrics import final_metrics
+from transferkit.train.metrics import final_metrics, regression_metrics
 from transferkit.train.optim import make_optimizer, make_scheduler, phase_steps
 from transferkit.train.reporting import TensorBoardLogger, write_reports
 from transferkit.train.resume import epoch_end_callback, resume_from
@@ -546,10 +546,18 @@ def _whole_model_state(run: Run, best: dict[str, torch.Tensor] | None) -> dict[s
 
 def evaluate(d: Decisions, run: Run, td: TrainingData, *, outputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validation loss and the task's metrics of the trained model (see `final_metrics`);
-    ``outputs`` receives the validation logits and labels."""
+    ``outputs`` receives the validation logits and labels. Regression targets listed in a CSV
+    are scored as listed (float64), as `transferkit.evaluate` scores them: float32 rounds
+    1e9 + 1 to 1e9, and an MSE against the rounded targets said 0."""
     run.model.eval()
-    return final_metrics(td.module, td.val_loader, task=d.task, classes=list(d.classes), loss_fn=run.loss_fn,
-                         speed=run.speed, top_k=d.config.top_k, outputs=outputs, dist=run.dist)
+    outputs = outputs if outputs is not None else {}
+    metrics = final_metrics(td.module, td.val_loader, task=d.task, classes=list(d.classes), loss_fn=run.loss_fn,
+                            speed=run.speed, top_k=d.config.top_k, outputs=outputs, dist=run.dist)
+    listed = getattr(run.bundle.val, "listed_targets", None) if d.task == "regression" else None
+    exact = listed() if listed is not None else None
+    if exact is not None and "logits" in outputs and len(exact) == len(outputs["logits"]):
+        metrics.update(regression_metrics(outputs["logits"], exact, list(d.classes)))
+    return metrics
 
 
 def validation_images(d: Decisions, run: Run) -> Any:

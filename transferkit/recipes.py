@@ -209,8 +209,8 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     # command-line values are the most specific: they override the file and every run in it
     cli = {k: v for k, v in {"backbone": args.backbone, "policy": args.policy, "epochs": args.epochs,
                              "limit": args.limit, "data_dir": args.data_dir, "out_dir": args.out}.items() if v is not None}
-    if args.weights is not None:
-        cli["weights"] = None if args.weights.lower() == "none" else args.weights
+    if args.weights is not None:  # 'none' is read as None by merge_config, which every use of cli goes through
+        cli["weights"] = args.weights
     if args.download:
         cli["download"] = True
     cli.update(parse_overrides(args.set))

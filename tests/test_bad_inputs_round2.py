@@ -21,6 +21,7 @@ from transferkit.backbones import InputSpec
 from transferkit.data import prepare_data
 from transferkit.errors import ConfigError, DataError
 from transferkit.export.predictor import Predictor
+from transferkit.model import AudioPreprocess
 
 from tests.conftest import make_image_folder
 
@@ -260,6 +261,25 @@ def test_a_missing_file_is_reported_as_missing_with_where_it_was_looked_for(tmp_
         tk.data.load_image("gone.jpg")
     with pytest.raises(DataError, match=r"The audio file 'gone.wav' does not exist"):
         tk.data.audio.load_audio("gone.wav")
+
+
+def test_an_audio_model_cast_to_double_gets_double_waveforms(tmp_path):
+    class Loudness(torch.nn.Module):  # [N, T] NaN-padded -> [N, 2], through a float64 layer
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Linear(1, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.scale(torch.nan_to_num(x).abs().mean(1, keepdim=True))
+
+    spec = InputSpec(kind="audio", sample_rate=8000, clip_seconds=None)
+    meta = {"labels": ["a", "b"], "task": "multiclass", "input_spec": spec.to_dict()}
+    sf.write(tmp_path / "a.wav", np.full(800, 0.25, np.float32), 8000)
+    model = torch.nn.Sequential(AudioPreprocess(), Loudness()).double()
+    out = Predictor(model, meta, source="test model").outputs([str(tmp_path / "a.wav")])
+    w, b = model[1].scale.weight[:, 0], model[1].scale.bias
+    assert out.dtype == torch.float32
+    assert out[0].tolist() == pytest.approx(torch.softmax(w * 0.25 + b, 0).tolist(), abs=1e-6)
 
 
 def test_long_audio_is_cropped_at_predict_time_as_in_training(tmp_path):

@@ -61,6 +61,22 @@ def test_predict_matches_the_exported_file(result, tmp_path):
     assert not got[-1].ok and got[-1].error == want[-1].error
 
 
+def test_a_model_cast_to_another_dtype_still_predicts(result):
+    """``r.model.double()`` (or bf16) gets its inputs in its own dtype; outputs stay float32."""
+    root, data, r = result
+    files = sorted(str(p) for p in data.rglob("*.*"))
+    want = r.predictor().outputs(files)
+    try:
+        for dtype, tol in ((torch.float64, 1e-5), (torch.bfloat16, 0.05)):
+            r.model.to(dtype)
+            got = r.predictor().outputs(files)
+            assert got.dtype == torch.float32
+            assert got.numpy() == pytest.approx(want.numpy(), abs=tol), dtype
+            assert r.evaluate(data).files == files
+    finally:
+        r.model.float()  # float32 -> float64 -> float32 is exact: the module's other tests see the same model
+
+
 def test_evaluate_scores_labelled_data(result, tmp_path):
     root, data, r = result
     ev = transferkit.evaluate(root / "run.pt", data)

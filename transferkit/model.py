@@ -14,7 +14,8 @@ class ImagePreprocess(nn.Module):
     """Raw pixels to the backbone's normalised input.
 
     Accepts ``uint8`` images in [0, 255] or floating-point images in [0, 1], shape
-    ``[N, C, H, W]``; subtracts ``mean`` and divides by ``std`` per channel.
+    ``[N, C, H, W]``; subtracts ``mean`` and divides by ``std`` per channel, in the dtype of
+    its buffers (float32 unless the module was cast).
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -23,11 +24,12 @@ class ImagePreprocess(nn.Module):
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in the module's own dtype (float32, or what ``model.double()`` made it)
         if x.dtype == torch.uint8:
-            x = x.float() / 255.0
-        elif not x.is_floating_point():
-            x = x.float()
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+            x = x.to(self.mean.dtype) / 255.0
+        else:
+            x = x.to(self.mean.dtype)
+        return (x - self.mean) / self.std
 
 
 def pcm_to_float(x: torch.Tensor) -> torch.Tensor:

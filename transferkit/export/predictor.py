@@ -86,6 +86,9 @@ class Predictor:
         self.task: str = metadata["task"]
         self.input_spec = InputSpec.from_dict(metadata["input_spec"])
         self.device = torch.device(device)
+        # an eager model cast to another dtype (``model.double()``) takes float inputs in that dtype
+        params = module.parameters() if isinstance(module, torch.nn.Module) else ()
+        self.dtype = next((t.dtype for t in params if t.is_floating_point()), None)
         self.source = source
         # audio: long clips are cropped to the window training and validation saw (30 s unless the run said;
         # None: whole clips)
@@ -99,12 +102,14 @@ class Predictor:
     # -- running the model --------------------------------------------------------------
     def _run(self, xb: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), quiet_jit():
+            if self.dtype is not None and xb.is_floating_point():
+                xb = xb.to(self.dtype)
             out = self.module(xb.to(self.device))
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != len(self.labels):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ExportError(f"{self.source} returns {shape} but its metadata lists {len(self.labels)} labels: the "
                               "model and its metadata do not belong together. Re-export the model.")
-        return output_activation(self.task, out).cpu()
+        return output_activation(self.task, out.float()).cpu()
 
     def outputs(self, inputs: Any, *, batch_size: int = 32, progress: bool | None = False) -> torch.Tensor:
         """``[N, num_outputs]``: probabilities (softmax for multiclass, sigmoid for multilabel)

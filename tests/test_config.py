@@ -225,5 +225,8 @@ def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tmp_path, mo
         ("/abs/val", "~/cache", "${HOME}/logs", "DEFAULT", "s3://bucket/r.ckpt")  # as written
     (tmp_path / "cfg" / "w.yaml").write_text("weights: w/resnet.pth\n")
     assert load_config(tmp_path / "cfg" / "w.yaml")["weights"] == str(tmp_path / "cfg" / "w" / "resnet.pth")
+    (tmp_path / "cfg" / "resnet_weights").write_bytes(b"")  # a weights file without a suffix, beside the config
+    (tmp_path / "cfg" / "s.yaml").write_text("weights: resnet_weights\n")
+    assert load_config(tmp_path / "cfg" / "s.yaml")["weights"] == str(tmp_path / "cfg" / "resnet_weights")
     (tmp_path / "here.yaml").write_text("data: images\n")
     assert load_config("here.yaml")["data"] == "images"  # in the current folder: unchanged

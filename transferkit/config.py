@@ -715,8 +715,8 @@ def _relative_to(folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     """``cfg`` (a config file's settings, and those of each of its ``runs``) with every relative
     path joined to ``folder``, the file's own. Left as written: absolute paths, ``~`` and
     ``$VARIABLE`` paths (expanded where they are used), URLs, ``pipe:`` commands, and a
-    ``weights`` tag (``DEFAULT``: a weights value is a path when it holds a ``/`` or ends in a
-    weights file's suffix)."""
+    ``weights`` tag (``DEFAULT``: a weights value is a path when it holds a ``/``, ends in a
+    weights file's suffix, or names a file beside the config file)."""
     if str(folder) in ("", "."):
         return cfg
 
@@ -725,7 +725,8 @@ def _relative_to(folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
             return value
         if os.path.isabs(value) or value.startswith(("~", "$", "pipe:")) or "://" in value:
             return value
-        if key == "weights" and "/" not in value and os.sep not in value and not value.endswith(WEIGHTS_SUFFIXES):
+        if (key == "weights" and "/" not in value and os.sep not in value and not value.endswith(WEIGHTS_SUFFIXES)
+                and not os.path.exists(os.path.join(folder, value))):
             return value
         return os.path.join(str(folder), value)
 

@@ -292,6 +292,27 @@ def test_two_runs_exporting_to_one_path_the_second_is_refused_before_training(tm
     assert not target.exists()
 
 
+def test_a_checkpoint_another_run_is_writing_is_refused_as_locked_not_as_unfinished(tmp_path, image_folder):
+    def stop(row):
+        raise KeyboardInterrupt
+
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):  # an unfinished run's checkpoint, as a live run leaves it after an epoch
+        tk.finetune(data=image_folder, **{**FAST, "epochs": 3}, checkpoint=ckpt, callbacks=[stop])
+    script = tmp_path / "holder.py"
+    script.write_text(HOLD_EXPORT)
+    proc = subprocess.Popen([sys.executable, str(script), str(ckpt)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(FileLockedError, match=f"is being written by process {proc.pid}"):
+            tk.finetune(data=image_folder, checkpoint=ckpt, **FAST)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    with pytest.raises(ConfigError, match="holds an unfinished run"):  # its writer gone: the advice to resume
+        tk.finetune(data=image_folder, checkpoint=ckpt, **FAST)
+
+
 def test_ignored_runs_in_a_recipe_file_are_said(tmp_path, image_folder, capsys):
     from transferkit.cli import main
 

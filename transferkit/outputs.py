@@ -128,6 +128,8 @@ def _check_replaced(key: str, p: Path) -> None:
     found = saved_run(p) if p.is_file() else None
     if found is None:
         return
+    with file_lock(p, what=key, flag=key):  # a run still writing it: FileLockedError naming it, not advice to resume
+        pass
     kind, info = found
     epochs = f"epoch {info.get('epoch')} of {info.get('epochs')}" if info.get("epochs") else "not finished"
     if key == "checkpoint" and kind == "export":

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from transferkit.config import FinetuneConfig
 from transferkit.errors import ConfigError
-from transferkit.heads import TargetScale, build_head, resolve_head
+from transferkit.heads import ACTIVATIONS, TargetScale, build_head, resolve_head
 from transferkit.heads import output_activation
 from transferkit.train.tasks import balanced_class_weights, make_loss
 
@@ -20,6 +23,12 @@ def test_mlp_head_layers(activation, cls):
     kinds = [type(m) for m in head]
     assert kinds == [nn.Linear, cls, nn.Dropout, nn.Linear, cls, nn.Dropout, nn.Linear]
     assert head(torch.zeros(5, 10)).shape == (5, 3)
+
+
+def test_the_config_admits_the_activations_the_head_builds():
+    assert set(typing.get_args(typing.get_type_hints(FinetuneConfig)["head_activation"])) == set(ACTIVATIONS)
+    with pytest.raises(ConfigError, match="unknown head_activation 'Gelu'. Did you mean 'gelu'"):
+        FinetuneConfig(data="images", head_activation="Gelu")  # when the config is made, not when the run starts
 
 
 def test_linear_head_and_resolution():

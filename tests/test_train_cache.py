@@ -276,6 +276,8 @@ def test_head_norm_off_and_its_errors(image_folder):
     assert isinstance(full.model.head[0], torch.nn.Linear)
     with pytest.raises(tk.ConfigError, match="head_norm=True"):
         tk.finetune("tk:small_cnn", policy="full", head_norm=True, **kw)
+    with pytest.raises(tk.ConfigError, match="head_norm=True .* and cache_features not False"):
+        tk.finetune("tk:small_cnn", cache_features=False, head_norm=True, **kw)  # frozen, but nothing is cached
     with pytest.raises(tk.ConfigError, match="unknown head_norm"):
         tk.finetune("tk:small_cnn", head_norm="yes", **kw)
 

@@ -231,7 +231,8 @@ class FinetuneConfig:
     head: Literal["linear", "mlp", "logistic"] | None = _opt(
         None, "'linear', 'mlp' or 'logistic' (scikit-learn probe); None: linear, or mlp with head_hidden", group="model")
     head_hidden: Sequence[int] = _opt((), "hidden layer widths of an MLP head", group="model", check=_hidden)
-    head_activation: str = _opt("relu", "activation of an MLP head", group="model")
+    head_activation: Literal["relu", "gelu", "tanh", "sigmoid"] = _opt("relu", "activation of an MLP head",
+                                                                      group="model")
     head_dropout: float = _opt(0.0, "dropout after each hidden layer of the head (a linear head: before its layer)",
                                group="model", check=_fraction)
     head_norm: Literal["auto", True, False] = _opt(

@@ -192,7 +192,8 @@ def resolve_head_norm(head_norm: bool | str, *, cached: bool, head_kind: str, ca
     fixed = cached or cached_first
     if head_norm is True and (not fixed or head_kind == "logistic"):
         why = "head='logistic' standardises the features itself" if head_kind == "logistic" else \
-            "its statistics come from cached features; use a frozen backbone (policy='feature_extraction')"
+            "its statistics come from cached features, which this run does not compute: they need a frozen " \
+            "backbone (policy='feature_extraction', or 'fine_tune' for its frozen phase) and cache_features not False"
         raise ConfigError(f"head_norm=True cannot be used here: {why}.")
     if head_kind == "logistic" or head_norm is False:
         return False

@@ -47,6 +47,7 @@ from transferkit.export.metadata import (
 from transferkit.export.torchscript import (
     ExportReport,
     check_tolerances,
+    checked_inputs,
     example_list,
     export_torchscript,
     module_bytes,
@@ -231,7 +232,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
     meta = complete_metadata(metadata, num_outputs=width, fmt=ONNX_FORMAT)
     check_onnx_examples(meta, examples)
     dynamic = {0: "batch"} if examples[0].ndim != 2 else {0: "batch", 1: "time"}
-    report = ExportReport(Path(path), "onnx", 0.0, tuple(int(b.shape[0]) for b in batches),
+    report = ExportReport(Path(path), "onnx", 0.0, checked_inputs(batches)[0],
                           input_dtypes=(str(examples[0].dtype).replace("torch.", ""),))
 
     def write(tmp: str) -> None:

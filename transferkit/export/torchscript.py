@@ -187,6 +187,12 @@ def _optimized(scripted: torch.jit.ScriptModule, how: str) -> torch.jit.ScriptMo
     return torch.jit.optimize_for_inference(frozen, other_methods=keep) if how == "optimize_for_inference" else frozen
 
 
+def checked_inputs(batches: Sequence[torch.Tensor]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The batch sizes (each once, ascending) and input dtypes (in the order checked) of ``batches``."""
+    return (tuple(sorted({int(b.shape[0]) for b in batches})),
+            tuple(dict.fromkeys(str(b.dtype).replace("torch.", "") for b in batches)))
+
+
 def _check_batches(examples: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, bool]]:
     """Batch 1 and batch N of each example set; uint8 images are also checked as floats in
     [0, 1] (``True``: such a derived batch, dropped for models that take uint8 only)."""
@@ -336,8 +342,8 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
         scripted, kind = _to_script(eager, examples[0][:1], mode)
     candidates = [(how, scripted) for how in (_optimizations(eager, examples[0]) if optimize else ())] + \
         [("none", scripted)]
-    report = ExportReport(Path(path), kind, 0.0, tuple(int(b.shape[0]) for b in batches),
-                          input_dtypes=tuple(dict.fromkeys(str(b.dtype).replace("torch.", "") for b in batches)))
+    sizes, dtypes = checked_inputs(batches)
+    report = ExportReport(Path(path), kind, 0.0, sizes, input_dtypes=dtypes)
 
     def write(tmp: str) -> None:
         for how, module in candidates:
@@ -398,8 +404,8 @@ def _save_and_check(module: torch.jit.ScriptModule, tmp: str, meta: dict[str, An
         recorded, _, _ = measure(module)
     for _ in range(2):
         meta["export"] = {"mode": kind, "optimization": how, "max_abs_diff": recorded, "atol": atol, "rtol": rtol,
-                          "batch_sizes": [int(b.shape[0]) for b in batches],
-                          "input_dtypes": sorted({str(b.dtype).replace("torch.", "") for b in batches})}
+                          "batch_sizes": list(checked_inputs(batches)[0]),
+                          "input_dtypes": list(checked_inputs(batches)[1])}
         save_with_digests(module, tmp, meta)
         reloaded, _ = _load(tmp, "cpu", source=repr(str(target if target is not None else tmp)))
         diff, tol, where = measure(reloaded)

@@ -324,3 +324,13 @@ def test_ignored_runs_in_a_recipe_file_are_said(tmp_path, image_folder, capsys):
     captured = capsys.readouterr()
     assert "the `runs` of this recipe file are not used" in captured.err
     assert json.loads(captured.out.strip().splitlines()[-1])["best"]
+
+
+def test_plots_without_matplotlib_are_refused_before_any_work(tmp_path, image_folder, no_training, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as where the [plots] extra is not installed
+    with pytest.raises(ConfigError, match=r"plots_dir draws plots, which need matplotlib: pip install "
+                                          r"'transferkit\[plots\]'"):
+        tk.finetune(data=image_folder, plots_dir=tmp_path / "plots", **FAST)
+    with pytest.raises(ConfigError, match=r"plot draws plots, which need matplotlib"):
+        tk.lr_find(data=image_folder, plot=tmp_path / "lr.png", **FAST)
+    assert not (tmp_path / "plots").exists() and not (tmp_path / "lr.png").exists()

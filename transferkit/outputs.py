@@ -56,6 +56,16 @@ _WHAT = {"export": "export", "checkpoint": "checkpoint", "plots_dir": "plots fol
          "log_dir": "log folder"}
 
 
+def check_plotting(flag: str) -> None:
+    """ConfigError, before any work, when ``flag`` asks for plots and matplotlib is missing
+    (an optional extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"{flag} draws plots, which need matplotlib: pip install 'transferkit[plots]' (or "
+                          f"leave {flag} out).") from exc
+
+
 def _path(value: Any) -> Path | None:
     return Path(value) if isinstance(value, (str, Path)) and str(value) else None
 
@@ -81,6 +91,8 @@ def check_output_paths(cfg: FinetuneConfig) -> None:
                                   f"{str(pa.with_suffix('.ckpt' if b == 'checkpoint' else '.pt'))!r}.")
     if "export" in outputs:
         check_export_names(outputs["export"], flags=("export (the TorchScript file)", ""))
+    if "plots_dir" in outputs:
+        check_plotting("plots_dir")
     weights = _weights_file(cfg.weights)
     inputs = [("weights", weights)] + [(k, _path(getattr(cfg, k))) for k in ("data", "val_data")]
     for key, src in inputs:

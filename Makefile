@@ -3,29 +3,27 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.transferkit-installed
 
-.PHONY: demo test docs docs-figures readme bench clean
+.PHONY: venv demo test docs docs-figures readme clean
 
-$(STAMP): pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,docs,onnx,tensorboard,plots,parquet,hf]"
-	touch $(STAMP)
+# (re)makes $(VENV) when it is missing, unusable, stale or from a moved checkout; quick otherwise
+venv:
+	@PYTHON="$(PYTHON)" VENV="$(VENV)" bash tools/ensure_venv.sh
 
-demo: $(STAMP)
-	$(VENV)/bin/transferkit demo --out demo-output
+demo: venv
+	$(PY) -m transferkit demo --out demo-output
 
-readme: $(STAMP)
-	$(VENV)/bin/transferkit demo --out demo-output --update-readme README.md
+readme: venv
+	$(PY) -m transferkit demo --out demo-output --update-readme README.md
 
-test: $(STAMP)
+test: venv
 	$(PY) -m pytest -q
 
-docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+docs: venv
+	$(PY) -m mkdocs build --strict --site-dir site
 
 # the figures of the docs site, from one real run (needs ../shared/data or TRANSFERKIT_DATA; about a minute)
-docs-figures: $(STAMP)
+docs-figures: venv
 	$(PY) docs/make_figures.py
 	$(PY) tools/execute_notebook.py
 

@@ -11,13 +11,17 @@ from __future__ import annotations
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
+import timm
 import torch
+from PIL import Image
 from torch import nn
 
 from tests.backbone_checks import check_conventions, script_round_trip
 from transferkit.backbones import get_backbone, list_backbones
 from transferkit.backbones.custom import from_module, from_torchscript
+from transferkit.data.transforms import eval_transform
 from transferkit.errors import BackboneError, UnknownBackboneError, WeightsError
 from transferkit.policies import Policy, apply_policy, trainable_parameter_names
 
@@ -132,6 +136,16 @@ def test_input_spec_comes_from_the_weights():
     timm_spec = _meta_backbone("timm:vit_small_patch16_224.augreg_in21k_ft_in1k").input_spec
     assert (timm_spec.image_size, timm_spec.resize_size, timm_spec.mean) == (224, 248, (0.5, 0.5, 0.5))
     assert timm_spec.interpolation == "bicubic"
+    full = _meta_backbone("timm:xcit_nano_12_p16_224").input_spec  # crop_pct 1.0: still the shorter side, cropped
+    assert (full.image_size, full.resize_size) == (224, 224)
+    model = timm.create_model("xcit_nano_12_p16_224", pretrained=False)
+    theirs = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    wide = np.zeros((100, 300, 3), np.uint8)
+    wide[:, :100] = 255  # a white left third: outside timm's centre crop
+    ours = eval_transform(full)(Image.fromarray(wide)).float() / 255
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (full.mean, full.std))
+    want = theirs(Image.fromarray(wide)) * std + mean  # timm's output, unnormalised
+    assert ours.shape == want.shape == (3, 224, 224) and (ours - want).abs().max() < 0.01
     cifar = get_backbone("tk:cifar_resnet20", weights=None).input_spec
     assert (cifar.image_size, cifar.resize_size, cifar.mean) == (32, None, (0.485, 0.456, 0.406))
 

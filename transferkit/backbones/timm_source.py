@@ -318,7 +318,8 @@ def timm_input_spec(model: nn.Module, *, img_size: Any = None) -> InputSpec:
     interp = cfg.get("interpolation") or "bilinear"
     if interp not in ("nearest", "bilinear", "bicubic"):
         interp = "bilinear"
-    return InputSpec(image_size=size, resize_size=resize if resize != size else None, mean=tuple(cfg["mean"]),
+    # resize_size == image_size too (crop_pct 1.0): timm resizes the shorter side and crops, it never squashes
+    return InputSpec(image_size=size, resize_size=resize, mean=tuple(cfg["mean"]),
                      std=tuple(cfg["std"]), interpolation=interp, channels=int(channels))
 
 

@@ -110,6 +110,14 @@ def test_vit_blocks_are_embed_blocks_norm():
         check_conventions(bb)
 
 
+def test_blocks_follow_the_order_of_execution_where_timm_overlaps_them():
+    """CaiT's matcher groups blocks.23 with class-attention block 1 and the norm (for layer decay)."""
+    bb = _meta_backbone("timm:cait_xxs24_224")
+    assert bb.block_names == ["embed", *[f"blocks.{i}" for i in range(24)], "blocks_token_only.0",
+                              "blocks_token_only.1", "norm"]
+    check_conventions(bb)
+
+
 @pytest.mark.parametrize("name,kwargs,size", SCRIPTED, ids=[s[0] for s in SCRIPTED])
 def test_forward_and_torchscript_round_trip(name, kwargs, size):
     torch.manual_seed(0)

@@ -217,6 +217,35 @@ def _split_trailing_groups(matcher: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _unmerge_overlapped_groups(model: nn.Module, grouped: dict[Any, list[str]]) -> dict[Any, list[str]]:
+    """A function matcher may put elements of two containers in one group for layer decay
+    (CaiT: ``blocks.23``, ``blocks_token_only.1`` and the final ``norm``, though the class-attention
+    blocks and the norm run after every block). Such a group (one holding an indexed element
+    ``X.<n>`` and a module of another top-level name) is split by top-level name, and the groups
+    are put in the order the model registers their parameters (its order of execution here);
+    a group without indexed elements (a stem of ``cls_token``, ``pos_embed``, ``patch_embed``) stays whole."""
+    def top(p: str) -> str:
+        return p.split(".")[0]
+
+    def indexed(p: str) -> bool:
+        parts = p.split(".")
+        return len(parts) > 2 and parts[1].isdigit()
+
+    pieces: list[list[str]] = []
+    for key in sorted(grouped):
+        params = grouped[key]
+        tops = list(dict.fromkeys(top(p) for p in params))
+        if len(tops) > 1 and any(indexed(p) for p in params):
+            pieces += [[p for p in params if top(p) == t] for t in tops]
+        else:
+            pieces.append(params)
+    if len(pieces) == len(grouped):
+        return grouped
+    position = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    pieces.sort(key=lambda ps: min(position.get(p, len(position)) for p in ps))
+    return dict(enumerate(pieces))
+
+
 def _common_prefix(params: list[str]) -> str:
     parts = [p.split(".")[:-1] for p in params]
     common: list[str] = []
@@ -292,6 +321,8 @@ def timm_blocks(model: nn.Module) -> tuple[Block, ...]:
         matcher = _split_trailing_groups(matcher)
         patterns = _compile(matcher)
     grouped = _shared_positions_first(group_parameters(model, matcher), patterns)
+    if callable(matcher):
+        grouped = _unmerge_overlapped_groups(model, grouped)
     groups, taken = [], set()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     for i, (_, params) in enumerate(sorted(grouped.items())):

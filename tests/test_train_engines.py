@@ -20,6 +20,7 @@ from tests.export_helpers import attention_model, length_as_number_model
 
 import transferkit as tk
 from transferkit import steps
+from transferkit.backbones.custom import from_module
 from transferkit.config import FinetuneConfig
 from transferkit.decisions import differences
 from transferkit.errors import ConfigError, OutputError
@@ -800,6 +801,16 @@ def test_a_trunk_onnx_cannot_convert_is_timed_on_eager_with_a_one_line_reason(ca
     engine, why = eng.decide_engine("auto", device_type="cpu", available={"eager": None, "onnxruntime": None},
                                     measured=got, n_images=5000)
     assert engine == "eager" and "onnxruntime failed: ExportError" in why
+
+
+def test_a_forced_onnxruntime_pass_that_cannot_convert_is_an_engine_error_with_the_way_out(folder):
+    torch.manual_seed(0)  # a 3x3 adaptive pool of 16 px maps: ONNX has no conversion (16 is not a multiple of 3)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(3), torch.nn.Flatten())
+    bb = from_module(net, input_spec={"image_size": 16})
+    with pytest.raises(tk.EngineError, match=r"cannot be converted to ONNX .*adaptive_avg_pool2d.* Use "
+                                             r"feature_engine='eager', or 'auto', which skips an engine that fails"):
+        tk.finetune(bb, data=folder, policy="feature_extraction", feature_engine="onnxruntime", epochs=1,
+                    precision="fp32", num_workers=0, verbose=False)
 
 
 def test_a_trunk_known_not_to_convert_is_not_offered_to_onnxruntime_and_a_dry_run_refuses_forcing_it(tmp_path):

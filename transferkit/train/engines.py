@@ -64,7 +64,7 @@ from transferkit._io import (
 )
 from transferkit._text import exception_line
 from transferkit.data.fingerprint import module_fingerprint
-from transferkit.errors import ConfigError, EngineError
+from transferkit.errors import ConfigError, EngineError, ExportError
 from transferkit.export.onnx import convert_to_onnx, session_options
 from transferkit.export.torchscript import shorter_clips
 from transferkit.model import AudioPreprocess, ImagePreprocess, TransferModel
@@ -920,7 +920,11 @@ def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_si
         if not ready:
             example = example_batches(dataset, batch_size=batch_size, count=1)[0]
             fingerprint = pass_fingerprint(model)  # hashed once for both keys
-            ready.append(engine_forward(engine, model, example, fingerprint=fingerprint, **kwargs))
+            try:
+                ready.append(engine_forward(engine, model, example, fingerprint=fingerprint, **kwargs))
+            except ExportError as exc:  # ONNX cannot express the pass (an operator at this input size, say)
+                raise EngineError(f"{exc} Use feature_engine='eager', or 'auto', which skips an engine that "
+                                  "fails.") from exc
             timed.extend(_TIMED.pop(_runtime_key(engine, model, example, fingerprint=fingerprint, **kwargs), []))
         if timed:
             digest, feats = timed.pop(0)

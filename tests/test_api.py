@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 import transferkit as tk
+from transferkit.backbones.custom import from_module
 from transferkit.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.precision_auto  # the outcome depends on what the CPU's bf16 support decides
@@ -201,6 +202,13 @@ def test_an_image_size_the_trunk_cannot_run_at_is_refused_before_the_data_are_re
                                   image_size=32))
     bb = tk.get_backbone("timm:vit_tiny_patch16_224", weights=None, img_size=32)  # built at that size: it runs
     assert bb.input_spec.image_size == 32
+    with pytest.raises(ConfigError, match=r"Use image_size=224, or build it .*backbone_options=\{'image_size': 64\}"):
+        tk.plan(tk.FinetuneConfig(backbone="tv:vit_b_32", weights=None, data=str(tmp_path / "none"), image_size=64))
+    fixed = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, stride=2), torch.nn.Flatten(), torch.nn.Linear(2 * 7 * 7, 4))
+    own = from_module(fixed, input_spec={"image_size": 16})  # its Linear takes 16 px inputs only
+    with pytest.raises(ConfigError, match=r"Use image_size=16, or choose a backbone that takes 32 px \(the class "
+                                          r"Sequential takes no input size\)"):
+        tk.plan(tk.FinetuneConfig(backbone=own, data=str(tmp_path / "none"), image_size=32))
 
 
 def test_a_bad_target_past_the_ones_read_before_training_is_named_when_loaded(monkeypatch):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -157,6 +158,16 @@ def resolve_input_spec(spec: InputSpec, image_size: int | None) -> InputSpec:
     return spec.replace(image_size=image_size, resize_size=resize)
 
 
+def _size_option(trunk: torch.nn.Module) -> str | None:
+    """The keyword by which the trunk's class takes its input size (timm: ``img_size``; torchvision's
+    ViT ``image_size``, MaxViT ``input_size``), or None."""
+    try:
+        params = inspect.signature(type(trunk).__init__).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((p for p in ("img_size", "image_size", "input_size") if p in params), None)
+
+
 def check_runs_at(bb: Backbone, spec: InputSpec) -> None:
     """ConfigError, before any data are read, when ``image_size`` asks for a crop size the
     trunk was not built for and it does not run at it (a model with a fixed input size: ViTs'
@@ -170,10 +181,13 @@ def check_runs_at(bb: Backbone, spec: InputSpec) -> None:
         with torch.no_grad():
             bb.trunk.eval()(torch.zeros(1, spec.channels, spec.image_size, spec.image_size))
     except Exception as exc:  # noqa: BLE001 - any failure at this size is the same problem to the user
-        raise ConfigError(f"{bb.name} does not run at image_size={spec.image_size}: it was built for {built} px, and "
-                          f"at {spec.image_size} px its forward fails ({exception_line(exc, 200)}). Use "
-                          f"image_size={built}, or build it at the size you want where its architecture allows "
-                          f"(timm: backbone_options={{'img_size': {spec.image_size}}}).") from exc
+        option, size = _size_option(bb.trunk), spec.image_size
+        how = (f"or build it at the size you want where its architecture allows (backbone_options={{{option!r}: "
+               f"{(size, size) if option == 'input_size' else size}}})" if option else
+               f"or choose a backbone that takes {size} px (the class {type(bb.trunk).__name__} takes no input size)")
+        raise ConfigError(f"{bb.name} does not run at image_size={size}: it was built for {built} px, and "
+                          f"at {size} px its forward fails ({exception_line(exc, 200)}). Use "
+                          f"image_size={built}, {how}.") from exc
     finally:
         bb.trunk.train(was)
 

@@ -79,3 +79,18 @@ def test_the_epoch_bar_counts_the_samples_its_batches_hold():
     kept = make_loader(data, batch_size=4, shuffle=False, device=cpu, num_workers=0)
     assert _progress(dropped, "epoch 1/2", False, "img").total == 16 == sum(len(y) for _, y in dropped)
     assert _progress(kept, "val", False, "img").total == 18
+
+
+def test_a_notebook_without_ipywidgets_gets_a_text_bar_and_the_extra_to_install(monkeypatch, capsys):
+    import transferkit._progress as prog
+
+    monkeypatch.setattr(prog, "in_notebook", lambda: True)
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # as where the [notebook] extra is not installed
+    monkeypatch.setattr(prog, "_HINTED", set())
+    for _ in range(2):
+        with prog.progress(3, "features", unit="img", leave=True) as bar:
+            bar.update(3)
+        assert type(bar).__name__ == "tqdm" and type(bar).__module__ == "tqdm.std"
+    err = capsys.readouterr().err
+    assert err.count("pip install 'transferkit[notebook]' (ipywidgets)") == 1 and "3/3" in err
+    assert "update jupyter" not in err.lower()

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import html
+import importlib.util
 import sys
 import time
 from collections.abc import Callable
@@ -109,6 +110,16 @@ class LineBar(NullBar):
             self.lines = 0
 
 
+_HINTED: set[str] = set()
+
+
+def _hint_once(text: str) -> None:
+    """``text`` on stderr, once per process."""
+    if text not in _HINTED:
+        _HINTED.add(text)
+        print(text, file=sys.stderr, flush=True)
+
+
 def in_notebook() -> bool:
     """Whether this runs in a Jupyter kernel (IPython's ZMQ shell): the notebook, JupyterLab,
     VS Code's notebooks, nbclient."""
@@ -162,14 +173,15 @@ def progress(total: int | None, desc: str, *, verbose: bool = True, unit: str = 
     """
     if not verbose and not force:
         return NullBar(total)
-    if in_notebook():
-        from tqdm.auto import tqdm as auto_tqdm
+    notebook = in_notebook()
+    if notebook and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm as notebook_tqdm
 
-        try:
-            return auto_tqdm(total=total, desc=desc, unit=unit, leave=leave)
-        except ImportError:  # tqdm.notebook without ipywidgets: a text bar, which Jupyter redraws in place
-            pass
-    if force or _is_terminal(sys.stderr):
+        return notebook_tqdm(total=total, desc=desc, unit=unit, leave=leave)
+    if notebook:  # without ipywidgets: a text bar, which Jupyter redraws in place (tqdm.auto would warn of "jupyter")
+        _hint_once("Progress bars are drawn as text here: pip install 'transferkit[notebook]' (ipywidgets) draws "
+                   "them as widgets.")
+    if force or notebook or _is_terminal(sys.stderr):
         from tqdm import tqdm
 
         return tqdm(total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr, dynamic_ncols=True)

@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import sys
 import warnings
 
 import pytest
@@ -660,3 +661,13 @@ def test_an_audio_export_that_fixes_the_clip_length_is_refused_at_the_parity_che
     assert not (tmp_path / "m.onnx").exists()
     report = export_torchscript(model, tmp_path / "s.pt", metadata=meta, example_inputs=clips)  # scripted: follows
     assert report.batch_sizes == (1, 3)  # the examples, and the examples cut to 12000 samples
+
+
+def test_reading_an_onnx_file_without_the_extra_says_so_after_a_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as where the [onnx] extra is not installed
+    with pytest.raises(ExportError, match=r"ONNX file '.*gone.onnx' does not exist"):
+        transferkit.load(tmp_path / "gone.onnx")
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07")
+    with pytest.raises(ExportError, match=r"^Reading an ONNX file needs the optional packages onnx and onnxruntime "
+                                          r".*pip install 'transferkit\[onnx\]'"):
+        transferkit.load(tmp_path / "m.onnx")

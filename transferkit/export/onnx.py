@@ -56,12 +56,14 @@ from transferkit.export.torchscript import (
 )
 
 
-def _require_onnx() -> tuple[Any, Any]:
+def _require_onnx(what: str = "ONNX export") -> tuple[Any, Any]:
+    """onnx and onnxruntime; an ExportError naming the extra when they are missing. ``what``: the
+    work that needs them ("ONNX export", "Reading an ONNX file", ...)."""
     try:
         import onnx
         import onnxruntime
     except ImportError as exc:
-        raise ExportError(f"ONNX export needs the optional packages onnx and onnxruntime ({exc}). Install them with "
+        raise ExportError(f"{what} needs the optional packages onnx and onnxruntime ({exc}). Install them with "
                           "pip install 'transferkit[onnx]'.") from exc
     return onnx, onnxruntime
 
@@ -282,9 +284,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
 def read_onnx_metadata(path: str | Path, *, _source: str | None = None) -> dict[str, Any]:
     """The validated transferkit metadata of an ONNX export; the digests of its weights,
     nodes and inputs/outputs are checked too (a damaged file raises CorruptExportError)."""
-    onnx, _ = _require_onnx()
     source = _source or repr(str(path))
-    check_model_file(path, source=source, kind="ONNX")
+    check_model_file(path, source=source, kind="ONNX")  # a missing file is said before a missing package
+    onnx, _ = _require_onnx("Reading an ONNX file")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
@@ -347,9 +349,9 @@ def load_onnx(path: str | Path, *, device: torch.device | str = "cpu",
     """An ONNX export (its metadata and digests checked, see `read_onnx_metadata`) as an
     onnxruntime session on ``device`` (the CPU provider, or CUDA where onnxruntime has it),
     with ``threads`` intra-op threads (default: torch's thread count)."""
-    _, ort = _require_onnx()
     device = torch.device(device)
     meta = read_onnx_metadata(path)
+    _, ort = _require_onnx("Running an ONNX file")
     provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}.get(device.type)
     if provider not in ort.get_available_providers():
         raise ExportError(f"onnxruntime {ort.__version__} cannot run {str(path)!r} on {device}: it has the providers "

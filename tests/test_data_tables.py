@@ -65,6 +65,8 @@ def test_the_image_column_is_the_one_named_like_images_and_several_others_are_re
     pq.write_table(pa.table({"mask": masks, "image": pa.array(images, pa.binary()), "label": labels}),
                    tmp_path / "m.parquet")
     assert tk.data.open_parquet([str(tmp_path / "m.parquet")]).source.image_column == "image"
+    for one in (str(tmp_path / "m.parquet"), tmp_path / "m.parquet"):  # one file, as a string or a Path
+        assert len(tk.data.open_parquet(one)) == len(images)
     pq.write_table(pa.table({"mask": masks, "photo": pa.array(images, pa.binary()), "label": labels}),
                    tmp_path / "two.parquet")
     with pytest.raises(tk.DataError, match=r"has 2 image columns, \['mask', 'photo'\], and none is named like "

@@ -486,6 +486,17 @@ def test_missing_onnxruntime_is_skipped_under_auto_and_refused_when_forced(folde
         _decide(backbone=_backbone(), data=folder, feature_engine="onnxruntime")
 
 
+def test_onnxruntime_without_a_cuda_provider_names_onnxruntime_gpu():
+    import onnxruntime
+
+    why = eng.engine_availability("cuda")["onnxruntime"]
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        assert why is None
+    else:
+        assert why.endswith("; on CUDA: pip install onnxruntime-gpu in place of onnxruntime)")
+    assert "onnxruntime-gpu" not in str(eng.engine_availability("cpu")["onnxruntime"])
+
+
 def test_engine_is_in_the_plan_the_summary_and_the_cache_key(folder, tmp_path):
     ds = {e: _decide(backbone=_backbone(), data=folder, feature_engine=e, cache_dir=tmp_path / "c")[1]
           for e in ("eager", "onnxruntime")}

@@ -258,12 +258,13 @@ class ParquetSource:
                                digest_size=16).hexdigest()
 
 
-def open_parquet(files: Sequence[str], *, classes: Sequence[str] | None = None, min_size: int | None = None,
+def open_parquet(files: str | os.PathLike | Sequence[str], *, classes: Sequence[str] | None = None, min_size: int | None = None,
                  on_bad_file: str = "skip", report: DataReport | None = None, what: str = "training",
                  image_column: str | None = None, label_column: str | None = None) -> EncodedImageDataset:
     """A map-style dataset over Parquet files (see the module docstring). Rows without a
     label are left out and reported; images are checked when they are decoded."""
     check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
+    files = [files] if isinstance(files, (str, os.PathLike)) else files  # one file, not a sequence of its letters
     report = report if report is not None else DataReport()
     source = ParquetSource(files, image_column, label_column)
     if len(source) == 0:

@@ -143,8 +143,9 @@ def engine_availability(device_type: str) -> dict[str, str | None]:
     else:
         provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}.get(device_type)
         if provider is None or provider not in ort.get_available_providers():
+            gpu = "; on CUDA: pip install onnxruntime-gpu in place of onnxruntime" if device_type == "cuda" else ""
             out["onnxruntime"] = f"onnxruntime {ort.__version__} has no execution provider for {device_type} " \
-                                 f"(it has {', '.join(ort.get_available_providers())})"
+                                 f"(it has {', '.join(ort.get_available_providers())}{gpu})"
         else:
             out["onnxruntime"] = None
     out["compile"] = compile_unavailable(device_type)

@@ -6,11 +6,13 @@ import json
 import runpy
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 from conftest import make_image_folder
+import transferkit.recipes as recipes
 from transferkit.config import load_config, merge_config
 from transferkit.errors import ConfigError, DataError
 from transferkit.recipes import RecipeData, run_recipe
@@ -238,3 +240,22 @@ def test_esc50_help_lists_its_fold_option(capsys):
     with pytest.raises(SystemExit):
         mod["main"](["--help"])
     assert "--fold FOLD" in capsys.readouterr().out
+
+
+def test_the_default_data_root_is_beside_the_checkout_that_runs_the_recipe(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRANSFERKIT_DATA", raising=False)
+    here = Path(recipes.__file__).resolve().parents[1]
+    assert recipes.default_data_root() == here.parent / "shared" / "data"  # this checkout (an editable install)
+    installed = tmp_path / "venv" / "lib" / "site-packages" / "transferkit" / "recipes.py"
+    monkeypatch.setattr(recipes, "__file__", str(installed))  # an installed package: not a checkout
+    checkout = tmp_path / "work" / "repo"
+    (checkout / "recipes").mkdir(parents=True)
+    (checkout / "transferkit").mkdir()
+    (checkout / "pyproject.toml").write_text("")
+    main = types.SimpleNamespace(__file__=str(checkout / "recipes" / "pets.py"))
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    assert recipes.default_data_root() == tmp_path / "work" / "shared" / "data"  # the running recipe's checkout
+    main.__file__ = str(tmp_path / "elsewhere.py")
+    assert recipes.default_data_root() == Path("..") / "shared" / "data"  # neither: from the current folder
+    monkeypatch.setenv("TRANSFERKIT_DATA", str(tmp_path / "d"))
+    assert recipes.default_data_root() == tmp_path / "d"

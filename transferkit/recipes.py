@@ -63,8 +63,18 @@ def expand_vars(value: Any) -> Any:
 
 
 def default_data_root() -> Path:
-    """``$TRANSFERKIT_DATA``, else ``../shared/data`` beside the repository."""
-    return Path(os.environ.get("TRANSFERKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    """``$TRANSFERKIT_DATA``, else ``shared/data`` beside the checkout: the one whose
+    ``recipes/`` holds the running script, or the one this package is imported from (an
+    editable install); else (an installed package run from elsewhere) ``../shared/data``
+    from the current folder."""
+    if os.environ.get("TRANSFERKIT_DATA"):
+        return Path(os.environ["TRANSFERKIT_DATA"])
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    roots = [Path(script).resolve().parents[1]] if script and Path(script).resolve().parent.name == "recipes" else []
+    for root in [*roots, Path(__file__).resolve().parents[1]]:
+        if (root / "pyproject.toml").is_file() and (root / "transferkit").is_dir():
+            return root.parent / "shared" / "data"
+    return Path("..") / "shared" / "data"
 
 
 def image_folder_splits(root: Path) -> RecipeData | None:

@@ -154,6 +154,8 @@ def test_input_spec_comes_from_the_weights():
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (full.mean, full.std))
     want = theirs(Image.fromarray(wide)) * std + mean  # timm's output, unnormalised
     assert ours.shape == want.shape == (3, 224, 224) and (ours - want).abs().max() < 0.01
+    squash = _meta_backbone("timm:tiny_vit_21m_512.dist_in22k_ft_in1k").input_spec  # crop_mode 'squash': no crop
+    assert (squash.image_size, squash.resize_size) == (512, None)
     cifar = get_backbone("tk:cifar_resnet20", weights=None).input_spec
     assert (cifar.image_size, cifar.resize_size, cifar.mean) == (32, None, (0.485, 0.456, 0.406))
 

@@ -346,10 +346,15 @@ def timm_input_spec(model: nn.Module, *, img_size: Any = None) -> InputSpec:
         size = int(img_size if isinstance(img_size, int) else img_size[0])
     crop_pct = cfg.get("crop_pct") or 1.0
     resize = math.floor(size / crop_pct)
+    if crop_pct == 1.0 and cfg.get("crop_mode") in ("squash", "border"):
+        # timm squashes the whole image to the square ('border': fits it and pads the rest): no crop.
+        # ('squash' with a crop_pct below 1 squashes to resize and crops: the shorter side resized
+        # and cropped below gives the same pixels on square images.)
+        resize = None
     interp = cfg.get("interpolation") or "bilinear"
     if interp not in ("nearest", "bilinear", "bicubic"):
         interp = "bilinear"
-    # resize_size == image_size too (crop_pct 1.0): timm resizes the shorter side and crops, it never squashes
+    # resize_size == image_size too (crop_pct 1.0 in timm's 'center' mode): the shorter side resized, then cropped
     return InputSpec(image_size=size, resize_size=resize, mean=tuple(cfg["mean"]),
                      std=tuple(cfg["std"]), interpolation=interp, channels=int(channels))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,23 @@ def test_an_unusable_venv_is_kept_while_no_usable_python_can_make_it_again(tmp_p
     old.chmod(0o755)
     out = _ensure(tmp_path, str(old), venv)  # it would be made again, but with a Python too old: said, kept
     assert out.returncode == 1 and "needs Python >= 3.11" in out.stderr and (venv / "bin" / "python").exists()
+
+
+def test_a_folder_that_is_not_a_virtual_environment_is_never_removed(tmp_path):
+    folder = tmp_path / "env"
+    (folder / "bin").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")  # VENV=. or a conda env: not made by python -m venv
+    out = _ensure(tmp_path, sys.executable, folder)
+    assert out.returncode == 1 and "is not a usable virtual environment (no pyvenv.cfg)" in out.stderr
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_a_venv_made_without_pip_gets_pip_and_is_kept(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    (venv / "mine.txt").write_text("kept")
+    (venv / ".transferkit-installed").write_text(str(ROOT.resolve()) + "\n")  # installed for this checkout
+    out = _ensure(tmp_path, sys.executable, venv)
+    assert out.returncode == 0, out.stderr
+    assert (venv / "mine.txt").exists() and "making it again" not in out.stderr
+    assert subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "--version"], capture_output=True).returncode == 0

@@ -13,6 +13,9 @@ NEED="3.11"  # the oldest Python with wheels of every version pinned in constrai
 
 new_enough() { "$1" -c "import sys; sys.exit(sys.version_info < tuple(map(int, '$NEED'.split('.'))))" 2>/dev/null; }
 
+if new_enough "$PY" && ! "$PY" -m pip --version >/dev/null 2>&1; then
+    "$PY" -m ensurepip --upgrade >/dev/null 2>&1 || true  # a venv made without pip (uv, --without-pip)
+fi
 if ! new_enough "$PY" || ! "$PY" -m pip --version >/dev/null 2>&1; then
     if ! command -v "$PYTHON" >/dev/null 2>&1; then
         echo "make: '$PYTHON' is not installed. Install Python >= $NEED, or name one: make PYTHON=python3.12" >&2
@@ -24,12 +27,17 @@ if ! new_enough "$PY" || ! "$PY" -m pip --version >/dev/null 2>&1; then
              "(pip install . without the constraints works on Python 3.10 too)." >&2
         exit 1
     fi
+    if [ -e "$VENV" ] && [ ! -f "$VENV/pyvenv.cfg" ]; then  # not a virtual environment: never removed here
+        echo "make: $VENV is not a usable virtual environment (no pyvenv.cfg): remove it, or name another with" \
+             "make VENV=<folder>" >&2
+        exit 1
+    fi
     if [ -e "$VENV" ]; then
         echo "make: $VENV is unusable (made with another Python, or without pip): making it again" >&2
         rm -rf "$VENV"
     fi
     if ! "$PYTHON" -m venv "$VENV"; then
-        rm -rf "$VENV"
+        rm -rf "$VENV"  # the half-made one this call created
         echo "make: '$PYTHON -m venv' failed (on Debian and Ubuntu: apt install python3-venv), then run make again" >&2
         exit 1
     fi

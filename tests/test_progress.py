@@ -94,3 +94,16 @@ def test_a_notebook_without_ipywidgets_gets_a_text_bar_and_the_extra_to_install(
     err = capsys.readouterr().err
     assert err.count("pip install 'transferkit[notebook]' (ipywidgets)") == 1 and "3/3" in err
     assert "update jupyter" not in err.lower()
+
+
+def test_a_notebook_whose_ipywidgets_does_not_import_gets_a_text_bar(monkeypatch, tmp_path, capsys):
+    import transferkit._progress as prog
+
+    (tmp_path / "ipywidgets").mkdir()
+    (tmp_path / "ipywidgets" / "__init__.py").write_text("raise ImportError('a broken install')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "ipywidgets", raising=False)
+    monkeypatch.setattr(prog, "in_notebook", lambda: True)
+    with prog.progress(2, "features", unit="img", leave=True) as bar:
+        bar.update(2)
+    assert type(bar).__module__ == "tqdm.std" and "2/2" in capsys.readouterr().err

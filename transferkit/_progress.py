@@ -175,9 +175,10 @@ def progress(total: int | None, desc: str, *, verbose: bool = True, unit: str = 
         return NullBar(total)
     notebook = in_notebook()
     if notebook and importlib.util.find_spec("ipywidgets") is not None:
-        from tqdm.notebook import tqdm as notebook_tqdm
+        import tqdm.notebook as tqdm_notebook
 
-        return notebook_tqdm(total=total, desc=desc, unit=unit, leave=leave)
+        if getattr(tqdm_notebook, "IProgress", None) is not None:  # None: an ipywidgets that does not import
+            return tqdm_notebook.tqdm(total=total, desc=desc, unit=unit, leave=leave)
     if notebook:  # without ipywidgets: a text bar, which Jupyter redraws in place (tqdm.auto would warn of "jupyter")
         _hint_once("Progress bars are drawn as text here: pip install 'transferkit[notebook]' (ipywidgets) draws "
                    "them as widgets.")

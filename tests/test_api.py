@@ -202,12 +202,17 @@ def test_an_image_size_the_trunk_cannot_run_at_is_refused_before_the_data_are_re
                                   image_size=32))
     bb = tk.get_backbone("timm:vit_tiny_patch16_224", weights=None, img_size=32)  # built at that size: it runs
     assert bb.input_spec.image_size == 32
+    tv = dict(backbone="tv:vit_b_32", data=str(tmp_path / "none"), image_size=64)
     with pytest.raises(ConfigError, match=r"Use image_size=224, or build it .*backbone_options=\{'image_size': 64\}"):
-        tk.plan(tk.FinetuneConfig(backbone="tv:vit_b_32", weights=None, data=str(tmp_path / "none"), image_size=64))
+        tk.plan(tk.FinetuneConfig(weights=None, **tv))
+    with pytest.raises(ConfigError, match=r"Use image_size=224, or weights=None to train it from scratch at 64 px "
+                                          r"\(backbone_options=\{'image_size': 64\}\): torchvision's weights"):
+        tk.plan(tk.FinetuneConfig(weights="DEFAULT", **tv))  # the builder refuses another size with its weights
+    with pytest.raises(ConfigError, match=r"cannot be built with the options .*'image_size': 64"):
+        tk.get_backbone("tv:vit_b_32", weights="DEFAULT", image_size=64)  # (what that advice avoids)
     fixed = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, stride=2), torch.nn.Flatten(), torch.nn.Linear(2 * 7 * 7, 4))
     own = from_module(fixed, input_spec={"image_size": 16})  # its Linear takes 16 px inputs only
-    with pytest.raises(ConfigError, match=r"Use image_size=16, or choose a backbone that takes 32 px \(the class "
-                                          r"Sequential takes no input size\)"):
+    with pytest.raises(ConfigError, match=r"Use image_size=16, or pass a Backbone built for 32 px\."):
         tk.plan(tk.FinetuneConfig(backbone=own, data=str(tmp_path / "none"), image_size=32))
 
 

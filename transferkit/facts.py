@@ -168,7 +168,7 @@ def _size_option(trunk: torch.nn.Module) -> str | None:
     return next((p for p in ("img_size", "image_size", "input_size") if p in params), None)
 
 
-def check_runs_at(bb: Backbone, spec: InputSpec) -> None:
+def check_runs_at(bb: Backbone, spec: InputSpec, *, by_name: bool = True, weights: Any = None) -> None:
     """ConfigError, before any data are read, when ``image_size`` asks for a crop size the
     trunk was not built for and it does not run at it (a model with a fixed input size: ViTs'
     position embeddings, EfficientFormer, Swin windows): one image of zeros at that size,
@@ -182,9 +182,17 @@ def check_runs_at(bb: Backbone, spec: InputSpec) -> None:
             bb.trunk.eval()(torch.zeros(1, spec.channels, spec.image_size, spec.image_size))
     except Exception as exc:  # noqa: BLE001 - any failure at this size is the same problem to the user
         option, size = _size_option(bb.trunk), spec.image_size
-        how = (f"or build it at the size you want where its architecture allows (backbone_options={{{option!r}: "
-               f"{(size, size) if option == 'input_size' else size}}})" if option else
-               f"or choose a backbone that takes {size} px (the class {type(bb.trunk).__name__} takes no input size)")
+        value = (size, size) if option == "input_size" else size
+        if not by_name:  # a Backbone object: built already
+            how = f"or pass a Backbone built for {size} px" + (f" (its class takes {option}=)" if option else "")
+        elif option and bb.name.startswith("tv:") and weights is not None:  # torchvision's weights fix the size
+            how = (f"or weights=None to train it from scratch at {size} px (backbone_options={{{option!r}: {value}}}): "
+                   f"torchvision's weights for it take {built} px only")
+        elif option:
+            how = f"or build it at the size you want where its architecture allows (backbone_options={{{option!r}: " \
+                  f"{value}}})"
+        else:
+            how = f"or choose a backbone that takes {size} px (the class {type(bb.trunk).__name__} takes no input size)"
         raise ConfigError(f"{bb.name} does not run at image_size={size}: it was built for {built} px, and "
                           f"at {size} px its forward fails ({exception_line(exc, 200)}). Use "
                           f"image_size={built}, {how}.") from exc
@@ -202,7 +210,7 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
     seed_everything(cfg.seed)  # a randomly initialised backbone is the same in every run of this seed
     bb = _own_backbone(cfg, load_weights=load_weights)
     spec = resolve_input_spec(bb.input_spec, cfg.image_size)
-    check_runs_at(bb, spec)
+    check_runs_at(bb, spec, by_name=isinstance(cfg.backbone, str), weights=cfg.weights)
     bundle, n_out = _data(cfg, spec)
     _check_same_data(bundle, info, cfg)
     bf16, why = device_bf16(dev)

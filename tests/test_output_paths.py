@@ -4,6 +4,7 @@ settings that would be ignored: one clear error before any work, and nothing ove
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -334,3 +335,19 @@ def test_plots_without_matplotlib_are_refused_before_any_work(tmp_path, image_fo
     with pytest.raises(ConfigError, match=r"plot draws plots, which need matplotlib"):
         tk.lr_find(data=image_folder, plot=tmp_path / "lr.png", **FAST)
     assert not (tmp_path / "plots").exists() and not (tmp_path / "lr.png").exists()
+
+
+def test_a_dry_run_beside_a_finished_checkpoint_creates_no_lock_file(tmp_path, image_folder, monkeypatch):
+    import transferkit._io as io_
+
+    ckpt = tmp_path / "out" / "run.ckpt"
+    tk.finetune(data=image_folder, checkpoint=ckpt, **FAST)
+    real_open = io_.os.open
+
+    def no_create(path, flags, *a):  # as in a folder this user may read but not write
+        if flags & os.O_CREAT and str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(io_.os, "open", no_create)
+    tk.plan(data=image_folder, checkpoint=ckpt, **FAST)  # it asks whether a run holds the checkpoint's lock

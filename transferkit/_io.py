@@ -601,6 +601,36 @@ def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None, 
             os.close(entry[0])
 
 
+def _locked(lock: Path, *, what: str, flag: str | None, target: Path) -> FileLockedError:
+    return FileLockedError(
+        f"The {what} {str(target)!r}{f' ({flag})' if flag else ''} is being written by {_holder(lock)} "
+        f"(lock file {str(lock)!r}). Two runs writing one {what} would overwrite each other: wait for "
+        f"the other run to finish, or give this run another {what} path.")
+
+
+def check_unlocked(path: str | Path, *, what: str = "file", flag: str | None = None) -> None:
+    """`FileLockedError` (as `file_lock` raises it) when another process holds ``path``'s lock
+    now; nothing is created or held (a dry run may ask). This process's own locks do not count."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    lock = lock_path(path)
+    with _HELD_GUARD:
+        if os.path.realpath(lock) in _HELD:
+            return
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:  # no lock file (or none this process may read): nobody holds it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _locked(lock, what=what, flag=flag, target=Path(path)) from None
+    finally:
+        os.close(fd)
+
+
 def _acquire(lock: Path, fcntl, *, what: str, flag: str | None, target: Path,  # noqa: ANN001
              wait: float = 0.0) -> int:
     try:
@@ -621,10 +651,7 @@ def _acquire(lock: Path, fcntl, *, what: str, flag: str | None, target: Path,  #
             if time.monotonic() < deadline:  # held for a moment (a short update): ask again
                 time.sleep(0.01)
                 continue
-            raise FileLockedError(
-                f"The {what} {str(target)!r}{f' ({flag})' if flag else ''} is being written by {_holder(lock)} "
-                f"(lock file {str(lock)!r}). Two runs writing one {what} would overwrite each other: wait for "
-                f"the other run to finish, or give this run another {what} path.") from None
+            raise _locked(lock, what=what, flag=flag, target=target) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:

@@ -409,7 +409,7 @@ def plan(config: Any = None, /, **options: Any) -> Decisions:
     """
     cfg = FinetuneConfig.from_call(config, options)
     env = environment(cfg)
-    if env[0].is_main:  # what the run refuses before it builds anything (nothing is created or locked here)
+    if env[0].is_main:  # what the run refuses before it builds anything (nothing is created or held here)
         check_output_paths(cfg)
     _check_weights_tag(cfg)
     facts, _ = look(cfg, env=env, load_weights=False)

@@ -36,6 +36,7 @@ import torch
 from transferkit._io import (
     check_export_names,
     check_free_space,
+    check_unlocked,
     check_writable,
     file_lock,
     free_bytes,
@@ -140,8 +141,7 @@ def _check_replaced(key: str, p: Path) -> None:
     found = saved_run(p) if p.is_file() else None
     if found is None:
         return
-    with file_lock(p, what=key, flag=key):  # a run still writing it: FileLockedError naming it, not advice to resume
-        pass
+    check_unlocked(p, what=key, flag=key)  # a run still writing it: FileLockedError naming it, not advice to resume
     kind, info = found
     epochs = f"epoch {info.get('epoch')} of {info.get('epochs')}" if info.get("epochs") else "not finished"
     if key == "checkpoint" and kind == "export":
@@ -193,6 +193,6 @@ def output_locks(cfg: FinetuneConfig) -> Iterator[None]:
         for key in ("checkpoint", "export"):
             p = _path(getattr(cfg, key))
             if p is not None:
-                stack.enter_context(file_lock(p, what=key, flag=key))
+                stack.enter_context(file_lock(p, what=key, flag=key, wait=0.5))  # (past another run's check_unlocked)
                 remove_stale_temps(p)
         yield

@@ -275,8 +275,10 @@ def test_an_audio_model_cast_to_double_gets_double_waveforms(tmp_path):
     spec = InputSpec(kind="audio", sample_rate=8000, clip_seconds=None)
     meta = {"labels": ["a", "b"], "task": "multiclass", "input_spec": spec.to_dict()}
     sf.write(tmp_path / "a.wav", np.full(800, 0.25, np.float32), 8000)
-    model = torch.nn.Sequential(AudioPreprocess(), Loudness()).double()
-    out = Predictor(model, meta, source="test model").outputs([str(tmp_path / "a.wav")])
+    model = torch.nn.Sequential(AudioPreprocess(), Loudness())
+    predictor = Predictor(model, meta, source="test model")
+    model.double()  # after the predictor was made
+    out = predictor.outputs([str(tmp_path / "a.wav")])
     w, b = model[1].scale.weight[:, 0], model[1].scale.bias
     assert out.dtype == torch.float32
     assert out[0].tolist() == pytest.approx(torch.softmax(w * 0.25 + b, 0).tolist(), abs=1e-6)

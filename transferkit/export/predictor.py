@@ -86,9 +86,6 @@ class Predictor:
         self.task: str = metadata["task"]
         self.input_spec = InputSpec.from_dict(metadata["input_spec"])
         self.device = torch.device(device)
-        # an eager model cast to another dtype (``model.double()``) takes float inputs in that dtype
-        params = module.parameters() if isinstance(module, torch.nn.Module) else ()
-        self.dtype = next((t.dtype for t in params if t.is_floating_point()), None)
         self.source = source
         # audio: long clips are cropped to the window training and validation saw (30 s unless the run said;
         # None: whole clips)
@@ -100,10 +97,18 @@ class Predictor:
                 f"input={self.input_spec.kind}, device={self.device})")
 
     # -- running the model --------------------------------------------------------------
+    def _float_dtype(self) -> torch.dtype | None:
+        """The dtype of the module's floating-point weights, as they are now (``model.double()``
+        after this predictor was made counts): float inputs are given in it. None: no such weights
+        (a frozen TorchScript file, an ONNX session)."""
+        params = self.module.parameters() if isinstance(self.module, torch.nn.Module) else ()
+        return next((t.dtype for t in params if t.is_floating_point()), None)
+
     def _run(self, xb: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), quiet_jit():
-            if self.dtype is not None and xb.is_floating_point():
-                xb = xb.to(self.dtype)
+            dtype = self._float_dtype()
+            if dtype is not None and xb.is_floating_point():
+                xb = xb.to(dtype)
             out = self.module(xb.to(self.device))
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != len(self.labels):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

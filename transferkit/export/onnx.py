@@ -350,8 +350,9 @@ def load_onnx(path: str | Path, *, device: torch.device | str = "cpu",
     onnxruntime session on ``device`` (the CPU provider, or CUDA where onnxruntime has it),
     with ``threads`` intra-op threads (default: torch's thread count)."""
     device = torch.device(device)
-    meta = read_onnx_metadata(path)
+    check_model_file(path, source=repr(str(path)), kind="ONNX")  # a missing file is said before a missing package
     _, ort = _require_onnx("Running an ONNX file")
+    meta = read_onnx_metadata(path)
     provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}.get(device.type)
     if provider not in ort.get_available_providers():
         raise ExportError(f"onnxruntime {ort.__version__} cannot run {str(path)!r} on {device}: it has the providers "

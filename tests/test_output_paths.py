@@ -351,3 +351,15 @@ def test_a_dry_run_beside_a_finished_checkpoint_creates_no_lock_file(tmp_path, i
 
     monkeypatch.setattr(io_.os, "open", no_create)
     tk.plan(data=image_folder, checkpoint=ckpt, **FAST)  # it asks whether a run holds the checkpoint's lock
+
+
+def test_evaluate_asked_for_a_confusion_matrix_without_matplotlib_says_so_before_predicting(tmp_path, image_folder,
+                                                                                          monkeypatch, capsys):
+    from transferkit.cli import main
+
+    tk.finetune(data=image_folder, export=tmp_path / "m.pt", **FAST)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(tk.evaluation, "evaluate", lambda *a, **k: pytest.fail("the data were predicted first"))
+    args = ["evaluate", str(tmp_path / "m.pt"), str(image_folder), "--confusion-matrix", str(tmp_path / "c.png")]
+    assert main(args) == 2
+    assert "--confusion-matrix draws plots, which need matplotlib" in capsys.readouterr().err

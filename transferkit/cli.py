@@ -159,6 +159,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if not classifier and args.confusion_matrix:
         raise ConfigError(f"--confusion-matrix applies to single-label classifiers; this model's task is "
                           f"{predictor.task!r}.")
+    if args.confusion_matrix:  # asked for: a missing matplotlib is said before the data are predicted
+        from transferkit.outputs import check_plotting
+
+        check_plotting("--confusion-matrix")
     ev = evaluate(predictor, args.data, batch_size=args.batch_size, progress=None if not args.json else False)
     ev.model = args.model
     picture, not_drawn = None, "needs matplotlib: pip install 'transferkit[plots]'"

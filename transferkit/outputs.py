@@ -57,12 +57,14 @@ _WHAT = {"export": "export", "checkpoint": "checkpoint", "plots_dir": "plots fol
          "log_dir": "log folder"}
 
 
-def check_plotting(flag: str) -> None:
-    """ConfigError, before any work, when ``flag`` asks for plots and matplotlib is missing
-    (an optional extra)."""
+def check_plotting(flag: str | None = None) -> None:
+    """ConfigError when matplotlib (an optional extra) is missing: said before any work where
+    a setting (``flag``) asks for plots."""
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
+        if flag is None:
+            raise ConfigError("Plots need matplotlib: pip install 'transferkit[plots]'.") from exc
         raise ConfigError(f"{flag} draws plots, which need matplotlib: pip install 'transferkit[plots]' (or "
                           f"leave {flag} out).") from exc
 

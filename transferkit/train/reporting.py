@@ -12,6 +12,7 @@ from typing import Any
 
 from transferkit._io import atomic_write
 from transferkit.errors import ConfigError, OutputError
+from transferkit.outputs import check_plotting
 
 
 class TensorBoardLogger:
@@ -84,13 +85,12 @@ class TensorBoardLogger:
 
 def pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend (a clear error when matplotlib is missing)."""
-    try:
-        import matplotlib
+    check_plotting()
+    import matplotlib
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ConfigError("Plots need matplotlib: pip install 'transferkit[plots]'.") from exc
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
     return plt
 
 

@@ -238,7 +238,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if exp:
         how = (f"opset {exp.get('opset')}, checked on {exp.get('runtime')}" if exp.get("mode") == "onnx"
                else f"optimization={exp.get('optimization')}")
-        sizes = list(dict.fromkeys(exp.get("batch_sizes") or []))  # one entry per batch checked, per input dtype
+        sizes = list(dict.fromkeys(exp.get("batch_sizes") or []))  # (older files list them once per input dtype)
         dtypes = f" ({', '.join(exp['input_dtypes'])} inputs)" if exp.get("input_dtypes") else ""
         lines.append(f"export:      {exp.get('mode')}, {how}, max_abs_diff={exp.get('max_abs_diff')} at batch "
                      f"sizes {sizes}{dtypes}")

@@ -106,7 +106,7 @@ def result_summary(result: Any) -> str:
     if rep is not None:
         lines.append(f"  export:     {rep.path} (verified after reloading: max |exported - eager| "
                      f"{rep.max_abs_diff:.2g} <= {rep.tolerance:.2g} at batch sizes "
-                     f"{', '.join(map(str, dict.fromkeys(rep.batch_sizes)))})")
+                     f"{', '.join(map(str, rep.batch_sizes))})")
     else:
         lines.append("  export:     none written")
     if result.checkpoint_path is not None:

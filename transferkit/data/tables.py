@@ -258,9 +258,10 @@ class ParquetSource:
                                digest_size=16).hexdigest()
 
 
-def open_parquet(files: str | os.PathLike | Sequence[str], *, classes: Sequence[str] | None = None, min_size: int | None = None,
-                 on_bad_file: str = "skip", report: DataReport | None = None, what: str = "training",
-                 image_column: str | None = None, label_column: str | None = None) -> EncodedImageDataset:
+def open_parquet(files: str | os.PathLike | Sequence[str], *, classes: Sequence[str] | None = None,
+                 min_size: int | None = None, on_bad_file: str = "skip", report: DataReport | None = None,
+                 what: str = "training", image_column: str | None = None,
+                 label_column: str | None = None) -> EncodedImageDataset:
     """A map-style dataset over Parquet files (see the module docstring). Rows without a
     label are left out and reported; images are checked when they are decoded."""
     check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)

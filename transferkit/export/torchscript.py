@@ -402,10 +402,10 @@ def _save_and_check(module: torch.jit.ScriptModule, tmp: str, meta: dict[str, An
 
     with torch.jit.optimized_execution(False):  # a cheap first estimate, recorded in the metadata
         recorded, _, _ = measure(module)
+    sizes, dtypes = checked_inputs(batches)
     for _ in range(2):
         meta["export"] = {"mode": kind, "optimization": how, "max_abs_diff": recorded, "atol": atol, "rtol": rtol,
-                          "batch_sizes": list(checked_inputs(batches)[0]),
-                          "input_dtypes": list(checked_inputs(batches)[1])}
+                          "batch_sizes": list(sizes), "input_dtypes": list(dtypes)}
         save_with_digests(module, tmp, meta)
         reloaded, _ = _load(tmp, "cpu", source=repr(str(target if target is not None else tmp)))
         diff, tol, where = measure(reloaded)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import urllib.error
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 import torchaudio
 
+import transferkit as tk
 from transferkit import Policy, WeightsError, apply_policy, build_model, get_backbone, list_backbones
 from transferkit.backbones.spectrogram import SpecAugment, spectrogram_backbone
 from transferkit.errors import BackboneError
@@ -256,3 +259,20 @@ def test_spec_augment_masks_only_in_training_mode():
     masked = sa.train()(mel, frames)
     assert (masked == 0).sum() > (mel == 0).sum()
     assert isinstance(sa, SpecAugment)
+
+
+def test_spec_augment_with_a_backbone_frozen_all_run_is_said_to_do_nothing(tmp_path):
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(4):
+            sf.write(tmp_path / label / f"{i}.wav", 0.1 * rng.standard_normal(2000), 8000)
+    kw = dict(weights=None, data=tmp_path, epochs=2, verbose=False, device="cpu",
+              backbone_options={"sample_rate": 8000, "n_mels": 16, "spec_augment": True})
+    said = [n for n in tk.plan("spec:tk:small_cnn", policy="feature_extraction", **kw).notes if "spec_augment" in n]
+    assert len(said) == 1 and "masks in training mode only, and the backbone stays frozen" in said[0]
+    for policy in ("full", "fine_tune"):  # the backbone trains in some epoch: the masks act there
+        assert not [n for n in tk.plan("spec:tk:small_cnn", policy=policy, **kw).notes if "spec_augment" in n]
+    off = {**kw, "backbone_options": {**kw["backbone_options"], "spec_augment": None}}
+    assert not [n for n in tk.plan("spec:tk:small_cnn", policy="feature_extraction", **off).notes
+                if "spec_augment" in n]

@@ -315,6 +315,10 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     if data.targets is not None:
         scale_note = target_scale_note(data.targets, data.classes, standardised=target_norm)
         notes += [scale_note] if scale_note else []
+    if frozen and bb.spec_augment:
+        notes.append("spec_augment has no effect in this run: SpecAugment masks in training mode only, and the "
+                     "backbone stays frozen (in eval mode) for every epoch. Train the backbone (e.g. "
+                     "policy='fine_tune') for it, or augment the waveforms (augment='standard' with cache_views > 1).")
     if pol.frozen_epochs and frozen:
         notes.append(f"policy {pol} keeps the backbone frozen for {_plural(pol.frozen_epochs, 'epoch')} but the "
                      f"run has {cfg.epochs}: the backbone never trains (this is feature extraction); raise epochs "

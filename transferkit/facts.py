@@ -28,6 +28,7 @@ import torch
 
 from transferkit._io import file_digest
 from transferkit.backbones import Backbone, InputSpec, get_backbone
+from transferkit.backbones.spectrogram import SpecAugment
 from transferkit.backbones.weights import check_weights_file, is_weights_path
 from transferkit.config import OUTPUT_KEYS, FinetuneConfig, caller
 from transferkit.data import DataBundle, eval_transform
@@ -87,6 +88,7 @@ class BackboneFacts:
     weights_digest: str | None  # name@blake2b of a weights file (portable records)
     groups: tuple[dict[str, Any], ...]  # whole-model optimizer groups at lr 1 (name, lr_scale, weight_decay, params)
     head_groups: tuple[dict[str, Any], ...]  # the head's alone (training on cached features)
+    spec_augment: bool = False  # the trunk holds SpecAugment masks (active in training mode only)
 
 
 @dataclass(frozen=True)
@@ -372,7 +374,9 @@ def _backbone_facts(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, dev: tor
     return BackboneFacts(name=bb.name, weights=weights, weights_loaded=loaded, blocks=tuple(bb.block_names),
                          has_batchnorm=has_batchnorm(bb), conv_share=share, n_conv=n_conv,
                          num_features=bb.num_features, input_spec=spec, layout_timed=timed, fingerprint=fingerprint,
-                         weights_digest=digest, groups=groups, head_groups=head_groups)
+                         weights_digest=digest, groups=groups, head_groups=head_groups,
+                         spec_augment=any(isinstance(m, SpecAugment) and (m.freq_masks or m.time_masks)
+                                          for m in bb.trunk.modules()))
 
 
 def _spec_digest(spec: InputSpec) -> str:

@@ -109,6 +109,12 @@ def test_pad_waveforms_marks_lengths_with_nan_and_collates():
     xb, yb = pad_collate([(torch.ones(2), 1), (torch.ones(4), 0)])
     assert xb.shape == (2, 4) and yb.tolist() == [1, 0]
     assert pad_waveforms([torch.ones(6)], length=4).shape == (1, 4)
+    pcm = torch.tensor([16384, -32768, 0], dtype=torch.int16)  # PCM: scaled as the model's input is
+    assert pad_waveforms([pcm, torch.ones(1, 2)])[0].tolist() == [0.5, -1.0, 0.0]
+    with pytest.raises(DataError, match=r"clip 1 is shaped \(2, 3\). Mix it down to mono first"):
+        pad_waveforms([torch.ones(3), torch.ones(2, 3)])  # a stereo clip: not channel 0 alone
+    with pytest.raises(DataError, match="clip 0 is torch.int64: integer samples of this dtype have no known"):
+        pad_waveforms([torch.ones(3, dtype=torch.int64)])
 
 
 def test_transform_crops_or_pads_to_clip_length():

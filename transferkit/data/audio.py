@@ -186,7 +186,9 @@ def resample(wav: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
 
 def pad_waveforms(waveforms: Sequence[torch.Tensor], length: int | None = None) -> torch.Tensor:
     """Stack 1-D waveforms into ``[N, T]``, padding at the end with NaN (the trunks read
-    each clip's valid length from it); ``length`` crops or pads to a fixed T.
+    each clip's valid length from it); ``length`` crops or pads to a fixed T. PCM integers
+    are scaled as `transferkit.model.pcm_to_float` does; a clip of several channels is
+    refused (mix it down first).
 
     Example:
         >>> pad_waveforms([torch.zeros(3), torch.zeros(2)]).isnan().sum().item()
@@ -197,7 +199,14 @@ def pad_waveforms(waveforms: Sequence[torch.Tensor], length: int | None = None) 
     t = length or max(int(w.shape[-1]) for w in waveforms)
     out = torch.full((len(waveforms), t), PAD_VALUE, dtype=torch.float32)
     for i, w in enumerate(waveforms):
-        w = torch.as_tensor(w, dtype=torch.float32).reshape(-1)[:t]
+        w = torch.as_tensor(w)
+        if sum(int(d) > 1 for d in w.shape) > 1:
+            raise DataError(f"pad_waveforms takes 1-D clips; clip {i} is shaped {tuple(w.shape)}. Mix it down to "
+                            "mono first (e.g. clip.mean(0) for [channels, samples]).")
+        try:
+            w = pcm_to_float(w).to(torch.float32).reshape(-1)[:t]
+        except ValueError as exc:  # integers of no known full scale
+            raise DataError(f"pad_waveforms: clip {i} is {w.dtype}: {exc}.") from exc
         out[i, : w.shape[0]] = w
     return out
 

@@ -91,6 +91,10 @@ def test_in_memory_clips_too_short_or_with_names_for_labels_are_named():
     assert len(prepare_audio_data(stereo, spec=SPEC8K, val_split=0).train) == 8
     with pytest.raises(DataError, match=r"Bad clip 'in-memory item 0': 0.6 ms long \(10 samples at 16000 Hz\)"):
         prepare_audio_data([((clip[:10], 16000), 0)] + items[1:], spec=SPEC8K, val_split=0, on_bad_file="raise")
+    for named in (("a.wav", 8000, 0), (("a.wav", 8000), 0)):  # a file's rate is its own (was: "0.0 ms long")
+        with pytest.raises(DataError, match=r"Training item 0 gives a file path with a sample rate: a file carries "
+                                            r"its own rate .* Give \(path, label\)"):
+            prepare_audio_data([named] + items[1:], spec=SPEC8K, val_split=0)
     for label in ("cat", 0.7):
         with pytest.raises(DataError, match=f"item 0's label is {label!r}. Give integer labels"):
             prepare_audio_data([(clip, label), (clip, 1)] * 3, spec=SPEC8K, val_split=0)

@@ -614,6 +614,11 @@ def _audio_dataset(data: Any, spec: InputSpec, classes: list[str] | None, what: 
             raise DataError(f"A {what} audio dataset must hold (waveform, label) or (waveform, sample_rate, label).")
         samples = [((it[0], sample_rate_of(it[1], f"sample rate of {what} item {i} (waveform, sample_rate, label)"))
                     if len(it) == 3 else it[0], class_index(it[-1], i, kind="audio")) for i, it in enumerate(items)]
+        named = next((i for i, (src, _) in enumerate(samples) if isinstance(src, tuple) and len(src) == 2
+                      and isinstance(src[0], (str, Path)) and is_rate(src[1])), None)
+        if named is not None:
+            raise DataError(f"{what.capitalize()} item {named} gives a file path with a sample rate: a file carries "
+                            "its own rate (it is resampled to the model's). Give (path, label).")
         samples = filter_bad_audio(samples, on_bad_file=on_bad_file, scan=scan, report=report, max_seconds=max_seconds,
                                    rate=rate)
         if not samples:

@@ -26,6 +26,7 @@ from transferkit.data.audio import (
     to_waveform,
 )
 from transferkit.data.late import BadFileError
+from transferkit.errors import DataError
 from transferkit.train.loaders import make_loader
 
 SPEC = InputSpec(kind="audio", sample_rate=8000)
@@ -87,6 +88,10 @@ def test_every_broken_wav_is_found_by_the_header_scan(tmp_path):
                                                         "25 ms an audio model takes (prediction refuses it too)")
     sf.write(tmp_path / "short.wav", _tone(300, 200), RATE, subtype="PCM_16")
     assert check_audio_file(tmp_path / "short.wav") is None
+    with pytest.raises(DataError, match=r"is an empty file \(0 bytes\)"):  # read (predict) as scanned (training)
+        load_audio(files["zero"], RATE)
+    with pytest.raises(DataError, match=r"Error opening .*: Format not recognised\. Supported"):  # one period
+        load_audio(files["text"], RATE)
 
 
 def test_an_mp3_renamed_wav_is_not_bad_when_libsndfile_decodes_it(tmp_path):

@@ -128,6 +128,8 @@ def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[t
     [`DataError`][transferkit.DataError] naming the file."""
     import soundfile as sf
 
+    if os.path.isfile(path) and os.path.getsize(path) == 0:  # said as the training scan says it
+        raise DataError(f"Audio file {str(path)!r} is an empty file (0 bytes): a copy or write cut short.")
     try:
         with sf.SoundFile(str(path)) as f:
             sr, frames = int(f.samplerate), int(f.frames)

@@ -333,3 +333,15 @@ def test_feature_store_pads_clips_of_different_lengths_like_the_in_memory_pass(t
     assert stored.feature_report["computed"] >= 1
     in_memory = transferkit.finetune(bb, **kw)
     assert stored.best["val_loss"] == pytest.approx(in_memory.best["val_loss"], rel=1e-4)
+
+
+def test_opus_and_wave_files_are_read_by_folder_scans_as_by_predict(tmp_path):
+    if "OPUS" not in sf.available_subtypes("OGG"):
+        pytest.skip("this libsndfile has no Ogg Opus support")
+    tone = (0.2 * np.sin(np.arange(16000) / 5)).astype(np.float32)
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        sf.write(tmp_path / label / "x.opus", tone, 16000, format="OGG", subtype="OPUS")
+        sf.write(tmp_path / label / "y.wave", tone, 16000, format="WAV")
+    bundle = prepare_audio_data(tmp_path, spec=SPEC8K, val_split=0)
+    assert sorted(Path(p).suffix for p, _ in bundle.train.samples) == [".opus"] * 2 + [".wave"] * 2

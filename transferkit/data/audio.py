@@ -67,8 +67,11 @@ def audio_extensions() -> tuple[str, ...]:
     """
     import soundfile as sf
 
-    formats = set(sf.available_formats())
-    return tuple(ext for ext, fmt in AUDIO_FORMATS.items() if fmt in formats)
+    def decoded(fmt: str) -> bool:
+        name, _, subtype = fmt.partition("/")
+        return name in sf.available_formats() and (not subtype or subtype in sf.available_subtypes(name))
+
+    return tuple(ext for ext, fmt in AUDIO_FORMATS.items() if decoded(fmt))
 
 
 def undecodable_audio(paths: Sequence[str | Path]) -> list[str]:
@@ -84,7 +87,7 @@ def undecodable_reason(path: str | Path) -> str:
     installed libsndfile 1.0.31 cannot decode'``."""
     import soundfile as sf
 
-    fmt = AUDIO_FORMATS[os.path.splitext(str(path))[1].lower()]
+    fmt = AUDIO_FORMATS[os.path.splitext(str(path))[1].lower()].replace("/", " ")
     return f"{fmt}, a format the installed libsndfile {sf.__libsndfile_version__} cannot decode"
 
 

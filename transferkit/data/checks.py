@@ -29,7 +29,8 @@ from transferkit.data.late import register_report
 ON_BAD_FILE = ("skip", "raise")
 SCANS = ("quick", "full", "none")
 # audio file types by extension, and the libsndfile format that decodes each (MP3: libsndfile >= 1.1)
-AUDIO_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".aiff": "AIFF", ".aif": "AIFF", ".mp3": "MP3"}
+AUDIO_FORMATS = {".wav": "WAV", ".wave": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".opus": "OGG/OPUS", ".aiff": "AIFF",
+                 ".aif": "AIFF", ".mp3": "MP3"}  # extension -> libsndfile format (/subtype where one is needed)
 AUDIO_EXTENSIONS = tuple(AUDIO_FORMATS)  # every known one; data.audio.audio_extensions(): those decoded here
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import transferkit._io as io_
 from transferkit._io import atomic_write
 from transferkit.errors import ExportError, WeightsError
 from transferkit.checkpoints import load_checkpoint, save_checkpoint
@@ -513,3 +514,30 @@ def test_two_fallback_saves_in_the_same_second_keep_both(tmp_path, monkeypatch):
     from transferkit.checkpoints import saved_run
 
     assert saved_run(mine)[1]["resumable"] is False and saved_run(mine)[1]["complete"] is False
+
+
+def test_ctrl_c_inside_a_checkpoint_write_is_an_interrupt_not_a_write_failure(tmp_path, monkeypatch):
+    """torch turns an exception raised in its write callback into RuntimeError("unexpected pos ..."),
+    which reads as a failed disk; the Ctrl-C (or SIGTERM as one) is raised as itself."""
+    path = tmp_path / "run.ckpt"
+    model = torch.nn.Linear(256, 256)
+    save_checkpoint(path, model=model, meta={"i": 0})
+    before = path.read_bytes()
+    class Interrupted:  # the file under the writer: a signal lands in the middle of its third write
+        def __init__(self, f):
+            self.f, self.calls = f, 0
+
+        def write(self, b):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    init = io_._AllOrError.__init__
+    monkeypatch.setattr(io_._AllOrError, "__init__", lambda self, f: init(self, Interrupted(f)))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model=model, meta={"i": 1})
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]

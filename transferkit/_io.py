@@ -409,7 +409,8 @@ def reserve_blocks(path: str | Path) -> None:
 
 class _AllOrError(io.RawIOBase):
     """A raw file whose ``write`` writes every byte or raises (a short write on a full disk
-    becomes the ``OSError`` the next write would give) and keeps the first error it raised."""
+    becomes the ``OSError`` the next write would give) and keeps the first error it raised,
+    a Ctrl-C or SIGTERM that arrived inside it too (torch turns both into a RuntimeError)."""
 
     def __init__(self, f: Any) -> None:
         super().__init__()
@@ -436,7 +437,7 @@ class _AllOrError(io.RawIOBase):
                 if not n:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 done += n
-        except OSError as exc:
+        except (OSError, KeyboardInterrupt) as exc:
             self.error = self.error or exc
             raise
         return done
@@ -449,7 +450,8 @@ class _AllOrError(io.RawIOBase):
 def python_writer(path: str | Path) -> Iterator[Any]:
     """Open ``path`` for writing as a file object whose write errors are Python ``OSError``s:
     give it to ``torch.save`` / ``torch.jit.save`` instead of a path. When the writer fails
-    inside (torch wraps the error in a ``RuntimeError``), the ``OSError`` is raised instead.
+    inside (torch wraps the error in a ``RuntimeError``), the ``OSError`` is raised instead,
+    and a Ctrl-C or SIGTERM that interrupted a write is raised as itself (not as a write error).
 
     Example:
         >>> with python_writer("out.bin") as f:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import transferkit as tk
+import transferkit.train.loop as loop
 from transferkit.errors import ConfigError, FileLockedError, OutputError
 from transferkit.checkpoints import load_checkpoint, save_checkpoint
 
@@ -363,3 +364,21 @@ def test_evaluate_asked_for_a_confusion_matrix_without_matplotlib_says_so_before
     args = ["evaluate", str(tmp_path / "m.pt"), str(image_folder), "--confusion-matrix", str(tmp_path / "c.png")]
     assert main(args) == 2
     assert "--confusion-matrix draws plots, which need matplotlib" in capsys.readouterr().err
+
+
+def test_ctrl_c_before_a_new_run_writes_its_checkpoint_does_not_call_an_old_finished_one_its_own(tmp_path,
+                                                                                               image_folder,
+                                                                                               monkeypatch):
+    ckpt = tmp_path / "run.ckpt"
+    tk.finetune(data=image_folder, checkpoint=ckpt, **FAST)  # a finished run: a new run may replace it
+    before = ckpt.read_bytes()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train_one_epoch", interrupted)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(tk.TrainingInterrupted, match=r"The current weights were saved to .* No epoch had completed, "
+                                                     r"so the checkpoint '.*run.ckpt' was not written yet") as info:
+        tk.finetune(data=image_folder, checkpoint=ckpt, **{**FAST, "lr": 0.01})
+    assert info.value.checkpoint is not None and info.value.checkpoint.is_file() and ckpt.read_bytes() == before

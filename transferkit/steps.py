@@ -438,7 +438,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
         with training_faults(checkpoint=cfg.checkpoint, batch_size=cfg.batch_size,
                              save_interrupted=lambda: save_interrupted(d, run, meta),
                              probe_step=lambda bs: _probe_step(run, current["data"], bs),
-                             started=lambda: current["fit"] is not None):
+                             started=lambda: current["fit"] is not None, resumed=bool(cfg.resume)):
             if state.epoch < k or inputs is None:  # the frozen phase, on features computed once
                 td = current["data"] = training_data(d, run, cached=True, progress=progress)
                 if len(td.train_loader) != _cached_steps(d):  # files found unreadable: fewer batches than planned

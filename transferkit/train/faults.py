@@ -8,6 +8,7 @@ mid-epoch leaves the last good one on disk untouched.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -63,13 +64,24 @@ def suggest_batch_size(step: Callable[[int], None], start: int) -> int | None:
     return None
 
 
+def _identity(path: str | Path | None) -> tuple[int, int, int] | None:
+    """What tells one file at ``path`` from another written there (each write replaces it)."""
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None
+
+
 @contextlib.contextmanager
 def training_faults(*, checkpoint: str | Path | None, batch_size: int,
                     save_interrupted: Callable[[], Path | None], probe_step: Callable[[int], None] | None,
-                    started: Callable[[], bool] = lambda: True) -> Iterator[None]:
+                    started: Callable[[], bool] = lambda: True, resumed: bool = False) -> Iterator[None]:
     """Turn faults inside the block into errors that say where the work is and what to do.
     ``started()``: whether training has begun; before it (e.g. during the feature pass) the
-    weights are the ones the run started from and nothing is saved.
+    weights are the ones the run started from and nothing is saved. The checkpoint counts as
+    this run's once the block has written it (or, ``resumed``, from the start): a file at that
+    path from an earlier, finished run does not.
 
     - Ctrl-C: with ``checkpoint``, the file holds the last completed epoch and
       ``transferkit.resume(path)`` continues exactly; without it, the current weights are
@@ -78,13 +90,19 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
     - A non-finite loss (TrainingError from the loop): the message names the last good checkpoint.
     - Out of memory: a TrainingError suggesting a batch size that fits (probed with ``probe_step``).
     """
+    before = _identity(checkpoint)
+
+    def ours() -> bool:
+        now = _identity(checkpoint)
+        return now is not None and (resumed or now != before)
+
     try:
         yield
     except KeyboardInterrupt as exc:
         if isinstance(exc, TrainingInterrupted):
             raise
         what = f"Interrupted ({signal_name(exc)})."
-        if checkpoint is not None and Path(checkpoint).exists():
+        if ours():
             raise TrainingInterrupted(f"{what} The checkpoint {str(checkpoint)!r} holds the last completed "
                                       f"epoch; continue exactly with transferkit.resume({str(checkpoint)!r}).",
                                       Path(checkpoint)) from exc
@@ -110,14 +128,14 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
                 saved = None
         kept = (f" The current weights are saved in {str(saved)!r} (usable as weights=... or with `transferkit "
                 "export`)." if saved is not None else " The current weights could not be saved elsewhere either.")
-        if checkpoint is not None and Path(checkpoint).exists():
+        if ours():
             kept += (f" The checkpoint {str(checkpoint)!r} still holds the last epoch it completed: once the cause "
                      f"above is fixed, continue with transferkit.resume({str(checkpoint)!r}).")
         err = OutputError(f"{str(exc).rstrip('.')}.{kept}")
         err.fallback = saved  # type: ignore[attr-defined]
         raise err from exc
     except TrainingError as exc:
-        if checkpoint is not None and Path(checkpoint).exists():
+        if ours():
             raise TrainingError(f"{exc} The last good checkpoint, {str(checkpoint)!r}, was kept.") from exc
         raise
     except RuntimeError as exc:

@@ -176,6 +176,33 @@ def test_sigterm_from_outside_while_training(tmp_path, image_folder):
     assert load_checkpoint(_saved(rest))["model"]
 
 
+def test_sigterm_to_the_whole_job_with_loader_workers_keeps_the_weights(tmp_path, image_folder):
+    """What Slurm and systemd do: SIGTERM to every process of the job, DataLoader workers included
+    (a worker killed by it was reported as a crash while the weights were being saved: exit 1, an
+    empty weights file)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "finetune", "--data", str(image_folder),
+                             "--epochs", "200", *LOUD, "--set", "num_workers=2"], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        lines = []
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if line.startswith("epoch   2") or not line:  # the workers are up (persistent across epochs)
+                break
+        os.killpg(proc.pid, signal.SIGTERM)
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 143, "".join(lines)[-2000:] + rest[-2000:]
+    assert "killed by signal" not in rest and "Traceback" not in rest, rest[-2000:]
+    assert load_checkpoint(_saved(rest))["model"]
+
+
 def test_sigterm_in_python_is_a_training_interrupted(tmp_path, image_folder, monkeypatch):
     monkeypatch.chdir(tmp_path)
 

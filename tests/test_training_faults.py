@@ -77,6 +77,19 @@ def test_interrupted_weights_that_cannot_be_saved_at_their_name_leave_no_empty_f
     assert saved == tmp_path / "elsewhere" / "w.pt" and sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]
 
 
+def test_interrupted_weights_whose_save_is_cut_short_leave_no_empty_file(tmp_path, monkeypatch):
+    import transferkit.checkpoints as checkpoints
+
+    def worker_died(*a, **k):  # what a DataLoader worker's death, reported in the middle of the save, raises
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+
+    monkeypatch.setattr(checkpoints, "save_fallback", worker_died)
+    with pytest.raises(RuntimeError, match="killed by signal"):
+        checkpoints.save_interrupted_weights(tmp_path / "transferkit-interrupted.pt", model=torch.nn.Linear(2, 2),
+                                             meta={})
+    assert list(tmp_path.iterdir()) == []  # not a 0-byte file that reads as saved weights
+
+
 def test_ctrl_c_before_the_first_epoch_with_a_checkpoint_path_says_it_was_not_written(image_folder, tmp_path,
                                                                                      monkeypatch):
     import transferkit.train.loop as loop

@@ -272,12 +272,21 @@ def save_interrupted_weights(path: str | Path, *, model: torch.nn.Module, meta: 
     of its `fallback_paths` that works (a full disk, a name too long); OutputError when none does."""
     existed = os.path.lexists(path)
     target = claim_unused_path(path)
-    saved, failures = save_fallback([target, *fallback_paths(target)], model=model, meta=meta, claimed=target,
-                                    epoch=None, history=[])
-    if saved != target and (target != Path(path) or not existed):  # the name claimed above stays free
-        with contextlib.suppress(OSError):
-            if target.stat().st_size == 0:
-                target.unlink()
+
+    def free_the_claim() -> None:  # the empty file claim_unused_path made, when nothing was saved in it
+        if target != Path(path) or not existed:
+            with contextlib.suppress(OSError):
+                if target.stat().st_size == 0:
+                    target.unlink()
+
+    try:
+        saved, failures = save_fallback([target, *fallback_paths(target)], model=model, meta=meta, claimed=target,
+                                        epoch=None, history=[])
+    except BaseException:  # (a DataLoader worker's death reported in the middle of the save, say)
+        free_the_claim()
+        raise
+    if saved != target:
+        free_the_claim()
     if saved is None:
         raise OutputError(f"The weights of the interrupted run could not be saved anywhere ({'; '.join(failures)}).")
     return saved

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -220,3 +221,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def ignore_job_termination(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a SIGTERM sent to the whole job (a scheduler's, or
+    ``kill -- -<pgid>``) is left to the main process, which saves the weights and then stops
+    the workers itself; a worker killed by it would be reported as a crash in the middle of
+    that save. (A worker whose main process is gone still exits: DataLoader's watchdog.)"""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

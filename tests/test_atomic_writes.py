@@ -541,3 +541,21 @@ def test_ctrl_c_inside_a_checkpoint_write_is_an_interrupt_not_a_write_failure(tm
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, model=model, meta={"i": 1})
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]
+
+
+def test_ctrl_c_just_after_the_rename_says_the_file_is_complete(tmp_path, monkeypatch):
+    from transferkit._signals import TrainingInterrupted
+    from transferkit.checkpoints import save_with_fallback
+
+    path, model = tmp_path / "run.ckpt", torch.nn.Linear(4, 4)
+
+    def interrupted(folder):  # the signal lands while the folder is synced, after the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io_, "_fsync_dir", interrupted)
+    with pytest.raises(TrainingInterrupted, match=r"just after the checkpoint '.*run.ckpt' \(checkpoint\) was "
+                                                  r"written: it is complete") as info:
+        save_with_fallback(path, lambda: save_checkpoint(path, model=model, meta={"i": 1}), what="checkpoint",
+                           flag="checkpoint", model=model, meta={})
+    assert info.value.checkpoint == path and load_checkpoint(path)["transferkit"] == {"i": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]  # no fallback copy: nothing was lost

@@ -506,6 +506,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, what: str = 
         tmp = create_temp(path)
     except OSError as exc:
         raise OutputError(f"Cannot write the {what} {str(path)!r}: {_reason(exc)} ({exc}).") from exc
+    replaced = False
     try:
         mode = stat.S_IMODE(os.stat(tmp).st_mode)  # what the umask gave
         write(str(tmp))
@@ -516,8 +517,13 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, what: str = 
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        replaced = True
         _fsync_dir(path.parent)
     except BaseException as exc:
+        if replaced:  # the file is whole at its path: only the folder's fsync was cut short
+            if isinstance(exc, KeyboardInterrupt):
+                exc.written = path  # type: ignore[attr-defined]  # a Ctrl-C that came once the file was written
+            raise
         with contextlib.suppress(OSError):
             if tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp)

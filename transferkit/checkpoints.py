@@ -311,6 +311,10 @@ def save_with_fallback(target: str | Path, save: Callable[[], T], *, what: str, 
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM during the write: keep the weights, then stop
         if isinstance(exc, TrainingInterrupted):
             raise
+        if getattr(exc, "written", None) is not None:  # it came once the file was whole at its path
+            raise TrainingInterrupted(f"Interrupted ({signal_name(exc)}) just after the {what} {str(target)!r}"
+                                      f"{f' ({flag})' if flag else ''} was written: it is complete.",
+                                      Path(target)) from exc
         with held_signals(reraise=False):
             fallback, failures = save_fallback(fallback_paths(target), model=model, meta=meta, **checkpoint)
         named = f"{str(target)!r}{f' ({flag})' if flag else ''}"

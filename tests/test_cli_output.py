@@ -123,6 +123,8 @@ def test_resume_flag_continues_with_the_stored_settings(run, capsys):
     code, _, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume")
     assert code == 2 and "the run it holds is complete" in err
     assert f"`transferkit finetune ... --backbone tk:small_cnn --weights {root / 'r.ckpt'}`" in err
+    assert f"an export it lacks (a run stopped while exporting) is made with `transferkit export {root / 'r.ckpt'} " \
+           "--out model.pt`" in err
     assert "finetune(" not in err
     code, _, err = _run(capsys, "finetune", "--resume", "--data", data)
     assert code == 2 and "--resume continues the run saved in --checkpoint PATH" in err

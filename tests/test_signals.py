@@ -150,27 +150,40 @@ def test_sigterm_during_training_without_a_checkpoint_keeps_the_weights(tmp_path
     assert load_checkpoint(_saved(r.stderr))["model"]
 
 
-def test_sigterm_from_outside_while_training(tmp_path, image_folder):
-    """What a scheduler does: SIGTERM from another process while the run trains."""
+def _sigterm_while_training(tmp_path: Path, image_folder: Path, *options: str, after: str = "epoch",
+                            whole_job: bool = False) -> tuple[int, str, str]:
+    """A CLI run, sent SIGTERM from another process once a stderr line starts with ``after``
+    (``whole_job``: to its whole process group, as Slurm and systemd do): (exit code, the
+    output before, the output after)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "transferkit", "finetune", "--data", str(image_folder),
-                             "--epochs", "200", *LOUD], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env=env, cwd=tmp_path)
+                             "--epochs", "200", *LOUD, *options], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, env=env, cwd=tmp_path, start_new_session=whole_job)
     try:
         lines = []
         deadline = time.time() + 240
         while time.time() < deadline:
             line = proc.stderr.readline()
             lines.append(line)
-            if line.startswith("epoch") or not line:
+            if line.startswith(after) or not line:
                 break
-        proc.send_signal(signal.SIGTERM)
+        if whole_job:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         rest = proc.stderr.read()
-        code = proc.wait(timeout=120)
+        return proc.wait(timeout=120), "".join(lines), rest
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None and whole_job:
+            os.killpg(proc.pid, signal.SIGKILL)
+        elif proc.poll() is None:
             proc.kill()
-    assert code == 143, "".join(lines)[-2000:] + rest[-2000:]
+
+
+def test_sigterm_from_outside_while_training(tmp_path, image_folder):
+    """What a scheduler does: SIGTERM from another process while the run trains."""
+    code, lines, rest = _sigterm_while_training(tmp_path, image_folder)
+    assert code == 143, lines[-2000:] + rest[-2000:]
     last = rest.strip().splitlines()[-1]
     assert last.startswith("transferkit: interrupted: Interrupted (SIGTERM)."), last
     assert load_checkpoint(_saved(rest))["model"]
@@ -180,25 +193,9 @@ def test_sigterm_to_the_whole_job_with_loader_workers_keeps_the_weights(tmp_path
     """What Slurm and systemd do: SIGTERM to every process of the job, DataLoader workers included
     (a worker killed by it was reported as a crash while the weights were being saved: exit 1, an
     empty weights file)."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "finetune", "--data", str(image_folder),
-                             "--epochs", "200", *LOUD, "--set", "num_workers=2"], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path, start_new_session=True)
-    try:
-        lines = []
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            if line.startswith("epoch   2") or not line:  # the workers are up (persistent across epochs)
-                break
-        os.killpg(proc.pid, signal.SIGTERM)
-        rest = proc.stderr.read()
-        code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert code == 143, "".join(lines)[-2000:] + rest[-2000:]
+    code, lines, rest = _sigterm_while_training(tmp_path, image_folder, "--set", "num_workers=2",
+                                                after="epoch   2", whole_job=True)  # the workers are up by then
+    assert code == 143, lines[-2000:] + rest[-2000:]
     assert "killed by signal" not in rest and "Traceback" not in rest, rest[-2000:]
     assert load_checkpoint(_saved(rest))["model"]
 

@@ -51,7 +51,7 @@ from transferkit._text import exception_line
 from transferkit.backbones._base import InputSpec
 from transferkit.data.images import load_image
 from transferkit.data.late import raising, replaces_bad_files
-from transferkit.data.sampling import EpochSampler, SeededItems, default_num_workers, ignore_job_termination, mix_seed
+from transferkit.data.sampling import EpochSampler, SeededItems, default_num_workers, mix_seed, quiet_exit_on_sigterm
 from transferkit.data.transforms import AUGMENTATIONS, eval_transform
 from transferkit.errors import ConfigError, DataError, check_choice
 
@@ -191,7 +191,7 @@ class DeviceDecodedLoader:
                                  collate_fn=_collate, persistent_workers=workers > 0 and keys is None,
                                  pin_memory=device.type == "cuda",
                                  drop_last=drop_last and len(self.sampler) > batch_size,
-                                 prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_job_termination)
+                                 prefetch_factor=4 if workers > 0 else None, worker_init_fn=quiet_exit_on_sigterm)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -278,7 +278,7 @@ def time_decoders(dataset: Any, spec: InputSpec, *, device: torch.device, batch_
     cpu_ds = part.view(transform=eval_transform(spec))
     cpu = DataLoader(SeededItems(cpu_ds), batch_size=batch_size, sampler=EpochSampler(n, shuffle=False),
                      num_workers=num_workers, collate_fn=getattr(cpu_ds, "collate_fn", None),
-                     pin_memory=device.type == "cuda", worker_init_fn=ignore_job_termination)
+                     pin_memory=device.type == "cuda", worker_init_fn=quiet_exit_on_sigterm)
     dev = DeviceDecodedLoader(part, spec, augment="none", batch_size=batch_size, device=device,
                               num_workers=num_workers)
 

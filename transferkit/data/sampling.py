@@ -223,7 +223,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 
-def ignore_job_termination(worker_id: int) -> None:
+def quiet_exit_on_sigterm(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: a worker that gets SIGTERM exits quietly (status 0). A
     SIGTERM sent to the whole job (a scheduler's, or ``kill -- -<pgid>``) then leaves the main
     process to save the weights: a worker killed by the signal is reported by torch as a crash,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from transferkit.data.sampling import EpochSampler, SeededItems, default_num_workers, ignore_job_termination, mix_seed
+from transferkit.data.sampling import EpochSampler, SeededItems, default_num_workers, mix_seed, quiet_exit_on_sigterm
 
 __all__ = ["EpochSampler", "SeededItems", "default_num_workers", "make_loader", "mix_seed"]
 
@@ -44,4 +44,4 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: tor
                       collate_fn=getattr(dataset, "collate_fn", None),  # audio: pads clips of different lengths
                       pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
                       drop_last=drop_last and len(sampler) > batch_size,
-                      prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_job_termination)
+                      prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=quiet_exit_on_sigterm)

@@ -164,6 +164,8 @@ def test_resume_flag_starts_a_run_whose_checkpoint_does_not_exist_yet(tmp_path, 
     assert ckpt.is_file() and (tmp_path / "cfg.ckpt").is_file()
     with pytest.raises(transferkit.ConfigError, match="does not exist: nothing to resume"):
         transferkit.finetune("tk:small_cnn", weights=None, data=data, checkpoint=tmp_path / "typo.ckpt", resume=True)
+    code, _, err = _run(capsys, "finetune", "--checkpoint", tmp_path / "typo.ckpt", "--resume")  # no --data
+    assert code == 2 and "typo.ckpt does not exist, so there is nothing to resume, and a new run needs --data" in err
 
 
 def test_a_run_resumed_from_another_folder_reads_and_writes_where_it_ran(tmp_path, capsys, monkeypatch):

@@ -387,7 +387,14 @@ def _finetune_options(args: argparse.Namespace) -> tuple[str | None, dict]:
     if args.resume and not (args.checkpoint or args.config):
         raise TransferkitError("--resume continues the run saved in --checkpoint PATH; pass the checkpoint.")
     if not (args.resume and args.checkpoint and not args.config and Path(args.checkpoint).exists()):
-        kwargs = _finetune_kwargs(args)
+        try:
+            kwargs = _finetune_kwargs(args)
+        except TransferkitError as exc:
+            if args.resume and args.checkpoint and str(exc).startswith("No training data"):  # nothing to resume
+                raise TransferkitError(f"--resume: {_shell_word(str(args.checkpoint))} does not exist, so there is "
+                                       "nothing to resume, and a new run needs --data DIR. Check the checkpoint's "
+                                       "path, or pass --data to start (and save it there).") from exc
+            raise
         if kwargs.get("resume") and kwargs.get("checkpoint") and not Path(kwargs["checkpoint"]).exists():
             # one command for every start of a job that may be preempted: the first start has nothing to resume
             print(f"transferkit: --resume: {_shell_word(str(kwargs['checkpoint']))} does not exist yet; a new run "

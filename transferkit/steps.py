@@ -405,11 +405,9 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
     meta = metadata(d)
     inputs = training_data(d, run, cached=False) if k < total else None
     opt = make_optimizer(cfg.optimizer, run.param_groups(d), lr=d.lr, momentum=cfg.momentum)
-    plan = _schedule_plan(d, _cached_steps(d), inputs)
-    steps = plan["steps"]
-    sched = make_scheduler(cfg.schedule, opt, total_steps=plan["total_steps"], epoch_steps=plan["epoch_steps"],
-                           warmup_steps=round(cfg.warmup_epochs * plan["epoch_steps"][0]), options=cfg.schedule_options,
-                           phases=plan["phases"])
+    planned = _cached_steps(d)
+    steps, timing = _schedule_plan(d, planned, inputs)
+    sched = make_scheduler(cfg.schedule, opt, options=cfg.schedule_options, **timing)
     scaler = run.speed.grad_scaler()
     state = TrainState()
     # L2-SP's anchor is the weights training starts from, copied before a resume loads its own
@@ -441,12 +439,9 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                              started=lambda: current["fit"] is not None, resumed=bool(cfg.resume)):
             if state.epoch < k or inputs is None:  # the frozen phase, on features computed once
                 td = current["data"] = training_data(d, run, cached=True, progress=progress)
-                if len(td.train_loader) != _cached_steps(d):  # files found unreadable: fewer batches than planned
-                    replanned = _schedule_plan(d, len(td.train_loader), inputs)
-                    steps = replanned["steps"]
-                    sched.replan(total_steps=replanned["total_steps"], epoch_steps=replanned["epoch_steps"],
-                                 phases=replanned["phases"],
-                                 warmup_steps=round(cfg.warmup_epochs * replanned["epoch_steps"][0]))
+                if len(td.train_loader) != planned:  # files found unreadable: fewer batches than planned
+                    steps, timing = _schedule_plan(d, len(td.train_loader), inputs)
+                    sched.replan(**timing)
                 loop.wrap = _wrapper(run, cached=True)
                 seconds.update(td.seconds)
                 report = td.report
@@ -516,17 +511,20 @@ def _wrapper(run: Run, trial: CompileTrial | None = None, *, cached: bool = Fals
     return lambda m: speed.maybe_compile(wrap_ddp(m, info, speed.device))
 
 
-def _schedule_plan(d: Decisions, cached: int, inputs: TrainingData | None) -> dict[str, Any]:
-    """The optimizer steps of the run: ``steps`` per epoch of the run (a frozen epoch makes
-    ``head_passes`` passes of ``cached`` steps over its features), ``epoch_steps`` as the
-    schedule counts epochs (each pass of a frozen epoch one, as a feature-extraction run of
-    that many epochs counts them, so that fine_tune's frozen phase is that run), the total,
-    and the policy's lr ``phases`` in steps."""
+def _schedule_plan(d: Decisions, cached: int, inputs: TrainingData | None) -> tuple[list[int], dict[str, Any]]:
+    """The optimizer steps per epoch of the run (a frozen epoch makes ``head_passes`` passes of
+    ``cached`` steps over its features), and the schedule's timing (`make_scheduler`'s and
+    `LRSchedule.replan`'s arguments): ``epoch_steps`` as the schedule counts epochs (each pass
+    of a frozen epoch one, as a feature-extraction run of that many epochs counts them, so that
+    fine_tune's frozen phase is that run), the total, the warmup and the policy's lr
+    ``phases``, in steps."""
     total, k = d.config.epochs, d.cached_epochs
     trunk = len(inputs.train_loader) if inputs is not None else 0
     steps = [cached * d.head_passes] * k + [trunk] * (total - k)
-    return {"steps": steps, "epoch_steps": [cached] * (k * d.head_passes) + [trunk] * (total - k),
-            "total_steps": sum(steps), "phases": phase_steps(d.policy.lr_phases(total), steps)}
+    epoch_steps = [cached] * (k * d.head_passes) + [trunk] * (total - k)
+    return steps, {"total_steps": sum(steps), "epoch_steps": epoch_steps,
+                   "warmup_steps": round(d.config.warmup_epochs * epoch_steps[0]),
+                   "phases": phase_steps(d.policy.lr_phases(total), steps)}
 
 
 def _cached_steps(d: Decisions) -> int:

@@ -168,3 +168,31 @@ def test_the_reader_sees_an_upward_import(tmp_path, monkeypatch, source):
                         else Path.read_bytes(self).decode())
     problems = _graph()[1]
     assert any("transferkit.data.sampling imports" in p and "a layer above" in p for p in problems)
+
+
+def _dataloader_calls(read=lambda p: p.read_text()) -> list[str]:
+    """``module:line`` of every ``DataLoader(...)`` made outside ``transferkit.data.sampling``."""
+    out = []
+    for mod, path in sorted(_modules().items()):
+        if mod == "transferkit.data.sampling":
+            continue
+        for node in ast.walk(ast.parse(read(path), str(path))):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+                if name == "DataLoader":
+                    out.append(f"{mod}:{node.lineno}")
+    return out
+
+
+def test_every_dataloader_is_made_by_data_loader():
+    """A DataLoader made elsewhere would miss ``quiet_exit_on_sigterm``: its workers, killed by a
+    job-wide SIGTERM, are reported by torch as a crash in the middle of saving the weights."""
+    assert not _dataloader_calls(), "use transferkit.data.sampling.data_loader: " + ", ".join(_dataloader_calls())
+
+
+def test_the_reader_sees_a_dataloader_made_elsewhere():
+    leaf = ROOT / "train" / "loaders.py"
+    planted = "\nimport torch\nloader = torch.utils.data.DataLoader([1, 2])\n"
+    calls = _dataloader_calls(lambda p: p.read_text() + (planted if p == leaf else ""))
+    assert [c.split(":")[0] for c in calls] == ["transferkit.train.loaders"]

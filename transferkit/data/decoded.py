@@ -58,7 +58,7 @@ import numpy as np
 import PIL
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
@@ -66,7 +66,7 @@ from transferkit._io import create_temp, file_digest, file_stat, remove_stale_te
 from transferkit.backbones._base import InputSpec
 from transferkit.data.fingerprint import data_fingerprint
 from transferkit.data.late import reporting
-from transferkit.data.sampling import default_num_workers, quiet_exit_on_sigterm
+from transferkit.data.sampling import default_num_workers, data_loader
 from transferkit.data.transforms import AUGMENTATIONS, ToImageTensor, ToRGB, eval_transform
 from transferkit.errors import check_choice
 from transferkit.data.transforms import train_transform
@@ -290,8 +290,7 @@ def decoded_dataset(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: s
 def _decode_into(view: Dataset, workers: int, pixels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, list[Any]]:
     """Decode every item of ``view`` in order (``workers`` processes) into ``pixels`` (a flat
     preallocated uint8 array or memory map), or into a new array when ``None``."""
-    loader = DataLoader(view, batch_size=1, shuffle=False, num_workers=workers, collate_fn=reporting(view, _first),
-                        worker_init_fn=quiet_exit_on_sigterm)
+    loader = data_loader(view, batch_size=1, shuffle=False, num_workers=workers, collate_fn=reporting(view, _first))
     index = np.zeros((len(view), 3), dtype=np.int64)  # type: ignore[arg-type]
     chunks: list[np.ndarray] = []
     targets, offset = [], 0

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
@@ -51,7 +51,7 @@ from transferkit._text import exception_line
 from transferkit.backbones._base import InputSpec
 from transferkit.data.images import load_image
 from transferkit.data.late import raising, replaces_bad_files
-from transferkit.data.sampling import EpochSampler, SeededItems, default_num_workers, mix_seed, quiet_exit_on_sigterm
+from transferkit.data.sampling import EpochSampler, SeededItems, data_loader, default_num_workers, mix_seed
 from transferkit.data.transforms import AUGMENTATIONS, eval_transform
 from transferkit.errors import ConfigError, DataError, check_choice
 
@@ -187,11 +187,11 @@ class DeviceDecodedLoader:
             self.sampler = EpochSampler(n, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
                                         drop_last=drop_last and n > batch_size * world_size, pad=pad)
         workers = default_num_workers(dataset, world_size) if num_workers is None else num_workers
-        self.loader = DataLoader(encoded, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+        self.loader = data_loader(encoded, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  collate_fn=_collate, persistent_workers=workers > 0 and keys is None,
                                  pin_memory=device.type == "cuda",
                                  drop_last=drop_last and len(self.sampler) > batch_size,
-                                 prefetch_factor=4 if workers > 0 else None, worker_init_fn=quiet_exit_on_sigterm)
+                                 prefetch_factor=4 if workers > 0 else None)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -276,9 +276,9 @@ def time_decoders(dataset: Any, spec: InputSpec, *, device: torch.device, batch_
     n = min(len(dataset), (batches + 1) * batch_size)
     part = dataset.view(indices=range(n))
     cpu_ds = part.view(transform=eval_transform(spec))
-    cpu = DataLoader(SeededItems(cpu_ds), batch_size=batch_size, sampler=EpochSampler(n, shuffle=False),
+    cpu = data_loader(SeededItems(cpu_ds), batch_size=batch_size, sampler=EpochSampler(n, shuffle=False),
                      num_workers=num_workers, collate_fn=getattr(cpu_ds, "collate_fn", None),
-                     pin_memory=device.type == "cuda", worker_init_fn=quiet_exit_on_sigterm)
+                     pin_memory=device.type == "cuda")
     dev = DeviceDecodedLoader(part, spec, augment="none", batch_size=batch_size, device=device,
                               num_workers=num_workers)
 

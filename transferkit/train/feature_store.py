@@ -55,13 +55,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from transferkit._io import create_temp, file_digest, file_stat, remove_stale_temps, remove_stale_temps_in
 from transferkit.errors import ConfigError, DataError, OutputError
 from transferkit.data.late import raising, replaces_bad_files
 from transferkit.data.remote import ShardFetchError
-from transferkit.data.sampling import SeededItems, decode_then_compute, in_blocks, mix_seed, quiet_exit_on_sigterm
+from transferkit.data.sampling import SeededItems, data_loader, decode_then_compute, in_blocks, mix_seed
 from transferkit.train.distributed import DistInfo, all_ranks, all_reduce_sum, barrier, broadcast_object
 
 STORE_FORMAT = 1
@@ -619,8 +619,8 @@ def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[t
         mask = np.ones(stop - start, dtype=bool)
         for v in range(store.views):
             loader = batches(start, stop, v) if batches is not None else \
-                DataLoader(_Range(checked, start, stop, v), batch_size=batch_size, shuffle=False,
-                           num_workers=num_workers, collate_fn=_collate, worker_init_fn=quiet_exit_on_sigterm)
+                data_loader(_Range(checked, start, stop, v), batch_size=batch_size, shuffle=False,
+                           num_workers=num_workers, collate_fn=_collate)
             if batches is None and decode_then_compute(loader, device):
                 loader = in_blocks(loader)
             with torch.no_grad():

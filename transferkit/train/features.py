@@ -34,7 +34,7 @@ from transferkit.train.distributed import DistInfo, all_ranks, barrier, gather_r
 from transferkit._io import check_free_space, create_temp, file_digest, remove_stale_temps, reserve_blocks
 from transferkit.data.fingerprint import data_fingerprint, module_fingerprint, quick_fingerprint  # noqa: F401 (public here too)
 from transferkit.errors import OutputError
-from transferkit.data.sampling import decode_then_compute, in_blocks
+from transferkit.data.sampling import data_loader, decode_then_compute, in_blocks
 from transferkit.train.loaders import EpochSampler, make_loader, mix_seed
 
 CACHE_FORMAT = 2
@@ -347,5 +347,5 @@ def feature_loader(store: FeatureStore | torch.Tensor, targets: torch.Tensor | N
     if isinstance(store, torch.Tensor):
         store = FeatureStore(store.numpy()[None], torch.as_tensor(targets).numpy(), key="")
     sampler = EpochSampler(len(store), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
-    return DataLoader(FeatureDataset(store, seed), batch_size=batch_size, sampler=sampler, num_workers=0,
+    return data_loader(FeatureDataset(store, seed), batch_size=batch_size, sampler=sampler, num_workers=0,
                       collate_fn=_batch_identity)

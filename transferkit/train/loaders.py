@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from transferkit.data.sampling import EpochSampler, SeededItems, default_num_workers, mix_seed, quiet_exit_on_sigterm
+from transferkit.data.sampling import EpochSampler, SeededItems, data_loader, default_num_workers, mix_seed
 
 __all__ = ["EpochSampler", "SeededItems", "default_num_workers", "make_loader", "mix_seed"]
 
@@ -40,8 +40,8 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: tor
     sampler = EpochSampler(n, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
                            drop_last=drop_last and n > batch_size * world_size, pad=pad,
                            groups=grouping() if callable(grouping) else None)
-    return DataLoader(SeededItems(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+    return data_loader(SeededItems(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=getattr(dataset, "collate_fn", None),  # audio: pads clips of different lengths
                       pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
                       drop_last=drop_last and len(sampler) > batch_size,
-                      prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=quiet_exit_on_sigterm)
+                      prefetch_factor=4 if num_workers > 0 else None)

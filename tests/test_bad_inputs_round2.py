@@ -283,6 +283,12 @@ def test_an_audio_model_cast_to_double_gets_double_waveforms(tmp_path):
     assert out.dtype == torch.float32
     assert out[0].tolist() == pytest.approx(torch.softmax(w * 0.25 + b, 0).tolist(), abs=1e-6)
 
+    # the model itself, given PCM or float32 clips: its preprocessing hands the trunk its own dtype
+    pcm = torch.full((1, 800), 8192, dtype=torch.int16)  # 0.25 of full scale
+    for clip in (pcm, pcm.float() / 32768, torch.jit.script(AudioPreprocess())(pcm)):
+        assert model(clip)[0].tolist() == pytest.approx((w * 0.25 + b).tolist(), abs=1e-12)
+    assert "dtype_of" not in AudioPreprocess().state_dict()  # checkpoints keep their keys
+
 
 def test_long_audio_is_cropped_at_predict_time_as_in_training(tmp_path):
     spec = InputSpec(kind="audio", sample_rate=8000, clip_seconds=None)

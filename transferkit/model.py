@@ -60,12 +60,22 @@ class AudioPreprocess(nn.Module):
     """Raw waveforms to the audio trunk's input ``[N, T]`` float.
 
     Accepts float waveforms in [-1, 1] or PCM integers (`pcm_to_float`), shaped ``[N, T]``,
-    ``[N, C, T]`` (mixed down to mono) or ``[T]`` (one clip). NaN padding at the end of
-    shorter clips marks their length and is kept (see ``transferkit.data.audio.pad_waveforms``).
+    ``[N, C, T]`` (mixed down to mono) or ``[T]`` (one clip), in the module's dtype (float32
+    unless the module was cast). NaN padding at the end of shorter clips marks their length and
+    is kept (see ``transferkit.data.audio.pad_waveforms``).
+
+    Example:
+        >>> AudioPreprocess().double()(torch.tensor([[-32768, 16384]], dtype=torch.int16))
+        tensor([[-1.0000,  0.5000]], dtype=torch.float64)
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        # no state: it follows ``.double()`` / ``.to(dtype)`` so the output has the model's dtype
+        self.register_buffer("dtype_of", torch.zeros(0), persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = pcm_to_float(x)
+        x = pcm_to_float(x).to(self.dtype_of.dtype)
         if x.dim() == 3:
             x = x.mean(1)
         if x.dim() == 1:

@@ -210,6 +210,9 @@ def test_an_image_size_the_trunk_cannot_run_at_is_refused_before_the_data_are_re
         tk.plan(tk.FinetuneConfig(weights="DEFAULT", **tv))  # the builder refuses another size with its weights
     with pytest.raises(ConfigError, match=r"cannot be built with the options .*'image_size': 64"):
         tk.get_backbone("tv:vit_b_32", weights="DEFAULT", image_size=64)  # (what that advice avoids)
+    with pytest.raises(ConfigError, match=r"Use image_size=224, or choose a backbone that takes 16 px \(the class "
+                                          r"AlexNet takes no input size\)\.$"):
+        tk.plan(tk.FinetuneConfig(backbone="tv:alexnet", weights=None, data=str(tmp_path / "none"), image_size=16))
     fixed = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, stride=2), torch.nn.Flatten(), torch.nn.Linear(2 * 7 * 7, 4))
     own = from_module(fixed, input_spec={"image_size": 16})  # its Linear takes 16 px inputs only
     with pytest.raises(ConfigError, match=r"Use image_size=16, or pass a Backbone built for 32 px\."):

@@ -456,3 +456,77 @@ def test_a_cache_dir_inside_a_folder_of_shards_leaves_it_a_folder_of_shards(tmp_
         b = prepare_data(str(tmp_path / "s"), val_split=0, cache_dir=tmp_path / "s" / "cache")
         assert len(b.train) == 6
     assert (tmp_path / "s" / "cache" / "shard-index").is_dir()
+
+
+def test_shards_moved_whole_keep_their_identity_and_copies_share_their_listing(tmp_path):
+    """A folder of shards renamed keeps its data fingerprint (a resume after staging the data
+    elsewhere goes on); a copy on another node has the listing every rank compares; shards with
+    the same keys and labels but other images have another listing."""
+    import shutil
+
+    from transferkit.data.fingerprint import listing_digest
+
+    folder = make_image_folder(tmp_path / "img", per_class=3)
+    items = _sorted_items(folder)
+    write_shards(items, tmp_path / "a" / "shards", [4, 2])
+    ds = prepare_data(str(tmp_path / "a" / "shards"), val_split=0).train
+    fp, listing = data_fingerprint(ds), listing_digest(ds)
+    shutil.copytree(tmp_path / "a", tmp_path / "copy", copy_function=shutil.copyfile)  # new file times
+    copy = prepare_data(str(tmp_path / "copy" / "shards"), val_split=0).train
+    assert listing_digest(copy) == listing and data_fingerprint(copy) != fp
+    (tmp_path / "a").rename(tmp_path / "moved")
+    moved = prepare_data(str(tmp_path / "moved" / "shards"), val_split=0).train
+    assert data_fingerprint(moved) == fp and listing_digest(moved) == listing
+    other = [(_reencoded(data), "png", c) for data, _, c in items]  # the same keys and labels, other bytes
+    write_shards(other, tmp_path / "other", [4, 2])
+    assert listing_digest(prepare_data(str(tmp_path / "other"), val_split=0).train) != listing
+
+
+def _reencoded(data: bytes) -> bytes:
+    out = io.BytesIO()
+    with Image.open(io.BytesIO(data)) as img:
+        img.resize((img.width + 3, img.height)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_thousands_of_shards_are_read_within_the_open_file_limit(tmp_path):
+    """Every local shard stays readable with more shards than the process may open at once:
+    shards are closed least recently read first; none is taken for a bad file."""
+    import subprocess
+    import sys
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(png, format="PNG")
+    n = 300
+    write_shards([(png.getvalue(), "png", ("a", "b")[k % 2]) for k in range(n)], tmp_path / "s", [1] * n)
+    code = ("import resource, sys, transferkit as tk\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+            "b = tk.data.prepare_data(sys.argv[1], val_split=0)\n"
+            "labels = [b.train[i][1] for i in list(range(len(b.train))) * 2]\n"
+            "print(len(labels), sum(labels), len(b.report.bad_at_load), len(b.train.source._files))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    from transferkit.data.shards import MAX_OPEN_LOCAL
+
+    assert out.stdout.split() == [str(2 * n), str(n), "0", str(MAX_OPEN_LOCAL)]
+
+
+def test_no_file_descriptor_left_is_raised_not_taken_for_a_bad_file(tmp_path, monkeypatch):
+    import errno
+
+    import transferkit.data.shards as shards
+    from transferkit.data.late import OpenFilesError
+
+    folder = make_image_folder(tmp_path / "img", per_class=3)
+    write_shards(_sorted_items(folder), tmp_path / "s", [3, 3])
+    b = prepare_data(str(tmp_path / "s"), val_split=0)
+    assert b.train[0][1] == 0
+
+    def out_of_files(self, i):
+        raise OSError(errno.EMFILE, "Too many open files", self.paths[int(self.shard_of[i])])
+    monkeypatch.setattr(shards.ShardSource, "read", out_of_files)
+    with pytest.raises(OpenFilesError, match=r"Cannot open '.*train-000001.tar:train0000003': Too many open files "
+                                             r"\(errno 24\).*not known to be bad.*ulimit -n"):
+        b.train[3]
+    assert not b.report.bad_at_load

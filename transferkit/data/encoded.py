@@ -46,6 +46,8 @@ class EncodedSource(Protocol):
 
     def fingerprint(self) -> str: ...
 
+    def listing(self) -> str: ...
+
 
 class SampleRef:
     """One sample of a source, as ``samples[i][0]`` gives it: ``str()`` names it
@@ -196,6 +198,16 @@ class EncodedImageDataset(Dataset):
         labels, the decoding size and the selected samples; no sample is read."""
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{type(self.source).__name__}\0{self.source.fingerprint()}\0{self.min_size}\0".encode())
+        h.update("\0".join(self.classes).encode())
+        h.update(self.all_targets.tobytes())
+        h.update(self.indices.tobytes())
+        return h.hexdigest()
+
+    def listing_digest(self) -> str:
+        """What copies of these samples on other machines share (every rank of a job must read
+        the same data): the source's listing (no file times), the labels and the selected samples."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{type(self.source).__name__}\0{self.source.listing()}\0".encode())
         h.update("\0".join(self.classes).encode())
         h.update(self.all_targets.tobytes())
         h.update(self.indices.tobytes())

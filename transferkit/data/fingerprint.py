@@ -8,7 +8,7 @@ import hashlib
 import os
 import re
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -175,19 +175,36 @@ def data_fingerprint(ds: Any) -> str:
     return h.hexdigest()
 
 
+def from_common_folder(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Each path from the deepest folder holding every one of them: what a folder moved or
+    renamed whole keeps, and what copies of it on other machines share.
+
+    Example:
+        >>> from_common_folder(["/data/v1/train/a.tar", "/data/v1/val/b.tar"])
+        ['train/a.tar', 'val/b.tar']
+    """
+    full = [os.path.abspath(p) for p in paths]
+    root = os.path.commonpath([os.path.dirname(f) for f in full]) if full else ""
+    return [os.path.relpath(f, root) for f in full]
+
+
 def _relative(samples: Any) -> Iterator[tuple[Any, Any, str | None]]:
     """``(path, label, rel)`` for ``(path, label)`` samples: ``rel`` is a file's path from the
     deepest folder holding every file (None for an in-memory item)."""
-    full = [os.path.abspath(p) if isinstance(p, (str, os.PathLike)) else None for p, _ in samples]
-    folders = [os.path.dirname(f) for f in full if f is not None]
-    root = os.path.commonpath(folders) if folders else ""
-    for (path, label), f in zip(samples, full):
-        yield path, label, os.path.relpath(f, root) if f is not None else None
+    files = [isinstance(p, (str, os.PathLike)) for p, _ in samples]
+    rel = iter(from_common_folder([p for (p, _), f in zip(samples, files) if f]))
+    for (path, label), f in zip(samples, files):
+        yield path, label, next(rel) if f else None
 
 
 def listing_digest(ds: Any) -> str | None:
     """A hash of a file-based dataset's listing that copies of it share: each file's path
-    (from the folder that holds them all), label and size, no times; None for other datasets."""
+    (from the folder that holds them all), label and size, no times; a dataset with a
+    ``listing_digest()`` method (tar shards, Parquet files, Hugging Face datasets) gives its
+    own; None for other datasets."""
+    own = getattr(ds, "listing_digest", None)
+    if callable(own):
+        return f"{type(ds).__name__}:{own()}"
     samples = getattr(ds, "samples", None)
     if samples is None:
         return None

@@ -50,7 +50,7 @@ from transferkit._io import read_json_object, store_timing
 from transferkit._text import exception_line
 from transferkit.backbones._base import InputSpec
 from transferkit.data.images import load_image
-from transferkit.data.late import raising, replaces_bad_files
+from transferkit.data.late import NOT_BAD_FILES, raising, replaces_bad_files
 from transferkit.data.sampling import EpochSampler, SeededItems, data_loader, default_num_workers, mix_seed
 from transferkit.data.transforms import AUGMENTATIONS, eval_transform
 from transferkit.errors import ConfigError, DataError, check_choice
@@ -225,6 +225,8 @@ class DeviceDecodedLoader:
             else:
                 try:
                     pixels, target = self.raw[index]
+                except NOT_BAD_FILES:
+                    raise
                 except DataError as exc:
                     if not (self.checked and self.masks):
                         raise

@@ -22,6 +22,7 @@ report (found through its ``token``) and hands the loop the plain batch.
 from __future__ import annotations
 
 import copy
+import errno
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -240,10 +241,34 @@ def _reason(exc: DataError) -> str:
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
 
 
+class OpenFilesError(DataError):
+    """A file could not be opened because the process (or the system) has no file
+    descriptor left: the file is not bad, and the next ones would fail too."""
+
+
+# failures that say nothing of the file (it is neither left out nor replaced): raised as they are
+NOT_BAD_FILES = (ShardFetchError, OpenFilesError)
+
+
+def _load(load: Callable[[int], Any], i: int, name: str) -> Any:
+    """``load(i)``, with a failure to open for want of file descriptors raised as what it is."""
+    try:
+        return load(i)
+    except DataError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and cause.errno in (errno.EMFILE, errno.ENFILE):
+            raise OpenFilesError(f"Cannot open {name!r}: {cause.strerror} (errno {cause.errno}): this process holds as "
+                                 "many open files as it may, and the file itself is not known to be bad. Raise the "
+                                 "limit (`ulimit -n`, e.g. to 65536, in the shell that starts the run) or close what "
+                                 "holds the files.") from cause
+        raise
+
+
 def load_or_replace(samples: Sequence[tuple[Any, int]], i: int, load: Callable[[int], Any], *, on_bad_file: str,
                     report: DataReport, known_bad: dict[Any, str]) -> tuple[Any, int]:
     """``(load(i), target)`` for ``samples[i] = (source, target)``. When ``load`` raises a [`DataError`][transferkit.DataError]
-    (other than a remote shard that could not be fetched, which is raised as it is):
+    (other than a remote shard that could not be fetched, or a file that could not be opened for
+    want of file descriptors, which are raised as they are):
     raise it (``on_bad_file="raise"``), or record the file in ``report`` and load the next
     readable sample of the same class instead (of any class when none of its class reads).
     ``known_bad`` remembers failed sources in this process, so they are not decoded again."""
@@ -253,9 +278,9 @@ def load_or_replace(samples: Sequence[tuple[Any, int]], i: int, load: Callable[[
         raise BadFileError(f"Cannot load {source_name(source, i)!r}: {known_bad[key]}")
     if key not in known_bad:
         try:
-            return load(i), target
-        except ShardFetchError:
-            raise  # the shard could not be fetched: its samples are not bad, and the next ones would fail too
+            return _load(load, i, source_name(source, i)), target
+        except NOT_BAD_FILES:
+            raise  # not a bad file (a shard that could not be fetched, no descriptor left): the next would fail too
         except DataError as exc:
             if on_bad_file == "raise":
                 raise BadFileError(str(exc)) from exc
@@ -272,8 +297,8 @@ def load_or_replace(samples: Sequence[tuple[Any, int]], i: int, load: Callable[[
             if kj in known_bad:
                 continue
             try:
-                return load(j), tgt
-            except ShardFetchError:
+                return _load(load, j, source_name(src, j)), tgt
+            except NOT_BAD_FILES:
                 raise
             except DataError as exc:
                 known_bad[kj] = _reason(exc)

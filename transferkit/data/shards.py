@@ -58,6 +58,7 @@ from transferkit._io import atomic_write
 from transferkit._text import plural
 from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_image_stream, holds_data_files
 from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
+from transferkit.data.fingerprint import from_common_folder
 from transferkit.data.remote import ENV_BUDGET, Held, ShardCache, ShardFetchError, fetch_small, is_url, remote_validators
 from transferkit.errors import DataError, check_choice
 
@@ -67,6 +68,7 @@ LABEL_EXTS = ("cls", "txt", "json")
 PADDING_MOST = 64 << 10  # zeros a tar ends with: its end-of-archive blocks and record padding (128 blocks of 512)
 READ_TO_CONFIRM = 1000  # samples of equal signatures read to confirm they are copies (local shards)
 MAX_OPEN_REMOTE = 2  # remote shards one process keeps open (and so out of the cache's eviction)
+MAX_OPEN_LOCAL = 64  # local shards one process keeps open (ImageNet's 1,024+ would pass `ulimit -n`)
 INDEX_THREADS = 8  # remote shards looked up or fetched at once while the indexes are made
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # WebDataset's base_plus_ext
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -520,7 +522,8 @@ class ShardSource:
     """The samples of a list of tar shards (see the module docstring), readable by position:
     ``read(i)`` is one seek and one read in sample ``i``'s shard. A remote shard is read from
     its copy in ``shard_cache``, fetched when absent; a process keeps at most
-    `MAX_OPEN_REMOTE` remote shards open (and out of the cache's eviction)."""
+    `MAX_OPEN_REMOTE` remote shards open (and out of the cache's eviction), and at most
+    `MAX_OPEN_LOCAL` local ones (the least recently read is closed first)."""
 
     def __init__(self, paths: Sequence[str], indexes: Sequence[ShardIndex],
                  shard_cache: ShardCache | None = None) -> None:
@@ -539,15 +542,18 @@ class ShardSource:
         self.shard_cache = shard_cache
         self.nbytes = [ix.nbytes for ix in indexes]
         self.validators = [ix.validators for ix in indexes]
+        # per shard: (where, bytes, version): a local shard's path from the folder holding them
+        # all (a folder moved whole keeps it) and its time, a remote one's URL and validators
+        local = iter(from_common_folder([p for p, remote in zip(self.paths, self.remote) if not remote]))
         self._ident: list[Any] = []
         for p, ix, remote in zip(self.paths, indexes, self.remote):
             if remote:
-                self._ident.append((p, ix.validators, ix.nbytes))
+                self._ident.append((p, ix.nbytes, ix.validators))
             else:
                 st = os.stat(p)
-                self._ident.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
-        self._files: dict[int, Any] = {}
-        self._held: dict[int, Held] = {}  # open remote shards, least recently used first
+                self._ident.append((next(local), st.st_size, st.st_mtime_ns))
+        self._files: dict[int, Any] = {}  # open shards, least recently read first
+        self._held: dict[int, Held] = {}  # open remote shards, least recently read first
         self._pid = os.getpid()
         self._signatures: np.ndarray | None = None  # computed once, see signatures()
 
@@ -565,13 +571,17 @@ class ShardSource:
             for held in self._held.values():
                 held.release()  # this process's copy of the descriptor; the parent keeps its own
             self._files, self._held, self._pid = {}, {}, os.getpid()
-        f = self._files.get(s)
+        f = self._files.pop(s, None)
         if f is None:
             if self.remote[s]:
                 return self._open_remote(s)
-            f = self._files[s] = open(self.paths[s], "rb")
+            local = [t for t in self._files if not self.remote[t]]
+            for t in local[:max(0, len(local) - MAX_OPEN_LOCAL + 1)]:
+                self.close_shard(t)
+            f = open(self.paths[s], "rb")
         elif self.remote[s]:
-            self._held[s] = self._held.pop(s)  # most recently used
+            self._held[s] = self._held.pop(s)  # most recently read
+        self._files[s] = f  # most recently read
         return f
 
     def _open_remote(self, s: int) -> Any:
@@ -654,6 +664,15 @@ class ShardSource:
     def fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps(self._ident).encode())
+        return h.hexdigest()
+
+    def listing(self) -> str:
+        """What copies of these shards share: each shard's place and size, and each sample's
+        key and image size; no file times."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps([ident[:2] for ident in self._ident]).encode())
+        h.update(self.key_bytes.tobytes())
+        h.update(self.sizes.tobytes())
         return h.hexdigest()
 
 

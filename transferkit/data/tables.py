@@ -34,6 +34,7 @@ import numpy as np
 
 from transferkit.data.checks import ON_BAD_FILE, DataReport, holds_data_files
 from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
+from transferkit.data.fingerprint import from_common_folder
 from transferkit.data.shards import named_files
 from transferkit.errors import DataError, check_choice
 
@@ -197,7 +198,8 @@ class ParquetSource:
         self.group_index = np.array([g for _, g, _ in groups], dtype=np.int32)
         self.group_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         stats = [os.stat(f) for f in self.files]
-        self._ident = [(os.path.abspath(f), st.st_size, st.st_mtime_ns) for f, st in zip(self.files, stats)]
+        # (path from the folder holding them all, bytes, time): a folder moved whole keeps it
+        self._ident = [(rel, st.st_size, st.st_mtime_ns) for rel, st in zip(from_common_folder(self.files), stats)]
         self._cache = _RowGroupCache()
         self._keys: list[str] | None = None
 
@@ -256,6 +258,11 @@ class ParquetSource:
     def fingerprint(self) -> str:
         return hashlib.blake2b(json.dumps([self._ident, self.image_column, self.label_column]).encode(),
                                digest_size=16).hexdigest()
+
+    def listing(self) -> str:
+        """What copies of these files share: their places and sizes (no times), and the columns."""
+        return hashlib.blake2b(json.dumps([[i[:2] for i in self._ident], self.image_column,
+                                           self.label_column]).encode(), digest_size=16).hexdigest()
 
 
 def open_parquet(files: str | os.PathLike | Sequence[str], *, classes: Sequence[str] | None = None,
@@ -392,6 +399,9 @@ class HFSource:
         if not fp:
             raise DataError("The Hugging Face dataset has no fingerprint; save it (save_to_disk) and pass the folder.")
         return f"{fp}:{self.image_column}:{self.label_column}"
+
+    def listing(self) -> str:
+        return self.fingerprint()  # the datasets library's identity: the same for a copy of the table
 
 
 def open_hf(data: Any, *, classes: Sequence[str] | None = None, min_size: int | None = None,

@@ -59,8 +59,7 @@ from torch.utils.data import Dataset
 
 from transferkit._io import create_temp, file_digest, file_stat, remove_stale_temps, remove_stale_temps_in
 from transferkit.errors import ConfigError, DataError, OutputError
-from transferkit.data.late import raising, replaces_bad_files
-from transferkit.data.remote import ShardFetchError
+from transferkit.data.late import NOT_BAD_FILES, raising, replaces_bad_files
 from transferkit.data.sampling import SeededItems, data_loader, decode_then_compute, in_blocks, mix_seed
 from transferkit.train.distributed import DistInfo, all_ranks, all_reduce_sum, barrier, broadcast_object
 
@@ -558,8 +557,8 @@ class _Checked(Dataset):
         try:
             x, y = self.seeded[key]
             return i, x, y, ""
-        except ShardFetchError:
-            raise  # a remote shard that could not be fetched: its samples are not bad
+        except NOT_BAD_FILES:
+            raise  # a remote shard that could not be fetched, no file descriptor left: its samples are not bad
         except DataError as exc:
             if not self.masks:
                 raise

@@ -239,6 +239,10 @@ def test_a_dataset_s_own_class_names_are_matched_by_name(tmp_path):
     assert dataset_targets(b.train) == [1, 1, 0, 0]
     renamed = prepare_data(torchvision.datasets.ImageFolder(str(tr)), classes=["a", "b", "c"], val_split=0)
     assert dataset_targets(renamed.train) == [0, 0, 1, 1, 2, 2]  # no shared name: classes= names the labels
+    ids = make_image_folder(tmp_path / "ids", classes=("n01", "n02"), per_class=1)
+    with pytest.raises(tk.DataError, match=r"The classes of the validation dataset \(\['n01', 'n02'\]\) include no "
+                                           r"class of the training data"):  # not read as 'ant' and 'bee'
+        prepare_data(torchvision.datasets.ImageFolder(str(tr)), val_data=torchvision.datasets.ImageFolder(str(ids)))
     # the order is part of the data's identity (cached features carry their targets)
     same = [prepare_data(torchvision.datasets.ImageFolder(str(tr)), classes=c, val_split=0).train
             for c in (["ant", "bee", "cat"], ["cat", "bee", "ant"])]

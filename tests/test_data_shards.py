@@ -186,6 +186,20 @@ def test_validation_shards_are_read_by_their_own_class_names(tmp_path):
         write_shards(items, tmp_path / "bad", [6], prefix="val", classes=["cat", "ant", "bee"])
         (tmp_path / "bad" / "_info.json").write_text(json.dumps({"classes": ["cat", "ant"]}))
         prepare_data(str(tmp_path / "tr"), val_data=str(tmp_path / "bad"))
+    # names that share nothing with the training classes (WordNet ids beside readable names) cannot be matched
+    write_shards(items, tmp_path / "ids", [6], prefix="val")
+    (tmp_path / "ids" / "_info.json").write_text(json.dumps({"classes": ["n01", "n02", "n03"]}))
+    with pytest.raises(tk.DataError, match=r"The classes of the validation shards \(\['n01', 'n02', 'n03'\]\) include "
+                                           r"no class of the training data \(\['ant', 'bee', 'cat'\]\)"):
+        prepare_data(str(tmp_path / "tr"), val_data=str(tmp_path / "ids"))
+    (tmp_path / "ids" / "_info.json").unlink()  # no names of their own: their indices are the training classes'
+    assert prepare_data(str(tmp_path / "tr"), val_data=str(tmp_path / "ids")).val.targets == [0, 0, 1, 1, 2, 2]
+    (tmp_path / "tr" / "_info.json").unlink()  # training classes known by index: validation read by index, said
+    with pytest.warns(UserWarning, match=r"The training data name no classes .* read as the same indices"):
+        assert prepare_data(str(tmp_path / "tr"), val_data=str(tmp_path / "va")).val.targets == [2, 2, 1, 1, 0, 0]
+    # for training data, classes= names the indices of shards whose own names it does not share
+    renamed = prepare_data(str(tmp_path / "va" / "val-000000.tar"), classes=["x", "y", "z"], val_split=0)
+    assert renamed.train.targets == [2, 2, 1, 1, 0, 0]
 
 
 def test_a_class_index_of_minus_one_is_refused_not_dropped(tmp_path):

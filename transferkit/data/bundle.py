@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from transferkit.data.checks import DataReport, find_duplicates, warn_copies_across_classes
 from transferkit.data.folders import find_split_folders, warn_split_like_classes
-from transferkit.data.encoded import EncodedImageDataset
+from transferkit.data.encoded import READ_BY_INDEX, EncodedImageDataset, index_names, no_shared_class
 from transferkit.data.images import (ImageFolderDataset, TransformedDataset, check_image_tensor, class_index,
                                      dataset_classes, dataset_targets, image_from_array)
 from transferkit.data.shards import confirmed_copies, copies_said, shard_list
@@ -136,11 +136,14 @@ def _relabel(own: list[str], classes: list[str] | None, what: str, report: DataR
     labels index ``own``; matched by name, so that another order or a subset reads each item
     as its class), -1 for a class that ``classes`` leaves out (its items are left out, with a
     warning); None when ``classes`` is None, the same list, or shares no name with ``own``
-    (``classes`` then names the dataset's labels in their order)."""
+    (``classes=`` for training data then names the dataset's labels in their order; validation
+    data read against the training classes are refused)."""
     if classes is None or list(own) == list(classes):
         return None
     left_out = [c for c in own if c not in classes]
     if len(left_out) == len(own):
+        if what != "training" and list(classes) != index_names(len(classes)):
+            raise no_shared_class(own, classes, f"the {what} dataset")
         return None
     mapping = [classes.index(c) if c in classes else -1 for c in own]
     if mapping == list(range(len(own))):  # the same classes, more after them: nothing to relabel
@@ -276,7 +279,7 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
     targets = dataset_targets(train)
     named = bool(names)
     if not names:  # indices as names: they match no other data's names
-        names = [str(i) for i in range(max(targets) + 1)]
+        names = index_names(max(targets) + 1)
     bad = sorted({t for t in targets if not 0 <= t < len(names)})
     if bad:
         raise DataError(f"Training labels {bad[:5]} are outside 0..{len(names) - 1} for classes {names[:10]}.")
@@ -296,11 +299,9 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
     val = None
     if val_data is not None:
         val = _as_dataset(val_data, names if named else None, min_size, "validation", report, **checks)
-        if not named and (getattr(val, "classes", None) or dataset_classes(getattr(val, "base", None))):
-            report.warn("The training data name no classes (they are named by index: '0', '1', ...), so the "
-                        "validation data's class names cannot be matched to them: the validation labels are read "
-                        "as the same indices. Give classes=[...] (the names of the training labels in index order) "
-                        "to match them by name.")
+        own = getattr(val, "classes", None) or dataset_classes(getattr(val, "base", None))
+        if own and (not named or names == index_names(len(names)) and not set(own) & set(names)):
+            report.warn(READ_BY_INDEX)
         if not isinstance(val, ImageFolderDataset):
             report.merge(getattr(val, "report", DataReport()))
         vt = dataset_targets(val)

@@ -284,6 +284,21 @@ def test_folder_with_train_and_val_shards_validates_on_val(tmp_path):
         prepare_data(str(s))
 
 
+def test_a_pattern_naming_training_and_validation_shards_says_it_trains_on_both(tmp_path):
+    folder = make_image_folder(tmp_path / "img", per_class=5)
+    items = folder_items(folder)
+    write_shards(items[:7], tmp_path / "s", [4, 3], prefix="train")
+    write_shards(items[7:], tmp_path / "s", [3], prefix="val")
+    for data in (str(tmp_path / "s" / "*.tar"), sorted(str(p) for p in (tmp_path / "s").glob("*.tar"))):
+        with pytest.warns(UserWarning, match=r"The training shards hold 1 shard named as held-out data "
+                                             r"\(val-000000.tar\), and they are trained on.*pass the folder"):
+            assert len(prepare_data(data, val_split=0).train) == 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the folder splits itself; a pattern of training shards says nothing
+        assert len(prepare_data(str(tmp_path / "s")).train) == 7
+        assert len(prepare_data(str(tmp_path / "s" / "train-*.tar"), val_split=0).train) == 7
+
+
 def test_a_split_named_inside_a_shard_s_name_is_that_split(tmp_path):
     """imagenet-train-0000.tar / imagenet-val-0000.tar, trainval + test: the split is named as a
     word anywhere in the name; shards left unused, or held-out ones trained on, are named."""

@@ -18,7 +18,7 @@ from transferkit.data.folders import find_split_folders, warn_split_like_classes
 from transferkit.data.encoded import READ_BY_INDEX, EncodedImageDataset, index_names, no_shared_class
 from transferkit.data.images import (ImageFolderDataset, TransformedDataset, check_image_tensor, class_index,
                                      dataset_classes, dataset_targets, image_from_array)
-from transferkit.data.shards import confirmed_copies, copies_said, shard_list
+from transferkit.data.shards import confirmed_copies, copies_said, shard_list, warn_held_out_listed
 from transferkit.data.sources import open_encoded, shared_shards, split_encoded
 from transferkit._text import plural
 from transferkit.errors import DataError
@@ -165,6 +165,7 @@ def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple
         >>> resolve_split_folders("no/such/folder", None, DataReport())
         ('no/such/folder', None)
     """
+    warn_held_out_listed(data, report)
     if val_data is not None:  # data that hold both splits give their own side
         data, val_data = _one_split(data, 0, report=report), _one_split(val_data, 1)
         shared = shared_shards(data, val_data)

@@ -245,6 +245,24 @@ def split_shard_folder(folder: str | Path, report: DataReport | None = None) -> 
     return None
 
 
+def warn_held_out_listed(data: Any, report: DataReport) -> None:
+    """Warn when training shards named by a pattern or a list (not a folder, which splits
+    itself: `split_shard_folder`) hold shards named as training data and shards named as
+    validation or test data: every one of them is trained on."""
+    if isinstance(data, (str, os.PathLike)) and os.path.isdir(str(data)):
+        return
+    try:
+        shards = shard_list(data) or []
+    except DataError:  # a missing or refused shard is reported when the data are opened
+        return
+    held = [os.path.basename(s) for s in shards if shard_split(s) in ("val", "test")]
+    if held and any(shard_split(s) == "train" for s in shards):
+        report.warn(f"The training shards hold {plural(len(held), 'shard')} named as held-out data "
+                    f"({', '.join(held[:5])}{' ...' if len(held) > 5 else ''}), and they are trained on. Name the "
+                    "training shards only (e.g. train-*.tar), or pass the folder that holds them: it trains on its "
+                    "train shards and validates on the others.")
+
+
 # -- the member index of one shard ------------------------------------------------------
 @dataclass
 class ShardIndex:

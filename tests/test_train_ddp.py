@@ -379,3 +379,32 @@ def test_copies_of_a_folder_share_their_listing_and_a_renamed_file_does_not(imag
     first = next(copy.rglob("*.png"))
     first.rename(first.with_name("renamed.png"))
     assert listing_digest(ImageFolderDataset(copy)) != listing_digest(ImageFolderDataset(images))
+
+
+def test_an_interruption_after_another_rank_failed_names_that_failure(monkeypatch):
+    """torchrun sends SIGTERM to the other ranks once one has failed and exited: a rank
+    interrupted so says why the job stops (the failed rank's error), not only "Interrupted";
+    when every rank was interrupted (a scheduler's SIGTERM), each keeps its own interruption."""
+    import itertools
+
+    import transferkit.train.distributed as distributed
+
+    store = torch.distributed.HashStore()
+    monkeypatch.setattr(distributed, "_store_for", lambda info: store)
+    monkeypatch.setattr(distributed, "_generation", itertools.count(7))
+    info = DistInfo(rank=0, world_size=2)
+
+    def interrupted_after(first: str) -> BaseException:
+        try:
+            with rank_guard(info, grace_s=60):
+                store.compare_set(f"transferkit/rank_guard/{next(keys)}/first", "", first)
+                raise tk.TrainingInterrupted("Interrupted (SIGTERM). Training had not started.", None)
+        except BaseException as exc:  # noqa: BLE001 - a KeyboardInterrupt, caught to be looked at
+            return exc
+        raise AssertionError("rank_guard swallowed the interruption")
+    keys = itertools.count(7)
+    said = interrupted_after("rank 1 failed: BadFileError: bad.png")
+    assert isinstance(said, distributed.DistributedError) and str(said).startswith(
+        "Rank 0 stops because rank 1 failed: BadFileError: bad.png (here: TrainingInterrupted: Interrupted"), said
+    assert isinstance(interrupted_after("rank 1 failed: TrainingInterrupted: Interrupted (SIGTERM)."),
+                      tk.TrainingInterrupted)

@@ -353,6 +353,23 @@ _generation = itertools.count()
 _failed = threading.Event()  # this process recorded or saw a rank's failure: skip the exit barrier
 
 
+def _interruption(exc: BaseException) -> bool:
+    """Ctrl-C or a signal (`TrainingInterrupted` is a ``KeyboardInterrupt``)."""
+    return isinstance(exc, KeyboardInterrupt)
+
+
+def _said_interrupted(failure: str) -> bool:
+    """Whether a ``"rank R failed: <Type>: ..."`` record (`_describe`) is an interruption: every
+    rank of a job stopped by a scheduler's SIGTERM keeps its own.
+
+    Example:
+        >>> _said_interrupted("rank 1 failed: TrainingInterrupted: Interrupted (SIGTERM).")
+        True
+    """
+    kind = failure.split(" failed: ", 1)[-1].split(":", 1)[0]
+    return kind in ("KeyboardInterrupt", "TrainingInterrupted")
+
+
 def _describe(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= 2000 else text[:2000] + "..."
@@ -461,7 +478,9 @@ def rank_guard(info: DistInfo, *, poll_s: float = 0.25, grace_s: float = 2.0) ->
             first = store.compare_set(prefix + "first", "", mine).decode()
         except Exception:  # the store is gone (the job is ending): report this rank's own error
             first = mine
-        if first != mine and isinstance(exc, RuntimeError):
+        # a collective that failed as the failed rank left, or the SIGTERM torchrun sends the
+        # other ranks when one exits: this rank stops because of the first failure, said as such
+        if first != mine and (isinstance(exc, RuntimeError) or _interruption(exc) and not _said_interrupted(first)):
             raise DistributedError(f"Rank {info.rank} stops because {first} "
                                    f"(here: {_describe(exc)}).") from exc
         if isinstance(exc, RuntimeError) and _peer_gone(exc):

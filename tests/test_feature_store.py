@@ -150,6 +150,7 @@ def test_bad_sample_is_masked_and_reported_not_a_reason_to_discard(tmp_path):
     assert y.tolist() == ds.targets
     rep = store.report()
     assert rep["masked_samples"] == 1 and "train0000003" in rep["masked"][0]
+    assert "on_bad_file" not in rep["masked"][0], rep["masked"]  # why it failed; not advice the run already follows
     hb = store.batches(4, memory_budget=1 << 30)
     assert sum(len(b[1]) for b in hb) == 11  # the masked sample is not trained on
 

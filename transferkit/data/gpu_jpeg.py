@@ -50,7 +50,7 @@ from transferkit._io import read_json_object, store_timing
 from transferkit._text import exception_line
 from transferkit.backbones._base import InputSpec
 from transferkit.data.images import load_image
-from transferkit.data.late import NOT_BAD_FILES, raising, replaces_bad_files
+from transferkit.data.late import NOT_BAD_FILES, bad_file_reason, raising, replaces_bad_files
 from transferkit.data.sampling import EpochSampler, SeededItems, data_loader, default_num_workers, mix_seed
 from transferkit.data.transforms import AUGMENTATIONS, eval_transform
 from transferkit.errors import ConfigError, DataError, check_choice
@@ -231,7 +231,7 @@ class DeviceDecodedLoader:
                     if not (self.checked and self.masks):
                         raise
                     name = str(self.raw.samples[index][0])  # as the CPU extraction names it
-                    out_items.append((index, None, target, f"{name}: {str(exc).splitlines()[0]}"))
+                    out_items.append((index, None, target, f"{name}: {bad_file_reason(exc)}"))
                     continue
                 img = pixels.to(self.device)
             out_items.append((index, img, target, ""))

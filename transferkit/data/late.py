@@ -241,6 +241,14 @@ def _reason(exc: DataError) -> str:
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
 
 
+def bad_file_reason(exc: DataError) -> str:
+    """Why a file failed, without the reader's advice on ``on_bad_file`` (a masked sample is
+    listed in a run that already leaves bad files out): the reader's own error, as the
+    replaced files are recorded (`load_or_replace`)."""
+    inner = exc.__cause__ if isinstance(exc, BadFileError) and isinstance(exc.__cause__, DataError) else exc
+    return _reason(inner).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 class OpenFilesError(DataError):
     """A file could not be opened because the process (or the system) has no file
     descriptor left: the file is not bad, and the next ones would fail too."""

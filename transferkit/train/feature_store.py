@@ -59,7 +59,7 @@ from torch.utils.data import Dataset
 
 from transferkit._io import create_temp, file_digest, file_stat, remove_stale_temps, remove_stale_temps_in
 from transferkit.errors import ConfigError, DataError, OutputError
-from transferkit.data.late import NOT_BAD_FILES, raising, replaces_bad_files
+from transferkit.data.late import NOT_BAD_FILES, bad_file_reason, raising, replaces_bad_files
 from transferkit.data.sampling import SeededItems, data_loader, decode_then_compute, in_blocks, mix_seed
 from transferkit.train.distributed import DistInfo, all_ranks, all_reduce_sum, barrier, broadcast_object
 
@@ -565,7 +565,7 @@ class _Checked(Dataset):
             samples = getattr(self.base, "samples", None)
             name = str(samples[i][0]) if samples is not None else f"item {i}"
             target = samples[i][1] if samples is not None else -1
-            return i, None, target, f"{name}: {str(exc).splitlines()[0]}"
+            return i, None, target, f"{name}: {bad_file_reason(exc)}"
 
 
 class _Range(Dataset):

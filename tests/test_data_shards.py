@@ -381,6 +381,8 @@ def test_a_shard_that_a_tar_reader_would_end_early_is_a_bad_shard(tmp_path):
             prepare_data(str(tmp_path / name), val_split=0, on_bad_file="raise")
         bundle = _quiet(prepare_data, [str(a), str(tmp_path / name)], val_split=0)
         assert len(bundle.train) == 4 and bundle.report.bad_files[0][0] == str(tmp_path / name)
+        assert [w.split(":")[0] for w in bundle.report.warnings if name in w] == [f"Left out the shard "
+                                                                                   f"{str(tmp_path / name)!r}"]
     (tmp_path / "padded.tar").write_bytes(raw + bytes(30_000))  # record padding of a larger blocking factor
     assert len(prepare_data(str(tmp_path / "padded.tar"), val_split=0, on_bad_file="raise").train) == 4
 

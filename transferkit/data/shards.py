@@ -854,9 +854,10 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
             pool.shutdown(wait=True, cancel_futures=True)  # a fetch failed: start no other
             raise
         pool.shutdown()
-    indexes = []
+    indexes, left_out = [], set()
     for p, ix in zip(shards, found):
         if isinstance(ix, DataError):
+            left_out.add(p)
             if on_bad_file == "raise":
                 raise ix
             report.bad_files.append((p, str(ix)))
@@ -870,7 +871,7 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
                     f"({_size(shard_cache.budget)}, {ENV_BUDGET}): training draws them shard by shard (the "
                     "shards in a seeded order, the samples shuffled within each) so that each is fetched about once "
                     f"per epoch. Set {ENV_BUDGET} above their size for a global shuffle.")
-    empty = [p for p, ix in zip(shards, indexes) if not ix.keys]
+    empty = [p for p, ix in zip(shards, indexes) if not ix.keys and p not in left_out]  # bad ones said above
     if empty:
         report.warn(f"{len(empty)} of the {len(shards)} {what} shard(s) hold no sample, e.g. {empty[:3]}.")
     if not _warn_repeated_shards(shards, indexes, what, report):

@@ -151,6 +151,9 @@ def test_bad_sample_is_masked_and_reported_not_a_reason_to_discard(tmp_path):
     rep = store.report()
     assert rep["masked_samples"] == 1 and "train0000003" in rep["masked"][0]
     assert "on_bad_file" not in rep["masked"][0], rep["masked"]  # why it failed; not advice the run already follows
+    reopened = ShardedFeatureStore.open(tmp_path / "c", "k", num_samples=12, part_size=5, dim=3)
+    assert reopened.report()["masked"] == rep["masked"]  # another run or rank reading the store names it too
+    assert reopened.masked_reasons() == {3: rep["masked"][0]}
     hb = store.batches(4, memory_budget=1 << 30)
     assert sum(len(b[1]) for b in hb) == 11  # the masked sample is not trained on
 

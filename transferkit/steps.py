@@ -236,7 +236,7 @@ def _report_masked(store: Any, ds: Any, report: Any, on_bad_file: str = "skip") 
     """Every masked sample of ``store`` into the data report (this run's and those of the
     parts it reused), once per file, with a warning; with ``on_bad_file="raise"``, a masked
     sample of a reused part stops the run, as the file would when read."""
-    why = {i: reason for i, reason in store.masked}
+    why = store.masked_reasons()
     samples = getattr(ds, "samples", None)
     for i in store.masked_indices():
         name = str(samples[i][0]) if samples is not None else f"item {i}"

@@ -4,7 +4,7 @@ The store of one key is a folder ``<directory>/<key>/`` of *parts*: part ``p`` h
 samples ``[p * part_size, min((p + 1) * part_size, num_samples))``, in
 ``part-<p>/features.npy`` (``[views, rows, dim]``), ``targets.npy`` and ``mask.npy``
 (True where the sample could be read), with ``part.json`` recording the files' digests and
-stats and the part's masked count. A part is
+stats and the part's masked samples (how many, and their names with why). A part is
 written into a temporary folder and renamed when complete, so it is either there whole or
 not at all:
 
@@ -17,8 +17,8 @@ not at all:
   ``float16``, or ``bfloat16`` (as raw ``uint16`` in the ``.npy`` file, half the bytes of
   ``float32``; `ShardedFeatureStore.load` gives them back as ``torch.bfloat16``).
 - **Bad samples.** A sample that cannot be read gets a zero row and ``mask = False``; it is
-  listed in ``report()["masked"]`` and left out of head training, instead of discarding the
-  store.
+  listed in ``report()["masked"]`` (by every process and run that reads the store) and left
+  out of head training, instead of discarding the store.
 - **Disk.** Free space is checked before each part is written (an
   `OutputError` says how much is needed).
 - **Memory.** Extraction holds one part at a time: its peak memory does not grow with the
@@ -49,7 +49,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +129,6 @@ class ShardedFeatureStore:
         self.dim, self.views, self.dtype = int(meta["dim"]), int(meta["views"]), str(meta["dtype"])
         self.reused_parts = sorted(present)  # committed before this process opened the store
         self.computed_parts: list[int] = []  # written by this process
-        self.masked: list[tuple[int, str]] = []  # (sample, name) masked by this process
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
@@ -247,10 +246,12 @@ class ShardedFeatureStore:
         t = t.contiguous()
         return (t.view(torch.int16).numpy().view(np.uint16) if want == torch.bfloat16 else t.numpy())
 
-    def write_part(self, p: int, feats: Any, targets: Any, mask: Any = None) -> None:
+    def write_part(self, p: int, feats: Any, targets: Any, mask: Any = None,
+                   masked: Sequence[tuple[int, str]] = ()) -> None:
         """Commit part ``p``: ``feats`` ``[rows, dim]`` (or ``[views, rows, dim]``) in the store's
         dtype, ``targets`` ``[rows, ...]``, ``mask`` ``[rows]`` (True: the sample was read; default
-        all True). Written to a temporary folder, then renamed; free space checked first."""
+        all True), ``masked``: ``(sample, name and why)`` of the masked samples. Written to a temporary
+        folder, then renamed; free space checked first."""
         start, stop = self.part_range(p)
         rows = stop - start
         arr = self._as_stored(feats, rows)
@@ -278,6 +279,7 @@ class ShardedFeatureStore:
             np.save(tmp / "mask.npy", m)
             names = ("features.npy", "targets.npy", "mask.npy")
             info = {"part": p, "start": start, "stop": stop, "masked": int((~m).sum()),
+                    "masked_samples": [[int(i), why] for i, why in masked],
                     "digests": {n: file_digest(tmp / n) for n in names},
                     "stats": {n: file_stat(tmp / n) for n in names}}  # kept by the rename below
             (tmp / "part.json").write_text(json.dumps(info))
@@ -329,15 +331,22 @@ class ShardedFeatureStore:
     def report(self) -> dict[str, Any]:
         """``samples``, ``shards`` (parts), ``part_size``, ``computed`` / ``reused`` (parts written
         by this process / found committed), ``dtype``, ``bytes`` (on disk), ``bytes_per_sample``,
-        ``masked`` (the samples this process could not read, with why) and ``masked_samples``
-        (how many samples of the whole store are masked)."""
+        ``masked`` (the samples of the whole store that could not be read, with why) and
+        ``masked_samples`` (how many)."""
         n = self.nbytes
-        infos = [self._part_info(p) for p in range(self.num_parts)]
-        masked_total = sum(int(i.get("masked", 0)) for i in infos if i is not None)
+        infos = [i for i in (self._part_info(p) for p in range(self.num_parts)) if i is not None]
+        masked_total = sum(int(i.get("masked", 0)) for i in infos)
         return {"samples": self.num_samples, "shards": self.num_parts, "part_size": self.part_size,
                 "computed": len(self.computed_parts), "reused": len(self.reused_parts), "dtype": self.dtype,
                 "bytes": n, "bytes_per_sample": n / self.num_samples, "views": self.views,
-                "masked": [name for _, name in self.masked], "masked_samples": masked_total, "path": str(self.path)}
+                "masked": list(self.masked_reasons().values()), "masked_samples": masked_total,
+                "path": str(self.path)}
+
+    def masked_reasons(self) -> dict[int, str]:
+        """``{sample: name and why}`` of the masked samples of every committed part, whichever
+        process or run wrote it."""
+        infos = [self._part_info(p) for p in range(self.num_parts)]
+        return {int(i): why for info in infos if info is not None for i, why in info.get("masked_samples", [])}
 
     def masked_indices(self) -> list[int]:
         """The samples of the whole store (every committed part) that could not be read."""
@@ -593,8 +602,8 @@ def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[t
     (``x`` batch -> ``[B, dim]`` features, in the store's dtype or converted to it). View
     ``v`` of a store with several views draws each item's random transforms as epoch ``v``
     of a loader with this ``seed`` would (`transferkit.data.sampling.SeededItems`). A sample
-    that raises a [`DataError`][transferkit.DataError] is masked and recorded in
-    ``store.masked``. ``batches(start, stop, view)``: the items ``start..stop`` of ``view``
+    that raises a [`DataError`][transferkit.DataError] is masked and recorded in its part
+    (`ShardedFeatureStore.masked_reasons`). ``batches(start, stop, view)``: the items ``start..stop`` of ``view``
     in batches of ``(index, x or None, y, why)`` from another decoder (e.g.
     `transferkit.data.gpu_jpeg.DeviceDecodedLoader` with ``checked=True``) instead of a
     DataLoader over ``dataset``; ``device``: where ``forward`` computes (on a CPU whose cores
@@ -616,6 +625,7 @@ def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[t
         feats = torch.zeros((store.views, stop - start, store.dim), dtype=want)
         targets: list[Any] = [None] * (stop - start)
         mask = np.ones(stop - start, dtype=bool)
+        masked: list[tuple[int, str]] = []
         for v in range(store.views):
             loader = batches(start, stop, v) if batches is not None else \
                 data_loader(_Range(checked, start, stop, v), batch_size=batch_size, shuffle=False,
@@ -629,14 +639,14 @@ def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[t
                         targets[i - start] = y
                         if x is None and mask[i - start]:
                             mask[i - start] = False
-                            store.masked.append((i, why))
+                            masked.append((i, why))
                     if good:
                         out = forward(stack([it[1] for it in good]))
                         rows = torch.tensor([it[0] - start for it in good])
                         feats[v, rows] = out.detach().to("cpu", want)
                     if progress is not None:
                         progress.update(len(items))
-        store.write_part(p, feats, torch.stack([torch.as_tensor(t) for t in targets]), mask)
+        store.write_part(p, feats, torch.stack([torch.as_tensor(t) for t in targets]), mask, masked)
         done.append(p)
     return done
 

@@ -63,12 +63,17 @@ def images(tmp_path_factory):
 
 
 def test_the_cli_under_torchrun_prints_one_result(images, tmp_path):
-    """Every rank returned the result, and each printed it: stdout held two JSON objects."""
-    proc = torchrun(images, tmp_path, args=["-m", "transferkit", "finetune", "--data", str(images), "--backbone",
+    """Every rank returned the result, and each printed it: stdout held two JSON objects. What
+    the data check finds is said once, not once per rank."""
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    next(data.rglob("*.png")).write_bytes(b"not an image")  # found by the quick scan, on every rank
+    proc = torchrun(images, tmp_path, args=["-m", "transferkit", "finetune", "--data", str(data), "--backbone",
                                             "tk:small_cnn", "--weights", "none", "--image-size", "16", "--epochs",
                                             "1", "--batch-size", "4", "--device", "cpu", "--set", "num_workers=0"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best" in json.loads(proc.stdout)  # one object: json.loads refuses a second
+    assert proc.stderr.count("Left out 1 bad image file") == 1, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

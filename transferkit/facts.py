@@ -20,6 +20,7 @@ import hashlib
 import inspect
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,10 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
     bb = _own_backbone(cfg, load_weights=load_weights)
     spec = resolve_input_spec(bb.input_spec, cfg.image_size)
     check_runs_at(bb, spec, by_name=isinstance(cfg.backbone, str), weights=cfg.weights)
-    bundle, n_out = _data(cfg, spec)
+    with warnings.catch_warnings():
+        if not info.is_main:  # every rank reads the same data (checked next): rank 0 says what it found
+            warnings.simplefilter("ignore")
+        bundle, n_out = _data(cfg, spec)
     _check_same_data(bundle, info, cfg)
     bf16, why = device_bf16(dev)
     device = DeviceFacts(device=str(dev), type=dev.type, rank=info.rank, world_size=info.world_size,

@@ -184,6 +184,12 @@ def test_cache_key_covers_trunk_not_head(split_folders, tmp_path):
     edited = [_edited_trunk(k) for k in (0, 0, 1)]
     assert repr(edited[0]) == repr(edited[2]) and module_fingerprint(edited[0]) == module_fingerprint(edited[1])
     assert module_fingerprint(edited[0]) != module_fingerprint(edited[2])
+    # and so are the same modules and weights with another plain setting that the repr does not show
+    pools = [tk.get_backbone("timm:vit_tiny_patch16_224", weights=None, img_size=16, depth=1, global_pool=g)
+             for g in ("avg", "max")]
+    pools[1].trunk.load_state_dict(pools[0].trunk.state_dict())
+    assert repr(pools[0].trunk) == repr(pools[1].trunk)
+    assert module_fingerprint(pools[0].trunk) != module_fingerprint(pools[1].trunk)
     keys = [_key(_plan(split_folders / "train", backbone=from_module(t, input_spec={"image_size": 16}, name="mine"),
                        **data)) for t in edited]
     assert keys[0] == keys[1] != keys[2]

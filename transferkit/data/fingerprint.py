@@ -25,12 +25,14 @@ def _hash_tensor(h: Any, t: torch.Tensor) -> None:
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
-    """A hash of ``module``'s structure (`module_structure`), of the code of its module classes
-    (`module_code`) and of every parameter and buffer (names, dtypes, shapes, values): two
-    trunks with the same weights that compute differently (another pooling, another
-    activation, an edited ``forward``) get different fingerprints."""
+    """A hash of ``module``'s structure (`module_structure`), of each submodule's plain settings
+    (`module_settings`), of the code of its module classes (`module_code`) and of every
+    parameter and buffer (names, dtypes, shapes, values): two trunks with the same weights
+    that compute differently (another pooling, another activation, an edited ``forward``) get
+    different fingerprints."""
     h = hashlib.blake2b(digest_size=16)
     h.update(module_structure(module).encode())
+    h.update(module_settings(module).encode())
     h.update(module_code(module).encode())
     for name, t in module.state_dict().items():
         h.update(name.encode())
@@ -43,6 +45,29 @@ def module_structure(module: torch.nn.Module) -> str:
     sizes, strides, pooling type, activation, ...), with any memory address blanked so that it
     is the same in every process."""
     return blank_addresses(repr(module))
+
+
+def module_settings(module: torch.nn.Module) -> str:
+    """Each submodule's public attributes that hold plain values (strings, numbers, booleans,
+    None, and tuples or lists of them), by name: settings a ``forward`` reads that its
+    ``repr`` may not show (timm's ``global_pool='avg'`` or ``'max'`` on a ViT). The train/eval
+    flag is left out (the frozen pass runs in eval mode whatever the module was left in).
+
+    Example:
+        >>> import torch
+        >>> pool = torch.nn.Identity()
+        >>> before = module_settings(pool)
+        >>> pool.mode = "max"
+        >>> module_settings(pool) == before
+        False
+    """
+    def plain(v: Any) -> bool:
+        return isinstance(v, _PLAIN) or isinstance(v, (tuple, list)) and all(isinstance(x, _PLAIN) for x in v)
+    h = hashlib.blake2b(digest_size=16)
+    for name, m in module.named_modules():
+        shown = sorted((k, v) for k, v in vars(m).items() if not k.startswith("_") and k != "training" and plain(v))
+        h.update(f"{name}:{shown!r}\n".encode())
+    return h.hexdigest()
 
 
 def module_code(module: torch.nn.Module) -> str:

@@ -921,3 +921,22 @@ def test_auto_does_not_compile_a_pass_over_clips_of_different_lengths():
     assert varying.startswith("clips of different lengths")
     assert facts(InputSpec(kind="audio", sample_rate=8000, clip_seconds=1.0))["available"]["compile"] is None
     assert facts(InputSpec(kind="image", image_size=32))["available"]["compile"] is None
+
+
+def test_an_interrupted_import_is_an_interruption_not_a_missing_engine(monkeypatch):
+    """Ctrl-C while onnxruntime's C extension loads surfaces as ImportError('initialization
+    failed') caused by the interrupt: the run stops as interrupted; onnxruntime is not called
+    missing (under auto the run would go on on eager, and a forced engine would be refused)."""
+    real = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("initialization failed") from KeyboardInterrupt()
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    caught: BaseException | None = None
+    try:
+        eng.engine_availability("cpu")
+    except BaseException as exc:  # noqa: BLE001 - a KeyboardInterrupt, caught to be looked at
+        caught = exc
+    assert isinstance(caught, KeyboardInterrupt), caught

@@ -21,6 +21,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def raise_if_interrupted(exc: BaseException) -> None:
+    """Raise the Ctrl-C or signal that ``exc`` (an ``ImportError``) stands for: a C extension
+    whose import is interrupted fails with ``ImportError('initialization failed')`` caused by
+    the ``KeyboardInterrupt``. An optional package is not missing because its import was
+    interrupted; the run stops as an interrupted one.
+
+    Example:
+        >>> try:
+        ...     raise ImportError("initialization failed") from KeyboardInterrupt()
+        ... except ImportError as exc:
+        ...     try:
+        ...         raise_if_interrupted(exc)
+        ...     except KeyboardInterrupt:
+        ...         print("interrupted")
+        interrupted
+    """
+    for inner in (exc.__cause__, exc.__context__):
+        if isinstance(inner, KeyboardInterrupt):
+            raise inner
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM received during a run (handled like Ctrl-C: the trained weights are kept)."""
 

@@ -44,6 +44,7 @@ from transferkit._io import (
     remove_stale_temps,
     same_file,
 )
+from transferkit._signals import raise_if_interrupted
 from transferkit.checkpoints import saved_run
 from transferkit.config import FinetuneConfig
 from transferkit.errors import ConfigError, OutputError
@@ -63,6 +64,7 @@ def check_plotting(flag: str | None = None) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
+        raise_if_interrupted(exc)
         if flag is None:
             raise ConfigError("Plots need matplotlib: pip install 'transferkit[plots]'.") from exc
         raise ConfigError(f"{flag} draws plots, which need matplotlib: pip install 'transferkit[plots]' (or "

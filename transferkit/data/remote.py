@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit._io import check_free_space, create_temp, remove_stale_temps
+from transferkit._signals import raise_if_interrupted
 from transferkit.errors import DataError
 
 ENV_BUDGET = "TRANSFERKIT_SHARD_CACHE"
@@ -106,7 +107,8 @@ def cache_budget() -> int:
 def _fsspec(url: str) -> Any:
     try:
         import fsspec
-    except ImportError:
+    except ImportError as exc:
+        raise_if_interrupted(exc)
         pkg = _PACKAGES.get(scheme(url))
         raise ShardFetchError(f"Reading {url!r} needs fsspec: pip install fsspec{f' {pkg}' if pkg else ''}.") from None
     return fsspec
@@ -153,6 +155,7 @@ def remote_validators(url: str) -> dict[str, str]:
     except FileNotFoundError:
         raise _fail(url, "it does not exist") from None
     except ImportError as exc:
+        raise_if_interrupted(exc)
         raise ShardFetchError(f"Reading {url!r} needs a package fsspec uses for {scheme(url)}://: {exc}.") from None
     except Exception as exc:  # noqa: BLE001 - each file system has its own errors
         raise _fail(url, f"{type(exc).__name__}: {exc}") from None

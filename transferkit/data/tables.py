@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from transferkit._signals import raise_if_interrupted
 from transferkit.data.checks import ON_BAD_FILE, DataReport, holds_data_files
 from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
 from transferkit.data.fingerprint import from_common_folder
@@ -47,6 +48,7 @@ def _pyarrow() -> Any:
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
+        raise_if_interrupted(exc)
         raise DataError("Reading Parquet files needs pyarrow: pip install 'transferkit[parquet]'.") from exc
     return pq
 
@@ -55,6 +57,7 @@ def _datasets() -> Any:
     try:
         import datasets
     except ImportError as exc:
+        raise_if_interrupted(exc)
         raise DataError("Reading Hugging Face datasets needs the datasets package: pip install 'transferkit[hf]'.") \
             from exc
     return datasets

@@ -31,6 +31,7 @@ from transferkit._io import (
     is_write_failure,
     same_file,
 )
+from transferkit._signals import raise_if_interrupted
 from transferkit._text import exception_line
 from transferkit.errors import ConfigError, ExportError, OutputError
 from transferkit._integrity import check_records, records_entry
@@ -63,6 +64,7 @@ def _require_onnx(what: str = "ONNX export") -> tuple[Any, Any]:
         import onnx
         import onnxruntime
     except ImportError as exc:
+        raise_if_interrupted(exc)
         raise ExportError(f"{what} needs the optional packages onnx and onnxruntime ({exc}). Install them with "
                           "pip install 'transferkit[onnx]'.") from exc
     return onnx, onnxruntime

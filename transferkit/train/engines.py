@@ -62,6 +62,7 @@ from transferkit._io import (
     remove_stale_temps_in,
     store_timing,
 )
+from transferkit._signals import raise_if_interrupted
 from transferkit._text import exception_line
 from transferkit.data.fingerprint import module_fingerprint
 from transferkit.errors import ConfigError, EngineError, ExportError
@@ -139,6 +140,7 @@ def engine_availability(device_type: str) -> dict[str, str | None]:
         import onnx  # noqa: F401
         import onnxruntime as ort
     except ImportError as exc:
+        raise_if_interrupted(exc)
         out["onnxruntime"] = f"onnxruntime/onnx not installed ({exc}); pip install 'transferkit[onnx]'"
     else:
         provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}.get(device_type)
@@ -631,7 +633,8 @@ def _versions() -> str:
         import onnxruntime as ort
 
         o = f"ort {ort.__version__}"
-    except ImportError:
+    except ImportError as exc:
+        raise_if_interrupted(exc)
         o = "no ort"
     return f"torch {torch.__version__}, {o}"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit._io import atomic_write
+from transferkit._signals import raise_if_interrupted
 from transferkit.errors import ConfigError, OutputError
 from transferkit.outputs import check_plotting
 
@@ -29,6 +30,7 @@ class TensorBoardLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
+            raise_if_interrupted(exc)
             raise ConfigError("log_dir= needs TensorBoard: pip install 'transferkit[tensorboard]'.") from exc
         self.log_dir = log_dir
         try:

@@ -282,7 +282,10 @@ def test_check_writable_names_the_path_the_purpose_and_the_fix(tmp_path):
     cases = [
         (dict(path=tmp_path, what="export", flag="--export"), f"The export path '{tmp_path}' (--export) is a folder; "
                                                               f"give a file path such as '{tmp_path / 'model.pt'}'"),
-        (dict(path=tmp_path / "afile" / "sub" / "m.pt", what="checkpoint"), f"'{tmp_path / 'afile'}' is a file"),
+        (dict(path=tmp_path / "afile" / "sub" / "m.pt", what="checkpoint"), f"'{tmp_path / 'afile'}' is a file, not "
+                                                                           "a folder. Choose another path."),
+        (dict(path=tmp_path / "afile" / "onnx" / "f.onnx", what="ONNX feature pass"),  # a path in cache_dir
+         f"'{tmp_path / 'afile'}' is a file, not a folder. Move or remove that file"),
         (dict(path=tmp_path / "afile", what="plots", kind="dir"), "is a file, but a folder is needed"),
         (dict(path="", what="export"), "is empty"),
         (dict(path=tmp_path, what="checkpoint"), f"give a file path such as '{tmp_path / 'checkpoint.pt'}'"),

@@ -324,8 +324,10 @@ def check_writable(path: str | Path, *, what: str, flag: str | None = None, kind
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
+        fix = "Choose another path." if kind == "dir" or what in _EXAMPLE_NAMES else \
+            "Move or remove that file: it is in the way of a folder this file goes in."  # a path transferkit names
         raise OutputError(f"{_named(what, p, flag)} cannot be created: {str(existing)!r} is a file, not a folder. "
-                          "Choose another path.")
+                          f"{fix}")
     try:
         probe_writable(existing)
     except OSError as exc:

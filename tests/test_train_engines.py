@@ -764,6 +764,7 @@ def test_eager_first_call_stands_for_its_timing_only_against_a_clear_lead(monkey
         engine, why = eng.decide_engine("auto", device_type="cpu", available={"eager": None, "onnxruntime": None},
                                         measured=out, n_images=10_000)
         assert engine == "onnxruntime" and ("eager fp32 8.0 img/s (its first call)" in why) is lead
+        assert ("(10.00x eager's first call, within" in why) is lead, why  # the ratio says what it is over
     calls.clear()
     out = eng.time_engines(m, batches, device=CPU, precision="bf16", channels_last=False,
                            candidates=["onnxruntime"], n_images=10_000)

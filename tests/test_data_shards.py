@@ -534,13 +534,12 @@ def test_thousands_of_shards_are_read_within_the_open_file_limit(tmp_path):
             "resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
             "b = tk.data.prepare_data(sys.argv[1], val_split=0)\n"
             "labels = [b.train[i][1] for i in list(range(len(b.train))) * 2]\n"
-            "print(len(labels), sum(labels), len(b.report.bad_at_load), len(b.train.source._files))\n")
+            "from transferkit.data.shards import max_open_local\n"
+            "print(len(labels), sum(labels), len(b.report.bad_at_load), len(b.train.source._files), max_open_local())\n")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    from transferkit.data.shards import MAX_OPEN_LOCAL
-
-    assert out.stdout.split() == [str(2 * n), str(n), "0", str(MAX_OPEN_LOCAL)]
+    assert out.stdout.split() == [str(2 * n), str(n), "0", "16", "16"]  # 128 // 8 open at most
 
 
 def test_no_file_descriptor_left_is_raised_not_taken_for_a_bad_file(tmp_path, monkeypatch):

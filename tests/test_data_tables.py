@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,23 @@ def test_finetune_on_a_hf_dataset(tmp_path):
         r = tk.finetune("tk:small_cnn", weights=None, data=ds, epochs=1, batch_size=4, image_size=16,
                         verbose=False, num_workers=0, cache_dir=tmp_path / "cache")
     assert r.classes == ["dark", "light"] and r.used_feature_cache
+
+
+def test_a_mapped_hf_dataset_has_the_same_listing_in_every_process(tmp_path):
+    """After a ``map`` with a function the datasets library cannot hash, its fingerprint is
+    random per process; the listing every rank of a job compares is not."""
+    pytest.importorskip("datasets")
+    import subprocess
+
+    folder = make_image_folder(tmp_path / "img", per_class=3)
+    code = ("import sys\nsys.path.insert(0, sys.argv[2])\nfrom test_data_tables import _hf\n"
+            "from pathlib import Path\nimport transferkit as tk\nfrom transferkit.data.fingerprint import listing_digest\n"
+            "class Unpicklable:\n    def __reduce__(self):\n        raise TypeError('not picklable')\n"
+            "held = Unpicklable()\n"
+            "ds = _hf(Path(sys.argv[1])).map(lambda row: {'label': row['label'] if held else 0})\n"
+            "print(ds._fingerprint, listing_digest(tk.data.prepare_data(ds, val_split=0).train))\n")
+    runs = [subprocess.run([sys.executable, "-c", code, str(folder), str(Path(__file__).parent)], capture_output=True,
+                           text=True, timeout=300, cwd=tmp_path) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    (fp0, listing0), (fp1, listing1) = (r.stdout.split() for r in runs)
+    assert fp0 != fp1 and listing0 == listing1

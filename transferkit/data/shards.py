@@ -68,7 +68,6 @@ LABEL_EXTS = ("cls", "txt", "json")
 PADDING_MOST = 64 << 10  # zeros a tar ends with: its end-of-archive blocks and record padding (128 blocks of 512)
 READ_TO_CONFIRM = 1000  # samples of equal signatures read to confirm they are copies (local shards)
 MAX_OPEN_REMOTE = 2  # remote shards one process keeps open (and so out of the cache's eviction)
-MAX_OPEN_LOCAL = 64  # local shards one process keeps open (ImageNet's 1,024+ would pass `ulimit -n`)
 INDEX_THREADS = 8  # remote shards looked up or fetched at once while the indexes are made
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # WebDataset's base_plus_ext
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -541,7 +540,7 @@ class ShardSource:
     ``read(i)`` is one seek and one read in sample ``i``'s shard. A remote shard is read from
     its copy in ``shard_cache``, fetched when absent; a process keeps at most
     `MAX_OPEN_REMOTE` remote shards open (and out of the cache's eviction), and at most
-    `MAX_OPEN_LOCAL` local ones (the least recently read is closed first)."""
+    `max_open_local` local ones (the least recently read is closed first)."""
 
     def __init__(self, paths: Sequence[str], indexes: Sequence[ShardIndex],
                  shard_cache: ShardCache | None = None) -> None:
@@ -560,13 +559,13 @@ class ShardSource:
         self.shard_cache = shard_cache
         self.nbytes = [ix.nbytes for ix in indexes]
         self.validators = [ix.validators for ix in indexes]
-        # per shard: (where, bytes, version): a local shard's path from the folder holding them
-        # all (a folder moved whole keeps it) and its time, a remote one's URL and validators
+        # per shard: a local one's path from the folder holding them all (a folder moved whole
+        # keeps it), bytes and time; a remote one's URL, validators and bytes
         local = iter(from_common_folder([p for p, remote in zip(self.paths, self.remote) if not remote]))
         self._ident: list[Any] = []
         for p, ix, remote in zip(self.paths, indexes, self.remote):
             if remote:
-                self._ident.append((p, ix.nbytes, ix.validators))
+                self._ident.append((p, ix.validators, ix.nbytes))
             else:
                 st = os.stat(p)
                 self._ident.append((next(local), st.st_size, st.st_mtime_ns))
@@ -594,7 +593,7 @@ class ShardSource:
             if self.remote[s]:
                 return self._open_remote(s)
             local = [t for t in self._files if not self.remote[t]]
-            for t in local[:max(0, len(local) - MAX_OPEN_LOCAL + 1)]:
+            for t in local[:max(0, len(local) - max_open_local() + 1)]:
                 self.close_shard(t)
             f = open(self.paths[s], "rb")
         elif self.remote[s]:
@@ -688,10 +687,24 @@ class ShardSource:
         """What copies of these shards share: each shard's place and size, and each sample's
         key and image size; no file times."""
         h = hashlib.blake2b(digest_size=16)
-        h.update(json.dumps([ident[:2] for ident in self._ident]).encode())
+        h.update(json.dumps([(i[0], i[2] if remote else i[1]) for i, remote in zip(self._ident, self.remote)]).encode())
         h.update(self.key_bytes.tobytes())
         h.update(self.sizes.tobytes())
         return h.hexdigest()
+
+
+def max_open_local() -> int:
+    """How many local shards a data set keeps open in one process: an eighth of the process's
+    open-file limit now (`ulimit -n`: 128 of the usual 1,024), at least 16 and at most 1,024.
+    ImageNet's 1,024 or more shards held open at once would pass the usual limit, and closing
+    and opening a shard again costs most on a network file system."""
+    try:
+        import resource  # POSIX only
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 64
+    return 1024 if soft == resource.RLIM_INFINITY else max(16, min(1024, soft // 8))
 
 
 def _size(n: int) -> str:

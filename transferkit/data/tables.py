@@ -405,7 +405,12 @@ class HFSource:
         return f"{fp}:{self.image_column}:{self.label_column}"
 
     def listing(self) -> str:
-        return self.fingerprint()  # the datasets library's identity: the same for a copy of the table
+        """What copies of the table share: its rows, columns and their types (the datasets
+        library's own fingerprint is random, per process, after a ``map`` with a function it
+        cannot hash)."""
+        return hashlib.blake2b(json.dumps([len(self.full), list(self.full.column_names), repr(self.full.features),
+                                           self.image_column, self.label_column]).encode(),
+                               digest_size=16).hexdigest()
 
 
 def open_hf(data: Any, *, classes: Sequence[str] | None = None, min_size: int | None = None,

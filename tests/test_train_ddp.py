@@ -282,6 +282,19 @@ def test_a_rank_that_refuses_before_training_ends_the_job_with_its_error(images,
     assert "lingered to its end" not in output  # the job ended the failed rank; it did not wait for it
 
 
+def test_a_rank_whose_data_differ_says_what_its_data_check_found(images, tmp_path):
+    """Ranks other than 0 keep the data check's warnings to themselves (rank 0 says them), but
+    a rank whose data turn out to differ says them: here the file that its copy lacks."""
+    other = tmp_path / "other"
+    shutil.copytree(images, other)
+    damaged = sorted(other.rglob("*.png"))[3]
+    damaged.write_bytes(bytes(damaged.stat().st_size))  # the same size, so the listings agree: zeros, not a PNG
+    proc = torchrun(images, tmp_path, "other_data", timeout=240, TRANSFERKIT_DIST_TIMEOUT="300", RANK1_DATA=str(other))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "rank 1 reads other data than rank 0: train items" in output.lower(), output[-3000:]
+    assert output.count("Left out 1 bad image file") == 1 and damaged.name in output, output[-3000:]
+
+
 def test_a_rank_refused_before_joining_ends_the_waiting_rank_at_once(images, tmp_path):
     """Rank 0 waits in C++ to join the process group when rank 1's call is refused; torchrun's
     SIGTERM then ends it at once (nothing is trained yet), not torchrun's SIGKILL 30 s later."""

@@ -214,11 +214,16 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
     bb = _own_backbone(cfg, load_weights=load_weights)
     spec = resolve_input_spec(bb.input_spec, cfg.image_size)
     check_runs_at(bb, spec, by_name=isinstance(cfg.backbone, str), weights=cfg.weights)
-    with warnings.catch_warnings():
-        if not info.is_main:  # every rank reads the same data (checked next): rank 0 says what it found
-            warnings.simplefilter("ignore")
+    # every rank reads the same data (checked next): rank 0 says what it found; the others say
+    # it only when their data differ from rank 0's, where it may name the difference
+    with warnings.catch_warnings(record=not info.is_main) as held:
         bundle, n_out = _data(cfg, spec)
-    _check_same_data(bundle, info, cfg)
+    try:
+        _check_same_data(bundle, info, cfg)
+    except (ConfigError, DataError):
+        for w in held or []:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        raise
     bf16, why = device_bf16(dev)
     device = DeviceFacts(device=str(dev), type=dev.type, rank=info.rank, world_size=info.world_size,
                          local_world_size=_local_world_size(info), bf16=bf16, bf16_why=why,

@@ -194,9 +194,12 @@ def test_validation_shards_are_read_by_their_own_class_names(tmp_path):
         prepare_data(str(tmp_path / "tr"), val_data=str(tmp_path / "ids"))
     (tmp_path / "ids" / "_info.json").unlink()  # no names of their own: their indices are the training classes'
     assert prepare_data(str(tmp_path / "tr"), val_data=str(tmp_path / "ids")).val.targets == [0, 0, 1, 1, 2, 2]
-    (tmp_path / "tr" / "_info.json").unlink()  # training classes known by index: validation read by index, said
-    with pytest.warns(UserWarning, match=r"The training data name no classes .* read as the same indices"):
-        assert prepare_data(str(tmp_path / "tr"), val_data=str(tmp_path / "va")).val.targets == [2, 2, 1, 1, 0, 0]
+    (tmp_path / "tr" / "_info.json").unlink()  # training classes known by index: names cannot be matched to them
+    with pytest.raises(tk.DataError, match=r"include no class of the training data \(\['0', '1', '2'\]\).*known by "
+                                           r"index only: give classes=\[\.\.\.\]"):
+        prepare_data(str(tmp_path / "tr"), val_data=str(tmp_path / "va"))
+    named = prepare_data(str(tmp_path / "tr"), val_data=str(tmp_path / "va"), classes=["ant", "bee", "cat"])
+    assert named.val.targets == [0, 0, 1, 1, 2, 2]
     # for training data, classes= names the indices of shards whose own names it does not share
     renamed = prepare_data(str(tmp_path / "va" / "val-000000.tar"), classes=["x", "y", "z"], val_split=0)
     assert renamed.train.targets == [2, 2, 1, 1, 0, 0]
@@ -268,7 +271,7 @@ def test_folder_with_train_and_val_shards_validates_on_val(tmp_path):
     (s / "train-000000.tar").rename(tmp_path / "train-000000.tar")
     with pytest.raises(tk.DataError, match=r"holds validation shards \(val-000000\.tar\) but no train\*\.tar"):
         prepare_data(str(s))
-    assert len(prepare_data(str(tmp_path / "train-000000.tar"), val_data=str(s)).val) == 3
+    assert len(prepare_data(str(tmp_path / "train-000000.tar"), val_data=str(s), classes=["dark", "light"]).val) == 3
     # the split's name as a word (validated-*.tar is not validation data); shards not named by split beside
     # validation shards are not taken for training ones
     write_shards(items, tmp_path / "w", [5, 5], prefix="validated")

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from transferkit.data.checks import DataReport, find_duplicates, warn_copies_across_classes
 from transferkit.data.folders import find_split_folders, warn_split_like_classes
-from transferkit.data.encoded import READ_BY_INDEX, EncodedImageDataset, index_names, no_shared_class
+from transferkit.data.encoded import EncodedImageDataset, index_names, no_shared_class
 from transferkit.data.images import (ImageFolderDataset, TransformedDataset, check_image_tensor, class_index,
                                      dataset_classes, dataset_targets, image_from_array)
 from transferkit.data.shards import confirmed_copies, copies_said, shard_list, warn_held_out_listed
@@ -142,7 +142,7 @@ def _relabel(own: list[str], classes: list[str] | None, what: str, report: DataR
         return None
     left_out = [c for c in own if c not in classes]
     if len(left_out) == len(own):
-        if what != "training" and list(classes) != index_names(len(classes)):
+        if what != "training":
             raise no_shared_class(own, classes, f"the {what} dataset")
         return None
     mapping = [classes.index(c) if c in classes else -1 for c in own]
@@ -300,9 +300,11 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
     val = None
     if val_data is not None:
         val = _as_dataset(val_data, names if named else None, min_size, "validation", report, **checks)
-        own = getattr(val, "classes", None) or dataset_classes(getattr(val, "base", None))
-        if own and (not named or names == index_names(len(names)) and not set(own) & set(names)):
-            report.warn(READ_BY_INDEX)
+        if not named and (getattr(val, "classes", None) or dataset_classes(getattr(val, "base", None))):
+            report.warn("The training data name no classes (they are named by index: '0', '1', ...), so the "
+                        "validation data's class names cannot be matched to them: the validation labels are read "
+                        "as the same indices. Give classes=[...] (the names of the training labels in index order) "
+                        "to match them by name.")
         if not isinstance(val, ImageFolderDataset):
             report.merge(getattr(val, "report", DataReport()))
         vt = dataset_targets(val)

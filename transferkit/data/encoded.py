@@ -241,31 +241,27 @@ def index_names(n: int) -> list[str]:
     return [str(i) for i in range(n)]
 
 
-# validation data that name their classes, read against training data named by index only
-READ_BY_INDEX = ("The training data name no classes (they are named by index: '0', '1', ...), so the validation "
-                 "data's class names cannot be matched to them: the validation labels are read as the same indices. "
-                 "Give classes=[...] (the names of the training labels in index order) to match them by name.")
-
-
 def no_shared_class(own: Sequence[str], classes: Sequence[str], what: str) -> DataError:
     """The error for data scored against the training classes that name their own classes,
     none of which is a training class (their labels cannot be matched by name)."""
+    fix = ("The training data's classes are known by index only: give classes=[...] (the names of the training "
+           "labels in index order) to match these by name, or leave their names out to read their class indices "
+           "as the training data's." if list(classes) == index_names(len(classes)) else
+           "Give them the training data's class names (an _info.json beside shards, a ClassLabel column, the "
+           "dataset's classes), or leave their names out to read their class indices as the training data's.")
     return DataError(f"The classes of {what[:1].lower() + what[1:]} ({list(own)[:10]}) include no class of the "
-                     f"training data ({list(classes)[:10]}): their labels cannot be read as those classes. Give them "
-                     "the training data's class names (an _info.json beside shards, a ClassLabel column, the "
-                     "dataset's classes), or leave their names out to read their class indices as the training data's.")
+                     f"training data ({list(classes)[:10]}): their labels cannot be read as those classes. {fix}")
 
 
 def labels_by_name(labels: Sequence[Any], own: Sequence[str] | None, classes: Sequence[str] | None,
-                   what: str, *, renames: bool = True, report: DataReport | None = None) -> list[Any]:
+                   what: str, *, renames: bool = True) -> list[Any]:
     """``labels`` to read against ``classes`` (the training data's, or ``classes=``): the class
     indices of data that name their own classes ``own`` (shards' ``_info.json``, a ClassLabel
     column) become those names where ``own`` differs from ``classes``, so that each sample
     is read as its class by name (another order, a subset); unchanged where they agree,
     or where either is None. Where they share no name, ``classes`` name the indices when it
-    ``renames`` them (``classes=`` given for training data) or when they are the index names
-    (``'0'``, ``'1'``, ...: training data named by index; said in ``report``); else (validation
-    data read against the training classes) it is an error.
+    ``renames`` them (``classes=`` given for training data); else (validation data read against
+    the training classes) it is an error.
 
     Example:
         >>> labels_by_name([0, 1, 1], ["dog", "cat"], ["cat", "dog"], "The validation shards")
@@ -275,11 +271,8 @@ def labels_by_name(labels: Sequence[Any], own: Sequence[str] | None, classes: Se
         return list(labels)
     if not set(own) & set(classes):
         if not renames:
-            if list(classes) != index_names(len(classes)):
-                raise no_shared_class(own, classes, what)
-            if report is not None:
-                report.warn(READ_BY_INDEX)
-        return list(labels)  # renamed, or read against training data named by index
+            raise no_shared_class(own, classes, what)
+        return list(labels)  # renamed by classes=
     outside = sorted({int(lab) for lab in labels if isinstance(lab, (int, np.integer)) and not 0 <= lab < len(own)})
     if outside:
         raise DataError(f"{what} have class indices {outside[:5]} outside 0..{len(own) - 1} for their own classes "

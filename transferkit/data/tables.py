@@ -281,7 +281,7 @@ def open_parquet(files: str | os.PathLike | Sequence[str], *, classes: Sequence[
     if len(source) == 0:
         raise DataError(f"The {what} Parquet files {list(files)[:3]} hold no row.")
     labels = labels_by_name(source.labels(), source.class_names, classes, f"The {what} Parquet data",
-                            renames=what == "training", report=report)
+                            renames=what == "training")
     targets, names = labels_to_targets(labels, list(classes) if classes else source.class_names,
                                        f"The {what} Parquet data", report)
     return _kept(source, targets, names, min_size, on_bad_file, report, what)
@@ -433,7 +433,7 @@ def open_hf(data: Any, *, classes: Sequence[str] | None = None, min_size: int | 
         raise DataError(f"The {what} Hugging Face dataset is empty.")
     source = HFSource(ds, image_column, label_column)
     labels = labels_by_name(source.labels(), source.class_names, classes, f"The {what} Hugging Face dataset",
-                            renames=what == "training", report=report)
+                            renames=what == "training")
     targets, names = labels_to_targets(labels, list(classes) if classes else source.class_names,
                                        f"The {what} Hugging Face dataset", report)
     return _kept(source, targets, names, min_size, on_bad_file, report, what)

@@ -182,6 +182,9 @@ def _dataloader_calls(read=lambda p: p.read_text()) -> list[str]:
                 name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
                 if name == "DataLoader":
                     out.append(f"{mod}:{node.lineno}")
+            elif isinstance(node, ast.ImportFrom):  # DataLoader under another name
+                if any(a.name == "DataLoader" and a.asname not in (None, "DataLoader") for a in node.names):
+                    out.append(f"{mod}:{node.lineno}")
     return out
 
 
@@ -191,8 +194,15 @@ def test_every_dataloader_is_made_by_data_loader():
     assert not _dataloader_calls(), "use transferkit.data.sampling.data_loader: " + ", ".join(_dataloader_calls())
 
 
-def test_the_reader_sees_a_dataloader_made_elsewhere():
+@pytest.mark.parametrize("planted", ["import torch\nloader = torch.utils.data.DataLoader([1, 2])\n",
+                                     "from torch.utils.data import DataLoader as DL\nloader = DL([1, 2])\n"])
+def test_the_reader_sees_a_dataloader_made_elsewhere(planted):
     leaf = ROOT / "train" / "loaders.py"
-    planted = "\nimport torch\nloader = torch.utils.data.DataLoader([1, 2])\n"
-    calls = _dataloader_calls(lambda p: p.read_text() + (planted if p == leaf else ""))
+    calls = _dataloader_calls(lambda p: p.read_text() + ("\n" + planted if p == leaf else ""))
     assert [c.split(":")[0] for c in calls] == ["transferkit.train.loaders"]
+
+
+def test_data_loader_s_workers_exit_quietly_on_sigterm():
+    from transferkit.data.sampling import data_loader, quiet_exit_on_sigterm
+
+    assert data_loader([1, 2], batch_size=2).worker_init_fn is quiet_exit_on_sigterm

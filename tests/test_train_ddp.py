@@ -426,3 +426,9 @@ def test_an_interruption_after_another_rank_failed_names_that_failure(monkeypatc
         "Rank 0 stops because rank 1 failed: BadFileError: bad.png (here: TrainingInterrupted: Interrupted"), said
     assert isinstance(interrupted_after("rank 1 failed: TrainingInterrupted: Interrupted (SIGTERM)."),
                       tk.TrainingInterrupted)
+    # a collective that failed because another rank's process went away is not recorded as this rank's
+    # failure: a rank interrupted next is not told that this one failed
+    with pytest.raises(distributed.DistributedError, match="another rank ended without an error of its own"):
+        with rank_guard(info, grace_s=60):
+            raise RuntimeError("[gloo/pair.cc:538] Read error [127.0.0.1]:4242: Connection reset by peer")
+    assert not store.check([f"transferkit/rank_guard/{next(keys)}/first"])

@@ -209,7 +209,10 @@ def from_common_folder(paths: Sequence[str | os.PathLike]) -> list[str]:
         ['train/a.tar', 'val/b.tar']
     """
     full = [os.path.abspath(p) for p in paths]
-    root = os.path.commonpath([os.path.dirname(f) for f in full]) if full else ""
+    try:
+        root = os.path.commonpath([os.path.dirname(f) for f in full]) if full else ""
+    except ValueError:  # on several drives (Windows): no common folder
+        return full
     return [os.path.relpath(f, root) for f in full]
 
 

@@ -448,11 +448,13 @@ def rank_guard(info: DistInfo, *, poll_s: float = 0.25, grace_s: float = 2.0) ->
     """Run a distributed block so that one rank's exception ends every rank with that error.
 
     On an exception, this rank writes ``"rank R failed: <Type>: <message>"`` to the process
-    group's store (the first failure wins) and re-raises. The other ranks see it within
-    ``poll_s``: one whose code raises by itself within ``grace_s`` (a collective failing
-    because the failed rank left) raises `DistributedError` with that message; one
-    blocked in a collective prints it and exits with status 1. A ``RuntimeError`` (what a
-    failed collective raises) after another rank's failure becomes that
+    group's store (the first failure wins; a collective that failed because another rank's
+    process went away is not this rank's failure and is not written) and re-raises. The other
+    ranks see it within ``poll_s``: one whose code raises by itself within ``grace_s`` (a
+    collective failing because the failed rank left) raises `DistributedError` with that
+    message; one blocked in a collective prints it and exits with status 1. A
+    ``RuntimeError`` (what a failed collective raises) or an interruption (the SIGTERM torchrun
+    sends the other ranks once one has exited) after another rank's failure becomes that
     ``DistributedError``; any other exception of this rank is re-raised as it is. Every rank
     must enter the same guarded blocks in the same order, after `init_distributed`.
     Not distributed: does nothing.
@@ -474,8 +476,12 @@ def rank_guard(info: DistInfo, *, poll_s: float = 0.25, grace_s: float = 2.0) ->
         watchdog.stop()
         _failed.set()
         mine = f"rank {info.rank} failed: {_describe(exc)}"
+        key = prefix + "first"
         try:
-            first = store.compare_set(prefix + "first", "", mine).decode()
+            if isinstance(exc, RuntimeError) and _peer_gone(exc):  # another rank's end, not this rank's failure
+                first = store.get(key).decode() if store.check([key]) else mine
+            else:
+                first = store.compare_set(key, "", mine).decode()
         except Exception:  # the store is gone (the job is ending): report this rank's own error
             first = mine
         # a collective that failed as the failed rank left, or the SIGTERM torchrun sends the

@@ -61,9 +61,10 @@ def resume_from(path: str | Path, *, check: Callable[[dict[str, Any]], dict[str,
                           "transferkit); start a new run from its weights with weights=...")
     diff = check(ckpt["transferkit"])
     if diff:
-        data = " The data's digest covers each file's path below the data folder, label, size, modification and " \
-            "change times: an edit, a copy (cp -a, rsync -a to another disk) or a chmod changes it; a folder " \
-            "renamed or moved on one disk keeps it." if "data" in diff else ""
+        data = " The data's digest covers each file's path below the data folder, label, size and modification " \
+            "time (image and audio files also their change time: a copy with cp -a or rsync -a, or a chmod, " \
+            "changes theirs); an edit changes it, a folder renamed or moved whole keeps it. A checkpoint of tar " \
+            "shards or Parquet files whose digest held their absolute paths does not resume." if "data" in diff else ""
         if "config.epochs" in diff:
             data += " The epochs cannot change: the learning-rate schedule was built for the first run's length."
         if "world_size" in diff:

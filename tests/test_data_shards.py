@@ -563,3 +563,17 @@ def test_no_file_descriptor_left_is_raised_not_taken_for_a_bad_file(tmp_path, mo
                                              r"\(errno 24\).*not known to be bad.*ulimit -n"):
         b.train[3]
     assert not b.report.bad_at_load
+
+
+def test_a_member_that_is_no_image_is_named_not_shown_as_a_stream(tmp_path):
+    items = _sorted_items(make_image_folder(tmp_path / "img", per_class=3))
+    items[1] = (b"\x89PNG\r\n\x1a\n" + bytes(50), "png", items[1][2])  # passes no decoder
+    write_shards(items, tmp_path / "s", [6])
+    with pytest.warns(UserWarning) as said:
+        b = prepare_data(str(tmp_path / "s"), val_split=0, scan="none")
+        labels = [b.train[i][1] for i in range(len(b.train))]
+    assert labels == [0, 0, 0, 1, 1, 1] and len(b.report.bad_at_load) == 1
+    with pytest.raises(tk.DataError) as raised:
+        prepare_data(str(tmp_path / "s"), val_split=0, scan="none", on_bad_file="raise").train[1]
+    shown = [str(w.message) for w in said] + [str(raised.value)]
+    assert "cannot identify image file '" in shown[-1] and not any("_io." in m for m in shown), shown

@@ -4,6 +4,7 @@ free space checked, head training from memory or from blocks."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -154,6 +155,9 @@ def test_bad_sample_is_masked_and_reported_not_a_reason_to_discard(tmp_path):
     reopened = ShardedFeatureStore.open(tmp_path / "c", "k", num_samples=12, part_size=5, dim=3)
     assert reopened.report()["masked"] == rep["masked"]  # another run or rank reading the store names it too
     assert reopened.masked_reasons() == {3: rep["masked"][0]}
+    info = reopened._part_dir(0) / "part.json"  # a part that records only how many it masked
+    info.write_text(json.dumps({k: v for k, v in json.loads(info.read_text()).items() if k != "masked_samples"}))
+    assert reopened.masked_reasons() == {3: "sample 3: masked when the feature store was filled"}
     hb = store.batches(4, memory_budget=1 << 30)
     assert sum(len(b[1]) for b in hb) == 11  # the masked sample is not trained on
 

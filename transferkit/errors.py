@@ -135,6 +135,22 @@ def check_choice(what: str, value: object, choices: Iterable[str]) -> str:
     return value
 
 
+_STREAM = re.compile(r" ?<_io\.\w+ object at 0x[0-9a-fA-F]+>")
+
+
+def stream_named(text: str, name: str | None = None) -> str:
+    """``text`` with the repr of an in-memory file (a reader's ``<_io.BytesIO object at 0x...>``:
+    a shard member, a table cell) replaced by ``name``, or left out.
+
+    Example:
+        >>> stream_named("cannot identify image file <_io.BytesIO object at 0x7f3a2b1c0e50>", "a.tar:k")
+        "cannot identify image file 'a.tar:k'"
+        >>> stream_named("cannot identify image file <_io.BytesIO object at 0x7f3a2b1c0e50>")
+        'cannot identify image file'
+    """
+    return _STREAM.sub(f" {name!r}" if name else "", text)
+
+
 def unreadable_file(what: str, path: Any, exc: BaseException, fix: str, *, name: str | None = None) -> DataError:
     """The error for a ``what`` ("image", "audio file") at ``path`` that could not be read
     (``exc``): a path that does not exist says so and where it was looked for; any other
@@ -142,4 +158,5 @@ def unreadable_file(what: str, path: Any, exc: BaseException, fix: str, *, name:
     shown = name or str(path)
     if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
         return DataError(f"The {what} {shown!r} does not exist (looked for {os.path.abspath(path)!r}): check the path.")
-    return DataError(f"Cannot read {what} {shown!r}: {type(exc).__name__}: {str(exc).rstrip('. ')}. {fix}")
+    return DataError(f"Cannot read {what} {shown!r}: {type(exc).__name__}: {stream_named(str(exc), shown).rstrip('. ')}. "
+                     f"{fix}")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from transferkit.data.remote import ShardFetchError
-from transferkit.errors import DataError
+from transferkit.errors import DataError, stream_named
 
 if TYPE_CHECKING:
     from transferkit.data.checks import DataReport
@@ -238,7 +238,7 @@ def _source_key(samples: Sequence[tuple[Any, int]], i: int) -> Any:
 
 def _reason(exc: DataError) -> str:
     cause = exc.__cause__
-    return f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+    return f"{type(cause).__name__}: {stream_named(str(cause))}" if cause is not None else str(exc)
 
 
 def bad_file_reason(exc: DataError) -> str:

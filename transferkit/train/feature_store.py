@@ -334,19 +334,29 @@ class ShardedFeatureStore:
         ``masked`` (the samples of the whole store that could not be read, with why) and
         ``masked_samples`` (how many)."""
         n = self.nbytes
-        infos = [i for i in (self._part_info(p) for p in range(self.num_parts)) if i is not None]
-        masked_total = sum(int(i.get("masked", 0)) for i in infos)
+        infos = [self._part_info(p) for p in range(self.num_parts)]
+        masked_total = sum(int(i.get("masked", 0)) for i in infos if i is not None)
         return {"samples": self.num_samples, "shards": self.num_parts, "part_size": self.part_size,
                 "computed": len(self.computed_parts), "reused": len(self.reused_parts), "dtype": self.dtype,
                 "bytes": n, "bytes_per_sample": n / self.num_samples, "views": self.views,
-                "masked": list(self.masked_reasons().values()), "masked_samples": masked_total,
+                "masked": list(self.masked_reasons(infos).values()), "masked_samples": masked_total,
                 "path": str(self.path)}
 
-    def masked_reasons(self) -> dict[int, str]:
+    def masked_reasons(self, infos: list[dict[str, Any] | None] | None = None) -> dict[int, str]:
         """``{sample: name and why}`` of the masked samples of every committed part, whichever
-        process or run wrote it."""
-        infos = [self._part_info(p) for p in range(self.num_parts)]
-        return {int(i): why for info in infos if info is not None for i, why in info.get("masked_samples", [])}
+        process or run wrote it (``infos``: the parts' `_part_info`, when read already). A part
+        that records only how many it masked names them by index."""
+        out: dict[int, str] = {}
+        for p, info in enumerate(infos if infos is not None else [self._part_info(p) for p in range(self.num_parts)]):
+            if info is None:
+                continue
+            if "masked_samples" in info:
+                out.update((int(i), why) for i, why in info["masked_samples"])
+            elif info.get("masked"):
+                start, _ = self.part_range(p)
+                out.update((start + int(i), f"sample {start + int(i)}: masked when the feature store was filled")
+                           for i in np.flatnonzero(~self.read_part(p)[2]))
+        return out
 
     def masked_indices(self) -> list[int]:
         """The samples of the whole store (every committed part) that could not be read."""

@@ -121,6 +121,48 @@ def test_flipped_metadata_and_pickle_bytes_in_an_export(export_file, tmp_path, r
     _raises_corrupt(transferkit.load, bad, CorruptExportError)
 
 
+@pytest.mark.parametrize("at, mask", [(6, 0x80), (8, 0x01)])  # a record's "version needed", its "encrypted" flag
+def test_a_flipped_bit_in_the_zip_directory_is_a_corrupt_export(export_file, tmp_path, capsys, at, mask):
+    data = bytearray(export_file.read_bytes())
+    end = data.rfind(b"PK\x05\x06")
+    directory = struct.unpack("<I", data[end + 16:end + 20])[0]  # where the central directory starts
+    data[directory + at] ^= mask
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(data))
+    for reader in (transferkit.load, read_metadata):
+        _raises_corrupt(reader, bad, CorruptExportError)
+    from transferkit.cli import main
+
+    assert main(["predict", str(bad), str(tmp_path)]) == 2 and "corrupt" in capsys.readouterr().err
+
+
+def test_the_file_checked_is_the_file_loaded(tmp_path, monkeypatch):
+    """An export replaced by an atomic rename while it is loaded (a re-export, a deploy) cannot
+    pair the checked file's labels with the new file's weights: one open file serves both."""
+    import transferkit.export.torchscript as ts
+
+    export_tiny(tmp_path / "a.pt", labels=("ant", "bee"))
+    torch.manual_seed(1)
+    other = transferkit.build_model(transferkit.get_backbone("tk:small_cnn", weights=None), 2).eval()
+    ts.export_torchscript(other, tmp_path / "b.pt", metadata={**read_metadata(tmp_path / "a.pt"), "labels": ["x", "y"]},
+                          example_inputs=images(3, 16))
+    live = tmp_path / "live.pt"
+    live.write_bytes((tmp_path / "a.pt").read_bytes())
+    real = ts.zip_records
+
+    def then_replaced(*args, **kwargs):
+        out = real(*args, **kwargs)
+        (tmp_path / "b.pt").replace(live)  # after the checks read the file, before the module is loaded
+        return out
+    monkeypatch.setattr(ts, "zip_records", then_replaced)
+    got = transferkit.load(live)
+    monkeypatch.setattr(ts, "zip_records", real)
+    want = transferkit.load(tmp_path / "a.pt")
+    assert got.labels == ["ant", "bee"]
+    x = images(2, 16)
+    assert torch.equal(got.module(x), want.module(x))  # a.pt's weights with a.pt's labels
+
+
 def test_flipped_tensor_bytes_in_a_checkpoint_fail_every_reader(checkpoint_file, tmp_path):
     bad = tmp_path / "bad.ckpt"
     flip(checkpoint_file, bad, is_tensor)
@@ -241,10 +283,11 @@ def test_cifar_resnet_takes_transferkit_checkpoints_as_weights(tmp_path):
 
 
 def test_a_device_that_is_not_here_is_a_config_error(export_file):
-    cases = ["cuda:99", "bogus"] + ([] if torch.cuda.is_available() else ["cuda"])
+    cases = ["cuda:99", "bogus", "meta", "xpu"] + ([] if torch.cuda.is_available() else ["cuda"])
     for device in cases:
-        with pytest.raises(ConfigError, match="device|Unknown device"):
+        with pytest.raises(ConfigError, match="device|Unknown device") as info:
             transferkit.load(export_file, device=device)
+        assert "corrupt" not in str(info.value)  # about the device, not the file
     assert transferkit.load(export_file, device="auto").device.type in ("cpu", "cuda", "mps")
 
 

@@ -136,6 +136,22 @@ def record_name(filename: str) -> str:
     return filename.split("/", 1)[1] if "/" in filename else filename
 
 
+# what a damaged zip raises when it is opened or read (a flipped flag bit reads as "encrypted,
+# password required", a RuntimeError; a flipped version byte as NotImplementedError)
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError, zlib.error)
+
+
+def open_zip(file: Any, *, source: str, error: type[TransferkitError]) -> zipfile.ZipFile:
+    """``zipfile.ZipFile(file)``; a zip directory that is damaged (a flipped bit in a record's
+    version or flags) raises the corrupt error of ``error``. A file that is no zip, or is cut
+    short, raises as ``zipfile`` does."""
+    try:
+        return zipfile.ZipFile(file)
+    except (NotImplementedError, RuntimeError, zlib.error) as exc:
+        raise _error(error, corrupt_message(source, "model file", f"its zip directory cannot be read "
+                                            f"({type(exc).__name__}: {exc})")) from exc
+
+
 def zip_records(zf: zipfile.ZipFile, *, source: str,
                 error: type[TransferkitError]) -> tuple[dict[str, str], dict[str, bytes]]:
     """``(digests, extra files)`` of an open zip: the SHA-256 of every record except
@@ -157,7 +173,7 @@ def zip_records(zf: zipfile.ZipFile, *, source: str,
                 while chunk := f.read(_CHUNK):
                     h.update(chunk)
             digests[name] = h.hexdigest()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error) as exc:
+    except ZIP_ERRORS as exc:
         why = "fails its CRC-32 check" if "CRC" in str(exc) else f"cannot be read ({type(exc).__name__}: {exc})"
         raise _error(error, corrupt_message(source, "model file", f"{_describe(name)} {why}")) from exc
     return digests, extras
@@ -165,7 +181,7 @@ def zip_records(zf: zipfile.ZipFile, *, source: str,
 
 def file_digests(path: str | Path, *, source: str, error: type[TransferkitError]) -> dict[str, str]:
     """The record digests of the zip at ``path`` (see `zip_records`)."""
-    with zipfile.ZipFile(path) as zf:
+    with open_zip(path, source=source, error=error) as zf:
         return zip_records(zf, source=source, error=error)[0]
 
 

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from transferkit._integrity import INTEGRITY_KEY, seal, verify_sealed
+from transferkit._integrity import INTEGRITY_KEY, ZIP_ERRORS, seal, verify_sealed
 from transferkit._io import (
     TEMP_NAME_EXTRA,
     atomic_write,
@@ -136,7 +136,7 @@ def _kind_of_zip(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+    except ZIP_ERRORS:
         return None
     return "torchscript" if any(n.split("/", 1)[-1].startswith("code/") for n in names) else None
 

@@ -116,6 +116,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"Unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.") from exc
+    if dev.type not in ("cpu", "cuda", "mps"):  # meta, xpu, ...: not devices transferkit runs on
+        raise ConfigError(f"device={device!r} is not a device transferkit runs on; use 'auto', 'cpu', 'cuda', "
+                          "'cuda:N' or 'mps'.")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but CUDA is not available here; use device='auto' or 'cpu'.")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from transferkit._integrity import ZIP_ERRORS
 from transferkit.checkpoints import verify_checkpoint
 from transferkit.config import WEIGHTS_SUFFIXES
 from transferkit.errors import WeightsError
@@ -73,7 +74,7 @@ def _is_torchscript(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
             return any(n.split("/", 1)[-1].startswith("code/") for n in zf.namelist())
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+    except ZIP_ERRORS:
         return False
 
 

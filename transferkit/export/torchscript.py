@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferkit._integrity import check_records, file_digests, record_name, records_entry, zip_records
+from transferkit._integrity import check_records, file_digests, open_zip, record_name, records_entry, zip_records
 from transferkit._io import atomic_write, check_free_space, file_lock, python_writer
 from transferkit.hardware import is_convolutional, resolve_device
 from transferkit.errors import ConfigError, ExportError, check_choice
@@ -504,29 +504,36 @@ def _load(path: str | Path, map_location: str | torch.device, *,
     path = Path(path)
     check_model_file(path, source=source, kind="Model")
     device = check_device(map_location)
+    # one open file for the checks and the load: a file replaced meanwhile (an atomic re-export)
+    # cannot give the checked file's labels to another file's weights
+    unreadable = f"Cannot load {source} as TorchScript (truncated, corrupt, or not a transferkit export)"
     try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        raise ExportError(f"Cannot load {source} as TorchScript (truncated, corrupt, or not a transferkit export): "
-                          f"{type(exc).__name__}: {exc}") from exc
-    with zf:
-        names = [record_name(n) for n in zf.namelist()]
-        if not any(n.startswith("code/") for n in names):
-            raise ExportError(_not_torchscript(zf, names, source))
-        digests, extra = zip_records(zf, source=source, error=ExportError)
-    meta = decode_metadata(extra, source=source)
-    if "integrity" in meta:
-        check_records(extra.get(RECORDS_FILE, b""), meta["integrity"], digests, source=source, error=ExportError)
-    else:
-        warnings.warn(f"{source} has no content digest (an export from an older transferkit): its weights cannot "
-                      "be checked for damage. Re-export it to add one.", stacklevel=3)
-    try:
-        with quiet_jit():
-            module = torch.jit.load(str(path), map_location=device)
-    except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ExportError(f"Cannot load {source} as TorchScript (truncated, corrupt, or not a transferkit export): "
-                          f"{type(exc).__name__}: {msg}") from exc
+        f = open(path, "rb")
+    except OSError as exc:
+        raise ExportError(f"{unreadable}: {type(exc).__name__}: {exc}") from exc
+    with f:
+        try:
+            zf = open_zip(f, source=source, error=ExportError)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise ExportError(f"{unreadable}: {type(exc).__name__}: {exc}") from exc
+        with zf:
+            names = [record_name(n) for n in zf.namelist()]
+            if not any(n.startswith("code/") for n in names):
+                raise ExportError(_not_torchscript(zf, names, source))
+            digests, extra = zip_records(zf, source=source, error=ExportError)
+        meta = decode_metadata(extra, source=source)
+        if "integrity" in meta:
+            check_records(extra.get(RECORDS_FILE, b""), meta["integrity"], digests, source=source, error=ExportError)
+        else:
+            warnings.warn(f"{source} has no content digest (an export from an older transferkit): its weights "
+                          "cannot be checked for damage. Re-export it to add one.", stacklevel=3)
+        try:
+            f.seek(0)
+            with quiet_jit():
+                module = torch.jit.load(f, map_location=device)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ExportError(f"{unreadable}: {type(exc).__name__}: {msg}") from exc
     return module, meta
 
 

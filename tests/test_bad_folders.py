@@ -323,3 +323,20 @@ def test_a_split_that_holds_out_nothing_trains_without_validation(tmp_path):
             pytest.warns(UserWarning, match="held out no example"):
         tk.finetune("tk:small_cnn", weights=None, data=tmp_path / "one", image_size=16, epochs=1, early_stopping=1,
                     num_workers=0, verbose=False)
+
+
+def test_a_fifo_named_like_an_image_is_left_out_not_waited_on(tmp_path):
+    """Opening a FIFO waits for a writer that never comes: a training scan or a prediction
+    would hang. It is no file to read, and is said so."""
+    root = make_image_folder(tmp_path / "d", per_class=3, size=16)
+    fifo = root / "dark" / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.warns(UserWarning, match=r"Left out .*pipe.jpg.*not a regular file \(a FIFO\)"):
+        bundle = prepare_data(root, val_split=0)
+    assert len(bundle.train) == 6 and bundle.report.bad_files == [(str(fifo), "not a regular file (a FIFO); only "
+                                                                              "files can be read")]
+    from tests.export_helpers import export_tiny
+
+    export_tiny(tmp_path / "m.pt", labels=("dark", "light"))
+    got = tk.load(tmp_path / "m.pt").predict([str(fifo)] + sorted(str(p) for p in (root / "light").iterdir()))
+    assert not got[0].ok and "not a regular file (a FIFO)" in got[0].error and all(p.ok for p in got[1:])

@@ -178,6 +178,14 @@ def test_a_class_name_with_a_line_break_is_refused_before_training(tmp_path):
     (root / "light").rename(root / "li\nght")
     with pytest.raises(DataError, match=r"the class name 'li\\nght' holds a line break"):
         prepare_data(root)
+    for breaking in ("\u2028", "\x85", "\u2029"):  # what labels.txt, read back line by line, would split on too
+        (root / next(p.name for p in root.iterdir() if p.name.startswith("li"))).rename(root / f"li{breaking}ght")
+        with pytest.raises(DataError, match=r"holds a line break"):
+            prepare_data(root)
+    from transferkit.export.metadata import complete_metadata
+
+    with pytest.raises(tk.ExportError, match="one-line strings"):  # an export made by hand is checked the same way
+        complete_metadata({"labels": ["ant\u2028s", "bees"], "input_spec": {"image_size": 32}}, num_outputs=2)
 
 
 # -- predict -------------------------------------------------------------------------------------

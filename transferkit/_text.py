@@ -51,6 +51,18 @@ def wrap_lines(text: str, width: int = 100) -> str:
     return "\n".join(out)
 
 
+def one_line(text: str) -> bool:
+    """Whether ``text`` is one line with no control character: no line boundary of Python's
+    ``str.splitlines`` (``\\n``, ``\\r``, ``\\x85``, U+2028, U+2029, ...), so that a file of
+    such names, one per line, reads back as the same names.
+
+    Example:
+        >>> one_line("ants"), one_line("ant\\u2028s"), one_line("ant\\ts")
+        (True, False, False)
+    """
+    return text.splitlines() == [text] and not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+
+
 def exception_line(exc: BaseException, limit: int = 300) -> str:
     """``"Type: first line of the message"`` (at most ``limit`` characters of it): an error as a reason."""
     text = str(exc).strip()

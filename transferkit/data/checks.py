@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from transferkit._io import file_digest
-from transferkit._text import plural
+from transferkit._text import one_line, plural
 from transferkit.errors import DataError, check_choice
 from transferkit.data.late import register_report
 
@@ -193,7 +193,7 @@ def check_label_names(names: Sequence[str], where: str, *, case: bool = True) ->
     (no export could hold it), or (``case``) two names that differ only in case or
     surrounding spaces (a typo in a CSV, not two classes)."""
     for name in names:
-        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        if name and not one_line(name):
             raise DataError(f"{where}: the class name {name!r} holds a line break or control character; rename it "
                             "(labels are stored in exports and printed one per line).")
     if not case:

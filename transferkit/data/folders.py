@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,8 +135,34 @@ def list_class_files(folder: Path, is_data: Callable[[str], bool], report: DataR
         report.ignored_folders += [os.path.join(dp, d) for d in hidden + looped]
         dirs[:] = sorted(d for d in dirs if not is_hidden(d) and d not in looped)
         for f in fs:
-            (files if is_data(f) else report.ignored_files).append(os.path.join(dp, f))
+            path = os.path.join(dp, f)
+            if not is_data(f):
+                report.ignored_files.append(path)
+            elif not_a_file(path):  # opening a FIFO waits for a writer that never comes
+                report.bad_files.append((path, not_a_file(path)))
+                report.warn(f"Left out {path!r}: {not_a_file(path)}.")
+            else:
+                files.append(path)
     return sorted(files)
+
+
+def not_a_file(path: str | Path) -> str:
+    """Why ``path`` is no file to read (a FIFO, a socket, a device), or ``""`` (a regular file,
+    or a path that does not exist: its reader says so).
+
+    Example:
+        >>> not_a_file("/dev/null")
+        'not a regular file (a character device); only files can be read'
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return ""
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+        "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else "a special file"
+    return f"not a regular file ({kind}); only files can be read"
 
 
 def class_folders(root: Path, report: DataReport) -> list[str]:

@@ -25,7 +25,7 @@ from PIL import Image
 from transferkit.backbones._base import InputSpec
 from transferkit.data import audio
 from transferkit.data.checks import DataReport
-from transferkit.data.folders import list_class_files
+from transferkit.data.folders import list_class_files, not_a_file
 from transferkit.data.images import IMAGE_EXTENSIONS, check_image_tensor, image_from_array, load_image
 from transferkit.data.transforms import eval_transform
 from transferkit.errors import DataError
@@ -75,6 +75,8 @@ class InputPipeline:
 
     def prepare(self, item: Any) -> torch.Tensor:
         """One item -> ``[3, H, W]`` image tensor or ``[T]`` waveform."""
+        if isinstance(item, (str, Path)) and not_a_file(item):
+            raise DataError(f"Cannot read {str(item)!r}: {not_a_file(item)}.")
         return self._waveform(item) if self.audio else self._image(item)
 
     def batch(self, items: Sequence[Any]) -> torch.Tensor:

@@ -16,8 +16,12 @@ from tests.export_helpers import export_tiny
 from PIL import Image
 
 import transferkit
+from transferkit.export import update_metadata
 
 REPO = Path(__file__).resolve().parents[1]
+# what a finetune() export's metadata holds before "input_spec" (keys are sorted): a run's
+# settings and head, under names the program must not take for the input spec's
+DECISIONS = {"config": {"image_size": None, "task": "multiclass"}, "head": {"kind": "linear"}, "kind": "image"}
 SOURCE = REPO / "examples" / "cpp"
 TORCH_DIR = Path(torch.__file__).parent
 
@@ -91,6 +95,7 @@ def _parse(stdout: str) -> list[tuple[str, str, dict[str, float]]]:
 def test_cpp_program_agrees_with_python_on_images(program, tmp_path, task):
     path = tmp_path / "m.pt"
     export_tiny(path, task=task, labels=("ant", "bee", "cat"), size=16)
+    update_metadata(path, {"decisions": DECISIONS})  # keys named like input_spec's, sorted before it
     predictor = transferkit.load(path)
     rng = np.random.default_rng(0)
     pics = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(4)]
@@ -120,6 +125,7 @@ def test_cpp_program_runs_an_audio_export(program, tmp_path):
     wave = torch.sin(torch.arange(3200) * 0.07) * 0.3
     transferkit.export_torchscript(model, tmp_path / "a.pt", example_inputs=audio.pad_waveforms([wave, wave[:2000]]),
                                    metadata={"labels": ["x", "y"], "input_spec": bb.input_spec.to_dict()})
+    update_metadata(tmp_path / "a.pt", {"decisions": DECISIONS})
     wave.numpy().astype("<f4").tofile(tmp_path / "w.f32")
     proc = _run(program, tmp_path / "a.pt", tmp_path / "w.f32")
     assert proc.returncode == 0, proc.stderr

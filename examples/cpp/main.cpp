@@ -26,18 +26,59 @@ namespace {
 
 // The value of a top-level "key": <number or "string"> in the metadata JSON. A minimal
 // reader: the exporter writes flat keys with json.dumps(indent=1, sort_keys=True).
+// Where the value of `key` starts in the JSON object `json` (a key of that object itself, not of
+// an object nested in it: the metadata's "decisions" hold keys of the same names), or npos.
+size_t value_at(const std::string& json, const std::string& key) {
+  const std::string needle = "\"" + key + "\"";
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < json.size(); ++i) {
+    const char c = json[i];
+    if (in_string) {
+      if (c == '\\') ++i;
+      else if (c == '"') in_string = false;
+    } else if (c == '{' || c == '[') {
+      ++depth;
+    } else if (c == '}' || c == ']') {
+      --depth;
+    } else if (c == '"') {
+      if (depth == 1 && json.compare(i, needle.size(), needle) == 0) {
+        const auto colon = json.find_first_not_of(" \t\n\r", i + needle.size());
+        if (colon != std::string::npos && json[colon] == ':') return json.find_first_not_of(" \t\n\r", colon + 1);
+      }
+      in_string = true;
+    }
+  }
+  return std::string::npos;
+}
+
+// The value of `key` in the JSON object `json`, as text: a string without its quotes, a number
+// or literal as written, a nested object whole (braces included); "" when absent.
 std::string json_value(const std::string& json, const std::string& key) {
-  const std::string needle = "\"" + key + "\":";
-  const auto at = json.find(needle);
-  if (at == std::string::npos) return "";
-  auto i = json.find_first_not_of(" \t\n", at + needle.size());
+  const auto i = value_at(json, key);
   if (i == std::string::npos) return "";
-  if (json[i] == '"') {
-    const auto end = json.find('"', i + 1);
-    return json.substr(i + 1, end - i - 1);
+  if (json[i] == '"') return json.substr(i + 1, json.find('"', i + 1) - i - 1);
+  if (json[i] == '{') {  // up to its matching brace
+    int depth = 0;
+    bool in_string = false;
+    for (size_t j = i; j < json.size(); ++j) {
+      const char c = json[j];
+      if (in_string) {
+        if (c == '\\') ++j;
+        else if (c == '"') in_string = false;
+      } else if (c == '"') {
+        in_string = true;
+      } else if (c == '{') {
+        ++depth;
+      } else if (c == '}' && --depth == 0) {
+        return json.substr(i, j - i + 1);
+      }
+    }
+    return "";
   }
   const auto end = json.find_first_of(",\n}", i);
-  return json.substr(i, end - i);
+  const auto text = json.substr(i, end - i);
+  return text.substr(0, text.find_last_not_of(" \t\r") + 1);
 }
 
 std::vector<std::string> split_lines(const std::string& text) {
@@ -90,13 +131,14 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 }  // namespace
 
 torch::Tensor read_input(const std::string& path, const std::string& meta) {
-  if (json_value(meta, "kind") == "audio") {
+  const std::string spec = json_value(meta, "input_spec");
+  if (json_value(spec, "kind") == "audio") {
     if (!ends_with(path, ".f32")) throw std::runtime_error("an audio model takes raw float32 .f32 files, got " + path);
     return read_f32(path);
   }
   torch::Tensor input = read_ppm(path);
-  const std::string size = json_value(meta, "image_size");
-  if (!size.empty() && (input.size(2) != std::stoi(size) || input.size(3) != std::stoi(size)))
+  const std::string size = json_value(spec, "image_size");
+  if (!size.empty() && size != "null" && (input.size(2) != std::stoi(size) || input.size(3) != std::stoi(size)))
     throw std::runtime_error(path + " is " + std::to_string(input.size(3)) + "x" + std::to_string(input.size(2)) +
                              " but the model takes " + size + "x" + size +
                              "; resize and crop it first as the Python predictor does");

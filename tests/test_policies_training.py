@@ -274,3 +274,27 @@ def test_unfreeze_last_counts_the_final_norm_of_a_vit_as_a_block():
     assert bb.block_names[-2:] == ["blocks.11", "norm"]
     assert Policy.parse("unfreeze:last=1").trainable_blocks(bb.block_names) == ["norm"]
     assert Policy.parse("unfreeze:last=2").trainable_blocks(bb.block_names) == ["blocks.11", "norm"]
+
+
+def test_a_module_shared_by_two_blocks_is_owned_by_the_block_of_its_first_name(tmp_path):
+    """timm's CoaT shares its positional convolutions between blocks: a policy that trains some
+    blocks must still find each shared parameter's block (it ran epoch 1, then stopped)."""
+    from conftest import make_image_folder
+    from transferkit.backbones.custom import from_module
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cpe = nn.Conv2d(3, 3, 3, padding=1)  # its parameters' names: cpe.weight, cpe.bias
+            self.body = nn.Sequential(nn.Sequential(self.cpe, nn.ReLU()),  # and again under body.0.0
+                                      nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+    torch.manual_seed(0)
+    bb = from_module(Shared(), input_spec={"image_size": 16}, name="shared",
+                     blocks=[("cpe", ["cpe"]), ("top", ["body.1"])])
+    data = make_image_folder(tmp_path / "d", per_class=3, size=16)
+    r = tk.finetune(backbone=bb, data=str(data), policy="unfreeze:last=1", epochs=2, batch_size=4, val_split=0,
+                    num_workers=0, verbose=False)
+    assert len(r.history) == 2

@@ -107,12 +107,13 @@ def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]
     members = sorted(((m, b.name) for b in (*backbone.blocks, *backbone.frozen) for m in b.members),
                      key=lambda mb: -len(mb[0]))
     out: dict[str, str | None] = {}
+    canonical = {id(p): n for n, p in trunk.named_parameters()}  # a parameter shared by two modules: its first name
     for name, m in trunk.named_modules():
         covering = next((b for member, b in members if name == member or name.startswith(member + ".")), None)
         if name and covering is not None:
             out[name] = covering
             continue
-        owners = {block_of(backbone, f"{name}.{pn}" if name else pn) for pn, _ in m.named_parameters()}
+        owners = {block_of(backbone, canonical[id(p)]) for p in m.parameters()}
         if not owners and name:
             out[name] = out.get(name.rpartition(".")[0]) if "." in name else None
         else:

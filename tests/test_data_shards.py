@@ -538,7 +538,8 @@ def test_thousands_of_shards_are_read_within_the_open_file_limit(tmp_path):
             "b = tk.data.prepare_data(sys.argv[1], val_split=0)\n"
             "labels = [b.train[i][1] for i in list(range(len(b.train))) * 2]\n"
             "from transferkit.data.shards import max_open_local\n"
-            "print(len(labels), sum(labels), len(b.report.bad_at_load), len(b.train.source._files), max_open_local())\n")
+            "print(len(labels), sum(labels), len(b.report.bad_at_load), len(b.train.source._files),\n"
+            "      max_open_local())\n")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

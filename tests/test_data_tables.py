@@ -163,7 +163,8 @@ def test_a_mapped_hf_dataset_has_the_same_listing_in_every_process(tmp_path):
 
     folder = make_image_folder(tmp_path / "img", per_class=3)
     code = ("import sys\nsys.path.insert(0, sys.argv[2])\nfrom test_data_tables import _hf\n"
-            "from pathlib import Path\nimport transferkit as tk\nfrom transferkit.data.fingerprint import listing_digest\n"
+            "from pathlib import Path\nimport transferkit as tk\n"
+            "from transferkit.data.fingerprint import listing_digest\n"
             "class Unpicklable:\n    def __reduce__(self):\n        raise TypeError('not picklable')\n"
             "held = Unpicklable()\n"
             "ds = _hf(Path(sys.argv[1])).map(lambda row: {'label': row['label'] if held else 0})\n"

@@ -158,5 +158,5 @@ def unreadable_file(what: str, path: Any, exc: BaseException, fix: str, *, name:
     shown = name or str(path)
     if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
         return DataError(f"The {what} {shown!r} does not exist (looked for {os.path.abspath(path)!r}): check the path.")
-    return DataError(f"Cannot read {what} {shown!r}: {type(exc).__name__}: {stream_named(str(exc), shown).rstrip('. ')}. "
-                     f"{fix}")
+    said = stream_named(str(exc), shown).rstrip(". ")
+    return DataError(f"Cannot read {what} {shown!r}: {type(exc).__name__}: {said}. {fix}")

@@ -196,18 +196,16 @@ class EncodedImageDataset(Dataset):
     def fingerprint(self) -> str:
         """The identity of these samples for cache keys: the source's (per-file metadata), the
         labels, the decoding size and the selected samples; no sample is read."""
-        h = hashlib.blake2b(digest_size=16)
-        h.update(f"{type(self.source).__name__}\0{self.source.fingerprint()}\0{self.min_size}\0".encode())
-        h.update("\0".join(self.classes).encode())
-        h.update(self.all_targets.tobytes())
-        h.update(self.indices.tobytes())
-        return h.hexdigest()
+        return self._digest(f"{self.source.fingerprint()}\0{self.min_size}")
 
     def listing_digest(self) -> str:
         """What copies of these samples on other machines share (every rank of a job must read
         the same data): the source's listing (no file times), the labels and the selected samples."""
+        return self._digest(self.source.listing())
+
+    def _digest(self, source: str) -> str:
         h = hashlib.blake2b(digest_size=16)
-        h.update(f"{type(self.source).__name__}\0{self.source.listing()}\0".encode())
+        h.update(f"{type(self.source).__name__}\0{source}\0".encode())
         h.update("\0".join(self.classes).encode())
         h.update(self.all_targets.tobytes())
         h.update(self.indices.tobytes())

@@ -186,6 +186,8 @@ def test_a_class_name_with_a_line_break_is_refused_before_training(tmp_path):
 
     with pytest.raises(tk.ExportError, match="one-line strings"):  # an export made by hand is checked the same way
         complete_metadata({"labels": ["ant\u2028s", "bees"], "input_spec": {"image_size": 32}}, num_outputs=2)
+    # a tab is no line break: an export that holds one (written by hand) still loads
+    assert complete_metadata({"labels": ["a\tb", "c"], "input_spec": {"image_size": 32}}, num_outputs=2)["labels"][0]
 
 
 # -- predict -------------------------------------------------------------------------------------

@@ -190,6 +190,12 @@ def test_cache_key_covers_trunk_not_head(split_folders, tmp_path):
     pools[1].trunk.load_state_dict(pools[0].trunk.state_dict())
     assert repr(pools[0].trunk) == repr(pools[1].trunk)
     assert module_fingerprint(pools[0].trunk) != module_fingerprint(pools[1].trunk)
+    before = module_fingerprint(pools[0].trunk)  # switches of how, not what, it computes (TIMM_FUSED_ATTN)
+    for m in pools[0].trunk.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = not m.fused_attn
+    pools[0].trunk.set_grad_checkpointing(True)
+    assert module_fingerprint(pools[0].trunk) == before
     keys = [_key(_plan(split_folders / "train", backbone=from_module(t, input_spec={"image_size": 16}, name="mine"),
                        **data)) for t in edited]
     assert keys[0] == keys[1] != keys[2]

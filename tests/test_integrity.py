@@ -138,7 +138,8 @@ def test_a_flipped_bit_in_the_zip_directory_is_a_corrupt_export(export_file, tmp
 
 def test_the_file_checked_is_the_file_loaded(tmp_path, monkeypatch):
     """An export replaced by an atomic rename while it is loaded (a re-export, a deploy) cannot
-    pair the checked file's labels with the new file's weights: one open file serves both."""
+    pair the checked file's labels with the new file's weights: a file changed meanwhile is
+    loaded again, checks and all."""
     import transferkit.export.torchscript as ts
 
     export_tiny(tmp_path / "a.pt", labels=("ant", "bee"))
@@ -152,15 +153,16 @@ def test_the_file_checked_is_the_file_loaded(tmp_path, monkeypatch):
 
     def then_replaced(*args, **kwargs):
         out = real(*args, **kwargs)
-        (tmp_path / "b.pt").replace(live)  # after the checks read the file, before the module is loaded
+        if (tmp_path / "b.pt").exists():  # once: after the checks read the file, before the module is loaded
+            (tmp_path / "b.pt").replace(live)
         return out
     monkeypatch.setattr(ts, "zip_records", then_replaced)
     got = transferkit.load(live)
     monkeypatch.setattr(ts, "zip_records", real)
-    want = transferkit.load(tmp_path / "a.pt")
-    assert got.labels == ["ant", "bee"]
     x = images(2, 16)
-    assert torch.equal(got.module(x), want.module(x))  # a.pt's weights with a.pt's labels
+    assert got.labels == ["x", "y"]
+    assert torch.equal(got.module(x), transferkit.load(live).module(x))  # b's weights with b's labels
+    assert not torch.equal(got.module(x), transferkit.load(tmp_path / "a.pt").module(x))
 
 
 def test_flipped_tensor_bytes_in_a_checkpoint_fail_every_reader(checkpoint_file, tmp_path):
@@ -288,6 +290,13 @@ def test_a_device_that_is_not_here_is_a_config_error(export_file):
         with pytest.raises(ConfigError, match="device|Unknown device") as info:
             transferkit.load(export_file, device=device)
         assert "corrupt" not in str(info.value)  # about the device, not the file
+    from transferkit.hardware import resolve_device
+
+    for device in ("meta", "xpu"):  # the same answer for a torch.device, and before a run starts
+        with pytest.raises(ConfigError, match="not a device transferkit runs on"):
+            resolve_device(torch.device(device))
+        with pytest.raises(ConfigError, match="device"):
+            transferkit.FinetuneConfig(device=device)
     assert transferkit.load(export_file, device="auto").device.type in ("cpu", "cuda", "mps")
 
 

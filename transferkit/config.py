@@ -119,7 +119,7 @@ def _workers(v: Any) -> str | None:
 
 
 def _device(v: Any) -> str | None:
-    ok = re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?", v)
+    ok = re.fullmatch(r"auto|cpu|mps(:0)?|cuda(:\d+)?", v)
     return None if ok else "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
 

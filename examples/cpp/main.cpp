@@ -24,8 +24,8 @@
 
 namespace {
 
-// The value of a top-level "key": <number or "string"> in the metadata JSON. A minimal
-// reader: the exporter writes flat keys with json.dumps(indent=1, sort_keys=True).
+// A minimal JSON reader for the metadata (json.dumps(indent=1, sort_keys=True)): enough to find
+// a key of one object and take its value as text; string values are not unescaped.
 // Where the value of `key` starts in the JSON object `json` (a key of that object itself, not of
 // an object nested in it: the metadata's "decisions" hold keys of the same names), or npos.
 size_t value_at(const std::string& json, const std::string& key) {

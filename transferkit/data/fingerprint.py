@@ -47,11 +47,17 @@ def module_structure(module: torch.nn.Module) -> str:
     return blank_addresses(repr(module))
 
 
+# module attributes that change how, not what, a module computes: timm's fused attention (set
+# from TIMM_FUSED_ATTN in each process) and gradient checkpointing, and the train/eval flag
+RUNTIME_SWITCHES = frozenset({"training", "fused_attn", "grad_checkpointing"})
+
+
 def module_settings(module: torch.nn.Module) -> str:
     """Each submodule's public attributes that hold plain values (strings, numbers, booleans,
     None, and tuples or lists of them), by name: settings a ``forward`` reads that its
-    ``repr`` may not show (timm's ``global_pool='avg'`` or ``'max'`` on a ViT). The train/eval
-    flag is left out (the frozen pass runs in eval mode whatever the module was left in).
+    ``repr`` may not show (timm's ``global_pool='avg'`` or ``'max'`` on a ViT). Left out: the
+    train/eval flag (the frozen pass runs in eval mode whatever the module was left in) and
+    `RUNTIME_SWITCHES`, which change how, not what, a module computes.
 
     Example:
         >>> import torch
@@ -65,7 +71,8 @@ def module_settings(module: torch.nn.Module) -> str:
         return isinstance(v, _PLAIN) or isinstance(v, (tuple, list)) and all(isinstance(x, _PLAIN) for x in v)
     h = hashlib.blake2b(digest_size=16)
     for name, m in module.named_modules():
-        shown = sorted((k, v) for k, v in vars(m).items() if not k.startswith("_") and k != "training" and plain(v))
+        shown = sorted((k, v) for k, v in vars(m).items()
+                       if not k.startswith("_") and k not in RUNTIME_SWITCHES and plain(v))
         h.update(f"{name}:{shown!r}\n".encode())
     return h.hexdigest()
 

@@ -138,9 +138,9 @@ def list_class_files(folder: Path, is_data: Callable[[str], bool], report: DataR
             path = os.path.join(dp, f)
             if not is_data(f):
                 report.ignored_files.append(path)
-            elif not_a_file(path):  # opening a FIFO waits for a writer that never comes
-                report.bad_files.append((path, not_a_file(path)))
-                report.warn(f"Left out {path!r}: {not_a_file(path)}.")
+            elif why := not_a_file(path):  # opening a FIFO waits for a writer that never comes
+                report.bad_files.append((path, why))
+                report.warn(f"Left out {path!r}: {why}.")
             else:
                 files.append(path)
     return sorted(files)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,8 +76,9 @@ class InputPipeline:
 
     def prepare(self, item: Any) -> torch.Tensor:
         """One item -> ``[3, H, W]`` image tensor or ``[T]`` waveform."""
-        if isinstance(item, (str, Path)) and not_a_file(item):
-            raise DataError(f"Cannot read {str(item)!r}: {not_a_file(item)}.")
+        why = not_a_file(item) if isinstance(item, (str, os.PathLike)) else ""
+        if why:
+            raise DataError(f"Cannot read {str(item)!r}: {why}.")
         return self._waveform(item) if self.audio else self._image(item)
 
     def batch(self, items: Sequence[Any]) -> torch.Tensor:

@@ -43,7 +43,6 @@ from typing import Any
 
 import torch
 
-from transferkit._text import one_line
 from transferkit._version import __version__
 from transferkit.data.audio import DEFAULT_MAX_SECONDS, audio_window
 from transferkit.errors import CorruptExportError, ExportError
@@ -163,7 +162,7 @@ def validate_metadata(meta: Any, *, source: str, fmt: str = FORMAT) -> dict[str,
     if found != fmt:
         raise _fail(source, f"format is {found!r}, expected {fmt!r}")
     labels = meta["labels"]
-    if not labels or not all(isinstance(x, str) and x and one_line(x) for x in labels):
+    if not labels or not all(isinstance(x, str) and x and x.splitlines() == [x] for x in labels):
         raise _fail(source, "labels must be a non-empty list of non-empty one-line strings")
     if len(set(labels)) != len(labels):
         dups = sorted({x for x in labels if labels.count(x) > 1})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import time
 import types
 import warnings
@@ -504,37 +505,61 @@ def _load(path: str | Path, map_location: str | torch.device, *,
     path = Path(path)
     check_model_file(path, source=source, kind="Model")
     device = check_device(map_location)
-    # one open file for the checks and the load: a file replaced meanwhile (an atomic re-export)
-    # cannot give the checked file's labels to another file's weights
-    unreadable = f"Cannot load {source} as TorchScript (truncated, corrupt, or not a transferkit export)"
+    # the file checked must be the file loaded: one replaced meanwhile (an atomic re-export)
+    # would pair its labels with another file's weights. torch.jit.load reads a path without a
+    # copy of it in memory (a file object is read whole, about 4x its size at the peak), so the
+    # path is loaded and the file's identity compared before and after; a change loads again.
+    for _ in range(3):
+        try:
+            f = open(path, "rb")
+        except OSError as exc:
+            raise ExportError(f"{_UNREADABLE.format(source=source)}: {type(exc).__name__}: {exc}") from exc
+        with f:
+            checked = _identity(os.fstat(f.fileno()))
+            meta = _checked_metadata(f, source)
+        module = _jit_load(path, device, source)
+        try:
+            if _identity(os.stat(path)) == checked:
+                return module, meta
+        except OSError:
+            pass
+    raise ExportError(f"{source} was replaced three times while it was loaded; load it again once it is written.")
+
+
+_UNREADABLE = "Cannot load {source} as TorchScript (truncated, corrupt, or not a transferkit export)"
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _checked_metadata(f: Any, source: str) -> dict[str, Any]:
+    """The metadata of the open export ``f``, its records checked against their digests."""
     try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise ExportError(f"{unreadable}: {type(exc).__name__}: {exc}") from exc
-    with f:
-        try:
-            zf = open_zip(f, source=source, error=ExportError)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise ExportError(f"{unreadable}: {type(exc).__name__}: {exc}") from exc
-        with zf:
-            names = [record_name(n) for n in zf.namelist()]
-            if not any(n.startswith("code/") for n in names):
-                raise ExportError(_not_torchscript(zf, names, source))
-            digests, extra = zip_records(zf, source=source, error=ExportError)
-        meta = decode_metadata(extra, source=source)
-        if "integrity" in meta:
-            check_records(extra.get(RECORDS_FILE, b""), meta["integrity"], digests, source=source, error=ExportError)
-        else:
-            warnings.warn(f"{source} has no content digest (an export from an older transferkit): its weights "
-                          "cannot be checked for damage. Re-export it to add one.", stacklevel=3)
-        try:
-            f.seek(0)
-            with quiet_jit():
-                module = torch.jit.load(f, map_location=device)
-        except Exception as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise ExportError(f"{unreadable}: {type(exc).__name__}: {msg}") from exc
-    return module, meta
+        zf = open_zip(f, source=source, error=ExportError)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise ExportError(f"{_UNREADABLE.format(source=source)}: {type(exc).__name__}: {exc}") from exc
+    with zf:
+        names = [record_name(n) for n in zf.namelist()]
+        if not any(n.startswith("code/") for n in names):
+            raise ExportError(_not_torchscript(zf, names, source))
+        digests, extra = zip_records(zf, source=source, error=ExportError)
+    meta = decode_metadata(extra, source=source)
+    if "integrity" in meta:
+        check_records(extra.get(RECORDS_FILE, b""), meta["integrity"], digests, source=source, error=ExportError)
+    else:
+        warnings.warn(f"{source} has no content digest (an export from an older transferkit): its weights cannot "
+                      "be checked for damage. Re-export it to add one.", stacklevel=4)
+    return meta
+
+
+def _jit_load(path: Path, device: torch.device, source: str) -> torch.jit.ScriptModule:
+    try:
+        with quiet_jit():
+            return torch.jit.load(str(path), map_location=device)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(f"{_UNREADABLE.format(source=source)}: {type(exc).__name__}: {msg}") from exc
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -82,6 +82,10 @@ def test_bad_fields_are_rejected():
         Policy(unfreeze="all", every=2)
     with pytest.raises(PolicyError, match="not with full fine-tuning"):
         Policy(lora=4, unfreeze="all")
+    for field, message in (("discriminative", r"number in \(0, 1\]"), ("layer_decay", r"number in \(0, 1\]"),
+                           ("l2sp", "finite number"), ("lora_alpha", "number > 0")):  # True is no rate
+        with pytest.raises(PolicyError, match=message):
+            Policy(**{field: True}, **({"lora": 4} if field == "lora_alpha" else {"unfreeze": "all"}))
 
 
 @given(start=st.integers(0, len(BLOCKS) - 1), every=st.one_of(st.none(), st.integers(1, 4)),

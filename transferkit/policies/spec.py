@@ -35,6 +35,10 @@ FINE_TUNE_UNFROZEN_LR = 0.1
 FINE_TUNE_HEAD_PASSES = 0
 
 
+def _number(v: object) -> bool:
+    """An int or a float, not a bool (``True`` is an int to Python, not a rate)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
 @dataclass(frozen=True, repr=False)
 class Policy:
     """A fine-tuning policy (all fields optional; the default is feature extraction).
@@ -184,13 +188,13 @@ class Policy:
     def _check_rates(self) -> None:
         for name in ("discriminative", "layer_decay"):
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
+            if v is not None and not (_number(v) and 0 < v <= 1):
                 raise PolicyError(f"Policy.{name} must be a number in (0, 1] (the lr ratio), got {v!r}.")
         if self.discriminative is not None and self.layer_decay is not None:
             raise PolicyError("Give either discriminative=r or layer_decay=d, not both: both set the lr per block.")
         for name in ("l2sp", "l2sp_beta"):
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and 0 <= v < math.inf):
+            if v is not None and not (_number(v) and 0 <= v < math.inf):
                 raise PolicyError(f"Policy.{name} must be a finite number >= 0, got {v!r}.")
         if self.l2sp is None and self.l2sp_beta != _DEFAULTS["l2sp_beta"]:
             raise PolicyError(f"l2sp_beta={self.l2sp_beta} weighs the new weights' penalty of L2-SP; this policy has "
@@ -215,7 +219,7 @@ class Policy:
         if r is not None and (self.unfreeze == "all" or self.is_gradual):
             raise PolicyError("LoRA trains low-rank factors instead of the backbone: it combines with unfreezing "
                               "some blocks (last=, blocks=, from=), not with full fine-tuning or gradual unfreezing.")
-        if self.lora_alpha is not None and not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
+        if self.lora_alpha is not None and not (_number(self.lora_alpha) and self.lora_alpha > 0):
             raise PolicyError(f"Policy.lora_alpha must be a number > 0, got {self.lora_alpha!r}.")
         try:
             re.compile(self.lora_targets)
@@ -341,7 +345,8 @@ class Policy:
         ``discriminative=0.01`` and ``lr * unfrozen_lr``; bare ``fine_tune`` is ``frozen=1``;
         ``frozen=k`` and ``unfrozen_lr=f`` also apply to ``full`` and ``unfreeze``). Options for every kind:
         ``bn=train|affine|frozen``, ``discriminative=r``, ``layer_decay=d``, ``l2sp=alpha``,
-        ``l2sp_beta=beta``, ``decay_norm_bias=true``. ``Policy.parse(str(p)) == p``. The old
+        ``l2sp_beta=beta``, ``decay_norm_bias=true``. ``Policy.parse(str(p)) == p`` (but for
+        LoRA target patterns holding a comma). The old
         spelling ``finetune`` still means ``full`` and warns (FutureWarning): it reads too much
         like ``fine_tune``.
 

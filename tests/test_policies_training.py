@@ -298,3 +298,20 @@ def test_a_module_shared_by_two_blocks_is_owned_by_the_block_of_its_first_name(t
     r = tk.finetune(backbone=bb, data=str(data), policy="unfreeze:last=1", epochs=2, batch_size=4, val_split=0,
                     num_workers=0, verbose=False)
     assert len(r.history) == 2
+
+
+def test_a_policy_that_unfreezes_only_batchnorm_blocks_under_bn_frozen_is_refused(tmp_path):
+    """A DenseNet's last block is its final BatchNorm: ``unfreeze:last=1,bn=frozen`` would plan
+    "head + norm" and train no backbone weight (uncached, at the backbone's rate)."""
+    from conftest import make_image_folder
+    from transferkit.backbones.custom import from_module
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    bb = from_module(net, input_spec={"image_size": 16}, name="norm_last", blocks=[("body", ["0"]), ("norm", ["1"])])
+    data = str(make_image_folder(tmp_path / "d", per_class=3, size=16))
+    with pytest.raises(tk.PolicyError, match=r"'unfreeze:last=1,bn=frozen' trains no backbone weight: the blocks it "
+                                             r"unfreezes \(norm\) hold only BatchNorm gamma/beta"):
+        tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="unfreeze:last=1,bn=frozen", epochs=2))
+    assert tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="unfreeze:last=2,bn=frozen", epochs=2)).trainable
+    assert tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="unfreeze:last=1,bn=affine", epochs=2)).trainable

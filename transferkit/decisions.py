@@ -30,7 +30,7 @@ from transferkit.config import OUTPUT_KEYS, FinetuneConfig, called_as, jsonable
 from transferkit.data import eval_transform, train_transform
 from transferkit.data.decoded import DEFAULT_BUDGET_BYTES, DecodePlan, decide_decode
 from transferkit.data.gpu_jpeg import decide_input_decode
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, PolicyError
 from transferkit.backbones.registry import check_weights_tag
 from transferkit.backbones.weights import is_weights_path
 from transferkit.facts import Facts, environment, look
@@ -306,6 +306,12 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     decode = _decode_decision(cfg, facts, augment, cached_epochs)
     template = bb.head_groups if cache else bb.groups
     trainable = tuple(tuple(b) for b in pol.schedule(list(bb.blocks), cfg.epochs))
+    trained = {b for epoch in trainable for b in epoch}
+    if pol.bn == "frozen" and pol.lora is None and not pol.is_gradual and trained and trained <= set(bb.batchnorm_only):
+        raise PolicyError(f"The policy {str(pol)!r} trains no backbone weight: the blocks it unfreezes "
+                          f"({', '.join(sorted(trained))}) hold only BatchNorm gamma/beta, which bn=frozen keeps "
+                          "frozen. Unfreeze more blocks (e.g. last=2), let BatchNorm train (bn=affine or bn=train), or "
+                          "use policy='feature_extraction' for a frozen backbone.")
     notes = []
     if cfg.feature_engine not in ("auto", "eager") and not cached_epochs:
         notes.append(f"feature_engine={cfg.feature_engine!r} is not used: this run has no cached feature pass "

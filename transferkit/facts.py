@@ -46,6 +46,7 @@ from transferkit.lora import add_lora
 from transferkit.model import TransferModel
 from transferkit.policies import Policy, param_groups
 from transferkit.policies.freeze import has_batchnorm
+from transferkit.policies.structure import batchnorm_only_blocks
 from transferkit.policies.frozen_bn import eval_fingerprint
 from transferkit.train.device import resolve_device
 from transferkit.train.distributed import DistInfo, broadcast_object, init_distributed
@@ -90,6 +91,7 @@ class BackboneFacts:
     groups: tuple[dict[str, Any], ...]  # whole-model optimizer groups at lr 1 (name, lr_scale, weight_decay, params)
     head_groups: tuple[dict[str, Any], ...]  # the head's alone (training on cached features)
     spec_augment: bool = False  # the trunk holds SpecAugment masks (active in training mode only)
+    batchnorm_only: tuple[str, ...] = ()  # blocks of BatchNorm gamma/beta alone (nothing trains in them at bn=frozen)
 
 
 @dataclass(frozen=True)
@@ -385,7 +387,8 @@ def _backbone_facts(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, dev: tor
                          num_features=bb.num_features, input_spec=spec, layout_timed=timed, fingerprint=fingerprint,
                          weights_digest=digest, groups=groups, head_groups=head_groups,
                          spec_augment=any(isinstance(m, SpecAugment) and (m.freq_masks or m.time_masks)
-                                          for m in bb.trunk.modules()))
+                                          for m in bb.trunk.modules()),
+                         batchnorm_only=batchnorm_only_blocks(bb))
 
 
 def _spec_digest(spec: InputSpec) -> str:

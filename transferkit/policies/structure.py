@@ -32,6 +32,22 @@ def has_batchnorm(backbone: Backbone) -> bool:
     return any(backbone.block_of(n) in trainable for n in bn_param_names(backbone.trunk))
 
 
+def batchnorm_only_blocks(backbone: Backbone) -> tuple[str, ...]:
+    """The blocks whose parameters are all BatchNorm gamma/beta (a DenseNet's final ``norm``):
+    under ``bn="frozen"`` nothing in them trains.
+
+    Example:
+        >>> from transferkit import get_backbone
+        >>> batchnorm_only_blocks(get_backbone("tv:densenet121", weights=None))
+        ('norm',)
+    """
+    bn = bn_param_names(backbone.trunk)
+    owned: dict[str, list[bool]] = {}
+    for name, _ in backbone.trunk.named_parameters():
+        owned.setdefault(backbone.block_of(name), []).append(name in bn)
+    return tuple(b for b in backbone.block_names if owned.get(b) and all(owned[b]))
+
+
 PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.(original|\d+\..+)$")
 
 

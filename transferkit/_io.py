@@ -721,10 +721,11 @@ def is_inside(path: str | Path, folder: str | Path) -> bool:
     return p == f or f in p.parents
 
 
-def file_stat(path: str | Path) -> list[int]:
-    """``[size, modification time, status-change time (ns), inode]`` of a file: what a cache
-    records to trust a file it wrote without reading it again (a file rewritten in place, or
-    replaced with ``cp -p``, changes one)."""
+def file_stat(path: str | Path | int) -> list[int]:
+    """``[size, modification time, status-change time (ns), inode]`` of a file (a path, or an
+    open file's descriptor): what a cache records to trust a file it wrote without reading it
+    again, and what tells a file from the one that replaced it at its path (a file rewritten in
+    place, replaced by a rename or with ``cp -p``, changes one)."""
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 

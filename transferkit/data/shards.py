@@ -572,6 +572,7 @@ class ShardSource:
         self._files: dict[int, Any] = {}  # open shards, least recently read first
         self._held: dict[int, Held] = {}  # open remote shards, least recently read first
         self._pid = os.getpid()
+        self._max_local = max_open_local()  # read once per process (a getrlimit call)
         self._signatures: np.ndarray | None = None  # computed once, see signatures()
 
     def __len__(self) -> int:
@@ -587,13 +588,13 @@ class ShardSource:
         if self._pid != os.getpid():  # a forked worker: the parent's files share its offsets
             for held in self._held.values():
                 held.release()  # this process's copy of the descriptor; the parent keeps its own
-            self._files, self._held, self._pid = {}, {}, os.getpid()
+            self._files, self._held, self._pid, self._max_local = {}, {}, os.getpid(), max_open_local()
         f = self._files.pop(s, None)
         if f is None:
             if self.remote[s]:
                 return self._open_remote(s)
             local = [t for t in self._files if not self.remote[t]]
-            for t in local[:max(0, len(local) - max_open_local() + 1)]:
+            for t in local[:max(0, len(local) - self._max_local + 1)]:
                 self.close_shard(t)
             f = open(self.paths[s], "rb")
         elif self.remote[s]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import time
 import types
 import warnings
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from transferkit._integrity import check_records, file_digests, open_zip, record_name, records_entry, zip_records
-from transferkit._io import atomic_write, check_free_space, file_lock, python_writer
+from transferkit._io import atomic_write, check_free_space, file_lock, file_stat, python_writer
 from transferkit.hardware import is_convolutional, resolve_device
 from transferkit.errors import ConfigError, ExportError, check_choice
 from transferkit._text import exception_line, plural
@@ -515,11 +514,11 @@ def _load(path: str | Path, map_location: str | torch.device, *,
         except OSError as exc:
             raise ExportError(f"{_UNREADABLE.format(source=source)}: {type(exc).__name__}: {exc}") from exc
         with f:
-            checked = _identity(os.fstat(f.fileno()))
+            checked = file_stat(f.fileno())
             meta = _checked_metadata(f, source)
         module = _jit_load(path, device, source)
         try:
-            if _identity(os.stat(path)) == checked:
+            if file_stat(path) == checked:
                 return module, meta
         except OSError:
             pass
@@ -527,10 +526,6 @@ def _load(path: str | Path, map_location: str | torch.device, *,
 
 
 _UNREADABLE = "Cannot load {source} as TorchScript (truncated, corrupt, or not a transferkit export)"
-
-
-def _identity(st: os.stat_result) -> tuple[int, ...]:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _checked_metadata(f: Any, source: str) -> dict[str, Any]:

@@ -8,12 +8,12 @@ mid-epoch leaves the last good one on disk untouched.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from transferkit._io import file_stat
 from transferkit._signals import TrainingInterrupted, held_signals, signal_name
 from transferkit.errors import OutputError, TrainingError, TransferkitError
 
@@ -64,13 +64,13 @@ def suggest_batch_size(step: Callable[[int], None], start: int) -> int | None:
     return None
 
 
-def _identity(path: str | Path | None) -> tuple[int, int, int] | None:
-    """What tells one file at ``path`` from another written there (each write replaces it)."""
+def _identity(path: str | Path | None) -> list[int] | None:
+    """What tells one file at ``path`` from another written there (each write replaces it);
+    None when there is none."""
     try:
-        st = os.stat(path) if path is not None else None
+        return file_stat(path) if path is not None else None
     except OSError:
         return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None
 
 
 @contextlib.contextmanager

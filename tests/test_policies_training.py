@@ -315,3 +315,24 @@ def test_a_policy_that_unfreezes_only_batchnorm_blocks_under_bn_frozen_is_refuse
         tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="unfreeze:last=1,bn=frozen", epochs=2))
     assert tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="unfreeze:last=2,bn=frozen", epochs=2)).trainable
     assert tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="unfreeze:last=1,bn=affine", epochs=2)).trainable
+
+
+def test_a_gradual_schedule_with_an_epoch_that_unfreezes_only_batchnorm_under_bn_frozen_is_refused(tmp_path):
+    """A gradual schedule's first step that unfreezes only a BatchNorm block trains no backbone
+    weight in that epoch, uncached; the same rule as a fixed policy, named by its epoch."""
+    from conftest import make_image_folder
+    from transferkit.backbones.custom import from_module
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten())
+    bb = from_module(net, input_spec={"image_size": 16}, name="norm_last",
+                     blocks=[("stem", ["0"]), ("body", ["1"]), ("norm", ["2"])])
+    data = str(make_image_folder(tmp_path / "d", per_class=3, size=16))
+    with pytest.raises(tk.PolicyError, match=r"'gradual:every=1,bn=frozen' trains no backbone weight in epoch 2: the "
+                                             r"blocks it unfreezes \(norm\) hold only BatchNorm.*start=2"):
+        tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="gradual:every=1,bn=frozen", epochs=3))
+    plan = tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="gradual:every=1,start=2,bn=frozen", epochs=3))
+    assert plan.trainable == (("body", "norm"), ("stem", "body", "norm"), ("stem", "body", "norm"))
+    # one epoch: the frozen first epoch alone, nothing refused
+    assert tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="gradual:every=1,bn=frozen", epochs=1)).frozen

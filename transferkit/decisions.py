@@ -306,12 +306,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     decode = _decode_decision(cfg, facts, augment, cached_epochs)
     template = bb.head_groups if cache else bb.groups
     trainable = tuple(tuple(b) for b in pol.schedule(list(bb.blocks), cfg.epochs))
-    trained = {b for epoch in trainable for b in epoch}
-    if pol.bn == "frozen" and pol.lora is None and not pol.is_gradual and trained and trained <= set(bb.batchnorm_only):
-        raise PolicyError(f"The policy {str(pol)!r} trains no backbone weight: the blocks it unfreezes "
-                          f"({', '.join(sorted(trained))}) hold only BatchNorm gamma/beta, which bn=frozen keeps "
-                          "frozen. Unfreeze more blocks (e.g. last=2), let BatchNorm train (bn=affine or bn=train), or "
-                          "use policy='feature_extraction' for a frozen backbone.")
+    _check_trains_something(pol, trainable, bb.batchnorm_only)
     notes = []
     if cfg.feature_engine not in ("auto", "eager") and not cached_epochs:
         notes.append(f"feature_engine={cfg.feature_engine!r} is not used: this run has no cached feature pass "
@@ -353,6 +348,24 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         trunk_fingerprint=bb.fingerprint, data_fingerprints=dict(data.fingerprints), notes=tuple(notes),
         engine=engine, engine_reason=engine_reason,
         input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode))
+
+
+def _check_trains_something(pol: Policy, trainable: tuple[tuple[str, ...], ...],
+                            batchnorm_only: tuple[str, ...]) -> None:
+    """Refuse a schedule with an epoch whose unfrozen blocks hold only BatchNorm gamma/beta under
+    ``bn=frozen``: that epoch trains no backbone weight, yet it runs the backbone end to end
+    instead of on cached features (a DenseNet's last block ``norm``; a gradual schedule whose
+    first step unfreezes such a block)."""
+    if pol.bn != "frozen" or pol.lora is not None:
+        return
+    for epoch, blocks in enumerate(trainable):
+        if blocks and set(blocks) <= set(batchnorm_only):
+            when, fix = ((f" in epoch {epoch + 1}", "Start with more blocks unfrozen (start=2)") if pol.is_gradual
+                         else ("", "Unfreeze more blocks (e.g. last=2)"))
+            raise PolicyError(f"The policy {str(pol)!r} trains no backbone weight{when}: the blocks it unfreezes "
+                              f"({', '.join(blocks)}) hold only BatchNorm gamma/beta, which bn=frozen keeps frozen. "
+                              f"{fix}, let BatchNorm train (bn=affine or bn=train), or use "
+                              "policy='feature_extraction' for a frozen backbone.")
 
 
 def _input_decode_decision(cfg: FinetuneConfig, facts: Facts, cached_epochs: int,

@@ -139,6 +139,38 @@ def test_the_plan_gives_each_group_the_rate_of_the_phase_that_trains_it(split_fo
     assert "epoch 1: head + BatchNorm gamma/beta of every block;" in text and "head only" not in text
 
 
+def test_the_recorded_group_rates_are_the_rates_the_optimizer_trains_them_at(split_folders, monkeypatch):
+    """fine_tune's groups train in its second phase at lr x unfrozen_lr: the record (checkpoint,
+    export, ``--dry-run --json``) holds that rate, the one in the optimizer's groups then."""
+    from transferkit.train.optim import LRSchedule
+
+    seen: dict[str, float] = {}
+    step = LRSchedule.step
+
+    def record(self):
+        seen.update({g["name"]: g["lr"] for g in self.optimizer.param_groups})
+        step(self)
+
+    monkeypatch.setattr(LRSchedule, "step", record)
+    r = tk.finetune("tk:small_cnn", weights=None, data=split_folders / "train", epochs=2, image_size=16,
+                    num_workers=0, verbose=False, policy="fine_tune:frozen=1", schedule="constant", lr=0.01)
+    recorded = {g["name"]: g["lr"] for g in r.decisions.to_dict()["groups"]}
+    assert len(recorded) > 2 and recorded == pytest.approx(seen, rel=1e-12)
+    assert recorded["head"] == pytest.approx(0.001)  # the head trained at 0.01 in the first phase
+
+
+def test_a_record_of_group_rates_at_the_base_rate_still_resumes(split_folders):
+    """Records of format 2 held each group's rate at the base rate (10x fine_tune's second
+    phase): read as the rates they stand for, they agree with a record of now."""
+    from transferkit.decisions import differences
+
+    now = _plan(split_folders / "train", policy="fine_tune:frozen=1", epochs=3).to_dict()
+    old = {**now, "format": 2, "groups": [{**g, "lr": g["lr"] * 10} for g in now["groups"]]}
+    assert differences(old, now) == {}
+    assert set(differences({**old, "format": 3}, now)) == {"groups"}
+    assert set(differences({**now, "groups": old["groups"][::-1]}, now)) == {"groups"}
+
+
 def test_summary_and_record_state_every_decision(split_folders):
     p = _plan(split_folders / "train", val_data=split_folders / "val", policy="unfreeze:last=1")
     d = p.to_dict()

@@ -45,7 +45,7 @@ from transferkit.train.optim import default_lr
 from transferkit.train.speed import decide_speed
 from transferkit.train.tasks import monitor_default, target_scale_note
 
-DECISIONS_FORMAT = 2
+DECISIONS_FORMAT = 3  # 3: each group's rate is the rate it trains at (2: at the base rate, a phase's factor left out)
 # decisions that may differ when resuming (where the run runs, not what it computes; whether
 # torch.compile is tried depends on the machine: a C++ compiler, the number of processes)
 _PLACE_KEYS = frozenset({"device", "weights_file", "feature_engine", "feature_engine_reason",
@@ -165,14 +165,13 @@ class Decisions:
         where = self.device + (f", rank {self.rank} of {self.world_size}" if self.world_size > 1 else "")
         features = ("cached" if self.cache else "cached, then not" if self.cached_epochs else "not cached")
         phases = self.policy.lr_phases(cfg.epochs)
-        factor = phases[1][1] if len(phases) > 1 else 1.0  # the groups train in the last phase, at its rate
         affine = self.policy.bn == "affine" and self.bn_mode.startswith("statistics frozen")  # gamma/beta train too
         epochs_text = _epoch_text(self.trainable, cfg.epochs, lora=self.policy.lora, bn_affine=affine)
         alone = "of the head and every block's BatchNorm gamma/beta" if affine else "of the head alone"
-        groups = ", ".join(f"{g['name']} lr {g['lr'] * factor:.3g} wd {g['weight_decay']:g}" for g in self.groups[:4])
+        groups = ", ".join(f"{g['name']} lr {g['lr']:.3g} wd {g['weight_decay']:g}" for g in self.groups[:4])
         if len(self.groups) > 4:
             groups += f", ... ({len(self.groups)} groups)"
-        if groups and factor != 1.0:
+        if groups and len(phases) > 1:
             groups += f" (from epoch {phases[0][0] + 1}, the rates of the phase that trains them)"
         lines = [
             f"plan: {self.backbone} ({self.weights or 'random init'}) -> {self.head} head, "
@@ -340,8 +339,8 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
                                     pretrained=bb.weights is not None or not isinstance(cfg.backbone, str),
                                     head_kind=facts.head),  # random: a name built with weights=None
         target_norm=data.targets if target_norm else None, augment=augment,
-        lr=lr, groups=tuple({"name": g["name"], "lr": lr * g["lr_scale"], "weight_decay": g["weight_decay"],
-                             "params": g["params"]} for g in template),
+        lr=lr, groups=tuple({"name": g["name"], "lr": lr * _group_phase_factor(pol, cfg.epochs) * g["lr_scale"],
+                             "weight_decay": g["weight_decay"], "params": g["params"]} for g in template),
         trainable=trainable, bn_updates=_bn_updates(pol, bb.has_batchnorm, trainable, cached_epochs),
         bn_mode=_bn_mode(pol, bb.has_batchnorm, frozen), class_weights=data.class_weights,
         decode=decode, data=data.identity,
@@ -459,6 +458,8 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
     for (part, key), before in ADDED_DECISIONS.items():
         if isinstance(saved.get(part), dict) and key not in saved[part]:
             saved[part][key] = before
+    if saved.get("format") == 2 and now.get("format") == DECISIONS_FORMAT:  # group rates at the base rate then
+        saved["groups"], saved["format"] = _groups_at_phase_rates(saved), DECISIONS_FORMAT
     if isinstance(saved.get("input_spec"), dict):  # as recorded now (an audio spec without image fields)
         saved["input_spec"] = InputSpec.from_dict(saved["input_spec"]).to_dict()
     diff: dict[str, tuple[Any, Any]] = {}
@@ -474,6 +475,22 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
         elif key not in _PLACE_KEYS and key != "speed_reasons" and saved.get(key) != now.get(key):
             diff[key] = (saved.get(key), now.get(key))
     return diff
+
+
+def _group_phase_factor(policy: Policy, epochs: int) -> float:
+    """The factor of the base rate that the optimizer groups train at: the last phase's
+    (``fine_tune:frozen=k``: ``unfrozen_lr`` from epoch k+1; the head alone trains before)."""
+    return policy.lr_phases(epochs)[-1][1]
+
+
+def _groups_at_phase_rates(record: dict[str, Any]) -> Any:
+    """A format-2 record's groups with the rates they train at (format 2 stored the base rate)."""
+    groups, epochs = record.get("groups"), (record.get("config") or {}).get("epochs")
+    try:
+        factor = _group_phase_factor(Policy.parse(str(record.get("policy"))), int(epochs))
+        return [{**g, "lr": g["lr"] * factor} for g in groups]
+    except (PolicyError, TypeError, ValueError, KeyError):  # a record this cannot read: compared as it is
+        return groups
 
 
 def _changing_shapes(kind: str, spec: InputSpec) -> str | None:

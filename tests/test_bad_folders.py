@@ -328,15 +328,34 @@ def test_a_split_that_holds_out_nothing_trains_without_validation(tmp_path):
 def test_a_fifo_named_like_an_image_is_left_out_not_waited_on(tmp_path):
     """Opening a FIFO waits for a writer that never comes: a training scan or a prediction
     would hang. It is no file to read, and is said so."""
+    import threading
+
     root = make_image_folder(tmp_path / "d", per_class=3, size=16)
     fifo = root / "dark" / "pipe.jpg"
     os.mkfifo(fifo)
-    with pytest.warns(UserWarning, match=r"Left out .*pipe.jpg.*not a regular file \(a FIFO\)"):
-        bundle = prepare_data(root, val_split=0)
-    assert len(bundle.train) == 6 and bundle.report.bad_files == [(str(fifo), "not a regular file (a FIFO); only "
-                                                                              "files can be read")]
-    from tests.export_helpers import export_tiny
+    readers, done = [], threading.Event()
 
-    export_tiny(tmp_path / "m.pt", labels=("dark", "light"))
-    got = tk.load(tmp_path / "m.pt").predict([str(fifo)] + sorted(str(p) for p in (root / "light").iterdir()))
-    assert not got[0].ok and "not a regular file (a FIFO)" in got[0].error and all(p.ok for p in got[1:])
+    def release_readers():  # a reader that opened the FIFO is counted and let go (EOF), so the test fails, not hangs
+        while not done.wait(0.05):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO while no reader has it open
+                readers.append(1)
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=release_readers, daemon=True)
+    thread.start()
+    try:
+        with pytest.warns(UserWarning, match=r"Left out .*pipe.jpg.*not a regular file \(a FIFO\)"):
+            bundle = prepare_data(root, val_split=0)
+        assert len(bundle.train) == 6 and bundle.report.bad_files == [
+            (str(fifo), "not a regular file (a FIFO); only files can be read")]
+        from tests.export_helpers import export_tiny
+
+        export_tiny(tmp_path / "m.pt", labels=("dark", "light"))
+        got = tk.load(tmp_path / "m.pt").predict([str(fifo)] + sorted(str(p) for p in (root / "light").iterdir()))
+        assert not got[0].ok and "not a regular file (a FIFO)" in got[0].error and all(p.ok for p in got[1:])
+    finally:
+        done.set()
+        thread.join()
+    assert not readers, "the FIFO was opened for reading"

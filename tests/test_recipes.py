@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_image_folder
+import transferkit as tk
 import transferkit.recipes as recipes
 from transferkit.config import load_config, merge_config
 from transferkit.errors import ConfigError, DataError
@@ -259,3 +260,42 @@ def test_the_default_data_root_is_beside_the_checkout_that_runs_the_recipe(tmp_p
     assert recipes.default_data_root() == Path("..") / "shared" / "data"  # neither: from the current folder
     monkeypatch.setenv("TRANSFERKIT_DATA", str(tmp_path / "d"))
     assert recipes.default_data_root() == tmp_path / "d"
+
+
+def _brightness_export(path: Path) -> Path:
+    """An export that calls an image "light" when its mean pixel is bright, else "dark"."""
+    import torch
+    from torch import nn
+
+    from export_helpers import images
+    from transferkit.backbones.custom import from_module
+    from transferkit.export import export_torchscript
+
+    bb = from_module(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), input_spec={"image_size": 16},
+                     num_features=3)
+    model = tk.build_model(bb, 2).eval()
+    with torch.no_grad():
+        model.head[0].weight.copy_(torch.tensor([[-1.0] * 3, [1.0] * 3]))
+        model.head[0].bias.zero_()
+    export_torchscript(model, path, example_inputs=images(3, 16), metadata={
+        "labels": ["dark", "light"], "input_spec": bb.input_spec.to_dict(), "task": "multiclass", "training": {}})
+    return path
+
+
+def test_a_recipe_scores_its_test_data_by_the_model_s_class_names(tmp_path):
+    """Test shards are read as validation data are: by class name, each sample decoded from its
+    bytes as a file is. Shards whose classes share no name with the model's labels were renamed
+    to them by index (and then could not be predicted); they are refused. Samples of a class
+    the model lacks are left out, and classes listed in another order are matched by name."""
+    from shard_helpers import folder_items, write_shards
+
+    model = _brightness_export(tmp_path / "m.pt")
+    write_shards(folder_items(make_image_folder(tmp_path / "other", classes=("ant", "bee"), per_class=2, size=16)),
+                 tmp_path / "other_shards", [4], prefix="test")
+    with pytest.raises(DataError, match=r"test shards \(\[.ant., .bee.\]\) include no class of the training"):
+        recipes.evaluate_export(model, str(tmp_path / "other_shards" / "test-*.tar"))
+    mix = make_image_folder(tmp_path / "mix", classes=("dark", "light", "zebra"), per_class=4, size=16, seed=3)
+    write_shards(folder_items(mix), tmp_path / "mix_shards", [5, 7], prefix="test", classes=["zebra", "light", "dark"])
+    with pytest.warns(UserWarning, match="zebra"):
+        acc = recipes.evaluate_export(model, str(tmp_path / "mix_shards" / "test-*.tar"), chunk=3)
+    assert acc == 1.0  # 8 samples of the model's classes (by index: 0.0)

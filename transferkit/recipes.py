@@ -18,6 +18,7 @@ read and the first run starts.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -37,7 +38,8 @@ from transferkit.data import find_split_folders
 from transferkit.data import dataset_targets
 from transferkit.api import finetune
 from transferkit.data import ImageFolderDataset
-from transferkit.data import prepare_data
+from transferkit.data.bundle import labelled_data
+from transferkit.data.encoded import SampleRef
 from transferkit.export import load
 
 
@@ -314,17 +316,34 @@ def _sliced(data: RecipeData, limit: int | None, seed: int) -> tuple[Any, Any, A
     return parts[0], parts[1], parts[2], classes
 
 
-def evaluate_export(model_path: Path, test: Any) -> float:
-    """Accuracy of the exported file (reloaded from disk) on a folder or Dataset of (input, label)."""
+def evaluate_export(model_path: Path, test: Any, *, chunk: int = 512) -> float:
+    """Accuracy of the exported file (reloaded from disk) on labelled test data: a folder, a CSV,
+    tar shards or Parquet files (read by the model's class names, as validation data are), or a
+    Dataset of (input, label). Encoded samples are given to the model as their files' bytes (the
+    decoding a file gets); ``chunk`` samples are read at a time."""
     predictor = load(model_path)
     if isinstance(test, (str, Path)):
-        ds = prepare_data(test, val_split=0, classes=predictor.labels).train
-        items, labels = [p for p, _ in ds.samples], [t for _, t in ds.samples]
+        pairs: Any = labelled_data(test, predictor.labels).samples
     else:
-        pairs = [test[i] for i in range(len(test))]
-        items, labels = [x for x, _ in pairs], [int(y) for _, y in pairs]
-    preds = predictor.predict(items, batch_size=64)
-    return float(np.mean([p.index == y for p, y in zip(preds, labels)]))
+        pairs = [(x, int(y)) for x, y in (test[i] for i in range(len(test)))]
+    if not len(pairs):
+        raise DataError("The test data hold no sample.")
+    hits = 0
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start:start + chunk]
+        preds = predictor.predict([_readable(x) for x, _ in part], batch_size=64)
+        hits += sum(p.index == y for p, (_, y) in zip(preds, part))
+    return hits / len(pairs)
+
+
+def _readable(item: Any) -> Any:
+    """What a predictor reads for one test item: an encoded sample (`SampleRef`) as an open
+    file of its bytes named after it; anything else as it is."""
+    if not isinstance(item, SampleRef):
+        return item
+    f = io.BytesIO(item.source.read(item.index))
+    f.name = str(item)
+    return f
 
 
 def main_guard(fn: Callable[[], Any]) -> int:

@@ -112,6 +112,20 @@ def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what
     raise DataError(f"{what} must be a folder path or a torch Dataset of (image, label), got {type(data).__name__}.")
 
 
+def labelled_data(data: str | Path, classes: Sequence[str], *, what: str = "test", on_bad_file: str = "skip",
+                  scan: str = "quick", cache_dir: str | Path | None = None) -> Any:
+    """The labelled ``data`` (a folder, a CSV, tar shards, Parquet files) read with a model's
+    ``classes``, as validation data are: matched by name, never renamed (data whose classes
+    share no name with ``classes`` are refused); samples of other classes are left out with
+    a warning. Returns the dataset (``.samples``: ``(sample, class index)``)."""
+    report = DataReport()
+    ds = _as_dataset(data, list(classes), None, what, report, on_bad_file=on_bad_file, scan=scan,
+                     cache_dir=cache_dir)
+    if not len(ds):
+        raise DataError(f"{str(data)!r} holds no sample of the classes {list(classes)[:10]}.")
+    return ds
+
+
 def _check_first_image(data: Any, what: str, labels_read: dict[int, int]) -> None:
     """Check a Dataset's first image as training will read it (the transforms' ``ToRGB``, with
     the checks of ``predict``), so that images of a type, shape or range the model cannot take

@@ -312,6 +312,30 @@ class _Net(nn.Module):
         return self.pool(self.stages(self.stem(x)))
 
 
+class _Stage(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+def test_a_list_of_stages_of_any_name_is_split_into_blocks():
+    """A Sequential of composite stages that holds most of the trunk (timm PiT's
+    ``transformers``) is one block per stage, as ``stages`` is: ``last=1`` is the last stage,
+    not nearly all of the backbone. A Sequential of single layers, or a small one, stays whole."""
+    trunk = nn.Sequential()
+    trunk.add_module("embed", nn.Conv2d(3, 8, 3, padding=1))
+    trunk.add_module("body", nn.Sequential(_Stage(8, 16), _Stage(16, 32), _Stage(32, 32)))
+    trunk.add_module("norm", nn.BatchNorm2d(32))
+    trunk.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    bb = from_module(trunk, input_spec={"image_size": 16})
+    assert bb.block_names == ["embed", "body.0", "body.1", "body.2", "norm"]
+    flat = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3)),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())  # single layers: one block
+    assert from_module(flat, input_spec={"image_size": 16}).block_names == ["0", "1"]
+    small = nn.Sequential(nn.Conv2d(3, 64, 3), nn.Sequential(_Stage(64, 2), _Stage(2, 2)),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())  # a small neck beside a large stem: one block
+    assert from_module(small, input_spec={"image_size": 16}).block_names == ["0", "1"]
+
+
 def test_from_module_infers_width_and_blocks():
     bb = from_module(_Net(), input_spec={"image_size": 16}, name="mine")
     assert bb.num_features == 16 and bb.block_names == ["stem", "stages.0", "stages.2"]

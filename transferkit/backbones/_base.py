@@ -172,14 +172,29 @@ def blocks_from_param_groups(trunk: nn.Module, groups: list[tuple[str, list[str]
 CONTAINER_NAMES = ("stages", "blocks", "layers", "features", "levels", "network")
 
 
+def _is_stage_list(child: nn.Module | None, trunk_params: int) -> bool:
+    """Whether ``child``, a Sequential or ModuleList of another name than `CONTAINER_NAMES`,
+    holds the trunk's stages: two or more elements with parameters, each a module of modules
+    (not single layers), with at least half of the trunk's parameters (timm PiT's
+    ``transformers``: its three stages)."""
+    if not isinstance(child, (nn.Sequential, nn.ModuleList)):
+        return False
+    parts = [m for m in child.children() if any(True for _ in m.parameters())]
+    return (len(parts) > 1 and all(any(True for _ in m.children()) for m in parts)
+            and 2 * sum(p.numel() for p in child.parameters()) >= trunk_params)
+
+
 def container_blocks(trunk: nn.Module) -> tuple[Block, ...]:
     """Like `children_blocks`, but a container child (``stages``, ``blocks``, ``layers``,
-    ``features`` ...: a Sequential or ModuleList) is split into one block per element
-    (``stages.0``, ``stages.1`` ...)."""
+    ``features`` ...: a Sequential or ModuleList; or one of any name that holds the trunk's
+    stages, `_is_stage_list`) is split into one block per element (``stages.0``,
+    ``stages.1`` ...)."""
     spec: list[tuple[str, list[str]]] = []
+    total = sum(p.numel() for p in trunk.parameters())
     for blk in children_blocks(trunk):
         child = getattr(trunk, blk.name, None)
-        if blk.name in CONTAINER_NAMES and isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
+        named = blk.name in CONTAINER_NAMES and isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1
+        if named or _is_stage_list(child, total):
             spec += [(f"{blk.name}.{i}", [f"{blk.name}.{i}"]) for i, m in child.named_children()
                      if any(True for _ in m.parameters())]
         else:

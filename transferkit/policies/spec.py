@@ -345,8 +345,9 @@ class Policy:
         ``discriminative=0.01`` and ``lr * unfrozen_lr``; bare ``fine_tune`` is ``frozen=1``;
         ``frozen=k`` and ``unfrozen_lr=f`` also apply to ``full`` and ``unfreeze``). Options for every kind:
         ``bn=train|affine|frozen``, ``discriminative=r``, ``layer_decay=d``, ``l2sp=alpha``,
-        ``l2sp_beta=beta``, ``decay_norm_bias=true``. ``Policy.parse(str(p)) == p`` (but for
-        LoRA target patterns holding a comma). The old
+        ``l2sp_beta=beta``, ``decay_norm_bias=true``. ``Policy.parse(str(p)) == p``: a comma inside
+        brackets (``targets=fc{1,2}``) belongs to its option, and ``\\,`` is a comma of a LoRA
+        target pattern outside them. The old
         spelling ``finetune`` still means ``full`` and warns (FutureWarning): it reads too much
         like ``fine_tune``.
 
@@ -358,7 +359,7 @@ class Policy:
             return spec
         if not isinstance(spec, str) or not spec.strip():
             raise PolicyError(f"A policy is a Policy object or a string such as 'feature_extraction', got {spec!r}.")
-        head, *opts = [p.strip() for p in spec.strip().split(",")]
+        head, *opts = [p.strip() for p in _split_options(spec.strip())]
         kind, _, first = head.partition(":")
         kind = kind.strip()
         if kind not in _KINDS:
@@ -405,7 +406,7 @@ class Policy:
             if self.lora_alpha is not None:
                 parts.append(f"alpha={self.lora_alpha!r}")
             if self.lora_targets != DEFAULT_LORA_TARGETS:
-                parts.append(f"targets={self.lora_targets}")
+                parts.append(f"targets={_escape_commas(self.lora_targets)}")
             parts += self._unfreeze_opts()
         if self.frozen_epochs and not self._is_fine_tune:
             parts.append(f"frozen={self.frozen_epochs}")
@@ -467,6 +468,43 @@ def _block_names(backbone: Backbone | Sequence[str]) -> list[str]:
     if isinstance(backbone, str) or not isinstance(backbone, Sequence):
         raise PolicyError(f"Expected a Backbone or a list of block names, got {type(backbone).__name__} {backbone!r}.")
     return list(backbone)
+
+
+_OPEN, _CLOSE = "([{", ")]}"
+
+
+def _split_options(spec: str) -> list[str]:
+    """``spec`` split at its commas, except those inside brackets (a LoRA target pattern's
+    ``fc{1,2}`` or ``(a|b)``) and escaped ones (``\\,``, kept as a comma in the option).
+
+    Example:
+        >>> _split_options("lora:r=4,targets=fc{1,2},bn=frozen")
+        ['lora:r=4', 'targets=fc{1,2}', 'bn=frozen']
+    """
+    parts, cur, depth, i = [], [], 0, 0
+    while i < len(spec):
+        c = spec[i]
+        if c == "\\" and spec[i + 1:i + 2] == "," and depth == 0:
+            cur.append(",")
+            i += 2
+            continue
+        if c == "\\":  # an escaped character of a pattern (\\( is no bracket)
+            cur.append(spec[i:i + 2])
+            i += 2
+            continue
+        depth += (c in _OPEN) - (c in _CLOSE and depth > 0)
+        if c == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    return parts + ["".join(cur)]
+
+
+def _escape_commas(pattern: str) -> str:
+    """``pattern`` with its commas outside brackets written ``\\,`` (`_split_options` reads them back)."""
+    return "\\,".join(_split_options(pattern.replace("\\,", ",")))
 
 
 def _has_batchnorm(backbone: Backbone | Sequence[str], has_batchnorm: bool | None, policy: Policy) -> bool:

@@ -359,3 +359,14 @@ def test_a_fifo_named_like_an_image_is_left_out_not_waited_on(tmp_path):
         done.set()
         thread.join()
     assert not readers, "the FIFO was opened for reading"
+
+
+def test_a_csv_listing_a_fifo_says_what_it_is_not_that_it_is_missing(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=2, size=16)
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    rows = [f"{p},{p.parent.name}" for p in sorted(root.rglob("*.*"))] + [f"{fifo},dark"]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(tk.DataError, match=r"lists 1 path of no file to read, e.g. '.*pipe.jpg': not a regular file "
+                                           r"\(a FIFO\)"):
+        prepare_data(tmp_path / "list.csv", val_split=0)

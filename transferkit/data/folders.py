@@ -351,7 +351,12 @@ def csv_file_path(csv_path: Path, cell: str) -> str:
 
 
 def check_listed_files(csv_path: Path, paths: Sequence[str]) -> None:
-    """A [`DataError`][transferkit.DataError] when files that ``csv_path`` lists are missing."""
+    """A [`DataError`][transferkit.DataError] when files that ``csv_path`` lists are missing, or
+    are no files to read (a FIFO, a device: `not_a_file`)."""
     missing = [p for p in paths if not os.path.isfile(p)]
+    special = [(p, why) for p in missing if (why := not_a_file(p))]
+    if special:
+        raise DataError(f"{str(csv_path)!r} lists {plural(len(special), 'path')} of no file to read, e.g. "
+                        f"{special[0][0]!r}: {special[0][1]}. List files only.")
     if missing:
         raise DataError(f"{str(csv_path)!r} lists {plural(len(missing), 'missing file')}, e.g. {missing[:3]}.")

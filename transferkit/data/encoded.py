@@ -252,23 +252,25 @@ def no_shared_class(own: Sequence[str], classes: Sequence[str], what: str) -> Da
 
 
 def labels_by_name(labels: Sequence[Any], own: Sequence[str] | None, classes: Sequence[str] | None,
-                   what: str, *, renames: bool = True) -> list[Any]:
-    """``labels`` to read against ``classes`` (the training data's, or ``classes=``): the class
-    indices of data that name their own classes ``own`` (shards' ``_info.json``, a ClassLabel
-    column) become those names where ``own`` differs from ``classes``, so that each sample
-    is read as its class by name (another order, a subset); unchanged where they agree,
-    or where either is None. Where they share no name, ``classes`` name the indices when it
-    ``renames`` them (``classes=`` given for training data); else (validation data read against
-    the training classes) it is an error.
+                   part: str, data: str) -> list[Any]:
+    """``labels`` of the ``part`` (``"training"``, ``"validation"``, ``"test"``) ``data``
+    (``"shards"``, ...) to read against ``classes`` (the training data's, or ``classes=``): the
+    class indices of data that name their own classes ``own`` (shards' ``_info.json``, a
+    ClassLabel column) become those names where ``own`` differs from ``classes``, so that each
+    sample is read as its class by name (another order, a subset); unchanged where they agree,
+    or where either is None. Where they share no name, ``classes`` rename the indices of
+    training data (``classes=`` given); other parts, read against a model's or the training
+    data's classes, are refused.
 
     Example:
-        >>> labels_by_name([0, 1, 1], ["dog", "cat"], ["cat", "dog"], "The validation shards")
+        >>> labels_by_name([0, 1, 1], ["dog", "cat"], ["cat", "dog"], "validation", "shards")
         ['dog', 'cat', 'cat']
     """
+    what = f"The {part} {data}"
     if not classes or not own or list(own) == list(classes):
         return list(labels)
     if not set(own) & set(classes):
-        if not renames:
+        if part != "training":
             raise no_shared_class(own, classes, what)
         return list(labels)  # renamed by classes=
     outside = sorted({int(lab) for lab in labels if isinstance(lab, (int, np.integer)) and not 0 <= lab < len(own)})

@@ -276,3 +276,18 @@ def test_spec_augment_with_a_backbone_frozen_all_run_is_said_to_do_nothing(tmp_p
     off = {**kw, "backbone_options": {**kw["backbone_options"], "spec_augment": None}}
     assert not [n for n in tk.plan("spec:tk:small_cnn", policy="feature_extraction", **off).notes
                 if "spec_augment" in n]
+
+
+@pytest.mark.parametrize("name", ["spec:tk:small_cnn", "ta:wav2vec2_tiny"])
+@pytest.mark.parametrize("seconds", [0.001, 0, -1, float("nan"), True])
+def test_clip_and_window_lengths_below_what_an_audio_model_takes_are_refused_before_anything_runs(name, seconds):
+    """A 1 ms clip trained and exported a model fed 8 samples (or failed in the first
+    convolution); 0 meant "no clip" in training and failed the export. Every audio length is
+    a number of seconds of at least 25 ms, or None."""
+    with pytest.raises(tk.ConfigError, match=r"clip_seconds must be a number of seconds of at least 0.025"):
+        tk.get_backbone(name, weights=None, clip_seconds=seconds)
+    with pytest.raises(tk.ConfigError, match=r"max_seconds=.*(at least 0.025|not a finite|type bool)"):
+        tk.FinetuneConfig(backbone=name, data="clips", max_seconds=seconds)
+    with pytest.raises(tk.ConfigError, match=r"clip_seconds must be"):
+        tk.InputSpec(kind="audio", sample_rate=8000, clip_seconds=seconds)
+    assert tk.get_backbone(name, weights=None, clip_seconds=0.025).input_spec.clip_seconds == 0.025

@@ -118,6 +118,32 @@ def _workers(v: Any) -> str | None:
     return None if v is None or v >= 0 else "an integer >= 0 (or None: chosen for the machine)"
 
 
+# the shortest clip training (the pre-scan of files) and prediction take, for every audio model: wav2vec2/HuBERT's
+# first frame spans 400 samples at 16 kHz
+MIN_CLIP_SECONDS = 0.025
+
+
+def check_seconds(value: Any, name: str) -> float | None:
+    """``value`` as seconds of audio (``clip_seconds``, ``max_seconds``): None, or a finite
+    number of at least `MIN_CLIP_SECONDS`; else a [`ConfigError`][transferkit.ConfigError].
+
+    Example:
+        >>> check_seconds(2, "clip_seconds"), check_seconds(None, "clip_seconds")
+        (2.0, None)
+    """
+    problem = _seconds(value)
+    if problem:
+        raise ConfigError(f"{name} must be {problem}, got {value!r}.")
+    return None if value is None else float(value)
+
+
+def _seconds(v: Any) -> str | None:
+    ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                       and v >= MIN_CLIP_SECONDS)
+    return None if ok else (f"a number of seconds of at least {MIN_CLIP_SECONDS:g} (the shortest clip an audio model "
+                            f"takes: {1000 * MIN_CLIP_SECONDS:g} ms), or None")
+
+
 def _device(v: Any) -> str | None:
     ok = re.fullmatch(r"auto|cpu|mps(:0)?|cuda(:\d+)?", v)
     return None if ok else "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
@@ -250,7 +276,7 @@ class FinetuneConfig:
     scan: Literal["quick", "full", "none"] = _opt(
         "quick", "check files before training: 'quick' (headers), 'full' (decode all) or 'none'", group="data")
     max_seconds: float | None = _opt(30.0, "audio: longer clips are cropped to their middle this many seconds (None: "
-                                     "whole clips; memory grows with the longest)", group="data", check=_positive,
+                                     "whole clips; memory grows with the longest)", group="data", check=_seconds,
                                      flag=True)
     decode_once: Literal["auto", True, False] = _opt(
         "auto", "decode and resize images once, crop/flip per epoch, when the backbone trains for 2+ epochs (auto: "
@@ -433,7 +459,7 @@ class FinetuneConfig:
 def _policy_text(policy: Any) -> Any:
     """A Policy object as its canonical string where ``Policy.parse`` reads that back to the
     same policy (so a record of it resumes without the object), else the object itself (a
-    record says ``"<Policy>"``: e.g. a LoRA target pattern holding a comma)."""
+    record says ``"<Policy>"``: e.g. a LoRA target pattern holding ``\\,``, read back as ``,``)."""
     try:
         return str(policy) if type(policy).parse(str(policy)) == policy else policy
     except Exception:  # noqa: BLE001 - a string the parser refuses: the object is kept

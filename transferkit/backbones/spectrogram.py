@@ -18,6 +18,7 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
+from transferkit.config import check_seconds
 from transferkit.backbones._base import Backbone, Block, InputSpec, check_blocks
 from transferkit.backbones.registry import check_weights_tag, get_backbone, get_source, register_source
 from transferkit.errors import BackboneError, ConfigError
@@ -244,6 +245,7 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
         >>> bb.trunk(torch.randn(2, 4000)).shape, bb.input_spec.kind
         (torch.Size([2, 128]), 'audio')
     """
+    clip_seconds = check_seconds(clip_seconds, "clip_seconds")
     img = get_backbone(image, weights=weights, **(image_options or {})) if isinstance(image, str) else image
     if img.input_spec.kind != "image":
         raise BackboneError(f"spectrogram_backbone wraps an image backbone; {img.name} takes {img.input_spec.kind}.")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from transferkit.backbones._base import InputSpec
+from transferkit.config import MIN_CLIP_SECONDS, check_seconds
 from transferkit.data.bundle import (
     DataBundle,
     resolve_split_folders,
@@ -51,9 +52,6 @@ AUDIO_AUGMENTATIONS = ("none", "standard")
 # clips longer than this are cropped to their middle (see prepare_audio_data): a 10-minute
 # clip at 16 kHz is 38 MB of float32, and a batch of 32 of them 1.2 GB before the model runs
 DEFAULT_MAX_SECONDS = 30.0
-# the shortest clip training (the pre-scan of files) and prediction take, for every audio model: wav2vec2/HuBERT's
-# first frame spans 400 samples at 16 kHz
-MIN_CLIP_SECONDS = 0.025
 
 
 @functools.lru_cache(maxsize=1)
@@ -433,11 +431,9 @@ def audio_window(max_seconds: float | None, clip_seconds: float | None) -> float
 
 
 def check_max_seconds(max_seconds: Any) -> float | None:
-    """``max_seconds`` if it is a positive number or None, else a [`ConfigError`][transferkit.ConfigError]."""
-    if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
-                                    or not max_seconds > 0):
-        raise ConfigError(f"max_seconds must be a positive number of seconds or None, got {max_seconds!r}.")
-    return max_seconds
+    """``max_seconds`` if it is None or a number of seconds an audio model can take (`check_seconds`),
+    else a [`ConfigError`][transferkit.ConfigError]."""
+    return check_seconds(max_seconds, "max_seconds")
 
 
 def _warn_long(report: DataReport, long: list[tuple[float, str]], max_seconds: float) -> None:

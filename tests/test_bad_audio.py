@@ -241,6 +241,25 @@ def test_long_clips_are_cropped_to_max_seconds_which_bounds_the_batch(tmp_path):
     assert mem.train[0][0].shape == (30 * RATE,)
 
 
+def test_the_full_scan_decodes_the_window_training_reads_not_the_whole_file(tmp_path):
+    """A NaN outside the middle max_seconds is never read: the full scan keeps the file (it
+    dropped it, decoding the whole recording); a NaN inside the window is found."""
+    root = _good_folder(tmp_path / "clips", per_class=2)
+    outside, inside = _tone(300, RATE * 60), _tone(300, RATE * 60)
+    outside[RATE * 55] = np.nan  # at 55 s of 60: the middle 30 s are 15-45 s
+    inside[RATE * 30] = np.nan
+    _float_wav(root / "low" / "nan_outside.wav", outside)
+    _float_wav(root / "low" / "nan_inside.wav", inside)
+    with pytest.warns(UserWarning, match=r"Left out 1 bad audio file: .*nan_inside.wav \(.*non-finite"):
+        bundle = prepare_audio_data(root, spec=SPEC, val_split=0, scan="full")
+    names = [Path(p).name for p, _ in bundle.train.samples]
+    assert "nan_outside.wav" in names and "nan_inside.wav" not in names
+    i = names.index("nan_outside.wav")
+    assert torch.isfinite(bundle.train[i][0]).all() and not bundle.report.bad_at_load  # as training reads it
+    assert "non-finite" in check_audio_file(root / "low" / "nan_outside.wav", full=True)  # the whole file
+    assert check_audio_file(root / "low" / "nan_outside.wav", full=True, max_seconds=30) is None
+
+
 @pytest.mark.parametrize("max_seconds", [0.5, None])
 def test_an_export_crops_long_clips_to_the_runs_max_seconds(tmp_path, max_seconds, capsys):
     root = _good_folder(tmp_path / "clips", per_class=3)

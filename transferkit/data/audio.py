@@ -332,10 +332,12 @@ def too_short(frames: int, rate: float) -> str | None:
             "audio model takes (prediction refuses it too)")
 
 
-def probe_audio_file(path: str | Path, *, full: bool = False) -> AudioFileInfo | str:
+def probe_audio_file(path: str | Path, *, full: bool = False,
+                     max_seconds: float | None = None) -> AudioFileInfo | str:
     """The header of ``path`` (soundfile.info: format, frame count, channels, rate), or why
     the file cannot be used: empty, not audio, a header without samples; with ``full``,
-    the file is decoded too (finds NaN/inf samples and broken data)."""
+    the file is decoded too (finds NaN/inf samples and broken data): its middle
+    ``max_seconds``, the part training and prediction read (None: all of it)."""
     import soundfile as sf
 
     try:
@@ -355,14 +357,14 @@ def probe_audio_file(path: str | Path, *, full: bool = False) -> AudioFileInfo |
         return short
     if full:
         try:
-            read_audio(path)
+            read_audio(path, max_seconds=max_seconds)
         except DataError as exc:
             cause = exc.__cause__
             return f"cannot be decoded ({type(cause).__name__}: {cause})" if cause is not None else str(exc)
     return AudioFileInfo(frames=int(info.frames), channels=int(info.channels), sample_rate=int(info.samplerate))
 
 
-def check_audio_file(path: str | Path, *, full: bool = False) -> str | None:
+def check_audio_file(path: str | Path, *, full: bool = False, max_seconds: float | None = None) -> str | None:
     """Why ``path`` cannot be used as audio, or ``None`` when it looks fine (`probe_audio_file`).
 
     Example:
@@ -372,7 +374,7 @@ def check_audio_file(path: str | Path, *, full: bool = False) -> str | None:
         >>> check_audio_file(path).startswith("cannot be read as audio (LibsndfileError")
         True
     """
-    found = probe_audio_file(path, full=full)
+    found = probe_audio_file(path, full=full, max_seconds=max_seconds)
     return found if isinstance(found, str) else None
 
 
@@ -381,8 +383,8 @@ def filter_bad_audio(samples: Sequence[tuple[Any, int]], *, on_bad_file: str = "
                      rate: int | None = None) -> list[tuple[Any, int]]:
     """The audio counterpart of `transferkit.data.checks.filter_bad_images`: drop
     (``"skip"``, listed in ``report``) or reject (``"raise"``) file samples that fail
-    `probe_audio_file` (``scan="quick"``: headers; ``"full"``: decode every file;
-    ``"none"``: no check), and in-memory clips shorter than an audio model takes (``rate``:
+    `probe_audio_file` (``scan="quick"``: headers; ``"full"``: decode every file's middle
+    ``max_seconds``, what training reads; ``"none"``: no check), and in-memory clips shorter than an audio model takes (``rate``:
     the rate of waveforms given without theirs; None: not checked). Clips longer than
     ``max_seconds`` are counted in one warning (they will be cropped)."""
     check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
@@ -399,7 +401,7 @@ def filter_bad_audio(samples: Sequence[tuple[Any, int]], *, on_bad_file: str = "
             good.append((source, target))
             continue
         else:
-            found = probe_audio_file(source, full=scan == "full")
+            found = probe_audio_file(source, full=scan == "full", max_seconds=max_seconds)
         if isinstance(found, AudioFileInfo):
             good.append((source, target))
             if max_seconds is not None and found.seconds > max_seconds:

@@ -116,6 +116,28 @@ def test_decode_failure_during_training_is_replaced_counted_and_reported(tmp_pat
     assert "1 of them failed to load during training" in bundle.report.summary()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_class_whose_every_file_fails_to_load_is_reported_as_never_trained(tmp_path, workers):
+    """Its samples are replaced by other classes' files with their own labels: the warnings
+    said "the next readable file with its label takes its place", and the class was exported
+    untrained without a word."""
+    root = make_image_folder(tmp_path / "d", per_class=4)
+    (root / "zebra").mkdir()
+    for name in ("a.png", "b.png"):
+        damaged_png(root / "zebra" / name)
+    bundle = prepare_data(root, val_split=0)
+    assert bundle.classes == ["dark", "light", "zebra"]
+    loader = make_loader(bundle.train.view(transform=eval_transform(SPEC)), batch_size=5, shuffle=False,
+                         device=torch.device("cpu"), num_workers=workers)
+    with pytest.warns(UserWarning) as seen:
+        labels = torch.cat([y for _ in range(2) for _, y in loader]).tolist()
+    assert 2 not in labels  # no sample of zebra was trained on
+    lost = [str(w.message) for w in seen if "No file of class 'zebra' loads" in str(w.message)]
+    assert len(lost) == 1 and "never trained" in lost[0]  # once, though the class failed in two epochs
+    assert bundle.report.lost_classes == ["zebra"]
+    assert "1 class with no file that loads, never trained (zebra)" in bundle.report.summary()
+
+
 def test_a_file_that_fails_while_worker_processes_decode_images_once_is_reported(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=4)
     damaged = damaged_png(root / "dark" / "damaged.png")

@@ -239,7 +239,8 @@ def test_a_decode_once_longer_than_the_collective_timeout_is_waited_for(images, 
 
 def test_every_rank_reports_the_files_that_any_rank_found_bad_while_loading(ddp_run):
     """Each rank loads its own share of the training files; the files either found bad are in
-    both ranks' reports (rank 0's result and summary list them all)."""
+    both ranks' reports (rank 0's result and summary list them all), and so is a class of which
+    no file loads."""
     from ddp_worker import BAD_FILES
 
     _, out = ddp_run
@@ -248,6 +249,7 @@ def test_every_rank_reports_the_files_that_any_rank_found_bad_while_loading(ddp_
         names = sorted(Path(p).parent.name + "/" + Path(p).name for p in report["bad_at_load"])
         assert names == sorted(BAD_FILES), (rank, names)
         assert all(reason for _, reason in report["bad_files"])
+        assert report["lost_classes"] == ["zebra"], rank  # no zebra file loads, whichever rank met them
 
 
 def test_one_rank_failing_ends_every_rank_with_its_error(images, tmp_path):

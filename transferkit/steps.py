@@ -36,7 +36,7 @@ from transferkit.data import eval_transform, train_transform
 from transferkit.data.audio import pad_waveforms
 from transferkit.data.decoded import decoded_dataset
 from transferkit.data.gpu_jpeg import DeviceDecodedLoader
-from transferkit.data.late import BadFileError, load_failures, record_bad_at_load
+from transferkit.data.late import BadFileError, load_failures, record_bad_at_load, record_lost_class
 from transferkit.data.sampling import mix_seed, seed_everything
 from transferkit.decisions import Decisions, differences
 from transferkit.export.torchscript import export_torchscript
@@ -471,12 +471,15 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
 
 def share_load_failures(run: Run) -> None:
     """Under DDP each rank loads its own share of the files: every rank's report gains the
-    files that another rank found bad while loading (warned about once, by the rank that
-    learns of them), so the result and the summary of rank 0 list them all."""
+    files that another rank found bad while loading, and the classes of which no file loaded
+    (warned about once, by the rank that learns of them), so the result and the summary of
+    rank 0 list them all."""
     report = run.bundle.report
-    for failures in gather_objects(load_failures(report), run.dist):
+    for failures, lost in gather_objects((load_failures(report), list(report.lost_classes)), run.dist):
         for path, reason in failures:
             record_bad_at_load(report, path, reason)
+        for name in lost:
+            record_lost_class(report, name, "")
 
 
 def _resume_problems(saved: dict[str, Any], meta: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

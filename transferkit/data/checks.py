@@ -47,8 +47,10 @@ class DataReport:
     ``ignored_reasons``: why, for those of them with a reason of their own (an audio type the
     installed libsndfile cannot decode); ``ignored_folders``: hidden sub-folders
     (``.thumbnails``, ``.ipynb_checkpoints``) that were not walked; ``unreadable_folders``:
-    ``(path, reason)`` of folders that could not be listed; ``warnings``: every warning
-    issued (each also went through ``warnings.warn``).
+    ``(path, reason)`` of folders that could not be listed; ``lost_classes``: classes none
+    of whose training files loaded (their samples were replaced by other classes' files, so
+    they were never trained); ``warnings``: every warning issued (each also went through
+    ``warnings.warn``).
 
     Example:
         >>> r = DataReport()
@@ -64,6 +66,7 @@ class DataReport:
     ignored_folders: list[str] = field(default_factory=list)
     unreadable_folders: list[tuple[str, str]] = field(default_factory=list)
     bad_at_load: list[str] = field(default_factory=list)
+    lost_classes: list[str] = field(default_factory=list)
     token: str = field(default_factory=lambda: uuid.uuid4().hex, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +86,7 @@ class DataReport:
         self.ignored_folders += other.ignored_folders
         self.unreadable_folders += other.unreadable_folders
         self.bad_at_load += other.bad_at_load
+        self.lost_classes += [c for c in other.lost_classes if c not in self.lost_classes]
 
     def summary(self) -> str:
         """One line: what was left out or ignored ('' when nothing was)."""
@@ -92,6 +96,9 @@ class DataReport:
             n = len(self.bad_files)
             late = f" ({n_late} of them failed to load during training)" if n_late else ""
             parts.append(f"{n} bad file{'s' if n != 1 else ''} left out{late}")
+        if self.lost_classes:
+            parts.append(f"{plural(len(self.lost_classes), 'class', 'classes')} with no file that loads, never "
+                         f"trained ({', '.join(self.lost_classes[:5])})")
         if self.unreadable_folders:
             parts.append(f"{plural(len(self.unreadable_folders), 'unreadable folder')} skipped")
         if self.ignored_files:

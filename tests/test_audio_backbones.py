@@ -291,3 +291,23 @@ def test_clip_and_window_lengths_below_what_an_audio_model_takes_are_refused_bef
     with pytest.raises(tk.ConfigError, match=r"clip_seconds must be"):
         tk.InputSpec(kind="audio", sample_rate=8000, clip_seconds=seconds)
     assert tk.get_backbone(name, weights=None, clip_seconds=0.025).input_spec.clip_seconds == 0.025
+
+
+def test_image_settings_are_refused_for_an_audio_backbone_by_the_dry_run_as_by_the_run(tmp_path):
+    """The dry run approved augment='flip' (the run then failed after printing its plan), and
+    image_size was ignored without a word."""
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            sf.write(tmp_path / label / f"{i}.wav", 0.1 * rng.standard_normal(2000), 8000)
+    kw = dict(weights=None, data=tmp_path, epochs=1, verbose=False, device="cpu", num_workers=0,
+              backbone_options={"sample_rate": 8000})
+    for run in (tk.plan, tk.finetune):
+        with pytest.raises(tk.ConfigError, match=r"augment='flip' is an image augmentation; ta:wav2vec2_tiny takes "
+                                                 r"audio, whose augmentations are 'none', 'standard'"):
+            run("ta:wav2vec2_tiny", augment="flip", **kw)
+        with pytest.raises(tk.ConfigError, match=r"image_size=64 applies to image backbones; ta:wav2vec2_tiny takes "
+                                                 r"audio"):
+            run("ta:wav2vec2_tiny", image_size=64, **kw)
+    assert tk.plan("ta:wav2vec2_tiny", augment="standard", **kw).augment == "standard"

@@ -33,7 +33,7 @@ from transferkit.backbones.spectrogram import SpecAugment
 from transferkit.backbones.weights import check_weights_file, is_weights_path
 from transferkit.config import OUTPUT_KEYS, FinetuneConfig, caller
 from transferkit.data import DataBundle, eval_transform
-from transferkit.data.audio import prepare_audio_data
+from transferkit.data.audio import AUDIO_AUGMENTATIONS, prepare_audio_data
 from transferkit.data.decoded import decode_census
 from transferkit.data.gpu_jpeg import input_decode_facts
 from transferkit.data.sampling import seed_everything
@@ -173,6 +173,20 @@ def _size_option(trunk: torch.nn.Module) -> str | None:
     return next((p for p in ("img_size", "image_size", "input_size") if p in params), None)
 
 
+def check_options_of_kind(cfg: FinetuneConfig, bb: Backbone) -> None:
+    """ConfigError, before any data are read, for settings an audio backbone has no use for or
+    reads otherwise: ``image_size`` (it would be ignored), an ``augment`` of images only."""
+    if bb.input_spec.kind != "audio":
+        return
+    if cfg.image_size is not None:
+        raise ConfigError(f"image_size={cfg.image_size} applies to image backbones; {bb.name} takes audio, whose "
+                          "length is set by clip_seconds (backbone_options) and max_seconds. Leave image_size out.")
+    if cfg.augment is not None and cfg.augment not in AUDIO_AUGMENTATIONS:
+        raise ConfigError(f"augment={cfg.augment!r} is an image augmentation; {bb.name} takes audio, whose "
+                          f"augmentations are {', '.join(map(repr, AUDIO_AUGMENTATIONS))} (standard: a random time "
+                          "shift, gain and noise).")
+
+
 def check_runs_at(bb: Backbone, spec: InputSpec, *, by_name: bool = True, weights: Any = None) -> None:
     """ConfigError, before any data are read, when ``image_size`` asks for a crop size the
     trunk was not built for and it does not run at it (a model with a fixed input size: ViTs'
@@ -215,6 +229,7 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
     seed_everything(cfg.seed)  # a randomly initialised backbone is the same in every run of this seed
     bb = _own_backbone(cfg, load_weights=load_weights)
     spec = resolve_input_spec(bb.input_spec, cfg.image_size)
+    check_options_of_kind(cfg, bb)
     check_runs_at(bb, spec, by_name=isinstance(cfg.backbone, str), weights=cfg.weights)
     # every rank reads the same data (checked next): rank 0 says what it found; the others say
     # it only when their data differ from rank 0's, where it may name the difference

@@ -345,3 +345,22 @@ def test_opus_and_wave_files_are_read_by_folder_scans_as_by_predict(tmp_path):
         sf.write(tmp_path / label / "y.wave", tone, 16000, format="WAV")
     bundle = prepare_audio_data(tmp_path, spec=SPEC8K, val_split=0)
     assert sorted(Path(p).suffix for p, _ in bundle.train.samples) == [".opus"] * 2 + [".wave"] * 2
+
+
+def test_a_folder_of_the_other_kind_of_data_says_which_backbone_reads_it(tmp_path):
+    """Audio clips given to an image backbone (and images to an audio one) gave only "No images
+    found": the error now says what the folders hold and what reads it."""
+    from conftest import make_image_folder
+    from transferkit.data import prepare_data
+
+    for c in ("a", "b"):
+        (tmp_path / "clips" / c).mkdir(parents=True)
+        for i in range(2):
+            sf.write(tmp_path / "clips" / c / f"{i}.wav", np.zeros(800), 8000)
+    with pytest.raises(DataError, match=r"No images found .* The class folders hold 4 audio files instead: an audio "
+                                        r"backbone reads them \(e.g. 'spec:tk:small_cnn'"):
+        prepare_data(tmp_path / "clips")
+    images = make_image_folder(tmp_path / "images", per_class=2)
+    with pytest.raises(DataError, match=r"No audio files found .* The class folders hold 4 images instead: an image "
+                                        r"backbone reads them"):
+        prepare_audio_data(images, spec=InputSpec(kind="audio", sample_rate=8000))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit._text import plural
-from transferkit.data.checks import DataReport, check_label_names
+from transferkit.data.checks import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, DataReport, check_label_names
 from transferkit.errors import DataError
 
 VAL_NAMES = ("val", "valid", "validation")
@@ -172,6 +172,16 @@ def class_folders(root: Path, report: DataReport) -> list[str]:
     return [n for n in names if not is_hidden(n)]
 
 
+def _other_kind_note(ignored: Sequence[str], what: str) -> str:
+    """A sentence for a folder of the other kind of data than the backbone takes (audio clips
+    for an image backbone, images for an audio one), or ``""``."""
+    other, ext, fix = (("audio file", AUDIO_EXTENSIONS, "an audio backbone reads them (e.g. 'spec:tk:small_cnn', "
+                        "'ta:wav2vec2_base'; see docs/audio.md)") if what == "images" else
+                       ("image", IMAGE_EXTENSIONS, "an image backbone reads them"))
+    found = [p for p in ignored if p.lower().endswith(ext)]
+    return f"The class folders hold {plural(len(found), other)} instead: {fix}." if found else ""
+
+
 def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_data: Callable[[str], bool],
                        report: DataReport, what: str, layout: str, extensions: Sequence[str],
                        explain_ignored: Callable[[list[str]], str] | None = None
@@ -224,7 +234,9 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
             empty.append(c)
         samples.extend((f, index[c]) for f in files)
     if not samples:
-        note = explain_ignored(report.ignored_files[first_ignored:]) if explain_ignored is not None else ""
+        ignored = report.ignored_files[first_ignored:]
+        notes = [explain_ignored(ignored) if explain_ignored is not None else "", _other_kind_note(ignored, what)]
+        note = " ".join(n for n in notes if n)
         raise DataError(f"No {what} found under {str(root)!r} (looked for {', '.join(extensions)} in "
                         f"{len(found)} class folders). Expected {layout}.{' ' + note if note else ''}")
     if empty:

@@ -336,3 +336,25 @@ def test_a_gradual_schedule_with_an_epoch_that_unfreezes_only_batchnorm_under_bn
     assert plan.trainable == (("body", "norm"), ("stem", "body", "norm"), ("stem", "body", "norm"))
     # one epoch: the frozen first epoch alone, nothing refused
     assert tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="gradual:every=1,bn=frozen", epochs=1)).frozen
+
+
+def test_a_parameterless_batchnorm_between_blocks_is_frozen_with_the_block_before_it(tmp_path):
+    """A BatchNorm without gamma/beta belongs to no block of a default block map (blocks hold
+    parameters); its statistics moved while the block around it was frozen. It follows the
+    block it runs after: kept under ``last=2`` (blocks 3 and 4), updated when block 0 trains."""
+    from conftest import make_image_folder
+    from transferkit.backbones.custom import from_module
+
+    data = str(make_image_folder(tmp_path / "d", per_class=6, size=16))
+    for policy, moves in (("unfreeze:last=2", False), ("full", True)):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU(), nn.Conv2d(8, 16, 3),
+                            nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        bb = from_module(net, input_spec={"image_size": 16})
+        assert bb.block_names == ["0", "3", "4"]
+        stats = net[1].running_mean.clone()
+        r = tk.finetune(bb, data=data, policy=policy, epochs=2, image_size=16, verbose=False, num_workers=0)
+        assert torch.equal(r.model.trunk[1].running_mean, stats) != moves, policy
+        r.model.train()  # a user's own loop: the frozen statistics stay put
+        r.model(torch.rand(4, 3, 16, 16))
+        assert torch.equal(r.model.trunk[1].running_mean, stats) != moves, policy

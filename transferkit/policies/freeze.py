@@ -103,7 +103,10 @@ def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]
     block (BatchNorm with ``affine=False``, dropout, activation) follows its block; a module no
     member covers takes the block owning all the parameters under it (block maps may name single
     parameters), or its parent's when it has none; ``None`` for containers that span several
-    blocks (the trunk itself, a ViT's encoder) and for parameterless modules outside every block."""
+    blocks (the trunk itself, a ViT's encoder). A parameterless module outside every block (a
+    BatchNorm with ``affine=False`` or a dropout between blocks, timm's ``pos_drop``) follows
+    the block of the module registered before it (the one it runs after in a Sequential), or,
+    first in the trunk, of the one after it: frozen with that block, so its statistics stay put."""
     members = sorted(((m, b.name) for b in (*backbone.blocks, *backbone.frozen) for m in b.members),
                      key=lambda mb: -len(mb[0]))
     out: dict[str, str | None] = {}
@@ -118,6 +121,12 @@ def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]
             out[name] = out.get(name.rpartition(".")[0]) if "." in name else None
         else:
             out[name] = owners.pop() if len(owners) == 1 else None
+    names = list(out)
+    for i, name in enumerate(names):
+        if out[name] is None and name and not any(True for _ in trunk.get_submodule(name).parameters()):
+            before = (out[n] for n in reversed(names[:i]) if out[n] is not None)  # its parent's, once it has one
+            after = (out[n] for n in names[i + 1:] if out[n] is not None)
+            out[name] = next(before, None) or next(after, None)
     return out
 
 

@@ -108,3 +108,13 @@ def test_bad_audio_files_get_an_error_each_and_the_rest_is_predicted(tmp_path):
     assert [p.probability for p in want] == [preds[0].probability, preds[5].probability]
     assert [p.source for p in pred.predict_folder(tmp_path) if not p.ok] == \
         sorted(str(tmp_path / n) for n in ("header.wav", "inf.wav", "nan.wav", "text.wav"))
+
+
+def test_a_folder_named_like_a_file_is_said_to_be_a_folder(tmp_path):
+    """A folder ``x.wav`` (or ``x.png``) in a list of inputs was "Format not recognised"."""
+    img = _predictor(_MeanImage(), InputSpec(image_size=8))
+    wav = _predictor(_MeanAudio(), InputSpec(kind="audio", sample_rate=8000))
+    for pred, name in ((img, "dir.png"), (wav, "dir.wav")):
+        (tmp_path / name).mkdir()
+        got = pred.predict([str(tmp_path / name)])[0]
+        assert not got.ok and "it is a folder, not a file" in got.error and "predict_folder" in got.error

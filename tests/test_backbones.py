@@ -22,7 +22,8 @@ from tests.backbone_checks import check_conventions, script_round_trip
 from transferkit.backbones import get_backbone, list_backbones
 from transferkit.backbones.custom import from_module, from_torchscript
 from transferkit.data.transforms import eval_transform
-from transferkit.errors import BackboneError, UnknownBackboneError, WeightsError
+from transferkit.errors import BackboneError, PolicyError, UnknownBackboneError, WeightsError
+import transferkit as tk
 from transferkit.policies import Policy, apply_policy, trainable_parameter_names
 
 # One model of every torchvision family, with the block names expected at both ends.
@@ -364,11 +365,36 @@ def test_from_torchscript_is_a_frozen_extractor(tmp_path):
     from transferkit.model import build_model
 
     model = build_model(bb, 2)
-    apply_policy(model, bb, Policy.parse("full"))
+    apply_policy(model, bb, Policy.parse("feature_extraction,bn=affine"))
     assert trainable_parameter_names(model) == {"head.0.weight", "head.0.bias"}
-    assert Policy.parse("full").frozen_phase_epochs(bb.block_names, 3) == 3  # finetune() caches its features
+    with pytest.raises(PolicyError, match="no block that can train"):  # no policy trains a block of it
+        apply_policy(model, bb, Policy.parse("full"))
     with pytest.raises(BackboneError, match="from_module"):
         from_torchscript(_Net())
+
+
+def test_a_block_without_parameters_is_refused_it_would_count_in_last_n():
+    """``unfreeze:last=1`` on a block of pooling layers trained nothing, uncached, for every epoch."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(BackboneError, match=r"block \['pool'\] hold no parameter: nothing in them can train"):
+        from_module(net, input_spec={"image_size": 16}, blocks=[("c1", ["0", "1"]), ("c2", ["2"]), ("pool", ["3", "4"])])
+    ok = from_module(net, input_spec={"image_size": 16}, blocks=[("c1", ["0", "1"]), ("c2", ["2", "3", "4"])])
+    assert ok.block_names == ["c1", "c2"]
+
+
+def test_a_policy_that_trains_blocks_is_refused_on_a_torchscript_backbone(tmp_path):
+    """It has no block: "full" and gradual ran as feature extraction without a word (or with
+    "raise epochs above 1" for fine_tune, and start=-1 advised for gradual)."""
+    from conftest import make_image_folder
+
+    data = str(make_image_folder(tmp_path / "d", per_class=3, size=16))
+    bb = from_torchscript(torch.jit.script(_Net()), input_spec={"image_size": 16})
+    for policy in ("full", "fine_tune", "gradual:every=1", "unfreeze:last=1"):
+        with pytest.raises(PolicyError, match=r"The backbone has no block that can train \(a TorchScript backbone is "
+                                              r"frozen whole.*Use policy='feature_extraction'"):
+            tk.plan(bb, data=data, policy=policy, epochs=3)
+    for policy in ("feature_extraction", "feature_extraction,bn=affine"):
+        assert tk.plan(bb, data=data, policy=policy, epochs=3).cache
 
 
 def test_timm_output_shape_real_and_fake_agree(monkeypatch):

@@ -118,10 +118,18 @@ def blocks_from_members(spec: list[tuple[str, list[str]]]) -> tuple[Block, ...]:
 
 
 def check_blocks(trunk: nn.Module, blocks: tuple[Block, ...], *, name: str = "backbone") -> None:
-    """Raise BackboneError unless ``blocks`` cover every parameter of ``trunk`` exactly once."""
+    """Raise BackboneError unless ``blocks`` cover every parameter of ``trunk`` exactly once,
+    and each holds a parameter (a policy counts blocks: ``last=1`` on a block of pooling
+    layers would train nothing)."""
     names = [b.name for b in blocks]
     if len(set(names)) != len(names):
         raise BackboneError(f"{name}: duplicate block names in {names}")
+    every = [n for n, _ in trunk.named_parameters(remove_duplicate=False)]  # a shared parameter under each name
+    empty = [b.name for b in blocks if not any(b.owns(n) for n in every)]
+    if empty:
+        raise BackboneError(f"{name}: {'blocks' if len(empty) > 1 else 'block'} {empty} hold no parameter: nothing in "
+                            "them can train, yet a policy would count them (unfreeze:last=1 would train nothing). Leave "
+                            "them out of the blocks: a module without parameters follows the block it runs after.")
     missing, doubled = [], []
     for pname, _ in trunk.named_parameters():
         owners = [b.name for b in blocks if b.owns(pname)]

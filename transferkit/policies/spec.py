@@ -209,8 +209,14 @@ class Policy:
     def _never_trains_backbone(self) -> bool:
         """No backbone weight trains at any epoch: no block unfreezes, no LoRA factor, no
         BatchNorm gamma/beta (``bn="affine"`` trains them in every block)."""
-        return (self.unfreeze == "none" and self.unfreeze_from is None and not self.is_gradual
-                and self.lora is None and self.bn != "affine")
+        return not self.trains_blocks and self.bn != "affine"
+
+    @property
+    def trains_blocks(self) -> bool:
+        """Whether some block of the backbone trains in some epoch (it unfreezes blocks, or adds
+        LoRA factors to them); False for feature extraction, ``bn="affine"`` or not."""
+        return not (self.unfreeze == "none" and self.unfreeze_from is None and not self.is_gradual
+                    and self.lora is None)
 
     def _check_lora(self) -> None:
         r = self.lora
@@ -257,6 +263,11 @@ class Policy:
         return [] if epoch < self.frozen_epochs else blocks
 
     def _blocks_after_frozen_phase(self, names: list[str], epoch: int) -> list[str]:
+        if not names and self.trains_blocks:
+            raise PolicyError(f"The backbone has no block that can train (a TorchScript backbone is frozen whole: only "
+                              f"the head trains), so the policy {str(self)!r} would train the head alone. Use "
+                              "policy='feature_extraction', or build the backbone from its nn.Module (from_module) to "
+                              "fine-tune it.")
         if self.unfreeze_from is not None:
             _check_known([self.unfreeze_from], names)
             return names[names.index(self.unfreeze_from):]

@@ -116,26 +116,30 @@ def test_decode_failure_during_training_is_replaced_counted_and_reported(tmp_pat
     assert "1 of them failed to load during training" in bundle.report.summary()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_class_whose_every_file_fails_to_load_is_reported_as_never_trained(tmp_path, workers):
+@pytest.mark.parametrize("policy, cache", [("full", False), ("feature_extraction", True)])
+def test_a_class_whose_every_training_file_fails_to_load_is_reported_as_never_trained(tmp_path, policy, cache):
     """Its samples are replaced by other classes' files with their own labels: the warnings
     said "the next readable file with its label takes its place", and the class was exported
-    untrained without a word."""
-    root = make_image_folder(tmp_path / "d", per_class=4)
+    untrained without a word. The same when the frozen features are stored in cache_dir (the
+    rows masked); a class whose validation files alone fail is trained, and not listed."""
+    root = make_image_folder(tmp_path / "d", per_class=6, size=16)
     (root / "zebra").mkdir()
-    for name in ("a.png", "b.png"):
+    for name in ("a.png", "b.png", "c.png"):
         damaged_png(root / "zebra" / name)
-    bundle = prepare_data(root, val_split=0)
-    assert bundle.classes == ["dark", "light", "zebra"]
-    loader = make_loader(bundle.train.view(transform=eval_transform(SPEC)), batch_size=5, shuffle=False,
-                         device=torch.device("cpu"), num_workers=workers)
-    with pytest.warns(UserWarning) as seen:
-        labels = torch.cat([y for _ in range(2) for _, y in loader]).tolist()
-    assert 2 not in labels  # no sample of zebra was trained on
-    lost = [str(w.message) for w in seen if "No file of class 'zebra' loads" in str(w.message)]
-    assert len(lost) == 1 and "never trained" in lost[0]  # once, though the class failed in two epochs
-    assert bundle.report.lost_classes == ["zebra"]
-    assert "1 class with no file that loads, never trained (zebra)" in bundle.report.summary()
+    val = make_image_folder(tmp_path / "v", per_class=2, size=16)
+    for f in (val / "dark").iterdir():
+        damaged_png(f)
+    (val / "zebra").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(val / "zebra" / "ok.png")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        r = tk.finetune("tk:small_cnn", weights=None, data=root, val_data=val, epochs=1, batch_size=4, image_size=16,
+                        policy=policy, verbose=False, num_workers=0,
+                        cache_dir=tmp_path / "cache" if cache else None)
+    assert r.classes == ["dark", "light", "zebra"] and r.data_report.lost_classes == ["zebra"]
+    lost = [str(w.message) for w in seen if "No training file of class" in str(w.message)]
+    assert len(lost) == 1 and "'zebra' loaded" in lost[0] and "never trained" in lost[0]
+    assert "1 class with no training file that loaded, never trained (zebra)" in r.data_report.summary()
 
 
 def test_a_file_that_fails_while_worker_processes_decode_images_once_is_reported(tmp_path):

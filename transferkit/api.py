@@ -40,7 +40,7 @@ from transferkit.steps import (
     evaluate,
     metadata,
     save_interrupted,
-    share_load_failures,
+    report_load_failures,
     set_epoch_mode,
     train,
     training_data,
@@ -274,7 +274,7 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
         outputs: dict[str, Any] = {}
         with interrupt_keeps_weights(lambda: save_interrupted(d, run, metadata(d))):  # Ctrl-C/SIGTERM after training
             metrics = evaluate(d, run, outcome.data, outputs=outputs)
-        share_load_failures(run)  # DDP: rank 0 reports the files every rank found bad while loading
+        report_load_failures(run)  # the files every rank found bad while loading; classes none of whose files loaded
         if outcome.probe is not None:
             metrics["probe"] = {"C": outcome.probe.C,
                                 "val_acc_by_C": {str(c): a for c, a in outcome.probe.scores.items()},

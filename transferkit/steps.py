@@ -36,7 +36,8 @@ from transferkit.data import eval_transform, train_transform
 from transferkit.data.audio import pad_waveforms
 from transferkit.data.decoded import decoded_dataset
 from transferkit.data.gpu_jpeg import DeviceDecodedLoader
-from transferkit.data.late import BadFileError, load_failures, record_bad_at_load, record_lost_class
+from transferkit.data.late import (BadFileError, classes_never_loaded, load_failures, record_bad_at_load,
+                                   record_lost_class)
 from transferkit.data.sampling import mix_seed, seed_everything
 from transferkit.decisions import Decisions, differences
 from transferkit.export.torchscript import export_torchscript
@@ -469,17 +470,22 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                         feature_report=report, compile_trial=trial.finish() if trial is not None else None)
 
 
-def share_load_failures(run: Run) -> None:
+def report_load_failures(run: Run) -> None:
     """Under DDP each rank loads its own share of the files: every rank's report gains the
-    files that another rank found bad while loading, and the classes of which no file loaded
-    (warned about once, by the rank that learns of them), so the result and the summary of
-    rank 0 list them all."""
-    report = run.bundle.report
-    for failures, lost in gather_objects((load_failures(report), list(report.lost_classes)), run.dist):
+    files that another rank found bad while loading (warned about once, by the rank that
+    learns of them), so the result and the summary of rank 0 list them all; and the training
+    classes of which no file loaded (`classes_never_loaded`), as any rank found them."""
+    report, train, classes = run.bundle.report, run.bundle.train, run.bundle.classes
+    # a rank that met a class of which no file loads tried every file of it itself (load_or_replace), and
+    # names them by its own paths (a copy of the data per node may lie elsewhere): its own report says so
+    lost = [(classes[t], example) for t, example in classes_never_loaded(train, report).items()]
+    for failures, lost_there in gather_objects((load_failures(report), lost), run.dist):
         for path, reason in failures:
             record_bad_at_load(report, path, reason)
-        for name in lost:
-            record_lost_class(report, name, "")
+        for name, example in lost_there:
+            record_lost_class(report, name, example)
+    for target, example in classes_never_loaded(train, report).items():  # rows masked by every rank together
+        record_lost_class(report, classes[target], example)
 
 
 def _resume_problems(saved: dict[str, Any], meta: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -49,7 +49,7 @@ class DataReport:
     (``.thumbnails``, ``.ipynb_checkpoints``) that were not walked; ``unreadable_folders``:
     ``(path, reason)`` of folders that could not be listed; ``lost_classes``: classes none
     of whose training files loaded (their samples were replaced by other classes' files, so
-    they were never trained); ``warnings``: every warning issued (each also went through
+    they were never trained; found when training ends); ``warnings``: every warning issued (each also went through
     ``warnings.warn``).
 
     Example:
@@ -97,8 +97,8 @@ class DataReport:
             late = f" ({n_late} of them failed to load during training)" if n_late else ""
             parts.append(f"{n} bad file{'s' if n != 1 else ''} left out{late}")
         if self.lost_classes:
-            parts.append(f"{plural(len(self.lost_classes), 'class', 'classes')} with no file that loads, never "
-                         f"trained ({', '.join(self.lost_classes[:5])})")
+            parts.append(f"{plural(len(self.lost_classes), 'class', 'classes')} with no training file that "
+                         f"loaded, never trained ({', '.join(self.lost_classes[:5])})")
         if self.unreadable_folders:
             parts.append(f"{plural(len(self.unreadable_folders), 'unreadable folder')} skipped")
         if self.ignored_files:

@@ -183,7 +183,7 @@ class EncodedImageDataset(Dataset):
 
     def __getitem__(self, j: int) -> tuple[Any, int]:
         img, target = load_or_replace(self.samples, j, self._load, on_bad_file=self.on_bad_file,
-                                      report=self.report, known_bad=self._known_bad, classes=self.classes)
+                                      report=self.report, known_bad=self._known_bad)
         return (self.transform(img) if self.transform else img), target
 
     def view(self, indices: Sequence[int] | None = None, transform: Callable | None = None) -> EncodedImageDataset:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from transferkit.data.remote import ShardFetchError
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 # main process: the reports that datasets record into, by token
 _REPORTS: weakref.WeakValueDictionary[str, DataReport] = weakref.WeakValueDictionary()
 # a worker process: files replaced since its last collate, by report token
-_PENDING: dict[str, list[tuple[str, str, str]]] = {}  # (what, name, reason): a "file" or a "class"
+_PENDING: dict[str, list[tuple[str, str]]] = {}
 
 
 class BadFileError(DataError):
@@ -84,27 +85,45 @@ def load_failures(report: DataReport) -> list[tuple[str, str]]:
 
 
 def record_lost_class(report: DataReport, name: str, example: str) -> None:
-    """Add a class none of whose files loads to ``report`` (once) and warn: its samples are
-    being replaced by other classes' files (``example``: one of its files, or "")."""
+    """Add a training class none of whose files loaded to ``report`` (once) and warn: its
+    samples were replaced by other classes' files (``example``: one of its files)."""
     if name in report.lost_classes:
         return
     report.lost_classes.append(name)
-    report.warn(f"No file of class {name!r} loads any more{f' (e.g. {example!r})' if example else ''}: its samples "
-                "are replaced by files of "
-                "other classes, with their own labels, so the model's output for it is never trained. Repair or "
+    report.warn(f"No training file of class {name!r} loaded (e.g. {example!r}): its samples were replaced by files of "
+                "other classes, with their own labels, so the model's output for it was never trained. Repair or "
                 "replace its files, or remove the class from the data.")
 
 
-def note_bad_at_load(report: DataReport, path: str, reason: str, *, what: str = "file") -> None:
-    """Record now (main process) or when the batch reaches the main process (worker):
-    a file that failed (``path``, ``reason``), or with ``what="class"`` a class that lost
-    every file (``path``: its name, ``reason``: one of its files)."""
-    if get_worker_info() is not None:
-        _PENDING.setdefault(report.token, []).append((what, path, reason))
-    elif what == "class":
-        record_lost_class(report, path, reason)
-    else:
+def classes_never_loaded(dataset: Any, report: DataReport) -> dict[int, str]:
+    """``{class index: one of its files}`` for the classes of the training ``dataset`` none of
+    whose samples loaded (each is in ``report.bad_at_load``); ``{}`` when nothing failed to
+    load, or the samples are not files or shard members of one class index each (in-memory
+    items, the targets of regression or multilabel data)."""
+    bad = set(report.bad_at_load)
+    samples = getattr(listing_of(dataset) or dataset, "samples", None)
+    if not bad or samples is None:
+        return {}
+    loaded: set[int] = set()
+    failed: dict[int, str] = {}
+    for i, (source, target) in enumerate(samples):
+        if not (isinstance(source, (str, Path)) or hasattr(source, "sample_id")) or isinstance(target, bool) \
+                or not isinstance(target, (int, np.integer)):
+            return {}
+        name = source_name(source, i)
+        if name in bad:
+            failed.setdefault(int(target), name)
+        else:
+            loaded.add(int(target))
+    return {t: f for t, f in sorted(failed.items()) if t not in loaded}
+
+
+def note_bad_at_load(report: DataReport, path: str, reason: str) -> None:
+    """Record now (main process) or when the batch reaches the main process (worker)."""
+    if get_worker_info() is None:
         record_bad_at_load(report, path, reason)
+    else:
+        _PENDING.setdefault(report.token, []).append((path, reason))
 
 
 class ReportingCollate:
@@ -131,19 +150,19 @@ class _Carrier:
 
     __slots__ = ("batch", "token", "pending")
 
-    def __init__(self, batch: Any, token: str, pending: list[tuple[str, str, str]]) -> None:
+    def __init__(self, batch: Any, token: str, pending: list[tuple[str, str]]) -> None:
         self.batch, self.token, self.pending = batch, token, pending
 
     def __reduce__(self):
         return _deliver, (self.batch, self.token, self.pending)
 
 
-def _deliver(batch: Any, token: str, pending: list[tuple[str, str, str]]) -> Any:
+def _deliver(batch: Any, token: str, pending: list[tuple[str, str]]) -> Any:
     report = _REPORTS.get(token)
     if report is not None:
-        for what, name, reason in pending:
+        for path, reason in pending:
             try:
-                (record_lost_class if what == "class" else record_bad_at_load)(report, name, reason)
+                record_bad_at_load(report, path, reason)
             except Warning:  # warnings turned into errors (-W error): the report holds the file and the message
                 pass  # already; raising here, possibly in the pin-memory thread, would kill the loader
     return batch
@@ -153,11 +172,10 @@ class FileDataset(Dataset):
     """What the datasets of listed files (images, audio) share: ``samples`` as
     ``[(source, class index)]``, items loaded by ``_load(j)`` through `load_or_replace` (a file
     that fails is replaced and reported, or raises), then ``transform``; batches collated by
-    ``batch_collate`` through `ReportingCollate`. A subclass sets ``samples``, ``classes``, ``transform``,
+    ``batch_collate`` through `ReportingCollate`. A subclass sets ``samples``, ``transform``,
     ``report``, ``on_bad_file`` and ``known_bad`` (shared by its views), and defines ``_load``."""
 
     samples: list[tuple[Any, int]]
-    classes: list[str]
     transform: Callable | None
     report: DataReport
     on_bad_file: str
@@ -181,7 +199,7 @@ class FileDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         item, target = load_or_replace(self.samples, i, self._load, on_bad_file=self.on_bad_file, report=self.report,
-                                       known_bad=self.known_bad, classes=self.classes)
+                                       known_bad=self.known_bad)
         return (self.transform(item) if self.transform else item), target
 
 
@@ -290,15 +308,13 @@ def _load(load: Callable[[int], Any], i: int, name: str) -> Any:
 
 
 def load_or_replace(samples: Sequence[tuple[Any, int]], i: int, load: Callable[[int], Any], *, on_bad_file: str,
-                    report: DataReport, known_bad: dict[Any, str],
-                    classes: Sequence[str] | None = None) -> tuple[Any, int]:
+                    report: DataReport, known_bad: dict[Any, str]) -> tuple[Any, int]:
     """``(load(i), target)`` for ``samples[i] = (source, target)``. When ``load`` raises a [`DataError`][transferkit.DataError]
     (other than a remote shard that could not be fetched, or a file that could not be opened for
     want of file descriptors, which are raised as they are):
     raise it (``on_bad_file="raise"``), or record the file in ``report`` and load the next
-    readable sample of the same class instead (of any class when none of its class reads: the
-    class, named by ``classes``, is reported as lost). ``known_bad`` remembers failed sources
-    in this process, so they are not decoded again."""
+    readable sample of the same class instead (of any class when none of its class reads).
+    ``known_bad`` remembers failed sources in this process, so they are not decoded again."""
     source, target = samples[i]
     key = _source_key(samples, i)
     if key in known_bad and on_bad_file == "raise":  # it failed before, in a copy of this dataset that replaced it
@@ -315,9 +331,6 @@ def load_or_replace(samples: Sequence[tuple[Any, int]], i: int, load: Callable[[
             note_bad_at_load(report, source_name(source, i), known_bad[key])
     n = len(samples)
     for same_class in (True, False):
-        if not same_class:
-            name = classes[target] if classes is not None and 0 <= target < len(classes) else str(target)
-            note_bad_at_load(report, name, source_name(source, i), what="class")
         for k in range(1, n):
             j = (i + k) % n
             src, tgt = samples[j]

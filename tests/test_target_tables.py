@@ -358,6 +358,16 @@ def test_a_listed_file_that_fails_during_extraction_is_masked_in_the_feature_sto
     assert r.data_report.bad_at_load == [str(damaged)] and r.feature_report["masked_samples"] == 1
 
 
+def test_a_listed_file_that_fails_while_the_backbone_trains_is_replaced(table):
+    """Its place is taken by another file with that file's targets (each file has its own);
+    nothing is said of classes, which targets do not have."""
+    csv = table("r.csv", "path,age", lambda lv: f"{lv[0]:.4f}")
+    damaged = damaged_png(table.root / "5.png")
+    with pytest.warns(UserWarning, match="5.png.*failed to load during training"):
+        r = tk.finetune("tk:small_cnn", data=csv, task="regression", val_split=0, epochs=1, policy="full", **COMMON)
+    assert r.data_report.bad_at_load == [str(damaged)] and r.data_report.lost_classes == []
+
+
 def test_a_target_beyond_float32_is_named_by_its_row_and_column(table):
     """1e39 is finite, but float32 (what targets are read as) makes it inf: the error named
     "training item 5" and NaN or inf instead of the cell."""

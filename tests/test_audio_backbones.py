@@ -311,3 +311,15 @@ def test_image_settings_are_refused_for_an_audio_backbone_by_the_dry_run_as_by_t
                                                  r"audio"):
             run("ta:wav2vec2_tiny", image_size=64, **kw)
     assert tk.plan("ta:wav2vec2_tiny", augment="standard", **kw).augment == "standard"
+
+
+def test_spec_augment_masks_while_some_block_trains_though_it_sits_outside_every_block():
+    """SpecAugment, the resampler and the mel frontend belong to no block: they must not follow a
+    frozen block into eval mode (the masks would silently stop under unfreeze:last=1)."""
+    from transferkit.policies.freeze import set_train_mode
+
+    bb = spectrogram_backbone("tk:small_cnn", sample_rate=8000, n_mels=16, spec_augment=True)
+    model = build_model(bb, 2)
+    for policy, masks in (("unfreeze:last=1", True), ("full", True), ("feature_extraction", False)):
+        set_train_mode(model, bb, Policy.parse(policy))
+        assert model.trunk.spec_augment.training is masks, policy

@@ -21,7 +21,7 @@ training except under ``affine``, which trains gamma/beta everywhere (fastai's
 from __future__ import annotations
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from transferkit.backbones._base import Backbone
 from transferkit.lora import add_lora, has_lora, is_lora_parameter
@@ -103,10 +103,13 @@ def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]
     block (BatchNorm with ``affine=False``, dropout, activation) follows its block; a module no
     member covers takes the block owning all the parameters under it (block maps may name single
     parameters), or its parent's when it has none; ``None`` for containers that span several
-    blocks (the trunk itself, a ViT's encoder). A parameterless module outside every block (a
-    BatchNorm with ``affine=False`` or a dropout between blocks, timm's ``pos_drop``) follows
-    the block of the module registered before it (the one it runs after in a Sequential), or,
-    first in the trunk, of the one after it: frozen with that block, so its statistics stay put."""
+    blocks (the trunk itself, a ViT's encoder) and for parameterless modules outside every
+    block, except a normalisation layer with running statistics (a BatchNorm with
+    ``affine=False`` between blocks): it follows the block of the module registered before it
+    (the one it runs after in a Sequential), or, first in the trunk, of the one after it, so
+    that its statistics stay put while that block is frozen. Other parameterless modules
+    outside every block (a dropout, SpecAugment's masks, a resampler) run in training mode
+    whenever some block trains."""
     members = sorted(((m, b.name) for b in (*backbone.blocks, *backbone.frozen) for m in b.members),
                      key=lambda mb: -len(mb[0]))
     out: dict[str, str | None] = {}
@@ -123,11 +126,16 @@ def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]
             out[name] = owners.pop() if len(owners) == 1 else None
     names = list(out)
     for i, name in enumerate(names):
-        if out[name] is None and name and not any(True for _ in trunk.get_submodule(name).parameters()):
-            before = (out[n] for n in reversed(names[:i]) if out[n] is not None)  # its parent's, once it has one
+        if out[name] is None and _keeps_statistics(trunk.get_submodule(name)):
+            before = (out[n] for n in reversed(names[:i]) if out[n] is not None)
             after = (out[n] for n in names[i + 1:] if out[n] is not None)
             out[name] = next(before, None) or next(after, None)
     return out
+
+
+def _keeps_statistics(m: nn.Module) -> bool:
+    """A normalisation layer that updates running statistics in training mode."""
+    return isinstance(m, _NormBase) and bool(m.track_running_stats)
 
 
 def set_train_mode(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int = 0) -> None:

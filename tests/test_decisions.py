@@ -164,11 +164,18 @@ def test_a_record_of_group_rates_at_the_base_rate_still_resumes(split_folders):
     phase): read as the rates they stand for, they agree with a record of now."""
     from transferkit.decisions import differences
 
-    now = _plan(split_folders / "train", policy="fine_tune:frozen=1", epochs=3).to_dict()
-    old = {**now, "format": 2, "groups": [{**g, "lr": g["lr"] * 10} for g in now["groups"]]}
-    assert differences(old, now) == {}
-    assert set(differences({**old, "format": 3}, now)) == {"groups"}
-    assert set(differences({**now, "groups": old["groups"][::-1]}, now)) == {"groups"}
+    import transferkit.decisions as decisions
+
+    for policy, lr in (("fine_tune:frozen=1", 3e-4), ("fine_tune,discriminative=0.3", 1e-2),
+                       ("unfreeze:last=2,frozen=1,layer_decay=0.7,unfrozen_lr=0.3", 7e-3)):
+        now = _plan(split_folders / "train", policy=policy, epochs=3, lr=lr).to_dict()
+        with pytest.MonkeyPatch.context() as mp:  # what format 2 recorded: each group at lr * its scale
+            mp.setattr(decisions, "_group_phase_factor", lambda policy, epochs: 1.0)
+            old = {**_plan(split_folders / "train", policy=policy, epochs=3, lr=lr).to_dict(), "format": 2}
+        assert old["groups"] != now["groups"]
+        assert differences(old, now) == {}, policy
+        assert set(differences({**old, "format": 3}, now)) == {"groups"}
+        assert set(differences({**now, "groups": now["groups"][::-1]}, now)) == {"groups"}
 
 
 def test_summary_and_record_state_every_decision(split_folders):

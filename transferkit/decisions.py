@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -472,9 +473,22 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
                     # compared below in its one spelling, says what it is
                 if k not in OUTPUT_KEYS and a.get(k) != b.get(k):
                     diff[f"config.{k}"] = (a.get(k), b.get(k))
+        elif key == "groups":
+            if not _same_groups(saved.get(key), now.get(key)):
+                diff[key] = (saved.get(key), now.get(key))
         elif key not in _PLACE_KEYS and key != "speed_reasons" and saved.get(key) != now.get(key):
             diff[key] = (saved.get(key), now.get(key))
     return diff
+
+
+def _same_groups(a: Any, b: Any) -> bool:
+    """Whether two records' optimizer groups agree: the same names, weight decays and parameter
+    counts, and rates equal to rounding (a rate is a product of factors, in either order)."""
+    if not (isinstance(a, list) and isinstance(b, list) and len(a) == len(b)):
+        return a == b
+    return all(isinstance(x, dict) and isinstance(y, dict) and x.keys() == y.keys()
+               and all(_close(x[k], y[k]) if k == "lr" else x[k] == y[k] for k in x)
+               for x, y in zip(a, b))
 
 
 def _group_phase_factor(policy: Policy, epochs: int) -> float:
@@ -491,6 +505,11 @@ def _groups_at_phase_rates(record: dict[str, Any]) -> Any:
         return [{**g, "lr": g["lr"] * factor} for g in groups]
     except (PolicyError, TypeError, ValueError, KeyError):  # a record this cannot read: compared as it is
         return groups
+
+
+def _close(a: Any, b: Any) -> bool:
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    return math.isclose(a, b, rel_tol=1e-9) if numbers else a == b
 
 
 def _changing_shapes(kind: str, spec: InputSpec) -> str | None:

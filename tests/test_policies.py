@@ -227,12 +227,17 @@ def test_options_that_would_do_nothing_are_refused(spec, fragment):
     Policy.parse("full,l2sp=0.1,l2sp_beta=0.5"), Policy.parse("feature_extraction,bn=affine,discriminative=0.1")
 
 
-@pytest.mark.parametrize("targets", ["fc{1,2}", "q,k", "(qkv|proj),?", r"a\(,b", "[,x]", "fc{1,}|q,k{2,3}"])
+@pytest.mark.parametrize("targets", ["fc{1,2}", "q,k", "(qkv|proj),?", r"a\(,b", "[,x]", "fc{1,}|q,k{2,3}", "q[(]k",
+                                     "[],]", "[^],]x,y"])
 def test_lora_target_patterns_with_commas_round_trip_through_the_string_form(targets):
     """A comma inside brackets belongs to its option; one outside them is written \\, ."""
     p = Policy(lora=4, lora_targets=targets, bn="frozen")
     assert Policy.parse(str(p)) == p and str(p).endswith(",bn=frozen")
     assert Policy.parse("lora:r=4,targets=fc{1,2},bn=frozen") == Policy(lora=4, lora_targets="fc{1,2}", bn="frozen")
+    # a bracket inside a character class is no bracket: the options after it are read
+    assert Policy.parse("lora:r=4,targets=q[(]k,bn=frozen") == Policy(lora=4, lora_targets="q[(]k", bn="frozen")
+    with pytest.raises(PolicyError, match="Unknown or empty policy option '2'"):  # unclosed: split at every comma
+        Policy.parse("lora:r=4,targets=x{1,2,bn=frozen")
 
 
 @pytest.mark.parametrize("fields", [{"lora_targets": "qkv"}, {"lora_alpha": 8.0},

@@ -481,35 +481,40 @@ def _block_names(backbone: Backbone | Sequence[str]) -> list[str]:
     return list(backbone)
 
 
-_OPEN, _CLOSE = "([{", ")]}"
-
-
 def _split_options(spec: str) -> list[str]:
     """``spec`` split at its commas, except those inside brackets (a LoRA target pattern's
-    ``fc{1,2}`` or ``(a|b)``) and escaped ones (``\\,``, kept as a comma in the option).
+    ``fc{1,2}``, ``(a|b)`` or ``[,;]``: a character class's own brackets are literal) and
+    escaped ones (``\\,``, kept as a comma in the option). A spec whose brackets do not
+    close is split at every comma, as before brackets counted.
 
     Example:
         >>> _split_options("lora:r=4,targets=fc{1,2},bn=frozen")
         ['lora:r=4', 'targets=fc{1,2}', 'bn=frozen']
     """
-    parts, cur, depth, i = [], [], 0, 0
+    parts, cur, depth, i, in_class = [], [], 0, 0, False
     while i < len(spec):
         c = spec[i]
-        if c == "\\" and spec[i + 1:i + 2] == "," and depth == 0:
-            cur.append(",")
+        if c == "\\":
+            escaped = spec[i + 1:i + 2]
+            cur.append("," if escaped == "," and depth == 0 and not in_class else c + escaped)
             i += 2
             continue
-        if c == "\\":  # an escaped character of a pattern (\\( is no bracket)
-            cur.append(spec[i:i + 2])
-            i += 2
-            continue
-        depth += (c in _OPEN) - (c in _CLOSE and depth > 0)
-        if c == "," and depth == 0:
+        if in_class:
+            in_class = not (c == "]" and cur[-1] != "[" and "".join(cur[-2:]) != "[^")
+        elif c == "[":
+            in_class = True
+        elif c in "({":
+            depth += 1
+        elif c in ")}":
+            depth -= 1
+        if c == "," and depth == 0 and not in_class:
             parts.append("".join(cur))
             cur = []
         else:
             cur.append(c)
         i += 1
+    if depth or in_class:  # brackets that do not close: no pattern to keep whole
+        return spec.split(",")
     return parts + ["".join(cur)]
 
 

@@ -335,6 +335,12 @@ def test_a_list_of_stages_of_any_name_is_split_into_blocks():
     small = nn.Sequential(nn.Conv2d(3, 64, 3), nn.Sequential(_Stage(64, 2), _Stage(2, 2)),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten())  # a small neck beside a large stem: one block
     assert from_module(small, input_spec={"image_size": 16}).block_names == ["0", "1"]
+    resnet_like = nn.Sequential()  # one list of stages per child (ResNet's layer1..layer4): each child is a block
+    resnet_like.add_module("stem", nn.Conv2d(3, 8, 3, padding=1))
+    resnet_like.add_module("layer1", nn.Sequential(_Stage(8, 8), _Stage(8, 8)))
+    resnet_like.add_module("layer2", nn.Sequential(_Stage(8, 32), _Stage(32, 32)))
+    resnet_like.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    assert from_module(resnet_like, input_spec={"image_size": 16}).block_names == ["stem", "layer1", "layer2"]
 
 
 def test_from_module_infers_width_and_blocks():
@@ -371,6 +377,9 @@ def test_from_torchscript_is_a_frozen_extractor(tmp_path):
         apply_policy(model, bb, Policy.parse("full"))
     with pytest.raises(BackboneError, match="from_module"):
         from_torchscript(_Net())
+    pooling = from_torchscript(torch.jit.script(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())),
+                               input_spec={"image_size": 16})  # no parameter at all: nothing frozen, still taken
+    assert pooling.num_features == 3 and pooling.block_names == [] and pooling.frozen == ()
 
 
 def test_a_block_without_parameters_is_refused_it_would_count_in_last_n():

@@ -185,29 +185,30 @@ def blocks_from_param_groups(trunk: nn.Module, groups: list[tuple[str, list[str]
 CONTAINER_NAMES = ("stages", "blocks", "layers", "features", "levels", "network")
 
 
-def _is_stage_list(child: nn.Module | None, trunk_params: int) -> bool:
-    """Whether ``child``, a Sequential or ModuleList of another name than `CONTAINER_NAMES`,
-    holds the trunk's stages: two or more elements with parameters, each a module of modules
-    (not single layers), with at least half of the trunk's parameters (timm PiT's
-    ``transformers``: its three stages)."""
+def _stage_list_parts(child: nn.Module | None) -> list[nn.Module]:
+    """The elements with parameters of a Sequential or ModuleList whose every such element is a
+    module of modules (a stage, not a single layer); [] for anything else."""
     if not isinstance(child, (nn.Sequential, nn.ModuleList)):
-        return False
+        return []
     parts = [m for m in child.children() if any(True for _ in m.parameters())]
-    return (len(parts) > 1 and all(any(True for _ in m.children()) for m in parts)
-            and 2 * sum(p.numel() for p in child.parameters()) >= trunk_params)
+    return parts if all(any(True for _ in m.children()) for m in parts) else []
 
 
 def container_blocks(trunk: nn.Module) -> tuple[Block, ...]:
     """Like `children_blocks`, but a container child (``stages``, ``blocks``, ``layers``,
-    ``features`` ...: a Sequential or ModuleList; or one of any name that holds the trunk's
-    stages, `_is_stage_list`) is split into one block per element (``stages.0``,
-    ``stages.1`` ...)."""
+    ``features`` ...: a Sequential or ModuleList; or the one child of any name that is a list
+    of stages, `_stage_list_parts`, with at least half of the parameters) is split into one
+    block per element (``stages.0``, ``stages.1`` ...)."""
     spec: list[tuple[str, list[str]]] = []
     total = sum(p.numel() for p in trunk.parameters())
+    # a list of stages of another name: the only child that is a list of two or more stages (not ResNet's
+    # layer1..layer4, each a list of blocks), holding at least half of the parameters (timm PiT's transformers)
+    lists = {n: parts for n, c in trunk.named_children() if len(parts := _stage_list_parts(c)) > 1}
+    stages = next(iter(lists), None) if len(lists) == 1 else None
     for blk in children_blocks(trunk):
         child = getattr(trunk, blk.name, None)
         named = blk.name in CONTAINER_NAMES and isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1
-        if named or _is_stage_list(child, total):
+        if named or (blk.name == stages and 2 * sum(p.numel() for p in child.parameters()) >= total):
             spec += [(f"{blk.name}.{i}", [f"{blk.name}.{i}"]) for i, m in child.named_children()
                      if any(True for _ in m.parameters())]
         else:

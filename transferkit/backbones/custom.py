@@ -150,7 +150,8 @@ def from_torchscript(path_or_module: str | Path | torch.jit.ScriptModule, *, num
     scripted.eval()
     for p in scripted.parameters():
         p.requires_grad_(False)
-    frozen = (Block("frozen", tuple(n for n, _ in scripted.named_parameters())),)
+    params = tuple(n for n, _ in scripted.named_parameters())
+    frozen = (Block("frozen", params),) if params else ()  # a parameterless extractor (pooling) has none
     check_blocks(scripted, frozen, name=label)
     spec = _as_spec(input_spec)
     if num_features is None:

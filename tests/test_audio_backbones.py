@@ -13,6 +13,7 @@ import torchaudio
 
 import transferkit as tk
 from transferkit import Policy, WeightsError, apply_policy, build_model, get_backbone, list_backbones
+from transferkit.backbones.custom import from_module
 from transferkit.backbones.spectrogram import SpecAugment, spectrogram_backbone
 from transferkit.errors import BackboneError
 from transferkit.backbones.torchaudio_source import TINY
@@ -288,8 +289,10 @@ def test_clip_and_window_lengths_below_what_an_audio_model_takes_are_refused_bef
         tk.get_backbone(name, weights=None, clip_seconds=seconds)
     with pytest.raises(tk.ConfigError, match=r"max_seconds=.*(at least 0.025|not a finite|type bool)"):
         tk.FinetuneConfig(backbone=name, data="clips", max_seconds=seconds)
-    with pytest.raises(tk.ConfigError, match=r"clip_seconds must be"):
-        tk.InputSpec(kind="audio", sample_rate=8000, clip_seconds=seconds)
+    with pytest.raises(tk.ConfigError, match=r"input_spec.clip_seconds must be"):
+        from_module(torch.nn.Sequential(torch.nn.Unflatten(1, (1, -1)), torch.nn.Conv1d(1, 4, 9),
+                                        torch.nn.AdaptiveAvgPool1d(1), torch.nn.Flatten()),
+                    input_spec={"kind": "audio", "sample_rate": 8000, "clip_seconds": seconds})
     assert tk.get_backbone(name, weights=None, clip_seconds=0.025).input_spec.clip_seconds == 0.025
 
 

@@ -124,17 +124,17 @@ MIN_CLIP_SECONDS = 0.025
 
 
 def check_seconds(value: Any, name: str) -> float | None:
-    """``value`` as seconds of audio (``clip_seconds``, ``max_seconds``): None, or a finite
+    """``value`` if it is seconds of audio (``clip_seconds``, ``max_seconds``): None, or a finite
     number of at least `MIN_CLIP_SECONDS`; else a [`ConfigError`][transferkit.ConfigError].
 
     Example:
         >>> check_seconds(2, "clip_seconds"), check_seconds(None, "clip_seconds")
-        (2.0, None)
+        (2, None)
     """
     problem = _seconds(value)
     if problem:
         raise ConfigError(f"{name} must be {problem}, got {value!r}.")
-    return None if value is None else float(value)
+    return value
 
 
 def _seconds(v: Any) -> str | None:

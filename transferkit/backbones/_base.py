@@ -8,7 +8,6 @@ from typing import Any
 
 from torch import nn
 
-from transferkit.config import check_seconds
 from transferkit.errors import BackboneError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,10 +34,6 @@ class InputSpec:
     channels: int = 3
     sample_rate: int | None = None
     clip_seconds: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.clip_seconds is not None:
-            object.__setattr__(self, "clip_seconds", check_seconds(self.clip_seconds, "clip_seconds"))
 
     def replace(self, **changes: Any) -> InputSpec:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

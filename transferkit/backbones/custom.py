@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from transferkit.config import check_seconds
 from transferkit.backbones._base import Backbone, Block, InputSpec, blocks_from_members, check_blocks, container_blocks
 from transferkit.errors import BackboneError
 
@@ -25,13 +26,16 @@ BlocksArg = Sequence[Block] | Sequence[str] | Sequence[tuple[str, Sequence[str]]
 
 
 def _as_spec(input_spec: InputSpec | Mapping[str, Any] | None) -> InputSpec:
+    """The user's ``input_spec`` (its ``clip_seconds`` checked: `check_seconds`)."""
     if input_spec is None:
         return InputSpec()
-    if isinstance(input_spec, InputSpec):
-        return input_spec
     if isinstance(input_spec, Mapping):
-        return InputSpec.from_dict(dict(input_spec))
-    raise BackboneError(f"input_spec must be an InputSpec, a dict of its fields or None, got {type(input_spec).__name__}.")
+        input_spec = InputSpec.from_dict(dict(input_spec))
+    if not isinstance(input_spec, InputSpec):
+        raise BackboneError(f"input_spec must be an InputSpec, a dict of its fields or None, got "
+                            f"{type(input_spec).__name__}.")
+    check_seconds(input_spec.clip_seconds, "input_spec.clip_seconds")
+    return input_spec
 
 
 def _as_blocks(module: nn.Module, blocks: BlocksArg) -> tuple[Block, ...]:

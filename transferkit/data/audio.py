@@ -432,12 +432,6 @@ def audio_window(max_seconds: float | None, clip_seconds: float | None) -> float
     return max(float(max_seconds), float(clip_seconds)) if max_seconds is not None and clip_seconds else max_seconds
 
 
-def check_max_seconds(max_seconds: Any) -> float | None:
-    """``max_seconds`` if it is None or a number of seconds an audio model can take (`check_seconds`),
-    else a [`ConfigError`][transferkit.ConfigError]."""
-    return check_seconds(max_seconds, "max_seconds")
-
-
 def _warn_long(report: DataReport, long: list[tuple[float, str]], max_seconds: float) -> None:
     secs, where = max(long)
     report.warn(f"Cropped {plural(len(long), 'clip')} longer than max_seconds={max_seconds:g} to their middle "
@@ -464,7 +458,7 @@ class AudioDataset(FileDataset):
                  on_bad_file: str = "skip", report: DataReport | None = None, _store: dict | None = None,
                  known_bad: dict | None = None) -> None:
         check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
-        check_max_seconds(max_seconds)
+        check_seconds(max_seconds, "max_seconds")
         self.samples, self.classes, self.sample_rate = samples, list(classes), int(sample_rate)
         self.transform, self.cache, self.max_seconds, self.on_bad_file = transform, cache, max_seconds, on_bad_file
         self.report = report if report is not None else DataReport()
@@ -688,7 +682,7 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
         raise ConfigError(f"Audio data needs a backbone input spec with a sample_rate; got {spec}.")
     check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
     check_choice("scan", scan, SCANS)
-    max_seconds = audio_window(check_max_seconds(max_seconds), spec.clip_seconds)
+    max_seconds = audio_window(check_seconds(max_seconds, "max_seconds"), spec.clip_seconds)
     report = DataReport()
     data, val_data = resolve_split_folders(data, val_data, report)
     opts = {"report": report, "on_bad_file": on_bad_file, "scan": scan, "max_seconds": max_seconds}

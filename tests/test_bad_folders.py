@@ -396,3 +396,6 @@ def test_a_csv_listing_a_fifo_says_what_it_is_not_that_it_is_missing(tmp_path):
     with pytest.raises(tk.DataError, match=r"lists 1 path of no file to read, e.g. '.*pipe.jpg': not a regular file "
                                            r"\(a FIFO\)"):
         prepare_data(tmp_path / "list.csv", val_split=0)
+    (tmp_path / "list.csv").write_text("\n".join(rows[:-1] + [f"{root / 'dark'},dark"]) + "\n")
+    with pytest.raises(tk.DataError, match=r"lists 1 path of no file to read, e.g. '.*dark': a folder, not a file"):
+        prepare_data(tmp_path / "list.csv", val_split=0)

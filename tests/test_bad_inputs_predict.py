@@ -117,4 +117,4 @@ def test_a_folder_named_like_a_file_is_said_to_be_a_folder(tmp_path):
     for pred, name in ((img, "dir.png"), (wav, "dir.wav")):
         (tmp_path / name).mkdir()
         got = pred.predict([str(tmp_path / name)])[0]
-        assert not got.ok and "it is a folder, not a file" in got.error and "predict_folder" in got.error
+        assert not got.ok and ": a folder, not a file." in got.error and "predict_folder" in got.error

@@ -147,8 +147,8 @@ def list_class_files(folder: Path, is_data: Callable[[str], bool], report: DataR
 
 
 def not_a_file(path: str | Path) -> str:
-    """Why ``path`` is no file to read (a FIFO, a socket, a device), or ``""`` (a regular file,
-    or a path that does not exist: its reader says so).
+    """Why ``path`` is no file to read (a folder, a FIFO, a socket, a device), or ``""`` (a
+    regular file, or a path that does not exist: its reader says so).
 
     Example:
         >>> not_a_file("/dev/null")
@@ -158,8 +158,10 @@ def not_a_file(path: str | Path) -> str:
         mode = os.stat(path).st_mode
     except OSError:
         return ""
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+    if stat.S_ISREG(mode):
         return ""
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
     kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
         "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else "a special file"
     return f"not a regular file ({kind}); only files can be read"

@@ -78,10 +78,9 @@ class InputPipeline:
         """One item -> ``[3, H, W]`` image tensor or ``[T]`` waveform."""
         why = not_a_file(item) if isinstance(item, (str, os.PathLike)) else ""
         if why:
-            raise DataError(f"Cannot read {str(item)!r}: {why}.")
-        if isinstance(item, (str, os.PathLike)) and os.path.isdir(item):
-            raise DataError(f"Cannot read {str(item)!r}: it is a folder, not a file. Predict the files below it with "
-                            "predictor.predict_folder(folder) (transferkit predict takes folders too).")
+            folder = " Predict the files below it with predictor.predict_folder(folder) (transferkit predict takes " \
+                "folders too)." if why.startswith("a folder") else ""
+            raise DataError(f"Cannot read {str(item)!r}: {why}.{folder}")
         return self._waveform(item) if self.audio else self._image(item)
 
     def batch(self, items: Sequence[Any]) -> torch.Tensor:

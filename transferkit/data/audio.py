@@ -14,6 +14,7 @@ import functools
 import math
 import numbers
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,21 +126,24 @@ def load_audio(path: str | Path, sample_rate: int | None = None, *, mono: bool =
 def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[torch.Tensor, int]:
     """Read an audio file with soundfile: ``([C, T] float32 tensor, sample_rate)``; with
     ``max_seconds``, only the middle ``max_seconds`` of a longer file are read. A file with
-    no samples, or with NaN/inf samples (NaN marks padding in transferkit batches), raises
-    [`DataError`][transferkit.DataError] naming the file."""
+    no samples, a truncated WAV or AIFF (`_truncation`), or NaN/inf samples (NaN marks padding
+    in transferkit batches) raises [`DataError`][transferkit.DataError] naming the file."""
     import soundfile as sf
 
     if os.path.isfile(path) and os.path.getsize(path) == 0:  # said as the training scan says it
         raise DataError(f"Audio file {str(path)!r} is an empty file (0 bytes): a copy or write cut short.")
     try:
         with sf.SoundFile(str(path)) as f:
+            cut = _truncation(f.extra_info or "")
             sr, frames = int(f.samplerate), int(f.frames)
             keep = frames if max_seconds is None else min(frames, max(1, int(round(max_seconds * sr))))
-            if keep < frames:
+            if keep < frames and not cut:
                 f.seek((frames - keep) // 2)
-            data = f.read(keep, dtype="float32", always_2d=True)
+            data = f.read(0 if cut else keep, dtype="float32", always_2d=True)
     except (RuntimeError, OSError, ValueError, TypeError) as exc:  # sf.LibsndfileError is a RuntimeError
         raise unreadable_file("audio file", path, exc, _supported(path)) from exc
+    if cut:
+        raise DataError(f"Audio file {str(path)!r} is {cut}: a copy or download cut short. Copy it again.")
     if data.shape[0] == 0:
         raise DataError(f"Audio file {str(path)!r} is empty (0 samples): a header without audio data.")
     check_finite(data, f"audio file {str(path)!r}")
@@ -355,6 +359,9 @@ def probe_audio_file(path: str | Path, *, full: bool = False,
     short = too_short(info.frames, info.samplerate)
     if short:
         return short
+    cut = _truncation(getattr(info, "extra_info", "") or "")
+    if cut:
+        return cut
     if full:
         try:
             read_audio(path, max_seconds=max_seconds)
@@ -362,6 +369,25 @@ def probe_audio_file(path: str | Path, *, full: bool = False,
             cause = exc.__cause__
             return f"cannot be decoded ({type(cause).__name__}: {cause})" if cause is not None else str(exc)
     return AudioFileInfo(frames=int(info.frames), channels=int(info.channels), sample_rate=int(info.samplerate))
+
+
+# libsndfile's log of a WAV (data) or AIFF (SSND) whose sample chunk is longer than the file holds
+_CHUNK_CUT = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+
+
+def _truncation(log: str) -> str:
+    """Why a file is truncated, from libsndfile's header log (``soundfile.info(...).extra_info``):
+    its sample chunk declares more bytes than the file holds; ``""`` otherwise, and for a
+    size left unwritten by a recorder that streamed the file (0xFFFFFFFF: the samples are all
+    there)."""
+    m = _CHUNK_CUT.search(log)
+    if m is None:
+        return ""
+    declared, held = int(m.group(1)), int(m.group(2))
+    if held >= 0.99 * declared or declared >= 0xFFFFFFFF:  # a missing pad byte or part of the last frame: no cut
+        return ""
+    return (f"truncated: its header declares {declared} bytes of samples and the file holds {held} "
+            f"({held / declared:.0%} of the clip)")
 
 
 def check_audio_file(path: str | Path, *, full: bool = False, max_seconds: float | None = None) -> str | None:

@@ -228,7 +228,7 @@ def test_options_that_would_do_nothing_are_refused(spec, fragment):
 
 
 @pytest.mark.parametrize("targets", ["fc{1,2}", "q,k", "(qkv|proj),?", r"a\(,b", "[,x]", "fc{1,}|q,k{2,3}", "q[(]k",
-                                     "[],]", "[^],]x,y"])
+                                     "[],]", "[^],]x,y", "x}|fc{1,2}", "a{|b,c", r"[\]],y"])
 def test_lora_target_patterns_with_commas_round_trip_through_the_string_form(targets):
     """A comma inside brackets belongs to its option; one outside them is written \\, ."""
     p = Policy(lora=4, lora_targets=targets, bn="frozen")

@@ -481,40 +481,45 @@ def _block_names(backbone: Backbone | Sequence[str]) -> list[str]:
     return list(backbone)
 
 
-def _split_options(spec: str) -> list[str]:
+def _split_options(spec: str, brackets: bool = True) -> list[str]:
     """``spec`` split at its commas, except those inside brackets (a LoRA target pattern's
     ``fc{1,2}``, ``(a|b)`` or ``[,;]``: a character class's own brackets are literal) and
     escaped ones (``\\,``, kept as a comma in the option). A spec whose brackets do not
-    close is split at every comma, as before brackets counted.
+    close (or ``brackets=False``) is split at every unescaped comma.
 
     Example:
         >>> _split_options("lora:r=4,targets=fc{1,2},bn=frozen")
         ['lora:r=4', 'targets=fc{1,2}', 'bn=frozen']
     """
-    parts, cur, depth, i, in_class = [], [], 0, 0, False
+    parts: list[str] = []
+    cur: list[str] = []
+    depth, i, class_at = 0, 0, None  # class_at: where the open character class's items start in cur
     while i < len(spec):
         c = spec[i]
         if c == "\\":
             escaped = spec[i + 1:i + 2]
-            cur.append("," if escaped == "," and depth == 0 and not in_class else c + escaped)
+            cur.append("," if escaped == "," and depth == 0 and class_at is None else c + escaped)
             i += 2
             continue
-        if in_class:
-            in_class = not (c == "]" and cur[-1] != "[" and "".join(cur[-2:]) != "[^")
-        elif c == "[":
-            in_class = True
-        elif c in "({":
+        if brackets and class_at is not None:
+            if c == "]" and len(cur) > class_at:  # a "]" first in the class is one of its items
+                class_at = None
+            elif c == "^" and len(cur) == class_at and spec[i - 1] == "[":
+                class_at += 1
+        elif brackets and c == "[":
+            class_at = len(cur) + 1
+        elif brackets and c in "({":
             depth += 1
-        elif c in ")}":
-            depth -= 1
-        if c == "," and depth == 0 and not in_class:
+        elif brackets and c in ")}":
+            depth = max(depth - 1, 0)  # a lone closing bracket is literal in a pattern
+        if c == "," and depth == 0 and class_at is None:
             parts.append("".join(cur))
             cur = []
         else:
             cur.append(c)
         i += 1
-    if depth or in_class:  # brackets that do not close: no pattern to keep whole
-        return spec.split(",")
+    if depth or class_at is not None:  # brackets that do not close: no pattern to keep whole
+        return _split_options(spec, brackets=False)
     return parts + ["".join(cur)]
 
 

@@ -324,24 +324,29 @@ def test_the_predictor_crops_to_the_window_training_used_never_less_than_clip_se
     assert audio_max_seconds({"input_spec": {"kind": "audio"}}) == DEFAULT_MAX_SECONDS
 
 
-@pytest.mark.parametrize("fmt, ext", [("WAV", "wav"), ("AIFF", "aiff")])
+@pytest.mark.parametrize("fmt, ext", [("WAV", "wav"), ("AIFF", "aiff"), ("RF64", "wav")])
 def test_a_truncated_file_is_a_bad_file_not_a_shorter_clip(tmp_path, fmt, ext):
-    """A WAV or AIFF cut short by a copy was read as a shorter clip, by the scan, training and
-    predict alike; its header says how long it should be. A size a streaming recorder left
-    unwritten (0xFFFFFFFF) is no cut: the samples are all there."""
+    """A WAV, AIFF or RF64 cut short by a copy was read as a shorter clip, by the scan, training
+    and predict alike; its header says how long it should be. A size a streaming recorder left
+    unwritten (0xFFFFFFFF; arecord's 0x7FFFFF00) is no cut: the samples are all there."""
     whole = tmp_path / f"whole.{ext}"
     sf.write(whole, _tone(300, 16000), RATE, format=fmt, subtype="PCM_16")
     data = whole.read_bytes()
     cut = tmp_path / f"cut.{ext}"
     cut.write_bytes(data[: len(data) * 6 // 10])
     assert check_audio_file(whole) is None and check_audio_file(whole, full=True) is None
-    assert check_audio_file(cut).startswith("truncated: its header declares 32")
+    assert check_audio_file(cut).startswith("truncated: its header declares ")
     with pytest.raises(DataError, match=r"cut\.\w+' is truncated: .* \(60% of the clip\): a copy or download cut short"):
         load_audio(cut, RATE)
     if fmt == "WAV":
-        streamed = bytearray(data)
-        i = streamed.index(b"data")
-        streamed[i + 4:i + 8] = (0xFFFFFFFF).to_bytes(4, "little")
-        (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
-        assert check_audio_file(tmp_path / "streamed.wav") is None
-        assert load_audio(tmp_path / "streamed.wav", RATE).shape == (16000,)
+        for placeholder in (0xFFFFFFFF, 0x7FFFFF00):
+            streamed = bytearray(data)
+            i = streamed.index(b"data")
+            streamed[i + 4:i + 8] = placeholder.to_bytes(4, "little")
+            (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
+            assert check_audio_file(tmp_path / "streamed.wav") is None
+            assert load_audio(tmp_path / "streamed.wav", RATE).shape == (16000,)
+        sf.write(tmp_path / "long.wav", _tone(300, RATE * 60), RATE, subtype="PCM_16")  # 0.5 s cut from 60 s
+        long = (tmp_path / "long.wav").read_bytes()
+        (tmp_path / "long.wav").write_bytes(long[: len(long) - RATE])
+        assert check_audio_file(tmp_path / "long.wav").startswith("truncated")

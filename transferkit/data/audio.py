@@ -371,23 +371,33 @@ def probe_audio_file(path: str | Path, *, full: bool = False,
     return AudioFileInfo(frames=int(info.frames), channels=int(info.channels), sample_rate=int(info.samplerate))
 
 
-# libsndfile's log of a WAV (data) or AIFF (SSND) whose sample chunk is longer than the file holds
-_CHUNK_CUT = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# libsndfile's log of a file shorter than its header says: a WAV's data, an AIFF's SSND or a W64's riff chunk
+# size, in bytes; an RF64's frame count (its ds64 chunk)
+_CHUNK_CUT = re.compile(r"^\s*(?:data|SSND|riff)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_FRAMES_CUT = re.compile(r"Calculated frame count (\d+) does not match value from 'ds64' chunk of (\d+)")
+# sizes recorders write while they stream a file they cannot seek back into (0xFFFFFFFF; arecord: 0x7FFFFF00):
+# the samples are all there
+_PLACEHOLDER = 0x7FFF0000
 
 
 def _truncation(log: str) -> str:
     """Why a file is truncated, from libsndfile's header log (``soundfile.info(...).extra_info``):
-    its sample chunk declares more bytes than the file holds; ``""`` otherwise, and for a
-    size left unwritten by a recorder that streamed the file (0xFFFFFFFF: the samples are all
-    there)."""
+    its header declares more samples than the file holds (by more than 64 bytes, a last
+    partial frame and a pad byte: no cut); ``""`` otherwise, and for a size a streaming
+    recorder left unwritten (`_PLACEHOLDER` or more)."""
     m = _CHUNK_CUT.search(log)
-    if m is None:
-        return ""
-    declared, held = int(m.group(1)), int(m.group(2))
-    if held >= 0.99 * declared or declared >= 0xFFFFFFFF:  # a missing pad byte or part of the last frame: no cut
-        return ""
-    return (f"truncated: its header declares {declared} bytes of samples and the file holds {held} "
-            f"({held / declared:.0%} of the clip)")
+    if m is not None:
+        declared, held = int(m.group(1)), int(m.group(2))
+        if held + 64 < declared < _PLACEHOLDER:
+            return (f"truncated: its header declares {declared} bytes of samples and the file holds {held} "
+                    f"({held / declared:.0%} of the clip)")
+    m = _FRAMES_CUT.search(log)
+    if m is not None:
+        held, declared = int(m.group(1)), int(m.group(2))
+        if held + 1 < declared:
+            return (f"truncated: its header declares {declared} frames and the file holds {held} "
+                    f"({held / declared:.0%} of the clip)")
+    return ""
 
 
 def check_audio_file(path: str | Path, *, full: bool = False, max_seconds: float | None = None) -> str | None:

@@ -296,6 +296,29 @@ def test_clip_and_window_lengths_below_what_an_audio_model_takes_are_refused_bef
     assert tk.get_backbone(name, weights=None, clip_seconds=0.025).input_spec.clip_seconds == 0.025
 
 
+def test_a_backbone_object_s_clip_length_is_checked_and_numpy_lengths_are_kept_as_python_numbers(tmp_path):
+    """A Backbone whose spec was replaced reached training unchecked (-1 trained); a NumPy length
+    (np.percentile of clip durations) went into checkpoints, which then could not be loaded."""
+    import dataclasses
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            sf.write(tmp_path / label / f"{i}.wav", 0.1 * rng.standard_normal(2000), 8000)
+    bb = spectrogram_backbone("tk:small_cnn", sample_rate=8000, n_mels=16)
+    bad = dataclasses.replace(bb, input_spec=bb.input_spec.replace(clip_seconds=-1.0))
+    with pytest.raises(tk.ConfigError, match=r"spec:tk:small_cnn's input_spec.clip_seconds must be a number of "
+                                             r"seconds of at least 0.025"):
+        tk.plan(bad, data=tmp_path, epochs=1, verbose=False)
+    spec = spectrogram_backbone("tk:small_cnn", sample_rate=8000, n_mels=16, clip_seconds=np.float64(0.25)).input_spec
+    assert type(spec.clip_seconds) is float and spec.clip_seconds == 0.25
+    r = tk.finetune(spectrogram_backbone("tk:small_cnn", sample_rate=8000, n_mels=16, clip_seconds=np.float64(0.25)),
+                    data=tmp_path, epochs=1, verbose=False, num_workers=0, checkpoint=tmp_path / "run.pt")
+    assert torch.load(tmp_path / "run.pt", weights_only=True)["transferkit"]["decisions"]["input_spec"][
+        "clip_seconds"] == 0.25 and r.history
+
+
 def test_image_settings_are_refused_for_an_audio_backbone_by_the_dry_run_as_by_the_run(tmp_path):
     """The dry run approved augment='flip' (the run then failed after printing its plan), and
     image_size was ignored without a word."""

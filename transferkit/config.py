@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
+import numbers
 import os
 import re
 import types
@@ -134,11 +135,12 @@ def check_seconds(value: Any, name: str) -> float | None:
     problem = _seconds(value)
     if problem:
         raise ConfigError(f"{name} must be {problem}, got {value!r}.")
-    return value
+    # as given, as a plain Python number (a NumPy scalar would make a checkpoint that holds it unloadable)
+    return None if value is None else int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _seconds(v: Any) -> str | None:
-    ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
                        and v >= MIN_CLIP_SECONDS)
     return None if ok else (f"a number of seconds of at least {MIN_CLIP_SECONDS:g} (the shortest clip an audio model "
                             f"takes: {1000 * MIN_CLIP_SECONDS:g} ms), or None")

@@ -31,7 +31,7 @@ from transferkit._io import file_digest
 from transferkit.backbones import Backbone, InputSpec, get_backbone
 from transferkit.backbones.spectrogram import SpecAugment
 from transferkit.backbones.weights import check_weights_file, is_weights_path
-from transferkit.config import OUTPUT_KEYS, FinetuneConfig, caller
+from transferkit.config import OUTPUT_KEYS, FinetuneConfig, caller, check_seconds
 from transferkit.data import DataBundle, eval_transform
 from transferkit.data.audio import AUDIO_AUGMENTATIONS, prepare_audio_data
 from transferkit.data.decoded import decode_census
@@ -175,9 +175,11 @@ def _size_option(trunk: torch.nn.Module) -> str | None:
 
 def check_options_of_kind(cfg: FinetuneConfig, bb: Backbone) -> None:
     """ConfigError, before any data are read, for settings an audio backbone has no use for or
-    reads otherwise: ``image_size`` (it would be ignored), an ``augment`` of images only."""
+    reads otherwise: ``image_size`` (it would be ignored), an ``augment`` of images only; and for
+    its ``clip_seconds`` (`check_seconds`: a Backbone object's spec may have been replaced)."""
     if bb.input_spec.kind != "audio":
         return
+    check_seconds(bb.input_spec.clip_seconds, f"{bb.name}'s input_spec.clip_seconds")  # a Backbone object's too
     if cfg.image_size is not None:
         raise ConfigError(f"image_size={cfg.image_size} applies to image backbones; {bb.name} takes audio, whose "
                           "length is set by clip_seconds (backbone_options) and max_seconds. Leave image_size out.")

@@ -341,6 +341,9 @@ def test_a_list_of_stages_of_any_name_is_split_into_blocks():
     resnet_like.add_module("layer2", nn.Sequential(_Stage(8, 32), _Stage(32, 32)))
     resnet_like.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
     assert from_module(resnet_like, input_spec={"image_size": 16}).block_names == ["stem", "layer1", "layer2"]
+    trunk.add_module("pos", nn.ModuleList([nn.Sequential(nn.Conv2d(32, 32, 1)), nn.Sequential(nn.Conv2d(32, 32, 1))]))
+    assert from_module(trunk, input_spec={"image_size": 16}, num_features=32).block_names == [
+        "embed", "body.0", "body.1", "body.2", "norm", "pos"]  # a small list beside it (Twins' pos_block) is no matter
 
 
 def test_from_module_infers_width_and_blocks():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,19 +192,22 @@ def _stage_list_parts(child: nn.Module | None) -> list[nn.Module]:
 
 def container_blocks(trunk: nn.Module) -> tuple[Block, ...]:
     """Like `children_blocks`, but a container child (``stages``, ``blocks``, ``layers``,
-    ``features`` ...: a Sequential or ModuleList; or the one child of any name that is a list
-    of stages, `_stage_list_parts`, with at least half of the parameters) is split into one
-    block per element (``stages.0``, ``stages.1`` ...)."""
+    ``features`` ...: a Sequential or ModuleList; or a child of any name that is a list of
+    stages, `_stage_list_parts`, with at least half of the parameters and not one of a numbered
+    series of such lists) is split into one block per element (``stages.0``, ``stages.1`` ...)."""
     spec: list[tuple[str, list[str]]] = []
     total = sum(p.numel() for p in trunk.parameters())
-    # a list of stages of another name: the only child that is a list of two or more stages (not ResNet's
-    # layer1..layer4, each a list of blocks), holding at least half of the parameters (timm PiT's transformers)
-    lists = {n: parts for n, c in trunk.named_children() if len(parts := _stage_list_parts(c)) > 1}
-    stages = next(iter(lists), None) if len(lists) == 1 else None
+    # a list of stages of another name: a child that is a list of two or more stages holding at least half of
+    # the parameters (timm PiT's transformers), unless it is one of a numbered series of such lists (ResNet's
+    # layer4 beside layer1..layer3: each is a stage)
+    lists = [n for n, c in trunk.named_children() if len(_stage_list_parts(c)) > 1]
+    series = [re.sub(r"\d+$", "", n) for n in lists if n[-1:].isdigit()]
+    stages = {n for n in lists if 2 * sum(p.numel() for p in trunk.get_submodule(n).parameters()) >= total
+              and not (n[-1:].isdigit() and series.count(re.sub(r"\d+$", "", n)) > 1)}
     for blk in children_blocks(trunk):
         child = getattr(trunk, blk.name, None)
         named = blk.name in CONTAINER_NAMES and isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1
-        if named or (blk.name == stages and 2 * sum(p.numel() for p in child.parameters()) >= total):
+        if named or blk.name in stages:
             spec += [(f"{blk.name}.{i}", [f"{blk.name}.{i}"]) for i, m in child.named_children()
                      if any(True for _ in m.parameters())]
         else:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import transferkit as tk
+from transferkit.config import jsonable
 from transferkit.errors import ConfigError
 from transferkit.train import load_checkpoint
 
@@ -66,6 +67,8 @@ def test_interrupted_and_resumed_run_is_bit_identical(image_folder, tmp_path, ki
     assert strip(full.history) == strip(resumed.history)
     assert full.best == resumed.best
     assert load_checkpoint(ckpt)["complete"]
+    if kind == "images":  # resumed after its frozen first epoch: the report of the run that computed the features
+        assert full.feature_report is not None and resumed.feature_report == jsonable(full.feature_report)
     if kind == "stored":
         assert resumed.feature_report["head_batches"]["mode"] == "blocks"
         assert resumed.feature_report["computed"] == 0 and resumed.feature_report["shards"] > 4

@@ -39,6 +39,7 @@ from transferkit.data.gpu_jpeg import DeviceDecodedLoader
 from transferkit.data.late import (BadFileError, classes_never_loaded, load_failures, record_bad_at_load,
                                    record_lost_class)
 from transferkit.data.sampling import mix_seed, seed_everything
+from transferkit.config import jsonable
 from transferkit.decisions import Decisions, differences
 from transferkit.export.torchscript import export_torchscript
 from transferkit.run import Run
@@ -432,7 +433,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                                            callbacks=cfg.callbacks, tensorboard=tb)
     current: dict[str, TrainingData | None] = {"data": inputs, "fit": None}  # fit: the data training began on
     seconds = dict(inputs.seconds) if inputs is not None else {}
-    report, trial = None, None
+    report, trial = state.feature_report, None  # resumed after the frozen phase: the report of the run that ran it
     try:
         with training_faults(checkpoint=cfg.checkpoint, batch_size=cfg.batch_size,
                              save_interrupted=lambda: save_interrupted(d, run, meta),
@@ -445,7 +446,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                     sched.replan(**timing)
                 loop.wrap = _wrapper(run, cached=True)
                 seconds.update(td.seconds)
-                report = td.report
+                report, state.feature_report = td.report, jsonable(td.report)  # plain data: in checkpoints
                 current["fit"] = td
                 history, best = fit(td.module, td.train_loader, td.val_loader, loop, epochs=k, state=state,
                                     total_epochs=total, prep_s=td.seconds.get("features_s", 0.0), prep_what="features",

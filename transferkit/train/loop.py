@@ -72,14 +72,17 @@ class TrainState:
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs: int = 0
     stopped_early: bool = False
+    feature_report: dict[str, Any] | None = None  # the frozen phase's cached features (plain data), for a resume
 
     def to_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "history": self.history, "best": self.best, "best_state": self.best_state,
-                "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early}
+                "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early,
+                "feature_report": self.feature_report}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
-        return cls(**{k: d[k] for k in ("epoch", "history", "best", "best_state", "bad_epochs", "stopped_early")})
+        return cls(**{k: d[k] for k in ("epoch", "history", "best", "best_state", "bad_epochs", "stopped_early")},
+                   feature_report=d.get("feature_report"))  # None in a checkpoint written before it was kept
 
 
 def _improved(value: float, best: dict[str, Any], monitor: str, mode: str, row: dict[str, Any] | None = None) -> bool:

@@ -389,7 +389,8 @@ def test_a_block_without_parameters_is_refused_it_would_count_in_last_n():
     """``unfreeze:last=1`` on a block of pooling layers trained nothing, uncached, for every epoch."""
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(BackboneError, match=r"block \['pool'\] hold no parameter: nothing in them can train"):
-        from_module(net, input_spec={"image_size": 16}, blocks=[("c1", ["0", "1"]), ("c2", ["2"]), ("pool", ["3", "4"])])
+        from_module(net, input_spec={"image_size": 16},
+                    blocks=[("c1", ["0", "1"]), ("c2", ["2"]), ("pool", ["3", "4"])])
     ok = from_module(net, input_spec={"image_size": 16}, blocks=[("c1", ["0", "1"]), ("c2", ["2", "3", "4"])])
     assert ok.block_names == ["c1", "c2"]
 

@@ -336,7 +336,8 @@ def test_a_truncated_file_is_a_bad_file_not_a_shorter_clip(tmp_path, fmt, ext):
     cut.write_bytes(data[: len(data) * 6 // 10])
     assert check_audio_file(whole) is None and check_audio_file(whole, full=True) is None
     assert check_audio_file(cut).startswith("truncated: its header declares ")
-    with pytest.raises(DataError, match=r"cut\.\w+' is truncated: .* \(60% of the clip\): a copy or download cut short"):
+    with pytest.raises(DataError, match=r"cut\.\w+' is truncated: .* \(60% of the clip\): a copy or download "
+                                        r"cut short"):
         load_audio(cut, RATE)
     if fmt == "WAV":
         for placeholder in (0xFFFFFFFF, 0x7FFFFF00):

@@ -124,8 +124,9 @@ def check_blocks(trunk: nn.Module, blocks: tuple[Block, ...], *, name: str = "ba
     empty = [b.name for b in blocks if not any(b.owns(n) for n in every)]
     if empty:
         raise BackboneError(f"{name}: {'blocks' if len(empty) > 1 else 'block'} {empty} hold no parameter: nothing in "
-                            "them can train, yet a policy would count them (unfreeze:last=1 would train nothing). Leave "
-                            "them out of the blocks: a module without parameters follows the block it runs after.")
+                            "them can train, yet a policy would count them (unfreeze:last=1 would train nothing). "
+                            "Leave them out of the blocks: a module without parameters follows the block it runs "
+                            "after.")
     missing, doubled = [], []
     for pname, _ in trunk.named_parameters():
         owners = [b.name for b in blocks if b.owns(pname)]

@@ -372,3 +372,37 @@ def test_relative_paths_in_a_config_file_are_read_from_its_folder(tiny_run, caps
     assert config["data"] == str(here / "images") and config["export"] == str(here / "cfgdir" / "out" / "m.pt")
     code, out, err = _run(capsys, "finetune", "--config", "../cfgdir/rel.yaml", "--data", "images", "--dry-run")
     assert code == 2 and "'images' does not exist" in err  # a flag's path: from the current folder
+
+
+def test_outputs_of_evaluate_and_export_never_replace_what_the_user_has(trained, exported, capsys, tmp_path,
+                                                                          monkeypatch):
+    """--confusion-matrix over the model, the scored CSV or a scored image, and export --out over an
+    image, wrote there (the model became a PNG); they are refused before any work, and the default
+    picture inside the scored folder is not drawn (it would be scored next time)."""
+    import shutil
+
+    root, data, _ = trained
+    model, _ = exported
+    mine = tmp_path / "m.pt"
+    shutil.copy(model, mine)
+    val = tmp_path / "val"
+    shutil.copytree(data, val)
+    image = sorted((val / "dark").iterdir())[0]
+    csv = tmp_path / "t.csv"
+    csv.write_text("".join(f"{p},{p.parent.name}\n" for p in sorted(val.rglob("*.*"))))
+    before = {p: p.read_bytes() for p in (mine, csv, image)}
+    for source, picture, said in ((val, mine, "is the model this command reads"),
+                                  (csv, csv, "is the data this command reads"),
+                                  (val, image, "lies inside the data folder"),
+                                  (csv, image, "is the scored file this command reads" if image.suffix == ".png" else
+                                   "is an existing file that is not a confusion-matrix picture")):
+        code, _, err = _run(capsys, "evaluate", mine, source, "--confusion-matrix", picture)
+        assert code == 2 and said in err, (picture, err)
+    monkeypatch.chdir(val / "dark")
+    code, _, err = _run(capsys, "evaluate", mine, val)
+    assert code == 0 and "the confusion matrix was not drawn: --confusion-matrix 'confusion_matrix.png' lies inside " \
+        "the data folder" in err and not (val / "dark" / "confusion_matrix.png").exists()
+    code, _, err = _run(capsys, "export", root / "run.ckpt", "--out", image, "--examples", val)
+    assert code == 2 and "is an existing file that is not a TorchScript export: writing the TorchScript export " \
+        "there would replace it" in err, err
+    assert {p: p.read_bytes() for p in (mine, csv, image)} == before

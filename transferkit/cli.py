@@ -159,20 +159,31 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if not classifier and args.confusion_matrix:
         raise ConfigError(f"--confusion-matrix applies to single-label classifiers; this model's task is "
                           f"{predictor.task!r}.")
-    if args.confusion_matrix:  # asked for: a missing matplotlib is said before the data are predicted
-        from transferkit.outputs import check_plotting
+    from transferkit.outputs import check_output_file, check_plotting, is_png
 
-        check_plotting("--confusion-matrix")
+    picture_path = args.confusion_matrix or "confusion_matrix.png"
+
+    def check_picture(scored: list[str]) -> None:  # nothing the command reads, no file but a PNG, is replaced
+        check_output_file(picture_path, flag="--confusion-matrix", writes="confusion-matrix picture",
+                          reads=[("model", args.model), ("data", args.data)] + [("scored file", f) for f in scored],
+                          replaceable=is_png, inside_is_data=True)
+
+    if args.confusion_matrix:  # asked for: a missing matplotlib or a path it must not take is said before the data
+        check_plotting("--confusion-matrix")  # are predicted
+        check_picture([])
     ev = evaluate(predictor, args.data, batch_size=args.batch_size, progress=None if not args.json else False)
     ev.model = args.model
     picture, not_drawn = None, "needs matplotlib: pip install 'transferkit[plots]'"
     try:
-        picture = ev.plot_confusion_matrix(args.confusion_matrix or "confusion_matrix.png") if classifier else None
-    except (ConfigError, OutputError) as exc:  # no matplotlib, or an unwritable folder: the default path
-        if args.confusion_matrix:  # is not worth the scores; an explicit path asked for the picture
+        if classifier:
+            check_picture(ev.files if Path(picture_path).is_file() else [])  # a listed PNG of a CSV's data
+            picture = ev.plot_confusion_matrix(picture_path)
+    except (ConfigError, OutputError) as exc:  # no matplotlib, an unwritable folder, a path inside the data: the
+        if args.confusion_matrix:  # default path is not worth the scores; an explicit path asked for the picture
             raise
-        if isinstance(exc, OutputError):
-            not_drawn = f"{one_line(exc)} Give --confusion-matrix a writable path"
+        if isinstance(exc, OutputError) or "--confusion-matrix" in str(exc):
+            not_drawn = one_line(exc).rstrip(".") + (". Give --confusion-matrix a writable path"
+                                                    if isinstance(exc, OutputError) else "")
             print(f"transferkit: warning: the confusion matrix was not drawn: {not_drawn}.", file=sys.stderr)
     if args.json or not sys.stdout.isatty():
         matrix = {"confusion_matrix_png": str(picture) if picture else None} if classifier else {}

@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,40 @@ def check_not_data(p: Path, data: Any, *, flag: str, what: str = "data") -> None
         return
     raise ConfigError(f"{flag}={str(p)!r} is a file inside the {what} folder {str(src)!r}: writing the {flag} would "
                       f"replace it. Give the {flag} a path outside the data.")
+
+
+def check_output_file(p: str | Path, *, flag: str, reads: list[tuple[str, Any]], writes: str,
+                      replaceable: Callable[[Path], bool], inside_is_data: bool = False) -> None:
+    """ConfigError, before a command does its work, when writing its output ``p`` (``flag``, a
+    ``writes`` file) would destroy what the user has: a file the command reads (``reads``:
+    ``(what, path)``, e.g. the model, the data), or an existing file that is not one it means
+    to replace (``replaceable(p)`` False: a picture over a CSV, an export over an image).
+    ``inside_is_data``: the output would be read as data inside a folder it reads (a PNG in a
+    class folder), so that is refused too."""
+    p = Path(p)
+    for what, src in reads:
+        src = _path(src)
+        if src is None:
+            continue
+        if same_file(p, src):
+            raise ConfigError(f"{flag} {str(p)!r} is the {what} this command reads: writing the {writes} there would "
+                              "replace it. Give another path.")
+        if inside_is_data and src.is_dir() and is_inside(p, src):
+            raise ConfigError(f"{flag} {str(p)!r} lies inside the {what} folder {str(src)!r}: the {writes} written "
+                              "there would be read as data by the next command. Give a path outside it.")
+    if p.is_file() and not replaceable(p):
+        article = "an" if writes[:1].lower() in "aeio" else "a"
+        raise ConfigError(f"{flag} {str(p)!r} is an existing file that is not {article} {writes}: writing the "
+                          f"{writes} there would replace it. Give another path, or remove the file first.")
+
+
+def is_png(p: Path) -> bool:
+    """Whether ``p`` is a PNG picture (by its signature)."""
+    try:
+        with open(p, "rb") as f:
+            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def _check_replaced(key: str, p: Path) -> None:

@@ -17,6 +17,7 @@ from transferkit.model import build_model
 from transferkit.backbones import get_backbone
 from transferkit.checkpoints import load_checkpoint, saved_run
 from transferkit._io import check_writable, same_file
+from transferkit.outputs import check_output_file
 from transferkit._text import file_reason, plural
 from transferkit.export.inputs import InputPipeline
 from transferkit.export.torchscript import ExportReport, check_tolerances
@@ -161,6 +162,15 @@ def example_batch(spec: InputSpec, *, examples: str | Path | None = None, n: int
     return batch, f"{n} random uint8 images (pass examples= for real inputs)"
 
 
+def _is_export(p: Path) -> bool:
+    found = saved_run(p)
+    return found is not None and found[0] == "export"
+
+
+def _is_onnx_file(p: Path) -> bool:
+    return p.suffix.lower() == ".onnx"
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str | Path | None = None,
                       num_examples: int = 8, onnx: str | Path | None = None,
                       **export_kwargs: Any) -> tuple[list[ExportReport], str]:
@@ -175,10 +185,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str 
     check_writable(out, what="export")  # before any work: a folder or a read-only place says so at once
     if onnx is not None:
         check_writable(onnx, what="ONNX export")
-    for name, path in (("export", out), ("ONNX export", onnx)):
+    for name, path, replaceable in (("TorchScript export", out, _is_export), ("ONNX file", onnx, _is_onnx_file)):
         if path is not None and same_file(path, checkpoint):
             raise ConfigError(f"The {name} path {str(path)!r} is the checkpoint being exported: writing it would "
                               "replace the checkpoint. Give another output path.")
+        if path is not None:  # nor an image of the examples, nor any file that is not an earlier export
+            check_output_file(path, flag=f"The {name} path", writes=name, reads=[("examples", examples)],
+                              replaceable=replaceable)
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
         raise ConfigError(f"num_examples={num_examples!r} is out of range; expected a positive integer (inputs of "
                           "the parity check).")

@@ -232,3 +232,11 @@ def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tmp_path, mo
     assert load_config(tmp_path / "cfg" / "s.yaml")["weights"] == str(tmp_path / "cfg" / "resnet_weights")
     (tmp_path / "here.yaml").write_text("data: images\n")
     assert load_config("here.yaml")["data"] == "images"  # in the current folder: unchanged
+
+
+@pytest.mark.parametrize("key", ["weights", "name"])
+def test_backbone_options_that_finetune_sets_itself_are_refused_in_one_line(key):
+    """``backbone_options={weights: DEFAULT}`` reached get_backbone beside weights= and crashed with
+    a TypeError traceback."""
+    with pytest.raises(ConfigError, match=rf"backbone_options holds {key}, which finetune\(\) sets itself"):
+        FinetuneConfig(data="x", backbone="tk:small_cnn", backbone_options={key: "DEFAULT"})

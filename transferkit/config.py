@@ -378,6 +378,11 @@ class FinetuneConfig:
             raise ConfigError(f"{who}: warmup_epochs={self.warmup_epochs!r} is longer than the run (epochs="
                               f"{self.epochs!r}); use at most {self.epochs}.")
         check_schedule_options(self.schedule, self.schedule_options)
+        taken = sorted({"name", "weights"} & set(self.backbone_options or {}))
+        if taken:
+            raise ConfigError(f"{who}: backbone_options holds {', '.join(taken)}, which finetune() sets itself (the "
+                              "backbone= and weights= settings): give them as those settings and leave them out of "
+                              "backbone_options.")
         self._check_task_options()
         if self.data is None:
             raise ConfigError(f"{who}: data is required: a folder root/<class>/<file>, a CSV of path,label, or a "

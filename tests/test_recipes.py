@@ -299,3 +299,24 @@ def test_a_recipe_scores_its_test_data_by_the_model_s_class_names(tmp_path):
     with pytest.warns(UserWarning, match="zebra"):
         acc = recipes.evaluate_export(model, str(tmp_path / "mix_shards" / "test-*.tar"), chunk=3)
     assert acc == 1.0  # 8 samples of the model's classes (by index: 0.0)
+
+
+def test_an_interrupted_recipe_ends_in_one_line_with_the_signal_s_exit_status(capsys):
+    """Ctrl-C or SIGTERM in a recipe gave a chained traceback and exit status 1."""
+    from transferkit._signals import Terminated, TrainingInterrupted
+
+    def stopped(exc):
+        def fn():
+            raise exc
+        return fn
+
+    assert recipes.main_guard(stopped(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err.strip().endswith("interrupted: interrupted (Ctrl-C)")
+    try:
+        raise Terminated()
+    except Terminated as cause:
+        wrapped = TrainingInterrupted("Interrupted (SIGTERM) in epoch 2; the weights are in m.interrupted.pt.", None)
+        wrapped.__cause__ = cause
+    assert recipes.main_guard(stopped(wrapped)) == 143
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted: Interrupted (SIGTERM) in epoch 2" in err and "Traceback" not in err

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.config import RECIPE_KEYS, FinetuneConfig, called_as, load_config, merge_config, parse_overrides
+from transferkit._signals import signal_name
 from transferkit.errors import ConfigError, DataError, TransferkitError
 from transferkit.helpformat import HELP, one_line, one_line_warnings
 from transferkit.data import find_split_folders
@@ -348,7 +349,8 @@ def _readable(item: Any) -> Any:
 
 def main_guard(fn: Callable[[], Any]) -> int:
     """Run a recipe's main (its results go to stdout): each warning prints as one line on
-    stderr, and a TransferkitError as one line there with exit status 2."""
+    stderr, a TransferkitError as one line there with exit status 2, and an interruption
+    (Ctrl-C, SIGTERM) as one line with 130 or 143, as the command line does."""
     prog = f"recipes/{Path(sys.argv[0]).name}" if sys.argv and sys.argv[0] else "recipe"
     with one_line_warnings(prog):
         try:
@@ -356,4 +358,9 @@ def main_guard(fn: Callable[[], Any]) -> int:
         except TransferkitError as exc:
             print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt as exc:
+            term = signal_name(exc) == "SIGTERM"
+            reason = one_line(exc) or ("terminated (SIGTERM)" if term else "interrupted (Ctrl-C)")
+            print(f"{prog}: interrupted: {reason}", file=sys.stderr)
+            return 143 if term else 130
     return 0

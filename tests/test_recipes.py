@@ -236,6 +236,18 @@ def test_run_names_an_unknown_run(tmp_path):
                    argv=["--data-dir", str(tmp_path), "--run", "foo"])
 
 
+def test_runs_that_would_share_a_checkpoint_are_refused_before_the_data_are_read(tmp_path):
+    """``--set checkpoint=rc.ckpt`` went to every run: the second replaced the first's checkpoint."""
+    (tmp_path / "toy.yaml").write_text("runs:\n  probe: {head: logistic}\n  trained: {policy: full}\n")
+    argv = ["--data-dir", str(tmp_path), "--set", f"checkpoint={tmp_path / 'rc.ckpt'}"]
+    with pytest.raises(ConfigError, match=r"the runs \['probe', 'trained'\] share the checkpoint .*rc.ckpt"):
+        run_recipe("toy", _never_read, description="toy", recipe_dir=tmp_path, argv=argv)
+    (tmp_path / "toy.yaml").write_text("runs:\n  probe: {head: logistic, checkpoint: a.ckpt}\n"
+                                       "  trained: {policy: full, checkpoint: b.ckpt}\n")
+    with pytest.raises(pytest.fail.Exception, match="data were read"):  # a checkpoint each: the data are read next
+        run_recipe("toy", _never_read, description="toy", recipe_dir=tmp_path, argv=argv[:2])
+
+
 def test_esc50_help_lists_its_fold_option(capsys):
     mod = runpy.run_path(str(RECIPES / "esc50.py"), run_name="recipe_under_test")
     with pytest.raises(SystemExit):

@@ -249,6 +249,7 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     given = set(cli) | (set(file_cfg) if args.config else set())
     run_cfgs = {run_name: _run_config(name, run_name, cfg, overrides, cli, data_dir, given | set(overrides),
                                       run_settings) for run_name, overrides in runs.items()}
+    _check_own_checkpoints(name, run_cfgs)
     out = Path(recipe.get("out_dir") or f"runs/{name}")
     data = data_fn(data_dir, {**recipe, "args": args})
     train, val, test, classes = _sliced(data, recipe.get("limit"), cfg.get("seed", 0))
@@ -315,6 +316,20 @@ def _sliced(data: RecipeData, limit: int | None, seed: int) -> tuple[Any, Any, A
             classes = classes or d.classes
         parts.append(limit_per_class(d, limit, seed) if d is not None else None)
     return parts[0], parts[1], parts[2], classes
+
+
+def _check_own_checkpoints(name: str, run_cfgs: dict[str, dict[str, Any]]) -> None:
+    """ConfigError when runs of a recipe share one checkpoint path: each would replace the one
+    before's (and a resume then finds the last run's, complete)."""
+    by_path: dict[str, list[str]] = {}
+    for run_name, run_cfg in run_cfgs.items():
+        if run_cfg.get("checkpoint") is not None:
+            by_path.setdefault(str(Path(run_cfg["checkpoint"]).resolve()), []).append(run_name)
+    shared = next(((p, runs) for p, runs in by_path.items() if len(runs) > 1), None)
+    if shared is not None:
+        raise ConfigError(f"{name} recipe: the runs {shared[1]} share the checkpoint {shared[0]!r}: each run would "
+                          "replace the one before's. Give each run its own checkpoint under runs: in the config, or "
+                          "run one of them (--run NAME).")
 
 
 def evaluate_export(model_path: Path, test: Any, *, chunk: int = 512) -> float:

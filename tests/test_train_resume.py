@@ -3,6 +3,8 @@ uninterrupted one (model, optimizer, schedule, RNG states, best epoch, early-sto
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -248,3 +250,22 @@ def test_the_unfinished_checkpoint_of_a_lora_run_exports_and_starts_a_new_run(im
     add_lora(layer, rank=2, alpha=3.0, targets="0")
     torch.nn.init.normal_(layer[0].parametrizations.weight[0].lora_B)
     assert torch.equal(fold_lora_state(layer.state_dict())["0.weight"], merge_lora(layer).state_dict()["0.weight"])
+
+
+def test_the_dry_run_of_a_resume_refuses_changed_settings_as_the_resume_does(image_folder, tmp_path):
+    """``--resume --dry-run --batch-size 8`` was approved, then the resume refused it. The dry run
+    compares the configuration and the policy with the checkpoint's; long values are cut."""
+    common = dict(weights=None, data=image_folder, image_size=32, device="cpu", num_workers=0, batch_size=4,
+                  verbose=False, policy="full", epochs=3)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Interrupt):
+        tk.finetune("tk:small_cnn", checkpoint=ckpt, callbacks=[_stop_after(1)], **common)
+    assert tk.plan("tk:small_cnn", checkpoint=ckpt, resume=True, **common).config.resume
+    for change, said in (({"batch_size": 8}, "config.batch_size: 4 -> 8"), ({"epochs": 5}, "config.epochs: 3 -> 5"),
+                         ({"policy": "fine_tune"}, "policy: 'full' -> 'fine_tune"), ({"seed": 3}, "config.seed: 0 -> 3")):
+        with pytest.raises(tk.ConfigError, match=r"Cannot resume from .*run.pt.*decisions differ from the checkpoint's "
+                                                 r"\(checkpoint -> now\): " + re.escape(said)) as plan_error:
+            tk.plan("tk:small_cnn", checkpoint=ckpt, resume=True, **{**common, **change})
+        with pytest.raises(tk.ConfigError, match=re.escape(said)) as run_error:
+            tk.finetune("tk:small_cnn", checkpoint=ckpt, resume=True, **{**common, **change})
+        assert len(str(run_error.value)) < 3000 and said in str(plan_error.value)

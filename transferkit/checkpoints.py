@@ -154,9 +154,10 @@ def _onnx_head(path: Path) -> bool:
 def saved_run(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     """What a file that transferkit wrote holds, read without loading its weights (they are
     memory-mapped): ``("export", {})`` for a TorchScript export, ``("checkpoint", {"complete":
-    ..., "resumable": ..., "epoch": ..., "epochs": ..., "best": ...})`` for a checkpoint
-    (``resumable``: it holds a run's training state, which resume continues; ``best``: the best
-    epoch so far and its validation metrics, of an unfinished run); None for any other file.
+    ..., "resumable": ..., "epoch": ..., "epochs": ..., "best": ..., "decisions": ...})`` for a
+    checkpoint (``resumable``: it holds a run's training state, which resume continues; ``best``:
+    the best epoch so far and its validation metrics, of an unfinished run; ``decisions``: its
+    run's record); None for any other file.
 
     Example:
         >>> saved_run("runs/run.ckpt")  # doctest: +SKIP
@@ -174,7 +175,8 @@ def saved_run(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     config = (ckpt["transferkit"].get("decisions") or {}).get("config") or {}
     state = (ckpt.get("training") or {}).get("state") or {}
     return "checkpoint", {"complete": bool(ckpt.get("complete")), "resumable": bool(state), "epoch": ckpt.get("epoch"),
-                          "epochs": config.get("epochs"), "best": state.get("best") or {}}
+                          "epochs": config.get("epochs"), "best": state.get("best") or {},
+                          "decisions": ckpt["transferkit"].get("decisions")}
 
 
 def _load_failure(exc: BaseException) -> str:

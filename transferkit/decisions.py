@@ -34,6 +34,7 @@ from transferkit.data.gpu_jpeg import decide_input_decode
 from transferkit.errors import ConfigError, PolicyError
 from transferkit.backbones.registry import check_weights_tag
 from transferkit.backbones.weights import is_weights_path
+from transferkit.checkpoints import saved_run
 from transferkit.facts import Facts, environment, look
 from transferkit.outputs import check_output_paths
 from transferkit.heads import resolve_head_norm, resolve_target_norm
@@ -43,6 +44,7 @@ from transferkit.train.compile_trial import decide_compile
 from transferkit.train.engines import decide_engine, engine_precision
 from transferkit.train.features import cache_key
 from transferkit.train.optim import default_lr
+from transferkit.train.resume import resume_refused
 from transferkit.train.speed import decide_speed
 from transferkit.train.tasks import monitor_default, target_scale_note
 
@@ -436,7 +438,24 @@ def plan(config: Any = None, /, **options: Any) -> Decisions:
         check_output_paths(cfg)
     _check_weights_tag(cfg)
     facts, _ = look(cfg, env=env, load_weights=False)
-    return decide(cfg, facts)
+    decisions = decide(cfg, facts)
+    if cfg.resume:
+        _check_resumes(cfg, decisions)
+    return decisions
+
+
+def _check_resumes(cfg: FinetuneConfig, decisions: Decisions) -> None:
+    """Refuse, as the resume does, settings that differ from those of the checkpoint's run (the
+    configuration and the policy; what needs the weights or the data read whole is compared by
+    the resume itself)."""
+    found = saved_run(cfg.checkpoint) if cfg.checkpoint is not None else None
+    stored = found[1].get("decisions") if found is not None and found[0] == "checkpoint" else None
+    if not isinstance(stored, dict):
+        return
+    diff = {k: v for k, v in differences(stored, decisions.to_dict()).items()
+            if k.startswith("config.") or k == "policy"}
+    if diff:
+        raise resume_refused(cfg.checkpoint, diff)
 
 
 def _check_weights_tag(cfg: FinetuneConfig) -> None:

@@ -31,10 +31,32 @@ def training_state(*, optimizer: Any, scheduler: Any, state: TrainState, scaler:
             "rng": rng_state()}
 
 
-def _format_diff(diff: dict[str, tuple[Any, Any]], limit: int = 12) -> str:
-    items = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:limit]]
+def _format_diff(diff: dict[str, tuple[Any, Any]], limit: int = 12, width: int = 160) -> str:
+    """``key: checkpoint -> now`` for the first ``limit`` differences, each value cut to ``width``
+    characters (a record's optimizer groups or data digests run to kilobytes)."""
+    def cut(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= width else text[:width - 5] + " ...]"
+
+    items = [f"{k}: {cut(a)} -> {cut(b)}" for k, (a, b) in list(diff.items())[:limit]]
     more = f"; and {len(diff) - limit} more" if len(diff) > limit else ""
     return "; ".join(items) + more
+
+
+def resume_refused(path: str | Path, diff: dict[str, tuple[Any, Any]]) -> ConfigError:
+    """The error of a resume whose run differs from the checkpoint's (``diff``: ``{key:
+    (checkpoint, now)}``), with what each kind of difference means."""
+    data = " The data's digest covers each file's path below the data folder, label, size and modification " \
+        "time (image and audio files also their change time: a copy with cp -a or rsync -a, or a chmod, " \
+        "changes theirs); an edit changes it, a folder renamed or moved whole keeps it. A checkpoint of tar " \
+        "shards or Parquet files whose digest held their absolute paths does not resume." if "data" in diff else ""
+    if "config.epochs" in diff:
+        data += " The epochs cannot change: the learning-rate schedule was built for the first run's length."
+    if "world_size" in diff:
+        data += " " + _relaunch(diff["world_size"][0])
+    return ConfigError(f"Cannot resume from {str(path)!r}: this run's decisions differ from the checkpoint's "
+                       f"(checkpoint -> now): {_format_diff(diff)}.{data} Use the same settings, or start a new "
+                       "run without resume (weights=<checkpoint> keeps the trained weights).")
 
 
 def resume_from(path: str | Path, *, check: Callable[[dict[str, Any]], dict[str, tuple[Any, Any]]],
@@ -61,17 +83,7 @@ def resume_from(path: str | Path, *, check: Callable[[dict[str, Any]], dict[str,
                           "transferkit); start a new run from its weights with weights=...")
     diff = check(ckpt["transferkit"])
     if diff:
-        data = " The data's digest covers each file's path below the data folder, label, size and modification " \
-            "time (image and audio files also their change time: a copy with cp -a or rsync -a, or a chmod, " \
-            "changes theirs); an edit changes it, a folder renamed or moved whole keeps it. A checkpoint of tar " \
-            "shards or Parquet files whose digest held their absolute paths does not resume." if "data" in diff else ""
-        if "config.epochs" in diff:
-            data += " The epochs cannot change: the learning-rate schedule was built for the first run's length."
-        if "world_size" in diff:
-            data += " " + _relaunch(diff["world_size"][0])
-        raise ConfigError(f"Cannot resume from {str(path)!r}: this run's decisions differ from the checkpoint's "
-                          f"(checkpoint -> now): {_format_diff(diff)}.{data} Use the same settings, or start a new "
-                          "run without resume (weights=<checkpoint> keeps the trained weights).")
+        raise resume_refused(path, diff)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(tr["optimizer"])
     if scheduler is not None and tr.get("scheduler") is not None:

@@ -43,6 +43,9 @@ def test_export_and_checkpoint_on_one_file_are_refused(tmp_path, image_folder, n
         tk.finetune(data=image_folder, export=tmp_path / "same.pt", checkpoint=tmp_path / "same.pt", **FAST)
     with pytest.raises(ConfigError, match="same file"):  # spelled differently, still one file
         tk.finetune(data=image_folder, export=tmp_path / "same.pt", checkpoint=f"{tmp_path}/./x/../same.pt", **FAST)
+    for name, fix in (("same.pt", "checkpoint='.*same.ckpt'"), ("same.ckpt", "export='.*same.pt'")):
+        with pytest.raises(ConfigError, match=f"Give them two paths, e.g. {fix}"):  # never the path it already is
+            tk.finetune(data=image_folder, export=tmp_path / name, checkpoint=tmp_path / name, **FAST)
     assert not list(tmp_path.glob("*same*"))
 
 

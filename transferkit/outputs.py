@@ -91,9 +91,12 @@ def check_output_paths(cfg: FinetuneConfig) -> None:
     for i, (a, pa) in enumerate(files):
         for b, pb in files[i + 1:]:
             if same_file(pa, pb):
+                suffixes = {"checkpoint": ".ckpt", "export": ".pt"}
+                other = next((k for k in (b, a) if pa.suffix != suffixes.get(k, pa.suffix)), b)  # a path it is not
+                renamed = pa.with_suffix(suffixes[other]) if other in suffixes else pa.with_name("other-" + pa.name)
                 raise ConfigError(f"{a} and {b} are the same file {str(pa)!r}: the {b} would be replaced by the "
-                                  f"{a} (or the other way round). Give them two paths, e.g. {b}="
-                                  f"{str(pa.with_suffix('.ckpt' if b == 'checkpoint' else '.pt'))!r}.")
+                                  f"{a} (or the other way round). Give them two paths, e.g. {other}="
+                                  f"{str(renamed)!r}.")
     if "export" in outputs:
         check_export_names(outputs["export"], flags=("export (the TorchScript file)", ""))
     if "plots_dir" in outputs:

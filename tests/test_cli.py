@@ -406,3 +406,24 @@ def test_outputs_of_evaluate_and_export_never_replace_what_the_user_has(trained,
     assert code == 2 and "is an existing file that is not a TorchScript export: writing the TorchScript export " \
         "there would replace it" in err, err
     assert {p: p.read_bytes() for p in (mine, csv, image)} == before
+
+
+@pytest.mark.parametrize("mode", [[], ["--csv"]])
+def test_an_interrupted_predict_keeps_the_rows_of_the_batches_it_ran(trained, exported, capsys, monkeypatch, mode):
+    """Rows were printed at the very end: Ctrl-C after 20,000 files of 30 s left nothing."""
+    from transferkit.export.predictor import Predictor
+
+    _, data = trained[:2]
+    model, _ = exported
+    run, calls = Predictor._run, []
+
+    def interrupted_after_one_batch(self, x):
+        calls.append(len(x))
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return run(self, x)
+
+    monkeypatch.setattr(Predictor, "_run", interrupted_after_one_batch)
+    code, out, err = _run(capsys, "predict", model, data, "--batch-size", "4", *mode)
+    rows = [line for line in out.splitlines() if line and not line.startswith("path,")]
+    assert code == 130 and "interrupted" in err and len(rows) == 4, out

@@ -21,6 +21,7 @@ import sys
 import textwrap
 import traceback
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +86,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     predictor = load(args.model, device=args.device)
     files, empty = _expand_inputs(predictor, args.inputs)
-    preds = predictor.predict(files, top_k=args.top_k, batch_size=args.batch_size, threshold=args.threshold,
-                              progress=None if not args.json else False)
+    preds: list = []
+    stream = (preds.append(p) or p for p in predictor.iter_predict(  # each batch written as it comes: an
+        files, top_k=args.top_k, batch_size=args.batch_size, threshold=args.threshold,  # interrupted run keeps them
+        progress=None if not args.json else False))
     if args.json:
-        print(_json([p.to_dict() for p in preds], indent=1))
+        print(_json([p.to_dict() for p in stream], indent=1))
     elif args.csv:
-        _write_csv(preds, predictor.labels, predictor.task, args.top_k)
+        _write_csv(stream, predictor.labels, predictor.task, args.top_k)
     else:
-        for p in preds:
+        for p in stream:
             print(f"{p.source}\t{p}")
     failed = [(p.source, file_reason(p.error)) for p in preds if not getattr(p, "ok", True)] + empty
     for source, why in failed:  # the reason alone: advice about training options does not apply to predict
@@ -104,7 +107,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_csv(preds: list, labels: list[str], task: str, top_k: int) -> None:
+def _write_csv(preds: Iterable, labels: list[str], task: str, top_k: int) -> None:
     """One row per input: ``path``, then ``label,probability`` (and ``label_2,probability_2``
     .. up to ``top_k``; multilabel adds ``labels``, ``;``-separated) or, for regression, one
     column per output (each ``value_<name>`` when an output is named ``path`` or ``error``);

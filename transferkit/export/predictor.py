@@ -155,6 +155,14 @@ class Predictor:
             >>> preds[1].ok, preds[1].error  # doctest: +SKIP
             (False, "Cannot read image 'broken.jpg': ...")
         """
+        return list(self.iter_predict(inputs, top_k=top_k, batch_size=batch_size, threshold=threshold,
+                                      progress=progress))
+
+    def iter_predict(self, inputs: Any, *, top_k: int = 1, batch_size: int = 32, threshold: float = 0.5,
+                     progress: bool | None = False) -> Iterator[Prediction]:
+        """`predict`, one [`Prediction`][transferkit.Prediction] at a time in the inputs' order, each
+        batch's as soon as it has run: a caller can write them out as they come (``transferkit
+        predict`` does, so an interrupted run keeps what it predicted)."""
         if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
             raise ConfigError(f"top_k must be a positive integer, got {top_k!r}.")
         top_k = int(top_k)  # a NumPy integer too
@@ -163,8 +171,8 @@ class Predictor:
                               f"at least the threshold), got {threshold!r}.")
         _check_batch_size(batch_size)
         items = self.inputs.split(inputs)
-        preds: list[Prediction | None] = [None] * len(items)
         for chunk in _progress(_chunks(list(enumerate(items)), batch_size), len(items), progress):
+            preds: dict[int, Prediction] = {}
             ready, xs = [], []
             for i, x in chunk:
                 try:
@@ -174,17 +182,15 @@ class Predictor:
                     if not isinstance(x, (str, Path)):
                         raise
                     preds[i] = Prediction(None, None, None, [], _source(x), self.task, error=file_reason(exc))
-            if not xs:
-                continue
-            for i, row in zip(ready, self._run(self.inputs.collate(xs))):
+            for i, row in zip(ready, self._run(self.inputs.collate(xs)) if xs else ()):
                 if not torch.isfinite(row).all():
                     preds[i] = Prediction(None, None, None, [], _source(items[i]), self.task,
                                           error=f"the model returned non-finite outputs ({row.tolist()}) for this "
                                                 "input; check that it holds finite values")
                 else:
                     preds[i] = self._prediction(row, _source(items[i]), top_k, threshold)
+            yield from (preds[i] for i, _ in chunk)
         self._warn_cropped()
-        return preds  # type: ignore[return-value]
 
     def _warn_cropped(self) -> None:
         if self.inputs.cropped:

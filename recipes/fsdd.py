@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = run_recipe("fsdd", data, description=__doc__, argv=argv, recipe_dir=Path(__file__).resolve().parent,
                      add_arguments=fsdd_arguments, run_settings=speech_model_options)
-    print(f"threads: {torch.get_num_threads()}")
+    print(f"threads: {torch.get_num_threads()}", file=sys.stderr)  # stdout holds the results, a JSON line per run
     return out
 
 

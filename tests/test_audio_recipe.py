@@ -39,11 +39,13 @@ def test_official_and_speaker_splits(recipe, shared_data):
         recipe["split_fsdd"](files, "speaker:nobody")
 
 
-def test_recipe_runs_on_a_tiny_slice(recipe, shared_data, tmp_path):
+def test_recipe_runs_on_a_tiny_slice(recipe, shared_data, tmp_path, capsys):
     out = tmp_path / "out"
     summary = recipe["main"](["--data-dir", str(shared_data / "fsdd"), "--limit", "3", "--epochs", "1",
                               "--out", str(out), "--set", "batch_size=8", "--set", "verbose=false"])
     assert 0.0 <= summary["test_acc"] <= 1.0
+    lines = capsys.readouterr().out.splitlines()  # the results, a JSON line per run, and nothing else
+    assert lines and all(json.loads(line) for line in lines)
     saved = json.loads((out / "results.json").read_text())
     assert saved["config"]["backbone"] == "spec:tk:small_cnn"
     module, meta = load_scripted(out / "model.pt")

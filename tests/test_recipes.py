@@ -332,3 +332,14 @@ def test_an_interrupted_recipe_ends_in_one_line_with_the_signal_s_exit_status(ca
     assert recipes.main_guard(stopped(wrapped)) == 143
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interrupted: Interrupted (SIGTERM) in epoch 2" in err and "Traceback" not in err
+
+
+def test_an_unset_variable_in_a_setting_is_named_not_read_as_a_path(monkeypatch):
+    """``data: ${NOPE}/data`` said that the path '${NOPE}/data' does not exist."""
+    monkeypatch.delenv("NOPE_VAR", raising=False)
+    monkeypatch.setenv("SOME_ROOT", "/srv/data")
+    with pytest.raises(ConfigError, match=r"data='\$\{NOPE_VAR\}/x' names the environment variable NOPE_VAR, which "
+                                          r"is not set"):
+        recipes.expand_vars("${NOPE_VAR}/x", "data")
+    assert recipes.expand_vars("${SOME_ROOT}/x", "data") == "/srv/data/x"
+    assert recipes.expand_vars("$NOPE_VAR/x", "data") == "$NOPE_VAR/x"  # unbraced: left as written

@@ -380,11 +380,11 @@ def _finetune_kwargs(args: argparse.Namespace) -> dict:
                       "which trains once with the top-level keys; run the recipe to train each of its runs.",
                       stacklevel=2)
     cfg = merge_config(file_cfg, flags, overrides, source="finetune options")
-    cfg = {k: expand_vars(v) for k, v in cfg.items() if k not in skip}
+    cfg = {k: expand_vars(v, k) for k, v in cfg.items() if k not in skip}
     data = None  # the last of the config file, the flags and --set that names the training data (data or data_dir)
     for layer in (file_cfg, flags, overrides):
         named = [layer[k] for k in ("data", "data_dir") if layer.get(k)]
-        data = expand_vars(named[0]) if named else data
+        data = expand_vars(named[0], "data") if named else data
     if not data:
         raise TransferkitError("No training data: pass --data DIR (or data_dir in the config).")
     kwargs = {k: v for k, v in cfg.items() if k not in RECIPE_KEYS}

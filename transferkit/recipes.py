@@ -55,12 +55,18 @@ class RecipeData:
     classes: list[str] | None = None
 
 
-def expand_vars(value: Any) -> Any:
+def expand_vars(value: Any, key: str = "a setting") -> Any:
     """``${TRANSFERKIT_DATA}`` (defaulting to `default_data_root`), other environment
-    variables and ``~`` expanded in string values."""
+    variables and ``~`` expanded in string values. A ``${NAME}`` that is not set is a
+    [`ConfigError`][transferkit.ConfigError] naming ``key`` (it would be read as part of a
+    path that does not exist); an unset ``$NAME`` stays as written."""
     if not isinstance(value, str) or ("$" not in value and not value.startswith("~")):
         return value
     env = {**os.environ, "TRANSFERKIT_DATA": str(default_data_root())}
+    unset = [m.group(1) for m in re.finditer(r"\$\{(\w+)\}", value) if m.group(1) not in env]
+    if unset:
+        raise ConfigError(f"{key}={value!r} names the environment variable {unset[0]}, which is not set. Set it "
+                          f"(export {unset[0]}=...), or write the path itself.")
     out = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), m.group(0)), value)
     return os.path.expanduser(out)
 
@@ -227,10 +233,10 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     if args.download:
         cli["download"] = True
     cli.update(parse_overrides(args.set))
-    cfg = {k: expand_vars(v) for k, v in merge_config({**file_cfg, **cli}, source=f"{name} recipe").items()}
+    cfg = {k: expand_vars(v, k) for k, v in merge_config({**file_cfg, **cli}, source=f"{name} recipe").items()}
     recipe = {k: cfg.pop(k) for k in list(cfg) if k in RECIPE_KEYS}
     _check_limit(recipe.get("limit"), f"{name} recipe", flag="limit" in cli)
-    cli = {k: expand_vars(v) for k, v in cli.items() if k not in RECIPE_KEYS}
+    cli = {k: expand_vars(v, k) for k, v in cli.items() if k not in RECIPE_KEYS}
     runs = _run_blocks(recipe.get("runs") or {}, f"{name} recipe") or {"": {}}
     owned = sorted({"data", "val_data", "classes", "export"} & (set(cfg) | {k for r in runs.values() for k in r}))
     if owned:
@@ -280,7 +286,7 @@ def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[s
     recipe's ``run_settings`` applied, and checked as a whole (`FinetuneConfig`) before any run starts."""
     source = f"{name} recipe, run {run_name!r}" if run_name else f"{name} recipe"
     run_cfg = merge_config(cfg, overrides, cli, source=source)
-    run_cfg = {k: expand_vars(v) for k, v in run_cfg.items()}
+    run_cfg = {k: expand_vars(v, k) for k, v in run_cfg.items()}
     if run_settings is not None:
         run_cfg = run_settings(run_cfg, given)
     if run_cfg.get("head") == "logistic":  # settings of the whole recipe that a probe (no epochs) has no use for

@@ -262,7 +262,8 @@ def test_the_dry_run_of_a_resume_refuses_changed_settings_as_the_resume_does(ima
         tk.finetune("tk:small_cnn", checkpoint=ckpt, callbacks=[_stop_after(1)], **common)
     assert tk.plan("tk:small_cnn", checkpoint=ckpt, resume=True, **common).config.resume
     for change, said in (({"batch_size": 8}, "config.batch_size: 4 -> 8"), ({"epochs": 5}, "config.epochs: 3 -> 5"),
-                         ({"policy": "fine_tune"}, "policy: 'full' -> 'fine_tune"), ({"seed": 3}, "config.seed: 0 -> 3")):
+                         ({"policy": "fine_tune"}, "policy: 'full' -> 'fine_tune"),
+                         ({"seed": 3}, "config.seed: 0 -> 3")):
         with pytest.raises(tk.ConfigError, match=r"Cannot resume from .*run.pt.*decisions differ from the checkpoint's "
                                                  r"\(checkpoint -> now\): " + re.escape(said)) as plan_error:
             tk.plan("tk:small_cnn", checkpoint=ckpt, resume=True, **{**common, **change})

@@ -185,3 +185,16 @@ def test_the_summary_shows_errors_of_any_scale():
     text = result_summary(r)
     assert "finished in 0.0s: a logistic probe, C=0.1 the best of 2 tried" in text
     assert "subset accuracy 0.5000, label accuracy 0.7500, micro F1 0.6000" in text
+
+
+def test_an_evaluation_shows_n_a_for_a_class_without_files_not_zeros():
+    """A class with no file in the scored data has no recall or F1 (the macro average leaves it
+    out); its row read 0.000 0.000 0.000, as if the model had failed on it."""
+    ev = transferkit.Evaluation(classes=["a", "b", "c"], files=["1", "2", "3"], labels=[0, 1, 0],
+                                probabilities=np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.1, 0.2, 0.7]]))
+    rows = {line.split()[0]: line.split()[1:] for line in ev.summary().splitlines()[2:5]}
+    assert rows["c"] == ["0.000", "n/a", "n/a", "0"]  # predicted once (wrongly): its precision is 0
+    assert rows["a"] == ["1.000", "0.500", "0.667", "2"] and rows["b"] == ["1.000", "1.000", "1.000", "1"]
+    unpredicted = transferkit.Evaluation(classes=["a", "b", "c"], files=["1", "2"], labels=[0, 1],
+                                         probabilities=np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0]]))
+    assert unpredicted.summary().splitlines()[4].split()[1:] == ["n/a", "n/a", "n/a", "0"]

@@ -114,10 +114,13 @@ class Evaluation:
         lines = [f"accuracy {self.accuracy:.4f} ({right} of {plural(len(self.files), 'file')} right) on {self.data}"]
         width = max([len(c) for c in self.classes] + [len("macro avg")])
         lines.append(f"  {'class':<{width}}  precision  recall      f1  support")
-        for name in [*self.classes, "macro avg"]:
+        predicted = self.confusion_matrix.sum(axis=0)
+        for i, name in enumerate([*self.classes, "macro avg"]):
             r = rep[name]
-            lines.append(f"  {name:<{width}}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1-score']:6.3f}  "
-                         f"{int(r['support']):7d}")
+            scored = name == "macro avg" or r["support"] > 0  # a class without files here has no recall or F1
+            precision = f"{r['precision']:9.3f}" if scored or predicted[i] else f"{'n/a':>9}"
+            recall, f1 = (f"{r['recall']:6.3f}", f"{r['f1-score']:6.3f}") if scored else (f"{'n/a':>6}",) * 2
+            lines.append(f"  {name:<{width}}  {precision}  {recall}  {f1}  {int(r['support']):7d}")
         rows = self.worst(worst)
         if rows:
             lines.append(f"worst {plural(len(rows), 'file')} (highest loss):")

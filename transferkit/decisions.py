@@ -307,6 +307,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         else float(cfg.lr)
     decode = _decode_decision(cfg, facts, augment, cached_epochs)
     template = bb.head_groups if cache else bb.groups
+    phase_lr = lr * _group_phase_factor(pol, cfg.epochs)  # the rate the groups train at (fine_tune: its 2nd phase)
     trainable = tuple(tuple(b) for b in pol.schedule(list(bb.blocks), cfg.epochs))
     _check_trains_something(pol, trainable, bb.batchnorm_only)
     notes = []
@@ -342,8 +343,8 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
                                     pretrained=bb.weights is not None or not isinstance(cfg.backbone, str),
                                     head_kind=facts.head),  # random: a name built with weights=None
         target_norm=data.targets if target_norm else None, augment=augment,
-        lr=lr, groups=tuple({"name": g["name"], "lr": lr * _group_phase_factor(pol, cfg.epochs) * g["lr_scale"],
-                             "weight_decay": g["weight_decay"], "params": g["params"]} for g in template),
+        lr=lr, groups=tuple({"name": g["name"], "lr": phase_lr * g["lr_scale"], "weight_decay": g["weight_decay"],
+                             "params": g["params"]} for g in template),
         trainable=trainable, bn_updates=_bn_updates(pol, bb.has_batchnorm, trainable, cached_epochs),
         bn_mode=_bn_mode(pol, bb.has_batchnorm, frozen), class_weights=data.class_weights,
         decode=decode, data=data.identity,

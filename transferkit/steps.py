@@ -485,8 +485,9 @@ def report_load_failures(run: Run) -> None:
             record_bad_at_load(report, path, reason)
         for name, example in lost_there:
             record_lost_class(report, name, example)
-    for target, example in classes_never_loaded(train, report).items():  # rows masked by every rank together
-        record_lost_class(report, classes[target], example)
+    if run.dist.world_size > 1:  # rows masked by every rank together (one process: its own report said it all)
+        for target, example in classes_never_loaded(train, report).items():
+            record_lost_class(report, classes[target], example)
 
 
 def _resume_problems(saved: dict[str, Any], meta: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "transferkit"
 LAYERS = [
     ("transferkit._version", 0), ("transferkit.errors", 0), ("transferkit._io", 0), ("transferkit._integrity", 0),
     ("transferkit._signals", 0), ("transferkit._progress", 0), ("transferkit._text", 0), ("transferkit.hardware", 0),
-    ("transferkit.config", 0), ("transferkit.schedules", 0),
+    ("transferkit.config", 0), ("transferkit.schedules", 0), ("transferkit.spelling", 0),
     ("transferkit.helpformat", 0), ("transferkit.checkpoints", 0), ("transferkit.outputs", 0),
     ("transferkit.lora", 0), ("transferkit.heads", 0), ("transferkit.model", 0),
     ("transferkit.backbones", 1), ("transferkit.data", 1), ("transferkit.policies", 1), ("transferkit.export", 1),

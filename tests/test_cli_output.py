@@ -17,6 +17,7 @@ from tests.conftest import make_image_folder
 
 import transferkit
 from transferkit.cli import cli_spelling, main
+from transferkit.spelling import recipe_spelling
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "tk:small_cnn", "--weights", "none", "--epochs", "2", "--image-size", "16",
@@ -229,6 +230,24 @@ def test_hints_use_the_cli_syntax():
     assert cli_spelling("use head_hidden=[256] or `lr=1` as is") == "use --set head_hidden='[256]' or `lr=1` as is"
     assert cli_spelling("continue with transferkit.resume('out/ck ü.pt') or weights='my w.pt'") == \
         "continue with `transferkit finetune --checkpoint 'out/ck ü.pt' --resume` or --weights 'my w.pt'"
+    assert cli_spelling("overrides: head_hidden=[1, -2] is out of range; expected a list") == \
+        "overrides: --set head_hidden='[1, -2]' is out of range; expected a list"
+    assert cli_spelling("class_weights={'a': 1, 'b': 2}, or lr=(1, 2).") == \
+        "--set class_weights='{'\"'\"'a'\"'\"': 1, '\"'\"'b'\"'\"': 2}', or --lr '(1, 2)'."
+
+
+def test_a_recipe_s_hints_use_its_own_flags():
+    """A recipe script is typed with its flags (--weights, --epochs, ...) and --set for the rest,
+    never as the Python call or as `transferkit finetune`'s flags."""
+    prog = "recipes/fsdd.py"
+    assert recipe_spelling("Pass checkpoint=... to finetune() to be able to resume a run exactly.", prog) == \
+        "Pass --set checkpoint=... to `python recipes/fsdd.py` to be able to resume a run exactly."
+    assert recipe_spelling("continue exactly with transferkit.resume('runs/a b.pt').", prog) == \
+        "continue exactly with `python recipes/fsdd.py ... --set checkpoint='runs/a b.pt' --set resume=true`."
+    assert recipe_spelling("start a new run from its weights: finetune(..., weights='r.pt', batch_size=8).", prog) == \
+        "start a new run from its weights: `python recipes/fsdd.py ... --weights r.pt --set batch_size=8`."
+    assert recipe_spelling("recipe: head_hidden=[8, -2] is out of range; epochs=0 too, limit=0 too", prog) == \
+        "recipe: --set head_hidden='[8, -2]' is out of range; --epochs 0 too, --limit 0 too"
 
 
 def test_predict_goes_on_past_a_folder_without_inputs(run, capsys, tmp_path):

@@ -16,7 +16,8 @@ import transferkit
 from transferkit import ConfigError, FinetuneConfig
 from transferkit.backbones import get_backbone
 from transferkit.cli import main
-from transferkit.config import BackboneLike, MapStyleDataset, PolicyLike, config_fields, merge_config, unknown_key_error
+from transferkit.config import (BackboneLike, MapStyleDataset, PolicyLike, config_fields, load_config, merge_config,
+                                unknown_key_error)
 from transferkit.policies import Policy
 from transferkit.train.loop import Loop
 from transferkit.train.tasks import make_loss
@@ -88,7 +89,34 @@ def test_cli_flags_and_help_read_the_annotations(capsys):
     assert "--optimizer {adamw,adam,sgd}" in text
     with pytest.raises(SystemExit) as info:
         main(["finetune", "--data", "x", "--epochs", "two"])
-    assert info.value.code == 2 and "invalid int value: 'two'" in capsys.readouterr().err
+    assert info.value.code == 2 and "argument --epochs: expects an integer, got 'two'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["finetune", "--data", "x", "--epochs", "2.5"])
+    assert info.value.code == 2 and "argument --epochs: expects an integer, got '2.5'" in capsys.readouterr().err
+
+
+def test_a_config_file_names_its_settings_as_it_writes_them(tmp_path, capsys):
+    """An error about a value from a YAML file writes it as the file does (``epochs: 2.5``), not as
+    a flag the user never typed; a whole float there (``2.0``, ``1e3``) is the integer it stands for,
+    as on the command line (``--epochs 2.0``, ``--set epochs=2.0``)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 2.0\nbatch_size: 1e3\n")
+    loaded = load_config(cfg)
+    assert loaded["epochs"] == 2 and type(loaded["epochs"]) is int and loaded["batch_size"] == 1000
+    for text, said in (("epochs: 2.5", "epochs: 2.5 has type float; expected int."),
+                       ("head_hidden: [8, -2]", "head_hidden: [8, -2] is out of range; expected a list of positive"),
+                       ("classes: [no, b]", "classes[0]: false has type bool; expected str (YAML reads unquoted"),
+                       ("epochs: 3\nruns:\n  a: {epochs: 2.5}", "run 'a': epochs: 2.5 has type float")):
+        cfg.write_text(text + "\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(cfg)
+        assert str(info.value).startswith(str(cfg)) and said in str(info.value), info.value
+        assert main(["finetune", "--config", str(cfg), "--data", "x", "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "--set" not in err and "--epochs" not in err, err
+    for argv in (["--epochs", "2.0"], ["--set", "epochs=2.0"]):
+        assert main(["finetune", "--data", "x", *argv, "--dry-run", "--json"]) == 2  # the data do not exist
+        assert "epochs" not in capsys.readouterr().err  # but the value was taken
 
 
 @pytest.mark.parametrize("task, option, said", [

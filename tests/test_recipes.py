@@ -214,7 +214,7 @@ def test_limit_must_be_a_positive_integer(given, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("runs, error", [
-    ("first: {policy: feature_extraction}\n  second: {lrr: 0.001}", "toy recipe, run 'second': unknown key 'lrr'"),
+    ("first: {policy: feature_extraction}\n  second: {lrr: 0.001}", "toy.yaml, run 'second': unknown key 'lrr'"),
     ("first: {policy: full}\n  second: {warmup_epochs: 5}", "run 'second': warmup_epochs=5 is longer than the run"),
     ("first: {limit: 2}", "run 'first': 'limit' is a setting of the whole recipe .* Move it above runs: in the config, "
                           "or give it on the command line"),
@@ -332,6 +332,10 @@ def test_an_interrupted_recipe_ends_in_one_line_with_the_signal_s_exit_status(ca
     assert recipes.main_guard(stopped(wrapped)) == 143
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interrupted: Interrupted (SIGTERM) in epoch 2" in err and "Traceback" not in err
+    advice = TrainingInterrupted("Interrupted (SIGINT). Pass checkpoint=... to finetune() to be able to resume.", None)
+    assert recipes.main_guard(stopped(advice)) == 130
+    err = capsys.readouterr().err  # the recipe's own syntax, not a Python call's
+    assert "Pass --set checkpoint=... to `python recipes/" in err and "finetune()" not in err, err
 
 
 def test_an_unset_variable_in_a_setting_is_named_not_read_as_a_path(monkeypatch):

@@ -15,8 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import re
-import shlex
 import sys
 import textwrap
 import traceback
@@ -29,6 +27,7 @@ from transferkit.errors import TransferkitError
 from transferkit._text import file_reason, plural
 from transferkit.helpformat import HELP, one_line, one_line_warnings
 from transferkit.schedules import LRRange
+from transferkit.spelling import cli_spelling, flag, shell_word
 
 
 
@@ -52,7 +51,7 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     for name in names:
         print(name)
     if not names:
-        print(f"transferkit: no backbone matches {_shell_word(args.pattern)}; `transferkit backbones` lists them all",
+        print(f"transferkit: no backbone matches {shell_word(args.pattern)}; `transferkit backbones` lists them all",
               file=sys.stderr)
         return 1
     return 0
@@ -275,10 +274,6 @@ POLICY_KINDS = ("feature_extraction", "full", "fine_tune[:frozen=K]", "unfreeze:
                 "gradual:every=K|milestones=E1+E2", "lora:r=R")
 
 
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
 # settings the learning-rate range test does not use, and why (`transferkit lr-find` refuses them on the command line)
 LR_FIND_IGNORES = {**dict.fromkeys(("export", "checkpoint", "resume", "plots_dir", "log_dir", "portable_metadata"),
                                    "the range test writes no outputs"),
@@ -297,20 +292,23 @@ def command_keys(command: str) -> list[str]:
     return [k for k in keys if not (command == "lr-find" and k in LR_FIND_IGNORES)]
 
 
-def _number_flag(key: str, kind: type) -> Any:
-    """The argparse ``type`` of a flag whose setting is a number or None: ``none`` or ``null``
-    (any capitals) stands for None (`transferkit.config.merge_config` reads it so), else the
-    text must be an ``int`` or a number (``kind``)."""
+def _number_flag(kind: type, *, none: bool) -> Any:
+    """The argparse ``type`` of a flag whose setting is a number (or None, with ``none``: ``none``
+    or ``null`` in any capitals, as `transferkit.config.merge_config` reads it): the text must be
+    an ``int`` (a whole number, ``1e3`` too, as in a config file) or a number (``kind``)."""
     from transferkit.config import is_none_word
 
     def parse(text: str) -> Any:
-        if is_none_word(text):
+        if none and is_none_word(text):
             return text
         try:
-            return kind(text)
-        except ValueError:
+            value = float(text) if kind is int and not text.strip().lstrip("+-").isdigit() else kind(text)
+            if kind is int and not float(value).is_integer():
+                raise ValueError(text)
+            return kind(value)
+        except (ValueError, OverflowError):
             what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expects {what} (or none), got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expects {what}{' (or none)' if none else ''}, got {text!r}") from None
 
     parse.__name__ = kind.__name__  # argparse's own errors name the type
     return parse
@@ -331,9 +329,9 @@ def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
         if not m["flag"] or key == "data" or (not outputs and (m["group"] == "outputs" or key in ("schedule", "lr"))):
             continue  # lr-find has no outputs and runs its own lr ramp, not the run's lr or schedule
         types = m["types"]
-        kind = int if types == (int,) else float if float in types else str
-        if type(None) in types and (int in types or float in types):  # --image-size none: None, as in a file
-            kind = _number_flag(key, float if float in types else int)
+        kind: Any = str
+        if int in types or float in types:  # --image-size none: None, as in a file
+            kind = _number_flag(float if float in types else int, none=type(None) in types)
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = m["help"].split(" or a ")[0] if key in ("backbone", "policy") else m["help"]
         help_text += f"; kinds: {', '.join(POLICY_KINDS)}" if key == "policy" else ""
@@ -341,7 +339,7 @@ def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
             help_text = "epochs of the run the test prepares (they set its phases and the cost estimate)"
         if "default" not in help_text and default is not None:
             help_text += f" (default: {default})"
-        names = (_flag(key), "--plots") if key == "plots_dir" else (_flag(key),)
+        names = (flag(key), "--plots") if key == "plots_dir" else (flag(key),)
         if types == (bool,):  # a switch: --resume
             p.add_argument(*names, dest=key, action="store_true", default=None,
                            help=m["help"].replace("`checkpoint`", "--checkpoint"))
@@ -405,13 +403,13 @@ def _finetune_options(args: argparse.Namespace) -> tuple[str | None, dict]:
             kwargs = _finetune_kwargs(args)
         except TransferkitError as exc:
             if args.resume and args.checkpoint and str(exc).startswith("No training data"):  # nothing to resume
-                raise TransferkitError(f"--resume: {_shell_word(str(args.checkpoint))} does not exist, so there is "
+                raise TransferkitError(f"--resume: {shell_word(str(args.checkpoint))} does not exist, so there is "
                                        "nothing to resume, and a new run needs --data DIR. Check the checkpoint's "
                                        "path, or pass --data to start (and save it there).") from exc
             raise
         if kwargs.get("resume") and kwargs.get("checkpoint") and not Path(kwargs["checkpoint"]).exists():
             # one command for every start of a job that may be preempted: the first start has nothing to resume
-            print(f"transferkit: --resume: {_shell_word(str(kwargs['checkpoint']))} does not exist yet; a new run "
+            print(f"transferkit: --resume: {shell_word(str(kwargs['checkpoint']))} does not exist yet; a new run "
                   "starts and saves it there.", file=sys.stderr, flush=True)
             kwargs["resume"] = False
         return None, kwargs
@@ -474,7 +472,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     print(result_summary(result))
     if result.export_path is not None:
         scored_on = "LABELLED_FOLDER_OR_CSV" if result.task == "multiclass" else "TARGETS_CSV"
-        path = _shell_word(str(result.export_path))
+        path = shell_word(str(result.export_path))
         print(f"  next:       transferkit predict {path} FILES_OR_FOLDERS\n"
               f"              transferkit evaluate {path} {scored_on}")
     return 0
@@ -604,81 +602,6 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="print the full traceback of an error")
     return p
-
-
-_COMMAND_OPTIONS = ("start_lr", "end_lr", "num_steps", "phase")  # lr-find's own, named in lr_find()'s errors
-_SETTING = re.compile(r"(?<![\w.-])([a-z_]+)=('[^']*'|\"[^\"]*\"|[^\s,;)]+?)(?=[\s,;)]|\.(?:\s|$)|$)")
-_CALL = re.compile(r"(?:transferkit\.)?\b(finetune|resume)\((?!\):)([^()]*)\)")
-
-
-def _shell_word(text: str) -> str:
-    """``text`` quoted where a shell (bash, zsh) could split or expand it (a path with a space,
-    ``[256]``, an empty word), else as it is.
-
-    Example:
-        >>> _shell_word("out/m.pt"), _shell_word("out/cli ml.pt"), _shell_word("")
-        ('out/m.pt', "'out/cli ml.pt'", "''")
-    """
-    return shlex.quote(text) if not text or re.search(r"[^\w@%+=:,./-]", text) else text
-
-
-def _setting_flag(key: str, value: str) -> str | None:
-    """``--key value`` (``--set key=value`` for settings without a flag; a switch alone when
-    true), or None when ``key`` is no serialisable setting."""
-    from transferkit.config import config_fields
-
-    f = config_fields().get(key)
-    value = _shell_word(value.strip("'\""))
-    if key in _COMMAND_OPTIONS:  # options of a command (lr-find), outside FinetuneConfig
-        return f"--{key.replace('_', '-')} {value}"
-    if f is None or not f.metadata["serial"]:
-        return None
-    if key in ("data", "val_data"):  # flags of their own, outside FinetuneConfig's list
-        return f"{_flag(key)} {value}"
-    if not f.metadata["flag"]:
-        return f"--set {key}={value}"
-    if f.metadata["types"] == (bool,):
-        return _flag(key) if value.lower() == "true" else ""
-    return f"{_flag(key)} {value}"
-
-
-def _command(m: re.Match) -> str:
-    """``finetune(..., weights='w.pt')`` -> ```transferkit finetune ... --weights w.pt```;
-    ``transferkit.resume('run.pt')`` -> ```transferkit finetune --checkpoint run.pt --resume```."""
-    args = [a.strip() for a in m.group(2).split(",") if a.strip()]
-    words = ["transferkit finetune"]
-    if m.group(1) == "resume":
-        words.append(f"--checkpoint {_shell_word(args.pop(0).strip(chr(39) + chr(34)))} --resume" if args else
-                     "--resume")
-    for arg in args:
-        key, eq, value = arg.partition("=")
-        converted = _setting_flag(key.strip(), value.strip()) if eq else None
-        words.append(arg if converted is None else converted)
-    return "`" + " ".join(w for w in words if w) + "`"
-
-
-def cli_spelling(message: str) -> str:
-    """Rewrite Python spellings in an error for a CLI user, so that each hint reads in one
-    syntax: ``finetune(..., weights='x')`` -> ```transferkit finetune ... --weights x```,
-    ``transferkit.resume('run.pt')`` -> ```transferkit finetune --checkpoint run.pt --resume```,
-    ``weights='x'`` -> ``--weights x`` (``--set key=value`` for settings without a flag),
-    ``transferkit.list_backbones(..)`` -> ```transferkit backbones```; the name of the
-    Python call that opens a configuration error (``plan(): ...``) and a Python alternative given
-    beside a command (``(in Python: ...)``) are dropped. Text already in
-    backticks is left as it is."""
-    def flag(m: re.Match) -> str:
-        converted = _setting_flag(m.group(1), m.group(2))
-        return m.group(0) if converted is None else converted
-
-    message = re.sub(r"^(?:finetune|plan|lr_find|linear_probe)\(\): ", "", message)  # the command was typed
-    message = re.sub(r" \(in Python: [^()]*\([^()]*\)\)", "", message)  # the command stands beside it
-    message = _CALL.sub(_command, message)
-    message = re.sub(r"\bto finetune\(\)", "to `transferkit finetune`", message)
-    message = re.sub(r"transferkit\.list_backbones\(([^)]*)\)",
-                     lambda m: "`transferkit backbones" + (f" {m.group(1).strip(chr(39))}`" if m.group(1) else "`"),
-                     message)
-    parts = message.split("`")  # even parts are outside backticks
-    return "`".join(_SETTING.sub(flag, part) if i % 2 == 0 else part for i, part in enumerate(parts))
 
 
 def console_main() -> None:

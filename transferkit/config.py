@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import json
 import math
 import numbers
 import os
@@ -589,33 +590,41 @@ def unknown_key_error(key: str, source: str, *, recipe_keys: bool = True,
     return ConfigError(f"{source}: unknown key {key!r}.{hint} Valid keys: {', '.join(valid)}.")
 
 
-def _checked(f: dataclasses.Field, value: Any, source: str, *, text: bool = False) -> Any:
-    """``value`` for field ``f``, type- and range-checked (``text``: read numeric strings as numbers)."""
+def _written(key: str, value: Any, in_file: bool) -> str:
+    """A setting as its source writes it: ``key: value`` in a YAML file (``in_file``), else ``key=value``."""
+    if not in_file:
+        return f"{key}={value!r}"
+    return f"{key}: {json.dumps(jsonable(value), ensure_ascii=False)}"
+
+
+def _checked(f: dataclasses.Field, value: Any, source: str, *, text: bool = False, in_file: bool = False) -> Any:
+    """``value`` for field ``f``, type- and range-checked (``text``: read numeric strings as
+    numbers, and a whole float as the integer a setting of integers takes; ``in_file``: errors
+    write the setting as a YAML file does)."""
     m = f.metadata
     types = m["types"]
     if text and is_none_word(value) and type(None) in types and "none" not in (m["choices"] or ()):
         value = None  # `none` or `null` in a file or on the command line ('none' stays where it is a choice)
     if text and isinstance(value, str) and (float in types or int in types) and _NUM.match(value.strip()):
-        digits = value.strip().lstrip("+-").isdigit()
-        if digits and int in types:
-            value = int(value)
-        elif float in types:
-            value = float(value)
+        value = int(value) if value.strip().lstrip("+-").isdigit() and int in types else float(value)
+    if text and isinstance(value, float) and int in types and float not in types and value.is_integer():
+        value = int(value)  # `epochs: 1.0` in a file, `--set epochs=1e3`
     if object not in types and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
         names = " or ".join(sorted({"None" if t is type(None) else t.__name__ for t in types}))
         written = " (None is written null or none)" if text and type(None) in types else ""
-        raise ConfigError(f"{source}: {f.name}={value!r} has type {type(value).__name__}; expected {names}{written}.")
+        raise ConfigError(f"{source}: {_written(f.name, value, in_file)} has type {type(value).__name__}; expected "
+                          f"{names}{written}.")
     if m["items"] is not None and isinstance(value, (list, tuple)):
-        _check_items(f.name, value, m["items"], source)
+        _check_items(f.name, value, m["items"], source, in_file)
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{source}: {f.name}={value!r} is not a finite number.")
+        raise ConfigError(f"{source}: {_written(f.name, value, in_file)} is not a finite number.")
     if m["choices"] is not None and value not in m["choices"]:
         hint = suggest(value, [c for c in m["choices"] if isinstance(c, str)]) if isinstance(value, str) else ""
         raise ConfigError(f"{source}: unknown {f.name} {value!r}.{hint} Valid values: "
                           f"{', '.join(map(repr, m['choices']))}.")
     problem = m["check"](value) if m["check"] is not None and value is not None else None
     if problem:
-        raise ConfigError(f"{source}: {f.name}={value!r} is out of range; expected {problem}.")
+        raise ConfigError(f"{source}: {_written(f.name, value, in_file)} is out of range; expected {problem}.")
     if isinstance(value, list) and f.name in ("head_hidden",):
         value = tuple(value)
     return value
@@ -626,7 +635,7 @@ def is_none_word(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() in NONE_WORDS
 
 
-def _check_items(key: str, value: Sequence[Any], admitted: tuple[type, ...], source: str) -> None:
+def _check_items(key: str, value: Sequence[Any], admitted: tuple[type, ...], source: str, in_file: bool) -> None:
     """Refuse an element of the list ``value`` of setting ``key`` whose type ``admitted`` does not hold."""
     for i, item in enumerate(value):
         if isinstance(item, admitted) and not isinstance(item, bool):
@@ -636,16 +645,18 @@ def _check_items(key: str, value: Sequence[Any], admitted: tuple[type, ...], sou
         if isinstance(item, bool) and str in admitted:  # YAML reads yes/no, true/false, on/off as booleans
             hint = (" (YAML reads unquoted yes/no, true/false and on/off as booleans: quote each name, as in "
                     "['no', 'yes'])")
-        raise ConfigError(f"{source}: {key}[{i}]={item!r} has type {type(item).__name__}; expected {names}{hint}.")
+        raise ConfigError(f"{source}: {_written(f'{key}[{i}]', item, in_file)} has type {type(item).__name__}; "
+                          f"expected {names}{hint}.")
 
 
 def merge_config(*layers: Mapping[str, Any] | None, source: str = "config",
-                 keys: Collection[str] | None = None) -> dict[str, Any]:
+                 keys: Collection[str] | None = None, in_file: bool = False) -> dict[str, Any]:
     """Later layers override earlier ones; every key and value is checked (numeric strings
     such as ``"1e-3"`` become numbers, ``none`` and ``null`` None). Returns the merged plain
     dict (recipe keys included). The one function YAML files, CLI flags, ``--set`` overrides
     and recipes go through. ``keys``: the keys the caller takes, where it takes fewer (an
-    unknown key's error suggests and lists only those)."""
+    unknown key's error suggests and lists only those). ``in_file``: the layers are a YAML file's,
+    and errors write their settings as it does (``epochs: 1.5``)."""
     fields = config_fields()
     out: dict[str, Any] = {}
     for layer in layers:
@@ -661,13 +672,14 @@ def merge_config(*layers: Mapping[str, Any] | None, source: str = "config",
                 allowed = RECIPE_KEYS[key]
                 value = None if type(None) in allowed and is_none_word(value) else value
                 if not isinstance(value, allowed) or isinstance(value, bool) and bool not in allowed:
-                    raise ConfigError(f"{source}: {key}={value!r} has type {type(value).__name__}; expected "
-                                      f"{' or '.join(sorted('None' if t is type(None) else t.__name__ for t in allowed))}.")
+                    names = " or ".join(sorted("None" if t is type(None) else t.__name__ for t in allowed))
+                    raise ConfigError(f"{source}: {_written(key, value, in_file)} has type {type(value).__name__}; "
+                                      f"expected {names}.")
                 out[key] = value
             elif key in fields:
                 if not fields[key].metadata["serial"]:
                     raise ConfigError(f"{source}: {key!r} is a Python object; pass it through the Python API.")
-                out[key] = _checked(fields[key], value, source, text=True)
+                out[key] = _checked(fields[key], value, source, text=True, in_file=in_file)
             else:
                 raise unknown_key_error(key, source, valid=keys)
     return out
@@ -737,7 +749,11 @@ def load_config(path: str | Path, *, keys: Collection[str] | None = None) -> dic
         raise ConfigError(f"Config file {str(path)!r} does not exist.") from exc
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise ConfigError(f"Cannot read config file {str(path)!r}: {exc}") from exc
-    cfg = merge_config(read_yaml(text, source=f"Config file {str(path)!r}") or {}, source=str(path), keys=keys)
+    cfg = merge_config(read_yaml(text, source=f"Config file {str(path)!r}") or {}, source=str(path), keys=keys,
+                       in_file=True)
+    for name, block in (cfg.get("runs") or {}).items():  # each run's settings, in the file's own spelling
+        if isinstance(block, Mapping):
+            merge_config(block, source=f"{path}, run {name!r}", keys=keys, in_file=True)
     return _relative_to(path.parent, cfg)
 
 

@@ -18,6 +18,7 @@ read and the first run starts.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -35,6 +36,7 @@ from transferkit.config import RECIPE_KEYS, FinetuneConfig, called_as, load_conf
 from transferkit._signals import signal_name
 from transferkit.errors import ConfigError, DataError, TransferkitError
 from transferkit.helpformat import HELP, one_line, one_line_warnings
+from transferkit.spelling import recipe_spelling
 from transferkit.data import find_split_folders
 from transferkit.data import dataset_targets
 from transferkit.api import finetune
@@ -242,7 +244,7 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     if owned:
         raise ConfigError(f"{name} recipe: {owned[0]} is set by the recipe itself (data, val_data and classes from "
                           "the data set under --data-dir; the export as <--out>/<run>/model.pt); leave it out of "
-                          "--set and the config, or call transferkit.finetune() with your own.")
+                          "--set and the config, or use the Python API (transferkit.finetune) with your own.")
     for run_name, overrides in runs.items():  # every run's keys and values, before the first run starts
         merge_config(cfg, overrides, cli, source=f"{name} recipe, run {run_name!r}")
     if args.run:
@@ -373,15 +375,16 @@ def main_guard(fn: Callable[[], Any]) -> int:
     stderr, a TransferkitError as one line there with exit status 2, and an interruption
     (Ctrl-C, SIGTERM) as one line with 130 or 143, as the command line does."""
     prog = f"recipes/{Path(sys.argv[0]).name}" if sys.argv and sys.argv[0] else "recipe"
-    with one_line_warnings(prog):
+    spell = functools.partial(recipe_spelling, prog=prog)
+    with one_line_warnings(prog, spell):
         try:
             fn()
         except TransferkitError as exc:
-            print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+            print(f"{prog}: error: {spell(one_line(exc))}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as exc:
             term = signal_name(exc) == "SIGTERM"
             reason = one_line(exc) or ("terminated (SIGTERM)" if term else "interrupted (Ctrl-C)")
-            print(f"{prog}: interrupted: {reason}", file=sys.stderr)
+            print(f"{prog}: interrupted: {spell(reason)}", file=sys.stderr)
             return 143 if term else 130
     return 0

@@ -1,0 +1,134 @@
+"""Errors and warnings in the syntax the user typed. The library writes a setting as Python
+does (``weights='r.pt'``, ``finetune(..., checkpoint=path)``, ``transferkit.resume('r.pt')``);
+`cli_spelling` rewrites such text for ``transferkit finetune`` (``--weights r.pt``) and
+`recipe_spelling` for a recipe script (``--weights r.pt``, ``--set checkpoint=path``). Text in
+backticks is left as it is.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from transferkit.config import config_fields
+
+# lr-find's own options, outside FinetuneConfig, named in lr_find()'s errors
+COMMAND_OPTIONS = ("start_lr", "end_lr", "num_steps", "phase")
+# key=value: a quoted string, a bracketed list, mapping or tuple, or a word up to a separator or a sentence's end
+_SETTING = re.compile(r"(?<![\w.-])([a-z_]+)=('[^']*'|\"[^\"]*\"|\[[^\]]*\]|\{[^}]*\}|\([^()]*\)|[^\s,;)]+?)"
+                      r"(?=[\s,;)]|\.(?:\s|$)|$)")
+_CALL = re.compile(r"(?:transferkit\.)?\b(finetune|resume)\((?!\):)([^()]*)\)")
+
+
+def shell_word(text: str) -> str:
+    """``text`` quoted where a shell (bash, zsh) could split or expand it (a path with a space,
+    ``[256]``, an empty word), else as it is.
+
+    Example:
+        >>> shell_word("out/m.pt"), shell_word("out/cli ml.pt"), shell_word("")
+        ('out/m.pt', "'out/cli ml.pt'", "''")
+    """
+    return shlex.quote(text) if not text or re.search(r"[^\w@%+=:,./-]", text) else text
+
+
+def flag(key: str) -> str:
+    """The flag of setting ``key``: ``batch_size`` -> ``--batch-size``."""
+    return "--" + key.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Syntax:
+    """How one command line is typed: ``command`` (what a ``finetune(...)`` call becomes), the
+    settings with a flag of their own (``flags``: key -> flag; every other setting is ``--set
+    key=value``), whether a true boolean setting is its flag alone (``switches``), and the
+    words that continue the run saved in a checkpoint (``resume``, with ``{path}``)."""
+
+    command: str
+    flags: Mapping[str, str]
+    switches: bool
+    resume: str
+
+    def setting(self, key: str, value: str) -> str | None:
+        """``key=value`` as typed here, or None when ``key`` is no setting a user can type."""
+        value = shell_word(value.strip("'\""))
+        if key in self.flags:
+            if self.switches and config_fields().get(key) is not None and \
+                    config_fields()[key].metadata["types"] == (bool,):
+                return self.flags[key] if value.lower() == "true" else ""
+            return f"{self.flags[key]} {value}"
+        f = config_fields().get(key)
+        if f is None or not f.metadata["serial"]:
+            return None
+        return f"--set {key}={value}"
+
+    def call(self, m: re.Match) -> str:
+        """``finetune(..., weights='w.pt')`` -> ```<command> ... --weights w.pt```;
+        ``transferkit.resume('run.pt')`` -> ```<command> <resume words>```."""
+        args = [a.strip() for a in m.group(2).split(",") if a.strip()]
+        words = [self.command]
+        if m.group(1) == "resume":
+            path = shell_word(args.pop(0).strip("'\"")) if args else "PATH"
+            words.append(self.resume.format(path=path))
+        for arg in args:
+            key, eq, value = arg.partition("=")
+            converted = self.setting(key.strip(), value.strip()) if eq else None
+            words.append(arg if converted is None else converted)
+        return "`" + " ".join(w for w in words if w) + "`"
+
+    def spell(self, message: str) -> str:
+        """``message`` with its Python spellings rewritten in this syntax (see the module)."""
+        def setting(m: re.Match) -> str:
+            converted = self.setting(m.group(1), m.group(2))
+            return m.group(0) if converted is None else converted
+
+        message = re.sub(r"^(?:finetune|plan|lr_find|linear_probe)\(\): ", "", message)  # the command was typed
+        message = re.sub(r" \(in Python: [^()]*\([^()]*\)\)", "", message)  # the command stands beside it
+        message = _CALL.sub(self.call, message)
+        message = re.sub(r"\bto finetune\(\)", f"to `{self.command}`", message)
+        message = re.sub(r"transferkit\.list_backbones\(([^)]*)\)",
+                         lambda m: "`transferkit backbones" + (f" {m.group(1).strip(chr(39))}`" if m.group(1) else
+                                                               "`"), message)
+        parts = message.split("`")  # even parts are outside backticks
+        return "`".join(_SETTING.sub(setting, part) if i % 2 == 0 else part for i, part in enumerate(parts))
+
+
+def _cli_syntax() -> Syntax:
+    flags = {k: flag(k) for k, f in config_fields().items() if f.metadata["serial"] and f.metadata["flag"]}
+    flags.update({k: flag(k) for k in ("data", "val_data", *COMMAND_OPTIONS)})
+    return Syntax("transferkit finetune", flags, switches=True, resume="--checkpoint {path} --resume")
+
+
+def cli_spelling(message: str) -> str:
+    """Rewrite Python spellings in an error for a user of the ``transferkit`` command, so that
+    each hint reads in one syntax: ``finetune(..., weights='x')`` -> ```transferkit finetune ...
+    --weights x```, ``transferkit.resume('run.pt')`` -> ```transferkit finetune --checkpoint run.pt
+    --resume```, ``weights='x'`` -> ``--weights x`` (``--set key=value`` for settings without a
+    flag), ``transferkit.list_backbones(..)`` -> ```transferkit backbones```; the name of the
+    Python call that opens a configuration error (``plan(): ...``) and a Python alternative
+    given beside a command (``(in Python: ...)``) are dropped.
+
+    Example:
+        >>> cli_spelling("Pass checkpoint=... to finetune() to be able to resume.")
+        'Pass --checkpoint ... to `transferkit finetune` to be able to resume.'
+    """
+    return _cli_syntax().spell(message)
+
+
+# the settings a recipe script takes as flags of their own (`transferkit.recipes.build_parser`)
+RECIPE_FLAGS = {"backbone": "--backbone", "weights": "--weights", "policy": "--policy", "epochs": "--epochs",
+                "limit": "--limit", "data_dir": "--data-dir", "out_dir": "--out"}
+
+
+def recipe_spelling(message: str, prog: str) -> str:
+    """`cli_spelling` for the recipe script ``prog`` (``python recipes/NAME.py``): its own flags
+    (`RECIPE_FLAGS`), ``--set key=value`` for every other setting, and a resume typed as the same
+    command with ``--set resume=true``.
+
+    Example:
+        >>> recipe_spelling("Pass checkpoint=... to finetune() to be able to resume.", "recipes/fsdd.py")
+        'Pass --set checkpoint=... to `python recipes/fsdd.py` to be able to resume.'
+    """
+    return Syntax(f"python {prog}", RECIPE_FLAGS, switches=False,
+                  resume="... --set checkpoint={path} --set resume=true").spell(message)

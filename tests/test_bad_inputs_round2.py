@@ -49,7 +49,10 @@ def test_a_csv_with_excels_byte_order_mark_reads_like_any_other(tmp_path):
 def test_a_header_other_than_path_label_is_named_as_a_header(tmp_path):
     make_image_folder(tmp_path / "img", per_class=3, size=16)
     p = _csv(tmp_path, "file,class\n" + _rows(tmp_path))  # read as a row, it would be a missing file 'file'
-    with pytest.raises(DataError, match="first row 'file,class' names no file, and every other row does"):
+    with pytest.raises(DataError, match="first row 'file,class' names no file, and reads as a header"):
+        prepare_data(p, val_split=0)
+    p.write_text("file,class\n" + _rows(tmp_path) + "img/dark/gone.png,dark\n")  # another row's file is missing too
+    with pytest.raises(DataError, match="first row 'file,class' names no file, and reads as a header"):
         prepare_data(p, val_split=0)
     rows = _rows(tmp_path)
     p.write_text(rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -321,9 +322,10 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
     samples = [(csv_file_path(csv_path, p), index[lab]) for (p, _), lab in zip(rows, labels) if lab in index]
     if first == 1 and len(rows) > 1 and labels[0] not in labels[1:] and \
             not os.path.isfile(csv_file_path(csv_path, rows[0][0])) and \
-            all(os.path.isfile(csv_file_path(csv_path, r[0])) for r in rows[1:]):  # a header's "label" is no class
-        raise DataError(f"{str(csv_path)!r}: its first row {','.join(rows[0])!r} names no file, and every other row "
-                        "does: a header row must name the columns 'path' and 'label' (or leave the header out).")
+            (not re.search(r"[./\\]", rows[0][0]) or  # a word such as 'filename', not a path: a header
+             all(os.path.isfile(csv_file_path(csv_path, r[0])) for r in rows[1:])):  # a header's "label" is no class
+        raise DataError(f"{str(csv_path)!r}: its first row {','.join(rows[0])!r} names no file, and reads as a "
+                        "header: a header row must name the columns 'path' and 'label' (or leave the header out).")
     check_listed_files(csv_path, [p for p, _ in samples])
     return samples, list(classes)
 

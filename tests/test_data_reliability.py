@@ -150,6 +150,15 @@ def test_single_class_and_empty_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.warns(UserWarning, match="without images"), pytest.raises(tk.DataError, match="single class"):
         prepare_data(tmp_path)
+    (tmp_path / "other").mkdir()
+    _rgb().save(tmp_path / "other" / "b.png")
+    with pytest.warns(UserWarning, match=r"\['empty'\]: each is still a class, an output of the model that no "
+                                         "image trains"):  # what the warning means for the model
+        assert prepare_data(tmp_path, val_split=0).classes == ["empty", "only", "other"]
+    with warnings.catch_warnings():  # scored against those classes, an empty folder is no output of its own
+        warnings.simplefilter("error", UserWarning)
+        with pytest.raises(UserWarning, match=r"without images in .*\['empty'\]\.$"):
+            prepare_data(tmp_path, val_split=0, classes=["empty", "only", "other"])
 
 
 layouts = st.dictionaries(

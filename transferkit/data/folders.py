@@ -208,6 +208,7 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
     if not found:
         raise DataError(f"Data folder {str(root)!r} has no class sub-folders. Expected {layout}.")
     check_label_names(found, f"Data folder {str(root)!r}", case=False)
+    defines = classes is None  # the folders are the classes: an empty one is an output that nothing trains
     if classes is None:
         classes = found
     else:
@@ -243,7 +244,9 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
         raise DataError(f"No {what} found under {str(root)!r} (looked for {', '.join(extensions)} in "
                         f"{len(found)} class folders). Expected {layout}.{' ' + note if note else ''}")
     if empty:
-        report.warn(f"Class folders without {what} in {str(root)!r}: {empty}.")
+        consequence = (f": each is still a class, an output of the model that no {what[:-1]} trains. Remove the "
+                       f"folder, or give it {what}" if defines else "")
+        report.warn(f"Class folders without {what} in {str(root)!r}: {empty}{consequence}.")
     return samples, list(classes)
 
 

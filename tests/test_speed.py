@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -286,3 +289,17 @@ def test_a_layout_timing_that_cannot_be_stored_warns_and_the_run_goes_on(tmp_pat
     with pytest.warns(UserWarning, match=r"The layout timing was not stored \(OutputError: .*later runs .* time again"):
         on, why = measure_layout(_Hybrid(), CPU, image_size=8, store=store)
     assert isinstance(on, bool) and "channels_last runs at" in why
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch logs the note only where no CUDA device is found")
+@pytest.mark.parametrize("compiles", [True, False])
+def test_a_compile_on_a_machine_without_cuda_logs_no_cuda_runtime_note(compiles, tmp_path):
+    """Inductor's first C++ build imports torch's extension builder, which logs "No CUDA runtime is
+    found" on stderr where a CUDA toolkit is installed (here: CUDA_HOME) and no device is: a CPU
+    compile needs none. Without a compile (the control) torch still logs it."""
+    first = "from transferkit.train.speed import torch_compile; torch_compile(torch.nn.Linear(2, 2))" if compiles \
+        else "import transferkit.train.speed"
+    proc = subprocess.run([sys.executable, "-c", f"import torch; {first}; import torch.utils.cpp_extension"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert ("No CUDA runtime is found" in proc.stderr) is not compiles, proc.stderr

@@ -41,6 +41,7 @@ from torch import nn
 
 from transferkit._text import exception_line
 from transferkit.errors import ConfigError
+from transferkit.train.speed import torch_compile
 
 TRIAL_SHARE = 0.05  # a compilation that does not pay may cost at most this share of the eager run left
 MIN_SPEEDUP = 1.05  # the compiled step must be this much faster to be kept
@@ -148,7 +149,7 @@ class CompileTrial:
 
     def compile(self, module: nn.Module) -> Any:
         """``compile_fn(module)``, by default ``torch.compile`` (sharing ``module``'s parameters)."""
-        return (self.compile_fn or torch.compile)(module)
+        return (self.compile_fn or torch_compile)(module)
 
     def finish(self) -> dict[str, Any]:
         """The record, closed for a run that ended before the trial decided (too few steps)."""

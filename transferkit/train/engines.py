@@ -71,6 +71,7 @@ from transferkit.export.torchscript import shorter_clips
 from transferkit.model import AudioPreprocess, ImagePreprocess, TransferModel
 from transferkit.policies.frozen_bn import eval_fingerprint
 from transferkit.train.loaders import make_loader
+from transferkit.train.speed import torch_compile
 
 ENGINES = ("auto", "eager", "onnxruntime", "compile")
 # features agree with eager fp32 when max|engine - eager fp32| <= TOLERANCE[precision] * max|eager fp32|
@@ -898,7 +899,7 @@ def export_feature_pass(model: nn.Module, example: torch.Tensor, path: str | Pat
 
 def _compiled_forward(model: nn.Module, example: torch.Tensor, *, device: torch.device, precision: str,
                       channels_last: bool) -> Callable:
-    compiled = torch.compile(_FeaturePass(model))
+    compiled = torch_compile(_FeaturePass(model))
     size = int(example.shape[0])
 
     def forward(x: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,7 +247,25 @@ class SpeedConfig:
             return module
         if not hasattr(torch, "compile"):
             raise ConfigError("compile=True needs torch >= 2.0.")
-        return torch.compile(module)
+        return torch_compile(module)
+
+
+class _NoCudaRuntimeNote(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." line, which inductor's first
+    C++ build logs on a machine with a CUDA toolkit and no CUDA device: a compile for the CPU
+    needs no CUDA runtime, and the line read as a failure on stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def torch_compile(module: nn.Module) -> Callable:
+    """``torch.compile(module)`` (sharing its parameters), without torch's CUDA-runtime note on
+    a CPU-only machine (`_NoCudaRuntimeNote`); the one way transferkit compiles."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNote) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNote())
+    return torch.compile(module)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

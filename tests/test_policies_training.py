@@ -245,6 +245,25 @@ def test_modules_without_parameters_follow_their_block():
     assert model.trunk[5].training
 
 
+@pytest.mark.parametrize("spec, dropping", [("unfreeze:last=1", (False, False)), ("unfreeze:last=2", (False, True)),
+                                            ("full", (True, True))])
+def test_a_dropout_between_blocks_follows_the_block_before_it(spec, dropping):
+    """A dropout outside every block (timm's ``pos_drop``, a custom trunk's) ran in training mode
+    whenever any block trained, so the frozen part's output was dropped at random. It drops only
+    when the block it runs after trains."""
+    from transferkit.backbones import from_module
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout(0.5), nn.Conv2d(8, 8, 3), nn.AlphaDropout(0.1),
+                        nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    bb = from_module(net, input_spec={"image_size": 32})
+    assert bb.block_names == ["0", "2", "4"]
+    model = TransferModel(ImagePreprocess((0.5,) * 3, (0.5,) * 3), bb.trunk, build_head(bb.num_features, 2))
+    policy = Policy.parse(spec)
+    apply_policy(model, bb, policy)
+    set_train_mode(model, bb, policy)
+    assert (model.trunk[1].training, model.trunk[3].training) == dropping  # after block 0, after block 2
+
+
 @pytest.mark.parametrize("spec", ["full", "gradual:every=1"])
 def test_a_logistic_probe_on_a_training_backbone_is_refused_with_advice_that_fits(image_folder, spec):
     from transferkit.errors import ConfigError

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.dropout import _DropoutNd
 
 from transferkit.backbones._base import Backbone
 from transferkit.lora import add_lora, has_lora, is_lora_parameter
@@ -105,11 +106,11 @@ def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]
     parameters), or its parent's when it has none; ``None`` for containers that span several
     blocks (the trunk itself, a ViT's encoder) and for parameterless modules outside every
     block, except a normalisation layer with running statistics (a BatchNorm with
-    ``affine=False`` between blocks): it follows the block of the module registered before it
-    (the one it runs after in a Sequential), or, first in the trunk, of the one after it, so
-    that its statistics stay put while that block is frozen. Other parameterless modules
-    outside every block (a dropout, SpecAugment's masks, a resampler) run in training mode
-    whenever some block trains."""
+    ``affine=False`` between blocks) and a dropout: it follows the block of the module
+    registered before it (the one it runs after in a Sequential), or, first in the trunk, of
+    the one after it, so that its statistics stay put and it drops nothing while that block is
+    frozen. Other parameterless modules outside every block (SpecAugment's masks, a resampler)
+    run in training mode whenever some block trains."""
     members = sorted(((m, b.name) for b in (*backbone.blocks, *backbone.frozen) for m in b.members),
                      key=lambda mb: -len(mb[0]))
     out: dict[str, str | None] = {}
@@ -126,16 +127,17 @@ def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]
             out[name] = owners.pop() if len(owners) == 1 else None
     names = list(out)
     for i, name in enumerate(names):
-        if out[name] is None and _keeps_statistics(trunk.get_submodule(name)):
+        if out[name] is None and _follows_its_neighbour(trunk.get_submodule(name)):
             before = (out[n] for n in reversed(names[:i]) if out[n] is not None)
             after = (out[n] for n in names[i + 1:] if out[n] is not None)
             out[name] = next(before, None) or next(after, None)
     return out
 
 
-def _keeps_statistics(m: nn.Module) -> bool:
-    """A normalisation layer that updates running statistics in training mode."""
-    return isinstance(m, _NormBase) and bool(m.track_running_stats)
+def _follows_its_neighbour(m: nn.Module) -> bool:
+    """A module that computes as the frozen trunk must not in training mode: a normalisation
+    layer that updates running statistics, or a dropout."""
+    return isinstance(m, _NormBase) and bool(m.track_running_stats) or isinstance(m, _DropoutNd)
 
 
 def set_train_mode(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int = 0) -> None:

@@ -94,14 +94,28 @@ def test_ctrl_c_before_the_first_epoch_with_a_checkpoint_path_says_it_was_not_wr
                                                                                      monkeypatch):
     import transferkit.train.loop as loop
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    forward_backward, calls = loop._forward_backward, []
 
-    monkeypatch.setattr(loop, "train_one_epoch", interrupted)
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # after the first step
+            raise KeyboardInterrupt
+        return forward_backward(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_forward_backward", interrupted)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TrainingInterrupted, match="was not written yet") as info:
         tk.finetune("tk:small_cnn", data=image_folder, epochs=2, checkpoint=tmp_path / "run.pt", **FAST)
     assert "Pass checkpoint=" not in str(info.value) and info.value.checkpoint.is_file()
+
+    def before_a_step(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train_one_epoch", before_a_step)
+    with pytest.raises(TrainingInterrupted, match=r"Training had not started.*none were saved \(the checkpoint "
+                                                  r"'.*run2\.pt' was not written yet\)") as info:
+        tk.finetune("tk:small_cnn", data=image_folder, epochs=2, checkpoint=tmp_path / "run2.pt", **FAST)
+    assert info.value.checkpoint is None and not (tmp_path / "run2.pt").exists()
 
 
 def test_diverging_loss_points_at_the_lr_and_keeps_the_last_good_checkpoint(image_folder, tmp_path):
@@ -172,6 +186,27 @@ def test_ctrl_c_during_the_feature_pass_saves_nothing_and_says_so(image_folder, 
     with pytest.raises(TrainingInterrupted, match="Training had not started") as info:
         tk.finetune("tk:small_cnn", data=image_folder, epochs=2, **{**FAST, "policy": "feature_extraction"})
     assert info.value.checkpoint is None and list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("at_step, saved", [(1, False), (2, True)])
+def test_ctrl_c_before_the_first_optimizer_step_saves_nothing(image_folder, tmp_path, monkeypatch, at_step, saved):
+    """Interrupted in its first batch, a trained run saved the weights it started from (a
+    random head) as "the current weights"; after one step it keeps them."""
+    from transferkit.train import loop as loop_mod
+
+    forward_backward, calls = loop_mod._forward_backward, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_step:
+            raise KeyboardInterrupt
+        return forward_backward(*args, **kwargs)
+    monkeypatch.setattr(loop_mod, "_forward_backward", interrupted)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrainingInterrupted) as info:
+        tk.finetune("tk:small_cnn", data=image_folder, epochs=2, **{**FAST, "policy": "full"})
+    assert (info.value.checkpoint is not None) is saved and ("Training had not started" in str(info.value)) is not saved
+    assert bool(list(tmp_path.glob("*.pt"))) is saved, list(tmp_path.iterdir())
 
 
 def test_an_output_error_before_training_keeps_no_weights(image_folder, tmp_path, monkeypatch):

@@ -431,14 +431,14 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                 restore_best=cfg.restore_best, early_stopping=cfg.early_stopping, verbose=cfg.verbose, unit=d.unit)
     loop.on_epoch_end = epoch_end_callback(loop, path=cfg.checkpoint, model=run.model, meta=meta, base_lr=d.lr,
                                            callbacks=cfg.callbacks, tensorboard=tb)
-    current: dict[str, TrainingData | None] = {"data": inputs, "fit": None}  # fit: the data training began on
+    current: dict[str, TrainingData | None] = {"data": inputs}
     seconds = dict(inputs.seconds) if inputs is not None else {}
     report, trial = state.feature_report, None  # resumed after the frozen phase: the report of the run that ran it
     try:
         with training_faults(checkpoint=cfg.checkpoint, batch_size=cfg.batch_size,
                              save_interrupted=lambda: save_interrupted(d, run, meta),
                              probe_step=lambda bs: _probe_step(run, current["data"], bs),
-                             started=lambda: current["fit"] is not None, resumed=bool(cfg.resume)):
+                             started=lambda: loop.steps > 0, resumed=bool(cfg.resume)):
             if state.epoch < k or inputs is None:  # the frozen phase, on features computed once
                 td = current["data"] = training_data(d, run, cached=True, progress=progress)
                 if len(td.train_loader) != planned:  # files found unreadable: fewer batches than planned
@@ -447,13 +447,12 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
                 loop.wrap = _wrapper(run, cached=True)
                 seconds.update(td.seconds)
                 report, state.feature_report = td.report, jsonable(td.report)  # plain data: in checkpoints
-                current["fit"] = td
                 history, best = fit(td.module, td.train_loader, td.val_loader, loop, epochs=k, state=state,
                                     total_epochs=total, prep_s=td.seconds.get("features_s", 0.0), prep_what="features",
                                     passes=d.head_passes)
             if inputs is not None:
                 state.best_state = _whole_model_state(run, state.best_state)
-                td = current["data"] = current["fit"] = inputs
+                td = current["data"] = inputs
                 if run.speed.compile == "trial":  # compile="auto": timed on the steps that train the trunk
                     first = max(k, state.epoch, d.policy.frozen_phase_epochs(run.backbone, total))
                     trial = CompileTrial(steps_left=sum(steps[first:]), estimate_s=compile_estimate(

@@ -107,8 +107,9 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
                                       f"epoch; continue exactly with transferkit.resume({str(checkpoint)!r}).",
                                       Path(checkpoint)) from exc
         if not started():
+            unwritten = f" (the checkpoint {str(checkpoint)!r} was not written yet)" if checkpoint is not None else ""
             raise TrainingInterrupted(f"{what} Training had not started, so the weights are the ones the run started "
-                                      "from and none were saved; run it again to train.", None) from exc
+                                      f"from and none were saved{unwritten}; run it again to train.", None) from exc
         with held_signals(reraise=False):  # a second Ctrl-C must not stop the save of the weights
             saved = save_interrupted()
         if saved is None:

@@ -134,6 +134,7 @@ class Loop:
     verbose: bool = True
     log: Callable[[str], None] = print
     unit: str = "img"  # what a sample is, for the progress bar ("clip" for audio)
+    steps: int = 0  # optimizer steps taken in this process: none, and the weights are the ones the run started from
 
     def __post_init__(self) -> None:
         _check_stopping(self.early_stopping, self.monitor, self.task)
@@ -164,6 +165,7 @@ def train_one_epoch(module: nn.Module, loader: DataLoader, loop: Loop, *, desc: 
             scaler.update()
         else:
             optimizer.step()
+        loop.steps += 1
         last_lr, last_groups = base_lr(optimizer), group_lrs(optimizer)  # the rates this step used
         if scheduler is not None:
             scheduler.step()

@@ -9,11 +9,13 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import make_image_folder
 import transferkit as tk
 import transferkit.recipes as recipes
+from transferkit.cli import main
 from transferkit.config import load_config, merge_config
 from transferkit.errors import ConfigError, DataError
 from transferkit.recipes import RecipeData, run_recipe
@@ -311,6 +313,32 @@ def test_a_recipe_scores_its_test_data_by_the_model_s_class_names(tmp_path):
     with pytest.warns(UserWarning, match="zebra"):
         acc = recipes.evaluate_export(model, str(tmp_path / "mix_shards" / "test-*.tar"), chunk=3)
     assert acc == 1.0  # 8 samples of the model's classes (by index: 0.0)
+
+
+def test_evaluate_scores_tar_shards_by_class_name_and_lists_a_sample_it_cannot_read(tmp_path, capsys, monkeypatch):
+    """`transferkit evaluate` read folders and CSVs only; tar shards are scored too (the reader the
+    recipes use), a chunk at a time, and a sample that cannot be decoded is listed as failed
+    instead of stopping the evaluation."""
+    from shard_helpers import folder_items, write_shards
+
+    model = _brightness_export(tmp_path / "m.pt")
+    items = folder_items(make_image_folder(tmp_path / "f", classes=("dark", "light"), per_class=4, size=16, seed=1))
+    damaged = bytearray(items[0][0])  # a PNG whose pixel data are damaged: it passes the quick scan, not decoding
+    at = damaged.find(b"IDAT") + 8
+    damaged[at:at + 30] = bytes(b ^ 0x5A for b in damaged[at:at + 30])
+    items.append((bytes(damaged), "png", items[0][2]))
+    write_shards(items, tmp_path / "shards", [4, 5], prefix="test", classes=["light", "dark"])
+    pattern = str(tmp_path / "shards" / "test-*.tar")
+    ev = tk.evaluate(model, pattern, progress=False)
+    assert ev.accuracy == 1.0 and len(ev.files) == 8 and ev.files[0].endswith("/test-000000.tar:test0000000")
+    assert [Path(f).name for f, _ in ev.failed] == ["test-000001.tar:test0000008"], ev.failed
+    assert ev.probabilities.dtype == np.float32
+    with pytest.warns(UserWarning, match=r"1 test sample could not be predicted \(left out of the test accuracy\)"):
+        assert recipes.evaluate_export(model, pattern, chunk=3) == 1.0
+    monkeypatch.chdir(tmp_path)  # where the confusion matrix is drawn
+    assert main(["evaluate", str(model), pattern, "--json"]) == 1  # exit 1: a sample failed
+    out, err = capsys.readouterr()
+    assert json.loads(out)["accuracy"] == 1.0 and "test0000008" in err
 
 
 def test_an_interrupted_recipe_ends_in_one_line_with_the_signal_s_exit_status(capsys):

@@ -537,8 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
               "targets (path, then one column per output) with its task's metrics. On a terminal it prints a "
               "summary; piped or with --json, one JSON object.")
     ev.add_argument("model", help="exported file: TorchScript (.pt) or ONNX (.onnx)")
-    ev.add_argument("data", help="labelled data: a folder root/<class>/<file> or a CSV of path,label (multilabel "
-                    "and regression: a CSV of path and the targets)")
+    ev.add_argument("data", help="labelled data: a folder root/<class>/<file>, a CSV of path,label, or tar shards "
+                    "or Parquet files (multilabel and regression: a CSV of path and the targets)")
     ev.add_argument("--worst", type=int, default=10, help="how many of the highest-loss files to list")
     ev.add_argument("--confusion-matrix", default=None, metavar="PNG",
                     help="where to draw the confusion matrix (default: confusion_matrix.png)")

@@ -1,8 +1,9 @@
 """Scoring a model on labelled data it has not trained on: [`evaluate`][transferkit.evaluate].
 
 The data are a folder ``root/<class>/<file>`` or a CSV of ``path,label`` rows (a header
-row is optional; relative paths are relative to the CSV's folder), the same layouts
-``finetune`` reads. The model is an exported file, a [`Predictor`][transferkit.Predictor], or a
+row is optional; relative paths are relative to the CSV's folder), or for an image model tar
+shards, Parquet files or a saved Hugging Face dataset (labels read by class name), the
+layouts ``finetune`` reads. The model is an exported file, a [`Predictor`][transferkit.Predictor], or a
 [`FinetuneResult`][transferkit.FinetuneResult]; every file goes through the model's own
 preprocessing, exactly as ``transferkit predict`` runs it. Files whose label the model does
 not know are left out with a warning; files that cannot be read are listed in ``failed``
@@ -22,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from transferkit._progress import progress as progress_bar
 from transferkit._text import plural
 from transferkit.data.audio import scan_audio_folder
+from transferkit.data.bundle import labelled_data
+from transferkit.data.encoded import SampleRef
+from transferkit.data.shards import shard_list
+from transferkit.data.tables import is_saved_hf, parquet_list
 from transferkit.data.checks import DataReport
 from transferkit.data.folders import scan_csv
 from transferkit.data.images import scan_image_folder
@@ -229,9 +237,13 @@ def _failed_lines(failed: list[tuple[str, str]]) -> list[str]:
     return lines + ([f"  ... and {len(failed) - 10} more"] if len(failed) > 10 else [])
 
 
-def labelled_files(data: str | Path, classes: list[str], kind: str = "image") -> list[tuple[str, int]]:
-    """``(file, class index)`` of a folder ``root/<class>/<file>`` or a ``path,label`` CSV, with the
-    class indices of ``classes`` (files of other labels are left out with a warning)."""
+def labelled_samples(data: str | Path, classes: list[str], kind: str = "image", *,
+                     what: str = "scored") -> Sequence[tuple[Any, int]]:
+    """``(sample, class index)`` of labelled data, with the class indices of ``classes``: the
+    files of a folder ``root/<class>/<file>`` or a ``path,label`` CSV, or for an image model the
+    samples (`SampleRef`) of tar shards, Parquet files or a Hugging Face dataset, read by class
+    name as validation data are (`labelled_data`; made on access, not held). Samples of other
+    labels are left out with a warning. ``what`` names the data in messages."""
     path = Path(data)
     report = DataReport()
     if path.is_dir():
@@ -241,8 +253,12 @@ def labelled_files(data: str | Path, classes: list[str], kind: str = "image") ->
             samples, _ = scan_image_folder(path, classes, report=report)
     elif path.is_file() and path.suffix.lower() in (".csv", ".txt"):
         samples, _ = scan_csv(path, classes, report=report, purpose="scoring", kind=kind)
+    elif kind == "image" and (shard_list(data) is not None or parquet_list(data) is not None or is_saved_hf(data)):
+        return labelled_data(data, classes, what=what).samples
     else:
-        raise DataError(f"{str(data)!r} is neither a folder root/<class>/<file> nor a CSV file of path,label rows.")
+        encoded = " tar shards, Parquet files or a saved Hugging Face dataset," if kind == "image" else ""
+        raise DataError(f"{str(data)!r} is neither a folder root/<class>/<file>,{encoded} nor a CSV file of "
+                        "path,label rows.")
     if not samples:
         raise DataError(f"{str(data)!r} has no files labelled with the model's classes {classes[:10]}.")
     return samples
@@ -273,7 +289,8 @@ def evaluate(model: Any, data: str | Path, *, batch_size: int = 32, device: str 
              progress: bool | None = None) -> Evaluation | TargetEvaluation:
     """Score ``model`` (an exported file, a [`Predictor`][transferkit.Predictor] or a
     [`FinetuneResult`][transferkit.FinetuneResult]) on the labelled ``data`` (a folder
-    ``root/<class>/<file>`` or a ``path,label`` CSV); returns an [`Evaluation`][transferkit.Evaluation].
+    ``root/<class>/<file>``, a ``path,label`` CSV, or for an image model tar shards, Parquet
+    files or a saved Hugging Face dataset); returns an [`Evaluation`][transferkit.Evaluation].
     A multilabel or regression model is scored on a CSV of its targets into a
     [`TargetEvaluation`][transferkit.TargetEvaluation].
     ``progress``: a bar on a terminal (None), always (True) or never (False). ``device``: where
@@ -287,11 +304,21 @@ def evaluate(model: Any, data: str | Path, *, batch_size: int = 32, device: str 
     origin = str(model) if isinstance(model, (str, Path)) else predictor.source
     if predictor.task != "multiclass":
         return _evaluate_targets(predictor, origin, data, batch_size=batch_size, progress=progress)
+    samples = labelled_samples(data, list(predictor.labels), predictor.input_spec.kind)
+    return score(predictor, samples, data=data, model=origin, batch_size=batch_size, progress=progress)
+
+
+def score(predictor: Predictor, samples: Sequence[tuple[Any, int]], *, data: Any = "", model: str = "",
+          batch_size: int = 32, progress: bool | None = False, chunk: int = 1024) -> Evaluation:
+    """The [`Evaluation`][transferkit.Evaluation] of a classifier on ``samples``: ``(input, class
+    index)`` pairs (a file path, an encoded sample, or any input ``predict`` takes), the indices
+    of ``predictor.labels``; predicted ``chunk`` at a time (see `labelled_samples` for data on
+    disk). ``data`` and ``model`` name them in the results."""
     classes = list(predictor.labels)
-    samples = labelled_files(data, classes, predictor.input_spec.kind)
-    files, labels, rows, failed = _predicted(predictor, samples, data, batch_size=batch_size, progress=progress)
-    return Evaluation(classes=classes, files=files, labels=labels, probabilities=rows, failed=failed, model=origin,
-                      data=str(data))
+    files, labels, rows, failed = _predicted(predictor, samples, data, batch_size=batch_size, progress=progress,
+                                             chunk=chunk)
+    return Evaluation(classes=classes, files=files, labels=[int(y) for y in labels], probabilities=rows,
+                      failed=failed, model=model, data=str(data))
 
 
 def _evaluate_targets(predictor: Predictor, origin: str, data: str | Path, *, batch_size: int,
@@ -310,32 +337,52 @@ def _evaluate_targets(predictor: Predictor, origin: str, data: str | Path, *, ba
                             scale=_trained_scale(predictor))
 
 
-def _predicted(predictor: Predictor, samples: list[tuple[str, Any]], data: Any, *, batch_size: int,
-               progress: bool | None) -> tuple[list[str], list[Any], np.ndarray, list[tuple[str, str]]]:
-    """Predict the files of ``samples`` (``(file, truth)``): the files predicted, their truths,
-    the model's outputs ``[files, outputs]`` (probabilities of each class or label, or values)
-    and the files that failed with why; a `DataError` when none could be predicted."""
+def _predicted(predictor: Predictor, samples: Sequence[tuple[Any, Any]], data: Any, *, batch_size: int,
+               progress: bool | None, chunk: int = 1024
+               ) -> tuple[list[str], list[Any], np.ndarray, list[tuple[str, str]]]:
+    """Predict the samples of ``samples`` (``(file or SampleRef, truth)``), ``chunk`` at a time
+    (a shard's sample is given to the model as its bytes, the decoding a file gets): the names
+    predicted, their truths, the model's outputs ``[files, outputs]`` (probabilities of each
+    class, float32 as the model gives them; of each label, or values, float64 for the metrics)
+    and the files that failed with why; a `DataError` when none could be predicted. Memory holds
+    one chunk's predictions, and one row per sample."""
     classes = list(predictor.labels)
-    preds = predictor.predict([f for f, _ in samples], top_k=len(classes), batch_size=batch_size, progress=progress)
     files, truths, rows, failed = [], [], [], []
     index = {c: i for i, c in enumerate(classes)}
-    for (f, y), p in zip(samples, preds):
-        if not p.ok:
-            failed.append((f, p.error or "unknown error"))
-            continue
-        row = np.zeros(len(classes))
-        if predictor.task == "regression":
-            row[:] = [p.values[c] for c in classes]
-        else:
-            for label, prob in p.top_k:
-                row[index[label]] = prob
-        files.append(f)
-        truths.append(y)
-        rows.append(row)
+    with progress_bar(len(samples), "predict", unit="file", verbose=progress is not False, force=progress is True,
+                      leave=True) as bar:
+        for start in range(0, len(samples), chunk):
+            part = samples[start:start + chunk]
+            preds = predictor.iter_predict([_readable(x) for x, _ in part], top_k=len(classes),
+                                           batch_size=batch_size)
+            for (x, y), p in zip(part, preds):
+                if not p.ok:
+                    failed.append((str(x), p.error or "unknown error"))
+                    continue
+                row = np.zeros(len(classes), dtype=np.float32 if predictor.task == "multiclass" else np.float64)
+                if predictor.task == "regression":
+                    row[:] = [p.values[c] for c in classes]
+                else:
+                    for label, prob in p.top_k:
+                        row[index[label]] = prob
+                files.append(str(x))
+                truths.append(y)
+                rows.append(row)
+            bar.update(len(part))
     if not files:
         raise DataError(f"None of the {len(samples)} files of {str(data)!r} could be predicted; the first failure: "
                         f"{failed[0][0]}: {failed[0][1]}")
     return files, truths, np.stack(rows), failed
+
+
+def _readable(item: Any) -> Any:
+    """What a predictor reads for one sample: an encoded sample (`SampleRef`) as an open file of
+    its bytes, named after it; a file path as it is."""
+    if not isinstance(item, SampleRef):
+        return item
+    f = io.BytesIO(item.source.read(item.index))
+    f.name = str(item)
+    return f
 
 
 def _trained_scale(predictor: Predictor) -> np.ndarray | None:

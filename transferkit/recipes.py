@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import os
 import re
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,14 +35,14 @@ import numpy as np
 from transferkit.config import RECIPE_KEYS, FinetuneConfig, called_as, load_config, merge_config, parse_overrides
 from transferkit._signals import signal_name
 from transferkit.errors import ConfigError, DataError, TransferkitError
+from transferkit._text import plural
 from transferkit.helpformat import HELP, one_line, one_line_warnings
 from transferkit.spelling import recipe_spelling
 from transferkit.data import find_split_folders
 from transferkit.data import dataset_targets
 from transferkit.api import finetune
 from transferkit.data import ImageFolderDataset
-from transferkit.data.bundle import labelled_data
-from transferkit.data.encoded import SampleRef
+from transferkit.evaluation import labelled_samples, score
 from transferkit.export import load
 
 
@@ -342,32 +342,39 @@ def _check_own_checkpoints(name: str, run_cfgs: dict[str, dict[str, Any]]) -> No
 
 def evaluate_export(model_path: Path, test: Any, *, chunk: int = 512) -> float:
     """Accuracy of the exported file (reloaded from disk) on labelled test data: a folder, a CSV,
-    tar shards or Parquet files (read by the model's class names, as validation data are), or a
-    Dataset of (input, label). Encoded samples are given to the model as their files' bytes (the
-    decoding a file gets); ``chunk`` samples are read at a time."""
+    tar shards or Parquet files (read by the model's class names, as validation data are:
+    `transferkit.evaluation.labelled_samples`), or a sequence of (input, class index). Samples
+    that cannot be predicted are left out of the score, with a warning; ``chunk`` samples are
+    read at a time."""
     predictor = load(model_path)
     if isinstance(test, (str, Path)):
-        pairs: Any = labelled_data(test, predictor.labels).samples
+        samples: Any = labelled_samples(test, list(predictor.labels), predictor.input_spec.kind, what="test")
     else:
-        pairs = [(x, int(y)) for x, y in (test[i] for i in range(len(test)))]
-    if not len(pairs):
+        samples = _Pairs(test)
+    if not len(samples):
         raise DataError("The test data hold no sample.")
-    hits = 0
-    for start in range(0, len(pairs), chunk):
-        part = pairs[start:start + chunk]
-        preds = predictor.predict([_readable(x) for x, _ in part], batch_size=64)
-        hits += sum(p.index == y for p, (_, y) in zip(preds, part))
-    return hits / len(pairs)
+    ev = score(predictor, samples, data=test if isinstance(test, (str, Path)) else "the test data",
+               batch_size=64, chunk=chunk)
+    if ev.failed:
+        warnings.warn(f"{plural(len(ev.failed), 'test sample')} could not be predicted (left out of the test "
+                      f"accuracy), e.g. {ev.failed[0][0]}: {ev.failed[0][1]}", stacklevel=2)
+    return ev.accuracy
 
 
-def _readable(item: Any) -> Any:
-    """What a predictor reads for one test item: an encoded sample (`SampleRef`) as an open
-    file of its bytes named after it; anything else as it is."""
-    if not isinstance(item, SampleRef):
-        return item
-    f = io.BytesIO(item.source.read(item.index))
-    f.name = str(item)
-    return f
+class _Pairs(Sequence):
+    """``(input, class index)`` for each item of a Dataset, read on access."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        x, y = self.data[i]
+        return x, int(y)
 
 
 def main_guard(fn: Callable[[], Any]) -> int:

@@ -68,7 +68,7 @@ class InputPipeline:
             return list(inputs)
         # (waveform, sample_rate): a rate of any number type (np.int64 from pandas, 44100.0), checked when read
         pair = self.audio and isinstance(inputs, tuple) and len(inputs) == 2 and audio.is_rate(inputs[1])
-        if isinstance(inputs, (str, Path, Image.Image, torch.Tensor, np.ndarray)) or pair or _is_file(inputs):
+        if isinstance(inputs, (str, Path, Image.Image, torch.Tensor, np.ndarray)) or pair or is_open_file(inputs):
             return [inputs]  # an open file is one input, not the lines it would iterate over
         if isinstance(inputs, Sequence) or hasattr(inputs, "__iter__"):
             return list(inputs)
@@ -118,7 +118,7 @@ class InputPipeline:
     def _image(self, item: Any) -> torch.Tensor:
         if isinstance(item, (str, Path)):
             item = load_image(item, min_size=self.spec.resize_size or self.spec.image_size)
-        elif _is_file(item):  # an open binary file (a request's body, a member of an archive)
+        elif is_open_file(item):  # an open binary file (a request's body, a member of an archive)
             item = load_image(item, min_size=self.spec.resize_size or self.spec.image_size,
                               name=getattr(item, "name", None))
         elif isinstance(item, np.ndarray):
@@ -171,6 +171,6 @@ class InputPipeline:
             return False
 
 
-def _is_file(item: Any) -> bool:
+def is_open_file(item: Any) -> bool:
     """Whether ``item`` is an open file object (what ``open(path, "rb")`` or ``io.BytesIO`` gives)."""
     return isinstance(item, io.IOBase) or (hasattr(item, "read") and hasattr(item, "seek"))

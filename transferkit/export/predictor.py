@@ -15,7 +15,7 @@ from transferkit._progress import progress as progress_bar
 from transferkit._text import file_reason, plural
 from transferkit.backbones._base import InputSpec
 from transferkit.errors import ConfigError, DataError, ExportError
-from transferkit.export.inputs import InputPipeline
+from transferkit.export.inputs import InputPipeline, is_open_file
 from transferkit.export.metadata import audio_max_seconds, is_onnx_file
 from transferkit.export.torchscript import check_device, load_scripted, quiet_jit, read_scripted_metadata
 from transferkit.heads import output_activation
@@ -179,7 +179,7 @@ class Predictor:
                     xs.append(self.inputs.prepare(x))
                     ready.append(i)
                 except DataError as exc:
-                    if not isinstance(x, (str, Path)):
+                    if not isinstance(x, (str, Path)) and not is_open_file(x):  # a file read fails alone
                         raise
                     preds[i] = Prediction(None, None, None, [], _source(x), self.task, error=file_reason(exc))
             for i, row in zip(ready, self._run(self.inputs.collate(xs)) if xs else ()):
@@ -225,7 +225,11 @@ class Predictor:
 
 
 def _source(item: Any) -> str | None:
-    return str(item) if isinstance(item, (str, Path)) else None
+    """The file ``item`` names: a path, or an open file's ``name``; None for other inputs."""
+    if isinstance(item, (str, Path)):
+        return str(item)
+    name = getattr(item, "name", None) if is_open_file(item) else None
+    return str(name) if isinstance(name, (str, Path)) else None
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -123,6 +123,23 @@ def test_a_bad_image_in_a_table_is_left_out_and_reported(table):
     assert r.decisions.n_train == 39
 
 
+@pytest.mark.parametrize("policy", ["feature_extraction", "full"])
+def test_a_validation_file_that_fails_to_load_is_scored_with_the_target_of_the_file_in_its_place(table, policy):
+    """A validation image that passes the scan and fails to decode is replaced by the next
+    readable file with its label. The final regression metrics scored that file's prediction
+    against the broken file's listed target (100.0 here): MSE about 760 for a model whose
+    validation loss said R^2 0.9."""
+    train = table("train.csv", "path,y", lambda lv: f"{lv[0]:.4f}", n=30)
+    rows = [f"{i}.png,{table.levels[i][0]:.4f}" for i in range(30, 40)]
+    damaged_png(table.root / "broken.png")
+    (table.root / "val.csv").write_text("path,y\n" + "\n".join(rows[:5] + ["broken.png,100.0"] + rows[5:]) + "\n")
+    with pytest.warns(UserWarning):
+        r = tk.finetune("tk:small_cnn", data=train, val_data=table.root / "val.csv", task="regression", policy=policy,
+                        epochs=2, **COMMON)
+    assert [p.rsplit("/", 1)[-1] for p, _ in r.data_report.bad_files] == ["broken.png"]
+    assert r.metrics["mse"] < 1.0, r.metrics  # targets in [0, 1]: no prediction is scored against 100.0
+
+
 def test_targets_and_identity_of_a_table_are_read_without_decoding_its_images(table, tmp_path):
     """The target pre-check and the data's fingerprint read a listed file's target from the
     listing: a plan with scan='none' over files that are not images succeeds (nothing is

@@ -257,9 +257,10 @@ def _report_masked(store: Any, ds: Any, report: Any, on_bad_file: str = "skip") 
 
 
 def _validation_rows(store: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The validation features (float32, in memory) in the dataset's order; a masked sample's
-    row takes the features of the next readable sample of its class (else of any class), as
-    the loaders replace a file that fails, so that logits and images stay aligned."""
+    """The validation features (float32, in memory) and targets in the dataset's order; a masked
+    sample's row takes the features and the target of the next readable sample of its class
+    (else of any class), as the loaders replace a file that fails with the next readable file
+    and its label, so that logits and images stay aligned."""
     x, y, mask = store.load()
     x = x[0].float()
     if bool(mask.all()):
@@ -271,7 +272,8 @@ def _validation_rows(store: Any) -> tuple[torch.Tensor, torch.Tensor]:
         same = good[(y[good] == y[i]).reshape(len(good), -1).all(1)]
         pool = same if len(same) else good
         later = pool[pool > i]
-        x[i] = x[int(later[0] if len(later) else pool[0])]
+        j = int(later[0] if len(later) else pool[0])
+        x[i], y[i] = x[j], y[j]
     return x, y
 
 
@@ -556,7 +558,9 @@ def evaluate(d: Decisions, run: Run, td: TrainingData, *, outputs: dict[str, Any
     """Validation loss and the task's metrics of the trained model (see `final_metrics`);
     ``outputs`` receives the validation logits and labels. Regression targets listed in a CSV
     are scored as listed (float64), as `transferkit.evaluate` scores them: float32 rounds
-    1e9 + 1 to 1e9, and an MSE against the rounded targets said 0."""
+    1e9 + 1 to 1e9, and an MSE against the rounded targets said 0. A row whose file failed to
+    load holds the file that took its place, and is scored against that file's target (the
+    loader's, which the listed one does not round to)."""
     run.model.eval()
     outputs = outputs if outputs is not None else {}
     metrics = final_metrics(td.module, td.val_loader, task=d.task, classes=list(d.classes), loss_fn=run.loss_fn,
@@ -564,7 +568,9 @@ def evaluate(d: Decisions, run: Run, td: TrainingData, *, outputs: dict[str, Any
     listed = getattr(run.bundle.val, "listed_targets", None) if d.task == "regression" else None
     exact = listed() if listed is not None else None
     if exact is not None and "logits" in outputs and len(exact) == len(outputs["logits"]):
-        metrics.update(regression_metrics(outputs["logits"], exact, list(d.classes)))
+        loaded = outputs["labels"].double().reshape(exact.shape)
+        same_row = (exact.float().double() == loaded).all(1, keepdim=True)  # else a replacement's target
+        metrics.update(regression_metrics(outputs["logits"], torch.where(same_row, exact, loaded), list(d.classes)))
     return metrics
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -205,3 +206,23 @@ def test_finetune_reports_left_out_files(tmp_path):
     assert [p.endswith("broken.jpg") for p, _ in r.data_report.bad_files] == [True]
     with pytest.raises(tk.DataError, match="broken.jpg"):
         tk.finetune("tk:small_cnn", weights=None, data=root, epochs=1, on_bad_file="raise", verbose=False)
+
+
+def test_a_shorter_side_resize_of_an_extreme_strip_stays_bounded_and_keeps_the_centre_crop():
+    """Resizing a 40000 x 1 strip's shorter side to 256 made a 10 million x 256 image (8 GB) in
+    prediction, evaluation and training alike. The longer side is now cut first to its middle
+    part that comes out 16 x 256 long; the centre crop that follows is what T.Resize gives."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2 as T
+
+    from transferkit.backbones._base import InputSpec
+    from transferkit.data.transforms import ShorterSideResize, eval_transform
+
+    resize = ShorterSideResize(256, InterpolationMode.BILINEAR)
+    assert resize(Image.new("RGB", (40000, 1))).size == (4096, 256)
+    assert resize(Image.new("RGB", (2, 30000))).size == (256, 4096)
+    strip = _rgb((5000, 250))
+    strip.paste(_rgb((300, 250), value=30), (2350, 0))  # something in the middle to crop
+    expected = T.Compose([T.Resize(256, antialias=True), T.CenterCrop(224), T.PILToTensor()])(strip)
+    got = eval_transform(InputSpec(image_size=224, resize_size=256))(strip)
+    assert resize(strip).size == (4096, 256) and torch.equal(got, expected)

@@ -67,7 +67,7 @@ from transferkit.backbones._base import InputSpec
 from transferkit.data.fingerprint import data_fingerprint
 from transferkit.data.late import reporting
 from transferkit.data.sampling import default_num_workers, data_loader
-from transferkit.data.transforms import AUGMENTATIONS, ToImageTensor, ToRGB, eval_transform
+from transferkit.data.transforms import AUGMENTATIONS, ShorterSideResize, ToImageTensor, ToRGB, eval_transform
 from transferkit.errors import check_choice
 from transferkit.data.transforms import train_transform
 
@@ -98,8 +98,7 @@ def _store_transform(spec: InputSpec, augment: str) -> T.Compose:
     """Decode-time part of the training transform (deterministic), ending in a uint8 tensor."""
     if augment == "standard":
         interp = InterpolationMode(spec.interpolation)
-        return T.Compose([ToRGB(), T.Resize(stored_short_side(spec), interpolation=interp, antialias=True),
-                          ToImageTensor()])
+        return T.Compose([ToRGB(), ShorterSideResize(stored_short_side(spec), interp), ToImageTensor()])
     return eval_transform(spec)
 
 

@@ -52,7 +52,7 @@ from transferkit.backbones._base import InputSpec
 from transferkit.data.images import load_image
 from transferkit.data.late import NOT_BAD_FILES, bad_file_reason, raising, replaces_bad_files
 from transferkit.data.sampling import EpochSampler, SeededItems, data_loader, default_num_workers, mix_seed
-from transferkit.data.transforms import AUGMENTATIONS, eval_transform
+from transferkit.data.transforms import AUGMENTATIONS, eval_transform, resize_and_crop
 from transferkit.errors import ConfigError, DataError, check_choice
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -146,10 +146,7 @@ def _device_transform(spec: InputSpec, augment: str) -> T.Compose:
     if augment == "standard":
         return T.Compose([T.RandomResizedCrop(spec.image_size, interpolation=interp, antialias=True),
                           T.RandomHorizontalFlip()])
-    size = spec.image_size
-    resize = [T.Resize(spec.resize_size, interpolation=interp, antialias=True), T.CenterCrop(size)] \
-        if spec.resize_size else [T.Resize((size, size), interpolation=interp, antialias=True)]
-    return T.Compose(resize + ([T.RandomHorizontalFlip()] if augment == "flip" else []))
+    return T.Compose(resize_and_crop(spec) + ([T.RandomHorizontalFlip()] if augment == "flip" else []))
 
 
 def _pixels(img: Any) -> torch.Tensor:

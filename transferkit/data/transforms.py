@@ -69,14 +69,45 @@ def _audio_transform(spec: InputSpec, augment):
     return AudioTransform(spec, augment)
 
 
+LONGEST_SIDE_RATIO = 16  # a shorter-side resize keeps at most this many times the shorter side of the longer one
+
+
+class ShorterSideResize(torch.nn.Module):
+    """``T.Resize(size)`` (the shorter side to ``size``), in memory bounded for any aspect ratio:
+    where the longer side would come out longer than `LONGEST_SIDE_RATIO` x ``size``, the
+    image's longer side is first cut to its middle part that comes out that long. The centre
+    crop and the random crops that follow read that part; a 40000 x 1 strip made 10 million x
+    256 pixels (8 GB) before. Images of ordinary shapes are resized exactly as ``T.Resize``."""
+
+    def __init__(self, size: int, interpolation: InterpolationMode) -> None:
+        super().__init__()
+        self.size = int(size)
+        self.resize = T.Resize(self.size, interpolation=interpolation, antialias=True)
+
+    def forward(self, img):
+        h, w = T.functional.get_size(img)
+        short, long = min(h, w), max(h, w)
+        longest = LONGEST_SIDE_RATIO * self.size
+        if long * self.size > longest * short:
+            keep = max(1, -(-longest * short // self.size))  # the source pixels that come out `longest` long
+            img = T.functional.center_crop(img, [h, keep] if w > h else [keep, w])
+        return self.resize(img)
+
+
+def resize_and_crop(spec: InputSpec) -> list[torch.nn.Module]:
+    """Resize the shorter side to ``spec.resize_size`` and centre-crop ``spec.image_size``, or
+    without a resize size resize straight to the crop size: the evaluation geometry."""
+    size = spec.image_size
+    if spec.resize_size:
+        return [ShorterSideResize(spec.resize_size, _interp(spec)), T.CenterCrop(size)]
+    return [T.Resize((size, size), interpolation=_interp(spec), antialias=True)]
+
+
 def eval_transform(spec: InputSpec) -> T.Compose:
     """Resize the shorter side to ``resize_size`` (or straight to the crop size), centre-crop."""
     if spec.kind == "audio":  # waveforms: see transferkit.data.audio
         return _audio_transform(spec, "none")
-    size = spec.image_size
-    resize = [T.Resize(spec.resize_size, interpolation=_interp(spec), antialias=True), T.CenterCrop(size)] \
-        if spec.resize_size else [T.Resize((size, size), interpolation=_interp(spec), antialias=True)]
-    return T.Compose([ToRGB(), *resize, ToImageTensor()])
+    return T.Compose([ToRGB(), *resize_and_crop(spec), ToImageTensor()])
 
 
 def train_transform(spec: InputSpec, augment: str = "standard") -> T.Compose:

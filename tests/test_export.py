@@ -322,6 +322,21 @@ def test_update_metadata_keeps_the_digest_valid(exported, tmp_path):
             update_metadata(path, change)
     update_metadata(path, {"input_spec": spec, "labels": ["ant", "bee", "hornet"]})  # unchanged values pass
     assert read_metadata(path)["input_spec"] == spec
+    update_metadata(path, {"labels": ["ant;queen", "bee", "hornet"]})  # a classifier's label may hold a ';'
+
+
+def test_update_metadata_refuses_a_multilabel_label_that_reads_as_two(tmp_path):
+    """Training refuses a multilabel label holding ';' (it separates the labels of predict's CSV
+    output); renaming an export's labels let it in, and 'red;green' read back as two labels."""
+    bb = transferkit.get_backbone("tk:small_cnn", weights=None)
+    path = tmp_path / "ml.pt"
+    export_torchscript(transferkit.build_model(bb, 3), path, example_inputs=torch.randint(0, 256, (2, 3, 32, 32),
+                                                                                          dtype=torch.uint8),
+                       metadata={"labels": ["red", "green", "blue"], "input_spec": bb.input_spec.to_dict(),
+                                 "task": "multilabel"})
+    with pytest.raises(ExportError, match="the label 'red;green' holds ';'.* would read as two labels; rename it"):
+        update_metadata(path, {"labels": ["red;green", "green", "blue"]})
+    assert read_metadata(path)["labels"] == ["red", "green", "blue"]
 
 
 def test_onnx_export_matches_under_onnxruntime(tmp_path):

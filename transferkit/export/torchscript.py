@@ -29,6 +29,7 @@ from torch import nn
 from transferkit._integrity import check_records, file_digests, open_zip, record_name, records_entry, zip_records
 from transferkit._io import atomic_write, check_free_space, file_lock, file_stat, python_writer
 from transferkit.hardware import is_convolutional, resolve_device
+from transferkit.data.target_tables import LABEL_SEPARATOR
 from transferkit.errors import ConfigError, ExportError, check_choice
 from transferkit._text import exception_line, plural
 from transferkit.export.metadata import (
@@ -616,6 +617,11 @@ def update_metadata(path: str | Path, changes: dict[str, Any]) -> dict[str, Any]
                           "others would be wrong. Train (or export) the model for them instead.")
     new = {**meta, **changes}
     validate_metadata(new, source=UPDATED)
+    joined = [x for x in new["labels"] if LABEL_SEPARATOR in x] if new.get("task") == "multilabel" else []
+    if joined:  # training refuses such a name too
+        raise ExportError(f"update_metadata: the label {joined[0]!r} holds {LABEL_SEPARATOR!r}, which separates a "
+                          "multilabel model's labels in predict's CSV output and in 'path,labels' tables, where it "
+                          "would read as two labels; rename it.")
 
     def write(tmp: str) -> None:
         save_with_digests(module, tmp, new)

@@ -359,7 +359,7 @@ def probe_audio_file(path: str | Path, *, full: bool = False,
     short = too_short(info.frames, info.samplerate)
     if short:
         return short
-    cut = _truncation(getattr(info, "extra_info", "") or "")
+    cut = _truncation(getattr(info, "extra_info", "") or "") or _tail_cut(path, int(info.frames), int(info.samplerate))
     if cut:
         return cut
     if full:
@@ -378,6 +378,27 @@ _FRAMES_CUT = re.compile(r"Calculated frame count (\d+) does not match value fro
 # sizes recorders write while they stream a file they cannot seek back into (0xFFFFFFFF; arecord: 0x7FFFFF00):
 # the samples are all there
 _PLACEHOLDER = 0x7FFF0000
+
+
+def _tail_cut(path: str | Path, frames: int, rate: int) -> str:
+    """Why a file ends before the frames its header declares, from a read of its last part (5 %
+    of the clip, at least 1,024 frames and at most one second): a compressed file (FLAC, MP3)
+    has no byte size to compare, and a FLAC or MP3 cut short by a copy declares the whole clip
+    and fails, or comes up empty, where its end should be. A read that returns less than half
+    of that part counts (an MP3's frame count may be an estimate); ``""`` otherwise."""
+    import soundfile as sf
+
+    tail = min(max(1024, frames // 20), rate, frames)
+    try:
+        with sf.SoundFile(str(path)) as f:
+            f.seek(frames - tail)
+            got = len(f.read(tail, dtype="float32", always_2d=True))
+    except (RuntimeError, OSError, ValueError, TypeError) as exc:  # sf.LibsndfileError is a RuntimeError
+        return (f"truncated: its header declares {frames} frames and its last {tail} cannot be read "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    if 2 * got < tail:
+        return f"truncated: its header declares {frames} frames and the file ends before its last {tail - got}"
+    return ""
 
 
 def _truncation(log: str) -> str:

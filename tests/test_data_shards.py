@@ -578,3 +578,18 @@ def test_a_member_that_is_no_image_is_named_not_shown_as_a_stream(tmp_path):
         prepare_data(str(tmp_path / "s"), val_split=0, scan="none", on_bad_file="raise").train[1]
     shown = [str(w.message) for w in said] + [str(raised.value)]
     assert "cannot identify image file '" in shown[-1] and not any("_io." in m for m in shown), shown
+
+
+def test_a_shard_dataset_closes_its_shards_when_it_goes(tmp_path):
+    """Each shard a dataset had read stayed open until the interpreter collected the file
+    objects one by one, each with a ResourceWarning ("unclosed file ... .tar")."""
+    import gc
+
+    write_shards(folder_items(make_image_folder(tmp_path / "f", per_class=3, size=16)), tmp_path / "s", [3, 3])
+    ds = open_shards(sorted(str(p) for p in (tmp_path / "s").glob("*.tar")))
+    assert all(len(ds.source.read(i)) for i in range(len(ds)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del ds
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]

@@ -40,6 +40,7 @@ so that each shard is fetched about once per epoch.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -622,6 +623,15 @@ class ShardSource:
             f.close()
         if held is not None:
             held.release()
+
+    def close(self) -> None:
+        """Close every shard this process holds open (a later read opens its shard again)."""
+        for s in list(self._files):
+            self.close_shard(s)
+
+    def __del__(self) -> None:  # shards close with their source, not one by one with a ResourceWarning each
+        with contextlib.suppress(Exception):
+            self.close()
 
     def cached_fraction(self) -> float:
         """How much of the remote shards' bytes the shard cache's budget holds (1.0: all of them,

@@ -179,7 +179,7 @@ def test_finetune_with_fastais_fine_tune_trains_the_head_first_then_everything(i
                       checkpoint=ckpt, callbacks=[lambda row: states.append(load_checkpoint(ckpt)["model"])])
     assert not result.used_feature_cache
     assert result.decisions.cached_epochs == 1 and "features_s" in result.timings  # epoch 1 ran on cached features
-    assert isinstance(result.model.head[0], tk.FeatureNorm)  # a Backbone object: its weights taken as trained
+    assert isinstance(result.model.head[0], torch.nn.Linear)  # built with weights=None: random, no FeatureNorm
     first, second = states
     trunk = [k for k in first if k.startswith("trunk.")]
     assert trunk and all(torch.equal(first[k], start[k[len("trunk."):]]) for k in trunk)

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import transferkit as tk
+from transferkit.backbones import from_module
 from transferkit.data import ImageFolderDataset, eval_transform, train_transform
 from transferkit.train.features import compute_features, data_fingerprint, feature_loader, load_cached
 from transferkit.train.probe import fit_logistic_probe
@@ -263,8 +264,15 @@ def test_fine_tune_standardises_the_cached_features_of_pretrained_weights_only(i
     assert isinstance(pretrained.model.head[0], tk.FeatureNorm)
     assert not tk.plan("tk:small_cnn", weights=None, **kw).head_norm
     assert tk.plan("tk:small_cnn", weights=None, **{**kw, "policy": "feature_extraction"}).head_norm
-    own = tk.get_backbone("tk:small_cnn", weights=None)  # a Backbone object: its weights are the caller's (loaded
-    assert tk.plan(own, **kw).head_norm  # by hand, say): taken as trained
+    own = tk.get_backbone("tk:small_cnn", weights=None)  # a Backbone object as built: random, as by name
+    assert not tk.plan(own, **kw).head_norm and own.weights_random()
+    own.trunk.load_state_dict(torch.load(tmp_path / "trunk.pt"))  # weights loaded by hand: taken as trained
+    assert tk.plan(own, **kw).head_norm and not own.weights_random()
+    mine = from_module(tk.get_backbone("tk:small_cnn", weights=None).trunk, input_spec={"image_size": 16})
+    assert tk.plan(mine, **kw).head_norm  # the caller's own module: its weights are not known, taken as trained
+    exploded = tk.finetune(tk.get_backbone("tk:small_cnn", weights=None), **kw)  # the second phase's losses ran
+    assert isinstance(exploded.model.head[0], torch.nn.Linear)  # to 49 and 106 with FeatureNorm on random features
+    assert all(h["val_loss"] < 5 for h in exploded.history), exploded.history
 
 
 def test_head_norm_off_and_its_errors(image_folder):

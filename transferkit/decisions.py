@@ -340,8 +340,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         frozen=frozen, cache=cache, cached_epochs=cached_epochs, cache_reason=reason, speed=speed, head=facts.head,
         head_hidden=facts.head_hidden,
         head_norm=resolve_head_norm(cfg.head_norm, cached=cache, cached_first=cached_epochs > 0,
-                                    pretrained=bb.weights is not None or not isinstance(cfg.backbone, str),
-                                    head_kind=facts.head),  # random: a name built with weights=None
+                                    pretrained=bb.pretrained, head_kind=facts.head),
         target_norm=data.targets if target_norm else None, augment=augment,
         lr=lr, groups=tuple({"name": g["name"], "lr": phase_lr * g["lr_scale"], "weight_decay": g["weight_decay"],
                              "params": g["params"]} for g in template),

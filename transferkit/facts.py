@@ -79,6 +79,7 @@ class BackboneFacts:
     name: str
     weights: Any  # as given (a name, a path, None)
     weights_loaded: bool
+    pretrained: bool  # weights given (a Backbone object: unless it was built with weights=None)
     blocks: tuple[str, ...]
     has_batchnorm: bool
     conv_share: float
@@ -335,7 +336,12 @@ def _own_backbone(cfg: FinetuneConfig, *, load_weights: bool) -> Backbone:
                               f"object, built already (weights: {backbone.weights or 'random init'}). Pass the name "
                               f"(backbone={backbone.name!r}, {given}), or build the object with them "
                               "(transferkit.get_backbone(name, weights=..., **options)).")
-        return copy.deepcopy(backbone)
+        own = copy.deepcopy(backbone)
+        if backbone.weights_random():  # still as built (a copy's parameters are new tensors)
+            own.mark_random_init()
+        else:
+            own.random_init = False
+        return own
     if not isinstance(backbone, str):
         raise ConfigError(f"{caller()}: backbone must be a registered name or a Backbone, got "
                           f"{type(backbone).__name__}; see transferkit.list_backbones().")
@@ -399,7 +405,9 @@ def _backbone_facts(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, dev: tor
     fingerprint = None
     if loaded:
         fingerprint = _spec_digest(spec) + "/" + eval_fingerprint(bb.trunk)  # frozen statistics or not: one pass
-    return BackboneFacts(name=bb.name, weights=weights, weights_loaded=loaded, blocks=tuple(bb.block_names),
+    pretrained = not bb.weights_random() if isinstance(cfg.backbone, Backbone) else cfg.weights is not None
+    return BackboneFacts(name=bb.name, weights=weights, weights_loaded=loaded, pretrained=pretrained,
+                         blocks=tuple(bb.block_names),
                          has_batchnorm=has_batchnorm(bb), conv_share=share, n_conv=n_conv,
                          num_features=bb.num_features, input_spec=spec, layout_timed=timed, fingerprint=fingerprint,
                          weights_digest=digest, groups=groups, head_groups=head_groups,

@@ -78,6 +78,11 @@ class Block:
         return any(qualified_name == m or qualified_name.startswith(m + ".") for m in self.members)
 
 
+def parameter_versions(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Each parameter's identity and in-place version: what loading or changing weights moves."""
+    return tuple((id(p), p._version) for p in module.parameters())
+
+
 @dataclass
 class Backbone:
     """A feature extractor ready for transfer.
@@ -96,6 +101,19 @@ class Backbone:
     weights: str | None = None
     categories: tuple[str, ...] | None = field(default=None, repr=False)
     frozen: tuple[Block, ...] = ()
+    random_init: bool = False  # built by name with weights=None (from_module: the caller's weights, taken as trained)
+    _built: tuple[tuple[int, int], ...] | None = field(default=None, repr=False, compare=False)
+
+    def mark_random_init(self) -> None:
+        """Record that the trunk holds the random weights it was just built with (see `weights_random`)."""
+        self.random_init, self._built = True, parameter_versions(self.trunk)
+
+    def weights_random(self) -> bool:
+        """Whether the trunk still holds the random weights it was built with: built with
+        ``weights=None`` and no parameter loaded or changed since (``load_state_dict`` and any
+        in-place change bump a parameter's version; a caller who loads weights by hand has
+        trained ones)."""
+        return self.random_init and self._built == parameter_versions(self.trunk)
 
     @property
     def block_names(self) -> list[str]:

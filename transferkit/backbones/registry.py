@@ -169,7 +169,10 @@ def get_backbone(name: str, *, weights: str | Path | None = "DEFAULT", **kwargs:
     """
     prefix, rest = resolve_name(name)
     try:
-        return _SOURCES[prefix].build(rest, weights=weights, **kwargs)
+        bb = _SOURCES[prefix].build(rest, weights=weights, **kwargs)
+        if weights is None:
+            bb.mark_random_init()
+        return bb
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
         if not kwargs or isinstance(exc, TransferkitError):
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -394,3 +395,26 @@ def test_the_plateau_schedule_reads_a_loss_and_its_old_mode_max_is_dropped_or_re
         check_schedule_options("plateau", {"patience": 1})
     with pytest.raises(ConfigError, match="mode_max=1 is no longer taken"):
         check_schedule_options("plateau", {"mode_max": 1})
+
+
+def test_early_stopping_waits_for_the_backbone_and_a_run_that_ran_whole_did_not_stop_early(monkeypatch):
+    """``fine_tune``'s head-only phase could end the run (early_stopping=1 after a worse head
+    epoch): the backbone never trained, without a word. And a run whose last planned epoch was
+    the one without improvement said "stopped early". The epochs' validation losses are given."""
+    from transferkit.train import loop as loop_mod
+
+    def run(losses, head_only):
+        it = iter(losses)
+        monkeypatch.setattr(loop_mod, "_train_and_validate", lambda *a, **k: {
+            "epoch": a[5] + 1, "train_loss": 0.1, "val_loss": next(it), "lr": 0.1, "lr_groups": {}})
+        head = torch.nn.Linear(2, 2)
+        loop = loop_mod.Loop(optimizer=torch.optim.SGD(head.parameters(), lr=0.1), loss_fn=torch.nn.CrossEntropyLoss(),
+                             set_mode=lambda e: None, monitor="val_loss", early_stopping=1, verbose=False,
+                             head_only_epochs=head_only)
+        state = loop_mod.TrainState()
+        loop_mod.fit(head, types.SimpleNamespace(sampler=None), None, loop, epochs=len(losses), state=state)
+        return [h["epoch"] for h in state.history], state.stopped_early
+
+    assert run([0.5, 0.6, 0.7, 0.4, 0.45, 0.3], head_only=3) == ([1, 2, 3, 4, 5], True)  # in the backbone's epochs
+    assert run([0.5, 0.6, 0.7, 0.4, 0.45, 0.3], head_only=0) == ([1, 2], True)
+    assert run([0.5, 0.4, 0.3, 0.35], head_only=0) == ([1, 2, 3, 4], False)  # the last epoch: nothing cut short

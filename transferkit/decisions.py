@@ -115,6 +115,13 @@ class Decisions:
         return self.config.epochs
 
     @property
+    def head_only_epochs(self) -> int:
+        """The epochs at the start that train the head alone before some later epoch trains the
+        backbone (``fine_tune``'s first phase, a gradual schedule's first steps); 0 when the
+        backbone trains from the first epoch or never (feature extraction)."""
+        return next((e for e, blocks in enumerate(self.trainable) if blocks), 0)
+
+    @property
     def unit(self) -> str:
         """What one sample is called in progress bars: ``"clip"`` for audio, else ``"img"``."""
         return "clip" if self.input_spec.kind == "audio" else "img"

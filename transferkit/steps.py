@@ -430,7 +430,8 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
     loop = Loop(optimizer=opt, scheduler=sched, loss_fn=run.loss_fn, set_mode=lambda e: start_epoch(d, run, e),
                 speed=run.speed, task=cfg.task, scaler=scaler, dist=info,
                 penalty=penalty, monitor=cfg.monitor,
-                restore_best=cfg.restore_best, early_stopping=cfg.early_stopping, verbose=cfg.verbose, unit=d.unit)
+                restore_best=cfg.restore_best, early_stopping=cfg.early_stopping, verbose=cfg.verbose, unit=d.unit,
+                head_only_epochs=d.head_only_epochs)
     loop.on_epoch_end = epoch_end_callback(loop, path=cfg.checkpoint, model=run.model, meta=meta, base_lr=d.lr,
                                            callbacks=cfg.callbacks, tensorboard=tb)
     current: dict[str, TrainingData | None] = {"data": inputs}
@@ -604,8 +605,8 @@ def write_outputs(d: Decisions, run: Run, outcome: TrainOutcome, metrics: dict[s
             what="export", flag="export", model=model, meta=meta, **history)
         out["seconds"]["export_s"] = time.perf_counter() - t2
     try:  # after the model's files: plots that cannot be written (a full disk) do not cost the model
-        frozen = next((e for e, blocks in enumerate(d.trainable) if blocks), 0)  # epochs before the backbone trains
-        out["plots"] = write_reports(cfg.plots_dir, outcome.history, metrics, list(d.classes), frozen_epochs=frozen)
+        out["plots"] = write_reports(cfg.plots_dir, outcome.history, metrics, list(d.classes),
+                                     frozen_epochs=d.head_only_epochs)
         if cfg.plots_dir is not None and logits is not None and cfg.task == "multiclass":
             from transferkit.train.interpret import write_interpretation
 

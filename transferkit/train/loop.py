@@ -135,6 +135,7 @@ class Loop:
     log: Callable[[str], None] = print
     unit: str = "img"  # what a sample is, for the progress bar ("clip" for audio)
     steps: int = 0  # optimizer steps taken in this process: none, and the weights are the ones the run started from
+    head_only_epochs: int = 0  # epochs that train the head alone before the backbone trains: early stopping waits
 
     def __post_init__(self) -> None:
         _check_stopping(self.early_stopping, self.monitor, self.task)
@@ -302,6 +303,8 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
         if kept is not None and row["best_pass"] < passes:
             module.load_state_dict(kept)
         _end_epoch(state, row, module, monitor, mode, loop)
+        if state.stopped_early and state.epoch >= shown:  # the last planned epoch: nothing was cut short
+            state.stopped_early = False
         row["time_s"] = time.perf_counter() - t0 + prep_s
         if loop.verbose and main:  # a line per epoch; in a notebook, a table that grows in place
             epoch_log(state, log=loop.log).add(row, f"epoch {epoch + 1:>3}/{shown}  " + "  ".join(
@@ -373,7 +376,7 @@ def _end_epoch(state: TrainState, row: dict[str, Any], module: nn.Module, monito
         state.bad_epochs = 0
         if loop.restore_best:
             state.best_state = copy.deepcopy(module.state_dict())
-    else:
+    elif state.epoch > loop.head_only_epochs:  # a head-only phase's epochs stop nothing: the backbone is to train
         state.bad_epochs += 1
         if loop.early_stopping is not None and state.bad_epochs >= loop.early_stopping:
             state.stopped_early = True

@@ -114,6 +114,14 @@ def test_a_config_file_names_its_settings_as_it_writes_them(tmp_path, capsys):
         assert main(["finetune", "--config", str(cfg), "--data", "x", "--dry-run"]) == 2
         err = capsys.readouterr().err
         assert said in err and "--set" not in err and "--epochs" not in err, err
+    cfg.write_text("schedule: step\nschedule_options: {gamma: 5e-1}\nclass_weights: [5e-1, 1]\nprobe_Cs: [1e-2]\n"
+                   "classes: ['1e3', '2']\n")  # YAML 1.1 reads 5e-1 as text; class names stay names
+    loaded = load_config(cfg)
+    assert loaded["schedule_options"] == {"gamma": 0.5} and loaded["class_weights"] == [0.5, 1]
+    assert loaded["probe_Cs"] == [0.01] and loaded["classes"] == ["1e3", "2"]
+    with pytest.raises(ConfigError, match=r"schedule_options gamma='half' for schedule 'step' has type str; expected a "
+                                          "number"):
+        FinetuneConfig(data="x", schedule="step", schedule_options={"gamma": "half"})
     for argv in (["--epochs", "2.0"], ["--set", "epochs=2.0"]):
         assert main(["finetune", "--data", "x", *argv, "--dry-run", "--json"]) == 2  # the data do not exist
         assert "epochs" not in capsys.readouterr().err  # but the value was taken

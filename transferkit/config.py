@@ -606,9 +606,13 @@ def _checked(f: dataclasses.Field, value: Any, source: str, *, text: bool = Fals
     if text and is_none_word(value) and type(None) in types and "none" not in (m["choices"] or ()):
         value = None  # `none` or `null` in a file or on the command line ('none' stays where it is a choice)
     if text and isinstance(value, str) and (float in types or int in types) and _NUM.match(value.strip()):
-        value = int(value) if value.strip().lstrip("+-").isdigit() and int in types else float(value)
+        value = _number(value) if int in types else float(value)
     if text and isinstance(value, float) and int in types and float not in types and value.is_integer():
         value = int(value)  # `epochs: 1.0` in a file, `--set epochs=1e3`
+    if text and isinstance(value, (list, tuple)) and m["items"] is not None and str not in m["items"]:
+        value = [_number(v) for v in value]  # YAML reads `[5e-1, 1]` as ['5e-1', 1]
+    if text and isinstance(value, dict) and f.name == "schedule_options":  # every schedule option is a number
+        value = {k: _number(v) for k, v in value.items()}
     if object not in types and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
         names = " or ".join(sorted({"None" if t is type(None) else t.__name__ for t in types}))
         written = " (None is written null or none)" if text and type(None) in types else ""
@@ -628,6 +632,14 @@ def _checked(f: dataclasses.Field, value: Any, source: str, *, text: bool = Fals
     if isinstance(value, list) and f.name in ("head_hidden",):
         value = tuple(value)
     return value
+
+
+def _number(value: Any) -> Any:
+    """A numeric string (``"5e-1"``, which YAML 1.1 reads as text, ``" 2"``) as the number it
+    writes, an int where it has no fraction or exponent; anything else as it is."""
+    if not isinstance(value, str) or not _NUM.match(value.strip()):
+        return value
+    return int(value) if value.strip().lstrip("+-").isdigit() else float(value)
 
 
 def is_none_word(value: Any) -> bool:

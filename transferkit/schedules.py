@@ -56,7 +56,10 @@ def check_schedule_options(name: str, options: dict[str, Any] | None) -> dict[st
                           f"valid: {sorted(SCHEDULE_DEFAULTS[name]) or 'none'}.")
     for key, value in (options or {}).items():
         ok, what = _OPTION_RANGES[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"schedule_options {key}={value!r} for schedule {name!r} has type "
+                              f"{type(value).__name__}; expected a number: {what}.")
+        if not math.isfinite(value) or not ok(value):
             raise ConfigError(f"schedule_options {key}={value!r} for schedule {name!r} is out of range; expected {what}.")
     return {**SCHEDULE_DEFAULTS[name], **(options or {})}
 

@@ -717,3 +717,21 @@ def test_a_resume_may_move_the_feature_cache(split_folders, tmp_path):
     resumed = tk.finetune("tk:small_cnn", resume=True, **kw)  # features in memory now
     straight = tk.finetune("tk:small_cnn", cache_dir=tmp_path / "b", **{**kw, "checkpoint": tmp_path / "s.pt"})
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
+
+
+def test_settings_that_do_nothing_are_noted_and_a_warmup_past_its_phase_is_refused(image_folder):
+    """momentum with Adam(W), warmup_epochs with one_cycle and weight_decay under L2-SP were
+    taken without a word; a warmup longer than fine_tune's first phase was cut where the phase
+    ended (the head never reached lr); l2sp=0,l2sp_beta=0 turned weight decay off and penalised
+    nothing."""
+    kw = dict(weights=None, data=image_folder, image_size=16, num_workers=0, verbose=False, epochs=3)
+    for extra, said in (({"optimizer": "adamw", "momentum": 0.5}, "momentum=0.5 is not used: it is SGD's"),
+                        ({"schedule": "one_cycle", "warmup_epochs": 1}, "warmup_epochs=1 is not used: the one_cycle"),
+                        ({"policy": "full,l2sp=0.01", "weight_decay": 0.05}, "weight_decay=0.05 is not used: L2-SP")):
+        assert any(n.startswith(said) for n in tk.plan("tk:small_cnn", **kw, **extra).notes), extra
+    assert not tk.plan("tk:small_cnn", **kw, optimizer="sgd", momentum=0.5, weight_decay=0.05).notes
+    with pytest.raises(ConfigError, match=r"warmup_epochs=2 is longer than the first phase of policy "
+                                          r"fine_tune:frozen=1 \(1 epoch\).* Use warmup_epochs <= 1"):
+        tk.plan("tk:small_cnn", **kw, policy="fine_tune:frozen=1", warmup_epochs=2)
+    with pytest.raises(tk.PolicyError, match="l2sp=0,l2sp_beta=0 penalises nothing"):
+        tk.plan("tk:small_cnn", **kw, policy="full,l2sp=0,l2sp_beta=0")

@@ -177,7 +177,8 @@ class Decisions:
         phases = self.policy.lr_phases(cfg.epochs)
         affine = self.policy.bn == "affine" and self.bn_mode.startswith("statistics frozen")  # gamma/beta train too
         epochs_text = _epoch_text(self.trainable, cfg.epochs, lora=self.policy.lora, bn_affine=affine)
-        alone = "of the head and every block's BatchNorm gamma/beta" if affine else "of the head alone"
+        alone = (f"of the head at lr {self.lr:.3g} and every block's BatchNorm gamma/beta at its block's rate"
+                 if affine else f"of the head alone at lr {self.lr:.3g}")
         groups = ", ".join(f"{g['name']} lr {g['lr']:.3g} wd {g['weight_decay']:g}" for g in self.groups[:4])
         if len(self.groups) > 4:
             groups += f", ... ({len(self.groups)} groups)"
@@ -208,7 +209,7 @@ class Decisions:
         if len(phases) > 1:  # fine_tune: one schedule per phase
             passes = f" ({self.head_passes} passes over the cached features per epoch, the best kept)" \
                 if self.head_passes > 1 else ""
-            lines.append(f"  phases:   {_plural(phases[0][0], 'epoch')} {alone} at lr {self.lr:.3g}{passes}, then "
+            lines.append(f"  phases:   {_plural(phases[0][0], 'epoch')} {alone}{passes}, then "
                          f"{_plural(phases[1][0], 'epoch')} at lr {self.lr * phases[1][1]:.3g} (x {phases[1][1]:g}), "
                          f"each with its own {cfg.schedule} schedule")
         if groups:
@@ -317,7 +318,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     phase_lr = lr * _group_phase_factor(pol, cfg.epochs)  # the rate the groups train at (fine_tune: its 2nd phase)
     trainable = tuple(tuple(b) for b in pol.schedule(list(bb.blocks), cfg.epochs))
     _check_trains_something(pol, trainable, bb.batchnorm_only)
-    notes = []
+    notes = _unused_settings(cfg, pol)
     if cfg.feature_engine not in ("auto", "eager") and not cached_epochs:
         notes.append(f"feature_engine={cfg.feature_engine!r} is not used: this run has no cached feature pass "
                      f"({reason}); it applies to a frozen backbone whose features are cached.")
@@ -357,6 +358,27 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         trunk_fingerprint=bb.fingerprint, data_fingerprints=dict(data.fingerprints), notes=tuple(notes),
         engine=engine, engine_reason=engine_reason,
         input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode))
+
+
+def _unused_settings(cfg: FinetuneConfig, pol: Policy) -> list[str]:
+    """Notes for optimisation settings that do nothing in this run (a ``warmup_epochs`` longer
+    than the phase it warms up is refused: its rate would jump where the next phase starts)."""
+    notes = []
+    phases = pol.lr_phases(cfg.epochs)
+    if len(phases) > 1 and cfg.warmup_epochs > phases[0][0]:
+        raise ConfigError(f"warmup_epochs={cfg.warmup_epochs:g} is longer than the first phase of policy {pol} "
+                          f"({_plural(phases[0][0], 'epoch')}), the one it warms up: each phase restarts the schedule "
+                          f"at its own rate, so the head would never reach lr. Use warmup_epochs <= {phases[0][0]}.")
+    if cfg.schedule == "one_cycle" and cfg.warmup_epochs:
+        notes.append(f"warmup_epochs={cfg.warmup_epochs:g} is not used: the one_cycle schedule warms up itself "
+                     "(schedule_options pct_start and div_factor).")
+    if cfg.optimizer != "sgd" and cfg.momentum != FinetuneConfig.__dataclass_fields__["momentum"].default:
+        notes.append(f"momentum={cfg.momentum:g} is not used: it is SGD's (optimizer='sgd'); {cfg.optimizer} keeps "
+                     "its own moment estimates (betas 0.9, 0.999).")
+    if pol.l2sp is not None and cfg.weight_decay != FinetuneConfig.__dataclass_fields__["weight_decay"].default:
+        notes.append(f"weight_decay={cfg.weight_decay:g} is not used: L2-SP ({pol}) replaces weight decay, pulling the "
+                     "backbone toward its starting weights (l2sp) and the head toward zero (l2sp_beta).")
+    return notes
 
 
 def _check_trains_something(pol: Policy, trainable: tuple[tuple[str, ...], ...],

@@ -196,6 +196,9 @@ class Policy:
             v = getattr(self, name)
             if v is not None and not (_number(v) and 0 <= v < math.inf):
                 raise PolicyError(f"Policy.{name} must be a finite number >= 0, got {v!r}.")
+        if self.l2sp == 0 and self.l2sp_beta == 0:
+            raise PolicyError("l2sp=0,l2sp_beta=0 penalises nothing, and L2-SP replaces weight decay: the run would "
+                              "train without either. Drop l2sp= (weight decay), or give l2sp or l2sp_beta a weight.")
         if self.l2sp is None and self.l2sp_beta != _DEFAULTS["l2sp_beta"]:
             raise PolicyError(f"l2sp_beta={self.l2sp_beta} weighs the new weights' penalty of L2-SP; this policy has "
                               "no L2-SP (add l2sp=alpha, e.g. 'full,l2sp=0.01,l2sp_beta=0.5').")

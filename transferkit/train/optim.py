@@ -139,8 +139,8 @@ class LRSchedule:
 
     def _phase_factor(self, step: int, total: int, w: int, first: int = 0) -> float:
         o = self.opts
-        if step < w:
-            return (step + 1) / w
+        if step < w:  # w steps below the rate, each a 1/(w+1) step up: step w is the first at it
+            return (step + 1) / (w + 1)
         if self.name == "one_cycle":
             return self._one_cycle(step, total)
         epoch = self._epoch(first + step) - self._epoch(first)  # epochs since the phase began

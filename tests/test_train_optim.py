@@ -420,3 +420,10 @@ def test_early_stopping_waits_for_the_backbone_and_a_run_that_ran_whole_did_not_
     assert run([0.5, 0.6, 0.7, 0.4, 0.45, 0.3], head_only=3) == ([1, 2, 3, 4, 5], True)  # in the backbone's epochs
     assert run([0.5, 0.6, 0.7, 0.4, 0.45, 0.3], head_only=0) == ([1, 2], True)
     assert run([0.5, 0.4, 0.3, 0.35], head_only=0) == ([1, 2, 3, 4], False)  # the last epoch: nothing cut short
+
+
+def test_lr_find_refuses_settings_the_range_test_does_not_use(image_folder):
+    """lr_find(..., lr=0.1) ran and ignored the rate (the command line refused it already)."""
+    for key, value in (("lr", 0.1), ("warmup_epochs", 1), ("early_stopping", 2), ("export", "m.pt")):
+        with pytest.raises(ConfigError, match=f"lr_find: {key}= is not used by the range test"):
+            tk.lr_find("tk:small_cnn", weights=None, data=image_folder, **{key: value})

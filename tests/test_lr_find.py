@@ -234,6 +234,32 @@ def test_lr_find_unfrozen_phase_trains_end_to_end_at_the_phases_rate(image_folde
     assert "trains the backbone" in err and "x 0.1" in err
 
 
+def test_lr_find_unfrozen_phase_starts_from_the_head_the_first_phase_trains(image_folder, tmp_path, monkeypatch):
+    """The backbone's epochs of fine_tune start from a trained head whose FeatureNorm holds the
+    cached features' statistics; the range test of those epochs swept an untrained head behind
+    a FeatureNorm that did nothing (mean 0, std 1)."""
+    import transferkit.api as api
+
+    bb = tk.get_backbone("tk:small_cnn", weights=None)
+    torch.save(bb.trunk.state_dict(), tmp_path / "trunk.pt")  # trained weights, as far as the run knows
+    seen = {}
+
+    def first_phase(d, run, **kwargs):
+        seen["initial"] = run.model.head[-1].weight.detach().clone()
+        return train(d, run, **kwargs)
+
+    def spy(module, *args, **kwargs):
+        seen.update(std=module.head[0].std.clone(), swept=module.head[-1].weight.detach().clone())
+        return sweep(module, *args, **kwargs)
+    train, sweep = api.train, api.lr_range_test
+    monkeypatch.setattr(api, "train", first_phase)
+    monkeypatch.setattr(api, "lr_range_test", spy)
+    tk.lr_find("tk:small_cnn", data=image_folder, policy="fine_tune:frozen=1", num_steps=6,
+               weights=tmp_path / "trunk.pt", phase="unfrozen", **LF)
+    assert not torch.equal(seen["std"], torch.ones_like(seen["std"]))  # fitted to the cached features
+    assert not torch.equal(seen["swept"], seen["initial"])  # the head trained before the sweep
+
+
 def test_lr_range_test_trains_at_lr_factor_times_the_recorded_rate():
     torch.manual_seed(0)
     x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))

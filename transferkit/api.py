@@ -13,7 +13,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -377,8 +377,9 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
     ``phase``: which part of a policy with a frozen phase (``fine_tune``, ``gradual``, ``...,frozen=k``)
     the test trains. ``"frozen"`` (the default for those policies): the head alone on
     features computed once, seconds on a CPU; its rate is the run's base lr. ``"unfrozen"``:
-    the model end to end as in the epochs that train the backbone (each step a full forward
-    and backward pass: minutes on a CPU, often longer than the training it prepares); the
+    the model end to end as in the epochs that train the backbone, from the head the frozen
+    phase trains first (the run's first epochs on cached features, run before the test; each
+    step a full forward and backward pass: minutes on a CPU, often longer than the training it prepares); the
     lrs are still the run's base lr (a ``fine_tune`` phase that runs at ``lr * unfrozen_lr``
     is tested at that rate). Policies without a frozen phase test the whole run. With
     ``verbose``, what the test does is printed first, then its cost (after two steps) and
@@ -409,6 +410,9 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
         say = (lambda text: print(text, file=sys.stderr, flush=True)) if cfg.verbose and d.is_main \
             else (lambda text: None)
         say(_lr_find_description(d, run, which, start_lr, end_lr, num_steps))
+        if which == "unfrozen":  # those epochs start from the head the first phase trained (and its FeatureNorm)
+            train(replace(d, config=replace(cfg, checkpoint=None, resume=False, callbacks=(), log_dir=None)), run,
+                  head_phase_only=True)
         td = training_data(d, run, cached=which == "frozen" or d.cache)
         if which == "frozen":
             groups = param_groups(run.model.head, lr=start_lr, weight_decay=cfg.weight_decay, policy=d.policy)
@@ -453,7 +457,8 @@ def _lr_find_description(p: Decisions, run: Run, which: str, start_lr: float, en
     what = {"frozen": f"the frozen phase of {p.policy} ({epochs}): the head alone on features "
                       f"computed once ({n} training items)",
             "unfrozen": f"the phase of {p.policy} that trains the backbone (from epoch {p.cached_epochs + 1}): the "
-                        f"model end to end, {n} training items (phase='frozen' is the cheap test)",
+                        f"model end to end, {n} training items, from the head that {epochs} train first, as the run "
+                        "does (phase='frozen' is the cheap test)",
             "run": f"{p.policy}: " + ("the head alone on features computed once" if p.cache else
                                       "the model end to end") + f" ({n} training items)"}[which]
     phases = p.policy.lr_phases(cfg.epochs)

@@ -388,14 +388,15 @@ def export_metadata(d: Decisions, best: dict[str, Any]) -> dict[str, Any]:
     return shipped
 
 
-def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
+def train(d: Decisions, run: Run, *, progress: Any = None, head_phase_only: bool = False) -> TrainOutcome:
     """Train what the decisions say: the scikit-learn probe (``head="logistic"``), or the loop
     with one optimizer, schedule (restarted for each of the policy's phases, ``Policy.lr_phases``),
     gradient scaler and L2-SP penalty over the whole run, the
     per-epoch checkpoint and resume. A run whose first ``cached_epochs`` epochs keep the
     backbone frozen (``fine_tune:frozen=k``) trains the head on cached features for those
     epochs (`Decisions.head_passes` passes over them each, the best kept), then the whole model on decoded
-    inputs (features are not computed when a resume starts after that phase)."""
+    inputs (features are not computed when a resume starts after that phase). ``head_phase_only``: that
+    first phase alone (what the range test of the later epochs starts from)."""
     cfg, k, total = d.config, d.cached_epochs, d.config.epochs
     t1 = time.perf_counter()
     if d.head == "logistic":
@@ -407,7 +408,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None) -> TrainOutcome:
         return TrainOutcome(history=history, best=best, state=TrainState(), data=td, probe=probe,
                             seconds={**td.seconds, "train_s": time.perf_counter() - t1}, feature_report=td.report)
     meta = metadata(d)
-    inputs = training_data(d, run, cached=False) if k < total else None
+    inputs = training_data(d, run, cached=False) if k < total and not head_phase_only else None
     opt = make_optimizer(cfg.optimizer, run.param_groups(d), lr=d.lr, momentum=cfg.momentum)
     planned = _cached_steps(d)
     steps, timing = _schedule_plan(d, planned, inputs)

@@ -457,7 +457,7 @@ def _lr_find_description(p: Decisions, run: Run, which: str, start_lr: float, en
     what = {"frozen": f"the frozen phase of {p.policy} ({epochs}): the head alone on features "
                       f"computed once ({n} training items)",
             "unfrozen": f"the phase of {p.policy} that trains the backbone (from epoch {p.cached_epochs + 1}): the "
-                        f"model end to end, {n} training items, from the head that {epochs} train first, as the run "
+                        f"model end to end, {n} training items, from the head trained first in {epochs}, as the run "
                         "does (phase='frozen' is the cheap test)",
             "run": f"{p.policy}: " + ("the head alone on features computed once" if p.cache else
                                       "the model end to end") + f" ({n} training items)"}[which]

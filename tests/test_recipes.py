@@ -327,14 +327,16 @@ def test_evaluate_scores_tar_shards_by_class_name_and_lists_a_sample_it_cannot_r
     at = damaged.find(b"IDAT") + 8
     damaged[at:at + 30] = bytes(b ^ 0x5A for b in damaged[at:at + 30])
     items.append((bytes(damaged), "png", items[0][2]))
-    write_shards(items, tmp_path / "shards", [4, 5], prefix="test", classes=["light", "dark"])
+    items.append((b"not an image at all", "png", items[0][2]))  # found by the quick scan: listed all the same
+    write_shards(items, tmp_path / "shards", [4, 6], prefix="test", classes=["light", "dark"])
     pattern = str(tmp_path / "shards" / "test-*.tar")
     ev = tk.evaluate(model, pattern, progress=False)
     assert ev.accuracy == 1.0 and len(ev.files) == 8 and ev.files[0].endswith("/test-000000.tar:test0000000")
-    assert [Path(f).name for f, _ in ev.failed] == ["test-000001.tar:test0000008"], ev.failed
+    assert [Path(f).name for f, _ in ev.failed] == ["test-000001.tar:test0000008", "test-000001.tar:test0000009"]
     assert ev.probabilities.dtype == np.float32
-    with pytest.warns(UserWarning, match=r"1 test sample could not be predicted \(left out of the test accuracy\)"):
-        assert recipes.evaluate_export(model, pattern, chunk=3) == 1.0
+    assert tk.evaluate(model, tmp_path / "shards", progress=False).files == ev.files  # the folder that holds them
+    with pytest.warns(UserWarning, match=r"2 test samples could not be predicted \(left out of the test accuracy\)"):
+        assert recipes.evaluate_export(model, str(tmp_path / "shards"), chunk=3) == 1.0
     monkeypatch.chdir(tmp_path)  # where the confusion matrix is drawn
     assert main(["evaluate", str(model), pattern, "--json"]) == 1  # exit 1: a sample failed
     out, err = capsys.readouterr()

@@ -246,6 +246,9 @@ def labelled_samples(data: str | Path, classes: list[str], kind: str = "image", 
     labels are left out with a warning. ``what`` names the data in messages."""
     path = Path(data)
     report = DataReport()
+    if kind == "image" and (shard_list(data) is not None or parquet_list(data) is not None or is_saved_hf(data)):
+        # every sample goes to the model: one that cannot be decoded is listed in `failed`, as a file of a folder is
+        return labelled_data(data, classes, what=what, scan="none").samples
     if path.is_dir():
         if kind == "audio":
             samples, _ = scan_audio_folder(path, classes, report=report)
@@ -253,8 +256,6 @@ def labelled_samples(data: str | Path, classes: list[str], kind: str = "image", 
             samples, _ = scan_image_folder(path, classes, report=report)
     elif path.is_file() and path.suffix.lower() in (".csv", ".txt"):
         samples, _ = scan_csv(path, classes, report=report, purpose="scoring", kind=kind)
-    elif kind == "image" and (shard_list(data) is not None or parquet_list(data) is not None or is_saved_hf(data)):
-        return labelled_data(data, classes, what=what).samples
     else:
         encoded = " tar shards, Parquet files or a saved Hugging Face dataset," if kind == "image" else ""
         raise DataError(f"{str(data)!r} is neither a folder root/<class>/<file>,{encoded} nor a CSV file of "

@@ -359,7 +359,9 @@ def probe_audio_file(path: str | Path, *, full: bool = False,
     short = too_short(info.frames, info.samplerate)
     if short:
         return short
-    cut = _truncation(getattr(info, "extra_info", "") or "") or _tail_cut(path, int(info.frames), int(info.samplerate))
+    cut = _truncation(getattr(info, "extra_info", "") or "")
+    if not cut and info.format == "FLAC":  # its header declares the frames and no byte size
+        cut = _tail_cut(path, int(info.frames), int(info.samplerate))
     if cut:
         return cut
     if full:
@@ -381,11 +383,11 @@ _PLACEHOLDER = 0x7FFF0000
 
 
 def _tail_cut(path: str | Path, frames: int, rate: int) -> str:
-    """Why a file ends before the frames its header declares, from a read of its last part (5 %
-    of the clip, at least 1,024 frames and at most one second): a compressed file (FLAC, MP3)
-    has no byte size to compare, and a FLAC or MP3 cut short by a copy declares the whole clip
-    and fails, or comes up empty, where its end should be. A read that returns less than half
-    of that part counts (an MP3's frame count may be an estimate); ``""`` otherwise."""
+    """Why a FLAC file ends before the frames its header declares, from a read of its last part
+    (5 % of the clip, at least 1,024 frames and at most one second): it has no byte size to
+    compare, and cut short by a copy it declares the whole clip and fails where its end should
+    be. A read that returns less than half of that part counts; ``""`` otherwise. (An MP3 is
+    not read so: libmpg123 writes "error:" lines to stderr when a good file is seeked.)"""
     import soundfile as sf
 
     tail = min(max(1024, frames // 20), rate, frames)

@@ -227,9 +227,7 @@ class Decisions:
         ``head_passes`` (0: the run's epochs) when the frozen phase trains on cached features
         and the backbone trains after it, else 1 (each pass would run the backbone; or a frozen
         phase as long as the run makes it feature extraction, as its plan says)."""
-        if not self.cached_epochs or (self.cached_epochs >= self.config.epochs and not self.policy.head_passes):
-            return 1
-        return self.policy.head_passes or self.config.epochs
+        return head_passes(self.policy, self.cached_epochs, self.config.epochs)
 
     @property
     def cached_augment(self) -> str:
@@ -318,7 +316,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     phase_lr = lr * _group_phase_factor(pol, cfg.epochs)  # the rate the groups train at (fine_tune: its 2nd phase)
     trainable = tuple(tuple(b) for b in pol.schedule(list(bb.blocks), cfg.epochs))
     _check_trains_something(pol, trainable, bb.batchnorm_only)
-    notes = _unused_settings(cfg, pol)
+    notes = _unused_settings(cfg, pol, head_passes(pol, cached_epochs, cfg.epochs))
     if cfg.feature_engine not in ("auto", "eager") and not cached_epochs:
         notes.append(f"feature_engine={cfg.feature_engine!r} is not used: this run has no cached feature pass "
                      f"({reason}); it applies to a frozen backbone whose features are cached.")
@@ -360,15 +358,26 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode))
 
 
-def _unused_settings(cfg: FinetuneConfig, pol: Policy) -> list[str]:
+def head_passes(policy: Policy, cached_epochs: int, epochs: int) -> int:
+    """Passes of the head over the cached features per frozen epoch (see `Decisions.head_passes`)."""
+    if not cached_epochs or (cached_epochs >= epochs and not policy.head_passes):
+        return 1
+    return policy.head_passes or epochs
+
+
+def _unused_settings(cfg: FinetuneConfig, pol: Policy, passes: int) -> list[str]:
     """Notes for optimisation settings that do nothing in this run (a ``warmup_epochs`` longer
-    than the phase it warms up is refused: its rate would jump where the next phase starts)."""
+    than the phase it warms up is refused: its rate would jump where the next phase starts).
+    ``passes``: the head's passes per frozen epoch, each an epoch of the schedule."""
     notes = []
     phases = pol.lr_phases(cfg.epochs)
-    if len(phases) > 1 and cfg.warmup_epochs > phases[0][0]:
+    first = phases[0][0] * passes  # the first phase, in the schedule's epochs
+    if len(phases) > 1 and cfg.warmup_epochs > first and cfg.schedule != "one_cycle":
         raise ConfigError(f"warmup_epochs={cfg.warmup_epochs:g} is longer than the first phase of policy {pol} "
-                          f"({_plural(phases[0][0], 'epoch')}), the one it warms up: each phase restarts the schedule "
-                          f"at its own rate, so the head would never reach lr. Use warmup_epochs <= {phases[0][0]}.")
+                          f"({_plural(phases[0][0], 'epoch')}" + (f" of {passes} passes each, {first} epochs of the "
+                                                                  "schedule" if passes > 1 else "") +
+                          "), the one it warms up: each phase restarts the schedule at its own rate, so the head "
+                          f"would never reach lr. Use warmup_epochs <= {first}.")
     if cfg.schedule == "one_cycle" and cfg.warmup_epochs:
         notes.append(f"warmup_epochs={cfg.warmup_epochs:g} is not used: the one_cycle schedule warms up itself "
                      "(schedule_options pct_start and div_factor).")

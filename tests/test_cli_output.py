@@ -243,7 +243,9 @@ def test_a_recipe_s_hints_use_its_own_flags():
     assert recipe_spelling("Pass checkpoint=... to finetune() to be able to resume a run exactly.", prog) == \
         "Pass --set checkpoint=... to `python recipes/fsdd.py` to be able to resume a run exactly."
     assert recipe_spelling("continue exactly with transferkit.resume('runs/a b.pt').", prog) == \
-        "continue exactly with `python recipes/fsdd.py ... --set checkpoint='runs/a b.pt' --set resume=true`."
+        "continue exactly with `python recipes/fsdd.py ... --set resume=true`."  # the same command: same checkpoint
+    assert recipe_spelling("Pass checkpoint=... to finetune(); or data='x'.", prog, run="full") == \
+        "Pass --run full --set checkpoint=... to `python recipes/fsdd.py`; or data='x'."  # data: the recipe's own
     assert recipe_spelling("start a new run from its weights: finetune(..., weights='r.pt', batch_size=8).", prog) == \
         "start a new run from its weights: `python recipes/fsdd.py ... --weights r.pt --set batch_size=8`."
     assert recipe_spelling("recipe: head_hidden=[8, -2] is out of range; epochs=0 too, limit=0 too", prog) == \

@@ -366,6 +366,14 @@ def test_an_interrupted_recipe_ends_in_one_line_with_the_signal_s_exit_status(ca
     assert recipes.main_guard(stopped(advice)) == 130
     err = capsys.readouterr().err  # the recipe's own syntax, not a Python call's
     assert "Pass --set checkpoint=... to `python recipes/" in err and "finetune()" not in err, err
+    recipes._running["run"] = "full"  # interrupted in one of several runs: --set would reach them all
+    try:
+        resumable = TrainingInterrupted("Interrupted (SIGINT). The checkpoint 'r.pt' holds the last completed epoch; "
+                                        "continue exactly with transferkit.resume('r.pt').", None)
+        assert recipes.main_guard(stopped(resumable)) == 130
+    finally:
+        recipes._running["run"] = None
+    assert "... --run full --set resume=true`" in capsys.readouterr().err
 
 
 def test_an_unset_variable_in_a_setting_is_named_not_read_as_a_path(monkeypatch):

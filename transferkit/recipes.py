@@ -18,7 +18,6 @@ read and the first run starts.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import re
@@ -37,7 +36,7 @@ from transferkit._signals import signal_name
 from transferkit.errors import ConfigError, DataError, TransferkitError
 from transferkit._text import plural
 from transferkit.helpformat import HELP, one_line, one_line_warnings
-from transferkit.spelling import recipe_spelling
+from transferkit.spelling import RECIPE_FLAGS, RECIPE_OWNS, recipe_spelling
 from transferkit.data import find_split_folders
 from transferkit.data import dataset_targets
 from transferkit.api import finetune
@@ -228,10 +227,9 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     own_cfg = recipe_dir / f"{name}.yaml"  # optional: a recipe may keep all its settings in its flags
     file_cfg = load_config(args.config) if args.config else load_config(own_cfg) if own_cfg.exists() else {}
     # command-line values are the most specific: they override the file and every run in it
-    cli = {k: v for k, v in {"backbone": args.backbone, "policy": args.policy, "epochs": args.epochs,
-                             "limit": args.limit, "data_dir": args.data_dir, "out_dir": args.out}.items() if v is not None}
-    if args.weights is not None:  # 'none' is read as None by merge_config, which every use of cli goes through
-        cli["weights"] = args.weights
+    # 'none' (weights) is read as None by merge_config, which every use of cli goes through
+    cli = {k: getattr(args, flag[2:].replace("-", "_")) for k, flag in RECIPE_FLAGS.items()}
+    cli = {k: v for k, v in cli.items() if v is not None}
     if args.download:
         cli["download"] = True
     cli.update(parse_overrides(args.set))
@@ -240,7 +238,7 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     _check_limit(recipe.get("limit"), f"{name} recipe", flag="limit" in cli)
     cli = {k: expand_vars(v, k) for k, v in cli.items() if k not in RECIPE_KEYS}
     runs = _run_blocks(recipe.get("runs") or {}, f"{name} recipe") or {"": {}}
-    owned = sorted({"data", "val_data", "classes", "export"} & (set(cfg) | {k for r in runs.values() for k in r}))
+    owned = sorted(RECIPE_OWNS & (set(cfg) | {k for r in runs.values() for k in r}))
     if owned:
         raise ConfigError(f"{name} recipe: {owned[0]} is set by the recipe itself (data, val_data and classes from "
                           "the data set under --data-dir; the export as <--out>/<run>/model.pt); leave it out of "
@@ -265,7 +263,9 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     for run_name, run_cfg in run_cfgs.items():
         run_out = out / run_name if run_name else out
         t0 = time.perf_counter()
+        _running["run"] = run_name if len(run_cfgs) > 1 else None  # named in hints that apply to it alone
         result = finetune(data=train, val_data=val, classes=classes, export=run_out / "model.pt", **run_cfg)
+        _running["run"] = None
         summary: dict[str, Any] = {"recipe": name, "run": run_name or None, "config": run_cfg,
                                    "data_dir": str(data_dir), "best": result.best,
                                    "seconds": round(time.perf_counter() - t0, 1), "export": str(result.export_path)}
@@ -377,12 +377,18 @@ class _Pairs(Sequence):
         return x, int(y)
 
 
+_running: dict[str, str | None] = {"run": None}  # the run of a recipe's config that is training, while it is
+
+
 def main_guard(fn: Callable[[], Any]) -> int:
     """Run a recipe's main (its results go to stdout): each warning prints as one line on
     stderr, a TransferkitError as one line there with exit status 2, and an interruption
     (Ctrl-C, SIGTERM) as one line with 130 or 143, as the command line does."""
     prog = f"recipes/{Path(sys.argv[0]).name}" if sys.argv and sys.argv[0] else "recipe"
-    spell = functools.partial(recipe_spelling, prog=prog)
+
+    def spell(message: str) -> str:
+        return recipe_spelling(message, prog, _running["run"])
+
     with one_line_warnings(prog, spell):
         try:
             fn()

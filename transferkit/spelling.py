@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transferkit.config import config_fields
 
@@ -49,10 +49,19 @@ class Syntax:
     flags: Mapping[str, str]
     switches: bool
     resume: str
+    untyped: frozenset[str] = frozenset()  # settings this command sets itself: left as written
+    prefix: Mapping[str, str] = field(default_factory=dict)  # words typed before a setting (a recipe's --run NAME)
 
     def setting(self, key: str, value: str) -> str | None:
         """``key=value`` as typed here, or None when ``key`` is no setting a user can type."""
         value = shell_word(value.strip("'\""))
+        if key in self.untyped:
+            return None
+        if key in self.prefix:
+            return f"{self.prefix[key]} {self._typed(key, value)}"
+        return self._typed(key, value)
+
+    def _typed(self, key: str, value: str) -> str | None:
         if key in self.flags:
             if self.switches and config_fields().get(key) is not None and \
                     config_fields()[key].metadata["types"] == (bool,):
@@ -116,19 +125,25 @@ def cli_spelling(message: str) -> str:
     return _cli_syntax().spell(message)
 
 
-# the settings a recipe script takes as flags of their own (`transferkit.recipes.build_parser`)
+# the settings a recipe script takes as flags of their own (`transferkit.recipes.build_parser` defines them)
 RECIPE_FLAGS = {"backbone": "--backbone", "weights": "--weights", "policy": "--policy", "epochs": "--epochs",
                 "limit": "--limit", "data_dir": "--data-dir", "out_dir": "--out"}
+RECIPE_OWNS = frozenset({"data", "val_data", "classes", "export"})  # a recipe sets them from its data set and --out
 
 
-def recipe_spelling(message: str, prog: str) -> str:
+def recipe_spelling(message: str, prog: str, run: str | None = None) -> str:
     """`cli_spelling` for the recipe script ``prog`` (``python recipes/NAME.py``): its own flags
-    (`RECIPE_FLAGS`), ``--set key=value`` for every other setting, and a resume typed as the same
-    command with ``--set resume=true``.
+    (`RECIPE_FLAGS`), ``--set key=value`` for every other setting but those it sets itself
+    (`RECIPE_OWNS`), and a resume typed as the same command with ``--set resume=true``. ``run``:
+    the run of the recipe's config that the message is about, named (``--run NAME``) where a
+    checkpoint or a resume applies to it alone.
 
     Example:
         >>> recipe_spelling("Pass checkpoint=... to finetune() to be able to resume.", "recipes/fsdd.py")
         'Pass --set checkpoint=... to `python recipes/fsdd.py` to be able to resume.'
+        >>> recipe_spelling("continue with transferkit.resume('r.pt').", "recipes/pets.py", run="full")
+        'continue with `python recipes/pets.py ... --run full --set resume=true`.'
     """
-    return Syntax(f"python {prog}", RECIPE_FLAGS, switches=False,
-                  resume="... --set checkpoint={path} --set resume=true").spell(message)
+    only = f"--run {shell_word(run)}" if run else ""
+    return Syntax(f"python {prog}", RECIPE_FLAGS, switches=False, resume=f"... {only} --set resume=true".replace(
+        "  ", " "), untyped=RECIPE_OWNS, prefix={"checkpoint": only} if only else {}).spell(message)

@@ -122,6 +122,11 @@ def test_a_config_file_names_its_settings_as_it_writes_them(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"schedule_options gamma='half' for schedule 'step' has type str; expected a "
                                           "number"):
         FinetuneConfig(data="x", schedule="step", schedule_options={"gamma": "half"})
+    cfg.write_text("head_hidden: [256.0, 1e2]\nlimit: 3.0\n")  # whole floats in a list and in a recipe key too
+    assert load_config(cfg)["head_hidden"] == (256, 100) and load_config(cfg)["limit"] == 3
+    cfg.write_text("seed: 1e30\n")  # not exact as an int: refused, not read as 1000000000000000019884624838656
+    with pytest.raises(ConfigError, match="seed: 1e\\+30 has type float; expected int"):
+        load_config(cfg)
     for argv in (["--epochs", "2.0"], ["--set", "epochs=2.0"]):
         assert main(["finetune", "--data", "x", *argv, "--dry-run", "--json"]) == 2  # the data do not exist
         assert "epochs" not in capsys.readouterr().err  # but the value was taken

@@ -385,3 +385,12 @@ def test_an_unset_variable_in_a_setting_is_named_not_read_as_a_path(monkeypatch)
         recipes.expand_vars("${NOPE_VAR}/x", "data")
     assert recipes.expand_vars("${SOME_ROOT}/x", "data") == "/srv/data/x"
     assert recipes.expand_vars("$NOPE_VAR/x", "data") == "$NOPE_VAR/x"  # unbraced: left as written
+
+
+def test_a_recipe_s_number_flags_read_numbers_as_transferkit_finetune_does(capsys):
+    """`--epochs 2.0` worked for `transferkit finetune` and a config file, and failed for a recipe."""
+    args = recipes.build_parser("toy", "toy").parse_args(["--epochs", "2.0", "--limit", "1e1"])
+    assert (args.epochs, args.limit) == (2, 10) and type(args.epochs) is int
+    with pytest.raises(SystemExit):
+        recipes.build_parser("toy", "toy").parse_args(["--epochs", "2.5"])
+    assert "argument --epochs: expects an integer, got '2.5'" in capsys.readouterr().err

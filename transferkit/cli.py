@@ -283,32 +283,10 @@ def command_keys(command: str) -> list[str]:
     return [k for k in keys if not (command == "lr-find" and k in LR_FIND_IGNORES)]
 
 
-def _number_flag(kind: type, *, none: bool) -> Any:
-    """The argparse ``type`` of a flag whose setting is a number (or None, with ``none``: ``none``
-    or ``null`` in any capitals, as `transferkit.config.merge_config` reads it): the text must be
-    an ``int`` (a whole number, ``1e3`` too, as in a config file) or a number (``kind``)."""
-    from transferkit.config import is_none_word
-
-    def parse(text: str) -> Any:
-        if none and is_none_word(text):
-            return text
-        try:
-            value = float(text) if kind is int and not text.strip().lstrip("+-").isdigit() else kind(text)
-            if kind is int and not float(value).is_integer():
-                raise ValueError(text)
-            return kind(value)
-        except (ValueError, OverflowError):
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expects {what}{' (or none)' if none else ''}, got {text!r}") from None
-
-    parse.__name__ = kind.__name__  # argparse's own errors name the type
-    return parse
-
-
 def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
     """Flags for FinetuneConfig's common settings (each with its documented default), plus
     --config and --set for every other one: the same keys, checks and errors as the Python API."""
-    from transferkit.config import config_fields
+    from transferkit.config import config_fields, number_argument
 
     p.add_argument("--config", default=None, help="YAML file of finetune settings (keys as in FinetuneConfig)")
     p.add_argument("--data", default=None, help="training data: a folder root/<class>/<file> (or with train/ and "
@@ -322,7 +300,7 @@ def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
         types = m["types"]
         kind: Any = str
         if int in types or float in types:  # --image-size none: None, as in a file
-            kind = _number_flag(float if float in types else int, none=type(None) in types)
+            kind = number_argument(float if float in types else int, none=type(None) in types)
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = m["help"].split(" or a ")[0] if key in ("backbone", "policy") else m["help"]
         help_text += f"; kinds: {', '.join(POLICY_KINDS)}" if key == "policy" else ""

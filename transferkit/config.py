@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import contextvars
 import dataclasses
@@ -605,14 +606,13 @@ def _checked(f: dataclasses.Field, value: Any, source: str, *, text: bool = Fals
     types = m["types"]
     if text and is_none_word(value) and type(None) in types and "none" not in (m["choices"] or ()):
         value = None  # `none` or `null` in a file or on the command line ('none' stays where it is a choice)
-    if text and isinstance(value, str) and (float in types or int in types) and _NUM.match(value.strip()):
-        value = _number(value) if int in types else float(value)
-    if text and isinstance(value, float) and int in types and float not in types and value.is_integer():
-        value = int(value)  # `epochs: 1.0` in a file, `--set epochs=1e3`
+    if text and (float in types or int in types) and isinstance(value, (str, float)):
+        value = as_number(value, integer=float not in types)  # `epochs: 1.0` in a file, `--set epochs=1e3`
+        value = float(value) if isinstance(value, int) and int not in types else value
     if text and isinstance(value, (list, tuple)) and m["items"] is not None and str not in m["items"]:
-        value = [_number(v) for v in value]  # YAML reads `[5e-1, 1]` as ['5e-1', 1]
+        value = [as_number(v, integer=m["items"] == (int,)) for v in value]  # YAML reads `[5e-1, 1]` as ['5e-1', 1]
     if text and isinstance(value, dict) and f.name == "schedule_options":  # every schedule option is a number
-        value = {k: _number(v) for k, v in value.items()}
+        value = {k: as_number(v) for k, v in value.items()}
     if object not in types and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
         names = " or ".join(sorted({"None" if t is type(None) else t.__name__ for t in types}))
         written = " (None is written null or none)" if text and type(None) in types else ""
@@ -634,12 +634,37 @@ def _checked(f: dataclasses.Field, value: Any, source: str, *, text: bool = Fals
     return value
 
 
-def _number(value: Any) -> Any:
+def as_number(value: Any, *, integer: bool = False) -> Any:
     """A numeric string (``"5e-1"``, which YAML 1.1 reads as text, ``" 2"``) as the number it
-    writes, an int where it has no fraction or exponent; anything else as it is."""
-    if not isinstance(value, str) or not _NUM.match(value.strip()):
-        return value
-    return int(value) if value.strip().lstrip("+-").isdigit() else float(value)
+    writes, an int where it has no fraction or exponent; with ``integer``, a whole float
+    (``1.0``, ``1e3``) as that int where it is exact (below 2**53); anything else as it is.
+
+    Example:
+        >>> as_number("5e-1"), as_number(" 2"), as_number("1e3", integer=True), as_number("x")
+        (0.5, 2, 1000, 'x')
+    """
+    if isinstance(value, str) and _NUM.match(value.strip()):
+        value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
+    if integer and isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
+        value = int(value)
+    return value
+
+
+def number_argument(kind: type, *, none: bool = False) -> Callable[[str], Any]:
+    """The argparse ``type`` of a flag whose setting is a number (or None, with ``none``: ``none``
+    or ``null`` in any capitals, read so by `merge_config`): the text must be an ``int`` (a whole
+    number, ``1e3`` and ``2.0`` too, as in a config file: `as_number`) or a number (``kind``)."""
+    def parse(text: str) -> Any:
+        if none and is_none_word(text):
+            return text
+        value = as_number(text, integer=kind is int)
+        if isinstance(value, int) or (kind is float and isinstance(value, float)):
+            return kind(value)
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expects {what}{' (or none)' if none else ''}, got {text!r}")
+
+    parse.__name__ = kind.__name__  # argparse's own errors name the type
+    return parse
 
 
 def is_none_word(value: Any) -> bool:
@@ -682,7 +707,8 @@ def merge_config(*layers: Mapping[str, Any] | None, source: str = "config",
         for key, value in layer.items():
             if key in RECIPE_KEYS:
                 allowed = RECIPE_KEYS[key]
-                value = None if type(None) in allowed and is_none_word(value) else value
+                value = None if type(None) in allowed and is_none_word(value) else as_number(value, integer=True) \
+                    if int in allowed else value
                 if not isinstance(value, allowed) or isinstance(value, bool) and bool not in allowed:
                     names = " or ".join(sorted("None" if t is type(None) else t.__name__ for t in allowed))
                     raise ConfigError(f"{source}: {_written(key, value, in_file)} has type {type(value).__name__}; "

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.config import RECIPE_KEYS, FinetuneConfig, called_as, load_config, merge_config, parse_overrides
+from transferkit.config import (RECIPE_KEYS, FinetuneConfig, called_as, load_config, merge_config, number_argument,
+                                parse_overrides)
 from transferkit._signals import signal_name
 from transferkit.errors import ConfigError, DataError, TransferkitError
 from transferkit._text import plural
@@ -162,8 +163,9 @@ def build_parser(name: str, description: str,
     p.add_argument("--backbone", default=None)
     p.add_argument("--weights", default=None, help="'DEFAULT', a tag, a file path, or 'none'")
     p.add_argument("--policy", default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--limit", type=int, default=None, help="use at most N items per class, N >= 1 (smoke tests)")
+    p.add_argument("--epochs", type=number_argument(int), default=None)
+    p.add_argument("--limit", type=number_argument(int), default=None,
+                   help="use at most N items per class, N >= 1 (smoke tests)")
     p.add_argument("--run", default=None, help="run only this one of the config's runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any finetune() setting but data, val_data, classes and export, which the "
                    "recipe sets")

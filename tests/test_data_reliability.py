@@ -211,7 +211,8 @@ def test_finetune_reports_left_out_files(tmp_path):
 def test_a_shorter_side_resize_of_an_extreme_strip_stays_bounded_and_keeps_the_centre_crop():
     """Resizing a 40000 x 1 strip's shorter side to 256 made a 10 million x 256 image (8 GB) in
     prediction, evaluation and training alike. The longer side is now cut first to its middle
-    part that comes out 16 x 256 long; the centre crop that follows is what T.Resize gives."""
+    part that comes out 16 x 256 long; the centre crop that follows is T.Resize's, up to a shift
+    of a source pixel (a smooth image: within a grey level or two); an ordinary shape's exactly."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import v2 as T
 
@@ -221,8 +222,11 @@ def test_a_shorter_side_resize_of_an_extreme_strip_stays_bounded_and_keeps_the_c
     resize = ShorterSideResize(256, InterpolationMode.BILINEAR)
     assert resize(Image.new("RGB", (40000, 1))).size == (4096, 256)
     assert resize(Image.new("RGB", (2, 30000))).size == (256, 4096)
-    strip = _rgb((5000, 250))
-    strip.paste(_rgb((300, 250), value=30), (2350, 0))  # something in the middle to crop
-    expected = T.Compose([T.Resize(256, antialias=True), T.CenterCrop(224), T.PILToTensor()])(strip)
-    got = eval_transform(InputSpec(image_size=224, resize_size=256))(strip)
-    assert resize(strip).size == (4096, 256) and torch.equal(got, expected)
+    spec, reference = InputSpec(image_size=224, resize_size=256), T.Compose([
+        T.Resize(256, antialias=True), T.CenterCrop(224), T.PILToTensor()])
+    ramp = np.tile(np.linspace(0, 255, 4999)[None, :, None], (250, 1, 3)).astype(np.uint8)  # 0.05 levels a pixel
+    strip = Image.fromarray(ramp)
+    got, expected = eval_transform(spec)(strip), reference(strip)
+    assert resize(strip).size == (4096, 256) and (got.int() - expected.int()).abs().max() <= 2
+    ordinary = Image.fromarray(np.random.default_rng(0).integers(0, 255, (250, 3000, 3), dtype=np.uint8))
+    assert torch.equal(eval_transform(spec)(ordinary), reference(ordinary))

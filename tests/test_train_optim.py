@@ -427,3 +427,16 @@ def test_lr_find_refuses_settings_the_range_test_does_not_use(image_folder):
     for key, value in (("lr", 0.1), ("warmup_epochs", 1), ("early_stopping", 2), ("export", "m.pt")):
         with pytest.raises(ConfigError, match=f"lr_find: {key}= is not used by the range test"):
             tk.lr_find("tk:small_cnn", weights=None, data=image_folder, **{key: value})
+
+
+def test_a_fine_tune_run_stops_early_only_in_the_epochs_that_train_the_backbone(image_folder, monkeypatch):
+    """The run's wiring of the rule above: fine_tune:frozen=2 with early_stopping=1 goes past a
+    worse second (head-only) epoch and stops at the first worse epoch of the backbone's."""
+    from transferkit.train import loop as loop_mod
+
+    losses = {1: 0.5, 2: 0.6, 3: 0.4, 4: 0.45, 5: 0.3}
+    monkeypatch.setattr(loop_mod, "_train_and_validate", lambda *a, **k: {
+        "epoch": a[5] + 1, "train_loss": 0.1, "val_loss": losses[a[5] + 1], "lr": 0.1, "lr_groups": {}})
+    r = tk.finetune("tk:small_cnn", weights=None, data=image_folder, image_size=16, num_workers=0, verbose=False,
+                    policy="fine_tune:frozen=2,passes=1", epochs=5, early_stopping=1, monitor="val_loss")
+    assert [h["epoch"] for h in r.history] == [1, 2, 3, 4] and r.stopped_early and r.best["epoch"] == 3

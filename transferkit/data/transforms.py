@@ -76,8 +76,10 @@ class ShorterSideResize(torch.nn.Module):
     """``T.Resize(size)`` (the shorter side to ``size``), in memory bounded for any aspect ratio:
     where the longer side would come out longer than `LONGEST_SIDE_RATIO` x ``size``, the
     image's longer side is first cut to its middle part that comes out that long. The centre
-    crop and the random crops that follow read that part; a 40000 x 1 strip made 10 million x
-    256 pixels (8 GB) before. Images of ordinary shapes are resized exactly as ``T.Resize``."""
+    crop and the random crops that follow read that part (a whole number of source pixels is
+    kept: the crop may sit up to a source pixel off ``T.Resize``'s); a 40000 x 1 strip made
+    10 million x 256 pixels (8 GB) before. Images of ordinary shapes are resized exactly as
+    ``T.Resize``."""
 
     def __init__(self, size: int, interpolation: InterpolationMode) -> None:
         super().__init__()

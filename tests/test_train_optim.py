@@ -422,11 +422,13 @@ def test_early_stopping_waits_for_the_backbone_and_a_run_that_ran_whole_did_not_
     assert run([0.5, 0.4, 0.3, 0.35], head_only=0) == ([1, 2, 3, 4], False)  # the last epoch: nothing cut short
 
 
-def test_lr_find_refuses_settings_the_range_test_does_not_use(image_folder):
-    """lr_find(..., lr=0.1) ran and ignored the rate (the command line refused it already)."""
-    for key, value in (("lr", 0.1), ("warmup_epochs", 1), ("early_stopping", 2), ("export", "m.pt")):
-        with pytest.raises(ConfigError, match=f"lr_find: {key}= is not used by the range test"):
-            tk.lr_find("tk:small_cnn", weights=None, data=image_folder, **{key: value})
+def test_lr_find_refuses_a_rate_and_takes_the_run_s_other_settings(image_folder):
+    """lr_find(..., lr=0.1) ran and ignored the rate; the run's other settings (outputs, schedule)
+    are taken, so that lr_find(**kw) and finetune(**kw) share their arguments."""
+    kw = dict(weights=None, data=image_folder, image_size=16, num_workers=0, verbose=False, num_steps=3)
+    with pytest.raises(ConfigError, match="lr_find: lr=0.1 is not used: the range test sweeps its own rates"):
+        tk.lr_find("tk:small_cnn", lr=0.1, **kw)
+    assert tk.lr_find("tk:small_cnn", warmup_epochs=1, export="m.pt", schedule="step", **kw).lrs
 
 
 def test_a_fine_tune_run_stops_early_only_in_the_epochs_that_train_the_backbone(image_folder, monkeypatch):

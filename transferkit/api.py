@@ -51,7 +51,7 @@ from transferkit.checkpoints import load_checkpoint
 from transferkit.train.device import preserved_torch_settings
 from transferkit.train.distributed import barrier, rank_guard
 from transferkit.train.faults import interrupt_keeps_weights
-from transferkit.schedules import LR_FIND_IGNORES, LRRange
+from transferkit.schedules import LRRange
 from transferkit.train.lr_find import LRFindResult, check_sweep, lr_range_test
 from transferkit.train.loop import Loop
 from transferkit.train.optim import make_optimizer
@@ -394,8 +394,9 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
                           "'frozen' (the head alone on cached features) or 'unfrozen' (the epochs that train the "
                           "backbone).")
     check_sweep(LRRange(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps))  # before any work
-    for key in sorted(set(options) & set(LR_FIND_IGNORES)):  # given to the test (a run's config may hold them)
-        raise ConfigError(f"lr_find: {key}= is not used by the range test ({LR_FIND_IGNORES[key]}); leave it out.")
+    if options.get("lr") is not None:  # the run's other settings are taken (lr_find(**kw), then finetune(**kw))
+        raise ConfigError(f"lr_find: lr={options['lr']!r} is not used: the range test sweeps its own rates, from "
+                          "start_lr to end_lr, to suggest one. Leave lr out (pass the suggestion to finetune).")
     cfg = FinetuneConfig.from_call(config, options)
     if cfg.head == "logistic":
         raise ConfigError("lr_find: head='logistic' fits a logistic-regression probe, which has no learning rate to "

@@ -26,7 +26,7 @@ from typing import Any
 from transferkit.errors import TransferkitError
 from transferkit._text import file_reason, plural
 from transferkit.helpformat import HELP, one_line, one_line_warnings
-from transferkit.schedules import LR_FIND_IGNORES, LRRange
+from transferkit.schedules import LRRange
 from transferkit.spelling import cli_spelling, flag, shell_word
 
 
@@ -272,6 +272,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 POLICY_KINDS = ("feature_extraction", "full", "fine_tune[:frozen=K]", "unfreeze:last=N|blocks=a+b|from=BLOCK",
                 "gradual:every=K|milestones=E1+E2", "lora:r=R")
+
+
+# settings the learning-rate range test does not use, and why (`transferkit lr-find` refuses them on the command line)
+LR_FIND_IGNORES = {**dict.fromkeys(("export", "checkpoint", "resume", "plots_dir", "log_dir", "portable_metadata"),
+                                   "the range test writes no outputs"),
+                   **dict.fromkeys(("lr", "schedule", "schedule_options", "warmup_epochs"),
+                                   "the range test ramps its own lr, from --start-lr to --end-lr"),
+                   **dict.fromkeys(("early_stopping", "monitor", "restore_best", "top_k"),
+                                   "the range test trains no epochs to score or keep")}
 
 
 def command_keys(command: str) -> list[str]:

@@ -64,16 +64,6 @@ def check_schedule_options(name: str, options: dict[str, Any] | None) -> dict[st
     return {**SCHEDULE_DEFAULTS[name], **(options or {})}
 
 
-# settings the learning-rate range test does not use, and why (`transferkit.lr_find` and `transferkit lr-find` refuse
-# them when they are given to it)
-LR_FIND_IGNORES = {**dict.fromkeys(("export", "checkpoint", "resume", "plots_dir", "log_dir", "portable_metadata"),
-                                   "the range test writes no outputs"),
-                   **dict.fromkeys(("lr", "schedule", "schedule_options", "warmup_epochs"),
-                                   "the range test ramps its own lr, from its start rate to its end rate"),
-                   **dict.fromkeys(("early_stopping", "monitor", "restore_best", "top_k"),
-                                   "the range test trains no epochs to score or keep")}
-
-
 @dataclass(frozen=True)
 class LRRange:
     """The rates a range test sweeps (``start_lr`` to ``end_lr``, geometrically, over

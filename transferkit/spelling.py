@@ -57,9 +57,8 @@ class Syntax:
         value = shell_word(value.strip("'\""))
         if key in self.untyped:
             return None
-        if key in self.prefix:
-            return f"{self.prefix[key]} {self._typed(key, value)}"
-        return self._typed(key, value)
+        typed = self._typed(key, value)
+        return f"{self.prefix[key]} {typed}" if typed and key in self.prefix else typed
 
     def _typed(self, key: str, value: str) -> str | None:
         if key in self.flags:

@@ -270,6 +270,8 @@ def test_fine_tune_standardises_the_cached_features_of_pretrained_weights_only(i
     assert tk.plan(own, **kw).head_norm and not own.weights_random()
     mine = from_module(tk.get_backbone("tk:small_cnn", weights=None).trunk, input_spec={"image_size": 16})
     assert tk.plan(mine, **kw).head_norm  # the caller's own module: its weights are not known, taken as trained
+    assert "(its own weights) ->" in tk.plan(mine, **kw).summary()  # it said "(random init)"
+    assert "(random init) ->" in tk.plan(tk.get_backbone("tk:small_cnn", weights=None), **kw).summary()
     exploded = tk.finetune(tk.get_backbone("tk:small_cnn", weights=None), **kw)  # the second phase's losses ran
     assert isinstance(exploded.model.head[0], torch.nn.Linear)  # to 49 and 106 with FeatureNorm on random features
     assert all(h["val_loss"] < 5 for h in exploded.history), exploded.history

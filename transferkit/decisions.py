@@ -109,6 +109,7 @@ class Decisions:
     # "gpu"), "reason", "passes" (the passes that decode files: "feature pass", "train epochs", ...)
     input_decode: dict[str, Any] = field(default_factory=lambda: {"where": "cpu", "reason": "not decided",
                                                                   "passes": []})
+    pretrained: bool = True  # the trunk starts from trained weights (a Backbone object's own: see BackboneFacts)
 
     @property
     def epochs(self) -> int:
@@ -185,7 +186,8 @@ class Decisions:
         if groups and len(phases) > 1:
             groups += f" (from epoch {phases[0][0] + 1}, the rates of the phase that trains them)"
         lines = [
-            f"plan: {self.backbone} ({self.weights or 'random init'}) -> {self.head} head, "
+            f"plan: {self.backbone} ({self.weights or ('its own weights' if self.pretrained else 'random init')}) -> "
+            f"{self.head} head, "
             f"{self.num_outputs} outputs ({self.task})",
             f"  data:     {self.n_train} train / {self.n_val} val, "
             f"{_plural(len(self.classes), *_CLASS_WORDS[self.task])}, "
@@ -355,7 +357,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         decode=decode, data=data.identity,
         trunk_fingerprint=bb.fingerprint, data_fingerprints=dict(data.fingerprints), notes=tuple(notes),
         engine=engine, engine_reason=engine_reason,
-        input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode))
+        input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode), pretrained=bb.pretrained)
 
 
 def head_passes(policy: Policy, cached_epochs: int, epochs: int) -> int:

@@ -37,8 +37,6 @@ from transferkit._text import plural
 from transferkit.data.audio import scan_audio_folder
 from transferkit.data.bundle import labelled_data
 from transferkit.data.encoded import SampleRef
-from transferkit.data.shards import shard_list
-from transferkit.data.tables import is_saved_hf, parquet_list
 from transferkit.data.checks import DataReport
 from transferkit.data.folders import scan_csv
 from transferkit.data.images import scan_image_folder
@@ -244,11 +242,12 @@ def labelled_samples(data: str | Path, classes: list[str], kind: str = "image", 
     samples (`SampleRef`) of tar shards, Parquet files or a Hugging Face dataset, read by class
     name as validation data are (`labelled_data`; made on access, not held). Samples of other
     labels are left out with a warning. ``what`` names the data in messages."""
+    # encoded data: every sample goes to the model, so one that cannot be decoded is listed in `failed`, as a file is
+    encoded = labelled_data(data, classes, what=what, scan="none") if kind == "image" else None
+    if encoded is not None:
+        return encoded.samples
     path = Path(data)
     report = DataReport()
-    if kind == "image" and (shard_list(data) is not None or parquet_list(data) is not None or is_saved_hf(data)):
-        # every sample goes to the model: one that cannot be decoded is listed in `failed`, as a file of a folder is
-        return labelled_data(data, classes, what=what, scan="none").samples
     if path.is_dir():
         if kind == "audio":
             samples, _ = scan_audio_folder(path, classes, report=report)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TRANSFERKIT_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
 CASES = {
     "lite0": ("timm:tf_efficientnet_lite0", DATA / "weights" / "efficientnet-lite0" / "tf_efficientnet_lite0_in1k.pth",
               None),

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TRANSFERKIT_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
 CASES = {
     "resnet20": ("tk:cifar_resnet20", DATA / "weights" / "cifar-resnet" / "resnet20-12fca82f.th", 32),
     "lite0": ("timm:tf_efficientnet_lite0", DATA / "weights" / "efficientnet-lite0" / "tf_efficientnet_lite0_in1k.pth",

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TRANSFERKIT_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
 WEIGHTS = {"timm:tf_efficientnet_lite0": DATA / "weights" / "efficientnet-lite0" / "tf_efficientnet_lite0_in1k.pth",
            "tk:cifar_resnet20": DATA / "weights" / "cifar-resnet" / "resnet20-12fca82f.th"}
 VARIANTS = {"fp32": (False, False), "channels_last": (True, False), "channels_last+bf16": (True, True)}

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TRANSFERKIT_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
 
 
 def epoch_seconds(loader, epochs: int) -> list[float]:

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TRANSFERKIT_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
 
 
 def main() -> None:

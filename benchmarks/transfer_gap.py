@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TRANSFERKIT_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ MAX_WIDTH = 1100  # px: the page's text column is narrower; more only costs byte
 
 
 def data_root() -> Path:
-    root = Path(os.environ.get("TRANSFERKIT_DATA", ROOT.parent / "shared" / "data"))
+    root = Path(os.environ.get("TRANSFERKIT_DATA") or ROOT.parent / "shared" / "data")
     if not (root / "hymenoptera" / "train").is_dir():
         sys.exit(f"make_figures: no hymenoptera data under {root} (set TRANSFERKIT_DATA to the shared data folder).")
     return root

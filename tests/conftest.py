@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_data_dir() -> Path:
-    return Path(os.environ.get("TRANSFERKIT_DATA", REPO.parent / "shared" / "data"))
+    return Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")

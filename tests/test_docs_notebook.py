@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "docs" / "notebook.ipynb"
-DATA = Path(os.environ.get("TRANSFERKIT_DATA", REPO.parent / "shared" / "data")).resolve()
+DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data").resolve()
 WEIGHTS = DATA / "weights" / "efficientnet-lite0" / "tf_efficientnet_lite0_in1k.pth"
 
 WIDGET = "application/vnd.jupyter.widget-view+json"

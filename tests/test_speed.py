@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import subprocess
@@ -303,3 +304,28 @@ def test_a_compile_on_a_machine_without_cuda_logs_no_cuda_runtime_note(compiles,
                           capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert ("No CUDA runtime is found" in proc.stderr) is not compiles, proc.stderr
+
+
+@pytest.mark.parametrize("where", ["compile=True", "compile trial", "feature engine"])
+def test_every_compile_transferkit_makes_drops_the_no_cuda_runtime_note(where, monkeypatch):
+    """Each place that compiles (a run's compile=True, the compile trial's default, the
+    feature pass's compile engine) goes through `torch_compile`, which keeps torch's
+    "No CUDA runtime" line off stderr (the subprocess test above checks the line itself)."""
+    from transferkit.train import compile_trial, engines
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    monkeypatch.setattr(logger, "filters", [])
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
+    module = nn.Linear(2, 2)
+    if where == "compile=True":
+        SpeedConfig(torch.device("cpu"), compile=True).maybe_compile(module)
+    elif where == "compile trial":
+        compile_trial.CompileTrial(steps_left=10, estimate_s=0.0).compile(module)
+    else:
+        model = nn.Module()
+        model.preprocess, model.trunk = nn.Identity(), module
+        engines._compiled_forward(model, torch.zeros(1, 2), device=torch.device("cpu"), precision="fp32",
+                                  channels_last=False)
+    assert len(compiled) == 1  # compiled once, by torch
+    assert any(isinstance(f, speed_mod._NoCudaRuntimeNote) for f in logger.filters)

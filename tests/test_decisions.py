@@ -178,6 +178,25 @@ def test_a_record_of_group_rates_at_the_base_rate_still_resumes(split_folders):
         assert set(differences({**now, "groups": now["groups"][::-1]}, now)) == {"groups"}
 
 
+def test_a_backbone_objects_options_are_recorded_and_an_older_record_without_them_resumes(split_folders):
+    """A run given a Backbone object records the options get_backbone built it with (what
+    rebuilds it from a checkpoint); other options are a difference, and a record written
+    before they were recorded still agrees."""
+    from transferkit.decisions import differences
+
+    def record(**options):
+        bb = tk.get_backbone("tk:small_cnn", weights=None, **options)
+        return _plan(split_folders / "train", backbone=bb).to_dict()
+
+    now = record(widths=(8, 8, 8))
+    assert now["backbone_options"] == {"widths": [8, 8, 8]}
+    named = _plan(split_folders / "train", backbone="tk:small_cnn", weights=None).to_dict()
+    assert "backbone_options" not in named  # a name's are in config.backbone_options
+    older = {k: v for k, v in now.items() if k != "backbone_options"}
+    assert differences(older, now) == {}
+    assert set(differences({**now, "backbone_options": {"widths": [4, 4, 4]}}, now)) == {"backbone_options"}
+
+
 def test_summary_and_record_state_every_decision(split_folders):
     p = _plan(split_folders / "train", val_data=split_folders / "val", policy="unfreeze:last=1")
     d = p.to_dict()

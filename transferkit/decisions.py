@@ -110,6 +110,7 @@ class Decisions:
     input_decode: dict[str, Any] = field(default_factory=lambda: {"where": "cpu", "reason": "not decided",
                                                                   "passes": []})
     pretrained: bool = True  # the trunk starts from trained weights (a Backbone object's own: see BackboneFacts)
+    backbone_options: dict[str, Any] | None = None  # get_backbone's options that built the trunk (None: not known)
 
     @property
     def epochs(self) -> int:
@@ -163,6 +164,8 @@ class Decisions:
             "feature_engine_precision":  # what the features are computed in on that engine (ONNX Runtime: fp32)
                 s["feature_precision"] and engine_precision(self.engine, s["feature_precision"]),
             "input_decode": self.input_decode["where"], "input_decode_reason": self.input_decode["reason"],
+            # a Backbone object's options, which config.backbone_options (a name's) cannot hold: what rebuilds it
+            **({} if isinstance(self.config.backbone, str) else {"backbone_options": self.backbone_options}),
         })
 
     def decodes_on_device(self, what: str = "feature pass") -> bool:
@@ -357,7 +360,8 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         decode=decode, data=data.identity,
         trunk_fingerprint=bb.fingerprint, data_fingerprints=dict(data.fingerprints), notes=tuple(notes),
         engine=engine, engine_reason=engine_reason,
-        input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode), pretrained=bb.pretrained)
+        input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode), pretrained=bb.pretrained,
+        backbone_options=bb.options)
 
 
 def head_passes(policy: Policy, cached_epochs: int, epochs: int) -> int:
@@ -508,6 +512,9 @@ def _check_weights_tag(cfg: FinetuneConfig) -> None:
 # decisions added after records were first written, with the value a record without them means (the
 # option's default; the head's behaviour then: a regression run of then differs from one of now in its head)
 ADDED_DECISIONS = {("config", "target_norm"): "auto", ("head", "target_norm"): False}
+# records added later: a record written before one of them lacks it and is compared without it (a Backbone
+# object's options, recorded since exports are rebuilt from them)
+ADDED_RECORDS = frozenset({"backbone_options"})
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -535,6 +542,8 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
         elif key == "groups":
             if not _same_groups(saved.get(key), now.get(key)):
                 diff[key] = (saved.get(key), now.get(key))
+        elif key in ADDED_RECORDS and key not in saved:
+            continue
         elif key not in _PLACE_KEYS and key != "speed_reasons" and saved.get(key) != now.get(key):
             diff[key] = (saved.get(key), now.get(key))
     return diff

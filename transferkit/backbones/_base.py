@@ -102,6 +102,9 @@ class Backbone:
     categories: tuple[str, ...] | None = field(default=None, repr=False)
     frozen: tuple[Block, ...] = ()
     random_init: bool = False  # built by name with weights=None (from_module: the caller's weights, taken as trained)
+    # get_backbone's keyword arguments that built it ({}: none), which rebuild it from a checkpoint (None: built
+    # otherwise, from_module or by hand)
+    build_options: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     _built: tuple[tuple[int, int], ...] | None = field(default=None, repr=False, compare=False)
 
     def mark_random_init(self) -> None:

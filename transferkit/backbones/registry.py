@@ -172,6 +172,7 @@ def get_backbone(name: str, *, weights: str | Path | None = "DEFAULT", **kwargs:
         bb = _SOURCES[prefix].build(rest, weights=weights, **kwargs)
         if weights is None:
             bb.mark_random_init()
+        bb.build_options = dict(kwargs)
         return bb
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
         if not kwargs or isinstance(exc, TransferkitError):

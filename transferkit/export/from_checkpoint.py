@@ -49,7 +49,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     spec = InputSpec.from_dict(meta["input_spec"])
     num_outputs = int(decisions.get("num_outputs") or meta.get("num_outputs") or len(meta["labels"]))
     options, options_hint = _backbone_options(meta, where)
-    backbone = get_backbone(backbone_name, weights=None, **options)
+    backbone = get_backbone(backbone_name, weights=None, **(options or {}))
     model = build_model(backbone, num_outputs, spec=spec, head_hidden=head["hidden"],
                         head_activation=head["activation"], head_dropout=head["dropout"], head_norm=head["norm"],
                         target_norm=head["target_norm"])
@@ -59,6 +59,9 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                   source=f"The weights of {where}{hint}")  # a LoRA run's unfinished checkpoint holds its factors
     except WeightsError as exc:
         raise WeightsError(f"{exc} {options_hint}") from exc
+    if options is None:
+        warnings.warn(f"{options_hint} Export the trained model in Python with transferkit.export_torchscript("
+                      "model, ...) unless the run's backbone had its default options.", stacklevel=2)
     return model.eval(), meta
 
 
@@ -76,23 +79,26 @@ def _warn_unfinished(checkpoint: str | Path) -> None:
                   f"{str(checkpoint)!r})) to export what it returns.", stacklevel=3)
 
 
-def _backbone_options(meta: dict[str, Any], where: str) -> tuple[dict[str, Any], str]:
+def _backbone_options(meta: dict[str, Any], where: str) -> tuple[dict[str, Any] | None, str]:
     """The ``backbone_options`` the checkpoint's run built its backbone with (the stored
-    configuration, ``decisions.config``, else ``training.backbone_options`` of metadata written
-    by hand) and a sentence on them for a weights mismatch. Options stored only as a type name
-    (a Python object such as a function) cannot be rebuilt: an ExportError says so."""
+    configuration, ``decisions.config``; a Backbone object's, ``decisions.backbone_options``;
+    else ``training.backbone_options`` of metadata written by hand; None: not recorded) and a
+    sentence on them for a weights mismatch. Options stored only as a type name (a Python
+    object such as a function) cannot be rebuilt: an ExportError says so."""
     decisions = meta.get("decisions") if isinstance(meta.get("decisions"), dict) else {}
     config = decisions.get("config") if isinstance(decisions.get("config"), dict) else {}
     training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
     if isinstance(config.get("backbone"), str) and not _is_type_name(config["backbone"]):
         options = config.get("backbone_options")
+    elif isinstance(decisions.get("backbone_options"), dict):  # a Backbone object's, as get_backbone built it
+        options = decisions["backbone_options"]
     elif "backbone_options" in training:
         options = training["backbone_options"]
-    else:
-        return {}, (f"The {where} records no backbone_options (its run was given a built backbone, or its metadata "
-                    "was written by hand), so the backbone was rebuilt with its default options; the backbone "
-                    "options may differ from the run's. Export the trained model in Python with "
-                    "transferkit.export_torchscript(model, ...).")
+    else:  # options that keep the weights' shapes (a spectrogram's hop_length) would be lost without a word
+        return None, (f"The {where} records no backbone_options (its run was given a backbone built without "
+                      "get_backbone, or by an older transferkit, or its metadata was written by hand), so the "
+                      "backbone was rebuilt with its default options, which may compute differently from the "
+                      "run's even where the weights fit (the export's check compares the rebuilt model with itself).")
     options = options if isinstance(options, dict) else {}
     objects = _type_names(options)
     if objects:

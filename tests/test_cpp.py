@@ -133,6 +133,20 @@ def test_cpp_program_runs_an_audio_export(program, tmp_path):
     want = transferkit.load(tmp_path / "a.pt").predict_proba(wave)[0].tolist()
     assert scores == pytest.approx({"x": want[0], "y": want[1]}, abs=1e-5)
 
+    # a clip longer than the run's max_seconds: its middle, as the predictor (and training) keep it
+    update_metadata(tmp_path / "a.pt", {"decisions": {**DECISIONS, "config": {**DECISIONS["config"],
+                                                                              "max_seconds": 0.1}}})
+    long = torch.cat([torch.zeros(1000), wave, torch.ones(600)])  # 0.3 s at 16 kHz; its middle 0.1 s is wave's
+    long.numpy().astype("<f4").tofile(tmp_path / "long.f32")
+    proc = _run(program, tmp_path / "a.pt", tmp_path / "long.f32")
+    assert proc.returncode == 0 and "its middle 0.1 s is predicted" in proc.stderr, proc.stderr
+    [(_, _, scores)] = _parse(proc.stdout)
+    with pytest.warns(UserWarning, match="longer than"):
+        want = transferkit.load(tmp_path / "a.pt").predict_proba(long)[0].tolist()
+    middle = transferkit.load(tmp_path / "a.pt").predict_proba(long[1600:3200].clone())[0].tolist()  # 1600 samples
+    assert scores == pytest.approx({"x": want[0], "y": want[1]}, abs=1e-5)
+    assert want == pytest.approx(middle, abs=1e-6)
+
 
 def test_cpp_program_rejects_a_file_without_metadata(program, tmp_path):
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "plain.pt"))
@@ -142,3 +156,6 @@ def test_cpp_program_rejects_a_file_without_metadata(program, tmp_path):
     (tmp_path / "cut.pt").write_bytes((tmp_path / "plain.pt").read_bytes()[:100])
     proc = _run(program, tmp_path / "cut.pt", tmp_path / "x.ppm")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "zip archive" in proc.stderr
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x08\x12\x07pytorch")  # how an ONNX file starts: ir_version, producer
+    proc = _run(program, tmp_path / "m.onnx", tmp_path / "x.ppm")
+    assert proc.returncode == 1 and "is an ONNX file; this program runs TorchScript exports" in proc.stderr

@@ -4,7 +4,8 @@
 //
 // Each INPUT is a binary PPM image (P6, 8-bit RGB) whose size is the model's crop size
 // (input_spec.image_size in the metadata), or, for audio models, raw little-endian float32
-// samples at the model's sample rate (a file ending in .f32). The program reads the
+// samples at the model's sample rate (a file ending in .f32); a clip longer than the model's
+// window is cropped to its middle, as transferkit's predictor and training do. The program reads the
 // metadata the export carries (transferkit.json and labels.txt), runs the model on the raw
 // input (normalisation is inside the model), applies softmax / sigmoid / identity as the
 // task says and prints one line per input, "INPUT<TAB>top-1 label<TAB>score". With --all
@@ -12,6 +13,7 @@
 #include <torch/script.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <fstream>
 #include <iostream>
@@ -124,8 +126,45 @@ torch::Tensor read_f32(const std::string& path) {
   return torch::from_blob(bytes.data(), {1, n}, torch::kFloat32).clone();
 }
 
+// The seconds of a clip an audio model sees, as transferkit's predictor computes them: the
+// training run's max_seconds (decisions.config.max_seconds; 30 where the metadata does not
+// record it; null: whole clips), never less than the input spec's clip_seconds. 0: whole clips.
+double audio_window(const std::string& meta, const std::string& spec) {
+  const std::string given = json_value(json_value(json_value(meta, "decisions"), "config"), "max_seconds");
+  if (given == "null") return 0.0;
+  double window = given.empty() ? 30.0 : std::stod(given);
+  const std::string clip = json_value(spec, "clip_seconds");
+  if (!clip.empty() && clip != "null") window = std::max(window, std::stod(clip));
+  return window;
+}
+
+// The middle `window` seconds of a waveform [1, T] at `rate` Hz (the whole of a shorter one).
+torch::Tensor crop_middle(const torch::Tensor& wave, double window, int64_t rate, const std::string& path) {
+  if (window <= 0.0) return wave;
+  const auto keep = std::max<int64_t>(1, static_cast<int64_t>(std::nearbyint(window * static_cast<double>(rate))));
+  const int64_t length = wave.size(1);
+  if (length <= keep) return wave;
+  std::cerr << path << ": " << static_cast<double>(length) / static_cast<double>(rate)
+            << " s, longer than the model's window: its middle " << window << " s is predicted\n";
+  return wave.narrow(1, (length - keep) / 2, keep).contiguous();
+}
+
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// A TorchScript file is a zip archive ("PK\3\4"); say what else it is before libtorch reports a
+// "corrupted" file.
+void check_torchscript(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot open " + path);
+  char magic[4] = {};
+  in.read(magic, 4);
+  if (in.gcount() == 4 && std::string(magic, 4) == std::string("PK\3\4", 4)) return;
+  if (ends_with(path, ".onnx") || (in.gcount() > 0 && magic[0] == '\x08'))  // ONNX: a protobuf, ir_version first
+    throw std::runtime_error(path + " is an ONNX file; this program runs TorchScript exports (export with a .pt "
+                             "path), and ONNX files run with ONNX Runtime");
+  throw std::runtime_error(path + " is not a TorchScript export (not a zip archive)");
 }
 
 }  // namespace
@@ -134,7 +173,7 @@ torch::Tensor read_input(const std::string& path, const std::string& meta) {
   const std::string spec = json_value(meta, "input_spec");
   if (json_value(spec, "kind") == "audio") {
     if (!ends_with(path, ".f32")) throw std::runtime_error("an audio model takes raw float32 .f32 files, got " + path);
-    return read_f32(path);
+    return crop_middle(read_f32(path), audio_window(meta, spec), std::stoll(json_value(spec, "sample_rate")), path);
   }
   torch::Tensor input = read_ppm(path);
   const std::string size = json_value(spec, "image_size");
@@ -158,6 +197,7 @@ int main(int argc, char** argv) {
   }
   const std::string model_path = argv[1];
   try {
+    check_torchscript(model_path);
     torch::jit::ExtraFilesMap extra{{"transferkit.json", ""}, {"labels.txt", ""}};
     torch::jit::script::Module module = torch::jit::load(model_path, torch::kCPU, extra);
     module.eval();

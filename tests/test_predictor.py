@@ -295,3 +295,21 @@ def test_an_image_passed_as_an_object_is_read_as_its_file(tmp_path):
     tensor = torch.from_numpy(np.array(rgba)).permute(2, 0, 1)
     composited = ToRGB()(tensor).permute(1, 2, 0).numpy().astype(int)
     assert np.abs(composited - np.asarray(load_image(tmp_path / "rgba.png")).astype(int)).max() <= 1
+
+
+def test_a_pil_image_opened_from_a_jpeg_file_gets_the_pixels_of_its_path(tmp_path):
+    """``Image.open(path)`` of a JPEG much larger than the input is read from its file, at the
+    reduced scale (draft mode) training and a path get, and the object is left as it was; a
+    decoded PIL image is taken at the size it was decoded at."""
+    export_tiny(tmp_path / "m.pt", size=16)
+    predictor = transferkit.load(tmp_path / "m.pt")
+    g = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:240, 0:320]
+    pixels = np.stack([xx * 0.8, yy, (xx + yy) * 0.45], -1) + g.normal(0, 40, (240, 320, 3))
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(tmp_path / "big.jpg", quality=90)
+    want = predictor.predict_proba(tmp_path / "big.jpg")
+    with Image.open(tmp_path / "big.jpg") as opened:
+        assert torch.equal(predictor.predict_proba(opened), want)
+        assert opened.size == (320, 240) and opened.tile  # still the user's undecoded image, at full size
+        decoded = opened.convert("RGB")
+    assert not torch.equal(predictor.predict_proba(decoded), want)  # full size, then resized: other pixels

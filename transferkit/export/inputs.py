@@ -116,8 +116,8 @@ class InputPipeline:
         return files
 
     def _image(self, item: Any) -> torch.Tensor:
-        if isinstance(item, (str, Path)):
-            item = load_image(item, min_size=self.spec.resize_size or self.spec.image_size)
+        if isinstance(item, (str, Path)) or _unread_jpeg_file(item):
+            item = load_image(getattr(item, "filename", item), min_size=self.spec.resize_size or self.spec.image_size)
         elif is_open_file(item):  # an open binary file (a request's body, a member of an archive)
             item = load_image(item, min_size=self.spec.resize_size or self.spec.image_size,
                               name=getattr(item, "name", None))
@@ -169,6 +169,14 @@ class InputPipeline:
             return info.frames > float(self.max_seconds) * info.samplerate  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - the read itself reports a bad file
             return False
+
+
+def _unread_jpeg_file(item: Any) -> bool:
+    """Whether ``item`` is a PIL image of a JPEG file whose pixels are not decoded yet (what
+    ``Image.open(path)`` gives): read from its file, it gets the pixels its path gets (JPEG
+    draft mode, as training decodes it), while the object itself is left as it is."""
+    return isinstance(item, Image.Image) and item.format == "JPEG" and bool(getattr(item, "tile", None)) and \
+        isinstance(getattr(item, "filename", None), str) and os.path.isfile(item.filename)
 
 
 def is_open_file(item: Any) -> bool:

@@ -439,3 +439,23 @@ def test_an_interrupted_predict_keeps_the_rows_of_the_batches_it_ran(trained, ex
     code, out, err = _run(capsys, "predict", model, data, "--batch-size", "4", *mode)
     rows = [line for line in out.splitlines() if line and not line.startswith("path,")]
     assert code == 130 and "interrupted" in err and len(rows) == 4, out
+
+
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_an_export_says_which_epochs_weights_it_holds(restore_best, tmp_path, capsys):
+    """``training.weights_epoch`` is the best epoch where the run restored it, else the last;
+    inspect says so where the two differ, and the export holds the model the run returned."""
+    make_image_folder(tmp_path / "d", per_class=4, size=20)
+    result = transferkit.finetune("tk:small_cnn", weights=None, data=tmp_path / "d", image_size=16, epochs=3,
+                                  policy="full", lr=0.05, num_workers=0, verbose=False, restore_best=restore_best,
+                                  export=tmp_path / "m.pt")
+    meta = transferkit.export.read_metadata(tmp_path / "m.pt")
+    assert meta["training"]["weights_epoch"] == (result.best["epoch"] if restore_best else 3)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(tmp_path / "m.pt"))(x), result.model.eval()(x), atol=1e-5)
+    transferkit.export.update_metadata(tmp_path / "m.pt", {"training": {"best": {"epoch": 1}, "weights_epoch": 3}})
+    code, out, err = _run(capsys, "inspect", tmp_path / "m.pt")
+    assert code == 0 and "weights:     epoch 3's (the last: restore_best=False), not the best epoch 1's" in out, err
+    transferkit.export.update_metadata(tmp_path / "m.pt", {"training": {"best": {"epoch": 3}, "weights_epoch": 3}})
+    assert "weights:" not in _run(capsys, "inspect", tmp_path / "m.pt")[1]

@@ -160,7 +160,7 @@ class FinetuneResult:
         Example:
             >>> result.export("model.pt", onnx=True)[0].max_abs_diff  # doctest: +SKIP
         """
-        reports = export_result(self.model, self.decisions, self.run, self.best, path, onnx=onnx,
+        reports = export_result(self.model, self.decisions, self.run, self.best, len(self.history), path, onnx=onnx,
                                 optimize=optimize, mode=mode, atol=atol, rtol=rtol)
         self.export_report, self.export_path = reports[0], reports[0].path
         return reports

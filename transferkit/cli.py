@@ -266,6 +266,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                      f"{', ...' if len(meta['labels']) > 5 else ''}; from {targets.get('n')} training targets)")
     if train:
         lines.append(f"training:    {json.dumps(train, sort_keys=True)}")
+        best = train.get("best") if isinstance(train.get("best"), dict) else {}
+        if train.get("weights_epoch") not in (None, best.get("epoch")):
+            lines.append(f"weights:     epoch {train['weights_epoch']}'s (the last: restore_best=False), not the "
+                         f"best epoch {best.get('epoch')}'s")
     print("\n".join(lines))
     return 0
 

@@ -21,7 +21,7 @@ from transferkit.export.torchscript import ExportReport
 from transferkit.outputs import check_not_data
 from transferkit.policies import merge_lora
 from transferkit.run import Run
-from transferkit.steps import example_inputs, export_metadata, metadata
+from transferkit.steps import example_inputs, export_metadata, metadata, weights_epoch
 
 
 def _decided(decisions: Any, run: Any = None, *, need_run: bool = False) -> None:
@@ -31,8 +31,8 @@ def _decided(decisions: Any, run: Any = None, *, need_run: bool = False) -> None
 
 
 def export_result(model: nn.Module, decisions: Decisions | None, run: Run | None, best: dict[str, Any],
-                  path: str | Path, *, onnx: bool | str | Path = False, optimize: bool = False, mode: str = "auto",
-                  atol: float = 1e-5, rtol: float = 1e-5) -> list[ExportReport]:
+                  epochs: int, path: str | Path, *, onnx: bool | str | Path = False, optimize: bool = False,
+                  mode: str = "auto", atol: float = 1e-5, rtol: float = 1e-5) -> list[ExportReport]:
     """Export the trained ``model`` to a verified TorchScript file at ``path`` (and to ONNX: at
     ``onnx`` when it is a path, beside ``path`` with the suffix ``.onnx`` when True), with
     the metadata ``finetune(export=...)`` writes (labels, input, task, decisions, best epoch),
@@ -46,7 +46,8 @@ def export_result(model: nn.Module, decisions: Decisions | None, run: Run | None
     check_writable(path, what="export")  # before any work
     if onnx_path is not None:
         check_writable(onnx_path, what="ONNX export")
-    merged, meta, examples = merge_lora(model), export_metadata(decisions, best), example_inputs(decisions, run)
+    merged, meta, examples = merge_lora(model), export_metadata(decisions, best, epochs), \
+        example_inputs(decisions, run)
     from transferkit.export.onnx import export_files
 
     return export_files(merged, path, onnx=onnx_path, metadata=meta, example_inputs=examples, mode=mode,
@@ -94,6 +95,8 @@ def result_summary(result: Any) -> str:
         head += " (stopped early)"
     if best.get("epoch") is not None:
         head += f", best epoch {best['epoch']} ({_score({k: v for k, v in best.items() if k != 'epoch'})})"
+        if result.decisions is not None and weights_epoch(result.decisions, best, n) != best["epoch"]:
+            head += f"; the model holds epoch {n}'s weights (restore_best=False)"
     lines = [head]
     names = {"accuracy": "accuracy", "macro_f1": "macro F1", "balanced_accuracy": "balanced accuracy",
              "mse": "MSE", "mae": "MAE", "r2": "R^2", "subset_accuracy": "subset accuracy",

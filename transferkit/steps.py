@@ -380,11 +380,18 @@ def metadata(d: Decisions, *, portable: bool = False) -> dict[str, Any]:
             "transferkit_version": __version__, "decisions": d.to_dict(portable=portable), "training": {}}
 
 
-def export_metadata(d: Decisions, best: dict[str, Any]) -> dict[str, Any]:
+def weights_epoch(d: Decisions, best: dict[str, Any], epochs: int) -> int:
+    """The epoch whose weights a finished run of ``epochs`` epochs holds: the best one where it
+    restored it (``restore_best``), else the last."""
+    return int(best["epoch"]) if d.config.restore_best and best.get("epoch") is not None else epochs
+
+
+def export_metadata(d: Decisions, best: dict[str, Any], epochs: int) -> dict[str, Any]:
     """The metadata an export carries: [`metadata`][transferkit.steps.metadata] made portable
-    (unless ``portable_metadata=False``), with the best epoch."""
+    (unless ``portable_metadata=False``), with the best epoch and the epoch whose weights the
+    file holds (`weights_epoch`: the last, not the best, with ``restore_best=False``)."""
     shipped = metadata(d, portable=d.config.portable_metadata)
-    shipped["training"]["best"] = best
+    shipped["training"].update(best=best, weights_epoch=weights_epoch(d, best, epochs))
     return shipped
 
 
@@ -600,7 +607,7 @@ def write_outputs(d: Decisions, run: Run, outcome: TrainOutcome, metrics: dict[s
     if cfg.export is not None:
         t2 = time.perf_counter()
         example = example_inputs(d, run)
-        shipped = export_metadata(d, outcome.best)
+        shipped = export_metadata(d, outcome.best, len(outcome.history))
         out["export_report"] = save_with_fallback(
             cfg.export, lambda: export_torchscript(model, cfg.export, metadata=shipped, example_inputs=example),
             what="export", flag="export", model=model, meta=meta, **history)

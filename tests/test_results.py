@@ -175,7 +175,8 @@ def test_the_summary_shows_errors_of_any_scale():
     from transferkit.data.checks import DataReport
     from transferkit.results import result_summary
 
-    r = SimpleNamespace(decisions=None, best={"epoch": 2, "val_loss": 4.2e-12}, history=[{}, {}], timings={}, stopped_early=False,
+    r = SimpleNamespace(decisions=None, best={"epoch": 2, "val_loss": 4.2e-12}, history=[{}, {}], timings={},
+                        stopped_early=False,
                         metrics={"mse": 3.2e-11, "mae": 2.5e76, "r2": 0.99184}, export_report=None,
                         checkpoint_path=None, compile_trial=None, plots={}, data_report=DataReport())
     text = result_summary(r)

@@ -73,6 +73,14 @@ def test_shards_named_by_a_glob_multi_dot_extensions_and_members_apart(tmp_path)
     with pytest.raises(tk.DataError, match=r"hold no usable sample .* 6 keys of the shards have members apart "
                                            r"from each other \(e.g. 'k0' in .*apart.tar'\): a sample's members"):
         prepare_data(apart, val_split=0)
+    # samples in a row under one key (each its image and label): each read on its own, with a warning
+    twice = shard(tmp_path / "twice.tar", [(f"k{k // 2}.{ext}", data if ext == "png" else labels[k])
+                                           for k, (data, _, _) in enumerate(items) for ext in ("png", "cls")])
+    with pytest.warns(UserWarning, match=r"3 samples of the training shards repeat the key of the sample before "
+                                         r"\(e.g. 'k0' in .*twice.tar'.*each is read as a sample of its own"):
+        b = prepare_data(twice, val_split=0)
+    assert len(b.train) == 6 and b.train.targets == [int(x) for x in labels]
+    assert [b.train.source.read(int(i)) for i in b.train.indices] == [data for data, _, _ in items]
     with pytest.raises(tk.DataError, match="cannot be read as an image \\(UnidentifiedImageError: cannot identify "
                                            "image file\\)\\."):
         prepare_data(shard(tmp_path / "bad.tar", [("a.png", b"not an image"), ("a.cls", b"0")] +

@@ -63,7 +63,7 @@ from transferkit.data.fingerprint import from_common_folder
 from transferkit.data.remote import ENV_BUDGET, Held, ShardCache, ShardFetchError, fetch_small, is_url, remote_validators
 from transferkit.errors import DataError, check_choice
 
-INDEX_FORMAT = 4  # 4: a shard is checked to its end (data after the end-of-archive block)
+INDEX_FORMAT = 5  # 4: a shard is checked to its end (data after the end-of-archive block); 5: a key repeated in a row
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 LABEL_EXTS = ("cls", "txt", "json")
 PADDING_MOST = 64 << 10  # zeros a tar ends with: its end-of-archive blocks and record padding (128 blocks of 512)
@@ -280,12 +280,13 @@ class ShardIndex:
     nbytes: int = 0  # the shard's size
     validators: dict[str, str] = field(default_factory=dict)  # a remote shard's ETag, Content-Length, ...
     scattered: list[str] = field(default_factory=list)  # keys whose members are not adjacent (read as several)
+    repeated: list[str] = field(default_factory=list)  # keys of several samples in a row (a member met again)
 
     def to_json(self) -> str:
         return json.dumps({"format": INDEX_FORMAT, "keys": self.keys, "offsets": self.offsets, "sizes": self.sizes,
                            "labels": self.labels, "bad": self.bad, "dims": self.dims, "no_image": self.no_image,
                            "no_label": self.no_label, "nbytes": self.nbytes, "validators": self.validators,
-                           "scattered": self.scattered}, separators=(",", ":"))
+                           "scattered": self.scattered, "repeated": self.repeated}, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> ShardIndex:
@@ -293,7 +294,7 @@ class ShardIndex:
         if d.get("format") != INDEX_FORMAT:
             raise ValueError(f"index format {d.get('format')}, expected {INDEX_FORMAT}")
         return cls(d["keys"], d["offsets"], d["sizes"], d["labels"], d["bad"], d["dims"], d["no_image"],
-                   d["no_label"], d["nbytes"], d["validators"], d.get("scattered", []))
+                   d["no_label"], d["nbytes"], d["validators"], d["scattered"], d["repeated"])
 
 
 class _Region(io.RawIOBase):
@@ -452,9 +453,14 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
             _check_end(f, tar.offset, total)
             # the checks seek in the file: run them after the headers were walked
             for key, ext, off, size, label_bytes in pending:
-                if cur and cur["key"] != key:
+                again = bool(cur) and cur["key"] == key and ext in cur["members"]  # the key's next sample, in a row
+                if cur and (cur["key"] != key or again):
                     flush()
                     cur = {}
+                if again:
+                    done.discard(key)  # in a row: not a scattered sample
+                    if len(index.repeated) < 1000:
+                        index.repeated.append(key)
                 if not cur:
                     cur = {"key": key, "members": {}, "labels": {}}
                 cur["members"].setdefault(ext, (off, size))
@@ -907,6 +913,12 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
                  f"apart from each other (e.g. {scattered[0][1]!r} in {scattered[0][0]!r}): a sample's members must be "
                  "adjacent in the tar, as WebDataset reads them; write each sample's files together (sort the "
                  "members by key).")
+    repeated = [(p, k) for p, ix in zip(shards, indexes) for k in ix.repeated]
+    if repeated:
+        report.warn(f"{plural(len(repeated), 'sample')} of the {what} shards repeat the key of the sample before "
+                    f"(e.g. {repeated[0][1]!r} in {repeated[0][0]!r}: its members appear again): each is read as a "
+                    "sample of its own, with the members that follow it (WebDataset refuses such a shard). Give "
+                    "each sample its own key.")
     no_image, no_label = sum(ix.no_image for ix in indexes), sum(ix.no_label for ix in indexes)
     if no_image or no_label:
         msg = (f"{no_image + no_label} {what} sample(s) in the shards have no image ({no_image}; looked for "

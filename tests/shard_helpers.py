@@ -79,8 +79,9 @@ def uneven_sizes(n: int, shards: int, seed: int = 0, empty: bool = True) -> list
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves a folder; records each request; ``/slow/...`` waits before answering,
-    ``/short/...`` announces the whole file but sends half of it, and ``/flaky/...`` answers
-    HTTP 503 to the first two GETs of each tar file."""
+    ``/short/...`` announces the whole file but sends half of it, ``/flaky/...`` answers
+    HTTP 503 to the first two GETs of each tar file, and ``/trickle/...`` sends a byte every
+    0.05 s."""
 
     def log_message(self, *args):  # quiet
         pass
@@ -90,7 +91,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def do_HEAD(self):
         self._record()
-        self.path = self.path.replace("/slow/", "/", 1).replace("/short/", "/", 1).replace("/flaky/", "/", 1)
+        for kind in ("/slow/", "/short/", "/flaky/", "/trickle/"):
+            self.path = self.path.replace(kind, "/", 1)
         super().do_HEAD()
 
     def do_GET(self):
@@ -104,6 +106,20 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if self.path.startswith("/slow/"):
             time.sleep(0.5)
             self.path = self.path.replace("/slow/", "/", 1)
+        if self.path.startswith("/trickle/"):
+            data = (Path(self.directory) / self.path[len("/trickle/"):]).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for i in range(len(data)):
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:  # the client gave up
+                pass
+            self.close_connection = True
+            return
         if self.path.startswith("/short/"):
             data = (Path(self.directory) / self.path[len("/short/"):]).read_bytes()
             self.send_response(200)

@@ -162,6 +162,24 @@ def test_failed_fetches_are_one_line_errors(shards, tmp_path, monkeypatch):
     assert not remote._may_pass(PermissionError("Access Denied")) and remote._may_pass(ConnectionResetError())
 
 
+def test_a_fetch_that_stalls_fails_instead_of_waiting_forever(shards, tmp_path, monkeypatch):
+    """A command silent for longer than the timeout, and a server that trickles a byte at a
+    time (each read within its timeout, the whole never), fail as stalled fetches; the
+    command is ended with what it started."""
+    monkeypatch.setattr(remote, "RETRY_WAITS", (0.0,))
+    monkeypatch.setattr(remote, "TIMEOUT", 1.0)
+    marker = tmp_path / "still-running"
+    with serve(shards) as (base, _):
+        for url in (f"pipe:sleep 3; touch {marker}", f"{base}/trickle/train-000000.tar"):
+            start = time.monotonic()
+            with pytest.raises(tk.DataError, match=r"the fetch stalled: \d+ bytes in the last 1 s \(fewer than 64 "
+                                                   r"KiB\) \(after 2 attempts"):
+                prepare_data(url, val_split=0)
+            assert time.monotonic() - start < 20
+    time.sleep(3)
+    assert not marker.exists()  # the stalled command was killed, not left to finish
+
+
 def test_a_truncated_remote_shard_is_a_bad_shard_and_is_not_cached(shards, tmp_path):
     cmd = f"pipe:head -c 3000 {shards}/train-000000.tar"
     with pytest.raises(tk.DataError, match=r"Cannot read the shard 'pipe:head .*truncated"):

@@ -22,7 +22,8 @@ and bounded:
 - **Where.** ``cache_dir/shards/`` when ``cache_dir`` is set (kept across runs), else a
   temporary folder removed when the process exits. Files are named by a hash of the URL.
 - **Errors.** A failed fetch (an HTTP error, a command that exits with a non-zero code, a
-  body shorter than its Content-Length) raises a one-line `ShardFetchError` naming the URL.
+  body shorter than its Content-Length, an HTTP body or a command's output that brings fewer
+  than `STALL_BYTES` in `TIMEOUT` seconds) raises a one-line `ShardFetchError` naming the URL.
   A failure that may pass (a dropped or refused connection, a timeout, a short body, HTTP
   5xx, 429 or 408, a command's non-zero exit, another file system error than a missing
   file) is tried again after each of `RETRY_WAITS` first; the error then says how many
@@ -60,6 +61,7 @@ DEFAULT_BUDGET = 16 * 2**30
 """Bytes of remote shards the shard cache keeps by default (16 GiB: a few dozen shards of
 the usual 0.1-1 GB); set ``TRANSFERKIT_SHARD_CACHE`` (``500M``, ``20G``, or bytes) to change it."""
 TIMEOUT = 60.0  # seconds without a byte from an HTTP server before a fetch fails
+STALL_BYTES = 64 * 1024  # a fetch that brings fewer bytes than this in TIMEOUT seconds (a trickle) has stalled
 RETRY_WAITS = (1.0, 4.0, 16.0)  # seconds before each new attempt of a fetch whose failure may pass
 CHUNK = 1 << 20
 FETCH_POLL_S = 0.02  # how often a process waiting for another's fetch of a shard looks whether it is there
@@ -185,16 +187,64 @@ def stream_to(url: str, dest: str | Path) -> dict[str, str]:
     raise AssertionError("unreachable")
 
 
+class _Pace:
+    """Counts a fetch's bytes; `add` raises a transient `ShardFetchError` once `TIMEOUT`
+    seconds brought fewer than `STALL_BYTES` (a stalled command, a server that trickles: each
+    read may end within its timeout while the whole never does)."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.since, self.got = url, time.monotonic(), 0
+
+    def add(self, n: int) -> None:
+        self.got += n
+        if self.got >= STALL_BYTES:
+            self.since, self.got = time.monotonic(), 0
+        elif time.monotonic() - self.since > TIMEOUT:
+            self.stalled()
+
+    def stalled(self) -> None:
+        raise _fail(self.url, f"the fetch stalled: {self.got} bytes in the last {TIMEOUT:.0f} s (fewer than "
+                              f"{STALL_BYTES // 1024} KiB)", transient=True)
+
+
+def _copy_paced(read: Callable[[int], bytes], out: Any, pace: _Pace) -> None:
+    """Copy ``read(CHUNK)`` into ``out`` until it returns no bytes, paced by ``pace``."""
+    while chunk := read(CHUNK):
+        out.write(chunk)
+        pace.add(len(chunk))
+
+
+def _pipe_reader(proc: subprocess.Popen, pace: _Pace) -> Callable[[int], bytes]:
+    """``read(n)`` of a command's output that waits at most until `_Pace` would call the
+    fetch stalled (a read of a pipe otherwise blocks for as long as the command is silent)."""
+    import select
+
+    fd = proc.stdout.fileno()  # type: ignore[union-attr]
+
+    def read(n: int) -> bytes:
+        left = TIMEOUT - (time.monotonic() - pace.since)
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            pace.stalled()
+        return os.read(fd, n)
+    return read
+
+
 def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
     """One attempt of `stream_to`."""
     kind = scheme(url)
+    pace = _Pace(url)
     with open(dest, "wb") as out:
         if kind == "pipe":
             with tempfile.TemporaryFile() as err:
-                proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=err)
+                proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=err,
+                                        start_new_session=True)  # its own group: a stalled one is ended whole
                 assert proc.stdout is not None
                 try:
-                    shutil.copyfileobj(proc.stdout, out, CHUNK)
+                    _copy_paced(_pipe_reader(proc, pace), out, pace)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.killpg(proc.pid, 9)  # the shell and what it started (sleep, curl, ...)
+                    raise
                 finally:
                     proc.stdout.close()
                     code = proc.wait()
@@ -212,7 +262,7 @@ def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
             try:
                 with urllib.request.urlopen(url, timeout=TIMEOUT) as r:
                     got = _http_validators(r.headers)
-                    shutil.copyfileobj(r, out, CHUNK)
+                    _copy_paced(r.read1, out, pace)  # what has come: read(n) waits for all n bytes
             except urllib.error.HTTPError as exc:
                 raise _fail(url, f"HTTP {exc.code} {exc.reason}", transient=exc.code >= 500 or exc.code in (408, 429)) \
                     from None

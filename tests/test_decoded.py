@@ -158,3 +158,31 @@ def test_in_memory_datasets_and_float_targets(tmp_path):
 def test_audio_specs_are_not_decoded_once(tmp_path):
     plan = plan_decode([], InputSpec(kind="audio", sample_rate=8000), augment="none")
     assert plan.mode == "off" and "audio" in plan.reason
+
+
+@pytest.mark.parametrize("kind", ["folder", "shards"])
+def test_an_unscanned_unreadable_image_is_replaced_when_decoded_once(tmp_path, kind):
+    """With ``scan="none"`` an image that cannot be read reaches decode-once: its size is not
+    known ahead (it will be replaced by another of its class when loaded, and is budgeted as
+    the largest), and decoding once goes on and reports it, as a loader does."""
+    import warnings
+
+    from shard_helpers import folder_items, write_shards
+
+    from transferkit.data import prepare_data
+
+    _folder(tmp_path)
+    (tmp_path / "img" / "a" / "9.png").write_bytes(b"not an image" * 10)
+    if kind == "folder":
+        ds = ImageFolderDataset(tmp_path / "img", min_size=SPEC.resize_size, scan="none")
+    else:
+        write_shards(folder_items(tmp_path / "img"), tmp_path / "s", [7, 6])
+        ds = prepare_data(str(tmp_path / "s"), val_split=0, scan="none", min_size=SPEC.resize_size).train
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dec, plan = decoded_dataset(ds, SPEC, augment="none", num_workers=0)
+        items = _items(dec, 0)
+    assert plan.mode == "memory" and len(items) == 13
+    assert all(x.shape == (3, 16, 16) for x, _ in items)
+    assert [y for _, y in items] == ds.targets
+    assert len(ds.report.bad_at_load) == 1

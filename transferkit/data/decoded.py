@@ -141,24 +141,36 @@ def estimate_bytes(dataset: Any, spec: InputSpec, augment: str) -> tuple[int, in
     """The bytes of the stored pixels, from the image headers (no decoding) for image files,
     from the items themselves for in-memory data; and for image files an upper bound to
     allocate (draft-mode decoding rounds sizes: two columns of slack per image), else None."""
-    total, bound = 0, 0
+    total, bound, unread, largest = 0, 0, 0, (spec.image_size, spec.image_size)
     samples = getattr(dataset, "samples", None)
     sized = getattr(dataset, "image_size", None)  # encoded images (shards, tables): sizes without decoding
     files = sized is not None or (samples is not None and all(isinstance(p, (str, os.PathLike)) for p, _ in samples))
     for i in range(len(dataset)):
-        if sized is not None:
-            w, h = sized(i)
-        elif files:
-            with Image.open(samples[i][0]) as img:
-                w, h = img.size
-        elif augment != "standard":
-            w = h = spec.image_size
-        else:
-            item = dataset[i][0]
-            w, h = item.size if isinstance(item, Image.Image) else (item.shape[-1], item.shape[-2])
+        try:
+            if sized is not None:
+                w, h = sized(i)
+            elif files:
+                with Image.open(samples[i][0]) as img:
+                    w, h = img.size
+            elif augment != "standard":
+                w = h = spec.image_size
+            else:
+                item = dataset[i][0]
+                w, h = item.size if isinstance(item, Image.Image) else (item.shape[-1], item.shape[-2])
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            if not files:
+                raise
+            unread += 1  # an unreadable image (not scanned: scan="none") is replaced by another when it is loaded
+            continue
         a, b = _stored_shape(w, h, spec, augment)
-        total, bound = total + 3 * a * b, bound + 3 * a * (b + 2)
+        total, bound, largest = total + 3 * a * b, bound + 3 * a * (b + 2), max(largest, (a, b), key=_area)
+    a, b = largest  # what a replacement may take at most
+    total, bound = total + unread * 3 * a * b, bound + unread * 3 * a * (b + 2)
     return total, (bound if files else None)
+
+
+def _area(shape: tuple[int, int]) -> int:
+    return shape[0] * shape[1]
 
 
 def decode_census(dataset: Any, spec: InputSpec, *, augment: str,

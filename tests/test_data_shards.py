@@ -384,7 +384,7 @@ def test_a_shard_that_a_tar_reader_would_end_early_is_a_bad_shard(tmp_path):
     damaged[1536:1546] = b"x" * 10  # inside the second member's header
     cases = {"cat.tar": (raw + b.read_bytes(), "data follow tar's end-of-archive block at byte"),
              "header.tar": (bytes(damaged), "is not a valid tar header: the shard is damaged there"),
-             "zeros.tar": (raw + bytes(200_000), "bytes of zeros follow its last member"),
+             "zeros.tar": (raw + bytes(2_000_000), "bytes of zeros follow its last member"),
              "cut.tar": (raw[:len(raw) // 2], "the shard is truncated")}
     for name, (data, said) in cases.items():
         (tmp_path / name).write_bytes(data)
@@ -394,8 +394,11 @@ def test_a_shard_that_a_tar_reader_would_end_early_is_a_bad_shard(tmp_path):
         assert len(bundle.train) == 4 and bundle.report.bad_files[0][0] == str(tmp_path / name)
         assert [w.split(":")[0] for w in bundle.report.warnings if name in w] == [f"Left out the shard "
                                                                                    f"{str(tmp_path / name)!r}"]
-    (tmp_path / "padded.tar").write_bytes(raw + bytes(30_000))  # record padding of a larger blocking factor
-    assert len(prepare_data(str(tmp_path / "padded.tar"), val_split=0, on_bad_file="raise").train) == 4
+    for blocking in (20, 512):  # tar's default, and GNU tar -b 512 (records of 256 KiB)
+        record = 512 * blocking
+        padded = raw + bytes(-len(raw) % record or record)
+        (tmp_path / "padded.tar").write_bytes(padded)
+        assert len(prepare_data(str(tmp_path / "padded.tar"), val_split=0, on_bad_file="raise").train) == 4
 
 
 @pytest.mark.parametrize("workers", [0, 2])

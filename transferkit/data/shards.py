@@ -63,10 +63,10 @@ from transferkit.data.fingerprint import from_common_folder
 from transferkit.data.remote import ENV_BUDGET, Held, ShardCache, ShardFetchError, fetch_small, is_url, remote_validators
 from transferkit.errors import DataError, check_choice
 
-INDEX_FORMAT = 5  # 4: a shard is checked to its end (data after the end-of-archive block); 5: a key repeated in a row
+INDEX_FORMAT = 5  # 4: a shard is checked to its end (data after its end); 5: keys repeated in a row, 1 MiB padding
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 LABEL_EXTS = ("cls", "txt", "json")
-PADDING_MOST = 64 << 10  # zeros a tar ends with: its end-of-archive blocks and record padding (128 blocks of 512)
+PADDING_MOST = 1 << 20  # zeros a tar ends with: end-of-archive blocks and record padding (GNU tar -b 2048 at most)
 READ_TO_CONFIRM = 1000  # samples of equal signatures read to confirm they are copies (local shards)
 MAX_OPEN_REMOTE = 2  # remote shards one process keeps open (and so out of the cache's eviction)
 INDEX_THREADS = 8  # remote shards looked up or fetched at once while the indexes are made

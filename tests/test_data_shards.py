@@ -221,7 +221,7 @@ def test_a_class_index_of_minus_one_is_refused_not_dropped(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(tk.DataError, match=r"class indices \[-1\] outside 0..1"):
+    with pytest.raises(tk.DataError, match=r"class indices \[-1\] lie outside 0..1"):
         prepare_data(str(path), val_split=0)
 
 

@@ -304,7 +304,9 @@ def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
     p.add_argument("--config", default=None, help="YAML file of finetune settings (keys as in FinetuneConfig)")
     p.add_argument("--data", default=None, help="training data: a folder root/<class>/<file> (or with train/ and "
                    "val/ or test/), or a CSV of path,label (with --task multilabel or regression: a CSV of path "
-                   "and one column per output) (default: the config's data_dir)")
+                   "and one column per output), or tar shards (a pattern such as 'train-{000..127}.tar', a glob, a "
+                   "folder of them, a URL or pipe: command), Parquet files, or a saved Hugging Face dataset folder "
+                   "(default: the config's data_dir)")
     p.add_argument("--val-data", default=None, help="validation data (default: a stratified split)")
     for key, f in config_fields().items():
         m = f.metadata

@@ -296,7 +296,7 @@ def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what
         index = {c: k for k, c in enumerate(classes)}
         unknown = sorted({n for n in names if n not in index})
         if unknown:
-            report.warn(f"{what} has labels {unknown[:10]} that are not among the classes {list(classes)[:10]}; "
+            report.warn(f"{what}: the labels {unknown[:10]} are not among the classes {list(classes)[:10]}; "
                         "those samples are left out.")
         for k, lab in enumerate(labels):
             if isinstance(lab, str) and lab in index:
@@ -310,6 +310,6 @@ def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what
         classes = index_names(top + 1)
     bad = sorted({int(t) for t in ints if not 0 <= t < len(classes)})  # -1 too: a label, not the "none" mark
     if bad:
-        raise DataError(f"{what} has class indices {bad[:5]} outside 0..{len(classes) - 1} for the classes "
+        raise DataError(f"{what}: the class indices {bad[:5]} lie outside 0..{len(classes) - 1} for the classes "
                         f"{list(classes)[:10]}; fix the labels or pass classes=[...] with one name per index.")
     return out, list(classes)

@@ -897,10 +897,11 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
     source = ShardSource(shards, indexes, shard_cache)
     if source.sample_groups() is not None and shard_cache is not None:
         need = sum(n for n, r in zip(source.nbytes, source.remote) if r)
+        how = ("training draws them shard by shard (the shards in a seeded order, the samples shuffled within "
+               f"each) so that each is fetched about once per epoch. Set {ENV_BUDGET} above their size for a global "
+               "shuffle.") if what == "training" else "they are read shard by shard, each fetched about once a pass."
         report.warn(f"The remote {what} shards ({_size(need)}) do not fit the shard cache "
-                    f"({_size(shard_cache.budget)}, {ENV_BUDGET}): training draws them shard by shard (the "
-                    "shards in a seeded order, the samples shuffled within each) so that each is fetched about once "
-                    f"per epoch. Set {ENV_BUDGET} above their size for a global shuffle.")
+                    f"({_size(shard_cache.budget)}, {ENV_BUDGET}): {how}")
     empty = [p for p, ix in zip(shards, indexes) if not ix.keys and p not in left_out]  # bad ones said above
     if empty:
         report.warn(f"{len(empty)} of the {len(shards)} {what} shard(s) hold no sample, e.g. {empty[:3]}.")

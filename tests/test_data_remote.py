@@ -167,17 +167,24 @@ def test_a_fetch_that_stalls_fails_instead_of_waiting_forever(shards, tmp_path, 
     time (each read within its timeout, the whole never), fail as stalled fetches; the
     command is ended with what it started."""
     monkeypatch.setattr(remote, "RETRY_WAITS", (0.0,))
-    monkeypatch.setattr(remote, "TIMEOUT", 1.0)
+    monkeypatch.setenv("TRANSFERKIT_FETCH_TIMEOUT", "1")
     marker = tmp_path / "still-running"
     with serve(shards) as (base, _):
-        for url in (f"pipe:sleep 3; touch {marker}", f"{base}/trickle/train-000000.tar"):
+        # a shell that started another: both are ended (the inner one outlives a kill of the outer alone)
+        for url in (f"pipe:sh -c 'sleep 3; touch {marker}'", f"{base}/trickle/train-000000.tar"):
             start = time.monotonic()
             with pytest.raises(tk.DataError, match=r"the fetch stalled: \d+ bytes in the last 1 s \(fewer than 64 "
-                                                   r"KiB\) \(after 2 attempts"):
+                                                   r"KiB; TRANSFERKIT_FETCH_TIMEOUT sets the seconds\) \(after 2 "
+                                                   r"attempts"):
                 prepare_data(url, val_split=0)
             assert time.monotonic() - start < 20
+        # silent for less than the timeout, then the whole shard: no stall
+        assert len(_quiet(prepare_data, f"pipe:sleep 0.5; cat {shards}/train-000000.tar", val_split=0).train) > 0
     time.sleep(3)
     assert not marker.exists()  # the stalled command was killed, not left to finish
+    monkeypatch.setenv("TRANSFERKIT_FETCH_TIMEOUT", "soon")
+    with pytest.raises(tk.DataError, match=r"TRANSFERKIT_FETCH_TIMEOUT='soon' is not a number of seconds above 0"):
+        remote.fetch_timeout()
 
 
 def test_a_truncated_remote_shard_is_a_bad_shard_and_is_not_cached(shards, tmp_path):

@@ -23,7 +23,8 @@ and bounded:
   temporary folder removed when the process exits. Files are named by a hash of the URL.
 - **Errors.** A failed fetch (an HTTP error, a command that exits with a non-zero code, a
   body shorter than its Content-Length, an HTTP body or a command's output that brings fewer
-  than `STALL_BYTES` in `TIMEOUT` seconds) raises a one-line `ShardFetchError` naming the URL.
+  than `STALL_BYTES` in `fetch_timeout` seconds) raises a one-line `ShardFetchError` naming the
+  URL.
   A failure that may pass (a dropped or refused connection, a timeout, a short body, HTTP
   5xx, 429 or 408, a command's non-zero exit, another file system error than a missing
   file) is tried again after each of `RETRY_WAITS` first; the error then says how many
@@ -43,7 +44,9 @@ import hashlib
 import json
 import os
 import re
+import selectors
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -60,7 +63,8 @@ ENV_BUDGET = "TRANSFERKIT_SHARD_CACHE"
 DEFAULT_BUDGET = 16 * 2**30
 """Bytes of remote shards the shard cache keeps by default (16 GiB: a few dozen shards of
 the usual 0.1-1 GB); set ``TRANSFERKIT_SHARD_CACHE`` (``500M``, ``20G``, or bytes) to change it."""
-TIMEOUT = 60.0  # seconds without a byte from an HTTP server before a fetch fails
+ENV_TIMEOUT = "TRANSFERKIT_FETCH_TIMEOUT"
+TIMEOUT = 60.0  # seconds a fetch may wait for a byte, or bring fewer than STALL_BYTES, before it fails (ENV_TIMEOUT)
 STALL_BYTES = 64 * 1024  # a fetch that brings fewer bytes than this in TIMEOUT seconds (a trickle) has stalled
 RETRY_WAITS = (1.0, 4.0, 16.0)  # seconds before each new attempt of a fetch whose failure may pass
 CHUNK = 1 << 20
@@ -142,7 +146,7 @@ def remote_validators(url: str) -> dict[str, str]:
         import urllib.request
 
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=TIMEOUT) as r:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=fetch_timeout()) as r:
                 return _http_validators(r.headers)
         except urllib.error.HTTPError as exc:
             if exc.code not in (404, 410):  # no HEAD (405, 501; a URL signed for GET only: 403): the URL alone
@@ -188,43 +192,72 @@ def stream_to(url: str, dest: str | Path) -> dict[str, str]:
 
 
 class _Pace:
-    """Counts a fetch's bytes; `add` raises a transient `ShardFetchError` once `TIMEOUT`
-    seconds brought fewer than `STALL_BYTES` (a stalled command, a server that trickles: each
-    read may end within its timeout while the whole never does)."""
+    """A fetch's progress: `check`, called before each read that may wait, raises a transient
+    `ShardFetchError` once `fetch_timeout` seconds brought fewer than `STALL_BYTES` (a silent
+    command; a server that trickles, each of whose reads ends within its timeout while the
+    whole never does). The window starts when the response or the command has started."""
 
     def __init__(self, url: str) -> None:
-        self.url, self.since, self.got = url, time.monotonic(), 0
+        self.url, self.timeout = url, fetch_timeout()
+        self.restart()
+
+    def restart(self) -> None:
+        self.since, self.got = time.monotonic(), 0
 
     def add(self, n: int) -> None:
         self.got += n
         if self.got >= STALL_BYTES:
-            self.since, self.got = time.monotonic(), 0
-        elif time.monotonic() - self.since > TIMEOUT:
-            self.stalled()
+            self.restart()
 
-    def stalled(self) -> None:
-        raise _fail(self.url, f"the fetch stalled: {self.got} bytes in the last {TIMEOUT:.0f} s (fewer than "
-                              f"{STALL_BYTES // 1024} KiB)", transient=True)
+    def left(self) -> float:
+        """Seconds the next read may wait before the fetch counts as stalled."""
+        return self.timeout - (time.monotonic() - self.since)
+
+    def check(self) -> None:
+        if self.left() <= 0:
+            raise _fail(self.url, f"the fetch stalled: {self.got} bytes in the last {self.timeout:g} s (fewer than "
+                                  f"{STALL_BYTES // 1024} KiB; {ENV_TIMEOUT} sets the seconds)", transient=True)
+
+
+def fetch_timeout() -> float:
+    """Seconds a fetch may wait for a byte, or bring fewer than `STALL_BYTES`, before it fails:
+    ``TRANSFERKIT_FETCH_TIMEOUT``, else `TIMEOUT`."""
+    given = os.environ.get(ENV_TIMEOUT, "").strip()
+    if not given:
+        return TIMEOUT
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise DataError(f"{ENV_TIMEOUT}={given!r} is not a number of seconds above 0; set it to e.g. 600, or unset it "
+                        f"for {TIMEOUT:g}.")
+    return seconds
 
 
 def _copy_paced(read: Callable[[int], bytes], out: Any, pace: _Pace) -> None:
-    """Copy ``read(CHUNK)`` into ``out`` until it returns no bytes, paced by ``pace``."""
-    while chunk := read(CHUNK):
+    """Copy ``read(CHUNK)`` into ``out`` until it returns no bytes, paced by ``pace`` (checked
+    before each read: the read that finds the end is never called a stall)."""
+    while True:
+        pace.check()
+        chunk = read(CHUNK)
+        if not chunk:
+            return
         out.write(chunk)
         pace.add(len(chunk))
 
 
 def _pipe_reader(proc: subprocess.Popen, pace: _Pace) -> Callable[[int], bytes]:
-    """``read(n)`` of a command's output that waits at most until `_Pace` would call the
-    fetch stalled (a read of a pipe otherwise blocks for as long as the command is silent)."""
-    import select
-
+    """``read(n)`` of a command's output that waits at most until ``pace`` would call the fetch
+    stalled (a read of a pipe otherwise blocks for as long as the command is silent); the
+    output or its end, or ``b""`` after the wait when nothing came (`_Pace.check` then fails)."""
     fd = proc.stdout.fileno()  # type: ignore[union-attr]
+    ready = selectors.DefaultSelector()  # epoll: descriptors above 1024 too, which select() refuses
+    ready.register(fd, selectors.EVENT_READ)
 
     def read(n: int) -> bytes:
-        left = TIMEOUT - (time.monotonic() - pace.since)
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            pace.stalled()
+        while not ready.select(max(pace.left(), 0.0)):
+            pace.check()  # raises once the wait is over
         return os.read(fd, n)
     return read
 
@@ -232,18 +265,18 @@ def _pipe_reader(proc: subprocess.Popen, pace: _Pace) -> Callable[[int], bytes]:
 def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
     """One attempt of `stream_to`."""
     kind = scheme(url)
-    pace = _Pace(url)
     with open(dest, "wb") as out:
         if kind == "pipe":
             with tempfile.TemporaryFile() as err:
                 proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=err,
                                         start_new_session=True)  # its own group: a stalled one is ended whole
                 assert proc.stdout is not None
+                pace = _Pace(url)
                 try:
                     _copy_paced(_pipe_reader(proc, pace), out, pace)
                 except BaseException:
                     with contextlib.suppress(OSError):
-                        os.killpg(proc.pid, 9)  # the shell and what it started (sleep, curl, ...)
+                        os.killpg(proc.pid, signal.SIGKILL)  # the shell and what it started (sleep, curl, ...)
                     raise
                 finally:
                     proc.stdout.close()
@@ -260,9 +293,9 @@ def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
             import urllib.request
 
             try:
-                with urllib.request.urlopen(url, timeout=TIMEOUT) as r:
+                with urllib.request.urlopen(url, timeout=fetch_timeout()) as r:
                     got = _http_validators(r.headers)
-                    _copy_paced(r.read1, out, pace)  # what has come: read(n) waits for all n bytes
+                    _copy_paced(r.read1, out, _Pace(url))  # read1: what has come; read(n) waits for all n  # what has come: read(n) waits for all n bytes
             except urllib.error.HTTPError as exc:
                 raise _fail(url, f"HTTP {exc.code} {exc.reason}", transient=exc.code >= 500 or exc.code in (408, 429)) \
                     from None
@@ -482,7 +515,7 @@ def fetch_small(url: str, limit: int = 1 << 20) -> bytes | None:
         import urllib.request
 
         try:
-            with urllib.request.urlopen(url, timeout=TIMEOUT) as r:
+            with urllib.request.urlopen(url, timeout=fetch_timeout()) as r:
                 return r.read(limit)
         except urllib.error.HTTPError as exc:
             if exc.code in (403, 404, 410):

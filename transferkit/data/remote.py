@@ -295,7 +295,7 @@ def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
             try:
                 with urllib.request.urlopen(url, timeout=fetch_timeout()) as r:
                     got = _http_validators(r.headers)
-                    _copy_paced(r.read1, out, _Pace(url))  # read1: what has come; read(n) waits for all n  # what has come: read(n) waits for all n bytes
+                    _copy_paced(r.read1, out, _Pace(url))  # read1: what has come; read(n) waits for all n
             except urllib.error.HTTPError as exc:
                 raise _fail(url, f"HTTP {exc.code} {exc.reason}", transient=exc.code >= 500 or exc.code in (408, 429)) \
                     from None

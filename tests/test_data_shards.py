@@ -81,6 +81,15 @@ def test_shards_named_by_a_glob_multi_dot_extensions_and_members_apart(tmp_path)
         b = prepare_data(twice, val_split=0)
     assert len(b.train) == 6 and b.train.targets == [int(x) for x in labels]
     assert [b.train.source.read(int(i)) for i in b.train.indices] == [data for data, _, _ in items]
+    # a label met twice in a sample (appended with tar -r) is no sample of its own: the first is read
+    relabelled = shard(tmp_path / "relabelled.tar", [m for k, (data, _, _) in enumerate(items)
+                                                     for m in ((f"k{k}.png", data), (f"k{k}.cls", labels[k]),
+                                                               (f"k{k}.cls", b"0"))])
+    with pytest.warns(UserWarning, match=r"6 members of the training shards appear twice in their sample \(e.g. "
+                                         r"'k0.cls' in .*relabelled.tar'\): the first is read"):
+        b = prepare_data(relabelled, val_split=0)
+    assert len(b.train) == 6 and b.train.targets == [int(x) for x in labels]
+    assert not any("no image" in w for w in b.report.warnings), b.report.warnings
     with pytest.raises(tk.DataError, match="cannot be read as an image \\(UnidentifiedImageError: cannot identify "
                                            "image file\\)\\."):
         prepare_data(shard(tmp_path / "bad.tar", [("a.png", b"not an image"), ("a.cls", b"0")] +
@@ -394,10 +403,12 @@ def test_a_shard_that_a_tar_reader_would_end_early_is_a_bad_shard(tmp_path):
         assert len(bundle.train) == 4 and bundle.report.bad_files[0][0] == str(tmp_path / name)
         assert [w.split(":")[0] for w in bundle.report.warnings if name in w] == [f"Left out the shard "
                                                                                    f"{str(tmp_path / name)!r}"]
-    for blocking in (20, 512):  # tar's default, and GNU tar -b 512 (records of 256 KiB)
-        record = 512 * blocking
-        padded = raw + bytes(-len(raw) % record or record)
-        (tmp_path / "padded.tar").write_bytes(padded)
+    with tarfile.open(a) as tar:
+        last = tar.getmembers()[-1]
+    body = raw[:last.offset_data + -(-last.size // 512) * 512]  # up to the end of the last member's data
+    for blocking in (20, 512, 2048):  # tar's default, and GNU tar -b 512, -b 2048 (records of 256 KiB, 1 MiB)
+        record = 512 * blocking  # the most zeros: a first end block that fills a record, the second in a new one
+        (tmp_path / "padded.tar").write_bytes(body + bytes(512 + record))
         assert len(prepare_data(str(tmp_path / "padded.tar"), val_split=0, on_bad_file="raise").train) == 4
 
 

@@ -66,7 +66,9 @@ from transferkit.errors import DataError, check_choice
 INDEX_FORMAT = 5  # 4: a shard is checked to its end (data after its end); 5: keys repeated in a row, 1 MiB padding
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 LABEL_EXTS = ("cls", "txt", "json")
-PADDING_MOST = 1 << 20  # zeros a tar ends with: end-of-archive blocks and record padding (GNU tar -b 2048 at most)
+# zeros a tar ends with: its two end-of-archive blocks and the record padding, GNU tar -b 2048's at most (the
+# second block may start a record of its own: a record and a block)
+PADDING_MOST = (1 << 20) + 1024
 READ_TO_CONFIRM = 1000  # samples of equal signatures read to confirm they are copies (local shards)
 MAX_OPEN_REMOTE = 2  # remote shards one process keeps open (and so out of the cache's eviction)
 INDEX_THREADS = 8  # remote shards looked up or fetched at once while the indexes are made
@@ -280,13 +282,15 @@ class ShardIndex:
     nbytes: int = 0  # the shard's size
     validators: dict[str, str] = field(default_factory=dict)  # a remote shard's ETag, Content-Length, ...
     scattered: list[str] = field(default_factory=list)  # keys whose members are not adjacent (read as several)
-    repeated: list[str] = field(default_factory=list)  # keys of several samples in a row (a member met again)
+    repeated: list[str] = field(default_factory=list)  # keys of several samples in a row (an image met again)
+    doubled: list[str] = field(default_factory=list)  # "key.ext" of another member met twice in a sample (first kept)
 
     def to_json(self) -> str:
         return json.dumps({"format": INDEX_FORMAT, "keys": self.keys, "offsets": self.offsets, "sizes": self.sizes,
                            "labels": self.labels, "bad": self.bad, "dims": self.dims, "no_image": self.no_image,
                            "no_label": self.no_label, "nbytes": self.nbytes, "validators": self.validators,
-                           "scattered": self.scattered, "repeated": self.repeated}, separators=(",", ":"))
+                           "scattered": self.scattered, "repeated": self.repeated, "doubled": self.doubled},
+                          separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> ShardIndex:
@@ -294,7 +298,7 @@ class ShardIndex:
         if d.get("format") != INDEX_FORMAT:
             raise ValueError(f"index format {d.get('format')}, expected {INDEX_FORMAT}")
         return cls(d["keys"], d["offsets"], d["sizes"], d["labels"], d["bad"], d["dims"], d["no_image"],
-                   d["no_label"], d["nbytes"], d["validators"], d["scattered"], d["repeated"])
+                   d["no_label"], d["nbytes"], d["validators"], d["scattered"], d["repeated"], d["doubled"])
 
 
 class _Region(io.RawIOBase):
@@ -453,7 +457,10 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
             _check_end(f, tar.offset, total)
             # the checks seek in the file: run them after the headers were walked
             for key, ext, off, size, label_bytes in pending:
-                again = bool(cur) and cur["key"] == key and ext in cur["members"]  # the key's next sample, in a row
+                twice = bool(cur) and cur["key"] == key and ext in cur["members"]
+                again = twice and ext.rsplit(".", 1)[-1] in IMAGE_EXTS  # an image again: the key's next sample
+                if twice and not again and len(index.doubled) < 1000:  # a label or other member again: the first
+                    index.doubled.append(f"{key}.{ext}")
                 if cur and (cur["key"] != key or again):
                     flush()
                     cur = {}
@@ -920,6 +927,11 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
                     f"(e.g. {repeated[0][1]!r} in {repeated[0][0]!r}: its members appear again): each is read as a "
                     "sample of its own, with the members that follow it (WebDataset refuses such a shard). Give "
                     "each sample its own key.")
+    doubled = [(p, k) for p, ix in zip(shards, indexes) for k in ix.doubled]
+    if doubled:
+        report.warn(f"{plural(len(doubled), 'member')} of the {what} shards appear twice in their sample (e.g. "
+                    f"{doubled[0][1]!r} in {doubled[0][0]!r}): the first is read, the later one is not. Rewrite "
+                    "the shard with one copy of each member.")
     no_image, no_label = sum(ix.no_image for ix in indexes), sum(ix.no_label for ix in indexes)
     if no_image or no_label:
         msg = (f"{no_image + no_label} {what} sample(s) in the shards have no image ({no_image}; looked for "

@@ -313,3 +313,8 @@ def test_a_pil_image_opened_from_a_jpeg_file_gets_the_pixels_of_its_path(tmp_pat
         assert opened.size == (320, 240) and opened.tile  # still the user's undecoded image, at full size
         decoded = opened.convert("RGB")
     assert not torch.equal(predictor.predict_proba(decoded), want)  # full size, then resized: other pixels
+    # the file it holds open is read, not whatever its name leads to now (here: another image)
+    with Image.open(tmp_path / "big.jpg") as opened:
+        (tmp_path / "big.jpg").rename(tmp_path / "moved.jpg")
+        Image.fromarray(np.zeros((240, 320, 3), np.uint8)).save(tmp_path / "big.jpg")
+        assert torch.equal(predictor.predict_proba(opened), want)

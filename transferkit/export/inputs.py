@@ -116,8 +116,12 @@ class InputPipeline:
         return files
 
     def _image(self, item: Any) -> torch.Tensor:
-        if isinstance(item, (str, Path)) or _unread_jpeg_file(item):
-            item = load_image(getattr(item, "filename", item), min_size=self.spec.resize_size or self.spec.image_size)
+        encoded = _unread_jpeg_file(item)
+        if encoded is not None:  # read as its file is: at the reduced scale training decodes it at
+            item = load_image(io.BytesIO(encoded), min_size=self.spec.resize_size or self.spec.image_size,
+                              name=getattr(item, "filename", None) or None)
+        elif isinstance(item, (str, Path)):
+            item = load_image(item, min_size=self.spec.resize_size or self.spec.image_size)
         elif is_open_file(item):  # an open binary file (a request's body, a member of an archive)
             item = load_image(item, min_size=self.spec.resize_size or self.spec.image_size,
                               name=getattr(item, "name", None))
@@ -171,12 +175,22 @@ class InputPipeline:
             return False
 
 
-def _unread_jpeg_file(item: Any) -> bool:
-    """Whether ``item`` is a PIL image of a JPEG file whose pixels are not decoded yet (what
-    ``Image.open(path)`` gives): read from its file, it gets the pixels its path gets (JPEG
-    draft mode, as training decodes it), while the object itself is left as it is."""
-    return isinstance(item, Image.Image) and item.format == "JPEG" and bool(getattr(item, "tile", None)) and \
-        isinstance(getattr(item, "filename", None), str) and os.path.isfile(item.filename)
+def _unread_jpeg_file(item: Any) -> bytes | None:
+    """The bytes of the JPEG file a PIL image was opened from while its pixels are not decoded
+    yet (what ``Image.open(path)`` gives), else None: read from them, it gets the pixels its
+    path gets (JPEG draft mode, as training decodes it). They are read from the file the image
+    holds open, not by its name (which may lead elsewhere since: another folder, a file
+    replaced), with ``os.pread`` (its position and the object are left as they are), and only
+    when the file starts as a JPEG does (an image opened from inside a larger file does not)."""
+    if not (isinstance(item, Image.Image) and item.format == "JPEG" and getattr(item, "tile", None)
+            and hasattr(getattr(item, "fp", None), "fileno")):
+        return None
+    try:
+        fd = item.fp.fileno()
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+    except (OSError, ValueError):  # a closed file, an in-memory one (no descriptor)
+        return None
+    return data if data[:3] == b"\xff\xd8\xff" else None
 
 
 def is_open_file(item: Any) -> bool:

@@ -448,14 +448,19 @@ def test_an_export_says_which_epochs_weights_it_holds(restore_best, tmp_path, ca
     make_image_folder(tmp_path / "d", per_class=4, size=20)
     result = transferkit.finetune("tk:small_cnn", weights=None, data=tmp_path / "d", image_size=16, epochs=3,
                                   policy="full", lr=0.05, num_workers=0, verbose=False, restore_best=restore_best,
-                                  export=tmp_path / "m.pt")
-    meta = transferkit.export.read_metadata(tmp_path / "m.pt")
-    assert meta["training"]["weights_epoch"] == (result.best["epoch"] if restore_best else 3)
+                                  export=tmp_path / "m.pt", checkpoint=tmp_path / "run.ckpt")
+    held = result.best["epoch"] if restore_best else 3
+    assert _run(capsys, "export", tmp_path / "run.ckpt", "--out", tmp_path / "c.pt")[0] == 0
+    for name in ("m.pt", "c.pt"):  # finetune's export, and the checkpoint's
+        assert transferkit.export.read_metadata(tmp_path / name)["training"]["weights_epoch"] == held, name
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(torch.jit.load(str(tmp_path / "m.pt"))(x), result.model.eval()(x), atol=1e-5)
+    said = "the model holds epoch 3's weights (restore_best=False)"
+    assert (said in result.summary()) is (not restore_best and result.best["epoch"] != 3), result.summary()
     transferkit.export.update_metadata(tmp_path / "m.pt", {"training": {"best": {"epoch": 1}, "weights_epoch": 3}})
     code, out, err = _run(capsys, "inspect", tmp_path / "m.pt")
-    assert code == 0 and "weights:     epoch 3's (the last: restore_best=False), not the best epoch 1's" in out, err
+    why = "the last: restore_best=False" if not restore_best else "the last completed epoch of an unfinished run"
+    assert code == 0 and f"weights:     epoch 3's ({why}), not the best epoch 1's" in out, err
     transferkit.export.update_metadata(tmp_path / "m.pt", {"training": {"best": {"epoch": 3}, "weights_epoch": 3}})
     assert "weights:" not in _run(capsys, "inspect", tmp_path / "m.pt")[1]

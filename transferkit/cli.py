@@ -225,7 +225,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(meta, indent=1, sort_keys=True))
         return 0
     from transferkit.backbones._base import AUDIO_FIELDS
-    from transferkit.export.metadata import ONNX_FORMAT, audio_max_seconds
+    from transferkit.export.metadata import ONNX_FORMAT, audio_max_seconds, run_config
 
     spec, train, exp = meta["input_spec"], meta.get("training", {}), meta.get("export", {})
     size, audio = spec.get("image_size", 224), spec.get("kind") == "audio"
@@ -266,10 +266,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                      f"{', ...' if len(meta['labels']) > 5 else ''}; from {targets.get('n')} training targets)")
     if train:
         lines.append(f"training:    {json.dumps(train, sort_keys=True)}")
-        best = train.get("best") if isinstance(train.get("best"), dict) else {}
-        if train.get("weights_epoch") not in (None, best.get("epoch")):
-            lines.append(f"weights:     epoch {train['weights_epoch']}'s (the last: restore_best=False), not the "
-                         f"best epoch {best.get('epoch')}'s")
+        held, best = train.get("weights_epoch"), (train.get("best") or {}).get("epoch")
+        if held is not None and best is not None and held != best:
+            why = "the last: restore_best=False" if run_config(meta).get("restore_best") is False else \
+                "the last completed epoch of an unfinished run"
+            lines.append(f"weights:     epoch {held}'s ({why}), not the best epoch {best}'s")
     print("\n".join(lines))
     return 0
 

@@ -386,13 +386,19 @@ def weights_epoch(d: Decisions, best: dict[str, Any], epochs: int) -> int:
     return int(best["epoch"]) if d.config.restore_best and best.get("epoch") is not None else epochs
 
 
+def finished_metadata(d: Decisions, best: dict[str, Any], epochs: int, *, portable: bool = False) -> dict[str, Any]:
+    """The metadata of a finished run's checkpoint and export: [`metadata`][transferkit.steps.metadata]
+    with the best epoch and the epoch whose weights the file holds (`weights_epoch`: the last,
+    not the best, with ``restore_best=False``)."""
+    meta = metadata(d, portable=portable)
+    meta["training"].update(best=best, weights_epoch=weights_epoch(d, best, epochs))
+    return meta
+
+
 def export_metadata(d: Decisions, best: dict[str, Any], epochs: int) -> dict[str, Any]:
-    """The metadata an export carries: [`metadata`][transferkit.steps.metadata] made portable
-    (unless ``portable_metadata=False``), with the best epoch and the epoch whose weights the
-    file holds (`weights_epoch`: the last, not the best, with ``restore_best=False``)."""
-    shipped = metadata(d, portable=d.config.portable_metadata)
-    shipped["training"].update(best=best, weights_epoch=weights_epoch(d, best, epochs))
-    return shipped
+    """The metadata an export carries: `finished_metadata` made portable (unless
+    ``portable_metadata=False``)."""
+    return finished_metadata(d, best, epochs, portable=d.config.portable_metadata)
 
 
 def train(d: Decisions, run: Run, *, progress: Any = None, head_phase_only: bool = False) -> TrainOutcome:
@@ -595,8 +601,7 @@ def write_outputs(d: Decisions, run: Run, outcome: TrainOutcome, metrics: dict[s
     ``logits`` the show-results and top-losses grids; a plot that cannot be written is a warning).
     Returns ``{"plots", "checkpoint", "export_report", "seconds"}``."""
     cfg = d.config
-    meta = metadata(d)
-    meta["training"]["best"] = outcome.best
+    meta = finished_metadata(d, outcome.best, len(outcome.history))
     out: dict[str, Any] = {"plots": {}, "checkpoint": None, "export_report": None, "seconds": {}}
     model = merge_lora(run.model)
     history = dict(epoch=len(outcome.history), history=outcome.history)

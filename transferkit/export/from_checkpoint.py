@@ -65,18 +65,20 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
-def _warn_unfinished(checkpoint: str | Path) -> None:
+def _warn_unfinished(checkpoint: str | Path) -> int | None:
     """Warn when ``checkpoint`` holds an unfinished run: its weights are the last completed
-    epoch's, not the best epoch's that the finished run would have restored."""
+    epoch's, not the best epoch's that the finished run would have restored. Returns that
+    epoch, or None for another checkpoint."""
     found = saved_run(checkpoint)
     if found is None or found[0] != "checkpoint" or found[1]["complete"] or not found[1]["resumable"]:
-        return  # a finished run's, or weights saved when a write failed (nothing to finish)
+        return None  # a finished run's, or weights saved when a write failed (nothing to finish)
     info = found[1]
     best = info["best"].get("epoch")
     but = f", not the best epoch so far ({best})" if best not in (None, info["epoch"]) else ""
     warnings.warn(f"{str(checkpoint)!r} holds an unfinished run (epoch {info['epoch']} of {info['epochs']}): the "
                   f"export holds epoch {info['epoch']}'s weights{but}. Finish the run (transferkit.resume("
                   f"{str(checkpoint)!r})) to export what it returns.", stacklevel=3)
+    return int(info["epoch"])
 
 
 def _backbone_options(meta: dict[str, Any], where: str) -> tuple[dict[str, Any] | None, str]:
@@ -203,9 +205,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str 
                           "the parity check).")
     check_tolerances(export_kwargs.get("atol", 1e-5), export_kwargs.get("rtol", 1e-5))
     model, meta = model_from_checkpoint(checkpoint)
-    _warn_unfinished(checkpoint)
+    held = _warn_unfinished(checkpoint)
     batch, origin = example_batch(InputSpec.from_dict(meta["input_spec"]), examples=examples, n=num_examples)
     keep = {k: v for k, v in meta.items() if k not in ("format", "num_outputs", "torch_version", "export")}
+    if held is not None:  # an unfinished run's: its last completed epoch
+        keep["training"] = {**(keep.get("training") or {}), "weights_epoch": held}
     from transferkit.export.onnx import export_files
 
     return export_files(model, out, onnx=onnx, metadata=keep, example_inputs=batch, **export_kwargs), origin

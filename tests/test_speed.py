@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -329,3 +330,10 @@ def test_every_compile_transferkit_makes_drops_the_no_cuda_runtime_note(where, m
                                   channels_last=False)
     assert len(compiled) == 1  # compiled once, by torch
     assert any(isinstance(f, speed_mod._NoCudaRuntimeNote) for f in logger.filters)
+
+
+def test_torch_compile_is_called_in_one_place():
+    """A new call site must go through `torch_compile` too: the test above names the ones there are."""
+    package = Path(transferkit.__file__).parent
+    calling = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if "torch.compile(" in p.read_text())
+    assert calling == ["train/speed.py"]

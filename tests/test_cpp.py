@@ -156,6 +156,7 @@ def test_cpp_program_rejects_a_file_without_metadata(program, tmp_path):
     (tmp_path / "cut.pt").write_bytes((tmp_path / "plain.pt").read_bytes()[:100])
     proc = _run(program, tmp_path / "cut.pt", tmp_path / "x.ppm")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "zip archive" in proc.stderr
-    (tmp_path / "m.onnx").write_bytes(b"\x08\x08\x12\x07pytorch")  # how an ONNX file starts: ir_version, producer
-    proc = _run(program, tmp_path / "m.onnx", tmp_path / "x.ppm")
-    assert proc.returncode == 1 and "is an ONNX file; this program runs TorchScript exports" in proc.stderr
+    for name in ("m.onnx", "m.bin"):  # by its name, and by how an ONNX file starts (ir_version, producer)
+        (tmp_path / name).write_bytes(b"\x08\x08\x12\x07pytorch")
+        proc = _run(program, tmp_path / name, tmp_path / "x.ppm")
+        assert proc.returncode == 1 and "is an ONNX file; this program runs TorchScript exports" in proc.stderr

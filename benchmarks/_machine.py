@@ -8,6 +8,11 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
+"""The real data: ``$TRANSFERKIT_DATA`` (empty: unset), else ``shared/data`` beside the checkout."""
 
 
 # Environment variables that cap the instruction sets torch uses (oneDNN, ATen's vector

@@ -12,7 +12,6 @@ final-epoch validation accuracy (``restore_best=False``) and training time. The 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import warnings
@@ -20,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
+from _machine import DATA  # noqa: E402  (the script's folder is on sys.path)
 CASES = {
     "resnet20": ("tk:cifar_resnet20", DATA / "weights" / "cifar-resnet" / "resnet20-12fca82f.th", 32),
     "lite0": ("timm:tf_efficientnet_lite0", DATA / "weights" / "efficientnet-lite0" / "tf_efficientnet_lite0_in1k.pth",

@@ -13,7 +13,6 @@ rules in ``transferkit/train/speed.py``.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -21,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
+from _machine import DATA  # noqa: E402  (the script's folder is on sys.path)
 WEIGHTS = {"timm:tf_efficientnet_lite0": DATA / "weights" / "efficientnet-lite0" / "tf_efficientnet_lite0_in1k.pth",
            "tk:cifar_resnet20": DATA / "weights" / "cifar-resnet" / "resnet20-12fca82f.th"}
 VARIANTS = {"fp32": (False, False), "channels_last": (True, False), "channels_last+bf16": (True, True)}

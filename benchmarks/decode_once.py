@@ -14,7 +14,6 @@ model), so the difference is what each training epoch saves.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -22,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
+from _machine import DATA  # noqa: E402  (the script's folder is on sys.path)
 
 
 def epoch_seconds(loader, epochs: int) -> list[float]:

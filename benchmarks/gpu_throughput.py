@@ -41,8 +41,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
+from _machine import DATA  # noqa: E402  (the script's folder is on sys.path)
 # dense peak TFLOP/s (no sparsity) by card name fragment: (fp32 non-tensor, tf32 tensor, bf16 tensor)
 PEAKS = {"H200": (67.0, 494.7, 989.4), "H100 SXM": (67.0, 494.7, 989.4), "H100 PCIe": (51.2, 378.0, 756.0),
          "H100": (67.0, 494.7, 989.4), "A100": (19.5, 156.0, 312.0), "L4": (30.3, 120.0, 242.0),

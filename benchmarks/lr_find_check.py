@@ -12,15 +12,12 @@ Features are computed once (``cache_dir``) and shared by every run.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
+from _machine import DATA  # noqa: E402  (the script's folder is on sys.path)
 
 
 def main() -> None:

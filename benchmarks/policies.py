@@ -36,7 +36,7 @@ from transferkit.heads import build_head  # noqa: E402
 from transferkit.model import ImagePreprocess, TransferModel  # noqa: E402
 from transferkit.policies import Policy, apply_policy, param_groups, set_train_mode  # noqa: E402
 
-DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
+from _machine import DATA  # noqa: E402  (the script's folder is on sys.path)
 STEP_POLICIES = ["feature_extraction (cached)", "feature_extraction", "unfreeze:last=1", "unfreeze:last=2", "full"]
 
 

@@ -12,15 +12,13 @@ features: the data README's protocol) for reference.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
+from _machine import DATA  # noqa: E402  (the script's folder is on sys.path)
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 import transferkit as tk  # noqa: E402
 
-DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
+from _machine import DATA  # noqa: E402  (the script's folder is on sys.path)
 WEIGHTS = DATA / "weights" / "efficientnet-lite0" / "tf_efficientnet_lite0_in1k.pth"
 FROZEN = ["feature_extraction", "logistic"]
 TRAINED = ["fine_tune:frozen=1", "full", "unfreeze:last=2"]

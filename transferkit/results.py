@@ -35,8 +35,9 @@ def export_result(model: nn.Module, decisions: Decisions | None, run: Run | None
                   mode: str = "auto", atol: float = 1e-5, rtol: float = 1e-5) -> list[ExportReport]:
     """Export the trained ``model`` to a verified TorchScript file at ``path`` (and to ONNX: at
     ``onnx`` when it is a path, beside ``path`` with the suffix ``.onnx`` when True), with
-    the metadata ``finetune(export=...)`` writes (labels, input, task, decisions, best epoch),
-    the parity check run on real validation inputs. Returns the reports (TorchScript first)."""
+    the metadata ``finetune(export=...)`` writes (labels, input, task, decisions, best epoch, and
+    the epoch whose weights ``model`` holds after ``epochs`` epochs), the parity check run on
+    real validation inputs. Returns the reports (TorchScript first)."""
     _decided(decisions, run, need_run=True)
     onnx_path = Path(path).with_suffix(".onnx") if onnx is True else (Path(onnx) if onnx else None)
     for key in ("data", "val_data"):  # a path inside the data that names one of its files would replace it

@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import warnings
@@ -65,6 +66,7 @@ from torchvision.transforms import v2 as T
 from transferkit._io import create_temp, file_digest, file_stat, remove_stale_temps_in, reserve_blocks
 from transferkit.backbones._base import InputSpec
 from transferkit.data.fingerprint import data_fingerprint
+from transferkit.data.images import UNREADABLE_IMAGE
 from transferkit.data.late import reporting
 from transferkit.data.sampling import default_num_workers, data_loader
 from transferkit.data.transforms import AUGMENTATIONS, ShorterSideResize, ToImageTensor, ToRGB, eval_transform
@@ -140,7 +142,9 @@ def _stored_shape(w: int, h: int, spec: InputSpec, augment: str) -> tuple[int, i
 def estimate_bytes(dataset: Any, spec: InputSpec, augment: str) -> tuple[int, int | None]:
     """The bytes of the stored pixels, from the image headers (no decoding) for image files,
     from the items themselves for in-memory data; and for image files an upper bound to
-    allocate (draft-mode decoding rounds sizes: two columns of slack per image), else None."""
+    allocate (draft-mode decoding rounds sizes: two columns of slack per image), else None.
+    An image file whose header cannot be read (not scanned, ``scan="none"``) counts as the
+    largest of the others: a replacement of its class takes its place when it is loaded."""
     total, bound, unread, largest = 0, 0, 0, (spec.image_size, spec.image_size)
     samples = getattr(dataset, "samples", None)
     sized = getattr(dataset, "image_size", None)  # encoded images (shards, tables): sizes without decoding
@@ -157,20 +161,17 @@ def estimate_bytes(dataset: Any, spec: InputSpec, augment: str) -> tuple[int, in
             else:
                 item = dataset[i][0]
                 w, h = item.size if isinstance(item, Image.Image) else (item.shape[-1], item.shape[-2])
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        except UNREADABLE_IMAGE:
             if not files:
                 raise
             unread += 1  # an unreadable image (not scanned: scan="none") is replaced by another when it is loaded
             continue
         a, b = _stored_shape(w, h, spec, augment)
-        total, bound, largest = total + 3 * a * b, bound + 3 * a * (b + 2), max(largest, (a, b), key=_area)
+        total, bound, largest = total + 3 * a * b, bound + 3 * a * (b + 2), max(largest, (a, b), key=math.prod)
     a, b = largest  # what a replacement may take at most
     total, bound = total + unread * 3 * a * b, bound + unread * 3 * a * (b + 2)
     return total, (bound if files else None)
 
-
-def _area(shape: tuple[int, int]) -> int:
-    return shape[0] * shape[1]
 
 
 def decode_census(dataset: Any, spec: InputSpec, *, augment: str,

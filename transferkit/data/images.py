@@ -19,6 +19,10 @@ from transferkit.errors import DataError, check_choice, unreadable_file
 
 
 
+# what Pillow raises for a file it cannot read as an image (a bomb too: its warning is made an error)
+UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
 def load_image(path: str | Path | BinaryIO, *, min_size: int | None = None, name: str | None = None) -> Image.Image:
     """Open an image as 8-bit RGB, applying its EXIF orientation.
 
@@ -40,7 +44,7 @@ def load_image(path: str | Path | BinaryIO, *, min_size: int | None = None, name
                 top = declared_top(img)  # from the file, before exif_transpose copies the pixels
                 img = ImageOps.exif_transpose(img)
                 return to_rgb(img, top=top)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except UNREADABLE_IMAGE as exc:
         raise unreadable_file("image", path, exc, "Remove the file, or pass on_bad_file='skip' to leave unreadable "
                               "files out.", name=name) from exc
 

@@ -238,6 +238,20 @@ def test_a_sample_rate_of_any_whole_number_type_is_a_rate():
         with pytest.raises(DataError, match=r"sample rate of training item 0 \(waveform, sample_rate, label\) is "
                                             r".*, not a whole positive number of Hz"):
             prepare_audio_data(items, spec=SPEC8K, val_split=0)
+    # (waveform, label, speaker) read as (waveform, sample_rate, label): a rate of a few Hz is refused
+    items = [(_tone(300, 1600), 1 + i % 2, i % 3) for i in range(8)]
+    with pytest.raises(DataError, match=r"sample rate of training item 0 \(waveform, sample_rate, label\) is 1 Hz, "
+                                        r"below 1000 Hz.*Is it a label or an id in the rate's place"):
+        prepare_audio_data(items, spec=SPEC8K, val_split=0)
+
+
+@pytest.mark.parametrize("name", ["ta:wav2vec2_tiny", "spec:tk:small_cnn"])
+@pytest.mark.parametrize("rate", [0, -8000, 3, 8000.5])
+def test_a_backbones_sample_rate_option_is_checked_when_it_is_built(name, rate):
+    """0 would read as the model's own rate and 8000.5 as 8000; -8000 and 3 would fail (or run
+    for minutes) at the first batch: each is a ConfigError when the backbone is made."""
+    with pytest.raises(ConfigError, match=rf"The backbone option sample_rate is {rate}"):
+        get_backbone(name, weights=None, sample_rate=rate)
 
 
 def test_a_class_with_a_single_clip_is_named_as_never_validated(tmp_path):

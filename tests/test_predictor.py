@@ -222,6 +222,8 @@ def test_an_audio_pair_takes_its_rate_as_any_whole_number(tmp_path):
         with pytest.raises(DataError, match=r"sample rate of the \(waveform, sample_rate\) pair is .*, not a whole "
                                             r"positive number of Hz"):
             pred.predict((wave, rate))
+    with pytest.raises(DataError, match=r"sample rate of the \(waveform, sample_rate\) pair is 3 Hz, below 1000 Hz"):
+        pred.predict((wave, 3))  # a label in the rate's place: each clip would last hours
 
 
 def test_input_pipeline_and_parity_examples_for_each_kind(tmp_path):

@@ -33,7 +33,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import yaml
 
-from transferkit.errors import ConfigError, suggest
+from transferkit.errors import ConfigError, DataError, suggest
 from transferkit.schedules import check_schedule_options
 
 # keys a config file may hold besides FinetuneConfig's: where the data live and what to run (recipes)
@@ -124,6 +124,43 @@ def _workers(v: Any) -> str | None:
 # the shortest clip training (the pre-scan of files) and prediction take, for every audio model: wav2vec2/HuBERT's
 # first frame spans 400 samples at 16 kHz
 MIN_CLIP_SECONDS = 0.025
+
+
+def is_rate(value: Any) -> bool:
+    """Whether ``value`` stands as the rate of a ``(waveform, sample_rate)`` pair: a real
+    number (int, float, numpy number), not a bool; `sample_rate_of` checks its value."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+MIN_SAMPLE_RATE = 1000  # Hz: below any rate audio is recorded at (telephone speech: 8000)
+
+
+def sample_rate_of(value: Any, what: str = "sample rate", error: type[Exception] = DataError) -> int:
+    """``value`` as a sample rate in Hz: any whole number from `MIN_SAMPLE_RATE` (an int, a
+    numpy integer as pandas gives, a float such as ``44100.0``); anything else raises
+    ``error`` (a [`DataError`][transferkit.DataError]) naming ``what`` and the value. A rate of
+    a few Hz is a mistake, not a recording: a label or speaker id read as a rate (an item
+    ``(waveform, label, speaker)`` read as ``(waveform, sample_rate, label)``) would make each
+    clip last hours, cropped and resampled without a word.
+
+    Example:
+        >>> sample_rate_of(44100), sample_rate_of(16000.0)
+        (44100, 16000)
+    """
+    try:
+        whole = is_rate(value) and math.isfinite(float(value)) and float(value) == int(value) and int(value) > 0
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
+        raise error(f"The {what} is {value!r}, not a whole positive number of Hz: pass the rate the waveform "
+                    "was recorded at, e.g. 16000 or 44100 (an int, a numpy integer, or a float such as 44100.0).")
+    if int(value) < MIN_SAMPLE_RATE:
+        place = " Is it a label or an id in the rate's place? An item is (waveform, sample_rate, label)." \
+            if error is DataError else ""
+        raise error(f"The {what} is {int(value)} Hz, below {MIN_SAMPLE_RATE} Hz, lower than audio is recorded at "
+                    f"(telephone speech: 8000).{place} A signal sampled this slowly is resampled to an audio rate "
+                    "first.")
+    return int(value)
 
 
 def check_seconds(value: Any, name: str) -> float | None:

@@ -18,7 +18,7 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from transferkit.config import check_seconds
+from transferkit.config import check_seconds, sample_rate_of
 from transferkit.backbones._base import Backbone, Block, InputSpec, check_blocks
 from transferkit.backbones.registry import check_weights_tag, get_backbone, get_source, register_source
 from transferkit.errors import BackboneError, ConfigError
@@ -249,8 +249,11 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
     img = get_backbone(image, weights=weights, **(image_options or {})) if isinstance(image, str) else image
     if img.input_spec.kind != "image":
         raise BackboneError(f"spectrogram_backbone wraps an image backbone; {img.name} takes {img.input_spec.kind}.")
-    if sample_rate <= 0 or n_mels < 1:
-        raise ConfigError(f"sample_rate and n_mels must be positive, got {sample_rate!r}, {n_mels!r}.")
+    sample_rate = sample_rate_of(sample_rate, "backbone option sample_rate", ConfigError)
+    if input_sample_rate is not None:
+        input_sample_rate = sample_rate_of(input_sample_rate, "backbone option input_sample_rate", ConfigError)
+    if isinstance(n_mels, bool) or not isinstance(n_mels, int) or n_mels < 1:
+        raise ConfigError(f"n_mels must be a positive whole number, got {n_mels!r}.")
     in_rate = int(input_sample_rate or sample_rate)
     n_fft = int(n_fft or _pow2_at_least(int(0.025 * sample_rate)))
     hop = int(hop_length or round(0.010 * sample_rate))

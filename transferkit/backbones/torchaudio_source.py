@@ -26,7 +26,7 @@ import torchaudio
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from transferkit.config import check_seconds
+from transferkit.config import check_seconds, sample_rate_of
 from transferkit.backbones._base import Backbone, InputSpec, blocks_from_members, check_blocks
 from transferkit.backbones._hub import hub_unreachable
 from transferkit.backbones.registry import register_source
@@ -248,6 +248,8 @@ class TorchaudioSource:
         (random init only: ``weights`` must be None or a file). ``sample_rate`` is the rate of
         the waveforms the model takes (resampled inside to the model's 16 kHz)."""
         clip_seconds = check_seconds(clip_seconds, "clip_seconds")
+        if sample_rate is not None:  # 0 would read as "the model's own", 8000.5 as 8000
+            sample_rate = sample_rate_of(sample_rate, "backbone option sample_rate", ConfigError)
         if name in TINY:
             model_type, params = TINY[name]
             bundle, native_rate, normalize = None, 16000, False

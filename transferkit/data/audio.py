@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from transferkit.backbones._base import InputSpec
-from transferkit.config import MIN_CLIP_SECONDS, check_seconds
+from transferkit.config import MIN_CLIP_SECONDS, check_seconds, is_rate, sample_rate_of
 from transferkit.data.bundle import (
     DataBundle,
     resolve_split_folders,
@@ -572,31 +571,6 @@ class AudioDataset(FileDataset):
 MAX_CHANNELS = 8
 """A 2-D waveform is ``[C, T]`` (torchaudio's layout), or ``[T, C]`` (soundfile's) when its
 last axis holds at most this many channels and its first is longer."""
-
-
-def is_rate(value: Any) -> bool:
-    """Whether ``value`` stands as the rate of a ``(waveform, sample_rate)`` pair: a real
-    number (int, float, numpy number), not a bool; `sample_rate_of` checks its value."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def sample_rate_of(value: Any, what: str = "sample rate") -> int:
-    """``value`` as a sample rate in Hz: any whole positive number (an int, a numpy integer
-    as pandas gives, a float such as ``44100.0``); anything else raises a
-    [`DataError`][transferkit.DataError] naming ``what`` and the value.
-
-    Example:
-        >>> sample_rate_of(np.int64(44100)), sample_rate_of(16000.0)
-        (44100, 16000)
-    """
-    try:
-        whole = is_rate(value) and math.isfinite(float(value)) and float(value) == int(value) and int(value) > 0
-    except (TypeError, ValueError, OverflowError):
-        whole = False
-    if not whole:
-        raise DataError(f"The {what} is {value!r}, not a whole positive number of Hz: pass the rate the waveform "
-                        "was recorded at, e.g. 16000 or 44100 (an int, a numpy integer, or a float such as 44100.0).")
-    return int(value)
 
 
 def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None,

@@ -320,3 +320,15 @@ def test_a_pil_image_opened_from_a_jpeg_file_gets_the_pixels_of_its_path(tmp_pat
         (tmp_path / "big.jpg").rename(tmp_path / "moved.jpg")
         Image.fromarray(np.zeros((240, 320, 3), np.uint8)).save(tmp_path / "big.jpg")
         assert torch.equal(predictor.predict_proba(opened), want)
+
+
+def test_an_in_memory_input_that_cannot_be_predicted_is_named_by_its_place(tmp_path):
+    """A list of arrays fails as a whole on a bad one (files fail alone), and the error says
+    which: a list of a thousand clips or images is no place to search by eye."""
+    export_tiny(tmp_path / "m.pt", size=16)
+    predictor = transferkit.load(tmp_path / "m.pt")
+    good = np.zeros((20, 20, 3), np.uint8)
+    with pytest.raises(DataError, match=r"Input 2 of the 3 \(counting from 0\): Cannot predict on an empty image"):
+        predictor.predict([good, good, np.zeros((0, 20, 3), np.uint8)])
+    with pytest.raises(DataError, match=r"^Cannot predict on an empty image"):  # one input: nothing to count
+        predictor.predict(np.zeros((0, 20, 3), np.uint8))

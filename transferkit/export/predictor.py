@@ -180,7 +180,9 @@ class Predictor:
                     ready.append(i)
                 except DataError as exc:
                     if not isinstance(x, (str, Path)) and not is_open_file(x):  # a file read fails alone
-                        raise
+                        if len(items) == 1:
+                            raise
+                        raise DataError(f"Input {i} of the {len(items)} (counting from 0): {exc}") from exc
                     preds[i] = Prediction(None, None, None, [], _source(x), self.task, error=file_reason(exc))
             for i, row in zip(ready, self._run(self.inputs.collate(xs)) if xs else ()):
                 if not torch.isfinite(row).all():

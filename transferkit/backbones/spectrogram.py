@@ -12,6 +12,7 @@ clips shorter than T padded at the end with NaN (see ``transferkit.data.audio``)
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -252,7 +253,7 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
     sample_rate = sample_rate_of(sample_rate, "backbone option sample_rate", ConfigError)
     if input_sample_rate is not None:
         input_sample_rate = sample_rate_of(input_sample_rate, "backbone option input_sample_rate", ConfigError)
-    if isinstance(n_mels, bool) or not isinstance(n_mels, int) or n_mels < 1:
+    if isinstance(n_mels, bool) or not isinstance(n_mels, numbers.Integral) or n_mels < 1:
         raise ConfigError(f"n_mels must be a positive whole number, got {n_mels!r}.")
     in_rate = int(input_sample_rate or sample_rate)
     n_fft = int(n_fft or _pow2_at_least(int(0.025 * sample_rate)))

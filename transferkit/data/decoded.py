@@ -173,7 +173,6 @@ def estimate_bytes(dataset: Any, spec: InputSpec, augment: str) -> tuple[int, in
     return total, (bound if files else None)
 
 
-
 def decode_census(dataset: Any, spec: InputSpec, *, augment: str,
                   cache_dir: str | Path | None = None) -> dict[str, Any]:
     """What deciding where decoded pixels go needs to know (the only I/O of that decision):

@@ -921,17 +921,16 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
                  f"apart from each other (e.g. {scattered[0][1]!r} in {scattered[0][0]!r}): a sample's members must be "
                  "adjacent in the tar, as WebDataset reads them; write each sample's files together (sort the "
                  "members by key).")
-    repeated = [(p, k) for p, ix in zip(shards, indexes) for k in ix.repeated]
-    if repeated:
-        report.warn(f"{plural(len(repeated), 'sample')} of the {what} shards repeat the key of the sample before "
-                    f"(e.g. {repeated[0][1]!r} in {repeated[0][0]!r}: its members appear again): each is read as a "
-                    "sample of its own, with the members that follow it (WebDataset refuses such a shard). Give "
-                    "each sample its own key.")
-    doubled = [(p, k) for p, ix in zip(shards, indexes) for k in ix.doubled]
-    if doubled:
-        report.warn(f"{plural(len(doubled), 'member')} of the {what} shards appear twice in their sample (e.g. "
-                    f"{doubled[0][1]!r} in {doubled[0][0]!r}): the first is read, the later one is not. Rewrite "
-                    "the shard with one copy of each member.")
+    for listed, noun, says in (
+            ("repeated", "sample", "repeat the key of the sample before (e.g. {key!r} in {shard!r}: its members "
+                                   "appear again): each is read as a sample of its own, with the members that follow "
+                                   "it (WebDataset refuses such a shard). Give each sample its own key."),
+            ("doubled", "member", "appear twice in their sample (e.g. {key!r} in {shard!r}): the first is read, the "
+                                  "later one is not. Rewrite the shard with one copy of each member.")):
+        found = [(p, k) for p, ix in zip(shards, indexes) for k in getattr(ix, listed)]
+        if found:
+            report.warn(f"{plural(len(found), noun)} of the {what} shards " + says.format(shard=found[0][0],
+                                                                                         key=found[0][1]))
     no_image, no_label = sum(ix.no_image for ix in indexes), sum(ix.no_label for ix in indexes)
     if no_image or no_label:
         msg = (f"{no_image + no_label} {what} sample(s) in the shards have no image ({no_image}; looked for "

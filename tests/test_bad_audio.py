@@ -77,7 +77,7 @@ def test_every_broken_wav_is_found_by_the_header_scan(tmp_path):
     files = _bad_wavs(tmp_path)
     reasons = {k: check_audio_file(p) for k, p in files.items()}
     assert reasons["zero"] == "empty file (0 bytes)"
-    assert reasons["header_only"] == "a header without audio data (0 frames)"
+    assert reasons["header_only"] == "no audio data (0 frames): a header alone, or a file cut short"
     assert reasons["text"].startswith("cannot be read as audio")
     assert reasons["no_channels"].startswith("cannot be read as audio")
     assert check_audio_file(tmp_path / "ok.wav") is None

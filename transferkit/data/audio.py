@@ -352,7 +352,7 @@ def probe_audio_file(path: str | Path, *, full: bool = False,
         known = f"; {undecodable_reason(path)}" if undecodable_audio([path]) else ""
         return f"cannot be read as audio ({type(exc).__name__}: {first}{known})"
     if info.frames <= 0:
-        return "a header without audio data (0 frames)"
+        return "no audio data (0 frames): a header alone, or a file cut short"
     if info.channels < 1 or info.samplerate <= 0:
         return f"invalid header ({info.channels} channels at {info.samplerate} Hz)"
     short = too_short(info.frames, info.samplerate)

@@ -192,7 +192,7 @@ def stream_to(url: str, dest: str | Path) -> dict[str, str]:
 
 
 class _Pace:
-    """A fetch's progress: `check`, called before each read that may wait, raises a transient
+    """A fetch's progress: `check`, called before a read that would wait, raises a transient
     `ShardFetchError` once `fetch_timeout` seconds brought fewer than `STALL_BYTES` (a silent
     command; a server that trickles, each of whose reads ends within its timeout while the
     whole never does). The window starts when the response or the command has started."""
@@ -236,27 +236,35 @@ def fetch_timeout() -> float:
 
 
 def _copy_paced(read: Callable[[int], bytes], out: Any, pace: _Pace) -> None:
-    """Copy ``read(CHUNK)`` into ``out`` until it returns no bytes, paced by ``pace`` (checked
-    before each read: the read that finds the end is never called a stall)."""
-    while True:
-        pace.check()
-        chunk = read(CHUNK)
-        if not chunk:
-            return
+    """Copy ``read(CHUNK)`` into ``out`` until it returns no bytes, counting them in ``pace``
+    (each reader checks the pace where it would wait: `_pipe_reader`, `_http_reader`)."""
+    while chunk := read(CHUNK):
         out.write(chunk)
         pace.add(len(chunk))
 
 
+def _http_reader(response: Any, pace: _Pace) -> Callable[[int], bytes]:
+    """``read(n)`` of an HTTP body: what has come (``read1``; ``read(n)`` waits for all n
+    bytes), after checking ``pace``, unless the body is whole (its announced length all read:
+    the last read finds the end without waiting, and a small body after slow headers is no
+    stall)."""
+    def read(n: int) -> bytes:
+        if response.length != 0:  # None: no length announced
+            pace.check()
+        return response.read1(n)
+    return read
+
+
 def _pipe_reader(proc: subprocess.Popen, pace: _Pace) -> Callable[[int], bytes]:
     """``read(n)`` of a command's output that waits at most until ``pace`` would call the fetch
-    stalled (a read of a pipe otherwise blocks for as long as the command is silent); the
-    output or its end, or ``b""`` after the wait when nothing came (`_Pace.check` then fails)."""
+    stalled (a read of a pipe otherwise blocks for as long as the command is silent), then
+    raises (`_Pace.check`); output or its end that is there is read, however late."""
     fd = proc.stdout.fileno()  # type: ignore[union-attr]
     ready = selectors.DefaultSelector()  # epoll: descriptors above 1024 too, which select() refuses
     ready.register(fd, selectors.EVENT_READ)
 
     def read(n: int) -> bytes:
-        while not ready.select(max(pace.left(), 0.0)):
+        while not ready.select(max(pace.left(), 0.0)):  # output or its end ready at once: read, however late
             pace.check()  # raises once the wait is over
         return os.read(fd, n)
     return read
@@ -295,7 +303,8 @@ def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
             try:
                 with urllib.request.urlopen(url, timeout=fetch_timeout()) as r:
                     got = _http_validators(r.headers)
-                    _copy_paced(r.read1, out, _Pace(url))  # read1: what has come; read(n) waits for all n
+                    pace = _Pace(url)
+                    _copy_paced(_http_reader(r, pace), out, pace)
             except urllib.error.HTTPError as exc:
                 raise _fail(url, f"HTTP {exc.code} {exc.reason}", transient=exc.code >= 500 or exc.code in (408, 429)) \
                     from None

@@ -180,7 +180,8 @@ def test_a_fetch_that_stalls_fails_instead_of_waiting_forever(shards, tmp_path, 
     time.sleep(3)
     assert not marker.exists()  # the stalled command was killed, not left to finish
     monkeypatch.setenv("TRANSFERKIT_FETCH_TIMEOUT", "soon")
-    with pytest.raises(tk.DataError, match=r"TRANSFERKIT_FETCH_TIMEOUT='soon' is not a number of seconds above 0"):
+    with pytest.raises(tk.ConfigError, match=r"TRANSFERKIT_FETCH_TIMEOUT must be a positive number of seconds, got "
+                                             r"'soon'"):
         remote.fetch_timeout()
 
 

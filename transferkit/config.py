@@ -163,6 +163,27 @@ def sample_rate_of(value: Any, what: str = "sample rate", error: type[Exception]
     return int(value)
 
 
+def env_seconds(name: str, default: float) -> float:
+    """Seconds from the environment variable ``name`` (unset or empty: ``default``): a finite
+    number above 0, else a [`ConfigError`][transferkit.ConfigError] naming the variable.
+
+    Example:
+        >>> env_seconds("TRANSFERKIT_NOT_SET", 1.5)
+        1.5
+    """
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}; set it to e.g. 600, or unset "
+                          f"it for {default:g}.")
+    return value
+
+
 def check_seconds(value: Any, name: str) -> float | None:
     """``value`` if it is seconds of audio (``clip_seconds``, ``max_seconds``): None, or a finite
     number of at least `MIN_CLIP_SECONDS`; else a [`ConfigError`][transferkit.ConfigError].

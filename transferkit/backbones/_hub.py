@@ -25,7 +25,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 
-from transferkit.errors import ConfigError
+from transferkit.config import env_seconds
 
 DEFAULT_TIMEOUT_S = 1.5
 _results: dict[tuple[str, int], str | None] = {}
@@ -63,16 +63,7 @@ def hf_offline(enabled: bool = True) -> Iterator[None]:
 
 def timeout_s() -> float:
     """The connection timeout: ``TRANSFERKIT_HUB_TIMEOUT`` seconds, else 1.5."""
-    raw = os.environ.get("TRANSFERKIT_HUB_TIMEOUT")
-    if raw is None or raw == "":
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ConfigError(f"TRANSFERKIT_HUB_TIMEOUT must be a positive number of seconds, got {raw!r}.")
-    return value
+    return env_seconds("TRANSFERKIT_HUB_TIMEOUT", DEFAULT_TIMEOUT_S)
 
 
 def _address(url: str) -> tuple[str, int, str]:

@@ -57,6 +57,7 @@ from typing import Any
 
 from transferkit._io import check_free_space, create_temp, remove_stale_temps
 from transferkit._signals import raise_if_interrupted
+from transferkit.config import env_seconds
 from transferkit.errors import DataError
 
 ENV_BUDGET = "TRANSFERKIT_SHARD_CACHE"
@@ -222,17 +223,7 @@ class _Pace:
 def fetch_timeout() -> float:
     """Seconds a fetch may wait for a byte, or bring fewer than `STALL_BYTES`, before it fails:
     ``TRANSFERKIT_FETCH_TIMEOUT``, else `TIMEOUT`."""
-    given = os.environ.get(ENV_TIMEOUT, "").strip()
-    if not given:
-        return TIMEOUT
-    try:
-        seconds = float(given)
-    except ValueError:
-        seconds = float("nan")
-    if not seconds > 0 or seconds == float("inf"):
-        raise DataError(f"{ENV_TIMEOUT}={given!r} is not a number of seconds above 0; set it to e.g. 600, or unset it "
-                        f"for {TIMEOUT:g}.")
-    return seconds
+    return env_seconds(ENV_TIMEOUT, TIMEOUT)
 
 
 def _copy_paced(read: Callable[[int], bytes], out: Any, pace: _Pace) -> None:

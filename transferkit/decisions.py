@@ -110,7 +110,6 @@ class Decisions:
     input_decode: dict[str, Any] = field(default_factory=lambda: {"where": "cpu", "reason": "not decided",
                                                                   "passes": []})
     pretrained: bool = True  # the trunk starts from trained weights (a Backbone object's own: see BackboneFacts)
-    backbone_options: dict[str, Any] | None = None  # get_backbone's options that built the trunk (None: not known)
 
     @property
     def epochs(self) -> int:
@@ -164,8 +163,10 @@ class Decisions:
             "feature_engine_precision":  # what the features are computed in on that engine (ONNX Runtime: fp32)
                 s["feature_precision"] and engine_precision(self.engine, s["feature_precision"]),
             "input_decode": self.input_decode["where"], "input_decode_reason": self.input_decode["reason"],
-            # a Backbone object's options, which config.backbone_options (a name's) cannot hold: what rebuilds it
-            **({} if isinstance(self.config.backbone, str) else {"backbone_options": self.backbone_options}),
+            # a Backbone object's get_backbone options (None: built otherwise), which config.backbone_options (a
+            # name's) cannot hold: what rebuilds it from a checkpoint
+            **({} if isinstance(self.config.backbone, str) else
+               {"backbone_options": getattr(self.config.backbone, "build_options", None)}),
         })
 
     def decodes_on_device(self, what: str = "feature pass") -> bool:
@@ -360,8 +361,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         decode=decode, data=data.identity,
         trunk_fingerprint=bb.fingerprint, data_fingerprints=dict(data.fingerprints), notes=tuple(notes),
         engine=engine, engine_reason=engine_reason,
-        input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode), pretrained=bb.pretrained,
-        backbone_options=bb.options)
+        input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode), pretrained=bb.pretrained)
 
 
 def head_passes(policy: Policy, cached_epochs: int, epochs: int) -> int:

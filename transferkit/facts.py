@@ -93,7 +93,6 @@ class BackboneFacts:
     head_groups: tuple[dict[str, Any], ...]  # the head's alone (training on cached features)
     spec_augment: bool = False  # the trunk holds SpecAugment masks (active in training mode only)
     batchnorm_only: tuple[str, ...] = ()  # blocks of BatchNorm gamma/beta alone (nothing trains in them at bn=frozen)
-    options: dict[str, Any] | None = None  # get_backbone's options that built it (None: a Backbone built otherwise)
 
 
 @dataclass(frozen=True)
@@ -414,7 +413,7 @@ def _backbone_facts(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, dev: tor
                          weights_digest=digest, groups=groups, head_groups=head_groups,
                          spec_augment=any(isinstance(m, SpecAugment) and (m.freq_masks or m.time_masks)
                                           for m in bb.trunk.modules()),
-                         batchnorm_only=batchnorm_only_blocks(bb), options=bb.build_options)
+                         batchnorm_only=batchnorm_only_blocks(bb))
 
 
 def _spec_digest(spec: InputSpec) -> str:

@@ -8,10 +8,10 @@ import os
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
+from transferkit.recipes import default_data_root
+
+DATA = default_data_root()
 """The real data: ``$TRANSFERKIT_DATA`` (empty: unset), else ``shared/data`` beside the checkout."""
 
 

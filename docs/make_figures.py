@@ -21,7 +21,6 @@ About a minute on two CPU cores (feature extraction of 398 images at 224 px domi
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import sys
 import tempfile
@@ -35,7 +34,9 @@ MAX_WIDTH = 1100  # px: the page's text column is narrower; more only costs byte
 
 
 def data_root() -> Path:
-    root = Path(os.environ.get("TRANSFERKIT_DATA") or ROOT.parent / "shared" / "data")
+    from transferkit.recipes import default_data_root
+
+    root = default_data_root()
     if not (root / "hymenoptera" / "train").is_dir():
         sys.exit(f"make_figures: no hymenoptera data under {root} (set TRANSFERKIT_DATA to the shared data folder).")
     return root

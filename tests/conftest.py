@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from transferkit.recipes import default_data_root
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_data_dir() -> Path:
-    return Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data")
+    return default_data_root()  # $TRANSFERKIT_DATA, else shared/data beside the checkout
 
 
 @pytest.fixture(scope="session")

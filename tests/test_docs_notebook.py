@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from transferkit.recipes import default_data_root
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "docs" / "notebook.ipynb"
-DATA = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data").resolve()
+DATA = default_data_root().resolve()
 WEIGHTS = DATA / "weights" / "efficientnet-lite0" / "tf_efficientnet_lite0_in1k.pth"
 
 WIDGET = "application/vnd.jupyter.widget-view+json"

@@ -40,7 +40,9 @@ def main() -> None:
     import nbclient
     import nbformat
 
-    data = Path(os.environ.get("TRANSFERKIT_DATA") or REPO.parent / "shared" / "data").resolve()
+    from transferkit.recipes import default_data_root
+
+    data = default_data_root().resolve()
     if not (data / "hymenoptera").is_dir():
         sys.exit(f"needs {data}/hymenoptera (set TRANSFERKIT_DATA)")
     os.environ["TRANSFERKIT_DATA"] = str(data)

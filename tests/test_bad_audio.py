@@ -73,6 +73,22 @@ def _float_wav(path: Path, values: np.ndarray) -> Path:
     return path
 
 
+def test_an_ogg_file_cut_short_is_a_bad_file(tmp_path):
+    """An Ogg file declares no length: cut short, libsndfile reads it as 0 frames or not at all,
+    and the quick scan leaves it out either way."""
+    if "OGG" not in sf.available_formats():
+        pytest.skip("this libsndfile writes no Ogg files")
+    whole = tmp_path / "whole.ogg"
+    sf.write(whole, (0.3 * np.sin(np.arange(RATE) * 0.2)).astype(np.float32), RATE, format="OGG")
+    assert check_audio_file(whole) is None
+    data = whole.read_bytes()
+    for share in (0.2, 0.5, 0.9):
+        cut = tmp_path / f"cut{share}.ogg"
+        cut.write_bytes(data[:int(len(data) * share)])
+        reason = check_audio_file(cut)
+        assert reason is not None and (reason.startswith("cannot be read as audio") or "cut short" in reason), reason
+
+
 def test_every_broken_wav_is_found_by_the_header_scan(tmp_path):
     files = _bad_wavs(tmp_path)
     reasons = {k: check_audio_file(p) for k, p in files.items()}

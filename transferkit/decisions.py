@@ -509,12 +509,14 @@ def _check_weights_tag(cfg: FinetuneConfig) -> None:
         check_weights_tag(cfg.backbone, cfg.weights, **(cfg.backbone_options or {}))
 
 
-# decisions added after records were first written, with the value a record without them means (the
-# option's default; the head's behaviour then: a regression run of then differs from one of now in its head)
-ADDED_DECISIONS = {("config", "target_norm"): "auto", ("head", "target_norm"): False}
-# records added later: a record written before one of them lacks it and is compared without it (a Backbone
-# object's options, recorded since exports are rebuilt from them)
-ADDED_RECORDS = frozenset({"backbone_options"})
+# a record of before a key existed, read as the value it means there: whatever the run of now has (`AS_NOW`:
+# the key was not recorded then, so it is compared without it)
+AS_NOW = object()
+# keys added after records were first written, as (part, key), part None for a top-level key, with the value a
+# record without them means: the option's default; the head's behaviour then (a regression run of then differs
+# from one of now in its head); a Backbone object's options, recorded since exports are rebuilt from them
+ADDED_DECISIONS: dict[tuple[str | None, str], Any] = {
+    ("config", "target_norm"): "auto", ("head", "target_norm"): False, (None, "backbone_options"): AS_NOW}
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -523,8 +525,12 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
     before a decision existed reads as the behaviour it had then (`ADDED_DECISIONS`)."""
     saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
     for (part, key), before in ADDED_DECISIONS.items():
-        if isinstance(saved.get(part), dict) and key not in saved[part]:
-            saved[part][key] = before
+        into, of_now = (saved, now) if part is None else (saved.get(part), now.get(part))
+        if isinstance(into, dict) and key not in into:
+            if before is not AS_NOW:
+                into[key] = before
+            elif isinstance(of_now, dict) and key in of_now:
+                into[key] = of_now[key]
     if saved.get("format") == 2 and now.get("format") == DECISIONS_FORMAT:  # group rates at the base rate then
         saved["groups"], saved["format"] = _groups_at_phase_rates(saved), DECISIONS_FORMAT
     if isinstance(saved.get("input_spec"), dict):  # as recorded now (an audio spec without image fields)
@@ -542,8 +548,6 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
         elif key == "groups":
             if not _same_groups(saved.get(key), now.get(key)):
                 diff[key] = (saved.get(key), now.get(key))
-        elif key in ADDED_RECORDS and key not in saved:
-            continue
         elif key not in _PLACE_KEYS and key != "speed_reasons" and saved.get(key) != now.get(key):
             diff[key] = (saved.get(key), now.get(key))
     return diff

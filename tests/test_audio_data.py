@@ -100,6 +100,20 @@ def test_in_memory_clips_too_short_or_with_names_for_labels_are_named():
             prepare_audio_data([(clip, label), (clip, 1)] * 3, spec=SPEC8K, val_split=0)
 
 
+def test_float_waveforms_far_outside_the_unit_range_are_warned_of(recwarn):
+    """int16 values cast to float (not scaled) are trained on as they are, with a warning that
+    names the peak and an item; audio in [-1, 1], a little beyond it, or int16 itself is quiet."""
+    clip = (0.5 * np.sin(np.arange(800) / 3)).astype(np.float32)
+    pcm = (clip * 32767).astype(np.int16)
+    items = [(clip, i % 2) for i in range(6)] + [(pcm.astype(np.float32), 0), ((torch.from_numpy(pcm).double(), 8000), 1)]
+    with pytest.warns(UserWarning, match=r"2 waveforms of float samples reach far outside \[-1, 1\] \(up to 16383, "
+                                         r"e.g. training item 6\).* Divide int16 values by 32768, or pass them as int16"):
+        prepare_audio_data(items, spec=SPEC8K, val_split=0)
+    quiet = [(clip * 3, 0), (clip, 1), (pcm, 0), (torch.from_numpy(pcm), 1)] * 2
+    prepare_audio_data(quiet, spec=SPEC8K, val_split=0)
+    assert not [w for w in recwarn if "far outside" in str(w.message)]
+
+
 def test_unreadable_audio_raises_data_error(tmp_path):
     (tmp_path / "bad.wav").write_bytes(b"not a wav file")
     with pytest.raises(DataError, match="bad.wav"):

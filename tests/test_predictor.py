@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -224,6 +226,12 @@ def test_an_audio_pair_takes_its_rate_as_any_whole_number(tmp_path):
             pred.predict((wave, rate))
     with pytest.raises(DataError, match=r"sample rate of the \(waveform, sample_rate\) pair is 3 Hz, below 1000 Hz"):
         pred.predict((wave, 3))  # a label in the rate's place: each clip would last hours
+    with pytest.warns(UserWarning, match=r"1 waveform of float samples reaches far outside \[-1, 1\] \(up to 9830.1, "
+                                         r"e.g. one of shape \(4800,\)\)"):
+        pred.predict([wave, (wave * 32767).numpy()])  # int16 values cast to float, once per call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pred.predict([wave, (wave * 32767).to(torch.int16)])  # PCM integers are scaled
 
 
 def test_input_pipeline_and_parity_examples_for_each_kind(tmp_path):

@@ -167,6 +167,33 @@ def check_finite(samples: np.ndarray | torch.Tensor, what: str) -> None:
                         "be finite (NaN marks padding in transferkit batches). Remove or repair it.")
 
 
+LOUD_PEAK = 8.0
+"""Float samples beyond this (in absolute value) are far outside [-1, 1]: PCM integers cast to
+float without scaling, most likely (`loud_note`)."""
+
+
+def float_peak(samples: Any) -> float:
+    """The largest absolute finite value of in-memory float samples (a ``(waveform, rate)`` pair's
+    waveform too); 0.0 for a file, PCM integers (they are scaled) or an empty array."""
+    if isinstance(samples, tuple) and len(samples) == 2 and is_rate(samples[1]):
+        samples = samples[0]
+    if isinstance(samples, (str, Path)):
+        return 0.0
+    arr = samples.detach().cpu().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
+    if not np.issubdtype(arr.dtype, np.floating) or arr.size == 0:
+        return 0.0
+    finite = np.abs(arr[np.isfinite(arr)])
+    return float(finite.max()) if finite.size else 0.0
+
+
+def loud_note(count: int, peak: float, example: str) -> str:
+    """The warning for ``count`` in-memory waveforms of float samples far outside [-1, 1]."""
+    return (f"{plural(count, 'waveform')} of float samples {'reaches' if count == 1 else 'reach'} far outside "
+            f"[-1, 1] (up to {peak:g}, e.g. "
+            f"{example}): float audio is read as samples in [-1, 1], as decoded files are, and these look like PCM "
+            "integers cast to float. Divide int16 values by 32768, or pass them as int16 (scaled as files are).")
+
+
 def crop_centre(wav: torch.Tensor, max_samples: int | None) -> torch.Tensor:
     """The middle ``max_samples`` of a ``[T]`` (or ``[C, T]``) waveform; shorter ones unchanged.
 
@@ -574,7 +601,8 @@ last axis holds at most this many channels and its first is longer."""
 
 
 def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None,
-                on_crop: Callable[[float], None] | None = None) -> torch.Tensor:
+                on_crop: Callable[[float], None] | None = None,
+                on_loud: Callable[[float], None] | None = None) -> torch.Tensor:
     """A path, a ``(waveform, rate)`` pair or a waveform already at ``sample_rate`` -> mono
     float32 ``[T]`` at ``sample_rate`` (a 2-D waveform is ``[C, T]``, or ``[T, C]`` as
     ``soundfile.read`` returns it: see `MAX_CHANNELS`; PCM integers are scaled to [-1, 1],
@@ -582,7 +610,8 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
     ``max_seconds`` long (the middle of a longer clip). NaN at the end of an in-memory
     waveform is padding and is removed; NaN elsewhere, or inf, raises [`DataError`][transferkit.DataError].
     A pair's rate is any whole number (`sample_rate_of`: ``np.int64(44100)``, ``44100.0``).
-    ``on_crop(seconds)`` is told the length of an in-memory waveform that ``max_seconds`` crops.
+    ``on_crop(seconds)`` is told the length of an in-memory waveform that ``max_seconds`` crops,
+    ``on_loud(peak)`` the peak of float samples beyond `LOUD_PEAK` (`loud_note`).
 
     Example:
         >>> to_waveform((torch.zeros(2, 800), 8000), 16000).shape
@@ -620,6 +649,8 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
         padding = " (all of it NaN, which marks padding)" if wav.ndim == 1 and given[-1] else ""
         raise DataError(f"A waveform must be a non-empty [T] or [C, T] array, got shape {given}{padding}.")
     check_finite(wav, "waveform")
+    if on_loud is not None and not isinstance(item, (str, Path)) and (peak := float_peak(item)) > LOUD_PEAK:
+        on_loud(peak)
     keep = None if max_seconds is None else max(1, int(round(max_seconds * float(rate))))
     if keep is not None and wav.shape[0] > keep and on_crop is not None:
         on_crop(wav.shape[0] / float(rate))
@@ -654,6 +685,10 @@ def _audio_dataset(data: Any, spec: InputSpec, classes: list[str] | None, what: 
                                    rate=rate)
         if not samples:
             raise DataError(f"No readable clips in the {what} dataset (e.g. {report.bad_files[:2]}).")
+        loud = [(peak, i) for i, (src, _) in enumerate(samples) if (peak := float_peak(src)) > LOUD_PEAK]
+        if loud:
+            peak, first = max(loud, key=lambda pair: pair[0])
+            report.warn(loud_note(len(loud), peak, f"{what} item {first}"))
         if max_seconds is not None:
             long = [(n / r, f"in-memory item {i}") for i, (n, r) in enumerate(_lengths(samples, rate))
                     if n > max_seconds * r]

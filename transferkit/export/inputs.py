@@ -45,6 +45,7 @@ class InputPipeline:
         self.spec = spec
         self.max_seconds = max_seconds  # audio: clips are cropped to their middle max_seconds, as in training
         self.cropped: list[str] = []  # audio longer than the model's window (`window_seconds`) met by `prepare`
+        self.loud: list[tuple[float, str]] = []  # (peak, place) of waveforms of float samples far outside [-1, 1]
         self.audio = spec.kind == "audio"
         if self.audio:
             self._audio, self._to_waveform = audio, audio.to_waveform
@@ -145,7 +146,9 @@ class InputPipeline:
         is_file = isinstance(item, (str, Path))
         long_file = is_file and self.max_seconds is not None and self._longer(item)
         cut: list[float] = []  # the seconds of an in-memory waveform max_seconds crops
-        wav = self._to_waveform(item, rate, max_seconds=self.max_seconds, on_crop=cut.append)
+        shape = tuple(np.shape(item[0] if isinstance(item, tuple) else item))
+        wav = self._to_waveform(item, rate, max_seconds=self.max_seconds, on_crop=cut.append,
+                                on_loud=lambda peak: self.loud.append((peak, f"one of shape {shape}")))
         # the model sees less than a longer clip (its middle max_seconds, or clip_seconds), as in training: say so
         if long_file or cut or (clip is not None and wav.shape[-1] > round(clip * rate)):
             seconds = cut[0] if cut else wav.shape[-1] / rate

@@ -14,6 +14,7 @@ import torch
 from transferkit._progress import progress as progress_bar
 from transferkit._text import file_reason, plural
 from transferkit.backbones._base import InputSpec
+from transferkit.data.audio import loud_note
 from transferkit.errors import ConfigError, DataError, ExportError
 from transferkit.export.inputs import InputPipeline, is_open_file
 from transferkit.export.metadata import audio_max_seconds, is_onnx_file
@@ -128,7 +129,7 @@ class Predictor:
             files = any(isinstance(x, (str, Path)) for x in items)
             raise DataError(file_reason(exc) + (" (predict() reports such files one by one)" if files else "")) \
                 from exc
-        self._warn_cropped()
+        self._warn_about_inputs()
         return torch.cat(out) if out else torch.empty(0, len(self.labels))
 
     def predict_proba(self, inputs: Any, *, batch_size: int = 32) -> torch.Tensor:
@@ -192,9 +193,15 @@ class Predictor:
                 else:
                     preds[i] = self._prediction(row, _source(items[i]), top_k, threshold)
             yield from (preds[i] for i, _ in chunk)
-        self._warn_cropped()
+        self._warn_about_inputs()
 
-    def _warn_cropped(self) -> None:
+    def _warn_about_inputs(self) -> None:
+        """Warn once per call of the audio clips met that the model sees only in part, or whose
+        float samples look like unscaled PCM integers."""
+        if self.inputs.loud:
+            peak, example = max(self.inputs.loud, key=lambda pair: pair[0])
+            warnings.warn(loud_note(len(self.inputs.loud), peak, example), stacklevel=3)
+            self.inputs.loud.clear()
         if self.inputs.cropped:
             # no `max_seconds=` here: the window is the model's, not an option of predict (the CLI would
             # spell it as finetune's --max-seconds flag)

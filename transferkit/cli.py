@@ -19,7 +19,7 @@ import sys
 import textwrap
 import traceback
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +85,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     predictor = load(args.model, device=args.device)
     files, empty = _expand_inputs(predictor, args.inputs)
-    preds: list = []
-    stream = (preds.append(p) or p for p in predictor.iter_predict(  # each batch written as it comes: an
-        files, top_k=args.top_k, batch_size=args.batch_size, threshold=args.threshold,  # interrupted run keeps them
-        progress=None if not args.json else False))
+    preds: list = []  # every prediction written, for the failures listed at the end
+
+    def written() -> Iterator:  # each batch written as it comes: an interrupted run keeps what it wrote
+        for p in predictor.iter_predict(files, top_k=args.top_k, batch_size=args.batch_size, threshold=args.threshold,
+                                        progress=None if not args.json else False):
+            preds.append(p)
+            yield p
+    stream = written()
     if args.json:
         print(_json([p.to_dict() for p in stream], indent=1))
     elif args.csv:

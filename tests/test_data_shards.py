@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 import warnings
 from pathlib import Path
@@ -341,7 +342,10 @@ def test_a_split_named_inside_a_shard_s_name_is_that_split(tmp_path):
     assert any("named as test data (test-000000.tar) are trained on" in w for w in b.report.warnings)
 
 
-def test_member_index_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+def test_member_index_is_cached_by_path_size_and_times(tmp_path, monkeypatch):
+    """The cached member index and the data's identity go by the shard's path, size,
+    modification and change times: a shard rewritten in place, even with its size and
+    modification time kept (``touch -r``, ``cp -p``), is indexed again and is other data."""
     folder = make_image_folder(tmp_path / "img", per_class=3)
     (path,) = write_shards(_sorted_items(folder), tmp_path / "s", [6])
     first, cached = shard_index(str(path), cache_dir=tmp_path / "c")
@@ -352,6 +356,14 @@ def test_member_index_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     write_shards(_sorted_items(folder)[::-1], tmp_path / "s", [6])  # rewritten: new size/mtime
     _, cached = shard_index(str(path), cache_dir=tmp_path / "c")
     assert not cached
+    assert data_fingerprint(prepare_data(str(path), val_split=0).train) != fp
+    before = os.stat(path)
+    fp = data_fingerprint(prepare_data(str(path), val_split=0).train)
+    write_shards(_sorted_items(folder), tmp_path / "s", [6])  # the members in another order, same size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    index, cached = shard_index(str(path), cache_dir=tmp_path / "c")
+    assert not cached and index == first
     assert data_fingerprint(prepare_data(str(path), val_split=0).train) != fp
 
 

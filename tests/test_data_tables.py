@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -40,6 +41,26 @@ def test_parquet_gives_the_folder_samples_and_pixels(tmp_path):
     for i in range(len(a)):
         assert torch.equal(a[i][0], b[i][0])
     assert prepare_data(str(tmp_path), val_split=0).classes == ["0", "1"]  # a folder of Parquet files
+
+
+def test_a_parquet_file_rewritten_with_its_size_and_mtime_kept_is_other_data(tmp_path):
+    """The data's identity (what keys cached features) holds each file's change time, as an
+    image file's does: a file rewritten in place with its size and modification time kept
+    (``cp -p``, ``touch -r``) is not taken for the one before."""
+    from transferkit.data.fingerprint import data_fingerprint
+
+    folder = make_image_folder(tmp_path / "img", per_class=3)
+    images, labels, _ = _rows(folder)
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "label": labels}), path, compression="none")
+    before, fp = os.stat(path), data_fingerprint(prepare_data(str(path), val_split=0).train)
+    assert data_fingerprint(prepare_data(str(path), val_split=0).train) == fp
+    a, b = [i for i, t in enumerate(labels) if t == labels[0]][:2]
+    images[a], images[b] = images[b], images[a]  # two images of a class trade places: the same size and labels
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "label": labels}), path, compression="none")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert data_fingerprint(prepare_data(str(path), val_split=0).train) != fp
 
 
 def test_parquet_named_labels_and_hashed_split(tmp_path):

@@ -487,9 +487,9 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
 
 
 def _index_path(cache_dir: str | Path, path: str, scan: str, validators: dict[str, str] | None = None) -> Path:
-    if validators is None:  # a local shard: its path, size and modification time
+    if validators is None:  # a local shard: its path, size and times (as `ShardSource` identifies it)
         st = os.stat(path)
-        ident = f"{INDEX_FORMAT}\0{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{scan}"
+        ident = f"{INDEX_FORMAT}\0{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{scan}"
     else:  # a remote shard: its URL and what its server says identifies its content
         ident = f"{INDEX_FORMAT}\0{path}\0{json.dumps(validators, sort_keys=True)}\0{scan}"
     return Path(cache_dir) / "shard-index" / (hashlib.blake2b(ident.encode(), digest_size=16).hexdigest() + ".json")
@@ -574,7 +574,8 @@ class ShardSource:
         self.nbytes = [ix.nbytes for ix in indexes]
         self.validators = [ix.validators for ix in indexes]
         # per shard: a local one's path from the folder holding them all (a folder moved whole
-        # keeps it), bytes and time; a remote one's URL, validators and bytes
+        # keeps it), bytes and times (a shard rewritten with its size and modification time kept
+        # has a new change time, as image files do); a remote one's URL, validators and bytes
         local = iter(from_common_folder([p for p, remote in zip(self.paths, self.remote) if not remote]))
         self._ident: list[Any] = []
         for p, ix, remote in zip(self.paths, indexes, self.remote):
@@ -582,7 +583,7 @@ class ShardSource:
                 self._ident.append((p, ix.validators, ix.nbytes))
             else:
                 st = os.stat(p)
-                self._ident.append((next(local), st.st_size, st.st_mtime_ns))
+                self._ident.append((next(local), st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         self._files: dict[int, Any] = {}  # open shards, least recently read first
         self._held: dict[int, Held] = {}  # open remote shards, least recently read first
         self._pid = os.getpid()

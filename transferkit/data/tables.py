@@ -201,8 +201,10 @@ class ParquetSource:
         self.group_index = np.array([g for _, g, _ in groups], dtype=np.int32)
         self.group_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         stats = [os.stat(f) for f in self.files]
-        # (path from the folder holding them all, bytes, time): a folder moved whole keeps it
-        self._ident = [(rel, st.st_size, st.st_mtime_ns) for rel, st in zip(from_common_folder(self.files), stats)]
+        # (path from the folder holding them all, bytes, times): a folder moved whole keeps it; a file rewritten
+        # with its size and modification time kept does not (its change time is new), as with image files
+        self._ident = [(rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                       for rel, st in zip(from_common_folder(self.files), stats)]
         self._cache = _RowGroupCache()
         self._keys: list[str] | None = None
 

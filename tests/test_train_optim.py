@@ -58,6 +58,44 @@ def test_reduce_on_plateau_and_state_roundtrip():
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
+def test_each_phase_keeps_its_own_plateau():
+    """fine_tune's second phase starts at its own rate: a cut of the first phase is not carried
+    over, and neither is the first phase's best loss (nor its last epoch's, which ends it)."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    s = LRSchedule("plateau", opt, total_steps=30, steps_per_epoch=5, phases=[(15, 1.0), (15, 0.1)],
+                   options={"patience": 0, "factor": 0.5})
+    lrs = []
+    for loss in (1.0, 2.0, 3.0, 9.0, 8.0, 8.5):  # epoch 2 cuts phase 1; epoch 6 cuts phase 2
+        for _ in range(5):
+            s.step()
+        s.epoch_end(loss)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1.0, 0.5, 0.1, 0.1, 0.1, 0.05])
+    again = LRSchedule("plateau", torch.optim.SGD([p], lr=1.0), total_steps=30, steps_per_epoch=5,
+                       phases=[(15, 1.0), (15, 0.1)], options={"patience": 0, "factor": 0.5})
+    again.load_state_dict(s.state_dict())
+    assert again.state_dict() == s.state_dict()
+
+
+def test_warmup_epochs_count_the_steps_of_the_epochs_they_span(tmp_path, monkeypatch):
+    """A cached first epoch keeps its short last batch (5 steps of 24 images in batches of 5)
+    while epochs on images drop it (4): two epochs of warmup are 9 steps, not twice the first
+    (which ran warmup into the third epoch)."""
+    from conftest import make_image_folder
+
+    from transferkit.steps import steps_in_epochs
+
+    assert steps_in_epochs(2, [5, 4, 4]) == 9 and steps_in_epochs(0.5, [5, 4]) == 2
+    assert steps_in_epochs(1.5, [5, 4, 4]) == 7 and steps_in_epochs(0, [5]) == 0
+    data = make_image_folder(tmp_path / "img", per_class=15, size=16)
+    lrs = _applied_lrs(monkeypatch)
+    tk.finetune("tk:small_cnn", weights=None, data=data, image_size=16, batch_size=5, epochs=3, num_workers=0,
+                verbose=False, precision="fp32", schedule="constant", lr=1.0, warmup_epochs=2,
+                policy="gradual:every=1")
+    assert lrs[0] == pytest.approx([i / 10 for i in range(1, 10)] + [1.0] * 4)  # 5 + 4 steps of warmup, then 4
+
+
 def test_group_learning_rate_ratios_are_kept():
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 1.0}], lr=1.0)
@@ -328,21 +366,27 @@ def _applied_lrs(monkeypatch) -> list[list[float]]:
     return runs
 
 
-@pytest.mark.parametrize("schedule, extra", [("step", {}), ("exponential", {}), ("cosine", {"warmup_epochs": 1})])
+@pytest.mark.parametrize("schedule, extra", [("step", {}), ("exponential", {}), ("cosine", {"warmup_epochs": 1}),
+                                             ("plateau", {"schedule_options": {"patience": 0, "factor": 0.5},
+                                                          "lr": 3.0})])
 def test_fine_tune_s_frozen_phase_has_the_schedule_of_feature_extraction(tmp_path, monkeypatch, schedule, extra):
     """24 training images in batches of 5: a cached epoch takes 5 steps, an epoch on images 4
     (the last short batch dropped). The step schedule counted epochs of 4 steps in the frozen
-    phase, and warmup spanned the frozen epoch's 3 passes."""
+    phase, warmup spanned the frozen epoch's 3 passes, and the plateau was told the best
+    pass's loss once an epoch, not each pass's."""
     from conftest import make_image_folder
 
     data = make_image_folder(tmp_path / "img", per_class=15, size=16)
-    kw = dict(weights=None, data=data, image_size=16, batch_size=5, epochs=3, num_workers=0, verbose=False,
-              precision="fp32", schedule=schedule, **extra)
+    # weights from a file, as pretrained ones: both heads start with a FeatureNorm and see the same losses
+    torch.save(tk.get_backbone("tk:small_cnn", weights=None).trunk.state_dict(), tmp_path / "trunk.pt")
+    kw = dict(weights=tmp_path / "trunk.pt", data=data, image_size=16, batch_size=5, epochs=3, num_workers=0,
+              verbose=False, precision="fp32", schedule=schedule, **extra)
     lrs = _applied_lrs(monkeypatch)
     fe = tk.finetune("tk:small_cnn", policy="feature_extraction", **kw)
     tk.finetune("tk:small_cnn", policy="fine_tune:frozen=1", **kw)
     assert fe.decisions.n_train == 24 and len(lrs[0]) == 15
     assert lrs[1][:15] == pytest.approx(lrs[0], rel=1e-12)
+    assert len(set(lrs[0])) > 1  # the schedule moved within the frozen phase (the plateau cut the rate)
 
 
 def test_the_schedule_spans_the_steps_taken_when_files_prove_unreadable(tmp_path, monkeypatch):

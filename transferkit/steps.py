@@ -550,8 +550,20 @@ def _schedule_plan(d: Decisions, cached: int, inputs: TrainingData | None) -> tu
     steps = [cached * d.head_passes] * k + [trunk] * (total - k)
     epoch_steps = [cached] * (k * d.head_passes) + [trunk] * (total - k)
     return steps, {"total_steps": sum(steps), "epoch_steps": epoch_steps,
-                   "warmup_steps": round(d.config.warmup_epochs * epoch_steps[0]),
+                   "warmup_steps": steps_in_epochs(d.config.warmup_epochs, epoch_steps),
                    "phases": phase_steps(d.policy.lr_phases(total), steps)}
+
+
+def steps_in_epochs(epochs: float, epoch_steps: list[int]) -> int:
+    """The optimizer steps of the first ``epochs`` epochs (a fraction of one counts its share),
+    as they run: epochs on cached features and on images take different numbers of steps.
+
+    Example:
+        >>> steps_in_epochs(2, [5, 4, 4]), steps_in_epochs(1.5, [5, 4, 4])
+        (9, 7)
+    """
+    whole = int(epochs)
+    return round(sum(epoch_steps[:whole]) + (epochs - whole) * (epoch_steps[whole] if whole < len(epoch_steps) else 0))
 
 
 def _cached_steps(d: Decisions) -> int:

@@ -296,13 +296,15 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
             got = _train_and_validate(module, runner, train_loader, val_loader, loop, epoch, desc, verbose=main)
             if passes == 1:
                 row = got
-            elif row is None or got.get(monitor) is None or _improved(got[monitor], {"epoch": 0, **row}, monitor,
-                                                                      mode, got):  # no monitor: the last pass
+                continue
+            _plateau_step(loop, got)  # each pass counts as an epoch of feature extraction's schedule
+            if row is None or got.get(monitor) is None or _improved(got[monitor], {"epoch": 0, **row}, monitor,
+                                                                    mode, got):  # no monitor: the last pass
                 row, kept = {**got, "passes": passes, "best_pass": i + 1}, copy.deepcopy(module.state_dict())
         assert row is not None
         if kept is not None and row["best_pass"] < passes:
             module.load_state_dict(kept)
-        _end_epoch(state, row, module, monitor, mode, loop)
+        _end_epoch(state, row, module, monitor, mode, loop, plateau=passes == 1)
         if state.stopped_early and state.epoch >= shown:  # the last planned epoch: nothing was cut short
             state.stopped_early = False
         row["time_s"] = time.perf_counter() - t0 + prep_s
@@ -353,9 +355,17 @@ def _check_stopping(early_stopping: int | None, monitor: str | None, task: str) 
         check_task_settings(task, monitor=monitor)
 
 
+def _plateau_step(loop: Loop, row: dict[str, Any]) -> None:
+    """The plateau schedule's bookkeeping after an epoch (or a pass of a frozen epoch), on its
+    validation loss, else its training loss."""
+    if hasattr(loop.scheduler, "epoch_end"):
+        loop.scheduler.epoch_end(row.get("val_loss", row["train_loss"]))
+
+
 def _end_epoch(state: TrainState, row: dict[str, Any], module: nn.Module, monitor: str, mode: str,
-               loop: Loop) -> None:
-    """Best-epoch tracking, early stopping and the plateau schedule, after one epoch. A
+               loop: Loop, *, plateau: bool = True) -> None:
+    """Best-epoch tracking, early stopping and (``plateau``: not already told after each pass)
+    the plateau schedule, after one epoch. A
     validation loss that is not finite (the model's outputs are NaN or inf: it diverged)
     stops the run: no later epoch can be trusted, and no epoch of it would be kept."""
     val_loss = row.get("val_loss")
@@ -366,8 +376,8 @@ def _end_epoch(state: TrainState, row: dict[str, Any], module: nn.Module, monito
     state.history.append(row)
     state.epoch += 1
     value = row.get(monitor)
-    if hasattr(loop.scheduler, "epoch_end"):
-        loop.scheduler.epoch_end(row.get("val_loss", row["train_loss"]))
+    if plateau:
+        _plateau_step(loop, row)
     if value is None:
         return
     if _improved(value, state.best, monitor, mode, row):

@@ -102,6 +102,7 @@ class LRSchedule:
         self.warmup_steps = 0 if name == "one_cycle" else int(warmup_steps)
         self.base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
         self.step_count, self.scale, self.best, self.bad_epochs = 0, 1.0, None, 0
+        self.plateau_phase = 0  # the phase the plateau's bookkeeping (scale, best, bad_epochs) belongs to
         self.replan(total_steps=total_steps, steps_per_epoch=steps_per_epoch, phases=phases, epoch_steps=epoch_steps)
 
     def replan(self, *, total_steps: int, steps_per_epoch: int = 1, phases: Sequence[tuple[int, float]] | None = None,
@@ -127,15 +128,22 @@ class LRSchedule:
         """The epoch (of `replan`'s ``epoch_steps``) that optimizer step ``step`` is in."""
         return bisect.bisect_right(self.epoch_ends, step)
 
+    def phase(self, step: int) -> tuple[int, int]:
+        """``(index, first step)`` of the phase optimizer step ``step`` is in (the last phase
+        takes any step beyond the plan)."""
+        first = 0
+        for i, (n, _) in enumerate(self.phases):
+            if step < first + n or i == len(self.phases) - 1:
+                return i, first
+            first += n
+        raise AssertionError("unreachable")
+
     def factor(self, step: int) -> float:
         """The multiplier at optimizer step ``step`` (before the plateau scale): the schedule
         of the phase the step is in, restarted at the phase's first step, times its lr factor."""
-        first = 0
-        for i, (n, phase_factor) in enumerate(self.phases):
-            if step < first + n or i == len(self.phases) - 1:
-                return phase_factor * self._phase_factor(step - first, n, self.warmup_steps if i == 0 else 0, first)
-            first += n
-        raise AssertionError("unreachable")
+        i, first = self.phase(step)
+        n, phase_factor = self.phases[i]
+        return phase_factor * self._phase_factor(step - first, n, self.warmup_steps if i == 0 else 0, first)
 
     def _phase_factor(self, step: int, total: int, w: int, first: int = 0) -> float:
         o = self.opts
@@ -165,6 +173,9 @@ class LRSchedule:
         return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * t))
 
     def _apply(self) -> None:
+        phase = self.phase(self.step_count)[0]
+        if phase != self.plateau_phase:  # a new phase starts its schedule again: the plateau's cuts too
+            self.plateau_phase, self.scale, self.best, self.bad_epochs = phase, 1.0, None, 0
         f = self.factor(self.step_count) * self.scale
         for g, base in zip(self.optimizer.param_groups, self.base_lrs):
             g["lr"] = base * f
@@ -175,8 +186,12 @@ class LRSchedule:
 
     def epoch_end(self, metric: float | None = None) -> None:
         """Reduce-on-plateau bookkeeping: after ``patience`` epochs without improvement of
-        ``metric`` (a loss: lower is better), multiply the learning rate by ``factor``."""
+        ``metric`` (a loss: lower is better), multiply the learning rate by ``factor``. Each
+        phase keeps its own: the last epoch of a phase counts for nothing in the next, which
+        starts at the phase's rate."""
         if self.name != "plateau" or metric is None or not math.isfinite(metric):
+            return
+        if self.phase(max(self.step_count - 1, 0))[0] != self.plateau_phase:  # the epoch ended the phase before
             return
         o = self.opts
         value = metric
@@ -193,6 +208,7 @@ class LRSchedule:
         """The position, the plateau's bookkeeping and the plan (a `replan` made during the run,
         when the feature pass found unreadable files, is resumed as it was)."""
         return {"step_count": self.step_count, "scale": self.scale, "best": self.best, "bad_epochs": self.bad_epochs,
+                "plateau_phase": self.plateau_phase,
                 "plan": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                          "phases": [list(p) for p in self.phases], "epoch_ends": list(self.epoch_ends)}}
 
@@ -204,6 +220,8 @@ class LRSchedule:
             self.total_steps, self.warmup_steps = int(plan["total_steps"]), int(plan["warmup_steps"])
             self.phases = [(int(n), float(f)) for n, f in plan["phases"]]
             self.epoch_ends = [int(e) for e in plan["epoch_ends"]]
+        # absent from a checkpoint of before: its bookkeeping is the current phase's, as it was carried then
+        self.plateau_phase = int(state.get("plateau_phase", self.phase(self.step_count)[0]))
         self._apply()
 
 

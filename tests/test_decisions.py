@@ -738,6 +738,27 @@ def test_a_resume_may_move_the_feature_cache(split_folders, tmp_path):
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
 
 
+def test_policy_options_that_do_nothing_are_noted(image_folder, tmp_path):
+    """The head's passes without cached features, L2-SP on a frozen backbone or from random
+    weights, and decay_norm_bias under L2-SP were taken without a word."""
+    torch.save(tk.get_backbone("tk:small_cnn", weights=None).trunk.state_dict(), tmp_path / "trunk.pt")
+    kw = dict(weights=tmp_path / "trunk.pt", data=image_folder, image_size=16, num_workers=0, verbose=False, epochs=3)
+
+    def notes(policy, **extra):
+        return " ".join(tk.plan("tk:small_cnn", **{**kw, **extra}, policy=policy).notes)
+
+    assert "passes=3 of policy fine_tune:frozen=1,passes=3 is not used: the head makes its passes over cached " \
+           "features, and this run caches none (cache_features=False" in notes("fine_tune:frozen=1,passes=3",
+                                                                               cache_features=False)
+    assert "passes=epochs of policy fine_tune:frozen=1 is not used" in notes("fine_tune", cache_features=False)
+    assert "l2sp=0.1 is not used: no backbone weight trains in this run" in notes("feature_extraction,l2sp=0.1")
+    assert "this run starts from random ones (weights=None)" in notes("full,l2sp=0.1", weights=None)
+    assert "decay_norm_bias=true is not used: L2-SP replaces weight decay" in notes("full,l2sp=0.1,"
+                                                                                   "decay_norm_bias=true")
+    for quiet in ("fine_tune", "fine_tune:frozen=1,passes=1", "full,l2sp=0.1", "full,decay_norm_bias=true"):
+        assert notes(quiet, **({"cache_features": False} if quiet.endswith("passes=1") else {})) == "", quiet
+
+
 def test_settings_that_do_nothing_are_noted_and_a_warmup_past_its_phase_is_refused(image_folder):
     """momentum with Adam(W), warmup_epochs with one_cycle and weight_decay under L2-SP were
     taken without a word; a warmup longer than fine_tune's first phase was cut where the phase

@@ -323,6 +323,8 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     trainable = tuple(tuple(b) for b in pol.schedule(list(bb.blocks), cfg.epochs))
     _check_trains_something(pol, trainable, bb.batchnorm_only)
     notes = _unused_settings(cfg, pol, head_passes(pol, cached_epochs, cfg.epochs))
+    notes += _policy_options_unused(pol, cached_epochs=cached_epochs, cache_reason=reason, frozen=frozen,
+                                    pretrained=bb.pretrained)
     if cfg.feature_engine not in ("auto", "eager") and not cached_epochs:
         notes.append(f"feature_engine={cfg.feature_engine!r} is not used: this run has no cached feature pass "
                      f"({reason}); it applies to a frozen backbone whose features are cached.")
@@ -393,6 +395,30 @@ def _unused_settings(cfg: FinetuneConfig, pol: Policy, passes: int) -> list[str]
     if pol.l2sp is not None and cfg.weight_decay != FinetuneConfig.__dataclass_fields__["weight_decay"].default:
         notes.append(f"weight_decay={cfg.weight_decay:g} is not used: L2-SP ({pol}) replaces weight decay, pulling the "
                      "backbone toward its starting weights (l2sp) and the head toward zero (l2sp_beta).")
+    return notes
+
+
+def _policy_options_unused(pol: Policy, *, cached_epochs: int, cache_reason: str, frozen: bool,
+                           pretrained: bool) -> list[str]:
+    """Notes for a policy's options that do nothing, or not what they say, in this run: the
+    head's ``passes`` without cached features, L2-SP on a backbone that does not train or that
+    starts from random weights, ``decay_norm_bias`` under L2-SP (which has no weight decay)."""
+    notes = []
+    if pol.frozen_epochs and pol.head_passes != 1 and not cached_epochs and not frozen:
+        passes = "passes=epochs" if pol.head_passes == 0 else f"passes={pol.head_passes}"
+        notes.append(f"{passes} of policy {pol} is not used: the head makes its passes over cached features, and "
+                     f"this run caches none ({cache_reason}); each frozen epoch is one pass over the images, so the "
+                     "frozen phase is not the feature-extraction run it is on cached features.")
+    if pol.l2sp is not None and frozen:
+        notes.append(f"l2sp={pol.l2sp:g} is not used: no backbone weight trains in this run, so nothing is pulled "
+                     f"toward its starting weights; the head is still pulled toward zero (l2sp_beta={pol.l2sp_beta:g}) "
+                     "in place of weight decay. Drop l2sp for plain feature extraction.")
+    elif pol.l2sp is not None and not pretrained:
+        notes.append(f"l2sp={pol.l2sp:g} pulls the backbone toward its starting weights, and this run starts from "
+                     "random ones (weights=None): L2-SP keeps a pretrained backbone near what it learned. Give "
+                     "pretrained weights, or drop l2sp.")
+    if pol.l2sp is not None and pol.decay_norm_bias:
+        notes.append("decay_norm_bias=true is not used: L2-SP replaces weight decay, so no parameter has any.")
     return notes
 
 

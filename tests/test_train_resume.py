@@ -160,6 +160,26 @@ def test_resume_refuses_a_checkpoint_from_other_settings(image_folder, tmp_path)
         tk.finetune("tk:small_cnn", checkpoint=ckpt, resume=True, lr=5e-3, **common)
 
 
+def test_resume_refuses_a_weights_file_whose_content_changed(image_folder, tmp_path):
+    """A weights file rewritten in place between the run and its resume was taken: the resumed
+    run stored features of the checkpoint's trunk under the new file's key (a later run read
+    them with the new trunk) and anchored L2-SP to the new weights."""
+    torch.manual_seed(0)
+    torch.save(tk.get_backbone("tk:small_cnn", weights=None).trunk.state_dict(), tmp_path / "w.pt")
+    common = dict(weights=tmp_path / "w.pt", data=image_folder, image_size=16, device="cpu", num_workers=0,
+                  epochs=3, batch_size=4, verbose=False, policy="feature_extraction", cache_dir=tmp_path / "cache",
+                  checkpoint=tmp_path / "run.pt")
+    with pytest.raises(Interrupt):
+        tk.finetune("tk:small_cnn", callbacks=[_stop_after(1)], **common)
+    with pytest.raises(Interrupt):  # the same file resumes
+        tk.finetune("tk:small_cnn", resume=True, callbacks=[_stop_after(2)], **common)
+    torch.manual_seed(1)
+    torch.save(tk.get_backbone("tk:small_cnn", weights=None).trunk.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(ConfigError, match=r"weights_file: 'w.pt@blake2b:\w+' -> 'w.pt@blake2b:\w+'.* The weights "
+                                          r"file's content changed since the run began"):
+        tk.finetune("tk:small_cnn", resume=True, **common)
+
+
 def test_checkpoint_write_is_atomic(image_folder, tmp_path, monkeypatch):
     """A crash while writing leaves the previous checkpoint readable."""
     common = dict(weights=None, data=image_folder, image_size=32, device="cpu", num_workers=0, epochs=2, batch_size=4,

@@ -51,7 +51,7 @@ from transferkit.train.tasks import monitor_default, target_scale_note
 DECISIONS_FORMAT = 3  # 3: each group's rate is the rate it trains at (2: at the base rate, a phase's factor left out)
 # decisions that may differ when resuming (where the run runs, not what it computes; whether
 # torch.compile is tried depends on the machine: a C++ compiler, the number of processes)
-_PLACE_KEYS = frozenset({"device", "weights_file", "feature_engine", "feature_engine_reason",
+_PLACE_KEYS = frozenset({"device", "feature_engine", "feature_engine_reason",
                          "feature_engine_precision", "input_decode", "input_decode_reason", "compile",
                          "cache_reason"})  # the words of the cache decision (its place: cache_dir); the decision
 # itself (feature_cache, cached_epochs, cache_views) is compared
@@ -144,7 +144,8 @@ class Decisions:
         weights = self.weights_file if portable and self.weights_file else self.weights
         return jsonable({
             "format": DECISIONS_FORMAT, "config": self.config.to_dict(portable=portable),
-            "backbone": self.backbone, "weights": weights, "input_spec": self.input_spec.to_dict(),
+            "backbone": self.backbone, "weights": weights, "weights_file": self.weights_file,
+            "input_spec": self.input_spec.to_dict(),
             "task": self.task, "classes": list(self.classes), "num_outputs": self.num_outputs,
             "device": self.device_type, "world_size": self.world_size, "seeds": list(self.seeds),
             "precision": s["precision"], "feature_precision": s["feature_precision"],
@@ -542,7 +543,8 @@ AS_NOW = object()
 # record without them means: the option's default; the head's behaviour then (a regression run of then differs
 # from one of now in its head); a Backbone object's options, recorded since exports are rebuilt from them
 ADDED_DECISIONS: dict[tuple[str | None, str], Any] = {
-    ("config", "target_norm"): "auto", ("head", "target_norm"): False, (None, "backbone_options"): AS_NOW}
+    ("config", "target_norm"): "auto", ("head", "target_norm"): False, (None, "backbone_options"): AS_NOW,
+    (None, "weights_file"): AS_NOW}
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -574,9 +576,17 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
         elif key == "groups":
             if not _same_groups(saved.get(key), now.get(key)):
                 diff[key] = (saved.get(key), now.get(key))
+        elif key == "weights_file":  # the file's content: renamed or moved, it is the same weights
+            if _content(saved.get(key)) != _content(now.get(key)):
+                diff[key] = (saved.get(key), now.get(key))
         elif key not in _PLACE_KEYS and key != "speed_reasons" and saved.get(key) != now.get(key):
             diff[key] = (saved.get(key), now.get(key))
     return diff
+
+
+def _content(weights_file: Any) -> Any:
+    """The digest of a recorded weights file (``name@blake2b:...``), without its name."""
+    return weights_file.partition("@")[2] if isinstance(weights_file, str) else weights_file
 
 
 def _same_groups(a: Any, b: Any) -> bool:

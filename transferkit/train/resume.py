@@ -50,6 +50,9 @@ def resume_refused(path: str | Path, diff: dict[str, tuple[Any, Any]]) -> Config
         "time (image and audio files also their change time: a copy with cp -a or rsync -a, or a chmod, " \
         "changes theirs); an edit changes it, a folder renamed or moved whole keeps it. A checkpoint of tar " \
         "shards or Parquet files whose digest held their absolute paths does not resume." if "data" in diff else ""
+    if "weights_file" in diff:
+        data += (" The weights file's content changed since the run began (its digest differs): the checkpoint's "
+                 "trunk grew from the file it had, and its cached features and L2-SP anchor were computed from it.")
     if "config.epochs" in diff:
         data += " The epochs cannot change: the learning-rate schedule was built for the first run's length."
     if "world_size" in diff:

@@ -248,7 +248,7 @@ def test_a_feature_cache_on_a_full_disk_is_not_a_bus_error(small_fs, tmp_path, w
     assert "shape (1, 64, 8192) path None" in r.stdout and "same True" in r.stdout
     assert "feature-cache entry" in r.stdout and "kept in memory" in r.stdout
     if when == "estimate":  # refused before anything was written, with the sizes
-        assert "it needs about 2.0 MB and 1.0 MB are free there" in r.stdout, r.stdout
+        assert "it needs about 2.0 MB (2.2 MB with a margin) and 1.0 MB are free there" in r.stdout, r.stdout
     else:  # the blocks could not be reserved
         assert "(cache_dir): No space left on device" in r.stdout, r.stdout
     assert [p.name for p in (fs / "cache").iterdir()] == []  # no half entry, no temporary

@@ -375,10 +375,20 @@ def check_free_space(path: str | Path, need: int, *, what: str, flag: str | None
         free = free_bytes(Path(path).parent)
     except OSError:
         return  # a path that cannot be measured is reported by the write itself
-    if need + need // 20 + SPACE_MARGIN > free:
-        named = f"{str(path)!r}{f' ({flag})' if flag else ''}"
-        raise OutputError(f"Not enough free space for the {what} {named}: it needs about {_mb(need)} and "
-                          f"{_mb(free)} are free there. Free some space or choose a path on another disk.")
+    if with_margin(need) > free:
+        raise no_space(f"{what} {str(path)!r}{f' ({flag})' if flag else ''}", need, free)
+
+
+def with_margin(need: int) -> int:
+    """The free space a write of ``need`` bytes asks for: 5 % more and `SPACE_MARGIN`."""
+    return need + need // 20 + SPACE_MARGIN
+
+
+def no_space(what: str, need: int, free: int,
+             advice: str = "Free some space or choose a path on another disk.") -> OutputError:
+    """The error of a write of ``need`` bytes (`with_margin`) that ``free`` bytes cannot hold."""
+    return OutputError(f"Not enough free space for the {what}: it needs about {_mb(need)} ({_mb(with_margin(need))} "
+                       f"with a margin) and {_mb(free)} are free there. {advice}")
 
 
 def _mb(n: int) -> str:

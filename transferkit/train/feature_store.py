@@ -57,7 +57,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transferkit._io import create_temp, file_digest, file_stat, remove_stale_temps, remove_stale_temps_in
+from transferkit._io import (create_temp, file_digest, file_stat, no_space, remove_stale_temps, remove_stale_temps_in,
+                             with_margin)
 from transferkit.errors import ConfigError, DataError, OutputError
 from transferkit.data.late import NOT_BAD_FILES, bad_file_reason, raising, replaces_bad_files
 from transferkit.data.sampling import SeededItems, data_loader, decode_then_compute, in_blocks, mix_seed
@@ -66,7 +67,6 @@ from transferkit.train.distributed import DistInfo, all_ranks, all_reduce_sum, b
 STORE_FORMAT = 1
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 kept as raw uint16 bits
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SPACE_MARGIN_BYTES = 64 * 2**20
 TARGET_PARTS = 256  # a killed extraction loses at most 1/256 of the work per worker
 MIN_PART_ROWS = 256  # small data: one part, extracted in full batches
 MAX_PART_BYTES = 64 * 2**20  # a part (all its views) stays a modest write and a modest read
@@ -265,11 +265,9 @@ class ShardedFeatureStore:
         except FileNotFoundError as exc:
             raise OutputError(f"The feature store {str(self.path)!r} was removed while this run wrote it (a cleanup "
                               "of cache_dir?). Run again: the features are computed anew.") from exc
-        if need + SPACE_MARGIN_BYTES > free:
-            raise OutputError(f"Not enough free space for the feature store {str(self.path)!r}: a part needs "
-                              f"{need / 2**20:.1f} MB (+{SPACE_MARGIN_BYTES // 2**20} MB margin), "
-                              f"{free / 2**20:.1f} MB are free. Free some space or use another cache_dir; the "
-                              f"parts written so far are kept.")
+        if with_margin(need) > free:
+            raise no_space(f"feature store {str(self.path)!r} (a part of it)", need, free,
+                           "Free some space or use another cache_dir; the parts written so far are kept.")
         final = self._part_dir(p)
         remove_stale_temps(final)
         tmp = create_temp(final, directory=True)

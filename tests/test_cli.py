@@ -153,6 +153,9 @@ def test_help_shows_defaults_and_old_commands_work(capsys):
     assert _run(capsys, "backbones", "tk:")[1] == stdout  # a source alone: every name in it
     code, stdout, err = _run(capsys, "backbones", "zzz")
     assert code == 1 and stdout == "" and "no backbone matches zzz" in err
+    found = _run(capsys, "backbones", "cifar")[1].split()  # words without a wildcard: names that hold them
+    assert "tk:cifar_resnet20" in found and "spec:tk:cifar_resnet56" in found and "tk:small_cnn" not in found
+    assert _run(capsys, "backbones", "tk:cifar")[1].split() == [n for n in found if n.startswith("tk:")]
 
 
 def test_predict_in_a_fresh_process(trained, exported):

@@ -160,6 +160,21 @@ def test_resume_refuses_a_checkpoint_from_other_settings(image_folder, tmp_path)
         tk.finetune("tk:small_cnn", checkpoint=ckpt, resume=True, lr=5e-3, **common)
 
 
+def test_resume_takes_a_setting_given_as_the_value_it_was_decided_to_be(image_folder, tmp_path):
+    """augment=None decided "standard" and lr=None decided 1e-3: the resume that spells them out
+    computes the same and was refused ("config.augment: None -> 'standard'")."""
+    common = dict(weights=None, data=image_folder, image_size=16, device="cpu", num_workers=0, epochs=2, batch_size=4,
+                  verbose=False, policy="full", checkpoint=tmp_path / "run.pt")
+    with pytest.raises(Interrupt):
+        tk.finetune("tk:small_cnn", callbacks=[_stop_after(1)], **common)
+    decided = tk.plan("tk:small_cnn", resume=True, **common)
+    assert (decided.augment, decided.lr) == ("standard", 1e-3)
+    with pytest.raises(ConfigError, match=r"config.augment: None -> 'flip'"):
+        tk.plan("tk:small_cnn", resume=True, augment="flip", **common)
+    resumed = tk.finetune("tk:small_cnn", resume=True, augment="standard", lr=1e-3, **common)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
 def test_resume_refuses_a_weights_file_whose_content_changed(image_folder, tmp_path):
     """A weights file rewritten in place between the run and its resume was taken: the resumed
     run stored features of the checkpoint's trunk under the new file's key (a later run read

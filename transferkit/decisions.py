@@ -571,7 +571,7 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
                 if k == "policy" and (a.get(k) == "<Policy>" or ("policy" in saved and "policy" in now)):
                     continue  # as given ("gradual: every=1", an alias, a Policy object): the decided policy,
                     # compared below in its one spelling, says what it is
-                if k not in OUTPUT_KEYS and a.get(k) != b.get(k):
+                if k not in OUTPUT_KEYS and a.get(k) != b.get(k) and not _same_resolved(k, saved, now):
                     diff[f"config.{k}"] = (a.get(k), b.get(k))
         elif key == "groups":
             if not _same_groups(saved.get(key), now.get(key)):
@@ -582,6 +582,23 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
         elif key not in _PLACE_KEYS and key != "speed_reasons" and saved.get(key) != now.get(key):
             diff[key] = (saved.get(key), now.get(key))
     return diff
+
+
+# settings whose value the record holds as decided (a path of keys in it): two runs that decided the same
+# (augment=None, decided "standard", and augment="standard") compute the same
+_RESOLVED = {"augment": ("augment",), "lr": ("lr",), "precision": ("precision",), "channels_last": ("channels_last",),
+             "head_norm": ("head", "norm")}
+
+
+def _same_resolved(key: str, saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether setting ``key``, given differently, was decided the same in both records."""
+    path = _RESOLVED.get(key)
+    if path is None:
+        return False
+    a, b = saved, now
+    for part in path:
+        a, b = (a.get(part) if isinstance(a, dict) else None), (b.get(part) if isinstance(b, dict) else None)
+    return a is not None and a == b
 
 
 def _content(weights_file: Any) -> Any:

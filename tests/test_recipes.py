@@ -315,6 +315,24 @@ def test_a_recipe_scores_its_test_data_by_the_model_s_class_names(tmp_path):
     assert acc == 1.0  # 8 samples of the model's classes (by index: 0.0)
 
 
+def test_evaluate_says_how_it_reads_class_indices_given_without_class_names(tmp_path, recwarn):
+    """Shards whose ``cls`` indices come without an _info.json are read in the model's order,
+    which the user may not know: scored without a word, a model of classes ["light", "dark"]
+    read alphabetical indices the wrong way round (accuracy 0.0)."""
+    from shard_helpers import folder_items, write_shards
+
+    model = _brightness_export(tmp_path / "m.pt")  # classes ["dark", "light"]
+    items = folder_items(make_image_folder(tmp_path / "f", classes=("dark", "light"), per_class=4, size=16, seed=1))
+    write_shards(items, tmp_path / "bare", [8], prefix="test", classes=["light", "dark"], info=False)
+    with pytest.warns(UserWarning, match=r"The scored shards give class indices without class names: each index is "
+                                         r"read as the model's class of that place \(0 = 'dark', 1 = 'light'\)"):
+        assert tk.evaluate(model, tmp_path / "bare", progress=False).accuracy == 0.0
+    write_shards(items, tmp_path / "named", [8], prefix="test", classes=["light", "dark"])
+    recwarn.clear()
+    assert tk.evaluate(model, tmp_path / "named", progress=False).accuracy == 1.0  # read by name
+    assert not [w for w in recwarn if "without class names" in str(w.message)]
+
+
 def test_evaluate_scores_tar_shards_by_class_name_and_lists_a_sample_it_cannot_read(tmp_path, capsys, monkeypatch):
     """`transferkit evaluate` read folders and CSVs only; tar shards are scored too (the reader the
     recipes use), a chunk at a time, and a sample that cannot be decoded is listed as failed

@@ -252,7 +252,7 @@ def no_shared_class(own: Sequence[str], classes: Sequence[str], what: str) -> Da
 
 
 def labels_by_name(labels: Sequence[Any], own: Sequence[str] | None, classes: Sequence[str] | None,
-                   part: str, data: str) -> list[Any]:
+                   part: str, data: str, report: DataReport | None = None) -> list[Any]:
     """``labels`` of the ``part`` (``"training"``, ``"validation"``, ``"test"``) ``data``
     (``"shards"``, ...) to read against ``classes`` (the training data's, or ``classes=``): the
     class indices of data that name their own classes ``own`` (shards' ``_info.json``, a
@@ -260,13 +260,21 @@ def labels_by_name(labels: Sequence[Any], own: Sequence[str] | None, classes: Se
     sample is read as its class by name (another order, a subset); unchanged where they agree,
     or where either is None. Where they share no name, ``classes`` rename the indices of
     training data (``classes=`` given); other parts, read against a model's or the training
-    data's classes, are refused.
+    data's classes, are refused. Data scored against a model (a ``part`` other than training
+    and validation) that give class indices and no names are read in the model's order, with
+    a warning into ``report`` that shows it.
 
     Example:
         >>> labels_by_name([0, 1, 1], ["dog", "cat"], ["cat", "dog"], "validation", "shards")
         ['dog', 'cat', 'cat']
     """
     what = f"The {part} {data}"
+    if classes and not own and part not in ("training", "validation") and report is not None \
+            and any(isinstance(lab, (int, np.integer)) for lab in labels):
+        order = ", ".join(f"{i} = {c!r}" for i, c in enumerate(list(classes)[:6])) + (", ..." if len(classes) > 6 else "")
+        report.warn(f"{what} give class indices without class names: each index is read as the model's class of that "
+                    f"place ({order}). Give the data their class names (labels as names, an _info.json 'classes' "
+                    "list beside shards, a ClassLabel column) to have them read by name.")
     if not classes or not own or list(own) == list(classes):
         return list(labels)
     if not set(own) & set(classes):

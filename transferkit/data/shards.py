@@ -945,7 +945,7 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
         raise DataError(f"The {what} shards {list(shards)[:3]} hold no usable sample (an image and a label per "
                         f"key, e.g. 000001.jpg and 000001.cls).{apart}")
     own = _info_classes(shards)
-    labels = labels_by_name([lab for ix in indexes for lab in ix.labels], own, classes, what, "shards")
+    labels = labels_by_name([lab for ix in indexes for lab in ix.labels], own, classes, what, "shards", report)
     targets, names = labels_to_targets(labels, list(classes) if classes else own, f"The {what} shards", report)
     reasons = [r for ix in indexes for r in ix.bad]
     bad = [(source.sample_name(i), r) for i, r in enumerate(reasons) if r]

@@ -282,7 +282,7 @@ def open_parquet(files: str | os.PathLike | Sequence[str], *, classes: Sequence[
     source = ParquetSource(files, image_column, label_column)
     if len(source) == 0:
         raise DataError(f"The {what} Parquet files {list(files)[:3]} hold no row.")
-    labels = labels_by_name(source.labels(), source.class_names, classes, what, "Parquet data")
+    labels = labels_by_name(source.labels(), source.class_names, classes, what, "Parquet data", report)
     targets, names = labels_to_targets(labels, list(classes) if classes else source.class_names,
                                        f"The {what} Parquet data", report)
     return _kept(source, targets, names, min_size, on_bad_file, report, what)
@@ -433,7 +433,7 @@ def open_hf(data: Any, *, classes: Sequence[str] | None = None, min_size: int | 
     if len(ds) == 0:
         raise DataError(f"The {what} Hugging Face dataset is empty.")
     source = HFSource(ds, image_column, label_column)
-    labels = labels_by_name(source.labels(), source.class_names, classes, what, "Hugging Face dataset")
+    labels = labels_by_name(source.labels(), source.class_names, classes, what, "Hugging Face dataset", report)
     targets, names = labels_to_targets(labels, list(classes) if classes else source.class_names,
                                        f"The {what} Hugging Face dataset", report)
     return _kept(source, targets, names, min_size, on_bad_file, report, what)

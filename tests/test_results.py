@@ -195,7 +195,25 @@ def test_an_evaluation_shows_n_a_for_a_class_without_files_not_zeros():
                                 probabilities=np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.1, 0.2, 0.7]]))
     rows = {line.split()[0]: line.split()[1:] for line in ev.summary().splitlines()[2:5]}
     assert rows["c"] == ["0.000", "n/a", "n/a", "0"]  # predicted once (wrongly): its precision is 0
+    assert ev.report["macro avg"]["recall"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)  # scikit-learn's average
+    assert "predicted without files, c counts 0 in recall and f1)" in ev.summary()  # which the table says
     assert rows["a"] == ["1.000", "0.500", "0.667", "2"] and rows["b"] == ["1.000", "1.000", "1.000", "1"]
     unpredicted = transferkit.Evaluation(classes=["a", "b", "c"], files=["1", "2"], labels=[0, 1],
                                          probabilities=np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0]]))
     assert unpredicted.summary().splitlines()[4].split()[1:] == ["n/a", "n/a", "n/a", "0"]
+    assert "counts 0" not in unpredicted.summary()  # neither in the files nor predicted: left out of the average
+
+
+def test_the_worst_files_keep_their_order_below_1e_12():
+    """p(true class) of 1e-41 and 1e-38 both read as a loss of 27.63 (a clip at 1e-12), and the
+    surest mistakes came in file order; the loss of logits is exact."""
+    from transferkit.train.interpret import top_losses
+
+    p_true = np.array([1e-20, 9.3e-41, 1.7e-38, 0.0], dtype=np.float32)
+    probs = np.stack([p_true, 1 - p_true], 1).astype(np.float32)
+    ev = transferkit.Evaluation(classes=["a", "b"], files=["f0", "f1", "f2", "f3"], labels=[0] * 4, probabilities=probs)
+    assert [r["file"] for r in ev.worst(4)] == ["f3", "f1", "f2", "f0"]
+    assert ev.losses[1] == pytest.approx(-np.log(9.3e-41), rel=1e-3) and np.isfinite(ev.losses).all()
+    rows = top_losses(torch.tensor([[0.0, 90.0], [0.0, 95.0], [0.0, 30.0]]), [0, 0, 0], ["a", "b"], k=3)
+    assert [(i, round(loss, 3)) for i, loss, *_ in rows] == [(1, 95.0), (0, 90.0), (2, 30.0)]
+

@@ -47,6 +47,13 @@ from transferkit.heads import TargetScale
 from transferkit.train.metrics import classification_report, confusion_matrix, task_metrics
 
 
+def _floored(p: np.ndarray) -> np.ndarray:
+    """Probabilities as float64, 0 raised to float32's smallest positive number (what a float32
+    probability below it rounds to 0 from), so that a log of them is finite and keeps the order
+    of every probability the outputs hold."""
+    return np.maximum(np.asarray(p, dtype=np.float64), float(np.finfo(np.float32).smallest_subnormal))
+
+
 @dataclass
 class Evaluation:
     """What [`evaluate`][transferkit.evaluate] measured: per file, the true class and the
@@ -85,9 +92,11 @@ class Evaluation:
 
     @property
     def losses(self) -> np.ndarray:
-        """Each file's cross-entropy ``-log p(true class)``."""
+        """Each file's cross-entropy ``-log p(true class)``, from the stored float32 probabilities:
+        down to the smallest they hold (about 1e-45: a loss of 103.3 where p is 0), so that the
+        surest mistakes keep their order."""
         p = self.probabilities[np.arange(len(self.files)), np.asarray(self.labels, dtype=np.int64)]
-        return -np.log(np.clip(p, 1e-12, None))
+        return -np.log(_floored(p))
 
     def worst(self, k: int = 10) -> list[dict[str, Any]]:
         """The ``k`` files with the highest loss (the surest mistakes first): ``file``, ``true``,
@@ -127,6 +136,11 @@ class Evaluation:
             precision = f"{r['precision']:9.3f}" if scored or predicted[i] else f"{'n/a':>9}"
             recall, f1 = (f"{r['recall']:6.3f}", f"{r['f1-score']:6.3f}") if scored else (f"{'n/a':>6}",) * 2
             lines.append(f"  {name:<{width}}  {precision}  {recall}  {f1}  {int(r['support']):7d}")
+        absent = [c for i, c in enumerate(self.classes) if rep[c]["support"] == 0 and predicted[i]]
+        if absent:  # its n/a recall and F1 count as 0 in the macro average, as scikit-learn counts them
+            lines.append(f"  (macro avg, as scikit-learn's: over the classes with files or predictions; predicted "
+                         f"without files, {', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''} counts 0 in "
+                         "recall and f1)")
         rows = self.worst(worst)
         if rows:
             lines.append(f"worst {plural(len(rows), 'file')} (highest loss):")
@@ -173,8 +187,7 @@ class TargetEvaluation:
         its std in these data (an output constant here, or a single file: its own units)."""
         y, p = self.targets, self.outputs
         if self.task == "multilabel":
-            p = np.clip(p, 1e-12, 1 - 1e-12)
-            return -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean(1)
+            return -(y * np.log(_floored(p)) + (1 - y) * np.log(_floored(1 - p.astype(np.float64)))).mean(1)
         std = self.scale if self.scale is not None else (y.std(0) if len(y) > 1 else np.ones(y.shape[1]))
         return (((p - y) / np.where(std > 0, std, 1.0)) ** 2).mean(1)
 

@@ -83,7 +83,7 @@ def _labels(dataset_or_labels: Any) -> torch.Tensor:
 
 def _outputs(source: Any, dataset: Any, classes: Sequence[str], *, batch_size: int = 32,
              device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities ``[N, C]``, labels ``[N]``) checked against each other and ``classes``."""
+    """(logits ``[N, C]``, labels ``[N]``) checked against each other and ``classes``."""
     if isinstance(source, nn.Module):
         if isinstance(dataset, (torch.Tensor, list, tuple, np.ndarray)):
             raise ConfigError("With a model, pass the dataset itself (its images are needed), not labels.")
@@ -101,7 +101,7 @@ def _outputs(source: Any, dataset: Any, classes: Sequence[str], *, batch_size: i
                           "the model's outputs on this dataset, in its order (an unshuffled loader).")
     if labels.numel() and (labels.min() < 0 or labels.max() >= len(classes)):
         raise ConfigError(f"Labels must be class indices in 0..{len(classes) - 1}, got {labels.min()}..{labels.max()}.")
-    return torch.softmax(logits, dim=1), labels
+    return logits, labels
 
 
 def confusion(source: Any, dataset_or_labels: Any, classes: Sequence[str], **kwargs: Any) -> np.ndarray:
@@ -111,9 +111,9 @@ def confusion(source: Any, dataset_or_labels: Any, classes: Sequence[str], **kwa
         >>> confusion(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), [1, 1], ["a", "b"]).tolist()
         [[0, 0], [1, 1]]
     """
-    probs, labels = _outputs(source, dataset_or_labels, classes, **kwargs)
+    logits, labels = _outputs(source, dataset_or_labels, classes, **kwargs)
     m = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    np.add.at(m, (labels.numpy(), probs.argmax(1).numpy()), 1)
+    np.add.at(m, (labels.numpy(), logits.argmax(1).numpy()), 1)
     return m
 
 
@@ -192,9 +192,10 @@ def show_results(source: Any, dataset: Any, classes: Sequence[str], path: str | 
         >>> show_results(logits, val_dataset, ["ants", "bees"], "plots/results.png", n=9)  # doctest: +SKIP
     """
     _check_count("n", n)
-    probs, labels = _outputs(source, dataset, classes, **kwargs)
+    logits, labels = _outputs(source, dataset, classes, **kwargs)
     if len(labels) == 0:
         raise ConfigError("show_results got an empty dataset.")
+    probs = torch.softmax(logits, dim=1)
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(labels), size=min(n, len(labels)), replace=False).tolist())
     p, pred = probs.max(1)
@@ -215,8 +216,9 @@ def top_losses(source: Any, dataset_or_labels: Any, classes: Sequence[str], *, k
         (0,)
     """
     _check_count("k", k)
-    probs, labels = _outputs(source, dataset_or_labels, classes, **kwargs)
-    losses = -torch.log(probs[torch.arange(len(labels)), labels].clamp_min(1e-12))
+    logits, labels = _outputs(source, dataset_or_labels, classes, **kwargs)
+    losses = torch.nn.functional.cross_entropy(logits.double(), labels, reduction="none")  # exact, not capped
+    probs = torch.softmax(logits, dim=1)
     order = sorted(range(len(labels)), key=lambda i: (-float(losses[i]), i))[:k]
     p, pred = probs.max(1)
     return [(i, float(losses[i]), classes[labels[i]], classes[pred[i]], float(p[i])) for i in order]

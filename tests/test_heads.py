@@ -150,6 +150,26 @@ def test_multilabel_metrics_read_soft_targets_by_their_side_of_one_half():
     assert one["micro_f1"] == one["macro_f1"] == 1.0 and set(one["per_class"]) >= {"a"}
 
 
+def test_training_s_multilabel_metrics_give_a_label_where_the_predictor_does():
+    """A logit of 0, or one a little below that float32's sigmoid rounds to 0.5, is given by the
+    predictor (probability >= 0.5) and was not by training's metrics (logits > 0): subset
+    accuracy 0.0 in training, 1.0 from evaluate on the same outputs."""
+    from transferkit.evaluation import TargetEvaluation
+    from transferkit.train.metrics import multilabel_metrics
+    from transferkit.train.tasks import count_correct
+
+    logits = torch.tensor([[0.0, -2e-8, -5.0], [0.0, -1e-3, 3.0]])
+    targets = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    probabilities = torch.sigmoid(logits)  # what an exported model gives the predictor
+    assert probabilities[0, 1] == 0.5 and probabilities[1, 1] < 0.5
+    m = multilabel_metrics(logits, targets, ["a", "b", "c"])
+    assert m["subset_accuracy"] == m["label_accuracy"] == m["micro_f1"] == 1.0
+    assert count_correct("multilabel", logits, targets) == 2.0
+    scored = TargetEvaluation(task="multilabel", classes=["a", "b", "c"], files=["x", "y"],
+                              targets=targets.numpy(), outputs=probabilities.numpy())
+    assert scored.metrics["subset_accuracy"] == m["subset_accuracy"]
+
+
 def test_r2_averages_the_outputs_whose_targets_vary():
     from transferkit.train.metrics import regression_metrics
 

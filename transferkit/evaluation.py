@@ -175,7 +175,7 @@ class TargetEvaluation:
         and ``per_output`` (MAE and R^2 of each; R^2 is NaN for an output whose targets are
         constant here, where it is undefined)."""
         outputs, targets = torch.from_numpy(self.outputs), torch.from_numpy(self.targets)
-        if self.task == "multilabel":  # the metrics read logits > 0: the predictor's >= 0.5, exactly
+        if self.task == "multilabel":  # probabilities as logits whose sigmoid falls on the same side of 0.5
             outputs, targets = torch.from_numpy(np.where(self.outputs >= 0.5, 1.0, -1.0)), targets.float()
         return task_metrics(self.task, outputs, targets, self.classes)
 

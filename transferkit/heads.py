@@ -39,6 +39,13 @@ def output_activation(task: str, logits: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
+def labels_given(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Multilabel: which labels a model gives, ``sigmoid(logit) >= threshold`` in float32 as the
+    predictor reads an exported model's probabilities (a logit of 0, or one a little below that
+    rounds to 0.5, is given: ``logits > 0`` said otherwise)."""
+    return output_activation("multilabel", logits) >= threshold
+
+
 class _FixedStats(nn.Module):
     """A mean and a standard deviation per channel, as buffers (saved, exported, never
     trained): the identity until ``set_stats`` fills them in."""

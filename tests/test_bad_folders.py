@@ -224,8 +224,13 @@ def test_validation_folder_sharing_no_class_is_a_clear_error(tmp_path):
                                            r"are \['cats', 'dogs'\], the classes \['ants', 'bees'\]"):
         prepare_data(tmp_path / "train", tmp_path / "val")
     with pytest.raises(tk.DataError, match=r"'.*train' shares no class .* the classes \['Ants', 'Bees'\] \(classes= "
-                                           r"for training data"):  # the training folder: classes= is wrong
-        prepare_data(tmp_path / "train", classes=["Ants", "Bees"])
+                                           r"for training data.* 'ants' differs from the class 'Ants', 'bees' differs "
+                                           r"from the class 'Bees' only in case: rename the folder"):
+        prepare_data(tmp_path / "train", classes=["Ants", "Bees"])  # the training folder: classes= is wrong
+    make_image_folder(tmp_path / "cased", classes=("Ants", "bees"), per_class=3)
+    with pytest.warns(UserWarning, match=r"class folders \['Ants'\] that the training data does not have.* 'Ants' "
+                                         r"differs from the class 'ants' only in case"):
+        prepare_data(tmp_path / "train", tmp_path / "cased")
     with pytest.raises(tk.DataError, match=r"It holds split folders \(train, val\): point at one of them, e.g. "
                                            r"'.*val'"):  # validation data given one level too high
         prepare_data(tmp_path / "train", tmp_path)

@@ -214,17 +214,22 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
     else:
         extra = [c for c in found if c not in classes]
         missing = [c for c in classes if c not in found]
+        cased = [(e, m) for e in extra for m in missing if e.casefold() == m.casefold()]
+        case_note = (" Class names are matched exactly, and " + ", ".join(f"{e!r} differs from the class {m!r}"
+                                                                        for e, m in cased[:3])
+                     + " only in case: rename the folder.") if cased else ""
         if len(extra) == len(found):
             splits = split_like_names(extra)
             fix = (f"It holds split folders ({', '.join(splits)}): point at one of them, e.g. "
                    f"{str(root / splits[-1])!r}." if splits else
-                   "Name its class folders like those classes (for training data, classes= may name them).")
+                   "Name its class folders like those classes (for training data, classes= may name them)." +
+                   case_note)
             raise DataError(f"{str(root)!r} shares no class with the classes it is read for: its class folders are "
                             f"{extra[:10]}, the classes {list(classes)[:10]} (classes= for training data, the "
                             f"training data's or the model's for data scored against them). {fix}")
         if extra:
             report.warn(f"{str(root)!r} has class folders {extra} that the training data does not have; their {what} "
-                        f"are left out (training classes: {list(classes)}).")
+                        f"are left out (training classes: {list(classes)}).{case_note}")
         if missing:
             report.warn(f"{str(root)!r} has no folder for training classes {missing}.")
         found = [c for c in found if c in classes]

@@ -11,6 +11,7 @@ import contextlib
 import html
 import sys
 import time
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,7 +25,7 @@ from transferkit.backbones import Backbone
 from transferkit._text import number, plural, wrap_lines
 from transferkit.config import FinetuneConfig, called_as, unknown_key_error
 from transferkit.data import DataReport
-from transferkit.errors import ConfigError, suggest
+from transferkit.errors import ConfigError, DataError, suggest
 from transferkit.evaluation import Evaluation, TargetEvaluation
 from transferkit.evaluation import evaluate as evaluate_model
 from transferkit.export import Prediction, Predictor
@@ -352,6 +353,14 @@ def resume_config(path: str | Path, **overrides: Any) -> FinetuneConfig:
     if missing:
         raise ConfigError(f"The run in {str(path)!r} used Python objects that a checkpoint cannot store for "
                           f"{missing}; pass them again: transferkit.resume(path, {missing[0]}=...).")
+    for key in ("data", "val_data"):  # a folder or file moved since the run: where it is now, not just "missing"
+        where = stored.get(key)
+        if key not in overrides and isinstance(where, str) and not any(c in where for c in "*?[{") \
+                and "://" not in where and not where.startswith("pipe:") and not os.path.exists(where):
+            flag = "--data" if key == "data" else "--val-data"
+            raise DataError(f"The run in {str(path)!r} read its {key} at {where!r}, which does not exist now. If the "
+                            f"data moved, resume with their new place: transferkit.resume(path, {key}=NEW) ("
+                            f"{flag} NEW with --resume); a folder moved whole keeps its digest.")
     # plain overrides (a moved folder's path, a number) are read as the stored values are; others (a Dataset,
     # a Backbone, a list) replace the stored values once the configuration is read
     objects = {k: v for k, v in overrides.items() if not isinstance(v, (str, int, float, bool, type(None)))}

@@ -201,9 +201,9 @@ def test_resume_flag_after_an_interrupted_run(tmp_path, capsys):
         if row["epoch"] == 1:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt):  # started from Python, quiet: the command's resume is not
         transferkit.finetune("tk:small_cnn", weights=None, data=str(data), epochs=2, image_size=16, batch_size=8,
-                             num_workers=0, checkpoint=ckpt, callbacks=[stop])
+                             num_workers=0, checkpoint=ckpt, callbacks=[stop], verbose=False)
     capsys.readouterr()
     code, out, err = _run(capsys, "finetune", "--checkpoint", ckpt, "--resume")
     assert code == 0, err

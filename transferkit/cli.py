@@ -406,6 +406,7 @@ def _finetune_options(args: argparse.Namespace) -> tuple[str | None, dict]:
     flags.update({k: v for k, v in (("data", args.data), ("val_data", args.val_data)) if v is not None})
     changes = merge_config(flags, parse_overrides(args.set, keys=command_keys(args.command)),
                            source="finetune options")
+    changes.setdefault("verbose", True)  # the command's own default, not that of a run started from Python
     return args.checkpoint, {k: v for k, v in changes.items() if k not in ("resume", "checkpoint")}
 
 

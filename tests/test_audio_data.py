@@ -105,9 +105,11 @@ def test_float_waveforms_far_outside_the_unit_range_are_warned_of(recwarn):
     names the peak and an item; audio in [-1, 1], a little beyond it, or int16 itself is quiet."""
     clip = (0.5 * np.sin(np.arange(800) / 3)).astype(np.float32)
     pcm = (clip * 32767).astype(np.int16)
-    items = [(clip, i % 2) for i in range(6)] + [(pcm.astype(np.float32), 0), ((torch.from_numpy(pcm).double(), 8000), 1)]
+    items = [(clip, i % 2) for i in range(6)] + [(pcm.astype(np.float32), 0),
+                                                  ((torch.from_numpy(pcm).double(), 8000), 1)]
     with pytest.warns(UserWarning, match=r"2 waveforms of float samples reach far outside \[-1, 1\] \(up to 16383, "
-                                         r"e.g. training item 6\).* Divide int16 values by 32768, or pass them as int16"):
+                                         r"e.g. training item 6\).* Divide int16 values by 32768, or pass them "
+                                         r"as int16"):
         prepare_audio_data(items, spec=SPEC8K, val_split=0)
     quiet = [(clip * 3, 0), (clip, 1), (pcm, 0), (torch.from_numpy(pcm), 1)] * 2
     prepare_audio_data(quiet, spec=SPEC8K, val_split=0)

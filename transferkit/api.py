@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import html
+import os
 import sys
 import time
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace

@@ -503,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = _sub(sub, "backbones", "list registered backbones",
              "List the registered backbone names (tv: torchvision, timm:, ta: torchaudio, spec: spectrogram "
              "wrappers, tk: transferkit's own), optionally filtered by a glob pattern.")
-    b.add_argument("pattern", nargs="?", default=None, help="glob pattern, e.g. 'tv:resnet*', or words a name holds, e.g. 'cifar'")
+    b.add_argument("pattern", nargs="?", default=None,
+                   help="glob pattern, e.g. 'tv:resnet*', or words a name holds, e.g. 'cifar'")
     b.set_defaults(fn=_cmd_backbones)
 
     pr = _sub(sub, "predict", "predict with an exported model",

@@ -107,6 +107,7 @@ def test_float_waveforms_far_outside_the_unit_range_are_warned_of(recwarn):
     pcm = (clip * 32767).astype(np.int16)
     items = [(clip, i % 2) for i in range(6)] + [(pcm.astype(np.float32), 0),
                                                   ((torch.from_numpy(pcm).double(), 8000), 1)]
+    items += [(torch.from_numpy(clip).bfloat16(), 0)]  # bf16 (numpy has none) is read, and in range
     with pytest.warns(UserWarning, match=r"2 waveforms of float samples reach far outside \[-1, 1\] \(up to 16383, "
                                          r"e.g. training item 6\).* Divide int16 values by 32768, or pass them "
                                          r"as int16"):

@@ -232,6 +232,14 @@ def test_an_audio_pair_takes_its_rate_as_any_whole_number(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pred.predict([wave, (wave * 32767).to(torch.int16)])  # PCM integers are scaled
+        pred.predict([wave.bfloat16(), (wave.bfloat16(), 16000)])  # bf16 samples (numpy has no such type)
+    with pytest.raises(DataError, match="ms long"):  # a call that fails: what it met is not told by the next
+        pred.predict([wave * 32767, wave[:10]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pred.predict(wave)
+    with pytest.warns(UserWarning, match=r"reaches far outside \[-1, 1\] \(up to 98"):  # bf16 rounds 9830 to 9856
+        pred.predict((wave * 32767).bfloat16())
 
 
 def test_input_pipeline_and_parity_examples_for_each_kind(tmp_path):

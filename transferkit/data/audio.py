@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,17 +174,26 @@ float without scaling, most likely (`loud_note`)."""
 
 
 def float_peak(samples: Any) -> float:
-    """The largest absolute finite value of in-memory float samples (a ``(waveform, rate)`` pair's
-    waveform too); 0.0 for a file, PCM integers (they are scaled) or an empty array."""
+    """The largest absolute value of in-memory float samples (a ``(waveform, rate)`` pair's
+    waveform too; NaN padding aside); 0.0 for a file, PCM integers (they are scaled), an empty
+    array, or samples holding inf (refused as non-finite where they are read)."""
     if isinstance(samples, tuple) and len(samples) == 2 and is_rate(samples[1]):
         samples = samples[0]
     if isinstance(samples, (str, Path)):
         return 0.0
-    arr = samples.detach().cpu().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
+    if isinstance(samples, torch.Tensor):
+        if not samples.is_floating_point():
+            return 0.0
+        samples = samples.detach().cpu()
+        arr = (samples if samples.dtype in (torch.float32, torch.float64) else samples.float()).numpy()
+    else:
+        arr = np.asarray(samples)
     if not np.issubdtype(arr.dtype, np.floating) or arr.size == 0:
         return 0.0
-    finite = np.abs(arr[np.isfinite(arr)])
-    return float(finite.max()) if finite.size else 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all NaN: no peak
+        peak = float(max(abs(np.nanmax(arr)), abs(np.nanmin(arr))))  # no copy of a long clip
+    return peak if math.isfinite(peak) else 0.0
 
 
 def loud_note(count: int, peak: float, example: str) -> str:
@@ -623,6 +633,7 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
     if isinstance(item, tuple) and len(item) == 2 and is_rate(item[1]):
         item, rate = item[0], sample_rate_of(item[1], "sample rate of the (waveform, sample_rate) pair")
     wav = torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item)
+    given_float = wav.is_floating_point()  # not PCM integers, which are scaled
     try:
         wav = pcm_to_float(wav).float()
     except ValueError as exc:
@@ -649,7 +660,7 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
         padding = " (all of it NaN, which marks padding)" if wav.ndim == 1 and given[-1] else ""
         raise DataError(f"A waveform must be a non-empty [T] or [C, T] array, got shape {given}{padding}.")
     check_finite(wav, "waveform")
-    if on_loud is not None and not isinstance(item, (str, Path)) and (peak := float_peak(item)) > LOUD_PEAK:
+    if on_loud is not None and given_float and (peak := float_peak(wav)) > LOUD_PEAK:
         on_loud(peak)
     keep = None if max_seconds is None else max(1, int(round(max_seconds * float(rate))))
     if keep is not None and wav.shape[0] > keep and on_crop is not None:

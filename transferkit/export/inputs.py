@@ -55,6 +55,12 @@ class InputPipeline:
             self._transform = eval_transform(spec)
             self.extensions = IMAGE_EXTENSIONS
 
+    def forget(self) -> None:
+        """Forget the clips met so far (`cropped`, `loud`): a call starts with none, whatever
+        a call before it that failed had met."""
+        self.cropped.clear()
+        self.loud.clear()
+
     def split(self, inputs: Any) -> list[Any]:
         """One input or many -> a list of single items (a batch tensor/array is several)."""
         batch_ndim = 2 if self.audio else 4
@@ -146,9 +152,10 @@ class InputPipeline:
         is_file = isinstance(item, (str, Path))
         long_file = is_file and self.max_seconds is not None and self._longer(item)
         cut: list[float] = []  # the seconds of an in-memory waveform max_seconds crops
-        shape = tuple(np.shape(item[0] if isinstance(item, tuple) else item))
-        wav = self._to_waveform(item, rate, max_seconds=self.max_seconds, on_crop=cut.append,
-                                on_loud=lambda peak: self.loud.append((peak, f"one of shape {shape}")))
+
+        def loud(peak: float) -> None:  # named by its shape as given (worked out only for such a clip)
+            self.loud.append((peak, f"one of shape {tuple(np.shape(item[0] if isinstance(item, tuple) else item))}"))
+        wav = self._to_waveform(item, rate, max_seconds=self.max_seconds, on_crop=cut.append, on_loud=loud)
         # the model sees less than a longer clip (its middle max_seconds, or clip_seconds), as in training: say so
         if long_file or cut or (clip is not None and wav.shape[-1] > round(clip * rate)):
             seconds = cut[0] if cut else wav.shape[-1] / rate

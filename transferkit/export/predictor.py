@@ -120,6 +120,7 @@ class Predictor:
     def outputs(self, inputs: Any, *, batch_size: int = 32, progress: bool | None = False) -> torch.Tensor:
         """``[N, num_outputs]``: probabilities (softmax for multiclass, sigmoid for multilabel)
         or values (regression), in the order of ``inputs``."""
+        self.inputs.forget()
         items = self.inputs.split(inputs)
         _check_batch_size(batch_size)
         try:
@@ -171,6 +172,7 @@ class Predictor:
             raise ConfigError(f"threshold must be a probability in [0, 1] (a label is given when its probability is "
                               f"at least the threshold), got {threshold!r}.")
         _check_batch_size(batch_size)
+        self.inputs.forget()
         items = self.inputs.split(inputs)
         for chunk in _progress(_chunks(list(enumerate(items)), batch_size), len(items), progress):
             preds: dict[int, Prediction] = {}
@@ -201,7 +203,6 @@ class Predictor:
         if self.inputs.loud:
             peak, example = max(self.inputs.loud, key=lambda pair: pair[0])
             warnings.warn(loud_note(len(self.inputs.loud), peak, example), stacklevel=3)
-            self.inputs.loud.clear()
         if self.inputs.cropped:
             # no `max_seconds=` here: the window is the model's, not an option of predict (the CLI would
             # spell it as finetune's --max-seconds flag)
@@ -212,7 +213,7 @@ class Predictor:
                           f"{window:g} s (e.g. {self.inputs.cropped[0]}): each was cropped to its middle {window:g} s, "
                           f"the window the model was trained and validated on ({what}, recorded in the exported "
                           "file). Split long recordings to predict every part.", stacklevel=3)
-            self.inputs.cropped.clear()
+        self.inputs.forget()
 
     def _prediction(self, row: torch.Tensor, source: str | None, top_k: int, threshold: float) -> Prediction:
         if self.task == "regression":

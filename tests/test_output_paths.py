@@ -190,8 +190,8 @@ def test_a_resume_refused_for_changed_data_says_what_the_digest_covers(tmp_path,
         tk.finetune(data=image_folder, **{**FAST, "epochs": 2}, checkpoint=tmp_path / "run.ckpt", callbacks=[stop])
     first = next(p for p in Path(image_folder).rglob("*") if p.is_file())
     first.chmod(0o600)  # the content is the same; its change time is not
-    with pytest.raises(ConfigError, match=r"data: .*The data's digest covers each file's path .*image and audio "
-                                          r"files also their change time: a copy with cp -a or rsync -a, or a chmod"):
+    with pytest.raises(ConfigError, match=r"data: .*The data's digest covers each file's path .*modification and "
+                                          r"change time \(a copy with cp -a or rsync -a, or a chmod"):
         tk.resume(tmp_path / "run.ckpt")
     with pytest.raises(ConfigError, match="The epochs cannot change: the learning-rate schedule was built for"):
         tk.resume(tmp_path / "run.ckpt", epochs=5)

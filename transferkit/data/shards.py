@@ -18,10 +18,11 @@ Random access: each shard is read once to list where each sample's image lies (o
 and size in the tar) and to read its label (and, with ``scan="quick"`` or ``"full"``, to
 check each image as image files are checked; a tar cut short, without its end-of-archive
 block, is a bad shard). That *member index* is cached under
-``cache_dir/shard-index/`` keyed by the shard's path, size and modification time (written
-atomically; without ``cache_dir`` it is rebuilt each run), so a run starts with one small
-read per shard. A dataset's identity for cache keys (`ShardSource.fingerprint`) covers the
-shards' paths, sizes and modification times: its cost grows with the number of shards.
+``cache_dir/shard-index/`` keyed by the shard's path, size, modification and change times
+(written atomically; without ``cache_dir`` it is rebuilt each run), so a run starts with one
+small read per shard. A dataset's identity for cache keys (`ShardSource.fingerprint`) covers
+the shards' paths, sizes, modification and change times: its cost grows with the number of
+shards.
 
 Shards are given as a brace pattern (``train-{000000..000127}.tar``, ``{a,b}`` lists too),
 a folder of ``.tar`` files, one ``.tar`` file, or a list of them.

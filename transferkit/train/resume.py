@@ -46,10 +46,10 @@ def _format_diff(diff: dict[str, tuple[Any, Any]], limit: int = 12, width: int =
 def resume_refused(path: str | Path, diff: dict[str, tuple[Any, Any]]) -> ConfigError:
     """The error of a resume whose run differs from the checkpoint's (``diff``: ``{key:
     (checkpoint, now)}``), with what each kind of difference means."""
-    data = " The data's digest covers each file's path below the data folder, label, size and modification " \
-        "time (image and audio files also their change time: a copy with cp -a or rsync -a, or a chmod, " \
-        "changes theirs); an edit changes it, a folder renamed or moved whole keeps it. A checkpoint of tar " \
-        "shards or Parquet files whose digest held their absolute paths does not resume." if "data" in diff else ""
+    data = " The data's digest covers each file's path below the data folder, label, size, modification and " \
+        "change time (a copy with cp -a or rsync -a, or a chmod, changes the change time); an edit changes it, a " \
+        "folder renamed or moved whole keeps it. A checkpoint of tar shards or Parquet files whose digest held " \
+        "their absolute paths, or not their change times, does not resume." if "data" in diff else ""
     if "weights_file" in diff:
         data += (" The weights file's content changed since the run began (its digest differs): the checkpoint's "
                  "trunk grew from the file it had, and its cached features and L2-SP anchor were computed from it.")

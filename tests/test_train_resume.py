@@ -177,7 +177,7 @@ def test_resume_takes_a_setting_given_as_the_value_it_was_decided_to_be(image_fo
     assert [r["epoch"] for r in resumed.history] == [1, 2]
 
 
-def test_resume_refuses_a_weights_file_whose_content_changed(image_folder, tmp_path):
+def test_resume_refuses_a_weights_file_whose_content_changed(image_folder, tmp_path, monkeypatch):
     """A weights file rewritten in place between the run and its resume was taken: the resumed
     run stored features of the checkpoint's trunk under the new file's key (a later run read
     them with the new trunk) and anchored L2-SP to the new weights."""
@@ -195,6 +195,14 @@ def test_resume_refuses_a_weights_file_whose_content_changed(image_folder, tmp_p
     with pytest.raises(ConfigError, match=r"weights_file: 'w.pt@blake2b:\w+' -> 'w.pt@blake2b:\w+'.* The weights "
                                           r"file's content changed since the run began"):
         tk.finetune("tk:small_cnn", resume=True, **common)
+    # a Backbone object holds its weights: the file it was read from, gone or elsewhere now, is not compared
+    monkeypatch.chdir(tmp_path)
+    bb = tk.get_backbone("tk:small_cnn", weights="w.pt")
+    common = {**{k: v for k, v in common.items() if k != "weights"}, "checkpoint": tmp_path / "object.pt"}
+    with pytest.raises(Interrupt):
+        tk.finetune(bb, callbacks=[_stop_after(1)], **common)
+    (tmp_path / "w.pt").unlink()
+    assert [r["epoch"] for r in tk.finetune(bb, resume=True, **common).history] == [1, 2, 3]
 
 
 def test_checkpoint_write_is_atomic(image_folder, tmp_path, monkeypatch):

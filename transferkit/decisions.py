@@ -576,8 +576,9 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
         elif key == "groups":
             if not _same_groups(saved.get(key), now.get(key)):
                 diff[key] = (saved.get(key), now.get(key))
-        elif key == "weights_file":  # the file's content: renamed or moved, it is the same weights
-            if _content(saved.get(key)) != _content(now.get(key)):
+        elif key == "weights_file":  # the content of a named backbone's weights file (its path is config.weights)
+            a, b = _content(saved.get(key)), _content(now.get(key))
+            if a is not None and b is not None and a != b and _named_backbone(now):
                 diff[key] = (saved.get(key), now.get(key))
         elif key not in _PLACE_KEYS and key != "speed_reasons" and saved.get(key) != now.get(key):
             diff[key] = (saved.get(key), now.get(key))
@@ -599,6 +600,13 @@ def _same_resolved(key: str, saved: dict[str, Any], now: dict[str, Any]) -> bool
     for part in path:
         a, b = (a.get(part) if isinstance(a, dict) else None), (b.get(part) if isinstance(b, dict) else None)
     return a is not None and a == b
+
+
+def _named_backbone(record: dict[str, Any]) -> bool:
+    """Whether a record's backbone was given by name (its weights loaded from the file the run
+    names); a Backbone object holds its weights already, whatever its file holds now."""
+    name = (record.get("config") or {}).get("backbone")
+    return isinstance(name, str) and not name.startswith("<")
 
 
 def _content(weights_file: Any) -> Any:

@@ -276,8 +276,9 @@ def test_the_default_data_root_is_beside_the_checkout_that_runs_the_recipe(tmp_p
     assert recipes.default_data_root() == tmp_path / "d"
 
 
-def _brightness_export(path: Path) -> Path:
-    """An export that calls an image "light" when its mean pixel is bright, else "dark"."""
+def _brightness_export(path: Path, labels: tuple[str, ...] | list[str] = ("dark", "light")) -> Path:
+    """An export that calls an image "light" (its second label) when its mean pixel is bright,
+    else "dark"."""
     import torch
     from torch import nn
 
@@ -292,7 +293,7 @@ def _brightness_export(path: Path) -> Path:
         model.head[0].weight.copy_(torch.tensor([[-1.0] * 3, [1.0] * 3]))
         model.head[0].bias.zero_()
     export_torchscript(model, path, example_inputs=images(3, 16), metadata={
-        "labels": ["dark", "light"], "input_spec": bb.input_spec.to_dict(), "task": "multiclass", "training": {}})
+        "labels": list(labels), "input_spec": bb.input_spec.to_dict(), "task": "multiclass", "training": {}})
     return path
 
 
@@ -330,6 +331,9 @@ def test_evaluate_says_how_it_reads_class_indices_given_without_class_names(tmp_
     write_shards(items, tmp_path / "named", [8], prefix="test", classes=["light", "dark"])
     recwarn.clear()
     assert tk.evaluate(model, tmp_path / "named", progress=False).accuracy == 1.0  # read by name
+    indexed = _brightness_export(tmp_path / "indexed.pt", labels=["0", "1"])  # trained on indices: nothing to say
+    write_shards(items, tmp_path / "bare01", [8], prefix="test", classes=["dark", "light"], info=False)
+    assert tk.evaluate(indexed, tmp_path / "bare01", progress=False).accuracy == 1.0
     assert not [w for w in recwarn if "without class names" in str(w.message)]
 
 

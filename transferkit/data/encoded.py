@@ -270,7 +270,8 @@ def labels_by_name(labels: Sequence[Any], own: Sequence[str] | None, classes: Se
     """
     what = f"The {part} {data}"
     if classes and not own and part not in ("training", "validation") and report is not None \
-            and any(isinstance(lab, (int, np.integer)) for lab in labels):
+            and list(classes) != index_names(len(classes)) \
+            and any(isinstance(lab, (int, np.integer)) for lab in labels):  # a model of named classes
         order = ", ".join(f"{i} = {c!r}" for i, c in enumerate(list(classes)[:6])) + \
             (", ..." if len(classes) > 6 else "")
         report.warn(f"{what} give class indices without class names: each index is read as the model's class of that "

@@ -76,6 +76,16 @@ def test_each_phase_keeps_its_own_plateau():
                        phases=[(15, 1.0), (15, 0.1)], options={"patience": 0, "factor": 0.5})
     again.load_state_dict(s.state_dict())
     assert again.state_dict() == s.state_dict()
+    # a checkpoint of before the phases kept their own, written where phase 2 starts: phase 1's cut stays behind
+    old = LRSchedule("plateau", torch.optim.SGD([p], lr=1.0), total_steps=30, steps_per_epoch=5,
+                     phases=[(15, 1.0), (15, 0.1)], options={"patience": 0, "factor": 0.5})
+    state = {"step_count": 15, "scale": 0.5, "best": 1.0, "bad_epochs": 0,
+             "plan": {**s.state_dict()["plan"]}}
+    old.load_state_dict(state)
+    assert old.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    state["step_count"] = 20  # within phase 2: its bookkeeping is phase 2's, as it was
+    old.load_state_dict(state)
+    assert old.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
 def test_warmup_epochs_count_the_steps_of_the_epochs_they_span(tmp_path, monkeypatch):

@@ -220,8 +220,9 @@ class LRSchedule:
             self.total_steps, self.warmup_steps = int(plan["total_steps"]), int(plan["warmup_steps"])
             self.phases = [(int(n), float(f)) for n, f in plan["phases"]]
             self.epoch_ends = [int(e) for e in plan["epoch_ends"]]
-        # absent from a checkpoint of before: its bookkeeping is the current phase's, as it was carried then
-        self.plateau_phase = int(state.get("plateau_phase", self.phase(self.step_count)[0]))
+        # absent from a checkpoint of before: its bookkeeping is that of the phase of the last step taken (a
+        # checkpoint at a phase's first step leaves the phase before behind, as a run of now does)
+        self.plateau_phase = int(state.get("plateau_phase", self.phase(max(self.step_count - 1, 0))[0]))
         self._apply()
 
 

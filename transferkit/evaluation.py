@@ -43,7 +43,7 @@ from transferkit.data.images import scan_image_folder
 from transferkit.data.target_tables import scan_target_csv
 from transferkit.errors import ConfigError, DataError
 from transferkit.export import Predictor, load
-from transferkit.heads import TargetScale
+from transferkit.heads import TargetScale, labels_given
 from transferkit.train.metrics import classification_report, confusion_matrix, task_metrics
 
 
@@ -176,7 +176,7 @@ class TargetEvaluation:
         constant here, where it is undefined)."""
         outputs, targets = torch.from_numpy(self.outputs), torch.from_numpy(self.targets)
         if self.task == "multilabel":  # probabilities as logits whose sigmoid falls on the same side of 0.5
-            outputs, targets = torch.from_numpy(np.where(self.outputs >= 0.5, 1.0, -1.0)), targets.float()
+            outputs, targets = torch.from_numpy(np.where(labels_given(self.outputs), 1.0, -1.0)), targets.float()
         return task_metrics(self.task, outputs, targets, self.classes)
 
     @property
@@ -203,7 +203,7 @@ class TargetEvaluation:
 
     def _read(self, row: np.ndarray) -> Any:
         if self.task == "multilabel":
-            return [c for c, v in zip(self.classes, row) if v >= 0.5]
+            return [c for c, given in zip(self.classes, labels_given(row)) if given]
         return {c: float(v) for c, v in zip(self.classes, row)}
 
     def to_dict(self, *, worst: int = 10) -> dict[str, Any]:

@@ -39,11 +39,12 @@ def output_activation(task: str, logits: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
-def labels_given(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Multilabel: which labels a model gives, ``sigmoid(logit) >= threshold`` in float32 as the
-    predictor reads an exported model's probabilities (a logit of 0, or one a little below that
-    rounds to 0.5, is given: ``logits > 0`` said otherwise)."""
-    return output_activation("multilabel", logits) >= threshold
+def labels_given(probabilities: Any, threshold: float = 0.5) -> Any:
+    """Multilabel: which labels a model gives, a probability (float32, as an exported model's
+    sigmoid gives it) at or above ``threshold``; a tensor or an array of booleans. Training's
+    metrics, the predictor and `evaluate` read labels by it (training's ``logits > 0`` left
+    out a logit of 0, or one a little below that rounds to 0.5, which the predictor gives)."""
+    return probabilities >= threshold
 
 
 class _FixedStats(nn.Module):

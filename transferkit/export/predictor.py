@@ -19,7 +19,7 @@ from transferkit.errors import ConfigError, DataError, ExportError
 from transferkit.export.inputs import InputPipeline, is_open_file
 from transferkit.export.metadata import audio_max_seconds, is_onnx_file
 from transferkit.export.torchscript import check_device, load_scripted, quiet_jit, read_scripted_metadata
-from transferkit.heads import output_activation
+from transferkit.heads import labels_given, output_activation
 
 
 @dataclass
@@ -222,7 +222,7 @@ class Predictor:
         p, idx = row.topk(min(top_k, len(self.labels)))
         pairs = [(self.labels[j], float(q)) for q, j in zip(p.tolist(), idx.tolist())]
         best = int(row.argmax())
-        positives = [self.labels[j] for j in range(len(self.labels)) if row[j] >= threshold] \
+        positives = [lab for lab, given in zip(self.labels, labels_given(row, threshold).tolist()) if given] \
             if self.task == "multilabel" else None
         return Prediction(self.labels[best], best, float(row[best]), pairs, source, self.task, positives)
 

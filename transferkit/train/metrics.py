@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from transferkit.heads import labels_given
+from transferkit.heads import labels_given, output_activation
 from transferkit.train.loop import evaluate
 from transferkit.train.speed import SpeedConfig
 
@@ -102,7 +102,8 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Seq
     """
     from sklearn.metrics import classification_report, f1_score
 
-    y, p = (targets >= 0.5).numpy().astype(int), labels_given(logits).numpy().astype(int)
+    y = (targets >= 0.5).numpy().astype(int)
+    p = labels_given(output_activation("multilabel", logits)).numpy().astype(int)
     if y.shape[1] == 1:  # one label: scikit-learn reads a column as binary; its positive class is the label
         y1, p1 = y.ravel(), p.ravel()
         f1 = float(f1_score(y1, p1, average="binary", zero_division=0))

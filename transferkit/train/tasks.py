@@ -30,7 +30,7 @@ from transferkit.data.images import dataset_targets
 from transferkit.data.late import listing_of
 from transferkit.data.target_tables import is_csv, open_target_csv
 from transferkit.errors import ConfigError, DataError, check_choice
-from transferkit.heads import TASKS, centred_only, labels_given
+from transferkit.heads import TASKS, centred_only, labels_given, output_activation
 
 
 
@@ -96,7 +96,8 @@ def count_correct(task: str, logits: torch.Tensor, y: torch.Tensor) -> float:
     if task == "multiclass":
         return float((logits.argmax(1) == y).sum().item())
     if task == "multilabel":  # soft targets count as their side of 0.5
-        return float((labels_given(logits) == (y >= 0.5)).double().mean(1).sum().item())
+        given = labels_given(output_activation("multilabel", logits))
+        return float((given == (y >= 0.5)).double().mean(1).sum().item())
     return 0.0
 
 

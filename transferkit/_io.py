@@ -392,6 +392,8 @@ def no_space(what: str, need: int, free: int,
 
 
 def _mb(n: int) -> str:
+    if n < 2**10:
+        return f"{n} bytes"
     return f"{n / 2**10:.0f} kB" if n < 2**20 else f"{n / 2**20:.1f} MB" if n < 2**30 else f"{n / 2**30:.2f} GB"
 
 

@@ -224,12 +224,12 @@ def test_validation_folder_sharing_no_class_is_a_clear_error(tmp_path):
                                            r"are \['cats', 'dogs'\], the classes \['ants', 'bees'\]"):
         prepare_data(tmp_path / "train", tmp_path / "val")
     with pytest.raises(tk.DataError, match=r"'.*train' shares no class .* the classes \['Ants', 'Bees'\] \(classes= "
-                                           r"for training data.* 'ants' differs from the class 'Ants', 'bees' differs "
-                                           r"from the class 'Bees' only in case: rename the folder"):
+                                           r"for training data.* the folder 'ants' differs from the class 'Ants', the "
+                                           r"folder 'bees' differs from the class 'Bees' only in case"):
         prepare_data(tmp_path / "train", classes=["Ants", "Bees"])  # the training folder: classes= is wrong
     make_image_folder(tmp_path / "cased", classes=("Ants", "bees"), per_class=3)
-    with pytest.warns(UserWarning, match=r"class folders \['Ants'\] that the training data does not have.* 'Ants' "
-                                         r"differs from the class 'ants' only in case"):
+    with pytest.warns(UserWarning, match=r"class folders \['Ants'\] that the training data does not have.* the "
+                                         r"folder 'Ants' differs from the class 'ants' only in case"):
         prepare_data(tmp_path / "train", tmp_path / "cased")
     with pytest.raises(tk.DataError, match=r"It holds split folders \(train, val\): point at one of them, e.g. "
                                            r"'.*val'"):  # validation data given one level too high

@@ -156,6 +156,7 @@ def test_help_shows_defaults_and_old_commands_work(capsys):
     found = _run(capsys, "backbones", "cifar")[1].split()  # words without a wildcard: names that hold them
     assert "tk:cifar_resnet20" in found and "spec:tk:cifar_resnet56" in found and "tk:small_cnn" not in found
     assert _run(capsys, "backbones", "tk:cifar")[1].split() == [n for n in found if n.startswith("tk:")]
+    assert _run(capsys, "backbones", "tk:CIFAR 56")[1].split() == ["tk:cifar_resnet56"]  # every word, any case
 
 
 def test_predict_in_a_fresh_process(trained, exported):

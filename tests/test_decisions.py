@@ -747,10 +747,11 @@ def test_policy_options_that_do_nothing_are_noted(image_folder, tmp_path):
     def notes(policy, **extra):
         return " ".join(tk.plan("tk:small_cnn", **{**kw, **extra}, policy=policy).notes)
 
-    assert "passes=3 of policy fine_tune:frozen=1,passes=3 is not used: the head makes its passes over cached " \
-           "features, and this run caches none (cache_features=False" in notes("fine_tune:frozen=1,passes=3",
-                                                                               cache_features=False)
-    assert "passes=epochs of policy fine_tune:frozen=1 is not used" in notes("fine_tune", cache_features=False)
+    assert "The frozen epochs of policy fine_tune:frozen=1,passes=3 make several passes of the head (passes=3) " \
+           "over cached features, and this run caches none (cache_features=False" in notes(
+               "fine_tune:frozen=1,passes=3", cache_features=False)
+    assert "policy fine_tune:frozen=1 make several passes of the head (passes=epochs)" in notes(
+        "fine_tune", cache_features=False)
     assert "l2sp=0.1 is not used: no backbone weight trains in this run" in notes("feature_extraction,l2sp=0.1")
     assert "this run starts from random ones (weights=None)" in notes("full,l2sp=0.1", weights=None)
     assert "decay_norm_bias=true is not used: L2-SP replaces weight decay" in notes("full,l2sp=0.1,"

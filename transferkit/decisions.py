@@ -407,9 +407,9 @@ def _policy_options_unused(pol: Policy, *, cached_epochs: int, cache_reason: str
     notes = []
     if pol.frozen_epochs and pol.head_passes != 1 and not cached_epochs and not frozen:
         passes = "passes=epochs" if pol.head_passes == 0 else f"passes={pol.head_passes}"
-        notes.append(f"{passes} of policy {pol} is not used: the head makes its passes over cached features, and "
-                     f"this run caches none ({cache_reason}); each frozen epoch is one pass over the images, so the "
-                     "frozen phase is not the feature-extraction run it is on cached features.")
+        notes.append(f"The frozen epochs of policy {pol} make several passes of the head ({passes}) over cached "
+                     f"features, and this run caches none ({cache_reason}): each frozen epoch is one pass over the "
+                     "images, so the frozen phase is not the feature-extraction run it is on cached features.")
     if pol.l2sp is not None and frozen:
         notes.append(f"l2sp={pol.l2sp:g} is not used: no backbone weight trains in this run, so nothing is pulled "
                      f"toward its starting weights; the head is still pulled toward zero (l2sp_beta={pol.l2sp_beta:g}) "

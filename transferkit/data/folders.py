@@ -215,9 +215,9 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
         extra = [c for c in found if c not in classes]
         missing = [c for c in classes if c not in found]
         cased = [(e, m) for e in extra for m in missing if e.casefold() == m.casefold()]
-        case_note = (" Class names are matched exactly, and " + ", ".join(f"{e!r} differs from the class {m!r}"
-                                                                        for e, m in cased[:3])
-                     + " only in case: rename the folder.") if cased else ""
+        case_note = (" Class names are matched exactly: " + ", ".join(f"the folder {e!r} differs from the class {m!r}"
+                                                                    for e, m in cased[:3])
+                     + " only in case.") if cased else ""
         if len(extra) == len(found):
             splits = split_like_names(extra)
             fix = (f"It holds split folders ({', '.join(splits)}): point at one of them, e.g. "

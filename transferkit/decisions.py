@@ -543,8 +543,7 @@ AS_NOW = object()
 # record without them means: the option's default; the head's behaviour then (a regression run of then differs
 # from one of now in its head); a Backbone object's options, recorded since exports are rebuilt from them
 ADDED_DECISIONS: dict[tuple[str | None, str], Any] = {
-    ("config", "target_norm"): "auto", ("head", "target_norm"): False, (None, "backbone_options"): AS_NOW,
-    (None, "weights_file"): AS_NOW}
+    ("config", "target_norm"): "auto", ("head", "target_norm"): False, (None, "backbone_options"): AS_NOW}
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -576,7 +575,8 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
         elif key == "groups":
             if not _same_groups(saved.get(key), now.get(key)):
                 diff[key] = (saved.get(key), now.get(key))
-        elif key == "weights_file":  # the content of a named backbone's weights file (its path is config.weights)
+        elif key == "weights_file":  # the content of a named backbone's weights file (its path is config.weights;
+            # a record of before it was kept has none, and is compared without it)
             a, b = _content(saved.get(key)), _content(now.get(key))
             if a is not None and b is not None and a != b and _named_backbone(now):
                 diff[key] = (saved.get(key), now.get(key))

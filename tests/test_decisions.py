@@ -270,6 +270,17 @@ def test_cache_key_covers_trunk_not_head(split_folders, tmp_path):
         torch.manual_seed(0)
         digests.append(module_fingerprint(mod.Trunk()))
     assert digests[0] == digests[1] != digests[2]
+    # and so are TorchScript trunks whose attributes differ: the same code and weights, saved again with
+    # another setting (scripted, its attributes live in the compiled object, not in the Python one)
+    scripted = []
+    for g in ("avg", "avg", "max"):
+        pools[0].trunk.global_pool = g
+        torch.jit.save(torch.jit.script(pools[0].trunk.eval()), tmp_path / "trunk.pt")
+        scripted.append(torch.jit.load(tmp_path / "trunk.pt"))
+    assert str(scripted[0].code) == str(scripted[2].code)
+    assert module_fingerprint(scripted[0]) == module_fingerprint(scripted[1]) != module_fingerprint(scripted[2])
+    scripted[1].train()  # the train/eval flag is not a setting: the frozen pass runs in eval mode
+    assert module_fingerprint(scripted[1]) == module_fingerprint(scripted[0])
     assert base.feature_key_parts("train").get("backbone_options") is None  # options, when given, are keyed
     assert _plan(split_folders / "train", backbone="tk:small_cnn", backbone_options={"widths": [8, 8, 16]},
                  **data).feature_key_parts("train")["backbone_options"] == {"widths": [8, 8, 16]}

@@ -55,9 +55,11 @@ RUNTIME_SWITCHES = frozenset({"training", "fused_attn", "grad_checkpointing"})
 def module_settings(module: torch.nn.Module) -> str:
     """Each submodule's public attributes that hold plain values (strings, numbers, booleans,
     None, and tuples or lists of them), by name: settings a ``forward`` reads that its
-    ``repr`` may not show (timm's ``global_pool='avg'`` or ``'max'`` on a ViT). Left out: the
-    train/eval flag (the frozen pass runs in eval mode whatever the module was left in) and
-    `RUNTIME_SWITCHES`, which change how, not what, a module computes.
+    ``repr`` may not show (timm's ``global_pool='avg'`` or ``'max'`` on a ViT). A TorchScript
+    module keeps its attributes in its compiled object: its tree's attributes are read from
+    there (`script_attributes`). Left out: the train/eval flag (the frozen pass runs in eval
+    mode whatever the module was left in) and `RUNTIME_SWITCHES`, which change how, not what,
+    a module computes.
 
     Example:
         >>> import torch
@@ -70,11 +72,42 @@ def module_settings(module: torch.nn.Module) -> str:
     def plain(v: Any) -> bool:
         return isinstance(v, _PLAIN) or isinstance(v, (tuple, list)) and all(isinstance(x, _PLAIN) for x in v)
     h = hashlib.blake2b(digest_size=16)
+    scripted: list[str] = []  # TorchScript trees read whole, from their roots
     for name, m in module.named_modules():
+        if isinstance(m, torch.jit.ScriptModule) and not any(name.startswith(f"{r}.") or not r for r in scripted):
+            scripted.append(name)
+            h.update(f"{name}:{script_attributes(m)}\n".encode())
         shown = sorted((k, v) for k, v in vars(m).items()
                        if not k.startswith("_") and k not in RUNTIME_SWITCHES and plain(v))
         h.update(f"{name}:{shown!r}\n".encode())
     return h.hexdigest()
+
+
+_SWITCH_LINE = re.compile(r"^\s*(?:" + "|".join(sorted(RUNTIME_SWITCHES)) + r") = .*$\n?", re.MULTILINE)
+
+
+def script_attributes(module: torch.jit.ScriptModule) -> str:
+    """The attributes of a TorchScript module's tree as TorchScript lists them (names, plain
+    values; tensors as ``...``), without `RUNTIME_SWITCHES` and memory addresses: a scripted
+    extractor saved again with ``pool="max"`` for ``"avg"`` has the same code and weights,
+    and other attributes.
+
+    Example:
+        >>> import torch
+        >>> class Pool(torch.nn.Module):
+        ...     def __init__(self, mode: str):
+        ...         super().__init__()
+        ...         self.mode = mode
+        ...     def forward(self, x):
+        ...         return x.mean(1) if self.mode == "avg" else x.amax(1)
+        >>> script_attributes(torch.jit.script(Pool("avg"))) == script_attributes(torch.jit.script(Pool("max")))
+        False
+    """
+    try:
+        text = module._c.dump_to_str(False, False, False)
+    except (RuntimeError, AttributeError):  # not a compiled module of this torch's kind
+        return ""
+    return blank_addresses(_SWITCH_LINE.sub("", text))
 
 
 def module_code(module: torch.nn.Module) -> str:

@@ -683,8 +683,8 @@ def test_reading_an_onnx_file_without_the_extra_says_so_after_a_missing_file(tmp
     with pytest.raises(ExportError, match=r"ONNX file '.*gone.onnx' does not exist"):
         transferkit.load(tmp_path / "gone.onnx")
     (tmp_path / "m.onnx").write_bytes(b"\x08\x07")
-    with pytest.raises(ExportError, match=r"^Running an ONNX file needs the optional packages onnx and onnxruntime "
-                                          r".*pip install 'transferkit\[onnx\]'"):
+    with pytest.raises(ExportError, match=r"^Running an ONNX file needs the optional packages onnx and onnxruntime, "
+                                          r"not installed .*pip install 'transferkit\[onnx\]'"):
         transferkit.load(tmp_path / "m.onnx")
     with pytest.raises(ExportError, match=r"^Reading an ONNX file needs the optional packages"):
         transferkit.export.read_metadata(tmp_path / "m.onnx")  # what `transferkit inspect` reads

@@ -59,12 +59,12 @@ def _batch(n=8, size=32, seed=0):
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
 
 
-def _no_onnxruntime(monkeypatch):
+def _no_onnxruntime(monkeypatch, error=ImportError("No module named 'onnxruntime'")):
     real = builtins.__import__
 
     def fake(name, *args, **kwargs):
         if name.split(".")[0] == "onnxruntime":
-            raise ImportError("No module named 'onnxruntime'")
+            raise error
         return real(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", fake)
 
@@ -484,6 +484,24 @@ def test_missing_onnxruntime_is_skipped_under_auto_and_refused_when_forced(folde
     with pytest.raises(ConfigError, match="feature_engine='onnxruntime' cannot run here: onnxruntime/onnx not "
                                           "installed.*pip install 'transferkit\\[onnx\\]'"):
         _decide(backbone=_backbone(), data=folder, feature_engine="onnxruntime")
+
+
+def test_a_broken_onnx_install_is_an_engine_skipped_not_a_crash_of_every_frozen_run(folder, monkeypatch):
+    """A protobuf of another major version makes ``import onnx`` raise a TypeError: every frozen
+    run crashed in engine_availability, feature_engine="eager" too."""
+    _no_onnxruntime(monkeypatch, TypeError("Descriptors cannot be created directly."))
+    avail = eng.engine_availability("cpu")
+    assert "onnxruntime/onnx installed but failing to import (TypeError: Descriptors cannot be created" \
+        in avail["onnxruntime"]
+    for engine in ("eager", "auto"):
+        assert tk.plan(backbone=_backbone(), data=folder, **{**KW, "feature_engine": engine}).engine == "eager"
+    with pytest.raises(ConfigError, match="feature_engine='onnxruntime' cannot run here: onnxruntime/onnx installed "
+                                          "but failing to import"):
+        _decide(backbone=_backbone(), data=folder, feature_engine="onnxruntime")
+    with pytest.raises(tk.ExportError, match=r"^Running an ONNX file needs the optional packages onnx and "
+                                             r"onnxruntime, installed but failing to import \(TypeError"):
+        (folder.parent / "m.onnx").write_bytes(b"\x08\x07")
+        tk.load(folder.parent / "m.onnx")
 
 
 def test_onnxruntime_without_a_cuda_provider_names_onnxruntime_gpu():

@@ -57,17 +57,29 @@ from transferkit.export.torchscript import (
 )
 
 
-def _require_onnx(what: str = "ONNX export") -> tuple[Any, Any]:
-    """onnx and onnxruntime; an ExportError naming the extra when they are missing. ``what``: the
-    work that needs them ("ONNX export", "Reading an ONNX file", ...)."""
+def onnx_modules() -> tuple[Any, Any] | str:
+    """The modules onnx and onnxruntime, or why they cannot be used: not installed, or installed
+    and failing to import (a protobuf of another major version, a broken wheel: a
+    ``TypeError`` or a ``RuntimeError``, not an ``ImportError``)."""
     try:
         import onnx
         import onnxruntime
     except ImportError as exc:
         raise_if_interrupted(exc)
-        raise ExportError(f"{what} needs the optional packages onnx and onnxruntime ({exc}). Install them with "
-                          "pip install 'transferkit[onnx]'.") from exc
+        return f"not installed ({exc})"
+    except Exception as exc:  # noqa: BLE001 - whatever a broken install raises on import
+        return f"installed but failing to import ({exception_line(exc)})"
     return onnx, onnxruntime
+
+
+def _require_onnx(what: str = "ONNX export") -> tuple[Any, Any]:
+    """onnx and onnxruntime; an ExportError naming the extra when they cannot be used. ``what``:
+    the work that needs them ("ONNX export", "Reading an ONNX file", ...)."""
+    found = onnx_modules()
+    if isinstance(found, str):
+        raise ExportError(f"{what} needs the optional packages onnx and onnxruntime, {found}. Install them with "
+                          "pip install 'transferkit[onnx]'.")
+    return found
 
 
 @contextlib.contextmanager

@@ -62,11 +62,10 @@ from transferkit._io import (
     remove_stale_temps_in,
     store_timing,
 )
-from transferkit._signals import raise_if_interrupted
 from transferkit._text import exception_line
 from transferkit.data.fingerprint import module_fingerprint
 from transferkit.errors import ConfigError, EngineError, ExportError
-from transferkit.export.onnx import convert_to_onnx, session_options
+from transferkit.export.onnx import convert_to_onnx, onnx_modules, session_options
 from transferkit.export.torchscript import shorter_clips
 from transferkit.model import AudioPreprocess, ImagePreprocess, TransferModel
 from transferkit.policies.frozen_bn import eval_fingerprint
@@ -137,13 +136,11 @@ def engine_availability(device_type: str) -> dict[str, str | None]:
         True
     """
     out: dict[str, str | None] = {"eager": None}
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise_if_interrupted(exc)
-        out["onnxruntime"] = f"onnxruntime/onnx not installed ({exc}); pip install 'transferkit[onnx]'"
+    found = onnx_modules()
+    if isinstance(found, str):
+        out["onnxruntime"] = f"onnxruntime/onnx {found}; pip install 'transferkit[onnx]'"
     else:
+        ort = found[1]
         provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}.get(device_type)
         if provider is None or provider not in ort.get_available_providers():
             gpu = "; on CUDA: pip install onnxruntime-gpu in place of onnxruntime" if device_type == "cuda" else ""
@@ -631,14 +628,8 @@ def _eager_fp32(model: nn.Module, x: torch.Tensor, device: torch.device, channel
 
 
 def _versions() -> str:
-    try:
-        import onnxruntime as ort
-
-        o = f"ort {ort.__version__}"
-    except ImportError as exc:
-        raise_if_interrupted(exc)
-        o = "no ort"
-    return f"torch {torch.__version__}, {o}"
+    found = onnx_modules()
+    return f"torch {torch.__version__}, {'no ort' if isinstance(found, str) else f'ort {found[1].__version__}'}"
 
 
 def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, device: torch.device, precision: str,

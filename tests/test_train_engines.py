@@ -794,6 +794,37 @@ def test_eager_first_call_stands_for_its_timing_only_against_a_clear_lead(monkey
     assert "first_call" not in out["eager"] and calls.count("eager") == calls.count("onnxruntime") == 4
 
 
+def test_a_first_call_s_set_up_never_stands_for_a_speed_that_weighs_a_compilation_or_onnx(monkeypatch):
+    """A first call took up to 20x as long as the next ones (wav2vec2: 29.7 clips/s against
+    300-800): weighed against it, a compilation of minutes looked worth it, and eager fp32's
+    speed for ONNX Runtime's expected lead in a bf16 run was that of its first call. Each call
+    advances a simulated clock: a first call 10 units, the next ones 1."""
+    import types
+
+    clock, seen, weighed = [0.0], {}, []
+    monkeypatch.setattr(eng, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def costly(name, fn):
+        def run(*args, **kwargs):
+            clock[0] += 10.0 if not seen.get(name) else 1.0
+            seen[name] = True
+            return fn(*args, **kwargs)
+        return run
+    real_forward, real_fp32 = eng.engine_forward, eng._eager_fp32
+    monkeypatch.setattr(eng, "engine_forward", lambda name, *a, **k: costly(name, real_forward(name, *a, **k)))
+    monkeypatch.setattr(eng, "_eager_fp32", costly("fp32", real_fp32))
+    monkeypatch.setattr(eng, "compile_pays", lambda device_type, **kw: weighed.append(kw) or (False, "not here"))
+    m, batches = _model(), [_batch(), _batch(seed=2)]
+    eng.time_engines(m, batches, device=CPU, precision="fp32", channels_last=False, candidates=["compile"],
+                     n_images=10_000)
+    assert weighed[-1]["engine"] == "compile" and weighed[-1]["eager_images_per_s"] == 8.0  # 8 images in 1 unit
+    seen.clear()
+    weighed.clear()
+    eng.time_engines(m, batches, device=CPU, precision="bf16", channels_last=False, candidates=["onnxruntime"],
+                     n_images=10_000)
+    assert weighed[0]["engine"] == "onnxruntime" and weighed[0]["fp32_images_per_s"] == 8.0
+
+
 @pytest.mark.slow  # torch.compile (inductor) takes minutes on a 2-core CPU
 def test_forced_compile_gives_the_eager_fp32_features():
     m, x = _model(), _batch()
@@ -876,6 +907,33 @@ def test_the_modules_onnx_blocker_names_still_fail_to_convert(tmp_path):
     with pytest.raises(ExportError, match="STFT"):
         convert_to_onnx(torchaudio.transforms.Spectrogram(n_fft=64).eval(), torch.randn(1, 800),
                         tmp_path / "s.onnx", output_name="out", dynamic_axes={})
+    scripted = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()))
+    with pytest.raises(ExportError, match="not part of the active trace"):  # inside the traced feature pass
+        convert_to_onnx(torch.nn.Sequential(torch.nn.Identity(), scripted).eval(), torch.randn(1, 3, 8, 8),
+                        tmp_path / "t.onnx", output_name="out", dynamic_axes={})
+    assert eng.onnx_blocker(torch.nn.Sequential(torch.nn.Identity(), scripted)).startswith(
+        "the trunk is TorchScript (1): the ONNX exporter traces the feature pass")
+    from transferkit.backbones.custom import from_torchscript
+
+    bb = from_torchscript(torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())),
+                          input_spec={"image_size": 16}, num_features=3)
+    assert "the trunk is TorchScript" in eng.onnx_blocker(bb.trunk)
+
+
+def test_without_another_engine_to_run_eager_is_not_timed_and_the_reason_says_so(folder, monkeypatch):
+    """Every other engine unavailable (ONNX Runtime blocked by the trunk, compile by the input):
+    eager was timed on extra batches and the plan said "none beats eager"."""
+    monkeypatch.setattr(eng, "MIN_IMAGES_TO_TIME", 1)
+    monkeypatch.setattr(eng, "engine_availability", lambda device_type: {
+        "eager": None, "onnxruntime": "not in this test", "compile": "not in this test either"})
+    monkeypatch.setattr(eng, "measure_engines", lambda *a, **k: pytest.fail("timed with nothing to compare"))
+    _, d = _decide(backbone=_backbone(), data=folder)
+    assert d.engine == "eager" and d.engine_reason.startswith("no other engine can run here (onnxruntime skipped")
+    measured = {"eager": {"images_per_s": 30.0, "rel_diff": 0.0, "precision": "fp32"},
+                "onnxruntime": {"skipped": "estimated 9 s to export"}}
+    assert eng.decide_engine("auto", device_type="cpu", available={"eager": None, "onnxruntime": None},
+                             measured=measured, n_images=1000)[1].startswith(
+        "no other engine was worth preparing or could run; timed")
 
 
 def test_exports_made_without_cache_dir_are_removed_when_the_process_exits(tmp_path):

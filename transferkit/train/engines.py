@@ -272,11 +272,13 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
                   rounds: int, fingerprint: str | None, settle: bool) -> dict[str, dict[str, Any]]:
     # batches[0]: the first call of each engine (warm-up, compilation) and the comparison with
     # eager fp32; the others (or batches[0] when alone) are timed
-    fp32_ips = None  # eager fp32's speed on the reference batch (a first call: a low estimate)
+    fp32_ips = None  # eager fp32's speed on the reference batch, for ONNX Runtime's expected speed-up
     if precision != "fp32":
-        t0 = time.perf_counter()
         ref = _eager_fp32(model, batches[0], device, channels_last)
-        fp32_ips = len(batches[0]) / max(time.perf_counter() - t0, 1e-9)
+        if "onnxruntime" in candidates:  # a second call: a first one can take many times as long (set-up)
+            t0 = time.perf_counter()
+            _eager_fp32(model, batches[0], device, channels_last)
+            fp32_ips = len(batches[0]) / max(time.perf_counter() - t0, 1e-9)
     else:
         ref = None
     out: dict[str, dict[str, Any]] = {}
@@ -289,6 +291,9 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
         if name in PREPARED and n_images is not None:
             weigh = dict(n_images=n_images, n_modules=leaf_modules(model), engine=name, fp32_images_per_s=fp32_ips,
                          unit=input_unit(model))
+            if first_call and name == "compile":  # a first call (set-up included: at times many times slower
+                # than the next) would make a compilation of minutes look worth it: time eager
+                first_ips, first_call = _fastest({"eager": runners["eager"]}, timed_on, 1, device)["eager"], False
             pays, why = compile_pays(device.type, eager_images_per_s=first_ips, **weigh)
             best = fastest_agreeing(out, besides=name)  # among the engines prepared and timed before this one
             if pays and best is not None:  # worth it over eager: is it over the engine already timed?
@@ -560,7 +565,9 @@ def decide_engine(requested: str, *, device_type: str, available: dict[str, str 
         return "eager", f"too little data to time the engines ({n_images} {unit}; timing starts at " \
                         f"{MIN_IMAGES_TO_TIME})"
     if not measured or "images_per_s" not in measured.get("eager", {}):
-        return "eager", "no engine was timed" + (f" ({missing})" if missing else "")
+        alone = all(why is not None for e, why in available.items() if e != "eager")
+        return "eager", ("no other engine can run here" if alone else "no engine was timed") + \
+            (f" ({missing})" if missing else "")
     base = measured["eager"]["images_per_s"]
     rate = "img/s" if unit == "images" else f"{unit}/s"
     notes, best, best_ips = [], "eager", base
@@ -586,7 +593,10 @@ def decide_engine(requested: str, *, device_type: str, available: dict[str, str 
     source = "read from an earlier timing on this input (cache_dir/engines.json)" if measured["eager"].get("stored") \
         else "timed on the run's input"
     timed = f"{source}: eager {precision} {base:.1f} {rate}{first}" + "".join(f"; {n}" for n in notes)
-    return best, ("fastest, " if best != "eager" else f"none beats eager by {MIN_SPEEDUP:g}x; ") + timed
+    tried = any("images_per_s" in m for name, m in measured.items() if name != "eager")
+    verdict = "fastest, " if best != "eager" else f"none beats eager by {MIN_SPEEDUP:g}x; " if tried else \
+        "no other engine was worth preparing or could run; "
+    return best, verdict + timed
 
 
 # --------------------------------------------------------------------------- runtime
@@ -998,6 +1008,10 @@ def onnx_blocker(trunk: nn.Module) -> str | None:
         >>> onnx_blocker(transferkit.get_backbone("tk:small_cnn", weights=None).trunk) is None
         True
     """
+    scripted = next((name for name, m in trunk.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        return (f"the trunk is TorchScript ({scripted or 'the trunk itself'}): the ONNX exporter traces the feature "
+                "pass, and a compiled module inside it cannot be traced through")
     transforms = sys.modules.get("torchaudio.transforms")  # not imported: no trunk holds its modules
     if transforms is None:
         return None
@@ -1032,9 +1046,11 @@ def engine_facts(requested: str, *, trunk: nn.Module | None, spec: Any, dataset:
         out["pending"] = ("provisional: a dry run loads no weights, so it neither times the engines nor reads a "
                           "stored timing (keyed by the weights); the run does, and may choose another")
         return out
+    candidates = [e for e, why in available.items() if why is None and e != "eager"]
+    if not candidates:  # no other engine can run here: nothing to time eager against
+        return out
     batches = example_batches(dataset, batch_size=batch_size)
     model = feature_model(trunk, spec, device, channels_last=channels_last)
-    candidates = [e for e, why in available.items() if why is None and e != "eager"]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         out["measured"] = measure_engines(model, batches, device=device, precision=precision,
                                           channels_last=channels_last, candidates=candidates, n_images=n_images,

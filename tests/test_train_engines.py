@@ -530,9 +530,13 @@ def test_engine_is_in_the_plan_the_summary_and_the_cache_key(folder, tmp_path):
 def test_onnxruntime_features_are_stored_in_fp32_once_whatever_the_run_precision_and_layout(folder, tmp_path):
     kw = dict(backbone=_backbone(), data=folder, feature_engine="onnxruntime", cache_dir=tmp_path / "c",
               policy="feature_extraction", epochs=1)
-    reports = [tk.finetune(**{**KW, **kw, "precision": p, "channels_last": cl}).feature_report
+    results = [tk.finetune(**{**KW, **kw, "precision": p, "channels_last": cl})
                for p, cl in (("fp32", False), ("bf16", True), ("bf16", False), ("fp32", True))]
+    reports = [r.feature_report for r in results]
     assert [r["dtype"] for r in reports] == ["float32"] * 4  # ONNX Runtime computes in fp32
+    from transferkit.results import result_record
+
+    assert result_record(results[0])["feature_engine"] == "onnxruntime"  # what `transferkit finetune --json` says
     decided = _decide(**{**kw, "precision": "bf16"})[1]
     assert "speed:    features fp32 (the onnxruntime engine computes in it; eager would run bf16" in decided.summary()
     record = decided.to_dict()  # the record says what the summary says, under a key a resume may see change

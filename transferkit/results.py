@@ -76,6 +76,8 @@ def result_record(result: Any) -> dict[str, Any]:
             "plots": {k: str(v) for k, v in result.plots.items()},
             "bad_files": len(result.data_report.bad_files), "warnings": list(result.data_report.warnings),
             "features": result.feature_report,
+            # the engine of the frozen feature pass, as the plan decided it (None: no cached pass)
+            "feature_engine": result.decisions.engine if result.decisions.cached_epochs else None,
             "compile_trial": result.compile_trial, "seconds": round(result.timings.get("total_s", 0), 1)}
 
 

@@ -291,10 +291,11 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
         if name in PREPARED and n_images is not None:
             weigh = dict(n_images=n_images, n_modules=leaf_modules(model), engine=name, fp32_images_per_s=fp32_ips,
                          unit=input_unit(model))
-            if first_call and name == "compile":  # a first call (set-up included: at times many times slower
-                # than the next) would make a compilation of minutes look worth it: time eager
-                first_ips, first_call = _fastest({"eager": runners["eager"]}, timed_on, 1, device)["eager"], False
             pays, why = compile_pays(device.type, eager_images_per_s=first_ips, **weigh)
+            if pays and first_call and name == "compile":  # a first call (set-up included: at times many times
+                # slower than the next) made a compilation of minutes look worth it: time eager, and weigh again
+                first_ips, first_call = _fastest({"eager": runners["eager"]}, timed_on, 1, device)["eager"], False
+                pays, why = compile_pays(device.type, eager_images_per_s=first_ips, **weigh)
             best = fastest_agreeing(out, besides=name)  # among the engines prepared and timed before this one
             if pays and best is not None:  # worth it over eager: is it over the engine already timed?
                 if first_call:  # eager's first call would undervalue this engine's expected speed: time eager

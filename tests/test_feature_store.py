@@ -168,8 +168,8 @@ def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
     store = ShardedFeatureStore.open(tmp_path, "k", num_samples=10, part_size=5, dim=3)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 1000))
     with pytest.raises(tk.OutputError, match=r"Not enough free space for the feature store .* it needs about 85 bytes "
-                                             r"\(64 kB with a margin\) and 1000 bytes are free there.* the parts written so "
-                                             "far are kept"):
+                                             r"\(64 kB with a margin\) and 1000 bytes are free there.* the parts "
+                                             "written so far are kept"):
         store.write_part(0, torch.zeros(5, 3), torch.zeros(5))
     assert store.missing_parts() == [0, 1]
     # the margin is that of every other write (5 % and 64 kB), not 64 MB: a few kB of features fit 1 MB

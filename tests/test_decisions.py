@@ -8,6 +8,8 @@ import dataclasses
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -281,6 +283,16 @@ def test_cache_key_covers_trunk_not_head(split_folders, tmp_path):
     assert module_fingerprint(scripted[0]) == module_fingerprint(scripted[1]) != module_fingerprint(scripted[2])
     scripted[1].train()  # the train/eval flag is not a setting: the frozen pass runs in eval mode
     assert module_fingerprint(scripted[1]) == module_fingerprint(scripted[0])
+    # scripted in a process that scripted another configuration of its classes first: the same (TorchScript
+    # numbers such types' names per process)
+    code = ("import sys, torch; from transferkit.data.fingerprint import module_settings; "
+            "net = lambda n: torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(n, n)), torch.nn.ReLU()); "
+            "[torch.jit.script(net(3)) for _ in range(int(sys.argv[1]))]; "
+            "print(module_settings(torch.jit.script(net(2))))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    settings = [subprocess.run([sys.executable, "-c", code, first], capture_output=True, text=True, env=env,
+                               check=True).stdout for first in ("0", "1")]
+    assert settings[0] == settings[1] and settings[0].strip()
     assert base.feature_key_parts("train").get("backbone_options") is None  # options, when given, are keyed
     assert _plan(split_folders / "train", backbone="tk:small_cnn", backbone_options={"widths": [8, 8, 16]},
                  **data).feature_key_parts("train")["backbone_options"] == {"widths": [8, 8, 16]}

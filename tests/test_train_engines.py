@@ -936,6 +936,8 @@ def test_without_another_engine_to_run_eager_is_not_timed_and_the_reason_says_so
     monkeypatch.setattr(eng, "measure_engines", lambda *a, **k: pytest.fail("timed with nothing to compare"))
     _, d = _decide(backbone=_backbone(), data=folder)
     assert d.engine == "eager" and d.engine_reason.startswith("no other engine can run here (onnxruntime skipped")
+    dry = tk.plan(backbone="tk:small_cnn", data=folder, **{k: v for k, v in KW.items() if k != "backbone"})
+    assert dry.engine_reason == d.engine_reason  # a dry run knows it too: not "provisional ... may choose another"
     measured = {"eager": {"images_per_s": 30.0, "rel_diff": 0.0, "precision": "fp32"},
                 "onnxruntime": {"skipped": "estimated 9 s to export"}}
     assert eng.decide_engine("auto", device_type="cpu", available={"eager": None, "onnxruntime": None},

@@ -83,6 +83,7 @@ def module_settings(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+_MANGLED = re.compile(r"___torch_mangle_\d+\.")
 _SWITCH_LINE = re.compile(r"^\s*(?:" + "|".join(sorted(RUNTIME_SWITCHES)) + r") = .*$\n?", re.MULTILINE)
 
 
@@ -107,7 +108,8 @@ def script_attributes(module: torch.jit.ScriptModule) -> str:
         text = module._c.dump_to_str(False, False, False)
     except (RuntimeError, AttributeError):  # not a compiled module of this torch's kind
         return ""
-    return blank_addresses(_SWITCH_LINE.sub("", text))
+    # a type's mangled name counts the other configurations of its class this process scripted before
+    return blank_addresses(_MANGLED.sub("", _SWITCH_LINE.sub("", text)))
 
 
 def module_code(module: torch.nn.Module) -> str:

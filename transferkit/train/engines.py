@@ -1041,14 +1041,12 @@ def engine_facts(requested: str, *, trunk: nn.Module | None, spec: Any, dataset:
         available["compile"] = ("clips of different lengths: each new batch length would compile again "
                                 "(force it with feature_engine='compile', or give the backbone clip_seconds=...)")
     out: dict[str, Any] = {"available": available, "n_images": n_images, "measured": None}
-    if requested != "auto" or world_size > 1 or n_images < MIN_IMAGES_TO_TIME:
-        return out
+    candidates = [e for e, why in available.items() if why is None and e != "eager"]
+    if requested != "auto" or world_size > 1 or n_images < MIN_IMAGES_TO_TIME or not candidates:
+        return out  # (no other engine can run here: nothing to time eager against, in a dry run or not)
     if trunk is None:  # a dry run: the weights are not loaded
         out["pending"] = ("provisional: a dry run loads no weights, so it neither times the engines nor reads a "
                           "stored timing (keyed by the weights); the run does, and may choose another")
-        return out
-    candidates = [e for e, why in available.items() if why is None and e != "eager"]
-    if not candidates:  # no other engine can run here: nothing to time eager against
         return out
     batches = example_batches(dataset, batch_size=batch_size)
     model = feature_model(trunk, spec, device, channels_last=channels_last)

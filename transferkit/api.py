@@ -8,6 +8,7 @@ a public function in [`transferkit.steps`][transferkit.steps] that a recipe can 
 from __future__ import annotations
 
 import contextlib
+import glob
 import html
 import os
 import sys
@@ -25,6 +26,7 @@ from transferkit.backbones import Backbone
 from transferkit._text import number, plural, wrap_lines
 from transferkit.config import FinetuneConfig, called_as, unknown_key_error
 from transferkit.data import DataReport
+from transferkit.data.shards import is_remote
 from transferkit.errors import ConfigError, DataError, suggest
 from transferkit.evaluation import Evaluation, TargetEvaluation
 from transferkit.evaluation import evaluate as evaluate_model
@@ -355,8 +357,8 @@ def resume_config(path: str | Path, **overrides: Any) -> FinetuneConfig:
                           f"{missing}; pass them again: transferkit.resume(path, {missing[0]}=...).")
     for key in ("data", "val_data"):  # a folder or file moved since the run: where it is now, not just "missing"
         where = stored.get(key)
-        if key not in overrides and isinstance(where, str) and not any(c in where for c in "*?[{") \
-                and "://" not in where and not where.startswith("pipe:") and not os.path.exists(where):
+        if key not in overrides and isinstance(where, str) and not is_remote(where) and not glob.has_magic(where) \
+                and "{" not in where and not os.path.exists(where):  # not a URL, a command or a shard pattern
             flag = "--data" if key == "data" else "--val-data"
             raise DataError(f"The run in {str(path)!r} read its {key} at {where!r}, which does not exist now. If the "
                             f"data moved, resume with their new place: transferkit.resume(path, {key}=NEW) ("

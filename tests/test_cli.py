@@ -120,6 +120,13 @@ def test_export_with_random_examples_optimize_and_onnx(trained, capsys, tmp_path
     assert code == 0 and "export:      onnx, opset 17, checked on onnxruntime " in stdout
     assert "input:       image [N, 3, 16, 16], uint8 only (transferkit.load converts other inputs)" in stdout
     assert f"max_abs_diff={record['max_abs_diff']} at batch sizes {record['batch_sizes']}" in stdout
+    # an earlier ONNX export is replaced; a file that is not ONNX is kept, whatever its name
+    code, _, _ = _run(capsys, "export", root / "run.ckpt", "--out", tmp_path / "m.pt", "--onnx", tmp_path / "m.onnx")
+    assert code == 0
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("opset notes\n")
+    code, _, err = _run(capsys, "export", root / "run.ckpt", "--out", tmp_path / "m.pt", "--onnx", notes)
+    assert code == 2 and "is an existing file that is not an ONNX file" in err and notes.read_text() == "opset notes\n"
 
 
 def test_errors_exit_2_with_one_line(trained, capsys, tmp_path):

@@ -21,6 +21,7 @@ from transferkit.outputs import check_output_file
 from transferkit._text import file_reason, plural
 from transferkit.export.inputs import InputPipeline
 from transferkit.export.torchscript import ExportReport, check_tolerances
+from transferkit.export.metadata import onnx_by_content
 
 
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -176,7 +177,9 @@ def _is_export(p: Path) -> bool:
 
 
 def _is_onnx_file(p: Path) -> bool:
-    return p.suffix.lower() == ".onnx"
+    """An existing file the ONNX export may replace: ONNX by its content, not by its name (notes
+    saved as ``model.onnx`` are kept)."""
+    return onnx_by_content(p) is True
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str | Path | None = None,

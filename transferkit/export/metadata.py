@@ -240,17 +240,24 @@ def check_model_file(path: str | Path, *, source: str, kind: str) -> None:
                           "export it again.")
 
 
-def is_onnx_file(path: str | Path) -> bool:
-    """Whether ``path`` holds an ONNX export rather than TorchScript, by its content: a
-    TorchScript file is a zip archive (it starts with ``PK\\x03\\x04``), an ONNX file a
-    protobuf ``ModelProto`` (its first field, ``ir_version``: byte ``0x08``). A file that is
-    neither, or cannot be read, goes by its suffix (``.onnx``)."""
+def onnx_by_content(path: str | Path) -> bool | None:
+    """Whether ``path`` holds ONNX by its first bytes: True for a protobuf ``ModelProto`` (its
+    first field, ``ir_version``: byte ``0x08``), False for TorchScript (a zip archive, starting
+    with ``PK\\x03\\x04``), None for anything else or a file that cannot be read."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError:
-        head = b""
+        return None
     if head == b"PK\x03\x04":
         return False
-    return head[:1] == b"\x08" or str(path).lower().endswith(".onnx")
+    return True if head[:1] == b"\x08" else None
+
+
+def is_onnx_file(path: str | Path) -> bool:
+    """Whether ``path`` holds an ONNX export rather than TorchScript, by its content
+    (`onnx_by_content`); a file that is neither, or cannot be read, goes by its suffix
+    (``.onnx``)."""
+    found = onnx_by_content(path)
+    return found if found is not None else str(path).lower().endswith(".onnx")
 

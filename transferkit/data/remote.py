@@ -246,12 +246,12 @@ def _http_reader(response: Any, pace: _Pace) -> Callable[[int], bytes]:
     return read
 
 
-def _pipe_reader(proc: subprocess.Popen, pace: _Pace) -> Callable[[int], bytes]:
+def _pipe_reader(proc: subprocess.Popen, pace: _Pace, ready: selectors.BaseSelector) -> Callable[[int], bytes]:
     """``read(n)`` of a command's output that waits at most until ``pace`` would call the fetch
     stalled (a read of a pipe otherwise blocks for as long as the command is silent), then
-    raises (`_Pace.check`); output or its end that is there is read, however late."""
+    raises (`_Pace.check`); output or its end that is there is read, however late. ``ready``:
+    the selector it waits on, closed by the caller."""
     fd = proc.stdout.fileno()  # type: ignore[union-attr]
-    ready = selectors.DefaultSelector()  # epoll: descriptors above 1024 too, which select() refuses
     ready.register(fd, selectors.EVENT_READ)
 
     def read(n: int) -> bytes:
@@ -271,8 +271,9 @@ def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
                                         start_new_session=True)  # its own group: a stalled one is ended whole
                 assert proc.stdout is not None
                 pace = _Pace(url)
-                try:
-                    _copy_paced(_pipe_reader(proc, pace), out, pace)
+                try:  # epoll: descriptors above 1024 too, which select() refuses
+                    with selectors.DefaultSelector() as ready:
+                        _copy_paced(_pipe_reader(proc, pace, ready), out, pace)
                 except BaseException:
                     with contextlib.suppress(OSError):
                         os.killpg(proc.pid, signal.SIGKILL)  # the shell and what it started (sleep, curl, ...)

@@ -152,6 +152,28 @@ def test_a_file_that_fails_while_worker_processes_decode_images_once_is_reported
     assert bundle.report.bad_at_load == [str(damaged)]  # was []: what the workers met stayed in the workers
 
 
+def test_a_failed_file_replaced_by_a_larger_image_while_decoding_once(tmp_path):
+    """Space for the decoded pixels comes from the image headers; a damaged file replaced by a
+    wide image of its class overflowed it and the run crashed ("more pixels than its header
+    promised"). In memory the space grows; on disk the run decodes every epoch, saying why."""
+    root = make_image_folder(tmp_path / "d", per_class=4)
+    damaged = damaged_png(root / "dark" / "a_damaged.png")
+    Image.fromarray(np.full((24, 600, 3), 50, np.uint8)).save(root / "dark" / "b_wide.png")  # takes its place
+    bundle = prepare_data(root, val_split=0)
+    with pytest.warns(UserWarning, match="a_damaged.png.*failed to load during training"):
+        ds, plan = decoded_dataset(bundle.train, SPEC, augment="standard", num_workers=0)
+    assert plan.mode == "memory" and len(ds) == 10 and bundle.report.bad_at_load == [str(damaged)]
+    wide = ds.image(1).shape
+    assert ds.image(0).shape == wide and wide[2] > 10 * wide[1]  # the wide image, twice
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ds, plan = decoded_dataset(bundle.train, SPEC, augment="standard", num_workers=0, cache_dir=tmp_path / "c")
+    said = " | ".join(str(w.message) for w in seen)
+    assert plan.mode == "off" and "more than the space reserved from the image headers (a file that failed to " \
+        "load was replaced by a larger image of its class); decoding every epoch instead" in said, said
+    assert len(ds) == 10 and not list((tmp_path / "c" / "decoded").iterdir())  # no half entry left
+
+
 def test_decode_failure_in_raise_mode_names_the_file_in_one_line(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=4)
     damaged_png(root / "dark" / "damaged.png")

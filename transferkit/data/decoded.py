@@ -300,7 +300,9 @@ def decoded_dataset(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: s
 
 def _decode_into(view: Dataset, workers: int, pixels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, list[Any]]:
     """Decode every item of ``view`` in order (``workers`` processes) into ``pixels`` (a flat
-    preallocated uint8 array or memory map), or into a new array when ``None``."""
+    preallocated uint8 array or memory map), or into a new array when ``None``. An array too
+    small for what was decoded (a replacement larger than the file it stands for) is grown;
+    a memory map raises OSError."""
     loader = data_loader(view, batch_size=1, shuffle=False, num_workers=workers, collate_fn=reporting(view, _first))
     index = np.zeros((len(view), 3), dtype=np.int64)  # type: ignore[arg-type]
     chunks: list[np.ndarray] = []
@@ -313,9 +315,15 @@ def _decode_into(view: Dataset, workers: int, pixels: np.ndarray | None) -> tupl
         flat = img.contiguous().numpy().reshape(-1)
         if pixels is None:
             chunks.append(flat)
-        elif offset + flat.size > pixels.shape[0]:
-            raise OSError(f"Image {i} decoded to {tuple(img.shape)}: more pixels than its header promised.")
         else:
+            if offset + flat.size > pixels.shape[0]:  # a file that failed was replaced by a larger image
+                if isinstance(pixels, np.memmap):  # reserved on disk: the caller decodes every epoch instead
+                    raise OSError(f"Image {i} decoded to {tuple(img.shape)}, more than the space reserved from the "
+                                  "image headers (a file that failed to load was replaced by a larger image of its "
+                                  "class)")
+                grown = np.empty(pixels.shape[0] + 2 * flat.size, dtype=np.uint8)  # room for one more such
+                grown[:offset] = pixels[:offset]
+                pixels = grown
             pixels[offset:offset + flat.size] = flat
         index[i] = (offset, h, w)
         offset += flat.size

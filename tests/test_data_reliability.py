@@ -85,6 +85,27 @@ def test_bad_files_are_found_before_training_and_listed(tmp_path):
         bundle.train.view(transform=tk.data.eval_transform(tk.InputSpec(image_size=8)))[i]
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_a_whole_image_with_data_after_its_end_marker_is_used(tmp_path, full):
+    """A phone's motion photo (a JPEG with a video after it) or a vendor's trailer pushes the
+    end marker out of the last 1024 bytes: the file was left out as "truncated", even by a
+    full scan that had decoded it whole. Whole with its marker further up, it is used; a file
+    cut short stays bad."""
+    files = build_hostile_folder(tmp_path / "d")
+    trailer = b"\x00\x00\x00\x18ftypmp42" + bytes(np.random.default_rng(0).integers(0, 255, 4096, np.uint8))
+    motion = tmp_path / "motion.jpg"
+    motion.write_bytes((tmp_path / "d" / "good" / "plain.jpg").read_bytes() + trailer)
+    png = tmp_path / "trailer.png"
+    png.write_bytes(files["sixteen"].read_bytes() + trailer)
+    assert check_image_file(str(motion), full=full) is None and check_image_file(str(png), full=full) is None
+    assert load_image(motion).size == _rgb().size
+    jpeg = (tmp_path / "d" / "good" / "plain.jpg").read_bytes()
+    cut = tmp_path / "cut.jpg"  # cut short inside the image, a trailer after it: no end marker, no decode
+    cut.write_bytes(jpeg[:-20] + trailer)
+    reason = check_image_file(str(cut), full=full)  # a full scan says what the decode said
+    assert reason == "truncated JPEG file (no end-of-image marker)" if not full else "cannot be read" in reason
+
+
 def test_on_bad_file_raise_names_the_file(tmp_path):
     build_hostile_folder(tmp_path / "d")
     with pytest.raises(tk.DataError, match=r"(empty|text|truncated)\.(jpg|png).*on_bad_file='skip'"):

@@ -121,21 +121,47 @@ class DataReport:
                          for why, names in groups.items())
 
 
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+
+
+def _has(f: BinaryIO, marker: bytes, start: int = 0) -> bool:
+    """Whether ``marker`` occurs in ``f`` from byte ``start`` on (read in 1 MiB chunks)."""
+    f.seek(start)
+    tail = b""
+    while chunk := f.read(1 << 20):
+        if marker in tail + chunk:
+            return True
+        tail = chunk[-(len(marker) - 1):]
+    return False
+
+
 def _tail_ok(f: BinaryIO, size: int, fmt: str | None) -> bool:
-    markers = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
-    marker = markers.get(fmt or "")
-    if marker is None:
+    """Whether the end-of-image marker of ``fmt`` (JPEG, PNG; other formats: True) is in the
+    last 1024 bytes, or the image is whole with data after it (a phone's motion photo, a
+    vendor's trailer): its marker is further up and it decodes. JPEGs decode at 1/8 scale,
+    which still reads every byte of their scans. A file cut short has no marker after its
+    image data, or does not decode."""
+    marker = _END_MARKERS.get(fmt or "")
+    if marker is None or _has(f, marker, max(0, size - 1024)):
         return True
-    f.seek(max(0, size - 1024))
-    return marker in f.read()
+    if not _has(f, marker):
+        return False
+    try:
+        f.seek(0)
+        with Image.open(f) as img:
+            if fmt == "JPEG":
+                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+        return True
+    except Exception:  # Pillow raises many types; whatever it is, the file is not whole
+        return False
 
 
 def check_image_stream(f: BinaryIO, size: int, *, full: bool = False) -> str | None:
     """Why the ``size`` bytes readable from the seekable binary file ``f`` (at position 0)
     cannot be used as an image, or ``None`` when they look fine: the rules of
-    `check_image_file` (the header, the end-of-image
-    marker, with ``full`` a decode), for images that are members of a tar shard or cells of
-    a table rather than files."""
+    `check_image_file` (the header, the end-of-image marker, with ``full`` a decode), for images that are members of a tar shard or cells of a table rather
+    than files."""
     try:
         if size == 0:
             return "empty file (0 bytes)"

@@ -219,6 +219,31 @@ def test_an_image_size_the_trunk_cannot_run_at_is_refused_before_the_data_are_re
         tk.plan(tk.FinetuneConfig(backbone=own, data=str(tmp_path / "none"), image_size=32))
 
 
+def test_a_trunk_for_other_than_rgb_images_is_refused_before_the_data_are_read(tmp_path):
+    """timm's in_chans=1 was blamed on the image size (advice that led to a raw RuntimeError at
+    the first batch): the channels are named, at the trunk's own size too."""
+    for size in (32, 224):
+        with pytest.raises(ConfigError, match=r"^timm:resnet18 takes 1-channel images \(backbone_options="
+                                              r"\{'in_chans': 1\}\): its first convolution 'conv1' has in_channels=1, "
+                                              r"and transferkit feeds 3-channel RGB images .* Build it for 3 channels, "
+                                              r"leaving in_chans out\.$"):
+            tk.plan(tk.FinetuneConfig(backbone="timm:resnet18", weights=None, backbone_options={"in_chans": 1},
+                                      data=str(tmp_path / "none"), image_size=size))
+    from transferkit.facts import check_channels
+
+    class Aside(torch.nn.Module):  # its first convolution is not where the images go in: it runs, and is not refused
+        def __init__(self):
+            super().__init__()
+            self.mask = torch.nn.Conv2d(1, 1, 1)
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+        def forward(self, x):
+            return self.body(x)
+
+    own = from_module(Aside(), input_spec={"image_size": 16})
+    check_channels(own, own.input_spec)
+
+
 def test_a_bad_target_past_the_ones_read_before_training_is_named_when_loaded(monkeypatch):
     import transferkit.train.tasks as tasks
 

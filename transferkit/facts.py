@@ -190,6 +190,33 @@ def check_options_of_kind(cfg: FinetuneConfig, bb: Backbone) -> None:
                           "shift, gain and noise).")
 
 
+def check_channels(bb: Backbone, spec: InputSpec, *, options: dict[str, Any] | None = None) -> None:
+    """ConfigError, before any data are read, when the trunk's first convolution takes another
+    number of channels than the images fed to it (RGB: grayscale and other modes are
+    converted), e.g. a timm model built with ``in_chans=1``; a forward at that size confirms
+    it first (a first convolution that is not the input's says nothing)."""
+    if spec.kind != "image":
+        return
+    first = next(((n, m) for n, m in bb.trunk.named_modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if first is None or first[1].in_channels == spec.channels:
+        return
+    was = bb.trunk.training
+    try:
+        with torch.no_grad():
+            bb.trunk.eval()(torch.zeros(1, spec.channels, spec.image_size, spec.image_size))
+        return
+    except Exception as exc:  # noqa: BLE001 - it fails at its first convolution: the channels
+        fails = exception_line(exc, 200)
+    finally:
+        bb.trunk.train(was)
+    name, conv = first
+    said = f" (backbone_options={{'in_chans': {options['in_chans']!r}}})" if "in_chans" in (options or {}) else ""
+    raise ConfigError(f"{bb.name} takes {conv.in_channels}-channel images{said}: its first convolution {name!r} has "
+                      f"in_channels={conv.in_channels}, and transferkit feeds {spec.channels}-channel RGB images "
+                      f"(grayscale and other modes are converted to RGB); its forward fails ({fails}). Build it "
+                      f"for {spec.channels} channels" + (", leaving in_chans out" if said else "") + ".")
+
+
 def check_runs_at(bb: Backbone, spec: InputSpec, *, by_name: bool = True, weights: Any = None) -> None:
     """ConfigError, before any data are read, when ``image_size`` asks for a crop size the
     trunk was not built for and it does not run at it (a model with a fixed input size: ViTs'
@@ -233,6 +260,7 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
     bb = _own_backbone(cfg, load_weights=load_weights)
     spec = resolve_input_spec(bb.input_spec, cfg.image_size)
     check_options_of_kind(cfg, bb)
+    check_channels(bb, spec, options=cfg.backbone_options)
     check_runs_at(bb, spec, by_name=isinstance(cfg.backbone, str), weights=cfg.weights)
     # every rank reads the same data (checked next): rank 0 says what it found; the others say
     # it only when their data differ from rank 0's, where it may name the difference

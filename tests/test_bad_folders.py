@@ -258,6 +258,29 @@ def test_validation_folder_sharing_no_class_is_a_clear_error(tmp_path):
         prepare_data(tmp_path / "train", tmp_path)
 
 
+def test_class_folders_in_two_unicode_forms_are_one_class(tmp_path):
+    """A class folder named on macOS (decomposed, NFD: 'cafe' and a combining accent) beside one
+    named on Linux (composed, NFC): the validation images of that class were left out with a
+    warning naming two classes that print alike; in one folder the two were two classes."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    make_image_folder(tmp_path / "train", classes=(composed, "tea"), per_class=3)
+    make_image_folder(tmp_path / "val", classes=(decomposed, "tea"), per_class=2, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no folder left out, no class missing
+        bundle = prepare_data(tmp_path / "train", tmp_path / "val")
+    assert bundle.classes == [composed, "tea"] and sorted(dataset_targets(bundle.val)) == [0, 0, 1, 1]
+    from transferkit.data.folders import scan_csv
+
+    table = tmp_path / "val.csv"  # a CSV's labels too
+    table.write_text("".join(f"{p},{p.parent.name}\n" for p in sorted((tmp_path / "val").rglob("*.*"))))
+    samples, classes = scan_csv(table, [composed, "tea"], purpose="scoring")
+    assert classes == [composed, "tea"] and sorted(label for _, label in samples) == [0, 0, 1, 1]
+    make_image_folder(tmp_path / "both", classes=(composed, decomposed), per_class=2)
+    with pytest.raises(tk.DataError, match=r"the class names '.*' and '.*' are one name written in two Unicode forms "
+                                           r"\(both print as 'café'\).*rename 'cafe\\u0301' to 'caf\\xe9'"):
+        prepare_data(tmp_path / "both", val_split=0)
+
+
 def test_a_class_with_a_single_image_is_named_as_never_validated(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=4)
     _png(root / "rare" / "only.png", 200)

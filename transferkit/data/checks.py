@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 import uuid
 import warnings
 from collections import defaultdict
@@ -221,14 +222,29 @@ def filter_bad_images(samples: Sequence[tuple[str, int]], *, on_bad_file: str = 
 
 
 
+def nfc(name: str) -> str:
+    """``name`` in Unicode's composed form (NFC): "café" typed on Linux, and written by macOS
+    (decomposed, NFD: "e" and a combining accent), give one string."""
+    return unicodedata.normalize("NFC", name)
+
+
 def check_label_names(names: Sequence[str], where: str, *, case: bool = True) -> None:
     """DataError for class names that would break later: a line break or control character
-    (no export could hold it), or (``case``) two names that differ only in case or
-    surrounding spaces (a typo in a CSV, not two classes)."""
+    (no export could hold it), two names that are one in two Unicode forms (`nfc`: a folder
+    named on macOS beside one named elsewhere), or (``case``) two names that differ only in
+    case or surrounding spaces (a typo in a CSV, not two classes)."""
     for name in names:
         if name and not one_line(name):
             raise DataError(f"{where}: the class name {name!r} holds a line break or control character; rename it "
                             "(labels are stored in exports and printed one per line).")
+    forms: dict[str, str] = {}
+    for name in names:
+        other = forms.setdefault(nfc(name), name)
+        if other != name:
+            odd = name if nfc(name) != name else other
+            raise DataError(f"{where}: the class names {ascii(other)} and {ascii(name)} are one name written in two "
+                            f"Unicode forms (both print as {name!r}), so they would be two classes; give them one "
+                            f"spelling (e.g. rename {ascii(odd)} to {ascii(nfc(odd))}).")
     if not case:
         return
     folded: dict[str, str] = {}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit._text import plural
-from transferkit.data.checks import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, DataReport, check_label_names
+from transferkit.data.checks import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, DataReport, check_label_names, nfc
 from transferkit.errors import DataError
 
 VAL_NAMES = ("val", "valid", "validation")
@@ -211,9 +211,10 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
     defines = classes is None  # the folders are the classes: an empty one is an output that nothing trains
     if classes is None:
         classes = found
-    else:
-        extra = [c for c in found if c not in classes]
-        missing = [c for c in classes if c not in found]
+    else:  # a folder matches its class spelled in either Unicode form (`nfc`: macOS writes NFD)
+        have, want = {nfc(c) for c in found}, {nfc(c) for c in classes}
+        extra = [c for c in found if nfc(c) not in want]
+        missing = [c for c in classes if nfc(c) not in have]
         cased = [(e, m) for e in extra for m in missing if e.casefold() == m.casefold()]
         case_note = (" Class names are matched exactly: " + ", ".join(f"the folder {e!r} differs from the class {m!r}"
                                                                     for e, m in cased[:3])
@@ -232,8 +233,8 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
                         f"are left out (training classes: {list(classes)}).{case_note}")
         if missing:
             report.warn(f"{str(root)!r} has no folder for training classes {missing}.")
-        found = [c for c in found if c in classes]
-    index = {c: i for i, c in enumerate(classes)}
+        found = [c for c in found if c not in extra]
+    index = {nfc(c): i for i, c in enumerate(classes)}
     samples: list[tuple[str, int]] = []
     empty = []
     first_ignored = len(report.ignored_files)
@@ -241,7 +242,7 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
         files = list_class_files(root / c, is_data, report)
         if not files:
             empty.append(c)
-        samples.extend((f, index[c]) for f in files)
+        samples.extend((f, index[nfc(c)]) for f in files)
     if not samples:
         ignored = report.ignored_files[first_ignored:]
         notes = [explain_ignored(ignored) if explain_ignored is not None else "", _other_kind_note(ignored, what)]
@@ -318,7 +319,8 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
                     "they count that many times in training.")
     if classes is None:
         classes = sorted(set(labels))
-    index = {c: i for i, c in enumerate(classes)}
+    index = {nfc(c): i for i, c in enumerate(classes)}  # a label matches its class in either Unicode form
+    labels = [nfc(lab) for lab in labels]
     unknown = sorted({lab for lab in labels if lab not in index})
     if unknown and len(unknown) == len(set(labels)):
         raise DataError(f"{str(csv_path)!r} has labels {unknown[:10]}, none of them one of the classes "

@@ -234,6 +234,15 @@ def test_lr_find_unfrozen_phase_trains_end_to_end_at_the_phases_rate(image_folde
     assert "trains the backbone" in err and "x 0.1" in err
 
 
+def test_lr_find_cost_never_says_zero_seconds():
+    """"about 0.0015 s per step: up to 0 s for 100 steps" said nothing."""
+    from transferkit.api import _lr_find_cost
+
+    said = _lr_find_cost(0.0015, 100, 10, "unfrozen", 2)
+    assert said == "lr-find: about 0.0015 s per step: up to 1 s for 100 steps (training 2 epochs like this: about 1 s)"
+    assert "up to 2.5 min for 100 steps" in _lr_find_cost(1.5, 100, 10, "head", 2)
+
+
 def test_lr_find_unfrozen_phase_starts_from_the_head_the_first_phase_trains(image_folder, tmp_path, monkeypatch):
     """The backbone's epochs of fine_tune start from a trained head whose FeatureNorm holds the
     cached features' statistics; the range test of those epochs swept an untrained head behind

@@ -112,7 +112,7 @@ def test_a_signal_during_the_export_keeps_the_weights(tmp_path, image_folder, si
     assert r.returncode == (130 if sig == "int" else 143), r.stderr[-3000:]
     line = r.stderr.strip().splitlines()[-1]
     name = "Ctrl-C" if sig == "int" else "SIGTERM"
-    assert line.startswith(f"transferkit: interrupted: Interrupted ({name}) while writing the export "
+    assert line.startswith(f"transferkit: Interrupted ({name}) while writing the export "
                            f"'{tmp_path / 'm.pt'}' (export); nothing was written there."), line
     saved = _saved(r.stderr)
     assert saved.is_file() and load_checkpoint(saved)["model"]
@@ -146,7 +146,7 @@ def test_sigterm_during_training_without_a_checkpoint_keeps_the_weights(tmp_path
     r = _run(tmp_path, "epoch-term", "finetune", "--data", str(image_folder), "--epochs", "3", *CLI)
     assert r.returncode == 143, r.stderr[-3000:]
     line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("transferkit: interrupted: Interrupted (SIGTERM). The current weights were saved to")
+    assert line.startswith("transferkit: Interrupted (SIGTERM). The current weights were saved to")
     assert load_checkpoint(_saved(r.stderr))["model"]
 
 
@@ -185,7 +185,7 @@ def test_sigterm_from_outside_while_training(tmp_path, image_folder):
     code, lines, rest = _sigterm_while_training(tmp_path, image_folder)
     assert code == 143, lines[-2000:] + rest[-2000:]
     last = rest.strip().splitlines()[-1]
-    assert last.startswith("transferkit: interrupted: Interrupted (SIGTERM)."), last
+    assert last.startswith("transferkit: Interrupted (SIGTERM)."), last
     assert load_checkpoint(_saved(rest))["model"]
 
 

@@ -69,6 +69,16 @@ def signal_name(exc: BaseException | None) -> str:
     return "Ctrl-C"
 
 
+def interrupt_exit(exc: BaseException, reason: str) -> tuple[str, int]:
+    """What a command prints for an interruption (after ``"<prog>: "``), and its exit status
+    (143 for SIGTERM, 130 for Ctrl-C). ``reason``: the exception's one line ('' when it has
+    none); one that says it was interrupted is not prefixed again."""
+    term = signal_name(exc) == "SIGTERM"
+    reason = reason or ("terminated (SIGTERM)" if term else "interrupted (Ctrl-C)")
+    said = reason.lower().startswith(("interrupted", "terminated"))
+    return (reason if said else f"interrupted: {reason}"), (143 if term else 130)
+
+
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 

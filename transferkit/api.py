@@ -500,4 +500,4 @@ def _lr_find_cost(seconds_per_step: float, num_steps: int, steps_per_epoch: int,
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+    return f"{max(1, round(seconds))} s" if seconds < 90 else f"{seconds / 60:.1f} min"  # never "0 s"

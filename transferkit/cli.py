@@ -629,14 +629,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"transferkit: error: {cli_spelling(msg)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as exc:
-            from transferkit._signals import signal_name
+            from transferkit._signals import interrupt_exit
 
             if getattr(args, "debug", False):
                 traceback.print_exc()
-            term = signal_name(exc) == "SIGTERM"
-            reason = one_line(exc) or ("terminated (SIGTERM)" if term else "interrupted (Ctrl-C)")
-            print(f"transferkit: interrupted: {cli_spelling(reason)}", file=sys.stderr)
-            return 143 if term else 130
+            line, code = interrupt_exit(exc, one_line(exc))
+            print(f"transferkit: {cli_spelling(line)}", file=sys.stderr)
+            return code
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import numpy as np
 
 from transferkit.config import (RECIPE_KEYS, FinetuneConfig, called_as, load_config, merge_config, number_argument,
                                 parse_overrides)
-from transferkit._signals import signal_name
+from transferkit._signals import interrupt_exit
 from transferkit.errors import ConfigError, DataError, TransferkitError
 from transferkit._text import plural
 from transferkit.helpformat import HELP, one_line, one_line_warnings
@@ -398,8 +398,7 @@ def main_guard(fn: Callable[[], Any]) -> int:
             print(f"{prog}: error: {spell(one_line(exc))}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as exc:
-            term = signal_name(exc) == "SIGTERM"
-            reason = one_line(exc) or ("terminated (SIGTERM)" if term else "interrupted (Ctrl-C)")
-            print(f"{prog}: interrupted: {spell(reason)}", file=sys.stderr)
-            return 143 if term else 130
+            line, code = interrupt_exit(exc, one_line(exc))
+            print(f"{prog}: {spell(line)}", file=sys.stderr)
+            return code
     return 0

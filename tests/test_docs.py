@@ -185,6 +185,20 @@ def test_navigation_works_from_disk(site):
     assert not bad, "links that do not open a file from disk:\n" + "\n".join(sorted(set(bad))[:20])
 
 
+def test_the_site_loads_nothing_from_the_network(site):
+    """Opened from disk without a network, search worked only with a script from unpkg.com
+    (the offline plugin's Web Worker shim), and the theme asked Google for its fonts: every
+    script, style sheet and font is in the site, and the shim is loaded before the search."""
+    remote = []
+    for page in _pages(site):
+        html = page.read_text()
+        remote += [f"{page.name}: {u}" for u in re.findall(r'<(?:script|link|img)\b[^>]*?(?:src|href)="((?:https?:)?//'
+                                                            r'[^"]+)"', html)]
+        assert '<script src="' in html and "iframe-worker-shim.js" in html, page.name
+    assert not remote, "\n".join(remote[:20])
+    assert (site / "javascripts" / "iframe-worker-shim.js").read_text().count("window.Worker=") == 1
+
+
 def test_no_stray_quote_boxes(site):
     """A prose line that starts with '>' (such as '>= 0.94') renders as a grey quote box; the
     pages use no block quotes, and the Markdown has no such line outside code."""

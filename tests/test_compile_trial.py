@@ -326,7 +326,7 @@ def test_finetune_runs_the_trial_and_reports_it(image_folder, monkeypatch, capsy
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r = tk.finetune("tk:small_cnn", verbose=True, policy="full", **common)
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # with the epochs and the plan
     assert "speed:    compile trial (compile='auto': tried where the run is long enough" in r.decisions.summary()
     assert r.compile_trial is not None and r.compile_trial["kept"] in ("compiled", "eager")
     assert compiled and compiled[0] == (r.model, True)

@@ -194,6 +194,12 @@ def progress(total: int | None, desc: str, *, verbose: bool = True, unit: str = 
 _COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time_s")
 
 
+def to_stderr(line: str) -> None:
+    """Print ``line`` on stderr: where a run's plan and progress go, so that stdout holds what
+    the caller prints (``python train.py > results.txt`` keeps the results alone)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 class EpochLog:
     """The per-epoch report of a training run: one line per epoch (``log``, by default
     ``print``) on a terminal and in logs, and in a Jupyter kernel an HTML table that grows in
@@ -209,7 +215,7 @@ class EpochLog:
         True
     """
 
-    def __init__(self, *, log: Callable[[str], None] = print, notebook: bool | None = None,
+    def __init__(self, *, log: Callable[[str], None] = to_stderr, notebook: bool | None = None,
                  title: str = "") -> None:
         self.log, self.title = log, title
         self.notebook = in_notebook() if notebook is None else notebook
@@ -259,7 +265,7 @@ def _cell(column: str, value: Any) -> str:
     return number(value) if isinstance(value, float) else str(value)
 
 
-def epoch_log(owner: Any, *, log: Callable[[str], None] = print, title: str = "") -> EpochLog:
+def epoch_log(owner: Any, *, log: Callable[[str], None] = to_stderr, title: str = "") -> EpochLog:
     """The `EpochLog` of ``owner`` (made on first use and kept on it), so that the phases of
     one run report into one table."""
     existing = getattr(owner, "_epoch_log", None)

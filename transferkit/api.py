@@ -11,7 +11,6 @@ import contextlib
 import glob
 import html
 import os
-import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from transferkit._progress import EpochLog
+from transferkit._progress import EpochLog, to_stderr
 from transferkit._io import check_writable
 from transferkit._signals import terminate_as_interrupt
 from transferkit.backbones import Backbone
@@ -241,7 +240,7 @@ def _opened(cfg: FinetuneConfig, *, lock: bool, show_plan: bool = True) -> Itera
                 for note in d.notes:
                     warnings.warn(note, stacklevel=4)
                 if show_plan and cfg.verbose:
-                    print(wrap_lines(d.summary(), width=100), file=sys.stderr, flush=True)
+                    to_stderr(wrap_lines(d.summary(), width=100))
             run = build(d, inputs)
             if is_main and lock:
                 check_output_space(cfg, run.model)  # an export that cannot fit fails now, not after training
@@ -419,8 +418,7 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
     t0 = time.perf_counter()
     with _opened(cfg, lock=False, show_plan=False) as (d, run):
         which, first, factor = _lr_find_phase(d, phase)
-        say = (lambda text: print(text, file=sys.stderr, flush=True)) if cfg.verbose and d.is_main \
-            else (lambda text: None)
+        say = to_stderr if cfg.verbose and d.is_main else (lambda text: None)
         say(_lr_find_description(d, run, which, start_lr, end_lr, num_steps))
         if which == "unfrozen":  # those epochs start from the head the first phase trained (and its FeatureNorm)
             train(replace(d, config=replace(cfg, checkpoint=None, resume=False, callbacks=(), log_dir=None)), run,

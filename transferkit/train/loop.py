@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from transferkit._progress import epoch_log, progress
+from transferkit._progress import epoch_log, progress, to_stderr
 from transferkit._text import number
 from transferkit.config import check_task_settings
 from transferkit.errors import ConfigError, TrainingError, check_choice
@@ -132,7 +132,7 @@ class Loop:
     early_stopping: int | None = None
     on_epoch_end: Callable[[TrainState], None] | None = None
     verbose: bool = True
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = to_stderr  # with the plan: stdout is the caller's
     unit: str = "img"  # what a sample is, for the progress bar ("clip" for audio)
     steps: int = 0  # optimizer steps taken in this process: none, and the weights are the ones the run started from
     head_only_epochs: int = 0  # epochs that train the head alone before the backbone trains: early stopping waits

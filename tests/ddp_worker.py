@@ -37,7 +37,8 @@ job does), with no checkpoint; each rank prints its interruption message to stdo
 ``other_data``: rank 1 reads the folder ``$RANK1_DATA`` instead (a copy with one image
 less); ``bad_export``: the export path is a folder, which rank 0 finds before training. In
 both, the failing rank then lingers as in ``fail``, and the other must end by itself with
-its error.
+its error. ``export_fails_late``: rank 0's outputs fail after training and it exits while
+rank 1 waits at the barrier after them.
 """
 
 import dataclasses
@@ -272,6 +273,18 @@ def one_rank_refuses(data: str, out: str, mode: str) -> None:
     tk.finetune("tk:small_cnn", policy="feature_extraction", epochs=1, batch_size=batch, export=export, **common(data))
 
 
+def export_fails_late(data: str, out: str) -> None:
+    """Rank 0's outputs fail after training and it exits at once, while rank 1 waits for it at
+    the barrier after them."""
+    if RANK == 0:
+        import transferkit.api as api
+
+        def fails(*args, **kwargs):
+            raise OSError("the disk went away")
+        api.write_outputs = fails
+    tk.finetune("tk:small_cnn", policy="feature_extraction", epochs=1, batch_size=4, **common(data))
+
+
 def main() -> None:
     torch.set_num_threads(1)
     data, out = sys.argv[1], sys.argv[2]
@@ -288,6 +301,8 @@ def main() -> None:
         terminated(data)
     elif mode in ("other_data", "other_settings", "bad_export"):
         one_rank_refuses(data, out, mode)
+    elif mode == "export_fails_late":
+        export_fails_late(data, out)
     else:
         fail_or_stall(data, mode)
 

@@ -284,6 +284,16 @@ def test_a_rank_that_refuses_before_training_ends_the_job_with_its_error(images,
     assert "lingered to its end" not in output  # the job ended the failed rank; it did not wait for it
 
 
+def test_a_rank_that_fails_and_exits_while_the_other_waits_at_a_barrier_is_named(images, tmp_path):
+    """The waiting rank said "the ranks did not all reach a barrier within 1800 s" (and to raise
+    the timeout) seconds after rank 0 had failed writing its outputs and exited."""
+    proc = torchrun(images, tmp_path, "export_fails_late", timeout=240)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Rank 1 stops because rank 0 failed: OSError: the disk went away" in output, \
+        output[-3000:]
+    assert "within 1800 s" not in output and "raise the timeout" not in output, output[-3000:]
+
+
 def test_a_rank_whose_data_differ_says_what_its_data_check_found(images, tmp_path):
     """Ranks other than 0 keep the data check's warnings to themselves (rank 0 says them), but
     a rank whose data turn out to differ says them: here the file that its copy lacks."""

@@ -314,9 +314,12 @@ def barrier(info: DistInfo, *, timeout: float | None = None) -> None:
     try:
         dist.monitored_barrier(timeout=timedelta(seconds=seconds), wait_all_ranks=True)
     except RuntimeError as exc:
-        raise DistributedError(f"Rank {info.rank}: the ranks did not all reach a barrier within {seconds:g} s: {exc}. "
-                               f"If a rank is legitimately slower (a long export, a slow disk), raise the timeout "
-                               f"with {TIMEOUT_ENV}=<seconds>.") from exc
+        if _is_timeout(exc) or "failed to pass monitoredbarrier" in str(exc).lower():  # gloo's words for a wait
+            raise DistributedError(f"Rank {info.rank}: the ranks did not all reach a barrier within {seconds:g} s: "
+                                   f"{exc}. If a rank is legitimately slower (a long export, a slow disk), raise the "
+                                   f"timeout with {TIMEOUT_ENV}=<seconds>.") from exc
+        raise DistributedError(f"Rank {info.rank}: another rank failed or ended while this one waited for it at a "
+                               f"barrier ({exc}); that rank's log says why.") from exc
 
 
 _handoffs = itertools.count()
@@ -429,6 +432,13 @@ def _peer_gone(exc: BaseException) -> bool:
     return "connection reset by peer" in text or "connection closed by peer" in text
 
 
+def _collective(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective's failure: the ``RuntimeError`` torch raises, or the
+    `DistributedError` `barrier` made of it."""
+    return isinstance(exc, RuntimeError) or isinstance(exc, DistributedError) and isinstance(exc.__cause__,
+                                                                                             RuntimeError)
+
+
 def _is_timeout(exc: BaseException) -> bool:
     """Whether a collective's error says it waited too long (gloo words it several ways: "timed
     out", "Application timeout caused pair closure", "Timeout waiting ...").
@@ -486,7 +496,7 @@ def rank_guard(info: DistInfo, *, poll_s: float = 0.25, grace_s: float = 2.0) ->
             first = mine
         # a collective that failed as the failed rank left, or the SIGTERM torchrun sends the
         # other ranks when one exits: this rank stops because of the first failure, said as such
-        if first != mine and (isinstance(exc, RuntimeError) or _interruption(exc) and not _said_interrupted(first)):
+        if first != mine and (_collective(exc) or _interruption(exc) and not _said_interrupted(first)):
             raise DistributedError(f"Rank {info.rank} stops because {first} "
                                    f"(here: {_describe(exc)}).") from exc
         if isinstance(exc, RuntimeError) and _peer_gone(exc):

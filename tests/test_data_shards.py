@@ -223,6 +223,19 @@ def test_validation_shards_are_read_by_their_own_class_names(tmp_path):
     assert renamed.train.targets == [2, 2, 1, 1, 0, 0]
 
 
+def test_shard_class_names_are_checked_like_a_csv_s(tmp_path):
+    """Two shards spelling one class 'ants' and 'Ants' made a 3-class model without a word; a
+    name with a line break trained a whole run whose export then failed."""
+    items = folder_items(make_image_folder(tmp_path / "img", per_class=4))
+    for k, (names, said) in enumerate(((["ants", "Ants"], "differ only in case"), (["ants\nsmall"] * 2, "line break"))):
+        spelled = [(data, ext, names[i % 2] if cls == "dark" else "bees") for i, (data, ext, cls) in enumerate(items)]
+        write_shards(spelled, tmp_path / f"s{k}", [4, 4], label="txt", info=False)
+        with pytest.raises(tk.DataError, match=said):
+            prepare_data(str(tmp_path / f"s{k}"), val_split=0)
+    with pytest.raises(tk.DataError, match="line break"):  # class names given are checked too
+        prepare_data(str(tmp_path / "s0"), val_split=0, classes=["ants", "Ants", "be\nes"])
+
+
 def test_a_class_index_of_minus_one_is_refused_not_dropped(tmp_path):
     folder = make_image_folder(tmp_path / "img", per_class=3)
     path = write_shards(_sorted_items(folder), tmp_path / "s", [6])[0]

@@ -73,6 +73,29 @@ def test_parquet_named_labels_and_hashed_split(tmp_path):
     assert all(k.startswith("k") for k in b.val.keys)
 
 
+def test_parquet_class_names_are_checked_like_a_csv_s(tmp_path):
+    """'Ants' beside 'ants' made a 3-class model without a word, and a name with a line break
+    trained a whole run whose export then failed: refused before training, as in a CSV.
+    Validation labels in the other Unicode form match their class."""
+    folder = make_image_folder(tmp_path / "img", per_class=4)
+    images, labels, _ = _rows(folder)
+    for names, said in ((["ants", "Ants"], "differ only in case"), (["ants\nsmall", "bees"], "line break")):
+        path = tmp_path / f"{len(said)}.parquet"
+        pq.write_table(pa.table({"image": pa.array(images, pa.binary()),
+                                 "label": [names[i % 2] if t == 0 else "bees" for i, t in enumerate(labels)]}), path)
+        with pytest.raises(tk.DataError, match=said):
+            prepare_data(str(path), val_split=0)
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "label": [[composed, "tea"][t] for t in labels]}),
+                   tmp_path / "train.parquet")
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()),
+                             "label": [[decomposed, "tea"][t] for t in labels]}), tmp_path / "val.parquet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no sample left out
+        b = prepare_data(str(tmp_path / "train.parquet"), str(tmp_path / "val.parquet"))
+    assert b.classes == [composed, "tea"] and sorted(b.val.targets) == sorted(b.train.targets)
+
+
 def test_parquet_without_an_image_column_is_a_clear_error(tmp_path):
     pq.write_table(pa.table({"x": [1, 2], "label": [0, 1]}), tmp_path / "t.parquet")
     with pytest.raises(tk.DataError, match="no image column"):

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from transferkit.data.checks import ON_BAD_FILE, DataReport
+from transferkit.data.checks import ON_BAD_FILE, DataReport, check_label_names, nfc
 from transferkit.data.images import load_image
 from transferkit.data.late import ReportingCollate, load_or_replace
 from transferkit.errors import DataError, check_choice
@@ -301,16 +301,20 @@ def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what
         raise DataError(f"{what}: integer labels and class names are mixed (e.g. {ints[0]!r} and {names[0]!r}); use "
                         "one kind (cls: the class index; txt or json 'label': the class name).")
     out = np.full(len(labels), -1, dtype=np.int64)
+    if classes:  # given (classes=, a ClassLabel's names): one-line names, one per Unicode form
+        check_label_names(list(classes), what, case=False)
     if names:
-        classes = list(classes) if classes else sorted(set(names))
-        index = {c: k for k, c in enumerate(classes)}
-        unknown = sorted({n for n in names if n not in index})
+        if not classes:  # read from the labels: 'Ants' beside 'ants' is a typo, as in a CSV
+            classes = sorted(set(names))
+            check_label_names(classes, what)
+        index = {nfc(c): k for k, c in enumerate(classes)}  # a label matches its class in either Unicode form
+        unknown = sorted({n for n in names if nfc(n) not in index})
         if unknown:
             report.warn(f"{what}: the labels {unknown[:10]} are not among the classes {list(classes)[:10]}; "
                         "those samples are left out.")
         for k, lab in enumerate(labels):
-            if isinstance(lab, str) and lab in index:
-                out[k] = index[lab]
+            if isinstance(lab, str) and nfc(lab) in index:
+                out[k] = index[nfc(lab)]
         return out, list(classes)
     for k, lab in enumerate(labels):
         if lab is not None:

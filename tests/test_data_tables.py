@@ -96,6 +96,31 @@ def test_parquet_class_names_are_checked_like_a_csv_s(tmp_path):
     assert b.classes == [composed, "tea"] and sorted(b.val.targets) == sorted(b.train.targets)
 
 
+def test_parquet_rows_are_scanned_before_training_and_the_scan_is_kept(tmp_path, monkeypatch):
+    """scan= did nothing for Parquet (and Hugging Face) data: a garbage cell and a cut JPEG
+    passed scan="full" with on_bad_file="raise", and the run stopped mid-training. They are
+    found before training; under cache_dir the scan is kept for the next run."""
+    import transferkit.data.tables as tables
+
+    folder = make_image_folder(tmp_path / "img", per_class=5)
+    images, labels, classes = _rows(folder)
+    jpeg = next(i for i, f in enumerate(folder_files(folder)) if f[0].suffix == ".jpg" and i > 1)
+    images[1], images[jpeg] = b"not an image", images[jpeg][: len(images[jpeg]) // 2]
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "label": labels}), path, row_group_size=4)
+    with pytest.raises(tk.DataError, match=r"Bad image in 't.parquet:row 1': cannot be read as an image.*Remove or "
+                                           r"replace its row, or pass on_bad_file='skip'"):
+        prepare_data(str(path), val_split=0, on_bad_file="raise")
+    with pytest.warns(UserWarning, match=r"Left out 2 bad image\(s\) in the training rows"):
+        b = prepare_data(str(path), val_split=0, cache_dir=tmp_path / "c", classes=classes)
+    assert len(b.train) == 8 and [p for p, _ in b.report.bad_files] == ["t.parquet:row 1", f"t.parquet:row {jpeg}"]
+    assert len(list((tmp_path / "c" / "scans").glob("*-quick.json"))) == 1
+    monkeypatch.setattr(tables, "check_image_stream", lambda *a, **k: pytest.fail("scanned again"))
+    with pytest.warns(UserWarning, match="Left out 2 bad image"):  # from the kept scan
+        assert len(prepare_data(str(path), val_split=0, cache_dir=tmp_path / "c").train) == 8
+    assert len(prepare_data(str(path), val_split=0, scan="none").train) == 10  # left to fail when loaded
+
+
 def test_parquet_without_an_image_column_is_a_clear_error(tmp_path):
     pq.write_table(pa.table({"x": [1, 2], "label": [0, 1]}), tmp_path / "t.parquet")
     with pytest.raises(tk.DataError, match="no image column"):

@@ -290,6 +290,21 @@ def labels_by_name(labels: Sequence[Any], own: Sequence[str] | None, classes: Se
     return [own[int(lab)] if isinstance(lab, (int, np.integer)) else lab for lab in labels]
 
 
+def leave_out_bad(bad: list[tuple[str, str]], *, on_bad_file: str, report: DataReport, where: str,
+                  fix: str) -> None:
+    """Report the ``(sample name, reason)`` pairs a scan found bad: a DataError naming the first
+    (``on_bad_file="raise"``; ``fix`` says what to do about it), else listed in ``report`` with
+    one warning. ``where`` names the data (``"the shards"``)."""
+    if not bad:
+        return
+    if on_bad_file == "raise":
+        raise DataError(f"Bad image in {bad[0][0]!r}: {bad[0][1]}. {fix}, or pass on_bad_file='skip' to leave bad "
+                        "samples out (they are listed in the result).")
+    report.bad_files += bad
+    shown = "; ".join(f"{p} ({r})" for p, r in bad[:5])
+    report.warn(f"Left out {len(bad)} bad image(s) in {where}: {shown}{' ...' if len(bad) > 5 else ''}")
+
+
 def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what: str,
                       report: DataReport) -> tuple[np.ndarray, list[str]]:
     """Class indices (``-1``: no usable label) and the class names for raw labels: integers

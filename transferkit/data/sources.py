@@ -76,7 +76,7 @@ def open_encoded(data: Any, *, classes: list[str] | None, min_size: int | None, 
                                    on_bad_file=on_bad_file, report=report)
     common = {"classes": classes, "min_size": min_size, "on_bad_file": on_bad_file, "report": report, "what": what}
     if is_hf_dataset(data) or is_saved_hf(data):
-        return open_hf(data, **common)
+        return open_hf(data, scan=scan, cache_dir=cache_dir, **common)
     shards = shard_list(data)
     if shards is not None:
         return open_shards(shards, scan=scan, cache_dir=cache_dir, **common)
@@ -85,5 +85,5 @@ def open_encoded(data: Any, *, classes: list[str] | None, min_size: int | None, 
                         ".tar file, or a brace pattern of them); copy other remote files to a local disk.")
     files = parquet_list(data)
     if files is not None:
-        return open_parquet(files, **common)
+        return open_parquet(files, scan=scan, cache_dir=cache_dir, **common)
     return None

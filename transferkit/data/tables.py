@@ -23,8 +23,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,11 +35,12 @@ from typing import Any
 import numpy as np
 
 from transferkit._signals import raise_if_interrupted
-from transferkit.data.checks import ON_BAD_FILE, DataReport, holds_data_files
-from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
+from transferkit._io import atomic_write
+from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_image_stream, holds_data_files
+from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets, leave_out_bad
 from transferkit.data.fingerprint import from_common_folder
 from transferkit.data.shards import named_files
-from transferkit.errors import DataError, check_choice
+from transferkit.errors import DataError, TransferkitError, check_choice
 
 LABEL_COLUMNS = ("label", "labels", "cls", "class", "target")
 IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp")
@@ -272,11 +275,13 @@ class ParquetSource:
 
 def open_parquet(files: str | os.PathLike | Sequence[str], *, classes: Sequence[str] | None = None,
                  min_size: int | None = None, on_bad_file: str = "skip", report: DataReport | None = None,
-                 what: str = "training", image_column: str | None = None,
-                 label_column: str | None = None) -> EncodedImageDataset:
+                 what: str = "training", image_column: str | None = None, label_column: str | None = None,
+                 scan: str = "quick", cache_dir: str | Path | None = None) -> EncodedImageDataset:
     """A map-style dataset over Parquet files (see the module docstring). Rows without a
-    label are left out and reported; images are checked when they are decoded."""
+    label, and (with ``scan``, as image files are checked) bad images, are left out and
+    reported, or raise with ``on_bad_file="raise"``; `scan_rows` says how a scan is kept."""
     check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
+    check_choice("scan", scan, SCANS)
     files = [files] if isinstance(files, (str, os.PathLike)) else files  # one file, not a sequence of its letters
     report = report if report is not None else DataReport()
     source = ParquetSource(files, image_column, label_column)
@@ -285,19 +290,56 @@ def open_parquet(files: str | os.PathLike | Sequence[str], *, classes: Sequence[
     labels = labels_by_name(source.labels(), source.class_names, classes, what, "Parquet data", report)
     targets, names = labels_to_targets(labels, list(classes) if classes else source.class_names,
                                        f"The {what} Parquet data", report)
-    return _kept(source, targets, names, min_size, on_bad_file, report, what)
+    return _kept(source, targets, names, min_size, on_bad_file, report, what,
+                 bad=scan_rows(source, scan, cache_dir, where=f"the {what} Parquet data"))
+
+
+def scan_rows(source: Any, scan: str, cache_dir: str | Path | None, *, where: str) -> dict[int, str]:
+    """Why each bad row of ``source`` (a Parquet or Hugging Face source) cannot be used as an
+    image: every row's image checked as image files are (``scan`` ``"quick"``: the header and
+    the end marker; ``"full"``: a decode; ``"none"``: no check). The scan reads every image
+    once; under ``cache_dir`` its result is kept (``scans/<fingerprint>-<scan>.json``) for the
+    next run on the same data."""
+    if scan == "none":
+        return {}
+    path = Path(cache_dir) / "scans" / f"{source.fingerprint()}-{scan}.json" if cache_dir is not None else None
+    if path is not None:
+        try:
+            return {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            pass  # not kept yet (or damaged): scanned again
+    bad: dict[int, str] = {}
+    for i in range(len(source)):
+        try:
+            data = source.read(i)
+            reason = check_image_stream(io.BytesIO(data), len(data), full=scan == "full")
+        except OSError as exc:
+            reason = f"cannot be read ({exc})"
+        if reason:
+            bad[i] = reason
+    if path is not None:
+        try:
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(bad)), what=f"scan of {where}")
+        except (OSError, TransferkitError) as exc:  # a cache_dir that cannot take it: the next run scans again
+            warnings.warn(f"Cannot keep the scan of {where} in {str(path)!r} ({exc}); the next run scans again.",
+                          stacklevel=2)
+    return bad
 
 
 def _kept(source: Any, targets: np.ndarray, names: list[str], min_size: int | None, on_bad_file: str,
-          report: DataReport, what: str) -> EncodedImageDataset:
-    keep = np.flatnonzero(targets >= 0).astype(np.int64)
-    missing = len(targets) - len(keep)
+          report: DataReport, what: str, *, bad: dict[int, str]) -> EncodedImageDataset:
+    leave_out_bad([(source.sample_name(i), r) for i, r in sorted(bad.items()) if targets[i] >= 0],
+                  on_bad_file=on_bad_file, report=report, where=f"the {what} rows",
+                  fix="Remove or replace its row")
+    labelled = np.flatnonzero(targets >= 0).astype(np.int64)
+    keep = np.array([i for i in labelled if int(i) not in bad], dtype=np.int64) if bad else labelled
+    missing = len(targets) - len(labelled)
     if missing:
         if on_bad_file == "raise":
             raise DataError(f"{missing} {what} row(s) have no label (e.g. {source.sample_name(int(np.flatnonzero(targets < 0)[0]))}).")
         report.warn(f"{missing} {what} row(s) have no usable label; they are left out.")
     if len(keep) == 0:
-        raise DataError(f"No {what} row has a usable label.")
+        raise DataError(f"No {what} row has a usable label and image.")
     return EncodedImageDataset(source, targets, names, indices=keep, min_size=min_size, on_bad_file=on_bad_file,
                                report=report)
 
@@ -416,10 +458,12 @@ class HFSource:
 
 def open_hf(data: Any, *, classes: Sequence[str] | None = None, min_size: int | None = None,
             on_bad_file: str = "skip", report: DataReport | None = None, what: str = "training",
-            image_column: str | None = None, label_column: str | None = None) -> EncodedImageDataset:
+            image_column: str | None = None, label_column: str | None = None, scan: str = "quick",
+            cache_dir: str | Path | None = None) -> EncodedImageDataset:
     """A map-style dataset over a ``datasets.Dataset`` or a ``save_to_disk`` folder (see the
-    module docstring)."""
+    module docstring); rows are checked as Parquet rows are (`open_parquet`)."""
     check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
+    check_choice("scan", scan, SCANS)
     report = report if report is not None else DataReport()
     ds = load_hf(data)
     kind = type(ds).__name__
@@ -436,4 +480,5 @@ def open_hf(data: Any, *, classes: Sequence[str] | None = None, min_size: int | 
     labels = labels_by_name(source.labels(), source.class_names, classes, what, "Hugging Face dataset", report)
     targets, names = labels_to_targets(labels, list(classes) if classes else source.class_names,
                                        f"The {what} Hugging Face dataset", report)
-    return _kept(source, targets, names, min_size, on_bad_file, report, what)
+    return _kept(source, targets, names, min_size, on_bad_file, report, what,
+                 bad=scan_rows(source, scan, cache_dir, where=f"the {what} Hugging Face dataset"))

@@ -79,6 +79,8 @@ def test_predict_top_k_batching_and_sources(exported, tmp_path):
         assert len(p.top_k) == 2 and p.top_k[0] == (p.label, p.probability)
         assert p.top_k[0][1] >= p.top_k[1][1] and p.label in pred.labels and pred.labels[p.index] == p.label
     assert torch.allclose(pred.predict_proba(files, batch_size=2), pred.predict_proba(files, batch_size=32))
+    for array in (np.array(files), np.array(files, dtype=object)):  # df.path.values: was "must be HxW or HxWxC"
+        assert [p.to_dict() for p in pred.predict(array, top_k=2, batch_size=2)] == [p.to_dict() for p in preds]
     assert len(pred.predict(files, top_k=10)[0].top_k) == 3  # capped at the number of labels
     d = preds[0].to_dict()
     assert d["source"] == files[0] and d["label"] == preds[0].label and len(d["top_k"]) == 2

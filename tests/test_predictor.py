@@ -101,6 +101,9 @@ def test_bad_inputs_raise_clear_errors(exported, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")  # files: an error per file (tests/test_bad_inputs_predict.py)
     assert "broken.jpg" in pred.predict(str(tmp_path / "broken.jpg"))[0].error
     assert "missing.png" in pred.predict(str(tmp_path / "missing.png"))[0].error
+    empty = tmp_path / "empty.jpg"  # said as training says it (was "cannot identify image file")
+    empty.write_bytes(b"")
+    assert f"{str(empty)!r}: empty file (0 bytes)" in pred.predict(str(empty))[0].error
 
 
 def test_predict_folder_sorted_with_progress_bar(exported, tmp_path, capsys):

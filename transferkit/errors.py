@@ -153,10 +153,12 @@ def stream_named(text: str, name: str | None = None) -> str:
 
 def unreadable_file(what: str, path: Any, exc: BaseException, fix: str, *, name: str | None = None) -> DataError:
     """The error for a ``what`` ("image", "audio file") at ``path`` that could not be read
-    (``exc``): a path that does not exist says so and where it was looked for; any other
-    failure says what failed and ``fix``. ``name``: what to call it (a member of a shard)."""
+    (``exc``): a path that does not exist says so and where it was looked for, an empty file
+    that it is empty; any other failure says what failed and ``fix``. ``name``: what to call it (a member of a shard)."""
     shown = name or str(path)
     if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
         return DataError(f"The {what} {shown!r} does not exist (looked for {os.path.abspath(path)!r}): check the path.")
+    if isinstance(path, (str, os.PathLike)) and os.path.isfile(path) and os.path.getsize(path) == 0:
+        return DataError(f"Cannot read {what} {shown!r}: empty file (0 bytes), a copy or download cut short. {fix}")
     said = stream_named(str(exc), shown).rstrip(". ")
     return DataError(f"Cannot read {what} {shown!r}: {type(exc).__name__}: {said}. {fix}")

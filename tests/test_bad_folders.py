@@ -275,6 +275,8 @@ def test_class_folders_in_two_unicode_forms_are_one_class(tmp_path):
     table.write_text("".join(f"{p},{p.parent.name}\n" for p in sorted((tmp_path / "val").rglob("*.*"))))
     samples, classes = scan_csv(table, [composed, "tea"], purpose="scoring")
     assert classes == [composed, "tea"] and sorted(label for _, label in samples) == [0, 0, 1, 1]
+    with pytest.raises(tk.DataError, match="classes=: the class names .* are one name written in two Unicode forms"):
+        prepare_data(tmp_path / "train", val_split=0, classes=[composed, decomposed, "tea"])  # one output never trained
     make_image_folder(tmp_path / "both", classes=(composed, decomposed), per_class=2)
     with pytest.raises(tk.DataError, match=r"the class names '.*' and '.*' are one name written in two Unicode forms "
                                            r"\(both print as 'café'\).*rename 'cafe\\u0301' to 'caf\\xe9'"):

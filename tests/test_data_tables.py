@@ -108,10 +108,10 @@ def test_parquet_rows_are_scanned_before_training_and_the_scan_is_kept(tmp_path,
     images[1], images[jpeg] = b"not an image", images[jpeg][: len(images[jpeg]) // 2]
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "label": labels}), path, row_group_size=4)
-    with pytest.raises(tk.DataError, match=r"Bad image in 't.parquet:row 1': cannot be read as an image.*Remove or "
-                                           r"replace its row, or pass on_bad_file='skip'"):
+    with pytest.raises(tk.DataError, match=r"Bad image 't.parquet:row 1' of the training rows: cannot be read as an "
+                                           r"image.*Remove or replace its row, or pass on_bad_file='skip'"):
         prepare_data(str(path), val_split=0, on_bad_file="raise")
-    with pytest.warns(UserWarning, match=r"Left out 2 bad image\(s\) in the training rows"):
+    with pytest.warns(UserWarning, match=r"Left out 2 bad images of the training rows"):
         b = prepare_data(str(path), val_split=0, cache_dir=tmp_path / "c", classes=classes)
     assert len(b.train) == 8 and [p for p, _ in b.report.bad_files] == ["t.parquet:row 1", f"t.parquet:row {jpeg}"]
     assert len(list((tmp_path / "c" / "scans").glob("*-quick.json"))) == 1
@@ -119,6 +119,28 @@ def test_parquet_rows_are_scanned_before_training_and_the_scan_is_kept(tmp_path,
     with pytest.warns(UserWarning, match="Left out 2 bad image"):  # from the kept scan
         assert len(prepare_data(str(path), val_split=0, cache_dir=tmp_path / "c").train) == 8
     assert len(prepare_data(str(path), val_split=0, scan="none").train) == 10  # left to fail when loaded
+
+
+def test_classlabel_names_meet_classes_in_either_unicode_form_and_names_are_strings(tmp_path):
+    """A ClassLabel's NFC names met classes= written in NFD as no name at all: classes= was
+    taken for a renaming by position and the 'th\u00e9' row became 'caf\u00e9' without a word.
+    Names that are not strings were an AttributeError."""
+    import json
+
+    from transferkit.data.tables import open_parquet
+
+    names = ["th\u00e9", "caf\u00e9"]
+    meta = {b"huggingface": json.dumps({"info": {"features": {"label": {"_type": "ClassLabel",
+                                                                        "names": names}}}}).encode()}
+    images, _, _ = _rows(make_image_folder(tmp_path / "img", per_class=1))
+    table = pa.table({"image": pa.array(images, pa.binary()), "label": [0, 1]}).replace_schema_metadata(meta)
+    pq.write_table(table, tmp_path / "t.parquet")
+    decomposed = ["cafe\u0301", "the\u0301"]
+    for what in ("training", "validation"):
+        ds = open_parquet(tmp_path / "t.parquet", classes=decomposed, what=what, scan="none")
+        assert [decomposed[t] for t in ds.targets] == ["the\u0301", "cafe\u0301"]  # each row by its name
+    with pytest.raises(tk.DataError, match=r"the class name 0 is a int; class names are strings"):
+        open_parquet(tmp_path / "t.parquet", classes=[0, 1], scan="none")
 
 
 def test_parquet_without_an_image_column_is_a_clear_error(tmp_path):

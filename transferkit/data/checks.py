@@ -210,16 +210,28 @@ def filter_bad_images(samples: Sequence[tuple[str, int]], *, on_bad_file: str = 
         if reason is None:
             good.append((path, target))
             continue
-        if on_bad_file == "raise":
-            raise DataError(f"Bad image file {path!r}: {reason}. Remove it, or pass on_bad_file='skip' to leave "
-                            "bad files out (they are listed in the result).")
         bad.append((path, reason))
-    if report is not None and bad:
-        report.bad_files += bad
-        shown = "; ".join(f"{p} ({r})" for p, r in bad[:5])
-        report.warn(f"Left out {plural(len(bad), 'bad image file')}: {shown}{' ...' if len(bad) > 5 else ''}")
+        if on_bad_file == "raise":  # at the first: the rest need not be read
+            break
+    leave_out_bad(bad, on_bad_file=on_bad_file, report=report, what="image file", fix="Remove it")
     return good
 
+
+def leave_out_bad(bad: list[tuple[str, str]], *, on_bad_file: str, report: DataReport | None, what: str = "image",
+                  where: str = "", fix: str) -> None:
+    """Report the ``(name, reason)`` pairs a scan found bad: a DataError naming the first
+    (``on_bad_file="raise"``; ``fix`` says what to do about it), else listed in ``report`` with
+    one warning. ``what`` names one (``"image file"``), ``where`` the data (``" in the shards"``)."""
+    if not bad:
+        return
+    if on_bad_file == "raise":
+        raise DataError(f"Bad {what} {bad[0][0]!r}{where}: {bad[0][1]}. {fix}, or pass on_bad_file='skip' to leave "
+                        f"bad {what}s out (they are listed in the result).")
+    if report is None:
+        return
+    report.bad_files += bad
+    shown = "; ".join(f"{p} ({r})" for p, r in bad[:5])
+    report.warn(f"Left out {plural(len(bad), f'bad {what}')}{where}: {shown}{' ...' if len(bad) > 5 else ''}")
 
 
 def nfc(name: str) -> str:
@@ -228,11 +240,21 @@ def nfc(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
+def class_index(classes: Sequence[str]) -> dict[str, int]:
+    """Each class's index by its name in NFC form (`nfc`): look a label up as ``nfc(label)``,
+    and it finds its class in either Unicode form."""
+    return {nfc(c): i for i, c in enumerate(classes)}
+
+
 def check_label_names(names: Sequence[str], where: str, *, case: bool = True) -> None:
-    """DataError for class names that would break later: a line break or control character
-    (no export could hold it), two names that are one in two Unicode forms (`nfc`: a folder
+    """DataError for class names that would break later: a name that is not a string, a line
+    break or control character (no export could hold it), two names that are one in two Unicode forms (`nfc`: a folder
     named on macOS beside one named elsewhere), or (``case``) two names that differ only in
     case or surrounding spaces (a typo in a CSV, not two classes)."""
+    odd = next((name for name in names if not isinstance(name, str)), None)
+    if odd is not None:
+        raise DataError(f"{where}: the class name {odd!r} is a {type(odd).__name__}; class names are strings (pass "
+                        f"classes=[{', '.join(repr(str(n)) for n in list(names)[:3])}, ...]).")
     for name in names:
         if name and not one_line(name):
             raise DataError(f"{where}: the class name {name!r} holds a line break or control character; rename it "

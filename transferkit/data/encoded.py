@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from transferkit.data.checks import ON_BAD_FILE, DataReport, check_label_names, nfc
+from transferkit.data.checks import ON_BAD_FILE, DataReport, check_label_names, class_index, nfc
 from transferkit.data.images import load_image
 from transferkit.data.late import ReportingCollate, load_or_replace
 from transferkit.errors import DataError, check_choice
@@ -277,9 +277,13 @@ def labels_by_name(labels: Sequence[Any], own: Sequence[str] | None, classes: Se
         report.warn(f"{what} give class indices without class names: each index is read as the model's class of that "
                     f"place ({order}). Give the data their class names (labels as names, an _info.json 'classes' "
                     "list beside shards, a ClassLabel column) to have them read by name.")
-    if not classes or not own or list(own) == list(classes):
+    if classes:
+        check_label_names(list(classes), what, case=False)
+    if own:
+        check_label_names(list(own), what, case=False)
+    if not classes or not own or [nfc(c) for c in own] == [nfc(c) for c in classes]:
         return list(labels)
-    if not set(own) & set(classes):
+    if not {nfc(c) for c in own} & {nfc(c) for c in classes}:  # one name in either Unicode form is one class
         if part != "training":
             raise no_shared_class(own, classes, what)
         return list(labels)  # renamed by classes=
@@ -288,21 +292,6 @@ def labels_by_name(labels: Sequence[Any], own: Sequence[str] | None, classes: Se
         raise DataError(f"{what} have class indices {outside[:5]} outside 0..{len(own) - 1} for their own classes "
                         f"{list(own)[:10]}; fix the labels or the class list.")
     return [own[int(lab)] if isinstance(lab, (int, np.integer)) else lab for lab in labels]
-
-
-def leave_out_bad(bad: list[tuple[str, str]], *, on_bad_file: str, report: DataReport, where: str,
-                  fix: str) -> None:
-    """Report the ``(sample name, reason)`` pairs a scan found bad: a DataError naming the first
-    (``on_bad_file="raise"``; ``fix`` says what to do about it), else listed in ``report`` with
-    one warning. ``where`` names the data (``"the shards"``)."""
-    if not bad:
-        return
-    if on_bad_file == "raise":
-        raise DataError(f"Bad image in {bad[0][0]!r}: {bad[0][1]}. {fix}, or pass on_bad_file='skip' to leave bad "
-                        "samples out (they are listed in the result).")
-    report.bad_files += bad
-    shown = "; ".join(f"{p} ({r})" for p, r in bad[:5])
-    report.warn(f"Left out {len(bad)} bad image(s) in {where}: {shown}{' ...' if len(bad) > 5 else ''}")
 
 
 def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what: str,
@@ -322,7 +311,7 @@ def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what
         if not classes:  # read from the labels: 'Ants' beside 'ants' is a typo, as in a CSV
             classes = sorted(set(names))
             check_label_names(classes, what)
-        index = {nfc(c): k for k, c in enumerate(classes)}  # a label matches its class in either Unicode form
+        index = class_index(classes)  # a label matches its class in either Unicode form
         unknown = sorted({n for n in names if nfc(n) not in index})
         if unknown:
             report.warn(f"{what}: the labels {unknown[:10]} are not among the classes {list(classes)[:10]}; "

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit._text import plural
-from transferkit.data.checks import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, DataReport, check_label_names, nfc
+from transferkit.data.checks import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, DataReport, check_label_names, class_index, nfc
 from transferkit.errors import DataError
 
 VAL_NAMES = ("val", "valid", "validation")
@@ -212,6 +212,7 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
     if classes is None:
         classes = found
     else:  # a folder matches its class spelled in either Unicode form (`nfc`: macOS writes NFD)
+        check_label_names(list(classes), "classes=", case=False)
         have, want = {nfc(c) for c in found}, {nfc(c) for c in classes}
         extra = [c for c in found if nfc(c) not in want]
         missing = [c for c in classes if nfc(c) not in have]
@@ -234,7 +235,7 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
         if missing:
             report.warn(f"{str(root)!r} has no folder for training classes {missing}.")
         found = [c for c in found if c not in extra]
-    index = {nfc(c): i for i, c in enumerate(classes)}
+    index = class_index(classes)
     samples: list[tuple[str, int]] = []
     empty = []
     first_ignored = len(report.ignored_files)
@@ -319,7 +320,9 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
                     "they count that many times in training.")
     if classes is None:
         classes = sorted(set(labels))
-    index = {nfc(c): i for i, c in enumerate(classes)}  # a label matches its class in either Unicode form
+    else:
+        check_label_names(list(classes), "classes=", case=False)
+    index = class_index(classes)  # a label matches its class in either Unicode form
     labels = [nfc(lab) for lab in labels]
     unknown = sorted({lab for lab in labels if lab not in index})
     if unknown and len(unknown) == len(set(labels)):

@@ -58,8 +58,9 @@ import numpy as np
 
 from transferkit._io import atomic_write
 from transferkit._text import plural
-from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_image_stream, holds_data_files
-from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets, leave_out_bad
+from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_image_stream, holds_data_files, \
+    leave_out_bad
+from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
 from transferkit.data.fingerprint import from_common_folder
 from transferkit.data.remote import ENV_BUDGET, Held, ShardCache, ShardFetchError, fetch_small, is_url, remote_validators
 from transferkit.errors import DataError, check_choice
@@ -950,7 +951,7 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
     targets, names = labels_to_targets(labels, list(classes) if classes else own, f"The {what} shards", report)
     reasons = [r for ix in indexes for r in ix.bad]
     leave_out_bad([(source.sample_name(i), r) for i, r in enumerate(reasons) if r], on_bad_file=on_bad_file,
-                  report=report, where="the shards", fix="Remove it from the shard")
+                  report=report, where=" in the shards", fix="Remove it from the shard")
     ok = (targets >= 0) & (np.array([not r for r in reasons], dtype=bool) if reasons else np.ones(0, dtype=bool))
     keep = np.flatnonzero(ok).astype(np.int64)
     if len(keep) == 0:

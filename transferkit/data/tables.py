@@ -36,8 +36,9 @@ import numpy as np
 
 from transferkit._signals import raise_if_interrupted
 from transferkit._io import atomic_write
-from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_image_stream, holds_data_files
-from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets, leave_out_bad
+from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_image_stream, holds_data_files, \
+    leave_out_bad
+from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
 from transferkit.data.fingerprint import from_common_folder
 from transferkit.data.shards import named_files
 from transferkit.errors import DataError, TransferkitError, check_choice
@@ -329,7 +330,7 @@ def scan_rows(source: Any, scan: str, cache_dir: str | Path | None, *, where: st
 def _kept(source: Any, targets: np.ndarray, names: list[str], min_size: int | None, on_bad_file: str,
           report: DataReport, what: str, *, bad: dict[int, str]) -> EncodedImageDataset:
     leave_out_bad([(source.sample_name(i), r) for i, r in sorted(bad.items()) if targets[i] >= 0],
-                  on_bad_file=on_bad_file, report=report, where=f"the {what} rows",
+                  on_bad_file=on_bad_file, report=report, where=f" of the {what} rows",
                   fix="Remove or replace its row")
     labelled = np.flatnonzero(targets >= 0).astype(np.int64)
     keep = np.array([i for i in labelled if int(i) not in bad], dtype=np.int64) if bad else labelled

@@ -242,6 +242,13 @@ def test_a_trunk_for_other_than_rgb_images_is_refused_before_the_data_are_read(t
 
     own = from_module(Aside(), input_spec={"image_size": 16})
     check_channels(own, own.input_spec)
+    fixed = Aside()  # at a size it does not take it fails for the size, and the size is what is said
+    fixed.body.append(torch.nn.Linear(16, 2))
+    fixed.body[0] = torch.nn.Conv2d(3, 4, 3, stride=7)
+    fixed.body[1] = torch.nn.Flatten()
+    own = from_module(fixed, input_spec={"image_size": 16})  # 16 px: 2x2x4 = 16 features for the Linear; 32 px: 100
+    with pytest.raises(ConfigError, match=r"does not run at image_size=32: it was built for 16 px"):
+        tk.plan(tk.FinetuneConfig(backbone=own, data=str(tmp_path / "none"), image_size=32))
 
 
 def test_a_bad_target_past_the_ones_read_before_training_is_named_when_loaded(monkeypatch):

@@ -190,31 +190,41 @@ def check_options_of_kind(cfg: FinetuneConfig, bb: Backbone) -> None:
                           "shift, gain and noise).")
 
 
+def _forward_fails(bb: Backbone, channels: int, size: int) -> BaseException | None:
+    """What one image of zeros (``channels`` x ``size`` x ``size``) raises in the trunk's
+    forward (eval mode, no gradients; its train flag is put back), or None when it runs."""
+    was = bb.trunk.training
+    try:
+        with torch.no_grad():
+            bb.trunk.eval()(torch.zeros(1, channels, size, size))
+        return None
+    except Exception as exc:  # noqa: BLE001 - whatever fails is said by the caller
+        return exc
+    finally:
+        bb.trunk.train(was)
+
+
 def check_channels(bb: Backbone, spec: InputSpec, *, options: dict[str, Any] | None = None) -> None:
     """ConfigError, before any data are read, when the trunk's first convolution takes another
     number of channels than the images fed to it (RGB: grayscale and other modes are
-    converted), e.g. a timm model built with ``in_chans=1``; a forward at that size confirms
-    it first (a first convolution that is not the input's says nothing)."""
+    converted), e.g. a timm model built with ``in_chans=1``. A forward at the size the trunk
+    was built for confirms it first: a first convolution that is not where the images go in
+    (a space-to-depth stem) runs, and a size the trunk does not take is `check_runs_at`'s."""
     if spec.kind != "image":
         return
     first = next(((n, m) for n, m in bb.trunk.named_modules() if isinstance(m, torch.nn.Conv2d)), None)
     if first is None or first[1].in_channels == spec.channels:
         return
-    was = bb.trunk.training
-    try:
-        with torch.no_grad():
-            bb.trunk.eval()(torch.zeros(1, spec.channels, spec.image_size, spec.image_size))
+    exc = _forward_fails(bb, spec.channels, bb.input_spec.image_size)
+    if exc is None:
         return
-    except Exception as exc:  # noqa: BLE001 - it fails at its first convolution: the channels
-        fails = exception_line(exc, 200)
-    finally:
-        bb.trunk.train(was)
     name, conv = first
     said = f" (backbone_options={{'in_chans': {options['in_chans']!r}}})" if "in_chans" in (options or {}) else ""
     raise ConfigError(f"{bb.name} takes {conv.in_channels}-channel images{said}: its first convolution {name!r} has "
                       f"in_channels={conv.in_channels}, and transferkit feeds {spec.channels}-channel RGB images "
-                      f"(grayscale and other modes are converted to RGB); its forward fails ({fails}). Build it "
-                      f"for {spec.channels} channels" + (", leaving in_chans out" if said else "") + ".")
+                      f"(grayscale and other modes are converted to RGB); its forward fails "
+                      f"({exception_line(exc, 200)}). Build it for {spec.channels} channels"
+                      + (", leaving in_chans out" if said else "") + ".") from exc
 
 
 def check_runs_at(bb: Backbone, spec: InputSpec, *, by_name: bool = True, weights: Any = None) -> None:
@@ -225,28 +235,24 @@ def check_runs_at(bb: Backbone, spec: InputSpec, *, by_name: bool = True, weight
     built = bb.input_spec.image_size
     if spec.kind != "image" or spec.image_size == built:
         return
-    was = bb.trunk.training
-    try:
-        with torch.no_grad():
-            bb.trunk.eval()(torch.zeros(1, spec.channels, spec.image_size, spec.image_size))
-    except Exception as exc:  # noqa: BLE001 - any failure at this size is the same problem to the user
-        option, size = _size_option(bb.trunk), spec.image_size
-        value = (size, size) if option == "input_size" else size
-        if not by_name:  # a Backbone object: built already
-            how = f"or pass a Backbone built for {size} px" + (f" (its class takes {option}=)" if option else "")
-        elif option and bb.name.startswith("tv:") and weights is not None:  # torchvision's weights fix the size
-            how = (f"or weights=None to train it from scratch at {size} px (backbone_options={{{option!r}: {value}}}): "
-                   f"torchvision's weights for it take {built} px only")
-        elif option:
-            how = f"or build it at the size you want where its architecture allows (backbone_options={{{option!r}: " \
-                  f"{value}}})"
-        else:
-            how = f"or choose a backbone that takes {size} px (the class {type(bb.trunk).__name__} takes no input size)"
-        raise ConfigError(f"{bb.name} does not run at image_size={size}: it was built for {built} px, and "
-                          f"at {size} px its forward fails ({exception_line(exc, 200)}). Use "
-                          f"image_size={built}, {how}.") from exc
-    finally:
-        bb.trunk.train(was)
+    exc = _forward_fails(bb, spec.channels, spec.image_size)
+    if exc is None:
+        return
+    option, size = _size_option(bb.trunk), spec.image_size
+    value = (size, size) if option == "input_size" else size
+    if not by_name:  # a Backbone object: built already
+        how = f"or pass a Backbone built for {size} px" + (f" (its class takes {option}=)" if option else "")
+    elif option and bb.name.startswith("tv:") and weights is not None:  # torchvision's weights fix the size
+        how = (f"or weights=None to train it from scratch at {size} px (backbone_options={{{option!r}: {value}}}): "
+               f"torchvision's weights for it take {built} px only")
+    elif option:
+        how = f"or build it at the size you want where its architecture allows (backbone_options={{{option!r}: " \
+              f"{value}}})"
+    else:
+        how = f"or choose a backbone that takes {size} px (the class {type(bb.trunk).__name__} takes no input size)"
+    raise ConfigError(f"{bb.name} does not run at image_size={size}: it was built for {built} px, and "
+                      f"at {size} px its forward fails ({exception_line(exc, 200)}). Use "
+                      f"image_size={built}, {how}.") from exc
 
 
 def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = None,

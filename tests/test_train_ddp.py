@@ -294,6 +294,30 @@ def test_a_rank_that_fails_and_exits_while_the_other_waits_at_a_barrier_is_named
     assert "within 1800 s" not in output and "raise the timeout" not in output, output[-3000:]
 
 
+@pytest.mark.parametrize("leaves", [0, 1])
+def test_a_barrier_says_a_rank_left_rather_than_a_timeout(images, tmp_path, leaves):
+    """gloo words a rank that exited like one that came late ("Ranks 1 failed to pass
+    monitoredBarrier"): the waiting rank told the user to raise a 300 s timeout a second in."""
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import os, time, torch\n"
+        "from transferkit.train.distributed import barrier, init_distributed\n"
+        "info, _ = init_distributed(torch.device('cpu'))\n"
+        f"if info.rank == {leaves}:\n"
+        "    time.sleep(1)\n"
+        "    os._exit(3)\n"
+        "try:\n"
+        "    barrier(info)\n"
+        "except Exception as exc:\n"
+        "    print(f'rank {info.rank}: {type(exc).__name__}: {exc}', flush=True)\n"
+        "os._exit(0)\n")
+    proc = torchrun(images, tmp_path, args=[str(script)], timeout=120, TRANSFERKIT_DIST_TIMEOUT="300")
+    said = next((line for line in proc.stdout.splitlines() if line.startswith(f"rank {1 - leaves}: ")), "")
+    assert "DistributedError: Rank" in said and "another rank failed or ended while this one waited for it" in said, \
+        proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "raise the timeout" not in said
+
+
 def test_a_rank_whose_data_differ_says_what_its_data_check_found(images, tmp_path):
     """Ranks other than 0 keep the data check's warnings to themselves (rank 0 says them), but
     a rank whose data turn out to differ says them: here the file that its copy lacks."""

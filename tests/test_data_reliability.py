@@ -104,6 +104,11 @@ def test_a_whole_image_with_data_after_its_end_marker_is_used(tmp_path, full):
     cut.write_bytes(jpeg[:-20] + trailer)
     reason = check_image_file(str(cut), full=full)  # a full scan says what the decode said
     assert reason == "truncated JPEG file (no end-of-image marker)" if not full else "cannot be read" in reason
+    png_cut = tmp_path / "cut.png"  # an end marker in the data after it, and pixels that do not decode
+    png_cut.write_bytes(files["sixteen"].read_bytes()[:-30] + b"IEND" + trailer)
+    reason = check_image_file(str(png_cut), full=full)
+    assert reason.startswith("truncated or damaged PNG file (its end-of-image marker is not at its end, and it does "
+                             "not decode: ") if not full else "cannot be read" in reason, reason
 
 
 def test_on_bad_file_raise_names_the_file(tmp_path):

@@ -375,7 +375,7 @@ def test_an_interrupted_recipe_ends_in_one_line_with_the_signal_s_exit_status(ca
         return fn
 
     assert recipes.main_guard(stopped(KeyboardInterrupt())) == 130
-    assert capsys.readouterr().err.strip().endswith(": interrupted (Ctrl-C)")  # said once: was "interrupted: interrupted"
+    assert capsys.readouterr().err.strip().endswith(": interrupted (Ctrl-C)")  # once: was "interrupted: interrupted"
     assert recipes.main_guard(stopped(KeyboardInterrupt("the data server stopped"))) == 130
     assert capsys.readouterr().err.strip().endswith(": interrupted: the data server stopped")
     try:

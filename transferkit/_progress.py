@@ -202,7 +202,7 @@ def to_stderr(line: str) -> None:
 
 class EpochLog:
     """The per-epoch report of a training run: one line per epoch (``log``, by default
-    ``print``) on a terminal and in logs, and in a Jupyter kernel an HTML table that grows in
+    `to_stderr`) on a terminal and in logs, and in a Jupyter kernel an HTML table that grows in
     place (one display, updated through its display handle) with the best epoch in bold.
 
     A run of two phases (``fine_tune``) keeps one table: `epoch_log` returns the same

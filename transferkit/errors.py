@@ -154,7 +154,8 @@ def stream_named(text: str, name: str | None = None) -> str:
 def unreadable_file(what: str, path: Any, exc: BaseException, fix: str, *, name: str | None = None) -> DataError:
     """The error for a ``what`` ("image", "audio file") at ``path`` that could not be read
     (``exc``): a path that does not exist says so and where it was looked for, an empty file
-    that it is empty; any other failure says what failed and ``fix``. ``name``: what to call it (a member of a shard)."""
+    that it is empty; any other failure says what failed and ``fix``. ``name``: what to call
+    it (a member of a shard)."""
     shown = name or str(path)
     if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
         return DataError(f"The {what} {shown!r} does not exist (looked for {os.path.abspath(path)!r}): check the path.")

@@ -29,6 +29,9 @@ from transferkit.data.late import register_report
 
 ON_BAD_FILE = ("skip", "raise")
 SCANS = ("quick", "full", "none")
+# what a scan accepts, part of the key of every kept scan (shard indexes, Parquet and Hugging
+# Face scans), so that a change of the rules scans again; 2: data after an image's end marker
+SCAN_RULES = 2
 # audio file types by extension, and the libsndfile format that decodes each (MP3: libsndfile >= 1.1)
 AUDIO_FORMATS = {".wav": "WAV", ".wave": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".opus": "OGG/OPUS", ".aiff": "AIFF",
                  ".aif": "AIFF", ".mp3": "MP3"}  # extension -> libsndfile format (/subtype where one is needed)
@@ -136,33 +139,37 @@ def _has(f: BinaryIO, marker: bytes, start: int = 0) -> bool:
     return False
 
 
-def _tail_ok(f: BinaryIO, size: int, fmt: str | None) -> bool:
-    """Whether the end-of-image marker of ``fmt`` (JPEG, PNG; other formats: True) is in the
-    last 1024 bytes, or the image is whole with data after it (a phone's motion photo, a
-    vendor's trailer): its marker is further up and it decodes. JPEGs decode at 1/8 scale,
-    which still reads every byte of their scans. A file cut short has no marker after its
-    image data, or does not decode."""
+def _end_problem(f: BinaryIO, size: int, fmt: str | None, *, decoded: bool) -> str | None:
+    """Why the file has no proper end, or None: the end-of-image marker of ``fmt`` (JPEG, PNG;
+    other formats pass) in the last 1024 bytes, or further up in an image that decodes whole
+    (data after the image: a phone's motion photo, a vendor's trailer). ``decoded``: the image
+    was decoded whole already (a full scan). JPEGs decode at 1/8 scale here, which still reads
+    every byte of their scans. A file cut short has no marker after its image data, or does
+    not decode."""
     marker = _END_MARKERS.get(fmt or "")
     if marker is None or _has(f, marker, max(0, size - 1024)):
-        return True
+        return None
     if not _has(f, marker):
-        return False
+        return f"truncated {fmt} file (no end-of-image marker)"
+    if decoded:
+        return None
     try:
         f.seek(0)
         with Image.open(f) as img:
             if fmt == "JPEG":
                 img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
-        return True
-    except Exception:  # Pillow raises many types; whatever it is, the file is not whole
-        return False
+        return None
+    except Exception as exc:  # Pillow raises many types; whatever it is, the file is not whole
+        return (f"truncated or damaged {fmt} file (its end-of-image marker is not at its end, and it does not "
+                f"decode: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
 
 
 def check_image_stream(f: BinaryIO, size: int, *, full: bool = False) -> str | None:
     """Why the ``size`` bytes readable from the seekable binary file ``f`` (at position 0)
     cannot be used as an image, or ``None`` when they look fine: the rules of
-    `check_image_file` (the header, the end-of-image marker, with ``full`` a decode), for images that are members of a tar shard or cells of a table rather
-    than files."""
+    `check_image_file` (the header, the end-of-image marker, with ``full`` a decode), for
+    images that are members of a tar shard or cells of a table rather than files."""
     try:
         if size == 0:
             return "empty file (0 bytes)"
@@ -175,8 +182,9 @@ def check_image_stream(f: BinaryIO, size: int, *, full: bool = False) -> str | N
                     return f"image has no pixels ({w}x{h})"
                 if full:
                     img.load()
-        if not _tail_ok(f, size, fmt):
-            return f"truncated {fmt} file (no end-of-image marker)"
+        problem = _end_problem(f, size, fmt, decoded=full)
+        if problem:
+            return problem
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return (f"decompression-bomb size ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine")
     except Exception as exc:  # Pillow raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)

@@ -58,8 +58,8 @@ import numpy as np
 
 from transferkit._io import atomic_write
 from transferkit._text import plural
-from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_image_stream, holds_data_files, \
-    leave_out_bad
+from transferkit.data.checks import (ON_BAD_FILE, SCAN_RULES, SCANS, DataReport, check_image_stream,
+                                     holds_data_files, leave_out_bad)
 from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
 from transferkit.data.fingerprint import from_common_folder
 from transferkit.data.remote import ENV_BUDGET, Held, ShardCache, ShardFetchError, fetch_small, is_url, remote_validators
@@ -491,9 +491,10 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
 def _index_path(cache_dir: str | Path, path: str, scan: str, validators: dict[str, str] | None = None) -> Path:
     if validators is None:  # a local shard: its path, size and times (as `ShardSource` identifies it)
         st = os.stat(path)
-        ident = f"{INDEX_FORMAT}\0{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{scan}"
+        ident = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
     else:  # a remote shard: its URL and what its server says identifies its content
-        ident = f"{INDEX_FORMAT}\0{path}\0{json.dumps(validators, sort_keys=True)}\0{scan}"
+        ident = f"{path}\0{json.dumps(validators, sort_keys=True)}"
+    ident = f"{INDEX_FORMAT}\0{SCAN_RULES}\0{ident}\0{scan}"  # a scan by other rules is made again
     return Path(cache_dir) / "shard-index" / (hashlib.blake2b(ident.encode(), digest_size=16).hexdigest() + ".json")
 
 

@@ -36,8 +36,8 @@ import numpy as np
 
 from transferkit._signals import raise_if_interrupted
 from transferkit._io import atomic_write
-from transferkit.data.checks import ON_BAD_FILE, SCANS, DataReport, check_image_stream, holds_data_files, \
-    leave_out_bad
+from transferkit.data.checks import (ON_BAD_FILE, SCAN_RULES, SCANS, DataReport, check_image_stream,
+                                     holds_data_files, leave_out_bad)
 from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
 from transferkit.data.fingerprint import from_common_folder
 from transferkit.data.shards import named_files
@@ -299,11 +299,12 @@ def scan_rows(source: Any, scan: str, cache_dir: str | Path | None, *, where: st
     """Why each bad row of ``source`` (a Parquet or Hugging Face source) cannot be used as an
     image: every row's image checked as image files are (``scan`` ``"quick"``: the header and
     the end marker; ``"full"``: a decode; ``"none"``: no check). The scan reads every image
-    once; under ``cache_dir`` its result is kept (``scans/<fingerprint>-<scan>.json``) for the
-    next run on the same data."""
+    once; under ``cache_dir`` its result is kept (``scans/<key>-<scan>.json``, the key a digest
+    of the source's fingerprint and `SCAN_RULES`) for the next run on the same data."""
     if scan == "none":
         return {}
-    path = Path(cache_dir) / "scans" / f"{source.fingerprint()}-{scan}.json" if cache_dir is not None else None
+    key = hashlib.blake2b(f"{SCAN_RULES}\0{source.fingerprint()}".encode(), digest_size=16).hexdigest()
+    path = Path(cache_dir) / "scans" / f"{key}-{scan}.json" if cache_dir is not None else None  # other rules: again
     if path is not None:
         try:
             return {int(k): str(v) for k, v in json.loads(path.read_text()).items()}

@@ -119,6 +119,9 @@ def test_parquet_rows_are_scanned_before_training_and_the_scan_is_kept(tmp_path,
     with pytest.warns(UserWarning, match="Left out 2 bad image"):  # from the kept scan
         assert len(prepare_data(str(path), val_split=0, cache_dir=tmp_path / "c").train) == 8
     assert len(prepare_data(str(path), val_split=0, scan="none").train) == 10  # left to fail when loaded
+    monkeypatch.setattr(tables, "SCAN_RULES", tables.SCAN_RULES + 1)  # the rules changed: the kept scan is not used
+    with pytest.raises(pytest.fail.Exception, match="scanned again"):
+        prepare_data(str(path), val_split=0, cache_dir=tmp_path / "c")
 
 
 def test_classlabel_names_meet_classes_in_either_unicode_form_and_names_are_strings(tmp_path):

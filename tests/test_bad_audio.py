@@ -358,6 +358,38 @@ def test_a_flac_file_cut_short_is_found_by_the_quick_scan(tmp_path, capfd):
         assert "error" not in capfd.readouterr().err
 
 
+@pytest.mark.skipif("MP3" not in sf.available_formats(), reason="this libsndfile writes no MP3")
+def test_an_mp3_cut_short_gives_the_middle_of_what_it_holds(tmp_path):
+    """An MP3's header counts the frames of the whole file: cut short, the middle max_seconds
+    were sought past its end ("empty (0 samples)") or read off-centre (its last part)."""
+    sf.write(tmp_path / "long.mp3", _tone(300, RATE * 100), RATE, format="MP3", bitrate_mode="CONSTANT")
+    data = (tmp_path / "long.mp3").read_bytes()
+    for share in (4, 2):
+        (tmp_path / "cut.mp3").write_bytes(data[: len(data) // share])
+        held = load_audio(tmp_path / "cut.mp3", RATE, max_seconds=None)
+        assert 95 / share < len(held) / RATE < 101 / share
+        middle = load_audio(tmp_path / "cut.mp3", RATE, max_seconds=30)
+        keep = min(len(held), 30 * RATE)
+        start = (len(held) - keep) // 2
+        assert torch.allclose(middle, held[start:start + keep], atol=1e-6)  # the decoder rounds after a seek
+
+
+def test_rates_with_few_common_factors_resample_by_a_nearby_ratio(tmp_path):
+    """11127 Hz (a classic Mac rate) to 16000 Hz built a 16000 x 11127 kernel: 7 s and 3.5 GB
+    for half a second of audio. The nearest ratio of small terms gives the same sound."""
+    from transferkit.data.audio import RESAMPLE_TERMS, resample_ratio
+
+    for orig, new in ((11127, 16000), (16000, 11127), (44101, 8000), (7999, 192000), (22254, 16000)):
+        a, b = resample_ratio(orig, new)
+        assert max(a, b) <= RESAMPLE_TERMS and abs(b / a - new / orig) <= 2e-4 * new / orig, (orig, new)
+    assert resample_ratio(44100, 16000) == (441, 160)  # exact where its terms are small
+    t = np.arange(11127 // 2) / 11127
+    sf.write(tmp_path / "mac.wav", 0.5 * np.sin(2 * np.pi * 440 * t), 11127, subtype="FLOAT")
+    got = load_audio(tmp_path / "mac.wav", 16000)
+    want = 0.5 * torch.sin(2 * torch.pi * 440 * torch.arange(len(got)) / 16000)
+    assert abs(len(got) - 8000) <= 1 and (got - want)[200:-200].abs().max() < 2e-3  # a 440 Hz tone stays one
+
+
 @pytest.mark.parametrize("fmt, ext", [("WAV", "wav"), ("AIFF", "aiff"), ("RF64", "wav")])
 def test_a_truncated_file_is_a_bad_file_not_a_shorter_clip(tmp_path, fmt, ext):
     """A WAV, AIFF or RF64 cut short by a copy was read as a shorter clip, by the scan, training

@@ -222,9 +222,17 @@ def test_an_audio_pair_takes_its_rate_as_any_whole_number(tmp_path):
                                    metadata={"labels": ["lo", "hi"], "input_spec": bb.input_spec.to_dict()})
     pred = transferkit.load(tmp_path / "a.pt")
     want = pred.predict_proba((wave, 16000))
-    for rate in (np.int64(16000), np.int32(16000), 16000.0, np.float64(16000)):
-        assert torch.equal(pred.predict_proba((wave, rate)), want), rate
+    for rate in (np.int64(16000), np.int32(16000), 16000.0, np.float64(16000), np.array(16000), torch.tensor(16000)):
+        assert torch.equal(pred.predict_proba((wave, rate)), want), rate  # 0-d arrays too: were read as a waveform
         assert torch.equal(pred.predict_proba([(wave.numpy(), rate)]), want), rate
+    clips = np.empty(2, dtype=object)  # df["audio"].values: a TypeError from torch
+    clips[:] = [wave.numpy(), wave[:3000].numpy()]
+    assert torch.equal(pred.predict_proba(clips), pred.predict_proba([wave, wave[:3000]]))
+    sf = pytest.importorskip("soundfile")
+    sf.write(tmp_path / "a.wav", wave.numpy(), 16000)
+    with pytest.raises(DataError, match=r"A \(path, sample_rate\) pair \('.*a.wav', 16000\): a file's rate is read "
+                                        r"from the file; pass the path alone"):
+        pred.predict((str(tmp_path / "a.wav"), 16000))
     for rate in (16000.5, 0, -8000, float("nan")):
         with pytest.raises(DataError, match=r"sample rate of the \(waveform, sample_rate\) pair is .*, not a whole "
                                             r"positive number of Hz"):

@@ -68,9 +68,8 @@ class InputPipeline:
             raise DataError(f"Cannot predict on {type(inputs).__name__}: pass a file path, or decode the bytes first "
                             "(PIL.Image.open(io.BytesIO(data)) for an image, soundfile.read(io.BytesIO(data)) for "
                             "audio).")
-        if isinstance(inputs, np.ndarray) and inputs.ndim == 1 and inputs.dtype.kind in "UO" and len(inputs) and \
-                all(isinstance(x, (str, Path)) for x in inputs):
-            return [x if isinstance(x, Path) else str(x) for x in inputs]  # paths in an array (df.path.values)
+        if isinstance(inputs, np.ndarray) and inputs.ndim == 1 and inputs.dtype.kind in "UO":  # df.path.values
+            return [str(x) if isinstance(x, str) else x for x in inputs]  # paths, or waveforms (dtype object)
         if self.audio and isinstance(inputs, (torch.Tensor, np.ndarray)) and inputs.ndim == 2 \
                 and inputs.shape[1] <= audio.MAX_CHANNELS < inputs.shape[0]:
             return [inputs]  # one clip [T, C], as soundfile.read returns it (a batch [N, T] has N < T)

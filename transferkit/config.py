@@ -42,6 +42,7 @@ RECIPE_KEYS = {"data_dir": (str, type(None)), "download": (bool,), "out_dir": (s
 
 GROUPS = ("model", "data", "task", "policy", "optimisation", "features", "runtime", "outputs")
 _NUM = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")  # a number YAML 1.1 reads as text (no dot)
 _PY_ONLY = "python"  # a field that a file or the CLI cannot set (a Python object)
 NONE_WORDS = ("none", "null")
 """How a file or the command line writes None (any capitals): YAML reads ``null`` as None but
@@ -676,6 +677,8 @@ def _checked(f: dataclasses.Field, value: Any, source: str, *, text: bool = Fals
         value = [as_number(v, integer=m["items"] == (int,)) for v in value]  # YAML reads `[5e-1, 1]` as ['5e-1', 1]
     if text and isinstance(value, dict) and f.name == "schedule_options":  # every schedule option is a number
         value = {k: as_number(v) for k, v in value.items()}
+    elif text and isinstance(value, dict):  # `clip_seconds: 8e-1` in backbone_options: YAML 1.1 reads text there
+        value = {k: as_number(v) if isinstance(v, str) and _EXPONENT.match(v.strip()) else v for k, v in value.items()}
     if object not in types and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
         names = " or ".join(sorted({"None" if t is type(None) else t.__name__ for t in types}))
         written = " (None is written null or none)" if text and type(None) in types else ""

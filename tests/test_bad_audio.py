@@ -374,6 +374,20 @@ def test_an_mp3_cut_short_gives_the_middle_of_what_it_holds(tmp_path):
         assert torch.allclose(middle, held[start:start + keep], atol=1e-6)  # the decoder rounds after a seek
 
 
+def test_a_header_that_claims_a_rate_of_a_few_hz_is_a_bad_file(tmp_path):
+    """A WAV whose header says 1 Hz passed the scan as a 4944 s clip, was cropped to 30 samples
+    and upsampled to 30 s of noise, trained on and labelled; in-memory rates so low are refused."""
+    sf.write(tmp_path / "good.wav", _tone(300, 4944), RATE, subtype="PCM_16")
+    data = bytearray((tmp_path / "good.wav").read_bytes())
+    i = data.index(b"fmt ") + 12  # the sample rate field, and the byte rate after it
+    data[i:i + 4], data[i + 4:i + 8] = (1).to_bytes(4, "little"), (2).to_bytes(4, "little")
+    (tmp_path / "one.wav").write_bytes(bytes(data))
+    assert check_audio_file(tmp_path / "good.wav") is None
+    assert check_audio_file(tmp_path / "one.wav").startswith("invalid header (1 channels at 1 Hz")
+    with pytest.raises(DataError, match=r"one.wav' says its rate is 1 Hz, below 1000 Hz"):
+        load_audio(tmp_path / "one.wav", RATE)
+
+
 def test_rates_with_few_common_factors_resample_by_a_nearby_ratio(tmp_path):
     """11127 Hz (a classic Mac rate) to 16000 Hz built a 16000 x 11127 kernel: 7 s and 3.5 GB
     for half a second of audio. The nearest ratio of small terms gives the same sound."""

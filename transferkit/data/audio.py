@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from transferkit.backbones._base import InputSpec
-from transferkit.config import MIN_CLIP_SECONDS, check_seconds, is_rate, sample_rate_of
+from transferkit.config import MIN_CLIP_SECONDS, MIN_SAMPLE_RATE, check_seconds, is_rate, sample_rate_of
 from transferkit.data.bundle import (
     DataBundle,
     resolve_split_folders,
@@ -149,6 +149,9 @@ def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[t
         raise unreadable_file("audio file", path, exc, _supported(path)) from exc
     if cut:
         raise DataError(f"Audio file {str(path)!r} is {cut}: a copy or download cut short. Copy it again.")
+    if sr < MIN_SAMPLE_RATE:
+        raise DataError(f"Audio file {str(path)!r} says its rate is {sr} Hz, below {MIN_SAMPLE_RATE} Hz, lower than "
+                        "audio is recorded at: its header is damaged or was edited. Write it again with its rate.")
     if data.shape[0] == 0:
         raise DataError(f"Audio file {str(path)!r} is empty (0 samples): a header without audio data.")
     check_finite(data, f"audio file {str(path)!r}")
@@ -422,8 +425,9 @@ def probe_audio_file(path: str | Path, *, full: bool = False,
         return f"cannot be read as audio ({type(exc).__name__}: {first}{known})"
     if info.frames <= 0:
         return "no audio data (0 frames): a header alone, or a file cut short"
-    if info.channels < 1 or info.samplerate <= 0:
-        return f"invalid header ({info.channels} channels at {info.samplerate} Hz)"
+    if info.channels < 1 or info.samplerate < MIN_SAMPLE_RATE:  # a few Hz: a damaged or hand-edited header
+        return f"invalid header ({info.channels} channels at {info.samplerate} Hz; audio is recorded at " \
+               f"{MIN_SAMPLE_RATE} Hz or more)"
     short = too_short(info.frames, info.samplerate)
     if short:
         return short

@@ -255,6 +255,43 @@ def test_an_audio_pair_takes_its_rate_as_any_whole_number(tmp_path):
         pred.predict((wave * 32767).bfloat16())
 
 
+def test_audio_clips_run_in_batches_of_similar_length(tmp_path):
+    """One long clip padded every clip of its batch to its length (a 10-minute file beside 31
+    short ones: 48 s against 1.6 s one at a time, and onnxruntime failed to allocate 37 GB for
+    the whole call); a memory failure said nothing of batch_size."""
+    audio = pytest.importorskip("transferkit.data.audio")
+    bb = transferkit.get_backbone("spec:tk:small_cnn", weights=None, sample_rate=8000, n_mels=16,
+                                  image_options={"widths": [8, 8, 8]})
+    torch.manual_seed(0)
+    model = transferkit.build_model(bb, 2, spec=bb.input_spec).eval()
+    waves = [torch.sin(torch.arange(n) * 0.3) * 0.3 for n in (800, 8000, 900, 1500, 8000 * 6, 1000)]
+    transferkit.export_torchscript(model, tmp_path / "a.pt", example_inputs=audio.pad_waveforms(waves[:2]),
+                                   metadata={"labels": ["lo", "hi"], "input_spec": bb.input_spec.to_dict()})
+    pred = transferkit.load(tmp_path / "a.pt")
+    alone = torch.cat([pred.predict_proba([w]) for w in waves])
+    shapes, run = [], pred._run
+
+    def recorded(xb):
+        shapes.append(tuple(xb.shape))
+        return run(xb)
+
+    pred._run = recorded
+    assert torch.allclose(pred.predict_proba(waves, batch_size=32), alone, atol=1e-6)
+    assert sorted(shapes) == [(1, 8000), (1, 48000), (4, 1500)]  # 800..1500 together, each long clip alone
+    shapes.clear()
+    assert [p.label for p in pred.predict(waves)] == [pred.labels[int(k)] for k in alone.argmax(1)]
+    assert len(shapes) == 3
+
+    def no_memory(xb):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Failed to allocate memory for requested buffer of size "
+                           "36857856256")
+
+    pred.module = no_memory
+    with pytest.raises(transferkit.ExportError, match=r"ran out of memory on a batch of 1 inputs of shape \(8000,\) "
+                                                      r".*pass a smaller batch_size"):
+        pred.predict_proba([waves[1]])
+
+
 def test_input_pipeline_and_parity_examples_for_each_kind(tmp_path):
     from transferkit.export import InputPipeline, example_batch
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from transferkit._progress import progress as progress_bar
-from transferkit._text import file_reason, plural
+from transferkit._text import exception_line, file_reason, plural
 from transferkit.backbones._base import InputSpec
 from transferkit.data.audio import loud_note
 from transferkit.errors import ConfigError, DataError, ExportError
@@ -70,6 +70,11 @@ class Prediction:
         return f"[{', '.join(self.labels or [])}] {alts}" if self.task == "multilabel" else alts
 
 
+LENGTH_SPREAD = 2.0
+"""How far apart (longest / shortest) the lengths of the audio clips run in one batch may be
+(`Predictor._rows`): a batch is padded to its longest clip."""
+
+
 class Predictor:
     """An exported model with its labels, task and preprocessing.
 
@@ -105,12 +110,40 @@ class Predictor:
         params = self.module.parameters() if isinstance(self.module, torch.nn.Module) else ()
         return next((t.dtype for t in params if t.is_floating_point()), None)
 
+    def _rows(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """The outputs for prepared inputs ``xs`` (`InputPipeline.prepare`), in their order.
+        Audio clips run in groups whose lengths are at most `LENGTH_SPREAD` apart, so that one
+        long clip does not pad a batch of short ones to its length (a clip's outputs do not
+        depend on the others in its batch); images run as one batch."""
+        if not self.inputs.audio or len(xs) < 2:
+            return self._run(self.inputs.collate(xs))
+        order = sorted(range(len(xs)), key=lambda k: xs[k].shape[-1])
+        out: list[torch.Tensor | None] = [None] * len(xs)
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and xs[order[end]].shape[-1] <= LENGTH_SPREAD * xs[order[start]].shape[-1]:
+                end += 1
+            group = order[start:end]
+            for k, row in zip(group, self._run(self.inputs.collate([xs[k] for k in group]))):
+                out[k] = row
+            start = end
+        return torch.stack(out)  # type: ignore[arg-type]
+
     def _run(self, xb: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), quiet_jit():
             dtype = self._float_dtype()
             if dtype is not None and xb.is_floating_point():
                 xb = xb.to(dtype)
-            out = self.module(xb.to(self.device))
+            try:
+                out = self.module(xb.to(self.device))
+            except (RuntimeError, MemoryError) as exc:  # onnxruntime: "Failed to allocate ..."; torch: out of memory
+                text = str(exc).lower()
+                if "alloc" not in text and "out of memory" not in text:
+                    raise
+                raise ExportError(f"{self.source} ran out of memory on a batch of {len(xb)} inputs of shape "
+                                  f"{tuple(xb.shape[1:])} ({exception_line(exc, 160)}); pass a smaller batch_size "
+                                  "(predict(..., batch_size=1), transferkit predict --batch-size 1).") from exc
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != len(self.labels):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ExportError(f"{self.source} returns {shape} but its metadata lists {len(self.labels)} labels: the "
@@ -124,7 +157,7 @@ class Predictor:
         items = self.inputs.split(inputs)
         _check_batch_size(batch_size)
         try:
-            out = [self._run(self.inputs.batch(chunk))
+            out = [self._rows([self.inputs.prepare(x) for x in chunk])
                    for chunk in _progress(_chunks(items, batch_size), len(items), progress)]
         except DataError as exc:  # without the readers' advice on training options, which this method does not take
             files = any(isinstance(x, (str, Path)) for x in items)
@@ -187,7 +220,7 @@ class Predictor:
                             raise
                         raise DataError(f"Input {i} of the {len(items)} (counting from 0): {exc}") from exc
                     preds[i] = Prediction(None, None, None, [], _source(x), self.task, error=file_reason(exc))
-            for i, row in zip(ready, self._run(self.inputs.collate(xs)) if xs else ()):
+            for i, row in zip(ready, self._rows(xs) if xs else ()):
                 if not torch.isfinite(row).all():
                     preds[i] = Prediction(None, None, None, [], _source(items[i]), self.task,
                                           error=f"the model returned non-finite outputs ({row.tolist()}) for this "

@@ -136,6 +136,28 @@ def test_a_flipped_bit_in_the_zip_directory_is_a_corrupt_export(export_file, tmp
     assert main(["predict", str(bad), str(tmp_path)]) == 2 and "corrupt" in capsys.readouterr().err
 
 
+def test_a_tensor_record_marked_as_a_folder_is_a_corrupt_export(export_file, tmp_path, capsys):
+    """One bit of a tensor record's attributes in the zip's directory (MS-DOS "folder", 0x10):
+    Python's zipfile read and hashed the record intact while torch's reader skipped it and left
+    the weights unwritten; the file loaded and predicted from uninitialised memory."""
+    data = bytearray(export_file.read_bytes())
+    at = data.find(b"PK\x01\x02")
+    while True:  # the central directory entry of the first tensor record
+        size = struct.unpack("<H", data[at + 28:at + 30])[0]
+        if "/data/" in data[at + 46:at + 46 + size].decode():
+            break
+        at = data.find(b"PK\x01\x02", at + 4)
+    data[at + 38] ^= 0x10
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(data))
+    for reader in (transferkit.load, read_metadata):
+        said = _raises_corrupt(reader, bad, CorruptExportError)
+        assert "is marked as a folder in the zip's directory" in said, said
+    from transferkit.cli import main
+
+    assert main(["inspect", str(bad)]) == 2 and "corrupt" in capsys.readouterr().err
+
+
 def test_the_file_checked_is_the_file_loaded(tmp_path, monkeypatch):
     """An export replaced by an atomic rename while it is loaded (a re-export, a deploy) cannot
     pair the checked file's labels with the new file's weights: a file changed meanwhile is

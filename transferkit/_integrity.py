@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -152,6 +153,14 @@ def open_zip(file: Any, *, source: str, error: type[TransferkitError]) -> zipfil
                                             f"({type(exc).__name__}: {exc})")) from exc
 
 
+def _as_folder(info: zipfile.ZipInfo) -> bool:
+    """Whether a zip reader may take the entry for a folder: a name ending in ``/``, the MS-DOS
+    folder attribute (``0x10``, which miniz, torch's reader, honours and Python's `zipfile`
+    does not), or a Unix folder mode. A model or checkpoint file holds no folder entries."""
+    return info.filename.endswith("/") or bool(info.external_attr & 0x10) or \
+        stat.S_ISDIR(info.external_attr >> 16)
+
+
 def zip_records(zf: zipfile.ZipFile, *, source: str,
                 error: type[TransferkitError]) -> tuple[dict[str, str], dict[str, bytes]]:
     """``(digests, extra files)`` of an open zip: the SHA-256 of every record except
@@ -163,7 +172,10 @@ def zip_records(zf: zipfile.ZipFile, *, source: str,
     try:
         for info in zf.infolist():
             name = record_name(info.filename)
-            if info.is_dir() or name in EXCLUDED_RECORDS:
+            if _as_folder(info):  # torch's reader (miniz) skips it and leaves the tensor unwritten: refused
+                raise _error(error, corrupt_message(source, "model file", f"{_describe(name)} is marked as a folder "
+                                                    "in the zip's directory (a flipped attribute bit)"))
+            if name in EXCLUDED_RECORDS:
                 continue
             if name.startswith("extra/"):
                 extras[name[len("extra/"):]] = zf.read(info)

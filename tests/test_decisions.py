@@ -563,13 +563,20 @@ def test_exports_carry_names_and_digests_not_the_training_machines_paths(split_f
     weights = tmp_path / "w.pt"
     torch.save(tk.get_backbone("tk:small_cnn", weights=None).trunk.state_dict(), weights)
     kw = dict(backbone="tk:small_cnn", data=split_folders / "train", **{**KW, "weights": str(weights)})
-    tk.finetune(export=tmp_path / "m.pt", **kw)
+    tk.finetune(export=tmp_path / "m.pt", checkpoint=tmp_path / "run.ckpt", **kw)
     meta = read_metadata(tmp_path / "m.pt")
     text = str(meta)
     assert str(tmp_path) not in text and str(split_folders) not in text
     assert meta["decisions"]["weights"].startswith("w.pt@blake2b:") and meta["decisions"]["config"]["data"] == "train"
-    tk.finetune(export=tmp_path / "full.pt", portable_metadata=False, **kw)
+    from transferkit.export.from_checkpoint import export_checkpoint
+
+    export_checkpoint(tmp_path / "run.ckpt", tmp_path / "again.pt")  # transferkit export: the checkpoint's paths
+    again = read_metadata(tmp_path / "again.pt")["decisions"]  # were written as they were, absolute
+    assert str(tmp_path) not in str(again) and again == meta["decisions"]
+    tk.finetune(export=tmp_path / "full.pt", checkpoint=tmp_path / "full.ckpt", portable_metadata=False, **kw)
     assert read_metadata(tmp_path / "full.pt")["decisions"]["weights"] == str(weights)
+    export_checkpoint(tmp_path / "full.ckpt", tmp_path / "full_again.pt")
+    assert read_metadata(tmp_path / "full_again.pt")["decisions"]["weights"] == str(weights)
 
 
 def test_a_file_that_fails_during_extraction_is_masked_and_reported_by_every_run(tmp_path):

@@ -487,7 +487,8 @@ class FinetuneConfig:
     def to_dict(self, *, portable: bool = False) -> dict[str, Any]:
         """Plain JSON data; Python objects appear as ``"<TypeName>"``. Paths are absolute (a run
         resumed from another folder reads and writes where the run did), or with
-        ``portable=True`` only their file names (for exports shipped to other machines)."""
+        ``portable=True`` only their file names (`portable_paths`: for exports shipped to
+        other machines)."""
         out = {}
         for f in dataclasses.fields(self):
             if f.metadata["serial"]:
@@ -495,9 +496,9 @@ class FinetuneConfig:
                 if f.name == "policy" and not isinstance(v, (str, type(None))):
                     v = _policy_text(v)
                 if isinstance(v, (str, Path)) and _is_path(f.name):
-                    v = Path(v).name if portable else _absolute(f.name, v)
+                    v = _absolute(f.name, v)
                 out[f.name] = jsonable(v)
-        return out
+        return portable_paths(out) if portable else out
 
     @classmethod
     def from_call(cls, config: Any, options: dict[str, Any]) -> FinetuneConfig:
@@ -577,6 +578,29 @@ OUTPUT_KEYS = frozenset({"export", "checkpoint", "resume", "log_dir", "plots_dir
                          # CPU decoders differ by resampling noise (data/gpu_jpeg.py)
                          "feature_engine", "compile", "input_decode"})
 _PATH_KEYS = {"data", "val_data", "weights", "cache_dir", "export", "checkpoint", "log_dir", "plots_dir"}
+
+
+def portable_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """A configuration's plain data (`FinetuneConfig.to_dict`) with its paths reduced to their
+    file names: what an export shipped to other machines records (also of a checkpoint's
+    configuration, which holds the training machine's paths).
+
+    Example:
+        >>> portable_paths({"data": "/home/ann/photos/train", "lr": 0.01})
+        {'data': 'train', 'lr': 0.01}
+    """
+    return {k: Path(v).name if isinstance(v, str) and _is_path(k) else v for k, v in config.items()}
+
+
+def portable_decisions(decisions: dict[str, Any]) -> dict[str, Any]:
+    """Plain decisions (`Decisions.to_dict`) as an export shipped to other machines records
+    them: the configuration's paths reduced to file names (`portable_paths`), the weights
+    file to ``name@digest``. Also for a checkpoint's decisions, which hold the training
+    machine's paths (`transferkit export`)."""
+    out = {**decisions, "config": portable_paths(decisions.get("config") or {})}
+    if decisions.get("weights_file"):
+        out["weights"] = decisions["weights_file"]
+    return out
 
 
 def _is_path(key: str) -> bool:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.backbones import InputSpec
-from transferkit.config import OUTPUT_KEYS, FinetuneConfig, called_as, jsonable
+from transferkit.config import OUTPUT_KEYS, FinetuneConfig, called_as, jsonable, portable_decisions
 from transferkit.data import eval_transform, train_transform
 from transferkit.data.decoded import DEFAULT_BUDGET_BYTES, DecodePlan, decide_decode
 from transferkit.data.gpu_jpeg import decide_input_decode
@@ -55,6 +55,7 @@ _PLACE_KEYS = frozenset({"device", "feature_engine", "feature_engine_reason",
                          "feature_engine_precision", "input_decode", "input_decode_reason", "compile",
                          "cache_reason"})  # the words of the cache decision (its place: cache_dir); the decision
 # itself (feature_cache, cached_epochs, cache_views) is compared
+
 
 
 @dataclass(frozen=True)
@@ -141,10 +142,9 @@ class Decisions:
         is stored here, once). ``portable``: paths reduced to file names, the weights file to
         ``name@digest`` (no absolute paths of the training machine)."""
         s = self.speed
-        weights = self.weights_file if portable and self.weights_file else self.weights
-        return jsonable({
-            "format": DECISIONS_FORMAT, "config": self.config.to_dict(portable=portable),
-            "backbone": self.backbone, "weights": weights, "weights_file": self.weights_file,
+        out = jsonable({
+            "format": DECISIONS_FORMAT, "config": self.config.to_dict(),
+            "backbone": self.backbone, "weights": self.weights, "weights_file": self.weights_file,
             "input_spec": self.input_spec.to_dict(),
             "task": self.task, "classes": list(self.classes), "num_outputs": self.num_outputs,
             "device": self.device_type, "world_size": self.world_size, "seeds": list(self.seeds),
@@ -169,6 +169,7 @@ class Decisions:
             **({} if isinstance(self.config.backbone, str) else
                {"backbone_options": getattr(self.config.backbone, "build_options", None)}),
         })
+        return portable_decisions(out) if portable else out
 
     def decodes_on_device(self, what: str = "feature pass") -> bool:
         """Whether the pass ``what`` (``"feature pass"``, ``"train epochs"``, ``"val epochs"``)

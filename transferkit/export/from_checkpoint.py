@@ -11,6 +11,7 @@ from torch import nn
 
 from transferkit.backbones._base import InputSpec
 from transferkit.backbones.weights import load_into
+from transferkit.config import portable_decisions
 from transferkit.errors import ConfigError, DataError, ExportError, WeightsError
 from transferkit.lora import fold_lora_state
 from transferkit.model import build_model
@@ -211,6 +212,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str 
     held = _warn_unfinished(checkpoint)
     batch, origin = example_batch(InputSpec.from_dict(meta["input_spec"]), examples=examples, n=num_examples)
     keep = {k: v for k, v in meta.items() if k not in ("format", "num_outputs", "torch_version", "export")}
+    decisions = keep.get("decisions")
+    if isinstance(decisions, dict) and (decisions.get("config") or {}).get("portable_metadata", True):
+        keep["decisions"] = portable_decisions(decisions)  # as finetune(export=) records them: no machine paths
     if held is not None:  # an unfinished run's: its last completed epoch
         keep["training"] = {**(keep.get("training") or {}), "weights_epoch": held}
     from transferkit.export.onnx import export_files

@@ -47,6 +47,23 @@ def test_script_export_reloads_with_parity_and_metadata(tmp_path):
     assert not list(tmp_path.glob(".m.pt.*")), "temporary files must not be left behind"
 
 
+def test_metadata_with_numbers_that_are_not_finite_is_written_as_json(tmp_path, capsys):
+    """A user's own ``training`` record holding NaN (an undefined R^2) was written as ``NaN``,
+    which is not JSON: a strict parser refused the file's metadata and `inspect --json`."""
+    model, bb = tiny_model(2)
+    meta = {"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict(),
+            "training": {"val_r2": float("nan"), "lr": [float("inf"), 0.1]}}
+    export_torchscript(model, tmp_path / "m.pt", metadata=meta, example_inputs=images(2))
+    assert load_scripted(tmp_path / "m.pt")[1]["training"] == {"val_r2": None, "lr": [None, 0.1]}
+    from transferkit.cli import main
+
+    def no_constants(name):
+        raise ValueError(f"{name} is not JSON")
+
+    assert main(["inspect", str(tmp_path / "m.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out, parse_constant=no_constants)["training"]["val_r2"] is None
+
+
 class _VarArgs(nn.Module):
     """Not scriptable (``*args``), with data-dependent control flow."""
 

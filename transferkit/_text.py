@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import textwrap
+from typing import Any
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
@@ -82,3 +85,26 @@ def file_reason(error: object) -> str:
     for advice in (" Remove the file", " Remove it, or pass on_bad_file"):
         text = text.split(advice)[0]
     return text
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` (plain JSON data) with every number that is not finite (NaN, inf: an undefined
+    R^2, a user's own record) made null, which JSON has, where NaN is not JSON at all."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, **options: Any) -> str:
+    """``json.dumps`` of `finite_json` (``options``: ``indent``, ``sort_keys``, ...): text every
+    JSON parser reads.
+
+    Example:
+        >>> strict_json({"r2": float("nan"), "n": [1, float("inf")]})
+        '{"r2": null, "n": [1, null]}'
+    """
+    return json.dumps(finite_json(obj), allow_nan=False, **options)

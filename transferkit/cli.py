@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import textwrap
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import TransferkitError
-from transferkit._text import file_reason, plural
+from transferkit._text import file_reason, plural, strict_json
 from transferkit.helpformat import HELP, one_line, one_line_warnings
 from transferkit.schedules import LRRange
 from transferkit.spelling import cli_spelling, flag, shell_word
@@ -94,7 +93,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             yield p
     stream = written()
     if args.json:
-        print(_json([p.to_dict() for p in stream], indent=1))
+        print(strict_json([p.to_dict() for p in stream], indent=1))
     elif args.csv:
         _write_csv(stream, predictor.labels, predictor.task, args.top_k)
     else:
@@ -140,19 +139,6 @@ def _write_csv(preds: Iterable, labels: list[str], task: str, top_k: int) -> Non
         writer.writerow(row)
 
 
-def _json(obj: Any, **options: Any) -> str:
-    """Strict JSON: a number that is not finite (an undefined R^2) is null, as JSON has no NaN."""
-    def finite(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: finite(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [finite(v) for v in x]
-        return x
-    return json.dumps(finite(obj), allow_nan=False, **options)
-
-
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from transferkit.errors import ConfigError, OutputError
     from transferkit.evaluation import evaluate
@@ -193,7 +179,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"transferkit: warning: the confusion matrix was not drawn: {not_drawn}.", file=sys.stderr)
     if args.json or not sys.stdout.isatty():
         matrix = {"confusion_matrix_png": str(picture) if picture else None} if classifier else {}
-        print(_json({**ev.to_dict(worst=args.worst), **matrix}, indent=1))
+        print(strict_json({**ev.to_dict(worst=args.worst), **matrix}, indent=1))
     else:
         print(ev.summary(worst=args.worst))
         if classifier:
@@ -226,7 +212,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     meta = read_metadata(args.model)
     if args.json:
-        print(json.dumps(meta, indent=1, sort_keys=True))
+        print(strict_json(meta, indent=1, sort_keys=True))
         return 0
     from transferkit.backbones._base import AUDIO_FIELDS
     from transferkit.export.metadata import ONNX_FORMAT, audio_max_seconds, run_config
@@ -269,7 +255,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         lines.append(f"targets:     outputs in the targets' units; trained standardised ({per}"
                      f"{', ...' if len(meta['labels']) > 5 else ''}; from {targets.get('n')} training targets)")
     if train:
-        lines.append(f"training:    {json.dumps(train, sort_keys=True)}")
+        lines.append(f"training:    {strict_json(train, sort_keys=True)}")
         held, best = train.get("weights_epoch"), (train.get("best") or {}).get("epoch")
         if held is not None and best is not None and held != best:
             why = "the last: restore_best=False" if run_config(meta).get("restore_best") is False else \
@@ -457,7 +443,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if result.decisions is not None and result.decisions.rank != 0:  # under torchrun: one result, rank 0's
         return 0
     if args.json or not sys.stdout.isatty():
-        print(_json(result_record(result), default=str))
+        print(strict_json(result_record(result), default=str))
         return 0
     print(result_summary(result))
     if result.export_path is not None:

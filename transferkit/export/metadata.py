@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from transferkit._text import strict_json
 from transferkit._version import __version__
 from transferkit.data.audio import DEFAULT_MAX_SECONDS, audio_window
 from transferkit.errors import CorruptExportError, ExportError
@@ -80,7 +81,7 @@ def complete_metadata(metadata: dict[str, Any], *, num_outputs: int, fmt: str = 
     meta = {"task": "multiclass", "training": {}, **metadata, "format": fmt, "num_outputs": int(num_outputs),
             "transferkit_version": transferkit_version(), "torch_version": torch.__version__}
     try:
-        meta = json.loads(json.dumps(meta))  # tuples -> lists, and proof it serialises
+        meta = json.loads(strict_json(meta))  # tuples -> lists, NaN -> null (JSON has no NaN), proof it serialises
     except (TypeError, ValueError) as exc:
         raise ExportError(f"Export metadata must be JSON-serialisable: {exc}") from exc
     return validate_metadata(meta, source=_TO_EXPORT, fmt=fmt)

@@ -119,9 +119,11 @@ def test_a_config_file_names_its_settings_as_it_writes_them(tmp_path, capsys):
     loaded = load_config(cfg)
     assert loaded["schedule_options"] == {"gamma": 0.5} and loaded["class_weights"] == [0.5, 1]
     assert loaded["probe_Cs"] == [0.01] and loaded["classes"] == ["1e3", "2"]
-    cfg.write_text("backbone_options: {clip_seconds: 8e-1, sample_rate: 8e3, name_like: 1e3x, tag: '12'}\n")
+    cfg.write_text("backbone_options: {clip_seconds: 8e-1, sample_rate: 8e3, name_like: 1e3x, tag: '12', "
+                   "image_options: {drop_rate: 1e-1, widths: [8, 1e1]}}\n")
     assert load_config(cfg)["backbone_options"] == {"clip_seconds": 0.8, "sample_rate": 8000, "name_like": "1e3x",
-                                                    "tag": "12"}  # a number YAML 1.1 read as text; text stays text
+                                                    "tag": "12", "image_options": {"drop_rate": 0.1, "widths": [8, 10]}}
+    # (a number YAML 1.1 read as text, in nested maps and lists too; text stays text)
     with pytest.raises(ConfigError, match=r"schedule_options gamma='half' for schedule 'step' has type str; expected a "
                                           "number"):
         FinetuneConfig(data="x", schedule="step", schedule_options={"gamma": "half"})

@@ -62,6 +62,12 @@ def test_metadata_with_numbers_that_are_not_finite_is_written_as_json(tmp_path, 
 
     assert main(["inspect", str(tmp_path / "m.pt"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out, parse_constant=no_constants)["training"]["val_r2"] is None
+    update_metadata(tmp_path / "m.pt", {"training": {"val_r2": float("nan")}})  # an update writes the file too
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "m.pt") as z:
+        text = z.read(next(n for n in z.namelist() if n.endswith("extra/transferkit.json")))
+    assert json.loads(text, parse_constant=no_constants)["training"] == {"val_r2": None}
 
 
 class _VarArgs(nn.Module):

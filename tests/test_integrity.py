@@ -156,6 +156,16 @@ def test_a_tensor_record_marked_as_a_folder_is_a_corrupt_export(export_file, tmp
     from transferkit.cli import main
 
     assert main(["inspect", str(bad)]) == 2 and "corrupt" in capsys.readouterr().err
+    repacked = tmp_path / "repacked.pt"  # unzipped and zipped again (zip -r): folder entries beside the records
+    with zipfile.ZipFile(export_file) as zin, zipfile.ZipFile(repacked, "w", zipfile.ZIP_STORED) as zout:
+        folders = sorted({n.rsplit("/", 1)[0] + "/" for n in zin.namelist()})
+        for folder in folders:
+            entry = zipfile.ZipInfo(folder)
+            entry.external_attr = (0o40755 << 16) | 0x10
+            zout.writestr(entry, b"")
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    assert transferkit.load(repacked).labels == transferkit.load(export_file).labels
 
 
 def test_the_file_checked_is_the_file_loaded(tmp_path, monkeypatch):

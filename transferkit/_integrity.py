@@ -154,11 +154,10 @@ def open_zip(file: Any, *, source: str, error: type[TransferkitError]) -> zipfil
 
 
 def _as_folder(info: zipfile.ZipInfo) -> bool:
-    """Whether a zip reader may take the entry for a folder: a name ending in ``/``, the MS-DOS
-    folder attribute (``0x10``, which miniz, torch's reader, honours and Python's `zipfile`
-    does not), or a Unix folder mode. A model or checkpoint file holds no folder entries."""
-    return info.filename.endswith("/") or bool(info.external_attr & 0x10) or \
-        stat.S_ISDIR(info.external_attr >> 16)
+    """Whether a zip reader may take the entry of a file (its name does not end in ``/``) for a
+    folder: the MS-DOS folder attribute (``0x10``, which miniz, torch's reader, honours and
+    Python's `zipfile` does not), or a Unix folder mode."""
+    return bool(info.external_attr & 0x10) or stat.S_ISDIR(info.external_attr >> 16)
 
 
 def zip_records(zf: zipfile.ZipFile, *, source: str,
@@ -172,6 +171,8 @@ def zip_records(zf: zipfile.ZipFile, *, source: str,
     try:
         for info in zf.infolist():
             name = record_name(info.filename)
+            if info.filename.endswith("/"):  # a folder entry (a file re-packed by zip -r): no data
+                continue
             if _as_folder(info):  # torch's reader (miniz) skips it and leaves the tensor unwritten: refused
                 raise _error(error, corrupt_message(source, "model file", f"{_describe(name)} is marked as a folder "
                                                     "in the zip's directory (a flipped attribute bit)"))

@@ -702,7 +702,7 @@ def _checked(f: dataclasses.Field, value: Any, source: str, *, text: bool = Fals
     if text and isinstance(value, dict) and f.name == "schedule_options":  # every schedule option is a number
         value = {k: as_number(v) for k, v in value.items()}
     elif text and isinstance(value, dict):  # `clip_seconds: 8e-1` in backbone_options: YAML 1.1 reads text there
-        value = {k: as_number(v) if isinstance(v, str) and _EXPONENT.match(v.strip()) else v for k, v in value.items()}
+        value = _exponents_read(value)
     if object not in types and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
         names = " or ".join(sorted({"None" if t is type(None) else t.__name__ for t in types}))
         written = " (None is written null or none)" if text and type(None) in types else ""
@@ -722,6 +722,18 @@ def _checked(f: dataclasses.Field, value: Any, source: str, *, text: bool = Fals
     if isinstance(value, list) and f.name in ("head_hidden",):
         value = tuple(value)
     return value
+
+
+def _exponents_read(value: Any) -> Any:
+    """``value`` (an option map, as a file or ``--set`` gives it) with every string that writes
+    a number with an exponent and no dot (``8e-1``, which YAML 1.1 reads as text) read as that
+    number (a whole one as an int: ``1e1`` channels), in nested maps and lists too; other text
+    stays text."""
+    if isinstance(value, dict):
+        return {k: _exponents_read(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_exponents_read(v) for v in value]
+    return as_number(value, integer=True) if isinstance(value, str) and _EXPONENT.match(value.strip()) else value
 
 
 def as_number(value: Any, *, integer: bool = False) -> Any:

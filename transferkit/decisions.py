@@ -57,7 +57,6 @@ _PLACE_KEYS = frozenset({"device", "feature_engine", "feature_engine_reason",
 # itself (feature_cache, cached_epochs, cache_views) is compared
 
 
-
 @dataclass(frozen=True)
 class Decisions:
     """Every decision of a run, with its reasons (see the module docstring). Plain data:

@@ -16,7 +16,7 @@ import os
 from fractions import Fraction
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,9 +142,7 @@ def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[t
                 f.seek((frames - keep) // 2)
             data = f.read(0 if cut else keep, dtype="float32", always_2d=True)
             if keep < frames and not cut and len(data) < keep:  # the header counts more than there is (an MP3
-                f.seek(0)                                          # cut short): the middle of what there is
-                data = f.read(dtype="float32", always_2d=True)
-                data = data[(len(data) - keep) // 2:][:keep] if len(data) > keep else data
+                data = _middle_read(f, keep)                       # cut short): the middle of what there is
     except (RuntimeError, OSError, ValueError, TypeError) as exc:  # sf.LibsndfileError is a RuntimeError
         raise unreadable_file("audio file", path, exc, _supported(path)) from exc
     if cut:
@@ -156,6 +154,28 @@ def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[t
         raise DataError(f"Audio file {str(path)!r} is empty (0 samples): a header without audio data.")
     check_finite(data, f"audio file {str(path)!r}")
     return torch.from_numpy(np.ascontiguousarray(data.T)), sr
+
+
+def _middle_read(f: Any, keep: int, block: int = 1 << 16) -> np.ndarray:
+    """The middle ``keep`` frames of what the open sound file ``f`` holds, read front to back
+    twice (a count, then the frames; at most ``keep`` + ``block`` frames in memory): for a file
+    whose header counts more frames than it holds (an MP3 cut short), where a seek lands by the
+    header's count."""
+    def blocks() -> Iterator[np.ndarray]:  # not SoundFile.blocks, which goes by the header's count
+        f.seek(0)
+        while len(b := f.read(block, dtype="float32", always_2d=True)):
+            yield b
+
+    total = sum(len(b) for b in blocks())
+    start, parts, at = max(0, (total - keep) // 2), [], 0
+    for b in blocks():
+        lo, hi = max(start - at, 0), min(start + keep - at, len(b))
+        if hi > lo:
+            parts.append(b[lo:hi])
+        at += len(b)
+        if at >= start + keep:
+            break
+    return np.concatenate(parts) if parts else np.zeros((0, f.channels), np.float32)
 
 
 def _supported(path: str | Path) -> str:

@@ -182,7 +182,7 @@ def validate_metadata(meta: Any, *, source: str, fmt: str = FORMAT) -> dict[str,
 def encode_metadata(meta: dict[str, Any], records: str | None = None) -> dict[str, str]:
     """The extra files of an export: JSON metadata, its SHA-256, ``labels.txt`` and (when
     given) the records file whose digest ``meta["integrity"]`` holds."""
-    text = json.dumps(meta, indent=1, sort_keys=True)
+    text = strict_json(meta, indent=1, sort_keys=True)  # NaN -> null: every JSON parser reads the file
     files = {METADATA_FILE: text, DIGEST_FILE: _digest(text.encode()), LABELS_FILE: "\n".join(meta["labels"]) + "\n"}
     if records is not None:
         files[RECORDS_FILE] = records

@@ -95,7 +95,11 @@ def run_case(name: str) -> list[dict]:
         rel = None if ref is None else float(np.linalg.norm(allf - ref) / np.linalg.norm(ref))
         ref = allf if ref is None else ref
         rows.append({"case": f"{backbone} @ {size or bb.input_spec.image_size} px", "variant": label,
-                     "speed": speed.as_dict(), "why": speed.describe()[1:3], "img_s": n / (t_tr + t_va),
+                     "speed": {"feature_precision": speed.feature_precision_resolved,
+                               "channels_last": speed.channels_last},
+                     "why": [f"{k}: {speed.reasons[k]}" for k in ("feature_precision", "channels_last")
+                             if k in speed.reasons],
+                     "img_s": n / (t_tr + t_va),
                      "acc": acc, "acc_c1": acc_c1, "rel_err": rel, "pred": pred, "pred_c1": pred_c1})
     return rows
 

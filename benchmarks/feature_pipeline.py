@@ -101,6 +101,7 @@ def main() -> None:
     print(f"# feature-extraction pipeline: {machine_line(args.threads)}\n")
     cpu = torch.device("cpu")
     print("| backbone | stage | setting | images/s |\n|---|---|---|---:|")
+    autos = []
     for name in args.models:
         torch.manual_seed(0)
         bb = tk.get_backbone(name, weights=LITE0 if "lite0" in name else None)
@@ -119,7 +120,9 @@ def main() -> None:
             print(f"| {label} | backbone alone | {tag}, batch {batch} | {ips:.1f} |", flush=True)
         print(f"| {label} | pipeline (compute_features) | auto, {args.workers} workers, batch {batch} | "
               f"{pipeline(model, spec, fast, args.workers, batch):.1f} |", flush=True)
-    print("\nauto: " + "; ".join(fast.describe()[1:3]))
+        autos.append(f"{name}: " + "; ".join(f"{k} ({fast.reasons[k]})" for k in ("feature_precision", "channels_last")
+                                            if k in fast.reasons))
+    print("\nauto: " + "\nauto: ".join(autos))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ import torch
 from _machine import DATA  # noqa: E402  (the script's folder is on sys.path)
 # dense peak TFLOP/s (no sparsity) by card name fragment: (fp32 non-tensor, tf32 tensor, bf16 tensor)
 PEAKS = {"H200": (67.0, 494.7, 989.4), "H100 SXM": (67.0, 494.7, 989.4), "H100 PCIe": (51.2, 378.0, 756.0),
-         "H100": (67.0, 494.7, 989.4), "A100": (19.5, 156.0, 312.0), "L4": (30.3, 120.0, 242.0),
+         "H100": (67.0, 494.7, 989.4), "A100": (19.5, 156.0, 312.0), "L4": (30.3, 60.0, 121.0),
          "L40S": (91.6, 183.0, 362.0), "A10": (31.2, 62.5, 125.0)}
 
 
@@ -65,7 +65,8 @@ def _sync(dev: torch.device) -> None:
 
 
 def _peak(name: str) -> tuple[float, float, float] | None:
-    return next((v for k, v in PEAKS.items() if k in name), None)
+    """The dense peaks of the GPU ``name`` names: the longest key it holds ("L40S" before "L4")."""
+    return next((PEAKS[k] for k in sorted(PEAKS, key=len, reverse=True) if k in name), None)
 
 
 def step_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -112,8 +113,9 @@ def train_variant(variant: str, *, batch: int, steps: int, warmup: int, dev: tor
             "first_step_s": first, "peak_mem_gb": mem}
 
 
-def feature_engines(batch: int, dev: torch.device) -> dict:
-    """The frozen pass of ResNet-50 on every engine, and what feature_engine="auto" picks."""
+def feature_engines(batch: int, dev: torch.device, *, compile: bool = True) -> dict:
+    """The frozen pass of ResNet-50 on every engine (``compile=False``: not torch.compile),
+    and what feature_engine="auto" picks."""
     import transferkit as tk
     from transferkit.train import engines as eng
 
@@ -123,7 +125,7 @@ def feature_engines(batch: int, dev: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, generator=g) for _ in range(2)]
     available = eng.engine_availability(dev.type)
-    candidates = [e for e, why in available.items() if why is None and e != "eager"]
+    candidates = [e for e, why in available.items() if why is None and e != "eager" and (compile or e != "compile")]
     measured = eng.time_engines(model, batches, device=dev, precision="bf16", channels_last=True,
                                 candidates=candidates, n_images=None)
     picks = {}
@@ -260,7 +262,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="leave torch.compile out (training and the frozen pass)")
     ap.add_argument("--passes", type=int, default=3, help="passes over the JPEG folder per decoding measurement")
     ap.add_argument("--workers", type=int, nargs="+", default=None,
                     help="decoding worker counts (default: 0, 2, and the CPUs up to 16)")
@@ -332,7 +334,7 @@ def main() -> None:
                       + (f"pays from {extra / gain:,.0f} training images (epochs x images)" if gain > 0 else
                          "never pays (not faster)"))
         try:
-            fe = feature_engines(feature_batch, dev)
+            fe = feature_engines(feature_batch, dev, compile=not args.no_compile)
         except Exception as exc:  # report, keep the rest of the table
             fe = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
         report["feature_engines"] = fe

@@ -6,10 +6,10 @@ flip), SGD (lr 1e-3, momentum 0.9), no validation, for ``--epochs`` epochs; imag
 the images trained on (full batches: 7 per epoch) over the training time. The plain loop is
 the PyTorch tutorial's: torchvision ``ImageFolder`` + PIL transforms, ``DataLoader`` with
 workers, fp32, contiguous tensors, every JPEG decoded every epoch. transferkit runs with its
-defaults (on a CPU: channels_last for convolutional trunks, and decoding once when the run
-decodes every image each epoch) and, for reference, with ``precision="bf16"`` (bf16 autocast
-training: faster on a CPU with native bf16, but not the default because its accuracy is not
-measured here). Goal: transferkit's defaults >= 1.8x the plain loop. Peak memory is the
+defaults (on a CPU: channels_last for convolutional trunks, decoding once when the run
+decodes every image each epoch, and bf16 autocast training where the CPU runs bf16 natively)
+and, for reference, with ``precision="bf16"`` (the defaults themselves on such a CPU; bf16
+emulated, and slower, on one without). Goal: transferkit's defaults >= 1.8x the plain loop. Peak memory is the
 child process's peak RSS. Each run is its own subprocess.
 
     python benchmarks/finetune_throughput.py                    # lite0 and ResNet-18, 2 epochs

@@ -36,7 +36,7 @@ with ``--only lite0``).
 
     python benchmarks/frozen_backbone.py                         # both backbones, 10 epochs
     python benchmarks/frozen_backbone.py --only lite0 --threads 2
-    python benchmarks/frozen_backbone.py --epochs 1 --image-size 64   # a smoke test (seconds)
+    python benchmarks/frozen_backbone.py --epochs 1 --image-size 64 --seeds 1 --accuracy-seeds 1  # a smoke test
 
 The engines of the frozen pass (``--engines``): for Lite0, ResNet-18, a ViT and an audio
 trunk, the feature pass on batches of 16 of the run's own input (hymenoptera images through
@@ -44,8 +44,10 @@ the eval transform; for the audio trunk 1 s synthetic waveforms) with each engin
 `transferkit.train.engines` (eager in the precision given, ONNX Runtime fp32,
 torch.compile): the first batch warms each engine up (export, compilation: "setup s") and
 is compared with eager fp32 (the largest difference, absolute and relative to the largest
-feature); the next two are timed round-robin in one process (the fastest of 3 rounds counts). ``--assume-bf16 0`` simulates a CPU without native bf16 (the fp32 path that auto
-takes there).
+feature); the next two are timed round-robin in one process (the fastest of 3 rounds counts),
+one process per trunk and precision: a bf16 row's "vs eager fp32" divides by the fp32
+process's eager speed. ``--assume-bf16 0`` simulates a CPU without native bf16 (the fp32
+path that auto takes there).
 
     python benchmarks/frozen_backbone.py --engines --threads 2            # fp32 and, where native, bf16
     python benchmarks/frozen_backbone.py --engines --engine-models lite0 resnet18 --no-compile

@@ -210,7 +210,7 @@ def _transferkit(cfg: dict, args, **speed) -> dict:
     r = _finetune(cfg, args, args.seed, **speed)
     return {"seconds": time.perf_counter() - t0, "best_val_acc": r.best["val_acc"], "peak_rss_mb": _peak_rss_mb(),
             "features_s": r.timings.get("features_s"), "train_s": r.timings.get("train_s"),
-            "used_feature_cache": r.used_feature_cache, "speed": _speed_summary(r)}
+            "used_feature_cache": r.used_feature_cache, "speed": _speed_summary(r), "engine": _engine(r)}
 
 
 def transferkit_accuracy(cfg: dict, args, **speed) -> dict:
@@ -219,8 +219,18 @@ def transferkit_accuracy(cfg: dict, args, **speed) -> dict:
     import tempfile
 
     with tempfile.TemporaryDirectory() as cache:
-        return {"accs": [_finetune(cfg, args, seed, cache_dir=cache, **speed).best["val_acc"]
-                         for seed in range(args.accuracy_seeds)]}
+        runs = [_finetune(cfg, args, seed, cache_dir=cache, **speed) for seed in range(args.accuracy_seeds)]
+    return {"accs": [r.best["val_acc"] for r in runs], "engine": _engine(runs[0])}  # the stored features' engine
+
+
+def _engine(result) -> str:
+    """The engine (and precision) that computed a run's features, as its decisions say."""
+    from transferkit.train.engines import engine_precision
+
+    d = getattr(result, "decisions", None)
+    if d is None or not d.speed.get("feature_precision"):
+        return "?"
+    return f"{d.engine} {engine_precision(d.engine, d.speed['feature_precision'])}"
 
 
 SPEEDS = {"transferkit_defaults": {}, "transferkit_eager": {"feature_engine": "eager"},
@@ -339,18 +349,21 @@ def _accuracy_table(part: str, args, raw: dict[str, list[dict]]) -> None:
     argv = ["--only", part, "--epochs", str(args.epochs), "--workers", str(args.workers), "--threads",
             str(args.threads), "--accuracy-seeds", str(args.accuracy_seeds)] + \
         (["--image-size", str(args.image_size)] if args.image_size else [])
-    accs = {name: run_child(__file__, ["--accuracy-child", name, *argv], f"[{part}] {name} accuracy")["accs"]
-            for name in RUNS}
+    children = {name: run_child(__file__, ["--accuracy-child", name, *argv], f"[{part}] {name} accuracy")
+                for name in RUNS}
+    accs = {name: c["accs"] for name, c in children.items()}
     n = args.accuracy_seeds
     print(f"\naccuracy over seeds 0-{n - 1} (the head of each run trained on its features once per seed):\n")
-    print("| run | mean best val acc | min-max | same as the timed runs' seeds |")
-    print("|---|---:|---:|---|")
+    print("| run | features by | mean best val acc | min-max | same as the timed runs' seeds |")
+    print("|---|---|---:|---:|---|")
     for name in RUNS:
-        a = accs[name]
+        a, engine = accs[name], children[name].get("engine", "the tutorial loop")
         timed = [r["best_val_acc"] for r in raw[name]][:n]
+        engines = sorted({r["engine"] for r in raw[name] if r.get("engine")} - {engine})
         same = "yes" if all(abs(x - y) < 1e-9 for x, y in zip(a, timed)) else \
-            f"no: {', '.join(f'{x:.3f}' for x in a[:len(timed)])} vs {', '.join(f'{y:.3f}' for y in timed)}"
-        print(f"| {name} | {sum(a) / n:.3f} | {min(a):.3f}-{max(a):.3f} | {same} |")
+            f"no: {', '.join(f'{x:.3f}' for x in a[:len(timed)])} vs {', '.join(f'{y:.3f}' for y in timed)}" + \
+            (f" (the timed runs' features by {', '.join(engines)}: auto chose by its timings)" if engines else "")
+        print(f"| {name} | {engine} | {sum(a) / n:.3f} | {min(a):.3f}-{max(a):.3f} | {same} |")
     d, p = sum(accs["transferkit_defaults"]) / n, sum(accs["plain"]) / n
     print(f"\ndefaults vs tutorial loop over {n} seeds: accuracy {100 * (d - p):+.2f} points (goal within 1)")
 

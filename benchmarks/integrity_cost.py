@@ -27,6 +27,8 @@ from transferkit._integrity import seal
 from transferkit.export.torchscript import load_scripted
 from transferkit.checkpoints import load_checkpoint, save_checkpoint
 
+from _machine import machine_line  # noqa: E402  (the script's folder is on sys.path)
+
 
 def median_ms(fn, repeats: int) -> float:
     fn()  # warm the page cache and the allocator
@@ -45,6 +47,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    print(f"# machine: {machine_line(args.threads)}", flush=True)  # the CPU and its flags, with the numbers
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     bb = transferkit.get_backbone(args.backbone, weights=None)

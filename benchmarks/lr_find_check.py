@@ -17,7 +17,7 @@ import tempfile
 import time
 import warnings
 
-from _machine import DATA  # noqa: E402  (the script's folder is on sys.path)
+from _machine import DATA, machine_line  # noqa: E402  (the script's folder is on sys.path)
 
 
 def main() -> None:
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0: in the main process)")
     ap.add_argument("--plot", default=None, help="where to write the lr-finder plot (PNG)")
     args = ap.parse_args()
+    print(f"# machine: {machine_line(args.threads)}", flush=True)  # the CPU and its flags, with the numbers
     torch.set_num_threads(args.threads)
     data = DATA / "hymenoptera"
     weights = DATA / "weights" / "efficientnet-lite0" / "tf_efficientnet_lite0_in1k.pth"

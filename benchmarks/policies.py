@@ -36,7 +36,7 @@ from transferkit.heads import build_head  # noqa: E402
 from transferkit.model import ImagePreprocess, TransferModel  # noqa: E402
 from transferkit.policies import Policy, apply_policy, param_groups, set_train_mode  # noqa: E402
 
-from _machine import DATA  # noqa: E402  (the script's folder is on sys.path)
+from _machine import DATA, machine_line  # noqa: E402  (the script's folder is on sys.path)
 STEP_POLICIES = ["feature_extraction (cached)", "feature_extraction", "unfreeze:last=1", "unfreeze:last=2", "full"]
 
 
@@ -144,6 +144,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="accuracy part: only these policies or labels")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    print(f"# machine: {machine_line(args.threads)}", flush=True)  # the CPU and its flags, with the numbers
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _machine import DATA  # noqa: E402  (the script's folder is on sys.path)
+from _machine import DATA, machine_line  # noqa: E402  (the script's folder is on sys.path)
 
 
 def main() -> None:
@@ -27,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=10)
     args = ap.parse_args()
+    print(f"# machine: {machine_line()}", flush=True)  # the CPU and its flags, with the numbers
     data = DATA / "hymenoptera"
     weights = DATA / "weights" / "cifar-resnet" / "resnet20-12fca82f.th"
     if not data.is_dir() or not weights.is_file():

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 import transferkit as tk  # noqa: E402
 
-from _machine import DATA  # noqa: E402  (the script's folder is on sys.path)
+from _machine import DATA, machine_line  # noqa: E402  (the script's folder is on sys.path)
 WEIGHTS = DATA / "weights" / "efficientnet-lite0" / "tf_efficientnet_lite0_in1k.pth"
 FROZEN = ["feature_extraction", "logistic"]
 TRAINED = ["fine_tune:frozen=1", "full", "unfreeze:last=2"]
@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=None, help="crop size (default: the backbone's, 224)")
     ap.add_argument("--out", type=Path, default=None, help="append one JSON line per run to this file")
     args = ap.parse_args()
+    print(f"# machine: {machine_line(args.threads)}", flush=True)  # the CPU and its flags, with the numbers
     if not WEIGHTS.is_file():
         sys.exit(f"needs {WEIGHTS} (set TRANSFERKIT_DATA)")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "

@@ -256,9 +256,10 @@ def class_index(classes: Sequence[str]) -> dict[str, int]:
 
 def check_label_names(names: Sequence[str], where: str, *, case: bool = True) -> None:
     """DataError for class names that would break later: a name that is not a string, a line
-    break or control character (no export could hold it), two names that are one in two Unicode forms (`nfc`: a folder
-    named on macOS beside one named elsewhere), or (``case``) two names that differ only in
-    case or surrounding spaces (a typo in a CSV, not two classes)."""
+    break or control character (no export could hold it), two names that are one in two
+    Unicode forms (`nfc`: a folder named on macOS beside one named elsewhere), or (``case``)
+    two names that differ only in case or surrounding spaces (a typo in a CSV, not two
+    classes)."""
     odd = next((name for name in names if not isinstance(name, str)), None)
     if odd is not None:
         raise DataError(f"{where}: the class name {odd!r} is a {type(odd).__name__}; class names are strings (pass "

@@ -13,11 +13,11 @@ from __future__ import annotations
 import functools
 import math
 import os
-from fractions import Fraction
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 

@@ -275,14 +275,19 @@ def one_rank_refuses(data: str, out: str, mode: str) -> None:
 
 def export_fails_late(data: str, out: str) -> None:
     """Rank 0's outputs fail after training and it exits at once, while rank 1 waits for it at
-    the barrier after them."""
+    the barrier after them. Rank 0 exits with status 0 after printing its error: an exit with
+    an error would have torchrun end rank 1 before it could say anything."""
     if RANK == 0:
         import transferkit.api as api
 
         def fails(*args, **kwargs):
             raise OSError("the disk went away")
         api.write_outputs = fails
-    tk.finetune("tk:small_cnn", policy="feature_extraction", epochs=1, batch_size=4, **common(data))
+    try:
+        tk.finetune("tk:small_cnn", policy="feature_extraction", epochs=1, batch_size=4, **common(data))
+    except OSError as exc:
+        print(f"rank {RANK}: {type(exc).__name__}: {exc}", flush=True)
+        os._exit(0)
 
 
 def main() -> None:

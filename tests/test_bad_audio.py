@@ -389,7 +389,7 @@ def test_a_header_that_claims_a_rate_of_a_few_hz_is_a_bad_file(tmp_path):
 
 
 def test_rates_with_few_common_factors_resample_by_a_nearby_ratio(tmp_path):
-    """11127 Hz (a classic Mac rate) to 16000 Hz built a 16000 x 11127 kernel: 7 s and 3.5 GB
+    """11127 Hz (a classic Mac rate) to 16000 Hz built a 16000 x 11127 kernel: seconds and gigabytes
     for half a second of audio. The nearest ratio of small terms gives the same sound."""
     from transferkit.data.audio import RESAMPLE_TERMS, resample_ratio
 

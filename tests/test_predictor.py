@@ -257,8 +257,8 @@ def test_an_audio_pair_takes_its_rate_as_any_whole_number(tmp_path):
 
 def test_audio_clips_run_in_batches_of_similar_length(tmp_path):
     """One long clip padded every clip of its batch to its length (a 10-minute file beside 31
-    short ones: 48 s against 1.6 s one at a time, and onnxruntime failed to allocate 37 GB for
-    the whole call); a memory failure said nothing of batch_size."""
+    short ones ran many times slower than one at a time, and onnxruntime failed to allocate
+    memory for the whole call); a memory failure said nothing of batch_size."""
     audio = pytest.importorskip("transferkit.data.audio")
     bb = transferkit.get_backbone("spec:tk:small_cnn", weights=None, sample_rate=8000, n_mels=16,
                                   image_options={"widths": [8, 8, 8]})

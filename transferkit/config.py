@@ -131,9 +131,14 @@ def is_rate(value: Any) -> bool:
     """Whether ``value`` stands as the rate of a ``(waveform, sample_rate)`` pair: a real
     number (int, float, numpy number, or a 0-d array or tensor of one), not a bool;
     `sample_rate_of` checks its value."""
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # np.array(16000), torch.tensor(16000)
-        value = value.item()
+    value = _scalar(value)
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _scalar(value: Any) -> Any:
+    """The number a 0-d array or tensor holds (``np.array(16000)``, ``torch.tensor(16000)``),
+    else ``value`` itself."""
+    return value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
 
 
 MIN_SAMPLE_RATE = 1000  # Hz: below any rate audio is recorded at (telephone speech: 8000)
@@ -151,8 +156,7 @@ def sample_rate_of(value: Any, what: str = "sample rate", error: type[Exception]
         >>> sample_rate_of(44100), sample_rate_of(16000.0)
         (44100, 16000)
     """
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d array or tensor: its number
-        value = value.item()
+    value = _scalar(value)
     try:
         whole = is_rate(value) and math.isfinite(float(value)) and float(value) == int(value) and int(value) > 0
     except (TypeError, ValueError, OverflowError):

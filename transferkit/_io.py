@@ -762,17 +762,45 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def read_only_folder(folder: str | Path | None) -> str | None:
+    """Why the existing folder ``folder`` cannot be written ("read-only file system",
+    "permission denied"), by writing a probe file into it; None when it can be, or when it
+    does not exist (it will be created) or is not a folder (its own check says so).
+
+    A ``cache_dir`` that is read-only is *read, never written*: its entries (feature stores,
+    timings, scans, member indexes) are used where they are there and intact, and nothing
+    is added to it.
+    """
+    if folder is None or not os.path.isdir(folder):
+        return None
+    try:
+        probe_writable(folder)
+    except OSError as exc:
+        return _reason(exc) if exc.errno in READ_ONLY_ERRNOS else None
+    return None
+
+
+def entry_not_kept(exc: BaseException, *, cache_dir: str | Path, what: str, later: str, stacklevel: int = 3) -> None:
+    """Say that an entry of ``cache_dir`` (a timing, a scan, a member index) could not be
+    written: a warning naming the error and what ``later`` runs do instead. Nothing is said
+    when ``cache_dir`` is read-only: it is read, never written, and the plan says so once."""
+    if read_only_folder(cache_dir) is None:
+        warnings.warn(f"The {what} was not stored ({exception_line(exc)}); {later}.", stacklevel=stacklevel + 1)
+
+
 def store_timing(path: str | Path, key: str, value: Any, *, what: str) -> bool:
-    """`update_json_object` for a timing store under ``cache_dir`` (engines, layout, input
-    decoding): a store that cannot be written (a read-only ``cache_dir``, a full disk) warns
-    that later runs time again, and the run goes on with its timing. Returns whether it was
-    stored."""
+    """`update_json_object` for a timing store directly under ``cache_dir`` (engines, layout,
+    input decoding): a store that cannot be written (a full disk) warns that later runs time
+    again, and the run goes on with its timing (a read-only ``cache_dir`` says nothing: see
+    `entry_not_kept`). Returns whether it was stored."""
     try:
         update_json_object(path, key, value, what=what)
         return True
     except OSError as exc:
-        warnings.warn(f"The {what} was not stored ({exception_line(exc)}); later runs on this cache_dir "
-                      "time again.", stacklevel=3)
+        entry_not_kept(exc, cache_dir=Path(path).parent, what=what, later="later runs on this cache_dir time again")
         return False
 
 

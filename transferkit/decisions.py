@@ -53,8 +53,8 @@ DECISIONS_FORMAT = 3  # 3: each group's rate is the rate it trains at (2: at the
 # torch.compile is tried depends on the machine: a C++ compiler, the number of processes)
 _PLACE_KEYS = frozenset({"device", "feature_engine", "feature_engine_reason",
                          "feature_engine_precision", "input_decode", "input_decode_reason", "compile",
-                         "cache_reason"})  # the words of the cache decision (its place: cache_dir); the decision
-# itself (feature_cache, cached_epochs, cache_views) is compared
+                         "cache_reason", "cache_read_only"})  # the words of the cache decision and whether
+# cache_dir is read-only (its place); the decision itself (feature_cache, cached_epochs, cache_views) is compared
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,7 @@ class Decisions:
     input_decode: dict[str, Any] = field(default_factory=lambda: {"where": "cpu", "reason": "not decided",
                                                                   "passes": []})
     pretrained: bool = True  # the trunk starts from trained weights (a Backbone object's own: see BackboneFacts)
+    cache_read_only: str | None = None  # why cache_dir cannot be written: read, never written (None: writable)
 
     @property
     def epochs(self) -> int:
@@ -151,6 +152,7 @@ class Decisions:
             "channels_last": s["channels_last"], "compile": s["compile"], "speed_reasons": s["reasons"],
             "policy": str(self.policy), "frozen": self.frozen, "feature_cache": self.cache,
             "cached_epochs": self.cached_epochs, "cache_reason": self.cache_reason,
+            "cache_read_only": self.cache_read_only,
             "head": {"kind": self.head, "hidden": list(self.head_hidden), "norm": self.head_norm,
                      "target_norm": self.target_norm is not None,
                      "activation": self.config.head_activation, "dropout": float(self.config.head_dropout or 0.0)},
@@ -301,7 +303,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
                           f"(monitor='train_{cfg.monitor[len('val_'):]}').")
     frozen_epochs = pol.frozen_phase_epochs(list(bb.blocks), cfg.epochs, has_batchnorm=bb.has_batchnorm)
     frozen = frozen_epochs >= cfg.epochs
-    cached_epochs, reason = _cache_decision(cfg, pol, frozen_epochs, facts.head)
+    cached_epochs, reason = _cache_decision(cfg, pol, frozen_epochs, facts.head, read_only=facts.cache_read_only)
     cache = cached_epochs >= cfg.epochs
     compile_on, compile_why = decide_compile(cfg.compile, device_type=facts.device.type,  # train/compile_trial.py
                                              epochs=cfg.epochs - frozen_epochs, world_size=facts.device.world_size,
@@ -364,7 +366,8 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         decode=decode, data=data.identity,
         trunk_fingerprint=bb.fingerprint, data_fingerprints=dict(data.fingerprints), notes=tuple(notes),
         engine=engine, engine_reason=engine_reason,
-        input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode), pretrained=bb.pretrained)
+        input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode), pretrained=bb.pretrained,
+        cache_read_only=facts.cache_read_only if cfg.cache_dir is not None else None)
 
 
 def head_passes(policy: Policy, cached_epochs: int, epochs: int) -> int:
@@ -653,8 +656,10 @@ def _changing_shapes(kind: str, spec: InputSpec) -> str | None:
     return None
 
 
-def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen_epochs: int, head_kind: str) -> tuple[int, str]:
-    """How many leading epochs run on cached features (all, the frozen phase, or none), and why."""
+def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen_epochs: int, head_kind: str, *,
+                    read_only: str | None = None) -> tuple[int, str]:
+    """How many leading epochs run on cached features (all, the frozen phase, or none), and why
+    (``read_only``: why ``cache_dir`` cannot be written; its stores are then read, never written)."""
     frozen = frozen_epochs >= cfg.epochs
     if head_kind == "logistic" and not frozen:
         raise ConfigError(f"head='logistic' fits its probe on the features of a frozen backbone; policy {policy} "
@@ -675,6 +680,8 @@ def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen_epochs: int, hea
     if cfg.cache_features is False:
         return 0, "cache_features=False: the frozen backbone runs in every epoch"
     where = f"on disk in {cfg.cache_dir}" if cfg.cache_dir is not None else "in memory"
+    if cfg.cache_dir is not None and read_only is not None:
+        where = f"read from {cfg.cache_dir} (read-only: {read_only}; read, never written)"
     views = f"{cfg.cache_views} augmented views" if cfg.cache_views > 1 else \
         "one view" + (" (augmented)" if cfg.augment not in (None, "none") and frozen else "")
     if frozen:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from transferkit._io import file_digest
+from transferkit._io import file_digest, read_only_folder
 from transferkit.backbones import Backbone, InputSpec, get_backbone
 from transferkit.backbones.spectrogram import SpecAugment
 from transferkit.backbones.weights import check_weights_file, is_weights_path
@@ -131,6 +131,9 @@ class Facts:
     # image files, whether decode_jpeg works on the device, and on CUDA the two decoders timed
     # on the run's own files; empty: not looked at (no image files)
     input_decode: dict[str, Any] = field(default_factory=dict)
+    # why cache_dir cannot be written (it is then read, never written: `transferkit._io.read_only_folder`);
+    # None: writable, or no cache_dir
+    cache_read_only: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -289,7 +292,7 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
     engines = _engine_facts(cfg, bb, bundle, dev, device, backbone, frozen_phase, loaded=load_weights)
     decoding = _input_decode_facts(cfg, bundle, dev, info, backbone)
     facts = Facts(device=device, backbone=backbone, data=data, policy=policy, head=head_kind, head_hidden=hidden,
-                  engines=engines, input_decode=decoding)
+                  engines=engines, input_decode=decoding, cache_read_only=read_only_folder(cfg.cache_dir))
     return facts, Inputs(backbone=bb, bundle=bundle, dist=info, device=dev)
 
 

@@ -4,7 +4,8 @@
 otherwise fail or destroy something at the end of the run:
 
 - a path that cannot be written (a folder given for a file, a read-only or missing parent,
-  a file name too long for the file system once the temporary suffix is added);
+  a file name too long for the file system once the temporary suffix is added). A
+  ``cache_dir`` that exists and is read-only is taken: it is read, never written;
 - two outputs on one file (``export`` and ``checkpoint``), an output on an input (the
   pretrained ``weights`` file, a CSV of ``data`` / ``val_data``), an output folder inside the
   data (its files would be read as training data by the next run);
@@ -41,6 +42,7 @@ from transferkit._io import (
     file_lock,
     free_bytes,
     is_inside,
+    read_only_folder,
     remove_stale_temps,
     same_file,
 )
@@ -122,6 +124,8 @@ def check_output_paths(cfg: FinetuneConfig) -> None:
         if key in outputs and not (key == "checkpoint" and cfg.resume):
             _check_replaced(key, outputs[key])
     for key, p in outputs.items():
+        if key == "cache_dir" and read_only_folder(p) is not None:
+            continue  # read, never written (see transferkit._io.read_only_folder)
         check_writable(p, what=_WHAT[key], flag=key, kind=OUTPUTS[key])
         free = free_bytes(p if OUTPUTS[key] == "dir" else p.parent)
         if free < MIN_FREE:

@@ -181,7 +181,8 @@ def stored_features(d: Decisions, run: Run, parts: list[tuple[str, Any, Any, int
     for name, ds, tf, views in parts:
         n = len(ds)
         store = open_store(cfg.cache_dir, d.feature_key(name), info, num_samples=n, dim=dim, dtype=dtype,
-                           views=views, part_size=part_size_for(n, dim, views=views, dtype=dtype))
+                           views=views, part_size=part_size_for(n, dim, views=views, dtype=dtype),
+                           read_only=d.cache_read_only)
 
         def bar(total: int, name: str = name) -> Any:
             if progress is not None:

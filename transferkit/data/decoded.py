@@ -63,7 +63,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from transferkit._io import create_temp, file_digest, file_stat, remove_stale_temps_in, reserve_blocks
+from transferkit._io import create_temp, file_digest, file_stat, read_only_folder, remove_stale_temps_in, reserve_blocks
 from transferkit.backbones._base import InputSpec
 from transferkit.data.fingerprint import data_fingerprint
 from transferkit.data.images import UNREADABLE_IMAGE
@@ -190,7 +190,7 @@ def decode_census(dataset: Any, spec: InputSpec, *, augment: str,
         while not free_at.exists() and free_at != free_at.parent:
             free_at = free_at.parent
         out.update(key=key, path=str(path), exists=(path / "meta.json").exists(), cache_dir=str(cache_dir),
-                   free=shutil.disk_usage(free_at).free)
+                   free=shutil.disk_usage(free_at).free, read_only=read_only_folder(cache_dir))
     return out
 
 
@@ -203,10 +203,14 @@ def decide_decode(census: dict[str, Any], *, budget_bytes: int = DEFAULT_BUDGET_
         return DecodePlan("off", 0, f"decoding every epoch: {census['kind']} input is not decoded once")
     need, cap = census["need"], census["capacity"]
     mb = need / 2**20
+    kept = ""  # why a cache_dir does not take the pixels, said with the in-memory decision
     if census["cache_dir"] is not None:
         key, path = census["key"], Path(census["path"])
         if census["exists"]:
             return DecodePlan("disk", need, f"decoded once: {mb:.0f} MB read back from {path}", key, path, cap)
+        if census.get("read_only"):
+            kept = f"cache_dir is read-only ({census['read_only']}) and holds no entry for these images; "
+    if census["cache_dir"] is not None and not kept:
         free = census["free"]
         if need * 1.1 + 2**26 <= free:
             return DecodePlan("disk", need, f"decoded once: {mb:.0f} MB memory-mapped under {path}", key, path, cap)
@@ -214,10 +218,11 @@ def decide_decode(census: dict[str, Any], *, budget_bytes: int = DEFAULT_BUDGET_
                                        f"{free / 2**20:.0f} MB free in {census['cache_dir']}")
     budget = f"{budget_bytes / 2**20:.0f} MB{budget_why}"
     if need <= budget_bytes:
-        return DecodePlan("memory", need, f"decoded once: {mb:.0f} MB in memory (budget {budget})",
+        return DecodePlan("memory", need, f"{kept}decoded once: {mb:.0f} MB in memory (budget {budget})",
                           capacity_bytes=cap)
-    return DecodePlan("off", need, f"decoding every epoch: {mb:.0f} MB of decoded pixels exceed the memory budget of "
-                                   f"{budget}; pass cache_dir to keep them memory-mapped on disk")
+    fix = "give a writable cache_dir" if kept else "pass cache_dir"
+    return DecodePlan("off", need, f"{kept}decoding every epoch: {mb:.0f} MB of decoded pixels exceed the memory "
+                                   f"budget of {budget}; {fix} to keep them memory-mapped on disk")
 
 
 def plan_decode(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: str | Path | None = None,

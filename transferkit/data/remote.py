@@ -55,7 +55,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from transferkit._io import check_free_space, create_temp, remove_stale_temps
+from transferkit._io import check_free_space, create_temp, read_only_folder, remove_stale_temps
 from transferkit._signals import raise_if_interrupted
 from transferkit.config import env_seconds
 from transferkit.errors import DataError
@@ -374,8 +374,10 @@ class ShardCache:
 
     @classmethod
     def for_cache_dir(cls, cache_dir: str | Path | None) -> ShardCache:
-        """``cache_dir/shards/``, or a temporary folder removed at exit when ``cache_dir`` is None."""
-        return cls(Path(cache_dir) / "shards" if cache_dir is not None else _process_temp_dir())
+        """``cache_dir/shards/``, or a temporary folder removed at exit when ``cache_dir`` is None
+        or read-only (`transferkit._io.read_only_folder`: it is read, never written)."""
+        kept = cache_dir is not None and read_only_folder(cache_dir) is None
+        return cls(Path(cache_dir) / "shards" if kept else _process_temp_dir())
 
     def path(self, url: str, validators: dict[str, str] | None = None) -> Path:
         """The cached copy of ``url`` with those validators (a new ETag, size or date: a new copy)."""

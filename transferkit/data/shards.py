@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit._io import atomic_write
+from transferkit._io import atomic_write, entry_not_kept
 from transferkit._text import plural
 from transferkit.data.checks import (ON_BAD_FILE, SCAN_RULES, SCANS, DataReport, check_image_stream,
                                      holds_data_files, leave_out_bad)
@@ -505,8 +505,14 @@ def _cached_index(p: Path) -> ShardIndex | None:
         return None
 
 
-def _save_index(p: Path, index: ShardIndex) -> None:
-    atomic_write(p, lambda tmp: Path(tmp).write_text(index.to_json()), what="shard index")
+def _save_index(p: Path, index: ShardIndex, cache_dir: str | Path, shard: str) -> None:
+    """Keep the member index of ``shard`` in ``cache_dir``; one that cannot be kept is built again by the next run
+    (see `transferkit._io.entry_not_kept`)."""
+    try:
+        atomic_write(p, lambda tmp: Path(tmp).write_text(index.to_json()), what="shard index")
+    except OSError as exc:
+        entry_not_kept(exc, cache_dir=cache_dir, what=f"member index of {shard!r}",
+                       later="the next run indexes the shard again", stacklevel=4)
 
 
 def shard_index(path: str, *, scan: str = "quick", cache_dir: str | Path | None = None,
@@ -526,7 +532,7 @@ def shard_index(path: str, *, scan: str = "quick", cache_dir: str | Path | None 
             return index, True
     index = build_index(path, scan=scan)
     if cache_dir is not None:
-        _save_index(p, index)
+        _save_index(p, index, cache_dir, path)
     return index, False
 
 
@@ -547,7 +553,7 @@ def _remote_index(url: str, *, scan: str, cache_dir: str | Path | None,
         held.release()
     index.validators = validators
     if cache_dir is not None:
-        _save_index(_index_path(cache_dir, url, scan, validators), index)
+        _save_index(_index_path(cache_dir, url, scan, validators), index, cache_dir, url)
     return index, False
 
 

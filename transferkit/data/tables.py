@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from transferkit._signals import raise_if_interrupted
-from transferkit._io import atomic_write
+from transferkit._io import atomic_write, entry_not_kept
 from transferkit.data.checks import (ON_BAD_FILE, SCAN_RULES, SCANS, DataReport, check_image_stream,
                                      holds_data_files, leave_out_bad)
 from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
@@ -323,8 +323,7 @@ def scan_rows(source: Any, scan: str, cache_dir: str | Path | None, *, where: st
         try:
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(bad)), what=f"scan of {where}")
         except (OSError, TransferkitError) as exc:  # a cache_dir that cannot take it: the next run scans again
-            warnings.warn(f"Cannot keep the scan of {where} in {str(path)!r} ({exc}); the next run scans again.",
-                          stacklevel=2)
+            entry_not_kept(exc, cache_dir=cache_dir, what=f"scan of {where}", later="the next run scans again")
     return bad
 
 

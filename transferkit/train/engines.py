@@ -58,6 +58,7 @@ from transferkit._io import (
     file_digest,
     probe_writable,
     read_json_object,
+    read_only_folder,
     remove_stale_temps,
     remove_stale_temps_in,
     store_timing,
@@ -786,7 +787,9 @@ def onnx_path(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, cache_
     ``cache_dir/engines/onnx/<digest>.onnx`` (the digest covers the preprocessing and trunk
     weights, the trunk's class, the input shape (for audio, not its length: the export's time
     axis is dynamic) and dtype, and the torch and onnxruntime versions), else a folder of
-    this process. ``fingerprint``: the pass's (`pass_fingerprint`) when already hashed."""
+    this process (also where a read-only ``cache_dir`` lacks it: see
+    `transferkit._io.read_only_folder`). ``fingerprint``: the pass's (`pass_fingerprint`) when
+    already hashed."""
     fingerprint = fingerprint or pass_fingerprint(model)
     ident = "|".join([type(model.trunk).__module__, type(model.trunk).__qualname__,
                       fingerprint[:32], fingerprint[32:],  # the preprocessing's and the trunk's digests
@@ -794,7 +797,9 @@ def onnx_path(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, cache_
                       str(dtype), _versions()])
     name = hashlib.blake2b(ident.encode(), digest_size=16).hexdigest() + ".onnx"
     if cache_dir is not None:
-        return Path(cache_dir) / "engines" / "onnx" / name
+        kept = Path(cache_dir) / "engines" / "onnx" / name
+        if kept.exists() or read_only_folder(cache_dir) is None:
+            return kept
     if not _SESSION_DIR:  # removed when the process exits (or by release_engines)
         # named for this process, so that the folders of killed processes (SIGKILL, a crash:
         # no atexit) are found and removed by the next run

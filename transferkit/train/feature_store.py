@@ -59,6 +59,7 @@ from torch.utils.data import Dataset
 
 from transferkit._io import (create_temp, file_digest, file_stat, no_space, remove_stale_temps, remove_stale_temps_in,
                              with_margin)
+from transferkit._text import plural
 from transferkit.errors import ConfigError, DataError, OutputError
 from transferkit.data.late import NOT_BAD_FILES, bad_file_reason, raising, replaces_bad_files
 from transferkit.data.sampling import SeededItems, data_loader, decode_then_compute, in_blocks, mix_seed
@@ -84,6 +85,14 @@ def part_size_for(num_samples: int, dim: int, *, views: int = 1, dtype: Any = "f
     rows = max(MIN_PART_ROWS, -(-num_samples // TARGET_PARTS))
     cap = max(1, MAX_PART_BYTES // max(views * dim * itemsize, 1))
     return max(1, min(rows, cap, num_samples))
+
+
+def _stored_meta(path: Path) -> Any:
+    """The parameters recorded in the store ``path``'s ``store.json``; None when missing or unreadable."""
+    try:
+        return json.loads((path / "store.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -123,8 +132,10 @@ def _dtype_name(dtype: Any) -> str:
 class ShardedFeatureStore:
     """Parts of features on disk; see the module docstring. Build it with `open`."""
 
-    def __init__(self, path: Path, meta: dict[str, Any], present: list[int]) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any], present: list[int], *, read_only: str | None = None) -> None:
         self.path, self.meta = path, meta
+        self.read_only = read_only  # why the store's folder cannot be written: read, never written (None: writable)
+        self.other = False  # read-only, and its folder holds no store of these parameters (every part missing)
         self.num_samples, self.part_size = int(meta["num_samples"]), int(meta["part_size"])
         self.dim, self.views, self.dtype = int(meta["dim"]), int(meta["views"]), str(meta["dtype"])
         self.reused_parts = sorted(present)  # committed before this process opened the store
@@ -133,29 +144,33 @@ class ShardedFeatureStore:
     # -- opening -------------------------------------------------------------------------
     @classmethod
     def open(cls, directory: str | Path, key: str, *, num_samples: int, part_size: int, dim: int,
-             dtype: Any = "float32", views: int = 1) -> ShardedFeatureStore:
+             dtype: Any = "float32", views: int = 1, read_only: str | None = None) -> ShardedFeatureStore:
         """The store ``directory/key`` for these parameters: created if absent, reopened (its
         committed parts reused) if it was made with the same ones; a folder of the same key
-        made with others (another part size) is replaced."""
+        made with others (another part size) is replaced.
+
+        ``read_only`` (why ``directory`` cannot be written, see
+        `transferkit._io.read_only_folder`): the store is read as it is, never written; a store
+        made with other parameters, or none, has every part missing, and `fill_store` says
+        what the read-only folder lacks instead of computing it."""
         if num_samples < 1 or part_size < 1 or dim < 1 or views < 1:
             raise ConfigError(f"Feature store needs num_samples, part_size, dim and views >= 1, got {num_samples}, "
                               f"{part_size}, {dim}, {views}.")
         meta = {"format": STORE_FORMAT, "key": key, "num_samples": int(num_samples), "part_size": int(part_size),
                 "dim": int(dim), "dtype": _dtype_name(dtype), "views": int(views)}
         path = Path(directory) / key
+        if read_only is not None:
+            store = cls(path, meta, [], read_only=read_only)
+            store.other = _stored_meta(path) != meta
+            store.reused_parts = [p for p in range(store.num_parts) if store._committed(p)]
+            return store
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"Cannot create the feature store {str(path)!r}: {exc}.") from exc
         remove_stale_temps_in(path)  # parts that killed writers left half written (a live writer's stay)
         meta_file = path / "store.json"
-        old = None
-        if meta_file.is_file():
-            try:
-                old = json.loads(meta_file.read_text())
-            except ValueError:
-                old = None
-        if old != meta:
+        if _stored_meta(path) != meta:
             for p in path.glob("part-*"):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             _write_json(meta_file, meta)
@@ -179,6 +194,8 @@ class ShardedFeatureStore:
 
     def _part_info(self, p: int) -> dict[str, Any] | None:
         """Part ``p``'s ``part.json`` (its digests, file stats and masked count), None when not committed."""
+        if self.other:
+            return None
         try:
             info = json.loads((self._part_dir(p) / "part.json").read_text())
         except (OSError, ValueError):
@@ -206,8 +223,31 @@ class ShardedFeatureStore:
             return True
         if not all(file_digest(d / n) == h for n, h in digests.items()):
             return False
-        _write_json(d / "part.json", {**info, "stats": now})
+        if self.read_only is None:  # a read-only store (a copy) is hashed again by each run that verifies it
+            _write_json(d / "part.json", {**info, "stats": now})
         return True
+
+    def lacks(self, missing: list[int]) -> str:
+        """What a read-only store lacks for the run that opened it, and how to go on."""
+        folder = self.path.parent
+        if self.other:
+            held = sorted(p.parent.name for p in folder.glob("*/store.json") if p.parent != self.path)
+            found = _stored_meta(self.path)
+            what = (f"holds another store of this key (made for {found.get('num_samples')} samples of dim "
+                    f"{found.get('dim')}, {found.get('dtype')})" if isinstance(found, dict) else
+                    "holds no store of this run's features")
+            if held and not isinstance(found, dict):
+                what += f" (it holds {plural(len(held), 'store')} of other settings: {', '.join(held[:4])}"
+                what += ", ...)" if len(held) > 4 else ")"
+        else:
+            what = (f"lacks {plural(len(missing), 'part')} of the {self.num_parts} of this run's store "
+                    f"{self.path.name} (missing, or their files do not match their digests: parts "
+                    f"{missing[:5]}{', ...' if len(missing) > 5 else ''})")
+        return (f"The cache_dir {str(folder)!r} is read-only ({self.read_only}) and {what}; the features of this "
+                f"run (key {self.path.name}, {self.num_samples} samples) cannot be computed into it. A read-only "
+                "cache_dir is read, never written. Compute them once with the same settings into a writable "
+                "cache_dir (and copy it there), give a writable cache_dir, or leave cache_dir out to compute them "
+                "in memory.")
 
     def missing_parts(self, *, verify: bool = False) -> list[int]:
         """The parts not yet committed (with ``verify``, also those whose files do not match
@@ -215,7 +255,7 @@ class ShardedFeatureStore:
         out = []
         for p in range(self.num_parts):
             if not self._committed(p, verify):
-                if self._part_dir(p).exists():
+                if self._part_dir(p).exists() and self.read_only is None:
                     shutil.rmtree(self._part_dir(p), ignore_errors=True)
                 out.append(p)
         return out
@@ -666,6 +706,8 @@ def open_store(directory: str | Path, key: str, info: DistInfo | None = None, **
     with a barrier between, so that no rank's opening (which replaces a store made with other
     parameters) can remove a part that another rank has committed already."""
     info = info or DistInfo()
+    if params.get("read_only") is not None:  # nothing is replaced: each rank reads it at once
+        return ShardedFeatureStore.open(directory, key, **params)
     store = None
     for turn in (info.rank == 0, info.rank != 0 and info.local_rank == 0, info.local_rank != 0):
         if turn:
@@ -695,6 +737,8 @@ def fill_store(store: ShardedFeatureStore, dataset: Any, forward: Callable[[torc
     info = info or DistInfo()
     local_world = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
     missing = broadcast_object(store.missing_parts(verify=True) if info.is_main else None, info)
+    if store.read_only is not None and missing:
+        raise OutputError(store.lacks(missing))
     damaged = [p for p in store.reused_parts if p in missing]
     if damaged and info.is_main:
         warnings.warn(f"Feature store {str(store.path)!r}: parts {damaged[:5]} are damaged (their files do not "

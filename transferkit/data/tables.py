@@ -26,7 +26,6 @@ import hashlib
 import io
 import json
 import os
-import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path

@@ -338,6 +338,11 @@ def test_long_audio_is_cropped_at_predict_time_as_in_training(tmp_path):
         assert out.shape == (2, 2)
         with pytest.warns(UserWarning, match="1 audio clip last longer"):
             assert model.outputs(stereo).shape == (1, 2)
+    # [T, 9]: T clips of 9 samples, or one clip of more channels than [T, C] is read with: said as both
+    with pytest.raises(DataError, match=r"shape \(8000, 9\) is read as 8000 clips of 9 samples each, shorter than the "
+                                        r"model takes \(25 ms\); as one clip \[T, C\] of 9 channels .*\(x.T\)"):
+        p.outputs(np.zeros((8000, 9), np.float32))
+    assert p.outputs(np.zeros((9, 8000), np.float32) + 0.01).shape == (9, 2)  # 9 clips of 1 s: a batch
 
 
 # -- settings that failed late ------------------------------------------------------------------

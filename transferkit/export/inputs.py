@@ -73,6 +73,14 @@ class InputPipeline:
         if self.audio and isinstance(inputs, (torch.Tensor, np.ndarray)) and inputs.ndim == 2 \
                 and inputs.shape[1] <= audio.MAX_CHANNELS < inputs.shape[0]:
             return [inputs]  # one clip [T, C], as soundfile.read returns it (a batch [N, T] has N < T)
+        if self.audio and isinstance(inputs, (torch.Tensor, np.ndarray)) and inputs.ndim == 2 \
+                and inputs.shape[0] > inputs.shape[1] > audio.MAX_CHANNELS \
+                and inputs.shape[1] < math.ceil(audio.MIN_CLIP_SECONDS * int(self.spec.sample_rate)):  # type: ignore
+            n, k = inputs.shape
+            raise DataError(f"An array of shape {(n, k)} is read as {n} clips of {k} samples each, shorter than the "
+                            f"model takes ({1000 * audio.MIN_CLIP_SECONDS:g} ms); as one clip [T, C] of {k} channels "
+                            f"it has more than the {audio.MAX_CHANNELS} channels read in that layout. Pass one clip "
+                            "as [C, T] (x.T), or a batch as [N, T] with N clips of T samples.")
         if isinstance(inputs, (torch.Tensor, np.ndarray)) and inputs.ndim == batch_ndim:
             return list(inputs)
         # (waveform, sample_rate): a rate of any number type (np.int64 from pandas, 44100.0), checked when read

@@ -1,10 +1,12 @@
 """Feature extraction from the CIFAR-10 ResNet-20 weights vs the same run with random weights.
 
 ``finetune("tk:cifar_resnet20", weights=..., data=hymenoptera, image_size=32,
-policy="feature_extraction", seed=s)`` with every other argument at its default, for the
-pretrained checkpoint and for ``weights=None`` (one random network per seed), over several
-seeds; then a scikit-learn logistic-regression probe on the pretrained features (C=1, raw
-features: the data README's protocol) for reference.
+policy="feature_extraction", precision="fp32", feature_engine="eager", seed=s)`` with every
+other argument at its default, for the pretrained checkpoint and for ``weights=None`` (one
+random network per seed), over several seeds; then a scikit-learn logistic-regression probe
+on the pretrained features (C=1, raw features: the data README's protocol) for reference.
+The features are eager fp32 so that the figures do not depend on the CPU (bf16 where it is
+native) or on the engine the timing picks on a busy machine.
 
     .venv/bin/python benchmarks/transfer_gap.py --seeds 10
 """
@@ -37,10 +39,10 @@ def main() -> None:
     for seed in range(args.seeds):
         for label, w in (("pretrained", weights), ("weights=None", None)):
             r = tk.finetune("tk:cifar_resnet20", weights=w, data=data, image_size=32, policy="feature_extraction",
-                            seed=seed, verbose=False)
+                            precision="fp32", feature_engine="eager", seed=seed, verbose=False)
             acc[label].append(r.metrics["val_acc"])
     gap = [100 * (a - b) for a, b in zip(acc["pretrained"], acc["weights=None"])]
-    print(f"hymenoptera val accuracy, tk:cifar_resnet20 @ 32 px, feature extraction, finetune defaults, "
+    print(f"hymenoptera val accuracy, tk:cifar_resnet20 @ 32 px, feature extraction, eager fp32 features, "
           f"seeds 0-{args.seeds - 1}\n")
     print("| run | " + " | ".join(f"seed {s}" for s in range(args.seeds)) + " | mean |")
     print("|---|" + "---:|" * (args.seeds + 1))

@@ -205,6 +205,40 @@ def test_a_fetch_that_stalls_fails_instead_of_waiting_forever(shards, tmp_path, 
         remote.fetch_timeout()
 
 
+def test_an_fsspec_fetch_that_stalls_fails_instead_of_waiting_forever(shards, monkeypatch):
+    """A file system whose read waits for ever (no timeout of its own) is paced like HTTP:
+    the fetch fails as stalled, and a file system that answers reads the shard."""
+    import threading
+
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    release = threading.Event()
+
+    class Stuck(LocalFileSystem):
+        protocol = "stuck"
+
+        def _open(self, path, mode="rb", **kwargs):
+            f = super()._open(path.replace("stuck://", ""), mode, **kwargs)
+            if path.endswith(".tar") and not release.is_set():  # 10 bytes, then nothing until released
+                real = f.read
+                f.read = lambda n=-1: (release.wait(), real(n))[1] if f.tell() else real(10)
+            return f
+
+    fsspec.register_implementation("stuck", Stuck, clobber=True)
+    monkeypatch.setattr(remote, "RETRY_WAITS", (0.0,))
+    monkeypatch.setenv("TRANSFERKIT_FETCH_TIMEOUT", "1")
+    try:
+        with pytest.raises(tk.DataError, match=r"the fetch stalled: 10 bytes in the last 1 s \(fewer than 64 KiB; "
+                                               r"TRANSFERKIT_FETCH_TIMEOUT sets the seconds\) \(after 2 attempts"):
+            prepare_data(f"stuck://{shards}/{LOCAL}", val_split=0)
+        release.set()  # the stalled threads end; now every read answers
+        assert len(_quiet(prepare_data, f"stuck://{shards}/{LOCAL}", val_split=0).train) == \
+            len(_quiet(prepare_data, str(shards / LOCAL), val_split=0).train)
+    finally:
+        release.set()
+
+
 def test_an_http_fetch_is_a_stall_only_while_more_is_to_come(monkeypatch):
     """A body whose bytes all came late (slow headers, then a small shard at once) is whole:
     the read that finds its end does not wait; a window of too few bytes with more to come

@@ -22,8 +22,8 @@ and bounded:
 - **Where.** ``cache_dir/shards/`` when ``cache_dir`` is set (kept across runs), else a
   temporary folder removed when the process exits. Files are named by a hash of the URL.
 - **Errors.** A failed fetch (an HTTP error, a command that exits with a non-zero code, a
-  body shorter than its Content-Length, an HTTP body or a command's output that brings fewer
-  than `STALL_BYTES` in `fetch_timeout` seconds) raises a one-line `ShardFetchError` naming the
+  body shorter than its Content-Length, an HTTP body, a command's output or an fsspec file
+  that brings fewer than `STALL_BYTES` in `fetch_timeout` seconds) raises a one-line `ShardFetchError` naming the
   URL.
   A failure that may pass (a dropped or refused connection, a timeout, a short body, HTTP
   5xx, 429 or 408, a command's non-zero exit, another file system error than a missing
@@ -311,15 +311,41 @@ def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
                 raise _fail(url, f"the server sent {n} of {got['content-length']} bytes (the connection ended early)",
                             transient=True)
             return got
-        fsspec = _fsspec(url)
         try:
-            with fsspec.open(url, "rb") as f:
-                shutil.copyfileobj(f, out, CHUNK)
+            _fsspec_copy(url, out, _Pace(url))
+        except ShardFetchError:
+            raise
         except FileNotFoundError:
             raise _fail(url, "it does not exist") from None
         except Exception as exc:  # noqa: BLE001 - each file system has its own errors
             raise _fail(url, f"{type(exc).__name__}: {exc}", transient=_may_pass(exc)) from None
         return {}
+
+
+def _fsspec_copy(url: str, out: Any, pace: _Pace) -> None:
+    """Copy the fsspec file ``url`` into ``out``, paced like the other fetches: the opening and
+    the reads run in a helper thread (a file system's read may wait for ever, and each has
+    its own timeouts, if any), and the fetch fails as stalled (`_Pace.check`) once ``pace``
+    says so. A stalled thread is left to its read; its next write finds ``out`` closed."""
+    fsspec = _fsspec(url)
+    ended: list[BaseException | None] = []
+
+    def copy() -> None:
+        try:
+            with fsspec.open(url, "rb") as f:
+                _copy_paced(f.read, out, pace)
+            ended.append(None)
+        except BaseException as exc:  # noqa: BLE001 - said by the fetch, in its own thread
+            ended.append(exc)
+
+    worker = threading.Thread(target=copy, name="transferkit-fetch", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(timeout=min(max(pace.left(), 0.01), 1.0))
+        if worker.is_alive():
+            pace.check()
+    if ended[0] is not None:
+        raise ended[0]
 
 
 _FINAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

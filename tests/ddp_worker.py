@@ -11,7 +11,8 @@ memory and through a shared ``cache_dir``); ``device_features_rank<r>.pt``: the 
 images decoded by `DeviceDecodedLoader` (torchvision's CPU decoder standing in for nvJPEG),
 each rank decoding its own share. Last, ``load_failures_rank<r>.pt``: the data report of a run
 over a copy of the folder whose `BAD_FILES` fail only when loaded (``scan="none"``), each
-rank loading its own share of them; ``decoded_rank<r>.pt``: which rank decoded the images of
+rank loading its own share of them, with the validation metrics of a run whose validation
+folder holds `BAD_VAL_FILES`; ``decoded_rank<r>.pt``: which rank decoded the images of
 a run that decodes them once into a shared ``cache_dir``.
 
 ``fail``: rank 1's epoch-end callback raises ``ValueError("boom from rank 1")`` and the
@@ -47,6 +48,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 
 import torch
 
@@ -181,8 +183,15 @@ def train(data: str, out: str) -> None:
     bad = with_bad_files(data, os.path.join(out, f"bad_files_rank{RANK}"))
     r = tk.finetune("tk:small_cnn", policy="full", epochs=1, batch_size=4, scan="none", decode_once=False,
                     val_split=0, **common(bad))
+    val = with_bad_files(data, os.path.join(out, f"bad_val_rank{RANK}"), names=BAD_VAL_FILES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the validation files are copies of the training files
+        v = tk.finetune("tk:small_cnn", policy="full", epochs=1, batch_size=4, scan="none", decode_once=False,
+                        val_data=val, **common(data))
     torch.save({"bad_at_load": r.data_report.bad_at_load, "bad_files": r.data_report.bad_files,
-                "lost_classes": r.data_report.lost_classes},
+                "lost_classes": r.data_report.lost_classes, "counted": sum(map(sum, v.metrics["confusion_matrix"])),
+                "val_files": [str(source) for source, _ in v.run.bundle.val.samples],
+                "val_bad_at_load": v.data_report.bad_at_load},
                os.path.join(out, f"load_failures_rank{RANK}.pt"))
     torch.save(decoded_once_on_disk(data, out), os.path.join(out, f"decoded_rank{RANK}.pt"))
 
@@ -216,13 +225,16 @@ BAD_FILES = ("dark/dark_0.jpg", "dark/dark_5.png", "light/light_2.jpg", "light/l
              "zebra/zebra_0.png", "zebra/zebra_1.png")  # zebra: a class of which no file loads
 
 
-def with_bad_files(data: str, copy: str) -> str:
+BAD_VAL_FILES = ("dark/dark_1.png", "dark/dark_6.jpg", "light/light_4.jpg")  # in a validation folder
+
+
+def with_bad_files(data: str, copy: str, names: tuple[str, ...] = BAD_FILES) -> str:
     """A copy of the image folder (one per rank: the same relative paths and sizes) whose
-    `BAD_FILES` are not images; with scan='none' they fail only when a rank loads them."""
+    files ``names`` are not images; with scan='none' they fail only when a rank loads them."""
     import shutil
 
     shutil.copytree(data, copy)
-    for name in BAD_FILES:
+    for name in names:
         os.makedirs(os.path.dirname(os.path.join(copy, name)), exist_ok=True)
         with open(os.path.join(copy, name), "wb") as f:
             f.write(b"not an image")

@@ -142,6 +142,47 @@ def test_a_class_whose_every_training_file_fails_to_load_is_reported_as_never_tr
     assert "1 class with no training file that loaded, never trained (zebra)" in r.data_report.summary()
 
 
+@pytest.mark.parametrize("how", ["feature store", "features in memory", "images every epoch"])
+def test_a_validation_file_that_fails_to_load_counts_in_no_metric(tmp_path, how):
+    """Its row took the next readable image of its class, and the run's accuracy, confusion
+    matrix and the accuracy the export records counted that image twice, while the warning
+    said the file was left out; `evaluate` on the same folder gave other figures."""
+    root = tmp_path / "d"
+    make_image_folder(root / "train", per_class=6, size=16)
+    make_image_folder(root / "val", per_class=4, size=16, seed=1)
+    damaged = damaged_png(sorted((root / "val" / "light").glob("*.png"))[0])  # passes scan="quick"
+    kw = {"feature store": dict(cache_dir=tmp_path / "cache"), "features in memory": {},
+          "images every epoch": dict(policy="full", decode_once=False)}[how]
+    with pytest.warns(UserWarning, match=f"Left out '{damaged}'"):
+        r = tk.finetune("tk:small_cnn", weights=None, data=root, epochs=2, batch_size=4, image_size=16,
+                        verbose=False, num_workers=0, precision="fp32", export=tmp_path / "m.pt", **kw)
+    assert r.data_report.bad_at_load == [str(damaged)]
+    ev = tk.evaluate(tmp_path / "m.pt", root / "val", progress=False)
+    assert len(ev.files) == 7
+    assert r.metrics["confusion_matrix"] == ev.confusion_matrix.tolist()
+    assert sum(row["support"] for c, row in r.metrics["per_class"].items() if c in ("dark", "light")) == 7
+    assert r.metrics["accuracy"] == pytest.approx(ev.accuracy)
+    assert r.history[-1]["val_acc"] == pytest.approx(ev.accuracy)  # the figure that picks the best epoch
+    assert len(r.val_logits) == 8  # still one row per validation file, in their order
+    if how == "features in memory":
+        assert r.feature_report["masked_samples"] == 1
+
+
+def test_a_training_file_that_fails_while_features_are_computed_in_memory_is_left_out(tmp_path):
+    """Its row took the next readable image of its class, which the head then fitted twice."""
+    root = tmp_path / "d"
+    make_image_folder(root / "train", per_class=6, size=16)
+    make_image_folder(root / "val", per_class=2, size=16, seed=1)
+    kw = dict(weights=None, epochs=1, image_size=16, verbose=False, num_workers=0, precision="fp32")
+    without = tk.linear_probe("tk:small_cnn", data=root, **kw)
+    damaged_png(root / "train" / "dark" / "dark_99.png")  # listed last of its class: its place goes to dark_0
+    with pytest.warns(UserWarning, match="dark_99.png"):
+        probe = tk.linear_probe("tk:small_cnn", data=root, **kw)
+    assert probe.feature_report["masked_samples"] == 1
+    for k, v in without.model.head.state_dict().items():
+        torch.testing.assert_close(probe.model.head.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_a_file_that_fails_while_worker_processes_decode_images_once_is_reported(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=4)
     damaged = damaged_png(root / "dark" / "damaged.png")

@@ -238,10 +238,10 @@ def test_a_decode_once_longer_than_the_collective_timeout_is_waited_for(images, 
 
 
 def test_every_rank_reports_the_files_that_any_rank_found_bad_while_loading(ddp_run):
-    """Each rank loads its own share of the training files; the files either found bad are in
-    both ranks' reports (rank 0's result and summary list them all), and so is a class of which
-    no file loads."""
-    from ddp_worker import BAD_FILES
+    """Each rank loads its own share of the training and validation files; the files either
+    found bad are in both ranks' reports (rank 0's result and summary list them all), and so is
+    a class of which no file loads; no rank's validation metrics count a file that failed."""
+    from ddp_worker import BAD_FILES, BAD_VAL_FILES
 
     _, out = ddp_run
     for rank in (0, 1):
@@ -250,6 +250,10 @@ def test_every_rank_reports_the_files_that_any_rank_found_bad_while_loading(ddp_
         assert names == sorted(BAD_FILES), (rank, names)
         assert all(reason for _, reason in report["bad_files"])
         assert report["lost_classes"] == ["zebra"], rank  # no zebra file loads, whichever rank met them
+        # each rank validates its share: the failed validation files of both count in no metric on either
+        failed = sorted({Path(p).parent.name + "/" + Path(p).name for p in report["val_bad_at_load"]})
+        assert failed == sorted(BAD_VAL_FILES), (rank, failed)
+        assert report["counted"] == len(report["val_files"]) - len(BAD_VAL_FILES), (rank, report["counted"])
 
 
 def test_one_rank_failing_ends_every_rank_with_its_error(images, tmp_path):

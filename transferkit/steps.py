@@ -21,7 +21,7 @@ import contextlib
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,8 @@ from transferkit.data import eval_transform, train_transform
 from transferkit.data.audio import pad_waveforms
 from transferkit.data.decoded import decoded_dataset
 from transferkit.data.gpu_jpeg import DeviceDecodedLoader
-from transferkit.data.late import (BadFileError, classes_never_loaded, load_failures, record_bad_at_load,
-                                   record_lost_class)
+from transferkit.data.late import (BadFileError, classes_never_loaded, failed_items, load_failures,
+                                   record_bad_at_load, record_lost_class)
 from transferkit.data.sampling import mix_seed, seed_everything
 from transferkit.config import jsonable
 from transferkit.decisions import Decisions, differences
@@ -136,12 +136,18 @@ def cached_features(d: Decisions, run: Run, *, progress: Any = None) -> Training
                                             batch_size=extract_batch, device=fs.device, num_workers=cfg.num_workers,
                                             seed=cfg.seed, forward=forward, progress=progress or bar,
                                             info=info, loader=loader)  # sharded, gathered under DDP
+    # files that failed to load were served as the next readable file of their class: left out of head training
+    # (as a feature store masks them) and, by the validation pass, out of the metrics (each rank met its share)
+    failed = {name: sorted(set().union(*gather_objects(failed_items(ds), info))) for name, ds, _, _ in parts}
+    if failed["train"]:
+        stores["train"] = stores["train"].without(failed["train"])
     train_dl = feature_loader(stores["train"], batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
                               rank=info.rank, world_size=info.world_size)
     val_dl = feature_loader(stores["val"], batch_size=256, shuffle=False) if "val" in stores else None
     report = feature_report({name: {"samples": len(s), "shards": 0, "computed": 0, "reused": 0, "dtype": "float32",
-                                    "bytes": int(s.features.nbytes + s.targets.nbytes), "masked_samples": 0,
-                                    "views": s.num_views, "path": None} for name, s in stores.items()})
+                                    "bytes": int(s.features.nbytes + s.targets.nbytes),
+                                    "masked_samples": len(failed[name]), "views": s.num_views, "path": None}
+                             for name, s in stores.items()})
     return TrainingData(module=model.head, train_loader=train_dl, val_loader=val_dl, cached=True, stores=stores,
                         report=report)
 
@@ -446,7 +452,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None, head_phase_only: bool
                 speed=run.speed, task=cfg.task, scaler=scaler, dist=info,
                 penalty=penalty, monitor=cfg.monitor,
                 restore_best=cfg.restore_best, early_stopping=cfg.early_stopping, verbose=cfg.verbose, unit=d.unit,
-                head_only_epochs=d.head_only_epochs)
+                head_only_epochs=d.head_only_epochs, val_left_out=_val_left_out(run))
     loop.on_epoch_end = epoch_end_callback(loop, path=cfg.checkpoint, model=run.model, meta=meta, base_lr=d.lr,
                                            callbacks=cfg.callbacks, tensorboard=tb)
     current: dict[str, TrainingData | None] = {"data": inputs}
@@ -587,19 +593,25 @@ def evaluate(d: Decisions, run: Run, td: TrainingData, *, outputs: dict[str, Any
     ``outputs`` receives the validation logits and labels. Regression targets listed in a CSV
     are scored as listed (float64), as `transferkit.evaluate` scores them: float32 rounds
     1e9 + 1 to 1e9, and an MSE against the rounded targets said 0. A row whose file failed to
-    load holds the file that took its place, and is scored against that file's target (the
-    loader's, which the listed one does not round to)."""
+    load holds the file that took its place: no metric counts it (``outputs["kept"]``)."""
     run.model.eval()
     outputs = outputs if outputs is not None else {}
     metrics = final_metrics(td.module, td.val_loader, task=d.task, classes=list(d.classes), loss_fn=run.loss_fn,
-                            speed=run.speed, top_k=d.config.top_k, outputs=outputs, dist=run.dist)
+                            speed=run.speed, top_k=d.config.top_k, outputs=outputs, dist=run.dist,
+                            left_out=_val_left_out(run))
     listed = getattr(run.bundle.val, "listed_targets", None) if d.task == "regression" else None
     exact = listed() if listed is not None else None
     if exact is not None and "logits" in outputs and len(exact) == len(outputs["logits"]):
-        loaded = outputs["labels"].double().reshape(exact.shape)
-        same_row = (exact.float().double() == loaded).all(1, keepdim=True)  # else a replacement's target
-        metrics.update(regression_metrics(outputs["logits"], torch.where(same_row, exact, loaded), list(d.classes)))
+        kept = outputs["kept"]  # a row whose file failed to load holds another file: counted nowhere
+        metrics.update(regression_metrics(outputs["logits"][kept], exact[kept], list(d.classes)))
     return metrics
+
+
+def _val_left_out(run: Run) -> Any:
+    """What the validation passes leave out of their metrics: the validation items whose file
+    failed to load (`transferkit.data.late.failed_items`), asked after each pass."""
+    val = run.bundle.val
+    return None if val is None else (lambda: failed_items(val))
 
 
 def validation_images(d: Decisions, run: Run) -> Any:

@@ -9,8 +9,9 @@ CSV, the next one with the same targets), and the file is added to the
 only on the item's index, so every epoch, every resumed run and every number of workers
 sees the same batches; batch sizes stay what was asked (no batch of one for BatchNorm, no
 empty batch); and the feature cache keeps one row per item. The cost is that the
-replacement file counts twice in that epoch (training) or in the validation metrics,
-which the report makes visible. With ``on_bad_file="raise"`` the error names the file.
+replacement file counts twice in that training epoch, which the report makes visible.
+Validation leaves the item out of its metrics (`failed_items`: its row stays, aligned with
+the files, and counts nowhere). With ``on_bad_file="raise"`` the error names the file.
 
 DataLoader workers are other processes, and what they write into their copy of the report
 is lost. So a worker remembers the files it replaced, and the collate function
@@ -74,8 +75,8 @@ def record_bad_at_load(report: DataReport, path: str, reason: str) -> None:
     report.bad_at_load.append(path)
     report.bad_files.append((path, reason))
     report.warn(f"Left out {path!r}, which failed to load during training ({reason}); the next readable file with its "
-                "label (or targets) takes its place. Remove or replace the file (scan='full' finds such files before "
-                "training).")
+                "label (or targets) takes its place in training batches, and validation metrics do not count it. "
+                "Remove or replace the file (scan='full' finds such files before training).")
 
 
 def load_failures(report: DataReport) -> list[tuple[str, str]]:
@@ -252,6 +253,22 @@ def raising(ds: Any) -> Any:
     out = copy.copy(ds)
     out.base = strict
     return out
+
+
+def failed_items(dataset: Any) -> list[int]:
+    """The items of ``dataset`` whose file (or shard member) failed to load in this process, by
+    index: the loader served each as the next readable file of its class and recorded it in
+    the data report (a feature store records the ones it masked there too). Validation leaves
+    them out of its metrics, and a head trained on features held in memory leaves them out of
+    training, so that no file counts twice. Items that are not files or shard members are
+    never named."""
+    owner = _loading(dataset)
+    samples = getattr(listing_of(dataset) or dataset, "samples", None)
+    if owner is None or samples is None or not owner.report.bad_at_load:
+        return []
+    bad = set(owner.report.bad_at_load)
+    return [i for i, (source, _) in enumerate(samples)
+            if (isinstance(source, (str, Path)) or hasattr(source, "sample_id")) and str(source) in bad]
 
 
 def source_name(source: Any, index: int) -> str:

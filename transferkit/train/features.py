@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,12 @@ class FeatureStore:
 
     def __len__(self) -> int:
         return int(self.features.shape[1])
+
+    def without(self, items: Sequence[int]) -> FeatureStore:
+        """The store less the rows ``items`` (of every view), in memory."""
+        keep = np.ones(len(self), dtype=bool)
+        keep[list(items)] = False
+        return FeatureStore(np.ascontiguousarray(self.features[:, keep]), self.targets[keep], key=self.key)
 
     def stats(self, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation of every feature over all views and items, accumulated

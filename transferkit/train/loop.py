@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader
 from transferkit._progress import epoch_log, progress, to_stderr
 from transferkit._text import number
 from transferkit.config import check_task_settings
-from transferkit.errors import ConfigError, TrainingError, check_choice
-from transferkit.train.distributed import DistInfo, DistributedError, all_reduce_sum, broadcast_buffers, whole_set
+from transferkit.errors import ConfigError, DataError, TrainingError, check_choice
+from transferkit.train.distributed import (DistInfo, DistributedError, all_reduce_sum, broadcast_buffers, gather_objects,
+                                           whole_set)
 from transferkit.train.speed import SpeedConfig
 from transferkit.train.tasks import count_correct, monitor_default
 
@@ -136,6 +137,9 @@ class Loop:
     unit: str = "img"  # what a sample is, for the progress bar ("clip" for audio)
     steps: int = 0  # optimizer steps taken in this process: none, and the weights are the ones the run started from
     head_only_epochs: int = 0  # epochs that train the head alone before the backbone trains: early stopping waits
+    # the validation items whose file failed to load, asked after each validation pass: left out of its loss and
+    # accuracy (see `evaluate`)
+    val_left_out: Callable[[], Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
         _check_stopping(self.early_stopping, self.monitor, self.task)
@@ -215,12 +219,18 @@ def _forward_backward(module: nn.Module, x: Any, y: torch.Tensor, loop: Loop, de
 @torch.no_grad()
 def evaluate(module: nn.Module, loader: DataLoader, *, loss_fn: Callable, device: torch.device,
              task: str = "multiclass", speed: SpeedConfig | None = None,
-             dist: DistInfo | None = None) -> dict[str, Any]:
+             dist: DistInfo | None = None, left_out: Callable[[], Sequence[int]] | None = None) -> dict[str, Any]:
     """Loss, accuracy, logits, predictions and targets of ``module`` (in eval mode) over
     ``loader``, the loss and accuracy over the whole set at once. A loader sharded over the
     ranks (its sampler's ``world`` > 1; `EpochSampler.indices_of` says which items each rank
     takes) gives each rank its share, and the logits and targets are gathered (``dist``):
-    every rank returns the whole set's, in the set's order."""
+    every rank returns the whole set's, in the set's order.
+
+    ``left_out()``, asked after the pass: the items whose file failed to load (this process's
+    failures; under DDP the ranks' are joined), which the loader served as the next readable
+    file of their class (`transferkit.data.late`). Their rows stay in ``logits`` and
+    ``labels`` (aligned with the set) but not in the loss and accuracy; ``kept`` marks the
+    rows that count."""
     speed = speed or _cpu_speed(device)
     was_training = module.training
     module.eval()
@@ -242,10 +252,28 @@ def evaluate(module: nn.Module, loader: DataLoader, *, loss_fn: Callable, device
         width = logits.shape[1]  # logits and targets in one gather, in float64 (exact for both)
         both = whole_set(torch.cat([logits.double(), t.reshape(len(t), -1).double()], 1), sampler.n, dist, owners)
         logits, t = both[:, :width].float(), both[:, width:].to(t.dtype).reshape(-1, *t.shape[1:])
-    n = max(len(t), 1)
-    loss = float(loss_fn(logits.to(speed.device), t.to(speed.device)).item())
+    kept = _kept_rows(len(t), left_out, dist)
+    n = max(int(kept.sum()), 1)
+    loss = float(loss_fn(logits[kept].to(speed.device), t[kept].to(speed.device)).item())
     preds = logits.argmax(1) if task == "multiclass" else logits
-    return {"loss": loss, "acc": count_correct(task, logits, t) / n, "logits": logits, "preds": preds, "labels": t}
+    return {"loss": loss, "acc": count_correct(task, logits[kept], t[kept]) / n, "logits": logits, "preds": preds,
+            "labels": t, "kept": kept}
+
+
+def _kept_rows(n: int, left_out: Callable[[], Sequence[int]] | None, dist: DistInfo | None) -> torch.Tensor:
+    """``[n]`` bool: the rows of a validation pass that count (see `evaluate`)."""
+    kept = torch.ones(n, dtype=torch.bool)
+    if left_out is None:
+        return kept
+    failed = set(left_out())
+    if dist is not None and dist.enabled:
+        failed = set().union(*gather_objects(sorted(failed), dist))  # each rank met the files of its share
+    if failed:
+        kept[sorted(failed)] = False
+        if not bool(kept.any()):
+            raise DataError(f"Every one of the {n} validation items failed to load; the validation metrics would "
+                            "count none. Repair or replace the validation files (the data report names them).")
+    return kept
 
 
 def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None, loop: Loop, *, epochs: int,
@@ -336,7 +364,7 @@ def _train_and_validate(module: nn.Module, runner: nn.Module, train_loader: Data
         row["train_acc"] = correct / max(seen, 1)
     if val_loader is not None:
         ev = evaluate(module, val_loader, loss_fn=loop.loss_fn, device=loop.speed.device, task=loop.task,
-                      speed=loop.speed, dist=loop.dist)
+                      speed=loop.speed, dist=loop.dist, left_out=loop.val_left_out)
         row["val_loss"] = ev["loss"]
         if loop.task != "regression":
             row["val_acc"] = ev["acc"]

@@ -153,18 +153,22 @@ def task_metrics(task: str, logits: torch.Tensor, targets: torch.Tensor, classes
 
 def final_metrics(module: nn.Module, val_loader: DataLoader | None, *, task: str, classes: Sequence[str],
                   loss_fn: Any, speed: SpeedConfig, top_k: int = 5, outputs: dict[str, Any] | None = None,
-                  dist: Any = None) -> dict[str, Any]:
+                  dist: Any = None, left_out: Any = None) -> dict[str, Any]:
     """Validation loss and the task's metrics (accuracy, top-k, macro F1, per-class report,
     confusion matrix; or F1 for multilabel; MSE/MAE/R^2 for regression). ``outputs``, when
-    given, receives the raw ``logits`` and ``labels`` (in validation-set order). ``dist``: the
-    process group a validation loader sharded over the ranks gathers through."""
+    given, receives the raw ``logits`` and ``labels`` (in validation-set order) and ``kept``
+    (the rows the metrics count). ``dist``: the process group a validation loader sharded over
+    the ranks gathers through. ``left_out``: the items whose file failed to load, which no
+    metric counts (see `transferkit.train.loop.evaluate`)."""
     if val_loader is None:
         return {}
-    ev = evaluate(module, val_loader, loss_fn=loss_fn, device=speed.device, task=task, speed=speed, dist=dist)
+    ev = evaluate(module, val_loader, loss_fn=loss_fn, device=speed.device, task=task, speed=speed, dist=dist,
+                  left_out=left_out)
     out: dict[str, Any] = {"val_loss": ev["loss"]}
     if task != "regression":
         out["val_acc"] = ev["acc"]
-    out.update(task_metrics(task, ev["logits"], ev["labels"], classes, top_k=top_k))
+    kept = ev["kept"]
+    out.update(task_metrics(task, ev["logits"][kept], ev["labels"][kept], classes, top_k=top_k))
     if outputs is not None:
-        outputs.update(logits=ev["logits"], labels=ev["labels"])
+        outputs.update(logits=ev["logits"], labels=ev["labels"], kept=kept)
     return out

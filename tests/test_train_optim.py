@@ -401,6 +401,41 @@ def test_fine_tune_s_frozen_phase_has_the_schedule_of_feature_extraction(tmp_pat
     assert len(set(lrs[0])) > 1  # the schedule moved within the frozen phase (the plateau cut the rate)
 
 
+def test_fine_tune_s_head_phase_trains_in_fp32_as_feature_extraction_does(tmp_path, monkeypatch):
+    """Under precision="auto" on a device with native bf16, the head on cached features trains
+    in fp32; fine_tune's head phase ran under the bf16 autocast of its later epochs, and so
+    differed from the feature-extraction run it is documented to start with."""
+    from conftest import make_image_folder
+
+    import transferkit.facts as facts
+
+    monkeypatch.setattr(facts, "device_bf16", lambda dev: (True, "native bf16 (this test)"))
+    data = make_image_folder(tmp_path / "img", per_class=8, size=16)
+    torch.save(tk.get_backbone("tk:small_cnn", weights=None).trunk.state_dict(), tmp_path / "trunk.pt")
+    kw = dict(weights=tmp_path / "trunk.pt", data=data, image_size=16, batch_size=4, epochs=2, num_workers=0,
+              verbose=False, cache_dir=tmp_path / "cache", restore_best=False)
+    seen: list[bool] = []
+    real = tk.build_model
+
+    def build(*a, **k):  # record, at each forward of the head, whether autocast was on
+        model = real(*a, **k)
+        model.head.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+        return model
+
+    monkeypatch.setattr("transferkit.run.build_model", build)
+    fe = tk.finetune("tk:small_cnn", policy="feature_extraction", **kw)
+    assert fe.decisions.speed["precision"] == "fp32" and not any(seen)
+    seen.clear()
+    ft = tk.finetune("tk:small_cnn", policy="fine_tune:frozen=1", **kw)  # 2 passes of the head: the 2 epochs of fe
+    assert ft.decisions.speed["precision"] == "bf16" and ft.decisions.speed["head_precision"] == "fp32"
+    assert "head phase fp32" in ft.decisions.summary()
+    steps = -(-ft.feature_report["splits"]["train"]["samples"] // 4)
+    head_phase = 2 * (steps + 1)  # each pass: its steps, then one validation batch
+    assert not any(seen[:head_phase]) and all(seen[head_phase:]), seen
+    best = fe.history[ft.history[0]["best_pass"] - 1]  # the pass it kept (counted from 1): that epoch of fe
+    assert (ft.history[0]["train_loss"], ft.history[0]["val_loss"]) == (best["train_loss"], best["val_loss"])
+
+
 def test_the_schedule_spans_the_steps_taken_when_files_prove_unreadable(tmp_path, monkeypatch):
     """A damaged file is left out of the stored features: the cosine was sized for its batch too."""
     from conftest import damaged_png, make_image_folder

@@ -149,6 +149,7 @@ class Decisions:
             "task": self.task, "classes": list(self.classes), "num_outputs": self.num_outputs,
             "device": self.device_type, "world_size": self.world_size, "seeds": list(self.seeds),
             "precision": s["precision"], "feature_precision": s["feature_precision"],
+            "head_precision": s.get("head_precision", s["precision"]),
             "channels_last": s["channels_last"], "compile": s["compile"], "speed_reasons": s["reasons"],
             "policy": str(self.policy), "frozen": self.frozen, "feature_cache": self.cache,
             "cached_epochs": self.cached_epochs, "cache_reason": self.cache_reason,
@@ -561,6 +562,8 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
                 into[key] = before
             elif isinstance(of_now, dict) and key in of_now:
                 into[key] = of_now[key]
+    if "head_precision" not in saved and "precision" in saved:  # a head phase trained at the training precision then
+        saved["head_precision"] = saved["precision"]
     if saved.get("format") == 2 and now.get("format") == DECISIONS_FORMAT:  # group rates at the base rate then
         saved["groups"], saved["format"] = _groups_at_phase_rates(saved), DECISIONS_FORMAT
     if isinstance(saved.get("input_spec"), dict):  # as recorded now (an audio spec without image fields)
@@ -759,6 +762,9 @@ def _speed_lines(s: dict[str, Any], *, features: bool, engine: str = "eager", pr
             s["feature_precision"] != "fp32" else ""
         out.append(f"features {s['feature_precision']} ({r.get('feature_precision', 'set directly')}{then})")
     out.append(f"training {s['precision']} ({r.get('precision', 'set directly')})")
+    if features and s.get("head_precision", s["precision"]) != s["precision"]:
+        out.append(f"head phase {s['head_precision']} (the head trains in {s['head_precision']} on the cached "
+                   "features, as feature extraction does; the trunk's epochs in the training precision)")
     out.append(f"{'channels_last' if s['channels_last'] else 'contiguous'} ({r.get('channels_last', 'set directly')})")
     if s["compile"]:
         out.append(f"{'compile trial' if s['compile'] == 'trial' else 'compile'} ({r.get('compile', 'asked')})")

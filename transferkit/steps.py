@@ -165,8 +165,9 @@ def stored_features(d: Decisions, run: Run, parts: list[tuple[str, Any, Any, int
       balanced; then every rank reads the whole store).
     - Features are stored in the precision they were computed in (bf16: half the bytes).
     - A file that fails while its features are computed is *masked* (left out of head
-      training; a validation sample's row takes the features of the next readable sample of
-      its class, as the loaders replace a file) and reported in ``data_report``
+      training and of the validation metrics: a validation sample's row holds the features
+      of the next readable sample of its class, as the loaders replace a file, and no metric
+      counts it) and reported in ``data_report``
       (``bad_files``, ``bad_at_load``, with a warning) by this run and by every later run
       that reuses the part: the mask is stored with the features, so the entry can be kept
       (the whole store is not recomputed for one file) without hiding the file.
@@ -267,7 +268,8 @@ def _validation_rows(store: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The validation features (float32, in memory) and targets in the dataset's order; a masked
     sample's row takes the features and the target of the next readable sample of its class
     (else of any class), as the loaders replace a file that fails with the next readable file
-    and its label, so that logits and images stay aligned."""
+    and its label, so that logits and images stay aligned; no metric counts that row
+    (`_val_left_out`)."""
     x, y, mask = store.load()
     x = x[0].float()
     if bool(mask.all()):
@@ -469,6 +471,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None, head_phase_only: bool
                     steps, timing = _schedule_plan(d, len(td.train_loader), inputs)
                     sched.replan(**timing)
                 loop.wrap = _wrapper(run, cached=True)
+                loop.speed = replace(run.speed, precision=d.speed.get("head_precision", run.speed.precision))
                 seconds.update(td.seconds)
                 report, state.feature_report = td.report, jsonable(td.report)  # plain data: in checkpoints
                 history, best = fit(td.module, td.train_loader, td.val_loader, loop, epochs=k, state=state,
@@ -477,6 +480,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None, head_phase_only: bool
             if inputs is not None:
                 state.best_state = _whole_model_state(run, state.best_state)
                 td = current["data"] = inputs
+                loop.speed = run.speed
                 if run.speed.compile == "trial":  # compile="auto": timed on the steps that train the trunk
                     first = max(k, state.epoch, d.policy.frozen_phase_epochs(run.backbone, total))
                     trial = CompileTrial(steps_left=sum(steps[first:]), estimate_s=compile_estimate(

@@ -70,6 +70,13 @@ def test_losses_per_task():
     assert smooth > plain  # smoothing penalises confident correct predictions
     weighted = make_loss("multiclass", class_weights=[0.0, 1.0])(logits, y)
     assert torch.isclose(weighted, nn.functional.cross_entropy(logits[1:], y[1:]))
+    # a batch of classes that all weigh 0: no loss and no gradient (torch's mean is 0 / 0 = NaN)
+    for smoothing in (0.0, 0.1):
+        zeros = logits.clone().requires_grad_()
+        loss = make_loss("multiclass", class_weights=[0.0, 1.0, 0.0], label_smoothing=smoothing)(
+            torch.cat([zeros, zeros[:, :1]], 1), torch.tensor([0, 2]))
+        loss.backward()
+        assert float(loss) == 0.0 and not zeros.grad.any()
     mh = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     assert torch.isclose(make_loss("multilabel")(logits, mh), nn.functional.binary_cross_entropy_with_logits(logits, mh))
     assert torch.isclose(make_loss("regression")(logits, mh), ((logits - mh) ** 2).mean())

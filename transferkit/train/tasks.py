@@ -59,6 +59,25 @@ class StandardizedMSELoss(nn.Module):
         return (((pred.float() - target.float()) / self.std) ** 2).mean()
 
 
+class ClassWeightedCrossEntropy(nn.CrossEntropyLoss):
+    """`torch.nn.CrossEntropyLoss` with class weights some of which are 0: its mean over a batch
+    whose targets all weigh 0 is 0 (with a gradient of zeros) where torch's is 0 / 0 = NaN,
+    which stopped the run as a diverged loss. A weight of 0 means that such a batch teaches
+    nothing.
+
+    Example:
+        >>> loss = ClassWeightedCrossEntropy(weight=torch.tensor([1.0, 0.0]))
+        >>> float(loss(torch.tensor([[0.0, 3.0]]), torch.tensor([1])))
+        0.0
+    """
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
+        if target.dim() == 1 and not target.is_floating_point() and self.weight is not None \
+                and not bool(self.weight[target].any()):
+            return input.sum() * 0.0
+        return super().forward(input, target)
+
+
 def make_loss(task: str, *, label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
               target_std: torch.Tensor | None = None) -> nn.Module:
     """The training loss of ``task`` (``target_std``: regression on standardised targets, see
@@ -78,7 +97,8 @@ def make_loss(task: str, *, label_smoothing: float = 0.0, class_weights: Sequenc
         if weight.ndim != 1 or not torch.isfinite(weight).all() or (weight < 0).any():
             raise ConfigError(f"class_weights must be a list of non-negative numbers, got {class_weights!r}.")
     if task == "multiclass":
-        return nn.CrossEntropyLoss(weight=weight, label_smoothing=float(label_smoothing))
+        kind = ClassWeightedCrossEntropy if weight is not None and not bool(weight.all()) else nn.CrossEntropyLoss
+        return kind(weight=weight, label_smoothing=float(label_smoothing))
     if task == "multilabel":
         return nn.BCEWithLogitsLoss(pos_weight=weight)
     return nn.MSELoss() if target_std is None else StandardizedMSELoss(target_std)

@@ -378,10 +378,16 @@ def test_compile_true_compiles_the_model_that_trains_end_to_end_not_the_head_on_
                   epochs=2, verbose=False, compile=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        frozen = tk.finetune("tk:small_cnn", policy="feature_extraction", **common)
-        assert frozen.decisions.cache and compiled == []
         staged = tk.finetune("tk:small_cnn", policy="fine_tune:frozen=1", **common)
     assert staged.decisions.cached_epochs == 1 and compiled == [staged.model]
+    assert staged.decisions.speed["compile"] is True
+    # the plan and the record said "compile (asked)" where nothing is compiled: a note says it is not used
+    for policy in ("feature_extraction", "fine_tune:frozen=2"):
+        compiled.clear()
+        with pytest.warns(UserWarning, match="compile=True is not used: the trunk never trains in this run"):
+            frozen = tk.finetune("tk:small_cnn", policy=policy, **common)
+        assert frozen.decisions.cache and compiled == [] and frozen.decisions.speed["compile"] is False
+        assert "compile (asked)" not in frozen.decisions.summary()
 
 
 def test_a_failure_of_the_loss_on_a_new_shape_is_not_taken_for_a_compile_failure():

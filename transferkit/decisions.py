@@ -333,6 +333,8 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         notes.append(f"feature_engine={cfg.feature_engine!r} is not used: this run has no cached feature pass "
                      f"({reason}); it applies to a frozen backbone whose features are cached.")
     notes += [engine_note] if engine_note else []
+    if cfg.compile is True and not compile_on:  # asked for, on a run whose trunk never trains
+        notes.append(compile_why + ".")
     target_norm = resolve_target_norm(cfg.target_norm, task=cfg.task)
     if data.targets is not None:
         scale_note = target_scale_note(data.targets, data.classes, standardised=target_norm)

@@ -111,3 +111,19 @@ def test_a_16_bit_file_opened_as_32_bit_is_scaled_by_its_depth_not_its_pixels(tm
         path.write_bytes(b"P5 4 4 65535\n" + np.full(16, value, dtype=">u2").tobytes())
         got.append(int(np.asarray(load_image(path))[0, 0, 0]))
     assert got == [1, 1, 255]
+
+
+@pytest.mark.parametrize("data, said", [
+    ([("images/a/0.png", 0), ("images/b/1.png", 1)], r"item 0 holds the file path str 'images/a/0.png', where an image "
+                                                     r"held in memory goes\. For \(path, label\) pairs write a CSV"),
+    ([1, 2], r"item 0 is int 1: a dataset item is a pair \(image, label\)"),
+    ([(np.zeros((8, 8, 3), np.uint8),)] * 2, r"item 0 is a tuple of 1: a dataset item is a pair \(image, label\)"),
+    ({"train": [1]}, r"The training data is a dict \(keys \['train'\]\).*splits go to data= \(training\) and "
+                     r"val_data="),
+    (b"images/", r"The training data is bytes; give a path as text"),
+])
+def test_containers_that_are_no_dataset_of_images_are_said_before_training(data, said):
+    """A list of (path, label) pairs, of numbers, a dict or a path as bytes gave a raw TypeError,
+    KeyError or IndexError from inside the transforms."""
+    with pytest.raises(DataError, match=said):
+        prepare_data(data, val_split=0)

@@ -3,6 +3,7 @@ of bad files; stratified splits and the split-folder rule that every entry point
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,13 @@ def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what
         return ImageFolderDataset(data.root, classes=names, samples=samples,
                                   min_size=data.min_size if min_size is None else min_size,
                                   on_bad_file=checks["on_bad_file"], report=report)
+    if isinstance(data, (bytes, bytearray)):
+        raise DataError(f"The {what} data is {type(data).__name__}; give a path as text (a str or a pathlib.Path), "
+                        "e.g. data=os.fsdecode(path).")
+    if isinstance(data, dict):  # (a Hugging Face DatasetDict is read above)
+        raise DataError(f"The {what} data is a dict (keys {list(data)[:5]}): give a folder of class folders, a CSV "
+                        "of path,label rows, shards, Parquet files, a Hugging Face dataset or a torch Dataset of "
+                        "(image, label); splits go to data= (training) and val_data= (validation).")
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         if len(data) == 0:
             raise DataError(f"The {what} dataset is empty.")
@@ -133,7 +141,15 @@ def _check_first_image(data: Any, what: str, labels_read: dict[int, int]) -> Non
     inside a DataLoader worker. Its label joins ``labels_read`` (a dataset without a
     ``targets`` attribute loads each item once for its label)."""
     item = data[0]
-    image = item[0] if isinstance(item, (tuple, list)) and item else item
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise DataError(f"The {what} dataset's item 0 is {_shown(item)}: a dataset item is a pair (image, label) "
+                        "(an image held in memory: a PIL image, an array [H, W, C] or a tensor [C, H, W]).")
+    image = item[0]
+    if isinstance(image, (str, os.PathLike, bytes)):
+        raise DataError(f"The {what} dataset's item 0 holds the file path {_shown(image)}, where an image held in "
+                        "memory goes. For (path, label) pairs write a CSV of path,label rows and pass its path (e.g. "
+                        "pandas.DataFrame(pairs, columns=['path', 'label']).to_csv('data.csv', index=False)), or give "
+                        "a folder of class folders.")
     if isinstance(item, (tuple, list)) and len(item) == 2:
         labels_read[0] = class_index(item[1], 0)
     try:
@@ -143,6 +159,14 @@ def _check_first_image(data: Any, what: str, labels_read: dict[int, int]) -> Non
             check_image_tensor(image, "train on")
     except DataError as exc:
         raise DataError(f"The {what} dataset's item 0: {exc}") from exc
+
+
+def _shown(value: Any) -> str:
+    """``value`` as a message shows it: its type, and its text when short."""
+    text = repr(value)
+    if len(text) <= 80:
+        return f"{type(value).__name__} {text}"
+    return f"a {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, (tuple, list)) else "")
 
 
 def _relabel(own: list[str], classes: list[str] | None, what: str, report: DataReport) -> list[int] | None:

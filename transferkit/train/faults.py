@@ -139,6 +139,14 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
         if ours():
             raise TrainingError(f"{exc} The last good checkpoint, {str(checkpoint)!r}, was kept.") from exc
         raise
+    except ValueError as exc:
+        if "Expected more than 1 value per channel when training" not in str(exc):
+            raise
+        seen = str(exc).split("got ", 1)[-1]  # input size torch.Size([1, 512, 1, 1])
+        raise TrainingError(f"A BatchNorm layer that trains saw one value per channel ({seen}): batch_size="
+                            f"{batch_size} image(s) per process, 1x1 at that layer at this image size, give it nothing "
+                            "to normalise by. Use batch_size >= 2, a larger image_size, or keep the BatchNorm "
+                            "statistics as they are (add ',bn=affine' or ',bn=frozen' to the policy).") from exc
     except RuntimeError as exc:
         if not _is_oom(exc):
             raise

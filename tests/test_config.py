@@ -286,3 +286,13 @@ def test_backbone_options_that_finetune_sets_itself_are_refused_in_one_line(key)
     a TypeError traceback."""
     with pytest.raises(ConfigError, match=rf"backbone_options holds {key}, which finetune\(\) sets itself"):
         FinetuneConfig(data="x", backbone="tk:small_cnn", backbone_options={key: "DEFAULT"})
+
+
+@pytest.mark.parametrize("Cs, said", [(5, r"probe_Cs=5 has type int; expected None or list or tuple"),
+                                      ("abc", r"probe_Cs='abc' has type str")])
+def test_linear_probe_cs_that_are_no_list_are_refused_as_given(Cs, said):
+    """Cs=5 was a raw TypeError ('int' object is not iterable), and Cs="abc" was split into characters."""
+    import transferkit as tk
+
+    with pytest.raises(ConfigError, match=said):
+        tk.linear_probe("tk:small_cnn", data="images/", Cs=Cs)

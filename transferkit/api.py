@@ -318,7 +318,9 @@ def linear_probe(config: FinetuneConfig | str | Backbone | None = None, /, *, Cs
     if Cs is not None:
         if "probe_Cs" in options:
             raise ConfigError("linear_probe(): Cs= and probe_Cs= name the same setting; give one of them.")
-        options["probe_Cs"] = list(Cs)
+        # a list or tuple as given (a number, a text is said as what it is by the configuration's check)
+        options["probe_Cs"] = Cs if isinstance(Cs, (list, tuple, str, bytes)) or not hasattr(Cs, "__iter__") \
+            else list(Cs)
     return finetune(FinetuneConfig.from_call(config, {**options, "head": "logistic"}))
 
 

@@ -255,6 +255,23 @@ def test_a_held_out_folder_next_to_train_is_the_validation_split(tmp_path, held_
     assert (recipe.test if held_out == "test" else recipe.val) == root / held_out
 
 
+def test_a_split_layout_given_with_val_data_trains_on_its_train_folder(tmp_path):
+    """It was read as two classes, 'train' and 'val', and the error then told the user to
+    rename val_data's class folders."""
+    root = _split_layout(tmp_path / "data", "train", "val")
+    other = _split_layout(tmp_path / "other", "val") / "val"
+    with pytest.warns(UserWarning, match=r"is a split layout: training uses its train/, and val_data= validates; "
+                                         r"its val/ is not used"):
+        bundle = prepare_data(root, val_data=other)
+    assert bundle.classes == ["ants", "bees"]
+    assert {Path(p).parts[-3] for p, _ in bundle.train.samples} == {"train"}
+    assert {Path(p).parent.parent for p, _ in bundle.val.samples} == {other}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert prepare_data(root, val_data=root / "val").classes == ["ants", "bees"]
+    assert not [w for w in seen if "not used" in str(w.message)]  # its own val/ as val_data: nothing left unused
+
+
 def test_split_layout_edge_cases(tmp_path):
     both = _split_layout(tmp_path / "both", "train", "val", "test")
     with pytest.warns(UserWarning, match="test/ is not used"):

@@ -205,6 +205,14 @@ def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple
     """
     warn_held_out_listed(data, report)
     if val_data is not None:  # data that hold both splits give their own side
+        splits = find_split_folders(data) if isinstance(data, (str, Path)) else None
+        if splits is not None:  # train/ and val/ (or test/) are never two classes
+            given = Path(val_data).resolve() if isinstance(val_data, (str, Path)) else None
+            held = [f"{p.name}/" for p in (splits.val, splits.test) if p is not None and p.resolve() != given]
+            if held:
+                report.warn(f"{str(data)!r} is a split layout: training uses its train/, and val_data= validates; "
+                            f"its {' and '.join(held)} {'is' if len(held) == 1 else 'are'} not used.")
+            data = splits.train
         data, val_data = _one_split(data, 0, report=report), _one_split(val_data, 1)
         shared = shared_shards(data, val_data)
         if shared:

@@ -798,8 +798,20 @@ def test_settings_that_do_nothing_are_noted_and_a_warmup_past_its_phase_is_refus
     kw = dict(weights=None, data=image_folder, image_size=16, num_workers=0, verbose=False, epochs=3)
     for extra, said in (({"optimizer": "adamw", "momentum": 0.5}, "momentum=0.5 is not used: it is SGD's"),
                         ({"schedule": "one_cycle", "warmup_epochs": 1}, "warmup_epochs=1 is not used: the one_cycle"),
-                        ({"policy": "full,l2sp=0.01", "weight_decay": 0.05}, "weight_decay=0.05 is not used: L2-SP")):
-        assert any(n.startswith(said) for n in tk.plan("tk:small_cnn", **kw, **extra).notes), extra
+                        ({"policy": "full,l2sp=0.01", "weight_decay": 0.05}, "weight_decay=0.05 is not used: L2-SP"),
+                        ({"policy": "full,l2sp=0"}, "l2sp=0 pulls no backbone weight toward its starting weights"),
+                        ({"head_activation": "gelu"}, "head_activation='gelu' is not used: a linear head has no "),
+                        ({"decode_once": True, "policy": "feature_extraction"}, "decode_once=True is not used"),
+                        ({"decode_once": True, "policy": "full", "epochs": 1}, "decode_once=True is not used"),
+                        ({"max_seconds": 5.0}, "max_seconds=5.0 is not used: it crops audio clips"),
+                        ({"cache_views": 2, "policy": "full", "augment": "flip"}, "cache_views=2 is not used"),
+                        ({"val_data": image_folder, "val_split": 0.5}, "val_split=0.5 is not used: val_data= gives"),
+                        ({"schedule": "plateau", "val_split": 0}, "schedule='plateau' steps on the training loss"),
+                        ({"policy": "feature_extraction,bn=frozen"}, "bn=frozen is not used: the backbone is frozen")):
+        assert any(n.startswith(said) for n in tk.plan("tk:small_cnn", **{**kw, **extra}).notes), extra
+    for extra in ({"head": "mlp", "head_activation": "gelu"}, {"decode_once": True, "policy": "full"},
+                  {"schedule": "plateau"}, {"policy": "full,bn=frozen"}):  # each used
+        assert not tk.plan("tk:small_cnn", **{**kw, **extra}).notes, extra
     assert not tk.plan("tk:small_cnn", **kw, optimizer="sgd", momentum=0.5, weight_decay=0.05).notes
     with pytest.raises(ConfigError, match=r"warmup_epochs=2 is longer than the first phase of policy "
                                           r"fine_tune:frozen=1,passes=1 \(1 epoch\).* Use warmup_epochs <= 1"):

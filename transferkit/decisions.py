@@ -335,6 +335,8 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     notes += [engine_note] if engine_note else []
     if cfg.compile is True and not compile_on:  # asked for, on a run whose trunk never trains
         notes.append(compile_why + ".")
+    notes += _settings_unused(cfg, pol, head=facts.head, kind=data.kind, cached_epochs=cached_epochs, frozen=frozen,
+                              cache_reason=reason, decode=decode, n_val=data.n_val)
     target_norm = resolve_target_norm(cfg.target_norm, task=cfg.task)
     if data.targets is not None:
         scale_note = target_scale_note(data.targets, data.classes, standardised=target_norm)
@@ -424,8 +426,42 @@ def _policy_options_unused(pol: Policy, *, cached_epochs: int, cache_reason: str
         notes.append(f"l2sp={pol.l2sp:g} pulls the backbone toward its starting weights, and this run starts from "
                      "random ones (weights=None): L2-SP keeps a pretrained backbone near what it learned. Give "
                      "pretrained weights, or drop l2sp.")
+    if pol.l2sp == 0 and not frozen:
+        notes.append(f"l2sp=0 pulls no backbone weight toward its starting weights: this run is L2-SP at alpha 0 (no "
+                     f"weight decay anywhere, the head pulled toward zero by l2sp_beta={pol.l2sp_beta:g}), not the "
+                     "policy without l2sp, which decays every weight.")
     if pol.l2sp is not None and pol.decay_norm_bias:
         notes.append("decay_norm_bias=true is not used: L2-SP replaces weight decay, so no parameter has any.")
+    return notes
+
+
+def _settings_unused(cfg: FinetuneConfig, pol: Policy, *, head: str, kind: str, cached_epochs: int, frozen: bool,
+                     cache_reason: str, decode: dict[str, Any], n_val: int) -> list[str]:
+    """Notes for settings that this run accepts and that do nothing in it (a head's activation
+    without a hidden layer, an audio setting on images, ...), said once like the others."""
+    default = {k: f.default for k, f in FinetuneConfig.__dataclass_fields__.items()}
+    notes = []
+    if cfg.head_activation != default["head_activation"] and head != "mlp":
+        notes.append(f"head_activation={cfg.head_activation!r} is not used: a {head} head has no hidden layer "
+                     "(head='mlp' has one).")
+    if cfg.decode_once is True and not decode:
+        notes.append("decode_once=True is not used: decoding once pays from the second epoch that runs the trunk on "
+                     f"image files, and this run has none or one ({cache_reason}).")
+    if kind == "image" and cfg.max_seconds != default["max_seconds"]:
+        notes.append(f"max_seconds={cfg.max_seconds} is not used: it crops audio clips, and this run's inputs are "
+                     "images.")
+    if cfg.cache_views > 1 and not cached_epochs:
+        notes.append(f"cache_views={cfg.cache_views} is not used: no epoch trains on cached features "
+                     f"({cache_reason}).")
+    if cfg.val_data is not None and cfg.val_split != default["val_split"]:
+        notes.append(f"val_split={cfg.val_split:g} is not used: val_data= gives the validation data, so nothing is "
+                     "held out of the training data.")
+    if cfg.schedule == "plateau" and not n_val:
+        notes.append("schedule='plateau' steps on the training loss: it lowers the rate when the validation loss "
+                     "stops improving, and this run has no validation data.")
+    if pol.bn != "train" and frozen:
+        notes.append(f"bn={pol.bn} is not used: the backbone is frozen for every epoch, its BatchNorm layers in eval "
+                     "mode with their statistics as they are.")
     return notes
 
 

@@ -807,7 +807,9 @@ def test_settings_that_do_nothing_are_noted_and_a_warmup_past_its_phase_is_refus
                         ({"cache_views": 2, "policy": "full", "augment": "flip"}, "cache_views=2 is not used"),
                         ({"val_data": image_folder, "val_split": 0.5}, "val_split=0.5 is not used: val_data= gives"),
                         ({"schedule": "plateau", "val_split": 0}, "schedule='plateau' steps on the training loss"),
-                        ({"policy": "feature_extraction,bn=frozen"}, "bn=frozen is not used: the backbone is frozen")):
+                        ({"policy": "feature_extraction,bn=frozen"}, "bn=frozen is not used: the backbone is frozen"),
+                        ({"head": "logistic", "lr": 0.5, "schedule": "step"},
+                         "epochs=3, lr=0.5, schedule='step' are not used: head='logistic' is fitted once by ")):
         assert any(n.startswith(said) for n in tk.plan("tk:small_cnn", **{**kw, **extra}).notes), extra
     for extra in ({"head": "mlp", "head_activation": "gelu"}, {"decode_once": True, "policy": "full"},
                   {"schedule": "plateau"}, {"policy": "full,bn=frozen"}):  # each used

@@ -441,6 +441,14 @@ def _settings_unused(cfg: FinetuneConfig, pol: Policy, *, head: str, kind: str, 
     without a hidden layer, an audio setting on images, ...), said once like the others."""
     default = {k: f.default for k, f in FinetuneConfig.__dataclass_fields__.items()}
     notes = []
+    if head == "logistic":  # fitted once by scikit-learn, its C chosen on the validation data
+        given = [f"{k}={getattr(cfg, k)!r}" for k in ("epochs", "lr", "optimizer", "schedule", "warmup_epochs",
+                                                       "weight_decay", "momentum", "head_norm")
+                 if getattr(cfg, k) != default[k]]
+        if given:
+            notes.append(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not used: head='logistic' is fitted "
+                         "once by scikit-learn on standardised features, its regularisation C chosen among probe_Cs "
+                         "on the validation data. Use head='linear' to train a head by epochs.")
     if cfg.head_activation != default["head_activation"] and head != "mlp":
         notes.append(f"head_activation={cfg.head_activation!r} is not used: a {head} head has no hidden layer "
                      "(head='mlp' has one).")

@@ -320,3 +320,11 @@ def test_a_logistic_head_and_an_unwritable_plot_are_refused_before_the_test_runs
         tk.lr_find("tk:small_cnn", weights=None, data=image_folder, head="logistic", **LF)
     with pytest.raises(tk.OutputError, match="plot"):
         tk.lr_find("tk:small_cnn", weights=None, data=image_folder, plot=tmp_path, **LF)
+
+
+def test_lr_find_says_it_writes_none_of_finetune_s_outputs(image_folder, tmp_path):
+    """export= and checkpoint= were taken without a word and nothing was written."""
+    with pytest.warns(UserWarning, match=r"lr_find writes no export='.*m.pt', checkpoint='.*m.ckpt': the range test"):
+        tk.lr_find("tk:small_cnn", weights=None, data=image_folder, num_steps=4, export=tmp_path / "m.pt",
+                   checkpoint=tmp_path / "m.ckpt", **{k: v for k, v in LF.items() if k != "num_steps"})
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "m.ckpt").exists()

@@ -410,6 +410,11 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
         raise ConfigError(f"lr_find: lr={options['lr']!r} is not used: the range test sweeps its own rates, from "
                           "start_lr to end_lr, to suggest one. Leave lr out (pass the suggestion to finetune).")
     cfg = FinetuneConfig.from_call(config, options)
+    outputs = [f"{k}={str(getattr(cfg, k))!r}" for k in ("export", "checkpoint", "plots_dir", "log_dir")
+               if getattr(cfg, k) is not None]
+    if outputs:  # kept, not refused: lr_find(**kw) then finetune(**kw) is the intended use
+        warnings.warn(f"lr_find writes no {', '.join(outputs)}: the range test trains a copy of the model to suggest "
+                      "a rate and writes nothing but plot=; those outputs are written by finetune.", stacklevel=2)
     if cfg.head == "logistic":
         raise ConfigError("lr_find: head='logistic' fits a logistic-regression probe, which has no learning rate to "
                           "search (it tries the C values of probe_Cs). Use head='linear' for a head trained by "

@@ -808,6 +808,8 @@ def test_settings_that_do_nothing_are_noted_and_a_warmup_past_its_phase_is_refus
                         ({"val_data": image_folder, "val_split": 0.5}, "val_split=0.5 is not used: val_data= gives"),
                         ({"schedule": "plateau", "val_split": 0}, "schedule='plateau' steps on the training loss"),
                         ({"policy": "feature_extraction,bn=frozen"}, "bn=frozen is not used: the backbone is frozen"),
+                        ({"policy": "unfreeze:last=0"}, "policy 'unfreeze:last=0' unfreezes no block: this run is "
+                                                        "feature_extraction"),
                         ({"head": "logistic", "lr": 0.5, "schedule": "step"},
                          "epochs=3, lr=0.5, schedule='step' are not used: head='logistic' is fitted once by ")):
         assert any(n.startswith(said) for n in tk.plan("tk:small_cnn", **{**kw, **extra}).notes), extra

@@ -467,6 +467,9 @@ def _settings_unused(cfg: FinetuneConfig, pol: Policy, *, head: str, kind: str, 
     if cfg.schedule == "plateau" and not n_val:
         notes.append("schedule='plateau' steps on the training loss: it lowers the rate when the validation loss "
                      "stops improving, and this run has no validation data.")
+    if isinstance(cfg.policy, str) and cfg.policy.split(":")[0].strip() == "unfreeze" and pol.unfreeze == "none" \
+            and pol.unfreeze_from is None:
+        notes.append(f"policy {cfg.policy!r} unfreezes no block: this run is {pol} (the backbone frozen).")
     if pol.bn != "train" and frozen:
         notes.append(f"bn={pol.bn} is not used: the backbone is frozen for every epoch, its BatchNorm layers in eval "
                      "mode with their statistics as they are.")

@@ -272,6 +272,21 @@ def test_a_split_layout_given_with_val_data_trains_on_its_train_folder(tmp_path)
     assert not [w for w in seen if "not used" in str(w.message)]  # its own val/ as val_data: nothing left unused
 
 
+def test_copies_within_a_class_that_val_split_puts_on_both_sides_are_warned_about(tmp_path):
+    """A validation folder's copies of training files were warned about; the same copies held
+    out by val_split (a file twice in one class folder) were not."""
+    root = make_image_folder(tmp_path / "d", per_class=10, size=16)
+    for f in list((root / "dark").iterdir())[:5]:
+        (f.parent / f"copy_{f.name}").write_bytes(f.read_bytes())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        bundle = prepare_data(root, val_split=0.5, seed=0)
+    said = [str(w.message) for w in seen if "byte-identical to training files" in str(w.message)]
+    names = lambda ds: {Path(p).name.removeprefix("copy_") for p, _ in ds.samples}  # noqa: E731
+    straddle = names(bundle.train) & names(bundle.val)
+    assert straddle and len(said) == 1 and said[0].startswith(f"Validation data hold {len(straddle)} file")
+
+
 def test_split_layout_edge_cases(tmp_path):
     both = _split_layout(tmp_path / "both", "train", "val", "test")
     with pytest.warns(UserWarning, match="test/ is not used"):

@@ -374,7 +374,8 @@ def split_views(train: Any, tr_idx: Sequence[int], va_idx: Sequence[int], *, tar
     """The training and validation views of ``train`` split by `val_split` (``targets``: the
     labels before the split, warned about by `warn_unvalidated_classes`); no validation data
     (None, with a warning) when the split held out nothing (every class has a single example,
-    or a hashed split of very few samples)."""
+    or a hashed split of very few samples). Files of one class with identical bytes that the
+    split put on both sides are warned about, as a validation folder's copies are."""
     if len(va_idx):
         warn_unvalidated_classes(targets, va_idx, names, report)
     else:
@@ -382,4 +383,7 @@ def split_views(train: Any, tr_idx: Sequence[int], va_idx: Sequence[int], *, tar
                     "validation data: its metrics, best epoch and early stopping come from training. Add examples, "
                     "or give validation data (val_data=, or a val/ folder beside train/).")
         return train.view(tr_idx), None
-    return train.view(tr_idx), train.view(va_idx)
+    tr, va = train.view(tr_idx), train.view(va_idx)
+    if hasattr(tr, "samples") and hasattr(va, "samples"):  # a file twice in one class: a copy on each side
+        warn_validation_copies(tr.samples, va.samples, report)
+    return tr, va

@@ -5,6 +5,7 @@ emptied by bad files, files that break after the pre-scan, and split layouts
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -285,6 +286,25 @@ def test_copies_within_a_class_that_val_split_puts_on_both_sides_are_warned_abou
     names = lambda ds: {Path(p).name.removeprefix("copy_") for p, _ in ds.samples}  # noqa: E731
     straddle = names(bundle.train) & names(bundle.val)
     assert straddle and len(said) == 1 and said[0].startswith(f"Validation data hold {len(straddle)} file")
+
+
+def test_files_added_to_a_folder_move_at_most_one_file_per_class_across_the_split(tmp_path):
+    """The split was a seeded permutation of the sorted list: one image added to a class moved
+    earlier validation images into training, so a model trained after it had seen images the
+    earlier model was validated on. A copy of the folder elsewhere splits the same."""
+    root = make_image_folder(tmp_path / "d", per_class=20, size=16)
+
+    def held_out(folder):
+        return {Path(p).relative_to(folder).as_posix() for p, _ in _quiet(prepare_data, folder, val_split=0.25).val.samples}
+
+    before = held_out(root)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "dark" / "dark_new.png")
+    after = held_out(root)
+    moved = (before ^ after) - {"dark/dark_new.png"}
+    assert len(moved) <= 1 and all(m.startswith("dark/") for m in moved), moved
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(root, copy)
+    assert held_out(copy) == after
 
 
 def test_split_layout_edge_cases(tmp_path):

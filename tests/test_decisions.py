@@ -664,7 +664,7 @@ def test_export_from_a_checkpoint_reads_the_stored_decisions(split_folders, tmp_
     from transferkit.export.from_checkpoint import model_from_checkpoint
 
     r = tk.finetune("tk:small_cnn", data=split_folders / "train", head_hidden=(8,), checkpoint=tmp_path / "c.pt",
-                    **KW)
+                    restore_best=False, **KW)  # the checkpoint holds the last epoch's weights, as the model then
     model, meta = model_from_checkpoint(tmp_path / "c.pt")
     assert meta["decisions"]["head"]["norm"] is True and isinstance(model.head[0], tk.FeatureNorm)
     assert "config" not in meta and meta["decisions"]["config"]["head_hidden"] == [8]  # the configuration once

@@ -3,6 +3,7 @@ of bad files; stratified splits and the split-folder rule that every entry point
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transferkit.data.checks import DataReport, find_duplicates, warn_copies_across_classes
+from transferkit.data.checks import DataReport, find_duplicates, nfc, warn_copies_across_classes
 from transferkit.data.folders import find_split_folders, warn_split_like_classes
 from transferkit.data.encoded import EncodedImageDataset, index_names, no_shared_class
 from transferkit.data.images import (ImageFolderDataset, TransformedDataset, check_image_tensor, class_index,
@@ -39,10 +40,22 @@ class DataBundle:
     targets: torch.Tensor | None = None  # regression: training targets read before training [N, D]
 
 
-def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0,
+                     keys: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
     """Split indices so that every class keeps its proportion in both parts
     (at least one sample of each class with two or more samples goes to each part; a class
-    with a single sample stays in training: `warn_unvalidated_classes` says so)."""
+    with a single sample stays in training: `warn_unvalidated_classes` says so).
+
+    ``keys`` (one per sample, e.g. `split_keys`: each file's path relative to the data's
+    folder): each class's samples are ordered by a seeded hash of their key, and the first
+    ``round(n * val_fraction)`` are held out. Adding or removing one file then moves at most
+    one other file of its class between the parts (a seeded permutation of the list, used
+    without keys, moves many: every index after the new file shifts).
+
+    Example:
+        >>> stratified_split([0, 0, 0, 0, 1, 1, 1, 1], 0.25, keys=list("abcdefgh"))
+        ([0, 1, 3, 4, 5, 6], [2, 7])
+    """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_split must be between 0 and 1 (exclusive), got {val_fraction!r}.")
     rng = np.random.default_rng(seed)
@@ -51,12 +64,35 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0)
         by_class.setdefault(int(t), []).append(i)
     train_idx, val_idx = [], []
     for _, idx in sorted(by_class.items()):
-        idx = list(rng.permutation(idx))
+        if keys is not None:
+            idx = sorted(idx, key=lambda i: hashlib.blake2b(f"{seed}\0{keys[i]}".encode(), digest_size=8).digest())
+        else:
+            idx = list(rng.permutation(idx))
         n_val = int(round(len(idx) * val_fraction))
         n_val = min(max(n_val, 1 if len(idx) >= 2 else 0), len(idx) - 1)
         val_idx += idx[:n_val]
         train_idx += idx[n_val:]
     return sorted(int(i) for i in train_idx), sorted(int(i) for i in val_idx)
+
+
+def split_keys(samples: Sequence[tuple[Any, Any]]) -> list[str] | None:
+    """What `stratified_split` orders files by: each sample's path relative to the folder that
+    holds them all, in one Unicode form and with ``/`` (the same on every machine and copy of
+    the data, so that the ranks of a job and later runs split alike); None when a sample is
+    not a file.
+
+    Example:
+        >>> split_keys([("/data/ants/1.jpg", 0), ("/data/bees/2.jpg", 1)])
+        ['ants/1.jpg', 'bees/2.jpg']
+    """
+    paths = [p for p, _ in samples]
+    if not paths or not all(isinstance(p, (str, Path)) for p in paths):
+        return None
+    absolute = [os.path.abspath(p) for p in paths]
+    root = os.path.commonpath(absolute) if len(absolute) > 1 else os.path.dirname(absolute[0])
+    if len(set(absolute)) == 1:  # one file listed many times
+        root = os.path.dirname(absolute[0])
+    return [nfc(os.path.relpath(p, root).replace(os.sep, "/")) for p in absolute]
 
 
 def warn_unvalidated_classes(targets: Sequence[int], val_idx: Sequence[int], names: Sequence[str],
@@ -363,7 +399,8 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
             _warn_samples_in_both(train, val, report)
     elif val_split:
         splitter = getattr(train, "hash_split", None)  # encoded images: by key, reads no sample
-        tr_idx, va_idx = splitter(val_split, seed) if splitter else stratified_split(targets, val_split, seed)
+        tr_idx, va_idx = splitter(val_split, seed) if splitter else \
+            stratified_split(targets, val_split, seed, keys=split_keys(getattr(train, "samples", [])))
         train, val = split_views(train, tr_idx, va_idx, targets=targets, names=names, val_split=val_split,
                                  report=report)
     return DataBundle(train=train, val=val, classes=names, report=report)

@@ -25,9 +25,10 @@ class ToRGB(torch.nn.Module):
     read ([`load_image`][transferkit.data.load_image]) and as ``predict`` reads the same object:
     a PIL image gets its EXIF orientation and `to_rgb` (16-bit scaled, transparent pixels
     composited onto white); arrays and tensors go through `image_from_array` and
-    `check_image_tensor` (16-bit scaled to 8 bits, float checked to lie in [0, 1]), and a
+    `check_image_tensor` (16-bit scaled to 8 bits, float checked to lie in [0, 1]); an 8-bit
+    tensor (uint8, or 16-bit scaled) becomes the PIL image its file is read as, and a float
     4-channel tensor is composited onto white by its alpha channel, so that an image passed
-    as an object is the image passed as its file."""
+    as an object is the image passed as its file (a float one within its rounding)."""
 
     def forward(self, img):
         if isinstance(img, np.ndarray):
@@ -39,6 +40,9 @@ class ToRGB(torch.nn.Module):
             return to_rgb(img, top=top)
         if isinstance(img, torch.Tensor):
             img = check_image_tensor(img, "train on")
+            if img.dtype == torch.uint8:  # as its file: resized by PIL, its alpha composited as PIL does
+                pixels = img.permute(1, 2, 0).numpy()
+                return self.forward(Image.fromarray(pixels[..., 0] if img.shape[0] == 1 else pixels))
             if img.shape[0] == 1:
                 return img.expand(3, -1, -1).contiguous()
             if img.shape[0] == 4:

@@ -399,3 +399,30 @@ def test_a_multilabel_column_named_with_the_label_separator_is_refused(table):
     with pytest.raises(DataError, match=r"the label name 'red;ish' holds ';', which separates the labels"):
         scan_target_csv(bad, task="multilabel")
     assert scan_target_csv(bad, task="regression")[1] == ["red;ish", "blue"]  # output names of values: no lists
+
+
+@pytest.mark.parametrize("policy", ["full", "feature_extraction"])
+def test_a_validation_file_of_a_target_csv_that_fails_to_load_counts_in_no_metric(tmp_path, policy):
+    """The failed rows were looked up in the whole CSV, not in the validation rows: the run
+    stopped with an IndexError, or left out another row."""
+    import warnings
+
+    from tests.conftest import make_image_folder
+    from transferkit.data.late import failed_items
+
+    files = sorted(make_image_folder(tmp_path / "img", per_class=6, size=20).glob("*/*"))
+    listing = tmp_path / "values.csv"
+    listing.write_text("path,value\n" + "".join(f"{p},{i * 0.5}\n" for i, p in enumerate(files)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle, _ = prepare_task_data(listing, None, task="regression", val_split=0.25, seed=0, classes=None,
+                                      min_size=None)
+        row = 1
+        damaged_png(tmp_path / "img" / bundle.val.base.samples[bundle.val.indices[row]][0])
+        for i in range(len(bundle.val)):
+            bundle.val[i]  # as the validation pass loads it: replaced, and recorded
+    assert failed_items(bundle.val) == [row] and failed_items(bundle.train) == []
+    with pytest.warns(UserWarning, match="failed to load"):
+        r = tk.finetune("tk:small_cnn", data=listing, task="regression", weights=None, image_size=16, epochs=1,
+                        batch_size=4, num_workers=0, verbose=False, policy=policy, precision="fp32", val_split=0.25)
+    assert np.isfinite(r.metrics["val_loss"]) and len(r.val_logits) == len(bundle.val)

@@ -262,13 +262,18 @@ def failed_items(dataset: Any) -> list[int]:
     them out of its metrics, and a head trained on features held in memory leaves them out of
     training, so that no file counts twice. Items that are not files or shard members are
     never named."""
-    owner = _loading(dataset)
-    samples = getattr(listing_of(dataset) or dataset, "samples", None)
+    owner, listing = _loading(dataset), listing_of(dataset)
+    samples = getattr(listing or dataset, "samples", None)
     if owner is None or samples is None or not owner.report.bad_at_load:
         return []
     bad = set(owner.report.bad_at_load)
-    return [i for i, (source, _) in enumerate(samples)
+    rows = [i for i, (source, _) in enumerate(samples)
             if (isinstance(source, (str, Path)) or hasattr(source, "sample_id")) and str(source) in bad]
+    view = getattr(dataset, "indices", None) if listing is not None and listing is not dataset else None
+    if view is None:
+        return rows
+    at = {int(b): r for r, b in enumerate(view)}  # a view of the listing (a CSV's targets): its own rows
+    return [at[b] for b in rows if b in at]
 
 
 def source_name(source: Any, index: int) -> str:

@@ -434,6 +434,13 @@ def test_fine_tune_s_head_phase_trains_in_fp32_as_feature_extraction_does(tmp_pa
     assert not any(seen[:head_phase]) and all(seen[head_phase:]), seen
     best = fe.history[ft.history[0]["best_pass"] - 1]  # the pass it kept (counted from 1): that epoch of fe
     assert (ft.history[0]["train_loss"], ft.history[0]["val_loss"]) == (best["train_loss"], best["val_loss"])
+    seen.clear()  # lr_find's frozen phase tests the head as that phase trains it
+    tk.lr_find("tk:small_cnn", policy="fine_tune:frozen=1", phase="frozen", num_steps=3,
+               **{k: v for k, v in kw.items() if k != "restore_best"})
+    assert seen and not any(seen)
+    # no head phase: the record says the training precision (a checkpoint of before it was recorded resumes)
+    for other in ({"policy": "full"}, {"policy": "fine_tune:frozen=1", "cache_features": False}):
+        assert tk.plan("tk:small_cnn", **kw, **other).speed["head_precision"] == "bf16", other
 
 
 def test_the_schedule_spans_the_steps_taken_when_files_prove_unreadable(tmp_path, monkeypatch):

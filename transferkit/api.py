@@ -40,6 +40,7 @@ from transferkit.run import Run, build
 from transferkit.outputs import check_output_paths, check_output_space, check_plotting, output_locks
 from transferkit.steps import (
     evaluate,
+    head_speed,
     metadata,
     save_interrupted,
     report_load_failures,
@@ -438,7 +439,8 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
         opt = make_optimizer(cfg.optimizer, groups, lr=start_lr, momentum=cfg.momentum)
         per_epoch = len(td.train_loader)
         loop = Loop(optimizer=opt, loss_fn=run.loss_fn, set_mode=lambda e: set_epoch_mode(d, run, first + e),
-                    speed=run.speed, task=cfg.task, verbose=cfg.verbose and d.is_main)
+                    speed=head_speed(d, run) if which == "frozen" else run.speed, task=cfg.task,
+                    verbose=cfg.verbose and d.is_main)
         result = lr_range_test(td.module, td.train_loader, loop,
                                LRRange(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps), lr_factor=factor,
                                on_first_steps=lambda s: say(_lr_find_cost(s, num_steps, per_epoch, which,

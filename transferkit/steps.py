@@ -60,6 +60,7 @@ from transferkit.train.metrics import final_metrics, regression_metrics
 from transferkit.train.optim import make_optimizer, make_scheduler, phase_steps
 from transferkit.train.reporting import TensorBoardLogger, write_reports
 from transferkit.train.resume import epoch_end_callback, resume_from
+from transferkit.train.speed import SpeedConfig
 
 
 @dataclass
@@ -471,7 +472,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None, head_phase_only: bool
                     steps, timing = _schedule_plan(d, len(td.train_loader), inputs)
                     sched.replan(**timing)
                 loop.wrap = _wrapper(run, cached=True)
-                loop.speed = replace(run.speed, precision=d.speed.get("head_precision", run.speed.precision))
+                loop.speed = head_speed(d, run)
                 seconds.update(td.seconds)
                 report, state.feature_report = td.report, jsonable(td.report)  # plain data: in checkpoints
                 history, best = fit(td.module, td.train_loader, td.val_loader, loop, epochs=k, state=state,
@@ -496,6 +497,13 @@ def train(d: Decisions, run: Run, *, progress: Any = None, head_phase_only: bool
     seconds["train_s"] = time.perf_counter() - t1
     return TrainOutcome(history=history, best=best, state=state, data=td, optimizer=opt, seconds=seconds,
                         feature_report=report, compile_trial=trial.finish() if trial is not None else None)
+
+
+def head_speed(d: Decisions, run: Run) -> SpeedConfig:
+    """How a head trains on cached features before the trunk trains (``fine_tune``'s first
+    phase): in the decided ``head_precision`` (fp32 under ``precision="auto"``, as feature
+    extraction's head), else as the run's training."""
+    return replace(run.speed, precision=d.speed.get("head_precision", run.speed.precision))
 
 
 def report_load_failures(run: Run) -> None:

@@ -118,7 +118,7 @@ def decide_speed(*, device_type: str, bf16: tuple[bool, str], precision: str = "
         cl, reasons["channels_last"] = bool(channels_last), "asked"
     reasons["compile"] = "asked" if compile else "compile=False"
     # a head on cached features before the trunk trains (fine_tune's first phase) trains as feature extraction does
-    head = "fp32" if precision == "auto" else train
+    head = "fp32" if precision == "auto" and features and not cached else train
     return {"precision": train, "feature_precision": feat, "head_precision": head, "channels_last": cl,
             "compile": "trial" if compile == "trial" else bool(compile), "reasons": reasons}
 

@@ -670,7 +670,9 @@ def test_export_from_a_checkpoint_reads_the_stored_decisions(split_folders, tmp_
     assert "config" not in meta and meta["decisions"]["config"]["head_hidden"] == [8]  # the configuration once
     x = torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)
     r.model.eval()
-    assert torch.allclose(model(x), r.model(x))
+    # the same weights; the run's model may hold them channels_last (its layout decision), the rebuilt one
+    # contiguous, whose convolutions sum in another order
+    torch.testing.assert_close(model(x), r.model(x), rtol=1e-4, atol=1e-4)
 
 
 def _on_cuda(facts, **decode):

@@ -155,3 +155,39 @@ def test_engines_are_timed_on_a_read_only_cache_dir_without_writing_to_it(folder
         eng.release_engines()
     assert "images_per_s" in facts.engines["measured"]["onnxruntime"]  # exported for this process only
     assert list(cache.iterdir()) == []
+
+
+def test_a_cache_dir_on_a_read_only_mount_is_read_and_never_written(folder, tmp_path):
+    """The same on a real read-only file system (a bind mount remounted read-only in a mount
+    namespace of its own, where the machine allows one), with a temporary file that a killed
+    run left in the cache: its clean-up stopped the run with a raw EROFS."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare here")
+    cache = tmp_path / "cache"
+    kw = dict(KW, data=str(folder), cache_dir=str(cache))
+    first = tk.finetune("tk:small_cnn", **kw)
+    code = "import sys; from pathlib import Path; from transferkit._io import create_temp; create_temp(Path(sys.argv[1]))"
+    subprocess.run([sys.executable, "-c", code, str(cache / "engines.json")], check=True)  # its writer is gone
+    assert [p for p in cache.iterdir() if p.name.endswith(".tmp")]
+    mount = f"mount --bind {cache} {cache} && mount -o remount,bind,ro {cache}"
+    if subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True).returncode != 0:
+        pytest.skip("no read-only bind mount here (unshare -m needs privileges)")
+    before = _listing(cache)
+    script = tmp_path / "run.py"
+    script.write_text("import json, sys, torch, transferkit as tk\ntorch.set_num_threads(1)\n"
+                      f"r = tk.finetune('tk:small_cnn', **json.loads({json.dumps(json.dumps(kw))}))\n"
+                      "print(json.dumps({'computed': r.feature_report['computed'], 'read_only': "
+                      "r.decisions.cache_read_only, 'val_loss': r.metrics['val_loss']}))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", f"{mount} && {sys.executable} {script}"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["computed"] == 0 and out["read_only"] == "read-only file system"
+    assert out["val_loss"] == pytest.approx(first.metrics["val_loss"], rel=1e-6)
+    assert _listing(cache) == before

@@ -182,6 +182,9 @@ def _remove(paths: list[Path]) -> list[Path]:
             removed.append(p)
         except FileNotFoundError:  # another process cleaned it first
             pass
+        except OSError as exc:  # a folder that cannot be written (a read-only cache_dir): left as it is
+            if exc.errno not in READ_ONLY_ERRNOS:
+                raise
     return removed
 
 

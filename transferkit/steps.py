@@ -84,7 +84,7 @@ def training_data(d: Decisions, run: Run, *, cached: bool | None = None, progres
     if not cached:
         return input_loaders(d, run)
     t0 = time.perf_counter()
-    if run.dist.local_rank == 0:  # what killed runs left in the cache (one rank per node looks)
+    if run.dist.local_rank == 0 and d.cache_read_only is None:  # what killed runs left (one rank per node looks)
         remove_stale_engine_files(d.config.cache_dir)
     cuda = [run.feature_speed.device] if run.feature_speed.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # extraction leaves the RNG as it was: a resume is exact

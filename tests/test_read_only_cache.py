@@ -115,6 +115,24 @@ def test_decode_once_with_a_read_only_cache_dir_decodes_in_memory(folder, tmp_pa
     assert list(cache.iterdir()) == []
 
 
+def test_a_damaged_decoded_entry_in_a_read_only_cache_dir_is_decoded_into_memory_not_rewritten(folder, tmp_path,
+                                                                                              read_only):
+    cache = tmp_path / "cache"
+    kw = dict(KW, data=folder, cache_dir=cache, policy="full")
+    first = tk.finetune("tk:small_cnn", **kw)
+    assert first.decisions.decode["train"]["mode"] == "disk"
+    pixels = next(cache.glob("decoded/*/pixels.npy"))
+    data = bytearray(pixels.read_bytes())
+    data[-1] ^= 0xFF
+    pixels.write_bytes(bytes(data))
+    read_only(cache)
+    before = _listing(cache)
+    with pytest.warns(UserWarning, match=r"are damaged .*, and the cache_dir is read-only \(read-only file system\): "
+                                         r"decoding them once into memory"):
+        tk.finetune("tk:small_cnn", **kw)
+    assert _listing(cache) == before
+
+
 def test_shard_indexes_and_copies_leave_a_read_only_cache_dir_alone_and_warn_on_a_writable_one(folder, tmp_path,
                                                                                         read_only):
     items = [(f.read_bytes(), f.suffix[1:], c) for f, c in folder_files(folder)]

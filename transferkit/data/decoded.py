@@ -279,9 +279,23 @@ def decoded_dataset(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: s
         stored = _load_entry(plan.path)
         if stored is not None:
             return DecodedDataset(*stored, transform=tf), plan
-        warnings.warn(f"The decoded images in {str(plan.path)!r} (cache_dir) are damaged (a file is missing, cut "
-                      "short or changed since it was written); decoding them again.", stacklevel=2)
-        shutil.rmtree(plan.path, ignore_errors=True)
+        damaged = f"The decoded images in {str(plan.path)!r} (cache_dir) are damaged (a file is missing, cut short " \
+            "or changed since it was written)"
+        read_only = read_only_folder(plan.path.parent)
+        if read_only is None:
+            warnings.warn(f"{damaged}; decoding them again.", stacklevel=2)
+            shutil.rmtree(plan.path, ignore_errors=True)
+        else:  # read, never written: in memory where they fit, as without cache_dir
+            fits = plan.estimate_bytes <= budget_bytes
+            warnings.warn(f"{damaged}, and the cache_dir is read-only ({read_only}): "
+                          f"{'decoding them once into memory' if fits else 'decoding them every epoch'}.", stacklevel=2)
+            plan = DecodePlan("memory" if fits else "off", plan.estimate_bytes,
+                              f"decoded once: {plan.estimate_bytes / 2**20:.0f} MB in memory (the entry in the "
+                              f"read-only cache_dir is damaged)" if fits else
+                              f"decoding every epoch: the entry in the read-only cache_dir is damaged",
+                              capacity_bytes=plan.capacity_bytes)
+            if not fits:
+                return dataset.view(transform=train_transform(spec, augment)), plan
     view = dataset.view(transform=_store_transform(spec, augment))
     workers = default_num_workers(dataset) if num_workers is None else num_workers
     capacity = plan.capacity_bytes

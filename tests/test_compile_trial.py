@@ -384,10 +384,14 @@ def test_compile_true_compiles_the_model_that_trains_end_to_end_not_the_head_on_
     # the plan and the record said "compile (asked)" where nothing is compiled: a note says it is not used
     for policy in ("feature_extraction", "fine_tune:frozen=2"):
         compiled.clear()
-        with pytest.warns(UserWarning, match="compile=True is not used: the trunk never trains in this run"):
+        with pytest.warns(UserWarning, match="compile=True is not used: every epoch trains a head on cached"):
             frozen = tk.finetune("tk:small_cnn", policy=policy, **common)
         assert frozen.decisions.cache and compiled == [] and frozen.decisions.speed["compile"] is False
         assert "compile (asked)" not in frozen.decisions.summary()
+    # a frozen trunk that runs in every epoch (no cache) is compiled, as asked
+    compiled.clear()
+    uncached = tk.finetune("tk:small_cnn", policy="feature_extraction", cache_features=False, **common)
+    assert uncached.decisions.speed["compile"] is True and compiled == [uncached.model]
 
 
 def test_a_failure_of_the_loss_on_a_new_shape_is_not_taken_for_a_compile_failure():

@@ -62,12 +62,7 @@ def decide_compile(requested: bool | str, *, device_type: str, epochs: int, worl
         (False, 'compile=False')
         >>> decide_compile("auto", device_type="cpu", epochs=10)[0]
         'trial'
-        >>> decide_compile(True, device_type="cpu", epochs=0)[0]  # feature extraction: a head on cached features
-        False
     """
-    if requested is True and epochs <= 0:
-        return False, ("compile=True is not used: the trunk never trains in this run, and a head on cached "
-                       "features runs eager (compiling it costs more than it saves)")
     if requested is True:
         return True, "asked" if shapes is None else (f"asked; {shapes}: batches of changing shapes are compiled "
                                                      "again (dynamic shapes), which not every model compiles")

@@ -169,6 +169,26 @@ def test_a_validation_file_that_fails_to_load_counts_in_no_metric(tmp_path, how)
         assert r.feature_report["masked_samples"] == 1
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_the_probe_chooses_c_on_the_validation_files_that_loaded(tmp_path, monkeypatch, cache):
+    """Features held in memory: the probe chose C on 8 validation rows, one of them another
+    file's features; the feature store's rows were 7."""
+    import transferkit.train.probe as probe
+
+    root = tmp_path / "d"
+    make_image_folder(root / "train", per_class=6, size=16)
+    make_image_folder(root / "val", per_class=4, size=16, seed=1)
+    damaged_png(sorted((root / "val" / "light").glob("*.png"))[0])
+    rows = []
+    real = probe.fit_logistic_probe
+    monkeypatch.setattr(probe, "fit_logistic_probe", lambda x, y, vx, vy, **k: rows.append(len(vy)) or
+                        real(x, y, vx, vy, **k))
+    with pytest.warns(UserWarning, match="Left out"):
+        tk.linear_probe("tk:small_cnn", weights=None, data=root, image_size=16, verbose=False, num_workers=0,
+                        precision="fp32", cache_dir=tmp_path / "cache" if cache else None)
+    assert rows == [7]
+
+
 def test_a_training_file_that_fails_while_features_are_computed_in_memory_is_left_out(tmp_path):
     """Its row took the next readable image of its class, which the head then fitted twice."""
     root = tmp_path / "d"

@@ -75,6 +75,9 @@ class TrainingData:
     stores: dict[str, Any] = field(default_factory=dict)  # FeatureStore, or ShardedFeatureStore with cache_dir
     seconds: dict[str, float] = field(default_factory=dict)
     report: dict[str, Any] | None = None  # the cached features' report (see feature_report); None: not cached
+    # features held in memory: the validation rows whose file failed to load (each holds the next readable file's
+    # features, aligned with the files, and counts in no metric; a feature store masks them itself)
+    val_failed: list[int] = field(default_factory=list)
 
 
 def training_data(d: Decisions, run: Run, *, cached: bool | None = None, progress: Any = None) -> TrainingData:
@@ -150,7 +153,7 @@ def cached_features(d: Decisions, run: Run, *, progress: Any = None) -> Training
                                     "masked_samples": len(failed[name]), "views": s.num_views, "path": None}
                              for name, s in stores.items()})
     return TrainingData(module=model.head, train_loader=train_dl, val_loader=val_dl, cached=True, stores=stores,
-                        report=report)
+                        report=report, val_failed=failed.get("val", []))
 
 
 STORE_MEMORY_BUDGET = 2 * 2**30  # head training holds a store this large in memory, else reads it in blocks

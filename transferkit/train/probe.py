@@ -192,8 +192,8 @@ def run_probe(data: TrainingData, head: nn.Module, *, task: str, Cs: Sequence[fl
     else:
         x = np.asarray(tr.features).reshape(-1, tr.features.shape[-1])
         y = np.tile(np.asarray(tr.targets), tr.num_views)
-        vx = np.asarray(va.features[0]) if va is not None else None
-        vy = np.asarray(va.targets) if va is not None else None
+        vx = np.delete(np.asarray(va.features[0]), data.val_failed, 0) if va is not None else None
+        vy = np.delete(np.asarray(va.targets), data.val_failed, 0) if va is not None else None  # files that loaded
         overwrite = False
     weights = class_weights if class_weights in (None, "balanced") else dict(enumerate(map(float, class_weights)))
     res, w, b = fit_logistic_probe(x, y, vx, vy, Cs=DEFAULT_CS if Cs is None else Cs, seed=seed,

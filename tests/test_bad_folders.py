@@ -314,8 +314,10 @@ def test_files_added_to_a_folder_move_at_most_one_file_per_class_across_the_spli
     earlier model was validated on. A copy of the folder elsewhere splits the same."""
     root = make_image_folder(tmp_path / "d", per_class=20, size=16)
 
-    def held_out(folder):
-        return {Path(p).relative_to(folder).as_posix() for p, _ in _quiet(prepare_data, folder, val_split=0.25).val.samples}
+    def held_out(data):
+        folder = data.parent if data.suffix == ".csv" else data
+        bundle = _quiet(prepare_data, data, val_split=0.25)
+        return {Path(p).relative_to(folder).as_posix() for p, _ in bundle.val.samples}
 
     before = held_out(root)
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "dark" / "dark_new.png")
@@ -325,6 +327,16 @@ def test_files_added_to_a_folder_move_at_most_one_file_per_class_across_the_spli
     copy = tmp_path / "elsewhere" / "copy"
     shutil.copytree(root, copy)
     assert held_out(copy) == after
+    # a CSV's files, by their path from the CSV's folder: one added in another folder moves no other
+    listing = tmp_path / "list.csv"
+    files = sorted(root.rglob("*.*"))
+    listing.write_text("".join(f"{p.relative_to(tmp_path).as_posix()},{p.parent.name}\n" for p in files))
+    before = held_out(listing)
+    (tmp_path / "more").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "more" / "x.png")
+    listing.write_text(listing.read_text() + "more/x.png,light\n")
+    moved = (before ^ held_out(listing)) - {"more/x.png"}
+    assert len(moved) <= 1, moved
 
 
 def test_split_layout_edge_cases(tmp_path):

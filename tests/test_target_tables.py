@@ -426,3 +426,26 @@ def test_a_validation_file_of_a_target_csv_that_fails_to_load_counts_in_no_metri
         r = tk.finetune("tk:small_cnn", data=listing, task="regression", weights=None, image_size=16, epochs=1,
                         batch_size=4, num_workers=0, verbose=False, policy=policy, precision="fp32", val_split=0.25)
     assert np.isfinite(r.metrics["val_loss"]) and len(r.val_logits) == len(bundle.val)
+
+
+def test_a_row_added_to_a_target_csv_moves_no_other_row_across_the_split(tmp_path):
+    """The split of a CSV of targets was a seeded permutation of its rows: one row added moved
+    many rows between training and validation."""
+    import warnings
+
+    from tests.conftest import make_image_folder
+
+    files = sorted(make_image_folder(tmp_path / "img", per_class=20, size=16).glob("*/*"))
+    listing = tmp_path / "values.csv"
+
+    def held_out(n):
+        listing.write_text("path,value\n" + "".join(f"img/{p.parent.name}/{p.name},{i}\n"
+                                                     for i, p in enumerate(files[:n])))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bundle, _ = prepare_task_data(listing, None, task="regression", val_split=0.25, seed=0, classes=None,
+                                          min_size=None)
+        return {bundle.val.base.samples[i][0] for i in bundle.val.indices}
+
+    before, after = held_out(39), held_out(40)
+    assert len((before ^ after) - {str(files[39])}) <= 1

@@ -845,7 +845,8 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
         val = _audio_dataset(val_data, spec, names, "validation", **opts)
         warn_validation_copies(train.samples, val.samples, report, what="clip")
     elif val_split:
-        tr_idx, va_idx = stratified_split(train.targets, val_split, seed, keys=split_keys(train.samples))
+        root = data if isinstance(data, (str, Path)) else None
+        tr_idx, va_idx = stratified_split(train.targets, val_split, seed, keys=split_keys(train.samples, root))
         train, val = split_views(train, tr_idx, va_idx, targets=train.targets, names=names, val_split=val_split,
                                  report=report)
     return DataBundle(train=train, val=val, classes=names, report=report)  # type: ignore[arg-type]

@@ -65,7 +65,7 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0,
     train_idx, val_idx = [], []
     for _, idx in sorted(by_class.items()):
         if keys is not None:
-            idx = sorted(idx, key=lambda i: hashlib.blake2b(f"{seed}\0{keys[i]}".encode(), digest_size=8).digest())
+            idx = [idx[j] for j in hashed_order([keys[i] for i in idx], seed)]
         else:
             idx = list(rng.permutation(idx))
         n_val = int(round(len(idx) * val_fraction))
@@ -75,24 +75,34 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0,
     return sorted(int(i) for i in train_idx), sorted(int(i) for i in val_idx)
 
 
-def split_keys(samples: Sequence[tuple[Any, Any]]) -> list[str] | None:
-    """What `stratified_split` orders files by: each sample's path relative to the folder that
-    holds them all, in one Unicode form and with ``/`` (the same on every machine and copy of
-    the data, so that the ranks of a job and later runs split alike); None when a sample is
-    not a file.
+def split_keys(samples: Sequence[tuple[Any, Any]], root: str | Path | None = None) -> list[str] | None:
+    """What `stratified_split` orders files by: each sample's path relative to the data's
+    ``root`` (a folder, or the folder of a ``.csv`` listing; without one, the folder that holds
+    them all), in one Unicode form and with ``/``: the same on every machine and copy of the
+    data, and for a file added anywhere, so that the ranks of a job and later runs split alike.
+    None when a sample is not a file.
 
     Example:
-        >>> split_keys([("/data/ants/1.jpg", 0), ("/data/bees/2.jpg", 1)])
+        >>> split_keys([("/data/ants/1.jpg", 0), ("/data/bees/2.jpg", 1)], root="/data")
         ['ants/1.jpg', 'bees/2.jpg']
     """
     paths = [p for p, _ in samples]
     if not paths or not all(isinstance(p, (str, Path)) for p in paths):
         return None
     absolute = [os.path.abspath(p) for p in paths]
-    root = os.path.commonpath(absolute) if len(absolute) > 1 else os.path.dirname(absolute[0])
-    if len(set(absolute)) == 1:  # one file listed many times
-        root = os.path.dirname(absolute[0])
-    return [nfc(os.path.relpath(p, root).replace(os.sep, "/")) for p in absolute]
+    if root is not None:
+        base = os.path.abspath(root)
+        base = os.path.dirname(base) if base.lower().endswith(".csv") else base
+    else:
+        base = os.path.commonpath(absolute) if len(set(absolute)) > 1 else os.path.dirname(absolute[0])
+    return [nfc(os.path.relpath(p, base).replace(os.sep, "/")) for p in absolute]
+
+
+def hashed_order(keys: Sequence[str], seed: int) -> list[int]:
+    """The indices of ``keys`` ordered by a seeded hash of each key: where a key stands does not
+    depend on the others (adding one moves no other)."""
+    return sorted(range(len(keys)), key=lambda i: hashlib.blake2b(f"{seed}\0{keys[i]}".encode(),
+                                                                  digest_size=8).digest())
 
 
 def warn_unvalidated_classes(targets: Sequence[int], val_idx: Sequence[int], names: Sequence[str],
@@ -400,7 +410,8 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
     elif val_split:
         splitter = getattr(train, "hash_split", None)  # encoded images: by key, reads no sample
         tr_idx, va_idx = splitter(val_split, seed) if splitter else \
-            stratified_split(targets, val_split, seed, keys=split_keys(getattr(train, "samples", [])))
+            stratified_split(targets, val_split, seed,
+                             keys=split_keys(getattr(train, "samples", []), getattr(train, "root", None)))
         train, val = split_views(train, tr_idx, va_idx, targets=targets, names=names, val_split=val_split,
                                  report=report)
     return DataBundle(train=train, val=val, classes=names, report=report)

@@ -24,7 +24,7 @@ from torch import nn
 
 from transferkit.config import check_task_settings
 from transferkit.data.images import TransformedDataset
-from transferkit.data.bundle import DataBundle, prepare_data
+from transferkit.data.bundle import DataBundle, hashed_order, prepare_data, split_keys
 from transferkit.data.checks import DataReport
 from transferkit.data.images import dataset_targets
 from transferkit.data.late import listing_of
@@ -371,7 +371,9 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
     if val is None and val_split:
         if not 0.0 < val_split < 1.0:
             raise DataError(f"val_split must be between 0 and 1 (exclusive), got {val_split!r}.")
-        order = np.random.default_rng(seed).permutation(len(train)).tolist()
+        keys = split_keys(data.samples, getattr(data, "root", None)) if hasattr(data, "samples") else None
+        order = hashed_order(keys, seed) if keys is not None and len(keys) == len(train) else \
+            np.random.default_rng(seed).permutation(len(train)).tolist()  # files: adding one moves no other
         n_val = max(1, int(round(len(train) * val_split)))
         if n_val >= len(train):
             raise DataError(f"{len(train)} training item(s) cannot be split for validation (val_split={val_split}): "

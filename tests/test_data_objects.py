@@ -117,7 +117,9 @@ def test_a_16_bit_file_opened_as_32_bit_is_scaled_by_its_depth_not_its_pixels(tm
     ([("images/a/0.png", 0), ("images/b/1.png", 1)], r"item 0 holds the file path str 'images/a/0.png', where an image "
                                                      r"held in memory goes\. For \(path, label\) pairs write a CSV"),
     ([1, 2], r"item 0 is int 1: a dataset item is a pair \(image, label\)"),
-    ([(np.zeros((8, 8, 3), np.uint8),)] * 2, r"item 0 is a tuple of 1: a dataset item is a pair \(image, label\)"),
+    ([(np.zeros((8, 8, 3), np.uint8),)] * 2, r"item 0 is a tuple of 1 item: a dataset item is a pair \(image, "
+                                             r"label\)"),
+    ([(b"\x89PNG...", 0)] * 2, r"item 0 holds 7 bytes, where a decoded image goes: decode encoded image bytes first"),
     ({"train": [1]}, r"The training data is a dict \(keys \['train'\]\).*splits go to data= \(training\) and "
                      r"val_data="),
     (b"images/", r"The training data is bytes; give a path as text"),

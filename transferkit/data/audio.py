@@ -848,7 +848,7 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
         root = data if isinstance(data, (str, Path)) else None
         tr_idx, va_idx = stratified_split(train.targets, val_split, seed, keys=split_keys(train.samples, root))
         train, val = split_views(train, tr_idx, va_idx, targets=train.targets, names=names, val_split=val_split,
-                                 report=report)
+                                 report=report, what="clip")
     return DataBundle(train=train, val=val, classes=names, report=report)  # type: ignore[arg-type]
 
 

@@ -191,7 +191,11 @@ def _check_first_image(data: Any, what: str, labels_read: dict[int, int]) -> Non
         raise DataError(f"The {what} dataset's item 0 is {_shown(item)}: a dataset item is a pair (image, label) "
                         "(an image held in memory: a PIL image, an array [H, W, C] or a tensor [C, H, W]).")
     image = item[0]
-    if isinstance(image, (str, os.PathLike, bytes)):
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        raise DataError(f"The {what} dataset's item 0 holds {len(image)} bytes, where a decoded image goes: decode "
+                        "encoded image bytes first (PIL.Image.open(io.BytesIO(data)) in the dataset's __getitem__), "
+                        "or keep the files and give a folder or a CSV of path,label rows.")
+    if isinstance(image, (str, os.PathLike)):
         raise DataError(f"The {what} dataset's item 0 holds the file path {_shown(image)}, where an image held in "
                         "memory goes. For (path, label) pairs write a CSV of path,label rows and pass its path (e.g. "
                         "pandas.DataFrame(pairs, columns=['path', 'label']).to_csv('data.csv', index=False)), or give "
@@ -212,7 +216,8 @@ def _shown(value: Any) -> str:
     text = repr(value)
     if len(text) <= 80:
         return f"{type(value).__name__} {text}"
-    return f"a {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, (tuple, list)) else "")
+    items = f" of {plural(len(value), 'item')}" if isinstance(value, (tuple, list)) else ""
+    return f"a {type(value).__name__}{items}"
 
 
 def _relabel(own: list[str], classes: list[str] | None, what: str, report: DataReport) -> list[int] | None:
@@ -418,7 +423,7 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
 
 
 def split_views(train: Any, tr_idx: Sequence[int], va_idx: Sequence[int], *, targets: Sequence[int],
-                names: Sequence[str], val_split: float, report: DataReport) -> tuple[Any, Any]:
+                names: Sequence[str], val_split: float, report: DataReport, what: str = "file") -> tuple[Any, Any]:
     """The training and validation views of ``train`` split by `val_split` (``targets``: the
     labels before the split, warned about by `warn_unvalidated_classes`); no validation data
     (None, with a warning) when the split held out nothing (every class has a single example,
@@ -433,5 +438,5 @@ def split_views(train: Any, tr_idx: Sequence[int], va_idx: Sequence[int], *, tar
         return train.view(tr_idx), None
     tr, va = train.view(tr_idx), train.view(va_idx)
     if hasattr(tr, "samples") and hasattr(va, "samples"):  # a file twice in one class: a copy on each side
-        warn_validation_copies(tr.samples, va.samples, report)
+        warn_validation_copies(tr.samples, va.samples, report, what=what)
     return tr, va

@@ -15,6 +15,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tests.conftest import make_image_folder
@@ -147,6 +148,7 @@ def test_shard_indexes_and_copies_leave_a_read_only_cache_dir_alone_and_warn_on_
     assert ShardCache.for_cache_dir(cache).folder == cache / "shards"  # where remote shards are fetched
     read_only(cache)
     assert not ShardCache.for_cache_dir(cache).folder.is_relative_to(cache)  # a temporary folder
+    assert ShardCache.for_cache_dir(cache).kept_in == cache / "shards"  # whose copies are read there
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         index, kept = shard_index(shard, cache_dir=cache)
@@ -208,4 +210,26 @@ def test_a_cache_dir_on_a_read_only_mount_is_read_and_never_written(folder, tmp_
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["computed"] == 0 and out["read_only"] == "read-only file system"
     assert out["val_loss"] == pytest.approx(first.metrics["val_loss"], rel=1e-6)
+    assert _listing(cache) == before
+
+
+def test_remote_shards_are_read_from_the_copies_a_read_only_cache_dir_holds(folder, tmp_path, read_only):
+    from transferkit.data import prepare_data
+
+    items = [(f.read_bytes(), f.suffix[1:], c) for f, c in folder_files(folder)]
+    source = write_shards(items, tmp_path / "shards", [len(items) // 2, len(items) - len(items) // 2])
+    urls = [f"pipe:cat {p}" for p in source]
+    cache = tmp_path / "cache"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = prepare_data(urls, val_split=0, cache_dir=cache, classes=["dark", "light"])
+        pixels = [first.train[i][0] for i in range(len(first.train))]  # every shard fetched into cache/shards
+    for p in source:
+        p.unlink()  # the source is gone: only the copies remain
+    read_only(cache)
+    before = _listing(cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = prepare_data(urls, val_split=0, cache_dir=cache, classes=["dark", "light"])
+        assert all(np.array_equal(np.asarray(again.train[i][0]), np.asarray(x)) for i, x in enumerate(pixels))
     assert _listing(cache) == before

@@ -394,16 +394,22 @@ class ShardCache:
     """The local copies of remote shards in ``folder``, at most ``budget`` bytes of them (see
     the module docstring). Picklable: DataLoader workers use the parent's folder."""
 
-    def __init__(self, folder: str | Path, budget: int | None = None) -> None:
+    def __init__(self, folder: str | Path, budget: int | None = None, *, kept_in: str | Path | None = None) -> None:
         self.folder = Path(folder)
         self.budget = cache_budget() if budget is None else int(budget)
+        self.kept_in = None if kept_in is None else Path(kept_in)  # copies read there, never written (read-only)
 
     @classmethod
     def for_cache_dir(cls, cache_dir: str | Path | None) -> ShardCache:
-        """``cache_dir/shards/``, or a temporary folder removed at exit when ``cache_dir`` is None
-        or read-only (`transferkit._io.read_only_folder`: it is read, never written)."""
-        kept = cache_dir is not None and read_only_folder(cache_dir) is None
-        return cls(Path(cache_dir) / "shards" if kept else _process_temp_dir())
+        """``cache_dir/shards/``, or a temporary folder removed at exit when ``cache_dir`` is None;
+        for a read-only ``cache_dir`` (`transferkit._io.read_only_folder`: read, never written)
+        the copies already in its ``shards/`` are read there, and the others fetched into a
+        temporary folder."""
+        if cache_dir is None:
+            return cls(_process_temp_dir())
+        if read_only_folder(cache_dir) is not None:
+            return cls(_process_temp_dir(), kept_in=Path(cache_dir) / "shards")
+        return cls(Path(cache_dir) / "shards")
 
     def path(self, url: str, validators: dict[str, str] | None = None) -> Path:
         """The cached copy of ``url`` with those validators (a new ETag, size or date: a new copy)."""
@@ -426,6 +432,11 @@ class ShardCache:
         import fcntl
 
         target = self.path(url, validators)
+        if self.kept_in is not None:  # a read-only cache_dir's copy (of this URL and validators): nobody removes it
+            kept = self.kept_in / target.name
+            with contextlib.suppress(OSError):
+                if kept.is_file() and (size is None or kept.stat().st_size == size):
+                    return Held(kept, -1, {})
         for _ in range(20):
             fd = self._lock_fd(target)
             try:

@@ -802,6 +802,8 @@ def test_settings_that_do_nothing_are_noted_and_a_warmup_past_its_phase_is_refus
                         ({"schedule": "one_cycle", "warmup_epochs": 1}, "warmup_epochs=1 is not used: the one_cycle"),
                         ({"policy": "full,l2sp=0.01", "weight_decay": 0.05}, "weight_decay=0.05 is not used: L2-SP"),
                         ({"policy": "full,l2sp=0"}, "l2sp=0 pulls no backbone weight toward its starting weights"),
+                        ({"policy": "full,l2sp=0.1"}, "l2sp=0.1 pulls the backbone toward its starting weights, and "
+                                                      "this run starts from random ones"),
                         ({"head_activation": "gelu"}, "head_activation='gelu' is not used: a linear head has no "),
                         ({"decode_once": True, "policy": "feature_extraction"}, "decode_once=True is not used"),
                         ({"decode_once": True, "policy": "full", "epochs": 1}, "decode_once=True is not used"),
@@ -815,6 +817,8 @@ def test_settings_that_do_nothing_are_noted_and_a_warmup_past_its_phase_is_refus
                         ({"head": "logistic", "lr": 0.5, "schedule": "step"},
                          "epochs=3, lr=0.5, schedule='step' are not used: head='logistic' is fitted once by ")):
         assert any(n.startswith(said) for n in tk.plan("tk:small_cnn", **{**kw, **extra}).notes), extra
+    notes = tk.plan("tk:small_cnn", **{**kw, "policy": "full,l2sp=0"}).notes  # alpha 0 pulls nothing: one note
+    assert len(notes) == 1 and notes[0].startswith("l2sp=0 pulls no backbone weight"), notes
     for extra in ({"head": "mlp", "head_activation": "gelu"}, {"decode_once": True, "policy": "full"},
                   {"schedule": "plateau"}, {"policy": "full,bn=frozen"}):  # each used
         assert not tk.plan("tk:small_cnn", **{**kw, **extra}).notes, extra

@@ -415,7 +415,8 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
                if getattr(cfg, k) is not None]
     if outputs:  # kept, not refused: lr_find(**kw) then finetune(**kw) is the intended use
         warnings.warn(f"lr_find writes no {', '.join(outputs)}: the range test trains a copy of the model to suggest "
-                      "a rate and writes nothing but plot=; those outputs are written by finetune.", stacklevel=2)
+                      "a rate and writes only plot= (and, with cache_dir, the features it caches); those outputs are "
+                      "written by finetune.", stacklevel=2)
     if cfg.head == "logistic":
         raise ConfigError("lr_find: head='logistic' fits a logistic-regression probe, which has no learning rate to "
                           "search (it tries the C values of probe_Cs). Use head='linear' for a head trained by "

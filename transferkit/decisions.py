@@ -425,7 +425,7 @@ def _policy_options_unused(pol: Policy, *, cached_epochs: int, cache_reason: str
         notes.append(f"l2sp={pol.l2sp:g} is not used: no backbone weight trains in this run, so nothing is pulled "
                      f"toward its starting weights; the head is still pulled toward zero (l2sp_beta={pol.l2sp_beta:g}) "
                      "in place of weight decay. Drop l2sp for plain feature extraction.")
-    elif pol.l2sp is not None and not pretrained:
+    elif pol.l2sp and not pretrained:  # (l2sp=0 pulls nothing: noted below)
         notes.append(f"l2sp={pol.l2sp:g} pulls the backbone toward its starting weights, and this run starts from "
                      "random ones (weights=None): L2-SP keeps a pretrained backbone near what it learned. Give "
                      "pretrained weights, or drop l2sp.")

@@ -63,7 +63,8 @@ from transferkit._text import plural
 from transferkit.errors import ConfigError, DataError, OutputError
 from transferkit.data.late import NOT_BAD_FILES, bad_file_reason, raising, replaces_bad_files
 from transferkit.data.sampling import SeededItems, data_loader, decode_then_compute, in_blocks, mix_seed
-from transferkit.train.distributed import DistInfo, all_ranks, all_reduce_sum, barrier, broadcast_object
+from transferkit.train.distributed import (DistInfo, all_ranks, all_reduce_sum, barrier, broadcast_object,
+                                           gather_objects)
 
 STORE_FORMAT = 1
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 kept as raw uint16 bits
@@ -706,9 +707,7 @@ def open_store(directory: str | Path, key: str, info: DistInfo | None = None, **
     with a barrier between, so that no rank's opening (which replaces a store made with other
     parameters) can remove a part that another rank has committed already."""
     info = info or DistInfo()
-    if params.get("read_only") is not None:  # nothing is replaced: each rank reads it at once
-        return ShardedFeatureStore.open(directory, key, **params)
-    store = None
+    store = None  # (the same turns and barriers where a rank's cache_dir is read-only: the ranks' nodes may differ)
     for turn in (info.rank == 0, info.rank != 0 and info.local_rank == 0, info.local_rank != 0):
         if turn:
             store = ShardedFeatureStore.open(directory, key, **params)
@@ -731,14 +730,21 @@ def fill_store(store: ShardedFeatureStore, dataset: Any, forward: Callable[[torc
     local to each node lacks the parts computed on other nodes: the ranks of that node
     then compute them (part ``p`` by local rank ``p % local_world_size``), so every node
     ends with the whole store (each node computes all of it once; a shared ``cache_dir``
-    computes it once in all). ``bar(total)``: a context manager for the progress of this
+    computes it once in all). A rank whose store is read-only (its ``cache_dir``) computes
+    nothing: when it lacks parts, every rank stops with its `ShardedFeatureStore.lacks` before
+    any feature is computed. ``bar(total)``: a context manager for the progress of this
     rank's samples, or None.
     """
     info = info or DistInfo()
     local_world = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-    missing = broadcast_object(store.missing_parts(verify=True) if info.is_main else None, info)
-    if store.read_only is not None and missing:
-        raise OutputError(store.lacks(missing))
+    mine = store.missing_parts(verify=True) if info.is_main or store.read_only is not None else None
+    missing = broadcast_object(mine, info)
+    # a read-only store (its rank's cache_dir; a node's may differ from another's) must hold every part: when one
+    # lacks parts, every rank stops with its words, before any feature is computed
+    said = gather_objects(store.lacks(mine) if store.read_only is not None and mine else None, info)
+    rank, lacking = next(((r, why) for r, why in enumerate(said) if why), (None, None))
+    if lacking is not None:
+        raise OutputError(lacking if rank == info.rank else f"Rank {rank} stops the job: {lacking}")
     damaged = [p for p in store.reused_parts if p in missing]
     if damaged and info.is_main:
         warnings.warn(f"Feature store {str(store.path)!r}: parts {damaged[:5]} are damaged (their files do not "
@@ -755,9 +761,11 @@ def fill_store(store: ShardedFeatureStore, dataset: Any, forward: Callable[[torc
         if all_ranks(not local, info):
             break
         if turn == 1:
-            raise OutputError(f"The feature store {str(store.path)!r} still misses parts {local[:5]} after "
-                              "extraction on this process; check the disk (space, permissions) or use another "
-                              "cache_dir.")
+            rank, parts = next((r, p) for r, p in enumerate(gather_objects(local, info)) if p)
+            raise OutputError(f"The feature store {str(store.path)!r} still misses parts {parts[:5]} on rank {rank} "
+                              "after extraction; check the disk (space, permissions), or give the processes of a "
+                              "machine one cache_dir (a folder of each process's own holds only its share of the "
+                              "parts).")
         rounds.append([p for p in local if p % local_world == info.local_rank % local_world])  # a node-local cache_dir
     report = store.report()
     report["computed"] = int(all_reduce_sum([float(len(store.computed_parts))], info)[0])

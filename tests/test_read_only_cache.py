@@ -191,7 +191,8 @@ def test_a_cache_dir_on_a_read_only_mount_is_read_and_never_written(folder, tmp_
     cache = tmp_path / "cache"
     kw = dict(KW, data=str(folder), cache_dir=str(cache))
     first = tk.finetune("tk:small_cnn", **kw)
-    code = "import sys; from pathlib import Path; from transferkit._io import create_temp; create_temp(Path(sys.argv[1]))"
+    code = ("import sys; from pathlib import Path; from transferkit._io import create_temp; "
+            "create_temp(Path(sys.argv[1]))")
     subprocess.run([sys.executable, "-c", code, str(cache / "engines.json")], check=True)  # its writer is gone
     assert [p for p in cache.iterdir() if p.name.endswith(".tmp")]
     mount = f"mount --bind {cache} {cache} && mount -o remount,bind,ro {cache}"

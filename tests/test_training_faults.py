@@ -157,7 +157,8 @@ def test_a_batch_of_one_at_a_batchnorm_that_sees_1x1_says_so(image_folder):
     at the first step, after the plan had accepted the run."""
     trunk = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten())
     bb = from_module(trunk, num_features=4, input_spec=InputSpec(image_size=16), name="one-by-one")
-    kw = {**{k: v for k, v in FAST.items() if k not in ("weights", "batch_size", "policy")}, "batch_size": 1, "epochs": 1}
+    kw = {**{k: v for k, v in FAST.items() if k not in ("weights", "batch_size", "policy")}, "batch_size": 1,
+          "epochs": 1}
     with pytest.raises(tk.TrainingError, match=r"A BatchNorm layer that trains saw one value per channel \(input size "
                                                r"torch.Size\(\[1, 4, 1, 1\]\)\): batch_size=1 .*\(add ',bn=affine'"):
         tk.finetune(bb, data=image_folder, policy="full", **kw)

@@ -17,8 +17,8 @@ from transferkit._progress import epoch_log, progress, to_stderr
 from transferkit._text import number
 from transferkit.config import check_task_settings
 from transferkit.errors import ConfigError, DataError, TrainingError, check_choice
-from transferkit.train.distributed import (DistInfo, DistributedError, all_reduce_sum, broadcast_buffers, gather_objects,
-                                           whole_set)
+from transferkit.train.distributed import (DistInfo, DistributedError, all_reduce_sum, broadcast_buffers,
+                                           gather_objects, whole_set)
 from transferkit.train.speed import SpeedConfig
 from transferkit.train.tasks import count_correct, monitor_default
 

@@ -312,7 +312,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
                                              shapes=_changing_shapes(data.kind, bb.input_spec))
     if compile_on is True and cache:  # the trunk never runs in the loop
         compile_on, compile_why = False, ("compile=True is not used: every epoch trains a head on cached features, "
-                                          "which runs eager (compiling it costs more than it saves)")
+                                          "which runs eager")
     speed = decide_speed(device_type=facts.device.type, bf16=(facts.device.bf16, facts.device.bf16_why),
                          precision=cfg.precision, channels_last=cfg.channels_last, compile=compile_on,
                          kind=data.kind, conv=(bb.conv_share, bb.n_conv), layout_timed=bb.layout_timed,

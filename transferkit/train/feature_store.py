@@ -750,7 +750,8 @@ def fill_store(store: ShardedFeatureStore, dataset: Any, forward: Callable[[torc
         warnings.warn(f"Feature store {str(store.path)!r}: parts {damaged[:5]} are damaged (their files do not "
                       "match their digests); recomputing them.", stacklevel=2)
     store.reused_parts = [p for p in store.reused_parts if p not in missing]
-    rounds = [store.assigned_parts(info.rank, info.world_size, missing=missing)]
+    # a read-only rank computes nothing: its share falls to the ranks of its own store's machine in the second round
+    rounds = [store.assigned_parts(info.rank, info.world_size, missing=missing) if store.read_only is None else []]
     for turn in range(2):
         mine = rounds[-1]
         rows = sum(b - a for a, b in map(store.part_range, mine)) * store.views

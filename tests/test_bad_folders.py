@@ -189,6 +189,18 @@ def test_the_probe_chooses_c_on_the_validation_files_that_loaded(tmp_path, monke
     assert rows == [7]
 
 
+def test_a_validation_folder_whose_every_file_is_damaged_is_said(tmp_path):
+    root = tmp_path / "d"
+    make_image_folder(root / "train", per_class=6, size=16)
+    make_image_folder(root / "val", per_class=2, size=16, seed=1)
+    for f in (root / "val").rglob("*.*"):
+        damaged_png(f)
+    with pytest.raises(tk.DataError, match=r"None of the 4 files of this dataset can be loaded any more \(e.g. .*val.*"
+                                        r"or are its files all damaged\?"):
+        _quiet(tk.finetune, "tk:small_cnn", weights=None, data=root, image_size=16, epochs=1, verbose=False,
+               num_workers=0, scan="none", policy="full")
+
+
 def test_a_training_file_that_fails_while_features_are_computed_in_memory_is_left_out(tmp_path):
     """Its row took the next readable image of its class, which the head then fitted twice."""
     root = tmp_path / "d"

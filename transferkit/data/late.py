@@ -369,4 +369,5 @@ def load_or_replace(samples: Sequence[tuple[Any, int]], i: int, load: Callable[[
                 known_bad[kj] = _reason(exc)
                 note_bad_at_load(report, source_name(src, j), known_bad[kj])
     raise DataError(f"None of the {n} files of this dataset can be loaded any more (e.g. "
-                    f"{source_name(source, i)!r}: {known_bad[key]}). Was the data folder moved or unmounted?")
+                    f"{source_name(source, i)!r}: {known_bad[key]}). Was the data folder moved or unmounted, or are "
+                    "its files all damaged? Repair or replace them (scan='full' finds damaged files before training).")

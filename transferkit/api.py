@@ -37,7 +37,7 @@ from transferkit.facts import environment, look
 from transferkit.policies import Policy, param_groups
 from transferkit.results import export_result, result_predictor, result_summary
 from transferkit.run import Run, build
-from transferkit.outputs import check_output_paths, check_output_space, check_plotting, output_locks
+from transferkit.outputs import OUTPUTS, check_output_paths, check_output_space, check_plotting, output_locks
 from transferkit.steps import (
     evaluate,
     head_speed,
@@ -411,8 +411,7 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
         raise ConfigError(f"lr_find: lr={options['lr']!r} is not used: the range test sweeps its own rates, from "
                           "start_lr to end_lr, to suggest one. Leave lr out (pass the suggestion to finetune).")
     cfg = FinetuneConfig.from_call(config, options)
-    outputs = [f"{k}={str(getattr(cfg, k))!r}" for k in ("export", "checkpoint", "plots_dir", "log_dir")
-               if getattr(cfg, k) is not None]
+    outputs = [f"{k}={str(getattr(cfg, k))!r}" for k in OUTPUTS if k != "cache_dir" and getattr(cfg, k) is not None]
     if outputs:  # kept, not refused: lr_find(**kw) then finetune(**kw) is the intended use
         warnings.warn(f"lr_find writes no {', '.join(outputs)}: the range test trains a copy of the model to suggest "
                       "a rate and writes only plot= (and, with cache_dir, the features it caches); those outputs are "

@@ -108,7 +108,7 @@ def classes_never_loaded(dataset: Any, report: DataReport) -> dict[int, str]:
     loaded: set[int] = set()
     failed: dict[int, str] = {}
     for i, (source, target) in enumerate(samples):
-        if not (isinstance(source, (str, Path)) or hasattr(source, "sample_id")) or isinstance(target, bool) \
+        if not is_named(source) or isinstance(target, bool) \
                 or not isinstance(target, (int, np.integer)):
             return {}
         name = source_name(source, i)
@@ -268,7 +268,7 @@ def failed_items(dataset: Any) -> list[int]:
         return []
     bad = set(owner.report.bad_at_load)
     rows = [i for i, (source, _) in enumerate(samples)
-            if (isinstance(source, (str, Path)) or hasattr(source, "sample_id")) and str(source) in bad]
+            if is_named(source) and source_name(source, i) in bad]
     view = getattr(dataset, "indices", None) if listing is not None and listing is not dataset else None
     if view is None:
         return rows
@@ -276,9 +276,15 @@ def failed_items(dataset: Any) -> list[int]:
     return [at[b] for b in rows if b in at]
 
 
+def is_named(source: Any) -> bool:
+    """Whether a sample's source has a name of its own (a file's path, a shard member): what the
+    data report lists it by."""
+    return isinstance(source, (str, Path)) or hasattr(source, "sample_id")
+
+
 def source_name(source: Any, index: int) -> str:
     """A file's path, a shard member's name (``train-000003.tar:key``), or ``in-memory item <index>``."""
-    if isinstance(source, (str, Path)) or hasattr(source, "sample_id"):
+    if is_named(source):
         return str(source)
     return f"in-memory item {index}"
 

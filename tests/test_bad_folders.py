@@ -144,7 +144,7 @@ def test_a_class_whose_every_training_file_fails_to_load_is_reported_as_never_tr
 
 
 @pytest.mark.parametrize("how", ["feature store", "features in memory", "images every epoch"])
-def test_a_validation_file_that_fails_to_load_counts_in_no_metric(tmp_path, how):
+def test_a_validation_file_that_fails_to_load_counts_in_no_metric(tmp_path, monkeypatch, how):
     """Its row took the next readable image of its class, and the run's accuracy, confusion
     matrix and the accuracy the export records counted that image twice, while the warning
     said the file was left out; `evaluate` on the same folder gave other figures."""
@@ -154,9 +154,15 @@ def test_a_validation_file_that_fails_to_load_counts_in_no_metric(tmp_path, how)
     damaged = damaged_png(sorted((root / "val" / "light").glob("*.png"))[0])  # passes scan="quick"
     kw = {"feature store": dict(cache_dir=tmp_path / "cache"), "features in memory": {},
           "images every epoch": dict(policy="full", decode_once=False)}[how]
+    import transferkit.train.interpret as interpret
+
+    drawn = []  # the grids the run draws: how many validation rows they stand for
+    real_grid = interpret._grid
+    monkeypatch.setattr(interpret, "_grid", lambda ds, *a, **k: drawn.append(len(ds)) or real_grid(ds, *a, **k))
     with pytest.warns(UserWarning, match=f"Left out '{damaged}'"):
         r = tk.finetune("tk:small_cnn", weights=None, data=root, epochs=2, batch_size=4, image_size=16,
-                        verbose=False, num_workers=0, precision="fp32", export=tmp_path / "m.pt", **kw)
+                        verbose=False, num_workers=0, precision="fp32", export=tmp_path / "m.pt",
+                        plots_dir=tmp_path / "plots", **kw)
     assert r.data_report.bad_at_load == [str(damaged)]
     ev = tk.evaluate(tmp_path / "m.pt", root / "val", progress=False)
     assert len(ev.files) == 7
@@ -165,6 +171,11 @@ def test_a_validation_file_that_fails_to_load_counts_in_no_metric(tmp_path, how)
     assert r.metrics["accuracy"] == pytest.approx(ev.accuracy)
     assert r.history[-1]["val_acc"] == pytest.approx(ev.accuracy)  # the figure that picks the best epoch
     assert len(r.val_logits) == 8  # still one row per validation file, in their order
+    assert int(r.val_kept.sum()) == 7  # the damaged file's row is not counted
+    r.show_results(path=tmp_path / "again.png")
+    assert drawn == [7, 7, 7]  # show_results and top_losses of the run, then the result's show_results
+    wrong = int((torch.tensor(ev.confusion_matrix).sum() - torch.tensor(ev.confusion_matrix).trace()))
+    assert sum(c for _, _, c in r.most_confused()) == wrong
     if how == "features in memory":
         assert r.feature_report["masked_samples"] == 1
 

@@ -85,6 +85,7 @@ class FinetuneResult:
     plots: dict[str, Path] = field(default_factory=dict)  # the PNGs written under plots_dir
     data_report: DataReport = field(default_factory=DataReport)  # bad files left out, warnings
     val_logits: Any = None  # the trained model's outputs on the validation set, in its order
+    val_kept: Any = None  # [N] bool, beside val_logits: the rows the metrics count (False: the file failed to load)
     # the cached features: samples, shards, computed, reused, dtype, bytes, masked_samples, per split (train, val);
     # shards == 0 when held in memory (no cache_dir); None when no features were cached (see docs/training.md)
     feature_report: dict[str, Any] | None = None
@@ -96,7 +97,7 @@ class FinetuneResult:
         if self.val_logits is None or self.decisions is None or self.run is None or self.task != "multiclass":
             raise ConfigError("show_results, plot_top_losses and most_confused need a multiclass run with "
                               "validation data.")
-        return self.val_logits, validation_images(self.decisions, self.run)
+        return validation_images(self.decisions, self.run, self.val_logits, self.val_kept)
 
     def show_results(self, n: int = 9, path: str | Path = "show_results.png") -> Path:
         """A PNG grid of ``n`` validation images with true label, prediction and probability
@@ -286,11 +287,12 @@ def finetune(config: FinetuneConfig | str | Backbone | None = None, /, **options
                                 history=outcome.history, best=outcome.best, metrics=metrics, decisions=d, run=run,
                                 used_feature_cache=d.cache, timings=timings, task=cfg.task,
                                 stopped_early=outcome.state.stopped_early, data_report=run.bundle.report,
-                                val_logits=outputs.get("logits"), feature_report=outcome.feature_report,
+                                val_logits=outputs.get("logits"), val_kept=outputs.get("kept"),
+                                feature_report=outcome.feature_report,
                                 compile_trial=outcome.compile_trial)
         if run.dist.is_main:
             with interrupt_keeps_weights(lambda: save_interrupted(d, run, metadata(d))):
-                out = write_outputs(d, run, outcome, metrics, logits=outputs.get("logits"))
+                out = write_outputs(d, run, outcome, metrics, logits=outputs.get("logits"), kept=outputs.get("kept"))
             timings.update(out["seconds"])
             result.plots, result.checkpoint_path = out["plots"], out["checkpoint"]
             if out["export_report"] is not None:

@@ -629,13 +629,20 @@ def _val_left_out(run: Run) -> Any:
     return None if val is None else (lambda: failed_items(val))
 
 
-def validation_images(d: Decisions, run: Run) -> Any:
-    """The validation set as the model sees it (eval transform, uint8), in the order of its logits."""
-    return None if run.bundle.val is None else run.bundle.val.view(transform=eval_transform(d.input_spec))
+def validation_images(d: Decisions, run: Run, logits: Any, kept: Any) -> tuple[Any, Any]:
+    """``(logits, images)`` for the show-results and top-losses grids: the validation set as the
+    model sees it (eval transform, uint8), in the order of its logits, both without the rows no
+    metric counts (``kept``, the evaluation's mask: a file that failed to load, whose row holds
+    the file that took its place)."""
+    if run.bundle.val is None or logits is None:
+        return logits, None
+    rows = None if kept is None or bool(kept.all()) else kept.nonzero().flatten().tolist()
+    images = run.bundle.val.view(indices=rows, transform=eval_transform(d.input_spec))
+    return (logits if rows is None else logits[rows]), images
 
 
 def write_outputs(d: Decisions, run: Run, outcome: TrainOutcome, metrics: dict[str, Any], *,
-                  logits: torch.Tensor | None = None) -> dict[str, Any]:
+                  logits: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> dict[str, Any]:
     """Rank 0: the final checkpoint (complete: weights, decisions, history; nothing to resume),
     the verified export, then the plots (curves, confusion matrix, and with the validation
     ``logits`` the show-results and top-losses grids; a plot that cannot be written is a warning).
@@ -663,7 +670,7 @@ def write_outputs(d: Decisions, run: Run, outcome: TrainOutcome, metrics: dict[s
         if cfg.plots_dir is not None and logits is not None and cfg.task == "multiclass":
             from transferkit.train.interpret import write_interpretation
 
-            pictures = write_interpretation(cfg.plots_dir, logits, validation_images(d, run), list(d.classes))
+            pictures = write_interpretation(cfg.plots_dir, *validation_images(d, run, logits, kept), list(d.classes))
             pictures.pop("most_confused")
             out["plots"].update(pictures)
     except OSError as exc:

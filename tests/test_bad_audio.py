@@ -194,7 +194,7 @@ def test_nan_clip_during_training_is_replaced_and_reported_or_raises(tmp_path):
     bundle = prepare_audio_data(root, spec=SPEC, val_split=0)  # the quick scan cannot see NaN
     assert bundle.report.bad_files == []
     i = [Path(p).name for p, _ in bundle.train.samples].index("silence_nan.wav")
-    with pytest.warns(UserWarning, match="silence_nan.wav.*failed to load during training"):
+    with pytest.warns(UserWarning, match="silence_nan.wav.*failed to load during the run"):
         wav, label = bundle.train[i]
     assert label == bundle.classes.index("low") and torch.isfinite(wav).all()
     assert [Path(p).name for p in bundle.report.bad_at_load] == ["silence_nan.wav"]

@@ -108,13 +108,13 @@ def test_decode_failure_during_training_is_replaced_counted_and_reported(tmp_pat
     bundle = prepare_data(root, val_split=0)
     ds = bundle.train.view(transform=eval_transform(SPEC))
     loader = make_loader(ds, batch_size=3, shuffle=False, device=torch.device("cpu"), num_workers=workers)
-    with pytest.warns(UserWarning, match="damaged.png.*failed to load during training"):
+    with pytest.warns(UserWarning, match="damaged.png.*failed to load during the run"):
         labels = [y for _ in range(2) for _, y in loader]  # two epochs
     assert [len(y) for y in labels[:3]] == [3, 3, 3]  # batch sizes are kept
     assert torch.cat(labels[:3]).tolist() == [0] * 5 + [1] * 4  # its place is taken by its own class
     assert bundle.report.bad_at_load == [str(damaged)]  # once, though it failed in two epochs
     assert "OSError" in dict(bundle.report.bad_files)[str(damaged)]
-    assert "1 of them failed to load during training" in bundle.report.summary()
+    assert "1 of them failed to load during the run" in bundle.report.summary()
 
 
 @pytest.mark.parametrize("policy, cache", [("full", False), ("feature_extraction", True)])
@@ -231,7 +231,7 @@ def test_a_file_that_fails_while_worker_processes_decode_images_once_is_reported
     root = make_image_folder(tmp_path / "d", per_class=4)
     damaged = damaged_png(root / "dark" / "damaged.png")
     bundle = prepare_data(root, val_split=0)
-    with pytest.warns(UserWarning, match="damaged.png.*failed to load during training"):
+    with pytest.warns(UserWarning, match="damaged.png.*failed to load during the run"):
         ds, plan = decoded_dataset(bundle.train, SPEC, augment="none", num_workers=2)
     assert plan.mode == "memory" and len(ds) == 9
     assert bundle.report.bad_at_load == [str(damaged)]  # was []: what the workers met stayed in the workers
@@ -245,7 +245,7 @@ def test_a_failed_file_replaced_by_a_larger_image_while_decoding_once(tmp_path):
     damaged = damaged_png(root / "dark" / "a_damaged.png")
     Image.fromarray(np.full((24, 600, 3), 50, np.uint8)).save(root / "dark" / "b_wide.png")  # takes its place
     bundle = prepare_data(root, val_split=0)
-    with pytest.warns(UserWarning, match="a_damaged.png.*failed to load during training"):
+    with pytest.warns(UserWarning, match="a_damaged.png.*failed to load during the run"):
         ds, plan = decoded_dataset(bundle.train, SPEC, augment="standard", num_workers=0)
     assert plan.mode == "memory" and len(ds) == 10 and bundle.report.bad_at_load == [str(damaged)]
     wide = ds.image(1).shape

@@ -446,7 +446,7 @@ def test_sample_that_fails_to_decode_in_training_is_replaced_and_reported(tmp_pa
     b = prepare_data(str(tmp_path / "s"), val_split=0)
     loader = make_loader(b.train.view(transform=eval_transform(SPEC)), batch_size=3, shuffle=False,
                          device=torch.device("cpu"), num_workers=workers)
-    with pytest.warns(UserWarning, match="train0000001.*failed to load during training"):
+    with pytest.warns(UserWarning, match="train0000001.*failed to load during the run"):
         labels = torch.cat([y for _, y in loader]).tolist()
     assert labels == [0, 0, 0, 0, 1, 1, 1, 1]  # its place taken by its own class
     assert [p.rsplit(":", 1)[1] for p in b.report.bad_at_load] == ["train0000001"]

@@ -380,7 +380,7 @@ def test_a_listed_file_that_fails_while_the_backbone_trains_is_replaced(table):
     nothing is said of classes, which targets do not have."""
     csv = table("r.csv", "path,age", lambda lv: f"{lv[0]:.4f}")
     damaged = damaged_png(table.root / "5.png")
-    with pytest.warns(UserWarning, match="5.png.*failed to load during training"):
+    with pytest.warns(UserWarning, match="5.png.*failed to load during the run"):
         r = tk.finetune("tk:small_cnn", data=csv, task="regression", val_split=0, epochs=1, policy="full", **COMMON)
     assert r.data_report.bad_at_load == [str(damaged)] and r.data_report.lost_classes == []
 

@@ -98,7 +98,7 @@ class DataReport:
         parts = []
         if self.bad_files:
             n = len(self.bad_files)
-            late = f" ({n_late} of them failed to load during training)" if n_late else ""
+            late = f" ({n_late} of them failed to load during the run)" if n_late else ""
             parts.append(f"{n} bad file{'s' if n != 1 else ''} left out{late}")
         if self.lost_classes:
             parts.append(f"{plural(len(self.lost_classes), 'class', 'classes')} with no training file that "

@@ -1,4 +1,4 @@
-"""Files that pass the pre-scan but fail when they are loaded during training.
+"""Files that pass the pre-scan but fail when they are loaded during the run (training or validation).
 
 With ``on_bad_file="skip"`` such a file never stops the run. Its item is replaced by the
 next readable file of the **same class** (the next one in the dataset's order, of any
@@ -45,7 +45,7 @@ _PENDING: dict[str, list[tuple[str, str]]] = {}
 
 
 class BadFileError(DataError):
-    """A file that cannot be loaded during training (``on_bad_file="raise"``).
+    """A file that cannot be loaded during the run (``on_bad_file="raise"``).
 
     Raised in a DataLoader worker, torch re-raises it in the main process as
     ``BadFileError(<its wrapped worker traceback>)``; the constructor keeps only the
@@ -74,7 +74,7 @@ def record_bad_at_load(report: DataReport, path: str, reason: str) -> None:
         return
     report.bad_at_load.append(path)
     report.bad_files.append((path, reason))
-    report.warn(f"Left out {path!r}, which failed to load during training ({reason}); the next readable file with its "
+    report.warn(f"Left out {path!r}, which failed to load during the run ({reason}); the next readable file with its "
                 "label (or targets) takes its place in training batches, and validation metrics do not count it. "
                 "Remove or replace the file (scan='full' finds such files before training).")
 

@@ -47,6 +47,27 @@ def test_script_export_reloads_with_parity_and_metadata(tmp_path):
     assert not list(tmp_path.glob(".m.pt.*")), "temporary files must not be left behind"
 
 
+def test_the_exported_file_refuses_pixels_it_would_misread(tmp_path):
+    """Integer pixels other than uint8 (``torch.tensor(list)`` gives int64) and float pixels in
+    [0, 255] were read as float in [0, 1] by the exported file: confident outputs, no error.
+    The file is run where transferkit's own input checks are not (plain torch.jit.load, C++)."""
+    path = tmp_path / "m.pt"
+    _, model = export_tiny(path)
+    module = torch.jit.load(str(path))
+    x = images(2, 16, seed=3)
+    for wrong in (torch.int64, torch.int32, torch.int16):
+        with pytest.raises(Exception, match="Integer image pixels other than uint8 cannot be read"):
+            module(x.to(wrong))
+        with pytest.raises(ValueError, match="cannot be read"):
+            model(x.to(wrong))  # the eager model as well
+    with pytest.raises(Exception, match=r"Float image pixels must be in \[0, 1\], got \[.*\].*divide by 255"):
+        module(x.float())
+    with torch.no_grad():  # the accepted forms, a resampling's overshoot included
+        assert torch.allclose(module(x.float() / 255), module(x), atol=1e-5)
+        module(x.float() / 255 * 1.2 - 0.1)
+        model(x.float())  # eager training passes are not checked (no reduction per step)
+
+
 def test_metadata_with_numbers_that_are_not_finite_is_written_as_json(tmp_path, capsys):
     """A user's own ``training`` record holding NaN (an undefined R^2) was written as ``NaN``,
     which is not JSON: a strict parser refused the file's metadata and `inspect --json`."""

@@ -10,24 +10,44 @@ from torch import nn
 
 from transferkit.heads import build_head
 
+FLOAT_SLACK = 0.25  # how far outside [0, 1] a float image may go (a bicubic resize overshoots)
+
+
 class ImagePreprocess(nn.Module):
     """Raw pixels to the backbone's normalised input.
 
     Accepts ``uint8`` images in [0, 255] or floating-point images in [0, 1], shape
     ``[N, C, H, W]``; subtracts ``mean`` and divides by ``std`` per channel, in the dtype of
-    its buffers (float32 unless the module was cast).
+    its buffers (float32 unless the module was cast). Other integer pixels (``int64`` from
+    ``torch.tensor(list)``) raise ``ValueError``: read as float they would give other outputs
+    without a word. Scripted (an exported file, run where transferkit's own checks are not),
+    float pixels further than `FLOAT_SLACK` outside [0, 1] (pixels in [0, 255]) raise too.
+
+    Example:
+        >>> ImagePreprocess([0.5], [0.5])(torch.tensor([[[[0, 255]]]], dtype=torch.uint8)).tolist()
+        [[[[-1.0, 1.0]]]]
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+        self.float_slack = FLOAT_SLACK
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in the module's own dtype (float32, or what ``model.double()`` made it)
         if x.dtype == torch.uint8:
             x = x.to(self.mean.dtype) / 255.0
+        elif not x.is_floating_point():
+            raise ValueError("Integer image pixels other than uint8 cannot be read: pass uint8 pixels in [0, 255] "
+                             "(e.g. x.to(torch.uint8)) or float pixels in [0, 1] (x / 255.0).")
         else:
+            if torch.jit.is_scripting() and x.numel() > 0:
+                lo, hi = torch.aminmax(x.detach())
+                if float(lo) < -self.float_slack or float(hi) > 1.0 + self.float_slack:
+                    raise ValueError("Float image pixels must be in [0, 1], got [" + str(float(lo)) + ", "
+                                     + str(float(hi)) + "]: pass uint8 pixels, or divide by 255 (the model "
+                                     "normalises its input itself).")
             x = x.to(self.mean.dtype)
         return (x - self.mean) / self.std
 

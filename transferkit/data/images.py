@@ -16,6 +16,7 @@ from transferkit.data.checks import IMAGE_EXTENSIONS, ON_BAD_FILE, DataReport, f
 from transferkit.data.folders import scan_class_folders, scan_csv
 from transferkit.data.late import FileDataset
 from transferkit.errors import DataError, check_choice, unreadable_file
+from transferkit.model import FLOAT_SLACK
 
 
 
@@ -55,7 +56,6 @@ def to_8bit(arr: np.ndarray, top: float = 65535.0) -> np.ndarray:
     return np.clip(np.asarray(arr, dtype=np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-FLOAT_SLACK = 0.25  # how far outside [0, 1] a float image may go (a bicubic resize overshoots), clipped to it
 
 
 def image_from_array(arr: np.ndarray, doing: str = "predict on") -> Image.Image | torch.Tensor:

@@ -346,6 +346,26 @@ def test_a_list_of_stages_of_any_name_is_split_into_blocks():
         "embed", "body.0", "body.1", "body.2", "norm", "pos"]  # a small list beside it (Twins' pos_block) is no matter
 
 
+def test_an_image_backbone_that_does_not_take_3_channels_is_refused_when_it_is_made():
+    """It was accepted, exported with parity, and then every image (read as RGB) failed with a
+    raw convolution error at the first training step or prediction."""
+    gray = nn.Sequential(nn.Conv2d(1, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(BackboneError, match=r"takes 1 input channel\(s\).*read as 3-channel RGB.*x.mean\(1"):
+        from_module(gray, input_spec={"channels": 1, "mean": [0.5], "std": [0.25], "image_size": 16})
+    with pytest.raises(BackboneError, match="takes 4 input channel.*leave in_chans at 3"):
+        get_backbone("timm:resnet18", weights=None, in_chans=4)  # timm says 3 in its config whatever it built
+
+    class Gray(nn.Module):  # the way round the error gives
+        def __init__(self):
+            super().__init__()
+            self.net = gray
+
+        def forward(self, x):
+            return self.net(x.mean(1, keepdim=True))
+
+    assert from_module(Gray(), input_spec={"image_size": 16}).num_features == 8
+
+
 def test_from_module_infers_width_and_blocks():
     bb = from_module(_Net(), input_spec={"image_size": 16}, name="mine")
     assert bb.num_features == 16 and bb.block_names == ["stem", "stages.0", "stages.2"]

@@ -166,6 +166,27 @@ def test_help_shows_defaults_and_old_commands_work(capsys):
     assert _run(capsys, "backbones", "tk:CIFAR 56")[1].split() == ["tk:cifar_resnet56"]  # every word, any case
 
 
+def test_an_image_over_the_decompression_bomb_limit_says_how_to_raise_it(exported, tmp_path, capsys, monkeypatch):
+    """A genuine 108-megapixel photo was refused with Pillow's words alone, and from Python with
+    advice (on_bad_file) that predict does not take; the command line could not raise the limit."""
+    from PIL import Image
+
+    model, _ = exported
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # restored after the test: main() sets it
+    Image.new("RGB", (40, 40), (200, 90, 30)).save(tmp_path / "big.png")  # 1600 pixels: over the limit
+    code, out, err = _run(capsys, "predict", model, tmp_path / "big.png")
+    assert code == 1 and "exceeds limit" in out and "`transferkit --max-image-pixels 0 ...`" in out
+    error = transferkit.load(model).predict(tmp_path / "big.png")[0].error
+    assert "PIL.Image.MAX_IMAGE_PIXELS = None" in error and "on_bad_file" not in error
+    code, out, err = _run(capsys, "predict", model, tmp_path / "big.png", "--max-image-pixels", "0")
+    assert code == 0 and "error" not in out and Image.MAX_IMAGE_PIXELS is None
+    code, out, err = _run(capsys, "--max-image-pixels", "2000", "predict", model, tmp_path / "big.png")
+    assert code == 0 and Image.MAX_IMAGE_PIXELS == 2000
+    with pytest.raises(SystemExit):
+        main(["predict", str(model), str(tmp_path / "big.png"), "--max-image-pixels", "-5"])
+    assert "expected a whole number of pixels" in capsys.readouterr().err
+
+
 def test_predict_in_a_fresh_process(trained, exported):
     """A new interpreter loads the export and prints the same predictions."""
     _, data, _ = trained

@@ -465,6 +465,21 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_PIXELS_HELP = ("Pillow's decompression-bomb limit: an image of more pixels is refused as a bad file (0: no "
+                   "limit; default Pillow's, about 89 million)")
+
+
+def _pixel_limit(text: str) -> int:
+    """``--max-image-pixels``: a whole number of pixels, 0 for no limit."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels (0: no limit), got {text!r}")
+    return value
+
+
 def _sub(sub: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=textwrap.fill(description, width=100), formatter_class=HELP)
 
@@ -477,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "verified TorchScript exports.\n`transferkit COMMAND --help` for each.")
     p.add_argument("--version", action="version", version=f"transferkit {__version__}")
     p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    p.add_argument("--max-image-pixels", type=_pixel_limit, default=None, metavar="N",
+                   help=MAX_PIXELS_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = _sub(sub, "demo", "offline transfer demo on scikit-learn's digits",
              "Train a small CNN on digits 0-4, transfer it to digits 5-9 with ten labels per class (feature "
@@ -575,9 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="exported file: TorchScript (.pt) or ONNX (.onnx)")
     i.add_argument("--json", action="store_true", help="print the full metadata as JSON")
     i.set_defaults(fn=_cmd_inspect)
-    for cmd in sub.choices.values():  # --debug after the command works too
+    for cmd in sub.choices.values():  # --debug and --max-image-pixels after the command work too
         cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="print the full traceback of an error")
+        cmd.add_argument("--max-image-pixels", type=_pixel_limit, default=argparse.SUPPRESS, metavar="N",
+                         help=MAX_PIXELS_HELP)
     return p
 
 
@@ -597,6 +616,10 @@ def console_main() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 on errors, with one line on stderr)."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "max_image_pixels", None) is not None:  # read by Pillow in this process and the forked loaders
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
 
     with one_line_warnings("transferkit", cli_spelling):
         try:

@@ -127,6 +127,10 @@ class DataReport:
 
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
 
+# what to do about an image larger than Pillow's decompression-bomb limit (said wherever one is refused)
+BOMB_HINT = ("if the image is genuine, raise Pillow's limit: PIL.Image.MAX_IMAGE_PIXELS = None (or a number of "
+             "pixels), `transferkit --max-image-pixels 0 ...` on the command line")
+
 
 def _has(f: BinaryIO, marker: bytes, start: int = 0) -> bool:
     """Whether ``marker`` occurs in ``f`` from byte ``start`` on (read in 1 MiB chunks)."""
@@ -186,7 +190,7 @@ def check_image_stream(f: BinaryIO, size: int, *, full: bool = False) -> str | N
         if problem:
             return problem
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return (f"decompression-bomb size ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine")
+        return f"decompression-bomb size ({exc}); {BOMB_HINT}"
     except Exception as exc:  # Pillow raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
         first = str(exc).splitlines()[0] if str(exc) else ""
         first = re.sub(r" ?<_io\.\w+[^>]*>", "", first)  # Pillow names the stream object, which says nothing

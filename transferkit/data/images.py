@@ -12,7 +12,14 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Subset
 
-from transferkit.data.checks import IMAGE_EXTENSIONS, ON_BAD_FILE, DataReport, filter_bad_images, readable_samples
+from transferkit.data.checks import (
+    BOMB_HINT,
+    IMAGE_EXTENSIONS,
+    ON_BAD_FILE,
+    DataReport,
+    filter_bad_images,
+    readable_samples,
+)
 from transferkit.data.folders import scan_class_folders, scan_csv
 from transferkit.data.late import FileDataset
 from transferkit.errors import DataError, check_choice, unreadable_file
@@ -46,8 +53,10 @@ def load_image(path: str | Path | BinaryIO, *, min_size: int | None = None, name
                 img = ImageOps.exif_transpose(img)
                 return to_rgb(img, top=top)
     except UNREADABLE_IMAGE as exc:
-        raise unreadable_file("image", path, exc, "Remove the file, or pass on_bad_file='skip' to leave unreadable "
-                              "files out.", name=name) from exc
+        bomb = isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning))
+        raise unreadable_file("image", path, exc, (BOMB_HINT[0].upper() + BOMB_HINT[1:] + ". " if bomb else "")
+                              + "Remove the file, or pass on_bad_file='skip' to leave unreadable files out.",
+                              name=name) from exc
 
 
 def to_8bit(arr: np.ndarray, top: float = 65535.0) -> np.ndarray:

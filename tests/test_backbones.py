@@ -352,8 +352,6 @@ def test_an_image_backbone_that_does_not_take_3_channels_is_refused_when_it_is_m
     gray = nn.Sequential(nn.Conv2d(1, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(BackboneError, match=r"takes 1 input channel\(s\).*read as 3-channel RGB.*x.mean\(1"):
         from_module(gray, input_spec={"channels": 1, "mean": [0.5], "std": [0.25], "image_size": 16})
-    with pytest.raises(BackboneError, match="takes 4 input channel.*leave in_chans at 3"):
-        get_backbone("timm:resnet18", weights=None, in_chans=4)  # timm says 3 in its config whatever it built
 
     class Gray(nn.Module):  # the way round the error gives
         def __init__(self):

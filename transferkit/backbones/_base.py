@@ -16,16 +16,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 AUDIO_FIELDS = ("kind", "channels", "sample_rate", "clip_seconds")  # what an audio InputSpec records
 
 
-def check_image_channels(channels: Any) -> None:
-    """A BackboneError unless an image backbone takes 3 channels: every image is read as RGB."""
-    if channels != 3:
-        raise BackboneError(
-            f"An image backbone that takes {channels} input channel(s) cannot be used: every image is read as "
-            "3-channel RGB (grayscale files are converted), and training, the export and prediction feed it 3 "
-            "channels. Build it for 3 channels (timm: leave in_chans at 3), or wrap it in a module that takes 3, "
-            "e.g. one whose forward returns net(x.mean(1, keepdim=True)) (input_spec channels=3).")
-
-
 @dataclass(frozen=True)
 class InputSpec:
     """What a backbone expects as input.
@@ -47,8 +37,12 @@ class InputSpec:
     clip_seconds: float | None = None
 
     def __post_init__(self) -> None:
-        if self.kind == "image":
-            check_image_channels(self.channels)
+        if self.kind == "image" and self.channels != 3:
+            raise BackboneError(
+                f"An image backbone that takes {self.channels} input channel(s) cannot be used: every image is read "
+                "as 3-channel RGB (grayscale files are converted), and training, the export and prediction feed it "
+                "3 channels. Build it for 3 channels, or wrap it in a module that takes 3, e.g. one whose forward "
+                "returns net(x.mean(1, keepdim=True)) (input_spec channels=3).")
 
     def replace(self, **changes: Any) -> InputSpec:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

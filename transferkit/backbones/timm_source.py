@@ -31,7 +31,6 @@ from transferkit.backbones._base import (
     InputSpec,
     blocks_from_param_groups,
     check_blocks,
-    check_image_channels,
     container_blocks,
 )
 from transferkit.backbones._hub import hf_offline, hf_offline_requested, hub_unreachable
@@ -425,7 +424,6 @@ class TimmSource:
                                        f"{suggest(name, timm.list_pretrained(arch + '.*'))} "
                                        f"See timm.list_pretrained('{arch}.*').")
         model_name, pretrained = resolve_model_name(name, weights)
-        check_image_channels(kwargs.get("in_chans", 3))  # timm keeps 3 in pretrained_cfg whatever it built
 
         def make(**extra: Any) -> nn.Module:
             model = create(model_name, pretrained=pretrained, **kwargs, **extra)

@@ -137,9 +137,10 @@ def test_resume_without_a_checkpoint_is_an_error_naming_the_path(tmp_path, image
 
 
 def test_work_that_no_other_file_holds_is_not_replaced_by_a_new_run(tmp_path, image_folder):
-    """An unfinished run's checkpoint (forgotten --resume), an export given as the checkpoint and a
-    checkpoint given as the export are refused before training; an earlier export, a finished
-    run's checkpoint and other files are replaced, as a run writing there again means to."""
+    """An unfinished run's checkpoint (forgotten --resume), an export given as the checkpoint, a
+    checkpoint given as the export and a file transferkit did not write (it was replaced) are
+    refused before training; an earlier export, a finished run's checkpoint and an empty file
+    are replaced, as a run writing there again means to."""
     def stop(row):
         raise KeyboardInterrupt
 
@@ -158,10 +159,23 @@ def test_work_that_no_other_file_holds_is_not_replaced_by_a_new_run(tmp_path, im
         with pytest.raises(ConfigError, match=said):
             tk.finetune(data=image_folder, **FAST, **kw)
     assert all(_bytes(p) == b for p, b in before.items())
-    (tmp_path / "other.pt").write_bytes(b"anything")
+    notes = tmp_path / "notes.csv"
+    notes.write_bytes(b"kept,1\n")
+    for key in ("export", "checkpoint"):
+        with pytest.raises(ConfigError, match=f"{key}=.*notes.csv' is an existing file that transferkit did not "
+                                              f"write .*Give the {key} another path, or remove the file first"):
+            tk.finetune(data=image_folder, **FAST, **{key: notes})
+    assert notes.read_bytes() == b"kept,1\n"
+    (tmp_path / "empty.pt").write_bytes(b"")  # as mktemp makes it
     tk.finetune(data=image_folder, **FAST, checkpoint=tmp_path / "done.ckpt", export=tmp_path / "m.pt", seed=1)
-    tk.finetune(data=image_folder, **FAST, export=tmp_path / "other.pt")
+    r = tk.finetune(data=image_folder, **FAST, export=tmp_path / "empty.pt")
     assert _bytes(tmp_path / "m.pt") != before[tmp_path / "m.pt"]  # an earlier export is replaced
+    assert _bytes(tmp_path / "empty.pt")
+    with pytest.raises(ConfigError, match="'.*notes.csv' is an existing file that is not a TorchScript export"):
+        r.export(notes)  # the export functions refuse it as well
+    with pytest.raises(ConfigError, match="'.*notes.csv' is an existing file that is not an ONNX file"):
+        r.export(tmp_path / "m2.pt", onnx=notes)
+    assert notes.read_bytes() == b"kept,1\n" and not (tmp_path / "m2.pt").exists()  # checked before either write
 
 
 def test_exporting_an_unfinished_run_says_which_epoch_it_holds(tmp_path, image_folder):

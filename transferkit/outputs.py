@@ -163,10 +163,16 @@ def check_output_file(p: str | Path, *, flag: str, reads: list[tuple[str, Any]],
         if inside_is_data and src.is_dir() and is_inside(p, src):
             raise ConfigError(f"{flag} {str(p)!r} lies inside the {what} folder {str(src)!r}: the {writes} written "
                               "there would be read as data by the next command. Give a path outside it.")
-    if p.is_file() and not replaceable(p):
+    if p.is_file() and p.stat().st_size > 0 and not replaceable(p):  # an empty file holds nothing to lose
         article = "an" if writes[:1].lower() in "aeio" else "a"
         raise ConfigError(f"{flag} {str(p)!r} is an existing file that is not {article} {writes}: writing the "
                           f"{writes} there would replace it. Give another path, or remove the file first.")
+
+
+def is_export(p: Path) -> bool:
+    """Whether ``p`` is a TorchScript export, which another export may replace."""
+    found = saved_run(p)
+    return found is not None and found[0] == "export"
 
 
 def is_png(p: Path) -> bool:
@@ -181,10 +187,15 @@ def is_png(p: Path) -> bool:
 def _check_replaced(key: str, p: Path) -> None:
     """Refuse an output file that would replace work a user cannot get back from another file:
     a checkpoint of an unfinished run (to be resumed), an export given as ``checkpoint``, a
-    checkpoint given as ``export``. A finished run's checkpoint, an earlier export at the
-    export's path and any other file are replaced, as a run that writes there again means to."""
+    checkpoint given as ``export``, a file transferkit did not write (notes, a ``torch.save``
+    of the user's own). A finished run's checkpoint, an earlier export at the export's path
+    and an empty file are replaced, as a run that writes there again means to."""
     found = saved_run(p) if p.is_file() else None
     if found is None:
+        if p.is_file() and p.stat().st_size > 0:
+            raise ConfigError(f"{key}={str(p)!r} is an existing file that transferkit did not write (not an export "
+                              f"or a checkpoint): the {key} would replace it. Give the {key} another path, or remove "
+                              "the file first.")
         return
     check_unlocked(p, what=key, flag=key)  # a run still writing it: FileLockedError naming it, not advice to resume
     kind, info = found

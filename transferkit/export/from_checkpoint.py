@@ -18,11 +18,11 @@ from transferkit.model import build_model
 from transferkit.backbones import get_backbone
 from transferkit.checkpoints import load_checkpoint, saved_run
 from transferkit._io import check_writable, same_file
-from transferkit.outputs import check_output_file
+from transferkit.outputs import check_output_file, is_export
 from transferkit._text import file_reason, plural
 from transferkit.export.inputs import InputPipeline
 from transferkit.export.torchscript import ExportReport, check_tolerances
-from transferkit.export.metadata import onnx_by_content
+from transferkit.export.metadata import holds_onnx
 
 
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -172,17 +172,6 @@ def example_batch(spec: InputSpec, *, examples: str | Path | None = None, n: int
     return batch, f"{n} random uint8 images (pass examples= for real inputs)"
 
 
-def _is_export(p: Path) -> bool:
-    found = saved_run(p)
-    return found is not None and found[0] == "export"
-
-
-def _is_onnx_file(p: Path) -> bool:
-    """An existing file the ONNX export may replace: ONNX by its content, not by its name (notes
-    saved as ``model.onnx`` are kept)."""
-    return onnx_by_content(p) is True
-
-
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str | Path | None = None,
                       num_examples: int = 8, onnx: str | Path | None = None,
                       **export_kwargs: Any) -> tuple[list[ExportReport], str]:
@@ -197,7 +186,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str 
     check_writable(out, what="export")  # before any work: a folder or a read-only place says so at once
     if onnx is not None:
         check_writable(onnx, what="ONNX export")
-    for name, path, replaceable in (("TorchScript export", out, _is_export), ("ONNX file", onnx, _is_onnx_file)):
+    for name, path, replaceable in (("TorchScript export", out, is_export), ("ONNX file", onnx, holds_onnx)):
         if path is not None and same_file(path, checkpoint):
             raise ConfigError(f"The {name} path {str(path)!r} is the checkpoint being exported: writing it would "
                               "replace the checkpoint. Give another output path.")

@@ -241,6 +241,12 @@ def check_model_file(path: str | Path, *, source: str, kind: str) -> None:
                           "export it again.")
 
 
+def holds_onnx(p: str | Path) -> bool:
+    """Whether ``p`` is a file an ONNX export may replace: ONNX by its content, not by its name
+    (notes saved as ``model.onnx`` are kept)."""
+    return onnx_by_content(p) is True
+
+
 def onnx_by_content(path: str | Path) -> bool | None:
     """Whether ``path`` holds ONNX by its first bytes: True for a protobuf ``ModelProto`` (its
     first field, ``ir_version``: byte ``0x08``), False for TorchScript (a zip archive, starting

@@ -34,6 +34,7 @@ from transferkit._io import (
 from transferkit._signals import raise_if_interrupted
 from transferkit._text import exception_line
 from transferkit.errors import ConfigError, ExportError, OutputError
+from transferkit.outputs import check_output_file
 from transferkit._integrity import check_records, records_entry
 from transferkit.export.metadata import (
     DIGEST_FILE,
@@ -44,9 +45,11 @@ from transferkit.export.metadata import (
     complete_metadata,
     decode_metadata,
     encode_metadata,
+    holds_onnx,
 )
 from transferkit.export.torchscript import (
     ExportReport,
+    check_export_path,
     check_tolerances,
     checked_inputs,
     example_list,
@@ -217,6 +220,12 @@ def _check_finite(who: str, values: np.ndarray, xb: torch.Tensor) -> None:
                           "written).")
 
 
+def check_onnx_path(path: str | Path) -> None:
+    """ConfigError when ``path`` is an existing file that is not ONNX by its content, which
+    writing the ONNX export would destroy (see `check_export_path`)."""
+    check_output_file(path, flag="The ONNX path", writes="ONNX file", reads=[], replaceable=holds_onnx)
+
+
 def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
                 example_inputs: torch.Tensor | Sequence[torch.Tensor], opset: int = 17, atol: float = 1e-4,
                 rtol: float = 1e-4) -> ExportReport:
@@ -234,6 +243,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
     """
     check_tolerances(atol, rtol)
     check_opset(opset)
+    check_onnx_path(path)
     onnx, ort = _require_onnx()
     t0 = time.perf_counter()
     examples = parity_examples(example_inputs, metadata)
@@ -427,6 +437,8 @@ def export_files(model: nn.Module, path: str | Path, *, onnx: str | Path | None,
     if onnx is None:
         return [export_torchscript(model, path, metadata=metadata, example_inputs=example_inputs, **export_kwargs)]
     check_onnx_examples(metadata, example_inputs)  # before either file is written
+    check_export_path(path)
+    check_onnx_path(onnx)
     tol = {k: export_kwargs[k] for k in ("atol", "rtol") if k in export_kwargs}
     try:
         script = export_torchscript(model, path, metadata=metadata, example_inputs=example_inputs, **export_kwargs)

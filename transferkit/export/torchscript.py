@@ -31,6 +31,7 @@ from transferkit._io import atomic_write, check_free_space, file_lock, file_stat
 from transferkit.hardware import is_convolutional, resolve_device
 from transferkit.data.target_tables import LABEL_SEPARATOR
 from transferkit.errors import ConfigError, ExportError, check_choice
+from transferkit.outputs import check_output_file, is_export
 from transferkit._text import exception_line, plural
 from transferkit.export.metadata import (
     RECORDS_FILE,
@@ -307,6 +308,13 @@ def shorter_clips(x: torch.Tensor) -> torch.Tensor:
     return x[:, :max(1, x.shape[1] * 3 // 4)]
 
 
+def check_export_path(path: str | Path) -> None:
+    """ConfigError when ``path`` is an existing file that is not a TorchScript export (notes, a
+    ``torch.save`` of the user's own), which writing the export would destroy; an earlier
+    export and an empty file are replaced."""
+    check_output_file(path, flag="The export path", writes="TorchScript export", reads=[], replaceable=is_export)
+
+
 def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
                        example_inputs: torch.Tensor | Sequence[torch.Tensor], mode: str = "auto",
                        optimize: bool = False, atol: float = 1e-5, rtol: float = 1e-5) -> ExportReport:
@@ -331,6 +339,7 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
     t0 = time.perf_counter()
     check_choice("export mode", mode, MODES)
     check_tolerances(atol, rtol)
+    check_export_path(path)
     examples = parity_examples(example_inputs, metadata)
     eager = copy.deepcopy(model).cpu().eval()
     batches, reference = reference_outputs(eager, _check_batches(examples))

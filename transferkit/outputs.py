@@ -149,7 +149,8 @@ def check_output_file(p: str | Path, *, flag: str, reads: list[tuple[str, Any]],
     """ConfigError, before a command does its work, when writing its output ``p`` (``flag``, a
     ``writes`` file) would destroy what the user has: a file the command reads (``reads``:
     ``(what, path)``, e.g. the model, the data), or an existing file that is not one it means
-    to replace (``replaceable(p)`` False: a picture over a CSV, an export over an image).
+    to replace (``replaceable(p)`` False: a picture over a CSV, an export over an image; an
+    empty file, as ``mktemp`` makes, holds nothing and is replaced).
     ``inside_is_data``: the output would be read as data inside a folder it reads (a PNG in a
     class folder), so that is refused too."""
     p = Path(p)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import os
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -276,6 +277,19 @@ def failed_items(dataset: Any) -> list[int]:
     return [at[b] for b in rows if b in at]
 
 
+def _under(samples: Sequence[tuple[Any, Any]]) -> str:
+    """`` (under '<folder>')``: the folder all of ``samples``' files lie in, which says which
+    set they are (training or validation files); '' when they are not all files."""
+    paths = [str(source) for source, _ in samples if isinstance(source, (str, Path))]
+    if not paths or len(paths) != len(samples):
+        return ""
+    try:
+        folder = os.path.commonpath(paths)
+    except ValueError:  # relative and absolute paths mixed, or other drives
+        return ""
+    return f" (under {os.path.dirname(folder) if len(paths) == 1 else folder!r})"
+
+
 def is_named(source: Any) -> bool:
     """Whether a sample's source has a name of its own (a file's path, a shard member): what the
     data report lists it by."""
@@ -374,6 +388,6 @@ def load_or_replace(samples: Sequence[tuple[Any, int]], i: int, load: Callable[[
             except DataError as exc:
                 known_bad[kj] = _reason(exc)
                 note_bad_at_load(report, source_name(src, j), known_bad[kj])
-    raise DataError(f"None of the {n} files of this dataset can be loaded any more (e.g. "
+    raise DataError(f"None of the {n} files of this dataset{_under(samples)} can be loaded any more (e.g. "
                     f"{source_name(source, i)!r}: {known_bad[key]}). Was the data folder moved or unmounted, or are "
                     "its files all damaged? Repair or replace them (scan='full' finds damaged files before training).")

@@ -223,6 +223,8 @@ def test_lr_find_on_a_policy_with_a_frozen_phase_tests_the_head_on_cached_featur
     assert "plan:" not in err and "base lr" not in err  # what the test does, not a training plan
     # gradual has one rate: the blocks it unfreezes later train at the rate the test suggests for the head
     assert ("unfreezes later at this same lr" in err) == policy.startswith("gradual")
+    # and the result says it too, which verbose=False and the command's JSON keep
+    assert any("head's rate" in n and "phase='unfrozen'" in n for n in res.notes) == policy.startswith("gradual")
 
 
 def test_lr_find_unfrozen_phase_trains_end_to_end_at_the_phases_rate(image_folder, capsys):

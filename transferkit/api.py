@@ -448,6 +448,10 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
                                on_first_steps=lambda s: say(_lr_find_cost(s, num_steps, per_epoch, which,
                                                                           cfg.epochs - first)))
     result.phase, result.seconds = which, time.perf_counter() - t0
+    if which == "frozen" and len(d.policy.lr_phases(cfg.epochs)) == 1:  # gradual: one rate for head and blocks
+        result.notes.append(f"the suggestion is the head's rate; {d.policy} trains the blocks it unfreezes later at "
+                            "this same lr, which can be far too high for pretrained weights: test those epochs with "
+                            "phase='unfrozen', or keep a backbone's rate (the default lr) for this policy")
     if plot is not None and d.is_main:
         result.plot(plot)
     return result

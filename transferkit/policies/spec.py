@@ -234,6 +234,12 @@ class Policy:
             re.compile(self.lora_targets)
         except (re.error, TypeError) as exc:
             raise PolicyError(f"Policy.lora_targets must be a regular expression, got {self.lora_targets!r}: {exc}") from exc
+        written = [t.strip() for t in _split_options(_escape_commas(self.lora_targets))]
+        if written != [self.lora_targets.replace("\\,", ",")] or not self.lora_targets:  # str(policy) reads back
+            raise PolicyError(f"Policy.lora_targets={self.lora_targets!r} cannot be written in a policy string and "
+                              "read back: give a pattern that is not empty ('.*' for every linear layer), without "
+                              "spaces at its ends, with a literal comma written [,] (the record and resume use "
+                              "the string).")
         if r is None:
             unused = [f"{name}={getattr(self, name)!r}" for name in ("lora_alpha", "lora_targets")
                       if getattr(self, name) != _DEFAULTS[name]]

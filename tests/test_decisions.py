@@ -788,8 +788,16 @@ def test_policy_options_that_do_nothing_are_noted(image_folder, tmp_path):
     assert "this run starts from random ones (weights=None)" in notes("full,l2sp=0.1", weights=None)
     assert "decay_norm_bias=true is not used: L2-SP replaces weight decay" in notes("full,l2sp=0.1,"
                                                                                    "decay_norm_bias=true")
-    for quiet in ("fine_tune", "fine_tune:frozen=1,passes=1", "full,l2sp=0.1", "full,decay_norm_bias=true"):
+    for quiet in ("fine_tune", "fine_tune:frozen=1,passes=1", "full,l2sp=0.1", "full,decay_norm_bias=true",
+                  "feature_extraction,bn=affine,layer_decay=0.5"):  # tk:small_cnn's BatchNorm gamma/beta train
         assert notes(quiet, **({"cache_features": False} if quiet.endswith("passes=1") else {})) == "", quiet
+    from transferkit.backbones.custom import from_module
+
+    no_bn = from_module(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                            torch.nn.Flatten()), input_spec={"image_size": 16})
+    for option in ("discriminative=0.5", "layer_decay=0.5"):  # nothing of a trunk without BatchNorm trains
+        said = " ".join(tk.plan(no_bn, **{**kw, "weights": None}, policy=f"feature_extraction,bn=affine,{option}").notes)
+        assert f"{option} is not used: no backbone parameter trains" in said
 
 
 def test_settings_that_do_nothing_are_noted_and_a_warmup_past_its_phase_is_refused(image_folder):

@@ -332,6 +332,36 @@ def test_a_checkpoint_another_run_is_writing_is_refused_as_locked_not_as_unfinis
         tk.finetune(data=image_folder, checkpoint=ckpt, **FAST)
 
 
+KILLED_WITH_A_CHILD = textwrap.dedent("""
+    import os, signal, sys, time
+    from transferkit._io import file_lock
+    with file_lock(sys.argv[1], what="checkpoint"):
+        if os.fork() == 0:  # a DataLoader worker: forked while the lock is held, it outlives its parent
+            time.sleep(60)
+            os._exit(0)
+        print("locked", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_lock_is_not_kept_by_the_forked_workers_of_a_killed_run(tmp_path):
+    """A run killed with SIGKILL left DataLoader workers (orphaned for seconds) that had inherited
+    its lock descriptor: the resume started at once was refused as locked by the dead process."""
+    from transferkit._io import file_lock
+
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_WITH_A_CHILD)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run.ckpt")], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        assert proc.wait(timeout=30) == -9
+        with file_lock(tmp_path / "run.ckpt", what="checkpoint"):  # the child still runs
+            pass
+    finally:
+        os.killpg(proc.pid, 9)  # the child, in the killed process's session
+
+
 def test_ignored_runs_in_a_recipe_file_are_said(tmp_path, image_folder, capsys):
     from transferkit.cli import main
 

@@ -559,6 +559,22 @@ _HELD: dict[str, list] = {}  # resolved lock path -> [fd, count]
 _HELD_GUARD = threading.Lock()
 
 
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the lock descriptors it inherited. A
+    ``flock`` lock lives as long as any descriptor of it, so workers that outlive a killed
+    run (seconds, orphaned) held its lock and refused the resume; the parent keeps its own
+    descriptors and so its locks. No lock is taken here: another thread may have held the
+    guard at the fork."""
+    for fd, _ in list(_HELD.values()):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 def lock_path(path: str | Path) -> Path:
     """The lock file of ``path``: ``.<name>.lock`` beside it.
 

@@ -205,6 +205,35 @@ def test_a_fetch_that_stalls_fails_instead_of_waiting_forever(shards, tmp_path, 
         remote.fetch_timeout()
 
 
+INTERRUPTED_FETCH = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job of a script ignores it)
+from transferkit.data import prepare_data
+print("start", flush=True)
+try:
+    prepare_data(sys.argv[1], val_split=0)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_ctrl_c_stops_the_fetches_of_the_shard_indexes_at_once(tmp_path):
+    """Ctrl-C while the indexes' fetches ran in their threads was acted on only when every fetch
+    had ended or stalled (minutes: 4 attempts of the fetch timeout), then said as a stalled fetch."""
+    marker = tmp_path / "finished"
+    script = tmp_path / "fetch.py"
+    script.write_text(INTERRUPTED_FETCH)
+    proc = subprocess.Popen([sys.executable, str(script), f"pipe:sh -c 'sleep 4; touch {marker}'"],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "TRANSFERKIT_FETCH_TIMEOUT": "120"})
+    assert proc.stdout.readline().strip() == "start"
+    time.sleep(2)  # the fetch has started
+    proc.send_signal(2)
+    out, _ = proc.communicate(timeout=60)
+    assert out.strip() == "interrupted" and proc.returncode == 0
+    time.sleep(3)
+    assert not marker.exists()  # the command was ended with the fetch, not waited for
+
+
 def test_an_fsspec_fetch_that_stalls_fails_instead_of_waiting_forever(shards, monkeypatch):
     """A file system whose read waits for ever (no timeout of its own) is paced like HTTP:
     the fetch fails as stalled, and a file system that answers reads the shard."""

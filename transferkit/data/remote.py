@@ -70,6 +70,8 @@ STALL_BYTES = 64 * 1024  # a fetch that brings fewer bytes than this in TIMEOUT 
 RETRY_WAITS = (1.0, 4.0, 16.0)  # seconds before each new attempt of a fetch whose failure may pass
 CHUNK = 1 << 20
 FETCH_POLL_S = 0.02  # how often a process waiting for another's fetch of a shard looks whether it is there
+STOP_POLL_S = 0.5  # how often a fetch that waits for bytes looks whether it was told to stop (`stop_fetches`)
+_STOP = threading.Event()
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "hf": "huggingface_hub",
              "sftp": "paramiko", "ssh": "paramiko"}
@@ -215,9 +217,31 @@ class _Pace:
         return self.timeout - (time.monotonic() - self.since)
 
     def check(self) -> None:
+        if _STOP.is_set():
+            raise _fail(self.url, "the fetch was stopped: the run was interrupted", transient=False)
         if self.left() <= 0:
             raise _fail(self.url, f"the fetch stalled: {self.got} bytes in the last {self.timeout:g} s (fewer than "
                                   f"{STALL_BYTES // 1024} KiB; {ENV_TIMEOUT} sets the seconds)", transient=True)
+
+
+@contextlib.contextmanager
+def stop_fetches_on_interrupt() -> Any:
+    """Around a wait for fetches that run in other threads: when the waiting thread is
+    interrupted (Ctrl-C, SIGTERM), they stop at their next look (within `STOP_POLL_S`; an HTTP
+    read first waits for its socket's timeout), so that the interrupt is not held up by
+    fetches that would end only when their shards came or stalled."""
+    try:
+        yield
+    except BaseException as exc:
+        if not isinstance(exc, Exception):
+            _STOP.set()
+        raise
+
+
+def resume_fetches() -> None:
+    """Let fetches run again after `stop_fetches_on_interrupt` stopped them (the threads that
+    were told to stop have ended)."""
+    _STOP.clear()
 
 
 def fetch_timeout() -> float:
@@ -255,8 +279,8 @@ def _pipe_reader(proc: subprocess.Popen, pace: _Pace, ready: selectors.BaseSelec
     ready.register(fd, selectors.EVENT_READ)
 
     def read(n: int) -> bytes:
-        while not ready.select(max(pace.left(), 0.0)):  # output or its end ready at once: read, however late
-            pace.check()  # raises once the wait is over
+        while not ready.select(min(max(pace.left(), 0.0), STOP_POLL_S)):  # output or its end there: read it
+            pace.check()  # raises once the wait is over, or when told to stop
         return os.read(fd, n)
     return read
 

@@ -62,7 +62,17 @@ from transferkit.data.checks import (ON_BAD_FILE, SCAN_RULES, SCANS, DataReport,
                                      holds_data_files, leave_out_bad)
 from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
 from transferkit.data.fingerprint import from_common_folder
-from transferkit.data.remote import ENV_BUDGET, Held, ShardCache, ShardFetchError, fetch_small, is_url, remote_validators
+from transferkit.data.remote import (
+    ENV_BUDGET,
+    Held,
+    ShardCache,
+    ShardFetchError,
+    fetch_small,
+    is_url,
+    remote_validators,
+    resume_fetches,
+    stop_fetches_on_interrupt,
+)
 from transferkit.errors import DataError, check_choice
 
 INDEX_FORMAT = 5  # 4: a shard is checked to its end (data after its end); 5: keys repeated in a row, 1 MiB padding
@@ -896,11 +906,11 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
 
         pool = ThreadPoolExecutor(min(INDEX_THREADS, len(shards)))
         try:
-            found = list(pool.map(one, shards))
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # a fetch failed: start no other
-            raise
-        pool.shutdown()
+            with stop_fetches_on_interrupt():  # Ctrl-C: the running fetches stop, not only the waiting
+                found = list(pool.map(one, shards))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after a failed fetch: start no other
+            resume_fetches()
     indexes, left_out = [], set()
     for p, ix in zip(shards, found):
         if isinstance(ix, DataError):

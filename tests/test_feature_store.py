@@ -360,3 +360,62 @@ def test_head_batches_by_blocks_leave_out_masked_rows_and_pick_one_view_per_samp
         assert sorted(y.tolist()) == [i for i in range(n) if i != 67]  # each valid sample once
         v = x[:, 0] - (y % 8).float()
         assert set(v.tolist()) == {0.0, 0.5} and (x == x[:, :1]).all()  # one stored view per row, whole rows
+
+
+FEW_DESCRIPTORS = """
+import resource, sys, tempfile
+import torch
+from transferkit.train.feature_store import ShardedFeatureStore, extract_parts
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))  # a limit below one part's samples
+
+
+class Images(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1200
+
+    def __getitem__(self, i):
+        return torch.full((3, 8, 8), i / 1200), i % 2
+
+
+store = ShardedFeatureStore.open(tempfile.mkdtemp(), "k", num_samples=1200, part_size=1200, dim=4, dtype="float32")
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+extract_parts(store, Images(), net, batch_size=16, num_workers=2)
+with torch.no_grad():
+    expected = net(torch.stack([Images()[i][0] for i in range(1200)]))
+feats, targets, mask = store.read_part(0)
+assert torch.allclose(store.to_torch(feats).reshape(-1, 1200, 4)[0], expected, atol=1e-6) and mask.all()
+assert targets.tolist() == [i % 2 for i in range(1200)]
+print("ok")
+"""
+
+
+def test_a_part_of_more_samples_than_the_descriptor_limit_is_extracted_with_workers(tmp_path):
+    """Each sample crossed from a worker as a tensor of its own, a file descriptor each while
+    the block read ahead waited: a part of 1200 samples needed about 1200 (ImageNet-1k's parts
+    hold 5005), and the run died with torch's "received 0 items of ancdata"."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "few.py"
+    script.write_text(FEW_DESCRIPTORS)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_read_ahead_block_holds_at_most_read_ahead_batches():
+    """Batches of tiny images fit hundreds of megabytes by the thousand, each a descriptor."""
+    from transferkit.data.sampling import READ_AHEAD_BATCHES, in_blocks
+
+    drawn = []
+
+    def batches():
+        for i in range(3 * READ_AHEAD_BATCHES):
+            drawn.append(i)
+            yield torch.zeros(1)
+
+    it = in_blocks(batches())
+    next(it)
+    assert len(drawn) == READ_AHEAD_BATCHES  # the first block, not every batch under the byte budget
+    assert len(list(it)) == 3 * READ_AHEAD_BATCHES - 1

@@ -168,6 +168,7 @@ def usable_cpus() -> int:
 
 
 READ_AHEAD_BYTES = 256 * 2**20
+READ_AHEAD_BATCHES = 256  # and at most this many batches: each batch from a worker holds a file descriptor
 
 
 def decode_then_compute(loader: Any, device: Any) -> bool:
@@ -196,10 +197,11 @@ def _nbytes(obj: Any) -> int:
     return sum(_nbytes(o) for o in obj) if isinstance(obj, (tuple, list)) else 0
 
 
-def in_blocks(batches: Any, budget_bytes: int = READ_AHEAD_BYTES) -> Iterator[Any]:
+def in_blocks(batches: Any, budget_bytes: int = READ_AHEAD_BYTES, most: int = READ_AHEAD_BATCHES) -> Iterator[Any]:
     """The items of ``batches``, read ahead a block at a time: batches are drawn until they
-    hold ``budget_bytes`` of tensors (or the iterable ends), then handed out one by one; the
-    next block is drawn only when the consumer has taken the whole block.
+    hold ``budget_bytes`` of tensors, or there are ``most`` of them (a batch from a DataLoader
+    worker holds a file descriptor while it lives), or the iterable ends; then they are handed
+    out one by one; the next block is drawn only when the consumer has taken the whole block.
 
     Example:
         >>> list(in_blocks([(torch.zeros(2), 0), (torch.zeros(2), 1), (torch.zeros(2), 2)], budget_bytes=16))
@@ -210,7 +212,7 @@ def in_blocks(batches: Any, budget_bytes: int = READ_AHEAD_BYTES) -> Iterator[An
     for item in batches:
         block.append(item)
         size += _nbytes(item)
-        if size >= budget_bytes:
+        if size >= budget_bytes or len(block) >= most:
             yield from block
             block, size = [], 0
     yield from block

@@ -637,8 +637,22 @@ class _Range(Dataset):
         return self.base[(self.start + j, self.view)]
 
 
-def _collate(items: list) -> list:
-    return items
+class _LoadedInOne:
+    """The collate function of `extract_parts`: a batch's items ``(index, x or None, y, why)`` as
+    ``([(index, loaded, y, why)], x)``, the ``x`` of the items that loaded stacked into one
+    tensor (None when none did) with ``collate`` (a dataset's ``batch_collate``: audio clips
+    padded) or ``torch.stack``. From a worker, one shared-memory tensor (a file descriptor
+    while it lives) crosses per batch, not one per item: the blocks read ahead held thousands,
+    past the usual limit of 1024."""
+
+    def __init__(self, collate: Callable[[Any], Any] | None) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list) -> tuple[list[tuple[int, bool, Any, str]], torch.Tensor | None]:
+        xs = [x for _, x, _, _ in items if x is not None]
+        x = None if not xs else self.collate([(v, 0) for v in xs])[0] if self.collate is not None else \
+            torch.stack([torch.as_tensor(v) for v in xs])
+        return [(i, v is not None, y, why) for i, v, y, why in items], x
 
 
 def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[torch.Tensor], torch.Tensor], *,
@@ -663,11 +677,7 @@ def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[t
     todo = store.assigned_parts(rank, world_size) if parts is None else list(parts)
     checked = _Checked(dataset, seed)
     want = TORCH_DTYPES[store.dtype]
-    collate = getattr(dataset, "batch_collate", None)  # audio: clips of different lengths, padded
-
-    def stack(xs: list[Any]) -> torch.Tensor:
-        return collate([(x, 0) for x in xs])[0] if collate is not None else \
-            torch.stack([torch.as_tensor(x) for x in xs])
+    in_one = _LoadedInOne(getattr(dataset, "batch_collate", None))  # audio: clips of different lengths, padded
     done = []
     for p in todo:
         start, stop = store.part_range(p)
@@ -678,21 +688,20 @@ def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[t
         for v in range(store.views):
             loader = batches(start, stop, v) if batches is not None else \
                 data_loader(_Range(checked, start, stop, v), batch_size=batch_size, shuffle=False,
-                           num_workers=num_workers, collate_fn=_collate)
+                           num_workers=num_workers, collate_fn=in_one)
             if batches is None and decode_then_compute(loader, device):
                 loader = in_blocks(loader)
             with torch.no_grad():
-                for items in loader:
-                    good = [it for it in items if it[1] is not None]
-                    for i, x, y, why in items:
+                for batch in loader:
+                    items, x = batch if batches is None else in_one(batch)
+                    for i, loaded, y, why in items:
                         targets[i - start] = y
-                        if x is None and mask[i - start]:
+                        if not loaded and mask[i - start]:
                             mask[i - start] = False
                             masked.append((i, why))
-                    if good:
-                        out = forward(stack([it[1] for it in good]))
-                        rows = torch.tensor([it[0] - start for it in good])
-                        feats[v, rows] = out.detach().to("cpu", want)
+                    if x is not None:
+                        rows = torch.tensor([i - start for i, loaded, _, _ in items if loaded])
+                        feats[v, rows] = forward(x).detach().to("cpu", want)
                     if progress is not None:
                         progress.update(len(items))
         store.write_part(p, feats, torch.stack([torch.as_tensor(t) for t in targets]), mask, masked)

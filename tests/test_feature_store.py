@@ -185,6 +185,12 @@ def test_damaged_part_is_found_and_recomputed(tmp_path):
     f = tmp_path / "k" / "part-000001" / "features.npy"
     f.write_bytes(f.read_bytes()[:-8] + b"\0" * 8)
     assert store.missing_parts(verify=True) == [1]
+    extract_parts(store, ds, fwd)
+    parts = [tmp_path / "k" / f"part-00000{i}" for i in (0, 2)]  # two parts' folders swapped by hand
+    parts[0].rename(tmp_path / "k" / "swap")
+    parts[1].rename(parts[0])
+    (tmp_path / "k" / "swap").rename(parts[1])
+    assert store.missing_parts(verify=True) == [0, 2]  # each folder's part.json names the part it holds
 
 
 def test_other_parameters_for_the_same_key_start_afresh(tmp_path):

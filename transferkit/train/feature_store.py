@@ -201,7 +201,11 @@ class ShardedFeatureStore:
             info = json.loads((self._part_dir(p) / "part.json").read_text())
         except (OSError, ValueError):
             return None
-        return info if isinstance(info, dict) else None
+        if not isinstance(info, dict):
+            return None
+        if "part" in info and [info["part"], info.get("start"), info.get("stop")] != [p, *self.part_range(p)]:
+            return None  # another part's folder under this part's name (renamed by hand): its rows are elsewhere
+        return info
 
     def _committed(self, p: int, verify: bool = False) -> bool:
         """Whether part ``p`` is committed; with ``verify``, also whether its files are the

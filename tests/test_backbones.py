@@ -346,12 +346,20 @@ def test_a_list_of_stages_of_any_name_is_split_into_blocks():
         "embed", "body.0", "body.1", "body.2", "norm", "pos"]  # a small list beside it (Twins' pos_block) is no matter
 
 
-def test_an_image_backbone_that_does_not_take_3_channels_is_refused_when_it_is_made():
+def test_an_image_backbone_that_does_not_take_3_channels_is_refused_before_the_data_are_read(tmp_path):
     """It was accepted, exported with parity, and then every image (read as RGB) failed with a
-    raw convolution error at the first training step or prediction."""
+    raw convolution error at the first training step or prediction. A spectrogram backbone's
+    image trunk may take one channel: its own input is audio."""
+    from transferkit.backbones.spectrogram import spectrogram_backbone
+    from transferkit.errors import ConfigError
+
     gray = nn.Sequential(nn.Conv2d(1, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    with pytest.raises(BackboneError, match=r"takes 1 input channel\(s\).*read as 3-channel RGB.*x.mean\(1"):
-        from_module(gray, input_spec={"channels": 1, "mean": [0.5], "std": [0.25], "image_size": 16})
+    bb = from_module(gray, input_spec={"channels": 1, "mean": [0.5], "std": [0.25], "image_size": 16})
+    with pytest.raises(ConfigError, match=r"says it takes 1-channel images \(its input_spec\).*read as 3-channel "
+                                          r"RGB.*x.mean\(1"):
+        tk.plan(bb, data=str(tmp_path / "none"))
+    audio = spectrogram_backbone(bb, sample_rate=8000, n_mels=32)
+    assert audio.trunk(torch.zeros(2, 8000)).shape == (2, 8) and audio.input_spec.kind == "audio"
 
     class Gray(nn.Module):  # the way round the error gives
         def __init__(self):

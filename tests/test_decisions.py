@@ -798,6 +798,7 @@ def test_policy_options_that_do_nothing_are_noted(image_folder, tmp_path):
     for option in ("discriminative=0.5", "layer_decay=0.5"):  # nothing of a trunk without BatchNorm trains
         said = " ".join(tk.plan(no_bn, **{**kw, "weights": None}, policy=f"feature_extraction,bn=affine,{option}").notes)
         assert f"{option} is not used: no backbone parameter trains" in said
+    assert "discriminative" not in notes("fine_tune", epochs=1)  # its own default: the frozen run is said already
 
 
 def test_settings_that_do_nothing_are_noted_and_a_warmup_past_its_phase_is_refused(image_folder):

@@ -29,6 +29,12 @@ from transferkit.export.metadata import FORMAT, complete_metadata
 from transferkit.model import ImagePreprocess, TransferModel
 
 
+def _previous_export(path):
+    """An earlier export at ``path`` (what a failed export must leave as it was); its bytes."""
+    export_tiny(path)
+    return path.read_bytes()
+
+
 def test_script_export_reloads_with_parity_and_metadata(tmp_path):
     path = tmp_path / "m.pt"
     report, model = export_tiny(path)
@@ -169,14 +175,14 @@ class _CustomFunction(nn.Module):
 def test_a_model_that_neither_scripts_nor_saves_as_a_trace_is_an_export_error(tmp_path):
     model = TransferModel(ImagePreprocess((0.5,) * 3, (0.25,) * 3), _CustomFunction(), nn.Linear(3, 2)).eval()
     path = tmp_path / "t.pt"
-    path.write_bytes(b"previous export")
+    previous = _previous_export(path)
     with pytest.raises(ExportError, match=r"cannot be converted to TorchScript: scripting failed .*its trace calls "
                                           r"Python functions .*\(_Twice: .*ONNX export may still work"), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_torchscript(model, path, metadata={"labels": ["a", "b"], "input_spec": {"image_size": 8}},
                            example_inputs=images(3, 8))
-    assert path.read_bytes() == b"previous export" and not list(tmp_path.glob(".t.pt.*"))
+    assert path.read_bytes() == previous and not list(tmp_path.glob(".t.pt.*"))
 
 
 def test_export_files_writes_the_onnx_file_of_a_model_that_torchscript_cannot_hold(tmp_path):
@@ -205,12 +211,12 @@ def test_export_files_writes_the_onnx_file_of_a_model_that_torchscript_cannot_ho
 def test_trace_that_breaks_parity_raises_and_leaves_the_previous_file(tmp_path):
     model = TransferModel(nn.Identity(), _VarArgs(2), nn.Identity())
     path = tmp_path / "t.pt"
-    path.write_bytes(b"previous export")
+    previous = _previous_export(path)
     x = torch.cat([torch.ones(1, 3, 4, 4), -torch.ones(2, 3, 4, 4)])  # batch 1 takes the other branch
     with pytest.raises(ExportError, match=r"differs from the eager model by .* tolerance"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_torchscript(model, path, metadata={"labels": ["a", "b"], "input_spec": {}}, example_inputs=x)
-    assert path.read_bytes() == b"previous export"
+    assert path.read_bytes() == previous
     assert not list(tmp_path.glob(".t.pt.*"))
 
 
@@ -429,11 +435,11 @@ _META = {"labels": ["a", "b"], "input_spec": {"image_size": 8}}
 @pytest.mark.parametrize("only_exported", [False, True])
 def test_parity_check_refuses_non_finite_outputs(tmp_path, factor, only_exported):
     path = tmp_path / "m.pt"
-    path.write_bytes(b"previous export")
+    previous = _previous_export(path)
     with pytest.raises(ExportError, match="returns NaN/inf"):
         export_torchscript(_Returns(factor, only_exported), path, metadata=_META, example_inputs=images(3, 8),
                            mode="script")
-    assert path.read_bytes() == b"previous export" and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+    assert path.read_bytes() == previous and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
 
 
 class _Outputs(nn.Module):

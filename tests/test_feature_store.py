@@ -371,9 +371,12 @@ def test_head_batches_by_blocks_leave_out_masked_rows_and_pick_one_view_per_samp
 FEW_DESCRIPTORS = """
 import resource, sys, tempfile
 import torch
+import transferkit.train.feature_store as fs
 from transferkit.train.feature_store import ShardedFeatureStore, extract_parts
 
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))  # a limit below one part's samples
+fs.decode_then_compute = lambda *a: True  # read ahead in blocks, as where the workers and torch share the cores
+tensors = sys.argv[1] == "tensor"  # regression and multilabel targets are tensors
 
 
 class Images(torch.utils.data.Dataset):
@@ -381,7 +384,7 @@ class Images(torch.utils.data.Dataset):
         return 1200
 
     def __getitem__(self, i):
-        return torch.full((3, 8, 8), i / 1200), i % 2
+        return torch.full((3, 8, 8), i / 1200), torch.tensor([i % 2.0]) if tensors else i % 2
 
 
 store = ShardedFeatureStore.open(tempfile.mkdtemp(), "k", num_samples=1200, part_size=1200, dim=4, dtype="float32")
@@ -392,12 +395,13 @@ with torch.no_grad():
     expected = net(torch.stack([Images()[i][0] for i in range(1200)]))
 feats, targets, mask = store.read_part(0)
 assert torch.allclose(store.to_torch(feats).reshape(-1, 1200, 4)[0], expected, atol=1e-6) and mask.all()
-assert targets.tolist() == [i % 2 for i in range(1200)]
+assert targets.reshape(-1).tolist() == [i % 2 for i in range(1200)]
 print("ok")
 """
 
 
-def test_a_part_of_more_samples_than_the_descriptor_limit_is_extracted_with_workers(tmp_path):
+@pytest.mark.parametrize("targets", ["int", "tensor"])
+def test_a_part_of_more_samples_than_the_descriptor_limit_is_extracted_with_workers(tmp_path, targets):
     """Each sample crossed from a worker as a tensor of its own, a file descriptor each while
     the block read ahead waited: a part of 1200 samples needed about 1200 (ImageNet-1k's parts
     hold 5005), and the run died with torch's "received 0 items of ancdata"."""
@@ -406,14 +410,21 @@ def test_a_part_of_more_samples_than_the_descriptor_limit_is_extracted_with_work
 
     script = tmp_path / "few.py"
     script.write_text(FEW_DESCRIPTORS)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(script), targets], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
-def test_a_read_ahead_block_holds_at_most_read_ahead_batches():
-    """Batches of tiny images fit hundreds of megabytes by the thousand, each a descriptor."""
+@pytest.mark.parametrize("limit", [None, 400])
+def test_a_read_ahead_block_holds_at_most_read_ahead_batches(monkeypatch, limit):
+    """Batches of tiny images fit hundreds of megabytes by the thousand, each holding descriptors."""
+    import resource
+
     from transferkit.data.sampling import READ_AHEAD_BATCHES, in_blocks
 
+    if limit is not None:  # a low `ulimit -n`: an eighth of it
+        monkeypatch.setattr(resource, "getrlimit", lambda what: (limit, limit))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    most = READ_AHEAD_BATCHES if soft == resource.RLIM_INFINITY else min(READ_AHEAD_BATCHES, soft // 8)
     drawn = []
 
     def batches():
@@ -423,5 +434,6 @@ def test_a_read_ahead_block_holds_at_most_read_ahead_batches():
 
     it = in_blocks(batches())
     next(it)
-    assert len(drawn) == READ_AHEAD_BATCHES  # the first block, not every batch under the byte budget
+    assert len(drawn) == most  # the first block, not every batch under the byte budget
     assert len(list(it)) == 3 * READ_AHEAD_BATCHES - 1
+    assert limit is None or most == 50

@@ -162,8 +162,9 @@ def test_work_that_no_other_file_holds_is_not_replaced_by_a_new_run(tmp_path, im
     notes = tmp_path / "notes.csv"
     notes.write_bytes(b"kept,1\n")
     for key in ("export", "checkpoint"):
-        with pytest.raises(ConfigError, match=f"{key}=.*notes.csv' is an existing file that transferkit did not "
-                                              f"write .*Give the {key} another path, or remove the file first"):
+        with pytest.raises(ConfigError, match=f"{key}=.*notes.csv' is an existing file that is not a TorchScript "
+                                              f"export or a transferkit checkpoint .*Give the {key} another path, or "
+                                              "remove the file first"):
             tk.finetune(data=image_folder, **FAST, **{key: notes})
     assert notes.read_bytes() == b"kept,1\n"
     (tmp_path / "empty.pt").write_bytes(b"")  # as mktemp makes it

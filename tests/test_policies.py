@@ -260,7 +260,7 @@ def test_a_lora_pattern_that_a_policy_string_cannot_hold_is_refused(targets):
         Policy(lora=4, lora_targets=targets)
 
 
-@pytest.mark.parametrize("targets", ["fc{1,2}", "(q|k),v", "[,;]x", ".*", "blocks\\.1\\..*qkv"])
+@pytest.mark.parametrize("targets", ["fc{1,2}", "(q|k),v", "[,;]x", ".*", "blocks\\.1\\..*qkv", "a\\,b"])
 def test_lora_patterns_with_commas_read_back_from_their_string(targets):
     p = Policy(lora=4, lora_targets=targets)
     assert Policy.parse(str(p)) == p

@@ -563,8 +563,10 @@ def _drop_inherited_locks() -> None:
     """In a forked child (a DataLoader worker): close the lock descriptors it inherited. A
     ``flock`` lock lives as long as any descriptor of it, so workers that outlive a killed
     run (seconds, orphaned) held its lock and refused the resume; the parent keeps its own
-    descriptors and so its locks. No lock is taken here: another thread may have held the
-    guard at the fork."""
+    descriptors and so its locks. The guard is made anew: another thread may have held it at
+    the fork."""
+    global _HELD_GUARD
+    _HELD_GUARD = threading.Lock()
     for fd, _ in list(_HELD.values()):
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -631,7 +633,9 @@ def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None, 
         yield lock
     finally:
         with _HELD_GUARD:
-            entry = _HELD[key]
+            entry = _HELD.get(key)
+            if entry is None:  # a forked child leaving the block: its inherited descriptor was closed
+                return
             entry[1] -= 1
             last = entry[1] == 0
             if last:

@@ -436,7 +436,7 @@ def _policy_options_unused(pol: Policy, *, cached_epochs: int, cache_reason: str
     if pol.l2sp is not None and pol.decay_norm_bias:
         notes.append("decay_norm_bias=true is not used: L2-SP replaces weight decay, so no parameter has any.")
     lower = [f"{k}={getattr(pol, k):g}" for k in ("discriminative", "layer_decay") if getattr(pol, k) is not None]
-    if lower and frozen:  # e.g. bn=affine on a trunk without BatchNorm: nothing of the backbone trains
+    if lower and frozen and pol.bn == "affine":  # on a trunk without BatchNorm: nothing of the backbone trains
         notes.append(f"{lower[0]} is not used: no backbone parameter trains in this run, so no block gets a lower "
                      "rate; the head trains at lr.")
     return notes

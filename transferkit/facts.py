@@ -215,6 +215,12 @@ def check_channels(bb: Backbone, spec: InputSpec, *, options: dict[str, Any] | N
     (a space-to-depth stem) runs, and a size the trunk does not take is `check_runs_at`'s."""
     if spec.kind != "image":
         return
+    if spec.channels != 3:  # a spectrogram backbone's image trunk may take 1 (its own spec is audio)
+        raise ConfigError(
+            f"{bb.name} says it takes {spec.channels}-channel images (its input_spec): every image is read as "
+            "3-channel RGB (grayscale files are converted), and training, the export and prediction feed it 3 "
+            "channels. Build it for 3 channels, or wrap it in a module that takes 3, e.g. one whose forward returns "
+            "net(x.mean(1, keepdim=True)) (input_spec channels=3).")
     first = next(((n, m) for n, m in bb.trunk.named_modules() if isinstance(m, torch.nn.Conv2d)), None)
     if first is None or first[1].in_channels == spec.channels:
         return

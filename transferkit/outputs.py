@@ -194,9 +194,9 @@ def _check_replaced(key: str, p: Path) -> None:
     found = saved_run(p) if p.is_file() else None
     if found is None:
         if p.is_file() and p.stat().st_size > 0:
-            raise ConfigError(f"{key}={str(p)!r} is an existing file that transferkit did not write (not an export "
-                              f"or a checkpoint): the {key} would replace it. Give the {key} another path, or remove "
-                              "the file first.")
+            raise ConfigError(f"{key}={str(p)!r} is an existing file that is not a TorchScript export or a "
+                              f"transferkit checkpoint it can read: the {key} would replace it. Give the {key} another "
+                              "path, or remove the file first.")
         return
     check_unlocked(p, what=key, flag=key)  # a run still writing it: FileLockedError naming it, not advice to resume
     kind, info = found

@@ -36,14 +36,6 @@ class InputSpec:
     sample_rate: int | None = None
     clip_seconds: float | None = None
 
-    def __post_init__(self) -> None:
-        if self.kind == "image" and self.channels != 3:
-            raise BackboneError(
-                f"An image backbone that takes {self.channels} input channel(s) cannot be used: every image is read "
-                "as 3-channel RGB (grayscale files are converted), and training, the export and prediction feed it "
-                "3 channels. Build it for 3 channels, or wrap it in a module that takes 3, e.g. one whose forward "
-                "returns net(x.mean(1, keepdim=True)) (input_spec channels=3).")
-
     def replace(self, **changes: Any) -> InputSpec:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 

@@ -189,7 +189,8 @@ def stream_to(url: str, dest: str | Path) -> dict[str, str]:
                     raise
                 raise ShardFetchError(f"{str(exc).rstrip('.')} (after {attempt} attempts over {waited:.0f} s).") \
                     from None
-            time.sleep(wait)
+            if _STOP.wait(wait):  # told to stop while waiting to try again
+                raise exc
             waited += wait
     raise AssertionError("unreachable")
 

@@ -168,7 +168,20 @@ def usable_cpus() -> int:
 
 
 READ_AHEAD_BYTES = 256 * 2**20
-READ_AHEAD_BATCHES = 256  # and at most this many batches: each batch from a worker holds a file descriptor
+READ_AHEAD_BATCHES = 256  # and at most this many batches (fewer under a low `ulimit -n`: `read_ahead_batches`)
+
+
+def read_ahead_batches() -> int:
+    """How many batches a read-ahead block may hold: `READ_AHEAD_BATCHES`, or an eighth of
+    the process's open-file limit where that is lower (each tensor of a batch that came from
+    a DataLoader worker holds a file descriptor while it lives: two for ``(x, y)``)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return READ_AHEAD_BATCHES
+    return READ_AHEAD_BATCHES if soft == resource.RLIM_INFINITY else max(8, min(READ_AHEAD_BATCHES, soft // 8))
 
 
 def decode_then_compute(loader: Any, device: Any) -> bool:
@@ -197,16 +210,17 @@ def _nbytes(obj: Any) -> int:
     return sum(_nbytes(o) for o in obj) if isinstance(obj, (tuple, list)) else 0
 
 
-def in_blocks(batches: Any, budget_bytes: int = READ_AHEAD_BYTES, most: int = READ_AHEAD_BATCHES) -> Iterator[Any]:
+def in_blocks(batches: Any, budget_bytes: int = READ_AHEAD_BYTES, most: int | None = None) -> Iterator[Any]:
     """The items of ``batches``, read ahead a block at a time: batches are drawn until they
-    hold ``budget_bytes`` of tensors, or there are ``most`` of them (a batch from a DataLoader
-    worker holds a file descriptor while it lives), or the iterable ends; then they are handed
+    hold ``budget_bytes`` of tensors, or there are ``most`` of them (`read_ahead_batches`: a
+    batch from a DataLoader worker holds descriptors while it lives), or the iterable ends; then they are handed
     out one by one; the next block is drawn only when the consumer has taken the whole block.
 
     Example:
         >>> list(in_blocks([(torch.zeros(2), 0), (torch.zeros(2), 1), (torch.zeros(2), 2)], budget_bytes=16))
         [(tensor([0., 0.]), 0), (tensor([0., 0.]), 1), (tensor([0., 0.]), 2)]
     """
+    most = read_ahead_batches() if most is None else most
     block: list[Any] = []
     size = 0
     for item in batches:

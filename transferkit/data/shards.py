@@ -909,8 +909,10 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
             with stop_fetches_on_interrupt():  # Ctrl-C: the running fetches stop, not only the waiting
                 found = list(pool.map(one, shards))
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # after a failed fetch: start no other
-            resume_fetches()
+            try:
+                pool.shutdown(wait=True, cancel_futures=True)  # after a failed fetch: start no other
+            finally:  # a second Ctrl-C during the wait: later fetches still run
+                resume_fetches()
     indexes, left_out = [], set()
     for p, ix in zip(shards, found):
         if isinstance(ix, DataError):

@@ -18,11 +18,9 @@ from transferkit.model import build_model
 from transferkit.backbones import get_backbone
 from transferkit.checkpoints import load_checkpoint, saved_run
 from transferkit._io import check_writable, same_file
-from transferkit.outputs import check_output_file, is_export
 from transferkit._text import file_reason, plural
 from transferkit.export.inputs import InputPipeline
-from transferkit.export.torchscript import ExportReport, check_tolerances
-from transferkit.export.metadata import holds_onnx
+from transferkit.export.torchscript import ExportReport, check_export_path, check_tolerances
 
 
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -183,16 +181,17 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str 
     Example:
         >>> reports, origin = export_checkpoint("run.pt", "model.pt", examples="images/val")  # doctest: +SKIP
     """
+    from transferkit.export.onnx import check_onnx_path, export_files
+
     check_writable(out, what="export")  # before any work: a folder or a read-only place says so at once
     if onnx is not None:
         check_writable(onnx, what="ONNX export")
-    for name, path, replaceable in (("TorchScript export", out, is_export), ("ONNX file", onnx, holds_onnx)):
+    for name, path, check in (("TorchScript export", out, check_export_path), ("ONNX file", onnx, check_onnx_path)):
         if path is not None and same_file(path, checkpoint):
             raise ConfigError(f"The {name} path {str(path)!r} is the checkpoint being exported: writing it would "
                               "replace the checkpoint. Give another output path.")
         if path is not None:  # nor an image of the examples, nor any file that is not an earlier export
-            check_output_file(path, flag=f"The {name} path", writes=name, reads=[("examples", examples)],
-                              replaceable=replaceable)
+            check(path, reads=[("examples", examples)])
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
         raise ConfigError(f"num_examples={num_examples!r} is out of range; expected a positive integer (inputs of "
                           "the parity check).")
@@ -206,6 +205,4 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str 
         keep["decisions"] = portable_decisions(decisions)  # as finetune(export=) records them: no machine paths
     if held is not None:  # an unfinished run's: its last completed epoch
         keep["training"] = {**(keep.get("training") or {}), "weights_epoch": held}
-    from transferkit.export.onnx import export_files
-
     return export_files(model, out, onnx=onnx, metadata=keep, example_inputs=batch, **export_kwargs), origin

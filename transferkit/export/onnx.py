@@ -220,10 +220,10 @@ def _check_finite(who: str, values: np.ndarray, xb: torch.Tensor) -> None:
                           "written).")
 
 
-def check_onnx_path(path: str | Path) -> None:
+def check_onnx_path(path: str | Path, *, reads: list[tuple[str, Any]] = ()) -> None:
     """ConfigError when ``path`` is an existing file that is not ONNX by its content, which
-    writing the ONNX export would destroy (see `check_export_path`)."""
-    check_output_file(path, flag="The ONNX path", writes="ONNX file", reads=[], replaceable=holds_onnx)
+    writing the ONNX export would destroy, or a file the caller ``reads`` (see `check_export_path`)."""
+    check_output_file(path, flag="The ONNX file path", writes="ONNX file", reads=list(reads), replaceable=holds_onnx)
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],

@@ -308,11 +308,12 @@ def shorter_clips(x: torch.Tensor) -> torch.Tensor:
     return x[:, :max(1, x.shape[1] * 3 // 4)]
 
 
-def check_export_path(path: str | Path) -> None:
+def check_export_path(path: str | Path, *, reads: list[tuple[str, Any]] = ()) -> None:
     """ConfigError when ``path`` is an existing file that is not a TorchScript export (notes, a
-    ``torch.save`` of the user's own), which writing the export would destroy; an earlier
-    export and an empty file are replaced."""
-    check_output_file(path, flag="The export path", writes="TorchScript export", reads=[], replaceable=is_export)
+    ``torch.save`` of the user's own), which writing the export would destroy, or a file the
+    caller ``reads`` (`check_output_file`); an earlier export and an empty file are replaced."""
+    check_output_file(path, flag="The TorchScript export path", writes="TorchScript export", reads=list(reads),
+                      replaceable=is_export)
 
 
 def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],

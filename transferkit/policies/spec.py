@@ -240,6 +240,7 @@ class Policy:
                               "read back: give a pattern that is not empty ('.*' for every linear layer), without "
                               "spaces at its ends, with a literal comma written [,] (the record and resume use "
                               "the string).")
+        object.__setattr__(self, "lora_targets", self.lora_targets.replace("\\,", ","))  # the same pattern
         if r is None:
             unused = [f"{name}={getattr(self, name)!r}" for name in ("lora_alpha", "lora_targets")
                       if getattr(self, name) != _DEFAULTS[name]]

@@ -645,9 +645,9 @@ class _LoadedInOne:
     """The collate function of `extract_parts`: a batch's items ``(index, x or None, y, why)`` as
     ``([(index, loaded, y, why)], x)``, the ``x`` of the items that loaded stacked into one
     tensor (None when none did) with ``collate`` (a dataset's ``batch_collate``: audio clips
-    padded) or ``torch.stack``. From a worker, one shared-memory tensor (a file descriptor
-    while it lives) crosses per batch, not one per item: the blocks read ahead held thousands,
-    past the usual limit of 1024."""
+    padded) or ``torch.stack``, tensor targets as NumPy arrays. From a worker, one
+    shared-memory tensor (a file descriptor while it lives) crosses per batch, not one per
+    item: the blocks read ahead held thousands, past the usual limit of 1024."""
 
     def __init__(self, collate: Callable[[Any], Any] | None) -> None:
         self.collate = collate
@@ -656,7 +656,13 @@ class _LoadedInOne:
         xs = [x for _, x, _, _ in items if x is not None]
         x = None if not xs else self.collate([(v, 0) for v in xs])[0] if self.collate is not None else \
             torch.stack([torch.as_tensor(v) for v in xs])
-        return [(i, v is not None, y, why) for i, v, y, why in items], x
+        return [(i, v is not None, _plain(y), why) for i, v, y, why in items], x
+
+
+def _plain(y: Any) -> Any:
+    """A tensor target as a NumPy array, which crosses from a worker pickled (a tensor would
+    take a shared-memory descriptor of its own); other targets as they are."""
+    return y.numpy() if isinstance(y, torch.Tensor) and y.dtype != torch.bfloat16 else y
 
 
 def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[torch.Tensor], torch.Tensor], *,

@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1] / "transferkit"
 
@@ -202,7 +203,27 @@ def test_the_reader_sees_a_dataloader_made_elsewhere(planted):
     assert [c.split(":")[0] for c in calls] == ["transferkit.train.loaders"]
 
 
-def test_data_loader_s_workers_exit_quietly_on_sigterm():
-    from transferkit.data.sampling import data_loader, quiet_exit_on_sigterm
+class _WorkerState(torch.utils.data.Dataset):
+    """What a worker process runs with: Pillow's pixel limit and its SIGTERM handler."""
 
-    assert data_loader([1, 2], batch_size=2).worker_init_fn is quiet_exit_on_sigterm
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        import signal
+
+        from PIL import Image
+
+        return Image.MAX_IMAGE_PIXELS, getattr(signal.getsignal(signal.SIGTERM), "__name__", "")
+
+
+def test_data_loader_s_workers_exit_quietly_on_sigterm_and_keep_the_pixel_limit(monkeypatch):
+    """A worker started by spawn (macOS's default) imported Pillow anew: a raised limit
+    (transferkit --max-image-pixels) did not reach it."""
+    from PIL import Image
+
+    from transferkit.data.sampling import data_loader
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 12345)
+    loader = data_loader(_WorkerState(), batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    assert list(next(iter(loader))) == [12345, "_exit_quietly"]

@@ -616,7 +616,7 @@ def console_main() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 on errors, with one line on stderr)."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "max_image_pixels", None) is not None:  # read by Pillow in this process and the forked loaders
+    if getattr(args, "max_image_pixels", None) is not None:  # Pillow's, here and in every loader's workers
         from PIL import Image
 
         Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None

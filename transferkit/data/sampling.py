@@ -249,7 +249,24 @@ def data_loader(dataset: Dataset, **options: Any) -> DataLoader:
     """
     if "worker_init_fn" in options:
         raise TypeError("data_loader sets worker_init_fn itself")
-    return DataLoader(dataset, worker_init_fn=quiet_exit_on_sigterm, **options)
+    from PIL import Image
+
+    return DataLoader(dataset, worker_init_fn=WorkerInit(Image.MAX_IMAGE_PIXELS), **options)
+
+
+class WorkerInit:
+    """DataLoader ``worker_init_fn`` of every loader: `quiet_exit_on_sigterm`, and Pillow's
+    decompression-bomb limit as the process that made the loader had it (a worker started by
+    spawn, macOS's default, imports Pillow anew: a raised limit would not reach it)."""
+
+    def __init__(self, max_image_pixels: int | None) -> None:
+        self.max_image_pixels = max_image_pixels
+
+    def __call__(self, worker_id: int) -> None:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = self.max_image_pixels
+        quiet_exit_on_sigterm(worker_id)
 
 
 def quiet_exit_on_sigterm(worker_id: int) -> None:

@@ -219,7 +219,7 @@ class _Pace:
 
     def check(self) -> None:
         if _STOP.is_set():
-            raise _fail(self.url, "the fetch was stopped: the run was interrupted", transient=False)
+            raise _stopped(self.url)
         if self.left() <= 0:
             raise _fail(self.url, f"the fetch stalled: {self.got} bytes in the last {self.timeout:g} s (fewer than "
                                   f"{STALL_BYTES // 1024} KiB; {ENV_TIMEOUT} sets the seconds)", transient=True)
@@ -237,6 +237,11 @@ def stop_fetches_on_interrupt() -> Any:
         if not isinstance(exc, Exception):
             _STOP.set()
         raise
+
+
+def _stopped(url: str) -> ShardFetchError:
+    """The error of a fetch that `stop_fetches_on_interrupt` stopped (not tried again)."""
+    return _fail(url, "the fetch was stopped: the run was interrupted", transient=False)
 
 
 def resume_fetches() -> None:
@@ -366,7 +371,7 @@ def _fsspec_copy(url: str, out: Any, pace: _Pace) -> None:
     worker = threading.Thread(target=copy, name="transferkit-fetch", daemon=True)
     worker.start()
     while worker.is_alive():
-        worker.join(timeout=min(max(pace.left(), 0.01), 1.0))
+        worker.join(timeout=min(max(pace.left(), 0.01), STOP_POLL_S))
         if worker.is_alive():
             pace.check()
     if ended[0] is not None:
@@ -505,7 +510,8 @@ class ShardCache:
                 if target.is_file():  # fetched by another process, which now reads it
                     _flock(fd, fcntl.LOCK_SH)
                     return {} if target.is_file() else None
-                time.sleep(FETCH_POLL_S)  # another process is fetching it
+                if _STOP.wait(FETCH_POLL_S):  # another process is fetching it; this one was told to stop
+                    raise _stopped(url)
                 continue
             got = {} if target.is_file() else self._fetch_locked(url, target, size, check, validators)
             _flock(fd, fcntl.LOCK_SH)  # a downgrade is not atomic: check it is still there

@@ -408,9 +408,22 @@ def test_a_shard_cache_smaller_than_the_shards_reads_shard_by_shard(tmp_path, mo
             # 4 non-empty shards: each fetched about once (a shard at a rank's slice boundary twice; with workers,
             # one prefetching far ahead may drop a shard another still needs); a global shuffle: one per sample
             assert sum(fetched.values()) <= (4 + 1 if workers == 0 else 8), fetched
+        from transferkit.decisions import differences
+        from transferkit.train.resume import resume_refused
+
+        run = dict(weights=None, data=f"{base}/train-{{000000..000004}}.tar", val_split=0, image_size=16, epochs=2,
+                   policy="full", verbose=False)
+        by_shard = _quiet(tk.plan, "tk:small_cnn", **run, decode_once=False)
+        assert by_shard.sample_order == "shard by shard"
+        assert _quiet(tk.plan, "tk:small_cnn", **run).sample_order == "shuffled"  # decoded once: shuffled whole
         monkeypatch.setenv("TRANSFERKIT_SHARD_CACHE", "16G")
         whole = prepare_data(f"{base}/train-{{000000..000004}}.tar", val_split=0)
         assert whole.train.sample_groups() is None  # the cache holds them: a global shuffle
+        # a resume under another shard cache drew another order, without a word: it is refused, saying why
+        shuffled = _quiet(tk.plan, "tk:small_cnn", **run, decode_once=False)
+        diff = differences(by_shard.to_dict(), shuffled.to_dict())
+        assert diff == {"sample_order": ("shard by shard", "shuffled")}
+        assert "resume with the checkpoint's shard cache" in str(resume_refused("run.ckpt", diff))
 
 
 def test_feature_store_from_remote_shards_fetches_each_shard_once_and_equals_the_local_one(shards, tmp_path,

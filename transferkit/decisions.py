@@ -111,6 +111,9 @@ class Decisions:
                                                                   "passes": []})
     pretrained: bool = True  # the trunk starts from trained weights (a Backbone object's own: see BackboneFacts)
     cache_read_only: str | None = None  # why cache_dir cannot be written: read, never written (None: writable)
+    # the order of the images the epochs read: "shuffled", or "shard by shard" (remote shards that the shard
+    # cache cannot hold at once; decoded images and cached features are shuffled whole)
+    sample_order: str = "shuffled"
 
     @property
     def epochs(self) -> int:
@@ -153,7 +156,7 @@ class Decisions:
             "channels_last": s["channels_last"], "compile": s["compile"], "speed_reasons": s["reasons"],
             "policy": str(self.policy), "frozen": self.frozen, "feature_cache": self.cache,
             "cached_epochs": self.cached_epochs, "cache_reason": self.cache_reason,
-            "cache_read_only": self.cache_read_only,
+            "cache_read_only": self.cache_read_only, "sample_order": self.sample_order,
             "head": {"kind": self.head, "hidden": list(self.head_hidden), "norm": self.head_norm,
                      "target_norm": self.target_norm is not None,
                      "activation": self.config.head_activation, "dropout": float(self.config.head_dropout or 0.0)},
@@ -375,7 +378,9 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         trunk_fingerprint=bb.fingerprint, data_fingerprints=dict(data.fingerprints), notes=tuple(notes),
         engine=engine, engine_reason=engine_reason,
         input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode), pretrained=bb.pretrained,
-        cache_read_only=facts.cache_read_only if cfg.cache_dir is not None else None)
+        cache_read_only=facts.cache_read_only if cfg.cache_dir is not None else None,
+        sample_order="shard by shard" if data.shard_by_shard and not cache
+        and decode.get("train", {}).get("mode", "off") == "off" else "shuffled")
 
 
 def head_passes(policy: Policy, cached_epochs: int, epochs: int) -> int:
@@ -603,7 +608,8 @@ AS_NOW = object()
 # record without them means: the option's default; the head's behaviour then (a regression run of then differs
 # from one of now in its head); a Backbone object's options, recorded since exports are rebuilt from them
 ADDED_DECISIONS: dict[tuple[str | None, str], Any] = {
-    ("config", "target_norm"): "auto", ("head", "target_norm"): False, (None, "backbone_options"): AS_NOW}
+    ("config", "target_norm"): "auto", ("head", "target_norm"): False, (None, "backbone_options"): AS_NOW,
+    (None, "sample_order"): AS_NOW}
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -112,6 +112,8 @@ class DataFacts:
     # regression: mean, std and constant flags (per output) and n of the training targets (a CSV's all, a
     # Dataset's those read before training; `target_summary`); None for labels
     targets: dict[str, Any] | None = None
+    # the training samples are drawn shard by shard (remote shards the shard cache cannot hold at once)
+    shard_by_shard: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,12 @@ def _forward_fails(bb: Backbone, channels: int, size: int) -> BaseException | No
         return exc
     finally:
         bb.trunk.train(was)
+
+
+def _drawn_by_shard(dataset: Any) -> bool:
+    """Whether a training loader over ``dataset`` draws it shard by shard (`transferkit.train.loaders.make_loader`)."""
+    groups = getattr(dataset, "sample_groups", None)
+    return callable(groups) and groups() is not None
 
 
 def check_channels(bb: Backbone, spec: InputSpec, *, options: dict[str, Any] | None = None) -> None:
@@ -486,7 +494,8 @@ def _data_facts(cfg: FinetuneConfig, bundle: DataBundle, spec: InputSpec, n_out:
                      n_val=len(bundle.val) if bundle.val is not None else 0, identity=identity,
                      fingerprints=fingerprints, files=files, decode=decode,
                      class_weights=tuple(weights) if weights is not None else None,
-                     targets=target_summary(bundle.targets) if bundle.targets is not None else None)
+                     targets=target_summary(bundle.targets) if bundle.targets is not None else None,
+                     shard_by_shard=_drawn_by_shard(bundle.train))
 
 
 __all__ = ["BackboneFacts", "DataFacts", "DeviceFacts", "Facts", "FACTS_FORMAT", "Inputs", "environment", "look",

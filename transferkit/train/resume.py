@@ -53,6 +53,9 @@ def resume_refused(path: str | Path, diff: dict[str, tuple[Any, Any]]) -> Config
     if "weights_file" in diff:
         data += (" The weights file's content changed since the run began (its digest differs): the checkpoint's "
                  "trunk grew from the file it had, and its cached features and L2-SP anchor were computed from it.")
+    if "sample_order" in diff:
+        data += (" The samples are drawn shard by shard when the shard cache (TRANSFERKIT_SHARD_CACHE) cannot hold "
+                 "every remote shard, else shuffled whole: resume with the checkpoint's shard cache.")
     if "config.epochs" in diff:
         data += " The epochs cannot change: the learning-rate schedule was built for the first run's length."
     if "world_size" in diff:

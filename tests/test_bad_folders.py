@@ -206,8 +206,8 @@ def test_a_validation_folder_whose_every_file_is_damaged_is_said(tmp_path):
     make_image_folder(root / "val", per_class=2, size=16, seed=1)
     for f in (root / "val").rglob("*.*"):
         damaged_png(f)
-    with pytest.raises(tk.DataError, match=r"None of the 4 files of this dataset \(under '.*/d/val'\) can be loaded any "
-                                        r"more \(e.g. .*val.*"
+    with pytest.raises(tk.DataError, match=r"None of the 4 files of this dataset \(under '.*/d/val'\) can be loaded "
+                                        r"any more \(e.g. .*val.*"
                                         r"or are its files all damaged\?"):
         _quiet(tk.finetune, "tk:small_cnn", weights=None, data=root, image_size=16, epochs=1, verbose=False,
                num_workers=0, scan="none", policy="full")

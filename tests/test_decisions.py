@@ -796,7 +796,8 @@ def test_policy_options_that_do_nothing_are_noted(image_folder, tmp_path):
     no_bn = from_module(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
                                             torch.nn.Flatten()), input_spec={"image_size": 16})
     for option in ("discriminative=0.5", "layer_decay=0.5"):  # nothing of a trunk without BatchNorm trains
-        said = " ".join(tk.plan(no_bn, **{**kw, "weights": None}, policy=f"feature_extraction,bn=affine,{option}").notes)
+        policy = f"feature_extraction,bn=affine,{option}"
+        said = " ".join(tk.plan(no_bn, **{**kw, "weights": None}, policy=policy).notes)
         assert f"{option} is not used: no backbone parameter trains" in said
     assert "discriminative" not in notes("fine_tune", epochs=1)  # its own default: the frozen run is said already
 

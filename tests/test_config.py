@@ -186,8 +186,9 @@ def test_a_policy_object_is_recorded_as_its_string_where_that_reads_back():
     assert FinetuneConfig(data="x", policy=Policy.parse("gradual:every=2")).to_dict()["policy"] == "gradual:every=2"
     comma = Policy(lora=4, lora_targets=r"blocks\.\d{1,2}\.attn")  # a comma inside brackets reads back
     assert FinetuneConfig(data="x", policy=comma).to_dict()["policy"] == r"lora:r=4,targets=blocks\.\d{1,2}\.attn"
-    escaped = Policy(lora=4, lora_targets=r"q\,k")  # its string reads back as the same pattern spelled q,k
-    assert FinetuneConfig(data="x", policy=escaped).to_dict()["policy"] == "<Policy>"
+    escaped = Policy(lora=4, lora_targets=r"q\,k")  # the same pattern as q,k, which the policy holds
+    assert escaped.lora_targets == "q,k"
+    assert FinetuneConfig(data="x", policy=escaped).to_dict()["policy"] == r"lora:r=4,targets=q\,k"
 
 
 def test_none_is_written_none_or_null_in_files_flags_and_set():

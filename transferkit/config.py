@@ -537,7 +537,8 @@ class FinetuneConfig:
 def _policy_text(policy: Any) -> Any:
     """A Policy object as its canonical string where ``Policy.parse`` reads that back to the
     same policy (so a record of it resumes without the object), else the object itself (a
-    record says ``"<Policy>"``: e.g. a LoRA target pattern holding ``\\,``, read back as ``,``)."""
+    record says ``"<Policy>"``). A Policy refuses what its string cannot hold (a LoRA target
+    pattern empty or with spaces at its ends), and writes ``\\,`` in a pattern as ``,``."""
     try:
         return str(policy) if type(policy).parse(str(policy)) == policy else policy
     except Exception:  # noqa: BLE001 - a string the parser refuses: the object is kept

@@ -358,6 +358,13 @@ def test_an_image_backbone_that_does_not_take_3_channels_is_refused_before_the_d
     with pytest.raises(ConfigError, match=r"says it takes 1-channel images \(its input_spec\).*read as 3-channel "
                                           r"RGB.*x.mean\(1"):
         tk.plan(bb, data=str(tmp_path / "none"))
+    from transferkit.export import export_torchscript
+
+    export_torchscript(tk.build_model(bb, 2).eval(), tmp_path / "gray.pt", example_inputs=torch.zeros(2, 1, 16, 16),
+                       metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()})
+    with pytest.raises(ConfigError, match=r"gray.pt' takes 1-channel images .*predict reads every image as 3-channel "
+                                          r"RGB. Run the file yourself on \[N, 1, H, W\] tensors"):
+        tk.load(tmp_path / "gray.pt")  # made by hand: its predict failed inside TorchScript
     audio = spectrogram_backbone(bb, sample_rate=8000, n_mels=32)
     assert audio.trunk(torch.zeros(2, 8000)).shape == (2, 8) and audio.input_spec.kind == "audio"
 

@@ -91,6 +91,11 @@ class Predictor:
         self.labels: list[str] = list(metadata["labels"])
         self.task: str = metadata["task"]
         self.input_spec = InputSpec.from_dict(metadata["input_spec"])
+        if self.input_spec.kind == "image" and self.input_spec.channels != 3:
+            raise ConfigError(f"{source} takes {self.input_spec.channels}-channel images (its input_spec), and predict "
+                              "reads every image as 3-channel RGB. Run the file yourself on [N, "
+                              f"{self.input_spec.channels}, H, W] tensors (torch.jit.load), or export a model that "
+                              "takes 3 channels.")
         self.device = torch.device(device)
         self.source = source
         # audio: long clips are cropped to the window training and validation saw (30 s unless the run said;

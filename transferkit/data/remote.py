@@ -190,7 +190,7 @@ def stream_to(url: str, dest: str | Path) -> dict[str, str]:
                 raise ShardFetchError(f"{str(exc).rstrip('.')} (after {attempt} attempts over {waited:.0f} s).") \
                     from None
             if _STOP.wait(wait):  # told to stop while waiting to try again
-                raise exc
+                raise _stopped(url) from None
             waited += wait
     raise AssertionError("unreachable")
 

@@ -80,8 +80,8 @@ def uneven_sizes(n: int, shards: int, seed: int = 0, empty: bool = True) -> list
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves a folder; records each request; ``/slow/...`` waits before answering,
     ``/short/...`` announces the whole file but sends half of it, ``/flaky/...`` answers
-    HTTP 503 to the first two GETs of each tar file, and ``/trickle/...`` sends a byte every
-    0.05 s."""
+    HTTP 503 to the first two GETs of each tar file, ``/trickle/...`` sends a byte every
+    0.05 s, and ``/hang/...`` answers a GET only once the server's ``release`` event is set."""
 
     def log_message(self, *args):  # quiet
         pass
@@ -91,7 +91,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def do_HEAD(self):
         self._record()
-        for kind in ("/slow/", "/short/", "/flaky/", "/trickle/"):
+        for kind in ("/slow/", "/short/", "/flaky/", "/trickle/", "/hang/"):
             self.path = self.path.replace(kind, "/", 1)
         super().do_HEAD()
 
@@ -103,6 +103,9 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
                 self.send_error(503, "Service Unavailable")
                 return
             self.path = self.path.replace("/flaky/", "/", 1)
+        if self.path.startswith("/hang/"):
+            self.server.release.wait()
+            self.path = self.path.replace("/hang/", "/", 1)
         if self.path.startswith("/slow/"):
             time.sleep(0.5)
             self.path = self.path.replace("/slow/", "/", 1)
@@ -135,12 +138,13 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 def serve(folder: Path):
     """An HTTP server on 127.0.0.1 (a free port) serving ``folder``: ``(base URL, requests)``."""
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(folder)))
-    srv.requests = []
+    srv.requests, srv.release = [], threading.Event()
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     try:
         yield f"http://127.0.0.1:{srv.server_port}", srv.requests
     finally:
+        srv.release.set()
         srv.shutdown()
         srv.server_close()
 

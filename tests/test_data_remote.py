@@ -234,6 +234,43 @@ def test_ctrl_c_stops_the_fetches_of_the_shard_indexes_at_once(tmp_path):
     assert not marker.exists()  # the command was ended with the fetch, not waited for
 
 
+def test_ctrl_c_stops_an_http_fetch_that_waits_for_its_server(shards, tmp_path):
+    """An HTTP fetch looked whether it was told to stop only between reads: Ctrl-C while the
+    server sent nothing waited for the socket's timeout (the fetch timeout: 120 s here)."""
+    script = tmp_path / "fetch.py"
+    script.write_text(INTERRUPTED_FETCH)
+    with serve(shards) as (base, requests):
+        proc = subprocess.Popen([sys.executable, str(script), f"{base}/hang/{LOCAL}"], stdout=subprocess.PIPE,
+                                text=True, env={**os.environ, "TRANSFERKIT_FETCH_TIMEOUT": "120"})
+        try:
+            assert proc.stdout.readline().strip() == "start"
+            while len(gets(requests)) < 4:  # every shard's GET waits for the server
+                time.sleep(0.1)
+            proc.send_signal(2)
+            out, _ = proc.communicate(timeout=60)  # the server still sends nothing
+        finally:
+            proc.kill()
+    assert out.strip() == "interrupted" and proc.returncode == 0
+
+
+def test_an_interrupt_stops_only_the_fetches_it_waits_for(tmp_path):
+    """The stop was one flag per process: an interrupt of one wait for fetches also stopped the
+    fetches another thread of the process waited for."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    slow = "pipe:sleep 3; echo done"
+    with ThreadPoolExecutor(2) as pool, remote.stop_fetches_on_interrupt() as other:
+        kept = pool.submit(other(remote.stream_to), slow, tmp_path / "kept")
+        with pytest.raises(KeyboardInterrupt), remote.stop_fetches_on_interrupt() as stoppable:
+            stopped = pool.submit(stoppable(remote.stream_to), slow, tmp_path / "stopped")
+            time.sleep(1)  # both fetches run
+            raise KeyboardInterrupt
+        with pytest.raises(tk.DataError, match="the fetch was stopped: the run was interrupted"):
+            stopped.result()
+        kept.result()
+    assert (tmp_path / "kept").read_text() == "done\n"
+
+
 def test_an_fsspec_fetch_that_stalls_fails_instead_of_waiting_forever(shards, monkeypatch):
     """A file system whose read waits for ever (no timeout of its own) is paced like HTTP:
     the fetch fails as stalled, and a file system that answers reads the shard."""

@@ -71,7 +71,7 @@ RETRY_WAITS = (1.0, 4.0, 16.0)  # seconds before each new attempt of a fetch who
 CHUNK = 1 << 20
 FETCH_POLL_S = 0.02  # how often a process waiting for another's fetch of a shard looks whether it is there
 STOP_POLL_S = 0.5  # how often a waiting fetch looks whether it was told to stop (`stop_fetches_on_interrupt`)
-_STOP = threading.Event()
+_LOCAL = threading.local()  # .stop: the `_Stop` of the fetches this thread runs for a `stop_fetches_on_interrupt`
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "hf": "huggingface_hub",
              "sftp": "paramiko", "ssh": "paramiko"}
@@ -140,10 +140,17 @@ def _http_validators(headers: Any) -> dict[str, str]:
 
 def remote_validators(url: str) -> dict[str, str]:
     """What identifies the current content of ``url`` without reading it (see the module
-    docstring); ``{}`` when nothing does. A shard that does not exist raises `ShardFetchError`."""
-    kind = scheme(url)
-    if kind == "pipe":
+    docstring); ``{}`` when nothing does. A shard that does not exist raises `ShardFetchError`.
+    The look-up runs in a helper thread (`_stoppable`)."""
+    if scheme(url) == "pipe":
         return {}
+    got: list[dict[str, str]] = []
+    _stoppable(lambda: got.append(_look_up(url)), url)
+    return got[0]
+
+
+def _look_up(url: str) -> dict[str, str]:
+    kind = scheme(url)
     if kind in ("http", "https"):
         import urllib.error
         import urllib.request
@@ -189,7 +196,7 @@ def stream_to(url: str, dest: str | Path) -> dict[str, str]:
                     raise
                 raise ShardFetchError(f"{str(exc).rstrip('.')} (after {attempt} attempts over {waited:.0f} s).") \
                     from None
-            if _STOP.wait(wait):  # told to stop while waiting to try again
+            if _stop_now().wait(wait):  # told to stop while waiting to try again
                 raise _stopped(url) from None
             waited += wait
     raise AssertionError("unreachable")
@@ -202,7 +209,7 @@ class _Pace:
     whole never does). The window starts when the response or the command has started."""
 
     def __init__(self, url: str) -> None:
-        self.url, self.timeout = url, fetch_timeout()
+        self.url, self.timeout, self.stop = url, fetch_timeout(), _stop_now()
         self.restart()
 
     def restart(self) -> None:
@@ -218,24 +225,55 @@ class _Pace:
         return self.timeout - (time.monotonic() - self.since)
 
     def check(self) -> None:
-        if _STOP.is_set():
+        if self.stop.is_set():
             raise _stopped(self.url)
         if self.left() <= 0:
             raise _fail(self.url, f"the fetch stalled: {self.got} bytes in the last {self.timeout:g} s (fewer than "
                                   f"{STALL_BYTES // 1024} KiB; {ENV_TIMEOUT} sets the seconds)", transient=True)
 
 
+class _Stop(threading.Event):
+    """Set when the thread that waits for some fetches was interrupted (`stop_fetches_on_interrupt`)."""
+
+
+_NEVER = _Stop()  # the stop of a fetch that no `stop_fetches_on_interrupt` runs: never set
+
+
+def _stop_now() -> _Stop:
+    """The stop of the fetches this thread runs."""
+    return getattr(_LOCAL, "stop", _NEVER)
+
+
 @contextlib.contextmanager
 def stop_fetches_on_interrupt() -> Any:
-    """Around a wait for fetches that run in other threads: when the waiting thread is
-    interrupted (Ctrl-C, SIGTERM), they stop at their next look (within `STOP_POLL_S`; an HTTP
-    read first waits for its socket's timeout), so that the interrupt is not held up by
-    fetches that would end only when their shards came or stalled."""
+    """Around a wait for fetches that run in other threads: yields ``stoppable(fn)``, ``fn``
+    made to run its fetches under this block's stop. When the waiting thread is interrupted
+    (Ctrl-C, SIGTERM), those fetches (and no others) stop at their next look, within
+    `STOP_POLL_S`, so that the interrupt is not held up by fetches that would end only when
+    their shards came or stalled.
+
+    Example:
+        >>> with stop_fetches_on_interrupt() as stoppable:
+        ...     sizes = list(map(stoppable(len), ["a", "bc"]))  # a thread pool's map, in use
+        >>> sizes
+        [1, 2]
+    """
+    stop = _Stop()
+
+    def stoppable(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            _LOCAL.stop = stop
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                del _LOCAL.stop
+        return run
+
     try:
-        yield
+        yield stoppable
     except BaseException as exc:
         if not isinstance(exc, Exception):
-            _STOP.set()
+            stop.set()
         raise
 
 
@@ -244,10 +282,33 @@ def _stopped(url: str) -> ShardFetchError:
     return _fail(url, "the fetch was stopped: the run was interrupted", transient=False)
 
 
-def resume_fetches() -> None:
-    """Let fetches run again after `stop_fetches_on_interrupt` stopped them (the threads that
-    were told to stop have ended)."""
-    _STOP.clear()
+def _stoppable(work: Callable[[], None], url: str, pace: _Pace | None = None) -> None:
+    """Run ``work`` (a look-up or a copy whose waits may have no end or a long timeout of their
+    own) in a helper thread while this thread looks every `STOP_POLL_S` whether the fetch was
+    told to stop, and, with ``pace``, whether it stalled (`_Pace.check`); either ends the wait
+    at once. A thread left behind ends at its own timeout, if any; its next write finds the
+    file closed. Ctrl-C in this thread ends the wait too."""
+    stop = pace.stop if pace is not None else _stop_now()
+    ended: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            work()
+            ended.append(None)
+        except BaseException as exc:  # noqa: BLE001 - said by the fetch, in its own thread
+            ended.append(exc)
+
+    worker = threading.Thread(target=run, name="transferkit-fetch", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(timeout=STOP_POLL_S if pace is None else min(max(pace.left(), 0.01), STOP_POLL_S))
+        if worker.is_alive():
+            if stop.is_set():
+                raise _stopped(url)
+            if pace is not None:
+                pace.check()
+    if ended[0] is not None:
+        raise ended[0]
 
 
 def fetch_timeout() -> float:
@@ -322,11 +383,17 @@ def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
             import urllib.error
             import urllib.request
 
-            try:
-                with urllib.request.urlopen(url, timeout=fetch_timeout()) as r:
-                    got = _http_validators(r.headers)
-                    pace = _Pace(url)
+            got: dict[str, str] = {}
+            pace = _Pace(url)
+
+            def get() -> None:  # each read waits at most fetch_timeout (the socket's timeout)
+                with urllib.request.urlopen(url, timeout=pace.timeout) as r:
+                    got.update(_http_validators(r.headers))
+                    pace.restart()  # the window starts with the response
                     _copy_paced(_http_reader(r, pace), out, pace)
+
+            try:
+                _stoppable(get, url)  # told to stop: at once, not after a read's timeout
             except urllib.error.HTTPError as exc:
                 raise _fail(url, f"HTTP {exc.code} {exc.reason}", transient=exc.code >= 500 or exc.code in (408, 429)) \
                     from None
@@ -355,27 +422,14 @@ def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
 def _fsspec_copy(url: str, out: Any, pace: _Pace) -> None:
     """Copy the fsspec file ``url`` into ``out``, paced like the other fetches: the opening and
     the reads run in a helper thread (a file system's read may wait for ever, and each has
-    its own timeouts, if any), and the fetch fails as stalled (`_Pace.check`) once ``pace``
-    says so. A stalled thread is left to its read; its next write finds ``out`` closed."""
+    its own timeouts, if any), and the fetch fails as stalled once ``pace`` says so (`_stoppable`)."""
     fsspec = _fsspec(url)
-    ended: list[BaseException | None] = []
 
     def copy() -> None:
-        try:
-            with fsspec.open(url, "rb") as f:
-                _copy_paced(f.read, out, pace)
-            ended.append(None)
-        except BaseException as exc:  # noqa: BLE001 - said by the fetch, in its own thread
-            ended.append(exc)
+        with fsspec.open(url, "rb") as f:
+            _copy_paced(f.read, out, pace)
 
-    worker = threading.Thread(target=copy, name="transferkit-fetch", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(timeout=min(max(pace.left(), 0.01), STOP_POLL_S))
-        if worker.is_alive():
-            pace.check()
-    if ended[0] is not None:
-        raise ended[0]
+    _stoppable(copy, url, pace)
 
 
 _FINAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -510,7 +564,7 @@ class ShardCache:
                 if target.is_file():  # fetched by another process, which now reads it
                     _flock(fd, fcntl.LOCK_SH)
                     return {} if target.is_file() else None
-                if _STOP.wait(FETCH_POLL_S):  # another process is fetching it; this one was told to stop
+                if _stop_now().wait(FETCH_POLL_S):  # another process is fetching it; this one was told to stop
                     raise _stopped(url)
                 continue
             got = {} if target.is_file() else self._fetch_locked(url, target, size, check, validators)

@@ -70,7 +70,6 @@ from transferkit.data.remote import (
     fetch_small,
     is_url,
     remote_validators,
-    resume_fetches,
     stop_fetches_on_interrupt,
 )
 from transferkit.errors import DataError, check_choice
@@ -906,13 +905,10 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
 
         pool = ThreadPoolExecutor(min(INDEX_THREADS, len(shards)))
         try:
-            with stop_fetches_on_interrupt():  # Ctrl-C: the running fetches stop, not only the waiting
-                found = list(pool.map(one, shards))
+            with stop_fetches_on_interrupt() as stoppable:  # Ctrl-C: the running fetches stop, not only the wait
+                found = list(pool.map(stoppable(one), shards))
         finally:
-            try:
-                pool.shutdown(wait=True, cancel_futures=True)  # after a failed fetch: start no other
-            finally:  # a second Ctrl-C during the wait: later fetches still run
-                resume_fetches()
+            pool.shutdown(wait=True, cancel_futures=True)  # after a failed fetch: start no other
     indexes, left_out = [], set()
     for p, ix in zip(shards, found):
         if isinstance(ix, DataError):

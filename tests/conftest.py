@@ -19,6 +19,24 @@ def shared_data_dir() -> Path:
     return default_data_root()  # $TRANSFERKIT_DATA, else shared/data beside the checkout
 
 
+def onnx_usable() -> bool:
+    """Whether onnx and onnxruntime can be used here, as transferkit judges it (`onnx_modules`):
+    installed and importing (a broken install may raise a plain ImportError, which
+    ``pytest.importorskip`` re-raises)."""
+    from transferkit.export.onnx import onnx_modules
+
+    return not isinstance(onnx_modules(), str)
+
+
+def needs_onnx() -> None:
+    """Skip the calling test, with transferkit's reason, unless `onnx_usable`."""
+    from transferkit.export.onnx import onnx_modules
+
+    found = onnx_modules()
+    if isinstance(found, str):
+        pytest.skip(f"needs onnx and onnxruntime, {found}", allow_module_level=True)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (or $TRANSFERKIT_DATA); skips the test when it is absent."""

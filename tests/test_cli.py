@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import make_image_folder
+from tests.conftest import make_image_folder, needs_onnx
 
 import transferkit
 from transferkit.cli import main
@@ -102,7 +102,7 @@ def test_export_examples_skip_an_unreadable_file(trained, capsys, tmp_path):
 
 
 def test_export_with_random_examples_optimize_and_onnx(trained, capsys, tmp_path):
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     root, _, _ = trained
     code, stdout, _ = _run(capsys, "export", root / "run.ckpt", "--out", tmp_path / "m.pt", "--optimize",
                            "--onnx", tmp_path / "m.onnx")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 import sys
@@ -11,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from tests.conftest import needs_onnx, onnx_usable
 from tests.export_helpers import (
     attention_model,
     export_tiny,
@@ -186,7 +186,7 @@ def test_a_model_that_neither_scripts_nor_saves_as_a_trace_is_an_export_error(tm
 
 
 def test_export_files_writes_the_onnx_file_of_a_model_that_torchscript_cannot_hold(tmp_path):
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     from transferkit.export.onnx import export_files
 
     model = TransferModel(ImagePreprocess((0.5,) * 3, (0.25,) * 3), _CustomFunction(), nn.Linear(3, 2)).eval()
@@ -348,7 +348,7 @@ def test_truncated_missing_and_foreign_files(exported, tmp_path):
         transferkit.load(tmp_path / "plain.pt")
     for name, kind in (("empty.pt", "Model"), ("empty.onnx", "ONNX")):  # empty, not "no metadata"
         (tmp_path / name).write_bytes(b"")
-        if kind == "ONNX" and importlib.util.find_spec("onnx") is None:
+        if kind == "ONNX" and not onnx_usable():
             continue
         for read in (transferkit.load, read_metadata):
             with pytest.raises(ExportError, match=f"{kind} file '.*{name}' is empty \\(0 bytes\\)"):
@@ -390,7 +390,7 @@ def test_update_metadata_refuses_a_multilabel_label_that_reads_as_two(tmp_path):
 
 
 def test_onnx_export_matches_under_onnxruntime(tmp_path):
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     from transferkit.export import export_onnx, read_onnx_metadata
 
     model, bb = tiny_model(2)
@@ -477,7 +477,7 @@ def test_regression_outputs_are_checked_each_at_its_own_scale(tmp_path):
     assert report.max_abs_diff <= report.tolerance < 1e-4  # the small output's own tolerance is the one reported
     logits = {**meta, "task": "multiclass"}
     export_torchscript(_Outputs(0.3), tmp_path / "c.pt", metadata=logits, example_inputs=images(3, 8), mode="script")
-    if importlib.util.find_spec("onnxruntime") is not None:  # the ONNX check is the same
+    if onnx_usable():  # the ONNX check is the same
         from transferkit.export import export_onnx
 
         with pytest.raises(ExportError, match=r"by 0.3 in output 1, checked at its own scale under onnxruntime"):
@@ -511,7 +511,7 @@ class _Const(nn.Module):
 @pytest.mark.parametrize("factor", [float("nan"), float("inf")])
 @pytest.mark.parametrize("only_exported", [False, True])
 def test_onnx_parity_check_refuses_non_finite_outputs(tmp_path, factor, only_exported):
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     from transferkit.export import export_onnx
 
     with pytest.raises(ExportError, match="returns NaN/inf"):
@@ -520,7 +520,7 @@ def test_onnx_parity_check_refuses_non_finite_outputs(tmp_path, factor, only_exp
 
 
 def test_onnx_conversion_that_fails_says_which_operation_in_one_line_without_a_graph_dump(tmp_path, capfd):
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     from transferkit.export import export_onnx
 
     bb = transferkit.get_backbone("spec:tk:cifar_resnet20", weights=None)  # its STFT has no ONNX conversion
@@ -541,7 +541,7 @@ def test_onnx_conversion_that_fails_says_which_operation_in_one_line_without_a_g
 
 
 def test_onnx_export_whose_write_fails_reports_the_write_not_a_conversion(tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     import errno
 
     from transferkit.errors import OutputError
@@ -566,7 +566,7 @@ def test_onnx_export_whose_write_fails_reports_the_write_not_a_conversion(tmp_pa
 
 
 def test_a_model_too_large_for_one_onnx_file_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     import transferkit.export.onnx as onnx_export
 
     model, bb = tiny_model(2)
@@ -581,7 +581,7 @@ def test_a_model_too_large_for_one_onnx_file_is_refused_before_anything_is_writt
 
 
 def test_export_files_checks_onnx_with_the_same_tolerances_and_names_what_was_written(tmp_path):
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     from transferkit.errors import ConfigError
     from transferkit.export.onnx import export_files
 
@@ -607,7 +607,7 @@ def test_export_files_checks_onnx_with_the_same_tolerances_and_names_what_was_wr
 
 
 def test_onnx_predictor_takes_float_and_uint8_images_like_the_torchscript_one(tmp_path):
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     import numpy as np
 
     from transferkit.export.onnx import export_files
@@ -628,7 +628,7 @@ def test_onnx_predictor_takes_float_and_uint8_images_like_the_torchscript_one(tm
 
 
 def test_the_format_of_an_export_is_read_from_its_content_not_its_name(tmp_path):
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     from transferkit.export import read_metadata, update_metadata
     from transferkit.export.onnx import OnnxRunner, export_files
 
@@ -648,7 +648,7 @@ def test_the_format_of_an_export_is_read_from_its_content_not_its_name(tmp_path)
 
 
 def test_an_onnx_export_whose_metadata_was_re_signed_with_another_image_size_is_refused(tmp_path):
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     import onnx
 
     from transferkit.export import export_onnx, read_onnx_metadata
@@ -686,7 +686,7 @@ def test_an_onnx_export_whose_metadata_was_re_signed_with_another_image_size_is_
 
 
 def test_an_onnx_export_that_onnxruntime_cannot_open_is_an_export_error(tmp_path):
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     import onnx
 
     path = tmp_path / "m.onnx"
@@ -699,7 +699,7 @@ def test_an_onnx_export_that_onnxruntime_cannot_open_is_an_export_error(tmp_path
 
 
 def test_onnx_export_of_an_attention_trunk_runs_its_standard_path_and_matches(tmp_path):
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     from transferkit.export import export_onnx
 
     model, bb = attention_model()
@@ -715,7 +715,7 @@ def test_an_audio_export_that_fixes_the_clip_length_is_refused_at_the_parity_che
     """The parity check also runs on the examples cut to 3/4 of their length: an ONNX file
     traced at one length that keeps it is refused; a TorchScript file (scripted) follows the
     length and is written."""
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     from transferkit.export import export_onnx
 
     model, bb = length_as_number_model()

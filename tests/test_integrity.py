@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import needs_onnx
 from tests.export_helpers import export_tiny, export_tiny_onnx, images, rewrite_zip, tiny_model
 
 import transferkit
@@ -333,7 +334,7 @@ def test_a_device_that_is_not_here_is_a_config_error(export_file):
 
 
 def test_flipped_weights_in_an_onnx_export(tmp_path):
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     import onnx
 
     from transferkit.export import read_onnx_metadata

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from tests.conftest import needs_onnx
 from tests.export_helpers import export_tiny, rewrite_zip
 from PIL import Image
 
@@ -310,7 +311,7 @@ def test_input_pipeline_and_parity_examples_for_each_kind(tmp_path):
 
 
 def test_an_onnx_export_loads_and_predicts_on_onnxruntime(tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     from tests.export_helpers import images, tiny_model
 
     from transferkit.export import export_onnx

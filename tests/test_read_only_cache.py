@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.conftest import make_image_folder
+from tests.conftest import make_image_folder, needs_onnx
 from tests.shard_helpers import folder_files, write_shards
 
 import transferkit as tk
@@ -157,7 +157,7 @@ def test_shard_indexes_and_copies_leave_a_read_only_cache_dir_alone_and_warn_on_
 
 
 def test_engines_are_timed_on_a_read_only_cache_dir_without_writing_to_it(folder, tmp_path, read_only, monkeypatch):
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     from transferkit.config import FinetuneConfig
     from transferkit.train import engines as eng
 

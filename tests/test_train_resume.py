@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from tests.conftest import needs_onnx
 
 import transferkit as tk
 from transferkit.config import jsonable
@@ -136,7 +137,7 @@ def test_resume_takes_an_in_memory_dataset_again(image_folder, tmp_path):
 def test_a_resume_on_another_feature_engine_says_it_is_not_bit_identical(image_folder, tmp_path):
     import warnings
 
-    pytest.importorskip("onnxruntime")
+    needs_onnx()
     common = dict(weights=None, data=image_folder, image_size=32, device="cpu", num_workers=0, epochs=2, batch_size=4,
                   verbose=False, policy="feature_extraction", cache_dir=tmp_path / "cache")
     same, other = tmp_path / "same.pt", tmp_path / "other.pt"

@@ -15,7 +15,7 @@ import builtins
 import numpy as np
 import pytest
 import torch
-from tests.conftest import make_image_folder
+from tests.conftest import make_image_folder, needs_onnx
 from tests.export_helpers import attention_model, length_as_number_model
 
 import transferkit as tk
@@ -26,7 +26,7 @@ from transferkit.decisions import differences
 from transferkit.errors import ConfigError, OutputError
 from transferkit.train import engines as eng
 
-pytest.importorskip("onnxruntime")
+needs_onnx()
 KW = dict(weights=None, image_size=16, epochs=2, batch_size=4, device="cpu", num_workers=0, verbose=False,
           precision="fp32")
 CPU = torch.device("cpu")
@@ -352,9 +352,10 @@ def test_a_compiled_pass_whose_module_trained_since_is_not_reused_for_its_former
 
 
 def test_the_feature_pass_takes_the_timed_batches_features_from_the_timing(monkeypatch):
-    """The pass starts on the batches its engine was timed on: their features come from the
+    """The pass starts on the first batch its engine was timed on: its features come from the
     timing (the same engine on the same input), the rest are computed, and the features are
-    those of a pass that computes every batch. A pass that starts elsewhere computes all."""
+    those of a pass that computes every batch. A pass that starts elsewhere computes all. (The
+    timing's second batch holds items spread over the data: `example_batches`.)"""
     from transferkit.train.features import compute_features
 
     real, calls = eng._onnx_forward, []
@@ -374,18 +375,18 @@ def test_the_feature_pass_takes_the_timed_batches_features_from_the_timing(monke
     batches = eng.example_batches(ds, batch_size=8)
     eng.time_engines(m, batches, candidates=["onnxruntime"], rounds=1, device=CPU, precision="fp32",
                      channels_last=False)
-    assert calls == [8, 8]  # warm-up and comparison on batch 0, batch 1 timed
+    assert calls == [8, 8]  # warm-up and comparison on batch 0, the spread batch timed
     reused = features(ds)
-    assert calls == [8, 8, 4]  # batches 0 and 1 from the timing, batch 2 computed
+    assert calls == [8, 8, 8, 4]  # batch 0 from the timing, batches 1 and 2 computed
     computed = features(ds)  # nothing left from the timing: all computed
-    assert calls == [8, 8, 4, 8, 8, 4]
+    assert calls == [8, 8, 8, 4, 8, 8, 4]
     assert torch.equal(torch.from_numpy(reused), torch.from_numpy(computed))
     eng.time_engines(m, batches, candidates=["onnxruntime"], rounds=1, device=CPU, precision="fp32",
                      channels_last=False)
     del calls[:]
     other = torch.utils.data.TensorDataset(torch.flip(_batch(20), [0]), torch.arange(20))
-    features(other)  # its first batch is not the timed one: checked against eager on it, all computed
-    assert calls == [8, 8, 8, 4]
+    features(other)  # its batches are not the timed ones: checked against eager on two, all computed
+    assert calls == [8, 8, 8, 8, 4]
 
 
 def test_a_run_prepares_its_timed_engine_once_when_the_policy_freezes_batchnorm(folder, monkeypatch):
@@ -1026,3 +1027,63 @@ def test_an_interrupted_import_is_an_interruption_not_a_missing_engine(monkeypat
     except BaseException as exc:  # noqa: BLE001 - a KeyboardInterrupt, caught to be looked at
         caught = exc
     assert isinstance(caught, KeyboardInterrupt), caught
+
+
+class _Branchy(torch.nn.Module):
+    """A trunk whose code branches on the pixel values: a traced export keeps one branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool = torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        f = self.pool(torch.relu(self.conv(x))).flatten(1)
+        return f * 2.0 if x.mean() > 0 else f - 1.0
+
+
+def test_an_engine_that_follows_only_the_first_batch_is_rejected():
+    """The ONNX export keeps the branch its trace took, and it was compared with eager on the
+    first batch only (a folder lists its files class by class): dark first images, light
+    later ones gave features off by 1.4 of their largest value, and auto could pick it. The
+    engines are now also compared on items spread over the data."""
+    torch.manual_seed(0)
+    bb = from_module(_Branchy(), input_spec={"image_size": 16})
+    m = tk.build_model(bb, 2, spec=bb.input_spec).eval()
+    dark, light = torch.randint(0, 60, (16, 3, 16, 16)), torch.randint(200, 256, (16, 3, 16, 16))
+    ds = torch.utils.data.TensorDataset(torch.cat([dark, light]).to(torch.uint8), torch.arange(32))
+    where = dict(device=CPU, precision="fp32", channels_last=False)
+    batches = eng.example_batches(ds, batch_size=8)
+    assert [b.float().mean() > 127 for b in batches] == [False, True]  # the second batch reaches the light images
+    measured = eng.time_engines(m, batches, candidates=["onnxruntime"], rounds=1, **where)
+    assert measured["onnxruntime"]["rel_diff"] > 0.5
+    engine, why = eng.decide_engine("auto", device_type="cpu", n_images=1000, measured=measured,
+                                    available={"eager": None, "onnxruntime": None, "compile": "not here"})
+    assert engine == "eager" and "onnxruntime rejected: features differ from eager fp32" in why
+    eng.release_engines()
+    forced = eng.lazy_engine_forward("onnxruntime", m, ds, batch_size=8, cache_dir=None, **where)
+    with pytest.raises(tk.EngineError, match=r"differs from eager fp32 by .* on a real batch"):
+        forced(batches[0])
+
+
+class _BatchAsNumber(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bias = torch.nn.Conv2d(3, 8, 3), torch.nn.Parameter(torch.ones(1, 8))
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3)) + self.bias.expand(len(x), 8)
+
+
+def test_an_onnx_pass_that_fixed_the_batch_size_says_so():
+    """A trunk that turns the batch size into a number (len(x)) is traced with it fixed; checked
+    on a batch of the two items it was traced on, it passed, and a batch of 1 then got 2 rows
+    of features without an error."""
+    torch.manual_seed(0)
+    bb = from_module(_BatchAsNumber(), input_spec={"image_size": 16})
+    m = tk.build_model(bb, 2, spec=bb.input_spec).eval()
+    x = _batch(2, size=16)
+    fwd = eng.engine_forward("onnxruntime", m, x, device=CPU, precision="fp32", channels_last=False)
+    assert fwd(x).shape == (2, 8)
+    with pytest.raises(tk.EngineError, match=r"returned 2 rows of features for 1 inputs: its trace fixed the batch "
+                                             r"size .* Use feature_engine='eager' or 'compile'"):
+        fwd(x[:1])

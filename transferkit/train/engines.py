@@ -6,8 +6,8 @@ the floor of a frozen run's time. The same pass runs on three engines:
 - ``eager``: ``model.features`` in PyTorch, at the run's feature precision and layout.
 - ``onnxruntime``: the preprocessing + trunk exported to ONNX once per trunk fingerprint,
   input shape and versions (kept under ``cache_dir/engines/``, else in a folder of the
-  process), run by ONNX Runtime in fp32; before use it is checked against eager fp32 on a
-  real batch.
+  process), run by ONNX Runtime in fp32; before use it is checked against eager fp32 on
+  two real batches (`example_batches`).
 - ``compile``: ``torch.compile`` (inductor) of the same pass, at the run's precision; the
   last, shorter batch is padded to the compiled batch size (the pass is per-sample in eval
   mode), so one compilation serves the whole pass.
@@ -49,8 +49,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from transferkit._io import (
     atomic_write,
@@ -116,8 +118,9 @@ ONNX_SPEEDUP: dict[str, float | None] = {"cpu": 3.15, "cuda": None}
 PREPARED = ("onnxruntime", "compile")  # engines with a preparation cost weighed before they are timed
 # the format of cache_dir/engines.json, read only when equal: raised when how the engines are
 # prepared changes what a timing would find (2: attention layers convert to ONNX, so a stored
-# "onnxruntime failed" of a ViT is timed again)
-STORE_FORMAT = 2
+# "onnxruntime failed" of a ViT is timed again; 3: the engines are also compared on items spread
+# over the data, so a verdict compared on the first batch only is timed again)
+STORE_FORMAT = 3
 # prepared engines of this process, reused by the feature pass: (forward, the module it computes
 # with: a compiled pass runs the live module it was compiled on; None for an ONNX session)
 _RUNTIMES: dict[tuple, tuple[Callable, nn.Module | None]] = {}
@@ -245,14 +248,15 @@ def time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: t
                  fingerprint: str | None = None, settle: bool = True) -> dict[str, dict[str, Any]]:
     """Time the feature pass of ``model`` on ``batches`` (the run's own input) with each of
     ``candidates`` (``eager`` always first) and compare each engine's features on
-    ``batches[0]`` with eager fp32.
+    ``batches[0]`` and on the timed batches with eager fp32 (`_compare_timed`).
 
     Returns ``{engine: {"images_per_s", "max_abs_diff", "rel_diff", "precision",
     "setup_s"}}``, or ``{engine: {"skipped": why}}`` (``onnxruntime`` or ``compile`` when
     `compile_pays` says its preparation cannot pay on ``n_images``) or ``{engine: {"error":
     what failed}}``. The engines are timed
     round-robin (``rounds`` rounds, the fastest round of each counts: the least disturbed by
-    other load). ``batches[0]`` warms each engine up and is compared; the others are timed.
+    other load). ``batches[0]`` warms each engine up and is compared; the others are timed
+    (and compared).
     On a CPU where eager runs fp32, eager's first call (the reference) stands for its timing
     (``"first_call": True``) when a prepared engine's first round leads it by ``FIRST_CALL_LEAD``.
     A prepared engine that agrees is timed as soon as it is prepared when another prepared
@@ -359,11 +363,36 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
         out["eager"]["first_call"] = True
     for name, ips in timed.items():
         out[name]["images_per_s"] = ips
+    _compare_timed(out, outputs, model, batches, device=device, precision=precision, channels_last=channels_last,
+                   cache_dir=cache_dir, fingerprint=fingerprint)
     for name, feats in outputs.items():  # kept for the feature pass, which starts on these batches
         _keep_timed(_runtime_key(name, model, batches[0], device=device, precision=precision,
                                  channels_last=channels_last, cache_dir=cache_dir, fingerprint=fingerprint),
                     batches, feats)
     return out
+
+
+def _compare_timed(out: dict[str, dict[str, Any]], outputs: dict[str, list[torch.Tensor]], model: nn.Module,
+                   batches: Sequence[torch.Tensor], **where: Any) -> None:
+    """Compare each prepared engine's features on the timed batches after the first (items
+    spread over the data: `example_batches`) with eager fp32 as on the first: an export
+    traced, or a pass compiled, on the first batch may not follow other input (a trunk whose
+    code branches on the pixel values; one that turns the batch size into a number). Its
+    ``rel_diff`` (and ``max_abs_diff``) become the worst over all of them."""
+    if len(batches) < 2 or not any(len(feats) > 1 for feats in outputs.values()):
+        return
+    with torch.no_grad():
+        refs = [_eager_fp32(model, b, where["device"], where["channels_last"]) for b in batches[1:]]
+    for name, feats in outputs.items():
+        for b, got, ref in zip(batches[1:], feats[1:], refs):
+            got = got.float().cpu()
+            same = got.shape == ref.shape
+            rel = _relative(got, ref) if same else math.inf
+            out[name]["rel_diff"] = max(out[name]["rel_diff"], rel)
+            out[name]["max_abs_diff"] = max(out[name]["max_abs_diff"],
+                                            float((got - ref).abs().max()) if same and ref.numel() else
+                                            0.0 if same else math.inf)
+            _record_verified(name, model, batches[0], rel, out["eager"].get("rel_diff"), checked=b, **where)
 
 
 def _fastest(runners: dict[str, Callable], batches: Sequence[torch.Tensor], rounds: int,
@@ -646,12 +675,13 @@ def _versions() -> str:
 
 def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, device: torch.device, precision: str,
                    channels_last: bool, cache_dir: str | Path | None = None, verify: bool = True,
-                   fingerprint: str | None = None) -> Callable:
+                   fingerprint: str | None = None, also: Sequence[torch.Tensor] = ()) -> Callable:
     """The feature pass of ``model`` on ``engine``: ``forward(x) -> features``.
 
     ``example``: a real batch of the run's input (its shape fixes the exported or compiled
-    input; ``verify``: the engine's features on it are compared with eager fp32 and an
-    engine outside `tolerance` raises EngineError; ``fingerprint``: the pass's fingerprint when
+    input; ``verify``: the engine's features on it, and on the batches ``also`` (other items:
+    `example_batches`), are compared with eager fp32 and an engine outside `tolerance` raises
+    EngineError; ``fingerprint``: the pass's fingerprint when
     the caller has hashed it already). Prepared engines are kept for the
     process (a compilation or an ONNX session is made once per preprocessing and trunk
     weights, input shape and precision: the engine timed before deciding is the one the
@@ -691,18 +721,23 @@ def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, devi
         while len(_RUNTIMES) >= 4:
             _RUNTIMES.pop(next(iter(_RUNTIMES)))
         _RUNTIMES[key] = (fwd, bound)
-    if verify and (key, _digest(example)) not in _VERIFIED:  # compared once per prepared engine and batch
+    for i, batch in enumerate([example, *also] if verify else []):
+        if (key, _digest(batch)) in _VERIFIED:  # compared once per prepared engine and batch
+            continue
         try:
-            check_against_eager(engine, fwd, model, example, device=device,
-                                precision=engine_precision(engine, precision), channels_last=channels_last)
+            rel = check_against_eager(engine, fwd, model, batch, device=device,
+                                      precision=engine_precision(engine, precision), channels_last=channels_last)
         except (EngineError, OSError, MemoryError, torch.OutOfMemoryError):
+            _RUNTIMES.pop(key, None)
             raise
         except Exception as exc:  # the first call compiles (inductor) or runs the session: a failure names the engine
             _RUNTIMES.pop(key, None)
             fix = " (inductor needs a working C++ compiler and the Python headers, e.g. python3-dev)" \
                 if engine == "compile" and re.search(r"cxx|c\+\+|compil|Python\.h", str(exc), re.I) else ""
-            raise EngineError(f"The {engine} feature pass failed on its first batch{fix}: {exception_line(exc)}. "
+            which = "its first batch" if i == 0 else f"a batch of other items ({tuple(batch.shape)})"
+            raise EngineError(f"The {engine} feature pass failed on {which}{fix}: {exception_line(exc)}. "
                               "Use feature_engine='eager', or 'auto', which skips an engine that fails.") from exc
+        _VERIFIED[(key, _digest(batch))] = rel
     return fwd
 
 
@@ -727,13 +762,15 @@ def _digest(x: torch.Tensor) -> str:
     return hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
 
 
-def _record_verified(engine: str, model: nn.Module, example: torch.Tensor, rel: float, eager_rel: float | None,
-                     **where: Any) -> None:
-    """Note that the prepared ``engine`` agreed with eager fp32 on ``example`` (timing compares
-    each engine on the batch the feature pass later checks it on: once is enough);
-    ``eager_rel``: eager's own difference at the run's precision."""
+def _record_verified(engine: str, model: nn.Module, example: torch.Tensor, rel: float, eager_rel: float | None, *,
+                     checked: torch.Tensor | None = None, **where: Any) -> None:
+    """Note that the prepared ``engine`` (prepared on ``example``) agreed with eager fp32 on
+    ``checked`` (default: ``example``; timing compares each engine on the batches the feature
+    pass later checks it on: once is enough); ``eager_rel``: eager's own difference at the
+    run's precision."""
     if engine != "eager" and rel <= tolerance(engine_precision(engine, where["precision"]), eager_rel):
-        _VERIFIED[(_runtime_key(engine, model, example, **where), _digest(example))] = rel
+        _VERIFIED[(_runtime_key(engine, model, example, **where), _digest(example if checked is None else checked))] \
+            = rel
 
 
 def tolerance(precision: str, eager_rel: float | None = None) -> float:
@@ -828,7 +865,12 @@ def _onnx_forward(model: nn.Module, example: torch.Tensor, *, device: torch.devi
         return _onnx_forward(model, example, device=device, cache_dir=cache_dir, fingerprint=fingerprint, retried=True)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {"input": x.detach().cpu().contiguous().numpy()})[0])
+        out = torch.from_numpy(session.run(None, {"input": x.detach().cpu().contiguous().numpy()})[0])
+        if out.shape[0] != x.shape[0]:
+            raise EngineError(f"The ONNX export of the feature pass returned {out.shape[0]} rows of features for "
+                              f"{x.shape[0]} inputs: its trace fixed the batch size (the trunk's code turns it into "
+                              "a number, e.g. len(x)). Use feature_engine='eager' or 'compile'.")
+        return out
     why = _export_mismatch(forward, model, example, device=device, exported=exported)
     if why is not None:
         if exported or retried:
@@ -920,21 +962,21 @@ def _compiled_forward(model: nn.Module, example: torch.Tensor, *, device: torch.
 
 
 def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_size: int, **kwargs: Any) -> Callable:
-    """`engine_forward` prepared (exported or compiled, and checked against eager fp32 on the
-    first batch of ``dataset``) when the feature pass first runs: a run whose features are
-    all read back from the cache prepares nothing. A pass that starts on the batches this
-    engine was timed on (`time_engines`: the first batches of ``dataset``) takes their
-    features from the timing instead of computing them again (the same engine, the same
-    input: the same features); the first batch that differs ends the lookup."""
+    """`engine_forward` prepared (exported or compiled, and checked against eager fp32 on
+    `example_batches` of ``dataset``) when the feature pass first runs: a run whose features
+    are all read back from the cache prepares nothing. A pass that starts on the batch this
+    engine was timed on first (`time_engines`) takes its features from the timing instead of
+    computing them again (the same engine, the same input: the same features); the first
+    batch that differs ends the lookup."""
     ready: list[Callable] = []
     timed: list[tuple[str, torch.Tensor]] = []
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not ready:
-            example = example_batches(dataset, batch_size=batch_size, count=1)[0]
+            example, *others = example_batches(dataset, batch_size=batch_size)
             fingerprint = pass_fingerprint(model)  # hashed once for both keys
             try:
-                ready.append(engine_forward(engine, model, example, fingerprint=fingerprint, **kwargs))
+                ready.append(engine_forward(engine, model, example, fingerprint=fingerprint, also=others, **kwargs))
             except ExportError as exc:  # ONNX cannot express the pass (an operator at this input size, say)
                 raise EngineError(f"{exc} Use feature_engine='eager', or 'auto', which skips an engine that "
                                   "fails.") from exc
@@ -981,16 +1023,49 @@ def _remove_session_dir() -> None:
         shutil.rmtree(_SESSION_DIR.pop(), ignore_errors=True)
 
 
+class _Items(Dataset):
+    """The items ``indices`` of ``dataset``, in that order (batched as ``dataset`` batches them)."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+        self.collate_fn = getattr(dataset, "collate_fn", None)  # audio: clips of different lengths padded
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[self.indices[i]]
+
+
+def example_indices(dataset: Any, *, batch_size: int, count: int = 2) -> list[int]:
+    """Which items of ``dataset`` `example_batches` reads: the first batch, then ``count - 1``
+    batches of items spread evenly over the rest (over the rest of the first sample's group
+    where the data are read group by group: remote shards that the shard cache cannot hold).
+
+    Example:
+        >>> example_indices(list(range(100)), batch_size=4, count=2)
+        [0, 1, 2, 3, 4, 36, 67, 99]
+    """
+    n = len(dataset)
+    first = min(batch_size, n)
+    groups = getattr(dataset, "sample_groups", None)
+    groups = groups() if callable(groups) else None
+    rest: Sequence[int] = range(first, n) if groups is None else \
+        (np.flatnonzero(np.asarray(groups[first:]) == groups[0]) + first).tolist()
+    k = min(len(rest), (count - 1) * batch_size)
+    return list(range(first)) + [rest[round(j * (len(rest) - 1) / max(k - 1, 1))] for j in range(k)]
+
+
 def example_batches(dataset: Any, *, batch_size: int, count: int = 2) -> list[torch.Tensor]:
-    """The first ``count`` batches of ``dataset`` (already seen through its transform), read
-    in this process: the inputs the engines are timed and checked on."""
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, device=torch.device("cpu"), num_workers=0)
-    out = []
-    for x, _ in loader:
-        out.append(x)
-        if len(out) == count:
-            break
-    return out
+    """Up to ``count`` batches of ``dataset`` (already seen through its transform), read in this
+    process: the inputs the engines are timed and checked on. The first is the first batch
+    of the feature pass (whose features the timing computes, kept for it: `_keep_timed`); the
+    others hold items spread over the data (`example_indices`), so that an engine is also
+    checked on other items than those it was traced or compiled on (a folder lists its files
+    class by class: a first batch may hold one class)."""
+    items = _Items(dataset, example_indices(dataset, batch_size=batch_size, count=count))
+    loader = make_loader(items, batch_size=batch_size, shuffle=False, device=torch.device("cpu"), num_workers=0)
+    return [x for x, _ in loader]
 
 
 def feature_model(trunk: nn.Module, spec: Any, device: torch.device, *, channels_last: bool) -> TransferModel:
@@ -1035,7 +1110,7 @@ def engine_facts(requested: str, *, trunk: nn.Module | None, spec: Any, dataset:
     (ONNX Runtime not for a trunk it cannot convert: `onnx_blocker` on ``structure``, the
     trunk's modules, its weights loaded or not), the number of images the pass will see, and
     (``requested="auto"`` on one process with enough data, ``trunk`` loaded) the timing of
-    the candidates on the first batches of ``dataset`` (`measure_engines`, stored under
+    the candidates on `example_batches` of ``dataset`` (`measure_engines`, stored under
     ``cache_dir``)."""
     available = engine_availability(device.type)
     blocked = onnx_blocker(structure) if structure is not None else None

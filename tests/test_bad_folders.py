@@ -51,6 +51,48 @@ def test_hidden_folders_are_ignored_and_listed(tmp_path):
     assert "2 hidden" not in bundle.report.summary() and "4 hidden folders ignored" in bundle.report.summary()
 
 
+def test_images_the_scan_leaves_out_are_said(tmp_path):
+    """JPEGs named .jfif or .jpe, and AVIF files, were ignored as "not data by their extension",
+    images directly in the data folder left no trace, and a link loop counted as a hidden
+    folder: training went on with fewer images and nothing said why."""
+    root = make_image_folder(tmp_path / "d", per_class=4)
+    Image.fromarray(np.full((20, 20, 3), 30, np.uint8)).save(root / "dark" / "x.jfif", format="JPEG")
+    Image.fromarray(np.full((20, 20, 3), 30, np.uint8)).save(root / "dark" / "y.JPE", format="JPEG")
+    Image.fromarray(np.full((20, 20, 3), 220, np.uint8)).save(root / "light" / "z.avif")
+    Image.fromarray(np.full((20, 20, 3), 220, np.uint8)).save(root / "light" / "icon.ico")
+    _png(root / "stray.png")
+    (root / "dark" / "loop").symlink_to(root / "dark", target_is_directory=True)
+    with pytest.warns(UserWarning) as caught:
+        bundle = prepare_data(root, val_split=0)
+    assert len(bundle.train) == 11 and {"x.jfif", "y.JPE", "z.avif"} <= {Path(p).name for p, _ in bundle.train.samples}
+    said = [str(w.message) for w in caught]
+    assert any(m.startswith("1 image lies directly in") and "'stray.png'" in m and "move it into its class's folder"
+               in m for m in said)
+    assert any(m.startswith("1 image file of a type not read (.ico; e.g. 'icon.ico') is left out") for m in said)
+    summary = bundle.report.summary()
+    assert "images of a type not read: icon.ico" in summary and "outside the class folders: stray.png" in summary
+    assert "hidden folder" not in summary and "1 linked folder ignored (a link back into a folder already walked" \
+        in summary
+    for p in root.rglob("*.png"):  # images only beside the class folders: the error says where they are
+        if p.parent != root:
+            p.unlink()
+    for p in [*root.rglob("*.j*"), *root.rglob("*.avif"), *root.rglob("*.JPE")]:
+        p.unlink()
+    with pytest.raises(tk.DataError, match=r"No images found .* 1 image lies directly in .*'stray.png'"):
+        _quiet(prepare_data, root, val_split=0)
+
+
+def test_class_folders_that_differ_only_in_surrounding_spaces_are_refused(tmp_path):
+    """'cat' and 'cat ' were two classes that print alike."""
+    _png(tmp_path / "d" / "cat" / "a.png")
+    _png(tmp_path / "d" / "cat " / "b.png", 200)
+    with pytest.raises(tk.DataError, match=r"the class names 'cat' and 'cat ' differ only in surrounding spaces"):
+        prepare_data(tmp_path / "d", val_split=0)
+    _png(tmp_path / "e" / "Cat" / "a.png")  # case alone: two classes (EMNIST's 'A' and 'a')
+    _png(tmp_path / "e" / "cat" / "b.png", 200)
+    assert _quiet(prepare_data, tmp_path / "e", val_split=0).classes == ["Cat", "cat"]
+
+
 def test_unreadable_folder_is_reported(tmp_path, monkeypatch):
     root = make_image_folder(tmp_path / "d", per_class=4)
     locked = root / "light" / "more"

@@ -36,8 +36,22 @@ SCAN_RULES = 2
 AUDIO_FORMATS = {".wav": "WAV", ".wave": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".opus": "OGG/OPUS", ".aiff": "AIFF",
                  ".aif": "AIFF", ".mp3": "MP3"}  # extension -> libsndfile format (/subtype where one is needed)
 AUDIO_EXTENSIONS = tuple(AUDIO_FORMATS)  # every known one; data.audio.audio_extensions(): those decoded here
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".avif", ".tif", ".tiff",
+                    ".ppm", ".pgm")
 IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+LINK_LOOP = "a link back into a folder already walked"  # why a linked sub-folder is not walked (a loop)
+# files Pillow registers as readable that are no photographs (scientific stubs, documents, video, vector drawings)
+_NOT_PHOTOS = {".bufr", ".grib", ".h5", ".hdf", ".fit", ".fits", ".mpeg", ".mpg", ".ps", ".eps", ".emf", ".wmf"}
+
+
+def other_image_extensions() -> set[str]:
+    """Extensions of images that Pillow opens and that are not in `IMAGE_EXTENSIONS` (``.ico``,
+    ``.psd``, ``.tga``, ``.jp2``, ...): a folder scan ignores such files, and says so."""
+    from PIL import Image
+
+    Image.init()
+    return {e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN} - set(IMAGE_EXTENSIONS) \
+        - _NOT_PHOTOS
 
 
 @dataclass
@@ -47,10 +61,12 @@ class DataReport:
     ``bad_files``: ``(path, reason)`` of every file left out, found before training (the
     pre-scan) or while loading it during training (also in ``bad_at_load``; its place in
     the batch is taken by another file, see `transferkit.data.late.load_or_replace`).
-    ``ignored_files``: files that are not data by their name or extension;
-    ``ignored_reasons``: why, for those of them with a reason of their own (an audio type the
-    installed libsndfile cannot decode); ``ignored_folders``: hidden sub-folders
-    (``.thumbnails``, ``.ipynb_checkpoints``) that were not walked; ``unreadable_folders``:
+    ``ignored_files``: files that are not data by their name or extension, or that lie outside
+    the class folders; ``ignored_reasons``: why, for those of them with a reason of their own
+    (an audio type the installed libsndfile cannot decode, an image type not read, a file
+    beside the class folders), and for a linked folder not walked (`LINK_LOOP`);
+    ``ignored_folders``: hidden sub-folders (``.thumbnails``, ``.ipynb_checkpoints``) and
+    linked ones that loop, which were not walked; ``unreadable_folders``:
     ``(path, reason)`` of folders that could not be listed; ``lost_classes``: classes none
     of whose training files loaded (their samples were replaced by other classes' files, so
     they were never trained; found when training ends); ``warnings``: every warning issued (each also went through
@@ -107,8 +123,11 @@ class DataReport:
             parts.append(f"{plural(len(self.unreadable_folders), 'unreadable folder')} skipped")
         if self.ignored_files:
             parts.append(f"{plural(len(self.ignored_files), 'file')} ignored ({self._ignored_examples()})")
-        if self.ignored_folders:
-            parts.append(f"{plural(len(self.ignored_folders), 'hidden folder')} ignored")
+        loops = [p for p in self.ignored_folders if self.ignored_reasons.get(p) == LINK_LOOP]
+        if len(self.ignored_folders) > len(loops):
+            parts.append(f"{plural(len(self.ignored_folders) - len(loops), 'hidden folder')} ignored")
+        if loops:
+            parts.append(f"{plural(len(loops), 'linked folder')} ignored ({LINK_LOOP}: {loops[0]})")
         return ", ".join(parts)
 
     def _ignored_examples(self, per_reason: int = 3) -> str:
@@ -261,9 +280,9 @@ def class_index(classes: Sequence[str]) -> dict[str, int]:
 def check_label_names(names: Sequence[str], where: str, *, case: bool = True) -> None:
     """DataError for class names that would break later: a name that is not a string, a line
     break or control character (no export could hold it), two names that are one in two
-    Unicode forms (`nfc`: a folder named on macOS beside one named elsewhere), or (``case``)
-    two names that differ only in case or surrounding spaces (a typo in a CSV, not two
-    classes)."""
+    Unicode forms (`nfc`: a folder named on macOS beside one named elsewhere), two names
+    that differ only in surrounding spaces (they print alike), or (``case``) only in case
+    (a typo in a CSV, not two classes)."""
     odd = next((name for name in names if not isinstance(name, str)), None)
     if odd is not None:
         raise DataError(f"{where}: the class name {odd!r} is a {type(odd).__name__}; class names are strings (pass "
@@ -280,13 +299,12 @@ def check_label_names(names: Sequence[str], where: str, *, case: bool = True) ->
             raise DataError(f"{where}: the class names {ascii(other)} and {ascii(name)} are one name written in two "
                             f"Unicode forms (both print as {name!r}), so they would be two classes; give them one "
                             f"spelling (e.g. rename {ascii(odd)} to {ascii(nfc(odd))}).")
-    if not case:
-        return
     folded: dict[str, str] = {}
     for name in names:
-        other = folded.setdefault(name.strip().casefold(), name)
+        other = folded.setdefault(name.strip().casefold() if case else name.strip(), name)
         if other != name:
-            raise DataError(f"{where}: the class names {other!r} and {name!r} differ only in case or spaces, so they "
+            how = "case or surrounding spaces" if case else "surrounding spaces (they print alike)"
+            raise DataError(f"{where}: the class names {other!r} and {name!r} differ only in {how}, so they "
                             "would be two classes; give them one spelling.")
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from transferkit._text import plural
-from transferkit.data.checks import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, DataReport, check_label_names, class_index, nfc
+from transferkit.data.checks import (AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, LINK_LOOP, DataReport, check_label_names,
+                                     class_index, nfc, other_image_extensions)
 from transferkit.errors import DataError
 
 VAL_NAMES = ("val", "valid", "validation")
@@ -57,6 +58,14 @@ def _subfolders(root: Path) -> list[str]:
     except OSError as exc:
         raise DataError(f"Cannot list the data folder {str(root)!r}: {type(exc).__name__}: {exc.strerror or exc}. "
                         "Check that it exists and that you may read it.") from exc
+
+
+def _loose_files(root: Path, is_data: Callable[[str], bool]) -> list[str]:
+    """The data files (``is_data``) that lie directly in ``root``, beside its class folders."""
+    try:
+        return sorted(str(root / e.name) for e in os.scandir(root) if not e.is_dir() and is_data(e.name))
+    except OSError:
+        return []
 
 
 def find_split_folders(root: str | Path) -> SplitFolders | None:
@@ -134,6 +143,7 @@ def list_class_files(folder: Path, is_data: Callable[[str], bool], report: DataR
         looped = [d for d in dirs if os.path.realpath(os.path.join(dp, d)) in walked]
         hidden = [d for d in dirs if is_hidden(d)]
         report.ignored_folders += [os.path.join(dp, d) for d in hidden + looped]
+        report.ignored_reasons.update((os.path.join(dp, d), LINK_LOOP) for d in looped)
         dirs[:] = sorted(d for d in dirs if not is_hidden(d) and d not in looped)
         for f in fs:
             path = os.path.join(dp, f)
@@ -183,6 +193,20 @@ def _other_kind_note(ignored: Sequence[str], what: str) -> str:
                        ("image", IMAGE_EXTENSIONS, "an image backbone reads them"))
     found = [p for p in ignored if p.lower().endswith(ext)]
     return f"The class folders hold {plural(len(found), other)} instead: {fix}." if found else ""
+
+
+def _warn_other_images(ignored: Sequence[str], extensions: Sequence[str], report: DataReport) -> None:
+    """Warn about ignored files that Pillow reads as images of a type transferkit does not list
+    (`other_image_extensions`: ``.ico``, ``.psd``, ``.jp2``, ...): left out by their extension."""
+    others = other_image_extensions()
+    found = [p for p in ignored if os.path.splitext(p)[1].lower() in others]
+    if not found:
+        return
+    report.ignored_reasons.update((p, "images of a type not read") for p in found)
+    kinds = sorted({os.path.splitext(p)[1].lower() for p in found})
+    report.warn(f"{plural(len(found), 'image file')} of a type not read ({', '.join(kinds[:6])}; e.g. "
+                f"{os.path.basename(found[0])!r}) {'is' if len(found) == 1 else 'are'} left out: images are read from "
+                f"{', '.join(extensions)}. Convert them to one of those types.")
 
 
 def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_data: Callable[[str], bool],
@@ -244,9 +268,22 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
         if not files:
             empty.append(c)
         samples.extend((f, index[nfc(c)]) for f in files)
+    ignored = report.ignored_files[first_ignored:]
+    loose = _loose_files(root, is_data)
+    loose_note = (f"{plural(len(loose), what[:-1])} {'lies' if len(loose) == 1 else 'lie'} directly in "
+                  f"{str(root)!r}, outside the class folders (e.g. {os.path.basename(loose[0])!r}), and "
+                  f"{'is' if len(loose) == 1 else 'are'} not used: move {'it' if len(loose) == 1 else 'each'} into "
+                  "its class's folder.") if loose else ""
+    if loose:
+        report.ignored_files += loose
+        report.ignored_reasons.update((p, "outside the class folders") for p in loose)
+        if samples:
+            report.warn(loose_note[0].upper() + loose_note[1:])
+    if what == "images":
+        _warn_other_images(ignored, extensions, report)
     if not samples:
-        ignored = report.ignored_files[first_ignored:]
-        notes = [explain_ignored(ignored) if explain_ignored is not None else "", _other_kind_note(ignored, what)]
+        notes = [explain_ignored(ignored) if explain_ignored is not None else "", _other_kind_note(ignored, what),
+                 loose_note[0].upper() + loose_note[1:] if loose else ""]
         note = " ".join(n for n in notes if n)
         raise DataError(f"No {what} found under {str(root)!r} (looked for {', '.join(extensions)} in "
                         f"{len(found)} class folders). Expected {layout}.{' ' + note if note else ''}")

@@ -111,6 +111,25 @@ def test_labels_differing_only_in_case_are_refused(tmp_path):
         prepare_data(_csv(tmp_path, rows))
 
 
+def test_labels_that_read_alike_are_refused_or_said(tmp_path):
+    """'1', '01' and '1.0' were three classes, and a label 'NaN' (how pandas writes a missing
+    value) a class, without a word; a 'path,Class' header was not told to be 'path,label'."""
+    make_image_folder(tmp_path / "img", per_class=3, size=16)
+    rows = _rows(tmp_path).replace(",dark\n", ",1\n").replace(",light\n", ",2\n")
+    spelled = rows.replace(",1\n", ",01\n", 1).replace(",2\n", ",2.0\n", 1)
+    with pytest.raises(DataError, match=r"the labels '01' and '1' are one number written in 2 ways, so they would be "
+                                        r"2 classes; write them alike"):
+        prepare_data(_csv(tmp_path, spelled), val_split=0)
+    with pytest.warns(UserWarning, match=r"has 1 row labelled 'NaN', which reads as a missing value .* a class of its "
+                                         r"own here"):
+        bundle = prepare_data(_csv(tmp_path, rows.replace(",2\n", ",NaN\n", 1)), val_split=0)
+    assert bundle.classes == ["1", "2", "NaN"]
+    with pytest.raises(DataError, match=r"A header of path and one column per output is read for task='regression' "
+                                        r"or task='multilabel'\. If the column 'Class' holds class names, name it "
+                                        r"'label'\.$"):
+        prepare_data(_csv(tmp_path, "Path,Class\n" + rows), val_split=0)
+
+
 def test_an_audio_file_list_with_a_bom_and_a_ragged_row(tmp_path):
     """Audio lists are read by the image lists' reader: the same rules, the clip named."""
     from transferkit.data.folders import scan_csv

@@ -312,12 +312,13 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
     named = "path" in head and "label" in head  # a header naming the two columns (in any order; others ignored)
     if head[:1] == ["path"] and not named:
         fix = "not read for audio clips yet (they are read as classes)" if kind == "audio" else \
-            "read for task='regression' or task='multilabel' (--task on the command line)" \
+            "read for task='regression' or task='multilabel'" \
             if purpose == "training" else "the targets of a multilabel or regression model; this model is a " \
             f"single-label classifier ({', '.join(list(classes or [])[:5])})"
+        rename = f" If the column {rows[0][1].strip()!r} holds class names, name it 'label'." if len(head) == 2 else ""
         raise DataError(f"{str(csv_path)!r} has the header {','.join(rows[0])!r}: a CSV of classes has the rows "
                         f"'path,label' (the header 'path,label' is optional). A header of path and one column per "
-                        f"output is {fix}.")
+                        f"output is {fix}.{rename}")
     first, width = (2, len(head)) if named else (1, 2)
     rows = rows[first - 1:]
     bad = [i for i, r in enumerate(rows) if len(r) != width]
@@ -338,6 +339,13 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
         raise DataError(f"{str(csv_path)!r} has no 'path,label' rows.")
     labels = [r[1].strip() for r in rows]
     check_label_names(sorted(set(labels)), f"{str(csv_path)!r}")
+    check_number_labels(sorted(set(labels)), f"{str(csv_path)!r}")
+    missing = sorted({lab for lab in labels if lab.lower() in MISSING_VALUES})
+    if missing:
+        n = sum(lab in missing for lab in labels)
+        report.warn(f"{str(csv_path)!r} has {plural(n, 'row')} labelled {' or '.join(map(repr, missing))}, which "
+                    "reads as a missing value (as pandas writes one); it is a class of its own here. Remove those "
+                    "rows, or give them their class.")
     fractional = [lab for lab in set(labels) if parse_number(lab) is not None and not float(lab).is_integer()]
     if fractional and all(parse_number(lab) is not None for lab in set(labels)):
         report.warn(f"{str(csv_path)!r} has labels that look like measured values (e.g. {fractional[0]!r}): each "
@@ -354,7 +362,7 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
                             f"two classes{several}. Keep one row.")
     if len(seen) < len(rows):
         report.warn(f"{str(csv_path)!r} lists {len(rows) - len(seen)} file(s) more than once with the same label; "
-                    "they count that many times in training.")
+                    f"they count that many times in {'the scores' if purpose == 'scoring' else purpose}.")
     if classes is None:
         classes = sorted(set(labels))
     else:
@@ -363,9 +371,9 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
     labels = [nfc(lab) for lab in labels]
     unknown = sorted({lab for lab in labels if lab not in index})
     if unknown and len(unknown) == len(set(labels)):
+        whose = "the model's" if purpose == "scoring" else "the training data's, or classes="
         raise DataError(f"{str(csv_path)!r} has labels {unknown[:10]}, none of them one of the classes "
-                        f"{list(classes)[:10]} (the training data's, or classes=): no row can be used. Label its rows "
-                        "with those classes.")
+                        f"{list(classes)[:10]} ({whose}): no row can be used. Label its rows with those classes.")
     if unknown:
         report.warn(f"{str(csv_path)!r} has labels {unknown[:10]} that are not training classes; those rows are "
                     "left out.")
@@ -378,6 +386,33 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
                         "header: a header row must name the columns 'path' and 'label' (or leave the header out).")
     check_listed_files(csv_path, [p for p, _ in samples])
     return samples, list(classes)
+
+
+MISSING_VALUES = {"nan", "na", "n/a", "null", "none", "<na>"}  # how tables write a missing value (pandas' na_rep)
+
+
+def check_number_labels(labels: Sequence[str], where: str) -> None:
+    """DataError for labels that are one number written in several ways (``1``, ``01``,
+    ``1.0``): each spelling would be a class of its own.
+
+    Example:
+        >>> check_number_labels(["1", "2", "10"], "labels.csv")
+        >>> check_number_labels(["01", "1"], "labels.csv")
+        Traceback (most recent call last):
+        ...
+        transferkit.errors.DataError: labels.csv: the labels '01' and '1' are one number written in 2 ways, so \
+they would be 2 classes; write them alike.
+    """
+    spelled: dict[float, list[str]] = {}
+    for lab in labels:
+        v = parse_number(lab)
+        if v is not None:
+            spelled.setdefault(v, []).append(lab)
+    same = next((s for s in spelled.values() if len(s) > 1), None)
+    if same is not None:
+        names = ", ".join(map(repr, same[:-1])) + f" and {same[-1]!r}"
+        raise DataError(f"{where}: the labels {names} are one number written in {len(same)} ways, so they would be "
+                        f"{len(same)} classes; write them alike.")
 
 
 def parse_number(text: str) -> float | None:

@@ -449,3 +449,86 @@ def test_a_row_added_to_a_target_csv_moves_no_other_row_across_the_split(tmp_pat
 
     before, after = held_out(39), held_out(40)
     assert len((before ^ after) - {str(files[39])}) <= 1
+
+
+def test_labels_joined_with_another_separator_than_the_label_separator_are_refused(table):
+    """'dark|x' or "dark, x" beside 'dark' trained as labels of their own."""
+    joined = (("dark|x", "|", "dark;x"), ('"red;dark, x"', ",", "red;dark;x"), ("dark/x", "/", "dark;x"))
+    for cell, sep, fixed in joined:
+        csv = table("joined.csv", "path,labels", lambda lv: cell if lv[0] > 0.9 else "dark" if lv[1] > 0.5 else "x")
+        with pytest.raises(DataError, match=rf"row \d+: the label .* reads as the labels \['dark', 'x'\] joined with "
+                                            rf"'\{sep}', but labels are separated by ';': write the row's labels as "
+                                            rf"'{fixed}'"):
+            scan_target_csv(csv, task="multilabel")
+    own = table("own.csv", "path,labels", lambda lv: '"black/white;blue, green"' if lv[0] > 0.5 else "sky blue")
+    # no part of these is a label of the file: they are labels of their own
+    assert scan_target_csv(own, task="multilabel")[1] == ["black/white", "blue, green", "sky blue"]
+
+
+def test_multilabel_labels_differing_only_in_case_are_refused(table):
+    lists = table("case.csv", "path,labels", lambda lv: "Cat" if lv[0] > 0.5 else "cat;dog")
+    with pytest.raises(DataError, match=r"case.csv' \(its labels\): the class names 'Cat' and 'cat' differ only in "
+                                        "case"):
+        scan_target_csv(lists, task="multilabel")
+    columns = table("cols.csv", "path,Cat,cat", lambda lv: f"{int(lv[0] > 0.5)},{int(lv[1] > 0.5)}")
+    with pytest.raises(DataError, match=r"cols.csv' \(its label columns\): the class names 'Cat' and 'cat' differ"):
+        scan_target_csv(columns, task="multilabel")
+    assert scan_target_csv(columns, task="regression")[1] == ["Cat", "cat"]  # output names of values may
+
+
+def test_a_multilabel_column_of_label_names_is_told_its_name(table):
+    """'path,label' with names under task='multilabel' said only that 'cat' is not 1 or 0."""
+    names = table("names.csv", "path,label", lambda lv: "cat" if lv[0] > 0.5 else "dog")
+    with pytest.raises(DataError, match=r"'(cat|dog)' is not 1 or 0 .* A column of label names is named 'labels' \(the "
+                                        r"names separated by ';'\)\.$"):
+        scan_target_csv(names, task="multilabel")
+
+
+def test_output_names_holding_a_line_break_or_tab_are_refused_before_training(table):
+    """A regression header 'y\\nz' trained to the end and then failed to export (the weights were
+    lost); a multilabel label 'dog\\tx' broke predict's tab-separated output."""
+    header = table("header.csv", 'path,"y\nz"', lambda lv: f"{lv[0]:.3f}")
+    with pytest.raises(DataError, match=r"\(its output names\): the class name 'y\\nz' holds a line break or control"):
+        tk.plan("tk:small_cnn", data=header, task="regression", **COMMON)
+    tab = table("tab.csv", "path,labels", lambda lv: "dog\tx" if lv[0] > 0.5 else "cat")
+    with pytest.raises(DataError, match=r"\(its labels\): the class name 'dog\\tx' holds a line break"):
+        tk.plan("tk:small_cnn", data=tab, task="multilabel", **COMMON)
+    from test_api import Scaled
+
+    with pytest.raises(DataError, match=r"classes=: the class name 'a\\nb' holds a line break or control character"):
+        tk.plan("tk:small_cnn", data=Scaled(20, outputs=2), task="regression", classes=["a\nb", "c"], **COMMON)
+
+
+class _Values(torch.utils.data.Dataset):
+    """Grey images with the given regression targets."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def __len__(self):
+        return len(self.values)
+
+    def __getitem__(self, i):
+        return torch.full((3, 16, 16), 100, dtype=torch.uint8), [self.values[i]]
+
+
+def test_a_validation_target_far_from_the_training_targets_is_named_before_training(table):
+    """A validation target of 1e20 (training targets in [0, 1]) overflowed the standardised
+    validation loss to inf: the run stopped blaming the learning rate alone."""
+    train = table("train.csv", "path,y", lambda lv: f"{lv[0]:.4f}", n=30)
+    rows = [f"{i}.png,{table.levels[i][0]:.4f}" for i in range(30, 39)] + ["39.png,1e20"]
+    (table.root / "val.csv").write_text("path,y\n" + "\n".join(rows) + "\n")
+    far = r"The validation target 1e\+20 of '.*39.png' \(output 'y'\) lies more than 1000 training standard deviations"
+    with pytest.warns(UserWarning, match=far + r".*it dominates the validation loss and can overflow it to inf"):
+        with pytest.raises(tk.TrainingError, match=r"The validation loss became inf at epoch 1: the model diverged .* "
+                                                   "a validation item far outside the training data"):
+            tk.finetune("tk:small_cnn", data=train, val_data=table.root / "val.csv", task="regression", epochs=1,
+                        **COMMON)
+    near = [float(v) for v in table.levels[:, 0]]
+    with pytest.warns(UserWarning, match=r"The validation target -3e\+38 of validation item 2 \(output '0'\)"):
+        tk.plan("tk:small_cnn", data=_Values(near), val_data=_Values([0.5, 0.2, -3e38]), task="regression", **COMMON)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # targets within the training range: nothing said
+        tk.plan("tk:small_cnn", data=_Values(near), val_data=_Values([0.5, 0.2, 3.0]), task="regression", **COMMON)

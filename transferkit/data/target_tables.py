@@ -12,7 +12,12 @@ the CSV's folder). The other columns:
   no label; the names as ``transferkit predict --csv`` writes them in its ``labels`` column).
   The label names are
   ``classes=[...]``, else the sorted names the rows use; names outside ``classes`` are left
-  out with a warning.
+  out with a warning. A label that reads as labels of the file joined with ``,``, ``|`` or
+  ``/`` (``dark|x`` beside ``dark``) is a [`DataError`][transferkit.DataError], as are labels
+  that differ only in case (``Cat``, ``cat``).
+
+Output names (columns, labels, ``classes``) holding a line break, tab or other control
+character are a `DataError`: exports store them and ``transferkit predict`` prints them.
 
 Every row is read and checked when the data are opened (a number per output, finite, in
 [0, 1] for multilabel), and a bad one is a [`DataError`][transferkit.DataError] naming its
@@ -32,13 +37,14 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.data.checks import DataReport, filter_bad_images
+from transferkit.data.checks import DataReport, check_label_names, filter_bad_images
 from transferkit.data.folders import check_listed_files, csv_file_path, parse_number, read_csv_rows
 from transferkit.data.images import ImageFolderDataset
 from transferkit.errors import DataError
 
 LABEL_LIST_COLUMN = "labels"  # multilabel: label names separated by LABEL_SEPARATOR
 LABEL_SEPARATOR = ";"
+OTHER_SEPARATORS = (",", "|", "/")  # what a label list written with another separator holds
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -78,6 +84,9 @@ def scan_target_csv(csv_path: str | Path, *, task: str, classes: Sequence[str] |
         targets, names = _label_lists(body, classes, where, report)
     else:
         targets, names = _columns(header, body, classes, task, where, purpose)
+        if task == "multilabel":
+            check_label_names(names, f"{where} (its label columns)")
+    check_label_names(names, f"{where} (its output names)", case=False)
     samples: list[tuple[str, tuple[float, ...]]] = []
     seen: dict[str, tuple[float, ...]] = {}
     for i, (r, t) in enumerate(zip(body, targets)):
@@ -97,6 +106,8 @@ def _label_lists(body: list[list[str]], classes: Sequence[str] | None, where: st
                  report: DataReport) -> tuple[list[tuple[float, ...]], list[str]]:
     lists = [[x.strip() for x in r[1].split(LABEL_SEPARATOR) if x.strip()] for r in body]
     used = sorted({x for labels in lists for x in labels})
+    check_label_names(used, f"{where} (its labels)")
+    _check_joined_labels(lists, set(used) | set(classes or ()), where)
     names = list(classes) if classes is not None else used
     if not names:
         raise DataError(f"{where}: no row names a label; give each image its labels, separated by "
@@ -106,6 +117,20 @@ def _label_lists(body: list[list[str]], classes: Sequence[str] | None, where: st
         report.warn(f"{where} names labels {unknown[:10]} that are not among the classes {names[:10]}; they are left "
                     "out of the targets.")
     return [tuple(1.0 if n in labels else 0.0 for n in names) for labels in map(set, lists)], names
+
+
+def _check_joined_labels(lists: list[list[str]], known: set[str], where: str) -> None:
+    """DataError for a label that is other labels joined with another separator (``dark|x``,
+    ``dark, x`` beside ``dark``): it would train as a label of its own."""
+    for i, labels in enumerate(lists):
+        for label in labels:
+            for sep in OTHER_SEPARATORS:
+                parts = [x.strip() for x in label.split(sep) if x.strip()]
+                if len(parts) > 1 and any(x in known for x in parts):
+                    fixed = LABEL_SEPARATOR.join(x for y in labels for x in (parts if y == label else [y]))
+                    raise DataError(f"{where}, row {i + 2}: the label {label!r} reads as the labels {parts} joined "
+                                    f"with {sep!r}, but labels are separated by {LABEL_SEPARATOR!r}: write the row's "
+                                    f"labels as {fixed!r} (or rename the label if it is one).")
 
 
 def _columns(header: list[str], body: list[list[str]], classes: Sequence[str] | None, task: str,
@@ -137,8 +162,10 @@ def _columns(header: list[str], body: list[list[str]], classes: Sequence[str] | 
             if v is None or (task == "multilabel" and not 0.0 <= v <= 1.0) or abs(v) > FLOAT32_MAX:
                 need = "1 or 0 (or a soft target in [0, 1])" if task == "multilabel" else \
                     f"a finite number within float32's range (+-{FLOAT32_MAX:.4g}: targets are read as float32)"
+                names_hint = f" A column of label names is named '{LABEL_LIST_COLUMN}' (the names separated by " \
+                    f"{LABEL_SEPARATOR!r})." if task == "multilabel" and v is None and len(names) == 1 else ""
                 raise DataError(f"{where}, row {i + 2}, column {name!r}: {cell!r} is not {need}. Fix the value, or "
-                                "remove the row.")
+                                f"remove the row.{names_hint}")
             values.append(v)
         targets.append(tuple(values))
     return targets, names

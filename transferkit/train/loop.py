@@ -393,14 +393,18 @@ def _plateau_step(loop: Loop, row: dict[str, Any]) -> None:
 def _end_epoch(state: TrainState, row: dict[str, Any], module: nn.Module, monitor: str, mode: str,
                loop: Loop, *, plateau: bool = True) -> None:
     """Best-epoch tracking, early stopping and (``plateau``: not already told after each pass)
-    the plateau schedule, after one epoch. A
-    validation loss that is not finite (the model's outputs are NaN or inf: it diverged)
-    stops the run: no later epoch can be trusted, and no epoch of it would be kept."""
+    the plateau schedule, after one epoch. A validation loss that is not finite (the model's
+    outputs are NaN or inf: it diverged; or a validation item far outside the training data
+    overflowed it) stops the run: no later epoch can be trusted, and no epoch of it would be kept."""
     val_loss = row.get("val_loss")
     if val_loss is not None and not math.isfinite(val_loss):
+        train_loss = row.get("train_loss", float("nan"))
+        far = " The training loss is finite, though: a validation item far outside the training data (e.g. a " \
+            "regression target far from the training targets; see the data warnings) makes it inf too; fix or " \
+            "remove that item." if math.isfinite(train_loss) else ""
         raise TrainingError(f"The validation loss became {val_loss} at epoch {row['epoch']}: the model diverged "
-                            f"(training loss {row.get('train_loss', float('nan')):.3g}). The learning rate "
-                            f"({row.get('lr', float('nan')):.3g}) is probably too high: lower it.")
+                            f"(training loss {train_loss:.3g}). The learning rate "
+                            f"({row.get('lr', float('nan')):.3g}) is probably too high: lower it.{far}")
     state.history.append(row)
     state.epoch += 1
     value = row.get(monitor)

@@ -25,7 +25,7 @@ from torch import nn
 from transferkit.config import check_task_settings
 from transferkit.data.images import TransformedDataset
 from transferkit.data.bundle import DataBundle, hashed_order, prepare_data, split_keys
-from transferkit.data.checks import DataReport
+from transferkit.data.checks import DataReport, check_label_names
 from transferkit.data.images import dataset_targets
 from transferkit.data.late import listing_of
 from transferkit.data.target_tables import is_csv, open_target_csv
@@ -358,6 +358,8 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
     if len(train) == 0:
         raise DataError("The training dataset is empty.")
     width = target_width(train, task)
+    if classes and not is_csv(data):  # a CSV's names were checked when it was read
+        check_label_names(list(classes), "classes=", case=False)
     names = list(classes) if classes else [str(i) for i in range(width)]
     if len(names) != width:
         raise DataError(f"classes has {len(names)} names but the targets have {width} values.")
@@ -366,8 +368,7 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
         raise ConfigError(f"classes names {twice} more than once; each output needs a name of its own.")
     seen = train.checked(task, width, "training")
     val = TargetDataset(val_data) if val_data is not None else None
-    if val is not None:
-        val.checked(task, width, "validation")
+    val_seen = val.checked(task, width, "validation") if val is not None else {}
     if val is None and val_split:
         if not 0.0 < val_split < 1.0:
             raise DataError(f"val_split must be between 0 and 1 (exclusive), got {val_split!r}.")
@@ -379,6 +380,7 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
             raise DataError(f"{len(train)} training item(s) cannot be split for validation (val_split={val_split}): "
                             "nothing would be left to train on. Give validation data (val_data=), or val_split=0.")
         train, val = train.view(sorted(order[n_val:])), train.view(sorted(order[:n_val]))
+        val_seen = seen
     # the training part's targets (not validation's): a listing's all, else those read
     read = train.listed_targets()
     every = read is not None or all(i in seen for i in train.indices)  # every training target was read
@@ -387,8 +389,42 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
         read = torch.stack(kept) if kept else None
     if task == "multilabel" and read is not None and every:
         _warn_constant_labels(read, names, report)
+    if task == "regression" and read is not None and val is not None:
+        _warn_far_validation_targets(read, val, val_seen, names, report)
     targets = read if task == "regression" else None
     return DataBundle(train=train, val=val, classes=names, report=report, targets=targets), width
+
+
+FAR_TARGET_STDS = 1e3  # a validation target this many training stds from the training mean is named
+
+
+def _warn_far_validation_targets(read: torch.Tensor, val: TargetDataset, seen: dict[int, torch.Tensor],
+                                 names: Sequence[str], report: DataReport) -> None:
+    """Warn about validation regression targets more than `FAR_TARGET_STDS` training standard
+    deviations from the training mean (those read without decoding an image: a listing's all,
+    else those `TargetDataset.checked` read): one such target dominates the validation loss
+    (the squared error of standardised targets) and can overflow it to inf."""
+    stats = target_summary(read)
+    listed = val.listed_targets()
+    if listed is not None:
+        where, y = [repr(str(path)) for path, _ in val.samples], listed.double()
+    else:
+        at = [i for i in val.indices if i in seen]
+        if not at:
+            return
+        where, y = [f"validation item {i}" for i in at], torch.stack([seen[i] for i in at]).double()
+    far = []
+    for j, (mean, std) in enumerate(zip(stats["mean"], stats["std"])):
+        if std > 0:  # an output constant in training is only centred: no scale to be far by
+            rows = torch.nonzero((y[:, j] - mean).abs() > FAR_TARGET_STDS * std).flatten().tolist()
+            far += [(i, j, mean, std) for i in rows]
+    if far:
+        i, j, mean, std = far[0]
+        more = f" ({len(far) - 1} more such target(s))" if len(far) > 1 else ""
+        report.warn(f"The validation target {float(y[i, j]):.6g} of {where[i]} (output {names[j]!r}) lies more than "
+                    f"{FAR_TARGET_STDS:g} training standard deviations from the training targets' mean (mean "
+                    f"{mean:.6g}, std {std:.6g}){more}: it dominates the validation loss and can overflow it to inf. "
+                    "Check the value, or leave the item out of the validation data.")
 
 
 def constant_labels(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

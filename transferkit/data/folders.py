@@ -254,10 +254,10 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
                             f"{extra[:10]}, the classes {list(classes)[:10]} (classes= for training data, the "
                             f"training data's or the model's for data scored against them). {fix}")
         if extra:
-            report.warn(f"{str(root)!r} has class folders {extra} that the training data does not have; their {what} "
-                        f"are left out (training classes: {list(classes)}).{case_note}")
+            report.warn(f"{str(root)!r} has class folders {extra} that are not among the classes it is read for; "
+                        f"their {what} are left out (the classes: {list(classes)}).{case_note}")
         if missing:
-            report.warn(f"{str(root)!r} has no folder for training classes {missing}.")
+            report.warn(f"{str(root)!r} has no folder for the classes {missing}.")
         found = [c for c in found if c not in extra]
     index = class_index(classes)
     samples: list[tuple[str, int]] = []

@@ -340,6 +340,9 @@ def test_a_held_out_folder_next_to_train_is_the_validation_split(tmp_path, held_
     recipe = image_folder_splits(root)  # the recipes use the same rule
     assert recipe.train == root / "train"
     assert (recipe.test if held_out == "test" else recipe.val) == root / held_out
+    with pytest.warns(UserWarning, match=rf"val_split=0.5 is not used: '.*data' holds its own validation data \(its "
+                                         rf"{held_out}/ folder\)"):  # was: ignored without a word
+        assert len(prepare_data(root, val_split=0.5).val) == len(bundle.val)
 
 
 def test_a_split_layout_given_with_val_data_trains_on_its_train_folder(tmp_path):

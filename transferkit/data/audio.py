@@ -27,6 +27,7 @@ import torch
 from transferkit.backbones._base import InputSpec
 from transferkit.config import MIN_CLIP_SECONDS, MIN_SAMPLE_RATE, check_seconds, is_rate, sample_rate_of
 from transferkit.data.bundle import (
+    VAL_SPLIT,
     DataBundle,
     resolve_split_folders,
     split_keys,
@@ -797,8 +798,9 @@ def clip_frames(shape: Sequence[int]) -> int:
     return int(shape[0] if time_first(shape) else shape[-1])
 
 
-def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_split: float = 0.2, seed: int = 0,
-                       classes: Sequence[str] | None = None, on_bad_file: str = "skip", scan: str = "quick",
+def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_split: float = VAL_SPLIT,
+                       seed: int = 0, classes: Sequence[str] | None = None, on_bad_file: str = "skip",
+                       scan: str = "quick",
                        max_seconds: float | None = DEFAULT_MAX_SECONDS):
     """The audio counterpart of [`transferkit.data.prepare_data`][transferkit.data.prepare_data]: a folder
     ``root/<class>/<clip>.wav`` (or one holding ``train/`` and ``val/``, ``valid/``,
@@ -828,7 +830,7 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
     check_choice("scan", scan, SCANS)
     max_seconds = audio_window(check_seconds(max_seconds, "max_seconds"), spec.clip_seconds)
     report = DataReport()
-    data, val_data = resolve_split_folders(data, val_data, report)
+    data, val_data = resolve_split_folders(data, val_data, report, val_split=val_split)
     opts = {"report": report, "on_bad_file": on_bad_file, "scan": scan, "max_seconds": max_seconds}
     train = _audio_dataset(data, spec, list(classes) if classes else None, "training", **opts)
     names = list(classes) if classes else train.classes

@@ -26,6 +26,9 @@ from transferkit._text import plural
 from transferkit.errors import DataError
 
 
+VAL_SPLIT = 0.2  # the fraction of the training data held out for validation by default
+
+
 @dataclass
 class DataBundle:
     """Training and validation data without transforms, and the class names.
@@ -243,12 +246,14 @@ def _relabel(own: list[str], classes: list[str] | None, what: str, report: DataR
     return mapping
 
 
-def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple[Any, Any]:
+def resolve_split_folders(data: Any, val_data: Any, report: DataReport, *,
+                          val_split: float = VAL_SPLIT) -> tuple[Any, Any]:
     """``(data, val_data)`` with a split layout resolved: a folder holding ``train/`` and
     ``val/`` (or ``valid/``, ``validation/``, else ``test/``) trains on ``train/`` and
     validates on the other; ``train/`` alone trains on it (see
     [`find_split_folders`][transferkit.data.find_split_folders], the rule the recipes use too).
-    Anything else is returned as it is.
+    Anything else is returned as it is. A ``val_split`` other than the default, which data
+    holding their own validation split do not use, is warned about.
 
     Example:
         >>> resolve_split_folders("no/such/folder", None, DataReport())
@@ -274,6 +279,8 @@ def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple
     # train*.tar beside val*.tar, Parquet files named by split, a DatasetDict
     encoded = split_encoded(data, report=report)
     if encoded is not None:
+        if encoded[1] is not None:
+            _val_split_unused(val_split, data, "their validation split", report)
         return _one_split(data, 0, encoded), encoded[1]
     if not isinstance(data, (str, Path)):
         return data, val_data
@@ -287,7 +294,15 @@ def resolve_split_folders(data: Any, val_data: Any, report: DataReport) -> tuple
     if splits.others:
         used = ", ".join(f"{p.name}/" for p in (splits.train, splits.val, splits.test) if p is not None)
         report.warn(f"{str(data)!r} is a split layout ({used}); its other folders are not used: {splits.others[:10]}.")
+    if splits.held_out is not None:
+        _val_split_unused(val_split, data, f"its {splits.held_out.name}/ folder", report)
     return splits.train, splits.held_out
+
+
+def _val_split_unused(val_split: float, data: Any, held: str, report: DataReport) -> None:
+    if val_split != VAL_SPLIT:
+        report.warn(f"val_split={val_split:g} is not used: {str(data)!r} holds its own validation data ({held}), "
+                    "which validate the run; nothing is held out of its training data.")
 
 
 def warn_validation_copies(train: Sequence[tuple[Any, Any]], val: Sequence[tuple[Any, Any]], report: DataReport,
@@ -342,7 +357,7 @@ def _one_split(data: Any, i: int, encoded: tuple[Any, Any] | None = None, report
     return encoded[i]
 
 
-def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, seed: int = 0,
+def prepare_data(data: Any, val_data: Any = None, *, val_split: float = VAL_SPLIT, seed: int = 0,
                  classes: Sequence[str] | None = None, min_size: int | None = None, on_bad_file: str = "skip",
                  scan: str = "quick", cache_dir: str | Path | None = None) -> DataBundle:
     """Resolve training and validation data.
@@ -367,7 +382,7 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = 0.2, see
         ['ants', 'bees']
     """
     report = DataReport()
-    data, val_data = resolve_split_folders(data, val_data, report)
+    data, val_data = resolve_split_folders(data, val_data, report, val_split=val_split)
     checks = {"on_bad_file": on_bad_file, "scan": scan, "cache_dir": cache_dir}
     train = _as_dataset(data, list(classes) if classes else None, min_size, "training", report, **checks)
     if not isinstance(train, ImageFolderDataset):

@@ -266,6 +266,10 @@ def test_a_training_file_that_fails_while_features_are_computed_in_memory_is_lef
     with pytest.warns(UserWarning, match="dark_99.png"):
         probe = tk.linear_probe("tk:small_cnn", data=root, **kw)
     assert probe.feature_report["masked_samples"] == 1
+    stored = _quiet(tk.linear_probe, "tk:small_cnn", data=root, cache_dir=tmp_path / "cache", **kw)
+    # the masked row counts in the samples, as in a store on disk (it was left out of the count in memory)
+    assert probe.feature_report["splits"]["train"]["samples"] == stored.feature_report["splits"]["train"]["samples"] \
+        == 13
     for k, v in without.model.head.state_dict().items():
         torch.testing.assert_close(probe.model.head.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
 

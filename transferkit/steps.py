@@ -143,15 +143,15 @@ def cached_features(d: Decisions, run: Run, *, progress: Any = None) -> Training
     # files that failed to load were served as the next readable file of their class: left out of head training
     # (as a feature store masks them) and, by the validation pass, out of the metrics (each rank met its share)
     failed = {name: sorted(set().union(*gather_objects(failed_items(ds), info))) for name, ds, _, _ in parts}
+    report = feature_report({name: {"samples": len(s), "shards": 0, "computed": 0, "reused": 0, "dtype": "float32",
+                                    "bytes": int(s.features.nbytes + s.targets.nbytes),
+                                    "masked_samples": len(failed[name]), "views": s.num_views, "path": None}
+                             for name, s in stores.items()})  # masked samples counted, as a store on disk holds them
     if failed["train"]:
         stores["train"] = stores["train"].without(failed["train"])
     train_dl = feature_loader(stores["train"], batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
                               rank=info.rank, world_size=info.world_size)
     val_dl = feature_loader(stores["val"], batch_size=256, shuffle=False) if "val" in stores else None
-    report = feature_report({name: {"samples": len(s), "shards": 0, "computed": 0, "reused": 0, "dtype": "float32",
-                                    "bytes": int(s.features.nbytes + s.targets.nbytes),
-                                    "masked_samples": len(failed[name]), "views": s.num_views, "path": None}
-                             for name, s in stores.items()})
     return TrainingData(module=model.head, train_loader=train_dl, val_loader=val_dl, cached=True, stores=stores,
                         report=report, val_failed=failed.get("val", []))
 

@@ -26,6 +26,14 @@ from transferkit.model import AudioPreprocess
 from tests.conftest import make_image_folder
 
 
+def _quiet(fn, *a, **k):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*a, **k)
+
+
 def _csv(tmp_path: Path, text: str, *, encoding: str = "utf-8", bom: bool = False) -> Path:
     make_image_folder(tmp_path / "img", per_class=3, size=16)
     p = tmp_path / "list.csv"
@@ -120,6 +128,8 @@ def test_labels_that_read_alike_are_refused_or_said(tmp_path):
     with pytest.raises(DataError, match=r"the labels '01' and '1' are one number written in 2 ways, so they would be "
                                         r"2 classes; write them alike"):
         prepare_data(_csv(tmp_path, spelled), val_split=0)
+    codes = rows.replace(",1\n", ",1.1\n").replace(",2\n", ",1.10\n")  # numbers that are not whole: codes
+    assert _quiet(prepare_data, _csv(tmp_path, codes), val_split=0).classes == ["1.1", "1.10"]
     with pytest.warns(UserWarning, match=r"has 1 row labelled 'NaN', which reads as a missing value .* a class of its "
                                          r"own here"):
         bundle = prepare_data(_csv(tmp_path, rows.replace(",2\n", ",NaN\n", 1)), val_split=0)

@@ -13,6 +13,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -269,6 +270,9 @@ def test_an_interrupt_stops_only_the_fetches_it_waits_for(tmp_path):
             stopped.result()
         kept.result()
     assert (tmp_path / "kept").read_text() == "done\n"
+    with remote.stop_fetches_on_interrupt() as outer, remote.stop_fetches_on_interrupt() as inner:
+        seen = outer(lambda: [inner(remote._stop_now)(), remote._stop_now()])()  # one inside the other
+    assert seen[0] is not seen[1] and remote._NEVER not in seen and remote._stop_now() is remote._NEVER
 
 
 def test_an_fsspec_fetch_that_stalls_fails_instead_of_waiting_forever(shards, monkeypatch):
@@ -498,3 +502,18 @@ def test_a_shard_that_cannot_be_fetched_during_training_stops_it_instead_of_repl
             ds[0]
         assert b.report.bad_at_load == []  # not taken for bad samples
         assert len(gets(requests)) == 1  # no sample after sample of the same shard
+
+
+def test_the_engines_check_items_of_the_first_remote_shard_only(shards, tmp_path):
+    """The engines' check batch spread its items over the whole data: on remote shards that
+    fetched nearly every shard, one after another, before the feature pass started."""
+    from transferkit.train.engines import example_indices
+
+    data = _quiet(prepare_data, f"pipe:cat {shards}/{LOCAL}", val_split=0, cache_dir=tmp_path / "c").train
+    groups = data.fetch_groups()
+    assert groups is not None and len(set(groups.tolist())) > 2
+    picked = example_indices(data, batch_size=4)
+    assert len(picked) > 4 and {int(groups[i]) for i in picked} == {int(groups[0])}
+    local = _quiet(prepare_data, str(shards / LOCAL), val_split=0).train
+    assert local.fetch_groups() is None  # local shards are read in place: the items spread over all of them
+    assert len({int(g) for g in np.asarray(local.source.shard_of)[example_indices(local, batch_size=4)]}) > 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv as csv_module
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import transferkit as tk
 from tests.conftest import damaged_png
 from transferkit.backbones._base import InputSpec
 from transferkit.data.gpu_jpeg import DeviceDecodedLoader
+from transferkit.data.checks import DataReport
 from transferkit.data.sampling import default_num_workers
 from transferkit.data.target_tables import scan_target_csv
 from transferkit.train.tasks import prepare_task_data
@@ -451,18 +453,24 @@ def test_a_row_added_to_a_target_csv_moves_no_other_row_across_the_split(tmp_pat
     assert len((before ^ after) - {str(files[39])}) <= 1
 
 
-def test_labels_joined_with_another_separator_than_the_label_separator_are_refused(table):
-    """'dark|x' or "dark, x" beside 'dark' trained as labels of their own."""
-    joined = (("dark|x", "|", "dark;x"), ('"red;dark, x"', ",", "red;dark;x"), ("dark/x", "/", "dark;x"))
+def test_labels_joined_with_another_separator_than_the_label_separator_are_said(table):
+    """'dark|x' or "dark, x" beside 'dark' trained as labels of their own without a word. They
+    are a warning, not an error: 'animal/cat' beside 'animal' may be a label of its own."""
+    joined = (("dark|x", "|", "dark;x"), ('"red;dark, x"', ",", "red;dark;x"), ("dark/x", "/", "dark;x"),
+              ('"dark;dark/x"', "/", "dark;x"))
     for cell, sep, fixed in joined:
         csv = table("joined.csv", "path,labels", lambda lv: cell if lv[0] > 0.9 else "dark" if lv[1] > 0.5 else "x")
-        with pytest.raises(DataError, match=rf"row \d+: the label .* reads as the labels \['dark', 'x'\] joined with "
-                                            rf"'\{sep}', but labels are separated by ';': write the row's labels as "
-                                            rf"'{fixed}'"):
-            scan_target_csv(csv, task="multilabel")
+        report = DataReport()
+        names = scan_target_csv(csv, task="multilabel", report=report)[1]
+        assert f"dark{sep}x".replace(",", ", ") in names  # a label of its own, as written
+        assert len(report.warnings) == 1 and re.search(
+            rf"row \d+: the label .* reads as the labels \['dark', 'x'\] joined with '\{sep}', but labels are "
+            rf"separated by ';', so it is a label of its own\. If they are separate labels, write the row's labels as "
+            rf"'{fixed}'\.$", report.warnings[0]), report.warnings
     own = table("own.csv", "path,labels", lambda lv: '"black/white;blue, green"' if lv[0] > 0.5 else "sky blue")
-    # no part of these is a label of the file: they are labels of their own
-    assert scan_target_csv(own, task="multilabel")[1] == ["black/white", "blue, green", "sky blue"]
+    report = DataReport()  # no part of these is a label of the file: labels of their own, nothing said
+    assert scan_target_csv(own, task="multilabel", report=report)[1] == ["black/white", "blue, green", "sky blue"]
+    assert report.warnings == []
 
 
 def test_multilabel_labels_differing_only_in_case_are_refused(table):

@@ -41,6 +41,7 @@ RECIPE_KEYS = {"data_dir": (str, type(None)), "download": (bool,), "out_dir": (s
                "limit": (int, type(None)), "runs": (dict, type(None))}
 
 GROUPS = ("model", "data", "task", "policy", "optimisation", "features", "runtime", "outputs")
+VAL_SPLIT = 0.2  # the fraction of the training data held out for validation by default
 _NUM = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")  # a number YAML 1.1 reads as text (no dot)
 _PY_ONLY = "python"  # a field that a file or the CLI cannot set (a Python object)
@@ -341,7 +342,7 @@ class FinetuneConfig:
     val_data: str | Path | MapStyleDataset | None = _opt(
         None, "validation data (default: a stratified split of data)", group="data")
     classes: Sequence[str] | None = _opt(None, "class names, in output order (default: from the data)", group="data")
-    val_split: float = _opt(0.2, "fraction held out for validation when there is no val_data", group="data",
+    val_split: float = _opt(VAL_SPLIT, "fraction held out for validation when there is no val_data", group="data",
                             check=_fraction)
     on_bad_file: Literal["skip", "raise"] = _opt("skip", "unreadable files: 'skip' (reported) or 'raise'",
                                                  group="data", flag=True)

@@ -25,9 +25,8 @@ import numpy as np
 import torch
 
 from transferkit.backbones._base import InputSpec
-from transferkit.config import MIN_CLIP_SECONDS, MIN_SAMPLE_RATE, check_seconds, is_rate, sample_rate_of
+from transferkit.config import MIN_CLIP_SECONDS, MIN_SAMPLE_RATE, VAL_SPLIT, check_seconds, is_rate, sample_rate_of
 from transferkit.data.bundle import (
-    VAL_SPLIT,
     DataBundle,
     resolve_split_folders,
     split_keys,
@@ -621,11 +620,12 @@ class AudioDataset(FileDataset):
 
     @classmethod
     def from_source(cls, source: str | Path, *, sample_rate: int, classes: Sequence[str] | None = None,
-                    scan: str = "quick", **kw: Any) -> AudioDataset:
-        """A class folder or a ``.csv`` file list, pre-scanned (``scan``, see `filter_bad_audio`)."""
+                    scan: str = "quick", purpose: str = "training", **kw: Any) -> AudioDataset:
+        """A class folder or a ``.csv`` file list, pre-scanned (``scan``, see `filter_bad_audio`;
+        ``purpose``: what the data are read for, as `transferkit.data.folders.scan_csv` says it)."""
         report = kw.pop("report", None) or DataReport()
         if str(source).lower().endswith(".csv"):
-            listed, names = scan_csv(source, classes, report=report, kind="audio")
+            listed, names = scan_csv(source, classes, report=report, kind="audio", purpose=purpose)
         else:
             listed, names = scan_audio_folder(source, classes, report=report)
         kept = filter_bad_audio(listed, on_bad_file=kw.get("on_bad_file", "skip"), scan=scan, report=report,
@@ -743,7 +743,7 @@ def _audio_dataset(data: Any, spec: InputSpec, classes: list[str] | None, what: 
                             _store=data._store if data.sample_rate == rate and data.max_seconds == max_seconds else None,
                             **opts)
     if isinstance(data, (str, Path)):
-        return AudioDataset.from_source(data, sample_rate=rate, classes=classes, scan=scan, **opts)
+        return AudioDataset.from_source(data, sample_rate=rate, classes=classes, scan=scan, purpose=what, **opts)
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
         if len(data) == 0:
             raise DataError(f"The {what} dataset is empty.")

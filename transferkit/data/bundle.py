@@ -23,10 +23,8 @@ from transferkit.data.images import (ImageFolderDataset, TransformedDataset, che
 from transferkit.data.shards import confirmed_copies, copies_said, shard_list, warn_held_out_listed
 from transferkit.data.sources import open_encoded, shared_shards, split_encoded
 from transferkit._text import plural
+from transferkit.config import VAL_SPLIT
 from transferkit.errors import DataError
-
-
-VAL_SPLIT = 0.2  # the fraction of the training data held out for validation by default
 
 
 @dataclass
@@ -132,7 +130,7 @@ def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what
     if encoded is not None:  # tar shards, Parquet files, a Hugging Face dataset
         return encoded
     if isinstance(data, (str, Path)):
-        return ImageFolderDataset(data, classes=classes, min_size=min_size, report=report, **checks)
+        return ImageFolderDataset(data, classes=classes, min_size=min_size, report=report, purpose=what, **checks)
     if isinstance(data, ImageFolderDataset):  # keeps its files and checks; reports into this bundle's report
         report.merge(data.report)
         names, samples = list(data.classes), list(data.samples)

@@ -36,8 +36,16 @@ SCAN_RULES = 2
 AUDIO_FORMATS = {".wav": "WAV", ".wave": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".opus": "OGG/OPUS", ".aiff": "AIFF",
                  ".aif": "AIFF", ".mp3": "MP3"}  # extension -> libsndfile format (/subtype where one is needed)
 AUDIO_EXTENSIONS = tuple(AUDIO_FORMATS)  # every known one; data.audio.audio_extensions(): those decoded here
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".avif", ".tif", ".tiff",
-                    ".ppm", ".pgm")
+
+
+def _pillow_opens(ext: str) -> bool:
+    """Whether this Pillow reads files named ``*ext`` (AVIF: Pillow 11.2 or later, built with libavif)."""
+    Image.init()
+    return Image.registered_extensions().get(ext) in Image.OPEN
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp",
+                    *[e for e in (".avif",) if _pillow_opens(e)], ".tif", ".tiff", ".ppm", ".pgm")
 IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 LINK_LOOP = "a link back into a folder already walked"  # why a linked sub-folder is not walked (a loop)
 # files Pillow registers as readable that are no photographs (scientific stubs, documents, video, vector drawings)
@@ -47,11 +55,7 @@ _NOT_PHOTOS = {".bufr", ".grib", ".h5", ".hdf", ".fit", ".fits", ".mpeg", ".mpg"
 def other_image_extensions() -> set[str]:
     """Extensions of images that Pillow opens and that are not in `IMAGE_EXTENSIONS` (``.ico``,
     ``.psd``, ``.tga``, ``.jp2``, ...): a folder scan ignores such files, and says so."""
-    from PIL import Image
-
-    Image.init()
-    return {e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN} - set(IMAGE_EXTENSIONS) \
-        - _NOT_PHOTOS
+    return {e for e in Image.registered_extensions() if _pillow_opens(e)} - set(IMAGE_EXTENSIONS) - _NOT_PHOTOS
 
 
 @dataclass

@@ -154,7 +154,14 @@ class EncodedImageDataset(Dataset):
     def sample_groups(self) -> np.ndarray | None:
         """The group (shard) of each sample when the source asks to be read group by group
         (remote shards larger than the shard cache: see `transferkit.data.sampling.EpochSampler`), else None."""
-        groups = getattr(self.source, "sample_groups", None)
+        return self._groups("sample_groups")
+
+    def fetch_groups(self) -> np.ndarray | None:
+        """The group (remote shard, fetched whole) of each sample when some are remote, else None."""
+        return self._groups("fetch_groups")
+
+    def _groups(self, kind: str) -> np.ndarray | None:
+        groups = getattr(self.source, kind, None)
         out = groups() if groups is not None else None
         return None if out is None else np.asarray(out)[self.indices]
 

@@ -299,8 +299,9 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
     """Read the ``path,label`` rows of a CSV of images or audio clips (``kind``; a header row
     naming ``path`` and ``label`` is optional; relative paths are relative to the CSV's
     folder). With ``classes`` given, rows whose label is not one of them are left out and
-    reported. ``purpose``: ``"training"``, or ``"scoring"`` (`evaluate`: ``classes`` are a
-    classifier's), as the messages say it.
+    reported. ``purpose``: ``"training"``, ``"validation"`` (``classes``: the
+    training data's), or ``"scoring"`` (`evaluate`: ``classes`` are a classifier's), as the
+    messages say it.
 
     Example:
         >>> samples, classes = scan_csv("clips.csv", kind="audio")  # doctest: +SKIP
@@ -375,8 +376,8 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
         raise DataError(f"{str(csv_path)!r} has labels {unknown[:10]}, none of them one of the classes "
                         f"{list(classes)[:10]} ({whose}): no row can be used. Label its rows with those classes.")
     if unknown:
-        report.warn(f"{str(csv_path)!r} has labels {unknown[:10]} that are not training classes; those rows are "
-                    "left out.")
+        report.warn(f"{str(csv_path)!r} has labels {unknown[:10]} that are not "
+                    f"{'the model' if purpose == 'scoring' else 'training'} classes; those rows are left out.")
     samples = [(csv_file_path(csv_path, p), index[lab]) for (p, _), lab in zip(rows, labels) if lab in index]
     if first == 1 and len(rows) > 1 and labels[0] not in labels[1:] and \
             not os.path.isfile(csv_file_path(csv_path, rows[0][0])) and \
@@ -388,15 +389,16 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
     return samples, list(classes)
 
 
-MISSING_VALUES = {"nan", "na", "n/a", "null", "none", "<na>"}  # how tables write a missing value (pandas' na_rep)
+MISSING_VALUES = {"nan", "n/a", "null", "<na>"}  # how tables write a missing value ('NA', 'none' may be classes)
 
 
 def check_number_labels(labels: Sequence[str], where: str) -> None:
-    """DataError for labels that are one number written in several ways (``1``, ``01``,
-    ``1.0``): each spelling would be a class of its own.
+    """DataError for labels that are one whole number written in several ways (``1``, ``01``,
+    ``1.0``): each spelling would be a class of its own. Other numbers may be codes whose
+    spelling matters (sections ``1.1`` and ``1.10``).
 
     Example:
-        >>> check_number_labels(["1", "2", "10"], "labels.csv")
+        >>> check_number_labels(["1", "2", "10", "1.1", "1.10"], "labels.csv")
         >>> check_number_labels(["01", "1"], "labels.csv")
         Traceback (most recent call last):
         ...
@@ -406,7 +408,7 @@ they would be 2 classes; write them alike.
     spelled: dict[float, list[str]] = {}
     for lab in labels:
         v = parse_number(lab)
-        if v is not None:
+        if v is not None and v.is_integer():
             spelled.setdefault(v, []).append(lab)
     same = next((s for s in spelled.values() if len(s) > 1), None)
     if same is not None:

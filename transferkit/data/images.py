@@ -194,14 +194,14 @@ class ImageFolderDataset(FileDataset):
     def __init__(self, root: str | Path | None = None, *, classes: Sequence[str] | None = None,
                  transform: Callable | None = None, samples: list[tuple[str, int]] | None = None,
                  min_size: int | None = None, on_bad_file: str = "skip", scan: str = "quick",
-                 report: DataReport | None = None, known_bad: dict | None = None) -> None:
+                 report: DataReport | None = None, known_bad: dict | None = None, purpose: str = "training") -> None:
         check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
         self.report = report if report is not None else DataReport()
         if samples is None:
             if root is None:
                 raise DataError("ImageFolderDataset needs a root folder (or a .csv file of path,label rows).")
-            scanner = scan_csv if str(root).lower().endswith(".csv") else scan_image_folder
-            listed, classes = scanner(root, classes, report=self.report)
+            listed, classes = scan_csv(root, classes, report=self.report, purpose=purpose) \
+                if str(root).lower().endswith(".csv") else scan_image_folder(root, classes, report=self.report)
             samples = readable_samples(listed, filter_bad_images(listed, on_bad_file=on_bad_file, scan=scan,
                                                                  report=self.report),
                                        classes, source=root, what="images", report=self.report)

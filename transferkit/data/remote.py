@@ -262,11 +262,11 @@ def stop_fetches_on_interrupt() -> Any:
 
     def stoppable(fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any, **kwargs: Any) -> Any:
-            _LOCAL.stop = stop
+            outer, _LOCAL.stop = _stop_now(), stop
             try:
                 return fn(*args, **kwargs)
             finally:
-                del _LOCAL.stop
+                _LOCAL.stop = outer
         return run
 
     try:

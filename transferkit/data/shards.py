@@ -721,6 +721,11 @@ class ShardSource:
         each shard again for nearly every sample); else None."""
         return self.shard_of if self.cached_fraction() < 1.0 else None
 
+    def fetch_groups(self) -> np.ndarray | None:
+        """The shard of each sample when some shards are remote (each fetched whole, the first
+        time one of its samples is read), else None."""
+        return self.shard_of if any(self.remote) else None
+
     def fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps(self._ident).encode())

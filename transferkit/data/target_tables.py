@@ -13,8 +13,9 @@ the CSV's folder). The other columns:
   The label names are
   ``classes=[...]``, else the sorted names the rows use; names outside ``classes`` are left
   out with a warning. A label that reads as labels of the file joined with ``,``, ``|`` or
-  ``/`` (``dark|x`` beside ``dark``) is a [`DataError`][transferkit.DataError], as are labels
-  that differ only in case (``Cat``, ``cat``).
+  ``/`` (``dark|x`` beside ``dark``) gets a warning (it is a label of its own; it may be
+  meant as one: ``animal/cat`` beside ``animal``); labels that differ only in case (``Cat``,
+  ``cat``) are a [`DataError`][transferkit.DataError].
 
 Output names (columns, labels, ``classes``) holding a line break, tab or other control
 character are a `DataError`: exports store them and ``transferkit predict`` prints them.
@@ -107,7 +108,7 @@ def _label_lists(body: list[list[str]], classes: Sequence[str] | None, where: st
     lists = [[x.strip() for x in r[1].split(LABEL_SEPARATOR) if x.strip()] for r in body]
     used = sorted({x for labels in lists for x in labels})
     check_label_names(used, f"{where} (its labels)")
-    _check_joined_labels(lists, set(used) | set(classes or ()), where)
+    _warn_joined_labels(lists, used, set(used) | set(classes or ()), where, report)
     names = list(classes) if classes is not None else used
     if not names:
         raise DataError(f"{where}: no row names a label; give each image its labels, separated by "
@@ -119,18 +120,21 @@ def _label_lists(body: list[list[str]], classes: Sequence[str] | None, where: st
     return [tuple(1.0 if n in labels else 0.0 for n in names) for labels in map(set, lists)], names
 
 
-def _check_joined_labels(lists: list[list[str]], known: set[str], where: str) -> None:
-    """DataError for a label that is other labels joined with another separator (``dark|x``,
-    ``dark, x`` beside ``dark``): it would train as a label of its own."""
-    for i, labels in enumerate(lists):
-        for label in labels:
-            for sep in OTHER_SEPARATORS:
-                parts = [x.strip() for x in label.split(sep) if x.strip()]
-                if len(parts) > 1 and any(x in known for x in parts):
-                    fixed = LABEL_SEPARATOR.join(x for y in labels for x in (parts if y == label else [y]))
-                    raise DataError(f"{where}, row {i + 2}: the label {label!r} reads as the labels {parts} joined "
-                                    f"with {sep!r}, but labels are separated by {LABEL_SEPARATOR!r}: write the row's "
-                                    f"labels as {fixed!r} (or rename the label if it is one).")
+def _warn_joined_labels(lists: list[list[str]], used: Sequence[str], known: set[str], where: str,
+                        report: DataReport) -> None:
+    """Warn about a label that reads as other labels joined with another separator (``dark|x``,
+    ``dark, x`` beside ``dark``): it trains as a label of its own. A warning, not an error:
+    such a label may be one (a hierarchical tag ``animal/cat`` beside ``animal``)."""
+    for label in used:
+        for sep in OTHER_SEPARATORS:
+            parts = [x.strip() for x in label.split(sep) if x.strip()]
+            if len(parts) > 1 and any(x in known for x in parts):
+                i, labels = next((i, ls) for i, ls in enumerate(lists) if label in ls)
+                fixed = LABEL_SEPARATOR.join(dict.fromkeys(x for y in labels for x in (parts if y == label else [y])))
+                report.warn(f"{where}, row {i + 2}: the label {label!r} reads as the labels {parts} joined with "
+                            f"{sep!r}, but labels are separated by {LABEL_SEPARATOR!r}, so it is a label of its own. "
+                            f"If they are separate labels, write the row's labels as {fixed!r}.")
+                return
 
 
 def _columns(header: list[str], body: list[list[str]], classes: Sequence[str] | None, task: str,

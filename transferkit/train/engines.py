@@ -378,13 +378,24 @@ def _compare_timed(out: dict[str, dict[str, Any]], outputs: dict[str, list[torch
     spread over the data: `example_batches`) with eager fp32 as on the first: an export
     traced, or a pass compiled, on the first batch may not follow other input (a trunk whose
     code branches on the pixel values; one that turns the batch size into a number). Its
-    ``rel_diff`` (and ``max_abs_diff``) become the worst over all of them."""
+    ``rel_diff`` (and ``max_abs_diff``) become the worst over all of them; in bf16 or fp16,
+    so does eager's own difference at that precision (eager's ``rel_diff``), which
+    `tolerance` allows for."""
     if len(batches) < 2 or not any(len(feats) > 1 for feats in outputs.values()):
         return
+    device, channels_last, precision = where["device"], where["channels_last"], where["precision"]
+    refs, own = [], []  # eager fp32's features, and eager's own difference at the run's precision, per batch
     with torch.no_grad():
-        refs = [_eager_fp32(model, b, where["device"], where["channels_last"]) for b in batches[1:]]
+        for b in batches[1:]:
+            refs.append(_eager_fp32(model, b, device, channels_last))
+            if precision != "fp32":
+                with _autocast(device, precision):
+                    own.append(_relative(model.features(_to_device(b, device, channels_last)).float().cpu(),
+                                         refs[-1]))
+    if own and "rel_diff" in out["eager"]:  # eager's own difference: the largest over the batches compared
+        out["eager"]["rel_diff"] = max(out["eager"]["rel_diff"], *own)
     for name, feats in outputs.items():
-        for b, got, ref in zip(batches[1:], feats[1:], refs):
+        for k, (b, got, ref) in enumerate(zip(batches[1:], feats[1:], refs)):
             got = got.float().cpu()
             same = got.shape == ref.shape
             rel = _relative(got, ref) if same else math.inf
@@ -392,7 +403,7 @@ def _compare_timed(out: dict[str, dict[str, Any]], outputs: dict[str, list[torch
             out[name]["max_abs_diff"] = max(out[name]["max_abs_diff"],
                                             float((got - ref).abs().max()) if same and ref.numel() else
                                             0.0 if same else math.inf)
-            _record_verified(name, model, batches[0], rel, out["eager"].get("rel_diff"), checked=b, **where)
+            _record_verified(name, model, batches[0], rel, own[k] if own else None, checked=b, **where)
 
 
 def _fastest(runners: dict[str, Callable], batches: Sequence[torch.Tensor], rounds: int,
@@ -1039,8 +1050,9 @@ class _Items(Dataset):
 
 def example_indices(dataset: Any, *, batch_size: int, count: int = 2) -> list[int]:
     """Which items of ``dataset`` `example_batches` reads: the first batch, then ``count - 1``
-    batches of items spread evenly over the rest (over the rest of the first sample's group
-    where the data are read group by group: remote shards that the shard cache cannot hold).
+    batches of items spread evenly over the rest (over the rest of the first sample's remote
+    shard where the data are remote shards: `fetch_groups`; reading items of other shards
+    would fetch each of them whole, one after another, before the pass).
 
     Example:
         >>> example_indices(list(range(100)), batch_size=4, count=2)
@@ -1048,7 +1060,7 @@ def example_indices(dataset: Any, *, batch_size: int, count: int = 2) -> list[in
     """
     n = len(dataset)
     first = min(batch_size, n)
-    groups = getattr(dataset, "sample_groups", None)
+    groups = getattr(dataset, "fetch_groups", None)
     groups = groups() if callable(groups) else None
     rest: Sequence[int] = range(first, n) if groups is None else \
         (np.flatnonzero(np.asarray(groups[first:]) == groups[0]) + first).tolist()

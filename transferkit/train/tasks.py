@@ -340,7 +340,8 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
         return bundle, len(bundle.classes)
     report = DataReport()
     tables = dict(task=task, min_size=min_size, on_bad_file=on_bad_file, scan=scan, report=report)
-    if is_csv(data):
+    from_csv = is_csv(data)
+    if from_csv:
         data = open_target_csv(data, classes=classes, **tables)
         classes = data.classes
     elif is_csv(val_data) and not classes:
@@ -358,7 +359,7 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
     if len(train) == 0:
         raise DataError("The training dataset is empty.")
     width = target_width(train, task)
-    if classes and not is_csv(data):  # a CSV's names were checked when it was read
+    if classes and not from_csv:  # a CSV's names were checked when it was read
         check_label_names(list(classes), "classes=", case=False)
     names = list(classes) if classes else [str(i) for i in range(width)]
     if len(names) != width:

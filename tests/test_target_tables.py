@@ -85,7 +85,7 @@ def test_label_lists_of_validation_data_use_the_training_labels(table):
     columns = table("rg.csv", "path,red,green", lambda lv: f"{lv[0]:.3f},{lv[1]:.3f}")
     fewer = table("r.csv", "path,red", lambda lv: f"{lv[0]:.3f}", n=10)
     with pytest.raises(DataError, match=r"has no column 'green' \(the training data's outputs are \['red', 'green'\]: "
-                                        "the validation CSV needs a column for each\)"):
+                                        r"the validation CSV needs a column for each\)"):
         tk.plan("tk:small_cnn", data=columns, val_data=fewer, task="regression", **COMMON)
 
 
@@ -224,7 +224,7 @@ def test_a_regression_model_is_evaluated_on_a_csv_of_its_targets(table, capsys):
     assert strict["r2"] is None and strict["per_output"]["red"]["r2"] is None
     missing = table("red_only.csv", "path,red", lambda lv: "100")
     with pytest.raises(DataError, match=r"has no column 'green' \(the model's outputs are \['red', 'green'\]: the "
-                                         "CSV needs a column for each\)"):
+                                         r"CSV needs a column for each\)"):
         tk.evaluate(r.export_path, missing, progress=False)
 
 

@@ -52,3 +52,22 @@ def test_the_showcase_is_the_right_prediction_of_median_confidence():
     assert typical_prediction(preds, targets) == 1
     assert typical_prediction(preds[:2], targets[:2]) == 1  # an even count: the lower middle one (.8 of .8, .9)
     assert typical_prediction(preds, [1, 0, 1, 0, 1, 0]) is None  # none right
+
+
+def test_a_readme_that_cannot_be_updated_is_said_before_the_demo_runs(tmp_path, capsys):
+    """--update-readme with a file without the demo table ran the whole demo, then ended in a
+    traceback; the table was then written in place."""
+    from transferkit.cli import main
+    from transferkit.demo import update_readme
+
+    plain = tmp_path / "plain.md"
+    plain.write_text("# no table here\n")
+    for path, said in ((plain, "has no demo table to update"), (tmp_path / "missing.md", "Cannot read the README")):
+        assert main(["demo", "--quick", "--out", str(tmp_path / "out"), "--update-readme", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("transferkit: error: ") and said in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()  # nothing trained
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_START}\nold\n{README_END}\nafter\n")
+    update_readme(readme, {"table": "| new |", "total_seconds": 3.0, "torch": "2.11.0"})
+    assert readme.read_text() == f"intro\n{README_START}\n| new |\n\n(total 3 s, torch 2.11.0)\n{README_END}\nafter\n"

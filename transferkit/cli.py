@@ -32,12 +32,12 @@ from transferkit.spelling import cli_spelling, flag, shell_word
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from transferkit.demo import run_demo
+    from transferkit.demo import readme_parts, run_demo, update_readme
 
+    if args.update_readme:
+        readme_parts(args.update_readme)  # a README that cannot be updated is said before the demo runs
     summary = run_demo(out_dir=args.out, quick=args.quick)
     if args.update_readme:
-        from transferkit.demo import update_readme
-
         update_readme(args.update_readme, summary)
         print(f"updated the demo table in {args.update_readme}")
     return 0

@@ -19,9 +19,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from transferkit._io import atomic_write
 from transferkit.api import finetune
 from transferkit.backbones import InputSpec
 from transferkit.data import eval_transform
+from transferkit.errors import ConfigError
 from transferkit.export import load
 
 IMAGE_SIZE = 16
@@ -149,10 +151,12 @@ def _run_demo(out: Path, *, quick: bool, seed: int, verbose: bool) -> dict:
     summary = {"source_val_acc": src.best["val_acc"], "target": rows, "export": str(exported.path),
                "export_max_abs_diff": exported.max_abs_diff, "reloaded_test_acc": reloaded_acc, "showcase": showcase,
                "total_seconds": total, "quick": quick, "torch": torch.__version__}
-    (out / "report.json").write_text(json.dumps(summary, indent=1))
+    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)),
+                 what="demo report")
     table = _table(rows)
     summary["table"] = table
-    (out / "report.md").write_text("# transferkit demo\n\n" + table + "\n")
+    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text("# transferkit demo\n\n" + table + "\n"),
+                 what="demo report")
     say("\n" + table + f"\n\ntotal {total:.0f}s; outputs in {out.resolve()}")
     return summary
 
@@ -176,17 +180,29 @@ def typical_prediction(preds: list, targets: list[int]) -> int | None:
 README_START, README_END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
 
 
+def readme_parts(path: str | Path) -> tuple[str, str]:
+    """The text of ``path`` before and after its demo table (the demo-table markers); a
+    ConfigError saying what is wrong when the file cannot be read or has no such block (checked
+    before the demo runs, so that a wrong path costs no training)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Cannot read the README to update, {str(path)!r}: {getattr(exc, 'strerror', None) or exc}."
+                          ) from None
+    if README_START not in text or README_END not in text.split(README_START, 1)[1]:
+        raise ConfigError(f"{str(path)!r} has no demo table to update: the lines {README_START} and {README_END} "
+                          "mark where it goes (see README.md).")
+    head, rest = text.split(README_START, 1)
+    return head, rest.split(README_END, 1)[1]
+
+
 def update_readme(path: str | Path, summary: dict) -> None:
     """Replace the demo table in ``path`` (between the demo-table markers) with ``summary``'s:
-    the README shows the numbers the demo printed, never typed ones."""
-    path = Path(path)
-    text = path.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{path} has no {README_START} ... {README_END} block to update.")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
+    the README shows the numbers the demo printed, never typed ones. Written atomically."""
+    head, tail = readme_parts(path)
     block = f"{README_START}\n{summary['table']}\n\n(total {summary['total_seconds']:.0f} s, torch {summary['torch']})\n"
-    path.write_text(head + block + README_END + tail)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(head + block + README_END + tail, encoding="utf-8"),
+                 what="README")
 
 
 def _table(rows: list[dict]) -> str:

@@ -225,7 +225,7 @@ def test_the_elements_of_a_list_setting_are_checked_when_the_config_is_made(valu
     FinetuneConfig(data="x", classes=("a", "b"), head="logistic", probe_Cs=[0.5, 2])
 
 
-def test_an_unknown_key_suggests_and_lists_only_the_keys_the_command_takes(capsys):
+def test_an_unknown_key_suggests_and_lists_only_the_keys_the_command_takes(capsys, tmp_path):
     def said(*argv):
         assert main(["finetune", "--data", "x", *argv]) == 2 if argv[0] != "lr-find" else main([*argv]) == 2
         return capsys.readouterr().err
@@ -240,6 +240,11 @@ def test_an_unknown_key_suggests_and_lists_only_the_keys_the_command_takes(capsy
     err = said("lr-find", "--data", "x", "--set", "exprt=m.pt")
     valid = err.split("Valid keys: ")[1]
     assert "'export'" not in err and "export" not in valid and "checkpoint" not in valid and "lr," not in valid
+    config = tmp_path / "bad.yaml"
+    config.write_text("data: x\nlearning_rate: 0.1\n")
+    assert main(["finetune", "--config", str(config), "--dry-run"]) == 2
+    valid = capsys.readouterr().err.split("Valid keys: ")[1].rstrip(".\n").split(", ")
+    assert len(valid) == len(set(valid)) and "lr" in valid  # each once (14 of them were listed twice)
     with pytest.raises(ConfigError, match=r"unknown key 'learning_rate'\. Did you mean 'lr'\?"):
         FinetuneConfig(data="x", learning_rate=1e-3)
     with pytest.raises(ConfigError, match=r"unknown key 'wd'\. Did you mean 'weight_decay'\?"):

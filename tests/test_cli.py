@@ -175,9 +175,12 @@ def test_an_image_over_the_decompression_bomb_limit_says_how_to_raise_it(exporte
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # restored after the test: main() sets it
     Image.new("RGB", (40, 40), (200, 90, 30)).save(tmp_path / "big.png")  # 1600 pixels: over the limit
     code, out, err = _run(capsys, "predict", model, tmp_path / "big.png")
-    assert code == 1 and "exceeds limit" in out and "`transferkit --max-image-pixels 0 ...`" in out
+    assert code == 1 and "decompression-bomb size (1,600 pixels, over the limit of 1,000 pixels)" in out
+    assert "`transferkit --max-image-pixels 0 ...`" in out and "in Python" not in out  # a command, no Python call
     error = transferkit.load(model).predict(tmp_path / "big.png")[0].error
     assert "PIL.Image.MAX_IMAGE_PIXELS = None" in error and "on_bad_file" not in error
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # over twice the limit: Pillow raises, naming twice it
+    assert "(1,600 pixels, over the limit of 100 pixels)" in transferkit.load(model).predict(tmp_path / "big.png")[0].error
     code, out, err = _run(capsys, "predict", model, tmp_path / "big.png", "--max-image-pixels", "0")
     assert code == 0 and "error" not in out and Image.MAX_IMAGE_PIXELS is None
     code, out, err = _run(capsys, "--max-image-pixels", "2000", "predict", model, tmp_path / "big.png")

@@ -98,8 +98,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         _write_csv(stream, predictor.labels, predictor.task, args.top_k)
     else:
         for p in stream:
-            print(f"{p.source}\t{p}")
-    failed = [(p.source, file_reason(p.error)) for p in preds if not getattr(p, "ok", True)] + empty
+            print(f"{p.source}\t{p if p.ok else cli_spelling(str(p))}")  # an error's hint as a command
+    failed = [(p.source, file_reason(cli_spelling(p.error))) for p in preds if not getattr(p, "ok", True)] + empty
     for source, why in failed:  # the reason alone: advice about training options does not apply to predict
         print(f"transferkit: warning: {source}: {why}", file=sys.stderr)
     if failed:
@@ -127,7 +127,7 @@ def _write_csv(preds: Iterable, labels: list[str], task: str, top_k: int) -> Non
     writer.writerow([*header, "error"])
     for p in preds:
         if not p.ok:
-            row: list = [p.source, *[""] * (len(header) - 1), one_line(p.error)]
+            row: list = [p.source, *[""] * (len(header) - 1), one_line(cli_spelling(p.error))]
         elif task == "regression":
             row = [p.source, *[repr(float((p.values or {}).get(lab, float("nan")))) for lab in labels], ""]  # exact
         else:

@@ -92,7 +92,7 @@ class Syntax:
             return m.group(0) if converted is None else converted
 
         message = re.sub(r"^(?:finetune|plan|lr_find|linear_probe)\(\): ", "", message)  # the command was typed
-        message = re.sub(r" \(in Python: [^()]*\([^()]*\)\)", "", message)  # the command stands beside it
+        message = re.sub(r" \(in Python: [^()]*(?:\([^()]*\)[^()]*)?\)", "", message)  # the command stands beside it
         message = _CALL.sub(self.call, message)
         message = re.sub(r"\bto finetune\(\)", f"to `{self.command}`", message)
         message = re.sub(r"transferkit\.list_backbones\(([^)]*)\)",

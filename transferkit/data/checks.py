@@ -151,8 +151,17 @@ class DataReport:
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
 
 # what to do about an image larger than Pillow's decompression-bomb limit (said wherever one is refused)
-BOMB_HINT = ("if the image is genuine, raise Pillow's limit: PIL.Image.MAX_IMAGE_PIXELS = None (or a number of "
-             "pixels), `transferkit --max-image-pixels 0 ...` on the command line")
+BOMB_HINT = ("if the image is genuine, raise Pillow's limit: `transferkit --max-image-pixels 0 ...` (0: no limit; or a "
+             "number of pixels) (in Python: PIL.Image.MAX_IMAGE_PIXELS = None, or a number of pixels)")
+
+
+def bomb_reason(exc: Exception) -> str:
+    """Why an image over Pillow's pixel limit is refused, with the limit in force (Pillow's own
+    message names twice the limit where it raises rather than warns), and `BOMB_HINT`."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    limit = Image.MAX_IMAGE_PIXELS
+    return f"decompression-bomb size ({size}, over the limit of {limit:,} pixels); {BOMB_HINT}"
 
 
 def _has(f: BinaryIO, marker: bytes, start: int = 0) -> bool:
@@ -213,7 +222,7 @@ def check_image_stream(f: BinaryIO, size: int, *, full: bool = False) -> str | N
         if problem:
             return problem
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return f"decompression-bomb size ({exc}); {BOMB_HINT}"
+        return bomb_reason(exc)
     except Exception as exc:  # Pillow raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
         first = str(exc).splitlines()[0] if str(exc) else ""
         first = re.sub(r" ?<_io\.\w+[^>]*>", "", first)  # Pillow names the stream object, which says nothing

@@ -13,10 +13,10 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Subset
 
 from transferkit.data.checks import (
-    BOMB_HINT,
     IMAGE_EXTENSIONS,
     ON_BAD_FILE,
     DataReport,
+    bomb_reason,
     filter_bad_images,
     readable_samples,
 )
@@ -52,11 +52,11 @@ def load_image(path: str | Path | BinaryIO, *, min_size: int | None = None, name
                 top = declared_top(img)  # from the file, before exif_transpose copies the pixels
                 img = ImageOps.exif_transpose(img)
                 return to_rgb(img, top=top)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"Cannot read image {name or str(path)!r}: {bomb_reason(exc)}.") from exc
     except UNREADABLE_IMAGE as exc:
-        bomb = isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning))
-        raise unreadable_file("image", path, exc, (BOMB_HINT[0].upper() + BOMB_HINT[1:] + ". " if bomb else "")
-                              + "Remove the file, or pass on_bad_file='skip' to leave unreadable files out.",
-                              name=name) from exc
+        raise unreadable_file("image", path, exc, "Remove the file, or pass on_bad_file='skip' to leave unreadable "
+                              "files out.", name=name) from exc
 
 
 def to_8bit(arr: np.ndarray, top: float = 65535.0) -> np.ndarray:

@@ -499,3 +499,18 @@ def test_an_export_says_which_epochs_weights_it_holds(restore_best, tmp_path, ca
     assert code == 0 and f"weights:     epoch 3's ({why}), not the best epoch 1's" in out, err
     transferkit.export.update_metadata(tmp_path / "m.pt", {"training": {"best": {"epoch": 3}, "weights_epoch": 3}})
     assert "weights:" not in _run(capsys, "inspect", tmp_path / "m.pt")[1]
+
+
+def test_out_of_range_options_are_named_as_typed(trained, exported, capsys, tmp_path):
+    """--top-k 0 was refused as 'top_k must be a positive integer', --num-examples 0 as
+    'num_examples=0', while finetune's options were named as flags; /dev/null 'did not exist'."""
+    root, data, _ = trained
+    model, _ = exported
+    image = next(data.rglob("*.png"))
+    for argv, said in ((("predict", model, image, "--top-k", "0"), "--top-k 0 is out of range"),
+                       (("predict", model, image, "--threshold", "2"), "--threshold 2.0 is out of range"),
+                       (("export", root / "run.ckpt", "--out", tmp_path / "m.pt", "--examples", data,
+                         "--num-examples", "0"), "--num-examples 0 is out of range"),
+                       (("inspect", "/dev/null"), "'/dev/null' is not a regular file")):
+        code, _, err = _run(capsys, *argv)
+        assert code == 2 and err.startswith("transferkit: error: ") and said in err, err

@@ -342,6 +342,8 @@ def test_truncated_missing_and_foreign_files(exported, tmp_path):
         transferkit.load(tmp_path / "text.pt")
     with pytest.raises(ExportError, match="does not exist"):
         transferkit.load(tmp_path / "nope.pt")
+    with pytest.raises(ExportError, match=r"'/dev/null' is not a regular file"):  # it exists
+        read_metadata("/dev/null")
     plain = torch.jit.script(nn.Linear(2, 2))
     torch.jit.save(plain, str(tmp_path / "plain.pt"))
     with pytest.raises(ExportError, match="no transferkit metadata"):

@@ -154,7 +154,7 @@ def test_task_sets_the_output_function(task, tmp_path, capsys):
         with pytest.raises(ConfigError, match="regression"):
             pred.predict_proba(x)
     for bad in (1.5, -0.1, float("nan"), "0.5", True):
-        with pytest.raises(ConfigError, match=r"threshold must be a probability in \[0, 1\]"):
+        with pytest.raises(ConfigError, match=r"threshold=.* is out of range; expected a probability in \[0, 1\]"):
             pred.predict(x, threshold=bad)
     assert len(pred.predict(x, threshold=np.float32(0.5))) == 2  # any real number
     if task == "regression":  # `transferkit predict --csv` writes each value in full

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from transferkit.config import config_fields
 
-# lr-find's own options, outside FinetuneConfig, named in lr_find()'s errors
-COMMAND_OPTIONS = ("start_lr", "end_lr", "num_steps", "phase")
+# the commands' own options, outside FinetuneConfig, named in errors (lr-find's; export's; predict's)
+COMMAND_OPTIONS = ("start_lr", "end_lr", "num_steps", "phase", "num_examples", "atol", "rtol", "top_k", "threshold")
 # key=value: a quoted string, a bracketed list, mapping or tuple, or a word up to a separator or a sentence's end
 _SETTING = re.compile(r"(?<![\w.-])([a-z_]+)=('[^']*'|\"[^\"]*\"|\[[^\]]*\]|\{[^}]*\}|\([^()]*\)|[^\s,;)]+?)"
                       r"(?=[\s,;)]|\.(?:\s|$)|$)")

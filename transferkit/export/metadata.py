@@ -235,7 +235,8 @@ def check_model_file(path: str | Path, *, source: str, kind: str) -> None:
     if path.is_dir():
         raise ExportError(f"{kind} file {source} is a folder; give the exported file in it (e.g. model.pt).")
     if not path.is_file():
-        raise ExportError(f"{kind} file {source} does not exist.")
+        why = "does not exist" if not path.exists() else "is not a regular file (a device, a FIFO or a socket)"
+        raise ExportError(f"{kind} file {source} {why}.")
     if path.stat().st_size == 0:
         raise ExportError(f"{kind} file {source} is empty (0 bytes): a copy or write that was cut short. Copy or "
                           "export it again.")

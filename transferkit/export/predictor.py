@@ -204,11 +204,11 @@ class Predictor:
         batch's as soon as it has run: a caller can write them out as they come (``transferkit
         predict`` does, so an interrupted run keeps what it predicted)."""
         if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
-            raise ConfigError(f"top_k must be a positive integer, got {top_k!r}.")
+            raise ConfigError(f"top_k={top_k!r} is out of range; expected a positive integer.")
         top_k = int(top_k)  # a NumPy integer too
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
-            raise ConfigError(f"threshold must be a probability in [0, 1] (a label is given when its probability is "
-                              f"at least the threshold), got {threshold!r}.")
+            raise ConfigError(f"threshold={threshold!r} is out of range; expected a probability in [0, 1] (a label "
+                              "is given when its probability is at least the threshold).")
         _check_batch_size(batch_size)
         self.inputs.forget()
         items = self.inputs.split(inputs)

@@ -652,3 +652,16 @@ def test_a_csv_listing_a_fifo_says_what_it_is_not_that_it_is_missing(tmp_path):
     (tmp_path / "list.csv").write_text("\n".join(rows[:-1] + [f"{root / 'dark'},dark"]) + "\n")
     with pytest.raises(tk.DataError, match=r"lists 1 path of no file to read, e.g. '.*dark': a folder, not a file"):
         prepare_data(tmp_path / "list.csv", val_split=0)
+
+
+def test_a_data_warning_names_the_line_that_called_transferkit(tmp_path):
+    """Warnings named a line of transferkit's own source (images.py:174, `return
+    scan_class_folders(...`) instead of the caller's."""
+    import inspect
+
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    _png(root / "stray.png")
+    with pytest.warns(UserWarning) as caught:
+        line = inspect.currentframe().f_lineno + 1
+        prepare_data(root, val_split=0)
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit._text import exception_line
-from transferkit.errors import ConfigError, FileLockedError, OutputError
+from transferkit.errors import ConfigError, FileLockedError, OutputError, user_stacklevel
 
 TEMP_SUFFIX = ".tmp"
 FOREIGN_TEMP_AGE_S = 24 * 3600.0
@@ -616,7 +616,7 @@ def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None, 
         import fcntl
     except ImportError:
         warnings.warn(f"Cannot lock {str(path)!r} on this platform (no fcntl): two processes writing it at once "
-                      "would overwrite each other.", stacklevel=3)
+                      "would overwrite each other.", stacklevel=user_stacklevel())
         yield Path(path)
         return
     lock = lock_path(path)
@@ -806,12 +806,12 @@ def read_only_folder(folder: str | Path | None) -> str | None:
     return None
 
 
-def entry_not_kept(exc: BaseException, *, cache_dir: str | Path, what: str, later: str, stacklevel: int = 3) -> None:
+def entry_not_kept(exc: BaseException, *, cache_dir: str | Path, what: str, later: str) -> None:
     """Say that an entry of ``cache_dir`` (a timing, a scan, a member index) could not be
     written: a warning naming the error and what ``later`` runs do instead. Nothing is said
     when ``cache_dir`` is read-only: it is read, never written, and the plan says so once."""
     if read_only_folder(cache_dir) is None:
-        warnings.warn(f"The {what} was not stored ({exception_line(exc)}); {later}.", stacklevel=stacklevel + 1)
+        warnings.warn(f"The {what} was not stored ({exception_line(exc)}); {later}.", stacklevel=user_stacklevel())
 
 
 def store_timing(path: str | Path, key: str, value: Any, *, what: str) -> bool:

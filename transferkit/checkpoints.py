@@ -44,7 +44,7 @@ from transferkit._io import (
 )
 from transferkit._signals import TrainingInterrupted, held_signals, signal_name
 from transferkit._text import exception_line
-from transferkit.errors import OutputError, TransferkitError, WeightsError
+from transferkit.errors import OutputError, TransferkitError, WeightsError, user_stacklevel
 
 T = TypeVar("T")
 
@@ -224,7 +224,8 @@ def verify_checkpoint(ckpt: dict[str, Any], *, source: str) -> None:
     when it has none."""
     if not verify_sealed(ckpt, source=source, what="checkpoint", error=WeightsError):
         warnings.warn(f"Checkpoint {source} has no content digest (written by an older transferkit): its tensors "
-                      "cannot be checked for damage. It loads as before; the next save adds a digest.", stacklevel=3)
+                      "cannot be checked for damage. It loads as before; the next save adds a digest.",
+                      stacklevel=user_stacklevel())
 
 
 # -- keeping the trained weights when the final write fails -------------------------------

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, user_stacklevel
 from transferkit._text import file_reason, plural, strict_json
 from transferkit.helpformat import HELP, one_line, one_line_warnings
 from transferkit.schedules import LRRange
@@ -351,7 +351,7 @@ def _finetune_kwargs(args: argparse.Namespace) -> dict:
     if "runs" in file_cfg:
         warnings.warn(f"{args.config}: the `runs` of this recipe file are not used by `transferkit {args.command}`, "
                       "which trains once with the top-level keys; run the recipe to train each of its runs.",
-                      stacklevel=2)
+                      stacklevel=user_stacklevel())
     cfg = merge_config(file_cfg, flags, overrides, source="finetune options")
     cfg = {k: expand_vars(v, k) for k, v in cfg.items() if k not in skip}
     data = None  # the last of the config file, the flags and --set that names the training data (data or data_dir)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
+import sysconfig
 from collections.abc import Iterable
 from typing import Any
 
@@ -163,3 +165,17 @@ def unreadable_file(what: str, path: Any, exc: BaseException, fix: str, *, name:
         return DataError(f"Cannot read {what} {shown!r}: empty file (0 bytes), a copy or download cut short. {fix}")
     said = stream_named(str(exc), shown).rstrip(". ")
     return DataError(f"Cannot read {what} {shown!r}: {type(exc).__name__}: {said}. {fix}")
+
+
+_INSIDE = (os.path.dirname(os.path.abspath(__file__)) + os.sep, sysconfig.get_paths()["stdlib"] + os.sep, "<")
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at its first caller outside transferkit (and
+    outside Python's own modules, such as ``contextlib``): the user's line, not the library's.
+    Called where the warning is raised: ``warnings.warn(message, stacklevel=user_stacklevel())``.
+    Where every caller is inside (the command line), the outermost one."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level

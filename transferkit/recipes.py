@@ -34,7 +34,7 @@ import numpy as np
 from transferkit.config import (RECIPE_KEYS, FinetuneConfig, called_as, load_config, merge_config, number_argument,
                                 parse_overrides)
 from transferkit._signals import interrupt_exit
-from transferkit.errors import ConfigError, DataError, TransferkitError
+from transferkit.errors import ConfigError, DataError, TransferkitError, user_stacklevel
 from transferkit._text import plural
 from transferkit.helpformat import HELP, one_line, one_line_warnings
 from transferkit.spelling import RECIPE_FLAGS, RECIPE_OWNS, recipe_spelling
@@ -359,7 +359,7 @@ def evaluate_export(model_path: Path, test: Any, *, chunk: int = 512) -> float:
                batch_size=64, chunk=chunk)
     if ev.failed:
         warnings.warn(f"{plural(len(ev.failed), 'test sample')} could not be predicted (left out of the test "
-                      f"accuracy), e.g. {ev.failed[0][0]}: {ev.failed[0][1]}", stacklevel=2)
+                      f"accuracy), e.g. {ev.failed[0][0]}: {ev.failed[0][1]}", stacklevel=user_stacklevel())
     return ev.accuracy
 
 

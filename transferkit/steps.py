@@ -50,7 +50,7 @@ from transferkit.train.distributed import barrier, gather_objects, local_main_fi
 from transferkit.train.engines import (compile_estimate, engine_precision, lazy_engine_forward, leaf_modules,
                                       remove_stale_engine_files)
 from transferkit.train.faults import training_faults
-from transferkit.errors import DataError
+from transferkit.errors import DataError, user_stacklevel
 from transferkit.train.feature_store import fill_store, open_store, part_size_for
 from transferkit.train.features import compute_features, feature_loader
 from transferkit.data.sampling import EpochSampler, default_num_workers
@@ -542,7 +542,8 @@ def _note_moves(saved: dict[str, Any], now: dict[str, Any], *, features_left: bo
     if moved:
         warnings.warn(f"Resuming with {', '.join(moved)} (checkpoint -> now): these compute the same within their "
                       "tolerance, not bit for bit, so the resumed run may differ from an uninterrupted one in the "
-                      "last digits. Resume with the checkpoint's settings for a bit-identical run.", stacklevel=3)
+                      "last digits. Resume with the checkpoint's settings for a bit-identical run.",
+                      stacklevel=user_stacklevel())
 
 
 def _wrapper(run: Run, trial: CompileTrial | None = None, *, cached: bool = False) -> Any:
@@ -675,7 +676,7 @@ def write_outputs(d: Decisions, run: Run, outcome: TrainOutcome, metrics: dict[s
             out["plots"].update(pictures)
     except OSError as exc:
         warnings.warn(f"The plots could not be written to {str(cfg.plots_dir)!r} (plots_dir): {exc} The "
-                      "checkpoint and export, if any, were written before them.", stacklevel=2)
+                      "checkpoint and export, if any, were written before them.", stacklevel=user_stacklevel())
     return out
 
 

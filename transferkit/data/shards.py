@@ -521,7 +521,7 @@ def _save_index(p: Path, index: ShardIndex, cache_dir: str | Path, shard: str) -
         atomic_write(p, lambda tmp: Path(tmp).write_text(index.to_json()), what="shard index")
     except OSError as exc:
         entry_not_kept(exc, cache_dir=cache_dir, what=f"member index of {shard!r}",
-                       later="the next run indexes the shard again", stacklevel=4)
+                       later="the next run indexes the shard again")
 
 
 def shard_index(path: str, *, scan: str = "quick", cache_dir: str | Path | None = None,

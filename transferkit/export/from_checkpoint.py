@@ -12,7 +12,7 @@ from torch import nn
 from transferkit.backbones._base import InputSpec
 from transferkit.backbones.weights import load_into
 from transferkit.config import portable_decisions
-from transferkit.errors import ConfigError, DataError, ExportError, WeightsError
+from transferkit.errors import ConfigError, DataError, ExportError, WeightsError, user_stacklevel
 from transferkit.lora import fold_lora_state
 from transferkit.model import build_model
 from transferkit.backbones import get_backbone
@@ -61,7 +61,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise WeightsError(f"{exc} {options_hint}") from exc
     if options is None:
         warnings.warn(f"{options_hint} Export the trained model in Python with transferkit.export_torchscript("
-                      "model, ...) unless the run's backbone had its default options.", stacklevel=2)
+                      "model, ...) unless the run's backbone had its default options.", stacklevel=user_stacklevel())
     return model.eval(), meta
 
 
@@ -77,7 +77,7 @@ def _warn_unfinished(checkpoint: str | Path) -> int | None:
     but = f", not the best epoch so far ({best})" if best not in (None, info["epoch"]) else ""
     warnings.warn(f"{str(checkpoint)!r} holds an unfinished run (epoch {info['epoch']} of {info['epochs']}): the "
                   f"export holds epoch {info['epoch']}'s weights{but}. Finish the run (transferkit.resume("
-                  f"{str(checkpoint)!r})) to export what it returns.", stacklevel=3)
+                  f"{str(checkpoint)!r})) to export what it returns.", stacklevel=user_stacklevel())
     return int(info["epoch"])
 
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from transferkit._text import exception_line
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, user_stacklevel
 from transferkit.train.speed import torch_compile
 
 TRIAL_SHARE = 0.05  # a compilation that does not pay may cost at most this share of the eager run left
@@ -188,7 +188,7 @@ class CompileTrial:
             what += f" {exception_line(inner)}"
         self.record["error"] = what
         warnings.warn(f"compile='auto': torch.compile failed on this model{when} ({what}); training goes on eager. "
-                      "Pass compile=False to skip the trial.", stacklevel=4)
+                      "Pass compile=False to skip the trial.", stacklevel=user_stacklevel())
         if self.verdict == "compiled":
             self._stop(f"torch.compile failed{when} ({what})")
         else:

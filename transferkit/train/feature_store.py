@@ -60,7 +60,7 @@ from torch.utils.data import Dataset
 from transferkit._io import (create_temp, file_digest, file_stat, no_space, remove_stale_temps, remove_stale_temps_in,
                              with_margin)
 from transferkit._text import plural
-from transferkit.errors import ConfigError, DataError, OutputError
+from transferkit.errors import ConfigError, DataError, OutputError, user_stacklevel
 from transferkit.data.late import NOT_BAD_FILES, bad_file_reason, raising, replaces_bad_files
 from transferkit.data.sampling import SeededItems, data_loader, decode_then_compute, in_blocks, mix_seed
 from transferkit.train.distributed import (DistInfo, all_ranks, all_reduce_sum, barrier, broadcast_object,
@@ -767,7 +767,7 @@ def fill_store(store: ShardedFeatureStore, dataset: Any, forward: Callable[[torc
     damaged = [p for p in store.reused_parts if p in missing]
     if damaged and info.is_main:
         warnings.warn(f"Feature store {str(store.path)!r}: parts {damaged[:5]} are damaged (their files do not "
-                      "match their digests); recomputing them.", stacklevel=2)
+                      "match their digests); recomputing them.", stacklevel=user_stacklevel())
     store.reused_parts = [p for p in store.reused_parts if p not in missing]
     # a read-only rank computes nothing: its share falls to the ranks of its own store's machine in the second round
     rounds = [store.assigned_parts(info.rank, info.world_size, missing=missing) if store.read_only is None else []]

@@ -12,7 +12,7 @@ from typing import Any
 
 from transferkit._io import atomic_write
 from transferkit._signals import raise_if_interrupted
-from transferkit.errors import ConfigError, OutputError
+from transferkit.errors import ConfigError, OutputError, user_stacklevel
 from transferkit.outputs import check_plotting
 
 
@@ -42,7 +42,7 @@ class TensorBoardLogger:
     def _failed(self, exc: OSError) -> None:
         """A log that cannot be written (a full disk) does not stop the run: one warning, no more logging."""
         warnings.warn(f"TensorBoard logs can no longer be written in {str(self.log_dir)!r} (log_dir): "
-                      f"{exc.strerror or exc}; the run goes on without them.", stacklevel=3)
+                      f"{exc.strerror or exc}; the run goes on without them.", stacklevel=user_stacklevel())
         self.writer = None
 
     def log_epoch(self, row: dict[str, Any]) -> None:

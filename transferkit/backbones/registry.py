@@ -111,26 +111,28 @@ def get_source(prefix: str) -> BackboneSource | None:
 
 
 def list_backbones(pattern: str | None = None) -> list[str]:
-    """All registered backbone names (``prefix:name``), filtered by a glob ``pattern`` (a name
-    without a source matches in every source; a source alone, ``"tk:"``, every name in it;
-    words without a wildcard, ``"cifar"`` or ``"tk:CIFAR resnet"``, match the names that hold
-    them all, in any case).
+    """All registered backbone names (``prefix:name``), filtered by ``pattern``, in any case: a
+    glob (a name without a source matches in every source), a source alone (``"tk:"``: every
+    name in it), or words without a wildcard (``"cifar"``, ``"tk:CIFAR resnet"``: the names
+    that hold them all).
 
     Example:
         >>> "tv:resnet18" in list_backbones("tv:resnet*"), "tk:small_cnn" in list_backbones("tk:")
         (True, True)
         >>> "tk:cifar_resnet20" in list_backbones("cifar"), list_backbones("tk:CIFAR 56")
         (True, ['tk:cifar_resnet56'])
+        >>> list_backbones("TV:ResNet1*") == list_backbones("tv:resnet1*"), list_backbones("TK:") == list_backbones("tk:")
+        (True, True)
     """
     _ensure_sources()
     out = [f"{p}:{n}" for p, s in _SOURCES.items() for n in s.names()]
     if pattern and not any(c in pattern for c in "*?[") and not pattern.endswith(":"):  # words: a search
         source, _, words = pattern.rpartition(":")
-        out = [n for n in out if (not source or n.startswith(source + ":"))
+        out = [n for n in out if (not source or n.casefold().startswith(source.casefold() + ":"))
                and all(w.casefold() in n[len(source):].casefold() for w in words.split())]
     elif pattern:
         pat = pattern + "*" if pattern.endswith(":") else pattern if ":" in pattern else "*:" + pattern
-        out = [n for n in out if fnmatch.fnmatchcase(n, pat)]
+        out = [n for n in out if fnmatch.fnmatchcase(n.casefold(), pat.casefold())]
     return sorted(out)
 
 

@@ -121,12 +121,19 @@ def test_finetune_on_a_terminal_ends_with_a_summary(tmp_path):
 
 def test_resume_flag_continues_with_the_stored_settings(run, capsys):
     root, data, _ = run
+    # one command for every start of a job: started again once the run is complete, it has nothing to do (was: exit 2)
     code, _, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume")
-    assert code == 2 and "the run it holds is complete" in err
-    assert f"`transferkit finetune ... --backbone tk:small_cnn --weights {root / 'r.ckpt'}`" in err
-    assert f"an export it lacks (a run stopped while exporting) is made with `transferkit export {root / 'r.ckpt'} " \
-           "--out model.pt`" in err
-    assert "finetune(" not in err
+    assert code == 0 and err == f"transferkit: {root / 'r.ckpt'} holds a complete run (2 epochs): nothing to " \
+        f"resume. To train further, start a new run from its weights (--weights {root / 'r.ckpt'}).\n"
+    (root / "m.pt").rename(root / "kept.pt")  # the run stopped while exporting
+    try:
+        code, _, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume")
+    finally:
+        (root / "kept.pt").rename(root / "m.pt")
+    assert code == 1 and f"its export {root / 'm.pt'} is missing (the run stopped while exporting); make it with " \
+        f"`transferkit export {root / 'r.ckpt'} --out {root / 'm.pt'}`" in err
+    with pytest.raises(transferkit.ConfigError, match="the run it holds is complete"):  # in Python: an error
+        transferkit.resume(root / "r.ckpt")
     code, _, err = _run(capsys, "finetune", "--resume", "--data", data)
     assert code == 2 and "--resume continues the run saved in --checkpoint PATH" in err
 

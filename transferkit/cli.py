@@ -415,9 +415,38 @@ def _plan_finetune(args: argparse.Namespace) -> Any:
     return plan(resume_config(checkpoint, **options), verbose=False)
 
 
+def _complete_run(args: argparse.Namespace) -> int | None:
+    """With ``--resume`` and a checkpoint that holds a complete run: say so (a job started again
+    after it ended has nothing to resume) and return the exit status: 0, or 1 when the export the
+    run was given is missing (a run stopped while exporting; the hint makes it). Else None."""
+    if not (args.resume and args.checkpoint and not args.config and Path(args.checkpoint).is_file()):
+        return None
+    from transferkit.checkpoints import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(args.checkpoint)
+    except Exception:  # noqa: BLE001 - the resume itself says what is wrong with the file
+        return None
+    if not ckpt.get("complete"):
+        return None
+    path = shell_word(str(args.checkpoint))
+    stored = ((ckpt.get("transferkit") or {}).get("decisions") or {}).get("config") or {}
+    export = stored.get("export")
+    print(f"transferkit: {path} holds a complete run ({ckpt.get('epoch')} epoch{'' if ckpt.get('epoch') == 1 else 's'}"
+          f"): nothing to resume. To train further, start a new run from its weights (--weights {path}).",
+          file=sys.stderr)
+    if isinstance(export, str) and not Path(export).exists():
+        print(f"transferkit: error: its export {shell_word(export)} is missing (the run stopped while exporting); "
+              f"make it with `transferkit export {path} --out {shell_word(export)}`.", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from transferkit.results import result_record, result_summary
 
+    if not args.dry_run and (done := _complete_run(args)) is not None:
+        return done
     if args.dry_run:
         caught: list = []
         try:

@@ -750,7 +750,8 @@ def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen_epochs: int, hea
     views = f"{cfg.cache_views} augmented views" if cfg.cache_views > 1 else \
         "one view" + (" (augmented)" if cfg.augment not in (None, "none") and frozen else "")
     if frozen:
-        return cfg.epochs, f"backbone frozen for all {cfg.epochs} epochs: computed once, {views}, {where}"
+        every = "its epoch" if cfg.epochs == 1 else f"all {cfg.epochs} epochs"
+        return cfg.epochs, f"backbone frozen for {every}: computed once, {views}, {where}"
     return frozen_epochs, (f"backbone frozen for the first {_plural(frozen_epochs, 'epoch')}: the head trains on "
                            f"features computed once ({views}, {where}), then the backbone trains end to end")
 

@@ -340,7 +340,7 @@ def fit(module: nn.Module, train_loader: DataLoader, val_loader: DataLoader | No
             epoch_log(state, log=loop.log).add(row, f"epoch {epoch + 1:>3}/{shown}  " + "  ".join(
                 f"{k} {number(v)}" for k, v in row.items() if k not in ("epoch", "time_s", "lr", "lr_groups", "passes",
                                                                      "best_pass"))
-                + (f"  (best of {row['passes']} passes: {row['best_pass']})" if "passes" in row else "")
+                + (f"  (the best of {row['passes']} head passes: pass {row['best_pass']})" if "passes" in row else "")
                 + f"  ({row['time_s']:.1f}s" + (f" incl. {prep_what} {prep_s:.1f}s)" if prep_s > 0 else ")"),
                 best=state.best.get("epoch"))
         prep_s = 0.0

@@ -418,3 +418,24 @@ def test_a_recipe_s_number_flags_read_numbers_as_transferkit_finetune_does(capsy
     with pytest.raises(SystemExit):
         recipes.build_parser("toy", "toy").parse_args(["--epochs", "2.5"])
     assert "argument --epochs: expects an integer, got '2.5'" in capsys.readouterr().err
+
+
+def test_a_setting_of_the_recipes_file_is_said_as_the_files_not_as_typed(tmp_path, capsys, monkeypatch):
+    """A recipe's own val_split: 0.1 was said as '--set val_split=0.1 is not used', a flag the user
+    never typed; a value the user did type is still said as typed."""
+    from transferkit.recipes import main_guard
+
+    (tmp_path / "toy.yaml").write_text("val_split: 0.1\n")
+    train = make_image_folder(tmp_path / "images", per_class=6, size=20)
+    val = make_image_folder(tmp_path / "val", per_class=2, size=20, seed=1)
+    monkeypatch.setattr(sys, "argv", ["recipes/toy.py"])
+
+    def run(*extra):
+        assert main_guard(lambda: run_recipe("toy", lambda root, recipe: RecipeData(train=train, val=val),
+                                             description="toy", recipe_dir=tmp_path,
+                                             argv=["--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), *TINY,
+                                                   *extra])) == 0
+        return capsys.readouterr().err
+
+    assert "warning: val_split: 0.1 (recipes/toy.yaml) is not used: val_data= gives the validation data" in run()
+    assert "warning: --set val_split=0.3 is not used" in run("--set", "val_split=0.3")

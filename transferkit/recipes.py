@@ -266,8 +266,11 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
         run_out = out / run_name if run_name else out
         t0 = time.perf_counter()
         _running["run"] = run_name if len(run_cfgs) > 1 else None  # named in hints that apply to it alone
+        # settings the recipe's own file set, not the user: said as the file's, not as a typed --set
+        _running["written_in"] = {k: (f"recipes/{own_cfg.name}", run_cfg.get(k)) for k in
+                                  {*file_cfg, *runs[run_name]} - given} if not args.config else {}
         result = finetune(data=train, val_data=val, classes=classes, export=run_out / "model.pt", **run_cfg)
-        _running["run"] = None
+        _running["run"], _running["written_in"] = None, {}
         summary: dict[str, Any] = {"recipe": name, "run": run_name or None, "config": run_cfg,
                                    "data_dir": str(data_dir), "best": result.best,
                                    "seconds": round(time.perf_counter() - t0, 1), "export": str(result.export_path)}
@@ -379,7 +382,8 @@ class _Pairs(Sequence):
         return x, int(y)
 
 
-_running: dict[str, str | None] = {"run": None}  # the run of a recipe's config that is training, while it is
+# the run of a recipe's config that is training, while it is, and the settings its file set (`recipe_spelling`)
+_running: dict[str, Any] = {"run": None, "written_in": {}}
 
 
 def main_guard(fn: Callable[[], Any]) -> int:
@@ -389,7 +393,7 @@ def main_guard(fn: Callable[[], Any]) -> int:
     prog = f"recipes/{Path(sys.argv[0]).name}" if sys.argv and sys.argv[0] else "recipe"
 
     def spell(message: str) -> str:
-        return recipe_spelling(message, prog, _running["run"])
+        return recipe_spelling(message, prog, _running["run"], _running["written_in"])
 
     with one_line_warnings(prog, spell):
         try:

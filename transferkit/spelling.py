@@ -11,6 +11,7 @@ import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from transferkit.config import config_fields
 
@@ -20,6 +21,14 @@ COMMAND_OPTIONS = ("start_lr", "end_lr", "num_steps", "phase", "num_examples", "
 _SETTING = re.compile(r"(?<![\w.-])([a-z_]+)=('[^']*'|\"[^\"]*\"|\[[^\]]*\]|\{[^}]*\}|\([^()]*\)|[^\s,;)]+?)"
                       r"(?=[\s,;)]|\.(?:\s|$)|$)")
 _CALL = re.compile(r"(?:transferkit\.)?\b(finetune|resume)\((?!\):)([^()]*)\)")
+
+
+def _same(written: str, value: Any) -> bool:
+    """Whether the text ``written`` stands for ``value`` (numbers compared as numbers: 0.0003 is 3e-04)."""
+    try:
+        return float(written) == float(value)
+    except (TypeError, ValueError):
+        return written == shell_word(str(value))
 
 
 def shell_word(text: str) -> str:
@@ -51,12 +60,18 @@ class Syntax:
     resume: str
     untyped: frozenset[str] = frozenset()  # settings this command sets itself: left as written
     prefix: Mapping[str, str] = field(default_factory=dict)  # words typed before a setting (a recipe's --run NAME)
+    # settings a file sets, not the user: key -> (file, value)
+    written_in: Mapping[str, tuple[str, Any]] = field(default_factory=dict)
 
     def setting(self, key: str, value: str) -> str | None:
-        """``key=value`` as typed here, or None when ``key`` is no setting a user can type."""
+        """``key=value`` as typed here (``key: value (file)`` where it is the value a file set:
+        `written_in`; another value is a change to type), or None when ``key`` is no setting a
+        user can type."""
         value = shell_word(value.strip("'\""))
         if key in self.untyped:
             return None
+        if key in self.written_in and _same(value, self.written_in[key][1]):
+            return f"{key}: {value} ({self.written_in[key][0]})"
         typed = self._typed(key, value)
         return f"{self.prefix[key]} {typed}" if typed and key in self.prefix else typed
 
@@ -130,19 +145,25 @@ RECIPE_FLAGS = {"backbone": "--backbone", "weights": "--weights", "policy": "--p
 RECIPE_OWNS = frozenset({"data", "val_data", "classes", "export"})  # a recipe sets them from its data set and --out
 
 
-def recipe_spelling(message: str, prog: str, run: str | None = None) -> str:
+def recipe_spelling(message: str, prog: str, run: str | None = None,
+                    written_in: Mapping[str, tuple[str, Any]] | None = None) -> str:
     """`cli_spelling` for the recipe script ``prog`` (``python recipes/NAME.py``): its own flags
     (`RECIPE_FLAGS`), ``--set key=value`` for every other setting but those it sets itself
-    (`RECIPE_OWNS`), and a resume typed as the same command with ``--set resume=true``. ``run``:
-    the run of the recipe's config that the message is about, named (``--run NAME``) where a
-    checkpoint or a resume applies to it alone.
+    (`RECIPE_OWNS`) and the values its config file sets (``written_in``: key -> (file, value),
+    written ``key: value (file)``), and a resume typed as the same command with ``--set resume=true``.
+    ``run``: the run of the recipe's config that the message is about, named (``--run NAME``)
+    where a checkpoint or a resume applies to it alone.
 
     Example:
         >>> recipe_spelling("Pass checkpoint=... to finetune() to be able to resume.", "recipes/fsdd.py")
         'Pass --set checkpoint=... to `python recipes/fsdd.py` to be able to resume.'
         >>> recipe_spelling("continue with transferkit.resume('r.pt').", "recipes/pets.py", run="full")
         'continue with `python recipes/pets.py ... --run full --set resume=true`.'
+        >>> recipe_spelling("val_split=0.1 is not used; try val_split=0.2.", "recipes/pets.py",
+        ...                 written_in={"val_split": ("pets.yaml", 0.1)})
+        'val_split: 0.1 (pets.yaml) is not used; try --set val_split=0.2.'
     """
     only = f"--run {shell_word(run)}" if run else ""
     return Syntax(f"python {prog}", RECIPE_FLAGS, switches=False, resume=f"... {only} --set resume=true".replace(
-        "  ", " "), untyped=RECIPE_OWNS, prefix={"checkpoint": only} if only else {}).spell(message)
+        "  ", " "), untyped=RECIPE_OWNS, prefix={"checkpoint": only} if only else {},
+        written_in=written_in or {}).spell(message)

@@ -151,6 +151,22 @@ def test_a_dry_run_of_a_resume_plans_the_run_with_the_stored_settings(run, capsy
     assert config["data"] == str(data) and config["epochs"] == 2 and config["image_size"] == 16
     assert config["export"] == str(root / "m.pt") and config["top_k"] == 1
     assert not list(tmp_path.iterdir())
+    # the plan says what it resumes (it read like a fresh run's: 'random init', no epoch)
+    assert json.loads(out)["notes"][0] == f"{root / 'r.ckpt'} holds a complete run (2 epochs): a run would have " \
+        "nothing to resume"
+
+    class Stop(Exception):
+        pass
+
+    def stop(row):
+        if row["epoch"] == 1:
+            raise Stop
+    with pytest.raises(Stop):
+        transferkit.finetune("tk:small_cnn", weights=None, data=data, epochs=2, image_size=16, batch_size=8,
+                             num_workers=0, verbose=False, checkpoint=tmp_path / "half.ckpt", callbacks=[stop])
+    code, out, err = _run(capsys, "finetune", "--checkpoint", tmp_path / "half.ckpt", "--resume", "--dry-run")
+    assert code == 0 and json.loads(out)["notes"][0] == f"resumes {tmp_path / 'half.ckpt'} after its epoch 1, with " \
+        "its weights and training state"
     code, _, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume", "--dry-run",
                         "--set", "epoch=3")
     assert code == 2 and "unknown key 'epoch'. Did you mean 'epochs'?" in err

@@ -415,19 +415,38 @@ def _plan_finetune(args: argparse.Namespace) -> Any:
     return plan(resume_config(checkpoint, **options), verbose=False)
 
 
-def _complete_run(args: argparse.Namespace) -> int | None:
-    """With ``--resume`` and a checkpoint that holds a complete run: say so (a job started again
-    after it ended has nothing to resume) and return the exit status: 0, or 1 when the export the
-    run was given is missing (a run stopped while exporting; the hint makes it). Else None."""
+def _to_resume(args: argparse.Namespace) -> dict | None:
+    """The checkpoint ``--resume`` continues (read), or None (none given, none there, no run in
+    it: the resume itself says what is wrong with the file)."""
     if not (args.resume and args.checkpoint and not args.config and Path(args.checkpoint).is_file()):
         return None
     from transferkit.checkpoints import load_checkpoint
 
     try:
-        ckpt = load_checkpoint(args.checkpoint)
-    except Exception:  # noqa: BLE001 - the resume itself says what is wrong with the file
+        return load_checkpoint(args.checkpoint)
+    except Exception:  # noqa: BLE001 - said by the resume
         return None
-    if not ckpt.get("complete"):
+
+
+def _resume_note(args: argparse.Namespace) -> str | None:
+    """What a dry run of ``--resume`` says of the checkpoint: the epoch the run continues after
+    (its weights are the checkpoint's, whatever the plan's backbone line says), or that the run
+    is complete."""
+    ckpt = _to_resume(args)
+    if ckpt is None or "epoch" not in ckpt:
+        return None
+    path = shell_word(str(args.checkpoint))
+    if ckpt.get("complete"):
+        return f"{path} holds a complete run ({ckpt['epoch']} epochs): a run would have nothing to resume"
+    return f"resumes {path} after its epoch {ckpt['epoch']}, with its weights and training state"
+
+
+def _complete_run(args: argparse.Namespace) -> int | None:
+    """With ``--resume`` and a checkpoint that holds a complete run: say so (a job started again
+    after it ended has nothing to resume) and return the exit status: 0, or 1 when the export the
+    run was given is missing (a run stopped while exporting; the hint makes it). Else None."""
+    ckpt = _to_resume(args)
+    if ckpt is None or not ckpt.get("complete"):
         return None
     path = shell_word(str(args.checkpoint))
     stored = ((ckpt.get("transferkit") or {}).get("decisions") or {}).get("config") or {}
@@ -458,14 +477,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         if decided.rank != 0:  # under torchrun: the plan of the job, printed once
             return 0
+        notes = [*filter(None, [_resume_note(args)]), *decided.notes]
         if args.json or not sys.stdout.isatty():  # one JSON object, as a run prints
-            print(json.dumps({"dry_run": True, "decisions": decided.to_dict(), "notes": list(decided.notes),
+            print(json.dumps({"dry_run": True, "decisions": decided.to_dict(), "notes": notes,
                               "warnings": [cli_spelling(one_line(w.message)) for w in caught],
                               "summary": decided.summary()}, default=str))
             return 0
         from transferkit._text import wrap_lines
 
-        print(wrap_lines("\n".join([decided.summary(), *(f"  note:     {n}" for n in decided.notes)]), width=100))
+        print(wrap_lines("\n".join([decided.summary(), *(f"  note:     {n}" for n in notes)]), width=100))
         return 0
     with contextlib.redirect_stdout(sys.stderr):  # logs on stderr: stdout holds the result alone
         result = _run_finetune(args)

@@ -180,7 +180,8 @@ def test_an_image_over_the_decompression_bomb_limit_says_how_to_raise_it(exporte
     error = transferkit.load(model).predict(tmp_path / "big.png")[0].error
     assert "PIL.Image.MAX_IMAGE_PIXELS = None" in error and "on_bad_file" not in error
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # over twice the limit: Pillow raises, naming twice it
-    assert "(1,600 pixels, over the limit of 100 pixels)" in transferkit.load(model).predict(tmp_path / "big.png")[0].error
+    error = transferkit.load(model).predict(tmp_path / "big.png")[0].error
+    assert "(1,600 pixels, over the limit of 100 pixels)" in error
     code, out, err = _run(capsys, "predict", model, tmp_path / "big.png", "--max-image-pixels", "0")
     assert code == 0 and "error" not in out and Image.MAX_IMAGE_PIXELS is None
     code, out, err = _run(capsys, "--max-image-pixels", "2000", "predict", model, tmp_path / "big.png")
@@ -514,3 +515,17 @@ def test_out_of_range_options_are_named_as_typed(trained, exported, capsys, tmp_
                        (("inspect", "/dev/null"), "'/dev/null' is not a regular file")):
         code, _, err = _run(capsys, *argv)
         assert code == 2 and err.startswith("transferkit: error: ") and said in err, err
+
+
+def test_a_picture_path_not_named_png_is_refused_before_the_work(trained, exported, capsys, tmp_path):
+    """--confusion-matrix cm.jpg (or cm.txt) wrote PNG bytes under that name."""
+    _, data, _ = trained
+    model, _ = exported
+    for name in ("cm.jpg", "cm.txt"):
+        code, out, err = _run(capsys, "evaluate", model, data, "--confusion-matrix", tmp_path / name)
+        assert code == 2 and not out and f"--confusion-matrix '{tmp_path / name}': pictures are written as PNG; " \
+            f"name the file *.png (e.g. '{Path(name).with_suffix('.png')}')" in err, err
+        assert not (tmp_path / name).exists()
+    with pytest.raises(transferkit.ConfigError, match=r"plot '.*lr.svg': pictures are written as PNG"):
+        transferkit.lr_find("tk:small_cnn", weights=None, data=data, image_size=16, num_workers=0, verbose=False,
+                            plot=tmp_path / "lr.svg", num_steps=5)

@@ -37,7 +37,8 @@ from transferkit.facts import environment, look
 from transferkit.policies import Policy, param_groups
 from transferkit.results import export_result, result_predictor, result_summary
 from transferkit.run import Run, build
-from transferkit.outputs import OUTPUTS, check_output_paths, check_output_space, check_plotting, output_locks
+from transferkit.outputs import (OUTPUTS, check_output_paths, check_output_space, check_plotting, check_png_name,
+                                 output_locks)
 from transferkit.steps import (
     evaluate,
     head_speed,
@@ -424,6 +425,7 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
                           "gradient, or linear_probe() for the probe.")
     if plot is not None:
         check_writable(plot, what="plot", flag="plot")  # a folder or a read-only place: said before the test runs
+        check_png_name(plot, flag="plot")
         check_plotting("plot")
     t0 = time.perf_counter()
     with _opened(cfg, lock=False, show_plan=False) as (d, run):

@@ -151,7 +151,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if not classifier and args.confusion_matrix:
         raise ConfigError(f"--confusion-matrix applies to single-label classifiers; this model's task is "
                           f"{predictor.task!r}.")
-    from transferkit.outputs import check_output_file, check_plotting, is_png
+    from transferkit.outputs import check_output_file, check_plotting, check_png_name, is_png
 
     picture_path = args.confusion_matrix or "confusion_matrix.png"
 
@@ -159,6 +159,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         check_output_file(picture_path, flag="--confusion-matrix", writes="confusion-matrix picture",
                           reads=[("model", args.model), ("data", args.data)] + [("scored file", f) for f in scored],
                           replaceable=is_png, inside_is_data=True)
+        check_png_name(picture_path, flag="--confusion-matrix")
 
     if args.confusion_matrix:  # asked for: a missing matplotlib or a path it must not take is said before the data
         check_plotting("--confusion-matrix")  # are predicted

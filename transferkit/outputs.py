@@ -144,6 +144,14 @@ def check_not_data(p: Path, data: Any, *, flag: str, what: str = "data") -> None
                       f"replace it. Give the {flag} a path outside the data.")
 
 
+def check_png_name(p: str | Path, *, flag: str = "The picture path") -> None:
+    """ConfigError for a picture path not named ``*.png``: pictures are written as PNG, and a
+    name that says otherwise (``cm.jpg``, ``cm.txt``) would hold PNG bytes under another type."""
+    if Path(p).suffix.lower() != ".png":
+        raise ConfigError(f"{flag} {str(p)!r}: pictures are written as PNG; name the file *.png (e.g. "
+                          f"{Path(p).with_suffix('.png').name!r}).")
+
+
 def check_output_file(p: str | Path, *, flag: str, reads: list[tuple[str, Any]], writes: str,
                       replaceable: Callable[[Path], bool], inside_is_data: bool = False) -> None:
     """ConfigError, before a command does its work, when writing its output ``p`` (``flag``, a

@@ -13,7 +13,7 @@ from typing import Any
 from transferkit._io import atomic_write
 from transferkit._signals import raise_if_interrupted
 from transferkit.errors import ConfigError, OutputError, user_stacklevel
-from transferkit.outputs import check_plotting
+from transferkit.outputs import check_plotting, check_png_name
 
 
 class TensorBoardLogger:
@@ -115,8 +115,14 @@ class Picture(type(Path())):  # type: ignore[misc]  # PosixPath or WindowsPath: 
 
 
 def save_figure(fig: Any, path: str | Path) -> Picture:
-    """Write ``fig`` as a PNG atomically and close it; the path returned shows the picture in a notebook."""
+    """Write ``fig`` as a PNG atomically and close it; the path returned shows the picture in a notebook.
+    A path not named ``*.png`` is refused (`check_png_name`)."""
     plt = pyplot()
+    try:
+        check_png_name(path)
+    except ConfigError:
+        plt.close(fig)
+        raise
     out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"), what="plot")
     plt.close(fig)
     return Picture(out)

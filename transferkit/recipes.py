@@ -307,13 +307,22 @@ def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[s
 
 
 def results_table(summaries: list[dict[str, Any]]) -> str:
-    """A Markdown table of runs: validation and test accuracy, seconds."""
-    lines = ["| run | best val acc | test acc | seconds |", "|---|---:|---:|---:|"]
+    """A Markdown table of runs: validation and (where a run has a test set) test accuracy, seconds.
+
+    Example:
+        >>> print(results_table([{"run": "probe", "best": {"val_acc": 0.9}, "seconds": 3}]))
+        | run | best val acc | seconds |
+        |---|---:|---:|
+        | probe | 0.9000 | 3 |
+    """
+    tested = any(s.get("test_acc") is not None for s in summaries)
+    lines = ["| run | best val acc |" + (" test acc |" if tested else "") + " seconds |",
+             "|---|---:|" + ("---:|" if tested else "") + "---:|"]
     for s in summaries:
-        val = s["best"].get("val_acc")
-        test = s.get("test_acc")
-        lines.append(f"| {s['run']} | {'' if val is None else f'{val:.4f}'} | "
-                     f"{'' if test is None else f'{test:.4f}'} | {s['seconds']} |")
+        val, test = s["best"].get("val_acc"), s.get("test_acc")
+        cells = [s["run"], "" if val is None else f"{val:.4f}"] + (["" if test is None else f"{test:.4f}"] if tested
+                                                                   else []) + [s["seconds"]]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 

@@ -451,7 +451,8 @@ def test_validation_folder_sharing_no_class_is_a_clear_error(tmp_path):
                                            r"folder 'bees' differs from the class 'Bees' only in case"):
         prepare_data(tmp_path / "train", classes=["Ants", "Bees"])  # the training folder: classes= is wrong
     make_image_folder(tmp_path / "cased", classes=("Ants", "bees"), per_class=3)
-    with pytest.warns(UserWarning, match=r"class folders \['Ants'\] that are not among the classes it is read for.* the "
+    with pytest.warns(UserWarning, match=r"class folders \['Ants'\] that are not among the classes it is read for"
+                                         r".* the "
                                          r"folder 'Ants' differs from the class 'ants' only in case"):
         prepare_data(tmp_path / "train", tmp_path / "cased")
     with pytest.raises(tk.DataError, match=r"It holds split folders \(train, val\): point at one of them, e.g. "

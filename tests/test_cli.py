@@ -164,6 +164,7 @@ def test_help_shows_defaults_and_old_commands_work(capsys):
     assert "tk:cifar_resnet20" in found and "spec:tk:cifar_resnet56" in found and "tk:small_cnn" not in found
     assert _run(capsys, "backbones", "tk:cifar")[1].split() == [n for n in found if n.startswith("tk:")]
     assert _run(capsys, "backbones", "tk:CIFAR 56")[1].split() == ["tk:cifar_resnet56"]  # every word, any case
+    assert _run(capsys, "backbones", "TK:")[1] == _run(capsys, "backbones", "tk:")[1]  # a source, any case
 
 
 def test_an_image_over_the_decompression_bomb_limit_says_how_to_raise_it(exported, tmp_path, capsys, monkeypatch):

@@ -338,7 +338,8 @@ def _finetune_kwargs(args: argparse.Namespace) -> dict:
 
     keys = command_keys(args.command)
     flags = {k: getattr(args, k) for k in config_fields() if getattr(args, k, None) is not None}
-    file_cfg = load_config(args.config, keys=list(dict.fromkeys([*keys, *LR_FIND_IGNORES, "runs"]))) if args.config else {}
+    listed = list(dict.fromkeys([*keys, *LR_FIND_IGNORES, "runs"]))  # each once
+    file_cfg = load_config(args.config, keys=listed) if args.config else {}
     overrides = parse_overrides(args.set, keys=keys)
     unused = RECIPE_KEYS.keys() - {"data_dir", "runs"}  # what recipes read; `finetune` has no use for them
     for where, layer in ((f"--config {args.config}", file_cfg), ("--set", overrides)):

@@ -666,3 +666,10 @@ def test_a_data_warning_names_the_line_that_called_transferkit(tmp_path):
         line = inspect.currentframe().f_lineno + 1
         prepare_data(root, val_split=0)
     assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
+    (root / "stray.png").unlink()
+    damaged_png(root / "dark" / "dark_0.png")  # found while a torch DataLoader reads it: still the caller's line
+    with pytest.warns(UserWarning, match="failed to load during the run") as caught:
+        line = inspect.currentframe().f_lineno + 1
+        tk.finetune("tk:small_cnn", weights=None, data=root, epochs=1, image_size=16, verbose=False, num_workers=0,
+                    scan="none", policy="full", val_split=0, precision="fp32")
+    assert {(w.filename, w.lineno) for w in caught} == {(__file__, line)}

@@ -509,13 +509,21 @@ def test_out_of_range_options_are_named_as_typed(trained, exported, capsys, tmp_
     root, data, _ = trained
     model, _ = exported
     image = next(data.rglob("*.png"))
-    for argv, said in ((("predict", model, image, "--top-k", "0"), "--top-k 0 is out of range"),
-                       (("predict", model, image, "--threshold", "2"), "--threshold 2.0 is out of range"),
+    for argv, said in ((("predict", model, image, "--threshold", "2"), "--threshold 2.0 is out of range"),
+                       (("finetune", "--data", data, "--set", "top_k=0", "--dry-run"), "--set top_k=0 is out of range"),
                        (("export", root / "run.ckpt", "--out", tmp_path / "m.pt", "--examples", data,
                          "--num-examples", "0"), "--num-examples 0 is out of range"),
                        (("inspect", "/dev/null"), "'/dev/null' is not a regular file")):
         code, _, err = _run(capsys, *argv)
         assert code == 2 and err.startswith("transferkit: error: ") and said in err, err
+    with pytest.raises(SystemExit):
+        main(["predict", str(model), str(image), "--top-k", "0"])
+    assert "argument --top-k: expected a positive whole number, got '0'" in capsys.readouterr().err
+    odd = tmp_path / "epochs=3" / "bad.png"  # a folder named like a setting (Hive-style): the path stays as it is
+    odd.parent.mkdir()
+    odd.write_bytes(b"junk")
+    code, out, err = _run(capsys, "predict", model, odd, "--csv")
+    assert code == 1 and f"Cannot read image '{odd}'" in out and f"{odd}: " in err, (out, err)
 
 
 def test_a_picture_path_not_named_png_is_refused_before_the_work(trained, exported, capsys, tmp_path):

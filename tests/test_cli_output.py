@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tests.conftest import make_image_folder
 
 import transferkit
@@ -122,9 +123,21 @@ def test_finetune_on_a_terminal_ends_with_a_summary(tmp_path):
 def test_resume_flag_continues_with_the_stored_settings(run, capsys):
     root, data, _ = run
     # one command for every start of a job: started again once the run is complete, it has nothing to do (was: exit 2)
-    code, _, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume")
+    code, out, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume")
     assert code == 0 and err == f"transferkit: {root / 'r.ckpt'} holds a complete run (2 epochs): nothing to " \
         f"resume. To train further, start a new run from its weights (--weights {root / 'r.ckpt'}).\n"
+    assert json.loads(out) == {"complete": True, "checkpoint": str(root / "r.ckpt"), "epochs": 2,
+                               "export": str(root / "m.pt"), "export_missing": False}  # piped: one JSON object
+    config = root / "job.yaml"  # the same with a config file, as the docs' job command has it
+    config.write_text(f"data: {data}\ncheckpoint: {root / 'r.ckpt'}\nresume: true\n")
+    assert _run(capsys, "finetune", "--config", config, *TINY)[0] == 0
+    code, _, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume", "--set", "epoch=3")
+    assert code == 2 and "unknown key 'epoch'" in err  # the options are checked first
+    from transferkit.checkpoints import save_checkpoint
+
+    save_checkpoint(root / "weights.pt", model=torch.nn.Linear(2, 2), meta={"task": "multiclass"})  # no run in it
+    code, _, err = _run(capsys, "finetune", "--checkpoint", root / "weights.pt", "--resume")
+    assert code == 2 and "has no stored configuration" in err, err  # not taken for a complete run
     (root / "m.pt").rename(root / "kept.pt")  # the run stopped while exporting
     try:
         code, _, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume")

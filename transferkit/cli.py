@@ -26,7 +26,7 @@ from transferkit.errors import TransferkitError, user_stacklevel
 from transferkit._text import file_reason, plural, strict_json
 from transferkit.helpformat import HELP, one_line, one_line_warnings
 from transferkit.schedules import LRRange
-from transferkit.spelling import cli_spelling, flag, shell_word
+from transferkit.spelling import cli_spelling, drop_python_asides, flag, shell_word
 
 
 
@@ -98,8 +98,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         _write_csv(stream, predictor.labels, predictor.task, args.top_k)
     else:
         for p in stream:
-            print(f"{p.source}\t{p if p.ok else cli_spelling(str(p))}")  # an error's hint as a command
-    failed = [(p.source, file_reason(cli_spelling(p.error))) for p in preds if not getattr(p, "ok", True)] + empty
+            print(f"{p.source}\t{p if p.ok else drop_python_asides(str(p))}")  # an error's hint: the command
+    failed = [(p.source, file_reason(drop_python_asides(p.error))) for p in preds if not getattr(p, "ok", True)] + empty
     for source, why in failed:  # the reason alone: advice about training options does not apply to predict
         print(f"transferkit: warning: {source}: {why}", file=sys.stderr)
     if failed:
@@ -127,7 +127,7 @@ def _write_csv(preds: Iterable, labels: list[str], task: str, top_k: int) -> Non
     writer.writerow([*header, "error"])
     for p in preds:
         if not p.ok:
-            row: list = [p.source, *[""] * (len(header) - 1), one_line(cli_spelling(p.error))]
+            row: list = [p.source, *[""] * (len(header) - 1), one_line(drop_python_asides(p.error))]
         elif task == "regression":
             row = [p.source, *[repr(float((p.values or {}).get(lab, float("nan")))) for lab in labels], ""]  # exact
         else:
@@ -398,88 +398,101 @@ def _finetune_options(args: argparse.Namespace) -> tuple[str | None, dict]:
     return args.checkpoint, {k: v for k, v in changes.items() if k not in ("resume", "checkpoint")}
 
 
-def _run_finetune(args: argparse.Namespace) -> Any:
-    """``finetune`` (or ``resume``) with the merged options (see `_finetune_options`)."""
+def _run_finetune(checkpoint: str | None, options: dict) -> Any:
+    """``finetune`` (or ``resume``) with the merged options (`_finetune_options`)."""
     from transferkit.api import finetune, resume
 
-    checkpoint, options = _finetune_options(args)
     return finetune(**options) if checkpoint is None else resume(checkpoint, **options)
 
 
-def _plan_finetune(args: argparse.Namespace) -> Any:
-    """The decisions of the run ``transferkit finetune`` would start or resume (see `_finetune_options`)."""
+def _plan_finetune(checkpoint: str | None, options: dict) -> Any:
+    """The decisions of the run ``transferkit finetune`` would start or resume (`_finetune_options`)."""
     from transferkit.api import resume_config
     from transferkit.decisions import plan
 
-    checkpoint, options = _finetune_options(args)
     if checkpoint is None:
         return plan(**{**options, "verbose": False})
     return plan(resume_config(checkpoint, **options), verbose=False)
 
 
-def _to_resume(args: argparse.Namespace) -> dict | None:
-    """The checkpoint ``--resume`` continues (read), or None (none given, none there, no run in
-    it: the resume itself says what is wrong with the file)."""
-    if not (args.resume and args.checkpoint and not args.config and Path(args.checkpoint).is_file()):
+def _run_in(path: Any) -> dict | None:
+    """What the checkpoint ``path`` holds of a run (`saved_run`, its weights not loaded): None
+    when it is no file, or holds neither a complete run nor one a resume continues (weights
+    alone, a file of ``save_checkpoint``)."""
+    if path is None or not Path(path).is_file():
         return None
-    from transferkit.checkpoints import load_checkpoint
+    from transferkit.checkpoints import saved_run
 
-    try:
-        return load_checkpoint(args.checkpoint)
-    except Exception:  # noqa: BLE001 - said by the resume
+    found = saved_run(path)
+    if found is None or found[0] != "checkpoint":
         return None
+    info = found[1]
+    run = (info["resumable"] or info["complete"]) and isinstance(info["epoch"], int) and \
+        isinstance(info["decisions"], dict)
+    return info if run else None
 
 
-def _resume_note(args: argparse.Namespace) -> str | None:
+def _resumed(checkpoint: str | None, options: dict) -> Any:
+    """The checkpoint a run of these options continues (`_finetune_options`), or None."""
+    return checkpoint if checkpoint is not None else options.get("checkpoint") if options.get("resume") else None
+
+
+def _resume_note(checkpoint: str | None, options: dict) -> str | None:
     """What a dry run of ``--resume`` says of the checkpoint: the epoch the run continues after
     (its weights are the checkpoint's, whatever the plan's backbone line says), or that the run
     is complete."""
-    ckpt = _to_resume(args)
-    if ckpt is None or "epoch" not in ckpt:
+    path = _resumed(checkpoint, options)
+    info = _run_in(path)
+    if info is None:
         return None
-    path = shell_word(str(args.checkpoint))
-    if ckpt.get("complete"):
-        return f"{path} holds a complete run ({ckpt['epoch']} epochs): a run would have nothing to resume"
-    return f"resumes {path} after its epoch {ckpt['epoch']}, with its weights and training state"
+    if info["complete"]:
+        return f"{shell_word(str(path))} holds a complete run ({info['epoch']} epochs): a run would have nothing " \
+            "to resume"
+    return f"resumes {shell_word(str(path))} after its epoch {info['epoch']}, with its weights and training state"
 
 
-def _complete_run(args: argparse.Namespace) -> int | None:
+def _complete_run(args: argparse.Namespace, checkpoint: str | None, options: dict) -> int | None:
     """With ``--resume`` and a checkpoint that holds a complete run: say so (a job started again
-    after it ended has nothing to resume) and return the exit status: 0, or 1 when the export the
-    run was given is missing (a run stopped while exporting; the hint makes it). Else None."""
-    ckpt = _to_resume(args)
-    if ckpt is None or not ckpt.get("complete"):
+    after it ended has nothing to resume; one line, and piped or with --json one JSON object)
+    and return the exit status: 0, or 1 when the export the run was given is missing (a run
+    stopped while exporting; the hint makes it). Else None (the run, or the resume's error)."""
+    path = _resumed(checkpoint, options)
+    info = _run_in(path)
+    if info is None or not info["complete"]:
         return None
-    path = shell_word(str(args.checkpoint))
-    stored = ((ckpt.get("transferkit") or {}).get("decisions") or {}).get("config") or {}
-    export = stored.get("export")
-    print(f"transferkit: {path} holds a complete run ({ckpt.get('epoch')} epoch{'' if ckpt.get('epoch') == 1 else 's'}"
-          f"): nothing to resume. To train further, start a new run from its weights (--weights {path}).",
-          file=sys.stderr)
-    if isinstance(export, str) and not Path(export).exists():
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: said once
+        return 0
+    shown, epochs = shell_word(str(path)), info["epoch"]
+    export = (info["decisions"].get("config") or {}).get("export")
+    missing = isinstance(export, str) and not Path(export).exists()
+    print(f"transferkit: {shown} holds a complete run ({epochs} epoch{'' if epochs == 1 else 's'}): nothing to "
+          f"resume. To train further, start a new run from its weights (--weights {shown}).", file=sys.stderr)
+    if missing:
         print(f"transferkit: error: its export {shell_word(export)} is missing (the run stopped while exporting); "
-              f"make it with `transferkit export {path} --out {shell_word(export)}`.", file=sys.stderr)
-        return 1
-    return 0
+              f"make it with `transferkit export {shown} --out {shell_word(export)}`.", file=sys.stderr)
+    if args.json or not sys.stdout.isatty():
+        print(json.dumps({"complete": True, "checkpoint": str(path), "epochs": epochs, "export": export,
+                          "export_missing": missing}))
+    return 1 if missing else 0
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from transferkit.results import result_record, result_summary
 
-    if not args.dry_run and (done := _complete_run(args)) is not None:
-        return done
     if args.dry_run:
         caught: list = []
         try:
             with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                decided = _plan_finetune(args)
+                checkpoint, options = _finetune_options(args)
+                decided = _plan_finetune(checkpoint, options)
+                resuming = _resume_note(checkpoint, options)
         finally:
             for w in caught:  # shown as a run shows them (also before an error), and kept for the record
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         if decided.rank != 0:  # under torchrun: the plan of the job, printed once
             return 0
-        notes = [*filter(None, [_resume_note(args)]), *decided.notes]
+        notes = [*filter(None, [resuming]), *decided.notes]
         if args.json or not sys.stdout.isatty():  # one JSON object, as a run prints
             print(json.dumps({"dry_run": True, "decisions": decided.to_dict(), "notes": notes,
                               "warnings": [cli_spelling(one_line(w.message)) for w in caught],
@@ -489,8 +502,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
         print(wrap_lines("\n".join([decided.summary(), *(f"  note:     {n}" for n in notes)]), width=100))
         return 0
+    checkpoint, options = _finetune_options(args)  # flags and settings checked first
+    if (done := _complete_run(args, checkpoint, options)) is not None:
+        return done
     with contextlib.redirect_stdout(sys.stderr):  # logs on stderr: stdout holds the result alone
-        result = _run_finetune(args)
+        result = _run_finetune(checkpoint, options)
     if result.decisions is not None and result.decisions.rank != 0:  # under torchrun: one result, rank 0's
         return 0
     if args.json or not sys.stdout.isatty():
@@ -518,6 +534,17 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
 
 MAX_PIXELS_HELP = ("Pillow's decompression-bomb limit: an image of more pixels is refused as a bad file (0: no "
                    "limit; default Pillow's, about 89 million)")
+
+
+def _positive_int(text: str) -> int:
+    """A positive whole number (``--top-k``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
 
 
 def _pixel_limit(text: str) -> int:
@@ -565,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
               "Predict labels for image (or audio) files and folders with an exported model.")
     pr.add_argument("model", help="exported file: TorchScript (.pt) or ONNX (.onnx)")
     pr.add_argument("inputs", nargs="+", help="files, or folders (every readable file below them)")
-    pr.add_argument("--top-k", type=int, default=1, help="labels to show per input")
+    pr.add_argument("--top-k", type=_positive_int, default=1, help="labels to show per input")
     fmt = pr.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print a JSON list instead of one line per input")
     fmt.add_argument("--csv", action="store_true",

@@ -167,15 +167,31 @@ def unreadable_file(what: str, path: Any, exc: BaseException, fix: str, *, name:
     return DataError(f"Cannot read {what} {shown!r}: {type(exc).__name__}: {said}. {fix}")
 
 
-_INSIDE = (os.path.dirname(os.path.abspath(__file__)) + os.sep, sysconfig.get_paths()["stdlib"] + os.sep, "<")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_STDLIB = sysconfig.get_paths()["stdlib"] + os.sep
+_SITE = tuple({sysconfig.get_paths()[k] + os.sep for k in ("purelib", "platlib")})
+
+
+def _inside(filename: str) -> bool:
+    """Whether a frame of ``filename`` is transferkit's, torch's (a DataLoader calling a dataset
+    of transferkit's) or Python's own (``contextlib``, ``threading``, frozen modules), not a
+    caller's. Third-party packages under the standard library's folder (a Python without a
+    virtual environment) are callers."""
+    if filename.startswith((_PACKAGE, "<frozen ")):
+        return True
+    torch = sys.modules.get("torch")
+    torch_dir = os.path.dirname(getattr(torch, "__file__", None) or "") + os.sep if torch is not None else None
+    if torch_dir and torch_dir != os.sep and filename.startswith(torch_dir):
+        return True
+    return filename.startswith(_STDLIB) and not filename.startswith(_SITE)
 
 
 def user_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at its first caller outside transferkit (and
-    outside Python's own modules, such as ``contextlib``): the user's line, not the library's.
+    outside torch and Python's own modules, `_inside`): the user's line, not the library's.
     Called where the warning is raised: ``warnings.warn(message, stacklevel=user_stacklevel())``.
-    Where every caller is inside (the command line), the outermost one."""
+    Where every caller is inside (the command line, a worker thread), the outermost one."""
     frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INSIDE):
+    while frame.f_back is not None and _inside(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
     return level

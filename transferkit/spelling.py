@@ -16,11 +16,23 @@ from typing import Any
 from transferkit.config import config_fields
 
 # the commands' own options, outside FinetuneConfig, named in errors (lr-find's; export's; predict's)
-COMMAND_OPTIONS = ("start_lr", "end_lr", "num_steps", "phase", "num_examples", "atol", "rtol", "top_k", "threshold")
+COMMAND_OPTIONS = ("start_lr", "end_lr", "num_steps", "phase", "num_examples", "atol", "rtol", "threshold")
 # key=value: a quoted string, a bracketed list, mapping or tuple, or a word up to a separator or a sentence's end
 _SETTING = re.compile(r"(?<![\w.-])([a-z_]+)=('[^']*'|\"[^\"]*\"|\[[^\]]*\]|\{[^}]*\}|\([^()]*\)|[^\s,;)]+?)"
                       r"(?=[\s,;)]|\.(?:\s|$)|$)")
 _CALL = re.compile(r"(?:transferkit\.)?\b(finetune|resume)\((?!\):)([^()]*)\)")
+
+
+def drop_python_asides(message: str) -> str:
+    """``message`` without the Python alternatives given beside a command (`` (in Python: ...)``):
+    for a user of the command line, where nothing else of the message is rewritten (a path
+    that holds ``key=value`` stays as it is).
+
+    Example:
+        >>> drop_python_asides("raise it: `transferkit --max-image-pixels 0 ...` (in Python: PIL.Image.X = None).")
+        'raise it: `transferkit --max-image-pixels 0 ...`.'
+    """
+    return re.sub(r" \(in Python: [^()]*(?:\([^()]*\)[^()]*)?\)", "", message)
 
 
 def _same(written: str, value: Any) -> bool:
@@ -107,7 +119,7 @@ class Syntax:
             return m.group(0) if converted is None else converted
 
         message = re.sub(r"^(?:finetune|plan|lr_find|linear_probe)\(\): ", "", message)  # the command was typed
-        message = re.sub(r" \(in Python: [^()]*(?:\([^()]*\)[^()]*)?\)", "", message)  # the command stands beside it
+        message = drop_python_asides(message)  # the command stands beside it
         message = _CALL.sub(self.call, message)
         message = re.sub(r"\bto finetune\(\)", f"to `{self.command}`", message)
         message = re.sub(r"transferkit\.list_backbones\(([^)]*)\)",

@@ -439,3 +439,20 @@ def test_a_setting_of_the_recipes_file_is_said_as_the_files_not_as_typed(tmp_pat
 
     assert "warning: val_split: 0.1 (recipes/toy.yaml) is not used: val_data= gives the validation data" in run()
     assert "warning: --set val_split=0.3 is not used" in run("--set", "val_split=0.3")
+
+
+def test_a_recipe_takes_the_pixel_limit_its_hint_names(tmp_path, monkeypatch):
+    """The decompression-bomb hint named `transferkit --max-image-pixels`, which a recipe script
+    did not take."""
+    from PIL import Image
+
+    from transferkit.data.checks import BOMB_HINT
+    from transferkit.spelling import recipe_spelling
+
+    hint = recipe_spelling(BOMB_HINT, "recipes/toy.py")
+    assert "`python recipes/toy.py --max-image-pixels 0 ...`" in hint and "in Python" not in hint
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    with pytest.raises(ConfigError, match="Unknown run"):  # stops after the options are read
+        run_recipe("toy", _never_read, description="toy", recipe_dir=tmp_path,
+                   argv=["--data-dir", str(tmp_path), "--max-image-pixels", "5000", "--run", "nosuch"])
+    assert Image.MAX_IMAGE_PIXELS == 5000

@@ -24,7 +24,7 @@ from typing import Any
 
 from transferkit.errors import TransferkitError, user_stacklevel
 from transferkit._text import file_reason, plural, strict_json
-from transferkit.helpformat import HELP, one_line, one_line_warnings
+from transferkit.helpformat import HELP, MAX_PIXELS_HELP, one_line, one_line_warnings, pixel_limit, set_pixel_limit
 from transferkit.schedules import LRRange
 from transferkit.spelling import cli_spelling, drop_python_asides, flag, shell_word
 
@@ -532,10 +532,6 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
-MAX_PIXELS_HELP = ("Pillow's decompression-bomb limit: an image of more pixels is refused as a bad file (0: no "
-                   "limit; default Pillow's, about 89 million)")
-
-
 def _positive_int(text: str) -> int:
     """A positive whole number (``--top-k``)."""
     try:
@@ -546,16 +542,6 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return value
 
-
-def _pixel_limit(text: str) -> int:
-    """``--max-image-pixels``: a whole number of pixels, 0 for no limit."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number of pixels (0: no limit), got {text!r}")
-    return value
 
 
 def _sub(sub: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
@@ -570,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "verified TorchScript exports.\n`transferkit COMMAND --help` for each.")
     p.add_argument("--version", action="version", version=f"transferkit {__version__}")
     p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
-    p.add_argument("--max-image-pixels", type=_pixel_limit, default=None, metavar="N",
+    p.add_argument("--max-image-pixels", type=pixel_limit, default=None, metavar="N",
                    help=MAX_PIXELS_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = _sub(sub, "demo", "offline transfer demo on scikit-learn's digits",
@@ -673,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd in sub.choices.values():  # --debug and --max-image-pixels after the command work too
         cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="print the full traceback of an error")
-        cmd.add_argument("--max-image-pixels", type=_pixel_limit, default=argparse.SUPPRESS, metavar="N",
+        cmd.add_argument("--max-image-pixels", type=pixel_limit, default=argparse.SUPPRESS, metavar="N",
                          help=MAX_PIXELS_HELP)
     return p
 
@@ -694,10 +680,7 @@ def console_main() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 on errors, with one line on stderr)."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "max_image_pixels", None) is not None:  # Pillow's, here and in every loader's workers
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
+    set_pixel_limit(getattr(args, "max_image_pixels", None))
 
     with one_line_warnings("transferkit", cli_spelling):
         try:

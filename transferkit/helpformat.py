@@ -24,6 +24,30 @@ class HELP(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+MAX_PIXELS_HELP = ("Pillow's decompression-bomb limit: an image of more pixels is refused as a bad file (0: no "
+                   "limit; default Pillow's, about 89 million)")
+
+
+def pixel_limit(text: str) -> int:
+    """``--max-image-pixels``: a whole number of pixels, 0 for no limit."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels (0: no limit), got {text!r}")
+    return value
+
+
+def set_pixel_limit(value: int | None) -> None:
+    """Pillow's pixel limit from ``--max-image-pixels`` (None: left as it is; 0: no limit), here
+    and in every loader's workers (`transferkit.data.sampling.WorkerInit`)."""
+    if value is not None:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = value or None
+
+
 def one_line(text: object) -> str:
     """``text`` on one line (runs of whitespace, line breaks included, become one space)."""
     return " ".join(str(text).split())

@@ -36,7 +36,7 @@ from transferkit.config import (RECIPE_KEYS, FinetuneConfig, called_as, load_con
 from transferkit._signals import interrupt_exit
 from transferkit.errors import ConfigError, DataError, TransferkitError, user_stacklevel
 from transferkit._text import plural
-from transferkit.helpformat import HELP, one_line, one_line_warnings
+from transferkit.helpformat import HELP, MAX_PIXELS_HELP, one_line, one_line_warnings, pixel_limit, set_pixel_limit
 from transferkit.spelling import RECIPE_FLAGS, RECIPE_OWNS, recipe_spelling
 from transferkit.data import find_split_folders
 from transferkit.data import dataset_targets
@@ -167,6 +167,7 @@ def build_parser(name: str, description: str,
     p.add_argument("--limit", type=number_argument(int), default=None,
                    help="use at most N items per class, N >= 1 (smoke tests)")
     p.add_argument("--run", default=None, help="run only this one of the config's runs")
+    p.add_argument("--max-image-pixels", type=pixel_limit, default=None, metavar="N", help=MAX_PIXELS_HELP)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any finetune() setting but data, val_data, classes and export, which the "
                    "recipe sets")
     if add_arguments is not None:
@@ -225,6 +226,7 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     given)``: the recipe's change to each run's merged settings, ``given`` naming the keys the user set (with
     ``--config``, the run's block, the flags or ``--set``), e.g. `speech_model_options`."""
     args = build_parser(name, description, add_arguments).parse_args(argv)
+    set_pixel_limit(args.max_image_pixels)
     recipe_dir = recipe_dir or Path.cwd() / "recipes"
     own_cfg = recipe_dir / f"{name}.yaml"  # optional: a recipe may keep all its settings in its flags
     file_cfg = load_config(args.config) if args.config else load_config(own_cfg) if own_cfg.exists() else {}

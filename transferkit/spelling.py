@@ -176,6 +176,7 @@ def recipe_spelling(message: str, prog: str, run: str | None = None,
         'val_split: 0.1 (pets.yaml) is not used; try --set val_split=0.2.'
     """
     only = f"--run {shell_word(run)}" if run else ""
+    message = message.replace("`transferkit --max-image-pixels", f"`python {prog} --max-image-pixels")  # its option too
     return Syntax(f"python {prog}", RECIPE_FLAGS, switches=False, resume=f"... {only} --set resume=true".replace(
         "  ", " "), untyped=RECIPE_OWNS, prefix={"checkpoint": only} if only else {},
         written_in=written_in or {}).spell(message)

@@ -172,16 +172,19 @@ _STDLIB = sysconfig.get_paths()["stdlib"] + os.sep
 _SITE = tuple({sysconfig.get_paths()[k] + os.sep for k in ("purelib", "platlib")})
 
 
-def _inside(filename: str) -> bool:
-    """Whether a frame of ``filename`` is transferkit's, torch's (a DataLoader calling a dataset
-    of transferkit's) or Python's own (``contextlib``, ``threading``, frozen modules), not a
-    caller's. Third-party packages under the standard library's folder (a Python without a
-    virtual environment) are callers."""
-    if filename.startswith((_PACKAGE, "<frozen ")):
-        return True
+def _torch_dir() -> str | None:
+    """The folder of torch, when it is imported (a DataLoader's frames are torch's)."""
     torch = sys.modules.get("torch")
-    torch_dir = os.path.dirname(getattr(torch, "__file__", None) or "") + os.sep if torch is not None else None
-    if torch_dir and torch_dir != os.sep and filename.startswith(torch_dir):
+    found = getattr(torch, "__file__", None) if torch is not None else None
+    return os.path.dirname(found) + os.sep if found else None
+
+
+def _inside(filename: str, torch_dir: str | None) -> bool:
+    """Whether a frame of ``filename`` is transferkit's, torch's (``torch_dir``: a DataLoader
+    calling a dataset of transferkit's) or Python's own (``contextlib``, ``threading``, frozen
+    modules), not a caller's. Third-party packages under the standard library's folder (a
+    Python without a virtual environment) are callers."""
+    if filename.startswith((_PACKAGE, "<frozen ")) or (torch_dir is not None and filename.startswith(torch_dir)):
         return True
     return filename.startswith(_STDLIB) and not filename.startswith(_SITE)
 
@@ -191,7 +194,7 @@ def user_stacklevel() -> int:
     outside torch and Python's own modules, `_inside`): the user's line, not the library's.
     Called where the warning is raised: ``warnings.warn(message, stacklevel=user_stacklevel())``.
     Where every caller is inside (the command line, a worker thread), the outermost one."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and _inside(frame.f_code.co_filename):
+    frame, level, torch_dir = sys._getframe(1), 1, _torch_dir()
+    while frame.f_back is not None and _inside(frame.f_code.co_filename, torch_dir):
         frame, level = frame.f_back, level + 1
     return level

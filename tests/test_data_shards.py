@@ -40,7 +40,7 @@ def _sorted_items(folder: Path):
 
 def test_shards_named_by_a_glob_multi_dot_extensions_and_members_apart(tmp_path):
     """A glob names local shards (sorted); ``key.input.jpg`` is an image (WebDataset's field
-    ``input.jpg``); members of one key apart from each other are named, as WebDataset would
+    ``input.jpg``); ``.jfif`` and ``.jpe`` are images as in a folder; members of one key apart from each other are named, as WebDataset would
     read them as several samples; a list mixing a shard with another file is refused."""
     items = _sorted_items(make_image_folder(tmp_path / "img", per_class=3))
     write_shards(items, tmp_path / "s", [3, 3])
@@ -65,6 +65,11 @@ def test_shards_named_by_a_glob_multi_dot_extensions_and_members_apart(tmp_path)
                                                        (f"k{k}.json", named[k]))])
     b = prepare_data(dotted, val_split=0)  # a caption is another field, not the label (txt outranks json)
     assert len(b.train) == 6 and b.classes == ["dark", "light"] and b.train.targets == [int(x) for x in labels]
+    # every extension a folder scan reads names an image member (jfif, jpe: JPEG's other names; any case)
+    jfif = shard(tmp_path / "jfif.tar", [m for k, (data, _, _) in enumerate(items)
+                                         for m in ((f"k{k}.{('jfif', 'jpe', 'JPG')[k % 3]}", data),
+                                                   (f"k{k}.cls", labels[k]))])
+    assert len(prepare_data(jfif, val_split=0).train) == 6
     odd = tmp_path / "sh[v2]"  # a folder whose name reads as a glob: taken as it is
     odd.mkdir()
     (odd / "train-000.tar").write_bytes((tmp_path / "dotted.tar").read_bytes())
@@ -119,7 +124,7 @@ def test_shards_give_the_folder_samples_labels_and_pixels(tmp_path, label):
     a, b = as_folder.train.view(transform=eval_transform(SPEC)), as_shards.train.view(transform=eval_transform(SPEC))
     for i in (0, 5, len(a) - 1):
         assert torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1]
-    assert any("hold no sample" in w for w in as_shards.report.warnings)  # the empty shard is reported
+    assert any("shards holds no sample" in w for w in as_shards.report.warnings)  # the empty shard is reported
 
 
 def test_folder_list_and_pattern_name_the_same_shards(tmp_path):

@@ -58,7 +58,7 @@ import numpy as np
 
 from transferkit._io import atomic_write, entry_not_kept
 from transferkit._text import plural
-from transferkit.data.checks import (ON_BAD_FILE, SCAN_RULES, SCANS, DataReport, check_image_stream,
+from transferkit.data.checks import (IMAGE_EXTENSIONS, ON_BAD_FILE, SCAN_RULES, SCANS, DataReport, check_image_stream,
                                      holds_data_files, leave_out_bad)
 from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
 from transferkit.data.fingerprint import from_common_folder
@@ -74,8 +74,10 @@ from transferkit.data.remote import (
 )
 from transferkit.errors import DataError, check_choice
 
-INDEX_FORMAT = 5  # 4: a shard is checked to its end (data after its end); 5: keys repeated in a row, 1 MiB padding
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
+# 4: a shard is checked to its end (data after its end); 5: keys repeated in a row, 1 MiB padding; 6: the image
+# extensions of a folder (jpe, jfif, avif where Pillow reads it)
+INDEX_FORMAT = 6
+IMAGE_EXTS = tuple(e[1:] for e in IMAGE_EXTENSIONS)  # a sample's image member: the extensions a folder scan reads
 LABEL_EXTS = ("cls", "txt", "json")
 # zeros a tar ends with: its two end-of-archive blocks and the record padding, GNU tar -b 2048's at most (the
 # second block may start a record of its own: a record and a block)
@@ -934,7 +936,8 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
                     f"({_size(shard_cache.budget)}, {ENV_BUDGET}): {how}")
     empty = [p for p, ix in zip(shards, indexes) if not ix.keys and p not in left_out]  # bad ones said above
     if empty:
-        report.warn(f"{len(empty)} of the {len(shards)} {what} shard(s) hold no sample, e.g. {empty[:3]}.")
+        holds = "holds" if len(empty) == 1 else "hold"
+        report.warn(f"{len(empty)} of the {plural(len(shards), what + ' shard')} {holds} no sample, e.g. {empty[:3]}.")
     if not _warn_repeated_shards(shards, indexes, what, report):
         _warn_repeated_samples(source, what, report)
     scattered = [(p, k) for p, ix in zip(shards, indexes) for k in ix.scattered]
@@ -956,8 +959,10 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
                                                                                          key=found[0][1]))
     no_image, no_label = sum(ix.no_image for ix in indexes), sum(ix.no_label for ix in indexes)
     if no_image or no_label:
-        msg = (f"{no_image + no_label} {what} sample(s) in the shards have no image ({no_image}; looked for "
-               f"{', '.join(IMAGE_EXTS[:4])}) or no label ({no_label}; looked for cls, txt, json)")
+        n = no_image + no_label
+        msg = (f"{plural(n, what + ' sample')} in the shards {'has' if n == 1 else 'have'} "
+               f"no image ({no_image}; looked for an image extension: jpg, png, webp, ...) or no label ({no_label}; "
+               "looked for cls, txt, json)")
         if on_bad_file == "raise":
             raise DataError(msg + "." + apart)
         report.warn(msg + "; they are left out." + apart)

@@ -171,6 +171,25 @@ def test_the_reader_sees_an_upward_import(tmp_path, monkeypatch, source):
     assert any("transferkit.data.sampling imports" in p and "a layer above" in p for p in problems)
 
 
+def _warn_calls(read=lambda p: p.read_text()) -> list[str]:
+    """``module:line`` of every ``warnings.warn(...)`` outside ``transferkit.errors``."""
+    return [f"{mod}:{node.lineno}" for mod, path in sorted(_modules().items()) if mod != "transferkit.errors"
+            for node in ast.walk(ast.parse(read(path), str(path)))
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("warnings.warn", "warnings.warn_explicit")]
+
+
+def test_every_warning_is_given_by_errors_warn():
+    """A warning given elsewhere would be a plain UserWarning (out of reach of a filter on
+    TransferkitWarning) named at a line of transferkit's, not the user's."""
+    assert not _warn_calls(), "use transferkit.errors.warn: " + ", ".join(_warn_calls())
+
+
+def test_the_reader_sees_a_warning_given_elsewhere():
+    leaf = ROOT / "train" / "loaders.py"
+    calls = _warn_calls(lambda p: p.read_text() + ("\nimport warnings\nwarnings.warn('x')\n" if p == leaf else ""))
+    assert [c.split(":")[0] for c in calls] == ["transferkit.train.loaders"]
+
+
 def _dataloader_calls(read=lambda p: p.read_text()) -> list[str]:
     """``module:line`` of every ``DataLoader(...)`` made outside ``transferkit.data.sampling``."""
     out = []

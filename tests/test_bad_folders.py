@@ -673,3 +673,22 @@ def test_a_data_warning_names_the_line_that_called_transferkit(tmp_path):
         tk.finetune("tk:small_cnn", weights=None, data=root, epochs=1, image_size=16, verbose=False, num_workers=0,
                     scan="none", policy="full", val_split=0, precision="fp32")
     assert {(w.filename, w.lineno) for w in caught} == {(__file__, line)}
+
+
+def test_transferkit_s_warnings_are_one_category_to_silence_or_raise(tmp_path):
+    """Every warning is a TransferkitWarning: one filter silences them (and none of another
+    library's), or makes them errors."""
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    _png(root / "stray.png")
+    with pytest.warns(tk.TransferkitWarning, match="stray.png"):
+        prepare_data(root, val_split=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=tk.TransferkitWarning)
+        prepare_data(root, val_split=0)
+        warnings.warn("another library's warning")
+    assert [str(w.message) for w in caught] == ["another library's warning"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=tk.TransferkitWarning)
+        with pytest.raises(tk.TransferkitWarning, match="stray.png"):
+            prepare_data(root, val_split=0)

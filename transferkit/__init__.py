@@ -27,7 +27,8 @@ _EXPORTS = {
     "CorruptFileError": "transferkit.errors", "DataError": "transferkit.errors", "EngineError": "transferkit.errors",
     "ExportError": "transferkit.errors",
     "OutputError": "transferkit.errors", "PolicyError": "transferkit.errors", "TrainingError": "transferkit.errors",
-    "TransferkitError": "transferkit.errors", "UnknownBackboneError": "transferkit.errors",
+    "TransferkitError": "transferkit.errors", "TransferkitWarning": "transferkit.errors",
+    "UnknownBackboneError": "transferkit.errors",
     "WeightsError": "transferkit.errors", "TrainingInterrupted": "transferkit._signals",
     "DistributedError": "transferkit.train.distributed",
     "Prediction": "transferkit.export", "Predictor": "transferkit.export",
@@ -60,6 +61,7 @@ if TYPE_CHECKING:  # the same names, spelled out for type checkers and the API d
         PolicyError,
         TrainingError,
         TransferkitError,
+        TransferkitWarning,
         UnknownBackboneError,
         WeightsError,
     )

@@ -33,13 +33,12 @@ import socket
 import stat
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from transferkit._text import exception_line
-from transferkit.errors import ConfigError, FileLockedError, OutputError, user_stacklevel
+from transferkit.errors import ConfigError, FileLockedError, OutputError, warn
 
 TEMP_SUFFIX = ".tmp"
 FOREIGN_TEMP_AGE_S = 24 * 3600.0
@@ -615,8 +614,8 @@ def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None, 
     try:
         import fcntl
     except ImportError:
-        warnings.warn(f"Cannot lock {str(path)!r} on this platform (no fcntl): two processes writing it at once "
-                      "would overwrite each other.", stacklevel=user_stacklevel())
+        warn(f"Cannot lock {str(path)!r} on this platform (no fcntl): two processes writing it at once "
+             "would overwrite each other.")
         yield Path(path)
         return
     lock = lock_path(path)
@@ -811,7 +810,7 @@ def entry_not_kept(exc: BaseException, *, cache_dir: str | Path, what: str, late
     written: a warning naming the error and what ``later`` runs do instead. Nothing is said
     when ``cache_dir`` is read-only: it is read, never written, and the plan says so once."""
     if read_only_folder(cache_dir) is None:
-        warnings.warn(f"The {what} was not stored ({exception_line(exc)}); {later}.", stacklevel=user_stacklevel())
+        warn(f"The {what} was not stored ({exception_line(exc)}); {later}.")
 
 
 def store_timing(path: str | Path, key: str, value: Any, *, what: str) -> bool:

@@ -12,7 +12,6 @@ import glob
 import html
 import os
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from transferkit._text import number, plural, wrap_lines
 from transferkit.config import FinetuneConfig, called_as, unknown_key_error
 from transferkit.data import DataReport
 from transferkit.data.shards import is_remote
-from transferkit.errors import ConfigError, DataError, suggest, user_stacklevel
+from transferkit.errors import ConfigError, DataError, suggest, warn
 from transferkit.evaluation import Evaluation, TargetEvaluation
 from transferkit.evaluation import evaluate as evaluate_model
 from transferkit.export import Prediction, Predictor
@@ -241,7 +240,7 @@ def _opened(cfg: FinetuneConfig, *, lock: bool, show_plan: bool = True) -> Itera
             d = decide(cfg, facts)
             if is_main:
                 for note in d.notes:
-                    warnings.warn(note, stacklevel=user_stacklevel())
+                    warn(note)
                 if show_plan and cfg.verbose:
                     to_stderr(wrap_lines(d.summary(), width=100))
             run = build(d, inputs)
@@ -416,9 +415,9 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
     cfg = FinetuneConfig.from_call(config, options)
     outputs = [f"{k}={str(getattr(cfg, k))!r}" for k in OUTPUTS if k != "cache_dir" and getattr(cfg, k) is not None]
     if outputs:  # kept, not refused: lr_find(**kw) then finetune(**kw) is the intended use
-        warnings.warn(f"lr_find writes no {', '.join(outputs)}: the range test trains a copy of the model to suggest "
-                      "a rate and writes only plot= (and, with cache_dir, the features it caches); those outputs are "
-                      "written by finetune.", stacklevel=user_stacklevel())
+        warn(f"lr_find writes no {', '.join(outputs)}: the range test trains a copy of the model to suggest "
+             "a rate and writes only plot= (and, with cache_dir, the features it caches); those outputs are "
+             "written by finetune.")
     if cfg.head == "logistic":
         raise ConfigError("lr_find: head='logistic' fits a logistic-regression probe, which has no learning rate to "
                           "search (it tries the C values of probe_Cs). Use head='linear' for a head trained by "

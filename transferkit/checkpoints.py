@@ -23,7 +23,6 @@ import pickle
 import random
 import tempfile
 import time
-import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,7 +43,7 @@ from transferkit._io import (
 )
 from transferkit._signals import TrainingInterrupted, held_signals, signal_name
 from transferkit._text import exception_line
-from transferkit.errors import OutputError, TransferkitError, WeightsError, user_stacklevel
+from transferkit.errors import OutputError, TransferkitError, WeightsError, warn
 
 T = TypeVar("T")
 
@@ -223,9 +222,8 @@ def verify_checkpoint(ckpt: dict[str, Any], *, source: str) -> None:
     """Check a loaded checkpoint dict against its digests (and remove them from it); warn
     when it has none."""
     if not verify_sealed(ckpt, source=source, what="checkpoint", error=WeightsError):
-        warnings.warn(f"Checkpoint {source} has no content digest (written by an older transferkit): its tensors "
-                      "cannot be checked for damage. It loads as before; the next save adds a digest.",
-                      stacklevel=user_stacklevel())
+        warn(f"Checkpoint {source} has no content digest (written by an older transferkit): its tensors "
+             "cannot be checked for damage. It loads as before; the next save adds a digest.")
 
 
 # -- keeping the trained weights when the final write fails -------------------------------

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from transferkit.errors import TransferkitError, user_stacklevel
+from transferkit.errors import TransferkitError, warn
 from transferkit._text import file_reason, plural, strict_json
 from transferkit.helpformat import HELP, MAX_PIXELS_HELP, one_line, one_line_warnings, pixel_limit, set_pixel_limit
 from transferkit.schedules import LRRange
@@ -351,9 +351,8 @@ def _finetune_kwargs(args: argparse.Namespace) -> dict:
         raise TransferkitError(f"--set: {key} is not used by `transferkit lr-find` ({LR_FIND_IGNORES[key]}), which "
                                "would ignore it; remove it.")
     if "runs" in file_cfg:
-        warnings.warn(f"{args.config}: the `runs` of this recipe file are not used by `transferkit {args.command}`, "
-                      "which trains once with the top-level keys; run the recipe to train each of its runs.",
-                      stacklevel=user_stacklevel())
+        warn(f"{args.config}: the `runs` of this recipe file are not used by `transferkit {args.command}`, "
+             "which trains once with the top-level keys; run the recipe to train each of its runs.")
     cfg = merge_config(file_cfg, flags, overrides, source="finetune options")
     cfg = {k: expand_vars(v, k) for k, v in cfg.items() if k not in skip}
     data = None  # the last of the config file, the flags and --set that names the training data (data or data_dir)

@@ -1,7 +1,8 @@
 """Errors raised by transferkit.
 
 Every error says what was received, what is valid, and how to fix it. They all derive
-from [`TransferkitError`][transferkit.TransferkitError], so ``except transferkit.TransferkitError`` catches them.
+from [`TransferkitError`][transferkit.TransferkitError], so ``except transferkit.TransferkitError`` catches them;
+every warning is a [`TransferkitWarning`][transferkit.TransferkitWarning].
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import re
 import sys
 import sysconfig
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -74,6 +76,14 @@ class CorruptCheckpointError(WeightsError, CorruptFileError):
 
 class CorruptExportError(ExportError, CorruptFileError):
     """An exported model file that is damaged."""
+
+
+class TransferkitWarning(UserWarning):
+    """Base class of every warning transferkit gives (a `UserWarning`): files left out of the
+    data, settings not used, an engine or output that fell back. Each names the user's line
+    that led to it. Silence them all with
+    ``warnings.filterwarnings("ignore", category=transferkit.TransferkitWarning)``, or turn
+    them into errors with ``"error"`` in place of ``"ignore"``."""
 
 
 def _natural(text: str) -> list[Any]:
@@ -189,10 +199,16 @@ def _inside(filename: str, torch_dir: str | None) -> bool:
     return filename.startswith(_STDLIB) and not filename.startswith(_SITE)
 
 
+def warn(message: str, category: type[Warning] = TransferkitWarning) -> None:
+    """Give a warning of ``category`` named at the user's line (`user_stacklevel`): the one way
+    transferkit warns."""
+    warnings.warn(message, category, stacklevel=user_stacklevel())
+
+
 def user_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at its first caller outside transferkit (and
     outside torch and Python's own modules, `_inside`): the user's line, not the library's.
-    Called where the warning is raised: ``warnings.warn(message, stacklevel=user_stacklevel())``.
+    Called where the warning is raised (`warn` does): ``warnings.warn(message, stacklevel=user_stacklevel())``.
     Where every caller is inside (the command line, a worker thread), the outermost one."""
     frame, level, torch_dir = sys._getframe(1), 1, _torch_dir()
     while frame.f_back is not None and _inside(frame.f_code.co_filename, torch_dir):

@@ -23,7 +23,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 from transferkit.config import (RECIPE_KEYS, FinetuneConfig, called_as, load_config, merge_config, number_argument,
                                 parse_overrides)
 from transferkit._signals import interrupt_exit
-from transferkit.errors import ConfigError, DataError, TransferkitError, user_stacklevel
+from transferkit.errors import ConfigError, DataError, TransferkitError, warn
 from transferkit._text import plural
 from transferkit.helpformat import HELP, MAX_PIXELS_HELP, one_line, one_line_warnings, pixel_limit, set_pixel_limit
 from transferkit.spelling import RECIPE_FLAGS, RECIPE_OWNS, recipe_spelling
@@ -372,8 +371,8 @@ def evaluate_export(model_path: Path, test: Any, *, chunk: int = 512) -> float:
     ev = score(predictor, samples, data=test if isinstance(test, (str, Path)) else "the test data",
                batch_size=64, chunk=chunk)
     if ev.failed:
-        warnings.warn(f"{plural(len(ev.failed), 'test sample')} could not be predicted (left out of the test "
-                      f"accuracy), e.g. {ev.failed[0][0]}: {ev.failed[0][1]}", stacklevel=user_stacklevel())
+        warn(f"{plural(len(ev.failed), 'test sample')} could not be predicted (left out of the test "
+             f"accuracy), e.g. {ev.failed[0][0]}: {ev.failed[0][1]}")
     return ev.accuracy
 
 

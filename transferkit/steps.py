@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ from transferkit.train.distributed import barrier, gather_objects, local_main_fi
 from transferkit.train.engines import (compile_estimate, engine_precision, lazy_engine_forward, leaf_modules,
                                       remove_stale_engine_files)
 from transferkit.train.faults import training_faults
-from transferkit.errors import DataError, user_stacklevel
+from transferkit.errors import DataError, warn
 from transferkit.train.feature_store import fill_store, open_store, part_size_for
 from transferkit.train.features import compute_features, feature_loader
 from transferkit.data.sampling import EpochSampler, default_num_workers
@@ -540,10 +539,9 @@ def _note_moves(saved: dict[str, Any], now: dict[str, Any], *, features_left: bo
     keys = ["device", "input_decode", *(["feature_engine", "feature_engine_precision"] if features_left else [])]
     moved = [f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in keys if saved.get(key) != now.get(key)]
     if moved:
-        warnings.warn(f"Resuming with {', '.join(moved)} (checkpoint -> now): these compute the same within their "
-                      "tolerance, not bit for bit, so the resumed run may differ from an uninterrupted one in the "
-                      "last digits. Resume with the checkpoint's settings for a bit-identical run.",
-                      stacklevel=user_stacklevel())
+        warn(f"Resuming with {', '.join(moved)} (checkpoint -> now): these compute the same within their "
+             "tolerance, not bit for bit, so the resumed run may differ from an uninterrupted one in the "
+             "last digits. Resume with the checkpoint's settings for a bit-identical run.")
 
 
 def _wrapper(run: Run, trial: CompileTrial | None = None, *, cached: bool = False) -> Any:
@@ -675,8 +673,8 @@ def write_outputs(d: Decisions, run: Run, outcome: TrainOutcome, metrics: dict[s
             pictures.pop("most_confused")
             out["plots"].update(pictures)
     except OSError as exc:
-        warnings.warn(f"The plots could not be written to {str(cfg.plots_dir)!r} (plots_dir): {exc} The "
-                      "checkpoint and export, if any, were written before them.", stacklevel=user_stacklevel())
+        warn(f"The plots could not be written to {str(cfg.plots_dir)!r} (plots_dir): {exc} The "
+             "checkpoint and export, if any, were written before them.")
     return out
 
 

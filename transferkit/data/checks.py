@@ -24,7 +24,7 @@ from PIL import Image
 
 from transferkit._io import file_digest
 from transferkit._text import one_line, plural
-from transferkit.errors import DataError, check_choice, user_stacklevel
+from transferkit.errors import DataError, check_choice, warn
 from transferkit.data.late import register_report
 
 ON_BAD_FILE = ("skip", "raise")
@@ -98,7 +98,7 @@ class DataReport:
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
-        warnings.warn(message, stacklevel=user_stacklevel())
+        warn(message)
 
     def merge(self, other: DataReport) -> None:
         if other is self:

@@ -50,7 +50,6 @@ import json
 import math
 import os
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +69,7 @@ from transferkit.data.images import UNREADABLE_IMAGE
 from transferkit.data.late import reporting
 from transferkit.data.sampling import default_num_workers, data_loader
 from transferkit.data.transforms import AUGMENTATIONS, ShorterSideResize, ToImageTensor, ToRGB, eval_transform
-from transferkit.errors import check_choice, user_stacklevel
+from transferkit.errors import check_choice, warn
 from transferkit.data.transforms import train_transform
 
 DECODED_FORMAT = 2  # 2: meta.json records the files' digests and stats
@@ -283,17 +282,16 @@ def decoded_dataset(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: s
             "or changed since it was written)"
         read_only = read_only_folder(plan.path.parent)
         if read_only is None:
-            warnings.warn(f"{damaged}; decoding them again.", stacklevel=user_stacklevel())
+            warn(f"{damaged}; decoding them again.")
             shutil.rmtree(plan.path, ignore_errors=True)
         else:  # read, never written: in memory where they fit, as without cache_dir
             fits = plan.estimate_bytes <= budget_bytes
-            warnings.warn(f"{damaged}, and the cache_dir is read-only ({read_only}): "
-                          f"{'decoding them once into memory' if fits else 'decoding them every epoch'}.",
-                          stacklevel=user_stacklevel())
+            warn(f"{damaged}, and the cache_dir is read-only ({read_only}): "
+                 f"{'decoding them once into memory' if fits else 'decoding them every epoch'}.")
             plan = DecodePlan("memory" if fits else "off", plan.estimate_bytes,
                               f"decoded once: {plan.estimate_bytes / 2**20:.0f} MB in memory (the entry in the "
                               f"read-only cache_dir is damaged)" if fits else
-                              f"decoding every epoch: the entry in the read-only cache_dir is damaged",
+                              "decoding every epoch: the entry in the read-only cache_dir is damaged",
                               capacity_bytes=plan.capacity_bytes)
             if not fits:
                 return dataset.view(transform=train_transform(spec, augment)), plan
@@ -308,9 +306,8 @@ def decoded_dataset(dataset: Any, spec: InputSpec, *, augment: str, cache_dir: s
     try:
         _write_entry(plan.path, view, workers, capacity, plan.estimate_bytes)
     except OSError as exc:  # the disk filled since the plan measured it: this run decodes every epoch
-        warnings.warn(f"Cannot write the decoded images to {str(plan.path)!r} (cache_dir): "
-                      f"{os.strerror(exc.errno) if exc.errno else exc}; decoding every epoch instead.",
-                      stacklevel=user_stacklevel())
+        warn(f"Cannot write the decoded images to {str(plan.path)!r} (cache_dir): "
+             f"{os.strerror(exc.errno) if exc.errno else exc}; decoding every epoch instead.")
         off = DecodePlan("off", plan.estimate_bytes, f"decoding every epoch: writing {plan.path} failed ({exc})")
         return dataset.view(transform=train_transform(spec, augment)), off
     stored = _load_entry(plan.path)

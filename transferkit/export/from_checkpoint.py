@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ from torch import nn
 from transferkit.backbones._base import InputSpec
 from transferkit.backbones.weights import load_into
 from transferkit.config import portable_decisions
-from transferkit.errors import ConfigError, DataError, ExportError, WeightsError, user_stacklevel
+from transferkit.errors import ConfigError, DataError, ExportError, WeightsError, warn
 from transferkit.lora import fold_lora_state
 from transferkit.model import build_model
 from transferkit.backbones import get_backbone
@@ -60,8 +59,8 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     except WeightsError as exc:
         raise WeightsError(f"{exc} {options_hint}") from exc
     if options is None:
-        warnings.warn(f"{options_hint} Export the trained model in Python with transferkit.export_torchscript("
-                      "model, ...) unless the run's backbone had its default options.", stacklevel=user_stacklevel())
+        warn(f"{options_hint} Export the trained model in Python with transferkit.export_torchscript("
+             "model, ...) unless the run's backbone had its default options.")
     return model.eval(), meta
 
 
@@ -75,9 +74,9 @@ def _warn_unfinished(checkpoint: str | Path) -> int | None:
     info = found[1]
     best = info["best"].get("epoch")
     but = f", not the best epoch so far ({best})" if best not in (None, info["epoch"]) else ""
-    warnings.warn(f"{str(checkpoint)!r} holds an unfinished run (epoch {info['epoch']} of {info['epochs']}): the "
-                  f"export holds epoch {info['epoch']}'s weights{but}. Finish the run (transferkit.resume("
-                  f"{str(checkpoint)!r})) to export what it returns.", stacklevel=user_stacklevel())
+    warn(f"{str(checkpoint)!r} holds an unfinished run (epoch {info['epoch']} of {info['epochs']}): the "
+         f"export holds epoch {info['epoch']}'s weights{but}. Finish the run (transferkit.resume("
+         f"{str(checkpoint)!r})) to export what it returns.")
     return int(info["epoch"])
 
 

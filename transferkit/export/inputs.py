@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from transferkit.data.checks import DataReport
 from transferkit.data.folders import list_class_files, not_a_file
 from transferkit.data.images import IMAGE_EXTENSIONS, check_image_tensor, image_from_array, load_image
 from transferkit.data.transforms import eval_transform
-from transferkit.errors import DataError, user_stacklevel
+from transferkit.errors import DataError, warn
 
 
 class InputPipeline:
@@ -129,7 +128,7 @@ class InputPipeline:
             raise DataError(f"No {self.spec.kind} files under {str(folder)!r} (looked for "
                             f"{', '.join(self.extensions)}).{' ' + note if note else ''}")
         if note:
-            warnings.warn(f"{str(folder)!r}: {note}", stacklevel=user_stacklevel())
+            warn(f"{str(folder)!r}: {note}")
         return files
 
     def _image(self, item: Any) -> torch.Tensor:

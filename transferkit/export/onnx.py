@@ -33,7 +33,7 @@ from transferkit._io import (
 )
 from transferkit._signals import raise_if_interrupted
 from transferkit._text import exception_line
-from transferkit.errors import ConfigError, ExportError, OutputError, user_stacklevel
+from transferkit.errors import ConfigError, ExportError, OutputError, warn
 from transferkit.outputs import check_output_file
 from transferkit._integrity import check_records, records_entry
 from transferkit.export.metadata import (
@@ -324,8 +324,8 @@ def read_onnx_metadata(path: str | Path, *, _source: str | None = None) -> dict[
         check_records(props.get(RECORDS_FILE, ""), meta["integrity"], onnx_digests(proto), source=source,
                       error=ExportError)
     else:
-        warnings.warn(f"{source} has no content digest (an export from an older transferkit): its weights cannot "
-                      "be checked for damage. Re-export it to add one.", stacklevel=user_stacklevel())
+        warn(f"{source} has no content digest (an export from an older transferkit): its weights cannot "
+             "be checked for damage. Re-export it to add one.")
     return meta
 
 

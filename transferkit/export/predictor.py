@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from transferkit._progress import progress as progress_bar
 from transferkit._text import exception_line, file_reason, plural
 from transferkit.backbones._base import InputSpec
 from transferkit.data.audio import loud_note
-from transferkit.errors import ConfigError, DataError, ExportError, user_stacklevel
+from transferkit.errors import ConfigError, DataError, ExportError, warn
 from transferkit.export.inputs import InputPipeline, is_open_file
 from transferkit.export.metadata import audio_max_seconds, is_onnx_file
 from transferkit.export.torchscript import check_device, load_scripted, quiet_jit, read_scripted_metadata
@@ -240,17 +239,17 @@ class Predictor:
         float samples look like unscaled PCM integers."""
         if self.inputs.loud:
             peak, example = max(self.inputs.loud, key=lambda pair: pair[0])
-            warnings.warn(loud_note(len(self.inputs.loud), peak, example), stacklevel=user_stacklevel())
+            warn(loud_note(len(self.inputs.loud), peak, example))
         if self.inputs.cropped:
             # no `max_seconds=` here: the window is the model's, not an option of predict (the CLI would
             # spell it as finetune's --max-seconds flag)
             window = self.inputs.window_seconds
             what = ("its backbone's clip_seconds" if self.inputs.spec.clip_seconds else
                     "the max_seconds of its training run")
-            warnings.warn(f"{plural(len(self.inputs.cropped), 'audio clip')} last longer than the model's window of "
-                          f"{window:g} s (e.g. {self.inputs.cropped[0]}): each was cropped to its middle {window:g} s, "
-                          f"the window the model was trained and validated on ({what}, recorded in the exported "
-                          "file). Split long recordings to predict every part.", stacklevel=user_stacklevel())
+            warn(f"{plural(len(self.inputs.cropped), 'audio clip')} last longer than the model's window of "
+                 f"{window:g} s (e.g. {self.inputs.cropped[0]}): each was cropped to its middle {window:g} s, "
+                 f"the window the model was trained and validated on ({what}, recorded in the exported "
+                 "file). Split long recordings to predict every part.")
         self.inputs.forget()
 
     def _prediction(self, row: torch.Tensor, source: str | None, top_k: int, threshold: float) -> Prediction:

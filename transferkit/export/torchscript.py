@@ -30,7 +30,7 @@ from transferkit._integrity import check_records, file_digests, open_zip, record
 from transferkit._io import atomic_write, check_free_space, file_lock, file_stat, python_writer
 from transferkit.hardware import is_convolutional, resolve_device
 from transferkit.data.target_tables import LABEL_SEPARATOR
-from transferkit.errors import ConfigError, ExportError, check_choice, user_stacklevel
+from transferkit.errors import ConfigError, ExportError, check_choice, warn
 from transferkit.outputs import check_output_file, is_export
 from transferkit._text import exception_line, plural
 from transferkit.export.metadata import (
@@ -149,10 +149,10 @@ def _to_script(model: nn.Module, example: torch.Tensor, mode: str) -> tuple[torc
     kept = _script_children(model)
     _hide_exported_methods(model)
     if mode == "auto":
-        warnings.warn(f"torch.jit.script failed ({reason}); falling back to torch.jit.trace. A traced model "
-                      "replays the control flow seen on the example input only (kept scripted: "
-                      f"{kept or 'nothing'}); data-dependent branches elsewhere are frozen. The export is still "
-                      "checked for parity on the example inputs.", stacklevel=user_stacklevel())
+        warn(f"torch.jit.script failed ({reason}); falling back to torch.jit.trace. A traced model "
+             "replays the control flow seen on the example input only (kept scripted: "
+             f"{kept or 'nothing'}); data-dependent branches elsewhere are frozen. The export is still "
+             "checked for parity on the example inputs.")
     scripting = f"scripting failed ({reason}), and " if mode == "auto" else ""
     try:
         with torch.no_grad():
@@ -373,8 +373,8 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
     with quiet_jit(), file_lock(path, what="export"):  # the run holds it already: re-entrant
         atomic_write(path, write, what="export")
     if optimize and report.optimization == "none":
-        warnings.warn("optimize=True: no optimization kept parity or reloaded, so the plain TorchScript was "
-                      f"exported. {'; '.join(report.notes)}", stacklevel=user_stacklevel())
+        warn("optimize=True: no optimization kept parity or reloaded, so the plain TorchScript was "
+             f"exported. {'; '.join(report.notes)}")
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -554,8 +554,8 @@ def _checked_metadata(f: Any, source: str) -> dict[str, Any]:
     if "integrity" in meta:
         check_records(extra.get(RECORDS_FILE, b""), meta["integrity"], digests, source=source, error=ExportError)
     else:
-        warnings.warn(f"{source} has no content digest (an export from an older transferkit): its weights cannot "
-                      "be checked for damage. Re-export it to add one.", stacklevel=user_stacklevel())
+        warn(f"{source} has no content digest (an export from an older transferkit): its weights cannot "
+             "be checked for damage. Re-export it to add one.")
     return meta
 
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from transferkit.backbones._base import Backbone
-from transferkit.errors import PolicyError, suggest, user_stacklevel
+from transferkit.errors import PolicyError, suggest, warn
 from transferkit.policies.structure import has_batchnorm as trunk_has_batchnorm
 
 BN_MODES = ("train", "affine", "frozen")
@@ -389,10 +388,9 @@ class Policy:
                               "'gradual:milestones=E1+E2', 'lora:r=R', 'fine_tune:frozen=K'; options after commas, "
                               "e.g. ',bn=affine'.")
         if kind == "finetune":
-            warnings.warn("policy 'finetune' is 'full': every block trains from the first epoch, at one rate. "
-                          "fastai's recipe (the backbone frozen first, then every block at per-block rates) is "
-                          "'fine_tune'. Write 'full' or 'fine_tune' to say which you mean.", FutureWarning,
-                          stacklevel=user_stacklevel())
+            warn("policy 'finetune' is 'full': every block trains from the first epoch, at one rate. "
+                 "fastai's recipe (the backbone frozen first, then every block at per-block rates) is "
+                 "'fine_tune'. Write 'full' or 'fine_tune' to say which you mean.", FutureWarning)
         kw: dict[str, Any] = dict(_KINDS[kind][0])
         seen: set[str] = set()
         for opt in ([first] if first else []) + opts:

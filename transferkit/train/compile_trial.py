@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 from transferkit._text import exception_line
-from transferkit.errors import ConfigError, user_stacklevel
+from transferkit.errors import ConfigError, warn
 from transferkit.train.speed import torch_compile
 
 TRIAL_SHARE = 0.05  # a compilation that does not pay may cost at most this share of the eager run left
@@ -187,8 +186,8 @@ class CompileTrial:
         if inner is not None and exception_line(inner) not in what:
             what += f" {exception_line(inner)}"
         self.record["error"] = what
-        warnings.warn(f"compile='auto': torch.compile failed on this model{when} ({what}); training goes on eager. "
-                      "Pass compile=False to skip the trial.", stacklevel=user_stacklevel())
+        warn(f"compile='auto': torch.compile failed on this model{when} ({what}); training goes on eager. "
+             "Pass compile=False to skip the trial.")
         if self.verdict == "compiled":
             self._stop(f"torch.compile failed{when} ({what})")
         else:

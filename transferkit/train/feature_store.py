@@ -48,7 +48,6 @@ import contextlib
 import json
 import os
 import shutil
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,7 @@ from torch.utils.data import Dataset
 from transferkit._io import (create_temp, file_digest, file_stat, no_space, remove_stale_temps, remove_stale_temps_in,
                              with_margin)
 from transferkit._text import plural
-from transferkit.errors import ConfigError, DataError, OutputError, user_stacklevel
+from transferkit.errors import ConfigError, DataError, OutputError, warn
 from transferkit.data.late import NOT_BAD_FILES, bad_file_reason, raising, replaces_bad_files
 from transferkit.data.sampling import SeededItems, data_loader, decode_then_compute, in_blocks, mix_seed
 from transferkit.train.distributed import (DistInfo, all_ranks, all_reduce_sum, barrier, broadcast_object,
@@ -766,8 +765,8 @@ def fill_store(store: ShardedFeatureStore, dataset: Any, forward: Callable[[torc
         raise OutputError(lacking if rank == info.rank else f"Rank {rank} stops the job: {lacking}")
     damaged = [p for p in store.reused_parts if p in missing]
     if damaged and info.is_main:
-        warnings.warn(f"Feature store {str(store.path)!r}: parts {damaged[:5]} are damaged (their files do not "
-                      "match their digests); recomputing them.", stacklevel=user_stacklevel())
+        warn(f"Feature store {str(store.path)!r}: parts {damaged[:5]} are damaged (their files do not "
+             "match their digests); recomputing them.")
     store.reused_parts = [p for p in store.reused_parts if p not in missing]
     # a read-only rank computes nothing: its share falls to the ranks of its own store's machine in the second round
     rounds = [store.assigned_parts(info.rank, info.world_size, missing=missing) if store.read_only is None else []]

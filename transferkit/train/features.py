@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from transferkit.train.distributed import DistInfo, all_ranks, barrier, gather_rows
 from transferkit._io import check_free_space, create_temp, file_digest, remove_stale_temps, reserve_blocks
 from transferkit.data.fingerprint import data_fingerprint, module_fingerprint, quick_fingerprint  # noqa: F401 (public here too)
-from transferkit.errors import OutputError, user_stacklevel
+from transferkit.errors import OutputError, warn
 from transferkit.data.sampling import data_loader, decode_then_compute, in_blocks
 from transferkit.train.loaders import EpochSampler, make_loader, mix_seed
 
@@ -164,9 +163,8 @@ def compute_features(model: Any, dataset: Dataset, *, key: str, views: int, batc
         except OSError as exc:
             if info.enabled:
                 raise
-            warnings.warn(f"Cannot write a feature-cache entry in {str(cache_dir)!r} (cache_dir): {exc}. The features "
-                          "of this run are kept in memory; the next run computes them again.",
-                          stacklevel=user_stacklevel())
+            warn(f"Cannot write a feature-cache entry in {str(cache_dir)!r} (cache_dir): {exc}. The features "
+                 "of this run are kept in memory; the next run computes them again.")
             in_memory = True
     try:
         arr, targets = None, None
@@ -199,9 +197,9 @@ def compute_features(model: Any, dataset: Dataset, *, key: str, views: int, batc
                 if info.enabled:
                     raise OutputError(f"Cannot write the feature-cache entry {str(Path(cache_dir) / key)!r} "
                                       f"(cache_dir): {exc}.") from exc
-                warnings.warn(f"Cannot write the feature-cache entry {str(Path(cache_dir) / key)!r} (cache_dir): "
-                              f"{exc}. The features of this run are kept in memory; the next run computes them "
-                              "again.", stacklevel=user_stacklevel())
+                warn(f"Cannot write the feature-cache entry {str(Path(cache_dir) / key)!r} (cache_dir): "
+                     f"{exc}. The features of this run are kept in memory; the next run computes them "
+                     "again.")
                 arr = np.array(arr)
                 shutil.rmtree(tmp, ignore_errors=True)
                 return FeatureStore(arr, targets, key)
@@ -248,8 +246,8 @@ def _disk_array(tmp: Path, shape: tuple[int, int, int], n: int, *, fallback: boo
         if not fallback:
             raise
         size = f"{need / 2**20:.1f} MB" if need >= 2**20 else f"{need / 2**10:.0f} kB"
-        warnings.warn(f"{exc} The features of this run are kept in memory instead (about {size}); "
-                      "the next run computes them again.", stacklevel=user_stacklevel())
+        warn(f"{exc} The features of this run are kept in memory instead (about {size}); "
+             "the next run computes them again.")
         return None
 
 
@@ -287,8 +285,7 @@ def load_cached(cache_dir: str | Path, key: str) -> FeatureStore | None:
         except (OSError, ValueError, KeyError) as exc:
             problem = f"{type(exc).__name__}: {exc}"
     if problem is not None:
-        warnings.warn(f"Feature-cache entry {str(d)!r} is damaged ({problem}); recomputing it.",
-                      stacklevel=user_stacklevel())
+        warn(f"Feature-cache entry {str(d)!r} is damaged ({problem}); recomputing it.")
         if d.is_dir() and not d.is_symlink():
             shutil.rmtree(d, ignore_errors=True)
         else:

@@ -5,14 +5,13 @@ Both are optional extras: ``pip install transferkit[tensorboard]`` / ``transferk
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from transferkit._io import atomic_write
 from transferkit._signals import raise_if_interrupted
-from transferkit.errors import ConfigError, OutputError, user_stacklevel
+from transferkit.errors import ConfigError, OutputError, warn
 from transferkit.outputs import check_plotting, check_png_name
 
 
@@ -41,8 +40,8 @@ class TensorBoardLogger:
 
     def _failed(self, exc: OSError) -> None:
         """A log that cannot be written (a full disk) does not stop the run: one warning, no more logging."""
-        warnings.warn(f"TensorBoard logs can no longer be written in {str(self.log_dir)!r} (log_dir): "
-                      f"{exc.strerror or exc}; the run goes on without them.", stacklevel=user_stacklevel())
+        warn(f"TensorBoard logs can no longer be written in {str(self.log_dir)!r} (log_dir): "
+             f"{exc.strerror or exc}; the run goes on without them.")
         self.writer = None
 
     def log_epoch(self, row: dict[str, Any]) -> None:

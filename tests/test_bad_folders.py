@@ -692,3 +692,43 @@ def test_transferkit_s_warnings_are_one_category_to_silence_or_raise(tmp_path):
         warnings.filterwarnings("error", category=tk.TransferkitWarning)
         with pytest.raises(tk.TransferkitWarning, match="stray.png"):
             prepare_data(root, val_split=0)
+
+
+def test_a_class_folder_is_told_from_its_first_data_file(tmp_path, monkeypatch):
+    """Whether folders beside shards or Parquet files are class folders is told from the first
+    image or audio file below each (nested, any case), not from their whole listings; other
+    files, and files behind a linked folder, are no data."""
+    from transferkit.data import checks
+
+    big, nested, notes, linked = (tmp_path / n for n in ("big", "nested", "notes", "linked"))
+    big.mkdir()
+    for i in range(500):
+        (big / f"{i:03d}.JPG").touch()
+    (nested / "a" / "b").mkdir(parents=True)
+    (nested / "a" / "b" / "clip.wav").touch()
+    notes.mkdir()
+    (notes / "readme.txt").touch()
+    linked.mkdir()
+    (linked / "to_big").symlink_to(big, target_is_directory=True)
+    read = []
+    scandir = os.scandir
+
+    class Counted:
+        def __init__(self, path):
+            self.it = scandir(path)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.it.close()
+
+        def __iter__(self):
+            for e in self.it:
+                read.append(e.name)
+                yield e
+
+    monkeypatch.setattr(checks.os, "scandir", Counted)
+    assert [checks.holds_data_files(d) for d in (big, nested, notes, linked)] == [True, True, False, False]
+    assert len(read) < 10, len(read)
+    assert checks.holds_class_folders([notes, big, nested]) and not checks.holds_class_folders([big, notes, linked])

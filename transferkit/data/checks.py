@@ -9,6 +9,7 @@ whose pixels are not.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import unicodedata
@@ -394,17 +395,28 @@ def find_duplicates(a: Iterable[str], b: Iterable[str]) -> list[tuple[str, str]]
 
 def holds_data_files(folder: str | os.PathLike) -> bool:
     """Whether an image or audio file lies anywhere below ``folder``: a class folder, whose
-    files may sit in sub-folders of their own (a ``cache_dir`` holds none). A folder beside
-    shards or Parquet files makes them stray files of a folder of images when two such class
-    folders are there. An unreadable folder counts as one (its scan says why)."""
+    files may sit in sub-folders of their own (a ``cache_dir`` holds none). An unreadable
+    folder counts as one (its scan says why). It stops at the first such file, so a class
+    folder of a million images costs a few entries, not its whole listing; linked
+    sub-folders are not walked (as the scan's ``os.walk``)."""
     known = set(IMAGE_EXTENSIONS) | set(AUDIO_EXTENSIONS)
-
-    def fail(exc: OSError) -> None:
-        raise exc
-    try:
-        for _, _, files in os.walk(folder, onerror=fail):
-            if any(os.path.splitext(f)[1].lower() in known for f in files):
-                return True
-    except OSError:
-        return True
+    below = [os.fspath(folder)]
+    while below:
+        try:
+            with os.scandir(below.pop()) as entries:
+                for e in entries:
+                    if e.is_dir():
+                        if not e.is_symlink():
+                            below.append(e.path)
+                    elif os.path.splitext(e.name)[1].lower() in known:
+                        return True
+        except OSError:
+            return True
     return False
+
+
+def holds_class_folders(folders: Iterable[str | os.PathLike]) -> bool:
+    """Whether two of ``folders`` hold data files (`holds_data_files`): the class folders of a
+    folder of images or audio, beside which stray shards or Parquet files are not data. It
+    looks no further than the second."""
+    return len(list(itertools.islice((f for f in folders if holds_data_files(f)), 2))) == 2

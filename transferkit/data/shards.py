@@ -59,7 +59,7 @@ import numpy as np
 from transferkit._io import atomic_write, entry_not_kept
 from transferkit._text import plural
 from transferkit.data.checks import (IMAGE_EXTENSIONS, ON_BAD_FILE, SCAN_RULES, SCANS, DataReport, check_image_stream,
-                                     holds_data_files, leave_out_bad)
+                                     holds_class_folders, leave_out_bad)
 from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
 from transferkit.data.fingerprint import from_common_folder
 from transferkit.data.remote import (
@@ -203,7 +203,7 @@ def shard_list(data: Any) -> list[str] | None:
         entries = list(Path(spec).iterdir())
         tars = sorted(str(p) for p in entries if p.is_file() and _tar_name(p.name) and not p.name.startswith("."))
         subs = [p for p in entries if p.is_dir() and not p.name.startswith((".", "_"))]
-        if subs and (not tars or sum(holds_data_files(p) for p in subs) >= 2):
+        if subs and (not tars or holds_class_folders(subs)):
             return None  # class sub-folders: an image folder (a stray .tar in it is not data)
         packed = sorted(p.name for p in entries if p.is_file() and _compressed_tar(p.name) and not p.name.startswith("."))
         if packed:  # refused even beside plain shards: leaving them out would change what trains

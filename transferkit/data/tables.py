@@ -36,7 +36,7 @@ import numpy as np
 from transferkit._signals import raise_if_interrupted
 from transferkit._io import atomic_write, entry_not_kept
 from transferkit.data.checks import (ON_BAD_FILE, SCAN_RULES, SCANS, DataReport, check_image_stream,
-                                     holds_data_files, leave_out_bad)
+                                     holds_class_folders, leave_out_bad)
 from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
 from transferkit.data.fingerprint import from_common_folder
 from transferkit.data.shards import named_files
@@ -85,7 +85,7 @@ def parquet_list(data: Any) -> list[str] | None:
     if os.path.isdir(spec) and not is_saved_hf(spec):
         root = Path(spec)
         subs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))]
-        if sum(holds_data_files(d) for d in subs) >= 2:
+        if holds_class_folders(subs):
             return None  # class folders: a folder of images (a stray .parquet in it is not data)
         top = sorted(str(p) for p in root.glob("*.parquet") if not p.name.startswith("."))
         # else one level down: the Hugging Face layout data/train-00000-of-00004.parquet

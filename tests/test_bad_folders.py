@@ -675,6 +675,19 @@ def test_a_data_warning_names_the_line_that_called_transferkit(tmp_path):
     assert {(w.filename, w.lineno) for w in caught} == {(__file__, line)}
 
 
+def test_a_warning_given_in_a_worker_thread_names_the_line_the_main_thread_waits_at():
+    """A worker thread has no caller of the user's: its warning named threading's own line."""
+    import inspect
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transferkit.errors import warn
+
+    with ThreadPoolExecutor(1) as pool, pytest.warns(tk.TransferkitWarning, match="from a worker") as caught:
+        line = inspect.currentframe().f_lineno + 1
+        pool.submit(warn, "from a worker").result()  # the main thread is on this line while the worker warns
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
+
+
 def test_transferkit_s_warnings_are_one_category_to_silence_or_raise(tmp_path):
     """Every warning is a TransferkitWarning: one filter silences them (and none of another
     library's), or makes them errors."""

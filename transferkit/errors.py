@@ -12,8 +12,10 @@ import os
 import re
 import sys
 import sysconfig
+import threading
 import warnings
 from collections.abc import Iterable
+from types import FrameType
 from typing import Any
 
 
@@ -199,18 +201,34 @@ def _inside(filename: str, torch_dir: str | None) -> bool:
     return filename.startswith(_STDLIB) and not filename.startswith(_SITE)
 
 
-def warn(message: str, category: type[Warning] = TransferkitWarning) -> None:
-    """Give a warning of ``category`` named at the user's line (`user_stacklevel`): the one way
-    transferkit warns."""
-    warnings.warn(message, category, stacklevel=user_stacklevel())
-
-
-def user_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at its first caller outside transferkit (and
-    outside torch and Python's own modules, `_inside`): the user's line, not the library's.
-    Called where the warning is raised (`warn` does): ``warnings.warn(message, stacklevel=user_stacklevel())``.
-    Where every caller is inside (the command line, a worker thread), the outermost one."""
-    frame, level, torch_dir = sys._getframe(1), 1, _torch_dir()
-    while frame.f_back is not None and _inside(frame.f_code.co_filename, torch_dir):
+def _first_outside(frame: FrameType | None, torch_dir: str | None) -> tuple[int, FrameType | None]:
+    """``(frames walked, the first frame outside)`` from ``frame`` to its callers (`_inside`);
+    None where every one is inside."""
+    level = 0
+    while frame is not None and _inside(frame.f_code.co_filename, torch_dir):
         frame, level = frame.f_back, level + 1
-    return level
+    return level, frame
+
+
+def warn(message: str, category: type[Warning] = TransferkitWarning) -> None:
+    """Give a warning of ``category`` named at the user's line: the first caller outside
+    transferkit, torch (a DataLoader reading a dataset of transferkit's) and Python's own
+    modules. The one way transferkit warns.
+
+    A worker thread of transferkit's has no caller of the user's: its warning names the line
+    the main thread waits at (the user's call that started the work). Where no line is the
+    user's (the command line), the outermost frame."""
+    torch_dir = _torch_dir()
+    level, user = _first_outside(sys._getframe(1), torch_dir)
+    if user is not None:
+        warnings.warn(message, category, stacklevel=level + 2)  # 1: this function, 2: its caller
+        return
+    if threading.current_thread() is not threading.main_thread():
+        waiting = sys._current_frames().get(threading.main_thread().ident)
+        user = _first_outside(waiting, torch_dir)[1]
+    if user is None:
+        warnings.warn(message, category, stacklevel=level + 1)
+        return
+    names = user.f_globals
+    warnings.warn_explicit(message, category, user.f_code.co_filename, user.f_lineno, module=names.get("__name__"),
+                           registry=names.setdefault("__warningregistry__", {}), module_globals=names)

@@ -349,3 +349,56 @@ def test_spec_augment_masks_while_some_block_trains_though_it_sits_outside_every
     for policy, masks in (("unfreeze:last=1", True), ("full", True), ("feature_extraction", False)):
         set_train_mode(model, bb, Policy.parse(policy))
         assert model.trunk.spec_augment.training is masks, policy
+
+
+def test_a_model_at_an_odd_input_rate_resamples_as_the_data_do_and_stores_no_kernel():
+    """The resampler inside the model filtered by the exact rate ratio: at 22254 Hz its kernel
+    (357 MB) took seconds to build and was stored in every checkpoint and export. It now uses
+    the data's ratio (`resample_ratio`) and is rebuilt from the rates, never stored."""
+    from transferkit.data.audio import resample
+
+    bb = get_backbone("spec:tk:small_cnn", weights=None, input_sample_rate=22254, n_mels=16)
+    assert not [k for k in bb.trunk.state_dict() if "resample" in k]
+    assert bb.trunk.resample.kernel.numel() < 10**6
+    at_16k = get_backbone("spec:tk:small_cnn", weights=None, n_mels=16)
+    at_16k.trunk.load_state_dict(bb.trunk.state_dict())
+    wav = 0.1 * torch.randn(1, 22254, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(bb.trunk.eval()(wav), at_16k.trunk.eval()(resample(wav, 22254, 16000)),
+                                   rtol=0, atol=1e-4)
+    # a file of an earlier version holds the kernel: it is rebuilt, not read
+    old = {**bb.trunk.state_dict(), "resample.kernel": torch.zeros(3)}
+    bb.trunk.load_state_dict(old)
+    assert bb.trunk.resample.kernel.numel() > 3
+
+
+@pytest.mark.parametrize("name, options", [("spec:tk:small_cnn", {"input_sample_rate": 11127, "n_mels": 16}),
+                                           ("ta:wav2vec2_tiny", {"sample_rate": 11127})])
+def test_a_run_s_checkpoint_loads_back_as_its_backbone_s_weights(tmp_path, name, options):
+    """A spec: run's checkpoint went to its image backbone (25 missing keys), and a ta: run's at
+    a rate other than 16 kHz held the resampling kernel (an unexpected key): neither trained
+    further from ``weights=run.pt`` as the docs say."""
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "d" / label).mkdir(parents=True)
+        for i in range(3):
+            sf.write(tmp_path / "d" / label / f"{i}.wav", 0.1 * rng.standard_normal(3000), 11127)
+    r = tk.finetune(name, weights=None, backbone_options=options, data=tmp_path / "d", epochs=1, verbose=False,
+                    num_workers=0, policy="full", val_split=0, checkpoint=tmp_path / "run.pt")
+    trained = {k[len("trunk."):]: v for k, v in r.model.state_dict().items() if k.startswith("trunk.")}
+    again = get_backbone(name, weights=str(tmp_path / "run.pt"), **options)
+    assert again.trunk.state_dict().keys() == trained.keys()
+    for k, v in again.trunk.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+    tk.finetune(name, weights=str(tmp_path / "run.pt"), backbone_options=options, data=tmp_path / "d", epochs=1,
+                verbose=False, num_workers=0, val_split=0)
+
+
+@pytest.mark.parametrize("option, value", [("hop_length", 0), ("hop_length", -5), ("hop_length", 2.5),
+                                           ("n_fft", 0), ("image_size", 0), ("image_size", (32, -3)),
+                                           ("n_mels", True)])
+def test_spectrogram_settings_that_are_no_positive_whole_number_are_refused_when_built(option, value):
+    """0 fell back to the default, 2.5 was cut to 2, and -5 failed inside training with torch's
+    stft error."""
+    with pytest.raises(tk.ConfigError, match=f"{option} must be a positive whole number"):
+        get_backbone("spec:tk:small_cnn", weights=None, **{option: value})

@@ -106,8 +106,13 @@ def test_every_broken_wav_is_found_by_the_header_scan(tmp_path):
     assert check_audio_file(tmp_path / "short.wav") is None
     with pytest.raises(DataError, match=r"is an empty file \(0 bytes\)"):  # read (predict) as scanned (training)
         load_audio(files["zero"], RATE)
-    with pytest.raises(DataError, match=r"Error opening .*: Format not recognised\. Supported"):  # one period
+    # one period; a type it reads is not listed as if it were not: the file is the trouble
+    with pytest.raises(DataError, match=r"Error opening .*: Format not recognised\. Its name says WAV, a type this "
+                                        r"installation reads: the file is damaged or holds something else"):
         load_audio(files["text"], RATE)
+    (tmp_path / "text.xyz").write_text("no audio")
+    with pytest.raises(DataError, match=r"Format not recognised\. Supported: \.wav"):
+        load_audio(tmp_path / "text.xyz", RATE)
 
 
 def test_an_mp3_renamed_wav_is_not_bad_when_libsndfile_decodes_it(tmp_path):
@@ -172,14 +177,23 @@ def test_non_finite_samples_are_bad_input_named_at_load(tmp_path, kind):
 
 def test_a_channel_array_that_cannot_be_mixed_down_says_which_part_is_missing():
     nan, audio = torch.full((100,), float("nan")), torch.full((100,), 0.1)
-    cases = [(torch.stack([nan, audio]), r"Channel 0 of the waveform of shape \(2, 100\) is all NaN"),
+    half = torch.cat([audio[:50], nan[:50]])  # NaN-padded at its end: mixing down cut the clip to 50 samples
+    ends = r"The channels of the waveform of shape \(2, 100\) end at different samples .*: channel {} ends at sample "
+    cases = [(torch.stack([nan, audio]), ends.format(0) + "0, channel 1 at 100"),
+             (torch.stack([audio, half]), ends.format(1) + "50, channel 0 at 100. Pass channels of one length"),
              (torch.stack([nan, nan]), r"got shape \(2, 100\) \(all of it NaN"),  # the shape as passed
              (torch.zeros(0, 100), r"got shape \(0, 100\) \(no channels\)"),
              (torch.zeros(2, 0), r"got shape \(2, 0\) \(no samples\)")]
     for wav, message in cases:
         with pytest.raises(tk.DataError, match=message):
             to_waveform(wav, RATE)
+    from transferkit.model import AudioPreprocess  # an exported model's [N, C, T] input: the same refusal
+
+    with pytest.raises(torch.jit.Error, match=r"the channels of a clip \[N, C, T\] end at different samples"):
+        torch.jit.script(AudioPreprocess())(torch.stack([audio, half])[None])
+    assert torch.jit.script(AudioPreprocess())(torch.stack([half, half])[None]).isnan().sum() == 50
     assert to_waveform(torch.stack([audio, -audio]), RATE).abs().max() == 0  # two channels are mixed down
+    assert to_waveform(audio.clone().requires_grad_(), RATE).tolist() == pytest.approx([0.1] * 100)  # no numpy error
     stereo = torch.stack([audio, audio * 3])  # [C, T], and [T, C] as soundfile.read returns it
     assert to_waveform(stereo, RATE).tolist() == pytest.approx([0.2] * 100)
     assert to_waveform(stereo.T.numpy(), RATE).tolist() == pytest.approx([0.2] * 100)
@@ -391,7 +405,7 @@ def test_a_header_that_claims_a_rate_of_a_few_hz_is_a_bad_file(tmp_path):
 def test_rates_with_few_common_factors_resample_by_a_nearby_ratio(tmp_path):
     """11127 Hz (a classic Mac rate) to 16000 Hz built a 16000 x 11127 kernel: seconds and gigabytes
     for half a second of audio. The nearest ratio of small terms gives the same sound."""
-    from transferkit.data.audio import RESAMPLE_TERMS, resample_ratio
+    from transferkit.backbones.spectrogram import RESAMPLE_TERMS, resample_ratio
 
     for orig, new in ((11127, 16000), (16000, 11127), (44101, 8000), (7999, 192000), (22254, 16000)):
         a, b = resample_ratio(orig, new)

@@ -80,9 +80,10 @@ class AudioPreprocess(nn.Module):
     """Raw waveforms to the audio trunk's input ``[N, T]`` float.
 
     Accepts float waveforms in [-1, 1] or PCM integers (`pcm_to_float`), shaped ``[N, T]``,
-    ``[N, C, T]`` (mixed down to mono) or ``[T]`` (one clip), in the module's dtype (float32
-    unless the module was cast). NaN padding at the end of shorter clips marks their length and
-    is kept (see ``transferkit.data.audio.pad_waveforms``).
+    ``[N, C, T]`` (mixed down to mono; channels NaN-padded to different lengths are refused)
+    or ``[T]`` (one clip), in the module's dtype (float32 unless the module was cast). NaN
+    padding at the end of shorter clips marks their length and is kept (see
+    ``transferkit.data.audio.pad_waveforms``).
 
     Example:
         >>> AudioPreprocess().double()(torch.tensor([[-32768, 16384]], dtype=torch.int16))
@@ -97,6 +98,10 @@ class AudioPreprocess(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pcm_to_float(x).to(self.dtype_of.dtype)
         if x.dim() == 3:
+            pad = torch.isnan(x)  # padding: NaN at a clip's end, in every channel alike
+            if bool((pad.any(1) != pad.all(1)).any()):
+                raise RuntimeError("the channels of a clip [N, C, T] end at different samples (NaN at the end marks "
+                                   "padding): pass channels of one length, or mix them down to [N, T] first")
             x = x.mean(1)
         if x.dim() == 1:
             x = x.unsqueeze(0)

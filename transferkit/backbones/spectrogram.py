@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from transferkit.config import check_seconds, sample_rate_of
 from transferkit.backbones._base import Backbone, Block, InputSpec, check_blocks
 from transferkit.backbones.registry import check_weights_tag, get_backbone, get_source, register_source
+from transferkit.backbones.weights import is_weights_path, load_into, read_state_dict
 from transferkit.errors import BackboneError, ConfigError
 
 
@@ -38,11 +40,54 @@ def split_padding(x: Tensor, check: bool = False) -> tuple[Tensor, Tensor]:
     return torch.where(valid, x, torch.zeros_like(x)), valid.sum(-1)
 
 
+RESAMPLE_TERMS = 1000
+"""The largest terms of the rate ratio `resample` filters with: torchaudio's kernel holds
+``new x orig`` taps of the ratio in lowest terms, which for rates with few common factors
+(11127 -> 16000 Hz) took seconds and gigabytes per call."""
+
+
+def resample_ratio(orig_rate: int, new_rate: int) -> tuple[int, int]:
+    """``(orig, new)``: ``new_rate / orig_rate`` in lowest terms, or where those exceed
+    `RESAMPLE_TERMS`, the nearest ratio whose larger term is within it (11127 -> 16000 Hz:
+    564 -> 811, off by 3.3e-7, which stretches 30 s by 10 us).
+
+    Example:
+        >>> resample_ratio(44100, 16000), resample_ratio(11127, 16000)
+        ((441, 160), (564, 811))
+    """
+    exact = Fraction(int(new_rate), int(orig_rate))
+    if max(exact.numerator, exact.denominator) <= RESAMPLE_TERMS:
+        return exact.denominator, exact.numerator
+    if exact < 1:  # the larger term (the original rate's) within the limit
+        near = exact.limit_denominator(RESAMPLE_TERMS)
+        return near.denominator, near.numerator
+    near = (1 / exact).limit_denominator(RESAMPLE_TERMS)
+    return near.numerator, near.denominator
+
+
+class Resample(torchaudio.transforms.Resample):
+    """torchaudio's resampler by the ratio `resample_ratio` gives, as the data are resampled,
+    its kernel rebuilt from the rates, never stored: the kernel holds ``new x orig`` taps of
+    the ratio in lowest terms, which for a model taking 22254 Hz input was 357 MB in every
+    checkpoint and export, and 8 to 14 s to build."""
+
+    def __init__(self, orig_rate: int, new_rate: int) -> None:
+        orig, new = resample_ratio(orig_rate, new_rate)
+        super().__init__(orig, new)
+        kernel = self.kernel
+        del self.kernel
+        self.register_buffer("kernel", kernel, persistent=False)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        state_dict.pop(prefix + "kernel", None)  # written by earlier versions: rebuilt from the rates
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
 def resampler(orig_rate: int, new_rate: int) -> nn.Module:
     """A scriptable resampling module (identity when the rates match)."""
     if int(orig_rate) == int(new_rate):
         return nn.Identity()
-    return torchaudio.transforms.Resample(int(orig_rate), int(new_rate))
+    return Resample(int(orig_rate), int(new_rate))
 
 
 def _band_masks(x: Tensor, dim: int, limits: Tensor, num: int, max_width: int) -> Tensor:
@@ -218,6 +263,10 @@ def min_clip_samples(trunk: SpectrogramTrunk, *, n_mels: int, n_fft: int, hop_le
     return math.ceil(model_rate / trunk.ratio)
 
 
+def _positive_whole(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 1
+
+
 def _pow2_at_least(n: int) -> int:
     p = 1
     while p < n:
@@ -237,6 +286,9 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
     ``n_fft`` defaults to 25 ms rounded up to a power of two, ``hop_length`` to 10 ms.
     ``image_size`` resizes the spectrogram image (None: keep n_mels x frames). The image
     backbone's blocks are kept (members under ``image.``), so every policy applies.
+    ``weights`` are the image backbone's (a tag or a file of its weights), or a file of a
+    whole spectrogram trunk: a transferkit checkpoint of a ``spec:`` run (to train further
+    from it) or a state dict saved from such a trunk, loaded with its mel settings checked.
     ``image_options`` go to [`get_backbone`][transferkit.get_backbone] when ``image`` is a name (e.g.
     ``{"widths": [16, 32, 64]}`` for ``tk:small_cnn``); ``spec_augment``: None, True,
     or a dict of `SpecAugment` options (masks applied in training mode only).
@@ -247,29 +299,41 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
         (torch.Size([2, 128]), 'audio')
     """
     clip_seconds = check_seconds(clip_seconds, "clip_seconds")
+    for key, value in (("n_mels", n_mels), ("n_fft", n_fft), ("hop_length", hop_length)):
+        if value is not None and not _positive_whole(value):
+            raise ConfigError(f"{key} must be a positive whole number, got {value!r}.")
+    sizes = image_size if isinstance(image_size, (tuple, list)) else (image_size,) * 2
+    if image_size is not None and not (len(sizes) == 2 and all(_positive_whole(v) for v in sizes)):
+        raise ConfigError(f"image_size must be a positive whole number or (height, width) of them, got "
+                          f"{image_size!r}; None keeps the log-mel image's own size (n_mels x frames).")
+    own, weights_path = None, weights  # a file of this kind of trunk (a spec: run's checkpoint or trunk): loaded whole, below
+    if is_weights_path(weights):
+        sd = read_state_dict(weights)
+        if any(k.startswith("image.") for k in sd):
+            own, weights = sd, None
     img = get_backbone(image, weights=weights, **(image_options or {})) if isinstance(image, str) else image
     if img.input_spec.kind != "image":
         raise BackboneError(f"spectrogram_backbone wraps an image backbone; {img.name} takes {img.input_spec.kind}.")
     sample_rate = sample_rate_of(sample_rate, "backbone option sample_rate", ConfigError)
     if input_sample_rate is not None:
         input_sample_rate = sample_rate_of(input_sample_rate, "backbone option input_sample_rate", ConfigError)
-    if isinstance(n_mels, bool) or not isinstance(n_mels, numbers.Integral) or n_mels < 1:
-        raise ConfigError(f"n_mels must be a positive whole number, got {n_mels!r}.")
     in_rate = int(input_sample_rate or sample_rate)
-    n_fft = int(n_fft or _pow2_at_least(int(0.025 * sample_rate)))
-    hop = int(hop_length or round(0.010 * sample_rate))
-    size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    n_fft = int(n_fft if n_fft is not None else _pow2_at_least(int(0.025 * sample_rate)))
+    hop = int(hop_length if hop_length is not None else round(0.010 * sample_rate))
+    size = None if image_size is None else (int(sizes[0]), int(sizes[1]))
     trunk = SpectrogramTrunk(img.trunk, sample_rate=int(sample_rate), input_sample_rate=in_rate, n_mels=int(n_mels),
                              n_fft=n_fft, hop_length=hop, f_min=f_min, f_max=f_max, channels=img.input_spec.channels,
                              image_size=size, spec_augment=as_spec_augment(spec_augment),
                              clip_samples=round(clip_seconds * in_rate) if clip_seconds else 0)
+    if own is not None:
+        load_into(trunk, own, source=f"Weights file {str(weights_path)!r}")
     trunk.min_samples = min_clip_samples(trunk, n_mels=int(n_mels), n_fft=n_fft, hop_length=hop)
     blocks = tuple(Block(b.name, tuple(f"image.{m}" for m in b.members)) for b in img.blocks)
     name = f"spec:{img.name}"
     check_blocks(trunk, blocks, name=name)
     spec = InputSpec(kind="audio", sample_rate=in_rate, clip_seconds=clip_seconds, channels=1)
     return Backbone(name=name, trunk=trunk, num_features=img.num_features, blocks=blocks, input_spec=spec,
-                    weights=img.weights)
+                    weights=str(weights_path) if own is not None else img.weights)
 
 
 # Image backbones offered as ``spec:<name>``; any other one works through spectrogram_backbone().

@@ -10,8 +10,8 @@ use only valid samples/frames, so a clip gives the same features alone or padded
 batch (within float error).
 
 Blocks: ``feature_extractor`` (the CNN), ``feature_projection`` (projection + positional
-convolution), ``layers.0 .. layers.N-1``, ``norm`` (the final LayerNorm of post-norm
-models; pre-norm models apply it after the positional convolution, in
+convolution), ``layers.0 .. layers.N-1``, ``norm`` (the final LayerNorm of pre-norm
+"large" models; post-norm "base" models apply it after the positional convolution, in
 ``feature_projection``), and ``layer_weights`` when ``layer_weighting="learned"``.
 """
 
@@ -225,7 +225,8 @@ def _load_file(target: nn.Module, sd: dict[str, Tensor], path: Any, *, strict: b
     sd = dict(sd)
     lw = sd.pop("layer_weights", None)
     core = nn.ModuleDict({"feature_extractor": target.feature_extractor, "encoder": target.encoder})
-    load_into(core, sd, strict=strict, ignore=("aux",), source=f"Weights file {str(path)!r}")
+    # the resampling kernel follows from the rates (a file of an earlier version holds it)
+    load_into(core, sd, strict=strict, ignore=("aux", "resample"), source=f"Weights file {str(path)!r}")
     own = getattr(target, "layer_weights", None)
     if lw is not None and own is not None and lw.shape == own.shape:
         with torch.no_grad():

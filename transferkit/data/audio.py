@@ -17,7 +17,6 @@ import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from transferkit.backbones._base import InputSpec
+from transferkit.backbones.spectrogram import resample_ratio
 from transferkit.config import MIN_CLIP_SECONDS, MIN_SAMPLE_RATE, VAL_SPLIT, check_seconds, is_rate, sample_rate_of
 from transferkit.data.bundle import (
     DataBundle,
@@ -183,13 +183,18 @@ def _supported(path: str | Path) -> str:
     """The formats this installation reads, for a file it could not (and why, for a known
     audio type its libsndfile cannot decode)."""
     hit = undecodable_audio([path])
+    ext = os.path.splitext(str(path))[1].lower()
+    if not hit and ext in audio_extensions():  # a type it reads: the file, not its type, is the trouble
+        return (f"Its name says {ext[1:].upper()}, a type this installation reads: the file is damaged or holds "
+                "something else (a copy or download cut short, another format renamed). Copy it again, or convert "
+                "it.")
     why = f"The file is {undecodable_reason(path)}{_mp3_advice(hit)}. " if hit else ""
     return f"{why}Supported: {', '.join(audio_extensions())} (read with soundfile/libsndfile)."
 
 
 def check_finite(samples: np.ndarray | torch.Tensor, what: str) -> None:
     """Raise [`DataError`][transferkit.DataError] when ``samples`` hold NaN or inf."""
-    arr = samples.numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
+    arr = samples.detach().cpu().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
     finite = np.isfinite(arr)
     if not finite.all():
         n_nan, n_inf = int(np.isnan(arr).sum()), int((~finite).sum() - np.isnan(arr).sum())
@@ -245,31 +250,6 @@ def crop_centre(wav: torch.Tensor, max_samples: int | None) -> torch.Tensor:
         return wav
     start = (t - max_samples) // 2
     return wav[..., start:start + max_samples]
-
-
-RESAMPLE_TERMS = 1000
-"""The largest terms of the rate ratio `resample` filters with: torchaudio's kernel holds
-``new x orig`` taps of the ratio in lowest terms, which for rates with few common factors
-(11127 -> 16000 Hz) took seconds and gigabytes per call."""
-
-
-def resample_ratio(orig_rate: int, new_rate: int) -> tuple[int, int]:
-    """``(orig, new)``: ``new_rate / orig_rate`` in lowest terms, or where those exceed
-    `RESAMPLE_TERMS`, the nearest ratio whose larger term is within it (11127 -> 16000 Hz:
-    564 -> 811, off by 3.3e-7, which stretches 30 s by 10 us).
-
-    Example:
-        >>> resample_ratio(44100, 16000), resample_ratio(11127, 16000)
-        ((441, 160), (564, 811))
-    """
-    exact = Fraction(int(new_rate), int(orig_rate))
-    if max(exact.numerator, exact.denominator) <= RESAMPLE_TERMS:
-        return exact.denominator, exact.numerator
-    if exact < 1:  # the larger term (the original rate's) within the limit
-        near = exact.limit_denominator(RESAMPLE_TERMS)
-        return near.denominator, near.numerator
-    near = (1 / exact).limit_denominator(RESAMPLE_TERMS)
-    return near.numerator, near.denominator
 
 
 def resample(wav: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
@@ -350,7 +330,7 @@ class AudioAugment:
 
 class AudioTransform:
     """Waveform at the spec's rate -> float32 ``[T]``: optional augmentation, then crop
-    (random in training, centred otherwise) or NaN-pad to ``spec.clip_seconds`` when set."""
+    (at a random place with augmentation, centred otherwise) or NaN-pad to ``spec.clip_seconds`` when set."""
 
     def __init__(self, spec: InputSpec, augment: str | AudioAugment = "none") -> None:
         if not spec.sample_rate:
@@ -694,7 +674,7 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
             raise DataError(f"A (path, sample_rate) pair ({str(item)!r}, {rate}): a file's rate is read from the "
                             "file; pass the path alone.")
     try:
-        wav = torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item)
+        wav = torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item.detach().cpu())
     except (TypeError, ValueError, RuntimeError) as exc:  # strings, ragged lists, objects
         raise DataError(f"Cannot read a {type(item).__name__} as a waveform ({exc}): pass a path, a [T] or [C, T] "
                         "array or tensor of samples, or a (waveform, sample_rate) pair.") from None
@@ -714,10 +694,14 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
         if wav.shape[0] == 0 or wav.shape[1] == 0:
             raise DataError(f"A waveform must be a non-empty [T] or [C, T] array, got shape {given} (no "
                             f"{'channels' if wav.shape[0] == 0 else 'samples'}).")
-        blank = [i for i in range(wav.shape[0]) if bool(torch.isnan(wav[i]).all())]
-        if blank and len(blank) < wav.shape[0]:  # mixing it down would make every sample NaN
-            raise DataError(f"Channel {blank[0]} of the waveform of shape {given} is all NaN (NaN marks padding) "
-                            "while another channel holds audio; pass channels of one length, or the channel alone.")
+        # NaN at a channel's end is padding: mixing channels padded unequally would cut the clip to the shortest
+        ends = wav.shape[1] - torch.cumprod(torch.isnan(wav).flip(-1).int(), -1).sum(-1)
+        if bool((ends != ends[0]).any()):
+            short = int(torch.argmin(ends))
+            raise DataError(f"The channels of the waveform of shape {given} end at different samples (NaN at the end "
+                            f"marks padding): channel {short} ends at sample {int(ends[short])}, channel "
+                            f"{int(torch.argmax(ends))} at {int(ends.max())}. Pass channels of one length, or the "
+                            "channel alone.")
         wav = wav.mean(0)
     if wav.ndim == 1:
         wav = wav[: int(valid_lengths(wav[None])[0])] if torch.isnan(wav[-1:]).any() else wav  # trailing padding

@@ -745,3 +745,15 @@ def test_a_class_folder_is_told_from_its_first_data_file(tmp_path, monkeypatch):
     assert [checks.holds_data_files(d) for d in (big, nested, notes, linked)] == [True, True, False, False]
     assert len(read) < 10, len(read)
     assert checks.holds_class_folders([notes, big, nested]) and not checks.holds_class_folders([big, notes, linked])
+
+
+def test_a_class_of_a_csv_left_without_readable_files_is_said_as_a_class_not_a_folder(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    (tmp_path / "bad.png").write_text("not an image")
+    rows = ["path,label"] + [f"{p},{p.parent.name}" for p in sorted(root.rglob("*.png"))] + [f"{tmp_path / 'bad.png'},odd"]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    with pytest.warns(UserWarning) as caught:
+        prepare_data(str(tmp_path / "list.csv"), val_split=0)
+    text = " ".join(str(w.message) for w in caught)
+    assert "Classes without readable images in" in text and "['odd'] (every file of them was bad" in text, text
+    assert "Class folders" not in text

@@ -565,11 +565,13 @@ def audio_window(max_seconds: float | None, clip_seconds: float | None) -> float
     return max(float(max_seconds), float(clip_seconds)) if max_seconds is not None and clip_seconds else max_seconds
 
 
-def _warn_long(report: DataReport, long: list[tuple[float, str]], max_seconds: float) -> None:
+def _warn_long(report: DataReport, long: list[tuple[float, str]], window: float) -> None:
+    """``window``: `audio_window`, max_seconds or the backbone's longer clip_seconds."""
     secs, where = max(long)
-    report.warn(f"Cropped {plural(len(long), 'clip')} longer than max_seconds={max_seconds:g} to their middle "
-                f"{max_seconds:g} s (the longest: {secs:.1f} s, {where}); pass a larger max_seconds (or None) to keep "
-                "more, at the cost of memory per batch.")
+    report.warn(f"Cropped {plural(len(long), 'clip')} longer than {window:g} s to their middle {window:g} s (the "
+                "window kept of each clip: max_seconds, or the backbone's clip_seconds where that is longer; the "
+                f"longest: {secs:.1f} s, {where}); pass a larger max_seconds (or None) to keep more, at the cost of "
+                "memory per batch.")
 
 
 class AudioDataset(FileDataset):

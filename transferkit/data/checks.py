@@ -367,8 +367,9 @@ def readable_samples(listed: Sequence[tuple[Any, int]], kept: Sequence[tuple[Any
                         f"(e.g. {report.bad_files[:2]}).")
     emptied = [names[t] for t in sorted({t for _, t in listed} - {t for _, t in kept})]
     if emptied:
-        report.warn(f"Class folders without readable {what} in {str(source)!r}: {emptied} (every file in them was "
-                    "bad, see the left-out files).")
+        listing = str(source).lower().endswith(".csv")
+        report.warn(f"{'Classes' if listing else 'Class folders'} without readable {what} in {str(source)!r}: "
+                    f"{emptied} (every file {'of' if listing else 'in'} them was bad, see the left-out files).")
     return list(kept)
 
 

@@ -63,6 +63,7 @@ def test_parse_and_round_trip(spec, expected):
     ("full,discriminative=3", "(0, 1]"),
     ("full,discriminative=0.1,layer_decay=0.9", "not both"),
     ("lora:r=0", ">= 1"),
+    ("lora:r=2,alpha=inf", "lora_alpha must be a finite number > 0"),  # 0 x inf: the first step was NaN
     ("lora:r=2,targets=(", "regular expression"),
     ("full,colour=blue", "valid options"),
     ("", "such as 'feature_extraction'"),
@@ -83,7 +84,7 @@ def test_bad_fields_are_rejected():
     with pytest.raises(PolicyError, match="not with full fine-tuning"):
         Policy(lora=4, unfreeze="all")
     for field, message in (("discriminative", r"number in \(0, 1\]"), ("layer_decay", r"number in \(0, 1\]"),
-                           ("l2sp", "finite number"), ("lora_alpha", "number > 0")):  # True is no rate
+                           ("l2sp", "finite number"), ("lora_alpha", "finite number > 0")):  # True is no rate
         with pytest.raises(PolicyError, match=message):
             Policy(**{field: True}, **({"lora": 4} if field == "lora_alpha" else {"unfreeze": "all"}))
 

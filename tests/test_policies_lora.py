@@ -172,3 +172,21 @@ def test_the_plan_says_lora_leaves_the_batchnorm_statistics_as_they_were(image_f
            "as they were)\n" in alone.summary()  # ... and the plan says so
     assert with_block.bn_updates == ((bb.block_names[-1],),)
     assert "  batchnorm: statistics update in the unfrozen blocks, eval elsewhere (LoRA" in with_block.summary()
+
+
+@pytest.mark.parametrize("mode", ["auto", "trace"])
+def test_export_torchscript_takes_a_model_that_still_holds_its_lora_factors(tmp_path, mode):
+    """result.model keeps its factors; exporting it directly failed with torch's 'Parametrization
+    is not working with scripting' (and tracing failed too). The export folds them in a copy."""
+    model, bb = build("timm-vit")
+    apply_policy(model, bb, Policy.parse("lora:r=2"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".lora_B"):
+                p.normal_(0, 0.05)  # trained factors: the merge changes what the layers compute
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    report = export_torchscript(model, tmp_path / "m.pt", example_inputs=x, mode=mode,
+                                metadata={"labels": ["a", "b", "c"], "input_spec": bb.input_spec.to_dict()})
+    assert report.mode == ("script" if mode == "auto" else "trace") and has_lora(model)  # the model keeps them
+    with torch.no_grad():
+        assert (torch.jit.load(str(tmp_path / "m.pt"))(x) - model.eval()(x)).abs().max().item() <= 1e-5

@@ -10,7 +10,6 @@ weight (initializer), of the nodes and of the graph's inputs and outputs
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import threading
 import time
@@ -52,6 +51,7 @@ from transferkit.export.torchscript import (
     check_export_path,
     check_tolerances,
     checked_inputs,
+    eager_copy,
     example_list,
     export_torchscript,
     module_bytes,
@@ -251,7 +251,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
         raise ExportError(f"An ONNX file takes one input dtype; the example inputs have "
                           f"{sorted({str(x.dtype) for x in examples})}. Pass examples of one dtype (the predictor "
                           "converts uint8 and float images to the file's).")
-    eager = copy.deepcopy(model).cpu().eval()
+    eager = eager_copy(model)
     batches = _batches(examples)
     with torch.no_grad():
         width = int(eager(examples[0][:1]).shape[1])

@@ -29,6 +29,7 @@ from torch import nn
 from transferkit._integrity import check_records, file_digests, open_zip, record_name, records_entry, zip_records
 from transferkit._io import atomic_write, check_free_space, file_lock, file_stat, python_writer
 from transferkit.hardware import is_convolutional, resolve_device
+from transferkit.lora import merge_lora
 from transferkit.data.target_tables import LABEL_SEPARATOR
 from transferkit.errors import ConfigError, ExportError, check_choice, warn
 from transferkit.outputs import check_output_file, is_export
@@ -316,11 +317,20 @@ def check_export_path(path: str | Path, *, reads: list[tuple[str, Any]] = ()) ->
                       replaceable=is_export)
 
 
+def eager_copy(model: nn.Module) -> nn.Module:
+    """The copy of ``model`` an export converts and compares with: on the CPU, in eval mode,
+    with any LoRA factors folded into their weights (`merge_lora`: the same function with
+    plain modules, which TorchScript scripts and which `result.model` keeps unmerged)."""
+    merged = merge_lora(model)
+    return (copy.deepcopy(model) if merged is model else merged).cpu().eval()
+
+
 def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
                        example_inputs: torch.Tensor | Sequence[torch.Tensor], mode: str = "auto",
                        optimize: bool = False, atol: float = 1e-5, rtol: float = 1e-5) -> ExportReport:
     """Convert ``model`` to TorchScript, save it with ``metadata`` inside, reload the file
-    and compare it with the eager model on ``example_inputs`` at batch size 1 and N.
+    and compare it with the eager model on ``example_inputs`` at batch size 1 and N. A model
+    with LoRA factors is exported with them folded into its weights (`eager_copy`).
 
     The tolerance is ``atol + rtol * max|eager output|`` (``metadata["task"] == "regression"``:
     per output, see `parity`); beyond it ExportError is raised and ``path`` is left untouched.
@@ -342,7 +352,7 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
     check_tolerances(atol, rtol)
     check_export_path(path)
     examples = parity_examples(example_inputs, metadata)
-    eager = copy.deepcopy(model).cpu().eval()
+    eager = eager_copy(model)
     batches, reference = reference_outputs(eager, _check_batches(examples))
     out = reference[0]
     if not isinstance(out, torch.Tensor) or out.ndim != 2:

@@ -227,8 +227,8 @@ class Policy:
         if r is not None and (self.unfreeze == "all" or self.is_gradual):
             raise PolicyError("LoRA trains low-rank factors instead of the backbone: it combines with unfreezing "
                               "some blocks (last=, blocks=, from=), not with full fine-tuning or gradual unfreezing.")
-        if self.lora_alpha is not None and not (_number(self.lora_alpha) and self.lora_alpha > 0):
-            raise PolicyError(f"Policy.lora_alpha must be a number > 0, got {self.lora_alpha!r}.")
+        if self.lora_alpha is not None and not (_number(self.lora_alpha) and 0 < self.lora_alpha < math.inf):
+            raise PolicyError(f"Policy.lora_alpha must be a finite number > 0, got {self.lora_alpha!r}.")
         try:
             re.compile(self.lora_targets)
         except (re.error, TypeError) as exc:

@@ -190,3 +190,20 @@ def test_export_torchscript_takes_a_model_that_still_holds_its_lora_factors(tmp_
     assert report.mode == ("script" if mode == "auto" else "trace") and has_lora(model)  # the model keeps them
     with torch.no_grad():
         assert (torch.jit.load(str(tmp_path / "m.pt"))(x) - model.eval()(x)).abs().max().item() <= 1e-5
+
+
+def test_a_second_lora_policy_on_one_model_is_refused_and_the_same_one_again_is_taken():
+    """apply_policy with another LoRA policy kept the first one's factors (rank 4 on qkv) and
+    added none of its own, without a word."""
+    model, bb = build("timm-vit")
+    first = Policy.parse("lora:r=4,targets=qkv")
+    apply_policy(model, bb, first)
+    before = _lora_names(model)
+    apply_policy(model, bb, first, epoch=1)  # the run applies its policy every epoch
+    assert _lora_names(model) == before
+    for other in ("lora:r=8,alpha=32,targets=fc1", "lora:r=8,targets=qkv", "lora:r=4,alpha=8,targets=qkv",
+                  "lora:r=4,targets=qkv|fc1"):
+        with pytest.raises(PolicyError, match=r"already holds LoRA factors \(rank 4 on \d+ layers: .*qkv.*not the "
+                                              r"policy's"):
+            apply_policy(model, bb, Policy.parse(other))
+    assert _lora_names(model) == before

@@ -100,6 +100,29 @@ def add_lora(module: nn.Module, *, rank: int, alpha: float | None = None,
     return [n for n, _, _ in found]
 
 
+def check_lora(module: nn.Module, *, rank: int, alpha: float | None = None,
+               targets: str = r"attn|attention|mlp") -> None:
+    """A `PolicyError` when the LoRA factors ``module`` holds are not those `add_lora` with
+    these settings attaches (another rank, alpha or set of layers): a second LoRA policy
+    applied to one model would train the first one's factors."""
+    held: dict[str, tuple[int, float]] = {}
+    for name, m in module.named_modules():
+        for pname, chain in (getattr(m, "parametrizations", None) or {}).items():
+            for delta in chain:
+                if isinstance(delta, LoRADelta):
+                    held[name if pname == "weight" else f"{name}.in_proj"] = (int(delta.lora_A.shape[0]), delta.scale)
+    want = {n for n, _, _ in lora_targets(module, targets)}
+    scale = float(rank if alpha is None else alpha) / rank
+    if set(held) != want or any(r != rank or not math.isclose(sc, scale) for r, sc in held.values()):
+        ranks = sorted({r for r, _ in held.values()})
+        first = sorted(held)[:3]
+        raise PolicyError(f"This model already holds LoRA factors (rank {'/'.join(map(str, ranks))} on "
+                          f"{len(held)} layers: {', '.join(first)}{' ...' if len(held) > 3 else ''}) that are not "
+                          f"the policy's (rank {rank}, alpha {rank if alpha is None else alpha}, targets "
+                          f"{targets!r}: {len(want)} layers). A model takes one LoRA policy: build it again for "
+                          "another, or start from merge_lora(model) to adapt the merged weights.")
+
+
 def has_lora(module: nn.Module) -> bool:
     """True when some submodule of ``module`` carries LoRA factors."""
     return any(isinstance(m, LoRADelta) for m in module.modules())

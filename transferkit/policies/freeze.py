@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
 from transferkit.backbones._base import Backbone
-from transferkit.lora import add_lora, has_lora, is_lora_parameter
+from transferkit.lora import add_lora, check_lora, has_lora, is_lora_parameter
 from transferkit.policies.frozen_bn import freeze_batchnorm, thaw_batchnorm
 from transferkit.policies.spec import Policy
 from transferkit.policies.structure import block_of, bn_param_names, has_batchnorm  # noqa: F401 (has_batchnorm: public here)
@@ -49,7 +49,8 @@ def trainable_flags(model: nn.Module, backbone: Backbone, policy: Policy, epoch:
 
 def apply_policy(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int = 0) -> None:
     """Set ``requires_grad`` on ``model.trunk`` as ``policy`` says at ``epoch``; the head always
-    trains. A LoRA policy adds its factors to the trunk the first time (in place).
+    trains. A LoRA policy adds its factors to the trunk the first time (in place); factors of
+    another LoRA policy already there are a `PolicyError` (`check_lora`).
 
     Example:
         >>> from transferkit import get_backbone, build_head
@@ -60,8 +61,12 @@ def apply_policy(model: nn.Module, backbone: Backbone, policy: Policy, epoch: in
         >>> sorted({n.split(".")[1] for n in trainable_parameter_names(m)})
         ['0', 'stage3']
     """
-    if policy.lora is not None and not has_lora(model.trunk):
-        add_lora(model.trunk, rank=policy.lora, alpha=policy.lora_alpha, targets=policy.lora_targets)
+    if policy.lora is not None:
+        lora = {"rank": policy.lora, "alpha": policy.lora_alpha, "targets": policy.lora_targets}
+        if has_lora(model.trunk):
+            check_lora(model.trunk, **lora)
+        else:
+            add_lora(model.trunk, **lora)
     flags = trainable_flags(model, backbone, policy, epoch)
     for name, p in model.trunk.named_parameters():
         p.requires_grad_(flags[name])

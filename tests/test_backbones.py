@@ -428,6 +428,26 @@ def test_a_block_without_parameters_is_refused_it_would_count_in_last_n():
     assert ok.block_names == ["c1", "c2"]
 
 
+def test_a_parameter_shared_by_modules_of_two_blocks_is_refused_and_within_one_block_taken():
+    """Tied weights in blocks 'early' and 'late': unfreeze:last=1 trained the frozen block's weight
+    (or, registered the other way, did not train the block the plan said trains)."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.late = nn.Conv2d(3, 3, 3, padding=1)
+            self.early = nn.Conv2d(3, 3, 3, padding=1)
+            self.early.weight = self.late.weight
+
+        def forward(self, x):
+            return self.late(torch.relu(self.early(x))).mean((2, 3))
+
+    with pytest.raises(BackboneError, match=r"one parameter is shared by blocks \['early', 'late'\] \(as late.weight, "
+                                            r"early.weight\).*Put the modules that share it in one block"):
+        from_module(Tied(), input_spec={"image_size": 16}, blocks=["early", "late"])
+    ok = from_module(Tied(), input_spec={"image_size": 16}, blocks=[("both", ["early", "late"])])
+    assert ok.block_names == ["both"]
+
+
 def test_a_policy_that_trains_blocks_is_refused_on_a_torchscript_backbone(tmp_path):
     """It has no block: "full" and gradual ran as feature extraction without a word (or with
     "raise epochs above 1" for fine_tune, and start=-1 advised for gradual)."""

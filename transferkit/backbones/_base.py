@@ -136,8 +136,9 @@ def blocks_from_members(spec: list[tuple[str, list[str]]]) -> tuple[Block, ...]:
 
 def check_blocks(trunk: nn.Module, blocks: tuple[Block, ...], *, name: str = "backbone") -> None:
     """Raise BackboneError unless ``blocks`` cover every parameter of ``trunk`` exactly once,
-    and each holds a parameter (a policy counts blocks: ``last=1`` on a block of pooling
-    layers would train nothing)."""
+    each holds a parameter (a policy counts blocks: ``last=1`` on a block of pooling layers
+    would train nothing), and a parameter shared by several modules (tied weights) lies in
+    one block."""
     names = [b.name for b in blocks]
     if len(set(names)) != len(names):
         raise BackboneError(f"{name}: duplicate block names in {names}")
@@ -155,6 +156,15 @@ def check_blocks(trunk: nn.Module, blocks: tuple[Block, ...], *, name: str = "ba
             missing.append(pname)
         elif len(owners) > 1:
             doubled.append(f"{pname} -> {owners}")
+    by_tensor: dict[int, list[str]] = {}
+    for pname, p in trunk.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(pname)
+    for shared in (ns for ns in by_tensor.values() if len(ns) > 1):
+        owners = [b.name for b in blocks if any(b.owns(n) for n in shared)]
+        if len(owners) > 1:
+            raise BackboneError(f"{name}: one parameter is shared by blocks {owners} (as {', '.join(shared[:4])}): "
+                                "a policy that freezes one of them and trains another would change the frozen one. "
+                                "Put the modules that share it in one block.")
     if missing or doubled:
         parts = []
         if missing:

@@ -211,3 +211,41 @@ def test_a_saved_model_with_frozen_layers_of_another_library_loads_in_a_new_proc
     assert out.stdout.split() == ["FrozenBatchNormAct2d", "FrozenBatchNorm2d", "False", "[1.0,", "1.0,", "1.0,", "1.0]"]
     copied = copy.deepcopy(model).train()
     assert type(copied[1]) is type(model[1]) and not copied[1].training
+
+
+class _InstanceNormNet(nn.Module):
+    """A trunk whose normalisation is InstanceNorm with running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True))
+        self.top = nn.Sequential(nn.Conv2d(4, 8, 3), nn.InstanceNorm2d(8, affine=True, track_running_stats=True),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        return self.top(torch.relu(self.stem(x)))
+
+
+@pytest.mark.parametrize("bn", ["train", "frozen"])
+def test_instance_norm_with_running_statistics_is_frozen_as_batchnorm_is(image_folder, bn):
+    """Only BatchNorm was swapped: the trainable block's InstanceNorm statistics moved under
+    bn=frozen, and a user's model.train() moved the frozen stem's."""
+    from transferkit.backbones import from_module
+
+    torch.manual_seed(0)
+    bb = from_module(_InstanceNormNet(), input_spec={"image_size": 16}, blocks=["stem", "top"])
+    before = _trunk_state_of(bb.trunk)
+    result = tk.finetune(bb, data=image_folder, policy=f"unfreeze:last=1,bn={bn}", epochs=1, lr=0.05, **KW)
+    model = result.model
+    after = model.trunk.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not {k for k in moved if k.startswith("stem.")}
+    assert {k.rpartition(".")[2] for k in moved if k.startswith("top.1.")} == (  # bn=frozen: gamma/beta too
+        {"weight", "bias", "running_mean", "running_var"} if bn == "train" else set())
+    kept = _trunk_state_of(model.trunk)
+    _user_loop(model, model.head.parameters())
+    assert all(torch.equal(kept[k], v) for k, v in model.trunk.state_dict().items() if k.startswith("stem."))
+
+
+def _trunk_state_of(trunk: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trunk.state_dict().items()}

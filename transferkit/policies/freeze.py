@@ -21,12 +21,11 @@ training except under ``affine``, which trains gamma/beta everywhere (fastai's
 from __future__ import annotations
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
 from transferkit.backbones._base import Backbone
 from transferkit.lora import add_lora, check_lora, has_lora, is_lora_parameter
-from transferkit.policies.frozen_bn import freeze_batchnorm, thaw_batchnorm
+from transferkit.policies.frozen_bn import freeze_batchnorm, thaw_batchnorm, tracks_statistics
 from transferkit.policies.spec import Policy
 from transferkit.policies.structure import block_of, bn_param_names, has_batchnorm  # noqa: F401 (has_batchnorm: public here)
 
@@ -90,7 +89,7 @@ def statistics_frozen(model: nn.Module, backbone: Backbone, policy: Policy, epoc
     active = set(policy.trainable_blocks(backbone.block_names, epoch))
     owner = module_blocks(model.trunk, backbone) if active and policy.bn == "train" else {}
     return {name: not active or policy.bn != "train" or (owner[name] is not None and owner[name] not in active)
-            for name, m in model.trunk.named_modules() if isinstance(m, _BatchNorm)}
+            for name, m in model.trunk.named_modules() if tracks_statistics(m)}
 
 
 def freeze_statistics(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int = 0) -> None:
@@ -142,7 +141,7 @@ def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]
 def _follows_its_neighbour(m: nn.Module) -> bool:
     """A module that computes as the frozen trunk must not in training mode: a normalisation
     layer that updates running statistics, or a dropout."""
-    return isinstance(m, _NormBase) and bool(m.track_running_stats) or isinstance(m, _DropoutNd)
+    return tracks_statistics(m) or isinstance(m, _DropoutNd)
 
 
 def set_train_mode(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int = 0) -> None:
@@ -162,7 +161,7 @@ def set_train_mode(model: nn.Module, backbone: Backbone, policy: Policy, epoch: 
             m.eval()
     if policy.bn != "train":
         for m in model.trunk.modules():
-            if isinstance(m, _BatchNorm):
+            if tracks_statistics(m):
                 m.eval()
 
 

@@ -1,4 +1,5 @@
-"""BatchNorm layers whose statistics stay frozen whatever mode the model is put in.
+"""BatchNorm layers (and InstanceNorm layers that track running statistics) whose
+statistics stay frozen whatever mode the model is put in.
 
 A policy freezes the BatchNorm statistics of the blocks that do not train (and of every block
 under ``bn="affine"`` or ``"frozen"``). Eval mode alone would keep them only while transferkit
@@ -30,7 +31,7 @@ from __future__ import annotations
 import sys
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _NormBase
 
 from transferkit.data.fingerprint import module_fingerprint
 
@@ -91,18 +92,26 @@ def frozen_class(cls: type) -> type:
     return _FROZEN[cls]
 
 
+def tracks_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer that keeps running statistics: BatchNorm of
+    any kind (SyncBatchNorm, timm's ``BatchNormAct2d``) or InstanceNorm with
+    ``track_running_stats=True``. These are the layers whose statistics a policy freezes."""
+    return isinstance(module, _NormBase) and bool(module.track_running_stats)
+
+
 def is_frozen_batchnorm(module: nn.Module) -> bool:
     """Whether ``module`` is a BatchNorm layer swapped to frozen statistics."""
     return isinstance(module, FrozenStatistics)
 
 
 def freeze_batchnorm(module: nn.Module) -> bool:
-    """Swap ``module`` (a BatchNorm layer that tracks running statistics) to its frozen kind,
-    in place, and put it in eval mode; ``True`` if it is frozen now. A layer without running
-    statistics (``track_running_stats=False``) has none to freeze and is left alone."""
+    """Swap ``module`` (a normalisation layer that tracks running statistics,
+    `tracks_statistics`) to its frozen kind, in place, and put it in eval mode; ``True`` if it
+    is frozen now. A layer without running statistics (``track_running_stats=False``) has
+    none to freeze and is left alone."""
     if is_frozen_batchnorm(module):
         return True
-    if not isinstance(module, _BatchNorm) or not module.track_running_stats:
+    if not tracks_statistics(module):
         return False
     module.__class__ = frozen_class(type(module))
     module.eval()

@@ -331,6 +331,27 @@ def test_export_rebuilds_an_audio_backbone_with_the_runs_backbone_options(tmp_pa
     assert code == 0 and "records no backbone_options" in err and "was rebuilt with its default options" in err, err
 
 
+def test_export_of_a_checkpoint_whose_backbone_is_the_user_s_own_module_says_so(tmp_path, capsys):
+    """The backbone's name (its class's, from from_module) was looked up in the registry:
+    'Unknown backbone 'MyNet'. Did you mean 'mixnet_l' ...?'"""
+    from transferkit.backbones import from_module
+
+    class MyNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.stem(x).mean((2, 3))
+
+    data = make_image_folder(tmp_path / "images", per_class=3, size=16)
+    transferkit.finetune(from_module(MyNet(), input_spec={"image_size": 16}), data=data, epochs=1, verbose=False,
+                         num_workers=0, val_split=0, checkpoint=tmp_path / "run.ckpt")
+    code, _, err = _run(capsys, "export", tmp_path / "run.ckpt", "--out", tmp_path / "m.pt")
+    assert code == 2 and "trained with the backbone 'MyNet', which no registered source builds" in err, err
+    assert "Did you mean" not in err and not (tmp_path / "m.pt").exists()
+
+
 @pytest.fixture
 def tiny_run(tmp_path, monkeypatch):
     """A folder holding images/ (the current one), and a finetune command line on it."""

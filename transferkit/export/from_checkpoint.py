@@ -11,7 +11,7 @@ from torch import nn
 from transferkit.backbones._base import InputSpec
 from transferkit.backbones.weights import load_into
 from transferkit.config import portable_decisions
-from transferkit.errors import ConfigError, DataError, ExportError, WeightsError, warn
+from transferkit.errors import ConfigError, DataError, ExportError, UnknownBackboneError, WeightsError, warn
 from transferkit.lora import fold_lora_state
 from transferkit.model import build_model
 from transferkit.backbones import get_backbone
@@ -48,7 +48,15 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     spec = InputSpec.from_dict(meta["input_spec"])
     num_outputs = int(decisions.get("num_outputs") or meta.get("num_outputs") or len(meta["labels"]))
     options, options_hint = _backbone_options(meta, where)
-    backbone = get_backbone(backbone_name, weights=None, **(options or {}))
+    try:
+        backbone = get_backbone(backbone_name, weights=None, **(options or {}))
+    except UnknownBackboneError:
+        raise ExportError(f"The {where} was trained with the backbone {backbone_name!r}, which no registered source "
+                          "builds (a backbone made with from_module or by hand: the checkpoint holds its weights, "
+                          "not its code), so it cannot be rebuilt from the checkpoint. In Python, build that backbone "
+                          f"again, then model = transferkit.build_model(backbone, {num_outputs}), load the "
+                          "checkpoint's 'model' weights into it, and export it with "
+                          "transferkit.export_torchscript(model, ...).") from None
     model = build_model(backbone, num_outputs, spec=spec, head_hidden=head["hidden"],
                         head_activation=head["activation"], head_dropout=head["dropout"], head_norm=head["norm"],
                         target_norm=head["target_norm"])

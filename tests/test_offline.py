@@ -103,6 +103,11 @@ def test_unreachable_hub_fails_at_the_timeout_and_is_checked_once(monkeypatch, t
         assert "cannot reach download.pytorch.org:443: no answer within 0.2 s" in msg3
         assert str(tmp_path / "torch" / "hub" / "checkpoints" / "wav2vec2_fairseq_base_ls960.pth") in msg3
         assert "weights=None" in msg3 and len(net.calls) == 2 and net.ended == []
+        # torchvision's files too: no "Downloading: ..." line from torch.hub before the error
+        msg4 = _error(lambda: get_backbone("tv:squeezenet1_1", weights="DEFAULT"))
+        assert "cannot reach download.pytorch.org:443: no answer within 0.2 s" in msg4
+        assert str(tmp_path / "torch" / "hub" / "checkpoints" / "squeezenet1_1-b8a52dc0.pth") in msg4
+        assert len(net.calls) == 2  # the host's answer is remembered
         assert no_other_connection == []  # neither huggingface_hub nor torch.hub tried (no retries)
     finally:
         net.release.set()

@@ -9,10 +9,12 @@ import torch
 import torchvision
 from torch import nn
 
+from transferkit.backbones._hub import hub_unreachable
 from transferkit.backbones._base import Backbone, Block, InputSpec, blocks_from_members, check_blocks, container_blocks
 from transferkit.backbones.registry import register_source
 from transferkit.backbones.weights import is_weights_path, load_into, read_state_dict
 from transferkit.errors import BackboneError, WeightsError
+from transferkit._text import exception_line
 
 _CLASSIFIER_ATTRS = ("fc", "classifier", "heads", "head")
 
@@ -255,12 +257,15 @@ def _resolve_weights_enum(name: str, tag: str) -> Any:
     return enum[tag]
 
 
-def _download_hint(weights_enum: Any) -> str:
-    fname = os.path.basename(weights_enum.url)
-    cache = os.path.join(torch.hub.get_dir(), "checkpoints", fname)
-    return (f"Could not get the pretrained weights {weights_enum} ({weights_enum.url}). You seem to be offline. "
-            f"Download that file on a machine with internet and put it at {cache}, or pass its local path "
-            "as weights=..., or use weights=None for random initialisation.")
+def _cache_file(weights_enum: Any) -> str:
+    """Where torch.hub keeps the file of ``weights_enum`` (and looks for it first)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights_enum.url))
+
+
+def _download_hint(weights_enum: Any, why: str) -> str:
+    return (f"Could not get the pretrained weights {weights_enum} ({weights_enum.url}): {why}. Download that file "
+            f"on a machine with internet and put it at {_cache_file(weights_enum)}, or pass its local path as "
+            "weights=..., or use weights=None for random initialisation.")
 
 
 class _Inception3Trunk(torchvision.models.Inception3):
@@ -301,11 +306,15 @@ def _drop_aux_heads(name: str, model: nn.Module) -> tuple[str, ...]:
 def _build_model(name: str, weights_enum: Any, kwargs: dict[str, Any]) -> nn.Module:
     if name in _AUX and weights_enum is None:
         kwargs = {"aux_logits": False, "init_weights": True, **kwargs}
+    if weights_enum is not None and not os.path.isfile(_cache_file(weights_enum)):
+        offline = hub_unreachable(weights_enum.url)  # once per host and process, about a second at most
+        if offline is not None:  # said before torch.hub prints "Downloading: ..." and fails
+            raise WeightsError(_download_hint(weights_enum, offline))
     try:
         return torchvision.models.get_model(name, weights=weights_enum, **kwargs)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
         if weights_enum is not None and ("urlopen" in str(exc) or isinstance(exc, OSError)):
-            raise WeightsError(_download_hint(weights_enum)) from exc
+            raise WeightsError(_download_hint(weights_enum, exception_line(exc))) from exc
         raise
 
 

@@ -645,3 +645,18 @@ def test_a_shard_dataset_closes_its_shards_when_it_goes(tmp_path):
         del ds
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+
+
+def test_shards_of_folders_with_their_own_class_lists_are_read_by_name(tmp_path):
+    """Each folder's _info.json lists its classes in its own order: the second folder's labels
+    were read in the first folder's order (every one of them flipped, without a word)."""
+    items = _sorted_items(make_image_folder(tmp_path / "img", per_class=4))
+    a = write_shards(items[:4], tmp_path / "a", [4], classes=["dark", "light"])
+    b = write_shards(items[4:], tmp_path / "b", [4], classes=["light", "dark"])
+    bundle = prepare_data([str(a[0]), str(b[0])], val_split=0)
+    assert bundle.classes == ["dark", "light"]
+    assert [bundle.classes[t] for t in bundle.train.targets] == [c for _, _, c in items]
+    (tmp_path / "b" / "_info.json").unlink()  # indices that no list names
+    with pytest.raises(tk.DataError, match=r"shards of .*a' list their classes in an _info.json, and .*b.*tar' "
+                                           r"gives class indices without one"):
+        prepare_data([str(a[0]), str(b[0])], val_split=0)

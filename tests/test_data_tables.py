@@ -268,3 +268,39 @@ def test_a_mapped_hf_dataset_has_the_same_listing_in_every_process(tmp_path):
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     (fp0, listing0), (fp1, listing1) = (r.stdout.split() for r in runs)
     assert fp0 != fp1 and listing0 == listing1
+
+
+def test_parquet_files_with_their_own_classlabel_orders_are_read_by_name_and_other_schemas_refused(tmp_path):
+    """Only the first file's ClassLabel was read: a second file listing the classes in the other
+    order had every label flipped, without a word; files of other columns or column types were
+    raw pyarrow/TypeError tracebacks."""
+    import json
+
+    from transferkit.data.tables import open_parquet
+
+    def meta(names):
+        return {b"huggingface": json.dumps({"info": {"features": {"label": {"_type": "ClassLabel",
+                                                                            "names": names}}}}).encode()}
+
+    images, targets, classes = _rows(make_image_folder(tmp_path / "img", per_class=4))
+    half = len(images) // 2
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"image": pa.array(images[:half], pa.binary()), "label": targets[:half]})
+                   .replace_schema_metadata(meta(classes)), tmp_path / "pq" / "a.parquet")
+    flipped = classes[::-1]
+    pq.write_table(pa.table({"image": pa.array(images[half:], pa.binary()),
+                             "label": [flipped.index(classes[t]) for t in targets[half:]]})
+                   .replace_schema_metadata(meta(flipped)), tmp_path / "pq" / "b.parquet")
+    ds = open_parquet(sorted(str(p) for p in (tmp_path / "pq").iterdir()), scan="none")
+    assert [ds.classes[t] for t in ds.targets] == [classes[t] for t in targets]
+    renamed = tmp_path / "renamed.parquet"
+    pq.write_table(pa.table({"image": pa.array(images[half:], pa.binary()), "target": targets[half:]}), renamed)
+    with pytest.raises(tk.DataError, match=r"renamed.parquet' has no column 'label', which .*a.parquet' has \(its "
+                                           r"columns: \['image', 'target'\]\): Parquet files read together need"):
+        open_parquet([str(tmp_path / "pq" / "a.parquet"), str(renamed)], scan="none")
+    struct = tmp_path / "struct.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": b, "path": None} for b in images[half:]], "label": targets[half:]}),
+                   struct)
+    with pytest.raises(tk.DataError, match=r"struct.parquet': its column 'image' holds struct<.*and that of "
+                                           r".*a.parquet' binary"):
+        open_parquet([str(tmp_path / "pq" / "a.parquet"), str(struct)], scan="none")

@@ -771,11 +771,11 @@ def _info_text(folder: str, name: str) -> tuple[str, str | None]:
     return str(p), p.read_text() if p.is_file() else None
 
 
-def _info_classes(paths: Sequence[str]) -> list[str] | None:
-    first = paths[0]
-    if first.startswith("pipe:"):
+def _info_classes(path: str) -> list[str] | None:
+    """The ``classes`` of the ``_info.json`` (or ``info.json``) beside the shard ``path``."""
+    if path.startswith("pipe:"):
         return None  # a command has no folder to look in
-    folder = first.rsplit("/", 1)[0] if is_url(first) else str(Path(first).parent)
+    folder = path.rsplit("/", 1)[0] if is_url(path) else str(Path(path).parent)
     for name in ("_info.json", "info.json"):
         p, text = _info_text(folder, name)
         if text is not None:
@@ -789,6 +789,41 @@ def _info_classes(paths: Sequence[str]) -> list[str] | None:
                     raise DataError(f"{str(p)!r}: 'classes' must be a list of class names.")
                 return names
     return None
+
+
+def _own_classes(shards: Sequence[str], indexes: Sequence[ShardIndex], what: str) -> tuple[list[str] | None, list]:
+    """``(classes, labels)`` of shards that may lie in several folders, each with the class list
+    of its own ``_info.json``: where the folders list their classes alike (or none does), that
+    list and the labels as they are; where they differ, each class index is read as its own
+    folder's class name (an index of one folder is another class in the next) and the classes
+    are all the names, in the order the folders list them (indices beside no list are refused)."""
+    lists: dict[str, list[str] | None] = {}
+    per_shard = []
+    for path in shards:
+        folder = path.rsplit("/", 1)[0] if not path.startswith("pipe:") else path
+        if folder not in lists:
+            lists[folder] = _info_classes(path)
+        per_shard.append(lists[folder])
+    raw = [lab for ix in indexes for lab in ix.labels]
+    if len({None if c is None else tuple(c) for c in lists.values()}) <= 1:
+        return per_shard[0], raw
+    labels = []
+    for path, names, ix in zip(shards, per_shard, indexes):
+        for lab in ix.labels:
+            if isinstance(lab, (int, np.integer)):
+                if names is None:
+                    listed = next(f for f, c in lists.items() if c is not None)
+                    raise DataError(f"The {what} shards of {listed!r} list their classes in an _info.json, and "
+                                    f"{path!r} gives class indices without one: its indices cannot be read by name. "
+                                    "Put the same _info.json beside every shard, or label the samples by name (txt "
+                                    "or json).")
+                if not 0 <= lab < len(names):
+                    raise DataError(f"A sample of the {what} shard {path!r} has the class index {int(lab)}, "
+                                    f"outside 0..{len(names) - 1} for the classes of its _info.json {names[:10]}.")
+                lab = names[int(lab)]
+            labels.append(lab)
+    merged = list(dict.fromkeys(c for names in lists.values() if names for c in names))
+    return merged, labels
 
 
 def sizes_tell_apart(sizes: Any) -> bool:
@@ -971,8 +1006,8 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
     if len(source) == 0:
         raise DataError(f"The {what} shards {list(shards)[:3]} hold no usable sample (an image and a label per "
                         f"key, e.g. 000001.jpg and 000001.cls).{apart}")
-    own = _info_classes(shards)
-    labels = labels_by_name([lab for ix in indexes for lab in ix.labels], own, classes, what, "shards", report)
+    own, raw = _own_classes(shards, indexes, what)
+    labels = labels_by_name(raw, own, classes, what, "shards", report)
     targets, names = labels_to_targets(labels, list(classes) if classes else own, f"The {what} shards", report)
     reasons = [r for ix in indexes for r in ix.bad]
     leave_out_bad([(source.sample_name(i), r) for i, r in enumerate(reasons) if r], on_bad_file=on_bad_file,

@@ -195,7 +195,31 @@ class ParquetSource:
                             f"{cols[:20]}.")
         self.key_column = next((c for c in KEY_COLUMNS if c in cols), None)
         self.struct = pa.types.is_struct(schema.field(self.image_column).type)
-        self.class_names = _hf_class_names(schema, self.label_column)
+        for f, m in zip(self.files[1:], metas[1:]):  # files read together: one set of columns
+            other = m.schema_arrow
+            for col in (self.image_column, self.label_column):
+                if col not in other.names:
+                    raise DataError(f"{f!r} has no column {col!r}, which {self.files[0]!r} has (its columns: "
+                                    f"{other.names[:20]}): Parquet files read together need the same columns. "
+                                    "Write them with one schema, or read them apart.")
+            kind = other.field(self.image_column).type
+            if not is_image(kind) or pa.types.is_struct(kind) != self.struct:  # bytes in one, {bytes, path} in another
+                raise DataError(f"{f!r}: its column {self.image_column!r} holds {kind}, and that of "
+                                f"{self.files[0]!r} {schema.field(self.image_column).type}: Parquet files read "
+                                "together need the same column types. Write them with one schema, or read them "
+                                "apart.")
+        lists = [_hf_class_names(m.schema_arrow, self.label_column) for m in metas]
+        self._file_classes: list[list[str]] | None = None  # each file's own ClassLabel names, where they differ
+        if any(c != lists[0] for c in lists):
+            if any(c is None for c in lists):
+                listed, unlisted = (next(f for f, c in zip(self.files, lists) if (c is None) is none)
+                                    for none in (False, True))
+                raise DataError(f"{listed!r} names its classes (a ClassLabel column) and {unlisted!r} does not: the "
+                                "class indices of the latter cannot be read by name. Write every file with the same "
+                                "ClassLabel, or labels as names.")
+            self._file_classes = lists  # type: ignore[assignment]
+            lists = [list(dict.fromkeys(c for names in lists for c in names))]  # type: ignore[union-attr]
+        self.class_names = lists[0]
         # where each row lies: (file, row group, row in group)
         groups = [(fi, g, m.metadata.row_group(g).num_rows) for fi, m in enumerate(metas)
                   for g in range(m.metadata.num_row_groups)]
@@ -220,10 +244,20 @@ class ParquetSource:
         return state
 
     def labels(self) -> list[Any]:
+        """The label of each row; a class index of a file whose ClassLabel lists its classes in
+        another order than the others' is read as its own class's name."""
         pq = _pyarrow()
         out: list[Any] = []
-        for f in self.files:
-            out += pq.read_table(f, columns=[self.label_column]).column(0).to_pylist()
+        for k, f in enumerate(self.files):
+            labels = pq.read_table(f, columns=[self.label_column]).column(0).to_pylist()
+            names = self._file_classes[k] if self._file_classes is not None else None
+            if names is not None:
+                outside = next((lab for lab in labels if isinstance(lab, int) and not 0 <= lab < len(names)), None)
+                if outside is not None:
+                    raise DataError(f"{f!r} has the class index {outside}, outside 0..{len(names) - 1} for its "
+                                    f"ClassLabel's classes {names[:10]}.")
+                labels = [names[lab] if isinstance(lab, int) else lab for lab in labels]
+            out += labels
         return out
 
     def _locate(self, i: int) -> tuple[int, int]:

@@ -351,7 +351,7 @@ def test_spec_augment_masks_while_some_block_trains_though_it_sits_outside_every
         assert model.trunk.spec_augment.training is masks, policy
 
 
-def test_a_model_at_an_odd_input_rate_resamples_as_the_data_do_and_stores_no_kernel():
+def test_a_model_at_an_odd_input_rate_resamples_as_the_data_do_and_stores_no_kernel(tmp_path):
     """The resampler inside the model filtered by the exact rate ratio: at 22254 Hz its kernel
     (357 MB) took seconds to build and was stored in every checkpoint and export. It now uses
     the data's ratio (`resample_ratio`) and is rebuilt from the rates, never stored."""
@@ -366,10 +366,16 @@ def test_a_model_at_an_odd_input_rate_resamples_as_the_data_do_and_stores_no_ker
     with torch.no_grad():
         torch.testing.assert_close(bb.trunk.eval()(wav), at_16k.trunk.eval()(resample(wav, 22254, 16000)),
                                    rtol=0, atol=1e-4)
-    # a file of an earlier version holds the kernel: it is rebuilt, not read
+    # a file of an earlier version holds the kernel: it is rebuilt, not read (also as weights=, the export's path)
     old = {**bb.trunk.state_dict(), "resample.kernel": torch.zeros(3)}
     bb.trunk.load_state_dict(old)
     assert bb.trunk.resample.kernel.numel() > 3
+    torch.save(old, tmp_path / "old.pt")
+    again = get_backbone("spec:tk:small_cnn", weights=str(tmp_path / "old.pt"), input_sample_rate=22254, n_mels=16)
+    assert again.trunk.resample.kernel.numel() > 3
+    # rates whose ratio within the limit is 1 are not resampled, as the data are not
+    near = get_backbone("spec:tk:small_cnn", weights=None, input_sample_rate=16001, n_mels=16)
+    assert isinstance(near.trunk.resample, torch.nn.Identity) and near.trunk.ratio == 1.0
 
 
 @pytest.mark.parametrize("name, options", [("spec:tk:small_cnn", {"input_sample_rate": 11127, "n_mels": 16}),
@@ -392,6 +398,10 @@ def test_a_run_s_checkpoint_loads_back_as_its_backbone_s_weights(tmp_path, name,
         assert torch.equal(v, trained[k]), k
     tk.finetune(name, weights=str(tmp_path / "run.pt"), backbone_options=options, data=tmp_path / "d", epochs=1,
                 verbose=False, num_workers=0, val_split=0)
+    if name.startswith("spec:"):  # made with other mel settings: said, not loaded into a filterbank of others
+        with pytest.raises(tk.ConfigError, match=r"holds a spectrogram trunk made with other mel settings "
+                                                 r"\(melspec.mel_scale.fb"):
+            get_backbone(name, weights=str(tmp_path / "run.pt"), **{**options, "f_max": 3000.0})
 
 
 @pytest.mark.parametrize("option, value", [("hop_length", 0), ("hop_length", -5), ("hop_length", 2.5),

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import transferkit as tk
 from transferkit.backbones import get_backbone
 from transferkit.errors import ConfigError, PolicyError
 from transferkit.heads import build_head
@@ -188,8 +189,9 @@ def test_fine_tune_freezes_everything_for_k_epochs_then_trains_all_blocks():
 
 def test_fine_tune_is_no_longer_an_alias_of_full():
     assert Policy.parse("fine_tune") != Policy.parse("full")
-    with pytest.warns(FutureWarning, match="'finetune' is 'full'.*'fine_tune'"):
+    with pytest.warns(tk.TransferkitWarning, match="'finetune' is 'full'.*'fine_tune'") as caught:
         assert Policy.parse("finetune") == Policy.parse("full")
+    assert issubclass(caught[0].category, FutureWarning)  # a TransferkitWarning, and a FutureWarning
 
 
 @pytest.mark.parametrize("typo, meant", [("fine-tune", "fine_tune"), ("Fine_Tune", "fine_tune"),

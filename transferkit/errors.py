@@ -88,6 +88,10 @@ class TransferkitWarning(UserWarning):
     them into errors with ``"error"`` in place of ``"ignore"``."""
 
 
+class TransferkitFutureWarning(TransferkitWarning, FutureWarning):
+    """A spelling whose meaning will change (a `TransferkitWarning`, and a `FutureWarning`)."""
+
+
 def _natural(text: str) -> list[Any]:
     """Sort key reading digit runs as numbers (``lite2`` before ``lite10``)."""
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text)]

@@ -100,8 +100,9 @@ class AudioPreprocess(nn.Module):
         if x.dim() == 3:
             pad = torch.isnan(x)  # padding: NaN at a clip's end, in every channel alike
             if bool((pad.any(1) != pad.all(1)).any()):
-                raise RuntimeError("the channels of a clip [N, C, T] end at different samples (NaN at the end marks "
-                                   "padding): pass channels of one length, or mix them down to [N, T] first")
+                raise RuntimeError("the channels of a clip [N, C, T] end at different samples, or hold NaN in some "
+                                   "channels only (NaN marks padding, at a clip's end and in every channel alike): "
+                                   "pass channels of one length, or mix them down to [N, T] first")
             x = x.mean(1)
         if x.dim() == 1:
             x = x.unsqueeze(0)

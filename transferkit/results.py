@@ -19,7 +19,6 @@ from transferkit.errors import ConfigError
 from transferkit.export import Predictor
 from transferkit.export.torchscript import ExportReport
 from transferkit.outputs import check_not_data
-from transferkit.policies import merge_lora
 from transferkit.run import Run
 from transferkit.steps import example_inputs, export_metadata, metadata, weights_epoch
 
@@ -47,11 +46,10 @@ def export_result(model: nn.Module, decisions: Decisions | None, run: Run | None
     check_writable(path, what="export")  # before any work
     if onnx_path is not None:
         check_writable(onnx_path, what="ONNX export")
-    merged, meta, examples = merge_lora(model), export_metadata(decisions, best, epochs), \
-        example_inputs(decisions, run)
+    meta, examples = export_metadata(decisions, best, epochs), example_inputs(decisions, run)
     from transferkit.export.onnx import export_files
 
-    return export_files(merged, path, onnx=onnx_path, metadata=meta, example_inputs=examples, mode=mode,
+    return export_files(model, path, onnx=onnx_path, metadata=meta, example_inputs=examples, mode=mode,
                         optimize=optimize, atol=atol, rtol=rtol)
 
 

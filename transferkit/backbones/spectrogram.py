@@ -67,9 +67,10 @@ def resample_ratio(orig_rate: int, new_rate: int) -> tuple[int, int]:
 
 class Resample(torchaudio.transforms.Resample):
     """torchaudio's resampler by the ratio `resample_ratio` gives, as the data are resampled,
-    its kernel rebuilt from the rates, never stored: the kernel holds ``new x orig`` taps of
-    the ratio in lowest terms, which for a model taking 22254 Hz input was 357 MB in every
-    checkpoint and export, and 8 to 14 s to build."""
+    its kernel rebuilt from the rates, not stored in checkpoints (a TorchScript export holds it,
+    as TorchScript keeps every buffer): the kernel holds ``new x orig`` taps of the ratio in
+    lowest terms, which for a model taking 22254 Hz input was 357 MB in every checkpoint and
+    export, and seconds to build."""
 
     def __init__(self, orig_rate: int, new_rate: int) -> None:
         orig, new = resample_ratio(orig_rate, new_rate)
@@ -83,11 +84,14 @@ class Resample(torchaudio.transforms.Resample):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
-def resampler(orig_rate: int, new_rate: int) -> nn.Module:
-    """A scriptable resampling module (identity when the rates match)."""
-    if int(orig_rate) == int(new_rate):
-        return nn.Identity()
-    return Resample(int(orig_rate), int(new_rate))
+def resampler(orig_rate: int, new_rate: int) -> tuple[nn.Module, float]:
+    """A scriptable resampling module and the ratio of lengths it gives (new / old): identity
+    and 1.0 when the rates match, or where their ratio within `RESAMPLE_TERMS` is 1 (16001 Hz
+    to 16000 Hz), as the data are not resampled then either."""
+    orig, new = resample_ratio(orig_rate, new_rate)
+    if orig == new:
+        return nn.Identity(), 1.0
+    return Resample(int(orig_rate), int(new_rate)), new / orig
 
 
 def _band_masks(x: Tensor, dim: int, limits: Tensor, num: int, max_width: int) -> Tensor:
@@ -162,8 +166,7 @@ class SpectrogramTrunk(nn.Module):
                  min_samples: int = 1) -> None:
         super().__init__()
         self.clip_samples, self.min_samples = int(clip_samples), int(min_samples)
-        self.resample = resampler(input_sample_rate, sample_rate)
-        self.ratio = float(sample_rate) / float(input_sample_rate)
+        self.resample, self.ratio = resampler(input_sample_rate, sample_rate)
         self.melspec = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=n_fft, hop_length=hop_length,
                                                             f_min=f_min, f_max=f_max, n_mels=n_mels)
         self.hop_length, self.channels = int(hop_length), int(channels)
@@ -288,7 +291,8 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
     backbone's blocks are kept (members under ``image.``), so every policy applies.
     ``weights`` are the image backbone's (a tag or a file of its weights), or a file of a
     whole spectrogram trunk: a transferkit checkpoint of a ``spec:`` run (to train further
-    from it) or a state dict saved from such a trunk, loaded with its mel settings checked.
+    from it) or a state dict saved from such a trunk, whose mel filterbank and window are
+    checked against these settings (``hop_length`` is not in the file: give the run's).
     ``image_options`` go to [`get_backbone`][transferkit.get_backbone] when ``image`` is a name (e.g.
     ``{"widths": [16, 32, 64]}`` for ``tk:small_cnn``); ``spec_augment``: None, True,
     or a dict of `SpecAugment` options (masks applied in training mode only).
@@ -308,7 +312,7 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
                           f"{image_size!r}; None keeps the log-mel image's own size (n_mels x frames).")
     own, weights_path = None, weights  # a file of this kind of trunk (a spec: run's checkpoint or trunk): loaded whole, below
     if is_weights_path(weights):
-        sd = read_state_dict(weights)
+        sd = read_state_dict(weights, weights_only=(image_options or {}).get("weights_only", True))
         if any(k.startswith("image.") for k in sd):
             own, weights = sd, None
     img = get_backbone(image, weights=weights, **(image_options or {})) if isinstance(image, str) else image
@@ -326,6 +330,14 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
                              image_size=size, spec_augment=as_spec_augment(spec_augment),
                              clip_samples=round(clip_seconds * in_rate) if clip_seconds else 0)
     if own is not None:
+        built = trunk.state_dict()
+        other = [k for k in own if k.startswith("melspec.") and k in built and (
+            own[k].shape != built[k].shape or not torch.allclose(own[k].float(), built[k].float(), atol=1e-6))]
+        if other:
+            raise ConfigError(f"Weights file {str(weights_path)!r} holds a spectrogram trunk made with other mel "
+                              f"settings ({', '.join(other)} differ from what sample_rate, n_fft, n_mels, f_min and "
+                              "f_max give here): build the backbone with the options of the run that wrote it (its "
+                              "checkpoint records them as backbone_options).")
         load_into(trunk, own, source=f"Weights file {str(weights_path)!r}")
     trunk.min_samples = min_clip_samples(trunk, n_mels=int(n_mels), n_fft=n_fft, hop_length=hop)
     blocks = tuple(Block(b.name, tuple(f"image.{m}" for m in b.members)) for b in img.blocks)

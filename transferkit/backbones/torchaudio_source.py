@@ -117,8 +117,7 @@ class SpeechTrunk(nn.Module):
         self.layer_norm_first, self.layer_drop = bool(t.layer_norm_first), float(t.layer_drop)
         self.learned_weights = layer_weighting == "learned"
         self.layer_weights = nn.Parameter(torch.zeros(len(t.layers) + 1)) if self.learned_weights else None
-        self.resample = resampler(input_sample_rate, sample_rate)
-        self.ratio = float(sample_rate) / float(input_sample_rate)
+        self.resample, self.ratio = resampler(input_sample_rate, sample_rate)
         self.spec_augment = spec_augment or SpecAugment(freq_masks=0, time_masks=0)
 
     def frames(self, x: Tensor) -> tuple[Tensor, Tensor]:

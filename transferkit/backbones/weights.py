@@ -111,11 +111,15 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, stri
               ignore: tuple[str, ...] = (), source: str = "weights") -> None:
     """Copy ``state_dict`` into ``module``; a mismatch raises one readable WeightsError.
 
-    Keys starting with a prefix in ``ignore`` are dropped first (e.g. the old classifier).
+    Keys starting with a prefix in ``ignore`` are dropped first (e.g. the old classifier), and
+    so are keys of buffers the module does not store (non-persistent: made from its settings).
     ``num_batches_tracked`` buffers missing from old checkpoints are not an error.
     """
-    sd = {k: v for k, v in state_dict.items() if not any(k == p or k.startswith(p + ".") for p in ignore)}
     own = module.state_dict()
+    # buffers made from the module's settings, not stored (a file of an earlier version may hold one)
+    rebuilt = {n for n, _ in module.named_buffers()} - set(own)
+    sd = {k: v for k, v in state_dict.items()
+          if k not in rebuilt and not any(k == p or k.startswith(p + ".") for p in ignore)}
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"

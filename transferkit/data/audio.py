@@ -184,7 +184,8 @@ def _supported(path: str | Path) -> str:
     audio type its libsndfile cannot decode)."""
     hit = undecodable_audio([path])
     ext = os.path.splitext(str(path))[1].lower()
-    if not hit and ext in audio_extensions():  # a type it reads: the file, not its type, is the trouble
+    readable = os.path.isfile(path) and os.access(path, os.R_OK)
+    if not hit and readable and ext in audio_extensions():  # a type it reads: the file, not its type, is the trouble
         return (f"Its name says {ext[1:].upper()}, a type this installation reads: the file is damaged or holds "
                 "something else (a copy or download cut short, another format renamed). Copy it again, or convert "
                 "it.")

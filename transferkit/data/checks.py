@@ -398,17 +398,21 @@ def holds_data_files(folder: str | os.PathLike) -> bool:
     """Whether an image or audio file lies anywhere below ``folder``: a class folder, whose
     files may sit in sub-folders of their own (a ``cache_dir`` holds none). An unreadable
     folder counts as one (its scan says why). It stops at the first such file, so a class
-    folder of a million images costs a few entries, not its whole listing; linked
-    sub-folders are not walked (as the scan's ``os.walk``)."""
+    folder of a million images costs a few entries, not its whole listing; linked sub-folders
+    are walked as the scan walks them, each real folder once."""
     known = set(IMAGE_EXTENSIONS) | set(AUDIO_EXTENSIONS)
-    below = [os.fspath(folder)]
+    below, seen = [os.fspath(folder)], set()
     while below:
+        path = below.pop()
+        real = os.path.realpath(path)
+        if real in seen:  # a link back into a folder already walked
+            continue
+        seen.add(real)
         try:
-            with os.scandir(below.pop()) as entries:
+            with os.scandir(path) as entries:
                 for e in entries:
                     if e.is_dir():
-                        if not e.is_symlink():
-                            below.append(e.path)
+                        below.append(e.path)
                     elif os.path.splitext(e.name)[1].lower() in known:
                         return True
         except OSError:

@@ -50,7 +50,10 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     options, options_hint = _backbone_options(meta, where)
     try:
         backbone = get_backbone(backbone_name, weights=None, **(options or {}))
-    except UnknownBackboneError:
+    except UnknownBackboneError as exc:
+        if ":" in backbone_name:  # a source's name this environment cannot build (another timm, say): its reason
+            raise ExportError(f"The {where} was trained with the backbone {backbone_name!r}, which cannot be built "
+                              f"here: {exc}") from None
         raise ExportError(f"The {where} was trained with the backbone {backbone_name!r}, which no registered source "
                           "builds (a backbone made with from_module or by hand: the checkpoint holds its weights, "
                           "not its code), so it cannot be rebuilt from the checkpoint. In Python, build that backbone "

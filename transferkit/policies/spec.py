@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from transferkit.backbones._base import Backbone
-from transferkit.errors import PolicyError, suggest, warn
+from transferkit.errors import PolicyError, TransferkitFutureWarning, suggest, warn
 from transferkit.policies.structure import has_batchnorm as trunk_has_batchnorm
 
 BN_MODES = ("train", "affine", "frozen")
@@ -390,7 +390,7 @@ class Policy:
         if kind == "finetune":
             warn("policy 'finetune' is 'full': every block trains from the first epoch, at one rate. "
                  "fastai's recipe (the backbone frozen first, then every block at per-block rates) is "
-                 "'fine_tune'. Write 'full' or 'fine_tune' to say which you mean.", FutureWarning)
+                 "'fine_tune'. Write 'full' or 'fine_tune' to say which you mean.", TransferkitFutureWarning)
         kw: dict[str, Any] = dict(_KINDS[kind][0])
         seen: set[str] = set()
         for opt in ([first] if first else []) + opts:

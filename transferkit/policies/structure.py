@@ -6,17 +6,18 @@ from __future__ import annotations
 import re
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from transferkit.backbones._base import Backbone
 from transferkit.errors import PolicyError
+from transferkit.policies.frozen_bn import tracks_statistics
 
 
 def bn_param_names(trunk: nn.Module) -> set[str]:
     """The names of the BatchNorm gamma/beta parameters of ``trunk`` (and of InstanceNorm layers
     that track running statistics, which a policy treats as BatchNorm)."""
     return {f"{mn}.{pn}" if mn else pn for mn, m in trunk.named_modules()
-            if isinstance(m, _BatchNorm) or isinstance(m, _NormBase) and m.track_running_stats
+            if isinstance(m, _BatchNorm) or tracks_statistics(m)
             for pn, _ in m.named_parameters(recurse=False)}
 
 

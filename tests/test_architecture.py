@@ -4,10 +4,12 @@ import circles (function-level imports included), no private name imported acros
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1] / "transferkit"
 
@@ -246,3 +248,35 @@ def test_data_loader_s_workers_exit_quietly_on_sigterm_and_keep_the_pixel_limit(
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 12345)
     loader = data_loader(_WorkerState(), batch_size=None, num_workers=1, multiprocessing_context="spawn")
     assert list(next(iter(loader))) == [12345, "_exit_quietly"]
+
+
+_ARMED: list[int] = []  # a SIGINT to send from the fork hook, once
+
+
+def _signal_while_forking() -> None:
+    if _ARMED:
+        _ARMED.pop()
+        import signal
+
+        signal.raise_signal(signal.SIGINT)
+
+
+os.register_at_fork(after_in_parent=_signal_while_forking)
+
+
+def test_a_signal_while_workers_are_forked_stops_the_loop_instead_of_being_dropped():
+    """Ctrl-C or SIGTERM landing while a DataLoader forked its workers ran its handler inside
+    Python's fork hooks, which drop the exception: the run went on (or a half-started worker
+    was reported as a crash). The workers start with the signals held, then it is raised."""
+    import signal
+
+    from transferkit.data.sampling import data_loader
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    loader = data_loader(_WorkerState(), batch_size=None, num_workers=1, multiprocessing_context="fork")
+    _ARMED.append(1)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in loader:
+            pass
+    assert not _ARMED and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert list(next(iter(loader))) == [Image.MAX_IMAGE_PIXELS, "_exit_quietly"]  # a later start as before

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from transferkit._signals import held_signals
+
 
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers (splitmix64-style mixing, stable across runs and platforms)."""
@@ -251,7 +253,25 @@ def data_loader(dataset: Dataset, **options: Any) -> DataLoader:
         raise TypeError("data_loader sets worker_init_fn itself")
     from PIL import Image
 
-    return DataLoader(dataset, worker_init_fn=WorkerInit(Image.MAX_IMAGE_PIXELS), **options)
+    return _Loader(dataset, worker_init_fn=WorkerInit(Image.MAX_IMAGE_PIXELS), **options)
+
+
+_BEFORE_HOLD: dict[int, Any] = {}  # the SIGINT handler a process had before it held the signals to start workers
+
+
+class _Loader(DataLoader):
+    """A DataLoader that starts its worker processes with SIGINT and SIGTERM held
+    (`transferkit._signals.held_signals`), then raises for one that came meanwhile. A signal
+    that lands while workers are forked otherwise runs its handler inside Python's fork hooks,
+    which drop the exception ("Exception ignored in ... _after_fork"): the run went on as if
+    nothing had come, or a worker killed half-started was reported as a crash."""
+
+    def _get_iterator(self):  # noqa: ANN202  torch's own signature
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        _BEFORE_HOLD[signal.SIGINT] = signal.getsignal(signal.SIGINT)
+        with held_signals():
+            return super()._get_iterator()
 
 
 class WorkerInit:
@@ -267,6 +287,9 @@ class WorkerInit:
 
         Image.MAX_IMAGE_PIXELS = self.max_image_pixels
         quiet_exit_on_sigterm(worker_id)
+        before = _BEFORE_HOLD.get(signal.SIGINT)  # a forked worker inherits the hold's recorder: Ctrl-C as before
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
 
 
 def quiet_exit_on_sigterm(worker_id: int) -> None:

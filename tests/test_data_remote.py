@@ -184,6 +184,28 @@ def test_failed_fetches_are_one_line_errors(shards, tmp_path, monkeypatch):
     assert not remote._may_pass(PermissionError("Access Denied")) and remote._may_pass(ConnectionResetError())
 
 
+def test_a_look_up_whose_server_is_down_for_a_moment_is_tried_again(shards, tmp_path, monkeypatch):
+    """Only the GET was tried again: a HEAD refused while the server restarted ended the run at
+    once, against "a server that restarts does not end a long job"."""
+    import urllib.error
+    import urllib.request
+
+    monkeypatch.setattr(remote, "RETRY_WAITS", (0.0, 0.0))
+    real, refused = urllib.request.urlopen, []
+
+    def urlopen(request, *args, **kwargs):
+        if getattr(request, "method", None) == "HEAD" and len(refused) < 2:
+            refused.append(request.full_url)
+            raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+        return real(request, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    with serve(shards) as (base, requests):
+        ds = _quiet(prepare_data, f"{base}/train-000000.tar", val_split=0, cache_dir=tmp_path / "c")
+        assert len(refused) == 2 and [m for m, p in requests if p.endswith(".tar")].count("HEAD") == 1
+    assert len(ds.train) == len(_quiet(prepare_data, str(shards / "train-000000.tar"), val_split=0).train)
+
+
 def test_a_fetch_that_stalls_fails_instead_of_waiting_forever(shards, tmp_path, monkeypatch):
     """A command silent for longer than the timeout, and a server that trickles a byte at a
     time (each read within its timeout, the whole never), fail as stalled fetches; the

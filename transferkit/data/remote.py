@@ -30,7 +30,8 @@ and bounded:
   file) is tried again after each of `RETRY_WAITS` first; the error then says how many
   attempts were made. A missing shard (HTTP 404, a missing file) fails at once.
 
-`remote_validators` reads what identifies a shard's current content without fetching it:
+`remote_validators` (a ``HEAD``) and `fetch_small` (an ``_info.json``) are tried again the same
+way. `remote_validators` reads what identifies a shard's current content without fetching it:
 ``ETag``, ``Content-Length`` and ``Last-Modified`` from an HTTP ``HEAD`` (or the size, ETag
 and modification time fsspec lists); a ``pipe:`` command has none (its text is its identity).
 """
@@ -144,9 +145,12 @@ def remote_validators(url: str) -> dict[str, str]:
     The look-up runs in a helper thread (`_stoppable`)."""
     if scheme(url) == "pipe":
         return {}
-    got: list[dict[str, str]] = []
-    _stoppable(lambda: got.append(_look_up(url)), url)
-    return got[0]
+
+    def once() -> dict[str, str]:
+        got: list[dict[str, str]] = []
+        _stoppable(lambda: got.append(_look_up(url)), url)
+        return got[0]
+    return _retried(url, once)
 
 
 def _look_up(url: str) -> dict[str, str]:
@@ -159,11 +163,14 @@ def _look_up(url: str) -> dict[str, str]:
             with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=fetch_timeout()) as r:
                 return _http_validators(r.headers)
         except urllib.error.HTTPError as exc:
+            if exc.code >= 500 and exc.code != 501 or exc.code in (408, 429):  # a server that restarts
+                raise _fail(url, f"HTTP {exc.code} {exc.reason}", transient=True) from None
             if exc.code not in (404, 410):  # no HEAD (405, 501; a URL signed for GET only: 403): the URL alone
                 return {}                   # identifies it, and the GET reports what is wrong
             raise _fail(url, f"HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, OSError) as exc:
-            raise _fail(url, f"{getattr(exc, 'reason', exc)}") from None
+            raise _fail(url, f"{getattr(exc, 'reason', exc)}", transient=_may_pass(getattr(exc, "reason", exc))) \
+                from None
     fsspec = _fsspec(url)
     try:
         fs, path = fsspec.core.url_to_fs(url)
@@ -174,7 +181,7 @@ def _look_up(url: str) -> dict[str, str]:
         raise_if_interrupted(exc)
         raise ShardFetchError(f"Reading {url!r} needs a package fsspec uses for {scheme(url)}://: {exc}.") from None
     except Exception as exc:  # noqa: BLE001 - each file system has its own errors
-        raise _fail(url, f"{type(exc).__name__}: {exc}") from None
+        raise _fail(url, f"{type(exc).__name__}: {exc}", transient=_may_pass(exc)) from None
     out = {}
     for key in ("size", "ETag", "etag", "mtime", "LastModified", "last_modified", "md5", "checksum"):
         if info.get(key) is not None:
@@ -186,10 +193,16 @@ def stream_to(url: str, dest: str | Path) -> dict[str, str]:
     """Copy the shard ``url`` front to back into the file ``dest`` (in chunks); returns the
     validators its response gave. Raises `ShardFetchError` when the fetch fails; a failure
     that may pass is tried again after each of `RETRY_WAITS` first (see the module docstring)."""
+    return _retried(url, lambda: _stream_once(url, dest))
+
+
+def _retried(url: str, once: Callable[[], Any]) -> Any:
+    """``once()``, tried again after each of `RETRY_WAITS` while it fails in a way that may
+    pass (a `ShardFetchError` marked ``transient``); the last error says how many attempts."""
     waited = 0.0
     for attempt, wait in enumerate((*RETRY_WAITS, None), start=1):
         try:
-            return _stream_once(url, dest)
+            return once()
         except ShardFetchError as exc:
             if not exc.transient or wait is None:
                 if attempt == 1:
@@ -635,7 +648,11 @@ def fetch_small(url: str, limit: int = 1 << 20) -> bytes | None:
     kind = scheme(url)
     if kind == "pipe":
         return None
-    if kind in ("http", "https"):
+    return _retried(url, lambda: _fetch_small_once(url, limit))
+
+
+def _fetch_small_once(url: str, limit: int) -> bytes | None:
+    if scheme(url) in ("http", "https"):
         import urllib.error
         import urllib.request
 
@@ -645,9 +662,11 @@ def fetch_small(url: str, limit: int = 1 << 20) -> bytes | None:
         except urllib.error.HTTPError as exc:
             if exc.code in (403, 404, 410):
                 return None
-            raise _fail(url, f"HTTP {exc.code} {exc.reason}") from None
+            raise _fail(url, f"HTTP {exc.code} {exc.reason}", transient=exc.code >= 500 or exc.code in (408, 429)) \
+                from None
         except (urllib.error.URLError, OSError) as exc:
-            raise _fail(url, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from None
+            raise _fail(url, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}",
+                        transient=_may_pass(getattr(exc, "reason", exc))) from None
     fsspec = _fsspec(url)
     try:
         with fsspec.open(url, "rb") as f:
@@ -655,4 +674,4 @@ def fetch_small(url: str, limit: int = 1 << 20) -> bytes | None:
     except FileNotFoundError:
         return None
     except Exception as exc:  # noqa: BLE001 - each file system has its own errors
-        raise _fail(url, f"{type(exc).__name__}: {exc}") from None
+        raise _fail(url, f"{type(exc).__name__}: {exc}", transient=_may_pass(exc)) from None

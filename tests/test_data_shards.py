@@ -70,6 +70,20 @@ def test_shards_named_by_a_glob_multi_dot_extensions_and_members_apart(tmp_path)
                                          for m in ((f"k{k}.{('jfif', 'jpe', 'JPG')[k % 3]}", data),
                                                    (f"k{k}.cls", labels[k]))])
     assert len(prepare_data(jfif, val_split=0).train) == 6
+    # several images in a sample: a plain one is read; of fields only ("mask.png", "input.png"), the first, said
+    tiny = items[0][0] if items[0][1] == "png" else items[1][0]
+    plain = shard(tmp_path / "plain.tar", [m for k, (data, _, _) in enumerate(items)
+                                           for m in ((f"k{k}.mask.png", tiny), (f"k{k}.png", data),
+                                                     (f"k{k}.cls", labels[k]))])
+    b = prepare_data(plain, val_split=0)
+    assert [b.train.source.read(int(i)) for i in b.train.indices] == [data for data, _, _ in items]
+    assert not any("several images" in w for w in b.report.warnings)
+    fields = shard(tmp_path / "fields.tar", [m for k, (data, _, _) in enumerate(items)
+                                             for m in ((f"k{k}.mask.png", tiny), (f"k{k}.input.png", data),
+                                                       (f"k{k}.cls", labels[k]))])
+    with pytest.warns(UserWarning, match=r"6 samples of the training shards hold several images, none of them named "
+                                         r"plainly \(e.g. 'k0: mask.png, input.png' in .*fields.tar'\): the first"):
+        prepare_data(fields, val_split=0)
     odd = tmp_path / "sh[v2]"  # a folder whose name reads as a glob: taken as it is
     odd.mkdir()
     (odd / "train-000.tar").write_bytes((tmp_path / "dotted.tar").read_bytes())

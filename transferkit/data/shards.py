@@ -75,8 +75,8 @@ from transferkit.data.remote import (
 from transferkit.errors import DataError, check_choice
 
 # 4: a shard is checked to its end (data after its end); 5: keys repeated in a row, 1 MiB padding; 6: the image
-# extensions of a folder (jpe, jfif, avif where Pillow reads it)
-INDEX_FORMAT = 6
+# extensions of a folder (jpe, jfif, avif where Pillow reads it); 7: samples of several images, none plain
+INDEX_FORMAT = 7
 IMAGE_EXTS = tuple(e[1:] for e in IMAGE_EXTENSIONS)  # a sample's image member: the extensions a folder scan reads
 LABEL_EXTS = ("cls", "txt", "json")
 # zeros a tar ends with: its two end-of-archive blocks and the record padding, GNU tar -b 2048's at most (the
@@ -297,12 +297,14 @@ class ShardIndex:
     scattered: list[str] = field(default_factory=list)  # keys whose members are not adjacent (read as several)
     repeated: list[str] = field(default_factory=list)  # keys of several samples in a row (an image met again)
     doubled: list[str] = field(default_factory=list)  # "key.ext" of another member met twice in a sample (first kept)
+    several: list[str] = field(default_factory=list)  # "key: a.png, b.jpg" of samples of several images, none plain
 
     def to_json(self) -> str:
         return json.dumps({"format": INDEX_FORMAT, "keys": self.keys, "offsets": self.offsets, "sizes": self.sizes,
                            "labels": self.labels, "bad": self.bad, "dims": self.dims, "no_image": self.no_image,
                            "no_label": self.no_label, "nbytes": self.nbytes, "validators": self.validators,
-                           "scattered": self.scattered, "repeated": self.repeated, "doubled": self.doubled},
+                           "scattered": self.scattered, "repeated": self.repeated, "doubled": self.doubled,
+                           "several": self.several},
                           separators=(",", ":"))
 
     @classmethod
@@ -311,7 +313,8 @@ class ShardIndex:
         if d.get("format") != INDEX_FORMAT:
             raise ValueError(f"index format {d.get('format')}, expected {INDEX_FORMAT}")
         return cls(d["keys"], d["offsets"], d["sizes"], d["labels"], d["bad"], d["dims"], d["no_image"],
-                   d["no_label"], d["nbytes"], d["validators"], d["scattered"], d["repeated"], d["doubled"])
+                   d["no_label"], d["nbytes"], d["validators"], d["scattered"], d["repeated"], d["doubled"],
+                   d["several"])
 
 
 class _Region(io.RawIOBase):
@@ -430,8 +433,12 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
             index.scattered.append(cur["key"])
         done.add(cur["key"])
         members = cur["members"]  # an extension's last part names its kind: "input.jpg" is an image
-        img = next((members[e] for e in IMAGE_EXTS if e in members), None) or \
-            next((v for e, v in members.items() if e.rsplit(".", 1)[-1] in IMAGE_EXTS), None)
+        img = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        if img is None:  # fields named like images ("input.jpg"): the first; several are said
+            images = [e for e in members if e.rsplit(".", 1)[-1] in IMAGE_EXTS]
+            img = members[images[0]] if images else None
+            if len(images) > 1 and len(index.several) < 1000:
+                index.several.append(f"{cur['key']}: {', '.join(images)}")
         label = next((cur["labels"][e] for e in LABEL_EXTS if e in cur["labels"]), None)
         if img is None:
             index.no_image += 1
@@ -987,7 +994,10 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
                                    "appear again): each is read as a sample of its own, with the members that follow "
                                    "it (WebDataset refuses such a shard). Give each sample its own key."),
             ("doubled", "member", "appear twice in their sample (e.g. {key!r} in {shard!r}): the first is read, the "
-                                  "later one is not. Rewrite the shard with one copy of each member.")):
+                                  "later one is not. Rewrite the shard with one copy of each member."),
+            ("several", "sample", "hold several images, none of them named plainly (e.g. {key!r} in {shard!r}): the "
+                                  "first is read. Name the image to train on plainly (000001.jpg beside "
+                                  "000001.mask.png), as the one a sample is read by.")):
         found = [(p, k) for p, ix in zip(shards, indexes) for k in getattr(ix, listed)]
         if found:
             report.warn(f"{plural(len(found), noun)} of the {what} shards " + says.format(shard=found[0][0],

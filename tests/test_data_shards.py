@@ -120,6 +120,11 @@ def test_shards_named_by_a_glob_multi_dot_extensions_and_members_apart(tmp_path)
 def test_brace_patterns_expand_like_webdataset():
     assert expand_braces("a-{008..011}.tar") == ["a-008.tar", "a-009.tar", "a-010.tar", "a-011.tar"]
     assert expand_braces("{x,y}/s-{0..1}.tar") == ["x/s-0.tar", "x/s-1.tar", "y/s-0.tar", "y/s-1.tar"]
+    # as bash expands them: outer groups first, padding to the wider bound, a lone group kept
+    assert expand_braces("s/{train-{0..1},extra-0}.tar") == ["s/train-0.tar", "s/train-1.tar", "s/extra-0.tar"]
+    assert expand_braces("s-{1..010}.tar")[:2] == ["s-001.tar", "s-002.tar"]
+    assert expand_braces("s-{0..10}.tar")[-2:] == ["s-9.tar", "s-10.tar"]
+    assert expand_braces("a{b}c-{0..1}") == ["a{b}c-0", "a{b}c-1"] and expand_braces("a{b") == ["a{b"]
     with pytest.raises(tk.DataError, match="empty"):
         expand_braces("s-{3..1}.tar")
 

@@ -112,31 +112,61 @@ def named_files(spec: str, what: str) -> list[str]:
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand ``{000..003}`` ranges (zero-padded like the first bound) and ``{a,b}`` lists.
+    """Expand ``{000..003}`` ranges and ``{a,b}`` lists as a shell does: outer groups first
+    (``{train-{0..1},extra}``), a range zero-padded where a bound has a leading zero (to the
+    wider bound: ``{1..010}`` is ``001`` to ``010``), a group without a comma or a range kept.
 
     Example:
         >>> expand_braces("s-{00..02}.tar")
         ['s-00.tar', 's-01.tar', 's-02.tar']
         >>> expand_braces("{train,val}-{0..1}.tar")
         ['train-0.tar', 'train-1.tar', 'val-0.tar', 'val-1.tar']
+        >>> expand_braces("{train-{0..1},extra}.tar")
+        ['train-0.tar', 'train-1.tar', 'extra.tar']
     """
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if m is None:
+    group = _outer_group(pattern)
+    if group is None:
         return [pattern]
-    head, body, tail = pattern[:m.start()], m.group(1), pattern[m.end():]
+    head, body, tail = pattern[:group[0]], pattern[group[0] + 1:group[1]], pattern[group[1] + 1:]
     r = _RANGE.fullmatch("{" + body + "}")
     if r:
         lo, hi = int(r.group(1)), int(r.group(2))
         if hi < lo:
             raise DataError(f"Shard pattern {pattern!r}: the range {{{body}}} is empty (its end is below its start).")
-        width = len(r.group(1))
+        padded = any(len(b) > 1 and b.startswith("0") for b in r.groups())
+        width = max(len(b) for b in r.groups()) if padded else 0
         parts = [str(k).zfill(width) for k in range(lo, hi + 1)]
-    elif "," in body:
-        parts = body.split(",")
     else:
-        parts = ["{" + body + "}"]
-        return [head + parts[0] + t for t in expand_braces(tail)]
+        alternatives = _split_outer(body)
+        if len(alternatives) == 1:  # no list: the braces stay, their inside is expanded
+            parts = ["{" + b + "}" for b in expand_braces(body)]
+        else:
+            parts = [x for a in alternatives for x in expand_braces(a)]
     return [head + p + t for p in parts for t in expand_braces(tail)]
+
+
+def _outer_group(pattern: str) -> tuple[int, int] | None:
+    """``(start, end)`` of the first ``{...}`` whose braces balance, or None."""
+    depth, start = 0, 0
+    for i, c in enumerate(pattern):
+        if c == "{":
+            start, depth = (i if depth == 0 else start), depth + 1
+        elif c == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                return start, i
+    return None
+
+
+def _split_outer(body: str) -> list[str]:
+    """``body`` split at the commas outside inner braces."""
+    parts, depth, last = [], 0, 0
+    for i, c in enumerate(body):
+        depth += (c == "{") - (c == "}" and depth > 0)
+        if c == "," and depth == 0:
+            parts.append(body[last:i])
+            last = i + 1
+    return parts + [body[last:]]
 
 
 def is_remote(spec: Any) -> bool:

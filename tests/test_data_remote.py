@@ -175,6 +175,9 @@ def test_failed_fetches_are_one_line_errors(shards, tmp_path, monkeypatch):
         assert gets(requests) == ["/flaky/train-000000.tar"] * 3
         with pytest.raises(tk.DataError, match="remote folder, which cannot be listed"):
             prepare_data(f"{base}/", val_split=0)
+        # a signed URL: its query is no part of the file's name (it was refused as "no tar shard")
+        signed = _quiet(prepare_data, f"{base}/train-000000.tar?token=a?b&c=[1]", val_split=0)
+        assert len(signed.train) == len(flaky.train)
     with pytest.raises(tk.DataError, match="read only as tar shards"):
         prepare_data("https://example.com/data.parquet", val_split=0)
     # a full or read-only disk, or refused access, does not pass by waiting: one attempt

@@ -70,6 +70,11 @@ def test_shards_named_by_a_glob_multi_dot_extensions_and_members_apart(tmp_path)
                                          for m in ((f"k{k}.{('jfif', 'jpe', 'JPG')[k % 3]}", data),
                                                    (f"k{k}.cls", labels[k]))])
     assert len(prepare_data(jfif, val_split=0).train) == 6
+    # a class index written as a whole float (a float column's 1.0) is that index, not "no label"
+    floats = shard(tmp_path / "floats.tar", [m for k, (data, _, _) in enumerate(items)
+                                             for m in ((f"k{k}.png", data), (f"k{k}.json", json.dumps(
+                                                 {"label": float(labels[k])}).encode()))])
+    assert prepare_data(floats, val_split=0).train.targets == [int(x) for x in labels]
     # several images in a sample: a plain one is read; of fields only ("mask.png", "input.png"), the first, said
     tiny = items[0][0] if items[0][1] == "png" else items[1][0]
     plain = shard(tmp_path / "plain.tar", [m for k, (data, _, _) in enumerate(items)
@@ -679,3 +684,13 @@ def test_shards_of_folders_with_their_own_class_lists_are_read_by_name(tmp_path)
     with pytest.raises(tk.DataError, match=r"shards of .*a' list their classes in an _info.json, and .*b.*tar' "
                                            r"gives class indices without one"):
         prepare_data([str(a[0]), str(b[0])], val_split=0)
+
+
+def test_validation_shards_named_by_classes_the_training_shards_know_by_index_only_say_so(tmp_path):
+    """The error read "No usable sample ... every one was bad or unlabelled"."""
+    items = _sorted_items(make_image_folder(tmp_path / "img", per_class=3))
+    train = write_shards(items, tmp_path / "t", [6], info=False)
+    val = write_shards(items, tmp_path / "v", [6], label="txt", info=False)
+    with pytest.raises(tk.DataError, match=r"The validation shards: none of their labels \(\['dark', 'light'\]\) is "
+                                           r"one of the classes \['0', '1'\].*known by index only: give classes="):
+        prepare_data(str(train[0]), val_data=str(val[0]))

@@ -309,8 +309,10 @@ def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what
     ints = [lab for lab in labels if isinstance(lab, (int, np.integer))]
     names = [lab for lab in labels if isinstance(lab, str)]
     if ints and names:
+        kinds = "cls: the class index; txt or json 'label': the class name" if "shards" in what else \
+            "class indices or class names in the label column"
         raise DataError(f"{what}: integer labels and class names are mixed (e.g. {ints[0]!r} and {names[0]!r}); use "
-                        "one kind (cls: the class index; txt or json 'label': the class name).")
+                        f"one kind ({kinds}).")
     out = np.full(len(labels), -1, dtype=np.int64)
     if classes:  # given (classes=, a ClassLabel's names): one-line names, one per Unicode form
         check_label_names(list(classes), what, case=False)
@@ -320,6 +322,12 @@ def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what
             check_label_names(classes, what)
         index = class_index(classes)  # a label matches its class in either Unicode form
         unknown = sorted({n for n in names if nfc(n) not in index})
+        if unknown and len(unknown) == len({nfc(n) for n in names}):  # not one sample could be read
+            fix = ("The classes are known by index only: give classes=[...] (the names of the training labels in "
+                   "index order) to read these by name." if list(classes) == index_names(len(classes)) else
+                   "Label the samples with these classes' names, or give the classes they use (classes=[...]).")
+            raise DataError(f"{what}: none of their labels ({unknown[:10]}) is one of the classes "
+                            f"{list(classes)[:10]}, so no sample can be read. {fix}")
         if unknown:
             report.warn(f"{what}: the labels {unknown[:10]} are not among the classes {list(classes)[:10]}; "
                         "those samples are left out.")

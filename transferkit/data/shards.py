@@ -49,6 +49,7 @@ import json
 import os
 import re
 import tarfile
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,8 @@ from transferkit.data.remote import (
 from transferkit.errors import DataError, check_choice
 
 # 4: a shard is checked to its end (data after its end); 5: keys repeated in a row, 1 MiB padding; 6: the image
-# extensions of a folder (jpe, jfif, avif where Pillow reads it); 7: samples of several images, none plain
+# extensions of a folder (jpe, jfif, avif where Pillow reads it); 7: samples of several images, none plain; a
+# class index written as a whole float (1.0)
 INDEX_FORMAT = 7
 IMAGE_EXTS = tuple(e[1:] for e in IMAGE_EXTENSIONS)  # a sample's image member: the extensions a folder scan reads
 LABEL_EXTS = ("cls", "txt", "json")
@@ -94,7 +96,7 @@ def named_files(spec: str, what: str) -> list[str]:
     do not exist (remote shards, ``pipe:`` commands and URLs, are checked when they are read;
     a remote glob cannot be listed)."""
     paths = expand_braces(spec)
-    globbed = [p for p in paths if glob.has_magic(p) and not os.path.exists(p)]  # "sh[v2]/a.tar" may be a name
+    globbed = [p for p in paths if glob.has_magic(_url_path(p)) and not os.path.exists(p)]  # "sh[v2]/a.tar": a name
     if globbed and is_url(spec):
         raise DataError(f"{spec!r}: a remote glob cannot be listed; name the {what} with a brace pattern (e.g. "
                         "https://host/data/train-{000000..000127}.tar) or a list.")
@@ -180,8 +182,14 @@ def _check_remote(spec: str) -> None:
                         "(e.g. https://host/data/train-{000000..000127}.tar) or a list of URLs.")
 
 
+def _url_path(p: str) -> str:
+    """The path of a URL without its query and fragment (a signed URL's ``?token=...``); a
+    local path or ``pipe:`` command as it is."""
+    return urllib.parse.urlsplit(p).path if is_url(p) and not p.startswith("pipe:") else p
+
+
 def _tar_name(p: str) -> bool:
-    return p.lower().endswith(".tar")
+    return _url_path(p).lower().endswith(".tar")
 
 
 # why a shard must be an uncompressed tar, as every message about a compressed one says it
@@ -394,11 +402,13 @@ def _parse_label(ext: str, data: bytes) -> Any:
         except ValueError:
             return None
         lab = obj.get("label", obj.get("cls")) if isinstance(obj, dict) else obj
+        if isinstance(lab, float) and lab.is_integer():  # 1.0, as a float column writes a class index
+            lab = int(lab)
         if isinstance(lab, bool) or not isinstance(lab, (int, str)):
             return None
         return lab
-    if ext == "cls" and re.fullmatch(r"[+-]?\d+", text):
-        return int(text)
+    if ext == "cls" and re.fullmatch(r"[+-]?\d+(\.0*)?", text):
+        return int(float(text))
     return text or None
 
 

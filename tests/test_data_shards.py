@@ -455,8 +455,8 @@ def test_a_shard_that_a_tar_reader_would_end_early_is_a_bad_shard(tmp_path):
             prepare_data(str(tmp_path / name), val_split=0, on_bad_file="raise")
         bundle = _quiet(prepare_data, [str(a), str(tmp_path / name)], val_split=0)
         assert len(bundle.train) == 4 and bundle.report.bad_files[0][0] == str(tmp_path / name)
-        assert [w.split(":")[0] for w in bundle.report.warnings if name in w] == [f"Left out the shard "
-                                                                                   f"{str(tmp_path / name)!r}"]
+        said = [w for w in bundle.report.warnings if name in w]  # one warning, naming the shard once
+        assert len(said) == 1 and said[0].count(name) == 1 and said[0].endswith("; the shard is left out."), said
     with tarfile.open(a) as tar:
         last = tar.getmembers()[-1]
     body = raw[:last.offset_data + -(-last.size // 512) * 512]  # up to the end of the last member's data

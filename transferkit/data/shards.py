@@ -1005,7 +1005,7 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
             if on_bad_file == "raise":
                 raise ix
             report.bad_files.append((p, str(ix)))
-            report.warn(f"Left out the shard {p!r}: {ix}")
+            report.warn(f"{str(ix).rstrip('.')}; the shard is left out.")  # the error names the shard
             ix = ShardIndex()
         indexes.append(ix)
     source = ShardSource(shards, indexes, shard_cache)

@@ -207,6 +207,17 @@ def test_a_look_up_whose_server_is_down_for_a_moment_is_tried_again(shards, tmp_
         ds = _quiet(prepare_data, f"{base}/train-000000.tar", val_split=0, cache_dir=tmp_path / "c")
         assert len(refused) == 2 and [m for m, p in requests if p.endswith(".tar")].count("HEAD") == 1
     assert len(ds.train) == len(_quiet(prepare_data, str(shards / "train-000000.tar"), val_split=0).train)
+    # a HEAD the server fails (5xx) leaves the identity to the URL and the GET; an _info.json it refuses (401:
+    # a signed shard's folder) is no _info.json
+    def refusing(request, *args, **kwargs):
+        url = getattr(request, "full_url", request)
+        if getattr(request, "method", None) == "HEAD" or url.endswith("_info.json"):
+            raise urllib.error.HTTPError(url, 500 if url.endswith(".tar") else 401, "no", {}, None)
+        return real(request, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", refusing)
+    assert remote.remote_validators("http://127.0.0.1:9/x.tar") == {}
+    assert remote.fetch_small("http://127.0.0.1:9/_info.json") is None
 
 
 def test_a_fetch_that_stalls_fails_instead_of_waiting_forever(shards, tmp_path, monkeypatch):

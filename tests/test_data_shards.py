@@ -130,6 +130,7 @@ def test_brace_patterns_expand_like_webdataset():
     assert expand_braces("s-{1..010}.tar")[:2] == ["s-001.tar", "s-002.tar"]
     assert expand_braces("s-{0..10}.tar")[-2:] == ["s-9.tar", "s-10.tar"]
     assert expand_braces("a{b}c-{0..1}") == ["a{b}c-0", "a{b}c-1"] and expand_braces("a{b") == ["a{b"]
+    assert expand_braces("a{b{c,d}") == ["a{bc", "a{bd"]  # a brace none closes is text
     with pytest.raises(tk.DataError, match="empty"):
         expand_braces("s-{3..1}.tar")
 
@@ -694,3 +695,19 @@ def test_validation_shards_named_by_classes_the_training_shards_know_by_index_on
     with pytest.raises(tk.DataError, match=r"The validation shards: none of their labels \(\['dark', 'light'\]\) is "
                                            r"one of the classes \['0', '1'\].*known by index only: give classes="):
         prepare_data(str(train[0]), val_data=str(val[0]))
+
+
+def test_a_label_of_a_class_in_either_unicode_form_is_read_beside_unknown_ones():
+    """An unknown name in both Unicode forms made the count of unknown names equal that of all
+    names: data with readable 'dog' samples were refused as having no class."""
+    import unicodedata
+
+    from transferkit.data.checks import DataReport
+    from transferkit.data.encoded import labels_to_targets
+
+    cafe = "caf\u00e9"
+    labels = ["dog", unicodedata.normalize("NFD", cafe), cafe]
+    report = DataReport()
+    with pytest.warns(UserWarning, match="not among the classes"):
+        targets, _ = labels_to_targets(labels, ["dog", "cat"], "The test shards", report)
+    assert targets.tolist() == [0, -1, -1]

@@ -321,8 +321,8 @@ def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what
             classes = sorted(set(names))
             check_label_names(classes, what)
         index = class_index(classes)  # a label matches its class in either Unicode form
-        unknown = sorted({n for n in names if nfc(n) not in index})
-        if unknown and len(unknown) == len({nfc(n) for n in names}):  # not one sample could be read
+        unknown = sorted({nfc(n) for n in names if nfc(n) not in index})
+        if unknown and not any(nfc(n) in index for n in names):  # not one sample could be read
             fix = ("The classes are known by index only: give classes=[...] (the names of the training labels in "
                    "index order) to read these by name." if list(classes) == index_names(len(classes)) else
                    "Label the samples with these classes' names, or give the classes they use (classes=[...]).")

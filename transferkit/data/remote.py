@@ -163,10 +163,8 @@ def _look_up(url: str) -> dict[str, str]:
             with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=fetch_timeout()) as r:
                 return _http_validators(r.headers)
         except urllib.error.HTTPError as exc:
-            if exc.code >= 500 and exc.code != 501 or exc.code in (408, 429):  # a server that restarts
-                raise _fail(url, f"HTTP {exc.code} {exc.reason}", transient=True) from None
-            if exc.code not in (404, 410):  # no HEAD (405, 501; a URL signed for GET only: 403): the URL alone
-                return {}                   # identifies it, and the GET reports what is wrong
+            if exc.code not in (404, 410):  # no HEAD (405, 501, 5xx; a URL signed for GET only: 403): the URL
+                return {}                   # alone identifies it, and the GET (tried again) reports what is wrong
             raise _fail(url, f"HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise _fail(url, f"{getattr(exc, 'reason', exc)}", transient=_may_pass(getattr(exc, "reason", exc))) \
@@ -660,8 +658,8 @@ def _fetch_small_once(url: str, limit: int) -> bytes | None:
             with urllib.request.urlopen(url, timeout=fetch_timeout()) as r:
                 return r.read(limit)
         except urllib.error.HTTPError as exc:
-            if exc.code in (403, 404, 410):
-                return None
+            if 400 <= exc.code < 500 and exc.code not in (408, 429):  # none there, or none for this request (a
+                return None                                         # signed shard's folder: 401, 403): optional
             raise _fail(url, f"HTTP {exc.code} {exc.reason}", transient=exc.code >= 500 or exc.code in (408, 429)) \
                 from None
         except (urllib.error.URLError, OSError) as exc:

@@ -253,10 +253,9 @@ def data_loader(dataset: Dataset, **options: Any) -> DataLoader:
         raise TypeError("data_loader sets worker_init_fn itself")
     from PIL import Image
 
-    return _Loader(dataset, worker_init_fn=WorkerInit(Image.MAX_IMAGE_PIXELS), **options)
-
-
-_BEFORE_HOLD: dict[int, Any] = {}  # the SIGINT handler a process had before it held the signals to start workers
+    sigint = signal.getsignal(signal.SIGINT)
+    plain = sigint if sigint in (signal.SIG_IGN, signal.SIG_DFL, signal.default_int_handler) else None
+    return _Loader(dataset, worker_init_fn=WorkerInit(Image.MAX_IMAGE_PIXELS, plain), **options)
 
 
 class _Loader(DataLoader):
@@ -267,29 +266,31 @@ class _Loader(DataLoader):
     nothing had come, or a worker killed half-started was reported as a crash."""
 
     def _get_iterator(self):  # noqa: ANN202  torch's own signature
-        if self.num_workers == 0:
+        handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+        if self.num_workers == 0 or None in handlers:  # a handler installed from C could not be put back
             return super()._get_iterator()
-        _BEFORE_HOLD[signal.SIGINT] = signal.getsignal(signal.SIGINT)
         with held_signals():
             return super()._get_iterator()
 
 
 class WorkerInit:
     """DataLoader ``worker_init_fn`` of every loader: `quiet_exit_on_sigterm`, and Pillow's
-    decompression-bomb limit as the process that made the loader had it (a worker started by
-    spawn, macOS's default, imports Pillow anew: a raised limit would not reach it)."""
+    decompression-bomb limit and the SIGINT handler (default, ignored or Python's) as the
+    process that made the loader had them (a worker started by spawn, macOS's default, imports
+    Pillow anew: a raised limit would not reach it; a forked one inherits the recorder of the
+    signals held while it starts, `_Loader`)."""
 
-    def __init__(self, max_image_pixels: int | None) -> None:
+    def __init__(self, max_image_pixels: int | None, sigint: Any = None) -> None:
         self.max_image_pixels = max_image_pixels
+        self.sigint = sigint  # the SIGINT handler of the process that made the loader, where it is a plain one
 
     def __call__(self, worker_id: int) -> None:
         from PIL import Image
 
         Image.MAX_IMAGE_PIXELS = self.max_image_pixels
         quiet_exit_on_sigterm(worker_id)
-        before = _BEFORE_HOLD.get(signal.SIGINT)  # a forked worker inherits the hold's recorder: Ctrl-C as before
-        if before is not None:
-            signal.signal(signal.SIGINT, before)
+        if self.sigint is not None:  # a forked worker inherits the hold's recorder: Ctrl-C as the loader's maker had it
+            signal.signal(signal.SIGINT, self.sigint)
 
 
 def quiet_exit_on_sigterm(worker_id: int) -> None:

@@ -148,13 +148,12 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def _outer_group(pattern: str) -> tuple[int, int] | None:
-    """``(start, end)`` of the first ``{...}`` whose braces balance, or None."""
-    depth, start = 0, 0
-    for i, c in enumerate(pattern):
-        if c == "{":
-            start, depth = (i if depth == 0 else start), depth + 1
-        elif c == "}" and depth:
-            depth -= 1
+    """``(start, end)`` of the first ``{...}`` whose braces balance (a ``{`` that none closes is
+    text, as in a shell: ``a{b{c,d}`` is ``a{bc a{bd``), or None."""
+    for start in (i for i, c in enumerate(pattern) if c == "{"):
+        depth = 0
+        for i in range(start, len(pattern)):
+            depth += (pattern[i] == "{") - (pattern[i] == "}")
             if depth == 0:
                 return start, i
     return None
@@ -183,13 +182,21 @@ def _check_remote(spec: str) -> None:
 
 
 def _url_path(p: str) -> str:
-    """The path of a URL without its query and fragment (a signed URL's ``?token=...``); a
-    local path or ``pipe:`` command as it is."""
-    return urllib.parse.urlsplit(p).path if is_url(p) and not p.startswith("pipe:") else p
+    """The path of an HTTP(S) URL without its query and fragment (a signed URL's
+    ``?token=...``); anything else as it is (``#`` is part of an object store's key)."""
+    return urllib.parse.urlsplit(p).path if p.lower().startswith(("http://", "https://")) else p
+
+
+def _url_folder(p: str) -> str:
+    """The folder of a shard: of a URL's path (its query dropped), or of a local path."""
+    if is_url(p) and p.lower().startswith(("http://", "https://")):
+        parts = urllib.parse.urlsplit(p)
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rsplit("/", 1)[0], "", ""))
+    return p.rsplit("/", 1)[0] if is_url(p) else str(Path(p).parent)
 
 
 def _tar_name(p: str) -> bool:
-    return _url_path(p).lower().endswith(".tar")
+    return p.lower().endswith(".tar") or _url_path(p).lower().endswith(".tar")
 
 
 # why a shard must be an uncompressed tar, as every message about a compressed one says it
@@ -198,7 +205,7 @@ _UNCOMPRESSED = ("shards are read in place with random access, which needs uncom
 
 
 def _compressed_tar(p: str) -> bool:
-    return p.lower().endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst"))
+    return _url_path(p).lower().endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst"))
 
 
 def shard_list(data: Any) -> list[str] | None:
@@ -822,7 +829,7 @@ def _info_classes(path: str) -> list[str] | None:
     """The ``classes`` of the ``_info.json`` (or ``info.json``) beside the shard ``path``."""
     if path.startswith("pipe:"):
         return None  # a command has no folder to look in
-    folder = path.rsplit("/", 1)[0] if is_url(path) else str(Path(path).parent)
+    folder = _url_folder(path)
     for name in ("_info.json", "info.json"):
         p, text = _info_text(folder, name)
         if text is not None:
@@ -847,7 +854,7 @@ def _own_classes(shards: Sequence[str], indexes: Sequence[ShardIndex], what: str
     lists: dict[str, list[str] | None] = {}
     per_shard = []
     for path in shards:
-        folder = path.rsplit("/", 1)[0] if not path.startswith("pipe:") else path
+        folder = _url_folder(path) if not path.startswith("pipe:") else path
         if folder not in lists:
             lists[folder] = _info_classes(path)
         per_shard.append(lists[folder])

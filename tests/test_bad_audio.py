@@ -249,7 +249,8 @@ def test_long_clips_are_cropped_to_max_seconds_which_bounds_the_batch(tmp_path):
     long = _tone(300, RATE * 600)  # a 10-minute clip
     long[: RATE * 285] = 0.0  # silence, then the tone: the middle is kept
     sf.write(root / "low" / "long.wav", long, RATE, subtype="PCM_16")
-    with pytest.warns(UserWarning, match=r"Cropped 1 clip longer than 30 s to their middle 30 s \(the window .*: max_seconds, .*600\.0 s"):
+    with pytest.warns(UserWarning, match=r"Cropped 1 clip longer than 30 s to their middle 30 s \(the window "
+                                         r".*: max_seconds, .*600\.0 s"):
         bundle = prepare_audio_data(root, spec=SPEC, val_split=0)
     assert DEFAULT_MAX_SECONDS == 30.0
     i = [Path(p).name for p, _ in bundle.train.samples].index("long.wav")

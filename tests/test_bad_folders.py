@@ -751,7 +751,8 @@ def test_a_class_folder_is_told_from_its_first_data_file(tmp_path, monkeypatch):
 def test_a_class_of_a_csv_left_without_readable_files_is_said_as_a_class_not_a_folder(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=3)
     (tmp_path / "bad.png").write_text("not an image")
-    rows = ["path,label"] + [f"{p},{p.parent.name}" for p in sorted(root.rglob("*.png"))] + [f"{tmp_path / 'bad.png'},odd"]
+    rows = ["path,label"] + [f"{p},{p.parent.name}" for p in sorted(root.rglob("*.png"))]
+    rows.append(f"{tmp_path / 'bad.png'},odd")
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
     with pytest.warns(UserWarning) as caught:
         prepare_data(str(tmp_path / "list.csv"), val_split=0)

@@ -40,8 +40,9 @@ def _sorted_items(folder: Path):
 
 def test_shards_named_by_a_glob_multi_dot_extensions_and_members_apart(tmp_path):
     """A glob names local shards (sorted); ``key.input.jpg`` is an image (WebDataset's field
-    ``input.jpg``); ``.jfif`` and ``.jpe`` are images as in a folder; members of one key apart from each other are named, as WebDataset would
-    read them as several samples; a list mixing a shard with another file is refused."""
+    ``input.jpg``); ``.jfif`` and ``.jpe`` are images as in a folder; members of one key apart
+    from each other are named, as WebDataset would read them as several samples; a list mixing
+    a shard with another file is refused."""
     items = _sorted_items(make_image_folder(tmp_path / "img", per_class=3))
     write_shards(items, tmp_path / "s", [3, 3])
     assert len(prepare_data(str(tmp_path / "s" / "train-*.tar"), val_split=0).train) == 6

@@ -310,7 +310,8 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
     if image_size is not None and not (len(sizes) == 2 and all(_positive_whole(v) for v in sizes)):
         raise ConfigError(f"image_size must be a positive whole number or (height, width) of them, got "
                           f"{image_size!r}; None keeps the log-mel image's own size (n_mels x frames).")
-    own, weights_path = None, weights  # a file of this kind of trunk (a spec: run's checkpoint or trunk): loaded whole, below
+    # a file of this kind of trunk (a spec: run's checkpoint or trunk): loaded whole, below
+    own, weights_path = None, weights
     if is_weights_path(weights):
         sd = read_state_dict(weights, weights_only=(image_options or {}).get("weights_only", True))
         if any(k.startswith("image.") for k in sd):

@@ -272,11 +272,15 @@ def test_a_signal_while_workers_are_forked_stops_the_loop_instead_of_being_dropp
 
     from transferkit.data.sampling import data_loader
 
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    loader = data_loader(_WorkerState(), batch_size=None, num_workers=1, multiprocessing_context="fork")
-    _ARMED.append(1)
-    with pytest.raises(KeyboardInterrupt):
-        for _ in loader:
-            pass
-    assert not _ARMED and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert list(next(iter(loader))) == [Image.MAX_IMAGE_PIXELS, "_exit_quietly"]  # a later start as before
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores it)
+    try:
+        loader = data_loader(_WorkerState(), batch_size=None, num_workers=1, multiprocessing_context="fork")
+        _ARMED.append(1)
+        with pytest.raises(KeyboardInterrupt):
+            for _ in loader:
+                pass
+        assert not _ARMED and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert list(next(iter(loader))) == [Image.MAX_IMAGE_PIXELS, "_exit_quietly"]  # a later start as before
+    finally:
+        _ARMED.clear()
+        signal.signal(signal.SIGINT, before)

@@ -306,9 +306,11 @@ def _drop_aux_heads(name: str, model: nn.Module) -> tuple[str, ...]:
 def _build_model(name: str, weights_enum: Any, kwargs: dict[str, Any]) -> nn.Module:
     if name in _AUX and weights_enum is None:
         kwargs = {"aux_logits": False, "init_weights": True, **kwargs}
-    if weights_enum is not None and not os.path.isfile(_cache_file(weights_enum)):
+    # said before torch.hub prints "Downloading: ..." and fails; with builder options, after the builder checked them
+    # (it refuses some with weights, which is the better message)
+    if weights_enum is not None and not kwargs and not os.path.isfile(_cache_file(weights_enum)):
         offline = hub_unreachable(weights_enum.url)  # once per host and process, about a second at most
-        if offline is not None:  # said before torch.hub prints "Downloading: ..." and fails
+        if offline is not None:
             raise WeightsError(_download_hint(weights_enum, offline))
     try:
         return torchvision.models.get_model(name, weights=weights_enum, **kwargs)

@@ -258,6 +258,39 @@ def no_shared_class(own: Sequence[str], classes: Sequence[str], what: str) -> Da
                      f"training data ({list(classes)[:10]}): their labels cannot be read as those classes. {fix}")
 
 
+def labels_by_own_names(parts: Sequence[tuple[str, Sequence[str] | None, Sequence[Any]]], what: str,
+                        listed_in: str) -> tuple[list[str] | None, list[Any]]:
+    """``(classes, labels)`` of data in parts ``(where, its own class names or None, its
+    labels)`` that may each list their classes (shards per folder: an ``_info.json``; Parquet
+    files: a ClassLabel, ``listed_in``). Where every part lists them alike (or none does): that
+    list, and the labels as they are. Where they differ: each class index read as its own
+    part's class name (an index of one part is another class in the next), and all the names,
+    in the order the parts list them; an index beside no list, or outside its list, is refused.
+
+    Example:
+        >>> labels_by_own_names([("a", ["x", "y"], [0, 1]), ("b", ["y", "x"], [0])], "shards", "an _info.json")
+        (['x', 'y'], ['x', 'y', 'y'])
+    """
+    lists = [names for _, names, _ in parts]
+    if all(names == lists[0] for names in lists):
+        return (None if lists[0] is None else list(lists[0])), [lab for _, _, labs in parts for lab in labs]
+    listed = next(where for where, names, _ in parts if names is not None)
+    labels = []
+    for where, names, labs in parts:
+        for lab in labs:
+            if isinstance(lab, (int, np.integer)):
+                if names is None:
+                    raise DataError(f"The {what} of {listed!r} list their classes in {listed_in}, and {where!r} "
+                                    "gives class indices without one: its indices cannot be read by name. Give "
+                                    "every one the same list of classes, or label the samples by name.")
+                if not 0 <= lab < len(names):
+                    raise DataError(f"The {what}: {where!r} has the class index {int(lab)}, outside "
+                                    f"0..{len(names) - 1} for the classes of its {listed_in} {list(names)[:10]}.")
+                lab = names[int(lab)]
+            labels.append(lab)
+    return list(dict.fromkeys(c for names in lists if names for c in names)), labels
+
+
 def labels_by_name(labels: Sequence[Any], own: Sequence[str] | None, classes: Sequence[str] | None,
                    part: str, data: str, report: DataReport | None = None) -> list[Any]:
     """``labels`` of the ``part`` (``"training"``, ``"validation"``, ``"test"``) ``data``

@@ -61,7 +61,7 @@ from transferkit._io import atomic_write, entry_not_kept
 from transferkit._text import plural
 from transferkit.data.checks import (IMAGE_EXTENSIONS, ON_BAD_FILE, SCAN_RULES, SCANS, DataReport, check_image_stream,
                                      holds_class_folders, leave_out_bad)
-from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
+from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_by_own_names, labels_to_targets
 from transferkit.data.fingerprint import from_common_folder
 from transferkit.data.remote import (
     ENV_BUDGET,
@@ -847,37 +847,15 @@ def _info_classes(path: str) -> list[str] | None:
 
 def _own_classes(shards: Sequence[str], indexes: Sequence[ShardIndex], what: str) -> tuple[list[str] | None, list]:
     """``(classes, labels)`` of shards that may lie in several folders, each with the class list
-    of its own ``_info.json``: where the folders list their classes alike (or none does), that
-    list and the labels as they are; where they differ, each class index is read as its own
-    folder's class name (an index of one folder is another class in the next) and the classes
-    are all the names, in the order the folders list them (indices beside no list are refused)."""
+    of its own ``_info.json`` (read once per folder; `labels_by_own_names`)."""
     lists: dict[str, list[str] | None] = {}
-    per_shard = []
-    for path in shards:
+    parts = []
+    for path, ix in zip(shards, indexes):
         folder = _url_folder(path) if not path.startswith("pipe:") else path
         if folder not in lists:
             lists[folder] = _info_classes(path)
-        per_shard.append(lists[folder])
-    raw = [lab for ix in indexes for lab in ix.labels]
-    if len({None if c is None else tuple(c) for c in lists.values()}) <= 1:
-        return per_shard[0], raw
-    labels = []
-    for path, names, ix in zip(shards, per_shard, indexes):
-        for lab in ix.labels:
-            if isinstance(lab, (int, np.integer)):
-                if names is None:
-                    listed = next(f for f, c in lists.items() if c is not None)
-                    raise DataError(f"The {what} shards of {listed!r} list their classes in an _info.json, and "
-                                    f"{path!r} gives class indices without one: its indices cannot be read by name. "
-                                    "Put the same _info.json beside every shard, or label the samples by name (txt "
-                                    "or json).")
-                if not 0 <= lab < len(names):
-                    raise DataError(f"A sample of the {what} shard {path!r} has the class index {int(lab)}, "
-                                    f"outside 0..{len(names) - 1} for the classes of its _info.json {names[:10]}.")
-                lab = names[int(lab)]
-            labels.append(lab)
-    merged = list(dict.fromkeys(c for names in lists.values() if names for c in names))
-    return merged, labels
+        parts.append((folder if lists[folder] is not None else path, lists[folder], ix.labels))
+    return labels_by_own_names(parts, f"{what} shards", "an _info.json")
 
 
 def sizes_tell_apart(sizes: Any) -> bool:

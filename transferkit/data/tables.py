@@ -37,7 +37,7 @@ from transferkit._signals import raise_if_interrupted
 from transferkit._io import atomic_write, entry_not_kept
 from transferkit.data.checks import (ON_BAD_FILE, SCAN_RULES, SCANS, DataReport, check_image_stream,
                                      holds_class_folders, leave_out_bad)
-from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_to_targets
+from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_by_own_names, labels_to_targets
 from transferkit.data.fingerprint import from_common_folder
 from transferkit.data.shards import named_files
 from transferkit.errors import DataError, TransferkitError, check_choice
@@ -208,18 +208,9 @@ class ParquetSource:
                                 f"{self.files[0]!r} {schema.field(self.image_column).type}: Parquet files read "
                                 "together need the same column types. Write them with one schema, or read them "
                                 "apart.")
-        lists = [_hf_class_names(m.schema_arrow, self.label_column) for m in metas]
-        self._file_classes: list[list[str]] | None = None  # each file's own ClassLabel names, where they differ
-        if any(c != lists[0] for c in lists):
-            if any(c is None for c in lists):
-                listed, unlisted = (next(f for f, c in zip(self.files, lists) if (c is None) is none)
-                                    for none in (False, True))
-                raise DataError(f"{listed!r} names its classes (a ClassLabel column) and {unlisted!r} does not: the "
-                                "class indices of the latter cannot be read by name. Write every file with the same "
-                                "ClassLabel, or labels as names.")
-            self._file_classes = lists  # type: ignore[assignment]
-            lists = [list(dict.fromkeys(c for names in lists for c in names))]  # type: ignore[union-attr]
-        self.class_names = lists[0]
+        self._file_classes = [_hf_class_names(m.schema_arrow, self.label_column) for m in metas]
+        self.class_names = labels_by_own_names([(f, c, []) for f, c in zip(self.files, self._file_classes)],
+                                               "Parquet files", "a ClassLabel")[0]
         # where each row lies: (file, row group, row in group)
         groups = [(fi, g, m.metadata.row_group(g).num_rows) for fi, m in enumerate(metas)
                   for g in range(m.metadata.num_row_groups)]
@@ -245,20 +236,11 @@ class ParquetSource:
 
     def labels(self) -> list[Any]:
         """The label of each row; a class index of a file whose ClassLabel lists its classes in
-        another order than the others' is read as its own class's name."""
+        another order than the others' is read as its own class's name (`labels_by_own_names`)."""
         pq = _pyarrow()
-        out: list[Any] = []
-        for k, f in enumerate(self.files):
-            labels = pq.read_table(f, columns=[self.label_column]).column(0).to_pylist()
-            names = self._file_classes[k] if self._file_classes is not None else None
-            if names is not None:
-                outside = next((lab for lab in labels if isinstance(lab, int) and not 0 <= lab < len(names)), None)
-                if outside is not None:
-                    raise DataError(f"{f!r} has the class index {outside}, outside 0..{len(names) - 1} for its "
-                                    f"ClassLabel's classes {names[:10]}.")
-                labels = [names[lab] if isinstance(lab, int) else lab for lab in labels]
-            out += labels
-        return out
+        parts = [(f, names, pq.read_table(f, columns=[self.label_column]).column(0).to_pylist())
+                 for f, names in zip(self.files, self._file_classes)]
+        return labels_by_own_names(parts, "Parquet files", "a ClassLabel")[1]
 
     def _locate(self, i: int) -> tuple[int, int]:
         gi = int(np.searchsorted(self.group_start, i, side="right")) - 1

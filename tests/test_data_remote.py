@@ -187,6 +187,55 @@ def test_failed_fetches_are_one_line_errors(shards, tmp_path, monkeypatch):
     assert not remote._may_pass(PermissionError("Access Denied")) and remote._may_pass(ConnectionResetError())
 
 
+def test_a_signed_url_shows_no_signature_and_a_new_signature_is_the_same_shard(shards, tmp_path, capsys):
+    """A signature is a credential: no error, warning or export shows it. It changes with each
+    signing: a shard signed anew keeps its cached index and copy and the data's digest, and an
+    interrupted run resumes with the new URLs."""
+    from transferkit.errors import warn
+
+    def signed(sig, *names):
+        return [f"{base}/{n}?versionId=7&X-Amz-Credential=AKIA{sig}&X-Amz-Signature=SECRET{sig}" for n in names]
+
+    def stop(row):
+        raise KeyboardInterrupt
+
+    two = ("train-000000.tar", "train-000001.tar")
+    with serve(shards) as (base, requests):
+        with pytest.raises(tk.DataError, match="HTTP 404") as info:
+            prepare_data(signed(1, "missing-0.tar")[0], val_split=0)
+        assert "SECRET" not in str(info.value) and "AKIA" not in str(info.value)
+        assert "missing-0.tar?versionId=7&X-Amz-Credential=\u2026&X-Amz-Signature=\u2026" in str(info.value)
+        with pytest.warns(tk.TransferkitWarning) as said:
+            warn(f"left out {signed(1, 'a.tar')[0]} and https://ann:hunter2@host/b.tar")
+        assert "SECRET" not in str(said[0].message) and "hunter2" not in str(said[0].message)
+        from transferkit.cli import main
+
+        assert main(["finetune", "--backbone", "tk:small_cnn", "--weights", "none", "--image-size", "16", "--json",
+                     "--data", f"{base}/train-00000{{0..3}}.tar?sig=SECRET", "--dry-run"]) == 0
+        out = capsys.readouterr()
+        assert "train-00000{0..3}.tar?sig=\u2026" in out.out and "SECRET" not in out.out + out.err
+        common = dict(weights=None, policy="finetune", epochs=2, batch_size=4, image_size=16, verbose=False,
+                      num_workers=0, precision="fp32", augment="none", decode_once=False, classes=["dark", "light"],
+                      val_data=str(shards / "val-000000.tar"), cache_dir=tmp_path / "cache",
+                      checkpoint=tmp_path / "run.ckpt", export=tmp_path / "m.pt")
+        with pytest.raises(KeyboardInterrupt):
+            _quiet(tk.finetune, "tk:small_cnn", data=signed(1, *two), callbacks=[stop], **common)
+        before = _quiet(prepare_data, signed(1, *two), val_split=0, cache_dir=tmp_path / "cache")
+        for p in (tmp_path / "cache" / "shards").glob("*.tar"):
+            p.unlink()  # only the indexes are left
+        del requests[:]
+        again = _quiet(prepare_data, signed(2, *two), val_split=0, cache_dir=tmp_path / "cache")
+        assert [m for m, p in requests if ".tar" in p] == ["HEAD", "HEAD"]  # the indexes: from the cache
+        assert data_fingerprint(again.train) == data_fingerprint(before.train)
+        again.train.read_bytes(0)
+        assert len(gets(requests, suffix="SECRET2")) == 1
+        del requests[:]
+        resumed = _quiet(tk.finetune, "tk:small_cnn", data=signed(3, *two), resume=True, **common)
+        assert [m for m, p in requests if ".tar" in p] == ["HEAD", "HEAD"]  # the copy fetched at SECRET2 serves
+    assert len(resumed.history) == 2 and [r["epoch"] for r in resumed.history] == [1, 2]
+    assert b"SECRET" not in (tmp_path / "m.pt").read_bytes() and b"AKIA" not in (tmp_path / "m.pt").read_bytes()
+
+
 def test_a_look_up_whose_server_is_down_for_a_moment_is_tried_again(shards, tmp_path, monkeypatch):
     """Only the GET was tried again: a HEAD refused while the server restarted ended the run at
     once, against "a server that restarts does not end a long job"."""

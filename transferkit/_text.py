@@ -6,6 +6,7 @@ import json
 import math
 import re
 import textwrap
+import urllib.parse
 from typing import Any
 
 
@@ -108,3 +109,73 @@ def strict_json(obj: Any, **options: Any) -> str:
         '{"r2": null, "n": [1, null]}'
     """
     return json.dumps(finite_json(obj), allow_nan=False, **options)
+
+
+# query parameters that sign a URL or carry a credential: S3 and GCS (X-Amz-*, X-Goog-*),
+# Azure SAS (sv, sp, se, sig, ...), CloudFront (Signature, Policy, Key-Pair-Id, Expires) and
+# tokens or keys. Their values are secret and change with each new signature.
+_SIGNING = re.compile(r"x-amz-[\w-]*|x-goog-[\w-]*|sig|signature|policy|key-pair-id|expires|[\w-]*token|"
+                      r"[\w-]*key|[\w-]*secret|credential|password|"
+                      r"sv|ss|srt|sp|se|st|spr|si|sr|sdd|sip|skoid|sktid|skt|ske|sks|skv|saoid|suoid|scid|ses",
+                      re.IGNORECASE)
+_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+
+
+def signing_parameter(name: str) -> bool:
+    """Whether a URL's query parameter ``name`` signs the URL or carries a credential.
+
+    Example:
+        >>> [signing_parameter(n) for n in ("X-Amz-Signature", "sig", "token", "versionId", "shard")]
+        [True, True, True, False, False]
+    """
+    return bool(_SIGNING.fullmatch(name))
+
+
+def _url_rewritten(url: str, drop: bool) -> str:
+    """``url`` with its secret parts shown as ``…`` (``drop``: left out)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    netloc = parts.netloc
+    if password:
+        netloc = netloc.replace(":" + password + "@", "@" if drop else ":\u2026@", 1)
+    kept = []
+    for q in parts.query.split("&") if parts.query else []:
+        name = q.partition("=")[0]
+        if signing_parameter(urllib.parse.unquote_plus(name)):
+            if drop:
+                continue
+            q = name + "=\u2026"
+        kept.append(q)
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "&".join(kept), parts.fragment))
+
+
+def _urls_rewritten(text: str, drop: bool) -> str:
+    return _URL_IN_TEXT.sub(lambda m: _url_rewritten(m.group(0), drop), text) if "://" in text else text
+
+
+def hide_secrets(text: str) -> str:
+    """``text`` with the secret parts of the URLs in it shown as ``…``: the values of query
+    parameters that sign a URL or carry a credential (`signing_parameter`) and a password
+    before ``@``. Every error and warning of transferkit's passes through it, so that a
+    signed URL's signature does not reach logs, nor an export's metadata.
+
+    Example:
+        >>> hide_secrets("Cannot fetch 'https://h/a.tar?X-Amz-Signature=9f3a&versionId=2': HTTP 403")
+        "Cannot fetch 'https://h/a.tar?X-Amz-Signature=\u2026&versionId=2': HTTP 403"
+    """
+    return _urls_rewritten(text, drop=False)
+
+
+def unsigned(text: str) -> str:
+    """``text`` with the URLs in it stripped of their signing parameters and passwords: what
+    names the same data under a new signature (a shard's cached copy, its index, the data's
+    digest and a resume compare it).
+
+    Example:
+        >>> unsigned("https://h/a.tar?versionId=2&X-Amz-Date=20261203&X-Amz-Signature=9f3a")
+        'https://h/a.tar?versionId=2'
+    """
+    return _urls_rewritten(text, drop=True)

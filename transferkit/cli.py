@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import TransferkitError, warn
-from transferkit._text import file_reason, plural, strict_json
+from transferkit._text import file_reason, hide_secrets, plural, strict_json
 from transferkit.helpformat import HELP, MAX_PIXELS_HELP, one_line, one_line_warnings, pixel_limit, set_pixel_limit
 from transferkit.schedules import LRRange
 from transferkit.spelling import cli_spelling, drop_python_asides, flag, shell_word
@@ -493,9 +493,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             return 0
         notes = [*filter(None, [resuming]), *decided.notes]
         if args.json or not sys.stdout.isatty():  # one JSON object, as a run prints
-            print(json.dumps({"dry_run": True, "decisions": decided.to_dict(), "notes": notes,
-                              "warnings": [cli_spelling(one_line(w.message)) for w in caught],
-                              "summary": decided.summary()}, default=str))
+            print(hide_secrets(json.dumps({"dry_run": True, "decisions": decided.to_dict(), "notes": notes,  # a log
+                                           "warnings": [cli_spelling(one_line(w.message)) for w in caught],
+                                           "summary": decided.summary()}, default=str)))
             return 0
         from transferkit._text import wrap_lines
 

@@ -33,6 +33,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import yaml
 
+from transferkit._text import hide_secrets
 from transferkit.errors import ConfigError, DataError, suggest
 from transferkit.schedules import check_schedule_options
 
@@ -589,13 +590,20 @@ _PATH_KEYS = {"data", "val_data", "weights", "cache_dir", "export", "checkpoint"
 def portable_paths(config: dict[str, Any]) -> dict[str, Any]:
     """A configuration's plain data (`FinetuneConfig.to_dict`) with its paths reduced to their
     file names: what an export shipped to other machines records (also of a checkpoint's
-    configuration, which holds the training machine's paths).
+    configuration, which holds the training machine's paths). No URL's signature is recorded
+    (`transferkit._text.hide_secrets`).
 
     Example:
         >>> portable_paths({"data": "/home/ann/photos/train", "lr": 0.01})
         {'data': 'train', 'lr': 0.01}
+        >>> portable_paths({"data": "https://h/shards/train-{0..9}.tar?sig=c2ln"})
+        {'data': 'train-{0..9}.tar?sig=…'}
+        >>> portable_paths({"data": ["https://h/a.tar?sig=c2ln", "/data/b.tar"]})
+        {'data': ['a.tar?sig=…', 'b.tar']}
     """
-    return {k: Path(v).name if isinstance(v, str) and _is_path(k) else v for k, v in config.items()}
+    def name(v: Any) -> Any:
+        return Path(hide_secrets(v)).name if isinstance(v, str) else [name(x) for x in v] if isinstance(v, list) else v
+    return {k: name(v) if _is_path(k) else v for k, v in config.items()}
 
 
 def portable_decisions(decisions: dict[str, Any]) -> dict[str, Any]:

@@ -18,9 +18,15 @@ from collections.abc import Iterable
 from types import FrameType
 from typing import Any
 
+from transferkit._text import hide_secrets
+
 
 class TransferkitError(Exception):
-    """Base class of every error transferkit raises on purpose."""
+    """Base class of every error transferkit raises on purpose. Its message shows no URL's
+    signature or password (`transferkit._text.hide_secrets`)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(hide_secrets(a) if isinstance(a, str) else a for a in args))
 
 
 class UnknownBackboneError(TransferkitError, ValueError):
@@ -221,7 +227,9 @@ def warn(message: str, category: type[Warning] = TransferkitWarning) -> None:
 
     A worker thread of transferkit's has no caller of the user's: its warning names the line
     the main thread waits at (the user's call that started the work). Where no line is the
-    user's (the command line), the outermost frame."""
+    user's (the command line), the outermost frame. The message shows no URL's signature or
+    password (`transferkit._text.hide_secrets`)."""
+    message = hide_secrets(message)
     torch_dir = _torch_dir()
     level, user = _first_outside(sys._getframe(1), torch_dir)
     if user is not None:

@@ -58,6 +58,7 @@ from typing import Any
 
 from transferkit._io import check_free_space, create_temp, read_only_folder, remove_stale_temps
 from transferkit._signals import raise_if_interrupted
+from transferkit._text import unsigned
 from transferkit.config import env_seconds
 from transferkit.errors import DataError
 
@@ -507,8 +508,9 @@ class ShardCache:
         return cls(Path(cache_dir) / "shards")
 
     def path(self, url: str, validators: dict[str, str] | None = None) -> Path:
-        """The cached copy of ``url`` with those validators (a new ETag, size or date: a new copy)."""
-        ident = f"{url}\0{json.dumps(validators or {}, sort_keys=True)}"
+        """The cached copy of ``url`` with those validators (a new ETag, size or date: a new copy;
+        a new signature: the same copy, `transferkit._text.unsigned`)."""
+        ident = f"{unsigned(url)}\0{json.dumps(validators or {}, sort_keys=True)}"
         return self.folder / (hashlib.blake2b(ident.encode(), digest_size=16).hexdigest() + ".tar")
 
     def _lock_fd(self, target: Path) -> int:

@@ -207,3 +207,19 @@ def test_a_second_lora_policy_on_one_model_is_refused_and_the_same_one_again_is_
                                               r"policy's"):
             apply_policy(model, bb, Policy.parse(other))
     assert _lora_names(model) == before
+
+
+def test_a_rank_that_saves_nothing_is_warned_of_and_a_low_one_is_not():
+    import warnings
+
+    import transferkit as tk
+
+    wide = torch.nn.Sequential(torch.nn.Linear(192, 768), torch.nn.Linear(768, 768))
+    with pytest.warns(tk.TransferkitWarning, match=r"LoRA rank 154: on 1 of the 2 adapted weights .* 768x192: "
+                                                   r"147,840 vs 147,456\), so LoRA saves nothing there\. Its rank"):
+        add_lora(wide, rank=154, targets=".*")  # 154 * (192 + 768) >= 192 * 768; not full rank (154 < 192)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        add_lora(torch.nn.Sequential(torch.nn.Linear(192, 768)), rank=153, targets=".*")
+    with pytest.warns(tk.TransferkitWarning, match="saves nothing there, and its update can be of full rank"):
+        add_lora(torch.nn.Sequential(torch.nn.Linear(192, 768)), rank=500, targets=".*")

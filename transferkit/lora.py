@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from transferkit.errors import PolicyError, WeightsError
+from transferkit.errors import PolicyError, WeightsError, warn
 
 
 class LoRADelta(nn.Module):
@@ -91,6 +91,15 @@ def add_lora(module: nn.Module, *, rank: int, alpha: float | None = None,
         raise PolicyError(f"LoRA: no linear layer matches targets={targets!r}. Layers LoRA can adapt here: "
                           f"{names[:10]}{' ...' if len(names) > 10 else ''}"
                           f"{'' if names else ' (none: LoRA needs nn.Linear or nn.MultiheadAttention layers)'}.")
+    shapes = [tuple(getattr(owner, pname).shape) for _, owner, pname in found]
+    over = [(o, i) for o, i in shapes if rank * (o + i) >= o * i]  # factors [r, in] and [out, r] vs the weight
+    if over:
+        o, i = min(over, key=lambda s: s[0] * s[1])
+        warn(f"LoRA rank {rank}: on {len(over)} of the {len(shapes)} adapted weights its factors hold as many "
+             f"numbers as the weight or more (e.g. {o}x{i}: {rank * (o + i):,} vs {o * i:,}), so LoRA saves nothing "
+             f"there{', and its update can be of full rank' if rank >= min(o, i) else ''}. Its rank is meant to be a "
+             f"small fraction of the weights' sides (commonly 4 to 64): lower r, or train those layers fully "
+             f"(unfreeze or full).")
     for _, owner, pname in found:
         w = getattr(owner, pname)
         delta = LoRADelta(w.shape[0], w.shape[1], rank=rank, alpha=rank if alpha is None else alpha)

@@ -304,3 +304,13 @@ def test_parquet_files_with_their_own_classlabel_orders_are_read_by_name_and_oth
     with pytest.raises(tk.DataError, match=r"struct.parquet': its column 'image' holds struct<.*and that of "
                                            r".*a.parquet' binary"):
         open_parquet([str(tmp_path / "pq" / "a.parquet"), str(struct)], scan="none")
+    pq.write_table(pa.table({"image": pa.array(images[:half], pa.binary()), "label": targets[:half]}),
+                   tmp_path / "plain.parquet")
+    named = tmp_path / "named.parquet"  # class names where the other file has indices: Parquet's words, not shards'
+    pq.write_table(pa.table({"image": pa.array(images[half:], pa.binary()),
+                             "label": [classes[t] for t in targets[half:]]}), named)
+    with pytest.raises(tk.DataError, match=r"Parquet data: integer labels and class names are mixed \(e\.g\. 0 and "
+                                           r"'.*'\); use one kind \(class indices or class names in the label "):
+        open_parquet([str(tmp_path / "plain.parquet"), str(named)], scan="none")
+    both = open_parquet([str(tmp_path / "pq" / "a.parquet"), str(named)], scan="none")  # a ClassLabel names indices
+    assert [both.classes[t] for t in both.targets] == [classes[t] for t in targets]

@@ -180,6 +180,8 @@ def test_failed_fetches_are_one_line_errors(shards, tmp_path, monkeypatch):
         assert len(signed.train) == len(flaky.train)
     with pytest.raises(tk.DataError, match="read only as tar shards"):
         prepare_data("https://example.com/data.parquet", val_split=0)
+    with pytest.raises(tk.DataError, match=r"served under another name is read by a command: pipe:curl -s '<URL>'\."):
+        prepare_data("https://example.com/get?id=7", val_split=0)
     # a full or read-only disk, or refused access, does not pass by waiting: one attempt
     import errno
 

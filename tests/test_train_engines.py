@@ -640,6 +640,52 @@ def test_an_engine_that_failed_for_the_machines_state_is_timed_again_once_it_is_
     assert "images_per_s" in facts.engines["measured"]["onnxruntime"] and "failed" not in mended.engine_reason
 
 
+def test_an_engine_that_fails_after_its_first_batch_is_skipped_while_timed_and_named_in_the_pass(folder, tmp_path,
+                                                                                                 monkeypatch):
+    """auto skipped an engine that failed on its first call only: one failing on a later timed
+    batch, or in the pass after it was chosen, ended the run with onnxruntime's traceback."""
+    real = eng._onnx_forward
+    state = {"verifying": False, "calls": 0}
+
+    def failing_later(*a, **k):  # an ONNX Runtime session that runs its first batch and checks, then fails
+        fwd = real(*a, **k)
+
+        def forward(x):
+            state["calls"] += 1
+            if state["calls"] > 1 and not state["verifying"]:
+                raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : simulated")
+            return fwd(x)
+        return forward
+    monkeypatch.setattr(eng, "_onnx_forward", failing_later)
+    _time_onnx_on_tiny_data(monkeypatch)
+    facts, d = _decide(backbone=_backbone(), data=folder)  # timed: fails on the batch timed after the first
+    assert d.engine == "eager" and "onnxruntime failed: RuntimeError: [ONNXRuntimeError]" in d.engine_reason
+    assert facts.engines["measured"]["onnxruntime"]["error"].endswith("simulated (on a timed batch after its first)")
+
+    monkeypatch.setattr(eng, "_onnx_forward", real)
+    eng.release_engines()
+    cache, kw, store = _stored_onnx_verdict(folder, tmp_path, monkeypatch)  # chosen from a stored verdict
+    check = eng.check_against_eager
+
+    def checking(*a, **k):
+        state["verifying"] = True
+        try:
+            return check(*a, **k)
+        finally:
+            state["verifying"] = False
+    monkeypatch.setattr(eng, "check_against_eager", checking)
+    monkeypatch.setattr(eng, "_onnx_forward", failing_later)
+    eng.release_engines()
+    state["calls"] = 0
+    with pytest.raises(tk.EngineError, match=r"The onnxruntime feature pass failed on a batch of the pass \(.*\): "
+                                             r"RuntimeError: .*simulated\. Use feature_engine='eager', or auto: the "
+                                             r"next run on this cache_dir skips it\.$"):
+        tk.finetune(**{**KW, **kw})
+    facts, d = _decide(**kw)  # the stored verdict holds the failure: auto keeps eager
+    assert d.engine == "eager"
+    assert facts.engines["measured"]["onnxruntime"]["error"].endswith("(on a batch of the feature pass)")
+
+
 def test_a_stored_onnx_verdict_in_a_read_only_cache_uses_its_intact_export_and_not_a_damaged_one(folder, tmp_path,
                                                                                                monkeypatch):
     cache, kw, store = _stored_onnx_verdict(folder, tmp_path, monkeypatch)

@@ -289,6 +289,7 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
     out: dict[str, dict[str, Any]] = {}
     runners: dict[str, Callable] = {}
     outputs: dict[str, list[torch.Tensor]] = {}  # each prepared engine's features on the batches, in order
+    failed: dict[str, str] = {}  # engines that failed on a timed batch after their first: skipped
     first_ips, first_call = 0.0, False
     timed_on = batches[1:] or batches[:1]
     order = ["eager", *[c for c in candidates if c != "eager"]]
@@ -338,7 +339,9 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
             agrees = out[name]["rel_diff"] <= tolerance(out[name]["precision"], out["eager"].get("rel_diff"))
             if agrees and n_images is not None and any(c in PREPARED for c in order[i + 1:]):
                 # timed as soon as prepared, so the next one is weighed against it (the rounds below may raise it)
-                out[name]["images_per_s"] = _fastest({name: fwd}, timed_on, 1, device, outputs=outputs)[name]
+                speed = _fastest({name: fwd}, timed_on, 1, device, outputs=outputs, failed=failed)
+                if name in speed:
+                    out[name]["images_per_s"] = speed[name]
         if name == "eager":  # eager's speed alone first (for compile_pays)
             first_call = settle and precision == "fp32" and device.type == "cpu" and \
                 any(c in PREPARED for c in candidates)
@@ -352,13 +355,17 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
     done = {"eager": first_ips, **early}  # engines with a first round timed (or estimated)
     settled = list(runners) == ["eager"]  # eager alone (every other candidate skipped or failed): its estimate serves
     if first_call and not settled:  # the others' first round; a lead of FIRST_CALL_LEAD over eager's first call settles it
-        done = {**early, **_fastest({n: f for n, f in runners.items() if n not in ("eager", *early)}, timed_on, 1,
-                                    device, outputs=outputs)}
-        settled = max(done.values()) >= FIRST_CALL_LEAD * first_ips
+        done = {**early, **_fastest({n: f for n, f in runners.items() if n not in ("eager", *early, *failed)},
+                                    timed_on, 1, device, outputs=outputs, failed=failed)}
+        settled = max(done.values(), default=0.0) >= FIRST_CALL_LEAD * first_ips
         if settled:
             done["eager"] = first_ips
     timed = done if settled else _fastest(runners, timed_on, rounds, device, done=done, outputs=outputs,
-                                          stop_early=settle)
+                                          stop_early=settle, failed=failed)
+    for name, why in failed.items():  # reported as an engine that fails on its first batch is
+        out[name] = {"error": f"{why} (on a timed batch after its first)"}
+        outputs.pop(name, None)
+        timed.pop(name, None)
     if settled and first_call:  # eager's speed is its first call's
         out["eager"]["first_call"] = True
     for name, ips in timed.items():
@@ -408,27 +415,39 @@ def _compare_timed(out: dict[str, dict[str, Any]], outputs: dict[str, list[torch
 
 def _fastest(runners: dict[str, Callable], batches: Sequence[torch.Tensor], rounds: int,
              device: torch.device, done: dict[str, float] | None = None,
-             outputs: dict[str, list[torch.Tensor]] | None = None, stop_early: bool = True) -> dict[str, float]:
+             outputs: dict[str, list[torch.Tensor]] | None = None, stop_early: bool = True,
+             failed: dict[str, str] | None = None) -> dict[str, float]:
     """Images/s of each runner on ``batches``, the fastest of ``rounds`` round-robin rounds;
     ``done``: runners with a first round already timed (their speed), run one round less;
     ``outputs``: the runners named there get their first round's outputs appended.
     The rounds stop early (``stop_early``) once the fastest runner is ``CLEAR_LEAD`` times
-    faster than every other: a lead that large has not been reversed by one more round here."""
+    faster than every other: a lead that large has not been reversed by one more round here.
+    ``failed``: a runner other than eager that raises is named there with its error, and is
+    neither run again nor given a speed (without it, the error is raised)."""
     best: dict[str, float] = dict(done or {})
+    failed_here = failed if failed is not None else {}
     with torch.no_grad():
         for r in range(rounds):
-            if stop_early and r and len(best) == len(runners) > 1 and _clear_lead(best):
+            live = [name for name in runners if name not in failed_here]
+            if stop_early and r and len(best) == len(live) > 1 and _clear_lead(best):
                 break
-            for name, fwd in runners.items():
+            for name in live:
                 if r == 0 and name in (done or {}):
                     continue
                 keep = outputs.get(name) if outputs is not None and name not in best else None
                 n, t0 = 0, time.perf_counter()
-                for xb in batches:
-                    got = fwd(xb)
-                    n += len(xb)
-                    if keep is not None:
-                        keep.append(got)
+                try:
+                    for xb in batches:
+                        got = runners[name](xb)
+                        n += len(xb)
+                        if keep is not None:
+                            keep.append(got)
+                except Exception as exc:  # an engine that fails on a later batch is skipped, as on its first
+                    if failed is None or name == "eager":
+                        raise
+                    failed[name] = exception_line(exc)
+                    best.pop(name, None)
+                    continue
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 best[name] = max(best.get(name, 0.0), n / (time.perf_counter() - t0))
@@ -980,11 +999,13 @@ def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_si
     computing them again (the same engine, the same input: the same features); the first
     batch that differs ends the lookup."""
     ready: list[Callable] = []
+    examples: list[torch.Tensor] = []
     timed: list[tuple[str, torch.Tensor]] = []
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not ready:
             example, *others = example_batches(dataset, batch_size=batch_size)
+            examples.append(example)
             fingerprint = pass_fingerprint(model)  # hashed once for both keys
             try:
                 ready.append(engine_forward(engine, model, example, fingerprint=fingerprint, also=others, **kwargs))
@@ -997,8 +1018,33 @@ def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_si
             if digest == _digest(x):
                 return feats
             timed.clear()
-        return ready[0](x)
+        try:
+            return ready[0](x)
+        except (EngineError, MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:  # prepared and checked, yet failing on a later batch: named, never a traceback
+            why = f"{exception_line(exc)} (on a batch of the feature pass)"
+            kept = _record_failure(engine, why, model, examples[0], **kwargs)
+            raise EngineError(f"The {engine} feature pass failed on a batch of the pass ({tuple(x.shape)}): "
+                              f"{exception_line(exc)}. Use feature_engine='eager'"
+                              f"{', or auto: the next run on this cache_dir skips it' if kept else ''}.") from exc
     return forward
+
+
+def _record_failure(engine: str, why: str, model: nn.Module, example: torch.Tensor, *, device: torch.device,
+                    precision: str, channels_last: bool, cache_dir: str | Path | None) -> bool:
+    """Record in ``cache_dir/engines.json`` that ``engine`` failed on the pass of ``model``, so
+    that a stored timing verdict no longer picks it; returns whether a verdict holds it now."""
+    if cache_dir is None or read_only_folder(cache_dir) is not None:
+        return False
+    store = Path(cache_dir) / "engines.json"
+    key = engines_store_key(model, example.shape[1:], example.dtype, device=device, precision=precision,
+                            channels_last=channels_last)
+    entry = read_json_object(store).get(key)
+    if not (isinstance(entry, dict) and entry.get("format") == STORE_FORMAT and _well_formed(entry.get("measured"))):
+        return False  # no verdict picks it (the engine was asked for by name)
+    entry["measured"][engine] = {"error": why}
+    return store_timing(store, key, entry, what="engine timing")
 
 
 def _session_anchor() -> Path:

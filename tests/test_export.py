@@ -66,8 +66,17 @@ def test_the_exported_file_refuses_pixels_it_would_misread(tmp_path):
             module(x.to(wrong))
         with pytest.raises(ValueError, match="cannot be read"):
             model(x.to(wrong))  # the eager model as well
-    with pytest.raises(Exception, match=r"Float image pixels must be in \[0, 1\], got \[.*\].*divide by 255"):
+    with pytest.raises(Exception, match=r"Float image pixels must be in \[0, 1\] \(not NaN\), got \[.*\].*divide by"):
         module(x.float())
+    one_nan = x.float() / 255
+    one_nan[0, 0, 0, 0] = float("nan")  # NaN made both ends of the range NaN, and the check passed
+    with pytest.raises(Exception, match=r"Float image pixels must be in \[0, 1\] \(not NaN\), got \[.?nan"):
+        module(one_nan)
+    with pytest.raises(ExportError, match=r"The example inputs are float pixels in \[\d+, \d+\], which the exported "
+                                             r"model refuses: .* divide by 255; nothing was written\."):
+        export_torchscript(model, tmp_path / "other.pt", example_inputs=x.float(),  # in [0, 255]
+                           metadata={"labels": ["ant", "bee", "cat"], "input_spec": read_metadata(path)["input_spec"]})
+    assert not (tmp_path / "other.pt").exists()
     with torch.no_grad():  # the accepted forms, a resampling's overshoot included
         assert torch.allclose(module(x.float() / 255), module(x), atol=1e-5)
         module(x.float() / 255 * 1.2 - 0.1)
@@ -740,3 +749,14 @@ def test_reading_an_onnx_file_without_the_extra_says_so_after_a_missing_file(tmp
         transferkit.load(tmp_path / "m.onnx")
     with pytest.raises(ExportError, match=r"^Reading an ONNX file needs the optional packages"):
         transferkit.export.read_metadata(tmp_path / "m.onnx")  # what `transferkit inspect` reads
+
+
+def test_a_model_that_fails_on_the_example_inputs_is_one_export_error(tmp_path):
+    class Refuses(nn.Module):
+        def forward(self, x):
+            raise ValueError("this model takes audio")
+
+    with pytest.raises(ExportError, match=r"The model fails on the example inputs \(a batch \(1, 3, 16, 16\) "
+                                          r"torch.uint8\): ValueError: this model takes audio; nothing was written"):
+        export_torchscript(Refuses(), tmp_path / "m.pt", example_inputs=images(2, 16), metadata={"labels": ["a", "b"]})
+    assert not (tmp_path / "m.pt").exists()

@@ -67,9 +67,23 @@ def one_line(text: str) -> bool:
     return text.splitlines() == [text] and not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
 
 
+_SCRIPTED_RAISE = re.compile(r"^builtins\.(\w+): (.+)$", re.MULTILINE)
+
+
 def exception_line(exc: BaseException, limit: int = 300) -> str:
-    """``"Type: first line of the message"`` (at most ``limit`` characters of it): an error as a reason."""
+    """``"Type: first line of the message"`` (at most ``limit`` characters of it): an error as a
+    reason. An error raised inside TorchScript code is the one that code raised (the last
+    ``builtins.ValueError: ...`` line of the interpreter's report), not its first line.
+
+    Example:
+        >>> exception_line(RuntimeError("The following operation failed in the TorchScript interpreter.\\n"
+        ...                             "Traceback of TorchScript ...\\nbuiltins.ValueError: pixels in [0, 1]\\n"))
+        'ValueError: pixels in [0, 1]'
+    """
     text = str(exc).strip()
+    raised = _SCRIPTED_RAISE.findall(text) if "TorchScript interpreter" in text else []
+    if raised:
+        return f"{raised[-1][0]}: {raised[-1][1][:limit]}"
     return f"{type(exc).__name__}: {text.splitlines()[0][:limit]}" if text else type(exc).__name__
 
 

@@ -44,8 +44,8 @@ class ImagePreprocess(nn.Module):
         else:
             if torch.jit.is_scripting() and x.numel() > 0:
                 lo, hi = torch.aminmax(x.detach())
-                if float(lo) < -self.float_slack or float(hi) > 1.0 + self.float_slack:
-                    raise ValueError("Float image pixels must be in [0, 1], got [" + str(float(lo)) + ", "
+                if not (float(lo) >= -self.float_slack and float(hi) <= 1.0 + self.float_slack):  # NaN too
+                    raise ValueError("Float image pixels must be in [0, 1] (not NaN), got [" + str(float(lo)) + ", "
                                      + str(float(hi)) + "]: pass uint8 pixels, or divide by 255 (the model "
                                      "normalises its input itself).")
             x = x.to(self.mean.dtype)

@@ -30,6 +30,7 @@ from transferkit._integrity import check_records, file_digests, open_zip, record
 from transferkit._io import atomic_write, check_free_space, file_lock, file_stat, python_writer
 from transferkit.hardware import is_convolutional, resolve_device
 from transferkit.lora import merge_lora
+from transferkit.model import ImagePreprocess
 from transferkit.data.target_tables import LABEL_SEPARATOR
 from transferkit.errors import ConfigError, ExportError, check_choice, warn
 from transferkit.outputs import check_output_file, is_export
@@ -207,6 +208,21 @@ def _check_batches(examples: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor,
     return batches
 
 
+def _check_float_pixels(eager: nn.Module, examples: Sequence[torch.Tensor]) -> None:
+    """ExportError for float example images that the exported model refuses (outside [0, 1]
+    by more than its slack, or not finite): its check runs in the file, not in eager code."""
+    pre = getattr(eager, "preprocess", None)
+    if not isinstance(pre, ImagePreprocess):
+        return
+    for ex in examples:
+        if ex.is_floating_point() and ex.numel():
+            lo, hi = (float(v) for v in torch.aminmax(ex.detach().float()))
+            if not (lo >= -pre.float_slack and hi <= 1.0 + pre.float_slack):  # NaN fails too
+                raise ExportError(f"The example inputs are float pixels in [{lo:g}, {hi:g}], which the exported "
+                                  "model refuses: it takes uint8 pixels or float pixels in [0, 1]. Pass uint8 "
+                                  "images, or divide by 255; nothing was written.")
+
+
 def reference_outputs(eager: nn.Module, batches: Sequence[tuple[torch.Tensor, bool]]
                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The batches the eager model accepts and its outputs on them (computed once, compared
@@ -216,10 +232,12 @@ def reference_outputs(eager: nn.Module, batches: Sequence[tuple[torch.Tensor, bo
         for xb, derived in batches:
             try:
                 out = eager(xb)
-            except Exception:  # noqa: BLE001 - e.g. a model written for uint8 input only
+            except Exception as exc:  # noqa: BLE001 - e.g. a model written for uint8 input only
                 if derived:
                     continue
-                raise
+                raise ExportError(f"The model fails on the example inputs (a batch {tuple(xb.shape)} {xb.dtype}): "
+                                  f"{exception_line(exc)}; nothing was written. Give example inputs the model "
+                                  "takes (images: uint8 pixels, or floats in [0, 1]).") from exc
             if isinstance(out, torch.Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
                 raise ExportError(f"The model returns NaN/inf on the example inputs ({_count_bad(out)} of "
                                   f"{out.numel()} outputs for a batch {tuple(xb.shape)} {xb.dtype}), so the export "
@@ -353,6 +371,7 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
     check_export_path(path)
     examples = parity_examples(example_inputs, metadata)
     eager = eager_copy(model)
+    _check_float_pixels(eager, examples)
     batches, reference = reference_outputs(eager, _check_batches(examples))
     out = reference[0]
     if not isinstance(out, torch.Tensor) or out.ndim != 2:

@@ -143,6 +143,12 @@ def test_class_left_empty_by_bad_files_is_reported_like_an_empty_class(tmp_path)
         f.write_bytes(b"junk")
     with pytest.raises(tk.DataError, match="single class"):
         _quiet(prepare_data, two, val_split=0)
+    for f in (two / "a").iterdir():
+        f.write_bytes(b"junk")  # every file: the count and the first with its reason (it was a list of tuples)
+    first = sorted((two / "a").iterdir())[0]
+    with pytest.raises(tk.DataError, match=rf"No readable images under '.*e': every file was bad \(4 files; the "
+                                           rf"first, '{first}': cannot be read as an image \(.*\)\)\.$"):
+        _quiet(prepare_data, two, val_split=0)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 import json
 import os
 import pty
@@ -297,6 +298,13 @@ def test_predict_goes_on_past_a_folder_without_inputs(run, capsys, tmp_path):
     assert f"warning: {tmp_path / 'empty'}: No image files under" in err and "1 of 2 inputs could not" in err
     code, _, err = _run(capsys, "predict", root / "m.pt", tmp_path / "empty")
     assert code == 2 and "No image files under" in err
+    odd = tmp_path / "new\nline\tcat.jpg"  # one line and two columns per input, whatever the file's name
+    shutil.copy(image, odd)
+    code, out, err = _run(capsys, "predict", root / "m.pt", odd, tmp_path / "nothing\n.jpg")
+    lines = out.splitlines()
+    assert code == 1 and len(lines) == 2 and [len(line.split("\t")) for line in lines] == [2, 2]
+    assert lines[0].startswith(str(tmp_path / "new\\nline\\tcat.jpg") + "\t")
+    assert len(err.splitlines()) == 2 and "nothing\\n.jpg" in err
 
 
 def test_predict_csv(run, capsys):

@@ -67,6 +67,10 @@ def test_a_readme_that_cannot_be_updated_is_said_before_the_demo_runs(tmp_path, 
         err = capsys.readouterr().err
         assert err.startswith("transferkit: error: ") and said in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "out").exists()  # nothing trained
+    assert main(["demo", "--quick", "--out", str(plain)]) == 2  # a file where the folder goes: not "[Errno 17]"
+    assert capsys.readouterr().err.strip() == (f"transferkit: error: The demo output path {str(plain)!r} (--out) is "
+                                               "a file, but a folder is needed; give a folder path or move the file "
+                                               "away.")
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{README_START}\nold\n{README_END}\nafter\n")
     update_readme(readme, {"table": "| new |", "total_seconds": 3.0, "torch": "2.11.0"})

@@ -17,7 +17,7 @@ import transferkit as tk
 import transferkit.recipes as recipes
 from transferkit.cli import main
 from transferkit.config import load_config, merge_config
-from transferkit.errors import ConfigError, DataError
+from transferkit.errors import ConfigError, DataError, OutputError
 from transferkit.recipes import RecipeData, run_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -165,7 +165,7 @@ def test_cli_finetune_with_config_and_overrides(tmp_path, capsys):
     assert (tmp_path / "lr.png").is_file() and "suggested_lr" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("key, value", [("export", "x.pt"), ("val_data", "x"), ("classes", "[a, b]")])
+@pytest.mark.parametrize("key, value", [("export", "x.pt"), ("val_data", "x"), ("classes", "[a, b]"), ("data", "x")])
 def test_settings_a_recipe_makes_itself_are_refused_from_set(key, value, tmp_path):
     def data_fn(root, recipe):
         pytest.fail("the data were built before the settings were checked")
@@ -173,6 +173,9 @@ def test_settings_a_recipe_makes_itself_are_refused_from_set(key, value, tmp_pat
     with pytest.raises(ConfigError, match=f"{key} is set by the recipe itself"):
         run_recipe("toy", data_fn, description="toy", recipe_dir=tmp_path,
                    argv=["--data-dir", str(tmp_path), "--set", f"{key}={value}"])
+    (tmp_path / "toy.yaml").write_text("data_dir: /somewhere\n")  # data beside the file's data_dir: not "keep one"
+    with pytest.raises(ConfigError, match=f"{key} is set by the recipe itself"):
+        run_recipe("toy", data_fn, description="toy", recipe_dir=tmp_path, argv=["--set", f"{key}={value}"])
 
 
 def test_a_recipe_wide_setting_a_probe_has_no_use_for_is_left_out_of_its_run_and_said(tmp_path, capsys):
@@ -248,6 +251,20 @@ def test_runs_that_would_share_a_checkpoint_are_refused_before_the_data_are_read
                                        "  trained: {policy: full, checkpoint: b.ckpt}\n")
     with pytest.raises(pytest.fail.Exception, match="data were read"):  # a checkpoint each: the data are read next
         run_recipe("toy", _never_read, description="toy", recipe_dir=tmp_path, argv=argv[:2])
+
+
+def test_results_json_that_cannot_be_written_is_said_before_the_data_are_read(tmp_path):
+    """It was written after training with a plain write: a folder in its way was a traceback
+    once the run was over, and the test accuracy was lost."""
+    (tmp_path / "out" / "results.json").mkdir(parents=True)
+    with pytest.raises(OutputError, match=r"The recipe results path '.*results.json' \(--out\) is a folder, where a "
+                                          r"file goes; move or remove that folder\."):
+        run_recipe("toy", _never_read, description="toy", recipe_dir=tmp_path,
+                   argv=["--data-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match=r"cannot be created: '.*file' is a file, not a folder"):
+        run_recipe("toy", _never_read, description="toy", recipe_dir=tmp_path,
+                   argv=["--data-dir", str(tmp_path), "--out", str(tmp_path / "file")])
 
 
 def test_esc50_help_lists_its_fold_option(capsys):

@@ -70,6 +70,17 @@ def one_line(text: str) -> bool:
 _SCRIPTED_RAISE = re.compile(r"^builtins\.(\w+): (.+)$", re.MULTILINE)
 
 
+def printable(text: str) -> str:
+    """``text`` with its control characters and line boundaries written as Python escapes, so
+    that a name holding them stays on one line (and one column) of plain output.
+
+    Example:
+        >>> print(printable("new\\nline\\tcat.png"), printable("café.png"))
+        new\\nline\\tcat.png café.png
+    """
+    return text if one_line(text) else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def exception_line(exc: BaseException, limit: int = 300) -> str:
     """``"Type: first line of the message"`` (at most ``limit`` characters of it): an error as a
     reason. An error raised inside TorchScript code is the one that code raised (the last

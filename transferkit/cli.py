@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import TransferkitError, warn
-from transferkit._text import file_reason, hide_secrets, plural, strict_json
+from transferkit._text import file_reason, hide_secrets, plural, printable, strict_json
 from transferkit.helpformat import HELP, MAX_PIXELS_HELP, one_line, one_line_warnings, pixel_limit, set_pixel_limit
 from transferkit.schedules import LRRange
 from transferkit.spelling import cli_spelling, drop_python_asides, flag, shell_word
@@ -98,10 +98,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         _write_csv(stream, predictor.labels, predictor.task, args.top_k)
     else:
         for p in stream:
-            print(f"{p.source}\t{p if p.ok else drop_python_asides(str(p))}")  # an error's hint: the command
+            print(f"{printable(str(p.source))}\t{p if p.ok else drop_python_asides(str(p))}")  # a line per input
     failed = [(p.source, file_reason(drop_python_asides(p.error))) for p in preds if not getattr(p, "ok", True)] + empty
     for source, why in failed:  # the reason alone: advice about training options does not apply to predict
-        print(f"transferkit: warning: {source}: {why}", file=sys.stderr)
+        print(f"transferkit: warning: {printable(str(source))}: {why}", file=sys.stderr)
     if failed:
         print(f"transferkit: error: {len(failed)} of {len(preds) + len(empty)} inputs could not be predicted "
               "(listed above)", file=sys.stderr)

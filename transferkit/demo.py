@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from transferkit._io import atomic_write
+from transferkit._io import atomic_write, check_writable
 from transferkit.api import finetune
 from transferkit.backbones import InputSpec
 from transferkit.data import eval_transform
@@ -94,6 +94,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, seed: 
 
 
 def _run_demo(out: Path, *, quick: bool, seed: int, verbose: bool) -> dict:
+    check_writable(out, what="demo output", flag="--out", kind="dir")
     out.mkdir(parents=True, exist_ok=True)
     say = print if verbose else (lambda *a, **k: None)
     t_start = time.perf_counter()

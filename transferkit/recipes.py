@@ -32,6 +32,7 @@ import numpy as np
 
 from transferkit.config import (RECIPE_KEYS, FinetuneConfig, called_as, load_config, merge_config, number_argument,
                                 parse_overrides)
+from transferkit._io import atomic_write, check_writable
 from transferkit._signals import interrupt_exit
 from transferkit.errors import ConfigError, DataError, TransferkitError, warn
 from transferkit._text import plural
@@ -236,16 +237,13 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     if args.download:
         cli["download"] = True
     cli.update(parse_overrides(args.set))
+    _refuse_owned(name, set(file_cfg) | set(cli))  # before merging: data= beside the file's data_dir is this error
     cfg = {k: expand_vars(v, k) for k, v in merge_config({**file_cfg, **cli}, source=f"{name} recipe").items()}
     recipe = {k: cfg.pop(k) for k in list(cfg) if k in RECIPE_KEYS}
     _check_limit(recipe.get("limit"), f"{name} recipe", flag="limit" in cli)
     cli = {k: expand_vars(v, k) for k, v in cli.items() if k not in RECIPE_KEYS}
     runs = _run_blocks(recipe.get("runs") or {}, f"{name} recipe") or {"": {}}
-    owned = sorted(RECIPE_OWNS & (set(cfg) | {k for r in runs.values() for k in r}))
-    if owned:
-        raise ConfigError(f"{name} recipe: {owned[0]} is set by the recipe itself (data, val_data and classes from "
-                          "the data set under --data-dir; the export as <--out>/<run>/model.pt); leave it out of "
-                          "--set and the config, or use the Python API (transferkit.finetune) with your own.")
+    _refuse_owned(name, {k for r in runs.values() for k in r})
     for run_name, overrides in runs.items():  # every run's keys and values, before the first run starts
         merge_config(cfg, overrides, cli, source=f"{name} recipe, run {run_name!r}")
     if args.run:
@@ -260,6 +258,8 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
                                       run_settings) for run_name, overrides in runs.items()}
     _check_own_checkpoints(name, run_cfgs)
     out = Path(recipe.get("out_dir") or f"runs/{name}")
+    for run_name in run_cfgs:  # written after training: a folder or a file in its way is said before
+        check_writable((out / run_name if run_name else out) / "results.json", what="recipe results", flag="--out")
     data = data_fn(data_dir, {**recipe, "args": args})
     train, val, test, classes = _sliced(data, recipe.get("limit"), cfg.get("seed", 0))
     summaries = []
@@ -277,8 +277,9 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
                                    "seconds": round(time.perf_counter() - t0, 1), "export": str(result.export_path)}
         if test is not None:
             summary["test_acc"] = evaluate_export(result.export_path, test)
-        run_out.mkdir(parents=True, exist_ok=True)
-        (run_out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+        atomic_write(run_out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1,
+                                                                                            default=str)),
+                     what="recipe results", flag="--out")
         print(json.dumps({k: summary[k] for k in ("recipe", "run", "best", "test_acc", "seconds") if k in summary},
                          default=str), flush=True)
         summaries.append(summary)
@@ -339,6 +340,15 @@ def _sliced(data: RecipeData, limit: int | None, seed: int) -> tuple[Any, Any, A
             classes = classes or d.classes
         parts.append(limit_per_class(d, limit, seed) if d is not None else None)
     return parts[0], parts[1], parts[2], classes
+
+
+def _refuse_owned(name: str, keys: set[str]) -> None:
+    """ConfigError when settings the recipe makes itself (`RECIPE_OWNS`) are among ``keys``."""
+    owned = sorted(RECIPE_OWNS & keys)
+    if owned:
+        raise ConfigError(f"{name} recipe: {owned[0]} is set by the recipe itself (data, val_data and classes from "
+                          "the data set under --data-dir; the export as <--out>/<run>/model.pt); leave it out of "
+                          "--set and the config, or use the Python API (transferkit.finetune) with your own.")
 
 
 def _check_own_checkpoints(name: str, run_cfgs: dict[str, dict[str, Any]]) -> None:

@@ -357,14 +357,24 @@ def warn_copies_across_classes(samples: Sequence[tuple[str, int]], classes: Sequ
                     f"({name(lb)}) = {a} ({name(la)}). Remove the copies or fix their labels.")
 
 
+def every_file_bad(start: str, report: DataReport) -> DataError:
+    """The error of data none of whose files could be read: ``start``, the count, and the
+    first bad file with its reason (the others' reasons are the warning's)."""
+    bad = report.bad_files
+    if not bad:
+        return DataError(f"{start}: every file was bad.")
+    path, reason = bad[0]
+    return DataError(f"{start}: every file was bad ({plural(len(bad), 'file')}; the first, {str(path)!r}: "
+                     f"{str(reason).rstrip('.')}).")
+
+
 def readable_samples(listed: Sequence[tuple[Any, int]], kept: Sequence[tuple[Any, int]], names: Sequence[str], *,
                      source: Any, what: str, report: DataReport) -> list[tuple[Any, int]]:
     """``kept``, what a pre-scan left of the ``listed`` samples of ``source``: a
     [`DataError`][transferkit.DataError] when nothing is left, a warning in ``report`` for the
     classes left without any file. ``what`` names the files (``"images"``, ``"audio files"``)."""
     if not kept:
-        raise DataError(f"No readable {what} under {str(source)!r}: every file was bad "
-                        f"(e.g. {report.bad_files[:2]}).")
+        raise every_file_bad(f"No readable {what} under {str(source)!r}", report)
     emptied = [names[t] for t in sorted({t for _, t in listed} - {t for _, t in kept})]
     if emptied:
         listing = str(source).lower().endswith(".csv")

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.data.checks import DataReport, check_label_names, filter_bad_images
+from transferkit.data.checks import DataReport, check_label_names, every_file_bad, filter_bad_images
 from transferkit.data.folders import check_listed_files, csv_file_path, parse_number, read_csv_rows
 from transferkit.data.images import ImageFolderDataset
 from transferkit.errors import DataError
@@ -185,7 +185,7 @@ def open_target_csv(csv_path: str | Path, *, task: str, classes: Sequence[str] |
     listed, names = scan_target_csv(csv_path, task=task, classes=classes, report=report, purpose=purpose)
     kept = filter_bad_images(listed, on_bad_file=on_bad_file, scan=scan, report=report)
     if not kept:
-        raise DataError(f"No readable images in {str(csv_path)!r}: every file was bad (e.g. {report.bad_files[:2]}).")
+        raise every_file_bad(f"No readable images in {str(csv_path)!r}", report)
     return ImageFolderDataset(csv_path, classes=names, samples=kept, min_size=min_size, on_bad_file=on_bad_file,
                               report=report)
 

@@ -337,9 +337,12 @@ KILLED_WITH_A_CHILD = textwrap.dedent("""
     import os, signal, sys, time
     from transferkit._io import file_lock
     with file_lock(sys.argv[1], what="checkpoint"):
+        r, w = os.pipe()
         if os.fork() == 0:  # a DataLoader worker: forked while the lock is held, it outlives its parent
+            os.write(w, b"x")  # running (as a worker is long before its parent is killed)
             time.sleep(60)
             os._exit(0)
+        os.read(r, 1)
         print("locked", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 """)

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import http.server
 import io
+import re
 import json
 import tarfile
 import threading
@@ -81,22 +82,41 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves a folder; records each request; ``/slow/...`` waits before answering,
     ``/short/...`` announces the whole file but sends half of it, ``/flaky/...`` answers
     HTTP 503 to the first two GETs of each tar file, ``/trickle/...`` sends a byte every
-    0.05 s, and ``/hang/...`` answers a GET only once the server's ``release`` event is set."""
+    0.05 s, ``/hang/...`` answers a GET only once the server's ``release`` event is set, and
+    ``/gethonly/...`` refuses HEAD (403, as for a URL signed for GET) and answers a GET of a
+    byte range (recorded as ``RANGE``) with that range."""
 
     def log_message(self, *args):  # quiet
         pass
 
     def _record(self):
-        self.server.requests.append((self.command, self.path))
+        self.server.requests.append(("RANGE" if self.headers.get("Range") else self.command, self.path))
 
     def do_HEAD(self):
         self._record()
+        if self.path.startswith("/gethonly/"):
+            self.send_error(403, "Forbidden")
+            return
         for kind in ("/slow/", "/short/", "/flaky/", "/trickle/", "/hang/"):
             self.path = self.path.replace(kind, "/", 1)
         super().do_HEAD()
 
     def do_GET(self):
         self._record()
+        if self.path.startswith("/gethonly/"):
+            self.path = self.path.replace("/gethonly/", "/", 1)
+            byte = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range") or "")
+            if byte:
+                f = Path(self.translate_path(self.path))
+                data = f.read_bytes()
+                start, end = int(byte.group(1)), min(int(byte.group(2)), len(data) - 1)
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                self.send_header("Content-Length", str(end - start + 1))
+                self.send_header("Last-Modified", self.date_time_string(f.stat().st_mtime))
+                self.end_headers()
+                self.wfile.write(data[start:end + 1])
+                return
         if self.path.startswith("/flaky/"):
             if self.path.endswith(".tar") and sum(1 for m, p in self.server.requests
                                                   if m == "GET" and p == self.path) <= 2:

@@ -5,6 +5,7 @@ shard cache, indexes that make a second run fetch nothing, one-line errors."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from transferkit.data import eval_transform, prepare_data
 from transferkit.data import remote
 from transferkit.data.remote import ShardCache, parse_bytes
 from transferkit.data.fingerprint import data_fingerprint
+from transferkit.results import result_record
 from transferkit.train.loaders import make_loader
 
 SPEC = tk.InputSpec(image_size=16)
@@ -232,10 +234,41 @@ def test_a_signed_url_shows_no_signature_and_a_new_signature_is_the_same_shard(s
         again.train.read_bytes(0)
         assert len(gets(requests, suffix="SECRET2")) == 1
         del requests[:]
-        resumed = _quiet(tk.finetune, "tk:small_cnn", data=signed(3, *two), resume=True, **common)
+        resumed = _quiet(tk.finetune, "tk:small_cnn", data=signed(3, *two), resume=True,
+                         **{**common, "portable_metadata": False})  # the export records the URLs, not signatures
         assert [m for m, p in requests if ".tar" in p] == ["HEAD", "HEAD"]  # the copy fetched at SECRET2 serves
     assert len(resumed.history) == 2 and [r["epoch"] for r in resumed.history] == [1, 2]
     assert b"SECRET" not in (tmp_path / "m.pt").read_bytes() and b"AKIA" not in (tmp_path / "m.pt").read_bytes()
+    assert b"train-000000.tar?versionId=7" in (tmp_path / "m.pt").read_bytes()
+    record = json.dumps(result_record(resumed), default=str)  # what the command line prints
+    assert "Left out 1 bad image" in record and "SECRET" not in record
+    with pytest.raises(tk.DataError, match=r"my shard.tar\?sig=\u2026': InvalidURL") as info:  # a space in it
+        prepare_data("https://127.0.0.1:9/my shard.tar?sig=SECRET", val_split=0)
+    assert "SECRET" not in str(info.value)
+
+
+def test_a_shard_whose_server_refuses_head_is_known_by_its_first_byte(shards, tmp_path):
+    """A URL signed for GET only is refused HEAD (403): a GET of its first byte gives its
+    validators, so the URL signed anew keeps its cached index and copy. Where the server says
+    nothing of the object, the signature stays part of its identity (an object replaced under
+    a new signature is fetched, not taken for the old one); other parameters always do."""
+    from transferkit.data.remote import shard_identity
+
+    def url(sig):
+        return f"{base}/gethonly/train-000000.tar?X-Amz-Signature={sig}"
+
+    with serve(shards) as (base, requests):
+        first = _quiet(prepare_data, url("A"), val_split=0, cache_dir=tmp_path / "c")
+        assert [m for m, p in requests if ".tar" in p] == ["HEAD", "RANGE", "GET"]
+        del requests[:]
+        again = _quiet(prepare_data, url("B"), val_split=0, cache_dir=tmp_path / "c")
+        again.train.read_bytes(0)
+        assert [m for m, p in requests if ".tar" in p] == ["HEAD", "RANGE"]  # no fetch
+        assert data_fingerprint(again.train) == data_fingerprint(first.train)
+    assert shard_identity("https://h/a.tar?X-Amz-Signature=A", {}) == "https://h/a.tar?X-Amz-Signature=A"
+    assert shard_identity("https://h/a.tar?v=1&X-Amz-Signature=A", {"etag": "1"}) == "https://h/a.tar?v=1"
+    for kept in ("https://h/get?key=train-000.tar&token=x", "https://h/a.tar?sp=train&sig=1"):  # no signing scheme
+        assert shard_identity(kept, {"etag": "1"}) == kept
 
 
 def test_a_look_up_whose_server_is_down_for_a_moment_is_tried_again(shards, tmp_path, monkeypatch):

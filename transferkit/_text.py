@@ -136,71 +136,105 @@ def strict_json(obj: Any, **options: Any) -> str:
     return json.dumps(finite_json(obj), allow_nan=False, **options)
 
 
-# query parameters that sign a URL or carry a credential: S3 and GCS (X-Amz-*, X-Goog-*),
-# Azure SAS (sv, sp, se, sig, ...), CloudFront (Signature, Policy, Key-Pair-Id, Expires) and
-# tokens or keys. Their values are secret and change with each new signature.
-_SIGNING = re.compile(r"x-amz-[\w-]*|x-goog-[\w-]*|sig|signature|policy|key-pair-id|expires|[\w-]*token|"
-                      r"[\w-]*key|[\w-]*secret|credential|password|"
-                      r"sv|ss|srt|sp|se|st|spr|si|sr|sdd|sip|skoid|sktid|skt|ske|sks|skv|saoid|suoid|scid|ses",
-                      re.IGNORECASE)
-_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+# Query parameters whose values are secret, hidden wherever a URL is shown: they sign a URL or
+# carry a credential (S3 and GCS X-Amz-*, X-Goog-*; Azure SAS sig; CloudFront Signature, Policy,
+# Key-Pair-Id; Tencent q-*; tokens, API keys, passwords).
+_SECRET = re.compile(r"x-amz-[\w-]*|x-goog-[\w-]*|sig|policy|key-pair-id|jwt|hdnts|q-ak|q-sign-[\w-]*|"
+                     r"[\w-]*(?:signature|token|secret|credential|password|passwd)[\w-]*|pwd|auth|authorization|"
+                     r"(?:api|access|secret|private|account|auth)?[_-]?key", re.IGNORECASE)
+# The signing schemes whose parameters change with each signing, each known by the parameter that
+# carries its signature (and the scheme's version): (marks, its parameters). Only these leave a
+# URL's identity (`unsigned`); other parameters, secret or not, name what the URL gives.
+_SCHEMES = (
+    (("X-Amz-Signature",), re.compile(r"x-amz-[\w-]*", re.IGNORECASE)),  # S3 (SigV4)
+    (("X-Goog-Signature",), re.compile(r"x-goog-[\w-]*", re.IGNORECASE)),  # Google Cloud Storage (V4)
+    (("sig", "sv"), re.compile(r"sv|ss|srt|sp|se|st|spr|sig|si|sr|sdd|sip|skoid|sktid|skt|ske|sks|skv|saoid|suoid|"
+                               r"scid|ses")),  # Azure SAS
+    (("Signature",), re.compile(r"Signature|Expires|AWSAccessKeyId|GoogleAccessId|Policy|Key-Pair-Id|"
+                                r"x-amz-security-token", re.IGNORECASE)),  # S3 (V2), GCS (V2), CloudFront
+)
+_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>\\]+")
+_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^/?#@\s'\"<>\\]+)@")
+# a query parameter anywhere in text (a URL with a space in it, a file name cut from a URL): a
+# value ends at & # ; : whitespace, quotes, brackets or a comma (a shard sample's url:key keeps its key)
+_PARAM = re.compile(r"([?&])([\w.~%+-]+)=([^&#;:\s'\"<>\\,()\[\]{}]*)")
 
 
-def signing_parameter(name: str) -> bool:
-    """Whether a URL's query parameter ``name`` signs the URL or carries a credential.
+def secret_parameter(name: str) -> bool:
+    """Whether a URL's query parameter ``name`` carries a secret (a signature, token, key or password).
 
     Example:
-        >>> [signing_parameter(n) for n in ("X-Amz-Signature", "sig", "token", "versionId", "shard")]
-        [True, True, True, False, False]
+        >>> [secret_parameter(n) for n in ("X-Amz-Signature", "sig", "pageToken", "api_key", "versionId", "key2")]
+        [True, True, True, True, False, False]
     """
-    return bool(_SIGNING.fullmatch(name))
+    return bool(_SECRET.fullmatch(urllib.parse.unquote_plus(name)))
 
 
-def _url_rewritten(url: str, drop: bool) -> str:
-    """``url`` with its secret parts shown as ``…`` (``drop``: left out)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url
-    netloc = parts.netloc
-    if password:
-        netloc = netloc.replace(":" + password + "@", "@" if drop else ":\u2026@", 1)
-    kept = []
-    for q in parts.query.split("&") if parts.query else []:
-        name = q.partition("=")[0]
-        if signing_parameter(urllib.parse.unquote_plus(name)):
-            if drop:
-                continue
-            q = name + "=\u2026"
-        kept.append(q)
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "&".join(kept), parts.fragment))
-
-
-def _urls_rewritten(text: str, drop: bool) -> str:
-    return _URL_IN_TEXT.sub(lambda m: _url_rewritten(m.group(0), drop), text) if "://" in text else text
+def _hidden_value(m: re.Match) -> str:
+    if not secret_parameter(m.group(2)):
+        return m.group(0)
+    value = m.group(3)
+    return f"{m.group(1)}{m.group(2)}=\u2026{value[len(value.rstrip('.')):]}"  # a final "." is the sentence's
 
 
 def hide_secrets(text: str) -> str:
-    """``text`` with the secret parts of the URLs in it shown as ``…``: the values of query
-    parameters that sign a URL or carry a credential (`signing_parameter`) and a password
-    before ``@``. Every error and warning of transferkit's passes through it, so that a
-    signed URL's signature does not reach logs, nor an export's metadata.
+    """``text`` with its secrets shown as ``…``: the values of query parameters that carry a
+    signature, token, key or password (`secret_parameter`), and the user name and password of
+    a URL; nothing else changes. Every error and warning of transferkit's passes through it,
+    so that a signed URL's signature does not reach logs, nor an export's metadata.
 
     Example:
-        >>> hide_secrets("Cannot fetch 'https://h/a.tar?X-Amz-Signature=9f3a&versionId=2': HTTP 403")
-        "Cannot fetch 'https://h/a.tar?X-Amz-Signature=\u2026&versionId=2': HTTP 403"
+        >>> hide_secrets("Cannot fetch 'https://h/a.tar?X-Amz-Signature=9f3a&versionId=2': HTTP 403.")
+        "Cannot fetch 'https://h/a.tar?X-Amz-Signature=\u2026&versionId=2': HTTP 403."
+        >>> hide_secrets("Bad image https://ann:pw@h/a.tar?sig=9f:000123 (see my shard.tar?token=x).")
+        'Bad image https://\u2026@h/a.tar?sig=\u2026:000123 (see my shard.tar?token=\u2026).'
     """
-    return _urls_rewritten(text, drop=False)
+    if "=" in text:
+        text = _PARAM.sub(_hidden_value, text)
+    if "@" in text and "://" in text:
+        text = _USERINFO.sub(lambda m: f"{m.group(1)}\u2026@", text)
+    return text
+
+
+def _unsigned_url(url: str) -> str:
+    base, mark, rest = url.partition("?")
+    if not mark:
+        return url
+    query, hash_mark, fragment = rest.partition("#")
+    params = [p for p in query.split("&") if p]
+    names = {urllib.parse.unquote_plus(p.partition("=")[0]) for p in params}
+    for marks, scheme in _SCHEMES:
+        if all(m in names for m in marks):
+            params = [p for p in params if not scheme.fullmatch(urllib.parse.unquote_plus(p.partition("=")[0]))]
+    return base + (f"?{'&'.join(params)}" if params else "") + hash_mark + fragment
 
 
 def unsigned(text: str) -> str:
-    """``text`` with the URLs in it stripped of their signing parameters and passwords: what
-    names the same data under a new signature (a shard's cached copy, its index, the data's
-    digest and a resume compare it).
+    """``text`` with the URLs in it stripped of the parameters of a signing scheme they carry
+    (S3, Google Cloud Storage, Azure SAS, CloudFront): what names the same object under a new
+    signature. Other parameters stay, secret or not (``?key=train-000``, ``?token=...`` may
+    name what the URL gives).
 
     Example:
         >>> unsigned("https://h/a.tar?versionId=2&X-Amz-Date=20261203&X-Amz-Signature=9f3a")
         'https://h/a.tar?versionId=2'
+        >>> unsigned("https://h/get?key=train-000.tar&token=abc")
+        'https://h/get?key=train-000.tar&token=abc'
     """
-    return _urls_rewritten(text, drop=True)
+    return _URL_IN_TEXT.sub(lambda m: _unsigned_url(m.group(0)), text) if "://" in text else text
+
+
+def hide_secrets_in(obj: Any) -> Any:
+    """`hide_secrets` on every string of plain data (dicts, lists, tuples), keys included.
+
+    Example:
+        >>> hide_secrets_in({"data": ["https://h/a.tar?sig=c2ln"], "epochs": 3})
+        {'data': ['https://h/a.tar?sig=\u2026'], 'epochs': 3}
+    """
+    if isinstance(obj, str):
+        return hide_secrets(obj)
+    if isinstance(obj, dict):
+        return {hide_secrets_in(k): hide_secrets_in(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(hide_secrets_in(v) for v in obj)
+    return obj

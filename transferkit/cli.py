@@ -694,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         except (TransferkitError, OSError) as exc:
             if getattr(args, "debug", False):
                 traceback.print_exc()
-            msg = one_line(exc) or type(exc).__name__
+            msg = hide_secrets(one_line(exc) or type(exc).__name__)  # an OSError's too
             print(f"transferkit: error: {cli_spelling(msg)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as exc:

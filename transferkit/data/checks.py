@@ -24,7 +24,7 @@ from typing import Any
 from PIL import Image
 
 from transferkit._io import file_digest
-from transferkit._text import one_line, plural
+from transferkit._text import hide_secrets, one_line, plural
 from transferkit.errors import DataError, check_choice, warn
 from transferkit.data.late import register_report
 
@@ -98,6 +98,7 @@ class DataReport:
         register_report(self)
 
     def warn(self, message: str) -> None:
+        message = hide_secrets(message)  # kept for the result's record, printed as JSON
         self.warnings.append(message)
         warn(message)
 
@@ -357,10 +358,10 @@ def warn_copies_across_classes(samples: Sequence[tuple[str, int]], classes: Sequ
                     f"({name(lb)}) = {a} ({name(la)}). Remove the copies or fix their labels.")
 
 
-def every_file_bad(start: str, report: DataReport) -> DataError:
+def every_file_bad(start: str, bad: Sequence[tuple[Any, str]]) -> DataError:
     """The error of data none of whose files could be read: ``start``, the count, and the
-    first bad file with its reason (the others' reasons are the warning's)."""
-    bad = report.bad_files
+    first bad file with its reason (``bad``: ``(name, reason)`` of these data's files only; the
+    others' reasons are the warning's)."""
     if not bad:
         return DataError(f"{start}: every file was bad.")
     path, reason = bad[0]
@@ -374,7 +375,9 @@ def readable_samples(listed: Sequence[tuple[Any, int]], kept: Sequence[tuple[Any
     [`DataError`][transferkit.DataError] when nothing is left, a warning in ``report`` for the
     classes left without any file. ``what`` names the files (``"images"``, ``"audio files"``)."""
     if not kept:
-        raise every_file_bad(f"No readable {what} under {str(source)!r}", report)
+        mine = {str(p) for p, _ in listed}  # the report may hold the other split's too
+        raise every_file_bad(f"No readable {what} under {str(source)!r}",
+                             [b for b in report.bad_files if str(b[0]) in mine])
     emptied = [names[t] for t in sorted({t for _, t in listed} - {t for _, t in kept})]
     if emptied:
         listing = str(source).lower().endswith(".csv")

@@ -20,7 +20,9 @@ and bounded:
   each fetch, the least recently used shards that no process has open are removed. The
   free space is checked before a fetch whose size is known.
 - **Where.** ``cache_dir/shards/`` when ``cache_dir`` is set (kept across runs), else a
-  temporary folder removed when the process exits. Files are named by a hash of the URL.
+  temporary folder removed when the process exits. Files are named by a hash of the URL
+  (`shard_identity`: without a signing scheme's parameters where validators tell the object
+  apart) and its validators.
 - **Errors.** A failed fetch (an HTTP error, a command that exits with a non-zero code, a
   body shorter than its Content-Length, an HTTP body, a command's output or an fsspec file
   that brings fewer than `STALL_BYTES` in `fetch_timeout` seconds) raises a one-line `ShardFetchError` naming the
@@ -140,6 +142,15 @@ def _http_validators(headers: Any) -> dict[str, str]:
     return out
 
 
+def shard_identity(url: str, validators: dict[str, str] | None) -> str:
+    """What names the remote shard ``url`` in keys (its cached copy, its index, the data's
+    digest): the URL without the parameters of a signing scheme it carries
+    (`transferkit._text.unsigned`: a URL signed anew is the same shard) where the server gave
+    ``validators`` that tell its content apart; else the URL as it is (an object replaced under
+    a URL whose server says nothing of it is told apart by the new signature alone)."""
+    return unsigned(url) if validators else url
+
+
 def remote_validators(url: str) -> dict[str, str]:
     """What identifies the current content of ``url`` without reading it (see the module
     docstring); ``{}`` when nothing does. A shard that does not exist raises `ShardFetchError`.
@@ -157,6 +168,7 @@ def remote_validators(url: str) -> dict[str, str]:
 def _look_up(url: str) -> dict[str, str]:
     kind = scheme(url)
     if kind in ("http", "https"):
+        import http.client
         import urllib.error
         import urllib.request
 
@@ -164,12 +176,14 @@ def _look_up(url: str) -> dict[str, str]:
             with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=fetch_timeout()) as r:
                 return _http_validators(r.headers)
         except urllib.error.HTTPError as exc:
-            if exc.code not in (404, 410):  # no HEAD (405, 501, 5xx; a URL signed for GET only: 403): the URL
-                return {}                   # alone identifies it, and the GET (tried again) reports what is wrong
+            if exc.code not in (404, 410):  # no HEAD (405, 501, 5xx; a URL signed for GET only: 403): a GET of
+                return _first_byte_validators(url)  # its first byte says the same, or the URL alone identifies it
             raise _fail(url, f"HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise _fail(url, f"{getattr(exc, 'reason', exc)}", transient=_may_pass(getattr(exc, "reason", exc))) \
                 from None
+        except (http.client.HTTPException, ValueError) as exc:  # a URL that cannot be requested (a space in it)
+            raise _fail(url, f"{type(exc).__name__}: {exc}") from None
     fsspec = _fsspec(url)
     try:
         fs, path = fsspec.core.url_to_fs(url)
@@ -186,6 +200,26 @@ def _look_up(url: str) -> dict[str, str]:
         if info.get(key) is not None:
             out[key.lower()] = str(info[key])
     return out
+
+
+def _first_byte_validators(url: str) -> dict[str, str]:
+    """The validators of an HTTP shard whose server refuses HEAD, from a GET of its first byte
+    (``Range: bytes=0-0``; a server without ranges answers with the whole, left unread); ``{}``
+    when that fails too (the fetch then reports what is wrong)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"Range": "bytes=0-0"}),
+                                    timeout=fetch_timeout()) as r:
+            out = _http_validators(r.headers)
+            if r.status == 206:  # its Content-Length is the range's: the size is Content-Range's total
+                out.pop("content-length", None)
+                total = re.fullmatch(r"bytes \d+-\d+/(\d+)", r.headers.get("Content-Range") or "")
+                if total:
+                    out["content-length"] = total.group(1)
+            return out
+    except Exception:  # noqa: BLE001 - refused, unreachable, ...: the fetch says so
+        return {}
 
 
 def stream_to(url: str, dest: str | Path) -> dict[str, str]:
@@ -509,8 +543,8 @@ class ShardCache:
 
     def path(self, url: str, validators: dict[str, str] | None = None) -> Path:
         """The cached copy of ``url`` with those validators (a new ETag, size or date: a new copy;
-        a new signature: the same copy, `transferkit._text.unsigned`)."""
-        ident = f"{unsigned(url)}\0{json.dumps(validators or {}, sort_keys=True)}"
+        a new signature: the same copy where validators say so, `shard_identity`)."""
+        ident = f"{shard_identity(url, validators)}\0{json.dumps(validators or {}, sort_keys=True)}"
         return self.folder / (hashlib.blake2b(ident.encode(), digest_size=16).hexdigest() + ".tar")
 
     def _lock_fd(self, target: Path) -> int:
@@ -653,6 +687,7 @@ def fetch_small(url: str, limit: int = 1 << 20) -> bytes | None:
 
 def _fetch_small_once(url: str, limit: int) -> bytes | None:
     if scheme(url) in ("http", "https"):
+        import http.client
         import urllib.error
         import urllib.request
 
@@ -667,6 +702,8 @@ def _fetch_small_once(url: str, limit: int) -> bytes | None:
         except (urllib.error.URLError, OSError) as exc:
             raise _fail(url, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}",
                         transient=_may_pass(getattr(exc, "reason", exc))) from None
+        except (http.client.HTTPException, ValueError) as exc:  # a URL that cannot be requested (a space in it)
+            raise _fail(url, f"{type(exc).__name__}: {exc}") from None
     fsspec = _fsspec(url)
     try:
         with fsspec.open(url, "rb") as f:

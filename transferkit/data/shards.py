@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from transferkit._io import atomic_write, entry_not_kept
-from transferkit._text import plural, unsigned
+from transferkit._text import plural
 from transferkit.data.checks import (IMAGE_EXTENSIONS, ON_BAD_FILE, SCAN_RULES, SCANS, DataReport, check_image_stream,
                                      holds_class_folders, leave_out_bad)
 from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_by_own_names, labels_to_targets
@@ -71,6 +71,7 @@ from transferkit.data.remote import (
     fetch_small,
     is_url,
     remote_validators,
+    shard_identity,
     stop_fetches_on_interrupt,
 )
 from transferkit.errors import DataError, check_choice
@@ -557,8 +558,8 @@ def _index_path(cache_dir: str | Path, path: str, scan: str, validators: dict[st
     if validators is None:  # a local shard: its path, size and times (as `ShardSource` identifies it)
         st = os.stat(path)
         ident = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
-    else:  # a remote shard: its URL (a new signature: the same shard) and what its server says identifies its content
-        ident = f"{unsigned(path)}\0{json.dumps(validators, sort_keys=True)}"
+    else:  # a remote shard: its URL (`shard_identity`) and what its server says identifies its content
+        ident = f"{shard_identity(path, validators)}\0{json.dumps(validators, sort_keys=True)}"
     ident = f"{INDEX_FORMAT}\0{SCAN_RULES}\0{ident}\0{scan}"  # a scan by other rules is made again
     return Path(cache_dir) / "shard-index" / (hashlib.blake2b(ident.encode(), digest_size=16).hexdigest() + ".json")
 
@@ -650,12 +651,12 @@ class ShardSource:
         # per shard: a local one's path from the folder holding them all (a folder moved whole
         # keeps it), bytes and times (a shard rewritten with its size and modification time kept
         # has a new change time, as image files do); a remote one's URL (without its signature:
-        # `transferkit._text.unsigned`), validators and bytes
+        # `transferkit.data.remote.shard_identity`), validators and bytes
         local = iter(from_common_folder([p for p, remote in zip(self.paths, self.remote) if not remote]))
         self._ident: list[Any] = []
         for p, ix, remote in zip(self.paths, indexes, self.remote):
             if remote:
-                self._ident.append((unsigned(p), ix.validators, ix.nbytes))
+                self._ident.append((shard_identity(p, ix.validators), ix.validators, ix.nbytes))
             else:
                 st = os.stat(p)
                 self._ident.append((next(local), st.st_size, st.st_mtime_ns, st.st_ctime_ns))

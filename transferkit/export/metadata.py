@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from transferkit._text import strict_json
+from transferkit._text import hide_secrets_in, strict_json
 from transferkit._version import __version__
 from transferkit.data.audio import DEFAULT_MAX_SECONDS, audio_window
 from transferkit.errors import CorruptExportError, ExportError
@@ -84,6 +84,9 @@ def complete_metadata(metadata: dict[str, Any], *, num_outputs: int, fmt: str = 
         meta = json.loads(strict_json(meta))  # tuples -> lists, NaN -> null (JSON has no NaN), proof it serialises
     except (TypeError, ValueError) as exc:
         raise ExportError(f"Export metadata must be JSON-serialisable: {exc}") from exc
+    for record in ("decisions", "training"):  # a shipped file records no URL's signature (the labels are as given)
+        if record in meta:
+            meta[record] = hide_secrets_in(meta[record])
     return validate_metadata(meta, source=_TO_EXPORT, fmt=fmt)
 
 

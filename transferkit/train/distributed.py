@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from transferkit._signals import terminate_at_once
+from transferkit._text import hide_secrets
 from transferkit.errors import ConfigError, TrainingError
 from transferkit.train.loaders import mix_seed
 
@@ -375,7 +376,7 @@ def _said_interrupted(failure: str) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
+    text = hide_secrets(f"{type(exc).__name__}: {exc}")  # printed by the other ranks
     return text if len(text) <= 2000 else text[:2000] + "..."
 
 

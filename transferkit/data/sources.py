@@ -82,7 +82,8 @@ def open_encoded(data: Any, *, classes: list[str] | None, min_size: int | None, 
     if shards is not None:
         return open_shards(shards, scan=scan, cache_dir=cache_dir, **common)
     if is_remote(data):
-        raise DataError(f"Remote data ({hide_secrets(str(data))[:60]!r}) are read only as tar shards (a URL or pipe: command per "
+        shown = hide_secrets(str(data))[:60]
+        raise DataError(f"Remote data ({shown!r}) are read only as tar shards (a URL or pipe: command per "
                         ".tar file, or a brace pattern of them); copy other remote files to a local disk. A tar "
                         "shard served under another name is read by a command: pipe:curl -s '<URL>'.")
     files = parquet_list(data)

@@ -149,6 +149,13 @@ def test_class_left_empty_by_bad_files_is_reported_like_an_empty_class(tmp_path)
     with pytest.raises(tk.DataError, match=rf"No readable images under '.*e': every file was bad \(4 files; the "
                                            rf"first, '{first}': cannot be read as an image \(.*\)\)\.$"):
         _quiet(prepare_data, two, val_split=0)
+    split = tmp_path / "split"  # two bad training files, every validation file bad: the validation files are said
+    make_image_folder(split / "train", per_class=3)
+    make_image_folder(split / "val", per_class=2, seed=1)
+    for f in [*sorted((split / "train").rglob("*.*"))[:2], *(split / "val").rglob("*.*")]:
+        f.write_bytes(b"junk")
+    with pytest.raises(tk.DataError, match=r"under '.*val': every file was bad \(4 files; the first, '.*val"):
+        _quiet(prepare_data, split)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -40,6 +40,7 @@ from transferkit.data.checks import (
     ON_BAD_FILE,
     SCANS,
     DataReport,
+    every_file_bad,
     readable_samples,
     warn_copies_across_classes,
 )
@@ -744,10 +745,11 @@ def _audio_dataset(data: Any, spec: InputSpec, classes: list[str] | None, what: 
         if named is not None:
             raise DataError(f"{what.capitalize()} item {named} gives a file path with a sample rate: a file carries "
                             "its own rate (it is resampled to the model's). Give (path, label).")
+        before = len(report.bad_files)
         samples = filter_bad_audio(samples, on_bad_file=on_bad_file, scan=scan, report=report, max_seconds=max_seconds,
                                    rate=rate)
         if not samples:
-            raise DataError(f"No readable clips in the {what} dataset (e.g. {report.bad_files[:2]}).")
+            raise every_file_bad(f"No readable clips in the {what} dataset", report.bad_files[before:])
         loud = [(peak, i) for i, (src, _) in enumerate(samples) if (peak := float_peak(src)) > LOUD_PEAK]
         if loud:
             peak, first = max(loud, key=lambda pair: pair[0])

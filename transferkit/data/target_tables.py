@@ -183,9 +183,10 @@ def open_target_csv(csv_path: str | Path, *, task: str, classes: Sequence[str] |
     `scan_target_csv`)."""
     report = report if report is not None else DataReport()
     listed, names = scan_target_csv(csv_path, task=task, classes=classes, report=report, purpose=purpose)
+    before = len(report.bad_files)
     kept = filter_bad_images(listed, on_bad_file=on_bad_file, scan=scan, report=report)
     if not kept:
-        raise every_file_bad(f"No readable images in {str(csv_path)!r}", report)
+        raise every_file_bad(f"No readable images in {str(csv_path)!r}", report.bad_files[before:])
     return ImageFolderDataset(csv_path, classes=names, samples=kept, min_size=min_size, on_bad_file=on_bad_file,
                               report=report)
 

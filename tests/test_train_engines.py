@@ -645,7 +645,8 @@ def test_an_engine_that_fails_after_its_first_batch_is_skipped_while_timed_and_n
     """auto skipped an engine that failed on its first call only: one failing on a later timed
     batch, or in the pass after it was chosen, ended the run with onnxruntime's traceback."""
     real = eng._onnx_forward
-    state = {"verifying": False, "calls": 0}
+    state = {"verifying": False, "calls": 0, "error": RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : "
+                                                                   "simulated")}
 
     def failing_later(*a, **k):  # an ONNX Runtime session that runs its first batch and checks, then fails
         fwd = real(*a, **k)
@@ -653,14 +654,19 @@ def test_an_engine_that_fails_after_its_first_batch_is_skipped_while_timed_and_n
         def forward(x):
             state["calls"] += 1
             if state["calls"] > 1 and not state["verifying"]:
-                raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : simulated")
+                raise state["error"]
             return fwd(x)
         return forward
     monkeypatch.setattr(eng, "_onnx_forward", failing_later)
     _time_onnx_on_tiny_data(monkeypatch)
     facts, d = _decide(backbone=_backbone(), data=folder)  # timed: fails on the batch timed after the first
     assert d.engine == "eager" and "onnxruntime failed: RuntimeError: [ONNXRuntimeError]" in d.engine_reason
-    assert facts.engines["measured"]["onnxruntime"]["error"].endswith("simulated (on a timed batch after its first)")
+    failed = facts.engines["measured"]["onnxruntime"]
+    assert failed["error"].endswith("simulated (on a timed batch after its first)") and "transient" not in failed
+    eng.release_engines()
+    state.update(calls=0, error=OSError(28, "No space left on device"))  # the machine's state: timed again later
+    facts, d = _decide(backbone=_backbone(), data=folder)
+    assert d.engine == "eager" and facts.engines["measured"]["onnxruntime"]["transient"] is True
 
     monkeypatch.setattr(eng, "_onnx_forward", real)
     eng.release_engines()
@@ -676,10 +682,10 @@ def test_an_engine_that_fails_after_its_first_batch_is_skipped_while_timed_and_n
     monkeypatch.setattr(eng, "check_against_eager", checking)
     monkeypatch.setattr(eng, "_onnx_forward", failing_later)
     eng.release_engines()
-    state["calls"] = 0
+    state.update(calls=0, error=RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : simulated"))
     with pytest.raises(tk.EngineError, match=r"The onnxruntime feature pass failed on a batch of the pass \(.*\): "
-                                             r"RuntimeError: .*simulated\. Use feature_engine='eager', or auto: the "
-                                             r"next run on this cache_dir skips it\.$"):
+                                             r"RuntimeError: .*simulated\. Use feature_engine='eager'; auto skips it "
+                                             r"in the next run on this cache_dir\.$"):
         tk.finetune(**{**KW, **kw})
     facts, d = _decide(**kw)  # the stored verdict holds the failure: auto keeps eager
     assert d.engine == "eager"

@@ -832,8 +832,14 @@ JSON_UPDATE_WAIT_S = 30.0  # how long an update waits for another process's upda
 def update_json_object(path: str | Path, key: str, value: Any, *, what: str = "file") -> None:
     """Set ``key`` to ``value`` in the JSON object stored in ``path`` (the timing stores under
     ``cache_dir``), written atomically; an unreadable file starts afresh. The read, change
-    and write hold the file's lock, so runs that update one store at once keep every key."""
+    and write hold the file's lock, so runs that update one store at once keep every key.
+    A callable ``value`` is given the key's stored value (None when absent) and returns the
+    new one, or None to leave the file as it is."""
     with file_lock(path, what=what, wait=JSON_UPDATE_WAIT_S):
         data = read_json_object(path)
+        if callable(value):
+            value = value(data.get(key))
+            if value is None:
+                return
         data[key] = value
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True)), what=what)

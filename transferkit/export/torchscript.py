@@ -237,7 +237,7 @@ def reference_outputs(eager: nn.Module, batches: Sequence[tuple[torch.Tensor, bo
                     continue
                 raise ExportError(f"The model fails on the example inputs (a batch {tuple(xb.shape)} {xb.dtype}): "
                                   f"{exception_line(exc)}; nothing was written. Give example inputs the model "
-                                  "takes (images: uint8 pixels, or floats in [0, 1]).") from exc
+                                  "takes (images: uint8 pixels or floats in [0, 1]; audio: float waveforms).") from exc
             if isinstance(out, torch.Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
                 raise ExportError(f"The model returns NaN/inf on the example inputs ({_count_bad(out)} of "
                                   f"{out.numel()} outputs for a batch {tuple(xb.shape)} {xb.dtype}), so the export "

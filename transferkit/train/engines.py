@@ -289,7 +289,7 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
     out: dict[str, dict[str, Any]] = {}
     runners: dict[str, Callable] = {}
     outputs: dict[str, list[torch.Tensor]] = {}  # each prepared engine's features on the batches, in order
-    failed: dict[str, str] = {}  # engines that failed on a timed batch after their first: skipped
+    failed: dict[str, dict[str, Any]] = {}  # engines that failed on a timed batch after their first: skipped
     first_ips, first_call = 0.0, False
     timed_on = batches[1:] or batches[:1]
     order = ["eager", *[c for c in candidates if c != "eager"]]
@@ -363,7 +363,7 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
     timed = done if settled else _fastest(runners, timed_on, rounds, device, done=done, outputs=outputs,
                                           stop_early=settle, failed=failed)
     for name, why in failed.items():  # reported as an engine that fails on its first batch is
-        out[name] = {"error": f"{why} (on a timed batch after its first)"}
+        out[name] = why
         outputs.pop(name, None)
         timed.pop(name, None)
     if settled and first_call:  # eager's speed is its first call's
@@ -416,14 +416,15 @@ def _compare_timed(out: dict[str, dict[str, Any]], outputs: dict[str, list[torch
 def _fastest(runners: dict[str, Callable], batches: Sequence[torch.Tensor], rounds: int,
              device: torch.device, done: dict[str, float] | None = None,
              outputs: dict[str, list[torch.Tensor]] | None = None, stop_early: bool = True,
-             failed: dict[str, str] | None = None) -> dict[str, float]:
+             failed: dict[str, dict[str, Any]] | None = None) -> dict[str, float]:
     """Images/s of each runner on ``batches``, the fastest of ``rounds`` round-robin rounds;
     ``done``: runners with a first round already timed (their speed), run one round less;
     ``outputs``: the runners named there get their first round's outputs appended.
     The rounds stop early (``stop_early``) once the fastest runner is ``CLEAR_LEAD`` times
     faster than every other: a lead that large has not been reversed by one more round here.
-    ``failed``: a runner other than eager that raises is named there with its error, and is
-    neither run again nor given a speed (without it, the error is raised)."""
+    ``failed``: a runner other than eager that raises is named there with its error (as
+    `_time_engines` records one: ``transient`` for the machine's state), and is neither run
+    again nor given a speed (without it, the error is raised)."""
     best: dict[str, float] = dict(done or {})
     failed_here = failed if failed is not None else {}
     with torch.no_grad():
@@ -445,7 +446,8 @@ def _fastest(runners: dict[str, Callable], batches: Sequence[torch.Tensor], roun
                 except Exception as exc:  # an engine that fails on a later batch is skipped, as on its first
                     if failed is None or name == "eager":
                         raise
-                    failed[name] = exception_line(exc)
+                    failed[name] = {"error": f"{exception_line(exc)} (on a timed batch after its first)",
+                                    **({"transient": True} if isinstance(exc, (OSError, MemoryError)) else {})}
                     best.pop(name, None)
                     continue
                 if device.type == "cuda":
@@ -1020,14 +1022,14 @@ def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_si
             timed.clear()
         try:
             return ready[0](x)
-        except (EngineError, MemoryError, torch.OutOfMemoryError):
+        except (EngineError, OSError, MemoryError, torch.OutOfMemoryError):  # the machine's state: as it is
             raise
         except Exception as exc:  # prepared and checked, yet failing on a later batch: named, never a traceback
             why = f"{exception_line(exc)} (on a batch of the feature pass)"
             kept = _record_failure(engine, why, model, examples[0], **kwargs)
             raise EngineError(f"The {engine} feature pass failed on a batch of the pass ({tuple(x.shape)}): "
                               f"{exception_line(exc)}. Use feature_engine='eager'"
-                              f"{', or auto: the next run on this cache_dir skips it' if kept else ''}.") from exc
+                              f"{'; auto skips it in the next run on this cache_dir' if kept else ''}.") from exc
     return forward
 
 
@@ -1037,14 +1039,18 @@ def _record_failure(engine: str, why: str, model: nn.Module, example: torch.Tens
     that a stored timing verdict no longer picks it; returns whether a verdict holds it now."""
     if cache_dir is None or read_only_folder(cache_dir) is not None:
         return False
-    store = Path(cache_dir) / "engines.json"
     key = engines_store_key(model, example.shape[1:], example.dtype, device=device, precision=precision,
                             channels_last=channels_last)
-    entry = read_json_object(store).get(key)
-    if not (isinstance(entry, dict) and entry.get("format") == STORE_FORMAT and _well_formed(entry.get("measured"))):
-        return False  # no verdict picks it (the engine was asked for by name)
-    entry["measured"][engine] = {"error": why}
-    return store_timing(store, key, entry, what="engine timing")
+    recorded: list[bool] = []
+
+    def failed(entry: Any) -> Any:  # under the store's lock: another run's update of the key is kept
+        stored = entry.get("measured") if isinstance(entry, dict) and entry.get("format") == STORE_FORMAT else None
+        if not _well_formed(stored):
+            return None  # no verdict picks it (the engine was asked for by name)
+        entry["measured"][engine] = {"error": why}
+        recorded.append(True)
+        return entry
+    return store_timing(Path(cache_dir) / "engines.json", key, failed, what="engine timing") and bool(recorded)
 
 
 def _session_anchor() -> Path:

@@ -217,7 +217,8 @@ def test_a_signed_url_shows_no_signature_and_a_new_signature_is_the_same_shard(s
         assert main(["finetune", "--backbone", "tk:small_cnn", "--weights", "none", "--image-size", "16", "--json",
                      "--data", f"{base}/train-00000{{0..3}}.tar?sig=SECRET", "--dry-run"]) == 0
         out = capsys.readouterr()
-        assert "train-00000{0..3}.tar?sig=\u2026" in out.out and "SECRET" not in out.out + out.err
+        assert json.loads(out.out)["decisions"]["config"]["data"].endswith("train-00000{0..3}.tar?sig=\u2026")
+        assert "SECRET" not in out.out + out.err
         common = dict(weights=None, policy="finetune", epochs=2, batch_size=4, image_size=16, verbose=False,
                       num_workers=0, precision="fp32", augment="none", decode_once=False, classes=["dark", "light"],
                       val_data=str(shards / "val-000000.tar"), cache_dir=tmp_path / "cache",
@@ -237,6 +238,13 @@ def test_a_signed_url_shows_no_signature_and_a_new_signature_is_the_same_shard(s
         resumed = _quiet(tk.finetune, "tk:small_cnn", data=signed(3, *two), resume=True,
                          **{**common, "portable_metadata": False})  # the export records the URLs, not signatures
         assert [m for m, p in requests if ".tar" in p] == ["HEAD", "HEAD"]  # the copy fetched at SECRET2 serves
+        from transferkit.cli import main
+
+        capsys.readouterr()
+        assert main(["evaluate", str(tmp_path / "m.pt"), signed(4, "val-000000.tar")[0], "--json",
+                     "--confusion-matrix", str(tmp_path / "cm.png")]) == 0
+        out = capsys.readouterr()
+        assert "X-Amz-Signature=\\u2026" in out.out and "SECRET" not in out.out + out.err
     assert len(resumed.history) == 2 and [r["epoch"] for r in resumed.history] == [1, 2]
     assert b"SECRET" not in (tmp_path / "m.pt").read_bytes() and b"AKIA" not in (tmp_path / "m.pt").read_bytes()
     assert b"train-000000.tar?versionId=7" in (tmp_path / "m.pt").read_bytes()
@@ -267,8 +275,36 @@ def test_a_shard_whose_server_refuses_head_is_known_by_its_first_byte(shards, tm
         assert data_fingerprint(again.train) == data_fingerprint(first.train)
     assert shard_identity("https://h/a.tar?X-Amz-Signature=A", {}) == "https://h/a.tar?X-Amz-Signature=A"
     assert shard_identity("https://h/a.tar?v=1&X-Amz-Signature=A", {"etag": "1"}) == "https://h/a.tar?v=1"
+    weak = {"content-length": "10240", "last-modified": "Mon, 07 Dec 2026 00:00:00 GMT"}  # rewritten with both kept:
+    assert shard_identity("https://h/a.tar?X-Amz-Signature=A", weak) == "https://h/a.tar?X-Amz-Signature=A"  # apart
     for kept in ("https://h/get?key=train-000.tar&token=x", "https://h/a.tar?sp=train&sig=1"):  # no signing scheme
         assert shard_identity(kept, {"etag": "1"}) == kept
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("https://h/a.tar?x-api-key=A&subscription-key=B&auth[token]=C&v=2", "https://h/a.tar?x-api-key=\u2026&"
+     "subscription-key=\u2026&auth[token]=\u2026&v=2"),
+    ("https://ann:p@ss@h/a.tar", "https://\u2026@h/a.tar"), ("https://TOKEN@h/a.tar", "https://\u2026@h/a.tar"),
+    ("pipe:curl -s -H 'Authorization: Bearer SECRET' -u ann:SECRET https://h/a.tar",
+     "pipe:curl -s -H 'Authorization: Bearer \u2026' -u \u2026 https://h/a.tar"),
+    ("pipe:AWS_SECRET_ACCESS_KEY=SECRET aws s3 cp s3://b/a.tar -",
+     "pipe:AWS_SECRET_ACCESS_KEY=\u2026 aws s3 cp s3://b/a.tar -"),
+    ("Bad image 'https://h/a.tar?sig=SECRET:000123' (a damaged PNG).",
+     "Bad image 'https://h/a.tar?sig=\u2026:000123' (a damaged PNG)."),
+    # nothing but secrets changes: names, settings, other URLs
+    ("/data/dl.php?id=3&key=7.jpg, class Q&A&key=1, lr=0.01&key=value", None),
+    ("git+ssh://git@github.com/o/r, http://x/?, file:////server/a.tar, ?tokens_per_sample=128", None),
+])
+def test_secrets_are_hidden_and_nothing_else_changes(text, shown):
+    from transferkit._text import hide_secrets
+
+    assert hide_secrets(text) == (text if shown is None else shown)
+    assert json.loads(hide_secrets(json.dumps(text))) == hide_secrets(text)  # JSON text stays that JSON
+
+
+def test_a_password_in_an_http_shard_url_is_refused_without_showing_it():
+    with pytest.raises(tk.DataError, match=r"'https://\u2026@h.invalid/a.tar': a user name or password in an HTTP"):
+        prepare_data("https://ann:hunter2@h.invalid/a.tar", val_split=0)
 
 
 def test_a_look_up_whose_server_is_down_for_a_moment_is_tried_again(shards, tmp_path, monkeypatch):

@@ -139,9 +139,10 @@ def strict_json(obj: Any, **options: Any) -> str:
 # Query parameters whose values are secret, hidden wherever a URL is shown: they sign a URL or
 # carry a credential (S3 and GCS X-Amz-*, X-Goog-*; Azure SAS sig; CloudFront Signature, Policy,
 # Key-Pair-Id; Tencent q-*; tokens, API keys, passwords).
-_SECRET = re.compile(r"x-amz-[\w-]*|x-goog-[\w-]*|sig|policy|key-pair-id|jwt|hdnts|q-ak|q-sign-[\w-]*|"
-                     r"[\w-]*(?:signature|token|secret|credential|password|passwd)[\w-]*|pwd|auth|authorization|"
-                     r"(?:api|access|secret|private|account|auth)?[_-]?key", re.IGNORECASE)
+_SECRET = re.compile(r"x-amz-[\w-]*|x-goog-[\w-]*|sig|sign|hmac|policy|key-pair-id|jwt|hdnts|q-ak|q-sign-[\w-]*|"
+                     r"[\w-]*signature|[\w-]*token_*|[\w-]*secret|secret[_-][\w-]*|[\w-]*credentials?|"
+                     r"[\w-]*pass(?:word|wd|phrase)?|pw|pwd|auth|authorization|session[\w-]*|verify|[\w-]*key",
+                     re.IGNORECASE)
 # The signing schemes whose parameters change with each signing, each known by the parameter that
 # carries its signature (and the scheme's version): (marks, its parameters). Only these leave a
 # URL's identity (`unsigned`); other parameters, secret or not, name what the URL gives.
@@ -153,46 +154,103 @@ _SCHEMES = (
     (("Signature",), re.compile(r"Signature|Expires|AWSAccessKeyId|GoogleAccessId|Policy|Key-Pair-Id|"
                                 r"x-amz-security-token", re.IGNORECASE)),  # S3 (V2), GCS (V2), CloudFront
 )
-_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>\\]+")
-_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^/?#@\s'\"<>\\]+)@")
-# a query parameter anywhere in text (a URL with a space in it, a file name cut from a URL): a
-# value ends at & # ; : whitespace, quotes, brackets or a comma (a shard sample's url:key keeps its key)
-_PARAM = re.compile(r"([?&])([\w.~%+-]+)=([^&#;:\s'\"<>\\,()\[\]{}]*)")
+_SCHEME_BEFORE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]{0,31}$")  # a URL's scheme, read back from its "://"
+_URL_END = re.compile(r"[\s\"<>\\]|'(?=[\s,.;:)\]}]|$)")  # where a URL shown in text ends
+# a query parameter of a URL; its value ends at & # ; : (a shard sample's url:key keeps its key),
+# whitespace, a quote or a backslash (JSON text)
+_PARAM = re.compile(r"([?&])([\w.~%+\[\]-]+)=([^&#;:\s'\"<>\\]*)")
+# credentials on a command line (a pipe: shard): a header's, curl's -u, and environment variables
+_COMMAND_SECRETS = re.compile(r"((?i:authorization|x-api-key|api-key|cookie):\s*(?i:bearer\s+|basic\s+|token\s+)?)"
+                              r"([^\s'\"]+)|((?:\s-u|\s--user)\s+['\"]?)([^\s'\"]+)|"
+                              r"((?:^|(?<=[\s:]))[A-Z][A-Z0-9_]*(?:SECRET|TOKEN|KEY|PASSWORD|PASS|CREDENTIALS?)"
+                              r"[A-Z0-9_]*=)"
+                              r"([^\s'\"]+)")
 
 
 def secret_parameter(name: str) -> bool:
     """Whether a URL's query parameter ``name`` carries a secret (a signature, token, key or password).
 
     Example:
-        >>> [secret_parameter(n) for n in ("X-Amz-Signature", "sig", "pageToken", "api_key", "versionId", "key2")]
-        [True, True, True, True, False, False]
+        >>> [secret_parameter(n) for n in ("X-Amz-Signature", "sig", "pageToken", "x-api-key", "auth[token]", "tokens")]
+        [True, True, True, True, True, False]
     """
-    return bool(_SECRET.fullmatch(urllib.parse.unquote_plus(name)))
+    return any(_SECRET.fullmatch(part) for part in re.split(r"[\[\]]+", urllib.parse.unquote_plus(name)) if part)
 
 
 def _hidden_value(m: re.Match) -> str:
     if not secret_parameter(m.group(2)):
         return m.group(0)
     value = m.group(3)
-    return f"{m.group(1)}{m.group(2)}=\u2026{value[len(value.rstrip('.')):]}"  # a final "." is the sentence's
+    kept = len(value) - len(value.rstrip(".,)]}"))  # the sentence's
+    return f"{m.group(1)}{m.group(2)}=\u2026{value[len(value) - kept:] if kept else ''}"
+
+
+def hide_url(url: str) -> str:
+    """The URL ``url`` (all of it, spaces included) with its secrets shown as ``…``: the
+    values of its secret parameters (`secret_parameter`) and its user name and password (an
+    ``http(s)`` URL's user name may be a token; another scheme's user name alone is shown,
+    ``ssh://git@host``).
+
+    Example:
+        >>> hide_url("https://ann:p@ss@h/a.tar?X-Amz-Signature=9f&v=2")
+        'https://\u2026@h/a.tar?X-Amz-Signature=\u2026&v=2'
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    cut = len(rest)
+    for stop in "/?#":
+        i = rest.find(stop)
+        cut = min(cut, i) if i >= 0 else cut
+    at = rest.rfind("@", 0, cut)
+    if at >= 0 and (":" in rest[:at] or scheme.lower() in ("http", "https")):
+        rest = "\u2026" + rest[at:]
+    if "=" in rest:
+        rest = _PARAM.sub(_hidden_value, rest)
+    return f"{scheme}{sep}{rest}"
+
+
+def hide_query(text: str) -> str:
+    """The values of secret query parameters anywhere in ``text`` shown as ``…``: for text
+    known to quote parts of a URL (an HTTP client's reason, ``'/a b.tar?sig=...'``), where
+    `hide_secrets` finds no whole URL; not for text that may hold names (``Q&A&key=1``).
+
+    Example:
+        >>> hide_query("URL can't contain control characters. '/my shard.tar?sig=9f3a' (found at least ' ')")
+        "URL can't contain control characters. '/my shard.tar?sig=\u2026' (found at least ' ')"
+    """
+    return _PARAM.sub(_hidden_value, text) if "=" in text else text
 
 
 def hide_secrets(text: str) -> str:
-    """``text`` with its secrets shown as ``…``: the values of query parameters that carry a
-    signature, token, key or password (`secret_parameter`), and the user name and password of
-    a URL; nothing else changes. Every error and warning of transferkit's passes through it,
-    so that a signed URL's signature does not reach logs, nor an export's metadata.
+    """``text`` with the secrets of the URLs in it shown as ``…`` (`hide_url`), and those of a
+    command line's credentials (``-H 'Authorization: Bearer ...'``, ``-u user:pw``,
+    ``AWS_SECRET_ACCESS_KEY=...``); nothing else changes. Every error and warning of
+    transferkit's passes through it, so that a signed URL's signature does not reach logs, nor
+    an export's metadata.
 
     Example:
         >>> hide_secrets("Cannot fetch 'https://h/a.tar?X-Amz-Signature=9f3a&versionId=2': HTTP 403.")
         "Cannot fetch 'https://h/a.tar?X-Amz-Signature=\u2026&versionId=2': HTTP 403."
-        >>> hide_secrets("Bad image https://ann:pw@h/a.tar?sig=9f:000123 (see my shard.tar?token=x).")
-        'Bad image https://\u2026@h/a.tar?sig=\u2026:000123 (see my shard.tar?token=\u2026).'
+        >>> hide_secrets("Bad image https://ann:pw@h/a.tar?sig=9f:000123, left out; dl.php?id=3&key=7.jpg too")
+        'Bad image https://\u2026@h/a.tar?sig=\u2026:000123, left out; dl.php?id=3&key=7.jpg too'
     """
-    if "=" in text:
-        text = _PARAM.sub(_hidden_value, text)
-    if "@" in text and "://" in text:
-        text = _USERINFO.sub(lambda m: f"{m.group(1)}\u2026@", text)
+    if "://" in text:
+        out, last = [], 0
+        for m in re.finditer("://", text):
+            if m.start() < last:
+                continue
+            scheme = _SCHEME_BEFORE.search(text, max(last, m.start() - 32), m.start())
+            if scheme is None:
+                continue
+            end = _URL_END.search(text, m.end())
+            stop = end.start() if end else len(text)
+            out += [text[last:scheme.start()], hide_url(text[scheme.start():stop])]
+            last = stop
+        text = "".join(out) + text[last:]
+    if ":" in text or "=" in text:
+        text = _COMMAND_SECRETS.sub(lambda m: "".join(
+            g if i % 2 == 0 else "\u2026" for i, g in enumerate(m.groups()) if g is not None), text)
     return text
 
 
@@ -222,6 +280,9 @@ def unsigned(text: str) -> str:
         'https://h/get?key=train-000.tar&token=abc'
     """
     return _URL_IN_TEXT.sub(lambda m: _unsigned_url(m.group(0)), text) if "://" in text else text
+
+
+_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>\\]+")
 
 
 def hide_secrets_in(obj: Any) -> Any:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import TransferkitError, warn
-from transferkit._text import file_reason, hide_secrets, plural, printable, strict_json
+from transferkit._text import file_reason, hide_secrets, hide_secrets_in, plural, printable, strict_json
 from transferkit.helpformat import HELP, MAX_PIXELS_HELP, one_line, one_line_warnings, pixel_limit, set_pixel_limit
 from transferkit.schedules import LRRange
 from transferkit.spelling import cli_spelling, drop_python_asides, flag, shell_word
@@ -180,13 +180,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"transferkit: warning: the confusion matrix was not drawn: {not_drawn}.", file=sys.stderr)
     if args.json or not sys.stdout.isatty():
         matrix = {"confusion_matrix_png": str(picture) if picture else None} if classifier else {}
-        print(strict_json({**ev.to_dict(worst=args.worst), **matrix}, indent=1))
-    else:
-        print(ev.summary(worst=args.worst))
+        print(strict_json(hide_secrets_in({**ev.to_dict(worst=args.worst), **matrix}), indent=1))  # a log: data
+    else:  # named by a signed URL show no signature
+        print(hide_secrets(ev.summary(worst=args.worst)))
         if classifier:
             print(f"confusion matrix: {picture}" if picture else f"confusion matrix: not drawn ({not_drawn})")
     for f, err in ev.failed:
-        print(f"transferkit: warning: {f}: {file_reason(err)}", file=sys.stderr)
+        print(hide_secrets(f"transferkit: warning: {f}: {file_reason(err)}"), file=sys.stderr)
     if ev.failed:
         print(f"transferkit: error: {len(ev.failed)} of {len(ev.failed) + len(ev.files)} files could not be "
               "predicted (listed above); the scores leave them out", file=sys.stderr)
@@ -493,9 +493,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             return 0
         notes = [*filter(None, [resuming]), *decided.notes]
         if args.json or not sys.stdout.isatty():  # one JSON object, as a run prints
-            print(hide_secrets(json.dumps({"dry_run": True, "decisions": decided.to_dict(), "notes": notes,  # a log
-                                           "warnings": [cli_spelling(one_line(w.message)) for w in caught],
-                                           "summary": decided.summary()}, default=str)))
+            print(json.dumps(hide_secrets_in({"dry_run": True, "decisions": decided.to_dict(), "notes": notes,  # a log
+                                              "warnings": [cli_spelling(one_line(w.message)) for w in caught],
+                                              "summary": decided.summary()}), default=str))
             return 0
         from transferkit._text import wrap_lines
 
@@ -509,7 +509,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if result.decisions is not None and result.decisions.rank != 0:  # under torchrun: one result, rank 0's
         return 0
     if args.json or not sys.stdout.isatty():
-        print(strict_json(result_record(result), default=str))
+        print(strict_json(hide_secrets_in(result_record(result)), default=str))
         return 0
     print(result_summary(result))
     if result.export_path is not None:

@@ -60,7 +60,7 @@ from typing import Any
 
 from transferkit._io import check_free_space, create_temp, read_only_folder, remove_stale_temps
 from transferkit._signals import raise_if_interrupted
-from transferkit._text import unsigned
+from transferkit._text import hide_query, hide_url, unsigned
 from transferkit.config import env_seconds
 from transferkit.errors import DataError
 
@@ -123,12 +123,13 @@ def _fsspec(url: str) -> Any:
     except ImportError as exc:
         raise_if_interrupted(exc)
         pkg = _PACKAGES.get(scheme(url))
-        raise ShardFetchError(f"Reading {url!r} needs fsspec: pip install fsspec{f' {pkg}' if pkg else ''}.") from None
+        raise ShardFetchError(f"Reading {hide_url(url)!r} needs fsspec: pip install "
+                              f"fsspec{f' {pkg}' if pkg else ''}.") from None
     return fsspec
 
 
 def _fail(url: str, what: str, *, transient: bool = False) -> ShardFetchError:
-    exc = ShardFetchError(f"Cannot fetch the shard {url!r}: {what}.")
+    exc = ShardFetchError(f"Cannot fetch the shard {hide_url(url)!r}: {hide_query(what)}.")  # a space in it, too
     exc.transient = transient
     return exc
 
@@ -146,9 +147,11 @@ def shard_identity(url: str, validators: dict[str, str] | None) -> str:
     """What names the remote shard ``url`` in keys (its cached copy, its index, the data's
     digest): the URL without the parameters of a signing scheme it carries
     (`transferkit._text.unsigned`: a URL signed anew is the same shard) where the server gave
-    ``validators`` that tell its content apart; else the URL as it is (an object replaced under
-    a URL whose server says nothing of it is told apart by the new signature alone)."""
-    return unsigned(url) if validators else url
+    ``validators`` that tell its content apart (an ETag or checksum: a length and a date to the
+    second do not tell apart an object rewritten with both kept); else the URL as it is (an
+    object replaced under a URL whose server says nothing of it is told apart by the new
+    signature alone)."""
+    return unsigned(url) if any(k in (validators or {}) for k in ("etag", "md5", "checksum")) else url
 
 
 def remote_validators(url: str) -> dict[str, str]:
@@ -192,7 +195,8 @@ def _look_up(url: str) -> dict[str, str]:
         raise _fail(url, "it does not exist") from None
     except ImportError as exc:
         raise_if_interrupted(exc)
-        raise ShardFetchError(f"Reading {url!r} needs a package fsspec uses for {scheme(url)}://: {exc}.") from None
+        raise ShardFetchError(f"Reading {hide_url(url)!r} needs a package fsspec uses for {scheme(url)}://: "
+                              f"{exc}.") from None
     except Exception as exc:  # noqa: BLE001 - each file system has its own errors
         raise _fail(url, f"{type(exc).__name__}: {exc}", transient=_may_pass(exc)) from None
     out = {}
@@ -421,7 +425,7 @@ def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
                 if code != 0:
                     err.seek(0)
                     lines = err.read().decode("utf-8", errors="replace").strip().splitlines()
-                    said = f": {lines[-1].strip()}" if lines else ""
+                    said = f": {lines[-1].strip()[:300]}" if lines else ""  # (a line may be megabytes)
                     raise _fail(url, f"the command exited with code {code}{said}", transient=True)
             return {}
         if kind in ("http", "https"):
@@ -584,9 +588,9 @@ class ShardCache:
                         os.utime(target)  # most recently used
                 n = target.stat().st_size
                 if size is not None and n != size:
-                    raise ShardFetchError(f"The shard {url!r} has {n} bytes, its index says {size}: it changed since "
-                                          "it was indexed. Remove its index from cache_dir/shard-index (or the "
-                                          "whole cache_dir) and run again.")
+                    raise ShardFetchError(f"The shard {hide_url(url)!r} has {n} bytes, its index says {size}: it "
+                                          "changed since it was indexed. Remove its index from "
+                                          "cache_dir/shard-index (or the whole cache_dir) and run again.")
                 return Held(target, fd, got)
             except BaseException:
                 os.close(fd)

@@ -177,6 +177,10 @@ def is_remote(spec: Any) -> bool:
 
 
 def _check_remote(spec: str) -> None:
+    if spec.lower().startswith(("http://", "https://")) and "@" in urllib.parse.urlsplit(spec).netloc:
+        raise DataError(f"{spec!r}: a user name or password in an HTTP(S) shard URL is not sent (Python's HTTP "
+                        "client reads it as part of the host); give a signed URL, or a command that sends it "
+                        "(pipe:curl with its -u option).")
     if spec.endswith("/") and not spec.startswith("pipe:"):
         raise DataError(f"{spec!r} is a remote folder, which cannot be listed: name its shards with a brace pattern "
                         "(e.g. https://host/data/train-{000000..000127}.tar) or a list of URLs.")

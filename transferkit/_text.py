@@ -154,6 +154,7 @@ _SCHEMES = (
     (("Signature",), re.compile(r"Signature|Expires|AWSAccessKeyId|GoogleAccessId|Policy|Key-Pair-Id|"
                                 r"x-amz-security-token", re.IGNORECASE)),  # S3 (V2), GCS (V2), CloudFront
 )
+_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>\\]+")  # a URL to leave a signature out of
 _SCHEME_BEFORE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]{0,31}$")  # a URL's scheme, read back from its "://"
 _URL_END = re.compile(r"[\s\"<>\\]|'(?=[\s,.;:)\]}]|$)")  # where a URL shown in text ends
 # a query parameter of a URL; its value ends at & # ; : (a shard sample's url:key keeps its key),
@@ -281,8 +282,6 @@ def unsigned(text: str) -> str:
     """
     return _URL_IN_TEXT.sub(lambda m: _unsigned_url(m.group(0)), text) if "://" in text else text
 
-
-_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>\\]+")
 
 
 def hide_secrets_in(obj: Any) -> Any:

@@ -7,6 +7,7 @@ import math
 import re
 import textwrap
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 
@@ -154,7 +155,6 @@ _SCHEMES = (
     (("Signature",), re.compile(r"Signature|Expires|AWSAccessKeyId|GoogleAccessId|Policy|Key-Pair-Id|"
                                 r"x-amz-security-token", re.IGNORECASE)),  # S3 (V2), GCS (V2), CloudFront
 )
-_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>\\]+")  # a URL to leave a signature out of
 _SCHEME_BEFORE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]{0,31}$")  # a URL's scheme, read back from its "://"
 _URL_END = re.compile(r"[\s\"<>\\]|'(?=[\s,.;:)\]}]|$)")  # where a URL shown in text ends
 # a query parameter of a URL; its value ends at & # ; : (a shard sample's url:key keeps its key),
@@ -211,6 +211,25 @@ def hide_url(url: str) -> str:
     return f"{scheme}{sep}{rest}"
 
 
+def _urls_rewritten(text: str, rewrite: Callable[[str], str]) -> str:
+    """``text`` with each URL in it (a scheme, ``://``, up to a space, a closing quote or a
+    backslash) replaced by ``rewrite(url)``. Scanned from each ``://``: linear in the text."""
+    if "://" not in text:
+        return text
+    out, last = [], 0
+    for m in re.finditer("://", text):
+        if m.start() < last:
+            continue
+        scheme = _SCHEME_BEFORE.search(text, max(last, m.start() - 32), m.start())
+        if scheme is None:
+            continue
+        end = _URL_END.search(text, m.end())
+        stop = end.start() if end else len(text)
+        out += [text[last:scheme.start()], rewrite(text[scheme.start():stop])]
+        last = stop
+    return "".join(out) + text[last:]
+
+
 def hide_query(text: str) -> str:
     """The values of secret query parameters anywhere in ``text`` shown as ``…``: for text
     known to quote parts of a URL (an HTTP client's reason, ``'/a b.tar?sig=...'``), where
@@ -236,19 +255,7 @@ def hide_secrets(text: str) -> str:
         >>> hide_secrets("Bad image https://ann:pw@h/a.tar?sig=9f:000123, left out; dl.php?id=3&key=7.jpg too")
         'Bad image https://\u2026@h/a.tar?sig=\u2026:000123, left out; dl.php?id=3&key=7.jpg too'
     """
-    if "://" in text:
-        out, last = [], 0
-        for m in re.finditer("://", text):
-            if m.start() < last:
-                continue
-            scheme = _SCHEME_BEFORE.search(text, max(last, m.start() - 32), m.start())
-            if scheme is None:
-                continue
-            end = _URL_END.search(text, m.end())
-            stop = end.start() if end else len(text)
-            out += [text[last:scheme.start()], hide_url(text[scheme.start():stop])]
-            last = stop
-        text = "".join(out) + text[last:]
+    text = _urls_rewritten(text, hide_url)
     if ":" in text or "=" in text:
         text = _COMMAND_SECRETS.sub(lambda m: "".join(
             g if i % 2 == 0 else "\u2026" for i, g in enumerate(m.groups()) if g is not None), text)
@@ -280,7 +287,7 @@ def unsigned(text: str) -> str:
         >>> unsigned("https://h/get?key=train-000.tar&token=abc")
         'https://h/get?key=train-000.tar&token=abc'
     """
-    return _URL_IN_TEXT.sub(lambda m: _unsigned_url(m.group(0)), text) if "://" in text else text
+    return _urls_rewritten(text, _unsigned_url)
 
 
 

@@ -42,14 +42,20 @@ class ImagePreprocess(nn.Module):
             raise ValueError("Integer image pixels other than uint8 cannot be read: pass uint8 pixels in [0, 255] "
                              "(e.g. x.to(torch.uint8)) or float pixels in [0, 1] (x / 255.0).")
         else:
-            if torch.jit.is_scripting() and x.numel() > 0:
-                lo, hi = torch.aminmax(x.detach())
-                if not (float(lo) >= -self.float_slack and float(hi) <= 1.0 + self.float_slack):  # NaN too
-                    raise ValueError("Float image pixels must be in [0, 1] (not NaN), got [" + str(float(lo)) + ", "
-                                     + str(float(hi)) + "]: pass uint8 pixels, or divide by 255 (the model "
-                                     "normalises its input itself).")
+            if torch.jit.is_scripting():  # eager training passes are not checked (a reduction per step)
+                self.check_float_pixels(x)
             x = x.to(self.mean.dtype)
         return (x - self.mean) / self.std
+
+    def check_float_pixels(self, x: torch.Tensor) -> None:
+        """ValueError for float pixels further than `FLOAT_SLACK` outside [0, 1], or NaN: what a
+        scripted (exported) model refuses, and what an export checks its examples against."""
+        if x.numel() > 0:
+            lo, hi = torch.aminmax(x.detach())
+            if not (float(lo) >= -self.float_slack and float(hi) <= 1.0 + self.float_slack):  # NaN too
+                raise ValueError("Float image pixels must be in [0, 1] (not NaN), got [" + str(float(lo)) + ", "
+                                 + str(float(hi)) + "]: pass uint8 pixels, or divide by 255 (the model "
+                                 "normalises its input itself).")
 
 
 def pcm_to_float(x: torch.Tensor) -> torch.Tensor:

@@ -1001,13 +1001,13 @@ def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_si
     computing them again (the same engine, the same input: the same features); the first
     batch that differs ends the lookup."""
     ready: list[Callable] = []
-    examples: list[torch.Tensor] = []
+    example_of: list[tuple[torch.Size, torch.dtype]] = []  # the example batch's item shape and dtype
     timed: list[tuple[str, torch.Tensor]] = []
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not ready:
             example, *others = example_batches(dataset, batch_size=batch_size)
-            examples.append(example)
+            example_of.append((example.shape[1:], example.dtype))
             fingerprint = pass_fingerprint(model)  # hashed once for both keys
             try:
                 ready.append(engine_forward(engine, model, example, fingerprint=fingerprint, also=others, **kwargs))
@@ -1026,21 +1026,20 @@ def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_si
             raise
         except Exception as exc:  # prepared and checked, yet failing on a later batch: named, never a traceback
             why = f"{exception_line(exc)} (on a batch of the feature pass)"
-            kept = _record_failure(engine, why, model, examples[0], **kwargs)
+            kept = _record_failure(engine, why, model, *example_of[0], **kwargs)
             raise EngineError(f"The {engine} feature pass failed on a batch of the pass ({tuple(x.shape)}): "
                               f"{exception_line(exc)}. Use feature_engine='eager'"
                               f"{'; auto skips it in the next run on this cache_dir' if kept else ''}.") from exc
     return forward
 
 
-def _record_failure(engine: str, why: str, model: nn.Module, example: torch.Tensor, *, device: torch.device,
-                    precision: str, channels_last: bool, cache_dir: str | Path | None) -> bool:
+def _record_failure(engine: str, why: str, model: nn.Module, shape: Sequence[int], dtype: torch.dtype, *,
+                    device: torch.device, precision: str, channels_last: bool, cache_dir: str | Path | None) -> bool:
     """Record in ``cache_dir/engines.json`` that ``engine`` failed on the pass of ``model``, so
     that a stored timing verdict no longer picks it; returns whether a verdict holds it now."""
     if cache_dir is None or read_only_folder(cache_dir) is not None:
         return False
-    key = engines_store_key(model, example.shape[1:], example.dtype, device=device, precision=precision,
-                            channels_last=channels_last)
+    key = engines_store_key(model, shape, dtype, device=device, precision=precision, channels_last=channels_last)
     recorded: list[bool] = []
 
     def failed(entry: Any) -> Any:  # under the store's lock: another run's update of the key is kept

@@ -1002,6 +1002,7 @@ def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_si
     batch that differs ends the lookup."""
     ready: list[Callable] = []
     example_of: list[tuple[torch.Size, torch.dtype]] = []  # the example batch's item shape and dtype
+    prepared: list[tuple] = []  # the prepared engine's key in _RUNTIMES
     timed: list[tuple[str, torch.Tensor]] = []
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -1014,7 +1015,8 @@ def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_si
             except ExportError as exc:  # ONNX cannot express the pass (an operator at this input size, say)
                 raise EngineError(f"{exc} Use feature_engine='eager', or 'auto', which skips an engine that "
                                   "fails.") from exc
-            timed.extend(_TIMED.pop(_runtime_key(engine, model, example, fingerprint=fingerprint, **kwargs), []))
+            prepared.append(_runtime_key(engine, model, example, fingerprint=fingerprint, **kwargs))
+            timed.extend(_TIMED.pop(prepared[0], []))
         if timed:
             digest, feats = timed.pop(0)
             if digest == _digest(x):
@@ -1025,6 +1027,7 @@ def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_si
         except (EngineError, OSError, MemoryError, torch.OutOfMemoryError):  # the machine's state: as it is
             raise
         except Exception as exc:  # prepared and checked, yet failing on a later batch: named, never a traceback
+            _RUNTIMES.pop(prepared[0], None)  # not kept prepared for a later run in this process
             why = f"{exception_line(exc)} (on a batch of the feature pass)"
             kept = _record_failure(engine, why, model, *example_of[0], **kwargs)
             raise EngineError(f"The {engine} feature pass failed on a batch of the pass ({tuple(x.shape)}): "

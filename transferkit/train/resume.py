@@ -11,6 +11,7 @@ schedule of the first run was built for its number of epochs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from torch import nn
 
 from transferkit.errors import ConfigError, TrainingError
 from transferkit.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from transferkit.data.remote import DEFAULT_BUDGET, ENV_BUDGET
 from transferkit.train.distributed import barrier
 from transferkit.train.loop import Loop, TrainState
 
@@ -54,8 +56,13 @@ def resume_refused(path: str | Path, diff: dict[str, tuple[Any, Any]]) -> Config
         data += (" The weights file's content changed since the run began (its digest differs): the checkpoint's "
                  "trunk grew from the file it had, and its cached features and L2-SP anchor were computed from it.")
     if "sample_order" in diff:
-        data += (" The samples are drawn shard by shard when the shard cache (TRANSFERKIT_SHARD_CACHE) cannot hold "
-                 "every remote shard, else shuffled whole: resume with the checkpoint's shard cache.")
+        was = diff["sample_order"][0]
+        value = os.environ.get(ENV_BUDGET, "").strip()
+        now = f"{ENV_BUDGET}={value}" if value else f"{ENV_BUDGET} unset ({DEFAULT_BUDGET / 2**30:.0f} GiB)"
+        data += (" The samples are drawn shard by shard when the shard cache cannot hold every remote shard (and they "
+                 f"are not decoded once), else shuffled whole; the checkpoint's run drew them {was}, this one has "
+                 f"{now}: resume with the checkpoint's shard cache (a "
+                 f"{'smaller' if was == 'shard by shard' else 'larger'} {ENV_BUDGET}).")
     if "config.epochs" in diff:
         data += " The epochs cannot change: the learning-rate schedule was built for the first run's length."
     if "world_size" in diff:

@@ -486,17 +486,18 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
         done.add(cur["key"])
         members = cur["members"]  # an extension's last part names its kind: "input.jpg" is an image
         img = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        images: list[str] = []
         if img is None:  # fields named like images ("input.jpg"): the first; several are said
             images = [e for e in members if e.rsplit(".", 1)[-1] in IMAGE_EXTS]
             img = members[images[0]] if images else None
-            if len(images) > 1 and len(index.several) < 1000:
-                index.several.append(f"{cur['key']}: {', '.join(images)}")
         label = next((cur["labels"][e] for e in LABEL_EXTS if e in cur["labels"]), None)
         if img is None:
             index.no_image += 1
         elif label is None:
             index.no_label += 1
         else:
+            if len(images) > 1 and len(index.several) < 1000:  # a sample read (one left out is counted so)
+                index.several.append(f"{cur['key']}: {', '.join(images)}")
             index.keys.append(cur["key"])
             index.offsets.append(img[0])
             index.sizes.append(img[1])

@@ -73,5 +73,8 @@ def test_a_readme_that_cannot_be_updated_is_said_before_the_demo_runs(tmp_path, 
                                                "away.")
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{README_START}\nold\n{README_END}\nafter\n")
-    update_readme(readme, {"table": "| new |", "total_seconds": 3.0, "torch": "2.11.0"})
+    link = tmp_path / "README-link.md"  # a README that is a symbolic link: the file it names is updated
+    link.symlink_to(readme.name)
+    update_readme(link, {"table": "| new |", "total_seconds": 3.0, "torch": "2.11.0"})
+    assert link.is_symlink()
     assert readme.read_text() == f"intro\n{README_START}\n| new |\n\n(total 3 s, torch 2.11.0)\n{README_END}\nafter\n"

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -199,10 +200,11 @@ def readme_parts(path: str | Path) -> tuple[str, str]:
 
 def update_readme(path: str | Path, summary: dict) -> None:
     """Replace the demo table in ``path`` (between the demo-table markers) with ``summary``'s:
-    the README shows the numbers the demo printed, never typed ones. Written atomically."""
+    the README shows the numbers the demo printed, never typed ones. Written atomically; a
+    README that is a symbolic link stays one (the file it names is rewritten)."""
     head, tail = readme_parts(path)
     block = f"{README_START}\n{summary['table']}\n\n(total {summary['total_seconds']:.0f} s, torch {summary['torch']})\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(head + block + README_END + tail, encoding="utf-8"),
+    atomic_write(os.path.realpath(path), lambda tmp: Path(tmp).write_text(head + block + README_END + tail, encoding="utf-8"),
                  what="README")
 
 

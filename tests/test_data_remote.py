@@ -255,6 +255,25 @@ def test_a_signed_url_shows_no_signature_and_a_new_signature_is_the_same_shard(s
     assert "SECRET" not in str(info.value)
 
 
+def test_the_look_up_the_fetch_and_a_small_read_fail_alike_on_one_url(tmp_path, monkeypatch):
+    """The three HTTP requests (a shard's look-up, its fetch, a small file beside it) said one
+    failure three ways: the fetch tried a URL that cannot be requested again and again, and
+    raised a bare ValueError for a malformed host."""
+    monkeypatch.setattr(remote, "RETRY_WAITS", (0.01,))
+    requests = {"look-up": remote.remote_validators, "fetch": lambda u: remote.stream_to(u, tmp_path / "copy"),
+                "small file": remote.fetch_small}
+    for url, said, attempts in (("http://127.0.0.1:9/x.tar?sig=S3CRET", "ConnectionRefusedError: [Errno 111] "
+                                 "Connection refused (after 2 attempts over 0 s)", 2),
+                                ("http://h/my shard.tar?sig=S3CRET", "InvalidURL: URL can't contain control", 1),
+                                ("http://[::1/x.tar?sig=S3CRET", "ValueError: Invalid IPv6 URL.", 1)):
+        for what, request in requests.items():
+            with pytest.raises(remote.ShardFetchError) as info:
+                request(url)
+            message, shown = str(info.value), url.replace("S3CRET", "\u2026")
+            assert message.startswith(f"Cannot fetch the shard {shown!r}: {said}"), (what, message)
+            assert ("attempts" in message) == (attempts > 1), (what, message)
+
+
 def test_a_shard_whose_server_refuses_head_is_known_by_its_first_byte(shards, tmp_path):
     """A URL signed for GET only is refused HEAD (403): a GET of its first byte gives its
     validators, so the URL signed anew keeps its cached index and copy. Where the server says

@@ -134,6 +134,29 @@ def _fail(url: str, what: str, *, transient: bool = False) -> ShardFetchError:
     return exc
 
 
+def _http_errors() -> tuple[type[BaseException], ...]:
+    """What an HTTP request by urllib raises when it fails (imported when a URL is read)."""
+    import http.client
+    import urllib.error
+
+    return urllib.error.URLError, OSError, http.client.HTTPException, ValueError
+
+
+def _http_failure(url: str, exc: BaseException) -> ShardFetchError:
+    """The `ShardFetchError` of an HTTP request of ``url`` that raised ``exc`` (urllib's and
+    http.client's errors, `OSError`): the status or the reason, marked ``transient`` where
+    trying again may succeed (a 5xx, 408 or 429; a connection's failure that `_may_pass`)."""
+    import http.client
+    import urllib.error
+
+    if isinstance(exc, urllib.error.HTTPError):
+        return _fail(url, f"HTTP {exc.code} {exc.reason}", transient=exc.code >= 500 or exc.code in (408, 429))
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    cannot = isinstance(exc, (http.client.InvalidURL, ValueError))  # a URL that cannot be requested (a space in it)
+    said = f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else str(reason)
+    return _fail(url, said, transient=not cannot and _may_pass(reason))
+
+
 def _http_validators(headers: Any) -> dict[str, str]:
     out = {}
     for name in ("ETag", "Content-Length", "Last-Modified"):
@@ -171,7 +194,6 @@ def remote_validators(url: str) -> dict[str, str]:
 def _look_up(url: str) -> dict[str, str]:
     kind = scheme(url)
     if kind in ("http", "https"):
-        import http.client
         import urllib.error
         import urllib.request
 
@@ -181,12 +203,9 @@ def _look_up(url: str) -> dict[str, str]:
         except urllib.error.HTTPError as exc:
             if exc.code not in (404, 410):  # no HEAD (405, 501, 5xx; a URL signed for GET only: 403): a GET of
                 return _first_byte_validators(url)  # its first byte says the same, or the URL alone identifies it
-            raise _fail(url, f"HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise _fail(url, f"{getattr(exc, 'reason', exc)}", transient=_may_pass(getattr(exc, "reason", exc))) \
-                from None
-        except (http.client.HTTPException, ValueError) as exc:  # a URL that cannot be requested (a space in it)
-            raise _fail(url, f"{type(exc).__name__}: {exc}") from None
+            raise _http_failure(url, exc) from None
+        except _http_errors() as exc:
+            raise _http_failure(url, exc) from None
     fsspec = _fsspec(url)
     try:
         fs, path = fsspec.core.url_to_fs(url)
@@ -430,7 +449,6 @@ def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
             return {}
         if kind in ("http", "https"):
             import http.client
-            import urllib.error
             import urllib.request
 
             got: dict[str, str] = {}
@@ -444,15 +462,13 @@ def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
 
             try:
                 _stoppable(get, url)  # told to stop: at once, not after a read's timeout
-            except urllib.error.HTTPError as exc:
-                raise _fail(url, f"HTTP {exc.code} {exc.reason}", transient=exc.code >= 500 or exc.code in (408, 429)) \
-                    from None
+            except ShardFetchError:  # stalled, or told to stop
+                raise
             except http.client.IncompleteRead as exc:
                 raise _fail(url, f"the connection ended after {out.tell() + len(exc.partial)} bytes, before the "
                                  "end of the body", transient=True) from None
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-                raise _fail(url, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}", transient=_may_pass(exc)) \
-                    from None
+            except _http_errors() as exc:
+                raise _http_failure(url, exc) from None
             n = out.tell()
             if "content-length" in got and int(got["content-length"]) != n:
                 raise _fail(url, f"the server sent {n} of {got['content-length']} bytes (the connection ended early)",
@@ -691,7 +707,6 @@ def fetch_small(url: str, limit: int = 1 << 20) -> bytes | None:
 
 def _fetch_small_once(url: str, limit: int) -> bytes | None:
     if scheme(url) in ("http", "https"):
-        import http.client
         import urllib.error
         import urllib.request
 
@@ -701,13 +716,9 @@ def _fetch_small_once(url: str, limit: int) -> bytes | None:
         except urllib.error.HTTPError as exc:
             if 400 <= exc.code < 500 and exc.code not in (408, 429):  # none there, or none for this request (a
                 return None                                         # signed shard's folder: 401, 403): optional
-            raise _fail(url, f"HTTP {exc.code} {exc.reason}", transient=exc.code >= 500 or exc.code in (408, 429)) \
-                from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise _fail(url, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}",
-                        transient=_may_pass(getattr(exc, "reason", exc))) from None
-        except (http.client.HTTPException, ValueError) as exc:  # a URL that cannot be requested (a space in it)
-            raise _fail(url, f"{type(exc).__name__}: {exc}") from None
+            raise _http_failure(url, exc) from None
+        except _http_errors() as exc:
+            raise _http_failure(url, exc) from None
     fsspec = _fsspec(url)
     try:
         with fsspec.open(url, "rb") as f:

@@ -428,8 +428,8 @@ def train(d: Decisions, run: Run, *, progress: Any = None, head_phase_only: bool
         from transferkit.train.probe import run_probe
 
         td = training_data(d, run, cached=True, progress=progress)
-        history, best, probe = run_probe(td, run.model.head, task=cfg.task, Cs=cfg.probe_Cs, seed=cfg.seed,
-                                         class_weights=cfg.class_weights)
+        history, best, probe = run_probe(td.stores, run.model.head, task=cfg.task, Cs=cfg.probe_Cs, seed=cfg.seed,
+                                         class_weights=cfg.class_weights, val_failed=td.val_failed)
         return TrainOutcome(history=history, best=best, state=TrainState(), data=td, probe=probe,
                             seconds={**td.seconds, "train_s": time.perf_counter() - t1}, feature_report=td.report)
     meta = metadata(d)

@@ -8,9 +8,9 @@ scikit-learn's ``predict_proba``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,9 +18,6 @@ from torch import nn
 
 from transferkit.errors import ConfigError
 from transferkit.train.feature_store import ShardedFeatureStore
-
-if TYPE_CHECKING:  # the step that calls the probe owns this type
-    from transferkit.steps import TrainingData
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 2, 13))
 
@@ -172,18 +169,19 @@ def check_probe_memory(store: ShardedFeatureStore, available: int | None = None)
     return need
 
 
-def run_probe(data: TrainingData, head: nn.Module, *, task: str, Cs: Sequence[float] | None, seed: int,
-              class_weights: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
-    """``head="logistic"``: fit the scikit-learn probe on the cached features (every view of
-    every training image), choose ``C`` on the validation features, copy it into ``head``.
-    ``class_weights``: None, ``"balanced"`` or one weight per class (scikit-learn's
-    ``class_weight``)."""
-    from transferkit.train.probe import DEFAULT_CS, fit_logistic_probe, set_linear_head
-
-    if task != "multiclass" or not data.cached:
+def run_probe(stores: Mapping[str, Any], head: nn.Module, *, task: str, Cs: Sequence[float] | None, seed: int,
+              class_weights: Any = None, val_failed: Sequence[int] = ()) -> tuple[list[dict[str, Any]],
+                                                                                  dict[str, Any], Any]:
+    """``head="logistic"``: fit the scikit-learn probe on the cached features (``stores``:
+    ``"train"`` and optionally ``"val"``, each a `FeatureStore` or `ShardedFeatureStore`; every
+    view of every training image), choose ``C`` on the validation features, copy it into
+    ``head``. ``class_weights``: None, ``"balanced"`` or one weight per class (scikit-learn's
+    ``class_weight``). ``val_failed``: rows of an in-memory validation store whose file failed
+    to load (left out)."""
+    if task != "multiclass" or "train" not in stores:
         raise ConfigError("head='logistic' needs task='multiclass' and a frozen backbone (cached features); "
                           "use policy='feature_extraction'.")
-    tr, va = data.stores["train"], data.stores.get("val")
+    tr, va = stores["train"], stores.get("val")
     if isinstance(tr, ShardedFeatureStore):  # on disk: one float32 copy in memory, standardised in place
         check_probe_memory(tr)
         x, y = tr.arrays()
@@ -192,8 +190,8 @@ def run_probe(data: TrainingData, head: nn.Module, *, task: str, Cs: Sequence[fl
     else:
         x = np.asarray(tr.features).reshape(-1, tr.features.shape[-1])
         y = np.tile(np.asarray(tr.targets), tr.num_views)
-        vx = np.delete(np.asarray(va.features[0]), data.val_failed, 0) if va is not None else None
-        vy = np.delete(np.asarray(va.targets), data.val_failed, 0) if va is not None else None  # files that loaded
+        vx = np.delete(np.asarray(va.features[0]), list(val_failed), 0) if va is not None else None
+        vy = np.delete(np.asarray(va.targets), list(val_failed), 0) if va is not None else None  # files that loaded
         overwrite = False
     weights = class_weights if class_weights in (None, "balanced") else dict(enumerate(map(float, class_weights)))
     res, w, b = fit_logistic_probe(x, y, vx, vy, Cs=DEFAULT_CS if Cs is None else Cs, seed=seed,

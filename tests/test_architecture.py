@@ -55,21 +55,23 @@ def _resolve(name: str, modules: dict[str, Path]) -> str | None:
     return name or None
 
 
-def _imports(mod: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, str | None, int, bool]]:
-    """``(target module, imported name, line, inside a function)`` for every transferkit import."""
+def _imports(mod: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, str | None, int, bool, bool]]:
+    """``(target module, imported name, line, inside a function, for annotations only)`` for
+    every transferkit import (``if TYPE_CHECKING:`` imports are for annotations only)."""
     tree = ast.parse(path.read_text(), str(path))
     out = []
     package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
 
-    def visit(node: ast.AST, in_function: bool) -> None:
+    def visit(node: ast.AST, in_function: bool, typing: bool = False) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
-                continue  # annotations only: not imported at run time
+                visit(child, in_function, True)  # annotations only: not imported at run time
+                continue
             inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             if isinstance(child, ast.Import):
                 for a in child.names:
                     if a.name.split(".")[0] == "transferkit":
-                        out.append((_resolve(a.name, modules), None, child.lineno, in_function))
+                        out.append((_resolve(a.name, modules), None, child.lineno, in_function, typing))
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:
@@ -79,8 +81,8 @@ def _imports(mod: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, 
                 for a in child.names:
                     full = f"{base}.{a.name}"
                     target = full if full in modules else _resolve(base, modules)
-                    out.append((target, None if full in modules else a.name, child.lineno, in_function))
-            visit(child, inner)
+                    out.append((target, None if full in modules else a.name, child.lineno, in_function, typing))
+            visit(child, inner, typing)
 
     visit(tree, False)
     return out
@@ -96,12 +98,14 @@ def _graph() -> tuple[dict[str, set[str]], list[str]]:
     graph: dict[str, set[str]] = {m: set() for m in modules}
     problems = []
     for mod, path in sorted(modules.items()):
-        for target, name, line, lazy in _imports(mod, path, modules):
+        for target, name, line, lazy, typing in _imports(mod, path, modules):
             if target is None or target == mod:
                 continue
             where = f"{path.relative_to(ROOT.parent)}:{line}"
-            if _rank(target) > _rank(mod):
+            if _rank(target) > _rank(mod):  # a type named for annotations only, too: the layer knows the one above
                 problems.append(f"{where}: {mod} imports {target}, a layer above it")
+            if typing:
+                continue
             if name is not None and name.startswith("_") and not name.startswith("__"):
                 problems.append(f"{where}: {mod} imports the private name {name} from {target}")
             if lazy and mod not in LAZY_OK and target not in LAZY_TARGETS_OK:
@@ -162,7 +166,8 @@ def test_no_import_circles():
     assert not cycles, "\n".join(" <-> ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize("source", ["import transferkit.train.loop", "from transferkit.steps import train"])
+@pytest.mark.parametrize("source", ["import transferkit.train.loop", "from transferkit.steps import train",
+                                    "if TYPE_CHECKING:\n    from transferkit.steps import TrainingData"])
 def test_the_reader_sees_an_upward_import(tmp_path, monkeypatch, source):
     """The check itself: an upward import planted in a leaf module is reported."""
     leaf = ROOT / "data" / "sampling.py"

@@ -834,11 +834,22 @@ def test_settings_that_do_nothing_are_noted_and_a_warmup_past_its_phase_is_refus
         assert not tk.plan("tk:small_cnn", **{**kw, **extra}).notes, extra
     assert not tk.plan("tk:small_cnn", **kw, optimizer="sgd", momentum=0.5, weight_decay=0.05).notes
     with pytest.raises(ConfigError, match=r"warmup_epochs=2 is longer than the first phase of policy "
-                                          r"fine_tune:frozen=1,passes=1 \(1 epoch\).* Use warmup_epochs <= 1"):
+                                          r"fine_tune:frozen=1,passes=1 \(1 epoch\).* Use warmup_epochs < 1, e.g. "
+                                          r"0.5\.$"):
         tk.plan("tk:small_cnn", **kw, policy="fine_tune:frozen=1,passes=1", warmup_epochs=2)
     tk.plan("tk:small_cnn", **kw, policy="fine_tune:frozen=1,passes=3", warmup_epochs=2)  # 3 passes: 3 epochs of it
-    with pytest.raises(ConfigError, match=r"\(1 epoch of 3 passes each, 3 epochs of the schedule\).* <= 3"):
+    with pytest.raises(ConfigError, match=r"\(1 epoch of 3 passes each, 3 epochs of the schedule\).* < 3, e.g. 1\.$"):
         tk.plan("tk:small_cnn", **{**kw, "epochs": 5}, policy="fine_tune:frozen=1,passes=3", warmup_epochs=3.5)
+    # as long as the run or the phase: the warmup's last step is still below lr (said, not refused: a recipe's
+    # warmup on a one-epoch trial run)
+    for extra, said in (({"policy": "fine_tune:frozen=1,passes=1", "warmup_epochs": 1},
+                         "warmup_epochs=1 is as long as the first phase of policy fine_tune:frozen=1,passes=1 (1 "
+                         "epoch): the rate climbs to its end and never reaches lr"),
+                        ({"policy": "full", "warmup_epochs": 3}, "warmup_epochs=3 is as long as the run (3 epochs): "
+                                                                 "the rate climbs to its end and never reaches lr")):
+        assert [n for n in tk.plan("tk:small_cnn", **kw, **extra).notes if n.startswith(said)], extra
+    shown = tk.plan("tk:small_cnn", **{**kw, "epochs": 3}, policy="full", warmup_epochs=0.5).summary()
+    assert "cosine schedule after a warmup of 0.5 epochs, 3 epochs x batch" in shown
     assert any("warmup_epochs=2 is not used" in n for n in tk.plan(  # one_cycle warms up itself: a note
         "tk:small_cnn", **kw, policy="fine_tune:frozen=1,passes=1", warmup_epochs=2, schedule="one_cycle").notes)
     with pytest.raises(tk.PolicyError, match="l2sp=0,l2sp_beta=0 penalises nothing"):

@@ -217,7 +217,9 @@ class Decisions:
             lines.append(f"  decoding: {self.input_decode['where']} ({self.input_decode['reason']})")
         lines += [
             f"  optim:    {cfg.optimizer}, base lr {self.lr:.3g}{' (default)' if cfg.lr is None else ''}, "
-            f"{cfg.schedule} schedule, {_plural(cfg.epochs, 'epoch')} x batch {cfg.batch_size}",
+            f"{cfg.schedule} schedule" + (f" after a warmup of {cfg.warmup_epochs:g} epoch{'' if cfg.warmup_epochs == 1 else 's'}"
+                                          if cfg.warmup_epochs and cfg.schedule != "one_cycle" else "") +
+            f", {_plural(cfg.epochs, 'epoch')} x batch {cfg.batch_size}",
         ]
         if len(phases) > 1:  # fine_tune: one schedule per phase
             passes = f" ({self.head_passes} passes over the cached features per epoch, the best kept)" \
@@ -391,18 +393,25 @@ def head_passes(policy: Policy, cached_epochs: int, epochs: int) -> int:
 
 
 def _unused_settings(cfg: FinetuneConfig, pol: Policy, passes: int) -> list[str]:
-    """Notes for optimisation settings that do nothing in this run (a ``warmup_epochs`` longer
-    than the phase it warms up is refused: its rate would jump where the next phase starts).
-    ``passes``: the head's passes per frozen epoch, each an epoch of the schedule."""
+    """Notes for optimisation settings that do nothing, or not what they say, in this run (a
+    ``warmup_epochs`` as long as the run, or the phase it warms up: the rate climbs to its end
+    and never reaches lr; one longer than ``fine_tune``'s first phase is refused: its rate
+    would jump where the next phase starts). ``passes``: the head's passes per frozen epoch,
+    each an epoch of the schedule."""
     notes = []
     phases = pol.lr_phases(cfg.epochs)
     first = phases[0][0] * passes  # the first phase, in the schedule's epochs
-    if len(phases) > 1 and cfg.warmup_epochs > first and cfg.schedule != "one_cycle":
-        raise ConfigError(f"warmup_epochs={cfg.warmup_epochs:g} is longer than the first phase of policy {pol} "
-                          f"({_plural(phases[0][0], 'epoch')}" + (f" of {passes} passes each, {first} epochs of the "
-                                                                  "schedule" if passes > 1 else "") +
-                          "), the one it warms up: each phase restarts the schedule at its own rate, so the head "
-                          f"would never reach lr. Use warmup_epochs <= {first}.")
+    if cfg.warmup_epochs and cfg.warmup_epochs >= first and cfg.schedule != "one_cycle":
+        each = f" of {passes} passes each, {first} epochs of the schedule" if passes > 1 else ""
+        fix = f"Use warmup_epochs < {first:g}, e.g. {max(first / 10, min(first / 2, 1)):g}."
+        if len(phases) > 1 and cfg.warmup_epochs > first:
+            raise ConfigError(f"warmup_epochs={cfg.warmup_epochs:g} is longer than the first phase of policy {pol} "
+                              f"({_plural(phases[0][0], 'epoch')}{each}), the one it warms up: each phase restarts the "
+                              f"schedule at its own rate, so the head would never reach lr. {fix}")
+        where = f"the first phase of policy {pol}" if len(phases) > 1 else "the run"
+        notes.append(f"warmup_epochs={cfg.warmup_epochs:g} is as long as {where} ({_plural(phases[0][0], 'epoch')}"
+                     f"{each}): the rate climbs to its end and never reaches lr (the warmup's last step is still "
+                     f"below it). {fix}")
     if cfg.schedule == "one_cycle" and cfg.warmup_epochs:
         notes.append(f"warmup_epochs={cfg.warmup_epochs:g} is not used: the one_cycle schedule warms up itself "
                      "(schedule_options pct_start and div_factor).")

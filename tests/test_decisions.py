@@ -799,6 +799,11 @@ def test_policy_options_that_do_nothing_are_noted(image_folder, tmp_path):
         policy = f"feature_extraction,bn=affine,{option}"
         said = " ".join(tk.plan(no_bn, **{**kw, "weights": None}, policy=policy).notes)
         assert f"{option} is not used: no backbone parameter trains" in said
+    for policy in ("full,bn=frozen", "feature_extraction,bn=affine"):  # no BatchNorm: nothing for bn= to do
+        said = tk.plan(no_bn, **{**kw, "weights": None}, policy=policy).notes
+        bn = [n for n in said if n.startswith("bn=")]
+        assert bn == [f"bn={policy.split('bn=')[1]} is not used: the trunk's trainable blocks hold no BatchNorm "
+                      "layer (other norms, such as LayerNorm, train with their blocks)."], said
     assert "discriminative" not in notes("fine_tune", epochs=1)  # its own default: the frozen run is said already
 
 
@@ -840,6 +845,21 @@ def test_settings_that_do_nothing_are_noted_and_a_warmup_past_its_phase_is_refus
     tk.plan("tk:small_cnn", **kw, policy="fine_tune:frozen=1,passes=3", warmup_epochs=2)  # 3 passes: 3 epochs of it
     with pytest.raises(ConfigError, match=r"\(1 epoch of 3 passes each, 3 epochs of the schedule\).* < 3, e.g. 1\.$"):
         tk.plan("tk:small_cnn", **{**kw, "epochs": 5}, policy="fine_tune:frozen=1,passes=3", warmup_epochs=3.5)
+    for extra, said in (({"early_stopping": 2}, "early_stopping=2 cannot shorten this run: its earliest stop is "
+                                                "after epoch 3 (2 without improvement after epoch 1, the first, always "
+                                                "the best so far), and the run has 3 epochs; use early_stopping=1."),
+                        ({"early_stopping": 2, "policy": "fine_tune:frozen=2", "epochs": 4},
+                         "early_stopping=2 cannot shorten this run: its earliest stop is after epoch 4 (2 without "
+                         "improvement after epoch 2, the last of the head-only phase, whose epochs do not count), and "
+                         "the run has 4 epochs; use early_stopping=1."),
+                        ({"early_stopping": 1, "epochs": 2}, "early_stopping=1 cannot shorten this run: its earliest "
+                                                             "stop is after epoch 2 (1 without improvement after epoch "
+                                                             "1, the first, always the best so far), and the run has 2 "
+                                                             "epochs; train longer."),
+                        ({"top_k": 2}, "top_k=2 is not used: a top-k accuracy is computed for k from 2 to one less "
+                                       "than the classes, and this run has 2.")):
+        assert said in tk.plan("tk:small_cnn", **{**kw, **extra}).notes, extra
+    assert not tk.plan("tk:small_cnn", **kw, early_stopping=1).notes  # 3 epochs: may stop after the second
     # as long as the run or the phase: the warmup's last step is still below lr (said, not refused: a recipe's
     # warmup on a one-epoch trial run)
     for extra, said in (({"policy": "fine_tune:frozen=1,passes=1", "warmup_epochs": 1},

@@ -67,6 +67,7 @@ def test_parse_and_round_trip(spec, expected):
     ("lora:r=2,alpha=inf", "lora_alpha must be a finite number > 0"),  # 0 x inf: the first step was NaN
     ("lora:r=2,targets=(", "regular expression"),
     ("full,colour=blue", "valid options"),
+    ("full,passes=epochs", "passes=epochs sets the head's passes in a frozen phase"),  # as written, not passes=0
     ("", "such as 'feature_extraction'"),
 ])
 def test_bad_policy_strings_say_what_is_wrong(spec, fragment):

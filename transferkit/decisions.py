@@ -344,7 +344,8 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     if cfg.compile is True and not compile_on:  # asked for, on a run whose trunk never trains
         notes.append(compile_why + ".")
     notes += _settings_unused(cfg, pol, head=facts.head, kind=data.kind, cached_epochs=cached_epochs, frozen=frozen,
-                              cache_reason=reason, decode=decode, n_val=data.n_val)
+                              cache_reason=reason, decode=decode, n_val=data.n_val, has_batchnorm=bb.has_batchnorm)
+    notes += _outputs_unused(cfg, trainable, n_classes=len(data.classes))
     target_norm = resolve_target_norm(cfg.target_norm, task=cfg.task)
     if data.targets is not None:
         scale_note = target_scale_note(data.targets, data.classes, standardised=target_norm)
@@ -457,7 +458,7 @@ def _policy_options_unused(pol: Policy, *, cached_epochs: int, cache_reason: str
 
 
 def _settings_unused(cfg: FinetuneConfig, pol: Policy, *, head: str, kind: str, cached_epochs: int, frozen: bool,
-                     cache_reason: str, decode: dict[str, Any], n_val: int) -> list[str]:
+                     cache_reason: str, decode: dict[str, Any], n_val: int, has_batchnorm: bool) -> list[str]:
     """Notes for settings that this run accepts and that do nothing in it (a head's activation
     without a hidden layer, an audio setting on images, ...), said once like the others."""
     default = {k: f.default for k, f in FinetuneConfig.__dataclass_fields__.items()}
@@ -491,9 +492,37 @@ def _settings_unused(cfg: FinetuneConfig, pol: Policy, *, head: str, kind: str, 
     if isinstance(cfg.policy, str) and cfg.policy.split(":")[0].strip() == "unfreeze" and pol.unfreeze == "none" \
             and pol.unfreeze_from is None:
         notes.append(f"policy {cfg.policy!r} unfreezes no block: this run is {pol} (the backbone frozen).")
-    if pol.bn != "train" and frozen:
+    if pol.bn != "train" and not has_batchnorm:
+        notes.append(f"bn={pol.bn} is not used: the trunk's trainable blocks hold no BatchNorm layer (other norms, "
+                     "such as LayerNorm, train with their blocks).")
+    elif pol.bn != "train" and frozen:
         notes.append(f"bn={pol.bn} is not used: the backbone is frozen for every epoch, its BatchNorm layers in eval "
                      "mode with their statistics as they are.")
+    return notes
+
+
+def _outputs_unused(cfg: FinetuneConfig, trainable: tuple[tuple[str, ...], ...], *, n_classes: int) -> list[str]:
+    """Notes for an ``early_stopping`` that cannot stop the run (the first epoch, or the last
+    of a head-only phase, is an improvement, and early stopping waits for the backbone: the
+    earliest stop follows that epoch by ``early_stopping`` epochs) and a ``top_k`` given
+    where no top-k accuracy is computed (only for 1 < k < the number of classes)."""
+    notes = []
+    if cfg.early_stopping is not None:
+        waits = max(next((e for e, blocks in enumerate(trainable) if blocks), 0), 1)  # a head-only phase, or 1
+        if waits + cfg.early_stopping >= cfg.epochs:
+            most = cfg.epochs - waits - 1  # the largest that can end the run before its last epoch
+            fix = "train longer" if most < 1 else "use early_stopping=1" if most == 1 else \
+                f"use early_stopping={most} or less"
+            after = "the last of the head-only phase, whose epochs do not count" if waits > 1 else \
+                "the first, always the best so far"
+            notes.append(f"early_stopping={cfg.early_stopping} cannot shorten this run: its earliest stop is after "
+                         f"epoch {waits + cfg.early_stopping} ({cfg.early_stopping} without improvement after epoch "
+                         f"{waits}, {after}), and the run has {_plural(cfg.epochs, 'epoch')}; {fix}.")
+    default_k = FinetuneConfig.__dataclass_fields__["top_k"].default
+    if cfg.task == "multiclass" and cfg.top_k != default_k and not n_classes > cfg.top_k > 1:
+        notes.append(f"top_k={cfg.top_k} is not used: a top-k accuracy is computed for k from 2 to one less than the "
+                     f"classes, and this run has {n_classes}" + (" (the top-1 accuracy is the accuracy)"
+                                                                 if cfg.top_k == 1 else "") + ".")
     return notes
 
 

@@ -137,8 +137,8 @@ class Policy:
             raise PolicyError(f"Policy.head_passes (passes of the head over cached features per frozen epoch) must be "
                               f"an integer >= 1, or 0 for as many as the run's epochs, got {n!r}.")
         if n != 1 and not k:
-            raise PolicyError(f"passes={n} sets the head's passes in a frozen phase; this policy has none (add "
-                              "frozen=k, e.g. 'unfreeze:last=2,frozen=1,passes=10').")
+            raise PolicyError(f"passes={n or 'epochs'} sets the head's passes in a frozen phase; this policy has none "
+                              "(add frozen=k, e.g. 'unfreeze:last=2,frozen=1,passes=10').")
         if k and self.unfreeze == "none" and self.unfreeze_from is None:
             raise PolicyError(f"frozen_epochs={k} needs a policy that unfreezes blocks after the frozen epochs "
                               "(e.g. 'fine_tune:frozen=1', 'unfreeze:last=2,frozen=1'); this one never trains the "

@@ -134,6 +134,27 @@ def test_resume_takes_an_in_memory_dataset_again(image_folder, tmp_path):
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
 
 
+def test_resume_refuses_data_in_memory_with_any_item_changed(tmp_path):
+    """The digest of data in memory hashed 16 evenly spaced items: one changed between them was
+    resumed without a word, the run trained on a mix of the old data and the new."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray(torch.randint(0, 255, (16, 16, 3), generator=g, dtype=torch.uint8).numpy())
+              for _ in range(40)]
+    data = [(img, i % 2) for i, img in enumerate(images)]
+    common = dict(weights=None, image_size=16, device="cpu", num_workers=0, epochs=2, batch_size=8, verbose=False,
+                  policy="full", classes=["a", "b"], val_split=0)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Interrupt):
+        tk.finetune("tk:small_cnn", data=data, checkpoint=ckpt, callbacks=[_stop_after(1)], **common)
+    changed = list(data)
+    changed[1] = (images[1].rotate(90), 1)  # item 1: between the first and the second of 16 spaced over 40
+    with pytest.raises(ConfigError, match=r"Cannot resume .* data: "):
+        tk.resume(ckpt, data=changed)
+    assert [r["epoch"] for r in tk.resume(ckpt, data=data).history] == [1, 2]
+
+
 def test_a_resume_on_another_feature_engine_says_it_is_not_bit_identical(image_folder, tmp_path):
     import warnings
 

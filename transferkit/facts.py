@@ -482,10 +482,14 @@ def _data_facts(cfg: FinetuneConfig, bundle: DataBundle, spec: InputSpec, n_out:
     for name, ds in parts.items():
         if ds is None:
             continue
-        identity[name] = {"items": len(ds), "digest": quick_fingerprint(ds)}
+        cached = cfg.cache_dir is not None and cfg.cache_features is not False
+        # a resumable run's digest covers every item (a resume compares it); else a quick one (data in memory:
+        # 16 items; files and tensors are read whole either way)
+        whole = data_fingerprint(ds) if cached or cfg.checkpoint is not None else None
+        identity[name] = {"items": len(ds), "digest": whole if cfg.checkpoint is not None else quick_fingerprint(ds)}
         files[name] = hasattr(ds, "samples") and hasattr(ds, "view")  # in-memory data are decoded already
-        if cfg.cache_dir is not None and cfg.cache_features is not False:
-            fingerprints[name] = data_fingerprint(ds)
+        if cached:
+            fingerprints[name] = whole
         if census_decode and files[name] and spec.kind == "image" and cfg.decode_once is not False:
             augment = "none" if name == "val" else (cfg.augment or "standard")
             decode[name] = decode_census(ds, spec, augment=augment, cache_dir=cfg.cache_dir)

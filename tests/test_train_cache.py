@@ -103,6 +103,27 @@ def test_finetune_cache_dir_reuses_features_across_runs(image_folder, tmp_path, 
     assert tk.finetune("tk:small_cnn", **{**common, "cache_dir": None}).feature_report["shards"] == 0  # in memory
 
 
+def test_a_feature_store_made_under_another_pixel_limit_is_not_reused(tmp_path, monkeypatch):
+    """Pillow's pixel limit was not in the store's key: with scan='none' (the listing does not
+    change), an image left out under a lowered limit stayed left out once the limit was raised,
+    still said as a decompression bomb."""
+    from PIL import Image
+
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "img", per_class=6, size=16)  # 16 x 16..24 pixels
+    Image.new("RGB", (64, 64), (200, 200, 200)).save(data / "light" / "big.png")  # 4,096 pixels
+    common = dict(weights=None, data=data, image_size=16, device="cpu", num_workers=0, epochs=1, batch_size=4,
+                  verbose=False, cache_dir=tmp_path / "cache", precision="fp32", scan="none", val_split=0)
+    with monkeypatch.context() as m:
+        m.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice it: refused
+        with pytest.warns(UserWarning, match="big.png.*decompression-bomb size"):
+            low = tk.finetune("tk:small_cnn", **common)
+    assert low.feature_report["masked_samples"] == 1
+    again = tk.finetune("tk:small_cnn", **common)  # Pillow's default limit: the image loads
+    assert again.feature_report["computed"] == 1 and again.feature_report["masked_samples"] == 0
+
+
 def test_a_killed_extraction_resumes_and_reports_the_reused_parts(image_folder, tmp_path, monkeypatch):
     """The forward fails after 3 parts; the next run computes only the parts that are missing."""
     import transferkit.train.feature_store as feature_store

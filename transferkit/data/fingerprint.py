@@ -202,16 +202,30 @@ def _hash_item(h: Any, x: Any) -> None:
         h.update(repr(x).encode())
 
 
+PILLOW_PIXEL_LIMIT = 1024 * 1024 * 1024 // 4 // 3  # Pillow's default PIL.Image.MAX_IMAGE_PIXELS
+
+
+def _pixel_limit() -> str:
+    """What a digest of files adds for Pillow's pixel limit: it decides which image files load
+    (a larger one is a bad file, left out). Nothing under Pillow's default (the digests of
+    earlier versions)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    return "" if limit == PILLOW_PIXEL_LIMIT else f":pixels<={limit}"
+
+
 def data_fingerprint(ds: Any) -> str:
     """A hash of a dataset's identity: ``(path, label, size, mtime, ctime)`` of every file for
     file-based datasets, the tensors of a ``TensorDataset``, else the content of every raw item.
     A dataset with a ``fingerprint()`` method (tar shards, Parquet files, Hugging Face
     datasets: per-file metadata, no sample read) gives its own. Paths count from the folder
     that holds them all, so a folder moved whole (a rename keeps its files' times) keeps its
-    identity; a copy does not (its files are new: another ctime)."""
+    identity; a copy does not (its files are new: another ctime). A digest of files also holds
+    Pillow's pixel limit where it is not the default (`_pixel_limit`)."""
     own = getattr(ds, "fingerprint", None)
     if callable(own):
-        return f"{type(ds).__name__}:{own()}"
+        return f"{type(ds).__name__}:{own()}{_pixel_limit()}"
     h = hashlib.blake2b(digest_size=16)
     h.update(type(ds).__name__.encode())
     listed = listed_files(ds)
@@ -224,7 +238,7 @@ def data_fingerprint(ds: Any) -> str:
                 h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
             else:  # in-memory item (e.g. a waveform)
                 _hash_item(h, (path, label))
-        return h.hexdigest()
+        return h.hexdigest() + _pixel_limit()
     base, indices = getattr(ds, "base", ds), getattr(ds, "indices", None)
     if indices is None:
         indices = range(len(base))

@@ -53,7 +53,9 @@ def load_image(path: str | Path | BinaryIO, *, min_size: int | None = None, name
                 img = ImageOps.exif_transpose(img)
                 return to_rgb(img, top=top)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"Cannot read image {name or str(path)!r}: {bomb_reason(exc)}.") from exc
+        error = DataError(f"Cannot read image {name or str(path)!r}: {bomb_reason(exc)}.")
+        error.file_reason = bomb_reason(exc)  # type: ignore[attr-defined]  # Pillow's own names twice the limit
+        raise error from exc
     except UNREADABLE_IMAGE as exc:
         raise unreadable_file("image", path, exc, "Remove the file, or pass on_bad_file='skip' to leave unreadable "
                               "files out.", name=name) from exc

@@ -314,6 +314,11 @@ def _source_key(samples: Sequence[tuple[Any, int]], i: int) -> Any:
 
 
 def _reason(exc: DataError) -> str:
+    """Why a file failed: the reader's own error (``exc``'s cause), or the reason the error
+    gives itself (``file_reason``: an image over Pillow's pixel limit, with that limit)."""
+    own = getattr(exc, "file_reason", None)
+    if own:
+        return own
     cause = exc.__cause__
     return f"{type(cause).__name__}: {stream_named(str(cause))}" if cause is not None else str(exc)
 

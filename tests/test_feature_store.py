@@ -193,6 +193,32 @@ def test_damaged_part_is_found_and_recomputed(tmp_path):
     assert store.missing_parts(verify=True) == [0, 2]  # each folder's part.json names the part it holds
 
 
+def test_a_folder_file_or_fifo_in_the_place_of_a_store_s_file_is_damage_recomputed(tmp_path):
+    """A folder or a FIFO where a part's file was ended every run in a raw IsADirectoryError, or
+    hung reading the FIFO; a file where a part's folder was was a misleading 'check the disk'
+    error; a folder named store.json, an IsADirectoryError naming a temporary."""
+    import os
+
+    ds, fwd = Tiny(300), _forward()
+    store = ShardedFeatureStore.open(tmp_path, "k", num_samples=300, part_size=100, dim=8)
+    extract_parts(store, ds, fwd)
+    whole = [store.read_part(p)[0].copy() for p in range(3)]
+    part = tmp_path / "k" / "part-000001"
+    (part / "features.npy").unlink()
+    (part / "features.npy").mkdir()
+    (part / "mask.npy").unlink()
+    os.mkfifo(part / "mask.npy")
+    (tmp_path / "k" / "part-000002").rename(tmp_path / "gone")
+    (tmp_path / "k" / "part-000002").write_text("x")
+    assert store.missing_parts(verify=True) == [1, 2]
+    extract_parts(store, ds, fwd)
+    assert store.missing_parts(verify=True) == [] and all((store.read_part(p)[0] == whole[p]).all() for p in (1, 2))
+    (tmp_path / "k" / "store.json").unlink()
+    (tmp_path / "k" / "store.json").mkdir()
+    again = ShardedFeatureStore.open(tmp_path, "k", num_samples=300, part_size=100, dim=8)
+    assert again.missing_parts() == [0, 1, 2] and (tmp_path / "k" / "store.json").is_file()
+
+
 def test_other_parameters_for_the_same_key_start_afresh(tmp_path):
     ds, fwd = Tiny(300), _forward()
     extract_parts(ShardedFeatureStore.open(tmp_path, "k", num_samples=300, part_size=100, dim=8), ds, fwd)

@@ -170,6 +170,18 @@ def _is_stale(name: str, prefix: str, path: Path) -> bool:
     return False
 
 
+def remove_path(path: str | Path) -> None:
+    """Remove what is at ``path`` in a folder of one's own (a cache): a folder with its
+    contents, or a file, link or FIFO (not what a link names); nothing when nothing is there.
+    An error is left to the write that needs the path, which says what is wrong."""
+    p = Path(path)
+    with contextlib.suppress(OSError):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def _remove(paths: list[Path]) -> list[Path]:
     removed = []
     for p in paths:

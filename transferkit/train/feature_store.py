@@ -56,8 +56,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transferkit._io import (create_temp, file_digest, file_stat, no_space, remove_stale_temps, remove_stale_temps_in,
-                             with_margin)
+from transferkit._io import (create_temp, file_digest, file_stat, no_space, remove_path, remove_stale_temps,
+                             remove_stale_temps_in, with_margin)
 from transferkit._text import plural
 from transferkit.errors import ConfigError, DataError, OutputError, warn
 from transferkit.data.late import NOT_BAD_FILES, bad_file_reason, raising, replaces_bad_files
@@ -172,7 +172,9 @@ class ShardedFeatureStore:
         meta_file = path / "store.json"
         if _stored_meta(path) != meta:
             for p in path.glob("part-*"):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                remove_path(p)
+            if not meta_file.is_file():  # a folder (or a FIFO) in its place: damage in a folder of the cache's own
+                remove_path(meta_file)
             _write_json(meta_file, meta)
         store = cls(path, meta, [])
         store.reused_parts = [p for p in range(store.num_parts) if store._committed(p)]
@@ -220,12 +222,14 @@ class ShardedFeatureStore:
         d = self._part_dir(p)
         digests, stats = info.get("digests", {}), info.get("stats", {})
         try:
+            if not all((d / n).is_file() for n in digests):  # a folder or a FIFO in a file's place: never read
+                return False
             now = {n: file_stat(d / n) for n in digests}
+            if now == stats:
+                return True
+            if not all(file_digest(d / n) == h for n, h in digests.items()):
+                return False
         except OSError:
-            return False
-        if now == stats:
-            return True
-        if not all(file_digest(d / n) == h for n, h in digests.items()):
             return False
         if self.read_only is None:  # a read-only store (a copy) is hashed again by each run that verifies it
             _write_json(d / "part.json", {**info, "stats": now})
@@ -259,8 +263,8 @@ class ShardedFeatureStore:
         out = []
         for p in range(self.num_parts):
             if not self._committed(p, verify):
-                if self._part_dir(p).exists() and self.read_only is None:
-                    shutil.rmtree(self._part_dir(p), ignore_errors=True)
+                if self.read_only is None:
+                    remove_path(self._part_dir(p))  # a folder, or a file in its place
                 out.append(p)
         return out
 

@@ -159,6 +159,13 @@ def test_work_that_no_other_file_holds_is_not_replaced_by_a_new_run(tmp_path, im
         with pytest.raises(ConfigError, match=said):
             tk.finetune(data=image_folder, **FAST, **kw)
     assert all(_bytes(p) == b for p, b in before.items())
+    damaged = tmp_path / "damaged.ckpt"  # the advice to resume is given where a resume can work
+    data = bytearray(before[unfinished])
+    data[len(data) // 2:len(data) // 2 + 16] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 16])
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"holds an unfinished run \(epoch 1 of 3\), and it cannot be resumed. The "
+                                          r"checkpoint .* is corrupt: .* A new run would replace it: delete the file"):
+        tk.finetune(data=image_folder, **FAST, checkpoint=damaged)
     notes = tmp_path / "notes.csv"
     notes.write_bytes(b"kept,1\n")
     for key in ("export", "checkpoint"):

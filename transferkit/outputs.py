@@ -47,9 +47,9 @@ from transferkit._io import (
     same_file,
 )
 from transferkit._signals import raise_if_interrupted
-from transferkit.checkpoints import saved_run
+from transferkit.checkpoints import load_checkpoint, saved_run
 from transferkit.config import FinetuneConfig
-from transferkit.errors import ConfigError, OutputError
+from transferkit.errors import ConfigError, OutputError, WeightsError
 
 OUTPUTS = {"export": "file", "checkpoint": "file", "plots_dir": "dir", "cache_dir": "dir", "log_dir": "dir"}
 """Every output setting of a run and whether it names a file or a folder."""
@@ -213,6 +213,12 @@ def _check_replaced(key: str, p: Path) -> None:
         raise ConfigError(f"checkpoint={str(p)!r} is an exported model: the run's checkpoints would replace it. Give "
                           "the checkpoint another path (e.g. run.ckpt).")
     if key == "checkpoint" and not info["complete"] and info["resumable"]:
+        try:  # read whole only here, where the run is refused: advice to resume must be advice that works
+            load_checkpoint(p)
+        except WeightsError as exc:
+            raise ConfigError(f"checkpoint={str(p)!r} holds an unfinished run ({epochs}), and it cannot be resumed. "
+                              f"{exc} A new run would replace it: delete the file or choose another path to start "
+                              "over.") from exc
         raise ConfigError(f"checkpoint={str(p)!r} holds an unfinished run ({epochs}): a new run would replace it. "
                           "Continue it with resume=True (the same settings), or delete the file or choose another "
                           "path to start over.")

@@ -802,8 +802,13 @@ def test_policy_options_that_do_nothing_are_noted(image_folder, tmp_path):
     for policy in ("full,bn=frozen", "feature_extraction,bn=affine"):  # no BatchNorm: nothing for bn= to do
         said = tk.plan(no_bn, **{**kw, "weights": None}, policy=policy).notes
         bn = [n for n in said if n.startswith("bn=")]
-        assert bn == [f"bn={policy.split('bn=')[1]} is not used: the trunk's trainable blocks hold no BatchNorm "
-                      "layer (other norms, such as LayerNorm, train with their blocks)."], said
+        assert bn == [f"bn={policy.split('bn=')[1]} is not used: the trunk holds no BatchNorm layer (other norms, "
+                      "such as LayerNorm, train with their blocks)."], said
+    plain_bn = from_module(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, affine=False),
+                                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
+                           input_spec={"image_size": 16})  # statistics without gamma/beta: bn=frozen freezes them
+    assert not [n for n in tk.plan(plain_bn, **{**kw, "weights": None}, policy="full,bn=frozen").notes
+                if n.startswith("bn=")]
     assert "discriminative" not in notes("fine_tune", epochs=1)  # its own default: the frozen run is said already
 
 

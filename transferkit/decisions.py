@@ -344,7 +344,8 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     if cfg.compile is True and not compile_on:  # asked for, on a run whose trunk never trains
         notes.append(compile_why + ".")
     notes += _settings_unused(cfg, pol, head=facts.head, kind=data.kind, cached_epochs=cached_epochs, frozen=frozen,
-                              cache_reason=reason, decode=decode, n_val=data.n_val, has_batchnorm=bb.has_batchnorm)
+                              cache_reason=reason, decode=decode, n_val=data.n_val,
+                              batchnorm=bb.has_batchnorm or bb.tracks_statistics)
     notes += _outputs_unused(cfg, trainable, n_classes=len(data.classes))
     target_norm = resolve_target_norm(cfg.target_norm, task=cfg.task)
     if data.targets is not None:
@@ -458,7 +459,7 @@ def _policy_options_unused(pol: Policy, *, cached_epochs: int, cache_reason: str
 
 
 def _settings_unused(cfg: FinetuneConfig, pol: Policy, *, head: str, kind: str, cached_epochs: int, frozen: bool,
-                     cache_reason: str, decode: dict[str, Any], n_val: int, has_batchnorm: bool) -> list[str]:
+                     cache_reason: str, decode: dict[str, Any], n_val: int, batchnorm: bool) -> list[str]:
     """Notes for settings that this run accepts and that do nothing in it (a head's activation
     without a hidden layer, an audio setting on images, ...), said once like the others."""
     default = {k: f.default for k, f in FinetuneConfig.__dataclass_fields__.items()}
@@ -492,9 +493,9 @@ def _settings_unused(cfg: FinetuneConfig, pol: Policy, *, head: str, kind: str, 
     if isinstance(cfg.policy, str) and cfg.policy.split(":")[0].strip() == "unfreeze" and pol.unfreeze == "none" \
             and pol.unfreeze_from is None:
         notes.append(f"policy {cfg.policy!r} unfreezes no block: this run is {pol} (the backbone frozen).")
-    if pol.bn != "train" and not has_batchnorm:
-        notes.append(f"bn={pol.bn} is not used: the trunk's trainable blocks hold no BatchNorm layer (other norms, "
-                     "such as LayerNorm, train with their blocks).")
+    if pol.bn != "train" and not batchnorm:  # neither gamma/beta to train nor statistics to freeze
+        notes.append(f"bn={pol.bn} is not used: the trunk holds no BatchNorm layer (other norms, such as LayerNorm, "
+                     "train with their blocks).")
     elif pol.bn != "train" and frozen:
         notes.append(f"bn={pol.bn} is not used: the backbone is frozen for every epoch, its BatchNorm layers in eval "
                      "mode with their statistics as they are.")

@@ -46,6 +46,7 @@ from transferkit.lora import add_lora
 from transferkit.model import TransferModel
 from transferkit.policies import Policy, param_groups
 from transferkit.policies.freeze import has_batchnorm
+from transferkit.policies.frozen_bn import tracks_statistics
 from transferkit.policies.structure import batchnorm_only_blocks
 from transferkit.policies.frozen_bn import eval_fingerprint
 from transferkit.train.device import resolve_device
@@ -93,6 +94,7 @@ class BackboneFacts:
     head_groups: tuple[dict[str, Any], ...]  # the head's alone (training on cached features)
     spec_augment: bool = False  # the trunk holds SpecAugment masks (active in training mode only)
     batchnorm_only: tuple[str, ...] = ()  # blocks of BatchNorm gamma/beta alone (nothing trains in them at bn=frozen)
+    tracks_statistics: bool = False  # some layer keeps running statistics (BatchNorm, affine or not; in a block or not)
 
 
 @dataclass(frozen=True)
@@ -464,7 +466,8 @@ def _backbone_facts(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, dev: tor
                          weights_digest=digest, groups=groups, head_groups=head_groups,
                          spec_augment=any(isinstance(m, SpecAugment) and (m.freq_masks or m.time_masks)
                                           for m in bb.trunk.modules()),
-                         batchnorm_only=batchnorm_only_blocks(bb))
+                         batchnorm_only=batchnorm_only_blocks(bb),
+                         tracks_statistics=any(tracks_statistics(m) for m in bb.trunk.modules()))
 
 
 def _spec_digest(spec: InputSpec) -> str:

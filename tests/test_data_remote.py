@@ -272,6 +272,32 @@ def test_the_look_up_the_fetch_and_a_small_read_fail_alike_on_one_url(tmp_path, 
             message, shown = str(info.value), url.replace("S3CRET", "\u2026")
             assert message.startswith(f"Cannot fetch the shard {shown!r}: {said}"), (what, message)
             assert ("attempts" in message) == (attempts > 1), (what, message)
+    import socket
+    import threading
+
+    server, connections = socket.socket(), []
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def garbage() -> None:  # a server (or a proxy) that answers something other than HTTP: tried again, as any
+        while True:         # failure of the connection is, by all three requests
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            connections.append(1)
+            conn.recv(65536)
+            conn.sendall(b"garbage\r\n\r\n")
+            conn.close()
+    threading.Thread(target=garbage, daemon=True).start()
+    try:
+        for what, request in requests.items():
+            del connections[:]
+            with pytest.raises(remote.ShardFetchError, match=r": BadStatusLine: garbage \(after 2 attempts"):
+                request(f"http://127.0.0.1:{server.getsockname()[1]}/x.tar")
+            assert len(connections) == 2, what
+    finally:
+        server.close()
 
 
 def test_a_shard_whose_server_refuses_head_is_known_by_its_first_byte(shards, tmp_path):

@@ -129,6 +129,7 @@ def _fsspec(url: str) -> Any:
 
 
 def _fail(url: str, what: str, *, transient: bool = False) -> ShardFetchError:
+    what = " ".join(what.split())  # one line: a server's or a command's words may hold line breaks
     exc = ShardFetchError(f"Cannot fetch the shard {hide_url(url)!r}: {hide_query(what)}.")  # a space in it, too
     exc.transient = transient
     return exc

@@ -60,6 +60,12 @@ def test_top_k_reported_with_many_classes(tmp_path):
     root = make_image_folder(tmp_path / "six", classes=tuple("abcdef"), per_class=5)
     r = tk.finetune("tk:small_cnn", data=root, epochs=1, top_k=3, **COMMON)
     assert 0.0 <= r.metrics["accuracy"] <= r.metrics["top3_accuracy"] <= 1.0
+    assert not [n for n in r.decisions.notes if n.startswith("top_k")]
+    for task in ("multilabel", "regression"):  # a multiclass metric: said as unused
+        notes = tk.plan("tk:small_cnn", data=Colours(8, task), task=task, classes=["red", "green", "blue"], top_k=3,
+                        **COMMON).notes
+        assert f"top_k=3 is not used: the top-k accuracy is a metric of task='multiclass', and this run's task is " \
+               f"{task!r}." in notes, notes
 
 
 def test_multilabel_task_trains_and_exports_sigmoid_metadata(tmp_path):

@@ -667,6 +667,9 @@ def test_a_shard_cache_smaller_than_the_shards_reads_shard_by_shard(tmp_path, mo
         assert diff == {"sample_order": ("shard by shard", "shuffled")}
         assert "the checkpoint's run drew them shard by shard, this one has TRANSFERKIT_SHARD_CACHE=16G: resume with " \
             "the checkpoint's shard cache (a smaller TRANSFERKIT_SHARD_CACHE)" in str(resume_refused("run.ckpt", diff))
+        decoded = differences(by_shard.to_dict(), _quiet(tk.plan, "tk:small_cnn", **run).to_dict())  # decode_once
+        assert "sample_order" in decoded and "its decode_once or feature cache differs (above): resume with the " \
+            "checkpoint's settings." in str(resume_refused("run.ckpt", decoded))
 
 
 def test_feature_store_from_remote_shards_fetches_each_shard_once_and_equals_the_local_one(shards, tmp_path,

@@ -875,6 +875,8 @@ def test_settings_that_do_nothing_are_noted_and_a_warmup_past_its_phase_is_refus
         assert [n for n in tk.plan("tk:small_cnn", **kw, **extra).notes if n.startswith(said)], extra
     shown = tk.plan("tk:small_cnn", **{**kw, "epochs": 3}, policy="full", warmup_epochs=0.5).summary()
     assert "cosine schedule after a warmup of 0.5 epochs, 3 epochs x batch" in shown
+    shown = tk.plan("tk:small_cnn", **kw, policy="fine_tune:frozen=1,passes=3", warmup_epochs=2).summary()
+    assert "cosine schedule after a warmup of 2 passes, 3 epochs x batch" in shown  # a pass: an epoch of the schedule
     assert any("warmup_epochs=2 is not used" in n for n in tk.plan(  # one_cycle warms up itself: a note
         "tk:small_cnn", **kw, policy="fine_tune:frozen=1,passes=1", warmup_epochs=2, schedule="one_cycle").notes)
     with pytest.raises(tk.PolicyError, match="l2sp=0,l2sp_beta=0 penalises nothing"):

@@ -301,6 +301,11 @@ def _items(hint: Any) -> tuple[type, ...] | None:
     return None
 
 
+def warmup_example(epochs: float) -> float:
+    """A warmup to suggest for a run (or phase) of ``epochs`` epochs: a tenth of it, at most
+    one epoch unless that is half of it or more."""
+    return max(epochs / 10, min(epochs / 2, 1))
+
 
 @dataclass
 class FinetuneConfig:
@@ -448,7 +453,8 @@ class FinetuneConfig:
                                   "a path, or leave it out.")
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"{who}: warmup_epochs={self.warmup_epochs!r} is longer than the run (epochs="
-                              f"{self.epochs!r}); use at most {self.epochs}.")
+                              f"{self.epochs!r}): the rate would never reach lr. Use fewer than {self.epochs}, e.g. "
+                              f"{warmup_example(self.epochs):g}.")
         check_schedule_options(self.schedule, self.schedule_options)
         taken = sorted({"name", "weights"} & set(self.backbone_options or {}))
         if taken:

@@ -22,12 +22,13 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transferkit.backbones import InputSpec
-from transferkit.config import OUTPUT_KEYS, FinetuneConfig, called_as, jsonable, portable_decisions
+from transferkit.config import OUTPUT_KEYS, FinetuneConfig, called_as, jsonable, portable_decisions, warmup_example
 from transferkit.data import eval_transform, train_transform
 from transferkit.data.decoded import DEFAULT_BUDGET_BYTES, DecodePlan, decide_decode
 from transferkit.data.gpu_jpeg import decide_input_decode
@@ -124,7 +125,7 @@ class Decisions:
         """The epochs at the start that train the head alone before some later epoch trains the
         backbone (``fine_tune``'s first phase, a gradual schedule's first steps); 0 when the
         backbone trains from the first epoch or never (feature extraction)."""
-        return next((e for e, blocks in enumerate(self.trainable) if blocks), 0)
+        return head_only_epochs(self.trainable)
 
     @property
     def unit(self) -> str:
@@ -217,7 +218,9 @@ class Decisions:
             lines.append(f"  decoding: {self.input_decode['where']} ({self.input_decode['reason']})")
         lines += [
             f"  optim:    {cfg.optimizer}, base lr {self.lr:.3g}{' (default)' if cfg.lr is None else ''}, "
-            f"{cfg.schedule} schedule" + (f" after a warmup of {cfg.warmup_epochs:g} epoch{'' if cfg.warmup_epochs == 1 else 's'}"
+            f"{cfg.schedule} schedule" + (f" after a warmup of {cfg.warmup_epochs:g} "
+                                          f"{'pass' if self.head_passes > 1 else 'epoch'}"
+                                          f"{'' if cfg.warmup_epochs == 1 else 'es' if self.head_passes > 1 else 's'}"
                                           if cfg.warmup_epochs and cfg.schedule != "one_cycle" else "") +
             f", {_plural(cfg.epochs, 'epoch')} x batch {cfg.batch_size}",
         ]
@@ -387,6 +390,13 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         and decode.get("train", {}).get("mode", "off") == "off" else "shuffled")
 
 
+def head_only_epochs(trainable: Sequence[Sequence[str]]) -> int:
+    """The epochs at the start that train the head alone before some later epoch trains the
+    backbone (``trainable``: each epoch's training blocks); 0 when the backbone trains from the
+    first epoch or never. Early stopping does not count them (`transferkit.train.loop`)."""
+    return next((e for e, blocks in enumerate(trainable) if blocks), 0)
+
+
 def head_passes(policy: Policy, cached_epochs: int, epochs: int) -> int:
     """Passes of the head over the cached features per frozen epoch (see `Decisions.head_passes`)."""
     if not cached_epochs or (cached_epochs >= epochs and not policy.head_passes):
@@ -405,7 +415,7 @@ def _unused_settings(cfg: FinetuneConfig, pol: Policy, passes: int) -> list[str]
     first = phases[0][0] * passes  # the first phase, in the schedule's epochs
     if cfg.warmup_epochs and cfg.warmup_epochs >= first and cfg.schedule != "one_cycle":
         each = f" of {passes} passes each, {first} epochs of the schedule" if passes > 1 else ""
-        fix = f"Use warmup_epochs < {first:g}, e.g. {max(first / 10, min(first / 2, 1)):g}."
+        fix = f"Use warmup_epochs < {first:g}, e.g. {warmup_example(first):g}."
         if len(phases) > 1 and cfg.warmup_epochs > first:
             raise ConfigError(f"warmup_epochs={cfg.warmup_epochs:g} is longer than the first phase of policy {pol} "
                               f"({_plural(phases[0][0], 'epoch')}{each}), the one it warms up: each phase restarts the "
@@ -509,7 +519,7 @@ def _outputs_unused(cfg: FinetuneConfig, trainable: tuple[tuple[str, ...], ...],
     where no top-k accuracy is computed (only for 1 < k < the number of classes)."""
     notes = []
     if cfg.early_stopping is not None:
-        waits = max(next((e for e, blocks in enumerate(trainable) if blocks), 0), 1)  # a head-only phase, or 1
+        waits = max(head_only_epochs(trainable), 1)  # the epochs early stopping waits for, or the first
         if waits + cfg.early_stopping >= cfg.epochs:
             most = cfg.epochs - waits - 1  # the largest that can end the run before its last epoch
             fix = "train longer" if most < 1 else "use early_stopping=1" if most == 1 else \
@@ -520,7 +530,10 @@ def _outputs_unused(cfg: FinetuneConfig, trainable: tuple[tuple[str, ...], ...],
                          f"epoch {waits + cfg.early_stopping} ({cfg.early_stopping} without improvement after epoch "
                          f"{waits}, {after}), and the run has {_plural(cfg.epochs, 'epoch')}; {fix}.")
     default_k = FinetuneConfig.__dataclass_fields__["top_k"].default
-    if cfg.task == "multiclass" and cfg.top_k != default_k and not n_classes > cfg.top_k > 1:
+    if cfg.top_k != default_k and cfg.task != "multiclass":
+        notes.append(f"top_k={cfg.top_k} is not used: the top-k accuracy is a metric of task='multiclass', and this "
+                     f"run's task is {cfg.task!r}.")
+    elif cfg.top_k != default_k and not n_classes > cfg.top_k > 1:
         notes.append(f"top_k={cfg.top_k} is not used: a top-k accuracy is computed for k from 2 to one less than the "
                      f"classes, and this run has {n_classes}" + (" (the top-1 accuracy is the accuracy)"
                                                                  if cfg.top_k == 1 else "") + ".")

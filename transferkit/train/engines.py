@@ -741,17 +741,16 @@ def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, devi
     if bound is not None and bound is not model and pass_fingerprint(bound) != key[1]:
         # compiled on another module with these weights, which has trained since: not this pass any more
         fwd = None
-        for k in [k for k in _VERIFIED if k[0] == key]:
-            del _VERIFIED[k]
+        _forget(key)
     if fwd is None:
         if engine == "onnxruntime":
             fwd, bound = _onnx_forward(model, example, device=device, cache_dir=cache_dir, fingerprint=key[1]), None
         else:
             fwd, bound = _compiled_forward(model, example, device=device, precision=precision,
                                            channels_last=channels_last), model
-        _RUNTIMES.pop(key, None)
+        _forget(key)  # prepared anew: checked anew
         while len(_RUNTIMES) >= 4:
-            _RUNTIMES.pop(next(iter(_RUNTIMES)))
+            _forget(next(iter(_RUNTIMES)))
         _RUNTIMES[key] = (fwd, bound)
     for i, batch in enumerate([example, *also] if verify else []):
         if (key, _digest(batch)) in _VERIFIED:  # compared once per prepared engine and batch
@@ -760,10 +759,10 @@ def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, devi
             rel = check_against_eager(engine, fwd, model, batch, device=device,
                                       precision=engine_precision(engine, precision), channels_last=channels_last)
         except (EngineError, OSError, MemoryError, torch.OutOfMemoryError):
-            _RUNTIMES.pop(key, None)
+            _forget(key)
             raise
         except Exception as exc:  # the first call compiles (inductor) or runs the session: a failure names the engine
-            _RUNTIMES.pop(key, None)
+            _forget(key)
             fix = " (inductor needs a working C++ compiler and the Python headers, e.g. python3-dev)" \
                 if engine == "compile" and re.search(r"cxx|c\+\+|compil|Python\.h", str(exc), re.I) else ""
             which = "its first batch" if i == 0 else f"a batch of other items ({tuple(batch.shape)})"
@@ -771,6 +770,14 @@ def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, devi
                               "Use feature_engine='eager', or 'auto', which skips an engine that fails.") from exc
         _VERIFIED[(key, _digest(batch))] = rel
     return fwd
+
+
+def _forget(key: tuple) -> None:
+    """Drop the engine prepared under runtime key ``key`` and the checks it passed (an engine
+    prepared again under the key is checked again)."""
+    _RUNTIMES.pop(key, None)
+    for k in [k for k in _VERIFIED if k[0] == key]:
+        del _VERIFIED[k]
 
 
 def _runtime_key(engine: str, model: nn.Module, example: torch.Tensor, *, device: torch.device, precision: str,
@@ -1027,7 +1034,7 @@ def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_si
         except (EngineError, OSError, MemoryError, torch.OutOfMemoryError):  # the machine's state: as it is
             raise
         except Exception as exc:  # prepared and checked, yet failing on a later batch: named, never a traceback
-            _RUNTIMES.pop(prepared[0], None)  # not kept prepared for a later run in this process
+            _forget(prepared[0])  # not kept prepared for a later run in this process
             why = f"{exception_line(exc)} (on a batch of the feature pass)"
             kept = _record_failure(engine, why, model, *example_of[0], **kwargs)
             raise EngineError(f"The {engine} feature pass failed on a batch of the pass ({tuple(x.shape)}): "

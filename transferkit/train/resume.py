@@ -60,9 +60,13 @@ def resume_refused(path: str | Path, diff: dict[str, tuple[Any, Any]]) -> Config
         value = os.environ.get(ENV_BUDGET, "").strip()
         now = f"{ENV_BUDGET}={value}" if value else f"{ENV_BUDGET} unset ({DEFAULT_BUDGET / 2**30:.0f} GiB)"
         data += (" The samples are drawn shard by shard when the shard cache cannot hold every remote shard (and they "
-                 f"are not decoded once), else shuffled whole; the checkpoint's run drew them {was}, this one has "
-                 f"{now}: resume with the checkpoint's shard cache (a "
-                 f"{'smaller' if was == 'shard by shard' else 'larger'} {ENV_BUDGET}).")
+                 f"are neither decoded once nor cached as features), else shuffled whole; the checkpoint's run drew "
+                 f"them {was}, ")
+        if any("decode" in k or "cache" in k for k in diff):  # a setting listed above decides it
+            data += "and its decode_once or feature cache differs (above): resume with the checkpoint's settings."
+        else:
+            data += (f"this one has {now}: resume with the checkpoint's shard cache (a "
+                     f"{'smaller' if was == 'shard by shard' else 'larger'} {ENV_BUDGET}).")
     if "config.epochs" in diff:
         data += " The epochs cannot change: the learning-rate schedule was built for the first run's length."
     if "world_size" in diff:

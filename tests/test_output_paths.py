@@ -396,6 +396,20 @@ def test_plots_without_matplotlib_are_refused_before_any_work(tmp_path, image_fo
     assert not (tmp_path / "plots").exists() and not (tmp_path / "lr.png").exists()
 
 
+def test_a_run_that_stops_before_writing_leaves_no_folder_it_made_for_its_outputs(tmp_path, image_folder):
+    """The folders of the export and checkpoint paths are made when the paths are locked, before
+    the data are read: a run that stopped there (bad data, Ctrl-C) left them behind, empty."""
+    out = tmp_path / "out"
+    (out / "kept").mkdir(parents=True)
+    (tmp_path / "empty" / "a").mkdir(parents=True)  # a class folder without images: an error after the locks
+    with pytest.raises(tk.DataError, match="No images found"):
+        tk.finetune(data=tmp_path / "empty", export=out / "runs" / "x" / "model.pt",
+                    checkpoint=out / "kept" / "new" / "run.ckpt", **FAST)
+    assert [p.name for p in out.iterdir()] == ["kept"] and not list((out / "kept").iterdir())
+    r = tk.finetune(data=image_folder, export=out / "runs" / "x" / "model.pt", **FAST)  # written: kept
+    assert r.export_path.is_file() and sorted(p.name for p in r.export_path.parent.iterdir()) == ["model.pt"]
+
+
 def test_a_dry_run_beside_a_finished_checkpoint_creates_no_lock_file(tmp_path, image_folder, monkeypatch):
     import transferkit._io as io_
 

@@ -566,7 +566,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, what: str = 
 
 
 # -- one writer per file -----------------------------------------------------------------
-_HELD: dict[str, list] = {}  # resolved lock path -> [fd, count]
+_HELD: dict[str, list] = {}  # resolved lock path -> [fd, count, folders made for it]
 _HELD_GUARD = threading.Lock()
 
 
@@ -578,7 +578,7 @@ def _drop_inherited_locks() -> None:
     the fork."""
     global _HELD_GUARD
     _HELD_GUARD = threading.Lock()
-    for fd, _ in list(_HELD.values()):
+    for fd, *_ in list(_HELD.values()):
         with contextlib.suppress(OSError):
             os.close(fd)
     _HELD.clear()
@@ -637,9 +637,10 @@ def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None, 
         if held is not None:
             held[1] += 1
     if held is None:
+        made = _missing_folders(lock.parent)
         fd = _acquire(lock, fcntl, what=what, flag=flag, target=Path(path), wait=wait)
         with _HELD_GUARD:
-            _HELD[key] = [fd, 1]
+            _HELD[key] = [fd, 1, made]
     try:
         yield lock
     finally:
@@ -655,6 +656,9 @@ def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None, 
             with contextlib.suppress(OSError):
                 os.unlink(lock)  # while still holding it: a waiter re-checks the inode
             os.close(entry[0])
+            for folder in entry[2]:  # folders made for the lock that nothing was written into (a run stopped early)
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def _locked(lock: Path, *, what: str, flag: str | None, target: Path) -> FileLockedError:
@@ -687,16 +691,29 @@ def check_unlocked(path: str | Path, *, what: str = "file", flag: str | None = N
         os.close(fd)
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders of ``folder``'s path that do not exist yet, deepest first."""
+    missing = []
+    for f in (folder, *folder.parents):
+        if os.path.lexists(f):
+            break
+        missing.append(f)
+    return missing
+
+
 def _acquire(lock: Path, fcntl, *, what: str, flag: str | None, target: Path,  # noqa: ANN001
              wait: float = 0.0) -> int:
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"Cannot lock the {what} {str(target)!r}: {_reason(exc)} ({exc}).") from exc
     deadline, changed = time.monotonic() + wait, 0
     while changed < 50:
         try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"Cannot lock the {what} {str(target)!r}: {_reason(exc)} ({exc}).") from exc
+        try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # its folder, made by another process's lock, was removed as it released it
+            changed += 1
+            continue
         except OSError as exc:
             raise OutputError(f"Cannot lock the {what} {str(target)!r}: its folder is not writable "
                               f"({_reason(exc)}).") from exc

@@ -195,6 +195,34 @@ def _hf(folder):
                                        "label": [classes.index(c) for _, c in files]}, features=feats)
 
 
+def test_image_files_that_rows_read_by_path_are_part_of_the_data_s_identity(tmp_path):
+    """Rows of a Parquet file or a Hugging Face dataset holding an image file's path, not its
+    bytes: the file edited in place kept the table's identity, so a feature store, decoded
+    pixels and a scan of the old image were read back (an all-grey validation set scored 100 %)."""
+    from transferkit.data.fingerprint import data_fingerprint
+
+    folder = make_image_folder(tmp_path / "img", per_class=5)
+    files = [f for f, _ in folder_files(folder)]
+    images, labels, _ = _rows(folder)
+    by_path = [False] * 4 + [True] * 4 + [False, True]  # row groups of 4: bytes, paths, both
+    rows = [{"bytes": None if p else data, "path": str(f)} for f, data, p in zip(files, images, by_path)]
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"image": pa.array(rows), "label": labels}), path, row_group_size=4)
+    ds = _hf(folder)
+
+    def identities():
+        return [data_fingerprint(prepare_data(data, val_split=0).train) for data in (str(path), ds)]
+    before = identities()
+    assert identities() == before
+    files[0].write_bytes(files[1].read_bytes())  # read from the table's bytes: the Parquet file's rows hold it
+    parquet, hf = identities()
+    assert parquet == before[0] and hf != before[1]
+    for row in (5, 9):  # read by path: in a row group of paths, and in one holding both
+        files[row].write_bytes(files[row - 1].read_bytes())
+        assert identities()[0] != parquet
+        parquet = identities()[0]
+
+
 def test_hf_dataset_with_classlabel_matches_the_folder(tmp_path):
     folder = make_image_folder(tmp_path / "img", per_class=5)
     ds = _hf(folder)

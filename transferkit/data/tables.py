@@ -160,6 +160,30 @@ def _pick_image(cols: Sequence[str], typed: Sequence[str], given: str | None, wh
     return typed[0] if typed else None
 
 
+def _files_read_by_path(parts: Any) -> list[Any]:
+    """``[path, size, modification and change time]`` (``[path, None]`` when it cannot be
+    read) of each image file that a row of a table reads by its path (``parts``: ``(paths,
+    bytes empty)`` lists): what the table's own file stats cannot tell, an image edited in
+    place. Empty when every row holds its bytes."""
+    out: list[Any] = []
+    for paths, empty in parts:
+        for path, none in zip(paths, empty):
+            if none and path:
+                try:
+                    st = os.stat(path)
+                    out.append([path, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+                except OSError:
+                    out.append([path, None])
+    return out
+
+
+def _struct_rows(chunks: Any) -> Any:
+    """``(paths, bytes empty)`` of each chunk of an arrow array of ``{bytes, path}`` structs,
+    read without copying the bytes."""
+    for chunk in chunks:
+        yield chunk.field("path").to_pylist(), chunk.field("bytes").is_null().to_pylist()
+
+
 class ParquetSource:
     """The rows of Parquet files, readable by position (see the module docstring)."""
 
@@ -280,8 +304,33 @@ class ParquetSource:
         return f"{os.path.basename(self.files[fi])}:row {i - first}"
 
     def fingerprint(self) -> str:
-        return hashlib.blake2b(json.dumps([self._ident, self.image_column, self.label_column]).encode(),
-                               digest_size=16).hexdigest()
+        """The files' paths (from the folder holding them all), sizes and times and the columns;
+        and the stats of image files that rows read by path (`_files_read_by_path`)."""
+        by_path = _files_read_by_path(self._path_rows()) if self.struct else []
+        return hashlib.blake2b(json.dumps([self._ident, self.image_column, self.label_column] +
+                                          ([by_path] if by_path else [])).encode(), digest_size=16).hexdigest()
+
+    def _path_rows(self) -> Any:
+        """``(paths, bytes empty)`` per row group whose statistics do not say that every row
+        holds its bytes (the bytes of a row group holding both kinds are read)."""
+        pq = _pyarrow()
+        for fi, f in enumerate(self.files):
+            pf = pq.ParquetFile(f)
+            meta = pf.metadata
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                stats = next((group.column(c).statistics for c in range(group.num_columns)
+                              if group.column(c).path_in_schema == f"{self.image_column}.bytes"), None)
+                nulls = stats.null_count if stats is not None and stats.has_null_count else None
+                if nulls == 0:
+                    continue
+                paths = pf.read_row_group(g, columns=[f"{self.image_column}.path"]).column(0).combine_chunks()
+                paths = paths.field("path").to_pylist()
+                if nulls == group.num_rows:
+                    yield paths, [True] * len(paths)
+                else:
+                    data = pf.read_row_group(g, columns=[f"{self.image_column}.bytes"]).column(0)
+                    yield paths, [e for chunk in data.chunks for e in chunk.field("bytes").is_null().to_pylist()]
 
     def listing(self) -> str:
         """What copies of these files share: their places and sizes (no times), and the columns."""
@@ -458,10 +507,16 @@ class HFSource:
         return f"row {i}" + (f" ({self.key(i)})" if self.key_column else "")
 
     def fingerprint(self) -> str:
+        """The datasets library's identity of the table and its transforms, and the columns; and
+        the stats of image files that rows read by path (`_files_read_by_path`)."""
         fp = getattr(self.full, "_fingerprint", None)  # datasets' own identity of the table and its transforms
         if not fp:
             raise DataError("The Hugging Face dataset has no fingerprint; save it (save_to_disk) and pass the folder.")
-        return f"{fp}:{self.image_column}:{self.label_column}"
+        by_path = []
+        if isinstance(self.ds.features[self.image_column], _datasets().Image):  # {bytes, path} (else bytes)
+            by_path = _files_read_by_path(_struct_rows(self.ds.with_format("arrow")[self.image_column].chunks))
+        files = ":" + hashlib.blake2b(json.dumps(by_path).encode(), digest_size=16).hexdigest() if by_path else ""
+        return f"{fp}:{self.image_column}:{self.label_column}{files}"
 
     def listing(self) -> str:
         """What copies of the table share: its rows, columns and their types (the datasets

@@ -195,6 +195,26 @@ def _hf(folder):
                                        "label": [classes.index(c) for _, c in files]}, features=feats)
 
 
+def test_parquet_labels_that_are_not_class_indices_or_names_are_refused_or_left_out(tmp_path):
+    """A float label column was cut to class indices without a word (0.7 -> 0, 1.9 -> 1), NaN
+    (pandas' missing value) was a raw ValueError, and an empty name was a class named ''."""
+    images, _, _ = _rows(make_image_folder(tmp_path / "img", per_class=2))
+    path = tmp_path / "l.parquet"
+
+    def read(labels):
+        pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "label": labels}), path)
+        return prepare_data(str(path), val_split=0)
+    for labels in ([0.7, 1.9, 0.2, 1.4], [0.0, float("inf"), 1.0, 0.0]):
+        with pytest.raises(tk.DataError, match=r"labels are class indices \(0, 1, ...\) or class names, and \d labels? "
+                                               r"(is|are) not a whole number \(e.g. (0.7|inf)\), which would be cut"):
+            read(labels)
+    for labels, classes, targets in (([0.0, 1.0, float("nan"), 1.0], ["0", "1"], [0, 1, 1]),
+                                     (["cat", "", "dog", " "], ["cat", "dog"], [0, 1])):
+        with pytest.warns(UserWarning, match=r"training row\(s\) have no usable label; they are left out"):
+            b = read(labels)
+        assert b.classes == classes and list(b.train.targets) == targets
+
+
 def test_image_files_that_rows_read_by_path_are_part_of_the_data_s_identity(tmp_path):
     """Rows of a Parquet file or a Hugging Face dataset holding an image file's path, not its
     bytes: the file edited in place kept the table's identity, so a feature store, decoded

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from transferkit._text import plural
 from transferkit.data.checks import ON_BAD_FILE, DataReport, check_label_names, class_index, nfc
 from transferkit.data.images import load_image
 from transferkit.data.late import ReportingCollate, load_or_replace
@@ -338,7 +340,21 @@ def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what
                       report: DataReport) -> tuple[np.ndarray, list[str]]:
     """Class indices (``-1``: no usable label) and the class names for raw labels: integers
     (class indices; names ``classes`` or ``"0"``, ``"1"``, ...), strings (class names; the
-    sorted set when ``classes`` is None) or None (no label)."""
+    sorted set when ``classes`` is None) or None (no label). A whole number stored as a float
+    (a float column's ``1.0``) is that index, NaN (a float column's missing value) and a blank
+    name no label; a fraction is refused: a class is named or counted, not measured."""
+    numbers = [lab for lab in labels if isinstance(lab, (float, np.floating)) and not math.isnan(lab)]
+    fractional = [lab for lab in numbers if not float(lab).is_integer()]  # inf too
+    if fractional:
+        raise DataError(f"{what}: labels are class indices (0, 1, ...) or class names, and "
+                        f"{plural(len(fractional), 'label')} {'is' if len(fractional) == 1 else 'are'} not a whole "
+                        f"number (e.g. {float(fractional[0])!r}), which would be cut to an index. Store whole "
+                        "class indices or class names; for measured values (task='regression'), give a CSV of "
+                        "path,<name> rows.")
+    if any(isinstance(lab, (float, np.floating)) or (isinstance(lab, str) and not lab.strip()) for lab in labels):
+        labels = [None if (isinstance(lab, (float, np.floating)) and math.isnan(lab)) or
+                  (isinstance(lab, str) and not lab.strip()) else  # a blank name: no label, as a null cell
+                  int(lab) if isinstance(lab, (float, np.floating)) else lab for lab in labels]
     ints = [lab for lab in labels if isinstance(lab, (int, np.integer))]
     names = [lab for lab in labels if isinstance(lab, str)]
     if ints and names:

@@ -80,7 +80,8 @@ def test_config_is_one_validated_record_for_python_yaml_and_cli(tmp_path):
         load_config(tmp_path / "b.yaml")
     for bad, msg in [({"seed": -1}, "seed=-1 is out of range"), ({"seed": "a"}, "seed='a' has type str"),
                      ({"weight_decay": -1}, "weight_decay=-1"), ({"warmup_epochs": 20}, "longer than the run"),
-                     ({"top_k": 0}, "top_k=0"), ({"device": "gpu"}, "device='gpu'")]:
+                     ({"top_k": 0}, "top_k=0"), ({"device": "gpu"}, "device='gpu'"),
+                     ({"classes": ["a", "b", "a"]}, r"classes= names \['a'\] more than once")]:  # was: the export
         with pytest.raises(ConfigError, match=msg):
             FinetuneConfig(data="x", **bad)
     with pytest.raises(ConfigError, match="Did you mean 'epochs'"):

@@ -456,6 +456,11 @@ class FinetuneConfig:
                               f"{self.epochs!r}): the rate would never reach lr. Use fewer than {self.epochs}, e.g. "
                               f"{warmup_example(self.epochs):g}.")
         check_schedule_options(self.schedule, self.schedule_options)
+        names = [str(c) for c in self.classes] if self.classes is not None and not isinstance(self.classes, str) else []
+        twice = sorted({c for c in names if names.count(c) > 1})
+        if twice:
+            raise ConfigError(f"{who}: classes= names {twice[:5]} more than once; it names each output of the model "
+                              "once, in order. Give each class one entry.")
         taken = sorted({"name", "weights"} & set(self.backbone_options or {}))
         if taken:
             raise ConfigError(f"{who}: backbone_options holds {', '.join(taken)}, which finetune() sets itself (the "

@@ -437,6 +437,11 @@ def test_split_layout_edge_cases(tmp_path):
     two = _split_layout(tmp_path / "two", "train", "val", "valid")
     with pytest.raises(tk.DataError, match=r"several validation folders \['val', 'valid'\]"):
         prepare_data(two)
+    capital = _split_layout(tmp_path / "capital", "Training", "Val")  # Kaggle's spelling: splits, not two classes
+    bundle = prepare_data(capital)
+    assert bundle.classes == ["ants", "bees"] and {Path(p).parts[-3] for p, _ in bundle.val.samples} == {"Val"}
+    with pytest.raises(tk.DataError, match=r"several training folders \['Train', 'training'\]"):
+        prepare_data(_split_layout(tmp_path / "twice", "Train", "training", "val"))
     alone = _split_layout(tmp_path / "alone", "train")
     assert find_split_folders(alone).held_out is None
     assert prepare_data(alone).classes == ["ants", "bees"]  # train/ alone: a split of it validates

@@ -23,9 +23,10 @@ from transferkit.data.checks import (AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, LINK_LO
                                      class_index, nfc, other_image_extensions)
 from transferkit.errors import DataError
 
+TRAIN_NAMES = ("train", "training")
 VAL_NAMES = ("val", "valid", "validation")
 TEST_NAMES = ("test",)
-SPLIT_NAMES = ("train", *VAL_NAMES, *TEST_NAMES)
+SPLIT_NAMES = (*TRAIN_NAMES, *VAL_NAMES, *TEST_NAMES)  # in any case: Train/, VALID/
 # folders that archivers and notebooks leave behind; never data
 IGNORED_FOLDERS = {"__macosx", "__pycache__"}
 
@@ -71,10 +72,11 @@ def _loose_files(root: Path, is_data: Callable[[str], bool]) -> list[str]:
 def find_split_folders(root: str | Path) -> SplitFolders | None:
     """The split layout of ``root``, or None when ``root`` is a plain class folder.
 
-    ``root`` is a split layout when it holds ``train/`` and a validation or test folder
-    (``val/``, ``valid/``, ``validation/``, ``test/``), or ``train/`` alone, and ``train/``
-    holds class sub-folders (a ``train/`` of image files is a class). Two validation
-    folders (``val/`` and ``valid/``) are ambiguous: a [`DataError`][transferkit.DataError].
+    ``root`` is a split layout when it holds ``train/`` (or ``training/``) and a validation or
+    test folder (``val/``, ``valid/``, ``validation/``, ``test/``), or ``train/`` alone, and
+    ``train/`` holds class sub-folders (a ``train/`` of image files is a class). The names
+    match in any case (``Train/``, ``Val/``). Two training or two validation folders (``val/``
+    and ``valid/``) are ambiguous: a [`DataError`][transferkit.DataError].
 
     Example:
         >>> import tempfile
@@ -89,19 +91,19 @@ def find_split_folders(root: str | Path) -> SplitFolders | None:
     if not root.is_dir():
         return None
     names = [n for n in _subfolders(root) if not is_hidden(n)]
-    if "train" not in names:
+    trains, vals, tests = ([n for n in names if n.lower() in kind] for kind in (TRAIN_NAMES, VAL_NAMES, TEST_NAMES))
+    if not trains:
         return None
-    vals = [n for n in VAL_NAMES if n in names]
-    tests = [n for n in TEST_NAMES if n in names]
-    others = [n for n in names if n not in SPLIT_NAMES]
+    others = [n for n in names if n.lower() not in SPLIT_NAMES]
     if not vals and not tests and others:
         return None  # 'train' is one class among others (a warning says so: split_like_names)
-    if not any(not is_hidden(n) for n in _subfolders(root / "train")):
+    if not any(not is_hidden(n) for n in _subfolders(root / trains[0])):
         return None  # train/ holds files, not class folders: it is a class (named like a split)
-    if len(vals) > 1:
-        raise DataError(f"{str(root)!r} holds several validation folders {vals} next to train/; keep one, or pass "
-                        "the training and validation folders explicitly (data=.../train, val_data=.../val).")
-    return SplitFolders(train=root / "train", val=root / vals[0] if vals else None,
+    for found, what in ((trains, "training"), (vals, "validation"), (tests, "test")):
+        if len(found) > 1:
+            raise DataError(f"{str(root)!r} holds several {what} folders {sorted(found)}; keep one, or pass the "
+                            "training and validation folders explicitly (data=.../train, val_data=.../val).")
+    return SplitFolders(train=root / trains[0], val=root / vals[0] if vals else None,
                         test=root / tests[0] if tests else None, others=others)
 
 

@@ -131,7 +131,7 @@ def test_one_label_multilabel_and_soft_targets_score_by_their_side_of_one_half(t
     m = r.metrics
     assert set(m["per_class"]) >= {"bright"} and 0.0 <= m["micro_f1"] == m["macro_f1"] <= 1.0
     assert r.export_path.exists()
-    with pytest.raises(tk.ConfigError, match=r"classes names \['a'\] more than once"):
+    with pytest.raises(tk.ConfigError, match=r"classes= names \['a'\] more than once"):
         tk.plan("tk:small_cnn", data=Targets([[1, 0, 1]] * 4), task="multilabel", classes=["a", "a", "b"], **COMMON)
 
 

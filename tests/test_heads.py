@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import typing
 
 import numpy as np
@@ -124,6 +125,17 @@ def test_classification_metrics_match_scikit_learn():
     assert m["per_class"]["macro avg"]["recall"] == pytest.approx(skm.recall_score(y, p, average="macro"))
 
 
+def test_top_k_accuracy_takes_equal_logits_in_class_order_as_the_accuracy_does():
+    """With equal logits the accuracy (argmax: the first class) was 1.0 and the top-2 accuracy
+    (topk: any order) 0.0; it is never below the accuracy now, and averaged in float64."""
+    from transferkit.train.metrics import classification_metrics, top_k_accuracy
+
+    m = classification_metrics(torch.tensor([[1.0, 1, 1, 0]] * 4), torch.zeros(4, dtype=torch.long), list("abcd"),
+                               top_k=2)
+    assert m["accuracy"] == m["top2_accuracy"] == 1.0
+    assert top_k_accuracy(torch.eye(7)[[0, 1, 2, 3, 4, 5, 0]] * 9, torch.arange(7), 1) == 6 / 7  # exactly
+
+
 def test_multilabel_macro_averages_leave_out_a_label_absent_from_targets_and_predictions():
     """As for classes: a label never positive in the data and never predicted has no F1; counted
     as 0 it gave a perfect model a macro F1 of 0.667."""
@@ -139,6 +151,9 @@ def test_multilabel_macro_averages_leave_out_a_label_absent_from_targets_and_pre
     y, p = t.numpy().astype(int), (wrong > 0).numpy().astype(int)
     m = multilabel_metrics(wrong, t, ["a", "b", "never"])
     assert m["macro_f1"] == pytest.approx(skm.f1_score(y, p, average="macro", zero_division=0)) == pytest.approx(2 / 3)
+    for width in (1, 3):  # no label in the data nor in the predictions: no F1 (it was 0 for a perfect model)
+        none = multilabel_metrics(torch.full((6, width), -5.0), torch.zeros(6, width), ["a", "b", "c"][:width])
+        assert math.isnan(none["micro_f1"]) and math.isnan(none["macro_f1"]) and none["label_accuracy"] == 1.0
 
 
 def test_multilabel_metrics_read_soft_targets_by_their_side_of_one_half():

@@ -171,6 +171,28 @@ def test_task_sets_the_output_function(task, tmp_path, capsys):
         assert values == expected  # not rounded to 6 digits
 
 
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_equal_scores_give_one_answer_the_first_label(task, tmp_path):
+    """Of equal probabilities (a saturated sigmoid, bf16 logits) the label came from argmax (the
+    first) and top_k from topk (any order on a CPU): one prediction named two top labels, and
+    the command line's CSV and JSON disagreed."""
+    from tests.export_helpers import images, tiny_model
+
+    model, bb = tiny_model(8)
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()  # every output equal
+    labels = [f"c{i}" for i in range(8)]
+    transferkit.export_torchscript(model, tmp_path / "tie.pt", example_inputs=images(2, 16),
+                                   metadata={"labels": labels, "task": task,
+                                             "input_spec": bb.input_spec.replace(image_size=16).to_dict()})
+    pred = transferkit.load(tmp_path / "tie.pt")
+    for k in (1, 3, 8):
+        for p in pred.predict(images(3, 16), top_k=k):
+            assert p.label == "c0" and [lab for lab, _ in p.top_k] == labels[:k]
+
+
 def test_model_and_metadata_that_do_not_belong_together(exported, tmp_path):
     """A forger with a valid digest still cannot make 2 labels fit a 3-output model."""
     import hashlib

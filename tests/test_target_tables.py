@@ -74,6 +74,14 @@ def test_multilabel_from_columns_or_from_label_lists_reads_the_same_targets(tabl
     assert tk.evaluate(r.export_path, lists, progress=False).metrics == ev.metrics
     first = ev.worst(1)[0]
     assert first["loss"] == pytest.approx(ev.losses.max()) and set(first["true"]) <= set(COLOURS)
+    # a label absent from the data: no recall or F1 (n/a, as for classes); none anywhere: no F1 at all
+    quiet = tk.TargetEvaluation("multilabel", ["red", "green"], ["a.png", "b.png"], np.array([[1.0, 0], [0, 0]]),
+                                np.array([[0.9, 0.1], [0.2, 0.3]]))
+    lines = quiet.summary(worst=0).splitlines()
+    assert lines[0].startswith("label accuracy 1.0000, subset accuracy 1.0000, micro F1 1.0000, macro F1 1.0000")
+    assert lines[3].split() == ["green", "n/a", "n/a", "n/a", "0"]
+    none = tk.TargetEvaluation("multilabel", ["defect"], ["a.png"], np.zeros((1, 1)), np.full((1, 1), 0.01))
+    assert "micro F1 n/a, macro F1 n/a" in none.summary() and none.to_dict()["macro_f1"] != none.to_dict()["macro_f1"]
 
 
 def test_label_lists_of_validation_data_use_the_training_labels(table):

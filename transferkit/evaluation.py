@@ -217,13 +217,18 @@ class TargetEvaluation:
         m, where = self.metrics, f"on {self.data} ({plural(len(self.files), 'file')})"
         width = max([len(c) for c in self.classes] + [len("macro avg")])
         if self.task == "multilabel":
+            def number(v: float, spec: str) -> str:  # NaN: undefined (no label in the data nor the predictions)
+                return f"{'n/a':>{spec.split('.')[0] or 0}}" if v != v else f"{v:{spec}}"
             lines = [f"label accuracy {m['label_accuracy']:.4f}, subset accuracy {m['subset_accuracy']:.4f}, "
-                     f"micro F1 {m['micro_f1']:.4f}, macro F1 {m['macro_f1']:.4f} {where}",
+                     f"micro F1 {number(m['micro_f1'], '.4f')}, macro F1 {number(m['macro_f1'], '.4f')} {where}",
                      f"  {'label':<{width}}  precision  recall      f1  support"]
-            for name in self.classes:
-                r = m["per_class"].get(name, {})
-                lines.append(f"  {name:<{width}}  {r.get('precision', 0):9.3f}  {r.get('recall', 0):6.3f}  "
-                             f"{r.get('f1-score', 0):6.3f}  {int(r.get('support', 0)):7d}")
+            predicted = labels_given(self.outputs).sum(0) if len(self.outputs) else np.zeros(len(self.classes))
+            for i, name in enumerate(self.classes):  # as for classes: no positive here, no recall or F1
+                r, nan = m["per_class"].get(name, {}), float("nan")
+                support = int(r.get("support", 0))
+                precision = number(r.get("precision", 0) if support or predicted[i] else nan, "9.3f")
+                recall, f1 = (number(r.get(k, 0) if support else nan, "6.3f") for k in ("recall", "f1-score"))
+                lines.append(f"  {name:<{width}}  {precision}  {recall}  {f1}  {support:7d}")
         else:
             lines = [f"R^2 {m['r2']:.4f}, MSE {m['mse']:.4g}, MAE {m['mae']:.4g} {where}",
                      f"  {'output':<{width}}        MAE      R^2"]

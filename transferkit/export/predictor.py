@@ -256,9 +256,9 @@ class Predictor:
         if self.task == "regression":
             return Prediction(None, None, None, [], source, self.task,
                               values={lab: float(v) for lab, v in zip(self.labels, row.tolist())})
-        p, idx = row.topk(min(top_k, len(self.labels)))
-        pairs = [(self.labels[j], float(q)) for q, j in zip(p.tolist(), idx.tolist())]
-        best = int(row.argmax())
+        p, idx = row.sort(descending=True, stable=True)  # of equal scores the first label first, as argmax
+        pairs = [(self.labels[j], float(q)) for q, j in zip(p[:top_k].tolist(), idx[:top_k].tolist())]
+        best = int(idx[0])
         positives = [lab for lab, given in zip(self.labels, labels_given(row, threshold).tolist()) if given] \
             if self.task == "multilabel" else None
         return Prediction(self.labels[best], best, float(row[best]), pairs, source, self.task, positives)

@@ -15,15 +15,16 @@ from transferkit.train.loop import evaluate
 from transferkit.train.speed import SpeedConfig
 
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Fraction of samples whose label is among the ``k`` highest logits.
+    """Fraction of samples whose label is among the ``k`` highest logits (of equal logits, the
+    first class first, as the accuracy's argmax takes it: never below the accuracy).
 
     Example:
         >>> top_k_accuracy(torch.tensor([[0.1, 0.5, 0.4]]), torch.tensor([2]), 2)
         1.0
     """
     k = min(k, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    return float((top == labels.view(-1, 1)).any(1).float().mean().item())
+    top = logits.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return float((top == labels.view(-1, 1)).any(1).double().mean().item())
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -93,7 +94,8 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Seq
     `classification_report`), the macro averages are over the labels that occur in the targets
     or the predictions: a label the evaluated data never hold and the model never predicts has
     a row of zeros but does not count in them (it has no F1 to speak of, and counted as 0 it
-    would lower a perfect model's macro F1).
+    would lower a perfect model's macro F1). Where no label occurs in either, the F1 scores
+    are NaN (undefined), as R^2 of a constant target is.
 
     Example:
         >>> t = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -104,6 +106,7 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Seq
 
     y = (targets >= 0.5).numpy().astype(int)
     p = labels_given(output_activation("multilabel", logits)).numpy().astype(int)
+    seen = y.any(0) | p.any(0)
     if y.shape[1] == 1:  # one label: scikit-learn reads a column as binary; its positive class is the label
         y1, p1 = y.ravel(), p.ravel()
         f1 = float(f1_score(y1, p1, average="binary", zero_division=0))
@@ -113,11 +116,12 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Seq
     else:
         micro = float(f1_score(y, p, average="micro", zero_division=0))
         report = classification_report(y, p, target_names=list(classes), output_dict=True, zero_division=0)
-        seen = y.any(0) | p.any(0)
-        seen = seen if seen.any() else np.ones_like(seen)
         for key in ("precision", "recall", "f1-score"):
-            report["macro avg"][key] = float(np.mean([report[c][key] for c, s in zip(classes, seen) if s]))
+            report["macro avg"][key] = float(np.mean([report[c][key] for c, s in zip(classes, seen) if s])) \
+                if seen.any() else float("nan")
         macro = report["macro avg"]["f1-score"]
+    if not seen.any():  # no label in the data nor in the predictions: no F1 to speak of (0 / 0), not 0
+        micro = macro = float("nan")
     return {"subset_accuracy": float((p == y).all(1).mean()), "label_accuracy": float((p == y).mean()),
             "micro_f1": micro, "macro_f1": macro, "per_class": report}
 

@@ -364,9 +364,6 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
     names = list(classes) if classes else [str(i) for i in range(width)]
     if len(names) != width:
         raise DataError(f"classes has {len(names)} names but the targets have {width} values.")
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise ConfigError(f"classes names {twice} more than once; each output needs a name of its own.")
     seen = train.checked(task, width, "training")
     val = TargetDataset(val_data) if val_data is not None else None
     val_seen = val.checked(task, width, "validation") if val is not None else {}

@@ -82,6 +82,10 @@ def test_a_curve_that_does_not_fall_or_still_falls_says_so():
     falling = [1.0 - 0.09 * math.log10(lr / 1e-7) for lr in lrs]  # still falling at 10
     v = find_valley(lrs, falling)
     assert "still falls at the largest rate" in v.notes[0] and v.suggestion < lrs[-1] / 10
+    for seed in range(20):  # noise about a flat level: a suggestion anywhere from 1e-6 to 10, with no word
+        noisy = list(1.0 + 0.05 * np.random.default_rng(seed).standard_normal(100))
+        assert any("does not fall between 6.4e-07 and 1.0e+01" in n
+                   for n in find_valley(lrs, noisy).notes), seed
     short = find_valley(lrs[:2], [1.0, 9.0])
     assert short.suggestion == lrs[0]
     assert "raise num_steps, or, when the loss exploded, lower start_lr" in short.notes[0]

@@ -22,8 +22,9 @@ How the suggestion is chosen ([`find_valley`][transferkit.train.lr_find.find_val
    two thirds gave the better of the two rates on the curves we measured, see
    ``docs/training.md``.)
 
-When the loss does not fall at all, or still falls at the largest rate tried, the result's
-``notes`` say so and how to change the range.
+When the loss does not fall at all (or no more than its batch-to-batch noise alone would
+move the smoothed curve, `DESCENT_NOISE`), or still falls at the largest rate tried, the
+result's ``notes`` say so and how to change the range.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ SKIP_START = 0.1  # fraction of the first points left out of the suggestion
 SMOOTH_DECADES = 0.25  # the width of the smoothing the suggestion uses, in decades of lr
 DESCENT_TOP, DESCENT_BOTTOM = 0.9, 0.1  # the descent: from 90 % to 10 % of the way down to the minimum
 POSITION = 2 / 3  # where in the descent (in log-lr) the suggestion lies
+# a descent is a fall of the smoothed loss larger than this many times the spread that the batch-to-batch
+# noise alone leaves in it (pure noise over 100 steps: below 6.3 in 200 curves; a fall of 2.5 times the noise
+# of one batch: above 5.3 in 100)
+DESCENT_NOISE = 6.0
 
 
 def smooth_losses(losses: Sequence[float], smooth: float = 0.05) -> list[float]:
@@ -129,13 +134,16 @@ def find_valley(lrs: Sequence[float], losses: Sequence[float], *, smooth_decades
     m = int(np.argmin(kept))
     top = float(np.percentile(kept[: m + 1], 90))  # the level before the descent; a few wild points do not set it
     drop = top - float(kept[m])
+    noise = _smoothed_noise(raw[: int(np.nonzero(raw <= ceiling)[0][-1]) + 1], smooth)
     notes: list[str] = []
     first = float(np.min(losses[: max(1, skip // 2)]))  # the loss at the first rates, left out of the reading
     if skip >= 2 and first > top + max(drop, 1e-3 * max(abs(top), 1e-12)):
         notes.append(f"the loss already falls at start_lr ({lrs[0]:.1e}), before the part of the curve read (from "
                      f"{lrs[skip]:.1e}): lower start_lr so that the test starts where the loss is still flat")
-    if m == 0 or drop <= 1e-3 * max(abs(top), 1e-12):
-        notes.append(f"the loss does not fall between {lrs[skip]:.1e} and {lrs[-1]:.1e}: "
+    if m == 0 or drop <= max(1e-3 * max(abs(top), 1e-12), DESCENT_NOISE * noise):
+        within = f" beyond its batch-to-batch noise (a fall of {drop:.2g}, within what noise of {noise:.2g} in the " \
+            "smoothed curve leaves)" if drop > 1e-3 * max(abs(top), 1e-12) else ""
+        notes.append(f"the loss does not fall between {lrs[skip]:.1e} and {lrs[-1]:.1e}{within}: "
                      "try a lower start_lr, or check the data and labels")
         i = skip + m
         return Valley(i, i, i, i, float(lrs[i]), float(lrs[i]), tuple(notes), skip, curve)
@@ -151,6 +159,18 @@ def find_valley(lrs: Sequence[float], losses: Sequence[float], *, smooth_decades
                      "where it stops")
     return Valley(skip + start, skip + end, skip + m, idx, float(lrs[idx]), float(lrs[skip + m]), tuple(notes),
                   skip, curve)
+
+
+def _smoothed_noise(raw: np.ndarray, smooth: float) -> float:
+    """The spread that batch-to-batch noise alone leaves in the smoothed curve: the noise of
+    one batch (from the differences of neighbours, robustly: a trend adds little to them) times
+    the smoothing's gain on white noise of this length."""
+    if len(raw) < 4:
+        return 0.0
+    d = np.diff(raw)
+    per_batch = float(np.median(np.abs(d - np.median(d)))) * 1.4826 / math.sqrt(2)
+    white = np.random.default_rng(0).standard_normal(len(raw))  # fixed: the gain of this filter at this length
+    return per_batch * float(np.std(zero_lag_smooth(white, smooth)))
 
 
 def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> float:

@@ -104,12 +104,16 @@ def test_a_validation_csv_sharing_no_label_with_the_training_classes_says_so(tmp
         prepare_data(train, classes=["a", "b"])
 
 
-def test_one_file_with_two_labels_is_refused(tmp_path):
+def test_one_file_with_two_labels_is_refused(tmp_path, monkeypatch):
     make_image_folder(tmp_path / "img", per_class=3, size=16)
     p = _csv(tmp_path, _rows(tmp_path) + "img/dark/dark_1.png,light\n")
     with pytest.raises(DataError, match=r"lists 'img/dark/dark_1.png' twice \(however spelled\), with labels 'dark' "
                                         "and 'light'"):
         prepare_data(p)
+    _csv(tmp_path, _rows(tmp_path) + f"{tmp_path / 'img' / 'dark' / 'dark_1.png'},light\n")  # spelled apart
+    monkeypatch.chdir(tmp_path)  # the CSV named by a relative path: its rows' paths are relative, this one absolute
+    with pytest.raises(DataError, match=r"dark_1.png' twice \(however spelled\), with labels 'dark' and 'light'"):
+        prepare_data("list.csv")
 
 
 def test_labels_differing_only_in_case_are_refused(tmp_path):

@@ -356,7 +356,7 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
                     "'path,<name>' and pass task='regression' (--task regression).")
     seen: dict[str, str] = {}
     for r, lab in zip(rows, labels):
-        path = os.path.normpath(csv_file_path(csv_path, r[0]))  # one file however spelled (./a.png, x/../a.png)
+        path = csv_file_key(csv_path, r[0])
         if seen.setdefault(path, lab) != lab:
             several = "" if kind == "audio" else " (for several labels per image: task='multilabel' with a CSV " \
                 "of path,labels, the labels separated by ';')"
@@ -453,6 +453,12 @@ def csv_file_path(csv_path: Path, cell: str) -> str:
     """A CSV row's path: as written when absolute, else relative to the CSV's folder."""
     path = Path(cell.strip())
     return str(path if path.is_absolute() else csv_path.parent / path)
+
+
+def csv_file_key(csv_path: Path, cell: str) -> str:
+    """What tells a CSV row's file from another: its absolute, normalised path, one however the
+    row spells it (``./a.png``, ``x/../a.png``, the absolute path)."""
+    return os.path.normcase(os.path.abspath(csv_file_path(csv_path, cell)))
 
 
 def check_listed_files(csv_path: Path, paths: Sequence[str]) -> None:

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.data.checks import DataReport, check_label_names, every_file_bad, filter_bad_images
-from transferkit.data.folders import check_listed_files, csv_file_path, parse_number, read_csv_rows
+from transferkit.data.folders import check_listed_files, csv_file_key, csv_file_path, parse_number, read_csv_rows
 from transferkit.data.images import ImageFolderDataset
 from transferkit.errors import DataError
 
@@ -91,10 +91,11 @@ def scan_target_csv(csv_path: str | Path, *, task: str, classes: Sequence[str] |
     samples: list[tuple[str, tuple[float, ...]]] = []
     seen: dict[str, tuple[float, ...]] = {}
     for i, (r, t) in enumerate(zip(body, targets)):
-        path = csv_file_path(csv_path, r[0])
-        if seen.setdefault(path, t) != t:
-            raise DataError(f"{where} lists {r[0].strip()!r} twice with different targets ({seen[path]} and {t}, "
-                            f"row {i + 2}): one image cannot have two true answers. Keep one row.")
+        path, key = csv_file_path(csv_path, r[0]), csv_file_key(csv_path, r[0])
+        if seen.setdefault(key, t) != t:
+            raise DataError(f"{where} lists {r[0].strip()!r} twice (however spelled) with different targets "
+                            f"({seen[key]} and {t}, row {i + 2}): one image cannot have two true answers. Keep one "
+                            "row.")
         samples.append((path, t))
     if len(seen) < len(samples):
         report.warn(f"{where} lists {len(samples) - len(seen)} file(s) more than once with the same target; they "

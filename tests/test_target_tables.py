@@ -6,6 +6,7 @@ import csv as csv_module
 import io
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -90,6 +91,15 @@ def test_label_lists_of_validation_data_use_the_training_labels(table):
     with pytest.warns(UserWarning, match=r"names labels \['purple'\] that are not among the classes"):
         d = tk.plan("tk:small_cnn", data=train, val_data=val, task="multilabel", **COMMON)
     assert d.classes == tuple(sorted(COLOURS)) and d.n_val == 10
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFD", "café")  # as macOS writes it; classes= composed
+    mixed = table("nfd.csv", "path,labels", lambda lv: decomposed if lv[0] > 0.5 else "dog", n=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not among the classes ['café', ...]" for café itself
+        targets, names = scan_target_csv(mixed, task="multilabel", classes=["café", "dog"])
+    assert names == ["café", "dog"] and [t for _, t in targets] == [(1.0, 0.0) if lv[0] > 0.5 else (0.0, 1.0)
+                                                                    for lv in table.levels[:10]]
     columns = table("rg.csv", "path,red,green", lambda lv: f"{lv[0]:.3f},{lv[1]:.3f}")
     fewer = table("r.csv", "path,red", lambda lv: f"{lv[0]:.3f}", n=10)
     with pytest.raises(DataError, match=r"has no column 'green' \(the training data's outputs are \['red', 'green'\]: "

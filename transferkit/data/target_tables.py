@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.data.checks import DataReport, check_label_names, every_file_bad, filter_bad_images
+from transferkit.data.checks import DataReport, check_label_names, every_file_bad, filter_bad_images, nfc
 from transferkit.data.folders import check_listed_files, csv_file_key, csv_file_path, parse_number, read_csv_rows
 from transferkit.data.images import ImageFolderDataset
 from transferkit.errors import DataError
@@ -106,7 +106,8 @@ def scan_target_csv(csv_path: str | Path, *, task: str, classes: Sequence[str] |
 
 def _label_lists(body: list[list[str]], classes: Sequence[str] | None, where: str,
                  report: DataReport) -> tuple[list[tuple[float, ...]], list[str]]:
-    lists = [[x.strip() for x in r[1].split(LABEL_SEPARATOR) if x.strip()] for r in body]
+    # a label matches its class in either Unicode form (macOS writes decomposed names), as folders' do
+    lists = [[nfc(x.strip()) for x in r[1].split(LABEL_SEPARATOR) if x.strip()] for r in body]
     used = sorted({x for labels in lists for x in labels})
     check_label_names(used, f"{where} (its labels)")
     _warn_joined_labels(lists, used, set(used) | set(classes or ()), where, report)
@@ -114,11 +115,11 @@ def _label_lists(body: list[list[str]], classes: Sequence[str] | None, where: st
     if not names:
         raise DataError(f"{where}: no row names a label; give each image its labels, separated by "
                         f"{LABEL_SEPARATOR!r}.")
-    unknown = sorted(set(used) - set(names))
+    unknown = sorted(set(used) - {nfc(n) for n in names})
     if unknown:
         report.warn(f"{where} names labels {unknown[:10]} that are not among the classes {names[:10]}; they are left "
                     "out of the targets.")
-    return [tuple(1.0 if n in labels else 0.0 for n in names) for labels in map(set, lists)], names
+    return [tuple(1.0 if nfc(n) in labels else 0.0 for n in names) for labels in map(set, lists)], names
 
 
 def _warn_joined_labels(lists: list[list[str]], used: Sequence[str], known: set[str], where: str,

@@ -116,6 +116,19 @@ def test_one_file_with_two_labels_is_refused(tmp_path, monkeypatch):
         prepare_data("list.csv")
 
 
+def test_a_class_of_classes_that_no_row_of_a_csv_names_is_said(tmp_path):
+    """classes= naming a class no row uses (here 'Light', the rows' 'light' in another case)
+    gave an output that cannot learn, with no word; the rows left out gave no hint of case."""
+    make_image_folder(tmp_path / "img", classes=("dark", "grey", "light"), per_class=3, size=16)
+    p = _csv(tmp_path, _rows(tmp_path))
+    with pytest.warns(UserWarning) as said:
+        b = prepare_data(p, classes=["dark", "grey", "Light"])
+    text = " ".join(str(w.message) for w in said)
+    assert "has labels ['light'] that are not training classes ('light' differs from the class 'Light' only in " \
+           "case); those rows are left out" in text
+    assert "1 class of 3 has no training sample: ['Light']" in text and b.classes == ["dark", "grey", "Light"]
+
+
 def test_labels_differing_only_in_case_are_refused(tmp_path):
     make_image_folder(tmp_path / "img", per_class=3, size=16)
     rows = _rows(tmp_path).replace(",light\n", ",Light\n", 1)

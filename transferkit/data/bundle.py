@@ -403,7 +403,8 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = VAL_SPLI
         raise DataError(f"Training data has a single class ({names[next(iter(counts))]!r}); "
                         "a classifier needs at least two.")
     empty = [n for i, n in enumerate(names) if not counts[i]]
-    if empty and not isinstance(train, ImageFolderDataset):  # a folder names its empty class folders itself
+    folder = isinstance(train, ImageFolderDataset) and isinstance(data, (str, Path)) and Path(data).is_dir()
+    if empty and not folder:  # a folder names its empty class folders itself (a CSV's classes= does not)
         report.warn(f"{plural(len(empty), 'class', 'classes')} of {len(names)} {'has' if len(empty) == 1 else 'have'} no "
                     f"training sample: {empty[:10]}. The model still gets an output for each, which it cannot learn; "
                     "give the classes that the data hold (classes=, _info.json), or add their samples.")

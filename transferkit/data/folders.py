@@ -378,8 +378,11 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
         raise DataError(f"{str(csv_path)!r} has labels {unknown[:10]}, none of them one of the classes "
                         f"{list(classes)[:10]} ({whose}): no row can be used. Label its rows with those classes.")
     if unknown:
+        folded = {c.casefold(): c for c in index}
+        cased = [(u, folded[u.casefold()]) for u in unknown if u.casefold() in folded]
+        hint = f" ({cased[0][0]!r} differs from the class {cased[0][1]!r} only in case)" if cased else ""
         report.warn(f"{str(csv_path)!r} has labels {unknown[:10]} that are not "
-                    f"{'the model' if purpose == 'scoring' else 'training'} classes; those rows are left out.")
+                    f"{'the model' if purpose == 'scoring' else 'training'} classes{hint}; those rows are left out.")
     samples = [(csv_file_path(csv_path, p), index[lab]) for (p, _), lab in zip(rows, labels) if lab in index]
     if first == 1 and len(rows) > 1 and labels[0] not in labels[1:] and \
             not os.path.isfile(csv_file_path(csv_path, rows[0][0])) and \

@@ -95,7 +95,10 @@ def test_a_float_image_a_little_outside_0_1_is_clipped_and_the_callers_tensor_ke
     (torch.linspace(-2.1, 2.6, 192).reshape(3, 8, 8), r"got \[-2.1, 2.6\]; it looks normalised with a mean and std: "
                                                       r"give the images before that"),
     (np.zeros((3, 8, 8), np.uint8), r"item 0: A numpy image must be HxWxC \(channels last\)"),
-    (torch.zeros(8, 8, 3), r"item 0: An image tensor must be \[C,H,W\]"),
+    (torch.zeros(8, 8, 3), r"item 0: An image tensor must be \[C,H,W\].*channels last \(\[H,W,C\]\) is "
+                           r"\.permute\(2, 0, 1\)"),
+    (torch.zeros(3, 8, 8, dtype=torch.int64), r"got torch.int64; integer pixels in 0..255 are .to\(torch.uint8\) \(a "
+                                              r"numpy array: .astype\(np.uint8\)\)"),
 ])
 def test_a_dataset_of_images_the_model_cannot_take_is_refused_before_training(image, said):
     with pytest.raises(DataError, match=said):

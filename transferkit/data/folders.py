@@ -329,7 +329,8 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
         widths = sorted({len(rows[i]) for i in bad})
         form = f"the {width} columns of the header" if width != 2 else "the form 'path,label'"
         raise DataError(f"{str(csv_path)!r}: rows {[i + first for i in bad[:5]]} do not have {form} (they have "
-                        f"{' or '.join(map(str, widths))} column(s); a path or label holding a comma must be quoted).")
+                        f"{' or '.join(map(str, widths))} column(s); a path or label holding a comma must be quoted)"
+                        f"{other_separator([rows[i] for i in bad])}.")
     if named:
         p, lab = head.index("path"), head.index("label")
         rows = [[r[p], r[lab]] for r in rows]
@@ -456,6 +457,13 @@ def csv_file_path(csv_path: Path, cell: str) -> str:
     """A CSV row's path: as written when absolute, else relative to the CSV's folder."""
     path = Path(cell.strip())
     return str(path if path.is_absolute() else csv_path.parent / path)
+
+
+def other_separator(rows: Sequence[Sequence[str]]) -> str:
+    """What a CSV's rows of one column say when they hold another separator (``;``, a tab):
+    the columns of a CSV are separated by commas."""
+    found = next((sep for sep in (";", "\t", "|") for r in rows if len(r) == 1 and sep in r[0]), None)
+    return f"; its rows are separated by {found!r}: separate the columns with commas" if found else ""
 
 
 def csv_file_key(csv_path: Path, cell: str) -> str:

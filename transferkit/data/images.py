@@ -100,14 +100,16 @@ def check_image_tensor(t: torch.Tensor, doing: str = "predict on") -> torch.Tens
         t = t.unsqueeze(0)
     if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
         several = " (or [N,C,H,W] for several)" if doing == "predict on" else ""
-        raise DataError(f"An image tensor must be [C,H,W] with C in 1, 3, 4{several}, got {tuple(t.shape)}.")
+        last = "; channels last ([H,W,C]) is .permute(2, 0, 1)" if t.ndim == 3 and t.shape[-1] in (1, 3, 4) else ""
+        raise DataError(f"An image tensor must be [C,H,W] with C in 1, 3, 4{several}, got {tuple(t.shape)}{last}.")
     if t.dtype == torch.uint16:  # torchvision's decode_png of a 16-bit PNG: scaled as the file would be
         t = torch.from_numpy(to_8bit(t.cpu().to(torch.int32).numpy()))
     if t.dtype == torch.uint8:
         return t.cpu()
     if not t.is_floating_point():
-        raise DataError(f"An image tensor must be uint8 in [0, 255], uint16 (16-bit) or float in [0, 1], got "
-                        f"{t.dtype}.")
+        raise DataError(f"An image tensor (or array) must be uint8 in [0, 255], uint16 (16-bit) or float in [0, 1], "
+                        f"got {t.dtype}; integer pixels in 0..255 are .to(torch.uint8) (a numpy array: "
+                        ".astype(np.uint8)).")
     t = t.detach().float().cpu()
     if not bool(torch.isfinite(t).all()):  # NaN compares false with any bound: it would pass the range check
         raise DataError(f"A float image holds {int((~torch.isfinite(t)).sum())} non-finite values (NaN or inf); "

@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.data.checks import DataReport, check_label_names, every_file_bad, filter_bad_images, nfc
-from transferkit.data.folders import check_listed_files, csv_file_key, csv_file_path, parse_number, read_csv_rows
+from transferkit.data.folders import (check_listed_files, csv_file_key, csv_file_path, other_separator, parse_number,
+                                      read_csv_rows)
 from transferkit.data.images import ImageFolderDataset
 from transferkit.errors import DataError
 
@@ -77,7 +78,7 @@ def scan_target_csv(csv_path: str | Path, *, task: str, classes: Sequence[str] |
     short = [i + 2 for i, r in enumerate(body) if len(r) != len(header)]
     if short:
         raise DataError(f"{where}: rows {short[:5]} do not have the header's {len(header)} columns (a value holding "
-                        "a comma must be quoted).")
+                        f"a comma must be quoted){other_separator([body[i - 2] for i in short])}.")
     blank = [i + 2 for i, r in enumerate(body) if not r[0].strip()]
     if blank:
         raise DataError(f"{where}: rows {blank[:5]} have an empty path; give each row a path, or remove the rows.")

@@ -114,6 +114,10 @@ def test_one_file_with_two_labels_is_refused(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"lists 'img/dark/dark_1.png' twice \(however spelled\), with labels 'dark' "
                                         "and 'light'"):
         prepare_data(p)
+    from transferkit.data.folders import scan_csv
+
+    with pytest.raises(DataError, match=r"with labels 'dark' and 'light': one image has one true class here\. Keep "):
+        scan_csv(p, ["dark", "light"], purpose="scoring")  # transferkit evaluate: no training advice
     _csv(tmp_path, _rows(tmp_path) + f"{tmp_path / 'img' / 'dark' / 'dark_1.png'},light\n")  # spelled apart
     monkeypatch.chdir(tmp_path)  # the CSV named by a relative path: its rows' paths are relative, this one absolute
     with pytest.raises(DataError, match=r"dark_1.png' twice \(however spelled\), with labels 'dark' and 'light'"):
@@ -274,6 +278,8 @@ def test_an_empty_image_array_is_refused(shape):
 def test_bytes_are_refused_with_how_to_decode_them():
     with pytest.raises(DataError, match=r"Cannot predict on bytes: pass a file path, or decode the bytes first"):
         _image_predictor().predict(b"\x89PNG...")
+    with pytest.raises(DataError, match=r"Cannot predict on a dict: .*list\(d.values\(\)\)"):  # not on its keys
+        _image_predictor().predict({"a": "x.png"})
 
 
 def test_predict_errors_do_not_give_training_advice(tmp_path):

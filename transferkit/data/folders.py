@@ -361,9 +361,11 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
         if seen.setdefault(path, lab) != lab:
             several = "" if kind == "audio" else " (for several labels per image: task='multilabel' with a CSV " \
                 "of path,labels, the labels separated by ';')"
+            one = "clip" if kind == "audio" else "image"
+            why = f"one {one} has one true class here" if purpose == "scoring" else \
+                f"one {one} cannot teach two classes{several}"
             raise DataError(f"{str(csv_path)!r} lists {r[0].strip()!r} twice (however spelled), with labels "
-                            f"{seen[path]!r} and {lab!r}: one {'clip' if kind == 'audio' else 'image'} cannot teach "
-                            f"two classes{several}. Keep one row.")
+                            f"{seen[path]!r} and {lab!r}: {why}. Keep one row.")
     if len(seen) < len(rows):
         report.warn(f"{str(csv_path)!r} lists {len(rows) - len(seen)} file(s) more than once with the same label; "
                     f"they count that many times in {'the scores' if purpose == 'scoring' else purpose}.")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,9 @@ class InputPipeline:
     def split(self, inputs: Any) -> list[Any]:
         """One input or many -> a list of single items (a batch tensor/array is several)."""
         batch_ndim = 2 if self.audio else 4
+        if isinstance(inputs, Mapping):  # iterating it would predict on its keys
+            raise DataError(f"Cannot predict on a {type(inputs).__name__}: pass one input or a list of them (the "
+                            "inputs of a mapping: list(d.values())).")
         if isinstance(inputs, (bytes, bytearray, memoryview)):
             raise DataError(f"Cannot predict on {type(inputs).__name__}: pass a file path, or decode the bytes first "
                             "(PIL.Image.open(io.BytesIO(data)) for an image, soundfile.read(io.BytesIO(data)) for "

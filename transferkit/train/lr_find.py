@@ -22,14 +22,16 @@ How the suggestion is chosen ([`find_valley`][transferkit.train.lr_find.find_val
    two thirds gave the better of the two rates on the curves we measured, see
    ``docs/training.md``.)
 
-When the loss does not fall at all (or no more than its batch-to-batch noise alone would
-move the smoothed curve, `DESCENT_NOISE`), or still falls at the largest rate tried, the
-result's ``notes`` say so and how to change the range.
+When the loss does not fall at all, falls no more than its batch-to-batch noise alone would
+(`NOISE_QUANTILE`: the suggestion is made as usual and the note says it may be set by noise),
+or still falls at the largest rate tried, the result's ``notes`` say so and how to change the
+range.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 import numbers
@@ -54,10 +56,10 @@ SKIP_START = 0.1  # fraction of the first points left out of the suggestion
 SMOOTH_DECADES = 0.25  # the width of the smoothing the suggestion uses, in decades of lr
 DESCENT_TOP, DESCENT_BOTTOM = 0.9, 0.1  # the descent: from 90 % to 10 % of the way down to the minimum
 POSITION = 2 / 3  # where in the descent (in log-lr) the suggestion lies
-# a descent is a fall of the smoothed loss larger than this many times the spread that the batch-to-batch
-# noise alone leaves in it (pure noise over 100 steps: below 6.3 in 200 curves; a fall of 2.5 times the noise
-# of one batch: above 5.3 in 100)
-DESCENT_NOISE = 6.0
+# a fall of the smoothed loss that pure batch-to-batch noise of the curve's own level and length reaches in
+# this share of simulated curves is within the noise (the rule reads such a curve as it would any other, and
+# says that its descent may be noise)
+NOISE_QUANTILE = 0.99
 
 
 def smooth_losses(losses: Sequence[float], smooth: float = 0.05) -> list[float]:
@@ -134,19 +136,22 @@ def find_valley(lrs: Sequence[float], losses: Sequence[float], *, smooth_decades
     m = int(np.argmin(kept))
     top = float(np.percentile(kept[: m + 1], 90))  # the level before the descent; a few wild points do not set it
     drop = top - float(kept[m])
-    noise = _smoothed_noise(raw[: int(np.nonzero(raw <= ceiling)[0][-1]) + 1], smooth)
+    noise = _noise_fall(raw[: m + 1], smooth, len(kept))
     notes: list[str] = []
     first = float(np.min(losses[: max(1, skip // 2)]))  # the loss at the first rates, left out of the reading
     if skip >= 2 and first > top + max(drop, 1e-3 * max(abs(top), 1e-12)):
         notes.append(f"the loss already falls at start_lr ({lrs[0]:.1e}), before the part of the curve read (from "
                      f"{lrs[skip]:.1e}): lower start_lr so that the test starts where the loss is still flat")
-    if m == 0 or drop <= max(1e-3 * max(abs(top), 1e-12), DESCENT_NOISE * noise):
-        within = f" beyond its batch-to-batch noise (a fall of {drop:.2g}, within what noise of {noise:.2g} in the " \
-            "smoothed curve leaves)" if drop > 1e-3 * max(abs(top), 1e-12) else ""
-        notes.append(f"the loss does not fall between {lrs[skip]:.1e} and {lrs[-1]:.1e}{within}: "
+    if m == 0 or drop <= 1e-3 * max(abs(top), 1e-12):
+        notes.append(f"the loss does not fall between {lrs[skip]:.1e} and {lrs[-1]:.1e}: "
                      "try a lower start_lr, or check the data and labels")
         i = skip + m
         return Valley(i, i, i, i, float(lrs[i]), float(lrs[i]), tuple(notes), skip, curve)
+    if drop <= noise:
+        notes.append(f"the loss does not fall between {lrs[skip]:.1e} and {lrs[-1]:.1e} beyond its batch-to-batch "
+                     f"noise (a fall of {drop:.2g}; noise alone falls {noise:.2g} in {NOISE_QUANTILE:.0%} of such "
+                     "curves), so the suggestion may be set by noise: try a lower start_lr, more steps (num_steps), "
+                     "or check the data and labels")
     before = kept[: m + 1]
     above = np.nonzero(before >= kept[m] + DESCENT_TOP * drop)[0]
     start = int(above[-1])  # the last point still near the top
@@ -161,16 +166,28 @@ def find_valley(lrs: Sequence[float], losses: Sequence[float], *, smooth_decades
                   skip, curve)
 
 
-def _smoothed_noise(raw: np.ndarray, smooth: float) -> float:
-    """The spread that batch-to-batch noise alone leaves in the smoothed curve: the noise of
-    one batch (from the differences of neighbours, robustly: a trend adds little to them) times
-    the smoothing's gain on white noise of this length."""
-    if len(raw) < 4:
+def _noise_fall(raw: np.ndarray, smooth: float, n: int) -> float:
+    """The fall (level before the minimum to the minimum, read as `find_valley` reads it) that
+    batch-to-batch noise alone gives a smoothed curve of ``n`` points in `NOISE_QUANTILE` of
+    cases, at the noise of one batch in ``raw`` (the losses before the minimum: robustly, from
+    second differences, in which a smooth trend cancels); 0 when too few points tell it."""
+    if len(raw) < 8:
         return 0.0
-    d = np.diff(raw)
-    per_batch = float(np.median(np.abs(d - np.median(d)))) * 1.4826 / math.sqrt(2)
-    white = np.random.default_rng(0).standard_normal(len(raw))  # fixed: the gain of this filter at this length
-    return per_batch * float(np.std(zero_lag_smooth(white, smooth)))
+    d2 = np.diff(raw, 2)
+    per_batch = float(np.median(np.abs(d2 - np.median(d2)))) * 1.4826 / math.sqrt(6)
+    return per_batch * _unit_noise_fall(n, round(smooth, 12))
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_noise_fall(n: int, smooth: float, curves: int = 200) -> float:
+    """`_noise_fall` at a per-batch noise of 1: simulated (seeded, so the same every run)."""
+    rng = np.random.default_rng(0)
+    falls = []
+    for _ in range(curves):
+        kept = np.asarray(zero_lag_smooth(rng.standard_normal(n), smooth))
+        m = int(np.argmin(kept))
+        falls.append(float(np.percentile(kept[: m + 1], 90)) - float(kept[m]))
+    return float(np.quantile(falls, NOISE_QUANTILE))
 
 
 def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> float:

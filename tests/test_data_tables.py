@@ -241,6 +241,19 @@ def test_image_files_that_rows_read_by_path_are_part_of_the_data_s_identity(tmp_
         files[row].write_bytes(files[row - 1].read_bytes())
         assert identities()[0] != parquet
         parquet = identities()[0]
+    unsaid = tmp_path / "nostats.parquet"  # written without statistics: every row group's paths are looked at
+    pq.write_table(pa.table({"image": pa.array(rows), "label": labels}), unsaid, row_group_size=4,
+                   write_statistics=False)
+    before = data_fingerprint(prepare_data(str(unsaid), val_split=0).train)
+    files[8].write_bytes(files[7].read_bytes())  # row 8 holds its bytes: no change
+    assert data_fingerprint(prepare_data(str(unsaid), val_split=0).train) == before
+    files[9].write_bytes(files[6].read_bytes())
+    assert data_fingerprint(prepare_data(str(unsaid), val_split=0).train) != before
+    bare = tmp_path / "bare.parquet"  # {bytes} alone, one cell empty: a bad row left out (it raised IndexError)
+    pq.write_table(pa.table({"image": pa.array([{"bytes": b} for b in images[2:7]] + [{"bytes": None}]),
+                             "label": labels[2:8]}), bare)
+    with pytest.warns(UserWarning, match="the image cell is empty"):
+        assert len(prepare_data(str(bare), val_split=0).train) == 5
 
 
 def test_hf_dataset_with_classlabel_matches_the_folder(tmp_path):

@@ -249,6 +249,7 @@ class ParquetSource:
                        for rel, st in zip(from_common_folder(self.files), stats)]
         self._cache = _RowGroupCache()
         self._keys: list[str] | None = None
+        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         return int(self.group_start[-1])
@@ -305,17 +306,25 @@ class ParquetSource:
 
     def fingerprint(self) -> str:
         """The files' paths (from the folder holding them all), sizes and times and the columns;
-        and the stats of image files that rows read by path (`_files_read_by_path`)."""
-        by_path = _files_read_by_path(self._path_rows()) if self.struct else []
-        return hashlib.blake2b(json.dumps([self._ident, self.image_column, self.label_column] +
-                                          ([by_path] if by_path else [])).encode(), digest_size=16).hexdigest()
+        and the stats of image files that rows read by path (`_files_read_by_path`). Computed
+        once per source (the scan and the data's views ask for it)."""
+        if self._fingerprint is None:
+            by_path = _files_read_by_path(self._path_rows()) if self.struct else []
+            self._fingerprint = hashlib.blake2b(json.dumps([self._ident, self.image_column, self.label_column] +
+                                                           ([by_path] if by_path else [])).encode(),
+                                                digest_size=16).hexdigest()
+        return self._fingerprint
 
     def _path_rows(self) -> Any:
-        """``(paths, bytes empty)`` per row group whose statistics do not say that every row
-        holds its bytes (the bytes of a row group holding both kinds are read)."""
+        """``(paths, bytes empty)`` per row group that may hold a row read by path: one whose
+        statistics do not say that every row holds its bytes, and that holds a path. The bytes
+        of a row group holding both kinds are read (once, here)."""
         pq = _pyarrow()
-        for fi, f in enumerate(self.files):
+        for f in self.files:
             pf = pq.ParquetFile(f)
+            field = pf.schema_arrow.field(self.image_column).type
+            if field.get_field_index("path") < 0:  # {bytes} alone: no row is read by path
+                return
             meta = pf.metadata
             for g in range(meta.num_row_groups):
                 group = meta.row_group(g)
@@ -326,6 +335,8 @@ class ParquetSource:
                     continue
                 paths = pf.read_row_group(g, columns=[f"{self.image_column}.path"]).column(0).combine_chunks()
                 paths = paths.field("path").to_pylist()
+                if not any(paths):
+                    continue
                 if nulls == group.num_rows:
                     yield paths, [True] * len(paths)
                 else:

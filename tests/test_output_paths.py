@@ -408,6 +408,15 @@ def test_a_run_that_stops_before_writing_leaves_no_folder_it_made_for_its_output
     assert [p.name for p in out.iterdir()] == ["kept"] and not list((out / "kept").iterdir())
     r = tk.finetune(data=image_folder, export=out / "runs" / "x" / "model.pt", **FAST)  # written: kept
     assert r.export_path.is_file() and sorted(p.name for p in r.export_path.parent.iterdir()) == ["model.pt"]
+    from transferkit._io import file_lock
+
+    first, second = file_lock(out / "new" / "x" / "a.pt"), file_lock(out / "new" / "x" / "b.pt")
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # released out of order: the folder holds the other lock
+    assert (out / "new" / "x").is_dir()
+    second.__exit__(None, None, None)
+    assert not (out / "new").exists()
 
 
 def test_a_dry_run_beside_a_finished_checkpoint_creates_no_lock_file(tmp_path, image_folder, monkeypatch):

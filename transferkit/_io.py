@@ -566,7 +566,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, what: str = 
 
 
 # -- one writer per file -----------------------------------------------------------------
-_HELD: dict[str, list] = {}  # resolved lock path -> [fd, count, folders made for it]
+_HELD: dict[str, list] = {}  # resolved lock path -> [fd, count]
+_MADE: set[Path] = set()  # folders this process's locks made, removed when a lock's release leaves them empty
 _HELD_GUARD = threading.Lock()
 
 
@@ -578,10 +579,11 @@ def _drop_inherited_locks() -> None:
     the fork."""
     global _HELD_GUARD
     _HELD_GUARD = threading.Lock()
-    for fd, *_ in list(_HELD.values()):
+    for fd, _ in list(_HELD.values()):
         with contextlib.suppress(OSError):
             os.close(fd)
     _HELD.clear()
+    _MADE.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -630,17 +632,18 @@ def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None, 
              "would overwrite each other.")
         yield Path(path)
         return
-    lock = lock_path(path)
+    lock = Path(os.path.abspath(lock_path(path)))  # released where it was taken, whatever the working directory then
     key = os.path.realpath(lock)
     with _HELD_GUARD:
         held = _HELD.get(key)
         if held is not None:
             held[1] += 1
     if held is None:
-        made = _missing_folders(lock.parent)
-        fd = _acquire(lock, fcntl, what=what, flag=flag, target=Path(path), wait=wait)
+        made: list[Path] = []
+        fd = _acquire(lock, fcntl, what=what, flag=flag, target=Path(path), wait=wait, made=made)
         with _HELD_GUARD:
-            _HELD[key] = [fd, 1, made]
+            _HELD[key] = [fd, 1]
+            _MADE.update(made)
     try:
         yield lock
     finally:
@@ -656,9 +659,24 @@ def file_lock(path: str | Path, *, what: str = "file", flag: str | None = None, 
             with contextlib.suppress(OSError):
                 os.unlink(lock)  # while still holding it: a waiter re-checks the inode
             os.close(entry[0])
-            for folder in entry[2]:  # folders made for the lock that nothing was written into (a run stopped early)
+            _remove_made_folders()
+
+
+def _remove_made_folders() -> None:
+    """Remove the folders this process's locks made that are empty now (nothing was written
+    into them: a run stopped before its outputs), deepest first; the others stay listed."""
+    with _HELD_GUARD:
+        for folder in sorted(_MADE, key=lambda f: len(f.parts), reverse=True):
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:  # another lock's file in it (or a folder made for one): tried again at its release
                 with contextlib.suppress(OSError):
-                    folder.rmdir()
+                    if all((n.startswith(".") and n.endswith(".lock")) or folder / n in _MADE
+                           for n in os.listdir(folder)):
+                        continue
+            _MADE.discard(folder)  # removed, gone, or holding what a run wrote: kept as it is
 
 
 def _locked(lock: Path, *, what: str, flag: str | None, target: Path) -> FileLockedError:
@@ -692,20 +710,24 @@ def check_unlocked(path: str | Path, *, what: str = "file", flag: str | None = N
 
 
 def _missing_folders(folder: Path) -> list[Path]:
-    """The folders of ``folder``'s path that do not exist yet, deepest first."""
+    """The folders of ``folder``'s path that do not exist yet, deepest first, as absolute paths
+    (a change of the working directory does not change which they are)."""
     missing = []
     for f in (folder, *folder.parents):
         if os.path.lexists(f):
             break
-        missing.append(f)
+        missing.append(Path(os.path.abspath(f)))
     return missing
 
 
 def _acquire(lock: Path, fcntl, *, what: str, flag: str | None, target: Path,  # noqa: ANN001
-             wait: float = 0.0) -> int:
+             wait: float = 0.0, made: list[Path] | None = None) -> int:
+    """The descriptor of ``lock``, locked; ``made`` gets the folders made for it."""
     deadline, changed = time.monotonic() + wait, 0
     while changed < 50:
         try:
+            if made is not None:
+                made[:0] = [f for f in _missing_folders(lock.parent) if f not in made]  # deepest first
             lock.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"Cannot lock the {what} {str(target)!r}: {_reason(exc)} ({exc}).") from exc

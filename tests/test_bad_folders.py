@@ -440,6 +440,10 @@ def test_split_layout_edge_cases(tmp_path):
     capital = _split_layout(tmp_path / "capital", "Training", "Val")  # Kaggle's spelling: splits, not two classes
     bundle = prepare_data(capital)
     assert bundle.classes == ["ants", "bees"] and {Path(p).parts[-3] for p, _ in bundle.val.samples} == {"Val"}
+    assert image_folder_splits(capital).train == capital / "Training"
+    beside = _split_layout(tmp_path / "beside", "Train")
+    (beside / "notes").mkdir()  # a recipe's data folder: Train/ beside another folder is still its training data
+    assert image_folder_splits(beside).train == beside / "Train"
     with pytest.raises(tk.DataError, match=r"several training folders \['Train', 'training'\]"):
         prepare_data(_split_layout(tmp_path / "twice", "Train", "training", "val"))
     alone = _split_layout(tmp_path / "alone", "train")

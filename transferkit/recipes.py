@@ -39,6 +39,7 @@ from transferkit._text import plural
 from transferkit.helpformat import HELP, MAX_PIXELS_HELP, one_line, one_line_warnings, pixel_limit, set_pixel_limit
 from transferkit.spelling import RECIPE_FLAGS, RECIPE_OWNS, recipe_spelling
 from transferkit.data import find_split_folders
+from transferkit.data.folders import TRAIN_NAMES
 from transferkit.data import dataset_targets
 from transferkit.api import finetune
 from transferkit.data import ImageFolderDataset
@@ -96,7 +97,9 @@ def image_folder_splits(root: Path) -> RecipeData | None:
     ``test/`` when there is no validation folder, where a recipe scores the test set."""
     splits = find_split_folders(root)
     if splits is None:  # train/ beside other folders: a recipe's data folder is a split layout
-        return RecipeData(train=root / "train") if (root / "train").is_dir() else None
+        train = next((p for p in sorted(root.iterdir()) if p.is_dir() and p.name.lower() in TRAIN_NAMES), None) \
+            if root.is_dir() else None
+        return RecipeData(train=train) if train is not None else None
     return RecipeData(train=splits.train, val=splits.val, test=splits.test)
 
 

@@ -204,8 +204,8 @@ def update_readme(path: str | Path, summary: dict) -> None:
     README that is a symbolic link stays one (the file it names is rewritten)."""
     head, tail = readme_parts(path)
     block = f"{README_START}\n{summary['table']}\n\n(total {summary['total_seconds']:.0f} s, torch {summary['torch']})\n"
-    atomic_write(os.path.realpath(path), lambda tmp: Path(tmp).write_text(head + block + README_END + tail, encoding="utf-8"),
-                 what="README")
+    text = head + block + README_END + tail
+    atomic_write(os.path.realpath(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), what="README")
 
 
 def _table(rows: list[dict]) -> str:

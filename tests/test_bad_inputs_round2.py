@@ -81,6 +81,10 @@ def test_a_row_with_an_extra_column_is_named(tmp_path):
     p = _csv(tmp_path, "path,label\n" + _rows(tmp_path) + "img/dark/dark_1.png,dark,junk\n")
     with pytest.raises(DataError, match=r"rows \[8\] do not have the form 'path,label' \(they have 3 column"):
         prepare_data(p)
+    marked = _csv(tmp_path, "path,label,split\n" + _rows(tmp_path, ",train"))  # a split column is not read: said
+    with pytest.warns(UserWarning, match=r"has a column 'split', which is not read: a CSV of classes reads 'path' and "
+                                         r"'label', so every row trains"):
+        assert len(prepare_data(marked, val_split=0).train) == 6
     semi = _csv(tmp_path, _rows(tmp_path).replace(",", ";"))  # another separator: said
     with pytest.raises(DataError, match=r"\(they have 1 column\(s\); .*\); its rows are separated by ';': separate "
                                         r"the columns with commas\.$"):

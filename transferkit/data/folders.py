@@ -334,6 +334,11 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
     if named:
         p, lab = head.index("path"), head.index("label")
         rows = [[r[p], r[lab]] for r in rows]
+        split = [c for c in head if c in SPLIT_COLUMNS]
+        if split and purpose == "training":  # read past, it would train on the rows it marks for validation
+            report.warn(f"{str(csv_path)!r} has a column {split[0]!r}, which is not read: a CSV of classes reads "
+                        "'path' and 'label', so every row trains. Give the held-out rows as their own CSV "
+                        "(val_data=...), or leave them out of this one.")
     for col, what in ((0, "path"), (1, "label")):
         blank = [i + first for i, r in enumerate(rows) if not r[col].strip()]
         if blank:
@@ -459,6 +464,9 @@ def csv_file_path(csv_path: Path, cell: str) -> str:
     """A CSV row's path: as written when absolute, else relative to the CSV's folder."""
     path = Path(cell.strip())
     return str(path if path.is_absolute() else csv_path.parent / path)
+
+
+SPLIT_COLUMNS = ("split", "fold", "subset", "set", "partition")  # columns that mark rows for a split
 
 
 def other_separator(rows: Sequence[Sequence[str]]) -> str:

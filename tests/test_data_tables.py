@@ -208,6 +208,8 @@ def test_parquet_labels_that_are_not_class_indices_or_names_are_refused_or_left_
         with pytest.raises(tk.DataError, match=r"labels are class indices \(0, 1, ...\) or class names, and \d labels? "
                                                r"(is|are) not a whole number \(e.g. (0.7|inf)\), which would be cut"):
             read(labels)
+    with pytest.raises(tk.DataError, match=r"the labels '01' and '1' are one number written in 2 ways"):
+        read(["1", "01", "2", "2"])  # as a CSV refuses them
     for labels, classes, targets in (([0.0, 1.0, float("nan"), 1.0], ["0", "1"], [0, 1, 1]),
                                      (["cat", "", "dog", " "], ["cat", "dog"], [0, 1])):
         with pytest.warns(UserWarning, match=r"training row\(s\) have no usable label; they are left out"):

@@ -517,6 +517,11 @@ def test_a_class_with_a_single_image_is_named_as_never_validated(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every class validated: no warning
         prepare_data(make_image_folder(tmp_path / "even", per_class=4), val_split=0.25)
+    (root / "empty").mkdir()  # a class without images: counted apart, not among those that could be validated
+    with pytest.warns(UserWarning) as said:
+        prepare_data(root, val_split=0.25)
+    assert any("1 class of the 3 with training examples has no validation example: 'rare'" in str(w.message)
+               for w in said), [str(w.message) for w in said]
 
 
 def test_a_dataset_s_own_class_names_are_matched_by_name(tmp_path):

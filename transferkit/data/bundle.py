@@ -117,7 +117,8 @@ def warn_unvalidated_classes(targets: Sequence[int], val_idx: Sequence[int], nam
     if not missing:
         return
     shown = ", ".join(f"{names[c]!r} ({plural(counts[c], 'example')})" for c in missing[:10])
-    report.warn(f"{plural(len(missing), 'class', 'classes')} of {len(counts)} {'has' if len(missing) == 1 else 'have'} "
+    of = f"{len(counts)}" if len(counts) == len(names) else f"the {len(counts)} with training examples"
+    report.warn(f"{plural(len(missing), 'class', 'classes')} of {of} {'has' if len(missing) == 1 else 'have'} "
                 f"no validation example: {shown}{' ...' if len(missing) > 10 else ''}. They are trained on but never "
                 "validated (the validation metrics, the best epoch and early stopping do not see them). Add examples "
                 "of them, or give validation data that hold them (val_data=, or a val/ folder beside train/).")

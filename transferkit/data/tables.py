@@ -487,6 +487,7 @@ class HFSource:
         self.ds, self.full = view, ds
         self.name = f"Hugging Face dataset {getattr(ds, '_fingerprint', '')}".strip()
         self._keys: list[str] | None = None
+        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -519,7 +520,10 @@ class HFSource:
 
     def fingerprint(self) -> str:
         """The datasets library's identity of the table and its transforms, and the columns; and
-        the stats of image files that rows read by path (`_files_read_by_path`)."""
+        the stats of image files that rows read by path (`_files_read_by_path`). Computed once
+        per source, as a Parquet source's."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         fp = getattr(self.full, "_fingerprint", None)  # datasets' own identity of the table and its transforms
         if not fp:
             raise DataError("The Hugging Face dataset has no fingerprint; save it (save_to_disk) and pass the folder.")
@@ -527,7 +531,8 @@ class HFSource:
         if isinstance(self.ds.features[self.image_column], _datasets().Image):  # {bytes, path} (else bytes)
             by_path = _files_read_by_path(_struct_rows(self.ds.with_format("arrow")[self.image_column].chunks))
         files = ":" + hashlib.blake2b(json.dumps(by_path).encode(), digest_size=16).hexdigest() if by_path else ""
-        return f"{fp}:{self.image_column}:{self.label_column}{files}"
+        self._fingerprint = f"{fp}:{self.image_column}:{self.label_column}{files}"
+        return self._fingerprint
 
     def listing(self) -> str:
         """What copies of the table share: its rows, columns and their types (the datasets

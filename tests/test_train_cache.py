@@ -117,8 +117,10 @@ def test_a_feature_store_made_under_another_pixel_limit_is_not_reused(tmp_path, 
                   verbose=False, cache_dir=tmp_path / "cache", precision="fp32", scan="none", val_split=0)
     with monkeypatch.context() as m:
         m.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice it: refused
-        with pytest.warns(UserWarning, match="big.png.*decompression-bomb size"):
+        with pytest.warns(UserWarning, match="big.png.*decompression-bomb size") as seen:
             low = tk.finetune("tk:small_cnn", **common)
+    said = " ".join(str(w.message) for w in seen if "big.png" in str(w.message))
+    assert "Otherwise remove or replace the file" in said and ". Remove or" not in said  # the limit is the first way
     assert low.feature_report["masked_samples"] == 1
     again = tk.finetune("tk:small_cnn", **common)  # Pillow's default limit: the image loads
     assert again.feature_report["computed"] == 1 and again.feature_report["masked_samples"] == 0

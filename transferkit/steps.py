@@ -35,7 +35,7 @@ from transferkit.data import eval_transform, train_transform
 from transferkit.data.audio import pad_waveforms
 from transferkit.data.decoded import decoded_dataset
 from transferkit.data.gpu_jpeg import DeviceDecodedLoader
-from transferkit.data.late import (BadFileError, classes_never_loaded, failed_items, load_failures,
+from transferkit.data.late import (BadFileError, classes_never_loaded, failed_items, load_failures, replace_advice,
                                    record_bad_at_load, record_lost_class)
 from transferkit.data.sampling import mix_seed, seed_everything
 from transferkit.config import jsonable
@@ -263,8 +263,7 @@ def _report_masked(store: Any, ds: Any, report: Any, on_bad_file: str = "skip") 
         report.bad_at_load.append(name)
         report.bad_files.append((name, file_reason(reason.split(": ", 1)[-1])))
         report.warn(f"Left out {name!r}, which failed to load while its features were computed ({reason}); its "
-                    f"row of the feature store {str(store.path)!r} is masked. Remove or replace the file "
-                    "(scan='full' finds such files before training).")
+                    f"row of the feature store {str(store.path)!r} is masked. " + replace_advice(reason))
 
 
 def _validation_rows(store: Any) -> tuple[torch.Tensor, torch.Tensor]:

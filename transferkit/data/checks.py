@@ -26,7 +26,7 @@ from PIL import Image
 from transferkit._io import file_digest
 from transferkit._text import hide_secrets, one_line, plural
 from transferkit.errors import DataError, check_choice, warn
-from transferkit.data.late import register_report
+from transferkit.data.late import BOMB_HINT, register_report
 
 ON_BAD_FILE = ("skip", "raise")
 SCANS = ("quick", "full", "none")
@@ -152,9 +152,6 @@ class DataReport:
 
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
 
-# what to do about an image larger than Pillow's decompression-bomb limit (said wherever one is refused)
-BOMB_HINT = ("if the image is genuine, raise Pillow's limit: `transferkit --max-image-pixels 0 ...` (0: no limit; or a "
-             "number of pixels) (in Python: PIL.Image.MAX_IMAGE_PIXELS = None, or a number of pixels)")
 
 
 def bomb_reason(exc: Exception) -> str:

@@ -45,6 +45,11 @@ _REPORTS: weakref.WeakValueDictionary[str, DataReport] = weakref.WeakValueDictio
 _PENDING: dict[str, list[tuple[str, str]]] = {}
 
 
+# what to do about an image larger than Pillow's decompression-bomb limit (said wherever one is refused)
+BOMB_HINT = ("if the image is genuine, raise Pillow's limit: `transferkit --max-image-pixels 0 ...` (0: no limit; or a "
+             "number of pixels) (in Python: PIL.Image.MAX_IMAGE_PIXELS = None, or a number of pixels)")
+
+
 class BadFileError(DataError):
     """A file that cannot be loaded during the run (``on_bad_file="raise"``).
 
@@ -77,7 +82,15 @@ def record_bad_at_load(report: DataReport, path: str, reason: str) -> None:
     report.bad_files.append((path, reason))
     report.warn(f"Left out {path!r}, which failed to load during the run ({reason}); the next readable file with its "
                 "label (or targets) takes its place in training batches, and validation metrics do not count it. "
-                "Remove or replace the file (scan='full' finds such files before training).")
+                + replace_advice(reason))
+
+
+def replace_advice(reason: str) -> str:
+    """What to do about a file left out for ``reason``: remove or replace it, where its reason
+    does not already say how to keep it (an image over Pillow's pixel limit: raise the limit if
+    the image is genuine, `BOMB_HINT`; otherwise remove or replace it)."""
+    return (f"{'Otherwise remove' if BOMB_HINT in reason else 'Remove'} or replace the file (scan='full' finds such "
+            "files before training).")
 
 
 def load_failures(report: DataReport) -> list[tuple[str, str]]:

@@ -215,6 +215,10 @@ def test_parquet_labels_that_are_not_class_indices_or_names_are_refused_or_left_
         with pytest.warns(UserWarning, match=r"training row\(s\) have no usable label; they are left out"):
             b = read(labels)
         assert b.classes == classes and list(b.train.targets) == targets
+    with pytest.warns(UserWarning, match=r"has 2 samples labelled 'NaN', which reads as a missing value \(as pandas "
+                                         r"writes one\); it is a class of its own here\. Remove those samples"):
+        b = read(["cat", "NaN", "dog", "NaN"])  # text, as a CSV's 'NaN' is warned of
+    assert b.classes == ["NaN", "cat", "dog"]
 
 
 def test_image_files_that_rows_read_by_path_are_part_of_the_data_s_identity(tmp_path):

@@ -10,6 +10,7 @@ whose pixels are not.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import unicodedata
@@ -318,6 +319,64 @@ def check_label_names(names: Sequence[str], where: str, *, case: bool = True) ->
             how = "case or surrounding spaces" if case else "surrounding spaces (they print alike)"
             raise DataError(f"{where}: the class names {other!r} and {name!r} differ only in {how}, so they "
                             "would be two classes; give them one spelling.")
+
+
+MISSING_VALUES = {"nan", "n/a", "null", "<na>"}  # how tables write a missing value ('NA', 'none' may be classes)
+
+
+def check_number_labels(labels: Sequence[str], where: str) -> None:
+    """DataError for labels that are one whole number written in several ways (``1``, ``01``,
+    ``1.0``): each spelling would be a class of its own. Other numbers may be codes whose
+    spelling matters (sections ``1.1`` and ``1.10``).
+
+    Example:
+        >>> check_number_labels(["1", "2", "10", "1.1", "1.10"], "labels.csv")
+        >>> check_number_labels(["01", "1"], "labels.csv")
+        Traceback (most recent call last):
+        ...
+        transferkit.errors.DataError: labels.csv: the labels '01' and '1' are one number written in 2 ways, so \
+they would be 2 classes; write them alike.
+    """
+    spelled: dict[float, list[str]] = {}
+    for lab in labels:
+        v = parse_number(lab)
+        if v is not None and v.is_integer():
+            spelled.setdefault(v, []).append(lab)
+    same = next((s for s in spelled.values() if len(s) > 1), None)
+    if same is not None:
+        names = ", ".join(map(repr, same[:-1])) + f" and {same[-1]!r}"
+        raise DataError(f"{where}: the labels {names} are one number written in {len(same)} ways, so they would be "
+                        f"{len(same)} classes; write them alike.")
+
+
+def parse_number(text: str) -> float | None:
+    """``text`` as a finite number, or None (``float`` reads ``"1_000"``; a table does not).
+
+    Example:
+        >>> parse_number(" 2.5"), parse_number("1_000"), parse_number("nan")
+        (2.5, None, None)
+    """
+    try:
+        value = float(text) if "_" not in text else float("nan")
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def check_class_names(labels: Sequence[str], where: str, report: DataReport, *, unit: str = "sample") -> None:
+    """The checks of class names read from data's labels (``labels``: one per sample, repeats
+    included): `check_label_names` and `check_number_labels` (DataError), and a warning where
+    a name reads as a missing value (``'NaN'``, ``'null'``: how pandas and other tables write
+    one), which is a class of its own. ``unit``: what one label belongs to (``"row"``)."""
+    names = sorted(set(labels))
+    check_label_names(names, where)
+    check_number_labels(names, where)
+    missing = [name for name in names if name.strip().lower() in MISSING_VALUES]
+    if missing:
+        n = sum(lab in missing for lab in labels)
+        report.warn(f"{where} has {plural(n, unit)} labelled {' or '.join(map(repr, missing))}, which reads as a "
+                    f"missing value (as pandas writes one); it is a class of its own here. Remove those {unit}s, or "
+                    "give them their class.")
 
 
 def warn_copies_across_classes(samples: Sequence[tuple[str, int]], classes: Sequence[str], where: str,

@@ -27,8 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from transferkit._text import plural
-from transferkit.data.checks import ON_BAD_FILE, DataReport, check_label_names, class_index, nfc
-from transferkit.data.folders import check_number_labels
+from transferkit.data.checks import ON_BAD_FILE, DataReport, check_class_names, check_label_names, class_index, nfc
 from transferkit.data.images import load_image
 from transferkit.data.late import ReportingCollate, load_or_replace
 from transferkit.errors import DataError, check_choice
@@ -369,8 +368,7 @@ def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what
     if names:
         if not classes:  # read from the labels: 'Ants' beside 'ants' is a typo, '1' beside '01' too, as in a CSV
             classes = sorted(set(names))
-            check_label_names(classes, what)
-            check_number_labels(classes, what)
+            check_class_names(names, what, report)
         index = class_index(classes)  # a label matches its class in either Unicode form
         unknown = sorted({nfc(n) for n in names if nfc(n) not in index})
         if unknown and not any(nfc(n) in index for n in names):  # not one sample could be read

@@ -16,11 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from transferkit._text import plural
-from transferkit.data.checks import (AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, LINK_LOOP, DataReport, check_label_names,
-                                     class_index, nfc, other_image_extensions)
+from transferkit.data.checks import (AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, LINK_LOOP, DataReport, check_class_names,
+                                     check_label_names, class_index, nfc, other_image_extensions, parse_number)
 from transferkit.errors import DataError
 
 TRAIN_NAMES = ("train", "training")
@@ -347,14 +345,7 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
     if not rows:
         raise DataError(f"{str(csv_path)!r} has no 'path,label' rows.")
     labels = [r[1].strip() for r in rows]
-    check_label_names(sorted(set(labels)), f"{str(csv_path)!r}")
-    check_number_labels(sorted(set(labels)), f"{str(csv_path)!r}")
-    missing = sorted({lab for lab in labels if lab.lower() in MISSING_VALUES})
-    if missing:
-        n = sum(lab in missing for lab in labels)
-        report.warn(f"{str(csv_path)!r} has {plural(n, 'row')} labelled {' or '.join(map(repr, missing))}, which "
-                    "reads as a missing value (as pandas writes one); it is a class of its own here. Remove those "
-                    "rows, or give them their class.")
+    check_class_names(labels, f"{str(csv_path)!r}", report, unit="row")
     fractional = [lab for lab in set(labels) if parse_number(lab) is not None and not float(lab).is_integer()]
     if fractional and all(parse_number(lab) is not None for lab in set(labels)):
         report.warn(f"{str(csv_path)!r} has labels that look like measured values (e.g. {fractional[0]!r}): each "
@@ -400,48 +391,6 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
                         "header: a header row must name the columns 'path' and 'label' (or leave the header out).")
     check_listed_files(csv_path, [p for p, _ in samples])
     return samples, list(classes)
-
-
-MISSING_VALUES = {"nan", "n/a", "null", "<na>"}  # how tables write a missing value ('NA', 'none' may be classes)
-
-
-def check_number_labels(labels: Sequence[str], where: str) -> None:
-    """DataError for labels that are one whole number written in several ways (``1``, ``01``,
-    ``1.0``): each spelling would be a class of its own. Other numbers may be codes whose
-    spelling matters (sections ``1.1`` and ``1.10``).
-
-    Example:
-        >>> check_number_labels(["1", "2", "10", "1.1", "1.10"], "labels.csv")
-        >>> check_number_labels(["01", "1"], "labels.csv")
-        Traceback (most recent call last):
-        ...
-        transferkit.errors.DataError: labels.csv: the labels '01' and '1' are one number written in 2 ways, so \
-they would be 2 classes; write them alike.
-    """
-    spelled: dict[float, list[str]] = {}
-    for lab in labels:
-        v = parse_number(lab)
-        if v is not None and v.is_integer():
-            spelled.setdefault(v, []).append(lab)
-    same = next((s for s in spelled.values() if len(s) > 1), None)
-    if same is not None:
-        names = ", ".join(map(repr, same[:-1])) + f" and {same[-1]!r}"
-        raise DataError(f"{where}: the labels {names} are one number written in {len(same)} ways, so they would be "
-                        f"{len(same)} classes; write them alike.")
-
-
-def parse_number(text: str) -> float | None:
-    """``text`` as a finite number, or None (``float`` reads ``"1_000"``; a table does not).
-
-    Example:
-        >>> parse_number(" 2.5"), parse_number("1_000"), parse_number("nan")
-        (2.5, None, None)
-    """
-    try:
-        value = float(text) if "_" not in text else float("nan")
-    except ValueError:
-        return None
-    return value if np.isfinite(value) else None
 
 
 def read_csv_rows(csv_path: Path) -> list[list[str]]:

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.data.checks import DataReport, check_label_names, every_file_bad, filter_bad_images, nfc
-from transferkit.data.folders import (check_listed_files, csv_file_key, csv_file_path, other_separator, parse_number,
+from transferkit.data.checks import DataReport, check_label_names, every_file_bad, filter_bad_images, nfc, parse_number
+from transferkit.data.folders import (check_listed_files, csv_file_key, csv_file_path, other_separator,
                                       read_csv_rows)
 from transferkit.data.images import ImageFolderDataset
 from transferkit.errors import DataError

@@ -170,33 +170,29 @@ def _is_stale(name: str, prefix: str, path: Path) -> bool:
     return False
 
 
-def remove_path(path: str | Path) -> None:
+def remove_path(path: str | Path, *, quiet: bool = True) -> bool:
     """Remove what is at ``path`` in a folder of one's own (a cache): a folder with its
-    contents, or a file, link or FIFO (not what a link names); nothing when nothing is there.
-    An error is left to the write that needs the path, which says what is wrong."""
+    contents, or a file, link or FIFO (not what a link names); whether something was removed
+    (nothing there: another process cleaned it first). ``quiet``: an error is left to the
+    write that needs the path, which says what is wrong; else only a folder that cannot be
+    written (a read-only ``cache_dir``) is passed over, and other errors are raised."""
     p = Path(path)
-    with contextlib.suppress(OSError):
+    try:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
             p.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if quiet or exc.errno in READ_ONLY_ERRNOS:
+            return False
+        raise
 
 
 def _remove(paths: list[Path]) -> list[Path]:
-    removed = []
-    for p in paths:
-        try:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-            removed.append(p)
-        except FileNotFoundError:  # another process cleaned it first
-            pass
-        except OSError as exc:  # a folder that cannot be written (a read-only cache_dir): left as it is
-            if exc.errno not in READ_ONLY_ERRNOS:
-                raise
-    return removed
+    return [p for p in paths if remove_path(p, quiet=False)]
 
 
 def remove_stale_temps(target: str | Path, *, prefix: str | None = None) -> list[Path]:

@@ -117,6 +117,13 @@ def cache_budget() -> int:
     return parse_bytes(text) if text else DEFAULT_BUDGET
 
 
+def budget_setting() -> str:
+    """How this process sets the shard cache's budget, said for a message:
+    ``'TRANSFERKIT_SHARD_CACHE=20G'``, or ``'TRANSFERKIT_SHARD_CACHE unset (16 GiB)'``."""
+    text = os.environ.get(ENV_BUDGET, "").strip()
+    return f"{ENV_BUDGET}={text}" if text else f"{ENV_BUDGET} unset ({DEFAULT_BUDGET / 2**30:.0f} GiB)"
+
+
 def _fsspec(url: str) -> Any:
     try:
         import fsspec

@@ -11,7 +11,6 @@ schedule of the first run was built for its number of epochs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from torch import nn
 
 from transferkit.errors import ConfigError, TrainingError
 from transferkit.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from transferkit.data.remote import DEFAULT_BUDGET, ENV_BUDGET
+from transferkit.data.remote import ENV_BUDGET, budget_setting
 from transferkit.train.distributed import barrier
 from transferkit.train.loop import Loop, TrainState
 
@@ -57,15 +56,13 @@ def resume_refused(path: str | Path, diff: dict[str, tuple[Any, Any]]) -> Config
                  "trunk grew from the file it had, and its cached features and L2-SP anchor were computed from it.")
     if "sample_order" in diff:
         was = diff["sample_order"][0]
-        value = os.environ.get(ENV_BUDGET, "").strip()
-        now = f"{ENV_BUDGET}={value}" if value else f"{ENV_BUDGET} unset ({DEFAULT_BUDGET / 2**30:.0f} GiB)"
         data += (" The samples are drawn shard by shard when the shard cache cannot hold every remote shard (and they "
                  f"are neither decoded once nor cached as features), else shuffled whole; the checkpoint's run drew "
                  f"them {was}, ")
         if any("decode" in k or "cache" in k for k in diff):  # a setting listed above decides it
             data += "and its decode_once or feature cache differs (above): resume with the checkpoint's settings."
         else:
-            data += (f"this one has {now}: resume with the checkpoint's shard cache (a "
+            data += (f"this one has {budget_setting()}: resume with the checkpoint's shard cache (a "
                      f"{'smaller' if was == 'shard by shard' else 'larger'} {ENV_BUDGET}).")
     if "config.epochs" in diff:
         data += " The epochs cannot change: the learning-rate schedule was built for the first run's length."

@@ -147,6 +147,22 @@ def test_cpp_program_runs_an_audio_export(program, tmp_path):
     assert scores == pytest.approx({"x": want[0], "y": want[1]}, abs=1e-5)
     assert want == pytest.approx(middle, abs=1e-6)
 
+    # a backbone with clip_seconds: its window, though the run's max_seconds is longer (the
+    # program took the longer of the two, and scored another part of the clip than Python)
+    clipped = transferkit.get_backbone("spec:tk:small_cnn", weights=None, clip_seconds=0.1)
+    model = transferkit.build_model(clipped, 2).eval()
+    transferkit.export_torchscript(model, tmp_path / "c.pt", example_inputs=audio.pad_waveforms([wave, wave[:2000]]),
+                                   metadata={"labels": ["x", "y"], "input_spec": clipped.input_spec.to_dict()})
+    update_metadata(tmp_path / "c.pt", {"decisions": DECISIONS})  # max_seconds: 30 s
+    proc = _run(program, tmp_path / "c.pt", tmp_path / "long.f32")
+    assert proc.returncode == 0 and "its middle 0.1 s is predicted" in proc.stderr, proc.stderr
+    [(_, _, scores)] = _parse(proc.stdout)
+    with pytest.warns(UserWarning, match="longer than the model's window of 0.1 s"):
+        want = transferkit.load(tmp_path / "c.pt").predict_proba(long)[0].tolist()
+    middle = transferkit.load(tmp_path / "c.pt").predict_proba(long[1600:3200].clone())[0].tolist()
+    assert scores == pytest.approx({"x": want[0], "y": want[1]}, abs=1e-5)
+    assert want == pytest.approx(middle, abs=1e-6)
+
 
 def test_cpp_program_rejects_a_file_without_metadata(program, tmp_path):
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "plain.pt"))

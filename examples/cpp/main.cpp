@@ -126,16 +126,16 @@ torch::Tensor read_f32(const std::string& path) {
   return torch::from_blob(bytes.data(), {1, n}, torch::kFloat32).clone();
 }
 
-// The seconds of a clip an audio model sees, as transferkit's predictor computes them: the
+// The seconds of a clip an audio model sees, as transferkit's predictor computes them: the input
+// spec's clip_seconds (the backbone's window, which training crops every clip to), else the
 // training run's max_seconds (decisions.config.max_seconds; 30 where the metadata does not
-// record it; null: whole clips), never less than the input spec's clip_seconds. 0: whole clips.
+// record it; null: whole clips). 0: whole clips.
 double audio_window(const std::string& meta, const std::string& spec) {
+  const std::string clip = json_value(spec, "clip_seconds");
+  if (!clip.empty() && clip != "null" && std::stod(clip) > 0.0) return std::stod(clip);
   const std::string given = json_value(json_value(json_value(meta, "decisions"), "config"), "max_seconds");
   if (given == "null") return 0.0;
-  double window = given.empty() ? 30.0 : std::stod(given);
-  const std::string clip = json_value(spec, "clip_seconds");
-  if (!clip.empty() && clip != "null") window = std::max(window, std::stod(clip));
-  return window;
+  return given.empty() ? 30.0 : std::stod(given);
 }
 
 // The middle `window` seconds of a waveform [1, T] at `rate` Hz (the whole of a shorter one).

@@ -76,3 +76,16 @@ def test_a_speech_model_gets_the_sample_rate_not_the_configs_spectrogram_options
     with pytest.raises(ConfigError, match="cannot be built with the options"):  # options the user gave are kept
         recipe["main"](["--data-dir", str(shared_data / "fsdd"), "--limit", "1", "--epochs", "1", *backbone,
                         "--weights", "none", "--out", str(out), "--set", "backbone_options={n_mels: 16}"])
+
+
+def test_another_spectrogram_backbone_leaves_out_the_configs_image_options(recipe, shared_data, tmp_path, capsys):
+    """The config's image_options (tk:small_cnn's widths) went to any spec: backbone given with
+    --backbone: spec:tv:resnet18, which the docs name, failed with 'unexpected keyword argument'."""
+    summary = recipe["main"](["--data-dir", str(shared_data / "fsdd"), "--limit", "1", "--epochs", "1",
+                              "--backbone", "spec:tk:cifar_resnet20", "--weights", "none", "--out",
+                              str(tmp_path / "out"), "--set", "batch_size=4", "--set", "val_split=0",
+                              "--set", "verbose=false"])
+    options = summary["config"]["backbone_options"]
+    assert "image_options" not in options and options["n_mels"] == 32 and options["clip_seconds"] == 0.8
+    assert "image_options={'widths': [16, 32, 64]} (written for the config's spec:tk:small_cnn) does not apply to " \
+        "spec:tk:cifar_resnet20; left out" in capsys.readouterr().err

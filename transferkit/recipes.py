@@ -258,7 +258,8 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     data_dir = Path(recipe.get("data_dir") or default_data_root() / name).expanduser()
     given = set(cli) | (set(file_cfg) if args.config else set())
     run_cfgs = {run_name: _run_config(name, run_name, cfg, overrides, cli, data_dir, given | set(overrides),
-                                      run_settings) for run_name, overrides in runs.items()}
+                                      run_settings, written_for=file_cfg.get("backbone"))
+                for run_name, overrides in runs.items()}
     _check_own_checkpoints(name, run_cfgs)
     out = Path(recipe.get("out_dir") or f"runs/{name}")
     for run_name in run_cfgs:  # written after training: a folder or a file in its way is said before
@@ -293,12 +294,15 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
 
 def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[str, Any], cli: dict[str, Any],
                 data_dir: Path, given: set[str],
-                run_settings: Callable[[dict[str, Any], set[str]], dict[str, Any]] | None) -> dict[str, Any]:
+                run_settings: Callable[[dict[str, Any], set[str]], dict[str, Any]] | None, *,
+                written_for: Any = None) -> dict[str, Any]:
     """One run's ``finetune()`` settings: the config, the run's block and the command line merged, the
-    recipe's ``run_settings`` applied, and checked as a whole (`FinetuneConfig`) before any run starts."""
+    recipe's ``run_settings`` applied, and checked as a whole (`FinetuneConfig`) before any run starts.
+    ``written_for``: the config file's backbone, which its ``backbone_options`` were written for."""
     source = f"{name} recipe, run {run_name!r}" if run_name else f"{name} recipe"
     run_cfg = merge_config(cfg, overrides, cli, source=source)
     run_cfg = {k: expand_vars(v, k) for k, v in run_cfg.items()}
+    run_cfg = _image_options_of(run_cfg, written_for, given, source)
     if run_settings is not None:
         run_cfg = run_settings(run_cfg, given)
     if run_cfg.get("head") == "logistic":  # settings of the whole recipe that a probe (no epochs) has no use for
@@ -309,6 +313,20 @@ def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[s
     with called_as(source):
         FinetuneConfig(**run_cfg, data=str(data_dir))  # the settings' checks of each other (the data come later)
     return run_cfg
+
+
+def _image_options_of(run_cfg: dict[str, Any], written_for: Any, given: set[str], source: str) -> dict[str, Any]:
+    """A run's settings where the user chose another ``spec:`` backbone than the config's
+    (``written_for``): the config's ``image_options`` (its image backbone's, e.g. ``widths``
+    of ``tk:small_cnn``) are left out, with a note, unless the user gave ``backbone_options``;
+    the spectrogram's options (``n_mels``, ``clip_seconds``, ...) stay."""
+    backbone, options = str(run_cfg.get("backbone", "")), run_cfg.get("backbone_options") or {}
+    if not backbone.startswith("spec:") or backbone == written_for or "backbone_options" in given \
+            or "image_options" not in options:
+        return run_cfg
+    print(f"{source}: backbone_options image_options={options['image_options']!r} (written for the config's "
+          f"{written_for}) does not apply to {backbone}; left out.", file=sys.stderr, flush=True)
+    return {**run_cfg, "backbone_options": {k: v for k, v in options.items() if k != "image_options"}}
 
 
 def results_table(summaries: list[dict[str, Any]]) -> str:

@@ -260,6 +260,13 @@ def test_a_sample_rate_of_any_whole_number_type_is_a_rate():
     with pytest.raises(DataError, match=r"sample rate of training item 0 \(waveform, sample_rate, label\) is 1 Hz, "
                                         r"below 1000 Hz.*Is it a label or an id in the rate's place"):
         prepare_audio_data(items, spec=SPEC8K, val_split=0)
+    # (waveform, sample_rate) read as (waveform, label): 16001 classes, two of them used
+    items = [(_tone(300, 1600), rate) for rate in (8000, 16000) * 4]
+    with pytest.raises(DataError, match=r"Every label of the training dataset's \(waveform, label\) items is 1000 or "
+                                        r"more \(8000, 16000\), as sample rates are: as class indices they would "
+                                        r"make 16001 classes. Items with a rate are \(waveform, sample_rate, label\)"):
+        prepare_audio_data(items, spec=SPEC8K, val_split=0)
+    assert len(prepare_audio_data(items, spec=SPEC8K, val_split=0, classes=[str(i) for i in range(16001)]).train) == 8
 
 
 @pytest.mark.parametrize("name", ["ta:wav2vec2_tiny", "spec:tk:small_cnn"])

@@ -745,6 +745,13 @@ def _audio_dataset(data: Any, spec: InputSpec, classes: list[str] | None, what: 
         if named is not None:
             raise DataError(f"{what.capitalize()} item {named} gives a file path with a sample rate: a file carries "
                             "its own rate (it is resampled to the model's). Give (path, label).")
+        pairs = sorted({t for it, (_, t) in zip(items, samples) if len(it) == 2})
+        if not classes and pairs and pairs[0] >= MIN_SAMPLE_RATE:  # (waveform, sample_rate) without its label
+            raise DataError(f"Every label of the {what} dataset's (waveform, label) items is {MIN_SAMPLE_RATE} or more "
+                            f"({', '.join(map(str, pairs[:4]))}{', ...' if len(pairs) > 4 else ''}), as sample rates "
+                            f"are: as class indices they would make {pairs[-1] + 1} classes. Items with a rate are "
+                            "(waveform, sample_rate, label); labels are class indices 0, 1, ... (name them with "
+                            "classes=[...], one name per index).")
         before = len(report.bad_files)
         samples = filter_bad_audio(samples, on_bad_file=on_bad_file, scan=scan, report=report, max_seconds=max_seconds,
                                    rate=rate)

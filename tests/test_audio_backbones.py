@@ -74,7 +74,13 @@ def test_pooled_features_ignore_padding(name, config):
         zero_padded = trunk(torch.nn.functional.pad(b, (0, 1300))[None])
     assert (zero_padded - alone[1]).abs().max() > 1e-3
     with torch.no_grad():  # a clip shorter than the CNN's receptive field still gives finite features
-        assert torch.isfinite(trunk(pad_waveforms([a, a[:40]]))).all()
+        short = trunk(pad_waveforms([a, a[:40]]))
+        assert torch.isfinite(short).all()
+        torch.testing.assert_close(trunk(a[None, :40]), short[1:], atol=2e-5, rtol=1e-4)  # alone: was a conv error
+        for model in (trunk, torch.jit.script(trunk)):
+            for empty in (torch.zeros(1, 0), pad_waveforms([a, a[:0]])):  # was a reshape error, or scored
+                with pytest.raises((ValueError, torch.jit.Error), match="An audio clip holds no sample"):
+                    model(empty)
 
 
 def test_speech_trunk_matches_torchaudio_model_on_unpadded_clip(tmp_path):
@@ -244,6 +250,9 @@ def test_a_spectrogram_clip_gives_the_same_features_alone_as_in_any_batch_outsid
     for model in (fresh, torch.jit.script(fresh)):
         with pytest.raises((ValueError, torch.jit.Error), match="holds NaN before its end"):
             model(holed)
+        for empty in (torch.zeros(1, 0), pad_waveforms([clips[0], clips[0][:0]])):  # was scored as any clip
+            with pytest.raises((ValueError, torch.jit.Error), match="An audio clip holds no sample"):
+                model(empty)
     fresh.train()(holed)  # training reads clips the loader padded: not checked (the check waits for the device)
     with pytest.raises(BackboneError, match="runs on no log-mel image of 2 mel bands"):  # too few bands to pool
         spectrogram_backbone("tk:small_cnn", sample_rate=8000, n_mels=2)

@@ -31,13 +31,18 @@ def split_padding(x: Tensor, check: bool = False) -> tuple[Tensor, Tensor]:
     """``(waveforms with NaN padding replaced by 0, valid lengths [N])`` of a ``[N, T]`` batch.
     NaN marks the padding after a clip's end. ``check`` (the trunks: outside training, where
     inputs come from callers rather than the data pipeline; a device sync): a NaN followed
-    by a sample is an error, as the clip would be cut short, in Python and in scripted
-    TorchScript files (an ONNX graph cannot raise: the predictor refuses such clips first)."""
+    by a sample is an error, as the clip would be cut short, and so is a clip without a
+    sample (empty, or NaN only: it was scored), in Python and in scripted TorchScript files
+    (an ONNX graph cannot raise: the predictor refuses such clips first)."""
     valid = ~torch.isnan(x)
     if check and bool((valid[:, 1:] & ~valid[:, :-1]).any()):
         raise ValueError("An audio clip holds NaN before its end; NaN marks only the padding after a clip. Replace "
                          "NaN samples (e.g. torch.nan_to_num) before the model.")
-    return torch.where(valid, x, torch.zeros_like(x)), valid.sum(-1)
+    lengths = valid.sum(-1)
+    if check and bool((lengths == 0).any()):
+        raise ValueError("An audio clip holds no sample (it is empty, or NaN only, which marks padding); leave it "
+                         "out.")
+    return torch.where(valid, x, torch.zeros_like(x)), lengths
 
 
 RESAMPLE_TERMS = 1000

@@ -90,8 +90,13 @@ class MaskedFeatureExtractor(nn.Module):
     def __init__(self, conv_layers: nn.ModuleList) -> None:
         super().__init__()
         self.conv_layers = nn.ModuleList([MaskedConvBlock(b) for b in conv_layers])
+        self.receptive_field = 1  # the fewest samples that make one frame (400 for wav2vec2)
+        for block in reversed(self.conv_layers):
+            self.receptive_field = (self.receptive_field - 1) * block.stride + block.kernel_size
 
     def forward(self, x: Tensor, length: Tensor) -> tuple[Tensor, Tensor]:
+        if x.shape[-1] < self.receptive_field:  # a batch of clips all shorter than it: padded (masked by length)
+            x = nn.functional.pad(x, [0, self.receptive_field - x.shape[-1]])
         h = x.unsqueeze(1)
         for layer in self.conv_layers:
             h, length = layer(h, length)

@@ -77,6 +77,11 @@ def test_the_exported_file_refuses_pixels_it_would_misread(tmp_path):
         export_torchscript(model, tmp_path / "other.pt", example_inputs=x.float(),  # in [0, 255]
                            metadata={"labels": ["ant", "bee", "cat"], "input_spec": read_metadata(path)["input_spec"]})
     assert not (tmp_path / "other.pt").exists()
+    for one in (x[0], x[:, 0]):  # one image without its batch dimension; a grayscale batch read as RGB
+        with pytest.raises(Exception, match=r"Images are a batch \[N, C, H, W\], got a tensor of 3 dimensions"):
+            module(one)
+        with pytest.raises(ValueError, match="Images are a batch"):
+            model(one)
     with torch.no_grad():  # the accepted forms, a resampling's overshoot included
         assert torch.allclose(module(x.float() / 255), module(x), atol=1e-5)
         module(x.float() / 255 * 1.2 - 0.1)
@@ -258,6 +263,18 @@ def test_export_checks_each_example_batch_and_the_output_shape(tmp_path):
         export_torchscript(tiny_model(3)[0], tmp_path / "x.pt", metadata=meta, example_inputs=images(2, 16))
     with pytest.raises(ExportError, match="example_inputs"):
         export_torchscript(model, tmp_path / "x.pt", metadata=meta, example_inputs=torch.zeros(0, 3, 8, 8))
+    # images [N, H, W]: the eager model ran them as one image [C, H, W], and the batch sizes 1
+    # and 3 that the export recorded were one image's scores
+    with pytest.raises(ExportError, match=r"Images are a batch \[N, C, H, W\], got a tensor of 3 dimensions "
+                                          r"\[1, 16, 16\]: add the batch dimension .*\); nothing was written"):
+        export_torchscript(model, tmp_path / "x.pt", metadata=meta, example_inputs=images(3, 16)[:, 0])
+
+    class Pooled(nn.Module):  # one row for the whole batch
+        def forward(self, x):
+            return x.float().mean((0, 2, 3))[None, :2]
+    with pytest.raises(ExportError, match=r"The model returns \(1, 2\) for the example batch \(3, 3, 16, 16\): "
+                                          r"not one row per input"):
+        export_torchscript(Pooled(), tmp_path / "x.pt", metadata=meta, example_inputs=images(3, 16))
     assert not (tmp_path / "x.pt").exists()
 
 

@@ -17,7 +17,7 @@ class ImagePreprocess(nn.Module):
     """Raw pixels to the backbone's normalised input.
 
     Accepts ``uint8`` images in [0, 255] or floating-point images in [0, 1], shape
-    ``[N, C, H, W]``; subtracts ``mean`` and divides by ``std`` per channel, in the dtype of
+    ``[N, C, H, W]`` (another number of dimensions raises ``ValueError``); subtracts ``mean`` and divides by ``std`` per channel, in the dtype of
     its buffers (float32 unless the module was cast). Other integer pixels (``int64`` from
     ``torch.tensor(list)``) raise ``ValueError``: read as float they would give other outputs
     without a word. Scripted (an exported file, run where transferkit's own checks are not),
@@ -35,6 +35,9 @@ class ImagePreprocess(nn.Module):
         self.float_slack = FLOAT_SLACK
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:  # [C, H, W] broadcasts: one image's scores, or a grayscale batch read as RGB
+            raise ValueError("Images are a batch [N, C, H, W], got a tensor of " + str(x.dim()) + " dimensions "
+                             + str(list(x.shape)) + ": add the batch dimension for one image (x.unsqueeze(0)).")
         # in the module's own dtype (float32, or what ``model.double()`` made it)
         if x.dtype == torch.uint8:
             x = x.to(self.mean.dtype) / 255.0

@@ -238,8 +238,13 @@ def reference_outputs(eager: nn.Module, batches: Sequence[tuple[torch.Tensor, bo
                 if derived:
                     continue
                 raise ExportError(f"The model fails on the example inputs (a batch {tuple(xb.shape)} {xb.dtype}): "
-                                  f"{exception_line(exc)}; nothing was written. Give example inputs the model "
+                                  f"{exception_line(exc).rstrip('.')}; nothing was written. Give example inputs the model "
                                   "takes (images: uint8 pixels or floats in [0, 1]; audio: float waveforms).") from exc
+            if isinstance(out, torch.Tensor) and (out.ndim == 0 or out.shape[0] != xb.shape[0]):
+                raise ExportError(f"The model returns {tuple(out.shape)} for the example batch {tuple(xb.shape)}: "
+                                  f"not one row per input, so the example's first dimension is not its batch; "
+                                  "nothing was written. Give example inputs as a batch (images [N, C, H, W], audio "
+                                  "[N, T]).")
             if isinstance(out, torch.Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
                 raise ExportError(f"The model returns NaN/inf on the example inputs ({_count_bad(out)} of "
                                   f"{out.numel()} outputs for a batch {tuple(xb.shape)} {xb.dtype}), so the export "

@@ -390,6 +390,9 @@ def test_update_metadata_keeps_the_digest_valid(exported, tmp_path):
     assert read_metadata(path)["labels"] == ["ant", "bee", "wasp"] == new["labels"]
     with pytest.raises(ExportError, match="cannot change \\['num_outputs'\\]"):
         update_metadata(path, {"num_outputs": 4})
+    with pytest.raises(ExportError, match="Export metadata must be JSON-serialisable: Object of type object"):
+        update_metadata(path, {"extra": object()})  # a raw TypeError, where the exporter says this
+    assert update_metadata(path, {"labels": ("ant", "bee", "fly")})["labels"] == ["ant", "bee", "fly"]
     with pytest.raises(ExportError, match="The metadata change is invalid: num_outputs is 3 but there are 2 labels. "
                                           "Nothing was written; the file is unchanged"):
         update_metadata(path, {"labels": ["a", "b"]})

@@ -67,6 +67,15 @@ def transferkit_version() -> str:
     return __version__
 
 
+def as_json(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` as JSON reads it back (tuples as lists, NaN as null: JSON has no NaN), or an
+    ExportError where it does not serialise (an object, a tensor)."""
+    try:
+        return json.loads(strict_json(meta))
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"Export metadata must be JSON-serialisable: {exc}") from exc
+
+
 def complete_metadata(metadata: dict[str, Any], *, num_outputs: int, fmt: str = FORMAT) -> dict[str, Any]:
     """Fill the fields the exporter knows (format, versions, ``num_outputs``, task and
     training defaults) and validate the result.
@@ -80,10 +89,7 @@ def complete_metadata(metadata: dict[str, Any], *, num_outputs: int, fmt: str = 
         raise ExportError(f"Export metadata must be a dict, got {type(metadata).__name__}.")
     meta = {"task": "multiclass", "training": {}, **metadata, "format": fmt, "num_outputs": int(num_outputs),
             "transferkit_version": transferkit_version(), "torch_version": torch.__version__}
-    try:
-        meta = json.loads(strict_json(meta))  # tuples -> lists, NaN -> null (JSON has no NaN), proof it serialises
-    except (TypeError, ValueError) as exc:
-        raise ExportError(f"Export metadata must be JSON-serialisable: {exc}") from exc
+    meta = as_json(meta)
     for record in ("decisions", "training"):  # a shipped file records no URL's signature (the labels are as given)
         if record in meta:
             meta[record] = hide_secrets_in(meta[record])

@@ -38,6 +38,7 @@ from transferkit._text import exception_line, plural
 from transferkit.export.metadata import (
     RECORDS_FILE,
     UPDATED,
+    as_json,
     check_model_file,
     complete_metadata,
     decode_metadata,
@@ -661,7 +662,7 @@ def update_metadata(path: str | Path, changes: dict[str, Any]) -> dict[str, Any]
         raise ExportError(f"update_metadata cannot change {trained}: the model was trained and checked with them "
                           f"(task {meta.get('task')!r}, input {meta.get('input_spec')}), and predictions read under "
                           "others would be wrong. Train (or export) the model for them instead.")
-    new = {**meta, **changes}
+    new = as_json({**meta, **changes})
     validate_metadata(new, source=UPDATED)
     joined = [x for x in new["labels"] if LABEL_SEPARATOR in x] if new.get("task") == "multilabel" else []
     if joined:  # training refuses such a name too

@@ -115,6 +115,14 @@ def test_cpp_program_agrees_with_python_on_images(program, tmp_path, task):
     Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(wrong)
     proc = _run(program, path, wrong)
     assert proc.returncode == 1 and "takes 16x16" in proc.stderr
+    # a bad input is reported and the others are predicted (the first one ended the run, and a
+    # header that is not a number said "error: stoi")
+    bad = tmp_path / "bad.ppm"
+    bad.write_bytes(b"P6\nabc 16\n255\n" + bytes(768))
+    proc = _run(program, path, files[0], bad, wrong, files[1])
+    assert proc.returncode == 1 and [g[1] for g in _parse(proc.stdout)] == [w.label for w in want[:2]]
+    assert f"error: {bad}: not a binary PPM image (its width is 'abc', not a positive number)\n" in proc.stderr
+    assert "takes 16x16" in proc.stderr and proc.stderr.endswith("2 of 4 inputs failed (above)\n")
 
 
 def test_cpp_program_runs_an_audio_export(program, tmp_path):
@@ -132,6 +140,13 @@ def test_cpp_program_runs_an_audio_export(program, tmp_path):
     [(_, _, scores)] = _parse(proc.stdout)
     want = transferkit.load(tmp_path / "a.pt").predict_proba(wave)[0].tolist()
     assert scores == pytest.approx({"x": want[0], "y": want[1]}, abs=1e-5)
+    holed = wave.clone()
+    holed[100] = float("nan")
+    holed.numpy().astype("<f4").tofile(tmp_path / "nan.f32")
+    proc = _run(program, tmp_path / "a.pt", tmp_path / "nan.f32")  # the file's own error, on one line
+    assert proc.returncode == 1 and f"error: {tmp_path / 'nan.f32'}: ValueError: An audio clip holds NaN before its " \
+        "end; NaN marks only the padding after a clip. Replace NaN samples (e.g. torch.nan_to_num) before the " \
+        "model.\n" in proc.stderr, proc.stderr
 
     # a clip longer than the run's max_seconds: its middle, as the predictor (and training) keep it
     update_metadata(tmp_path / "a.pt", {"decisions": {**DECISIONS, "config": {**DECISIONS["config"],

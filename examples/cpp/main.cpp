@@ -100,14 +100,29 @@ std::string next_token(std::istream& in) {
   throw std::runtime_error("truncated PPM header");
 }
 
+// The next number of a PPM header (`what`: width, height, maxval), or an error naming the file.
+int header_number(std::istream& in, const std::string& path, const std::string& what) {
+  const std::string tok = next_token(in);
+  size_t used = 0;
+  int value = -1;
+  try {
+    value = std::stoi(tok, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != tok.size() || value <= 0)
+    throw std::runtime_error(path + ": not a binary PPM image (its " + what + " is '" + tok + "', not a positive number)");
+  return value;
+}
+
 // A binary PPM (P6, maxval 255) as a uint8 tensor [1, 3, H, W].
 torch::Tensor read_ppm(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error("cannot open " + path);
   if (next_token(in) != "P6") throw std::runtime_error(path + " is not a binary PPM (P6) image");
-  const int width = std::stoi(next_token(in));
-  const int height = std::stoi(next_token(in));
-  if (std::stoi(next_token(in)) != 255) throw std::runtime_error(path + ": only 8-bit PPM is supported");
+  const int width = header_number(in, path, "width");
+  const int height = header_number(in, path, "height");
+  if (header_number(in, path, "maxval") != 255) throw std::runtime_error(path + ": only 8-bit PPM is supported");
   in.get();  // the single whitespace byte after maxval
   std::vector<uint8_t> pixels(static_cast<size_t>(width) * height * 3);
   in.read(reinterpret_cast<char*>(pixels.data()), static_cast<std::streamsize>(pixels.size()));
@@ -147,6 +162,19 @@ torch::Tensor crop_middle(const torch::Tensor& wave, double window, int64_t rate
   std::cerr << path << ": " << static_cast<double>(length) / static_cast<double>(rate)
             << " s, longer than the model's window: its middle " << window << " s is predicted\n";
   return wave.narrow(1, (length - keep) / 2, keep).contiguous();
+}
+
+// The message of an error on one line: libtorch appends a C++ stack trace to its own, and an error
+// raised inside a TorchScript file (ValueError for pixels it would misread) ends its traceback
+// with the exception's line ("builtins.ValueError: ...").
+std::string message(const std::exception& e) {
+  const std::string what = e.what();
+  const auto raised = what.rfind("builtins.");
+  if (raised != std::string::npos) {
+    const std::string line = what.substr(raised + 9);
+    return line.substr(0, line.find('\n'));
+  }
+  return what.substr(0, what.find('\n'));
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {
@@ -210,8 +238,17 @@ int main(int argc, char** argv) {
               << " written by transferkit " << json_value(meta, "transferkit_version") << "\n";
     std::cout.precision(7);
     torch::InferenceMode guard;
+    int failed = 0;
     for (const auto& path : inputs) {
-      torch::Tensor out = module.forward({read_input(path, meta)}).toTensor().to(torch::kFloat32);
+      torch::Tensor out;
+      try {  // an input that cannot be read or run is reported, and the others are still predicted
+        out = module.forward({read_input(path, meta)}).toTensor().to(torch::kFloat32);
+      } catch (const std::exception& e) {
+        const std::string said = message(e);  // most name the input already
+        std::cerr << "error: " << (said.find(path) == std::string::npos ? path + ": " : "") << said << "\n";
+        ++failed;
+        continue;
+      }
       if (out.dim() != 2 || out.size(1) != static_cast<int64_t>(labels.size()))
         throw std::runtime_error("the model output does not match the " + std::to_string(labels.size()) + " labels");
       torch::Tensor scores = task == "multilabel" ? torch::sigmoid(out)
@@ -224,9 +261,12 @@ int main(int argc, char** argv) {
         for (size_t i = 0; i < labels.size(); ++i)
           std::cout << "\t" << labels[i] << "\t" << scores[static_cast<int64_t>(i)].item<float>() << "\n";
     }
+    if (failed) {
+      std::cerr << failed << " of " << inputs.size() << " inputs failed (above)\n";
+      return 1;
+    }
   } catch (const std::exception& e) {
-    const std::string what = e.what();  // libtorch appends a C++ stack trace: keep the message
-    std::cerr << "error: " << what.substr(0, what.find('\n')) << "\n";
+    std::cerr << "error: " << message(e) << "\n";
     return 1;
   }
   return 0;

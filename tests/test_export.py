@@ -259,6 +259,17 @@ def test_export_checks_each_example_batch_and_the_output_shape(tmp_path):
     meta = {"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()}
     r = export_torchscript(model, tmp_path / "m.pt", metadata=meta, example_inputs=[images(3, 16), images(2, 20)])
     assert r.batch_sizes == (1, 2, 3)
+    # one example (`--num-examples 1`): checked at batch size 1 only, which a file that runs one
+    # input at a time passes; it is checked as a batch of 2 too
+    assert export_torchscript(model, tmp_path / "m.pt", metadata=meta, example_inputs=images(1, 16)).batch_sizes \
+        == (1, 2)
+
+    class OneAtATime(nn.Module):
+        def forward(self, x):
+            return x.float().reshape(1, -1)[:, :2]
+    with pytest.raises(ExportError, match=r"The model returns \(1, 2\) for the example batch \(2, 3, 16, 16\): "
+                                          r"not one row per input"):
+        export_torchscript(OneAtATime(), tmp_path / "x.pt", metadata=meta, example_inputs=images(1, 16))
     with pytest.raises(ExportError, match="2 labels"):  # labels do not match the 3 outputs
         export_torchscript(tiny_model(3)[0], tmp_path / "x.pt", metadata=meta, example_inputs=images(2, 16))
     with pytest.raises(ExportError, match="example_inputs"):

@@ -55,6 +55,7 @@ from transferkit.export.torchscript import (
     example_list,
     export_torchscript,
     module_bytes,
+    one_and_many,
     parity,
     parity_examples,
 )
@@ -192,10 +193,7 @@ def convert_to_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, 
 
 
 def _batches(examples: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    for ex in examples:
-        out += [ex[:1], ex] if ex.shape[0] > 1 else [ex]
-    return out
+    return [b for ex in examples for b in one_and_many(ex)]
 
 
 def onnx_digests(proto: Any) -> dict[str, str]:

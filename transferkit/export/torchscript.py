@@ -199,14 +199,21 @@ def checked_inputs(batches: Sequence[torch.Tensor]) -> tuple[tuple[int, ...], tu
 
 
 def _check_batches(examples: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, bool]]:
-    """Batch 1 and batch N of each example set; uint8 images are also checked as floats in
-    [0, 1] (``True``: such a derived batch, dropped for models that take uint8 only)."""
+    """`one_and_many` of each example set; uint8 images are also checked as floats in [0, 1]
+    (``True``: such a derived batch, dropped for models that take uint8 only)."""
     batches: list[tuple[torch.Tensor, bool]] = []
     for ex in examples:
         variants = [(ex, False)] + ([(ex.float() / 255.0, True)] if ex.dtype == torch.uint8 else [])
         for v, derived in variants:
-            batches += [(v[:1], derived), (v, derived)] if v.shape[0] > 1 else [(v, derived)]
+            batches += [(b, derived) for b in one_and_many(v)]
     return batches
+
+
+def one_and_many(batch: torch.Tensor) -> list[torch.Tensor]:
+    """The batches an export is checked on for the example ``batch``: its first input alone,
+    and the batch (a batch of one repeated as a batch of 2: a file that runs one input at a
+    time, a trace that fixed the batch size, is refused too)."""
+    return [batch[:1], batch if batch.shape[0] > 1 else torch.cat([batch, batch])]
 
 
 def _check_float_pixels(eager: nn.Module, examples: Sequence[torch.Tensor]) -> None:

@@ -17,6 +17,10 @@ TASKS = ("multiclass", "multilabel", "regression")
 OUTPUT_ACTIVATION = {"multiclass": "softmax", "multilabel": "sigmoid", "regression": "identity"}
 # an output whose std is at most this share of its mean is constant to float32 precision (targets are read as float32)
 CONSTANT_RTOL = 1e-6
+# the least std a FeatureNorm divides a feature by, as a share of the median feature's: a feature
+# active in one or two of a small training set's examples has a std far below the others', and
+# validation inputs where it is active gave z-scores of hundreds (a validation loss of 329)
+STD_FLOOR = 0.01
 
 
 def centred_only(mean: Any, std: Any, rtol: float = CONSTANT_RTOL) -> Any:
@@ -82,7 +86,8 @@ class FeatureNorm(_FixedStats):
     head trained on cached features, so that it trains on standardised features (every
     feature on the same scale: one learning rate and one weight decay suit them all).
     ``set_stats`` fills in the training features' statistics (a feature with ``std < eps``,
-    constant, is only centred); until then it is the identity.
+    constant, is only centred; another is divided by at least `STD_FLOOR` times the median
+    feature's std); until then it is the identity.
 
     Example:
         >>> norm = FeatureNorm(2)
@@ -90,6 +95,11 @@ class FeatureNorm(_FixedStats):
         >>> norm(torch.tensor([[3.0, 2.0]]))
         tensor([[1., 0.]])
     """
+
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
+        varying = std[std >= eps]
+        floor = STD_FLOOR * float(varying.median()) if varying.numel() else 0.0
+        super().set_stats(mean, torch.where(std >= eps, std.clamp_min(floor), std), eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

@@ -360,3 +360,23 @@ def test_evaluate_folder_and_csv(run, capsys, tmp_path, monkeypatch):
     assert "warning: the confusion matrix was not drawn" in err and "--confusion-matrix a writable path" in err
     code, _, err = _run(capsys, "evaluate", root / "m.pt", data, "--confusion-matrix", "confusion_matrix.png")
     assert code == 2  # a path that was asked for is an error
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["finetune", "--data", "x", "--polcy", "full"],
+     "transferkit finetune: error: unrecognized arguments: --polcy full. Did you mean '--policy'?"),
+    (["finetune", "--data", "x", "--polcy=full", "--optimser", "sgd", "--zzz"],
+     "transferkit finetune: error: unrecognized arguments: --polcy=full --optimser sgd --zzz. Did you mean "
+     "'--policy' for --polcy, '--optimizer' for --optimser?"),
+    (["predict", "m.pt", "a.png", "--qqqqqq"], "transferkit predict: error: unrecognized arguments: --qqqqqq\n"),
+    (["fintune"], "'lr-find', 'inspect'). Did you mean 'finetune'?"),
+    (["finetune", "--optimizer", "adamm"], "(choose from 'adamw', 'adam', 'sgd'). Did you mean 'adam' or 'adamw'?"),
+])
+def test_a_misspelt_option_or_command_gets_the_nearest_spelling_from_its_command(capsys, argv, said):
+    """argparse said "unrecognized arguments: --polcy full" under the top level's usage line,
+    and "invalid choice" with no suggestion, where values of settings get one."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and said in err
+    assert err.startswith(f"usage: transferkit {argv[0]} ") == (argv[0] in ("finetune", "predict"))

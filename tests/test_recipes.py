@@ -473,3 +473,12 @@ def test_a_recipe_takes_the_pixel_limit_its_hint_names(tmp_path, monkeypatch):
         run_recipe("toy", _never_read, description="toy", recipe_dir=tmp_path,
                    argv=["--data-dir", str(tmp_path), "--max-image-pixels", "5000", "--run", "nosuch"])
     assert Image.MAX_IMAGE_PIXELS == 5000
+
+
+def test_a_recipe_s_misspelt_flag_gets_the_nearest_spelling(capsys):
+    from transferkit.recipes import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser("toy", "a toy recipe").parse_args(["--epohcs", "3"])
+    assert "recipes/toy.py: error: unrecognized arguments: --epohcs 3. Did you mean '--epochs'?" in \
+        capsys.readouterr().err

@@ -24,7 +24,8 @@ from typing import Any
 
 from transferkit.errors import TransferkitError, warn
 from transferkit._text import file_reason, hide_secrets, hide_secrets_in, plural, printable, strict_json
-from transferkit.helpformat import HELP, MAX_PIXELS_HELP, one_line, one_line_warnings, pixel_limit, set_pixel_limit
+from transferkit.helpformat import (HELP, MAX_PIXELS_HELP, Parser, one_line, one_line_warnings, pixel_limit,
+                                   set_pixel_limit)
 from transferkit.schedules import LRRange
 from transferkit.spelling import cli_spelling, drop_python_asides, flag, shell_word
 
@@ -550,7 +551,7 @@ def _sub(sub: Any, name: str, help: str, description: str) -> argparse.ArgumentP
 def build_parser() -> argparse.ArgumentParser:
     from transferkit._version import __version__
 
-    p = argparse.ArgumentParser(prog="transferkit", formatter_class=HELP,
+    p = Parser(prog="transferkit", formatter_class=HELP,
                                 description="Transfer learning on torchvision, timm and torchaudio backbones, with "
                                             "verified TorchScript exports.\n`transferkit COMMAND --help` for each.")
     p.add_argument("--version", action="version", version=f"transferkit {__version__}")

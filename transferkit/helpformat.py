@@ -4,9 +4,48 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
+
+from transferkit.errors import closest, suggest
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors name the nearest known spellings: of an option the
+    command does not have (``--polcy`` -> ``'--policy'``), said by the parser of the command it
+    follows (its usage line, not the top level's), and of a choice (a command name, ``fintune``
+    -> ``'finetune'``), as values of settings already are (argparse says only "unrecognized
+    arguments" and "invalid choice")."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self._command_parser(parsed)
+            options = [o for o in parser._option_string_actions if o.startswith("--")]
+            unknown = [x.split("=", 1)[0] for x in extras if x.startswith("--")]
+            near = [(x, close[0]) for x in unknown if (close := closest(x, options, n=1))]
+            said = repr(near[0][1]) if len(near) == 1 else ", ".join(f"{c!r} for {x}" for x, c in near)
+            parser.error(f"unrecognized arguments: {' '.join(extras)}" + (f". Did you mean {said}?" if near else ""))
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The parser of the command ``parsed`` holds (its own, where it has none)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(parsed, action.dest, None) or "")
+                if isinstance(chosen, Parser):
+                    return chosen._command_parser(parsed)
+        return self
+
+    def error(self, message: str) -> NoReturn:
+        found = re.fullmatch(r"argument .*: invalid choice: '(.*)' \(choose from (.*)\)", message, re.S)
+        hint = suggest(found.group(1), re.findall(r"'([^']*)'", found.group(2))) if found else ""
+        if hint:
+            message += "." + hint
+        super().error(message)
 
 
 class HELP(argparse.RawDescriptionHelpFormatter):

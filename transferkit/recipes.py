@@ -36,7 +36,8 @@ from transferkit._io import atomic_write, check_writable
 from transferkit._signals import interrupt_exit
 from transferkit.errors import ConfigError, DataError, TransferkitError, warn
 from transferkit._text import plural
-from transferkit.helpformat import HELP, MAX_PIXELS_HELP, one_line, one_line_warnings, pixel_limit, set_pixel_limit
+from transferkit.helpformat import (HELP, MAX_PIXELS_HELP, Parser, one_line, one_line_warnings, pixel_limit,
+                                   set_pixel_limit)
 from transferkit.spelling import RECIPE_FLAGS, RECIPE_OWNS, recipe_spelling
 from transferkit.data import find_split_folders
 from transferkit.data.folders import TRAIN_NAMES
@@ -158,7 +159,7 @@ def build_parser(name: str, description: str,
     """The recipe's command line; ``add_arguments(parser)`` adds the recipe's own options
     (they arrive in the data function's ``options["args"]``)."""
 
-    p = argparse.ArgumentParser(prog=f"recipes/{name}.py", description=description, formatter_class=HELP)
+    p = Parser(prog=f"recipes/{name}.py", description=description, formatter_class=HELP)
     p.add_argument("--config", default=None, help=f"YAML config (default: recipes/{name}.yaml)")
     p.add_argument("--data-dir", default=None, help="the data folder (default from the config)")
     p.add_argument("--download", action="store_true", help="download through torchvision/torchaudio when online")

@@ -482,3 +482,26 @@ def test_a_recipe_s_misspelt_flag_gets_the_nearest_spelling(capsys):
         build_parser("toy", "a toy recipe").parse_args(["--epohcs", "3"])
     assert "recipes/toy.py: error: unrecognized arguments: --epohcs 3. Did you mean '--epochs'?" in \
         capsys.readouterr().err
+
+
+def test_a_data_folder_that_does_not_exist_says_where_its_path_came_from(tmp_path, monkeypatch):
+    """With TRANSFERKIT_DATA unset, a recipe run from another checkout looked for its data in
+    that checkout's ../shared/data and said only "has no train/ folder"."""
+    import transferkit.recipes as recipes
+
+    data_fn = runpy.run_path(str(RECIPES / "hymenoptera.py"), run_name="recipe_under_test")["data"]
+    monkeypatch.delenv("TRANSFERKIT_DATA", raising=False)
+    real = recipes.default_data_root
+    monkeypatch.setattr(recipes, "default_data_root", lambda: tmp_path / "shared" / "data")
+    argv = ["--limit", "1", "--out", str(tmp_path / "out")]
+    with pytest.raises(DataError, match=r"has no train/ folder.* \('.*/shared/data/hymenoptera' does not exist: "
+                                        r"TRANSFERKIT_DATA is not set, so the data root is '.*/shared/data' "
+                                        r"\(shared/data beside the checkout.*set TRANSFERKIT_DATA or pass --data-dir\)"):
+        recipes.run_recipe("hymenoptera", data_fn, description="", recipe_dir=RECIPES, argv=argv)
+    monkeypatch.setattr(recipes, "default_data_root", real)
+    monkeypatch.setenv("TRANSFERKIT_DATA", str(tmp_path / "elsewhere"))
+    with pytest.raises(DataError, match=r"\('.*/elsewhere/hymenoptera' does not exist \(TRANSFERKIT_DATA=.*/elsewhere\)\)"):
+        recipes.run_recipe("hymenoptera", data_fn, description="", recipe_dir=RECIPES, argv=argv)
+    with pytest.raises(DataError, match=r"\(the --data-dir folder '.*/nope' does not exist\)"):
+        recipes.run_recipe("hymenoptera", data_fn, description="", recipe_dir=RECIPES,
+                           argv=[*argv, "--data-dir", str(tmp_path / "nope")])

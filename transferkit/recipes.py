@@ -90,6 +90,19 @@ def default_data_root() -> Path:
     return Path("..") / "shared" / "data"
 
 
+def _missing_data_dir(data_dir: Path, *, flag: bool) -> str:
+    """Where a recipe's data folder that does not exist came from: ``--data-dir`` (``flag``),
+    or ``$TRANSFERKIT_DATA``, whose default (`default_data_root`) depends on where the
+    script is run from."""
+    if flag:
+        return f"the --data-dir folder {str(data_dir)!r} does not exist"
+    if os.environ.get("TRANSFERKIT_DATA"):
+        return f"{str(data_dir)!r} does not exist (TRANSFERKIT_DATA={os.environ['TRANSFERKIT_DATA']})"
+    return (f"{str(data_dir)!r} does not exist: TRANSFERKIT_DATA is not set, so the data root is "
+            f"{str(default_data_root())!r} (shared/data beside the checkout, else ../shared/data from the current "
+            "folder); set TRANSFERKIT_DATA or pass --data-dir")
+
+
 def image_folder_splits(root: Path) -> RecipeData | None:
     """``root/train/<class>/*`` with ``root/val`` (or ``valid/``, ``validation/``) as the
     validation data and ``root/test`` as the test set, or None when ``root`` has no
@@ -265,7 +278,12 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     out = Path(recipe.get("out_dir") or f"runs/{name}")
     for run_name in run_cfgs:  # written after training: a folder or a file in its way is said before
         check_writable((out / run_name if run_name else out) / "results.json", what="recipe results", flag="--out")
-    data = data_fn(data_dir, {**recipe, "args": args})
+    try:
+        data = data_fn(data_dir, {**recipe, "args": args})
+    except DataError as exc:
+        if data_dir.exists():
+            raise
+        raise DataError(f"{exc} ({_missing_data_dir(data_dir, flag=args.data_dir is not None)})") from exc
     train, val, test, classes = _sliced(data, recipe.get("limit"), cfg.get("seed", 0))
     summaries = []
     for run_name, run_cfg in run_cfgs.items():

@@ -496,11 +496,13 @@ def test_a_data_folder_that_does_not_exist_says_where_its_path_came_from(tmp_pat
     argv = ["--limit", "1", "--out", str(tmp_path / "out")]
     with pytest.raises(DataError, match=r"has no train/ folder.* \('.*/shared/data/hymenoptera' does not exist: "
                                         r"TRANSFERKIT_DATA is not set, so the data root is '.*/shared/data' "
-                                        r"\(shared/data beside the checkout.*set TRANSFERKIT_DATA or pass --data-dir\)"):
+                                        r"\(shared/data beside the checkout.*set TRANSFERKIT_DATA or pass "
+                                        r"--data-dir\)"):
         recipes.run_recipe("hymenoptera", data_fn, description="", recipe_dir=RECIPES, argv=argv)
     monkeypatch.setattr(recipes, "default_data_root", real)
     monkeypatch.setenv("TRANSFERKIT_DATA", str(tmp_path / "elsewhere"))
-    with pytest.raises(DataError, match=r"\('.*/elsewhere/hymenoptera' does not exist \(TRANSFERKIT_DATA=.*/elsewhere\)\)"):
+    with pytest.raises(DataError, match=r"\('.*/elsewhere/hymenoptera' does not exist "
+                                        r"\(TRANSFERKIT_DATA=.*/elsewhere\)\)"):
         recipes.run_recipe("hymenoptera", data_fn, description="", recipe_dir=RECIPES, argv=argv)
     with pytest.raises(DataError, match=r"\(the --data-dir folder '.*/nope' does not exist\)"):
         recipes.run_recipe("hymenoptera", data_fn, description="", recipe_dir=RECIPES,

@@ -118,3 +118,22 @@ def test_a_folder_named_like_a_file_is_said_to_be_a_folder(tmp_path):
         (tmp_path / name).mkdir()
         got = pred.predict([str(tmp_path / name)])[0]
         assert not got.ok and ": a folder, not a file." in got.error and "predict_folder" in got.error
+
+
+def test_a_file_of_the_other_kind_and_a_missing_folder_are_said_as_such(tmp_path):
+    """A WAV given to an image model was "UnidentifiedImageError: cannot identify image file",
+    an image given to an audio model "Format not recognised", and a missing 'photos/' "The
+    image 'photos/' does not exist"."""
+    img = _predictor(_MeanImage(), InputSpec(image_size=8))
+    wav = _predictor(_MeanAudio(), InputSpec(kind="audio", sample_rate=8000))
+    sf.write(tmp_path / "clip.wav", np.full(800, 0.1, np.float32), 8000)
+    Image.fromarray(np.full((10, 10, 3), 30, np.uint8)).save(tmp_path / "cat.png")
+    got = img.predict([str(tmp_path / "clip.wav")])[0]
+    assert not got.ok and got.error.endswith("clip.wav': UnidentifiedImageError: cannot identify image file "
+                                             f"'{tmp_path / 'clip.wav'}'. It is an audio file by its name (.wav), "
+                                             "and images are read here (an image model): give image files.")
+    got = wav.predict([str(tmp_path / "cat.png")])[0]
+    assert not got.ok and got.error.endswith(". It is an image by its name (.png), and audio is read here (an "
+                                             "audio model): give audio files.")
+    got = img.predict([str(tmp_path / "photos") + "/"])[0]
+    assert not got.ok and got.error.startswith("The folder '") and "photos/' does not exist" in got.error

@@ -182,7 +182,9 @@ def unreadable_file(what: str, path: Any, exc: BaseException, fix: str, *, name:
     it (a member of a shard)."""
     shown = name or str(path)
     if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
-        return DataError(f"The {what} {shown!r} does not exist (looked for {os.path.abspath(path)!r}): check the path.")
+        named = "folder" if str(path).endswith(("/", os.sep)) else what  # 'photos/': a folder's name
+        return DataError(f"The {named} {shown!r} does not exist (looked for {os.path.abspath(path)!r}): check the "
+                         "path.")
     if isinstance(path, (str, os.PathLike)) and os.path.isfile(path) and os.path.getsize(path) == 0:
         return DataError(f"Cannot read {what} {shown!r}: empty file (0 bytes), a copy or download cut short. {fix}")
     said = stream_named(str(exc), shown).rstrip(". ")

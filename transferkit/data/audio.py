@@ -38,6 +38,7 @@ from transferkit.data.checks import (
     AUDIO_EXTENSIONS,
     AUDIO_FORMATS,
     ON_BAD_FILE,
+    other_kind,
     SCANS,
     DataReport,
     every_file_bad,
@@ -146,7 +147,7 @@ def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[t
             if keep < frames and not cut and len(data) < keep:  # the header counts more than there is (an MP3
                 data = _middle_read(f, keep)                       # cut short): the middle of what there is
     except (RuntimeError, OSError, ValueError, TypeError) as exc:  # sf.LibsndfileError is a RuntimeError
-        raise unreadable_file("audio file", path, exc, _supported(path)) from exc
+        raise unreadable_file("audio file", path, exc, other_kind(path, "audio") or _supported(path)) from exc
     if cut:
         raise DataError(f"Audio file {str(path)!r} is {cut}: a copy or download cut short. Copy it again.")
     if sr < MIN_SAMPLE_RATE:

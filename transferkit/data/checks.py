@@ -49,6 +49,25 @@ def _pillow_opens(ext: str) -> bool:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp",
                     *[e for e in (".avif",) if _pillow_opens(e)], ".tif", ".tiff", ".ppm", ".pgm")
 IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+
+
+def other_kind(path: object, reads: str) -> str:
+    """What to say of a file whose name gives it the other kind of data than the reader's
+    (``reads``: ``"image"`` or ``"audio"``): an audio file listed as an image (a CSV's row,
+    ``predict`` on an image model), or the other way; ``""`` otherwise.
+
+    Example:
+        >>> other_kind("clip.WAV", "image")
+        'It is an audio file by its name (.wav), and images are read here (an image model): give image files.'
+        >>> other_kind("cat.png", "audio"), other_kind("cat.png", "image")
+        ('It is an image by its name (.png), and audio is read here (an audio model): give audio files.', '')
+    """
+    ext = os.path.splitext(str(path))[1].lower() if isinstance(path, (str, os.PathLike)) else ""
+    if reads == "image" and ext in AUDIO_EXTENSIONS:
+        return f"It is an audio file by its name ({ext}), and images are read here (an image model): give image files."
+    if reads == "audio" and ext in IMAGE_EXTENSIONS:
+        return f"It is an image by its name ({ext}), and audio is read here (an audio model): give audio files."
+    return ""
 LINK_LOOP = "a link back into a folder already walked"  # why a linked sub-folder is not walked (a loop)
 # files Pillow registers as readable that are no photographs (scientific stubs, documents, video, vector drawings)
 _NOT_PHOTOS = {".bufr", ".grib", ".h5", ".hdf", ".fit", ".fits", ".mpeg", ".mpg", ".ps", ".eps", ".emf", ".wmf"}

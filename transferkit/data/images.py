@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, Subset
 from transferkit.data.checks import (
     IMAGE_EXTENSIONS,
     ON_BAD_FILE,
+    other_kind,
     DataReport,
     bomb_reason,
     filter_bad_images,
@@ -57,8 +58,8 @@ def load_image(path: str | Path | BinaryIO, *, min_size: int | None = None, name
         error.file_reason = bomb_reason(exc)  # type: ignore[attr-defined]  # Pillow's own names twice the limit
         raise error from exc
     except UNREADABLE_IMAGE as exc:
-        raise unreadable_file("image", path, exc, "Remove the file, or pass on_bad_file='skip' to leave unreadable "
-                              "files out.", name=name) from exc
+        raise unreadable_file("image", path, exc, other_kind(path, "image") or "Remove the file, or pass "
+                              "on_bad_file='skip' to leave unreadable files out.", name=name) from exc
 
 
 def to_8bit(arr: np.ndarray, top: float = 65535.0) -> np.ndarray:

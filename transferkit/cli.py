@@ -563,7 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
              "Train a small CNN on digits 0-4, transfer it to digits 5-9 with ten labels per class (feature "
              "extraction and fine-tuning, beside training from scratch), export, reload, predict, print a table.")
     d.add_argument("--out", default="demo-output", help="folder for the checkpoint, export and report")
-    d.add_argument("--quick", action="store_true", help="fewer epochs (for tests)")
+    d.add_argument("--quick", action="store_true",
+                   help="3 epochs per task instead of 12 and 10: a check that the pipeline runs (for tests; "
+                        "its accuracies do not tell the story of the full demo)")
     d.add_argument("--update-readme", default=None, metavar="README",
                    help="write the printed table into this file's demo-table block (make readme)")
     d.set_defaults(fn=_cmd_demo)

@@ -252,3 +252,26 @@ def test_terminate_at_once_restores_the_default_only_over_transferkit_s_own_hand
             assert signal.getsignal(signal.SIGTERM) is own
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_ctrl_c_while_the_command_line_imports_torch_acts_once_the_import_is_whole(monkeypatch, capsys):
+    """A Ctrl-C inside torch's import left half-imported modules ("module 'numpy' has no
+    attribute 'matrix'", a traceback) or was swallowed by an import's own except (the run went
+    on): it is held until the import is whole, then the command exits 130."""
+    import importlib
+    import signal
+
+    from transferkit import cli
+
+    done = []
+
+    def interrupted_import(name):
+        signal.raise_signal(signal.SIGINT)  # arrives inside the import
+        done.append(name)
+
+    monkeypatch.setattr(importlib, "import_module", interrupted_import)
+    with pytest.raises(KeyboardInterrupt):
+        cli._import_torch()
+    assert done == ["torch"]  # the import finished first
+    assert cli.main(["backbones"]) == 130 and capsys.readouterr().err == "transferkit: interrupted (Ctrl-C)\n"
+    assert done == ["torch", "torch"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -679,6 +680,17 @@ def console_main() -> None:
     sys.exit(code)
 
 
+def _import_torch() -> None:
+    """Import torch (and numpy) with Ctrl-C and SIGTERM held until the import is whole, then
+    acted on: an interrupt inside it left half-imported modules behind ("module 'numpy' has no
+    attribute 'matrix'", a traceback) or was swallowed by an import's own ``except`` (the run
+    went on). Every command but ``--help`` (answered before) needs torch."""
+    from transferkit._signals import held_signals
+
+    with held_signals():
+        importlib.import_module("torch")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 on errors, with one line on stderr)."""
     args = build_parser().parse_args(argv)
@@ -686,6 +698,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with one_line_warnings("transferkit", cli_spelling):
         try:
+            _import_torch()
             code = args.fn(args)
             sys.stdout.flush()  # a closed pipe is met here, not in the interpreter's exit
             return code

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -446,3 +447,26 @@ def test_a_truncated_file_is_a_bad_file_not_a_shorter_clip(tmp_path, fmt, ext):
         long = (tmp_path / "long.wav").read_bytes()
         (tmp_path / "long.wav").write_bytes(long[: len(long) - RATE])
         assert check_audio_file(tmp_path / "long.wav").startswith("truncated")
+
+
+def test_a_wav_whose_header_declares_fewer_samples_than_it_holds_is_a_bad_file(tmp_path):
+    """A data chunk declaring 1,000 of 32,000 bytes was read as 31 ms of a 1 s clip without a
+    word, by the scans, training and predict alike; one declaring 0 bytes was said to be "a
+    header without audio data". An appended tag after the samples is no such thing."""
+    whole = tmp_path / "whole.wav"
+    sf.write(whole, _tone(300, 16000), RATE, subtype="PCM_16")
+    data = whole.read_bytes()
+    i = data.index(b"data")
+    for declared in (1000, 0):
+        short = bytearray(data)
+        short[i + 4:i + 8] = declared.to_bytes(4, "little")
+        (tmp_path / "short.wav").write_bytes(bytes(short))
+        said = f"declares {declared} bytes of samples in its header, and {32000 - declared} more bytes follow them " \
+            "that are not a chunk: the header's data size is wrong"
+        assert check_audio_file(tmp_path / "short.wav") == f"{said} (a recording stopped early, a hand edit), and " \
+            "only the declared samples would be read; write the file again from its source"
+        with pytest.raises(DataError, match=re.escape(f"short.wav' {said}")):
+            load_audio(tmp_path / "short.wav", RATE)
+    (tmp_path / "tagged.wav").write_bytes(data + b"ID3\x03" + bytes(200))  # a tag appended by a player
+    assert check_audio_file(tmp_path / "tagged.wav") is None
+    assert load_audio(tmp_path / "tagged.wav", RATE).shape == (16000,)

@@ -138,18 +138,22 @@ def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[t
         raise DataError(f"Audio file {str(path)!r} is an empty file (0 bytes): a copy or write cut short.")
     try:
         with sf.SoundFile(str(path)) as f:
-            cut = _truncation(f.extra_info or "")
+            cut, short = _truncation(f.extra_info or ""), _data_size_short(f.extra_info or "")
             sr, frames = int(f.samplerate), int(f.frames)
             keep = frames if max_seconds is None else min(frames, max(1, int(round(max_seconds * sr))))
-            if keep < frames and not cut:
+            if cut or short:  # nothing of it is read
+                keep = 0
+            elif keep < frames:
                 f.seek((frames - keep) // 2)
-            data = f.read(0 if cut else keep, dtype="float32", always_2d=True)
-            if keep < frames and not cut and len(data) < keep:  # the header counts more than there is (an MP3
-                data = _middle_read(f, keep)                       # cut short): the middle of what there is
+            data = f.read(keep, dtype="float32", always_2d=True)
+            if 0 < keep < frames and len(data) < keep:  # the header counts more than there is (an MP3 cut
+                data = _middle_read(f, keep)              # short): the middle of what there is
     except (RuntimeError, OSError, ValueError, TypeError) as exc:  # sf.LibsndfileError is a RuntimeError
         raise unreadable_file("audio file", path, exc, other_kind(path, "audio") or _supported(path)) from exc
     if cut:
         raise DataError(f"Audio file {str(path)!r} is {cut}: a copy or download cut short. Copy it again.")
+    if short:
+        raise DataError(f"Audio file {str(path)!r} {short}: {DATA_SIZE_FIX}.")
     if sr < MIN_SAMPLE_RATE:
         raise DataError(f"Audio file {str(path)!r} says its rate is {sr} Hz, below {MIN_SAMPLE_RATE} Hz, lower than "
                         "audio is recorded at: its header is damaged or was edited. Write it again with its rate.")
@@ -427,6 +431,9 @@ def probe_audio_file(path: str | Path, *, full: bool = False,
         first = str(exc).splitlines()[0] if str(exc) else ""
         known = f"; {undecodable_reason(path)}" if undecodable_audio([path]) else ""
         return f"cannot be read as audio ({type(exc).__name__}: {first}{known})"
+    short = _data_size_short(getattr(info, "extra_info", "") or "")
+    if short:
+        return f"{short}: {DATA_SIZE_FIX}"
     if info.frames <= 0:
         return "no audio data (0 frames): a header alone, or a file cut short"
     if info.channels < 1 or info.samplerate < MIN_SAMPLE_RATE:  # a few Hz: a damaged or hand-edited header
@@ -477,6 +484,43 @@ def _tail_cut(path: str | Path, frames: int, rate: int) -> str:
     if 2 * got < tail:
         return f"truncated: its header declares {frames} frames and the file ends before its last {tail - got}"
     return ""
+
+
+# libsndfile's log of a WAV whose data chunk declares fewer bytes than follow it: the next "chunk"
+# is not one (the samples after the declared ones), and the parser stops
+_DATA_THEN_UNKNOWN = re.compile(r"^data\s*:\s*(\d+)\s*\n\*\*\* Unknown chunk marker \(([0-9A-Fa-f]+)\) at position "
+                                r"(\d+)\. Exiting parser\.", re.MULTILINE)
+_LENGTH = re.compile(r"^Length\s*:\s*(\d+)", re.MULTILINE)
+
+
+def _data_size_short(log: str) -> str:
+    """Why a WAV file's header misleads, from libsndfile's header log: its data chunk declares
+    fewer bytes than the file holds after it, and those bytes are not a chunk (their first three
+    are not printable ASCII, as an appended tag's ``ID3`` or a chunk's name are): only the
+    declared part would be read (a header of 1,000 bytes on a 3 s clip: 62 ms, without a word,
+    or none at all: "0 samples"). ``""`` otherwise.
+
+    Example:
+        >>> _data_size_short("Length : 48044\\ndata : 1000\\n*** Unknown chunk marker (DAA9D999) at position 1044. "
+        ...                  "Exiting parser.\\n")
+        'declares 1000 bytes of samples in its header, and 47000 more bytes follow them that are not a chunk'
+        >>> _data_size_short("Length : 50000\\ndata : 48000\\n*** Unknown chunk marker (3334449) at position 48044. "
+        ...                  "Exiting parser.\\n")  # 'ID3\\x03': an appended tag
+        ''
+    """
+    m, length = _DATA_THEN_UNKNOWN.search(log), _LENGTH.search(log)
+    if m is None or length is None:
+        return ""
+    marker = int(m.group(2), 16).to_bytes(4, "little")  # the four bytes as the file holds them
+    if all(32 <= b < 127 for b in marker[:3]):  # a chunk's name, or a tag's ('ID3' and its version byte)
+        return ""
+    declared, after = int(m.group(1)), int(length.group(1)) - int(m.group(3))
+    return f"declares {declared} bytes of samples in its header, and {after} more bytes follow them that are not a " \
+           "chunk" if after > 64 else ""
+
+
+DATA_SIZE_FIX = ("the header's data size is wrong (a recording stopped early, a hand edit), and only the declared "
+                 "samples would be read; write the file again from its source")
 
 
 def _truncation(log: str) -> str:

@@ -4,6 +4,7 @@ pooling, weights handling and TorchScript export parity with clips of different 
 from __future__ import annotations
 
 import urllib.error
+import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import transferkit as tk
 from transferkit import Policy, WeightsError, apply_policy, build_model, get_backbone, list_backbones
 from transferkit.backbones.custom import from_module
 from transferkit.backbones.spectrogram import SpecAugment, spectrogram_backbone
-from transferkit.errors import BackboneError
+from transferkit.errors import BackboneError, ConfigError
 from transferkit.backbones.torchaudio_source import TINY
 from transferkit.data.audio import pad_waveforms
 from transferkit.export.torchscript import export_torchscript, load_scripted
@@ -421,3 +422,15 @@ def test_spectrogram_settings_that_are_no_positive_whole_number_are_refused_when
     stft error."""
     with pytest.raises(tk.ConfigError, match=f"{option} must be a positive whole number"):
         get_backbone("spec:tk:small_cnn", weights=None, **{option: value})
+
+
+def test_more_mel_bands_than_the_spectrum_resolves_is_a_config_error():
+    """n_mels=256 at 8 kHz (n_fft 256: 129 bins) built a trunk whose empty bands are rows of the
+    log-mel image that never change, with only torchaudio's warning to say so."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no torchaudio warning on the way
+        with pytest.raises(ConfigError, match=r"n_mels=256 is more mel bands than n_fft=256 resolves at 8000 Hz: "
+                                              r"\d+ of them hold no frequency bin \(an FFT of 256 samples has 129\)\. "
+                                              r"Use n_mels <= \d+, or a larger n_fft"):
+            get_backbone("spec:tk:small_cnn", weights=None, sample_rate=8000, n_mels=256)
+        get_backbone("spec:tk:small_cnn", weights=None, sample_rate=8000, n_mels=64)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from fractions import Fraction
 from typing import Any
 
@@ -241,6 +242,35 @@ def padded_length(lengths: Tensor, unit: int) -> Tensor:
     return torch.div(q + step - 1, step, rounding_mode="floor") * step * unit
 
 
+def _empty_bands(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float | None) -> int:
+    """How many of the ``n_mels`` mel filters hold no FFT bin of an ``n_fft`` spectrum."""
+    with warnings.catch_warnings():  # torchaudio warns of them; check_mel_bands says it as an error
+        warnings.simplefilter("ignore")
+        fb = torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, float(f_min), float(f_max or sample_rate / 2),
+                                                   n_mels, sample_rate)
+    return int((fb.amax(0) <= 0).sum())
+
+
+def check_mel_bands(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0, f_max: float | None = None) -> None:
+    """ConfigError for more mel bands than the spectrum resolves: a band without an FFT bin is
+    a row of the log-mel image that is always the floor (torchaudio only warns).
+
+    Example:
+        >>> check_mel_bands(8000, 256, 64)
+        >>> check_mel_bands(8000, 64, 64)
+        Traceback (most recent call last):
+        ...
+        transferkit.errors.ConfigError: n_mels=64 is more mel bands than n_fft=64 resolves at 8000 Hz: 16 of them \
+hold no frequency bin (an FFT of 64 samples has 33). Use n_mels <= 22, or a larger n_fft.
+    """
+    empty = _empty_bands(sample_rate, n_fft, n_mels, f_min, f_max)
+    if empty:
+        fits = next((m for m in range(n_mels - 1, 0, -1) if not _empty_bands(sample_rate, n_fft, m, f_min, f_max)), 0)
+        raise ConfigError(f"n_mels={n_mels} is more mel bands than n_fft={n_fft} resolves at {sample_rate} Hz: {empty} "
+                          f"of them hold no frequency bin (an FFT of {n_fft} samples has {n_fft // 2 + 1}). Use "
+                          f"n_mels <= {fits}, or a larger n_fft.")
+
+
 def min_clip_samples(trunk: SpectrogramTrunk, *, n_mels: int, n_fft: int, hop_length: int) -> int:
     """The fewest input samples ``trunk`` runs on: more than the centred STFT reflects
     (``n_fft // 2``), and the frames of the narrowest log-mel image its image trunk takes
@@ -331,6 +361,7 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
     n_fft = int(n_fft if n_fft is not None else _pow2_at_least(int(0.025 * sample_rate)))
     hop = int(hop_length if hop_length is not None else round(0.010 * sample_rate))
     size = None if image_size is None else (int(sizes[0]), int(sizes[1]))
+    check_mel_bands(int(sample_rate), n_fft, int(n_mels), f_min, f_max)
     trunk = SpectrogramTrunk(img.trunk, sample_rate=int(sample_rate), input_sample_rate=in_rate, n_mels=int(n_mels),
                              n_fft=n_fft, hop_length=hop, f_min=f_min, f_max=f_max, channels=img.input_spec.channels,
                              image_size=size, spec_augment=as_spec_augment(spec_augment),

@@ -25,7 +25,7 @@ from transferkit.config import check_seconds, sample_rate_of
 from transferkit.backbones._base import Backbone, Block, InputSpec, check_blocks
 from transferkit.backbones.registry import check_weights_tag, get_backbone, get_source, register_source
 from transferkit.backbones.weights import is_weights_path, load_into, read_state_dict
-from transferkit.errors import BackboneError, ConfigError
+from transferkit.errors import BackboneError, ConfigError, warn
 
 
 def split_padding(x: Tensor, check: bool = False) -> tuple[Tensor, Tensor]:
@@ -173,8 +173,10 @@ class SpectrogramTrunk(nn.Module):
         super().__init__()
         self.clip_samples, self.min_samples = int(clip_samples), int(min_samples)
         self.resample, self.ratio = resampler(input_sample_rate, sample_rate)
-        self.melspec = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=n_fft, hop_length=hop_length,
-                                                            f_min=f_min, f_max=f_max, n_mels=n_mels)
+        with warnings.catch_warnings():  # said by check_mel_bands, with what fits
+            warnings.filterwarnings("ignore", message="At least one mel filterbank has all zero values")
+            self.melspec = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=n_fft, hop_length=hop_length,
+                                                                f_min=f_min, f_max=f_max, n_mels=n_mels)
         self.hop_length, self.channels = int(hop_length), int(channels)
         self.out_h, self.out_w = (int(image_size[0]), int(image_size[1])) if image_size else (0, 0)
         self.spec_augment = spec_augment or SpecAugment(freq_masks=0, time_masks=0)
@@ -252,23 +254,27 @@ def _empty_bands(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max:
 
 
 def check_mel_bands(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0, f_max: float | None = None) -> None:
-    """ConfigError for more mel bands than the spectrum resolves: a band without an FFT bin is
-    a row of the log-mel image that is always the floor (torchaudio only warns).
+    """Warn of more mel bands than the spectrum resolves: a band without an FFT bin is a row
+    of the log-mel image that never changes (torchaudio's own warning says neither how many
+    nor what fits). One such band (128 bands at 16 kHz with ``n_fft=512``, a common setting)
+    costs little; many leave the image mostly blank.
 
     Example:
         >>> check_mel_bands(8000, 256, 64)
-        >>> check_mel_bands(8000, 64, 64)
-        Traceback (most recent call last):
-        ...
-        transferkit.errors.ConfigError: n_mels=64 is more mel bands than n_fft=64 resolves at 8000 Hz: 16 of them \
-hold no frequency bin (an FFT of 64 samples has 33). Use n_mels <= 22, or a larger n_fft.
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     check_mel_bands(8000, 64, 64)
+        >>> print(seen[0].message)
+        n_mels=64 is more mel bands than n_fft=64 resolves at 8000 Hz: 16 of them hold no frequency bin (an FFT of \
+64 samples has 33), rows of the log-mel image that never change. Use n_mels <= 22, or a larger n_fft.
     """
     empty = _empty_bands(sample_rate, n_fft, n_mels, f_min, f_max)
     if empty:
         fits = next((m for m in range(n_mels - 1, 0, -1) if not _empty_bands(sample_rate, n_fft, m, f_min, f_max)), 0)
-        raise ConfigError(f"n_mels={n_mels} is more mel bands than n_fft={n_fft} resolves at {sample_rate} Hz: {empty} "
-                          f"of them hold no frequency bin (an FFT of {n_fft} samples has {n_fft // 2 + 1}). Use "
-                          f"n_mels <= {fits}, or a larger n_fft.")
+        warn(f"n_mels={n_mels} is more mel bands than n_fft={n_fft} resolves at {sample_rate} Hz: {empty} of them hold "
+             f"no frequency bin (an FFT of {n_fft} samples has {n_fft // 2 + 1}), rows of the log-mel image that never "
+             f"change. Use n_mels <= {fits}, or a larger n_fft.")
 
 
 def min_clip_samples(trunk: SpectrogramTrunk, *, n_mels: int, n_fft: int, hop_length: int) -> int:

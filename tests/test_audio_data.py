@@ -73,6 +73,9 @@ def test_pcm_integer_waveforms_are_scaled_as_their_files_would_be(tmp_path):
     torch.testing.assert_close(to_waveform(np.array([-128, 0, 64], np.int8), 8000), torch.tensor([-1.0, 0.0, 0.5]))
     with pytest.raises(DataError, match="dtype int64: integer samples of this dtype have no known full scale"):
         to_waveform(np.arange(800), 8000)
+    for odd in (np.zeros(800, bool), np.zeros(800, np.complex64)):  # were said to be integers of no known scale
+        with pytest.raises(DataError, match="bool and complex samples are not audio samples: pass float samples"):
+            to_waveform(odd, 8000)
     from transferkit.model import AudioPreprocess  # an exported audio model reads its input the same way
 
     scripted = torch.jit.script(AudioPreprocess())

@@ -64,7 +64,7 @@ class ImagePreprocess(nn.Module):
 def pcm_to_float(x: torch.Tensor) -> torch.Tensor:
     """Waveform samples as float in [-1, 1]: PCM integers scaled as their files store them
     (``int16``, ``int32``, ``int8``, and ``uint8``: 8-bit WAV, unsigned); float as it is; other
-    integers (no known full scale) raise ``ValueError``. Scriptable: an exported audio model
+    integers (no known full scale), bool and complex raise ``ValueError``. Scriptable: an exported audio model
     reads its input with it, as training and prediction do.
 
     Example:
@@ -81,6 +81,9 @@ def pcm_to_float(x: torch.Tensor) -> torch.Tensor:
         return (x.double() / 128.0).float()
     if x.dtype == torch.uint8:
         return ((x.double() - 128.0) / 128.0).float()
+    if x.dtype == torch.bool or x.is_complex():
+        raise ValueError("bool and complex samples are not audio samples: pass float samples in [-1, 1], or PCM as "
+                         "int16, int32, int8 or uint8 (8-bit WAV)")
     raise ValueError("integer samples of this dtype have no known full scale: pass float samples in [-1, 1], or PCM "
                      "as int16, int32, int8 or uint8 (8-bit WAV)")
 

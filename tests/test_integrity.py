@@ -288,6 +288,10 @@ def test_checkpoints_and_exports_are_not_mistaken_for_each_other(export_file, ch
     torch.save({"w": torch.zeros(2)}, tmp_path / "sd.pt")
     with pytest.raises(ExportError, match="saved with torch.save .* not an exported model"):
         transferkit.load(tmp_path / "sd.pt")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "old.th", _use_new_zipfile_serialization=False)  # torch < 1.6
+    with pytest.raises(ExportError, match=r"old.th' is a file saved with torch.save in its format before torch 1.6 "
+                                          r"\(a state dict or checkpoint\), not an exported model"):
+        transferkit.load(tmp_path / "old.th")  # was "Cannot load ... BadZipFile: File is not a zip file"
     with pytest.raises(WeightsError, match="is an exported model .*transferkit.load"):
         load_checkpoint(export_file)
     with pytest.raises(WeightsError, match="is an exported model"):

@@ -310,8 +310,9 @@ def check_writable(path: str | Path, *, what: str, flag: str | None = None, kind
         transferkit.errors.OutputError: The export path '/tmp' is a folder; give a file path such as '/tmp/model.pt'.
     """
     p = Path(path)
-    if str(path) in ("", "."):
-        raise OutputError(f"{_named(what, p, flag)} is empty; give a {'folder' if kind == 'dir' else 'file'} path.")
+    if str(path) in ("", "."):  # the path as given: Path("") is '.'
+        raise OutputError(f"{_named(what, str(path), flag)} is empty; give a {'folder' if kind == 'dir' else 'file'} "
+                          "path.")
     if any(c in str(path) for c in "\n\r\x00"):
         raise OutputError(f"{_named(what, p, flag)} holds a line break or NUL character; give a plain path.")
     _check_name_length(p, what, flag, kind)

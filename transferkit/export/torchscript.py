@@ -588,6 +588,10 @@ def _checked_metadata(f: Any, source: str) -> dict[str, Any]:
     try:
         zf = open_zip(f, source=source, error=ExportError)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        if _legacy_torch_save(f):
+            raise ExportError(f"{source} is a file saved with torch.save in its format before torch 1.6 (a state dict "
+                              "or checkpoint), not an exported model. Use it as weights (weights=path), or export "
+                              "a model with transferkit.export_torchscript.") from exc
         raise ExportError(f"{_UNREADABLE.format(source=source)}: {type(exc).__name__}: {exc}") from exc
     with zf:
         names = [record_name(n) for n in zf.namelist()]
@@ -601,6 +605,20 @@ def _checked_metadata(f: Any, source: str) -> dict[str, Any]:
         warn(f"{source} has no content digest (an export from an older transferkit): its weights cannot "
              "be checked for damage. Re-export it to add one.")
     return meta
+
+
+# how torch.save began a file before torch 1.6 (pickle protocol 2, then its magic number as a long)
+_LEGACY_SAVE = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _legacy_torch_save(f: Any) -> bool:
+    """Whether the open file ``f`` starts as torch.save wrote files before torch 1.6 (not a
+    zip: CIFAR ResNet ``.th`` files, older checkpoints)."""
+    try:
+        f.seek(0)
+        return f.read(len(_LEGACY_SAVE)) == _LEGACY_SAVE
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _jit_load(path: Path, device: torch.device, source: str) -> torch.jit.ScriptModule:
@@ -636,8 +654,7 @@ def _not_torchscript(zf: zipfile.ZipFile, names: list[str], source: str) -> str:
                     f"it first: `transferkit export {source} --out model.pt` (in Python: "
                     f"transferkit.export.export_checkpoint({source}, 'model.pt')), then load model.pt.")
         return (f"{source} is a file saved with torch.save (a state dict or checkpoint), not an exported model. "
-                "Load it as weights (get_backbone(..., weights=path)), or export a model with "
-                "transferkit.export_torchscript.")
+                "Use it as weights (weights=path), or export a model with transferkit.export_torchscript.")
     return f"{source} is a zip file but not a TorchScript export (it holds no TorchScript code)."
 
 

@@ -117,6 +117,16 @@ def test_written_files_get_the_umask_mode_and_overwrites_keep_theirs(tmp_path, u
     assert _mode(tmp_path / "c.pt") == 0o600
 
 
+def test_a_path_that_is_a_link_is_replaced_and_the_file_it_named_is_kept(tmp_path):
+    """docs/reliability.md: an export or checkpoint path that is a symbolic link is replaced by
+    the new file; the file the link named keeps its content."""
+    (tmp_path / "v3.pt").write_bytes(b"old model")
+    (tmp_path / "current.pt").symlink_to("v3.pt")
+    atomic_write(tmp_path / "current.pt", lambda tmp: Path(tmp).write_bytes(b"new model"))
+    assert not (tmp_path / "current.pt").is_symlink() and (tmp_path / "current.pt").read_bytes() == b"new model"
+    assert (tmp_path / "v3.pt").read_bytes() == b"old model"
+
+
 def test_the_folder_is_fsynced_after_the_rename(tmp_path, monkeypatch):
     import stat
 

@@ -470,3 +470,22 @@ def test_a_wav_whose_header_declares_fewer_samples_than_it_holds_is_a_bad_file(t
     (tmp_path / "tagged.wav").write_bytes(data + b"ID3\x03" + bytes(200))  # a tag appended by a player
     assert check_audio_file(tmp_path / "tagged.wav") is None
     assert load_audio(tmp_path / "tagged.wav", RATE).shape == (16000,)
+
+
+def test_w64_caf_and_au_files_are_read_and_m4a_is_said_not_ignored(tmp_path):
+    """W64, CAF and AU files, which libsndfile reads, were left out of folders and predict as
+    "not data by their extension"; M4A voice memos, which no libsndfile decodes, only counted in
+    the summary's ignored files, without a warning that says to convert them."""
+    from transferkit.data.audio import audio_extensions, prepare_audio_data
+
+    assert {".w64", ".caf", ".au"} <= set(audio_extensions())
+    for c, hz in (("high", 1200), ("low", 300)):
+        (tmp_path / c).mkdir()
+        for fmt, ext in (("WAV", "wav"), ("W64", "w64"), ("CAF", "caf"), ("AU", "au")):
+            sf.write(tmp_path / c / f"{hz}.{ext}", _tone(hz, 1600), RATE, format=fmt, subtype="PCM_16")
+        (tmp_path / c / "memo.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(100))
+    with pytest.warns(UserWarning, match=r"2 audio files \(memo.m4a, memo.m4a\) left out: M4A, a format libsndfile "
+                                         r"does not decode: convert it \(e.g. ffmpeg -i in.m4a out.flac\)"):
+        bundle = prepare_audio_data(tmp_path, spec=InputSpec(kind="audio", sample_rate=RATE), val_split=0)
+    assert len(bundle.train) == 8
+    assert torch.equal(bundle.train[1][0], bundle.train[0][0])  # high/1200.au and high/1200.caf: the same clip

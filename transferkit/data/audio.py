@@ -37,6 +37,7 @@ from transferkit.data.bundle import (
 from transferkit.data.checks import (
     AUDIO_EXTENSIONS,
     AUDIO_FORMATS,
+    NOT_LIBSNDFILE,
     ON_BAD_FILE,
     other_kind,
     SCANS,
@@ -90,7 +91,10 @@ def undecodable_reason(path: str | Path) -> str:
     installed libsndfile 1.0.31 cannot decode'``."""
     import soundfile as sf
 
-    fmt = AUDIO_FORMATS[os.path.splitext(str(path))[1].lower()].replace("/", " ")
+    ext = os.path.splitext(str(path))[1].lower()
+    fmt = AUDIO_FORMATS[ext].replace("/", " ")
+    if fmt in NOT_LIBSNDFILE:
+        return f"{fmt}, a format libsndfile does not decode: convert it (e.g. ffmpeg -i in{ext} out.flac)"
     return f"{fmt}, a format the installed libsndfile {sf.__libsndfile_version__} cannot decode"
 
 

@@ -36,7 +36,10 @@ SCANS = ("quick", "full", "none")
 SCAN_RULES = 2
 # audio file types by extension, and the libsndfile format that decodes each (MP3: libsndfile >= 1.1)
 AUDIO_FORMATS = {".wav": "WAV", ".wave": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".opus": "OGG/OPUS", ".aiff": "AIFF",
-                 ".aif": "AIFF", ".mp3": "MP3"}  # extension -> libsndfile format (/subtype where one is needed)
+                 ".aif": "AIFF", ".mp3": "MP3", ".w64": "W64", ".caf": "CAF", ".au": "AU",
+                 # audio no libsndfile decodes (a phone's voice memos): known, so that they are said, not ignored
+                 ".m4a": "M4A", ".aac": "AAC", ".wma": "WMA"}  # extension -> libsndfile format (/subtype if needed)
+NOT_LIBSNDFILE = ("M4A", "AAC", "WMA")  # of AUDIO_FORMATS, the formats no libsndfile version decodes
 AUDIO_EXTENSIONS = tuple(AUDIO_FORMATS)  # every known one; data.audio.audio_extensions(): those decoded here
 
 

@@ -89,3 +89,11 @@ def test_another_spectrogram_backbone_leaves_out_the_configs_image_options(recip
     assert "image_options" not in options and options["n_mels"] == 32 and options["clip_seconds"] == 0.8
     assert "image_options={'widths': [16, 32, 64]} (written for the config's spec:tk:small_cnn) does not apply to " \
         "spec:tk:cifar_resnet20; left out" in capsys.readouterr().err
+    common = ["--data-dir", str(shared_data / "fsdd"), "--limit", "1", "--epochs", "1", "--backbone",
+              "spec:tk:cifar_resnet20", "--weights", "none", "--out", str(tmp_path / "out2"), "--set", "batch_size=4",
+              "--set", "val_split=0", "--set", "verbose=false"]
+    fsdd_yaml = RECIPE.with_suffix(".yaml")  # the same file given with --config: the same rule
+    summary = recipe["main"]([*common, "--config", str(fsdd_yaml)])
+    assert "image_options" not in summary["config"]["backbone_options"]
+    with pytest.raises(ConfigError, match="cannot be built with the options"):  # given beside the file: kept
+        recipe["main"]([*common, "--set", "backbone_options={image_options: {widths: [4, 8, 8]}}"])

@@ -504,6 +504,13 @@ def test_a_data_folder_that_does_not_exist_says_where_its_path_came_from(tmp_pat
     with pytest.raises(DataError, match=r"\('.*/elsewhere/hymenoptera' does not exist "
                                         r"\(TRANSFERKIT_DATA=.*/elsewhere\)\)"):
         recipes.run_recipe("hymenoptera", data_fn, description="", recipe_dir=RECIPES, argv=argv)
-    with pytest.raises(DataError, match=r"\(the --data-dir folder '.*/nope' does not exist\)"):
+    with pytest.raises(DataError, match=r"\('.*/nope' \(--data-dir\) does not exist\)"):
         recipes.run_recipe("hymenoptera", data_fn, description="", recipe_dir=RECIPES,
                            argv=[*argv, "--data-dir", str(tmp_path / "nope")])
+    with pytest.raises(DataError, match=r"\('.*/nope' \(--set data_dir\) does not exist\)"):
+        recipes.run_recipe("hymenoptera", data_fn, description="", recipe_dir=RECIPES,
+                           argv=[*argv, "--set", f"data_dir={tmp_path / 'nope'}"])
+    (tmp_path / "mine.yaml").write_text(f"backbone: tk:small_cnn\ndata_dir: {tmp_path / 'mine'}\n")
+    with pytest.raises(DataError, match=r"\('.*/mine', the config's data_dir, does not exist\)"):  # not the variable
+        recipes.run_recipe("hymenoptera", data_fn, description="", recipe_dir=RECIPES,
+                           argv=[*argv, "--config", str(tmp_path / "mine.yaml")])

@@ -90,12 +90,14 @@ def default_data_root() -> Path:
     return Path("..") / "shared" / "data"
 
 
-def _missing_data_dir(data_dir: Path, *, flag: bool) -> str:
-    """Where a recipe's data folder that does not exist came from: ``--data-dir`` (``flag``),
-    or ``$TRANSFERKIT_DATA``, whose default (`default_data_root`) depends on where the
-    script is run from."""
-    if flag:
-        return f"the --data-dir folder {str(data_dir)!r} does not exist"
+def _missing_data_dir(data_dir: Path, came: str | None) -> str:
+    """Where a recipe's data folder that does not exist came from: ``came`` names the flag or
+    the config file that gave it; None: ``$TRANSFERKIT_DATA``, whose default
+    (`default_data_root`) depends on where the script is run from."""
+    if came == "config":
+        return f"{str(data_dir)!r}, the config's data_dir, does not exist"
+    if came is not None:
+        return f"{str(data_dir)!r} ({came}) does not exist"
     if os.environ.get("TRANSFERKIT_DATA"):
         return f"{str(data_dir)!r} does not exist (TRANSFERKIT_DATA={os.environ['TRANSFERKIT_DATA']})"
     return (f"{str(data_dir)!r} does not exist: TRANSFERKIT_DATA is not set, so the data root is "
@@ -253,7 +255,8 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     cli = {k: v for k, v in cli.items() if v is not None}
     if args.download:
         cli["download"] = True
-    cli.update(parse_overrides(args.set))
+    overridden = parse_overrides(args.set)
+    cli.update(overridden)
     _refuse_owned(name, set(file_cfg) | set(cli))  # before merging: data= beside the file's data_dir is this error
     cfg = {k: expand_vars(v, k) for k, v in merge_config({**file_cfg, **cli}, source=f"{name} recipe").items()}
     recipe = {k: cfg.pop(k) for k in list(cfg) if k in RECIPE_KEYS}
@@ -283,7 +286,9 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     except DataError as exc:
         if data_dir.exists():
             raise
-        raise DataError(f"{exc} ({_missing_data_dir(data_dir, flag=args.data_dir is not None)})") from exc
+        came = "--data-dir" if args.data_dir is not None else "--set data_dir" if "data_dir" in overridden else \
+            "config" if "TRANSFERKIT_DATA" not in str(file_cfg.get("data_dir", "${TRANSFERKIT_DATA}")) else None
+        raise DataError(f"{exc} ({_missing_data_dir(data_dir, came)})") from exc
     train, val, test, classes = _sliced(data, recipe.get("limit"), cfg.get("seed", 0))
     summaries = []
     for run_name, run_cfg in run_cfgs.items():
@@ -321,7 +326,7 @@ def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[s
     source = f"{name} recipe, run {run_name!r}" if run_name else f"{name} recipe"
     run_cfg = merge_config(cfg, overrides, cli, source=source)
     run_cfg = {k: expand_vars(v, k) for k, v in run_cfg.items()}
-    run_cfg = _image_options_of(run_cfg, written_for, given, source)
+    run_cfg = _image_options_of(run_cfg, written_for, "backbone_options" in {*cli, *overrides}, source)
     if run_settings is not None:
         run_cfg = run_settings(run_cfg, given)
     if run_cfg.get("head") == "logistic":  # settings of the whole recipe that a probe (no epochs) has no use for
@@ -334,13 +339,15 @@ def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[s
     return run_cfg
 
 
-def _image_options_of(run_cfg: dict[str, Any], written_for: Any, given: set[str], source: str) -> dict[str, Any]:
-    """A run's settings where the user chose another ``spec:`` backbone than the config's
-    (``written_for``): the config's ``image_options`` (its image backbone's, e.g. ``widths``
-    of ``tk:small_cnn``) are left out, with a note, unless the user gave ``backbone_options``;
-    the spectrogram's options (``n_mels``, ``clip_seconds``, ...) stay."""
+def _image_options_of(run_cfg: dict[str, Any], written_for: Any, given: bool, source: str) -> dict[str, Any]:
+    """A run's settings where the user chose another ``spec:`` backbone than the config file's
+    (``written_for``, the backbone its ``backbone_options`` were written for, in the recipe's
+    own file or the ``--config`` file): the file's ``image_options`` (its image backbone's,
+    e.g. ``widths`` of ``tk:small_cnn``) are left out, with a note, unless ``backbone_options``
+    were ``given`` beside the file (a flag, ``--set``, the run's block); the spectrogram's
+    options (``n_mels``, ``clip_seconds``, ...) stay."""
     backbone, options = str(run_cfg.get("backbone", "")), run_cfg.get("backbone_options") or {}
-    if not backbone.startswith("spec:") or backbone == written_for or "backbone_options" in given \
+    if not backbone.startswith("spec:") or written_for is None or backbone == written_for or given \
             or "image_options" not in options:
         return run_cfg
     print(f"{source}: backbone_options image_options={options['image_options']!r} (written for the config's "

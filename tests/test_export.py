@@ -78,7 +78,8 @@ def test_the_exported_file_refuses_pixels_it_would_misread(tmp_path):
                            metadata={"labels": ["ant", "bee", "cat"], "input_spec": read_metadata(path)["input_spec"]})
     assert not (tmp_path / "other.pt").exists()
     for one in (x[0], x[:, 0]):  # one image without its batch dimension; a grayscale batch read as RGB
-        with pytest.raises(Exception, match=r"Images are a batch \[N, C, H, W\], got a tensor of 3 dimensions"):
+        with pytest.raises(Exception, match=r"Images are a batch \[N, C, H, W\] \(C = 3\), got a tensor of 3 "
+                                            r"dimensions"):
             module(one)
         with pytest.raises(ValueError, match="Images are a batch"):
             model(one)
@@ -276,8 +277,9 @@ def test_export_checks_each_example_batch_and_the_output_shape(tmp_path):
         export_torchscript(model, tmp_path / "x.pt", metadata=meta, example_inputs=torch.zeros(0, 3, 8, 8))
     # images [N, H, W]: the eager model ran them as one image [C, H, W], and the batch sizes 1
     # and 3 that the export recorded were one image's scores
-    with pytest.raises(ExportError, match=r"Images are a batch \[N, C, H, W\], got a tensor of 3 dimensions "
-                                          r"\[1, 16, 16\]: add the batch dimension .*\); nothing was written"):
+    with pytest.raises(ExportError, match=r"Images are a batch \[N, C, H, W\] \(C = 3\), got a tensor of 3 "
+                                          r"dimensions \[1, 16, 16\]: one image .* is x.unsqueeze\(1\)"
+                                          r".expand\(-1, 3, -1, -1\); nothing was written"):
         export_torchscript(model, tmp_path / "x.pt", metadata=meta, example_inputs=images(3, 16)[:, 0])
 
     class Pooled(nn.Module):  # one row for the whole batch
@@ -287,6 +289,18 @@ def test_export_checks_each_example_batch_and_the_output_shape(tmp_path):
                                           r"not one row per input"):
         export_torchscript(Pooled(), tmp_path / "x.pt", metadata=meta, example_inputs=images(3, 16))
     assert not (tmp_path / "x.pt").exists()
+    if onnx_usable():  # the ONNX export checks its examples the same way (it wrote Pooled's file)
+        from transferkit.export import export_onnx
+
+        meta = {**meta, "input_spec": {**meta["input_spec"], "image_size": 16}}  # one size per ONNX file
+
+        with pytest.raises(ExportError, match=r"\(1, 2\) for the example batch \(3, 3, 16, 16\): not one row per"):
+            export_onnx(Pooled(), tmp_path / "x.onnx", metadata=meta, example_inputs=images(3, 16))
+        with pytest.raises(ExportError, match=r"Images are a batch .*; nothing was written"):  # was a raw ValueError
+            export_onnx(model, tmp_path / "x.onnx", metadata=meta, example_inputs=images(3, 16)[:, 0])
+        assert export_onnx(model, tmp_path / "m.onnx", metadata=meta, example_inputs=images(1, 16)).batch_sizes \
+            == (1, 2)
+        assert not (tmp_path / "x.onnx").exists()
 
 
 @pytest.mark.parametrize("change, message", [

@@ -17,8 +17,9 @@ class ImagePreprocess(nn.Module):
     """Raw pixels to the backbone's normalised input.
 
     Accepts ``uint8`` images in [0, 255] or floating-point images in [0, 1], shape
-    ``[N, C, H, W]`` (another number of dimensions raises ``ValueError``); subtracts ``mean`` and divides by ``std`` per channel, in the dtype of
-    its buffers (float32 unless the module was cast). Other integer pixels (``int64`` from
+    ``[N, C, H, W]`` (another number of dimensions raises ``ValueError``); subtracts ``mean``
+    and divides by ``std`` per channel, in the dtype of its buffers (float32 unless the module
+    was cast). Other integer pixels (``int64`` from
     ``torch.tensor(list)``) raise ``ValueError``: read as float they would give other outputs
     without a word. Scripted (an exported file, run where transferkit's own checks are not),
     float pixels further than `FLOAT_SLACK` outside [0, 1] (pixels in [0, 255]) raise too.
@@ -36,8 +37,10 @@ class ImagePreprocess(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:  # [C, H, W] broadcasts: one image's scores, or a grayscale batch read as RGB
-            raise ValueError("Images are a batch [N, C, H, W], got a tensor of " + str(x.dim()) + " dimensions "
-                             + str(list(x.shape)) + ": add the batch dimension for one image (x.unsqueeze(0)).")
+            c = str(self.mean.shape[1])
+            raise ValueError("Images are a batch [N, C, H, W] (C = " + c + "), got a tensor of " + str(x.dim())
+                             + " dimensions " + str(list(x.shape)) + ": one image [C, H, W] is x.unsqueeze(0), a "
+                             "batch of grayscale images [N, H, W] is x.unsqueeze(1).expand(-1, " + c + ", -1, -1).")
         # in the module's own dtype (float32, or what ``model.double()`` made it)
         if x.dtype == torch.uint8:
             x = x.to(self.mean.dtype) / 255.0

@@ -58,6 +58,7 @@ from transferkit.export.torchscript import (
     one_and_many,
     parity,
     parity_examples,
+    reference_outputs,
 )
 
 
@@ -250,9 +251,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
                           f"{sorted({str(x.dtype) for x in examples})}. Pass examples of one dtype (the predictor "
                           "converts uint8 and float images to the file's).")
     eager = eager_copy(model)
-    batches = _batches(examples)
-    with torch.no_grad():
-        width = int(eager(examples[0][:1]).shape[1])
+    batches, reference = reference_outputs(eager, [(b, False) for b in _batches(examples)])
+    width = int(reference[0].shape[1])
     meta = complete_metadata(metadata, num_outputs=width, fmt=ONNX_FORMAT)
     check_onnx_examples(meta, examples)
     dynamic = {0: "batch"} if examples[0].ndim != 2 else {0: "batch", 1: "time"}
@@ -267,17 +267,15 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
         # TorchScript export's does); the metadata leaves the graph, and so the check, as it is
         session = ort.InferenceSession(tmp, sess_options=session_options(ort), providers=["CPUExecutionProvider"])
         diff, scale = np.zeros(width), np.zeros(width)  # per output
-        with torch.no_grad():
-            for xb in batches:
-                ref = eager(xb).double().numpy()
-                got = np.asarray(session.run(None, {"input": xb.numpy()})[0], dtype=np.float64)
-                if got.shape != ref.shape:
-                    raise ExportError(f"The ONNX model returns {got.shape} for {tuple(xb.shape)}, eager {ref.shape}.")
-                _check_finite("eager", ref, xb)
-                _check_finite("ONNX", got, xb)
-                if ref.size:
-                    diff = np.maximum(diff, np.abs(got - ref).max(axis=0))
-                    scale = np.maximum(scale, np.abs(ref).max(axis=0))
+        for xb, out in zip(batches, reference):
+            ref = out.double().numpy()
+            got = np.asarray(session.run(None, {"input": xb.numpy()})[0], dtype=np.float64)
+            if got.shape != ref.shape:
+                raise ExportError(f"The ONNX model returns {got.shape} for {tuple(xb.shape)}, eager {ref.shape}.")
+            _check_finite("ONNX", got, xb)
+            if ref.size:
+                diff = np.maximum(diff, np.abs(got - ref).max(axis=0))
+                scale = np.maximum(scale, np.abs(ref).max(axis=0))
         if meta.get("task") == "regression":  # outputs in their own units: each checked at its own scale
             diff, tol, j = parity(torch.from_numpy(diff), torch.from_numpy(scale), atol, rtol)
             where = f" in output {j}, checked at its own scale"

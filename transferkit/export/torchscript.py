@@ -245,15 +245,19 @@ def reference_outputs(eager: nn.Module, batches: Sequence[tuple[torch.Tensor, bo
             except Exception as exc:  # noqa: BLE001 - e.g. a model written for uint8 input only
                 if derived:
                     continue
+                said = exception_line(exc).rstrip(".")
                 raise ExportError(f"The model fails on the example inputs (a batch {tuple(xb.shape)} {xb.dtype}): "
-                                  f"{exception_line(exc).rstrip('.')}; nothing was written. Give example inputs the model "
-                                  "takes (images: uint8 pixels or floats in [0, 1]; audio: float waveforms).") from exc
-            if isinstance(out, torch.Tensor) and (out.ndim == 0 or out.shape[0] != xb.shape[0]):
+                                  f"{said}; nothing was written. Give example inputs the model takes (images: uint8 "
+                                  "pixels or floats in [0, 1]; audio: float waveforms).") from exc
+            if not isinstance(out, torch.Tensor) or out.ndim != 2:
+                raise ExportError(f"The model must return a [N, num_outputs] tensor; it returns "
+                                  f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}.")
+            if out.shape[0] != xb.shape[0]:
                 raise ExportError(f"The model returns {tuple(out.shape)} for the example batch {tuple(xb.shape)}: "
-                                  f"not one row per input, so the example's first dimension is not its batch; "
-                                  "nothing was written. Give example inputs as a batch (images [N, C, H, W], audio "
-                                  "[N, T]).")
-            if isinstance(out, torch.Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
+                                  "not one row per input, so the examples are not a batch (images [N, C, H, W], "
+                                  "audio [N, T]) or the model mixes the inputs of a batch (a reshape(1, -1), a mean "
+                                  "over the batch); nothing was written.")
+            if out.is_floating_point() and not torch.isfinite(out).all():
                 raise ExportError(f"The model returns NaN/inf on the example inputs ({_count_bad(out)} of "
                                   f"{out.numel()} outputs for a batch {tuple(xb.shape)} {xb.dtype}), so the export "
                                   "cannot be checked against it; nothing was written. Check the model's weights "
@@ -388,11 +392,7 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
     eager = eager_copy(model)
     _check_float_pixels(eager, examples)
     batches, reference = reference_outputs(eager, _check_batches(examples))
-    out = reference[0]
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise ExportError(f"The model must return a [N, num_outputs] tensor; it returns "
-                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}.")
-    meta = complete_metadata(metadata, num_outputs=int(out.shape[1]))
+    meta = complete_metadata(metadata, num_outputs=int(reference[0].shape[1]))
     with quiet_jit():
         scripted, kind = _to_script(eager, examples[0][:1], mode)
     candidates = [(how, scripted) for how in (_optimizations(eager, examples[0]) if optimize else ())] + \

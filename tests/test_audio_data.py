@@ -247,7 +247,7 @@ def test_prepare_audio_data_from_waveforms_with_their_own_rate():
         prepare_audio_data([(torch.zeros(800), 0)] * 4, spec=SPEC8K, val_split=0)
 
 
-def test_a_sample_rate_of_any_whole_number_type_is_a_rate():
+def test_a_sample_rate_of_any_whole_number_type_is_a_rate(tmp_path):
     """Rates as pandas or numpy give them (np.int64, 44100.0) are rates; others are named."""
     for rate in (np.int64(16000), np.int32(16000), 16000.0, np.float64(16000)):
         items = [(_tone(300 + 1000 * (i % 2), 1600, 16000), rate, i % 2) for i in range(8)]
@@ -270,6 +270,9 @@ def test_a_sample_rate_of_any_whole_number_type_is_a_rate():
                                         r"make 16001 classes. Items with a rate are \(waveform, sample_rate, label\)"):
         prepare_audio_data(items, spec=SPEC8K, val_split=0)
     assert len(prepare_audio_data(items, spec=SPEC8K, val_split=0, classes=[str(i) for i in range(16001)]).train) == 8
+    sf.write(tmp_path / "a.wav", _tone(300, 1600), 8000)  # (path, label): a file carries its rate, so these are labels
+    files = prepare_audio_data([(str(tmp_path / "a.wav"), 1000 + i % 2) for i in range(4)], spec=SPEC8K, val_split=0)
+    assert len(files.train) == 4 and files.classes[-2:] == ["1000", "1001"]
 
 
 @pytest.mark.parametrize("name", ["ta:wav2vec2_tiny", "spec:tk:small_cnn"])

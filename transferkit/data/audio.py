@@ -805,7 +805,8 @@ def _audio_dataset(data: Any, spec: InputSpec, classes: list[str] | None, what: 
         if named is not None:
             raise DataError(f"{what.capitalize()} item {named} gives a file path with a sample rate: a file carries "
                             "its own rate (it is resampled to the model's). Give (path, label).")
-        pairs = sorted({t for it, (_, t) in zip(items, samples) if len(it) == 2})
+        pairs = sorted({t for it, (_, t) in zip(items, samples)
+                        if len(it) == 2 and not isinstance(it[0], (str, Path))})  # (waveform, label)
         if not classes and pairs and pairs[0] >= MIN_SAMPLE_RATE:  # (waveform, sample_rate) without its label
             raise DataError(f"Every label of the {what} dataset's (waveform, label) items is {MIN_SAMPLE_RATE} or more "
                             f"({', '.join(map(str, pairs[:4]))}{', ...' if len(pairs) > 4 else ''}), as sample rates "

@@ -368,7 +368,11 @@ def test_evaluate_folder_and_csv(run, capsys, tmp_path, monkeypatch):
     (["finetune", "--data", "x", "--polcy=full", "--optimser", "sgd", "--zzz"],
      "transferkit finetune: error: unrecognized arguments: --polcy=full --optimser sgd --zzz. Did you mean "
      "'--policy' for --polcy, '--optimizer' for --optimser?"),
-    (["predict", "m.pt", "a.png", "--qqqqqq"], "transferkit predict: error: unrecognized arguments: --qqqqqq\n"),
+    (["predict", "m.pt", "a.png", "--qqqqqq"], "transferkit predict: error: unrecognized arguments: --qqqqqq.\n"),
+    (["finetune", "--data", "x", "--", "y"], "transferkit finetune: error: unrecognized arguments: -- y.\n"),
+    (["finetune", "--data", "x", "--version", "--polcy=a", "--polcy=b"],
+     "unrecognized arguments: --version --polcy=a --polcy=b. Did you mean '--policy'? --version is an option of "
+     "transferkit itself: give it before the command.\n"),
     (["fintune"], "'lr-find', 'inspect'). Did you mean 'finetune'?"),
     (["finetune", "--optimizer", "adamm"], "(choose from 'adamw', 'adam', 'sgd'). Did you mean 'adam' or 'adamw'?"),
 ])

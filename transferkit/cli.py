@@ -553,8 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     from transferkit._version import __version__
 
     p = Parser(prog="transferkit", formatter_class=HELP,
-                                description="Transfer learning on torchvision, timm and torchaudio backbones, with "
-                                            "verified TorchScript exports.\n`transferkit COMMAND --help` for each.")
+               description="Transfer learning on torchvision, timm and torchaudio backbones, with verified "
+                           "TorchScript exports.\n`transferkit COMMAND --help` for each.")
     p.add_argument("--version", action="version", version=f"transferkit {__version__}")
     p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     p.add_argument("--max-image-pixels", type=pixel_limit, default=None, metavar="N",

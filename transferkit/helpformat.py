@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn
+from typing import Any
 
 from transferkit.errors import closest, suggest
 
@@ -16,8 +15,9 @@ from transferkit.errors import closest, suggest
 class Parser(argparse.ArgumentParser):
     """argparse's parser whose errors name the nearest known spellings: of an option the
     command does not have (``--polcy`` -> ``'--policy'``), said by the parser of the command it
-    follows (its usage line, not the top level's), and of a choice (a command name, ``fintune``
-    -> ``'finetune'``), as values of settings already are (argparse says only "unrecognized
+    follows (its usage line, not the top level's; an option of the top level given after the
+    command is said to go before it), and of a choice (a command name, ``fintune`` ->
+    ``'finetune'``), as values of settings already are (argparse says only "unrecognized
     arguments" and "invalid choice")."""
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
@@ -25,10 +25,15 @@ class Parser(argparse.ArgumentParser):
         if extras:
             parser = self._command_parser(parsed)
             options = [o for o in parser._option_string_actions if o.startswith("--")]
-            unknown = [x.split("=", 1)[0] for x in extras if x.startswith("--")]
-            near = [(x, close[0]) for x in unknown if (close := closest(x, options, n=1))]
-            said = repr(near[0][1]) if len(near) == 1 else ", ".join(f"{c!r} for {x}" for x, c in near)
-            parser.error(f"unrecognized arguments: {' '.join(extras)}" + (f". Did you mean {said}?" if near else ""))
+            near, own = {}, []
+            for x in dict.fromkeys(x.split("=", 1)[0] for x in extras if x.startswith("--") and x != "--"):
+                if parser is not self and x in self._option_string_actions:
+                    own.append(f"{x} is an option of {self.prog} itself: give it before the command.")
+                elif close := closest(x, options, n=1):
+                    near[x] = close[0]
+            said = [f"Did you mean {next(iter(near.values()))!r}?" if len(near) == 1 else
+                    "Did you mean " + ", ".join(f"{c!r} for {x}" for x, c in near.items()) + "?"] if near else []
+            parser.error(" ".join([f"unrecognized arguments: {' '.join(extras)}.", *said, *own]))
         return parsed
 
     def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
@@ -40,12 +45,14 @@ class Parser(argparse.ArgumentParser):
                     return chosen._command_parser(parsed)
         return self
 
-    def error(self, message: str) -> NoReturn:
-        found = re.fullmatch(r"argument .*: invalid choice: '(.*)' \(choose from (.*)\)", message, re.S)
-        hint = suggest(found.group(1), re.findall(r"'([^']*)'", found.group(2))) if found else ""
-        if hint:
-            message += "." + hint
-        super().error(message)
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        try:
+            super()._check_value(action, value)  # type: ignore[misc]
+        except argparse.ArgumentError as exc:
+            hint = suggest(value, [str(c) for c in action.choices or ()]) if isinstance(value, str) else ""
+            if not hint:
+                raise
+            raise argparse.ArgumentError(action, f"{exc.message}.{hint}") from None
 
 
 class HELP(argparse.RawDescriptionHelpFormatter):

@@ -232,3 +232,5 @@ def test_a_feature_norm_divides_a_rare_feature_by_a_floor_not_its_own_tiny_std()
     assert norm.std[5] == 1.0
     active = torch.cat([torch.rand(1, 4), torch.tensor([[0.05, 0.25]])], 1)  # active at validation
     assert norm(active)[0].abs().max() < 40  # was 1,500 for the rare feature
+    norm.set_stats(1000 * train.mean(0), 1000 * train.std(0, unbiased=False))  # features on a large scale
+    assert norm.std[5] == norm.std[4] == 10 * median  # constant: by the floor where it is above 1, as the rare one

@@ -77,6 +77,23 @@ def test_interrupted_and_resumed_run_is_bit_identical(image_folder, tmp_path, ki
         assert resumed.feature_report["computed"] == 0 and resumed.feature_report["shards"] > 4
 
 
+def test_a_resume_keeps_the_feature_norm_its_head_was_trained_with(image_folder, tmp_path, monkeypatch):
+    """The resume computed the head's FeatureNorm statistics again and overwrote the
+    checkpoint's: a checkpoint written under another rule for them (the std floor) went on with
+    statistics its head was not trained with."""
+    common = dict(weights=None, data=image_folder, image_size=32, device="cpu", num_workers=0, seed=3, batch_size=4,
+                  verbose=False, policy="feature_extraction", epochs=4)
+    full = tk.finetune("tk:small_cnn", **common)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Interrupt):
+        tk.finetune("tk:small_cnn", checkpoint=ckpt, callbacks=[_stop_after(2)], **common)
+    real = tk.FeatureNorm.set_stats
+    monkeypatch.setattr(tk.FeatureNorm, "set_stats", lambda self, mean, std, eps=1e-6: real(self, mean, 2 * std, eps))
+    resumed = tk.finetune("tk:small_cnn", checkpoint=ckpt, resume=True, **common)  # another rule now
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), f"{k} differs after resume"
+
+
 def test_a_checkpoint_whose_run_did_not_try_compile_resumes_where_it_is_tried(image_folder, tmp_path):
     # compile='auto' is a trial where torch.compile can run, plain False where it cannot (or before the trial):
     # where the run runs, not what it computes

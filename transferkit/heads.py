@@ -86,8 +86,9 @@ class FeatureNorm(_FixedStats):
     head trained on cached features, so that it trains on standardised features (every
     feature on the same scale: one learning rate and one weight decay suit them all).
     ``set_stats`` fills in the training features' statistics (a feature with ``std < eps``,
-    constant, is only centred; another is divided by at least `STD_FLOOR` times the median
-    feature's std); until then it is the identity.
+    constant, is only centred, or divided by the floor below where that is above 1; another is
+    divided by at least `STD_FLOOR` times the median feature's std); until then it is the
+    identity.
 
     Example:
         >>> norm = FeatureNorm(2)
@@ -97,9 +98,11 @@ class FeatureNorm(_FixedStats):
     """
 
     def set_stats(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
-        varying = std[std >= eps]
-        floor = STD_FLOOR * float(varying.median()) if varying.numel() else 0.0
-        super().set_stats(mean, torch.where(std >= eps, std.clamp_min(floor), std), eps)
+        varying = std >= eps
+        floor = STD_FLOOR * float(std[varying].median()) if bool(varying.any()) else 0.0
+        # a constant feature is divided by 1, or by the floor where that is larger (features on a large
+        # scale): never by more than a varying feature's divisor the floor could give it
+        super().set_stats(mean, torch.where(varying, std.clamp_min(floor), torch.full_like(std, max(1.0, floor))), eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

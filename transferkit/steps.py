@@ -79,9 +79,12 @@ class TrainingData:
     val_failed: list[int] = field(default_factory=list)
 
 
-def training_data(d: Decisions, run: Run, *, cached: bool | None = None, progress: Any = None) -> TrainingData:
+def training_data(d: Decisions, run: Run, *, cached: bool | None = None, progress: Any = None,
+                  norm: bool = True) -> TrainingData:
     """Cached features (``cached``, default: when the whole run trains on them; the head's
-    FeatureNorm statistics are set from them), else loaders over decoded, transformed inputs."""
+    FeatureNorm statistics are set from them, unless ``norm`` is False: a resumed run keeps its
+    checkpoint's, which its head was trained with), else loaders over decoded, transformed
+    inputs."""
     cached = d.cache if cached is None else cached
     if not cached:
         return input_loaders(d, run)
@@ -92,7 +95,7 @@ def training_data(d: Decisions, run: Run, *, cached: bool | None = None, progres
     with torch.random.fork_rng(devices=cuda):  # extraction leaves the RNG as it was: a resume is exact
         td = cached_features(d, run, progress=progress)
     td.seconds["features_s"] = time.perf_counter() - t0
-    if d.head_norm:
+    if d.head_norm and norm:
         run.model.head[0].set_stats(*td.stores["train"].stats())  # the exact statistics the head sees
     return td
 
@@ -468,7 +471,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None, head_phase_only: bool
                              probe_step=lambda bs: _probe_step(run, current["data"], bs),
                              started=lambda: loop.steps > 0, resumed=bool(cfg.resume)):
             if state.epoch < k or inputs is None:  # the frozen phase, on features computed once
-                td = current["data"] = training_data(d, run, cached=True, progress=progress)
+                td = current["data"] = training_data(d, run, cached=True, progress=progress, norm=state.epoch == 0)
                 if len(td.train_loader) != planned:  # files found unreadable: fewer batches than planned
                     steps, timing = _schedule_plan(d, len(td.train_loader), inputs)
                     sched.replan(**timing)

@@ -257,7 +257,7 @@ def check_mel_bands(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.
     """Warn of more mel bands than the spectrum resolves: a band without an FFT bin is a row
     of the log-mel image that never changes (torchaudio's own warning says neither how many
     nor what fits). One such band (128 bands at 16 kHz with ``n_fft=512``, a common setting)
-    costs little; many leave the image mostly blank.
+    costs little and is not said; more leave the image partly blank.
 
     Example:
         >>> check_mel_bands(8000, 256, 64)
@@ -270,7 +270,7 @@ def check_mel_bands(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.
 64 samples has 33), rows of the log-mel image that never change. Use n_mels <= 22, or a larger n_fft.
     """
     empty = _empty_bands(sample_rate, n_fft, n_mels, f_min, f_max)
-    if empty:
+    if empty > 1:
         fits = next((m for m in range(n_mels - 1, 0, -1) if not _empty_bands(sample_rate, n_fft, m, f_min, f_max)), 0)
         warn(f"n_mels={n_mels} is more mel bands than n_fft={n_fft} resolves at {sample_rate} Hz: {empty} of them hold "
              f"no frequency bin (an FFT of {n_fft} samples has {n_fft // 2 + 1}), rows of the log-mel image that never "

@@ -117,7 +117,7 @@ def test_cpp_program_agrees_with_python_on_images(program, tmp_path, task):
     assert proc.returncode == 1 and "takes 16x16" in proc.stderr
     # a bad input is reported and the others are predicted (the first one ended the run, and a
     # header that is not a number said "error: stoi")
-    bad = tmp_path / "bad.ppm"
+    bad = tmp_path / "builtins.ppm"  # a name the one-line message must not be cut at
     bad.write_bytes(b"P6\nabc 16\n255\n" + bytes(768))
     proc = _run(program, path, files[0], bad, wrong, files[1])
     assert proc.returncode == 1 and [g[1] for g in _parse(proc.stdout)] == [w.label for w in want[:2]]

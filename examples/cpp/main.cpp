@@ -165,16 +165,22 @@ torch::Tensor crop_middle(const torch::Tensor& wave, double window, int64_t rate
 }
 
 // The message of an error on one line: libtorch appends a C++ stack trace to its own, and an error
-// raised inside a TorchScript file (ValueError for pixels it would misread) ends its traceback
-// with the exception's line ("builtins.ValueError: ...").
+// raised inside a TorchScript file (ValueError for pixels it would misread) is a traceback of the
+// file's code that ends with the exception's line ("builtins.ValueError: ...", "RuntimeError: ...").
 std::string message(const std::exception& e) {
   const std::string what = e.what();
-  const auto raised = what.rfind("builtins.");
-  if (raised != std::string::npos) {
-    const std::string line = what.substr(raised + 9);
-    return line.substr(0, line.find('\n'));
+  const std::string first = what.substr(0, what.find('\n'));
+  if (first.rfind("The following operation failed in the TorchScript interpreter", 0) != 0) return first;
+  std::string raised = first;
+  std::istringstream lines(what);
+  for (std::string line; std::getline(lines, line);) {
+    const std::string name = line.rfind("builtins.", 0) == 0 ? line.substr(9) : line;
+    const auto colon = name.find(": ");
+    if (colon != std::string::npos && colon >= 5 && name.compare(colon - 5, 5, "Error") == 0 &&
+        name.find(' ') > colon)
+      raised = name;  // the last such line is the exception's
   }
-  return what.substr(0, what.find('\n'));
+  return raised;
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {

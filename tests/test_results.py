@@ -3,6 +3,8 @@ transferkit.evaluate, the summary, and the pictures' layout (curves, top-losses 
 
 from __future__ import annotations
 
+import warnings
+
 import matplotlib
 import numpy as np
 import pytest
@@ -217,3 +219,18 @@ def test_the_worst_files_keep_their_order_below_1e_12():
     rows = top_losses(torch.tensor([[0.0, 90.0], [0.0, 95.0], [0.0, 30.0]]), [0, 0, 0], ["a", "b"], k=3)
     assert [(i, round(loss, 3)) for i, loss, *_ in rows] == [(1, 95.0), (0, 90.0), (2, 30.0)]
 
+
+
+def test_labels_no_installed_font_draws_are_said_once_with_the_fix(tmp_path):
+    """matplotlib's 'Glyph 35987 (\\N{CJK ...}) missing from font(s) DejaVu Sans.' came through, once
+    per character, and the picture showed boxes without a word on what to do."""
+    pytest.importorskip("matplotlib")
+    from transferkit.train.reporting import plot_confusion_matrix
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        path = plot_confusion_matrix([[3, 1, 0], [0, 4, 0], [0, 0, 1]], ["貓", "犬", "dog"], tmp_path / "cm.png")
+    said = [str(w.message) for w in seen]
+    assert path.is_file() and len(said) == 1, said
+    assert said[0].startswith(f"{str(path)!r}: 2 character(s) of its labels (e.g. '貓犬') are in no installed font")
+    assert "install a font that has them" in said[0]

@@ -5,6 +5,8 @@ Both are optional extras: ``pip install transferkit[tensorboard]`` / ``transferk
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -122,9 +124,28 @@ def save_figure(fig: Any, path: str | Path) -> Picture:
     except ConfigError:
         plt.close(fig)
         raise
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"), what="plot")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"),
+                           what="plot")
     plt.close(fig)
+    missing: dict[str, str] = {}  # matplotlib warns once per character a font lacks
+    for w in seen:
+        found = _MISSING_GLYPH.search(str(w.message))
+        if found:
+            missing.setdefault(chr(int(found.group(1))), found.group(2))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if missing:
+        chars = "".join(list(missing)[:5])
+        warn(f"{str(out)!r}: {len(missing)} character(s) of its labels (e.g. {chars!r}) are in no installed font "
+             f"({next(iter(missing.values()))}) and show as boxes; install a font that has them (e.g. Noto Sans CJK "
+             "for Chinese, Japanese or Korean) to draw them.")
     return Picture(out)
+
+
+# matplotlib's warning for a character no font it tried has
+_MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from (?:current )?font\(s\) (.+?)\.?$")
 
 
 def plot_history(history: Sequence[dict[str, Any]], path: str | Path, *, frozen_epochs: int = 0) -> Path:

@@ -908,8 +908,22 @@ def test_compile_auto_is_a_trial_where_torch_compile_can_run(folder):
     for cache in ("auto", False):  # a frozen trunk, with or without the cache, has no step to try
         _, d = _decide(backbone=_backbone(), data=folder, policy="feature_extraction", cache_features=cache)
         assert d.speed["compile"] is False and "never trains" in d.speed["reasons"]["compile"]
-    _, d = _decide(backbone=_backbone(), data=folder, policy="full", compile=True)
-    assert d.speed["compile"] is True and d.speed["reasons"]["compile"] == "asked"
+    if unavailable is None:
+        _, d = _decide(backbone=_backbone(), data=folder, policy="full", compile=True)
+        assert d.speed["compile"] is True and d.speed["reasons"]["compile"] == "asked"
+
+
+def test_compile_true_where_torch_compile_cannot_run_is_refused_when_the_run_decides(folder, monkeypatch):
+    """compile=True without a C++ compiler was planned as "asked" and failed in the first training
+    step with a traceback of 112 lines (the feature pass's compile was refused up front)."""
+    import transferkit.facts as facts
+
+    monkeypatch.setattr(facts, "compile_unavailable", lambda device_type: "no C++ compiler was found")
+    with pytest.raises(tk.ConfigError, match=r"compile=True cannot run here: no C\+\+ compiler was found\. Use "
+                                             r"compile='auto' \(not tried where it cannot run\) or compile=False"):
+        _decide(backbone=_backbone(), data=folder, policy="full", compile=True)
+    _, d = _decide(backbone=_backbone(), data=folder, policy="feature_extraction", compile=True)  # never compiled
+    assert d.speed["compile"] is False
 
 
 def test_a_trunk_onnx_cannot_convert_is_timed_on_eager_with_a_one_line_reason(capfd):

@@ -61,7 +61,15 @@ def decide_compile(requested: bool | str, *, device_type: str, epochs: int, worl
         (False, 'compile=False')
         >>> decide_compile("auto", device_type="cpu", epochs=10)[0]
         'trial'
+        >>> decide_compile(True, device_type="cpu", epochs=10, unavailable="no C++ compiler was found")
+        Traceback (most recent call last):
+        ...
+        transferkit.errors.ConfigError: compile=True cannot run here: no C++ compiler was found. Use compile='auto' \
+(not tried where it cannot run) or compile=False.
     """
+    if requested is True and unavailable is not None and epochs > 0:  # it would fail in the first step
+        raise ConfigError(f"compile=True cannot run here: {unavailable}. Use compile='auto' (not tried where it "
+                          "cannot run) or compile=False.")
     if requested is True:
         return True, "asked" if shapes is None else (f"asked; {shapes}: batches of changing shapes are compiled "
                                                      "again (dynamic shapes), which not every model compiles")

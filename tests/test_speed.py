@@ -171,6 +171,12 @@ def test_hybrid_trunks_are_timed_once_and_the_verdict_is_kept(monkeypatch, tmp_p
     again = SpeedConfig.make(CPU, precision="fp32", trunk=trunk, image_size=16, layout_cache=store)
     assert trunk.calls == 12 and again.channels_last == s.channels_last
     assert str(store) in again.reasons["channels_last"]
+    other = _Hybrid()  # the same class, another architecture: timed on its own (it had this one's verdict and
+    other.lin = nn.Linear(32, 64)  # its reason, which named this one's share of Conv2d weights)
+    share = f"{conv_share(other)[0]:.0%} of the Conv2d + Linear weights Conv2d"
+    assert share not in s.reasons["channels_last"]
+    theirs = SpeedConfig.make(CPU, precision="fp32", trunk=other, image_size=16, layout_cache=store)
+    assert other.calls == 12 and share in theirs.reasons["channels_last"]
 
 
 def test_measured_verdict_follows_the_timings(monkeypatch):

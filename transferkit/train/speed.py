@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -295,9 +296,16 @@ def _auto_layout(device_type: str, conv: tuple[float, int] | None, *, kind: str,
 
 
 def _layout_key(trunk: nn.Module, device: torch.device, image_size: int) -> str:
+    """What a layout timing holds for: the trunk's class and its architecture (a digest of its
+    parameters' names and shapes: two trunks of one class, timm's EfficientNet-B0 and -B7, or two
+    nn.Sequential, are timed apart; the weights' values do not change the timing), the device
+    (CPU capability and threads, or GPU name), the image size and torch's version."""
     cap = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else torch.cuda.get_device_name(device)
-    return f"{type(trunk).__module__}.{type(trunk).__qualname__}|{device.type}|{cap}|{int(image_size)}|" \
-           f"torch {torch.__version__}"
+    threads = f" {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    shapes = hashlib.blake2b(";".join(f"{n}:{tuple(p.shape)}" for n, p in trunk.named_parameters()).encode(),
+                             digest_size=6).hexdigest()
+    return f"{type(trunk).__module__}.{type(trunk).__qualname__}:{shapes}|{device.type}|{cap}{threads}|" \
+           f"{int(image_size)}|torch {torch.__version__}"
 
 
 
@@ -309,8 +317,8 @@ def measure_layout(trunk: nn.Module, device: torch.device, *, image_size: int = 
     interleaved). The trunk's mode and layout are restored; a trunk not yet on ``device`` (the
     run moves it there later) is timed as a copy there and left where it is.
 
-    The decision is cached per (trunk class, device, CPU capability or GPU name, image size,
-    torch version) for the process, and in the JSON file ``store`` when given, so that later
+    The decision is cached per `_layout_key` (trunk class and architecture, device, CPU
+    capability and threads or GPU name, image size, torch version) for the process, and in the JSON file ``store`` when given, so that later
     runs (and their feature-cache keys) make the same choice instead of re-timing it under
     another load.
     """

@@ -308,6 +308,17 @@ def test_a_forced_engine_that_fails_on_its_first_batch_is_one_engine_error(monke
         eng.engine_forward("compile", _model(), _batch(), device=CPU, precision="fp32", channels_last=False)
     eng.release_engines()
 
+    def traced_wrong(*a, **k):  # dynamo's own text holds "compile": no compiler hint for a failure of the model's
+        def fwd(x):
+            raise RuntimeError("TorchRuntimeError: RuntimeError when making fake tensor call, while torch.compile "
+                               "traced the model. Set torch._dynamo.config.suppress_errors to fall back to eager")
+        return fwd
+    monkeypatch.setattr(eng, "_compiled_forward", traced_wrong)
+    with pytest.raises(tk.EngineError, match=r"The compile feature pass failed on its first batch: RuntimeError: "
+                                             r"TorchRuntimeError"):
+        eng.engine_forward("compile", _model(), _batch(), device=CPU, precision="fp32", channels_last=False)
+    eng.release_engines()
+
     def out_of_memory(*a, **k):  # the device's memory, not the compiler: raised as it is
         def fwd(x):
             raise torch.OutOfMemoryError("CUDA out of memory")

@@ -764,12 +764,17 @@ def engine_forward(engine: str, model: nn.Module, example: torch.Tensor, *, devi
         except Exception as exc:  # the first call compiles (inductor) or runs the session: a failure names the engine
             _forget(key)
             fix = " (inductor needs a working C++ compiler and the Python headers, e.g. python3-dev)" \
-                if engine == "compile" and re.search(r"cxx|c\+\+|compil|Python\.h", str(exc), re.I) else ""
+                if engine == "compile" and re.search(_COMPILER_TROUBLE, str(exc), re.I) else ""
             which = "its first batch" if i == 0 else f"a batch of other items ({tuple(batch.shape)})"
             raise EngineError(f"The {engine} feature pass failed on {which}{fix}: {exception_line(exc)}. "
                               "Use feature_engine='eager', or 'auto', which skips an engine that fails.") from exc
         _VERIFIED[(key, _digest(batch))] = rel
     return fwd
+
+
+# what an inductor error says where the C++ compiler or the Python headers are at fault (dynamo's
+# own text holds "compile" in most of its errors: the word alone says nothing of the compiler)
+_COMPILER_TROUBLE = r"InvalidCxxCompiler|CppCompileError|C\+\+ compiler|\bcxx\b|Python\.h|\bg\+\+|\bgcc\b|\bclang"
 
 
 def _forget(key: tuple) -> None:

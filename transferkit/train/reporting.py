@@ -135,7 +135,7 @@ def save_figure(fig: Any, path: str | Path) -> Picture:
         if found:
             missing.setdefault(chr(int(found.group(1))), found.group(2))
         else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            warn(str(w.message), w.category)  # matplotlib's others, as they were
     if missing:
         chars = "".join(list(missing)[:5])
         warn(f"{str(out)!r}: {len(missing)} character(s) of its labels (e.g. {chars!r}) are in no installed font "

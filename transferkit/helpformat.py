@@ -7,7 +7,7 @@ import contextlib
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from transferkit.errors import closest, suggest
 
@@ -21,6 +21,7 @@ class Parser(argparse.ArgumentParser):
     arguments" and "invalid choice")."""
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        self._given = [str(a) for a in (sys.argv[1:] if args is None else args)]  # for `error`
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             parser = self._command_parser(parsed)
@@ -44,6 +45,18 @@ class Parser(argparse.ArgumentParser):
                 if isinstance(chosen, Parser):
                     return chosen._command_parser(parsed)
         return self
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        """argparse's error, with the nearest spelling of an unknown option where the command is
+        missing (``transferkit --verison``: argparse says only that COMMAND is required)."""
+        if "the following arguments are required" in message:
+            known = [o for o in self._option_string_actions if o.startswith("--")]
+            unknown = [x.split("=", 1)[0] for x in getattr(self, "_given", []) if x.startswith("--") and x != "--"
+                       and x.split("=", 1)[0] not in self._option_string_actions]
+            near = [c[0] for x in unknown if (c := closest(x, known, n=1))]
+            if near:
+                message += f"; {unknown[0]} is not an option. Did you mean {near[0]!r}?"
+        super().error(message)
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
         try:

@@ -298,35 +298,33 @@ def test_a_disagreeing_engine_is_refused_when_forced_and_rejected_under_auto(mon
 def test_a_forced_engine_that_fails_on_its_first_batch_is_one_engine_error(monkeypatch):
     """A compiler present but broken (inductor's InvalidCxxCompiler, missing Python headers)
     fails at the first call: named as the engine's failure, not a traceback from inductor."""
-    def broken(*a, **k):
-        def fwd(x):
-            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx")
-        return fwd
-    monkeypatch.setattr(eng, "_compiled_forward", broken)
+    def compiled_failing_with(exc):
+        def compiled(*a, **k):
+            def fwd(x):
+                raise exc
+            return fwd
+        monkeypatch.setattr(eng, "_compiled_forward", compiled)
+
+    def forced():
+        try:
+            eng.engine_forward("compile", _model(), _batch(), device=CPU, precision="fp32", channels_last=False)
+        finally:
+            eng.release_engines()
+
+    compiled_failing_with(RuntimeError("InvalidCxxCompiler: No working C++ compiler found in "
+                                       "torch._inductor.config.cpp.cxx"))
     with pytest.raises(tk.EngineError, match=r"The compile feature pass failed on its first batch \(inductor needs a "
                                              r"working C\+\+ compiler .*\): RuntimeError: InvalidCxxCompiler"):
-        eng.engine_forward("compile", _model(), _batch(), device=CPU, precision="fp32", channels_last=False)
-    eng.release_engines()
-
-    def traced_wrong(*a, **k):  # dynamo's own text holds "compile": no compiler hint for a failure of the model's
-        def fwd(x):
-            raise RuntimeError("TorchRuntimeError: RuntimeError when making fake tensor call, while torch.compile "
-                               "traced the model. Set torch._dynamo.config.suppress_errors to fall back to eager")
-        return fwd
-    monkeypatch.setattr(eng, "_compiled_forward", traced_wrong)
+        forced()
+    # dynamo's own text holds "compile": no compiler hint for a failure of the model's
+    compiled_failing_with(RuntimeError("TorchRuntimeError: RuntimeError when making fake tensor call, while "
+                                       "torch.compile traced the model. Set torch._dynamo.config.suppress_errors"))
     with pytest.raises(tk.EngineError, match=r"The compile feature pass failed on its first batch: RuntimeError: "
                                              r"TorchRuntimeError"):
-        eng.engine_forward("compile", _model(), _batch(), device=CPU, precision="fp32", channels_last=False)
-    eng.release_engines()
-
-    def out_of_memory(*a, **k):  # the device's memory, not the compiler: raised as it is
-        def fwd(x):
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        return fwd
-    monkeypatch.setattr(eng, "_compiled_forward", out_of_memory)
+        forced()
+    compiled_failing_with(torch.OutOfMemoryError("CUDA out of memory"))  # the device's memory: raised as it is
     with pytest.raises(torch.OutOfMemoryError):
-        eng.engine_forward("compile", _model(), _batch(), device=CPU, precision="fp32", channels_last=False)
-    eng.release_engines()
+        forced()
 
 
 def test_an_engine_compared_while_timed_is_not_compared_again_on_that_batch(monkeypatch):

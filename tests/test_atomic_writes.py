@@ -297,7 +297,8 @@ def test_check_writable_names_the_path_the_purpose_and_the_fix(tmp_path):
         (dict(path=tmp_path / "afile" / "onnx" / "f.onnx", what="ONNX feature pass"),  # a path in cache_dir
          f"'{tmp_path / 'afile'}' is a file, not a folder. Move or remove that file"),
         (dict(path=tmp_path / "afile", what="plots", kind="dir"), "is a file, but a folder is needed"),
-        (dict(path="", what="export", flag="--out"), "The export path '' (--out) is empty; give a file path."),  # was '.'
+        # the path as given ('' was said as '.')
+        (dict(path="", what="export", flag="--out"), "The export path '' (--out) is empty; give a file path."),
         (dict(path=tmp_path, what="checkpoint"), f"give a file path such as '{tmp_path / 'checkpoint.pt'}'"),
         (dict(path=tmp_path, what="plot"), f"give a file path such as '{tmp_path / 'plot.png'}'"),
         # a file transferkit names itself: no file name to suggest, the folder is in the way

@@ -111,7 +111,8 @@ int header_number(std::istream& in, const std::string& path, const std::string& 
     used = 0;
   }
   if (used != tok.size() || value <= 0)
-    throw std::runtime_error(path + ": not a binary PPM image (its " + what + " is '" + tok + "', not a positive number)");
+    throw std::runtime_error(path + ": not a binary PPM image (its " + what + " is '" + tok +
+                             "', not a positive number)");
   return value;
 }
 

@@ -318,9 +318,9 @@ def measure_layout(trunk: nn.Module, device: torch.device, *, image_size: int = 
     run moves it there later) is timed as a copy there and left where it is.
 
     The decision is cached per `_layout_key` (trunk class and architecture, device, CPU
-    capability and threads or GPU name, image size, torch version) for the process, and in the JSON file ``store`` when given, so that later
-    runs (and their feature-cache keys) make the same choice instead of re-timing it under
-    another load.
+    capability and threads or GPU name, image size, torch version) for the process, and in
+    the JSON file ``store`` when given, so that later runs (and their feature-cache keys) make
+    the same choice instead of re-timing it under another load.
     """
     key = _layout_key(trunk, device, image_size)
     if key in _LAYOUT_CACHE:

@@ -135,5 +135,11 @@ def test_a_file_of_the_other_kind_and_a_missing_folder_are_said_as_such(tmp_path
     got = wav.predict([str(tmp_path / "cat.png")])[0]
     assert not got.ok and got.error.endswith(". It is an image by its name (.png), and audio is read here (an "
                                              "audio model): give audio files.")
+    (tmp_path / "sound.png").write_bytes((tmp_path / "clip.wav").read_bytes())  # the other kind by its content
+    (tmp_path / "picture.wav").write_bytes((tmp_path / "cat.png").read_bytes())
+    assert img.predict([str(tmp_path / "sound.png")])[0].error.endswith(
+        ". It is an audio file (WAV) by its content, and images are read here (an image model): give image files.")
+    assert wav.predict([str(tmp_path / "picture.wav")])[0].error.endswith(
+        ". It is an image (PNG) by its content, and audio is read here (an audio model): give audio files.")
     got = img.predict([str(tmp_path / "photos") + "/"])[0]
     assert not got.ok and got.error.startswith("The folder '") and "photos/' does not exist" in got.error

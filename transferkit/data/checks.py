@@ -54,10 +54,32 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".
 IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 
 
+def _kind_by_content(path: object) -> tuple[str, str] | None:
+    """``("audio file", "WAV")`` or ``("image", "PNG")`` for a file whose first bytes are those
+    of a common audio or image format, else None (or where it cannot be read)."""
+    try:
+        with open(path, "rb") as f:  # type: ignore[arg-type]
+            head = f.read(12)
+    except (OSError, TypeError, ValueError):
+        return None
+    audio = {b"fLaC": "FLAC", b"OggS": "OGG", b"ID3": "MP3"}
+    images = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP"}
+    if head[:4] == b"RIFF" and head[8:12] in (b"WAVE", b"WEBP"):
+        return ("audio file", "WAV") if head[8:12] == b"WAVE" else ("image", "WebP")
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "audio file", "AIFF"
+    for table, kind in ((audio, "audio file"), (images, "image")):
+        for magic, name in table.items():
+            if head.startswith(magic):
+                return kind, name
+    return None
+
+
 def other_kind(path: object, reads: str) -> str:
-    """What to say of a file whose name gives it the other kind of data than the reader's
-    (``reads``: ``"image"`` or ``"audio"``): an audio file listed as an image (a CSV's row,
-    ``predict`` on an image model), or the other way; ``""`` otherwise.
+    """What to say of a file of the other kind of data than the reader's (``reads``:
+    ``"image"`` or ``"audio"``), by its name or, under another name, by its first bytes: an
+    audio file listed as an image (a CSV's row, ``predict`` on an image model), or the other
+    way; ``""`` otherwise.
 
     Example:
         >>> other_kind("clip.WAV", "image")
@@ -70,7 +92,13 @@ def other_kind(path: object, reads: str) -> str:
         return f"It is an audio file by its name ({ext}), and images are read here (an image model): give image files."
     if reads == "audio" and ext in IMAGE_EXTENSIONS:
         return f"It is an image by its name ({ext}), and audio is read here (an audio model): give audio files."
+    found = _kind_by_content(path) if isinstance(path, (str, os.PathLike)) else None
+    here = "images are read here (an image model)" if reads == "image" else "audio is read here (an audio model)"
+    if found is not None and found[0] == ("audio file" if reads == "image" else "image"):
+        return f"It is an {found[0]} ({found[1]}) by its content, and {here}: give {reads} files."
     return ""
+
+
 LINK_LOOP = "a link back into a folder already walked"  # why a linked sub-folder is not walked (a loop)
 # files Pillow registers as readable that are no photographs (scientific stubs, documents, video, vector drawings)
 _NOT_PHOTOS = {".bufr", ".grib", ".h5", ".hdf", ".fit", ".fits", ".mpeg", ".mpg", ".ps", ".eps", ".emf", ".wmf"}

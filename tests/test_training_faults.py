@@ -236,3 +236,27 @@ def test_an_output_error_before_training_keeps_no_weights(image_folder, tmp_path
     with pytest.raises(OutputError) as info:
         tk.finetune("tk:small_cnn", data=image_folder, epochs=2, **{**FAST, "policy": "feature_extraction"})
     assert "weights" not in str(info.value) and list(cwd.iterdir()) == []
+
+
+def test_rank_0_keeps_the_weights_where_another_rank_was_interrupted_alone(tmp_path, monkeypatch):
+    """torchrun, no checkpoint, SIGTERM to rank 1 only: rank 1 said rank 0 saves the weights, and
+    rank 0 stopped on its failed collective with nothing saved (13 epochs lost in the pass)."""
+    import signal
+
+    import transferkit.train.faults as faults
+    from transferkit._signals import interrupt_exit
+
+    record = "rank 1 failed: TrainingInterrupted: Interrupted (SIGTERM). The weights are the same on every rank."
+    monkeypatch.setattr(faults, "peer_interruption", lambda: record)
+    saved = tmp_path / "m.interrupted.pt"
+    with pytest.raises(TrainingInterrupted) as info:
+        with faults.training_faults(checkpoint=None, batch_size=4, save_interrupted=lambda: saved, probe_step=None):
+            raise RuntimeError("[gloo] Read error: Connection reset by peer")  # the collective rank 1 left
+    assert info.value.checkpoint == saved
+    assert str(info.value).startswith(f"Interrupted (SIGTERM) on another rank: {record[:-1]}. The current weights "
+                                      f"were saved to {str(saved)!r}")
+    assert interrupt_exit(info.value, str(info.value))[1] == 143 and info.value.signum == signal.SIGTERM
+    monkeypatch.setattr(faults, "peer_interruption", lambda: None)  # a failure of this rank's own: as it is
+    with pytest.raises(RuntimeError, match="Connection reset"):
+        with faults.training_faults(checkpoint=None, batch_size=4, save_interrupted=lambda: saved, probe_step=None):
+            raise RuntimeError("[gloo] Read error: Connection reset by peer")

@@ -482,6 +482,7 @@ def rank_guard(info: DistInfo, *, poll_s: float = 0.25, grace_s: float = 2.0) ->
     prefix = f"transferkit/rank_guard/{next(_generation)}/"
     watchdog = _Watchdog(store, prefix, info, poll_s, grace_s)
     watchdog.start()
+    _guards.append((store, prefix + "first", info.rank))
     try:
         yield
     except BaseException as exc:
@@ -512,8 +513,27 @@ def rank_guard(info: DistInfo, *, poll_s: float = 0.25, grace_s: float = 2.0) ->
                                    f"{TIMEOUT_ENV}=<seconds>.") from exc
         raise
     finally:
+        _guards.pop()
         watchdog.stop()
         watchdog.join(timeout=1.0)
+
+
+_guards: list[tuple[Any, str, int]] = []  # the guarded blocks entered: (store, failure key, this rank)
+
+
+def peer_interruption() -> str | None:
+    """The failure record of another rank that was interrupted (Ctrl-C, SIGTERM) in the
+    innermost `rank_guard` block, where one is recorded; else None. Read where a collective of
+    this rank failed: a rank interrupted alone left it, and its weights, the same as this
+    rank's, are kept by rank 0 (`transferkit.train.faults.training_faults`)."""
+    if not _guards:
+        return None
+    store, key, rank = _guards[-1]
+    try:
+        first = store.get(key).decode() if store.check([key]) else ""
+    except Exception:  # noqa: BLE001 - the store is gone with the job
+        return None
+    return first if first and not first.startswith(f"rank {rank} ") and _said_interrupted(first) else None
 
 
 def exit_cleanly(code: int = 0) -> None:

@@ -8,6 +8,7 @@ mid-epoch leaves the last good one on disk untouched.
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from transferkit._io import file_stat
 from transferkit._signals import TrainingInterrupted, held_signals, signal_name
 from transferkit.errors import OutputError, TrainingError, TransferkitError
+from transferkit.train.distributed import peer_interruption
 
 
 RANK_0_KEEPS = ("The weights are the same on every rank of the job, so rank 0 saves them (its message says "
@@ -148,6 +150,18 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
                             "to normalise by. Use batch_size >= 2, a larger image_size, or keep the BatchNorm "
                             "statistics as they are (add ',bn=affine' or ',bn=frozen' to the policy).") from exc
     except RuntimeError as exc:
+        peer = peer_interruption()  # a collective failed because another rank was interrupted alone
+        if peer is not None and started() and not ours():  # its weights are this rank's: rank 0 keeps them
+            with held_signals(reraise=False):
+                saved = save_interrupted()
+            if saved is not None:
+                sig = "SIGTERM" if "(SIGTERM)" in peer else "Ctrl-C"
+                err = TrainingInterrupted(f"Interrupted ({sig}) on another rank: {peer.rstrip('.')}. The current "
+                                          f"weights were saved to {str(saved)!r} (usable as weights=... or with "
+                                          "`transferkit export`). Pass checkpoint=... to finetune() to be able to "
+                                          "resume a run exactly.", saved)
+                err.signum = signal.SIGTERM if sig == "SIGTERM" else signal.SIGINT  # type: ignore[attr-defined]
+                raise err from exc
         if not _is_oom(exc):
             raise
         if torch.cuda.is_available():

@@ -340,3 +340,13 @@ def test_lr_find_says_it_writes_none_of_finetune_s_outputs(image_folder, tmp_pat
         tk.lr_find("tk:small_cnn", weights=None, data=image_folder, num_steps=4, export=tmp_path / "m.pt",
                    checkpoint=tmp_path / "m.ckpt", **{k: v for k, v in LF.items() if k != "num_steps"})
     assert not (tmp_path / "m.pt").exists() and not (tmp_path / "m.ckpt").exists()
+
+
+def test_lr_find_in_a_job_of_several_processes_is_refused(monkeypatch, tmp_path):
+    """Under torchrun each rank swept its own share of the data and printed its own suggestion
+    (0.062 and 0.033 from the two ranks of one job), and lr_find(**kw) then finetune(lr=...) was
+    refused as ranks started with other settings."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(tk.ConfigError, match=r"lr_find runs in one process, and this is one of 2 processes of a job "
+                                             r"\(torchrun\).*Run lr_find without torchrun"):
+        tk.lr_find("tk:small_cnn", weights=None, data=tmp_path)

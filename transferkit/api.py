@@ -422,6 +422,12 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
         raise ConfigError("lr_find: head='logistic' fits a logistic-regression probe, which has no learning rate to "
                           "search (it tries the C values of probe_Cs). Use head='linear' for a head trained by "
                           "gradient, or linear_probe() for the probe.")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:  # each rank would sweep its own share of the data and suggest its own rate
+        raise ConfigError(f"lr_find runs in one process, and this is one of {world} processes of a job (torchrun): "
+                          "each would sweep its own share of the data and suggest its own rate (two ranks suggested "
+                          "0.062 and 0.033). Run lr_find without torchrun, then start the job with its suggestion "
+                          "(lr=...).")
     if plot is not None:
         check_writable(plot, what="plot", flag="plot")  # a folder or a read-only place: said before the test runs
         check_png_name(plot, flag="plot")

@@ -275,3 +275,23 @@ def test_ctrl_c_while_the_command_line_imports_torch_acts_once_the_import_is_who
     assert done == ["torch"]  # the import finished first
     assert cli.main(["backbones"]) == 130 and capsys.readouterr().err == "transferkit: interrupted (Ctrl-C)\n"
     assert done == ["torch", "torch"]
+
+
+def test_a_rank_that_does_not_join_in_time_is_one_line(monkeypatch):
+    """A rank started later than TRANSFERKIT_DIST_TIMEOUT: rank 0 printed torch's DistStoreError
+    with 85 lines of C++ frames, exit 1."""
+    import torch.distributed as dist
+
+    from transferkit.train import distributed
+
+    def late(*a, **k):
+        raise dist.DistStoreError("wait timeout after 4000ms, keys: /default_pg/0//cpu//0/1\nException raised from ...")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TRANSFERKIT_DIST_TIMEOUT", "4")
+    monkeypatch.setattr(dist, "init_process_group", late)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    with pytest.raises(distributed.DistributedError, match=r"^Rank 0: the 2 processes of the job did not all join "
+                                                           r"within 4 s \(wait timeout after 4000ms, keys: [^\n]*\)\. "
+                                                           r".*raise the limit with TRANSFERKIT_DIST_TIMEOUT"):
+        distributed.init_distributed(torch.device("cpu"))

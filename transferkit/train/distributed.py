@@ -124,8 +124,16 @@ def init_distributed(device: torch.device, *, timeout: float | None = None) -> t
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         with terminate_at_once():  # torchrun's SIGTERM when another rank failed before joining: nothing to save yet
-            dist.init_process_group(backend="cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo",
-                                    timeout=timedelta(seconds=info.timeout_s))
+            try:
+                dist.init_process_group(backend="cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo",
+                                        timeout=timedelta(seconds=info.timeout_s))
+            except (RuntimeError, dist.DistStoreError) as exc:  # DistStoreError: a rank that did not join in time
+                if not _is_timeout(exc) and not isinstance(exc, dist.DistStoreError):
+                    raise
+                raise DistributedError(f"Rank {info.rank}: the {info.world_size} processes of the job did not all "
+                                       f"join within {info.timeout_s:g} s ({str(exc).splitlines()[0]}). One of them "
+                                       f"started late or not at all; raise the limit with {TIMEOUT_ENV}=<seconds> "
+                                       "if its start is slow.") from exc
     return info, device
 
 

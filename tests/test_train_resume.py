@@ -197,8 +197,9 @@ def test_resume_refuses_a_checkpoint_from_other_settings(image_folder, tmp_path)
     ckpt = tmp_path / "run.pt"
     with pytest.raises(Interrupt):
         tk.finetune("tk:small_cnn", checkpoint=ckpt, callbacks=[_stop_after(1)], lr=1e-3, **common)
-    with pytest.raises(ConfigError, match="lr"):
+    with pytest.raises(ConfigError, match="lr") as info:
         tk.finetune("tk:small_cnn", checkpoint=ckpt, resume=True, lr=5e-3, **common)
+    assert str(info.value).endswith(f"(weights={str(ckpt)!r} keeps the trained weights).")  # was '<checkpoint>'
 
 
 def test_resume_takes_a_setting_given_as_the_value_it_was_decided_to_be(image_folder, tmp_path):

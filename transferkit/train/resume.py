@@ -70,7 +70,7 @@ def resume_refused(path: str | Path, diff: dict[str, tuple[Any, Any]]) -> Config
         data += " " + _relaunch(diff["world_size"][0])
     return ConfigError(f"Cannot resume from {str(path)!r}: this run's decisions differ from the checkpoint's "
                        f"(checkpoint -> now): {_format_diff(diff)}.{data} Use the same settings, or start a new "
-                       "run without resume (weights=<checkpoint> keeps the trained weights).")
+                       f"run without resume (weights={str(path)!r} keeps the trained weights).")
 
 
 def resume_from(path: str | Path, *, check: Callable[[dict[str, Any]], dict[str, tuple[Any, Any]]],

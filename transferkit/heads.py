@@ -86,9 +86,9 @@ class FeatureNorm(_FixedStats):
     head trained on cached features, so that it trains on standardised features (every
     feature on the same scale: one learning rate and one weight decay suit them all).
     ``set_stats`` fills in the training features' statistics (a feature with ``std < eps``,
-    constant, is only centred, or divided by the floor below where that is above 1; another is
-    divided by at least `STD_FLOOR` times the median feature's std); until then it is the
-    identity.
+    constant, is centred and divided by 1, or by the floor where that is above 1; another is
+    divided by at least the floor, `STD_FLOOR` times the median feature's std); until then it
+    is the identity.
 
     Example:
         >>> norm = FeatureNorm(2)
@@ -101,7 +101,7 @@ class FeatureNorm(_FixedStats):
         varying = std >= eps
         floor = STD_FLOOR * float(std[varying].median()) if bool(varying.any()) else 0.0
         # a constant feature is divided by 1, or by the floor where that is larger (features on a large
-        # scale): never by more than a varying feature's divisor the floor could give it
+        # scale): so never by less than a near-constant feature is
         super().set_stats(mean, torch.where(varying, std.clamp_min(floor), torch.full_like(std, max(1.0, floor))), eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,8 @@ def _kind_by_content(path: object) -> tuple[str, str] | None:
     """``("audio file", "WAV")`` or ``("image", "PNG")`` for a file whose first bytes are those
     of a common audio or image format, else None (or where it cannot be read)."""
     try:
+        if not os.path.isfile(path):  # type: ignore[arg-type]  # a FIFO would block the read
+            return None
         with open(path, "rb") as f:  # type: ignore[arg-type]
             head = f.read(12)
     except (OSError, TypeError, ValueError):

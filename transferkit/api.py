@@ -52,7 +52,7 @@ from transferkit.steps import (
 )
 from transferkit.checkpoints import load_checkpoint
 from transferkit.train.device import preserved_torch_settings
-from transferkit.train.distributed import barrier, rank_guard
+from transferkit.train.distributed import barrier, dist_info, rank_guard
 from transferkit.train.faults import interrupt_keeps_weights
 from transferkit.schedules import LRRange
 from transferkit.train.lr_find import LRFindResult, check_sweep, lr_range_test
@@ -422,12 +422,11 @@ def lr_find(config: FinetuneConfig | str | Backbone | None = None, /, *, start_l
         raise ConfigError("lr_find: head='logistic' fits a logistic-regression probe, which has no learning rate to "
                           "search (it tries the C values of probe_Cs). Use head='linear' for a head trained by "
                           "gradient, or linear_probe() for the probe.")
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = dist_info().world_size
     if world > 1:  # each rank would sweep its own share of the data and suggest its own rate
         raise ConfigError(f"lr_find runs in one process, and this is one of {world} processes of a job (torchrun): "
-                          "each would sweep its own share of the data and suggest its own rate (two ranks suggested "
-                          "0.062 and 0.033). Run lr_find without torchrun, then start the job with its suggestion "
-                          "(lr=...).")
+                          "each would sweep its own share of the data and suggest its own rate. Run lr_find without "
+                          "torchrun, then start the job with its suggestion (lr=...).")
     if plot is not None:
         check_writable(plot, what="plot", flag="plot")  # a folder or a read-only place: said before the test runs
         check_png_name(plot, flag="plot")

@@ -89,15 +89,16 @@ def other_kind(path: object, reads: str) -> str:
         >>> other_kind("cat.png", "audio"), other_kind("cat.png", "image")
         ('It is an image by its name (.png), and audio is read here (an audio model): give audio files.', '')
     """
-    ext = os.path.splitext(str(path))[1].lower() if isinstance(path, (str, os.PathLike)) else ""
-    if reads == "image" and ext in AUDIO_EXTENSIONS:
-        return f"It is an audio file by its name ({ext}), and images are read here (an image model): give image files."
-    if reads == "audio" and ext in IMAGE_EXTENSIONS:
-        return f"It is an image by its name ({ext}), and audio is read here (an audio model): give audio files."
-    found = _kind_by_content(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(path, (str, os.PathLike)):
+        return ""
+    other, named = ("audio file", AUDIO_EXTENSIONS) if reads == "image" else ("image", IMAGE_EXTENSIONS)
     here = "images are read here (an image model)" if reads == "image" else "audio is read here (an audio model)"
-    if found is not None and found[0] == ("audio file" if reads == "image" else "image"):
-        return f"It is an {found[0]} ({found[1]}) by its content, and {here}: give {reads} files."
+    ext = os.path.splitext(str(path))[1].lower()
+    if ext in named:
+        return f"It is an {other} by its name ({ext}), and {here}: give {reads} files."
+    found = _kind_by_content(path)
+    if found is not None and found[0] == other:
+        return f"It is an {other} ({found[1]}) by its content, and {here}: give {reads} files."
     return ""
 
 

@@ -592,6 +592,34 @@ def test_the_stored_timing_is_reused_by_a_later_run(folder, tmp_path, monkeypatc
     assert "read from an earlier timing on this input (cache_dir/engines.json)" in second.engine_reason
 
 
+@pytest.mark.parametrize("engine", ["eager", "onnxruntime"])
+def test_auto_reads_features_an_engine_cached_whole_without_timing_the_engines(folder, tmp_path, monkeypatch, engine):
+    """Features of the input that one engine cached whole are read under auto: the engines are
+    not timed (no engines.json: removed, or another number of threads), so no other engine's
+    timing can make the run compute every feature again under its key. A store that lacks a
+    part is no such store: the engines are timed."""
+    _time_onnx_on_tiny_data(monkeypatch)
+    cache = tmp_path / "c"
+    kw = {**KW, "backbone": _backbone(), "data": folder, "cache_dir": cache, "policy": "feature_extraction",
+          "epochs": 1}
+    first = tk.finetune(**kw, feature_engine=engine)
+    assert first.feature_report["computed"] >= 1 and not (cache / "engines.json").exists()
+
+    def no_timing(*a, **k):
+        raise AssertionError("the engines were timed")
+    with monkeypatch.context() as m:
+        m.setattr(eng, "measure_engines", no_timing)
+        again = tk.finetune(**kw)  # feature_engine="auto"
+    assert again.decisions.engine == engine
+    assert again.decisions.engine_reason.startswith("this input's features are in cache_dir already")
+    assert again.feature_report["computed"] == 0 and again.feature_report["reused"] == first.feature_report["computed"]
+    # one part missing: the engines are timed, as for a store never made
+    parts = sorted((cache / first.decisions.feature_key("val")).glob("part-*"))
+    shutil.rmtree(parts[-1])
+    third = tk.finetune(**kw)
+    assert "timed on the run's input" in third.decisions.engine_reason and (cache / "engines.json").is_file()
+
+
 def test_a_stored_onnx_verdict_whose_export_cannot_be_written_again_falls_back_before_deciding(folder, tmp_path,
                                                                                             monkeypatch):
     cache, kw, store = _stored_onnx_verdict(folder, tmp_path, monkeypatch)

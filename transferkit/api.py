@@ -32,13 +32,14 @@ from transferkit.export import Prediction, Predictor
 from transferkit.export.torchscript import ExportReport
 from transferkit.model import TransferModel
 from transferkit.decisions import Decisions, decide
-from transferkit.facts import environment, look
+from transferkit.facts import environment, look, timed_engines
 from transferkit.policies import Policy, param_groups
 from transferkit.results import export_result, result_predictor, result_summary
 from transferkit.run import Run, build
 from transferkit.outputs import (OUTPUTS, check_output_paths, check_output_space, check_plotting, check_png_name,
                                  output_locks)
 from transferkit.steps import (
+    cached_engine,
     evaluate,
     head_speed,
     metadata,
@@ -236,7 +237,8 @@ def _opened(cfg: FinetuneConfig, *, lock: bool, show_plan: bool = True) -> Itera
                 check_outputs(cfg)  # a bad output path fails now, not after training (and before its lock)
             if lock:
                 held.enter_context(_run_lock(cfg, is_main))
-            facts, inputs = look(cfg, env=env)
+            facts, inputs = look(cfg, env=env, time_engines=False)
+            facts = timed_engines(facts, inputs, cached=cached_engine(cfg, facts, inputs))
             d = decide(cfg, facts)
             if is_main:
                 for note in d.notes:

@@ -278,6 +278,13 @@ class Decisions:
                 "device": self.device_type, "views": self.config.cache_views if part == "train" else 1,
                 "seed": self.config.seed if random_views else None, "data": self.data_fingerprints.get(part)}
 
+    @property
+    def feature_dtype(self) -> str:
+        """The dtype cached features are stored in: the precision the engine computes them in
+        (bf16 features take half the bytes; ONNX Runtime computes fp32)."""
+        precision = engine_precision(self.engine, self.speed["feature_precision"])
+        return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+
     def feature_key(self, part: str) -> str:
         """The feature-cache key of ``part`` (``"in-memory"`` without ``cache_dir``)."""
         if self.config.cache_dir is None:
@@ -591,6 +598,9 @@ def _engine_decision(cfg: FinetuneConfig, facts: Facts, speed: dict[str, Any],
         return "eager", f"no cached feature pass{unused}", None
     if cfg.feature_engine == "auto" and e.get("pending"):
         return "eager", e["pending"], None
+    if cfg.feature_engine == "auto" and e.get("cached"):
+        return e["cached"], ("this input's features are in cache_dir already, every part complete: the engines "
+                             "are not timed"), None
 
     def decide_from(measured: dict[str, dict[str, Any]] | None) -> tuple[str, str]:
         return decide_engine(cfg.feature_engine, device_type=facts.device.type, available=e["available"],

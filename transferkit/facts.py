@@ -16,12 +16,14 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,7 @@ from transferkit.policies.structure import batchnorm_only_blocks
 from transferkit.policies.frozen_bn import eval_fingerprint
 from transferkit.train.device import resolve_device
 from transferkit.train.distributed import DistInfo, broadcast_object, init_distributed
-from transferkit.train.engines import compile_unavailable, engine_facts
+from transferkit.train.engines import compile_unavailable, engine_facts, time_candidates
 from transferkit.train.speed import SpeedConfig, decide_speed, layout_fact
 from transferkit.train.tasks import prepare_task_data, resolve_class_weights, target_summary
 
@@ -155,6 +157,8 @@ class Inputs:
     bundle: DataBundle
     dist: DistInfo
     device: torch.device
+    # the timing of the feature engines when `look` left it due (`timed_engines` runs it once)
+    engine_timing: Callable[[], dict[str, Any]] | None = None
 
 
 def environment(cfg: FinetuneConfig) -> tuple[DistInfo, torch.device]:
@@ -275,9 +279,10 @@ def check_runs_at(bb: Backbone, spec: InputSpec, *, by_name: bool = True, weight
 
 
 def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = None,
-         load_weights: bool = True) -> tuple[Facts, Inputs]:
+         load_weights: bool = True, time_engines: bool = True) -> tuple[Facts, Inputs]:
     """Gather the [`Facts`][transferkit.facts.Facts] of the run ``cfg`` describes (see the module
-    docstring). ``load_weights=False`` (a dry run) builds the backbone's structure only."""
+    docstring). ``load_weights=False`` (a dry run) builds the backbone's structure only.
+    ``time_engines=False`` leaves the timing of the feature engines due (`timed_engines`)."""
     info, dev = env if env is not None else environment(cfg)
     policy = Policy.parse(cfg.policy)
     head_kind, hidden = resolve_head(cfg.head, cfg.head_hidden)
@@ -305,29 +310,49 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
     frozen_phase = policy.frozen_phase_epochs(list(bb.block_names), cfg.epochs, has_batchnorm=backbone.has_batchnorm)
     trains_inputs = cfg.epochs - (frozen_phase if cfg.cache_features is not False else 0) >= 2
     data = _data_facts(cfg, bundle, spec, n_out, census_decode=trains_inputs)
-    engines = _engine_facts(cfg, bb, bundle, dev, device, backbone, frozen_phase, loaded=load_weights)
+    engines, engine_timing = _engine_facts(cfg, bb, bundle, dev, device, backbone, frozen_phase, loaded=load_weights)
     decoding = _input_decode_facts(cfg, bundle, dev, info, backbone)
     facts = Facts(device=device, backbone=backbone, data=data, policy=policy, head=head_kind, head_hidden=hidden,
                   engines=engines, input_decode=decoding, cache_read_only=read_only_folder(cfg.cache_dir))
-    return facts, Inputs(backbone=bb, bundle=bundle, dist=info, device=dev)
+    inputs = Inputs(backbone=bb, bundle=bundle, dist=info, device=dev, engine_timing=engine_timing)
+    return (timed_engines(facts, inputs) if time_engines else facts), inputs
 
 
 def _engine_facts(cfg: FinetuneConfig, bb: Backbone, bundle: DataBundle, dev: torch.device, device: DeviceFacts,
-                  backbone: BackboneFacts, frozen_phase: int, *, loaded: bool) -> dict[str, Any]:
+                  backbone: BackboneFacts, frozen_phase: int, *,
+                  loaded: bool) -> tuple[dict[str, Any], Callable[[], dict[str, Any]] | None]:
     """Feature-engine hook: the facts of the engine decision when the run has a frozen feature
-    pass (timing needs the feature pass's precision and layout: `decide_speed` is pure)."""
+    pass (timing needs the feature pass's precision and layout: `decide_speed` is pure), and
+    the timing of the candidates when it is due (`timed_engines` runs it)."""
     if frozen_phase == 0 or cfg.cache_features is False:
-        return {}
+        return {}, None
     spec = backbone.input_spec
     speed = decide_speed(device_type=dev.type, bf16=(device.bf16, device.bf16_why), precision=cfg.precision,
                          channels_last=cfg.channels_last, kind=spec.kind, conv=(backbone.conv_share, backbone.n_conv),
                          layout_timed=backbone.layout_timed, cached=True, features=True)
     n = len(bundle.train) * cfg.cache_views + (len(bundle.val) if bundle.val is not None else 0)
     batch = SpeedConfig.of(dev, speed).feature_batch_size(cfg.batch_size)  # the feature pass's batches
-    return engine_facts(cfg.feature_engine, trunk=bb.trunk if loaded else None, spec=spec,
-                        dataset=bundle.train.view(transform=eval_transform(spec)), device=dev,
-                        precision=speed["feature_precision"], channels_last=speed["channels_last"], n_images=n,
-                        world_size=device.world_size, batch_size=batch, cache_dir=cfg.cache_dir, structure=bb.trunk)
+    timing = dict(trunk=bb.trunk if loaded else None, spec=spec, dataset=bundle.train.view(transform=eval_transform(spec)),
+                  device=dev, precision=speed["feature_precision"], channels_last=speed["channels_last"],
+                  n_images=n, batch_size=batch, cache_dir=cfg.cache_dir)
+    out = engine_facts(cfg.feature_engine, **timing, world_size=device.world_size, structure=bb.trunk, measure=False)
+    return out, (functools.partial(time_candidates, out["due"], **timing) if out.get("due") else None)
+
+
+def timed_engines(facts: Facts, inputs: Inputs, *, cached: str | None = None) -> Facts:
+    """``facts`` with the engine timing that `look` left due done: the candidates timed on the
+    run's own input, or, with ``cached`` (an engine whose features of this input are all in
+    ``cache_dir`` already: `transferkit.steps.cached_engine`), that engine recorded and nothing
+    timed. Facts without a due timing are returned as they are."""
+    if not facts.engines.get("due") or inputs.engine_timing is None:
+        return facts
+    engines = {k: v for k, v in facts.engines.items() if k != "due"}
+    if cached is not None:
+        engines["cached"] = cached
+    else:
+        engines["measured"] = inputs.engine_timing()
+    inputs.engine_timing = None
+    return replace(facts, engines=engines)
 
 
 def _check_same_data(bundle: DataBundle, info: DistInfo, cfg: FinetuneConfig | None = None) -> None:

@@ -1183,13 +1183,15 @@ def onnx_blocker(trunk: nn.Module) -> str | None:
 
 def engine_facts(requested: str, *, trunk: nn.Module | None, spec: Any, dataset: Any, device: torch.device,
                  precision: str, channels_last: bool, n_images: int, world_size: int, batch_size: int,
-                 cache_dir: str | Path | None, structure: nn.Module | None = None) -> dict[str, Any]:
+                 cache_dir: str | Path | None, structure: nn.Module | None = None,
+                 measure: bool = True) -> dict[str, Any]:
     """What the engine decision reads, gathered before deciding: the engines available here
     (ONNX Runtime not for a trunk it cannot convert: `onnx_blocker` on ``structure``, the
     trunk's modules, its weights loaded or not), the number of images the pass will see, and
     (``requested="auto"`` on one process with enough data, ``trunk`` loaded) the timing of
-    the candidates on `example_batches` of ``dataset`` (`measure_engines`, stored under
-    ``cache_dir``)."""
+    the candidates on `example_batches` of ``dataset`` (`time_candidates`, stored under
+    ``cache_dir``). ``measure=False`` leaves a due timing to the caller: ``"due"`` lists the
+    candidates to time."""
     available = engine_availability(device.type)
     blocked = onnx_blocker(structure) if structure is not None else None
     if blocked is not None and available.get("onnxruntime") is None:
@@ -1206,10 +1208,22 @@ def engine_facts(requested: str, *, trunk: nn.Module | None, spec: Any, dataset:
         out["pending"] = ("provisional: a dry run loads no weights, so it neither times the engines nor reads a "
                           "stored timing (keyed by the weights); the run does, and may choose another")
         return out
+    if not measure:
+        out["due"] = candidates
+        return out
+    out["measured"] = time_candidates(candidates, trunk=trunk, spec=spec, dataset=dataset, device=device,
+                                      precision=precision, channels_last=channels_last, n_images=n_images,
+                                      batch_size=batch_size, cache_dir=cache_dir)
+    return out
+
+
+def time_candidates(candidates: Sequence[str], *, trunk: nn.Module, spec: Any, dataset: Any, device: torch.device,
+                    precision: str, channels_last: bool, n_images: int, batch_size: int,
+                    cache_dir: str | Path | None) -> dict[str, dict[str, Any]]:
+    """`measure_engines` of eager and ``candidates`` on `example_batches` of ``dataset`` through
+    ``trunk``'s feature model (the global random state left as it was)."""
     batches = example_batches(dataset, batch_size=batch_size)
     model = feature_model(trunk, spec, device, channels_last=channels_last)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        out["measured"] = measure_engines(model, batches, device=device, precision=precision,
-                                          channels_last=channels_last, candidates=candidates, n_images=n_images,
-                                          cache_dir=cache_dir)
-    return out
+        return measure_engines(model, batches, device=device, precision=precision, channels_last=channels_last,
+                               candidates=list(candidates), n_images=n_images, cache_dir=cache_dir)

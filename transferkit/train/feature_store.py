@@ -723,6 +723,16 @@ def extract_parts(store: ShardedFeatureStore, dataset: Any, forward: Callable[[t
 
 
 # -- one process or every rank of a job ------------------------------------------------------
+def store_complete(directory: str | Path, key: str, *, num_samples: int, dim: int, dtype: Any = "float32",
+                   views: int = 1) -> bool:
+    """Whether ``directory/key`` holds a store of these parameters (its part size as
+    `part_size_for` makes it) with every part committed; nothing is written or hashed."""
+    store = ShardedFeatureStore.open(directory, key, num_samples=num_samples, dim=dim, dtype=dtype, views=views,
+                                     part_size=part_size_for(num_samples, dim, views=views, dtype=dtype),
+                                     read_only="probed")
+    return not store.other and len(store.reused_parts) == store.num_parts
+
+
 def open_store(directory: str | Path, key: str, info: DistInfo | None = None, **params: Any) -> ShardedFeatureStore:
     """`ShardedFeatureStore.open` on every rank of a job (every rank calls it with the same
     arguments): rank 0 opens first, then the local rank 0 of each node, then the others,

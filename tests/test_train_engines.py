@@ -701,9 +701,13 @@ def test_an_engine_that_fails_after_its_first_batch_is_skipped_while_timed_and_n
     failed = facts.engines["measured"]["onnxruntime"]
     assert failed["error"].endswith("simulated (on a timed batch after its first)") and "transient" not in failed
     eng.release_engines()
-    state.update(calls=0, error=OSError(28, "No space left on device"))  # the machine's state: timed again later
-    facts, d = _decide(backbone=_backbone(), data=folder)
-    assert d.engine == "eager" and facts.engines["measured"]["onnxruntime"]["transient"] is True
+    for error in (OSError(28, "No space left on device"),  # the machine's state: timed again later
+                  RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested "
+                               "buffer of size 1048576")):
+        eng.release_engines()
+        state.update(calls=0, error=error)
+        facts, d = _decide(backbone=_backbone(), data=folder)
+        assert d.engine == "eager" and facts.engines["measured"]["onnxruntime"]["transient"] is True
 
     monkeypatch.setattr(eng, "_onnx_forward", real)
     eng.release_engines()
@@ -718,6 +722,13 @@ def test_an_engine_that_fails_after_its_first_batch_is_skipped_while_timed_and_n
             state["verifying"] = False
     monkeypatch.setattr(eng, "check_against_eager", checking)
     monkeypatch.setattr(eng, "_onnx_forward", failing_later)
+    eng.release_engines()
+    state.update(calls=0, error=RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : bad allocation"))
+    with pytest.raises(tk.EngineError, match=r"The onnxruntime feature pass ran out of memory on a batch of the pass "
+                                             r"\(.*\): RuntimeError: .*bad allocation\. Free memory .* the failure is "
+                                             r"not recorded against the engine\.$"):
+        tk.finetune(**{**KW, **kw})
+    assert _decide(**kw)[1].engine == "onnxruntime"  # the stored verdict is unchanged
     eng.release_engines()
     state.update(calls=0, error=RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : simulated"))
     with pytest.raises(tk.EngineError, match=r"The onnxruntime feature pass failed on a batch of the pass \(.*\): "

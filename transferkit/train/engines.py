@@ -321,8 +321,8 @@ def _time_engines(model: nn.Module, batches: Sequence[torch.Tensor], *, device: 
                 got = fwd(batches[0]).float().cpu()  # the first call (compiles, warms up)
         except Exception as exc:  # an engine that fails here is reported and skipped
             out[name] = {"error": exception_line(exc)}
-            if isinstance(exc, (OSError, MemoryError)):  # this machine's state (a full disk, a file in the way),
-                out[name]["transient"] = True  # not the trunk's: a stored timing tries it again
+            if machine_state(exc):  # not the trunk's: a stored timing tries it again
+                out[name]["transient"] = True
             continue
         setup = time.perf_counter() - t0
         if ref is None:  # eager in fp32 is the reference
@@ -447,7 +447,7 @@ def _fastest(runners: dict[str, Callable], batches: Sequence[torch.Tensor], roun
                     if failed is None or name == "eager":
                         raise
                     failed[name] = {"error": f"{exception_line(exc)} (on a timed batch after its first)",
-                                    **({"transient": True} if isinstance(exc, (OSError, MemoryError)) else {})}
+                                    **({"transient": True} if machine_state(exc) else {})}
                     best.pop(name, None)
                     continue
                 if device.type == "cuda":
@@ -581,6 +581,25 @@ def _well_formed(saved: Any) -> bool:
 
 
 # --------------------------------------------------------------------------- the decision (pure)
+# how ONNX Runtime (a plain RuntimeError) and C++ allocators word running out of memory
+_OUT_OF_MEMORY = ("failed to allocate memory", "bad_alloc", "bad allocation", "out of memory")
+
+
+def machine_state(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of this machine's state rather than of an engine on its
+    trunk, so that a stored timing tries the engine again: an ``OSError`` (a full disk, a file
+    in the way) or running out of memory (``MemoryError``, torch's ``OutOfMemoryError``, or an
+    ONNX Runtime allocation failure, which is a plain runtime error).
+
+    Example:
+        >>> machine_state(RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory"))
+        True
+    """
+    if isinstance(exc, (OSError, MemoryError, torch.OutOfMemoryError)):
+        return True
+    return any(s in str(exc).lower() for s in _OUT_OF_MEMORY)
+
+
 def engine_precision(engine: str, precision: str) -> str:
     """The precision an engine computes the features in: ONNX Runtime fp32, the others the run's."""
     return "fp32" if engine == "onnxruntime" else precision
@@ -1040,6 +1059,11 @@ def lazy_engine_forward(engine: str, model: nn.Module, dataset: Any, *, batch_si
             raise
         except Exception as exc:  # prepared and checked, yet failing on a later batch: named, never a traceback
             _forget(prepared[0])  # not kept prepared for a later run in this process
+            if machine_state(exc):  # ONNX Runtime's allocation failure: not recorded against the engine
+                raise EngineError(f"The {engine} feature pass ran out of memory on a batch of the pass "
+                                  f"({tuple(x.shape)}): {exception_line(exc)}. Free memory (other processes, a "
+                                  "smaller model) and run again, or use feature_engine='eager'; the failure is not "
+                                  "recorded against the engine.") from exc
             why = f"{exception_line(exc)} (on a batch of the feature pass)"
             kept = _record_failure(engine, why, model, *example_of[0], **kwargs)
             raise EngineError(f"The {engine} feature pass failed on a batch of the pass ({tuple(x.shape)}): "

@@ -46,6 +46,10 @@ def interrupt_keeps_weights(save_interrupted: Callable[[], Path | None]) -> Iter
 
 
 def _is_oom(exc: BaseException) -> bool:
+    """Running out of memory in a training step (transferkit's own errors say what they are:
+    the feature pass's, whose batch is not the run's ``batch_size``, among them)."""
+    if isinstance(exc, TransferkitError):
+        return False
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 

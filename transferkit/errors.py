@@ -182,7 +182,8 @@ def unreadable_file(what: str, path: Any, exc: BaseException, fix: str, *, name:
     it (a member of a shard)."""
     shown = name or str(path)
     if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
-        named = "folder" if str(path).endswith(("/", os.sep)) else what  # 'photos/': a folder's name
+        # 'photos/': a folder's name; 'photos' (Path('photos/') drops the slash): a path of no known kind
+        named = "folder" if str(path).endswith(("/", os.sep)) else what if os.path.splitext(path)[1] else "path"
         return DataError(f"The {named} {shown!r} does not exist (looked for {os.path.abspath(path)!r}): check the "
                          "path.")
     if isinstance(path, (str, os.PathLike)) and os.path.isfile(path) and os.path.getsize(path) == 0:

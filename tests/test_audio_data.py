@@ -57,6 +57,24 @@ def test_load_audio_mixes_down_and_resamples(tmp_path):
     assert load_audio(tmp_path / "s.flac", mono=False).shape == (2, 4410)
 
 
+def test_channels_that_cancel_in_the_mix_are_warned_of(tmp_path, recwarn):
+    """A stereo clip whose channels are one signal and its inverse mixes down to silence: a file
+    and an in-memory waveform say so; channels that differ otherwise (one silent) do not."""
+    from transferkit.data.audio import to_waveform
+
+    tone = _tone(440, 4410, 44100)
+    sf.write(tmp_path / "inverted.wav", np.stack([tone, -tone], 1), 44100, subtype="PCM_16")
+    with pytest.warns(UserWarning, match=r"The 2 channels of '.*inverted.wav' cancel when mixed down to mono: the mix "
+                                         r"peaks \d+ dB below its loudest channel"):
+        assert float(load_audio(tmp_path / "inverted.wav").abs().max()) < 1e-3
+    with pytest.warns(UserWarning, match="The 2 channels of a waveform cancel"):
+        to_waveform(torch.stack([torch.from_numpy(tone), -torch.from_numpy(tone)]), 44100)
+    recwarn.clear()
+    load_audio(tmp_path / "inverted.wav", mono=False)  # the channels as they are: nothing is mixed
+    to_waveform(torch.stack([torch.from_numpy(tone), torch.zeros(4410)]), 44100)
+    assert not [w for w in recwarn if "cancel" in str(w.message)]
+
+
 def test_pcm_integer_waveforms_are_scaled_as_their_files_would_be(tmp_path):
     """int16, int32, int8 and 8-bit (unsigned) PCM give the same float waveform that
     soundfile reads from the same samples written to a file; other integers are refused."""

@@ -51,7 +51,7 @@ from transferkit.data.images import class_index
 from transferkit.data.late import FileDataset
 from transferkit.model import pcm_to_float
 from transferkit._text import plural
-from transferkit.errors import ConfigError, DataError, check_choice, unreadable_file
+from transferkit.errors import ConfigError, DataError, check_choice, unreadable_file, warn
 
 PAD_VALUE = float("nan")
 AUDIO_AUGMENTATIONS = ("none", "standard")
@@ -114,6 +114,30 @@ def _mp3_advice(paths: Sequence[str]) -> str:
         if any(p.lower().endswith(".mp3") for p in paths) else ""
 
 
+CANCELLING_MIX = 0.01  # a mix that peaks below this fraction of its loudest channel: the channels cancel
+
+
+def mix_down(wav: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """``[C, T]`` -> ``[T]``, the channels' mean, with a warning where the channels cancel (the
+    mix peaks below `CANCELLING_MIX` of its loudest channel, 40 dB down: a channel of inverted
+    polarity), so the model would hear near silence without a word. NaN (padding) is ignored.
+
+    Example:
+        >>> mix_down(torch.ones(2, 4)).tolist()
+        [1.0, 1.0, 1.0, 1.0]
+    """
+    mono = wav.mean(0)
+    if wav.shape[0] > 1:
+        loudest = float(wav.nan_to_num().abs().amax()) if wav.numel() else 0.0
+        mix = float(mono.nan_to_num().abs().amax()) if mono.numel() else 0.0
+        if loudest > 1e-3 and mix < CANCELLING_MIX * loudest:
+            below = 20 * math.log10(loudest / max(mix, 1e-12))
+            warn(f"The {wav.shape[0]} channels of {name or 'a waveform'} cancel when mixed down to mono: the mix "
+                 f"peaks {below:.0f} dB below its loudest channel (a channel of inverted polarity?), so the model "
+                 "hears near silence. Pass one channel, or invert the polarity of the inverted one.")
+    return mono
+
+
 def load_audio(path: str | Path, sample_rate: int | None = None, *, mono: bool = True,
                max_seconds: float | None = None) -> torch.Tensor:
     """Read a WAV/FLAC/OGG file as float32 in [-1, 1], mixed down to mono ``[T]``
@@ -127,7 +151,7 @@ def load_audio(path: str | Path, sample_rate: int | None = None, *, mono: bool =
     """
     wav, sr = read_audio(path, max_seconds=max_seconds)
     if mono:
-        wav = wav.mean(0)
+        wav = mix_down(wav, repr(str(path)))
     return resample(wav, sr, sample_rate) if sample_rate else wav
 
 
@@ -356,7 +380,7 @@ class AudioTransform:
     def __call__(self, wav: torch.Tensor) -> torch.Tensor:
         wav = torch.as_tensor(wav, dtype=torch.float32)
         if wav.ndim == 2:
-            wav = wav.mean(0)
+            wav = mix_down(wav)
         if self.augment is not None:
             wav = self.augment(wav, self.sample_rate)
         if self.clip is None:
@@ -766,7 +790,7 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
                             f"marks padding): channel {short} ends at sample {int(ends[short])}, channel "
                             f"{int(torch.argmax(ends))} at {int(ends.max())}. Pass channels of one length, or the "
                             "channel alone.")
-        wav = wav.mean(0)
+        wav = mix_down(wav)
     if wav.ndim == 1:
         wav = wav[: int(valid_lengths(wav[None])[0])] if torch.isnan(wav[-1:]).any() else wav  # trailing padding
     if wav.ndim != 1 or wav.shape[0] == 0:

@@ -90,6 +90,15 @@ def test_shards_named_by_a_glob_multi_dot_extensions_and_members_apart(tmp_path)
     with pytest.warns(UserWarning, match=r"4 samples of the training shards hold several images, none of them named "
                                          r"plainly \(e.g. 'k2: mask.png, input.png' in .*fields.tar'\): the first"):
         assert len(prepare_data(fields, val_split=0).train) == 4  # two without a label: left out
+    # keys that start with '_' or '-' are samples (YouTube-style ids); hidden files, WebDataset's metadata and a
+    # class list packed into the shard are not
+    under = shard(tmp_path / "under.tar", [m for k, (data, _, _) in enumerate(items)
+                                           for m in ((f"{'_-'[k % 2]}x{k}.png", data), (f"{'_-'[k % 2]}x{k}.cls",
+                                                                                          labels[k]))] +
+                  [("._x0.png", b"AppleDouble"), (".hidden.png", b"x"), ("__meta__.json", b"{}"),
+                   ("_info.json", json.dumps({"classes": ["dark", "light"]}).encode())])
+    b = prepare_data(under, val_split=0)
+    assert len(b.train) == 6 and b.train.targets == [int(x) for x in labels] and not b.report.warnings
     odd = tmp_path / "sh[v2]"  # a folder whose name reads as a glob: taken as it is
     odd.mkdir()
     (odd / "train-000.tar").write_bytes((tmp_path / "dotted.tar").read_bytes())

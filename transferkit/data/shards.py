@@ -78,8 +78,8 @@ from transferkit.errors import DataError, check_choice
 
 # 4: a shard is checked to its end (data after its end); 5: keys repeated in a row, 1 MiB padding; 6: the image
 # extensions of a folder (jpe, jfif, avif where Pillow reads it); 7: samples of several images, none plain; a
-# class index written as a whole float (1.0)
-INDEX_FORMAT = 7
+# class index written as a whole float (1.0); 8: keys that start with '_' are samples
+INDEX_FORMAT = 8
 IMAGE_EXTS = tuple(e[1:] for e in IMAGE_EXTENSIONS)  # a sample's image member: the extensions a folder scan reads
 LABEL_EXTS = ("cls", "txt", "json")
 # zeros a tar ends with: its two end-of-archive blocks and the record padding, GNU tar -b 2048's at most (the
@@ -467,6 +467,14 @@ def _check_end(f: Any, at: int, total: int) -> None:
                                "the shard again")
 
 
+def _metadata_member(key: str, ext: str) -> bool:
+    """A member that holds no sample: WebDataset's metadata (``__name__``) or a class list
+    (``_info.json``) packed into a shard. A hidden file (``.name``, macOS's ``._name``) has no key
+    (`_KEY_EXT`); other keys that start with ``_`` (``_x7Ab``) are samples, as WebDataset reads them."""
+    base = key.rsplit("/", 1)[-1]
+    return (len(base) > 4 and base.startswith("__") and base.endswith("__")) or (base == "_info" and ext == "json")
+
+
 def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> ShardIndex:
     """Read one shard's member headers (and label members) and list its samples; with
     ``scan`` ``"quick"`` or ``"full"``, check each image as image files are checked.
@@ -518,7 +526,7 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
                 if not m.isfile():
                     continue
                 mm = _KEY_EXT.match(m.name)
-                if mm is None or os.path.basename(m.name).startswith(("_", ".")):
+                if mm is None or _metadata_member(mm.group(1), mm.group(2)):
                     continue
                 key, ext = mm.group(1), mm.group(2).lower()
                 if m.offset_data + m.size > total:

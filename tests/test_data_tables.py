@@ -219,6 +219,32 @@ def test_parquet_labels_that_are_not_class_indices_or_names_are_refused_or_left_
                                          r"writes one\); it is a class of its own here\. Remove those samples"):
         b = read(["cat", "NaN", "dog", "NaN"])  # text, as a CSV's 'NaN' is warned of
     assert b.classes == ["NaN", "cat", "dog"]
+    for labels, kind in (([[0], [1], [0], [1]], "list"), ([b"x", b"y", b"x", b"y"], "bytes")):
+        with pytest.raises(tk.DataError, match=rf"4 labels are of type {kind} \(e.g. .*\)\. Store one class index or "
+                                               r"name per sample"):
+            read(labels)
+
+
+def test_validation_class_indices_are_read_by_the_training_classes_place_said_or_refused_where_ambiguous(tmp_path):
+    """Validation data that give class indices beside training data that name their classes are
+    read by place with a warning; where the training classes are named by numbers ('1', '2',
+    '3'), an index is ambiguous (1: the class '1', or the class at place 1, '2') and refused."""
+    images, labels, _ = _rows(make_image_folder(tmp_path / "img", per_class=3))
+
+    def table(name, column):
+        pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "label": column}), tmp_path / name)
+        return str(tmp_path / name)
+    ints = table("val.parquet", [t + 1 for t in labels])  # 1 and 2
+    with pytest.raises(tk.DataError, match=r"The validation Parquet data give class indices without class names "
+                                           r"\(e.g. 1\), and the training data's classes are named by numbers "
+                                           r"\(\['1', '2', '3'\]\): 1 could be the class named '1' or the training "
+                                           r"data's class at place 1 \('2'\)"):
+        prepare_data(table("digits.parquet", [str(t + 1) for t in labels[:-1]] + ["3"]), val_data=ints)
+    with pytest.warns(UserWarning, match=r"The validation Parquet data give class indices without class names: each "
+                                         r"index is read as the training data's class of that place \(0 = 'a', "
+                                         r"1 = 'b', 2 = 'c'\)"):
+        b = prepare_data(table("named.parquet", ["c"] + ["ab"[t] for t in labels[1:]]), val_data=ints)
+    assert b.classes == ["a", "b", "c"] and sorted(set(b.val.targets)) == [1, 2]
 
 
 def test_image_files_that_rows_read_by_path_are_part_of_the_data_s_identity(tmp_path):

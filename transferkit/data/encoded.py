@@ -311,14 +311,25 @@ def labels_by_name(labels: Sequence[Any], own: Sequence[str] | None, classes: Se
         ['dog', 'cat', 'cat']
     """
     what = f"The {part} {data}"
-    if classes and not own and part not in ("training", "validation") and report is not None \
-            and list(classes) != index_names(len(classes)) \
-            and any(isinstance(lab, (int, np.integer)) for lab in labels):  # a model of named classes
+    if classes and not own and part != "training" and list(classes) != index_names(len(classes)) \
+            and any(isinstance(lab, (int, np.integer)) for lab in labels):  # named classes, read by index
+        whose = "the training data's" if part == "validation" else "the model's"
         order = ", ".join(f"{i} = {c!r}" for i, c in enumerate(list(classes)[:6])) + \
             (", ..." if len(classes) > 6 else "")
-        report.warn(f"{what} give class indices without class names: each index is read as the model's class of that "
-                    f"place ({order}). Give the data their class names (labels as names, an _info.json 'classes' "
-                    "list beside shards, a ClassLabel column) to have them read by name.")
+        named = {nfc(str(c)): i for i, c in enumerate(classes)}
+        clash = next((int(lab) for lab in labels if isinstance(lab, (int, np.integer)) and
+                      named.get(str(int(lab)), int(lab)) != int(lab)), None)
+        if clash is not None:  # the index k names another class than the class named "k"
+            at = f" ({classes[clash]!r})" if 0 <= clash < len(classes) else ""
+            raise DataError(f"{what} give class indices without class names (e.g. {clash}), and {whose} classes are "
+                            f"named by numbers ({list(classes)[:10]}): {clash} could be the class named "
+                            f"{str(clash)!r} or {whose} class at place {clash}{at}. Give the labels as class names "
+                            "(strings), as the training data do, or an _info.json 'classes' list / ClassLabel column "
+                            "that names them.")
+        if report is not None:
+            report.warn(f"{what} give class indices without class names: each index is read as {whose} class of "
+                        f"that place ({order}). Give the data their class names (labels as names, an _info.json "
+                        "'classes' list beside shards, a ClassLabel column) to have them read by name.")
     if classes:
         check_label_names(list(classes), what, case=False)
     if own:
@@ -334,6 +345,11 @@ def labels_by_name(labels: Sequence[Any], own: Sequence[str] | None, classes: Se
         raise DataError(f"{what} have class indices {outside[:5]} outside 0..{len(own) - 1} for their own classes "
                         f"{list(own)[:10]}; fix the labels or the class list.")
     return [own[int(lab)] if isinstance(lab, (int, np.integer)) else lab for lab in labels]
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what: str,
@@ -355,6 +371,12 @@ def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what
         labels = [None if (isinstance(lab, (float, np.floating)) and math.isnan(lab)) or
                   (isinstance(lab, str) and not lab.strip()) else  # a blank name: no label, as a null cell
                   int(lab) if isinstance(lab, (float, np.floating)) else lab for lab in labels]
+    other = [lab for lab in labels if lab is not None and not isinstance(lab, (int, np.integer, str))]
+    if other:  # a list (a multi-label column), bytes, a dict: no class index or name
+        raise DataError(f"{what}: labels are class indices (0, 1, ...) or class names, and "
+                        f"{plural(len(other), 'label')} {'is' if len(other) == 1 else 'are'} of type "
+                        f"{type(other[0]).__name__} (e.g. {_shown(other[0])}). Store one class index or name per "
+                        "sample (several labels per sample: task='multilabel' with a CSV of path,labels rows).")
     ints = [lab for lab in labels if isinstance(lab, (int, np.integer))]
     names = [lab for lab in labels if isinstance(lab, str)]
     if ints and names:

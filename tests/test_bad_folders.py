@@ -350,7 +350,7 @@ def _split_layout(root: Path, *splits: str, classes=("ants", "bees")) -> Path:
     return root
 
 
-@pytest.mark.parametrize("held_out", ["val", "valid", "validation", "test"])
+@pytest.mark.parametrize("held_out", ["val", "valid", "validation", "dev", "test"])
 def test_a_held_out_folder_next_to_train_is_the_validation_split(tmp_path, held_out):
     root = _split_layout(tmp_path / "data", "train", held_out)
     bundle = prepare_data(root)

@@ -336,6 +336,15 @@ def test_folder_with_train_and_val_shards_validates_on_val(tmp_path):
     for data, val in ((s, s / "val-000000.tar"), (str(s / "train-{000000..000000}.tar"), s), (s, s)):
         b = prepare_data(str(data), val_data=str(val))
         assert (len(b.train), len(b.val)) == (7, 3), (data, val)
+    # dev-*.tar is validation data; beside shards named as no split, training shards are all trained on, said
+    dev = tmp_path / "dev"
+    write_shards(items[:7], dev, [7], prefix="train")
+    write_shards(items[7:], dev, [3], prefix="dev")
+    assert [len(p) for p in (prepare_data(str(dev)).train, prepare_data(str(dev)).val)] == [7, 3]
+    (dev / "dev-000000.tar").rename(dev / "extra-000000.tar")
+    with pytest.warns(UserWarning, match=r"holds shards named as training data \(train-000000\.tar\) and shards "
+                                         r"named as no split \(extra-000000\.tar\): all of them are trained on"):
+        assert len(prepare_data(str(dev), val_split=0).train) == 10
     with pytest.raises(tk.DataError, match=r"share 1 shard \(.*train-000000\.tar\).*inflates validation accuracy"):
         prepare_data(str(s / "train-000000.tar"), val_data=[str(s / "val-000000.tar"), str(s / "train-000000.tar")])
     # a folder of validation shards alone has nothing to train on; as val_data it serves

@@ -22,7 +22,7 @@ from transferkit.data.checks import (AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, LINK_LO
 from transferkit.errors import DataError
 
 TRAIN_NAMES = ("train", "training")
-VAL_NAMES = ("val", "valid", "validation")
+VAL_NAMES = ("val", "valid", "validation", "dev")
 TEST_NAMES = ("test",)
 SPLIT_NAMES = (*TRAIN_NAMES, *VAL_NAMES, *TEST_NAMES)  # in any case: Train/, VALID/
 # folders that archivers and notebooks leave behind; never data
@@ -71,7 +71,7 @@ def find_split_folders(root: str | Path) -> SplitFolders | None:
     """The split layout of ``root``, or None when ``root`` is a plain class folder.
 
     ``root`` is a split layout when it holds ``train/`` (or ``training/``) and a validation or
-    test folder (``val/``, ``valid/``, ``validation/``, ``test/``), or ``train/`` alone, and
+    test folder (``val/``, ``valid/``, ``validation/``, ``dev/``, ``test/``), or ``train/`` alone, and
     ``train/`` holds class sub-folders (a ``train/`` of image files is a class). The names
     match in any case (``Train/``, ``Val/``). Two training or two validation folders (``val/``
     and ``valid/``) are ambiguous: a [`DataError`][transferkit.DataError].

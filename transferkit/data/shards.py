@@ -266,7 +266,7 @@ def shard_list(data: Any) -> list[str] | None:
 
 # the words that name a split in a shard's file name, as a word of its own (imagenet-val-0001.tar, not
 # interval-0.tar); "trainval" (train and validation merged, as VOC names it) is training data
-_SPLIT_WORDS = {"train": ("trainval", "training", "train"), "val": ("validation", "valid", "val"), "test": ("test",)}
+_SPLIT_WORDS = {"train": ("trainval", "training", "train"), "val": ("validation", "valid", "val", "dev"), "test": ("test",)}
 _SPLIT_WORD = re.compile(r"(?<![a-z])(" + "|".join(w for ws in _SPLIT_WORDS.values() for w in ws) + r")(?![a-z])")
 
 
@@ -303,6 +303,11 @@ def split_shard_folder(folder: str | Path, report: DataReport | None = None) -> 
             report.warn(f"{str(folder)!r} holds training and {'validation' if by['val'] else 'test'} shards; its "
                         f"other shards are not used: {names(unused)}.")
         return train, held
+    if train and by[None] and report is not None:
+        report.warn(f"{str(folder)!r} holds shards named as training data ({names(train)}) and shards named as no "
+                    f"split ({names(by[None])}): all of them are trained on, as no shard is named as validation "
+                    "data. Name the held-out shards val-*.tar (or dev-*, test-*) to validate on them, or pass the "
+                    "training shards alone (a pattern such as train-*.tar).")
     if by["test"] and report is not None:
         report.warn(f"{str(folder)!r}: the shards named as test data ({names(by['test'])}) are trained on with the "
                     f"others, as no shard is named as training data. Name the training shards train-*.tar to hold "

@@ -179,6 +179,9 @@ def test_class_names_come_from_info_json_or_classes(tmp_path):
     (tmp_path / "s" / "_info.json").write_text(json.dumps({**info, "classes": ["night", "day"]}))
     assert prepare_data(str(tmp_path / "s"), val_split=0).classes == ["night", "day"]
     assert prepare_data(str(tmp_path / "s"), val_split=0, classes=["a", "b"]).classes == ["a", "b"]
+    (tmp_path / "s" / "_info.json").write_text(json.dumps({"classes": ["cat", "dog", "cat"]}))
+    with pytest.raises(tk.DataError, match=r"_info.json': its 'classes' list names \['cat'\] more than once"):
+        prepare_data(str(tmp_path / "s"), val_split=0)  # refused before training, not when the export checks labels
     (tmp_path / "s" / "_info.json").unlink()
     assert prepare_data(str(tmp_path / "s"), val_split=0).classes == ["0", "1"]
     # a shard named twice (or copied) is named in a warning: its samples would count twice

@@ -856,11 +856,16 @@ def _info_classes(path: str) -> list[str] | None:
             try:
                 info = json.loads(text)
             except ValueError as exc:
-                raise DataError(f"{str(p)!r} is not valid JSON ({exc}); fix it or pass classes=[...].") from exc
+                raise DataError(f"{str(p)!r} is not valid JSON ({exc}); fix it, or remove it and pass "
+                                "classes=[...].") from exc
             names = info.get("classes") if isinstance(info, dict) else None
             if names is not None:
                 if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
                     raise DataError(f"{str(p)!r}: 'classes' must be a list of class names.")
+                twice = sorted({c for c in names if names.count(c) > 1})
+                if twice:  # an index of either place would be one name: the model's labels could not be told apart
+                    raise DataError(f"{str(p)!r}: its 'classes' list names {twice[:5]} more than once; each class "
+                                    "is named once, in the order of its index. Fix the list.")
                 return names
     return None
 

@@ -178,3 +178,26 @@ def test_batchnorm_modes_on_resnet(mode):
     # convolutions follow the blocks whatever the BN mode
     assert not torch.equal(before["trunk.layer4.0.conv1.weight"], after["trunk.layer4.0.conv1.weight"])
     assert torch.equal(before["trunk.layer1.0.conv1.weight"], after["trunk.layer1.0.conv1.weight"])
+
+
+@pytest.mark.parametrize("blocks, said", [
+    ((("a", ("0", "1")), ("b", ("3", "4")), ("c", ())), r"block \['c'\] hold no parameter"),
+    ((("a", ("0", "1")), ("b", ("3", "4")), ("c", ("7",))), r"block \['c'\] hold no parameter"),
+    ((("a", ("0", "1", "3")), ("b", ("3", "4"))), r"in several blocks: \[\"3.weight -> \['a', 'b'\]\""),
+    ((("a", ("0", "1")), ("b", ("3", "4")), ("a", ("3",))), r"duplicate block names"),
+])
+def test_a_backbone_built_by_hand_has_its_blocks_checked_before_a_policy_counts_them(tmp_path, blocks, said):
+    """A Backbone object built by hand had its block map taken as it was: unfreeze:last=1 on a
+    block without parameters trained no trunk weight, and a module in two blocks stayed frozen
+    in the one a policy trains, while the plan said otherwise."""
+    import transferkit as tk
+    from conftest import make_image_folder
+    from transferkit.backbones import Block
+
+    trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    bb = Backbone(name="c", trunk=trunk, num_features=8, input_spec=InputSpec(image_size=16),
+                  blocks=tuple(Block(n, m) for n, m in blocks))
+    with pytest.raises(tk.BackboneError, match=r"Backbone 'c': .*" + said):
+        tk.plan(bb, data=make_image_folder(tmp_path / "img", per_class=2), policy="unfreeze:last=1")

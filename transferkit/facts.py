@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from transferkit._io import file_digest, read_only_folder
-from transferkit.backbones import Backbone, InputSpec, get_backbone
+from transferkit.backbones import Backbone, InputSpec, check_blocks, get_backbone
 from transferkit.backbones.spectrogram import SpecAugment
 from transferkit.backbones.weights import check_weights_file, is_weights_path
 from transferkit.config import OUTPUT_KEYS, FinetuneConfig, caller, check_seconds
@@ -414,6 +414,8 @@ def _own_backbone(cfg: FinetuneConfig, *, load_weights: bool) -> Backbone:
                               f"object, built already (weights: {backbone.weights or 'random init'}). Pass the name "
                               f"(backbone={backbone.name!r}, {given}), or build the object with them "
                               "(transferkit.get_backbone(name, weights=..., **options)).")
+        # a Backbone built by hand: its blocks are checked as the builders check theirs (a policy counts them)
+        check_blocks(backbone.trunk, tuple(backbone.blocks), name=f"Backbone {backbone.name!r}")
         own = copy.deepcopy(backbone)
         if backbone.weights_random():  # still as built (a copy's parameters are new tensors)
             own.mark_random_init()

@@ -813,6 +813,16 @@ def test_policy_options_that_do_nothing_are_noted(image_folder, tmp_path):
     assert "discriminative" not in notes("fine_tune", epochs=1)  # its own default: the frozen run is said already
 
 
+def test_l2sp_under_lora_without_blocks_pulls_no_weight_and_says_so(image_folder):
+    """Under LoRA no pretrained weight trains, so l2sp's alpha pulled nothing, without a word
+    (l2sp=0.1 and l2sp=1000 ended with the same weights); with blocks named it pulls them."""
+    kw = dict(backbone="timm:vit_tiny_patch16_224", weights=None, data=image_folder, image_size=32, epochs=2,
+              backbone_options={"img_size": 32, "patch_size": 8, "depth": 2}, verbose=False)
+    said = [n for n in tk.plan(**kw, policy="lora:r=4,l2sp=0.1").notes if n.startswith("l2sp=")]
+    assert len(said) == 1 and said[0].startswith("l2sp=0.1 pulls no weight: under LoRA no pretrained weight trains")
+    assert not [n for n in tk.plan(**kw, policy="lora:r=4,last=1,l2sp=0.1").notes if "under LoRA" in n]
+
+
 def test_settings_that_do_nothing_are_noted_and_a_warmup_past_its_phase_is_refused(image_folder):
     """momentum with Adam(W), warmup_epochs with one_cycle and weight_decay under L2-SP were
     taken without a word; a warmup longer than fine_tune's first phase was cut where the phase

@@ -346,7 +346,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     _check_trains_something(pol, trainable, bb.batchnorm_only)
     notes = _unused_settings(cfg, pol, head_passes(pol, cached_epochs, cfg.epochs))
     notes += _policy_options_unused(pol, cached_epochs=cached_epochs, cache_reason=reason, frozen=frozen,
-                                    pretrained=bb.pretrained)
+                                    pretrained=bb.pretrained, trains_blocks=any(trainable))
     if cfg.feature_engine not in ("auto", "eager") and not cached_epochs:
         notes.append(f"feature_engine={cfg.feature_engine!r} is not used: this run has no cached feature pass "
                      f"({reason}); it applies to a frozen backbone whose features are cached.")
@@ -444,10 +444,11 @@ def _unused_settings(cfg: FinetuneConfig, pol: Policy, passes: int) -> list[str]
 
 
 def _policy_options_unused(pol: Policy, *, cached_epochs: int, cache_reason: str, frozen: bool,
-                           pretrained: bool) -> list[str]:
+                           pretrained: bool, trains_blocks: bool = True) -> list[str]:
     """Notes for a policy's options that do nothing, or not what they say, in this run: the
-    head's ``passes`` without cached features, L2-SP on a backbone that does not train or that
-    starts from random weights, ``decay_norm_bias`` under L2-SP (which has no weight decay)."""
+    head's ``passes`` without cached features, L2-SP on a backbone that does not train, whose
+    pretrained weights do not (LoRA without blocks: ``trains_blocks`` False) or that starts
+    from random weights, ``decay_norm_bias`` under L2-SP (which has no weight decay)."""
     notes = []
     if pol.frozen_epochs and pol.head_passes != 1 and not cached_epochs and not frozen:
         passes = "passes=epochs" if pol.head_passes == 0 else f"passes={pol.head_passes}"
@@ -458,6 +459,11 @@ def _policy_options_unused(pol: Policy, *, cached_epochs: int, cache_reason: str
         notes.append(f"l2sp={pol.l2sp:g} is not used: no backbone weight trains in this run, so nothing is pulled "
                      f"toward its starting weights; the head is still pulled toward zero (l2sp_beta={pol.l2sp_beta:g}) "
                      "in place of weight decay. Drop l2sp for plain feature extraction.")
+    elif pol.l2sp and pol.lora is not None and not trains_blocks and pol.bn != "affine":
+        notes.append(f"l2sp={pol.l2sp:g} pulls no weight: under LoRA no pretrained weight trains (the factors learn "
+                     f"the change), so nothing is pulled toward its starting weights; the LoRA factors and the head "
+                     f"are pulled toward zero by l2sp_beta={pol.l2sp_beta:g}, in place of weight decay. Name blocks "
+                     "to train as well (lora:...,last=k) for l2sp to keep them near their starting weights.")
     elif pol.l2sp and not pretrained:  # (l2sp=0 pulls nothing: noted below)
         notes.append(f"l2sp={pol.l2sp:g} pulls the backbone toward its starting weights, and this run starts from "
                      "random ones (weights=None): L2-SP keeps a pretrained backbone near what it learned. Give "

@@ -51,10 +51,23 @@ def test_parse_and_round_trip(spec, expected):
     assert Policy.parse(p) is p
 
 
+def test_numpy_numbers_are_the_numbers_they_are():
+    """np.float32(0.5) and np.int64(2) (a sweep over np.linspace) were refused as not numbers,
+    by messages that showed the number."""
+    np = pytest.importorskip("numpy")
+    assert Policy(unfreeze="all", discriminative=np.float32(0.5)) == Policy(unfreeze="all", discriminative=0.5)
+    assert Policy(unfreeze=np.int64(2)) == Policy.parse("unfreeze:last=2")
+    assert Policy(unfreeze="none", every=np.int64(2)) == Policy.parse("gradual:every=2")
+    assert Policy(unfreeze="none", milestones=[np.int64(1), np.int64(3)]).milestones == (1, 3)
+    assert type(Policy(unfreeze="all", l2sp=np.float64(0.1)).l2sp) is float
+
+
 @pytest.mark.parametrize("spec, fragment", [
     ("unfreez:last=2", "Unknown policy"),
     ("unfreeze", "needs one of last="),
-    ("unfreeze:last=two", "non-negative integer"),
+    ("unfreeze:last=two", "last= needs a whole number >= 0, got 'two'"),
+    ("gradual:every=-1", "every= needs a whole number >= 1, got '-1'"),
+    ("lora:r=-2", "r= needs a whole number >= 1, got '-2'"),
     ("unfreeze:last=2,blocks=stem", "conflicts"),
     ("full,every=2", "only applies to gradual"),
     ("gradual:every=2,milestones=3", "not both"),
@@ -207,7 +220,7 @@ def test_policy_kinds_get_did_you_mean(typo, meant):
     ("feature_extraction,frozen=1", "only applies to"),
     ("gradual:every=2,frozen=1", "only applies to"),
     ("fine_tune:frozen=1,discriminative=0.1,layer_decay=0.5", "not both"),
-    ("fine_tune:frozen=x", "non-negative integer"),
+    ("fine_tune:frozen=x", "frozen= needs a whole number >= 0"),
 ])
 def test_bad_fine_tune_strings_say_what_is_wrong(spec, fragment):
     with pytest.raises(PolicyError, match=re.escape(fragment)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,12 @@ FINE_TUNE_UNFROZEN_LR = 0.1
 # the run has epochs (the frozen phase is then the feature-extraction run of the same length,
 # its best pass kept), so the backbone starts training under a trained head
 FINE_TUNE_HEAD_PASSES = 0
+
+
+def _numpy_scalar(v: object) -> bool:
+    """A numpy number (``np.float32(0.5)``, ``np.int64(2)``): not an ``int`` or ``float`` to
+    Python's checks, though it is one."""
+    return isinstance(v, numbers.Number) and type(v) not in (int, float, complex, bool) and hasattr(v, "item")
 
 
 def _number(v: object) -> bool:
@@ -100,6 +107,12 @@ class Policy:
     head_passes: int = 1
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy scalars (a sweep over np.linspace) as the numbers they are
+            v = getattr(self, f.name)
+            if isinstance(v, (list, tuple)) and any(_numpy_scalar(x) for x in v):
+                object.__setattr__(self, f.name, type(v)(x.item() if _numpy_scalar(x) else x for x in v))
+            elif _numpy_scalar(v):
+                object.__setattr__(self, f.name, v.item())
         if isinstance(self.unfreeze, list):
             object.__setattr__(self, "unfreeze", tuple(self.unfreeze))
         if self.unfreeze == 0 and not isinstance(self.unfreeze, bool):  # no block: one spelling
@@ -567,9 +580,12 @@ def _kind_hint(kind: str) -> str:
     return suggest(same, [k for k in _KINDS if k != "finetune"], n=2)
 
 
+_LEAST = {"every": 1, "r": 1}  # the options whose whole number starts at 1 (the others at 0)
+
+
 def _int(key: str, v: str) -> int:
     if not v.isdigit():
-        raise PolicyError(f"Policy option {key}= needs a non-negative integer, got {v!r}.")
+        raise PolicyError(f"Policy option {key}= needs a whole number >= {_LEAST.get(key, 0)}, got {v!r}.")
     return int(v)
 
 

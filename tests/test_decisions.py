@@ -369,9 +369,11 @@ def test_resume_refuses_a_different_plan_and_lists_the_differences(split_folders
     other = tmp_path / "other"
     shutil.copytree(split_folders, other)
     next((other / "train").rglob("*.png")).unlink()  # the data changed
-    with pytest.raises(ConfigError, match="data"):
-        tk.finetune("tk:small_cnn", policy="gradual:every=1", resume=True,
-                    **{**kw, "data": other / "train", "val_data": other / "val"})
+    for call in (tk.finetune, tk.plan):  # the dry run refuses it too, as the resume will
+        with pytest.raises(ConfigError, match=r"decisions differ .*data: "):
+            call("tk:small_cnn", policy="gradual:every=1", resume=True,
+                 **{**kw, "data": other / "train", "val_data": other / "val"})
+    assert tk.plan("tk:small_cnn", policy="gradual:every=1", resume=True, **kw).n_train > 0
     with pytest.raises(ConfigError, match="decisions differ") as exc:
         tk.finetune("tk:small_cnn", policy="gradual:every=2", resume=True, **kw)
     assert "policy: 'gradual:every=1' -> 'gradual:every=2'" in str(exc.value)

@@ -650,14 +650,14 @@ def plan(config: Any = None, /, **options: Any) -> Decisions:
 
 def _check_resumes(cfg: FinetuneConfig, decisions: Decisions) -> None:
     """Refuse, as the resume does, settings that differ from those of the checkpoint's run (the
-    configuration and the policy; what needs the weights or the data read whole is compared by
-    the resume itself)."""
+    configuration, the policy and the data's digest; what needs the weights or the data read
+    whole is compared by the resume itself)."""
     found = saved_run(cfg.checkpoint) if cfg.checkpoint is not None else None
     stored = found[1].get("decisions") if found is not None and found[0] == "checkpoint" else None
     if not isinstance(stored, dict):
         return
     diff = {k: v for k, v in differences(stored, decisions.to_dict()).items()
-            if k.startswith("config.") or k == "policy"}
+            if k.startswith("config.") or k in ("policy", "data")}
     if diff:
         raise resume_refused(cfg.checkpoint, diff)
 

@@ -71,6 +71,14 @@ def test_parquet_named_labels_and_hashed_split(tmp_path):
     b = prepare_data(str(tmp_path / "t.parquet"), val_split=0.3)
     assert b.classes == classes and len(b.train) + len(b.val) == 40
     assert all(k.startswith("k") for k in b.val.keys)
+    # a key column of few values (a group id): samples of one key go together, and a split that fails says so
+    pq.write_table(pa.table({"jpg": pa.array(images, pa.binary()), "cls": [classes[t] for t in labels],
+                             "id": [i % 2 for i in range(len(images))]}), tmp_path / "g.parquet")
+    with pytest.raises(tk.DataError, match=r"leaves no (validation|training) sample\. The samples have 2 distinct keys "
+                                           r"\(the column 'id'\), and the samples of one key are held out together\. "
+                                           r"Pass val_data or another val_split, or give each sample a key of its own"):
+        for seed in range(20):  # two keys: a seed that puts both on one side
+            prepare_data(str(tmp_path / "g.parquet"), val_split=0.3, seed=seed)
 
 
 def test_parquet_class_names_are_checked_like_a_csv_s(tmp_path):

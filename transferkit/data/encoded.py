@@ -237,9 +237,13 @@ class EncodedImageDataset(Dataset):
         for j, key in enumerate(keys):
             (val if hashed_unit(seed, key) < val_fraction else train).append(j)
         if not train or not val:
+            distinct, column = len(set(keys)), getattr(self.source, "key_column", None)
+            few = (f" The samples have {distinct} distinct keys" + (f" (the column {column!r})" if column else "") +
+                   ", and the samples of one key are held out together." if distinct < len(keys) else "")
             raise DataError(f"val_split={val_fraction} of {len(self)} samples leaves "
-                            f"{'no training' if not train else 'no validation'} sample; pass val_data or another "
-                            "val_split.")
+                            f"{'no training' if not train else 'no validation'} sample.{few} Pass val_data or "
+                            "another val_split" + (f", or give each sample a key of its own in {column!r}"
+                                                   if few and column else "") + ".")
         return train, val
 
 

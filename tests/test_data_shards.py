@@ -717,6 +717,15 @@ def test_validation_shards_named_by_classes_the_training_shards_know_by_index_on
     with pytest.raises(tk.DataError, match=r"The validation shards: none of their labels \(\['dark', 'light'\]\) is "
                                            r"one of the classes \['0', '1'\].*known by index only: give classes="):
         prepare_data(str(train[0]), val_data=str(val[0]))
+    renamed = [(d, e, {"dark": "night", "light": "day"}[c]) for d, e, c in items]
+    named = write_shards(renamed, tmp_path / "n", [6], label="txt", info=False)
+    with pytest.raises(tk.DataError, match=r"none of their labels .* is one of the classes \['day', 'night'\], so no "
+                                           r"sample can be read\. Label them with the training data's class names\.$"):
+        prepare_data(str(named[0]), val_data=str(val[0]))
+    # scored against a model (transferkit evaluate): its classes are fixed; no classes= to give
+    with pytest.raises(tk.DataError, match=r"The scored shards: none of their labels .* so no sample can be read\. "
+                                           r"Label them with the model's classes\.$"):
+        open_shards([str(val[0])], classes=["day", "night"], what="scored")
 
 
 def test_a_label_of_a_class_in_either_unicode_form_is_read_beside_unknown_ones():

@@ -357,12 +357,14 @@ def _shown(value: Any) -> str:
 
 
 def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what: str,
-                      report: DataReport) -> tuple[np.ndarray, list[str]]:
+                      report: DataReport, *, part: str = "training") -> tuple[np.ndarray, list[str]]:
     """Class indices (``-1``: no usable label) and the class names for raw labels: integers
     (class indices; names ``classes`` or ``"0"``, ``"1"``, ...), strings (class names; the
     sorted set when ``classes`` is None) or None (no label). A whole number stored as a float
     (a float column's ``1.0``) is that index, NaN (a float column's missing value) and a blank
-    name no label; a fraction is refused: a class is named or counted, not measured."""
+    name no label; a fraction is refused: a class is named or counted, not measured.
+    ``part``: which data these are (``"training"``, ``"validation"``, or data scored against a
+    model's classes), for the advice of an error."""
     numbers = [lab for lab in labels if isinstance(lab, (float, np.floating)) and not math.isnan(lab)]
     fractional = [lab for lab in numbers if not float(lab).is_integer()]  # inf too
     if fractional:
@@ -398,9 +400,16 @@ def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what
         index = class_index(classes)  # a label matches its class in either Unicode form
         unknown = sorted({nfc(n) for n in names if nfc(n) not in index})
         if unknown and not any(nfc(n) in index for n in names):  # not one sample could be read
-            fix = ("The classes are known by index only: give classes=[...] (the names of the training labels in "
-                   "index order) to read these by name." if list(classes) == index_names(len(classes)) else
-                   "Label the samples with these classes' names, or give the classes they use (classes=[...]).")
+            by_index = list(classes) == index_names(len(classes))
+            if part not in ("training", "validation"):  # scored against a model: its classes are fixed
+                fix = "Label them with the model's classes" + (" (by class index)" if by_index else "") + "."
+            elif part == "validation" and not by_index:
+                fix = "Label them with the training data's class names."
+            elif by_index:
+                fix = ("The classes are known by index only: give classes=[...] (the names of the training labels in "
+                       "index order) to read these by name.")
+            else:
+                fix = "Label the samples with these classes' names, or give the classes they use (classes=[...])."
             raise DataError(f"{what}: none of their labels ({unknown[:10]}) is one of the classes "
                             f"{list(classes)[:10]}, so no sample can be read. {fix}")
         if unknown:

@@ -1068,7 +1068,8 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
                         f"key, e.g. 000001.jpg and 000001.cls).{apart}")
     own, raw = _own_classes(shards, indexes, what)
     labels = labels_by_name(raw, own, classes, what, "shards", report)
-    targets, names = labels_to_targets(labels, list(classes) if classes else own, f"The {what} shards", report)
+    targets, names = labels_to_targets(labels, list(classes) if classes else own, f"The {what} shards", report,
+                                       part=what)
     reasons = [r for ix in indexes for r in ix.bad]
     leave_out_bad([(source.sample_name(i), r) for i, r in enumerate(reasons) if r], on_bad_file=on_bad_file,
                   report=report, where=" in the shards", fix="Remove it from the shard")

@@ -365,7 +365,7 @@ def open_parquet(files: str | os.PathLike | Sequence[str], *, classes: Sequence[
         raise DataError(f"The {what} Parquet files {list(files)[:3]} hold no row.")
     labels = labels_by_name(source.labels(), source.class_names, classes, what, "Parquet data", report)
     targets, names = labels_to_targets(labels, list(classes) if classes else source.class_names,
-                                       f"The {what} Parquet data", report)
+                                       f"The {what} Parquet data", report, part=what)
     return _kept(source, targets, names, min_size, on_bad_file, report, what,
                  bad=scan_rows(source, scan, cache_dir, where=f"the {what} Parquet data"))
 
@@ -566,6 +566,6 @@ def open_hf(data: Any, *, classes: Sequence[str] | None = None, min_size: int | 
     source = HFSource(ds, image_column, label_column)
     labels = labels_by_name(source.labels(), source.class_names, classes, what, "Hugging Face dataset", report)
     targets, names = labels_to_targets(labels, list(classes) if classes else source.class_names,
-                                       f"The {what} Hugging Face dataset", report)
+                                       f"The {what} Hugging Face dataset", report, part=what)
     return _kept(source, targets, names, min_size, on_bad_file, report, what,
                  bad=scan_rows(source, scan, cache_dir, where=f"the {what} Hugging Face dataset"))

@@ -786,3 +786,18 @@ def test_a_class_of_a_csv_left_without_readable_files_is_said_as_a_class_not_a_f
     text = " ".join(str(w.message) for w in caught)
     assert "Classes without readable images in" in text and "['odd'] (every file of them was bad" in text, text
     assert "Class folders" not in text
+
+
+@pytest.mark.parametrize("name", ["accuracy", "macro avg", "Weighted Avg"])
+def test_a_class_named_as_a_summary_row_of_the_report_is_refused(tmp_path, name):
+    """A class named 'accuracy' or 'macro avg' lost its row of the per-class report to the
+    summary row of that name, and the evaluation's summary failed with a TypeError."""
+    import transferkit as tk
+    from transferkit.data import prepare_data
+
+    root = make_image_folder(tmp_path / "img", classes=("cat", name), per_class=2)
+    with pytest.raises(tk.DataError, match=rf"the class name '{name}' is the name of a summary row of the per-class "
+                                           r"report \(accuracy, macro avg, weighted avg\)"):
+        prepare_data(root)
+    with pytest.raises(tk.DataError, match="summary row"):
+        prepare_data(make_image_folder(tmp_path / "ok", per_class=2), classes=["cat", name])

@@ -88,7 +88,7 @@ def scan_target_csv(csv_path: str | Path, *, task: str, classes: Sequence[str] |
         targets, names = _columns(header, body, classes, task, where, purpose)
         if task == "multilabel":
             check_label_names(names, f"{where} (its label columns)")
-    check_label_names(names, f"{where} (its output names)", case=False)
+    check_label_names(names, f"{where} (its output names)", case=False, report_rows=task != "regression")
     samples: list[tuple[str, tuple[float, ...]]] = []
     seen: dict[str, tuple[float, ...]] = {}
     for i, (r, t) in enumerate(zip(body, targets)):

@@ -333,6 +333,22 @@ def test_a_recipe_scores_its_test_data_by_the_model_s_class_names(tmp_path):
     assert acc == 1.0  # 8 samples of the model's classes (by index: 0.0)
 
 
+def test_evaluate_of_data_it_cannot_read_says_what_it_reads(tmp_path):
+    """A Dataset, a list or None was a raw TypeError from pathlib, and a mistyped path was
+    called 'neither a folder ... nor a CSV file'."""
+    from transferkit.data import ImageFolderDataset
+
+    model = _brightness_export(tmp_path / "m.pt")
+    folder = make_image_folder(tmp_path / "f", per_class=2, size=16)
+    for data in (ImageFolderDataset(folder), None, [str(next(folder.rglob("*.png")))]):
+        with pytest.raises(tk.DataError, match=r"Labelled data to score are read from disk: a folder "
+                                               r"root/<class>/<file>, .* got (ImageFolderDataset|NoneType|list)\. To "
+                                               r"score inputs held in memory, predict them"):
+            tk.evaluate(model, data, progress=False)
+    with pytest.raises(tk.DataError, match=r"The data to score '.*nonexist' do not exist \(looked for"):
+        tk.evaluate(model, str(tmp_path / "nonexist"), progress=False)
+
+
 def test_evaluate_says_how_it_reads_class_indices_given_without_class_names(tmp_path, recwarn):
     """Shards whose ``cls`` indices come without an _info.json are read in the model's order,
     which the user may not know: scored without a word, a model of classes ["light", "dark"]

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +265,11 @@ def labelled_samples(data: str | Path, classes: list[str], kind: str = "image", 
     encoded = labelled_data(data, classes, what=what, scan="none") if kind == "image" else None
     if encoded is not None:
         return encoded.samples
+    encoded = " tar shards, Parquet files or a saved Hugging Face dataset," if kind == "image" else ""
+    if not isinstance(data, (str, os.PathLike)):
+        raise DataError(f"Labelled data to score are read from disk: a folder root/<class>/<file>,{encoded} or a CSV "
+                        f"file of path,label rows; got {type(data).__name__}. To score inputs held in memory, "
+                        "predict them (result.predict or transferkit.load(model).predict) and compare the labels.")
     path = Path(data)
     report = DataReport()
     if path.is_dir():
@@ -273,8 +279,10 @@ def labelled_samples(data: str | Path, classes: list[str], kind: str = "image", 
             samples, _ = scan_image_folder(path, classes, report=report)
     elif path.is_file() and path.suffix.lower() in (".csv", ".txt"):
         samples, _ = scan_csv(path, classes, report=report, purpose="scoring", kind=kind)
+    elif not path.exists():
+        raise DataError(f"The data to score {str(data)!r} do not exist (looked for {str(path.absolute())!r}): check "
+                        "the path.")
     else:
-        encoded = " tar shards, Parquet files or a saved Hugging Face dataset," if kind == "image" else ""
         raise DataError(f"{str(data)!r} is neither a folder root/<class>/<file>,{encoded} nor a CSV file of "
                         "path,label rows.")
     if not samples:

@@ -126,7 +126,8 @@ def test_resume_flag_continues_with_the_stored_settings(run, capsys):
     # one command for every start of a job: started again once the run is complete, it has nothing to do (was: exit 2)
     code, out, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume")
     assert code == 0 and err == f"transferkit: {root / 'r.ckpt'} holds a complete run (2 epochs): nothing to " \
-        f"resume. To train further, start a new run from its weights (--weights {root / 'r.ckpt'}).\n"
+        f"resume. A new run can start from its trained backbone (--weights {root / 'r.ckpt'}; the head starts " \
+        "anew).\n"
     assert json.loads(out) == {"complete": True, "checkpoint": str(root / "r.ckpt"), "epochs": 2,
                                "export": str(root / "m.pt"), "export_missing": False}  # piped: one JSON object
     config = root / "job.yaml"  # the same with a config file, as the docs' job command has it

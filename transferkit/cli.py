@@ -467,7 +467,8 @@ def _complete_run(args: argparse.Namespace, checkpoint: str | None, options: dic
     export = (info["decisions"].get("config") or {}).get("export")
     missing = isinstance(export, str) and not Path(export).exists()
     print(f"transferkit: {shown} holds a complete run ({epochs} epoch{'' if epochs == 1 else 's'}): nothing to "
-          f"resume. To train further, start a new run from its weights (--weights {shown}).", file=sys.stderr)
+          f"resume. A new run can start from its trained backbone (--weights {shown}; the head starts anew).",
+          file=sys.stderr)
     if missing:
         print(f"transferkit: error: its export {shell_word(export)} is missing (the run stopped while exporting); "
               f"make it with `transferkit export {shown} --out {shell_word(export)}`.", file=sys.stderr)

@@ -331,8 +331,8 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
     ``image_size`` resizes the spectrogram image (None: keep n_mels x frames). The image
     backbone's blocks are kept (members under ``image.``), so every policy applies.
     ``weights`` are the image backbone's (a tag or a file of its weights), or a file of a
-    whole spectrogram trunk: a transferkit checkpoint of a ``spec:`` run (to train further
-    from it) or a state dict saved from such a trunk, whose mel filterbank and window are
+    whole spectrogram trunk: a transferkit checkpoint of a ``spec:`` run (its trained trunk;
+    the head starts anew) or a state dict saved from such a trunk, whose mel filterbank and window are
     checked against these settings (``hop_length`` is not in the file: give the run's).
     ``image_options`` go to [`get_backbone`][transferkit.get_backbone] when ``image`` is a name (e.g.
     ``{"widths": [16, 32, 64]}`` for ``tk:small_cnn``); ``spec_augment``: None, True,

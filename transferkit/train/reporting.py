@@ -179,16 +179,30 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | Path, *, frozen_
     return save_figure(fig, path)
 
 
+CM_COUNTS_MAX = 30  # classes up to which each cell shows its count (beyond, a colour bar reads them)
+CM_NAMES_MAX = 60  # classes up to which every class is named on the axes (beyond, every k-th)
+CM_INCHES_MAX = 24.0  # the side of the largest picture: 0.6 in a class up to it (2,640 px at 110 dpi)
+
+
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path) -> Path:
-    """The confusion matrix (rows: true class, columns: predicted) with counts, as a PNG."""
+    """The confusion matrix (rows: true class, columns: predicted) as a PNG: with the count in
+    each cell up to `CM_COUNTS_MAX` classes, a colour bar beyond; every class named up to
+    `CM_NAMES_MAX`, every k-th beyond; at most `CM_INCHES_MAX` inches a side, so that time,
+    memory and pixels stay bounded for thousands of classes."""
     plt = pyplot()
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.6 * n))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(n), list(classes), rotation=45, ha="right")
-    ax.set_yticks(range(n), list(classes))
+    side = min(0.6 * n, CM_INCHES_MAX)
+    fig, ax = plt.subplots(figsize=(1.2 + side, 1.0 + side))
+    shown = ax.imshow(matrix, cmap="Blues", interpolation="nearest")
+    ticks = range(0, n, max(1, -(-n // CM_NAMES_MAX)))
+    ax.set_xticks(ticks, [classes[i] for i in ticks], rotation=45 if n <= CM_NAMES_MAX else 90,
+                  ha="right" if n <= CM_NAMES_MAX else "center")
+    ax.set_yticks(ticks, [classes[i] for i in ticks])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    if n > CM_COUNTS_MAX:
+        fig.colorbar(shown, ax=ax, fraction=0.04, label="count")
+        return save_figure(fig, path)
     top = max((max(r) for r in matrix), default=0)
     for i in range(n):
         for j in range(n):

@@ -352,6 +352,9 @@ def test_evaluate_folder_and_csv(run, capsys, tmp_path, monkeypatch):
     code, out, _ = _run(capsys, "evaluate", root / "m.pt", data)
     assert code == 0 and out.startswith("accuracy ") and "macro avg" in out and "worst" in out
     code, _, err = _run(capsys, "evaluate", root / "m.pt", tmp_path / "nothing")
+    assert code == 2 and "The data to score" in err and "do not exist" in err
+    (tmp_path / "notes.json").write_text("{}")
+    code, _, err = _run(capsys, "evaluate", root / "m.pt", tmp_path / "notes.json")
     assert code == 2 and "neither a folder" in err
     # the default picture cannot be written here: the scores still come, with the reason on stderr
     (tmp_path / "confusion_matrix.png").unlink()

@@ -415,7 +415,7 @@ def _own_backbone(cfg: FinetuneConfig, *, load_weights: bool) -> Backbone:
                               f"(backbone={backbone.name!r}, {given}), or build the object with them "
                               "(transferkit.get_backbone(name, weights=..., **options)).")
         # a Backbone built by hand: its blocks are checked as the builders check theirs (a policy counts them)
-        check_blocks(backbone.trunk, tuple(backbone.blocks), name=f"Backbone {backbone.name!r}")
+        check_blocks(backbone.trunk, (*backbone.blocks, *backbone.frozen), name=f"Backbone {backbone.name!r}")
         own = copy.deepcopy(backbone)
         if backbone.weights_random():  # still as built (a copy's parameters are new tensors)
             own.mark_random_init()

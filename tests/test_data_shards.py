@@ -455,8 +455,8 @@ def test_bad_and_unlabelled_samples_are_left_out_and_reported(tmp_path):
     b = _quiet(prepare_data, str(tmp_path / "s"), val_split=0)
     assert len(b.train) == 7
     assert [p.rsplit(":", 1)[1] for p, _ in b.report.bad_files] == ["train0000002"]
-    assert any("no label (1" in w for w in b.report.warnings)
-    with pytest.raises(tk.DataError, match="no image .* or no label"):
+    assert any("no label (1" in w and "(e.g. lonely (jpg) in 'extra.tar')" in w for w in b.report.warnings)
+    with pytest.raises(tk.DataError, match=r"no image .* or no label .*\(e.g. lonely \(jpg\) in 'extra.tar'\)"):
         prepare_data(str(tmp_path / "s"), val_split=0, on_bad_file="raise")
 
 

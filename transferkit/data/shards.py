@@ -78,7 +78,8 @@ from transferkit.errors import DataError, check_choice
 
 # 4: a shard is checked to its end (data after its end); 5: keys repeated in a row, 1 MiB padding; 6: the image
 # extensions of a folder (jpe, jfif, avif where Pillow reads it); 7: samples of several images, none plain; a
-# class index written as a whole float (1.0); 8: keys that start with '_' are samples
+# class index written as a whole float (1.0); 8: keys that start with '_' are samples, the first keys without an
+# image or a label are kept
 INDEX_FORMAT = 8
 IMAGE_EXTS = tuple(e[1:] for e in IMAGE_EXTENSIONS)  # a sample's image member: the extensions a folder scan reads
 LABEL_EXTS = ("cls", "txt", "json")
@@ -353,13 +354,14 @@ class ShardIndex:
     repeated: list[str] = field(default_factory=list)  # keys of several samples in a row (an image met again)
     doubled: list[str] = field(default_factory=list)  # "key.ext" of another member met twice in a sample (first kept)
     several: list[str] = field(default_factory=list)  # "key: a.png, b.jpg" of samples of several images, none plain
+    unusable: list[str] = field(default_factory=list)  # "key (cls)": the first keys without an image or a label
 
     def to_json(self) -> str:
         return json.dumps({"format": INDEX_FORMAT, "keys": self.keys, "offsets": self.offsets, "sizes": self.sizes,
                            "labels": self.labels, "bad": self.bad, "dims": self.dims, "no_image": self.no_image,
                            "no_label": self.no_label, "nbytes": self.nbytes, "validators": self.validators,
                            "scattered": self.scattered, "repeated": self.repeated, "doubled": self.doubled,
-                           "several": self.several},
+                           "several": self.several, "unusable": self.unusable},
                           separators=(",", ":"))
 
     @classmethod
@@ -369,7 +371,7 @@ class ShardIndex:
             raise ValueError(f"index format {d.get('format')}, expected {INDEX_FORMAT}")
         return cls(d["keys"], d["offsets"], d["sizes"], d["labels"], d["bad"], d["dims"], d["no_image"],
                    d["no_label"], d["nbytes"], d["validators"], d["scattered"], d["repeated"], d["doubled"],
-                   d["several"])
+                   d["several"], d["unusable"])
 
 
 class _Region(io.RawIOBase):
@@ -504,10 +506,13 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
             images = [e for e in members if e.rsplit(".", 1)[-1] in IMAGE_EXTS]
             img = members[images[0]] if images else None
         label = next((cur["labels"][e] for e in LABEL_EXTS if e in cur["labels"]), None)
-        if img is None:
-            index.no_image += 1
-        elif label is None:
-            index.no_label += 1
+        if img is None or label is None:
+            if img is None:
+                index.no_image += 1
+            else:
+                index.no_label += 1
+            if len(index.unusable) < 3:  # named in the warning: what the key holds
+                index.unusable.append(f"{cur['key']} ({', '.join(members) or 'no member'})")
         else:
             if len(images) > 1 and len(index.several) < 1000:  # a sample read (one left out is counted so)
                 index.several.append(f"{cur['key']}: {', '.join(images)}")
@@ -1057,7 +1062,9 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
         n = no_image + no_label
         msg = (f"{plural(n, what + ' sample')} in the shards {'has' if n == 1 else 'have'} "
                f"no image ({no_image}; looked for an image extension: jpg, png, webp, ...) or no label ({no_label}; "
-               "looked for cls, txt, json)")
+               "looked for cls, txt, json")
+        named = [(p, k) for p, ix in zip(shards, indexes) for k in ix.unusable][:3]
+        msg += " (e.g. " + ", ".join(f"{k} in {os.path.basename(str(p))!r}" for p, k in named) + ")" if named else ""
         if on_bad_file == "raise":
             raise DataError(msg + "." + apart)
         report.warn(msg + "; they are left out." + apart)

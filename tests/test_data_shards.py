@@ -458,6 +458,20 @@ def test_bad_and_unlabelled_samples_are_left_out_and_reported(tmp_path):
     assert any("no label (1" in w and "(e.g. lonely (jpg) in 'extra.tar')" in w for w in b.report.warnings)
     with pytest.raises(tk.DataError, match=r"no image .* or no label .*\(e.g. lonely \(jpg\) in 'extra.tar'\)"):
         prepare_data(str(tmp_path / "s"), val_split=0, on_bad_file="raise")
+    # what a key holds says why, where it shows: an image stored as a link (tar without -h), a dot in the key
+    with tarfile.open(tmp_path / "odd.tar", "w") as tar:
+        for name, data in (("k0.cls", b"0"), ("cam1.2024-01-05.png", items[0][0]), ("cam1.2024-01-05.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("k0.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "../images/k0.png"
+        tar.addfile(link)
+    with pytest.raises(tk.DataError, match=r"\(e.g. k0 \(cls: its png is a link, which a shard stores without data "
+                                           r"\(make the shard with tar -h --hard-dereference\)\) in 'odd.tar', cam1 "
+                                           r"\(2024-01-05.png, 2024-01-05.cls: a dot in the member names before the "
+                                           r"extension ends the key there"):
+        prepare_data(str(tmp_path / "odd.tar"), val_split=0, on_bad_file="raise")
 
 
 def test_a_shard_that_a_tar_reader_would_end_early_is_a_bad_shard(tmp_path):

@@ -492,6 +492,7 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
         return index
     cur: dict[str, Any] = {}
     done: set[str] = set()  # keys whose members ended: one met again is not adjacent (WebDataset reads two samples)
+    linked: dict[str, list[str]] = {}  # key -> extensions of its members that are links (no data in the shard)
 
     def flush() -> None:
         if not cur:
@@ -511,8 +512,16 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
                 index.no_image += 1
             else:
                 index.no_label += 1
-            if len(index.unusable) < 3:  # named in the warning: what the key holds
-                index.unusable.append(f"{cur['key']} ({', '.join(members) or 'no member'})")
+            if len(index.unusable) < 3:  # named in the warning: what the key holds, and why where it shows
+                why = ""
+                if img is None and linked.get(cur["key"]):
+                    why = (f": its {', '.join(linked[cur['key']])} is a link, which a shard stores without data (make "
+                           "the shard with tar -h --hard-dereference)")
+                elif label is None and any("." in e and e.rsplit(".", 1)[-1] in LABEL_EXTS for e in members):
+                    why = (": a dot in the member names before the extension ends the key there, so its label is "
+                           "read as a field of another name (rename the members without dots in their keys)")
+                held = ", ".join(list(members)[:4]) + (", ..." if len(members) > 4 else "")
+                index.unusable.append(f"{cur['key']} ({held or 'no member'}{why})")
         else:
             if len(images) > 1 and len(index.several) < 1000:  # a sample read (one left out is counted so)
                 index.several.append(f"{cur['key']}: {', '.join(images)}")
@@ -534,6 +543,9 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
             pending: list[tuple[str, str, int, int, Any]] = []
             for m in tar:
                 if not m.isfile():
+                    mm = _KEY_EXT.match(m.name) if m.issym() or m.islnk() else None
+                    if mm is not None and len(linked) < 1000:
+                        linked.setdefault(mm.group(1), []).append(mm.group(2))
                     continue
                 mm = _KEY_EXT.match(m.name)
                 if mm is None or _metadata_member(mm.group(1), mm.group(2)):
@@ -1062,7 +1074,7 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
         n = no_image + no_label
         msg = (f"{plural(n, what + ' sample')} in the shards {'has' if n == 1 else 'have'} "
                f"no image ({no_image}; looked for an image extension: jpg, png, webp, ...) or no label ({no_label}; "
-               "looked for cls, txt, json")
+               "looked for cls, txt, json)")
         named = [(p, k) for p, ix in zip(shards, indexes) for k in ix.unusable][:3]
         msg += " (e.g. " + ", ".join(f"{k} in {os.path.basename(str(p))!r}" for p, k in named) + ")" if named else ""
         if on_bad_file == "raise":

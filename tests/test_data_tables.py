@@ -255,6 +255,24 @@ def test_validation_class_indices_are_read_by_the_training_classes_place_said_or
     assert b.classes == ["a", "b", "c"] and sorted(set(b.val.targets)) == [1, 2]
 
 
+def test_relative_paths_of_parquet_rows_are_read_from_the_parquet_file_s_folder(tmp_path, monkeypatch):
+    """A row's relative path was read from the working directory: a table beside its images
+    ('img/0.png' next to the .parquet) had every row "No such file" from anywhere else."""
+    from transferkit.data.fingerprint import data_fingerprint
+
+    folder = make_image_folder(tmp_path / "tables" / "img", per_class=3)
+    files = [f for f, _ in folder_files(folder)]
+    _, labels, _ = _rows(folder)
+    rows = [{"bytes": None, "path": str(f.relative_to(tmp_path / "tables"))} for f in files]
+    pq.write_table(pa.table({"image": pa.array(rows), "label": labels}), tmp_path / "tables" / "t.parquet")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the paths are read from the table's folder
+    b = prepare_data(str(tmp_path / "tables" / "t.parquet"), val_split=0)
+    assert len(b.train) == 6 and b.train.source.read(0) == files[0].read_bytes()
+    before = data_fingerprint(b.train)
+    files[2].write_bytes(files[3].read_bytes())  # the file a relative path names is in the identity
+    assert data_fingerprint(prepare_data(str(tmp_path / "tables" / "t.parquet"), val_split=0).train) != before
+
+
 def test_image_files_that_rows_read_by_path_are_part_of_the_data_s_identity(tmp_path):
     """Rows of a Parquet file or a Hugging Face dataset holding an image file's path, not its
     bytes: the file edited in place kept the table's identity, so a feature store, decoded

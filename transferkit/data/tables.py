@@ -160,15 +160,32 @@ def _pick_image(cols: Sequence[str], typed: Sequence[str], given: str | None, wh
     return typed[0] if typed else None
 
 
+def row_path(path: str, folder: str | None) -> str:
+    """The image file a table row names by ``path``: as it is when absolute; a relative path
+    from ``folder`` (the Parquet file's), as a CSV's paths are read, where a file lies there,
+    else from the working directory (a table written there).
+
+    Example:
+        >>> row_path("/data/img/0.png", "/tables")
+        '/data/img/0.png'
+    """
+    if folder and not os.path.isabs(path):
+        beside = os.path.join(folder, path)
+        if os.path.exists(beside):
+            return beside
+    return path
+
+
 def _files_read_by_path(parts: Any) -> list[Any]:
     """``[path, size, modification and change time]`` (``[path, None]`` when it cannot be
     read) of each image file that a row of a table reads by its path (``parts``: ``(paths,
     bytes empty)`` lists): what the table's own file stats cannot tell, an image edited in
     place. Empty when every row holds its bytes."""
     out: list[Any] = []
-    for paths, empty in parts:
+    for paths, empty, folder in parts:
         for path, none in zip(paths, empty):
             if none and path:
+                path = row_path(path, folder)
                 try:
                     st = os.stat(path)
                     out.append([path, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
@@ -178,10 +195,10 @@ def _files_read_by_path(parts: Any) -> list[Any]:
 
 
 def _struct_rows(chunks: Any) -> Any:
-    """``(paths, bytes empty)`` of each chunk of an arrow array of ``{bytes, path}`` structs,
-    read without copying the bytes."""
+    """``(paths, bytes empty, None)`` of each chunk of an arrow array of ``{bytes, path}`` structs,
+    read without copying the bytes (paths from the working directory)."""
     for chunk in chunks:
-        yield chunk.field("path").to_pylist(), chunk.field("bytes").is_null().to_pylist()
+        yield chunk.field("path").to_pylist(), chunk.field("bytes").is_null().to_pylist(), None
 
 
 class ParquetSource:
@@ -281,7 +298,7 @@ class ParquetSource:
         if self.struct:
             data = (value or {}).get("bytes")
             if data is None and (value or {}).get("path"):
-                with open(value["path"], "rb") as f:
+                with open(row_path(value["path"], os.path.dirname(self.files[fi])), "rb") as f:
                     data = f.read()
         else:
             data = value
@@ -316,7 +333,7 @@ class ParquetSource:
         return self._fingerprint
 
     def _path_rows(self) -> Any:
-        """``(paths, bytes empty)`` per row group that may hold a row read by path: one whose
+        """``(paths, bytes empty, folder)`` per row group that may hold a row read by path: one whose
         statistics do not say that every row holds its bytes, and that holds a path. The bytes
         of a row group holding both kinds are read (once, here)."""
         pq = _pyarrow()
@@ -337,11 +354,13 @@ class ParquetSource:
                 paths = paths.field("path").to_pylist()
                 if not any(paths):
                     continue
+                folder = os.path.dirname(f)
                 if nulls == group.num_rows:
-                    yield paths, [True] * len(paths)
+                    yield paths, [True] * len(paths), folder
                 else:
                     data = pf.read_row_group(g, columns=[f"{self.image_column}.bytes"]).column(0)
-                    yield paths, [e for chunk in data.chunks for e in chunk.field("bytes").is_null().to_pylist()]
+                    empty = [e for chunk in data.chunks for e in chunk.field("bytes").is_null().to_pylist()]
+                    yield paths, empty, folder
 
     def listing(self) -> str:
         """What copies of these files share: their places and sizes (no times), and the columns."""

@@ -353,6 +353,11 @@ def test_a_gradual_schedule_with_an_epoch_that_unfreezes_only_batchnorm_under_bn
         tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="gradual:every=1,bn=frozen", epochs=3))
     plan = tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="gradual:every=1,start=2,bn=frozen", epochs=3))
     assert plan.trainable == (("body", "norm"), ("stem", "body", "norm"), ("stem", "body", "norm"))
+    # with max=1 the advice says max too (start=2 alone would be refused: max must lie above start)
+    with pytest.raises(tk.PolicyError, match=r"\(start=2, and max above 2\)"):
+        tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="gradual:every=1,bn=frozen,max=1", epochs=3))
+    assert tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="gradual:every=1,bn=frozen,start=2,max=3",
+                                     epochs=3)).trainable[0] == ("body", "norm")
     # one epoch: the frozen first epoch alone, nothing refused
     assert tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="gradual:every=1,bn=frozen", epochs=1)).frozen
 

@@ -563,8 +563,10 @@ def _check_trains_something(pol: Policy, trainable: tuple[tuple[str, ...], ...],
         return
     for epoch, blocks in enumerate(trainable):
         if blocks and set(blocks) <= set(batchnorm_only):
-            when, fix = ((f" in epoch {epoch + 1}", "Start with more blocks unfrozen (start=2)") if pol.is_gradual
-                         else ("", "Unfreeze more blocks (e.g. last=2)"))
+            start = len(blocks) + 1  # the first step then holds a block with weights too
+            above = f", and max above {start}" if pol.max_blocks is not None and pol.max_blocks <= start else ""
+            when, fix = ((f" in epoch {epoch + 1}", f"Start with more blocks unfrozen (start={start}{above})")
+                         if pol.is_gradual else ("", "Unfreeze more blocks (e.g. last=2)"))
             raise PolicyError(f"The policy {str(pol)!r} trains no backbone weight{when}: the blocks it unfreezes "
                               f"({', '.join(blocks)}) hold only BatchNorm gamma/beta, which bn=frozen keeps frozen. "
                               f"{fix}, let BatchNorm train (bn=affine or bn=train), or use "

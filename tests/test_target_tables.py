@@ -82,7 +82,8 @@ def test_multilabel_from_columns_or_from_label_lists_reads_the_same_targets(tabl
     assert lines[0].startswith("label accuracy 1.0000, subset accuracy 1.0000, micro F1 1.0000, macro F1 1.0000")
     assert lines[3].split() == ["green", "n/a", "n/a", "n/a", "0"]
     none = tk.TargetEvaluation("multilabel", ["defect"], ["a.png"], np.zeros((1, 1)), np.full((1, 1), 0.01))
-    assert "micro F1 n/a, macro F1 n/a" in none.summary() and none.to_dict()["macro_f1"] != none.to_dict()["macro_f1"]
+    assert "micro F1 n/a, macro F1 n/a" in none.summary() and none.metrics["macro_f1"] != none.metrics["macro_f1"]
+    assert none.to_dict()["macro_f1"] is None and json.dumps(none.to_dict(), allow_nan=False)  # plain JSON: null
 
 
 def test_label_lists_of_validation_data_use_the_training_labels(table):

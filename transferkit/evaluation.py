@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from transferkit._progress import progress as progress_bar
-from transferkit._text import plural
+from transferkit._text import finite_json, plural
 from transferkit.data.audio import scan_audio_folder
 from transferkit.data.bundle import labelled_data
 from transferkit.data.encoded import SampleRef
@@ -208,10 +208,11 @@ class TargetEvaluation:
         return {c: float(v) for c, v in zip(self.classes, row)}
 
     def to_dict(self, *, worst: int = 10) -> dict[str, Any]:
-        """Plain JSON data: counts, metrics, worst files, failures."""
-        return {"model": self.model, "data": self.data, "task": self.task, "files": len(self.files),
-                "classes": self.classes, **self.metrics, "worst": self.worst(worst),
-                "failed": [{"file": f, "error": e} for f, e in self.failed]}
+        """Plain JSON data: counts, metrics, worst files, failures (an undefined metric, NaN in
+        ``metrics``, is None: JSON's null)."""
+        return finite_json({"model": self.model, "data": self.data, "task": self.task, "files": len(self.files),
+                            "classes": self.classes, **self.metrics, "worst": self.worst(worst),
+                            "failed": [{"file": f, "error": e} for f, e in self.failed]})
 
     def summary(self, *, worst: int = 5) -> str:
         """A few lines for people: the metrics, per label or output, the worst files, failures."""

@@ -835,6 +835,8 @@ def test_settings_that_do_nothing_are_noted_and_a_warmup_past_its_phase_is_refus
                         ({"schedule": "one_cycle", "warmup_epochs": 1}, "warmup_epochs=1 is not used: the one_cycle"),
                         ({"policy": "full,l2sp=0.01", "weight_decay": 0.05}, "weight_decay=0.05 is not used: L2-SP"),
                         ({"policy": "full,l2sp=0"}, "l2sp=0 pulls no backbone weight toward its starting weights"),
+                        ({"policy": "full,discriminative=1"}, "discriminative=1 lowers no rate: every block trains"),
+                        ({"policy": "full,layer_decay=1"}, "layer_decay=1 lowers no rate: every block trains"),
                         ({"policy": "full,l2sp=0.1"}, "l2sp=0.1 pulls the backbone toward its starting weights, and "
                                                       "this run starts from random ones"),
                         ({"head_activation": "gelu"}, "head_activation='gelu' is not used: a linear head has no "),

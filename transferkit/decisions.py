@@ -475,6 +475,9 @@ def _policy_options_unused(pol: Policy, *, cached_epochs: int, cache_reason: str
     if pol.l2sp is not None and pol.decay_norm_bias:
         notes.append("decay_norm_bias=true is not used: L2-SP replaces weight decay, so no parameter has any.")
     lower = [f"{k}={getattr(pol, k):g}" for k in ("discriminative", "layer_decay") if getattr(pol, k) is not None]
+    if lower and not frozen and any(getattr(pol, k) == 1 for k in ("discriminative", "layer_decay")):
+        notes.append(f"{lower[0]} lowers no rate: every block trains at the rate of the head (a factor of 1 per "
+                     "block), as without it. Give a factor below 1 (e.g. 0.5) for lower rates toward the input.")
     if lower and frozen and pol.bn == "affine":  # on a trunk without BatchNorm: nothing of the backbone trains
         notes.append(f"{lower[0]} is not used: no backbone parameter trains in this run, so no block gets a lower "
                      "rate; the head trains at lr.")

@@ -756,3 +756,13 @@ def test_a_label_of_a_class_in_either_unicode_form_is_read_beside_unknown_ones()
     with pytest.warns(UserWarning, match="not among the classes"):
         targets, _ = labels_to_targets(labels, ["dog", "cat"], "The test shards", report)
     assert targets.tolist() == [0, -1, -1]
+
+
+def test_a_folder_of_split_folders_of_shards_trains_and_validates_on_them(tmp_path):
+    """root/train/*.tar and root/val/*.tar were read as two classes named train and val, and
+    failed with "No images found" in them."""
+    items = _sorted_items(make_image_folder(tmp_path / "img", per_class=5))
+    write_shards(items[:7], tmp_path / "root" / "train", [4, 3], prefix="shard")
+    write_shards(items[7:], tmp_path / "root" / "val", [3], prefix="shard")
+    b = prepare_data(str(tmp_path / "root"))
+    assert (len(b.train), len(b.val)) == (7, 3) and b.classes == ["dark", "light"]

@@ -72,7 +72,7 @@ def find_split_folders(root: str | Path) -> SplitFolders | None:
 
     ``root`` is a split layout when it holds ``train/`` (or ``training/``) and a validation or
     test folder (``val/``, ``valid/``, ``validation/``, ``dev/``, ``test/``), or ``train/`` alone, and
-    ``train/`` holds class sub-folders (a ``train/`` of image files is a class). The names
+    ``train/`` holds class sub-folders or tar shards (a ``train/`` of image files is a class). The names
     match in any case (``Train/``, ``Val/``). Two training or two validation folders (``val/``
     and ``valid/``) are ambiguous: a [`DataError`][transferkit.DataError].
 
@@ -95,7 +95,7 @@ def find_split_folders(root: str | Path) -> SplitFolders | None:
     others = [n for n in names if n.lower() not in SPLIT_NAMES]
     if not vals and not tests and others:
         return None  # 'train' is one class among others (a warning says so: split_like_names)
-    if not any(not is_hidden(n) for n in _subfolders(root / trains[0])):
+    if not any(not is_hidden(n) for n in _subfolders(root / trains[0])) and not _holds_shards(root / trains[0]):
         return None  # train/ holds files, not class folders: it is a class (named like a split)
     for found, what in ((trains, "training"), (vals, "validation"), (tests, "test")):
         if len(found) > 1:
@@ -103,6 +103,14 @@ def find_split_folders(root: str | Path) -> SplitFolders | None:
                             "training and validation folders explicitly (data=.../train, val_data=.../val).")
     return SplitFolders(train=root / trains[0], val=root / vals[0] if vals else None,
                         test=root / tests[0] if tests else None, others=others)
+
+
+def _holds_shards(folder: Path) -> bool:
+    """Whether ``folder`` holds tar shards (``train/000.tar``: a split of shards, not a class)."""
+    try:
+        return any(p.suffix.lower() == ".tar" and p.is_file() for p in folder.iterdir())
+    except OSError:
+        return False
 
 
 def split_like_names(classes: Sequence[str]) -> list[str]:

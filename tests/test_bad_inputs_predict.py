@@ -143,5 +143,12 @@ def test_a_file_of_the_other_kind_and_a_missing_folder_are_said_as_such(tmp_path
         ". It is an image (PNG) by its content, and audio is read here (an audio model): give audio files.")
     got = img.predict([str(tmp_path / "photos") + "/"])[0]
     assert not got.ok and got.error.startswith("The folder '") and "photos/' does not exist" in got.error
+    import tarfile
+
+    with tarfile.open(tmp_path / "train-000.tar", "w") as tar:
+        tar.add(tmp_path / "cat.png", arcname="k0.png")
+    assert img.predict([str(tmp_path / "train-000.tar")])[0].error.endswith(
+        "It is a tar archive (.tar): shards of labelled images are scored with `transferkit evaluate` (or trained on "
+        "as data=); give image files to predict.")
     got = img.predict([tmp_path / "photos"])[0]  # Path("photos/") is Path("photos"): no kind is said
     assert got.error.startswith("The path '") and "photos' does not exist" in got.error

@@ -88,6 +88,8 @@ def other_kind(path: object, reads: str) -> str:
         'It is an audio file by its name (.wav), and images are read here (an image model): give image files.'
         >>> other_kind("cat.png", "audio"), other_kind("cat.png", "image")
         ('It is an image by its name (.png), and audio is read here (an audio model): give audio files.', '')
+        >>> other_kind("train-000.tar", "image")[:30]
+        'It is a tar archive (.tar): sh'
     """
     if not isinstance(path, (str, os.PathLike)):
         return ""
@@ -96,6 +98,9 @@ def other_kind(path: object, reads: str) -> str:
     ext = os.path.splitext(str(path))[1].lower()
     if ext in named:
         return f"It is an {other} by its name ({ext}), and {here}: give {reads} files."
+    if ext == ".tar" and reads == "image":  # shards hold many labelled images: scored, or given as training data
+        return ("It is a tar archive (.tar): shards of labelled images are scored with `transferkit evaluate` (or "
+                "trained on as data=); give image files to predict.")
     found = _kind_by_content(path)
     if found is not None and found[0] == other:
         return f"It is an {other} ({found[1]}) by its content, and {here}: give {reads} files."

@@ -433,3 +433,31 @@ def test_parquet_files_with_their_own_classlabel_orders_are_read_by_name_and_oth
         open_parquet([str(tmp_path / "plain.parquet"), str(named)], scan="none")
     both = open_parquet([str(tmp_path / "pq" / "a.parquet"), str(named)], scan="none")  # a ClassLabel names indices
     assert [both.classes[t] for t in both.targets] == [classes[t] for t in targets]
+
+
+def test_a_folder_of_parquet_files_named_by_split_trains_and_validates_on_them(tmp_path):
+    """The Hugging Face Hub's layout (train-*, validation-*, test-* Parquet files): training on
+    train, validating on validation, the test files named as not used; files named as no split
+    beside training ones are all trained on, with a warning."""
+    images, labels, classes = _rows(make_image_folder(tmp_path / "img", per_class=6))
+
+    def write(name, rows):
+        pq.write_table(pa.table({"image": pa.array([images[i] for i in rows], pa.binary()),
+                                 "label": [classes[labels[i]] for i in rows]}), tmp_path / "hub" / name)
+    (tmp_path / "hub").mkdir()
+    write("train-00000-of-00001.parquet", range(0, 8))
+    write("validation-00000-of-00001.parquet", range(8, 10))
+    write("test-00000-of-00001.parquet", range(10, 12))
+    with pytest.warns(UserWarning, match=r"hold training and validation files; the others are not used: "
+                                         r"test-00000-of-00001.parquet"):
+        b = prepare_data(str(tmp_path / "hub"))
+    assert (len(b.train), len(b.val)) == (8, 2)
+    (tmp_path / "hub" / "validation-00000-of-00001.parquet").rename(tmp_path / "hub" / "dev-0.parquet")
+    b = prepare_data(str(tmp_path / "hub"))
+    assert (len(b.train), len(b.val)) == (8, 2)  # dev is validation data
+    for f in ("dev-0.parquet", "test-00000-of-00001.parquet"):
+        (tmp_path / "hub" / f).unlink()
+    write("extra.parquet", range(8, 12))
+    with pytest.warns(UserWarning, match=r"named as training data \(train-00000-of-00001.parquet\) lie beside files "
+                                         r"named as no split \(extra.parquet\): all of them are trained on"):
+        assert len(prepare_data(str(tmp_path / "hub"), val_split=0).train) == 12

@@ -47,7 +47,7 @@ def split_encoded(data: Any, *, need_train: bool = True, report: DataReport | No
             return shards
         files = parquet_list(data)
         if files:
-            return split_parquet_files(files)
+            return split_parquet_files(files, report)
     return None
 
 

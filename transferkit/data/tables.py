@@ -94,21 +94,36 @@ def parquet_list(data: Any) -> list[str] | None:
     return None
 
 
-def split_parquet_files(files: Sequence[str]) -> tuple[list[str], list[str]] | None:
+def split_parquet_files(files: Sequence[str], report: DataReport | None = None) -> tuple[list[str], list[str]] | None:
     """``(train, validation)`` files when the names say so (``train-00000-of-00002.parquet``
-    beside ``validation-...``/``val-...``/``test-...``, or in folders named so), else None."""
+    beside ``validation-...``/``val-...``/``dev-...``/``test-...``, or in folders named so), else
+    None. ``report`` is told which files are not used, and when files named as training data
+    lie beside files named as no split (all are then trained on), as for shards."""
     def split_of(p: str) -> str:
         parts = [q.lower() for q in Path(p).parts[-2:]]
         for name in parts[::-1]:
-            for s in ("train", "validation", "valid", "val", "test"):
+            for s in ("train", "validation", "valid", "val", "dev", "test"):
                 if name == s or name.startswith((s + "-", s + "_", s + ".")):
                     return s
         return ""
     groups: dict[str, list[str]] = {}
     for f in files:
         groups.setdefault(split_of(f), []).append(f)
-    val = groups.get("validation") or groups.get("valid") or groups.get("val") or groups.get("test")
-    return (groups["train"], val) if groups.get("train") and val else None
+
+    def names(paths: list[str]) -> str:
+        return ", ".join(os.path.basename(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
+    held = next((s for s in ("validation", "valid", "val", "dev", "test") if groups.get(s)), None)
+    if groups.get("train") and held is None and groups.get("") and report is not None:
+        report.warn(f"Parquet files named as training data ({names(groups['train'])}) lie beside files named as no "
+                    f"split ({names(groups[''])}): all of them are trained on, as none is named as validation data. "
+                    "Name the held-out files validation-*.parquet to validate on them, or pass the training files "
+                    "alone.")
+    if not groups.get("train") or held is None:
+        return None
+    unused = [f for s, fs in groups.items() if s not in ("train", held) for f in fs]
+    if unused and report is not None:
+        report.warn(f"The Parquet files hold training and {held} files; the others are not used: {names(unused)}.")
+    return groups["train"], groups[held]
 
 
 class _RowGroupCache:

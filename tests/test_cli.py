@@ -365,7 +365,9 @@ def tiny_run(tmp_path, monkeypatch):
     (["--export", "/tmp"], "The export path '/tmp' (export) is a folder"),
     (["--export", "a.pt", "--checkpoint", "./x/../a.pt"], "export and checkpoint are the same file 'a.pt'"),
     (["--plots", "images/plots"], "lies inside the data folder 'images'"),
-    (["--export", "/proc/x.pt"], "The export path '/proc/x.pt' (export) cannot be written"),
+    (["--export", "/proc/x.pt"], "The export path '/proc/x.pt' (export) cannot be written: its folder is not "
+                                 "writable (no new file can be made in it: No such file or directory, as in a virtual "
+                                 "file system such as /proc or /sys)"),
     (["--checkpoint", "m.pt"], "--checkpoint m.pt is an exported model: the run's checkpoints would replace it"),
     (["--weights", "DEFAULT"], "tk:small_cnn has no published pretrained weights, so --weights DEFAULT cannot be"),
     (["--backbone", "tv:resnet18", "--weights", "IMAGENET9K"], "Unknown weights 'IMAGENET9K' for tv:resnet18"),

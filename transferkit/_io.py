@@ -343,8 +343,11 @@ def check_writable(path: str | Path, *, what: str, flag: str | None = None, kind
         probe_writable(existing)
     except OSError as exc:
         where = "its folder" if existing == folder else f"its nearest existing folder {str(existing)!r}"
+        why = _reason(exc)
+        if exc.errno == errno.ENOENT and existing.is_dir():  # a folder that exists and takes no new file
+            why = f"no new file can be made in it: {why}, as in a virtual file system such as /proc or /sys"
         raise OutputError(f"{_named(what, p, flag)} cannot be written: {where} is not writable "
-                          f"({_reason(exc)}). Choose a path in a writable folder, or make the folder writable "
+                          f"({why}). Choose a path in a writable folder, or make the folder writable "
                           "(chmod u+w, or a file system mounted read-write).") from exc
     return p
 

@@ -788,7 +788,7 @@ def test_a_class_of_a_csv_left_without_readable_files_is_said_as_a_class_not_a_f
     assert "Class folders" not in text
 
 
-@pytest.mark.parametrize("name", ["accuracy", "macro avg", "Weighted Avg"])
+@pytest.mark.parametrize("name", ["accuracy", "macro avg", "weighted avg"])
 def test_a_class_named_as_a_summary_row_of_the_report_is_refused(tmp_path, name):
     """A class named 'accuracy' or 'macro avg' lost its row of the per-class report to the
     summary row of that name, and the evaluation's summary failed with a TypeError."""
@@ -801,3 +801,13 @@ def test_a_class_named_as_a_summary_row_of_the_report_is_refused(tmp_path, name)
         prepare_data(root)
     with pytest.raises(tk.DataError, match="summary row"):
         prepare_data(make_image_folder(tmp_path / "ok", per_class=2), classes=["cat", name])
+    # other spellings are other keys; a regression output or a multilabel label of the name has no such row
+    assert prepare_data(make_image_folder(tmp_path / "cased", classes=("cat", name.title()), per_class=2)).classes
+    from transferkit.train.tasks import prepare_task_data
+
+    targets = [(torch.zeros(3, 8, 8), torch.tensor([0.5, 1.0])) for _ in range(4)]
+    kw = dict(val_split=0, seed=0, min_size=None)
+    prepare_task_data(targets, None, task="regression", classes=[name, "loss"], **kw)
+    if name == "accuracy":
+        prepare_task_data([(x, torch.tensor([1.0, 0.0])) for x, _ in targets], None, task="multilabel",
+                          classes=[name, "dog"], **kw)

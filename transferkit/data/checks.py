@@ -348,27 +348,29 @@ def class_index(classes: Sequence[str]) -> dict[str, int]:
     return {nfc(c): i for i, c in enumerate(classes)}
 
 
-# the summary rows of the per-class report (scikit-learn's keys), beside one row per class
-REPORT_ROWS = ("accuracy", "macro avg", "weighted avg", "micro avg", "samples avg")
+# the summary rows of the per-class report of each task (scikit-learn's keys), beside one row per class or label
+REPORT_ROWS = {"multiclass": ("accuracy", "macro avg", "weighted avg"),
+               "multilabel": ("micro avg", "macro avg", "weighted avg", "samples avg"), "regression": ()}
 
 
-def check_label_names(names: Sequence[str], where: str, *, case: bool = True, report_rows: bool = True) -> None:
+def check_label_names(names: Sequence[str], where: str, *, case: bool = True, task: str = "multiclass") -> None:
     """DataError for class names that would break later: a name that is not a string, a line
     break or control character (no export could hold it), two names that are one in two
     Unicode forms (`nfc`: a folder named on macOS beside one named elsewhere), two names
     that differ only in surrounding spaces (they print alike), (``case``) only in case
-    (a typo in a CSV, not two classes), or (``report_rows``: names of classes, not of
-    regression outputs) a name of a summary row of the per-class report (`REPORT_ROWS`),
-    whose own row it would lose."""
+    (a typo in a CSV, not two classes), or a name of a summary row of the ``task``'s
+    per-class report (`REPORT_ROWS`: ``accuracy``, ``macro avg``, ...), whose own row it
+    would lose."""
     odd = next((name for name in names if not isinstance(name, str)), None)
     if odd is not None:
         raise DataError(f"{where}: the class name {odd!r} is a {type(odd).__name__}; class names are strings (pass "
                         f"classes=[{', '.join(repr(str(n)) for n in list(names)[:3])}, ...]).")
-    row = next((name for name in names if report_rows and name.strip().lower() in REPORT_ROWS), None)
+    rows = REPORT_ROWS.get(task, ())
+    row = next((name for name in names if name in rows), None)
     if row is not None:
         raise DataError(f"{where}: the class name {row!r} is the name of a summary row of the per-class report "
-                        f"({', '.join(REPORT_ROWS[:3])}), which would take the place of the class's own row. Rename "
-                        "the class (its folder, or its label in the data).")
+                        f"({', '.join(rows)}), which would take the place of the class's own row. Rename the class "
+                        "(its folder, or its label in the data).")
     for name in names:
         if name and not one_line(name):
             raise DataError(f"{where}: the class name {name!r} holds a line break or control character; rename it "

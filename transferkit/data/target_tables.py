@@ -87,8 +87,8 @@ def scan_target_csv(csv_path: str | Path, *, task: str, classes: Sequence[str] |
     else:
         targets, names = _columns(header, body, classes, task, where, purpose)
         if task == "multilabel":
-            check_label_names(names, f"{where} (its label columns)")
-    check_label_names(names, f"{where} (its output names)", case=False, report_rows=task != "regression")
+            check_label_names(names, f"{where} (its label columns)", task=task)
+    check_label_names(names, f"{where} (its output names)", case=False, task=task)
     samples: list[tuple[str, tuple[float, ...]]] = []
     seen: dict[str, tuple[float, ...]] = {}
     for i, (r, t) in enumerate(zip(body, targets)):
@@ -110,7 +110,7 @@ def _label_lists(body: list[list[str]], classes: Sequence[str] | None, where: st
     # a label matches its class in either Unicode form (macOS writes decomposed names), as folders' do
     lists = [[nfc(x.strip()) for x in r[1].split(LABEL_SEPARATOR) if x.strip()] for r in body]
     used = sorted({x for labels in lists for x in labels})
-    check_label_names(used, f"{where} (its labels)")
+    check_label_names(used, f"{where} (its labels)", task="multilabel")
     _warn_joined_labels(lists, used, set(used) | set(classes or ()), where, report)
     names = list(classes) if classes is not None else used
     if not names:

@@ -360,7 +360,7 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
         raise DataError("The training dataset is empty.")
     width = target_width(train, task)
     if classes and not from_csv:  # a CSV's names were checked when it was read
-        check_label_names(list(classes), "classes=", case=False)
+        check_label_names(list(classes), "classes=", case=False, task=task)
     names = list(classes) if classes else [str(i) for i in range(width)]
     if len(names) != width:
         raise DataError(f"classes has {len(names)} names but the targets have {width} values.")

@@ -766,3 +766,9 @@ def test_a_folder_of_split_folders_of_shards_trains_and_validates_on_them(tmp_pa
     write_shards(items[7:], tmp_path / "root" / "val", [3], prefix="shard")
     b = prepare_data(str(tmp_path / "root"))
     assert (len(b.train), len(b.val)) == (7, 3) and b.classes == ["dark", "light"]
+    # one _info.json for both, above the split folders, names the classes of both
+    for part in ("train", "val"):
+        (tmp_path / "root" / part / "_info.json").unlink()
+    (tmp_path / "root" / "_info.json").write_text(json.dumps({"classes": ["night", "day"]}))
+    b = prepare_data(str(tmp_path / "root"))
+    assert b.classes == ["night", "day"] and not b.report.warnings

@@ -243,16 +243,32 @@ def test_validation_class_indices_are_read_by_the_training_classes_place_said_or
         pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "label": column}), tmp_path / name)
         return str(tmp_path / name)
     ints = table("val.parquet", [t + 1 for t in labels])  # 1 and 2
-    with pytest.raises(tk.DataError, match=r"The validation Parquet data give class indices without class names "
+    with pytest.raises(tk.DataError, match=r"The validation data give class indices without class names "
                                            r"\(e.g. 1\), and the training data's classes are named by numbers "
                                            r"\(\['1', '2', '3'\]\): 1 could be the class named '1' or the training "
                                            r"data's class at place 1 \('2'\)"):
         prepare_data(table("digits.parquet", [str(t + 1) for t in labels[:-1]] + ["3"]), val_data=ints)
-    with pytest.warns(UserWarning, match=r"The validation Parquet data give class indices without class names: each "
+    with pytest.warns(UserWarning, match=r"The validation data give class indices without class names: each "
                                          r"index is read as the training data's class of that place \(0 = 'a', "
                                          r"1 = 'b', 2 = 'c'\)"):
         b = prepare_data(table("named.parquet", ["c"] + ["ab"[t] for t in labels[1:]]), val_data=ints)
     assert b.classes == ["a", "b", "c"] and sorted(set(b.val.targets)) == [1, 2]
+    # training data that give indices too (named by classes=, or by an _info.json) read validation indices alike
+    from shard_helpers import folder_items, write_shards
+
+    items = folder_items(make_image_folder(tmp_path / "f", per_class=3))
+    train = write_shards(items, tmp_path / "t", [6], info=False)[0]
+    val = write_shards(folder_items(make_image_folder(tmp_path / "g", per_class=3, seed=3)), tmp_path / "v", [6],
+                       info=False)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for names in (["1", "2"], ["dark", "light"]):
+            assert prepare_data(str(train), val_data=str(val), classes=names).classes == names
+        write_shards(items, tmp_path / "t", [6])  # an _info.json beside the training shards only
+        assert prepare_data(str(tmp_path / "t"), val_data=str(val)).classes == ["dark", "light"]
+    with pytest.warns(UserWarning, match=r"The validation data give class indices without class names: each index "
+                                         r"is read as the training data's class of that place \(0 = 'dark'"):
+        prepare_data(str(tmp_path / "f"), val_data=str(val))  # a folder names its classes: the indices said
 
 
 def test_relative_paths_of_parquet_rows_are_read_from_the_parquet_file_s_folder(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from transferkit.data.checks import DataReport, find_duplicates, nfc, warn_copies_across_classes
 from transferkit.data.folders import find_split_folders, warn_split_like_classes
-from transferkit.data.encoded import EncodedImageDataset, index_names, no_shared_class
+from transferkit.data.encoded import EncodedImageDataset, check_read_by_place, index_names, no_shared_class
 from transferkit.data.images import (ImageFolderDataset, TransformedDataset, check_image_tensor, class_index,
                                      dataset_classes, dataset_targets, image_from_array)
 from transferkit.data.shards import confirmed_copies, copies_said, shard_list, warn_held_out_listed
@@ -423,6 +423,8 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = VAL_SPLI
         bad = sorted({t for t in vt if not 0 <= t < len(names)})
         if bad:
             raise DataError(f"Validation labels {bad[:5]} are outside the training classes 0..{len(names) - 1}.")
+        if _by_index(val) and _by_index(train) is False:  # indices against classes the training labels named
+            check_read_by_place(sorted(set(vt)), names, "The validation data", "the training data's", report)
         if isinstance(train, ImageFolderDataset) and isinstance(val, ImageFolderDataset):
             warn_validation_copies(train.samples, val.samples, report)
         else:
@@ -435,6 +437,14 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = VAL_SPLI
         train, val = split_views(train, tr_idx, va_idx, targets=targets, names=names, val_split=val_split,
                                  report=report)
     return DataBundle(train=train, val=val, classes=names, report=report)
+
+
+def _by_index(ds: Any) -> bool | None:
+    """Whether ``ds`` gave its labels as class indices (encoded data, read by `labels_by_name`),
+    or by name (a class folder, a CSV); None where it is not known (a Dataset of the user's)."""
+    if isinstance(ds, ImageFolderDataset):
+        return False
+    return getattr(getattr(ds, "source", None), "labels_by_index", None)
 
 
 def split_views(train: Any, tr_idx: Sequence[int], va_idx: Sequence[int], *, targets: Sequence[int],

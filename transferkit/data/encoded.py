@@ -297,6 +297,38 @@ def labels_by_own_names(parts: Sequence[tuple[str, Sequence[str] | None, Sequenc
     return list(dict.fromkeys(c for names in lists if names for c in names)), labels
 
 
+def given_by_index(labels: Sequence[Any]) -> bool:
+    """Whether raw ``labels`` (after `labels_by_name`) give class indices, not names."""
+    return any(isinstance(lab, (int, np.integer)) and not isinstance(lab, bool) for lab in labels)
+
+
+def check_read_by_place(indices: Sequence[int], classes: Sequence[str], what: str, whose: str,
+                        report: DataReport | None) -> None:
+    """Data (``what``) that give class ``indices`` without names, read against ``whose`` named
+    ``classes`` (a model's; training data that named their classes by their labels): each
+    index is read as the class of that place, with a warning into ``report`` that shows the
+    order; where the classes are named by numbers and an index ``k`` is not the class named
+    ``"k"`` (``['1', '2', '3']``: 1 is ``'2'`` by place), a DataError (ambiguous). Classes
+    known by index only (``'0'``, ``'1'``, ...) read indices by place without a word."""
+    if not indices or list(classes) == index_names(len(classes)):
+        return
+    named = {nfc(str(c)): i for i, c in enumerate(classes)}
+    clash = next((k for k in indices if named.get(str(k), k) != k), None)
+    if clash is not None:  # the index k names another class than the class named "k"
+        at = f" ({classes[clash]!r})" if 0 <= clash < len(classes) else ""
+        raise DataError(f"{what} give class indices without class names (e.g. {clash}), and {whose} classes are "
+                        f"named by numbers ({list(classes)[:10]}): {clash} could be the class named {str(clash)!r} "
+                        f"or {whose} class at place {clash}{at}. Give the labels as class names (strings), or name "
+                        "the classes of the indices (an _info.json 'classes' list beside shards, a ClassLabel "
+                        "column).")
+    if report is not None:
+        order = ", ".join(f"{i} = {c!r}" for i, c in enumerate(list(classes)[:6])) + \
+            (", ..." if len(classes) > 6 else "")
+        report.warn(f"{what} give class indices without class names: each index is read as {whose} class of that "
+                    f"place ({order}). Give the data their class names (labels as names, an _info.json 'classes' "
+                    "list beside shards, a ClassLabel column) to have them read by name.")
+
+
 def labels_by_name(labels: Sequence[Any], own: Sequence[str] | None, classes: Sequence[str] | None,
                    part: str, data: str, report: DataReport | None = None) -> list[Any]:
     """``labels`` of the ``part`` (``"training"``, ``"validation"``, ``"test"``) ``data``
@@ -307,33 +339,18 @@ def labels_by_name(labels: Sequence[Any], own: Sequence[str] | None, classes: Se
     or where either is None. Where they share no name, ``classes`` rename the indices of
     training data (``classes=`` given); other parts, read against a model's or the training
     data's classes, are refused. Data scored against a model (a ``part`` other than training
-    and validation) that give class indices and no names are read in the model's order, with
-    a warning into ``report`` that shows it.
+    and validation) that give class indices and no names are read in the model's order
+    (`check_read_by_place`; validation data are checked so by `prepare_data`, which knows how
+    the training data gave their labels).
 
     Example:
         >>> labels_by_name([0, 1, 1], ["dog", "cat"], ["cat", "dog"], "validation", "shards")
         ['dog', 'cat', 'cat']
     """
     what = f"The {part} {data}"
-    if classes and not own and part != "training" and list(classes) != index_names(len(classes)) \
-            and any(isinstance(lab, (int, np.integer)) for lab in labels):  # named classes, read by index
-        whose = "the training data's" if part == "validation" else "the model's"
-        order = ", ".join(f"{i} = {c!r}" for i, c in enumerate(list(classes)[:6])) + \
-            (", ..." if len(classes) > 6 else "")
-        named = {nfc(str(c)): i for i, c in enumerate(classes)}
-        clash = next((int(lab) for lab in labels if isinstance(lab, (int, np.integer)) and
-                      named.get(str(int(lab)), int(lab)) != int(lab)), None)
-        if clash is not None:  # the index k names another class than the class named "k"
-            at = f" ({classes[clash]!r})" if 0 <= clash < len(classes) else ""
-            raise DataError(f"{what} give class indices without class names (e.g. {clash}), and {whose} classes are "
-                            f"named by numbers ({list(classes)[:10]}): {clash} could be the class named "
-                            f"{str(clash)!r} or {whose} class at place {clash}{at}. Give the labels as class names "
-                            "(strings), as the training data do, or an _info.json 'classes' list / ClassLabel column "
-                            "that names them.")
-        if report is not None:
-            report.warn(f"{what} give class indices without class names: each index is read as {whose} class of "
-                        f"that place ({order}). Give the data their class names (labels as names, an _info.json "
-                        "'classes' list beside shards, a ClassLabel column) to have them read by name.")
+    if classes and not own and part not in ("training", "validation"):  # a model's named classes, read by index
+        check_read_by_place([int(lab) for lab in labels if isinstance(lab, (int, np.integer))], classes, what,
+                            "the model's", report)
     if classes:
         check_label_names(list(classes), what, case=False)
     if own:

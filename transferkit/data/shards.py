@@ -61,8 +61,10 @@ from transferkit._io import atomic_write, entry_not_kept
 from transferkit._text import plural
 from transferkit.data.checks import (IMAGE_EXTENSIONS, ON_BAD_FILE, SCAN_RULES, SCANS, DataReport, check_image_stream,
                                      holds_class_folders, leave_out_bad)
-from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_by_own_names, labels_to_targets
+from transferkit.data.encoded import (EncodedImageDataset, given_by_index, labels_by_name, labels_by_own_names,
+                                      labels_to_targets)
 from transferkit.data.fingerprint import from_common_folder
+from transferkit.data.folders import SPLIT_NAMES
 from transferkit.data.remote import (
     ENV_BUDGET,
     Held,
@@ -863,11 +865,15 @@ def _info_text(folder: str, name: str) -> tuple[str, str | None]:
 
 
 def _info_classes(path: str) -> list[str] | None:
-    """The ``classes`` of the ``_info.json`` (or ``info.json``) beside the shard ``path``."""
+    """The ``classes`` of the ``_info.json`` (or ``info.json``) beside the shard ``path``, or
+    (a local shard in a folder named as a split, ``root/train/``) in the folder above."""
     if path.startswith("pipe:"):
         return None  # a command has no folder to look in
     folder = _url_folder(path)
-    for name in ("_info.json", "info.json"):
+    places = [(folder, name) for name in ("_info.json", "info.json")]
+    if not is_url(path) and Path(folder).name.lower() in SPLIT_NAMES:
+        places.append((str(Path(folder).parent), "_info.json"))
+    for folder, name in places:
         p, text = _info_text(folder, name)
         if text is not None:
             try:
@@ -1087,6 +1093,7 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
                         f"key, e.g. 000001.jpg and 000001.cls).{apart}")
     own, raw = _own_classes(shards, indexes, what)
     labels = labels_by_name(raw, own, classes, what, "shards", report)
+    source.labels_by_index = given_by_index(labels)  # read against the classes by place (`check_read_by_place`)
     targets, names = labels_to_targets(labels, list(classes) if classes else own, f"The {what} shards", report,
                                        part=what)
     reasons = [r for ix in indexes for r in ix.bad]

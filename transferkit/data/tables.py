@@ -37,7 +37,8 @@ from transferkit._signals import raise_if_interrupted
 from transferkit._io import atomic_write, entry_not_kept
 from transferkit.data.checks import (ON_BAD_FILE, SCAN_RULES, SCANS, DataReport, check_image_stream,
                                      holds_class_folders, leave_out_bad)
-from transferkit.data.encoded import EncodedImageDataset, labels_by_name, labels_by_own_names, labels_to_targets
+from transferkit.data.encoded import (EncodedImageDataset, given_by_index, labels_by_name, labels_by_own_names,
+                                      labels_to_targets)
 from transferkit.data.fingerprint import from_common_folder
 from transferkit.data.shards import named_files
 from transferkit.errors import DataError, TransferkitError, check_choice
@@ -398,6 +399,7 @@ def open_parquet(files: str | os.PathLike | Sequence[str], *, classes: Sequence[
     if len(source) == 0:
         raise DataError(f"The {what} Parquet files {list(files)[:3]} hold no row.")
     labels = labels_by_name(source.labels(), source.class_names, classes, what, "Parquet data", report)
+    source.labels_by_index = given_by_index(labels)  # read against the classes by place (`check_read_by_place`)
     targets, names = labels_to_targets(labels, list(classes) if classes else source.class_names,
                                        f"The {what} Parquet data", report, part=what)
     return _kept(source, targets, names, min_size, on_bad_file, report, what,
@@ -599,6 +601,7 @@ def open_hf(data: Any, *, classes: Sequence[str] | None = None, min_size: int | 
         raise DataError(f"The {what} Hugging Face dataset is empty.")
     source = HFSource(ds, image_column, label_column)
     labels = labels_by_name(source.labels(), source.class_names, classes, what, "Hugging Face dataset", report)
+    source.labels_by_index = given_by_index(labels)  # read against the classes by place (`check_read_by_place`)
     targets, names = labels_to_targets(labels, list(classes) if classes else source.class_names,
                                        f"The {what} Hugging Face dataset", report, part=what)
     return _kept(source, targets, names, min_size, on_bad_file, report, what,

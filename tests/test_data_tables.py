@@ -285,6 +285,7 @@ def test_relative_paths_of_parquet_rows_are_read_from_the_parquet_file_s_folder(
     b = prepare_data(str(tmp_path / "tables" / "t.parquet"), val_split=0)
     assert len(b.train) == 6 and b.train.source.read(0) == files[0].read_bytes()
     before = data_fingerprint(b.train)
+    assert data_fingerprint(prepare_data("tables/t.parquet", val_split=0).train) == before  # however it is spelt
     files[2].write_bytes(files[3].read_bytes())  # the file a relative path names is in the identity
     assert data_fingerprint(prepare_data(str(tmp_path / "tables" / "t.parquet"), val_split=0).train) != before
 

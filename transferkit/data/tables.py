@@ -195,15 +195,15 @@ def row_path(path: str, folder: str | None) -> str:
 def _files_read_by_path(parts: Any) -> list[Any]:
     """``[path, size, modification and change time]`` (``[path, None]`` when it cannot be
     read) of each image file that a row of a table reads by its path (``parts``: ``(paths,
-    bytes empty)`` lists): what the table's own file stats cannot tell, an image edited in
-    place. Empty when every row holds its bytes."""
+    bytes empty, the table's folder)``): what the table's own file stats cannot tell, an image
+    edited in place. The path is the row's own (`row_path` finds the file), so the identity
+    does not depend on how the table's path is spelt. Empty when every row holds its bytes."""
     out: list[Any] = []
     for paths, empty, folder in parts:
         for path, none in zip(paths, empty):
-            if none and path:
-                path = row_path(path, folder)
+            if none and path:  # the path as the row writes it (however the table's own path is spelt)
                 try:
-                    st = os.stat(path)
+                    st = os.stat(row_path(path, folder))
                     out.append([path, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
                 except OSError:
                     out.append([path, None])

@@ -60,6 +60,8 @@ def test_numpy_numbers_are_the_numbers_they_are():
     assert Policy(unfreeze="none", every=np.int64(2)) == Policy.parse("gradual:every=2")
     assert Policy(unfreeze="none", milestones=[np.int64(1), np.int64(3)]).milestones == (1, 3)
     assert type(Policy(unfreeze="all", l2sp=np.float64(0.1)).l2sp) is float
+    assert str(Policy(unfreeze="all", discriminative=np.float32(0.3))) == "full,discriminative=0.3"
+    assert Policy(unfreeze="all", l2sp=0.1, decay_norm_bias=np.True_).decay_norm_bias is True
 
 
 @pytest.mark.parametrize("spec, fragment", [

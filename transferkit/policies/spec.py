@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,10 +34,13 @@ FINE_TUNE_UNFROZEN_LR = 0.1
 FINE_TUNE_HEAD_PASSES = 0
 
 
-def _numpy_scalar(v: object) -> bool:
-    """A numpy number (``np.float32(0.5)``, ``np.int64(2)``): not an ``int`` or ``float`` to
-    Python's checks, though it is one."""
-    return isinstance(v, numbers.Number) and type(v) not in (int, float, complex, bool) and hasattr(v, "item")
+def _plain(v: Any) -> Any:
+    """A numpy scalar (``np.float32(0.3)``, ``np.int64(2)``, ``np.True_``) as the Python value it
+    is (a float32 by its shortest spelling: 0.3, not 0.30000001192092896); anything else as it is."""
+    dtype = getattr(v, "dtype", None)
+    if type(v).__module__ != "numpy" or dtype is None or getattr(v, "ndim", None) != 0:
+        return v
+    return float(str(v)) if dtype.kind == "f" and dtype.itemsize < 8 else v.item()
 
 
 def _number(v: object) -> bool:
@@ -109,10 +111,9 @@ class Policy:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # numpy scalars (a sweep over np.linspace) as the numbers they are
             v = getattr(self, f.name)
-            if isinstance(v, (list, tuple)) and any(_numpy_scalar(x) for x in v):
-                object.__setattr__(self, f.name, type(v)(x.item() if _numpy_scalar(x) else x for x in v))
-            elif _numpy_scalar(v):
-                object.__setattr__(self, f.name, v.item())
+            plain = type(v)(_plain(x) for x in v) if isinstance(v, (list, tuple)) else _plain(v)
+            if plain is not v:
+                object.__setattr__(self, f.name, plain)
         if isinstance(self.unfreeze, list):
             object.__setattr__(self, "unfreeze", tuple(self.unfreeze))
         if self.unfreeze == 0 and not isinstance(self.unfreeze, bool):  # no block: one spelling

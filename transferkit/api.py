@@ -31,7 +31,7 @@ from transferkit.evaluation import evaluate as evaluate_model
 from transferkit.export import Prediction, Predictor
 from transferkit.export.torchscript import ExportReport
 from transferkit.model import TransferModel
-from transferkit.decisions import Decisions, decide
+from transferkit.decisions import Decisions, cached_engine, decide
 from transferkit.facts import environment, look, timed_engines
 from transferkit.policies import Policy, param_groups
 from transferkit.results import export_result, result_predictor, result_summary
@@ -39,7 +39,6 @@ from transferkit.run import Run, build
 from transferkit.outputs import (OUTPUTS, check_output_paths, check_output_space, check_plotting, check_png_name,
                                  output_locks)
 from transferkit.steps import (
-    cached_engine,
     evaluate,
     head_speed,
     metadata,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,14 @@ from transferkit.errors import ConfigError, PolicyError
 from transferkit.backbones.registry import check_weights_tag
 from transferkit.backbones.weights import is_weights_path
 from transferkit.checkpoints import saved_run
-from transferkit.facts import Facts, environment, look
+from transferkit.facts import Facts, Inputs, environment, look
 from transferkit.outputs import check_output_paths
 from transferkit.heads import resolve_head_norm, resolve_target_norm
 from transferkit.policies import Policy
 from transferkit.train.distributed import rank_seeds
 from transferkit.train.compile_trial import decide_compile
 from transferkit.train.engines import decide_engine, engine_precision
+from transferkit.train.feature_store import store_complete
 from transferkit.train.features import cache_key
 from transferkit.train.optim import default_lr
 from transferkit.train.resume import resume_refused
@@ -651,6 +652,25 @@ def plan(config: Any = None, /, **options: Any) -> Decisions:
     if cfg.resume:
         _check_resumes(cfg, decisions)
     return decisions
+
+
+def cached_engine(cfg: FinetuneConfig, facts: Facts, inputs: Inputs) -> str | None:
+    """Under ``feature_engine="auto"``, when the engine timing is due: the engine (eager first,
+    then the candidates) whose features of this run's input are all in ``cache_dir`` already,
+    every part of every store complete; None when no engine's are. A run that finds them reads
+    them: timing the engines again (``engines.json`` removed, another number of threads) could
+    choose another engine and compute every feature again under its key."""
+    due = facts.engines.get("due")
+    if not due or cfg.cache_dir is None:
+        return None
+    d = decide(cfg, facts)  # the decisions but the engine's (not timed yet), which make the keys
+    parts = [("train", d.n_train, cfg.cache_views)] + ([("val", d.n_val, 1)] if d.n_val else [])
+    for engine in ("eager", *due):
+        de = replace(d, engine=engine)
+        if all(store_complete(cfg.cache_dir, de.feature_key(part), num_samples=n, dim=inputs.backbone.num_features,
+                              dtype=de.feature_dtype, views=views) for part, n, views in parts):
+            return engine
+    return None
 
 
 def _check_resumes(cfg: FinetuneConfig, decisions: Decisions) -> None:

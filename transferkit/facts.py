@@ -342,7 +342,7 @@ def _engine_facts(cfg: FinetuneConfig, bb: Backbone, bundle: DataBundle, dev: to
 def timed_engines(facts: Facts, inputs: Inputs, *, cached: str | None = None) -> Facts:
     """``facts`` with the engine timing that `look` left due done: the candidates timed on the
     run's own input, or, with ``cached`` (an engine whose features of this input are all in
-    ``cache_dir`` already: `transferkit.steps.cached_engine`), that engine recorded and nothing
+    ``cache_dir`` already: `transferkit.decisions.cached_engine`), that engine recorded and nothing
     timed. Facts without a due timing are returned as they are."""
     if not facts.engines.get("due") or inputs.engine_timing is None:
         return facts

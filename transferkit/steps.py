@@ -38,10 +38,9 @@ from transferkit.data.gpu_jpeg import DeviceDecodedLoader
 from transferkit.data.late import (BadFileError, classes_never_loaded, failed_items, load_failures, replace_advice,
                                    record_bad_at_load, record_lost_class)
 from transferkit.data.sampling import mix_seed, seed_everything
-from transferkit.config import FinetuneConfig, jsonable
-from transferkit.decisions import Decisions, decide, differences
+from transferkit.config import jsonable
+from transferkit.decisions import Decisions, differences
 from transferkit.export.torchscript import export_torchscript
-from transferkit.facts import Facts, Inputs
 from transferkit.run import Run
 from transferkit.policies import apply_policy, merge_lora, policy_penalty, set_train_mode
 from transferkit.checkpoints import save_checkpoint, save_interrupted_weights, save_with_fallback
@@ -50,7 +49,7 @@ from transferkit.train.distributed import barrier, gather_objects, local_main_fi
 from transferkit.train.engines import compile_estimate, lazy_engine_forward, leaf_modules, remove_stale_engine_files
 from transferkit.train.faults import training_faults
 from transferkit.errors import DataError, warn
-from transferkit.train.feature_store import fill_store, open_store, part_size_for, store_complete
+from transferkit.train.feature_store import fill_store, open_store, part_size_for
 from transferkit.train.features import compute_features, feature_loader
 from transferkit.data.sampling import EpochSampler, default_num_workers
 from transferkit.train.loaders import make_loader
@@ -219,25 +218,6 @@ def stored_features(d: Decisions, run: Run, parts: list[tuple[str, Any, Any, int
     report["head_batches"] = {"mode": train_dl.mode, "reason": train_dl.reason}
     return TrainingData(module=run.model.head, train_loader=train_dl, val_loader=val_dl,  # type: ignore[arg-type]
                         cached=True, stores=stores, report=report)
-
-
-def cached_engine(cfg: FinetuneConfig, facts: Facts, inputs: Inputs) -> str | None:
-    """Under ``feature_engine="auto"``, when the engine timing is due: the engine (eager first,
-    then the candidates) whose features of this run's input are all in ``cache_dir`` already,
-    every part of every store complete; None when no engine's are. A run that finds them reads
-    them: timing the engines again (``engines.json`` removed, another number of threads) could
-    choose another engine and compute every feature again under its key."""
-    due = facts.engines.get("due")
-    if not due or cfg.cache_dir is None:
-        return None
-    d = decide(cfg, facts)  # the decisions but the engine's (not timed yet), which make the keys
-    parts = [("train", d.n_train, cfg.cache_views)] + ([("val", d.n_val, 1)] if d.n_val else [])
-    for engine in ("eager", *due):
-        de = replace(d, engine=engine)
-        if all(store_complete(cfg.cache_dir, de.feature_key(part), num_samples=n, dim=inputs.backbone.num_features,
-                              dtype=de.feature_dtype, views=views) for part, n, views in parts):
-            return engine
-    return None
 
 
 def device_item_batches(d: Decisions, ds: Any, part: str, *, batch_size: int, device: torch.device,

@@ -77,6 +77,24 @@ def test_a_pipe_fetch_leaves_no_descriptor_open(tmp_path):
     assert (tmp_path / "19.tar").read_bytes() == src.read_bytes()
 
 
+def test_http_errors_leave_no_socket_to_the_collector(tmp_path):
+    """Each 404 (a shard that is not there, an _info.json that is not) left its response's
+    socket open until a garbage collection, with a ResourceWarning "unclosed <socket ...>"."""
+    import gc
+
+    (tmp_path / "x.tar").write_bytes(b"")
+    with serve(tmp_path) as (base, _), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+        caught.clear()
+        for url in (f"{base}/gone.tar", f"{base}/gone-too.tar"):
+            with pytest.raises(remote.ShardFetchError, match="HTTP 404"):
+                remote.stream_to(url, tmp_path / "out.tar")
+            assert remote.fetch_small(f"{base}/_info.json") is None  # optional: none there
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+
+
 def test_http_pipe_and_fsspec_shards_give_the_local_samples(shards, tmp_path):
     local = _quiet(prepare_data, str(shards / LOCAL), val_split=0)
     with serve(shards) as (base, requests):

@@ -158,6 +158,7 @@ def _http_failure(url: str, exc: BaseException) -> ShardFetchError:
     import urllib.error
 
     if isinstance(exc, urllib.error.HTTPError):
+        exc.close()  # its response holds the connection's socket (else left to the collector, with a warning)
         return _fail(url, f"HTTP {exc.code} {exc.reason}", transient=exc.code >= 500 or exc.code in (408, 429))
     reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
     cannot = isinstance(exc, (http.client.InvalidURL, ValueError))  # a URL that cannot be requested (a space in it)
@@ -210,6 +211,7 @@ def _look_up(url: str) -> dict[str, str]:
                 return _http_validators(r.headers)
         except urllib.error.HTTPError as exc:
             if exc.code not in (404, 410):  # no HEAD (405, 501, 5xx; a URL signed for GET only: 403): a GET of
+                exc.close()
                 return _first_byte_validators(url)  # its first byte says the same, or the URL alone identifies it
             raise _http_failure(url, exc) from None
         except _http_errors() as exc:
@@ -723,7 +725,8 @@ def _fetch_small_once(url: str, limit: int) -> bytes | None:
                 return r.read(limit)
         except urllib.error.HTTPError as exc:
             if 400 <= exc.code < 500 and exc.code not in (408, 429):  # none there, or none for this request (a
-                return None                                         # signed shard's folder: 401, 403): optional
+                exc.close()                                         # signed shard's folder: 401, 403): optional
+                return None
             raise _http_failure(url, exc) from None
         except _http_errors() as exc:
             raise _http_failure(url, exc) from None

@@ -257,9 +257,21 @@ def test_optimize_keeps_an_optimization_only_with_parity(tmp_path):
 
 def test_export_checks_each_example_batch_and_the_output_shape(tmp_path):
     model, bb = tiny_model(2)
-    meta = {"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()}
-    r = export_torchscript(model, tmp_path / "m.pt", metadata=meta, example_inputs=[images(3, 16), images(2, 20)])
+    meta = {"labels": ["a", "b"], "input_spec": bb.input_spec.replace(image_size=16).to_dict()}
+    r = export_torchscript(model, tmp_path / "m.pt", metadata=meta, example_inputs=[images(3, 16), images(2, 16)])
     assert r.batch_sizes == (1, 2, 3)
+    # the file takes the input_spec's size only (the predictor resizes to it), and says how to resize
+    with pytest.raises(ExportError, match=r"An example batch of shape \(2, 3, 20, 20\) is not of the 16 x 16 images "
+                                          r"the model takes"):
+        export_torchscript(model, tmp_path / "x.pt", metadata=meta, example_inputs=[images(3, 16), images(2, 20)])
+    for x, said in ((images(1, 20), r"This model takes images of 16 x 16 pixels \[N, C, 16, 16\], got \[1, 3, 20, "
+                                    r"20\]: resize to 16 x 16 pixels \(bilinear, antialiased; the aspect ratio is not "
+                                    r"kept\)"),
+                    (images(1, 16).permute(0, 2, 3, 1), r"Images are a batch \[N, C, H, W\] with C = 3 channels, got "
+                                                        r"\[1, 16, 16, 3\]: pixels of shape \[N, H, W, C\] are "
+                                                        r"x.permute\(0, 3, 1, 2\)")):
+        with pytest.raises(Exception, match=said):  # plain torch.jit.load: no transferkit around it
+            torch.jit.load(str(tmp_path / "m.pt"))(x)
     # one example (`--num-examples 1`): checked at batch size 1 only, which a file that runs one
     # input at a time passes; it is checked as a batch of 2 too
     assert export_torchscript(model, tmp_path / "m.pt", metadata=meta, example_inputs=images(1, 16)).batch_sizes \

@@ -17,23 +17,29 @@ class ImagePreprocess(nn.Module):
     """Raw pixels to the backbone's normalised input.
 
     Accepts ``uint8`` images in [0, 255] or floating-point images in [0, 1], shape
-    ``[N, C, H, W]`` (another number of dimensions raises ``ValueError``); subtracts ``mean``
-    and divides by ``std`` per channel, in the dtype of its buffers (float32 unless the module
-    was cast). Other integer pixels (``int64`` from
+    ``[N, C, H, W]`` (another number of dimensions, or of channels, raises ``ValueError``);
+    subtracts ``mean`` and divides by ``std`` per channel, in the dtype of its buffers (float32
+    unless the module was cast). Other integer pixels (``int64`` from
     ``torch.tensor(list)``) raise ``ValueError``: read as float they would give other outputs
     without a word. Scripted (an exported file, run where transferkit's own checks are not),
-    float pixels further than `FLOAT_SLACK` outside [0, 1] (pixels in [0, 255]) raise too.
+    float pixels further than `FLOAT_SLACK` outside [0, 1] (pixels in [0, 255]) raise too, and
+    so do images of another size than ``size`` (set by the export from its metadata's
+    ``input_spec``), with ``geometry``: how the predictor resizes and crops them (a file loaded
+    with plain ``torch.jit.load`` would otherwise score images of any size, resized or not,
+    without a word).
 
     Example:
         >>> ImagePreprocess([0.5], [0.5])(torch.tensor([[[[0, 255]]]], dtype=torch.uint8)).tolist()
         [[[[-1.0, 1.0]]]]
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], size: int = 0, geometry: str = "") -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
         self.float_slack = FLOAT_SLACK
+        self.size = int(size or 0)  # the side of the images the model takes (0: any)
+        self.geometry = str(geometry)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:  # [C, H, W] broadcasts: one image's scores, or a grayscale batch read as RGB
@@ -41,6 +47,14 @@ class ImagePreprocess(nn.Module):
             raise ValueError("Images are a batch [N, C, H, W] (C = " + c + "), got a tensor of " + str(x.dim())
                              + " dimensions " + str(list(x.shape)) + ": one image [C, H, W] is x.unsqueeze(0), a "
                              "batch of grayscale images [N, H, W] is x.unsqueeze(1).expand(-1, " + c + ", -1, -1).")
+        if x.shape[1] != self.mean.shape[1]:  # [N, H, W, C] (PIL's and numpy's order), RGBA, grayscale
+            raise ValueError("Images are a batch [N, C, H, W] with C = " + str(self.mean.shape[1]) + " channels, got "
+                             + str(list(x.shape)) + ": pixels of shape [N, H, W, C] are x.permute(0, 3, 1, 2); "
+                             "convert RGBA or grayscale images to RGB first.")
+        if torch.jit.is_scripting() and self.size > 0 and (x.shape[2] != self.size or x.shape[3] != self.size):
+            raise ValueError("This model takes images of " + str(self.size) + " x " + str(self.size) + " pixels ["
+                             "N, C, " + str(self.size) + ", " + str(self.size) + "], got " + str(list(x.shape))
+                             + ": " + self.geometry + " (transferkit.load(path).predict does it for you).")
         # in the module's own dtype (float32, or what ``model.double()`` made it)
         if x.dtype == torch.uint8:
             x = x.to(self.mean.dtype) / 255.0
@@ -167,3 +181,20 @@ def build_model(backbone: Any, num_outputs: int, *, spec: Any = None, head_hidde
                       dropout=head_dropout, norm=head_norm, target_norm=target_norm)
     pre = AudioPreprocess() if spec.kind == "audio" else ImagePreprocess(spec.mean, spec.std)
     return TransferModel(pre, backbone.trunk, head)
+
+
+def eval_geometry(spec: Any) -> str:
+    """How images are brought to the size an image model takes, in words: the predictor's and
+    the validation's resize and centre crop (`transferkit.data.transforms.resize_and_crop`).
+
+    Example:
+        >>> from transferkit.backbones import InputSpec
+        >>> eval_geometry(InputSpec(image_size=224, resize_size=256))[:60]
+        'resize the shorter side to 256 pixels (bilinear, antialiased'
+    """
+    size, how = spec.image_size, f"{spec.interpolation}, antialiased"
+    if spec.resize_size:
+        return (f"resize the shorter side to {spec.resize_size} pixels ({how}), then crop the centre {size} x "
+                f"{size}, from RGB pixels (uint8, or float in [0, 1])")
+    return f"resize to {size} x {size} pixels ({how}; the aspect ratio is not kept), from RGB pixels (uint8, or " \
+        "float in [0, 1])"

@@ -30,7 +30,8 @@ from transferkit._integrity import check_records, file_digests, open_zip, record
 from transferkit._io import atomic_write, check_free_space, file_lock, file_stat, python_writer
 from transferkit.hardware import is_convolutional, resolve_device
 from transferkit.lora import merge_lora
-from transferkit.model import ImagePreprocess
+from transferkit.backbones import InputSpec
+from transferkit.model import ImagePreprocess, eval_geometry
 from transferkit.data.target_tables import LABEL_SEPARATOR
 from transferkit.errors import ConfigError, ExportError, check_choice, warn
 from transferkit.outputs import check_output_file, is_export
@@ -362,6 +363,25 @@ def eager_copy(model: nn.Module) -> nn.Module:
     return (copy.deepcopy(model) if merged is model else merged).cpu().eval()
 
 
+def takes_size(model: nn.Module, input_spec: dict[str, Any], examples: Sequence[torch.Tensor] = ()) -> None:
+    """Make the image preprocessing of ``model`` (an export's copy) refuse, once scripted,
+    images of another size than ``input_spec``'s, saying how the predictor resizes them
+    (`transferkit.model.eval_geometry`): the file then needs no transferkit to be used right.
+    ExportError for ``examples`` of another size (the file would refuse them)."""
+    spec = InputSpec.from_dict(input_spec)
+    found = [m for m in model.modules() if isinstance(m, ImagePreprocess)]
+    if spec.kind != "image" or not found:  # a model without transferkit's preprocessing checks nothing itself
+        return
+    size = int(spec.image_size)
+    other = next((tuple(x.shape) for x in examples if x.dim() == 4 and tuple(x.shape[2:]) != (size, size)), None)
+    if other is not None:
+        raise ExportError(f"An example batch of shape {other} is not of the {size} x {size} images the model takes "
+                          f"(its input_spec's image_size; the predictor resizes every image to it, and the exported "
+                          f"file refuses other sizes): give examples of {size} x {size} pixels; nothing was written.")
+    for module in found:
+        module.size, module.geometry = size, eval_geometry(spec)
+
+
 def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
                        example_inputs: torch.Tensor | Sequence[torch.Tensor], mode: str = "auto",
                        optimize: bool = False, atol: float = 1e-5, rtol: float = 1e-5) -> ExportReport:
@@ -393,6 +413,7 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
     _check_float_pixels(eager, examples)
     batches, reference = reference_outputs(eager, _check_batches(examples))
     meta = complete_metadata(metadata, num_outputs=int(reference[0].shape[1]))
+    takes_size(eager, meta["input_spec"], examples)
     with quiet_jit():
         scripted, kind = _to_script(eager, examples[0][:1], mode)
     candidates = [(how, scripted) for how in (_optimizations(eager, examples[0]) if optimize else ())] + \

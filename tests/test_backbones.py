@@ -8,6 +8,7 @@ versions are in test_backbones_slow.py (``pytest -m slow``)."""
 
 from __future__ import annotations
 
+import re
 import urllib.error
 from pathlib import Path
 
@@ -488,3 +489,21 @@ def test_a_weights_tag_is_checked_by_its_source_without_downloading():
             check_weights_tag(name, tag)
     check_weights_tag("tv:resnet18", "IMAGENET1K_V1")
     check_weights_tag("timm:resnet10t", "DEFAULT")
+
+
+def test_a_weights_file_that_torch_save_did_not_write_is_said_to_be_what_it_is(tmp_path):
+    """A JPEG, an ONNX model or a text file given as weights said "The file holds Python objects
+    beyond tensors; if you trust its source, load it with weights_only=False" (a text file: a
+    raw KeyError), advice that is false there and unsafe; a dry run accepted them."""
+    from transferkit.backbones.weights import check_weights_file
+    from transferkit.errors import WeightsError
+
+    cases = {"photo.jpg": (b"\xff\xd8\xff\xe0" + bytes(60), "a JPEG image"), "m.onnx": (b"\x08\x07\x12", "an ONNX model"),
+             "notes.pth": (b"weights: none\n", "text"), "empty.pt": (b"", "empty (0 bytes)")}
+    for name, (data, said) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(WeightsError, match=rf"is no file torch.save writes \(a zip archive, or an older pickle\): "
+                                               rf"it is {re.escape(said)}\. Pass a state-dict file"):
+            check_weights_file(tmp_path / name)
+    torch.save({"w": torch.zeros(1)}, tmp_path / "ok.pt")
+    assert check_weights_file(tmp_path / "ok.pt") == tmp_path / "ok.pt"

@@ -378,7 +378,7 @@ def test_a_dry_run_refuses_the_outputs_and_weights_the_run_refuses(tiny_run, giv
     if "m.pt" in given:
         bb = transferkit.get_backbone("tk:small_cnn", weights=None)
         transferkit.export_torchscript(transferkit.build_model(bb, 2), "m.pt",
-                                       example_inputs=torch.rand(2, 3, 16, 16),
+                                       example_inputs=torch.rand(2, 3, 32, 32),
                                        metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()})
     before = sorted(str(p) for p in Path(".").rglob("*"))
     for dry in (["--dry-run"], []):

@@ -27,14 +27,42 @@ def is_weights_path(weights: object) -> bool:
     return os.sep in weights or weights.endswith(WEIGHTS_SUFFIXES) or os.path.exists(weights)
 
 
+_GIVE = "Pass a state-dict file (.pt/.pth/.th/.safetensors), a transferkit checkpoint, a weights tag such as " \
+    "'DEFAULT', or None."
+
+
 def check_weights_file(path: str | Path) -> Path:
-    """``path`` as a Path, or a WeightsError when no file is there (checked by a dry run too,
-    which loads no weights)."""
+    """``path`` as a Path, or a WeightsError when no file is there, when it is an exported model
+    (TorchScript), or when its first bytes are not what ``torch.save`` writes (a zip archive,
+    or before torch 1.6 a pickle): checked by a dry run too, which loads no weights."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"Weights file {str(path)!r} does not exist. Pass the path of a "
-                           "state-dict file (.pt/.pth/.th/.safetensors), a weights tag such as 'DEFAULT', or None.")
+        raise WeightsError(f"Weights file {str(path)!r} does not exist. {_GIVE}")
+    if _is_torchscript(path):
+        raise WeightsError(f"Weights file {str(path)!r} is an exported model (TorchScript), not a state dict or "
+                           "checkpoint. Pass the checkpoint it was exported from (finetune(checkpoint=...)), or load "
+                           "the export with transferkit.load to predict.")
+    if path.suffix.lower() != ".safetensors":
+        with open(path, "rb") as f:
+            head = f.read(64)
+        if not head.startswith(b"PK\x03\x04") and head[:1] != b"\x80":
+            raise WeightsError(f"Weights file {str(path)!r} is no file torch.save writes (a zip archive, or an older "
+                               f"pickle){_content(head, path)}. {_GIVE}")
     return path
+
+
+def _content(head: bytes, path: Path) -> str:
+    """What a file that is no weights file is, by its first bytes (or an ONNX model's name)."""
+    kinds = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image", b"RIFF": "a RIFF file "
+             "(WAV, WebP)"}
+    found = next((what for magic, what in kinds.items() if head.startswith(magic)), None)
+    if found is None and path.suffix.lower() == ".onnx":
+        found = "an ONNX model"
+    elif found is None and not head:
+        found = "empty (0 bytes)"
+    elif found is None and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        found = "text"
+    return f": it is {found}" if found else ""
 
 
 def read_state_dict(path: str | Path, *, weights_only: bool = True) -> dict[str, torch.Tensor]:
@@ -47,11 +75,7 @@ def read_state_dict(path: str | Path, *, weights_only: bool = True) -> dict[str,
         >>> sd = read_state_dict("resnet20.th")  # doctest: +SKIP
     """
     path = check_weights_file(path)
-    if _is_torchscript(path):
-        raise WeightsError(f"Weights file {str(path)!r} is an exported model (TorchScript), not a state dict or "
-                           "checkpoint. Pass the checkpoint it was exported from (finetune(checkpoint=...)), or load "
-                           "the export with transferkit.load to predict.")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
         obj: object = load_file(str(path), device="cpu")

@@ -561,3 +561,16 @@ def test_a_picture_path_not_named_png_is_refused_before_the_work(trained, export
     with pytest.raises(transferkit.ConfigError, match=r"plot '.*lr.svg': pictures are written as PNG"):
         transferkit.lr_find("tk:small_cnn", weights=None, data=data, image_size=16, num_workers=0, verbose=False,
                             plot=tmp_path / "lr.svg", num_steps=5)
+
+
+def test_a_missing_data_path_is_said_before_any_weights_are_fetched(tmp_path, monkeypatch, capsys):
+    """tv:resnet18 with its default weights fetched them first (offline: "cannot reach
+    download.pytorch.org"), and only then found that the data folder was mistyped."""
+    from transferkit import facts
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(facts, "get_backbone", lambda *a, **k: pytest.fail("the backbone was built"))
+    for flags in (["--data", "nothere"], ["--data", str(tmp_path), "--val-data", "gone.csv"]):
+        code, out, err = _run(capsys, "finetune", *flags, "--backbone", "tv:resnet18", "--epochs", "1")
+        which = "validation" if "--val-data" in flags else "training"
+        assert code == 2 and f"error: The {which} data '{flags[-1]}' do not exist (looked for " in err, err

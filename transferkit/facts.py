@@ -287,6 +287,8 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
     policy = Policy.parse(cfg.policy)
     head_kind, hidden = resolve_head(cfg.head, cfg.head_hidden)
     seed_everything(cfg.seed)  # a randomly initialised backbone is the same in every run of this seed
+    if load_weights and cfg.weights is not None and isinstance(cfg.backbone, str):
+        _check_data_paths(cfg)  # a mistyped path is said before pretrained weights are fetched, not after
     bb = _own_backbone(cfg, load_weights=load_weights)
     spec = resolve_input_spec(bb.input_spec, cfg.image_size)
     check_options_of_kind(cfg, bb)
@@ -400,6 +402,21 @@ def _input_decode_facts(cfg: FinetuneConfig, bundle: DataBundle, dev: torch.devi
 
 def _local_world_size(info: DistInfo) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+
+
+def _check_data_paths(cfg: FinetuneConfig) -> None:
+    """DataError for ``data`` or ``val_data`` given as a local path that does not exist (not a
+    URL, a ``pipe:`` command, a glob or brace pattern: their readers say what they lack)."""
+    for key in ("data", "val_data"):
+        value = getattr(cfg, key)
+        if not isinstance(value, (str, os.PathLike)):
+            continue
+        text = str(value)
+        if "://" in text or text.startswith("pipe:") or any(c in text for c in "*?[{") or os.path.exists(text):
+            continue
+        raise DataError(f"The {'training' if key == 'data' else 'validation'} data {text!r} do not exist (looked for "
+                        f"{os.path.abspath(text)!r}): check the path (data are a folder root/<class>/<file>, a CSV "
+                        "file, tar shards or Parquet files).")
 
 
 def _own_backbone(cfg: FinetuneConfig, *, load_weights: bool) -> Backbone:

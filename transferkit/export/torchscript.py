@@ -365,12 +365,13 @@ def eager_copy(model: nn.Module) -> nn.Module:
 
 def takes_size(model: nn.Module, input_spec: dict[str, Any], examples: Sequence[torch.Tensor] = ()) -> None:
     """Make the image preprocessing of ``model`` (an export's copy) refuse, once scripted,
-    images of another size than ``input_spec``'s, saying how the predictor resizes them
-    (`transferkit.model.eval_geometry`): the file then needs no transferkit to be used right.
-    ExportError for ``examples`` of another size (the file would refuse them)."""
+    images of another size than ``input_spec``'s ``image_size`` (where it names one: transferkit's
+    own exports do), saying how the predictor resizes them (`transferkit.model.eval_geometry`):
+    the file then needs no transferkit to be used right. ExportError for ``examples`` of
+    another size (the file would refuse them)."""
     spec = InputSpec.from_dict(input_spec)
     found = [m for m in model.modules() if isinstance(m, ImagePreprocess)]
-    if spec.kind != "image" or not found:  # a model without transferkit's preprocessing checks nothing itself
+    if spec.kind != "image" or not found or not input_spec.get("image_size"):  # nothing to check against
         return
     size = int(spec.image_size)
     other = next((tuple(x.shape) for x in examples if x.dim() == 4 and tuple(x.shape[2:]) != (size, size)), None)

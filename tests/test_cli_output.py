@@ -380,6 +380,8 @@ def test_evaluate_folder_and_csv(run, capsys, tmp_path, monkeypatch):
     (["fintune"], "'lr-find', 'inspect'). Did you mean 'finetune'?"),
     (["--verison"], "the following arguments are required: COMMAND; --verison is not an option. Did you mean "
                     "'--version'?"),
+    (["predict", "--version"], "the following arguments are required: model, inputs; --version is an option of "
+                               "transferkit itself: give it before the command."),
     (["finetune", "--optimizer", "adamm"], "(choose from 'adamw', 'adam', 'sgd'). Did you mean 'adam' or 'adamw'?"),
 ])
 def test_a_misspelt_option_or_command_gets_the_nearest_spelling_from_its_command(capsys, argv, said):

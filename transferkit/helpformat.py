@@ -20,8 +20,11 @@ class Parser(argparse.ArgumentParser):
     ``'finetune'``), as values of settings already are (argparse says only "unrecognized
     arguments" and "invalid choice")."""
 
+    _top: Parser | None = None  # the parser whose parse_args runs: a command's parser reads its arguments in `error`
+
     def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
         self._given = [str(a) for a in (sys.argv[1:] if args is None else args)]  # for `error`
+        Parser._top = self
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             parser = self._command_parser(parsed)
@@ -50,11 +53,16 @@ class Parser(argparse.ArgumentParser):
         """argparse's error, with the nearest spelling of an unknown option where the command is
         missing (``transferkit --verison``: argparse says only that COMMAND is required)."""
         if "the following arguments are required" in message:
+            top = Parser._top if Parser._top is not None else self
+            given = getattr(top, "_given", [])
             known = [o for o in self._option_string_actions if o.startswith("--")]
-            unknown = [x.split("=", 1)[0] for x in getattr(self, "_given", []) if x.startswith("--") and x != "--"
+            unknown = [x.split("=", 1)[0] for x in given if x.startswith("--") and x != "--"
                        and x.split("=", 1)[0] not in self._option_string_actions]
+            own = [x for x in unknown if top is not self and x in top._option_string_actions]
             near = [c[0] for x in unknown if (c := closest(x, known, n=1))]
-            if near:
+            if own:  # `transferkit predict --version`: the top level's option after the command
+                message += f"; {own[0]} is an option of {top.prog} itself: give it before the command."
+            elif near:
                 message += f"; {unknown[0]} is not an option. Did you mean {near[0]!r}?"
         super().error(message)
 

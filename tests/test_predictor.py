@@ -421,3 +421,19 @@ def test_an_in_memory_input_that_cannot_be_predicted_is_named_by_its_place(tmp_p
         predictor.predict([good, good, np.zeros((0, 20, 3), np.uint8)])
     with pytest.raises(DataError, match=r"^Cannot predict on an empty image"):  # one input: nothing to count
         predictor.predict(np.zeros((0, 20, 3), np.uint8))
+
+
+def test_a_top_k_above_the_number_of_classes_is_said_once(tmp_path, recwarn):
+    """`predict --top-k 10` on a model of 3 classes listed 3 without a word."""
+    from tests.export_helpers import images, tiny_model
+
+    model, bb = tiny_model(3)
+    transferkit.export_torchscript(model, tmp_path / "m.pt", example_inputs=images(2, 16),
+                                   metadata={"labels": ["a", "b", "c"],
+                                             "input_spec": bb.input_spec.replace(image_size=16).to_dict()})
+    pred = transferkit.load(tmp_path / "m.pt")
+    with pytest.warns(UserWarning, match=r"top_k=10 is more than the model's 3 classes: each prediction lists 3"):
+        assert [len(p.top_k) for p in pred.predict(images(2, 16), top_k=10)] == [3, 3]
+    recwarn.clear()
+    pred.predict(images(1, 16), top_k=3)
+    assert not [w for w in recwarn if "top_k" in str(w.message)]

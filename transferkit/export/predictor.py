@@ -205,6 +205,9 @@ class Predictor:
         if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
             raise ConfigError(f"top_k={top_k!r} is out of range; expected a positive integer.")
         top_k = int(top_k)  # a NumPy integer too
+        if self.task == "multiclass" and top_k > len(self.labels) > 0:
+            warn(f"top_k={top_k} is more than the model's {len(self.labels)} classes: each prediction lists "
+                 f"{len(self.labels)}.")
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"threshold={threshold!r} is out of range; expected a probability in [0, 1] (a label "
                               "is given when its probability is at least the threshold).")

@@ -290,7 +290,7 @@ def test_a_recipe_s_hints_use_its_own_flags():
         "recipe: --set head_hidden='[8, -2]' is out of range; --epochs 0 too, --limit 0 too"
 
 
-def test_predict_goes_on_past_a_folder_without_inputs(run, capsys, tmp_path):
+def test_predict_goes_on_past_a_folder_without_inputs(run, capsys, tmp_path, monkeypatch):
     root, data, _ = run
     image = sorted(str(p) for p in data.rglob("*.jpg"))[0]
     (tmp_path / "empty").mkdir()
@@ -306,6 +306,12 @@ def test_predict_goes_on_past_a_folder_without_inputs(run, capsys, tmp_path):
     assert code == 1 and len(lines) == 2 and [len(line.split("\t")) for line in lines] == [2, 2]
     assert lines[0].startswith(str(tmp_path / "new\\nline\\tcat.jpg") + "\t")
     assert len(err.splitlines()) == 2 and "nothing\\n.jpg" in err
+    # on a terminal each failure's line is on the screen already: it is not said again on stderr
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code, out, err = _run(capsys, "predict", root / "m.pt", odd, tmp_path / "nothing\n.jpg", tmp_path / "empty")
+    assert code == 1 and "nothing\\n.jpg\terror: " in out and "nothing" not in err
+    assert f"warning: {tmp_path / 'empty'}: No image files under" in err  # no line of its own: said here
+    assert "2 of 3 inputs could not be predicted" in err
 
 
 def test_predict_csv(run, capsys):

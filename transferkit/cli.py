@@ -102,7 +102,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         for p in stream:
             print(f"{printable(str(p.source))}\t{p if p.ok else drop_python_asides(str(p))}")  # a line per input
     failed = [(p.source, file_reason(drop_python_asides(p.error))) for p in preds if not getattr(p, "ok", True)] + empty
-    for source, why in failed:  # the reason alone: advice about training options does not apply to predict
+    on_screen = not args.json and not args.csv and sys.stdout.isatty()  # each prediction's line shows its error
+    for source, why in (empty if on_screen else failed):  # the reason alone: training advice does not apply here
         print(f"transferkit: warning: {printable(str(source))}: {why}", file=sys.stderr)
     if failed:
         print(f"transferkit: error: {len(failed)} of {len(preds) + len(empty)} inputs could not be predicted "

@@ -120,6 +120,8 @@ def test_a_16_bit_file_opened_as_32_bit_is_scaled_by_its_depth_not_its_pixels(tm
     ([("images/a/0.png", 0), ("images/b/1.png", 1)], r"item 0 holds the file path str 'images/a/0.png', where an image "
                                                      r"held in memory goes\. For \(path, label\) pairs write a CSV"),
     ([1, 2], r"item 0 is int 1: a dataset item is a pair \(image, label\)"),
+    (["../imgs"], r"The training data are a list of 1 path \('../imgs', ...\): a list of paths names tar shards or "
+                  r"Parquet files\. Give a folder or a CSV file alone"),  # `data: [../imgs]` in a config
     ([(np.zeros((8, 8, 3), np.uint8),)] * 2, r"item 0 is a tuple of 1 item: a dataset item is a pair \(image, "
                                              r"label\)"),
     ([(b"\x89PNG...", 0)] * 2, r"item 0 holds 7 bytes, where a decoded image goes: decode encoded image bytes first"),

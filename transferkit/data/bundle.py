@@ -189,6 +189,10 @@ def _check_first_image(data: Any, what: str, labels_read: dict[int, int]) -> Non
     inside a DataLoader worker. Its label joins ``labels_read`` (a dataset without a
     ``targets`` attribute loads each item once for its label)."""
     item = data[0]
+    if isinstance(data, (list, tuple)) and isinstance(item, (str, os.PathLike)):  # `data: [../imgs]` in a config
+        raise DataError(f"The {what} data are a list of {len(data)} path{'s' if len(data) != 1 else ''} "
+                        f"({str(item)!r}, ...): a list of paths names tar shards or Parquet files. Give a folder or a "
+                        "CSV file alone, not in a list (data: ../imgs, not [../imgs]).")
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         raise DataError(f"The {what} dataset's item 0 is {_shown(item)}: a dataset item is a pair (image, label) "
                         "(an image held in memory: a PIL image, an array [H, W, C] or a tensor [C, H, W]).")

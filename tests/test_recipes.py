@@ -50,7 +50,7 @@ def _tiny_split_folder(root: Path, held_out: str) -> Path:
 
 
 @pytest.mark.parametrize("name", IMAGE_RECIPES)
-def test_recipe_runs_end_to_end_on_a_tiny_slice(name, tmp_path, monkeypatch):
+def test_recipe_runs_end_to_end_on_a_tiny_slice(name, tmp_path, monkeypatch, capsys):
     data_fn = runpy.run_path(str(RECIPES / f"{name}.py"), run_name="recipe_under_test")["data"]
     held_out = "val" if name == "hymenoptera" else "test"
     data_dir = _tiny_split_folder(tmp_path / "data", held_out)
@@ -58,6 +58,8 @@ def test_recipe_runs_end_to_end_on_a_tiny_slice(name, tmp_path, monkeypatch):
     summary = run_recipe(name, data_fn, description="", recipe_dir=RECIPES,
                          argv=["--data-dir", str(data_dir), "--out", str(out), *TINY])
     runs = summary.get("runs", [summary])
+    # stdout, read by a program (not a terminal here): one JSON object a line, the table of runs on stderr
+    assert [json.loads(line)["run"] for line in capsys.readouterr().out.splitlines()] == [r["run"] for r in runs]
     cfg_runs = load_config(RECIPES / f"{name}.yaml").get("runs") or {"": {}}
     assert [r["run"] or "" for r in runs] == list(cfg_runs)
     for r in runs:

@@ -311,8 +311,8 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
         print(json.dumps({k: summary[k] for k in ("recipe", "run", "best", "test_acc", "seconds") if k in summary},
                          default=str), flush=True)
         summaries.append(summary)
-    if len(summaries) > 1:
-        print(results_table(summaries))
+    if len(summaries) > 1:  # for people: on stderr where stdout is read by a program (one JSON object a line)
+        print(results_table(summaries), file=sys.stdout if sys.stdout.isatty() else sys.stderr)
     return summaries[0] if len(summaries) == 1 else {"recipe": name, "runs": summaries}
 
 

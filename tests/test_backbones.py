@@ -498,8 +498,9 @@ def test_a_weights_file_that_torch_save_did_not_write_is_said_to_be_what_it_is(t
     from transferkit.backbones.weights import check_weights_file
     from transferkit.errors import WeightsError
 
-    cases = {"photo.jpg": (b"\xff\xd8\xff\xe0" + bytes(60), "a JPEG image"), "m.onnx": (b"\x08\x07\x12", "an ONNX model"),
-             "notes.pth": (b"weights: none\n", "text"), "empty.pt": (b"", "empty (0 bytes)")}
+    cases = {"photo.jpg": (b"\xff\xd8\xff\xe0" + bytes(60), "a JPEG image"),
+             "m.onnx": (b"\x08\x07\x12", "an ONNX model"), "notes.pth": (b"weights: none\n", "text"),
+             "empty.pt": (b"", "empty (0 bytes)")}
     for name, (data, said) in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(WeightsError, match=rf"is no file torch.save writes \(a zip archive, or an older pickle\): "

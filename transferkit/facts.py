@@ -334,9 +334,10 @@ def _engine_facts(cfg: FinetuneConfig, bb: Backbone, bundle: DataBundle, dev: to
                          layout_timed=backbone.layout_timed, cached=True, features=True)
     n = len(bundle.train) * cfg.cache_views + (len(bundle.val) if bundle.val is not None else 0)
     batch = SpeedConfig.of(dev, speed).feature_batch_size(cfg.batch_size)  # the feature pass's batches
-    timing = dict(trunk=bb.trunk if loaded else None, spec=spec, dataset=bundle.train.view(transform=eval_transform(spec)),
-                  device=dev, precision=speed["feature_precision"], channels_last=speed["channels_last"],
-                  n_images=n, batch_size=batch, cache_dir=cfg.cache_dir)
+    timing = dict(trunk=bb.trunk if loaded else None, spec=spec,
+                  dataset=bundle.train.view(transform=eval_transform(spec)), device=dev,
+                  precision=speed["feature_precision"], channels_last=speed["channels_last"], n_images=n,
+                  batch_size=batch, cache_dir=cfg.cache_dir)
     out = engine_facts(cfg.feature_engine, **timing, world_size=device.world_size, structure=bb.trunk, measure=False)
     return out, (functools.partial(time_candidates, out["due"], **timing) if out.get("due") else None)
 

@@ -269,7 +269,8 @@ def shard_list(data: Any) -> list[str] | None:
 
 # the words that name a split in a shard's file name, as a word of its own (imagenet-val-0001.tar, not
 # interval-0.tar); "trainval" (train and validation merged, as VOC names it) is training data
-_SPLIT_WORDS = {"train": ("trainval", "training", "train"), "val": ("validation", "valid", "val", "dev"), "test": ("test",)}
+_SPLIT_WORDS = {"train": ("trainval", "training", "train"), "val": ("validation", "valid", "val", "dev"),
+                "test": ("test",)}
 _SPLIT_WORD = re.compile(r"(?<![a-z])(" + "|".join(w for ws in _SPLIT_WORDS.values() for w in ws) + r")(?![a-z])")
 
 

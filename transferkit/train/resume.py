@@ -87,7 +87,8 @@ def resume_from(path: str | Path, *, check: Callable[[dict[str, Any]], dict[str,
             f"weights={str(path)!r})"
         done = ckpt.get("epoch")
         why = (f"the run it holds is complete ({done} epoch{'' if done == 1 else 's'}); a new run can start from its "
-               f"trained backbone (the head starts anew): {new_run}; an export it lacks (a run stopped while exporting) is made with "
+               f"trained backbone (the head starts anew): {new_run}; an export it lacks (a run stopped while "
+               f"exporting) is made with "
                f"`transferkit export {path} --out model.pt`") if ckpt.get("complete") else \
             ("it holds weights without a run's training state (weights saved when a run was interrupted before an "
              f"epoch completed, or could not write its output; or a file of save_checkpoint); start a new run from "

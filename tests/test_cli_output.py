@@ -312,6 +312,15 @@ def test_predict_goes_on_past_a_folder_without_inputs(run, capsys, tmp_path, mon
     assert code == 1 and "nothing\\n.jpg\terror: " in out and "nothing" not in err
     assert f"warning: {tmp_path / 'empty'}: No image files under" in err  # no line of its own: said here
     assert "2 of 3 inputs could not be predicted" in err
+    # a pattern the shell did not expand (quoted) stands for the files it matches; one that matches none is said
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    pattern = str(data / "*" / "*.jpg")
+    code, out, err = _run(capsys, "predict", root / "m.pt", pattern, str(tmp_path / "none-*.png"))
+    assert code == 1 and [line.split("\t")[0] for line in out.splitlines()] == sorted(
+        str(p) for p in data.glob("*/*.jpg"))
+    assert f"{tmp_path / 'none-*.png'}: no file matches" in err
+    code, _, err = _run(capsys, "predict", root / "m.pt", str(tmp_path / "none-*.png"))
+    assert code == 2 and "No file matches the pattern" in err
 
 
 def test_predict_csv(run, capsys):

@@ -59,21 +59,33 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def _expand_inputs(predictor, inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Files stay as given; a folder stands for every file of the model's input kind below it.
-    Returns the files and ``(folder, why)`` for each folder that gives none (an error when no
-    input gives a file: nothing to predict)."""
+    """Files stay as given; a folder stands for every file of the model's input kind below it;
+    a pattern that no file is named (``'imgs/*.png'``, quoted, so the shell did not expand it;
+    a shell that does not expand patterns) stands for the files it matches, sorted. Returns the
+    files and ``(folder or pattern, why)`` for each that gives none (an error when no input
+    gives a file: nothing to predict)."""
+    import glob
+
     from transferkit.errors import DataError
 
     out: list[str] = []
     empty: list[tuple[str, str]] = []
+    items: list[str] = []
     for item in inputs:
+        matched = sorted(glob.glob(item, recursive=True)) \
+            if not os.path.lexists(item) and glob.has_magic(item) else [item]
+        if not matched and len(inputs) == 1:
+            raise DataError(f"No file matches the pattern {item!r}.")
+        empty += [] if matched else [(item, f"no file matches {item!r}")]
+        items += matched
+    for item in items:
         if not Path(item).is_dir():
             out.append(item)
             continue
         try:
             out += predictor.inputs.list_files(item)
         except DataError as exc:
-            if len(inputs) == 1:
+            if len(items) == 1:
                 raise
             empty.append((item, file_reason(exc)))
     if not out:

@@ -574,3 +574,15 @@ def test_a_missing_data_path_is_said_before_any_weights_are_fetched(tmp_path, mo
         code, out, err = _run(capsys, "finetune", *flags, "--backbone", "tv:resnet18", "--epochs", "1")
         which = "validation" if "--val-data" in flags else "training"
         assert code == 2 and f"error: The {which} data '{flags[-1]}' do not exist (looked for " in err, err
+
+
+def test_set_data_null_unsets_the_data_as_set_overrides_the_flags(tmp_path, monkeypatch, capsys):
+    """--set overrides the flags, yet --set data=null was ignored beside --data."""
+    from conftest import make_image_folder
+
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "images", per_class=2, size=16)
+    flags = ["finetune", "--data", str(data), "--backbone", "tk:small_cnn", "--weights", "none", "--dry-run"]
+    code, _, err = _run(capsys, *flags, "--set", "data=null")
+    assert code == 2 and "No training data" in err
+    assert _run(capsys, *flags)[0] == 0

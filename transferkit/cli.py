@@ -373,7 +373,7 @@ def _finetune_kwargs(args: argparse.Namespace) -> dict:
     data = None  # the last of the config file, the flags and --set that names the training data (data or data_dir)
     for layer in (file_cfg, flags, overrides):
         named = [layer[k] for k in ("data", "data_dir") if layer.get(k)]
-        data = expand_vars(named[0], "data") if named else data
+        data = expand_vars(named[0], "data") if named else None if "data" in layer else data  # data=null: none
     if not data:
         raise TransferkitError("No training data: pass --data DIR (or data_dir in the config).")
     kwargs = {k: v for k, v in cfg.items() if k not in RECIPE_KEYS}

@@ -467,10 +467,15 @@ def test_bad_and_unlabelled_samples_are_left_out_and_reported(tmp_path):
         link = tarfile.TarInfo("k0.png")
         link.type, link.linkname = tarfile.SYMTYPE, "../images/k0.png"
         tar.addfile(link)
+        for name, data in (("k1.png", items[1][0]), ("k1.json", b'{"class": "dark", "flag": true}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     with pytest.raises(tk.DataError, match=r"\(e.g. k0 \(cls: its png is a link, which a shard stores without data "
                                            r"\(make the shard with tar -h --hard-dereference\)\) in 'odd.tar', cam1 "
                                            r"\(2024-01-05.png, 2024-01-05.cls: a dot in the member names before the "
-                                           r"extension ends the key there"):
+                                           r"extension ends the key there.*, k1 \(png, json: its label member holds "
+                                           r"no class index or name \(a json object's \"label\" is one"):
         prepare_data(str(tmp_path / "odd.tar"), val_split=0, on_bad_file="raise")
 
 

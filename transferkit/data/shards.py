@@ -523,6 +523,9 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
                 elif label is None and any("." in e and e.rsplit(".", 1)[-1] in LABEL_EXTS for e in members):
                     why = (": a dot in the member names before the extension ends the key there, so its label is "
                            "read as a field of another name (rename the members without dots in their keys)")
+                elif label is None and any(e in LABEL_EXTS for e in members):  # there, but no index or name in it
+                    why = (": its label member holds no class index or name (a json object's \"label\" is one, "
+                           "a cls holds a whole number, a txt a name; true/false and lists are neither)")
                 held = ", ".join(list(members)[:4]) + (", ..." if len(members) > 4 else "")
                 index.unusable.append(f"{cur['key']} ({held or 'no member'}{why})")
         else:

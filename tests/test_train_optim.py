@@ -216,6 +216,7 @@ def test_tensorboard_gets_every_groups_lr(image_folder, tmp_path):
     assert {"lr/base", "lr/stem", "lr/stage1", "lr/stage3", "lr/head", "lr/head/no_decay"} <= tags
     assert events.Scalars("lr/base")[0].value == pytest.approx(1e-3)
     assert events.Scalars("lr/stem")[0].value == pytest.approx(1e-5)
+    assert {"final/accuracy", "final/val_loss", "final/macro_f1"} <= tags, tags  # the kept model's metrics
 
 
 def test_a_schedule_restarts_in_each_phase_at_the_phases_share_of_the_lr():

@@ -643,7 +643,8 @@ def write_outputs(d: Decisions, run: Run, outcome: TrainOutcome, metrics: dict[s
                   logits: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> dict[str, Any]:
     """Rank 0: the final checkpoint (complete: weights, decisions, history; nothing to resume),
     the verified export, then the plots (curves, confusion matrix, and with the validation
-    ``logits`` the show-results and top-losses grids; a plot that cannot be written is a warning).
+    ``logits`` the show-results and top-losses grids; a plot that cannot be written is a warning),
+    and the final metrics as TensorBoard scalars under ``final/`` (with ``log_dir``).
     Returns ``{"plots", "checkpoint", "export_report", "seconds"}``."""
     cfg = d.config
     meta = finished_metadata(d, outcome.best, len(outcome.history))
@@ -674,6 +675,10 @@ def write_outputs(d: Decisions, run: Run, outcome: TrainOutcome, metrics: dict[s
     except OSError as exc:
         warn(f"The plots could not be written to {str(cfg.plots_dir)!r} (plots_dir): {exc} The "
              "checkpoint and export, if any, were written before them.")
+    if cfg.log_dir is not None:  # the kept model's validation metrics, under final/ at the run's last epoch
+        tb = TensorBoardLogger(cfg.log_dir)
+        tb.log_metrics(metrics, step=len(outcome.history))
+        tb.close()
     return out
 
 

@@ -52,6 +52,27 @@ _LEGACY = re.compile(r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
 
 
 # -- who wrote a temporary file, and is it still alive --------------------------------------
+def kind_of_bytes(head: bytes) -> tuple[str, str] | None:
+    """``("audio file", "WAV")`` or ``("image", "PNG")`` for the first bytes (12 suffice) of a
+    file of a common audio or image format, else None.
+
+    Example:
+        >>> kind_of_bytes(b"\\x89PNG\\r\\n")
+        ('image', 'PNG')
+    """
+    audio = {b"fLaC": "FLAC", b"OggS": "OGG", b"ID3": "MP3"}
+    images = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP"}
+    if head[:4] == b"RIFF" and head[8:12] in (b"WAVE", b"WEBP"):
+        return ("audio file", "WAV") if head[8:12] == b"WAVE" else ("image", "WebP")
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "audio file", "AIFF"
+    for table, kind in ((audio, "audio file"), (images, "image")):
+        for magic, name in table.items():
+            if head.startswith(magic):
+                return kind, name
+    return None
+
+
 def _host_tag() -> str:
     """The host and PID namespace of this process: containers that share a host name and a
     folder but not their process ids get different tags, so that neither judges the other's

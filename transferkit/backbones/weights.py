@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from transferkit._integrity import ZIP_ERRORS
+from transferkit._io import kind_of_bytes
 from transferkit.checkpoints import verify_checkpoint
 from transferkit.config import WEIGHTS_SUFFIXES
 from transferkit.errors import WeightsError
@@ -53,9 +54,8 @@ def check_weights_file(path: str | Path) -> Path:
 
 def _content(head: bytes, path: Path) -> str:
     """What a file that is no weights file is, by its first bytes (or an ONNX model's name)."""
-    kinds = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image", b"RIFF": "a RIFF file "
-             "(WAV, WebP)"}
-    found = next((what for magic, what in kinds.items() if head.startswith(magic)), None)
+    kind = kind_of_bytes(head)
+    found = f"{'an' if kind[1][0] in 'AEIOU' or kind[1] == 'MP3' else 'a'} {kind[1]} {kind[0]}" if kind else None
     if found is None and path.suffix.lower() == ".onnx":
         found = "an ONNX model"
     elif found is None and not head:

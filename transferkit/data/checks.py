@@ -24,7 +24,7 @@ from typing import Any
 
 from PIL import Image
 
-from transferkit._io import file_digest
+from transferkit._io import file_digest, kind_of_bytes
 from transferkit._text import hide_secrets, one_line, plural
 from transferkit.errors import DataError, check_choice, warn
 from transferkit.data.late import BOMB_HINT, register_report
@@ -64,17 +64,7 @@ def _kind_by_content(path: object) -> tuple[str, str] | None:
             head = f.read(12)
     except (OSError, TypeError, ValueError):
         return None
-    audio = {b"fLaC": "FLAC", b"OggS": "OGG", b"ID3": "MP3"}
-    images = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP"}
-    if head[:4] == b"RIFF" and head[8:12] in (b"WAVE", b"WEBP"):
-        return ("audio file", "WAV") if head[8:12] == b"WAVE" else ("image", "WebP")
-    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
-        return "audio file", "AIFF"
-    for table, kind in ((audio, "audio file"), (images, "image")):
-        for magic, name in table.items():
-            if head.startswith(magic):
-                return kind, name
-    return None
+    return kind_of_bytes(head)
 
 
 def other_kind(path: object, reads: str) -> str:

@@ -286,6 +286,11 @@ def shard_split(name: str) -> str | None:
     return None if m is None else next(k for k, words in _SPLIT_WORDS.items() if m.group(1) in words)
 
 
+def file_names(paths: Sequence[str]) -> str:
+    """The names of the first five of ``paths``, for a message: ``a.tar, b.tar ...``."""
+    return ", ".join(os.path.basename(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
+
+
 def split_shard_folder(folder: str | Path, report: DataReport | None = None) -> tuple[list[str], list[str]] | None:
     """``(train shards, validation shards)`` of a folder whose ``.tar`` file names name their
     split (`shard_split`): train and validation, else train and test; ``([], val)`` for a
@@ -297,24 +302,22 @@ def split_shard_folder(folder: str | Path, report: DataReport | None = None) -> 
         return None
     by = {k: [s for s in shards if shard_split(s) == k] for k in (*_SPLIT_WORDS, None)}
     train, held = by["train"], by["val"] or by["test"]
-    def names(paths: list[str]) -> str:
-        return ", ".join(os.path.basename(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
     if by["val"] and not train:
         return [], by["val"]
     if train and held:
         unused = (by["test"] if by["val"] else []) + by[None]
         if unused and report is not None:
             report.warn(f"{str(folder)!r} holds training and {'validation' if by['val'] else 'test'} shards; its "
-                        f"other shards are not used: {names(unused)}.")
+                        f"other shards are not used: {file_names(unused)}.")
         return train, held
     if train and by[None] and report is not None:
-        report.warn(f"{str(folder)!r} holds shards named as training data ({names(train)}) and shards named as no "
-                    f"split ({names(by[None])}): all of them are trained on, as no shard is named as validation "
-                    "data. Name the held-out shards val-*.tar (or dev-*, test-*) to validate on them, or pass the "
-                    "training shards alone (a pattern such as train-*.tar).")
+        report.warn(f"{str(folder)!r} holds shards named as training data ({file_names(train)}) and shards named "
+                    f"as no split ({file_names(by[None])}): all of them are trained on, as no shard is named as "
+                    "validation data. Name the held-out shards val-*.tar (or dev-*, test-*) to validate on them, or "
+                    "pass the training shards alone (a pattern such as train-*.tar).")
     if by["test"] and report is not None:
-        report.warn(f"{str(folder)!r}: the shards named as test data ({names(by['test'])}) are trained on with the "
-                    f"others, as no shard is named as training data. Name the training shards train-*.tar to hold "
+        report.warn(f"{str(folder)!r}: the shards named as test data ({file_names(by['test'])}) are trained on with "
+                    f"the others, as no shard is named as training data. Name the training shards train-*.tar to hold "
                     "them out, or pass them as val_data.")
     return None
 

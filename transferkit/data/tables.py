@@ -40,7 +40,7 @@ from transferkit.data.checks import (ON_BAD_FILE, SCAN_RULES, SCANS, DataReport,
 from transferkit.data.encoded import (EncodedImageDataset, given_by_index, labels_by_name, labels_by_own_names,
                                       labels_to_targets)
 from transferkit.data.fingerprint import from_common_folder
-from transferkit.data.shards import named_files
+from transferkit.data.shards import file_names, named_files
 from transferkit.errors import DataError, TransferkitError, check_choice
 
 LABEL_COLUMNS = ("label", "labels", "cls", "class", "target")
@@ -110,20 +110,18 @@ def split_parquet_files(files: Sequence[str], report: DataReport | None = None) 
     groups: dict[str, list[str]] = {}
     for f in files:
         groups.setdefault(split_of(f), []).append(f)
-
-    def names(paths: list[str]) -> str:
-        return ", ".join(os.path.basename(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
     held = next((s for s in ("validation", "valid", "val", "dev", "test") if groups.get(s)), None)
     if groups.get("train") and held is None and groups.get("") and report is not None:
-        report.warn(f"Parquet files named as training data ({names(groups['train'])}) lie beside files named as no "
-                    f"split ({names(groups[''])}): all of them are trained on, as none is named as validation data. "
+        report.warn(f"Parquet files named as training data ({file_names(groups['train'])}) lie beside files named "
+                    f"as no split ({file_names(groups[''])}): all of them are trained on, as none is named as "
+                    "validation data. "
                     "Name the held-out files validation-*.parquet to validate on them, or pass the training files "
                     "alone.")
     if not groups.get("train") or held is None:
         return None
     unused = [f for s, fs in groups.items() if s not in ("train", held) for f in fs]
     if unused and report is not None:
-        report.warn(f"The Parquet files hold training and {held} files; the others are not used: {names(unused)}.")
+        report.warn(f"The Parquet files hold training and {held} files; the others are not used: {file_names(unused)}.")
     return groups["train"], groups[held]
 
 

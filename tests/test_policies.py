@@ -433,3 +433,14 @@ def test_a_bad_passes_option_says_what_it_takes():
         Policy.parse("fine_tune:passes=many")
     with pytest.raises(PolicyError, match="passes=epochs"):
         Policy.parse("fine_tune:passes=0")
+
+
+@pytest.mark.parametrize("epochs", [0, -1, 2.5, True, "3"])
+def test_a_schedule_of_no_whole_epochs_is_refused(epochs):
+    """A run of 0 or -1 epochs read as one, and 2.5 as 2, without a word."""
+    p = Policy.parse("gradual:every=1")
+    for read in (lambda: p.schedule(["a", "b"], epochs), lambda: p.lr_phases(epochs),
+                 lambda: p.frozen_phase_epochs(["a", "b"], epochs)):
+        with pytest.raises(PolicyError, match=r"whole number >= 1, got"):
+            read()
+    assert p.schedule(["a", "b"], 2) == [[], ["b"]] and p.lr_phases(3) == [(3, 1.0)]

@@ -249,3 +249,23 @@ def test_a_confusion_matrix_of_many_classes_stays_a_bounded_picture(tmp_path):
     big = Image.open(plot_confusion_matrix(matrix, [f"class {i}" for i in range(n)], tmp_path / "big.png"))
     small = Image.open(plot_confusion_matrix([r[:3] for r in matrix[:3]], ["a", "b", "c"], tmp_path / "small.png"))
     assert max(big.size) <= 3000 and max(small.size) < 600, (big.size, small.size)
+
+
+def test_a_resumed_runs_summary_shows_the_paths_as_they_were_given(tmp_path, monkeypatch):
+    """A resume reads the absolute paths its checkpoint holds; its summary showed them so
+    (/home/.../out/plots/) where the first run's showed out/plots/."""
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "images", per_class=4, size=16)
+
+    def stop(row):
+        if row["epoch"] >= 1:
+            raise KeyboardInterrupt
+
+    kw = dict(checkpoint="out/run.ckpt", plots_dir="out/plots", export="out/model.pt")
+    with pytest.raises(KeyboardInterrupt):
+        transferkit.finetune("tk:small_cnn", weights=None, data="images", epochs=2, image_size=16, precision="fp32",
+                             num_workers=0, verbose=False, callbacks=[stop], **kw)
+    text = transferkit.resume("out/run.ckpt").summary()
+    for line in ("  export:     out/model.pt (", "  checkpoint: out/run.ckpt", "  plots:      out/plots/ ("):
+        assert line in text, text
+    assert str(tmp_path) not in text

@@ -6,6 +6,8 @@ summary people read at the end of a run (the CLI prints it on a terminal).
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -108,23 +110,35 @@ def result_summary(result: Any) -> str:
         lines.append("  final:      " + ", ".join(shown))
     rep = result.export_report
     if rep is not None:
-        lines.append(f"  export:     {rep.path} (verified after reloading: max |exported - eager| "
+        lines.append(f"  export:     {_shown(rep.path)} (verified after reloading: max |exported - eager| "
                      f"{rep.max_abs_diff:.2g} <= {rep.tolerance:.2g} at batch sizes "
                      f"{', '.join(map(str, rep.batch_sizes))})")
     else:
         lines.append("  export:     none written")
     if result.checkpoint_path is not None:
-        lines.append(f"  checkpoint: {result.checkpoint_path}")
+        lines.append(f"  checkpoint: {_shown(result.checkpoint_path)}")
     trial = result.compile_trial or {}
     if "speedup" in trial:  # a compilation was tried: what it gave
         then = f"; eager from step {trial['eager_from_step']}" if "eager_from_step" in trial else ""
         lines.append(f"  compile:    {trial['kept']}, {trial['speedup']:.2f}x the eager step after "
                      f"{trial['compile_s']:.0f} s of compilation{then}")
     if result.plots:
-        folders = {str(Path(p).parent) for p in result.plots.values()}
+        folders = {_shown(Path(p).parent) for p in result.plots.values()}
         where = f"{folders.pop()}/ " if len(folders) == 1 else ""
         lines.append(f"  plots:      {where}({', '.join(Path(p).name for p in result.plots.values())})")
     bad = len(result.data_report.bad_files)
     if bad:
         lines.append(f"  left out:   {plural(bad, 'bad file')} (named in the warnings above)")
     return "\n".join(lines)
+
+
+def _shown(path: str | Path) -> str:
+    """``path`` as the summary shows it: relative to the working directory where it lies under it
+    (a resumed run holds the absolute paths the first run was given as relative ones)."""
+    path = str(path)
+    if os.path.isabs(path):
+        with contextlib.suppress(ValueError):
+            rel = os.path.relpath(path)
+            if not rel.startswith(os.pardir):
+                return rel
+    return path

@@ -23,7 +23,7 @@ from transferkit.errors import ConfigError, PolicyError
 from transferkit.lora import has_lora, is_lora_parameter
 from transferkit.policies.freeze import trainable_flags
 from transferkit.policies.structure import PARAMETRIZED, block_of, bn_param_names
-from transferkit.policies.spec import Policy
+from transferkit.policies.spec import Policy, run_epochs
 
 HEAD = "head"
 _NO_DECAY_RX = re.compile(r"(^|\.)(pos_embed|pos_embedding|cls_token|class_token|dist_token|reg_token|"
@@ -288,7 +288,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone: 
                           "groups would leave them out of the optimizer: call apply_policy(model, backbone, policy) "
                           "first (it adds the factors), then param_groups.")
     ever: dict[str, bool] = {}
-    for e in range(max(int(epochs), 1)):
+    for e in range(run_epochs(epochs)):
         for name, on in trainable_flags(model, backbone, policy, e).items():
             ever[name] = ever.get(name, False) or on
     named = [(f"trunk.{n}", p) for n, p in model.trunk.named_parameters() if ever[n]]

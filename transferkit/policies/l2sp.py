@@ -18,7 +18,7 @@ from torch import nn
 from transferkit.backbones._base import Backbone
 from transferkit.lora import is_lora_parameter
 from transferkit.policies.freeze import trainable_flags
-from transferkit.policies.spec import Policy
+from transferkit.policies.spec import Policy, run_epochs
 
 
 class L2SP:
@@ -68,6 +68,6 @@ def policy_penalty(model: nn.Module, backbone: Backbone, policy: Policy, *, epoc
     if policy.l2sp is None:
         return None
     ever: set[str] = set()
-    for e in range(max(int(epochs), 1)):
+    for e in range(run_epochs(epochs)):
         ever |= {n for n, on in trainable_flags(model, backbone, policy, e).items() if on}
     return L2SP(model, alpha=policy.l2sp, beta=policy.l2sp_beta, anchor=ever)

@@ -43,6 +43,15 @@ def _plain(v: Any) -> Any:
     return float(str(v)) if dtype.kind == "f" and dtype.itemsize < 8 else v.item()
 
 
+def run_epochs(epochs: Any) -> int:
+    """``epochs`` as the number of epochs of a run: a whole number >= 1 (a numpy integer too);
+    PolicyError otherwise (a run of 0 epochs has no schedule to read)."""
+    n = _plain(epochs)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise PolicyError(f"epochs (the run's number of epochs) must be a whole number >= 1, got {epochs!r}.")
+    return n
+
+
 def _number(v: object) -> bool:
     """An int or a float, not a bool (``True`` is an int to Python, not a rate)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -318,8 +327,15 @@ class Policy:
         return names[len(names) - n:] if n else []
 
     def schedule(self, block_names: Sequence[str], epochs: int) -> list[list[str]]:
-        """The trainable blocks of each epoch ``0 .. epochs-1``."""
-        return [self.trainable_blocks(block_names, e) for e in range(max(int(epochs), 1))]
+        """The blocks whose weights train in each epoch ``0 .. epochs-1`` (whole blocks: under
+        ``bn="affine"`` the BatchNorm gamma/beta of every other block train too, and LoRA factors
+        train from epoch 0; `frozen_phase_epochs` counts those).
+
+        Example:
+            >>> Policy.parse("gradual:every=2").schedule(["stem", "layer1", "layer2"], 5)
+            [[], [], ['layer2'], ['layer2'], ['layer1', 'layer2']]
+        """
+        return [self.trainable_blocks(block_names, e) for e in range(run_epochs(epochs))]
 
     def frozen_phase_epochs(self, backbone: Backbone | Sequence[str], epochs: int, *,
                             has_batchnorm: bool | None = None) -> int:
@@ -339,7 +355,7 @@ class Policy:
         if self.lora is not None or (self.bn == "affine" and _has_batchnorm(backbone, has_batchnorm, self)):
             return 0
         n = 0
-        for epoch in range(max(int(epochs), 1)):
+        for epoch in range(run_epochs(epochs)):
             if self.trainable_blocks(names, epoch):
                 break
             n += 1
@@ -360,7 +376,7 @@ class Policy:
             >>> Policy.parse("full").lr_phases(5)
             [(5, 1.0)]
         """
-        epochs = max(int(epochs), 1)
+        epochs = run_epochs(epochs)
         k = self.frozen_epochs
         if 0 < k < epochs:
             return [(k, 1.0), (epochs - k, float(self.unfrozen_lr))]

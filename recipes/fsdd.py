@@ -17,8 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from transferkit.errors import DataError
 from transferkit.recipes import RecipeData, main_guard, run_recipe, speech_model_options
 
@@ -65,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def data(root: Path, options: dict) -> RecipeData:
+        import torch  # here, not above: --help answers without loading it
+
         args = options["args"]
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = run_recipe("fsdd", data, description=__doc__, argv=argv, recipe_dir=Path(__file__).resolve().parent,
                      add_arguments=fsdd_arguments, run_settings=speech_model_options)
+    import torch
+
     print(f"threads: {torch.get_num_threads()}", file=sys.stderr)  # stdout holds the results, a JSON line per run
     return out
 

@@ -407,3 +407,20 @@ def test_a_misspelt_option_or_command_gets_the_nearest_spelling_from_its_command
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and said in err
     assert err.startswith(f"usage: transferkit {argv[0]} ") == (argv[0] in ("finetune", "predict"))
+
+
+def test_every_recipes_help_loads_no_torch():
+    """`python recipes/<name>.py --help` took 3 s (torch loaded before the arguments were read)."""
+    code = ("import runpy, sys\n"
+            "for path in sys.argv[1:]:\n"
+            "    sys.argv = [path, '--help']\n"
+            "    try:\n        runpy.run_path(path, run_name='__main__')\n"
+            "    except SystemExit as e:\n        assert e.code in (0, None), (path, e.code)\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'numpy'))))\n")
+    recipes = sorted(str(p) for p in (REPO / "recipes").glob("*.py"))
+    assert len(recipes) >= 10
+    proc = subprocess.run([sys.executable, "-c", code, *recipes], capture_output=True, text=True, cwd=REPO,
+                          env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert proc.stdout.count("usage: ") == len(recipes)

@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from transferkit.config import (RECIPE_KEYS, FinetuneConfig, called_as, load_config, merge_config, number_argument,
                                 parse_overrides)
 from transferkit._io import atomic_write, check_writable
@@ -39,13 +37,6 @@ from transferkit._text import plural
 from transferkit.helpformat import (HELP, MAX_PIXELS_HELP, Parser, one_line, one_line_warnings, pixel_limit,
                                    set_pixel_limit)
 from transferkit.spelling import RECIPE_FLAGS, RECIPE_OWNS, recipe_spelling
-from transferkit.data import find_split_folders
-from transferkit.data.folders import TRAIN_NAMES
-from transferkit.data import dataset_targets
-from transferkit.api import finetune
-from transferkit.data import ImageFolderDataset
-from transferkit.evaluation import labelled_samples, score
-from transferkit.export import load
 
 
 @dataclass
@@ -111,6 +102,9 @@ def image_folder_splits(root: Path) -> RecipeData | None:
     ``train/``. The same rule as [`transferkit.finetune`][transferkit.finetune] on such a folder
     ([`transferkit.data.find_split_folders`][transferkit.data.find_split_folders]); ``finetune`` alone validates on
     ``test/`` when there is no validation folder, where a recipe scores the test set."""
+    from transferkit.data import find_split_folders
+    from transferkit.data.folders import TRAIN_NAMES
+
     splits = find_split_folders(root)
     if splits is None:  # train/ beside other folders: a recipe's data folder is a split layout
         train = next((p for p in sorted(root.iterdir()) if p.is_dir() and p.name.lower() in TRAIN_NAMES), None) \
@@ -123,7 +117,10 @@ def limit_per_class(dataset: Any, limit: int | None, seed: int = 0) -> Any:
     """At most ``limit`` items of each class (for smoke tests on a slice of the data)."""
     if not limit or isinstance(dataset, (str, Path)):
         return dataset
+    import numpy as np
     from torch.utils.data import Subset
+
+    from transferkit.data import dataset_targets
 
     targets = np.asarray(dataset_targets(dataset))
     rng = np.random.default_rng(seed)
@@ -298,6 +295,8 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
         # settings the recipe's own file set, not the user: said as the file's, not as a typed --set
         _running["written_in"] = {k: (f"recipes/{own_cfg.name}", run_cfg.get(k)) for k in
                                   {*file_cfg, *runs[run_name]} - given} if not args.config else {}
+        from transferkit.api import finetune
+
         result = finetune(data=train, val_data=val, classes=classes, export=run_out / "model.pt", **run_cfg)
         _running["run"], _running["written_in"] = None, {}
         summary: dict[str, Any] = {"recipe": name, "run": run_name or None, "config": run_cfg,
@@ -383,6 +382,8 @@ def _sliced(data: RecipeData, limit: int | None, seed: int) -> tuple[Any, Any, A
     parts = []
     for d in (data.train, data.val, data.test):
         if isinstance(d, (str, Path)):
+            from transferkit.data import ImageFolderDataset
+
             d = ImageFolderDataset(d, classes=classes)
             classes = classes or d.classes
         parts.append(limit_per_class(d, limit, seed) if d is not None else None)
@@ -418,6 +419,9 @@ def evaluate_export(model_path: Path, test: Any, *, chunk: int = 512) -> float:
     `transferkit.evaluation.labelled_samples`), or a sequence of (input, class index). Samples
     that cannot be predicted are left out of the score, with a warning; ``chunk`` samples are
     read at a time."""
+    from transferkit.evaluation import labelled_samples, score
+    from transferkit.export import load
+
     predictor = load(model_path)
     if isinstance(test, (str, Path)):
         samples: Any = labelled_samples(test, list(predictor.labels), predictor.input_spec.kind, what="test")

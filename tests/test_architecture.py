@@ -28,9 +28,10 @@ LAYERS = [
     ("transferkit.results", 5), ("transferkit.api", 5), ("transferkit.demo", 5), ("transferkit.recipes", 5),
     ("transferkit.cli", 6), ("transferkit.__main__", 6), ("transferkit", 7),
 ]
-# modules that may import transferkit modules inside functions: the CLI keeps `--help` free of
-# torch; the others load optional or heavy dependencies (matplotlib, scikit-learn, onnx, IPython) only when used
-LAZY_OK = {"transferkit.cli", "transferkit", "transferkit.__main__"}
+# modules that may import transferkit modules inside functions: the CLI and the recipe scripts'
+# runner keep `--help` free of torch; the others load optional or heavy dependencies (matplotlib,
+# scikit-learn, onnx, IPython) only when used
+LAZY_OK = {"transferkit.cli", "transferkit", "transferkit.__main__", "transferkit.recipes"}
 LAZY_TARGETS_OK = {"transferkit.export.onnx", "transferkit.train.interpret", "transferkit.train.reporting",
                    "transferkit.train.probe", "transferkit.data.gpu_jpeg", "transferkit.train.lr_find",
                    "transferkit.data.decoded"}

@@ -243,7 +243,9 @@ def seed_everything(seed: int) -> None:
 
 def data_loader(dataset: Dataset, **options: Any) -> DataLoader:
     """``torch.utils.data.DataLoader(dataset, **options)`` whose worker processes exit quietly
-    on SIGTERM; every DataLoader of the package is made here.
+    on SIGTERM and whose worker seeds come from a generator of its own (``generator=``, by
+    default seeded with ``torch.initial_seed()``), so that iterating it draws no number from
+    torch's global generator; every DataLoader of the package is made here.
 
     Example:
         >>> [b.tolist() for b in data_loader(torch.arange(5), batch_size=2)]
@@ -252,6 +254,12 @@ def data_loader(dataset: Dataset, **options: Any) -> DataLoader:
     if "worker_init_fn" in options:
         raise TypeError("data_loader sets worker_init_fn itself")
     from PIL import Image
+
+    if options.get("generator") is None:
+        # the workers' base seed is drawn from this, never from torch's global generator: a
+        # loader with persistent workers draws it once per process, so drawing from the global
+        # one shifted the model's random numbers (dropout, SpecAugment) after a resume
+        options["generator"] = torch.Generator().manual_seed(torch.initial_seed())
 
     sigint = signal.getsignal(signal.SIGINT)
     plain = sigint if sigint in (signal.SIG_IGN, signal.SIG_DFL, signal.default_int_handler) else None

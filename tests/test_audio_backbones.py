@@ -255,6 +255,9 @@ def test_a_spectrogram_clip_gives_the_same_features_alone_as_in_any_batch_outsid
         for empty in (torch.zeros(1, 0), pad_waveforms([clips[0], clips[0][:0]])):  # was scored as any clip
             with pytest.raises((ValueError, torch.jit.Error), match="An audio clip holds no sample"):
                 model(empty)
+        for sign in (1, -1):  # scored NaN without a word
+            with pytest.raises((ValueError, torch.jit.Error), match=r"holds an infinite sample .*nan_to_num"):
+                model(torch.cat([clips[0][:50], torch.tensor([sign * float("inf")]), clips[0][50:]])[None])
     fresh.train()(holed)  # training reads clips the loader padded: not checked (the check waits for the device)
     with pytest.raises(BackboneError, match="runs on no log-mel image of 2 mel bands"):  # too few bands to pool
         spectrogram_backbone("tk:small_cnn", sample_rate=8000, n_mels=2)

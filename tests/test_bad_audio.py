@@ -193,6 +193,14 @@ def test_a_channel_array_that_cannot_be_mixed_down_says_which_part_is_missing():
     with pytest.raises(torch.jit.Error, match=r"the channels of a clip \[N, C, T\] end at different samples"):
         torch.jit.script(AudioPreprocess())(torch.stack([audio, half])[None])
     assert torch.jit.script(AudioPreprocess())(torch.stack([half, half])[None]).isnan().sum() == 50
+    # soundfile's [T, C] layout in a batch read as 100 channels of 2 samples, and shapes that gave
+    # tracebacks from deep inside the trunk
+    with pytest.raises(torch.jit.Error, match=r"of 100 channels of 2 samples: .* x.transpose\(1, 2\)"):
+        torch.jit.script(AudioPreprocess())(torch.stack([audio, audio], 1)[None])
+    for shape in ([], [1, 1, 2, 100], [0, 100], [2, 0]):
+        with pytest.raises(torch.jit.Error, match=r"audio input is a batch of waveforms \[N, T\].* got the shape "
+                                                  + re.escape(str(shape))):
+            torch.jit.script(AudioPreprocess())(torch.zeros(shape))
     assert to_waveform(torch.stack([audio, -audio]), RATE).abs().max() == 0  # two channels are mixed down
     assert to_waveform(audio.clone().requires_grad_(), RATE).tolist() == pytest.approx([0.1] * 100)  # no numpy error
     stereo = torch.stack([audio, audio * 3])  # [C, T], and [T, C] as soundfile.read returns it

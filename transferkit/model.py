@@ -105,12 +105,17 @@ def pcm_to_float(x: torch.Tensor) -> torch.Tensor:
                      "as int16, int32, int8 or uint8 (8-bit WAV)")
 
 
+AUDIO_CHANNELS_MAX = 8
+"""The most channels of a clip `AudioPreprocess` takes as ``[N, C, T]`` (and the data read as
+``[T, C]``: `transferkit.data.audio.MAX_CHANNELS`); more are taken for a transposed batch."""
+
+
 class AudioPreprocess(nn.Module):
     """Raw waveforms to the audio trunk's input ``[N, T]`` float.
 
     Accepts float waveforms in [-1, 1] or PCM integers (`pcm_to_float`), shaped ``[N, T]``,
-    ``[N, C, T]`` (mixed down to mono; channels NaN-padded to different lengths are refused)
-    or ``[T]`` (one clip), in the module's dtype (float32 unless the module was cast). NaN
+    ``[N, C, T]`` (mixed down to mono; channels NaN-padded to different lengths, and more than
+    `AUDIO_CHANNELS_MAX` channels, are refused) or ``[T]`` (one clip), in the module's dtype (float32 unless the module was cast). NaN
     padding at the end of shorter clips marks their length and is kept (see
     ``transferkit.data.audio.pad_waveforms``).
 
@@ -123,8 +128,16 @@ class AudioPreprocess(nn.Module):
         super().__init__()
         # no state: it follows ``.double()`` / ``.to(dtype)`` so the output has the model's dtype
         self.register_buffer("dtype_of", torch.zeros(0), persistent=False)
+        self.max_channels = AUDIO_CHANNELS_MAX
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1 or x.dim() > 3 or x.numel() == 0:
+            raise ValueError("audio input is a batch of waveforms [N, T], of clips with channels [N, C, T], or one "
+                             "clip [T], each with at least one sample; got the shape " + str(list(x.shape)))
+        if x.dim() == 3 and x.size(1) > self.max_channels:
+            raise ValueError("a batch [N, C, T] of " + str(x.size(1)) + " channels of " + str(x.size(2)) + " samples: "
+                             "clips are read with up to " + str(self.max_channels) + " channels; a batch of "
+                             "soundfile's layout [N, T, C] is x.transpose(1, 2)")
         x = pcm_to_float(x).to(self.dtype_of.dtype)
         if x.dim() == 3:
             pad = torch.isnan(x)  # padding: NaN at a clip's end, in every channel alike

@@ -32,13 +32,16 @@ def split_padding(x: Tensor, check: bool = False) -> tuple[Tensor, Tensor]:
     """``(waveforms with NaN padding replaced by 0, valid lengths [N])`` of a ``[N, T]`` batch.
     NaN marks the padding after a clip's end. ``check`` (the trunks: outside training, where
     inputs come from callers rather than the data pipeline; a device sync): a NaN followed
-    by a sample is an error, as the clip would be cut short, and so is a clip without a
-    sample (empty, or NaN only: it was scored), in Python and in scripted TorchScript files
+    by a sample is an error, as the clip would be cut short, and so are an infinite sample
+    (its scores were NaN) and a clip without a sample (empty, or NaN only: it was scored), in Python and in scripted TorchScript files
     (an ONNX graph cannot raise: the predictor refuses such clips first)."""
     valid = ~torch.isnan(x)
     if check and bool((valid[:, 1:] & ~valid[:, :-1]).any()):
         raise ValueError("An audio clip holds NaN before its end; NaN marks only the padding after a clip. Replace "
                          "NaN samples (e.g. torch.nan_to_num) before the model.")
+    if check and bool(torch.isinf(x).any()):
+        raise ValueError("An audio clip holds an infinite sample (inf or -inf); samples are in [-1, 1]. Replace them "
+                         "(e.g. torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)) or leave the clip out.")
     lengths = valid.sum(-1)
     if check and bool((lengths == 0).any()):
         raise ValueError("An audio clip holds no sample (it is empty, or NaN only, which marks padding); leave it "

@@ -49,7 +49,7 @@ from transferkit.data.checks import (
 from transferkit.data.folders import scan_class_folders, scan_csv, warn_split_like_classes
 from transferkit.data.images import class_index
 from transferkit.data.late import FileDataset
-from transferkit.model import pcm_to_float
+from transferkit.model import AUDIO_CHANNELS_MAX, pcm_to_float
 from transferkit._text import plural
 from transferkit.errors import ConfigError, DataError, check_choice, unreadable_file, warn
 
@@ -731,7 +731,7 @@ class AudioDataset(FileDataset):
                             report=self.report, _store=self._store, known_bad=self.known_bad)
 
 
-MAX_CHANNELS = 8
+MAX_CHANNELS = AUDIO_CHANNELS_MAX
 """A 2-D waveform is ``[C, T]`` (torchaudio's layout), or ``[T, C]`` (soundfile's) when its
 last axis holds at most this many channels and its first is longer."""
 

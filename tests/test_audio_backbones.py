@@ -437,8 +437,16 @@ def test_more_mel_bands_than_the_spectrum_resolves_is_said_with_what_fits():
     said = [str(w.message) for w in seen]
     assert len(said) == 1 and re.fullmatch(r"n_mels=256 is more mel bands than n_fft=256 resolves at 8000 Hz: \d+ of "
                                            r"them hold no frequency bin \(an FFT of 256 samples has 129\), rows of "
-                                           r"the log-mel image that never change\. Use n_mels <= \d+, or a larger "
-                                           r"n_fft\.", said[0]), said
+                                           r"the log-mel image that never change\. Use n_mels <= \d+ or "
+                                           r"n_fft >= \d+\.", said[0]), said
+    wider = int(said[0].rpartition(">= ")[2].rstrip("."))
+    with warnings.catch_warnings():  # the n_fft it names resolves the bands
+        warnings.simplefilter("error")
+        get_backbone("spec:tk:small_cnn", weights=None, sample_rate=8000, n_mels=256, n_fft=wider)
+    # no band resolved: the log-mel image was the same for every sound, and the advice was n_mels <= 0
+    with pytest.raises(tk.ConfigError, match=r"n_fft=3 resolves none of the n_mels=64 mel bands at 16000 Hz: .* the "
+                                             r"log-mel image is the same for every sound\. Use n_fft >= \d+\.$"):
+        get_backbone("spec:tk:small_cnn", weights=None, n_fft=3, sample_rate=16000, n_mels=64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         get_backbone("spec:tk:small_cnn", weights=None, sample_rate=8000, n_mels=64)

@@ -260,7 +260,8 @@ def check_mel_bands(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.
     """Warn of more mel bands than the spectrum resolves: a band without an FFT bin is a row
     of the log-mel image that never changes (torchaudio's own warning says neither how many
     nor what fits). One such band (128 bands at 16 kHz with ``n_fft=512``, a common setting)
-    costs little and is not said; more leave the image partly blank.
+    costs little and is not said; more leave the image partly blank. ConfigError where no
+    band holds a bin (the image is the same for every sound).
 
     Example:
         >>> check_mel_bands(8000, 256, 64)
@@ -270,14 +271,22 @@ def check_mel_bands(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.
         ...     check_mel_bands(8000, 64, 64)
         >>> print(seen[0].message)
         n_mels=64 is more mel bands than n_fft=64 resolves at 8000 Hz: 16 of them hold no frequency bin (an FFT of \
-64 samples has 33), rows of the log-mel image that never change. Use n_mels <= 22, or a larger n_fft.
+64 samples has 33), rows of the log-mel image that never change. Use n_mels <= 22 or n_fft >= 256.
     """
     empty = _empty_bands(sample_rate, n_fft, n_mels, f_min, f_max)
-    if empty > 1:
-        fits = next((m for m in range(n_mels - 1, 0, -1) if not _empty_bands(sample_rate, n_fft, m, f_min, f_max)), 0)
-        warn(f"n_mels={n_mels} is more mel bands than n_fft={n_fft} resolves at {sample_rate} Hz: {empty} of them hold "
-             f"no frequency bin (an FFT of {n_fft} samples has {n_fft // 2 + 1}), rows of the log-mel image that never "
-             f"change. Use n_mels <= {fits}, or a larger n_fft.")
+    if empty <= 1:
+        return
+    fits = next((m for m in range(n_mels - 1, 0, -1) if not _empty_bands(sample_rate, n_fft, m, f_min, f_max)), 0)
+    wider = next((n for n in (2 ** k for k in range(2, 17))
+                  if n > n_fft and _empty_bands(sample_rate, n, n_mels, f_min, f_max) <= 1), None)
+    fixes = [f"n_fft >= {wider}" if wider else "a larger n_fft"] + ([f"n_mels <= {fits}"] if fits else [])
+    bins = f"an FFT of {n_fft} samples has {n_fft // 2 + 1}"
+    if empty >= n_mels:  # the image is the same for every sound: the model learns nothing
+        raise ConfigError(f"n_fft={n_fft} resolves none of the n_mels={n_mels} mel bands at {sample_rate} Hz: no band "
+                          f"holds a frequency bin ({bins}), so the log-mel image is the same for every sound. Use "
+                          f"{' or '.join(fixes)}.")
+    warn(f"n_mels={n_mels} is more mel bands than n_fft={n_fft} resolves at {sample_rate} Hz: {empty} of them hold "
+         f"no frequency bin ({bins}), rows of the log-mel image that never change. Use {' or '.join(fixes[::-1])}.")
 
 
 def min_clip_samples(trunk: SpectrogramTrunk, *, n_mels: int, n_fft: int, hop_length: int) -> int:

@@ -165,7 +165,9 @@ class SpectrogramTrunk(nn.Module):
     padded to its longest clip; outside training each clip is padded to a length of its own
     (`padded_length`: at least ``clip_samples``, the fixed length the data pipeline pads to,
     or ``min_samples``), so that features, validation scores and predictions do not depend
-    on the other clips of the batch. Clips of one padded length run together. A batch
+    on the other clips of the batch, and a clip longer than ``clip_samples`` is cut to its middle
+    ``clip_samples`` (`crop_middle`: the data pipeline's crop, which an exported file's caller
+    need not copy). Clips of one padded length run together. A batch
     shorter than ``clip_samples`` or ``min_samples`` (the centred STFT's reflection and the
     image trunk's smallest input, `min_clip_samples`) is padded to it."""
 
@@ -203,6 +205,8 @@ class SpectrogramTrunk(nn.Module):
         return torch.where(valid, (mel - mean) / torch.sqrt(var + 1e-5), torch.zeros_like(mel)), frames
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.training and 0 < self.clip_samples < x.shape[-1]:
+            x = crop_middle(x, self.clip_samples)
         shortest = max(self.clip_samples, self.min_samples)
         if x.shape[-1] < shortest:
             x = nn.functional.pad(x, [0, shortest - x.shape[-1]], value=float("nan"))
@@ -230,6 +234,21 @@ class SpectrogramTrunk(nn.Module):
         if self.out_h > 0:
             img = nn.functional.interpolate(img, size=[self.out_h, self.out_w], mode="bilinear", align_corners=False)
         return self.image(img)
+
+
+def crop_middle(x: Tensor, n: int) -> Tensor:
+    """``[N, n]``: each clip of a NaN-padded ``[N, T]`` batch longer than ``n`` samples cut to its
+    middle ``n`` (from ``(length - n) // 2``, as the data pipeline crops without augmentation),
+    shorter ones as they are.
+
+    Example:
+        >>> nan = float("nan")
+        >>> crop_middle(torch.tensor([[0., 1, 2, 3, 4, 5], [6, 7, 8, nan, nan, nan]]), 3).tolist()
+        [[1.0, 2.0, 3.0], [6.0, 7.0, 8.0]]
+    """
+    _, lengths = split_padding(x, check=True)  # a NaN before a clip's end would move its middle
+    start = torch.div((lengths - n).clamp_min(0), 2, rounding_mode="floor")
+    return x.gather(1, start.unsqueeze(1) + torch.arange(n, device=x.device).unsqueeze(0))
 
 
 def padded_length(lengths: Tensor, unit: int) -> Tensor:

@@ -426,3 +426,34 @@ def test_a_folder_of_the_other_kind_of_data_says_which_backbone_reads_it(tmp_pat
     with pytest.raises(DataError, match=r"No audio files found .* The class folders hold 4 images instead: an image "
                                         r"backbone reads them"):
         prepare_audio_data(images, spec=InputSpec(kind="audio", sample_rate=8000))
+
+
+def test_a_full_scan_finds_in_memory_clips_that_training_cannot_read():
+    """docs/audio.md: a full scan finds NaN/inf samples before training; clips passed in memory
+    were never read by it (0 bad files), and failed during the run with the advice to run the
+    full scan that had just run."""
+    rng = np.random.default_rng(0)
+    good = [(0.1 * rng.standard_normal(3000).astype(np.float32), i % 2) for i in range(12)]
+    inf = np.concatenate([np.zeros(500), [np.inf], np.zeros(2000)]).astype(np.float32)
+    hole = np.concatenate([np.zeros(500), [np.nan], np.zeros(2000)]).astype(np.float32)
+    data = [(inf, 0), (hole, 1), *good]
+    with pytest.warns(UserWarning, match=r"in-memory item 0 \(The waveform holds non-finite samples \(0 NaN, 1 inf"):
+        bundle = prepare_audio_data(data, spec=SPEC8K, val_split=0.25, scan="full", classes=["a", "b"])
+    assert [p for p, _ in bundle.report.bad_files] == ["in-memory item 0", "in-memory item 1"]
+    assert len(bundle.train) + len(bundle.val) == 12
+    quick = prepare_audio_data(data, spec=SPEC8K, val_split=0.25, scan="quick", classes=["a", "b"])
+    assert quick.report.bad_files == [] and len(quick.train) + len(quick.val) == 14  # read during the run
+
+
+def test_an_in_memory_clip_left_out_during_the_run_is_not_told_to_run_a_scan_of_files():
+    rng = np.random.default_rng(0)
+    good = [(0.1 * rng.standard_normal(3000).astype(np.float32), i % 2) for i in range(12)]
+    inf = np.concatenate([np.zeros(500), [np.inf], np.zeros(2000)]).astype(np.float32)
+    options = {"sample_rate": 8000, "n_mels": 16, "image_options": {"widths": [8, 8, 8]}}
+    with pytest.warns(UserWarning) as seen:
+        transferkit.finetune("spec:tk:small_cnn", weights=None, data=[(inf, 0), *good], classes=["a", "b"],
+                             val_split=0.25, backbone_options=options, policy="full", epochs=1, batch_size=8,
+                             num_workers=0, verbose=False, scan="quick")
+    said = [str(w.message) for w in seen if "failed to load during the run" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("Left out 'in-memory item 0'"), said
+    assert said[0].endswith("Remove or repair the item in the data passed.") and "scan=" not in said[0]

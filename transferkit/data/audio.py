@@ -604,7 +604,7 @@ def filter_bad_audio(samples: Sequence[tuple[Any, int]], *, on_bad_file: str = "
     `probe_audio_file` (``scan="quick"``: headers; ``"full"``: decode every file's middle
     ``max_seconds``, what training reads; ``"none"``: no check), and in-memory clips shorter
     than an audio model takes (``rate``: the rate of waveforms given without theirs; None: not
-    checked). Clips longer than ``max_seconds`` are counted in one warning (they will be
+    checked), or under ``scan="full"`` that training could not read (NaN before a clip's end, inf). Clips longer than ``max_seconds`` are counted in one warning (they will be
     cropped)."""
     check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
     check_choice("scan", scan, SCANS)
@@ -612,6 +612,11 @@ def filter_bad_audio(samples: Sequence[tuple[Any, int]], *, on_bad_file: str = "
     for i, (source, target) in enumerate(samples):
         if not isinstance(source, (str, Path)):  # in memory: its length is checked whatever the scan (no read)
             found = too_short(*_lengths([(source, target)], rate)[0]) if rate is not None else None
+            if found is None and scan == "full" and rate is not None:  # read as training reads it (NaN, inf)
+                try:
+                    to_waveform(source, rate, max_seconds=max_seconds)
+                except DataError as exc:
+                    found = str(exc).rstrip(".")
             if found is None:
                 good.append((source, target))
                 continue

@@ -82,13 +82,16 @@ def record_bad_at_load(report: DataReport, path: str, reason: str) -> None:
     report.bad_files.append((path, reason))
     report.warn(f"Left out {path!r}, which failed to load during the run ({reason}); the next readable file with its "
                 "label (or targets) takes its place in training batches, and validation metrics do not count it. "
-                + replace_advice(reason))
+                + replace_advice(reason, in_memory=path.startswith("in-memory item ")))
 
 
-def replace_advice(reason: str) -> str:
+def replace_advice(reason: str, *, in_memory: bool = False) -> str:
     """What to do about a file left out for ``reason``: remove or replace it, where its reason
     does not already say how to keep it (an image over Pillow's pixel limit: raise the limit if
-    the image is genuine, `BOMB_HINT`; otherwise remove or replace it)."""
+    the image is genuine, `BOMB_HINT`; otherwise remove or replace it). ``in_memory``: an item
+    of data passed in memory, which no scan of files finds."""
+    if in_memory:
+        return "Remove or repair the item in the data passed."
     return (f"{'Otherwise remove' if BOMB_HINT in reason else 'Remove'} or replace the file (scan='full' finds such "
             "files before training).")
 

@@ -424,3 +424,12 @@ def test_every_recipes_help_loads_no_torch():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
     assert proc.stdout.count("usage: ") == len(recipes)
+
+
+def test_predict_top_k_above_the_classes_names_no_flag_predict_lacks(run, capsys):
+    """`predict --top-k 4` on a model of 2 classes warned of `--set top_k=4`, which predict does not take."""
+    root, data, _ = run
+    image = sorted(str(p) for p in data.rglob("*.jpg"))[0]
+    code, out, err = _run(capsys, "predict", root / "m.pt", image, "--top-k", "4")
+    assert code == 0 and "Asked for the top 4 labels of a model of 2 classes: each prediction lists 2." in err
+    assert "--set" not in err and "top_k" not in err

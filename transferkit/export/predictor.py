@@ -206,7 +206,8 @@ class Predictor:
             raise ConfigError(f"top_k={top_k!r} is out of range; expected a positive integer.")
         top_k = int(top_k)  # a NumPy integer too
         if self.task == "multiclass" and top_k > len(self.labels) > 0:
-            warn(f"top_k={top_k} is more than the model's {len(self.labels)} classes: each prediction lists "
+            # not "top_k=...": the command line spells it --top-k, finetune's setting --set top_k=...
+            warn(f"Asked for the top {top_k} labels of a model of {len(self.labels)} classes: each prediction lists "
                  f"{len(self.labels)}.")
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"threshold={threshold!r} is out of range; expected a probability in [0, 1] (a label "

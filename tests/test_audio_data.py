@@ -288,6 +288,12 @@ def test_a_sample_rate_of_any_whole_number_type_is_a_rate(tmp_path):
                                         r"make 16001 classes. Items with a rate are \(waveform, sample_rate, label\)"):
         prepare_audio_data(items, spec=SPEC8K, val_split=0)
     assert len(prepare_audio_data(items, spec=SPEC8K, val_split=0, classes=[str(i) for i in range(16001)]).train) == 8
+    # a pair to predict whose rate is text was "Cannot read a tuple as a waveform (setting an array element ...)"
+    from transferkit.data.audio import to_waveform
+
+    with pytest.raises(DataError, match=r"pair's sample rate is a whole number of Hz, got '8000': pass "
+                                        r"\(waveform, 8000\)\.$"):
+        to_waveform((_tone(300, 1600), "8000"), 8000)
     sf.write(tmp_path / "a.wav", _tone(300, 1600), 8000)  # (path, label): a file carries its rate, so these are labels
     files = prepare_audio_data([(str(tmp_path / "a.wav"), 1000 + i % 2) for i in range(4)], spec=SPEC8K, val_split=0)
     assert len(files.train) == 4 and files.classes[-2:] == ["1000", "1001"]

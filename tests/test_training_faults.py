@@ -223,6 +223,41 @@ def test_ctrl_c_before_the_first_optimizer_step_saves_nothing(image_folder, tmp_
     assert bool(list(tmp_path.glob("*.pt"))) is saved, list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("failure, said", [
+    ("[gloo] Read error: Connection reset by peer", "another rank ended without an error of its own"),
+    ("[gloo] Application timeout caused pair closure", "a collective operation waited more than 1800 s"),
+])
+def test_rank_0_keeps_the_weights_where_another_rank_was_killed_or_stalled(tmp_path, monkeypatch, failure, said):
+    """torchrun, no checkpoint, rank 1 killed (out of memory) or stuck: rank 0 stopped on its failed
+    collective with nothing saved, and rank 1, ended by torchrun's SIGTERM, said rank 0 saves them."""
+    import itertools
+
+    import transferkit.train.distributed as distributed
+    import transferkit.train.faults as faults
+    from transferkit.train.distributed import DistInfo, rank_guard
+
+    monkeypatch.setattr(distributed, "_store_for", lambda info: torch.distributed.HashStore())
+    monkeypatch.setattr(distributed, "_generation", itertools.count(3))
+    saved = tmp_path / "transferkit-interrupted.pt"
+    for checkpoint, started, kept in ((None, True, True), (None, False, False), (tmp_path / "run.ckpt", True, False)):
+        calls = []
+
+        def save():
+            calls.append(1)
+            return saved
+
+        with pytest.raises(distributed.DistributedError, match=said) as info:
+            with rank_guard(DistInfo(rank=0, world_size=2, timeout_s=1800), grace_s=60):
+                with faults.training_faults(checkpoint=checkpoint, batch_size=4, save_interrupted=save,
+                                            probe_step=None, started=lambda: started):
+                    if checkpoint is not None:  # this run's checkpoint holds the last epoch: nothing more to keep
+                        checkpoint.write_bytes(b"epoch")
+                    raise RuntimeError(failure)
+        assert calls == ([1] if kept else []), (checkpoint, started)
+        assert str(info.value).endswith(f" The current weights were saved to {str(saved)!r} (usable as weights=... "
+                                        "or with `transferkit export`).") == kept
+
+
 def test_an_output_error_before_training_keeps_no_weights(image_folder, tmp_path, monkeypatch):
     import transferkit.steps as steps
     from transferkit.errors import OutputError

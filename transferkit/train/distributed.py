@@ -509,16 +509,16 @@ def rank_guard(info: DistInfo, *, poll_s: float = 0.25, grace_s: float = 2.0) ->
         # other ranks when one exits: this rank stops because of the first failure, said as such
         if first != mine and (_collective(exc) or _interruption(exc) and not _said_interrupted(first)):
             raise DistributedError(f"Rank {info.rank} stops because {first} "
-                                   f"(here: {_describe(exc)}).") from exc
+                                   f"(here: {_describe(exc)}).{_kept(exc)}") from exc
         if isinstance(exc, RuntimeError) and _peer_gone(exc):
             raise DistributedError(f"Rank {info.rank}: another rank ended without an error of its own ({exc}): it "
                                    "was killed (out of memory, a signal) or crashed. Look at that rank's log and "
-                                   "the machine's (e.g. dmesg for the out-of-memory killer).") from exc
+                                   f"the machine's (e.g. dmesg for the out-of-memory killer).{_kept(exc)}") from exc
         if isinstance(exc, RuntimeError) and _is_timeout(exc):
             raise DistributedError(f"Rank {info.rank}: a collective operation waited more than {info.timeout_s:g} s "
                                    f"for the other ranks ({exc}). One of them is stuck or much slower than this one; "
                                    f"if that is expected (a long export, a slow disk), raise the limit with "
-                                   f"{TIMEOUT_ENV}=<seconds>.") from exc
+                                   f"{TIMEOUT_ENV}=<seconds>.{_kept(exc)}") from exc
         raise
     finally:
         _guards.pop()
@@ -529,11 +529,9 @@ def rank_guard(info: DistInfo, *, poll_s: float = 0.25, grace_s: float = 2.0) ->
 _guards: list[tuple[Any, str, int]] = []  # the guarded blocks entered: (store, failure key, this rank)
 
 
-def peer_interruption() -> str | None:
-    """The failure record of another rank that was interrupted (Ctrl-C, SIGTERM) in the
-    innermost `rank_guard` block, where one is recorded; else None. Read where a collective of
-    this rank failed: a rank interrupted alone left it, and its weights, the same as this
-    rank's, are kept by rank 0 (`transferkit.train.faults.training_faults`)."""
+def _peer_failure() -> str | None:
+    """The failure record of another rank in the innermost `rank_guard` block, where one is
+    recorded; else None."""
     if not _guards:
         return None
     store, key, rank = _guards[-1]
@@ -541,7 +539,33 @@ def peer_interruption() -> str | None:
         first = store.get(key).decode() if store.check([key]) else ""
     except Exception:  # noqa: BLE001 - the store is gone with the job
         return None
-    return first if first and not first.startswith(f"rank {rank} ") and _said_interrupted(first) else None
+    return first if first and not first.startswith(f"rank {rank} ") else None
+
+
+def peer_interruption() -> str | None:
+    """The failure record of another rank that was interrupted (Ctrl-C, SIGTERM) in the
+    innermost `rank_guard` block, where one is recorded; else None. Read where a collective of
+    this rank failed: a rank interrupted alone left it, and its weights, the same as this
+    rank's, are kept by rank 0 (`transferkit.train.faults.training_faults`)."""
+    first = _peer_failure()
+    return first if first is not None and _said_interrupted(first) else None
+
+
+def failed_for_another_rank(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective of a DDP job (inside `rank_guard`) that failed because
+    another rank failed, went away (killed, crashed) or stalled past the timeout: this rank's
+    weights, the same as every rank's, are whole as of its last step, and rank 0 keeps them
+    (`transferkit.train.faults.training_faults`; `rank_guard` then says where)."""
+    if not _guards or not isinstance(exc, RuntimeError):
+        return False
+    return _peer_gone(exc) or _is_timeout(exc) or _peer_failure() is not None
+
+
+def _kept(exc: BaseException) -> str:
+    """Where `training_faults` saved the weights on the way out of ``exc`` (``kept_weights``), said."""
+    path = getattr(exc, "kept_weights", None)
+    return "" if path is None else (f" The current weights were saved to {str(path)!r} (usable as weights=... or "
+                                    "with `transferkit export`).")
 
 
 def exit_cleanly(code: int = 0) -> None:

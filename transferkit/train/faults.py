@@ -17,7 +17,7 @@ import torch
 from transferkit._io import file_stat
 from transferkit._signals import TrainingInterrupted, held_signals, signal_name
 from transferkit.errors import OutputError, TrainingError, TransferkitError
-from transferkit.train.distributed import peer_interruption
+from transferkit.train.distributed import failed_for_another_rank, peer_interruption
 
 
 RANK_0_KEEPS = ("The weights are the same on every rank of the job, so rank 0 saves them (its message says "
@@ -166,6 +166,11 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
                                           "resume a run exactly.", saved)
                 err.signum = signal.SIGTERM if sig == "SIGTERM" else signal.SIGINT  # type: ignore[attr-defined]
                 raise err from exc
+        if started() and not ours() and failed_for_another_rank(exc):  # killed, stalled or failed: rank 0 keeps
+            with held_signals(reraise=False):                          # the weights, and rank_guard says where
+                with contextlib.suppress(OSError, TransferkitError):
+                    exc.kept_weights = save_interrupted()  # type: ignore[attr-defined]
+            raise
         if not _is_oom(exc):
             raise
         if torch.cuda.is_available():

@@ -257,6 +257,26 @@ def test_cache_key_covers_trunk_not_head(split_folders, tmp_path):
             m.fused_attn = not m.fused_attn
     pools[0].trunk.set_grad_checkpointing(True)
     assert module_fingerprint(pools[0].trunk) == before
+
+    # what forward reads beyond the state dict: a buffer kept out of it, a tensor attribute, a default argument
+    def gain_class(default_power: float) -> type:
+        class Gain(torch.nn.Module):
+            def __init__(self, gain: float) -> None:
+                super().__init__()
+                self.register_buffer("scale", torch.tensor(gain), persistent=False)
+                self.offset = torch.tensor(0.0)
+
+            def forward(self, x, power=default_power):
+                return (x * self.scale + self.offset) ** power
+        return Gain
+
+    gain = gain_class(1.0)
+    assert module_fingerprint(gain(0.5)) == module_fingerprint(gain_class(1.0)(0.5))
+    assert module_fingerprint(gain(0.0)) != module_fingerprint(gain(0.5))
+    offset = gain(0.5)
+    offset.offset = torch.tensor(-1.0)
+    assert module_fingerprint(offset) != module_fingerprint(gain(0.5))
+    assert module_fingerprint(gain_class(2.0)(0.5)) != module_fingerprint(gain(0.5))
     keys = [_key(_plan(split_folders / "train", backbone=from_module(t, input_spec={"image_size": 16}, name="mine"),
                        **data)) for t in edited]
     assert keys[0] == keys[1] != keys[2]

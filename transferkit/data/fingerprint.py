@@ -27,16 +27,27 @@ def _hash_tensor(h: Any, t: torch.Tensor) -> None:
 def module_fingerprint(module: torch.nn.Module) -> str:
     """A hash of ``module``'s structure (`module_structure`), of each submodule's plain settings
     (`module_settings`), of the code of its module classes (`module_code`) and of every
-    parameter and buffer (names, dtypes, shapes, values): two trunks with the same weights
-    that compute differently (another pooling, another activation, an edited ``forward``) get
-    different fingerprints."""
+    parameter and buffer (names, dtypes, shapes, values; buffers kept out of the state dict
+    and tensors held as plain attributes too): two trunks with the same weights that compute
+    differently (another pooling, another activation, an edited ``forward``) get different
+    fingerprints."""
     h = hashlib.blake2b(digest_size=16)
     h.update(module_structure(module).encode())
     h.update(module_settings(module).encode())
     h.update(module_code(module).encode())
-    for name, t in module.state_dict().items():
+    state = module.state_dict()
+    for name, t in state.items():
         h.update(name.encode())
         _hash_tensor(h, t)
+    for name, t in module.named_buffers():  # non-persistent buffers (register_buffer(..., persistent=False))
+        if name not in state and t is not None:
+            h.update(f"buffer {name}".encode())
+            _hash_tensor(h, t)
+    for prefix, m in module.named_modules():  # a tensor kept as a plain attribute (self.gain = torch.tensor(..))
+        for key, value in sorted(vars(m).items()):
+            if isinstance(value, torch.Tensor) and not key.startswith("_"):
+                h.update(f"tensor {prefix}.{key}".encode())
+                _hash_tensor(h, value)
     return h.hexdigest()
 
 
@@ -118,7 +129,7 @@ def module_code(module: torch.nn.Module) -> str:
     TorchScript modules, their compiled code. A user's edited ``forward`` (or a library
     version whose classes compute otherwise) is another module, though its repr and weights
     are the same. Functions outside the classes (a helper that ``forward`` calls) are not
-    covered. The bytecode, not the source: reading a class's source parses its whole file
+    covered. The bytecode (and the functions' default arguments), not the source: reading a class's source parses its whole file
     (a quarter of a second for a timm EfficientNet's classes).
 
     Example:
@@ -164,6 +175,9 @@ def _class_code(cls: type) -> bytes:
                 if isinstance(f, types.FunctionType):
                     h.update(name.encode())
                     _hash_code(h, f.__code__)
+                    # default arguments (forward(self, x, gain=1.0)) are not in the bytecode
+                    defaults = (*(f.__defaults__ or ()), *sorted((f.__kwdefaults__ or {}).items()))
+                    h.update(blank_addresses(repr(defaults)).encode())
             if isinstance(value, _PLAIN) or isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value):
                 h.update(f"{name}={value!r}".encode())
     return h.digest()

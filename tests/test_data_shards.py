@@ -143,6 +143,12 @@ def test_brace_patterns_expand_like_webdataset():
     assert expand_braces("a{b{c,d}") == ["a{bc", "a{bd"]  # a brace none closes is text
     with pytest.raises(tk.DataError, match="empty"):
         expand_braces("s-{3..1}.tar")
+    # a mistyped bound took all the machine's memory (23 GB) before a MemoryError
+    for pattern, count in (("s-{0..99999999999}.tar", "100,000,000,000"), ("s-{000000..999999}{000..999}.tar",
+                                                                          "1,000,000,000")):
+        with pytest.raises(tk.DataError, match=rf"stands for {count} names, more than the 1,000,000 .* mistyped"):
+            expand_braces(pattern)
+    assert len(expand_braces("s-{0000..9999}-{0..9}.tar")) == 100_000
 
 
 @pytest.mark.parametrize("label", ["cls", "txt", "json"])

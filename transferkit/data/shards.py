@@ -139,6 +139,7 @@ def expand_braces(pattern: str) -> list[str]:
         lo, hi = int(r.group(1)), int(r.group(2))
         if hi < lo:
             raise DataError(f"Shard pattern {pattern!r}: the range {{{body}}} is empty (its end is below its start).")
+        _check_names(pattern, hi - lo + 1)
         padded = any(len(b) > 1 and b.startswith("0") for b in r.groups())
         width = max(len(b) for b in r.groups()) if padded else 0
         parts = [str(k).zfill(width) for k in range(lo, hi + 1)]
@@ -148,7 +149,21 @@ def expand_braces(pattern: str) -> list[str]:
             parts = ["{" + b + "}" for b in expand_braces(body)]
         else:
             parts = [x for a in alternatives for x in expand_braces(a)]
-    return [head + p + t for p in parts for t in expand_braces(tail)]
+    tails = expand_braces(tail)
+    _check_names(pattern, len(parts) * len(tails))
+    return [head + p + t for p in parts for t in tails]
+
+
+MAX_PATTERN_NAMES = 1_000_000
+"""The most shard names a brace pattern may stand for: a mistyped bound (``{0..99999999999}``)
+took all the machine's memory before any shard was looked at."""
+
+
+def _check_names(pattern: str, count: int) -> None:
+    if count > MAX_PATTERN_NAMES:
+        raise DataError(f"Shard pattern {pattern!r} stands for {count:,} names, more than the {MAX_PATTERN_NAMES:,} "
+                        "a pattern may name: is a bound mistyped? Split the data into several patterns, or list "
+                        "the shards in a folder.")
 
 
 def _outer_group(pattern: str) -> tuple[int, int] | None:

@@ -244,9 +244,16 @@ def test_missing_file_and_default_without_download(tmp_path):
 def test_pickles_with_objects_need_an_explicit_opt_in(tmp_path):
     sd = get_backbone("tk:small_cnn", weights=None).trunk.state_dict()
     f = _save({"state_dict": sd, "args": Path("x")}, tmp_path / "old.pt")  # a non-tensor Python object
-    with pytest.raises(WeightsError, match="weights_only=False"):
+    # the way to pass it where the backbone is named (it was get_backbone's alone, and torch's own
+    # text cut short, with terminal escape codes in it)
+    with pytest.raises(WeightsError, match=r"holds Python objects beyond tensors \(here pathlib\.\w*Path\), .* "
+                                           r"finetune\(\.\.\., backbone_options=\{'weights_only': False\}\)") as info:
         get_backbone("tk:small_cnn", weights=f)
+    assert "\x1b" not in str(info.value)
     assert get_backbone("tk:small_cnn", weights=f, weights_only=False).weights == str(f)
+    from transferkit.spelling import cli_spelling
+
+    assert "`transferkit finetune ... --set backbone_options='{\"weights_only\": false}'`." in cli_spelling(str(info.value))
 
 
 def test_torchvision_file_weights_skip_the_old_classifier(tmp_path):

@@ -271,7 +271,7 @@ def test_hints_use_the_cli_syntax():
     assert cli_spelling("overrides: head_hidden=[1, -2] is out of range; expected a list") == \
         "overrides: --set head_hidden='[1, -2]' is out of range; expected a list"
     assert cli_spelling("class_weights={'a': 1, 'b': 2}, or lr=(1, 2).") == \
-        "--set class_weights='{'\"'\"'a'\"'\"': 1, '\"'\"'b'\"'\"': 2}', or --lr '(1, 2)'."
+        "--set class_weights='{\"a\": 1, \"b\": 2}', or --lr '(1, 2)'."  # the JSON --set reads
 
 
 def test_a_recipe_s_hints_use_its_own_flags():

@@ -90,6 +90,8 @@ def result_summary(result: Any) -> str:
     written (the export with its parity check), files left out."""
     best = result.best or {}
     n = len(result.history)
+    resumed = result.decisions is not None and result.decisions.config.resume
+    path_of = _relative if resumed else str  # a resume holds the absolute paths of the first run
     probe = result.metrics.get("probe") if isinstance(result.metrics, dict) else None
     trained = (f"a logistic probe, C={probe['C']:g} the best of {len(probe['val_acc_by_C'])} tried"
                if isinstance(probe, dict) and "C" in probe else plural(n, "epoch"))
@@ -110,20 +112,20 @@ def result_summary(result: Any) -> str:
         lines.append("  final:      " + ", ".join(shown))
     rep = result.export_report
     if rep is not None:
-        lines.append(f"  export:     {_shown(rep.path)} (verified after reloading: max |exported - eager| "
+        lines.append(f"  export:     {path_of(rep.path)} (verified after reloading: max |exported - eager| "
                      f"{rep.max_abs_diff:.2g} <= {rep.tolerance:.2g} at batch sizes "
                      f"{', '.join(map(str, rep.batch_sizes))})")
     else:
         lines.append("  export:     none written")
     if result.checkpoint_path is not None:
-        lines.append(f"  checkpoint: {_shown(result.checkpoint_path)}")
+        lines.append(f"  checkpoint: {path_of(result.checkpoint_path)}")
     trial = result.compile_trial or {}
     if "speedup" in trial:  # a compilation was tried: what it gave
         then = f"; eager from step {trial['eager_from_step']}" if "eager_from_step" in trial else ""
         lines.append(f"  compile:    {trial['kept']}, {trial['speedup']:.2f}x the eager step after "
                      f"{trial['compile_s']:.0f} s of compilation{then}")
     if result.plots:
-        folders = {_shown(Path(p).parent) for p in result.plots.values()}
+        folders = {path_of(Path(p).parent) for p in result.plots.values()}
         where = f"{folders.pop()}/ " if len(folders) == 1 else ""
         lines.append(f"  plots:      {where}({', '.join(Path(p).name for p in result.plots.values())})")
     bad = len(result.data_report.bad_files)
@@ -132,9 +134,9 @@ def result_summary(result: Any) -> str:
     return "\n".join(lines)
 
 
-def _shown(path: str | Path) -> str:
-    """``path`` as the summary shows it: relative to the working directory where it lies under it
-    (a resumed run holds the absolute paths the first run was given as relative ones)."""
+def _relative(path: str | Path) -> str:
+    """``path`` relative to the working directory where it lies under it (a resumed run holds
+    the absolute paths that the first run may have been given as relative ones)."""
     path = str(path)
     if os.path.isabs(path):
         with contextlib.suppress(ValueError):

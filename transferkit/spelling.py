@@ -7,6 +7,9 @@ backticks is left as it is.
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import json
 import re
 import shlex
 from collections.abc import Mapping
@@ -79,6 +82,9 @@ class Syntax:
         """``key=value`` as typed here (``key: value (file)`` where it is the value a file set:
         `written_in`; another value is a change to type), or None when ``key`` is no setting a
         user can type."""
+        if value.strip()[:1] in ("{", "["):  # a Python literal, typed as the JSON that --set reads
+            with contextlib.suppress(ValueError, SyntaxError, TypeError):
+                value = json.dumps(ast.literal_eval(value.strip()))
         value = shell_word(value.strip("'\""))
         if key in self.untyped:
             return None

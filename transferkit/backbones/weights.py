@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -83,12 +84,16 @@ def read_state_dict(path: str | Path, *, weights_only: bool = True) -> dict[str,
         try:
             obj = torch.load(path, map_location="cpu", weights_only=weights_only)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError ...
-            hint = ""
-            if weights_only and "weights_only" in str(exc):
-                hint = (" The file holds Python objects beyond tensors; if you trust its source, "
-                        "load it with weights_only=False (for example get_backbone(..., weights_only=False)).")
+            if weights_only and "weights_only" in str(exc):  # torch's text: ANSI codes, steps for torch.load
+                found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+                what = f" (here {found.group(1)})" if found else ""
+                raise WeightsError(f"Cannot read weights file {str(path)!r}: it holds Python objects beyond tensors"
+                                   f"{what}, which torch.load(weights_only=True) refuses to run. If you trust its "
+                                   "source, load it with weights_only=False: finetune(..., backbone_options="
+                                   "{'weights_only': False}) (in Python: get_backbone(..., weights_only=False) for "
+                                   "the backbone alone).") from exc
             raise WeightsError(f"Cannot read weights file {str(path)!r}: {type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''}{hint}") from exc
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     return _extract_state_dict(obj, path)
 
 

@@ -794,8 +794,10 @@ def fill_store(store: ShardedFeatureStore, dataset: Any, forward: Callable[[torc
         if all_ranks(not local, info):
             break
         if turn == 1:
-            rank, parts = next((r, p) for r, p in enumerate(gather_objects(local, info)) if p)
-            raise OutputError(f"The feature store {str(store.path)!r} still misses parts {parts[:5]} on rank {rank} "
+            # the first rank whose store lacks parts, with the path of its store (each rank may have its own)
+            rank, (path, parts) = next((r, got) for r, got in enumerate(gather_objects((str(store.path), local), info))
+                                       if got[1])
+            raise OutputError(f"The feature store {path!r} still misses parts {parts[:5]} on rank {rank} "
                               "after extraction; check the disk (space, permissions), or give the processes of a "
                               "machine one cache_dir (a folder of each process's own holds only its share of the "
                               "parts).")

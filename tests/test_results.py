@@ -269,3 +269,19 @@ def test_a_resumed_runs_summary_shows_the_paths_as_they_were_given(tmp_path, mon
     for line in ("  export:     out/model.pt (", "  checkpoint: out/run.ckpt", "  plots:      out/plots/ ("):
         assert line in text, text
     assert str(tmp_path) not in text
+
+
+def test_export_on_a_rank_other_than_0_writes_nothing_and_says_so(result, tmp_path):
+    """Both ranks of a torchrun job calling result.export(path) raced for the file: one of them,
+    rank 0 as often as not, failed on the other's lock."""
+    import copy
+    import dataclasses
+
+    from transferkit.train.distributed import DistInfo
+
+    _, _, r = result
+    other = copy.copy(r)
+    other.run = dataclasses.replace(r.run, dist=DistInfo(rank=1, world_size=2))
+    with pytest.warns(UserWarning, match=r"on rank 1 of 2: rank 0 writes the export .* nothing was written here"):
+        assert other.export(tmp_path / "m.pt") == []
+    assert not (tmp_path / "m.pt").exists() and r.export(tmp_path / "m.pt")[0].path == tmp_path / "m.pt"

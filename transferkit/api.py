@@ -161,9 +161,16 @@ class FinetuneResult:
         a checked ONNX file (beside ``path`` with the suffix ``.onnx``). Returns the reports,
         TorchScript first; ``export_path`` and ``export_report`` then name this export.
 
+        Under torchrun only rank 0 writes (the weights are the same on every rank): the other
+        ranks write nothing and return ``[]``, with a warning.
+
         Example:
             >>> result.export("model.pt", onnx=True)[0].max_abs_diff  # doctest: +SKIP
         """
+        if self.run is not None and not self.run.dist.is_main:  # two ranks writing one file: one failed on the lock
+            warn(f"result.export({str(path)!r}) on rank {self.run.dist.rank} of {self.run.dist.world_size}: rank 0 "
+                 "writes the export (the weights are the same on every rank), so nothing was written here.")
+            return []
         reports = export_result(self.model, self.decisions, self.run, self.best, len(self.history), path, onnx=onnx,
                                 optimize=optimize, mode=mode, atol=atol, rtol=rtol)
         self.export_report, self.export_path = reports[0], reports[0].path

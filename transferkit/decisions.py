@@ -656,7 +656,7 @@ def plan(config: Any = None, /, **options: Any) -> Decisions:
 
 def cached_engine(cfg: FinetuneConfig, facts: Facts, inputs: Inputs) -> str | None:
     """Under ``feature_engine="auto"``, when the engine timing is due: the engine (eager first,
-    then the candidates) whose features of this run's input are all in ``cache_dir`` already,
+    then the candidates, then the engines that cannot run here) whose features of this run's input are all in ``cache_dir`` already,
     every part of every store complete; None when no engine's are. A run that finds them reads
     them: timing the engines again (``engines.json`` removed, another number of threads) could
     choose another engine and compute every feature again under its key."""
@@ -665,7 +665,9 @@ def cached_engine(cfg: FinetuneConfig, facts: Facts, inputs: Inputs) -> str | No
         return None
     d = decide(cfg, facts)  # the decisions but the engine's (not timed yet), which make the keys
     parts = [("train", d.n_train, cfg.cache_views)] + ([("val", d.n_val, 1)] if d.n_val else [])
-    for engine in ("eager", *due):
+    # engines that cannot run here too (ONNX Runtime not installed): stored features need none to be read
+    others = [e for e in facts.engines.get("available", {}) if e != "eager" and e not in due]
+    for engine in ("eager", *due, *others):
         de = replace(d, engine=engine)
         if all(store_complete(cfg.cache_dir, de.feature_key(part), num_samples=n, dim=inputs.backbone.num_features,
                               dtype=de.feature_dtype, views=views) for part, n, views in parts):

@@ -232,6 +232,12 @@ def test_class_names_come_from_info_json_or_classes(tmp_path):
     for named in ([x, x], [x, y, y]):
         assert any("named twice or copied" in w for w in prepare_data([str(s) for s in named],
                                                                        val_split=0).report.warnings), named
+    # a copy whose labels were swapped: said as a copy, not as the two answers it gives
+    swap = {"dark": "light", "light": "dark"}
+    flipped = write_shards([(d, e, swap[c]) for d, e, c in items], tmp_path / "r6", [6])[0]
+    said = prepare_data([str(a), str(flipped)], val_split=0).report.warnings
+    assert any("the same samples, and 6 of them with another label in each: one input, two answers" in w
+               for w in said), said
     # a class without a sample (listed, or a gap in the indices) is named in a warning
     b = prepare_data(str(tmp_path / "s"), val_split=0, classes=["dark", "light", "wasps"])
     assert any("1 class of 3 has no training sample: ['wasps']" in w for w in b.report.warnings)

@@ -946,7 +946,7 @@ def _warn_repeated_shards(shards: Sequence[str], indexes: Sequence[ShardIndex], 
     """Warn when shards hold the same samples (the same keys, file size and image sizes: a
     shard named twice, or copied under another name), whose samples would count twice;
     whether one did."""
-    seen: dict[tuple[Any, ...], str] = {}
+    seen: dict[tuple[Any, ...], tuple[str, ShardIndex]] = {}
     named: set[str] = set()
     for p, ix in zip(shards, indexes):
         if not ix.keys:
@@ -954,13 +954,17 @@ def _warn_repeated_shards(shards: Sequence[str], indexes: Sequence[ShardIndex], 
         # keys, file size and image sizes: shards whose keys restart at 0 differ in their images, where the
         # images' byte sizes tell them apart; a path named twice is a copy whatever its images
         sig = (ix.keys[0], ix.keys[-1], len(ix.keys), ix.nbytes, hash(tuple(ix.sizes)))
-        first = p if p in named else seen.get(sig) if sizes_tell_apart(ix.sizes) else None
+        first = (p, ix) if p in named else seen.get(sig) if sizes_tell_apart(ix.sizes) else None
         if first is not None:
-            report.warn(f"The {what} shards {first!r} and {p!r} hold the same {len(ix.keys)} sample keys "
-                        f"({sig[0]} .. {sig[1]}): a shard named twice or copied; its samples count twice.")
+            differ = sum(a != b for a, b in zip(first[1].labels, ix.labels))
+            said = ("a shard named twice or copied; its samples count twice" if not differ else
+                    f"the same samples, and {differ} of them with another label in each: one input, two answers "
+                    "(a copy relabelled?); they count twice")
+            report.warn(f"The {what} shards {first[0]!r} and {p!r} hold the same {len(ix.keys)} sample keys "
+                        f"({sig[0]} .. {sig[1]}): {said}.")
             return True
         named.add(p)
-        seen.setdefault(sig, p)
+        seen.setdefault(sig, (p, ix))
     return False
 
 

@@ -219,6 +219,22 @@ def test_a_folder_file_or_fifo_in_the_place_of_a_store_s_file_is_damage_recomput
     assert again.missing_parts() == [0, 1, 2] and (tmp_path / "k" / "store.json").is_file()
 
 
+def test_a_store_of_a_newer_format_is_not_wiped(tmp_path):
+    """An older and a newer transferkit sharing one cache_dir wiped each other's stores in turn,
+    without a word."""
+    import json
+
+    ds, fwd = Tiny(200), _forward()
+    store = ShardedFeatureStore.open(tmp_path, "k", num_samples=200, part_size=100, dim=8)
+    extract_parts(store, ds, fwd)
+    meta = tmp_path / "k" / "store.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "format": 99}))
+    with pytest.raises(tk.OutputError, match=r"written by a newer transferkit \(store format 99; this one writes 1\): "
+                                          r"give this version another cache_dir, or upgrade it\. Nothing was removed"):
+        ShardedFeatureStore.open(tmp_path, "k", num_samples=200, part_size=100, dim=8)
+    assert sorted(p.name for p in (tmp_path / "k").glob("part-*")) == ["part-000000", "part-000001"]
+
+
 def test_other_parameters_for_the_same_key_start_afresh(tmp_path):
     ds, fwd = Tiny(300), _forward()
     extract_parts(ShardedFeatureStore.open(tmp_path, "k", num_samples=300, part_size=100, dim=8), ds, fwd)

@@ -170,7 +170,13 @@ class ShardedFeatureStore:
             raise OutputError(f"Cannot create the feature store {str(path)!r}: {exc}.") from exc
         remove_stale_temps_in(path)  # parts that killed writers left half written (a live writer's stay)
         meta_file = path / "store.json"
-        if _stored_meta(path) != meta:
+        stored = _stored_meta(path)
+        newer = stored.get("format") if isinstance(stored, dict) else None
+        if isinstance(newer, int) and not isinstance(newer, bool) and newer > STORE_FORMAT:  # not this version's to
+            raise OutputError(f"The feature store {str(path)!r} was written by a newer transferkit (store format "  # wipe
+                              f"{newer}; this one writes {STORE_FORMAT}): give this version another cache_dir, or "
+                              "upgrade it. Nothing was removed.")
+        if stored != meta:
             for p in path.glob("part-*"):
                 remove_path(p)
             if not meta_file.is_file():  # a folder (or a FIFO) in its place: damage in a folder of the cache's own

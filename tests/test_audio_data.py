@@ -443,7 +443,8 @@ def test_a_full_scan_finds_in_memory_clips_that_training_cannot_read():
     inf = np.concatenate([np.zeros(500), [np.inf], np.zeros(2000)]).astype(np.float32)
     hole = np.concatenate([np.zeros(500), [np.nan], np.zeros(2000)]).astype(np.float32)
     data = [(inf, 0), (hole, 1), *good]
-    with pytest.warns(UserWarning, match=r"in-memory item 0 \(The waveform holds non-finite samples \(0 NaN, 1 inf"):
+    with pytest.warns(UserWarning, match=r"Left out 2 bad in-memory clips: in-memory item 0 \(The waveform holds "
+                                         r"non-finite samples \(0 NaN, 1 inf"):
         bundle = prepare_audio_data(data, spec=SPEC8K, val_split=0.25, scan="full", classes=["a", "b"])
     assert [p for p, _ in bundle.report.bad_files] == ["in-memory item 0", "in-memory item 1"]
     assert len(bundle.train) + len(bundle.val) == 12

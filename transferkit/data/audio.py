@@ -639,7 +639,10 @@ def filter_bad_audio(samples: Sequence[tuple[Any, int]], *, on_bad_file: str = "
     if report is not None and bad:
         report.bad_files += bad
         shown = "; ".join(f"{p} ({r})" for p, r in bad[:5])
-        report.warn(f"Left out {plural(len(bad), 'bad audio file')}: {shown}{' ...' if len(bad) > 5 else ''}")
+        clips = sum(p.startswith("in-memory item ") for p, _ in bad)
+        what = " and ".join(plural(n, kind) for n, kind in ((len(bad) - clips, "bad audio file"),
+                                                            (clips, "bad in-memory clip")) if n)
+        report.warn(f"Left out {what}: {shown}{' ...' if len(bad) > 5 else ''}")
     if report is not None and long:
         _warn_long(report, long, max_seconds)  # type: ignore[arg-type]
     return good

@@ -153,6 +153,39 @@ def test_second_run_with_cache_dir_fetches_no_shard_until_a_sample_is_read(shard
     assert log.read_text().count("run") == 4  # a command's index is keyed by its text: no command run
 
 
+def test_a_shard_changed_in_place_at_the_same_length_and_date_is_refused_when_fetched_again(shards, tmp_path):
+    """A server without ETags (python -m http.server) gives the same length and date for a shard
+    edited in place with its time restored: its labels were read from the stored index, after
+    the shard was fetched again, without a word."""
+    import shutil
+    import tarfile
+
+    served = tmp_path / "served" / "noetag"  # served as python -m http.server does: no ETag
+    shutil.copytree(shards, served)
+    with serve(served.parent) as (base, requests):
+        url = f"{base}/noetag/train-000000.tar"
+        first = _quiet(prepare_data, url, val_split=0, cache_dir=tmp_path / "c")
+        first.train.read_bytes(0)
+        first.train.source.close_shard(0)  # as a run that ended: its copy is no longer held
+        shard = served / "train-000000.tar"
+        before = shard.stat()
+        with tarfile.open(shard) as tar:
+            label = next(m for m in tar.getmembers() if m.name.endswith(".cls"))
+        with open(shard, "r+b") as f:  # one label flipped, in place: the same length
+            f.seek(label.offset_data)
+            digit = f.read(1)
+            f.seek(label.offset_data)
+            f.write(b"1" if digit == b"0" else b"0")
+        os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the same date
+        for p in (tmp_path / "c" / "shards").glob("*.tar"):
+            p.unlink()  # the copy goes (evicted, or another machine): the next read fetches it again
+        again = _quiet(prepare_data, url, val_split=0, cache_dir=tmp_path / "c")
+        with pytest.raises(tk.DataError, match=r"train-000000.tar' changed since it was indexed: the copy fetched "
+                                               r"again holds other bytes, though the server gives the same length"):
+            again.train.read_bytes(0)
+        assert gets(requests)[-1] == "/noetag/train-000000.tar"
+
+
 def test_free_space_is_checked_before_a_fetch_of_known_size(shards, tmp_path, monkeypatch):
     import transferkit._io as io_
 

@@ -42,6 +42,7 @@ so that each shard is fetched about once per epoch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import io
@@ -57,8 +58,8 @@ from typing import Any
 
 import numpy as np
 
-from transferkit._io import atomic_write, entry_not_kept
-from transferkit._text import plural
+from transferkit._io import atomic_write, entry_not_kept, file_digest
+from transferkit._text import hide_url, plural
 from transferkit.data.checks import (IMAGE_EXTENSIONS, ON_BAD_FILE, SCAN_RULES, SCANS, DataReport, check_image_stream,
                                      holds_class_folders, leave_out_bad)
 from transferkit.data.encoded import (EncodedImageDataset, given_by_index, labels_by_name, labels_by_own_names,
@@ -376,13 +377,14 @@ class ShardIndex:
     doubled: list[str] = field(default_factory=list)  # "key.ext" of another member met twice in a sample (first kept)
     several: list[str] = field(default_factory=list)  # "key: a.png, b.jpg" of samples of several images, none plain
     unusable: list[str] = field(default_factory=list)  # "key (cls)": the first keys without an image or a label
+    digest: str = ""  # a remote shard's content (`file_digest`) when indexed: a copy fetched again is compared
 
     def to_json(self) -> str:
         return json.dumps({"format": INDEX_FORMAT, "keys": self.keys, "offsets": self.offsets, "sizes": self.sizes,
                            "labels": self.labels, "bad": self.bad, "dims": self.dims, "no_image": self.no_image,
                            "no_label": self.no_label, "nbytes": self.nbytes, "validators": self.validators,
                            "scattered": self.scattered, "repeated": self.repeated, "doubled": self.doubled,
-                           "several": self.several, "unusable": self.unusable},
+                           "several": self.several, "unusable": self.unusable, "digest": self.digest},
                           separators=(",", ":"))
 
     @classmethod
@@ -392,7 +394,19 @@ class ShardIndex:
             raise ValueError(f"index format {d.get('format')}, expected {INDEX_FORMAT}")
         return cls(d["keys"], d["offsets"], d["sizes"], d["labels"], d["bad"], d["dims"], d["no_image"],
                    d["no_label"], d["nbytes"], d["validators"], d["scattered"], d["repeated"], d["doubled"],
-                   d["several"], d["unusable"])
+                   d["several"], d["unusable"], d.get("digest", ""))
+
+
+def same_content(url: str, digest: str, path: str) -> None:
+    """Refuse a copy of the shard ``url`` fetched again (at ``path``) whose bytes are not those it
+    was indexed from (``digest``; "" for an index that holds none): a server without ETags keeps
+    a shard's length and date when it changes in place, and its stored index (the labels) would
+    be read with other bytes."""
+    if digest and file_digest(path) != digest:
+        raise ShardFetchError(f"The shard {hide_url(url)!r} changed since it was indexed: the copy fetched again "
+                              "holds other bytes, though the server gives the same length and date for it. Remove "
+                              "its index from cache_dir/shard-index (and the feature stores made from it, or the "
+                              "whole cache_dir) and run again.")
 
 
 class _Region(io.RawIOBase):
@@ -674,6 +688,7 @@ def _remote_index(url: str, *, scan: str, cache_dir: str | Path | None,
                              check=lambda tmp: built.append(build_index(tmp, scan=scan, name=url)))
     try:
         index = built[0] if built else build_index(str(held.path), scan=scan, name=url)
+        index.digest = file_digest(held.path)  # what a copy fetched again must hold (validators may not tell)
     finally:
         held.release()
     index.validators = validators
@@ -707,6 +722,7 @@ class ShardSource:
         self.shard_cache = shard_cache
         self.nbytes = [ix.nbytes for ix in indexes]
         self.validators = [ix.validators for ix in indexes]
+        self.digests = [ix.digest for ix in indexes]
         # per shard: a local one's path from the folder holding them all (a folder moved whole
         # keeps it), bytes and times (a shard rewritten with its size and modification time kept
         # has a new change time, as image files do); a remote one's URL (without its signature:
@@ -756,7 +772,8 @@ class ShardSource:
         while len(self._held) >= MAX_OPEN_REMOTE:
             self.close_shard(next(iter(self._held)))
         assert self.shard_cache is not None
-        held = self.shard_cache.fetch(self.paths[s], validators=self.validators[s], size=self.nbytes[s] or None)
+        held = self.shard_cache.fetch(self.paths[s], validators=self.validators[s], size=self.nbytes[s] or None,
+                                      check=functools.partial(same_content, self.paths[s], self.digests[s]))
         try:
             f = open(held.path, "rb")
         except OSError:

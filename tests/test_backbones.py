@@ -251,6 +251,14 @@ def test_pickles_with_objects_need_an_explicit_opt_in(tmp_path):
         get_backbone("tk:small_cnn", weights=f)
     assert "\x1b" not in str(info.value)
     assert get_backbone("tk:small_cnn", weights=f, weights_only=False).weights == str(f)
+    # the same words for an audio backbone over that image backbone, and for a file of its own trunk
+    spec = get_backbone("spec:tk:small_cnn", weights=None, sample_rate=8000, n_mels=32).trunk.state_dict()
+    own = _save({"state_dict": spec, "args": Path("x")}, tmp_path / "spec.pt")
+    for weights in (f, own):
+        with pytest.raises(WeightsError, match=r"backbone_options=\{'weights_only': False\}"):
+            get_backbone("spec:tk:small_cnn", weights=weights, sample_rate=8000, n_mels=32)
+        assert get_backbone("spec:tk:small_cnn", weights=weights, sample_rate=8000, n_mels=32,
+                            weights_only=False).weights == str(weights)
     from transferkit.spelling import cli_spelling
 
     assert "`transferkit finetune ... --set backbone_options='{\"weights_only\": false}'`." in cli_spelling(str(info.value))

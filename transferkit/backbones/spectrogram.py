@@ -353,7 +353,8 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
                          input_sample_rate: int | None = None, n_mels: int = 64, n_fft: int | None = None,
                          hop_length: int | None = None, f_min: float = 0.0, f_max: float | None = None,
                          image_size: int | tuple[int, int] | None = None, clip_seconds: float | None = None,
-                         spec_augment: Any = None, image_options: dict[str, Any] | None = None) -> Backbone:
+                         spec_augment: Any = None, image_options: dict[str, Any] | None = None,
+                         weights_only: bool = True) -> Backbone:
     """Wrap an image backbone (a [`Backbone`][transferkit.Backbone] or a name built with ``weights``) into an
     audio backbone taking waveforms at ``input_sample_rate`` (default ``sample_rate``).
 
@@ -367,7 +368,9 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
     checked against these settings (``hop_length`` is not in the file: give the run's).
     ``image_options`` go to [`get_backbone`][transferkit.get_backbone] when ``image`` is a name (e.g.
     ``{"widths": [16, 32, 64]}`` for ``tk:small_cnn``); ``spec_augment``: None, True,
-    or a dict of `SpecAugment` options (masks applied in training mode only).
+    or a dict of `SpecAugment` options (masks applied in training mode only). ``weights_only=False``
+    reads a weights file that holds Python objects beyond tensors (trusted files only), as
+    [`get_backbone`][transferkit.get_backbone] does.
 
     Example:
         >>> bb = spectrogram_backbone("tk:small_cnn", sample_rate=8000, n_mels=32)
@@ -385,10 +388,11 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
     # a file of this kind of trunk (a spec: run's checkpoint or trunk): loaded whole, below
     own, weights_path = None, weights
     if is_weights_path(weights):
-        sd = read_state_dict(weights, weights_only=(image_options or {}).get("weights_only", True))
+        sd = read_state_dict(weights, weights_only=weights_only and (image_options or {}).get("weights_only", True))
         if any(k.startswith("image.") for k in sd):
             own, weights = sd, None
-    img = get_backbone(image, weights=weights, **(image_options or {})) if isinstance(image, str) else image
+    options = {**({"weights_only": False} if not weights_only else {}), **(image_options or {})}
+    img = get_backbone(image, weights=weights, **options) if isinstance(image, str) else image
     if img.input_spec.kind != "image":
         raise BackboneError(f"spectrogram_backbone wraps an image backbone; {img.name} takes {img.input_spec.kind}.")
     sample_rate = sample_rate_of(sample_rate, "backbone option sample_rate", ConfigError)

@@ -106,16 +106,17 @@ def pcm_to_float(x: torch.Tensor) -> torch.Tensor:
 
 
 AUDIO_CHANNELS_MAX = 8
-"""The most channels of a clip `AudioPreprocess` takes as ``[N, C, T]`` (and the data read as
-``[T, C]``: `transferkit.data.audio.MAX_CHANNELS`); more are taken for a transposed batch."""
+"""The most channels a ``[T, C]`` clip is read with (`transferkit.data.audio.MAX_CHANNELS`); a
+batch ``[N, C, T]`` of more channels than this and than samples is refused by `AudioPreprocess`
+as soundfile's ``[N, T, C]`` layout read the wrong way round."""
 
 
 class AudioPreprocess(nn.Module):
     """Raw waveforms to the audio trunk's input ``[N, T]`` float.
 
     Accepts float waveforms in [-1, 1] or PCM integers (`pcm_to_float`), shaped ``[N, T]``,
-    ``[N, C, T]`` (mixed down to mono; channels NaN-padded to different lengths, and more than
-    `AUDIO_CHANNELS_MAX` channels, are refused) or ``[T]`` (one clip), in the module's dtype (float32 unless the module was cast). NaN
+    ``[N, C, T]`` (mixed down to mono; channels NaN-padded to different lengths, and more
+    channels than samples beyond `AUDIO_CHANNELS_MAX`, are refused) or ``[T]`` (one clip), in the module's dtype (float32 unless the module was cast). NaN
     padding at the end of shorter clips marks their length and is kept (see
     ``transferkit.data.audio.pad_waveforms``).
 
@@ -134,9 +135,9 @@ class AudioPreprocess(nn.Module):
         if x.dim() < 1 or x.dim() > 3 or x.numel() == 0:
             raise ValueError("audio input is a batch of waveforms [N, T], of clips with channels [N, C, T], or one "
                              "clip [T], each with at least one sample; got the shape " + str(list(x.shape)))
-        if x.dim() == 3 and x.size(1) > self.max_channels:
-            raise ValueError("a batch [N, C, T] of " + str(x.size(1)) + " channels of " + str(x.size(2)) + " samples: "
-                             "clips are read with up to " + str(self.max_channels) + " channels; a batch of "
+        if x.dim() == 3 and x.size(1) > self.max_channels and x.size(1) > x.size(2):  # [N, T, C] taken for [N, C, T]
+            raise ValueError("a batch [N, C, T] of " + str(x.size(1)) + " channels of " + str(x.size(2)) + " samples "
+                             "(more channels than samples, and more than " + str(self.max_channels) + "): a batch of "
                              "soundfile's layout [N, T, C] is x.transpose(1, 2)")
         x = pcm_to_float(x).to(self.dtype_of.dtype)
         if x.dim() == 3:

@@ -613,13 +613,14 @@ def test_auto_reads_features_an_engine_cached_whole_without_timing_the_engines(f
     assert again.decisions.engine == engine
     assert again.decisions.engine_reason.startswith("this input's features are in cache_dir already")
     assert again.feature_report["computed"] == 0 and again.feature_report["reused"] == first.feature_report["computed"]
-    if engine == "onnxruntime":  # ONNX Runtime gone since (another environment): its stored features need none
-        with monkeypatch.context() as m:
-            m.setattr(eng, "measure_engines", no_timing)
-            m.setattr(eng, "engine_availability", lambda device_type: {
-                "eager": None, "onnxruntime": "onnxruntime/onnx not installed", "compile": None})
-            gone = tk.finetune(**kw)
-        assert gone.decisions.engine == "onnxruntime" and gone.feature_report["computed"] == 0
+    if engine == "onnxruntime":  # ONNX Runtime gone since (another environment): its stored features need none,
+        for compile_ in (None, "no C compiler"):  # whether another engine can run here or none can
+            with monkeypatch.context() as m:
+                m.setattr(eng, "measure_engines", no_timing)
+                m.setattr(eng, "engine_availability", lambda device_type: {
+                    "eager": None, "onnxruntime": "onnxruntime/onnx not installed", "compile": compile_})
+                gone = tk.finetune(**kw)
+            assert gone.decisions.engine == "onnxruntime" and gone.feature_report["computed"] == 0, compile_
     # one part missing: the engines are timed, as for a store never made
     parts = sorted((cache / first.decisions.feature_key("val")).glob("part-*"))
     shutil.rmtree(parts[-1])

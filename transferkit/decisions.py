@@ -660,8 +660,8 @@ def cached_engine(cfg: FinetuneConfig, facts: Facts, inputs: Inputs) -> str | No
     every part of every store complete; None when no engine's are. A run that finds them reads
     them: timing the engines again (``engines.json`` removed, another number of threads) could
     choose another engine and compute every feature again under its key."""
-    due = facts.engines.get("due")
-    if not due or cfg.cache_dir is None:
+    due = facts.engines.get("due")  # [] where no other engine can run here
+    if due is None or cfg.cache_dir is None:
         return None
     d = decide(cfg, facts)  # the decisions but the engine's (not timed yet), which make the keys
     parts = [("train", d.n_train, cfg.cache_views)] + ([("val", d.n_val, 1)] if d.n_val else [])

@@ -347,12 +347,12 @@ def timed_engines(facts: Facts, inputs: Inputs, *, cached: str | None = None) ->
     run's own input, or, with ``cached`` (an engine whose features of this input are all in
     ``cache_dir`` already: `transferkit.decisions.cached_engine`), that engine recorded and nothing
     timed. Facts without a due timing are returned as they are."""
-    if not facts.engines.get("due") or inputs.engine_timing is None:
+    if facts.engines.get("due") is None:
         return facts
     engines = {k: v for k, v in facts.engines.items() if k != "due"}
     if cached is not None:
         engines["cached"] = cached
-    else:
+    elif inputs.engine_timing is not None:  # (None: no candidate to time, or timed already)
         engines["measured"] = inputs.engine_timing()
     inputs.engine_timing = None
     return replace(facts, engines=engines)

@@ -1215,7 +1215,8 @@ def engine_facts(requested: str, *, trunk: nn.Module | None, spec: Any, dataset:
     (``requested="auto"`` on one process with enough data, ``trunk`` loaded) the timing of
     the candidates on `example_batches` of ``dataset`` (`time_candidates`, stored under
     ``cache_dir``). ``measure=False`` leaves a due timing to the caller: ``"due"`` lists the
-    candidates to time."""
+    candidates to time (``[]`` where none can run: the caller may still read features an engine
+    stored, `transferkit.decisions.cached_engine`)."""
     available = engine_availability(device.type)
     blocked = onnx_blocker(structure) if structure is not None else None
     if blocked is not None and available.get("onnxruntime") is None:
@@ -1226,14 +1227,17 @@ def engine_facts(requested: str, *, trunk: nn.Module | None, spec: Any, dataset:
                                 "(force it with feature_engine='compile', or give the backbone clip_seconds=...)")
     out: dict[str, Any] = {"available": available, "n_images": n_images, "measured": None}
     candidates = [e for e, why in available.items() if why is None and e != "eager"]
-    if requested != "auto" or world_size > 1 or n_images < MIN_IMAGES_TO_TIME or not candidates:
-        return out  # (no other engine can run here: nothing to time eager against, in a dry run or not)
-    if trunk is None:  # a dry run: the weights are not loaded
-        out["pending"] = ("provisional: a dry run loads no weights, so it neither times the engines nor reads a "
-                          "stored timing (keyed by the weights); the run does, and may choose another")
+    if requested != "auto" or world_size > 1 or n_images < MIN_IMAGES_TO_TIME:
         return out
-    if not measure:
+    if trunk is None:  # a dry run: the weights are not loaded
+        if candidates:  # (none: no other engine can run here, nothing to time eager against)
+            out["pending"] = ("provisional: a dry run loads no weights, so it neither times the engines nor reads a "
+                              "stored timing (keyed by the weights); the run does, and may choose another")
+        return out
+    if not measure:  # [] where no other engine can run: nothing to time, stored features are still looked for
         out["due"] = candidates
+        return out
+    if not candidates:
         return out
     out["measured"] = time_candidates(candidates, trunk=trunk, spec=spec, dataset=dataset, device=device,
                                       precision=precision, channels_last=channels_last, n_images=n_images,

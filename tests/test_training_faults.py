@@ -226,6 +226,7 @@ def test_ctrl_c_before_the_first_optimizer_step_saves_nothing(image_folder, tmp_
 @pytest.mark.parametrize("failure, said", [
     ("[gloo] Read error: Connection reset by peer", "another rank ended without an error of its own"),
     ("[gloo] Application timeout caused pair closure", "a collective operation waited more than 1800 s"),
+    ("barrier: Ranks 1 failed to pass monitoredBarrier", "another rank failed or ended while this one waited"),
 ])
 def test_rank_0_keeps_the_weights_where_another_rank_was_killed_or_stalled(tmp_path, monkeypatch, failure, said):
     """torchrun, no checkpoint, rank 1 killed (out of memory) or stuck: rank 0 stopped on its failed
@@ -234,11 +235,19 @@ def test_rank_0_keeps_the_weights_where_another_rank_was_killed_or_stalled(tmp_p
 
     import transferkit.train.distributed as distributed
     import transferkit.train.faults as faults
+    from transferkit.errors import TrainingError
     from transferkit.train.distributed import DistInfo, rank_guard
 
     monkeypatch.setattr(distributed, "_store_for", lambda info: torch.distributed.HashStore())
     monkeypatch.setattr(distributed, "_generation", itertools.count(3))
     saved = tmp_path / "transferkit-interrupted.pt"
+
+    def fail():
+        if failure.startswith("barrier: "):  # the end of an epoch's barrier, as `barrier` words it
+            raise distributed.DistributedError("Rank 0: another rank failed or ended while this one waited for it at "
+                                               "a barrier.") from RuntimeError(failure)
+        raise RuntimeError(failure)
+
     for checkpoint, started, kept in ((None, True, True), (None, False, False), (tmp_path / "run.ckpt", True, False)):
         calls = []
 
@@ -246,16 +255,25 @@ def test_rank_0_keeps_the_weights_where_another_rank_was_killed_or_stalled(tmp_p
             calls.append(1)
             return saved
 
-        with pytest.raises(distributed.DistributedError, match=said) as info:
+        with pytest.raises(TrainingError, match=said) as info:  # (with a checkpoint of this run, it is named)
             with rank_guard(DistInfo(rank=0, world_size=2, timeout_s=1800), grace_s=60):
                 with faults.training_faults(checkpoint=checkpoint, batch_size=4, save_interrupted=save,
                                             probe_step=None, started=lambda: started):
                     if checkpoint is not None:  # this run's checkpoint holds the last epoch: nothing more to keep
                         checkpoint.write_bytes(b"epoch")
-                    raise RuntimeError(failure)
+                    fail()
         assert calls == ([1] if kept else []), (checkpoint, started)
         assert str(info.value).endswith(f" The current weights were saved to {str(saved)!r} (usable as weights=... "
                                         "or with `transferkit export`).") == kept
+
+    def full_disk():
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(distributed.DistributedError, match=r"The current weights could not be saved: \[Errno 28\] "
+                                                           r"No space left on device\.$"):
+        with rank_guard(DistInfo(rank=0, world_size=2, timeout_s=1800), grace_s=60):
+            with faults.training_faults(checkpoint=None, batch_size=4, save_interrupted=full_disk, probe_step=None):
+                fail()
 
 
 def test_an_output_error_before_training_keeps_no_weights(image_folder, tmp_path, monkeypatch):

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -556,16 +557,27 @@ def failed_for_another_rank(exc: BaseException) -> bool:
     another rank failed, went away (killed, crashed) or stalled past the timeout: this rank's
     weights, the same as every rank's, are whole as of its last step, and rank 0 keeps them
     (`transferkit.train.faults.training_faults`; `rank_guard` then says where)."""
-    if not _guards or not isinstance(exc, RuntimeError):
+    if not _guards:
+        return False
+    if isinstance(exc, DistributedError) and isinstance(exc.__cause__, RuntimeError):
+        return True  # `barrier`'s: another rank failed, ended or stalled while this one waited
+    if not isinstance(exc, RuntimeError):
         return False
     return _peer_gone(exc) or _is_timeout(exc) or _peer_failure() is not None
 
 
+def kept_note(kept: Path | str | None) -> str:
+    """Where `training_faults` saved the weights on the way out of a failure (a path), or why it
+    could not (a message), said; "" where nothing was to be saved (a rank other than 0)."""
+    if kept is None:
+        return ""
+    if isinstance(kept, str):
+        return f" The current weights could not be saved: {kept.rstrip('.')}."
+    return f" The current weights were saved to {str(kept)!r} (usable as weights=... or with `transferkit export`)."
+
+
 def _kept(exc: BaseException) -> str:
-    """Where `training_faults` saved the weights on the way out of ``exc`` (``kept_weights``), said."""
-    path = getattr(exc, "kept_weights", None)
-    return "" if path is None else (f" The current weights were saved to {str(path)!r} (usable as weights=... or "
-                                    "with `transferkit export`).")
+    return kept_note(getattr(exc, "kept_weights", None))
 
 
 def exit_cleanly(code: int = 0) -> None:

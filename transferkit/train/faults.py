@@ -17,7 +17,7 @@ import torch
 from transferkit._io import file_stat
 from transferkit._signals import TrainingInterrupted, held_signals, signal_name
 from transferkit.errors import OutputError, TrainingError, TransferkitError
-from transferkit.train.distributed import failed_for_another_rank, peer_interruption
+from transferkit.train.distributed import failed_for_another_rank, kept_note, peer_interruption
 
 
 RANK_0_KEEPS = ("The weights are the same on every rank of the job, so rank 0 saves them (its message says "
@@ -43,6 +43,16 @@ def interrupt_keeps_weights(save_interrupted: Callable[[], Path | None]) -> Iter
         raise TrainingInterrupted(f"Interrupted ({signal_name(exc)}) after training. The trained weights were saved "
                                   f"to {str(saved)!r} (export them with `transferkit export {saved} --out model.pt`, "
                                   "or start from them with weights=...).", saved) from exc
+
+
+def _keep_weights(save_interrupted: Callable[[], Path | None]) -> Path | str | None:
+    """``save_interrupted()`` as a job ends for another rank's failure: the path (None on a rank
+    other than 0), or why the weights could not be saved."""
+    with held_signals(reraise=False):
+        try:
+            return save_interrupted()
+        except (OSError, TransferkitError) as exc:
+            return str(exc)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -142,6 +152,11 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
         err.fallback = saved  # type: ignore[attr-defined]
         raise err from exc
     except TrainingError as exc:
+        if started() and not ours() and failed_for_another_rank(exc):  # a barrier's: another rank failed or left
+            kept = kept_note(_keep_weights(save_interrupted))
+            if kept:
+                raise type(exc)(f"{str(exc).rstrip('.')}.{kept}") from exc
+            raise
         if ours():
             raise TrainingError(f"{exc} The last good checkpoint, {str(checkpoint)!r}, was kept.") from exc
         raise
@@ -167,10 +182,8 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
                 err.signum = signal.SIGTERM if sig == "SIGTERM" else signal.SIGINT  # type: ignore[attr-defined]
                 raise err from exc
         if started() and not ours() and failed_for_another_rank(exc):  # killed, stalled or failed: rank 0 keeps
-            with held_signals(reraise=False):                          # the weights, and rank_guard says where
-                with contextlib.suppress(OSError, TransferkitError):
-                    exc.kept_weights = save_interrupted()  # type: ignore[attr-defined]
-            raise
+            exc.kept_weights = _keep_weights(save_interrupted)  # type: ignore[attr-defined]  # the weights, and
+            raise                                                                   # rank_guard says where
         if not _is_oom(exc):
             raise
         if torch.cuda.is_available():

@@ -226,6 +226,21 @@ def _edited_trunk(version: int) -> torch.nn.Module:
     return scope["Trunk"]()
 
 
+def test_a_trunk_whose_method_has_a_set_default_has_one_fingerprint_in_every_process():
+    """A default argument's repr was hashed as it is: a set's order follows the process's string
+    hashing, so the key changed with every run and the cache never hit."""
+    code = ("import torch\nfrom transferkit.data.fingerprint import module_fingerprint\n"
+            "class M(torch.nn.Module):\n"
+            "    def forward(self, x, skip=frozenset({'alpha', 'beta', 'gamma', 'delta', 'epsilon'})):\n"
+            "        return x\n"
+            "print(module_fingerprint(M()))\n")
+    root = str(Path(__file__).resolve().parents[1])
+    prints = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                             env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": root}).stdout
+              for seed in ("1", "2")}
+    assert len(prints) == 1, prints
+
+
 def test_cache_key_covers_trunk_not_head(split_folders, tmp_path):
     """Two runs that differ only in seed or head share features; trunk weights change the key."""
     data = dict(val_data=split_folders / "val")

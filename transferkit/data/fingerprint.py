@@ -177,10 +177,22 @@ def _class_code(cls: type) -> bytes:
                     _hash_code(h, f.__code__)
                     # default arguments (forward(self, x, gain=1.0)) are not in the bytecode
                     defaults = (*(f.__defaults__ or ()), *sorted((f.__kwdefaults__ or {}).items()))
-                    h.update(blank_addresses(repr(defaults)).encode())
+                    h.update(blank_addresses(_stable_repr(defaults)).encode())
             if isinstance(value, _PLAIN) or isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value):
                 h.update(f"{name}={value!r}".encode())
     return h.digest()
+
+
+def _stable_repr(value: Any) -> str:
+    """``repr(value)`` the same in every process: a set's members in a sorted order (a set's
+    repr follows the process's string hashing), inside tuples, lists and dicts too."""
+    if isinstance(value, (set, frozenset)):
+        return f"{type(value).__name__}({sorted(map(_stable_repr, value))!r})"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__}({[_stable_repr(v) for v in value]!r})"
+    if isinstance(value, dict):
+        return f"dict({[(_stable_repr(k), _stable_repr(v)) for k, v in value.items()]!r})"
+    return repr(value)
 
 
 def _hash_code(h: Any, code: types.CodeType) -> None:

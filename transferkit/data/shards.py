@@ -131,6 +131,11 @@ def expand_braces(pattern: str) -> list[str]:
         >>> expand_braces("{train-{0..1},extra}.tar")
         ['train-0.tar', 'train-1.tar', 'extra.tar']
     """
+    count = _count_names(pattern)
+    if count > MAX_PATTERN_NAMES:
+        raise DataError(f"Shard pattern {pattern!r} stands for {count:,} names, more than the {MAX_PATTERN_NAMES:,} "
+                        "a pattern may name: is a bound mistyped? Split the data into several patterns, or list "
+                        "the shards in a folder.")
     group = _outer_group(pattern)
     if group is None:
         return [pattern]
@@ -140,7 +145,6 @@ def expand_braces(pattern: str) -> list[str]:
         lo, hi = int(r.group(1)), int(r.group(2))
         if hi < lo:
             raise DataError(f"Shard pattern {pattern!r}: the range {{{body}}} is empty (its end is below its start).")
-        _check_names(pattern, hi - lo + 1)
         padded = any(len(b) > 1 and b.startswith("0") for b in r.groups())
         width = max(len(b) for b in r.groups()) if padded else 0
         parts = [str(k).zfill(width) for k in range(lo, hi + 1)]
@@ -151,7 +155,6 @@ def expand_braces(pattern: str) -> list[str]:
         else:
             parts = [x for a in alternatives for x in expand_braces(a)]
     tails = expand_braces(tail)
-    _check_names(pattern, len(parts) * len(tails))
     return [head + p + t for p in parts for t in tails]
 
 
@@ -160,11 +163,19 @@ MAX_PATTERN_NAMES = 1_000_000
 took all the machine's memory before any shard was looked at."""
 
 
-def _check_names(pattern: str, count: int) -> None:
-    if count > MAX_PATTERN_NAMES:
-        raise DataError(f"Shard pattern {pattern!r} stands for {count:,} names, more than the {MAX_PATTERN_NAMES:,} "
-                        "a pattern may name: is a bound mistyped? Split the data into several patterns, or list "
-                        "the shards in a folder.")
+def _count_names(pattern: str) -> int:
+    """How many names `expand_braces` makes of ``pattern``, counted without making them."""
+    group = _outer_group(pattern)
+    if group is None:
+        return 1
+    body, tail = pattern[group[0] + 1:group[1]], pattern[group[1] + 1:]
+    r = _RANGE.fullmatch("{" + body + "}")
+    if r:
+        n = max(int(r.group(2)) - int(r.group(1)) + 1, 0)
+    else:
+        alternatives = _split_outer(body)
+        n = _count_names(body) if len(alternatives) == 1 else sum(_count_names(a) for a in alternatives)
+    return n * _count_names(tail)
 
 
 def _outer_group(pattern: str) -> tuple[int, int] | None:

@@ -294,6 +294,8 @@ def test_a_sample_rate_of_any_whole_number_type_is_a_rate(tmp_path):
     with pytest.raises(DataError, match=r"pair's sample rate is a whole number of Hz, got '8000': pass "
                                         r"\(waveform, 8000\)\.$"):
         to_waveform((_tone(300, 1600), "8000"), 8000)
+    with pytest.raises(DataError, match=r"got '\u00b2': pass a number, e.g. \(waveform, 16000\)"):  # a digit to
+        to_waveform((_tone(300, 1600), "\u00b2"), 8000)  # str.isdigit, not to int(): was a raw ValueError
     sf.write(tmp_path / "a.wav", _tone(300, 1600), 8000)  # (path, label): a file carries its rate, so these are labels
     files = prepare_audio_data([(str(tmp_path / "a.wav"), 1000 + i % 2) for i in range(4)], spec=SPEC8K, val_split=0)
     assert len(files.train) == 4 and files.classes[-2:] == ["1000", "1001"]

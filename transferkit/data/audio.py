@@ -770,9 +770,12 @@ def to_waveform(item: Any, sample_rate: int, *, max_seconds: float | None = None
             raise DataError(f"A (path, sample_rate) pair ({str(item)!r}, {rate}): a file's rate is read from the "
                             "file; pass the path alone.")
     elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (str, bytes)):
-        digits = item[1].strip().isdigit()
+        try:
+            meant = f"(waveform, {int(item[1])})"
+        except ValueError:  # ("fast", "²", "8 kHz")
+            meant = "a number, e.g. (waveform, 16000)"
         raise DataError(f"A (waveform, sample_rate) pair's sample rate is a whole number of Hz, got {item[1]!r}: pass "
-                        f"{f'(waveform, {int(item[1])})' if digits else 'a number, e.g. (waveform, 16000)'}.")
+                        f"{meant}.")
     try:
         wav = torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item.detach().cpu())
     except (TypeError, ValueError, RuntimeError) as exc:  # strings, ragged lists, objects

@@ -270,8 +270,9 @@ def test_hints_use_the_cli_syntax():
         "continue with `transferkit finetune --checkpoint 'out/ck ü.pt' --resume` or --weights 'my w.pt'"
     assert cli_spelling("overrides: head_hidden=[1, -2] is out of range; expected a list") == \
         "overrides: --set head_hidden='[1, -2]' is out of range; expected a list"
-    assert cli_spelling("class_weights={'a': 1, 'b': 2}, or lr=(1, 2).") == \
-        "--set class_weights='{\"a\": 1, \"b\": 2}', or --lr '(1, 2)'."  # the JSON --set reads
+    assert cli_spelling("backbone_options={'weights_only': False, 'name': 'café'}, or lr=(1, 2).") == \
+        "--set backbone_options='{\"weights_only\": false, \"name\": \"café\"}', or --lr '(1, 2)'."  # JSON
+    assert cli_spelling("class_weights={0: 2.0}.") == "--set class_weights='{0: 2.0}'."  # not JSON: as written
 
 
 def test_a_recipe_s_hints_use_its_own_flags():

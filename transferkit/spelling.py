@@ -83,8 +83,10 @@ class Syntax:
         `written_in`; another value is a change to type), or None when ``key`` is no setting a
         user can type."""
         if value.strip()[:1] in ("{", "["):  # a Python literal, typed as the JSON that --set reads
-            with contextlib.suppress(ValueError, SyntaxError, TypeError):
-                value = json.dumps(ast.literal_eval(value.strip()))
+            with contextlib.suppress(ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                literal = ast.literal_eval(value.strip())
+                if not isinstance(literal, dict) or all(isinstance(k, str) for k in literal):  # JSON keys are text
+                    value = json.dumps(literal, ensure_ascii=False)
         value = shell_word(value.strip("'\""))
         if key in self.untyped:
             return None

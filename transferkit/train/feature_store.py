@@ -168,7 +168,6 @@ class ShardedFeatureStore:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"Cannot create the feature store {str(path)!r}: {exc}.") from exc
-        remove_stale_temps_in(path)  # parts that killed writers left half written (a live writer's stay)
         meta_file = path / "store.json"
         stored = _stored_meta(path)
         newer = stored.get("format") if isinstance(stored, dict) else None
@@ -176,6 +175,7 @@ class ShardedFeatureStore:
             raise OutputError(f"The feature store {str(path)!r} was written by a newer transferkit (store format "  # wipe
                               f"{newer}; this one writes {STORE_FORMAT}): give this version another cache_dir, or "
                               "upgrade it. Nothing was removed.")
+        remove_stale_temps_in(path)  # parts that killed writers left half written (a live writer's stay)
         if stored != meta:
             for p in path.glob("part-*"):
                 remove_path(p)

@@ -258,7 +258,8 @@ def data_loader(dataset: Dataset, **options: Any) -> DataLoader:
     if options.get("generator") is None:
         # the workers' base seed is drawn from this, never from torch's global generator: a
         # loader with persistent workers draws it once per process, so drawing from the global
-        # one shifted the model's random numbers (dropout, SpecAugment) after a resume
+        # one shifted the model's random numbers (dropout, SpecAugment) after a resume. (Every loader of a
+        # process gets the same base seed: the items' random numbers come from `SeededItems`, per item.)
         options["generator"] = torch.Generator().manual_seed(torch.initial_seed())
 
     sigint = signal.getsignal(signal.SIGINT)

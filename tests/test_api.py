@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 import transferkit as tk
 from transferkit.backbones.custom import from_module
-from transferkit.errors import ConfigError, DataError
+from transferkit.errors import ConfigError, DataError, TrainingError
 
 pytestmark = pytest.mark.precision_auto  # the outcome depends on what the CPU's bf16 support decides
 
@@ -282,6 +282,11 @@ def test_regression_targets_far_from_unit_scale_are_noted_only_when_not_standard
     with pytest.warns(UserWarning, match="far from mean 0 and std 1"):  # finetune says its notes as warnings
         tk.finetune("tk:small_cnn", data=Targets((levels * 1000).tolist()), task="regression", target_norm=False,
                     epochs=1, **COMMON)
+    # targets whose squared error float32 cannot hold: no learning rate helps (the error blamed the rate, at 1e-9)
+    with pytest.warns(UserWarning), pytest.raises(TrainingError, match=r"the targets reach 1.*e\+30, and their squared "
+                                                                     r"error is beyond float32's range .*target_norm='auto'"):
+        tk.finetune("tk:small_cnn", data=Targets((levels * 1e30 + 1e30).tolist()), task="regression",
+                    target_norm=False, epochs=1, lr=1e-9, policy="full", **COMMON)
 
 
 class Scaled(Colours):

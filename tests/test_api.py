@@ -283,8 +283,8 @@ def test_regression_targets_far_from_unit_scale_are_noted_only_when_not_standard
         tk.finetune("tk:small_cnn", data=Targets((levels * 1000).tolist()), task="regression", target_norm=False,
                     epochs=1, **COMMON)
     # targets whose squared error float32 cannot hold: no learning rate helps (the error blamed the rate, at 1e-9)
-    with pytest.warns(UserWarning), pytest.raises(TrainingError, match=r"the targets reach 1.*e\+30, and their squared "
-                                                                     r"error is beyond float32's range .*target_norm='auto'"):
+    overflow = r"the targets reach 1.*e\+30, and their squared error is beyond float32's range .*target_norm='auto'"
+    with pytest.warns(UserWarning), pytest.raises(TrainingError, match=overflow):
         tk.finetune("tk:small_cnn", data=Targets((levels * 1e30 + 1e30).tolist()), task="regression",
                     target_norm=False, epochs=1, lr=1e-9, policy="full", **COMMON)
 

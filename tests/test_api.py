@@ -267,6 +267,18 @@ def test_a_bad_target_past_the_ones_read_before_training_is_named_when_loaded(mo
         tk.finetune("tk:small_cnn", data=data, task="multilabel", val_split=0, epochs=1, policy="full", **COMMON)
 
 
+def test_a_target_beyond_float32_is_said_to_be_so_not_nan_or_inf():
+    """1e39 in a Dataset was "holds NaN or inf (1e+39)", after numpy's raw overflow warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(DataError, match=r"The target of training item 1 \(1e\+39\) is beyond float32's range "
+                                            r"\(\+-3.403e\+38: targets are read as float32\); rescale the targets"):
+            tk.plan("tk:small_cnn", data=Targets([1.0, 1e39] + [2.0] * 8), task="regression", val_split=0, **COMMON)
+        with pytest.raises(DataError, match=r"holds NaN or inf \(inf\)"):
+            tk.plan("tk:small_cnn", data=Targets([1.0, float("inf")] + [2.0] * 8), task="regression", val_split=0,
+                    **COMMON)
+
+
 def test_regression_targets_far_from_unit_scale_are_noted_only_when_not_standardised():
     levels = np.random.default_rng(0).uniform(0, 1, 20)
     for targets in (levels.tolist(), (levels * 1000 + 5000).tolist()):  # in [0, 1], or standardised: nothing

@@ -28,7 +28,7 @@ from transferkit.data.bundle import DataBundle, hashed_order, prepare_data, spli
 from transferkit.data.checks import DataReport, check_label_names
 from transferkit.data.images import dataset_targets
 from transferkit.data.late import listing_of
-from transferkit.data.target_tables import is_csv, open_target_csv
+from transferkit.data.target_tables import FLOAT32_MAX, is_csv, open_target_csv
 from transferkit.errors import ConfigError, DataError, check_choice
 from transferkit.heads import TASKS, centred_only, labels_given, output_activation
 
@@ -147,7 +147,8 @@ def check_target(value: Any, *, task: str, width: int | None, where: str) -> tor
                         "sample or give its target.")
     else:
         try:
-            arr = np.asarray(value, dtype=np.float32)
+            with np.errstate(over="ignore"):  # a finite number beyond float32's range: said below, by its value
+                arr = np.asarray(value, dtype=np.float32)
         except (TypeError, ValueError) as exc:
             raise DataError(f"The target of {where} is {value!r}, not numbers: task={task!r} needs one number per "
                             f"{per}.") from exc
@@ -159,6 +160,10 @@ def check_target(value: Any, *, task: str, width: int | None, where: str) -> tor
         raise DataError(f"The target of {where} has {t.numel()} values, the first training target {width}: every "
                         f"target needs one number per {per}.")
     if not torch.isfinite(t).all():
+        given = np.asarray(value.t if isinstance(value, _Shown) else value, dtype=np.float64)
+        if np.isfinite(given).all():  # finite as given, beyond float32's range as read
+            raise DataError(f"The target of {where} ({value!r}) is beyond float32's range (+-{FLOAT32_MAX:.4g}: "
+                            "targets are read as float32); rescale the targets, or remove the sample.")
         raise DataError(f"The target of {where} holds NaN or inf ({value!r}); remove the sample or fix its target.")
     if task == "multilabel" and bool(((t < 0) | (t > 1)).any()):
         raise DataError(f"The target of {where} is {value!r}; task='multilabel' needs a value in [0, 1] per label: a "

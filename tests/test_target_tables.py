@@ -561,3 +561,12 @@ def test_a_validation_target_far_from_the_training_targets_is_named_before_train
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # targets within the training range: nothing said
         tk.plan("tk:small_cnn", data=_Values(near), val_data=_Values([0.5, 0.2, 3.0]), task="regression", **COMMON)
+
+
+@pytest.mark.parametrize("name, said", [("data.parquet", "Parquet files are"), ("train-{0..3}.tar", "tar shards are"),
+                                        ("", "folders of class sub-folders are")])
+def test_targets_given_as_data_read_single_label_say_which_data(tmp_path, name, said):
+    """A Parquet file given to a regression run was refused with a sentence about folders."""
+    data = tmp_path / name if name else tmp_path
+    with pytest.raises(DataError, match=rf"task='regression' needs a Dataset .* {said} read single-label"):
+        tk.plan("tk:small_cnn", data=str(data), task="regression", **COMMON)

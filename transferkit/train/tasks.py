@@ -357,9 +357,12 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
         val_data = open_target_csv(val_data, classes=classes, purpose="validation", **tables)
     for what, part in (("data", data), ("val_data", val_data)):
         if part is not None and (isinstance(part, (str, Path)) or not hasattr(part, "__getitem__")):
+            name = str(part).lower() if isinstance(part, (str, Path)) else ""
+            kind = ("Parquet files are" if ".parquet" in name else "tar shards are" if ".tar" in name else
+                    "folders of class sub-folders are" if name and Path(part).is_dir() else "such data are")
             raise DataError(f"task={task!r} needs a Dataset of (image, target vector) pairs or a CSV file with a "
-                            f"header (path, then one column per output), got {what}={part!r}; folders of class "
-                            "sub-folders are single-label (task='multiclass').")
+                            f"header (path, then one column per output), got {what}={part!r}; {kind} read "
+                            "single-label (task='multiclass').")
     train = TargetDataset(data)
     if len(train) == 0:
         raise DataError("The training dataset is empty.")

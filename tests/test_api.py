@@ -288,6 +288,8 @@ def test_regression_targets_far_from_unit_scale_are_noted_only_when_not_standard
         d = tk.plan("tk:small_cnn", data=Targets(targets), task="regression", target_norm=False, **COMMON)
         assert re.search(rf"far from mean 0 and std 1: .*{said}.*target_norm=False.*Leave target_norm='auto'",
                          " ".join(d.notes))
+    one = tk.plan("tk:small_cnn", data=Targets([5.0]), val_data=Targets([5.0]), task="regression", **COMMON)
+    assert any(n.startswith("One training target: a regression run learns nothing") for n in one.notes), one.notes
     for target_norm in ("auto", False):  # a constant output is said either way
         d = tk.plan("tk:small_cnn", data=Targets([5.0] * 20), task="regression", target_norm=target_norm, **COMMON)
         assert re.search(r"outputs constant in the 16 training targets read: '0' \(mean 5, std 0\)", " ".join(d.notes))

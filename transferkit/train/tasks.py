@@ -290,8 +290,9 @@ def target_scale_note(stats: dict[str, Any], names: Sequence[str], *, standardis
     which the head (starting at 0) and the MSE loss in the targets' units learn slowly or
     not at all."""
     mean, std, n = stats["mean"], stats["std"], stats["n"]
-    if n < 2:
-        return None
+    if n < 2:  # (none: no target to read) one target: nothing varies, nothing can be learnt
+        return None if n < 1 else ("One training target: a regression run learns nothing from one sample (its "
+                                   "outputs are constant, and R2 is undefined). Give it more training samples.")
     constant = [j for j in range(len(mean)) if stats["constant"][j]]
     unresolved = [j for j in range(len(mean)) if not stats["constant"][j] and centred_only(mean[j], std[j])]
     far = [] if standardised else [j for j in range(len(mean)) if j not in constant + unresolved and

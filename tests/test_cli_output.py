@@ -434,3 +434,6 @@ def test_predict_top_k_above_the_classes_names_no_flag_predict_lacks(run, capsys
     code, out, err = _run(capsys, "predict", root / "m.pt", image, "--top-k", "4")
     assert code == 0 and "Asked for the top 4 labels of a model of 2 classes: each prediction lists 2." in err
     assert "--set" not in err and "top_k" not in err
+    code, out, err = _run(capsys, "predict", root / "m.pt", image, "--threshold", "0.9")  # multiclass: unused
+    assert code == 0 and "A threshold of 0.9 applies to multi-label models; this model is multiclass, so it is not " \
+        "used." in err

@@ -212,6 +212,9 @@ class Predictor:
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"threshold={threshold!r} is out of range; expected a probability in [0, 1] (a label "
                               "is given when its probability is at least the threshold).")
+        if threshold != 0.5 and self.task != "multilabel":  # said in words: the command line spells it --threshold
+            warn(f"A threshold of {threshold:g} applies to multi-label models; this model is {self.task}, so it is "
+                 "not used.")
         _check_batch_size(batch_size)
         self.inputs.forget()
         items = self.inputs.split(inputs)

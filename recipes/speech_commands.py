@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from transferkit.errors import DataError
-from transferkit.recipes import RecipeData, main_guard, run_recipe, speech_model_options
+from transferkit.recipes import RecipeData, download_failed, main_guard, run_recipe, speech_model_options
 
 NOISE = "_background_noise_"
 
@@ -30,7 +30,11 @@ def data(root: Path, options: dict) -> RecipeData:
     if folder is None and options.get("download"):
         import torchaudio
 
-        torchaudio.datasets.SPEECHCOMMANDS(str(root), download=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)  # torch.hub writes its partial file there
+            torchaudio.datasets.SPEECHCOMMANDS(str(root), download=True)
+        except OSError as exc:  # no network (URLError is an OSError), a full disk
+            raise DataError(download_failed("Speech Commands", root, exc)) from exc
         folder = find_root(root)
     if folder is None:
         raise DataError(f"No Speech Commands data under {str(root)!r} (looked for validation_list.txt and "

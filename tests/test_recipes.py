@@ -124,6 +124,29 @@ def test_speech_commands_recipe_on_the_official_layout(tmp_path):
         mod["data"](tmp_path / "empty", {})
 
 
+def test_a_download_without_a_network_is_one_line(tmp_path, monkeypatch):
+    """--download offline ended in a traceback of 75 lines (torchvision, torch.hub)."""
+    import urllib.error
+    import urllib.request
+
+    import torchaudio
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", offline)
+    monkeypatch.setattr(torchaudio.datasets.speechcommands, "_download", offline, raising=False)
+    monkeypatch.setattr(torchaudio.datasets.utils, "download_url_to_file", offline, raising=False)
+    for name, said in (("cifar10", "CIFAR10"), ("speech_commands", "Speech Commands")):
+        mod = runpy.run_path(str(RECIPES / f"{name}.py"), run_name="recipe_under_test")
+        data = mod["data"]
+        with pytest.raises(DataError, match=rf"Could not download {said} into .*: URLError: .*Name or service not "
+                                            r"known\. Is this machine online\?"):
+            data(tmp_path / name, {"download": True})
+
+
 def test_esc50_recipe_on_its_layout(tmp_path):
     root = tmp_path / "ESC-50"
     rows = ["filename,fold,target,category,esc10,src_file,take"]

@@ -142,9 +142,19 @@ def torchvision_dataset(cls_name: str, root: Path, *, download: bool, **kwargs: 
     try:
         return cls(str(root), download=download, **kwargs)
     except RuntimeError as exc:
-        raise DataError(f"{cls_name} not found under {str(root)!r} ({exc}). Pass --download to fetch it (needs "
-                        f"internet), or --data-dir pointing at a folder with train/ and val/ or test/ class "
-                        f"sub-folders.") from exc
+        where = "--data-dir pointing at a folder with train/ and val/ or test/ class sub-folders"
+        advice = f"Give {where}" if download else f"Pass --download to fetch it (needs internet), or {where}"
+        raise DataError(f"{cls_name} not found under {str(root)!r} ({exc}). {advice}.") from exc
+    except OSError as exc:  # a download without a network (URLError is an OSError), a full disk
+        raise DataError(download_failed(cls_name, root, exc)) from exc
+
+
+def download_failed(name: str, root: Path, exc: BaseException) -> str:
+    """Why a data set's ``--download`` into ``root`` failed, in one line, with what to do."""
+    reason = getattr(exc, "reason", None) or exc
+    return (f"Could not download {name} into {str(root)!r}: {type(exc).__name__}: {reason}. Is this machine "
+            "online? Otherwise fetch the data set elsewhere and pass --data-dir pointing at it (or at a folder "
+            "with train/ and val/ or test/ class sub-folders).")
 
 
 def torchvision_data(cls_name: str, train_kwargs: dict[str, Any], test_kwargs: dict[str, Any],

@@ -301,6 +301,10 @@ def test_regression_targets_far_from_unit_scale_are_noted_only_when_not_standard
     with pytest.warns(UserWarning), pytest.raises(TrainingError, match=overflow):
         tk.finetune("tk:small_cnn", data=Targets((levels * 1e30 + 1e30).tolist()), task="regression",
                     target_norm=False, epochs=1, lr=1e-9, policy="full", **COMMON)
+    with pytest.raises(TrainingError) as info:  # standardised: the same targets overflow nothing; the rate does
+        tk.finetune("tk:small_cnn", data=Targets((levels * 1e30 + 1e30).tolist()), task="regression",
+                    epochs=1, lr=1e30, policy="full", **COMMON)
+    assert "learning rate" in str(info.value) and "the targets reach" not in str(info.value)
 
 
 class Scaled(Colours):

@@ -152,6 +152,8 @@ def test_brace_patterns_expand_like_webdataset():
                                                          "the 1,000,000") + ".* mistyped"):
             expand_braces(pattern)
     assert len(expand_braces("s-{0000..9999}-{0..9}.tar")) == 100_000
+    with pytest.raises(tk.DataError, match=r"'s-\{0..99999999999\}-\{9..0\}.tar': the range \{9..0\} is empty"):
+        expand_braces("s-{0..99999999999}-{9..0}.tar")  # an empty range counted none, and the huge one was made
 
 
 @pytest.mark.parametrize("label", ["cls", "txt", "json"])

@@ -620,7 +620,9 @@ def test_auto_reads_features_an_engine_cached_whole_without_timing_the_engines(f
                 m.setattr(eng, "engine_availability", lambda device_type: {
                     "eager": None, "onnxruntime": "onnxruntime/onnx not installed", "compile": compile_})
                 gone = tk.finetune(**kw)
+                planned = tk.plan(**kw)  # a dry run loads no weights: it cannot know the stored features' key
             assert gone.decisions.engine == "onnxruntime" and gone.feature_report["computed"] == 0, compile_
+            assert "provisional" in planned.engine_reason and "stored features" in planned.engine_reason, compile_
     # one part missing: the engines are timed, as for a store never made
     parts = sorted((cache / first.decisions.feature_key("val")).glob("part-*"))
     shutil.rmtree(parts[-1])

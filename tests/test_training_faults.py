@@ -266,6 +266,20 @@ def test_rank_0_keeps_the_weights_where_another_rank_was_killed_or_stalled(tmp_p
         assert str(info.value).endswith(f" The current weights were saved to {str(saved)!r} (usable as weights=... "
                                         "or with `transferkit export`).") == kept
 
+    if failure.startswith("barrier: "):  # another rank's recorded failure is still named first
+        store = torch.distributed.HashStore()
+        monkeypatch.setattr(distributed, "_store_for", lambda info: store)
+        monkeypatch.setattr(distributed, "_generation", itertools.count(50))
+        store.set("transferkit/rank_guard/50/first", "rank 1 failed: ValueError: boom in rank 1's data")
+        with pytest.raises(distributed.DistributedError, match=r"^Rank 0 stops because rank 1 failed: ValueError: boom "
+                                                               r"in rank 1's data \(here: .* The current weights were "
+                                                               r"saved to"):
+            with rank_guard(DistInfo(rank=0, world_size=2, timeout_s=1800), grace_s=60):
+                with faults.training_faults(checkpoint=None, batch_size=4, save_interrupted=lambda: saved,
+                                            probe_step=None):
+                    fail()
+        monkeypatch.setattr(distributed, "_store_for", lambda info: torch.distributed.HashStore())
+
     def full_disk():
         raise OSError(28, "No space left on device")
 

@@ -177,7 +177,8 @@ def _class_code(cls: type) -> bytes:
                     _hash_code(h, f.__code__)
                     # default arguments (forward(self, x, gain=1.0)) are not in the bytecode
                     defaults = (*(f.__defaults__ or ()), *sorted((f.__kwdefaults__ or {}).items()))
-                    h.update(blank_addresses(_stable_repr(defaults)).encode())
+                    shown = _stable_repr(defaults) if _holds_set(defaults) else repr(defaults)
+                    h.update(blank_addresses(shown).encode())
             if isinstance(value, _PLAIN) or isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value):
                 h.update(f"{name}={value!r}".encode())
     return h.digest()
@@ -193,6 +194,16 @@ def _stable_repr(value: Any) -> str:
     if isinstance(value, dict):
         return f"dict({[(_stable_repr(k), _stable_repr(v)) for k, v in value.items()]!r})"
     return repr(value)
+
+
+def _holds_set(value: Any) -> bool:
+    """Whether a set is in ``value`` (in tuples, lists and dicts): only then is `_stable_repr`
+    needed (other fingerprints stay what they were)."""
+    if isinstance(value, (set, frozenset)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(map(_holds_set, value))
+    return isinstance(value, dict) and any(_holds_set(k) or _holds_set(v) for k, v in value.items())
 
 
 def _hash_code(h: Any, code: types.CodeType) -> None:

@@ -164,19 +164,23 @@ MAX_PATTERN_NAMES = 1_000_000
 took all the machine's memory before any shard was looked at."""
 
 
-def _count_names(pattern: str) -> int:
-    """How many names `expand_braces` makes of ``pattern``, counted without making them."""
+def _count_names(pattern: str, whole: str = "") -> int:
+    """How many names `expand_braces` makes of ``pattern`` (a part of ``whole``), counted without
+    making them."""
     group = _outer_group(pattern)
     if group is None:
         return 1
     body, tail = pattern[group[0] + 1:group[1]], pattern[group[1] + 1:]
+    whole = whole or pattern
     r = _RANGE.fullmatch("{" + body + "}")
     if r:
-        n = max(int(r.group(2)) - int(r.group(1)) + 1, 0)
+        n = int(r.group(2)) - int(r.group(1)) + 1
+        if n < 1:  # (counted as none, it let a huge range beside it through)
+            raise DataError(f"Shard pattern {whole!r}: the range {{{body}}} is empty (its end is below its start).")
     else:
         alternatives = _split_outer(body)
-        n = _count_names(body) if len(alternatives) == 1 else sum(_count_names(a) for a in alternatives)
-    return n * _count_names(tail)
+        n = _count_names(body, whole) if len(alternatives) == 1 else sum(_count_names(a, whole) for a in alternatives)
+    return n * _count_names(tail, whole)
 
 
 def _outer_group(pattern: str) -> tuple[int, int] | None:
@@ -435,10 +439,11 @@ def same_content(url: str, digest: str, path: str) -> None:
     a shard's length and date when it changes in place, and its stored index (the labels) would
     be read with other bytes."""
     if digest and file_digest(path) != digest:
+        given = "the command gives no length or date" if url.startswith("pipe:") else \
+            "the server gives the same length and date for it"
         raise ShardFetchError(f"The shard {hide_url(url)!r} changed since it was indexed: the copy fetched again "
-                              "holds other bytes, though the server gives the same length and date for it. Remove "
-                              "its index from cache_dir/shard-index (and the feature stores made from it, or the "
-                              "whole cache_dir) and run again.")
+                              f"holds other bytes, though {given}. Remove its index from cache_dir/shard-index (and "
+                              "the feature stores made from it, or the whole cache_dir) and run again.")
 
 
 class _Region(io.RawIOBase):

@@ -1230,9 +1230,10 @@ def engine_facts(requested: str, *, trunk: nn.Module | None, spec: Any, dataset:
     if requested != "auto" or world_size > 1 or n_images < MIN_IMAGES_TO_TIME:
         return out
     if trunk is None:  # a dry run: the weights are not loaded
-        if candidates:  # (none: no other engine can run here, nothing to time eager against)
+        if candidates or cache_dir is not None:  # (neither: nothing to time eager against, no stored features)
             out["pending"] = ("provisional: a dry run loads no weights, so it neither times the engines nor reads a "
-                              "stored timing (keyed by the weights); the run does, and may choose another")
+                              "stored timing or looks for stored features (keyed by the weights); the run does, and "
+                              "may choose another")
         return out
     if not measure:  # [] where no other engine can run: nothing to time, stored features are still looked for
         out["due"] = candidates

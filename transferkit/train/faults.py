@@ -154,8 +154,8 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
     except TrainingError as exc:
         if started() and not ours() and failed_for_another_rank(exc):  # a barrier's: another rank failed or left
             kept = kept_note(_keep_weights(save_interrupted))
-            if kept:
-                raise type(exc)(f"{str(exc).rstrip('.')}.{kept}") from exc
+            if kept:  # from the collective's error, as the barrier's: rank_guard still names the rank that failed
+                raise type(exc)(f"{str(exc).rstrip('.')}.{kept}") from exc.__cause__
             raise
         if ours():
             raise TrainingError(f"{exc} The last good checkpoint, {str(checkpoint)!r}, was kept.") from exc

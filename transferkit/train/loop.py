@@ -203,7 +203,8 @@ def _forward_backward(module: nn.Module, x: Any, y: torch.Tensor, loop: Loop, de
         if bool(torch.isfinite(loss)):  # the loss is finite: the policy's penalty (L2-SP) is not
             raise TrainingError(f"The policy's weight penalty (L2-SP) became {(objective - loss).item()} at {desc} "
                                 f"(the loss is {loss.item():.4g}); lower its l2sp/l2sp_beta.")
-        peak = float(y.detach().abs().max()) if y.is_floating_point() and y.numel() else 0.0
+        plain = type(loop.loss_fn) is nn.MSELoss  # targets in their own units (target_norm=False)
+        peak = float(y.detach().abs().max()) if plain and y.is_floating_point() and y.numel() else 0.0
         if peak > 1e18:  # a squared error of targets this large is beyond float32 whatever the rate
             raise TrainingError(f"The training loss became {loss.item()} at {desc}: the targets reach {peak:.3g}, and "
                                 "their squared error is beyond float32's range (3.4e38) whatever the learning rate. "

@@ -261,7 +261,8 @@ def test_pickles_with_objects_need_an_explicit_opt_in(tmp_path):
                             weights_only=False).weights == str(weights)
     from transferkit.spelling import cli_spelling
 
-    assert "`transferkit finetune ... --set backbone_options='{\"weights_only\": false}'`." in cli_spelling(str(info.value))
+    typed = "`transferkit finetune ... --set backbone_options='{\"weights_only\": false}'`."
+    assert typed in cli_spelling(str(info.value))
 
 
 def test_torchvision_file_weights_skip_the_old_classifier(tmp_path):

@@ -432,7 +432,8 @@ def test_a_top_k_above_the_number_of_classes_is_said_once(tmp_path, recwarn):
                                    metadata={"labels": ["a", "b", "c"],
                                              "input_spec": bb.input_spec.replace(image_size=16).to_dict()})
     pred = transferkit.load(tmp_path / "m.pt")
-    with pytest.warns(UserWarning, match=r"Asked for the top 10 labels of a model of 3 classes: each prediction lists 3"):
+    with pytest.warns(UserWarning, match=r"Asked for the top 10 labels of a model of 3 classes: each prediction "
+                                         r"lists 3"):
         assert [len(p.top_k) for p in pred.predict(images(2, 16), top_k=10)] == [3, 3]
     recwarn.clear()
     pred.predict(images(1, 16), top_k=3)

@@ -656,10 +656,11 @@ def plan(config: Any = None, /, **options: Any) -> Decisions:
 
 def cached_engine(cfg: FinetuneConfig, facts: Facts, inputs: Inputs) -> str | None:
     """Under ``feature_engine="auto"``, when the engine timing is due: the engine (eager first,
-    then the candidates, then the engines that cannot run here) whose features of this run's input are all in ``cache_dir`` already,
-    every part of every store complete; None when no engine's are. A run that finds them reads
-    them: timing the engines again (``engines.json`` removed, another number of threads) could
-    choose another engine and compute every feature again under its key."""
+    then the candidates, then the engines that cannot run here) whose features of this run's
+    input are all in ``cache_dir`` already, every part of every store complete; None when no
+    engine's are. A run that finds them reads them: timing the engines again (``engines.json``
+    removed, another number of threads) could choose another engine and compute every feature
+    again under its key."""
     due = facts.engines.get("due")  # [] where no other engine can run here
     if due is None or cfg.cache_dir is None:
         return None

@@ -116,9 +116,9 @@ class AudioPreprocess(nn.Module):
 
     Accepts float waveforms in [-1, 1] or PCM integers (`pcm_to_float`), shaped ``[N, T]``,
     ``[N, C, T]`` (mixed down to mono; channels NaN-padded to different lengths, and more
-    channels than samples beyond `AUDIO_CHANNELS_MAX`, are refused) or ``[T]`` (one clip), in the module's dtype (float32 unless the module was cast). NaN
-    padding at the end of shorter clips marks their length and is kept (see
-    ``transferkit.data.audio.pad_waveforms``).
+    channels than samples beyond `AUDIO_CHANNELS_MAX`, are refused) or ``[T]`` (one clip), in the
+    module's dtype (float32 unless the module was cast). NaN padding at the end of shorter clips
+    marks their length and is kept (see ``transferkit.data.audio.pad_waveforms``).
 
     Example:
         >>> AudioPreprocess().double()(torch.tensor([[-32768, 16384]], dtype=torch.int16))

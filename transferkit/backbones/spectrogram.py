@@ -33,8 +33,9 @@ def split_padding(x: Tensor, check: bool = False) -> tuple[Tensor, Tensor]:
     NaN marks the padding after a clip's end. ``check`` (the trunks: outside training, where
     inputs come from callers rather than the data pipeline; a device sync): a NaN followed
     by a sample is an error, as the clip would be cut short, and so are an infinite sample
-    (its scores were NaN) and a clip without a sample (empty, or NaN only: it was scored), in Python and in scripted TorchScript files
-    (an ONNX graph cannot raise: the predictor refuses such clips first)."""
+    (its scores were NaN) and a clip without a sample (empty, or NaN only: it was scored), in
+    Python and in scripted TorchScript files (an ONNX graph cannot raise: the predictor refuses
+    such clips first)."""
     valid = ~torch.isnan(x)
     if check and bool((valid[:, 1:] & ~valid[:, :-1]).any()):
         raise ValueError("An audio clip holds NaN before its end; NaN marks only the padding after a clip. Replace "

@@ -604,8 +604,8 @@ def filter_bad_audio(samples: Sequence[tuple[Any, int]], *, on_bad_file: str = "
     `probe_audio_file` (``scan="quick"``: headers; ``"full"``: decode every file's middle
     ``max_seconds``, what training reads; ``"none"``: no check), and in-memory clips shorter
     than an audio model takes (``rate``: the rate of waveforms given without theirs; None: not
-    checked), or under ``scan="full"`` that training could not read (NaN before a clip's end, inf). Clips longer than ``max_seconds`` are counted in one warning (they will be
-    cropped)."""
+    checked), or under ``scan="full"`` that training could not read (NaN before a clip's end,
+    inf). Clips longer than ``max_seconds`` are counted in one warning (they will be cropped)."""
     check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
     check_choice("scan", scan, SCANS)
     good, bad, long = [], [], []

@@ -129,8 +129,8 @@ def module_code(module: torch.nn.Module) -> str:
     TorchScript modules, their compiled code. A user's edited ``forward`` (or a library
     version whose classes compute otherwise) is another module, though its repr and weights
     are the same. Functions outside the classes (a helper that ``forward`` calls) are not
-    covered. The bytecode (and the functions' default arguments), not the source: reading a class's source parses its whole file
-    (a quarter of a second for a timm EfficientNet's classes).
+    covered. The bytecode (and the functions' default arguments), not the source: reading a
+    class's source parses its whole file (a quarter of a second for a timm EfficientNet's classes).
 
     Example:
         >>> import torch

@@ -171,8 +171,8 @@ class ShardedFeatureStore:
         meta_file = path / "store.json"
         stored = _stored_meta(path)
         newer = stored.get("format") if isinstance(stored, dict) else None
-        if isinstance(newer, int) and not isinstance(newer, bool) and newer > STORE_FORMAT:  # not this version's to
-            raise OutputError(f"The feature store {str(path)!r} was written by a newer transferkit (store format "  # wipe
+        if isinstance(newer, int) and not isinstance(newer, bool) and newer > STORE_FORMAT:  # not this version's
+            raise OutputError(f"The feature store {str(path)!r} was written by a newer transferkit (store format "
                               f"{newer}; this one writes {STORE_FORMAT}): give this version another cache_dir, or "
                               "upgrade it. Nothing was removed.")
         remove_stale_temps_in(path)  # parts that killed writers left half written (a live writer's stay)

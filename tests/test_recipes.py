@@ -555,3 +555,25 @@ def test_a_data_folder_that_does_not_exist_says_where_its_path_came_from(tmp_pat
     with pytest.raises(DataError, match=r"\('.*/mine', the config's data_dir, does not exist\)"):  # not the variable
         recipes.run_recipe("hymenoptera", data_fn, description="", recipe_dir=RECIPES,
                            argv=[*argv, "--config", str(tmp_path / "mine.yaml")])
+
+
+def test_test_data_the_scoring_would_refuse_are_refused_before_training(tmp_path, monkeypatch):
+    """An empty test folder, test folders of other classes and an empty list of test samples were
+    found after training and the export (hours, on a real fine-tune); with --limit they were not."""
+    import transferkit.api as api
+
+    def no_training(**kwargs):
+        raise AssertionError("trained before the test data were checked")
+
+    monkeypatch.setattr(api, "finetune", no_training)
+    root = tmp_path / "d"
+    make_image_folder(root / "train", per_class=3, size=16)
+    make_image_folder(root / "val", per_class=2, size=16)
+    make_image_folder(root / "test", classes=("cats", "dogs"), per_class=2, size=16)
+    argv = ["--data-dir", str(root), "--out", str(tmp_path / "out"), *TINY[2:]]  # no --limit
+    with pytest.raises(DataError, match=r"shares no class with the classes it is read for"):
+        run_recipe("cifar10", recipes.torchvision_data("CIFAR10", {}, {}), description="", recipe_dir=RECIPES,
+                   argv=argv)
+    with pytest.raises(DataError, match=r"The test data hold no sample \(the test set is scored after training"):
+        run_recipe("x", lambda root, options: RecipeData(train=str(tmp_path / "d" / "train"), test=[]),
+                   description="", recipe_dir=RECIPES, argv=argv + ["--config", str(RECIPES / "cifar10.yaml")])

@@ -297,6 +297,7 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
             "config" if "TRANSFERKIT_DATA" not in str(file_cfg.get("data_dir", "${TRANSFERKIT_DATA}")) else None
         raise DataError(f"{exc} ({_missing_data_dir(data_dir, came)})") from exc
     train, val, test, classes = _sliced(data, recipe.get("limit"), cfg.get("seed", 0))
+    _check_test(test, train, classes)
     summaries = []
     for run_name, run_cfg in run_cfgs.items():
         run_out = out / run_name if run_name else out
@@ -421,6 +422,30 @@ def _check_own_checkpoints(name: str, run_cfgs: dict[str, dict[str, Any]]) -> No
         raise ConfigError(f"{name} recipe: the runs {shared[1]} share the checkpoint {shared[0]!r}: each run would "
                           "replace the one before's. Give each run its own checkpoint under runs: in the config, or "
                           "run one of them (--run NAME).")
+
+
+def _check_test(test: Any, train: Any, classes: list[str] | None) -> None:
+    """Refuse before training the test data that `evaluate_export` would refuse after it (and
+    after the export): samples of none, or a folder of test images that holds none of the
+    training classes (those of ``classes``, else of the training folder's sub-folders)."""
+    if test is None:
+        return
+    if not isinstance(test, (str, Path)):
+        if hasattr(test, "__len__") and len(test) == 0:
+            raise DataError("The test data hold no sample (the test set is scored after training: checked first).")
+        return
+    names = classes
+    if names is None and isinstance(train, (str, Path)) and Path(train).is_dir():
+        names = sorted(p.name for p in Path(train).iterdir() if p.is_dir() and not p.name.startswith("."))
+    if names and Path(test).is_dir():
+        import warnings
+
+        from transferkit.evaluation import labelled_samples
+
+        with warnings.catch_warnings():  # said again when the test set is scored
+            warnings.simplefilter("ignore")
+            if not len(labelled_samples(test, list(names), "image", what="test")):
+                raise DataError(f"The test data {str(test)!r} hold no sample of the training classes.")
 
 
 def evaluate_export(model_path: Path, test: Any, *, chunk: int = 512) -> float:

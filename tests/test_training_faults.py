@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -288,6 +289,39 @@ def test_rank_0_keeps_the_weights_where_another_rank_was_killed_or_stalled(tmp_p
         with rank_guard(DistInfo(rank=0, world_size=2, timeout_s=1800), grace_s=60):
             with faults.training_faults(checkpoint=None, batch_size=4, save_interrupted=full_disk, probe_step=None):
                 fail()
+
+
+def test_the_guard_s_watchdog_does_not_end_rank_0_while_it_saves_the_weights(tmp_path):
+    """The watchdog ends a rank blocked in a collective grace_s after another rank's failure is
+    recorded; it ended rank 0 with os._exit while rank 0 wrote the weights (a save longer than
+    the 2 s grace: a large model, a slow disk), so nothing was saved and nothing said so."""
+    import subprocess
+    import sys
+
+    code = ("import itertools, pathlib, time, torch\n"
+            "import transferkit.train.distributed as distributed\n"
+            "import transferkit.train.faults as faults\n"
+            "store = torch.distributed.HashStore()\n"
+            "distributed._store_for = lambda info: store\n"
+            "distributed._generation = itertools.count(3)\n"
+            "def save():\n"
+            "    time.sleep(1.5)\n"
+            f"    return pathlib.Path({str(tmp_path / 'w.pt')!r})\n"
+            "try:\n"
+            "    with distributed.rank_guard(distributed.DistInfo(rank=0, world_size=2), grace_s=0.3, poll_s=0.05):\n"
+            "        with faults.training_faults(checkpoint=None, batch_size=4, save_interrupted=save,\n"
+            "                                    probe_step=None):\n"
+            "            store.set('transferkit/rank_guard/3/first', 'rank 1 failed: ValueError: boom')\n"
+            "            time.sleep(0.2)\n"
+            "            raise RuntimeError('[gloo] Read error: Connection reset by peer')\n"
+            "except Exception as exc:\n"
+            "    print('raised:', exc)\n")
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "raised: Rank 0 stops because rank 1 failed: ValueError: boom" in proc.stdout
+    assert f"The current weights were saved to {str(tmp_path / 'w.pt')!r}" in proc.stdout
 
 
 def test_an_output_error_before_training_keeps_no_weights(image_folder, tmp_path, monkeypatch):

@@ -492,6 +492,7 @@ def rank_guard(info: DistInfo, *, poll_s: float = 0.25, grace_s: float = 2.0) ->
     watchdog = _Watchdog(store, prefix, info, poll_s, grace_s)
     watchdog.start()
     _guards.append((store, prefix + "first", info.rank))
+    _watchdogs.append(watchdog)
     try:
         yield
     except BaseException as exc:
@@ -523,11 +524,21 @@ def rank_guard(info: DistInfo, *, poll_s: float = 0.25, grace_s: float = 2.0) ->
         raise
     finally:
         _guards.pop()
+        _watchdogs.remove(watchdog)
         watchdog.stop()
         watchdog.join(timeout=1.0)
 
 
 _guards: list[tuple[Any, str, int]] = []  # the guarded blocks entered: (store, failure key, this rank)
+_watchdogs: list[_Watchdog] = []  # theirs
+
+
+def this_rank_raised() -> None:
+    """Tell the watchdogs of the guarded blocks that this rank's code has raised: the failure is
+    on its way to `rank_guard`, which says it, so what runs on the way out (rank 0 saving the
+    weights, which can take longer than the watchdog's grace) is not ended by ``os._exit``."""
+    for watchdog in _watchdogs:
+        watchdog.stop()
 
 
 def _peer_failure() -> str | None:

@@ -17,7 +17,7 @@ import torch
 from transferkit._io import file_stat
 from transferkit._signals import TrainingInterrupted, held_signals, signal_name
 from transferkit.errors import OutputError, TrainingError, TransferkitError
-from transferkit.train.distributed import failed_for_another_rank, kept_note, peer_interruption
+from transferkit.train.distributed import failed_for_another_rank, kept_note, peer_interruption, this_rank_raised
 
 
 RANK_0_KEEPS = ("The weights are the same on every rank of the job, so rank 0 saves them (its message says "
@@ -48,6 +48,7 @@ def interrupt_keeps_weights(save_interrupted: Callable[[], Path | None]) -> Iter
 def _keep_weights(save_interrupted: Callable[[], Path | None]) -> Path | str | None:
     """``save_interrupted()`` as a job ends for another rank's failure: the path (None on a rank
     other than 0), or why the weights could not be saved."""
+    this_rank_raised()  # the guard's watchdog must not end the process while the weights are written
     with held_signals(reraise=False):
         try:
             return save_interrupted()
@@ -171,6 +172,7 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
     except RuntimeError as exc:
         peer = peer_interruption()  # a collective failed because another rank was interrupted alone
         if peer is not None and started() and not ours():  # its weights are this rank's: rank 0 keeps them
+            this_rank_raised()
             with held_signals(reraise=False):
                 saved = save_interrupted()
             if saved is not None:

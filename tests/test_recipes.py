@@ -577,3 +577,27 @@ def test_test_data_the_scoring_would_refuse_are_refused_before_training(tmp_path
     with pytest.raises(DataError, match=r"The test data hold no sample \(the test set is scored after training"):
         run_recipe("x", lambda root, options: RecipeData(train=str(tmp_path / "d" / "train"), test=[]),
                    description="", recipe_dir=RECIPES, argv=argv + ["--config", str(RECIPES / "cifar10.yaml")])
+
+
+def test_a_recipe_started_again_after_its_run_ended_has_nothing_to_resume(tmp_path, monkeypatch, capsys):
+    """`--set resume=true` after the run had ended exited 2 with a command that could not be typed,
+    where `transferkit finetune --resume` says there is nothing to resume and exits 0: a job
+    started again after it ended (preempted jobs are) failed."""
+    import transferkit.api as api
+
+    root = tmp_path / "d"
+    for split, n in (("train", 3), ("val", 2), ("test", 2)):
+        make_image_folder(root / split, per_class=n, size=16)
+    argv = ["--data-dir", str(root), "--out", str(tmp_path / "out"), "--run", "finetune", *TINY[2:],
+            "--set", f"checkpoint={tmp_path / 'run.ckpt'}"]
+    data = recipes.torchvision_data("CIFAR10", {}, {})
+    first = run_recipe("cifar10", data, description="", recipe_dir=RECIPES, argv=argv)
+
+    def no_training(**kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(api, "finetune", no_training)
+    capsys.readouterr()
+    again = run_recipe("cifar10", data, description="", recipe_dir=RECIPES, argv=argv + ["--set", "resume=true"])
+    assert "holds a complete run: nothing to resume; its export" in capsys.readouterr().err
+    assert again["best"] == first["best"] and again["test_acc"] == first["test_acc"]

@@ -306,15 +306,21 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
         # settings the recipe's own file set, not the user: said as the file's, not as a typed --set
         _running["written_in"] = {k: (f"recipes/{own_cfg.name}", run_cfg.get(k)) for k in
                                   {*file_cfg, *runs[run_name]} - given} if not args.config else {}
-        from transferkit.api import finetune
+        export, best = run_out / "model.pt", _complete_run(run_cfg, run_out)
+        if best is not None:  # a job started again after it ended (preempted jobs are): nothing to resume
+            print(f"{name}{f' run {run_name}' if run_name else ''}: {run_cfg['checkpoint']} holds a complete run: "
+                  f"nothing to resume; its export {export} is scored again.", file=sys.stderr)
+        else:
+            from transferkit.api import finetune
 
-        result = finetune(data=train, val_data=val, classes=classes, export=run_out / "model.pt", **run_cfg)
+            result = finetune(data=train, val_data=val, classes=classes, export=export, **run_cfg)
+            best, export = result.best, result.export_path
         _running["run"], _running["written_in"] = None, {}
         summary: dict[str, Any] = {"recipe": name, "run": run_name or None, "config": run_cfg,
-                                   "data_dir": str(data_dir), "best": result.best,
-                                   "seconds": round(time.perf_counter() - t0, 1), "export": str(result.export_path)}
+                                   "data_dir": str(data_dir), "best": best,
+                                   "seconds": round(time.perf_counter() - t0, 1), "export": str(export)}
         if test is not None:
-            summary["test_acc"] = evaluate_export(result.export_path, test)
+            summary["test_acc"] = evaluate_export(export, test)
         atomic_write(run_out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1,
                                                                                             default=str)),
                      what="recipe results", flag="--out")
@@ -324,6 +330,26 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     if len(summaries) > 1:  # for people: on stderr where stdout is read by a program (one JSON object a line)
         print(results_table(summaries), file=sys.stdout if sys.stdout.isatty() else sys.stderr)
     return summaries[0] if len(summaries) == 1 else {"recipe": name, "runs": summaries}
+
+
+def _complete_run(run_cfg: dict[str, Any], run_out: Path) -> dict[str, Any] | None:
+    """With ``resume`` and a checkpoint that holds a complete run whose export is in ``run_out``:
+    the run's best epoch (from its ``results.json``, else the checkpoint's record; ``{}`` where
+    neither says); else None (the run trains, or the resume says why it cannot)."""
+    checkpoint = run_cfg.get("checkpoint")
+    if not run_cfg.get("resume") or not checkpoint or not Path(checkpoint).is_file() or \
+            not (run_out / "model.pt").is_file():
+        return None
+    from transferkit.checkpoints import saved_run
+
+    found = saved_run(checkpoint)
+    if found is None or found[0] != "checkpoint" or not found[1].get("complete"):
+        return None
+    try:
+        best = json.loads((run_out / "results.json").read_text()).get("best")
+    except (OSError, ValueError, AttributeError):
+        best = None
+    return best if isinstance(best, dict) else found[1].get("best") or {}
 
 
 def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[str, Any], cli: dict[str, Any],

@@ -601,3 +601,22 @@ def test_a_recipe_started_again_after_its_run_ended_has_nothing_to_resume(tmp_pa
     again = run_recipe("cifar10", data, description="", recipe_dir=RECIPES, argv=argv + ["--set", "resume=true"])
     assert "holds a complete run: nothing to resume; its export" in capsys.readouterr().err
     assert again["best"] == first["best"] and again["test_acc"] == first["test_acc"]
+
+
+def test_a_folder_of_test_clips_is_not_read_as_images_before_training(tmp_path, monkeypatch):
+    import transferkit.api as api
+
+    class Trained(Exception):
+        pass
+
+    def training(**kwargs):
+        raise Trained
+
+    monkeypatch.setattr(api, "finetune", training)
+    for split in ("train", "test"):
+        for c, freq in (("low", 300), ("high", 2000)):
+            _tone(tmp_path / "d" / split / c / "a.wav", freq, 8000)
+    argv = ["--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "out"), *AUDIO_TINY[2:],
+            "--config", str(RECIPES / "fsdd.yaml")]
+    with pytest.raises(Trained):  # not "No images found under .../test"
+        run_recipe("x", recipes.torchvision_data("CIFAR10", {}, {}), description="", recipe_dir=RECIPES, argv=argv)

@@ -297,7 +297,7 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
             "config" if "TRANSFERKIT_DATA" not in str(file_cfg.get("data_dir", "${TRANSFERKIT_DATA}")) else None
         raise DataError(f"{exc} ({_missing_data_dir(data_dir, came)})") from exc
     train, val, test, classes = _sliced(data, recipe.get("limit"), cfg.get("seed", 0))
-    _check_test(test, train, classes)
+    _check_test(test, train, classes, audio=any(_is_audio(c.get("backbone")) for c in run_cfgs.values()))
     summaries = []
     for run_name, run_cfg in run_cfgs.items():
         run_out = out / run_name if run_name else out
@@ -450,10 +450,17 @@ def _check_own_checkpoints(name: str, run_cfgs: dict[str, dict[str, Any]]) -> No
                           "run one of them (--run NAME).")
 
 
-def _check_test(test: Any, train: Any, classes: list[str] | None) -> None:
+def _is_audio(backbone: Any) -> bool:
+    """Whether a run's ``backbone`` (a name or a Backbone) takes audio."""
+    spec = getattr(backbone, "input_spec", None)
+    return spec.kind == "audio" if spec is not None else str(backbone or "").startswith(("spec:", "ta:"))
+
+
+def _check_test(test: Any, train: Any, classes: list[str] | None, *, audio: bool = False) -> None:
     """Refuse before training the test data that `evaluate_export` would refuse after it (and
     after the export): samples of none, or a folder of test images that holds none of the
-    training classes (those of ``classes``, else of the training folder's sub-folders)."""
+    training classes (those of ``classes``, else of the training folder's sub-folders; a
+    folder of ``audio`` clips is left to the scoring)."""
     if test is None:
         return
     if not isinstance(test, (str, Path)):
@@ -463,7 +470,7 @@ def _check_test(test: Any, train: Any, classes: list[str] | None) -> None:
     names = classes
     if names is None and isinstance(train, (str, Path)) and Path(train).is_dir():
         names = sorted(p.name for p in Path(train).iterdir() if p.is_dir() and not p.name.startswith("."))
-    if names and Path(test).is_dir():
+    if names and Path(test).is_dir() and not audio:
         import warnings
 
         from transferkit.evaluation import labelled_samples

@@ -261,9 +261,12 @@ def test_run_names_an_unknown_run(tmp_path):
         run_recipe("toy", _never_read, description="toy", recipe_dir=tmp_path,
                    argv=["--data-dir", str(tmp_path), "--run", "foo"])
     (tmp_path / "toy.yaml").write_text("runs:\n  probe: {head: logistic}\n  trained: {policy: full}\n")
-    with pytest.raises(ConfigError, match=r"Unknown run 'foo'; this recipe's runs: \['probe', 'trained'\]"):
+    with pytest.raises(ConfigError, match=r"Unknown run 'foo'; this recipe's runs: \['probe', 'trained'\]\.$"):
         run_recipe("toy", _never_read, description="toy", recipe_dir=tmp_path,
                    argv=["--data-dir", str(tmp_path), "--run", "foo"])
+    with pytest.raises(ConfigError, match=r"runs: \['probe', 'trained'\]\. Did you mean 'trained'\?$"):  # misspelt
+        run_recipe("toy", _never_read, description="toy", recipe_dir=tmp_path,
+                   argv=["--data-dir", str(tmp_path), "--run", "traind"])
 
 
 def test_runs_that_would_share_a_checkpoint_are_refused_before_the_data_are_read(tmp_path):

@@ -32,7 +32,7 @@ from transferkit.config import (RECIPE_KEYS, FinetuneConfig, called_as, load_con
                                 parse_overrides)
 from transferkit._io import atomic_write, check_writable
 from transferkit._signals import interrupt_exit
-from transferkit.errors import ConfigError, DataError, TransferkitError, warn
+from transferkit.errors import ConfigError, DataError, TransferkitError, suggest, warn
 from transferkit._text import plural
 from transferkit.helpformat import (HELP, MAX_PIXELS_HELP, Parser, one_line, one_line_warnings, pixel_limit,
                                    set_pixel_limit)
@@ -277,7 +277,7 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
         if args.run not in runs:
             listed = f"this recipe's runs: {list(runs)}" if "" not in runs else \
                 "this recipe's config has no runs: (it trains one model); leave out --run"
-            raise ConfigError(f"Unknown run {args.run!r}; {listed}.")
+            raise ConfigError(f"Unknown run {args.run!r}; {listed}.{suggest(args.run, runs) if '' not in runs else ''}")
         runs = {args.run: runs[args.run]}
     data_dir = Path(recipe.get("data_dir") or default_data_root() / name).expanduser()
     given = set(cli) | (set(file_cfg) if args.config else set())

@@ -137,25 +137,28 @@ def expand_braces(pattern: str) -> list[str]:
         raise DataError(f"Shard pattern {pattern!r} stands for {count:,} names, more than the {MAX_PATTERN_NAMES:,} "
                         "a pattern may name: is a bound mistyped? Split the data into several patterns, or list "
                         "the shards in a folder.")
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> list[str]:
+    """`expand_braces` of a pattern already counted (its parts are not counted again)."""
     group = _outer_group(pattern)
     if group is None:
         return [pattern]
     head, body, tail = pattern[:group[0]], pattern[group[0] + 1:group[1]], pattern[group[1] + 1:]
     r = _RANGE.fullmatch("{" + body + "}")
     if r:
-        lo, hi = int(r.group(1)), int(r.group(2))
-        if hi < lo:
-            raise DataError(f"Shard pattern {pattern!r}: the range {{{body}}} is empty (its end is below its start).")
+        lo, hi = int(r.group(1)), int(r.group(2))  # (an empty range: refused by the count)
         padded = any(len(b) > 1 and b.startswith("0") for b in r.groups())
         width = max(len(b) for b in r.groups()) if padded else 0
         parts = [str(k).zfill(width) for k in range(lo, hi + 1)]
     else:
         alternatives = _split_outer(body)
         if len(alternatives) == 1:  # no list: the braces stay, their inside is expanded
-            parts = ["{" + b + "}" for b in expand_braces(body)]
+            parts = ["{" + b + "}" for b in _expand(body)]
         else:
-            parts = [x for a in alternatives for x in expand_braces(a)]
-    tails = expand_braces(tail)
+            parts = [x for a in alternatives for x in _expand(a)]
+    tails = _expand(tail)
     return [head + p + t for p in parts for t in tails]
 
 
@@ -415,11 +418,13 @@ class ShardIndex:
 
 def _in_window(pool: Any, fn: Callable[[str], Any], items: Sequence[str], window: int) -> list[Any]:
     """``[fn(x) for x in items]`` on ``pool``, at most ``window`` queued at once (a new one as each
-    ends): the first failure is raised before more are queued (a pattern of a million names all
-    queued at once took 3,489 requests and 37 s to say that its third shard was missing)."""
+    ends): after a failure no more are queued, and the failure of the first item in order is
+    raised once those queued end (a pattern of a million names all queued at once took 3,489
+    requests and 37 s to say that its third shard was missing)."""
     from concurrent.futures import FIRST_COMPLETED, wait
 
     found: list[Any] = [None] * len(items)
+    failed: dict[int, BaseException] = {}
     pending: dict[Any, int] = {}
     queue = iter(enumerate(items))
     for i, x in itertools.islice(queue, window):
@@ -427,9 +432,15 @@ def _in_window(pool: Any, fn: Callable[[str], Any], items: Sequence[str], window
     while pending:
         done, _ = wait(pending, return_when=FIRST_COMPLETED)
         for future in done:
-            found[pending.pop(future)] = future.result()
-            for i, x in itertools.islice(queue, 1):
-                pending[pool.submit(fn, x)] = i
+            i = pending.pop(future)
+            if future.exception() is not None:
+                failed[i] = future.exception()  # type: ignore[assignment]
+            else:
+                found[i] = future.result()
+            for j, x in itertools.islice(queue, 0 if failed else 1):
+                pending[pool.submit(fn, x)] = j
+    if failed:
+        raise failed[min(failed)]
     return found
 
 

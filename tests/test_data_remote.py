@@ -186,6 +186,31 @@ def test_a_shard_changed_in_place_at_the_same_length_and_date_is_refused_when_fe
         assert gets(requests)[-1] == "/noetag/train-000000.tar"
 
 
+def test_a_remote_shard_is_hashed_as_it_is_fetched_not_read_again(shards, tmp_path, monkeypatch):
+    """The digest that a copy fetched again is held to was taken by reading each downloaded
+    copy once more (at indexing, and at each fetch again: with a shard cache smaller than the
+    data, a second read of every shard each epoch). It is taken as the bytes are written."""
+    import shutil
+
+    import transferkit.data.shards as shards_module
+    from transferkit._io import file_digest
+
+    served = tmp_path / "served" / "noetag"
+    shutil.copytree(shards, served)
+    monkeypatch.setattr(shards_module, "file_digest", lambda path, **_: pytest.fail(f"{path} was read to hash it"))
+    with serve(served.parent) as (base, requests):
+        url = f"{base}/noetag/train-000000.tar"
+        first = _quiet(prepare_data, url, val_split=0, cache_dir=tmp_path / "c")
+        sample = first.train.read_bytes(0)
+        first.train.source.close_shard(0)
+        for p in (tmp_path / "c" / "shards").glob("*.tar"):
+            p.unlink()
+        again = _quiet(prepare_data, url, val_split=0, cache_dir=tmp_path / "c")
+        assert again.train.read_bytes(0) == sample  # the same bytes, fetched again: accepted
+        assert gets(requests).count("/noetag/train-000000.tar") == 2
+    assert again.train.source.digests[0] == file_digest(served / "train-000000.tar")
+
+
 def test_free_space_is_checked_before_a_fetch_of_known_size(shards, tmp_path, monkeypatch):
     import transferkit._io as io_
 

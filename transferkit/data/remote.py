@@ -56,9 +56,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from transferkit._io import check_free_space, create_temp, read_only_folder, remove_stale_temps
+from transferkit._io import check_free_space, create_temp, new_digest, read_only_folder, remove_stale_temps
 from transferkit._signals import raise_if_interrupted
 from transferkit._text import hide_query, hide_url, unsigned
 from transferkit.config import env_seconds
@@ -255,9 +255,17 @@ def _first_byte_validators(url: str) -> dict[str, str]:
         return {}
 
 
-def stream_to(url: str, dest: str | Path) -> dict[str, str]:
-    """Copy the shard ``url`` front to back into the file ``dest`` (in chunks); returns the
-    validators its response gave. Raises `ShardFetchError` when the fetch fails; a failure
+class Fetched(NamedTuple):
+    """What `stream_to` copied: the validators the response gave, and the `file_digest` of the
+    bytes written (taken as they were written, so the copy is not read again to hash it)."""
+
+    validators: dict[str, str]
+    digest: str
+
+
+def stream_to(url: str, dest: str | Path) -> Fetched:
+    """Copy the shard ``url`` front to back into the file ``dest`` (in chunks); returns its
+    response's validators and the digest of the bytes (`Fetched`). Raises `ShardFetchError` when the fetch fails; a failure
     that may pass is tried again after each of `RETRY_WAITS` first (see the module docstring)."""
     return _retried(url, lambda: _stream_once(url, dest))
 
@@ -431,68 +439,88 @@ def _pipe_reader(proc: subprocess.Popen, pace: _Pace, ready: selectors.BaseSelec
     return read
 
 
-def _stream_once(url: str, dest: str | Path) -> dict[str, str]:
+class _Digesting:
+    """A file opened for writing that hashes what is written to it (as `file_digest` reads it)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.hash = f, new_digest()
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+def _stream_once(url: str, dest: str | Path) -> Fetched:
     """One attempt of `stream_to`."""
+    with open(dest, "wb") as f:
+        out = _Digesting(f)
+        return Fetched(_copy_from(url, out), out.hash.hexdigest())
+
+
+def _copy_from(url: str, out: _Digesting) -> dict[str, str]:
+    """Copy ``url`` into ``out``; returns its response's validators (``{}`` but for HTTP)."""
     kind = scheme(url)
-    with open(dest, "wb") as out:
-        if kind == "pipe":
-            with tempfile.TemporaryFile() as err:
-                proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=err,
-                                        start_new_session=True)  # its own group: a stalled one is ended whole
-                assert proc.stdout is not None
-                pace = _Pace(url)
-                try:  # epoll: descriptors above 1024 too, which select() refuses
-                    with selectors.DefaultSelector() as ready:
-                        _copy_paced(_pipe_reader(proc, pace, ready), out, pace)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.killpg(proc.pid, signal.SIGKILL)  # the shell and what it started (sleep, curl, ...)
-                    raise
-                finally:
-                    proc.stdout.close()
-                    code = proc.wait()
-                if code != 0:
-                    err.seek(0)
-                    lines = err.read().decode("utf-8", errors="replace").strip().splitlines()
-                    said = f": {lines[-1].strip()[:300]}" if lines else ""  # (a line may be megabytes)
-                    raise _fail(url, f"the command exited with code {code}{said}", transient=True)
-            return {}
-        if kind in ("http", "https"):
-            import http.client
-            import urllib.request
-
-            got: dict[str, str] = {}
+    if kind == "pipe":
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=err,
+                                    start_new_session=True)  # its own group: a stalled one is ended whole
+            assert proc.stdout is not None
             pace = _Pace(url)
-
-            def get() -> None:  # each read waits at most fetch_timeout (the socket's timeout)
-                with urllib.request.urlopen(url, timeout=pace.timeout) as r:
-                    got.update(_http_validators(r.headers))
-                    pace.restart()  # the window starts with the response
-                    _copy_paced(_http_reader(r, pace), out, pace)
-
-            try:
-                _stoppable(get, url)  # told to stop: at once, not after a read's timeout
-            except ShardFetchError:  # stalled, or told to stop
+            try:  # epoll: descriptors above 1024 too, which select() refuses
+                with selectors.DefaultSelector() as ready:
+                    _copy_paced(_pipe_reader(proc, pace, ready), out, pace)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # the shell and what it started (sleep, curl, ...)
                 raise
-            except http.client.IncompleteRead as exc:
-                raise _fail(url, f"the connection ended after {out.tell() + len(exc.partial)} bytes, before the "
-                                 "end of the body", transient=True) from None
-            except _http_errors() as exc:
-                raise _http_failure(url, exc) from None
-            n = out.tell()
-            if "content-length" in got and int(got["content-length"]) != n:
-                raise _fail(url, f"the server sent {n} of {got['content-length']} bytes (the connection ended early)",
-                            transient=True)
-            return got
-        try:
-            _fsspec_copy(url, out, _Pace(url))
-        except ShardFetchError:
-            raise
-        except FileNotFoundError:
-            raise _fail(url, "it does not exist") from None
-        except Exception as exc:  # noqa: BLE001 - each file system has its own errors
-            raise _fail(url, f"{type(exc).__name__}: {exc}", transient=_may_pass(exc)) from None
+            finally:
+                proc.stdout.close()
+                code = proc.wait()
+            if code != 0:
+                err.seek(0)
+                lines = err.read().decode("utf-8", errors="replace").strip().splitlines()
+                said = f": {lines[-1].strip()[:300]}" if lines else ""  # (a line may be megabytes)
+                raise _fail(url, f"the command exited with code {code}{said}", transient=True)
         return {}
+    if kind in ("http", "https"):
+        import http.client
+        import urllib.request
+
+        got: dict[str, str] = {}
+        pace = _Pace(url)
+
+        def get() -> None:  # each read waits at most fetch_timeout (the socket's timeout)
+            with urllib.request.urlopen(url, timeout=pace.timeout) as r:
+                got.update(_http_validators(r.headers))
+                pace.restart()  # the window starts with the response
+                _copy_paced(_http_reader(r, pace), out, pace)
+
+        try:
+            _stoppable(get, url)  # told to stop: at once, not after a read's timeout
+        except ShardFetchError:  # stalled, or told to stop
+            raise
+        except http.client.IncompleteRead as exc:
+            raise _fail(url, f"the connection ended after {out.tell() + len(exc.partial)} bytes, before the "
+                             "end of the body", transient=True) from None
+        except _http_errors() as exc:
+            raise _http_failure(url, exc) from None
+        n = out.tell()
+        if "content-length" in got and int(got["content-length"]) != n:
+            raise _fail(url, f"the server sent {n} of {got['content-length']} bytes (the connection ended early)",
+                        transient=True)
+        return got
+    try:
+        _fsspec_copy(url, out, _Pace(url))
+    except ShardFetchError:
+        raise
+    except FileNotFoundError:
+        raise _fail(url, "it does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - each file system has its own errors
+        raise _fail(url, f"{type(exc).__name__}: {exc}", transient=_may_pass(exc)) from None
+    return {}
 
 
 def _fsspec_copy(url: str, out: Any, pace: _Pace) -> None:
@@ -524,10 +552,11 @@ def _flock(fd: int, op: int) -> None:
 
 
 class Held:
-    """A cached shard this process reads: ``path``, kept from eviction until `release`."""
+    """A cached shard this process reads: ``path``, kept from eviction until `release`;
+    ``digest``: its bytes' `file_digest` when this process fetched it, else ""."""
 
-    def __init__(self, path: Path, fd: int, validators: dict[str, str]) -> None:
-        self.path, self.fd, self.validators = path, fd, validators
+    def __init__(self, path: Path, fd: int, digest: str = "") -> None:
+        self.path, self.fd, self.digest = path, fd, digest
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -582,13 +611,14 @@ class ShardCache:
         return os.open(target.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o666)
 
     def fetch(self, url: str, *, validators: dict[str, str] | None = None, size: int | None = None,
-              check: Callable[[str], None] | None = None) -> Held:
+              check: Callable[[str, str], None] | None = None) -> Held:
         """The cached copy of ``url``, fetched first when absent (by one process at a time;
         the others wait for it). ``validators`` (`remote_validators`, or those in the shard
         index): part of the copy's name, and a fetch whose response gives others fails (the
         shard changed). ``size``: the bytes expected (from the shard index), checked, and used
-        to make room and check the free space first. ``check(path)`` runs on a new copy
-        before it is renamed into place (it raises to refuse it). The returned `Held` keeps
+        to make room and check the free space first. ``check(path, digest)`` runs on a new
+        copy (its bytes' `file_digest`) before it is renamed into place (it raises to refuse
+        it). The returned `Held` keeps
         the copy from eviction until released."""
         import fcntl
 
@@ -597,19 +627,19 @@ class ShardCache:
             kept = self.kept_in / target.name
             with contextlib.suppress(OSError):
                 if kept.is_file() and (size is None or kept.stat().st_size == size):
-                    return Held(kept, -1, {})
+                    return Held(kept, -1)
         for _ in range(20):
             fd = self._lock_fd(target)
             try:
                 _flock(fd, fcntl.LOCK_SH)
                 if not target.is_file():
                     _flock(fd, fcntl.LOCK_UN)
-                    got = self._fetch_or_wait(fd, url, target, size, check, validators or {})
-                    if got is None:  # gone again before this process held it
+                    digest = self._fetch_or_wait(fd, url, target, size, check, validators or {})
+                    if digest is None:  # gone again before this process held it
                         os.close(fd)
                         continue
                 else:
-                    got = {}
+                    digest = ""
                     with contextlib.suppress(OSError):
                         os.utime(target)  # most recently used
                 n = target.stat().st_size
@@ -617,7 +647,7 @@ class ShardCache:
                     raise ShardFetchError(f"The shard {hide_url(url)!r} has {n} bytes, its index says {size}: it "
                                           "changed since it was indexed. Remove its index from "
                                           "cache_dir/shard-index (or the whole cache_dir) and run again.")
-                return Held(target, fd, got)
+                return Held(target, fd, digest)
             except BaseException:
                 os.close(fd)
                 raise
@@ -625,10 +655,10 @@ class ShardCache:
                          f"shards in use: raise {ENV_BUDGET})")
 
     def _fetch_or_wait(self, fd: int, url: str, target: Path, size: int | None,
-                       check: Callable[[str], None] | None, validators: dict[str, str]) -> dict[str, str] | None:
+                       check: Callable[[str, str], None] | None, validators: dict[str, str]) -> str | None:
         """Fetch ``target`` under the exclusive lock, or wait for the process that fetches it;
-        returns with the shared lock held (the fetch's validators, ``{}`` when another process
-        fetched it), or None when the copy is gone again. The exclusive lock is asked without
+        returns with the shared lock held (the digest of the bytes fetched, "" when another
+        process fetched them), or None when the copy is gone again. The exclusive lock is asked without
         blocking: once the copy is there, its readers hold the shared lock for as long as they
         read (an idle DataLoader worker keeps its shards open), and a blocking request would
         wait for all of them."""
@@ -640,37 +670,37 @@ class ShardCache:
             except BlockingIOError:
                 if target.is_file():  # fetched by another process, which now reads it
                     _flock(fd, fcntl.LOCK_SH)
-                    return {} if target.is_file() else None
+                    return "" if target.is_file() else None
                 if _stop_now().wait(FETCH_POLL_S):  # another process is fetching it; this one was told to stop
                     raise _stopped(url)
                 continue
-            got = {} if target.is_file() else self._fetch_locked(url, target, size, check, validators)
+            digest = "" if target.is_file() else self._fetch_locked(url, target, size, check, validators)
             _flock(fd, fcntl.LOCK_SH)  # a downgrade is not atomic: check it is still there
-            return got if target.is_file() else None
+            return digest if target.is_file() else None
 
-    def _fetch_locked(self, url: str, target: Path, size: int | None, check: Callable[[str], None] | None,
-                      validators: dict[str, str]) -> dict[str, str]:
+    def _fetch_locked(self, url: str, target: Path, size: int | None, check: Callable[[str, str], None] | None,
+                      validators: dict[str, str]) -> str:
         remove_stale_temps(target)
         if size:
             self.make_room(size, keep=target)
             check_free_space(target, size, what="shard cache copy of")
         tmp = create_temp(target)
         try:
-            got = stream_to(url, tmp)
+            got, digest = stream_to(url, tmp)
             changed = sorted(k for k in set(got) & set(validators) if got[k] != validators[k])
             if changed:
                 k = changed[0]
                 raise _fail(url, f"it changed since it was looked at ({k} {validators[k]!r}, now {got[k]!r}); run "
                                  "again")
             if check is not None:
-                check(str(tmp))
+                check(str(tmp), digest)
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
         self.make_room(0, keep=target)
-        return got
+        return digest
 
     def make_room(self, need: int, *, keep: Path | None = None) -> list[Path]:
         """Remove least recently used shards no process has open until the cached ones plus

@@ -444,12 +444,12 @@ def _in_window(pool: Any, fn: Callable[[str], Any], items: Sequence[str], window
     return found
 
 
-def same_content(url: str, digest: str, path: str) -> None:
-    """Refuse a copy of the shard ``url`` fetched again (at ``path``) whose bytes are not those it
-    was indexed from (``digest``; "" for an index that holds none): a server without ETags keeps
-    a shard's length and date when it changes in place, and its stored index (the labels) would
-    be read with other bytes."""
-    if digest and file_digest(path) != digest:
+def same_content(url: str, digest: str, path: str, fetched: str) -> None:
+    """Refuse a copy of the shard ``url`` fetched again (at ``path``, its bytes' digest
+    ``fetched``) whose bytes are not those it was indexed from (``digest``; "" for an index that
+    holds none): a server without ETags keeps a shard's length and date when it changes in
+    place, and its stored index (the labels) would be read with other bytes."""
+    if digest and fetched != digest:
         given = "the command gives no length or date" if url.startswith("pipe:") else \
             "the server gives the same length and date for it"
         raise ShardFetchError(f"The shard {hide_url(url)!r} changed since it was indexed: the copy fetched again "
@@ -733,10 +733,11 @@ def _remote_index(url: str, *, scan: str, cache_dir: str | Path | None,
     built: list[ShardIndex] = []
     known = validators.get("content-length", validators.get("size", ""))
     held = shard_cache.fetch(url, validators=validators, size=int(known) if known.isdigit() else None,
-                             check=lambda tmp: built.append(build_index(tmp, scan=scan, name=url)))
+                             check=lambda tmp, _: built.append(build_index(tmp, scan=scan, name=url)))
     try:
         index = built[0] if built else build_index(str(held.path), scan=scan, name=url)
-        index.digest = file_digest(held.path)  # what a copy fetched again must hold (validators may not tell)
+        # what a copy fetched again must hold (validators may not tell); taken as it was fetched
+        index.digest = held.digest or file_digest(held.path)
     finally:
         held.release()
     index.validators = validators

@@ -40,7 +40,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -521,6 +520,8 @@ def rank_guard(info: DistInfo, *, poll_s: float = 0.25, grace_s: float = 2.0) ->
                                    f"for the other ranks ({exc}). One of them is stuck or much slower than this one; "
                                    f"if that is expected (a long export, a slow disk), raise the limit with "
                                    f"{TIMEOUT_ENV}=<seconds>.{_kept(exc)}") from exc
+        if _kept(exc) and isinstance(exc, DistributedError):  # a barrier's, worded by `barrier`: add where
+            raise DistributedError(f"{str(exc).rstrip('.')}.{_kept(exc)}") from exc.__cause__  # rank 0 kept them
         raise
     finally:
         _guards.pop()
@@ -577,18 +578,16 @@ def failed_for_another_rank(exc: BaseException) -> bool:
     return _peer_gone(exc) or _is_timeout(exc) or _peer_failure() is not None
 
 
-def kept_note(kept: Path | str | None) -> str:
-    """Where `training_faults` saved the weights on the way out of a failure (a path), or why it
-    could not (a message), said; "" where nothing was to be saved (a rank other than 0)."""
+def _kept(exc: BaseException) -> str:
+    """Where `training_faults` saved the weights on the way out of the failure ``exc`` (its
+    ``kept_weights``: a path), or why it could not (a message), said; "" where nothing was
+    saved (a rank other than 0, or no failure for another rank)."""
+    kept = getattr(exc, "kept_weights", None)
     if kept is None:
         return ""
     if isinstance(kept, str):
         return f" The current weights could not be saved: {kept.rstrip('.')}."
     return f" The current weights were saved to {str(kept)!r} (usable as weights=... or with `transferkit export`)."
-
-
-def _kept(exc: BaseException) -> str:
-    return kept_note(getattr(exc, "kept_weights", None))
 
 
 def exit_cleanly(code: int = 0) -> None:

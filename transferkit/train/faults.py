@@ -17,7 +17,7 @@ import torch
 from transferkit._io import file_stat
 from transferkit._signals import TrainingInterrupted, held_signals, signal_name
 from transferkit.errors import OutputError, TrainingError, TransferkitError
-from transferkit.train.distributed import failed_for_another_rank, kept_note, peer_interruption, this_rank_raised
+from transferkit.train.distributed import failed_for_another_rank, peer_interruption, this_rank_raised
 
 
 RANK_0_KEEPS = ("The weights are the same on every rank of the job, so rank 0 saves them (its message says "
@@ -113,6 +113,16 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
         now = _identity(checkpoint)
         return now is not None and (resumed or now != before)
 
+    def kept_for_another_rank(exc: BaseException) -> bool:
+        """Whether ``exc`` is a DDP collective's or barrier's that failed for another rank, once
+        training began and before this run wrote a checkpoint: then rank 0 has saved the weights,
+        the same on every rank (``exc.kept_weights``: the path, or why not), and `rank_guard`
+        says where as it reports the failure."""
+        if not (started() and not ours() and failed_for_another_rank(exc)):
+            return False
+        exc.kept_weights = _keep_weights(save_interrupted)  # type: ignore[attr-defined]
+        return True
+
     try:
         yield
     except KeyboardInterrupt as exc:
@@ -153,10 +163,7 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
         err.fallback = saved  # type: ignore[attr-defined]
         raise err from exc
     except TrainingError as exc:
-        if started() and not ours() and failed_for_another_rank(exc):  # a barrier's: another rank failed or left
-            kept = kept_note(_keep_weights(save_interrupted))
-            if kept:  # from the collective's error, as the barrier's: rank_guard still names the rank that failed
-                raise type(exc)(f"{str(exc).rstrip('.')}.{kept}") from exc.__cause__
+        if kept_for_another_rank(exc):  # a barrier's: another rank failed or left while this one waited
             raise
         if ours():
             raise TrainingError(f"{exc} The last good checkpoint, {str(checkpoint)!r}, was kept.") from exc
@@ -183,9 +190,8 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
                                           "resume a run exactly.", saved)
                 err.signum = signal.SIGTERM if sig == "SIGTERM" else signal.SIGINT  # type: ignore[attr-defined]
                 raise err from exc
-        if started() and not ours() and failed_for_another_rank(exc):  # killed, stalled or failed: rank 0 keeps
-            exc.kept_weights = _keep_weights(save_interrupted)  # type: ignore[attr-defined]  # the weights, and
-            raise                                                                   # rank_guard says where
+        if kept_for_another_rank(exc):  # a collective's: another rank was killed, stalled or failed
+            raise
         if not _is_oom(exc):
             raise
         if torch.cuda.is_available():

@@ -178,6 +178,27 @@ def saved_run(path: str | Path) -> tuple[str, dict[str, Any]] | None:
                           "decisions": ckpt["transferkit"].get("decisions")}
 
 
+def run_in(path: str | Path | None) -> dict[str, Any] | None:
+    """What the checkpoint ``path`` holds of a run (`saved_run`'s record, its weights not
+    loaded): None when it is no file, or holds neither a complete run nor one a resume
+    continues (weights alone, a file of ``save_checkpoint``). What a resume of a run that
+    already ended, from the command line or a recipe, reads to say so instead of training.
+
+    Example:
+        >>> run_in("runs/run.ckpt")["complete"]  # doctest: +SKIP
+        True
+    """
+    if path is None or not Path(path).is_file():
+        return None
+    found = saved_run(path)
+    if found is None or found[0] != "checkpoint":
+        return None
+    info = found[1]
+    run = (info["resumable"] or info["complete"]) and isinstance(info["epoch"], int) and \
+        isinstance(info["decisions"], dict)
+    return info if run else None
+
+
 def _load_failure(exc: BaseException) -> str:
     """Why ``torch.load`` failed, in one clause: its first sentence (torch's messages go on to
     advice that does not fit a damaged file, such as loading with ``weights_only=False``)."""

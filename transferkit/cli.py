@@ -429,23 +429,6 @@ def _plan_finetune(checkpoint: str | None, options: dict) -> Any:
     return plan(resume_config(checkpoint, **options), verbose=False)
 
 
-def _run_in(path: Any) -> dict | None:
-    """What the checkpoint ``path`` holds of a run (`saved_run`, its weights not loaded): None
-    when it is no file, or holds neither a complete run nor one a resume continues (weights
-    alone, a file of ``save_checkpoint``)."""
-    if path is None or not Path(path).is_file():
-        return None
-    from transferkit.checkpoints import saved_run
-
-    found = saved_run(path)
-    if found is None or found[0] != "checkpoint":
-        return None
-    info = found[1]
-    run = (info["resumable"] or info["complete"]) and isinstance(info["epoch"], int) and \
-        isinstance(info["decisions"], dict)
-    return info if run else None
-
-
 def _resumed(checkpoint: str | None, options: dict) -> Any:
     """The checkpoint a run of these options continues (`_finetune_options`), or None."""
     return checkpoint if checkpoint is not None else options.get("checkpoint") if options.get("resume") else None
@@ -455,8 +438,10 @@ def _resume_note(checkpoint: str | None, options: dict) -> str | None:
     """What a dry run of ``--resume`` says of the checkpoint: the epoch the run continues after
     (its weights are the checkpoint's, whatever the plan's backbone line says), or that the run
     is complete."""
+    from transferkit.checkpoints import run_in
+
     path = _resumed(checkpoint, options)
-    info = _run_in(path)
+    info = run_in(path)
     if info is None:
         return None
     if info["complete"]:
@@ -470,8 +455,10 @@ def _complete_run(args: argparse.Namespace, checkpoint: str | None, options: dic
     after it ended has nothing to resume; one line, and piped or with --json one JSON object)
     and return the exit status: 0, or 1 when the export the run was given is missing (a run
     stopped while exporting; the hint makes it). Else None (the run, or the resume's error)."""
+    from transferkit.checkpoints import run_in
+
     path = _resumed(checkpoint, options)
-    info = _run_in(path)
+    info = run_in(path)
     if info is None or not info["complete"]:
         return None
     if os.environ.get("RANK", "0") != "0":  # under torchrun: said once

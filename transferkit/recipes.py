@@ -336,20 +336,18 @@ def _complete_run(run_cfg: dict[str, Any], run_out: Path) -> dict[str, Any] | No
     """With ``resume`` and a checkpoint that holds a complete run whose export is in ``run_out``:
     the run's best epoch (from its ``results.json``, else the checkpoint's record; ``{}`` where
     neither says); else None (the run trains, or the resume says why it cannot)."""
-    checkpoint = run_cfg.get("checkpoint")
-    if not run_cfg.get("resume") or not checkpoint or not Path(checkpoint).is_file() or \
-            not (run_out / "model.pt").is_file():
+    if not run_cfg.get("resume") or not (run_out / "model.pt").is_file():
         return None
-    from transferkit.checkpoints import saved_run
+    from transferkit.checkpoints import run_in
 
-    found = saved_run(checkpoint)
-    if found is None or found[0] != "checkpoint" or not found[1].get("complete"):
+    info = run_in(run_cfg.get("checkpoint"))
+    if info is None or not info["complete"]:
         return None
     try:
         best = json.loads((run_out / "results.json").read_text()).get("best")
     except (OSError, ValueError, AttributeError):
         best = None
-    return best if isinstance(best, dict) else found[1].get("best") or {}
+    return best if isinstance(best, dict) else info.get("best") or {}
 
 
 def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[str, Any], cli: dict[str, Any],

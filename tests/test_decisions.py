@@ -228,11 +228,14 @@ def _edited_trunk(version: int) -> torch.nn.Module:
 
 def test_a_trunk_whose_method_has_a_set_default_has_one_fingerprint_in_every_process():
     """A default argument's repr was hashed as it is: a set's order follows the process's string
-    hashing, so the key changed with every run and the cache never hit."""
+    hashing, so the key changed with every run and the cache never hit. (The same holds for the
+    frozenset that ``x in {...}`` keeps in a function's constants.)"""
     code = ("import torch\nfrom transferkit.data.fingerprint import module_fingerprint\n"
             "class M(torch.nn.Module):\n"
             "    def forward(self, x, skip=frozenset({'alpha', 'beta', 'gamma', 'delta', 'epsilon'})):\n"
             "        return x\n"
+            "    def kept(self, name):\n"
+            "        return name in {'zeta', 'eta', 'theta', 'iota', 'kappa', 'lambda'}\n"
             "print(module_fingerprint(M()))\n")
     root = str(Path(__file__).resolve().parents[1])
     prints = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,

@@ -177,16 +177,20 @@ def _class_code(cls: type) -> bytes:
                     _hash_code(h, f.__code__)
                     # default arguments (forward(self, x, gain=1.0)) are not in the bytecode
                     defaults = (*(f.__defaults__ or ()), *sorted((f.__kwdefaults__ or {}).items()))
-                    shown = _stable_repr(defaults) if _holds_set(defaults) else repr(defaults)
-                    h.update(blank_addresses(shown).encode())
+                    h.update(blank_addresses(stable_repr(defaults)).encode())
             if isinstance(value, _PLAIN) or isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value):
                 h.update(f"{name}={value!r}".encode())
     return h.digest()
 
 
+def stable_repr(value: Any) -> str:
+    """``repr(value)`` the same in every process: where a set is in it (in tuples, lists and
+    dicts too), its members in a sorted order (a set's repr follows the process's string
+    hashing); any other value's repr as it is (the fingerprints of those stay what they were)."""
+    return _stable_repr(value) if _holds_set(value) else repr(value)
+
+
 def _stable_repr(value: Any) -> str:
-    """``repr(value)`` the same in every process: a set's members in a sorted order (a set's
-    repr follows the process's string hashing), inside tuples, lists and dicts too."""
     if isinstance(value, (set, frozenset)):
         return f"{type(value).__name__}({sorted(map(_stable_repr, value))!r})"
     if isinstance(value, (tuple, list)):
@@ -197,8 +201,7 @@ def _stable_repr(value: Any) -> str:
 
 
 def _holds_set(value: Any) -> bool:
-    """Whether a set is in ``value`` (in tuples, lists and dicts): only then is `_stable_repr`
-    needed (other fingerprints stay what they were)."""
+    """Whether a set is in ``value`` (in tuples, lists and dicts)."""
     if isinstance(value, (set, frozenset)):
         return True
     if isinstance(value, (tuple, list)):
@@ -212,8 +215,8 @@ def _hash_code(h: Any, code: types.CodeType) -> None:
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             _hash_code(h, const)
-        else:  # frozensets in a stable order (their repr follows the process's string hashing)
-            h.update(repr(sorted(map(repr, const)) if isinstance(const, frozenset) else const).encode())
+        else:  # (`x in {"a", "b"}` holds a frozenset)
+            h.update(stable_repr(const).encode())
 
 
 def blank_addresses(text: str) -> str:

@@ -438,3 +438,36 @@ def test_a_top_k_above_the_number_of_classes_is_said_once(tmp_path, recwarn):
     recwarn.clear()
     pred.predict(images(1, 16), top_k=3)
     assert not [w for w in recwarn if "top_k" in str(w.message)]
+
+
+class _MixedPixels(torch.utils.data.Dataset):
+    """The same pictures, half as uint8 pixels and half as float in [0, 1] (a ConcatDataset of
+    PIL images and ``ToTensor()`` output batches them side by side)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        y = i % 2
+        x = torch.full((3, 16, 16), 60 + 120 * y, dtype=torch.uint8)
+        x[:, :4] = 30 + 20 * (i % 3)
+        return (x if i % 4 < 2 else x.float() / 255), y
+
+
+@pytest.mark.parametrize("workers,store", [(0, False), (1, True)])
+def test_a_dataset_of_uint8_and_float_images_trains_on_the_pixels_predict_reads(tmp_path, workers, store):
+    """Batches of uint8 beside float images were stacked as they were (uint8 at 0..255 read as
+    floats), so training, its validation scores and the cached features saw other pixels than
+    predict; with DataLoader workers the batch failed in torch.cat; the export then refused them."""
+    r = transferkit.finetune("tk:small_cnn", weights=None, data=_MixedPixels(24), val_data=_MixedPixels(12),
+                             classes=["a", "b"], epochs=1, image_size=16, device="cpu", batch_size=8,
+                             num_workers=workers, precision="fp32", export=tmp_path / "m.pt",
+                             cache_dir=tmp_path / "cache" if store else None, verbose=False)
+    val = _MixedPixels(12)
+    want = torch.softmax(r.val_logits.float(), 1)
+    assert torch.allclose(r.predictor().predict_proba([val[i][0] for i in range(12)]), want, atol=1e-5)
+    assert torch.allclose(transferkit.load(tmp_path / "m.pt").predict_proba([val[i][0] for i in range(12)]), want,
+                          atol=1e-5)

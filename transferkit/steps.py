@@ -37,7 +37,7 @@ from transferkit.data.decoded import decoded_dataset
 from transferkit.data.gpu_jpeg import DeviceDecodedLoader
 from transferkit.data.late import (BadFileError, classes_never_loaded, failed_items, load_failures, replace_advice,
                                    record_bad_at_load, record_lost_class)
-from transferkit.data.sampling import mix_seed, seed_everything
+from transferkit.data.sampling import mix_seed, seed_everything, stack_images
 from transferkit.config import jsonable
 from transferkit.decisions import Decisions, differences
 from transferkit.export.torchscript import export_torchscript
@@ -687,7 +687,7 @@ def example_inputs(d: Decisions, run: Run, n: int = 8) -> torch.Tensor:
     bundle = run.bundle
     ds = (bundle.val if bundle.val is not None else bundle.train).view(transform=eval_transform(d.input_spec))
     xs = [ds[i][0] for i in range(min(n, len(ds)))]
-    return pad_waveforms(xs) if xs[0].ndim == 1 else torch.stack(xs)  # audio clips may differ in length
+    return pad_waveforms(xs) if xs[0].ndim == 1 else stack_images(xs)  # audio clips may differ in length
 
 
 def save_interrupted(d: Decisions, run: Run, meta: dict[str, Any]) -> Path | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from transferkit._signals import held_signals
 
@@ -241,11 +241,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 
+def stack_images(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Image tensors ``[C, H, W]`` stacked into one batch, as training, the feature pass and
+    ``predict`` batch them: where uint8 pixels come beside float ones in [0, 1] (a dataset that
+    returns both, e.g. a ``ConcatDataset`` of PIL images and ``ToTensor()`` output), all are
+    brought to float in [0, 1] first (``torch.stack`` alone would put the uint8 ones at 0..255).
+
+    Example:
+        >>> stack_images([torch.full((1, 1, 1), 255, dtype=torch.uint8), torch.ones(1, 1, 1)]).flatten().tolist()
+        [1.0, 1.0]
+    """
+    if len({x.dtype for x in xs}) > 1:
+        xs = [x.float() / 255.0 if x.dtype == torch.uint8 else x.float() for x in xs]
+    return torch.stack(xs)
+
+
+def collate_items(batch: list[Any]) -> Any:
+    """The DataLoader ``collate_fn`` of datasets that bring none of their own:
+    ``default_collate``, with the items' images of mixed types batched by `stack_images`."""
+    first = batch[0] if batch else None
+    if isinstance(first, (tuple, list)) and first and isinstance(first[0], torch.Tensor) and first[0].ndim == 3 \
+            and len({item[0].dtype for item in batch}) > 1:
+        xs = stack_images([item[0] for item in batch])
+        return [xs, *default_collate([tuple(item[1:]) for item in batch])]  # a list, as default_collate's
+    return default_collate(batch)
+
+
 def data_loader(dataset: Dataset, **options: Any) -> DataLoader:
     """``torch.utils.data.DataLoader(dataset, **options)`` whose worker processes exit quietly
     on SIGTERM and whose worker seeds come from a generator of its own (``generator=``, by
     default seeded with ``torch.initial_seed()``), so that iterating it draws no number from
-    torch's global generator; every DataLoader of the package is made here.
+    torch's global generator, and whose batches of mixed image types are brought to one
+    (`collate_items`, unless ``collate_fn`` is given); every DataLoader of the package is made here.
 
     Example:
         >>> [b.tolist() for b in data_loader(torch.arange(5), batch_size=2)]
@@ -253,6 +280,8 @@ def data_loader(dataset: Dataset, **options: Any) -> DataLoader:
     """
     if "worker_init_fn" in options:
         raise TypeError("data_loader sets worker_init_fn itself")
+    if options.get("collate_fn") is None:
+        options["collate_fn"] = collate_items
     from PIL import Image
 
     if options.get("generator") is None:

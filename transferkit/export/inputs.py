@@ -26,6 +26,7 @@ from transferkit.backbones._base import InputSpec
 from transferkit.data import audio
 from transferkit.data.checks import DataReport
 from transferkit.data.folders import list_class_files, not_a_file
+from transferkit.data.sampling import stack_images
 from transferkit.data.images import IMAGE_EXTENSIONS, check_image_tensor, image_from_array, load_image
 from transferkit.data.transforms import eval_transform
 from transferkit.errors import DataError, warn
@@ -110,9 +111,7 @@ class InputPipeline:
         """Prepared items (`prepare`) -> one model batch."""
         if self.audio:
             return self._audio.pad_waveforms(xs)
-        if len({x.dtype for x in xs}) > 1:  # mixed uint8 and float images: go to float in [0, 1]
-            xs = [x.float() / 255.0 if x.dtype == torch.uint8 else x.float() for x in xs]
-        return torch.stack(xs)
+        return stack_images(list(xs))  # mixed uint8 and float images: float in [0, 1]
 
     def list_files(self, folder: str | Path) -> list[str]:
         """The files below ``folder`` of this input kind, sorted by path, walked as training walks a

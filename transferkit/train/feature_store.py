@@ -61,7 +61,7 @@ from transferkit._io import (create_temp, file_digest, file_stat, no_space, remo
 from transferkit._text import plural
 from transferkit.errors import ConfigError, DataError, OutputError, warn
 from transferkit.data.late import NOT_BAD_FILES, bad_file_reason, raising, replaces_bad_files
-from transferkit.data.sampling import SeededItems, data_loader, decode_then_compute, in_blocks, mix_seed
+from transferkit.data.sampling import SeededItems, data_loader, decode_then_compute, in_blocks, mix_seed, stack_images
 from transferkit.train.distributed import (DistInfo, all_ranks, all_reduce_sum, barrier, broadcast_object,
                                            gather_objects)
 
@@ -654,7 +654,7 @@ class _LoadedInOne:
     """The collate function of `extract_parts`: a batch's items ``(index, x or None, y, why)`` as
     ``([(index, loaded, y, why)], x)``, the ``x`` of the items that loaded stacked into one
     tensor (None when none did) with ``collate`` (a dataset's ``batch_collate``: audio clips
-    padded) or ``torch.stack``, tensor targets as NumPy arrays. From a worker, one
+    padded) or `stack_images`, tensor targets as NumPy arrays. From a worker, one
     shared-memory tensor (a file descriptor while it lives) crosses per batch, not one per
     item: the blocks read ahead held thousands, past the usual limit of 1024."""
 
@@ -664,7 +664,7 @@ class _LoadedInOne:
     def __call__(self, items: list) -> tuple[list[tuple[int, bool, Any, str]], torch.Tensor | None]:
         xs = [x for _, x, _, _ in items if x is not None]
         x = None if not xs else self.collate([(v, 0) for v in xs])[0] if self.collate is not None else \
-            torch.stack([torch.as_tensor(v) for v in xs])
+            stack_images([torch.as_tensor(v) for v in xs])
         return [(i, v is not None, _plain(y), why) for i, v, y, why in items], x
 
 

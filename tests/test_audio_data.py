@@ -466,3 +466,16 @@ def test_an_in_memory_clip_left_out_during_the_run_is_not_told_to_run_a_scan_of_
     said = [str(w.message) for w in seen if "failed to load during the run" in str(w.message)]
     assert len(said) == 1 and said[0].startswith("Left out 'in-memory item 0'"), said
     assert said[0].endswith("Remove or repair the item in the data passed.") and "scan=" not in said[0]
+
+
+def test_clips_without_an_extension_are_said_to_be_left_out(tmp_path):
+    """A clip named by a hash (no extension) was ignored without a word, as images were."""
+    from transferkit.data.audio import scan_audio_folder
+    from transferkit.data.checks import DataReport
+
+    root = make_audio_folder(tmp_path / "clips", per_class=3)
+    sf.write(root / "low" / "c0ffee", _tone(300, 4000), 8000, format="WAV")
+    with pytest.warns(UserWarning, match=r"1 audio file without an extension \(e.g. 'c0ffee', WAV\) is left out: "
+                                         r"audio files are chosen by their extension"):
+        samples, _ = scan_audio_folder(root, report=DataReport())
+    assert len(samples) == 6 and not [p for p, _ in samples if p.endswith("c0ffee")]

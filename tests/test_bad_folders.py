@@ -62,6 +62,9 @@ def test_images_the_scan_leaves_out_are_said(tmp_path):
     if avif:
         Image.fromarray(np.full((20, 20, 3), 220, np.uint8)).save(root / "light" / "z.avif")
     Image.fromarray(np.full((20, 20, 3), 220, np.uint8)).save(root / "light" / "icon.ico")
+    for name in ("3f9a0c", "b71e22"):  # downloads named by a hash, without an extension
+        Image.fromarray(np.full((20, 20, 3), 220, np.uint8)).save(root / "light" / name, format="PNG")
+    (root / "light" / "NOTES").write_text("not an image")
     _png(root / "stray.png")
     (root / "dark" / "loop").symlink_to(root / "dark", target_is_directory=True)
     with pytest.warns(UserWarning) as caught:
@@ -72,6 +75,8 @@ def test_images_the_scan_leaves_out_are_said(tmp_path):
     assert any(m.startswith("1 image lies directly in") and "'stray.png'" in m and "move it into its class's folder"
                in m for m in said)
     assert any(m.startswith("1 image file of a type not read (.ico; e.g. 'icon.ico') is left out") for m in said)
+    assert "2 images without an extension (e.g. '3f9a0c', PNG) are left out: images are chosen by their extension " \
+        "(.jpg," in " ".join(said) and "Rename them (e.g. '3f9a0c' to '3f9a0c.png')." in " ".join(said), said
     summary = bundle.report.summary()
     assert "images of a type not read: icon.ico" in summary and "outside the class folders: stray.png" in summary
     assert "hidden folder" not in summary and "1 linked folder ignored (a link back into a folder already walked" \

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transferkit._io import kind_of_bytes
 from transferkit._text import plural
 from transferkit.data.checks import (AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, LINK_LOOP, DataReport, check_class_names,
                                      check_label_names, class_index, nfc, other_image_extensions, parse_number)
@@ -217,6 +218,32 @@ def _warn_other_images(ignored: Sequence[str], extensions: Sequence[str], report
                 f"{', '.join(extensions)}. Convert them to one of those types.")
 
 
+SNIFFED_MAX = 200  # files without an extension whose first bytes are read to tell an image (or clip) among them
+
+
+def _warn_unnamed(ignored: Sequence[str], what: str, extensions: Sequence[str], report: DataReport) -> None:
+    """Warn about ignored files without an extension whose first bytes are of the kind scanned
+    (images named by a hash, as some downloads are): left out, since files are chosen by their
+    extension. The first `SNIFFED_MAX` such files are read (12 bytes each)."""
+    kind = "image" if what == "images" else "audio file"
+    found = []
+    for path in sorted(p for p in ignored if not os.path.splitext(os.path.basename(p).lstrip("."))[1])[:SNIFFED_MAX]:
+        try:
+            with open(path, "rb") as f:
+                got = kind_of_bytes(f.read(12))
+        except OSError:
+            continue
+        if got is not None and got[0] == kind:
+            found.append((path, got[1]))
+    if not found:
+        return
+    report.ignored_reasons.update((p, f"{fmt} {kind} without an extension") for p, fmt in found)
+    name, fmt = os.path.basename(found[0][0]), found[0][1]
+    report.warn(f"{plural(len(found), kind)} without an extension (e.g. {name!r}, {fmt}) "
+                f"{'is' if len(found) == 1 else 'are'} left out: {what} are chosen by their extension "
+                f"({', '.join(extensions)}). Rename them (e.g. {name!r} to {name + '.' + fmt.lower()!r}).")
+
+
 def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_data: Callable[[str], bool],
                        report: DataReport, what: str, layout: str, extensions: Sequence[str],
                        explain_ignored: Callable[[list[str]], str] | None = None
@@ -289,6 +316,7 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
             report.warn(loose_note[0].upper() + loose_note[1:])
     if what == "images":
         _warn_other_images(ignored, extensions, report)
+    _warn_unnamed(ignored, what, extensions, report)
     if not samples:
         notes = [explain_ignored(ignored) if explain_ignored is not None else "", _other_kind_note(ignored, what),
                  loose_note[0].upper() + loose_note[1:] if loose else ""]

@@ -286,7 +286,10 @@ def test_spec_augment_with_a_backbone_frozen_all_run_is_said_to_do_nothing(tmp_p
     kw = dict(weights=None, data=tmp_path, epochs=2, verbose=False, device="cpu",
               backbone_options={"sample_rate": 8000, "n_mels": 16, "spec_augment": True})
     said = [n for n in tk.plan("spec:tk:small_cnn", policy="feature_extraction", **kw).notes if "spec_augment" in n]
-    assert len(said) == 1 and "masks in training mode only, and the backbone stays frozen" in said[0]
+    assert len(said) == 1 and "masks in training mode only, and no block of the backbone trains" in said[0]
+    said = [n for n in tk.plan("spec:tk:small_cnn", policy="feature_extraction,bn=affine", **kw).notes
+            if "spec_augment" in n]  # gamma/beta train, every block in eval mode: no mask either (was: not said)
+    assert len(said) == 1 and "(BatchNorm gamma/beta train under bn=affine, with the blocks in eval mode)" in said[0]
     for policy in ("full", "fine_tune"):  # the backbone trains in some epoch: the masks act there
         assert not [n for n in tk.plan("spec:tk:small_cnn", policy=policy, **kw).notes if "spec_augment" in n]
     off = {**kw, "backbone_options": {**kw["backbone_options"], "spec_augment": None}}

@@ -589,6 +589,35 @@ def test_bn_affine_on_a_trunk_without_batchnorm_is_frozen(split_folders):
     assert not cnn.cache and cnn.lr == 0.001
 
 
+def test_batchnorm_without_gamma_beta_is_planned_as_it_runs(split_folders):
+    """BatchNorm(affine=False) keeps running statistics but has no gamma/beta: the plan said
+    "none in the trunk" and recorded no statistics update, while bn=train updated them."""
+    from torch import nn
+
+    from transferkit.backbones import Backbone, Block, InputSpec
+
+    def unit(i, o):
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o, affine=False), nn.ReLU())
+
+    torch.manual_seed(0)
+    trunk = nn.Sequential()
+    trunk.add_module("stem", unit(3, 4))
+    trunk.add_module("top", nn.Sequential(unit(4, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten(1)))
+    bb = Backbone(name="bn-without-affine", trunk=trunk, num_features=4, input_spec=InputSpec(image_size=16),
+                  blocks=(Block("stem", ("stem",)), Block("top", ("top",))))
+    said = {}
+    for policy in ("unfreeze:last=1", "unfreeze:last=1,bn=frozen", "full,bn=affine"):
+        d = tk.plan(bb, data=split_folders / "train", policy=policy, **{**KW, "epochs": 1})
+        said[policy] = (d.to_dict()["bn"], [r["blocks"] for r in d.to_dict()["bn_statistics_update"]])
+    assert said == {"unfreeze:last=1": ("statistics update in training blocks, eval elsewhere", [["top"]]),
+                    "unfreeze:last=1,bn=frozen": ("frozen entirely", [[]]),
+                    "full,bn=affine": ("statistics frozen (its BatchNorm layers have no gamma/beta to train)", [[]])}
+    before = {k: v.clone() for k, v in trunk.state_dict().items() if "running" in k}
+    r = tk.finetune(bb, data=split_folders / "train", policy="unfreeze:last=1", **{**KW, "epochs": 1})
+    after = r.model.trunk.state_dict()
+    assert sorted({k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}) == ["top"]
+
+
 def test_decisions_record_which_blocks_update_batchnorm_statistics(split_folders):
     p = _plan(split_folders / "train", policy="fine_tune:frozen=1", epochs=3)
     d = p.to_dict()

@@ -362,9 +362,10 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     if data.targets is not None:
         scale_note = target_scale_note(data.targets, data.classes, standardised=target_norm)
         notes += [scale_note] if scale_note else []
-    if frozen and bb.spec_augment:
-        notes.append("spec_augment has no effect in this run: SpecAugment masks in training mode only, and the "
-                     "backbone stays frozen (in eval mode) for every epoch. Train the backbone (e.g. "
+    if bb.spec_augment and not any(trainable) and pol.lora is None:  # the trunk runs in eval mode throughout
+        still = "" if frozen else " (BatchNorm gamma/beta train under bn=affine, with the blocks in eval mode)"
+        notes.append("spec_augment has no effect in this run: SpecAugment masks in training mode only, and no "
+                     f"block of the backbone trains (in training mode) in any epoch{still}. Train the backbone (e.g. "
                      "policy='fine_tune') for it, or augment the waveforms (augment='standard' with cache_views > 1).")
     if pol.frozen_epochs and frozen:
         notes.append(f"policy {pol} keeps the backbone frozen for {_plural(pol.frozen_epochs, 'epoch')} but the "
@@ -387,8 +388,9 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         target_norm=data.targets if target_norm else None, augment=augment,
         lr=lr, groups=tuple({"name": g["name"], "lr": phase_lr * g["lr_scale"], "weight_decay": g["weight_decay"],
                              "params": g["params"]} for g in template),
-        trainable=trainable, bn_updates=_bn_updates(pol, bb.has_batchnorm, trainable, cached_epochs),
-        bn_mode=_bn_mode(pol, bb.has_batchnorm, frozen), class_weights=data.class_weights,
+        trainable=trainable, bn_updates=_bn_updates(pol, bb.has_batchnorm or bb.tracks_statistics, trainable,
+                                                    cached_epochs),
+        bn_mode=_bn_mode(pol, bb.has_batchnorm, bb.tracks_statistics, frozen), class_weights=data.class_weights,
         decode=decode, data=data.identity,
         trunk_fingerprint=bb.fingerprint, data_fingerprints=dict(data.fingerprints), notes=tuple(notes),
         engine=engine, engine_reason=engine_reason,
@@ -852,9 +854,11 @@ def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen_epochs: int, hea
                            f"features computed once ({views}, {where}), then the backbone trains end to end")
 
 
-def _bn_mode(policy: Policy, has_bn: bool, frozen: bool) -> str:
-    """What BatchNorm layers do in this run, in words."""
-    if not has_bn:
+def _bn_mode(policy: Policy, has_bn: bool, tracks: bool, frozen: bool) -> str:
+    """What BatchNorm layers do in this run, in words: ``has_bn``, the trunk's blocks hold
+    BatchNorm gamma/beta; ``tracks``, some layer keeps running statistics (BatchNorm without
+    gamma/beta, an InstanceNorm that tracks them)."""
+    if not has_bn and not tracks:
         return "none in the trunk"
     if frozen:
         return "eval statistics (the backbone is frozen)"
@@ -864,15 +868,18 @@ def _bn_mode(policy: Policy, has_bn: bool, frozen: bool) -> str:
                    "they were)"
         return "statistics update in the unfrozen blocks, eval elsewhere (LoRA factors leave the statistics of the " \
                "blocks they adapt as they were)"
-    return {"train": "statistics update in training blocks, eval elsewhere",
-            "affine": "statistics frozen, gamma/beta train", "frozen": "frozen entirely"}[policy.bn]
+    affine = "statistics frozen, gamma/beta train" if has_bn else \
+        "statistics frozen (its BatchNorm layers have no gamma/beta to train)"
+    return {"train": "statistics update in training blocks, eval elsewhere", "affine": affine,
+            "frozen": "frozen entirely"}[policy.bn]
 
 
-def _bn_updates(policy: Policy, has_bn: bool, trainable: tuple[tuple[str, ...], ...],
+def _bn_updates(policy: Policy, statistics: bool, trainable: tuple[tuple[str, ...], ...],
                 cached_epochs: int) -> tuple[tuple[str, ...], ...]:
     """Per epoch, the blocks whose BatchNorm running statistics update (the others run in eval
-    mode): the training blocks under ``bn="train"``, none under ``affine``/``frozen``."""
-    if not has_bn or policy.bn != "train":
+    mode): the training blocks under ``bn="train"``, none under ``affine``/``frozen``;
+    ``statistics``: some layer of the trunk keeps running statistics."""
+    if not statistics or policy.bn != "train":
         return tuple(() for _ in trainable)
     return tuple(() if e < cached_epochs else blocks for e, blocks in enumerate(trainable))
 

@@ -618,6 +618,22 @@ def test_batchnorm_without_gamma_beta_is_planned_as_it_runs(split_folders):
     assert sorted({k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}) == ["top"]
 
 
+def test_a_frozen_run_without_the_cache_says_what_it_does_otherwise(split_folders):
+    """cache_features=False on a frozen backbone changed the augmentation, the head's precision
+    and its FeatureNorm without a word, where docs called caching a pure speed-up."""
+    def note(**kw):
+        d = _plan(split_folders / "train", policy="feature_extraction", cache_features=False, **kw)
+        return [n for n in d.notes if n.startswith("cache_features=False:")], d
+
+    said, d = note()
+    assert d.augment == "standard" and len(said) == 1 and "the training images are augmented (augment='standard'" \
+        in said[0], said
+    assert ("the head trains in bf16" in said[0]) == (d.speed["precision"] == "bf16")
+    assert note(augment="none", precision="fp32", head_norm=False)[0] == []  # the cached run's, but for the time
+    assert not [n for n in _plan(split_folders / "train", policy="feature_extraction").notes
+                if n.startswith("cache_features")]
+
+
 def test_decisions_record_which_blocks_update_batchnorm_statistics(split_folders):
     p = _plan(split_folders / "train", policy="fine_tune:frozen=1", epochs=3)
     d = p.to_dict()

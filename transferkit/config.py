@@ -363,7 +363,8 @@ class FinetuneConfig:
     image_size: int | None = _opt(None, "crop size in pixels (default: the backbone's)", group="data",
                                   check=_image_size, flag=True)
     augment: Literal["standard", "flip", "none"] | None = _opt(
-        None, "'standard', 'flip' or 'none' (default: standard when the backbone trains)", group="data", flag=True)
+        None, "'standard', 'flip' or 'none' (default: standard when the backbone runs every epoch: it trains, or "
+        "cache_features=False)", group="data", flag=True)
     # --- task
     task: Literal["multiclass", "multilabel", "regression"] = _opt(
         "multiclass", "'multiclass', 'multilabel' or 'regression' (data: a Dataset, or a CSV of path and one column "

@@ -362,6 +362,8 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     if data.targets is not None:
         scale_note = target_scale_note(data.targets, data.classes, standardised=target_norm)
         notes += [scale_note] if scale_note else []
+    if frozen and not cache and cfg.cache_features is False:
+        notes += _uncached_differences(cfg, speed, augment, pretrained=bb.pretrained, head_kind=facts.head)
     if bb.spec_augment and not any(trainable) and pol.lora is None:  # the trunk runs in eval mode throughout
         still = "" if frozen else " (BatchNorm gamma/beta train under bn=affine, with the blocks in eval mode)"
         notes.append("spec_augment has no effect in this run: SpecAugment masks in training mode only, and no "
@@ -852,6 +854,27 @@ def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen_epochs: int, hea
         return cfg.epochs, f"backbone frozen for {every}: computed once, {views}, {where}"
     return frozen_epochs, (f"backbone frozen for the first {_plural(frozen_epochs, 'epoch')}: the head trains on "
                            f"features computed once ({views}, {where}), then the backbone trains end to end")
+
+
+def _uncached_differences(cfg: FinetuneConfig, speed: dict[str, Any], augment: str, *, pretrained: bool,
+                          head_kind: str) -> list[str]:
+    """A note for a frozen run with ``cache_features=False``: what it does otherwise than the same
+    run on cached features (not only the time), where anything does."""
+    differ = []
+    if cfg.augment is None and augment != "none":
+        differ.append(f"the training images are augmented (augment={augment!r}, the default where the backbone runs "
+                      "every epoch; augment='none' gives the cached run's images)")
+    cached_norm = resolve_head_norm(cfg.head_norm, cached=True, cached_first=True, pretrained=pretrained,
+                                    head_kind=head_kind)
+    if cached_norm and not resolve_head_norm(cfg.head_norm, cached=False, cached_first=False, pretrained=pretrained,
+                                             head_kind=head_kind):
+        differ.append("the head has no FeatureNorm (its statistics come from features computed in advance)")
+    if speed["precision"] != "fp32":
+        differ.append(f"the head trains in {speed['precision']} with the backbone (on cached features, in fp32)")
+    if not differ:
+        return []
+    return [f"cache_features=False: besides running the frozen backbone every epoch, this run differs from the same "
+            f"run on cached features: {'; '.join(differ)}."]
 
 
 def _bn_mode(policy: Policy, has_bn: bool, tracks: bool, frozen: bool) -> str:

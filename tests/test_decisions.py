@@ -546,6 +546,8 @@ def test_images_are_decoded_once_when_the_backbone_trains(split_folders, monkeyp
         r = tk.finetune("tk:small_cnn", data=split_folders / "train", val_data=split_folders / "val",
                         policy="full", **{**KW, "epochs": epochs})
         assert r.decisions.decode["train"]["mode"] == "memory" and "decoded once" in r.decisions.summary()
+        # augment="standard" (the default here) crops the stored image, of 16 / 0.875 px: said (was: not)
+        assert "random crops are cut from the images kept at 18 px on their shorter side" in r.decisions.summary()
         counts[epochs] = len(opened)
     assert counts[2] == counts[4]  # more epochs, no more decoding
     opened.clear()

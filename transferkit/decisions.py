@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -30,7 +31,7 @@ from typing import Any
 from transferkit.backbones import InputSpec
 from transferkit.config import OUTPUT_KEYS, FinetuneConfig, called_as, jsonable, portable_decisions, warmup_example
 from transferkit.data import eval_transform, train_transform
-from transferkit.data.decoded import DEFAULT_BUDGET_BYTES, DecodePlan, decide_decode
+from transferkit.data.decoded import DEFAULT_BUDGET_BYTES, DecodePlan, decide_decode, stored_short_side
 from transferkit.data.gpu_jpeg import decide_input_decode
 from transferkit.errors import ConfigError, PolicyError
 from transferkit.backbones.registry import check_weights_tag
@@ -929,6 +930,10 @@ def _decode_decision(cfg: FinetuneConfig, facts: Facts, augment: str, cached_epo
                 budget -= out[part].estimate_bytes
     if cfg.decode_once is True and out["train"].mode == "off":
         raise ConfigError(f"decode_once=True cannot be honoured: {out['train'].reason}.")
+    if augment == "standard" and out["train"].mode != "off":  # the crops' pixels are the stored image's
+        side = stored_short_side(facts.backbone.input_spec)
+        out["train"] = dataclasses.replace(out["train"], reason=f"{out['train'].reason}; random crops are cut from "
+                                                                f"the images kept at {side} px on their shorter side")
     return {part: {"mode": d.mode, "estimate_bytes": d.estimate_bytes, "reason": d.reason, "key": d.key,
                    "path": None if d.path is None else str(d.path), "capacity_bytes": d.capacity_bytes}
             for part, d in out.items() if d.mode != "off"}

@@ -589,6 +589,8 @@ def test_bn_affine_on_a_trunk_without_batchnorm_is_frozen(split_folders):
     assert p.cache and p.lr == 0.01 and p.to_dict()["bn"] == "none in the trunk"
     cnn = _plan(split_folders / "train", policy="feature_extraction,bn=affine")  # BatchNorm: gamma/beta train
     assert not cnn.cache and cnn.lr == 0.001
+    assert "policy feature_extraction,bn=affine trains the backbone's BatchNorm gamma/beta from epoch 1" \
+        in cnn.summary()
 
 
 def test_batchnorm_without_gamma_beta_is_planned_as_it_runs(split_folders):
@@ -908,6 +910,8 @@ def test_l2sp_under_lora_without_blocks_pulls_no_weight_and_says_so(image_folder
     said = [n for n in tk.plan(**kw, policy="lora:r=4,l2sp=0.1").notes if n.startswith("l2sp=")]
     assert len(said) == 1 and said[0].startswith("l2sp=0.1 pulls no weight: under LoRA no pretrained weight trains")
     assert not [n for n in tk.plan(**kw, policy="lora:r=4,last=1,l2sp=0.1").notes if "under LoRA" in n]
+    for policy, what in (("lora:r=4", "LoRA factors in the backbone"), ("lora:r=4,last=1", "backbone weights")):
+        assert f"policy {policy} trains {what} from epoch 1" in tk.plan(**kw, policy=policy).summary()
 
 
 def test_settings_that_do_nothing_are_noted_and_a_warmup_past_its_phase_is_refused(image_folder):

@@ -842,7 +842,10 @@ def _cache_decision(cfg: FinetuneConfig, policy: Policy, frozen_epochs: int, hea
                           "(the backbone run in every epoch) does not apply to it. Drop cache_features=False, or use "
                           "head='linear' to train a head by epochs without the cache.")
     if frozen_epochs == 0:
-        return 0, f"policy {policy} trains backbone weights from epoch 1"
+        blocks_frozen = policy.unfreeze == "none" and policy.unfreeze_from is None  # what trains is beside the blocks
+        what = "LoRA factors in the backbone" if blocks_frozen and policy.lora is not None else \
+            "the backbone's BatchNorm gamma/beta" if blocks_frozen and policy.bn == "affine" else "backbone weights"
+        return 0, f"policy {policy} trains {what} from epoch 1"
     if cfg.cache_features is False:
         return 0, "cache_features=False: the frozen backbone runs in every epoch"
     where = f"on disk in {cfg.cache_dir}" if cfg.cache_dir is not None else "in memory"

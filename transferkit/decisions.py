@@ -282,8 +282,9 @@ class Decisions:
 
     @property
     def feature_dtype(self) -> str:
-        """The dtype cached features are stored in: the precision the engine computes them in
-        (bf16 features take half the bytes; ONNX Runtime computes fp32)."""
+        """The dtype a feature store under ``cache_dir`` keeps features in: the precision the
+        engine computes them in (bf16 features take half the bytes; ONNX Runtime computes fp32).
+        Features held in memory (no ``cache_dir``) are float32 whatever this says."""
         precision = engine_precision(self.engine, self.speed["feature_precision"])
         return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
 

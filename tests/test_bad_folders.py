@@ -816,3 +816,20 @@ def test_a_class_named_as_a_summary_row_of_the_report_is_refused(tmp_path, name)
     if name == "accuracy":
         prepare_task_data([(x, torch.tensor([1.0, 0.0])) for x, _ in targets], None, task="multilabel",
                           classes=[name, "dog"], **kw)
+
+
+def test_whole_number_labels_of_a_csv_are_classes_in_the_order_of_their_values(tmp_path):
+    """Labels 0, 5 and 10 became the classes ['0', '10', '5']: the class index of the label 10
+    was 1, so a prediction's index was not the label the CSV gave."""
+    from transferkit.data.folders import scan_csv
+
+    rows = []
+    for i, label in enumerate(["10", "5", "0", "10", "2"]):
+        _png(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{label}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    samples, classes = scan_csv(tmp_path / "labels.csv")
+    assert classes == ["0", "2", "5", "10"]
+    assert [classes[y] for _, y in samples] == ["10", "5", "0", "10", "2"]
+    (tmp_path / "names.csv").write_text("0.png,b10\n1.png,b5\n")
+    assert scan_csv(tmp_path / "names.csv")[1] == ["b10", "b5"]  # names: by name

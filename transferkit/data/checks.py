@@ -385,6 +385,23 @@ def check_label_names(names: Sequence[str], where: str, *, case: bool = True, ta
 MISSING_VALUES = {"nan", "n/a", "null", "<na>"}  # how tables write a missing value ('NA', 'none' may be classes)
 
 
+def class_order(labels: Sequence[str]) -> list[str]:
+    """The classes of labels read from a CSV or a table, in index order: by value where every
+    label is a whole number written in digits (``'0', '5', '10'``: a class's index is then its
+    place among the values, and the label 0 is index 0 where the labels run from 0), else by
+    name. (A folder's classes are its sub-folders sorted by name, as torchvision's
+    ``ImageFolder`` sorts them.)
+
+    Example:
+        >>> class_order(["10", "5", "0", "5"]), class_order(["bee", "ant"])
+        (['0', '5', '10'], ['ant', 'bee'])
+    """
+    names = set(labels)
+    if names and all(n.isascii() and n.isdecimal() for n in names):
+        return sorted(names, key=lambda n: (int(n), n))
+    return sorted(names)
+
+
 def check_number_labels(labels: Sequence[str], where: str) -> None:
     """DataError for labels that are one whole number written in several ways (``1``, ``01``,
     ``1.0``): each spelling would be a class of its own. Other numbers may be codes whose

@@ -27,7 +27,8 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from transferkit._text import plural
-from transferkit.data.checks import ON_BAD_FILE, DataReport, check_class_names, check_label_names, class_index, nfc
+from transferkit.data.checks import (ON_BAD_FILE, DataReport, check_class_names, check_label_names, class_index,
+                                     class_order, nfc)
 from transferkit.data.images import load_image
 from transferkit.data.late import ReportingCollate, load_or_replace
 from transferkit.errors import DataError, check_choice
@@ -412,7 +413,7 @@ def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what
         check_label_names(list(classes), what, case=False)
     if names:
         if not classes:  # read from the labels: 'Ants' beside 'ants' is a typo, '1' beside '01' too, as in a CSV
-            classes = sorted(set(names))
+            classes = class_order(names)
             check_class_names(names, what, report)
         index = class_index(classes)  # a label matches its class in either Unicode form
         unknown = sorted({nfc(n) for n in names if nfc(n) not in index})

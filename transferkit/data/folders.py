@@ -19,7 +19,8 @@ from pathlib import Path
 from transferkit._io import kind_of_bytes
 from transferkit._text import plural
 from transferkit.data.checks import (AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, LINK_LOOP, DataReport, check_class_names,
-                                     check_label_names, class_index, nfc, other_image_extensions, parse_number)
+                                     check_label_names, class_index, class_order, nfc, other_image_extensions,
+                                     parse_number)
 from transferkit.errors import DataError
 
 TRAIN_NAMES = ("train", "training")
@@ -402,7 +403,7 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
         report.warn(f"{str(csv_path)!r} lists {len(rows) - len(seen)} file(s) more than once with the same label; "
                     f"they count that many times in {'the scores' if purpose == 'scoring' else purpose}.")
     if classes is None:
-        classes = sorted(set(labels))
+        classes = class_order(labels)
     else:
         check_label_names(list(classes), "classes=", case=False)
     index = class_index(classes)  # a label matches its class in either Unicode form

@@ -471,3 +471,20 @@ def test_a_dataset_of_uint8_and_float_images_trains_on_the_pixels_predict_reads(
     assert torch.allclose(r.predictor().predict_proba([val[i][0] for i in range(12)]), want, atol=1e-5)
     assert torch.allclose(transferkit.load(tmp_path / "m.pt").predict_proba([val[i][0] for i in range(12)]), want,
                           atol=1e-5)
+
+
+def test_a_closed_pil_image_and_a_url_are_said_to_be_what_they_are(tmp_path):
+    """A PIL image closed before its pixels were read failed with Pillow's bare AssertionError
+    or ValueError; a URL was looked for as a local path ('.../https:/example.com/a.jpg')."""
+    export_tiny(tmp_path / "m.pt")
+    pred = transferkit.load(tmp_path / "m.pt")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "z.png")
+    with Image.open(tmp_path / "z.png") as closed:
+        pass
+    with pytest.raises(DataError, match=r"Cannot predict on a PIL image that was closed .* call image.load\(\) "):
+        pred.predict_proba(closed)
+    with Image.open(tmp_path / "z.png") as still_open:
+        assert pred.predict_proba(still_open).shape == (1, 3)
+    got = pred.predict("https://user:secret@example.com/a.jpg")[0]
+    assert got.error.startswith("Cannot read 'https://…@example.com/a.jpg': predict reads local files, not URLs."), \
+        got.error

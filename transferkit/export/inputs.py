@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from transferkit.data import audio
 from transferkit.data.checks import DataReport
 from transferkit.data.folders import list_class_files, not_a_file
 from transferkit.data.sampling import stack_images
+from transferkit._text import hide_url
 from transferkit.data.images import IMAGE_EXTENSIONS, check_image_tensor, image_from_array, load_image
 from transferkit.data.transforms import eval_transform
 from transferkit.errors import DataError, warn
@@ -96,6 +98,9 @@ class InputPipeline:
 
     def prepare(self, item: Any) -> torch.Tensor:
         """One item -> ``[3, H, W]`` image tensor or ``[T]`` waveform."""
+        if isinstance(item, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", item):
+            raise DataError(f"Cannot read {hide_url(item)!r}: predict reads local files, not URLs. Download it first "
+                            "(urllib.request.urlretrieve), or pass its bytes as io.BytesIO(body).")
         why = not_a_file(item) if isinstance(item, (str, os.PathLike)) else ""
         if why:
             folder = " Predict the files below it with predictor.predict_folder(folder) (transferkit predict takes " \
@@ -153,6 +158,13 @@ class InputPipeline:
         w, h = (item.size if isinstance(item, Image.Image) else (item.shape[-1], item.shape[-2]))
         if w == 0 or h == 0:
             raise DataError(f"Cannot predict on an empty image ({h}x{w} pixels).")
+        if isinstance(item, Image.Image) and getattr(item, "fp", "") is None:  # its file is closed: read already?
+            try:
+                item.load()
+            except (ValueError, AssertionError):  # Pillow's words differ by format
+                raise DataError("Cannot predict on a PIL image that was closed (image.close(), or the end of the "
+                                "`with Image.open(...)` block it came from) before its pixels were read: call "
+                                "image.load() inside the block, or pass the file's path.") from None
         return self._transform(item)
 
     def _waveform(self, item: Any) -> torch.Tensor:

@@ -600,6 +600,17 @@ def test_a_recipe_started_again_after_its_run_ended_has_nothing_to_resume(tmp_pa
         raise AssertionError("trained again")
 
     monkeypatch.setattr(api, "finetune", no_training)
+    scoring = recipes.evaluate_export
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipes, "evaluate_export", interrupted)  # Ctrl-C while the test set is scored: said
+    with pytest.raises(KeyboardInterrupt, match=r"^Interrupted \(Ctrl-C\) while scoring the test set: the trained model "
+                                                r"is in '.*model.pt', and '.*results.json' was not written; run the "
+                                                r"recipe again with --resume"):
+        run_recipe("cifar10", data, description="", recipe_dir=RECIPES, argv=argv + ["--set", "resume=true"])
+    monkeypatch.setattr(recipes, "evaluate_export", scoring)
     capsys.readouterr()
     again = run_recipe("cifar10", data, description="", recipe_dir=RECIPES, argv=argv + ["--set", "resume=true"])
     assert "holds a complete run: nothing to resume; its export" in capsys.readouterr().err

@@ -31,7 +31,7 @@ from typing import Any
 from transferkit.config import (RECIPE_KEYS, FinetuneConfig, called_as, load_config, merge_config, number_argument,
                                 parse_overrides)
 from transferkit._io import atomic_write, check_writable
-from transferkit._signals import interrupt_exit
+from transferkit._signals import interrupt_exit, signal_name
 from transferkit.errors import ConfigError, DataError, TransferkitError, suggest, warn
 from transferkit._text import plural
 from transferkit.helpformat import (HELP, MAX_PIXELS_HELP, Parser, one_line, one_line_warnings, pixel_limit,
@@ -320,7 +320,14 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
                                    "data_dir": str(data_dir), "best": best,
                                    "seconds": round(time.perf_counter() - t0, 1), "export": str(export)}
         if test is not None:
-            summary["test_acc"] = evaluate_export(export, test)
+            try:
+                summary["test_acc"] = evaluate_export(export, test)
+            except KeyboardInterrupt as exc:  # the model is whole: say where, and how to score it again
+                again = "run the recipe again with --resume (a complete run is scored again)" \
+                    if run_cfg.get("checkpoint") else f"score it with `transferkit evaluate {export} <test data>`"
+                raise KeyboardInterrupt(f"Interrupted ({signal_name(exc)}) while scoring the test set: the trained "
+                                        f"model is in {str(export)!r}, and {str(run_out / 'results.json')!r} was "
+                                        f"not written; {again}.") from exc
         atomic_write(run_out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1,
                                                                                             default=str)),
                      what="recipe results", flag="--out")

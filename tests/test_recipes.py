@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import runpy
 import subprocess
 import sys
@@ -470,6 +471,23 @@ def test_an_unset_variable_in_a_setting_is_named_not_read_as_a_path(monkeypatch)
         recipes.expand_vars("${NOPE_VAR}/x", "data")
     assert recipes.expand_vars("${SOME_ROOT}/x", "data") == "/srv/data/x"
     assert recipes.expand_vars("$NOPE_VAR/x", "data") == "$NOPE_VAR/x"  # unbraced: left as written
+
+
+def test_an_unset_variable_of_a_config_file_is_said_as_the_file_s(tmp_path, monkeypatch, capsys):
+    """A config file's ``weights: ${NOPE}/w.pt`` was blamed on --weights, a flag the user never typed;
+    a value the command line overrides is not read at all."""
+    monkeypatch.delenv("NOPE_VAR", raising=False)
+    monkeypatch.delenv("NOPE_DATA", raising=False)
+    config = tmp_path / "c.yaml"
+    config.write_text("backbone: tk:small_cnn\nweights: ${NOPE_VAR}/w.pt\ndata: ${NOPE_DATA}/x\nepochs: 1\n")
+    assert main(["finetune", "--config", str(config)]) == 2
+    assert f"error: {config}: weights: '${{NOPE_VAR}}/w.pt' names the environment variable NOPE_VAR, which is not " \
+        "set" in capsys.readouterr().err
+    assert main(["finetune", "--config", str(config), "--weights", "none"]) == 2  # overridden: the next one is said
+    assert f"error: {config}: data: '${{NOPE_DATA}}/x' names the environment variable NOPE_DATA" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: weights: '\$\{{NOPE_VAR\}}/w.pt' names the "):
+        recipes.run_recipe("x", lambda root, options: None, description="", recipe_dir=RECIPES,
+                           argv=["--config", str(config), "--out", str(tmp_path / "out")])
 
 
 def test_a_recipe_s_number_flags_read_numbers_as_transferkit_finetune_does(capsys):

@@ -50,17 +50,19 @@ class RecipeData:
     classes: list[str] | None = None
 
 
-def expand_vars(value: Any, key: str = "a setting") -> Any:
+def expand_vars(value: Any, key: str = "a setting", *, source: str | None = None) -> Any:
     """``${TRANSFERKIT_DATA}`` (defaulting to `default_data_root`), other environment
     variables and ``~`` expanded in string values. A ``${NAME}`` that is not set is a
     [`ConfigError`][transferkit.ConfigError] naming ``key`` (it would be read as part of a
-    path that does not exist); an unset ``$NAME`` stays as written."""
+    path that does not exist) and ``source``, the file it was read from, where given (else
+    the key is spelt as the command line spells it); an unset ``$NAME`` stays as written."""
     if not isinstance(value, str) or ("$" not in value and not value.startswith("~")):
         return value
     env = {**os.environ, "TRANSFERKIT_DATA": str(default_data_root())}
     unset = [m.group(1) for m in re.finditer(r"\$\{(\w+)\}", value) if m.group(1) not in env]
     if unset:
-        raise ConfigError(f"{key}={value!r} names the environment variable {unset[0]}, which is not set. Set it "
+        where = f"{source}: {key}: {value!r}" if source else f"{key}={value!r}"
+        raise ConfigError(f"{where} names the environment variable {unset[0]}, which is not set. Set it "
                           f"(export {unset[0]}=...), or write the path itself.")
     out = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), m.group(0)), value)
     return os.path.expanduser(out)
@@ -264,6 +266,8 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
         cli["download"] = True
     overridden = parse_overrides(args.set)
     cli.update(overridden)
+    for key in [k for k in file_cfg if k not in cli]:  # an unset ${VAR} the file gives: said as the file's
+        expand_vars(file_cfg[key], key, source=args.config or f"recipes/{own_cfg.name}")
     _refuse_owned(name, set(file_cfg) | set(cli))  # before merging: data= beside the file's data_dir is this error
     cfg = {k: expand_vars(v, k) for k, v in merge_config({**file_cfg, **cli}, source=f"{name} recipe").items()}
     recipe = {k: cfg.pop(k) for k in list(cfg) if k in RECIPE_KEYS}

@@ -215,7 +215,9 @@ def _hash_code(h: Any, code: types.CodeType) -> None:
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             _hash_code(h, const)
-        else:  # (`x in {"a", "b"}` holds a frozenset)
+        elif isinstance(const, frozenset):  # `x in {"a", "b"}`: sorted, in the spelling keys were made with
+            h.update(repr(sorted(map(repr, const))).encode())
+        else:
             h.update(stable_repr(const).encode())
 
 

@@ -280,7 +280,8 @@ def data_loader(dataset: Dataset, **options: Any) -> DataLoader:
     """
     if "worker_init_fn" in options:
         raise TypeError("data_loader sets worker_init_fn itself")
-    if options.get("collate_fn") is None:
+    batching = options.get("batch_size", 1) is not None or options.get("batch_sampler") is not None
+    if options.get("collate_fn") is None and batching:  # (without batches, DataLoader converts items alone)
         options["collate_fn"] = collate_items
     from PIL import Image
 

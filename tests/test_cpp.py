@@ -187,6 +187,11 @@ def test_cpp_program_rejects_a_file_without_metadata(program, tmp_path):
     (tmp_path / "cut.pt").write_bytes((tmp_path / "plain.pt").read_bytes()[:100])
     proc = _run(program, tmp_path / "cut.pt", tmp_path / "x.ppm")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "zip archive" in proc.stderr
+    torch.save({"transferkit": {}, "model": {"w": torch.zeros(2)}}, tmp_path / "run.ckpt")  # a checkpoint: a zip too
+    proc = _run(program, tmp_path / "run.ckpt", tmp_path / "x.ppm")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "run.ckpt is a file of torch.save (a checkpoint or weights), not a TorchScript export; make one with " \
+        "`transferkit export" in proc.stderr, proc.stderr
     for name in ("m.onnx", "m.bin"):  # by its name, and by how an ONNX file starts (ir_version, producer)
         (tmp_path / name).write_bytes(b"\x08\x08\x12\x07pytorch")
         proc = _run(program, tmp_path / name, tmp_path / "x.ppm")

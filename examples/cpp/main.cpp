@@ -234,7 +234,15 @@ int main(int argc, char** argv) {
   try {
     check_torchscript(model_path);
     torch::jit::ExtraFilesMap extra{{"transferkit.json", ""}, {"labels.txt", ""}};
-    torch::jit::script::Module module = torch::jit::load(model_path, torch::kCPU, extra);
+    torch::jit::script::Module module;
+    try {
+      module = torch::jit::load(model_path, torch::kCPU, extra);
+    } catch (const c10::Error& e) {
+      // a zip archive without TorchScript's constants: a torch.save file (libtorch calls it "corrupted")
+      if (std::string(e.what()).find("constants.pkl") == std::string::npos) throw;
+      throw std::runtime_error(model_path + " is a file of torch.save (a checkpoint or weights), not a TorchScript "
+                               "export; make one with `transferkit export " + model_path + " --out model.pt`");
+    }
     module.eval();
     const std::string& meta = extra["transferkit.json"];
     const auto labels = split_lines(extra["labels.txt"]);

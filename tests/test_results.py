@@ -285,3 +285,7 @@ def test_export_on_a_rank_other_than_0_writes_nothing_and_says_so(result, tmp_pa
     with pytest.warns(UserWarning, match=r"on rank 1 of 2: rank 0 writes the export .* nothing was written here"):
         assert other.export(tmp_path / "m.pt") == []
     assert not (tmp_path / "m.pt").exists() and r.export(tmp_path / "m.pt")[0].path == tmp_path / "m.pt"
+    for draw in ("show_results", "plot_top_losses", "plot_confusion_matrix"):  # every rank wrote the same file
+        picture = tmp_path / f"{draw}.png"
+        assert getattr(other, draw)(path=picture) == picture and not picture.exists()
+        assert getattr(r, draw)(path=picture) == picture and picture.read_bytes()[:4] == b"\x89PNG"

@@ -99,19 +99,30 @@ class FinetuneResult:
                               "validation data.")
         return validation_images(self.decisions, self.run, self.val_logits, self.val_kept)
 
+    def _drawn_elsewhere(self) -> bool:
+        """Whether this is a rank other than 0 of a torchrun job: the pictures are the same on
+        every rank (the validation scores are gathered), and rank 0 draws them alone."""
+        return self.run is not None and not self.run.dist.is_main
+
     def show_results(self, n: int = 9, path: str | Path = "show_results.png") -> Path:
         """A PNG grid of ``n`` validation images with true label, prediction and probability
-        (green right, red wrong); returns its path. See `transferkit.train.interpret`."""
+        (green right, red wrong); returns its path. See `transferkit.train.interpret`. Under
+        torchrun rank 0 draws it; the other ranks return the path and write nothing."""
         from transferkit.train.interpret import show_results
 
         logits, images = self._interpretable()
+        if self._drawn_elsewhere():
+            return Path(path)
         return show_results(logits, images, self.classes, path, n=n)
 
     def plot_top_losses(self, k: int = 9, path: str | Path = "top_losses.png") -> Path:
-        """A PNG grid of the ``k`` validation images with the highest loss (predicted / true / loss)."""
+        """A PNG grid of the ``k`` validation images with the highest loss (predicted / true /
+        loss). Under torchrun rank 0 draws it; the other ranks return the path."""
         from transferkit.train.interpret import plot_top_losses
 
         logits, images = self._interpretable()
+        if self._drawn_elsewhere():
+            return Path(path)
         return plot_top_losses(logits, images, self.classes, path, k=k)
 
     def most_confused(self, min_count: int = 1) -> list[tuple[str, str, int]]:
@@ -151,6 +162,8 @@ class FinetuneResult:
 
         if "confusion_matrix" not in self.metrics:
             raise ConfigError("plot_confusion_matrix needs a multiclass run with validation data.")
+        if self._drawn_elsewhere():  # rank 0 draws it (the other ranks return the path)
+            return Path(path)
         return plot_confusion_matrix(self.metrics["confusion_matrix"], self.classes, path)
 
     def export(self, path: str | Path, *, onnx: bool | str | Path = False, optimize: bool = False,

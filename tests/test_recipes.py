@@ -484,7 +484,8 @@ def test_an_unset_variable_of_a_config_file_is_said_as_the_file_s(tmp_path, monk
     assert f"error: {config}: weights: '${{NOPE_VAR}}/w.pt' names the environment variable NOPE_VAR, which is not " \
         "set" in capsys.readouterr().err
     assert main(["finetune", "--config", str(config), "--weights", "none"]) == 2  # overridden: the next one is said
-    assert f"error: {config}: data: '${{NOPE_DATA}}/x' names the environment variable NOPE_DATA" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert f"error: {config}: data: '${{NOPE_DATA}}/x' names the environment variable NOPE_DATA" in said
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: weights: '\$\{{NOPE_VAR\}}/w.pt' names the "):
         recipes.run_recipe("x", lambda root, options: None, description="", recipe_dir=RECIPES,
                            argv=["--config", str(config), "--out", str(tmp_path / "out")])
@@ -624,9 +625,9 @@ def test_a_recipe_started_again_after_its_run_ended_has_nothing_to_resume(tmp_pa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(recipes, "evaluate_export", interrupted)  # Ctrl-C while the test set is scored: said
-    with pytest.raises(KeyboardInterrupt, match=r"^Interrupted \(Ctrl-C\) while scoring the test set: the trained model "
-                                                r"is in '.*model.pt', and '.*results.json' was not written; run the "
-                                                r"recipe again with --resume"):
+    with pytest.raises(KeyboardInterrupt, match=r"^Interrupted \(Ctrl-C\) while scoring the test set: the trained "
+                                                r"model is in '.*model.pt', and '.*results.json' was not written; "
+                                                r"run the recipe again with --resume"):
         run_recipe("cifar10", data, description="", recipe_dir=RECIPES, argv=argv + ["--set", "resume=true"])
     monkeypatch.setattr(recipes, "evaluate_export", scoring)
     capsys.readouterr()

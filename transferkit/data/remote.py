@@ -265,8 +265,9 @@ class Fetched(NamedTuple):
 
 def stream_to(url: str, dest: str | Path) -> Fetched:
     """Copy the shard ``url`` front to back into the file ``dest`` (in chunks); returns its
-    response's validators and the digest of the bytes (`Fetched`). Raises `ShardFetchError` when the fetch fails; a failure
-    that may pass is tried again after each of `RETRY_WAITS` first (see the module docstring)."""
+    response's validators and the digest of the bytes (`Fetched`). Raises `ShardFetchError`
+    when the fetch fails; a failure that may pass is tried again after each of `RETRY_WAITS`
+    first (see the module docstring)."""
     return _retried(url, lambda: _stream_once(url, dest))
 
 
@@ -618,8 +619,7 @@ class ShardCache:
         shard changed). ``size``: the bytes expected (from the shard index), checked, and used
         to make room and check the free space first. ``check(path, digest)`` runs on a new
         copy (its bytes' `file_digest`) before it is renamed into place (it raises to refuse
-        it). The returned `Held` keeps
-        the copy from eviction until released."""
+        it). The returned `Held` keeps the copy from eviction until released."""
         import fcntl
 
         target = self.path(url, validators)
@@ -658,10 +658,10 @@ class ShardCache:
                        check: Callable[[str, str], None] | None, validators: dict[str, str]) -> str | None:
         """Fetch ``target`` under the exclusive lock, or wait for the process that fetches it;
         returns with the shared lock held (the digest of the bytes fetched, "" when another
-        process fetched them), or None when the copy is gone again. The exclusive lock is asked without
-        blocking: once the copy is there, its readers hold the shared lock for as long as they
-        read (an idle DataLoader worker keeps its shards open), and a blocking request would
-        wait for all of them."""
+        process fetched them), or None when the copy is gone again. The exclusive lock is asked
+        without blocking: once the copy is there, its readers hold the shared lock for as long
+        as they read (an idle DataLoader worker keeps its shards open), and a blocking request
+        would wait for all of them."""
         import fcntl
 
         while True:

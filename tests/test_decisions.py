@@ -616,6 +616,9 @@ def test_batchnorm_without_gamma_beta_is_planned_as_it_runs(split_folders):
     assert said == {"unfreeze:last=1": ("statistics update in training blocks, eval elsewhere", [["top"]]),
                     "unfreeze:last=1,bn=frozen": ("frozen entirely", [[]]),
                     "full,bn=affine": ("statistics frozen (its BatchNorm layers have no gamma/beta to train)", [[]])}
+    policy_line = tk.plan(bb, data=split_folders / "train", policy="unfreeze:last=1,bn=affine",
+                          **{**KW, "epochs": 1}).summary().splitlines()[2]
+    assert policy_line.endswith("head + top for 1 epoch"), policy_line  # no gamma/beta said to train
     before = {k: v.clone() for k, v in trunk.state_dict().items() if "running" in k}
     r = tk.finetune(bb, data=split_folders / "train", policy="unfreeze:last=1", **{**KW, "epochs": 1})
     after = r.model.trunk.state_dict()

@@ -190,7 +190,7 @@ class Decisions:
         where = self.device + (f", rank {self.rank} of {self.world_size}" if self.world_size > 1 else "")
         features = ("cached" if self.cache else "cached, then not" if self.cached_epochs else "not cached")
         phases = self.policy.lr_phases(cfg.epochs)
-        affine = self.policy.bn == "affine" and self.bn_mode.startswith("statistics frozen")  # gamma/beta train too
+        affine = self.policy.bn == "affine" and self.bn_mode == GAMMA_BETA_TRAIN  # gamma/beta train too
         epochs_text = _epoch_text(self.trainable, cfg.epochs, lora=self.policy.lora, bn_affine=affine)
         alone = (f"of the head at lr {self.lr:.3g} and every block's BatchNorm gamma/beta at its block's rate"
                  if affine else f"of the head alone at lr {self.lr:.3g}")
@@ -882,6 +882,9 @@ def _uncached_differences(cfg: FinetuneConfig, speed: dict[str, Any], augment: s
             f"run on cached features: {'; '.join(differ)}."]
 
 
+GAMMA_BETA_TRAIN = "statistics frozen, gamma/beta train"  # the BatchNorm line of bn="affine" on gamma/beta
+
+
 def _bn_mode(policy: Policy, has_bn: bool, tracks: bool, frozen: bool) -> str:
     """What BatchNorm layers do in this run, in words: ``has_bn``, the trunk's blocks hold
     BatchNorm gamma/beta; ``tracks``, some layer keeps running statistics (BatchNorm without
@@ -896,8 +899,7 @@ def _bn_mode(policy: Policy, has_bn: bool, tracks: bool, frozen: bool) -> str:
                    "they were)"
         return "statistics update in the unfrozen blocks, eval elsewhere (LoRA factors leave the statistics of the " \
                "blocks they adapt as they were)"
-    affine = "statistics frozen, gamma/beta train" if has_bn else \
-        "statistics frozen (its BatchNorm layers have no gamma/beta to train)"
+    affine = GAMMA_BETA_TRAIN if has_bn else "statistics frozen (its BatchNorm layers have no gamma/beta to train)"
     return {"train": "statistics update in training blocks, eval elsewhere", "affine": affine,
             "frozen": "frozen entirely"}[policy.bn]
 

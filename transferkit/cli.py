@@ -358,7 +358,6 @@ def _finetune_kwargs(args: argparse.Namespace) -> dict:
     overrides = parse_overrides(args.set, keys=keys)
     for key in [k for k in file_cfg if k not in flags and k not in overrides]:  # an unset ${VAR} the file gives:
         expand_vars(file_cfg[key], key, source=args.config)                    # said as the file's, not as a flag
-
     unused = RECIPE_KEYS.keys() - {"data_dir", "runs"}  # what recipes read; `finetune` has no use for them
     for where, layer in ((f"--config {args.config}", file_cfg), ("--set", overrides)):
         for key in sorted(set(layer) & (unused | ({"runs"} if where == "--set" else set()))):

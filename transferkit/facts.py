@@ -178,11 +178,17 @@ def resolve_input_spec(spec: InputSpec, image_size: int | None) -> InputSpec:
 def _size_option(trunk: torch.nn.Module) -> str | None:
     """The keyword by which the trunk's class takes its input size (timm: ``img_size``; torchvision's
     ViT ``image_size``, MaxViT ``input_size``), or None."""
-    try:
-        params = inspect.signature(type(trunk).__init__).parameters
-    except (TypeError, ValueError):
-        return None
-    return next((p for p in ("img_size", "image_size", "input_size") if p in params), None)
+    for klass in type(trunk).__mro__:  # past a subclass that passes *args, **kwargs on (timm's LevitDistilled)
+        if klass is torch.nn.Module:
+            break
+        try:
+            params = inspect.signature(klass.__init__).parameters
+        except (TypeError, ValueError):
+            return None
+        found = next((p for p in ("img_size", "image_size", "input_size") if p in params), None)
+        if found is not None or not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()):
+            return found
+    return None
 
 
 def check_options_of_kind(cfg: FinetuneConfig, bb: Backbone) -> None:
@@ -213,6 +219,17 @@ def _forward_fails(bb: Backbone, channels: int, size: int) -> BaseException | No
         return exc
     finally:
         bb.trunk.train(was)
+
+
+def _option_serves(name: str, options: dict[str, Any], channels: int, size: int) -> bool:
+    """Whether the backbone ``name`` built with ``options`` (random weights: the structure alone)
+    runs at ``size`` px: a size option is suggested only where it serves (timm's EfficientFormer
+    takes ``img_size`` and still fails at other sizes)."""
+    try:
+        built = get_backbone(name, weights=None, **options)
+    except Exception:  # noqa: BLE001 - an option the builder refuses does not serve
+        return False
+    return _forward_fails(built, channels, size) is None
 
 
 def _drawn_by_shard(dataset: Any) -> bool:
@@ -250,17 +267,26 @@ def check_channels(bb: Backbone, spec: InputSpec, *, options: dict[str, Any] | N
                       + (", leaving in_chans out" if said else "") + ".") from exc
 
 
-def check_runs_at(bb: Backbone, spec: InputSpec, *, by_name: bool = True, weights: Any = None) -> None:
+def check_runs_at(bb: Backbone, spec: InputSpec, *, by_name: bool = True, weights: Any = None,
+                  options: dict[str, Any] | None = None) -> None:
     """ConfigError, before any data are read, when ``image_size`` asks for a crop size the
     trunk was not built for and it does not run at it (a model with a fixed input size: ViTs'
-    position embeddings, EfficientFormer, Swin windows): one image of zeros at that size,
-    in eval mode, without gradients."""
+    position embeddings, EfficientFormer, Swin windows), or when the trunk was built for a
+    size through its size option (``options``, its backbone_options) and does not run at it
+    (timm's EfficientFormer takes ``img_size`` and keeps attention biases of 224 px): one
+    image of zeros at that size, in eval mode, without gradients."""
     built = bb.input_spec.image_size
-    if spec.kind != "image" or spec.image_size == built:
+    asked = next((k for k in ("img_size", "image_size", "input_size") if k in (options or {})), None)
+    if spec.kind != "image" or (spec.image_size == built and asked is None):
         return
     exc = _forward_fails(bb, spec.channels, spec.image_size)
     if exc is None:
         return
+    if spec.image_size == built:  # built for it through the option, and still failing: the option does not serve
+        raise ConfigError(f"{bb.name} built with backbone_options={{{asked!r}: {options[asked]!r}}} does not run at "
+                          f"{built} px ({exception_line(exc, 200)}): its architecture does not take another size "
+                          f"through {asked} (parts of it stay at their default size). Leave {asked} out and use "
+                          "the size it is built for, or choose a backbone that takes the size you want.") from exc
     option, size = _size_option(bb.trunk), spec.image_size
     value = (size, size) if option == "input_size" else size
     if not by_name:  # a Backbone object: built already
@@ -268,9 +294,11 @@ def check_runs_at(bb: Backbone, spec: InputSpec, *, by_name: bool = True, weight
     elif option and bb.name.startswith("tv:") and weights is not None:  # torchvision's weights fix the size
         how = (f"or weights=None to train it from scratch at {size} px (backbone_options={{{option!r}: {value}}}): "
                f"torchvision's weights for it take {built} px only")
+    elif option and _option_serves(bb.name, {**(options or {}), option: value}, spec.channels, size):
+        how = f"or build it at that size (backbone_options={{{option!r}: {value}}})"
     elif option:
-        how = f"or build it at the size you want where its architecture allows (backbone_options={{{option!r}: " \
-              f"{value}}})"
+        how = (f"or choose a backbone that takes {size} px (its class takes {option}=, but built with "
+               f"{option}={value} it does not run at {size} px either)")
     else:
         how = f"or choose a backbone that takes {size} px (the class {type(bb.trunk).__name__} takes no input size)"
     raise ConfigError(f"{bb.name} does not run at image_size={size}: it was built for {built} px, and "
@@ -293,7 +321,7 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
     spec = resolve_input_spec(bb.input_spec, cfg.image_size)
     check_options_of_kind(cfg, bb)
     check_channels(bb, spec, options=cfg.backbone_options)
-    check_runs_at(bb, spec, by_name=isinstance(cfg.backbone, str), weights=cfg.weights)
+    check_runs_at(bb, spec, by_name=isinstance(cfg.backbone, str), weights=cfg.weights, options=cfg.backbone_options)
     # every rank reads the same data (checked next): rank 0 says what it found; the others say
     # it only when their data differ from rank 0's, where it may name the difference
     with warnings.catch_warnings(record=not info.is_main) as held:

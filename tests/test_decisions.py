@@ -672,6 +672,21 @@ def test_exports_carry_names_and_digests_not_the_training_machines_paths(split_f
     assert read_metadata(tmp_path / "full_again.pt")["decisions"]["weights"] == str(weights)
 
 
+def test_paths_inside_backbone_options_are_kept_out_of_a_portable_record():
+    """timm's pretrained_cfg_overlay={'file': '/home/ann/...'} (backbones.md's way to give timm a
+    local weights file) was written whole into every export, the user's home folder with it."""
+    from transferkit.config import portable_decisions
+
+    overlay = {"pretrained_cfg_overlay": {"file": "/home/ann/models/lite0.pth", "url": "https://h/w?sig=c2ln"},
+               "drop_rate": 0.1, "img_size": [64, 64]}
+    record = portable_decisions({"config": {"backbone_options": overlay, "data": "/home/ann/photos"},
+                                 "backbone_options": {"file": "~/w.pth"}})
+    assert record["config"]["backbone_options"] == {
+        "pretrained_cfg_overlay": {"file": "lite0.pth", "url": "https://h/w?sig=…"}, "drop_rate": 0.1,
+        "img_size": [64, 64]}
+    assert record["backbone_options"] == {"file": "w.pth"} and "/home/ann" not in str(record)
+
+
 def test_a_file_that_fails_during_extraction_is_masked_and_reported_by_every_run(tmp_path):
     """The store keeps the entry (its part is reused) but masks the file's row, so later runs
     still see and report the broken file instead of silently training on a replacement."""

@@ -612,10 +612,24 @@ def portable_paths(config: dict[str, Any]) -> dict[str, Any]:
         {'data': 'train-{0..9}.tar?sig=…'}
         >>> portable_paths({"data": ["https://h/a.tar?sig=c2ln", "/data/b.tar"]})
         {'data': ['a.tar?sig=…', 'b.tar']}
+        >>> portable_paths({"backbone_options": {"pretrained_cfg_overlay": {"file": "/home/ann/w.pth"}}})
+        {'backbone_options': {'pretrained_cfg_overlay': {'file': 'w.pth'}}}
     """
     def name(v: Any) -> Any:
         return Path(hide_secrets(v)).name if isinstance(v, str) else [name(x) for x in v] if isinstance(v, list) else v
-    return {k: name(v) if _is_path(k) else v for k, v in config.items()}
+    return {k: name(v) if _is_path(k) else _local_names(v) if isinstance(v, dict) else v for k, v in config.items()}
+
+
+def _local_names(value: Any) -> Any:
+    """``value`` (options: dicts and lists of them) with every absolute local path in it reduced
+    to its file name and no URL's signature (timm's ``pretrained_cfg_overlay={'file': ...}``)."""
+    if isinstance(value, dict):
+        return {k: _local_names(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_local_names(v) for v in value)
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith(("~", "file:"))):
+        return Path(value).name
+    return hide_secrets(value) if isinstance(value, str) else value
 
 
 def portable_decisions(decisions: dict[str, Any]) -> dict[str, Any]:
@@ -624,6 +638,8 @@ def portable_decisions(decisions: dict[str, Any]) -> dict[str, Any]:
     file to ``name@digest``. Also for a checkpoint's decisions, which hold the training
     machine's paths (`transferkit export`)."""
     out = {**decisions, "config": portable_paths(decisions.get("config") or {})}
+    if isinstance(decisions.get("backbone_options"), dict):  # a Backbone object's build options
+        out["backbone_options"] = _local_names(decisions["backbone_options"])
     if decisions.get("weights_file"):
         out["weights"] = decisions["weights_file"]
     return out

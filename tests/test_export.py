@@ -608,6 +608,23 @@ def test_onnx_conversion_that_fails_says_which_operation_in_one_line_without_a_g
                         metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()})
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_an_onnx_export_of_a_model_not_in_float32_is_refused_by_name(tmp_path, dtype):
+    """A bf16 or float64 model ended in ONNX Runtime's own error (INVALID_GRAPH, NOT_IMPLEMENTED),
+    naming a temporary file, not an ExportError."""
+    needs_onnx()
+    from transferkit.export import export_onnx
+
+    bb = transferkit.get_backbone("tk:small_cnn", weights=None)
+    model = transferkit.build_model(bb, 2).to(dtype)
+    with pytest.raises(ExportError, match=rf"An ONNX export takes a float32 model; this one holds "
+                                          rf"{str(dtype).replace('torch.', '')} tensors \(e.g. '.*'\)\. Export a "
+                                          r"float32 copy"):
+        export_onnx(model, tmp_path / "m.onnx", metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()},
+                    example_inputs=images(2, 32))
+    assert not list(tmp_path.iterdir())
+
+
 def test_onnx_export_whose_write_fails_reports_the_write_not_a_conversion(tmp_path, monkeypatch):
     needs_onnx()
     import errno

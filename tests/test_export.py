@@ -255,6 +255,30 @@ def test_optimize_keeps_an_optimization_only_with_parity(tmp_path):
         assert "rejected" in note
 
 
+def test_an_optimization_torch_cannot_load_back_is_said_as_such_not_as_a_corrupt_file(tmp_path, monkeypatch):
+    """torch cannot load some frozen modules it has just written (MobileNetV3, LeViT, ViT): the
+    note said "Cannot load ... (truncated, corrupt, or not a transferkit export)"."""
+    import transferkit.export.torchscript as ts
+
+    real = ts._save_and_check
+
+    def frozen_fails(module, tmp, meta, reference, batches, kind, how, *args, **kwargs):
+        if how != "none":
+            try:
+                raise RuntimeError("required keyword attribute 'value' is undefined")
+            except RuntimeError as exc:
+                raise ExportError(ts._UNREADABLE.format(source=repr(tmp)) + f": RuntimeError: {exc}") from exc
+        return real(module, tmp, meta, reference, batches, kind, how, *args, **kwargs)
+
+    monkeypatch.setattr(ts, "_save_and_check", frozen_fails)
+    with pytest.warns(UserWarning, match="no optimization kept parity or reloaded"):
+        report, _ = export_tiny(tmp_path / "o.pt", optimize=True)
+    assert report.optimization == "none" and report.notes
+    for note in report.notes:
+        assert note.endswith("rejected: torch could not load the optimized file back (RuntimeError: required keyword "
+                             "attribute 'value' is undefined)"), note
+
+
 def test_export_checks_each_example_batch_and_the_output_shape(tmp_path):
     model, bb = tiny_model(2)
     meta = {"labels": ["a", "b"], "input_spec": bb.input_spec.replace(image_size=16).to_dict()}

@@ -430,7 +430,7 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
             except Exception as exc:  # noqa: BLE001 - an optimization that fails is dropped, plain is final
                 if how == "none":
                     raise
-                report.notes.append(f"{how} rejected: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                report.notes.append(f"{how} rejected: {_why_rejected(exc)}")
                 continue
             report.optimization, report.max_abs_diff, report.tolerance = how, diff, tol
             return
@@ -603,6 +603,16 @@ def _load(path: str | Path, map_location: str | torch.device, *,
 
 
 _UNREADABLE = "Cannot load {source} as TorchScript (truncated, corrupt, or not a transferkit export)"
+
+
+def _why_rejected(exc: BaseException) -> str:
+    """Why an optimized export was dropped, in one line: where torch could not load the file it
+    had just written (a known limit of frozen modules), that, not the load error's "corrupt"."""
+    cause = exc.__cause__
+    if isinstance(exc, ExportError) and str(exc).startswith("Cannot load ") and cause is not None:
+        return f"torch could not load the optimized file back ({type(cause).__name__}: " \
+               f"{str(cause).splitlines()[0][:200] if str(cause) else ''})"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
 def _checked_metadata(f: Any, source: str) -> dict[str, Any]:

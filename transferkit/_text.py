@@ -91,12 +91,20 @@ def exception_line(exc: BaseException, limit: int = 300) -> str:
         >>> exception_line(RuntimeError("The following operation failed in the TorchScript interpreter.\\n"
         ...                             "Traceback of TorchScript ...\\nbuiltins.ValueError: pixels in [0, 1]\\n"))
         'ValueError: pixels in [0, 1]'
+
+    A first line that ends with a colon introduces the next (TorchScript's compiler states the
+    signature first, then what is wrong with it): both are kept.
+
+        >>> exception_line(RuntimeError("forward(Tensor x) -> Tensor[]:\\nExpected a value of type 'Tensor'"))
+        "RuntimeError: forward(Tensor x) -> Tensor[]: Expected a value of type 'Tensor'"
     """
     text = str(exc).strip()
     raised = _SCRIPTED_RAISE.findall(text) if "TorchScript interpreter" in text else []
     if raised:
         return f"{raised[-1][0]}: {raised[-1][1][:limit]}"
-    return f"{type(exc).__name__}: {text.splitlines()[0][:limit]}" if text else type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = f"{lines[0]} {lines[1]}" if len(lines) > 1 and lines[0].endswith(":") else lines[0] if lines else ""
+    return f"{type(exc).__name__}: {first[:limit]}" if text else type(exc).__name__
 
 
 def file_reason(error: object) -> str:

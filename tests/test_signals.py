@@ -295,3 +295,32 @@ def test_a_rank_that_does_not_join_in_time_is_one_line(monkeypatch):
                                                            r"within 4 s \(wait timeout after 4000ms, keys: [^\n]*\)\. "
                                                            r".*raise the limit with TRANSFERKIT_DIST_TIMEOUT"):
         distributed.init_distributed(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_while_the_first_is_handled_does_not_lose_the_weights(tmp_path, image_folder, monkeypatch,
+                                                                             second):
+    """A scheduler that signals the whole process group, or Ctrl-C pressed twice: the second
+    signal, landing while the first one's handler had not yet held the signals, was raised into
+    it, and the weights it was about to save were lost (57 epochs, in a run without checkpoint)."""
+    import transferkit.train.faults as faults
+
+    monkeypatch.chdir(tmp_path)
+    real, stopped = faults._identity, []
+
+    def identity_then_a_second_signal(path):  # what the handler of the first reads first: a second lands there
+        if stopped and len(stopped) == 1:
+            stopped.append(second)
+            signal.raise_signal(second)
+        return real(path)
+
+    def interrupt(row):
+        stopped.append(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(faults, "_identity", identity_then_a_second_signal)
+    with pytest.raises(TrainingInterrupted, match=r"Interrupted \(Ctrl-C\)\. The current weights were saved") as info:
+        tk.finetune(data=image_folder, epochs=2, callbacks=[interrupt], **FAST)
+    assert stopped == [signal.SIGINT, second] and load_checkpoint(info.value.checkpoint)["model"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handlers are gone
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -10,6 +10,9 @@ being written.
 - `held_signals`: inside the block, SIGINT and SIGTERM are recorded, not acted on; the block
   finishes its write, then `KeyboardInterrupt` / `Terminated` is raised (``reraise=False``: the
   caller is already reporting an interruption).
+- `first_interruption_holds`: inside the block, a Ctrl-C or SIGTERM that follows another
+  within `HOLD_S` seconds is recorded, not raised: the first one's handling (which keeps the
+  weights) is under way, and a second exception raised into it would end it before the save.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,6 +105,57 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+HOLD_S = 10.0  # seconds after a Ctrl-C or SIGTERM during which another is held (`first_interruption_holds`)
+
+
+@contextlib.contextmanager
+def first_interruption_holds(hold_s: float = HOLD_S) -> Iterator[list[int]]:
+    """Inside the block, Ctrl-C and SIGTERM raise as they do outside it (SIGTERM where
+    `terminate_as_interrupt` made it raise), except that one arriving within ``hold_s``
+    seconds of the one before is recorded and not raised: a scheduler that signals the whole
+    process group, or Ctrl-C pressed twice, raised the second into the code that handles the
+    first (before it reaches `held_signals`), and the weights it was about to keep were lost.
+    A later one raises again (code that swallowed the first cannot make the run deaf). Main
+    thread, and the handlers transferkit installs, only: a program's own handler is left
+    alone. Yields the signals held.
+
+    Example:
+        >>> with terminate_as_interrupt(), first_interruption_holds() as held:
+        ...     try:
+        ...         signal.raise_signal(signal.SIGINT)
+        ...     except KeyboardInterrupt:
+        ...         signal.raise_signal(signal.SIGTERM)  # while the first is handled: held
+        >>> held == [signal.SIGTERM]
+        True
+    """
+    held: list[int] = []
+    ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_terminated}
+    if not _main_thread() or not any(signal.getsignal(s) is h for s, h in ours.items()):
+        yield held
+        return
+    last = [float("-inf")]
+
+    def on_signal(signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if now - last[0] < hold_s:
+            held.append(signum)
+            return
+        last[0] = now
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    on_signal.raises_interruptions = True  # type: ignore[attr-defined]  # (`terminate_at_once` reads it)
+    before = {s: signal.getsignal(s) for s in ours}
+    for s, h in ours.items():
+        if before[s] is h:
+            signal.signal(s, on_signal)
+    try:
+        yield held
+    finally:
+        for s, h in before.items():
+            if signal.getsignal(s) is on_signal:
+                signal.signal(s, h)
+
+
 @contextlib.contextmanager
 def terminate_at_once() -> Iterator[None]:
     """Inside the block SIGTERM has its default action, ending the process at once, where
@@ -108,7 +163,8 @@ def terminate_at_once() -> Iterator[None]:
     installed itself is left alone). For a wait in C++ with nothing to save, such as joining
     the process group: a Python handler runs only when the wait ends, so a rank that torchrun
     ends because another failed would linger until torchrun kills it 30 s later."""
-    if not _main_thread() or signal.getsignal(signal.SIGTERM) is not _raise_terminated:
+    handler = signal.getsignal(signal.SIGTERM)
+    if not _main_thread() or not (handler is _raise_terminated or getattr(handler, "raises_interruptions", False)):
         yield
         return
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)

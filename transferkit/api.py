@@ -19,7 +19,7 @@ from typing import Any
 
 from transferkit._progress import EpochLog, to_stderr
 from transferkit._io import check_writable
-from transferkit._signals import terminate_as_interrupt
+from transferkit._signals import first_interruption_holds, terminate_as_interrupt
 from transferkit.backbones import Backbone
 from transferkit._text import number, plural, wrap_lines
 from transferkit.config import FinetuneConfig, called_as, unknown_key_error
@@ -247,7 +247,8 @@ def _opened(cfg: FinetuneConfig, *, lock: bool, show_plan: bool = True) -> Itera
     """The decisions of ``cfg`` (their summary printed with ``show_plan``) and the run built from them, inside
     what every run needs: the caller's torch settings restored afterwards, one rank's error
     ending every rank, and (``lock``) the checkpoint's lock."""
-    with preserved_torch_settings(), terminate_as_interrupt():  # SIGTERM keeps the weights like Ctrl-C
+    # SIGTERM keeps the weights like Ctrl-C, and a second signal does not cut the first one's save short
+    with preserved_torch_settings(), terminate_as_interrupt(), first_interruption_holds():
         set_deterministic(cfg.deterministic)
         env = environment(cfg)
         is_main = env[0].is_main

@@ -147,6 +147,16 @@ def test_resume_flag_continues_with_the_stored_settings(run, capsys):
         (root / "kept.pt").rename(root / "m.pt")
     assert code == 1 and f"its export {root / 'm.pt'} is missing (the run stopped while exporting); make it with " \
         f"`transferkit export {root / 'r.ckpt'} --out {root / 'm.pt'}`" in err
+    # settings that would not be used, and an export that would not be written, are not a success (was: exit 0)
+    code, _, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume", "--epochs", "5")
+    assert code == 2 and "holds a complete run, of other settings than those given (epochs 2 -> 5): none of them " \
+        "would be used" in err, err
+    code, out, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume", "--export", root / "new.pt")
+    assert code == 1 and f"--export {root / 'new.pt'} is not written (the run is complete; its export is " \
+        f"{root / 'm.pt'}); make it with `transferkit export {root / 'r.ckpt'} --out {root / 'new.pt'}`" in err, err
+    assert json.loads(out)["export_not_written"] == str(root / "new.pt") and not (root / "new.pt").exists()
+    assert _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume", "--export", root / "m.pt",
+                *TINY)[0] == 0  # the run's own settings given again (a job's command): as before
     with pytest.raises(transferkit.ConfigError, match="the run it holds is complete"):  # in Python: an error
         transferkit.resume(root / "r.ckpt")
     code, _, err = _run(capsys, "finetune", "--resume", "--data", data)

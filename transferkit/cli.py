@@ -456,28 +456,47 @@ def _complete_run(args: argparse.Namespace, checkpoint: str | None, options: dic
     """With ``--resume`` and a checkpoint that holds a complete run: say so (a job started again
     after it ended has nothing to resume; one line, and piped or with --json one JSON object)
     and return the exit status: 0, or 1 when the export the run was given is missing (a run
-    stopped while exporting; the hint makes it). Else None (the run, or the resume's error)."""
+    stopped while exporting; the hint makes it), or when another ``--export`` is asked for
+    (nothing writes it). Settings given that differ from the run's own are refused (exit 2),
+    as a resume refuses them: none of them would be used. Else None (the run, or the
+    resume's error)."""
     from transferkit.checkpoints import run_in
+    from transferkit.config import OUTPUT_KEYS
 
     path = _resumed(checkpoint, options)
     info = run_in(path)
     if info is None or not info["complete"]:
         return None
+    shown, epochs = shell_word(str(path)), info["epoch"]
+    stored = info["decisions"].get("config") or {}
+    plain = (bool, int, float, str)  # settings compared as written (a policy alias, a path: left to a resume)
+    changed = [k for k, v in options.items() if k not in OUTPUT_KEYS and k not in ("policy", "weights")
+               and isinstance(v, plain) and isinstance(stored.get(k), plain) and v != stored[k]]
+    if changed:
+        said = ", ".join(f"{k} {stored[k]!r} -> {options[k]!r}" for k in changed[:6])
+        raise TransferkitError(f"{shown} holds a complete run, of other settings than those given ({said}): none of "
+                               f"them would be used. Drop them (--resume of a complete run only says it is complete), "
+                               "or start a new run with another --checkpoint.")
     if os.environ.get("RANK", "0") != "0":  # under torchrun: said once
         return 0
-    shown, epochs = shell_word(str(path)), info["epoch"]
-    export = (info["decisions"].get("config") or {}).get("export")
+    export = stored.get("export")
     missing = isinstance(export, str) and not Path(export).exists()
+    asked = options.get("export")
+    other = asked is not None and (not isinstance(export, str) or os.path.abspath(str(asked)) != export)
     print(f"transferkit: {shown} holds a complete run ({epochs} epoch{'' if epochs == 1 else 's'}): nothing to "
           f"resume. A new run can start from its trained backbone (--weights {shown}; the head starts anew).",
           file=sys.stderr)
-    if missing:
+    if missing and not other:
         print(f"transferkit: error: its export {shell_word(export)} is missing (the run stopped while exporting); "
               f"make it with `transferkit export {shown} --out {shell_word(export)}`.", file=sys.stderr)
+    if other:
+        print(f"transferkit: error: --export {shell_word(str(asked))} is not written (the run is complete; its export "
+              f"is {shell_word(str(export))}); make it with `transferkit export {shown} --out "
+              f"{shell_word(str(asked))}`.", file=sys.stderr)
     if args.json or not sys.stdout.isatty():
         print(json.dumps({"complete": True, "checkpoint": str(path), "epochs": epochs, "export": export,
-                          "export_missing": missing}))
-    return 1 if missing else 0
+                          "export_missing": missing, **({"export_not_written": str(asked)} if other else {})}))
+    return 1 if missing or other else 0
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:

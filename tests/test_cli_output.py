@@ -447,3 +447,21 @@ def test_predict_top_k_above_the_classes_names_no_flag_predict_lacks(run, capsys
     code, out, err = _run(capsys, "predict", root / "m.pt", image, "--threshold", "0.9")  # multiclass: unused
     assert code == 0 and "A threshold of 0.9 applies to multi-label models; this model is multiclass, so it is not " \
         "used." in err
+
+
+def test_sigterm_during_any_command_is_said_and_ends_with_143(run, capsys, monkeypatch):
+    """`transferkit export` (and every command but finetune) died of SIGTERM without a word (exit
+    -15), where cli.md promises one line and 143."""
+    import signal
+
+    import transferkit.export as export
+
+    root, _, _ = run
+
+    def terminated(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(export, "export_checkpoint", terminated)
+    code, _, err = _run(capsys, "export", root / "r.ckpt", "--out", root / "again.pt")
+    assert code == 143 and err == "transferkit: terminated (SIGTERM)\n", err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back

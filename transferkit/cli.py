@@ -720,8 +720,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with one_line_warnings("transferkit", cli_spelling):
         try:
-            _import_torch()
-            code = args.fn(args)
+            from transferkit._signals import terminate_as_interrupt
+
+            with terminate_as_interrupt():  # SIGTERM is said and ends with 143 in every command, as Ctrl-C with 130
+                _import_torch()
+                code = args.fn(args)
             sys.stdout.flush()  # a closed pipe is met here, not in the interpreter's exit
             return code
         except BrokenPipeError:  # `transferkit ... | head`: the reader has gone; stop quietly, as `cat` does

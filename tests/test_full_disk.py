@@ -157,6 +157,18 @@ def test_an_export_that_cannot_fit_is_refused_before_training(small_fs, image_fo
     assert sorted(p.name for p in fs.iterdir()) == ["filler"]
 
 
+def test_a_checkpoint_whose_optimizer_state_cannot_fit_is_refused_before_training(small_fs, image_folder,
+                                                                                  no_training_loop):
+    """The check before training counted the weights alone: a disk with room for them, not for the
+    optimizer's moments and the best epoch's copy, failed at the second epoch's checkpoint."""
+    model = tk.build_model(tk.get_backbone("tk:small_cnn", weights=None), 2)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    fs = small_fs(2048, free_kb=(3 * weights) // 1024)  # the weights fit, with room; a checkpoint does not
+    with pytest.raises(OutputError, match=r"Not enough free space for the checkpoint '.*run\.ckpt' \(checkpoint\)"):
+        tk.finetune(data=image_folder, checkpoint=fs / "run.ckpt", **FAST)
+    assert sorted(p.name for p in fs.iterdir()) == ["filler"]
+
+
 @pytest.mark.parametrize("key", ["plots_dir", "cache_dir", "log_dir", "checkpoint"])
 def test_an_output_on_a_full_disk_is_refused_before_anything_runs(small_fs, image_folder, key):
     fs = small_fs(256, free_kb=8)

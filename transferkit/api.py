@@ -267,7 +267,8 @@ def _opened(cfg: FinetuneConfig, *, lock: bool, show_plan: bool = True) -> Itera
                     to_stderr(wrap_lines(d.summary(), width=100))
             run = build(d, inputs)
             if is_main and lock:
-                check_output_space(cfg, run.model)  # an export that cannot fit fails now, not after training
+                # an export or checkpoint that cannot fit fails now, not after training
+                check_output_space(cfg, run.model, trained=sum(g["params"] for g in d.groups))
             yield d, run
 
 

@@ -333,9 +333,6 @@ def test_a_checkpoint_another_run_is_writing_is_refused_as_locked_not_as_unfinis
         assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(FileLockedError, match=f"is being written by process {proc.pid}"):
             tk.finetune(data=image_folder, checkpoint=ckpt, **FAST)
-        (tmp_path / "link.ckpt").symlink_to(ckpt)  # the same run through a link (was: both trained it)
-        with pytest.raises(FileLockedError, match=f"is being written by process {proc.pid}"):
-            tk.finetune(data=image_folder, checkpoint=tmp_path / "link.ckpt", resume=True, **FAST)
     finally:
         proc.kill()
         proc.wait(timeout=30)

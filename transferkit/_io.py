@@ -612,14 +612,13 @@ if hasattr(os, "register_at_fork"):
 
 
 def lock_path(path: str | Path) -> Path:
-    """The lock file of ``path``: ``.<name>.lock`` beside it; for a link, beside the file it
-    points to (a run given the link and one given the file lock one file: the same run).
+    """The lock file of ``path``: ``.<name>.lock`` beside it.
 
     Example:
         >>> lock_path("/runs/ants.ckpt")
         PosixPath('/runs/.ants.ckpt.lock')
     """
-    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
+    path = Path(path)
     return path.parent / f".{path.name}.lock"
 
 

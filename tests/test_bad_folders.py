@@ -65,6 +65,7 @@ def test_images_the_scan_leaves_out_are_said(tmp_path):
     for name in ("3f9a0c", "b71e22"):  # downloads named by a hash, without an extension
         Image.fromarray(np.full((20, 20, 3), 220, np.uint8)).save(root / "light" / name, format="PNG")
     (root / "light" / "NOTES").write_text("not an image")
+    os.mkfifo(root / "light" / "pipe")  # not read: opening it would wait for a writer
     _png(root / "stray.png")
     (root / "dark" / "loop").symlink_to(root / "dark", target_is_directory=True)
     with pytest.warns(UserWarning) as caught:

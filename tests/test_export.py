@@ -647,6 +647,14 @@ def test_an_onnx_export_of_a_model_not_in_float32_is_refused_by_name(tmp_path, d
         export_onnx(model, tmp_path / "m.onnx", metadata={"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()},
                     example_inputs=images(2, 32))
     assert not list(tmp_path.iterdir())
+    from transferkit.lora import add_lora
+
+    lora = transferkit.build_model(transferkit.get_backbone("tk:small_cnn", weights=None), 2)
+    assert add_lora(lora, rank=2, targets=".")  # float64 scales, merged away: exported
+    report = export_onnx(lora, tmp_path / "l.onnx", metadata={"labels": ["a", "b"],
+                                                               "input_spec": bb.input_spec.to_dict()},
+                         example_inputs=images(2, 32))
+    assert report.max_abs_diff <= report.tolerance
 
 
 def test_onnx_export_whose_write_fails_reports_the_write_not_a_conversion(tmp_path, monkeypatch):

@@ -230,6 +230,8 @@ def _warn_unnamed(ignored: Sequence[str], what: str, extensions: Sequence[str], 
     found = []
     for path in sorted(p for p in ignored if not os.path.splitext(os.path.basename(p).lstrip("."))[1])[:SNIFFED_MAX]:
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would wait for a writer for ever
+                continue
             with open(path, "rb") as f:
                 got = kind_of_bytes(f.read(12))
         except OSError:

@@ -250,13 +250,13 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, Any],
         raise ExportError(f"An ONNX file takes one input dtype; the example inputs have "
                           f"{sorted({str(x.dtype) for x in examples})}. Pass examples of one dtype (the predictor "
                           "converts uint8 and float images to the file's).")
-    other = next(((n, t.dtype) for n, t in [*model.named_parameters(), *model.named_buffers()]
+    eager = eager_copy(model)  # LoRA merged: its float64 scales are gone
+    other = next(((n, t.dtype) for n, t in [*eager.named_parameters(), *eager.named_buffers()]
                   if t.is_floating_point() and t.dtype != torch.float32), None)
     if other is not None:  # ONNX Runtime's CPU kernels (Conv among them) are float32: its error names a temp file
         raise ExportError(f"An ONNX export takes a float32 model; this one holds {str(other[1]).replace('torch.', '')} "
                           f"tensors (e.g. {other[0]!r}). Export a float32 copy (copy.deepcopy(model).float()); "
                           "training in bf16 autocast keeps float32 weights already.")
-    eager = eager_copy(model)
     batches, reference = reference_outputs(eager, [(b, False) for b in _batches(examples)])
     width = int(reference[0].shape[1])
     meta = complete_metadata(metadata, num_outputs=width, fmt=ONNX_FORMAT)

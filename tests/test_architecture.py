@@ -290,3 +290,26 @@ def test_a_signal_while_workers_are_forked_stops_the_loop_instead_of_being_dropp
     finally:
         _ARMED.clear()
         signal.signal(signal.SIGINT, before)
+
+
+class _WorkerHandler(torch.utils.data.Dataset):
+    """The SIGINT handler a DataLoader worker runs with."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int) -> str:
+        import signal
+
+        handler = signal.getsignal(signal.SIGINT)
+        return getattr(handler, "__qualname__", str(handler))
+
+
+def test_loader_workers_of_a_run_take_ctrl_c_as_python_does():
+    """Inside a run (its first interruption holding a second one), workers started with the
+    signals held kept the holding handler for SIGINT: they swallowed Ctrl-C."""
+    from transferkit._signals import first_interruption_holds, terminate_as_interrupt
+    from transferkit.data.sampling import data_loader
+
+    with terminate_as_interrupt(), first_interruption_holds():
+        assert list(data_loader(_WorkerHandler(), batch_size=None, num_workers=1)) == ["default_int_handler"]

@@ -486,6 +486,10 @@ def test_an_unset_variable_of_a_config_file_is_said_as_the_file_s(tmp_path, monk
     assert main(["finetune", "--config", str(config), "--weights", "none"]) == 2  # overridden: the next one is said
     said = capsys.readouterr().err
     assert f"error: {config}: data: '${{NOPE_DATA}}/x' names the environment variable NOPE_DATA" in said
+    data = make_image_folder(tmp_path / "d", per_class=3, size=16)  # a key lr-find ignores is not read (was: exit 2)
+    job = tmp_path / "job.yaml"
+    job.write_text(f"backbone: tk:small_cnn\nweights: null\ndata: {data}\nimage_size: 16\nexport: ${{NOPE_VAR}}/m.pt\n")
+    assert main(["lr-find", "--config", str(job), "--num-steps", "3", "--plot", str(tmp_path / "lr.png")]) == 0
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: weights: '\$\{{NOPE_VAR\}}/w.pt' names the "):
         recipes.run_recipe("x", lambda root, options: None, description="", recipe_dir=RECIPES,
                            argv=["--config", str(config), "--out", str(tmp_path / "out")])

@@ -356,14 +356,14 @@ def _finetune_kwargs(args: argparse.Namespace) -> dict:
     listed = list(dict.fromkeys([*keys, *LR_FIND_IGNORES, "runs"]))  # each once
     file_cfg = load_config(args.config, keys=listed) if args.config else {}
     overrides = parse_overrides(args.set, keys=keys)
-    for key in [k for k in file_cfg if k not in flags and k not in overrides]:  # an unset ${VAR} the file gives:
-        expand_vars(file_cfg[key], key, source=args.config)                    # said as the file's, not as a flag
+    skip = set(LR_FIND_IGNORES) if args.command == "lr-find" else set()
+    for key in [k for k in file_cfg if k not in flags and k not in overrides and k not in skip]:  # an unset ${VAR}
+        expand_vars(file_cfg[key], key, source=args.config)  # the file gives: said as the file's, not as a flag
     unused = RECIPE_KEYS.keys() - {"data_dir", "runs"}  # what recipes read; `finetune` has no use for them
     for where, layer in ((f"--config {args.config}", file_cfg), ("--set", overrides)):
         for key in sorted(set(layer) & (unused | ({"runs"} if where == "--set" else set()))):
             raise TransferkitError(f"{where}: {key} is read by the recipes (python recipes/NAME.py), not by "
                                    f"`transferkit {args.command}`, which would ignore it; remove it.")
-    skip = set(LR_FIND_IGNORES) if args.command == "lr-find" else set()
     for key in sorted(set(overrides) & skip):
         raise TransferkitError(f"--set: {key} is not used by `transferkit lr-find` ({LR_FIND_IGNORES[key]}), which "
                                "would ignore it; remove it.")

@@ -293,6 +293,8 @@ def data_loader(dataset: Dataset, **options: Any) -> DataLoader:
         options["generator"] = torch.Generator().manual_seed(torch.initial_seed())
 
     sigint = signal.getsignal(signal.SIGINT)
+    if getattr(sigint, "raises_interruptions", False):  # a run's `first_interruption_holds`: Ctrl-C as Python's
+        sigint = signal.default_int_handler
     plain = sigint if sigint in (signal.SIG_IGN, signal.SIG_DFL, signal.default_int_handler) else None
     return _Loader(dataset, worker_init_fn=WorkerInit(Image.MAX_IMAGE_PIXELS, plain), **options)
 

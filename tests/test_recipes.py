@@ -6,6 +6,7 @@ import json
 import re
 import runpy
 import subprocess
+import signal
 import sys
 import types
 from pathlib import Path
@@ -626,13 +627,16 @@ def test_a_recipe_started_again_after_its_run_ended_has_nothing_to_resume(tmp_pa
     scoring = recipes.evaluate_export
 
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGTERM)
 
-    monkeypatch.setattr(recipes, "evaluate_export", interrupted)  # Ctrl-C while the test set is scored: said
-    with pytest.raises(KeyboardInterrupt, match=r"^Interrupted \(Ctrl-C\) while scoring the test set: the trained "
-                                                r"model is in '.*model.pt', and '.*results.json' was not written; "
-                                                r"run the recipe again with --resume"):
-        run_recipe("cifar10", data, description="", recipe_dir=RECIPES, argv=argv + ["--set", "resume=true"])
+    monkeypatch.setattr(recipes, "evaluate_export", interrupted)  # SIGTERM while the test set is scored: said
+    monkeypatch.setattr(sys, "argv", ["recipes/cifar10.py"])
+    code = recipes.main_guard(lambda: run_recipe("cifar10", data, description="", recipe_dir=RECIPES,
+                                                 argv=argv + ["--set", "resume=true"]))
+    said = capsys.readouterr().err
+    assert code == 143 and "Interrupted (SIGTERM) while scoring the test set: the trained model is in '" in said and \
+        "results.json' was not written; run the recipe again with --set resume=true (a complete run is scored " \
+        "again)." in said, said
     monkeypatch.setattr(recipes, "evaluate_export", scoring)
     capsys.readouterr()
     again = run_recipe("cifar10", data, description="", recipe_dir=RECIPES, argv=argv + ["--set", "resume=true"])

@@ -31,7 +31,7 @@ from typing import Any
 from transferkit.config import (RECIPE_KEYS, FinetuneConfig, called_as, load_config, merge_config, number_argument,
                                 parse_overrides)
 from transferkit._io import atomic_write, check_writable
-from transferkit._signals import interrupt_exit, signal_name
+from transferkit._signals import interrupt_exit, signal_name, terminate_as_interrupt
 from transferkit.errors import ConfigError, DataError, TransferkitError, suggest, warn
 from transferkit._text import plural
 from transferkit.helpformat import (HELP, MAX_PIXELS_HELP, Parser, one_line, one_line_warnings, pixel_limit,
@@ -327,7 +327,7 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
             try:
                 summary["test_acc"] = evaluate_export(export, test)
             except KeyboardInterrupt as exc:  # the model is whole: say where, and how to score it again
-                again = "run the recipe again with --resume (a complete run is scored again)" \
+                again = "run the recipe again with resume=true (a complete run is scored again)" \
                     if run_cfg.get("checkpoint") else f"score it with `transferkit evaluate {export} <test data>`"
                 raise KeyboardInterrupt(f"Interrupted ({signal_name(exc)}) while scoring the test set: the trained "
                                         f"model is in {str(export)!r}, and {str(run_out / 'results.json')!r} was "
@@ -545,7 +545,8 @@ def main_guard(fn: Callable[[], Any]) -> int:
 
     with one_line_warnings(prog, spell):
         try:
-            fn()
+            with terminate_as_interrupt():  # SIGTERM outside a run too (the test set's scoring): said, 143
+                fn()
         except TransferkitError as exc:
             print(f"{prog}: error: {spell(one_line(exc))}", file=sys.stderr)
             return 2

@@ -121,7 +121,7 @@ def test_finetune_on_a_terminal_ends_with_a_summary(tmp_path):
     assert json.loads(outs[1][0])["export"] == str(tmp_path / "t.pt") and json.loads(outs[1][0])["warnings"] == []
 
 
-def test_resume_flag_continues_with_the_stored_settings(run, capsys):
+def test_resume_flag_continues_with_the_stored_settings(run, capsys, monkeypatch):
     root, data, _ = run
     # one command for every start of a job: started again once the run is complete, it has nothing to do (was: exit 2)
     code, out, err = _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume")
@@ -157,6 +157,12 @@ def test_resume_flag_continues_with_the_stored_settings(run, capsys):
     assert json.loads(out)["export_not_written"] == str(root / "new.pt") and not (root / "new.pt").exists()
     assert _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume", "--export", root / "m.pt",
                 *TINY)[0] == 0  # the run's own settings given again (a job's command): as before
+    from transferkit.checkpoints import run_in
+
+    decided = run_in(root / "r.ckpt")["decisions"]["channels_last"]  # "auto" stored, given as decided: the same run
+    monkeypatch.setenv("HOME", str(root))
+    assert _run(capsys, "finetune", "--checkpoint", root / "r.ckpt", "--resume", "--set",
+                f"channels_last={str(decided).lower()}", "--set", "export=~/m.pt")[0] == 0
     with pytest.raises(transferkit.ConfigError, match="the run it holds is complete"):  # in Python: an error
         transferkit.resume(root / "r.ckpt")
     code, _, err = _run(capsys, "finetune", "--resume", "--data", data)

@@ -462,6 +462,7 @@ def _complete_run(args: argparse.Namespace, checkpoint: str | None, options: dic
     resume's error)."""
     from transferkit.checkpoints import run_in
     from transferkit.config import OUTPUT_KEYS
+    from transferkit.decisions import decided_setting
 
     path = _resumed(checkpoint, options)
     info = run_in(path)
@@ -471,7 +472,8 @@ def _complete_run(args: argparse.Namespace, checkpoint: str | None, options: dic
     stored = info["decisions"].get("config") or {}
     plain = (bool, int, float, str)  # settings compared as written (a policy alias, a path: left to a resume)
     changed = [k for k, v in options.items() if k not in OUTPUT_KEYS and k not in ("policy", "weights")
-               and isinstance(v, plain) and isinstance(stored.get(k), plain) and v != stored[k]]
+               and isinstance(v, plain) and isinstance(stored.get(k), plain) and v != stored[k]
+               and v != decided_setting(k, info["decisions"])]  # precision="fp32" where "auto" decided fp32
     if changed:
         said = ", ".join(f"{k} {stored[k]!r} -> {options[k]!r}" for k in changed[:6])
         raise TransferkitError(f"{shown} holds a complete run, of other settings than those given ({said}): none of "
@@ -482,7 +484,8 @@ def _complete_run(args: argparse.Namespace, checkpoint: str | None, options: dic
     export = stored.get("export")
     missing = isinstance(export, str) and not Path(export).exists()
     asked = options.get("export")
-    other = asked is not None and (not isinstance(export, str) or os.path.abspath(str(asked)) != export)
+    asked = os.path.abspath(os.path.expanduser(str(asked))) if asked is not None else None  # as a run stores it
+    other = asked is not None and asked != export
     print(f"transferkit: {shown} holds a complete run ({epochs} epoch{'' if epochs == 1 else 's'}): nothing to "
           f"resume. A new run can start from its trained backbone (--weights {shown}; the head starts anew).",
           file=sys.stderr)
@@ -490,12 +493,12 @@ def _complete_run(args: argparse.Namespace, checkpoint: str | None, options: dic
         print(f"transferkit: error: its export {shell_word(export)} is missing (the run stopped while exporting); "
               f"make it with `transferkit export {shown} --out {shell_word(export)}`.", file=sys.stderr)
     if other:
-        print(f"transferkit: error: --export {shell_word(str(asked))} is not written (the run is complete; its export "
-              f"is {shell_word(str(export))}); make it with `transferkit export {shown} --out "
-              f"{shell_word(str(asked))}`.", file=sys.stderr)
+        its = f"its export is {shell_word(export)}" if isinstance(export, str) else "it was given no export"
+        print(f"transferkit: error: --export {shell_word(asked)} is not written (the run is complete; {its}); make "
+              f"it with `transferkit export {shown} --out {shell_word(asked)}`.", file=sys.stderr)
     if args.json or not sys.stdout.isatty():
         print(json.dumps({"complete": True, "checkpoint": str(path), "epochs": epochs, "export": export,
-                          "export_missing": missing, **({"export_not_written": str(asked)} if other else {})}))
+                          "export_missing": missing, **({"export_not_written": asked} if other else {})}))
     return 1 if missing or other else 0
 
 

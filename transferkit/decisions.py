@@ -763,13 +763,23 @@ _RESOLVED = {"augment": ("augment",), "lr": ("lr",), "precision": ("precision",)
 
 def _same_resolved(key: str, saved: dict[str, Any], now: dict[str, Any]) -> bool:
     """Whether setting ``key``, given differently, was decided the same in both records."""
-    path = _RESOLVED.get(key)
-    if path is None:
-        return False
-    a, b = saved, now
-    for part in path:
-        a, b = (a.get(part) if isinstance(a, dict) else None), (b.get(part) if isinstance(b, dict) else None)
-    return a is not None and a == b
+    a = decided_setting(key, saved)
+    return a is not None and a == decided_setting(key, now)
+
+
+def decided_setting(key: str, record: dict[str, Any]) -> Any:
+    """What the record of decisions ``record`` (`Decisions.to_dict`) decided for the setting
+    ``key`` where a setting is resolved (``precision="auto"`` -> ``"bf16"``; ``lr=None`` -> the
+    default rate), else None: a setting given as its decided value asks for the same run.
+
+    Example:
+        >>> decided_setting("precision", {"precision": "fp32"}), decided_setting("epochs", {})
+        ('fp32', None)
+    """
+    value: Any = record if key in _RESOLVED else None
+    for part in _RESOLVED.get(key, ()):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def _named_backbone(record: dict[str, Any]) -> bool:

@@ -488,3 +488,16 @@ def test_a_closed_pil_image_and_a_url_are_said_to_be_what_they_are(tmp_path):
     got = pred.predict("https://user:secret@example.com/a.jpg")[0]
     assert got.error.startswith("Cannot read 'https://…@example.com/a.jpg': predict reads local files, not URLs."), \
         got.error
+
+
+def test_mixed_pixels_are_batched_only_where_they_are_uint8_beside_float():
+    """A named tuple stays one, and integer images of two widths are default_collate's to take."""
+    import collections
+
+    from transferkit.data.sampling import collate_items
+
+    Item = collections.namedtuple("Item", "x y")
+    batch = collate_items([Item(torch.full((3, 2, 2), 255, dtype=torch.uint8), 0), Item(torch.ones(3, 2, 2), 1)])
+    assert isinstance(batch, Item) and batch.x.dtype == torch.float32 and batch.x.max() == 1.0
+    ints = collate_items([(torch.zeros(3, 2, 2, dtype=torch.int64), 0), (torch.zeros(3, 2, 2, dtype=torch.int32), 1)])
+    assert ints[0].dtype == torch.int64  # not made float pixels

@@ -258,12 +258,16 @@ def stack_images(xs: list[torch.Tensor]) -> torch.Tensor:
 
 def collate_items(batch: list[Any]) -> Any:
     """The DataLoader ``collate_fn`` of datasets that bring none of their own:
-    ``default_collate``, with the items' images of mixed types batched by `stack_images`."""
+    ``default_collate``, with the images of ``(image, ...)`` items that mix uint8 and float
+    pixels batched by `stack_images` (a list, as ``default_collate`` returns for tuples; a
+    named tuple stays one). Any other mix is ``default_collate``'s to take or refuse."""
     first = batch[0] if batch else None
-    if isinstance(first, (tuple, list)) and first and isinstance(first[0], torch.Tensor) and first[0].ndim == 3 \
-            and len({item[0].dtype for item in batch}) > 1:
-        xs = stack_images([item[0] for item in batch])
-        return [xs, *default_collate([tuple(item[1:]) for item in batch])]  # a list, as default_collate's
+    if isinstance(first, (tuple, list)) and first and isinstance(first[0], torch.Tensor) and first[0].ndim == 3:
+        kinds = {item[0].dtype for item in batch if isinstance(item[0], torch.Tensor)}
+        if torch.uint8 in kinds and len(kinds) > 1 and all(k == torch.uint8 or k.is_floating_point for k in kinds):
+            xs = stack_images([item[0] for item in batch])
+            rest = default_collate([tuple(item[1:]) for item in batch])
+            return type(first)(xs, *rest) if hasattr(first, "_fields") else [xs, *rest]
     return default_collate(batch)
 
 

@@ -834,3 +834,7 @@ def test_whole_number_labels_of_a_csv_are_classes_in_the_order_of_their_values(t
     assert [classes[y] for _, y in samples] == ["10", "5", "0", "10", "2"]
     (tmp_path / "names.csv").write_text("0.png,b10\n1.png,b5\n")
     assert scan_csv(tmp_path / "names.csv")[1] == ["b10", "b5"]  # names: by name
+    from transferkit.data.target_tables import scan_target_csv
+
+    (tmp_path / "multi.csv").write_text("path,labels\n0.png,10;5\n1.png,0\n2.png,2;10\n")
+    assert scan_target_csv(tmp_path / "multi.csv", task="multilabel")[1] == ["0", "2", "5", "10"]

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.data.checks import DataReport, check_label_names, every_file_bad, filter_bad_images, nfc, parse_number
+from transferkit.data.checks import (DataReport, check_label_names, class_order, every_file_bad, filter_bad_images, nfc,
+                                     parse_number)
 from transferkit.data.folders import (check_listed_files, csv_file_key, csv_file_path, other_separator,
                                       read_csv_rows)
 from transferkit.data.images import ImageFolderDataset
@@ -109,7 +110,7 @@ def _label_lists(body: list[list[str]], classes: Sequence[str] | None, where: st
                  report: DataReport) -> tuple[list[tuple[float, ...]], list[str]]:
     # a label matches its class in either Unicode form (macOS writes decomposed names), as folders' do
     lists = [[nfc(x.strip()) for x in r[1].split(LABEL_SEPARATOR) if x.strip()] for r in body]
-    used = sorted({x for labels in lists for x in labels})
+    used = class_order([x for labels in lists for x in labels])  # 0, 5, 10 in that order, as a CSV of classes
     check_label_names(used, f"{where} (its labels)", task="multilabel")
     _warn_joined_labels(lists, used, set(used) | set(classes or ()), where, report)
     names = list(classes) if classes is not None else used

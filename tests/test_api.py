@@ -209,8 +209,9 @@ def test_an_image_size_the_trunk_cannot_run_at_is_refused_before_the_data_are_re
     bb = tk.get_backbone("timm:vit_tiny_patch16_224", weights=None, img_size=32)  # built at that size: it runs
     assert bb.input_spec.image_size == 32
     former = dict(backbone="timm:efficientformer_l1", weights=None, data=str(tmp_path / "none"), image_size=64)
-    with pytest.raises(ConfigError, match=r"Use image_size=224, or choose a backbone that takes 64 px \(its class takes "
-                                          r"img_size=, but built with img_size=64 it does not run at 64 px either\)"):
+    with pytest.raises(ConfigError, match=r"Use image_size=224, or choose a backbone that takes 64 px \(its class "
+                                          r"takes img_size=, but built with img_size=64 it does not run at 64 px "
+                                          r"either\)"):
         tk.plan(tk.FinetuneConfig(**former))  # its attention biases stay at 224 px: the option was advised in vain
     with pytest.raises(ConfigError, match=r"built with backbone_options=\{'img_size': 64\} does not run at 64 px "
                                           r"\(RuntimeError: .*Leave img_size out"):  # (was: a raw traceback)

@@ -728,9 +728,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with one_line_warnings("transferkit", cli_spelling):
         try:
-            from transferkit._signals import terminate_as_interrupt
+            from transferkit._signals import first_interruption_holds, terminate_as_interrupt
 
-            with terminate_as_interrupt():  # SIGTERM is said and ends with 143 in every command, as Ctrl-C with 130
+            # SIGTERM is said and ends with 143 in every command, as Ctrl-C with 130; a second one is held
+            with terminate_as_interrupt(), first_interruption_holds():
                 _import_torch()
                 code = args.fn(args)
             sys.stdout.flush()  # a closed pipe is met here, not in the interpreter's exit

@@ -638,6 +638,10 @@ def test_a_recipe_started_again_after_its_run_ended_has_nothing_to_resume(tmp_pa
         "results.json' was not written; run the recipe again with --set resume=true (a complete run is scored " \
         "again)." in said, said
     monkeypatch.setattr(recipes, "evaluate_export", scoring)
+    with pytest.raises(ConfigError, match=r"holds a complete run, of other settings than this run's \(epochs 1 -> "
+                                          r"5\): none of them would be used"):  # as the command line refuses them
+        run_recipe("cifar10", data, description="", recipe_dir=RECIPES,
+                   argv=argv + ["--set", "resume=true", "--set", "epochs=5"])
     capsys.readouterr()
     again = run_recipe("cifar10", data, description="", recipe_dir=RECIPES, argv=argv + ["--set", "resume=true"])
     assert "holds a complete run: nothing to resume; its export" in capsys.readouterr().err

@@ -463,8 +463,7 @@ def _complete_run(args: argparse.Namespace, checkpoint: str | None, options: dic
     as a resume refuses them: none of them would be used. Else None (the run, or the
     resume's error)."""
     from transferkit.checkpoints import run_in
-    from transferkit.config import OUTPUT_KEYS
-    from transferkit.decisions import decided_setting
+    from transferkit.decisions import settings_changed
 
     path = _resumed(checkpoint, options)
     info = run_in(path)
@@ -472,12 +471,9 @@ def _complete_run(args: argparse.Namespace, checkpoint: str | None, options: dic
         return None
     shown, epochs = shell_word(str(path)), info["epoch"]
     stored = info["decisions"].get("config") or {}
-    plain = (bool, int, float, str)  # settings compared as written (a policy alias, a path: left to a resume)
-    changed = [k for k, v in options.items() if k not in OUTPUT_KEYS and k not in ("policy", "weights")
-               and isinstance(v, plain) and isinstance(stored.get(k), plain) and v != stored[k]
-               and v != decided_setting(k, info["decisions"])]  # precision="fp32" where "auto" decided fp32
+    changed = settings_changed(info["decisions"], options)
     if changed:
-        said = ", ".join(f"{k} {stored[k]!r} -> {options[k]!r}" for k in changed[:6])
+        said = ", ".join(changed[:6])
         raise TransferkitError(f"{shown} holds a complete run, of other settings than those given ({said}): none of "
                                f"them would be used. Drop them (--resume of a complete run only says it is complete), "
                                "or start a new run with another --checkpoint.")

@@ -767,6 +767,24 @@ def _same_resolved(key: str, saved: dict[str, Any], now: dict[str, Any]) -> bool
     return a is not None and a == decided_setting(key, now)
 
 
+def settings_changed(record: dict[str, Any], options: dict[str, Any]) -> list[str]:
+    """The settings of ``options`` that differ from those of the run whose decisions are
+    ``record`` (``"epochs 4 -> 10"``): what a run that is complete would not use. Compared as
+    written, a resolved one also against what was decided (`decided_setting`); output paths
+    and places (`OUTPUT_KEYS`), the policy and the weights (aliases, paths: a resume compares
+    them by their decisions) and values other than numbers and text are left out.
+
+    Example:
+        >>> settings_changed({"config": {"epochs": 4, "precision": "auto"}, "precision": "fp32"},
+        ...                  {"epochs": 10, "precision": "fp32", "export": "m.pt"})
+        ['epochs 4 -> 10']
+    """
+    stored, plain = record.get("config") or {}, (bool, int, float, str)
+    return [f"{k} {stored[k]!r} -> {v!r}" for k, v in options.items()
+            if k not in OUTPUT_KEYS and k not in ("policy", "weights") and isinstance(v, plain)
+            and isinstance(stored.get(k), plain) and v != stored[k] and v != decided_setting(k, record)]
+
+
 def decided_setting(key: str, record: dict[str, Any]) -> Any:
     """What the record of decisions ``record`` (`Decisions.to_dict`) decided for the setting
     ``key`` where a setting is resolved (``precision="auto"`` -> ``"bf16"``; ``lr=None`` -> the

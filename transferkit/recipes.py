@@ -346,7 +346,8 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
 def _complete_run(run_cfg: dict[str, Any], run_out: Path) -> dict[str, Any] | None:
     """With ``resume`` and a checkpoint that holds a complete run whose export is in ``run_out``:
     the run's best epoch (from its ``results.json``, else the checkpoint's record; ``{}`` where
-    neither says); else None (the run trains, or the resume says why it cannot)."""
+    neither says); else None (the run trains, or the resume says why it cannot). Settings that
+    differ from the complete run's are a ConfigError (`settings_changed`)."""
     if not run_cfg.get("resume") or not (run_out / "model.pt").is_file():
         return None
     from transferkit.checkpoints import run_in
@@ -354,6 +355,13 @@ def _complete_run(run_cfg: dict[str, Any], run_out: Path) -> dict[str, Any] | No
     info = run_in(run_cfg.get("checkpoint"))
     if info is None or not info["complete"]:
         return None
+    from transferkit.decisions import settings_changed
+
+    changed = settings_changed(info["decisions"], run_cfg)
+    if changed:  # as the command line refuses them: none would be used
+        raise ConfigError(f"{run_cfg['checkpoint']} holds a complete run, of other settings than this run's "
+                          f"({', '.join(changed[:6])}): none of them would be used. Drop the changes (resume of a "
+                          "complete run scores its export again), or give the run another checkpoint.")
     try:
         best = json.loads((run_out / "results.json").read_text()).get("best")
     except (OSError, ValueError, AttributeError):
@@ -476,9 +484,12 @@ def _check_test(test: Any, train: Any, classes: list[str] | None, *, audio: bool
         if hasattr(test, "__len__") and len(test) == 0:
             raise DataError("The test data hold no sample (the test set is scored after training: checked first).")
         return
+    from transferkit.data.checks import DataReport
+    from transferkit.data.folders import class_folders
+
     names = classes
     if names is None and isinstance(train, (str, Path)) and Path(train).is_dir():
-        names = sorted(p.name for p in Path(train).iterdir() if p.is_dir() and not p.name.startswith("."))
+        names = class_folders(Path(train), DataReport())  # as training reads them (hidden ones, __MACOSX left out)
     if names and Path(test).is_dir() and not audio:
         import warnings
 

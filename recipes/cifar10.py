@@ -5,13 +5,12 @@ Data: --data-dir with train/ and val/ or test/ class folders, or the torchvision
 CIFAR10 stored there (pass --download to fetch it when online). See docs/recipes/cifar10.md.
 """
 
-import sys
 from pathlib import Path
 
-from transferkit.recipes import main_guard, run_recipe, torchvision_data
+from transferkit.recipes import recipe_main, run_recipe, torchvision_data
 
 data = torchvision_data("CIFAR10", {"train": True}, {"train": False})
 
 if __name__ == "__main__":
-    sys.exit(main_guard(lambda: run_recipe("cifar10", data, description=__doc__,
-                                           recipe_dir=Path(__file__).resolve().parent)))
+    recipe_main(lambda: run_recipe("cifar10", data, description=__doc__,
+                                   recipe_dir=Path(__file__).resolve().parent))

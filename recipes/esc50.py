@@ -11,11 +11,10 @@ repository's layout). See docs/recipes/esc50.md.
 
 import argparse
 import csv
-import sys
 from pathlib import Path
 
 from transferkit.errors import DataError
-from transferkit.recipes import RecipeData, main_guard, run_recipe, speech_model_options
+from transferkit.recipes import RecipeData, recipe_main, run_recipe, speech_model_options
 
 
 def read_esc50(root: Path, fold: int) -> RecipeData:
@@ -48,4 +47,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(main))
+    recipe_main(main)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from transferkit.errors import DataError
-from transferkit.recipes import RecipeData, main_guard, run_recipe, speech_model_options
+from transferkit.recipes import RecipeData, recipe_main, run_recipe, speech_model_options
 
 CLASSES = [str(d) for d in range(10)]
 
@@ -80,4 +80,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(main))
+    recipe_main(main)

@@ -6,11 +6,10 @@ Data: a folder with train/{ants,bees} and val/{ants,bees} (default: $TRANSFERKIT
 Runs are defined in recipes/hymenoptera.yaml; see docs/recipes/hymenoptera.md.
 """
 
-import sys
 from pathlib import Path
 
 from transferkit.errors import DataError
-from transferkit.recipes import RecipeData, image_folder_splits, main_guard, run_recipe
+from transferkit.recipes import RecipeData, image_folder_splits, recipe_main, run_recipe
 
 
 def data(root: Path, options: dict) -> RecipeData:
@@ -22,5 +21,5 @@ def data(root: Path, options: dict) -> RecipeData:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(lambda: run_recipe("hymenoptera", data, description=__doc__,
-                                           recipe_dir=Path(__file__).resolve().parent)))
+    recipe_main(lambda: run_recipe("hymenoptera", data, description=__doc__,
+                                   recipe_dir=Path(__file__).resolve().parent))

@@ -5,13 +5,12 @@ Data: --data-dir with train/ and val/ or test/ class folders, or the torchvision
 OxfordIIITPet stored there (pass --download to fetch it when online). See docs/recipes/pets.md.
 """
 
-import sys
 from pathlib import Path
 
-from transferkit.recipes import main_guard, run_recipe, torchvision_data
+from transferkit.recipes import recipe_main, run_recipe, torchvision_data
 
 data = torchvision_data("OxfordIIITPet", {"split": "trainval", "target_types": "category"}, {"split": "test", "target_types": "category"})
 
 if __name__ == "__main__":
-    sys.exit(main_guard(lambda: run_recipe("pets", data, description=__doc__,
-                                           recipe_dir=Path(__file__).resolve().parent)))
+    recipe_main(lambda: run_recipe("pets", data, description=__doc__,
+                                   recipe_dir=Path(__file__).resolve().parent))

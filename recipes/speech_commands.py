@@ -9,11 +9,10 @@ directly or under SpeechCommands/speech_commands_v0.02), or --download to fetch 
 through torchaudio. See docs/recipes/speech_commands.md.
 """
 
-import sys
 from pathlib import Path
 
 from transferkit.errors import DataError
-from transferkit.recipes import RecipeData, download_failed, main_guard, run_recipe, speech_model_options
+from transferkit.recipes import RecipeData, download_failed, recipe_main, run_recipe, speech_model_options
 
 NOISE = "_background_noise_"
 
@@ -52,6 +51,6 @@ def data(root: Path, options: dict) -> RecipeData:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(lambda: run_recipe("speech_commands", data, description=__doc__,
-                                           recipe_dir=Path(__file__).resolve().parent,
-                                           run_settings=speech_model_options)))
+    recipe_main(lambda: run_recipe("speech_commands", data, description=__doc__,
+                                   recipe_dir=Path(__file__).resolve().parent,
+                                   run_settings=speech_model_options))

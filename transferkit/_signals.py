@@ -87,6 +87,17 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def deaf_once_said(code: int) -> int:
+    """Return ``code``; where it is an interruption's (130, 143) and this is the main thread,
+    SIGINT and SIGTERM are ignored from now on. A command that has said its interruption ends
+    with that status: a second signal of the same job (a scheduler's, Ctrl-C again) landing
+    before the process ended changed it to death by the signal (exit -2, -15)."""
+    if code in (130, 143) and _main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+    return code
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 

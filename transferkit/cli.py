@@ -15,10 +15,8 @@ import dataclasses
 import importlib
 import json
 import os
-import signal
 import sys
 import textwrap
-import threading
 import traceback
 import warnings
 from collections.abc import Iterable, Iterator
@@ -694,10 +692,9 @@ def console_main() -> None:
     """The ``transferkit`` command and ``python -m transferkit``: `main`, then the process
     ends with its status. Under torchrun, a process that joined the job ends through
     `exit_cleanly` (with torch 2.11 a gloo worker aborts at interpreter exit in about 1 run in 4)."""
-    code = main()
-    if code in (130, 143) and threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):  # interrupted and said: a second signal of the same job (a
-            signal.signal(s, signal.SIG_IGN)       # scheduler's, Ctrl-C again) does not change the exit status
+    from transferkit._signals import deaf_once_said
+
+    code = deaf_once_said(main())
     dist = sys.modules.get("torch.distributed")  # imported by a command that trained; --help never imports torch
     if dist is not None and dist.is_available() and dist.is_initialized():
         from transferkit.train.distributed import exit_cleanly

@@ -358,3 +358,28 @@ def test_the_dry_run_of_a_resume_refuses_changed_settings_as_the_resume_does(ima
         with pytest.raises(tk.ConfigError, match=re.escape(said)) as run_error:
             tk.finetune("tk:small_cnn", checkpoint=ckpt, resume=True, **{**common, **change})
         assert len(str(run_error.value)) < 3000 and said in str(plan_error.value)
+
+
+@pytest.mark.parametrize("edit", ["epoch", "history"])
+def test_a_checkpoint_whose_epoch_and_history_disagree_is_refused(image_folder, tmp_path, edit):
+    """A checkpoint edited by hand (its digest removed, so it loads with a warning) whose epoch
+    disagrees with its history resumed with a hole in the history, or with epochs run twice."""
+    from transferkit._integrity import INTEGRITY_KEY
+
+    common = dict(weights=None, data=image_folder, image_size=32, device="cpu", num_workers=0, epochs=3, batch_size=4,
+                  verbose=False)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Interrupt):
+        tk.finetune("tk:small_cnn", checkpoint=ckpt, callbacks=[_stop_after(2)], **common)
+    raw = torch.load(ckpt, weights_only=False)
+    raw.pop(INTEGRITY_KEY)
+    state = raw["training"]["state"]
+    if edit == "epoch":  # the epoch set back by hand: epoch 2 would be trained again on epoch 2's weights
+        raw["epoch"] = state["epoch"] = 1
+    else:  # a row taken out of the history
+        raw["history"] = state["history"] = state["history"][1:]
+    torch.save(raw, ckpt)
+    held = "[1, 2]" if edit == "epoch" else "[2]"
+    with pytest.warns(UserWarning, match="no content digest"), \
+            pytest.raises(ConfigError, match=re.escape(f"history of epochs {held}") + r".*edited or damaged"):
+        tk.finetune("tk:small_cnn", checkpoint=ckpt, resume=True, **common)

@@ -100,6 +100,13 @@ def resume_from(path: str | Path, *, check: Callable[[dict[str, Any]], dict[str,
     diff = check(ckpt["transferkit"])
     if diff:
         raise resume_refused(path, diff)
+    state = TrainState.from_dict(tr["state"])
+    held = [row.get("epoch") if isinstance(row, dict) else row for row in state.history]
+    if not isinstance(state.epoch, int) or ckpt.get("epoch") != state.epoch or held != list(range(1, state.epoch + 1)):
+        raise ConfigError(f"Cannot resume from {str(path)!r}: its training state does not hold together (epoch "
+                          f"{ckpt.get('epoch')!r}, training state at epoch {state.epoch!r}, history of epochs {held}; "
+                          f"a run's history holds epochs 1 to its epoch): the file was edited or damaged. Start a "
+                          f"new run from its weights with weights={str(path)!r}.")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(tr["optimizer"])
     if scheduler is not None and tr.get("scheduler") is not None:
@@ -107,7 +114,7 @@ def resume_from(path: str | Path, *, check: Callable[[dict[str, Any]], dict[str,
     if scaler is not None and tr.get("scaler") is not None:
         scaler.load_state_dict(tr["scaler"])
     set_rng_state(tr["rng"])
-    return TrainState.from_dict(tr["state"])
+    return state
 
 
 def _relaunch(processes: Any) -> str:

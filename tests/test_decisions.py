@@ -1003,3 +1003,18 @@ def test_settings_that_do_nothing_are_noted_and_a_warmup_past_its_phase_is_refus
         "tk:small_cnn", **kw, policy="fine_tune:frozen=1,passes=1", warmup_epochs=2, schedule="one_cycle").notes)
     with pytest.raises(tk.PolicyError, match="l2sp=0,l2sp_beta=0 penalises nothing"):
         tk.plan("tk:small_cnn", **kw, policy="full,l2sp=0,l2sp_beta=0")
+
+
+def test_a_records_per_class_counts_describe_its_data_and_an_older_record_without_them_resumes(split_folders, tmp_path):
+    """A run with a checkpoint records items per class of listed files (what a refused resume
+    names); they are not compared: the digest says whether the data differ, and a checkpoint
+    written before they were recorded resumes."""
+    from transferkit.decisions import differences
+
+    now = _plan(split_folders / "train", checkpoint=tmp_path / "run.pt").to_dict()
+    counts = now["data"]["train"]["per_class"]
+    assert set(counts) == set(now["classes"]) and sum(counts.values()) == now["data"]["train"]["items"]
+    older = {**now, "data": {k: {n: v for n, v in part.items() if n != "per_class"} if isinstance(part, dict) else part
+                             for k, part in now["data"].items()}}
+    assert differences(older, now) == {}
+    assert "per_class" not in _plan(split_folders / "train").to_dict()["data"]["train"]  # no checkpoint: not recorded

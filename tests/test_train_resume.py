@@ -383,3 +383,22 @@ def test_a_checkpoint_whose_epoch_and_history_disagree_is_refused(image_folder, 
     with pytest.warns(UserWarning, match="no content digest"), \
             pytest.raises(ConfigError, match=re.escape(f"history of epochs {held}") + r".*edited or damaged"):
         tk.finetune("tk:small_cnn", checkpoint=ckpt, resume=True, **common)
+
+
+def test_a_resume_refused_for_its_data_says_which_classes_gained_or_lost_files(tmp_path):
+    """The refusal showed two records of digests: a user could not tell a file deleted from a
+    folder touched, nor where."""
+    from tests.conftest import make_image_folder
+
+    for seed, split in enumerate(("train", "val")):
+        make_image_folder(tmp_path / "d" / split, per_class=4, seed=seed)
+    common = dict(weights=None, data=tmp_path / "d", image_size=32, device="cpu", num_workers=0, epochs=2,
+                  batch_size=4, verbose=False, checkpoint=tmp_path / "run.pt")
+    with pytest.raises(Interrupt):
+        tk.finetune("tk:small_cnn", callbacks=[_stop_after(1)], **common)
+    (tmp_path / "d" / "train" / "dark" / "dark_0.jpg").unlink()
+    (tmp_path / "d" / "val" / "light" / "light_1.png").chmod(0o600)  # the same files; one change time differs
+    with pytest.raises(ConfigError) as info:
+        tk.finetune("tk:small_cnn", resume=True, **common)
+    assert "data: train: 8 items -> 7 (per class: 'dark' 4 -> 3); val: the same 8 items, as many per class, other " \
+        "file names, sizes or times. The data's digest covers" in str(info.value), str(info.value)

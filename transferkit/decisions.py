@@ -750,9 +750,20 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
             a, b = _content(saved.get(key)), _content(now.get(key))
             if a is not None and b is not None and a != b and _named_backbone(now):
                 diff[key] = (saved.get(key), now.get(key))
+        elif key == "data":  # the digests say whether the data differ; the per-class counts say how
+            if _without_counts(saved.get(key)) != _without_counts(now.get(key)):
+                diff[key] = (saved.get(key), now.get(key))
         elif key not in _PLACE_KEYS and key != "speed_reasons" and saved.get(key) != now.get(key):
             diff[key] = (saved.get(key), now.get(key))
     return diff
+
+
+def _without_counts(identity: Any) -> Any:
+    """A record's data identity without its per-class counts (a record written before them has none)."""
+    if not isinstance(identity, dict):
+        return identity
+    return {k: {n: v for n, v in part.items() if n != "per_class"} if isinstance(part, dict) else part
+            for k, part in identity.items()}
 
 
 # settings whose value the record holds as decided (a path of keys in it): two runs that decided the same

@@ -39,7 +39,7 @@ from transferkit.data.audio import AUDIO_AUGMENTATIONS, prepare_audio_data
 from transferkit.data.decoded import decode_census
 from transferkit.data.gpu_jpeg import input_decode_facts
 from transferkit.data.sampling import seed_everything
-from transferkit.data.fingerprint import data_fingerprint, listing_digest, quick_fingerprint
+from transferkit.data.fingerprint import class_counts, data_fingerprint, listing_digest, quick_fingerprint
 from transferkit._text import exception_line
 from transferkit.errors import ConfigError, DataError
 from transferkit.hardware import conv_share, cpu_capability, device_bf16
@@ -563,6 +563,9 @@ def _data_facts(cfg: FinetuneConfig, bundle: DataBundle, spec: InputSpec, n_out:
         # 16 items; files and tensors are read whole either way)
         whole = data_fingerprint(ds) if cached or cfg.checkpoint is not None else None
         identity[name] = {"items": len(ds), "digest": whole if cfg.checkpoint is not None else quick_fingerprint(ds)}
+        counts = class_counts(ds, bundle.classes) if cfg.checkpoint is not None else None
+        if counts is not None:  # described, not compared: the digest covers them (`differences`)
+            identity[name]["per_class"] = counts
         files[name] = hasattr(ds, "samples") and hasattr(ds, "view")  # in-memory data are decoded already
         if cached:
             fingerprints[name] = whole

@@ -355,6 +355,30 @@ def listed_files(ds: Any) -> list[tuple[Any, Any]] | None:
     return None
 
 
+MAX_COUNTED_CLASSES = 1000  # above, a record keeps no per-class counts (its size stays small)
+
+
+def class_counts(ds: Any, classes: Any) -> dict[str, int] | None:
+    """Items per class of a dataset of listed files whose labels are class indices, read from
+    its listing (no file is opened), as ``{class name: count}``; None for other datasets and
+    above `MAX_COUNTED_CLASSES` classes. What a resume refused for its data names: the
+    classes that gained or lost files."""
+    listed = listed_files(ds)
+    names = [str(c) for c in classes]
+    if listed is None or not 0 < len(names) <= MAX_COUNTED_CLASSES:
+        return None
+    relabel = getattr(ds, "relabel", None)
+    counts = [0] * len(names)
+    for _, label in listed:
+        if isinstance(label, bool) or not isinstance(label, int):
+            return None
+        label = relabel[label] if relabel is not None else label
+        if not 0 <= label < len(names):
+            return None
+        counts[label] += 1
+    return dict(zip(names, counts))
+
+
 def quick_fingerprint(ds: Any, samples: int = 16) -> str:
     """A cheap identity of a dataset: `data_fingerprint` for file-based and tensor
     datasets (file metadata, no decoding); for other in-memory datasets their type, length

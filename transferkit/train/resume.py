@@ -39,9 +39,47 @@ def _format_diff(diff: dict[str, tuple[Any, Any]], limit: int = 12, width: int =
         text = repr(value)
         return text if len(text) <= width else text[:width - 5] + " ...]"
 
-    items = [f"{k}: {cut(a)} -> {cut(b)}" for k, (a, b) in list(diff.items())[:limit]]
+    items = [f"{k}: {data_change(a, b) if k == 'data' else f'{cut(a)} -> {cut(b)}'}"
+             for k, (a, b) in list(diff.items())[:limit]]
     more = f"; and {len(diff) - limit} more" if len(diff) > limit else ""
     return "; ".join(items) + more
+
+
+def data_change(saved: Any, now: Any, shown: int = 8) -> str:
+    """How the data of a run differ from a checkpoint's, from their records' identities: the
+    items of each part and, where both records count them, the classes that gained or lost
+    files.
+
+    Example:
+        >>> data_change({"classes": 2, "train": {"items": 10, "digest": "a", "per_class": {"cat": 5, "dog": 5}}},
+        ...             {"classes": 2, "train": {"items": 9, "digest": "b", "per_class": {"cat": 4, "dog": 5}}})
+        "train: 10 items -> 9 (per class: 'cat' 5 -> 4)"
+    """
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return f"{saved!r} -> {now!r}"
+    said = [f"classes {saved.get('classes')!r} -> {now.get('classes')!r}"] \
+        if saved.get("classes") != now.get("classes") else []
+    for part in sorted((set(saved) | set(now)) - {"classes"}):
+        a, b = saved.get(part), now.get(part)
+        if a == b:
+            continue
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            said.append(f"{part}: {a!r} -> {b!r}")
+            continue
+        count = f"{a.get('items')} items -> {b.get('items')}" if a.get("items") != b.get("items") else \
+            f"the same {a.get('items')} items"
+        ca, cb = a.get("per_class"), b.get("per_class")
+        moved = [f"{c!r} {ca.get(c, 0)} -> {cb.get(c, 0)}" for c in dict.fromkeys([*ca, *cb])
+                 if ca.get(c, 0) != cb.get(c, 0)] if isinstance(ca, dict) and isinstance(cb, dict) else None
+        if moved:
+            more = f" and {len(moved) - shown} more" if len(moved) > shown else ""
+            said.append(f"{part}: {count} (per class: {', '.join(moved[:shown])}{more})")
+        elif a.get("items") == b.get("items"):
+            per_class = ", as many per class" if moved is not None else ""
+            said.append(f"{part}: {count}{per_class}, other file names, sizes or times")
+        else:
+            said.append(f"{part}: {count}")
+    return "; ".join(said) or "their digests differ"
 
 
 def resume_refused(path: str | Path, diff: dict[str, tuple[Any, Any]]) -> ConfigError:

@@ -907,11 +907,14 @@ def test_policy_options_that_do_nothing_are_noted(image_folder, tmp_path):
         policy = f"feature_extraction,bn=affine,{option}"
         said = " ".join(tk.plan(no_bn, **{**kw, "weights": None}, policy=policy).notes)
         assert f"{option} is not used: no backbone parameter trains" in said
-    for policy in ("full,bn=frozen", "feature_extraction,bn=affine"):  # no BatchNorm: nothing for bn= to do
-        said = tk.plan(no_bn, **{**kw, "weights": None}, policy=policy).notes
-        bn = [n for n in said if n.startswith("bn=")]
-        assert bn == [f"bn={policy.split('bn=')[1]} is not used: the trunk holds no BatchNorm layer (other norms, "
-                      "such as LayerNorm, train with their blocks)."], said
+    for policy in ("full,bn=frozen", "feature_extraction,bn=affine", "full, bn = train"):  # no BatchNorm: nothing
+        said = tk.plan(no_bn, **{**kw, "weights": None}, policy=policy).notes  # for bn= to do, the default written
+        bn = [n for n in said if n.startswith("bn=")]  # out too
+        assert bn == [f"bn={policy.split('=')[-1].strip()} is not used: the trunk holds no BatchNorm layer (other "
+                      "norms, such as LayerNorm, train with their blocks)."], said
+    assert "bn=train is not used: the backbone is frozen for every epoch, its BatchNorm layers in eval mode" in \
+        notes("feature_extraction,bn=train")  # statistics of a frozen backbone are not updated
+    assert "bn=" not in notes("fine_tune,bn=train")
     plain_bn = from_module(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, affine=False),
                                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
                            input_spec={"image_size": 16})  # statistics without gamma/beta: bn=frozen freezes them

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -526,10 +527,12 @@ def _settings_unused(cfg: FinetuneConfig, pol: Policy, *, head: str, kind: str, 
     if isinstance(cfg.policy, str) and cfg.policy.split(":")[0].strip() == "unfreeze" and pol.unfreeze == "none" \
             and pol.unfreeze_from is None:
         notes.append(f"policy {cfg.policy!r} unfreezes no block: this run is {pol} (the backbone frozen).")
-    if pol.bn != "train" and not batchnorm:  # neither gamma/beta to train nor statistics to freeze
+    # bn= as given: the default (train) too where it is written out in the policy's text
+    given = pol.bn != "train" or (isinstance(cfg.policy, str) and re.search(r"\bbn\s*=\s*train\b", cfg.policy))
+    if given and not batchnorm:  # neither gamma/beta to train nor statistics to freeze
         notes.append(f"bn={pol.bn} is not used: the trunk holds no BatchNorm layer (other norms, such as LayerNorm, "
                      "train with their blocks).")
-    elif pol.bn != "train" and frozen:
+    elif given and frozen:
         notes.append(f"bn={pol.bn} is not used: the backbone is frozen for every epoch, its BatchNorm layers in eval "
                      "mode with their statistics as they are.")
     return notes

@@ -49,7 +49,7 @@ TIMM_FAMILIES = {
     "regnetx_002": ({}, ["stem", "s4"]),
     "densenet121": ({}, ["stem", "features.norm5"]),
     "deit_tiny_patch16_224": ({}, ["embed", "norm"]),
-    "poolformer_s12": ({}, ["stem", "head"]),  # no group_matcher: top-level children, stages split
+    "poolformer_s12": ({}, ["stem", "trunk.head"]),  # no group_matcher: top-level children, stages split
 }
 # Real CPU forward + TorchScript round trip of backbone + head: (name, kwargs, input size).
 SCRIPTED = [

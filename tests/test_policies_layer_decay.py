@@ -143,3 +143,35 @@ def test_a_stage_with_its_downsampling_counts_one_layer_per_unit():
         "stem.weight": 0, "down.1.weight": 1, "stage.0.conv.weight": 1, "stage.1.bn.weight": 2,
         "flat.0.weight": 3, "flat.1.weight": 3, "norm.weight": 3}
     assert head == 4
+
+
+def test_a_trunk_block_of_timms_head_module_is_not_merged_with_the_new_head():
+    """timm's MetaFormers (PoolFormer, CAFormer, MambaOut ...) keep a final norm in a module named
+    ``head``: its block was named ``head`` too, so layer_decay failed ("different lr multipliers
+    ... a bug in transferkit's grouping"), discriminative rates gave it the head's 1.0, and the
+    plan folded it into the new head's group."""
+    from transferkit.policies import lr_multipliers
+
+    bb = get_backbone("timm:poolformerv2_s12", weights=None)
+    assert bb.block_names[-1] == "trunk.head"
+    scales = lr_scales(transfer_model(bb), bb, Policy(unfreeze="all", layer_decay=DECAY))  # (no group_matcher:
+    trunk = [v for n, v in scales.items() if n.startswith("trunk.")]  # numbered by blocks and residual units)
+    assert scales["trunk.head.norm.weight"] == max(trunk) == pytest.approx(DECAY) and scales["head.0.weight"] == 1
+    mult = lr_multipliers(bb.block_names, Policy(unfreeze="all", discriminative=0.5))
+    assert mult["trunk.head"] == pytest.approx(0.5 ** (1 / 6)) and mult["head"] == 1.0
+    groups = {g["name"] for g in param_groups(transfer_model(bb), backbone=bb, lr=1e-3, weight_decay=1e-4,
+                                              policy=Policy(unfreeze="all", layer_decay=DECAY))}
+    assert {"trunk.head/no_decay", "head", "head/no_decay"} <= groups
+
+
+def test_a_block_named_as_the_new_head_is_refused():
+    from transferkit.backbones.custom import from_module
+    from transferkit.errors import BackboneError
+
+    net = torch.nn.Sequential()
+    net.add_module("body", torch.nn.Conv2d(3, 4, 3))
+    net.add_module("head", torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                               torch.nn.Linear(4, 4)))
+    assert from_module(net, input_spec={"image_size": 16}).block_names == ["body", "trunk.head"]  # named here
+    with pytest.raises(BackboneError, match="a block is named 'head', the name of the new head in parameter groups"):
+        from_module(net, input_spec={"image_size": 16}, blocks={"body": ["body"], "head": ["head"]})

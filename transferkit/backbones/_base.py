@@ -129,9 +129,17 @@ class Backbone:
         raise KeyError(parameter_name)
 
 
+HEAD = "head"
+"""The new head's name in parameter groups, learning rates and plans: no trunk block takes it."""
+TRUNK_HEAD = "trunk.head"
+"""The name a block of the trunk's own ``head`` module (timm's MetaFormers keep a final norm
+there) is given, where the block would otherwise be named ``head``."""
+
+
 def blocks_from_members(spec: list[tuple[str, list[str]]]) -> tuple[Block, ...]:
-    """Build blocks from ``[(name, [member, ...]), ...]``, dropping empty ones."""
-    return tuple(Block(name, tuple(m)) for name, m in spec if m)
+    """Build blocks from ``[(name, [member, ...]), ...]``, dropping empty ones; a block named
+    after the trunk's ``head`` module is `TRUNK_HEAD` (`HEAD` names the new head)."""
+    return tuple(Block(TRUNK_HEAD if name == HEAD else name, tuple(m)) for name, m in spec if m)
 
 
 def check_blocks(trunk: nn.Module, blocks: tuple[Block, ...], *, name: str = "backbone") -> None:
@@ -142,6 +150,9 @@ def check_blocks(trunk: nn.Module, blocks: tuple[Block, ...], *, name: str = "ba
     names = [b.name for b in blocks]
     if len(set(names)) != len(names):
         raise BackboneError(f"{name}: duplicate block names in {names}")
+    if HEAD in names:
+        raise BackboneError(f"{name}: a block is named {HEAD!r}, the name of the new head in parameter groups, "
+                            f"learning rates and plans; name it otherwise (e.g. {TRUNK_HEAD!r}).")
     every = [n for n, _ in trunk.named_parameters(remove_duplicate=False)]  # a shared parameter under each name
     empty = [b.name for b in blocks if not any(b.owns(n) for n in every)]
     if empty:

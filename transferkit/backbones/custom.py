@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from transferkit.config import check_seconds
-from transferkit.backbones._base import Backbone, Block, InputSpec, blocks_from_members, check_blocks, container_blocks
+from transferkit.backbones._base import Backbone, Block, InputSpec, check_blocks, container_blocks
 from transferkit.errors import BackboneError
 
 BlocksArg = Sequence[Block] | Sequence[str] | Sequence[tuple[str, Sequence[str]]] | Mapping[str, Sequence[str]] | None
@@ -44,7 +44,7 @@ def _as_blocks(module: nn.Module, blocks: BlocksArg) -> tuple[Block, ...]:
     if blocks is None:
         return container_blocks(module)
     if isinstance(blocks, Mapping):
-        return blocks_from_members([(str(k), list(v)) for k, v in blocks.items()])
+        return _named([(str(k), list(v)) for k, v in blocks.items()])
     out: list[tuple[str, list[str]]] = []
     for b in blocks:
         if isinstance(b, Block):
@@ -56,7 +56,13 @@ def _as_blocks(module: nn.Module, blocks: BlocksArg) -> tuple[Block, ...]:
         else:
             raise BackboneError(f"Cannot read the block {b!r}: give Block objects, module names, (name, [members]) "
                                 "pairs or a {name: [members]} dict.")
-    return blocks_from_members(out)
+    return _named(out)
+
+
+def _named(spec: list[tuple[str, list[str]]]) -> tuple[Block, ...]:
+    """Blocks of the names a user gave, as given (`check_blocks` refuses one named as the new
+    head, which `blocks_from_members` would rename)."""
+    return tuple(Block(name, tuple(m)) for name, m in spec if m)
 
 
 @torch.no_grad()

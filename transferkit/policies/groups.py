@@ -18,14 +18,13 @@ from typing import Any
 
 from torch import nn
 
-from transferkit.backbones._base import Backbone, Block
+from transferkit.backbones._base import HEAD, Backbone, Block
 from transferkit.errors import ConfigError, PolicyError
 from transferkit.lora import has_lora, is_lora_parameter
 from transferkit.policies.freeze import trainable_flags
 from transferkit.policies.structure import PARAMETRIZED, block_of, bn_param_names
 from transferkit.policies.spec import Policy, run_epochs
 
-HEAD = "head"
 _NO_DECAY_RX = re.compile(r"(^|\.)(pos_embed|pos_embedding|cls_token|class_token|dist_token|reg_token|"
                           r"absolute_pos_embed|relative_position_bias_table)$")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)

@@ -402,3 +402,24 @@ def test_a_resume_refused_for_its_data_says_which_classes_gained_or_lost_files(t
         tk.finetune("tk:small_cnn", resume=True, **common)
     assert "data: train: 8 items -> 7 (per class: 'dark' 4 -> 3); val: the same 8 items, as many per class, other " \
         "file names, sizes or times. The data's digest covers" in str(info.value), str(info.value)
+
+
+def test_a_resume_given_a_backbone_of_other_weights_is_refused_under_l2sp(image_folder, tmp_path):
+    """L2-SP pulls toward the weights training started from: a resume given a Backbone object of
+    other weights took its anchor from them without a word (the resumed run was another run)."""
+    def backbone(noise: float = 0.0):
+        torch.manual_seed(1)
+        bb = tk.get_backbone("tk:small_cnn", weights=None)
+        with torch.no_grad():
+            for p in bb.trunk.parameters():
+                p.add_(noise)
+        return bb
+
+    common = dict(data=image_folder, image_size=32, device="cpu", num_workers=0, epochs=2, batch_size=4,
+                  verbose=False, policy="full,l2sp=0.1", checkpoint=tmp_path / "run.pt")
+    with pytest.raises(Interrupt):
+        tk.finetune(backbone(), callbacks=[_stop_after(1)], **common)
+    with pytest.raises(ConfigError, match=r"l2sp_anchor: .*The backbone's weights differ from those the "
+                                          r"checkpoint's run started from"):
+        tk.finetune(backbone(0.05), resume=True, **common)
+    assert len(tk.finetune(backbone(), resume=True, **common).history) == 2  # the same weights: resumed

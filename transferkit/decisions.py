@@ -152,6 +152,8 @@ class Decisions:
         out = jsonable({
             "format": DECISIONS_FORMAT, "config": self.config.to_dict(),
             "backbone": self.backbone, "weights": self.weights, "weights_file": self.weights_file,
+            # what L2-SP pulls toward (the trunk training starts from): a resume given other weights is refused
+            **({"l2sp_anchor": self.trunk_fingerprint} if self.policy.l2sp is not None else {}),
             "input_spec": self.input_spec.to_dict(),
             "task": self.task, "classes": list(self.classes), "num_outputs": self.num_outputs,
             "device": self.device_type, "world_size": self.world_size, "seeds": list(self.seeds),
@@ -714,7 +716,7 @@ AS_NOW = object()
 # from one of now in its head); a Backbone object's options, recorded since exports are rebuilt from them
 ADDED_DECISIONS: dict[tuple[str | None, str], Any] = {
     ("config", "target_norm"): "auto", ("head", "target_norm"): False, (None, "backbone_options"): AS_NOW,
-    (None, "sample_order"): AS_NOW}
+    (None, "sample_order"): AS_NOW, (None, "l2sp_anchor"): AS_NOW}
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -92,6 +92,9 @@ def resume_refused(path: str | Path, diff: dict[str, tuple[Any, Any]]) -> Config
     if "weights_file" in diff:
         data += (" The weights file's content changed since the run began (its digest differs): the checkpoint's "
                  "trunk grew from the file it had, and its cached features and L2-SP anchor were computed from it.")
+    if "l2sp_anchor" in diff:
+        data += (" The backbone's weights differ from those the checkpoint's run started from (their digests above), "
+                 "which L2-SP pulls toward: resume with the backbone (and weights) the run started from.")
     if "sample_order" in diff:
         was = diff["sample_order"][0]
         data += (" The samples are drawn shard by shard when the shard cache cannot hold every remote shard (and they "

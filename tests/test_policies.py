@@ -444,3 +444,35 @@ def test_a_schedule_of_no_whole_epochs_is_refused(epochs):
         with pytest.raises(PolicyError, match=r"whole number >= 1, got"):
             read()
     assert p.schedule(["a", "b"], 2) == [[], ["b"]] and p.lr_phases(3) == [(3, 1.0)]
+
+
+def test_a_parameter_the_backbone_keeps_fixed_is_never_trained(image_folder):
+    """A parameter that does not require gradients in the backbone as made (a fixed sin-cos table,
+    a constant scale) was switched to trainable, and trained, once a policy unfroze its block."""
+    from torch import nn
+
+    from transferkit.backbones.custom import from_module
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+            self.stage = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+            self.scale = nn.Parameter(torch.full((8,), 0.5), requires_grad=False)
+
+        def forward(self, x):
+            return (self.stage(self.stem(x)) * self.scale.view(1, -1, 1, 1)).mean((2, 3))
+
+    bb = from_module(Net(), blocks=[("stem", ["stem"]), ("stage", ["stage", "scale"])], input_spec={"image_size": 16})
+    model = TransferModel(ImagePreprocess((0.5,) * 3, (0.5,) * 3), bb.trunk, build_head(8, 2))
+    for policy in ("full", "unfreeze:last=1", "gradual:every=1"):
+        for epoch in range(2):
+            apply_policy(model, bb, Policy.parse(policy), epoch=epoch)
+            assert not bb.trunk.scale.requires_grad, (policy, epoch)
+        groups = param_groups(model, lr=1e-3, weight_decay=0.0, backbone=bb, policy=Policy.parse(policy), epochs=2)
+        assert not any(p is bb.trunk.scale for g in groups for p in g["params"]), policy
+    result = tk.finetune(bb, data=image_folder, policy="full", epochs=1, batch_size=4, device="cpu", num_workers=0,
+                         verbose=False)
+    assert torch.equal(result.model.trunk.scale, torch.full((8,), 0.5))
+    assert "Parameters of blocks this run trains that did not require gradients when the backbone was made stay " \
+        "as they are (1, e.g. 'scale')" in " ".join(result.decisions.notes)

@@ -350,6 +350,8 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     phase_lr = lr * _group_phase_factor(pol, cfg.epochs)  # the rate the groups train at (fine_tune: its 2nd phase)
     trainable = tuple(tuple(b) for b in pol.schedule(list(bb.blocks), cfg.epochs))
     _check_trains_something(pol, trainable, bb.batchnorm_only)
+    trained = {b for blocks in trainable for b in blocks}
+    kept = [n for n, block in bb.fixed if block in trained]
     notes = _unused_settings(cfg, pol, head_passes(pol, cached_epochs, cfg.epochs))
     notes += _policy_options_unused(pol, cached_epochs=cached_epochs, cache_reason=reason, frozen=frozen,
                                     pretrained=bb.pretrained, trains_blocks=any(trainable))
@@ -363,6 +365,11 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
                               cache_reason=reason, decode=decode, n_val=data.n_val,
                               batchnorm=bb.has_batchnorm or bb.tracks_statistics)
     notes += _outputs_unused(cfg, trainable, n_classes=len(data.classes))
+    if kept:
+        notes.append(f"Parameters of blocks this run trains that did not require gradients when the backbone was "
+                     f"made stay as they are ({len(kept)}, e.g. {kept[0]!r}); to train them, set requires_grad=True on "
+                     "them before making the backbone (a module frozen by an earlier run: "
+                     "module.requires_grad_(True), then from_module).")
     target_norm = resolve_target_norm(cfg.target_norm, task=cfg.task)
     if data.targets is not None:
         scale_note = target_scale_note(data.targets, data.classes, standardised=target_norm)

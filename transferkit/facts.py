@@ -97,6 +97,7 @@ class BackboneFacts:
     spec_augment: bool = False  # the trunk holds SpecAugment masks (active in training mode only)
     batchnorm_only: tuple[str, ...] = ()  # blocks of BatchNorm gamma/beta alone (nothing trains in them at bn=frozen)
     tracks_statistics: bool = False  # some layer keeps running statistics (BatchNorm, affine or not; in a block or not)
+    fixed: tuple[tuple[str, str], ...] = ()  # (parameter, block) of `Backbone.fixed` in blocks a policy can train
 
 
 @dataclass(frozen=True)
@@ -540,7 +541,9 @@ def _backbone_facts(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, dev: tor
                          spec_augment=any(isinstance(m, SpecAugment) and (m.freq_masks or m.time_masks)
                                           for m in bb.trunk.modules()),
                          batchnorm_only=batchnorm_only_blocks(bb),
-                         tracks_statistics=any(tracks_statistics(m) for m in bb.trunk.modules()))
+                         tracks_statistics=any(tracks_statistics(m) for m in bb.trunk.modules()),
+                         fixed=tuple((n, bb.block_of(n)) for n in sorted(bb.fixed or ())
+                                     if bb.block_of(n) in bb.block_names))
 
 
 def _spec_digest(spec: InputSpec) -> str:

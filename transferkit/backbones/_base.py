@@ -106,6 +106,13 @@ class Backbone:
     # otherwise, from_module or by hand)
     build_options: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     _built: tuple[tuple[int, int], ...] | None = field(default=None, repr=False, compare=False)
+    # trunk parameters that do not require gradients as the backbone is made (a fixed sin-cos position table, a
+    # constant scale): no policy trains them (None: read from the trunk here)
+    fixed: frozenset[str] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.fixed is None:
+            self.fixed = frozenset(n for n, p in self.trunk.named_parameters() if not p.requires_grad)
 
     def mark_random_init(self) -> None:
         """Record that the trunk holds the random weights it was just built with (see `weights_random`)."""

@@ -32,13 +32,17 @@ from transferkit.policies.structure import block_of, bn_param_names, has_batchno
 
 def trainable_flags(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int = 0) -> dict[str, bool]:
     """``{parameter name: trains at epoch}`` over ``model.trunk`` (names relative to the trunk),
-    as the policy says; a query, nothing is changed."""
+    as the policy says; a query, nothing is changed. A parameter that did not require
+    gradients as the backbone was made (`Backbone.fixed`) never trains."""
     blocks = set(policy.trainable_blocks(backbone.block_names, epoch))
     bn_params = bn_param_names(model.trunk)
+    fixed = backbone.fixed or frozenset()
     flags = {}
     for name, _ in model.trunk.named_parameters():
         if is_lora_parameter(name):
             flags[name] = True
+        elif name in fixed:
+            flags[name] = False
         elif name in bn_params and policy.bn != "train":
             flags[name] = policy.bn == "affine"
         else:

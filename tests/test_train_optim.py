@@ -541,3 +541,16 @@ def test_a_fine_tune_run_stops_early_only_in_the_epochs_that_train_the_backbone(
     r = tk.finetune("tk:small_cnn", weights=None, data=image_folder, image_size=16, num_workers=0, verbose=False,
                     policy="fine_tune:frozen=2,passes=1", epochs=5, early_stopping=1, monitor="val_loss")
     assert [h["epoch"] for h in r.history] == [1, 2, 3, 4] and r.stopped_early and r.best["epoch"] == 3
+
+
+def test_the_plan_says_the_rates_gamma_beta_train_at_in_fine_tunes_first_phase(image_folder):
+    """Under fine_tune,bn=affine the first epoch trains every block's BatchNorm gamma/beta at ten
+    times the rates the plan's groups line shows (those of the phase that trains the blocks)."""
+    kw = dict(backbone="tk:small_cnn", weights=None, data=image_folder, policy="fine_tune,bn=affine", epochs=2,
+              image_size=16, num_workers=0, schedule="constant", batch_size=8)
+    said = tk.plan(**kw).summary()
+    assert "every block's BatchNorm gamma/beta at its block's rate of this phase (10 x its group's rate below)" in said
+    result = tk.finetune(**kw, verbose=False)
+    first, second = (row["lr_groups"] for row in result.history)
+    assert {g: first[g] / second[g] for g in first} == pytest.approx({g: 10.0 for g in first})
+    assert second["stem"] == pytest.approx(next(g["lr"] for g in result.decisions.groups if g["name"] == "stem"))

@@ -195,8 +195,10 @@ class Decisions:
         phases = self.policy.lr_phases(cfg.epochs)
         affine = self.policy.bn == "affine" and self.bn_mode == GAMMA_BETA_TRAIN  # gamma/beta train too
         epochs_text = _epoch_text(self.trainable, cfg.epochs, lora=self.policy.lora, bn_affine=affine)
-        alone = (f"of the head at lr {self.lr:.3g} and every block's BatchNorm gamma/beta at its block's rate"
-                 if affine else f"of the head alone at lr {self.lr:.3g}")
+        ratio = phases[0][1] / phases[1][1] if len(phases) > 1 and phases[1][1] else 1.0  # the groups' rates: phase 2's
+        alone = (f"of the head at lr {self.lr * phases[0][1]:.3g} and every block's BatchNorm gamma/beta at its "
+                 f"block's rate of this phase ({ratio:.3g} x its group's rate below)"
+                 if affine else f"of the head alone at lr {self.lr * phases[0][1]:.3g}")
         groups = ", ".join(f"{g['name']} lr {g['lr']:.3g} wd {g['weight_decay']:g}" for g in self.groups[:4])
         if len(self.groups) > 4:
             groups += f", ... ({len(self.groups)} groups)"

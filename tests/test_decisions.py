@@ -1021,3 +1021,35 @@ def test_a_records_per_class_counts_describe_its_data_and_an_older_record_withou
                              for k, part in now["data"].items()}}
     assert differences(older, now) == {}
     assert "per_class" not in _plan(split_folders / "train").to_dict()["data"]["train"]  # no checkpoint: not recorded
+
+
+def test_the_plan_lists_as_updating_statistics_only_the_training_blocks_that_hold_them(split_folders):
+    """The record's bn_statistics_update listed every training block, a MobileNet's pre_logits
+    (Linear layers alone) among them; the blocks whose statistics a run updates are those that
+    hold BatchNorm layers, as measured on the run's buffers."""
+    from torch import nn
+
+    from transferkit.backbones import Backbone, Block, InputSpec
+
+    torch.manual_seed(0)
+    trunk = nn.Sequential()
+    trunk.add_module("stem", nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()))
+    trunk.add_module("mid", nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                          nn.AdaptiveAvgPool2d(1), nn.Flatten(1)))
+    trunk.add_module("fc", nn.Linear(4, 4))
+    bb = Backbone(name="linear-last", trunk=trunk, num_features=4, input_spec=InputSpec(image_size=16),
+                  blocks=(Block("stem", ("stem",)), Block("mid", ("mid",)), Block("fc", ("fc",))))
+    d = tk.plan(bb, data=split_folders / "train", policy="gradual:every=1", **{**KW, "epochs": 3})
+    assert [r["blocks"] for r in d.to_dict()["trainable"]] == [[], ["fc"], ["mid", "fc"]]
+    assert d.to_dict()["bn_statistics_update"] == [{"epochs": [1, 2], "blocks": []}, {"epochs": [3, 3],
+                                                                                     "blocks": ["mid"]}]
+    before = {k: v.clone() for k, v in trunk.state_dict().items() if "running" in k}
+    r = tk.finetune(bb, data=split_folders / "train", policy="unfreeze:last=2", **{**KW, "epochs": 1})
+    after = r.model.trunk.state_dict()
+    assert sorted({k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}) == ["mid"]
+    assert [r["blocks"] for r in r.decisions.to_dict()["bn_statistics_update"]] == [["mid"]]
+    from transferkit.decisions import differences
+
+    now = r.decisions.to_dict()  # a checkpoint that listed every training block (or said BatchNorm otherwise) resumes
+    assert differences({**now, "bn_statistics_update": [{"epochs": [1, 1], "blocks": ["mid", "fc"]}],
+                        "bn": "none in the trunk"}, now) == {}

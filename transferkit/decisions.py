@@ -404,8 +404,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         target_norm=data.targets if target_norm else None, augment=augment,
         lr=lr, groups=tuple({"name": g["name"], "lr": phase_lr * g["lr_scale"], "weight_decay": g["weight_decay"],
                              "params": g["params"]} for g in template),
-        trainable=trainable, bn_updates=_bn_updates(pol, bb.has_batchnorm or bb.tracks_statistics, trainable,
-                                                    cached_epochs),
+        trainable=trainable, bn_updates=_bn_updates(pol, bb.statistics_blocks, trainable, cached_epochs),
         bn_mode=_bn_mode(pol, bb.has_batchnorm, bb.tracks_statistics, frozen), class_weights=data.class_weights,
         decode=decode, data=data.identity,
         trunk_fingerprint=bb.fingerprint, data_fingerprints=dict(data.fingerprints), notes=tuple(notes),
@@ -767,9 +766,14 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
         elif key == "data":  # the digests say whether the data differ; the per-class counts say how
             if _without_counts(saved.get(key)) != _without_counts(now.get(key)):
                 diff[key] = (saved.get(key), now.get(key))
-        elif key not in _PLACE_KEYS and key != "speed_reasons" and saved.get(key) != now.get(key):
+        elif key not in _PLACE_KEYS and key not in _DESCRIPTIONS and saved.get(key) != now.get(key):
             diff[key] = (saved.get(key), now.get(key))
     return diff
+
+
+# words that describe what the compared decisions (the policy, the blocks that train, the trunk) make of the
+# trunk: a record whose description was worded otherwise (before the statistics were counted per block) resumes
+_DESCRIPTIONS = frozenset({"speed_reasons", "bn", "bn_statistics_update"})
 
 
 def _without_counts(identity: Any) -> Any:
@@ -957,14 +961,16 @@ def _bn_mode(policy: Policy, has_bn: bool, tracks: bool, frozen: bool) -> str:
             "frozen": "frozen entirely"}[policy.bn]
 
 
-def _bn_updates(policy: Policy, statistics: bool, trainable: tuple[tuple[str, ...], ...],
+def _bn_updates(policy: Policy, statistics: tuple[str | None, ...], trainable: tuple[tuple[str, ...], ...],
                 cached_epochs: int) -> tuple[tuple[str, ...], ...]:
     """Per epoch, the blocks whose BatchNorm running statistics update (the others run in eval
-    mode): the training blocks under ``bn="train"``, none under ``affine``/``frozen``;
-    ``statistics``: some layer of the trunk keeps running statistics."""
+    mode): the training blocks that hold such statistics under ``bn="train"``, none under
+    ``affine``/``frozen``. ``statistics``: the blocks the layers with running statistics follow
+    (None: one outside every block, which updates whenever some block trains)."""
     if not statistics or policy.bn != "train":
         return tuple(() for _ in trainable)
-    return tuple(() if e < cached_epochs else blocks for e, blocks in enumerate(trainable))
+    return tuple(() if e < cached_epochs else tuple(b for b in blocks if b in statistics or None in statistics)
+                 for e, blocks in enumerate(trainable))
 
 
 def _decode_decision(cfg: FinetuneConfig, facts: Facts, augment: str, cached_epochs: int) -> dict[str, dict[str, Any]]:

@@ -48,6 +48,7 @@ from transferkit.lora import add_lora
 from transferkit.model import TransferModel
 from transferkit.policies import Policy, param_groups
 from transferkit.policies.freeze import has_batchnorm
+from transferkit.policies.freeze import module_blocks
 from transferkit.policies.frozen_bn import tracks_statistics
 from transferkit.policies.structure import batchnorm_only_blocks
 from transferkit.policies.frozen_bn import eval_fingerprint
@@ -97,6 +98,9 @@ class BackboneFacts:
     spec_augment: bool = False  # the trunk holds SpecAugment masks (active in training mode only)
     batchnorm_only: tuple[str, ...] = ()  # blocks of BatchNorm gamma/beta alone (nothing trains in them at bn=frozen)
     tracks_statistics: bool = False  # some layer keeps running statistics (BatchNorm, affine or not; in a block or not)
+    # the blocks such layers follow (`module_blocks`; None for one outside every block, which runs in training mode
+    # whenever some block trains)
+    statistics_blocks: tuple[str | None, ...] = ()
     fixed: tuple[tuple[str, str], ...] = ()  # (parameter, block) of `Backbone.fixed` in blocks a policy can train
 
 
@@ -542,8 +546,16 @@ def _backbone_facts(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, dev: tor
                                           for m in bb.trunk.modules()),
                          batchnorm_only=batchnorm_only_blocks(bb),
                          tracks_statistics=any(tracks_statistics(m) for m in bb.trunk.modules()),
+                         statistics_blocks=_statistics_blocks(bb),
                          fixed=tuple((n, bb.block_of(n)) for n in sorted(bb.fixed or ())
                                      if bb.block_of(n) in bb.block_names))
+
+
+def _statistics_blocks(bb: Backbone) -> tuple[str | None, ...]:
+    """The blocks the layers with running statistics of ``bb``'s trunk follow, in block order."""
+    blocks = module_blocks(bb.trunk, bb)
+    found = {blocks.get(n) for n, m in bb.trunk.named_modules() if tracks_statistics(m)}
+    return tuple(b for b in [*bb.block_names, None] if b in found)
 
 
 def _spec_digest(spec: InputSpec) -> str:

@@ -4,6 +4,7 @@ shard cache, indexes that make a second run fetch nothing, one-line errors."""
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -811,3 +812,46 @@ def test_the_engines_check_items_of_the_first_remote_shard_only(shards, tmp_path
     local = _quiet(prepare_data, str(shards / LOCAL), val_split=0).train
     assert local.fetch_groups() is None  # local shards are read in place: the items spread over all of them
     assert len({int(g) for g in np.asarray(local.source.shard_of)[example_indices(local, batch_size=4)]}) > 1
+
+
+def test_a_run_with_the_servers_down_trains_from_cache_dir_when_told_it_is_offline(shards, tmp_path, monkeypatch):
+    """A run whose shards had all been fetched into cache_dir failed once their server was down:
+    TRANSFERKIT_OFFLINE=1 reads them (indexes, copies, _info.json) as the last online run found
+    them, asks nothing of the server, and says what is missing where the cache lacks it."""
+    from transferkit.data.remote import ShardFetchError
+
+    monkeypatch.setattr(remote, "RETRY_WAITS", (0.0,))
+    cache = tmp_path / "c"
+    with serve(shards) as (base, _):
+        online = _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0, cache_dir=cache)
+        for i in range(len(online.train)):
+            online.train.read_bytes(i)  # every shard fetched into the cache
+    with pytest.raises(ShardFetchError, match=r"Connection refused.*holds it as an earlier run found it: set "
+                                              r"TRANSFERKIT_OFFLINE=1 to train from the cache without the server"):
+        _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0, cache_dir=cache)
+    monkeypatch.setenv("TRANSFERKIT_OFFLINE", "1")
+    offline = _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0, cache_dir=cache)
+    assert offline.classes == online.classes == ["dark", "light"]  # the _info.json as the online run read it
+    assert offline.train.targets == online.train.targets
+    assert data_fingerprint(offline.train) == data_fingerprint(online.train)  # feature stores are found again
+    assert [offline.train.read_bytes(i) for i in range(len(offline.train))] == \
+        [online.train.read_bytes(i) for i in range(len(online.train))]
+    result = _quiet(tk.finetune, "tk:small_cnn", weights=None, data=f"{base}/{LOCAL}", val_split=0.25,
+                    cache_dir=cache, image_size=16, epochs=1, batch_size=8, num_workers=0, device="cpu", verbose=False)
+    assert len(result.history) == 1
+    with pytest.raises(ShardFetchError, match=r"TRANSFERKIT_OFFLINE=1, and cache_dir .* holds no record of "
+                                              r"'http://127.0.0.1:\d+/train-000000.tar' \(no run with this cache_dir"):
+        _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0, cache_dir=tmp_path / "other")
+    with pytest.raises(ShardFetchError, match="reads remote shards from cache_dir alone, and this run has none"):
+        _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0)
+    del online, offline, result  # their open copies released (the cache removes none in use)
+    gc.collect()
+    for copy in (cache / "shards").glob("*.tar"):
+        copy.unlink()  # removed to keep the cache's budget: the indexes are there, the copies not
+    again = _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0, cache_dir=cache)
+    with pytest.raises(ShardFetchError, match=r"TRANSFERKIT_OFFLINE=1, and the shard cache .* holds no copy of "
+                                              r"'http://127.0.0.1:\d+/train-00000\d.tar' as it was indexed"):
+        again.train.read_bytes(0)
+    monkeypatch.setenv("TRANSFERKIT_OFFLINE", "maybe")
+    with pytest.raises(tk.ConfigError, match=r"TRANSFERKIT_OFFLINE='maybe' is neither on nor off"):
+        _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0, cache_dir=cache)

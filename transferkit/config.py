@@ -175,6 +175,23 @@ def sample_rate_of(value: Any, what: str = "sample rate", error: type[Exception]
     return int(value)
 
 
+def env_flag(name: str) -> bool:
+    """An on/off environment variable: ``1``, ``true``, ``yes``, ``on`` are on; unset, empty,
+    ``0``, ``false``, ``no``, ``off`` are off; anything else is a
+    [`ConfigError`][transferkit.ConfigError] naming the variable.
+
+    Example:
+        >>> env_flag("TRANSFERKIT_NOT_SET")
+        False
+    """
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}={os.environ[name]!r} is neither on nor off: set it to 1 (on) or 0 (off), or unset it.")
+
+
 def env_seconds(name: str, default: float) -> float:
     """Seconds from the environment variable ``name`` (unset or empty: ``default``): a finite
     number above 0, else a [`ConfigError`][transferkit.ConfigError] naming the variable.

@@ -58,12 +58,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from transferkit._io import check_free_space, create_temp, new_digest, read_only_folder, remove_stale_temps
+from transferkit._io import (atomic_write, check_free_space, create_temp, entry_not_kept, new_digest, read_only_folder,
+                             remove_stale_temps)
 from transferkit._signals import raise_if_interrupted
 from transferkit._text import hide_query, hide_url, unsigned
-from transferkit.config import env_seconds
+from transferkit.config import env_flag, env_seconds
 from transferkit.errors import DataError
 
+ENV_OFFLINE = "TRANSFERKIT_OFFLINE"
 ENV_BUDGET = "TRANSFERKIT_SHARD_CACHE"
 DEFAULT_BUDGET = 16 * 2**30
 """Bytes of remote shards the shard cache keeps by default (16 GiB: a few dozen shards of
@@ -122,6 +124,67 @@ def budget_setting() -> str:
     ``'TRANSFERKIT_SHARD_CACHE=20G'``, or ``'TRANSFERKIT_SHARD_CACHE unset (16 GiB)'``."""
     text = os.environ.get(ENV_BUDGET, "").strip()
     return f"{ENV_BUDGET}={text}" if text else f"{ENV_BUDGET} unset ({DEFAULT_BUDGET / 2**30:.0f} GiB)"
+
+
+def offline() -> bool:
+    """Whether ``TRANSFERKIT_OFFLINE`` is on: remote shards are read from ``cache_dir`` alone,
+    as the last look-up there found them (`remembered`), and nothing is asked of their servers."""
+    return env_flag(ENV_OFFLINE)
+
+
+def _seen_path(cache_dir: str | Path, url: str) -> Path:
+    return Path(cache_dir) / "shard-index" / "seen" / (hashlib.blake2b(url.encode(), digest_size=16).hexdigest()
+                                                      + ".json")
+
+
+def remember(cache_dir: str | Path | None, url: str, record: dict[str, Any]) -> None:
+    """Keep in ``cache_dir`` what a look-up of ``url`` found (a shard's validators, an
+    ``_info.json``'s text or its absence): what an offline run reads instead of asking the
+    server. The file is named by a hash of the URL and holds no URL (a signed one's secret
+    stays out of it). Nothing is kept without a ``cache_dir``, or in a read-only one."""
+    if cache_dir is None or read_only_folder(cache_dir) is not None:
+        return
+    path = _seen_path(cache_dir, url)
+    try:
+        if path.is_file() and json.loads(path.read_text()) == record:
+            return  # unchanged: not written again by every run and every rank
+    except (OSError, ValueError):
+        pass
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, sort_keys=True)), what="shard record")
+    except OSError as exc:
+        entry_not_kept(exc, cache_dir=cache_dir, what=f"record of {hide_url(url)!r}",
+                       later=f"an offline run ({ENV_OFFLINE}=1) cannot read it from the cache")
+
+
+def offline_hint(exc: ShardFetchError, cache_dir: str | Path | None, url: str) -> ShardFetchError:
+    """``exc``, a look-up of ``url`` that failed in a way that may pass (a server down or out of
+    reach), with the way to train without the server where ``cache_dir`` holds what an offline
+    run needs of it (`remember`); else ``exc`` itself."""
+    if not exc.transient or cache_dir is None or not _seen_path(cache_dir, url).is_file():
+        return exc
+    hinted = ShardFetchError(f"{str(exc).rstrip('.')}. cache_dir {str(cache_dir)!r} holds it as an earlier run found "
+                             f"it: set {ENV_OFFLINE}=1 to train from the cache without the server (its copies as they "
+                             "were then).")
+    hinted.transient = True
+    return hinted
+
+
+def remembered(cache_dir: str | Path | None, url: str, what: str) -> dict[str, Any]:
+    """What the last look-up of ``url`` with this ``cache_dir`` found (`remember`), for an
+    offline run; a `ShardFetchError` that says what is missing when there is none."""
+    if cache_dir is None:
+        raise ShardFetchError(f"{ENV_OFFLINE}=1 reads remote shards from cache_dir alone, and this run has none: "
+                              f"give the cache_dir of an earlier run on {hide_url(url)!r}, or unset {ENV_OFFLINE}.")
+    try:
+        record = json.loads(_seen_path(cache_dir, url).read_text())
+        if isinstance(record, dict):
+            return record
+    except (OSError, ValueError):
+        pass
+    raise ShardFetchError(f"{ENV_OFFLINE}=1, and cache_dir {str(cache_dir)!r} holds no {what} of {hide_url(url)!r} "
+                          f"(no run with this cache_dir looked it up online): run once online with this cache_dir, "
+                          f"or unset {ENV_OFFLINE}.")
 
 
 def _fsspec(url: str) -> Any:
@@ -282,8 +345,9 @@ def _retried(url: str, once: Callable[[], Any]) -> Any:
             if not exc.transient or wait is None:
                 if attempt == 1:
                     raise
-                raise ShardFetchError(f"{str(exc).rstrip('.')} (after {attempt} attempts over {waited:.0f} s).") \
-                    from None
+                tried = ShardFetchError(f"{str(exc).rstrip('.')} (after {attempt} attempts over {waited:.0f} s).")
+                tried.transient = exc.transient  # a failure that may pass, tried until the waits ran out
+                raise tried from None
             if _stop_now().wait(wait):  # told to stop while waiting to try again
                 raise _stopped(url) from None
             waited += wait
@@ -680,6 +744,11 @@ class ShardCache:
 
     def _fetch_locked(self, url: str, target: Path, size: int | None, check: Callable[[str, str], None] | None,
                       validators: dict[str, str]) -> str:
+        if offline():
+            raise ShardFetchError(f"{ENV_OFFLINE}=1, and the shard cache {str(self.kept_in or self.folder)!r} holds no "
+                                  f"copy of {hide_url(url)!r} as it was indexed (never fetched there, or removed to "
+                                  f"keep the cache within {budget_setting()}): run online, or with a shard cache "
+                                  "large enough to keep every shard.")
         remove_stale_temps(target)
         if size:
             self.make_room(size, keep=target)

@@ -69,11 +69,16 @@ from transferkit.data.fingerprint import from_common_folder
 from transferkit.data.folders import SPLIT_NAMES
 from transferkit.data.remote import (
     ENV_BUDGET,
+    ENV_OFFLINE,
     Held,
     ShardCache,
     ShardFetchError,
     fetch_small,
     is_url,
+    offline,
+    offline_hint,
+    remember,
+    remembered,
     remote_validators,
     shard_identity,
     stop_fetches_on_interrupt,
@@ -725,7 +730,19 @@ def shard_index(path: str, *, scan: str = "quick", cache_dir: str | Path | None 
 
 def _remote_index(url: str, *, scan: str, cache_dir: str | Path | None,
                   shard_cache: ShardCache) -> tuple[ShardIndex, bool]:
-    validators = remote_validators(url)
+    if offline():  # as the last look-up with this cache_dir found it
+        validators = remembered(cache_dir, url, "record")["validators"]
+        index = _cached_index(_index_path(cache_dir, url, scan, validators))  # type: ignore[arg-type]
+        if index is None:
+            raise ShardFetchError(f"{ENV_OFFLINE}=1, and cache_dir {str(cache_dir)!r} holds no member index of "
+                                  f"{hide_url(url)!r} for scan={scan!r}: run once online with this cache_dir and "
+                                  f"scan, or unset {ENV_OFFLINE}.")
+        return index, True
+    try:
+        validators = remote_validators(url)
+    except ShardFetchError as exc:
+        raise offline_hint(exc, cache_dir, url) from None
+    remember(cache_dir, url, {"validators": validators})
     if cache_dir is not None:
         index = _cached_index(_index_path(cache_dir, url, scan, validators))
         if index is not None:
@@ -942,17 +959,22 @@ def _size(n: int) -> str:
     return f"{n} bytes" if n < 2**20 else f"{n / 2**20:.1f} MB" if n < 2**30 else f"{n / 2**30:.2f} GB"
 
 
-def _info_text(folder: str, name: str) -> tuple[str, str | None]:
-    """``(where, text)`` of the info file ``name`` beside the shards (text None when absent)."""
+def _info_text(folder: str, name: str, cache_dir: str | Path | None = None) -> tuple[str, str | None]:
+    """``(where, text)`` of the info file ``name`` beside the shards (text None when absent);
+    a remote one as the last look-up with ``cache_dir`` found it when offline (`offline`)."""
     if is_url(folder):
         where = folder.rstrip("/") + "/" + name
+        if offline():
+            return where, remembered(cache_dir, where, "record of the info file")["text"]
         data = fetch_small(where)
-        return where, None if data is None else data.decode("utf-8", errors="replace")
+        text = None if data is None else data.decode("utf-8", errors="replace")
+        remember(cache_dir, where, {"text": text})
+        return where, text
     p = Path(folder) / name
     return str(p), p.read_text() if p.is_file() else None
 
 
-def _info_classes(path: str) -> list[str] | None:
+def _info_classes(path: str, cache_dir: str | Path | None = None) -> list[str] | None:
     """The ``classes`` of the ``_info.json`` (or ``info.json``) beside the shard ``path``, or
     (a local shard in a folder named as a split, ``root/train/``) in the folder above."""
     if path.startswith("pipe:"):
@@ -962,7 +984,7 @@ def _info_classes(path: str) -> list[str] | None:
     if not is_url(path) and Path(folder).name.lower() in SPLIT_NAMES:
         places.append((str(Path(folder).parent), "_info.json"))
     for folder, name in places:
-        p, text = _info_text(folder, name)
+        p, text = _info_text(folder, name, cache_dir)
         if text is not None:
             try:
                 info = json.loads(text)
@@ -981,7 +1003,8 @@ def _info_classes(path: str) -> list[str] | None:
     return None
 
 
-def _own_classes(shards: Sequence[str], indexes: Sequence[ShardIndex], what: str) -> tuple[list[str] | None, list]:
+def _own_classes(shards: Sequence[str], indexes: Sequence[ShardIndex], what: str,
+                 cache_dir: str | Path | None = None) -> tuple[list[str] | None, list]:
     """``(classes, labels)`` of shards that may lie in several folders, each with the class list
     of its own ``_info.json`` (read once per folder; `labels_by_own_names`)."""
     lists: dict[str, list[str] | None] = {}
@@ -989,7 +1012,7 @@ def _own_classes(shards: Sequence[str], indexes: Sequence[ShardIndex], what: str
     for path, ix in zip(shards, indexes):
         folder = _url_folder(path) if not path.startswith("pipe:") else path
         if folder not in lists:
-            lists[folder] = _info_classes(path)
+            lists[folder] = _info_classes(path, cache_dir)
         parts.append((folder if lists[folder] is not None else path, lists[folder], ix.labels))
     return labels_by_own_names(parts, f"{what} shards", "an _info.json")
 
@@ -1183,7 +1206,7 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
     if len(source) == 0:
         raise DataError(f"The {what} shards {list(shards)[:3]} hold no usable sample (an image and a label per "
                         f"key, e.g. 000001.jpg and 000001.cls).{apart}")
-    own, raw = _own_classes(shards, indexes, what)
+    own, raw = _own_classes(shards, indexes, what, cache_dir)
     labels = labels_by_name(raw, own, classes, what, "shards", report)
     source.labels_by_index = given_by_index(labels)  # read against the classes by place (`check_read_by_place`)
     targets, names = labels_to_targets(labels, list(classes) if classes else own, f"The {what} shards", report,

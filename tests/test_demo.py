@@ -78,3 +78,37 @@ def test_a_readme_that_cannot_be_updated_is_said_before_the_demo_runs(tmp_path, 
     update_readme(link, {"table": "| new |", "total_seconds": 3.0, "torch": "2.11.0"})
     assert link.is_symlink()
     assert readme.read_text() == f"intro\n{README_START}\n| new |\n\n(total 3 s, torch 2.11.0)\n{README_END}\nafter\n"
+
+
+def test_a_demo_interrupted_during_its_source_task_continues_when_run_again(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during `make demo` left an unfinished source.pt: the next demo refused to start
+    ("holds an unfinished run ... --resume", an option demo has not), and the hint it printed
+    (`transferkit finetune --checkpoint ... --resume`) failed, its data being in memory."""
+    import json
+
+    import transferkit.train.loop as loop
+    from transferkit.cli import main
+
+    real, calls = loop.train_one_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the source task's second epoch: its first is in source.pt
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", interrupted)
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err == (f"transferkit: Interrupted (Ctrl-C). The checkpoint {str(out / 'source.pt')!r} holds the last "
+                   "completed epoch of the source task: run the demo again with the same output folder to continue "
+                   "it.\n"), err
+    monkeypatch.setattr(loop, "train_one_epoch", real)
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert "continuing the interrupted run in" in capsys.readouterr().out
+    resumed = json.loads((out / "report.json").read_text())
+    assert main(["demo", "--quick", "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert resumed["source_val_acc"] == whole["source_val_acc"]
+    assert [r["test_acc"] for r in resumed["target"]] == [r["test_acc"] for r in whole["target"]]

@@ -14,6 +14,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +22,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from transferkit._io import atomic_write, check_writable
+from transferkit._signals import TrainingInterrupted, signal_name
 from transferkit.api import finetune
 from transferkit.backbones import InputSpec
+from transferkit.checkpoints import run_in
 from transferkit.data import eval_transform
 from transferkit.errors import ConfigError
 from transferkit.export import load
@@ -110,8 +113,16 @@ def _run_demo(out: Path, *, quick: bool, seed: int, verbose: bool) -> dict:
     say(f"transferkit demo -> {out.resolve()}")
     say(f"1/3 source task: digits 0-4, {len(tasks['source'])} images, tk:small_cnn from scratch, {src_epochs} epochs")
     t0 = time.perf_counter()
-    src = finetune("tk:small_cnn", weights=None, data=tasks["source"], policy="full", epochs=src_epochs,
-                   batch_size=64, lr=3e-3, checkpoint=out / "source.pt", **common)
+    resume = _continues(out / "source.pt", src_epochs, say)
+    try:
+        src = finetune("tk:small_cnn", weights=None, data=tasks["source"], policy="full", epochs=src_epochs,
+                       batch_size=64, lr=3e-3, checkpoint=out / "source.pt", resume=resume, **common)
+    except TrainingInterrupted as exc:  # its data are in memory: the demo itself continues the run, not a resume
+        if exc.checkpoint is None or Path(exc.checkpoint) != out / "source.pt":
+            raise
+        raise TrainingInterrupted(f"Interrupted ({signal_name(exc)}). The checkpoint {str(exc.checkpoint)!r} holds "
+                                  "the last completed epoch of the source task: run the demo again with the same "
+                                  "output folder to continue it.", exc.checkpoint) from exc
     say(f"    validation accuracy {src.best['val_acc']:.3f} ({time.perf_counter() - t0:.1f}s), saved {src.checkpoint_path}")
 
     say(f"2/3 target task: digits 5-9 with {len(tasks['target_train']) // 5} labelled images per class, "
@@ -161,6 +172,21 @@ def _run_demo(out: Path, *, quick: bool, seed: int, verbose: bool) -> dict:
                  what="demo report")
     say("\n" + table + f"\n\ntotal {total:.0f}s; outputs in {out.resolve()}")
     return summary
+
+
+def _continues(checkpoint: Path, epochs: int, say: Any) -> bool:
+    """Whether the source task resumes the unfinished run in ``checkpoint`` (one of this demo's
+    length, interrupted); an unfinished run of the other length (``--quick`` or not) is replaced,
+    and said to be."""
+    held = run_in(checkpoint)
+    if held is None or held["complete"]:
+        return False  # none, or a finished demo's: trained again
+    if held.get("epochs") == epochs:
+        say(f"    continuing the interrupted run in {checkpoint} (epoch {held['epoch']} of {epochs} done)")
+        return True
+    say(f"    the interrupted run in {checkpoint} was of {held.get('epochs')} epochs: it is replaced")
+    checkpoint.unlink()
+    return False
 
 
 def typical_prediction(preds: list, targets: list[int]) -> int | None:

@@ -7,9 +7,9 @@ scratch, all inside one model that takes raw 8 kHz waveforms. Splits (``--split`
 ``speaker:<name>`` (that speaker's 500 recordings are the test set: speaker-independent).
 10 % of the training recordings are held out for validation (best-epoch selection); the
 test set is scored on the exported file. Data: --data-dir holding ``recordings/*.wav``
-(or the WAV files themselves). Try ``--backbone ta:wav2vec2_base`` (weights when online;
+(or the WAV files themselves). Try ``--backbone ta:wav2vec2_base --weights DEFAULT`` (online;
 the config's spectrogram options are left out, its 8 kHz sample rate and clip length kept:
-the model resamples inside) or ``--backbone spec:tv:resnet18``. ``--threads N`` sets
+the model resamples inside) or ``--backbone spec:tv:resnet18 --weights DEFAULT``. ``--threads N`` sets
 torch's CPU threads. See docs/audio.md.
 """
 

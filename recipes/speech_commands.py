@@ -3,7 +3,7 @@
 train/validation/test split (validation_list.txt and testing_list.txt).
 
 Default: a log-mel CNN from scratch (``spec:tk:small_cnn``); try
-``--backbone ta:wav2vec2_base --policy unfreeze:last=4`` with pretrained weights online.
+``--backbone ta:wav2vec2_base --weights DEFAULT --policy unfreeze:last=4`` (pretrained, online).
 Data: --data-dir holding the extracted data set (the folder with validation_list.txt,
 directly or under SpeechCommands/speech_commands_v0.02), or --download to fetch it
 through torchaudio. See docs/recipes/speech_commands.md.

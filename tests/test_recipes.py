@@ -697,3 +697,23 @@ def test_a_signal_after_a_recipe_said_its_interruption_does_not_change_the_exit_
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": root})
     assert done.returncode == 143, (done.returncode, done.stderr[-2000:])
+
+
+@pytest.mark.parametrize("name, held", [("fsdd", "none (random init)"), ("hymenoptera", "tf_efficientnet_lite0_in1k"),
+                                        ("cifar10", None)])
+def test_another_backbone_than_the_configs_needs_weights_that_fit_it(name, held, tmp_path, monkeypatch):
+    """recipes/fsdd.py --backbone ta:wav2vec2_base trained a random wav2vec2 without a word (the
+    config's weights: null were its spec:tk:small_cnn's), and hymenoptera's --backbone tv:resnet18
+    failed on the key mismatch of the config's Lite0 file; DEFAULT fits any backbone."""
+    monkeypatch.setenv("TRANSFERKIT_DATA", str(tmp_path))
+    data_fn = runpy.run_path(str(RECIPES / f"{name}.py"), run_name="recipe_under_test")
+    data_fn = data_fn["data"] if "data" in data_fn else (lambda root, options: RecipeData(train=[], test=[]))
+    argv = ["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--backbone", "tv:resnet18"]
+    if held is None:  # weights: DEFAULT: the backbone is taken, and the run goes on to its data
+        with pytest.raises(DataError):
+            run_recipe(name, data_fn, description="", recipe_dir=RECIPES, argv=argv)
+        return
+    with pytest.raises(ConfigError, match=r"--backbone tv:resnet18 replaces the config's .*, and the config's "
+                                          rf"weights are for .*: .*{re.escape(held)}.*Say which weights tv:resnet18 "
+                                          r"starts from: --weights DEFAULT"):
+        run_recipe(name, data_fn, description="", recipe_dir=RECIPES, argv=argv)

@@ -381,6 +381,7 @@ def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[s
     run_cfg = merge_config(cfg, overrides, cli, source=source)
     run_cfg = {k: expand_vars(v, k) for k, v in run_cfg.items()}
     run_cfg = _image_options_of(run_cfg, written_for, "backbone_options" in {*cli, *overrides}, source)
+    _check_weights_fit(run_cfg, written_for, "weights" in {*cli, *overrides})
     if run_settings is not None:
         run_cfg = run_settings(run_cfg, given)
     if run_cfg.get("head") == "logistic":  # settings of the whole recipe that a probe (no epochs) has no use for
@@ -391,6 +392,22 @@ def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[s
     with called_as(source):
         FinetuneConfig(**run_cfg, data=str(data_dir))  # the settings' checks of each other (the data come later)
     return run_cfg
+
+
+def _check_weights_fit(run_cfg: dict[str, Any], written_for: Any, given: bool) -> None:
+    """Refuse a backbone given in place of the config file's (``written_for``) without weights,
+    where the file's weights are its own backbone's (a weights file, a tag, or none: random
+    init): the new backbone would start from a file that does not fit it, or from random
+    weights without a word. ``DEFAULT`` (each backbone's pretrained weights) fits any."""
+    backbone = run_cfg.get("backbone")
+    if given or written_for is None or backbone in (None, written_for) or "weights" not in run_cfg \
+            or run_cfg["weights"] == "DEFAULT":
+        return
+    weights = run_cfg["weights"]
+    held = "none (random init)" if weights is None else repr(str(weights))
+    raise ConfigError(f"--backbone {backbone} replaces the config's {written_for}, and the config's weights are "
+                      f"for {written_for}: {held}. Say which weights {backbone} starts from: --weights DEFAULT (its "
+                      "pretrained weights, downloaded once), a weights file, or --weights none (random init).")
 
 
 def _image_options_of(run_cfg: dict[str, Any], written_for: Any, given: bool, source: str) -> dict[str, Any]:

@@ -415,6 +415,12 @@ def test_evaluate_folder_and_csv(run, capsys, tmp_path, monkeypatch):
     (["predict", "--version"], "the following arguments are required: model, inputs; --version is an option of "
                                "transferkit itself: give it before the command."),
     (["finetune", "--optimizer", "adamm"], "(choose from 'adamw', 'adam', 'sgd'). Did you mean 'adam' or 'adamw'?"),
+    # a setting without a flag of its own was said as the nearest flag ('--weights' for --weight-decay)
+    (["finetune", "--data", "x", "--weight-decay", "0.1", "--cache-dir=c", "--early-stopping"],
+     "unrecognized arguments: --weight-decay 0.1 --cache-dir=c --early-stopping. --weight-decay is a setting without "
+     "a flag of its own: give it as --set weight_decay=0.1. --cache-dir is a setting without a flag of its own: give "
+     "it as --set cache_dir=c. --early-stopping is a setting without a flag of its own: give it as --set "
+     "early_stopping=VALUE.\n"),
 ])
 def test_a_misspelt_option_or_command_gets_the_nearest_spelling_from_its_command(capsys, argv, said):
     """argparse said "unrecognized arguments: --polcy full" under the top level's usage line,

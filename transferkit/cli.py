@@ -342,6 +342,7 @@ def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other setting, the value parsed as YAML (e.g. --set head_hidden=[256]; "
                         "repeatable; no default)")
+    p.settings = frozenset(k for k, f in config_fields().items() if f.metadata["serial"])  # type: ignore[attr-defined]
 
 
 def _finetune_kwargs(args: argparse.Namespace) -> dict:

@@ -21,6 +21,7 @@ class Parser(argparse.ArgumentParser):
     arguments" and "invalid choice")."""
 
     _top: Parser | None = None  # the parser whose parse_args runs: a command's parser reads its arguments in `error`
+    settings: frozenset[str] = frozenset()  # what the parser's --set takes: `--weight-decay 0.1` is said as one
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
         self._given = [str(a) for a in (sys.argv[1:] if args is None else args)]  # for `error`
@@ -29,15 +30,18 @@ class Parser(argparse.ArgumentParser):
         if extras:
             parser = self._command_parser(parsed)
             options = [o for o in parser._option_string_actions if o.startswith("--")]
-            near, own = {}, []
+            near, own, settings = {}, [], []
             for x in dict.fromkeys(x.split("=", 1)[0] for x in extras if x.startswith("--") and x != "--"):
                 if parser is not self and x in self._option_string_actions:
                     own.append(f"{x} is an option of {self.prog} itself: give it before the command.")
+                elif x[2:].replace("-", "_") in getattr(parser, "settings", ()):
+                    settings.append(f"{x} is a setting without a flag of its own: give it as --set "
+                                    f"{x[2:].replace('-', '_')}={_value_of(x, extras)}.")
                 elif close := closest(x, options, n=1):
                     near[x] = close[0]
             said = [f"Did you mean {next(iter(near.values()))!r}?" if len(near) == 1 else
                     "Did you mean " + ", ".join(f"{c!r} for {x}" for x, c in near.items()) + "?"] if near else []
-            parser.error(" ".join([f"unrecognized arguments: {' '.join(extras)}.", *said, *own]))
+            parser.error(" ".join([f"unrecognized arguments: {' '.join(extras)}.", *settings, *said, *own]))
         return parsed
 
     def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
@@ -74,6 +78,17 @@ class Parser(argparse.ArgumentParser):
             if not hint:
                 raise
             raise argparse.ArgumentError(action, f"{exc.message}.{hint}") from None
+
+
+def _value_of(flag: str, extras: list[str]) -> str:
+    """The value given with the unknown ``flag`` among ``extras`` (``--flag=v`` or ``--flag v``),
+    else ``VALUE``."""
+    for i, x in enumerate(extras):
+        if x.startswith(flag + "="):
+            return x.split("=", 1)[1]
+        if x == flag and i + 1 < len(extras) and not extras[i + 1].startswith("--"):
+            return extras[i + 1]
+    return "VALUE"
 
 
 class HELP(argparse.RawDescriptionHelpFormatter):

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from transferkit.config import (RECIPE_KEYS, FinetuneConfig, called_as, load_config, merge_config, number_argument,
-                                parse_overrides)
+from transferkit.config import (RECIPE_KEYS, FinetuneConfig, called_as, config_fields, load_config, merge_config,
+                                number_argument, parse_overrides)
 from transferkit._io import atomic_write, check_writable
 from transferkit._signals import (deaf_once_said, first_interruption_holds, interrupt_exit, signal_name,
                                   terminate_as_interrupt)
@@ -199,6 +199,7 @@ def build_parser(name: str, description: str,
     p.add_argument("--max-image-pixels", type=pixel_limit, default=None, metavar="N", help=MAX_PIXELS_HELP)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any finetune() setting but data, val_data, classes and export, which the "
                    "recipe sets")
+    p.settings = frozenset(k for k, f in config_fields().items() if f.metadata["serial"]) - RECIPE_OWNS
     if add_arguments is not None:
         add_arguments(p.add_argument_group(f"{name} options"))
     return p

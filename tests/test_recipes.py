@@ -717,3 +717,20 @@ def test_another_backbone_than_the_configs_needs_weights_that_fit_it(name, held,
                                           rf"weights are for .*: .*{re.escape(held)}.*Say which weights tv:resnet18 "
                                           r"starts from: --weights DEFAULT"):
         run_recipe(name, data_fn, description="", recipe_dir=RECIPES, argv=argv)
+
+
+def test_a_recipe_told_to_resume_a_checkpoint_not_written_yet_starts_the_run(tmp_path, capsys):
+    """`--set resume=true` on a job's first start was refused ("does not exist: nothing to
+    resume"), where `transferkit finetune --resume` starts the run: one command could not serve
+    every start of a preemptible job."""
+    root = tmp_path / "d"
+    for split, n in (("train", 3), ("val", 2), ("test", 2)):
+        make_image_folder(root / split, per_class=n, size=16)
+    ckpt = tmp_path / "run.ckpt"
+    argv = ["--data-dir", str(root), "--out", str(tmp_path / "out"), "--run", "finetune", *TINY[2:],
+            "--set", f"checkpoint={ckpt}", "--set", "resume=true"]
+    summary = run_recipe("cifar10", recipes.torchvision_data("CIFAR10", {}, {}), description="", recipe_dir=RECIPES,
+                         argv=argv)
+    assert f"cifar10 run finetune: resume=true: {ckpt} does not exist yet; a new run starts and saves it there." in \
+        capsys.readouterr().err
+    assert ckpt.is_file() and summary["best"]["epoch"] == 1

@@ -319,6 +319,12 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
         else:
             from transferkit.api import finetune
 
+            if run_cfg.get("resume") and run_cfg.get("checkpoint") and not Path(run_cfg["checkpoint"]).exists():
+                # one command for every start of a job that may be preempted, as the command line's: the first start
+                # has nothing to resume
+                print(f"{name}{f' run {run_name}' if run_name else ''}: resume=true: {run_cfg['checkpoint']} does not "
+                      "exist yet; a new run starts and saves it there.", file=sys.stderr, flush=True)
+                run_cfg = {**run_cfg, "resume": False}
             result = finetune(data=train, val_data=val, classes=classes, export=export, **run_cfg)
             best, export = result.best, result.export_path
         _running["run"], _running["written_in"] = None, {}

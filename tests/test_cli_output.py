@@ -492,3 +492,11 @@ def test_a_signal_after_an_interruption_was_said_does_not_change_the_exit_status
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": root})
     assert done.returncode == 143, (done.returncode, done.stderr[-2000:])
+
+
+def test_resume_without_a_checkpoint_is_said_whole(capsys, image_folder):
+    """The placeholder of the Python message was split as shell words: "--checkpoint '<the'
+    checkpoint of the run to continue>"."""
+    code, _, err = _run(capsys, "finetune", "--data", image_folder, "--set", "resume=true")
+    assert code == 2 and err == ("transferkit: error: --resume needs --checkpoint PATH, the checkpoint of the run to "
+                                 "continue; without it there is nothing to resume.\n"), err

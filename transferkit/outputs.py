@@ -235,8 +235,8 @@ def _check_replaced(key: str, p: Path) -> None:
 
 def _check_resume(cfg: FinetuneConfig) -> None:
     if cfg.checkpoint is None:
-        raise ConfigError("resume=True needs checkpoint=<the checkpoint of the run to continue>; without it there "
-                          "is nothing to resume.")
+        raise ConfigError("resume=True needs checkpoint=PATH, the checkpoint of the run to continue; without it "
+                          "there is nothing to resume.")
     p = Path(cfg.checkpoint)
     if not p.is_file():
         raise ConfigError(f"resume=True but the checkpoint {str(p)!r} does not exist"

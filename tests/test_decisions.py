@@ -129,6 +129,11 @@ def test_a_dry_run_refuses_a_weights_file_that_does_not_exist(split_folders, tmp
     with pytest.raises(tk.WeightsError, match="Weights file .*nofile.pt' does not exist"):
         tk.plan("tk:small_cnn", weights=str(tmp_path / "nofile.pt"), data=split_folders / "train")
     assert tk.plan("tk:small_cnn", weights=None, data=split_folders / "train").weights is None
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "resnet20.th").write_bytes(b"")
+    with pytest.raises(tk.WeightsError, match=r"Weights file .*weights' is a folder \(it holds 'resnet20.th'\): "
+                                              r"give the weights file in it"):  # was: "does not exist"
+        tk.plan("tk:small_cnn", weights=str(tmp_path / "weights") + "/", data=split_folders / "train")
 
 
 def test_the_plan_gives_each_group_the_rate_of_the_phase_that_trains_it(split_folders):

@@ -38,6 +38,10 @@ def check_weights_file(path: str | Path) -> Path:
     (TorchScript), or when its first bytes are not what ``torch.save`` writes (a zip archive,
     or before torch 1.6 a pickle): checked by a dry run too, which loads no weights."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.name.endswith(WEIGHTS_SUFFIXES))[:3]
+        held = f" (it holds {', '.join(repr(n) for n in inside)})" if inside else ""
+        raise WeightsError(f"Weights file {str(path)!r} is a folder{held}: give the weights file in it. {_GIVE}")
     if not path.is_file():
         raise WeightsError(f"Weights file {str(path)!r} does not exist. {_GIVE}")
     if _is_torchscript(path):

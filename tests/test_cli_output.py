@@ -500,3 +500,15 @@ def test_resume_without_a_checkpoint_is_said_whole(capsys, image_folder):
     code, _, err = _run(capsys, "finetune", "--data", image_folder, "--set", "resume=true")
     assert code == 2 and err == ("transferkit: error: --resume needs --checkpoint PATH, the checkpoint of the run to "
                                  "continue; without it there is nothing to resume.\n"), err
+
+
+def test_a_setting_named_without_a_value_is_said_as_its_flag():
+    """"give validation data that hold them (val_data=, or a val/ folder)" reached the command
+    line in the Python spelling."""
+    from transferkit.spelling import cli_spelling
+
+    assert cli_spelling("give validation data that hold them (val_data=, or a val/ folder).") == \
+        "give validation data that hold them (--val-data, or a val/ folder)."
+    assert cli_spelling("val_split=0.1 is not used: val_data= gives the validation data; see classes=.") == \
+        "--set val_split=0.1 is not used: --val-data gives the validation data; see --set classes=."
+    assert cli_spelling("https://h/x.tar?sig= and `val_data=` stay") == "https://h/x.tar?sig= and `val_data=` stay"

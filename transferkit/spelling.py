@@ -20,9 +20,10 @@ from transferkit.config import config_fields
 
 # the commands' own options, outside FinetuneConfig, named in errors (lr-find's; export's; predict's)
 COMMAND_OPTIONS = ("start_lr", "end_lr", "num_steps", "phase", "num_examples", "atol", "rtol", "threshold")
-# key=value: a quoted string, a bracketed list, mapping or tuple, or a word up to a separator or a sentence's end
-_SETTING = re.compile(r"(?<![\w.-])([a-z_]+)=('[^']*'|\"[^\"]*\"|\[[^\]]*\]|\{[^}]*\}|\([^()]*\)|[^\s,;)]+?)"
-                      r"(?=[\s,;)]|\.(?:\s|$)|$)")
+# key=value: a quoted string, a bracketed list, mapping or tuple, or a word up to a separator or a sentence's end;
+# or key= with no value, the setting named (``give validation data (val_data=, or a val/ folder)``)
+_SETTING = re.compile(r"(?<![\w.-])([a-z_]+)=(?:('[^']*'|\"[^\"]*\"|\[[^\]]*\]|\{[^}]*\}|\([^()]*\)|"
+                      r"(?!\.(?:\s|$))[^\s,;)]+?)(?=[\s,;)]|\.(?:\s|$)|$)|(?=[\s,;)]|\.(?:\s|$)|$))")
 _CALL = re.compile(r"(?:transferkit\.)?\b(finetune|resume)\((?!\):)([^()]*)\)")
 
 
@@ -120,10 +121,16 @@ class Syntax:
             words.append(arg if converted is None else converted)
         return "`" + " ".join(w for w in words if w) + "`"
 
+    def named(self, key: str) -> str | None:
+        """The setting ``key`` named without a value (``val_data=``): its flag, or ``--set key=``;
+        None when it is no setting a user can type here."""
+        typed = self._typed(key, "") if key not in self.untyped else None
+        return typed.rstrip() if typed else None
+
     def spell(self, message: str) -> str:
         """``message`` with its Python spellings rewritten in this syntax (see the module)."""
         def setting(m: re.Match) -> str:
-            converted = self.setting(m.group(1), m.group(2))
+            converted = self.setting(m.group(1), m.group(2)) if m.group(2) is not None else self.named(m.group(1))
             return m.group(0) if converted is None else converted
 
         message = re.sub(r"^(?:finetune|plan|lr_find|linear_probe)\(\): ", "", message)  # the command was typed

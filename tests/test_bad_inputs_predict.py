@@ -4,13 +4,16 @@ others are predicted as if the bad ones were not there."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 from PIL import Image
 
 from transferkit.backbones import InputSpec
+from transferkit.errors import TransferkitWarning
 from transferkit.export.predictor import Predictor
 
 
@@ -48,8 +51,13 @@ def test_bad_image_files_get_an_error_each_and_the_rest_is_predicted(tmp_path):
     Image.fromarray(np.full((10, 10, 3), 255, np.uint8)).save(tmp_path / "white.png")  # the model returns NaN
     inputs = [files[0], str(tmp_path / "text.jpg"), files[1], str(tmp_path / "missing.png"),
               str(tmp_path / "empty.png"), str(tmp_path / "white.png"), files[2]]
-    preds = pred.predict(inputs, batch_size=2)
+    with pytest.warns(TransferkitWarning, match=r"^4 of the 7 inputs gave no prediction \(e.g. .*text.jpg: .*\); each "
+                                                r"such prediction has ok False and error set to why\.$"):
+        preds = pred.predict(inputs, batch_size=2)  # a mistyped path printed an empty top_k, and nothing more
     assert [p.source for p in preds] == inputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one at a time, as the command line writes them: each error is said there
+        assert [p.ok for p in pred.iter_predict(inputs, batch_size=2)] == [p.ok for p in preds]
     assert [p.ok for p in preds] == [True, False, True, False, False, False, True]
     assert "text.jpg" in preds[1].error and "missing.png" in preds[3].error and "empty.png" in preds[4].error
     assert "non-finite" in preds[5].error

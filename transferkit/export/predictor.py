@@ -184,8 +184,9 @@ class Predictor:
 
         A file that cannot be read (missing, not an image or audio, broken, NaN/inf audio
         samples) does not stop the others: its prediction has ``error`` set to why (and
-        ``ok`` False); so does any input for which the model returns NaN/inf. Other bad
-        inputs (an array of the wrong shape, an unsupported type) raise.
+        ``ok`` False), and one warning says how many failed; so does any input for which the
+        model returns NaN/inf. Other bad inputs (an array of the wrong shape, an unsupported
+        type) raise.
 
         Example:
             >>> predictor.predict(["a.jpg", "b.png"], top_k=3)[0].top_k  # doctest: +SKIP
@@ -194,8 +195,13 @@ class Predictor:
             >>> preds[1].ok, preds[1].error  # doctest: +SKIP
             (False, "Cannot read image 'broken.jpg': ...")
         """
-        return list(self.iter_predict(inputs, top_k=top_k, batch_size=batch_size, threshold=threshold,
-                                      progress=progress))
+        preds = list(self.iter_predict(inputs, top_k=top_k, batch_size=batch_size, threshold=threshold,
+                                       progress=progress))
+        failed = [p for p in preds if p.error is not None]
+        if failed:  # else a mistyped path printed an empty top_k, and nothing more
+            warn(f"{len(failed)} of the {len(preds)} inputs gave no prediction (e.g. {failed[0].source}: "
+                 f"{failed[0].error.rstrip('.')}); each such prediction has ok False and error set to why.")
+        return preds
 
     def iter_predict(self, inputs: Any, *, top_k: int = 1, batch_size: int = 32, threshold: float = 0.5,
                      progress: bool | None = False) -> Iterator[Prediction]:

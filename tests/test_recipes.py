@@ -734,3 +734,20 @@ def test_a_recipe_told_to_resume_a_checkpoint_not_written_yet_starts_the_run(tmp
     assert f"cifar10 run finetune: resume=true: {ckpt} does not exist yet; a new run starts and saves it there." in \
         capsys.readouterr().err
     assert ckpt.is_file() and summary["best"]["epoch"] == 1
+
+
+def test_a_config_weights_file_under_the_data_root_that_is_not_there_names_the_root(tmp_path, monkeypatch):
+    """hymenoptera.yaml's weights under ${TRANSFERKIT_DATA}: with the variable unset, or pointing
+    elsewhere, the error was "Weights file '...' does not exist", the variable unnamed."""
+    monkeypatch.setenv("TRANSFERKIT_DATA", str(tmp_path / "elsewhere"))
+    data_fn = runpy.run_path(str(RECIPES / "hymenoptera.py"), run_name="recipe_under_test")["data"]
+    argv = ["--data-dir", str(_tiny_split_folder(tmp_path / "data", "val")), "--out", str(tmp_path / "out")]
+    with pytest.raises(tk.WeightsError, match=r"tf_efficientnet_lite0_in1k.pth', the weights file "
+                                              r"recipes/hymenoptera.yaml names \(\$\{TRANSFERKIT_DATA\}/weights/.*\), "
+                                              rf"does not exist \(TRANSFERKIT_DATA={re.escape(str(tmp_path))}"):
+        run_recipe("hymenoptera", data_fn, description="", recipe_dir=RECIPES, argv=argv)
+    monkeypatch.delenv("TRANSFERKIT_DATA")
+    monkeypatch.setattr(recipes, "default_data_root", lambda: tmp_path / "shared" / "data")
+    with pytest.raises(tk.WeightsError, match=r"does not exist: TRANSFERKIT_DATA is not set, so the data root is "
+                                              r".*; set TRANSFERKIT_DATA or pass --weights\."):
+        run_recipe("hymenoptera", data_fn, description="", recipe_dir=RECIPES, argv=argv)

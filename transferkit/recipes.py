@@ -33,7 +33,7 @@ from transferkit.config import (RECIPE_KEYS, FinetuneConfig, called_as, config_f
 from transferkit._io import atomic_write, check_writable
 from transferkit._signals import (deaf_once_said, first_interruption_holds, interrupt_exit, signal_name,
                                   terminate_as_interrupt)
-from transferkit.errors import ConfigError, DataError, TransferkitError, suggest, warn
+from transferkit.errors import ConfigError, DataError, TransferkitError, WeightsError, suggest, warn
 from transferkit._text import plural
 from transferkit.helpformat import (HELP, MAX_PIXELS_HELP, Parser, one_line, one_line_warnings, pixel_limit,
                                    set_pixel_limit)
@@ -92,11 +92,29 @@ def _missing_data_dir(data_dir: Path, came: str | None) -> str:
         return f"{str(data_dir)!r}, the config's data_dir, does not exist"
     if came is not None:
         return f"{str(data_dir)!r} ({came}) does not exist"
+    return f"{str(data_dir)!r} does not exist{_data_root_said('--data-dir')}"
+
+
+def _data_root_said(flag: str) -> str:
+    """Where ``${TRANSFERKIT_DATA}`` pointed, for a path under it that does not exist."""
     if os.environ.get("TRANSFERKIT_DATA"):
-        return f"{str(data_dir)!r} does not exist (TRANSFERKIT_DATA={os.environ['TRANSFERKIT_DATA']})"
-    return (f"{str(data_dir)!r} does not exist: TRANSFERKIT_DATA is not set, so the data root is "
-            f"{str(default_data_root())!r} (shared/data beside the checkout, else ../shared/data from the current "
-            "folder); set TRANSFERKIT_DATA or pass --data-dir")
+        return f" (TRANSFERKIT_DATA={os.environ['TRANSFERKIT_DATA']})"
+    return (f": TRANSFERKIT_DATA is not set, so the data root is {str(default_data_root())!r} (shared/data beside "
+            f"the checkout, else ../shared/data from the current folder); set TRANSFERKIT_DATA or pass {flag}")
+
+
+def _check_config_weights(file_cfg: dict[str, Any], run_cfgs: dict[str, dict[str, Any]], given: set[str],
+                          source: str) -> None:
+    """A weights file the config names under ``${TRANSFERKIT_DATA}`` that is not there: said with
+    where the data root pointed (it was "Weights file '...' does not exist", the variable unnamed)."""
+    raw = file_cfg.get("weights")
+    if "weights" in given or not isinstance(raw, str) or "TRANSFERKIT_DATA" not in raw:
+        return
+    for run_cfg in run_cfgs.values():
+        path = run_cfg.get("weights")
+        if isinstance(path, str) and path == expand_vars(raw) and not Path(path).exists():
+            raise WeightsError(f"{path!r}, the weights file {source} names ({raw}), does not exist"
+                               f"{_data_root_said('--weights')}.")
 
 
 def image_folder_splits(root: Path) -> RecipeData | None:
@@ -290,6 +308,7 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     run_cfgs = {run_name: _run_config(name, run_name, cfg, overrides, cli, data_dir, given | set(overrides),
                                       run_settings, written_for=file_cfg.get("backbone"))
                 for run_name, overrides in runs.items()}
+    _check_config_weights(file_cfg, run_cfgs, given | set(cli), args.config or f"recipes/{own_cfg.name}")
     _check_own_checkpoints(name, run_cfgs)
     out = Path(recipe.get("out_dir") or f"runs/{name}")
     for run_name in run_cfgs:  # written after training: a folder or a file in its way is said before

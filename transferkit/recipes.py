@@ -104,11 +104,12 @@ def _data_root_said(flag: str) -> str:
 
 
 def _check_config_weights(file_cfg: dict[str, Any], run_cfgs: dict[str, dict[str, Any]], given: set[str],
-                          source: str) -> None:
+                          source: str, data_dir: Path) -> None:
     """A weights file the config names under ``${TRANSFERKIT_DATA}`` that is not there: said with
-    where the data root pointed (it was "Weights file '...' does not exist", the variable unnamed)."""
+    where the data root pointed (it was "Weights file '...' does not exist", the variable unnamed).
+    A data folder that is not there either is said first, by the data's own error."""
     raw = file_cfg.get("weights")
-    if "weights" in given or not isinstance(raw, str) or "TRANSFERKIT_DATA" not in raw:
+    if "weights" in given or not isinstance(raw, str) or "TRANSFERKIT_DATA" not in raw or not data_dir.exists():
         return
     for run_cfg in run_cfgs.values():
         path = run_cfg.get("weights")
@@ -308,7 +309,7 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     run_cfgs = {run_name: _run_config(name, run_name, cfg, overrides, cli, data_dir, given | set(overrides),
                                       run_settings, written_for=file_cfg.get("backbone"))
                 for run_name, overrides in runs.items()}
-    _check_config_weights(file_cfg, run_cfgs, given | set(cli), args.config or f"recipes/{own_cfg.name}")
+    _check_config_weights(file_cfg, run_cfgs, given | set(cli), args.config or f"recipes/{own_cfg.name}", data_dir)
     _check_own_checkpoints(name, run_cfgs)
     out = Path(recipe.get("out_dir") or f"runs/{name}")
     for run_name in run_cfgs:  # written after training: a folder or a file in its way is said before

@@ -204,6 +204,9 @@ def test_the_plot_marks_the_suggestion(monkeypatch, tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert f"suggested lr {v.suggestion:.1e}" in seen["legend"] and "descent" in seen["legend"]
     assert seen["vlines"] == [pytest.approx(v.suggestion)]
+    # printed, one line (it dumped every rate and loss tried)
+    assert repr(res) == (f"LRFindResult(suggestion={v.suggestion:.3g}, {len(lrs)} steps from {lrs[0]:.3g} to "
+                         f"{lrs[-1]:.3g}, phase='run', plot_path={str(out)!r})")
 
 
 # --- which phase the range test trains (fine_tune, gradual) -------------------------------------

@@ -222,6 +222,12 @@ class LRFindResult:
     phase: str = "run"  # what the test trained: "frozen" (the head on cached features), "unfrozen", "run"
     seconds: float | None = None  # the wall time of the range test
 
+    def __repr__(self) -> str:
+        """A line to read (the curve's hundreds of numbers are in ``lrs`` and ``losses``)."""
+        tried = f"{len(self.lrs)} steps from {self.lrs[0]:.3g} to {self.lrs[-1]:.3g}" if self.lrs else "no step"
+        plot = f", plot_path={str(self.plot_path)!r}" if self.plot_path is not None else ""
+        return f"LRFindResult(suggestion={self.suggestion:.3g}, {tried}, phase={self.phase!r}{plot})"
+
     def plot(self, path: str | Path) -> Path:
         """Loss against learning rate (log scale) as a PNG: the raw and smoothed losses, the
         descent shaded, the suggestion marked.

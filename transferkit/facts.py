@@ -552,8 +552,14 @@ def _backbone_facts(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, dev: tor
 
 
 def _statistics_blocks(bb: Backbone) -> tuple[str | None, ...]:
-    """The blocks the layers with running statistics of ``bb``'s trunk follow, in block order."""
-    blocks = module_blocks(bb.trunk, bb)
+    """The blocks the layers with running statistics of ``bb``'s trunk follow, in block order
+    (``(None,)``: not known, a TorchScript trunk, whose modules cannot be looked up by name)."""
+    if not bb.blocks:
+        return ()
+    try:
+        blocks = module_blocks(bb.trunk, bb)
+    except RuntimeError:  # "get_submodule is not supported on ScriptModules"
+        return (None,) if any(tracks_statistics(m) for m in bb.trunk.modules()) else ()
     found = {blocks.get(n) for n, m in bb.trunk.named_modules() if tracks_statistics(m)}
     return tuple(b for b in [*bb.block_names, None] if b in found)
 

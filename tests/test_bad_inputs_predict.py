@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +161,15 @@ def test_a_file_of_the_other_kind_and_a_missing_folder_are_said_as_such(tmp_path
         "as data=); give image files to predict.")
     got = img.predict([tmp_path / "photos"])[0]  # Path("photos/") is Path("photos"): no kind is said
     assert got.error.startswith("The path '") and "photos' does not exist" in got.error
+
+
+def test_a_folder_to_predict_says_which_images_it_leaves_out_for_their_names(tmp_path):
+    """Images without an extension (downloads named by a hash) were left out of predict_folder
+    without a word, where training says so."""
+    pred = _predictor(_MeanImage(), InputSpec(image_size=8))
+    Image.fromarray(np.full((10, 10, 3), 30, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((10, 10, 3), 90, np.uint8)).save(tmp_path / "3f9a0c", format="JPEG")
+    with pytest.warns(TransferkitWarning, match=r"1 image without an extension \(e.g. '3f9a0c', JPEG\) is left out: "
+                                                r"images are chosen by their extension .*Rename them"):
+        preds = pred.predict_folder(tmp_path)
+    assert [Path(p.source).name for p in preds] == ["a.png"]

@@ -222,7 +222,7 @@ def _warn_other_images(ignored: Sequence[str], extensions: Sequence[str], report
 SNIFFED_MAX = 200  # files without an extension whose first bytes are read to tell an image (or clip) among them
 
 
-def _warn_unnamed(ignored: Sequence[str], what: str, extensions: Sequence[str], report: DataReport) -> None:
+def warn_unnamed(ignored: Sequence[str], what: str, extensions: Sequence[str], report: DataReport) -> None:
     """Warn about ignored files without an extension whose first bytes are of the kind scanned
     (images named by a hash, as some downloads are): left out, since files are chosen by their
     extension. The first `SNIFFED_MAX` such files are read (12 bytes each)."""
@@ -319,7 +319,7 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
             report.warn(loose_note[0].upper() + loose_note[1:])
     if what == "images":
         _warn_other_images(ignored, extensions, report)
-    _warn_unnamed(ignored, what, extensions, report)
+    warn_unnamed(ignored, what, extensions, report)
     if not samples:
         notes = [explain_ignored(ignored) if explain_ignored is not None else "", _other_kind_note(ignored, what),
                  loose_note[0].upper() + loose_note[1:] if loose else ""]

@@ -26,7 +26,7 @@ from PIL import Image
 from transferkit.backbones._base import InputSpec
 from transferkit.data import audio
 from transferkit.data.checks import DataReport
-from transferkit.data.folders import list_class_files, not_a_file
+from transferkit.data.folders import list_class_files, not_a_file, warn_unnamed
 from transferkit.data.sampling import stack_images
 from transferkit._text import hide_url
 from transferkit.data.images import IMAGE_EXTENSIONS, check_image_tensor, image_from_array, load_image
@@ -127,9 +127,12 @@ class InputPipeline:
         if not root.is_dir():
             raise DataError(f"{str(folder)!r} is not a folder.")
         known = self.extensions + (audio.AUDIO_EXTENSIONS if self.audio else ())
+        report = DataReport()
         found = list_class_files(root, lambda name: not name.startswith(".") and name.lower().endswith(known),
-                                 DataReport())
+                                 report)
         files = [f for f in found if f.lower().endswith(self.extensions)]
+        # images (clips) named without an extension are left out as training leaves them out, and said to be
+        warn_unnamed(report.ignored_files, "audio files" if self.audio else "images", self.extensions, report)
         note = audio.undecodable_note(found) if self.audio else ""
         if not files:
             raise DataError(f"No {self.spec.kind} files under {str(folder)!r} (looked for "

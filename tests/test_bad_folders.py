@@ -721,6 +721,29 @@ def test_a_warning_given_in_a_worker_thread_names_the_line_the_main_thread_waits
     assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
 
 
+def test_a_warning_from_a_worker_thread_survives_a_main_stack_read_while_it_changes(monkeypatch):
+    """The main thread's stack, read from a worker while it runs, once held a lock where a frame
+    was: the warning raised AttributeError in the worker, and was not given."""
+    import inspect
+    import sys
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transferkit.errors import warn
+
+    real, reads = sys._current_frames, []
+
+    def changing():  # the first read: what a stack walked mid-change gave
+        reads.append(1)
+        return {threading.main_thread().ident: threading.Lock()} if len(reads) == 1 else real()
+
+    monkeypatch.setattr(sys, "_current_frames", changing)
+    with ThreadPoolExecutor(1) as pool, pytest.warns(tk.TransferkitWarning, match="from a worker") as caught:
+        line = inspect.currentframe().f_lineno + 1
+        pool.submit(warn, "from a worker").result()
+    assert len(reads) == 2 and [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
+
+
 def test_transferkit_s_warnings_are_one_category_to_silence_or_raise(tmp_path):
     """Every warning is a TransferkitWarning: one filter silences them (and none of another
     library's), or makes them errors."""

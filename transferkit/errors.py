@@ -223,6 +223,20 @@ def _first_outside(frame: FrameType | None, torch_dir: str | None) -> tuple[int,
     return level, frame
 
 
+def _main_thread_caller(torch_dir: str | None, tries: int = 5) -> FrameType | None:
+    """The first frame outside transferkit of the main thread's stack, read from another
+    thread. The main thread runs meanwhile, and a stack walked while it changes may hold what
+    is no frame (seen: a lock, under CPython 3.11): the walk is tried again, then given up."""
+    for _ in range(tries):
+        try:
+            frame = _first_outside(sys._current_frames().get(threading.main_thread().ident), torch_dir)[1]
+        except AttributeError:
+            continue
+        if frame is None or isinstance(frame, FrameType):
+            return frame
+    return None
+
+
 def warn(message: str, category: type[Warning] = TransferkitWarning) -> None:
     """Give a warning of ``category`` named at the user's line: the first caller outside
     transferkit, torch (a DataLoader reading a dataset of transferkit's) and Python's own
@@ -239,8 +253,7 @@ def warn(message: str, category: type[Warning] = TransferkitWarning) -> None:
         warnings.warn(message, category, stacklevel=level + 2)  # 1: this function, 2: its caller
         return
     if threading.current_thread() is not threading.main_thread():
-        waiting = sys._current_frames().get(threading.main_thread().ident)
-        user = _first_outside(waiting, torch_dir)[1]
+        user = _main_thread_caller(torch_dir)
     if user is None:
         warnings.warn(message, category, stacklevel=level + 1)
         return

@@ -421,6 +421,9 @@ def test_evaluate_folder_and_csv(run, capsys, tmp_path, monkeypatch):
      "a flag of its own: give it as --set weight_decay=0.1. --cache-dir is a setting without a flag of its own: give "
      "it as --set cache_dir=c. --early-stopping is a setting without a flag of its own: give it as --set "
      "early_stopping=VALUE.\n"),
+    # a flag spelt with underscores, and a setting lr-find ignores, get the nearest flag, not a --set
+    (["finetune", "--data", "x", "--batch_size", "32"], "arguments: --batch_size 32. Did you mean '--batch-size'?\n"),
+    (["lr-find", "--data", "x", "--lr", "0.1"], "arguments: --lr 0.1. Did you mean '--end-lr'?\n"),
 ])
 def test_a_misspelt_option_or_command_gets_the_nearest_spelling_from_its_command(capsys, argv, said):
     """argparse said "unrecognized arguments: --polcy full" under the top level's usage line,

@@ -342,7 +342,10 @@ def _finetune_args(p: argparse.ArgumentParser, *, outputs: bool = True) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other setting, the value parsed as YAML (e.g. --set head_hidden=[256]; "
                         "repeatable; no default)")
-    p.settings = frozenset(k for k, f in config_fields().items() if f.metadata["serial"])  # type: ignore[attr-defined]
+    # what --set takes that has no flag here: a flag given for one is said as its --set (a flag's own spelling
+    # with underscores, or a setting lr-find ignores, gets the nearest flag)
+    p.settings = frozenset(k for k in command_keys("finetune" if outputs else "lr-find")  # type: ignore[attr-defined]
+                           if flag(k) not in p._option_string_actions)
 
 
 def _finetune_kwargs(args: argparse.Namespace) -> dict:

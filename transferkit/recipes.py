@@ -37,7 +37,7 @@ from transferkit.errors import ConfigError, DataError, TransferkitError, Weights
 from transferkit._text import plural
 from transferkit.helpformat import (HELP, MAX_PIXELS_HELP, Parser, one_line, one_line_warnings, pixel_limit,
                                    set_pixel_limit)
-from transferkit.spelling import RECIPE_FLAGS, RECIPE_OWNS, recipe_spelling
+from transferkit.spelling import RECIPE_FLAGS, RECIPE_OWNS, flag, recipe_spelling
 
 
 @dataclass
@@ -218,7 +218,8 @@ def build_parser(name: str, description: str,
     p.add_argument("--max-image-pixels", type=pixel_limit, default=None, metavar="N", help=MAX_PIXELS_HELP)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any finetune() setting but data, val_data, classes and export, which the "
                    "recipe sets")
-    p.settings = frozenset(k for k, f in config_fields().items() if f.metadata["serial"]) - RECIPE_OWNS
+    p.settings = frozenset(k for k, f in config_fields().items()  # what --set takes that has no flag here
+                           if f.metadata["serial"] and k not in RECIPE_OWNS and flag(k) not in p._option_string_actions)
     if add_arguments is not None:
         add_arguments(p.add_argument_group(f"{name} options"))
     return p

@@ -432,7 +432,7 @@ def test_a_misspelt_option_or_command_gets_the_nearest_spelling_from_its_command
         main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and said in err
-    assert err.startswith(f"usage: transferkit {argv[0]} ") == (argv[0] in ("finetune", "predict"))
+    assert err.startswith(f"usage: transferkit {argv[0]} ") == (argv[0] in ("finetune", "predict", "lr-find"))
 
 
 def test_every_recipes_help_loads_no_torch():

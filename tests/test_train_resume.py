@@ -422,4 +422,9 @@ def test_a_resume_given_a_backbone_of_other_weights_is_refused_under_l2sp(image_
     with pytest.raises(ConfigError, match=r"l2sp_anchor: .*The backbone's weights differ from those the "
                                           r"checkpoint's run started from"):
         tk.finetune(backbone(0.05), resume=True, **common)
-    assert len(tk.finetune(backbone(), resume=True, **common).history) == 2  # the same weights: resumed
+    resumed = tk.finetune(backbone(), resume=True, **common)
+    assert len(resumed.history) == 2  # the same weights: resumed
+    from transferkit.data.fingerprint import parameters_digest
+
+    # the parameters alone (no code: a new torch or Python does not refuse the resume)
+    assert resumed.decisions.to_dict()["l2sp_anchor"] == parameters_digest(backbone().trunk)

@@ -118,6 +118,7 @@ class Decisions:
     # the order of the images the epochs read: "shuffled", or "shard by shard" (remote shards that the shard
     # cache cannot hold at once; decoded images and cached features are shuffled whole)
     sample_order: str = "shuffled"
+    l2sp_anchor: str | None = None  # under L2-SP, the digest of the trunk's parameters training starts from
 
     @property
     def epochs(self) -> int:
@@ -153,7 +154,7 @@ class Decisions:
             "format": DECISIONS_FORMAT, "config": self.config.to_dict(),
             "backbone": self.backbone, "weights": self.weights, "weights_file": self.weights_file,
             # what L2-SP pulls toward (the trunk training starts from): a resume given other weights is refused
-            **({"l2sp_anchor": self.trunk_fingerprint} if self.policy.l2sp is not None else {}),
+            **({"l2sp_anchor": self.l2sp_anchor} if self.policy.l2sp is not None else {}),
             "input_spec": self.input_spec.to_dict(),
             "task": self.task, "classes": list(self.classes), "num_outputs": self.num_outputs,
             "device": self.device_type, "world_size": self.world_size, "seeds": list(self.seeds),
@@ -408,6 +409,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         bn_mode=_bn_mode(pol, bb.has_batchnorm, bb.tracks_statistics, frozen), class_weights=data.class_weights,
         decode=decode, data=data.identity,
         trunk_fingerprint=bb.fingerprint, data_fingerprints=dict(data.fingerprints), notes=tuple(notes),
+        l2sp_anchor=bb.anchor,
         engine=engine, engine_reason=engine_reason,
         input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode), pretrained=bb.pretrained,
         cache_read_only=facts.cache_read_only if cfg.cache_dir is not None else None,

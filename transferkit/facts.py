@@ -39,7 +39,8 @@ from transferkit.data.audio import AUDIO_AUGMENTATIONS, prepare_audio_data
 from transferkit.data.decoded import decode_census
 from transferkit.data.gpu_jpeg import input_decode_facts
 from transferkit.data.sampling import seed_everything
-from transferkit.data.fingerprint import class_counts, data_fingerprint, listing_digest, quick_fingerprint
+from transferkit.data.fingerprint import (class_counts, data_fingerprint, listing_digest, parameters_digest,
+                                         quick_fingerprint)
 from transferkit._text import exception_line
 from transferkit.errors import ConfigError, DataError
 from transferkit.hardware import conv_share, cpu_capability, device_bf16
@@ -102,6 +103,7 @@ class BackboneFacts:
     # whenever some block trains)
     statistics_blocks: tuple[str | None, ...] = ()
     fixed: tuple[tuple[str, str], ...] = ()  # (parameter, block) of `Backbone.fixed` in blocks a policy can train
+    anchor: str | None = None  # `parameters_digest` of the trunk training starts from, under L2-SP (when loaded)
 
 
 @dataclass(frozen=True)
@@ -548,7 +550,8 @@ def _backbone_facts(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, dev: tor
                          tracks_statistics=any(tracks_statistics(m) for m in bb.trunk.modules()),
                          statistics_blocks=_statistics_blocks(bb),
                          fixed=tuple((n, bb.block_of(n)) for n in sorted(bb.fixed or ())
-                                     if bb.block_of(n) in bb.block_names))
+                                     if bb.block_of(n) in bb.block_names),
+                         anchor=parameters_digest(bb.trunk) if loaded and policy.l2sp is not None else None)
 
 
 def _statistics_blocks(bb: Backbone) -> tuple[str | None, ...]:

@@ -24,6 +24,22 @@ def _hash_tensor(h: Any, t: torch.Tensor) -> None:
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
 
 
+def parameters_digest(module: torch.nn.Module) -> str:
+    """A hash of ``module``'s parameters alone (names, dtypes, shapes, values): what L2-SP pulls
+    toward. Unlike `module_fingerprint` it holds no code, so a new torch or Python keeps it.
+
+    Example:
+        >>> m = torch.nn.Linear(2, 2)
+        >>> parameters_digest(m) == parameters_digest(m), len(parameters_digest(m))
+        (True, 32)
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in module.named_parameters():
+        h.update(name.encode())
+        _hash_tensor(h, p)
+    return h.hexdigest()
+
+
 def module_fingerprint(module: torch.nn.Module) -> str:
     """A hash of ``module``'s structure (`module_structure`), of each submodule's plain settings
     (`module_settings`), of the code of its module classes (`module_code`) and of every

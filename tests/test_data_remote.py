@@ -826,9 +826,14 @@ def test_a_run_with_the_servers_down_trains_from_cache_dir_when_told_it_is_offli
         online = _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0, cache_dir=cache)
         for i in range(len(online.train)):
             online.train.read_bytes(i)  # every shard fetched into the cache
-    with pytest.raises(ShardFetchError, match=r"Connection refused.*holds it as an earlier run found it: set "
-                                              r"TRANSFERKIT_OFFLINE=1 to train from the cache without the server"):
+    with pytest.raises(ShardFetchError, match=r"Connection refused.*holds its index and copy as an earlier run found "
+                                              r"them: set TRANSFERKIT_OFFLINE=1 to train from the cache without the"):
         _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0, cache_dir=cache)
+    with pytest.raises(ShardFetchError) as no_hint:  # another scan has no index there: an offline run would fail
+        _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0, cache_dir=cache, scan="full")
+    assert "Connection refused" in str(no_hint.value) and "TRANSFERKIT_OFFLINE" not in str(no_hint.value)
+    signed = [remote._seen_path(cache, f"{base}/x.tar?X-Amz-Signature={s}&X-Amz-Expires=60") for s in ("a", "b")]
+    assert signed[0] == signed[1] == remote._seen_path(cache, f"{base}/x.tar")  # signed again: the same record
     monkeypatch.setenv("TRANSFERKIT_OFFLINE", "1")
     offline = _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0, cache_dir=cache)
     assert offline.classes == online.classes == ["dark", "light"]  # the _info.json as the online run read it

@@ -133,8 +133,10 @@ def offline() -> bool:
 
 
 def _seen_path(cache_dir: str | Path, url: str) -> Path:
-    return Path(cache_dir) / "shard-index" / "seen" / (hashlib.blake2b(url.encode(), digest_size=16).hexdigest()
-                                                      + ".json")
+    """Where `remember` keeps what a look-up of ``url`` found: named by a hash of the URL without
+    a signing scheme's parameters (a URL signed again at each start of a job is the same shard)."""
+    return Path(cache_dir) / "shard-index" / "seen" / (hashlib.blake2b(unsigned(url).encode(), digest_size=16)
+                                                      .hexdigest() + ".json")
 
 
 def remember(cache_dir: str | Path | None, url: str, record: dict[str, Any]) -> None:
@@ -142,7 +144,7 @@ def remember(cache_dir: str | Path | None, url: str, record: dict[str, Any]) -> 
     ``_info.json``'s text or its absence): what an offline run reads instead of asking the
     server. The file is named by a hash of the URL and holds no URL (a signed one's secret
     stays out of it). Nothing is kept without a ``cache_dir``, or in a read-only one."""
-    if cache_dir is None or read_only_folder(cache_dir) is not None:
+    if cache_dir is None:
         return
     path = _seen_path(cache_dir, url)
     try:
@@ -150,6 +152,8 @@ def remember(cache_dir: str | Path | None, url: str, record: dict[str, Any]) -> 
             return  # unchanged: not written again by every run and every rank
     except (OSError, ValueError):
         pass
+    if read_only_folder(cache_dir) is not None:
+        return
     try:
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, sort_keys=True)), what="shard record")
     except OSError as exc:
@@ -157,15 +161,24 @@ def remember(cache_dir: str | Path | None, url: str, record: dict[str, Any]) -> 
                        later=f"an offline run ({ENV_OFFLINE}=1) cannot read it from the cache")
 
 
-def offline_hint(exc: ShardFetchError, cache_dir: str | Path | None, url: str) -> ShardFetchError:
+def offline_hint(exc: ShardFetchError, cache_dir: str | Path | None, url: str,
+                 held: Callable[[dict[str, str]], bool]) -> ShardFetchError:
     """``exc``, a look-up of ``url`` that failed in a way that may pass (a server down or out of
     reach), with the way to train without the server where ``cache_dir`` holds what an offline
-    run needs of it (`remember`); else ``exc`` itself."""
-    if not exc.transient or cache_dir is None or not _seen_path(cache_dir, url).is_file():
+    run needs of it: its record (`remember`), and what ``held(validators)`` says is there (the
+    shard's index and copy); else ``exc`` itself."""
+    if not exc.transient or cache_dir is None:
         return exc
-    hinted = ShardFetchError(f"{str(exc).rstrip('.')}. cache_dir {str(cache_dir)!r} holds it as an earlier run found "
-                             f"it: set {ENV_OFFLINE}=1 to train from the cache without the server (its copies as they "
-                             "were then).")
+    try:
+        record = json.loads(_seen_path(cache_dir, url).read_text())
+        ready = isinstance(record, dict) and isinstance(record.get("validators"), dict) and held(record["validators"])
+    except (OSError, ValueError):
+        ready = False
+    if not ready:
+        return exc
+    hinted = ShardFetchError(f"{str(exc).rstrip('.')}. cache_dir {str(cache_dir)!r} holds its index and copy as an "
+                             f"earlier run found them: set {ENV_OFFLINE}=1 to train from the cache without the server "
+                             "(its copies as they were then).")
     hinted.transient = True
     return hinted
 
@@ -670,6 +683,12 @@ class ShardCache:
         a new signature: the same copy where validators say so, `shard_identity`)."""
         ident = f"{shard_identity(url, validators)}\0{json.dumps(validators or {}, sort_keys=True)}"
         return self.folder / (hashlib.blake2b(ident.encode(), digest_size=16).hexdigest() + ".tar")
+
+    def holds(self, url: str, validators: dict[str, str] | None) -> bool:
+        """Whether a copy of ``url`` with those validators is in the cache (or, for a read-only
+        ``cache_dir``, in its ``shards/``): what a fetch would read without the server."""
+        target = self.path(url, validators)
+        return target.is_file() or (self.kept_in is not None and (self.kept_in / target.name).is_file())
 
     def _lock_fd(self, target: Path) -> int:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -740,8 +740,9 @@ def _remote_index(url: str, *, scan: str, cache_dir: str | Path | None,
         return index, True
     try:
         validators = remote_validators(url)
-    except ShardFetchError as exc:
-        raise offline_hint(exc, cache_dir, url) from None
+    except ShardFetchError as exc:  # an offline run would find its index and copy: said
+        raise offline_hint(exc, cache_dir, url, lambda v: _cached_index(_index_path(cache_dir, url, scan, v))
+                           is not None and shard_cache.holds(url, v)) from None
     remember(cache_dir, url, {"validators": validators})
     if cache_dir is not None:
         index = _cached_index(_index_path(cache_dir, url, scan, validators))

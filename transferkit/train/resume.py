@@ -54,9 +54,18 @@ def data_change(saved: Any, now: Any, shown: int = 8) -> str:
         >>> data_change({"classes": 2, "train": {"items": 10, "digest": "a", "per_class": {"cat": 5, "dog": 5}}},
         ...             {"classes": 2, "train": {"items": 9, "digest": "b", "per_class": {"cat": 4, "dog": 5}}})
         "train: 10 items -> 9 (per class: 'cat' 5 -> 4)"
+        >>> data_change({"classes": 2, "train": {"items": 4, "digest": "a"}},  # validation data given now
+        ...             {"classes": 2, "train": {"items": 4, "digest": "a"}, "val": {"items": 2, "digest": "b"}})
+        'val: none -> 2 items'
     """
+    def cut(value: Any, width: int = 160) -> str:  # a part's record holds up to 1000 per-class counts
+        if isinstance(value, dict) and "items" in value:
+            return f"{value['items']} items"
+        text = repr(value)
+        return text if len(text) <= width else text[:width - 5] + " ...]"
+
     if not isinstance(saved, dict) or not isinstance(now, dict):
-        return f"{saved!r} -> {now!r}"
+        return f"{cut(saved)} -> {cut(now)}"
     said = [f"classes {saved.get('classes')!r} -> {now.get('classes')!r}"] \
         if saved.get("classes") != now.get("classes") else []
     for part in sorted((set(saved) | set(now)) - {"classes"}):
@@ -64,7 +73,7 @@ def data_change(saved: Any, now: Any, shown: int = 8) -> str:
         if a == b:
             continue
         if not isinstance(a, dict) or not isinstance(b, dict):
-            said.append(f"{part}: {a!r} -> {b!r}")
+            said.append(f"{part}: {'none' if a is None else cut(a)} -> {'none' if b is None else cut(b)}")
             continue
         count = f"{a.get('items')} items -> {b.get('items')}" if a.get("items") != b.get("items") else \
             f"the same {a.get('items')} items"

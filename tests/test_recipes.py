@@ -700,6 +700,7 @@ def test_a_signal_after_a_recipe_said_its_interruption_does_not_change_the_exit_
 
 
 @pytest.mark.parametrize("name, held", [("fsdd", "none (random init)"), ("hymenoptera", "tf_efficientnet_lite0_in1k"),
+                                        ("mnist", "none (random init)"),  # the backbone and weights of each run's block
                                         ("cifar10", None)])
 def test_another_backbone_than_the_configs_needs_weights_that_fit_it(name, held, tmp_path, monkeypatch):
     """recipes/fsdd.py --backbone ta:wav2vec2_base trained a random wav2vec2 without a word (the
@@ -713,9 +714,9 @@ def test_another_backbone_than_the_configs_needs_weights_that_fit_it(name, held,
         with pytest.raises(DataError):
             run_recipe(name, data_fn, description="", recipe_dir=RECIPES, argv=argv)
         return
-    with pytest.raises(ConfigError, match=r"--backbone tv:resnet18 replaces the config's .*, and the config's "
-                                          rf"weights are for .*: .*{re.escape(held)}.*Say which weights tv:resnet18 "
-                                          r"starts from: --weights DEFAULT"):
+    with pytest.raises(ConfigError, match=r"The backbone given, tv:resnet18, replaces the config's .*, and the "
+                                          rf"config's weights are for .*: .*{re.escape(held)}.*Say which weights "
+                                          r"tv:resnet18 starts from: --weights DEFAULT"):
         run_recipe(name, data_fn, description="", recipe_dir=RECIPES, argv=argv)
 
 
@@ -751,3 +752,8 @@ def test_a_config_weights_file_under_the_data_root_that_is_not_there_names_the_r
     with pytest.raises(tk.WeightsError, match=r"does not exist: TRANSFERKIT_DATA is not set, so the data root is "
                                               r".*; set TRANSFERKIT_DATA or pass --weights\."):
         run_recipe("hymenoptera", data_fn, description="", recipe_dir=RECIPES, argv=argv)
+    mine = tmp_path / "mine.yaml"  # a --config file's, and a run block's
+    mine.write_text("backbone: tk:small_cnn\nruns:\n  a:\n    weights: ${TRANSFERKIT_DATA}/w/mine.pth\n")
+    with pytest.raises(tk.WeightsError, match=rf"mine.pth', the weights file {re.escape(str(mine))} names "
+                                              r"\(\$\{TRANSFERKIT_DATA\}/w/mine.pth\), does not exist"):
+        run_recipe("hymenoptera", data_fn, description="", recipe_dir=RECIPES, argv=[*argv, "--config", str(mine)])

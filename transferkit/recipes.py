@@ -103,16 +103,19 @@ def _data_root_said(flag: str) -> str:
             f"the checkout, else ../shared/data from the current folder); set TRANSFERKIT_DATA or pass {flag}")
 
 
-def _check_config_weights(file_cfg: dict[str, Any], run_cfgs: dict[str, dict[str, Any]], given: set[str],
-                          source: str, data_dir: Path) -> None:
-    """A weights file the config names under ``${TRANSFERKIT_DATA}`` that is not there: said with
-    where the data root pointed (it was "Weights file '...' does not exist", the variable unnamed).
-    A data folder that is not there either is said first, by the data's own error."""
-    raw = file_cfg.get("weights")
-    if "weights" in given or not isinstance(raw, str) or "TRANSFERKIT_DATA" not in raw or not data_dir.exists():
+def _check_config_weights(file_cfg: dict[str, Any], runs: dict[str, dict[str, Any]],
+                          run_cfgs: dict[str, dict[str, Any]], cli: dict[str, Any], source: str,
+                          data_dir: Path) -> None:
+    """A weights file the config (a run's block, else the file) names under ``${TRANSFERKIT_DATA}``
+    that is not there: said with where the data root pointed (it was "Weights file '...' does
+    not exist", the variable unnamed). A data folder that is not there either is said first, by
+    the data's own error."""
+    if "weights" in cli or not data_dir.exists():
         return
-    for run_cfg in run_cfgs.values():
-        path = run_cfg.get("weights")
+    for run_name, run_cfg in run_cfgs.items():
+        raw, path = runs[run_name].get("weights", file_cfg.get("weights")), run_cfg.get("weights")
+        if not isinstance(raw, str) or "TRANSFERKIT_DATA" not in raw:
+            continue
         if isinstance(path, str) and path == expand_vars(raw) and not Path(path).exists():
             raise WeightsError(f"{path!r}, the weights file {source} names ({raw}), does not exist"
                                f"{_data_root_said('--weights')}.")
@@ -310,7 +313,7 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     run_cfgs = {run_name: _run_config(name, run_name, cfg, overrides, cli, data_dir, given | set(overrides),
                                       run_settings, written_for=file_cfg.get("backbone"))
                 for run_name, overrides in runs.items()}
-    _check_config_weights(file_cfg, run_cfgs, given | set(cli), args.config or f"recipes/{own_cfg.name}", data_dir)
+    _check_config_weights(file_cfg, runs, run_cfgs, cli, args.config or f"recipes/{own_cfg.name}", data_dir)
     _check_own_checkpoints(name, run_cfgs)
     out = Path(recipe.get("out_dir") or f"runs/{name}")
     for run_name in run_cfgs:  # written after training: a folder or a file in its way is said before
@@ -408,8 +411,9 @@ def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[s
     source = f"{name} recipe, run {run_name!r}" if run_name else f"{name} recipe"
     run_cfg = merge_config(cfg, overrides, cli, source=source)
     run_cfg = {k: expand_vars(v, k) for k, v in run_cfg.items()}
+    written_for = overrides.get("backbone", written_for)  # a run's own block names the backbone its settings fit
     run_cfg = _image_options_of(run_cfg, written_for, "backbone_options" in {*cli, *overrides}, source)
-    _check_weights_fit(run_cfg, written_for, "weights" in {*cli, *overrides})
+    _check_weights_fit(run_cfg, written_for, "weights" in cli)
     if run_settings is not None:
         run_cfg = run_settings(run_cfg, given)
     if run_cfg.get("head") == "logistic":  # settings of the whole recipe that a probe (no epochs) has no use for
@@ -423,19 +427,20 @@ def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[s
 
 
 def _check_weights_fit(run_cfg: dict[str, Any], written_for: Any, given: bool) -> None:
-    """Refuse a backbone given in place of the config file's (``written_for``) without weights,
-    where the file's weights are its own backbone's (a weights file, a tag, or none: random
-    init): the new backbone would start from a file that does not fit it, or from random
-    weights without a word. ``DEFAULT`` (each backbone's pretrained weights) fits any."""
+    """Refuse a backbone given in place of the config's (``written_for``: the run's block's, else
+    the file's) without weights on the command line, where the config's weights are its own
+    backbone's (a weights file, a tag, or none: random init): the new backbone would start from
+    a file that does not fit it, or from random weights without a word. ``DEFAULT`` (each
+    backbone's pretrained weights) fits any."""
     backbone = run_cfg.get("backbone")
     if given or written_for is None or backbone in (None, written_for) or "weights" not in run_cfg \
             or run_cfg["weights"] == "DEFAULT":
         return
     weights = run_cfg["weights"]
     held = "none (random init)" if weights is None else repr(str(weights))
-    raise ConfigError(f"--backbone {backbone} replaces the config's {written_for}, and the config's weights are "
-                      f"for {written_for}: {held}. Say which weights {backbone} starts from: --weights DEFAULT (its "
-                      "pretrained weights, downloaded once), a weights file, or --weights none (random init).")
+    raise ConfigError(f"The backbone given, {backbone}, replaces the config's {written_for}, and the config's weights "
+                      f"are for {written_for}: {held}. Say which weights {backbone} starts from: --weights DEFAULT "
+                      "(its pretrained weights, downloaded once), a weights file, or --weights none (random init).")
 
 
 def _image_options_of(run_cfg: dict[str, Any], written_for: Any, given: bool, source: str) -> dict[str, Any]:

@@ -164,7 +164,10 @@ def test_a_trunk_block_of_timms_head_module_is_not_merged_with_the_new_head():
     assert {"trunk.head/no_decay", "head", "head/no_decay"} <= groups
 
 
-def test_a_block_named_as_the_new_head_is_refused():
+def test_a_block_named_as_the_new_head_is_refused(tmp_path):
+    from conftest import make_image_folder
+
+    import transferkit as tk
     from transferkit.backbones.custom import from_module
     from transferkit.errors import BackboneError
 
@@ -173,5 +176,12 @@ def test_a_block_named_as_the_new_head_is_refused():
     net.add_module("head", torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                                torch.nn.Linear(4, 4)))
     assert from_module(net, input_spec={"image_size": 16}).block_names == ["body", "trunk.head"]  # named here
+    assert from_module(net, input_spec={"image_size": 16}, blocks=["body", "head"]).block_names == ["body",
+                                                                                                   "trunk.head"]
     with pytest.raises(BackboneError, match="a block is named 'head', the name of the new head in parameter groups"):
         from_module(net, input_spec={"image_size": 16}, blocks={"body": ["body"], "head": ["head"]})
+    torch.manual_seed(0)  # a TorchScript trunk with blocks to train: refused, with the way to use it frozen
+    scripted = Backbone(name="ts", trunk=torch.jit.script(net), num_features=4, input_spec=InputSpec(image_size=16),
+                        blocks=(Block("body", ("body",)), Block("trunk.head", ("head",))))
+    with pytest.raises(BackboneError, match=r"a TorchScript trunk cannot train.*from_torchscript"):
+        tk.plan(scripted, data=str(make_image_folder(tmp_path / "d", per_class=3, size=16)), policy="full")

@@ -42,7 +42,7 @@ from transferkit.data.sampling import seed_everything
 from transferkit.data.fingerprint import (class_counts, data_fingerprint, listing_digest, parameters_digest,
                                          quick_fingerprint)
 from transferkit._text import exception_line
-from transferkit.errors import ConfigError, DataError
+from transferkit.errors import BackboneError, ConfigError, DataError
 from transferkit.hardware import conv_share, cpu_capability, device_bf16
 from transferkit.heads import build_head, resolve_head
 from transferkit.lora import add_lora
@@ -469,6 +469,11 @@ def _own_backbone(cfg: FinetuneConfig, *, load_weights: bool) -> Backbone:
                               "(transferkit.get_backbone(name, weights=..., **options)).")
         # a Backbone built by hand: its blocks are checked as the builders check theirs (a policy counts them)
         check_blocks(backbone.trunk, (*backbone.blocks, *backbone.frozen), name=f"Backbone {backbone.name!r}")
+        if backbone.blocks and isinstance(backbone.trunk, torch.jit.ScriptModule):  # no leaves a copy can train
+            raise BackboneError(f"Backbone {backbone.name!r}: a TorchScript trunk cannot train, and it has blocks a "
+                                f"policy would train ({backbone.block_names[:3]}). Give it as "
+                                "transferkit.backbones.from_torchscript(...) (a frozen feature extractor: only the head "
+                                "trains), or give the Python module to train it.")
         own = copy.deepcopy(backbone)
         if backbone.weights_random():  # still as built (a copy's parameters are new tensors)
             own.mark_random_init()
@@ -555,14 +560,8 @@ def _backbone_facts(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, dev: tor
 
 
 def _statistics_blocks(bb: Backbone) -> tuple[str | None, ...]:
-    """The blocks the layers with running statistics of ``bb``'s trunk follow, in block order
-    (``(None,)``: not known, a TorchScript trunk, whose modules cannot be looked up by name)."""
-    if not bb.blocks:
-        return ()
-    try:
-        blocks = module_blocks(bb.trunk, bb)
-    except RuntimeError:  # "get_submodule is not supported on ScriptModules"
-        return (None,) if any(tracks_statistics(m) for m in bb.trunk.modules()) else ()
+    """The blocks the layers with running statistics of ``bb``'s trunk follow, in block order."""
+    blocks = module_blocks(bb.trunk, bb)
     found = {blocks.get(n) for n, m in bb.trunk.named_modules() if tracks_statistics(m)}
     return tuple(b for b in [*bb.block_names, None] if b in found)
 

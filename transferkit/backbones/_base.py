@@ -159,7 +159,7 @@ def check_blocks(trunk: nn.Module, blocks: tuple[Block, ...], *, name: str = "ba
         raise BackboneError(f"{name}: duplicate block names in {names}")
     if HEAD in names:
         raise BackboneError(f"{name}: a block is named {HEAD!r}, the name of the new head in parameter groups, "
-                            f"learning rates and plans; name it otherwise (e.g. {TRUNK_HEAD!r}).")
+                            f"learning rates and plans; name it otherwise (e.g. ({TRUNK_HEAD!r}, ['head'])).")
     every = [n for n, _ in trunk.named_parameters(remove_duplicate=False)]  # a shared parameter under each name
     empty = [b.name for b in blocks if not any(b.owns(n) for n in every)]
     if empty:

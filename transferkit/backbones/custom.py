@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from transferkit.config import check_seconds
-from transferkit.backbones._base import Backbone, Block, InputSpec, check_blocks, container_blocks
+from transferkit.backbones._base import HEAD, TRUNK_HEAD, Backbone, Block, InputSpec, check_blocks, container_blocks
 from transferkit.errors import BackboneError
 
 BlocksArg = Sequence[Block] | Sequence[str] | Sequence[tuple[str, Sequence[str]]] | Mapping[str, Sequence[str]] | None
@@ -49,8 +49,8 @@ def _as_blocks(module: nn.Module, blocks: BlocksArg) -> tuple[Block, ...]:
     for b in blocks:
         if isinstance(b, Block):
             out.append((b.name, list(b.members)))
-        elif isinstance(b, str):
-            out.append((b, [b]))
+        elif isinstance(b, str):  # a module's name: the block of the trunk's own `head` is named as by default
+            out.append((TRUNK_HEAD if b == HEAD else b, [b]))
         elif isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[0], str):
             out.append((b[0], [b[1]] if isinstance(b[1], str) else list(b[1])))
         else:

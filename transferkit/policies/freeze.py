@@ -133,9 +133,9 @@ def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]
             out[name] = out.get(name.rpartition(".")[0]) if "." in name else None
         else:
             out[name] = owners.pop() if len(owners) == 1 else None
-    names = list(out)
+    names, modules = list(out), dict(trunk.named_modules())  # (a TorchScript trunk has no get_submodule)
     for i, name in enumerate(names):
-        if out[name] is None and _follows_its_neighbour(trunk.get_submodule(name)):
+        if out[name] is None and _follows_its_neighbour(modules[name]):
             before = (out[n] for n in reversed(names[:i]) if out[n] is not None)
             after = (out[n] for n in names[i + 1:] if out[n] is not None)
             out[name] = next(before, None) or next(after, None)

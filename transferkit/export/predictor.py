@@ -199,8 +199,8 @@ class Predictor:
                                        progress=progress))
         failed = [p for p in preds if p.error is not None]
         if failed:  # else a mistyped path printed an empty top_k, and nothing more
-            warn(f"{len(failed)} of the {len(preds)} inputs gave no prediction (e.g. {failed[0].source}: "
-                 f"{failed[0].error.rstrip('.')}); each such prediction has ok False and error set to why.")
+            warn(f"{len(failed)} of the {len(preds)} inputs gave no prediction (e.g. {failed[0].error.rstrip('.')}); "
+                 "each such prediction has ok False and error set to why.")
         return preds
 
     def iter_predict(self, inputs: Any, *, top_k: int = 1, batch_size: int = 32, threshold: float = 0.5,

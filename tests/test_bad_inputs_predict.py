@@ -52,8 +52,9 @@ def test_bad_image_files_get_an_error_each_and_the_rest_is_predicted(tmp_path):
     Image.fromarray(np.full((10, 10, 3), 255, np.uint8)).save(tmp_path / "white.png")  # the model returns NaN
     inputs = [files[0], str(tmp_path / "text.jpg"), files[1], str(tmp_path / "missing.png"),
               str(tmp_path / "empty.png"), str(tmp_path / "white.png"), files[2]]
-    with pytest.warns(TransferkitWarning, match=r"^4 of the 7 inputs gave no prediction \(e.g. Cannot read .*text.jpg.*\); each "
-                                                r"such prediction has ok False and error set to why\.$"):
+    with pytest.warns(TransferkitWarning, match=r"^4 of the 7 inputs gave no prediction \(e.g. Cannot read "
+                                                r".*text.jpg.*\); each such prediction has ok False and error set "
+                                                r"to why\.$"):
         preds = pred.predict(inputs, batch_size=2)  # a mistyped path printed an empty top_k, and nothing more
     assert [p.source for p in preds] == inputs
     with warnings.catch_warnings():

@@ -472,8 +472,8 @@ def _own_backbone(cfg: FinetuneConfig, *, load_weights: bool) -> Backbone:
         if backbone.blocks and isinstance(backbone.trunk, torch.jit.ScriptModule):  # no leaves a copy can train
             raise BackboneError(f"Backbone {backbone.name!r}: a TorchScript trunk cannot train, and it has blocks a "
                                 f"policy would train ({backbone.block_names[:3]}). Give it as "
-                                "transferkit.backbones.from_torchscript(...) (a frozen feature extractor: only the head "
-                                "trains), or give the Python module to train it.")
+                                "transferkit.backbones.from_torchscript(...) (a frozen feature extractor: only the "
+                                "head trains), or give the Python module to train it.")
         own = copy.deepcopy(backbone)
         if backbone.weights_random():  # still as built (a copy's parameters are new tensors)
             own.mark_random_init()

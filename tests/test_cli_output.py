@@ -482,20 +482,6 @@ def test_sigterm_during_any_command_is_said_and_ends_with_143(run, capsys, monke
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
 
 
-def test_a_signal_after_an_interruption_was_said_does_not_change_the_exit_status():
-    """A second SIGTERM (a scheduler's, to the whole job) landing after the interruption's line was
-    printed ended the process by the signal (exit -15) instead of 143."""
-    import subprocess
-    import sys
-
-    code = ("import signal, sys\nimport transferkit.cli as cli\ncli.main = lambda argv=None: 143\nexit_ = sys.exit\n"
-            "def late_signal(status):\n    signal.raise_signal(signal.SIGTERM)\n    exit_(status)\n"
-            "sys.exit = late_signal\ncli.console_main()\n")
-    root = str(Path(__file__).resolve().parents[1])
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": root})
-    assert done.returncode == 143, (done.returncode, done.stderr[-2000:])
-
 
 def test_resume_without_a_checkpoint_is_said_whole(capsys, image_folder):
     """The placeholder of the Python message was split as shell words: "--checkpoint '<the'

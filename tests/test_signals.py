@@ -324,3 +324,18 @@ def test_a_second_signal_while_the_first_is_handled_does_not_lose_the_weights(tm
     assert stopped == [signal.SIGINT, second] and load_checkpoint(info.value.checkpoint)["model"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handlers are gone
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("stub, ending", [
+    ("import transferkit.cli as m\nm.main = lambda argv=None: 143\n", "m.console_main()"),  # transferkit COMMAND
+    ("import transferkit.recipes as m\nm.main_guard = lambda fn: 143\n", "m.recipe_main(lambda: None)"),  # a recipe
+])
+def test_a_signal_after_an_interruption_was_said_does_not_change_the_exit_status(stub, ending):
+    """A second SIGTERM (a scheduler's, to the whole job) landing after the interruption's line was
+    printed ended the process by the signal (exit -15) instead of 143."""
+    code = (f"import signal, sys\n{stub}exit_ = sys.exit\n"
+            "def late_signal(status):\n    signal.raise_signal(signal.SIGTERM)\n    exit_(status)\n"
+            f"sys.exit = late_signal\n{ending}\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 143, (done.returncode, done.stderr[-2000:])

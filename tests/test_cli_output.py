@@ -501,3 +501,17 @@ def test_a_setting_named_without_a_value_is_said_as_its_flag():
     assert cli_spelling("val_split=0.1 is not used: val_data= gives the validation data; see classes=.") == \
         "--set val_split=0.1 is not used: --val-data gives the validation data; see --set classes=."
     assert cli_spelling("https://h/x.tar?sig= and `val_data=` stay") == "https://h/x.tar?sig= and `val_data=` stay"
+
+
+def test_a_setting_of_a_config_file_is_said_as_the_files(capsys, image_folder, tmp_path):
+    """A value a --config file set was said as a flag the user never typed (`--warmup-epochs 1`),
+    and the dry run's notes were left in the Python spelling (`warmup_epochs=1`)."""
+    config = tmp_path / "run.yaml"
+    config.write_text("backbone: tk:small_cnn\nweights: null\npolicy: full\nepochs: 1\nwarmup_epochs: 1\n")
+    code, out, _ = _run(capsys, "finetune", "--data", image_folder, "--config", config, "--dry-run")
+    said = [n for n in json.loads(out)["notes"] if "warmup" in n]
+    assert code == 0 and said and said[0].startswith(f"warmup_epochs: 1 ({config}) is as long as the run"), said
+    code, out, _ = _run(capsys, "finetune", "--data", image_folder, "--config", config, "--dry-run",
+                        "--set", "warmup_epochs=1.0")  # typed: said as typed
+    said = [n for n in json.loads(out)["notes"] if "warmup" in n]
+    assert said and said[0].startswith("--set warmup_epochs=1 is as long as the run"), said

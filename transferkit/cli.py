@@ -376,6 +376,9 @@ def _finetune_kwargs(args: argparse.Namespace) -> dict:
              "which trains once with the top-level keys; run the recipe to train each of its runs.")
     cfg = merge_config(file_cfg, flags, overrides, source="finetune options")
     cfg = {k: expand_vars(v, k) for k, v in cfg.items() if k not in skip}
+    _CONFIG_SETTINGS.clear()  # what the file set, said as the file's in messages (`spell`)
+    _CONFIG_SETTINGS.update({k: (args.config, cfg[k]) for k in file_cfg if k in cfg and k not in flags
+                             and k not in overrides})
     data = None  # the last of the config file, the flags and --set that names the training data (data or data_dir)
     for layer in (file_cfg, flags, overrides):
         named = [layer[k] for k in ("data", "data_dir") if layer.get(k)]
@@ -518,10 +521,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         if decided.rank != 0:  # under torchrun: the plan of the job, printed once
             return 0
-        notes = [*filter(None, [resuming]), *decided.notes]
+        notes = [spell(n) for n in [*filter(None, [resuming]), *decided.notes]]  # as the run's warnings are said
         if args.json or not sys.stdout.isatty():  # one JSON object, as a run prints
             print(json.dumps(hide_secrets_in({"dry_run": True, "decisions": decided.to_dict(), "notes": notes,  # a log
-                                              "warnings": [cli_spelling(one_line(w.message)) for w in caught],
+                                              "warnings": [spell(one_line(w.message)) for w in caught],
                                               "summary": decided.summary()}), default=str))
             return 0
         from transferkit._text import wrap_lines
@@ -692,6 +695,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_CONFIG_SETTINGS: dict[str, tuple[str, Any]] = {}  # the settings a --config file gave: key -> (file, value)
+
+
+def spell(message: str) -> str:
+    """`cli_spelling` of ``message``, the settings a ``--config`` file gave written as the file's."""
+    return cli_spelling(message, _CONFIG_SETTINGS)
+
+
 def console_main() -> None:
     """The ``transferkit`` command and ``python -m transferkit``: `main`, then the process
     ends with its status. Under torchrun, a process that joined the job ends through
@@ -723,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_pixel_limit(getattr(args, "max_image_pixels", None))
 
-    with one_line_warnings("transferkit", cli_spelling):
+    _CONFIG_SETTINGS.clear()
+    with one_line_warnings("transferkit", spell):
         try:
             from transferkit._signals import first_interruption_holds, terminate_as_interrupt
 
@@ -742,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "debug", False):
                 traceback.print_exc()
             msg = hide_secrets(one_line(exc) or type(exc).__name__)  # an OSError's too
-            print(f"transferkit: error: {cli_spelling(msg)}", file=sys.stderr)
+            print(f"transferkit: error: {spell(msg)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as exc:
             from transferkit._signals import interrupt_exit
@@ -750,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "debug", False):
                 traceback.print_exc()
             line, code = interrupt_exit(exc, one_line(exc))
-            print(f"transferkit: {cli_spelling(line)}", file=sys.stderr)
+            print(f"transferkit: {spell(line)}", file=sys.stderr)
             return code
 
 

@@ -144,26 +144,30 @@ class Syntax:
         return "`".join(_SETTING.sub(setting, part) if i % 2 == 0 else part for i, part in enumerate(parts))
 
 
-def _cli_syntax() -> Syntax:
+def _cli_syntax(written_in: Mapping[str, tuple[str, Any]] | None = None) -> Syntax:
     flags = {k: flag(k) for k, f in config_fields().items() if f.metadata["serial"] and f.metadata["flag"]}
     flags.update({k: flag(k) for k in ("data", "val_data", *COMMAND_OPTIONS)})
-    return Syntax("transferkit finetune", flags, switches=True, resume="--checkpoint {path} --resume")
+    return Syntax("transferkit finetune", flags, switches=True, resume="--checkpoint {path} --resume",
+                  written_in=written_in or {})
 
 
-def cli_spelling(message: str) -> str:
+def cli_spelling(message: str, written_in: Mapping[str, tuple[str, Any]] | None = None) -> str:
     """Rewrite Python spellings in an error for a user of the ``transferkit`` command, so that
     each hint reads in one syntax: ``finetune(..., weights='x')`` -> ```transferkit finetune ...
     --weights x```, ``transferkit.resume('run.pt')`` -> ```transferkit finetune --checkpoint run.pt
     --resume```, ``weights='x'`` -> ``--weights x`` (``--set key=value`` for settings without a
     flag), ``transferkit.list_backbones(..)`` -> ```transferkit backbones```; the name of the
     Python call that opens a configuration error (``plan(): ...``) and a Python alternative
-    given beside a command (``(in Python: ...)``) are dropped.
+    given beside a command (``(in Python: ...)``) are dropped. ``written_in``: the values a
+    ``--config`` file set (key -> (file, value)), written ``key: value (file)``, as the user wrote them.
 
     Example:
         >>> cli_spelling("Pass checkpoint=... to finetune() to be able to resume.")
         'Pass --checkpoint ... to `transferkit finetune` to be able to resume.'
+        >>> cli_spelling("weights='mytag' is no tag of tv:resnet18.", {"weights": ("run.yaml", "mytag")})
+        'weights: mytag (run.yaml) is no tag of tv:resnet18.'
     """
-    return _cli_syntax().spell(message)
+    return _cli_syntax(written_in).spell(message)
 
 
 # the settings a recipe script takes as flags of their own (`transferkit.recipes.build_parser` defines them)

@@ -860,3 +860,23 @@ def test_a_run_with_the_servers_down_trains_from_cache_dir_when_told_it_is_offli
     monkeypatch.setenv("TRANSFERKIT_OFFLINE", "maybe")
     with pytest.raises(tk.ConfigError, match=r"TRANSFERKIT_OFFLINE='maybe' is neither on nor off"):
         _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0, cache_dir=cache)
+
+
+def test_a_shard_error_in_a_loader_worker_reaches_the_user_as_its_one_line():
+    """torch raises a worker's error again in the main process with the worker's whole traceback
+    as its message: an offline run missing a shard's copy printed some thirty lines (and the
+    command line rewrote the quoted source lines as flags)."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from transferkit.data.remote import ShardFetchError
+
+    class Missing(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise ShardFetchError("TRANSFERKIT_OFFLINE=1, and the shard cache holds no copy of 'x.tar'.")
+
+    with pytest.raises(ShardFetchError) as info:
+        next(iter(DataLoader(Missing(), num_workers=1)))
+    assert str(info.value) == "TRANSFERKIT_OFFLINE=1, and the shard cache holds no copy of 'x.tar'."

@@ -23,9 +23,22 @@ from transferkit._text import hide_secrets
 
 class TransferkitError(Exception):
     """Base class of every error transferkit raises on purpose. Its message shows no URL's
-    signature or password (`transferkit._text.hide_secrets`)."""
+    signature or password (`transferkit._text.hide_secrets`).
+
+    Raised in a DataLoader worker, torch raises it again in the main process with the worker's
+    traceback as its message; the constructor keeps the original message alone, so the user
+    sees its one line (the traceback is the worker's, not the user's).
+
+    Example:
+        >>> str(DataError("Caught DataError in DataLoader worker process 0.\\nOriginal Traceback ...\\n"
+        ...               "transferkit.errors.DataError: Cannot read image 'a.png'\\n"))
+        "Cannot read image 'a.png'"
+    """
 
     def __init__(self, *args: Any) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ") \
+                and "Original Traceback" in args[0]:
+            args = (args[0].rsplit(f"{type(self).__name__}: ", 1)[-1].strip(),)
         super().__init__(*(hide_secrets(a) if isinstance(a, str) else a for a in args))
 
 

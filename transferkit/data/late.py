@@ -51,22 +51,15 @@ BOMB_HINT = ("if the image is genuine, raise Pillow's limit: `transferkit --max-
 
 
 class BadFileError(DataError):
-    """A file that cannot be loaded during the run (``on_bad_file="raise"``).
-
-    Raised in a DataLoader worker, torch re-raises it in the main process as
-    ``BadFileError(<its wrapped worker traceback>)``; the constructor keeps only the
-    original message, so the user sees one line naming the file.
+    """A file that cannot be loaded during the run (``on_bad_file="raise"``). Raised in a
+    DataLoader worker, it reaches the main process as its one line naming the file
+    (`transferkit.errors.TransferkitError`).
 
     Example:
         >>> str(BadFileError("Caught BadFileError in DataLoader worker process 0.\\nOriginal Traceback ...\\n"
         ...                  "transferkit.data.late.BadFileError: Cannot read image 'a.png'\\n"))
         "Cannot read image 'a.png'"
     """
-
-    def __init__(self, message: str) -> None:
-        if message.startswith("Caught ") and "Original Traceback" in message:
-            message = message.rsplit(f"{type(self).__name__}: ", 1)[-1].strip()
-        super().__init__(message)
 
 
 def register_report(report: DataReport) -> None:

@@ -827,7 +827,7 @@ def test_a_run_with_the_servers_down_trains_from_cache_dir_when_told_it_is_offli
         for i in range(len(online.train)):
             online.train.read_bytes(i)  # every shard fetched into the cache
     with pytest.raises(ShardFetchError, match=r"Connection refused.*holds its index and copy as an earlier run found "
-                                              r"them: set TRANSFERKIT_OFFLINE=1 to train from the cache without the"):
+                                              r"them: with TRANSFERKIT_OFFLINE=1 a run reads the cache without the"):
         _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0, cache_dir=cache)
     with pytest.raises(ShardFetchError) as no_hint:  # another scan has no index there: an offline run would fail
         _quiet(prepare_data, f"{base}/{LOCAL}", val_split=0, cache_dir=cache, scan="full")

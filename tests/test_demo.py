@@ -112,3 +112,25 @@ def test_a_demo_interrupted_during_its_source_task_continues_when_run_again(tmp_
     whole = json.loads((tmp_path / "whole" / "report.json").read_text())
     assert resumed["source_val_acc"] == whole["source_val_acc"]
     assert [r["test_acc"] for r in resumed["target"]] == [r["test_acc"] for r in whole["target"]]
+
+
+def test_a_demo_interrupted_during_its_target_task_says_what_the_demo_does(tmp_path, capsys, monkeypatch):
+    """The run's own advice named `--weights` and `--checkpoint`, options `transferkit demo` has not."""
+    import transferkit.demo as demo
+    from transferkit._signals import TrainingInterrupted
+    from transferkit.cli import main
+
+    real, calls = demo.finetune, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first target run, its weights kept as a run keeps them
+            raise TrainingInterrupted("Interrupted (Ctrl-C). Start from them with --weights ...",
+                                      tmp_path / "d" / "model.interrupted.pt")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "finetune", interrupted)
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d")]) == 130
+    assert capsys.readouterr().err == ("transferkit: Interrupted (Ctrl-C). Run the demo again with the same output "
+                                       "folder to run it again (the weights so far are in "
+                                       f"{str(tmp_path / 'd' / 'model.interrupted.pt')!r}).\n")

@@ -706,6 +706,13 @@ def test_another_backbone_than_the_configs_needs_weights_that_fit_it(name, held,
                                           rf"config's weights are for .*: .*{re.escape(held)}.*Say which weights "
                                           r"tv:resnet18 starts from: --weights DEFAULT"):
         run_recipe(name, data_fn, description="", recipe_dir=RECIPES, argv=argv)
+    argv[-1] = "spec:tk:cifar_resnet20" if name == "fsdd" else "tk:cifar_resnet20"
+    with pytest.raises(ConfigError, match=r"starts from: a weights file, or --weights none \(it has no published "
+                                          r"pretrained weights\)\.$"):  # DEFAULT is not offered where it fails
+        run_recipe(name, data_fn, description="", recipe_dir=RECIPES, argv=argv)
+    argv[-1] = "tk:cifar_resnet2O"  # a name no source knows: said first
+    with pytest.raises(tk.UnknownBackboneError, match="Unknown backbone 'tk:cifar_resnet2O'"):
+        run_recipe(name, data_fn, description="", recipe_dir=RECIPES, argv=argv)
 
 
 def test_a_recipe_told_to_resume_a_checkpoint_not_written_yet_starts_the_run(tmp_path, capsys):

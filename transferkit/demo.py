@@ -118,11 +118,7 @@ def _run_demo(out: Path, *, quick: bool, seed: int, verbose: bool) -> dict:
         src = finetune("tk:small_cnn", weights=None, data=tasks["source"], policy="full", epochs=src_epochs,
                        batch_size=64, lr=3e-3, checkpoint=out / "source.pt", resume=resume, **common)
     except TrainingInterrupted as exc:  # its data are in memory: the demo itself continues the run, not a resume
-        if exc.checkpoint is None or Path(exc.checkpoint) != out / "source.pt":
-            raise
-        raise TrainingInterrupted(f"Interrupted ({signal_name(exc)}). The checkpoint {str(exc.checkpoint)!r} holds "
-                                  "the last completed epoch of the source task: run the demo again with the same "
-                                  "output folder to continue it.", exc.checkpoint) from exc
+        raise _as_the_demos(exc, out) from exc
     say(f"    validation accuracy {src.best['val_acc']:.3f} ({time.perf_counter() - t0:.1f}s), saved {src.checkpoint_path}")
 
     say(f"2/3 target task: digits 5-9 with {len(tasks['target_train']) // 5} labelled images per class, "
@@ -138,8 +134,11 @@ def _run_demo(out: Path, *, quick: bool, seed: int, verbose: bool) -> dict:
     rows, exported = [], None
     for label, kw, epochs in runs:
         t0 = time.perf_counter()
-        r = finetune("tk:small_cnn", data=tasks["target_train"], val_data=tasks["target_test"], epochs=epochs,
-                     batch_size=16, restore_best=False, **kw, **common)
+        try:
+            r = finetune("tk:small_cnn", data=tasks["target_train"], val_data=tasks["target_test"], epochs=epochs,
+                         batch_size=16, restore_best=False, **kw, **common)
+        except TrainingInterrupted as exc:
+            raise _as_the_demos(exc, out) from exc
         rows.append({"method": label, "epochs": epochs, "test_acc": r.metrics["val_acc"],
                      "seconds": time.perf_counter() - t0, "feature_cache": r.used_feature_cache})
         exported = exported or r.export_report
@@ -172,6 +171,18 @@ def _run_demo(out: Path, *, quick: bool, seed: int, verbose: bool) -> dict:
                  what="demo report")
     say("\n" + table + f"\n\ntotal {total:.0f}s; outputs in {out.resolve()}")
     return summary
+
+
+def _as_the_demos(exc: TrainingInterrupted, out: Path) -> TrainingInterrupted:
+    """An interruption of one of the demo's runs, said with what the demo itself does next (the
+    run's own advice names options of `finetune` that `transferkit demo` has not)."""
+    if exc.checkpoint is not None and Path(exc.checkpoint) == out / "source.pt":
+        then = (f"The checkpoint {str(exc.checkpoint)!r} holds the last completed epoch of the source task: run the "
+                "demo again with the same output folder to continue it.")
+    else:
+        kept = f" (the weights so far are in {str(exc.checkpoint)!r})" if exc.checkpoint is not None else ""
+        then = f"Run the demo again with the same output folder to run it again{kept}."
+    return TrainingInterrupted(f"Interrupted ({signal_name(exc)}). {then}", exc.checkpoint)
 
 
 def _continues(checkpoint: Path, epochs: int, say: Any) -> bool:

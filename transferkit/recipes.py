@@ -436,11 +436,17 @@ def _check_weights_fit(run_cfg: dict[str, Any], written_for: Any, given: bool) -
     if given or written_for is None or backbone in (None, written_for) or "weights" not in run_cfg \
             or run_cfg["weights"] == "DEFAULT":
         return
+    from transferkit.backbones.registry import check_weights_tag
+
+    try:  # an unknown name is said as such first; one without published weights is not offered DEFAULT
+        check_weights_tag(str(backbone), "DEFAULT", **(run_cfg.get("backbone_options") or {}))
+        choices = "--weights DEFAULT (its pretrained weights, downloaded once), a weights file, or --weights none"
+    except WeightsError:
+        choices = "a weights file, or --weights none (it has no published pretrained weights)"
     weights = run_cfg["weights"]
     held = "none (random init)" if weights is None else repr(str(weights))
     raise ConfigError(f"The backbone given, {backbone}, replaces the config's {written_for}, and the config's weights "
-                      f"are for {written_for}: {held}. Say which weights {backbone} starts from: --weights DEFAULT "
-                      "(its pretrained weights, downloaded once), a weights file, or --weights none (random init).")
+                      f"are for {written_for}: {held}. Say which weights {backbone} starts from: {choices}.")
 
 
 def _image_options_of(run_cfg: dict[str, Any], written_for: Any, given: bool, source: str) -> dict[str, Any]:

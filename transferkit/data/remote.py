@@ -177,8 +177,8 @@ def offline_hint(exc: ShardFetchError, cache_dir: str | Path | None, url: str,
     if not ready:
         return exc
     hinted = ShardFetchError(f"{str(exc).rstrip('.')}. cache_dir {str(cache_dir)!r} holds its index and copy as an "
-                             f"earlier run found them: set {ENV_OFFLINE}=1 to train from the cache without the server "
-                             "(its copies as they were then).")
+                             f"earlier run found them: with {ENV_OFFLINE}=1 a run reads the cache without the server "
+                             "(the copies as they were then), where it holds every shard the run reads.")
     hinted.transient = True
     return hinted
 

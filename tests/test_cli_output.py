@@ -421,6 +421,10 @@ def test_evaluate_folder_and_csv(run, capsys, tmp_path, monkeypatch):
      "a flag of its own: give it as --set weight_decay=0.1. --cache-dir is a setting without a flag of its own: give "
      "it as --set cache_dir=c. --early-stopping is a setting without a flag of its own: give it as --set "
      "early_stopping=VALUE.\n"),
+    # a value a shell would split, quoted; a backbone given as an argument, said as --backbone
+    (["finetune", "--data", "x", '--schedule-options={"min_factor": 0.01}', "timm:resnet18"],
+     "--schedule-options is a setting without a flag of its own: give it as --set schedule_options='{\"min_factor\": "
+     "0.01}'. timm:resnet18 is no argument of its own: give it as --backbone timm:resnet18.\n"),
     # a flag spelt with underscores, and a setting lr-find ignores, get the nearest flag, not a --set
     (["finetune", "--data", "x", "--batch_size", "32"], "arguments: --batch_size 32. Did you mean '--batch-size'?\n"),
     (["lr-find", "--data", "x", "--lr", "0.1"], "arguments: --lr 0.1. Did you mean '--end-lr'?\n"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
+import shlex
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,6 +43,9 @@ class Parser(argparse.ArgumentParser):
                     near[x] = close[0]
             said = [f"Did you mean {next(iter(near.values()))!r}?" if len(near) == 1 else
                     "Did you mean " + ", ".join(f"{c!r} for {x}" for x, c in near.items()) + "?"] if near else []
+            if "--backbone" in parser._option_string_actions:  # `transferkit finetune tk:small_cnn ...`
+                settings += [f"{x} is no argument of its own: give it as --backbone {x}." for x in extras
+                             if re.fullmatch(r"[a-z]+:[\w.:-]+", x)][:1]
             parser.error(" ".join([f"unrecognized arguments: {' '.join(extras)}.", *settings, *said, *own]))
         return parsed
 
@@ -84,10 +89,10 @@ def _value_of(flag: str, extras: list[str]) -> str:
     """The value given with the unknown ``flag`` among ``extras`` (``--flag=v`` or ``--flag v``),
     else ``VALUE``."""
     for i, x in enumerate(extras):
-        if x.startswith(flag + "="):
-            return x.split("=", 1)[1]
-        if x == flag and i + 1 < len(extras) and not extras[i + 1].startswith("--"):
-            return extras[i + 1]
+        value = x.split("=", 1)[1] if x.startswith(flag + "=") else extras[i + 1] if x == flag and \
+            i + 1 < len(extras) and not extras[i + 1].startswith("--") else None
+        if value is not None:  # quoted where a shell would split or expand it ({"min_factor": 0.01})
+            return shlex.quote(value) if not value or re.search(r"[^\w@%+=:,./-]", value) else value
     return "VALUE"
 
 

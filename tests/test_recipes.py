@@ -752,3 +752,12 @@ def test_a_config_weights_file_under_the_data_root_that_is_not_there_names_the_r
     with pytest.raises(tk.WeightsError, match=rf"mine.pth', the weights file {re.escape(str(mine))} names "
                                               r"\(\$\{TRANSFERKIT_DATA\}/w/mine.pth\), does not exist"):
         run_recipe("hymenoptera", data_fn, description="", recipe_dir=RECIPES, argv=[*argv, "--config", str(mine)])
+
+
+def test_an_image_backbone_for_an_audio_recipe_is_refused_as_such(tmp_path):
+    """fsdd --backbone tk:small_cnn said its config's spectrogram options could not build the
+    backbone (options the user never gave), then that the data were file paths to put in a CSV."""
+    data_fn = runpy.run_path(str(RECIPES / "fsdd.py"), run_name="recipe_under_test")["main"]
+    with pytest.raises(ConfigError, match=r"The backbone given, tk:small_cnn, takes images, and this recipe's data are "
+                                          r"audio \(its config trains spec:tk:small_cnn\): give a spec: backbone"):
+        data_fn(["--data-dir", str(tmp_path), "--backbone", "tk:small_cnn", "--weights", "none"])

@@ -412,6 +412,10 @@ def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[s
     run_cfg = merge_config(cfg, overrides, cli, source=source)
     run_cfg = {k: expand_vars(v, k) for k, v in run_cfg.items()}
     written_for = overrides.get("backbone", written_for)  # a run's own block names the backbone its settings fit
+    if written_for is not None and _is_audio(written_for) and not _is_audio(run_cfg.get("backbone")):
+        raise ConfigError(f"The backbone given, {run_cfg.get('backbone')}, takes images, and this recipe's data are "
+                          f"audio (its config trains {written_for}): give a spec: backbone (log-mel spectrograms into "
+                          "an image network, e.g. spec:tv:resnet18) or a ta: speech model (e.g. ta:wav2vec2_base).")
     run_cfg = _image_options_of(run_cfg, written_for, "backbone_options" in {*cli, *overrides}, source)
     _check_weights_fit(run_cfg, written_for, "weights" in cli)
     if run_settings is not None:

@@ -697,14 +697,15 @@ def test_another_backbone_than_the_configs_needs_weights_that_fit_it(name, held,
     monkeypatch.setenv("TRANSFERKIT_DATA", str(tmp_path))
     data_fn = runpy.run_path(str(RECIPES / f"{name}.py"), run_name="recipe_under_test")
     data_fn = data_fn["data"] if "data" in data_fn else (lambda root, options: RecipeData(train=[], test=[]))
-    argv = ["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--backbone", "tv:resnet18"]
+    backbone = "spec:tv:resnet18" if name == "fsdd" else "tv:resnet18"  # an audio recipe's: a spectrogram one
+    argv = ["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--backbone", backbone]
     if held is None:  # weights: DEFAULT: the backbone is taken, and the run goes on to its data
         with pytest.raises(DataError):
             run_recipe(name, data_fn, description="", recipe_dir=RECIPES, argv=argv)
         return
-    with pytest.raises(ConfigError, match=r"The backbone given, tv:resnet18, replaces the config's .*, and the "
+    with pytest.raises(ConfigError, match=rf"The backbone given, {backbone}, replaces the config's .*, and the "
                                           rf"config's weights are for .*: .*{re.escape(held)}.*Say which weights "
-                                          r"tv:resnet18 starts from: --weights DEFAULT"):
+                                          rf"{backbone} starts from: --weights DEFAULT"):
         run_recipe(name, data_fn, description="", recipe_dir=RECIPES, argv=argv)
     argv[-1] = "spec:tk:cifar_resnet20" if name == "fsdd" else "tk:cifar_resnet20"
     with pytest.raises(ConfigError, match=r"starts from: a weights file, or --weights none \(it has no published "

@@ -762,3 +762,13 @@ def test_an_image_backbone_for_an_audio_recipe_is_refused_as_such(tmp_path):
     with pytest.raises(ConfigError, match=r"The backbone given, tk:small_cnn, takes images, and this recipe's data are "
                                           r"audio \(its config trains spec:tk:small_cnn\): give a spec: backbone"):
         data_fn(["--data-dir", str(tmp_path), "--backbone", "tk:small_cnn", "--weights", "none"])
+
+
+def test_a_missing_torchvision_data_set_is_said_in_the_recipes_words(tmp_path):
+    """torchvision's own advice ("You can use download=True to download it") reached the recipe's
+    user, who types --download."""
+    with pytest.raises(DataError) as info:
+        recipes.torchvision_dataset("MNIST", tmp_path, download=False, train=True)
+    assert str(info.value) == (f"MNIST not found under {str(tmp_path)!r} (torchvision: Dataset not found). Pass "
+                               "--download to fetch it (needs internet), or --data-dir pointing at a folder with "
+                               "train/ and val/ or test/ class sub-folders.")

@@ -169,7 +169,8 @@ def torchvision_dataset(cls_name: str, root: Path, *, download: bool, **kwargs: 
     except RuntimeError as exc:
         where = "--data-dir pointing at a folder with train/ and val/ or test/ class sub-folders"
         advice = f"Give {where}" if download else f"Pass --download to fetch it (needs internet), or {where}"
-        raise DataError(f"{cls_name} not found under {str(root)!r} ({exc}). {advice}.") from exc
+        why = re.sub(r"\s*You can use download=True to download it\.?", "", str(exc)).strip().rstrip(".")
+        raise DataError(f"{cls_name} not found under {str(root)!r} (torchvision: {why}). {advice}.") from exc
     except OSError as exc:  # a download without a network (URLError is an OSError), a full disk
         raise DataError(download_failed(cls_name, root, exc)) from exc
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
-import shlex
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -92,7 +91,9 @@ def _value_of(flag: str, extras: list[str]) -> str:
         value = x.split("=", 1)[1] if x.startswith(flag + "=") else extras[i + 1] if x == flag and \
             i + 1 < len(extras) and not extras[i + 1].startswith("--") else None
         if value is not None:  # quoted where a shell would split or expand it ({"min_factor": 0.01})
-            return shlex.quote(value) if not value or re.search(r"[^\w@%+=:,./-]", value) else value
+            from transferkit.spelling import shell_word
+
+            return shell_word(value)
     return "VALUE"
 
 

@@ -32,14 +32,16 @@ def training_state(*, optimizer: Any, scheduler: Any, state: TrainState, scaler:
             "rng": rng_state()}
 
 
-def _format_diff(diff: dict[str, tuple[Any, Any]], limit: int = 12, width: int = 160) -> str:
-    """``key: checkpoint -> now`` for the first ``limit`` differences, each value cut to ``width``
-    characters (a record's optimizer groups or data digests run to kilobytes)."""
-    def cut(value: Any) -> str:
-        text = repr(value)
-        return text if len(text) <= width else text[:width - 5] + " ...]"
+def _cut(value: Any, width: int = 160) -> str:
+    """``repr(value)`` cut to ``width`` characters (a record's optimizer groups or data digests
+    run to kilobytes)."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 5] + " ...]"
 
-    items = [f"{k}: {data_change(a, b) if k == 'data' else f'{cut(a)} -> {cut(b)}'}"
+
+def _format_diff(diff: dict[str, tuple[Any, Any]], limit: int = 12) -> str:
+    """``key: checkpoint -> now`` for the first ``limit`` differences, each value cut (`_cut`)."""
+    items = [f"{k}: {data_change(a, b) if k == 'data' else f'{_cut(a)} -> {_cut(b)}'}"
              for k, (a, b) in list(diff.items())[:limit]]
     more = f"; and {len(diff) - limit} more" if len(diff) > limit else ""
     return "; ".join(items) + more
@@ -58,11 +60,8 @@ def data_change(saved: Any, now: Any, shown: int = 8) -> str:
         ...             {"classes": 2, "train": {"items": 4, "digest": "a"}, "val": {"items": 2, "digest": "b"}})
         'val: none -> 2 items'
     """
-    def cut(value: Any, width: int = 160) -> str:  # a part's record holds up to 1000 per-class counts
-        if isinstance(value, dict) and "items" in value:
-            return f"{value['items']} items"
-        text = repr(value)
-        return text if len(text) <= width else text[:width - 5] + " ...]"
+    def cut(value: Any) -> str:  # a part's record holds up to 1000 per-class counts: its items said
+        return f"{value['items']} items" if isinstance(value, dict) and "items" in value else _cut(value)
 
     if not isinstance(saved, dict) or not isinstance(now, dict):
         return f"{cut(saved)} -> {cut(now)}"

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from transferkit.errors import closest, suggest
+from transferkit.spelling import shell_word
 
 
 class Parser(argparse.ArgumentParser):
@@ -91,8 +92,6 @@ def _value_of(flag: str, extras: list[str]) -> str:
         value = x.split("=", 1)[1] if x.startswith(flag + "=") else extras[i + 1] if x == flag and \
             i + 1 < len(extras) and not extras[i + 1].startswith("--") else None
         if value is not None:  # quoted where a shell would split or expand it ({"min_factor": 0.01})
-            from transferkit.spelling import shell_word
-
             return shell_word(value)
     return "VALUE"
 

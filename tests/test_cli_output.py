@@ -439,6 +439,19 @@ def test_a_misspelt_option_or_command_gets_the_nearest_spelling_from_its_command
     assert err.startswith(f"usage: transferkit {argv[0]} ") == (argv[0] in ("finetune", "predict", "lr-find"))
 
 
+@pytest.mark.parametrize("command", ["finetune", "lr-find"])
+def test_a_data_folder_given_as_an_argument_is_said_as_data(capsys, tmp_path, command):
+    """`transferkit finetune photos/` said only "unrecognized arguments: photos/"."""
+    folder = tmp_path / "my photos"
+    folder.mkdir()
+    with pytest.raises(SystemExit):
+        main([command, str(folder), "--epochs", "1"] if command == "finetune" else [command, str(folder)])
+    assert f"is no argument of its own: give it as --data '{folder}'." in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # with --data given, an extra folder is not said as the data
+        main([command, "--data", str(folder), str(folder)])
+    assert "no argument of its own" not in capsys.readouterr().err
+
+
 def test_every_recipes_help_loads_no_torch():
     """`python recipes/<name>.py --help` took 3 s (torch loaded before the arguments were read)."""
     code = ("import runpy, sys\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import sys
 import warnings
@@ -46,6 +47,9 @@ class Parser(argparse.ArgumentParser):
             if "--backbone" in parser._option_string_actions:  # `transferkit finetune tk:small_cnn ...`
                 settings += [f"{x} is no argument of its own: give it as --backbone {x}." for x in extras
                              if re.fullmatch(r"[a-z]+:[\w.:-]+", x)][:1]
+            if "--data" in parser._option_string_actions and getattr(parsed, "data", "") is None:
+                settings += [f"{x} is no argument of its own: give it as --data {shell_word(x)}." for x in extras
+                             if not x.startswith("-") and os.path.exists(x)][:1]  # `transferkit finetune photos/`
             parser.error(" ".join([f"unrecognized arguments: {' '.join(extras)}.", *settings, *said, *own]))
         return parsed
 

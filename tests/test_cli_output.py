@@ -405,6 +405,8 @@ def test_evaluate_folder_and_csv(run, capsys, tmp_path, monkeypatch):
      "transferkit finetune: error: unrecognized arguments: --polcy=full --optimser sgd --zzz. Did you mean "
      "'--policy' for --polcy, '--optimizer' for --optimser?"),
     (["predict", "m.pt", "a.png", "--qqqqqq"], "transferkit predict: error: unrecognized arguments: --qqqqqq.\n"),
+    # said in the Python spelling ("batch_size must be a positive integer") after torch was loaded
+    (["predict", "m.pt", "a.png", "--batch-size", "0"], "argument --batch-size: expected a positive whole number"),
     (["finetune", "--data", "x", "--", "y"], "transferkit finetune: error: unrecognized arguments: -- y.\n"),
     (["finetune", "--data", "x", "--version", "--polcy=a", "--polcy=b"],
      "unrecognized arguments: --version --polcy=a --polcy=b. Did you mean '--policy'? --version is an option of "

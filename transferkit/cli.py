@@ -614,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="print a JSON list instead of one line per input")
     fmt.add_argument("--csv", action="store_true",
                      help="print CSV: path, label, probability (label_2, probability_2 .. with --top-k), error")
-    pr.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass")
+    pr.add_argument("--batch-size", type=_positive_int, default=32, help="inputs per forward pass")
     pr.add_argument("--threshold", type=float, default=0.5, help="probability threshold of multi-label models")
     pr.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda")
     pr.set_defaults(fn=_cmd_predict)
@@ -632,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--confusion-matrix", default=None, metavar="PNG",
                     help="where to draw the confusion matrix (default: confusion_matrix.png)")
     ev.add_argument("--json", action="store_true", help="print JSON even on a terminal")
-    ev.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass")
+    ev.add_argument("--batch-size", type=_positive_int, default=32, help="inputs per forward pass")
     ev.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda")
     ev.set_defaults(fn=_cmd_evaluate)
 

@@ -289,6 +289,9 @@ def test_hints_use_the_cli_syntax():
     assert cli_spelling("backbone_options={'weights_only': False, 'name': 'café'}, or lr=(1, 2).") == \
         "--set backbone_options='{\"weights_only\": false, \"name\": \"café\"}', or --lr '(1, 2)'."  # JSON
     assert cli_spelling("class_weights={0: 2.0}.") == "--set class_weights='{0: 2.0}'."  # not JSON: as written
+    # a colon before a space ends a value, as a sentence's period does; one inside a value does not
+    assert cli_spelling("trial (compile='auto': tried ...), backbone=timm:vit_tiny: with") == \
+        "trial (--set compile=auto: tried ...), --backbone timm:vit_tiny: with"
 
 
 def test_a_recipe_s_hints_use_its_own_flags():
@@ -534,3 +537,16 @@ def test_a_setting_of_a_config_file_is_said_as_the_files(capsys, image_folder, t
                         "--set", "warmup_epochs=1.0")  # typed: said as typed
     said = [n for n in json.loads(out)["notes"] if "warmup" in n]
     assert said and said[0].startswith("--set warmup_epochs=1 is as long as the run"), said
+
+
+def test_the_plan_is_spelled_as_the_command_line_writes_settings(capsys, image_folder):
+    """The plan a run prints kept the Python spelling on the command line (`features: not
+    cached (cache_features=False: ...)`) where its notes said `--set cache_features=False`."""
+    said = "features: not cached (--set cache_features=False: the frozen backbone runs in every epoch)"
+    code, out, err = _run(capsys, "finetune", "--data", image_folder, *TINY, "--set", "cache_features=false")
+    assert code == 0 and said in err, err
+    code, out, _ = _run(capsys, "finetune", "--data", image_folder, *TINY, "--set", "cache_features=false",
+                        "--dry-run")
+    assert code == 0 and said in json.loads(out)["summary"]
+    plan = transferkit.plan(data=str(image_folder), backbone="tk:small_cnn", weights=None, cache_features=False)
+    assert said.replace("--set ", "") in plan.summary()  # Python's own spelling in Python

@@ -21,11 +21,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import html
 import importlib.util
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from transferkit._text import number
@@ -192,6 +193,25 @@ def progress(total: int | None, desc: str, *, verbose: bool = True, unit: str = 
 # --- the epochs of a run, as they come ------------------------------------------------------------
 
 _COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time_s")
+
+
+_SPELLINGS: list[Callable[[str], str]] = []  # how the command running the API writes its settings: `spelled_as`
+
+
+@contextlib.contextmanager
+def spelled_as(spell: Callable[[str], str]) -> Iterator[None]:
+    """Within: `spelled` text is passed through ``spell`` (the command line writes ``--set
+    cache_features=False`` where Python writes ``cache_features=False``)."""
+    _SPELLINGS.append(spell)
+    try:
+        yield
+    finally:
+        _SPELLINGS.remove(spell)
+
+
+def spelled(text: str) -> str:
+    """``text`` (a run's plan) as the command running the API spells settings (`spelled_as`)."""
+    return _SPELLINGS[-1](text) if _SPELLINGS else text
 
 
 def to_stderr(line: str) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from transferkit._progress import EpochLog, to_stderr
+from transferkit._progress import EpochLog, spelled, to_stderr
 from transferkit._io import check_writable
 from transferkit._signals import first_interruption_holds, terminate_as_interrupt
 from transferkit.backbones import Backbone
@@ -264,7 +264,7 @@ def _opened(cfg: FinetuneConfig, *, lock: bool, show_plan: bool = True) -> Itera
                 for note in d.notes:
                     warn(note)
                 if show_plan and cfg.verbose:
-                    to_stderr(wrap_lines(d.summary(), width=100))
+                    to_stderr(wrap_lines(spelled(d.summary()), width=100))
             run = build(d, inputs)
             if is_main and lock:
                 # an export or checkpoint that cannot fit fails now, not after training

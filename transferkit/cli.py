@@ -525,11 +525,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         if args.json or not sys.stdout.isatty():  # one JSON object, as a run prints
             print(json.dumps(hide_secrets_in({"dry_run": True, "decisions": decided.to_dict(), "notes": notes,  # a log
                                               "warnings": [spell(one_line(w.message)) for w in caught],
-                                              "summary": decided.summary()}), default=str))
+                                              "summary": spell(decided.summary())}), default=str))
             return 0
         from transferkit._text import wrap_lines
 
-        print(wrap_lines("\n".join([decided.summary(), *(f"  note:     {n}" for n in notes)]), width=100))
+        print(wrap_lines("\n".join([spell(decided.summary()), *(f"  note:     {n}" for n in notes)]), width=100))
         return 0
     checkpoint, options = _finetune_options(args)  # flags and settings checked first
     if (done := _complete_run(args, checkpoint, options)) is not None:
@@ -541,7 +541,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.json or not sys.stdout.isatty():
         print(strict_json(hide_secrets_in(result_record(result)), default=str))
         return 0
-    print(result_summary(result))
+    print(spell(result_summary(result)))
     if result.export_path is not None:
         scored_on = "LABELLED_FOLDER_OR_CSV" if result.task == "multiclass" else "TARGETS_CSV"
         path = shell_word(str(result.export_path))

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
+from transferkit._progress import spelled_as
 from transferkit.errors import closest, suggest
 from transferkit.spelling import shell_word
 
@@ -147,10 +148,10 @@ def one_line(text: object) -> str:
 @contextlib.contextmanager
 def one_line_warnings(prog: str, spell: Callable[[str], str] = str) -> Iterator[None]:
     """Within: each warning prints as one line ``<prog>: warning: <message>`` on stderr (no
-    source file and line), its message passed through ``spell``."""
+    source file and line), its message passed through ``spell``, as a run's plan is (`spelled_as`)."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
         print(f"{prog}: warning: {spell(one_line(message))}", file=sys.stderr)
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), spelled_as(spell):  # a run's plan too
         warnings.showwarning = show
         yield

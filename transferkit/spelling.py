@@ -20,10 +20,11 @@ from transferkit.config import config_fields
 
 # the commands' own options, outside FinetuneConfig, named in errors (lr-find's; export's; predict's)
 COMMAND_OPTIONS = ("start_lr", "end_lr", "num_steps", "phase", "num_examples", "atol", "rtol", "threshold")
-# key=value: a quoted string, a bracketed list, mapping or tuple, or a word up to a separator or a sentence's end;
+# key=value: a quoted string, a bracketed list, mapping or tuple, or a word up to a separator, a sentence's end or
+# a colon before a space (``compile='auto': tried ...``);
 # or key= with no value, the setting named (``give validation data (val_data=, or a val/ folder)``)
 _SETTING = re.compile(r"(?<![\w.-])([a-z_]+)=(?:('[^']*'|\"[^\"]*\"|\[[^\]]*\]|\{[^}]*\}|\([^()]*\)|"
-                      r"(?!\.(?:\s|$))[^\s,;)]+?)(?=[\s,;)]|\.(?:\s|$)|$)|(?=[\s,;)]|\.(?:\s|$)|$))")
+                      r"(?![.:](?:\s|$))[^\s,;)]+?)(?=[\s,;)]|[.:](?:\s|$)|$)|(?=[\s,;)]|[.:](?:\s|$)|$))")
 _CALL = re.compile(r"(?:transferkit\.)?\b(finetune|resume)\((?!\):)([^()]*)\)")
 
 

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -355,6 +356,35 @@ def test_sigterm_to_every_rank_saves_the_weights_once(images, tmp_path):
     assert "rank 1: Interrupted (SIGTERM). The weights are the same on every rank of the job, so rank 0 saves " \
            "them" in proc.stdout, output[-3000:]
     assert load_checkpoint(tmp_path / "transferkit-interrupted.pt")["model"]
+
+
+def test_workers_whose_torchrun_was_killed_end_with_their_weights_kept(images, tmp_path):
+    """torchrun killed with SIGKILL (an out-of-memory kill, `kill -9`) left its workers, each in a
+    session of its own, training on unseen: they get SIGTERM when it dies and end as a SIGTERM
+    ends a run, the checkpoint holding the last completed epoch."""
+    runner = Path(sys.executable).with_name("torchrun")
+    checkpoint = tmp_path / "run.ckpt"
+    cmd = [str(runner), "--nproc_per_node=2", "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
+           "-m", "transferkit", "finetune", "--data", str(images), "--backbone", "tk:small_cnn", "--weights", "none",
+           "--policy", "full", "--image-size", "16", "--epochs", "100000", "--batch-size", "4", "--precision", "fp32",
+           "--checkpoint", str(checkpoint), "--set", "num_workers=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, cwd=tmp_path)
+    try:
+        for _ in range(1200):  # the first epoch's checkpoint (at most 120 s)
+            if checkpoint.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert checkpoint.exists(), proc.communicate()[1][-3000:]
+        proc.kill()  # torchrun alone: its workers are in sessions of their own
+        _, stderr = proc.communicate(timeout=120)  # the pipes close when the workers holding them have ended
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", str(checkpoint)], check=False)  # a worker left running: ended here
+    assert "Interrupted (SIGTERM). The checkpoint" in stderr, stderr[-3000:]
+    saved = load_checkpoint(checkpoint)
+    assert saved["epoch"] >= 1 and not saved["complete"]
 
 
 def test_a_stalled_rank_ends_the_job_after_the_collective_timeout(images, tmp_path):

@@ -501,3 +501,18 @@ def test_mixed_pixels_are_batched_only_where_they_are_uint8_beside_float():
     assert isinstance(batch, Item) and batch.x.dtype == torch.float32 and batch.x.max() == 1.0
     ints = collate_items([(torch.zeros(3, 2, 2, dtype=torch.int64), 0), (torch.zeros(3, 2, 2, dtype=torch.int32), 1)])
     assert ints[0].dtype == torch.int64  # not made float pixels
+
+
+def test_float_images_in_0_1_predict_through_a_bicubic_resize_that_overshoots(tmp_path):
+    """A bicubic resize (timm's backbones) of float pixels in [0, 1] reaches [-0.445, 1.445] in
+    2-D; the exported file refused what went past 0.25 outside [0, 1], so `predict` of a sharp
+    float image raised a TorchScript error (and `finetune` on such images failed at its export)."""
+    spec = transferkit.InputSpec(image_size=16, resize_size=20, interpolation="bicubic")
+    _, model = export_tiny(tmp_path / "m.pt", size=16)
+    row = torch.tensor([0.0, 1.0, 1.0, 0.0] * 3)  # +--+ in both axes: each output pixel meets its kernel's signs
+    sharp = torch.maximum(row[:, None] * row[None, :], (1 - row)[:, None] * (1 - row)[None, :]).expand(3, -1, -1)
+    resized = eval_transform(spec)(sharp.contiguous())
+    assert float(resized.max()) > 1.25 and float(resized.min()) < -0.25  # past the old slack
+    scripted = torch.jit.load(str(tmp_path / "m.pt"))
+    with torch.no_grad():
+        assert torch.allclose(scripted(resized.unsqueeze(0)), model.eval()(resized.unsqueeze(0)), atol=1e-5)

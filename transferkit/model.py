@@ -10,7 +10,10 @@ from torch import nn
 
 from transferkit.heads import build_head
 
-FLOAT_SLACK = 0.25  # how far outside [0, 1] a float image may go (a bicubic resize overshoots)
+# how far outside [0, 1] a float image may go: a bicubic resize (torch's, a = -0.75, with or without
+# antialiasing) of pixels in [0, 1] reaches [-0.4453, 1.4453] in 2-D (1-D weights of positive sum
+# 1.1875 and negative sum -0.1875: 1.1875**2 + 0.1875**2), where 0.25 refused images in [0, 1]
+FLOAT_SLACK = 0.5
 
 
 class ImagePreprocess(nn.Module):

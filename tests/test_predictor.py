@@ -516,3 +516,44 @@ def test_float_images_in_0_1_predict_through_a_bicubic_resize_that_overshoots(tm
     scripted = torch.jit.load(str(tmp_path / "m.pt"))
     with torch.no_grad():
         assert torch.allclose(scripted(resized.unsqueeze(0)), model.eval()(resized.unsqueeze(0)), atol=1e-5)
+
+
+class FloatOnly(torch.nn.Module):
+    """A module exported as it is, without transferkit's ImagePreprocess: it takes float pixels
+    only (a conv on uint8 fails), and refuses a bright batch as an input check of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point() and bool(x.mean() > 0.9):
+            raise ValueError("this model takes no bright images")
+        return self.conv(x).mean(dim=(2, 3))
+
+
+def test_a_model_that_fails_on_what_predict_gives_it_is_said_in_one_error(tmp_path, capsys):
+    """A module without ImagePreprocess exported with float examples passed the parity check;
+    predict on an image file then raised a TorchScript traceback (the CLI printed about 60
+    lines, exit 1). The export warns, and predict raises one error that says what it gave the
+    model; the model's own ValueError is a DataError."""
+    from transferkit.cli import main
+
+    spec = transferkit.InputSpec(image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.warns(transferkit.TransferkitWarning, match="The model fails on uint8 pixels .* predict\\(\\) and "
+                                                           "`transferkit predict` will fail on them"):
+        transferkit.export_torchscript(FloatOnly(), tmp_path / "m.pt", example_inputs=torch.rand(2, 3, 16, 16) / 2,
+                                       metadata={"labels": ["a", "b"], "input_spec": spec.to_dict()})
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (16, 16), (20, 30, 40)).save(photo)
+    predictor = transferkit.load(tmp_path / "m.pt")
+    with pytest.raises(ExportError, match=r"m.pt' failed on a batch of 1 inputs of shape \(3, 16, 16\) \(torch.uint8 "
+                                          r"pixels \[N, C, H, W\], raw as read from files\): RuntimeError: Input type "
+                                          r"\(unsigned char\)"):
+        predictor.predict(photo)
+    with pytest.raises(DataError, match="refuses a batch of 1 inputs .*: this model takes no bright images$"):
+        predictor.predict(torch.ones(3, 16, 16))
+    assert predictor.predict(torch.zeros(3, 16, 16))[0].label in ("a", "b")
+    assert main(["predict", str(tmp_path / "m.pt"), str(photo)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("transferkit: error: ") and err.count("\n") == 1, err

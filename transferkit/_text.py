@@ -69,6 +69,7 @@ def one_line(text: str) -> bool:
 
 
 _SCRIPTED_RAISE = re.compile(r"^builtins\.(\w+): (.+)$", re.MULTILINE)
+_SCRIPTED_FAIL = re.compile(r"^(\w*(?:Error|Exception)): (.+)$", re.MULTILINE)  # an operation's own error, last
 
 
 def printable(text: str) -> str:
@@ -91,6 +92,9 @@ def exception_line(exc: BaseException, limit: int = 300) -> str:
         >>> exception_line(RuntimeError("The following operation failed in the TorchScript interpreter.\\n"
         ...                             "Traceback of TorchScript ...\\nbuiltins.ValueError: pixels in [0, 1]\\n"))
         'ValueError: pixels in [0, 1]'
+        >>> exception_line(RuntimeError("The following operation failed in the TorchScript interpreter.\n"
+        ...                             "Traceback of TorchScript ...\nRuntimeError: Input type (unsigned char) ..."))
+        'RuntimeError: Input type (unsigned char) ...'
 
     A first line that ends with a colon introduces the next (TorchScript's compiler states the
     signature first, then what is wrong with it): both are kept.
@@ -99,7 +103,8 @@ def exception_line(exc: BaseException, limit: int = 300) -> str:
         "RuntimeError: forward(Tensor x) -> Tensor[]: Expected a value of type 'Tensor'"
     """
     text = str(exc).strip()
-    raised = _SCRIPTED_RAISE.findall(text) if "TorchScript interpreter" in text else []
+    scripted = "TorchScript interpreter" in text
+    raised = (_SCRIPTED_RAISE.findall(text) or _SCRIPTED_FAIL.findall(text)) if scripted else []
     if raised:
         return f"{raised[-1][0]}: {raised[-1][1][:limit]}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]

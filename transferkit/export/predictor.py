@@ -14,7 +14,7 @@ from transferkit._progress import progress as progress_bar
 from transferkit._text import exception_line, file_reason, plural
 from transferkit.backbones._base import InputSpec
 from transferkit.data.audio import loud_note
-from transferkit.errors import ConfigError, DataError, ExportError, warn
+from transferkit.errors import ConfigError, DataError, ExportError, TransferkitError, warn
 from transferkit.export.inputs import InputPipeline, is_open_file
 from transferkit.export.metadata import audio_max_seconds, is_onnx_file
 from transferkit.export.torchscript import check_device, load_scripted, quiet_jit, read_scripted_metadata
@@ -141,18 +141,33 @@ class Predictor:
                 xb = xb.to(dtype)
             try:
                 out = self.module(xb.to(self.device))
-            except (RuntimeError, MemoryError) as exc:  # onnxruntime: "Failed to allocate ..."; torch: out of memory
-                text = str(exc).lower()
-                if "alloc" not in text and "out of memory" not in text:
-                    raise
-                raise ExportError(f"{self.source} ran out of memory on a batch of {len(xb)} inputs of shape "
-                                  f"{tuple(xb.shape[1:])} ({exception_line(exc, 160)}); pass a smaller batch_size "
-                                  "(predict(..., batch_size=1), transferkit predict --batch-size 1).") from exc
+            except TransferkitError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - torch.jit.Error is no RuntimeError; MemoryError is one
+                raise self._failed(exc, xb) from exc
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != len(self.labels):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ExportError(f"{self.source} returns {shape} but its metadata lists {len(self.labels)} labels: the "
                               "model and its metadata do not belong together. Re-export the model.")
         return output_activation(self.task, out.float()).cpu()
+
+    def _failed(self, exc: BaseException, xb: torch.Tensor) -> TransferkitError:
+        """The error of the model failing on the batch ``xb``: out of memory (a smaller batch is
+        the fix), an input its own checks refuse (the exported file's ``ValueError``: a
+        `DataError` saying it), or a model that cannot run on the inputs ``predict`` gives every
+        exported model (its error, and what those inputs are)."""
+        line, batch = exception_line(exc, 300), f"a batch of {len(xb)} inputs of shape {tuple(xb.shape[1:])}"
+        text = str(exc).lower()
+        if isinstance(exc, MemoryError) or "alloc" in text or "out of memory" in text:  # onnxruntime, torch
+            return ExportError(f"{self.source} ran out of memory on {batch} ({exception_line(exc, 160)}); pass a "
+                               "smaller batch_size (predict(..., batch_size=1), transferkit predict --batch-size 1).")
+        if line.startswith("ValueError: "):  # the file's (or TransferModel's) check of its input
+            return DataError(f"{self.source} refuses {batch}: {line[len('ValueError: '):]}")
+        given = (f"{xb.dtype} {'pixels [N, C, H, W]' if self.input_spec.kind == 'image' else 'waveforms [N, T]'}, "
+                 "raw as read from files")
+        return ExportError(f"{self.source} failed on {batch} ({given}): {line}. An exported model takes raw inputs "
+                           "(a TransferModel reads them with its ImagePreprocess or AudioPreprocess); a module that "
+                           "expects normalised ones cannot be used by predict.")
 
     def outputs(self, inputs: Any, *, batch_size: int = 32, progress: bool | None = False) -> torch.Tensor:
         """``[N, num_outputs]``: probabilities (softmax for multiclass, sigmoid for multilabel)

@@ -481,6 +481,19 @@ def test_update_metadata_refuses_a_multilabel_label_that_reads_as_two(tmp_path):
     assert read_metadata(path)["labels"] == ["red", "green", "blue"]
 
 
+@pytest.mark.parametrize("seconds", [-1, 0, "abc", True])
+def test_an_audio_window_in_the_metadata_must_be_seconds(seconds):
+    """update_metadata took decisions.config.max_seconds=-1 (or "abc"), and every clip then failed
+    as "0.1 ms long" or as a damaged file: the window the predictor crops clips to is checked."""
+    spec = {"kind": "audio", "sample_rate": 8000, "channels": 1, "clip_seconds": None}
+    meta = {"labels": ["a", "b"], "input_spec": spec, "decisions": {"config": {"max_seconds": seconds}}}
+    with pytest.raises(ExportError, match=r"decisions.config.max_seconds \(the window the predictor crops clips to\) "
+                                          r"must be a number of seconds of at least 0.025 .*, got "):
+        complete_metadata(meta, num_outputs=2)
+    for fine in (0.5, None):
+        assert complete_metadata({**meta, "decisions": {"config": {"max_seconds": fine}}}, num_outputs=2)
+
+
 def test_onnx_export_matches_under_onnxruntime(tmp_path):
     needs_onnx()
     from transferkit.export import export_onnx, read_onnx_metadata

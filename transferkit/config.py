@@ -221,14 +221,15 @@ def check_seconds(value: Any, name: str) -> float | None:
         >>> check_seconds(2, "clip_seconds"), check_seconds(None, "clip_seconds")
         (2, None)
     """
-    problem = _seconds(value)
+    problem = seconds_problem(value)
     if problem:
         raise ConfigError(f"{name} must be {problem}, got {value!r}.")
     # as given, as a plain Python number (a NumPy scalar would make a checkpoint that holds it unloadable)
     return None if value is None else int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
-def _seconds(v: Any) -> str | None:
+def seconds_problem(v: Any) -> str | None:
+    """What is wrong with ``v`` as seconds of audio (`check_seconds`), or None."""
     ok = v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
                        and v >= MIN_CLIP_SECONDS)
     return None if ok else (f"a number of seconds of at least {MIN_CLIP_SECONDS:g} (the shortest clip an audio model "
@@ -372,7 +373,7 @@ class FinetuneConfig:
     scan: Literal["quick", "full", "none"] = _opt(
         "quick", "check files before training: 'quick' (headers), 'full' (decode all) or 'none'", group="data")
     max_seconds: float | None = _opt(30.0, "audio: longer clips are cropped to their middle this many seconds (None: "
-                                     "whole clips; memory grows with the longest)", group="data", check=_seconds,
+                                     "whole clips; memory grows with the longest)", group="data", check=seconds_problem,
                                      flag=True)
     decode_once: Literal["auto", True, False] = _opt(
         "auto", "decode and resize images once, crop/flip per epoch, when the backbone trains for 2+ epochs (auto: "

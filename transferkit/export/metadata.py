@@ -45,6 +45,7 @@ import torch
 
 from transferkit._text import hide_secrets_in, strict_json
 from transferkit._version import __version__
+from transferkit.config import seconds_problem
 from transferkit.data.audio import DEFAULT_MAX_SECONDS, audio_window
 from transferkit.errors import CorruptExportError, ExportError
 from transferkit.heads import TASKS
@@ -182,6 +183,11 @@ def validate_metadata(meta: Any, *, source: str, fmt: str = FORMAT) -> dict[str,
     if meta["task"] not in TASKS:
         raise _fail(source, f"task is {meta['task']!r}; valid tasks: {', '.join(map(repr, TASKS))}")
     _check_input_spec(meta["input_spec"], source)
+    if meta["input_spec"].get("kind") == "audio" and "max_seconds" in run_config(meta):  # what predict crops clips to
+        problem = seconds_problem(run_config(meta)["max_seconds"])
+        if problem:
+            raise _fail(source, f"decisions.config.max_seconds (the window the predictor crops clips to) must be "
+                                f"{problem}, got {run_config(meta)['max_seconds']!r}")
     integrity = meta.get("integrity")
     if integrity is not None and not (isinstance(integrity, dict) and isinstance(integrity.get("digest"), str)):
         raise _fail(source, "the field 'integrity' must be an object with a 'digest'")

@@ -557,3 +557,21 @@ def test_a_model_that_fails_on_what_predict_gives_it_is_said_in_one_error(tmp_pa
     assert main(["predict", str(tmp_path / "m.pt"), str(photo)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("transferkit: error: ") and err.count("\n") == 1, err
+
+
+def test_paths_of_any_kind_are_predicted_as_their_files(tmp_path):
+    """An os.DirEntry (from os.scandir) or a PurePosixPath was refused: "Cannot predict on a
+    DirEntry", and in a list "pass file paths, PIL images, ..."."""
+    import os
+    from pathlib import PurePosixPath
+
+    export_tiny(tmp_path / "m.pt", size=16)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (20, 16), (200, 30, 40)).save(photos / "a.png")
+    predictor = transferkit.load(tmp_path / "m.pt")
+    entry = next(os.scandir(photos))
+    one, = predictor.predict(entry)
+    listed = predictor.predict([entry, PurePosixPath(entry.path), entry.path])
+    assert one.source == str(photos / "a.png") and [p.source for p in listed] == [one.source] * 3
+    assert len({(p.label, p.probability) for p in [one, *listed]}) == 1

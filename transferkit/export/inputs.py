@@ -64,7 +64,12 @@ class InputPipeline:
         self.loud.clear()
 
     def split(self, inputs: Any) -> list[Any]:
-        """One input or many -> a list of single items (a batch tensor/array is several)."""
+        """One input or many -> a list of single items (a batch tensor/array is several); a path
+        of any kind (``os.DirEntry``, ``PurePath``) is a `Path`."""
+        return [Path(os.fsdecode(x)) if isinstance(x, os.PathLike) and not isinstance(x, Path) else x
+                for x in self._split(inputs)]
+
+    def _split(self, inputs: Any) -> list[Any]:
         batch_ndim = 2 if self.audio else 4
         if isinstance(inputs, Mapping):  # iterating it would predict on its keys
             raise DataError(f"Cannot predict on a {type(inputs).__name__}: pass one input or a list of them (the "
@@ -90,7 +95,7 @@ class InputPipeline:
             return list(inputs)
         # (waveform, sample_rate): a rate of any number type (np.int64 from pandas, 44100.0), checked when read
         pair = self.audio and isinstance(inputs, tuple) and len(inputs) == 2 and audio.is_rate(inputs[1])
-        if isinstance(inputs, (str, Path, Image.Image, torch.Tensor, np.ndarray)) or pair or is_open_file(inputs):
+        if isinstance(inputs, (str, os.PathLike, Image.Image, torch.Tensor, np.ndarray)) or pair or is_open_file(inputs):
             return [inputs]  # an open file is one input, not the lines it would iterate over
         if isinstance(inputs, Sequence) or hasattr(inputs, "__iter__"):
             return list(inputs)

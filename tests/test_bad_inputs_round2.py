@@ -292,15 +292,33 @@ def test_predict_errors_do_not_give_training_advice(tmp_path):
     assert not pred.ok and "Cannot read image" in pred.error and "on_bad_file" not in pred.error
 
 
+def _png16_rgb(path, pixels: np.ndarray) -> None:
+    """Write ``pixels`` (HxWx3 uint16) as a 16-bit RGB PNG (Pillow writes none)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = pixels.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
 def test_a_16_bit_array_or_tensor_is_scaled_as_its_16_bit_png_is(tmp_path):
+    """Grayscale is scaled (rounded); a colour 16-bit PNG is read by Pillow by its high bytes,
+    and an HxWx3 array or [3, H, W] tensor was scaled instead (1 level apart in 26% of pixels)."""
     deep = np.random.default_rng(0).integers(0, 65536, (16, 16), dtype=np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep.png")  # a 16-bit grayscale PNG
-    from_file = _image_predictor().predict([str(tmp_path / "deep.png")])[0]
-    assert from_file.ok, from_file.error
-    for item in (deep, deep[..., None].repeat(3, -1), torch.from_numpy(deep.astype(np.int32)).to(torch.uint16)[None]):
-        got = _image_predictor().predict([item])[0]
-        assert got.ok, got.error
-        assert (got.label, got.probability) == (from_file.label, pytest.approx(from_file.probability, abs=1e-7))
+    colour = np.random.default_rng(1).integers(0, 65536, (16, 16, 3), dtype=np.uint16)
+    _png16_rgb(tmp_path / "colour.png", colour)
+    as_tensor = lambda a: torch.from_numpy(a.astype(np.int32)).to(torch.uint16)  # noqa: E731
+    for file, items in (("deep.png", (deep, as_tensor(deep)[None])),
+                        ("colour.png", (colour, as_tensor(colour).permute(2, 0, 1)))):
+        from_file = _image_predictor().predict_proba(str(tmp_path / file))
+        for item in items:
+            assert torch.equal(_image_predictor().predict_proba(item), from_file), (file, type(item))
     with pytest.raises(DataError, match=r"uint8 in \[0, 255\], uint16 \(16-bit\) or float in \[0, 1\], got torch.int32"):
         _image_predictor().predict(torch.zeros(3, 4, 4, dtype=torch.int32))
 

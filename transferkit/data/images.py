@@ -63,9 +63,16 @@ def load_image(path: str | Path | BinaryIO, *, min_size: int | None = None, name
 
 
 def to_8bit(arr: np.ndarray, top: float = 65535.0) -> np.ndarray:
-    """Pixels in [0, ``top``] (16-bit by default) to uint8, rounded: how a 16-bit image file
-    is read, and a 16-bit array or tensor passed to ``predict``."""
+    """Pixels in [0, ``top``] (16-bit by default) to uint8, rounded: how a 16-bit grayscale
+    image file is read, and a 16-bit grayscale array or tensor passed to ``predict``."""
     return np.clip(np.asarray(arr, dtype=np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def sixteen_to_8bit(arr: np.ndarray, *, colour: bool) -> np.ndarray:
+    """A 16-bit image array as its PNG file is read: grayscale scaled by `to_8bit`, colour
+    (RGB, RGBA) by its high bytes, as Pillow reads a 16-bit colour PNG (``colour``: the
+    array has 3 or 4 channels)."""
+    return (np.asarray(arr) >> 8).astype(np.uint8) if colour else to_8bit(arr)
 
 
 
@@ -83,7 +90,7 @@ def image_from_array(arr: np.ndarray, doing: str = "predict on") -> Image.Image 
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
         raise DataError(f"A numpy image must be HxW or HxWxC with C in 1, 3, 4, got shape {arr.shape}.")
     if arr.dtype == np.uint16:  # a 16-bit image (OpenCV's IMREAD_UNCHANGED, tifffile): scaled as its file would be
-        arr = to_8bit(arr)
+        arr = sixteen_to_8bit(arr, colour=arr.ndim == 3 and arr.shape[-1] in (3, 4))
     if arr.dtype == np.uint8:
         return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
     t = torch.from_numpy(np.ascontiguousarray(arr))
@@ -104,7 +111,7 @@ def check_image_tensor(t: torch.Tensor, doing: str = "predict on") -> torch.Tens
         last = "; channels last ([H,W,C]) is .permute(2, 0, 1)" if t.ndim == 3 and t.shape[-1] in (1, 3, 4) else ""
         raise DataError(f"An image tensor must be [C,H,W] with C in 1, 3, 4{several}, got {tuple(t.shape)}{last}.")
     if t.dtype == torch.uint16:  # torchvision's decode_png of a 16-bit PNG: scaled as the file would be
-        t = torch.from_numpy(to_8bit(t.cpu().to(torch.int32).numpy()))
+        t = torch.from_numpy(sixteen_to_8bit(t.cpu().to(torch.int32).numpy(), colour=t.shape[0] in (3, 4)))
     if t.dtype == torch.uint8:
         return t.cpu()
     if not t.is_floating_point():

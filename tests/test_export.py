@@ -481,6 +481,15 @@ def test_update_metadata_refuses_a_multilabel_label_that_reads_as_two(tmp_path):
     assert read_metadata(path)["labels"] == ["red", "green", "blue"]
 
 
+@pytest.mark.parametrize("label", ["a\tb", "a\x00b", "a\nb"])
+def test_a_label_with_a_tab_or_control_character_is_refused(label):
+    """finetune refuses such class names; export_torchscript and update_metadata took a tab,
+    which split `transferkit predict`'s tab-separated output."""
+    with pytest.raises(ExportError, match="labels must be a non-empty list of non-empty one-line strings .*holds a "
+                                          "line break or control character"):
+        complete_metadata({"labels": [label, "c"], "input_spec": {"image_size": 32}}, num_outputs=2)
+
+
 @pytest.mark.parametrize("seconds", [-1, 0, "abc", True])
 def test_an_audio_window_in_the_metadata_must_be_seconds(seconds):
     """update_metadata took decisions.config.max_seconds=-1 (or "abc"), and every clip then failed

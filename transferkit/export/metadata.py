@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from transferkit._text import hide_secrets_in, strict_json
+from transferkit._text import hide_secrets_in, one_line, strict_json
 from transferkit._version import __version__
 from transferkit.config import seconds_problem
 from transferkit.data.audio import DEFAULT_MAX_SECONDS, audio_window
@@ -173,8 +173,11 @@ def validate_metadata(meta: Any, *, source: str, fmt: str = FORMAT) -> dict[str,
     if found != fmt:
         raise _fail(source, f"format is {found!r}, expected {fmt!r}")
     labels = meta["labels"]
-    if not labels or not all(isinstance(x, str) and x and x.splitlines() == [x] for x in labels):
-        raise _fail(source, "labels must be a non-empty list of non-empty one-line strings")
+    if not labels or not all(isinstance(x, str) and x and one_line(x) for x in labels):
+        bad = next((x for x in labels if isinstance(x, str) and x and not one_line(x)), None)
+        held = f" ({bad!r} holds a line break or control character, as a tab: predict's output separates " \
+               "fields with them)" if bad is not None else ""
+        raise _fail(source, f"labels must be a non-empty list of non-empty one-line strings{held}")
     if len(set(labels)) != len(labels):
         dups = sorted({x for x in labels if labels.count(x) > 1})
         raise _fail(source, f"labels are not unique (repeated: {dups[:5]})")

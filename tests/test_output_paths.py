@@ -49,6 +49,21 @@ def test_export_and_checkpoint_on_one_file_are_refused(tmp_path, image_folder, n
     assert not list(tmp_path.glob("*same*"))
 
 
+def test_the_exporters_called_directly_refuse_the_other_format_s_name(tmp_path):
+    """export_torchscript(m, "m.onnx") wrote a TorchScript file under an ONNX name, which other
+    tools go by; finetune and the command line refused it, the exporters did not."""
+    from transferkit.export import export_onnx
+
+    bb = tk.get_backbone("tk:small_cnn", weights=None)
+    model, meta = tk.build_model(bb, 2), {"labels": ["a", "b"], "input_spec": bb.input_spec.to_dict()}
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with pytest.raises(ConfigError, match=r"m\.onnx' is where the TorchScript export goes, but its name ends in .onnx"):
+        tk.export_torchscript(model, tmp_path / "m.onnx", example_inputs=images, metadata=meta)
+    with pytest.raises(ConfigError, match=r"m\.pt' is where the ONNX export goes, but its name ends in .pt"):
+        export_onnx(model, tmp_path / "m.pt", example_inputs=images, metadata=meta)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_torchscript_export_named_onnx_is_refused_before_training(tmp_path, image_folder, no_training):
     with pytest.raises(ConfigError, match=r"'.*model\.onnx' is where export \(the TorchScript file\) goes, but its "
                                           r"name ends in \.onnx"):

@@ -221,7 +221,9 @@ def _check_finite(who: str, values: np.ndarray, xb: torch.Tensor) -> None:
 
 def check_onnx_path(path: str | Path, *, reads: list[tuple[str, Any]] = ()) -> None:
     """ConfigError when ``path`` is an existing file that is not ONNX by its content, which
-    writing the ONNX export would destroy, or a file the caller ``reads`` (see `check_export_path`)."""
+    writing the ONNX export would destroy, or a file the caller ``reads`` (see `check_export_path`),
+    or a TorchScript name (`check_export_names`)."""
+    check_export_names(None, path)
     check_output_file(path, flag="The ONNX file path", writes="ONNX file", reads=list(reads), replaceable=holds_onnx)
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from transferkit._integrity import check_records, file_digests, open_zip, record_name, records_entry, zip_records
-from transferkit._io import atomic_write, check_free_space, file_lock, file_stat, python_writer
+from transferkit._io import atomic_write, check_export_names, check_free_space, file_lock, file_stat, python_writer
 from transferkit.hardware import is_convolutional, resolve_device
 from transferkit.lora import merge_lora
 from transferkit.backbones import InputSpec
@@ -368,7 +368,9 @@ def shorter_clips(x: torch.Tensor) -> torch.Tensor:
 def check_export_path(path: str | Path, *, reads: list[tuple[str, Any]] = ()) -> None:
     """ConfigError when ``path`` is an existing file that is not a TorchScript export (notes, a
     ``torch.save`` of the user's own), which writing the export would destroy, or a file the
-    caller ``reads`` (`check_output_file`); an earlier export and an empty file are replaced."""
+    caller ``reads`` (`check_output_file`), or a name ending in ``.onnx`` (`check_export_names`); an
+    earlier export and an empty file are replaced."""
+    check_export_names(path)
     check_output_file(path, flag="The TorchScript export path", writes="TorchScript export", reads=list(reads),
                       replaceable=is_export)
 

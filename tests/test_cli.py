@@ -217,7 +217,7 @@ def test_finetune_dry_run_prints_the_decisions_and_trains_nothing(tmp_path, caps
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     code, out, _ = _run(capsys, *args)
     assert code == 0 and out.startswith("plan: tk:small_cnn")
-    assert "features: not cached (cache_features=False" in out and "on the cached features" not in out
+    assert "features: not cached (--set cache_features=False" in out and "on the cached features" not in out
     assert "  note:     --feature-engine onnxruntime is not used" in out  # the notes a run would warn with, as typed
     code, out, _ = _run(capsys, *args, "--json")  # and as one JSON object, as a run prints
     record = json.loads(out)

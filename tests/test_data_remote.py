@@ -679,10 +679,13 @@ def test_the_shard_cache_keeps_its_budget_and_never_evicts_a_shard_in_use(shards
     cache.fetch(urls[0]).release()
     held = cache.fetch(urls[2])  # over the budget with shard 0: shard 0 (not in use) goes
     assert not cache.path(urls[0]).exists() and cache.path(urls[2]).exists()
-    cache.fetch(urls[0]).release()  # over the budget with shard 2, which is in use: kept
+    again = cache.fetch(urls[0])  # over the budget with shard 2, which is in use: kept
     assert cache.path(urls[2]).exists() and cache.path(urls[0]).exists()
     assert held.path.read_bytes() == (shards / "train-000002.tar").read_bytes()
-    held.release()
+    held.release()  # over the budget once shard 2 is no longer in use: it goes (it stayed, the cache over budget)
+    assert not cache.path(urls[2]).exists() and cache.path(urls[0]).exists()
+    again.release()  # within the budget: kept
+    assert cache.path(urls[0]).exists()
     cache.fetch(urls[3]).release()  # the least recently used go first until it fits
     assert [cache.path(u).exists() for u in urls] == [False, False, False, True]
     assert parse_bytes("20G") == 20 * 2**30 and parse_bytes("1500") == 1500

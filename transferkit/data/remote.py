@@ -16,9 +16,10 @@ and bounded:
   the first fetches, the others wait and then read the finished file; nobody reads a
   half-written one.
 - **A byte budget.** The cache holds at most `cache_budget` bytes of shards
-  (``TRANSFERKIT_SHARD_CACHE``, e.g. ``20G``; default `DEFAULT_BUDGET`): before and after
-  each fetch, the least recently used shards that no process has open are removed. The
-  free space is checked before a fetch whose size is known.
+  (``TRANSFERKIT_SHARD_CACHE``, e.g. ``20G``; default `DEFAULT_BUDGET`), and the shards open
+  at the moment: before and after each fetch, and when a process closes a shard, the least
+  recently used shards that no process has open are removed. The free space is checked
+  before a fetch whose size is known.
 - **Where.** ``cache_dir/shards/`` when ``cache_dir`` is set (kept across runs), else a
   temporary folder removed when the process exits. Files are named by a hash of the URL
   (`shard_identity`: without a signing scheme's parameters where validators tell the object
@@ -631,15 +632,20 @@ def _flock(fd: int, op: int) -> None:
 
 class Held:
     """A cached shard this process reads: ``path``, kept from eviction until `release`;
-    ``digest``: its bytes' `file_digest` when this process fetched it, else ""."""
+    ``digest``: its bytes' `file_digest` when this process fetched it, else ""; ``cache``: the
+    `ShardCache` whose budget its release makes room for (the copies that were in use when a
+    fetch made room may be evicted once nobody holds them)."""
 
-    def __init__(self, path: Path, fd: int, digest: str = "") -> None:
-        self.path, self.fd, self.digest = path, fd, digest
+    def __init__(self, path: Path, fd: int, digest: str = "", cache: ShardCache | None = None) -> None:
+        self.path, self.fd, self.digest, self.cache = path, fd, digest, cache
 
     def release(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)  # drops the shared lock
             self.fd = -1
+            if self.cache is not None:
+                with contextlib.suppress(OSError):
+                    self.cache.make_room(0)
 
 
 _TEMP_DIRS: dict[int, str] = {}
@@ -730,7 +736,7 @@ class ShardCache:
                     raise ShardFetchError(f"The shard {hide_url(url)!r} has {n} bytes, its index says {size}: it "
                                           "changed since it was indexed. Remove its index from "
                                           "cache_dir/shard-index (or the whole cache_dir) and run again.")
-                return Held(target, fd, digest)
+                return Held(target, fd, digest, self)
             except BaseException:
                 os.close(fd)
                 raise

@@ -728,7 +728,7 @@ def test_a_shard_cache_smaller_than_the_shards_reads_shard_by_shard(tmp_path, mo
     monkeypatch.setenv("TRANSFERKIT_SHARD_CACHE", "1")  # holds no shard beyond those in use
     with serve(tmp_path / "s") as (base, requests):
         b = prepare_data(f"{base}/train-{{000000..000004}}.tar", val_split=0)
-        assert any("draws them shard by shard" in w for w in b.report.warnings)
+        assert any("they are read shard by shard, each fetched about once a pass" in w for w in b.report.warnings)
         ds = b.train.view(transform=eval_transform(SPEC))
         for workers in (0, 2):
             del requests[:]
@@ -749,8 +749,10 @@ def test_a_shard_cache_smaller_than_the_shards_reads_shard_by_shard(tmp_path, mo
         run = dict(weights=None, data=f"{base}/train-{{000000..000004}}.tar", val_split=0, image_size=16, epochs=2,
                    policy="full", verbose=False)
         by_shard = _quiet(tk.plan, "tk:small_cnn", **run, decode_once=False)
-        assert by_shard.sample_order == "shard by shard"
-        assert _quiet(tk.plan, "tk:small_cnn", **run).sample_order == "shuffled"  # decoded once: shuffled whole
+        said = "The training samples are drawn shard by shard"  # where the run draws them so, and only there
+        assert by_shard.sample_order == "shard by shard" and any(n.startswith(said) for n in by_shard.notes)
+        decoded_once = _quiet(tk.plan, "tk:small_cnn", **run)  # decoded once: shuffled whole
+        assert decoded_once.sample_order == "shuffled" and not any(said in n for n in decoded_once.notes)
         monkeypatch.setenv("TRANSFERKIT_SHARD_CACHE", "16G")
         whole = prepare_data(f"{base}/train-{{000000..000004}}.tar", val_split=0)
         assert whole.train.sample_groups() is None  # the cache holds them: a global shuffle

@@ -393,6 +393,14 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         notes.append(f"policy {pol} unfreezes its first block at epoch {first + 1} but the run has {cfg.epochs}: "
                      f"the backbone never trains (this is feature extraction); raise epochs above {first} or "
                      "unfreeze earlier to fine-tune.")
+    sample_order = "shard by shard" if data.shard_by_shard and not cache \
+        and decode.get("train", {}).get("mode", "off") == "off" else "shuffled"
+    if sample_order == "shard by shard":
+        notes.append("The training samples are drawn shard by shard (the shards in an order seeded by the epoch, the "
+                     "samples shuffled within each), since the remote training shards do not fit the shard cache: "
+                     "each is then fetched about once per epoch, in another order than a global shuffle. Set "
+                     "TRANSFERKIT_SHARD_CACHE above their size for a global shuffle, or decode the images once "
+                     "(decode_once=True), which reads them once in shard order and shuffles globally.")
     return Decisions(
         config=cfg, backbone=bb.name, weights=bb.weights, weights_file=bb.weights_digest, input_spec=bb.input_spec,
         task=cfg.task, classes=data.classes, num_outputs=data.num_outputs, n_train=data.n_train, n_val=data.n_val,
@@ -413,8 +421,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         engine=engine, engine_reason=engine_reason,
         input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode), pretrained=bb.pretrained,
         cache_read_only=facts.cache_read_only if cfg.cache_dir is not None else None,
-        sample_order="shard by shard" if data.shard_by_shard and not cache
-        and decode.get("train", {}).get("mode", "off") == "off" else "shuffled")
+        sample_order=sample_order)
 
 
 def head_only_epochs(trainable: Sequence[Sequence[str]]) -> int:

@@ -1160,11 +1160,11 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
     source = ShardSource(shards, indexes, shard_cache)
     if source.sample_groups() is not None and shard_cache is not None:
         need = sum(n for n, r in zip(source.nbytes, source.remote) if r)
-        how = ("training draws them shard by shard (the shards in a seeded order, the samples shuffled within "
-               f"each) so that each is fetched about once per epoch. Set {ENV_BUDGET} above their size for a global "
-               "shuffle.") if what == "training" else "they are read shard by shard, each fetched about once a pass."
+        # whether training draws its samples shard by shard is the run's decision (a run that decodes the images
+        # once or caches their features shuffles globally): `transferkit.decisions` notes it where it does
         report.warn(f"The remote {what} shards ({_size(need)}) do not fit the shard cache "
-                    f"({_size(shard_cache.budget)}, {ENV_BUDGET}): {how}")
+                    f"({_size(shard_cache.budget)}, {ENV_BUDGET}): they are read shard by shard, each fetched about "
+                    "once a pass.")
     empty = [p for p, ix in zip(shards, indexes) if not ix.keys and p not in left_out]  # bad ones said above
     if empty:
         holds = "holds" if len(empty) == 1 else "hold"

@@ -99,7 +99,36 @@ READ_TO_CONFIRM = 1000  # samples of equal signatures read to confirm they are c
 MAX_OPEN_REMOTE = 2  # remote shards one process keeps open (and so out of the cache's eviction)
 INDEX_THREADS = 8  # remote shards looked up or fetched at once while the indexes are made
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # WebDataset's base_plus_ext
-_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+# a shell's sequence expressions: {x..y} or {x..y..step}, of whole numbers or of single letters
+_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?|([A-Za-z])\.\.([A-Za-z])(?:\.\.(-?\d+))?")
+
+
+def _sequence(body: str, *, count_only: bool = False) -> list[str] | int | None:
+    """The names of the sequence expression ``{body}`` as bash makes them (or their count,
+    without making them), or None when ``body`` is none: from x to y in either direction by
+    the step's size (1 where it is 0 or absent), numbers zero-padded to the wider bound where
+    one has a leading zero (``{8..010}``: ``008 .. 010``), letters by their character codes.
+
+    Example:
+        >>> _sequence("5..1..2"), _sequence("a..e..2"), _sequence("-1..1"), _sequence("1..10", count_only=True)
+        (['5', '3', '1'], ['a', 'c', 'e'], ['-1', '0', '1'], 10)
+    """
+    m = _RANGE.fullmatch(body)
+    if m is None:
+        return None
+    numbers = m.group(1) is not None
+    x, y, step = (m.group(1), m.group(2), m.group(3)) if numbers else (m.group(4), m.group(5), m.group(6))
+    lo, hi = (int(x), int(y)) if numbers else (ord(x), ord(y))
+    size = abs(int(step)) if step and int(step) else 1
+    n = abs(hi - lo) // size + 1
+    if count_only:
+        return n
+    values = range(lo, hi + 1, size) if lo <= hi else range(lo, hi - 1, -size)
+    if not numbers:
+        return [chr(v) for v in values]
+    padded = any(b.lstrip("-").startswith("0") and len(b.lstrip("-")) > 1 for b in (x, y))
+    width = max(len(x), len(y)) if padded else 0
+    return [f"{v:0{width}d}" for v in values]
 
 
 def named_files(spec: str, what: str) -> list[str]:
@@ -125,9 +154,10 @@ def named_files(spec: str, what: str) -> list[str]:
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand ``{000..003}`` ranges and ``{a,b}`` lists as a shell does: outer groups first
+    """Expand ``{000..003}`` ranges and ``{a,b}`` lists as bash does: outer groups first
     (``{train-{0..1},extra}``), a range zero-padded where a bound has a leading zero (to the
-    wider bound: ``{1..010}`` is ``001`` to ``010``), a group without a comma or a range kept.
+    wider bound: ``{1..010}`` is ``001`` to ``010``), with a step (``{0..8..2}``), counting down
+    (``{3..1}``) or of letters (``{a..c}``: `_sequence`), a group without a comma or a range kept.
 
     Example:
         >>> expand_braces("s-{00..02}.tar")
@@ -151,12 +181,9 @@ def _expand(pattern: str) -> list[str]:
     if group is None:
         return [pattern]
     head, body, tail = pattern[:group[0]], pattern[group[0] + 1:group[1]], pattern[group[1] + 1:]
-    r = _RANGE.fullmatch("{" + body + "}")
-    if r:
-        lo, hi = int(r.group(1)), int(r.group(2))  # (an empty range: refused by the count)
-        padded = any(len(b) > 1 and b.startswith("0") for b in r.groups())
-        width = max(len(b) for b in r.groups()) if padded else 0
-        parts = [str(k).zfill(width) for k in range(lo, hi + 1)]
+    sequence = _sequence(body)
+    if isinstance(sequence, list):
+        parts = sequence
     else:
         alternatives = _split_outer(body)
         if len(alternatives) == 1:  # no list: the braces stay, their inside is expanded
@@ -180,12 +207,8 @@ def _count_names(pattern: str, whole: str = "") -> int:
         return 1
     body, tail = pattern[group[0] + 1:group[1]], pattern[group[1] + 1:]
     whole = whole or pattern
-    r = _RANGE.fullmatch("{" + body + "}")
-    if r:
-        n = int(r.group(2)) - int(r.group(1)) + 1
-        if n < 1:  # (counted as none, it let a huge range beside it through)
-            raise DataError(f"Shard pattern {whole!r}: the range {{{body}}} is empty (its end is below its start).")
-    else:
+    n = _sequence(body, count_only=True)
+    if not isinstance(n, int):
         alternatives = _split_outer(body)
         n = _count_names(body, whole) if len(alternatives) == 1 else sum(_count_names(a, whole) for a in alternatives)
     return n * _count_names(tail, whole)

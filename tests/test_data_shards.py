@@ -196,6 +196,12 @@ def test_class_names_come_from_info_json_or_classes(tmp_path):
     (tmp_path / "s" / "_info.json").write_text(json.dumps({"classes": ["cat", "dog", "cat"]}))
     with pytest.raises(tk.DataError, match=r"_info.json': its 'classes' list names \['cat'\] more than once"):
         prepare_data(str(tmp_path / "s"), val_split=0)  # refused before training, not when the export checks labels
+    # an empty list was said as "class indices [0, 1] lie outside 0..-1", a bare list was passed over
+    for text, said in (('{"classes": []}', r"'classes' must be a list of class names, got \[\]"),
+                       ('["cat", "dog"]', r"holds a JSON list; it is an object whose 'classes' lists the class names")):
+        (tmp_path / "s" / "_info.json").write_text(text)
+        with pytest.raises(tk.DataError, match=said):
+            prepare_data(str(tmp_path / "s"), val_split=0)
     (tmp_path / "s" / "_info.json").unlink()
     assert prepare_data(str(tmp_path / "s"), val_split=0).classes == ["0", "1"]
     # a shard named twice (or copied) is named in a warning: its samples would count twice

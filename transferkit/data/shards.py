@@ -1015,10 +1015,14 @@ def _info_classes(path: str, cache_dir: str | Path | None = None) -> list[str] |
             except ValueError as exc:
                 raise DataError(f"{str(p)!r} is not valid JSON ({exc}); fix it, or remove it and pass "
                                 "classes=[...].") from exc
-            names = info.get("classes") if isinstance(info, dict) else None
+            if not isinstance(info, dict):  # a list of names given bare was passed over without a word
+                raise DataError(f"{str(p)!r} holds a JSON {type(info).__name__}; it is an object whose 'classes' "
+                                'lists the class names in the order of their indices ({"classes": ["cat", "dog"]}).')
+            names = info.get("classes")
             if names is not None:
-                if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
-                    raise DataError(f"{str(p)!r}: 'classes' must be a list of class names.")
+                if not isinstance(names, list) or not names or not all(isinstance(c, str) for c in names):
+                    raise DataError(f"{str(p)!r}: 'classes' must be a list of class names, got "
+                                    f"{str(json.dumps(names))[:80]}.")
                 twice = sorted({c for c in names if names.count(c) > 1})
                 if twice:  # an index of either place would be one name: the model's labels could not be told apart
                     raise DataError(f"{str(p)!r}: its 'classes' list names {twice[:5]} more than once; each class "

@@ -61,8 +61,8 @@ def test_the_exported_file_refuses_pixels_it_would_misread(tmp_path):
     _, model = export_tiny(path)
     module = torch.jit.load(str(path))
     x = images(2, 16, seed=3)
-    for wrong in (torch.int64, torch.int32, torch.int16):
-        with pytest.raises(Exception, match="Integer image pixels other than uint8 cannot be read"):
+    for wrong in (torch.int64, torch.int32, torch.int16, torch.bool, torch.complex64):
+        with pytest.raises(Exception, match="Image pixels that are neither uint8 nor float .* cannot be read"):
             module(x.to(wrong))
         with pytest.raises(ValueError, match="cannot be read"):
             model(x.to(wrong))  # the eager model as well

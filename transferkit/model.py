@@ -62,7 +62,8 @@ class ImagePreprocess(nn.Module):
         if x.dtype == torch.uint8:
             x = x.to(self.mean.dtype) / 255.0
         elif not x.is_floating_point():
-            raise ValueError("Integer image pixels other than uint8 cannot be read: pass uint8 pixels in [0, 255] "
+            raise ValueError("Image pixels that are neither uint8 nor float (other integers, bool, complex) cannot "
+                             "be read: pass uint8 pixels in [0, 255] "
                              "(e.g. x.to(torch.uint8)) or float pixels in [0, 1] (x / 255.0).")
         else:
             if torch.jit.is_scripting():  # eager training passes are not checked (a reduction per step)

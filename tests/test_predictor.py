@@ -140,7 +140,11 @@ def test_task_sets_the_output_function(task, tmp_path, capsys):
     x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     with torch.no_grad():
         logits = model(x)
-    preds = pred.predict(x, top_k=2, threshold=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        preds = pred.predict(x, top_k=2, threshold=0.5)
+    said = "Asked for the top 2 labels of a regression model, which has none"  # --top-k changed nothing, unsaid
+    assert any(said in str(w.message) for w in caught) == (task == "regression")
     if task == "multilabel":
         probs = torch.sigmoid(logits)
         assert torch.allclose(pred.predict_proba(x), probs, atol=1e-5)

@@ -230,6 +230,9 @@ class Predictor:
             # not "top_k=...": the command line spells it --top-k, finetune's setting --set top_k=...
             warn(f"Asked for the top {top_k} labels of a model of {len(self.labels)} classes: each prediction lists "
                  f"{len(self.labels)}.")
+        if self.task == "regression" and top_k != 1:
+            warn(f"Asked for the top {top_k} labels of a regression model, which has none: each prediction gives "
+                 "its values.")
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"threshold={threshold!r} is out of range; expected a probability in [0, 1] (a label "
                               "is given when its probability is at least the threshold).")

@@ -92,8 +92,8 @@ def exception_line(exc: BaseException, limit: int = 300) -> str:
         >>> exception_line(RuntimeError("The following operation failed in the TorchScript interpreter.\\n"
         ...                             "Traceback of TorchScript ...\\nbuiltins.ValueError: pixels in [0, 1]\\n"))
         'ValueError: pixels in [0, 1]'
-        >>> exception_line(RuntimeError("The following operation failed in the TorchScript interpreter.\n"
-        ...                             "Traceback of TorchScript ...\nRuntimeError: Input type (unsigned char) ..."))
+        >>> exception_line(RuntimeError("The following operation failed in the TorchScript interpreter.\\n"
+        ...                             "Traceback of TorchScript ...\\nRuntimeError: Input type (unsigned char) ..."))
         'RuntimeError: Input type (unsigned char) ...'
 
     A first line that ends with a colon introduces the next (TorchScript's compiler states the

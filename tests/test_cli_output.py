@@ -289,6 +289,9 @@ def test_hints_use_the_cli_syntax():
     assert cli_spelling("backbone_options={'weights_only': False, 'name': 'café'}, or lr=(1, 2).") == \
         "--set backbone_options='{\"weights_only\": false, \"name\": \"café\"}', or --lr '(1, 2)'."  # JSON
     assert cli_spelling("class_weights={0: 2.0}.") == "--set class_weights='{0: 2.0}'."  # not JSON: as written
+    # a path or a list of options holding key=value is no setting (`runs/--lr 0.1/m.pt` was printed)
+    for path in ("runs/lr=0.1/m.pt", "C:\\runs\\lr=0.1\\m.pt", "outputs/epochs=5,seed=1/m.pt"):
+        assert cli_spelling(f"export:     {path} (verified)") == f"export:     {path} (verified)"
     # a colon before a space ends a value, as a sentence's period does; one inside a value does not
     assert cli_spelling("trial (compile='auto': tried ...), backbone=timm:vit_tiny: with") == \
         "trial (--set compile=auto: tried ...), --backbone timm:vit_tiny: with"
@@ -539,7 +542,7 @@ def test_a_setting_of_a_config_file_is_said_as_the_files(capsys, image_folder, t
     assert said and said[0].startswith("--set warmup_epochs=1 is as long as the run"), said
 
 
-def test_the_plan_is_spelled_as_the_command_line_writes_settings(capsys, image_folder):
+def test_the_plan_is_spelled_as_the_command_line_writes_settings(capsys, image_folder, tmp_path, monkeypatch):
     """The plan a run prints kept the Python spelling on the command line (`features: not
     cached (cache_features=False: ...)`) where its notes said `--set cache_features=False`."""
     said = "features: not cached (--set cache_features=False: the frozen backbone runs in every epoch)"
@@ -550,3 +553,7 @@ def test_the_plan_is_spelled_as_the_command_line_writes_settings(capsys, image_f
     assert code == 0 and said in json.loads(out)["summary"]
     plan = transferkit.plan(data=str(image_folder), backbone="tk:small_cnn", weights=None, cache_features=False)
     assert said.replace("--set ", "") in plan.summary()  # Python's own spelling in Python
+    export = tmp_path / "runs" / "lr=0.1,epochs=2" / "m.pt"  # a Hydra-style folder: its path printed as it is
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code, out, _ = _run(capsys, "finetune", "--data", image_folder, *TINY, "--export", export)
+    assert code == 0 and f"export:     {export} (verified" in out, out

@@ -22,8 +22,9 @@ from transferkit.config import config_fields
 COMMAND_OPTIONS = ("start_lr", "end_lr", "num_steps", "phase", "num_examples", "atol", "rtol", "threshold")
 # key=value: a quoted string, a bracketed list, mapping or tuple, or a word up to a separator, a sentence's end or
 # a colon before a space (``compile='auto': tried ...``);
-# or key= with no value, the setting named (``give validation data (val_data=, or a val/ folder)``)
-_SETTING = re.compile(r"(?<![\w.-])([a-z_]+)=(?:('[^']*'|\"[^\"]*\"|\[[^\]]*\]|\{[^}]*\}|\([^()]*\)|"
+# or key= with no value, the setting named (``give validation data (val_data=, or a val/ folder)``); never inside
+# a path or a list of options (``runs/lr=0.1/m.pt``, ``outputs/epochs=5,seed=1``)
+_SETTING = re.compile(r"(?<![\w.\-/\\,])([a-z_]+)=(?:('[^']*'|\"[^\"]*\"|\[[^\]]*\]|\{[^}]*\}|\([^()]*\)|"
                       r"(?![.:](?:\s|$))[^\s,;)]+?)(?=[\s,;)]|[.:](?:\s|$)|$)|(?=[\s,;)]|[.:](?:\s|$)|$))")
 _CALL = re.compile(r"(?:transferkit\.)?\b(finetune|resume)\((?!\):)([^()]*)\)")
 

@@ -684,6 +684,7 @@ def test_the_shard_cache_keeps_its_budget_and_never_evicts_a_shard_in_use(shards
     assert held.path.read_bytes() == (shards / "train-000002.tar").read_bytes()
     held.release()  # over the budget once shard 2 is no longer in use: it goes (it stayed, the cache over budget)
     assert not cache.path(urls[2]).exists() and cache.path(urls[0]).exists()
+    assert not cache.over  # within the budget again: a release looks at the copies no more (ms each)
     again.release()  # within the budget: kept
     assert cache.path(urls[0]).exists()
     cache.fetch(urls[3]).release()  # the least recently used go first until it fits

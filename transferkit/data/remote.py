@@ -17,8 +17,8 @@ and bounded:
   half-written one.
 - **A byte budget.** The cache holds at most `cache_budget` bytes of shards
   (``TRANSFERKIT_SHARD_CACHE``, e.g. ``20G``; default `DEFAULT_BUDGET`), and the shards open
-  at the moment: before and after each fetch, and when a process closes a shard, the least
-  recently used shards that no process has open are removed. The free space is checked
+  at the moment: before and after each fetch, and when a process closes a shard while the cache
+  is over its budget, the least recently used shards that no process has open are removed. The free space is checked
   before a fetch whose size is known.
 - **Where.** ``cache_dir/shards/`` when ``cache_dir`` is set (kept across runs), else a
   temporary folder removed when the process exits. Files are named by a hash of the URL
@@ -633,8 +633,8 @@ def _flock(fd: int, op: int) -> None:
 class Held:
     """A cached shard this process reads: ``path``, kept from eviction until `release`;
     ``digest``: its bytes' `file_digest` when this process fetched it, else ""; ``cache``: the
-    `ShardCache` whose budget its release makes room for (the copies that were in use when a
-    fetch made room may be evicted once nobody holds them)."""
+    `ShardCache` whose budget its release makes room for where this process last found the
+    cache over it (the copies that were in use then may be evicted once nobody holds them)."""
 
     def __init__(self, path: Path, fd: int, digest: str = "", cache: ShardCache | None = None) -> None:
         self.path, self.fd, self.digest, self.cache = path, fd, digest, cache
@@ -643,7 +643,7 @@ class Held:
         if self.fd >= 0:
             os.close(self.fd)  # drops the shared lock
             self.fd = -1
-            if self.cache is not None:
+            if self.cache is not None and self.cache.over:  # only then: a look at every copy costs ms
                 with contextlib.suppress(OSError):
                     self.cache.make_room(0)
 
@@ -671,6 +671,7 @@ class ShardCache:
         self.folder = Path(folder)
         self.budget = cache_budget() if budget is None else int(budget)
         self.kept_in = None if kept_in is None else Path(kept_in)  # copies read there, never written (read-only)
+        self.over = False  # this process's last `make_room` left the cache over its budget (shards in use)
 
     @classmethod
     def for_cache_dir(cls, cache_dir: str | Path | None) -> ShardCache:
@@ -827,6 +828,7 @@ class ShardCache:
                 pass
             finally:
                 os.close(fd)
+        self.over = total > self.budget
         return removed
 
 

@@ -247,8 +247,15 @@ def test_a_class_name_with_a_line_break_is_refused_before_training(tmp_path):
 
     with pytest.raises(tk.ExportError, match="one-line strings"):  # an export made by hand is checked the same way
         complete_metadata({"labels": ["ant\u2028s", "bees"], "input_spec": {"image_size": 32}}, num_outputs=2)
-    # a tab is no line break: an export that holds one (written by hand) still loads
-    assert complete_metadata({"labels": ["a\tb", "c"], "input_spec": {"image_size": 32}}, num_outputs=2)["labels"][0]
+    # a tab is refused in labels being written (it splits predict's output), but a file that holds one (written
+    # before that rule) still loads, and its other metadata can be changed
+    meta = {"labels": ["a\tb", "c"], "input_spec": {"image_size": 32}}
+    with pytest.raises(tk.ExportError, match="'a\\\\tb' holds a control character"):
+        complete_metadata(meta, num_outputs=2)
+    from transferkit.export.metadata import validate_metadata
+
+    held = {**complete_metadata({**meta, "labels": ["ab", "c"]}, num_outputs=2), "labels": ["a\tb", "c"]}
+    assert validate_metadata(held, source="'old.pt'")["labels"][0] == "a\tb"
 
 
 # -- predict -------------------------------------------------------------------------------------

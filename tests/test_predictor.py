@@ -314,7 +314,7 @@ def test_audio_clips_run_in_batches_of_similar_length(tmp_path):
                            "36857856256")
 
     pred.module = no_memory
-    with pytest.raises(transferkit.ExportError, match=r"ran out of memory on a batch of 1 inputs of shape \(8000,\) "
+    with pytest.raises(transferkit.ExportError, match=r"ran out of memory on a batch of 1 input of shape \(8000,\) "
                                                       r".*pass a smaller batch_size"):
         pred.predict_proba([waves[1]])
 
@@ -524,43 +524,64 @@ def test_float_images_in_0_1_predict_through_a_bicubic_resize_that_overshoots(tm
 
 class FloatOnly(torch.nn.Module):
     """A module exported as it is, without transferkit's ImagePreprocess: it takes float pixels
-    only (a conv on uint8 fails), and refuses a bright batch as an input check of its own."""
+    only (a conv on uint8 fails)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_floating_point() and bool(x.mean() > 0.9):
-            raise ValueError("this model takes no bright images")
         return self.conv(x).mean(dim=(2, 3))
+
+
+class Picky(torch.nn.Module):
+    """Takes uint8 pixels, and refuses a bright image by a check of its own (a ValueError)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.float().mean(dim=(1, 2, 3)) / 255.0
+        if bool((m > 0.9).any()):
+            raise ValueError("this model takes no bright images")
+        return torch.stack([m, 1.0 - m], 1)
 
 
 def test_a_model_that_fails_on_what_predict_gives_it_is_said_in_one_error(tmp_path, capsys):
     """A module without ImagePreprocess exported with float examples passed the parity check;
     predict on an image file then raised a TorchScript traceback (the CLI printed about 60
-    lines, exit 1). The export warns, and predict raises one error that says what it gave the
-    model; the model's own ValueError is a DataError."""
+    lines, exit 1). predict raises one error that says what it gave the model; the model's own
+    ValueError is a DataError, said for the one file it refuses, as for a file that cannot be
+    read (a batch holding it stopped the whole command)."""
     from transferkit.cli import main
 
     spec = transferkit.InputSpec(image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
-    with pytest.warns(transferkit.TransferkitWarning, match="The model fails on uint8 pixels .* predict\\(\\) and "
-                                                           "`transferkit predict` will fail on them"):
-        transferkit.export_torchscript(FloatOnly(), tmp_path / "m.pt", example_inputs=torch.rand(2, 3, 16, 16) / 2,
-                                       metadata={"labels": ["a", "b"], "input_spec": spec.to_dict()})
-    photo = tmp_path / "photo.png"
-    Image.new("RGB", (16, 16), (20, 30, 40)).save(photo)
-    predictor = transferkit.load(tmp_path / "m.pt")
-    with pytest.raises(ExportError, match=r"m.pt' failed on a batch of 1 inputs of shape \(3, 16, 16\) \(torch.uint8 "
-                                          r"pixels \[N, C, H, W\], raw as read from files\): RuntimeError: Input type "
-                                          r"\(unsigned char\)"):
-        predictor.predict(photo)
-    with pytest.raises(DataError, match="refuses a batch of 1 inputs .*: this model takes no bright images$"):
-        predictor.predict(torch.ones(3, 16, 16))
-    assert predictor.predict(torch.zeros(3, 16, 16))[0].label in ("a", "b")
-    assert main(["predict", str(tmp_path / "m.pt"), str(photo)]) == 2
+    meta = {"labels": ["a", "b"], "input_spec": spec.to_dict()}
+    transferkit.export_torchscript(FloatOnly(), tmp_path / "float.pt", example_inputs=torch.rand(2, 3, 16, 16) / 2,
+                                   metadata=meta)
+    dark, bright = tmp_path / "dark.png", tmp_path / "bright.png"
+    Image.new("RGB", (16, 16), (20, 30, 40)).save(dark)
+    Image.new("RGB", (16, 16), (250, 250, 250)).save(bright)
+    with pytest.raises(ExportError, match=r"float.pt' failed on a batch of 1 input of shape \(3, 16, 16\) \(the "
+                                          r"predictor gave it uint8 pixels \[N, C, H, W\]\): RuntimeError: Input type "
+                                          r"\(unsigned char\).* put transferkit's ImagePreprocess"):
+        transferkit.load(tmp_path / "float.pt").predict(dark)
+    assert main(["predict", str(tmp_path / "float.pt"), str(dark)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("transferkit: error: ") and err.count("\n") == 1, err
+
+    transferkit.export_torchscript(Picky(), tmp_path / "picky.pt", metadata=meta,
+                                   example_inputs=torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+    picky = transferkit.load(tmp_path / "picky.pt")
+    with pytest.warns(transferkit.TransferkitWarning, match="1 of the 3 inputs gave no prediction"):
+        got = picky.predict([dark, bright, dark])
+    assert [p.ok for p in got] == [True, False, True] and got[0].probability == got[2].probability
+    assert got[1].error.endswith("refuses a batch of 1 input of shape (3, 16, 16): this model takes no bright images")
+    white = torch.full((3, 16, 16), 255, dtype=torch.uint8)
+    with pytest.raises(DataError, match=r"^Input 1 of the 2 \(counting from 0\): .*picky.pt' refuses a batch"):
+        picky.predict([torch.zeros(3, 16, 16, dtype=torch.uint8), white])  # an object refused raises, as unread
+    with pytest.raises(DataError, match=r"picky.pt' refuses a batch of 2 inputs .*: this model takes no bright images$"):
+        picky.outputs([dark, bright])  # no "(predict() reports such files one by one)": it raises them too
+    assert main(["predict", str(tmp_path / "picky.pt"), str(dark), str(bright)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("\n") == 2 and "this model takes no bright images" in out, out
 
 
 def test_paths_of_any_kind_are_predicted_as_their_files(tmp_path):

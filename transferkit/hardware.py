@@ -18,7 +18,7 @@ import platform
 import torch
 from torch import nn
 
-from transferkit._text import plural
+from transferkit._text import exception_line, plural
 from transferkit.errors import ConfigError
 
 ASSUME_BF16_ENV = "TRANSFERKIT_ASSUME_BF16"
@@ -126,3 +126,25 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "mps" and not (mps is not None and mps.is_available()):
         raise ConfigError(f"device={device!r} but Apple MPS is not available here; use device='auto' or 'cpu'.")
     return dev
+
+
+_OUT_OF_MEMORY = ("failed to allocate memory", "bad_alloc", "bad allocation", "out of memory",
+                  "can't allocate memory", "cannot allocate memory")  # ONNX Runtime, C++, CUDA, torch's CPU allocator
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is running out of memory: ``MemoryError``, torch's ``OutOfMemoryError``,
+    or an error whose own line says so (an ONNX Runtime allocation failure is a plain runtime
+    error; TorchScript reports CUDA's in its interpreter's traceback). Its line, not its whole
+    text: a traceback names source files, ``bad_alloc/model.py`` among them.
+
+    Example:
+        >>> out_of_memory(RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory"))
+        True
+        >>> out_of_memory(RuntimeError("The following operation failed in the TorchScript interpreter.\\n  File "
+        ...                            "/srv/bad_alloc/model.py, line 3\\nRuntimeError: Input type (unsigned char)"))
+        False
+    """
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return any(s in exception_line(exc, 1000).lower() for s in _OUT_OF_MEMORY)

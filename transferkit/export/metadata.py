@@ -156,8 +156,10 @@ def _check_input_spec(spec: dict[str, Any], source: str) -> None:
         raise _fail(source, f"input_spec.interpolation is {interp!r}; valid: {', '.join(INTERPOLATIONS)}")
 
 
-def validate_metadata(meta: Any, *, source: str, fmt: str = FORMAT) -> dict[str, Any]:
-    """Check ``meta`` against the schema; raise ExportError naming the first problem."""
+def validate_metadata(meta: Any, *, source: str, fmt: str = FORMAT, new_labels: bool | None = None) -> dict[str, Any]:
+    """Check ``meta`` against the schema; raise ExportError naming the first problem. Labels
+    being written (``new_labels``; by default those of metadata to export or of a change)
+    may hold no control character; a file's own, written before that rule, still load."""
     if not isinstance(meta, dict):
         raise _fail(source, f"it is a JSON {type(meta).__name__}, not an object")
     found = meta.get("format")
@@ -173,11 +175,13 @@ def validate_metadata(meta: Any, *, source: str, fmt: str = FORMAT) -> dict[str,
     if found != fmt:
         raise _fail(source, f"format is {found!r}, expected {fmt!r}")
     labels = meta["labels"]
-    if not labels or not all(isinstance(x, str) and x and one_line(x) for x in labels):
-        bad = next((x for x in labels if isinstance(x, str) and x and not one_line(x)), None)
-        held = f" ({bad!r} holds a line break or control character, as a tab: predict's output separates " \
-               "fields with them)" if bad is not None else ""
-        raise _fail(source, f"labels must be a non-empty list of non-empty one-line strings{held}")
+    if not labels or not all(isinstance(x, str) and x and x.splitlines() == [x] for x in labels):
+        raise _fail(source, "labels must be a non-empty list of non-empty one-line strings")
+    written = source in (_TO_EXPORT, UPDATED) if new_labels is None else new_labels
+    bad = next((x for x in labels if not one_line(x)), None) if written else None
+    if bad is not None:
+        raise _fail(source, f"labels must be a non-empty list of non-empty one-line strings ({bad!r} holds a "
+                            "control character, as a tab, which separates the fields of predict's output)")
     if len(set(labels)) != len(labels):
         dups = sorted({x for x in labels if labels.count(x) > 1})
         raise _fail(source, f"labels are not unique (repeated: {dups[:5]})")

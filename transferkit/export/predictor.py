@@ -15,6 +15,7 @@ from transferkit._text import exception_line, file_reason, plural
 from transferkit.backbones._base import InputSpec
 from transferkit.data.audio import loud_note
 from transferkit.errors import ConfigError, DataError, ExportError, TransferkitError, warn
+from transferkit.hardware import out_of_memory
 from transferkit.export.inputs import InputPipeline, is_open_file
 from transferkit.export.metadata import audio_max_seconds, is_onnx_file
 from transferkit.export.torchscript import check_device, load_scripted, quiet_jit, read_scripted_metadata
@@ -154,20 +155,24 @@ class Predictor:
     def _failed(self, exc: BaseException, xb: torch.Tensor) -> TransferkitError:
         """The error of the model failing on the batch ``xb``: out of memory (a smaller batch is
         the fix), an input its own checks refuse (the exported file's ``ValueError``: a
-        `DataError` saying it), or a model that cannot run on the inputs ``predict`` gives every
-        exported model (its error, and what those inputs are)."""
-        line, batch = exception_line(exc, 300), f"a batch of {len(xb)} inputs of shape {tuple(xb.shape[1:])}"
-        text = str(exc).lower()
-        if isinstance(exc, MemoryError) or "alloc" in text or "out of memory" in text:  # onnxruntime, torch
+        `DataError` saying it, which `predict` reports input by input), or a model that cannot
+        run on what the predictor gives it (its error, what it was given, and for an image model
+        refusing uint8 pixels, what an exported image model takes)."""
+        line = exception_line(exc, 300)
+        batch = f"a batch of {plural(len(xb), 'input')} of shape {tuple(xb.shape[1:])}"
+        if out_of_memory(exc):
             return ExportError(f"{self.source} ran out of memory on {batch} ({exception_line(exc, 160)}); pass a "
                                "smaller batch_size (predict(..., batch_size=1), transferkit predict --batch-size 1).")
         if line.startswith("ValueError: "):  # the file's (or TransferModel's) check of its input
             return DataError(f"{self.source} refuses {batch}: {line[len('ValueError: '):]}")
-        given = (f"{xb.dtype} {'pixels [N, C, H, W]' if self.input_spec.kind == 'image' else 'waveforms [N, T]'}, "
-                 "raw as read from files")
-        return ExportError(f"{self.source} failed on {batch} ({given}): {line}. An exported model takes raw inputs "
-                           "(a TransferModel reads them with its ImagePreprocess or AudioPreprocess); a module that "
-                           "expects normalised ones cannot be used by predict.")
+        image = self.input_spec.kind == "image"
+        given = f"{str(xb.dtype).replace('torch.', '')} {'pixels [N, C, H, W]' if image else 'waveforms [N, T]'}"
+        raw = " An image model to deploy takes raw pixels, uint8 in [0, 255] (what the predictor gives it for " \
+              "image files) or float in [0, 1]: put transferkit's ImagePreprocess(mean, std) in front of the " \
+              "module (transferkit.build_model does)." if image and xb.dtype == torch.uint8 \
+            and "type" in line.lower() else ""
+        return ExportError(f"{self.source} failed on {batch} (the predictor gave it {given}): {line.rstrip('.')}."
+                           f"{raw}")
 
     def outputs(self, inputs: Any, *, batch_size: int = 32, progress: bool | None = False) -> torch.Tensor:
         """``[N, num_outputs]``: probabilities (softmax for multiclass, sigmoid for multilabel)
@@ -175,13 +180,15 @@ class Predictor:
         self.inputs.forget()
         items = self.inputs.split(inputs)
         _check_batch_size(batch_size)
-        try:
-            out = [self._rows([self.inputs.prepare(x) for x in chunk])
-                   for chunk in _progress(_chunks(items, batch_size), len(items), progress)]
-        except DataError as exc:  # without the readers' advice on training options, which this method does not take
-            files = any(isinstance(x, (str, Path)) for x in items)
-            raise DataError(file_reason(exc) + (" (predict() reports such files one by one)" if files else "")) \
-                from exc
+        out = []
+        for chunk in _progress(_chunks(items, batch_size), len(items), progress):
+            try:
+                xs = [self.inputs.prepare(x) for x in chunk]
+            except DataError as exc:  # without the readers' advice on training options, which this method does not take
+                files = any(isinstance(x, (str, Path)) for x in items)
+                raise DataError(file_reason(exc) + (" (predict() reports such files one by one)" if files else "")) \
+                    from exc
+            out.append(self._rows(xs))
         self._warn_about_inputs()
         return torch.cat(out) if out else torch.empty(0, len(self.labels))
 
@@ -250,12 +257,14 @@ class Predictor:
                     xs.append(self.inputs.prepare(x))
                     ready.append(i)
                 except DataError as exc:
-                    if not isinstance(x, (str, Path)) and not is_open_file(x):  # a file read fails alone
+                    if not _is_file(x):  # a file read fails alone
                         if len(items) == 1:
                             raise
                         raise DataError(f"Input {i} of the {len(items)} (counting from 0): {exc}") from exc
                     preds[i] = Prediction(None, None, None, [], _source(x), self.task, error=file_reason(exc))
-            for i, row in zip(ready, self._rows(xs) if xs else ()):
+            for i, row in zip(ready, self._each_row(xs, ready, items, preds) if xs else ()):
+                if i in preds:  # an input the model refused: said in its prediction
+                    continue
                 if not torch.isfinite(row).all():
                     preds[i] = Prediction(None, None, None, [], _source(items[i]), self.task,
                                           error=f"the model returned non-finite outputs ({row.tolist()}) for this "
@@ -264,6 +273,28 @@ class Predictor:
                     preds[i] = self._prediction(row, _source(items[i]), top_k, threshold)
             yield from (preds[i] for i, _ in chunk)
         self._warn_about_inputs()
+
+    def _each_row(self, xs: list[torch.Tensor], ready: list[int], items: list[Any],
+                  preds: dict[int, Prediction]) -> torch.Tensor:
+        """`_rows` of ``xs`` (the prepared inputs ``ready`` of ``items``); where the model refuses
+        the batch (its ``ValueError``), each input is run alone, and a file it refuses gets a
+        prediction that says why in ``preds`` (its row NaN), as an unreadable file does; another
+        input it refuses raises, as one that cannot be read does."""
+        try:
+            return self._rows(xs)
+        except DataError:
+            if len(xs) == 1 and not _is_file(items[ready[0]]):
+                raise
+        rows = []
+        for i, x in zip(ready, xs):
+            try:
+                rows.append(self._rows([x])[0])
+            except DataError as exc:
+                if not _is_file(items[i]):
+                    raise DataError(f"Input {i} of the {len(items)} (counting from 0): {exc}") from exc
+                preds[i] = Prediction(None, None, None, [], _source(items[i]), self.task, error=str(exc))
+                rows.append(torch.full((len(self.labels),), float("nan")))
+        return torch.stack(rows)
 
     def _warn_about_inputs(self) -> None:
         """Warn once per call of the audio clips met that the model sees only in part, or whose
@@ -300,6 +331,11 @@ class Predictor:
         bar on a terminal (``progress=True/False`` forces it on/off)."""
         files = self.inputs.list_files(folder)
         return self.predict(files, top_k=top_k, batch_size=batch_size, threshold=threshold, progress=progress)
+
+
+def _is_file(item: Any) -> bool:
+    """Whether ``item`` is a file (a path, or an open file): one that fails, fails alone."""
+    return isinstance(item, (str, Path)) or is_open_file(item)
 
 
 def _source(item: Any) -> str | None:

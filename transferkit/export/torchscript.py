@@ -199,21 +199,12 @@ def checked_inputs(batches: Sequence[torch.Tensor]) -> tuple[tuple[int, ...], tu
             tuple(dict.fromkeys(str(b.dtype).replace("torch.", "") for b in batches)))
 
 
-UINT8_OF_FLOAT = "uint8 of float"  # a batch derived from float example images that the model must take
-
-
-def _check_batches(examples: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, bool | str]]:
+def _check_batches(examples: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, bool]]:
     """`one_and_many` of each example set; uint8 images are also checked as floats in [0, 1]
-    (``True``: such a derived batch, dropped for models that take uint8 only), and float images
-    as uint8 pixels (`UINT8_OF_FLOAT`: what ``predict`` gives the model for image files; a model
-    that refuses them is exported with a warning)."""
-    batches: list[tuple[torch.Tensor, bool | str]] = []
+    (``True``: such a derived batch, dropped for models that take uint8 only)."""
+    batches: list[tuple[torch.Tensor, bool]] = []
     for ex in examples:
-        variants: list[tuple[torch.Tensor, bool | str]] = [(ex, False)]
-        if ex.dtype == torch.uint8:
-            variants.append((ex.float() / 255.0, True))
-        elif ex.is_floating_point() and ex.ndim == 4:  # images (audio examples are [N, T])
-            variants.append(((ex.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8), UINT8_OF_FLOAT))
+        variants = [(ex, False)] + ([(ex.float() / 255.0, True)] if ex.dtype == torch.uint8 else [])
         for v, derived in variants:
             batches += [(b, derived) for b in one_and_many(v)]
     return batches
@@ -243,25 +234,16 @@ def _check_float_pixels(eager: nn.Module, examples: Sequence[torch.Tensor]) -> N
                                   "images, or divide by 255; nothing was written.") from None
 
 
-def reference_outputs(eager: nn.Module, batches: Sequence[tuple[torch.Tensor, bool | str]]
+def reference_outputs(eager: nn.Module, batches: Sequence[tuple[torch.Tensor, bool]]
                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The batches the eager model accepts and its outputs on them (computed once, compared
-    with every candidate). A derived batch the model rejects is left out, with a warning where it
-    is the uint8 pixels of float example images (`UINT8_OF_FLOAT`: predict could not use the file)."""
-    kept, outputs, warned = [], [], False
+    with every candidate). A derived float batch the model rejects is left out."""
+    kept, outputs = [], []
     with torch.no_grad():
         for xb, derived in batches:
             try:
                 out = eager(xb)
             except Exception as exc:  # noqa: BLE001 - e.g. a model written for uint8 input only
-                if derived == UINT8_OF_FLOAT and not warned:
-                    warned = True
-                    warn(f"The model fails on uint8 pixels (the example images rounded to uint8): "
-                         f"{exception_line(exc).rstrip('.')}. The file is written, but transferkit's predictor "
-                         "gives an image model uint8 pixels for image files, so predict() and `transferkit "
-                         "predict` will fail on them. An image model to deploy takes raw pixels, uint8 in [0, 255] "
-                         "or float in [0, 1]: put transferkit's ImagePreprocess(mean, std) in front of the module "
-                         "(transferkit.build_model does).")
                 if derived:
                     continue
                 said = exception_line(exc).rstrip(".")
@@ -739,7 +721,7 @@ def update_metadata(path: str | Path, changes: dict[str, Any]) -> dict[str, Any]
                           f"(task {meta.get('task')!r}, input {meta.get('input_spec')}), and predictions read under "
                           "others would be wrong. Train (or export) the model for them instead.")
     new = as_json({**meta, **changes})
-    validate_metadata(new, source=UPDATED)
+    validate_metadata(new, source=UPDATED, new_labels="labels" in changes)
     joined = [x for x in new["labels"] if LABEL_SEPARATOR in x] if new.get("task") == "multilabel" else []
     if joined:  # training refuses such a name too
         raise ExportError(f"update_metadata: the label {joined[0]!r} holds {LABEL_SEPARATOR!r}, which separates a "

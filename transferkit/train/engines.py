@@ -68,6 +68,7 @@ from transferkit._io import (
 from transferkit._text import exception_line
 from transferkit.data.fingerprint import module_fingerprint
 from transferkit.errors import ConfigError, EngineError, ExportError
+from transferkit.hardware import out_of_memory
 from transferkit.export.onnx import convert_to_onnx, onnx_modules, session_options
 from transferkit.export.torchscript import shorter_clips
 from transferkit.model import AudioPreprocess, ImagePreprocess, TransferModel
@@ -582,9 +583,6 @@ def _well_formed(saved: Any) -> bool:
 
 # --------------------------------------------------------------------------- the decision (pure)
 # how ONNX Runtime (a plain RuntimeError) and C++ allocators word running out of memory
-_OUT_OF_MEMORY = ("failed to allocate memory", "bad_alloc", "bad allocation", "out of memory")
-
-
 def machine_state(exc: BaseException) -> bool:
     """Whether ``exc`` is a failure of this machine's state rather than of an engine on its
     trunk, so that a stored timing tries the engine again: an ``OSError`` (a full disk, a file
@@ -595,9 +593,7 @@ def machine_state(exc: BaseException) -> bool:
         >>> machine_state(RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory"))
         True
     """
-    if isinstance(exc, (OSError, MemoryError, torch.OutOfMemoryError)):
-        return True
-    return any(s in str(exc).lower() for s in _OUT_OF_MEMORY)
+    return isinstance(exc, OSError) or out_of_memory(exc)
 
 
 def engine_precision(engine: str, precision: str) -> str:

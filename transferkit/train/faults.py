@@ -17,6 +17,7 @@ import torch
 from transferkit._io import file_stat
 from transferkit._signals import TrainingInterrupted, held_signals, signal_name
 from transferkit.errors import OutputError, TrainingError, TransferkitError
+from transferkit.hardware import out_of_memory
 from transferkit.train.distributed import failed_for_another_rank, peer_interruption, this_rank_raised
 
 
@@ -59,9 +60,7 @@ def _keep_weights(save_interrupted: Callable[[], Path | None]) -> Path | str | N
 def _is_oom(exc: BaseException) -> bool:
     """Running out of memory in a training step (transferkit's own errors say what they are:
     the feature pass's, whose batch is not the run's ``batch_size``, among them)."""
-    if isinstance(exc, TransferkitError):
-        return False
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    return not isinstance(exc, TransferkitError) and out_of_memory(exc)
 
 
 def suggest_batch_size(step: Callable[[int], None], start: int) -> int | None:

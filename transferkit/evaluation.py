@@ -380,8 +380,8 @@ def _predicted(predictor: Predictor, samples: Sequence[tuple[Any, Any]], data: A
                       leave=True) as bar:
         for start in range(0, len(samples), chunk):
             part = samples[start:start + chunk]
-            preds = predictor.iter_predict([_readable(x) for x, _ in part], top_k=len(classes),
-                                           batch_size=batch_size)
+            preds = predictor.iter_predict([_readable(x) for x, _ in part], batch_size=batch_size,  # every score
+                                           top_k=1 if predictor.task == "regression" else len(classes))
             for (x, y), p in zip(part, preds):
                 if not p.ok:
                     failed.append((str(x), p.error or "unknown error"))

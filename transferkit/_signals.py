@@ -18,7 +18,10 @@ being written.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -211,3 +214,24 @@ def held_signals(*, reraise: bool = True) -> Iterator[list[int]]:
         if got[0] == signal.SIGINT and old[signal.SIGINT] is signal.default_int_handler:
             raise KeyboardInterrupt()
         signal.raise_signal(got[0])  # the program's own handler decides
+
+
+def end_with_the_launcher() -> None:
+    """Under torchrun on Linux: this process gets SIGTERM when the launcher that started it dies
+    (``kill -9`` of torchrun), handled as every SIGTERM is (a run keeps its weights and ends).
+    torchrun starts each worker in a session of its own, so without this a worker whose
+    launcher died trained on to the end, unseen. Asked as the command line starts and again as a
+    run joins its job; a launcher that dies before the first request goes unnoticed, and one that
+    starts its workers from a thread other than its main one (torchrun starts them from its
+    main thread) would end them when that thread ends. Elsewhere, nothing."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):  # no prctl: the launcher's death goes unnoticed, as before
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)

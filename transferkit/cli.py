@@ -707,8 +707,9 @@ def console_main() -> None:
     """The ``transferkit`` command and ``python -m transferkit``: `main`, then the process
     ends with its status. Under torchrun, a process that joined the job ends through
     `exit_cleanly` (with torch 2.11 a gloo worker aborts at interpreter exit in about 1 run in 4)."""
-    from transferkit._signals import deaf_once_said
+    from transferkit._signals import deaf_once_said, end_with_the_launcher
 
+    end_with_the_launcher()  # under torchrun: as early as can be (a run asks again as it joins its job)
     code = deaf_once_said(main())
     dist = sys.modules.get("torch.distributed")  # imported by a command that trained; --help never imports torch
     if dist is not None and dist.is_available() and dist.is_initialized():

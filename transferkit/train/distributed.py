@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import ctypes
 import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -48,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from transferkit._signals import terminate_at_once
+from transferkit._signals import end_with_the_launcher, terminate_at_once
 from transferkit._text import hide_secrets
 from transferkit.errors import ConfigError, TrainingError
 from transferkit.train.loaders import mix_seed
@@ -138,24 +136,6 @@ def init_distributed(device: torch.device, *, timeout: float | None = None) -> t
                                        f"started late or not at all; raise the limit with {TIMEOUT_ENV}=<seconds> "
                                        "if its start is slow.") from exc
     return info, device
-
-
-def end_with_the_launcher() -> None:
-    """Under torchrun on Linux: this process gets SIGTERM when the launcher that started it dies
-    (``kill -9`` of torchrun, an out-of-memory kill), handled as every SIGTERM is (the run keeps
-    its weights and ends). torchrun starts each worker in a session of its own, so without this
-    a worker whose launcher died trained on to the end, unseen. Elsewhere, nothing."""
-    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
-        return
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
-            return
-    except (OSError, AttributeError):  # no prctl: the launcher's death goes unnoticed, as before
-        return
-    if os.getppid() != parent:  # it died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def rank_seed(seed: int, rank: DistInfo | int) -> int:

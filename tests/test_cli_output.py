@@ -458,6 +458,10 @@ def test_a_data_folder_given_as_an_argument_is_said_as_data(capsys, tmp_path, co
     with pytest.raises(SystemExit):  # with --data given, an extra folder is not said as the data
         main([command, "--data", str(folder), str(folder)])
     assert "no argument of its own" not in capsys.readouterr().err
+    (tmp_path / "run.yaml").write_text("epochs: 1\n")  # a config file is said as one, not as data
+    with pytest.raises(SystemExit):
+        main([command, str(tmp_path / "run.yaml")])
+    assert f"give it as --config {tmp_path / 'run.yaml'}." in capsys.readouterr().err
 
 
 def test_every_recipes_help_loads_no_torch():

@@ -49,8 +49,8 @@ class Parser(argparse.ArgumentParser):
                 settings += [f"{x} is no argument of its own: give it as --backbone {x}." for x in extras
                              if re.fullmatch(r"[a-z]+:[\w.:-]+", x)][:1]
             if "--data" in parser._option_string_actions and getattr(parsed, "data", "") is None:
-                settings += [f"{x} is no argument of its own: give it as --data {shell_word(x)}." for x in extras
-                             if not x.startswith("-") and os.path.exists(x)][:1]  # `transferkit finetune photos/`
+                settings += [f"{x} is no argument of its own: give it as {_flag_of_path(x)} {shell_word(x)}."
+                             for x in extras if not x.startswith("-") and os.path.exists(x)][:1]  # `finetune photos/`
             parser.error(" ".join([f"unrecognized arguments: {' '.join(extras)}.", *settings, *said, *own]))
         return parsed
 
@@ -88,6 +88,12 @@ class Parser(argparse.ArgumentParser):
             if not hint:
                 raise
             raise argparse.ArgumentError(action, f"{exc.message}.{hint}") from None
+
+
+def _flag_of_path(path: str) -> str:
+    """The flag an existing ``path`` given as an argument is for: a YAML (or JSON) file is a
+    ``--config``, anything else (a folder, a CSV, shards) ``--data``."""
+    return "--config" if os.path.isfile(path) and path.lower().endswith((".yaml", ".yml", ".json")) else "--data"
 
 
 def _value_of(flag: str, extras: list[str]) -> str:

@@ -34,6 +34,7 @@ from transferkit.config import OUTPUT_KEYS, FinetuneConfig, called_as, jsonable,
 from transferkit.data import eval_transform, train_transform
 from transferkit.data.decoded import DEFAULT_BUDGET_BYTES, DecodePlan, decide_decode, stored_short_side
 from transferkit.data.gpu_jpeg import decide_input_decode
+from transferkit.data.remote import ENV_BUDGET
 from transferkit.errors import ConfigError, PolicyError
 from transferkit.backbones.registry import check_weights_tag
 from transferkit.backbones.weights import is_weights_path
@@ -396,11 +397,12 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     sample_order = "shard by shard" if data.shard_by_shard and not cache \
         and decode.get("train", {}).get("mode", "off") == "off" else "shuffled"
     if sample_order == "shard by shard":
+        once = ", or decode the images once (decode_once=True), which reads them once in shard order and " \
+            "shuffles globally" if data.kind == "image" else ""
         notes.append("The training samples are drawn shard by shard (the shards in an order seeded by the epoch, the "
                      "samples shuffled within each), since the remote training shards do not fit the shard cache: "
                      "each is then fetched about once per epoch, in another order than a global shuffle. Set "
-                     "TRANSFERKIT_SHARD_CACHE above their size for a global shuffle, or decode the images once "
-                     "(decode_once=True), which reads them once in shard order and shuffles globally.")
+                     f"{ENV_BUDGET} above their size for a global shuffle{once}.")
     return Decisions(
         config=cfg, backbone=bb.name, weights=bb.weights, weights_file=bb.weights_digest, input_spec=bb.input_spec,
         task=cfg.task, classes=data.classes, num_outputs=data.num_outputs, n_train=data.n_train, n_val=data.n_val,

@@ -646,6 +646,11 @@ def test_a_recipe_started_again_after_its_run_ended_has_nothing_to_resume(tmp_pa
     again = run_recipe("cifar10", data, description="", recipe_dir=RECIPES, argv=argv + ["--set", "resume=true"])
     assert "holds a complete run: nothing to resume; its export" in capsys.readouterr().err
     assert again["best"] == first["best"] and again["test_acc"] == first["test_acc"]
+    # other data (another split, a --limit): the export scored on a test set it may have trained on, results.json
+    # overwritten with that score; refused as a resume is
+    with pytest.raises(ConfigError, match=r"Cannot resume from .*run.ckpt': .*data: train: 6 items -> 4"):
+        run_recipe("cifar10", data, description="", recipe_dir=RECIPES,
+                   argv=argv + ["--set", "resume=true", "--limit", "2"])
 
 
 def test_a_folder_of_test_clips_is_not_read_as_images_before_training(tmp_path, monkeypatch):

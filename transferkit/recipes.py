@@ -337,7 +337,8 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
         # settings the recipe's own file set, not the user: said as the file's, not as a typed --set
         _running["written_in"] = {k: (f"recipes/{own_cfg.name}", run_cfg.get(k)) for k in
                                   {*file_cfg, *runs[run_name]} - given} if not args.config else {}
-        export, best = run_out / "model.pt", _complete_run(run_cfg, run_out)
+        export, best = run_out / "model.pt", _complete_run(run_cfg, run_out, {"data": train, "val_data": val,
+                                                                                 "classes": classes})
         if best is not None:  # a job started again after it ended (preempted jobs are): nothing to resume
             print(f"{name}{f' run {run_name}' if run_name else ''}: {run_cfg['checkpoint']} holds a complete run: "
                   f"nothing to resume; its export {export} is scored again.", file=sys.stderr)
@@ -376,11 +377,13 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     return summaries[0] if len(summaries) == 1 else {"recipe": name, "runs": summaries}
 
 
-def _complete_run(run_cfg: dict[str, Any], run_out: Path) -> dict[str, Any] | None:
+def _complete_run(run_cfg: dict[str, Any], run_out: Path, data: dict[str, Any]) -> dict[str, Any] | None:
     """With ``resume`` and a checkpoint that holds a complete run whose export is in ``run_out``:
     the run's best epoch (from its ``results.json``, else the checkpoint's record; ``{}`` where
     neither says); else None (the run trains, or the resume says why it cannot). Settings that
-    differ from the complete run's are a ConfigError (`settings_changed`)."""
+    differ from the complete run's are a ConfigError (`settings_changed`), and so are other
+    ``data`` (``data``, ``val_data``, ``classes``: `transferkit.decisions.plan` refuses them as a
+    resume does: the export was not trained on them, and its test score would not be the run's)."""
     if not run_cfg.get("resume") or not (run_out / "model.pt").is_file():
         return None
     from transferkit.checkpoints import run_in
@@ -395,6 +398,9 @@ def _complete_run(run_cfg: dict[str, Any], run_out: Path) -> dict[str, Any] | No
         raise ConfigError(f"{run_cfg['checkpoint']} holds a complete run, of other settings than this run's "
                           f"({', '.join(changed[:6])}): none of them would be used. Drop the changes (resume of a "
                           "complete run scores its export again), or give the run another checkpoint.")
+    from transferkit.decisions import plan
+
+    plan(**data, **run_cfg)  # refuses other data (another split, a --limit), as a resume does
     try:
         best = json.loads((run_out / "results.json").read_text()).get("best")
     except (OSError, ValueError, AttributeError):

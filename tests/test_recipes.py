@@ -765,8 +765,35 @@ def test_an_image_backbone_for_an_audio_recipe_is_refused_as_such(tmp_path):
     backbone (options the user never gave), then that the data were file paths to put in a CSV."""
     data_fn = runpy.run_path(str(RECIPES / "fsdd.py"), run_name="recipe_under_test")["main"]
     with pytest.raises(ConfigError, match=r"The backbone given, tk:small_cnn, takes images, and this recipe's data are "
-                                          r"audio \(its config trains spec:tk:small_cnn\): give a spec: backbone"):
+                                          r"audio: give a spec: backbone"):
         data_fn(["--data-dir", str(tmp_path), "--backbone", "tk:small_cnn", "--weights", "none"])
+    # a config of the user's that names no backbone: the default, an image one, trained (then the data were said to be
+    # file paths to put in a CSV)
+    (tmp_path / "mine.yaml").write_text("epochs: 1\nweights: null\n")
+    with pytest.raises(ConfigError, match=r"The backbone given, tv:resnet18 \(the default: the config names none\), "
+                                          r"takes images, and this recipe's data are audio"):
+        data_fn(["--data-dir", str(tmp_path), "--config", str(tmp_path / "mine.yaml")])
+
+
+def test_every_run_s_backbone_and_policy_are_checked_before_the_first_run_trains(tmp_path, monkeypatch):
+    """A config whose second run names a block its backbone lacks trained and exported the first
+    run, then failed (the run unnamed); a backbone option or a weights file that does not fit
+    too."""
+    import transferkit.api as api
+
+    monkeypatch.setattr(api, "finetune", lambda **kwargs: pytest.fail("a run trained"))
+    main = runpy.run_path(str(RECIPES / "fsdd.py"), run_name="recipe_under_test")["main"]
+    folder = tmp_path / "d"  # FSDD's names: digit_speaker_index (index 0-4: the test set)
+    for digit, freq in ((0, 300), (1, 2000)):
+        for index in (0, 7, 8, 9):
+            _tone(folder / f"{digit}_x_{index}.wav", freq + index, 8000)
+    for run, said in (('{policy: "unfreeze:blocks=layer9"}', r"run 'b': Unknown block \['layer9'\] in the policy"),
+                      ("{weights: missing.pt}", r"run 'b': .*missing.pt"),
+                      ("{backbone: spec:tk:nonexistent}", r"run 'b': .*tk:nonexistent")):
+        (tmp_path / "runs.yaml").write_text(f"backbone: spec:tk:small_cnn\nweights: null\nepochs: 1\nruns:\n"
+                                            f"  a: {{}}\n  b: {run}\n")
+        with pytest.raises(tk.TransferkitError, match=said):
+            main(["--data-dir", str(folder), "--config", str(tmp_path / "runs.yaml")])
 
 
 def test_a_missing_torchvision_data_set_is_said_in_the_recipes_words(tmp_path):

@@ -36,10 +36,8 @@ from transferkit.data.decoded import DEFAULT_BUDGET_BYTES, DecodePlan, decide_de
 from transferkit.data.gpu_jpeg import decide_input_decode
 from transferkit.data.remote import ENV_BUDGET
 from transferkit.errors import ConfigError, PolicyError
-from transferkit.backbones.registry import check_weights_tag
-from transferkit.backbones.weights import is_weights_path
 from transferkit.checkpoints import saved_run
-from transferkit.facts import Facts, Inputs, environment, look
+from transferkit.facts import Facts, Inputs, check_weights_given, environment, look
 from transferkit.outputs import check_output_paths
 from transferkit.heads import resolve_head_norm, resolve_target_norm
 from transferkit.policies import Policy
@@ -676,7 +674,7 @@ def plan(config: Any = None, /, **options: Any) -> Decisions:
     env = environment(cfg)
     if env[0].is_main:  # what the run refuses before it builds anything (nothing is created or held here)
         check_output_paths(cfg)
-    _check_weights_tag(cfg)
+    check_weights_given(cfg)
     facts, _ = look(cfg, env=env, load_weights=False)
     decisions = decide(cfg, facts)
     if cfg.resume:
@@ -718,13 +716,6 @@ def _check_resumes(cfg: FinetuneConfig, decisions: Decisions) -> None:
             if k.startswith("config.") or k in ("policy", "data")}
     if diff:
         raise resume_refused(cfg.checkpoint, diff)
-
-
-def _check_weights_tag(cfg: FinetuneConfig) -> None:
-    """Refuse, as the run does, a weights tag that the backbone's source cannot resolve, without
-    downloading anything (a file is not a tag: the dry run checks that it exists)."""
-    if cfg.weights is not None and isinstance(cfg.backbone, str) and not is_weights_path(cfg.weights):
-        check_weights_tag(cfg.backbone, cfg.weights, **(cfg.backbone_options or {}))
 
 
 # a record of before a key existed, read as the value it means there: whatever the run of now has (`AS_NOW`:

@@ -32,6 +32,7 @@ import torch
 from transferkit._io import file_digest, read_only_folder
 from transferkit.backbones import Backbone, InputSpec, check_blocks, get_backbone
 from transferkit.backbones.spectrogram import SpecAugment
+from transferkit.backbones.registry import check_weights_tag
 from transferkit.backbones.weights import check_weights_file, is_weights_path
 from transferkit.config import OUTPUT_KEYS, FinetuneConfig, caller, check_seconds
 from transferkit.data import DataBundle, eval_transform
@@ -453,6 +454,31 @@ def _check_data_paths(cfg: FinetuneConfig) -> None:
         raise DataError(f"The {'training' if key == 'data' else 'validation'} data {text!r} do not exist (looked for "
                         f"{os.path.abspath(text)!r}): check the path (data are a folder root/<class>/<file>, a CSV "
                         "file, tar shards or Parquet files).")
+
+
+def check_weights_given(cfg: FinetuneConfig) -> None:
+    """Refuse, as the run does, a weights tag that the backbone's source cannot resolve, without
+    downloading anything (a file is not a tag: a dry run checks that it exists)."""
+    if cfg.weights is not None and isinstance(cfg.backbone, str) and not is_weights_path(cfg.weights):
+        check_weights_tag(cfg.backbone, cfg.weights, **(cfg.backbone_options or {}))
+
+
+def check_settings(cfg: FinetuneConfig) -> None:
+    """Refuse what the run of ``cfg`` would refuse of its backbone and policy, before its data
+    are read and without its weights: the backbone's name and options, a weights tag or file,
+    the sizes the trunk runs at, the blocks the policy names, the layers LoRA adapts (a recipe
+    checks each of its runs so before the first one trains)."""
+    check_weights_given(cfg)
+    policy = Policy.parse(cfg.policy)
+    head_kind, hidden = resolve_head(cfg.head, cfg.head_hidden)
+    bb = _own_backbone(cfg, load_weights=False)
+    spec = resolve_input_spec(bb.input_spec, cfg.image_size)
+    check_options_of_kind(cfg, bb)
+    check_channels(bb, spec, options=cfg.backbone_options)
+    check_runs_at(bb, spec, by_name=isinstance(cfg.backbone, str), weights=cfg.weights, options=cfg.backbone_options)
+    policy.schedule(list(bb.block_names), cfg.epochs)
+    if head_kind != "logistic":
+        _groups(cfg, bb, spec, policy, 2, hidden)
 
 
 def _own_backbone(cfg: FinetuneConfig, *, load_weights: bool) -> Backbone:

@@ -311,8 +311,10 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
         runs = {args.run: runs[args.run]}
     data_dir = Path(recipe.get("data_dir") or default_data_root() / name).expanduser()
     given = set(cli) | (set(file_cfg) if args.config else set())
+    own_backbone = load_config(own_cfg).get("backbone") if own_cfg.exists() else None  # what its data are for
     run_cfgs = {run_name: _run_config(name, run_name, cfg, overrides, cli, data_dir, given | set(overrides),
-                                      run_settings, written_for=file_cfg.get("backbone"))
+                                      run_settings, written_for=file_cfg.get("backbone"),
+                                      audio=_is_audio(own_backbone))
                 for run_name, overrides in runs.items()}
     _check_config_weights(file_cfg, runs, run_cfgs, cli, args.config or f"recipes/{own_cfg.name}", data_dir)
     _check_own_checkpoints(name, run_cfgs)
@@ -329,6 +331,7 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
         raise DataError(f"{exc} ({_missing_data_dir(data_dir, came)})") from exc
     train, val, test, classes = _sliced(data, recipe.get("limit"), cfg.get("seed", 0))
     _check_test(test, train, classes, audio=any(_is_audio(c.get("backbone")) for c in run_cfgs.values()))
+    _check_runs(run_cfgs, data_dir)
     summaries = []
     for run_name, run_cfg in run_cfgs.items():
         run_out = out / run_name if run_name else out
@@ -411,18 +414,21 @@ def _complete_run(run_cfg: dict[str, Any], run_out: Path, data: dict[str, Any]) 
 def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[str, Any], cli: dict[str, Any],
                 data_dir: Path, given: set[str],
                 run_settings: Callable[[dict[str, Any], set[str]], dict[str, Any]] | None, *,
-                written_for: Any = None) -> dict[str, Any]:
+                written_for: Any = None, audio: bool = False) -> dict[str, Any]:
     """One run's ``finetune()`` settings: the config, the run's block and the command line merged, the
-    recipe's ``run_settings`` applied, and checked as a whole (`FinetuneConfig`) before any run starts.
-    ``written_for``: the config file's backbone, which its ``backbone_options`` were written for."""
+    recipe's ``run_settings`` applied, and checked as a whole (`FinetuneConfig`) before any data
+    are read (against the backbone they build, before any run trains: `_check_runs`).
+    ``written_for``: the config file's backbone, which its ``backbone_options`` were written for;
+    ``audio``: the recipe's data are audio (its own config trains an audio backbone)."""
     source = f"{name} recipe, run {run_name!r}" if run_name else f"{name} recipe"
     run_cfg = merge_config(cfg, overrides, cli, source=source)
     run_cfg = {k: expand_vars(v, k) for k, v in run_cfg.items()}
     written_for = overrides.get("backbone", written_for)  # a run's own block names the backbone its settings fit
-    if written_for is not None and _is_audio(written_for) and not _is_audio(run_cfg.get("backbone")):
-        raise ConfigError(f"The backbone given, {run_cfg.get('backbone')}, takes images, and this recipe's data are "
-                          f"audio (its config trains {written_for}): give a spec: backbone (log-mel spectrograms into "
-                          "an image network, e.g. spec:tv:resnet18) or a ta: speech model (e.g. ta:wav2vec2_base).")
+    if (audio or _is_audio(written_for)) and not _is_audio(run_cfg.get("backbone")):
+        given = run_cfg.get("backbone") or f"{config_fields()['backbone'].default} (the default: the config names none)"
+        raise ConfigError(f"The backbone given, {given}, takes images, and this recipe's data are audio: give a spec: "
+                          "backbone (log-mel spectrograms into an image network, e.g. spec:tv:resnet18) or a ta: "
+                          "speech model (e.g. ta:wav2vec2_base).")
     run_cfg = _image_options_of(run_cfg, written_for, "backbone_options" in {*cli, *overrides}, source)
     _check_weights_fit(run_cfg, written_for, "weights" in cli)
     if run_settings is not None:
@@ -435,6 +441,19 @@ def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[s
     with called_as(source):
         FinetuneConfig(**run_cfg, data=str(data_dir))  # the settings' checks of each other (the data come later)
     return run_cfg
+
+
+def _check_runs(run_cfgs: dict[str, dict[str, Any]], data_dir: Path) -> None:
+    """Refuse what a run would refuse of its backbone and policy (`check_settings`: its name,
+    options and weights, the policy's blocks), each run's before the first one trains (a
+    second run's unknown block was found after the first had trained), naming the run."""
+    from transferkit.facts import check_settings  # torch: not for --help
+
+    for run_name, run_cfg in run_cfgs.items():
+        try:
+            check_settings(FinetuneConfig(**run_cfg, data=str(data_dir)))
+        except TransferkitError as exc:
+            raise type(exc)(f"run {run_name!r}: {exc}" if run_name else str(exc)) from exc
 
 
 def _check_weights_fit(run_cfg: dict[str, Any], written_for: Any, given: bool) -> None:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from transferkit.errors import DataError
+from transferkit.helpformat import positive_whole_number
 from transferkit.recipes import RecipeData, recipe_main, run_recipe, speech_model_options
 
 CLASSES = [str(d) for d in range(10)]
@@ -56,7 +57,8 @@ def split_fsdd(files: list[Path], split: str) -> tuple[list, list]:
 def fsdd_arguments(group: argparse.ArgumentParser) -> None:
     group.add_argument("--split", default="official",
                        help="'official' (indices 0-4 are the test set) or 'speaker:<name>' (speaker-independent)")
-    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    group.add_argument("--threads", type=positive_whole_number, default=None,
+                       help="torch CPU threads (default: torch's choice)")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -804,3 +804,13 @@ def test_a_missing_torchvision_data_set_is_said_in_the_recipes_words(tmp_path):
     assert str(info.value) == (f"MNIST not found under {str(tmp_path)!r} (torchvision: Dataset not found). Pass "
                                "--download to fetch it (needs internet), or --data-dir pointing at a folder with "
                                "train/ and val/ or test/ class sub-folders.")
+
+
+@pytest.mark.parametrize("threads", ["-3", "0"])
+def test_fsdd_threads_must_be_a_positive_whole_number(threads, capsys):
+    """--threads -3 ended in a traceback from torch.set_num_threads; --threads 0 was ignored."""
+    main = runpy.run_path(str(RECIPES / "fsdd.py"), run_name="recipe_under_test")["main"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["--threads", threads])
+    assert exit_.value.code == 2
+    assert f"argument --threads: expected a positive whole number, got '{threads}'" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from typing import Any
 from transferkit.errors import TransferkitError, warn
 from transferkit._text import file_reason, hide_secrets, hide_secrets_in, plural, printable, strict_json
 from transferkit.helpformat import (HELP, MAX_PIXELS_HELP, Parser, one_line, one_line_warnings, pixel_limit,
-                                   set_pixel_limit)
+                                   positive_whole_number, set_pixel_limit)
 from transferkit.schedules import LRRange
 from transferkit.spelling import cli_spelling, drop_python_asides, flag, shell_word
 
@@ -561,17 +561,6 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    """A positive whole number (``--top-k``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return value
-
-
 
 def _sub(sub: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=textwrap.fill(description, width=100), formatter_class=HELP)
@@ -609,12 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
               "Predict labels for image (or audio) files and folders with an exported model.")
     pr.add_argument("model", help="exported file: TorchScript (.pt) or ONNX (.onnx)")
     pr.add_argument("inputs", nargs="+", help="files, or folders (every readable file below them)")
-    pr.add_argument("--top-k", type=_positive_int, default=1, help="labels to show per input")
+    pr.add_argument("--top-k", type=positive_whole_number, default=1, help="labels to show per input")
     fmt = pr.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print a JSON list instead of one line per input")
     fmt.add_argument("--csv", action="store_true",
                      help="print CSV: path, label, probability (label_2, probability_2 .. with --top-k), error")
-    pr.add_argument("--batch-size", type=_positive_int, default=32, help="inputs per forward pass")
+    pr.add_argument("--batch-size", type=positive_whole_number, default=32, help="inputs per forward pass")
     pr.add_argument("--threshold", type=float, default=0.5, help="probability threshold of multi-label models")
     pr.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda")
     pr.set_defaults(fn=_cmd_predict)
@@ -632,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--confusion-matrix", default=None, metavar="PNG",
                     help="where to draw the confusion matrix (default: confusion_matrix.png)")
     ev.add_argument("--json", action="store_true", help="print JSON even on a terminal")
-    ev.add_argument("--batch-size", type=_positive_int, default=32, help="inputs per forward pass")
+    ev.add_argument("--batch-size", type=positive_whole_number, default=32, help="inputs per forward pass")
     ev.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda")
     ev.set_defaults(fn=_cmd_evaluate)
 

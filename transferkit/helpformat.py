@@ -126,6 +126,18 @@ MAX_PIXELS_HELP = ("Pillow's decompression-bomb limit: an image of more pixels i
                    "limit; default Pillow's, about 89 million)")
 
 
+def positive_whole_number(text: str) -> int:
+    """The argparse ``type`` of a flag that takes a positive whole number (``--top-k``,
+    ``--batch-size``, a recipe's ``--threads``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
 def pixel_limit(text: str) -> int:
     """``--max-image-pixels``: a whole number of pixels, 0 for no limit."""
     try:

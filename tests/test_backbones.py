@@ -500,11 +500,15 @@ def test_a_weights_tag_is_checked_by_its_source_without_downloading():
     from transferkit.backbones.registry import check_weights_tag
 
     for name, tag in [("tv:resnet18", "IMAGENET1K_V9"), ("timm:resnet10t", "no_such_tag"),
-                      ("tk:small_cnn", "DEFAULT"), ("spec:tv:resnet18", "IMAGENET1K_V9")]:
+                      ("tk:small_cnn", "DEFAULT"), ("spec:tv:resnet18", "IMAGENET1K_V9"),
+                      ("ta:wav2vec2_tiny", "DEFAULT"), ("ta:wav2vec2_base", "LARGE")]:  # ta: passed any tag
         with pytest.raises(WeightsError):
             check_weights_tag(name, tag)
+    with pytest.raises(WeightsError, match="custom config"):
+        check_weights_tag("ta:wav2vec2_base", "DEFAULT", config={"encoder_num_layers": 2})
     check_weights_tag("tv:resnet18", "IMAGENET1K_V1")
     check_weights_tag("timm:resnet10t", "DEFAULT")
+    check_weights_tag("ta:wav2vec2_base", "DEFAULT")
 
 
 def test_a_weights_file_that_torch_save_did_not_write_is_said_to_be_what_it_is(tmp_path):

@@ -246,6 +246,17 @@ class TorchaudioSource:
     def names(self) -> list[str]:
         return list(BUNDLES) + list(TINY)
 
+    def check_weights(self, name: str, weights: Any, *, config: dict[str, Any] | None = None, **_: Any) -> None:
+        """Refuse a weights tag ``ta:<name>`` cannot resolve: ``DEFAULT`` is a bundle's published
+        weights, which a tiny configuration (random init) and a custom ``config`` have none of."""
+        if weights is None or is_weights_path(weights) or name not in (*BUNDLES, *TINY):
+            return  # (an unknown name is said as such when it is built)
+        downloadable = name in BUNDLES and not config
+        if weights != "DEFAULT" or not downloadable:
+            why = f"ta:{name} with a custom config" if config else f"ta:{name}"
+            raise WeightsError(f"weights={weights!r} cannot be resolved for {why}: valid values are "
+                               f"{repr('DEFAULT') + ', ' if downloadable else ''}a local state-dict file, or None.")
+
     def build(self, name: str, *, weights: Any = "DEFAULT", config: dict[str, Any] | None = None,
               sample_rate: int | None = None, layer_weighting: str = "last", spec_augment: Any = None,
               clip_seconds: float | None = None, weights_only: bool = True, strict: bool = True) -> Backbone:
@@ -264,12 +275,7 @@ class TorchaudioSource:
             native_rate, normalize = int(bundle.sample_rate), bool(bundle._normalize_waveform)
         if config:
             params = {**params, **config}
-        downloadable = bundle is not None and not config
-        if weights is not None and not is_weights_path(weights):
-            if weights != "DEFAULT" or not downloadable:
-                why = f"ta:{name} with a custom config" if config else f"ta:{name}"
-                raise WeightsError(f"weights={weights!r} cannot be resolved for {why}: valid values are "
-                                   f"{repr('DEFAULT') + ', ' if downloadable else ''}a local state-dict file, or None.")
+        self.check_weights(name, weights, config=config)
         factory = torchaudio.models.wavlm_model if model_type == "WavLM" else torchaudio.models.wav2vec2_model
         try:
             model = factory(**params)

@@ -311,6 +311,11 @@ def test_a_recipe_s_hints_use_its_own_flags():
         "start a new run from its weights: `python recipes/fsdd.py ... --weights r.pt --set batch_size=8`."
     assert recipe_spelling("recipe: head_hidden=[8, -2] is out of range; epochs=0 too, limit=0 too", prog) == \
         "recipe: --set head_hidden='[8, -2]' is out of range; --epochs 0 too, --limit 0 too"
+    # in a command, a value the config file sets is left to the file (its `key: value (file)` is no shell word)
+    written = {"backbone": ("recipes/fsdd.yaml", "spec:tk:small_cnn")}
+    assert recipe_spelling("start anew: finetune(..., backbone='spec:tk:small_cnn', weights='c.pt'), as backbone="
+                           "'spec:tk:small_cnn' says.", prog, written_in=written) == \
+        "start anew: `python recipes/fsdd.py ... --weights c.pt`, as backbone: spec:tk:small_cnn (recipes/fsdd.yaml) says."
 
 
 def test_predict_goes_on_past_a_folder_without_inputs(run, capsys, tmp_path, monkeypatch):

@@ -120,6 +120,8 @@ class Syntax:
         for arg in args:
             key, eq, value = arg.partition("=")
             converted = self.setting(key.strip(), value.strip()) if eq else None
+            if converted is not None and converted.startswith(f"{key.strip()}: "):
+                continue  # the value a file sets: the command gets it from there (`key: value (file)` is no word)
             words.append(arg if converted is None else converted)
         return "`" + " ".join(w for w in words if w) + "`"
 

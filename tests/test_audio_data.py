@@ -263,6 +263,9 @@ def test_prepare_audio_data_from_waveforms_with_their_own_rate():
     assert wav.shape == (800,)  # 16 kHz input resampled to the backbone's 8 kHz
     with pytest.raises(DataError, match="single class"):
         prepare_audio_data([(torch.zeros(800), 0)] * 4, spec=SPEC8K, val_split=0)
+    # a class named with no training clip was accepted without a word (an image data set's is warned of)
+    bundle = prepare_audio_data(items, spec=SPEC8K, val_split=0, classes=["low", "high", "never"])
+    assert any("1 class of 3 has no training sample: ['never']" in w for w in bundle.report.warnings)
 
 
 def test_a_sample_rate_of_any_whole_number_type_is_a_rate(tmp_path):

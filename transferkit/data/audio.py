@@ -28,6 +28,7 @@ from transferkit.backbones.spectrogram import resample_ratio
 from transferkit.config import MIN_CLIP_SECONDS, MIN_SAMPLE_RATE, VAL_SPLIT, check_seconds, is_rate, sample_rate_of
 from transferkit.data.bundle import (
     DataBundle,
+    check_training_classes,
     resolve_split_folders,
     split_keys,
     split_views,
@@ -933,11 +934,8 @@ def prepare_audio_data(data: Any, val_data: Any = None, *, spec: InputSpec, val_
     if isinstance(data, (str, Path)):
         warn_split_like_classes(names, repr(str(data)), report)
         warn_copies_across_classes(train.samples, names, repr(str(data)), report, kind="clip")
-    if len(set(train.targets)) < 2:
-        raise DataError("Training data has a single class; a classifier needs at least two.")
-    bad = sorted({t for t in train.targets if not 0 <= t < len(names)})
-    if bad:
-        raise DataError(f"Training labels {bad[:5]} are outside 0..{len(names) - 1} for classes {names[:10]}.")
+    check_training_classes(train.targets, names, report,
+                           folder=isinstance(data, (str, Path)) and Path(data).is_dir())
     val = None
     if val_data is not None:
         val = _audio_dataset(val_data, spec, names, "validation", **opts)

@@ -360,6 +360,26 @@ def _one_split(data: Any, i: int, encoded: tuple[Any, Any] | None = None, report
     return encoded[i]
 
 
+def check_training_classes(targets: Sequence[int], names: Sequence[str], report: DataReport, *,
+                           folder: bool = False) -> None:
+    """The training labels against the class ``names``: a label outside them or a single class
+    is a DataError; a class without a training sample is warned of (the model gets an output it
+    cannot learn), except where the data are a folder (``folder``), which names its empty class
+    folders itself. Images and audio alike."""
+    bad = sorted({t for t in targets if not 0 <= t < len(names)})
+    if bad:
+        raise DataError(f"Training labels {bad[:5]} are outside 0..{len(names) - 1} for classes {list(names)[:10]}.")
+    counts = Counter(targets)
+    if len(counts) < 2:
+        raise DataError(f"Training data has a single class ({names[next(iter(counts))]!r}); "
+                        "a classifier needs at least two.")
+    empty = [n for i, n in enumerate(names) if not counts[i]]
+    if empty and not folder:
+        report.warn(f"{plural(len(empty), 'class', 'classes')} of {len(names)} {'has' if len(empty) == 1 else 'have'} no "
+                    f"training sample: {empty[:10]}. The model still gets an output for each, which it cannot learn; "
+                    "give the classes that the data hold (classes=, _info.json), or add their samples.")
+
+
 def prepare_data(data: Any, val_data: Any = None, *, val_split: float = VAL_SPLIT, seed: int = 0,
                  classes: Sequence[str] | None = None, min_size: int | None = None, on_bad_file: str = "skip",
                  scan: str = "quick", cache_dir: str | Path | None = None) -> DataBundle:
@@ -396,23 +416,12 @@ def prepare_data(data: Any, val_data: Any = None, *, val_split: float = VAL_SPLI
     named = bool(names)
     if not names:  # indices as names: they match no other data's names
         names = index_names(max(targets) + 1)
-    bad = sorted({t for t in targets if not 0 <= t < len(names)})
-    if bad:
-        raise DataError(f"Training labels {bad[:5]} are outside 0..{len(names) - 1} for classes {names[:10]}.")
     if isinstance(data, (str, Path)):
         warn_split_like_classes(names, repr(str(data)), report)
     if isinstance(train, ImageFolderDataset):
         warn_copies_across_classes(train.samples, names, repr(str(data)), report)
-    counts = Counter(targets)
-    if len(counts) < 2:
-        raise DataError(f"Training data has a single class ({names[next(iter(counts))]!r}); "
-                        "a classifier needs at least two.")
-    empty = [n for i, n in enumerate(names) if not counts[i]]
     folder = isinstance(train, ImageFolderDataset) and isinstance(data, (str, Path)) and Path(data).is_dir()
-    if empty and not folder:  # a folder names its empty class folders itself (a CSV's classes= does not)
-        report.warn(f"{plural(len(empty), 'class', 'classes')} of {len(names)} {'has' if len(empty) == 1 else 'have'} no "
-                    f"training sample: {empty[:10]}. The model still gets an output for each, which it cannot learn; "
-                    "give the classes that the data hold (classes=, _info.json), or add their samples.")
+    check_training_classes(targets, names, report, folder=folder)
     val = None
     if val_data is not None:
         val = _as_dataset(val_data, names if named else None, min_size, "validation", report, **checks)

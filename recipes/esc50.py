@@ -25,13 +25,14 @@ def read_esc50(root: Path, fold: int) -> RecipeData:
     with open(meta, newline="") as f:
         rows = list(csv.DictReader(f))
     names = {int(r["target"]): r["category"] for r in rows}
-    classes = [names[i] for i in sorted(names)]
+    index = {target: k for k, target in enumerate(sorted(names))}  # a subset's targets (ESC-10's) need not be 0..N-1
+    classes = [names[t] for t in sorted(names)]
     folds = sorted({int(r["fold"]) for r in rows})
     if fold not in folds:
         raise DataError(f"--fold {fold} is not one of the folds in {str(meta)!r}: {folds}.")
     train, test = [], []
     for r in rows:
-        item = (str(root / "audio" / r["filename"]), int(r["target"]))
+        item = (str(root / "audio" / r["filename"]), index[int(r["target"])])
         (test if int(r["fold"]) == fold else train).append(item)
     return RecipeData(train=train, val=None, test=test, classes=classes)
 

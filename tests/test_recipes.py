@@ -166,6 +166,12 @@ def test_esc50_recipe_on_its_layout(tmp_path):
     assert 0.0 <= summary["test_acc"] <= 1.0
     with pytest.raises(DataError, match="not one of the folds"):
         mod["read_esc50"](root, 9)
+    # a subset whose targets are not 0..N-1 (ESC-10's): its labels index its classes (they were the raw targets)
+    (root / "meta" / "esc50.csv").write_text("\n".join([rows[0], *(r.replace(",1,rain,", ",7,rain,")
+                                                                 for r in rows[1:])]) + "\n")
+    sub = mod["read_esc50"](root, 5)
+    assert sub.classes == ["dog", "rain"] and sorted({y for _, y in sub.train + sub.test}) == [0, 1]
+    assert all(split.classes[y] == sub.classes[z] for (_, y), (_, z) in zip(split.train, sub.train))
 
 
 def test_cli_finetune_with_config_and_overrides(tmp_path, capsys):

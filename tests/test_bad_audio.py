@@ -170,6 +170,11 @@ def test_non_finite_samples_are_bad_input_named_at_load(tmp_path, kind):
     assert "non-finite" in check_audio_file(path, full=True)
     with pytest.raises(tk.DataError, match=f"{kind}.wav.*non-finite samples"):
         load_audio(path)
+    from transferkit.data.audio import filter_bad_audio
+
+    with pytest.raises(tk.DataError) as info:  # the reason's own fix was said, then another: "it.. Remove it"
+        filter_bad_audio([(str(path), 0)], on_bad_file="raise", scan="full")
+    assert str(info.value).count("Remove") == 1 and ".." not in str(info.value), str(info.value)
     with pytest.raises(tk.DataError, match="non-finite"):
         to_waveform(torch.tensor([0.1, float("inf"), 0.2]), RATE)
     # NaN at the end of an in-memory waveform is padding, not data

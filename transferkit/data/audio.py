@@ -634,8 +634,11 @@ def filter_bad_audio(samples: Sequence[tuple[Any, int]], *, on_bad_file: str = "
             continue
         if on_bad_file == "raise":
             kind = "audio file" if isinstance(samples[i][0], (str, Path)) else "clip"
-            raise DataError(f"Bad {kind} {str(source)!r}: {found}. Remove it, or pass on_bad_file='skip' to leave "
-                            "bad files out (they are listed in the result).")
+            said = str(found).rstrip(".")
+            if "Remove or repair it" in said:  # the reason gives the fix already
+                said = said[:said.rindex("Remove or repair it")].rstrip(" .;")
+            raise DataError(f"Bad {kind} {str(source)!r}: {said}. Remove or repair it, or pass on_bad_file='skip' to "
+                            "leave bad files out (they are listed in the result).")
         bad.append((str(source), found))
     if report is not None and bad:
         report.bad_files += bad

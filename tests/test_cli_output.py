@@ -290,7 +290,8 @@ def test_hints_use_the_cli_syntax():
         "--set backbone_options='{\"weights_only\": false, \"name\": \"café\"}', or --lr '(1, 2)'."  # JSON
     assert cli_spelling("class_weights={0: 2.0}.") == "--set class_weights='{0: 2.0}'."  # not JSON: as written
     # a path or a list of options holding key=value is no setting (`runs/--lr 0.1/m.pt` was printed)
-    for path in ("runs/lr=0.1/m.pt", "C:\\runs\\lr=0.1\\m.pt", "outputs/epochs=5,seed=1/m.pt"):
+    for path in ("runs/lr=0.1/m.pt", "C:\\runs\\lr=0.1\\m.pt", "outputs/epochs=5,seed=1/m.pt", "lr=0.1/m.pt",
+                 "~/runs:lr=0.1/m.pt", "runs/lr=0.1+epochs=2/m.pt", "runs/lr=0.1;epochs=2/m.pt"):
         assert cli_spelling(f"export:     {path} (verified)") == f"export:     {path} (verified)"
     # a colon before a space ends a value, as a sentence's period does; one inside a value does not
     assert cli_spelling("trial (compile='auto': tried ...), backbone=timm:vit_tiny: with") == \

@@ -685,7 +685,11 @@ def test_the_shard_cache_keeps_its_budget_and_never_evicts_a_shard_in_use(shards
     held.release()  # over the budget once shard 2 is no longer in use: it goes (it stayed, the cache over budget)
     assert not cache.path(urls[2]).exists() and cache.path(urls[0]).exists()
     assert not cache.over  # within the budget again: a release looks at the copies no more (ms each)
+    looks, make_room = [], cache.make_room
+    cache.make_room = lambda need, keep=None: looks.append(need) or make_room(need, keep=keep)
     again.release()  # within the budget: kept
+    assert looks == []
+    del cache.make_room
     assert cache.path(urls[0]).exists()
     cache.fetch(urls[3]).release()  # the least recently used go first until it fits
     assert [cache.path(u).exists() for u in urls] == [False, False, False, True]

@@ -314,7 +314,7 @@ def test_audio_clips_run_in_batches_of_similar_length(tmp_path):
                            "36857856256")
 
     pred.module = no_memory
-    with pytest.raises(transferkit.ExportError, match=r"ran out of memory on a batch of 1 input of shape \(8000,\) "
+    with pytest.raises(transferkit.ExportError, match=r"ran out of memory on an input of shape \(8000,\) "
                                                       r".*pass a smaller batch_size"):
         pred.predict_proba([waves[1]])
 
@@ -547,19 +547,21 @@ class Picky(torch.nn.Module):
 def test_a_model_that_fails_on_what_predict_gives_it_is_said_in_one_error(tmp_path, capsys):
     """A module without ImagePreprocess exported with float examples passed the parity check;
     predict on an image file then raised a TorchScript traceback (the CLI printed about 60
-    lines, exit 1). predict raises one error that says what it gave the model; the model's own
-    ValueError is a DataError, said for the one file it refuses, as for a file that cannot be
-    read (a batch holding it stopped the whole command)."""
+    lines, exit 1). The export warns; predict raises one error that says what it gave the model;
+    the model's own ValueError is a DataError, said for the one file it refuses, as for a file
+    that cannot be read (a batch holding it stopped the whole command)."""
     from transferkit.cli import main
 
     spec = transferkit.InputSpec(image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
     meta = {"labels": ["a", "b"], "input_spec": spec.to_dict()}
-    transferkit.export_torchscript(FloatOnly(), tmp_path / "float.pt", example_inputs=torch.rand(2, 3, 16, 16) / 2,
-                                   metadata=meta)
+    with pytest.warns(transferkit.TransferkitWarning, match="The model fails on uint8 pixels .* predict\\(\\) and "
+                                                           "`transferkit predict` will fail on them"):
+        transferkit.export_torchscript(FloatOnly(), tmp_path / "float.pt", example_inputs=torch.rand(2, 3, 16, 16) / 2,
+                                       metadata=meta)
     dark, bright = tmp_path / "dark.png", tmp_path / "bright.png"
     Image.new("RGB", (16, 16), (20, 30, 40)).save(dark)
     Image.new("RGB", (16, 16), (250, 250, 250)).save(bright)
-    with pytest.raises(ExportError, match=r"float.pt' failed on a batch of 1 input of shape \(3, 16, 16\) \(the "
+    with pytest.raises(ExportError, match=r"float.pt' failed on an input of shape \(3, 16, 16\) \(the "
                                           r"predictor gave it uint8 pixels \[N, C, H, W\]\): RuntimeError: Input type "
                                           r"\(unsigned char\).* put transferkit's ImagePreprocess"):
         transferkit.load(tmp_path / "float.pt").predict(dark)
@@ -573,15 +575,20 @@ def test_a_model_that_fails_on_what_predict_gives_it_is_said_in_one_error(tmp_pa
     with pytest.warns(transferkit.TransferkitWarning, match="1 of the 3 inputs gave no prediction"):
         got = picky.predict([dark, bright, dark])
     assert [p.ok for p in got] == [True, False, True] and got[0].probability == got[2].probability
-    assert got[1].error.endswith("refuses a batch of 1 input of shape (3, 16, 16): this model takes no bright images")
+    assert got[1].error.endswith("refuses an input of shape (3, 16, 16): this model takes no bright images")
     white = torch.full((3, 16, 16), 255, dtype=torch.uint8)
-    with pytest.raises(DataError, match=r"^Input 1 of the 2 \(counting from 0\): .*picky.pt' refuses a batch"):
+    with pytest.raises(DataError, match=r"^Input 1 of the 2 \(counting from 0\): .*picky.pt' refuses an input"):
         picky.predict([torch.zeros(3, 16, 16, dtype=torch.uint8), white])  # an object refused raises, as unread
     with pytest.raises(DataError, match=r"picky.pt' refuses a batch of 2 inputs .*: this model takes no bright images$"):
         picky.outputs([dark, bright])  # no "(predict() reports such files one by one)": it raises them too
     assert main(["predict", str(tmp_path / "picky.pt"), str(dark), str(bright)]) == 1
     out = capsys.readouterr().out
     assert out.count("\n") == 2 and "this model takes no bright images" in out, out
+    # a model that refuses every input: one error for the batch, as before (not one per file, each run alone)
+    with pytest.raises(DataError, match=r"refuses a batch of 2 inputs of shape"):
+        picky.predict([bright, bright])
+    with pytest.raises(DataError, match=r"^Input 1 of the 2 \(counting from 0\)"):  # whatever the batch size
+        picky.predict([torch.zeros(3, 16, 16, dtype=torch.uint8), white], batch_size=1)
 
 
 def test_paths_of_any_kind_are_predicted_as_their_files(tmp_path):

@@ -361,3 +361,24 @@ def test_rank_0_keeps_the_weights_where_another_rank_was_interrupted_alone(tmp_p
     with pytest.raises(RuntimeError, match="Connection reset"):
         with faults.training_faults(checkpoint=None, batch_size=4, save_interrupted=lambda: saved, probe_step=None):
             raise RuntimeError("[gloo] Read error: Connection reset by peer")
+
+
+@pytest.mark.parametrize("text, is_oom", [
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", True),
+    ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 17179869184 bytes", True),
+    ("DefaultCPUAllocator: not enough memory: you tried to allocate 5", True),  # Windows
+    ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
+    ("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer", True),
+    ("NCCL error in: ProcessGroupNCCL.cpp:1\nLast error:\nCuda failure 'out of memory'", True),  # its last line
+    ("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback:\nRuntimeError: CUDA out of memory.", True),
+    ("The following operation failed in the TorchScript interpreter.\n  File /srv/bad_alloc/model.py, line 3\n"
+     "RuntimeError: Input type (unsigned char) and bias type (float) should be the same", False),  # a path, not the error
+])
+def test_out_of_memory_is_read_from_the_error_s_own_lines(text, is_oom):
+    """One test of running out of memory serves training's batch-size hint, the predictor and
+    the engines; the predictor's read "alloc" anywhere (a path realloc/ too), training's missed
+    torch's CPU allocator, cuBLAS and Windows."""
+    from transferkit.hardware import out_of_memory
+
+    assert out_of_memory(RuntimeError(text)) is is_oom
+

@@ -129,14 +129,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 _OUT_OF_MEMORY = ("failed to allocate memory", "bad_alloc", "bad allocation", "out of memory",
-                  "can't allocate memory", "cannot allocate memory")  # ONNX Runtime, C++, CUDA, torch's CPU allocator
+                  "can't allocate memory", "cannot allocate memory", "not enough memory", "alloc_failed")
+# ONNX Runtime, C++, CUDA, torch's CPU allocator (Linux, Windows), cuBLAS and cuDNN
 
 
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is running out of memory: ``MemoryError``, torch's ``OutOfMemoryError``,
-    or an error whose own line says so (an ONNX Runtime allocation failure is a plain runtime
-    error; TorchScript reports CUDA's in its interpreter's traceback). Its line, not its whole
-    text: a traceback names source files, ``bad_alloc/model.py`` among them.
+    or an error whose own line or last line says so (an ONNX Runtime allocation failure is a
+    plain runtime error; TorchScript reports CUDA's in its interpreter's traceback, NCCL and a
+    DataLoader worker on the last line). Not its whole text: a traceback names source files,
+    ``bad_alloc/model.py`` among them.
 
     Example:
         >>> out_of_memory(RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory"))
@@ -147,4 +149,6 @@ def out_of_memory(exc: BaseException) -> bool:
     """
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return True
-    return any(s in exception_line(exc, 1000).lower() for s in _OUT_OF_MEMORY)
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    said = [exception_line(exc, 1000), *lines[-1:]]  # and its last line: NCCL's and a DataLoader worker's say it there
+    return any(s in line.lower() for line in said for s in _OUT_OF_MEMORY)

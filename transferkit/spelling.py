@@ -24,7 +24,7 @@ COMMAND_OPTIONS = ("start_lr", "end_lr", "num_steps", "phase", "num_examples", "
 # a colon before a space (``compile='auto': tried ...``);
 # or key= with no value, the setting named (``give validation data (val_data=, or a val/ folder)``); never inside
 # a path or a list of options (``runs/lr=0.1/m.pt``, ``outputs/epochs=5,seed=1``)
-_SETTING = re.compile(r"(?<![\w.\-/\\,])([a-z_]+)=(?:('[^']*'|\"[^\"]*\"|\[[^\]]*\]|\{[^}]*\}|\([^()]*\)|"
+_SETTING = re.compile(r"(?<![\w.\-/\\,:;+~])([a-z_]+)=(?:('[^']*'|\"[^\"]*\"|\[[^\]]*\]|\{[^}]*\}|\([^()]*\)|"
                       r"(?![.:](?:\s|$))[^\s,;)]+?)(?=[\s,;)]|[.:](?:\s|$)|$)|(?=[\s,;)]|[.:](?:\s|$)|$))")
 _CALL = re.compile(r"(?:transferkit\.)?\b(finetune|resume)\((?!\):)([^()]*)\)")
 
@@ -93,6 +93,10 @@ class Syntax:
         value = shell_word(value.strip("'\""))
         if key in self.untyped:
             return None
+        f = config_fields().get(key)
+        if ("/" in value or "\\" in value) and f is not None and str not in f.metadata["types"]:
+            return None  # a path that holds key=value (runs/lr=0.1/m.pt): no number is written so
+
         if key in self.written_in and _same(value, self.written_in[key][1]):
             return f"{key}: {value} ({self.written_in[key][0]})"
         typed = self._typed(key, value)

@@ -159,7 +159,7 @@ class Predictor:
         run on what the predictor gives it (its error, what it was given, and for an image model
         refusing uint8 pixels, what an exported image model takes)."""
         line = exception_line(exc, 300)
-        batch = f"a batch of {plural(len(xb), 'input')} of shape {tuple(xb.shape[1:])}"
+        batch = f"{'an input' if len(xb) == 1 else f'a batch of {len(xb)} inputs'} of shape {tuple(xb.shape[1:])}"
         if out_of_memory(exc):
             return ExportError(f"{self.source} ran out of memory on {batch} ({exception_line(exc, 160)}); pass a "
                                "smaller batch_size (predict(..., batch_size=1), transferkit predict --batch-size 1).")
@@ -185,7 +185,7 @@ class Predictor:
             try:
                 xs = [self.inputs.prepare(x) for x in chunk]
             except DataError as exc:  # without the readers' advice on training options, which this method does not take
-                files = any(isinstance(x, (str, Path)) for x in items)
+                files = any(_is_file(x) for x in items)
                 raise DataError(file_reason(exc) + (" (predict() reports such files one by one)" if files else "")) \
                     from exc
             out.append(self._rows(xs))
@@ -205,10 +205,12 @@ class Predictor:
         waveforms (a ``[N, T]`` tensor is N clips). Returns one [`Prediction`][transferkit.Prediction] per item.
 
         A file that cannot be read (missing, not an image or audio, broken, NaN/inf audio
-        samples) does not stop the others: its prediction has ``error`` set to why (and
-        ``ok`` False), and one warning says how many failed; so does any input for which the
-        model returns NaN/inf. Other bad inputs (an array of the wrong shape, an unsupported
-        type) raise.
+        samples) or that the model refuses (its own ``ValueError`` on that input, where it
+        takes the others) does not stop the others: its prediction has ``error`` set to why
+        (and ``ok`` False), and one warning says how many failed; so does any input for which
+        the model returns NaN/inf. Other bad inputs (an array of the wrong shape, an
+        unsupported type, an object the model refuses) raise, and so does a model that refuses
+        every input of a batch (one `DataError`) or fails on what it is given (`ExportError`).
 
         Example:
             >>> predictor.predict(["a.jpg", "b.png"], top_k=3)[0].top_k  # doctest: +SKIP
@@ -282,18 +284,24 @@ class Predictor:
         input it refuses raises, as one that cannot be read does."""
         try:
             return self._rows(xs)
-        except DataError:
+        except DataError as batch:
             if len(xs) == 1 and not _is_file(items[ready[0]]):
-                raise
-        rows = []
+                raise DataError(f"Input {ready[0]} of the {len(items)} (counting from 0): {batch}") \
+                    if len(items) > 1 else batch from None
+            failed = batch
+        rows, refused = [], {}
         for i, x in zip(ready, xs):
             try:
                 rows.append(self._rows([x])[0])
             except DataError as exc:
                 if not _is_file(items[i]):
                     raise DataError(f"Input {i} of the {len(items)} (counting from 0): {exc}") from exc
-                preds[i] = Prediction(None, None, None, [], _source(items[i]), self.task, error=str(exc))
+                refused[i] = str(exc)
                 rows.append(torch.full((len(self.labels),), float("nan")))
+        if len(refused) == len(xs) > 1:  # a model that refuses every input: said once, as before
+            raise failed
+        preds.update({i: Prediction(None, None, None, [], _source(items[i]), self.task, error=why)
+                      for i, why in refused.items()})
         return torch.stack(rows)
 
     def _warn_about_inputs(self) -> None:

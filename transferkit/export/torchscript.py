@@ -234,6 +234,27 @@ def _check_float_pixels(eager: nn.Module, examples: Sequence[torch.Tensor]) -> N
                                   "images, or divide by 255; nothing was written.") from None
 
 
+def _warn_if_uint8_refused(eager: nn.Module, examples: Sequence[torch.Tensor], input_spec: dict[str, Any]) -> None:
+    """Warn where an image model refuses the uint8 pixels of its float example images: the
+    predictor gives an image model uint8 pixels for image files, so predict() would fail on
+    them (the file is still written; the parity check is the examples' own)."""
+    if input_spec.get("kind", "image") != "image":
+        return
+    for ex in examples:
+        if ex.is_floating_point() and ex.ndim == 4:
+            pixels = (ex[:1].detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+            try:
+                with torch.no_grad():
+                    eager(pixels)
+            except Exception as exc:  # noqa: BLE001 - the model's own error, whatever it is
+                warn(f"The model fails on uint8 pixels (the example images rounded to uint8): "
+                     f"{exception_line(exc).rstrip('.')}. The file is written, but transferkit's predictor gives an "
+                     "image model uint8 pixels for image files, so predict() and `transferkit predict` will fail on "
+                     "them. An image model to deploy takes raw pixels, uint8 in [0, 255] or float in [0, 1]: put "
+                     "transferkit's ImagePreprocess(mean, std) in front of the module (transferkit.build_model does).")
+            return
+
+
 def reference_outputs(eager: nn.Module, batches: Sequence[tuple[torch.Tensor, bool]]
                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The batches the eager model accepts and its outputs on them (computed once, compared
@@ -416,6 +437,7 @@ def export_torchscript(model: nn.Module, path: str | Path, *, metadata: dict[str
     _check_float_pixels(eager, examples)
     batches, reference = reference_outputs(eager, _check_batches(examples))
     meta = complete_metadata(metadata, num_outputs=int(reference[0].shape[1]))
+    _warn_if_uint8_refused(eager, examples, meta["input_spec"])
     takes_size(eager, meta["input_spec"], examples)
     with quiet_jit():
         scripted, kind = _to_script(eager, examples[0][:1], mode)

@@ -321,6 +321,9 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     out = Path(recipe.get("out_dir") or f"runs/{name}")
     for run_name in run_cfgs:  # written after training: a folder or a file in its way is said before
         check_writable((out / run_name if run_name else out) / "results.json", what="recipe results", flag="--out")
+    checked = data_dir.exists()  # a folder that is not there is said first, by the data's own error (or downloaded)
+    if checked:  # before the data are read (a long scan) as well as before any run trains
+        _check_runs(run_cfgs, data_dir)
     try:
         data = data_fn(data_dir, {**recipe, "args": args})
     except DataError as exc:
@@ -331,7 +334,8 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
         raise DataError(f"{exc} ({_missing_data_dir(data_dir, came)})") from exc
     train, val, test, classes = _sliced(data, recipe.get("limit"), cfg.get("seed", 0))
     _check_test(test, train, classes, audio=any(_is_audio(c.get("backbone")) for c in run_cfgs.values()))
-    _check_runs(run_cfgs, data_dir)
+    if not checked:
+        _check_runs(run_cfgs, data_dir)
     summaries = []
     for run_name, run_cfg in run_cfgs.items():
         run_out = out / run_name if run_name else out

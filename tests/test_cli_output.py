@@ -316,7 +316,8 @@ def test_a_recipe_s_hints_use_its_own_flags():
     written = {"backbone": ("recipes/fsdd.yaml", "spec:tk:small_cnn")}
     assert recipe_spelling("start anew: finetune(..., backbone='spec:tk:small_cnn', weights='c.pt'), as backbone="
                            "'spec:tk:small_cnn' says.", prog, written_in=written) == \
-        "start anew: `python recipes/fsdd.py ... --weights c.pt`, as backbone: spec:tk:small_cnn (recipes/fsdd.yaml) says."
+        "start anew: `python recipes/fsdd.py ... --weights c.pt`, as backbone: spec:tk:small_cnn " \
+        "(recipes/fsdd.yaml) says."
 
 
 def test_predict_goes_on_past_a_folder_without_inputs(run, capsys, tmp_path, monkeypatch):

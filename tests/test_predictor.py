@@ -579,7 +579,8 @@ def test_a_model_that_fails_on_what_predict_gives_it_is_said_in_one_error(tmp_pa
     white = torch.full((3, 16, 16), 255, dtype=torch.uint8)
     with pytest.raises(DataError, match=r"^Input 1 of the 2 \(counting from 0\): .*picky.pt' refuses an input"):
         picky.predict([torch.zeros(3, 16, 16, dtype=torch.uint8), white])  # an object refused raises, as unread
-    with pytest.raises(DataError, match=r"picky.pt' refuses a batch of 2 inputs .*: this model takes no bright images$"):
+    with pytest.raises(DataError, match=r"picky.pt' refuses a batch of 2 inputs .*: this model takes no bright "
+                                        r"images$"):
         picky.outputs([dark, bright])  # no "(predict() reports such files one by one)": it raises them too
     assert main(["predict", str(tmp_path / "picky.pt"), str(dark), str(bright)]) == 1
     out = capsys.readouterr().out

@@ -370,9 +370,10 @@ def test_rank_0_keeps_the_weights_where_another_rank_was_interrupted_alone(tmp_p
     ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
     ("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer", True),
     ("NCCL error in: ProcessGroupNCCL.cpp:1\nLast error:\nCuda failure 'out of memory'", True),  # its last line
-    ("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback:\nRuntimeError: CUDA out of memory.", True),
+    ("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback:\nRuntimeError: CUDA out of memory.",
+     True),
     ("The following operation failed in the TorchScript interpreter.\n  File /srv/bad_alloc/model.py, line 3\n"
-     "RuntimeError: Input type (unsigned char) and bias type (float) should be the same", False),  # a path, not the error
+     "RuntimeError: Input type (unsigned char) and bias type (float) should be the same", False),  # a path's word
 ])
 def test_out_of_memory_is_read_from_the_error_s_own_lines(text, is_oom):
     """One test of running out of memory serves training's batch-size hint, the predictor and

@@ -375,7 +375,8 @@ def check_training_classes(targets: Sequence[int], names: Sequence[str], report:
                         "a classifier needs at least two.")
     empty = [n for i, n in enumerate(names) if not counts[i]]
     if empty and not folder:
-        report.warn(f"{plural(len(empty), 'class', 'classes')} of {len(names)} {'has' if len(empty) == 1 else 'have'} no "
+        has = "has" if len(empty) == 1 else "have"
+        report.warn(f"{plural(len(empty), 'class', 'classes')} of {len(names)} {has} no "
                     f"training sample: {empty[:10]}. The model still gets an output for each, which it cannot learn; "
                     "give the classes that the data hold (classes=, _info.json), or add their samples.")
 

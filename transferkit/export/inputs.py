@@ -95,7 +95,8 @@ class InputPipeline:
             return list(inputs)
         # (waveform, sample_rate): a rate of any number type (np.int64 from pandas, 44100.0), checked when read
         pair = self.audio and isinstance(inputs, tuple) and len(inputs) == 2 and audio.is_rate(inputs[1])
-        if isinstance(inputs, (str, os.PathLike, Image.Image, torch.Tensor, np.ndarray)) or pair or is_open_file(inputs):
+        if isinstance(inputs, (str, os.PathLike, Image.Image, torch.Tensor, np.ndarray)) or pair \
+                or is_open_file(inputs):
             return [inputs]  # an open file is one input, not the lines it would iterate over
         if isinstance(inputs, Sequence) or hasattr(inputs, "__iter__"):
             return list(inputs)

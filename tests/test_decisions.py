@@ -1058,3 +1058,12 @@ def test_the_plan_lists_as_updating_statistics_only_the_training_blocks_that_hol
     now = r.decisions.to_dict()  # a checkpoint that listed every training block (or said BatchNorm otherwise) resumes
     assert differences({**now, "bn_statistics_update": [{"epochs": [1, 1], "blocks": ["mid", "fc"]}],
                         "bn": "none in the trunk"}, now) == {}
+
+
+def test_groups_whose_rate_changes_no_float32_weight_are_noted(image_folder):
+    """`discriminative=1e-300` (accepted: a ratio in (0, 1]) gave the first blocks a rate of
+    1e-303, which changes no float32 weight, while the plan counted them as trained."""
+    said = "parameter groups train at a learning rate below 1e-10 (the smallest, 'stem', at 1e-303)"
+    assert any(said in n for n in _plan(image_folder, policy="full,discriminative=1e-300", lr=1e-3).notes)
+    for policy in ("full,discriminative=0.01", "fine_tune", "feature_extraction"):
+        assert not any("learning rate below" in n for n in _plan(image_folder, policy=policy, lr=1e-3).notes), policy

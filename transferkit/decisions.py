@@ -372,6 +372,15 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
                      f"made stay as they are ({len(kept)}, e.g. {kept[0]!r}); to train them, set requires_grad=True on "
                      "them before making the backbone (a module frozen by an earlier run: "
                      "module.requires_grad_(True), then from_module).")
+    stalled = sorted((phase_lr * g["lr_scale"], g["name"]) for g in template
+                     if g["params"] and phase_lr * g["lr_scale"] < LOST_LR)
+    if stalled:
+        rate, name = stalled[0]
+        notes.append(f"{_plural(len(stalled), 'parameter group')} train at a learning rate below {LOST_LR:g} (the "
+                     f"smallest, {name!r}, at {rate:.2g}): a step that small leaves a float32 weight as it is (the "
+                     "float32 values next to a weight of 0.01 are about 1e-9 apart), so those blocks stay as they "
+                     "were while the run counts them as trained. Raise the policy's discriminative= or layer_decay= "
+                     "(or lr), or freeze those blocks (e.g. unfreeze:last=N).")
     target_norm = resolve_target_norm(cfg.target_norm, task=cfg.task)
     if data.targets is not None:
         scale_note = target_scale_note(data.targets, data.classes, standardised=target_norm)
@@ -422,6 +431,10 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode), pretrained=bb.pretrained,
         cache_read_only=facts.cache_read_only if cfg.cache_dir is not None else None,
         sample_order=sample_order)
+
+
+LOST_LR = 1e-10
+"""A learning rate below which a step changes no float32 weight of ordinary size (a plan note)."""
 
 
 def head_only_epochs(trainable: Sequence[Sequence[str]]) -> int:

@@ -245,6 +245,41 @@ def test_modules_without_parameters_follow_their_block():
     assert model.trunk[5].training
 
 
+class InputNormLast(nn.Module):
+    """A trunk whose input BatchNorm (no gamma/beta) is declared after its blocks but runs
+    before them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.body = nn.Conv2d(8, 8, 3)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.input_norm = nn.BatchNorm2d(3, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.body(self.stem(self.input_norm(x))))
+
+
+def test_a_statistics_layer_outside_the_blocks_follows_the_block_it_runs_next_to_not_the_one_declared_before():
+    """An input BatchNorm declared last followed the last block (registration order): with the
+    stem frozen and the body training, it updated its running statistics, so the frozen stem's
+    input changed. It follows the block it runs next to, told by one forward pass."""
+    from transferkit.backbones import from_module
+    from transferkit.policies.freeze import module_blocks
+
+    torch.manual_seed(0)
+    bb = from_module(InputNormLast(), input_spec={"image_size": 16}, blocks={"stem": ["stem"], "body": ["body"]})
+    assert module_blocks(bb.trunk, bb)["input_norm"] == "stem"
+    model = TransferModel(ImagePreprocess((0.5,) * 3, (0.5,) * 3), bb.trunk, build_head(bb.num_features, 2))
+    policy = Policy.parse("unfreeze:last=1")
+    apply_policy(model, bb, policy)
+    set_train_mode(model, bb, policy)
+    assert not model.trunk.input_norm.training and model.trunk.body.training
+    before = model.trunk.input_norm.running_mean.clone()
+    model(torch.rand(4, 3, 16, 16))
+    assert torch.equal(model.trunk.input_norm.running_mean, before)
+
+
 @pytest.mark.parametrize("spec, dropping", [("unfreeze:last=1", (False, False)), ("unfreeze:last=2", (False, True)),
                                             ("full", (True, True))])
 def test_a_dropout_between_blocks_follows_the_block_before_it(spec, dropping):

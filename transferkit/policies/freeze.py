@@ -20,6 +20,10 @@ training except under ``affine``, which trains gamma/beta everywhere (fastai's
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
+import torch
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
@@ -114,10 +118,10 @@ def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]
     parameters), or its parent's when it has none; ``None`` for containers that span several
     blocks (the trunk itself, a ViT's encoder) and for parameterless modules outside every
     block, except a normalisation layer with running statistics (a BatchNorm with
-    ``affine=False`` between blocks) and a dropout: it follows the block of the module
-    registered before it (the one it runs after in a Sequential), or, first in the trunk, of
-    the one after it, so that its statistics stay put and it drops nothing while that block is
-    frozen. Other parameterless modules outside every block (SpecAugment's masks, a resampler)
+    ``affine=False`` between blocks) and a dropout: it follows the block of the module it runs
+    after (`run_order`; where that cannot be told, the one registered before it), or, first in
+    the trunk, of the one after it, so that its statistics stay put and it drops nothing while
+    that block is frozen. Other parameterless modules outside every block (SpecAugment's masks, a resampler)
     run in training mode whenever some block trains."""
     members = sorted(((m, b.name) for b in (*backbone.blocks, *backbone.frozen) for m in b.members),
                      key=lambda mb: -len(mb[0]))
@@ -134,12 +138,55 @@ def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]
         else:
             out[name] = owners.pop() if len(owners) == 1 else None
     names, modules = list(out), dict(trunk.named_modules())  # (a TorchScript trunk has no get_submodule)
-    for i, name in enumerate(names):
+    order: list[str] | None = None  # the order the modules run in: looked at once, where a module needs it
+    for name in names:
         if out[name] is None and _follows_its_neighbour(modules[name]):
-            before = (out[n] for n in reversed(names[:i]) if out[n] is not None)
-            after = (out[n] for n in names[i + 1:] if out[n] is not None)
+            if order is None:
+                ran = run_order(trunk, backbone)
+                order = [n for n in ran if n in out] + [n for n in names if n not in ran] if ran else names
+            i = order.index(name)
+            before = (out[n] for n in reversed(order[:i]) if out[n] is not None)
+            after = (out[n] for n in order[i + 1:] if out[n] is not None)
             out[name] = next(before, None) or next(after, None)
     return out
+
+
+_RUN_ORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trunk -> `run_order`
+
+
+def run_order(trunk: nn.Module, backbone: Backbone) -> list[str]:
+    """The names of ``trunk``'s modules in the order a forward pass calls them (each at its first
+    call), from one forward of a zero input of the backbone's ``input_spec`` in eval mode
+    without gradients (the modules' modes are restored); looked at once per trunk. Empty where
+    it cannot be told (a TorchScript trunk takes no hooks; a forward that fails): the order the
+    modules are registered in stands for it."""
+    if trunk in _RUN_ORDERS:
+        return _RUN_ORDERS[trunk]
+    called: list[str] = []
+    spec = backbone.input_spec
+    try:
+        ref = next(itertools.chain(trunk.parameters(), trunk.buffers()), None)
+        device = ref.device if ref is not None else torch.device("cpu")
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+        shape = (1, int(spec.sample_rate * (spec.clip_seconds or 1.0))) if spec.kind == "audio" else \
+            (1, spec.channels, spec.image_size, spec.image_size)
+        x = torch.zeros(shape, device=device, dtype=dtype)
+        hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: None if n in called else called.append(n))
+                 for n, m in trunk.named_modules()]  # (a module called twice keeps its first place)
+        modes = {m: m.training for m in trunk.modules()}
+        try:
+            trunk.eval()
+            with torch.no_grad():
+                trunk(x)
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, mode in modes.items():
+                m.training = mode
+    except Exception:  # noqa: BLE001 - a TorchScript trunk, a size it does not take: the registered order
+        called = []
+    _RUN_ORDERS[trunk] = called
+    return called
 
 
 def _follows_its_neighbour(m: nn.Module) -> bool:

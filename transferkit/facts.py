@@ -325,11 +325,7 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
     seed_everything(cfg.seed)  # a randomly initialised backbone is the same in every run of this seed
     if load_weights and cfg.weights is not None and isinstance(cfg.backbone, str):
         _check_data_paths(cfg)  # a mistyped path is said before pretrained weights are fetched, not after
-    bb = _own_backbone(cfg, load_weights=load_weights)
-    spec = resolve_input_spec(bb.input_spec, cfg.image_size)
-    check_options_of_kind(cfg, bb)
-    check_channels(bb, spec, options=cfg.backbone_options)
-    check_runs_at(bb, spec, by_name=isinstance(cfg.backbone, str), weights=cfg.weights, options=cfg.backbone_options)
+    bb, spec = _checked_backbone(cfg, load_weights=load_weights)
     # every rank reads the same data (checked next): rank 0 says what it found; the others say
     # it only when their data differ from rank 0's, where it may name the difference
     with warnings.catch_warnings(record=not info.is_main) as held:
@@ -471,14 +467,21 @@ def check_settings(cfg: FinetuneConfig) -> None:
     check_weights_given(cfg)
     policy = Policy.parse(cfg.policy)
     head_kind, hidden = resolve_head(cfg.head, cfg.head_hidden)
-    bb = _own_backbone(cfg, load_weights=False)
+    bb, spec = _checked_backbone(cfg, load_weights=False)
+    policy.schedule(list(bb.block_names), cfg.epochs)
+    if head_kind != "logistic":
+        _groups(cfg, bb, spec, policy, 2, hidden)
+
+
+def _checked_backbone(cfg: FinetuneConfig, *, load_weights: bool) -> tuple[Backbone, InputSpec]:
+    """The run's own backbone (`_own_backbone`) and the input spec it runs at, checked as the run
+    needs them: its options fit its kind, it takes the images' channels and runs at that size."""
+    bb = _own_backbone(cfg, load_weights=load_weights)
     spec = resolve_input_spec(bb.input_spec, cfg.image_size)
     check_options_of_kind(cfg, bb)
     check_channels(bb, spec, options=cfg.backbone_options)
     check_runs_at(bb, spec, by_name=isinstance(cfg.backbone, str), weights=cfg.weights, options=cfg.backbone_options)
-    policy.schedule(list(bb.block_names), cfg.epochs)
-    if head_kind != "logistic":
-        _groups(cfg, bb, spec, policy, 2, hidden)
+    return bb, spec
 
 
 def _own_backbone(cfg: FinetuneConfig, *, load_weights: bool) -> Backbone:

@@ -429,8 +429,8 @@ def _run_config(name: str, run_name: str, cfg: dict[str, Any], overrides: dict[s
     run_cfg = {k: expand_vars(v, k) for k, v in run_cfg.items()}
     written_for = overrides.get("backbone", written_for)  # a run's own block names the backbone its settings fit
     if (audio or _is_audio(written_for)) and not _is_audio(run_cfg.get("backbone")):
-        given = run_cfg.get("backbone") or f"{config_fields()['backbone'].default} (the default: the config names none)"
-        raise ConfigError(f"The backbone given, {given}, takes images, and this recipe's data are audio: give a spec: "
+        named = run_cfg.get("backbone") or f"{config_fields()['backbone'].default} (the default: the config names none)"
+        raise ConfigError(f"The backbone given, {named}, takes images, and this recipe's data are audio: give a spec: "
                           "backbone (log-mel spectrograms into an image network, e.g. spec:tv:resnet18) or a ta: "
                           "speech model (e.g. ta:wav2vec2_base).")
     run_cfg = _image_options_of(run_cfg, written_for, "backbone_options" in {*cli, *overrides}, source)

@@ -142,8 +142,9 @@ def module_blocks(trunk: nn.Module, backbone: Backbone) -> dict[str, str | None]
     for name in names:
         if out[name] is None and _follows_its_neighbour(modules[name]):
             if order is None:
-                ran = run_order(trunk, backbone)
-                order = [n for n in ran if n in out] + [n for n in names if n not in ran] if ran else names
+                ran = run_order(trunk, backbone)  # then the modules the forward did not call, as registered
+                called = set(ran)
+                order = [n for n in ran if n in out] + [n for n in names if n not in called] if ran else names
             i = order.index(name)
             before = (out[n] for n in reversed(order[:i]) if out[n] is not None)
             after = (out[n] for n in order[i + 1:] if out[n] is not None)

@@ -375,13 +375,13 @@ def test_workers_whose_torchrun_was_killed_end_with_their_weights_kept(images, t
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, cwd=tmp_path)
     try:
-        for _ in range(1200):  # the first epoch's checkpoint (at most 120 s)
+        for _ in range(2400):  # the first epoch's checkpoint (a hang guard: at most 240 s, as the other jobs here)
             if checkpoint.exists() or proc.poll() is not None:
                 break
             time.sleep(0.1)
         assert checkpoint.exists(), proc.communicate()[1][-3000:]
         proc.kill()  # torchrun alone: its workers are in sessions of their own
-        _, stderr = proc.communicate(timeout=120)  # the pipes close when the workers holding them have ended
+        _, stderr = proc.communicate(timeout=240)  # the pipes close when the workers holding them have ended
     finally:
         for pid in filter(str.isdigit, os.listdir("/proc")):  # a worker left running: ended here
             with contextlib.suppress(OSError):

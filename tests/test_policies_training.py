@@ -397,6 +397,39 @@ def test_a_gradual_schedule_with_an_epoch_that_unfreezes_only_batchnorm_under_bn
     assert tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="gradual:every=1,bn=frozen", epochs=1)).frozen
 
 
+def test_a_block_whose_parameters_were_all_fixed_stays_frozen_with_its_statistics(tmp_path):
+    """A block whose parameters all did not require gradients when the backbone was made (a
+    module frozen by an earlier run) trains no weight under any policy: it stays in eval mode,
+    its BatchNorm statistics bit-for-bit unchanged, the plan leaves it out of the blocks that
+    train and says why; a policy whose unfrozen blocks are all such blocks is refused."""
+    from conftest import make_image_folder
+    from transferkit.backbones.custom import from_module
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net[:2].requires_grad_(False)  # the stem, frozen by an earlier run
+    bb = from_module(net, input_spec={"image_size": 16}, name="stem_fixed",
+                     blocks=[("stem", ["0", "1"]), ("body", ["2", "3"])])
+    data = str(make_image_folder(tmp_path / "d", per_class=3, size=16))
+    plan = tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="full", epochs=1))
+    assert plan.trainable == (("body",),)
+    assert any("(stem) holds only parameters that did not require gradients" in n for n in plan.notes)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    r = tk.finetune(backbone=bb, data=data, policy="full", epochs=1, batch_size=4, val_split=0, num_workers=0,
+                    verbose=False)
+    after = r.model.trunk.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith(("0.", "1.")))  # stats included
+    assert not torch.equal(after["3.running_mean"], before["3.running_mean"])  # the block that trains
+    net[2:4].requires_grad_(False)  # every block fixed: nothing of the trunk would train
+    whole = from_module(net, input_spec={"image_size": 16}, name="all_fixed",
+                        blocks=[("stem", ["0", "1"]), ("body", ["2", "3"])])
+    with pytest.raises(tk.PolicyError, match=r"'full' trains no backbone weight: the blocks it unfreezes \(stem, "
+                                             r"body\) hold only parameters that did not require gradients.*Use "
+                                             r"policy='feature_extraction'"):
+        tk.plan(tk.FinetuneConfig(backbone=whole, data=data, policy="full", epochs=1))
+
+
 def test_a_parameterless_batchnorm_between_blocks_is_frozen_with_the_block_before_it(tmp_path):
     """A BatchNorm without gamma/beta belongs to no block of a default block map (blocks hold
     parameters); its statistics moved while the block around it was frozen. It follows the

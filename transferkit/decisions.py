@@ -350,10 +350,12 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     decode = _decode_decision(cfg, facts, augment, cached_epochs)
     template = bb.head_groups if cache else bb.groups
     phase_lr = lr * _group_phase_factor(pol, cfg.epochs)  # the rate the groups train at (fine_tune: its 2nd phase)
-    trainable = tuple(tuple(b) for b in pol.schedule(list(bb.blocks), cfg.epochs))
-    _check_trains_something(pol, trainable, bb.batchnorm_only)
+    scheduled = pol.schedule(list(bb.blocks), cfg.epochs)
+    _check_trains_something(pol, scheduled, list(bb.blocks), bb.batchnorm_only, bb.fixed_blocks)
+    trainable = tuple(tuple(b for b in blocks if b not in bb.fixed_blocks) for blocks in scheduled)  # `training_blocks`
     trained = {b for blocks in trainable for b in blocks}
     kept = [n for n, block in bb.fixed if block in trained]
+    idle = [b for b in bb.fixed_blocks if any(b in blocks for blocks in scheduled)]
     notes = _unused_settings(cfg, pol, head_passes(pol, cached_epochs, cfg.epochs))
     notes += _policy_options_unused(pol, cached_epochs=cached_epochs, cache_reason=reason, frozen=frozen,
                                     pretrained=bb.pretrained, trains_blocks=any(trainable))
@@ -372,6 +374,12 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
                      f"made stay as they are ({len(kept)}, e.g. {kept[0]!r}); to train them, set requires_grad=True on "
                      "them before making the backbone (a module frozen by an earlier run: "
                      "module.requires_grad_(True), then from_module).")
+    if idle:
+        notes.append(f"{_plural(len(idle), 'block')} the policy unfreezes ({', '.join(idle)}) "
+                     f"{'holds' if len(idle) == 1 else 'hold'} only parameters "
+                     "that did not require gradients when the backbone was made: they stay frozen, in eval mode with "
+                     "their BatchNorm statistics kept. To train them, set requires_grad=True on them before making the "
+                     "backbone (a module frozen by an earlier run: module.requires_grad_(True), then from_module).")
     stalled = sorted((phase_lr * g["lr_scale"], g["name"]) for g in template
                      if g["params"] and phase_lr * g["lr_scale"] < LOST_LR)
     if stalled:
@@ -598,24 +606,33 @@ def _outputs_unused(cfg: FinetuneConfig, trainable: tuple[tuple[str, ...], ...],
     return notes
 
 
-def _check_trains_something(pol: Policy, trainable: tuple[tuple[str, ...], ...],
-                            batchnorm_only: tuple[str, ...]) -> None:
-    """Refuse a schedule with an epoch whose unfrozen blocks hold only BatchNorm gamma/beta under
-    ``bn=frozen``: that epoch trains no backbone weight, yet it runs the backbone end to end
-    instead of on cached features (a DenseNet's last block ``norm``; a gradual schedule whose
-    first step unfreezes such a block)."""
-    if pol.bn != "frozen" or pol.lora is not None:
+def _check_trains_something(pol: Policy, scheduled: list[list[str]], blocks: list[str],
+                            batchnorm_only: tuple[str, ...], fixed: tuple[str, ...]) -> None:
+    """Refuse a schedule (of the trunk's ``blocks``) with an epoch whose unfrozen blocks train no
+    weight: blocks that hold only parameters that did not require gradients when the backbone
+    was made (``fixed``: a module frozen by an earlier run), or only BatchNorm gamma/beta under
+    ``bn=frozen`` (a DenseNet's last block ``norm``; a gradual schedule whose first step
+    unfreezes such a block). That epoch trains no backbone weight, yet it would run the
+    backbone end to end instead of on cached features."""
+    if pol.lora is not None:
         return
-    for epoch, blocks in enumerate(trainable):
-        if blocks and set(blocks) <= set(batchnorm_only):
-            start = len(blocks) + 1  # the first step then holds a block with weights too
-            above = f", and max above {start}" if pol.max_blocks is not None and pol.max_blocks <= start else ""
-            when, fix = ((f" in epoch {epoch + 1}", f"Start with more blocks unfrozen (start={start}{above})")
-                         if pol.is_gradual else ("", "Unfreeze more blocks (e.g. last=2)"))
-            raise PolicyError(f"The policy {str(pol)!r} trains no backbone weight{when}: the blocks it unfreezes "
-                              f"({', '.join(blocks)}) hold only BatchNorm gamma/beta, which bn=frozen keeps frozen. "
-                              f"{fix}, let BatchNorm train (bn=affine or bn=train), or use "
-                              "policy='feature_extraction' for a frozen backbone.")
+    idle = {*fixed, *(batchnorm_only if pol.bn == "frozen" else ())}
+    for epoch, unfrozen in enumerate(scheduled):
+        if not unfrozen or not set(unfrozen) <= idle:
+            continue
+        held = " or ".join(what for what, names in (
+            ("BatchNorm gamma/beta, which bn=frozen keeps frozen", batchnorm_only if pol.bn == "frozen" else ()),
+            ("parameters that did not require gradients when the backbone was made (a module frozen by an earlier "
+             "run: module.requires_grad_(True), then from_module, lets them train)", fixed)) if set(unfrozen) & set(names))
+        start = len(unfrozen) + 1  # the first step then holds a block with weights too
+        above = f", and max above {start}" if pol.max_blocks is not None and pol.max_blocks <= start else ""
+        when, fix = ((f" in epoch {epoch + 1}", f"Start with more blocks unfrozen (start={start}{above}), ")
+                     if pol.is_gradual else ("", "Unfreeze more blocks (e.g. last=2), "))
+        fix = fix if len(unfrozen) < len(blocks) else ""  # every block: nothing more to unfreeze
+        bn = "let BatchNorm train (bn=affine or bn=train), " if pol.bn == "frozen" and set(unfrozen) - set(fixed) else ""
+        raise PolicyError(f"The policy {str(pol)!r} trains no backbone weight{when}: the blocks it unfreezes "
+                          f"({', '.join(unfrozen)}) hold only {held}. {fix}{bn}{'or use' if fix or bn else 'Use'} "
+                          "policy='feature_extraction' for a frozen backbone.")
 
 
 def _input_decode_decision(cfg: FinetuneConfig, facts: Facts, cached_epochs: int,

@@ -14,6 +14,7 @@ from transferkit.policies.freeze import (
     set_train_mode,
     trainable_flags,
     trainable_parameter_names,
+    training_blocks,
 )
 from transferkit.policies.groups import layer_ids, lr_multipliers, lr_scales, param_groups
 from transferkit.policies.l2sp import L2SP, policy_penalty
@@ -36,4 +37,5 @@ __all__ = [
     "set_train_mode",
     "trainable_flags",
     "trainable_parameter_names",
+    "training_blocks",
 ]

@@ -31,14 +31,28 @@ from transferkit.backbones._base import Backbone
 from transferkit.lora import add_lora, check_lora, has_lora, is_lora_parameter
 from transferkit.policies.frozen_bn import freeze_batchnorm, thaw_batchnorm, tracks_statistics
 from transferkit.policies.spec import Policy
-from transferkit.policies.structure import block_of, bn_param_names, has_batchnorm  # noqa: F401 (has_batchnorm: public here)
+from transferkit.policies.structure import (  # noqa: F401 (has_batchnorm: public here)
+    block_of,
+    bn_param_names,
+    fixed_blocks,
+    has_batchnorm,
+)
+
+
+def training_blocks(backbone: Backbone, policy: Policy, epoch: int = 0) -> list[str]:
+    """The blocks whose weights train at ``epoch``: the policy's (`Policy.trainable_blocks`), but
+    for those whose parameters all did not require gradients as the backbone was made
+    (`transferkit.policies.structure.fixed_blocks`), which stay frozen, their BatchNorm
+    statistics included."""
+    fixed = fixed_blocks(backbone) if backbone.fixed else ()
+    return [b for b in policy.trainable_blocks(backbone.block_names, epoch) if b not in fixed]
 
 
 def trainable_flags(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int = 0) -> dict[str, bool]:
     """``{parameter name: trains at epoch}`` over ``model.trunk`` (names relative to the trunk),
     as the policy says; a query, nothing is changed. A parameter that did not require
     gradients as the backbone was made (`Backbone.fixed`) never trains."""
-    blocks = set(policy.trainable_blocks(backbone.block_names, epoch))
+    blocks = set(training_blocks(backbone, policy, epoch))
     bn_params = bn_param_names(model.trunk)
     fixed = backbone.fixed or frozenset()
     flags = {}
@@ -84,7 +98,7 @@ def apply_policy(model: nn.Module, backbone: Backbone, policy: Policy, epoch: in
 
 def _active_blocks(model: nn.Module, backbone: Backbone, policy: Policy, epoch: int) -> set[str]:
     """The blocks whose modules train at ``epoch``: the policy's, and those holding LoRA factors."""
-    active = set(policy.trainable_blocks(backbone.block_names, epoch))
+    active = set(training_blocks(backbone, policy, epoch))
     if policy.lora is not None:
         active |= {block_of(backbone, n) for n, _ in model.trunk.named_parameters() if is_lora_parameter(n)}
     return active
@@ -94,7 +108,7 @@ def statistics_frozen(model: nn.Module, backbone: Backbone, policy: Policy, epoc
     """``{module name: statistics frozen at epoch}`` for the BatchNorm layers of ``model.trunk``:
     those of blocks whose weights do not train (LoRA factors leave a block's own weights, and so
     its statistics, as they were), and all of them under ``bn="affine"`` or ``"frozen"``."""
-    active = set(policy.trainable_blocks(backbone.block_names, epoch))
+    active = set(training_blocks(backbone, policy, epoch))
     owner = module_blocks(model.trunk, backbone) if active and policy.bn == "train" else {}
     return {name: not active or policy.bn != "train" or (owner[name] is not None and owner[name] not in active)
             for name, m in model.trunk.named_modules() if tracks_statistics(m)}

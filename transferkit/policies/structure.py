@@ -4,6 +4,7 @@ block each trunk parameter belongs to (a LoRA-parametrized weight answers to its
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -45,9 +46,25 @@ def batchnorm_only_blocks(backbone: Backbone) -> tuple[str, ...]:
         ('norm',)
     """
     bn = bn_param_names(backbone.trunk)
+    return _blocks_holding_only(backbone, lambda name: name in bn)
+
+
+def fixed_blocks(backbone: Backbone) -> tuple[str, ...]:
+    """The blocks whose parameters all did not require gradients as the backbone was made
+    (`Backbone.fixed`: a module frozen by an earlier run, given to `from_module`): a policy that
+    unfreezes them trains none of their weights, so they stay frozen, in eval mode with their
+    BatchNorm statistics kept (`transferkit.policies.training_blocks`)."""
+    fixed = backbone.fixed or frozenset()
+    return _blocks_holding_only(backbone, lambda name: name in fixed)
+
+
+def _blocks_holding_only(backbone: Backbone, test: Callable[[str], bool]) -> tuple[str, ...]:
+    """The blocks of ``backbone`` with parameters, each of which passes ``test`` (by its name as
+    the backbone was made: a LoRA-parametrized weight answers to its weight's)."""
     owned: dict[str, list[bool]] = {}
     for name, _ in backbone.trunk.named_parameters():
-        owned.setdefault(backbone.block_of(name), []).append(name in bn)
+        name = PARAMETRIZED.sub(lambda m: f"{m.group(1)}{m.group(2)}", name)
+        owned.setdefault(backbone.block_of(name), []).append(test(name))
     return tuple(b for b in backbone.block_names if owned.get(b) and all(owned[b]))
 
 

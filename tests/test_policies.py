@@ -417,6 +417,23 @@ def test_fine_tune_groups_hold_the_backbone_only_when_it_trains_in_the_run():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("policy", ["gradual:every=1", "fine_tune:frozen=1"])
+def test_groups_of_a_policy_that_unfreezes_later_need_the_run_s_epochs(policy):
+    """Groups built without ``epochs`` for a policy whose blocks unfreeze after the first epoch
+    left those blocks out of the optimizer: a custom loop trained their statistics, never their
+    weights, without a word."""
+    model, bb = small_model()
+    p = Policy.parse(policy)
+    with pytest.raises(ConfigError, match=r"needs epochs= \(the run's number of epochs\): this policy unfreezes "
+                                          r"blocks after the first epoch"):
+        param_groups(model, lr=1e-3, weight_decay=0.0, backbone=bb, policy=p)
+    assert "stage3" in {g["name"] for g in param_groups(model, lr=1e-3, weight_decay=0.0, backbone=bb, policy=p,
+                                                        epochs=3)}
+    fixed = Policy.parse("unfreeze:last=1")  # the same blocks every epoch: one is enough
+    assert {g["name"] for g in param_groups(model, lr=1e-3, weight_decay=0.0, backbone=bb, policy=fixed)} == \
+        {"stage3", "stage3/no_decay", "head", "head/no_decay"}
+
+
 @given(unfreeze=st.sampled_from(["all", 2, ("layer3", "layer4")]), frozen=st.integers(0, 4),
        rate=st.one_of(st.none(), st.sampled_from([0.01, 0.1]), st.floats(0.01, 1.0)),
        kind=st.sampled_from(["discriminative", "layer_decay"]), bn=st.sampled_from(["train", "affine", "frozen"]))

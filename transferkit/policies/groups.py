@@ -235,11 +235,13 @@ def _norm_param_names(module: nn.Module) -> set[str]:
 
 
 def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone: Backbone | None = None,
-                 policy: Policy | None = None, epochs: int = 1) -> list[dict[str, Any]]:
+                 policy: Policy | None = None, epochs: int | None = None) -> list[dict[str, Any]]:
     """Optimizer groups: one per (block, decay / no decay), each with ``lr * multiplier``.
 
     With ``backbone`` and ``policy``: every parameter of ``model.trunk`` that trains at some
-    epoch in ``range(epochs)`` plus ``model.head``, each exactly once (a LoRA policy needs its
+    epoch in ``range(epochs)`` plus ``model.head``, each exactly once (``epochs``, the run's,
+    is needed where the blocks that train change from one epoch to the next: a gradual or
+    ``fine_tune`` policy; else the groups would leave out what later epochs unfreeze) (a LoRA policy needs its
     factors in the trunk first: call `apply_policy` before, else PolicyError); group ``"name"`` is
     ``<block>`` or ``<block>/no_decay`` (with ``layer_decay``, a block spanning several layers
     has one group per layer: ``layer1.0``, ``layer1.1`` ...) and ``"lr_scale"`` its multiplier
@@ -286,6 +288,12 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone: 
         raise PolicyError(f"The policy {str(policy)!r} trains LoRA factors, but model.trunk has none yet, so the "
                           "groups would leave them out of the optimizer: call apply_policy(model, backbone, policy) "
                           "first (it adds the factors), then param_groups.")
+    if epochs is None:
+        if policy.is_gradual or policy.frozen_epochs:
+            raise ConfigError(f"param_groups(backbone=..., policy={str(policy)!r}) needs epochs= (the run's number of "
+                              "epochs): this policy unfreezes blocks after the first epoch, and groups built for one "
+                              "epoch would leave them out of the optimizer (they would never train).")
+        epochs = 1
     ever: dict[str, bool] = {}
     for e in range(run_epochs(epochs)):
         for name, on in trainable_flags(model, backbone, policy, e).items():

@@ -179,6 +179,14 @@ def test_suggestions_name_the_closest_backbone_first(typed, first):
     assert f"Did you mean '{first}'" in str(exc.value)
 
 
+def test_suggestions_among_names_with_superscript_digits():
+    """A name holding "\u00b2" (a class "area1\u00b2") passed str.isdigit() in the ranking's sort key and
+    then failed int(): the suggestion raised a ValueError instead of naming the close ones."""
+    from transferkit.errors import closest
+
+    assert closest("area12", ["area1\u00b2", "area13"]) == ["area1\u00b2", "area13"]
+
+
 def test_unknown_names_suggest_close_ones():
     with pytest.raises(UnknownBackboneError, match=r"Did you mean 'tv:resnet50'.*list_backbones\('tv:\*'\)"):
         get_backbone("tv:resnet5", weights=None)

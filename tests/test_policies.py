@@ -445,6 +445,14 @@ def test_every_frozen_epochs_policy_round_trips_through_its_string(unfreeze, fro
     assert sched[:frozen] == [[]] * min(frozen, 6) and all(s for s in sched[frozen:])
 
 
+@pytest.mark.parametrize("text", ["unfreeze:last=\u00b2", "gradual:every=\u00b2", "lora:r=\u00b2",
+                                  "fine_tune:passes=\u00b2"])
+def test_a_superscript_digit_in_a_policy_is_a_policy_error(text):
+    """"2" written as a superscript passed str.isdigit() and then failed int() with a bare ValueError."""
+    with pytest.raises(PolicyError):
+        Policy.parse(text)
+
+
 def test_a_bad_passes_option_says_what_it_takes():
     with pytest.raises(PolicyError, match=r"passes= needs a number of passes \(e.g. passes=5\) or passes=epochs"):
         Policy.parse("fine_tune:passes=many")

@@ -806,7 +806,7 @@ def as_number(value: Any, *, integer: bool = False) -> Any:
         (0.5, 2, 1000, 'x')
     """
     if isinstance(value, str) and _NUM.match(value.strip()):
-        value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
+        value = int(value) if value.strip().lstrip("+-").isdecimal() else float(value)
     if integer and isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
         value = int(value)
     return value

@@ -113,7 +113,7 @@ class TransferkitFutureWarning(TransferkitWarning, FutureWarning):
 
 def _natural(text: str) -> list[Any]:
     """Sort key reading digit runs as numbers (``lite2`` before ``lite10``)."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text)]
+    return [(0, int(t), "") if t.isdecimal() else (1, 0, t) for t in re.split(r"(\d+)", text)]
 
 
 def closest(value: str, choices: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:

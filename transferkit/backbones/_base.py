@@ -251,9 +251,9 @@ def container_blocks(trunk: nn.Module) -> tuple[Block, ...]:
     # the parameters (timm PiT's transformers), unless it is one of a numbered series of such lists (ResNet's
     # layer4 beside layer1..layer3: each is a stage)
     lists = [n for n, c in trunk.named_children() if len(_stage_list_parts(c)) > 1]
-    series = [re.sub(r"\d+$", "", n) for n in lists if n[-1:].isdigit()]
+    series = [re.sub(r"\d+$", "", n) for n in lists if n[-1:].isdecimal()]
     stages = {n for n in lists if 2 * sum(p.numel() for p in trunk.get_submodule(n).parameters()) >= total
-              and not (n[-1:].isdigit() and series.count(re.sub(r"\d+$", "", n)) > 1)}
+              and not (n[-1:].isdecimal() and series.count(re.sub(r"\d+$", "", n)) > 1)}
     for blk in children_blocks(trunk):
         child = getattr(trunk, blk.name, None)
         named = blk.name in CONTAINER_NAMES and isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1

@@ -229,7 +229,7 @@ def _unmerge_overlapped_groups(model: nn.Module, grouped: dict[Any, list[str]]) 
 
     def indexed(p: str) -> bool:
         parts = p.split(".")
-        return len(parts) > 2 and parts[1].isdigit()
+        return len(parts) > 2 and parts[1].isdecimal()
 
     pieces: list[list[str]] = []
     for key in sorted(grouped):

@@ -157,7 +157,7 @@ def default_num_workers(dataset: Any, world_size: int = 1, *, alone: bool = Fals
         return 0
     cpus = usable_cpus()
     local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    per_node = 1 if alone else int(local) if local.isdigit() and int(local) > 0 else max(world_size, 1)
+    per_node = 1 if alone else int(local) if local.isdecimal() and int(local) > 0 else max(world_size, 1)
     return max(0, min(8, cpus // per_node))
 
 

@@ -773,7 +773,7 @@ def _remote_index(url: str, *, scan: str, cache_dir: str | Path | None,
             return index, True
     built: list[ShardIndex] = []
     known = validators.get("content-length", validators.get("size", ""))
-    held = shard_cache.fetch(url, validators=validators, size=int(known) if known.isdigit() else None,
+    held = shard_cache.fetch(url, validators=validators, size=int(known) if known.isdecimal() else None,
                              check=lambda tmp, _: built.append(build_index(tmp, scan=scan, name=url)))
     try:
         index = built[0] if built else build_index(str(held.path), scan=scan, name=url)

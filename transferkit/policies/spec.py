@@ -601,7 +601,7 @@ _LEAST = {"every": 1, "r": 1}  # the options whose whole number starts at 1 (the
 
 
 def _int(key: str, v: str) -> int:
-    if not v.isdigit():
+    if not v.isdecimal():
         raise PolicyError(f"Policy option {key}= needs a whole number >= {_LEAST.get(key, 0)}, got {v!r}.")
     return int(v)
 
@@ -632,7 +632,7 @@ def _bool(key: str, v: str) -> bool:
 def _passes(key: str, v: str) -> int:
     if v.strip().lower() == "epochs":
         return 0
-    if not v.isdigit() or int(v) < 1:
+    if not v.isdecimal() or int(v) < 1:
         raise PolicyError(f"Policy option {key}= needs a number of passes (e.g. passes=5) or passes=epochs (as "
                           f"many as the run's epochs), got {v!r}.")
     return int(v)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import enum
+import functools
 import importlib.util
 import os
 import shutil
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from tests.conftest import damaged_png, make_image_folder
 
 import transferkit as tk
@@ -247,6 +250,40 @@ def test_a_trunk_whose_method_has_a_set_default_has_one_fingerprint_in_every_pro
                              env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": root}).stdout
               for seed in ("1", "2")}
     assert len(prints) == 1, prints
+
+
+class _Pool(enum.Enum):
+    AVG = "avg"
+    MAX = "max"
+
+
+class _SetTrunk(torch.nn.Module):
+    """A trunk whose forward reads settings kept in a private attribute, a dict, an Enum and a function."""
+
+    def __init__(self, scale: float = 1.0, pool: str = "avg", mode: _Pool = _Pool.AVG, act=F.relu) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self._scale, self.cfg, self.mode, self.act = scale, {"pool": pool}, mode, act
+
+    def forward(self, x):
+        x = self.act(self.conv(x)) * self._scale
+        return x.mean((2, 3)) if self.cfg["pool"] == "avg" and self.mode is _Pool.AVG else x.amax((2, 3))
+
+
+@pytest.mark.parametrize("change", [{"scale": 5.0}, {"pool": "max"}, {"mode": _Pool.MAX}, {"act": torch.sigmoid},
+                                    {"act": lambda t: t * 100}, {"act": functools.partial(F.leaky_relu,
+                                                                                          negative_slope=0.2)}])
+def test_a_trunk_whose_private_dict_enum_or_function_setting_differs_is_another_trunk(change):
+    """The same weights and code with another setting kept in a private attribute, a dict, an
+    Enum or an activation function compute other features: they had one fingerprint, and a
+    run read the earlier trunk's features from the cache (and, in one process, its ONNX
+    export or compiled module)."""
+    def trunk(**kw):
+        torch.manual_seed(0)
+        return _SetTrunk(**kw)
+    assert module_fingerprint(trunk()) == module_fingerprint(trunk())
+    assert module_fingerprint(trunk(**change)) != module_fingerprint(trunk())
+    assert module_fingerprint(trunk(**change)) == module_fingerprint(trunk(**change))
 
 
 def test_cache_key_covers_trunk_not_head(split_folders, tmp_path):

@@ -3,6 +3,7 @@ the run's data record), computed from file metadata or tensor bytes, never from 
 
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
 import os
@@ -77,16 +78,25 @@ def module_structure(module: torch.nn.Module) -> str:
 # module attributes that change how, not what, a module computes: timm's fused attention (set
 # from TIMM_FUSED_ATTN in each process) and gradient checkpointing, and the train/eval flag
 RUNTIME_SWITCHES = frozenset({"training", "fused_attn", "grad_checkpointing"})
+# module attributes that say where the weights came from (timm's ``pretrained_cfg``, which names a weights file's
+# path), not what the module computes: the weights themselves are hashed
+PROVENANCE = frozenset({"pretrained_cfg", "default_cfg", "pretrained_cfg_overlay"})
+# nn.Module's own state (parameters, buffers, submodules, hooks), hashed otherwise or not a setting
+_MODULE_STATE = frozenset(vars(torch.nn.Module()))
 
 
 def module_settings(module: torch.nn.Module) -> str:
-    """Each submodule's public attributes that hold plain values (strings, numbers, booleans,
-    None, and tuples or lists of them), by name: settings a ``forward`` reads that its
-    ``repr`` may not show (timm's ``global_pool='avg'`` or ``'max'`` on a ViT). A TorchScript
-    module keeps its attributes in its compiled object: its tree's attributes are read from
-    there (`script_attributes`). Left out: the train/eval flag (the frozen pass runs in eval
-    mode whatever the module was left in) and `RUNTIME_SWITCHES`, which change how, not what,
-    a module computes.
+    """Each submodule's attributes that hold settings, by name: settings a ``forward`` reads
+    that its ``repr`` may not show (timm's ``global_pool='avg'`` or ``'max'`` on a ViT, a
+    ``self._scale``, a ``self.cfg = {"pool": "max"}``, an ``Enum``, an activation kept as a
+    function). A setting is a plain value (string, number, boolean, None), an ``Enum`` member,
+    a class, a function (by its name, bytecode and defaults), a ``functools.partial`` of
+    them, or a tuple, list, set or dict of settings (`setting_text`); other objects are not
+    read. A TorchScript module keeps its attributes in its compiled object: its tree's
+    attributes are read from there (`script_attributes`). Left out: nn.Module's own state
+    (parameters, buffers and submodules are hashed as such), the train/eval flag (the frozen
+    pass runs in eval mode whatever the module was left in), `RUNTIME_SWITCHES`, which change
+    how, not what, a module computes, and `PROVENANCE`.
 
     Example:
         >>> import torch
@@ -96,18 +106,77 @@ def module_settings(module: torch.nn.Module) -> str:
         >>> module_settings(pool) == before
         False
     """
-    def plain(v: Any) -> bool:
-        return isinstance(v, _PLAIN) or isinstance(v, (tuple, list)) and all(isinstance(x, _PLAIN) for x in v)
     h = hashlib.blake2b(digest_size=16)
     scripted: list[str] = []  # TorchScript trees read whole, from their roots
     for name, m in module.named_modules():
         if isinstance(m, torch.jit.ScriptModule) and not any(name.startswith(f"{r}.") or not r for r in scripted):
             scripted.append(name)
             h.update(f"{name}:{script_attributes(m)}\n".encode())
-        shown = sorted((k, v) for k, v in vars(m).items()
-                       if not k.startswith("_") and k not in RUNTIME_SWITCHES and plain(v))
+        shown = []
+        for key, value in sorted(vars(m).items()):
+            if key in _MODULE_STATE or key in RUNTIME_SWITCHES or key in PROVENANCE or key.startswith("__"):
+                continue
+            text = setting_text(value)
+            if text is not None:
+                shown.append((key, text))
         h.update(f"{name}:{shown!r}\n".encode())
     return h.hexdigest()
+
+
+def setting_text(value: Any, depth: int = 0) -> str | None:
+    """``value`` as text that is the same in every process, where it is a setting (see
+    `module_settings`); None where it is not (a module, a tensor, an object of another kind, or
+    a container holding one).
+
+    Example:
+        >>> import enum
+        >>> class Pool(enum.Enum):
+        ...     AVG = 1
+        >>> setting_text({"pool": Pool.AVG, "sizes": (1, 2)})
+        "dict{'pool': enum transferkit.data.fingerprint.Pool.AVG, 'sizes': tuple[1, 2]}"
+        >>> setting_text(lambda x: x * 100) != setting_text(lambda x: x * 10)
+        True
+    """
+    if isinstance(value, _PLAIN):
+        return repr(value)
+    if isinstance(value, enum.Enum):
+        return f"enum {type(value).__module__}.{type(value).__qualname__}.{value.name}"
+    if isinstance(value, type):
+        return f"class {value.__module__}.{value.__qualname__}"
+    if isinstance(value, types.MethodType):  # a bound method: its function (not the object, often the module itself)
+        value = value.__func__
+    if isinstance(value, types.FunctionType):
+        h = hashlib.blake2b(digest_size=8)
+        _hash_code(h, value.__code__)
+        defaults = (*(value.__defaults__ or ()), *sorted((value.__kwdefaults__ or {}).items()))
+        h.update(blank_addresses(stable_repr(defaults)).encode())
+        cells = [setting_text(c.cell_contents, depth + 1) if c.cell_contents is not value else "self"
+                 for c in value.__closure__ or () if _filled(c)]
+        return f"function {value.__module__}.{value.__qualname__} {h.hexdigest()} {cells!r}"
+    if isinstance(value, (types.BuiltinFunctionType, types.BuiltinMethodType)):  # torch.sigmoid, math.exp
+        return f"builtin {getattr(value, '__module__', None)}.{value.__qualname__}"
+    if depth >= 8:
+        return None
+    if isinstance(value, functools.partial):
+        parts = [setting_text(v, depth + 1) for v in (value.func, *value.args, *value.keywords.values())]
+        return None if None in parts else f"partial[{parts!r}, {sorted(value.keywords)!r}]"
+    if isinstance(value, (tuple, list, set, frozenset)):
+        parts = [setting_text(v, depth + 1) for v in value]
+        if None in parts:
+            return None
+        return f"{type(value).__name__}[{', '.join(sorted(parts) if isinstance(value, (set, frozenset)) else parts)}]"
+    if isinstance(value, dict):
+        items = [(setting_text(k, depth + 1), setting_text(v, depth + 1)) for k, v in value.items()]
+        return None if any(None in kv for kv in items) else f"dict{{{', '.join(f'{k}: {v}' for k, v in items)}}}"
+    return None
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell (a name assigned later in the enclosing function)
+        return False
+    return True
 
 
 _MANGLED = re.compile(r"___torch_mangle_\d+\.")

@@ -45,6 +45,7 @@ import shutil
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -805,7 +806,20 @@ def _runtime_key(engine: str, model: nn.Module, example: torch.Tensor, *, device
     return (engine, fingerprint or pass_fingerprint(model),
             tuple(example.shape[1:]), example.dtype, str(device), precision, channels_last,
             str(cache_dir) if cache_dir is not None else None,
-            torch.get_num_threads())  # an ONNX Runtime session takes the thread count it was opened with
+            torch.get_num_threads(),  # an ONNX Runtime session takes the thread count it was opened with
+            # the trunk object itself: a fingerprint cannot see what forward reads outside the module (a global, a
+            # helper function), so an engine is prepared, and checked against eager, for each run's own trunk (the
+            # timing and the feature pass of one run share it); a weak reference: equal while the trunk lives, and
+            # never equal to one of a later trunk at the same address
+            weakref.ref(_run_trunk(model)))
+
+
+def _run_trunk(model: nn.Module) -> nn.Module:
+    """The trunk whose run ``model``'s pass serves: a timing's feature model stands for the
+    trunk it is a copy of (`feature_model`), while that trunk lives."""
+    origin = getattr(model, "copy_of", None)
+    trunk = origin() if isinstance(origin, weakref.ref) else None
+    return trunk if trunk is not None else getattr(model, "trunk", model)
 
 
 def pass_fingerprint(model: nn.Module) -> str:
@@ -1168,9 +1182,11 @@ def example_batches(dataset: Any, *, batch_size: int, count: int = 2) -> list[to
 
 def feature_model(trunk: nn.Module, spec: Any, device: torch.device, *, channels_last: bool) -> TransferModel:
     """A copy of ``trunk`` behind the preprocessing of ``spec``, on ``device`` in the layout
-    and in eval mode: what the engines are timed on (the run's own trunk is left as it is)."""
+    and in eval mode: what the engines are timed on (the run's own trunk is left as it is; the
+    engines prepared on the copy serve the pass of ``trunk``, and no other trunk's)."""
     pre = AudioPreprocess() if spec.kind == "audio" else ImagePreprocess(spec.mean, spec.std)
     model = TransferModel(pre, copy.deepcopy(trunk), nn.Identity()).to(device).eval()
+    model.copy_of = weakref.ref(trunk)  # its engines serve the run of ``trunk`` (`_run_trunk`)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model

@@ -478,3 +478,30 @@ def test_ctrl_c_before_a_new_run_writes_its_checkpoint_does_not_call_an_old_fini
                                                      r"\(the checkpoint '.*run.ckpt' was not written yet\)") as info:
         tk.finetune(data=image_folder, checkpoint=ckpt, **{**FAST, "lr": 0.01})  # before its first step
     assert info.value.checkpoint is None and ckpt.read_bytes() == before and "holds the last" not in str(info.value)
+
+
+def test_a_path_starting_with_a_tilde_is_expanded_by_the_config_and_refused_as_a_new_folder(tmp_path, monkeypatch):
+    """``finetune(cache_dir="~/fc", checkpoint="~/ck.pt")`` wrote into a folder named "~" in the
+    working directory (``rm -rf ~`` removes the home folder), while the run recorded the home
+    folder's path: the config expands "~" as a shell and a config file do, and an output path
+    given elsewhere that would make such a folder is refused, saying how to give it."""
+    import transferkit as tk
+    from transferkit._io import check_writable
+    from transferkit.errors import OutputError, WeightsError
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    cfg = tk.FinetuneConfig(backbone="tk:small_cnn", data="~/images", cache_dir=Path("~/fc"), checkpoint="~/ck.pt",
+                            export="~/m.pt")
+    assert (cfg.data, cfg.cache_dir, cfg.checkpoint, cfg.export) == \
+        (str(home / "images"), home / "fc", str(home / "ck.pt"), str(home / "m.pt"))
+    with pytest.raises(OutputError, match=r"starts with '~', which would be a new folder of that name in .*Python "
+                                          r"does not expand '~'. Give the full path \(os.path.expanduser\('~/m.pt'\)\)"):
+        check_writable("~/m.pt", what="export")
+    assert not (cwd / "~").exists()
+    (cwd / "~").mkdir()  # a folder of that name that is there already is the user's
+    assert check_writable("~/m.pt", what="export") == Path("~/m.pt")
+    with pytest.raises(WeightsError, match=r"does not exist\. A path starting with '~' is read as written here"):
+        tk.resume("~/none.pt")

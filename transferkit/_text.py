@@ -318,3 +318,18 @@ def hide_secrets_in(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(hide_secrets_in(v) for v in obj)
     return obj
+
+
+def home_not_expanded(path: object) -> str:
+    """Where ``path`` starts with ``~`` (read as written: Python, unlike a shell or a config
+    file, does not expand it), a sentence that says so, for an error about a file not found;
+    else ``""``.
+
+    Example:
+        >>> home_not_expanded("~/model.pt")
+        " A path starting with '~' is read as written here; give the full path (os.path.expanduser('~/model.pt'))."
+    """
+    text = str(path)
+    if not text.startswith("~"):
+        return ""
+    return f" A path starting with '~' is read as written here; give the full path (os.path.expanduser({text!r}))."

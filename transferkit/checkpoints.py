@@ -42,7 +42,7 @@ from transferkit._io import (
     python_writer,
 )
 from transferkit._signals import TrainingInterrupted, held_signals, signal_name
-from transferkit._text import exception_line
+from transferkit._text import exception_line, home_not_expanded
 from transferkit.errors import OutputError, TransferkitError, WeightsError, warn
 
 T = TypeVar("T")
@@ -229,7 +229,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
-        raise WeightsError(f"Checkpoint {str(path)!r} does not exist.") from exc
+        raise WeightsError(f"Checkpoint {str(path)!r} does not exist.{home_not_expanded(path)}") from exc
     except Exception as exc:
         raise WeightsError(f"Cannot read checkpoint {str(path)!r} (truncated, corrupt, or not a transferkit "
                            f"checkpoint): {_load_failure(exc)}.") from exc

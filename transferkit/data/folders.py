@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transferkit._io import kind_of_bytes
-from transferkit._text import plural
+from transferkit._text import home_not_expanded, plural
 from transferkit.data.checks import (AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, LINK_LOOP, DataReport, check_class_names,
                                      check_label_names, class_index, class_order, nfc, other_image_extensions,
                                      parse_number)
@@ -265,7 +265,7 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"Data folder {str(root)!r} does not exist or is not a folder. Expected a folder with one "
-                        f"sub-folder of {what} per class: {layout}.")
+                        f"sub-folder of {what} per class: {layout}.{home_not_expanded(root)}")
     found = class_folders(root, report)
     if not found:
         raise DataError(f"Data folder {str(root)!r} has no class sub-folders. Expected {layout}.")

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from transferkit._text import hide_secrets_in, one_line, strict_json
+from transferkit._text import hide_secrets_in, home_not_expanded, one_line, strict_json
 from transferkit._version import __version__
 from transferkit.config import seconds_problem
 from transferkit.data.audio import DEFAULT_MAX_SECONDS, audio_window
@@ -258,7 +258,7 @@ def check_model_file(path: str | Path, *, source: str, kind: str) -> None:
         raise ExportError(f"{kind} file {source} is a folder; give the exported file in it (e.g. model.pt).")
     if not path.is_file():
         why = "does not exist" if not path.exists() else "is not a regular file (a device, a FIFO or a socket)"
-        raise ExportError(f"{kind} file {source} {why}.")
+        raise ExportError(f"{kind} file {source} {why}.{home_not_expanded(path) if not path.exists() else ''}")
     if path.stat().st_size == 0:
         raise ExportError(f"{kind} file {source} is empty (0 bytes): a copy or write that was cut short. Copy or "
                           "export it again.")

@@ -569,6 +569,10 @@ def test_engine_is_in_the_plan_the_summary_and_the_cache_key(folder, tmp_path):
     for e, d in ds.items():
         assert d.engine == e and d.to_dict()["feature_engine"] == e
         assert f"engine:   {e} (asked)" in d.summary()
+    # the layout the run decided is eager's: ONNX Runtime runs the only pass of a frozen trunk in its own
+    assert ds["onnxruntime"].cache and "memory layout: ONNX Runtime's own in the feature pass" in \
+        ds["onnxruntime"].summary()
+    assert "ONNX Runtime's own" not in ds["eager"].summary()
     assert ds["eager"].feature_key("train") != ds["onnxruntime"].feature_key("train")
     assert ds["eager"].feature_key("val") != ds["onnxruntime"].feature_key("val")
     # a resume may run another engine: it is not a difference that refuses the resume
@@ -627,7 +631,8 @@ def test_the_stored_timing_is_reused_by_a_later_run(folder, tmp_path, monkeypatc
     assert second.engine == first.engine and facts.engines["measured"]["onnxruntime"]["stored"] is True
     assert second.feature_key("train") == first.feature_key("train")
     assert "timed on the run's input" in first.engine_reason
-    assert "read from an earlier timing on this input (cache_dir/engines.json)" in second.engine_reason
+    assert "read from an earlier timing of this trunk on input of this size (cache_dir/engines.json; its " \
+        "differences from eager are that timing's" in second.engine_reason
 
 
 @pytest.mark.parametrize("engine", ["eager", "onnxruntime"])

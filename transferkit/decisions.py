@@ -242,7 +242,8 @@ class Decisions:
         lines += [
             f"  runtime:  {where}, seed {cfg.seed}" + (f" (ranks: {list(self.seeds)})" if self.world_size > 1 else ""),
             *(f"  speed:    {line}" for line in _speed_lines(s, features=self.cached_epochs > 0, engine=self.engine,
-                                                           provisional=self.engine_reason.startswith("provisional"))),
+                                                           provisional=self.engine_reason.startswith("provisional"),
+                                                           trunk_runs=not self.cache)),
         ]
         return "\n".join(lines)
 
@@ -1040,9 +1041,11 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
-def _speed_lines(s: dict[str, Any], *, features: bool, engine: str = "eager", provisional: bool = False) -> list[str]:
+def _speed_lines(s: dict[str, Any], *, features: bool, engine: str = "eager", provisional: bool = False,
+                 trunk_runs: bool = True) -> list[str]:
     """The plan's speed lines. ``provisional``: the engine is chosen when the run starts (a dry
-    run does not time it), and the features' precision is that engine's."""
+    run does not time it), and the features' precision is that engine's; ``trunk_runs``: some
+    epoch runs the trunk in the loop (not every epoch trains a head on cached features)."""
     r = s["reasons"]
     out = []
     if features and engine_precision(engine, s["feature_precision"]) != s["feature_precision"]:
@@ -1056,7 +1059,11 @@ def _speed_lines(s: dict[str, Any], *, features: bool, engine: str = "eager", pr
     if features and s.get("head_precision", s["precision"]) != s["precision"]:
         out.append(f"head phase {s['head_precision']} (the head trains in {s['head_precision']} on the cached "
                    "features, as feature extraction does; the trunk's epochs in the training precision)")
-    out.append(f"{'channels_last' if s['channels_last'] else 'contiguous'} ({r.get('channels_last', 'set directly')})")
+    layout = f"{'channels_last' if s['channels_last'] else 'contiguous'} ({r.get('channels_last', 'set directly')})"
+    if features and engine == "onnxruntime" and not trunk_runs:  # the one pass of the trunk: ONNX Runtime's
+        layout = f"memory layout: ONNX Runtime's own in the feature pass, the only pass of the trunk (eager would " \
+                 f"run {layout})"
+    out.append(layout)
     if s["compile"]:
         out.append(f"{'compile trial' if s['compile'] == 'trial' else 'compile'} ({r.get('compile', 'asked')})")
     elif "not tried" in r.get("compile", ""):  # compile="auto" on a trunk that trains, and why it is not tried

@@ -669,8 +669,9 @@ def decide_engine(requested: str, *, device_type: str, available: dict[str, str 
             best, best_ips = name, m["images_per_s"]
     notes += [f"{e} skipped: {why}" for e, why in available.items() if why is not None and e not in measured]
     first = " (its first call)" if measured["eager"].get("first_call") else ""
-    source = "read from an earlier timing on this input (cache_dir/engines.json)" if measured["eager"].get("stored") \
-        else "timed on the run's input"
+    source = ("read from an earlier timing of this trunk on input of this size (cache_dir/engines.json; its "
+              "differences from eager are that timing's: the engine kept is checked on this run's own batches before "
+              "use)") if measured["eager"].get("stored") else "timed on the run's input"
     timed = f"{source}: eager {precision} {base:.1f} {rate}{first}" + "".join(f"; {n}" for n in notes)
     tried = any("images_per_s" in m for name, m in measured.items() if name != "eager")
     verdict = "fastest, " if best != "eager" else f"none beats eager by {MIN_SPEEDUP:g}x; " if tried else \

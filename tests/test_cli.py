@@ -365,6 +365,8 @@ def tiny_run(tmp_path, monkeypatch):
     (["--export", "/tmp"], "The export path '/tmp' (export) is a folder"),
     (["--export", "a.pt", "--checkpoint", "./x/../a.pt"], "export and checkpoint are the same file 'a.pt'"),
     (["--plots", "images/plots"], "lies inside the data folder 'images'"),
+    (["--export", "e.pt", "--set", "log_dir=e.pt"], "--set log_dir=e.pt is a folder at the path of the export 'e.pt'"),
+    (["--checkpoint", "c.ckpt", "--plots", "c.ckpt/plots"], "is a folder below the path of the checkpoint 'c.ckpt'"),
     (["--export", "/proc/x.pt"], "The export path '/proc/x.pt' (export) cannot be written: its folder is not "
                                  "writable (no new file can be made in it: No such file or directory, as in a virtual "
                                  "file system such as /proc or /sys)"),

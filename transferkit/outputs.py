@@ -6,7 +6,8 @@ otherwise fail or destroy something at the end of the run:
 - a path that cannot be written (a folder given for a file, a read-only or missing parent,
   a file name too long for the file system once the temporary suffix is added). A
   ``cache_dir`` that exists and is read-only is taken: it is read, never written;
-- two outputs on one file (``export`` and ``checkpoint``), an output on an input (the
+- two outputs on one file (``export`` and ``checkpoint``), an output folder (``log_dir``,
+  ``plots_dir``, ``cache_dir``) at or below an output file's path, an output on an input (the
   pretrained ``weights`` file, a CSV of ``data`` / ``val_data``), an output folder inside the
   data (its files would be read as training data by the next run);
 - ``resume=True`` without a checkpoint to resume;
@@ -99,6 +100,13 @@ def check_output_paths(cfg: FinetuneConfig) -> None:
                 raise ConfigError(f"{a} and {b} are the same file {str(pa)!r}: the {b} would be replaced by the "
                                   f"{a} (or the other way round). Give them two paths, e.g. {other}="
                                   f"{str(renamed)!r}.")
+    for a, pa in files:  # a folder made at a file's path, or below it: the file cannot be written at the end
+        for b, pb in outputs.items():
+            if OUTPUTS[b] == "dir" and is_inside(pb, pa):
+                where = "at" if is_inside(pa, pb) else "below"
+                raise ConfigError(f"{b}={str(pb)!r} is a folder {where} the path of the {a} {str(pa)!r}: the run "
+                                  f"would make the folder, and the {a} could not be written there. Give the folder another "
+                                  f"path (e.g. {b}={str(pa.parent / (pa.stem + '-' + b.removesuffix('_dir')))!r}).")
     if "export" in outputs:
         check_export_names(outputs["export"], flags=("export (the TorchScript file)", ""))
     if "plots_dir" in outputs:

@@ -267,6 +267,30 @@ def test_a_trunk_for_other_than_rgb_images_is_refused_before_the_data_are_read(t
         tk.plan(tk.FinetuneConfig(backbone=own, data=str(tmp_path / "none"), image_size=32))
 
 
+def test_an_image_size_too_large_for_the_memory_is_said_as_such(tmp_path):
+    """image_size=100000 on a ResNet failed the size check with "can't allocate memory", and the
+    error blamed the architecture ("choose a backbone that takes 100000 px")."""
+    from transferkit.backbones.custom import from_module
+
+    class Hungry(torch.nn.Module):  # what torch's CPU allocator says of an image too large for the machine
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                            torch.nn.Flatten())
+
+        def forward(self, x):
+            if x.shape[-1] > 64:
+                raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                                   "allocate memory: you tried to allocate 120000000000 bytes.")
+            return self.body(x)
+
+    own = from_module(Hungry(), input_spec={"image_size": 16})
+    with pytest.raises(ConfigError, match=r"image_size=100000 is too large to run .* here: one image of 100000 x "
+                                          r"100000 px does not fit in memory .*e\.g\. image_size=16, the size it "
+                                          r"was built for"):
+        tk.plan(tk.FinetuneConfig(backbone=own, data=str(tmp_path / "none"), image_size=100000))
+
+
 def test_a_bad_target_past_the_ones_read_before_training_is_named_when_loaded(monkeypatch):
     import transferkit.train.tasks as tasks
 

@@ -44,7 +44,7 @@ from transferkit.data.fingerprint import (class_counts, data_fingerprint, listin
                                          quick_fingerprint)
 from transferkit._text import exception_line
 from transferkit.errors import BackboneError, ConfigError, DataError
-from transferkit.hardware import conv_share, cpu_capability, device_bf16
+from transferkit.hardware import conv_share, cpu_capability, device_bf16, out_of_memory
 from transferkit.heads import build_head, resolve_head
 from transferkit.lora import add_lora
 from transferkit.model import TransferModel
@@ -297,6 +297,10 @@ def check_runs_at(bb: Backbone, spec: InputSpec, *, by_name: bool = True, weight
                           f"through {asked} (parts of it stay at their default size). Leave {asked} out and use "
                           "the size it is built for, or choose a backbone that takes the size you want.") from exc
     option, size = _size_option(bb.trunk), spec.image_size
+    if out_of_memory(exc):  # the size is too large for this machine, whatever the architecture takes
+        raise ConfigError(f"image_size={size} is too large to run {bb.name} here: one image of {size} x {size} px "
+                          f"does not fit in memory ({exception_line(exc, 200)}). Use a smaller size (e.g. "
+                          f"image_size={built}, the size it was built for).") from exc
     value = (size, size) if option == "input_size" else size
     if not by_name:  # a Backbone object: built already
         how = f"or pass a Backbone built for {size} px" + (f" (its class takes {option}=)" if option else "")

@@ -861,3 +861,20 @@ def test_whole_number_labels_of_a_csv_are_classes_in_the_order_of_their_values(t
 
     (tmp_path / "multi.csv").write_text("path,labels\n0.png,10;5\n1.png,0\n2.png,2;10\n")
     assert scan_target_csv(tmp_path / "multi.csv", task="multilabel")[1] == ["0", "2", "5", "10"]
+
+
+def test_a_data_path_that_is_an_archive_or_a_file_says_which(tmp_path):
+    """The tutorial's hymenoptera_data.zip given as data was "does not exist or is not a
+    folder", though it exists: an archive says to extract it, a file says it is one."""
+    import zipfile
+
+    archive = tmp_path / "hymenoptera_data.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("hymenoptera_data/train/ants/a.jpg", b"")
+    plain = tmp_path / "notes.txt"
+    plain.write_text("not images")
+    for path, said in ((archive, r"is a zip archive, not a folder: unzip it and give the folder it holds"),
+                       (plain, r"is a file, not a folder\. Expected a folder"),
+                       (tmp_path / "missing", r"does not exist\. Expected a folder")):
+        with pytest.raises(tk.DataError, match=said):
+            tk.plan(tk.FinetuneConfig(backbone="tk:small_cnn", weights=None, data=str(path)))

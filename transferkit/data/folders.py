@@ -69,6 +69,28 @@ def _loose_files(root: Path, is_data: Callable[[str], bool]) -> list[str]:
         return []
 
 
+_ARCHIVES = {b"PK\x03\x04": ("zip archive", "unzip it"), b"\x1f\x8b": ("gzip file", "extract it (tar -xzf)"),
+             b"BZh": ("bzip2 file", "extract it (tar -xjf)"), b"\xfd7zXZ": ("xz file", "extract it (tar -xJf)"),
+             b"7z\xbc\xaf": ("7-Zip archive", "extract it")}
+
+
+def _not_a_folder(path: Path) -> str:
+    """Why ``path``, given as a data folder, is not one: missing, or a file (an archive to extract first)."""
+    if not path.exists():
+        return "does not exist"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(262)
+    except OSError:
+        return "is not a folder"
+    kind = next((k for magic, k in _ARCHIVES.items() if head.startswith(magic)), None)
+    if kind is None and head[257:262] == b"ustar":
+        kind = ("tar archive", "extract it (tar -xf)")
+    if kind is not None:
+        return f"is a {kind[0]}, not a folder: {kind[1]} and give the folder it holds"
+    return "is a file, not a folder"
+
+
 def find_split_folders(root: str | Path) -> SplitFolders | None:
     """The split layout of ``root``, or None when ``root`` is a plain class folder.
 
@@ -264,7 +286,7 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None, *, is_da
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"Data folder {str(root)!r} does not exist or is not a folder. Expected a folder with one "
+        raise DataError(f"Data folder {str(root)!r} {_not_a_folder(root)}. Expected a folder with one "
                         f"sub-folder of {what} per class: {layout}.{home_not_expanded(root)}")
     found = class_folders(root, report)
     if not found:

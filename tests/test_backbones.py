@@ -295,6 +295,8 @@ def test_offline_torchvision_download_names_the_cache_file(tmp_path, monkeypatch
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "squeezenet1_1-b8a52dc0.pth") in str(info.value)
     with pytest.raises(WeightsError, match="Unknown weights 'IMAGENET9K'.*IMAGENET1K_V1"):
         get_backbone("tv:squeezenet1_1", weights="IMAGENET9K")
+    with pytest.raises(WeightsError, match="Unknown weights 'default' for tv:squeezenet1_1. Did you mean 'DEFAULT'"):
+        get_backbone("tv:squeezenet1_1", weights="default")  # a tag in other case: said as the one it is
 
 
 def test_offline_timm_download_names_the_hf_cache(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from transferkit.backbones._hub import hub_unreachable
 from transferkit.backbones._base import Backbone, Block, InputSpec, blocks_from_members, check_blocks, container_blocks
 from transferkit.backbones.registry import register_source
 from transferkit.backbones.weights import is_weights_path, load_into, read_state_dict
-from transferkit.errors import BackboneError, WeightsError
+from transferkit.errors import BackboneError, WeightsError, suggest
 from transferkit._text import exception_line
 
 _CLASSIFIER_ATTRS = ("fc", "classifier", "heads", "head")
@@ -252,8 +252,8 @@ def _resolve_weights_enum(name: str, tag: str) -> Any:
     if tag.startswith(enum.__name__ + "."):
         tag = tag.split(".", 1)[1]
     if tag not in tags:
-        raise WeightsError(f"Unknown weights {tag!r} for tv:{name}. Valid: 'DEFAULT', "
-                           f"{', '.join(map(repr, tags))}, a local file path, or None.")
+        raise WeightsError(f"Unknown weights {tag!r} for tv:{name}.{suggest(tag, ['DEFAULT', *tags])} Valid: "
+                           f"'DEFAULT', {', '.join(map(repr, tags))}, a local file path, or None.")
     return enum[tag]
 
 

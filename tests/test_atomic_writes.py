@@ -421,6 +421,7 @@ def test_a_failed_final_write_keeps_the_trained_weights(tmp_path, monkeypatch):
     msg = str(err)
     assert f"Could not write the export '{target}' (--export): The export path" in msg and "is a folder" in msg
     assert f"The trained weights are saved in '{err.fallback}'" in msg and "transferkit export" in msg
+    assert f"`transferkit export {err.fallback} --out {target}`" in msg  # the export asked for, not a placeholder
     saved = load_checkpoint(err.fallback)
     assert all(torch.equal(saved["model"][k], v) for k, v in model.state_dict().items())
     reports, _ = export_checkpoint(err.fallback, tmp_path / "ok.pt")  # the advice works

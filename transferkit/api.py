@@ -388,7 +388,7 @@ def resume_config(path: str | Path, **overrides: Any) -> FinetuneConfig:
                 and "{" not in where and not os.path.exists(where):  # not a URL, a command or a shard pattern
             flag = "--data" if key == "data" else "--val-data"
             raise DataError(f"The run in {str(path)!r} read its {key} at {where!r}, which does not exist now. If the "
-                            f"data moved, resume with their new place: transferkit.resume(path, {key}=NEW) ("
+                            f"data moved, resume with their new place: transferkit.resume({str(path)!r}, {key}=NEW) ("
                             f"{flag} NEW with --resume); a folder moved whole keeps its digest.")
     # plain overrides (a moved folder's path, a number) are read as the stored values are; others (a Dataset,
     # a Backbone, a list) replace the stored values once the configuration is read

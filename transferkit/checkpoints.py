@@ -21,6 +21,7 @@ import contextlib
 import os
 import pickle
 import random
+import shlex
 import tempfile
 import time
 import zipfile
@@ -340,8 +341,10 @@ def save_with_fallback(target: str | Path, save: Callable[[], T], *, what: str, 
         with held_signals(reraise=False):
             fallback, failures = save_fallback(fallback_paths(target), model=model, meta=meta, **checkpoint)
         named = f"{str(target)!r}{f' ({flag})' if flag else ''}"
+        out = shlex.quote(str(target)) if what == "export" else "model.pt"  # the export asked for, where it is one
         kept = (f"The trained weights are saved in {str(fallback)!r} (a transferkit checkpoint): export it with "
-                f"`transferkit export {fallback} --out model.pt`, or start from it with weights={str(fallback)!r}."
+                f"`transferkit export {shlex.quote(str(fallback))} --out {out}`, or start from it with "
+                f"weights={str(fallback)!r}."
                 if fallback is not None else f"The trained weights could not be saved ({'; '.join(failures)}).")
         raise TrainingInterrupted(f"Interrupted ({signal_name(exc)}) while writing the {what} {named}; nothing was "
                                   f"written there. {kept}", fallback) from exc
@@ -350,14 +353,15 @@ def save_with_fallback(target: str | Path, save: Callable[[], T], *, what: str, 
         with held_signals():  # Ctrl-C now would lose the weights: it is acted on once they are saved
             fallback, failures = save_fallback(fallback_paths(target), model=model, meta=meta, **checkpoint)
         named = f"{str(target)!r}{f' ({flag})' if flag else ''}"
+        out = str(target) if what == "export" else "model.pt"  # the export asked for, where it is one
         if fallback is None:
             message = (f"Could not write the {what} {named}: {reason} The trained weights could not be saved either "
                        f"({'; '.join(failures)}).")
         else:
             message = (f"Could not write the {what} {named}: {reason} The trained weights are saved in "
                        f"{str(fallback)!r} (a transferkit checkpoint): fix the cause, then export it with "
-                       f"`transferkit export {fallback} --out model.pt` (Python: "
-                       f"transferkit.export.export_checkpoint({str(fallback)!r}, 'model.pt')), or start from it "
+                       f"`transferkit export {shlex.quote(str(fallback))} --out {shlex.quote(out)}` (Python: "
+                       f"transferkit.export.export_checkpoint({str(fallback)!r}, {out!r})), or start from it "
                        f"with weights={str(fallback)!r}.")
         cls: type[Exception] = OutputError
         if isinstance(exc, TransferkitError) and not isinstance(exc, OutputError):

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from transferkit.errors import DataError
+from transferkit.errors import DataError, suggest
 from transferkit.helpformat import positive_whole_number
 from transferkit.recipes import RecipeData, recipe_main, run_recipe, speech_model_options
 
@@ -46,7 +46,9 @@ def split_fsdd(files: list[Path], split: str) -> tuple[list, list]:
     elif split.startswith("speaker:") and split[8:] in speakers:
         held = lambda d, s, i: s == split[8:]  # noqa: E731
     else:
-        raise DataError(f"Unknown FSDD split {split!r}; use 'official' or 'speaker:<name>' with a name in {speakers}.")
+        hint = suggest(split, ["official", *(f"speaker:{s}" for s in speakers)])
+        raise DataError(f"Unknown FSDD split {split!r}.{hint} Use 'official' or 'speaker:<name>' with a name in "
+                        f"{speakers}.")
     train, test = [], []
     for f in files:
         d, s, i = parse(f)

@@ -37,6 +37,8 @@ def test_official_and_speaker_splits(recipe, shared_data):
     assert sorted({d for _, d in test}) == list(range(10))
     with pytest.raises(DataError, match="george"):
         recipe["split_fsdd"](files, "speaker:nobody")
+    with pytest.raises(DataError, match=r"Unknown FSDD split 'speaker:theoo'\. Did you mean 'speaker:theo'\?"):
+        recipe["split_fsdd"](files, "speaker:theoo")
 
 
 def test_recipe_runs_on_a_tiny_slice(recipe, shared_data, tmp_path, capsys):

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from transferkit.errors import DataError, suggest
+from transferkit.errors import DataError, closest
 from transferkit.helpformat import positive_whole_number
 from transferkit.recipes import RecipeData, recipe_main, run_recipe, speech_model_options
 
@@ -46,7 +46,8 @@ def split_fsdd(files: list[Path], split: str) -> tuple[list, list]:
     elif split.startswith("speaker:") and split[8:] in speakers:
         held = lambda d, s, i: s == split[8:]  # noqa: E731
     else:
-        hint = suggest(split, ["official", *(f"speaker:{s}" for s in speakers)])
+        near = closest(split.removeprefix("speaker:"), ["official", *speakers], n=1)
+        hint = f" Did you mean {(near[0] if near[0] == 'official' else 'speaker:' + near[0])!r}?" if near else ""
         raise DataError(f"Unknown FSDD split {split!r}.{hint} Use 'official' or 'speaker:<name>' with a name in "
                         f"{speakers}.")
     train, test = [], []

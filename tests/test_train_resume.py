@@ -130,7 +130,8 @@ def test_resume_function_reads_the_stored_settings(image_folder, tmp_path):
             tk.finetune("tk:small_cnn", checkpoint=ckpt, callbacks=[_stop_after(1)], **common)
         image_folder.rename(moved)
         with pytest.raises(tk.DataError, match=r"read its data at '.*', which does not exist now. If the data "
-                                               r"moved, resume with their new place: transferkit.resume\(path, "
+                                               r"moved, resume with their new place: transferkit.resume\("
+                                               f"{re.escape(repr(str(ckpt)))}, "
                                                r"data=NEW\) \(--data NEW with --resume\)"):  # the folder is gone
             tk.resume(ckpt)
         again = tk.resume(ckpt, data=data)

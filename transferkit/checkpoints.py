@@ -224,9 +224,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                            "again, or use an earlier checkpoint.")
     if path.is_file() and (_kind_of_zip(path) == "torchscript" or _onnx_head(path)):
         kind = "TorchScript" if _kind_of_zip(path) else "ONNX"
-        raise WeightsError(f"{str(path)!r} is an exported model ({kind}), not a checkpoint: load it with "
-                           "transferkit.load (or `transferkit predict`); checkpoints are what finetune(checkpoint=...) "
-                           "writes.")
+        raise WeightsError(f"{str(path)!r} is an exported model ({kind}), not a checkpoint: predict with it, "
+                           f"`transferkit predict {shlex.quote(str(path))} IMAGES` (in Python: "
+                           f"transferkit.load({str(path)!r})); checkpoints are what finetune(checkpoint=...) writes.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:

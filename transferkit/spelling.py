@@ -38,7 +38,7 @@ def drop_python_asides(message: str) -> str:
         >>> drop_python_asides("raise it: `transferkit --max-image-pixels 0 ...` (in Python: PIL.Image.X = None).")
         'raise it: `transferkit --max-image-pixels 0 ...`.'
     """
-    return re.sub(r" \(in Python: [^()]*(?:\([^()]*\)[^()]*)?\)", "", message)
+    return re.sub(r" \(in Python: [^()]*(?:\([^()]*\)[^()]*)*\)", "", message)
 
 
 def _same(written: str, value: Any) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -46,8 +47,9 @@ def check_weights_file(path: str | Path) -> Path:
         raise WeightsError(f"Weights file {str(path)!r} does not exist. {_GIVE}")
     if _is_torchscript(path):
         raise WeightsError(f"Weights file {str(path)!r} is an exported model (TorchScript), not a state dict or "
-                           "checkpoint. Pass the checkpoint it was exported from (finetune(checkpoint=...)), or load "
-                           "the export with transferkit.load to predict.")
+                           "checkpoint. Pass the checkpoint it was exported from (finetune(checkpoint=...)), or "
+                           f"predict with the export: `transferkit predict {shlex.quote(str(path))} IMAGES` (in Python: "
+                           f"transferkit.load({str(path)!r}).predict(...)).")
     if path.suffix.lower() != ".safetensors":
         with open(path, "rb") as f:
             head = f.read(64)

@@ -710,7 +710,8 @@ def _not_torchscript(zf: zipfile.ZipFile, names: list[str], source: str) -> str:
                     f"it first: `transferkit export {source} --out model.pt` (in Python: "
                     f"transferkit.export.export_checkpoint({source}, 'model.pt')), then load model.pt.")
         return (f"{source} is a file saved with torch.save (a state dict or checkpoint), not an exported model. "
-                "Use it as weights (weights=path), or export a model with transferkit.export_torchscript.")
+                "Use it as weights (weights=path), or export a trained model: `transferkit export CHECKPOINT --out "
+                "model.pt` (in Python: transferkit.export_torchscript(model, 'model.pt', ...)).")
     return f"{source} is a zip file but not a TorchScript export (it holds no TorchScript code)."
 
 

@@ -415,6 +415,11 @@ def test_a_block_whose_parameters_were_all_fixed_stays_frozen_with_its_statistic
     plan = tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy="full", epochs=1))
     assert plan.trainable == (("body",),)
     assert any("(stem) holds only parameters that did not require gradients" in n for n in plan.notes)
+    from transferkit.decisions import differences
+    older = {**plan.to_dict(), "trainable": [{"epochs": [1, 1], "blocks": ["stem", "body"]}]}  # as recorded before
+    older.pop("fixed_blocks")
+    assert differences(older, plan.to_dict()) == {}  # a checkpoint of then resumes
+    assert "trainable" in differences({**older, "trainable": [{"epochs": [1, 1], "blocks": []}]}, plan.to_dict())
     before = {k: v.clone() for k, v in net.state_dict().items()}
     r = tk.finetune(backbone=bb, data=data, policy="full", epochs=1, batch_size=4, val_split=0, num_workers=0,
                     verbose=False)
@@ -428,6 +433,47 @@ def test_a_block_whose_parameters_were_all_fixed_stays_frozen_with_its_statistic
                                              r"body\) hold only parameters that did not require gradients.*Use "
                                              r"policy='feature_extraction'"):
         tk.plan(tk.FinetuneConfig(backbone=whole, data=data, policy="full", epochs=1))
+
+
+def test_the_refusal_of_a_policy_that_trains_no_weight_counts_to_a_block_that_trains(tmp_path):
+    """A block of fixed weights and BatchNorm under bn=frozen trains nothing either (it was
+    planned: the trunk ran end to end, uncached, training no weight), and the advice counts the
+    top blocks up to one whose weights train (it said last=2, the refused policy itself, and
+    start=2 where start=3 was needed)."""
+    from conftest import make_image_folder
+    from transferkit.backbones.custom import from_module
+
+    data = str(make_image_folder(tmp_path / "d", per_class=3, size=16))
+
+    def trunk(fixed):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 8, 3),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        for i in fixed:
+            net[i].requires_grad_(False)
+        return from_module(net, input_spec={"image_size": 16}, name="three",
+                           blocks=[("a", ["0"]), ("b", ["1", "2"]), ("c", ["3"])])
+
+    def refused(bb, policy, said, epochs=2):
+        with pytest.raises(tk.PolicyError, match=said):
+            tk.plan(tk.FinetuneConfig(backbone=bb, data=data, policy=policy, epochs=epochs))
+
+    mixed = trunk([1, 3])  # b: a fixed conv and a BatchNorm that trains; c: fixed
+    refused(mixed, "unfreeze:last=2,bn=frozen", r"the blocks it unfreezes \(b, c\) hold only BatchNorm gamma/beta, "
+            r"which bn=frozen keeps frozen and parameters that did not require gradients .*\(e\.g\. last=3\), let "
+            r"BatchNorm train")
+    assert tk.plan(tk.FinetuneConfig(backbone=mixed, data=data, policy="unfreeze:last=2", epochs=2)).trainable
+    upper = trunk([1, 2, 3])  # b and c wholly fixed
+    refused(upper, "unfreeze:last=2", r"\(b, c\) hold only parameters that did not require gradients .*Unfreeze a "
+            r"block whose weights train \(e\.g\. last=3\), or use policy='feature_extraction'")
+    refused(upper, "gradual:every=1", r"in epoch 2: .*Train every block from the start \('unfreeze:last=3'\)",
+            epochs=3)
+    assert tk.plan(tk.FinetuneConfig(backbone=upper, data=data, policy="unfreeze:last=3", epochs=3)).trainable
+    lower = trunk([3])  # c alone fixed: a gradual schedule starts at two blocks
+    refused(lower, "gradual:every=1", r"in epoch 2: .*Start with more blocks unfrozen \(start=2\)", epochs=3)
+    assert tk.plan(tk.FinetuneConfig(backbone=lower, data=data, policy="gradual:every=1,start=2", epochs=3))
+    every = trunk([0, 1, 2, 3])
+    refused(every, "gradual:every=1", r"in epoch 2: .*lets them train\)\. Use policy='feature_extraction'", epochs=3)
 
 
 def test_a_parameterless_batchnorm_between_blocks_is_frozen_with_the_block_before_it(tmp_path):

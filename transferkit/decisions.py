@@ -118,6 +118,8 @@ class Decisions:
     # cache cannot hold at once; decoded images and cached features are shuffled whole)
     sample_order: str = "shuffled"
     l2sp_anchor: str | None = None  # under L2-SP, the digest of the trunk's parameters training starts from
+    # blocks whose parameters all did not require gradients as the backbone was made: never in `trainable`
+    fixed_blocks: tuple[str, ...] = ()
 
     @property
     def epochs(self) -> int:
@@ -169,6 +171,7 @@ class Decisions:
             "targets": self.target_norm, "augment": self.augment, "lr": self.lr, "class_weights": self.class_weights,
             "bn": self.bn_mode,
             "trainable": _epoch_ranges(self.trainable), "bn_statistics_update": _epoch_ranges(self.bn_updates),
+            **({"fixed_blocks": list(self.fixed_blocks)} if self.fixed_blocks else {}),
             "groups": [dict(g) for g in self.groups], "data": self.data,
             "decode_once": sorted(self.decode),  # memory or disk: the same pixels
             "feature_engine": self.engine, "feature_engine_reason": self.engine_reason,  # feature-engine hook
@@ -352,7 +355,8 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     template = bb.head_groups if cache else bb.groups
     phase_lr = lr * _group_phase_factor(pol, cfg.epochs)  # the rate the groups train at (fine_tune: its 2nd phase)
     scheduled = pol.schedule(list(bb.blocks), cfg.epochs)
-    _check_trains_something(pol, scheduled, list(bb.blocks), bb.batchnorm_only, bb.fixed_blocks)
+    _check_trains_something(pol, scheduled, list(bb.blocks), batchnorm_only=bb.batchnorm_only, fixed=bb.fixed_blocks,
+                            idle_at_frozen_bn=bb.idle_at_frozen_bn)
     trainable = tuple(tuple(b for b in blocks if b not in bb.fixed_blocks) for blocks in scheduled)  # `training_blocks`
     trained = {b for blocks in trainable for b in blocks}
     kept = [n for n, block in bb.fixed if block in trained]
@@ -378,9 +382,11 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
     if idle:
         notes.append(f"{_plural(len(idle), 'block')} the policy unfreezes ({', '.join(idle)}) "
                      f"{'holds' if len(idle) == 1 else 'hold'} only parameters "
-                     "that did not require gradients when the backbone was made: they stay frozen, in eval mode with "
-                     "their BatchNorm statistics kept. To train them, set requires_grad=True on them before making the "
-                     "backbone (a module frozen by an earlier run: module.requires_grad_(True), then from_module).")
+                     "that did not require gradients when the backbone was made: "
+                     f"{'it stays' if len(idle) == 1 else 'they stay'} frozen, in eval mode with "
+                     f"{'its' if len(idle) == 1 else 'their'} BatchNorm statistics kept. To train "
+                     f"{'it' if len(idle) == 1 else 'them'}, set requires_grad=True on those parameters before making "
+                     "the backbone (a module frozen by an earlier run: module.requires_grad_(True), then from_module).")
     stalled = sorted((phase_lr * g["lr_scale"], g["name"]) for g in template
                      if g["params"] and phase_lr * g["lr_scale"] < LOST_LR)
     if stalled:
@@ -435,7 +441,7 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
         bn_mode=_bn_mode(pol, bb.has_batchnorm, bb.tracks_statistics, frozen), class_weights=data.class_weights,
         decode=decode, data=data.identity,
         trunk_fingerprint=bb.fingerprint, data_fingerprints=dict(data.fingerprints), notes=tuple(notes),
-        l2sp_anchor=bb.anchor,
+        l2sp_anchor=bb.anchor, fixed_blocks=bb.fixed_blocks,
         engine=engine, engine_reason=engine_reason,
         input_decode=_input_decode_decision(cfg, facts, cached_epochs, decode), pretrained=bb.pretrained,
         cache_read_only=facts.cache_read_only if cfg.cache_dir is not None else None,
@@ -607,33 +613,43 @@ def _outputs_unused(cfg: FinetuneConfig, trainable: tuple[tuple[str, ...], ...],
     return notes
 
 
-def _check_trains_something(pol: Policy, scheduled: list[list[str]], blocks: list[str],
-                            batchnorm_only: tuple[str, ...], fixed: tuple[str, ...]) -> None:
-    """Refuse a schedule (of the trunk's ``blocks``) with an epoch whose unfrozen blocks train no
-    weight: blocks that hold only parameters that did not require gradients when the backbone
-    was made (``fixed``: a module frozen by an earlier run), or only BatchNorm gamma/beta under
-    ``bn=frozen`` (a DenseNet's last block ``norm``; a gradual schedule whose first step
-    unfreezes such a block). That epoch trains no backbone weight, yet it would run the
-    backbone end to end instead of on cached features."""
+def _check_trains_something(pol: Policy, scheduled: list[list[str]], blocks: list[str], *,
+                            batchnorm_only: tuple[str, ...], fixed: tuple[str, ...],
+                            idle_at_frozen_bn: tuple[str, ...]) -> None:
+    """Refuse a schedule (of the trunk's ``blocks``, bottom to top) with an epoch whose unfrozen
+    blocks train no weight: blocks whose parameters all did not require gradients when the
+    backbone was made (``fixed``: a module frozen by an earlier run) or, under ``bn=frozen``,
+    are each such a parameter or BatchNorm gamma/beta (``idle_at_frozen_bn``, which holds the
+    blocks of ``batchnorm_only``: a DenseNet's last block ``norm``; a gradual schedule whose
+    first step unfreezes such a block). That epoch trains no backbone weight, yet it would run
+    the backbone end to end instead of on cached features. The advice names the count of top
+    blocks that reaches one whose weights train."""
     if pol.lora is not None:
         return
-    idle = {*fixed, *(batchnorm_only if pol.bn == "frozen" else ())}
+    idle = set(idle_at_frozen_bn if pol.bn == "frozen" else fixed)
     for epoch, unfrozen in enumerate(scheduled):
         if not unfrozen or not set(unfrozen) <= idle:
             continue
-        held = " or ".join(what for what, names in (
-            ("BatchNorm gamma/beta, which bn=frozen keeps frozen", batchnorm_only if pol.bn == "frozen" else ()),
-            ("parameters that did not require gradients when the backbone was made (a module frozen by an earlier "
-             "run: module.requires_grad_(True), then from_module, lets them train)", fixed)) if set(unfrozen) & set(names))
-        start = len(unfrozen) + 1  # the first step then holds a block with weights too
-        above = f", and max above {start}" if pol.max_blocks is not None and pol.max_blocks <= start else ""
-        when, fix = ((f" in epoch {epoch + 1}", f"Start with more blocks unfrozen (start={start}{above}), ")
-                     if pol.is_gradual else ("", "Unfreeze more blocks (e.g. last=2), "))
-        fix = fix if len(unfrozen) < len(blocks) else ""  # every block: nothing more to unfreeze
-        bn = "let BatchNorm train (bn=affine or bn=train), " if pol.bn == "frozen" and set(unfrozen) - set(fixed) else ""
+        batchnorm = pol.bn == "frozen" and bool(set(unfrozen) - set(fixed))  # some of them hold BatchNorm gamma/beta
+        held = [*(["BatchNorm gamma/beta, which bn=frozen keeps frozen"] if batchnorm else []),
+                *(["parameters that did not require gradients when the backbone was made (a module frozen by an "
+                   "earlier run: module.requires_grad_(True), then from_module, lets them train)"]
+                  if set(unfrozen) - set(batchnorm_only) else [])]
+        first = next((k for k, b in enumerate(reversed(blocks), 1) if b not in idle), None)  # counted from the top
+        when = f" in epoch {epoch + 1}" if pol.is_gradual else ""
+        if first is None:  # no block of this trunk has a weight that trains
+            fix = ""
+        elif pol.is_gradual and first < len(blocks):
+            above = f", and max above {first}" if pol.max_blocks is not None and pol.max_blocks <= first else ""
+            fix = f"Start with more blocks unfrozen (start={first}{above}), "
+        elif pol.is_gradual:  # only the bottom block trains a weight: a gradual schedule has nothing left to add
+            fix = f"Train every block from the start ('unfreeze:last={first}'), "
+        else:
+            fix = f"Unfreeze a block whose weights train (e.g. last={first}), "
+        bn = "let BatchNorm train (bn=affine or bn=train), " if batchnorm else ""
         raise PolicyError(f"The policy {str(pol)!r} trains no backbone weight{when}: the blocks it unfreezes "
-                          f"({', '.join(unfrozen)}) hold only {held}. {fix}{bn}{'or use' if fix or bn else 'Use'} "
-                          "policy='feature_extraction' for a frozen backbone.")
+                          f"({', '.join(unfrozen)}) hold only {' and '.join(held)}. {fix}{bn}"
+                          f"{'or use' if fix or bn else 'Use'} policy='feature_extraction' for a frozen backbone.")
 
 
 def _input_decode_decision(cfg: FinetuneConfig, facts: Facts, cached_epochs: int,
@@ -796,6 +812,10 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
             a, b = _content(saved.get(key)), _content(now.get(key))
             if a is not None and b is not None and a != b and _named_backbone(now):
                 diff[key] = (saved.get(key), now.get(key))
+        elif key == "trainable":  # a record of before fixed blocks were left out lists them where its policy did
+            a = _without_blocks(saved.get(key), now.get("fixed_blocks") or ())
+            if a != now.get(key):
+                diff[key] = (saved.get(key), now.get(key))
         elif key == "data":  # the digests say whether the data differ; the per-class counts say how
             if _without_counts(saved.get(key)) != _without_counts(now.get(key)):
                 diff[key] = (saved.get(key), now.get(key))
@@ -806,7 +826,19 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
 
 # words that describe what the compared decisions (the policy, the blocks that train, the trunk) make of the
 # trunk: a record whose description was worded otherwise (before the statistics were counted per block) resumes
-_DESCRIPTIONS = frozenset({"speed_reasons", "bn", "bn_statistics_update"})
+_DESCRIPTIONS = frozenset({"speed_reasons", "bn", "bn_statistics_update", "fixed_blocks"})
+
+
+def _without_blocks(ranges: Any, blocks: Sequence[str]) -> Any:
+    """A record's ``trainable`` epoch ranges (`_epoch_ranges`) without ``blocks``."""
+    if not blocks or not isinstance(ranges, list):
+        return ranges
+    try:
+        per_epoch = [tuple(b for b in r["blocks"] if b not in blocks) for r in ranges
+                     for _ in range(r["epochs"][0], r["epochs"][1] + 1)]
+    except (KeyError, TypeError, IndexError):  # not a record of this form: compared as it is
+        return ranges
+    return _epoch_ranges(tuple(per_epoch))
 
 
 def _without_counts(identity: Any) -> Any:

@@ -52,7 +52,7 @@ from transferkit.policies import Policy, param_groups
 from transferkit.policies.freeze import has_batchnorm
 from transferkit.policies.freeze import module_blocks
 from transferkit.policies.frozen_bn import tracks_statistics
-from transferkit.policies.structure import batchnorm_only_blocks, fixed_blocks
+from transferkit.policies.structure import batchnorm_only_blocks, fixed_blocks, idle_at_frozen_bn
 from transferkit.policies.frozen_bn import eval_fingerprint
 from transferkit.train.device import resolve_device
 from transferkit.train.distributed import DistInfo, broadcast_object, init_distributed
@@ -105,6 +105,7 @@ class BackboneFacts:
     statistics_blocks: tuple[str | None, ...] = ()
     fixed: tuple[tuple[str, str], ...] = ()  # (parameter, block) of `Backbone.fixed` in blocks a policy can train
     fixed_blocks: tuple[str, ...] = ()  # blocks of such parameters alone (they stay frozen: `training_blocks`)
+    idle_at_frozen_bn: tuple[str, ...] = ()  # blocks of such parameters and BatchNorm gamma/beta alone
     anchor: str | None = None  # `parameters_digest` of the trunk training starts from, under L2-SP (when loaded)
 
 
@@ -590,7 +591,7 @@ def _backbone_facts(cfg: FinetuneConfig, bb: Backbone, spec: InputSpec, dev: tor
                          statistics_blocks=_statistics_blocks(bb),
                          fixed=tuple((n, bb.block_of(n)) for n in sorted(bb.fixed or ())
                                      if bb.block_of(n) in bb.block_names),
-                         fixed_blocks=fixed_blocks(bb) if bb.fixed else (),
+                         fixed_blocks=fixed_blocks(bb), idle_at_frozen_bn=idle_at_frozen_bn(bb),
                          anchor=parameters_digest(bb.trunk) if loaded and policy.l2sp is not None else None)
 
 

@@ -44,7 +44,7 @@ def training_blocks(backbone: Backbone, policy: Policy, epoch: int = 0) -> list[
     for those whose parameters all did not require gradients as the backbone was made
     (`transferkit.policies.structure.fixed_blocks`), which stay frozen, their BatchNorm
     statistics included."""
-    fixed = fixed_blocks(backbone) if backbone.fixed else ()
+    fixed = fixed_blocks(backbone)
     return [b for b in policy.trainable_blocks(backbone.block_names, epoch) if b not in fixed]
 
 

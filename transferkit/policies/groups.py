@@ -241,7 +241,8 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone: 
     With ``backbone`` and ``policy``: every parameter of ``model.trunk`` that trains at some
     epoch in ``range(epochs)`` plus ``model.head``, each exactly once (``epochs``, the run's,
     is needed where the blocks that train change from one epoch to the next: a gradual or
-    ``fine_tune`` policy; else the groups would leave out what later epochs unfreeze) (a LoRA policy needs its
+    ``fine_tune`` policy, for which leaving it out is a ConfigError, since the groups would
+    leave out what later epochs unfreeze) (a LoRA policy needs its
     factors in the trunk first: call `apply_policy` before, else PolicyError); group ``"name"`` is
     ``<block>`` or ``<block>/no_decay`` (with ``layer_decay``, a block spanning several layers
     has one group per layer: ``layer1.0``, ``layer1.1`` ...) and ``"lr_scale"`` its multiplier

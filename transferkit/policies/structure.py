@@ -49,13 +49,20 @@ def batchnorm_only_blocks(backbone: Backbone) -> tuple[str, ...]:
     return _blocks_holding_only(backbone, lambda name: name in bn)
 
 
+def idle_at_frozen_bn(backbone: Backbone) -> tuple[str, ...]:
+    """The blocks whose parameters are each BatchNorm gamma/beta or fixed (`fixed_blocks`):
+    under ``bn="frozen"`` no weight of theirs trains."""
+    bn, fixed = bn_param_names(backbone.trunk), backbone.fixed or frozenset()
+    return _blocks_holding_only(backbone, lambda name: name in bn or name in fixed)
+
+
 def fixed_blocks(backbone: Backbone) -> tuple[str, ...]:
     """The blocks whose parameters all did not require gradients as the backbone was made
     (`Backbone.fixed`: a module frozen by an earlier run, given to `from_module`): a policy that
     unfreezes them trains none of their weights, so they stay frozen, in eval mode with their
     BatchNorm statistics kept (`transferkit.policies.training_blocks`)."""
     fixed = backbone.fixed or frozenset()
-    return _blocks_holding_only(backbone, lambda name: name in fixed)
+    return _blocks_holding_only(backbone, lambda name: name in fixed) if fixed else ()
 
 
 def _blocks_holding_only(backbone: Backbone, test: Callable[[str], bool]) -> tuple[str, ...]:

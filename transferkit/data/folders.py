@@ -78,6 +78,8 @@ def _not_a_folder(path: Path) -> str:
     """Why ``path``, given as a data folder, is not one: missing, or a file (an archive to extract first)."""
     if not path.exists():
         return "does not exist"
+    if not path.is_file():  # a FIFO (--data <(...)), a device: never read here (a pipe would wait for a writer)
+        return "is not a folder"
     try:
         with open(path, "rb") as f:
             head = f.read(262)

@@ -286,6 +286,33 @@ def test_a_trunk_whose_private_dict_enum_or_function_setting_differs_is_another_
     assert module_fingerprint(trunk(**change)) == module_fingerprint(trunk(**change))
 
 
+def test_settings_text_tells_keywords_apart_and_ignores_what_a_forward_keeps():
+    """A partial's keyword values were paired with their names sorted apart (a=1, b=2 read as
+    b=1, a=2); functions whose closures hold each other recursed without end; a dict's order
+    and a cache a forward fills (timm's attention_bias_cache) changed the fingerprint."""
+    from transferkit.data.fingerprint import module_settings, setting_text
+
+    def f(x, a=0, b=0):
+        return x
+    assert setting_text(functools.partial(f, a=1, b=2)) != setting_text(functools.partial(f, b=1, a=2))
+    assert setting_text({"a": 1, "b": 2}) == setting_text({"b": 2, "a": 1})
+
+    def outer():
+        def even(n):
+            return n == 0 or odd(n - 1)
+
+        def odd(n):
+            return n != 0 and even(n - 1)
+        return even
+    m = torch.nn.Identity()
+    m.check = outer()
+    assert module_settings(m) == module_settings(m)  # no RecursionError
+    m.attention_bias_cache = {}
+    before = module_settings(m)
+    m.attention_bias_cache["cpu"] = torch.zeros(2)  # filled by an eval forward
+    assert module_settings(m) == before
+
+
 def test_cache_key_covers_trunk_not_head(split_folders, tmp_path):
     """Two runs that differ only in seed or head share features; trunk weights change the key."""
     data = dict(val_data=split_folders / "val")

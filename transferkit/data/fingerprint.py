@@ -76,8 +76,8 @@ def module_structure(module: torch.nn.Module) -> str:
 
 
 # module attributes that change how, not what, a module computes: timm's fused attention (set
-# from TIMM_FUSED_ATTN in each process) and gradient checkpointing, and the train/eval flag
-RUNTIME_SWITCHES = frozenset({"training", "fused_attn", "grad_checkpointing"})
+# from TIMM_FUSED_ATTN in each process), its fused norms and gradient checkpointing, and the train/eval flag
+RUNTIME_SWITCHES = frozenset({"training", "fused_attn", "_fast_norm", "grad_checkpointing"})
 # module attributes that say where the weights came from (timm's ``pretrained_cfg``, which names a weights file's
 # path), not what the module computes: the weights themselves are hashed
 PROVENANCE = frozenset({"pretrained_cfg", "default_cfg", "pretrained_cfg_overlay"})
@@ -91,9 +91,10 @@ def module_settings(module: torch.nn.Module) -> str:
     ``self._scale``, a ``self.cfg = {"pool": "max"}``, an ``Enum``, an activation kept as a
     function). A setting is a plain value (string, number, boolean, None), an ``Enum`` member,
     a class, a function (by its name, bytecode and defaults), a ``functools.partial`` of
-    them, or a tuple, list, set or dict of settings (`setting_text`); other objects are not
-    read. A TorchScript module keeps its attributes in its compiled object: its tree's
-    attributes are read from there (`script_attributes`). Left out: nn.Module's own state
+    them, or a non-empty tuple, list, set or dict of settings (`setting_text`); other objects,
+    and attributes named for a cache (what a forward keeps for the next: timm's
+    ``attention_bias_cache``), are not read. A TorchScript module keeps its attributes in its
+    compiled object: its tree's attributes are read from there (`script_attributes`). Left out: nn.Module's own state
     (parameters, buffers and submodules are hashed as such), the train/eval flag (the frozen
     pass runs in eval mode whatever the module was left in), `RUNTIME_SWITCHES`, which change
     how, not what, a module computes, and `PROVENANCE`.
@@ -114,7 +115,8 @@ def module_settings(module: torch.nn.Module) -> str:
             h.update(f"{name}:{script_attributes(m)}\n".encode())
         shown = []
         for key, value in sorted(vars(m).items()):
-            if key in _MODULE_STATE or key in RUNTIME_SWITCHES or key in PROVENANCE or key.startswith("__"):
+            if key in _MODULE_STATE or key in RUNTIME_SWITCHES or key in PROVENANCE or key.startswith("__") \
+                    or "cache" in key.lower():  # what a forward keeps for the next (timm's attention_bias_cache)
                 continue
             text = setting_text(value)
             if text is not None:
@@ -145,6 +147,8 @@ def setting_text(value: Any, depth: int = 0) -> str | None:
         return f"class {value.__module__}.{value.__qualname__}"
     if isinstance(value, types.MethodType):  # a bound method: its function (not the object, often the module itself)
         value = value.__func__
+    if depth >= 8:  # deeper than a setting goes (functions whose closures hold each other)
+        return None
     if isinstance(value, types.FunctionType):
         h = hashlib.blake2b(digest_size=8)
         _hash_code(h, value.__code__)
@@ -155,19 +159,22 @@ def setting_text(value: Any, depth: int = 0) -> str | None:
         return f"function {value.__module__}.{value.__qualname__} {h.hexdigest()} {cells!r}"
     if isinstance(value, (types.BuiltinFunctionType, types.BuiltinMethodType)):  # torch.sigmoid, math.exp
         return f"builtin {getattr(value, '__module__', None)}.{value.__qualname__}"
-    if depth >= 8:
-        return None
     if isinstance(value, functools.partial):
-        parts = [setting_text(v, depth + 1) for v in (value.func, *value.args, *value.keywords.values())]
-        return None if None in parts else f"partial[{parts!r}, {sorted(value.keywords)!r}]"
+        parts = [setting_text(v, depth + 1) for v in (value.func, *value.args)]
+        named = [(k, setting_text(v, depth + 1)) for k, v in sorted(value.keywords.items())]
+        return None if None in parts or any(v is None for _, v in named) else f"partial[{parts!r}, {named!r}]"
+    if not value and isinstance(value, (tuple, list, set, frozenset, dict)):  # empty: as a cache a forward fills
+        return None
     if isinstance(value, (tuple, list, set, frozenset)):
         parts = [setting_text(v, depth + 1) for v in value]
         if None in parts:
             return None
         return f"{type(value).__name__}[{', '.join(sorted(parts) if isinstance(value, (set, frozenset)) else parts)}]"
-    if isinstance(value, dict):
+    if isinstance(value, dict):  # by key: the order it was filled in computes nothing
         items = [(setting_text(k, depth + 1), setting_text(v, depth + 1)) for k, v in value.items()]
-        return None if any(None in kv for kv in items) else f"dict{{{', '.join(f'{k}: {v}' for k, v in items)}}}"
+        if any(None in kv for kv in items):
+            return None
+        return f"dict{{{', '.join(f'{k}: {v}' for k, v in sorted(items))}}}"
     return None
 
 

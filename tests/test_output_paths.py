@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -483,8 +484,9 @@ def test_ctrl_c_before_a_new_run_writes_its_checkpoint_does_not_call_an_old_fini
 def test_a_path_starting_with_a_tilde_is_expanded_by_the_config_and_refused_as_a_new_folder(tmp_path, monkeypatch):
     """``finetune(cache_dir="~/fc", checkpoint="~/ck.pt")`` wrote into a folder named "~" in the
     working directory (``rm -rf ~`` removes the home folder), while the run recorded the home
-    folder's path: the config expands "~" as a shell and a config file do, and an output path
-    given elsewhere that would make such a folder is refused, saying how to give it."""
+    folder's path: the config (and resume, which reads what it wrote) expands "~" as a shell and
+    a config file do, and an output path given elsewhere that would make a folder named "~" is
+    refused, saying how to give it."""
     import transferkit as tk
     from transferkit._io import check_writable
     from transferkit.errors import OutputError, WeightsError
@@ -503,5 +505,8 @@ def test_a_path_starting_with_a_tilde_is_expanded_by_the_config_and_refused_as_a
     assert not (cwd / "~").exists()
     (cwd / "~").mkdir()  # a folder of that name that is there already is the user's
     assert check_writable("~/m.pt", what="export") == Path("~/m.pt")
-    with pytest.raises(WeightsError, match=r"does not exist\. A path starting with '~' is read as written here"):
-        tk.resume("~/none.pt")
+    with pytest.raises(WeightsError, match=f"Checkpoint {re.escape(repr(str(home / 'none.pt')))} does not exist"):
+        tk.resume("~/none.pt")  # read as finetune(checkpoint="~/none.pt") writes it
+    shards = tk.FinetuneConfig(backbone="tk:small_cnn", data=["~/a.tar", "~/b.tar"]).data
+    assert shards == [str(home / "a.tar"), str(home / "b.tar")]
+    assert check_writable("~backup/m.pt", what="export") == Path("~backup/m.pt")  # not "~": a folder of its own

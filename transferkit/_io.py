@@ -337,8 +337,8 @@ def check_writable(path: str | Path, *, what: str, flag: str | None = None, kind
     if any(c in str(path) for c in "\n\r\x00"):
         raise OutputError(f"{_named(what, p, flag)} holds a line break or NUL character; give a plain path.")
     _check_name_length(p, what, flag, kind)
-    if p.parts and p.parts[0].startswith("~") and not Path(p.parts[0]).exists():  # not a shell: read as written
-        raise OutputError(f"{_named(what, p, flag)} starts with {p.parts[0]!r}, which would be a new folder of that "
+    if p.parts and p.parts[0] == "~" and not Path("~").exists():  # not a shell: read as written
+        raise OutputError(f"{_named(what, p, flag)} starts with '~', which would be a new folder of that "
                           f"name in {os.getcwd()!r}: Python does not expand '~'. Give the full path "
                           f"(os.path.expanduser({str(path)!r})).")
     if kind == "file":

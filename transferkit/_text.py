@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import textwrap
 import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -333,3 +335,16 @@ def home_not_expanded(path: object) -> str:
     if not text.startswith("~"):
         return ""
     return f" A path starting with '~' is read as written here; give the full path (os.path.expanduser({text!r}))."
+
+
+def expand_home(path: Any) -> Any:
+    """``path`` with a leading ``~`` expanded as a shell and a config file do (a str stays a str,
+    a Path a Path); any other value as it is.
+
+    Example:
+        >>> expand_home("~/m.pt") == os.path.expanduser("~/m.pt"), expand_home("runs/m.pt"), expand_home(3)
+        (True, 'runs/m.pt', 3)
+    """
+    if isinstance(path, (str, Path)) and str(path).startswith("~"):
+        return type(path)(os.path.expanduser(path))
+    return path

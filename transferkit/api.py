@@ -21,7 +21,7 @@ from transferkit._progress import EpochLog, spelled, to_stderr
 from transferkit._io import check_writable
 from transferkit._signals import first_interruption_holds, terminate_as_interrupt
 from transferkit.backbones import Backbone
-from transferkit._text import number, plural, wrap_lines
+from transferkit._text import expand_home, number, plural, wrap_lines
 from transferkit.config import FinetuneConfig, called_as, unknown_key_error
 from transferkit.data import DataReport
 from transferkit.data.shards import is_remote
@@ -365,6 +365,7 @@ def resume_config(path: str | Path, **overrides: Any) -> FinetuneConfig:
     """The configuration `resume` continues the run of checkpoint ``path`` with: the stored
     settings, ``overrides`` replacing some (``transferkit finetune --checkpoint PATH --resume
     --dry-run`` plans it)."""
+    path = expand_home(path)  # as finetune(checkpoint=...) reads it
     unknown = set(overrides) - set(FinetuneConfig.__dataclass_fields__)
     if unknown:
         raise unknown_key_error(sorted(unknown)[0], "resume()", recipe_keys=False)

@@ -33,7 +33,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import yaml
 
-from transferkit._text import hide_secrets
+from transferkit._text import expand_home, hide_secrets
 from transferkit.errors import ConfigError, DataError, suggest
 from transferkit.schedules import check_schedule_options
 
@@ -470,9 +470,9 @@ class FinetuneConfig:
             if _is_path(f.name) and isinstance(getattr(self, f.name), str) and not getattr(self, f.name).strip():
                 raise ConfigError(f"{who}: {f.name}='' is an empty path (an unset variable in a shell command?); give "
                                   "a path, or leave it out.")
-            if _is_path(f.name) and isinstance(getattr(self, f.name), (str, Path)) \
-                    and str(getattr(self, f.name)).startswith("~"):  # as a shell and a config file read it
-                setattr(self, f.name, type(getattr(self, f.name))(os.path.expanduser(getattr(self, f.name))))
+            if _is_path(f.name):  # a leading ~ as a shell and a config file read it (a list of shards: each)
+                value = getattr(self, f.name)
+                setattr(self, f.name, [expand_home(v) for v in value] if isinstance(value, list) else expand_home(value))
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"{who}: warmup_epochs={self.warmup_epochs!r} is longer than the run (epochs="
                               f"{self.epochs!r}): the rate would never reach lr. Use fewer than {self.epochs}, e.g. "

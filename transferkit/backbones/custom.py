@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from transferkit._text import expand_home
 from transferkit.config import check_seconds
 from transferkit.backbones._base import HEAD, TRUNK_HEAD, Backbone, Block, InputSpec, check_blocks, container_blocks
 from transferkit.errors import BackboneError
-from transferkit._text import home_not_expanded
 
 BlocksArg = Sequence[Block] | Sequence[str] | Sequence[tuple[str, Sequence[str]]] | Mapping[str, Sequence[str]] | None
 
@@ -143,9 +143,9 @@ def from_torchscript(path_or_module: str | Path | torch.jit.ScriptModule, *, num
         (4, [], False)
     """
     if isinstance(path_or_module, (str, Path)):
-        path = Path(path_or_module)
+        path = Path(expand_home(path_or_module))
         if not path.is_file():
-            raise BackboneError(f"TorchScript file {str(path)!r} does not exist.{home_not_expanded(path)}")
+            raise BackboneError(f"TorchScript file {str(path)!r} does not exist.")
         try:
             scripted = torch.jit.load(str(path), map_location=device)
         except Exception as exc:

@@ -13,6 +13,7 @@ from torch import nn
 
 from transferkit._integrity import ZIP_ERRORS
 from transferkit._io import kind_of_bytes
+from transferkit._text import expand_home
 from transferkit.checkpoints import verify_checkpoint
 from transferkit.config import WEIGHTS_SUFFIXES
 from transferkit.errors import WeightsError
@@ -38,7 +39,7 @@ def check_weights_file(path: str | Path) -> Path:
     """``path`` as a Path, or a WeightsError when no file is there, when it is an exported model
     (TorchScript), or when its first bytes are not what ``torch.save`` writes (a zip archive,
     or before torch 1.6 a pickle): checked by a dry run too, which loads no weights."""
-    path = Path(path)
+    path = Path(expand_home(path))
     if path.is_dir():
         inside = sorted(p.name for p in path.iterdir() if p.name.endswith(WEIGHTS_SUFFIXES))[:3]
         held = f" (it holds {', '.join(repr(n) for n in inside)})" if inside else ""

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from transferkit._progress import progress as progress_bar
-from transferkit._text import exception_line, file_reason, plural
+from transferkit._text import exception_line, expand_home, file_reason, plural
 from transferkit.backbones._base import InputSpec
 from transferkit.data.audio import loud_note
 from transferkit.errors import ConfigError, DataError, ExportError, TransferkitError, warn
@@ -406,7 +406,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> Predictor:
         >>> predictor = transferkit.load("model.pt")  # doctest: +SKIP
         >>> predictor.predict("cat.jpg", top_k=3)[0].top_k  # doctest: +SKIP
     """
-    dev = check_device(device)
+    dev, path = check_device(device), expand_home(path)
     if is_onnx_file(path):  # an ONNX export runs on onnxruntime
         from transferkit.export.onnx import load_onnx
 

@@ -422,6 +422,10 @@ def test_a_failed_final_write_keeps_the_trained_weights(tmp_path, monkeypatch):
     assert f"Could not write the export '{target}' (--export): The export path" in msg and "is a folder" in msg
     assert f"The trained weights are saved in '{err.fallback}'" in msg and "transferkit export" in msg
     assert f"`transferkit export {err.fallback} --out {target}`" in msg  # the export asked for, not a placeholder
+    with pytest.raises(OutputError) as info:  # the final checkpoint: exported to the run's own export path
+        save_with_fallback(target, lambda: torch.save({}, target), what="checkpoint", flag="--checkpoint",
+                           export=tmp_path / "run.pt", model=model, meta=meta)
+    assert f"--out {tmp_path / 'run.pt'}` (in Python: " in str(info.value)
     saved = load_checkpoint(err.fallback)
     assert all(torch.equal(saved["model"][k], v) for k, v in model.state_dict().items())
     reports, _ = export_checkpoint(err.fallback, tmp_path / "ok.pt")  # the advice works

@@ -316,11 +316,14 @@ def save_interrupted_weights(path: str | Path, *, model: torch.nn.Module, meta: 
 
 
 def save_with_fallback(target: str | Path, save: Callable[[], T], *, what: str, model: torch.nn.Module,
-                       meta: dict[str, Any], flag: str | None = None, **checkpoint: Any) -> T:
+                       meta: dict[str, Any], flag: str | None = None, export: str | Path | None = None,
+                       **checkpoint: Any) -> T:
     """Run ``save()`` (e.g. the export or the final checkpoint write); when it fails, save
     ``model`` as a checkpoint at the first of `fallback_paths` that works and raise an
-    error naming the target, the reason and where the weights are. ``checkpoint``: more
-    `save_checkpoint` arguments for the fallback (``history``, ``training``, ...).
+    error naming the target, the reason and where the weights are, with the command that
+    exports them (to ``target`` where ``what`` is the export, else to ``export``, the run's
+    export path, else to ``model.pt``). ``checkpoint``: more `save_checkpoint` arguments for
+    the fallback (``history``, ``training``, ...).
 
     The error is OutputError for a write failure, else the class of the original error
     (e.g. ExportError for a failed parity check); it has ``.target`` and ``.fallback``.
@@ -341,28 +344,16 @@ def save_with_fallback(target: str | Path, save: Callable[[], T], *, what: str, 
         with held_signals(reraise=False):
             fallback, failures = save_fallback(fallback_paths(target), model=model, meta=meta, **checkpoint)
         named = f"{str(target)!r}{f' ({flag})' if flag else ''}"
-        out = shlex.quote(str(target)) if what == "export" else "model.pt"  # the export asked for, where it is one
-        kept = (f"The trained weights are saved in {str(fallback)!r} (a transferkit checkpoint): export it with "
-                f"`transferkit export {shlex.quote(str(fallback))} --out {out}`, or start from it with "
-                f"weights={str(fallback)!r}."
-                if fallback is not None else f"The trained weights could not be saved ({'; '.join(failures)}).")
         raise TrainingInterrupted(f"Interrupted ({signal_name(exc)}) while writing the {what} {named}; nothing was "
-                                  f"written there. {kept}", fallback) from exc
+                                  f"written there. {_kept(fallback, failures, target if what == 'export' else export)}",
+                                  fallback) from exc
     except Exception as exc:
         reason = (str(exc).strip() or type(exc).__name__).rstrip(".") + "."
         with held_signals():  # Ctrl-C now would lose the weights: it is acted on once they are saved
             fallback, failures = save_fallback(fallback_paths(target), model=model, meta=meta, **checkpoint)
         named = f"{str(target)!r}{f' ({flag})' if flag else ''}"
-        out = str(target) if what == "export" else "model.pt"  # the export asked for, where it is one
-        if fallback is None:
-            message = (f"Could not write the {what} {named}: {reason} The trained weights could not be saved either "
-                       f"({'; '.join(failures)}).")
-        else:
-            message = (f"Could not write the {what} {named}: {reason} The trained weights are saved in "
-                       f"{str(fallback)!r} (a transferkit checkpoint): fix the cause, then export it with "
-                       f"`transferkit export {shlex.quote(str(fallback))} --out {shlex.quote(out)}` (Python: "
-                       f"transferkit.export.export_checkpoint({str(fallback)!r}, {out!r})), or start from it "
-                       f"with weights={str(fallback)!r}.")
+        message = (f"Could not write the {what} {named}: {reason} "
+                   f"{_kept(fallback, failures, target if what == 'export' else export, fix=True)}")
         cls: type[Exception] = OutputError
         if isinstance(exc, TransferkitError) and not isinstance(exc, OutputError):
             cls = type(exc)
@@ -372,3 +363,16 @@ def save_with_fallback(target: str | Path, save: Callable[[], T], *, what: str, 
             err = OutputError(message)
         err.target, err.fallback = Path(target), fallback  # type: ignore[attr-defined]
         raise err from exc
+
+
+def _kept(fallback: Path | None, failures: list[str], export: str | Path | None, *, fix: bool = False) -> str:
+    """Where the weights of a failed write are (``fallback``; None where every place failed,
+    ``failures`` saying why), and the command that exports them (to ``export``, else to
+    ``model.pt``); ``fix``: the write failed for a cause to mend first."""
+    if fallback is None:
+        return f"The trained weights could not be saved{' either' if fix else ''} ({'; '.join(failures)})."
+    out = str(export) if export is not None else "model.pt"
+    return (f"The trained weights are saved in {str(fallback)!r} (a transferkit checkpoint): "
+            f"{'fix the cause, then ' if fix else ''}export it with `transferkit export {shlex.quote(str(fallback))} "
+            f"--out {shlex.quote(out)}` (in Python: transferkit.export.export_checkpoint({str(fallback)!r}, "
+            f"{out!r})), or start from it with weights={str(fallback)!r}.")

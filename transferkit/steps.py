@@ -654,7 +654,7 @@ def write_outputs(d: Decisions, run: Run, outcome: TrainOutcome, metrics: dict[s
     if cfg.checkpoint is not None:  # a failed write keeps the weights in a fallback file and says where
         out["checkpoint"] = save_with_fallback(
             cfg.checkpoint, lambda: save_checkpoint(cfg.checkpoint, model=model, meta=meta, complete=True, **history),
-            what="checkpoint", flag="checkpoint", model=model, meta=meta, **history)
+            what="checkpoint", flag="checkpoint", export=cfg.export, model=model, meta=meta, **history)
     if cfg.export is not None:
         t2 = time.perf_counter()
         example = example_inputs(d, run)

@@ -360,38 +360,39 @@ def test_a_compiled_pass_whose_module_trained_since_is_not_reused_for_its_former
     assert (got - ref).abs().max() <= eng.TOLERANCE["fp32"] * ref.abs().max()
 
 
-_POOL = {"mode": "avg"}  # a global that a trunk's forward reads: no fingerprint sees it
+class _Options:  # an object of its own kind: no fingerprint reads it
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
 
 
-class _GlobalPoolTrunk(torch.nn.Module):
-    def __init__(self) -> None:
+class _OptionsTrunk(torch.nn.Module):
+    def __init__(self, mode: str) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.options = _Options(mode)
 
     def forward(self, x):
         x = self.conv(x)
-        return x.mean((2, 3)) if _POOL["mode"] == "avg" else x.amax((2, 3))
+        return x.mean((2, 3)) if self.options.mode == "avg" else x.amax((2, 3))
 
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "compile"])
 def test_a_later_trunk_of_the_same_fingerprint_gets_an_engine_of_its_own(engine, monkeypatch):
-    """Two trunks with one fingerprint that compute otherwise (forward reads a global): in one
-    process the second was given the first's ONNX session or compiled module, and its check
-    against eager was skipped as done, so a sweep trained on the first trunk's features."""
+    """Two trunks with one fingerprint that compute otherwise (forward reads an object no
+    fingerprint sees): in one process the second was given the first's ONNX session or
+    compiled module, and its check against eager was skipped as done, so a sweep trained on
+    the first trunk's features."""
     monkeypatch.setattr(torch, "compile", lambda module, **kw: module)  # the module itself: no compile time
-    monkeypatch.setitem(_POOL, "mode", "avg")
     where = dict(device=CPU, precision="fp32", channels_last=False)
     x = _batch(size=16)
 
-    def model():
+    def model(mode):
         torch.manual_seed(0)
-        bb = from_module(_GlobalPoolTrunk(), input_spec={"image_size": 16}, name="global_pool")
+        bb = from_module(_OptionsTrunk(mode), input_spec={"image_size": 16}, name="options")
         return tk.build_model(bb, 2).eval()
-    first = model()
-    eng.engine_forward(engine, first, x, **where)
-    monkeypatch.setitem(_POOL, "mode", "max")
-    second = model()
+    first, second = model("avg"), model("max")
     assert eng.pass_fingerprint(second) == eng.pass_fingerprint(first)  # the blind spot itself
+    eng.engine_forward(engine, first, x, **where)
     got = eng.engine_forward(engine, second, x, **where)(x)
     with torch.no_grad():
         ref = second.features(x)

@@ -278,7 +278,8 @@ def test_hints_use_the_cli_syntax():
                         "transferkit.export.export_checkpoint('r.ckpt', 'model.pt')), then load model.pt.") == \
         "Export it first: `transferkit export r.ckpt --out model.pt`, then load model.pt."
     assert cli_spelling("predict with it: `transferkit predict m.pt IMAGES` (in Python: "
-                        "transferkit.load('m.pt').predict(...)).") == "predict with it: `transferkit predict m.pt IMAGES`."
+                        "transferkit.load('m.pt').predict(...)).") == \
+        "predict with it: `transferkit predict m.pt IMAGES`."
     assert cli_spelling("lr_find needs 0 < start_lr < end_lr, got start_lr=1.0.") == \
         "lr_find needs 0 < start_lr < end_lr, got --start-lr 1.0."
     assert cli_spelling("lr_find(): label_smoothing applies to task='multiclass' only") == \

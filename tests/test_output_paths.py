@@ -500,7 +500,8 @@ def test_a_path_starting_with_a_tilde_is_expanded_by_the_config_and_refused_as_a
     assert (cfg.data, cfg.cache_dir, cfg.checkpoint, cfg.export) == \
         (str(home / "images"), home / "fc", str(home / "ck.pt"), str(home / "m.pt"))
     with pytest.raises(OutputError, match=r"starts with '~', which would be a new folder of that name in .*Python "
-                                          r"does not expand '~'. Give the full path \(os.path.expanduser\('~/m.pt'\)\)"):
+                                          r"does not expand '~'. Give the full path "
+                                          r"\(os.path.expanduser\('~/m.pt'\)\)"):
         check_writable("~/m.pt", what="export")
     assert not (cwd / "~").exists()
     (cwd / "~").mkdir()  # a folder of that name that is there already is the user's

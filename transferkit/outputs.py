@@ -101,12 +101,15 @@ def check_output_paths(cfg: FinetuneConfig) -> None:
                                   f"{a} (or the other way round). Give them two paths, e.g. {other}="
                                   f"{str(renamed)!r}.")
     for a, pa in files:  # a folder made at a file's path, or below it: the file cannot be written at the end
+        if pa.is_dir():  # a folder there already: the file's own check says so (`check_writable`)
+            continue
         for b, pb in outputs.items():
             if OUTPUTS[b] == "dir" and is_inside(pb, pa):
                 where = "at" if is_inside(pa, pb) else "below"
+                other = pa.parent / f"{pa.stem}-{b.removesuffix('_dir')}"
                 raise ConfigError(f"{b}={str(pb)!r} is a folder {where} the path of the {a} {str(pa)!r}: the run "
-                                  f"would make the folder, and the {a} could not be written there. Give the folder another "
-                                  f"path (e.g. {b}={str(pa.parent / (pa.stem + '-' + b.removesuffix('_dir')))!r}).")
+                                  f"would make the folder, and the {a} could not be written there. Give the folder "
+                                  f"another path (e.g. {b}={str(other)!r}).")
     if "export" in outputs:
         check_export_names(outputs["export"], flags=("export (the TorchScript file)", ""))
     if "plots_dir" in outputs:

@@ -49,7 +49,8 @@ def check_weights_file(path: str | Path) -> Path:
     if _is_torchscript(path):
         raise WeightsError(f"Weights file {str(path)!r} is an exported model (TorchScript), not a state dict or "
                            "checkpoint. Pass the checkpoint it was exported from (finetune(checkpoint=...)), or "
-                           f"predict with the export: `transferkit predict {shlex.quote(str(path))} IMAGES` (in Python: "
+                           "predict with the export: "
+                           f"`transferkit predict {shlex.quote(str(path))} IMAGES` (in Python: "
                            f"transferkit.load({str(path)!r}).predict(...)).")
     if path.suffix.lower() != ".safetensors":
         with open(path, "rb") as f:

@@ -163,7 +163,7 @@ def setting_text(value: Any, depth: int = 0) -> str | None:
         parts = [setting_text(v, depth + 1) for v in (value.func, *value.args)]
         named = [(k, setting_text(v, depth + 1)) for k, v in sorted(value.keywords.items())]
         return None if None in parts or any(v is None for _, v in named) else f"partial[{parts!r}, {named!r}]"
-    if not value and isinstance(value, (tuple, list, set, frozenset, dict)):  # empty: as a cache a forward fills
+    if isinstance(value, (tuple, list, set, frozenset, dict)) and not value:  # empty: as a cache a forward fills
         return None
     if isinstance(value, (tuple, list, set, frozenset)):
         parts = [setting_text(v, depth + 1) for v in value]

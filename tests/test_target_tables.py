@@ -565,6 +565,32 @@ def test_a_validation_target_far_from_the_training_targets_is_named_before_train
         tk.plan("tk:small_cnn", data=_Values(near), val_data=_Values([0.5, 0.2, 3.0]), task="regression", **COMMON)
 
 
+def test_a_training_target_far_from_the_others_is_named_before_training(monkeypatch):
+    """One typo among regression targets (1e9 among prices of 100 to 1100) set the mean and
+    standard deviation they are standardised by: the model predicted nonsense, its validation
+    loss looked fine, and nothing was said. A target that far not read before training, which
+    made the loss inf, was blamed on the learning rate."""
+    import warnings
+
+    from transferkit.train import tasks
+
+    prices = [100.0 + 40 * (i % 25) for i in range(30)]
+    typo = [1e9 if i == 3 else p for i, p in enumerate(prices)]
+    with pytest.warns(UserWarning, match=r"The training target 1e\+09 of training item 3 \(output '0'\) lies more "
+                                         r"than 1000 times the targets' spread from their median \(median 500"):
+        tk.plan("tk:small_cnn", data=_Values(typo), task="regression", val_split=0, **COMMON)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skewed but plausible spread: nothing said
+        tk.plan("tk:small_cnn", data=_Values([p * (10 if i % 7 == 0 else 1) for i, p in enumerate(prices)]),
+                task="regression", val_split=0, **COMMON)
+    monkeypatch.setattr(tasks, "TARGETS_CHECKED", 2)  # the far target is not read before training
+    unseen = [1e30 if i == 5 else p for i, p in enumerate(prices)]
+    with pytest.raises(tk.TrainingError, match=r"a target of this batch reaches 1e\+30, where its targets' median "
+                                               r"size is .* whatever the learning rate: check it"):
+        tk.finetune("tk:small_cnn", data=_Values(unseen), task="regression", val_split=0, epochs=1,
+                    **{**COMMON, "batch_size": 30})
+
+
 @pytest.mark.parametrize("name, said", [("data.parquet", "Parquet files are"), ("train-{0..3}.tar", "tar shards are"),
                                         ("", "folders of class sub-folders are")])
 def test_targets_given_as_data_read_single_label_say_which_data(tmp_path, name, said):

@@ -396,6 +396,11 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
         read = torch.stack(kept) if kept else None
     if task == "multilabel" and read is not None and every:
         _warn_constant_labels(read, names, report)
+    if task == "regression" and read is not None:
+        listed = train.listed_targets() is not None
+        where = [repr(str(path)) for path, _ in train.samples] if listed else \
+            [f"training item {i}" for i in train.indices if i in seen]
+        _warn_far_training_targets(read, where, names, report)
     if task == "regression" and read is not None and val is not None:
         _warn_far_validation_targets(read, val, val_seen, names, report)
     targets = read if task == "regression" else None
@@ -403,6 +408,34 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
 
 
 FAR_TARGET_STDS = 1e3  # a validation target this many training stds from the training mean is named
+
+
+FAR_TARGET_SPREADS = 1e3  # a training target this many robust spreads (1.4826 MAD) from the median is named
+
+
+def _warn_far_training_targets(read: torch.Tensor, where: Sequence[str], names: Sequence[str],
+                               report: DataReport) -> None:
+    """Warn about training regression targets more than `FAR_TARGET_SPREADS` robust spreads
+    (1.4826 times the median absolute deviation: the standard deviation of normal data, which
+    one wild value does not move) from the training targets' median: a typo such as 1e9 among
+    prices of 100 to 1100 set the mean and standard deviation the targets are standardised
+    by, and the model predicted nonsense while its validation loss looked fine. ``where``
+    names each row of ``read``."""
+    y = read.double().reshape(len(read), -1)
+    if len(y) < 3:
+        return
+    median = y.median(0).values
+    spread = 1.4826 * (y - median).abs().median(0).values
+    far = [(i, j) for j in range(y.shape[1]) if spread[j] > 0
+           for i in torch.nonzero((y[:, j] - median[j]).abs() > FAR_TARGET_SPREADS * spread[j]).flatten().tolist()]
+    if far:
+        i, j = far[0]
+        more = f" ({len(far) - 1} more such target(s))" if len(far) > 1 else ""
+        report.warn(f"The training target {float(y[i, j]):.6g} of {where[i]} (output {names[j]!r}) lies more than "
+                    f"{FAR_TARGET_SPREADS:g} times the targets' spread from their median (median "
+                    f"{float(median[j]):.6g}, spread {float(spread[j]):.6g}: 1.4826 median absolute deviations)"
+                    f"{more}: the targets are standardised by their mean and standard deviation, which it moves, so "
+                    "the model would learn little of the others. Check the value, or leave the item out.")
 
 
 def _warn_far_validation_targets(read: torch.Tensor, val: TargetDataset, seen: dict[int, torch.Tensor],

@@ -882,3 +882,18 @@ def test_a_data_path_that_is_an_archive_or_a_file_says_which(tmp_path):
                        *([(fifo, r"is not a folder\. Expected a folder")] if fifo.exists() else [])):  # never read
         with pytest.raises(tk.DataError, match=said):
             tk.plan(tk.FinetuneConfig(backbone="tk:small_cnn", weights=None, data=str(path)))
+
+
+def test_validation_labels_that_are_a_class_s_number_written_otherwise_say_so(tmp_path):
+    """A validation CSV labelled '09' where the training class is '9' had those rows left out
+    with a warning that did not say why: it says the label is that class's number."""
+    make_image_folder(tmp_path / "img", per_class=4, size=16)
+    files = sorted(p for p in (tmp_path / "img").rglob("*.*"))
+    (tmp_path / "train.csv").write_text("path,label\n" + "".join(f"{p},{9 if i % 2 else 10}\n"
+                                                                 for i, p in enumerate(files[:6])))
+    (tmp_path / "val.csv").write_text("path,label\n" + "".join(f"{p},{'09' if i % 2 else 10}\n"
+                                                               for i, p in enumerate(files[6:])))
+    with pytest.warns(UserWarning, match=r"labels \['09'\] that are not training classes \('09' is the number of the "
+                                         r"class '9' written otherwise: write the labels as the classes are written\)"):
+        tk.plan(tk.FinetuneConfig(backbone="tk:small_cnn", weights=None, data=str(tmp_path / "train.csv"),
+                                  val_data=str(tmp_path / "val.csv"), image_size=16))

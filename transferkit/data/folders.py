@@ -442,7 +442,11 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
     if unknown:
         folded = {c.casefold(): c for c in index}
         cased = [(u, folded[u.casefold()]) for u in unknown if u.casefold() in folded]
-        hint = f" ({cased[0][0]!r} differs from the class {cased[0][1]!r} only in case)" if cased else ""
+        numbers = {float(c): c for c in index if parse_number(c) is not None}
+        same = [(u, numbers[float(u)]) for u in unknown if parse_number(u) is not None and float(u) in numbers]
+        hint = f" ({cased[0][0]!r} differs from the class {cased[0][1]!r} only in case)" if cased else \
+            f" ({same[0][0]!r} is the number of the class {same[0][1]!r} written otherwise: write the labels as the " \
+            "classes are written)" if same else ""
         report.warn(f"{str(csv_path)!r} has labels {unknown[:10]} that are not "
                     f"{'the model' if purpose == 'scoring' else 'training'} classes{hint}; those rows are left out.")
     samples = [(csv_file_path(csv_path, p), index[lab]) for (p, _), lab in zip(rows, labels) if lab in index]

@@ -237,7 +237,7 @@ class TargetEvaluation:
             lines += [f"  {name:<{width}}  {r['mae']:9.4g}  {r['r2']:7.4f}" for name, r in m["per_output"].items()]
 
         def said(v: Any) -> str:
-            return f"[{', '.join(v)}]" if isinstance(v, list) else ", ".join(f"{k}={x:.4g}" for k, x in v.items())
+            return f"[{', '.join(v)}]" if isinstance(v, list) else ", ".join(f"{k}={x:.7g}" for k, x in v.items())
         rows = self.worst(worst)
         if rows:
             lines.append(f"worst {plural(len(rows), 'file')} (highest loss):")

@@ -65,7 +65,7 @@ class Prediction:
         if self.error is not None:
             return f"error: {self.error}"
         if self.task == "regression":
-            return ", ".join(f"{k}={v:.4g}" for k, v in (self.values or {}).items())
+            return ", ".join(f"{k}={v:.7g}" for k, v in (self.values or {}).items())
         alts = ", ".join(f"{lab} {p:.3f}" for lab, p in self.top_k)
         return f"[{', '.join(self.labels or [])}] {alts}" if self.task == "multilabel" else alts
 

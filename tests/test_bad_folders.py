@@ -897,3 +897,15 @@ def test_validation_labels_that_are_a_class_s_number_written_otherwise_say_so(tm
                                          r"class '9' written otherwise: write the labels as the classes are written\)"):
         tk.plan(tk.FinetuneConfig(backbone="tk:small_cnn", weights=None, data=str(tmp_path / "train.csv"),
                                   val_data=str(tmp_path / "val.csv"), image_size=16))
+
+
+def test_a_csv_label_s_surrounding_spaces_are_not_part_of_it(tmp_path):
+    """``red`` and ``red `` in a CSV are one class (a field's spaces, as in ``path, label``),
+    as the reliability table says."""
+    make_image_folder(tmp_path / "img", per_class=4, size=16)
+    files = sorted(p for p in (tmp_path / "img").rglob("*.*"))
+    rows = [f"{p},{('red' if i % 3 else 'red ') if i % 2 else ' green'}" for i, p in enumerate(files)]
+    (tmp_path / "d.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    plan = tk.plan(tk.FinetuneConfig(backbone="tk:small_cnn", weights=None, data=str(tmp_path / "d.csv"),
+                                     image_size=16))
+    assert list(plan.classes) == ["green", "red"]

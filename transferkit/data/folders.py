@@ -90,6 +90,8 @@ def _not_a_folder(path: Path) -> str:
         kind = ("tar archive", "extract it (tar -xf)")
     if kind is not None:
         return f"is a {kind[0]}, not a folder: {kind[1]} and give the folder it holds"
+    if b"," in head and b"\0" not in head:  # text with commas: a table
+        return "is a file, not a folder (a table of path,label rows is read from a name ending in .csv: rename it)"
     return "is a file, not a folder"
 
 

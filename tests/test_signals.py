@@ -339,3 +339,46 @@ def test_a_signal_after_an_interruption_was_said_does_not_change_the_exit_status
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert done.returncode == 143, (done.returncode, done.stderr[-2000:])
+
+
+def _ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended (gone, or a zombie its new parent has not reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_command_asks_to_end_with_its_torchrun_launcher_as_it_starts(tmp_path):
+    """`transferkit` started by torchrun asks for SIGTERM on its launcher's death as the command
+    starts, before any run joins its job (a worker still reading its data when torchrun was
+    killed went on, unseen): here the command's work is a sleep, and its launcher is killed."""
+    ready = tmp_path / "ready"
+    worker = ("import time, transferkit.cli as cli\n"
+              f"cli.main = lambda argv=None: open({str(ready)!r}, 'w').close() or time.sleep(120) or 0\n"
+              "cli.console_main()\n")
+    launcher = ("import subprocess, sys, time\n"
+                f"p = subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True)\n"
+                "print(p.pid, flush=True)\n"
+                "time.sleep(120)\n")
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", launcher], env=env, stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+    try:
+        for _ in range(600):  # the command has started (a hang guard: at most 60 s)
+            if ready.exists():
+                break
+            time.sleep(0.1)
+        assert ready.exists()
+        proc.kill()
+        proc.wait(timeout=60)
+        for _ in range(300):  # SIGTERM ends it at once; a worker left running sleeps 120 s
+            if _ended(pid):
+                break
+            time.sleep(0.1)
+        assert _ended(pid)
+    finally:
+        proc.kill()
+        if not _ended(pid):
+            os.kill(pid, signal.SIGKILL)

@@ -913,3 +913,21 @@ def test_a_csv_label_s_surrounding_spaces_are_not_part_of_it(tmp_path):
     plan = tk.plan(tk.FinetuneConfig(backbone="tk:small_cnn", weights=None, data=str(tmp_path / "d.csv"),
                                      image_size=16))
     assert list(plan.classes) == ["green", "red"]
+
+
+def test_evaluate_keeps_what_reading_the_data_said(tmp_path):
+    """`evaluate --json` scored 23 of 48 rows, the others left out for labels the model does not
+    have, and its results did not say so (only a warning on stderr): they keep what reading the
+    data said, and it is still warned."""
+    make_image_folder(tmp_path / "img", per_class=4, size=16)
+    files = sorted(p for p in (tmp_path / "img").rglob("*.*"))
+    bb = tk.get_backbone("tk:small_cnn", weights=None)
+    tk.export_torchscript(tk.build_model(bb, 2), tmp_path / "m.pt", example_inputs=torch.rand(2, 3, 16, 16),
+                          metadata={"labels": ["10", "9"], "input_spec": bb.input_spec.replace(image_size=16).to_dict()})
+    (tmp_path / "val.csv").write_text("path,label\n" + "".join(f"{p},{'09' if i % 2 else 10}\n"
+                                                               for i, p in enumerate(files)))
+    with pytest.warns(UserWarning, match=r"labels \['09'\] that are not the model's classes"):
+        ev = tk.evaluate(tmp_path / "m.pt", tmp_path / "val.csv", progress=False)
+    assert len(ev.files) == (len(files) + 1) // 2
+    assert len(ev.data_warnings) == 1 and "those rows are left out" in ev.data_warnings[0]
+    assert ev.to_dict()["data_warnings"] == ev.data_warnings

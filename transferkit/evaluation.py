@@ -23,9 +23,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ from transferkit.data.checks import DataReport
 from transferkit.data.folders import scan_csv
 from transferkit.data.images import scan_image_folder
 from transferkit.data.target_tables import scan_target_csv
-from transferkit.errors import ConfigError, DataError
+from transferkit.errors import ConfigError, DataError, TransferkitWarning
 from transferkit.export import Predictor, load
 from transferkit.heads import TargetScale, labels_given
 from transferkit.train.metrics import classification_report, confusion_matrix, task_metrics
@@ -68,6 +70,7 @@ class Evaluation:
     failed: list[tuple[str, str]] = field(default_factory=list)  # files that could not be predicted, and why
     model: str = ""  # where the model came from
     data: str = ""  # the labelled data
+    data_warnings: list[str] = field(default_factory=list)  # what reading the data said (rows left out, ...)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -121,7 +124,7 @@ class Evaluation:
         return {"model": self.model, "data": self.data, "files": len(self.files), "accuracy": self.accuracy,
                 "per_class": self.report, "classes": self.classes,
                 "confusion_matrix": self.confusion_matrix.tolist(), "worst": self.worst(worst),
-                "failed": [{"file": f, "error": e} for f, e in self.failed]}
+                "failed": [{"file": f, "error": e} for f, e in self.failed], "data_warnings": self.data_warnings}
 
     def summary(self, *, worst: int = 5) -> str:
         """A few lines for people: accuracy, the per-class table, the worst files, failures."""
@@ -164,6 +167,7 @@ class TargetEvaluation:
     failed: list[tuple[str, str]] = field(default_factory=list)  # files that could not be predicted, and why
     model: str = ""
     data: str = ""
+    data_warnings: list[str] = field(default_factory=list)  # what reading the data said (rows left out, ...)
     # regression: the std per output the model was trained to standardise by (its TargetScale),
     # which the per-file loss divides by; None: the std of these data
     scale: np.ndarray | None = None
@@ -212,7 +216,8 @@ class TargetEvaluation:
         ``metrics``, is None: JSON's null)."""
         return finite_json({"model": self.model, "data": self.data, "task": self.task, "files": len(self.files),
                             "classes": self.classes, **self.metrics, "worst": self.worst(worst),
-                            "failed": [{"file": f, "error": e} for f, e in self.failed]})
+                            "failed": [{"file": f, "error": e} for f, e in self.failed],
+                            "data_warnings": self.data_warnings})
 
     def summary(self, *, worst: int = 5) -> str:
         """A few lines for people: the metrics, per label or output, the worst files, failures."""
@@ -331,8 +336,31 @@ def evaluate(model: Any, data: str | Path, *, batch_size: int = 32, device: str 
     origin = str(model) if isinstance(model, (str, Path)) else predictor.source
     if predictor.task != "multiclass":
         return _evaluate_targets(predictor, origin, data, batch_size=batch_size, progress=progress)
-    samples = labelled_samples(data, list(predictor.labels), predictor.input_spec.kind)
-    return score(predictor, samples, data=data, model=origin, batch_size=batch_size, progress=progress)
+    with _said() as said:  # what reading the data says (rows left out, ...): warned, and kept in the results
+        samples = labelled_samples(data, list(predictor.labels), predictor.input_spec.kind)
+    result = score(predictor, samples, data=data, model=origin, batch_size=batch_size, progress=progress)
+    result.data_warnings = said
+    return result
+
+
+@contextlib.contextmanager
+def _said() -> Iterator[list[str]]:
+    """The messages of the transferkit warnings issued inside (the list is filled as the block
+    ends), each also warned as it would have been."""
+    said: list[str] = []
+    held: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield said
+            finally:
+                held = list(caught)
+    finally:  # an error inside still shows what was said before it
+        for w in held:
+            if issubclass(w.category, TransferkitWarning):
+                said.append(str(w.message))
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def score(predictor: Predictor, samples: Sequence[tuple[Any, int]], *, data: Any = "", model: str = "",
@@ -357,11 +385,13 @@ def _evaluate_targets(predictor: Predictor, origin: str, data: str | Path, *, ba
                         f"column per output ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
                         + (", or 'path,labels' with ';'-separated label names" if predictor.task == "multilabel"
                            else "") + f"; got {str(data)!r}.")
-    samples, _ = scan_target_csv(path, task=predictor.task, classes=classes, report=DataReport(), purpose="scoring")
+    with _said() as said:  # what reading the data says (rows left out, ...): warned, and kept in the results
+        samples, _ = scan_target_csv(path, task=predictor.task, classes=classes, report=DataReport(),
+                                     purpose="scoring")
     files, targets, outputs, failed = _predicted(predictor, samples, data, batch_size=batch_size, progress=progress)
     return TargetEvaluation(task=predictor.task, classes=classes, files=files, targets=np.asarray(targets),
                             outputs=outputs, failed=failed, model=origin, data=str(data),
-                            scale=_trained_scale(predictor))
+                            scale=_trained_scale(predictor), data_warnings=said)
 
 
 def _predicted(predictor: Predictor, samples: Sequence[tuple[Any, Any]], data: Any, *, batch_size: int,

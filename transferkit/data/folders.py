@@ -442,6 +442,7 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
         raise DataError(f"{str(csv_path)!r} has labels {unknown[:10]}, none of them one of the classes "
                         f"{list(classes)[:10]} ({whose}): no row can be used. Label its rows with those classes.")
     if unknown:
+        whose_classes = "the model's" if purpose == "scoring" else "training"
         folded = {c.casefold(): c for c in index}
         cased = [(u, folded[u.casefold()]) for u in unknown if u.casefold() in folded]
         numbers = {float(c): c for c in index if parse_number(c) is not None}
@@ -450,7 +451,7 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
             f" ({same[0][0]!r} is the number of the class {same[0][1]!r} written otherwise: write the labels as the " \
             "classes are written)" if same else ""
         report.warn(f"{str(csv_path)!r} has labels {unknown[:10]} that are not "
-                    f"{'the model' if purpose == 'scoring' else 'training'} classes{hint}; those rows are left out.")
+                    f"{whose_classes} classes{hint}; those rows are left out.")
     samples = [(csv_file_path(csv_path, p), index[lab]) for (p, _), lab in zip(rows, labels) if lab in index]
     if first == 1 and len(rows) > 1 and labels[0] not in labels[1:] and \
             not os.path.isfile(csv_file_path(csv_path, rows[0][0])) and \

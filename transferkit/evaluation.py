@@ -23,11 +23,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ import numpy as np
 import torch
 
 from transferkit._progress import progress as progress_bar
-from transferkit._text import finite_json, plural
+from transferkit._text import expand_home, finite_json, plural
 from transferkit.data.audio import scan_audio_folder
 from transferkit.data.bundle import labelled_data
 from transferkit.data.encoded import SampleRef
@@ -44,7 +42,7 @@ from transferkit.data.checks import DataReport
 from transferkit.data.folders import scan_csv
 from transferkit.data.images import scan_image_folder
 from transferkit.data.target_tables import scan_target_csv
-from transferkit.errors import ConfigError, DataError, TransferkitWarning
+from transferkit.errors import ConfigError, DataError
 from transferkit.export import Predictor, load
 from transferkit.heads import TargetScale, labels_given
 from transferkit.train.metrics import classification_report, confusion_matrix, task_metrics
@@ -261,14 +259,16 @@ def _failed_lines(failed: list[tuple[str, str]]) -> list[str]:
 
 
 def labelled_samples(data: str | Path, classes: list[str], kind: str = "image", *,
-                     what: str = "scored") -> Sequence[tuple[Any, int]]:
+                     what: str = "scored", report: DataReport | None = None) -> Sequence[tuple[Any, int]]:
     """``(sample, class index)`` of labelled data, with the class indices of ``classes``: the
     files of a folder ``root/<class>/<file>`` or a ``path,label`` CSV, or for an image model the
     samples (`SampleRef`) of tar shards, Parquet files or a Hugging Face dataset, read by class
     name as validation data are (`labelled_data`; made on access, not held). Samples of other
-    labels are left out with a warning. ``what`` names the data in messages."""
+    labels are left out with a warning. ``what`` names the data in messages; ``report`` records
+    what the reading found (its ``warnings``; a new one by default)."""
+    report = DataReport() if report is None else report
     # encoded data: every sample goes to the model, so one that cannot be decoded is listed in `failed`, as a file is
-    encoded = labelled_data(data, classes, what=what, scan="none") if kind == "image" else None
+    encoded = labelled_data(data, classes, what=what, scan="none", report=report) if kind == "image" else None
     if encoded is not None:
         return encoded.samples
     encoded = " tar shards, Parquet files or a saved Hugging Face dataset," if kind == "image" else ""
@@ -277,7 +277,6 @@ def labelled_samples(data: str | Path, classes: list[str], kind: str = "image", 
                         f"file of path,label rows; got {type(data).__name__}. To score inputs held in memory, "
                         "predict them (result.predict or transferkit.load(model).predict) and compare the labels.")
     path = Path(data)
-    report = DataReport()
     if path.is_dir():
         if kind == "audio":
             samples, _ = scan_audio_folder(path, classes, report=report)
@@ -332,35 +331,15 @@ def evaluate(model: Any, data: str | Path, *, batch_size: int = 32, device: str 
         >>> ev = evaluate("model.pt", "hymenoptera/val")  # doctest: +SKIP
         >>> print(ev.summary())  # doctest: +SKIP
     """
-    predictor = _predictor(model, device)
+    predictor, data = _predictor(model, device), expand_home(data)  # as the model's path
     origin = str(model) if isinstance(model, (str, Path)) else predictor.source
     if predictor.task != "multiclass":
         return _evaluate_targets(predictor, origin, data, batch_size=batch_size, progress=progress)
-    with _said() as said:  # what reading the data says (rows left out, ...): warned, and kept in the results
-        samples = labelled_samples(data, list(predictor.labels), predictor.input_spec.kind)
+    report = DataReport()  # what reading the data says (rows left out, ...): warned, and kept in the results
+    samples = labelled_samples(data, list(predictor.labels), predictor.input_spec.kind, report=report)
     result = score(predictor, samples, data=data, model=origin, batch_size=batch_size, progress=progress)
-    result.data_warnings = said
+    result.data_warnings = list(report.warnings)
     return result
-
-
-@contextlib.contextmanager
-def _said() -> Iterator[list[str]]:
-    """The messages of the transferkit warnings issued inside (the list is filled as the block
-    ends), each also warned as it would have been."""
-    said: list[str] = []
-    held: list[warnings.WarningMessage] = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                yield said
-            finally:
-                held = list(caught)
-    finally:  # an error inside still shows what was said before it
-        for w in held:
-            if issubclass(w.category, TransferkitWarning):
-                said.append(str(w.message))
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def score(predictor: Predictor, samples: Sequence[tuple[Any, int]], *, data: Any = "", model: str = "",
@@ -385,13 +364,12 @@ def _evaluate_targets(predictor: Predictor, origin: str, data: str | Path, *, ba
                         f"column per output ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
                         + (", or 'path,labels' with ';'-separated label names" if predictor.task == "multilabel"
                            else "") + f"; got {str(data)!r}.")
-    with _said() as said:  # what reading the data says (rows left out, ...): warned, and kept in the results
-        samples, _ = scan_target_csv(path, task=predictor.task, classes=classes, report=DataReport(),
-                                     purpose="scoring")
+    report = DataReport()  # what reading the data says (rows left out, ...): warned, and kept in the results
+    samples, _ = scan_target_csv(path, task=predictor.task, classes=classes, report=report, purpose="scoring")
     files, targets, outputs, failed = _predicted(predictor, samples, data, batch_size=batch_size, progress=progress)
     return TargetEvaluation(task=predictor.task, classes=classes, files=files, targets=np.asarray(targets),
                             outputs=outputs, failed=failed, model=origin, data=str(data),
-                            scale=_trained_scale(predictor), data_warnings=said)
+                            scale=_trained_scale(predictor), data_warnings=list(report.warnings))
 
 
 def _predicted(predictor: Predictor, samples: Sequence[tuple[Any, Any]], data: Any, *, batch_size: int,

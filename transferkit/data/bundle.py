@@ -169,14 +169,16 @@ def _as_dataset(data: Any, classes: list[str] | None, min_size: int | None, what
 
 
 def labelled_data(data: str | Path, classes: Sequence[str], *, what: str = "test", on_bad_file: str = "skip",
-                  scan: str = "quick", cache_dir: str | Path | None = None) -> EncodedImageDataset | None:
+                  scan: str = "quick", cache_dir: str | Path | None = None,
+                  report: DataReport | None = None) -> EncodedImageDataset | None:
     """Encoded labelled ``data`` (tar shards, Parquet files, a Hugging Face dataset: see
     `open_encoded`) read with a model's ``classes``, as validation data are: matched by name,
     never renamed (data whose classes share no name with ``classes`` are refused); samples of
     other classes are left out with a warning. Returns the dataset (``.samples``: ``(sample,
-    class index)``), or None when ``data`` is not encoded (a folder of images, a CSV)."""
+    class index)``), or None when ``data`` is not encoded (a folder of images, a CSV).
+    ``report``: where what the reading found is recorded (a new one by default)."""
     ds = open_encoded(data, classes=list(classes), min_size=None, on_bad_file=on_bad_file, scan=scan,
-                      cache_dir=cache_dir, report=DataReport(), what=what)
+                      cache_dir=cache_dir, report=DataReport() if report is None else report, what=what)
     if ds is not None and not len(ds):
         raise DataError(f"{str(data)!r} holds no sample of the classes {list(classes)[:10]}.")
     return ds

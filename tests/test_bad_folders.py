@@ -875,13 +875,15 @@ def test_a_data_path_that_is_an_archive_or_a_file_says_which(tmp_path):
     plain.write_text("not images")
     listing = tmp_path / "rows.tsv"
     listing.write_text("path,label\na.png,ants\n")
+    (tmp_path / "labels.json").write_text('{"a.png": "ants", "b.png": "bees"}')
     fifo = tmp_path / "pipe"
     if hasattr(os, "mkfifo"):
         os.mkfifo(fifo)
     for path, said in ((archive, r"is a zip archive, not a folder: unzip it and give the folder it holds"),
                        (plain, r"is a file, not a folder\. Expected a folder"),
-                       (listing, r"is a file, not a folder \(a table of path,label rows is read from a name ending in "
-                                 r"\.csv: rename it\)"),
+                       (listing, r"is a file, not a folder \(a table of paths, its header 'path,\.\.\.', is read "
+                                 r"from a name ending in \.csv: rename it\)"),
+                       (tmp_path / "labels.json", r"is a file, not a folder\. Expected"),  # commas, no table
                        (tmp_path / "missing", r"does not exist\. Expected a folder"),
                        *([(fifo, r"is not a folder\. Expected a folder")] if fifo.exists() else [])):  # never read
         with pytest.raises(tk.DataError, match=said):

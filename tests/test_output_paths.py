@@ -510,4 +510,5 @@ def test_a_path_starting_with_a_tilde_is_expanded_by_the_config_and_refused_as_a
         tk.resume("~/none.pt")  # read as finetune(checkpoint="~/none.pt") writes it
     shards = tk.FinetuneConfig(backbone="tk:small_cnn", data=["~/a.tar", "~/b.tar"]).data
     assert shards == [str(home / "a.tar"), str(home / "b.tar")]
-    assert check_writable("~backup/m.pt", what="export") == Path("~backup/m.pt")  # not "~": a folder of its own
+    assert tk.FinetuneConfig(backbone="tk:small_cnn", data=("~/a.tar",)).data == (str(home / "a.tar"),)
+    assert check_writable("~backup/m.pt", what="export") == Path("~backup/m.pt")  # given as is: a folder of its own

@@ -472,6 +472,14 @@ def test_the_refusal_of_a_policy_that_trains_no_weight_counts_to_a_block_that_tr
     lower = trunk([3])  # c alone fixed: a gradual schedule starts at two blocks
     refused(lower, "gradual:every=1", r"in epoch 2: .*Start with more blocks unfrozen \(start=2\)", epochs=3)
     assert tk.plan(tk.FinetuneConfig(backbone=lower, data=data, policy="gradual:every=1,start=2", epochs=3))
+    norm_fixed = trunk([2])  # b: a convolution that trains and a fixed BatchNorm; c trains
+    assert tk.plan(tk.FinetuneConfig(backbone=norm_fixed, data=data, policy="unfreeze:last=2", epochs=2)).trainable
+    torch.manual_seed(0)
+    bn_net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    bn_net[1].requires_grad_(False)  # a block of a fixed BatchNorm alone
+    bn_fixed = from_module(bn_net, input_spec={"image_size": 16}, name="bn_fixed",
+                           blocks=[("body", ["0"]), ("norm", ["1"])])
+    refused(bn_fixed, "unfreeze:last=1", r"\(norm\) hold only parameters that did not require gradients")
     every = trunk([0, 1, 2, 3])
     refused(every, "gradual:every=1", r"in epoch 2: .*lets them train\)\. Use policy='feature_extraction'", epochs=3)
 

@@ -577,16 +577,22 @@ def test_a_training_target_far_from_the_others_is_named_before_training(monkeypa
     prices = [100.0 + 40 * (i % 25) for i in range(30)]
     typo = [1e9 if i == 3 else p for i, p in enumerate(prices)]
     with pytest.warns(UserWarning, match=r"The training target 1e\+09 of training item 3 \(output '0'\) lies more "
-                                         r"than 1000 times the targets' spread from their median \(median 500"):
+                                         r"than 10000 times the targets' spread from their median \(median 500"):
         tk.plan("tk:small_cnn", data=_Values(typo), task="regression", val_split=0, **COMMON)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a skewed but plausible spread: nothing said
         tk.plan("tk:small_cnn", data=_Values([p * (10 if i % 7 == 0 else 1) for i, p in enumerate(prices)]),
                 task="regression", val_split=0, **COMMON)
+    from transferkit.train.loop import _far_target
+
+    counts = torch.tensor([0.0, 0, 0, 0, 3, 0, 7, 0, 12, 0])  # mostly 0: a blown-up rate is not blamed on them
+    assert _far_target(counts) is None and _far_target(torch.tensor([[0.3, 1e6]] * 4)) is None  # outputs apart
+    top, typical = _far_target(torch.tensor([1.0, 2.0, 3.0, 1e30]))
+    assert top == pytest.approx(1e30, rel=1e-6) and typical == 2.0
     monkeypatch.setattr(tasks, "TARGETS_CHECKED", 2)  # the far target is not read before training
     unseen = [1e30 if i == 5 else p for i, p in enumerate(prices)]
-    with pytest.raises(tk.TrainingError, match=r"a target of this batch reaches 1e\+30, where its targets' median "
-                                               r"size is .* whatever the learning rate: check it"):
+    with pytest.raises(tk.TrainingError, match=r"a target of this batch reaches 1e\+30, where the median size of its "
+                                               r"output's targets is 500\. .* whatever the learning rate: check it"):
         tk.finetune("tk:small_cnn", data=_Values(unseen), task="regression", val_split=0, epochs=1,
                     **{**COMMON, "batch_size": 30})
 

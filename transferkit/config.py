@@ -472,7 +472,8 @@ class FinetuneConfig:
                                   "a path, or leave it out.")
             if _is_path(f.name):  # a leading ~ as a shell and a config file read it (a list of shards: each)
                 value = getattr(self, f.name)
-                value = [expand_home(v) for v in value] if isinstance(value, list) else expand_home(value)
+                value = type(value)(map(expand_home, value)) if isinstance(value, (list, tuple)) else \
+                    expand_home(value)
                 setattr(self, f.name, value)
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"{who}: warmup_epochs={self.warmup_epochs!r} is longer than the run (epochs="

@@ -634,7 +634,7 @@ def _check_trains_something(pol: Policy, scheduled: list[list[str]], blocks: lis
         held = [*(["BatchNorm gamma/beta, which bn=frozen keeps frozen"] if batchnorm else []),
                 *(["parameters that did not require gradients when the backbone was made (a module frozen by an "
                    "earlier run: module.requires_grad_(True), then from_module, lets them train)"]
-                  if set(unfrozen) - set(batchnorm_only) else [])]
+                  if set(unfrozen) - set(batchnorm_only) or set(unfrozen) & set(fixed) else [])]
         first = next((k for k, b in enumerate(reversed(blocks), 1) if b not in idle), None)  # counted from the top
         when = f" in epoch {epoch + 1}" if pol.is_gradual else ""
         if first is None:  # no block of this trunk has a weight that trains

@@ -91,8 +91,9 @@ def module_settings(module: torch.nn.Module) -> str:
     ``self._scale``, a ``self.cfg = {"pool": "max"}``, an ``Enum``, an activation kept as a
     function). A setting is a plain value (string, number, boolean, None), an ``Enum`` member,
     a class, a function (by its name, bytecode and defaults), a ``functools.partial`` of
-    them, or a non-empty tuple, list, set or dict of settings (`setting_text`); other objects,
-    and attributes named for a cache (what a forward keeps for the next: timm's
+    them, or a tuple, list, set or dict of settings (`setting_text`; an attribute holding an empty
+    one is left out, as a cache a forward fills); other objects,
+    and attributes whose name ends in ``cache`` (what a forward keeps for the next: timm's
     ``attention_bias_cache``), are not read. A TorchScript module keeps its attributes in its
     compiled object: its tree's attributes are read from there (`script_attributes`). Left out: nn.Module's own state
     (parameters, buffers and submodules are hashed as such), the train/eval flag (the frozen
@@ -116,7 +117,7 @@ def module_settings(module: torch.nn.Module) -> str:
         shown = []
         for key, value in sorted(vars(m).items()):
             if key in _MODULE_STATE or key in RUNTIME_SWITCHES or key in PROVENANCE or key.startswith("__") \
-                    or "cache" in key.lower():  # what a forward keeps for the next (timm's attention_bias_cache)
+                    or key.lower().endswith("cache"):  # what a forward keeps for the next (attention_bias_cache)
                 continue
             text = setting_text(value)
             if text is not None:
@@ -163,18 +164,18 @@ def setting_text(value: Any, depth: int = 0) -> str | None:
         parts = [setting_text(v, depth + 1) for v in (value.func, *value.args)]
         named = [(k, setting_text(v, depth + 1)) for k, v in sorted(value.keywords.items())]
         return None if None in parts or any(v is None for _, v in named) else f"partial[{parts!r}, {named!r}]"
-    if isinstance(value, (tuple, list, set, frozenset, dict)) and not value:  # empty: as a cache a forward fills
-        return None
+    if depth == 0 and isinstance(value, (tuple, list, set, frozenset, dict)) and not value:  # an attribute that
+        return None  # is empty: as a cache a forward fills (an empty one inside a setting is part of it)
     if isinstance(value, (tuple, list, set, frozenset)):
         parts = [setting_text(v, depth + 1) for v in value]
         if None in parts:
             return None
         return f"{type(value).__name__}[{', '.join(sorted(parts) if isinstance(value, (set, frozenset)) else parts)}]"
-    if isinstance(value, dict):  # by key: the order it was filled in computes nothing
+    if isinstance(value, dict):  # in its order, which a forward that walks it follows
         items = [(setting_text(k, depth + 1), setting_text(v, depth + 1)) for k, v in value.items()]
         if any(None in kv for kv in items):
             return None
-        return f"dict{{{', '.join(f'{k}: {v}' for k, v in sorted(items))}}}"
+        return f"dict{{{', '.join(f'{k}: {v}' for k, v in items)}}}"
     return None
 
 

@@ -74,6 +74,9 @@ _ARCHIVES = {b"PK\x03\x04": ("zip archive", "unzip it"), b"\x1f\x8b": ("gzip fil
              b"7z\xbc\xaf": ("7-Zip archive", "extract it")}
 
 
+_LISTED = re.compile(rb"[^,]+\.(jpe?g|png|webp|bmp|gif|tiff?|wav|flac|mp3|ogg|aiff?),")  # a row: a file, then
+
+
 def _not_a_folder(path: Path) -> str:
     """Why ``path``, given as a data folder, is not one: missing, or a file (an archive to extract first)."""
     if not path.exists():
@@ -90,8 +93,11 @@ def _not_a_folder(path: Path) -> str:
         kind = ("tar archive", "extract it (tar -xf)")
     if kind is not None:
         return f"is a {kind[0]}, not a folder: {kind[1]} and give the folder it holds"
-    if b"," in head and b"\0" not in head:  # text with commas: a table
-        return "is a file, not a folder (a table of path,label rows is read from a name ending in .csv: rename it)"
+    first = head.split(b"\n", 1)[0].strip().lower()
+    listing = first.startswith((b"path,", b"file,")) or re.match(_LISTED, first) is not None  # path,label rows
+    if path.suffix.lower() in (".tsv", ".txt", ".lst", ".list", "") and listing:
+        return "is a file, not a folder (a table of paths, its header 'path,...', is read from a name ending in .csv: " \
+            "rename it)"
     return "is a file, not a folder"
 
 

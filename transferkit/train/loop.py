@@ -188,7 +188,22 @@ def train_one_epoch(module: nn.Module, loader: DataLoader, loop: Loop, *, desc: 
             "loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "lr": last_lr, "lr_groups": last_groups}
 
 
-FAR_IN_BATCH = 1e6  # a batch target this many times its batch's median size, where the loss is inf: said as such
+FAR_IN_BATCH = 1e6  # a batch target this many times its output's median size, where the loss is not finite: said
+
+
+def _far_target(y: torch.Tensor) -> tuple[float, float] | None:
+    """``(largest size, median size)`` of the output of a batch of float targets ``y`` (``[B]``
+    or ``[B, D]``) whose largest target is more than `FAR_IN_BATCH` times its median size (an
+    output whose median is 0, as counts mostly 0 are, is not judged); None where none is, or
+    for class indices."""
+    if not y.is_floating_point() or y.ndim == 0 or len(y) < 3:
+        return None
+    sizes = y.detach().abs().double().reshape(len(y), -1)
+    top, typical = sizes.amax(0), sizes.median(0).values
+    for j in range(sizes.shape[1]):
+        if typical[j] > 0 and top[j] > FAR_IN_BATCH * typical[j]:
+            return float(top[j]), float(typical[j])
+    return None
 
 
 def _forward_backward(module: nn.Module, x: Any, y: torch.Tensor, loop: Loop, desc: str, *,
@@ -212,14 +227,14 @@ def _forward_backward(module: nn.Module, x: Any, y: torch.Tensor, loop: Loop, de
             raise TrainingError(f"The training loss became {loss.item()} at {desc}: the targets reach {peak:.3g}, and "
                                 "their squared error is beyond float32's range (3.4e38) whatever the learning rate. "
                                 "Standardise them (target_norm='auto', the default, or True), or rescale them.")
-        typical = float(y.detach().abs().median()) if y.is_floating_point() and y.numel() and y.ndim else 0.0
-        top = float(y.detach().abs().max()) if y.is_floating_point() and y.numel() else 0.0
-        if top > FAR_IN_BATCH * max(typical, 1e-12) and top > 1.0:  # one regression target far from the others
+        far = _far_target(y)
+        if far is not None:  # one regression target far from the others of its output in the batch
+            top, typical = far
             raise TrainingError(f"The training loss became {loss.item()} at {desc}: a target of this batch reaches "
-                                f"{top:.3g}, where its targets' median size is {typical:.3g}. A target that far from "
-                                "the others makes the loss inf whatever the learning rate: check it (a typo?) and fix "
-                                "or remove the item (the data warnings name such targets among those read before "
-                                "training).")
+                                f"{top:.3g}, where the median size of its output's targets is {typical:.3g}. A target "
+                                "that far from the others makes the loss overflow whatever the learning rate: check it "
+                                "(a typo?) and fix or remove the item (the data warnings name such targets among those "
+                                "read before training).")
         raise TrainingError(f"The training loss became {loss.item()} at {desc}. The learning rate "
                             f"({base_lr(optimizer):.3g}) is probably too high: lower it, "
                             "or check the inputs for NaN/inf.")

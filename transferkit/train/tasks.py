@@ -14,7 +14,7 @@ predictor applies the right output function:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -390,17 +390,17 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
         val_seen = seen
     # the training part's targets (not validation's): a listing's all, else those read
     read = train.listed_targets()
-    every = read is not None or all(i in seen for i in train.indices)  # every training target was read
+    listed = read is not None
+    every = listed or all(i in seen for i in train.indices)  # every training target was read
     if read is None:
         kept = [seen[i] for i in train.indices if i in seen]
         read = torch.stack(kept) if kept else None
     if task == "multilabel" and read is not None and every:
         _warn_constant_labels(read, names, report)
     if task == "regression" and read is not None:
-        listed = train.listed_targets() is not None
-        where = [repr(str(path)) for path, _ in train.samples] if listed else \
-            [f"training item {i}" for i in train.indices if i in seen]
-        _warn_far_training_targets(read, where, names, report)
+        rows = None if listed else [i for i in train.indices if i in seen]  # the items `read` holds, in order
+        _warn_far_training_targets(read, lambda k: repr(str(train.samples[k][0])) if rows is None else
+                                   f"training item {rows[k]}", names, report)
     if task == "regression" and read is not None and val is not None:
         _warn_far_validation_targets(read, val, val_seen, names, report)
     targets = read if task == "regression" else None
@@ -410,17 +410,18 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
 FAR_TARGET_STDS = 1e3  # a validation target this many training stds from the training mean is named
 
 
-FAR_TARGET_SPREADS = 1e3  # a training target this many robust spreads (1.4826 MAD) from the median is named
+FAR_TARGET_SPREADS = 1e4  # a training target this many robust spreads (1.4826 MAD) from the median is named
 
 
-def _warn_far_training_targets(read: torch.Tensor, where: Sequence[str], names: Sequence[str],
+def _warn_far_training_targets(read: torch.Tensor, where: Callable[[int], str], names: Sequence[str],
                                report: DataReport) -> None:
     """Warn about training regression targets more than `FAR_TARGET_SPREADS` robust spreads
     (1.4826 times the median absolute deviation: the standard deviation of normal data, which
     one wild value does not move) from the training targets' median: a typo such as 1e9 among
     prices of 100 to 1100 set the mean and standard deviation the targets are standardised
-    by, and the model predicted nonsense while its validation loss looked fine. ``where``
-    names each row of ``read``."""
+    by, and the model predicted nonsense while its validation loss looked fine (heavy tails
+    such as log-normal prices stay below the bound; an output most of whose targets are one
+    value has no spread, and is not judged). ``where(k)`` names row ``k`` of ``read``."""
     y = read.double().reshape(len(read), -1)
     if len(y) < 3:
         return
@@ -431,11 +432,12 @@ def _warn_far_training_targets(read: torch.Tensor, where: Sequence[str], names: 
     if far:
         i, j = far[0]
         more = f" ({len(far) - 1} more such target(s))" if len(far) > 1 else ""
-        report.warn(f"The training target {float(y[i, j]):.6g} of {where[i]} (output {names[j]!r}) lies more than "
+        report.warn(f"The training target {float(y[i, j]):.6g} of {where(i)} (output {names[j]!r}) lies more than "
                     f"{FAR_TARGET_SPREADS:g} times the targets' spread from their median (median "
                     f"{float(median[j]):.6g}, spread {float(spread[j]):.6g}: 1.4826 median absolute deviations)"
-                    f"{more}: the targets are standardised by their mean and standard deviation, which it moves, so "
-                    "the model would learn little of the others. Check the value, or leave the item out.")
+                    f"{more}: it dominates their mean and standard deviation (what they are standardised by) and the "
+                    "squared error, so the model would learn little of the others. Check the value, or leave the item "
+                    "out.")
 
 
 def _warn_far_validation_targets(read: torch.Tensor, val: TargetDataset, seen: dict[int, torch.Tensor],

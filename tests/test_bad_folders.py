@@ -925,7 +925,8 @@ def test_evaluate_keeps_what_reading_the_data_said(tmp_path):
     files = sorted(p for p in (tmp_path / "img").rglob("*.*"))
     bb = tk.get_backbone("tk:small_cnn", weights=None)
     tk.export_torchscript(tk.build_model(bb, 2), tmp_path / "m.pt", example_inputs=torch.rand(2, 3, 16, 16),
-                          metadata={"labels": ["10", "9"], "input_spec": bb.input_spec.replace(image_size=16).to_dict()})
+                          metadata={"labels": ["10", "9"],
+                                    "input_spec": bb.input_spec.replace(image_size=16).to_dict()})
     (tmp_path / "val.csv").write_text("path,label\n" + "".join(f"{p},{'09' if i % 2 else 10}\n"
                                                                for i, p in enumerate(files)))
     with pytest.warns(UserWarning, match=r"labels \['09'\] that are not the model's classes"):

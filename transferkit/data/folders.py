@@ -96,8 +96,8 @@ def _not_a_folder(path: Path) -> str:
     first = head.split(b"\n", 1)[0].strip().lower()
     listing = first.startswith((b"path,", b"file,")) or re.match(_LISTED, first) is not None  # path,label rows
     if path.suffix.lower() in (".tsv", ".txt", ".lst", ".list", "") and listing:
-        return "is a file, not a folder (a table of paths, its header 'path,...', is read from a name ending in .csv: " \
-            "rename it)"
+        return ("is a file, not a folder (a table of paths, its header 'path,...', is read from a name ending in "
+                ".csv: rename it)")
     return "is a file, not a folder"
 
 

@@ -466,8 +466,8 @@ def test_the_refusal_of_a_policy_that_trains_no_weight_counts_to_a_block_that_tr
     upper = trunk([1, 2, 3])  # b and c wholly fixed
     refused(upper, "unfreeze:last=2", r"\(b, c\) hold only parameters that did not require gradients .*Unfreeze a "
             r"block whose weights train \(e\.g\. last=3\), or use policy='feature_extraction'")
-    refused(upper, "gradual:every=1", r"in epoch 2: .*Train every block from the start \('unfreeze:last=3'\)",
-            epochs=3)
+    refused(upper, "gradual:every=1,discriminative=0.5", r"in epoch 2: .*Train every block from the start "
+            r"\('unfreeze:last=3,discriminative=0.5'\)", epochs=3)  # the policy's other options kept
     assert tk.plan(tk.FinetuneConfig(backbone=upper, data=data, policy="unfreeze:last=3", epochs=3)).trainable
     lower = trunk([3])  # c alone fixed: a gradual schedule starts at two blocks
     refused(lower, "gradual:every=1", r"in epoch 2: .*Start with more blocks unfrozen \(start=2\)", epochs=3)

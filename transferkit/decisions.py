@@ -643,7 +643,8 @@ def _check_trains_something(pol: Policy, scheduled: list[list[str]], blocks: lis
             above = f", and max above {first}" if pol.max_blocks is not None and pol.max_blocks <= first else ""
             fix = f"Start with more blocks unfrozen (start={first}{above}), "
         elif pol.is_gradual:  # only the bottom block trains a weight: a gradual schedule has nothing left to add
-            fix = f"Train every block from the start ('unfreeze:last={first}'), "
+            every = dataclasses.replace(pol, every=None, milestones=(), unfreeze=first, max_blocks=None)
+            fix = f"Train every block from the start ({str(every)!r}), "
         else:
             fix = f"Unfreeze a block whose weights train (e.g. last={first}), "
         bn = "let BatchNorm train (bn=affine or bn=train), " if batchnorm else ""

@@ -91,14 +91,14 @@ def module_settings(module: torch.nn.Module) -> str:
     ``self._scale``, a ``self.cfg = {"pool": "max"}``, an ``Enum``, an activation kept as a
     function). A setting is a plain value (string, number, boolean, None), an ``Enum`` member,
     a class, a function (by its name, bytecode and defaults), a ``functools.partial`` of
-    them, or a tuple, list, set or dict of settings (`setting_text`; an attribute holding an empty
-    one is left out, as a cache a forward fills); other objects,
-    and attributes whose name ends in ``cache`` (what a forward keeps for the next: timm's
+    them, or a tuple, list, set or dict of settings (`setting_text`; an attribute holding an
+    empty one is left out, as a cache a forward fills); other objects, and attributes whose
+    name ends in ``cache`` (what a forward keeps for the next: timm's
     ``attention_bias_cache``), are not read. A TorchScript module keeps its attributes in its
-    compiled object: its tree's attributes are read from there (`script_attributes`). Left out: nn.Module's own state
-    (parameters, buffers and submodules are hashed as such), the train/eval flag (the frozen
-    pass runs in eval mode whatever the module was left in), `RUNTIME_SWITCHES`, which change
-    how, not what, a module computes, and `PROVENANCE`.
+    compiled object: its tree's attributes are read from there (`script_attributes`). Left
+    out: nn.Module's own state (parameters, buffers and submodules are hashed as such), the
+    train/eval flag (the frozen pass runs in eval mode whatever the module was left in),
+    `RUNTIME_SWITCHES`, which change how, not what, a module computes, and `PROVENANCE`.
 
     Example:
         >>> import torch

@@ -277,6 +277,9 @@ def test_hints_use_the_cli_syntax():
     assert cli_spelling("Export it first: `transferkit export r.ckpt --out model.pt` (in Python: "
                         "transferkit.export.export_checkpoint('r.ckpt', 'model.pt')), then load model.pt.") == \
         "Export it first: `transferkit export r.ckpt --out model.pt`, then load model.pt."
+    assert cli_spelling("export it: `transferkit export 'a(1)/x.ckpt' --out m.pt` (in Python: "
+                        "transferkit.export.export_checkpoint('a(1)/x.ckpt', 'm.pt')), or start from it.") == \
+        "export it: `transferkit export 'a(1)/x.ckpt' --out m.pt`, or start from it."  # a path's own parentheses
     assert cli_spelling("predict with it: `transferkit predict m.pt IMAGES` (in Python: "
                         "transferkit.load('m.pt').predict(...)).") == \
         "predict with it: `transferkit predict m.pt IMAGES`."

@@ -38,7 +38,24 @@ def drop_python_asides(message: str) -> str:
         >>> drop_python_asides("raise it: `transferkit --max-image-pixels 0 ...` (in Python: PIL.Image.X = None).")
         'raise it: `transferkit --max-image-pixels 0 ...`.'
     """
-    return re.sub(r" \(in Python: [^()]*(?:\([^()]*\)[^()]*)*\)", "", message)
+    out, at = [], 0
+    while (start := message.find(" (in Python: ", at)) >= 0:
+        depth, quote, i = 0, None, start + 1
+        for i in range(start + 1, len(message)):  # to the parenthesis that closes it, past quoted paths' own
+            c = message[i]
+            if quote:
+                quote = None if c == quote else quote
+            elif c in "'\"" and not message[i - 1].isalnum():  # a quote, not an apostrophe (the model's)
+                quote = c
+            elif c in "()":
+                depth += 1 if c == "(" else -1
+                if depth == 0:
+                    break
+        if depth != 0:  # not closed: left as it is
+            break
+        out.append(message[at:start])
+        at = i + 1
+    return "".join(out) + message[at:]
 
 
 def _same(written: str, value: Any) -> bool:

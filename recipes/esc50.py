@@ -25,8 +25,9 @@ def read_esc50(root: Path, fold: int) -> RecipeData:
     with open(meta, newline="") as f:
         rows = list(csv.DictReader(f))
     names = {int(r["target"]): r["category"] for r in rows}
-    index = {target: k for k, target in enumerate(sorted(names))}  # a subset's targets (ESC-10's) need not be 0..N-1
-    classes = [names[t] for t in sorted(names)]
+    order = sorted(names)
+    index = {target: k for k, target in enumerate(order)}  # a subset's targets (ESC-10's) need not be 0..N-1
+    classes = [names[t] for t in order]
     folds = sorted({int(r["fold"]) for r in rows})
     if fold not in folds:
         raise DataError(f"--fold {fold} is not one of the folds in {str(meta)!r}: {folds}.")

@@ -332,6 +332,8 @@ def save_with_fallback(target: str | Path, save: Callable[[], T], *, what: str, 
         >>> save_with_fallback("model.pt", lambda: export_torchscript(model, "model.pt", ...),
         ...                    what="export", model=model, meta=meta)  # doctest: +SKIP
     """
+    named = f"{str(target)!r}{f' ({flag})' if flag else ''}"
+    out = target if what == "export" else export  # where the kept weights are to be exported
     try:
         return save()
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM during the write: keep the weights, then stop
@@ -343,17 +345,13 @@ def save_with_fallback(target: str | Path, save: Callable[[], T], *, what: str, 
                                       Path(target)) from exc
         with held_signals(reraise=False):
             fallback, failures = save_fallback(fallback_paths(target), model=model, meta=meta, **checkpoint)
-        named = f"{str(target)!r}{f' ({flag})' if flag else ''}"
         raise TrainingInterrupted(f"Interrupted ({signal_name(exc)}) while writing the {what} {named}; nothing was "
-                                  f"written there. {_kept(fallback, failures, target if what == 'export' else export)}",
-                                  fallback) from exc
+                                  f"written there. {_kept(fallback, failures, out)}", fallback) from exc
     except Exception as exc:
         reason = (str(exc).strip() or type(exc).__name__).rstrip(".") + "."
         with held_signals():  # Ctrl-C now would lose the weights: it is acted on once they are saved
             fallback, failures = save_fallback(fallback_paths(target), model=model, meta=meta, **checkpoint)
-        named = f"{str(target)!r}{f' ({flag})' if flag else ''}"
-        message = (f"Could not write the {what} {named}: {reason} "
-                   f"{_kept(fallback, failures, target if what == 'export' else export, fix=True)}")
+        message = f"Could not write the {what} {named}: {reason} {_kept(fallback, failures, out, fix=True)}"
         cls: type[Exception] = OutputError
         if isinstance(exc, TransferkitError) and not isinstance(exc, OutputError):
             cls = type(exc)

@@ -380,13 +380,13 @@ def decide(config: FinetuneConfig, facts: Facts) -> Decisions:
                      "them before making the backbone (a module frozen by an earlier run: "
                      "module.requires_grad_(True), then from_module).")
     if idle:
-        notes.append(f"{_plural(len(idle), 'block')} the policy unfreezes ({', '.join(idle)}) "
-                     f"{'holds' if len(idle) == 1 else 'hold'} only parameters "
-                     "that did not require gradients when the backbone was made: "
-                     f"{'it stays' if len(idle) == 1 else 'they stay'} frozen, in eval mode with "
-                     f"{'its' if len(idle) == 1 else 'their'} BatchNorm statistics kept. To train "
-                     f"{'it' if len(idle) == 1 else 'them'}, set requires_grad=True on those parameters before making "
-                     "the backbone (a module frozen by an earlier run: module.requires_grad_(True), then from_module).")
+        holds, it, its = ("holds", "it", "its") if len(idle) == 1 else ("hold", "they", "their")
+        notes.append(f"{_plural(len(idle), 'block')} the policy unfreezes ({', '.join(idle)}) {holds} only "
+                     f"parameters that did not require gradients when the backbone was made: {it} "
+                     f"{'stays' if len(idle) == 1 else 'stay'} frozen, in eval mode with {its} BatchNorm statistics "
+                     f"kept. To train {'it' if len(idle) == 1 else 'them'}, set requires_grad=True on those parameters "
+                     "before making the backbone (a module frozen by an earlier run: module.requires_grad_(True), "
+                     "then from_module).")
     stalled = sorted((phase_lr * g["lr_scale"], g["name"]) for g in template
                      if g["params"] and phase_lr * g["lr_scale"] < LOST_LR)
     if stalled:

@@ -177,7 +177,7 @@ def run_order(trunk: nn.Module, backbone: Backbone) -> list[str]:
     modules are registered in stands for it."""
     if trunk in _RUN_ORDERS:
         return _RUN_ORDERS[trunk]
-    called: list[str] = []
+    called: dict[str, None] = {}  # in the order of first calls
     spec = backbone.input_spec
     try:
         ref = next(itertools.chain(trunk.parameters(), trunk.buffers()), None)
@@ -186,7 +186,7 @@ def run_order(trunk: nn.Module, backbone: Backbone) -> list[str]:
         shape = (1, int(spec.sample_rate * (spec.clip_seconds or 1.0))) if spec.kind == "audio" else \
             (1, spec.channels, spec.image_size, spec.image_size)
         x = torch.zeros(shape, device=device, dtype=dtype)
-        hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: None if n in called else called.append(n))
+        hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: called.setdefault(n))
                  for n, m in trunk.named_modules()]  # (a module called twice keeps its first place)
         modes = {m: m.training for m in trunk.modules()}
         try:
@@ -199,9 +199,9 @@ def run_order(trunk: nn.Module, backbone: Backbone) -> list[str]:
             for m, mode in modes.items():
                 m.training = mode
     except Exception:  # noqa: BLE001 - a TorchScript trunk, a size it does not take: the registered order
-        called = []
-    _RUN_ORDERS[trunk] = called
-    return called
+        called = {}
+    _RUN_ORDERS[trunk] = list(called)
+    return _RUN_ORDERS[trunk]
 
 
 def _follows_its_neighbour(m: nn.Module) -> bool:

@@ -583,7 +583,6 @@ def _well_formed(saved: Any) -> bool:
 
 
 # --------------------------------------------------------------------------- the decision (pure)
-# how ONNX Runtime (a plain RuntimeError) and C++ allocators word running out of memory
 def machine_state(exc: BaseException) -> bool:
     """Whether ``exc`` is a failure of this machine's state rather than of an engine on its
     trunk, so that a stored timing tries the engine again: an ``OSError`` (a full disk, a file

@@ -390,15 +390,14 @@ def prepare_task_data(data: Any, val_data: Any, *, task: str, val_split: float, 
         val_seen = seen
     # the training part's targets (not validation's): a listing's all, else those read
     read = train.listed_targets()
-    listed = read is not None
-    every = listed or all(i in seen for i in train.indices)  # every training target was read
+    rows = None  # the items `read` holds, in order, where they are those read (not a listing's all)
+    every = read is not None or all(i in seen for i in train.indices)  # every training target was read
     if read is None:
-        kept = [seen[i] for i in train.indices if i in seen]
-        read = torch.stack(kept) if kept else None
+        rows = [i for i in train.indices if i in seen]
+        read = torch.stack([seen[i] for i in rows]) if rows else None
     if task == "multilabel" and read is not None and every:
         _warn_constant_labels(read, names, report)
     if task == "regression" and read is not None:
-        rows = None if listed else [i for i in train.indices if i in seen]  # the items `read` holds, in order
         _warn_far_training_targets(read, lambda k: repr(str(train.samples[k][0])) if rows is None else
                                    f"training item {rows[k]}", names, report)
     if task == "regression" and read is not None and val is not None:

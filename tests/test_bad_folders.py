@@ -876,10 +876,18 @@ def test_a_data_path_that_is_an_archive_or_a_file_says_which(tmp_path):
     listing = tmp_path / "rows.tsv"
     listing.write_text("path,label\na.png,ants\n")
     (tmp_path / "labels.json").write_text('{"a.png": "ants", "b.png": "bees"}')
+    import gzip
+    import tarfile
+
+    with tarfile.open(tmp_path / "images.bak", "w") as t:
+        t.add(plain, arcname="notes.txt")
+    (tmp_path / "images.gzbin").write_bytes(gzip.compress((tmp_path / "images.bak").read_bytes()))
     fifo = tmp_path / "pipe"
     if hasattr(os, "mkfifo"):
         os.mkfifo(fifo)
     for path, said in ((archive, r"is a zip archive, not a folder: unzip it and give the folder it holds"),
+                       (tmp_path / "images.bak", r"is a tar archive, not a folder: extract it \(tar -xf\)"),
+                       (tmp_path / "images.gzbin", r"is a gzip file, not a folder: extract it \(tar -xzf\)"),
                        (plain, r"is a file, not a folder\. Expected a folder"),
                        (listing, r"is a file, not a folder \(a table of paths, its header 'path,\.\.\.', is read "
                                  r"from a name ending in \.csv: rename it\)"),

@@ -73,6 +73,23 @@ def kind_of_bytes(head: bytes) -> tuple[str, str] | None:
     return None
 
 
+# the first bytes of the archive and compression formats a data folder or a tar shard is often packed in
+_PACKED = {b"PK\x03\x04": "zip", b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+           b"\x28\xb5\x2f\xfd": "zstd", b"7z\xbc\xaf\x27\x1c": "7-Zip"}
+
+
+def packed_kind(head: bytes) -> str | None:
+    """``"gzip"``, ``"zip"``, ``"tar"``, ... for the first bytes (262 suffice) of an archive or a
+    compressed file, else None.
+
+    Example:
+        >>> packed_kind(b"\\x1f\\x8b\\x08"), packed_kind(b"plain text")
+        ('gzip', None)
+    """
+    kind = next((k for magic, k in _PACKED.items() if head.startswith(magic)), None)
+    return "tar" if kind is None and head[257:262] == b"ustar" else kind
+
+
 def _host_tag() -> str:
     """The host and PID namespace of this process: containers that share a host name and a
     folder but not their process ids get different tags, so that neither judges the other's

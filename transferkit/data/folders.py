@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transferkit._io import kind_of_bytes
+from transferkit._io import kind_of_bytes, packed_kind
 from transferkit._text import home_not_expanded, plural
 from transferkit.data.checks import (AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, LINK_LOOP, DataReport, check_class_names,
                                      check_label_names, class_index, class_order, nfc, other_image_extensions,
@@ -69,9 +69,10 @@ def _loose_files(root: Path, is_data: Callable[[str], bool]) -> list[str]:
         return []
 
 
-_ARCHIVES = {b"PK\x03\x04": ("zip archive", "unzip it"), b"\x1f\x8b": ("gzip file", "extract it (tar -xzf)"),
-             b"BZh": ("bzip2 file", "extract it (tar -xjf)"), b"\xfd7zXZ": ("xz file", "extract it (tar -xJf)"),
-             b"7z\xbc\xaf": ("7-Zip archive", "extract it")}
+_ARCHIVES = {"zip": ("zip archive", "unzip it"), "gzip": ("gzip file", "extract it (tar -xzf)"),
+             "bzip2": ("bzip2 file", "extract it (tar -xjf)"), "xz": ("xz file", "extract it (tar -xJf)"),
+             "zstd": ("zstd file", "extract it (tar --zstd -xf)"), "7-Zip": ("7-Zip archive", "extract it"),
+             "tar": ("tar archive", "extract it (tar -xf)")}
 
 
 _LISTED = re.compile(rb"[^,]+\.(jpe?g|png|webp|bmp|gif|tiff?|wav|flac|mp3|ogg|aiff?),")  # a row: a file, then
@@ -88,11 +89,10 @@ def _not_a_folder(path: Path) -> str:
             head = f.read(262)
     except OSError:
         return "is not a folder"
-    kind = next((k for magic, k in _ARCHIVES.items() if head.startswith(magic)), None)
-    if kind is None and head[257:262] == b"ustar":
-        kind = ("tar archive", "extract it (tar -xf)")
-    if kind is not None:
-        return f"is a {kind[0]}, not a folder: {kind[1]} and give the folder it holds"
+    packed = packed_kind(head)
+    if packed is not None:
+        what, how = _ARCHIVES[packed]
+        return f"is a {what}, not a folder: {how} and give the folder it holds"
     first = head.split(b"\n", 1)[0].strip().lower()
     listing = first.startswith((b"path,", b"file,")) or re.match(_LISTED, first) is not None  # path,label rows
     if path.suffix.lower() in (".tsv", ".txt", ".lst", ".list", "") and listing:

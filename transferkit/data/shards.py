@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit._io import atomic_write, entry_not_kept, file_digest
+from transferkit._io import atomic_write, entry_not_kept, file_digest, packed_kind
 from transferkit._text import hide_url, plural
 from transferkit.data.checks import (IMAGE_EXTENSIONS, ON_BAD_FILE, SCAN_RULES, SCANS, DataReport, check_image_stream,
                                      holds_class_folders, leave_out_bad)
@@ -542,8 +542,7 @@ def _parse_label(ext: str, data: bytes) -> Any:
     return text or None
 
 
-# the first bytes of the compressed formats a tar is often packed in, and their decompressors
-_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+# the compressed formats a tar is often packed in, and their decompressors
 _DECOMPRESS = {"gzip": "gunzip", "bzip2": "bunzip2", "xz": "unxz", "zstd": "unzstd"}
 
 
@@ -554,7 +553,8 @@ def _compression(path: str) -> str | None:
             head = f.read(6)
     except OSError:
         return None
-    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+    kind = packed_kind(head)
+    return kind if kind in _DECOMPRESS else None
 
 
 def _check_end(f: Any, at: int, total: int) -> None:

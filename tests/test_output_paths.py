@@ -490,6 +490,7 @@ def test_a_path_starting_with_a_tilde_is_expanded_by_the_config_and_refused_as_a
     import transferkit as tk
     from transferkit._io import check_writable
     from transferkit.errors import OutputError, WeightsError
+    from transferkit.export.from_checkpoint import export_checkpoint
 
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     home.mkdir(), cwd.mkdir()
@@ -508,6 +509,8 @@ def test_a_path_starting_with_a_tilde_is_expanded_by_the_config_and_refused_as_a
     assert check_writable("~/m.pt", what="export") == Path("~/m.pt")
     with pytest.raises(WeightsError, match=f"Checkpoint {re.escape(repr(str(home / 'none.pt')))} does not exist"):
         tk.resume("~/none.pt")  # read as finetune(checkpoint="~/none.pt") writes it
+    with pytest.raises(WeightsError, match=f"Checkpoint {re.escape(repr(str(home / 'none.pt')))} does not exist"):
+        export_checkpoint("~/none.pt", cwd / "m.pt")
     shards = tk.FinetuneConfig(backbone="tk:small_cnn", data=["~/a.tar", "~/b.tar"]).data
     assert shards == [str(home / "a.tar"), str(home / "b.tar")]
     assert tk.FinetuneConfig(backbone="tk:small_cnn", data=("~/a.tar",)).data == (str(home / "a.tar"),)

@@ -17,7 +17,7 @@ from transferkit.model import build_model
 from transferkit.backbones import get_backbone
 from transferkit.checkpoints import load_checkpoint, saved_run
 from transferkit._io import check_writable, same_file
-from transferkit._text import file_reason, plural
+from transferkit._text import expand_home, file_reason, plural
 from transferkit.export.inputs import InputPipeline
 from transferkit.export.torchscript import ExportReport, check_export_path, check_tolerances
 
@@ -193,6 +193,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, examples: str 
     """
     from transferkit.export.onnx import check_onnx_path, export_files
 
+    checkpoint, examples = expand_home(checkpoint), expand_home(examples)  # as resume and load read them
     check_writable(out, what="export")  # before any work: a folder or a read-only place says so at once
     if onnx is not None:
         check_writable(onnx, what="ONNX export")

@@ -5,6 +5,7 @@ emptied by bad files, files that break after the pre-scan, and split layouts
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -942,3 +943,22 @@ def test_evaluate_keeps_what_reading_the_data_said(tmp_path):
     assert len(ev.files) == (len(files) + 1) // 2
     assert len(ev.data_warnings) == 1 and "those rows are left out" in ev.data_warnings[0]
     assert ev.to_dict()["data_warnings"] == ev.data_warnings
+
+
+def test_a_csv_whose_paths_are_relative_to_the_working_directory_says_how_they_are_read(tmp_path, monkeypatch):
+    """A CSV in meta/ listing imgs/0.png (a path relative to the working directory) was "lists 4
+    missing files, e.g. ['meta/imgs/0.png', ...]": it says that rows are read relative to the
+    CSV's folder and that the files are there relative to the working directory."""
+    make_image_folder(tmp_path / "imgs", per_class=2, size=16)
+    files = sorted(p.relative_to(tmp_path) for p in (tmp_path / "imgs").rglob("*.png"))
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "train.csv").write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in files))
+    monkeypatch.chdir(tmp_path)
+    cfg = tk.FinetuneConfig(backbone="tk:small_cnn", weights=None, data="meta/train.csv")
+    with pytest.raises(tk.DataError, match=rf"lists \d+ missing files.* relative to the CSV's folder \('meta'\), and "
+                                           rf"these files are there relative to the working directory \(e\.g\. "
+                                           rf"{re.escape(repr(str(files[0])))}\): write each path relative"):
+        tk.plan(cfg)
+    monkeypatch.chdir(tmp_path / "meta")  # not there from here: the error says no more than that they are missing
+    with pytest.raises(tk.DataError, match=r"lists \d+ missing files, e\.g\. \[[^]]*\]\.$"):
+        tk.plan(tk.FinetuneConfig(backbone="tk:small_cnn", weights=None, data="train.csv"))

@@ -516,4 +516,20 @@ def check_listed_files(csv_path: Path, paths: Sequence[str]) -> None:
         raise DataError(f"{str(csv_path)!r} lists {plural(len(special), 'path')} of no file to read, e.g. "
                         f"{special[0][0]!r}: {special[0][1]}. List files only.")
     if missing:
-        raise DataError(f"{str(csv_path)!r} lists {plural(len(missing), 'missing file')}, e.g. {missing[:3]}.")
+        raise DataError(f"{str(csv_path)!r} lists {plural(len(missing), 'missing file')}, e.g. {missing[:3]}."
+                        f"{_relative_to_here(csv_path, missing)}")
+
+
+def _relative_to_here(csv_path: Path, missing: Sequence[str]) -> str:
+    """What a CSV's missing files say when they are there relative to the working directory:
+    a row's relative path is read relative to the CSV's folder."""
+    folder = csv_path.parent
+    if os.path.abspath(folder) == os.getcwd():
+        return ""
+    cells = [os.path.relpath(p, folder) for p in missing[:20]]
+    here = [c for c in cells if not os.path.isabs(c) and not c.startswith("..") and os.path.isfile(c)]
+    if len(here) < max(1, len(cells) // 2):
+        return ""
+    return (f" Relative paths in a CSV are read relative to the CSV's folder ({str(folder)!r}), and these files are "
+            f"there relative to the working directory (e.g. {here[0]!r}): write each path relative to the CSV's "
+            "folder, or absolute.")

@@ -262,6 +262,9 @@ def test_resume_flag_after_an_interrupted_run(tmp_path, capsys):
     code, out, err = _run(capsys, "finetune", "--checkpoint", ckpt, "--resume")
     assert code == 0, err
     assert len(json.loads(out)["metrics"]) and "epoch   2/2" in err and "epoch   1/2" not in err
+    metrics = json.loads(out)["metrics"]  # all of them, as `evaluate --json` gives: per class, the confusion matrix
+    assert set(metrics["per_class"]) >= {"dark", "light", "macro avg"}
+    assert torch.tensor(metrics["confusion_matrix"]).sum() == metrics["per_class"]["macro avg"]["support"] > 0
 
 
 def test_hints_use_the_cli_syntax():

@@ -68,7 +68,7 @@ def result_record(result: Any) -> dict[str, Any]:
     """The run's outcome as plain JSON data (what ``transferkit finetune`` prints when piped)."""
     rep = result.export_report
     return {"best": result.best,
-            "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+            "metrics": result.metrics,  # per class or output, and the confusion matrix, as `evaluate --json`
             "export": str(result.export_path) if result.export_path else None,
             "export_check": None if rep is None else {"max_abs_diff": rep.max_abs_diff, "tolerance": rep.tolerance,
                                                       "batch_sizes": list(rep.batch_sizes)},

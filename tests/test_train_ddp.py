@@ -116,6 +116,24 @@ def test_remote_shards_under_ddp_are_fetched_once_for_both_ranks_which_agree(ima
     assert len(a["history"]) == 2
 
 
+def test_the_cli_under_torchrun_removes_each_process_s_copies_of_streamed_shards(images, tmp_path):
+    """Shards read through a pipe without cache_dir are copied into a temporary folder of each
+    process, removed as it exits: a worker ended through exit_cleanly (os._exit) left its copy
+    of every shard behind in /tmp."""
+    items = [(f.read_bytes(), f.suffix[1:].lower(), c) for f, c in folder_files(images)]
+    write_shards(items, tmp_path / "s", [12, 12])
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = torchrun(images, tmp_path, args=["-m", "transferkit", "finetune", "--data",
+                                            f"pipe:cat {tmp_path}/s/train-{{000000..000001}}.tar", "--backbone",
+                                            "tk:small_cnn", "--weights", "none", "--image-size", "16", "--epochs",
+                                            "1", "--batch-size", "4", "--device", "cpu", "--set", "num_workers=0"],
+                    TMPDIR=str(temp))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "best" in json.loads(proc.stdout)
+    assert not [p.name for p in temp.iterdir() if p.name.startswith("transferkit-shards-")], list(temp.iterdir())
+
+
 def test_cached_ddp_matches_single_process_with_the_global_batch(ddp_run):
     """2 ranks x batch 4 = one process with batch 8: each step's two shards are the halves of the
     single-process batch (same permutation), and DDP averages their gradients."""
@@ -388,6 +406,9 @@ def test_workers_whose_torchrun_was_killed_end_with_their_weights_kept(images, t
                 if str(checkpoint).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                     os.kill(int(pid), signal.SIGKILL)
     assert "Interrupted (SIGTERM). The checkpoint" in stderr, stderr[-3000:]
+    # how to continue: the resume refuses another number of processes
+    assert f"--checkpoint {checkpoint} --resume` under torchrun with 2 processes in all, as this run was launched " \
+           "(--nproc_per_node=2 on one machine)" in stderr, stderr[-3000:]
     saved = load_checkpoint(checkpoint)
     assert saved["epoch"] >= 1 and not saved["complete"]
 

@@ -117,6 +117,10 @@ def test_ctrl_c_before_the_first_epoch_with_a_checkpoint_path_says_it_was_not_wr
                                                   r"'.*run2\.pt' was not written yet\)") as info:
         tk.finetune("tk:small_cnn", data=image_folder, epochs=2, checkpoint=tmp_path / "run2.pt", **FAST)
     assert info.value.checkpoint is None and not (tmp_path / "run2.pt").exists()
+    assert "cache_dir" not in str(info.value)
+    with pytest.raises(TrainingInterrupted, match=r"none were saved\. Run it again to train; what it computed into "
+                                                  r"cache_dir '.*fc' \(features, decoded images\) is kept and reused"):
+        tk.finetune("tk:small_cnn", data=image_folder, epochs=2, cache_dir=tmp_path / "fc", **FAST)
 
 
 def test_diverging_loss_points_at_the_lr_and_keeps_the_last_good_checkpoint(image_folder, tmp_path):

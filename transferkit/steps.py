@@ -466,7 +466,7 @@ def train(d: Decisions, run: Run, *, progress: Any = None, head_phase_only: bool
         with training_faults(checkpoint=cfg.checkpoint, batch_size=cfg.batch_size,
                              save_interrupted=lambda: save_interrupted(d, run, meta),
                              probe_step=lambda bs: _probe_step(run, current["data"], bs),
-                             started=lambda: loop.steps > 0, resumed=bool(cfg.resume)):
+                             started=lambda: loop.steps > 0, resumed=bool(cfg.resume), cache_dir=cfg.cache_dir):
             if state.epoch < k or inputs is None:  # the frozen phase, on features computed once
                 td = current["data"] = training_data(d, run, cached=True, progress=progress, norm=state.epoch == 0)
                 if len(td.train_loader) != planned:  # files found unreadable: fewer batches than planned

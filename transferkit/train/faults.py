@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from transferkit._io import file_stat
 from transferkit._signals import TrainingInterrupted, held_signals, signal_name
@@ -80,6 +81,15 @@ def suggest_batch_size(step: Callable[[int], None], start: int) -> int | None:
     return None
 
 
+def resume_call(checkpoint: str | Path) -> str:
+    """How to continue a run from ``checkpoint``: ``transferkit.resume(path)``, under torchrun
+    with as many processes as this run's (a resume refuses another number)."""
+    call = f"transferkit.resume({str(checkpoint)!r})"
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return call if world == 1 else (f"{call} under torchrun with {world} processes in all, as this run was "
+                                    f"launched (--nproc_per_node={world} on one machine)")
+
+
 def _identity(path: str | Path | None) -> list[int] | None:
     """What tells one file at ``path`` from another written there (each write replaces it);
     None when there is none."""
@@ -92,12 +102,14 @@ def _identity(path: str | Path | None) -> list[int] | None:
 @contextlib.contextmanager
 def training_faults(*, checkpoint: str | Path | None, batch_size: int,
                     save_interrupted: Callable[[], Path | None], probe_step: Callable[[int], None] | None,
-                    started: Callable[[], bool] = lambda: True, resumed: bool = False) -> Iterator[None]:
+                    started: Callable[[], bool] = lambda: True, resumed: bool = False,
+                    cache_dir: str | Path | None = None) -> Iterator[None]:
     """Turn faults inside the block into errors that say where the work is and what to do.
     ``started()``: whether training has begun; before it (e.g. during the feature pass) the
     weights are the ones the run started from and nothing is saved. The checkpoint counts as
     this run's once the block has written it (or, ``resumed``, from the start): a file at that
-    path from an earlier, finished run does not.
+    path from an earlier, finished run does not. ``cache_dir``: the run's, whose features and
+    decoded images computed before an interruption are reused when it runs again.
 
     - Ctrl-C: with ``checkpoint``, the file holds the last completed epoch and
       ``transferkit.resume(path)`` continues exactly; without it, the current weights are
@@ -130,12 +142,15 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
         what = f"Interrupted ({signal_name(exc)})."
         if ours():
             raise TrainingInterrupted(f"{what} The checkpoint {str(checkpoint)!r} holds the last completed "
-                                      f"epoch; continue exactly with transferkit.resume({str(checkpoint)!r}).",
+                                      f"epoch; continue exactly with {resume_call(checkpoint)}.",
                                       Path(checkpoint)) from exc
         if not started():
             unwritten = f" (the checkpoint {str(checkpoint)!r} was not written yet)" if checkpoint is not None else ""
+            kept = (f"; what it computed into cache_dir {str(cache_dir)!r} (features, decoded images) is kept and "
+                    "reused" if cache_dir is not None else "")
             raise TrainingInterrupted(f"{what} Training had not started, so the weights are the ones the run started "
-                                      f"from and none were saved{unwritten}; run it again to train.", None) from exc
+                                      f"from and none were saved{unwritten}. Run it again to train{kept}.", None) \
+                from exc
         with held_signals(reraise=False):  # a second Ctrl-C must not stop the save of the weights
             saved = save_interrupted()
         if saved is None:
@@ -157,7 +172,7 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
                 "export`)." if saved is not None else " The current weights could not be saved elsewhere either.")
         if ours():
             kept += (f" The checkpoint {str(checkpoint)!r} still holds the last epoch it completed: once the cause "
-                     f"above is fixed, continue with transferkit.resume({str(checkpoint)!r}).")
+                     f"above is fixed, continue with {resume_call(checkpoint)}.")
         err = OutputError(f"{str(exc).rstrip('.')}.{kept}")
         err.fallback = saved  # type: ignore[attr-defined]
         raise err from exc

@@ -284,6 +284,12 @@ def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tmp_path, mo
     assert load_config(tmp_path / "cfg" / "s.yaml")["weights"] == str(tmp_path / "cfg" / "resnet_weights")
     (tmp_path / "here.yaml").write_text("data: images\n")
     assert load_config("here.yaml")["data"] == "images"  # in the current folder: unchanged
+    # a list of shards: each path, as a single pattern is (it was left relative to the working directory)
+    (tmp_path / "cfg" / "list.yaml").write_text("data: [s/a.tar, /abs/b.tar, 'pipe:cat c.tar']\n"
+                                                "runs:\n  x: {val_data: [v/a.tar]}\n")
+    listed = load_config("cfg/list.yaml")
+    assert listed["data"] == ["cfg/s/a.tar", "/abs/b.tar", "pipe:cat c.tar"]
+    assert listed["runs"]["x"]["val_data"] == ["cfg/v/a.tar"]
 
 
 @pytest.mark.parametrize("key", ["weights", "name"])

@@ -968,7 +968,7 @@ WEIGHTS_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt", ".safetensors")  # a 
 
 def _relative_to(folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     """``cfg`` (a config file's settings, and those of each of its ``runs``) with every relative
-    path joined to ``folder``, the file's own. Left as written: absolute paths, ``~`` and
+    path joined to ``folder``, the file's own (each path of a list too). Left as written: absolute paths, ``~`` and
     ``$VARIABLE`` paths (expanded where they are used), URLs, ``pipe:`` commands, and a
     ``weights`` tag (``DEFAULT``: a weights value is a path when it holds a ``/``, ends in a
     weights file's suffix, or names a file beside the config file)."""
@@ -976,6 +976,8 @@ def _relative_to(folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         return cfg
 
     def joined(key: str, value: Any) -> Any:
+        if key in _FILE_KEYS and isinstance(value, list):  # a list of shards or files: each path of it
+            return [joined(key, v) for v in value]
         if key not in _FILE_KEYS or not isinstance(value, str) or not value.strip():
             return value
         if os.path.isabs(value) or value.startswith(("~", "$", "pipe:")) or "://" in value:

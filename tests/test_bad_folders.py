@@ -962,3 +962,25 @@ def test_a_csv_whose_paths_are_relative_to_the_working_directory_says_how_they_a
     monkeypatch.chdir(tmp_path / "meta")  # not there from here: the error says no more than that they are missing
     with pytest.raises(tk.DataError, match=r"lists \d+ missing files, e\.g\. \[[^]]*\]\.$"):
         tk.plan(tk.FinetuneConfig(backbone="tk:small_cnn", weights=None, data="train.csv"))
+
+
+def test_names_that_are_not_utf8_a_class_is_refused_a_file_is_read(tmp_path):
+    """A folder or file named in Latin-1 (an archive from another system) crashed the run with a
+    UnicodeEncodeError where its name was hashed: a class name is refused (no export could hold
+    it), saying how to rename it; a file of that name is read, its split and the feature cache's
+    key made from its name's bytes."""
+    root = make_image_folder(tmp_path / "d", per_class=5, size=16)
+    first = sorted((root / "dark").iterdir())[0]
+    try:
+        os.rename(first, os.fsencode(first.parent) + b"/caf\xe9.png")
+        os.mkdir(os.fsencode(tmp_path) + b"/latin\xe9")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    kw = dict(backbone="tk:small_cnn", weights=None, image_size=16, epochs=1, verbose=False)
+    result = tk.finetune(data=str(root), cache_dir=tmp_path / "fc", **kw)
+    assert result.data_report.bad_files == [] and result.feature_report["computed"] > 0
+    latin = tmp_path / os.fsdecode(b"latin\xe9")  # a str, its undecodable byte kept as Python keeps it
+    shutil.copytree(root / "light", latin / "light")
+    shutil.copytree(root / "dark", latin / os.fsdecode(b"caf\xe9"))
+    with pytest.raises(tk.DataError, match=r"the class name 'caf\\udce9' is not UTF-8 text .* Rename it to UTF-8"):
+        tk.finetune(data=str(latin), **kw)

@@ -58,6 +58,17 @@ def wrap_lines(text: str, width: int = 100) -> str:
     return "\n".join(out)
 
 
+def fs_bytes(text: str) -> bytes:
+    """``text`` (a file name, a path, a key read from a tar) as UTF-8 bytes; the undecodable
+    bytes of a name in another encoding, which Python keeps as surrogates, as they were.
+
+    Example:
+        >>> fs_bytes("caf\\udce9.png"), fs_bytes("café")
+        (b'caf\\xe9.png', b'caf\\xc3\\xa9')
+    """
+    return text.encode("utf-8", "surrogateescape")
+
+
 def one_line(text: str) -> bool:
     """Whether ``text`` is one line with no control character: no line boundary of Python's
     ``str.splitlines`` (``\\n``, ``\\r``, ``\\x85``, U+2028, U+2029, ...), so that a file of

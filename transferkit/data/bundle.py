@@ -22,7 +22,7 @@ from transferkit.data.images import (ImageFolderDataset, TransformedDataset, che
                                      dataset_classes, dataset_targets, image_from_array)
 from transferkit.data.shards import confirmed_copies, copies_said, shard_list, warn_held_out_listed
 from transferkit.data.sources import open_encoded, shared_shards, split_encoded
-from transferkit._text import plural
+from transferkit._text import fs_bytes, plural
 from transferkit.config import VAL_SPLIT
 from transferkit.errors import DataError
 
@@ -102,7 +102,7 @@ def split_keys(samples: Sequence[tuple[Any, Any]], root: str | Path | None = Non
 def hashed_order(keys: Sequence[str], seed: int) -> list[int]:
     """The indices of ``keys`` ordered by a seeded hash of each key: where a key stands does not
     depend on the others (adding one moves no other)."""
-    return sorted(range(len(keys)), key=lambda i: hashlib.blake2b(f"{seed}\0{keys[i]}".encode(),
+    return sorted(range(len(keys)), key=lambda i: hashlib.blake2b(fs_bytes(f"{seed}\0{keys[i]}"),
                                                                   digest_size=8).digest())
 
 

@@ -344,7 +344,8 @@ REPORT_ROWS = {"multiclass": ("accuracy", "macro avg", "weighted avg"),
 
 
 def check_label_names(names: Sequence[str], where: str, *, case: bool = True, task: str = "multiclass") -> None:
-    """DataError for class names that would break later: a name that is not a string, a line
+    """DataError for class names that would break later: a name that is not a string, one that is
+    not UTF-8 text (a file name's undecodable bytes), a line
     break or control character (no export could hold it), two names that are one in two
     Unicode forms (`nfc`: a folder named on macOS beside one named elsewhere), two names
     that differ only in surrounding spaces (they print alike), (``case``) only in case
@@ -362,6 +363,12 @@ def check_label_names(names: Sequence[str], where: str, *, case: bool = True, ta
                         f"({', '.join(rows)}), which would take the place of the class's own row. Rename the class "
                         "(its folder, or its label in the data).")
     for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # a file name's undecodable bytes, as Python keeps them (surrogates)
+            raise DataError(f"{where}: the class name {ascii(name)} is not UTF-8 text (a folder or file name in another "
+                            "encoding, e.g. Latin-1, as archives from other systems hold them); no export could "
+                            "hold it. Rename it to UTF-8 (e.g. convmv -f latin1 -t utf8 -r --notest FOLDER).") from None
         if name and not one_line(name):
             raise DataError(f"{where}: the class name {name!r} holds a line break or control character; rename it "
                             "(labels are stored in exports and printed one per line).")

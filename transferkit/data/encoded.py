@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from transferkit._text import plural
+from transferkit._text import fs_bytes, plural
 from transferkit.data.checks import (ON_BAD_FILE, DataReport, check_class_names, check_label_names, class_index,
                                      class_order, nfc)
 from transferkit.data.images import load_image
@@ -95,7 +95,7 @@ def hashed_unit(seed: int, key: str) -> float:
         >>> hashed_unit(0, "000042") == hashed_unit(0, "000042") != hashed_unit(1, "000042")
         True
     """
-    h = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    h = hashlib.blake2b(fs_bytes(f"{seed}\0{key}"), digest_size=8).digest()
     return int.from_bytes(h, "little") / 2.0 ** 64
 
 
@@ -215,7 +215,7 @@ class EncodedImageDataset(Dataset):
 
     def _digest(self, source: str) -> str:
         h = hashlib.blake2b(digest_size=16)
-        h.update(f"{type(self.source).__name__}\0{source}\0".encode())
+        h.update(fs_bytes(f"{type(self.source).__name__}\0{source}\0"))
         h.update("\0".join(self.classes).encode())
         h.update(self.all_targets.tobytes())
         h.update(self.indices.tobytes())

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from transferkit._text import fs_bytes
 from transferkit.data.late import listing_of
 
 
@@ -370,7 +371,7 @@ def data_fingerprint(ds: Any) -> str:
         for path, label, rel in _relative(listed):
             if rel is not None:
                 st = os.stat(path)
-                h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+                h.update(fs_bytes(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n"))
             else:  # in-memory item (e.g. a waveform)
                 _hash_item(h, (path, label))
         return h.hexdigest() + _pixel_limit()
@@ -430,7 +431,7 @@ def listing_digest(ds: Any) -> str | None:
     h = hashlib.blake2b(digest_size=16)
     for path, label, rel in _relative(samples):
         if rel is not None:
-            h.update(f"{rel}\0{label}\0{os.path.getsize(path)}\n".encode())
+            h.update(fs_bytes(f"{rel}\0{label}\0{os.path.getsize(path)}\n"))
         else:
             _hash_item(h, (path, label))
     return h.hexdigest()

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from transferkit._io import atomic_write, entry_not_kept, file_digest, packed_kind
-from transferkit._text import hide_url, plural
+from transferkit._text import fs_bytes, hide_url, plural
 from transferkit.data.checks import (IMAGE_EXTENSIONS, ON_BAD_FILE, SCAN_RULES, SCANS, DataReport, check_image_stream,
                                      holds_class_folders, leave_out_bad)
 from transferkit.data.encoded import (EncodedImageDataset, given_by_index, labels_by_name, labels_by_own_names,
@@ -804,7 +804,7 @@ class ShardSource:
         self.shard_of = np.repeat(np.arange(len(self.paths), dtype=np.int32), counts)
         self.offsets = np.array([o for ix in indexes for o in ix.offsets], dtype=np.int64)
         self.sizes = np.array([s for ix in indexes for s in ix.sizes], dtype=np.int64)
-        self.key_bytes = np.array([k.encode() for ix in indexes for k in ix.keys] or [b""], dtype=np.bytes_)
+        self.key_bytes = np.array([fs_bytes(k) for ix in indexes for k in ix.keys] or [b""], dtype=np.bytes_)
         self.dims = np.array([d for ix in indexes for d in ix.dims] or np.zeros((0, 2)), dtype=np.int32).reshape(-1, 2)
         self.remote = [is_url(p) for p in self.paths]
         if any(self.remote) and shard_cache is None:
@@ -906,7 +906,7 @@ class ShardSource:
         return data
 
     def key(self, i: int) -> str:
-        return self.key_bytes[i].decode()
+        return self.key_bytes[i].decode("utf-8", "surrogateescape")
 
     def image_size(self, i: int) -> tuple[int, int]:
         """``(width, height)`` of sample ``i``: from the index (a quick or full scan), else its header."""

@@ -479,6 +479,15 @@ def test_update_metadata_refuses_a_multilabel_label_that_reads_as_two(tmp_path):
     with pytest.raises(ExportError, match="the label 'red;green' holds ';'.* would read as two labels; rename it"):
         update_metadata(path, {"labels": ["red;green", "green", "blue"]})
     assert read_metadata(path)["labels"] == ["red", "green", "blue"]
+    # the exporters refuse such a label as update_metadata does (they wrote it), and a label that is not UTF-8
+    # text (a file name's undecodable bytes) was a raw TypeError from torch, the whole metadata dumped
+    model, example = transferkit.build_model(bb, 3), torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for labels, task, said in ((["red;green", "green", "blue"], "multilabel", "the label 'red;green' holds ';'"),
+                               (["caf\udce9", "green", "blue"], "multiclass", r"the label 'caf\\udce9' is not UTF-8")):
+        meta = {"labels": labels, "input_spec": bb.input_spec.to_dict(), "task": task}
+        with pytest.raises(ExportError, match=rf"The metadata to export is invalid: {said}.*Nothing was written"):
+            export_torchscript(model, tmp_path / "new.pt", example_inputs=example, metadata=meta)
+        assert not (tmp_path / "new.pt").exists()
 
 
 @pytest.mark.parametrize("label", ["a\tb", "a\x00b", "a\nb"])

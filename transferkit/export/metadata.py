@@ -47,6 +47,7 @@ from transferkit._text import hide_secrets_in, home_not_expanded, one_line, stri
 from transferkit._version import __version__
 from transferkit.config import seconds_problem
 from transferkit.data.audio import DEFAULT_MAX_SECONDS, audio_window
+from transferkit.data.target_tables import LABEL_SEPARATOR
 from transferkit.errors import CorruptExportError, ExportError
 from transferkit.heads import TASKS
 
@@ -182,6 +183,8 @@ def validate_metadata(meta: Any, *, source: str, fmt: str = FORMAT, new_labels: 
     if bad is not None:
         raise _fail(source, f"labels must be a non-empty list of non-empty one-line strings ({bad!r} holds a "
                             "control character, as a tab, which separates the fields of predict's output)")
+    if written:
+        _check_written_labels(labels, meta["task"], source)
     if len(set(labels)) != len(labels):
         dups = sorted({x for x in labels if labels.count(x) > 1})
         raise _fail(source, f"labels are not unique (repeated: {dups[:5]})")
@@ -199,6 +202,22 @@ def validate_metadata(meta: Any, *, source: str, fmt: str = FORMAT, new_labels: 
     if integrity is not None and not (isinstance(integrity, dict) and isinstance(integrity.get("digest"), str)):
         raise _fail(source, "the field 'integrity' must be an object with a 'digest'")
     return meta
+
+
+def _check_written_labels(labels: list[str], task: Any, source: str) -> None:
+    """Labels being written: UTF-8 text (the export stores them so), and a multi-label model's
+    without the separator of its labels (as training refuses such a name)."""
+    for label in labels:
+        try:
+            label.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _fail(source, f"the label {ascii(label)} is not UTF-8 text (a name's undecodable bytes, as Python "
+                                "keeps them); give it as text") from None
+    joined = [x for x in labels if LABEL_SEPARATOR in x] if task == "multilabel" else []
+    if joined:
+        raise _fail(source, f"the label {joined[0]!r} holds {LABEL_SEPARATOR!r}, which separates a multilabel model's "
+                            "labels in predict's CSV output and in 'path,labels' tables, where it would read as two "
+                            "labels; rename it")
 
 
 def encode_metadata(meta: dict[str, Any], records: str | None = None) -> dict[str, str]:

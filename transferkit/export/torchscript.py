@@ -32,7 +32,6 @@ from transferkit.hardware import is_convolutional, resolve_device
 from transferkit.lora import merge_lora
 from transferkit.backbones import InputSpec
 from transferkit.model import ImagePreprocess, eval_geometry
-from transferkit.data.target_tables import LABEL_SEPARATOR
 from transferkit.errors import ConfigError, ExportError, check_choice, warn
 from transferkit.outputs import check_output_file, is_export
 from transferkit._text import exception_line, plural
@@ -745,11 +744,6 @@ def update_metadata(path: str | Path, changes: dict[str, Any]) -> dict[str, Any]
                           "others would be wrong. Train (or export) the model for them instead.")
     new = as_json({**meta, **changes})
     validate_metadata(new, source=UPDATED, new_labels="labels" in changes)
-    joined = [x for x in new["labels"] if LABEL_SEPARATOR in x] if new.get("task") == "multilabel" else []
-    if joined:  # training refuses such a name too
-        raise ExportError(f"update_metadata: the label {joined[0]!r} holds {LABEL_SEPARATOR!r}, which separates a "
-                          "multilabel model's labels in predict's CSV output and in 'path,labels' tables, where it "
-                          "would read as two labels; rename it.")
 
     def write(tmp: str) -> None:
         save_with_digests(module, tmp, new)

@@ -14,20 +14,30 @@ torch's CPU threads. See docs/audio.md.
 """
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
-from transferkit.errors import DataError, closest
+from transferkit.errors import DataError, closest, warn
 from transferkit.helpformat import positive_whole_number
 from transferkit.recipes import RecipeData, recipe_main, run_recipe, speech_model_options
 
 CLASSES = [str(d) for d in range(10)]
 
 
+NAME = re.compile(r"(\d)_([^_]+)_(\d+)\.wav")  # {digit}_{speaker}_{index}.wav
+
+
 def fsdd_files(root: Path) -> list[Path]:
-    """The WAV files of FSDD under ``root`` (``root/recordings`` or ``root``)."""
+    """The WAV files of FSDD under ``root`` (``root/recordings`` or ``root``); hidden files (macOS
+    ``._*`` sidecars) are not recordings, and other names are left out with a warning."""
     folder = root / "recordings" if (root / "recordings").is_dir() else root
-    files = sorted(folder.glob("*_*_*.wav"))
+    wavs = sorted(f for f in folder.glob("*.wav") if not f.name.startswith("."))
+    files = [f for f in wavs if NAME.fullmatch(f.name)]
+    others = [f.name for f in wavs if not NAME.fullmatch(f.name)]
+    if files and others:
+        warn(f"Left out {len(others)} WAV file(s) of {str(folder)!r} not named as FSDD's recordings "
+             f"('{{digit}}_{{speaker}}_{{index}}.wav'), e.g. {others[:3]}.")
     if not files:
         raise DataError(f"No FSDD recordings ('{{digit}}_{{speaker}}_{{index}}.wav') under {str(folder)!r}. "
                         "Pass --data-dir pointing at the FSDD folder (it holds recordings/).")
@@ -37,7 +47,7 @@ def fsdd_files(root: Path) -> list[Path]:
 def split_fsdd(files: list[Path], split: str) -> tuple[list, list]:
     """``(train, test)`` lists of ``(path, digit)`` for ``official`` or ``speaker:<name>``."""
     def parse(f: Path) -> tuple[int, str, int]:
-        digit, speaker, index = f.stem.split("_")
+        digit, speaker, index = NAME.fullmatch(f.name).groups()
         return int(digit), speaker, int(index)
 
     speakers = sorted({parse(f)[1] for f in files})

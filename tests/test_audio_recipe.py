@@ -41,6 +41,21 @@ def test_official_and_speaker_splits(recipe, shared_data):
         recipe["split_fsdd"](files, "speaker:theoo")
 
 
+def test_stray_files_beside_the_recordings_are_not_recordings(recipe, tmp_path):
+    """A macOS '._0_george_5.wav' sidecar or a '0_george_6 copy.wav' crashed the recipe with a
+    traceback (ValueError: too many values to unpack): a hidden file is no recording, and a name
+    not FSDD's is left out with a warning."""
+    folder = tmp_path / "recordings"
+    folder.mkdir()
+    for name in ("0_george_5.wav", "1_theo_0.wav", "._0_george_5.wav", "0_george_6 copy.wav", "notes_a_b_c.wav"):
+        (folder / name).write_bytes(b"RIFF")
+    with pytest.warns(UserWarning, match=r"Left out 2 WAV file\(s\) .* not named as FSDD's recordings .*"
+                                         r"'0_george_6 copy\.wav'"):
+        files = recipe["fsdd_files"](tmp_path)
+    assert [f.name for f in files] == ["0_george_5.wav", "1_theo_0.wav"]
+    assert recipe["split_fsdd"](files, "official") == ([(str(files[0]), 0)], [(str(files[1]), 1)])
+
+
 def test_recipe_runs_on_a_tiny_slice(recipe, shared_data, tmp_path, capsys):
     out = tmp_path / "out"
     summary = recipe["main"](["--data-dir", str(shared_data / "fsdd"), "--limit", "3", "--epochs", "1",

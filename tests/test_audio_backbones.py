@@ -457,6 +457,18 @@ def test_more_mel_bands_than_the_spectrum_resolves_is_said_with_what_fits():
         get_backbone("spec:tk:small_cnn", weights=None, sample_rate=16000, n_mels=128)  # one empty band: not said
 
 
+def test_a_hop_longer_than_the_frame_says_how_much_of_each_clip_the_model_hears():
+    """hop_length=4000 with n_fft=256 at 8 kHz trained without a word on 2 windows of 256 samples
+    of a 0.8 s clip (8 % of the sound)."""
+    with pytest.warns(UserWarning, match=r"hop_length=1024 is larger than n_fft=256: the spectrogram's frames leave "
+                                         r"768 samples out between each two, so the model hears 25% of each clip\. "
+                                         r"Use hop_length <= 256"):
+        get_backbone("spec:tk:small_cnn", weights=None, sample_rate=8000, n_mels=16, n_fft=256, hop_length=1024)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_backbone("spec:tk:small_cnn", weights=None, sample_rate=8000, n_mels=16, n_fft=256, hop_length=256)
+
+
 def test_an_exported_clip_seconds_model_keeps_a_long_clips_middle_as_the_predictor_does(tmp_path):
     """A model of clip_seconds=0.5 ran a longer clip whole in its exported file, where training
     and the predictor keep its middle 0.5 s: a caller of the file without transferkit got other

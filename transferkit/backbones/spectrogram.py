@@ -404,6 +404,10 @@ def spectrogram_backbone(image: Backbone | str, *, weights: Any = None, sample_r
     hop = int(hop_length if hop_length is not None else round(0.010 * sample_rate))
     size = None if image_size is None else (int(sizes[0]), int(sizes[1]))
     check_mel_bands(int(sample_rate), n_fft, int(n_mels), f_min, f_max)
+    if hop > n_fft:  # frames that do not meet: the samples between them reach no frame
+        warn(f"hop_length={hop} is larger than n_fft={n_fft}: the spectrogram's frames leave {hop - n_fft} samples "
+             f"out between each two, so the model hears {n_fft / hop:.0%} of each clip. Use hop_length <= {n_fft} "
+             f"(a quarter to a half of n_fft is usual), or a larger n_fft.")
     trunk = SpectrogramTrunk(img.trunk, sample_rate=int(sample_rate), input_sample_rate=in_rate, n_mels=int(n_mels),
                              n_fft=n_fft, hop_length=hop, f_min=f_min, f_max=f_max, channels=img.input_spec.channels,
                              image_size=size, spec_augment=as_spec_augment(spec_augment),

@@ -10,7 +10,6 @@ repository's layout). See docs/recipes/esc50.md.
 """
 
 import argparse
-import csv
 from pathlib import Path
 
 from transferkit.errors import DataError
@@ -22,8 +21,19 @@ def read_esc50(root: Path, fold: int) -> RecipeData:
     if not meta.is_file():
         raise DataError(f"No ESC-50 metadata at {str(meta)!r}. Clone or download the ESC-50 repository "
                         "(karolpiczak/ESC-50) and pass --data-dir pointing at it.")
-    with open(meta, newline="") as f:
-        rows = list(csv.DictReader(f))
+    from transferkit.data.folders import read_csv_rows  # here, not above: --help answers without loading torch
+
+    table = read_csv_rows(meta)  # UTF-8 with or without Excel's byte-order mark; unreadable text said in one line
+    header = [c.strip() for c in table[0]] if table else []
+    missing = [c for c in ("filename", "fold", "target", "category") if c not in header]
+    if missing:
+        raise DataError(f"{str(meta)!r} has no column {missing[0]!r} (its header: {header}); ESC-50's metadata "
+                        "has filename, fold, target and category.")
+    rows = [dict(zip(header, r)) for r in table[1:]]
+    bad = next((r for r in rows if not (r.get("fold", "").strip().isdecimal()
+                                        and r.get("target", "").strip().isdecimal())), None)
+    if bad is not None:
+        raise DataError(f"{str(meta)!r}: the row {bad} has no whole-number fold and target.")
     names = {int(r["target"]): r["category"] for r in rows}
     order = sorted(names)
     index = {target: k for k, target in enumerate(order)}  # a subset's targets (ESC-10's) need not be 0..N-1

@@ -171,6 +171,13 @@ def test_esc50_recipe_on_its_layout(tmp_path):
                                                                  for r in rows[1:])]) + "\n")
     sub = mod["read_esc50"](root, 5)
     assert sub.classes == ["dog", "rain"] and sorted({y for _, y in sub.train + sub.test}) == [0, 1]
+    # Excel's "CSV UTF-8" writes a byte-order mark: it was a KeyError traceback ('filename')
+    (root / "meta" / "esc50.csv").write_bytes(b"\xef\xbb\xbf" + "\n".join(rows).encode() + b"\n")
+    assert mod["read_esc50"](root, 5).test == split.test
+    (root / "meta" / "esc50.csv").write_text("\n".join([rows[0].replace("target", "label"), *rows[1:]]) + "\n")
+    with pytest.raises(DataError, match=r"esc50\.csv' has no column 'target' \(its header: \['filename', 'fold', "
+                                        r"'label',"):
+        mod["read_esc50"](root, 5)
     assert all(split.classes[y] == sub.classes[z] for (_, y), (_, z) in zip(split.train, sub.train))
 
 

@@ -439,6 +439,15 @@ def test_evaluate_scores_tar_shards_by_class_name_and_lists_a_sample_it_cannot_r
     assert main(["evaluate", str(model), pattern, "--json"]) == 1  # exit 1: a sample failed
     out, err = capsys.readouterr()
     assert json.loads(out)["accuracy"] == 1.0 and "test0000008" in err
+    # a folder of training and held-out shards, as finetune reads one: scoring it whole scored the training samples
+    # too, where a folder of split folders is refused
+    write_shards(items[:4], tmp_path / "shards", [4], prefix="train", classes=["light", "dark"])
+    with pytest.raises(tk.DataError, match=r"holds training shards \(train-000000\.tar\) and test shards "
+                                           r"\(test-000000\.tar, test-000001\.tar\): read whole, the scored data would "
+                                           r"hold the training samples too\. Point at the test shards, e\.g\. "
+                                           r"'.*shards/test\*\.tar'"):
+        tk.evaluate(model, tmp_path / "shards", progress=False)
+    assert tk.evaluate(model, pattern, progress=False).files == ev.files  # the held-out shards alone, as advised
 
 
 def test_an_interrupted_recipe_ends_in_one_line_with_the_signal_s_exit_status(capsys):

@@ -20,7 +20,8 @@ from transferkit.data.folders import find_split_folders, warn_split_like_classes
 from transferkit.data.encoded import EncodedImageDataset, check_read_by_place, index_names, no_shared_class
 from transferkit.data.images import (ImageFolderDataset, TransformedDataset, check_image_tensor, class_index,
                                      dataset_classes, dataset_targets, image_from_array)
-from transferkit.data.shards import confirmed_copies, copies_said, shard_list, warn_held_out_listed
+from transferkit.data.shards import (confirmed_copies, copies_said, file_names, shard_list, shard_split,
+                                     split_shard_folder, warn_held_out_listed)
 from transferkit.data.sources import open_encoded, shared_shards, split_encoded
 from transferkit._text import fs_bytes, plural
 from transferkit.config import VAL_SPLIT
@@ -176,7 +177,17 @@ def labelled_data(data: str | Path, classes: Sequence[str], *, what: str = "test
     never renamed (data whose classes share no name with ``classes`` are refused); samples of
     other classes are left out with a warning. Returns the dataset (``.samples``: ``(sample,
     class index)``), or None when ``data`` is not encoded (a folder of images, a CSV).
-    ``report``: where what the reading found is recorded (a new one by default)."""
+    ``report``: where what the reading found is recorded (a new one by default). A folder of
+    training and held-out shards (``train-*.tar`` beside ``val-*.tar``) is refused, as a folder
+    of split folders is: read whole, it would score the training samples too."""
+    split = split_shard_folder(data) if isinstance(data, (str, Path)) else None
+    if split is not None and split[0]:
+        train, held = split
+        word = shard_split(held[0])
+        raise DataError(f"{str(data)!r} holds training shards ({file_names(train)}) and {word} shards "
+                        f"({file_names(held)}): read whole, the {what} data would hold the training samples too. "
+                        f"Point at the {word} shards, e.g. {os.path.join(str(data), word + '*.tar')!r} if their names "
+                        "start so.")
     ds = open_encoded(data, classes=list(classes), min_size=None, on_bad_file=on_bad_file, scan=scan,
                       cache_dir=cache_dir, report=DataReport() if report is None else report, what=what)
     if ds is not None and not len(ds):

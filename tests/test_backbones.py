@@ -445,6 +445,28 @@ def test_from_torchscript_is_a_frozen_extractor(tmp_path):
     assert pooling.num_features == 3 and pooling.block_names == [] and pooling.frozen == ()
 
 
+def test_from_torchscript_of_a_transferkit_export_gives_its_trunk_at_its_input_spec(tmp_path):
+    """An export given to from_torchscript was probed at 224 px and failed without saying why;
+    with an input_spec its class scores became the features, and the new model normalised
+    pixels the export normalised again. It gives the export's trunk, read at its input spec."""
+    from transferkit.backbones.custom import EXPORT_METADATA
+    from transferkit.export.metadata import METADATA_FILE
+    from transferkit.export.torchscript import export_torchscript
+    from transferkit.model import build_model
+
+    assert EXPORT_METADATA == METADATA_FILE
+    bb = get_backbone("tk:small_cnn", weights=None, image_size=24)
+    x = torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)
+    export_torchscript(build_model(bb, 3).eval(), tmp_path / "m.pt", example_inputs=x,
+                       metadata={"labels": ["a", "b", "c"], "input_spec": bb.input_spec.to_dict()})
+    again = from_torchscript(tmp_path / "m.pt")
+    assert again.input_spec == bb.input_spec and again.num_features == bb.num_features and again.frozen
+    new = build_model(again, 5).eval()
+    with torch.no_grad():
+        assert torch.equal(new.features(x), torch.jit.load(str(tmp_path / "m.pt")).features(x))
+        assert new(x).shape == (2, 5)
+
+
 def test_a_block_without_parameters_is_refused_it_would_count_in_last_n():
     """``unfreeze:last=1`` on a block of pooling layers trained nothing, uncached, for every epoch."""
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ from transferkit.backbones._base import HEAD, TRUNK_HEAD, Backbone, Block, Input
 from transferkit.errors import BackboneError
 
 BlocksArg = Sequence[Block] | Sequence[str] | Sequence[tuple[str, Sequence[str]]] | Mapping[str, Sequence[str]] | None
+
+
+EXPORT_METADATA = "transferkit.json"  # the file of metadata an export holds (`transferkit.export.metadata`)
 
 
 def _as_spec(input_spec: InputSpec | Mapping[str, Any] | None) -> InputSpec:
@@ -134,7 +138,10 @@ def from_torchscript(path_or_module: str | Path | torch.jit.ScriptModule, *, num
     unfreeze it, only the head trains, and ``finetune`` caches the features.
 
     The module must map a normalised batch to ``[N, F]`` features; ``num_features`` is
-    inferred by a forward pass when not given. ``device``: where it is loaded.
+    inferred by a forward pass when not given. ``device``: where it is loaded. A file that
+    transferkit exported gives its model's trunk (its head and preprocessing left out: the new
+    model normalises its input as the export did), read at the export's input spec unless
+    ``input_spec`` is given.
 
     Example:
         >>> net = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
@@ -146,13 +153,19 @@ def from_torchscript(path_or_module: str | Path | torch.jit.ScriptModule, *, num
         path = Path(expand_home(path_or_module))
         if not path.is_file():
             raise BackboneError(f"TorchScript file {str(path)!r} does not exist.")
+        extra = {EXPORT_METADATA: ""}
         try:
-            scripted = torch.jit.load(str(path), map_location=device)
+            scripted = torch.jit.load(str(path), map_location=device, _extra_files=extra)
         except Exception as exc:
             raise BackboneError(f"Cannot load {str(path)!r} as TorchScript ({type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}). Save it with torch.jit.save; "
                                 "for a plain nn.Module use from_module.") from exc
         label = name or path.stem
+        if extra[EXPORT_METADATA] and isinstance(getattr(scripted, "trunk", None), torch.jit.ScriptModule):
+            # a transferkit export: [N, C, H, W] pixels (or waveforms) -> preprocess -> trunk -> head
+            scripted = scripted.trunk
+            if input_spec is None:
+                input_spec = json.loads(extra[EXPORT_METADATA]).get("input_spec")
     elif isinstance(path_or_module, torch.jit.ScriptModule):
         scripted, label = path_or_module.to(device), name or "torchscript"
     else:

@@ -147,6 +147,14 @@ def test_cpp_program_runs_an_audio_export(program, tmp_path):
     assert proc.returncode == 1 and f"error: {tmp_path / 'nan.f32'}: ValueError: An audio clip holds NaN before its " \
         "end; NaN marks only the padding after a clip. Replace NaN samples (e.g. torch.nan_to_num) before the " \
         "model.\n" in proc.stderr, proc.stderr
+    # a clip shorter than an audio model takes (25 ms): refused by the file itself, as by the predictor (it scored
+    # 10 samples, and a [T, 1] array as T clips of one sample, with confidence)
+    wave[:10].numpy().astype("<f4").tofile(tmp_path / "tiny.f32")
+    proc = _run(program, tmp_path / "a.pt", tmp_path / "tiny.f32")
+    assert proc.returncode == 1 and "ValueError: a clip of 10 samples is shorter than the 400 the model takes (25 ms " \
+        "at its sample rate)" in proc.stderr, proc.stderr
+    with pytest.raises(torch.jit.Error, match=r"a clip of 1 samples is shorter than the 400 .* is x\.T"):
+        torch.jit.load(str(tmp_path / "a.pt"))(wave[:, None])
 
     # a clip longer than the run's max_seconds: its middle, as the predictor (and training) keep it
     update_metadata(tmp_path / "a.pt", {"decisions": {**DECISIONS, "config": {**DECISIONS["config"],

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from transferkit.config import MIN_CLIP_SECONDS
 from transferkit.heads import build_head
 
 # how far outside [0, 1] a float image may go: a bicubic resize (torch's, a = -0.75, with or without
@@ -122,18 +124,22 @@ class AudioPreprocess(nn.Module):
     ``[N, C, T]`` (mixed down to mono; channels NaN-padded to different lengths, and more
     channels than samples beyond `AUDIO_CHANNELS_MAX`, are refused) or ``[T]`` (one clip), in the
     module's dtype (float32 unless the module was cast). NaN padding at the end of shorter clips
-    marks their length and is kept (see ``transferkit.data.audio.pad_waveforms``).
+    marks their length and is kept (see ``transferkit.data.audio.pad_waveforms``). A clip of
+    fewer than ``min_samples`` samples (the shortest an audio model takes, `MIN_CLIP_SECONDS`
+    at its rate) is refused: a soundfile array ``[T, 1]`` read as T clips of one sample each
+    gave T rows of scores.
 
     Example:
         >>> AudioPreprocess().double()(torch.tensor([[-32768, 16384]], dtype=torch.int16))
         tensor([[-1.0000,  0.5000]], dtype=torch.float64)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, min_samples: int = 1) -> None:
         super().__init__()
         # no state: it follows ``.double()`` / ``.to(dtype)`` so the output has the model's dtype
         self.register_buffer("dtype_of", torch.zeros(0), persistent=False)
         self.max_channels = AUDIO_CHANNELS_MAX
+        self.min_samples = int(min_samples)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.dim() > 3 or x.numel() == 0:
@@ -153,7 +159,20 @@ class AudioPreprocess(nn.Module):
             x = x.mean(1)
         if x.dim() == 1:
             x = x.unsqueeze(0)
+        shortest = int((~torch.isnan(x)).sum(1).min())  # a clip's samples: NaN pads it at its end
+        if shortest < self.min_samples:
+            raise ValueError("a clip of " + str(shortest) + " samples is shorter than the " + str(self.min_samples) +
+                             " the model takes (25 ms at its sample rate); a clip read as [T, C] (soundfile's "
+                             "layout) is x.T, or x[:, 0] for its first channel")
         return x
+
+
+def preprocess_for(spec: Any) -> nn.Module:
+    """The preprocessing of a model taking ``spec``'s input (an `InputSpec`): `AudioPreprocess`
+    at its sample rate, else `ImagePreprocess` with its mean and std."""
+    if spec.kind == "audio":
+        return AudioPreprocess(min_samples=math.ceil(MIN_CLIP_SECONDS * int(spec.sample_rate)))
+    return ImagePreprocess(spec.mean, spec.std)
 
 
 class TransferModel(nn.Module):
@@ -197,7 +216,7 @@ def build_model(backbone: Any, num_outputs: int, *, spec: Any = None, head_hidde
     spec = spec or backbone.input_spec
     head = build_head(backbone.num_features, num_outputs, hidden=head_hidden, activation=head_activation,
                       dropout=head_dropout, norm=head_norm, target_norm=target_norm)
-    pre = AudioPreprocess() if spec.kind == "audio" else ImagePreprocess(spec.mean, spec.std)
+    pre = preprocess_for(spec)
     return TransferModel(pre, backbone.trunk, head)
 
 

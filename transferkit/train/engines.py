@@ -72,7 +72,7 @@ from transferkit.errors import ConfigError, EngineError, ExportError
 from transferkit.hardware import out_of_memory
 from transferkit.export.onnx import convert_to_onnx, onnx_modules, session_options
 from transferkit.export.torchscript import shorter_clips
-from transferkit.model import AudioPreprocess, ImagePreprocess, TransferModel
+from transferkit.model import AudioPreprocess, TransferModel, preprocess_for
 from transferkit.policies.frozen_bn import eval_fingerprint
 from transferkit.train.loaders import make_loader
 from transferkit.train.speed import torch_compile
@@ -1184,7 +1184,7 @@ def feature_model(trunk: nn.Module, spec: Any, device: torch.device, *, channels
     """A copy of ``trunk`` behind the preprocessing of ``spec``, on ``device`` in the layout
     and in eval mode: what the engines are timed on (the run's own trunk is left as it is; the
     engines prepared on the copy serve the pass of ``trunk``, and no other trunk's)."""
-    pre = AudioPreprocess() if spec.kind == "audio" else ImagePreprocess(spec.mean, spec.std)
+    pre = preprocess_for(spec)
     model = TransferModel(pre, copy.deepcopy(trunk), nn.Identity()).to(device).eval()
     model.copy_of = weakref.ref(trunk)  # its engines serve the run of ``trunk`` (`_run_trunk`)
     if channels_last:

@@ -83,6 +83,7 @@ def ddp_run(images, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     proc = torchrun(images, out)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    (out / "stderr.txt").write_text(proc.stderr)
     return images, out
 
 
@@ -274,6 +275,10 @@ def test_every_rank_reports_the_files_that_any_rank_found_bad_while_loading(ddp_
         failed = sorted({Path(p).parent.name + "/" + Path(p).name for p in report["val_bad_at_load"]})
         assert failed == sorted(BAD_VAL_FILES), (rank, failed)
         assert report["counted"] == len(report["val_files"]) - len(BAD_VAL_FILES), (rank, report["counted"])
+    # said once, by rank 0 (each was said by the rank that met it and again by the one that learnt of it)
+    said = [line for line in (out / "stderr.txt").read_text().splitlines() if "failed to load during the run" in line]
+    for name in BAD_FILES:
+        assert sum(name.replace("/", os.sep) in line for line in said) == 1, (name, said)
 
 
 def test_one_rank_failing_ends_every_rank_with_its_error(images, tmp_path):

@@ -124,7 +124,7 @@ class DataReport:
     ``(path, reason)`` of folders that could not be listed; ``lost_classes``: classes none
     of whose training files loaded (their samples were replaced by other classes' files, so
     they were never trained; found when training ends); ``warnings``: every warning issued (each also went through
-    ``warnings.warn``).
+    ``warnings.warn``, unless ``quiet``: a DDP rank other than 0, whose report rank 0's repeats).
 
     Example:
         >>> r = DataReport()
@@ -142,6 +142,7 @@ class DataReport:
     bad_at_load: list[str] = field(default_factory=list)
     lost_classes: list[str] = field(default_factory=list)
     token: str = field(default_factory=lambda: uuid.uuid4().hex, repr=False, compare=False)
+    quiet: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         register_report(self)
@@ -149,7 +150,8 @@ class DataReport:
     def warn(self, message: str) -> None:
         message = hide_secrets(message)  # kept for the result's record, printed as JSON
         self.warnings.append(message)
-        warn(message)
+        if not self.quiet:
+            warn(message)
 
     def merge(self, other: DataReport) -> None:
         if other is self:

@@ -789,6 +789,15 @@ def test_a_label_of_a_class_in_either_unicode_form_is_read_beside_unknown_ones()
     assert targets.tolist() == [0, -1, -1]
 
 
+def test_a_label_member_starting_with_a_byte_order_mark_is_read_without_it():
+    """A .cls written by a Windows editor ('\\ufeff1') was the class name '\\ufeff1', beside the
+    class index 1 of the other samples ("integer labels and class names are mixed")."""
+    from transferkit.data.shards import _parse_label
+
+    assert [_parse_label("cls", b"\xef\xbb\xbf1\r\n"), _parse_label("txt", b"\xef\xbb\xbfbee"),
+            _parse_label("json", b'\xef\xbb\xbf{"label": "ant"}')] == [1, "bee", "ant"]
+
+
 def test_a_folder_of_split_folders_of_shards_trains_and_validates_on_them(tmp_path):
     """root/train/*.tar and root/val/*.tar were read as two classes named train and val, and
     failed with "No images found" in them."""

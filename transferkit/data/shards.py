@@ -525,7 +525,7 @@ def image_header_size(f: Any) -> tuple[int, int]:
 
 
 def _parse_label(ext: str, data: bytes) -> Any:
-    text = data.decode("utf-8", errors="replace").strip()
+    text = data.decode("utf-8-sig", errors="replace").strip()  # -sig: a byte-order mark is not part of the label
     if ext == "json":
         try:
             obj = json.loads(text)

@@ -789,6 +789,21 @@ def test_a_label_of_a_class_in_either_unicode_form_is_read_beside_unknown_ones()
     assert targets.tolist() == [0, -1, -1]
 
 
+def test_captions_read_as_class_names_are_warned_of(tmp_path):
+    """Shards of jpg + txt captions (WebDataset's most common layout) trained one class per
+    sample with no word but that most classes had no validation example."""
+    items = folder_items(make_image_folder(tmp_path / "f", per_class=10, size=16))
+    captions = [(b, e, f"a photo of insect number {i} on a leaf") for i, (b, e, _) in enumerate(items)]
+    write_shards(captions, tmp_path / "cap", [20], label="txt", info=False)
+    with pytest.warns(UserWarning, match=r"The training shards: 20 of 20 class names label one sample each \(e\.g\. "
+                                         r"'a photo of insect number 0 on a leaf'\): are these captions or ids"):
+        prepare_data(tmp_path / "cap")
+    write_shards(items, tmp_path / "classes", [20], label="txt", info=False)  # two classes: not said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_data(tmp_path / "classes")
+
+
 def test_a_label_member_starting_with_a_byte_order_mark_is_read_without_it():
     """A .cls written by a Windows editor ('\\ufeff1') was the class name '\\ufeff1', beside the
     class index 1 of the other samples ("integer labels and class names are mixed")."""

@@ -16,7 +16,7 @@ import re
 import unicodedata
 import uuid
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 from dataclasses import dataclass, field
@@ -452,12 +452,21 @@ def parse_number(text: str) -> float | None:
 
 def check_class_names(labels: Sequence[str], where: str, report: DataReport, *, unit: str = "sample") -> None:
     """The checks of class names read from data's labels (``labels``: one per sample, repeats
-    included): `check_label_names` and `check_number_labels` (DataError), and a warning where
+    included): `check_label_names` and `check_number_labels` (DataError), a warning where
     a name reads as a missing value (``'NaN'``, ``'null'``: how pandas and other tables write
-    one), which is a class of its own. ``unit``: what one label belongs to (``"row"``)."""
+    one), which is a class of its own, and one where most classes label a single sample (a
+    caption or an id read as the class: WebDataset's ``.txt`` captions). ``unit``: what one
+    label belongs to (``"row"``)."""
     names = sorted(set(labels))
     check_label_names(names, where)
     check_number_labels(names, where)
+    counts = Counter(labels)
+    single = [name for name in names if counts[name] == 1]
+    if len(names) >= 10 and len(single) > len(names) / 2:
+        report.warn(f"{where}: {len(single)} of {len(names)} class names label one {unit} each (e.g. "
+                    f"{single[0][:80]!r}): are these captions or ids rather than classes? Each distinct label is a "
+                    "class, and a class of one example cannot be learnt. Give each sample its class (in tar shards: "
+                    "a .cls member with its index, or a .txt or .json member with its class name).")
     missing = [name for name in names if name.strip().lower() in MISSING_VALUES]
     if missing:
         n = sum(lab in missing for lab in labels)

@@ -414,6 +414,7 @@ def test_workers_whose_torchrun_was_killed_end_with_their_weights_kept(images, t
     # how to continue: the resume refuses another number of processes
     assert f"--checkpoint {checkpoint} --resume` under torchrun with 2 processes in all, as this run was launched " \
            "(--nproc_per_node=2 on one machine)" in stderr, stderr[-3000:]
+    assert stderr.count("--resume` under torchrun") == 1 and "rank 0's message says how to continue" in stderr  # once
     saved = load_checkpoint(checkpoint)
     assert saved["epoch"] >= 1 and not saved["complete"]
 

@@ -140,6 +140,9 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
         if isinstance(exc, TrainingInterrupted):
             raise
         what = f"Interrupted ({signal_name(exc)})."
+        if ours() and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            raise TrainingInterrupted(f"{what} The checkpoint {str(checkpoint)!r} holds the last completed epoch; "
+                                      "rank 0's message says how to continue.", Path(checkpoint)) from exc
         if ours():
             raise TrainingInterrupted(f"{what} The checkpoint {str(checkpoint)!r} holds the last completed "
                                       f"epoch; continue exactly with {resume_call(checkpoint)}.",

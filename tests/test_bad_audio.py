@@ -487,6 +487,9 @@ def test_a_wav_whose_header_declares_fewer_samples_than_it_holds_is_a_bad_file(t
     (tmp_path / "tagged.wav").write_bytes(data + b"ID3\x03" + bytes(200))  # a tag appended by a player
     assert check_audio_file(tmp_path / "tagged.wav") is None
     assert load_audio(tmp_path / "tagged.wav", RATE).shape == (16000,)
+    (tmp_path / "padded.wav").write_bytes(data + bytes(4096))  # zero bytes after the samples (a block-aligned
+    assert check_audio_file(tmp_path / "padded.wav") is None  # writer's padding): no samples left unread
+    assert torch.equal(load_audio(tmp_path / "padded.wav", RATE), load_audio(whole, RATE))
 
 
 def test_w64_caf_and_au_files_are_read_and_m4a_is_said_not_ignored(tmp_path):

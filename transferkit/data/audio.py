@@ -521,7 +521,8 @@ def _data_size_short(path: str | Path) -> str:
     as a chunk's name and an appended tag's ``ID3`` are): only the declared part would be read
     (a data size of 1,000 bytes on a 1 s clip: 31 ms, without a word, or none at all: "0
     samples"). Read from the file's chunk headers (a few bytes each); ``""`` otherwise, and for
-    other files, and for sizes a streaming recorder left unwritten (they run past the end).
+    other files, for sizes a streaming recorder left unwritten (they run past the end), and for
+    zero bytes after the samples (padding).
 
     Example:
         >>> import struct, tempfile
@@ -551,6 +552,9 @@ def _data_size_short(path: str | Path) -> str:
                     f.seek(end)
                     if all(32 <= b < 127 for b in f.read(3)):  # a chunk's name, or a tag's ('ID3')
                         return ""
+                    f.seek(end)
+                    if all(block.count(0) == len(block) for block in iter(lambda: f.read(1 << 20), b"")):
+                        return ""  # zero bytes only: padding (a block-aligned writer's), no samples left out
                     return (f"declares {declared} bytes of samples in its header, and {size - end} more bytes "
                             "follow them that are not a chunk")
                 at = end

@@ -65,6 +65,8 @@ def test_recipe_runs_on_a_tiny_slice(recipe, shared_data, tmp_path, capsys):
     assert lines and all(json.loads(line) for line in lines)
     saved = json.loads((out / "results.json").read_text())
     assert saved["config"]["backbone"] == "spec:tk:small_cnn"
+    # what chose the data besides the folder: a run of another split or --limit is told apart by its record
+    assert saved["options"] == {"split": "official", "threads": None, "limit": 3} == json.loads(lines[0])["options"]
     module, meta = load_scripted(out / "model.pt")
     assert meta["input_spec"]["kind"] == "audio" and meta["input_spec"]["sample_rate"] == 8000
     assert meta["labels"] == [str(d) for d in range(10)]

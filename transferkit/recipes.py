@@ -224,8 +224,11 @@ def build_parser(name: str, description: str,
                    "recipe sets")
     p.settings = frozenset(k for k, f in config_fields().items()  # what --set takes that has no flag here
                            if f.metadata["serial"] and k not in RECIPE_OWNS and flag(k) not in p._option_string_actions)
+    p.own_options = []  # the recipe's own options (--split, --fold, ...), recorded with its results
     if add_arguments is not None:
-        add_arguments(p.add_argument_group(f"{name} options"))
+        group = p.add_argument_group(f"{name} options")
+        add_arguments(group)
+        p.own_options = [a.dest for a in group._group_actions]
     return p
 
 
@@ -279,7 +282,8 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     ``add_arguments``: the recipe's own command-line options (see `build_parser`). ``run_settings(settings,
     given)``: the recipe's change to each run's merged settings, ``given`` naming the keys the user set (with
     ``--config``, the run's block, the flags or ``--set``), e.g. `speech_model_options`."""
-    args = build_parser(name, description, add_arguments).parse_args(argv)
+    parser = build_parser(name, description, add_arguments)
+    args = parser.parse_args(argv)
     set_pixel_limit(args.max_image_pixels)
     recipe_dir = recipe_dir or Path.cwd() / "recipes"
     own_cfg = recipe_dir / f"{name}.yaml"  # optional: a recipe may keep all its settings in its flags
@@ -361,8 +365,10 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
             result = finetune(data=train, val_data=val, classes=classes, export=export, **run_cfg)
             best, export = result.best, result.export_path
         _running["run"], _running["written_in"] = None, {}
+        # what chose the data besides data_dir (a split, a fold, --limit): runs that differ in them differ
+        options = {**{k: getattr(args, k) for k in parser.own_options}, "limit": recipe.get("limit")}
         summary: dict[str, Any] = {"recipe": name, "run": run_name or None, "config": run_cfg,
-                                   "data_dir": str(data_dir), "best": best,
+                                   "data_dir": str(data_dir), "options": options, "best": best,
                                    "seconds": round(time.perf_counter() - t0, 1), "export": str(export)}
         if test is not None:
             try:
@@ -376,7 +382,8 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
         atomic_write(run_out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1,
                                                                                             default=str)),
                      what="recipe results", flag="--out")
-        print(json.dumps({k: summary[k] for k in ("recipe", "run", "best", "test_acc", "seconds") if k in summary},
+        print(json.dumps({k: summary[k] for k in ("recipe", "run", "options", "best", "test_acc", "seconds")
+                          if k in summary},
                          default=str), flush=True)
         summaries.append(summary)
     if len(summaries) > 1:  # for people: on stderr where stdout is read by a program (one JSON object a line)

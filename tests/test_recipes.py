@@ -162,6 +162,13 @@ def test_esc50_recipe_on_its_layout(tmp_path):
     mod = runpy.run_path(str(RECIPES / "esc50.py"), run_name="recipe_under_test")
     split = mod["read_esc50"](root, 5)
     assert split.classes == ["dog", "rain"] and len(split.test) == 2 and len(split.train) == 8
+    # the test fold's files missing: found after training and the export, and no results.json; refused first
+    hidden = [Path(p).rename(Path(p).with_suffix(".gone")) for p, _ in split.test]
+    with pytest.raises(DataError, match=r"None of the 2 files of the test data exist .* checked first"):
+        mod["main"](["--data-dir", str(root), "--out", str(tmp_path / "none"), *AUDIO_TINY])
+    assert not (tmp_path / "none").exists()
+    for p in hidden:
+        p.rename(p.with_suffix(".wav"))
     summary = mod["main"](["--data-dir", str(root), "--out", str(tmp_path / "out"), *AUDIO_TINY])
     assert 0.0 <= summary["test_acc"] <= 1.0
     with pytest.raises(DataError, match="not one of the folds"):

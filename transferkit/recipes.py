@@ -581,6 +581,16 @@ def _check_test(test: Any, train: Any, classes: list[str] | None, *, audio: bool
     if not isinstance(test, (str, Path)):
         if hasattr(test, "__len__") and len(test) == 0:
             raise DataError("The test data hold no sample (the test set is scored after training: checked first).")
+        listed = test if isinstance(test, (list, tuple)) else [test.dataset[i] for i in test.indices] \
+            if isinstance(getattr(test, "dataset", None), (list, tuple)) else []  # a --limit's Subset of a list
+        files = [item[0] for item in listed if isinstance(item, (tuple, list)) and isinstance(item[0], (str, Path))]
+        missing = [str(f) for f in files if not os.path.isfile(f)]
+        if missing and len(missing) == len(test):
+            raise DataError(f"None of the {len(missing)} files of the test data exist (e.g. {missing[0]!r}); the test "
+                            "set is scored after training: checked first. Check the data folder.")
+        if missing:
+            warn(f"{plural(len(missing), 'file')} of the test data do not exist (e.g. {missing[0]!r}); they will be "
+                 "left out of the test accuracy.")
         return
     from transferkit.data.checks import DataReport
     from transferkit.data.folders import class_folders

@@ -55,7 +55,8 @@ def esc50_arguments(group: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> dict:
     return run_recipe("esc50", lambda root, options: read_esc50(root, options["args"].fold), description=__doc__,
                       argv=argv, recipe_dir=Path(__file__).resolve().parent, add_arguments=esc50_arguments,
-                      run_settings=speech_model_options)
+                      run_settings=speech_model_options,
+                      get_data="Clone github.com/karolpiczak/ESC-50 and pass --data-dir to it.")
 
 
 if __name__ == "__main__":

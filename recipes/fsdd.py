@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         return RecipeData(train=train, val=None, test=test, classes=CLASSES)
 
     out = run_recipe("fsdd", data, description=__doc__, argv=argv, recipe_dir=Path(__file__).resolve().parent,
+                     get_data="Clone github.com/Jakobovski/free-spoken-digit-dataset and pass --data-dir to it.",
                      add_arguments=fsdd_arguments, run_settings=speech_model_options)
     import torch
 

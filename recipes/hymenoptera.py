@@ -22,4 +22,6 @@ def data(root: Path, options: dict) -> RecipeData:
 
 if __name__ == "__main__":
     recipe_main(lambda: run_recipe("hymenoptera", data, description=__doc__,
-                                   recipe_dir=Path(__file__).resolve().parent))
+                                   recipe_dir=Path(__file__).resolve().parent,
+                                   get_data="Download hymenoptera_data.zip from the PyTorch transfer-learning "
+                                            "tutorial, unzip it and pass --data-dir to the unzipped folder."))

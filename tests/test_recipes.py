@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import runpy
 import subprocess
@@ -22,7 +23,8 @@ from transferkit.config import load_config, merge_config
 from transferkit.errors import ConfigError, DataError, OutputError
 from transferkit.recipes import RecipeData, run_recipe
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
 IMAGE_RECIPES = ["hymenoptera", "cifar10", "cifar100", "flowers102", "pets", "food101", "mnist"]
 TINY = ["--limit", "3", "--epochs", "1", "--backbone", "tk:small_cnn", "--weights", "none",
         "--set", "image_size=16", "--set", "batch_size=4", "--set", "verbose=false"]
@@ -147,6 +149,21 @@ def test_a_download_without_a_network_is_one_line(tmp_path, monkeypatch):
         with pytest.raises(DataError, match=rf"Could not download {said} into .*: URLError: .*Name or service not "
                                             r"known\. Is this machine online\?"):
             data(tmp_path / name, {"download": True})
+
+
+@pytest.mark.parametrize("name, how", [("fsdd", "Jakobovski/free-spoken-digit-dataset"),
+                                       ("esc50", "karolpiczak/ESC-50"), ("hymenoptera", "hymenoptera_data.zip")])
+def test_a_recipe_that_cannot_download_its_data_refuses_download_saying_how_to_get_them(name, how, tmp_path):
+    """--download was silently ignored by the recipes whose data no library downloads: the run
+    then said the data were missing, as though the flag had not been given."""
+    script = RECIPES / f"{name}.py"
+    proc = subprocess.run([sys.executable, str(script), "--data-dir", str(tmp_path / "none"), "--download"],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and f"{name} recipe: --download is not available: this recipe cannot download its " \
+        "data." in proc.stderr and how in proc.stderr, proc.stderr
+    helped = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}).stdout
+    assert "--download" in helped and "not available" in helped and how in " ".join(helped.split())
 
 
 def test_esc50_recipe_on_its_layout(tmp_path):

@@ -203,14 +203,18 @@ def torchvision_data(cls_name: str, train_kwargs: dict[str, Any], test_kwargs: d
 
 
 def build_parser(name: str, description: str,
-                 add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
+                 add_arguments: Callable[[argparse.ArgumentParser], None] | None = None, *,
+                 get_data: str | None = None) -> argparse.ArgumentParser:
     """The recipe's command line; ``add_arguments(parser)`` adds the recipe's own options
-    (they arrive in the data function's ``options["args"]``)."""
+    (they arrive in the data function's ``options["args"]``). ``get_data``: how to get the
+    data of a recipe that cannot download them (its ``--download`` says so)."""
 
     p = Parser(prog=f"recipes/{name}.py", description=description, formatter_class=HELP)
     p.add_argument("--config", default=None, help=f"YAML config (default: recipes/{name}.yaml)")
     p.add_argument("--data-dir", default=None, help="the data folder (default from the config)")
-    p.add_argument("--download", action="store_true", help="download through torchvision/torchaudio when online")
+    p.add_argument("--download", action="store_true",
+                   help=f"not available: {get_data}" if get_data else "download through torchvision/torchaudio "
+                   "when online")
     p.add_argument("--out", default=None, help="output folder for model.pt and results.json")
     p.add_argument("--backbone", default=None)
     p.add_argument("--weights", default=None, help="'DEFAULT', a tag, a file path, or 'none'")
@@ -276,13 +280,15 @@ def _run_blocks(runs: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
 def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData], *, description: str,
                argv: list[str] | None = None, recipe_dir: Path | None = None,
                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-               run_settings: Callable[[dict[str, Any], set[str]], dict[str, Any]] | None = None) -> dict[str, Any]:
+               run_settings: Callable[[dict[str, Any], set[str]], dict[str, Any]] | None = None,
+               get_data: str | None = None) -> dict[str, Any]:
     """Parse arguments, merge the config, build the data, run [`finetune`][transferkit.finetune], evaluate the
     exported file on the test set (when there is one), print and write ``results.json``.
     ``add_arguments``: the recipe's own command-line options (see `build_parser`). ``run_settings(settings,
     given)``: the recipe's change to each run's merged settings, ``given`` naming the keys the user set (with
-    ``--config``, the run's block, the flags or ``--set``), e.g. `speech_model_options`."""
-    parser = build_parser(name, description, add_arguments)
+    ``--config``, the run's block, the flags or ``--set``), e.g. `speech_model_options`. ``get_data``: how
+    to get the data, for a recipe that cannot download them (``--download`` is refused, saying so)."""
+    parser = build_parser(name, description, add_arguments, get_data=get_data)
     args = parser.parse_args(argv)
     set_pixel_limit(args.max_image_pixels)
     recipe_dir = recipe_dir or Path.cwd() / "recipes"
@@ -301,6 +307,9 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     _refuse_owned(name, set(file_cfg) | set(cli))  # before merging: data= beside the file's data_dir is this error
     cfg = {k: expand_vars(v, k) for k, v in merge_config({**file_cfg, **cli}, source=f"{name} recipe").items()}
     recipe = {k: cfg.pop(k) for k in list(cfg) if k in RECIPE_KEYS}
+    if recipe.get("download") and get_data:
+        raise ConfigError(f"{name} recipe: {'--download' if args.download else 'download: true'} is not available: "
+                          f"this recipe cannot download its data. {get_data}")
     _check_limit(recipe.get("limit"), f"{name} recipe", flag="limit" in cli)
     cli = {k: expand_vars(v, k) for k, v in cli.items() if k not in RECIPE_KEYS}
     runs = _run_blocks(recipe.get("runs") or {}, f"{name} recipe") or {"": {}}

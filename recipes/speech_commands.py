@@ -33,7 +33,7 @@ def data(root: Path, options: dict) -> RecipeData:
             root.mkdir(parents=True, exist_ok=True)  # torch.hub writes its partial file there
             torchaudio.datasets.SPEECHCOMMANDS(str(root), download=True)
         except OSError as exc:  # no network (URLError is an OSError), a full disk
-            raise DataError(download_failed("Speech Commands", root, exc)) from exc
+            raise DataError(download_failed("Speech Commands", root, exc, folders=False)) from exc
         folder = find_root(root)
     if folder is None:
         raise DataError(f"No Speech Commands data under {str(root)!r} (looked for validation_list.txt and "

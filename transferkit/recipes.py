@@ -175,12 +175,13 @@ def torchvision_dataset(cls_name: str, root: Path, *, download: bool, **kwargs: 
         raise DataError(download_failed(cls_name, root, exc)) from exc
 
 
-def download_failed(name: str, root: Path, exc: BaseException) -> str:
-    """Why a data set's ``--download`` into ``root`` failed, in one line, with what to do."""
+def download_failed(name: str, root: Path, exc: BaseException, *, folders: bool = True) -> str:
+    """Why a data set's ``--download`` into ``root`` failed, in one line, with what to do
+    (``folders``: the recipe also reads a folder of train/ and val/ or test/ class folders)."""
     reason = getattr(exc, "reason", None) or exc
+    other = " (or at a folder with train/ and val/ or test/ class sub-folders)" if folders else ""
     return (f"Could not download {name} into {str(root)!r}: {type(exc).__name__}: {reason}. Is this machine "
-            "online? Otherwise fetch the data set elsewhere and pass --data-dir pointing at it (or at a folder "
-            "with train/ and val/ or test/ class sub-folders).")
+            f"online? Otherwise fetch the data set elsewhere and pass --data-dir pointing at it{other}.")
 
 
 def torchvision_data(cls_name: str, train_kwargs: dict[str, Any], test_kwargs: dict[str, Any],

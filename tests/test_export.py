@@ -8,6 +8,7 @@ import shutil
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from tests.conftest import needs_onnx, onnx_usable
@@ -451,9 +452,13 @@ def test_update_metadata_keeps_the_digest_valid(exported, tmp_path):
     assert read_metadata(path)["labels"] == ["ant", "bee", "wasp"] == new["labels"]
     with pytest.raises(ExportError, match="cannot change \\['num_outputs'\\]"):
         update_metadata(path, {"num_outputs": 4})
-    with pytest.raises(ExportError, match="Export metadata must be JSON-serialisable: Object of type object"):
-        update_metadata(path, {"extra": object()})  # a raw TypeError, where the exporter says this
+    with pytest.raises(ExportError, match=r"Export metadata must be JSON-serialisable: Object of type object .*\(the "
+                                          r"field training\.run\[1\]\)"):
+        update_metadata(path, {"training": {"run": [1, object()]}})  # a raw TypeError, where the exporter says this
     assert update_metadata(path, {"labels": ("ant", "bee", "fly")})["labels"] == ["ant", "bee", "fly"]
+    # NumPy's arrays and numbers (scikit-learn's LabelEncoder.classes_, a metric) were refused as not serialisable
+    new = update_metadata(path, {"labels": np.array(["ant", "bee", "moth"]), "training": {"acc": np.float32(0.5)}})
+    assert new["labels"] == ["ant", "bee", "moth"] and read_metadata(path)["training"]["acc"] == 0.5
     with pytest.raises(ExportError, match="The metadata change is invalid: num_outputs is 3 but there are 2 labels. "
                                           "Nothing was written; the file is unchanged"):
         update_metadata(path, {"labels": ["a", "b"]})

@@ -41,6 +41,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from transferkit._text import hide_secrets_in, home_not_expanded, one_line, strict_json
@@ -70,12 +71,44 @@ def transferkit_version() -> str:
 
 
 def as_json(meta: dict[str, Any]) -> dict[str, Any]:
-    """``meta`` as JSON reads it back (tuples as lists, NaN as null: JSON has no NaN), or an
-    ExportError where it does not serialise (an object, a tensor)."""
+    """``meta`` as JSON reads it back (tuples as lists, NaN as null: JSON has no NaN, NumPy
+    arrays and numbers as lists and numbers), or an ExportError naming the first field that
+    does not serialise (an object, a tensor).
+
+    Example:
+        >>> import numpy as np
+        >>> as_json({"labels": np.array(["cat", "dog"]), "training": {"acc": np.float32(0.5)}})
+        {'labels': ['cat', 'dog'], 'training': {'acc': 0.5}}
+    """
+    meta = _plain(meta)
     try:
         return json.loads(strict_json(meta))
     except (TypeError, ValueError) as exc:
-        raise ExportError(f"Export metadata must be JSON-serialisable: {exc}") from exc
+        field = _unserialisable(meta)
+        raise ExportError(f"Export metadata must be JSON-serialisable: {exc}"
+                          f"{f' (the field {field})' if field else ''}.") from exc
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with NumPy arrays and numbers (scikit-learn's ``classes_``, a metric) made lists
+    and Python numbers, in dicts, lists and tuples."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _unserialisable(value: Any, where: str = "") -> str | None:
+    """The path (``training.model``) of the first value in ``value`` that JSON cannot hold."""
+    if isinstance(value, dict):
+        return next((f for k, v in value.items() if (f := _unserialisable(v, f"{where}.{k}" if where else str(k)))),
+                    None)
+    if isinstance(value, (list, tuple)):
+        return next((f for i, v in enumerate(value) if (f := _unserialisable(v, f"{where}[{i}]"))), None)
+    return None if value is None or isinstance(value, (str, int, float, bool)) else (where or "metadata")
 
 
 def complete_metadata(metadata: dict[str, Any], *, num_outputs: int, fmt: str = FORMAT) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 import subprocess
 import sys
@@ -81,6 +82,10 @@ def test_export_predict_inspect_round_trip(trained, exported, capsys):
     assert code == 0 and "task:        multiclass (2 outputs)" in stdout and "dark, light" in stdout
     code, stdout, _ = _run(capsys, "inspect", out, "--json")
     assert code == 0 and json.loads(stdout) == meta
+    shutil.copy(out, root / "commas.pt")  # the module's export stays as it is
+    transferkit.export.update_metadata(root / "commas.pt", {"labels": ["red, dark", "light"]})  # read as 3 labels
+    code, stdout, _ = _run(capsys, "inspect", root / "commas.pt")
+    assert code == 0 and "labels:      'red, dark', 'light'" in stdout
 
 
 def test_export_examples_skip_an_unreadable_file(trained, capsys, tmp_path):

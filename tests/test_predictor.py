@@ -107,6 +107,15 @@ def test_bad_inputs_raise_clear_errors(exported, tmp_path):
     assert f"{str(empty)!r}: empty file (0 bytes)" in pred.predict(str(empty))[0].error
 
 
+def test_a_prediction_line_shows_a_small_probability_in_two_figures():
+    """Of 30,000 classes the top 3 probabilities all read 0.000 in predict's lines."""
+    from transferkit.export.predictor import Prediction
+
+    many = Prediction("a", 0, 3.672e-5, [("a", 3.672e-5), ("b", 2.1e-6), ("c", 0.0)])
+    assert str(many) == "a 3.7e-05, b 2.1e-06, c 0.000"
+    assert str(Prediction("a", 0, 0.8567, [("a", 0.8567), ("b", 0.0005)])) == "a 0.857, b 0.001"
+
+
 def test_predict_folder_sorted_with_progress_bar(exported, tmp_path, capsys):
     pred = transferkit.load(exported[0])
     for i, p in enumerate(_pictures(3, seed=2)):

@@ -93,6 +93,11 @@ def _expand_inputs(predictor, inputs: list[str]) -> tuple[list[str], list[tuple[
     return out, empty
 
 
+def _listed(labels: list[str]) -> str:
+    """Labels joined by commas, each quoted where one of them holds a comma (else 'a, b' reads as two)."""
+    return ", ".join(map(repr, labels) if any("," in lab for lab in labels) else labels)
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from transferkit.export import load
 
@@ -251,7 +256,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     elif not audio:
         shape += " uint8 or float in [0, 1]"
     lines = [f"file:        {args.model}", f"task:        {meta['task']} ({plural(meta['num_outputs'], 'output')})",
-             f"labels:      {', '.join(meta['labels'][:20])}{' ...' if len(meta['labels']) > 20 else ''}",
+             f"labels:      {_listed(meta['labels'][:20])}{' ...' if len(meta['labels']) > 20 else ''}",
              f"input:       {shape}", f"input_spec:  {json.dumps(spec, sort_keys=True)}",
              f"written by:  transferkit {meta['transferkit_version']}, torch {meta['torch_version']}"]
     if exp:

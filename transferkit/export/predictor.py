@@ -66,7 +66,8 @@ class Prediction:
             return f"error: {self.error}"
         if self.task == "regression":
             return ", ".join(f"{k}={v:.7g}" for k, v in (self.values or {}).items())
-        alts = ", ".join(f"{lab} {p:.3f}" for lab, p in self.top_k)
+        # 3 decimals, and a probability below 0.0005 in two figures (of 30,000 classes the top 3 all read 0.000)
+        alts = ", ".join(f"{lab} {p:.3f}" if p >= 5e-4 or p == 0 else f"{lab} {p:.1e}" for lab, p in self.top_k)
         return f"[{', '.join(self.labels or [])}] {alts}" if self.task == "multilabel" else alts
 
 

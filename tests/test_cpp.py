@@ -91,7 +91,7 @@ def _parse(stdout: str) -> list[tuple[str, str, dict[str, float]]]:
     return out
 
 
-@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+@pytest.mark.parametrize("task", ["multiclass", "multilabel", "regression"])
 def test_cpp_program_agrees_with_python_on_images(program, tmp_path, task):
     path = tmp_path / "m.pt"
     export_tiny(path, task=task, labels=("ant", "bee", "cat"), size=16)
@@ -106,8 +106,13 @@ def test_cpp_program_agrees_with_python_on_images(program, tmp_path, task):
     assert proc.returncode == 0, proc.stderr
     got = _parse(proc.stdout)
     want = predictor.predict(pics)
-    probs = predictor.predict_proba(pics)
     assert [g[0] for g in got] == [str(f) for f in files]
+    if task == "regression":  # no top label (the largest output's name meant nothing): every output's value
+        assert [g[1] for g in got] == ["values"] * len(files)
+        for (_, _, values), w in zip(got, want):
+            assert values == pytest.approx(w.values, abs=1e-5)
+        return
+    probs = predictor.predict_proba(pics)
     assert [g[1] for g in got] == [w.label for w in want]
     for (_, _, scores), row in zip(got, probs):
         assert scores == pytest.approx(dict(zip(predictor.labels, row.tolist())), abs=1e-5)
@@ -123,6 +128,14 @@ def test_cpp_program_agrees_with_python_on_images(program, tmp_path, task):
     assert proc.returncode == 1 and [g[1] for g in _parse(proc.stdout)] == [w.label for w in want[:2]]
     assert f"error: {bad}: not a binary PPM image (its width is 'abc', not a positive number)\n" in proc.stderr
     assert "takes 16x16" in proc.stderr and proc.stderr.endswith("2 of 4 inputs failed (above)\n")
+    # a header of 99999 x 99999 over 768 bytes was std::bad_alloc (or the out-of-memory killer); a folder was "a
+    # truncated PPM header"
+    huge = tmp_path / "huge.ppm"
+    huge.write_bytes(b"P6\n99999 99999\n255\n" + bytes(768))
+    proc = _run(program, path, huge, tmp_path)
+    assert proc.returncode == 1 and f"error: {huge}: truncated pixels (its header says 99999x99999, " \
+        "29999400003 bytes; 768 follow)\n" in proc.stderr and f"error: {tmp_path} is a folder, not a PPM image\n" \
+        in proc.stderr, proc.stderr
 
 
 def test_cpp_program_runs_an_audio_export(program, tmp_path):

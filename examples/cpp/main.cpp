@@ -9,12 +9,15 @@
 // metadata the export carries (transferkit.json and labels.txt), runs the model on the raw
 // input (normalisation is inside the model), applies softmax / sigmoid / identity as the
 // task says and prints one line per input, "INPUT<TAB>top-1 label<TAB>score". With --all
-// each is followed by one "<TAB>label<TAB>score" line per label, in label order.
+// each is followed by one "<TAB>label<TAB>score" line per label, in label order. A regression
+// model has no top label: its line is "INPUT<TAB>values", followed by one "<TAB>output<TAB>value"
+// line per output, with or without --all.
 #include <torch/script.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -118,6 +121,7 @@ int header_number(std::istream& in, const std::string& path, const std::string& 
 
 // A binary PPM (P6, maxval 255) as a uint8 tensor [1, 3, H, W].
 torch::Tensor read_ppm(const std::string& path) {
+  if (std::filesystem::is_directory(path)) throw std::runtime_error(path + " is a folder, not a PPM image");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error("cannot open " + path);
   if (next_token(in) != "P6") throw std::runtime_error(path + " is not a binary PPM (P6) image");
@@ -125,7 +129,16 @@ torch::Tensor read_ppm(const std::string& path) {
   const int height = header_number(in, path, "height");
   if (header_number(in, path, "maxval") != 255) throw std::runtime_error(path + ": only 8-bit PPM is supported");
   in.get();  // the single whitespace byte after maxval
-  std::vector<uint8_t> pixels(static_cast<size_t>(width) * height * 3);
+  const auto start = in.tellg();
+  in.seekg(0, std::ios::end);
+  const auto left = static_cast<uint64_t>(in.tellg() - start);
+  in.seekg(start);
+  const uint64_t want = static_cast<uint64_t>(width) * static_cast<uint64_t>(height) * 3;
+  if (left < want)  // before allocating: a header of 99999 x 99999 asked for 30 GB
+    throw std::runtime_error(path + ": truncated pixels (its header says " + std::to_string(width) + "x" +
+                             std::to_string(height) + ", " + std::to_string(want) + " bytes; " + std::to_string(left) +
+                             " follow)");
+  std::vector<uint8_t> pixels(static_cast<size_t>(want));
   in.read(reinterpret_cast<char*>(pixels.data()), static_cast<std::streamsize>(pixels.size()));
   if (in.gcount() != static_cast<std::streamsize>(pixels.size())) throw std::runtime_error(path + ": truncated pixels");
   auto hwc = torch::from_blob(pixels.data(), {height, width, 3}, torch::kUInt8);
@@ -270,9 +283,13 @@ int main(int argc, char** argv) {
                              : task == "regression" ? out
                                                     : torch::softmax(out, 1);
       scores = scores[0];
-      const int64_t best = scores.argmax().item<int64_t>();
-      std::cout << path << "\t" << labels[best] << "\t" << scores[best].item<float>() << "\n";
-      if (all)
+      if (task == "regression") {
+        std::cout << path << "\tvalues\n";
+      } else {
+        const int64_t best = scores.argmax().item<int64_t>();
+        std::cout << path << "\t" << labels[best] << "\t" << scores[best].item<float>() << "\n";
+      }
+      if (all || task == "regression")
         for (size_t i = 0; i < labels.size(); ++i)
           std::cout << "\t" << labels[i] << "\t" << scores[static_cast<int64_t>(i)].item<float>() << "\n";
     }

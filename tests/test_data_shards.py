@@ -789,6 +789,23 @@ def test_a_label_of_a_class_in_either_unicode_form_is_read_beside_unknown_ones()
     assert targets.tolist() == [0, -1, -1]
 
 
+def test_a_shard_cut_short_or_of_zero_bytes_says_so(tmp_path):
+    """A shard cut inside a member said only "unexpected end of data", and a 0-byte shard (a
+    failed download) only that it holds no sample."""
+    shards = write_shards(folder_items(make_image_folder(tmp_path / "f", per_class=10, size=16)), tmp_path / "s",
+                          [10, 10])
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[:len(data) // 2 + 100])
+    (tmp_path / "s" / "train-000002.tar").write_bytes(b"")
+    with pytest.warns(UserWarning) as seen:
+        prepare_data(tmp_path / "s")
+    said = " ".join(str(w.message) for w in seen)
+    assert "train-000001.tar' as a tar file: unexpected end of data (the file ends inside a member: it is " \
+        "truncated, a download or copy cut short); the shard is left out" in said, said
+    assert "1 of the 3 training shards holds no sample (1 empty file, 0 bytes: a download or copy that failed?)" \
+        in said, said
+
+
 def test_captions_read_as_class_names_are_warned_of(tmp_path):
     """Shards of jpg + txt captions (WebDataset's most common layout) trained one class per
     sample with no word but that most classes had no validation example."""

@@ -699,8 +699,18 @@ def build_index(path: str, *, scan: str = "quick", name: str | None = None) -> S
             raise DataError(f"The shard {name or path!r} is {packed}-compressed under a .tar name: {_UNCOMPRESSED}. "
                             f"Decompress it (e.g. `{_DECOMPRESS[packed]} < {os.path.basename(path)} > plain.tar`) and "
                             "pass the .tar file.") from exc
-        raise DataError(f"Cannot read the shard {name or path!r} as a tar file: {exc}.") from exc
+        cut = " (the file ends inside a member: it is truncated, a download or copy cut short)" \
+            if "unexpected end of data" in str(exc) else ""
+        raise DataError(f"Cannot read the shard {name or path!r} as a tar file: {exc}{cut}.") from exc
     return index
+
+
+def _file_size(path: str) -> int | None:
+    """The size of a local file, None where there is none (a URL, a pipe)."""
+    try:
+        return os.path.getsize(path)
+    except (OSError, ValueError):
+        return None
 
 
 def _index_path(cache_dir: str | Path, path: str, scan: str, validators: dict[str, str] | None = None) -> Path:
@@ -1195,7 +1205,10 @@ def open_shards(shards: Sequence[str], *, classes: Sequence[str] | None = None, 
     empty = [p for p, ix in zip(shards, indexes) if not ix.keys and p not in left_out]  # bad ones said above
     if empty:
         holds = "holds" if len(empty) == 1 else "hold"
-        report.warn(f"{len(empty)} of the {plural(len(shards), what + ' shard')} {holds} no sample, e.g. {empty[:3]}.")
+        zero = [p for p in empty if _file_size(p) == 0]
+        said = f" ({plural(len(zero), 'empty file')}, 0 bytes: a download or copy that failed?)" if zero else ""
+        report.warn(f"{len(empty)} of the {plural(len(shards), what + ' shard')} {holds} no sample{said}, e.g. "
+                    f"{(zero or empty)[:3]}.")
     if not _warn_repeated_shards(shards, indexes, what, report):
         _warn_repeated_samples(source, what, report)
     scattered = [(p, k) for p, ix in zip(shards, indexes) for k in ix.scattered]

@@ -894,6 +894,8 @@ def test_a_data_path_that_is_an_archive_or_a_file_says_which(tmp_path):
                                  r"from a name ending in \.csv: rename it\)"),
                        (tmp_path / "labels.json", r"is a file, not a folder\. Expected"),  # commas, no table
                        (tmp_path / "missing", r"does not exist\. Expected a folder"),
+                       (f"{tmp_path}/train-{{0..3}}.tar ", r"does not exist: it starts or ends with white space; "
+                                                          r"without it, it reads '.*/train-\{0\.\.3\}\.tar'\."),
                        *([(fifo, r"is not a folder\. Expected a folder")] if fifo.exists() else [])):  # never read
         with pytest.raises(tk.DataError, match=said):
             tk.plan(tk.FinetuneConfig(backbone="tk:small_cnn", weights=None, data=str(path)))

@@ -81,6 +81,9 @@ _LISTED = re.compile(rb"[^,]+\.(jpe?g|png|webp|bmp|gif|tiff?|wav|flac|mp3|ogg|ai
 def _not_a_folder(path: Path) -> str:
     """Why ``path``, given as a data folder, is not one: missing, or a file (an archive to extract first)."""
     if not path.exists():
+        raw = str(path)
+        if raw != raw.strip():  # a space pasted with a path, or a quoted pattern's (a list of shards is not read)
+            return f"does not exist: it starts or ends with white space; without it, it reads {raw.strip()!r}"
         return "does not exist"
     if not path.is_file():  # a FIFO (--data <(...)), a device: never read here (a pipe would wait for a writer)
         return "is not a folder"

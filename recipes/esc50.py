@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """ESC-50: 2,000 five-second environmental recordings in 50 classes, 5 folds.
 Fold 5 is the test set by default (``--set`` cannot change it: use ``--fold N``); the
-others train, with 10 % held out for validation.
+others train, with ``val_split`` (10 %) of each class held out for validation: whole source
+recordings, so that no recording is heard in training and in validation.
 
 Default: a log-mel CIFAR ResNet-20 initialised from the CIFAR-10 weights in
 ../shared/data (``spec:tk:cifar_resnet20``): transfer from images to sound.
@@ -12,11 +13,16 @@ repository's layout). See docs/recipes/esc50.md.
 import argparse
 from pathlib import Path
 
+from transferkit.config import VAL_SPLIT
 from transferkit.errors import DataError
 from transferkit.recipes import RecipeData, recipe_main, run_recipe, speech_model_options
 
 
-def read_esc50(root: Path, fold: int) -> RecipeData:
+def read_esc50(root: Path, fold: int, val_split: float = 0.1, seed: int = 0) -> RecipeData:
+    """The clips of the folds other than ``fold`` train, ``fold``'s are the test set, and
+    ``val_split`` of the training clips of each class validate: whole source recordings (the
+    ``src_file`` column; ESC-50 cut several clips from one recording and keeps them in one fold),
+    drawn by a seeded hash, so that no recording is heard in training and in validation."""
     meta = root / "meta" / "esc50.csv"
     if not meta.is_file():
         raise DataError(f"No ESC-50 metadata at {str(meta)!r}. Clone or download the ESC-50 repository "
@@ -43,9 +49,21 @@ def read_esc50(root: Path, fold: int) -> RecipeData:
         raise DataError(f"--fold {fold} is not one of the folds in {str(meta)!r}: {folds}.")
     train, test = [], []
     for r in rows:
-        item = (str(root / "audio" / r["filename"]), index[int(r["target"])])
+        item = (str(root / "audio" / r["filename"]), index[int(r["target"])], r.get("src_file") or r["filename"])
         (test if int(r["fold"]) == fold else train).append(item)
-    return RecipeData(train=train, val=None, test=test, classes=classes)
+    from transferkit.data.encoded import hashed_unit
+
+    held: set[str] = set()
+    for label in range(len(classes)):
+        clips = [src for _, y, src in train if y == label]
+        want = round(val_split * len(clips))
+        for src in sorted(set(clips), key=lambda s: hashed_unit(seed, s)):  # whole recordings, until enough
+            if sum(c in held for c in clips) >= want or all(c in held or c == src for c in clips):
+                break  # enough held out, or the class's last recording: it trains
+            held.add(src)
+    return RecipeData(train=[(p, y) for p, y, src in train if src not in held],
+                      val=[(p, y) for p, y, src in train if src in held] or None,  # None: finetune's own split
+                      test=[(p, y) for p, y, _ in test], classes=classes)
 
 
 def esc50_arguments(group: argparse.ArgumentParser) -> None:
@@ -53,7 +71,11 @@ def esc50_arguments(group: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_recipe("esc50", lambda root, options: read_esc50(root, options["args"].fold), description=__doc__,
+    def data(root: Path, options: dict) -> RecipeData:
+        settings = options["settings"]
+        return read_esc50(root, options["args"].fold, settings.get("val_split", VAL_SPLIT), settings.get("seed", 0))
+
+    return run_recipe("esc50", data, description=__doc__,
                       argv=argv, recipe_dir=Path(__file__).resolve().parent, add_arguments=esc50_arguments,
                       run_settings=speech_model_options,
                       get_data="Clone github.com/karolpiczak/ESC-50 and pass --data-dir to it.")

@@ -179,8 +179,9 @@ def test_esc50_recipe_on_its_layout(tmp_path):
     (root / "meta").mkdir()
     (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
     mod = runpy.run_path(str(RECIPES / "esc50.py"), run_name="recipe_under_test")
-    split = mod["read_esc50"](root, 5)
-    assert split.classes == ["dog", "rain"] and len(split.test) == 2 and len(split.train) == 8
+    split = mod["read_esc50"](root, 5, 0.25)
+    assert split.classes == ["dog", "rain"] and len(split.test) == 2 and len(split.train) + len(split.val) == 8
+    assert sorted(y for _, y in split.val) == [0, 1]  # a quarter of each class's 4 training clips
     # the test fold's files missing: found after training and the export, and no results.json; refused first
     hidden = [Path(p).rename(Path(p).with_suffix(".gone")) for p, _ in split.test]
     with pytest.raises(DataError, match=r"None of the 2 files of the test data exist .* checked first"):
@@ -205,6 +206,15 @@ def test_esc50_recipe_on_its_layout(tmp_path):
                                         r"'label',"):
         mod["read_esc50"](root, 5)
     assert all(split.classes[y] == sub.classes[z] for (_, y), (_, z) in zip(split.train, sub.train))
+    # validation holds whole source recordings: ESC-50 cuts several clips from one, and a random tenth of the
+    # clips put parts of one recording in training and in validation (an optimistic best epoch)
+    grouped = [rows[0]] + [f"{i}.wav,{1 + i % 4},{i % 2},{['dog', 'rain'][i % 2]},False,{i % 6},A" for i in range(48)]
+    (root / "meta" / "esc50.csv").write_text("\n".join(grouped) + "\n")
+    split = mod["read_esc50"](root, 4, 0.2, seed=3)
+    src = {f"{i}.wav": i % 6 for i in range(48)}
+    val_sources = {src[Path(p).name] for p, _ in split.val}
+    assert val_sources and not val_sources & {src[Path(p).name] for p, _ in split.train}
+    assert {y for _, y in split.val} == {0, 1} and len(split.train) + len(split.val) == 36
 
 
 def test_cli_finetune_with_config_and_overrides(tmp_path, capsys):

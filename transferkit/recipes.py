@@ -339,7 +339,7 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     if checked:  # before the data are read (a long scan) as well as before any run trains
         _check_runs(run_cfgs, data_dir)
     try:
-        data = data_fn(data_dir, {**recipe, "args": args})
+        data = data_fn(data_dir, {**recipe, "args": args, "settings": cfg})
     except DataError as exc:
         if data_dir.exists():
             raise

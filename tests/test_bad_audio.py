@@ -193,7 +193,19 @@ def test_a_channel_array_that_cannot_be_mixed_down_says_which_part_is_missing():
     for wav, message in cases:
         with pytest.raises(tk.DataError, match=message):
             to_waveform(wav, RATE)
-    from transferkit.model import AudioPreprocess  # an exported model's [N, C, T] input: the same refusal
+    from transferkit.model import AudioPreprocess, preprocess_for  # an exported model's [N, C, T] input: the same
+
+    # a clip shorter than an audio model takes, or soundfile's [T, 1] read as T clips of one sample: refused by
+    # the scripted module (the exported file), and left to the predictor in Python (no graph break, no GPU wait)
+    scripted = torch.jit.script(preprocess_for(InputSpec(kind="audio", sample_rate=2000)))  # 25 ms: 50 samples
+    with pytest.raises(torch.jit.Error, match=r"a clip of 1 samples is shorter than the 50 the model takes \(25 ms "
+                                              r"at its sample rate\); a clip read as \[T, C\] .* is x\.T"):
+        scripted(audio[:, None])
+    with pytest.raises(torch.jit.Error, match=r"a clip of 20 samples"):
+        scripted(torch.stack([audio, torch.cat([audio[:20], nan[:80]])]))  # NaN pads it to the first's length
+    assert scripted(torch.stack([audio, half])).shape == (2, 100)
+    assert preprocess_for(InputSpec(kind="audio", sample_rate=2000))(audio[:, None]).shape == (100, 1)  # eager
+    assert torch.jit.script(preprocess_for(InputSpec(kind="audio")))(audio[:1]).shape == (1, 1)  # no rate: no limit
 
     with pytest.raises(torch.jit.Error, match=r"the channels of a clip \[N, C, T\] end at different samples"):
         torch.jit.script(AudioPreprocess())(torch.stack([audio, half])[None])

@@ -124,10 +124,12 @@ class AudioPreprocess(nn.Module):
     ``[N, C, T]`` (mixed down to mono; channels NaN-padded to different lengths, and more
     channels than samples beyond `AUDIO_CHANNELS_MAX`, are refused) or ``[T]`` (one clip), in the
     module's dtype (float32 unless the module was cast). NaN padding at the end of shorter clips
-    marks their length and is kept (see ``transferkit.data.audio.pad_waveforms``). A clip of
-    fewer than ``min_samples`` samples (the shortest an audio model takes, `MIN_CLIP_SECONDS`
-    at its rate) is refused: a soundfile array ``[T, 1]`` read as T clips of one sample each
-    gave T rows of scores.
+    marks their length and is kept (see ``transferkit.data.audio.pad_waveforms``). In a
+    TorchScript export, a clip of fewer than ``min_samples`` samples (the shortest an audio model
+    takes, `MIN_CLIP_SECONDS` at its rate) is refused: a soundfile array ``[T, 1]`` read as T
+    clips of one sample each gave T rows of scores. In Python the predictor refuses such a clip
+    before the model, and training reads none; the check is scripted only (it would break a
+    compiled graph and wait for the GPU in every forward), so a traced or ONNX export lacks it.
 
     Example:
         >>> AudioPreprocess().double()(torch.tensor([[-32768, 16384]], dtype=torch.int16))
@@ -140,6 +142,7 @@ class AudioPreprocess(nn.Module):
         self.register_buffer("dtype_of", torch.zeros(0), persistent=False)
         self.max_channels = AUDIO_CHANNELS_MAX
         self.min_samples = int(min_samples)
+        self.shortest = f"{1000 * MIN_CLIP_SECONDS:g} ms"  # what min_samples is, said in the refusal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.dim() > 3 or x.numel() == 0:
@@ -159,19 +162,22 @@ class AudioPreprocess(nn.Module):
             x = x.mean(1)
         if x.dim() == 1:
             x = x.unsqueeze(0)
-        shortest = int((~torch.isnan(x)).sum(1).min())  # a clip's samples: NaN pads it at its end
-        if shortest < self.min_samples:
-            raise ValueError("a clip of " + str(shortest) + " samples is shorter than the " + str(self.min_samples) +
-                             " the model takes (25 ms at its sample rate); a clip read as [T, C] (soundfile's "
-                             "layout) is x.T, or x[:, 0] for its first channel")
+        if torch.jit.is_scripting():  # the exported file: its callers have no predictor to check for them
+            shortest = int((~torch.isnan(x)).sum(1).min())  # a clip's samples: NaN pads it at its end
+            if shortest < self.min_samples:
+                raise ValueError("a clip of " + str(shortest) + " samples is shorter than the " +
+                                 str(self.min_samples) + " the model takes (" + self.shortest + " at its sample "
+                                 "rate); a clip read as [T, C] (soundfile's layout) is x.T, or x[:, 0] for its "
+                                 "first channel")
         return x
 
 
 def preprocess_for(spec: Any) -> nn.Module:
     """The preprocessing of a model taking ``spec``'s input (an `InputSpec`): `AudioPreprocess`
     at its sample rate, else `ImagePreprocess` with its mean and std."""
-    if spec.kind == "audio":
-        return AudioPreprocess(min_samples=math.ceil(MIN_CLIP_SECONDS * int(spec.sample_rate)))
+    if spec.kind == "audio":  # a spec without a rate (a module given by hand): no length to refuse
+        rate = spec.sample_rate
+        return AudioPreprocess(min_samples=math.ceil(MIN_CLIP_SECONDS * int(rate)) if rate else 1)
     return ImagePreprocess(spec.mean, spec.std)
 
 

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import hashlib
@@ -52,6 +53,26 @@ _LEGACY = re.compile(r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
 
 
 # -- who wrote a temporary file, and is it still alive --------------------------------------
+_AT_EXIT: list[Callable[[], Any]] = []
+
+
+def at_exit(fn: Callable[[], Any]) -> None:
+    """Run ``fn`` as this process exits: at a normal exit (``atexit``), and from
+    `run_exit_functions`, which a process that leaves through ``os._exit`` calls first (a
+    torchrun worker: `transferkit.train.distributed.exit_cleanly`)."""
+    _AT_EXIT.append(fn)
+    atexit.register(fn)
+
+
+def run_exit_functions() -> None:
+    """Run the functions given to `at_exit`, once each (an error in one does not stop the others)."""
+    while _AT_EXIT:
+        fn = _AT_EXIT.pop()
+        atexit.unregister(fn)
+        with contextlib.suppress(Exception):
+            fn()
+
+
 def kind_of_bytes(head: bytes) -> tuple[str, str] | None:
     """``("audio file", "WAV")`` or ``("image", "PNG")`` for the first bytes (12 suffice) of a
     file of a common audio or image format, else None.

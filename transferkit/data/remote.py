@@ -41,7 +41,6 @@ and modification time fsspec lists); a ``pipe:`` command has none (its text is i
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import hashlib
@@ -59,8 +58,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from transferkit._io import (atomic_write, check_free_space, create_temp, entry_not_kept, new_digest, read_only_folder,
-                             remove_stale_temps)
+from transferkit._io import (at_exit, atomic_write, check_free_space, create_temp, entry_not_kept, new_digest,
+                             read_only_folder, remove_stale_temps)
 from transferkit._signals import raise_if_interrupted
 from transferkit._text import hide_query, hide_url, unsigned
 from transferkit.config import env_flag, env_seconds
@@ -659,7 +658,7 @@ def _process_temp_dir() -> Path:
         if path is None:
             path = _TEMP_DIRS[os.getpid()] = tempfile.mkdtemp(prefix="transferkit-shards-")
             pid = os.getpid()
-            atexit.register(lambda: os.getpid() == pid and shutil.rmtree(path, ignore_errors=True))
+            at_exit(lambda: os.getpid() == pid and shutil.rmtree(path, ignore_errors=True))
         return Path(path)
 
 

@@ -30,7 +30,6 @@ Launch::
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import itertools
 import math
@@ -47,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from transferkit._io import run_exit_functions
 from transferkit._signals import end_with_the_launcher, terminate_at_once
 from transferkit._text import hide_secrets
 from transferkit.errors import ConfigError, TrainingError
@@ -599,9 +599,9 @@ def exit_cleanly(code: int = 0) -> None:
     ("terminate called without an active exception") after correct training; leaving
     through ``os._exit`` after a clean teardown avoids it. Call it last in a script. With a
     non-zero ``code``, or after a rank failed inside `rank_guard`, it skips the barrier
-    (the other ranks are gone or going) and exits at once. The functions registered with
-    ``atexit`` run first, as at a normal exit (a process's temporary shard copies are removed
-    by one).
+    (the other ranks are gone or going) and exits at once. transferkit's own exit functions
+    (`transferkit._io.at_exit`: a process's temporary shard copies are removed by one) run
+    first; other ``atexit`` functions do not, as ``os._exit`` skips them.
 
     Example:
         >>> exit_cleanly(0)  # doctest: +SKIP
@@ -611,7 +611,7 @@ def exit_cleanly(code: int = 0) -> None:
             barrier(dist_info())
         finally:
             dist.destroy_process_group()
-    atexit._run_exitfuncs()  # what a normal exit runs before the interpreter's teardown, where gloo aborts
+    run_exit_functions()  # transferkit's own: torch's (a DataLoader's worker joins, 5 s each) would delay the exit
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

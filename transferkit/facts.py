@@ -342,9 +342,6 @@ def look(cfg: FinetuneConfig, *, env: tuple[DistInfo, torch.device] | None = Non
         for w in held or []:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         raise
-    # what loading finds later (a file that fails, a class of which none loads) reaches rank 0's report
-    # too (`report_load_failures`), which says it: the other ranks record it without a word
-    bundle.report.quiet = not info.is_main
     bf16, why = device_bf16(dev)
     device = DeviceFacts(device=str(dev), type=dev.type, rank=info.rank, world_size=info.world_size,
                          local_world_size=_local_world_size(info), bf16=bf16, bf16_why=why,

@@ -206,7 +206,7 @@ def stored_features(d: Decisions, run: Run, parts: list[tuple[str, Any, Any, int
                                           device=fs.device, num_workers=workers)
         reports[name] = fill_store(store, ds.view(transform=tf), forward, info, bar=bar, batch_size=batch_size,
                                    num_workers=workers, seed=cfg.seed, batches=batches, device=fs.device)
-        _report_masked(store, ds, run.bundle.report, cfg.on_bad_file)
+        _report_masked(store, ds, run.bundle.report, cfg.on_bad_file, say=run.dist.is_main)
         stores[name] = store
     train_dl = stores["train"].batches(cfg.batch_size, seed=cfg.seed, memory_budget=STORE_MEMORY_BUDGET,
                                        device=run.speed.device, rank=info.rank, world_size=info.world_size)
@@ -245,10 +245,11 @@ def feature_report(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "splits": {name: dict(r) for name, r in reports.items()}}
 
 
-def _report_masked(store: Any, ds: Any, report: Any, on_bad_file: str = "skip") -> None:
+def _report_masked(store: Any, ds: Any, report: Any, on_bad_file: str = "skip", *, say: bool = True) -> None:
     """Every masked sample of ``store`` into the data report (this run's and those of the
-    parts it reused), once per file, with a warning; with ``on_bad_file="raise"``, a masked
-    sample of a reused part stops the run, as the file would when read."""
+    parts it reused), once per file, with a warning (``say``: under DDP rank 0's, as every rank
+    reads the same store); with ``on_bad_file="raise"``, a masked sample of a reused part stops
+    the run, as the file would when read."""
     why = store.masked_reasons()
     samples = getattr(ds, "samples", None)
     for i in store.masked_indices():
@@ -263,7 +264,7 @@ def _report_masked(store: Any, ds: Any, report: Any, on_bad_file: str = "skip") 
         report.bad_at_load.append(name)
         report.bad_files.append((name, file_reason(reason.split(": ", 1)[-1])))
         report.warn(f"Left out {name!r}, which failed to load while its features were computed ({reason}); its "
-                    f"row of the feature store {str(store.path)!r} is masked. " + replace_advice(reason))
+                    f"row of the feature store {str(store.path)!r} is masked. " + replace_advice(reason), say=say)
 
 
 def _validation_rows(store: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,21 +510,22 @@ def head_speed(d: Decisions, run: Run) -> SpeedConfig:
 
 def report_load_failures(run: Run) -> None:
     """Under DDP each rank loads its own share of the files: every rank's report gains the
-    files that another rank found bad while loading (warned about once, by the rank that
-    learns of them), so the result and the summary of rank 0 list them all; and the training
-    classes of which no file loaded (`classes_never_loaded`), as any rank found them."""
+    files that another rank found bad while loading (said by the rank that met them, as it met
+    them: not again), so the result and the summary of rank 0 list them all; and the training
+    classes of which no file loaded (`classes_never_loaded`), as any rank found them (said by
+    rank 0)."""
     report, train, classes = run.bundle.report, run.bundle.train, run.bundle.classes
     # a rank that met a class of which no file loads tried every file of it itself (load_or_replace), and
     # names them by its own paths (a copy of the data per node may lie elsewhere): its own report says so
     lost = [(classes[t], example) for t, example in classes_never_loaded(train, report).items()]
     for failures, lost_there in gather_objects((load_failures(report), lost), run.dist):
         for path, reason in failures:
-            record_bad_at_load(report, path, reason)
+            record_bad_at_load(report, path, reason, say=False)
         for name, example in lost_there:
-            record_lost_class(report, name, example)
+            record_lost_class(report, name, example, say=run.dist.is_main)
     if run.dist.world_size > 1:  # rows masked by every rank together (one process: its own report said it all)
         for target, example in classes_never_loaded(train, report).items():
-            record_lost_class(report, classes[target], example)
+            record_lost_class(report, classes[target], example, say=run.dist.is_main)
 
 
 def _resume_problems(saved: dict[str, Any], meta: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

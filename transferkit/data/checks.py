@@ -124,7 +124,7 @@ class DataReport:
     ``(path, reason)`` of folders that could not be listed; ``lost_classes``: classes none
     of whose training files loaded (their samples were replaced by other classes' files, so
     they were never trained; found when training ends); ``warnings``: every warning issued (each also went through
-    ``warnings.warn``, unless ``quiet``: a DDP rank other than 0, whose report rank 0's repeats).
+    ``warnings.warn`` unless told not to say it: what another DDP rank says).
 
     Example:
         >>> r = DataReport()
@@ -142,15 +142,15 @@ class DataReport:
     bad_at_load: list[str] = field(default_factory=list)
     lost_classes: list[str] = field(default_factory=list)
     token: str = field(default_factory=lambda: uuid.uuid4().hex, repr=False, compare=False)
-    quiet: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         register_report(self)
 
-    def warn(self, message: str) -> None:
+    def warn(self, message: str, *, say: bool = True) -> None:
+        """Record ``message`` and (``say``) warn of it; ``say=False``: another DDP rank says it."""
         message = hide_secrets(message)  # kept for the result's record, printed as JSON
         self.warnings.append(message)
-        if not self.quiet:
+        if say:
             warn(message)
 
     def merge(self, other: DataReport) -> None:

@@ -67,15 +67,16 @@ def register_report(report: DataReport) -> None:
     _REPORTS[report.token] = report
 
 
-def record_bad_at_load(report: DataReport, path: str, reason: str) -> None:
-    """Add a file that failed while loading to ``report`` (once per file) and warn."""
+def record_bad_at_load(report: DataReport, path: str, reason: str, *, say: bool = True) -> None:
+    """Add a file that failed while loading to ``report`` (once per file) and (``say``) warn:
+    not where another DDP rank met it and said so."""
     if path in report.bad_at_load:
         return
     report.bad_at_load.append(path)
     report.bad_files.append((path, reason))
     report.warn(f"Left out {path!r}, which failed to load during the run ({reason}); the next readable file with its "
                 "label (or targets) takes its place in training batches, and validation metrics do not count it. "
-                + replace_advice(reason, in_memory=path.startswith("in-memory item ")))
+                + replace_advice(reason, in_memory=path.startswith("in-memory item ")), say=say)
 
 
 def replace_advice(reason: str, *, in_memory: bool = False) -> str:
@@ -95,15 +96,15 @@ def load_failures(report: DataReport) -> list[tuple[str, str]]:
     return [(path, reasons.get(path, "")) for path in report.bad_at_load]
 
 
-def record_lost_class(report: DataReport, name: str, example: str) -> None:
-    """Add a training class none of whose files loaded to ``report`` (once) and warn: its
-    samples were replaced by other classes' files (``example``: one of its files)."""
+def record_lost_class(report: DataReport, name: str, example: str, *, say: bool = True) -> None:
+    """Add a training class none of whose files loaded to ``report`` (once) and (``say``) warn:
+    its samples were replaced by other classes' files (``example``: one of its files)."""
     if name in report.lost_classes:
         return
     report.lost_classes.append(name)
     report.warn(f"No training file of class {name!r} loaded (e.g. {example!r}): its samples were replaced by files of "
                 "other classes, with their own labels, so the model's output for it was never trained. Repair or "
-                "replace its files, or remove the class from the data.")
+                "replace its files, or remove the class from the data.", say=say)
 
 
 def classes_never_loaded(dataset: Any, report: DataReport) -> dict[int, str]:

@@ -819,6 +819,18 @@ def test_captions_read_as_class_names_are_warned_of(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare_data(tmp_path / "classes")
+    # a CSV whose label column holds ids: said for training data; validation data of one row per class (read by
+    # the training classes) and values (said to look like measurements) are not
+    files = sorted(str(p) for p in (tmp_path / "f").rglob("*.*"))
+    (tmp_path / "ids.csv").write_text("path,label\n" + "".join(f"{p},id{i}\n" for i, p in enumerate(files[:12])))
+    with pytest.warns(UserWarning, match=r"ids\.csv': 12 of 12 class names label one row each .* Give each row its "
+                                         r"class name in the label column"):
+        prepare_data(tmp_path / "ids.csv")
+    (tmp_path / "val.csv").write_text("path,label\n" + "".join(f"{p},id{i}\n" for i, p in enumerate(files[12:])))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        prepare_data(tmp_path / "ids.csv", tmp_path / "val.csv")
+    assert sum("captions or ids" in str(w.message) for w in seen) == 1  # the training CSV's alone
 
 
 def test_a_label_member_starting_with_a_byte_order_mark_is_read_without_it():

@@ -452,27 +452,36 @@ def parse_number(text: str) -> float | None:
 
 def check_class_names(labels: Sequence[str], where: str, report: DataReport, *, unit: str = "sample") -> None:
     """The checks of class names read from data's labels (``labels``: one per sample, repeats
-    included): `check_label_names` and `check_number_labels` (DataError), a warning where
+    included): `check_label_names` and `check_number_labels` (DataError), and a warning where
     a name reads as a missing value (``'NaN'``, ``'null'``: how pandas and other tables write
-    one), which is a class of its own, and one where most classes label a single sample (a
-    caption or an id read as the class: WebDataset's ``.txt`` captions). ``unit``: what one
-    label belongs to (``"row"``)."""
+    one), which is a class of its own. ``unit``: what one label belongs to (``"row"``)."""
     names = sorted(set(labels))
     check_label_names(names, where)
     check_number_labels(names, where)
-    counts = Counter(labels)
-    single = [name for name in names if counts[name] == 1]
-    if len(names) >= 10 and len(single) > len(names) / 2:
-        report.warn(f"{where}: {len(single)} of {len(names)} class names label one {unit} each (e.g. "
-                    f"{single[0][:80]!r}): are these captions or ids rather than classes? Each distinct label is a "
-                    "class, and a class of one example cannot be learnt. Give each sample its class (in tar shards: "
-                    "a .cls member with its index, or a .txt or .json member with its class name).")
     missing = [name for name in names if name.strip().lower() in MISSING_VALUES]
     if missing:
         n = sum(lab in missing for lab in labels)
         report.warn(f"{where} has {plural(n, unit)} labelled {' or '.join(map(repr, missing))}, which reads as a "
                     f"missing value (as pandas writes one); it is a class of its own here. Remove those {unit}s, or "
                     "give them their class.")
+
+
+def warn_single_sample_classes(labels: Sequence[str], where: str, report: DataReport, *, unit: str,
+                               fix: str) -> None:
+    """Warn where most of the classes that training labels name label a single sample: a
+    caption or an id read as the class (WebDataset's ``.txt`` captions, a file name column).
+    Each distinct label is a class, and a class of one example cannot be learnt. ``fix``: how
+    the data give a sample its class.
+
+    Example:
+        >>> warn_single_sample_classes(["cat", "dog", "cat"], "x.csv", DataReport(), unit="row", fix="...")
+    """
+    counts = Counter(labels)
+    single = [name for name in sorted(counts) if counts[name] == 1]
+    if len(counts) >= 10 and len(single) > len(counts) / 2:
+        report.warn(f"{where}: {len(single)} of {len(counts)} class names label one {unit} each (e.g. "
+                    f"{single[0][:80]!r}): are these captions or ids rather than classes? Each distinct label is a "
+                    f"class, and a class of one example cannot be learnt. {fix}")
 
 
 def warn_copies_across_classes(samples: Sequence[tuple[str, int]], classes: Sequence[str], where: str,

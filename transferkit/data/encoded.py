@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, default_collate
 
 from transferkit._text import fs_bytes, plural
 from transferkit.data.checks import (ON_BAD_FILE, DataReport, check_class_names, check_label_names, class_index,
-                                     class_order, nfc)
+                                     class_order, nfc, warn_single_sample_classes)
 from transferkit.data.images import load_image
 from transferkit.data.late import ReportingCollate, load_or_replace
 from transferkit.errors import DataError, check_choice
@@ -415,6 +415,10 @@ def labels_to_targets(labels: Sequence[Any], classes: Sequence[str] | None, what
         if not classes:  # read from the labels: 'Ants' beside 'ants' is a typo, '1' beside '01' too, as in a CSV
             classes = class_order(names)
             check_class_names(names, what, report)
+            if part == "training":
+                warn_single_sample_classes(names, what, report, unit="sample", fix=(
+                    "Give each sample its class (in tar shards: a .cls member with its index, or a .txt or .json "
+                    "member with its class name)." if "shards" in what else "Give each sample its class name."))
         index = class_index(classes)  # a label matches its class in either Unicode form
         unknown = sorted({nfc(n) for n in names if nfc(n) not in index})
         if unknown and not any(nfc(n) in index for n in names):  # not one sample could be read

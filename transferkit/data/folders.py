@@ -20,7 +20,7 @@ from transferkit._io import kind_of_bytes, packed_kind
 from transferkit._text import home_not_expanded, plural
 from transferkit.data.checks import (AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, LINK_LOOP, DataReport, check_class_names,
                                      check_label_names, class_index, class_order, nfc, other_image_extensions,
-                                     parse_number)
+                                     parse_number, warn_single_sample_classes)
 from transferkit.errors import DataError
 
 TRAIN_NAMES = ("train", "training")
@@ -425,6 +425,9 @@ def scan_csv(csv_path: str | Path, classes: Sequence[str] | None = None, *, repo
         report.warn(f"{str(csv_path)!r} has labels that look like measured values (e.g. {fractional[0]!r}): each "
                     f"distinct one is a class here ({len(set(labels))} classes). For values, give the file a header "
                     "'path,<name>' and pass task='regression' (--task regression).")
+    elif purpose == "training":  # validation and scored data are read by the classes training named
+        warn_single_sample_classes(labels, f"{str(csv_path)!r}", report, unit="row",
+                                   fix="Give each row its class name in the label column.")
     seen: dict[str, str] = {}
     for r, lab in zip(rows, labels):
         path = csv_file_key(csv_path, r[0])

@@ -465,6 +465,13 @@ def test_from_torchscript_of_a_transferkit_export_gives_its_trunk_at_its_input_s
     with torch.no_grad():
         assert torch.equal(new.features(x), torch.jit.load(str(tmp_path / "m.pt")).features(x))
         assert new(x).shape == (2, 5)
+    # frozen by --optimize: the trunk is inlined into the model, and the advice to pass an input_spec took class
+    # scores for features
+    export_torchscript(build_model(bb, 3).eval(), tmp_path / "frozen.pt", example_inputs=x, optimize=True,
+                       metadata={"labels": ["a", "b", "c"], "input_spec": bb.input_spec.to_dict()})
+    with pytest.raises(BackboneError, match=r"frozen\.pt' is a transferkit export frozen by --optimize .* Export it "
+                                            r"again without --optimize"):
+        from_torchscript(tmp_path / "frozen.pt")
 
 
 def test_a_block_without_parameters_is_refused_it_would_count_in_last_n():

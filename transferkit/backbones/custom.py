@@ -161,8 +161,12 @@ def from_torchscript(path_or_module: str | Path | torch.jit.ScriptModule, *, num
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}). Save it with torch.jit.save; "
                                 "for a plain nn.Module use from_module.") from exc
         label = name or path.stem
-        if extra[EXPORT_METADATA] and isinstance(getattr(scripted, "trunk", None), torch.jit.ScriptModule):
-            # a transferkit export: [N, C, H, W] pixels (or waveforms) -> preprocess -> trunk -> head
+        if extra[EXPORT_METADATA]:  # a transferkit export: pixels (or waveforms) -> preprocess -> trunk -> head
+            if not isinstance(getattr(scripted, "trunk", None), torch.jit.ScriptModule):
+                raise BackboneError(f"{str(path)!r} is a transferkit export frozen by --optimize (torch.jit.freeze), "
+                                    "which inlines its trunk into the whole model: its features cannot be taken "
+                                    "apart from its class scores. Export it again without --optimize (transferkit "
+                                    "export CHECKPOINT --out model.pt) and give that file.")
             scripted = scripted.trunk
             if input_spec is None:
                 input_spec = json.loads(extra[EXPORT_METADATA]).get("input_spec")

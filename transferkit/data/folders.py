@@ -83,7 +83,8 @@ def _not_a_folder(path: Path) -> str:
     if not path.exists():
         raw = str(path)
         if raw != raw.strip():  # a space pasted with a path, or a quoted pattern's (a list of shards is not read)
-            return f"does not exist: it starts or ends with white space; without it, it reads {raw.strip()!r}"
+            there = " (which exists)" if os.path.exists(raw.strip()) else ""
+            return f"does not exist: it starts or ends with white space; without it, it reads {raw.strip()!r}{there}"
         return "does not exist"
     if not path.is_file():  # a FIFO (--data <(...)), a device: never read here (a pipe would wait for a writer)
         return "is not a folder"
@@ -532,7 +533,10 @@ def _relative_to_here(csv_path: Path, missing: Sequence[str]) -> str:
     folder = csv_path.parent
     if os.path.abspath(folder) == os.getcwd():
         return ""
-    cells = [os.path.relpath(p, folder) for p in missing[:20]]
+    try:
+        cells = [os.path.relpath(p, folder) for p in missing[:20]]
+    except ValueError:  # Windows: a path on another drive than the CSV's
+        return ""
     here = [c for c in cells if not os.path.isabs(c) and not c.startswith("..") and os.path.isfile(c)]
     if len(here) < max(1, len(cells) // 2):
         return ""

@@ -54,13 +54,18 @@ def read_esc50(root: Path, fold: int, val_split: float = 0.1, seed: int = 0) -> 
     from transferkit.data.encoded import hashed_unit
 
     held: set[str] = set()
+    firsts = []  # of each class with two recordings or more, the first in hash order
     for label in range(len(classes)):
         clips = [src for _, y, src in train if y == label]
-        want = round(val_split * len(clips))
-        for src in sorted(set(clips), key=lambda s: hashed_unit(seed, s)):  # whole recordings, until enough
-            if sum(c in held for c in clips) >= want or all(c in held or c == src for c in clips):
-                break  # enough held out, or the class's last recording: it trains
-            held.add(src)
+        want, count, order = round(val_split * len(clips)), 0, sorted(set(clips), key=lambda s: hashed_unit(seed, s))
+        firsts += order[:1] if len(order) > 1 else []
+        for src in order[:-1]:  # whole recordings, each that brings the count nearer val_split's (the first, as
+            nearer = abs(count + clips.count(src) - want) - abs(count - want)  # near as none); the last trains
+            if nearer < 0 or (nearer == 0 and count == 0):
+                held.add(src)
+                count += clips.count(src)
+    if not held and val_split > 0:  # no recording as small as val_split: one of each class, not a split of clips
+        held.update(firsts)
     return RecipeData(train=[(p, y) for p, y, src in train if src not in held],
                       val=[(p, y) for p, y, src in train if src in held] or None,  # None: finetune's own split
                       test=[(p, y) for p, y, _ in test], classes=classes)

@@ -218,7 +218,8 @@ def test_esc50_recipe_on_its_layout(tmp_path):
     # a recording is held where it brings the class nearer val_split's share: of two 4-clip recordings at 10 %,
     # none (half the class in validation, as holding one whole recording put it, is further from 10 % than none)
     pairs = [rows[0]] + [f"a{i}.wav,1,0,dog,False,{'r1' if i < 4 else 'r2'},A" for i in range(8)] + \
-        [f"b{i}.wav,1,1,rain,False,s{i},A" for i in range(8)] + ["t0.wav,5,0,dog,False,t,A", "t1.wav,5,1,rain,False,u,A"]
+        [f"b{i}.wav,1,1,rain,False,s{i},A" for i in range(8)] + \
+        ["t0.wav,5,0,dog,False,t,A", "t1.wav,5,1,rain,False,u,A"]
     (root / "meta" / "esc50.csv").write_text("\n".join(pairs) + "\n")
     split = mod["read_esc50"](root, 5, 0.1)
     assert [y for _, y in split.val] == [1] and len(split.train) == 15

@@ -368,9 +368,10 @@ def check_label_names(names: Sequence[str], where: str, *, case: bool = True, ta
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:  # a file name's undecodable bytes, as Python keeps them (surrogates)
-            raise DataError(f"{where}: the class name {ascii(name)} is not UTF-8 text (a folder or file name in another "
-                            "encoding, e.g. Latin-1, as archives from other systems hold them); no export could "
-                            "hold it. Rename it to UTF-8 (e.g. convmv -f latin1 -t utf8 -r --notest FOLDER).") from None
+            raise DataError(f"{where}: the class name {ascii(name)} is not UTF-8 text (a folder or file name in "
+                            "another encoding, e.g. Latin-1, as archives from other systems hold them); no export "
+                            "could hold it. Rename it to UTF-8 (e.g. convmv -f latin1 -t utf8 -r --notest FOLDER).") \
+                from None
         if name and not one_line(name):
             raise DataError(f"{where}: the class name {name!r} holds a line break or control character; rename it "
                             "(labels are stored in exports and printed one per line).")

@@ -52,7 +52,7 @@ _TAG = re.compile(r"tk-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f
 _LEGACY = re.compile(r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
 
 
-# -- who wrote a temporary file, and is it still alive --------------------------------------
+# -- functions run as the process exits ------------------------------------------------------
 _AT_EXIT: list[Callable[[], Any]] = []
 
 
@@ -73,6 +73,7 @@ def run_exit_functions() -> None:
             fn()
 
 
+# -- what a file's first bytes say ---------------------------------------------------------
 def kind_of_bytes(head: bytes) -> tuple[str, str] | None:
     """``("audio file", "WAV")`` or ``("image", "PNG")`` for the first bytes (12 suffice) of a
     file of a common audio or image format, else None.
@@ -111,6 +112,7 @@ def packed_kind(head: bytes) -> str | None:
     return "tar" if kind is None and head[257:262] == b"ustar" else kind
 
 
+# -- who wrote a temporary file, and is it still alive --------------------------------------
 def _host_tag() -> str:
     """The host and PID namespace of this process: containers that share a host name and a
     folder but not their process ids get different tags, so that neither judges the other's

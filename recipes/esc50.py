@@ -11,6 +11,7 @@ repository's layout). See docs/recipes/esc50.md.
 """
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 from transferkit.config import VAL_SPLIT
@@ -56,14 +57,15 @@ def read_esc50(root: Path, fold: int, val_split: float = 0.1, seed: int = 0) -> 
     held: set[str] = set()
     firsts = []  # of each class with two recordings or more, the first in hash order
     for label in range(len(classes)):
-        clips = [src for _, y, src in train if y == label]
-        want, count, order = round(val_split * len(clips)), 0, sorted(set(clips), key=lambda s: hashed_unit(seed, s))
+        clips = Counter(src for _, y, src in train if y == label)  # a recording's clips of the class
+        order = sorted(clips, key=lambda s: hashed_unit(seed, s))
+        want, count = round(val_split * sum(clips.values())), 0
         firsts += order[:1] if len(order) > 1 else []
         for src in order[:-1]:  # whole recordings, each that brings the count nearer val_split's (the first, as
-            nearer = abs(count + clips.count(src) - want) - abs(count - want)  # near as none); the last trains
+            nearer = abs(count + clips[src] - want) - abs(count - want)  # near as none); the last trains
             if nearer < 0 or (nearer == 0 and count == 0):
                 held.add(src)
-                count += clips.count(src)
+                count += clips[src]
     if not held and val_split > 0:  # no recording as small as val_split: one of each class, not a split of clips
         held.update(firsts)
     return RecipeData(train=[(p, y) for p, y, src in train if src not in held],

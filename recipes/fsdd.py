@@ -32,12 +32,12 @@ def fsdd_files(root: Path) -> list[Path]:
     """The WAV files of FSDD under ``root`` (``root/recordings`` or ``root``); hidden files (macOS
     ``._*`` sidecars) are not recordings, and other names are left out with a warning."""
     folder = root / "recordings" if (root / "recordings").is_dir() else root
-    wavs = sorted(f for f in folder.glob("*.wav") if not f.name.startswith("."))
-    files = [f for f in wavs if NAME.fullmatch(f.name)]
-    others = [f.name for f in wavs if not NAME.fullmatch(f.name)]
+    files, others = [], []
+    for f in sorted(f for f in folder.glob("*.wav") if not f.name.startswith(".")):
+        (files if NAME.fullmatch(f.name) else others).append(f)
     if files and others:
         warn(f"Left out {len(others)} WAV file(s) of {str(folder)!r} not named as FSDD's recordings "
-             f"('{{digit}}_{{speaker}}_{{index}}.wav'), e.g. {others[:3]}.")
+             f"('{{digit}}_{{speaker}}_{{index}}.wav'), e.g. {[f.name for f in others[:3]]}.")
     if not files:
         raise DataError(f"No FSDD recordings ('{{digit}}_{{speaker}}_{{index}}.wav') under {str(folder)!r}. "
                         "Pass --data-dir pointing at the FSDD folder (it holds recordings/).")

@@ -69,6 +69,21 @@ def fs_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+def not_utf8(text: str) -> bool:
+    """Whether ``text`` holds a file name's undecodable bytes (kept by Python as surrogates),
+    which no UTF-8 file (an export's labels, JSON) can hold.
+
+    Example:
+        >>> not_utf8("caf\\udce9"), not_utf8("café")
+        (True, False)
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def one_line(text: str) -> bool:
     """Whether ``text`` is one line with no control character: no line boundary of Python's
     ``str.splitlines`` (``\\n``, ``\\r``, ``\\x85``, U+2028, U+2029, ...), so that a file of

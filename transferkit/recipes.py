@@ -350,6 +350,8 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
     _check_test(test, train, classes, audio=any(_is_audio(c.get("backbone")) for c in run_cfgs.values()))
     if not checked:
         _check_runs(run_cfgs, data_dir)
+    # what chose the data besides data_dir (a split, a fold, --limit): runs that differ in them differ
+    options = {**{k: getattr(args, k) for k in parser.own_options}, "limit": recipe.get("limit")}
     summaries = []
     for run_name, run_cfg in run_cfgs.items():
         run_out = out / run_name if run_name else out
@@ -375,8 +377,6 @@ def run_recipe(name: str, data_fn: Callable[[Path, dict[str, Any]], RecipeData],
             result = finetune(data=train, val_data=val, classes=classes, export=export, **run_cfg)
             best, export = result.best, result.export_path
         _running["run"], _running["written_in"] = None, {}
-        # what chose the data besides data_dir (a split, a fold, --limit): runs that differ in them differ
-        options = {**{k: getattr(args, k) for k in parser.own_options}, "limit": recipe.get("limit")}
         summary: dict[str, Any] = {"recipe": name, "run": run_name or None, "config": run_cfg,
                                    "data_dir": str(data_dir), "options": options, "best": best,
                                    "seconds": round(time.perf_counter() - t0, 1), "export": str(export)}

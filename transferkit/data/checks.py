@@ -25,7 +25,7 @@ from typing import Any
 from PIL import Image
 
 from transferkit._io import file_digest, kind_of_bytes
-from transferkit._text import hide_secrets, one_line, plural
+from transferkit._text import hide_secrets, not_utf8, one_line, plural
 from transferkit.errors import DataError, check_choice, warn
 from transferkit.data.late import BOMB_HINT, register_report
 
@@ -365,13 +365,10 @@ def check_label_names(names: Sequence[str], where: str, *, case: bool = True, ta
                         f"({', '.join(rows)}), which would take the place of the class's own row. Rename the class "
                         "(its folder, or its label in the data).")
     for name in names:
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:  # a file name's undecodable bytes, as Python keeps them (surrogates)
+        if not_utf8(name):
             raise DataError(f"{where}: the class name {ascii(name)} is not UTF-8 text (a folder or file name in "
                             "another encoding, e.g. Latin-1, as archives from other systems hold them); no export "
-                            "could hold it. Rename it to UTF-8 (e.g. convmv -f latin1 -t utf8 -r --notest FOLDER).") \
-                from None
+                            "could hold it. Rename it to UTF-8 (e.g. convmv -f latin1 -t utf8 -r --notest FOLDER).")
         if name and not one_line(name):
             raise DataError(f"{where}: the class name {name!r} holds a line break or control character; rename it "
                             "(labels are stored in exports and printed one per line).")

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from transferkit._text import hide_secrets_in, home_not_expanded, one_line, strict_json
+from transferkit._text import hide_secrets_in, home_not_expanded, not_utf8, one_line, strict_json
 from transferkit._version import __version__
 from transferkit.config import seconds_problem
 from transferkit.data.audio import DEFAULT_MAX_SECONDS, audio_window
@@ -240,12 +240,10 @@ def validate_metadata(meta: Any, *, source: str, fmt: str = FORMAT, new_labels: 
 def _check_written_labels(labels: list[str], task: Any, source: str) -> None:
     """Labels being written: UTF-8 text (the export stores them so), and a multi-label model's
     without the separator of its labels (as training refuses such a name)."""
-    for label in labels:
-        try:
-            label.encode("utf-8")
-        except UnicodeEncodeError:
-            raise _fail(source, f"the label {ascii(label)} is not UTF-8 text (a name's undecodable bytes, as Python "
-                                "keeps them); give it as text") from None
+    odd = next((label for label in labels if not_utf8(label)), None)
+    if odd is not None:
+        raise _fail(source, f"the label {ascii(odd)} is not UTF-8 text (a name's undecodable bytes, as Python keeps "
+                            "them); give it as text")
     joined = [x for x in labels if LABEL_SEPARATOR in x] if task == "multilabel" else []
     if joined:
         raise _fail(source, f"the label {joined[0]!r} holds {LABEL_SEPARATOR!r}, which separates a multilabel model's "

@@ -85,9 +85,14 @@ def resume_call(checkpoint: str | Path) -> str:
     """How to continue a run from ``checkpoint``: ``transferkit.resume(path)``, under torchrun
     with as many processes as this run's (a resume refuses another number)."""
     call = f"transferkit.resume({str(checkpoint)!r})"
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = _rank_and_world()[1]
     return call if world == 1 else (f"{call} under torchrun with {world} processes in all, as this run was "
                                     f"launched (--nproc_per_node={world} on one machine)")
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the job's number of processes (``(0, 1)`` outside torchrun)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 def _identity(path: str | Path | None) -> list[int] | None:
@@ -140,7 +145,7 @@ def training_faults(*, checkpoint: str | Path | None, batch_size: int,
         if isinstance(exc, TrainingInterrupted):
             raise
         what = f"Interrupted ({signal_name(exc)})."
-        if ours() and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if ours() and _rank_and_world()[0] != 0:
             raise TrainingInterrupted(f"{what} The checkpoint {str(checkpoint)!r} holds the last completed epoch; "
                                       "rank 0's message says how to continue.", Path(checkpoint)) from exc
         if ours():
